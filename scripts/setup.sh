@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Install sdexport and what it needs into the current Python environment.
+#   bash scripts/setup.sh          runtime + export (onnxruntime CPU)
+#   bash scripts/setup.sh --dev    + test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
+# A torch that is already installed (e.g. a CUDA build on a GPU server) is left alone; where there is
+# none, the CPU build named by SDEXPORT_TORCH is installed (an unpinned torch would pull a multi-GB
+# CUDA build onto a CPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+  echo "sdexport setup: installing ${SDEXPORT_TORCH:-torch==2.13.0}" >&2
+  pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
+fi
+extras=cpu
+if "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
+  extras=gpu  # keep an installed onnxruntime-gpu; the cpu package would clobber it
+fi
+[[ "${1:-}" == "--dev" ]] && extras="$extras,dev"
+echo "sdexport setup: installing sdexport[$extras]" >&2
+pip_install -e ".[$extras]"
+if [[ "${1:-}" == "--dev" ]]; then
+  # The stubs declare a dependency on tensorrt itself, which cannot be installed without a GPU index.
+  pip_install --no-deps "tensorrt-stubs>=10"
+fi

@@ -1,0 +1,3 @@
+from sdexport.cli import main
+
+main()

@@ -1,0 +1,36 @@
+"""Errors a user can act on.
+
+Every failure that comes from the user's input (a path, a model, a shape, an engine directory, a
+missing optional dependency) is raised as an ``SdexportError``: the CLI prints its message as one
+line and exits non-zero, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SdexportError(Exception):
+    """A problem with the user's input or environment, stated so that they can fix it."""
+
+
+class ModelLoadError(SdexportError):
+    """The checkpoint could not be read or is not a supported Stable Diffusion model."""
+
+
+class ProfileError(SdexportError):
+    """A shape profile or a request lies outside what a model or engine supports."""
+
+
+class ParityError(SdexportError):
+    """An exported graph disagrees with its PyTorch module beyond the tolerance."""
+
+
+class EngineDirError(SdexportError):
+    """An engine directory is missing, incomplete or damaged."""
+
+
+class MissingDependencyError(SdexportError):
+    """An optional dependency (TensorRT, onnxruntime-gpu, diffusers for benchmarks) is not installed."""
+
+    def __init__(self, package: str, purpose: str, install: str) -> None:
+        super().__init__(f"{package} is required {purpose} but is not installed: {install}")
+        self.package = package

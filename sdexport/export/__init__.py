@@ -1,0 +1,1 @@
+"""Components → verified ONNX: tracing, graph passes, parity checks and the export job."""

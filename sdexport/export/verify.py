@@ -1,0 +1,149 @@
+"""Prove an export: run the ONNX graph and the PyTorch module on the same inputs and compare.
+
+Every point of the profile (min, opt, max, one uneven mix) is checked, because a graph that is right
+at the traced shape can still be wrong at another. Each output's max-abs and relative-L2 error are
+recorded; a relative-L2 error over the precision's tolerance fails the export.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from sdexport.errors import ParityError
+from sdexport.export.inputs import sample_inputs
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ComponentSpec, ModelDims
+
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+"""Relative-L2 bound per export precision (fp16 is compared against the fp32 PyTorch module)."""
+
+VerifyMode = Literal["full", "quick", "none"]
+
+
+@dataclass
+class OutputError:
+    max_abs: float
+    rel_l2: float
+
+
+@dataclass
+class PointResult:
+    label: str
+    status: Literal["passed", "failed", "skipped"]
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    outputs: dict[str, OutputError] = field(default_factory=dict)
+    reason: str = ""
+
+
+@dataclass
+class ParityReport:
+    component: str
+    dtype: str
+    tolerance: float
+    points: list[PointResult]
+
+    @property
+    def status(self) -> str:
+        statuses = {p.status for p in self.points}
+        if "failed" in statuses:
+            return "failed"
+        return "passed" if "passed" in statuses else "skipped"
+
+    @property
+    def worst(self) -> OutputError | None:
+        errors = [e for p in self.points for e in p.outputs.values()]
+        if not errors:
+            return None
+        return OutputError(max(e.max_abs for e in errors), max(e.rel_l2 for e in errors))
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["status"] = self.status
+        return data
+
+
+def compare(actual: np.ndarray, expected: np.ndarray) -> OutputError:
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    diff = a - e
+    norm = float(np.linalg.norm(e))
+    return OutputError(
+        max_abs=float(np.abs(diff).max(initial=0.0)),
+        rel_l2=float(np.linalg.norm(diff) / norm) if norm > 0 else float(np.linalg.norm(diff)),
+    )
+
+
+def verification_points(
+    spec: ComponentSpec, profile: ShapeProfile, dims: ModelDims, mode: VerifyMode
+) -> list[tuple[str, dict[str, int] | None]]:
+    """(label, symbol sizes) per point; ``None`` sizes mark a point skipped by ``mode``."""
+    lo, opt, hi = profile.component_batch(spec)
+    batch_at = {"min": lo, "opt": opt, "max": hi, "odd": hi}
+    points = []
+    for label, _, height, width in profile.points():
+        run = mode == "full" or (mode == "quick" and label == "min")
+        points.append((label, dims.sizes(batch_at[label], height, width) if run else None))
+    return points
+
+
+def verify_component(
+    spec: ComponentSpec,
+    onnx_path: Path,
+    module: torch.nn.Module,
+    *,
+    profile: ShapeProfile,
+    dims: ModelDims,
+    dtype: str,
+    vocab_size: int,
+    mode: VerifyMode = "full",
+) -> ParityReport:
+    tolerance = TOLERANCE[dtype]
+    points: list[PointResult] = []
+    if mode == "none":
+        return ParityReport(spec.name, dtype, tolerance, [PointResult("all", "skipped", reason="--verify none")])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    wrapper = spec.wrapper(module).eval()
+    for i, (label, sizes) in enumerate(verification_points(spec, profile, dims, mode)):
+        if sizes is None:
+            points.append(PointResult(label, "skipped", reason=f"--verify {mode}"))
+            continue
+        feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
+        got = session.run(spec.output_names, feed)
+        with torch.no_grad():
+            want = wrapper(*(torch.from_numpy(feed[n]) for n in spec.input_names))
+        want = want if isinstance(want, tuple) else (want,)
+        outputs = {
+            name: compare(g, w.float().numpy()) for name, g, w in zip(spec.output_names, got, want)
+        }
+        ok = all(np.isfinite(e.rel_l2) and e.rel_l2 <= tolerance for e in outputs.values())
+        points.append(
+            PointResult(
+                label,
+                "passed" if ok else "failed",
+                shapes={n: list(v.shape) for n, v in feed.items()},
+                outputs=outputs,
+            )
+        )
+    return ParityReport(spec.name, dtype, tolerance, points)
+
+
+def require_parity(report: ParityReport) -> None:
+    if report.status != "failed":
+        return
+    bad = [
+        f"{p.label}: {name} rel-L2 {e.rel_l2:.2e}"
+        for p in report.points
+        if p.status == "failed"
+        for name, e in p.outputs.items()
+        if not e.rel_l2 <= report.tolerance
+    ]
+    raise ParityError(
+        f"{report.component}: ONNX output disagrees with PyTorch beyond the {report.dtype} "
+        f"tolerance (rel-L2 {report.tolerance:g}): " + "; ".join(bad)
+    )

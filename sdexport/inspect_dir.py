@@ -1,0 +1,50 @@
+"""Readable summary of an engine directory (``sdexport inspect`` and the end of ``sdexport export``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from sdexport.console import out
+from sdexport.manifest import Manifest
+
+
+def _size(path: Path) -> str:
+    total = path.stat().st_size if path.is_file() else 0
+    data = path.with_name(path.name + ".data")
+    if data.is_file():
+        total += data.stat().st_size
+    return f"{total / 1024**2:,.1f} MB"
+
+
+def print_summary(directory: Path, manifest: Manifest) -> None:
+    profile = manifest.shape_profile
+    weights = "[yellow]random weights[/]" if manifest.random_weights else "trained weights"
+    out.print(f"[bold]{directory}[/]  {manifest.model['label']}  ({weights})")
+    out.print(
+        f"family {manifest.family}, {manifest.prediction_type} prediction, {manifest.dtype}, "
+        f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
+        f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}"
+    )
+    tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter"))
+    out.print(f"[dim]{tools}; created {manifest.created}[/]")
+    table = Table(title="Components (worst error over the checked points)", title_justify="left")
+    for column in ("component", "size", "parity", "max-abs", "rel-L2", "tol.", "engines"):
+        table.add_column(column, justify="right" if column != "component" else "left")
+    for name, entry in manifest.components.items():
+        points = entry.parity.get("points", [])
+        errors = [e for p in points for e in p.get("outputs", {}).values()]
+        checked = sum(p["status"] != "skipped" for p in points)
+        status = entry.parity.get("status", "?")
+        colour = {"passed": "green", "failed": "red"}.get(status, "yellow")
+        table.add_row(
+            name,
+            _size(directory / entry.onnx),
+            f"[{colour}]{status}[/] {checked}/{len(points)}",
+            f"{max(e['max_abs'] for e in errors):.2e}" if errors else "-",
+            f"{max(e['rel_l2'] for e in errors):.2e}" if errors else "-",
+            f"{entry.parity.get('tolerance', 0):g}",
+            str(len(entry.engines)) if entry.engines else "-",
+        )
+    out.print(table)

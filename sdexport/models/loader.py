@@ -1,0 +1,352 @@
+"""Load a Stable Diffusion model from a diffusers directory, a single-file checkpoint or a preset.
+
+Whatever the source, the result is a ``LoadedModel``: the PyTorch modules the ComponentSpecs name,
+the tokenizer(s), the scheduler config, the static sizes (``ModelDims``) and a ``source`` record
+that lets the Torch backend and the benchmarks load the same weights again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdexport.errors import ModelLoadError
+from sdexport.models.presets import PRESETS, Preset, get_preset
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ModelDims
+
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    family: str
+    label: str
+    modules: dict[str, torch.nn.Module]
+    tokenizers: dict[str, Any]
+    scheduler_config: dict[str, Any]
+    random_weights: bool
+    source: dict[str, Any]
+    default_profile: ShapeProfile = field(default_factory=ShapeProfile)
+
+    def module(self, name: str) -> torch.nn.Module:
+        return self.modules[name]
+
+    @property
+    def prediction_type(self) -> str:
+        return str(self.scheduler_config.get("prediction_type", "epsilon"))
+
+    @property
+    def dims(self) -> ModelDims:
+        unet, vae = self.modules["unet"].config, self.modules["vae"].config
+        te = self.modules["text_encoder"].config
+        te2 = self.modules["text_encoder_2"].config if "text_encoder_2" in self.modules else None
+        tokenizer = self.tokenizers["tokenizer"]
+        if te2 is not None:
+            pooled = int(te2.projection_dim)
+            time_ids = int(unet.projection_class_embeddings_input_dim - pooled) // int(
+                unet.addition_time_embed_dim
+            )
+        else:
+            pooled, time_ids = int(te.projection_dim), 0
+        return ModelDims(
+            S=int(tokenizer.model_max_length),
+            E=int(unet.cross_attention_dim),
+            P=pooled if te2 is not None else int(te.hidden_size),
+            C=int(unet.in_channels),
+            vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
+            unet_downsample=2 ** (len(unet.down_block_types) - 1),
+            E1=int(te.hidden_size) if te2 is not None else 0,
+            E2=int(te2.hidden_size) if te2 is not None else 0,
+            T=time_ids,
+        )
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        return float(self.modules["vae"].config.scaling_factor)
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write a diffusers-format directory (used by tests and to hand a preset to diffusers)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        index: dict[str, Any] = {
+            "_class_name": next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
+        }
+        for name, module in self.modules.items():
+            module.save_pretrained(directory / name)  # type: ignore[operator]
+            index[name] = _library_of(module)
+        for name, tok in self.tokenizers.items():
+            tok.save_pretrained(directory / name)
+            index[name] = ["transformers", type(tok).__name__]
+        scheduler_dir = directory / "scheduler"
+        scheduler_dir.mkdir(exist_ok=True)
+        (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
+        index["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
+        if self.family == "sd":
+            index.update(safety_checker=[None, None], feature_extractor=[None, None])
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _library_of(module: torch.nn.Module) -> list[str]:
+    library = type(module).__module__.split(".")[0]
+    return [library, type(module).__name__]
+
+
+def load_model(
+    model: str, *, config: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint."""
+    preset = get_preset(model)
+    path = Path(model)
+    if preset is not None and not path.exists():
+        return load_preset(preset, seed=seed, dtype=dtype)
+    if not path.exists():
+        known = ", ".join(PRESETS)
+        raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({known})")
+    if path.is_dir():
+        return load_diffusers_dir(path, dtype=dtype)
+    if path.suffix in SINGLE_FILE_SUFFIXES:
+        return load_single_file(path, config=config, seed=seed, dtype=dtype)
+    raise ModelLoadError(
+        f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
+    )
+
+
+def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Build the preset's architecture with weights drawn from ``seed`` (the same seed, the same weights)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdexport.models.tokenizer import byte_level_clip_tokenizer
+
+    def seeded(offset: int) -> None:
+        torch.manual_seed(seed * 1000 + offset)
+
+    modules: dict[str, torch.nn.Module] = {}
+    seeded(1)
+    modules["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_clean(preset.text_encoder)))
+    tokenizers = {"tokenizer": byte_level_clip_tokenizer()}
+    if preset.text_encoder_2 is not None:
+        seeded(2)
+        modules["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig(**_clean(preset.text_encoder_2))
+        )
+        tokenizers["tokenizer_2"] = byte_level_clip_tokenizer()
+    seeded(3)
+    modules["unet"] = UNet2DConditionModel.from_config(_clean(preset.unet))
+    seeded(4)
+    modules["vae"] = AutoencoderKL.from_config(_clean(preset.vae))
+    for module in modules.values():
+        module.to(dtype).eval().requires_grad_(False)
+    return LoadedModel(
+        family=preset.family,
+        label=f"preset {preset.name} ({preset.description}; random weights, seed {seed})",
+        modules=modules,
+        tokenizers=tokenizers,
+        scheduler_config=dict(preset.scheduler),
+        random_weights=True,
+        source={"kind": "preset", "name": preset.name, "seed": seed},
+        default_profile=preset.profile,
+    )
+
+
+def _clean(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
+
+
+def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    family = _family_of_dir(path)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    loaders: dict[str, Any] = {
+        "unet": UNet2DConditionModel,
+        "vae": AutoencoderKL,
+        "text_encoder": CLIPTextModel,
+    }
+    tokenizer_names = ["tokenizer"]
+    if family == "sdxl":
+        loaders["text_encoder_2"] = CLIPTextModelWithProjection
+        tokenizer_names.append("tokenizer_2")
+    modules: dict[str, torch.nn.Module] = {}
+    for name, cls in loaders.items():
+        modules[name] = _load_part(path, name, lambda p, c=cls: c.from_pretrained(p, torch_dtype=dtype))
+    tokenizers = {
+        name: _load_part(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names
+    }
+    for module in modules.values():
+        module.eval().requires_grad_(False)
+    return LoadedModel(
+        family=family,
+        label=f"diffusers directory {path}",
+        modules=modules,
+        tokenizers=tokenizers,
+        scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+        random_weights=False,
+        source={"kind": "diffusers", "path": str(path.resolve())},
+    )
+
+
+def _family_of_dir(path: Path) -> str:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{path}: not a diffusers model directory (no model_index.json); expected "
+            "model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    index = _read_json(index_file)
+    pipeline = index.get("_class_name", "?")
+    if pipeline not in SUPPORTED_PIPELINES:
+        kind = "a transformer (DiT) denoiser" if "transformer" in index else "another architecture"
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
+            f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
+        )
+    missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / d).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
+    return SUPPORTED_PIPELINES[pipeline]
+
+
+def _load_part(root: Path, name: str, load: Any) -> Any:
+    """Load one sub-folder, naming it when its files are damaged."""
+    try:
+        return load(root / name)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # diffusers/transformers/safetensors raise many types
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{root / name}: cannot load ({message})") from exc
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_single_file(
+    path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """Load an original-layout SD checkpoint; its architecture comes from ``config``, offline.
+
+    ``config`` is a diffusers directory (only its configs and tokenizer are read) or a preset name.
+    """
+    if config is None:
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint needs --config: a local diffusers directory with the "
+            f"same architecture, or a preset ({', '.join(PRESETS)})"
+        )
+    _check_single_file(path)
+    with tempfile.TemporaryDirectory(prefix="sdexport-config-") as tmp:
+        preset = get_preset(config) if not Path(config).exists() else None
+        if preset is not None:
+            config_dir = Path(tmp)
+            write_config_dir(preset, config_dir)
+        elif Path(config).is_dir():
+            config_dir = Path(config)
+            _family_of_dir(config_dir)
+        else:
+            raise ModelLoadError(f"--config {config}: not a diffusers directory or a preset ({', '.join(PRESETS)})")
+        family = _family_of_dir(config_dir)
+        pipeline_cls = _pipeline_class(family)
+        logging.getLogger("diffusers").setLevel(logging.ERROR)
+        try:
+            pipe = pipeline_cls.from_single_file(
+                str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype,
+                safety_checker=None, requires_safety_checker=False,
+            )
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"{path}: cannot load as a {pipeline_cls.__name__} checkpoint ({first})") from exc
+        scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
+    names = ["text_encoder", "unet", "vae"] + (["text_encoder_2"] if family == "sdxl" else [])
+    modules = {n: getattr(pipe, n).eval().requires_grad_(False) for n in names}
+    tokenizers = {"tokenizer": pipe.tokenizer}
+    if family == "sdxl":
+        tokenizers["tokenizer_2"] = pipe.tokenizer_2
+    return LoadedModel(
+        family=family,
+        label=f"single-file checkpoint {path} (config {config})",
+        modules=modules,
+        tokenizers=tokenizers,
+        scheduler_config=scheduler_config,
+        random_weights=False,
+        source={"kind": "single_file", "path": str(path.resolve()), "config": config},
+        default_profile=preset.profile if preset is not None else ShapeProfile(),
+    )
+
+
+def _check_single_file(path: Path) -> None:
+    """Catch a truncated or foreign file before diffusers does, with a message naming it."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelLoadError(
+            f"{path}: no 'model.diffusion_model.*' weights; not an original-layout Stable Diffusion "
+            "checkpoint (for a diffusers directory, pass the directory)"
+        )
+
+
+def _pipeline_class(family: str) -> Any:
+    import diffusers
+
+    return diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+
+
+def write_config_dir(preset: Preset, directory: Path) -> None:
+    """A diffusers directory with configs, tokenizer and scheduler but no weights (for from_single_file)."""
+    from sdexport.models.tokenizer import byte_level_clip_tokenizer
+
+    parts: dict[str, dict[str, Any]] = {
+        "unet": preset.unet,
+        "vae": preset.vae,
+        "text_encoder": {**preset.text_encoder, "architectures": ["CLIPTextModel"]},
+    }
+    index: dict[str, Any] = {
+        "_class_name": next(k for k, v in SUPPORTED_PIPELINES.items() if v == preset.family),
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", preset.scheduler["_class_name"]],
+    }
+    tokenizer_names = ["tokenizer"]
+    if preset.text_encoder_2 is not None:
+        parts["text_encoder_2"] = {
+            **preset.text_encoder_2, "architectures": ["CLIPTextModelWithProjection"]
+        }
+        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
+        tokenizer_names.append("tokenizer_2")
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None])
+    for name, cfg in {**parts, "scheduler": preset.scheduler}.items():
+        (directory / name).mkdir(parents=True, exist_ok=True)
+        filename = "scheduler_config.json" if name == "scheduler" else "config.json"
+        (directory / name / filename).write_text(json.dumps(cfg, indent=2))
+    for name in tokenizer_names:
+        byte_level_clip_tokenizer().save_pretrained(directory / name)
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2))

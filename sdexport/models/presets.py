@@ -1,0 +1,187 @@
+"""Built-in models: real SD architectures (and tiny ones) as diffusers configs, with seeded random weights.
+
+Nothing here can be downloaded, so the presets carry their configs. The real architectures exist for
+benchmarking (speed does not depend on weight values); ``tiny`` exists for tests and the demo. Every
+preset has random weights, and everything that loads one records ``random_weights: true``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdexport.shapes import ShapeProfile
+
+_SD_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+_SD_VAE = {
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    family: str
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    scheduler: dict[str, Any]
+    text_encoder_2: dict[str, Any] | None = None
+    profile: ShapeProfile = field(default_factory=ShapeProfile)
+    """The default export profile: the issue's 256:512:1024 for real models, small for tiny ones."""
+
+
+_TINY_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 16,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+
+_TINY_VAE = {
+    **_SD_VAE,
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "sample_size": 128,
+}
+
+# Token ids follow sdexport's byte-level tokenizer (BOS 0, EOS = PAD 1) in every preset, so that the
+# pooled output is taken at the real end-of-text position.
+_TINY_TEXT = {
+    "architectures": ["CLIPTextModel"],
+    "model_type": "clip_text_model",
+    "vocab_size": 514,
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 77,
+    "projection_dim": 32,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
+
+_TINY_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        name="tiny",
+        description="a few-MB SD-shaped model for tests and the demo",
+        family="sd",
+        unet=_TINY_UNET,
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT,
+        scheduler=_SD_SCHEDULER,
+        profile=_TINY_PROFILE,
+    ),
+    "tiny-v": Preset(
+        name="tiny-v",
+        description="tiny, with v-prediction (as SD 2.x 768)",
+        family="sd",
+        unet=_TINY_UNET,
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT,
+        scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+        profile=_TINY_PROFILE,
+    ),
+    "sd15": Preset(
+        name="sd15",
+        description="Stable Diffusion 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder)",
+        family="sd",
+        unet={
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": 64,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        vae=_SD_VAE,
+        text_encoder={
+            **_TINY_TEXT,
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "projection_dim": 768,
+        },
+        scheduler=_SD_SCHEDULER,
+    ),
+    "sd21": Preset(
+        name="sd21",
+        description="Stable Diffusion 2.1 (768-v) architecture (OpenCLIP ViT-H text encoder, v-prediction)",
+        family="sd",
+        unet={
+            "_class_name": "UNet2DConditionModel",
+            "sample_size": 96,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "norm_num_groups": 32,
+        },
+        vae={**_SD_VAE, "sample_size": 768},
+        text_encoder={
+            **_TINY_TEXT,
+            "vocab_size": 49408,
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 23,
+            "projection_dim": 512,
+            "hidden_act": "gelu",
+        },
+        scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
+        profile=ShapeProfile(batch=(1, 1, 4), height=(256, 768, 1024), width=(256, 768, 1024)),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset | None:
+    return PRESETS.get(name)

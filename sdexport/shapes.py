@@ -1,0 +1,130 @@
+"""Shape profiles: the range of batch sizes and image sizes an export or engine must serve.
+
+A profile is stated in the user's terms (images per call, pixels) and turned into concrete tensor
+shapes by resolving a ComponentSpec's symbols, so that ONNX verification points, TensorRT
+optimization profiles and runtime request checks all come from one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from sdexport.errors import ProfileError
+from sdexport.specs import ComponentSpec, ModelDims
+
+Range = tuple[int, int, int]
+"""(min, opt, max)"""
+
+
+def parse_range(text: str, what: str) -> Range:
+    """``"1:1:4"`` → (1, 1, 4); a single number means a static range."""
+    parts = text.split(":")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise ProfileError(f"--{what} {text!r}: expected integers as min:opt:max, e.g. 1:1:4") from None
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3:
+        raise ProfileError(f"--{what} {text!r}: expected min:opt:max (three numbers) or one number")
+    lo, opt, hi = values
+    if lo <= 0 or not lo <= opt <= hi:
+        raise ProfileError(f"--{what} {text!r}: need 0 < min <= opt <= max")
+    return lo, opt, hi
+
+
+@dataclass(frozen=True)
+class ShapeProfile:
+    batch: Range = (1, 1, 4)
+    height: Range = (256, 512, 1024)
+    width: Range = (256, 512, 1024)
+
+    @classmethod
+    def parse(cls, batch: str, height: str, width: str) -> ShapeProfile:
+        return cls(parse_range(batch, "batch"), parse_range(height, "height"), parse_range(width, "width"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, list[int]]) -> ShapeProfile:
+        return cls(*(tuple(data[k]) for k in ("batch", "height", "width")))  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, list[int]]:
+        return {k: list(v) for k, v in asdict(self).items()}
+
+    @property
+    def is_static(self) -> bool:
+        return all(lo == hi for lo, _, hi in (self.batch, self.height, self.width))
+
+    def validate(self, dims: ModelDims) -> None:
+        """Every image side must map to a latent the U-Net can down- and up-sample exactly."""
+        m = dims.image_multiple
+        for axis, values in (("height", self.height), ("width", self.width)):
+            for label, value in zip(("min", "opt", "max"), values):
+                if value % m:
+                    lower, upper = value // m * m, (value // m + 1) * m
+                    hint = f"{lower} or {upper}" if lower else f"{upper}"
+                    raise ProfileError(
+                        f"{axis} {label} {value} is not a multiple of {m} "
+                        f"(VAE factor {dims.vae_scale_factor} x U-Net downsampling "
+                        f"{dims.unet_downsample}); try {hint}"
+                    )
+
+    def contains(self, batch: int, height: int, width: int) -> bool:
+        return all(
+            lo <= v <= hi
+            for v, (lo, _, hi) in ((batch, self.batch), (height, self.height), (width, self.width))
+        )
+
+    def check_request(self, batch: int, height: int, width: int, dims: ModelDims) -> None:
+        """Refuse a request the engines cannot serve, saying what they can."""
+        m = dims.image_multiple
+        for axis, value, (lo, _, hi) in (
+            ("batch", batch, self.batch),
+            ("height", height, self.height),
+            ("width", width, self.width),
+        ):
+            if not lo <= value <= hi:
+                raise ProfileError(
+                    f"{axis} {value} is outside the engines' profile: {axis} must be in "
+                    f"[{lo}, {hi}] (re-export or rebuild with a wider --{axis})"
+                )
+            if axis != "batch" and value % m:
+                raise ProfileError(f"{axis} {value} must be a multiple of {m}")
+
+    def points(self) -> Iterator[tuple[str, int, int, int]]:
+        """Where verification runs: the three corners plus one mixed, uneven point."""
+        yield "min", self.batch[0], self.height[0], self.width[0]
+        yield "opt", self.batch[1], self.height[1], self.width[1]
+        yield "max", self.batch[2], self.height[2], self.width[2]
+        odd = ("odd", self.batch[2], self.height[0], self.width[2])
+        if odd[1:] not in {(self.batch[i], self.height[i], self.width[i]) for i in range(3)}:
+            yield odd
+
+    def component_batch(self, spec: ComponentSpec) -> Range:
+        """The batch range one component sees: CFG doubles the batch at opt and max."""
+        lo, opt, hi = self.batch
+        return (lo, 2 * opt, 2 * hi) if spec.cfg_batch else (lo, opt, hi)
+
+    def tensor_ranges(
+        self, spec: ComponentSpec, dims: ModelDims
+    ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """min/opt/max shape of every input of ``spec`` (a TensorRT optimization profile)."""
+        batches = self.component_batch(spec)
+        corners = [
+            dims.sizes(b, h, w)
+            for b, h, w in zip(batches, self.height, self.width)
+        ]
+        return {
+            t.name: (t.shape(corners[0]), t.shape(corners[1]), t.shape(corners[2]))
+            for t in spec.inputs
+        }
+
+    def within(self, outer: ShapeProfile) -> list[str]:
+        """Ways this profile reaches outside ``outer`` (empty when it fits)."""
+        problems = []
+        for axis in ("batch", "height", "width"):
+            lo, _, hi = getattr(self, axis)
+            olo, _, ohi = getattr(outer, axis)
+            if lo < olo or hi > ohi:
+                problems.append(f"{axis} [{lo}, {hi}] is not inside [{olo}, {ohi}]")
+        return problems

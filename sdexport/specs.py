@@ -1,0 +1,344 @@
+"""One declarative spec per exported component.
+
+A ``ComponentSpec`` names a component's ONNX inputs and outputs and spells each tensor's shape with
+symbols. The exporter (dynamic axes, sample inputs), the verifier (shapes to test), the TensorRT
+profile builder (min/opt/max), the runtime (request checks, buffers) and the tests all resolve these
+symbols instead of writing shapes themselves, so a shape is written exactly once: here.
+
+Symbols:
+    B        batch the component sees (under classifier-free guidance, up to 2x the image batch
+             for components with ``cfg_batch``)
+    H, W     image height and width in pixels            (dynamic)
+    h, w     latent height and width, H/f and W/f        (dynamic)
+    S        tokenizer sequence length (77 for CLIP)     (static, from the model)
+    E        text hidden size the U-Net attends to      (static, from the model)
+    E1, E2   hidden sizes of SDXL's two text encoders    (static)
+    P        pooled text embedding size                  (static)
+    C        latent channels                             (static)
+    T        number of SDXL time ids (6)                 (static)
+    digits   a fixed size
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Literal
+
+if TYPE_CHECKING:  # torch is heavy; the runtime reads specs without needing it
+    import torch
+
+DType = Literal["int32", "float", "float32"]
+"""``float`` follows the export precision; ``float32`` stays float32 in an fp16 export."""
+
+Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids"]
+"""What realistic values of a tensor look like, for sample inputs in export and verification."""
+
+DYNAMIC_SYMBOLS = ("B", "H", "W", "h", "w")
+_DIM = re.compile(r"(\d*)([A-Za-z]\w*)?")
+
+
+def resolve_dim(dim: str, sizes: dict[str, int]) -> int:
+    """``"77"`` → 77, ``"E"`` → sizes["E"], ``"2C"`` → 2 * sizes["C"]."""
+    match = _DIM.fullmatch(dim)
+    if not match or not dim:
+        raise ValueError(f"bad dimension {dim!r}")
+    factor, symbol = match.groups()
+    if symbol is None:
+        return int(factor)
+    return (int(factor) if factor else 1) * sizes[symbol]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[str, ...]
+    dtype: DType = "float"
+    values: Values = "normal"
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        """ONNX dynamic axes: axis index → the symbol that names it in the graph."""
+        return {i: d for i, d in enumerate(self.dims) if d in DYNAMIC_SYMBOLS}
+
+    def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        return tuple(resolve_dim(d, sizes) for d in self.dims)
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """What one exported graph takes and returns, and how to get it out of a loaded model."""
+
+    name: str
+    module: str
+    """Attribute of the loaded model that holds the PyTorch module (``unet``, ``vae``, ...)."""
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    wrapper: Callable[[torch.nn.Module], torch.nn.Module] = field(repr=False, compare=False)
+    """Builds the module whose ``forward(*inputs)`` returns ``outputs`` in order."""
+    cfg_batch: bool = False
+    """Called with the positive and negative halves batched together (2B) under CFG."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tensor(self, name: str) -> TensorSpec:
+        for t in (*self.inputs, *self.outputs):
+            if t.name == name:
+                return t
+        raise KeyError(f"{self.name} has no tensor named {name!r}")
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The static sizes of one model, read from its configs (never guessed)."""
+
+    S: int
+    E: int
+    P: int
+    C: int
+    vae_scale_factor: int
+    unet_downsample: int
+    """Latent sides must be multiples of this (2 ** (number of down blocks - 1))."""
+    E1: int = 0
+    E2: int = 0
+    T: int = 0
+
+    @property
+    def image_multiple(self) -> int:
+        """Image sides must be multiples of this."""
+        return self.vae_scale_factor * self.unet_downsample
+
+    def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
+        """All symbol values for one concrete call."""
+        f = self.vae_scale_factor
+        return {
+            "B": batch,
+            "H": height,
+            "W": width,
+            "h": height // f,
+            "w": width // f,
+            "S": self.S,
+            "E": self.E,
+            "E1": self.E1,
+            "E2": self.E2,
+            "P": self.P,
+            "C": self.C,
+            "T": self.T,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Export wrappers: small modules with positional inputs and tuple outputs, in spec order.
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    class TextEncoder(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.model(input_ids, return_dict=True)
+            return out.last_hidden_state, out.pooler_output
+
+    return TextEncoder(module)
+
+
+def _sdxl_text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    """SDXL conditions on the penultimate hidden state; the second encoder also gives a projection."""
+    import torch
+
+    class SDXLTextEncoder(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
+            return out.hidden_states[-2], pooled
+
+    return SDXLTextEncoder(module)
+
+
+def _unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    class UNet(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        ) -> torch.Tensor:
+            return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+    return UNet(module)
+
+
+def _sdxl_unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    class SDXLUNet(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(
+            self,
+            sample: torch.Tensor,
+            timestep: torch.Tensor,
+            encoder_hidden_states: torch.Tensor,
+            text_embeds: torch.Tensor,
+            time_ids: torch.Tensor,
+        ) -> torch.Tensor:
+            cond = {"text_embeds": text_embeds, "time_ids": time_ids}
+            return self.model(
+                sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False
+            )[0]
+
+    return SDXLUNet(module)
+
+
+def _vae_decoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    import torch
+
+    class VAEDecoder(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, latent: torch.Tensor) -> torch.Tensor:
+            return self.model.decode(latent, return_dict=False)[0]
+
+    return VAEDecoder(module)
+
+
+def _vae_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    """Returns the latent distribution's mean and log-variance so callers can sample with their seed."""
+    import torch
+
+    class VAEEncoder(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.model.encode(image, return_dict=False)[0].parameters
+
+    return VAEEncoder(module)
+
+
+_LATENT = ("B", "C", "h", "w")
+
+TEXT_ENCODER = ComponentSpec(
+    name="text_encoder",
+    module="text_encoder",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int32", "tokens"),),
+    outputs=(
+        TensorSpec("last_hidden_state", ("B", "S", "E")),
+        TensorSpec("pooler_output", ("B", "P")),
+    ),
+    wrapper=_text_encoder_wrapper,
+    cfg_batch=True,
+)
+
+UNET = ComponentSpec(
+    name="unet",
+    module="unet",
+    inputs=(
+        TensorSpec("sample", _LATENT),
+        TensorSpec("timestep", ("1",), "float32", "timestep"),
+        TensorSpec("encoder_hidden_states", ("B", "S", "E")),
+    ),
+    outputs=(TensorSpec("out_sample", _LATENT),),
+    wrapper=_unet_wrapper,
+    cfg_batch=True,
+)
+
+VAE_DECODER = ComponentSpec(
+    name="vae_decoder",
+    module="vae",
+    inputs=(TensorSpec("latent", _LATENT),),
+    outputs=(TensorSpec("image", ("B", "3", "H", "W")),),
+    wrapper=_vae_decoder_wrapper,
+)
+
+VAE_ENCODER = ComponentSpec(
+    name="vae_encoder",
+    module="vae",
+    inputs=(TensorSpec("image", ("B", "3", "H", "W"), values="pixels"),),
+    outputs=(TensorSpec("latent_parameters", ("B", "2C", "h", "w")),),
+    wrapper=_vae_encoder_wrapper,
+)
+
+SDXL_TEXT_ENCODER = ComponentSpec(
+    name="text_encoder",
+    module="text_encoder",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int32", "tokens"),),
+    outputs=(
+        TensorSpec("hidden_states", ("B", "S", "E1")),
+        TensorSpec("pooler_output", ("B", "E1")),
+    ),
+    wrapper=_sdxl_text_encoder_wrapper,
+    cfg_batch=True,
+)
+
+SDXL_TEXT_ENCODER_2 = ComponentSpec(
+    name="text_encoder_2",
+    module="text_encoder_2",
+    inputs=(TensorSpec("input_ids", ("B", "S"), "int32", "tokens"),),
+    outputs=(
+        TensorSpec("hidden_states", ("B", "S", "E2")),
+        TensorSpec("text_embeds", ("B", "P")),
+    ),
+    wrapper=_sdxl_text_encoder_wrapper,
+    cfg_batch=True,
+)
+
+SDXL_UNET = ComponentSpec(
+    name="unet",
+    module="unet",
+    inputs=(
+        TensorSpec("sample", _LATENT),
+        TensorSpec("timestep", ("1",), "float32", "timestep"),
+        TensorSpec("encoder_hidden_states", ("B", "S", "E")),
+        TensorSpec("text_embeds", ("B", "P")),
+        TensorSpec("time_ids", ("B", "T"), values="time_ids"),
+    ),
+    outputs=(TensorSpec("out_sample", _LATENT),),
+    wrapper=_sdxl_unet_wrapper,
+    cfg_batch=True,
+)
+
+FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
+    "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER),
+    "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER),
+}
+"""Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
+
+
+def components_for(family: str) -> tuple[ComponentSpec, ...]:
+    try:
+        return FAMILY_COMPONENTS[family]
+    except KeyError:
+        known = ", ".join(FAMILY_COMPONENTS)
+        raise ValueError(f"unknown pipeline family {family!r} (known: {known})") from None
+
+
+def component(family: str, name: str) -> ComponentSpec:
+    for spec in components_for(family):
+        if spec.name == name:
+            return spec
+    known = ", ".join(s.name for s in components_for(family))
+    raise KeyError(f"{family} has no component {name!r} (components: {known})")

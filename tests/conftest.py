@@ -1,0 +1,62 @@
+"""Shared fixtures: the tiny model and one exported tiny engine directory per test session.
+
+Exporting is the slow part of most tests, so it happens once; tests that damage an engine
+directory work on a copy.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdexport.console import quiet_libraries
+
+quiet_libraries()
+
+
+def run_cli(*args: str) -> int:
+    """Run the CLI in-process (the same ``main`` as the console script) and return its exit code."""
+    from sdexport.cli import main
+
+    argv = sys.argv
+    sys.argv = ["sdexport", *map(str, args)]
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    finally:
+        sys.argv = argv
+    return 0
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from sdexport.models import load_model
+
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_dir(tmp_path_factory) -> Path:
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "tiny"
+    export("tiny", out, ExportOptions())
+    return out
+
+
+@pytest.fixture
+def engine_copy(tiny_engine_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_engine_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusers_dir(tiny_model, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("diffusers") / "tiny-sd"
+    tiny_model.save_pretrained(path)
+    return path

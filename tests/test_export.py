@@ -1,0 +1,169 @@
+"""Export: dynamic shapes really work, parity is enforced, bad input fails cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import run_cli
+from sdexport.manifest import MANIFEST_NAME, load_manifest
+from sdexport.specs import UNET
+
+
+def test_export_writes_a_complete_verified_directory(tiny_engine_dir: Path):
+    manifest = load_manifest(tiny_engine_dir)
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert manifest.random_weights and "random weights" in manifest.model["label"]
+    for name, entry in manifest.components.items():
+        assert entry.parity["status"] == "passed", name
+        assert [p["label"] for p in entry.parity["points"]] == ["min", "opt", "max", "odd"]
+        for point in entry.parity["points"]:
+            for err in point["outputs"].values():
+                assert err["rel_l2"] < 1e-3 and err["max_abs"] >= 0
+        assert (tiny_engine_dir / entry.onnx).is_file()
+    for sub in ("tokenizer/tokenizer.json", "scheduler/scheduler_config.json", "unet/model.onnx"):
+        assert sub in manifest.files
+    assert {"torch", "onnx", "onnxruntime", "diffusers"} <= set(manifest.tools)
+    assert not list(tiny_engine_dir.parent.glob(".tiny.partial-*"))
+
+
+def test_unet_graph_has_dynamic_batch_and_size(tiny_engine_dir: Path):
+    model = onnx.load(str(tiny_engine_dir / "unet" / "model.onnx"))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["B", 4, "h", "w"]
+    session = ort.InferenceSession(str(tiny_engine_dir / "unet" / "model.onnx"))
+    for batch, side in ((1, 8), (3, 16)):
+        feed = {
+            "sample": np.zeros((batch, 4, side, side), np.float32),
+            "timestep": np.array([10.0], np.float32),
+            "encoder_hidden_states": np.zeros((batch, 77, 32), np.float32),
+        }
+        (out,) = session.run(None, feed)
+        assert out.shape == (batch, 4, side, side)
+
+
+def test_broken_export_fails_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
+    from sdexport.export import graph
+
+    real_cleanup = graph.cleanup
+
+    def corrupt(model, **kwargs):
+        cleaned = real_cleanup(model, **kwargs)
+        for init in cleaned.graph.initializer:  # scale the first big weight: a subtly wrong graph
+            if len(init.dims) == 4:
+                array = onnx.numpy_helper.to_array(init) * 1.5
+                init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
+                break
+        return cleaned
+
+    monkeypatch.setattr(graph, "cleanup", corrupt)
+    out = tmp_path / "broken"
+    code = run_cli("export", "tiny", "-o", out, "--components", "unet", "--verify", "quick")
+    assert code != 0
+    assert "disagrees with PyTorch" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
+    out = tmp_path / "from-dir"
+    code = run_cli(
+        "export", tiny_diffusers_dir, "-o", out, "--batch", "1:1:2",
+        "--height", "64:64:128", "--width", "64:128:128", "--components", "text_encoder,unet",
+    )
+    assert code == 0
+    manifest = load_manifest(out)
+    assert manifest.model["source"]["kind"] == "diffusers" and not manifest.random_weights
+    assert manifest.profile == {"batch": [1, 1, 2], "height": [64, 64, 128], "width": [64, 128, 128]}
+    assert all(e.parity["status"] == "passed" for e in manifest.components.values())
+
+
+def test_fp16_export_keeps_float32_io(tmp_path: Path):
+    out = tmp_path / "fp16"
+    assert run_cli("export", "tiny", "-o", out, "--dtype", "fp16", "--components", "unet") == 0
+    manifest = load_manifest(out)
+    entry = manifest.components["unet"]
+    assert entry.dtype == "fp16" and entry.parity["tolerance"] == 3e-2
+    assert entry.parity["status"] == "passed"
+    model = onnx.load(str(out / entry.onnx))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+
+
+def _dit_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
+    return path
+
+
+def _corrupt_safetensors(path: Path) -> Path:
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "no such file or directory, and not a preset"),
+        ("unknown-preset", "not a preset (tiny"),
+        ("empty-dir", "not a diffusers model directory"),
+        ("dit", "unsupported architecture PixArtAlphaPipeline"),
+        ("corrupt", "not a readable safetensors file"),
+        ("no-config", "needs --config"),
+        ("bad-profile", "height min 100 is not a multiple of 16"),
+        ("bad-range", "--batch '4:1:2'"),
+        ("bad-dtype", "--dtype int8"),
+        ("bad-component", "unknown component(s) clip"),
+    ],
+)
+def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    model, extra = "tiny", []
+    if case == "missing":
+        model = str(tmp_path / "nowhere")
+    elif case == "unknown-preset":
+        model = "sd99"
+    elif case == "empty-dir":
+        (tmp_path / "empty").mkdir()
+        model = str(tmp_path / "empty")
+    elif case == "dit":
+        model = str(_dit_dir(tmp_path / "pixart"))
+    elif case == "corrupt":
+        model, extra = str(_corrupt_safetensors(tmp_path / "x.safetensors")), ["--config", "tiny"]
+    elif case == "no-config":
+        model = str(_corrupt_safetensors(tmp_path / "x.safetensors"))
+    elif case == "bad-profile":
+        extra = ["--height", "100:128:256"]
+    elif case == "bad-range":
+        extra = ["--batch", "4:1:2"]
+    elif case == "bad-dtype":
+        extra = ["--dtype", "int8"]
+    elif case == "bad-component":
+        extra = ["--components", "clip"]
+    code = run_cli("export", model, "-o", out, *extra)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_inspect_prints_parity(tiny_engine_dir: Path, capsys):
+    assert run_cli("inspect", tiny_engine_dir) == 0
+    text = capsys.readouterr().out
+    assert "random weights" in text and "unet" in text and "passed 4/4" in text
+
+
+def test_inspect_refuses_damaged_directory(engine_copy: Path, capsys):
+    (engine_copy / "vae_decoder" / "model.onnx").write_bytes(b"garbage")
+    assert run_cli("inspect", engine_copy) == 2
+    assert "vae_decoder/model.onnx does not match its sha256" in capsys.readouterr().err
+    (engine_copy / MANIFEST_NAME).unlink()
+    assert run_cli("inspect", engine_copy) == 2
+    assert "no manifest.json" in capsys.readouterr().err

@@ -1,0 +1,56 @@
+"""ShapeProfile and ComponentSpec arithmetic: the single source of every shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdexport.errors import ProfileError
+from sdexport.shapes import ShapeProfile, parse_range
+from sdexport.specs import UNET, VAE_DECODER, VAE_ENCODER, ModelDims, resolve_dim
+
+DIMS = ModelDims(S=77, E=768, P=768, C=4, vae_scale_factor=8, unet_downsample=8)
+
+
+def test_parse_range_forms():
+    assert parse_range("1:2:4", "batch") == (1, 2, 4)
+    assert parse_range("512", "height") == (512, 512, 512)
+    for bad in ("4:2:1", "0:1:2", "a:b:c", "1:2"):
+        with pytest.raises(ProfileError, match="--batch"):
+            parse_range(bad, "batch")
+
+
+def test_validate_names_the_bad_value_and_valid_neighbours():
+    profile = ShapeProfile(height=(256, 520, 1024))
+    with pytest.raises(ProfileError, match=r"height opt 520 is not a multiple of 64.*try 512 or 576"):
+        profile.validate(DIMS)
+
+
+def test_cfg_doubles_unet_batch_but_not_vae():
+    profile = ShapeProfile(batch=(1, 2, 4), height=(256, 512, 768), width=(256, 512, 1024))
+    unet = profile.tensor_ranges(UNET, DIMS)
+    assert unet["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 96, 128))
+    assert unet["timestep"] == ((1,), (1,), (1,))
+    assert unet["encoder_hidden_states"][2] == (8, 77, 768)
+    vae = profile.tensor_ranges(VAE_DECODER, DIMS)
+    assert vae["latent"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))
+
+
+def test_dims_resolve_multipliers():
+    sizes = DIMS.sizes(2, 512, 256)
+    assert VAE_ENCODER.outputs[0].shape(sizes) == (2, 8, 64, 32)
+    assert resolve_dim("77", sizes) == 77
+    assert UNET.inputs[0].dynamic_axes == {0: "B", 2: "h", 3: "w"}
+
+
+def test_request_outside_profile_says_what_is_allowed():
+    profile = ShapeProfile()
+    with pytest.raises(ProfileError, match=r"height 2048 is outside.*\[256, 1024\]"):
+        profile.check_request(1, 2048, 512, DIMS)
+    with pytest.raises(ProfileError, match="multiple of 64"):
+        profile.check_request(1, 520, 512, DIMS)
+    profile.check_request(4, 1024, 256, DIMS)
+
+
+def test_verification_points_include_an_uneven_mix():
+    labels = [p[0] for p in ShapeProfile().points()]
+    assert labels == ["min", "opt", "max", "odd"]

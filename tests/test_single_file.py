@@ -1,0 +1,142 @@
+"""Round trip: a model written in the original SD layout loads back through load_model(path, config=...)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from sdexport.models import LoadedModel, load_model
+from sdexport.models.loader import _clean, load_preset, write_config_dir
+from sdexport.models.presets import PRESETS
+from tests.ldm_layout import ldm_state_dict, write_single_file_checkpoint
+
+PARTS = ("unet", "vae", "text_encoder")
+
+# Deeper than "tiny": 3 levels, 2 layers per block, attention at both ends of the U-Net but not in the
+# middle (so upsamplers sit at output_blocks.N.1 and .N.2), a 3-level VAE with 2 layers per block.
+_DEEPER = dataclasses.replace(
+    PRESETS["tiny"],
+    name="tiny-deeper",
+    unet={
+        **PRESETS["tiny"].unet,
+        "layers_per_block": 2,
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"],
+    },
+    vae={
+        **PRESETS["tiny"].vae,
+        "block_out_channels": [32, 64, 64],
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "layers_per_block": 2,
+    },
+)
+
+
+def assert_same_weights(original: LoadedModel, loaded: LoadedModel) -> None:
+    """Every parameter and buffer equal, none missing, none left on the meta device (never loaded)."""
+    problems: list[str] = []
+    for part in PARTS:
+        want, got = original.modules[part].state_dict(), loaded.modules[part].state_dict()
+        missing, unexpected = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+        if missing or unexpected:
+            problems.append(
+                f"{part}: missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
+            )
+        differ = [
+            k
+            for k in sorted(want.keys() & got.keys())
+            if got[k].is_meta or got[k].shape != want[k].shape or not torch.equal(got[k], want[k])
+        ]
+        if differ:
+            problems.append(f"{part}: {len(differ)} of {len(want)} tensors differ, e.g. {differ[:5]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_tiny_round_trip(tmp_path: Path) -> None:
+    original = load_model("tiny")
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(original, path)
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    # tiny: UpBlock2D first (upsampler in slot .1), the VAE's mid attention as a 1x1 conv.
+    assert "model.diffusion_model.output_blocks.1.1.conv.weight" in keys
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.get_slice("first_stage_model.encoder.mid.attn_1.q.weight").get_shape() == [64, 64, 1, 1]
+
+    loaded = load_model(str(path), config="tiny")
+    assert loaded.source["kind"] == "single_file"
+    assert_same_weights(original, loaded)
+
+
+def test_deeper_architecture_round_trip(tmp_path: Path) -> None:
+    original = load_preset(_DEEPER, seed=3)
+    write_config_dir(_DEEPER, tmp_path / "config")  # a diffusers directory with configs, no weights
+    path = tmp_path / "deeper.safetensors"
+    write_single_file_checkpoint(original, path)
+    loaded = load_model(str(path), config=str(tmp_path / "config"))
+    assert_same_weights(original, loaded)
+
+
+def test_sd15_key_names() -> None:
+    """The names real SD 1.5 checkpoints use (built on the meta device: no memory, no time)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    preset = PRESETS["sd15"]
+    with torch.device("meta"):
+        state = ldm_state_dict(
+            UNet2DConditionModel.from_config(_clean(preset.unet)),
+            AutoencoderKL.from_config(_clean(preset.vae)),
+            CLIPTextModel(CLIPTextConfig(**_clean(preset.text_encoder))),
+        )
+    expected = {
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.input_blocks.1.1.proj_in.weight": (320, 320, 1, 1),
+        "model.diffusion_model.input_blocks.3.0.op.weight": (320, 320, 3, 3),
+        "model.diffusion_model.input_blocks.4.0.skip_connection.weight": (640, 320, 1, 1),
+        "model.diffusion_model.input_blocks.9.0.op.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.input_blocks.11.0.out_layers.3.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.middle_block.1.transformer_blocks.0.attn2.to_k.weight": (1280, 768),
+        "model.diffusion_model.middle_block.2.emb_layers.1.weight": (1280, 1280),
+        "model.diffusion_model.output_blocks.2.1.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.8.2.conv.weight": (640, 640, 3, 3),
+        "model.diffusion_model.output_blocks.11.0.skip_connection.weight": (320, 640, 1, 1),
+        "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.ff.net.0.proj.weight": (2560, 320),
+        "model.diffusion_model.time_embed.2.weight": (1280, 1280),
+        "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+        "first_stage_model.encoder.down.0.downsample.conv.weight": (128, 128, 3, 3),
+        "first_stage_model.encoder.down.1.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+        "first_stage_model.encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "first_stage_model.encoder.norm_out.weight": (512,),
+        "first_stage_model.decoder.mid.attn_1.proj_out.weight": (512, 512, 1, 1),
+        "first_stage_model.decoder.up.0.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "first_stage_model.decoder.up.3.upsample.conv.weight": (512, 512, 3, 3),
+        "first_stage_model.quant_conv.weight": (8, 8, 1, 1),
+        "cond_stage_model.transformer.text_model.embeddings.position_ids": (1, 77),
+        "cond_stage_model.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "cond_stage_model.transformer.text_model.final_layer_norm.weight": (768,),
+    }
+    assert {k: tuple(state[k].shape) for k in expected if k in state} == expected
+    assert "first_stage_model.decoder.up.0.upsample.conv.weight" not in state
+    assert "model.diffusion_model.input_blocks.12.0.op.weight" not in state
+    counts = {
+        p: sum(k.startswith(p) for k in state) for p in ("model.", "first_stage_model.", "cond_stage_model.")
+    }
+    assert counts == {"model.": 686, "first_stage_model.": 248, "cond_stage_model.": 197}
+
+
+@pytest.mark.parametrize("kind", ["unet", "vae"])
+def test_unmapped_weights_fail_loudly(kind: str) -> None:
+    model = load_model("tiny")
+    module = model.modules[kind]
+    module.register_buffer("surprise", torch.zeros(1))
+    with pytest.raises(ValueError, match="no LDM name"):
+        ldm_state_dict(model.modules["unet"], model.modules["vae"], model.modules["text_encoder"])
