@@ -140,3 +140,34 @@ def test_unmapped_weights_fail_loudly(kind: str) -> None:
     module.register_buffer("surprise", torch.zeros(1))
     with pytest.raises(ValueError, match="no LDM name"):
         ldm_state_dict(model.modules["unet"], model.modules["vae"], model.modules["text_encoder"])
+
+
+def test_checkpoint_missing_text_encoder_weight_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+    from sdexport.models import load_model
+
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(load_model("tiny"), path)
+    weights = load_file(str(path))
+    key = next(k for k in weights if k.startswith("cond_stage_model.") and k.endswith("fc1.weight"))
+    del weights[key]
+    save_file(weights, str(path))
+    with pytest.raises(ModelLoadError, match="checkpoint lacks 1 weights"):
+        load_model(str(path), config="tiny")
+
+
+def test_single_file_exports_through_the_cli(tmp_path, capsys):
+    from conftest import run_cli
+    from sdexport.manifest import load_manifest
+    from sdexport.models import load_model
+
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(load_model("tiny"), path)
+    out = tmp_path / "engine"
+    assert run_cli("export", path, "--config", "tiny", "-o", out, "--components", "unet,vae_decoder") == 0
+    manifest = load_manifest(out)
+    assert manifest.model["source"]["kind"] == "single_file"
+    assert all(e.parity["status"] == "passed" for e in manifest.components.values())
+    assert "rel-L2" in capsys.readouterr().err

@@ -273,10 +273,16 @@ def load_single_file(
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "meta tensor" in first:
+                first = "weights are missing for this architecture; is --config the right model?"
             raise ModelLoadError(f"{path}: cannot load as a {pipeline_cls.__name__} checkpoint ({first})") from exc
         scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
     names = ["text_encoder", "unet", "vae"] + (["text_encoder_2"] if family == "sdxl" else [])
     modules = {n: getattr(pipe, n).eval().requires_grad_(False) for n in names}
+    # diffusers leaves weights the checkpoint lacks on the meta device without a word: refuse that.
+    empty = [f"{n}.{p}" for n, m in modules.items() for p, t in m.state_dict().items() if t.is_meta]
+    if empty:
+        raise ModelLoadError(f"{path}: checkpoint lacks {len(empty)} weights, e.g. {', '.join(empty[:3])}")
     tokenizers = {"tokenizer": pipe.tokenizer}
     if family == "sdxl":
         tokenizers["tokenizer_2"] = pipe.tokenizer_2
