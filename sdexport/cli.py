@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sdexport.console import console, quiet_libraries
+from sdexport.console import console, out, quiet_libraries
 from sdexport.errors import SdexportError
 
 app = typer.Typer(
@@ -86,6 +86,61 @@ def inspect(
     from sdexport.manifest import load_manifest
 
     print_summary(engine_dir, load_manifest(engine_dir, verify_files=check))
+
+
+@app.command()
+def run(
+    engine_dir: Annotated[Path, typer.Argument(help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")] = Path("out.png"),
+    negative_prompt: Annotated[Optional[list[str]], typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc.")] = "default",
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; 1 disables CFG.")] = 7.5,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,
+    height: Annotated[Optional[int], typer.Option(help="Image height (default: the profile's opt).")] = None,
+    width: Annotated[Optional[int], typer.Option(help="Image width (default: the profile's opt).")] = None,
+    backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = "onnxruntime",
+    cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture the U-Net in a CUDA graph (static shapes).")] = False,
+) -> None:
+    """Generate images from prompts with the engines in an engine directory."""
+    from rich.progress import Progress
+
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.images import save_images
+    from sdexport.runtime.loading import load_pipeline, resolve_backend
+    from sdexport.runtime.txt2img import GenerationRequest
+
+    prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
+    if len(prompt) > 1 and batch != 1:
+        raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
+    negatives = list(negative_prompt) if negative_prompt else None
+    if negatives is not None and len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    profile = load_manifest(engine_dir, verify_files=False).shape_profile
+    request = GenerationRequest(
+        prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
+        seeds=[seed + i for i in range(len(prompts))],
+        height=height or profile.height[1], width=width or profile.width[1],
+    )
+    with console.status(f"Loading engines ({resolve_backend(backend)})…"):
+        pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph)
+    pipeline.check(request)
+    if pipeline.info.get("random_weights"):
+        console.print("[yellow]note:[/] random-weight model: images are noise-like by design")
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("Denoising", total=steps)
+        result = pipeline(request, on_step=lambda i, n: progress.update(task, completed=i, total=n))
+    paths = save_images(result, output, pipeline.info)
+    t = result.timings
+    console.print(
+        f"text encoder {t.text_encoder * 1000:.1f} ms, U-Net {t.unet_total * 1000:.1f} ms "
+        f"({len(t.unet_steps)} steps, {t.iterations_per_second:.2f} it/s), VAE {t.vae_decoder * 1000:.1f} ms, "
+        f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s"
+    )
+    for path in paths:
+        out.print(str(path))
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ Symbols:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, Literal
 
 if TYPE_CHECKING:  # torch is heavy; the runtime reads specs without needing it
@@ -78,6 +78,8 @@ class ComponentSpec:
     """Builds the module whose ``forward(*inputs)`` returns ``outputs`` in order."""
     cfg_batch: bool = False
     """Called with the positive and negative halves batched together (2B) under CFG."""
+    always_fp32: bool = False
+    """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE)."""
 
     @property
     def input_names(self) -> list[str]:
@@ -282,6 +284,9 @@ VAE_ENCODER = ComponentSpec(
     wrapper=_vae_encoder_wrapper,
 )
 
+VAE_DECODER_FP32 = replace(VAE_DECODER, name="vae_decoder_fp32", always_fp32=True)
+"""Exported beside an fp16 VAE decoder: the runtime decodes again with it when fp16 overflows."""
+
 SDXL_TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
     module="text_encoder",
@@ -322,8 +327,8 @@ SDXL_UNET = ComponentSpec(
 )
 
 FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
-    "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER),
-    "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER),
+    "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
+    "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
 }
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
 

@@ -84,8 +84,9 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
 
 def test_fp16_export_keeps_float32_io(tmp_path: Path):
     out = tmp_path / "fp16"
-    assert run_cli("export", "tiny", "-o", out, "--dtype", "fp16", "--components", "unet") == 0
+    assert run_cli("export", "tiny", "-o", out, "--dtype", "fp16", "--components", "unet,vae_decoder_fp32") == 0
     manifest = load_manifest(out)
+    assert manifest.components["vae_decoder_fp32"].dtype == "fp32"
     entry = manifest.components["unet"]
     assert entry.dtype == "fp16" and entry.parity["tolerance"] == 3e-2
     assert entry.parity["status"] == "passed"

@@ -65,7 +65,7 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
         model = load_model(model_ref, config=options.config, seed=options.seed)
     profile = options.profile or model.default_profile
     profile.validate(model.dims)
-    specs = _select(model, options.components)
+    specs = _select(model, options.components, options.dtype)
     if model.random_weights:
         console.print("[yellow]note:[/] this model has random weights (built-in preset)")
 
@@ -81,10 +81,11 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
     return manifest
 
 
-def _select(model: LoadedModel, names: list[str] | None) -> list[ComponentSpec]:
+def _select(model: LoadedModel, names: list[str] | None, dtype: str) -> list[ComponentSpec]:
+    """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
     specs = list(components_for(model.family))
     if not names:
-        return specs
+        return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
     known = {s.name for s in specs}
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -106,19 +107,20 @@ def _export_into(
     for spec in specs:
         path = staging / spec.name / "model.onnx"
         module = model.module(spec.module)
+        dtype = "fp32" if spec.always_fp32 else options.dtype
         start = time.perf_counter()
         with step(f"Exporting {spec.name}"):
-            export_component(spec, module, path, profile=profile, model=model, options=options)
+            export_component(spec, module, path, profile=profile, model=model, dtype=dtype, opset=options.opset)
         with step(f"Verifying {spec.name} against PyTorch ({options.verify})"):
             report = verify_component(
-                spec, path, module, profile=profile, dims=dims, dtype=options.dtype,
+                spec, path, module, profile=profile, dims=dims, dtype=dtype,
                 vocab_size=vocab, mode=options.verify,
             )
         _print_report(report)
         require_parity(report)
         entries[spec.name] = ComponentEntry(
             onnx=path.relative_to(staging).as_posix(),
-            dtype=options.dtype,
+            dtype=dtype,
             parity={**report.to_dict(), "seconds": round(time.perf_counter() - start, 2)},
         )
     for name, tokenizer in model.tokenizers.items():
@@ -159,7 +161,8 @@ def export_component(
     *,
     profile: ShapeProfile,
     model: LoadedModel,
-    options: ExportOptions,
+    dtype: str = "fp32",
+    opset: int = DEFAULT_OPSET,
 ) -> list[Path]:
     """Trace at a small in-profile shape (batch 2: see DESIGN.md), clean, convert, save."""
     dims = model.dims
@@ -168,9 +171,9 @@ def export_component(
         spec, dims.sizes(batch, profile.height[0], profile.width[0]),
         vocab_size=int(model.module("text_encoder").config.vocab_size),
     )
-    onnx_model = trace_to_onnx(spec, module, example, opset=options.opset)
+    onnx_model = trace_to_onnx(spec, module, example, opset=opset)
     onnx_model = graph.cleanup(onnx_model)
-    if options.dtype == "fp16":
+    if dtype == "fp16":
         onnx_model = graph.to_fp16(onnx_model)
     onnx_model = graph.infer_shapes(onnx_model)
     return graph.save(onnx_model, path)

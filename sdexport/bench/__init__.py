@@ -1,0 +1,1 @@
+"""Benchmarks: the sdexport runtime against eager diffusers, measured the same way in one process."""

@@ -1,0 +1,113 @@
+"""The baseline everyone compares against: ``diffusers.StableDiffusionPipeline`` in eager PyTorch.
+
+Used by the parity tests and as the benchmark baseline. Per-component times come from wrapping the
+pipeline's own modules (synchronised on CUDA), so the pipeline itself runs unmodified.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdexport.models import LoadedModel
+from sdexport.runtime.schedulers import make_scheduler
+from sdexport.runtime.txt2img import GenerationRequest, Timings
+
+
+@dataclass
+class ReferenceResult:
+    latents: torch.Tensor
+    pixels: np.ndarray
+    timings: Timings
+
+
+class DiffusersReference:
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        compile: bool = False,
+    ) -> None:
+        import diffusers
+
+        self.model = model
+        self.device = device or torch.device("cpu")
+        self.dtype = dtype
+        cls = diffusers.StableDiffusionXLPipeline if model.family == "sdxl" else diffusers.StableDiffusionPipeline
+        kwargs: dict[str, Any] = dict(model.modules)
+        kwargs.update(model.tokenizers)
+        kwargs["scheduler"] = make_scheduler("default", model.scheduler_config)
+        if model.family == "sd":
+            kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        self.pipe = cls(**kwargs).to(self.device, dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        if compile:
+            self.pipe.unet = torch.compile(self.pipe.unet)
+        self._timings = Timings()
+        self._wrap()
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _timed(self, fn: Callable[..., Any], record: Callable[[float], None]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = self._sync()
+            result = fn(*args, **kwargs)
+            record(self._sync() - start)
+            return result
+
+        return wrapper
+
+    def _wrap(self) -> None:
+        """Time each module call through the instance, leaving diffusers' code untouched."""
+        # The closures read self._timings, which each call replaces.
+        def add_text(dt: float) -> None:
+            self._timings.text_encoder += dt
+
+        def add_unet(dt: float) -> None:
+            self._timings.unet_steps.append(dt)
+
+        def add_vae(dt: float) -> None:
+            self._timings.vae_decoder += dt
+
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(self.pipe, name, None)
+            if module is not None:
+                module.forward = self._timed(module.forward, add_text)
+        self.pipe.unet.forward = self._timed(self.pipe.unet.forward, add_unet)
+        self.pipe.vae.decode = self._timed(self.pipe.vae.decode, add_vae)
+
+    def __call__(self, request: GenerationRequest) -> ReferenceResult:
+        self.pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
+        self._timings = Timings()
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            captured["latents"] = tensors["latents"]
+            return tensors
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+        start = self._sync()
+        with torch.inference_mode():
+            images = self.pipe(
+                request.prompt,
+                negative_prompt=request.negative_prompt,
+                num_inference_steps=request.steps,
+                guidance_scale=request.guidance,
+                height=request.height,
+                width=request.width,
+                generator=generators,
+                output_type="np",
+                callback_on_step_end=keep_latents,
+            ).images
+        self._timings.total = self._sync() - start
+        return ReferenceResult(captured["latents"].float().cpu(), np.asarray(images, dtype=np.float32), self._timings)

@@ -1,0 +1,1 @@
+"""Engine directory → images: backends behind one Engine interface, and the txt2img loop."""

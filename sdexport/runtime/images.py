@@ -1,0 +1,51 @@
+"""Saving generated images with the parameters that made them, as PNG text chunks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from sdexport.runtime.txt2img import GenerationResult
+
+
+def output_paths(output: Path, count: int) -> list[Path]:
+    """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for a batch."""
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
+
+
+def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) -> list[Path]:
+    from PIL.PngImagePlugin import PngInfo
+
+    request = result.request
+    paths = output_paths(output, len(result.images))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    for i, (image, path) in enumerate(zip(result.images, paths)):
+        negative = request.negative_prompt[i] if request.negative_prompt else ""
+        params = {
+            "prompt": request.prompt[i],
+            "negative_prompt": negative,
+            "seed": request.seeds[i],
+            "steps": request.steps,
+            "scheduler": request.scheduler,
+            "guidance": request.guidance,
+            "height": request.height,
+            "width": request.width,
+            **info,
+        }
+        meta = PngInfo()
+        # The A1111-style line many image tools read, and the full record as JSON.
+        meta.add_text(
+            "parameters",
+            f"{request.prompt[i]}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
+            f"{request.scheduler}, CFG scale: {request.guidance}, Seed: {request.seeds[i]}, "
+            f"Size: {request.width}x{request.height}",
+        )
+        meta.add_text("sdexport", json.dumps(params))
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG", pnginfo=meta)
+        os.replace(tmp, path)
+    return paths

@@ -1,0 +1,123 @@
+"""Engine directory + backend name → a ready Txt2ImgPipeline.
+
+Everything comes from the directory: the manifest (checked against its hashes first), the
+tokenizer, the scheduler config and the engines. Only the Torch backend reaches outside it, for the
+PyTorch weights the directory does not hold.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdexport.errors import EngineDirError, SdexportError
+from sdexport.manifest import Manifest, load_manifest
+from sdexport.runtime.engine import Engine
+from sdexport.runtime.txt2img import Txt2ImgPipeline
+
+BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
+FALLBACK_VAE = "vae_decoder_fp32"
+
+
+def txt2img_components(manifest: Manifest) -> list[str]:
+    """What txt2img runs (the VAE encoder is for img2img), in call order."""
+    names = [n for n in manifest.components if n.startswith("text_encoder")] + ["unet", "vae_decoder"]
+    missing = [n for n in names if n not in manifest.components]
+    if missing:
+        raise EngineDirError(
+            f"the engine directory has no {', '.join(missing)} (it was exported with --components "
+            f"{','.join(manifest.components)}); export those components to run txt2img"
+        )
+    return names
+
+
+def resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise SdexportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime":
+        from sdexport.runtime.onnxruntime_backend import available_providers
+
+        return "onnxruntime-cuda" if "CUDAExecutionProvider" in available_providers() else "onnxruntime-cpu"
+    return backend
+
+
+def load_pipeline(
+    engine_dir: Path,
+    backend: str = "onnxruntime",
+    *,
+    cuda_graph: bool = False,
+    threads: int = 0,
+    verify_files: bool = True,
+) -> Txt2ImgPipeline:
+    backend = resolve_backend(backend)
+    manifest = load_manifest(engine_dir, verify_files=False)
+    names = txt2img_components(manifest)
+    fallback = FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
+    if verify_files:
+        from sdexport.manifest import verify_files_of
+
+        verify_files_of(engine_dir, manifest, names + ([fallback] if fallback else []))
+    engines = _load_engines(engine_dir, manifest, names + ([fallback] if fallback else []), backend,
+                            cuda_graph=cuda_graph, threads=threads)
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / "tokenizer"))
+    import json
+
+    scheduler_config = json.loads((engine_dir / "scheduler" / "scheduler_config.json").read_text())
+    return Txt2ImgPipeline(
+        {n: engines[n] for n in names},
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        dims=manifest.model_dims,
+        vae_scaling_factor=manifest.vae_scaling_factor,
+        profile=manifest.shape_profile,
+        fallback_vae=engines.get(fallback) if fallback else None,
+        info={"backend": backend, "engine_dir": str(engine_dir), "random_weights": manifest.random_weights,
+              "model": manifest.model["label"], "dtype": manifest.dtype},
+    )
+
+
+def _load_engines(
+    engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int
+) -> dict[str, Engine]:
+    profile, dims = manifest.shape_profile, manifest.model_dims
+    if backend.startswith("onnxruntime"):
+        from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+        device = backend.split("-")[1]
+        return {
+            n: OnnxRuntimeEngine(manifest.spec(n), engine_dir / manifest.components[n].onnx, dims=dims,
+                                 profile=profile, device=device, threads=threads)
+            for n in names
+        }
+    if backend.startswith("torch"):
+        return _torch_engines(manifest, names, compile=backend == "torch-compile")
+    from sdexport.runtime.tensorrt_backend import load_tensorrt_engines
+
+    return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph))
+
+
+def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> dict[str, Engine]:
+    """Reload the PyTorch modules the directory was exported from (the reference implementation)."""
+    from sdexport.models import load_model
+    from sdexport.runtime.torch_backend import TorchEngine
+
+    source: dict[str, Any] = manifest.model["source"]
+    model = load_model(source["argument"] if source["kind"] == "preset" else source["path"],
+                       config=source.get("config"), seed=int(source.get("seed", 0)))
+    if source["kind"] != "preset" and not Path(source["path"]).exists():
+        raise EngineDirError(f"the Torch backend needs the source checkpoint {source['path']}, which is gone")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.float16 if cuda and manifest.dtype == "fp16" else torch.float32
+    engines: dict[str, Engine] = {}
+    for name in names:
+        spec = manifest.spec(name)
+        engines[name] = TorchEngine(
+            spec, model.module(spec.module), profile=manifest.shape_profile, device=device,
+            dtype=torch.float32 if name == FALLBACK_VAE else dtype, compile=compile,
+        )
+    return engines

@@ -1,0 +1,259 @@
+"""The txt2img loop over engines: tokenize → encode (with CFG) → scheduler loop → decode.
+
+It is written once for every backend: engines take and return torch tensors on their device, so
+the same lines run over TensorRT, ONNX Runtime and PyTorch, and backends are compared through one
+code path. The loop follows ``diffusers.StableDiffusionPipeline`` step for step (the same seeds give
+the same latents), without its model code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from sdexport.console import console
+from sdexport.errors import ProfileError, SdexportError
+from sdexport.runtime.engine import Engine
+from sdexport.runtime.schedulers import check_scheduler_name, make_scheduler
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ModelDims
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[str]
+    negative_prompt: list[str] | None = None
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str = "default"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    height: int = 512
+    width: int = 512
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def cfg(self) -> bool:
+        """Guidance 1 is the conditional prediction alone: the unconditional half is skipped."""
+        return self.guidance > 1.0
+
+
+@dataclass
+class Timings:
+    """Seconds per stage, measured with the device synchronised around each engine call."""
+
+    text_encoder: float = 0.0
+    unet_steps: list[float] = field(default_factory=list)
+    vae_decoder: float = 0.0
+    total: float = 0.0
+
+    @property
+    def unet_total(self) -> float:
+        return sum(self.unet_steps)
+
+    @property
+    def loop_overhead(self) -> float:
+        """Time outside the engines: tokenizing, scheduler math, CFG, copies, Python."""
+        return self.total - self.text_encoder - self.unet_total - self.vae_decoder
+
+    @property
+    def iterations_per_second(self) -> float:
+        return len(self.unet_steps) / self.unet_total if self.unet_total else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "text_encoder": self.text_encoder,
+            "unet_steps": self.unet_steps,
+            "unet_total": self.unet_total,
+            "vae_decoder": self.vae_decoder,
+            "loop_overhead": self.loop_overhead,
+            "total": self.total,
+            "it_per_s": self.iterations_per_second,
+        }
+
+
+@dataclass
+class GenerationResult:
+    images: list[Any]
+    """PIL images."""
+    latents: torch.Tensor
+    """Final latents (before VAE scaling), float32 on the CPU, for agreement checks."""
+    pixels: np.ndarray
+    """Decoded images as float32 in [0, 1], NHWC."""
+    timings: Timings
+    request: GenerationRequest
+    vae_fallback: bool = False
+
+
+class Txt2ImgPipeline:
+    def __init__(
+        self,
+        engines: dict[str, Engine],
+        *,
+        tokenizer: Any,
+        scheduler_config: dict[str, Any],
+        dims: ModelDims,
+        vae_scaling_factor: float,
+        profile: ShapeProfile,
+        fallback_vae: Engine | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> None:
+        self.engines = engines
+        self.tokenizer = tokenizer
+        self.scheduler_config = scheduler_config
+        self.dims = dims
+        self.vae_scaling_factor = vae_scaling_factor
+        self.profile = profile
+        self.fallback_vae = fallback_vae
+        self.info = info or {}
+        self.device = engines["unet"].device
+        # Import scheduler code now, so that first-call import time is not counted as loop overhead.
+        make_scheduler("default", scheduler_config)
+        import diffusers.utils.torch_utils  # noqa: F401
+
+    # -- checks -----------------------------------------------------------------------------
+
+    def check(self, request: GenerationRequest) -> None:
+        """Refuse what the engines cannot do before any of them runs."""
+        if not request.prompt:
+            raise SdexportError("no prompt given: pass at least one --prompt")
+        if request.negative_prompt is not None and len(request.negative_prompt) != request.batch:
+            raise SdexportError(
+                f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one "
+                "negative prompt, or one per prompt"
+            )
+        if len(request.seeds) != request.batch:
+            raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
+        if request.steps < 1:
+            raise SdexportError(f"--steps {request.steps}: need at least 1 step")
+        check_scheduler_name(request.scheduler)
+        self.profile.check_request(request.batch, request.height, request.width, self.dims)
+        for engine in self.engines.values():
+            if engine.profile != self.profile:
+                try:
+                    engine.profile.check_request(request.batch, request.height, request.width, self.dims)
+                except ProfileError as exc:
+                    raise ProfileError(f"{engine.spec.name} engine: {exc}") from None
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def __call__(
+        self, request: GenerationRequest, *, on_step: Callable[[int, int], None] | None = None
+    ) -> GenerationResult:
+        """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1)."""
+        self.check(request)
+        timings = Timings()
+        start = time.perf_counter()
+        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+
+        embeddings = self._timed(timings, "text_encoder", lambda: self.encode_prompt(request))
+        scheduler = make_scheduler(request.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        latents = self.initial_latents(request, generators, scheduler)
+        step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
+
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if request.cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            timestep = t.reshape(1).to(device=self.device, dtype=torch.float32)
+            feed = {"sample": model_input.float(), "timestep": timestep, "encoder_hidden_states": embeddings}
+            step_start = self._sync()
+            noise = self.engines["unet"](feed)["out_sample"]
+            timings.unet_steps.append(self._sync() - step_start)
+            if request.cfg:
+                uncond, text = noise.chunk(2)
+                noise = uncond + request.guidance * (text - uncond)
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, len(scheduler.timesteps))
+
+        pixels, fallback = self._timed(timings, "vae_decoder", lambda: self.decode(latents))
+        timings.total = time.perf_counter() - start
+        return GenerationResult(
+            images=to_pil(pixels),
+            latents=latents.float().cpu(),
+            pixels=pixels,
+            timings=timings,
+            request=request,
+            vae_fallback=fallback,
+        )
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.dims.S,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return ids.to(device=self.device, dtype=torch.int32)
+
+    def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
+        """Negative and positive prompts go through the text encoder as one 2B batch under CFG."""
+        prompts = list(request.prompt)
+        if request.cfg:
+            negatives = request.negative_prompt or [""] * request.batch
+            prompts = list(negatives) + prompts
+        hidden = self.engines["text_encoder"]({"input_ids": self.tokenize(prompts)})
+        return hidden["last_hidden_state"]
+
+    def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        f = self.dims.vae_scale_factor
+        shape = (request.batch, self.dims.C, request.height // f, request.width // f)
+        # CPU generators: the same seed draws the same noise on every backend and device.
+        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+        return latents.to(self.device) * scheduler.init_noise_sigma
+
+    def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, bool]:
+        """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder."""
+        feed = {"latent": (latents / self.vae_scaling_factor).float()}
+        image = self.engines["vae_decoder"](feed)["image"]
+        fallback = False
+        if not torch.isfinite(image).all():
+            if self.fallback_vae is None:
+                raise SdexportError(
+                    "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
+                    "Export with --dtype fp16 keeps an fp32 VAE decoder for this (vae_decoder_fp32), "
+                    "or export in fp32"
+                )
+            console.print("[yellow]warning:[/] VAE decoder overflowed (NaN/Inf); decoding again in fp32")
+            image = self.fallback_vae(feed)["image"]
+            fallback = True
+            if not torch.isfinite(image).all():
+                raise SdexportError("the fp32 VAE decoder also produced NaN/Inf; the latents are broken")
+        pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
+        return pixels, fallback
+
+    # -- timing -----------------------------------------------------------------------------
+
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _timed(self, timings: Timings, stage: str, work: Callable[[], Any]) -> Any:
+        begin = self._sync()
+        result = work()
+        setattr(timings, stage, self._sync() - begin)
+        return result
+
+
+def _accepts_generator(scheduler: Any) -> bool:
+    import inspect
+
+    return "generator" in inspect.signature(scheduler.step).parameters
+
+
+def to_pil(pixels: np.ndarray) -> list[Any]:
+    from PIL import Image
+
+    return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]

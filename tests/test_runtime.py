@@ -1,0 +1,194 @@
+"""Runtime: the loop reproduces diffusers over ONNX Runtime and Torch, and refuses bad requests early."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import EngineDirError, ProfileError, SdexportError
+from sdexport.models import load_model
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.schedulers import SCHEDULERS
+from sdexport.runtime.txt2img import GenerationRequest
+
+LATENT_REL_L2 = 1e-4
+PIXEL_MAX_ABS = 1e-4  # pixels in [0, 1]; both backends run fp32, so only float rounding differs
+
+
+class SpyEngine:
+    """Wraps an engine: records each call's batch, or replaces its outputs, keeping spec and profile."""
+
+    def __init__(self, engine, replace=None):
+        self.engine, self.replace, self.batches = engine, replace, []
+        self.spec, self.profile, self.device = engine.spec, engine.profile, engine.device
+
+    def __call__(self, feed):
+        self.batches.append(next(iter(feed.values())).shape[0])
+        return self.replace(feed) if self.replace else self.engine(feed)
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return DiffusersReference(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def pipelines(tiny_engine_dir):
+    return {b: load_pipeline(tiny_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_matches_diffusers_for_every_scheduler(scheduler, reference, pipelines):
+    request = GenerationRequest(
+        prompt=["a cat", "a dog"], negative_prompt=["blurry", ""], steps=4, scheduler=scheduler,
+        seeds=[1, 2], height=64, width=96,
+    )
+    want = reference(request)
+    for backend, pipeline in pipelines.items():
+        got = pipeline(request)
+        rel = relative_l2(got.latents, want.latents)
+        pix = float(np.abs(got.pixels - want.pixels).max())
+        print(f"{scheduler} {backend}: latents rel-L2 {rel:.2e}, pixels max-abs {pix:.2e}")
+        assert rel < LATENT_REL_L2, (backend, rel)
+        assert pix < PIXEL_MAX_ABS, (backend, pix)
+        assert got.pixels.shape == (2, 64, 96, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_v_engine_dir(tmp_path_factory):
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-v"
+    export("tiny-v", out, ExportOptions(components=["text_encoder", "unet", "vae_decoder"], verify="quick"))
+    return out
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpmpp_2m"])
+def test_matches_diffusers_with_v_prediction(scheduler, tiny_v_engine_dir):
+    request = GenerationRequest(prompt=["a cat"], steps=4, scheduler=scheduler, seeds=[7], height=64, width=64)
+    want = DiffusersReference(load_model("tiny-v"))(request)
+    got = load_pipeline(tiny_v_engine_dir, "onnxruntime-cpu")(request)
+    assert json.loads((tiny_v_engine_dir / "scheduler" / "scheduler_config.json").read_text())[
+        "prediction_type"] == "v_prediction"
+    assert relative_l2(got.latents, want.latents) < LATENT_REL_L2
+
+
+def test_guidance_one_skips_the_unconditional_half(pipelines, reference, monkeypatch):
+    request = GenerationRequest(prompt=["a cat"], guidance=1.0, steps=3, scheduler="ddim", seeds=[3], height=64, width=64)
+    pipeline = pipelines["onnxruntime-cpu"]
+    spy = SpyEngine(pipeline.engines["unet"])
+    monkeypatch.setitem(pipeline.engines, "unet", spy)
+    got = pipeline(request)
+    assert spy.batches == [1, 1, 1]
+    assert relative_l2(got.latents, reference(request).latents) < LATENT_REL_L2
+
+
+def test_same_seed_same_image_different_seed_different_image(pipelines):
+    pipeline = pipelines["onnxruntime-cpu"]
+    a, b, c = (pipeline(GenerationRequest(prompt=["x"], steps=2, seeds=[s], height=64, width=64)) for s in (5, 5, 6))
+    assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
+
+
+def test_timings_cover_every_stage(pipelines):
+    # DDIM: one U-Net call per step (PNDM, the SD default, adds one in its first PLMS step)
+    result = pipelines["onnxruntime-cpu"](GenerationRequest(prompt=["x"], steps=3, scheduler="ddim", height=64, width=64))
+    t = result.timings
+    assert len(t.unet_steps) == 3 and all(s > 0 for s in t.unet_steps)
+    assert t.text_encoder > 0 and t.vae_decoder > 0 and t.total >= t.unet_total
+    assert set(t.to_dict()) >= {"text_encoder", "unet_steps", "vae_decoder", "loop_overhead", "it_per_s"}
+
+
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        ({"height": 512}, ProfileError, r"height 512 is outside the engines' profile: height must be in \[64, 256\]"),
+        ({"width": 72}, ProfileError, "width 72 must be a multiple of 16"),
+        ({"prompt": ["a"] * 3, "seeds": [0, 1, 2]}, ProfileError, r"batch 3 is outside.*\[1, 2\]"),
+        ({"scheduler": "heun9"}, SdexportError, "unknown scheduler 'heun9'"),
+        ({"prompt": [], "seeds": []}, SdexportError, "no prompt given"),
+    ],
+)
+def test_bad_requests_are_refused_before_any_engine_runs(change, error, message, pipelines, monkeypatch):
+    pipeline = pipelines["onnxruntime-cpu"]
+    spies = {name: SpyEngine(engine) for name, engine in pipeline.engines.items()}
+    monkeypatch.setattr(pipeline, "engines", spies)
+    fields = {"prompt": ["a"], "height": 64, "width": 64, **change}
+    with pytest.raises(error, match=message):
+        pipeline(GenerationRequest(**fields))
+    assert not any(spy.batches for spy in spies.values())
+
+
+def test_damaged_engine_directory_is_refused(engine_copy: Path):
+    with open(engine_copy / "unet" / "model.onnx", "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00\x01\x02")
+    with pytest.raises(EngineDirError, match="unet/model.onnx does not match its sha256"):
+        load_pipeline(engine_copy)
+    (engine_copy / "manifest.json").unlink()
+    with pytest.raises(EngineDirError, match="no manifest.json"):
+        load_pipeline(engine_copy)
+
+
+def test_cli_run_writes_pngs_with_parameters(tiny_engine_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "img.png"
+    code = run_cli("run", tiny_engine_dir, "-p", "a red fox", "-n", "blurry", "--steps", "3", "--batch", "2",
+                   "--scheduler", "dpmpp_2m_karras", "--seed", "42", "--height", "64", "--width", "128", "-o", out)
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "it/s" in captured.err and "img-1.png" in captured.out
+    image = Image.open(tmp_path / "img-1.png")
+    assert image.size == (128, 64)
+    params = json.loads(image.text["sdexport"])
+    assert params["seed"] == 43 and params["scheduler"] == "dpmpp_2m_karras" and params["random_weights"]
+    assert "Negative prompt: blurry" in image.text["parameters"]
+
+
+def test_cli_run_refuses_size_outside_profile(tiny_engine_dir: Path, tmp_path: Path, capsys):
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--height", "1024", "-o", tmp_path / "x.png") == 2
+    assert "height 1024 is outside the engines' profile" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_run_unknown_backend(tiny_engine_dir: Path, capsys):
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--backend", "openvino") == 2
+    assert "unknown backend 'openvino'" in capsys.readouterr().err
+
+
+def test_fp16_vae_overflow_falls_back_or_refuses(pipelines, monkeypatch):
+    pipeline = pipelines["onnxruntime-cpu"]
+    vae = pipeline.engines["vae_decoder"]
+    overflowing = SpyEngine(vae, replace=lambda feed: {"image": torch.full((1, 3, 64, 64), float("nan"))})
+    monkeypatch.setitem(pipeline.engines, "vae_decoder", overflowing)
+    request = GenerationRequest(prompt=["x"], steps=1, height=64, width=64)
+    with pytest.raises(SdexportError, match="NaN/Inf"):
+        pipeline(request)
+    monkeypatch.setattr(pipeline, "fallback_vae", vae)
+    result = pipeline(request)
+    assert result.vae_fallback and np.isfinite(result.pixels).all()
+
+
+def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tmp_path: Path, reference):
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path / "tiny-fp16"
+    manifest = export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
+    assert manifest.components["vae_decoder_fp32"].dtype == "fp32"
+    assert manifest.components["unet"].dtype == "fp16"
+    pipeline = load_pipeline(out, "onnxruntime-cpu")
+    assert pipeline.fallback_vae is not None
+    request = GenerationRequest(prompt=["a cat"], steps=4, scheduler="euler", seeds=[1], height=64, width=64)
+    got, want = pipeline(request), reference(request)
+    rel = relative_l2(got.latents, want.latents)
+    print(f"fp16 ORT vs fp32 diffusers: latents rel-L2 {rel:.2e}")
+    assert rel < 5e-2 and not got.vae_fallback
