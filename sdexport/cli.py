@@ -143,6 +143,33 @@ def run(
         out.print(str(path))
 
 
+@app.command()
+def bench(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = Path("bench-out"),
+    contenders: Annotated[Optional[str], typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = None,
+    engine_dir: Annotated[Optional[Path], typer.Option(help="Use this engine directory instead of exporting one.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
+) -> None:
+    """Benchmark the runtime's backends against eager diffusers on one scenario, in one process."""
+    from sdexport.bench.harness import Options, run_benchmark
+    from sdexport.bench.report import write_report
+    from sdexport.bench.scenario import load_scenario
+
+    loaded = load_scenario(scenario)
+    report = run_benchmark(loaded, output, Options(
+        engine_dir=engine_dir, contenders=contenders.split(",") if contenders else None,
+        repeats=repeats, warmup=warmup,
+    ))
+    if not any(r["status"] == "measured" for r in report["results"]):
+        raise SdexportError("no contender could run; see the reasons above")
+    paths = write_report(report, output)
+    out.print(paths[1].read_text())
+    for path in paths:
+        out.print(str(path))
+
+
 def main() -> None:
     quiet_libraries()
     try:

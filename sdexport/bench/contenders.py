@@ -1,0 +1,83 @@
+"""The things a benchmark compares, behind one small interface.
+
+A contender is loaded once (a one-time cost, timed apart from steady state) and then called with a
+GenerationRequest; it returns final latents, pixels and per-stage timings measured the same way for
+all. The diffusers baseline and the sdexport runtime over each backend are contenders alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from sdexport.errors import MissingDependencyError
+from sdexport.runtime.txt2img import GenerationRequest, Timings
+
+
+@dataclass
+class Output:
+    latents: torch.Tensor
+    pixels: np.ndarray
+    timings: Timings
+
+
+class Contender(Protocol):
+    name: str
+
+    def __call__(self, request: GenerationRequest) -> Output: ...
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_available(name: str) -> None:
+    """Raise MissingDependencyError naming what to install, before anything is loaded."""
+    if name == "onnxruntime-cuda":
+        from sdexport.runtime.onnxruntime_backend import require_provider
+
+        require_provider("cuda")
+    elif name == "onnxruntime-cpu":
+        from sdexport.runtime.onnxruntime_backend import require_provider
+
+        require_provider("cpu")
+    elif name == "tensorrt":
+        from sdexport.build.tensorrt_build import require_tensorrt
+
+        require_tensorrt()
+    elif name.endswith("compile") and not hasattr(torch, "compile"):
+        raise MissingDependencyError("torch>=2.0", f"for {name}", "pip install -U torch")
+
+
+class BaselineContender:
+    """diffusers' StableDiffusion(XL)Pipeline in eager PyTorch: fp16 + SDPA on a GPU, fp32 on a CPU."""
+
+    def __init__(self, name: str, model: Any, dtype: str) -> None:
+        from sdexport.bench.reference import DiffusersReference
+
+        self.name = name
+        torch_dtype = torch.float16 if dtype == "fp16" else torch.float32
+        self.reference = DiffusersReference(model, device=device(), dtype=torch_dtype,
+                                            compile=name.endswith("compile"))
+
+    def __call__(self, request: GenerationRequest) -> Output:
+        result = self.reference(request)
+        return Output(result.latents, result.pixels, result.timings)
+
+
+class RuntimeContender:
+    """The sdexport runtime over one backend, loaded from the engine directory like a server would."""
+
+    def __init__(self, name: str, engine_dir: Path, *, cuda_graph: bool = False) -> None:
+        from sdexport.runtime.loading import load_pipeline
+
+        self.name = name
+        self.pipeline = load_pipeline(engine_dir, name, cuda_graph=cuda_graph)
+
+    def __call__(self, request: GenerationRequest) -> Output:
+        result = self.pipeline(request)
+        return Output(result.latents, result.pixels, result.timings)

@@ -1,0 +1,239 @@
+"""Run a scenario: baseline first, then each contender, every case, in one process.
+
+Order of work per contender: check it is available (else record why and go on), load it (one-time
+cost), warm up (the first call is recorded apart: it includes compilation for compiled contenders),
+then timed repeats under a memory sampler. Agreement is measured against the baseline's output for
+the same case and seed; the headline figure is the baseline's median end-to-end time divided by the
+contender's, both measured in this run.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sdexport.bench.contenders import (
+    BaselineContender,
+    Contender,
+    Output,
+    RuntimeContender,
+    check_available,
+    device,
+)
+from sdexport.bench.environment import environment
+from sdexport.bench.measure import MemorySampler, Stats, psnr
+from sdexport.bench.scenario import BASELINES, Case, Scenario
+from sdexport.console import console, step
+from sdexport.errors import SdexportError
+from sdexport.runtime.txt2img import GenerationRequest
+
+
+@dataclass
+class Options:
+    engine_dir: Path | None = None
+    contenders: list[str] | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+
+
+def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=[scenario.prompt] * case.batch,
+        negative_prompt=[scenario.negative_prompt] * case.batch,
+        steps=case.steps,
+        guidance=scenario.guidance,
+        scheduler=scenario.scheduler,
+        seeds=[scenario.seed + i for i in range(case.batch)],
+        height=scenario.height,
+        width=scenario.width,
+    )
+
+
+def precision(scenario: Scenario) -> str:
+    if scenario.dtype != "auto":
+        return scenario.dtype
+    return "fp16" if torch.cuda.is_available() else "fp32"
+
+
+def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dict[str, Any]:
+    requested = options.contenders or scenario.contenders
+    # Baselines run first: every other contender is compared with the first one's output.
+    contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
+    baseline = contenders[0] if contenders[0] in BASELINES else None
+    repeats = options.repeats or scenario.repeats
+    warmup = scenario.warmup if options.warmup is None else options.warmup
+    dtype = precision(scenario)
+    env = environment()
+    one_time: dict[str, dict[str, float | str]] = {}
+
+    from sdexport.models import load_model
+
+    start = time.perf_counter()
+    with step(f"Loading {scenario.model}"):
+        model = load_model(scenario.model)
+    one_time["model"] = {"load_s": time.perf_counter() - start}
+    needs_engines = any(c not in BASELINES for c in contenders)
+    engine_dir = options.engine_dir
+    if needs_engines and engine_dir is None:
+        engine_dir = _export(scenario, model.default_profile, output_dir, dtype, one_time)
+
+    results: list[dict[str, Any]] = []
+    baseline_outputs: dict[Case, Output] = {}
+    baseline_median: dict[Case, float] = {}
+    total_runs = len(contenders) * len(scenario.cases) * (warmup + repeats)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("benchmark", total=total_runs)
+        for name in contenders:
+            progress.update(task, description=f"{name}: loading")
+            try:
+                check_available(name)
+                if name == "tensorrt" and engine_dir is not None:
+                    _build_tensorrt(engine_dir, scenario, one_time)
+                loaded_at = time.perf_counter()
+                contender = _load(name, model, engine_dir, dtype, scenario)
+                one_time[name] = {"load_s": time.perf_counter() - loaded_at}
+            except SdexportError as exc:
+                console.print(f"[yellow]skipping {name}:[/] {exc}")
+                results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
+                progress.advance(task, len(scenario.cases) * (warmup + repeats))
+                continue
+            for case in scenario.cases:
+                progress.update(task, description=f"{name}: {case.label}")
+                entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
+                output = entry.pop("_output")
+                if name == baseline:
+                    baseline_outputs[case] = output
+                    baseline_median[case] = entry["e2e_s"]["median"]
+                elif case in baseline_outputs:
+                    reference = baseline_outputs[case]
+                    entry["agreement"] = {
+                        "baseline": baseline,
+                        "latents_rel_l2": float(torch.linalg.norm(output.latents - reference.latents)
+                                                / torch.linalg.norm(reference.latents)),
+                        "psnr_db": psnr(output.pixels, reference.pixels),
+                    }
+                    entry["speedup_vs_baseline"] = baseline_median[case] / entry["e2e_s"]["median"]
+                results.append(entry)
+            del contender
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    return {
+        "scenario": dict(vars(scenario)),
+        "baseline": baseline,
+        "precision": dtype,
+        "device": str(device()),
+        "random_weights": model.random_weights,
+        "model": model.label,
+        "engine_dir": str(engine_dir) if engine_dir else None,
+        "environment": env,
+        "one_time": one_time,
+        "results": results,
+    }
+
+
+def _export(scenario: Scenario, default_profile: Any, output_dir: Path, dtype: str,
+            one_time: dict[str, dict[str, float | str]]) -> Path:
+    """Export once into the output directory; a previous export with the same settings is reused."""
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.manifest import load_manifest
+    from sdexport.shapes import ShapeProfile, parse_range
+
+    batches = scenario.batch
+    profile = ShapeProfile(
+        parse_range(str(scenario.export["batch"]), "batch") if "batch" in scenario.export
+        else (min(batches), max(batches), max(batches)),
+        parse_range(str(scenario.export.get("height", scenario.height)), "height"),
+        parse_range(str(scenario.export.get("width", scenario.width)), "width"),
+    )
+    target = output_dir / "engines" / scenario.name
+    if (target / "manifest.json").is_file():
+        manifest = load_manifest(target, verify_files=False)
+        if manifest.shape_profile == profile and manifest.dtype == dtype:
+            one_time["export"] = {"status": "reused", "path": str(target)}
+            return target
+    components = ["text_encoder", "unet", "vae_decoder"]
+    if dtype == "fp16":
+        components.append("vae_decoder_fp32")
+    if any(name.startswith("text_encoder_2") for name in _family_components(scenario)):
+        components.insert(1, "text_encoder_2")
+    start = time.perf_counter()
+    export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, components=components,
+                                                 verify=scenario.export.get("verify", "quick"), force=True))
+    one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(target)}
+    return target
+
+
+def _family_components(scenario: Scenario) -> list[str]:
+    from sdexport.models.presets import get_preset
+    from sdexport.specs import components_for
+
+    preset = get_preset(scenario.model)
+    family = preset.family if preset else "sd"
+    return [s.name for s in components_for(family)]
+
+
+def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]]) -> None:
+    from sdexport.build.tensorrt_build import build_engines
+
+    start = time.perf_counter()
+    results = build_engines(
+        engine_dir,
+        static=bool(scenario.build.get("static", True)),
+        optimization_level=scenario.build.get("optimization_level"),
+        fp16=True,
+    )
+    one_time["tensorrt_build"] = {
+        "build_s": time.perf_counter() - start,
+        "engines": ", ".join(f"{r.component}: {r.status}" for r in results),
+    }
+
+
+def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: Scenario) -> Contender:
+    if name in BASELINES:
+        return BaselineContender(name, model, dtype)
+    assert engine_dir is not None
+    return RuntimeContender(name, engine_dir, cuda_graph=bool(scenario.build.get("cuda_graph", False)))
+
+
+def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, repeats: int,
+             advance: Any) -> dict[str, Any]:
+    request = request_for(scenario, case)
+    first_call = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        contender(request)
+        if i == 0:
+            first_call = time.perf_counter() - start
+        advance()
+    outputs: list[Output] = []
+    with MemorySampler() as memory:
+        for _ in range(repeats):
+            outputs.append(contender(request))
+            advance()
+    totals = [o.timings.total for o in outputs]
+    steps = [s for o in outputs for s in o.timings.unet_steps]
+    e2e = Stats.of(totals)
+    return {
+        "contender": contender.name,
+        "status": "measured",
+        "case": {"batch": case.batch, "steps": case.steps, "height": scenario.height, "width": scenario.width},
+        "first_call_s": first_call,
+        "e2e_s": e2e.to_dict(),
+        "images_per_s": case.batch / e2e.median,
+        "text_encoder_s": Stats.of([o.timings.text_encoder for o in outputs]).to_dict(),
+        "unet_step_s": Stats.of(steps).to_dict(),
+        "unet_calls": len(outputs[0].timings.unet_steps),
+        "vae_decoder_s": Stats.of([o.timings.vae_decoder for o in outputs]).to_dict(),
+        "loop_overhead_s": Stats.of([o.timings.loop_overhead for o in outputs]).to_dict(),
+        "it_per_s": Stats.of([o.timings.iterations_per_second for o in outputs]).median,
+        "memory": memory.to_dict(),
+        "_output": outputs[0],
+    }

@@ -1,0 +1,161 @@
+"""Benchmark output: results.json (everything), results.md (the table people read), results.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sdexport.manifest import write_json_atomic
+
+
+def _ms(stats: dict[str, float]) -> str:
+    return f"{stats['median'] * 1000:.1f}"
+
+
+def _range_ms(stats: dict[str, float]) -> str:
+    return f"{stats['median'] * 1000:.1f} ({stats['min'] * 1000:.1f}–{stats['max'] * 1000:.1f})"
+
+
+def _memory(entry: dict[str, Any]) -> str:
+    memory = entry["memory"]
+    if memory.get("device_used_peak_mb") is not None:
+        return f"{memory['device_used_peak_mb']:,.0f} MB GPU"
+    return f"{memory['host_rss_peak_mb']:,.0f} MB RSS"
+
+
+def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
+    return entry["case"]["batch"], entry["case"]["steps"]
+
+
+def _row(r: dict[str, Any], baseline: str | None) -> str:
+    agreement = r.get("agreement")
+    speedup = r.get("speedup_vs_baseline")
+    if r["contender"] == baseline:
+        ratio, rel, psnr_text = "baseline", "–", "–"
+    else:
+        ratio = f"{speedup:.2f}×" if speedup else "–"
+        rel = f"{agreement['latents_rel_l2']:.2e}" if agreement else "–"
+        psnr_value = agreement["psnr_db"] if agreement else None
+        psnr_text = "–" if psnr_value is None else "∞" if math.isinf(psnr_value) else f"{psnr_value:.1f}"
+    cells = [
+        r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _ms(r["text_encoder_s"]),
+        _ms(r["unet_step_s"]), _ms(r["vae_decoder_s"]), _ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
+        _memory(r), rel, psnr_text,
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    scenario = report["scenario"]
+    gpu = env["gpu"]
+    device = (f"{gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']}, driver {gpu['driver'] or 'unknown'})"
+              if gpu else f"CPU only: {env['host']['cpu']}, {env['host']['cores']} cores")
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
+    lines = [
+        f"# Benchmark: {scenario['name']}",
+        "",
+        f"- Model: {report['model']}"
+        + ("  \n  **Random weights**: timings are representative; images are not." if report["random_weights"] else ""),
+        f"- Device: {device}",
+        f"- Versions: {versions}; git {env['git_revision'] or 'unknown'}",
+        f"- Date: {env['date']}",
+        f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
+        f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
+        f"prompt \"{scenario['prompt']}\"",
+        f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
+        "",
+    ]
+    measured = [r for r in report["results"] if r["status"] == "measured"]
+    for case in sorted({_case_key(r) for r in measured}):
+        rows = [r for r in measured if _case_key(r) == case]
+        lines += [
+            f"## Batch {case[0]}, {case[1]} steps",
+            "",
+            "| contender | end-to-end ms, median (min–max) | images/s | speedup | text enc. ms | U-Net ms/step "
+            "| VAE ms | overhead ms | it/s | peak memory | latents rel-L2 | PSNR dB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [_row(r, report["baseline"]) for r in rows]
+        lines.append("")
+    one_time = report["one_time"]
+    if one_time:
+        lines += ["## One-time costs (not in the figures above)", ""]
+        for name, values in one_time.items():
+            parts = [f"{k} {v:.1f} s" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()]
+            lines.append(f"- {name}: {', '.join(parts)}")
+        first = [r for r in measured if r.get("first_call_s")]
+        if first:
+            lines.append("- first (warm-up) call, includes any compilation: " + ", ".join(
+                f"{r['contender']} (batch {r['case']['batch']}, {r['case']['steps']} steps) {r['first_call_s']:.2f} s"
+                for r in first))
+        lines.append("")
+    skipped = [r for r in report["results"] if r["status"] != "measured"]
+    if skipped:
+        lines += ["## Not measured", ""] + [f"- {r['contender']}: {r['reason']}" for r in skipped] + [""]
+    return "\n".join(lines)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    measured = [r for r in report["results"] if r["status"] == "measured"]
+    cases = sorted({_case_key(r) for r in measured})
+    names = list(dict.fromkeys(r["contender"] for r in measured))
+    fig, (ax_time, ax_parts) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        rows = {_case_key(r): r for r in measured if r["contender"] == name}
+        xs = [c + i * width for c, case in enumerate(cases) if case in rows]
+        medians = [rows[case]["e2e_s"]["median"] for case in cases if case in rows]
+        errors = [[rows[c]["e2e_s"]["median"] - rows[c]["e2e_s"]["min"] for c in cases if c in rows],
+                  [rows[c]["e2e_s"]["max"] - rows[c]["e2e_s"]["median"] for c in cases if c in rows]]
+        bars = ax_time.bar(xs, medians, width, yerr=errors, capsize=3, label=name)
+        for bar, case in zip(bars, [c for c in cases if c in rows]):
+            speedup = rows[case].get("speedup_vs_baseline")
+            if speedup:
+                ax_time.annotate(f"{speedup:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                 ha="center", va="bottom", fontsize=8)
+    ax_time.set_xticks([c + width * (len(names) - 1) / 2 for c in range(len(cases))])
+    ax_time.set_xticklabels([f"batch {b}\n{s} steps" for b, s in cases])
+    ax_time.set_ylabel("end-to-end seconds (median, min–max)")
+    ax_time.set_title("End-to-end latency (speedup vs baseline)")
+    ax_time.legend(fontsize=8)
+    # Where the time goes, for the first case: stacked stages per contender.
+    first = [r for r in measured if _case_key(r) == cases[0]] if cases else []
+    bottoms = [0.0] * len(first)
+    for stage, label in (("text_encoder_s", "text encoder"), ("unet_step_s", "U-Net (all steps)"),
+                         ("vae_decoder_s", "VAE decode"), ("loop_overhead_s", "loop overhead")):
+        values = [r[stage]["median"] * (r["unet_calls"] if stage == "unet_step_s" else 1) for r in first]
+        ax_parts.bar([r["contender"] for r in first], values, bottom=bottoms, label=label)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    ax_parts.set_ylabel("seconds (medians)")
+    ax_parts.set_title(f"Where the time goes (batch {cases[0][0]}, {cases[0][1]} steps)" if cases else "")
+    ax_parts.legend(fontsize=8)
+    ax_parts.tick_params(axis="x", rotation=20)
+    env = report["environment"]
+    device = env["gpu"]["name"] if env["gpu"] else f"CPU ({env['host']['cores']} cores)"
+    weights = "random weights" if report["random_weights"] else "trained weights"
+    fig.suptitle(f"{report['scenario']['name']}: {report['model'].split(' (')[0]}, {weights}, {device}, "
+                 f"{env['date'][:10]}", fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / "results.json", output_dir / "results.md", output_dir / "results.png"]
+    write_json_atomic(paths[0], json.loads(json.dumps(report, default=str)))
+    tmp = paths[1].with_name(".results.md.tmp")
+    tmp.write_text(markdown(report))
+    tmp.replace(paths[1])
+    plot(report, paths[2])
+    return paths
