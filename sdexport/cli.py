@@ -27,19 +27,6 @@ HeightOpt = Annotated[Optional[str], typer.Option("--height", help="Image height
 WidthOpt = Annotated[Optional[str], typer.Option("--width", help="Image width in pixels as min:opt:max (default 256:512:1024).")]
 
 
-def _profile(batch: str | None, height: str | None, width: str | None, default: object = None):  # noqa: ANN202
-    from sdexport.shapes import ShapeProfile, parse_range
-
-    if batch is None and height is None and width is None:
-        return default
-    base = default if isinstance(default, ShapeProfile) else ShapeProfile()
-    return ShapeProfile(
-        parse_range(batch, "batch") if batch else base.batch,
-        parse_range(height, "height") if height else base.height,
-        parse_range(width, "width") if width else base.width,
-    )
-
-
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, sd15, sd21), diffusers directory, or .safetensors/.ckpt file.")],
@@ -63,7 +50,7 @@ def export(
     if verify not in ("full", "quick", "none"):
         raise SdexportError(f"--verify {verify}: choose full, quick or none")
     options = ExportOptions(
-        profile=_profile(batch, height, width),
+        ranges={"batch": batch, "height": height, "width": width},
         dtype=dtype,
         opset=opset,
         components=components.split(",") if components else None,

@@ -7,7 +7,7 @@ optimization profiles and runtime request checks all come from one place.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 from sdexport.errors import ProfileError
@@ -50,6 +50,11 @@ class ShapeProfile:
 
     def to_dict(self) -> dict[str, list[int]]:
         return {k: list(v) for k, v in asdict(self).items()}
+
+    def with_ranges(self, **texts: str | None) -> ShapeProfile:
+        """This profile with some axes replaced by ``min:opt:max`` texts (``None`` keeps an axis)."""
+        values = {axis: parse_range(text, axis) for axis, text in texts.items() if text}
+        return replace(self, **values)
 
     @property
     def is_static(self) -> bool:

@@ -54,3 +54,9 @@ def test_request_outside_profile_says_what_is_allowed():
 def test_verification_points_include_an_uneven_mix():
     labels = [p[0] for p in ShapeProfile().points()]
     assert labels == ["min", "opt", "max", "odd"]
+
+
+def test_with_ranges_replaces_only_the_given_axes():
+    tiny = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
+    assert tiny.with_ranges(height="64:64:128", batch=None) == ShapeProfile(
+        batch=(1, 1, 2), height=(64, 64, 128), width=(64, 128, 256))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -36,6 +36,8 @@ DTYPES = ("fp32", "fp16")
 class ExportOptions:
     profile: ShapeProfile | None = None
     """None: the model's default profile."""
+    ranges: dict[str, str | None] = field(default_factory=dict)
+    """``min:opt:max`` texts per axis (batch, height, width) replacing those of ``profile``."""
     dtype: str = "fp32"
     opset: int = DEFAULT_OPSET
     components: list[str] | None = None
@@ -43,6 +45,8 @@ class ExportOptions:
     config: str | None = None
     seed: int = 0
     force: bool = False
+    vae: str | None = None
+    """A diffusers AutoencoderKL directory replacing the model's VAE (e.g. an fp16-safe SDXL VAE)."""
 
 
 def tool_versions() -> dict[str, str]:
@@ -62,8 +66,8 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
     if out_dir.exists() and any(out_dir.iterdir()) and not options.force:
         raise SdexportError(f"{out_dir} exists and is not empty; choose another -o or pass --force")
     with step(f"Loading {model_ref}"):
-        model = load_model(model_ref, config=options.config, seed=options.seed)
-    profile = options.profile or model.default_profile
+        model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae)
+    profile = (options.profile or model.default_profile).with_ranges(**options.ranges)
     profile.validate(model.dims)
     specs = _select(model, options.components, options.dtype)
     if model.random_weights:
@@ -103,7 +107,7 @@ def _export_into(
 ) -> Manifest:
     dims = model.dims
     entries: dict[str, ComponentEntry] = {}
-    vocab = int(model.module("text_encoder").config.vocab_size)
+    vocab = _vocab_size(model)
     for spec in specs:
         path = staging / spec.name / "model.onnx"
         module = model.module(spec.module)
@@ -134,7 +138,8 @@ def _export_into(
         manifest = Manifest(
             family=model.family,
             model={"label": model.label, "source": _portable_source(model, model_ref),
-                   "random_weights": model.random_weights},
+                   "random_weights": model.random_weights,
+                   **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {})},
             prediction_type=model.prediction_type,
             vae_scaling_factor=model.vae_scaling_factor,
             dims=vars(dims).copy(),
@@ -169,7 +174,7 @@ def export_component(
     batch = max(2, profile.component_batch(spec)[0])
     example = sample_inputs(
         spec, dims.sizes(batch, profile.height[0], profile.width[0]),
-        vocab_size=int(model.module("text_encoder").config.vocab_size),
+        vocab_size=_vocab_size(model),
     )
     onnx_model = trace_to_onnx(spec, module, example, opset=opset)
     onnx_model = graph.cleanup(onnx_model)
@@ -177,6 +182,11 @@ def export_component(
         onnx_model = graph.to_fp16(onnx_model)
     onnx_model = graph.infer_shapes(onnx_model)
     return graph.save(onnx_model, path)
+
+
+def _vocab_size(model: LoadedModel) -> int:
+    """Sample token ids must be valid for every text encoder (SDXL has two)."""
+    return min(int(m.config.vocab_size) for n, m in model.modules.items() if n.startswith("text_encoder"))
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:
