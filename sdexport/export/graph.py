@@ -8,6 +8,7 @@ weights in one external file, because a protobuf cannot exceed 2 GB.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import onnx
@@ -87,4 +88,10 @@ def save(model: onnx.ModelProto, path: Path) -> list[Path]:
         location=data.name,
         size_threshold=1024,
     )
+    _readable_like(data, path)
     return [path, data]
+
+
+def _readable_like(file: Path, reference: Path) -> None:
+    """onnx writes the data file owner-only; give it the model file's mode so servers can read both."""
+    os.chmod(file, reference.stat().st_mode & 0o777)
