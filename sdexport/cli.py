@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from sdexport.console import console, out, quiet_libraries
 from sdexport.errors import SdexportError
@@ -73,6 +74,47 @@ def inspect(
     from sdexport.manifest import load_manifest
 
     print_summary(engine_dir, load_manifest(engine_dir, verify_files=check))
+
+
+@app.command()
+def build(
+    engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 kernels (the fp32 fallback VAE stays fp32).")] = True,
+    static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
+    strongly_typed: Annotated[bool, typer.Option(help="Take precisions from the ONNX graph (for --dtype fp16 exports).")] = False,
+    batch: BatchOpt = None,
+    height: HeightOpt = None,
+    width: WidthOpt = None,
+    timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
+    optimization_level: Annotated[Optional[int], typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
+    refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
+    components: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. unet.")] = None,
+    force: Annotated[bool, typer.Option(help="Rebuild even when a matching engine is cached.")] = False,
+) -> None:
+    """Build TensorRT engines for an engine directory (reusing cached engines whose key matches)."""
+    from rich.table import Table
+
+    from sdexport.build.tensorrt_build import build_engines, default_timing_cache, require_tensorrt
+    from sdexport.manifest import load_manifest
+
+    require_tensorrt()  # before anything else: the one line that says what to install
+    profile = None
+    if batch or height or width:
+        exported = load_manifest(engine_dir, verify_files=False).shape_profile
+        profile = exported.with_ranges(batch=batch, height=height, width=width)
+    results = build_engines(
+        engine_dir, components=components.split(",") if components else None, profile=profile,
+        static=static, fp16=fp16, strongly_typed=strongly_typed,
+        timing_cache=timing_cache or default_timing_cache(), optimization_level=optimization_level,
+        refittable=refittable, force=force,
+    )
+    table = Table(title=f"TensorRT engines in {engine_dir}", title_justify="left")
+    for column in ("component", "status", "seconds", "plan", "why built"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r.component, r.status, f"{r.seconds:.1f}", str(r.path.relative_to(engine_dir)),
+                      "; ".join(r.reasons) or "-")
+    out.print(table)
 
 
 @app.command()
@@ -162,7 +204,7 @@ def main() -> None:
     try:
         app()
     except SdexportError as exc:
-        console.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sdexport.bench.contenders import (
@@ -100,7 +101,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
                 contender = _load(name, model, engine_dir, dtype, scenario)
                 one_time[name] = {"load_s": time.perf_counter() - loaded_at}
             except SdexportError as exc:
-                console.print(f"[yellow]skipping {name}:[/] {exc}")
+                console.print(f"[yellow]skipping {name}:[/] {escape(str(exc))}")
                 results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
                 progress.advance(task, len(scenario.cases) * (warmup + repeats))
                 continue

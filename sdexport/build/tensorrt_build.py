@@ -1,0 +1,317 @@
+"""ONNX → TensorRT plans for an engine directory (``sdexport build``), through polygraphy.
+
+Thin on purpose: shapes come from ``profiles`` (i.e. from the ComponentSpecs), reuse decisions from
+``cache_key``, and the TensorRT work from polygraphy's loaders, so this module only wires them and
+writes the results the way the rest of the engine directory is written: plan to a temporary name,
+rename, then the manifest (atomically), after every component, so an interrupted build keeps what
+it finished and never leaves a half-written plan behind a valid name.
+
+TensorRT and polygraphy are imported inside the functions: importing this module (and ``sdexport
+--help``) works on machines without them, and ``require_tensorrt`` turns their absence into one
+line that says what to install.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+from sdexport.build.cache_key import EngineKey, onnx_sha256
+from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
+from sdexport.console import console, step
+from sdexport.errors import EngineDirError, MissingDependencyError, SdexportError
+from sdexport.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ComponentSpec, components_for
+
+INSTALL_HINT = (
+    'pip install "sdexport[tensorrt]" (tensorrt>=10 and polygraphy), on a machine with an NVIDIA GPU '
+    "and driver"
+)
+
+
+def require_tensorrt() -> ModuleType:
+    """Import the real TensorRT module, or raise MissingDependencyError saying what to install.
+
+    ``import tensorrt`` alone proves nothing: with only ``tensorrt-stubs`` installed (as in the dev
+    environment) it succeeds as an empty namespace package. A real TensorRT has ``Builder``.
+    """
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there but libnvinfer is not loadable
+        raise MissingDependencyError(
+            "TensorRT", "to build and run TensorRT engines", f"{INSTALL_HINT} ({exc})"
+        ) from None
+    if not hasattr(trt, "Builder"):
+        raise MissingDependencyError(
+            "TensorRT",
+            "to build and run TensorRT engines",
+            f"{INSTALL_HINT} (the `tensorrt` found here has no Builder: only its type stubs are installed)",
+        )
+    return trt
+
+
+def require_polygraphy() -> None:
+    """The builder uses polygraphy's loaders; say how to get it when it is missing."""
+    try:
+        import polygraphy.backend.trt  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("polygraphy", "to build TensorRT engines", INSTALL_HINT) from None
+
+
+def tensorrt_version() -> str:
+    """The installed TensorRT's full version: plans only deserialize in the version that wrote them."""
+    return str(require_tensorrt().__version__)
+
+
+def gpu_identity(device: int | None = None) -> tuple[str, str]:
+    """(GPU name, compute capability "major.minor") of the CUDA device plans are built for/run on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SdexportError(
+            "no CUDA GPU is visible to PyTorch: TensorRT engines are built and run on an NVIDIA GPU "
+            "(check the driver, CUDA_VISIBLE_DEVICES, and that torch is a CUDA build)"
+        )
+    index = torch.cuda.current_device() if device is None else device
+    major, minor = torch.cuda.get_device_capability(index)
+    return torch.cuda.get_device_name(index), f"{major}.{minor}"
+
+
+def default_timing_cache() -> Path:
+    """Where ``sdexport build`` keeps its tactic timing cache by default: in the user's cache folder
+    (``$XDG_CACHE_HOME/sdexport``), one per GPU and TensorRT version (a cache is only valid for the
+    pair that measured it). Shared by every model built on this machine, it makes rebuilds and
+    similar models build several times faster, and it keeps engine directories free of it."""
+    name, capability = gpu_identity()
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdexport" / "timing"
+    return root / f"{slug}-sm{capability}-trt{tensorrt_version()}.cache"
+
+
+@dataclass
+class BuildResult:
+    """What ``build_engines`` did for one component."""
+
+    component: str
+    status: Literal["built", "cached"]
+    path: Path
+    key: EngineKey
+    seconds: float
+    """Build time (0 when cached)."""
+    reasons: list[str] = field(default_factory=list)
+    """Why it was built rather than reused: "no engine yet", "--force", or key differences."""
+
+
+def build_engines(
+    engine_dir: Path,
+    *,
+    components: list[str] | None = None,
+    profile: ShapeProfile | None = None,
+    static: bool = False,
+    fp16: bool = True,
+    strongly_typed: bool = False,
+    timing_cache: Path | None = None,
+    optimization_level: int | None = None,
+    refittable: bool = False,
+    force: bool = False,
+) -> list[BuildResult]:
+    """Build (or reuse) one TensorRT plan per component of an exported engine directory.
+
+    ``profile`` is the requested build profile (None: the exported one) and must lie inside the
+    export's; ``static`` collapses it to its opt point. A plan whose cache key (ONNX hash, shapes,
+    flags, TensorRT version, GPU) matches an intact plan in the manifest is reused unless ``force``.
+    ``strongly_typed`` takes precisions from the ONNX graph (an fp16 export), so the fp16 builder flag
+    is not set with it (TensorRT refuses precision flags on strongly typed networks), nor for a
+    component that must stay fp32 (``always_fp32``: the fallback VAE decoder). ``timing_cache``
+    is loaded when it exists and updated after each build, which makes rebuilds much faster.
+    """
+    trt = require_tensorrt()
+    require_polygraphy()
+    manifest = load_manifest(engine_dir, verify_files=False)
+    specs = _select(manifest, components)
+    dims = manifest.model_dims
+    target = build_profile(manifest.shape_profile, profile, dims, static=static)
+    gpu_name, capability = gpu_identity()
+    version = str(trt.__version__)
+    if fp16 and strongly_typed:
+        console.print(
+            "[yellow]note:[/] --strongly-typed takes precisions from the ONNX graph; the fp16 builder "
+            "flag is not used (export with --dtype fp16 for fp16 engines)"
+        )
+    results = []
+    for spec in specs:
+        entry = manifest.components[spec.name]
+        _verify_onnx(engine_dir, manifest, entry.onnx)
+        key = EngineKey.create(
+            spec.name,
+            onnx_sha256(manifest.files, entry.onnx),
+            input_ranges(spec, target, dims),
+            tensorrt_version=version,
+            gpu_name=gpu_name,
+            compute_capability=capability,
+            fp16=fp16 and not strongly_typed and not spec.always_fp32,
+            strongly_typed=strongly_typed,
+            refittable=refittable,
+            optimization_level=optimization_level,
+            static=static or target.is_static,
+        )
+        rel = f"{spec.name}/{key.plan_name}"
+        reasons = _rebuild_reasons(engine_dir, manifest, spec.name, key, force)
+        if not reasons:
+            console.print(f"[green]✓[/] {spec.name}: cached engine {rel}")
+            results.append(BuildResult(spec.name, "cached", engine_dir / rel, key, 0.0))
+            continue
+        start = time.perf_counter()
+        with step(f"Building {spec.name} ({_describe(key)})"):
+            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache)
+            _write_atomic(engine_dir / rel, plan)
+        seconds = time.perf_counter() - start
+        entry.engines[key.digest()] = {
+            "path": rel,
+            "key": key.to_dict(),
+            "build_seconds": round(seconds, 2),
+            "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "profile": target.to_dict(),
+        }
+        manifest.files[rel] = sha256_file(engine_dir / rel)
+        save_manifest(engine_dir, manifest)
+        results.append(BuildResult(spec.name, "built", engine_dir / rel, key, seconds, reasons))
+    return results
+
+
+def _select(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
+    specs = [s for s in components_for(manifest.family) if s.name in manifest.components]
+    if not names:
+        return specs
+    known = [s.name for s in specs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SdexportError(
+            f"unknown or unexported component(s) {', '.join(unknown)}; this directory has {', '.join(known)}"
+        )
+    return [s for s in specs if s.name in names]
+
+
+def _verify_onnx(engine_dir: Path, manifest: Manifest, onnx: str) -> None:
+    """The key promises "built from this graph": check the graph's files before trusting their hash."""
+    folder = onnx.rsplit("/", 1)[0] + "/"
+    for rel, expected in manifest.files.items():
+        if rel.startswith(folder) and not rel.endswith(".plan"):
+            file = engine_dir / rel
+            if not file.is_file():
+                raise EngineDirError(f"{engine_dir}: {rel} is listed in the manifest but missing")
+            if sha256_file(file) != expected:
+                raise EngineDirError(
+                    f"{engine_dir}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
+                    "re-export it"
+                )
+
+
+def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, key: EngineKey, force: bool) -> list[str]:
+    """Empty when an intact plan for ``key`` is listed; else why a build is needed."""
+    entry = manifest.components[component]
+    existing = entry.engines.get(key.digest())
+    if force:
+        return ["--force"]
+    if existing is not None:
+        path = engine_dir / existing["path"]
+        if not path.is_file():
+            return [f"{existing['path']} is missing"]
+        if manifest.files.get(existing["path"]) != sha256_file(path):
+            return [f"{existing['path']} does not match its sha256 (damaged)"]
+        return []
+    if not entry.engines:
+        return ["no engine yet"]
+    closest = min(
+        (_key_or_none(e) for e in entry.engines.values()),
+        key=lambda k: len(k.diff(key)) if k is not None else 1 << 30,
+    )
+    return closest.diff(key) if closest is not None else ["no readable engine entry"]
+
+
+def _key_or_none(entry: dict[str, Any]) -> EngineKey | None:
+    try:
+        return EngineKey.from_dict(entry["key"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _describe(key: EngineKey) -> str:
+    first = key.inputs[0]
+    lo, opt, hi = first[1]
+    shapes = f"{first[0]} {list(lo)}" if lo == hi else f"{first[0]} {list(lo)}..{list(hi)} opt {list(opt)}"
+    flags = [f for f, on in (("fp16", key.fp16), ("strongly typed", key.strongly_typed),
+                             ("refittable", key.refittable)) if on]
+    if key.optimization_level is not None:
+        flags.append(f"opt level {key.optimization_level}")
+    return ", ".join([shapes, *flags])
+
+
+def _onnx_input_names(onnx_path: Path) -> list[str]:
+    """Inputs the graph really has (a tracer may drop an unused one), without loading the weights."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    initializers = {init.name for init in graph.initializer}
+    return [i.name for i in graph.input if i.name not in initializers]
+
+
+def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None) -> memoryview:
+    """Parse, configure and build with polygraphy; returns the serialized plan (not copied)."""
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        Profile,
+        engine_bytes_from_network,
+        network_from_onnx_path,
+    )
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    present = set(_onnx_input_names(onnx_path))
+    trt_profile = Profile()
+    ranges: dict[str, ShapeRange] = key.ranges
+    for name, (lo, opt, hi) in ranges.items():
+        if name in present:
+            trt_profile.add(name, min=lo, opt=opt, max=hi)
+    cache = str(timing_cache) if timing_cache is not None else None
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # polygraphy prints TensorRT's warnings to stdout, which is kept for results: send them to stderr.
+        with G_LOGGER.verbosity(G_LOGGER.WARNING), contextlib.redirect_stdout(sys.stderr):
+            network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
+            config = CreateConfig(
+                fp16=key.fp16,
+                profiles=[trt_profile],
+                load_timing_cache=cache,
+                refittable=key.refittable,
+                builder_optimization_level=key.optimization_level,
+            )
+            plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache)
+    except PolygraphyException as exc:
+        raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}") from None
+    if not plan:
+        raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path} (see its log above)")
+    return memoryview(plan)
+
+
+def _write_atomic(path: Path, data: memoryview | bytes) -> None:
+    """Temporary name in the same folder, then rename: a plan file is either complete or absent."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

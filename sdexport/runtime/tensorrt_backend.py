@@ -1,0 +1,484 @@
+"""TensorRT backend: run the plans ``sdexport build`` wrote, on CUDA torch tensors.
+
+Each component is one ``TensorRTEngine``: a deserialized plan and one execution context, with
+named I/O bound to torch device pointers and ``execute_async_v3`` on a single torch CUDA stream.
+What keeps it lean in memory and launch overhead:
+
+* one activation block (``SharedDeviceMemory``) for all components, sized by the largest: the
+  pipeline runs them one after another on the same stream, so they can never overlap;
+* output buffers allocated once at the profile's maximum shape, returned as views of the call's
+  actual shape (valid until the same engine's next call: clone what you keep);
+* optional CUDA-graph replay when a call repeats the previous call's shapes (every step of the
+  denoising loop does), captured after one ordinary warm-up run.
+
+Input shapes are checked against the plan's own optimization profile before anything runs, so an
+out-of-range request fails with the allowed range instead of a TensorRT error. TensorRT is imported
+inside functions: importing this module works without it (``require_tensorrt`` says what to install).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from rich.markup import escape
+
+from sdexport.build import tensorrt_build
+from sdexport.build.cache_key import EngineKey
+from sdexport.errors import EngineDirError, ProfileError
+from sdexport.manifest import Manifest, sha256_file
+from sdexport.runtime.engine import check_feed
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ComponentSpec
+
+if TYPE_CHECKING:
+    import tensorrt as trt
+
+Shape = tuple[int, ...]
+
+
+def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
+    import tensorrt as trt
+
+    table = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int32: torch.int32,
+        trt.int64: torch.int64,
+        trt.int8: torch.int8,
+        trt.uint8: torch.uint8,
+        trt.bool: torch.bool,
+    }
+    if dtype not in table:
+        raise EngineDirError(f"TensorRT I/O type {dtype} has no torch equivalent")
+    return table[dtype]
+
+
+def _dims(dims: trt.Dims) -> Shape:
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+class _Logs:
+    """The process's one TensorRT logger and runtime (TensorRT keeps the first logger it is given).
+
+    The logger remembers the last error, so that a refused plan can be explained in one line; the
+    runtime lives as long as the process, hence longer than every engine it deserializes.
+    """
+
+    logger: Any = None
+    runtime: Any = None
+
+
+def _runtime() -> trt.Runtime:
+    tensorrt_build.require_tensorrt()
+    import tensorrt as trt
+
+    if _Logs.runtime is None:
+
+        class Logger(trt.ILogger):
+            def __init__(self) -> None:
+                trt.ILogger.__init__(self)
+                self.last_error = ""
+
+            def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
+                if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
+                    self.last_error = (msg.strip().splitlines() or [""])[0]
+                elif severity == trt.ILogger.Severity.WARNING:
+                    from rich.markup import escape
+
+                    from sdexport.console import console
+
+                    console.print(f"[yellow]TensorRT:[/] {escape(msg)}", soft_wrap=True)
+
+        _Logs.logger = Logger()
+        _Logs.runtime = trt.Runtime(_Logs.logger)
+    return _Logs.runtime
+
+
+def deserialize_plan(path: Path, runtime: trt.Runtime | None = None) -> trt.ICudaEngine:
+    """Read and deserialize one plan, refusing an unreadable, damaged or foreign-version file.
+
+    TensorRT plans only load in the TensorRT version that built them, on the GPU architecture they
+    were built for; anything else comes back as None from TensorRT, which is turned into one line.
+    """
+    runtime = runtime if runtime is not None else _runtime()
+    import tensorrt as trt
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EngineDirError(f"{path}: cannot read the TensorRT plan ({exc.strerror})") from None
+    if _Logs.logger is not None:
+        _Logs.logger.last_error = ""
+    engine = runtime.deserialize_cuda_engine(data) if data else None
+    if engine is None:
+        why = getattr(_Logs.logger, "last_error", "") or "empty or unrecognized file"
+        raise EngineDirError(
+            f"{path}: TensorRT {trt.__version__} cannot load this plan ({why}); it is damaged or was "
+            f"built by another TensorRT version or GPU: rebuild it with `sdexport build {path.parent.parent} --force`"
+        )
+    return engine
+
+
+class SharedDeviceMemory:
+    """One activation block and one CUDA stream shared by every engine of a pipeline.
+
+    TensorRT contexts created with user-managed memory get their scratch space here. Sharing is safe
+    because all engines run on ``stream``, one after another; it saves the sum-minus-max of their
+    activation sizes (gigabytes for SDXL). The block grows when a larger engine is bound; contexts
+    already bound are re-pointed and their CUDA graphs dropped (``on_move`` callbacks).
+    """
+
+    def __init__(self, device: torch.device | None = None, stream: torch.cuda.Stream | None = None) -> None:
+        self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
+        self._buffer: torch.Tensor | None = None
+        self._bound: list[tuple[trt.IExecutionContext, Callable[[], None]]] = []
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel()
+
+    def reserve(self, nbytes: int) -> None:
+        """Make the block at least ``nbytes`` large (call once with the max over engines to avoid regrowth)."""
+        if nbytes <= self.nbytes:
+            return
+        self.stream.synchronize()  # nothing may still be running in the old block
+        self._buffer = None
+        self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        for context, on_move in self._bound:
+            self._point(context)
+            on_move()
+
+    def bind(self, context: trt.IExecutionContext, nbytes: int, on_move: Callable[[], None]) -> None:
+        """Give ``context`` the shared block, growing it to ``nbytes`` first if needed."""
+        self.reserve(max(nbytes, 1))
+        self._point(context)
+        self._bound.append((context, on_move))
+
+    def _point(self, context: trt.IExecutionContext) -> None:
+        assert self._buffer is not None
+        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
+            context.set_device_memory(self._buffer.data_ptr(), self._buffer.numel())
+        else:  # TensorRT 10.0 has only this property (not in the 10.13 stubs)
+            context.device_memory = self._buffer.data_ptr()  # type: ignore[attr-defined]
+
+
+@dataclass
+class _Graph:
+    shapes: tuple[Shape, ...]
+    graph: torch.cuda.CUDAGraph | None = None
+    """None: the warm-up run for these shapes happened, the capture is next."""
+
+
+class TensorRTEngine:
+    """One component's TensorRT plan behind the Engine protocol (named CUDA torch tensors in and out)."""
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        engine: trt.ICudaEngine,
+        *,
+        profile: ShapeProfile,
+        memory: SharedDeviceMemory | None = None,
+        cuda_graph: bool = False,
+        source: Path | None = None,
+    ) -> None:
+        """Wrap a deserialized engine; ``memory`` shares activations and the stream with other engines."""
+        tensorrt_build.require_tensorrt()
+        import tensorrt as trt
+
+        self.spec = spec
+        self.profile = profile
+        self.memory = memory if memory is not None else SharedDeviceMemory()
+        self.device = self.memory.device
+        self.cuda_graph = cuda_graph
+        self.source = source
+        self.engine = engine
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        unknown = [n for n in self.input_names if n not in spec.input_names]
+        if unknown:
+            raise EngineDirError(
+                f"{source or spec.name}: engine inputs {unknown} are not inputs of {spec.name} "
+                f"({', '.join(spec.input_names)}); the plan does not belong to this component"
+            )
+        self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        self.ranges: dict[str, tuple[Shape, Shape, Shape]] = {}
+        for name in self.input_names:
+            lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
+            self.ranges[name] = (lo, opt, hi)
+
+        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if self.context is None:
+            raise EngineDirError(f"{source or spec.name}: TensorRT could not create an execution context")
+        self.memory.bind(self.context, engine.device_memory_size_v2, self._drop_graph)
+
+        # Outputs: allocate once at the largest shape the profile allows, bind once.
+        for name in self.input_names:
+            self.context.set_input_shape(name, self.ranges[name][2])
+        self.outputs: dict[str, torch.Tensor] = {}
+        for name in self.output_names:
+            numel = _numel(_dims(self.context.get_tensor_shape(name)))
+            buffer = torch.empty(max(numel, 1), dtype=self.dtypes[name], device=self.device)
+            self.outputs[name] = buffer
+            self.context.set_tensor_address(name, buffer.data_ptr())
+        self._static_inputs: dict[str, torch.Tensor] = {}
+        self._graph: _Graph | None = None
+        self._output_shapes: dict[tuple[Shape, ...], dict[str, Shape]] = {}
+        self._bound_shapes: tuple[Shape, ...] | None = None
+
+    @classmethod
+    def load(
+        cls,
+        spec: ComponentSpec,
+        plan: Path,
+        *,
+        profile: ShapeProfile,
+        memory: SharedDeviceMemory | None = None,
+        cuda_graph: bool = False,
+    ) -> TensorRTEngine:
+        """Deserialize ``plan`` and wrap it (for one engine; ``load_tensorrt_engines`` for a pipeline)."""
+        return cls(spec, deserialize_plan(plan), profile=profile, memory=memory, cuda_graph=cuda_graph, source=plan)
+
+    # ------------------------------------------------------------------------------------------
+
+    def check_shapes(self, shapes: dict[str, Shape]) -> None:
+        """Raise ProfileError, naming the axis and its allowed range, for a shape the plan cannot run."""
+        for name, shape in shapes.items():
+            lo, _, hi = self.ranges[name]
+            symbols = self.spec.tensor(name).dims
+            if len(shape) != len(lo):
+                raise ProfileError(
+                    f"{self.spec.name}.{name}: expected {len(lo)} dimensions ({', '.join(symbols)}), "
+                    f"got shape {list(shape)}"
+                )
+            for axis, (value, low, high) in enumerate(zip(shape, lo, hi)):
+                if not low <= value <= high:
+                    symbol = symbols[axis] if axis < len(symbols) else str(axis)
+                    allowed = f"{low}" if low == high else f"in [{low}, {high}]"
+                    raise ProfileError(
+                        f"{self.spec.name}.{name}: axis {axis} ({symbol}) is {value}, but this TensorRT "
+                        f"engine was built for {symbol} {allowed} (shape {list(lo)} to {list(hi)}); "
+                        "rebuild with `sdexport build` and a wider --batch/--height/--width"
+                    )
+
+    def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run once. Outputs are views into this engine's buffers, valid until its next call."""
+        check_feed(self.spec, feed)
+        inputs = {name: self._prepare(name, feed[name]) for name in self.input_names}
+        shapes = tuple(tuple(t.shape) for t in inputs.values())
+        self.check_shapes(dict(zip(self.input_names, shapes)))
+        stream = self.memory.stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            if self.cuda_graph:
+                self._run_graph(inputs, shapes)
+            else:
+                self._set_shapes(shapes)
+                for name, tensor in inputs.items():
+                    self.context.set_tensor_address(name, tensor.data_ptr())
+                self._execute()
+            for tensor in inputs.values():
+                tensor.record_stream(stream)  # the caller may free them before the stream gets there
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        out_shapes = self._output_shapes[shapes]
+        return {
+            name: self.outputs[name][: _numel(out_shapes[name])].view(out_shapes[name])
+            for name in self.output_names
+        }
+
+    # ------------------------------------------------------------------------------------------
+
+    def _prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device != self.device:
+            tensor = tensor.to(self.device)
+        if tensor.dtype != self.dtypes[name]:
+            tensor = tensor.to(self.dtypes[name])
+        return tensor.contiguous()
+
+    def _set_shapes(self, shapes: tuple[Shape, ...]) -> None:
+        if shapes == self._bound_shapes:
+            return
+        for name, shape in zip(self.input_names, shapes):
+            if not self.context.set_input_shape(name, shape):
+                raise ProfileError(f"{self.spec.name}.{name}: TensorRT refused shape {list(shape)}")
+        self._bound_shapes = shapes
+        if shapes not in self._output_shapes:
+            self._output_shapes[shapes] = {
+                name: _dims(self.context.get_tensor_shape(name)) for name in self.output_names
+            }
+
+    def _execute(self) -> None:
+        if not self.context.execute_async_v3(self.memory.stream.cuda_stream):
+            raise RuntimeError(f"TensorRT failed to run {self.spec.name} (see the TensorRT messages above)")
+
+    def _run_graph(self, inputs: dict[str, torch.Tensor], shapes: tuple[Shape, ...]) -> None:
+        """Static input buffers keep addresses fixed; replay while shapes repeat, else run and re-arm."""
+        if not self._static_inputs:
+            for name in self.input_names:
+                size = _numel(self.ranges[name][2])
+                self._static_inputs[name] = torch.empty(max(size, 1), dtype=self.dtypes[name], device=self.device)
+        for name, tensor in inputs.items():
+            self._static_inputs[name][: tensor.numel()].view(tensor.shape).copy_(tensor)
+        graph = self._graph
+        if graph is not None and graph.shapes == shapes and graph.graph is not None:
+            graph.graph.replay()
+            return
+        self._set_shapes(shapes)
+        for name in self.input_names:
+            self.context.set_tensor_address(name, self._static_inputs[name].data_ptr())
+        if graph is None or graph.shapes != shapes:
+            self._graph = _Graph(shapes)  # first run with these shapes: the warm-up, run normally
+            self._execute()
+            return
+        captured = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(captured, stream=self.memory.stream):
+                self._execute()
+        except RuntimeError as exc:  # e.g. a plan with data-dependent shapes: run without graphs
+            from sdexport.console import console
+
+            console.print(f"[yellow]note:[/] {self.spec.name}: CUDA graph capture failed ({escape(str(exc))}); running without")
+            self.cuda_graph = False
+            self._graph = None
+            self._execute()
+            return
+        graph.graph = captured
+        captured.replay()
+
+    def _drop_graph(self) -> None:
+        self._graph = None
+
+
+def _numel(shape: Shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _describe_engines(manifest: Manifest, component: str) -> str:
+    entries = manifest.components[component].engines.values() if component in manifest.components else []
+    found = []
+    for entry in entries:
+        key = entry.get("key", {})
+        found.append(
+            f"{key.get('gpu_name', '?')} (sm {key.get('compute_capability', '?')}) / "
+            f"TensorRT {key.get('tensorrt_version', '?')}"
+        )
+    return ", ".join(sorted(set(found))) if found else "no engines"
+
+
+def select_engine(
+    engine_dir: Path,
+    manifest: Manifest,
+    component: str,
+    *,
+    tensorrt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    profile: ShapeProfile | None = None,
+) -> dict[str, Any]:
+    """The manifest's engine entry for ``component`` that runs here (pure: no TensorRT needed).
+
+    Picks among plans built by this TensorRT version for this GPU; with ``profile``, only those whose
+    build profile covers it; then the most recently built. Raises EngineDirError saying what there is.
+    """
+    if component not in manifest.components:
+        raise EngineDirError(f"{engine_dir}: no component {component!r} (has {', '.join(manifest.components)})")
+    here = f"{gpu_name} (sm {compute_capability}) / TensorRT {tensorrt_version}"
+    candidates = []
+    for entry in manifest.components[component].engines.values():
+        try:
+            key = EngineKey.from_dict(entry["key"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not key.platform_reasons(tensorrt_version, gpu_name, compute_capability):
+            candidates.append(entry)
+    if not candidates:
+        raise EngineDirError(
+            f"no TensorRT engine for {here} in {engine_dir} for {component}; run `sdexport build {engine_dir}` "
+            f"(it has: {_describe_engines(manifest, component)})"
+        )
+    if profile is not None:
+        fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e))]
+        if not fitting:
+            have = "; ".join(_profile_text(_entry_profile(manifest, e)) for e in candidates)
+            raise ProfileError(
+                f"no {component} engine for {here} covers batch {_span(profile.batch)}, height "
+                f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}); rebuild with "
+                f"`sdexport build {engine_dir}` and that profile"
+            )
+        candidates = fitting
+    return max(candidates, key=lambda e: str(e.get("built", "")))
+
+
+def _entry_profile(manifest: Manifest, entry: dict[str, Any]) -> ShapeProfile:
+    data = entry.get("profile")
+    return ShapeProfile.from_dict(data) if data else manifest.shape_profile
+
+
+def _span(values: tuple[int, int, int]) -> str:
+    lo, _, hi = values
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _profile_text(profile: ShapeProfile) -> str:
+    return f"batch {_span(profile.batch)}, height {_span(profile.height)}, width {_span(profile.width)}"
+
+
+def load_tensorrt_engines(
+    engine_dir: Path,
+    manifest: Manifest,
+    components: list[str] | None = None,
+    cuda_graph: bool = False,
+    *,
+    profile: ShapeProfile | None = None,
+    verify: bool = True,
+    memory: SharedDeviceMemory | None = None,
+) -> dict[str, TensorRTEngine]:
+    """Load the plan for each component that matches this GPU and TensorRT version.
+
+    All engines share one activation block and stream (sized here by the largest engine before any
+    context is created). ``verify`` checks each chosen plan against its sha256 in the manifest; pass
+    False when ``load_manifest`` already verified the component's files. ``profile`` (the shapes the
+    caller will request) narrows the choice to plans built for it.
+    """
+    tensorrt_build.require_tensorrt()
+    gpu_name, capability = tensorrt_build.gpu_identity()
+    import tensorrt as trt
+
+    version = str(trt.__version__)
+    names = components if components is not None else list(manifest.components)
+    runtime = _runtime()
+    chosen: dict[str, tuple[dict[str, Any], trt.ICudaEngine]] = {}
+    for name in names:
+        entry = select_engine(
+            engine_dir, manifest, name, tensorrt_version=version, gpu_name=gpu_name,
+            compute_capability=capability, profile=profile,
+        )
+        path = engine_dir / entry["path"]
+        if not path.is_file():
+            raise EngineDirError(f"{engine_dir}: {entry['path']} is listed in the manifest but missing")
+        if verify and manifest.files.get(entry["path"]) != sha256_file(path):
+            raise EngineDirError(
+                f"{engine_dir}: {entry['path']} does not match its sha256 in the manifest (damaged or "
+                f"replaced); rebuild it with `sdexport build {engine_dir} --force`"
+            )
+        chosen[name] = (entry, deserialize_plan(path, runtime))
+    memory = memory if memory is not None else SharedDeviceMemory()
+    memory.reserve(max((e.device_memory_size_v2 for _, e in chosen.values()), default=0))
+    engines = {}
+    for name, (entry, engine) in chosen.items():
+        engines[name] = TensorRTEngine(
+            manifest.spec(name), engine, profile=_entry_profile(manifest, entry), memory=memory,
+            cuda_graph=cuda_graph, source=engine_dir / entry["path"],
+        )
+    return engines
+

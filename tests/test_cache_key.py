@@ -1,0 +1,255 @@
+"""Engine cache key: stable digests, every field counts, and readable reasons for a mismatch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sdexport.build.cache_key import EngineKey, onnx_sha256
+from sdexport.build.profiles import input_ranges
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import UNET, ModelDims
+
+DIMS = ModelDims(S=77, E=32, P=32, C=4, vae_scale_factor=8, unet_downsample=2)
+PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
+
+
+def make_key(**changes) -> EngineKey:
+    key = EngineKey.create(
+        "unet",
+        "a" * 64,
+        input_ranges(UNET, PROFILE, DIMS),
+        tensorrt_version="10.3.0.26",
+        gpu_name="NVIDIA A100-SXM4-80GB",
+        compute_capability="8.0",
+    )
+    return dataclasses.replace(key, **changes)
+
+
+def test_digest_is_stable_short_hex_and_survives_json():
+    key = make_key()
+    digest = key.digest()
+    assert digest == make_key().digest()
+    assert len(digest) == 16 and int(digest, 16) >= 0
+    assert key.plan_name == f"{digest}.plan"
+    restored = EngineKey.from_dict(json.loads(json.dumps(key.to_dict())))
+    assert restored == key and restored.digest() == digest
+    # A pinned value catches accidental changes of the canonical form, which would orphan every plan
+    # already built (change it together with KEY_VERSION when the change is deliberate).
+    assert digest == "026601123038e177"
+
+
+def test_to_dict_is_readable():
+    data = make_key().to_dict()
+    assert data["inputs"]["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 16, 16], "max": [4, 4, 32, 32]}
+    assert data["tensorrt_version"] == "10.3.0.26" and data["fp16"] is True
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"component": "vae_decoder"},
+        {"onnx_sha256": "b" * 64},
+        {"tensorrt_version": "10.8.0.43"},
+        {"gpu_name": "NVIDIA H100 PCIe"},
+        {"compute_capability": "9.0"},
+        {"fp16": False},
+        {"strongly_typed": True},
+        {"refittable": True},
+        {"optimization_level": 5},
+        {"static": True},
+        {"key_version": 99},
+    ],
+)
+def test_every_field_changes_the_digest_and_is_explained(change):
+    base, other = make_key(), make_key(**change)
+    assert base.digest() != other.digest()
+    assert base.diff(other), change
+    assert base.diff(base) == []
+
+
+def test_every_shape_changes_the_digest():
+    base = make_key()
+    for index, (name, (lo, opt, hi)) in enumerate(base.inputs):
+        for corner in range(3):
+            shapes = [list(lo), list(opt), list(hi)]
+            shapes[corner] = [*shapes[corner][:-1], shapes[corner][-1] + 1]
+            inputs = list(base.inputs)
+            inputs[index] = (name, tuple(tuple(s) for s in shapes))
+            changed = dataclasses.replace(base, inputs=tuple(inputs))
+            assert changed.digest() != base.digest(), (name, corner)
+
+
+def test_diff_reasons_read_well():
+    cached = make_key()
+    wanted = make_key(
+        tensorrt_version="10.8.0.43",
+        fp16=False,
+        optimization_level=5,
+        inputs=EngineKey.create(
+            "unet", "a" * 64, input_ranges(UNET, ShapeProfile((1, 1, 4), (64, 128, 256), (64, 128, 256)), DIMS),
+            tensorrt_version="x", gpu_name="x", compute_capability="x",
+        ).inputs,
+    )
+    reasons = cached.diff(wanted)
+    assert "TensorRT version 10.3.0.26 != 10.8.0.43" in reasons
+    assert "fp16 on != off" in reasons
+    assert "optimization level default != 5" in reasons
+    assert "profile differs for sample max: [4, 4, 32, 32] != [8, 4, 32, 32]" in reasons
+    assert "profile differs for encoder_hidden_states max: [4, 77, 32] != [8, 77, 32]" in reasons
+    assert not any("timestep" in r for r in reasons)
+    assert not any("min" in r or "opt" in r for r in reasons if r.startswith("profile"))
+
+
+def test_platform_reasons():
+    key = make_key()
+    assert key.platform_reasons("10.3.0.26", "NVIDIA A100-SXM4-80GB", "8.0") == []
+    assert key.platform_reasons("10.8.0.43", "NVIDIA H100 PCIe", "9.0") == [
+        "TensorRT version 10.3.0.26 != 10.8.0.43",
+        "GPU NVIDIA A100-SXM4-80GB != NVIDIA H100 PCIe",
+        "compute capability 8.0 != 9.0",
+    ]
+
+
+def test_onnx_hash_covers_external_data_and_ignores_plans():
+    files = {
+        "unet/model.onnx": "1" * 64,
+        "unet/model.onnx.data": "2" * 64,
+        "unet/0123456789abcdef.plan": "3" * 64,
+        "vae_decoder/model.onnx": "4" * 64,
+        "tokenizer/vocab.json": "5" * 64,
+    }
+    combined = onnx_sha256(files, "unet/model.onnx")
+    assert len(combined) == 64 and combined not in files.values()
+    assert onnx_sha256({**files, "unet/1111.plan": "6" * 64}, "unet/model.onnx") == combined
+    assert onnx_sha256({**files, "unet/model.onnx.data": "7" * 64}, "unet/model.onnx") != combined
+    assert onnx_sha256(files, "vae_decoder/model.onnx") == "4" * 64  # a lone graph: its own hash
+    with pytest.raises(KeyError):
+        onnx_sha256(files, "text_encoder/model.onnx")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache in use: build_engines with TensorRT itself replaced by a fake (the flow, not TensorRT).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    import types
+
+    from sdexport.build import tensorrt_build
+
+    state = {"version": "10.3.0.26", "gpu": ("Fake GPU", "8.0"), "builds": []}
+
+    def fake_plan(onnx_path, key, timing_cache):
+        state["builds"].append(key.component)
+        return memoryview(f"plan {key.digest()}".encode())
+
+    monkeypatch.setattr(
+        tensorrt_build, "require_tensorrt",
+        lambda: types.SimpleNamespace(__version__=state["version"], Builder=object),
+    )
+    monkeypatch.setattr(tensorrt_build, "require_polygraphy", lambda: None)
+    monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda device=None: state["gpu"])
+    monkeypatch.setattr(tensorrt_build, "_build_plan", fake_plan)
+    return state
+
+
+def test_second_build_is_cached_and_changes_rebuild(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+
+    first = build_engines(engine_copy, components=["unet", "vae_decoder"])
+    assert [(r.component, r.status, r.reasons) for r in first] == [
+        ("unet", "built", ["no engine yet"]), ("vae_decoder", "built", ["no engine yet"]),
+    ]
+    manifest = load_manifest(engine_copy)  # plans are listed with their hashes: the directory verifies
+    entry = manifest.components["unet"].engines[first[0].key.digest()]
+    assert entry["path"] == f"unet/{first[0].key.digest()}.plan" and "built" in entry
+    assert EngineKey.from_dict(entry["key"]) == first[0].key
+    assert not list(engine_copy.glob("unet/.*"))  # no temporary files left
+
+    second = build_engines(engine_copy, components=["unet", "vae_decoder"])
+    assert [r.status for r in second] == ["cached", "cached"]
+    assert fake_tensorrt["builds"] == ["unet", "vae_decoder"]
+
+    forced = build_engines(engine_copy, components=["unet"], force=True)
+    assert forced[0].status == "built" and forced[0].reasons == ["--force"]
+
+    fake_tensorrt["version"] = "10.8.0.43"
+    upgraded = build_engines(engine_copy, components=["unet"])
+    assert upgraded[0].status == "built"
+    assert upgraded[0].reasons == ["TensorRT version 10.3.0.26 != 10.8.0.43"]
+    assert len(load_manifest(engine_copy).components["unet"].engines) == 2  # both platforms kept
+
+
+def test_damaged_plan_is_rebuilt_not_reused(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+
+    (built,) = build_engines(engine_copy, components=["vae_decoder"])
+    built.path.write_bytes(b"garbage")
+    (again,) = build_engines(engine_copy, components=["vae_decoder"])
+    assert again.status == "built" and "damaged" in again.reasons[0]
+    assert built.path.read_bytes().startswith(b"plan ")
+
+
+def test_static_and_flags_are_separate_engines(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+
+    (dynamic,) = build_engines(engine_copy, components=["vae_decoder"])
+    (static,) = build_engines(engine_copy, components=["vae_decoder"], static=True)
+    (level,) = build_engines(engine_copy, components=["vae_decoder"], optimization_level=5)
+    assert len({dynamic.path, static.path, level.path}) == 3
+    assert static.key.static and static.key.ranges["latent"][0] == static.key.ranges["latent"][2]
+    assert "optimization level default != 5" in level.reasons
+
+
+def test_build_refuses_a_profile_outside_the_export(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.errors import ProfileError
+
+    with pytest.raises(ProfileError, match=r"height \[64, 512\] is not inside \[64, 256\]"):
+        build_engines(engine_copy, profile=ShapeProfile((1, 1, 2), (64, 128, 512), (64, 128, 256)))
+    assert fake_tensorrt["builds"] == []
+
+
+def test_build_refuses_a_damaged_onnx(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.errors import EngineDirError
+
+    with (engine_copy / "unet" / "model.onnx").open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(EngineDirError, match="unet/model.onnx does not match its sha256"):
+        build_engines(engine_copy, components=["unet"])
+
+
+def test_runtime_picks_the_engine_for_this_platform(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.errors import EngineDirError, ProfileError
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    (old,) = build_engines(engine_copy, components=["unet"])
+    fake_tensorrt["version"] = "10.8.0.43"
+    (new,) = build_engines(engine_copy, components=["unet"], static=True)
+    manifest = load_manifest(engine_copy)
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0"}
+    assert select_engine(engine_copy, manifest, "unet", tensorrt_version="10.3.0.26", **here)["path"] == (
+        f"unet/{old.key.plan_name}"
+    )
+    assert select_engine(engine_copy, manifest, "unet", tensorrt_version="10.8.0.43", **here)["path"] == (
+        f"unet/{new.key.plan_name}"
+    )
+    with pytest.raises(EngineDirError) as info:
+        select_engine(engine_copy, manifest, "unet", tensorrt_version="10.13.0.35", **here)
+    message = str(info.value)
+    assert "no TensorRT engine for Fake GPU (sm 8.0) / TensorRT 10.13.0.35" in message
+    assert f"run `sdexport build {engine_copy}`" in message
+    assert "TensorRT 10.3.0.26" in message and "TensorRT 10.8.0.43" in message
+    with pytest.raises(EngineDirError, match="no TensorRT engine"):
+        select_engine(engine_copy, manifest, "vae_decoder", tensorrt_version="10.3.0.26", **here)
+    wide = ShapeProfile((1, 1, 2), (64, 128, 256), (64, 128, 256))
+    with pytest.raises(ProfileError, match="covers batch 1-2"):
+        select_engine(engine_copy, manifest, "unet", tensorrt_version="10.8.0.43", profile=wide, **here)
