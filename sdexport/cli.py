@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
@@ -23,22 +23,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-BatchOpt = Annotated[Optional[str], typer.Option("--batch", help="Images per call as min:opt:max (default 1:1:4; tiny 1:1:2).")]
-HeightOpt = Annotated[Optional[str], typer.Option("--height", help="Image height in pixels as min:opt:max (default 256:512:1024).")]
-WidthOpt = Annotated[Optional[str], typer.Option("--width", help="Image width in pixels as min:opt:max (default 256:512:1024).")]
+BatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call as min:opt:max (default 1:1:4; tiny 1:1:2).")]
+HeightOpt = Annotated[str | None, typer.Option("--height", help="Image height in pixels as min:opt:max (default 256:512:1024).")]
+WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pixels as min:opt:max (default 256:512:1024).")]
 
 
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, sd15, sd21), diffusers directory, or .safetensors/.ckpt file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Engine directory to create.")],
-    config: Annotated[Optional[str], typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
+    config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     dtype: Annotated[str, typer.Option(help="fp32 or fp16 (fp16 weights and compute, float32 inputs/outputs).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
-    components: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. unet,vae_decoder.")] = None,
+    components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet,vae_decoder.")] = None,
     verify: Annotated[str, typer.Option(help="full (min, opt, max, odd), quick (min only) or none.")] = "full",
     seed: Annotated[int, typer.Option(help="Seed of a preset's random weights.")] = 0,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
@@ -85,10 +85,10 @@ def build(
     batch: BatchOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
-    timing_cache: Annotated[Optional[Path], typer.Option(help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
-    optimization_level: Annotated[Optional[int], typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
+    optimization_level: Annotated[int | None, typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
     refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
-    components: Annotated[Optional[str], typer.Option(help="Comma-separated subset, e.g. unet.")] = None,
+    components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even when a matching engine is cached.")] = False,
 ) -> None:
     """Build TensorRT engines for an engine directory (reusing cached engines whose key matches)."""
@@ -122,14 +122,14 @@ def run(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")] = Path("out.png"),
-    negative_prompt: Annotated[Optional[list[str]], typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
+    negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc.")] = "default",
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; 1 disables CFG.")] = 7.5,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,
-    height: Annotated[Optional[int], typer.Option(help="Image height (default: the profile's opt).")] = None,
-    width: Annotated[Optional[int], typer.Option(help="Image width (default: the profile's opt).")] = None,
+    height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width (default: the profile's opt).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture the U-Net in a CUDA graph (static shapes).")] = False,
 ) -> None:
@@ -176,10 +176,10 @@ def run(
 def bench(
     scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = Path("bench-out"),
-    contenders: Annotated[Optional[str], typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = None,
-    engine_dir: Annotated[Optional[Path], typer.Option(help="Use this engine directory instead of exporting one.")] = None,
-    repeats: Annotated[Optional[int], typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
-    warmup: Annotated[Optional[int], typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
+    contenders: Annotated[str | None, typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = None,
+    engine_dir: Annotated[Path | None, typer.Option(help="Use this engine directory instead of exporting one.")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
+    warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process."""
     from sdexport.bench.harness import Options, run_benchmark

@@ -7,8 +7,8 @@ optimization profiles and runtime request checks all come from one place.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Iterator
 
 from sdexport.errors import ProfileError
 from sdexport.specs import ComponentSpec, ModelDims

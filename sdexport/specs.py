@@ -22,8 +22,9 @@ Symbols:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # torch is heavy; the runtime reads specs without needing it
     import torch

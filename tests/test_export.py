@@ -12,7 +12,6 @@ import pytest
 
 from conftest import run_cli
 from sdexport.manifest import MANIFEST_NAME, load_manifest
-from sdexport.specs import UNET
 
 
 def test_export_writes_a_complete_verified_directory(tiny_engine_dir: Path):

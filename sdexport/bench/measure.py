@@ -12,6 +12,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import Self
 
 import torch
 
@@ -66,7 +67,7 @@ class MemorySampler:
             self._sample()
             time.sleep(self.interval)
 
-    def __enter__(self) -> MemorySampler:
+    def __enter__(self) -> Self:
         self.host_before = _rss_bytes()
         self.device_before = _device_used_bytes() if self.cuda else 0
         self._thread.start()
@@ -87,7 +88,7 @@ class MemorySampler:
         }
 
 
-def psnr(a, b) -> float:  # noqa: ANN001 - numpy arrays in [0, 1]
+def psnr(a, b) -> float:
     import numpy as np
 
     mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))

@@ -57,14 +57,18 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark: {scenario['name']}",
         "",
-        f"- Model: {report['model']}"
-        + ("  \n  **Random weights**: timings are representative; images are not." if report["random_weights"] else ""),
+        (
+            f"- Model: {report['model']}"
+            + ("  \n  **Random weights**: timings are representative; images are not." if report["random_weights"] else "")
+        ),
         f"- Device: {device}",
         f"- Versions: {versions}; git {env['git_revision'] or 'unknown'}",
         f"- Date: {env['date']}",
-        f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
-        f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
-        f"prompt \"{scenario['prompt']}\"",
+        (
+            f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
+            f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
+            f"prompt \"{scenario['prompt']}\""
+        ),
         f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
         "",
     ]
@@ -74,8 +78,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## Batch {case[0]}, {case[1]} steps",
             "",
-            "| contender | end-to-end ms, median (min–max) | images/s | speedup | text enc. ms | U-Net ms/step "
-            "| VAE ms | overhead ms | it/s | peak memory | latents rel-L2 | PSNR dB |",
+            (
+                "| contender | end-to-end ms, median (min–max) | images/s | speedup | text enc. ms "
+                "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | latents rel-L2 | PSNR dB |"
+            ),
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [_row(r, report["baseline"]) for r in rows]
