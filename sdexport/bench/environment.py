@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,7 @@ def environment() -> dict[str, Any]:
     except ImportError:
         pass
     return {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                  "python": platform.python_version()},
         "gpu": _gpu(),

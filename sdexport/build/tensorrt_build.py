@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -180,7 +180,7 @@ def build_engines(
             "path": rel,
             "key": key.to_dict(),
             "build_seconds": round(seconds, 2),
-            "built": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "built": datetime.now(UTC).isoformat(timespec="seconds"),
             "profile": target.to_dict(),
         }
         manifest.files[rel] = sha256_file(engine_dir / rel)

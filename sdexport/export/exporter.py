@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ def _export_into(
                    "exporter": "torch.onnx.export (TorchScript tracer)"},
             components=entries,
             files=hash_tree(staging),
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         save_manifest(staging, manifest)
     return manifest
