@@ -6,6 +6,12 @@ config=...)`` → ``from_single_file``) must be tested. This is the inverse of d
 ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``), derived from the model's config, so
 any block count / ``layers_per_block`` works. Keys are SD 1.x style: ``model.diffusion_model.*``,
 ``first_stage_model.*`` and ``cond_stage_model.transformer.text_model.*`` (CLIP, not OpenCLIP).
+
+SDXL (a model with ``text_encoder_2``) is written as Stability's ``sd_xl_base_1.0.safetensors`` is: the
+same U-Net and VAE names plus ``label_emb.0.{0,2}`` for the text/time embedding, the CLIP ViT-L encoder
+under ``conditioner.embedders.0.transformer.text_model.*`` and the second encoder in OpenCLIP's layout
+under ``conditioner.embedders.1.model.*`` (fused ``attn.in_proj_*``, ``resblocks``, a transposed
+``text_projection``): the inverse of diffusers' ``convert_open_clip_checkpoint``.
 """
 
 from __future__ import annotations
@@ -38,20 +44,29 @@ def write_single_file_checkpoint(model: LoadedModel, path: Path) -> None:
     from safetensors.torch import save_file
 
     modules = model.modules
-    if set(modules) - {"unet", "vae", "text_encoder"}:
-        raise ValueError(f"only SD 1.x/2.x layouts are written, not {sorted(modules)}")
-    state = ldm_state_dict(modules["unet"], modules["vae"], modules["text_encoder"])
+    if set(modules) - {"unet", "vae", "text_encoder", "text_encoder_2"}:
+        raise ValueError(f"only SD 1.x/2.x and SDXL layouts are written, not {sorted(modules)}")
+    state = ldm_state_dict(
+        modules["unet"], modules["vae"], modules["text_encoder"], text_encoder_2=modules.get("text_encoder_2")
+    )
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
 
 
 def ldm_state_dict(
-    unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module, *, position_ids: bool = True
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    *,
+    text_encoder_2: torch.nn.Module | None = None,
+    position_ids: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """The three modules' weights under LDM names (works on meta tensors too: nothing is computed).
+    """The modules' weights under LDM names (works on meta tensors too: nothing is computed).
 
     ``position_ids`` adds ``...embeddings.position_ids`` as real SD 1.x checkpoints carry it (int64 arange);
     transformers keeps it as a non-persistent buffer, so diffusers ignores it when loading.
+    With ``text_encoder_2`` the layout is SDXL's (see the module docstring).
     """
+    text_prefix = "conditioner.embedders.0.transformer." if text_encoder_2 is not None else "cond_stage_model.transformer."
     out: dict[str, torch.Tensor] = {}
     out |= _renamed(unet.state_dict(), _unet_table(unet), "model.diffusion_model.")
     for key, value in _renamed(vae.state_dict(), _vae_table(vae), "first_stage_model.").items():
@@ -60,11 +75,50 @@ def ldm_state_dict(
     for key, value in text_encoder.state_dict().items():
         # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); LDM keys keep it.
         key = key if key.startswith("text_model.") else "text_model." + key
-        out["cond_stage_model.transformer." + key] = value
+        out[text_prefix + key] = value
     if position_ids:
         config: Any = text_encoder.config
         positions = torch.arange(config.max_position_embeddings).unsqueeze(0)
-        out["cond_stage_model.transformer.text_model.embeddings.position_ids"] = positions
+        out[text_prefix + "text_model.embeddings.position_ids"] = positions
+    if text_encoder_2 is not None:
+        out |= open_clip_state_dict(text_encoder_2, "conditioner.embedders.1.model.")
+    return out
+
+
+_OPEN_CLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+
+
+def open_clip_state_dict(text_encoder: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection under OpenCLIP's names (as SDXL's ViT-bigG/14)."""
+    state = dict(text_encoder.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for key, name in _OPEN_CLIP_TOP.items():
+        out[prefix + name] = state.pop(key)
+    out[prefix + "text_projection"] = state.pop("text_projection.weight").T  # OpenCLIP: x @ proj
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    for n in sorted(layers):
+        ours, theirs = f"text_model.encoder.layers.{n}.", f"{prefix}transformer.resblocks.{n}."
+        for kind in ("weight", "bias"):  # q, k, v fused into one projection
+            parts = [state.pop(f"{ours}self_attn.{x}_proj.{kind}") for x in "qkv"]
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(parts, dim=0)
+            for old, new in _OPEN_CLIP_LAYER.items():
+                out[f"{theirs}{new}.{kind}"] = state.pop(f"{ours}{old}.{kind}")
+    out[prefix + "logit_scale"] = torch.tensor(4.6052)  # CLIP's ln(100); real checkpoints carry it, unused
+    state.pop("text_model.embeddings.position_ids", None)
+    if state:
+        raise ValueError(f"no OpenCLIP name for {len(state)} weights, e.g. {sorted(state)[:5]}")
     return out
 
 
@@ -82,6 +136,9 @@ def _unet_table(unet: Any) -> Table:  # a diffusers UNet2DConditionModel
         "mid_block.resnets.0": ("middle_block.0", _UNET_RESNET),
         "mid_block.attentions.0": ("middle_block.1", {}),
         "mid_block.resnets.1": ("middle_block.2", _UNET_RESNET),
+        # SDXL's text/time embedding (addition_embed_type "text_time"); absent in SD 1.x/2.x.
+        "add_embedding.linear_1": ("label_emb.0.0", {}),
+        "add_embedding.linear_2": ("label_emb.0.2", {}),
     }
     # input_blocks.0 is conv_in; each down block then takes layers_per_block (resnet[, attention]) slots
     # and one more for its downsampler (the last block has none but its slot numbering stays the same).

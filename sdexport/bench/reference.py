@@ -1,4 +1,5 @@
-"""The baseline everyone compares against: ``diffusers.StableDiffusionPipeline`` in eager PyTorch.
+"""The baseline everyone compares against: ``diffusers.StableDiffusionPipeline`` (SDXL:
+``StableDiffusionXLPipeline``) in eager PyTorch.
 
 Used by the parity tests and as the benchmark baseline. Per-component times come from wrapping the
 pipeline's own modules (synchronised on CUDA), so the pipeline itself runs unmodified.
@@ -40,12 +41,15 @@ class DiffusersReference:
         self.model = model
         self.device = device or torch.device("cpu")
         self.dtype = dtype
-        cls = diffusers.StableDiffusionXLPipeline if model.family == "sdxl" else diffusers.StableDiffusionPipeline
+        cls: Any = diffusers.StableDiffusionXLPipeline if model.family == "sdxl" else diffusers.StableDiffusionPipeline
         kwargs: dict[str, Any] = dict(model.modules)
         kwargs.update(model.tokenizers)
         kwargs["scheduler"] = make_scheduler("default", model.scheduler_config)
         if model.family == "sd":
             kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        else:
+            # No invisible watermark: it changes pixels, and the runtime does not add one.
+            kwargs.update(model.pipeline_config, add_watermarker=False)
         self.pipe = cls(**kwargs).to(self.device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
         if compile:
@@ -96,10 +100,20 @@ class DiffusersReference:
             return tensors
 
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+        extra: dict[str, Any] = {}
+        if self.model.family == "sdxl":
+            extra = {
+                "prompt_2": request.prompt_2,
+                "negative_prompt_2": request.negative_prompt_2,
+                "original_size": request.original_size,
+                "crops_coords_top_left": tuple(request.crops_coords_top_left),
+                "target_size": request.target_size,
+            }
         start = self._sync()
         with torch.inference_mode():
             images = self.pipe(
                 request.prompt,
+                **extra,
                 negative_prompt=request.negative_prompt,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance,

@@ -26,6 +26,10 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+SDXL_TIME_IDS = 6
+"""original size (h, w), crop top-left (y, x), target size (h, w)."""
+PIPELINE_OPTIONS = {"sdxl": {"force_zeros_for_empty_prompt": True}}
+"""Per family: model_index.json options the runtime honours, with diffusers' defaults."""
 
 
 @dataclass
@@ -38,9 +42,15 @@ class LoadedModel:
     random_weights: bool
     source: dict[str, Any]
     default_profile: ShapeProfile = field(default_factory=ShapeProfile)
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+    """Pipeline options from model_index.json that change results (SDXL: force_zeros_for_empty_prompt)."""
 
     def module(self, name: str) -> torch.nn.Module:
         return self.modules[name]
+
+    def config(self, name: str) -> Any:
+        """A module's diffusers/transformers config."""
+        return self.modules[name].config
 
     @property
     def prediction_type(self) -> str:
@@ -48,32 +58,48 @@ class LoadedModel:
 
     @property
     def dims(self) -> ModelDims:
-        unet, vae = self.modules["unet"].config, self.modules["vae"].config
-        te = self.modules["text_encoder"].config
-        te2 = self.modules["text_encoder_2"].config if "text_encoder_2" in self.modules else None
-        tokenizer = self.tokenizers["tokenizer"]
-        if te2 is not None:
-            pooled = int(te2.projection_dim)
-            time_ids = int(unet.projection_class_embeddings_input_dim - pooled) // int(
-                unet.addition_time_embed_dim
+        """Sizes from the configs; SDXL's are cross-checked, since a mismatch only shows deep in a graph.
+
+        SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
+        both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
+        encoder's projected pooled embedding (P = its projection_dim) plus T = 6 time ids, each
+        embedded in addition_time_embed_dim features.
+        """
+        unet, vae, te = self.config("unet"), self.config("vae"), self.config("text_encoder")
+        sequence = int(self.tokenizers["tokenizer"].model_max_length)
+        common = {
+            "S": sequence,
+            "E": int(unet.cross_attention_dim),
+            "C": int(unet.in_channels),
+            "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+            "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
+        }
+        if self.family != "sdxl":
+            return ModelDims(P=int(te.hidden_size), **common)
+        te2 = self.config("text_encoder_2")
+        e1, e2, pooled = int(te.hidden_size), int(te2.hidden_size), int(te2.projection_dim)
+        time_dim = int(unet.addition_time_embed_dim or 0)
+        extra = int(unet.projection_class_embeddings_input_dim or 0) - pooled
+        problems: list[str] = []
+        if unet.addition_embed_type != "text_time":
+            problems.append(f"unet addition_embed_type is {unet.addition_embed_type!r}, not 'text_time'")
+        if e1 + e2 != common["E"]:
+            problems.append(f"text encoder widths {e1} + {e2} != unet cross_attention_dim {common['E']}")
+        if not time_dim or extra != SDXL_TIME_IDS * time_dim:
+            problems.append(
+                f"unet projection_class_embeddings_input_dim {unet.projection_class_embeddings_input_dim} != "
+                f"{SDXL_TIME_IDS} time ids x addition_time_embed_dim {time_dim} + pooled {pooled}"
             )
-        else:
-            pooled, time_ids = int(te.projection_dim), 0
-        return ModelDims(
-            S=int(tokenizer.model_max_length),
-            E=int(unet.cross_attention_dim),
-            P=pooled if te2 is not None else int(te.hidden_size),
-            C=int(unet.in_channels),
-            vae_scale_factor=2 ** (len(vae.block_out_channels) - 1),
-            unet_downsample=2 ** (len(unet.down_block_types) - 1),
-            E1=int(te.hidden_size) if te2 is not None else 0,
-            E2=int(te2.hidden_size) if te2 is not None else 0,
-            T=time_ids,
-        )
+        length_2 = int(self.tokenizers["tokenizer_2"].model_max_length)
+        if length_2 != sequence:
+            problems.append(f"tokenizer_2 length {length_2} != tokenizer length {sequence}")
+        if problems:
+            raise ModelLoadError(f"{self.label}: inconsistent SDXL configs: {'; '.join(problems)}")
+        return ModelDims(P=pooled, E1=e1, E2=e2, T=SDXL_TIME_IDS, **common)
 
     @property
     def vae_scaling_factor(self) -> float:
-        return float(self.modules["vae"].config.scaling_factor)
+        return float(self.config("vae").scaling_factor)
 
     def save_pretrained(self, directory: Path) -> None:
         """Write a diffusers-format directory (used by tests and to hand a preset to diffusers)."""
@@ -93,6 +119,7 @@ class LoadedModel:
         index["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
         if self.family == "sd":
             index.update(safety_checker=[None, None], feature_extractor=[None, None])
+        index.update(self.pipeline_config)
         (directory / "model_index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -102,9 +129,25 @@ def _library_of(module: torch.nn.Module) -> list[str]:
 
 
 def load_model(
-    model: str, *, config: str | None = None, seed: int = 0, dtype: torch.dtype = torch.float32
+    model: str,
+    *,
+    config: str | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    vae: str | None = None,
 ) -> LoadedModel:
-    """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint."""
+    """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
+
+    ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
+    the model's VAE, e.g. an fp16-safe SDXL VAE.
+    """
+    loaded = _load_model(model, config=config, seed=seed, dtype=dtype)
+    if vae is not None:
+        replace_vae(loaded, Path(vae), dtype=dtype)
+    return loaded
+
+
+def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
     if preset is not None and not path.exists():
@@ -119,6 +162,23 @@ def load_model(
     raise ModelLoadError(
         f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
     )
+
+
+def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.float32) -> None:
+    """Swap in another AutoencoderKL (recorded in the label and in ``source["vae"]`` for reloading)."""
+    from diffusers import AutoencoderKL
+
+    if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--vae {path}: not a diffusers AutoencoderKL directory (no config.json)")
+    vae = _load_part(path.parent, path.name, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=dtype))
+    channels, wanted = int(vae.config.latent_channels), int(model.config("unet").in_channels)
+    if channels != wanted:
+        raise ModelLoadError(f"--vae {path}: {channels} latent channels, but the U-Net takes {wanted}")
+    model.modules["vae"] = vae.eval().requires_grad_(False)
+    model.label += f", VAE from {path}"
+    model.source = {**model.source, "vae": str(path.resolve())}
 
 
 def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -156,6 +216,7 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
         random_weights=True,
         source={"kind": "preset", "name": preset.name, "seed": seed},
         default_profile=preset.profile,
+        pipeline_config=dict(preset.pipeline_config),
     )
 
 
@@ -165,6 +226,7 @@ def _clean(config: dict[str, Any]) -> dict[str, Any]:
 
 def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
     family = _family_of_dir(path)
+    pipeline_config = _pipeline_config(family, _read_json(path / "model_index.json"))
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -193,7 +255,19 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Loa
         scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
         random_weights=False,
         source={"kind": "diffusers", "path": str(path.resolve())},
+        default_profile=family_profile(family),
+        pipeline_config=pipeline_config,
     )
+
+
+def family_profile(family: str) -> ShapeProfile:
+    """The default export profile of a checkpoint (presets carry their own): SDXL is made for 1024²."""
+    return PRESETS["sdxl"].profile if family == "sdxl" else ShapeProfile()
+
+
+def _pipeline_config(family: str, index: dict[str, Any]) -> dict[str, Any]:
+    """The family's pipeline options, from model_index.json or diffusers' defaults."""
+    return {k: index.get(k, default) for k, default in PIPELINE_OPTIONS.get(family, {}).items()}
 
 
 def _family_of_dir(path: Path) -> str:
@@ -211,7 +285,10 @@ def _family_of_dir(path: Path) -> str:
             f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
             f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
         )
-    missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / d).is_dir()]
+    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if SUPPORTED_PIPELINES[pipeline] == "sdxl":
+        parts += ["text_encoder_2", "tokenizer_2"]
+    missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
     return SUPPORTED_PIPELINES[pipeline]
@@ -264,12 +341,13 @@ def load_single_file(
         else:
             raise ModelLoadError(f"--config {config}: not a diffusers directory or a preset ({', '.join(PRESETS)})")
         family = _family_of_dir(config_dir)
+        pipeline_config = _pipeline_config(family, _read_json(config_dir / "model_index.json"))
         pipeline_cls = _pipeline_class(family)
         logging.getLogger("diffusers").setLevel(logging.ERROR)
         try:
+            extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
             pipe = pipeline_cls.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype,
-                safety_checker=None, requires_safety_checker=False,
+                str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **extra
             )
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -294,7 +372,8 @@ def load_single_file(
         scheduler_config=scheduler_config,
         random_weights=False,
         source={"kind": "single_file", "path": str(path.resolve()), "config": config},
-        default_profile=preset.profile if preset is not None else ShapeProfile(),
+        default_profile=preset.profile if preset is not None else family_profile(family),
+        pipeline_config=pipeline_config,
     )
 
 
@@ -308,7 +387,7 @@ def _check_single_file(path: Path) -> None:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from None
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(
             f"{path}: no 'model.diffusion_model.*' weights; not an original-layout Stable Diffusion "
@@ -349,6 +428,7 @@ def write_config_dir(preset: Preset, directory: Path) -> None:
         tokenizer_names.append("tokenizer_2")
     else:
         index.update(safety_checker=[None, None], feature_extractor=[None, None])
+    index.update(preset.pipeline_config)
     for name, cfg in {**parts, "scheduler": preset.scheduler}.items():
         (directory / name).mkdir(parents=True, exist_ok=True)
         filename = "scheduler_config.json" if name == "scheduler" else "config.json"

@@ -53,7 +53,10 @@ class Preset:
     scheduler: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None
     profile: ShapeProfile = field(default_factory=ShapeProfile)
-    """The default export profile: the issue's 256:512:1024 for real models, small for tiny ones."""
+    """The default export profile: 256:512:1024 for SD 1.x/2.x (768 opt for 2.1), 512:1024:1536 for SDXL,
+    small for tiny ones."""
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+    """Pipeline-level options of model_index.json (SDXL: ``force_zeros_for_empty_prompt``)."""
 
 
 _TINY_UNET = {
@@ -96,6 +99,100 @@ _TINY_TEXT = {
 }
 
 _TINY_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
+
+# SDXL base 1.0 as it ships (unet/, vae/, text_encoder*/ and scheduler/ configs of
+# stabilityai/stable-diffusion-xl-base-1.0), with sdexport's token ids (see above).
+_SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "interpolation_type": "linear",
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
+_SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "sample_size": 128,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2, 10],
+    "attention_head_dim": [5, 10, 20],
+    "cross_attention_dim": 2048,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # 6 time ids x 256 + the 1280 pooled text embedding
+    "norm_num_groups": 32,
+}
+
+_SDXL_VAE = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+
+_SDXL_TEXT = {  # CLIP ViT-L/14, as SD 1.x, but SDXL reads its penultimate layer
+    **_TINY_TEXT,
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
+
+_SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14, with its text projection
+    **_TINY_TEXT,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "vocab_size": 49408,
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+
+# tiny-sdxl: every SDXL size differs from the others (E1 32 + E2 48 = E 80, P 40, time ids 6 x 8), so a
+# mixed-up tensor fails loudly instead of fitting by accident. E1 != E2 also matters to diffusers'
+# single-file loader, which tells the two text encoders apart by their width.
+_TINY_SDXL_UNET = {
+    **_TINY_UNET,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": [1, 2],
+    "attention_head_dim": [2, 4],
+    "cross_attention_dim": 80,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": 6 * 8 + 40,
+}
+
+_TINY_SDXL_TEXT_2 = {
+    **_TINY_TEXT,
+    "architectures": ["CLIPTextModelWithProjection"],
+    "hidden_size": 48,
+    "intermediate_size": 37,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 3,
+    "projection_dim": 40,
+    "hidden_act": "gelu",
+}
+
+_SDXL_PIPELINE = {"force_zeros_for_empty_prompt": True}
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
@@ -179,6 +276,30 @@ PRESETS: dict[str, Preset] = {
         },
         scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
         profile=ShapeProfile(batch=(1, 1, 4), height=(256, 768, 1024), width=(256, 768, 1024)),
+    ),
+    "sdxl": Preset(
+        name="sdxl",
+        description="Stable Diffusion XL base 1.0 architecture (2.6B U-Net, CLIP ViT-L + OpenCLIP ViT-bigG)",
+        family="sdxl",
+        unet=_SDXL_UNET,
+        vae=_SDXL_VAE,
+        text_encoder=_SDXL_TEXT,
+        text_encoder_2=_SDXL_TEXT_2,
+        scheduler=_SDXL_SCHEDULER,
+        profile=ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536)),
+        pipeline_config=_SDXL_PIPELINE,
+    ),
+    "tiny-sdxl": Preset(
+        name="tiny-sdxl",
+        description="a few-MB SDXL-shaped model (two text encoders, text_time conditioning) for tests",
+        family="sdxl",
+        unet=_TINY_SDXL_UNET,
+        vae={**_TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+        text_encoder=_TINY_TEXT,
+        text_encoder_2=_TINY_SDXL_TEXT_2,
+        scheduler=_SDXL_SCHEDULER,
+        profile=_TINY_PROFILE,
+        pipeline_config=_SDXL_PIPELINE,
     ),
 }
 

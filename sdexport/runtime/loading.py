@@ -16,14 +16,15 @@ from sdexport.errors import EngineDirError, SdexportError
 from sdexport.manifest import Manifest, load_manifest
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.txt2img import Txt2ImgPipeline
+from sdexport.specs import components_for
 
 BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
 FALLBACK_VAE = "vae_decoder_fp32"
 
 
 def txt2img_components(manifest: Manifest) -> list[str]:
-    """What txt2img runs (the VAE encoder is for img2img), in call order."""
-    names = [n for n in manifest.components if n.startswith("text_encoder")] + ["unet", "vae_decoder"]
+    """What txt2img runs (the VAE encoder is for img2img, the fp32 decoder a fallback), in call order."""
+    names = [s.name for s in components_for(manifest.family) if s.name != "vae_encoder" and not s.always_fp32]
     missing = [n for n in names if n not in manifest.components]
     if missing:
         raise EngineDirError(
@@ -63,13 +64,21 @@ def load_pipeline(
                             cuda_graph=cuda_graph, threads=threads)
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / "tokenizer"))
+    tokenizers = {
+        name: CLIPTokenizer.from_pretrained(str(engine_dir / name))
+        for name in ("tokenizer", "tokenizer_2")
+        if name == "tokenizer" or manifest.family == "sdxl"
+    }
     import json
 
     scheduler_config = json.loads((engine_dir / "scheduler" / "scheduler_config.json").read_text())
+    pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {n: engines[n] for n in names},
-        tokenizer=tokenizer,
+        tokenizer=tokenizers["tokenizer"],
+        tokenizer_2=tokenizers.get("tokenizer_2"),
+        family=manifest.family,
+        force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
         scheduler_config=scheduler_config,
         dims=manifest.model_dims,
         vae_scaling_factor=manifest.vae_scaling_factor,
@@ -107,7 +116,7 @@ def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> di
 
     source: dict[str, Any] = manifest.model["source"]
     model = load_model(source["argument"] if source["kind"] == "preset" else source["path"],
-                       config=source.get("config"), seed=int(source.get("seed", 0)))
+                       config=source.get("config"), seed=int(source.get("seed", 0)), vae=source.get("vae"))
     if source["kind"] != "preset" and not Path(source["path"]).exists():
         raise EngineDirError(f"the Torch backend needs the source checkpoint {source['path']}, which is gone")
     cuda = torch.cuda.is_available()

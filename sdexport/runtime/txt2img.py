@@ -2,8 +2,10 @@
 
 It is written once for every backend: engines take and return torch tensors on their device, so
 the same lines run over TensorRT, ONNX Runtime and PyTorch, and backends are compared through one
-code path. The loop follows ``diffusers.StableDiffusionPipeline`` step for step (the same seeds give
-the same latents), without its model code.
+code path. The loop follows ``diffusers.StableDiffusionPipeline`` and, for the ``sdxl`` family,
+``StableDiffusionXLPipeline`` step for step (the same seeds give the same latents), without their
+model code. The families differ only in how a prompt becomes the U-Net's conditioning (SDXL: two
+text encoders, a pooled embedding and six "time ids"); the denoising loop and the decode are shared.
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ class GenerationRequest:
     seeds: list[int] = field(default_factory=lambda: [0])
     height: int = 512
     width: int = 512
+    # SDXL only (refused for other families), as diffusers names them; sizes are (height, width).
+    prompt_2: list[str] | None = None
+    """For the second text encoder; None: ``prompt``."""
+    negative_prompt_2: list[str] | None = None
+    """For the second text encoder; None: ``negative_prompt``."""
+    original_size: tuple[int, int] | None = None
+    """Micro-conditioning: the size the image "was" before cropping; None: (height, width)."""
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    """None: (height, width)."""
 
     @property
     def batch(self) -> int:
@@ -104,9 +116,19 @@ class Txt2ImgPipeline:
         profile: ShapeProfile,
         fallback_vae: Engine | None = None,
         info: dict[str, Any] | None = None,
+        family: str = "sd",
+        tokenizer_2: Any = None,
+        force_zeros_for_empty_prompt: bool = True,
     ) -> None:
+        """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
+        the unconditional embeddings are zeros instead of the encoded empty prompt."""
+        if family == "sdxl" and tokenizer_2 is None:
+            raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
+        self.family = family
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.scheduler_config = scheduler_config
         self.dims = dims
         self.vae_scaling_factor = vae_scaling_factor
@@ -129,8 +151,13 @@ class Txt2ImgPipeline:
                 f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one "
                 "negative prompt, or one per prompt"
             )
+        for name in ("prompt_2", "negative_prompt_2"):
+            given = getattr(request, name)
+            if given is not None and len(given) != request.batch:
+                raise SdexportError(f"{name}: {len(given)} given for {request.batch} prompts; give one per prompt")
         if len(request.seeds) != request.batch:
             raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
+        self._check_conditioning(request)
         if request.steps < 1:
             raise SdexportError(f"--steps {request.steps}: need at least 1 step")
         check_scheduler_name(request.scheduler)
@@ -153,7 +180,7 @@ class Txt2ImgPipeline:
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
-        embeddings = self._timed(timings, "text_encoder", lambda: self.encode_prompt(request))
+        conditioning = self._timed(timings, "text_encoder", lambda: self.encode_prompt(request))
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         latents = self.initial_latents(request, generators, scheduler)
@@ -163,7 +190,7 @@ class Txt2ImgPipeline:
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             timestep = t.reshape(1).to(device=self.device, dtype=torch.float32)
-            feed = {"sample": model_input.float(), "timestep": timestep, "encoder_hidden_states": embeddings}
+            feed = {"sample": model_input.float(), "timestep": timestep, **conditioning}
             step_start = self._sync()
             noise = self.engines["unet"](feed)["out_sample"]
             timings.unet_steps.append(self._sync() - step_start)
@@ -185,8 +212,8 @@ class Txt2ImgPipeline:
             vae_fallback=fallback,
         )
 
-    def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
+    def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
+        ids = (tokenizer or self.tokenizer)(
             prompts,
             padding="max_length",
             max_length=self.dims.S,
@@ -195,14 +222,65 @@ class Txt2ImgPipeline:
         ).input_ids
         return ids.to(device=self.device, dtype=torch.int32)
 
-    def encode_prompt(self, request: GenerationRequest) -> torch.Tensor:
-        """Negative and positive prompts go through the text encoder as one 2B batch under CFG."""
+    def encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """The U-Net's conditioning inputs by name; under CFG each is a 2B batch, negatives first."""
+        if self.family == "sdxl":
+            return self._encode_prompt_sdxl(request)
         prompts = list(request.prompt)
         if request.cfg:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
         hidden = self.engines["text_encoder"]({"input_ids": self.tokenize(prompts)})
-        return hidden["last_hidden_state"]
+        return {"encoder_hidden_states": hidden["last_hidden_state"]}
+
+    def _encode_prompt_sdxl(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
+        """As ``StableDiffusionXLPipeline.encode_prompt``: both encoders' penultimate hidden states side
+        by side, the second encoder's projected pooled embedding, and the time ids."""
+        prompts_2 = request.prompt_2 or request.prompt
+        zero_negatives = request.cfg and request.negative_prompt is None and self.force_zeros_for_empty_prompt
+        if request.cfg and not zero_negatives:
+            negatives = request.negative_prompt or [""] * request.batch
+            # The negatives and the prompts share one encoder call per encoder (a 2B batch).
+            first = list(negatives) + list(request.prompt)
+            second = list(request.negative_prompt_2 or negatives) + list(prompts_2)
+        else:
+            first, second = list(request.prompt), list(prompts_2)
+        out_1 = self.engines["text_encoder"]({"input_ids": self.tokenize(first)})
+        out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
+        hidden = torch.cat([out_1["hidden_states"], out_2["hidden_states"]], dim=-1)
+        pooled = out_2["text_embeds"]
+        if zero_negatives:
+            hidden = torch.cat([torch.zeros_like(hidden), hidden])
+            pooled = torch.cat([torch.zeros_like(pooled), pooled])
+        time_ids = self.time_ids(request).to(self.device).repeat(hidden.shape[0], 1)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": time_ids}
+
+    @staticmethod
+    def time_ids(request: GenerationRequest) -> torch.Tensor:
+        """SDXL micro-conditioning, (1, 6): original size, crop top-left and target size."""
+        size = (request.height, request.width)
+        values = [*(request.original_size or size), *request.crops_coords_top_left, *(request.target_size or size)]
+        return torch.tensor([values], dtype=torch.float32)
+
+    def _check_conditioning(self, request: GenerationRequest) -> None:
+        sdxl_only = {
+            "prompt_2": request.prompt_2 is not None,
+            "negative_prompt_2": request.negative_prompt_2 is not None,
+            "original_size": request.original_size is not None,
+            "crops_coords_top_left": tuple(request.crops_coords_top_left) != (0, 0),
+            "target_size": request.target_size is not None,
+        }
+        if self.family != "sdxl":
+            given = [name for name, set_ in sdxl_only.items() if set_]
+            if given:
+                raise SdexportError(
+                    f"{', '.join(given)}: SDXL conditioning, but this is a {self.family} model"
+                )
+            return
+        for name in ("original_size", "crops_coords_top_left", "target_size"):
+            value = getattr(request, name)
+            if value is not None and (len(value) != 2 or any(int(v) < 0 for v in value)):
+                raise SdexportError(f"{name} {value}: expected two non-negative integers")
 
     def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor

@@ -1,0 +1,440 @@
+"""SDXL through the same code paths as SD 1.x: presets, loading, export, runtime parity with diffusers.
+
+``tiny-sdxl`` gives every SDXL size its own value (E1 32 + E2 48 = E 80, pooled P 40, 6 time ids of 8
+features each), so a tensor wired to the wrong place cannot fit by accident.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import ModelLoadError, SdexportError
+from sdexport.manifest import load_manifest
+from sdexport.models import LoadedModel, load_model
+from sdexport.models.loader import _clean, write_config_dir
+from sdexport.models.presets import PRESETS
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.txt2img import GenerationRequest, Txt2ImgPipeline
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import components_for
+from tests.ldm_layout import ldm_state_dict, write_single_file_checkpoint
+
+LATENT_REL_L2 = 1e-4
+PIXEL_MAX_ABS = 1e-4
+PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 96, 128))
+"""Smaller than tiny's default, so that verifying every component at four points stays fast."""
+TXT2IMG = ("text_encoder", "text_encoder_2", "unet", "vae_decoder")
+
+
+def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+class SpyEngine:
+    """Records every feed an engine gets."""
+
+    def __init__(self, engine):
+        self.engine, self.feeds = engine, []
+        self.spec, self.profile, self.device = engine.spec, engine.profile, engine.device
+
+    def __call__(self, feed):
+        self.feeds.append({k: v.clone() for k, v in feed.items()})
+        return self.engine(feed)
+
+
+@pytest.fixture(scope="module")
+def sdxl_model() -> LoadedModel:
+    return load_model("tiny-sdxl")
+
+
+@pytest.fixture(scope="module")
+def sdxl_engine_dir(tmp_path_factory) -> Path:
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-sdxl"
+    export("tiny-sdxl", out, ExportOptions(profile=PROFILE))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(sdxl_model) -> DiffusersReference:
+    return DiffusersReference(sdxl_model)
+
+
+@pytest.fixture(scope="module")
+def pipelines(sdxl_engine_dir):
+    return {b: load_pipeline(sdxl_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
+
+
+# -- presets and sizes ------------------------------------------------------------------------
+
+
+def _meta_model(name: str) -> LoadedModel:
+    """A preset's real architecture on the meta device: configs and shapes, no memory, no time."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdexport.models.tokenizer import byte_level_clip_tokenizer
+
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        modules = {
+            "unet": UNet2DConditionModel.from_config(_clean(preset.unet)),
+            "vae": AutoencoderKL.from_config(_clean(preset.vae)),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**_clean(preset.text_encoder))),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**_clean(preset.text_encoder_2 or {}))),
+        }
+    tokenizer = byte_level_clip_tokenizer()
+    return LoadedModel(preset.family, name, modules, {"tokenizer": tokenizer, "tokenizer_2": tokenizer},
+                       dict(preset.scheduler), True, {}, preset.profile, dict(preset.pipeline_config))
+
+
+def test_sdxl_preset_is_the_real_architecture():
+    model = _meta_model("sdxl")
+    dims = model.dims
+    assert (dims.E, dims.E1, dims.E2, dims.P, dims.T, dims.S, dims.C) == (2048, 768, 1280, 1280, 6, 77, 4)
+    assert (dims.vae_scale_factor, dims.unet_downsample, dims.image_multiple) == (8, 4, 32)
+    params = {n: sum(p.numel() for p in m.parameters()) for n, m in model.modules.items()}
+    # Published sizes: U-Net 2.567B, CLIP ViT-L text 123M, OpenCLIP bigG text 695M (with projection), VAE 83.7M.
+    assert params["unet"] == 2_567_463_684
+    assert params["text_encoder"] == 123_060_480
+    assert params["text_encoder_2"] == 694_659_840
+    assert params["vae"] == 83_653_863
+    assert model.modules["vae"].config.scaling_factor == 0.13025
+    assert model.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
+    assert model.pipeline_config == {"force_zeros_for_empty_prompt": True}
+    model.default_profile.validate(dims)
+    assert model.default_profile == ShapeProfile((1, 1, 4), (512, 1024, 1536), (512, 1024, 1536))
+
+
+def test_tiny_sdxl_sizes(sdxl_model):
+    dims = sdxl_model.dims
+    assert (dims.E, dims.E1, dims.E2, dims.P, dims.T) == (80, 32, 48, 40, 6)
+    assert dims.image_multiple == 16 and sdxl_model.family == "sdxl"
+    assert sum(p.numel() for m in sdxl_model.modules.values() for p in m.parameters()) < 5_000_000
+    for name in ("tokenizer", "tokenizer_2"):
+        tok = sdxl_model.tokenizers[name]
+        assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 1)
+
+
+def test_inconsistent_sdxl_configs_are_named():
+    preset = dataclasses.replace(PRESETS["tiny-sdxl"], unet={**PRESETS["tiny-sdxl"].unet, "cross_attention_dim": 64})
+    from sdexport.models.loader import load_preset
+
+    with pytest.raises(ModelLoadError, match=r"text encoder widths 32 \+ 48 != unet cross_attention_dim 64"):
+        _ = load_preset(preset).dims
+
+
+# -- export -------------------------------------------------------------------------------------
+
+
+def test_export_verifies_every_sdxl_component(sdxl_engine_dir):
+    manifest = load_manifest(sdxl_engine_dir)
+    assert manifest.family == "sdxl"
+    assert set(manifest.components) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"}
+    for name, entry in manifest.components.items():
+        assert entry.parity["status"] == "passed", name
+        assert [p["status"] for p in entry.parity["points"]] == ["passed"] * 4, name
+    assert manifest.dims == {"S": 77, "E": 80, "P": 40, "C": 4, "vae_scale_factor": 8, "unet_downsample": 2,
+                             "E1": 32, "E2": 48, "T": 6}
+    assert manifest.model["pipeline_config"] == {"force_zeros_for_empty_prompt": True}
+    assert manifest.vae_scaling_factor == 0.13025
+    assert "tokenizer_2/tokenizer.json" in manifest.files
+    unet = onnx.load(str(sdxl_engine_dir / "unet" / "model.onnx"))
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
+    assert inputs == {"sample": ["B", 4, "h", "w"], "timestep": [1], "encoder_hidden_states": ["B", 77, 80],
+                      "text_embeds": ["B", 40], "time_ids": ["B", 6]}
+    encoder_2 = onnx.load(str(sdxl_engine_dir / "text_encoder_2" / "model.onnx"))
+    assert [o.name for o in encoder_2.graph.output] == ["hidden_states", "text_embeds"]
+
+
+def test_encoder_wrappers_give_what_diffusers_conditions_on(sdxl_model, reference):
+    """Penultimate hidden states of both encoders side by side; pooled = text_encoder_2's text_embeds."""
+    specs = {s.name: s for s in components_for("sdxl")}
+    ids = sdxl_model.tokenizers["tokenizer"](["a cat", "x"], padding="max_length", max_length=77,
+                                              return_tensors="pt").input_ids.int()
+    with torch.no_grad():
+        hidden_1, _ = specs["text_encoder"].wrapper(sdxl_model.modules["text_encoder"])(ids)
+        hidden_2, pooled = specs["text_encoder_2"].wrapper(sdxl_model.modules["text_encoder_2"])(ids)
+        want = reference.pipe.encode_prompt(["a cat", "x"], device=torch.device("cpu"),
+                                            do_classifier_free_guidance=False)
+    assert torch.equal(torch.cat([hidden_1, hidden_2], dim=-1), want[0])
+    assert torch.equal(pooled, want[2])
+
+
+def test_fp16_unet_export(tmp_path):
+    from sdexport.export.exporter import ExportOptions, export
+
+    manifest = export("tiny-sdxl", tmp_path / "fp16",
+                      ExportOptions(profile=PROFILE, dtype="fp16", components=["unet"], verify="quick"))
+    entry = manifest.components["unet"]
+    assert entry.dtype == "fp16" and entry.parity["status"] == "passed"
+
+
+def _memory_gib() -> float:
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_memory_gib() < 48, reason="the fp32 SDXL model (14 GB) plus its traced copy need ~48 GB RAM")
+def test_real_sdxl_unet_exports(tmp_path):
+    """The full-size SDXL U-Net (2.6B parameters, random weights): one > 2 GB external data file, parity."""
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.export.graph import PROTOBUF_LIMIT
+
+    out = tmp_path / "sdxl"
+    profile = ShapeProfile(batch=(1, 1, 1), height=(256, 256, 256), width=(256, 256, 256))
+    manifest = export("sdxl", out, ExportOptions(profile=profile, components=["unet"], verify="quick"))
+    data = out / "unet" / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > 4 * PROTOBUF_LIMIT  # 10.3 GB of fp32 weights
+    parity = manifest.components["unet"].parity
+    assert parity["status"] == "passed"
+    assert manifest.dims["E"] == 2048 and manifest.dims["T"] == 6
+
+
+# -- runtime parity with diffusers ------------------------------------------------------------
+
+REQUESTS = {
+    # No negative prompt: SDXL's force_zeros_for_empty_prompt makes the unconditional half zeros.
+    "euler": GenerationRequest(prompt=["a cat", "a dog"], steps=4, scheduler="euler", seeds=[1, 2],
+                               height=64, width=96),
+    # Negatives, a second prompt for the second encoder and micro-conditioning all reach the U-Net.
+    "dpmpp_2m": GenerationRequest(prompt=["a cat", "a dog"], negative_prompt=["blurry", ""],
+                                  prompt_2=["oil painting", "photo"], steps=4, scheduler="dpmpp_2m",
+                                  seeds=[3, 4], height=64, width=64, original_size=(512, 256),
+                                  crops_coords_top_left=(16, 32), target_size=(64, 64)),
+}
+
+
+@pytest.mark.parametrize("case", list(REQUESTS))
+def test_matches_diffusers(case, reference, pipelines):
+    request = REQUESTS[case]
+    want = reference(request)
+    for backend, pipeline in pipelines.items():
+        got = pipeline(request)
+        rel = relative_l2(got.latents, want.latents)
+        pix = float(np.abs(got.pixels - want.pixels).max())
+        print(f"sdxl {case} {backend}: latents rel-L2 {rel:.2e}, pixels max-abs {pix:.2e}")
+        assert rel < LATENT_REL_L2, (backend, rel)
+        assert pix < PIXEL_MAX_ABS, (backend, pix)
+        assert got.pixels.shape == (2, request.height, request.width, 3)
+
+
+def test_unet_feed_is_cfg_batched_with_time_ids(pipelines, monkeypatch):
+    pipeline = pipelines["onnxruntime-cpu"]
+    spy = SpyEngine(pipeline.engines["unet"])
+    monkeypatch.setitem(pipeline.engines, "unet", spy)
+    pipeline(dataclasses.replace(REQUESTS["dpmpp_2m"], steps=1))
+    feed = spy.feeds[0]
+    assert feed["encoder_hidden_states"].shape == (4, 77, 80)
+    assert feed["text_embeds"].shape == (4, 40)
+    assert feed["time_ids"].tolist() == [[512, 256, 16, 32, 64, 64]] * 4
+    pipeline(GenerationRequest(prompt=["a cat"], steps=1, height=64, width=96))
+    feed = spy.feeds[1]
+    assert feed["time_ids"].tolist() == [[64, 96, 0, 0, 64, 96]] * 2
+    # force_zeros_for_empty_prompt: no negative prompt → zero unconditional embeddings
+    assert not feed["encoder_hidden_states"][0].any() and not feed["text_embeds"][0].any()
+    assert feed["encoder_hidden_states"][1].any()
+
+
+def test_guidance_one_and_empty_prompt_without_force_zeros(sdxl_model, pipelines, monkeypatch):
+    pipeline = pipelines["onnxruntime-cpu"]
+    spy = SpyEngine(pipeline.engines["unet"])
+    monkeypatch.setitem(pipeline.engines, "unet", spy)
+    # guidance 1: one U-Net batch, no unconditional half
+    request = GenerationRequest(prompt=["a cat"], guidance=1.0, steps=2, scheduler="euler", seeds=[5],
+                                height=64, width=64)
+    got = pipeline(request)
+    assert [f["sample"].shape[0] for f in spy.feeds] == [1, 1]
+    assert relative_l2(got.latents, DiffusersReference(sdxl_model)(request).latents) < LATENT_REL_L2
+    # force_zeros_for_empty_prompt false (e.g. the SDXL refiner's model_index): "" is encoded
+    monkeypatch.setattr(pipeline, "force_zeros_for_empty_prompt", False)
+    plain = dataclasses.replace(sdxl_model, pipeline_config={"force_zeros_for_empty_prompt": False})
+    request = dataclasses.replace(request, guidance=5.0)
+    got = pipeline(request)
+    assert spy.feeds[-1]["text_embeds"][0].any()
+    assert relative_l2(got.latents, DiffusersReference(plain)(request).latents) < LATENT_REL_L2
+
+
+class _FakeEngine:
+    def __init__(self, name: str, profile: ShapeProfile):
+        self.spec = next(s for s in components_for("sd") if s.name == name)
+        self.profile, self.device, self.calls = profile, torch.device("cpu"), 0
+
+    def __call__(self, feed):
+        self.calls += 1
+        raise AssertionError("no engine may run for a refused request")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"original_size": (512, 512)}, "original_size: SDXL conditioning, but this is a sd model"),
+        ({"prompt_2": ["x"]}, "prompt_2: SDXL conditioning"),
+        ({"crops_coords_top_left": (0, 8)}, "crops_coords_top_left: SDXL conditioning"),
+    ],
+)
+def test_sd_models_refuse_sdxl_conditioning(change, message, tiny_model):
+    engines = {n: _FakeEngine(n, PROFILE) for n in ("text_encoder", "unet", "vae_decoder")}
+    pipeline = Txt2ImgPipeline(engines, tokenizer=tiny_model.tokenizers["tokenizer"],
+                               scheduler_config=tiny_model.scheduler_config, dims=tiny_model.dims,
+                               vae_scaling_factor=0.18215, profile=PROFILE)
+    with pytest.raises(SdexportError, match=message):
+        pipeline(GenerationRequest(prompt=["a"], height=64, width=64, **change))
+    assert not any(e.calls for e in engines.values())
+
+
+def test_bad_sdxl_requests_are_refused(pipelines):
+    pipeline = pipelines["onnxruntime-cpu"]
+    with pytest.raises(SdexportError, match="prompt_2: 2 given for 1 prompts"):
+        pipeline.check(GenerationRequest(prompt=["a"], prompt_2=["b", "c"], height=64, width=64))
+    with pytest.raises(SdexportError, match="original_size .* two non-negative integers"):
+        pipeline.check(GenerationRequest(prompt=["a"], original_size=(64, -1), height=64, width=64))
+    with pytest.raises(SdexportError, match="needs tokenizer_2"):
+        Txt2ImgPipeline(pipeline.engines, tokenizer=pipeline.tokenizer, scheduler_config=pipeline.scheduler_config,
+                        dims=pipeline.dims, vae_scaling_factor=1.0, profile=PROFILE, family="sdxl")
+
+
+def test_cli_runs_an_sdxl_engine_dir(sdxl_engine_dir, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    assert run_cli("run", sdxl_engine_dir, "-p", "a red fox", "--steps", "2", "--height", "64", "--width", "128",
+                   "-o", out) == 0
+    from PIL import Image
+
+    assert Image.open(out).size == (128, 64)
+    assert run_cli("inspect", sdxl_engine_dir) == 0
+    assert "sdxl" in capsys.readouterr().out
+
+
+# -- loading: diffusers directory, single file, replacement VAE --------------------------------
+
+
+def _assert_same_weights(want: LoadedModel, got: LoadedModel) -> None:
+    assert set(got.modules) == set(want.modules)
+    for part, module in want.modules.items():
+        a, b = module.state_dict(), got.modules[part].state_dict()
+        assert a.keys() == b.keys(), part
+        differ = [k for k in a if b[k].is_meta or not torch.equal(a[k], b[k])]
+        assert not differ, (part, differ[:5])
+
+
+def test_diffusers_directory_round_trip(sdxl_model, tmp_path):
+    path = tmp_path / "tiny-sdxl"
+    sdxl_model.save_pretrained(path)
+    index = json.loads((path / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    loaded = load_model(str(path))
+    assert loaded.family == "sdxl" and loaded.source["kind"] == "diffusers" and not loaded.random_weights
+    assert set(loaded.tokenizers) == {"tokenizer", "tokenizer_2"}
+    assert loaded.dims == sdxl_model.dims
+    assert loaded.default_profile == PRESETS["sdxl"].profile
+    _assert_same_weights(sdxl_model, loaded)
+    # diffusers' own loader reads the same directory (the baseline benchmarks use)
+    import diffusers
+
+    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(str(path))
+    assert pipe.config.force_zeros_for_empty_prompt
+    # the pipeline option is read, not assumed
+    index["force_zeros_for_empty_prompt"] = False
+    (path / "model_index.json").write_text(json.dumps(index))
+    assert load_model(str(path)).pipeline_config == {"force_zeros_for_empty_prompt": False}
+    # an SDXL directory without its second encoder is named as incomplete
+    import shutil
+
+    shutil.rmtree(path / "text_encoder_2")
+    with pytest.raises(ModelLoadError, match="missing text_encoder_2/"):
+        load_model(str(path))
+
+
+def test_diffusers_directory_exports(sdxl_model, tmp_path):
+    path = tmp_path / "tiny-sdxl"
+    sdxl_model.save_pretrained(path)
+    out = tmp_path / "engine"
+    assert run_cli("export", path, "-o", out, "--components", "text_encoder_2", "--verify", "quick",
+                   "--batch", "1:1:2", "--height", "64", "--width", "64") == 0
+    manifest = load_manifest(out)
+    assert manifest.family == "sdxl" and manifest.components["text_encoder_2"].parity["status"] == "passed"
+
+
+def test_single_file_round_trip(sdxl_model, tmp_path):
+    from safetensors import safe_open
+
+    path = tmp_path / "tiny-sdxl.safetensors"
+    write_single_file_checkpoint(sdxl_model, path)
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    assert {".".join(k.split(".")[:3]) for k in keys if k.startswith("conditioner.")} == {
+        "conditioner.embedders.0", "conditioner.embedders.1"}
+    assert "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight" in keys
+    assert "model.diffusion_model.label_emb.0.2.weight" in keys
+    loaded = load_model(str(path), config="tiny-sdxl")
+    assert loaded.family == "sdxl" and loaded.source["kind"] == "single_file"
+    assert loaded.pipeline_config == {"force_zeros_for_empty_prompt": True}
+    _assert_same_weights(sdxl_model, loaded)
+    # --config as a diffusers directory of the architecture (configs only)
+    config_dir = tmp_path / "config"
+    write_config_dir(PRESETS["tiny-sdxl"], config_dir)
+    assert json.loads((config_dir / "model_index.json").read_text())["force_zeros_for_empty_prompt"] is True
+    _assert_same_weights(sdxl_model, load_model(str(path), config=str(config_dir)))
+
+
+def test_sdxl_checkpoint_key_names():
+    """Built on the meta device: the names and count of Stability's sd_xl_base_1.0.safetensors (2515)."""
+    modules = _meta_model("sdxl").modules
+    state = ldm_state_dict(modules["unet"], modules["vae"], modules["text_encoder"],
+                           text_encoder_2=modules["text_encoder_2"])
+    expected = {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816),
+        "model.diffusion_model.input_blocks.4.1.proj_in.weight": (640, 640),
+        "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight": (640, 2048),
+        "model.diffusion_model.input_blocks.7.1.transformer_blocks.9.ff.net.2.weight": (1280, 5120),
+        "model.diffusion_model.middle_block.1.transformer_blocks.9.attn1.to_q.weight": (1280, 1280),
+        "model.diffusion_model.output_blocks.2.2.conv.weight": (1280, 1280, 3, 3),
+        "model.diffusion_model.output_blocks.5.2.conv.weight": (640, 640, 3, 3),
+        "model.diffusion_model.output_blocks.8.0.skip_connection.weight": (320, 640, 1, 1),
+        "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": (1, 77),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight": (768, 3072),
+        "conditioner.embedders.1.model.positional_embedding": (77, 1280),
+        "conditioner.embedders.1.model.text_projection": (1280, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+        "conditioner.embedders.1.model.transformer.resblocks.31.mlp.c_fc.weight": (5120, 1280),
+        "conditioner.embedders.1.model.ln_final.weight": (1280,),
+    }
+    assert {k: tuple(state[k].shape) for k in expected if k in state} == expected
+    assert "model.diffusion_model.output_blocks.8.1.conv.weight" not in state  # last up block: no upsampler
+    counts = {p: sum(k.startswith(p) for k in state)
+              for p in ("model.", "first_stage_model.", "conditioner.embedders.0.", "conditioner.embedders.1.")}
+    assert counts == {"model.": 1680, "first_stage_model.": 248, "conditioner.embedders.0.": 197,
+                      "conditioner.embedders.1.": 390}
+
+
+def test_replacement_vae(tmp_path):
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.models.loader import load_preset
+
+    other = load_preset(PRESETS["tiny-sdxl"], seed=7)
+    other.modules["vae"].save_pretrained(tmp_path / "fixed-vae")
+    model = load_model("tiny-sdxl", vae=str(tmp_path / "fixed-vae"))
+    assert all(torch.equal(a, b) for a, b in zip(model.modules["vae"].state_dict().values(),
+                                                 other.modules["vae"].state_dict().values()))
+    assert "VAE from" in model.label and model.source["vae"] == str((tmp_path / "fixed-vae").resolve())
+    # a pipeline directory works too (its vae/ is used)
+    other.save_pretrained(tmp_path / "pipeline")
+    assert load_model("tiny-sdxl", vae=str(tmp_path / "pipeline")).source["vae"].endswith("pipeline/vae")
+    manifest = export("tiny-sdxl", tmp_path / "engine", ExportOptions(
+        profile=PROFILE, components=["vae_decoder"], verify="quick", vae=str(tmp_path / "fixed-vae")))
+    assert manifest.model["source"]["vae"] == str((tmp_path / "fixed-vae").resolve())
+    with pytest.raises(ModelLoadError, match="not a diffusers AutoencoderKL directory"):
+        load_model("tiny-sdxl", vae=str(tmp_path))
