@@ -30,7 +30,7 @@ WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pi
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, sd15, sd21), diffusers directory, or .safetensors/.ckpt file.")],
+    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,
@@ -41,9 +41,10 @@ def export(
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet,vae_decoder.")] = None,
     verify: Annotated[str, typer.Option(help="full (min, opt, max, odd), quick (min only) or none.")] = "full",
     seed: Annotated[int, typer.Option(help="Seed of a preset's random weights.")] = 0,
+    vae: Annotated[str | None, typer.Option(help="Replace the model's VAE: an AutoencoderKL directory (e.g. an fp16-safe VAE) or a pipeline directory with vae/.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
-    """Export a checkpoint's text encoder, U-Net and VAE to ONNX and prove each against PyTorch."""
+    """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.exporter import ExportOptions
     from sdexport.export.exporter import export as run_export
     from sdexport.inspect_dir import print_summary
@@ -58,6 +59,7 @@ def export(
         verify=verify,  # type: ignore[arg-type]
         config=config,
         seed=seed,
+        vae=vae,
         force=force,
     )
     manifest = run_export(model, output, options)
@@ -117,6 +119,27 @@ def build(
     out.print(table)
 
 
+def _per_image(values: list[str] | None, count: int, flag: str) -> list[str] | None:
+    """One value for all images, or one per image."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise SdexportError(f"{flag}: give one value, or one per image ({count})")
+    return list(values)
+
+
+def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    parts = text.lower().split(sep)
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        example = "1024x1024" if sep == "x" else "0,0"
+        raise SdexportError(f"{flag} {text!r}: expected two integers like {example}")
+    return int(parts[0]), int(parts[1])
+
+
 @app.command()
 def run(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
@@ -132,6 +155,11 @@ def run(
     width: Annotated[int | None, typer.Option(help="Image width (default: the profile's opt).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture the U-Net in a CUDA graph (static shapes).")] = False,
+    prompt_2: Annotated[list[str] | None, typer.Option("--prompt-2", help="SDXL: prompt for the second text encoder (default: --prompt).")] = None,
+    negative_prompt_2: Annotated[list[str] | None, typer.Option("--negative-prompt-2", help="SDXL: negative prompt for the second text encoder.")] = None,
+    original_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
+    crop_top_left: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, Y,X (default: 0,0).")] = None,
+    target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
 ) -> None:
     """Generate images from prompts with the engines in an engine directory."""
     from rich.progress import Progress
@@ -152,6 +180,11 @@ def run(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
         seeds=[seed + i for i in range(len(prompts))],
         height=height or profile.height[1], width=width or profile.width[1],
+        prompt_2=_per_image(prompt_2, len(prompts), "--prompt-2"),
+        negative_prompt_2=_per_image(negative_prompt_2, len(prompts), "--negative-prompt-2"),
+        original_size=_pair(original_size, "x", "--original-size"),
+        crops_coords_top_left=_pair(crop_top_left, ",", "--crop-top-left") or (0, 0),
+        target_size=_pair(target_size, "x", "--target-size"),
     )
     with console.status(f"Loading engines ({resolve_backend(backend)})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph)

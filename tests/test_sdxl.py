@@ -317,6 +317,22 @@ def test_cli_runs_an_sdxl_engine_dir(sdxl_engine_dir, tmp_path, capsys):
     assert "sdxl" in capsys.readouterr().out
 
 
+def test_cli_sdxl_conditioning_flags_reach_the_png(sdxl_engine_dir, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    out = tmp_path / "img.png"
+    assert run_cli("run", sdxl_engine_dir, "-p", "a red fox", "--prompt-2", "oil painting", "--steps", "2",
+                   "--height", "64", "--width", "64", "--original-size", "128x96", "--crop-top-left", "8,0",
+                   "--target-size", "64x64", "-o", out) == 0
+    params = json.loads(Image.open(out).text["sdexport"])
+    assert params["prompt_2"] == "oil painting" and params["original_size"] == [128, 96]
+    assert params["crops_coords_top_left"] == [8, 0] and params["target_size"] == [64, 64]
+    assert run_cli("run", sdxl_engine_dir, "-p", "x", "--original-size", "big", "-o", out) == 2
+    assert "--original-size 'big': expected two integers like 1024x1024" in capsys.readouterr().err
+
+
 # -- loading: diffusers directory, single file, replacement VAE --------------------------------
 
 

@@ -82,7 +82,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
     needs_engines = any(c not in BASELINES for c in contenders)
     engine_dir = options.engine_dir
     if needs_engines and engine_dir is None:
-        engine_dir = _export(scenario, model.default_profile, output_dir, dtype, one_time)
+        engine_dir = _export(scenario, model.family, output_dir, dtype, one_time)
 
     results: list[dict[str, Any]] = []
     baseline_outputs: dict[Case, Output] = {}
@@ -140,12 +140,13 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
     }
 
 
-def _export(scenario: Scenario, default_profile: Any, output_dir: Path, dtype: str,
+def _export(scenario: Scenario, family: str, output_dir: Path, dtype: str,
             one_time: dict[str, dict[str, float | str]]) -> Path:
     """Export once into the output directory; a previous export with the same settings is reused."""
     from sdexport.export.exporter import ExportOptions, export
     from sdexport.manifest import load_manifest
     from sdexport.shapes import ShapeProfile, parse_range
+    from sdexport.specs import components_for
 
     batches = scenario.batch
     profile = ShapeProfile(
@@ -160,25 +161,14 @@ def _export(scenario: Scenario, default_profile: Any, output_dir: Path, dtype: s
         if manifest.shape_profile == profile and manifest.dtype == dtype:
             one_time["export"] = {"status": "reused", "path": str(target)}
             return target
-    components = ["text_encoder", "unet", "vae_decoder"]
-    if dtype == "fp16":
-        components.append("vae_decoder_fp32")
-    if any(name.startswith("text_encoder_2") for name in _family_components(scenario)):
-        components.insert(1, "text_encoder_2")
+    # What txt2img runs (no VAE encoder), plus the fp32 fallback VAE for fp16 exports.
+    components = [s.name for s in components_for(family)
+                  if s.name != "vae_encoder" and (dtype == "fp16" or not s.always_fp32)]
     start = time.perf_counter()
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, components=components,
                                                  verify=scenario.export.get("verify", "quick"), force=True))
     one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(target)}
     return target
-
-
-def _family_components(scenario: Scenario) -> list[str]:
-    from sdexport.models.presets import get_preset
-    from sdexport.specs import components_for
-
-    preset = get_preset(scenario.model)
-    family = preset.family if preset else "sd"
-    return [s.name for s in components_for(family)]
 
 
 def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]]) -> None:

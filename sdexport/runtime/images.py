@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sdexport.runtime.txt2img import GenerationResult
+from sdexport.runtime.txt2img import GenerationRequest, GenerationResult
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -15,6 +15,21 @@ def output_paths(output: Path, count: int) -> list[Path]:
     if count == 1:
         return [output]
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
+
+
+def _sdxl_params(request: GenerationRequest, i: int) -> dict[str, Any]:
+    """The SDXL-only fields, where they were given."""
+    params: dict[str, Any] = {}
+    if request.prompt_2:
+        params["prompt_2"] = request.prompt_2[i]
+    if request.negative_prompt_2:
+        params["negative_prompt_2"] = request.negative_prompt_2[i]
+    for name in ("original_size", "target_size"):
+        if getattr(request, name) is not None:
+            params[name] = list(getattr(request, name))
+    if request.crops_coords_top_left != (0, 0):
+        params["crops_coords_top_left"] = list(request.crops_coords_top_left)
+    return params
 
 
 def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) -> list[Path]:
@@ -34,6 +49,7 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
             "guidance": request.guidance,
             "height": request.height,
             "width": request.width,
+            **_sdxl_params(request, i),
             **info,
         }
         meta = PngInfo()
