@@ -138,12 +138,24 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
     return manifest
 
 
-def verify_files_of(directory: Path, manifest: Manifest, components: list[str] | None = None) -> None:
-    wanted = manifest.files
-    if components is not None:
-        prefixes = tuple(f"{c}/" for c in manifest.components if c not in components)
-        wanted = {k: v for k, v in wanted.items() if not k.startswith(prefixes) or not prefixes}
-    for rel, expected in wanted.items():
+def verify_files_of(
+    directory: Path, manifest: Manifest, components: list[str] | None = None, *, plans: bool = True
+) -> None:
+    """Check the directory's files against their hashes, limited to ``components`` if given.
+
+    The runtime passes ``plans=False``: a directory may hold TensorRT plans for several GPUs, and
+    the TensorRT loader checks only the one it picks.
+    """
+    skipped = tuple(f"{c}/" for c in manifest.components if components is not None and c not in components)
+    check_files(directory, {
+        rel: digest for rel, digest in manifest.files.items()
+        if (plans or not rel.endswith(".plan")) and not (skipped and rel.startswith(skipped))
+    })
+
+
+def check_files(directory: Path, files: dict[str, str]) -> None:
+    """Every listed file exists and has its recorded sha256, else one error naming the file."""
+    for rel, expected in files.items():
         file = directory / rel
         if not file.is_file():
             raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing")

@@ -192,3 +192,16 @@ def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tmp_path: Path, referen
     rel = relative_l2(got.latents, want.latents)
     print(f"fp16 ORT vs fp32 diffusers: latents rel-L2 {rel:.2e}")
     assert rel < 5e-2 and not got.vae_fallback
+
+
+def test_runtime_does_not_hash_plans_for_other_gpus(engine_copy: Path, monkeypatch):
+    """A plan is checked only by the TensorRT loader that picks it, never by every backend's load."""
+    from sdexport.manifest import load_manifest, save_manifest
+
+    manifest = load_manifest(engine_copy)
+    (engine_copy / "unet" / "other-gpu.plan").write_bytes(b"plan built elsewhere")
+    manifest.files["unet/other-gpu.plan"] = "0" * 64  # would not match if it were hashed
+    save_manifest(engine_copy, manifest)
+    load_pipeline(engine_copy, "onnxruntime-cpu")
+    with pytest.raises(EngineDirError, match="other-gpu.plan does not match"):
+        load_manifest(engine_copy)  # `sdexport inspect` still checks everything

@@ -28,8 +28,8 @@ from typing import Any, Literal
 from sdexport.build.cache_key import EngineKey, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.console import console, step
-from sdexport.errors import EngineDirError, MissingDependencyError, SdexportError
-from sdexport.manifest import Manifest, load_manifest, save_manifest, sha256_file
+from sdexport.errors import MissingDependencyError, SdexportError
+from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, sha256_file
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, components_for
 
@@ -205,16 +205,10 @@ def _select(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
 def _verify_onnx(engine_dir: Path, manifest: Manifest, onnx: str) -> None:
     """The key promises "built from this graph": check the graph's files before trusting their hash."""
     folder = onnx.rsplit("/", 1)[0] + "/"
-    for rel, expected in manifest.files.items():
-        if rel.startswith(folder) and not rel.endswith(".plan"):
-            file = engine_dir / rel
-            if not file.is_file():
-                raise EngineDirError(f"{engine_dir}: {rel} is listed in the manifest but missing")
-            if sha256_file(file) != expected:
-                raise EngineDirError(
-                    f"{engine_dir}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
-                    "re-export it"
-                )
+    check_files(engine_dir, {
+        rel: digest for rel, digest in manifest.files.items()
+        if rel.startswith(folder) and not rel.endswith(".plan")
+    })
 
 
 def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, key: EngineKey, force: bool) -> list[str]:

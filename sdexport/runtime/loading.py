@@ -59,7 +59,8 @@ def load_pipeline(
     if verify_files:
         from sdexport.manifest import verify_files_of
 
-        verify_files_of(engine_dir, manifest, names + ([fallback] if fallback else []))
+        # Plans are checked by the TensorRT loader, which hashes only the one it picks.
+        verify_files_of(engine_dir, manifest, names + ([fallback] if fallback else []), plans=False)
     engines = _load_engines(engine_dir, manifest, names + ([fallback] if fallback else []), backend,
                             cuda_graph=cuda_graph, threads=threads)
     from transformers import CLIPTokenizer
