@@ -454,3 +454,15 @@ def test_replacement_vae(tmp_path):
     assert manifest.model["source"]["vae"] == str((tmp_path / "fixed-vae").resolve())
     with pytest.raises(ModelLoadError, match="not a diffusers AutoencoderKL directory"):
         load_model("tiny-sdxl", vae=str(tmp_path))
+
+
+def test_bench_runs_tiny_sdxl(tmp_path):
+    import json
+
+    scenario = tmp_path / "sdxl.toml"
+    scenario.write_text('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [2]\nbatch = [1]\nwarmup = 0\n'
+                        'repeats = 1\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+    assert runtime["status"] == "measured" and runtime["agreement"]["latents_rel_l2"] < 1e-4
