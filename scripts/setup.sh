@@ -2,9 +2,9 @@
 # Install sdexport and what it needs into the current Python environment.
 #   bash scripts/setup.sh          runtime + export (onnxruntime CPU)
 #   bash scripts/setup.sh --dev    + test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
-# A torch that is already installed (e.g. a CUDA build on a GPU server) is left alone; where there is
-# none, the CPU build named by SDEXPORT_TORCH is installed (an unpinned torch would pull a multi-GB
-# CUDA build onto a CPU machine).
+# A torch that is already installed (e.g. a CUDA build on a GPU server) is left alone. Where there is
+# none, SDEXPORT_TORCH (default torch==2.13.0) is installed: on this project's CI machines that pin
+# resolves to a local CPU build; on other CPU-only machines install a CPU torch first (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -23,9 +23,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-BatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call as min:opt:max (default 1:1:4; tiny 1:1:2).")]
-HeightOpt = Annotated[str | None, typer.Option("--height", help="Image height in pixels as min:opt:max (default 256:512:1024).")]
-WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pixels as min:opt:max (default 256:512:1024).")]
+_RANGE = "as min:opt:max or one number; default: {}."
+_EXPORT_DEFAULT = "the model's profile (SD 1.x: batch 1:1:4, sides 256:512:1024; sd21 768 opt; SDXL 512:1024:1536; tiny presets 1:1:2, 64:128:256)"
+_BUILD_DEFAULT = "the exported profile; must lie inside it"
+BatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_EXPORT_DEFAULT))]
+HeightOpt = Annotated[str | None, typer.Option("--height", help="Image height in pixels " + _RANGE.format(_EXPORT_DEFAULT))]
+WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pixels " + _RANGE.format(_EXPORT_DEFAULT))]
+BuildBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_BUILD_DEFAULT))]
+BuildHeightOpt = Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format(_BUILD_DEFAULT))]
+BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format(_BUILD_DEFAULT))]
 
 
 @app.command()
@@ -84,9 +90,9 @@ def build(
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 kernels (the fp32 fallback VAE stays fp32).")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
     strongly_typed: Annotated[bool, typer.Option(help="Take precisions from the ONNX graph (for --dtype fp16 exports).")] = False,
-    batch: BatchOpt = None,
-    height: HeightOpt = None,
-    width: WidthOpt = None,
+    batch: BuildBatchOpt = None,
+    height: BuildHeightOpt = None,
+    width: BuildWidthOpt = None,
     timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
     optimization_level: Annotated[int | None, typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
     refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
@@ -168,13 +174,12 @@ def run(
     from sdexport.runtime.images import save_images
     from sdexport.runtime.loading import load_pipeline, resolve_backend
     from sdexport.runtime.txt2img import GenerationRequest
+    from sdexport.shapes import ShapeProfile
 
     prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
     if len(prompt) > 1 and batch != 1:
         raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
-    negatives = list(negative_prompt) if negative_prompt else None
-    if negatives is not None and len(negatives) == 1:
-        negatives = negatives * len(prompts)
+    negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     profile = load_manifest(engine_dir, verify_files=False).shape_profile
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
@@ -186,8 +191,9 @@ def run(
         crops_coords_top_left=_pair(crop_top_left, ",", "--crop-top-left") or (0, 0),
         target_size=_pair(target_size, "x", "--target-size"),
     )
+    wanted = ShapeProfile.single(request.batch, request.height, request.width)
     with console.status(f"Loading engines ({resolve_backend(backend)})…"):
-        pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph)
+        pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted)
     pipeline.check(request)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random-weight model: images are noise-like by design")

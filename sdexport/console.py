@@ -20,26 +20,17 @@ out = Console(highlight=False)
 
 
 def quiet_libraries() -> None:
-    """Silence progress bars and chatter from transformers/diffusers/onnx that would bury ours."""
+    """Silence progress bars and chatter from transformers/diffusers/onnx that would bury ours.
+
+    Environment variables, read when those libraries are first imported, so that commands that never
+    need them (``--help``, ``inspect``) do not pay for importing them here.
+    """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|diffusers|transformers).*")
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        import diffusers
-
-        diffusers.utils.logging.set_verbosity_error()
-        diffusers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

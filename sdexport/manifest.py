@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdexport.atomic import write_atomic
 from sdexport.errors import EngineDirError
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims, component
@@ -95,16 +94,7 @@ def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[s
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def save_manifest(directory: Path, manifest: Manifest) -> None:

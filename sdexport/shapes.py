@@ -45,6 +45,11 @@ class ShapeProfile:
         return cls(parse_range(batch, "batch"), parse_range(height, "height"), parse_range(width, "width"))
 
     @classmethod
+    def single(cls, batch: int, height: int, width: int) -> ShapeProfile:
+        """The one shape of a request."""
+        return cls((batch, batch, batch), (height, height, height), (width, width, width))
+
+    @classmethod
     def from_dict(cls, data: dict[str, list[int]]) -> ShapeProfile:
         return cls(*(tuple(data[k]) for k in ("batch", "height", "width")))  # type: ignore[arg-type]
 
@@ -73,12 +78,6 @@ class ShapeProfile:
                         f"(VAE factor {dims.vae_scale_factor} x U-Net downsampling "
                         f"{dims.unet_downsample}); try {hint}"
                     )
-
-    def contains(self, batch: int, height: int, width: int) -> bool:
-        return all(
-            lo <= v <= hi
-            for v, (lo, _, hi) in ((batch, self.batch), (height, self.height), (width, self.width))
-        )
 
     def check_request(self, batch: int, height: int, width: int, dims: ModelDims) -> None:
         """Refuse a request the engines cannot serve, saying what they can."""

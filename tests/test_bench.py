@@ -95,3 +95,26 @@ def test_bad_scenarios_are_refused(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(SdexportError, match=re.escape(message)):
         load_scenario(path)
+
+
+def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+    from sdexport.bench import harness
+    from sdexport.errors import ProfileError
+
+    real = harness._measure
+
+    def failing_for_batch_2(contender, scenario, case, *args):
+        if contender.name == "onnxruntime-cpu" and case.batch == 2:
+            raise ProfileError("batch 2 is outside the engines' profile")
+        return real(contender, scenario, case, *args)
+
+    monkeypatch.setattr(harness, "_measure", failing_for_batch_2)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cuda", "tensorrt"', '"torch"').replace("repeats = 2", "repeats = 1"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--warmup", "0") == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    failed = [r for r in report["results"] if r["status"] == "failed"]
+    assert [(r["contender"], r["case"]["batch"]) for r in failed] == [("onnxruntime-cpu", 2)]
+    assert len([r for r in report["results"] if r["status"] == "measured"]) == 5
+    assert report["scenario"]["warmup"] == 0 and report["scenario"]["repeats"] == 1
+    assert "onnxruntime-cpu (batch 2, 3 steps): batch 2 is outside" in (tmp_path / "out" / "results.md").read_text()

@@ -167,3 +167,18 @@ def test_inspect_refuses_damaged_directory(engine_copy: Path, capsys):
     (engine_copy / MANIFEST_NAME).unlink()
     assert run_cli("inspect", engine_copy) == 2
     assert "no manifest.json" in capsys.readouterr().err
+
+
+def test_export_to_an_existing_file_is_refused(tmp_path: Path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert run_cli("export", "tiny", "-o", target) == 2
+    assert "is a file; -o takes the engine directory" in capsys.readouterr().err
+
+
+def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path: Path, monkeypatch):
+    from sdexport.models import load_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()  # e.g. the engine directory of `sdexport export tiny -o tiny`
+    assert load_model("tiny").source == {"kind": "preset", "name": "tiny", "seed": 0}

@@ -205,3 +205,30 @@ def test_runtime_does_not_hash_plans_for_other_gpus(engine_copy: Path, monkeypat
     load_pipeline(engine_copy, "onnxruntime-cpu")
     with pytest.raises(EngineDirError, match="other-gpu.plan does not match"):
         load_manifest(engine_copy)  # `sdexport inspect` still checks everything
+
+
+class BufferReusingEngine(SpyEngine):
+    """Returns the same output tensor every call, overwritten in place, as TensorRT does."""
+
+    def __call__(self, feed):
+        result = self.engine(feed)
+        if not hasattr(self, "buffers"):
+            self.buffers = {k: v.clone() for k, v in result.items()}
+        for name, value in result.items():
+            self.buffers[name].copy_(value)
+        return self.buffers
+
+
+def test_engines_that_reuse_output_buffers_give_the_same_images(pipelines, monkeypatch):
+    """Without CFG the U-Net output goes straight to the scheduler; PNDM keeps past outputs."""
+    pipeline = pipelines["onnxruntime-cpu"]
+    request = GenerationRequest(prompt=["x"], guidance=1.0, steps=6, scheduler="pndm", height=64, width=64)
+    want = pipeline(request).latents
+    monkeypatch.setitem(pipeline.engines, "unet", BufferReusingEngine(pipeline.engines["unet"]))
+    assert torch.equal(pipeline(request).latents, want)
+
+
+def test_cli_run_refuses_a_directory_as_output(tiny_engine_dir: Path, tmp_path: Path, capsys):
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", tmp_path) == 2
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -29,7 +29,7 @@ from sdexport.bench.contenders import (
 )
 from sdexport.bench.environment import environment
 from sdexport.bench.measure import MemorySampler, Stats, psnr
-from sdexport.bench.scenario import BASELINES, Case, Scenario
+from sdexport.bench.scenario import BASELINES, CONTENDERS, Case, Scenario
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
 from sdexport.runtime.txt2img import GenerationRequest
@@ -64,6 +64,9 @@ def precision(scenario: Scenario) -> str:
 
 def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dict[str, Any]:
     requested = options.contenders or scenario.contenders
+    unknown = [c for c in requested if c not in CONTENDERS]
+    if not requested or unknown:
+        raise SdexportError(f"contenders: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
     # Baselines run first: every other contender is compared with the first one's output.
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     baseline = contenders[0] if contenders[0] in BASELINES else None
@@ -107,7 +110,12 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
                 continue
             for case in scenario.cases:
                 progress.update(task, description=f"{name}: {case.label}")
-                entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
+                try:
+                    entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
+                except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
+                    console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
+                    results.append({"contender": name, "status": "failed", "case": vars(case), "reason": str(exc)})
+                    continue
                 output = entry.pop("_output")
                 if name == baseline:
                     baseline_outputs[case] = output
@@ -127,7 +135,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     return {
-        "scenario": dict(vars(scenario)),
+        "scenario": {**vars(scenario), "contenders": contenders, "warmup": warmup, "repeats": repeats},
         "baseline": baseline,
         "precision": dtype,
         "device": str(device()),
@@ -177,7 +185,7 @@ def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, di
     start = time.perf_counter()
     results = build_engines(
         engine_dir,
-        static=bool(scenario.build.get("static", True)),
+        static=bool(scenario.build.get("static", False)),
         optimization_level=scenario.build.get("optimization_level"),
         fp16=True,
     )

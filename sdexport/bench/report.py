@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sdexport.atomic import atomic_path, write_atomic
 from sdexport.manifest import write_json_atomic
 
 
@@ -100,7 +101,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     skipped = [r for r in report["results"] if r["status"] != "measured"]
     if skipped:
-        lines += ["## Not measured", ""] + [f"- {r['contender']}: {r['reason']}" for r in skipped] + [""]
+        lines += ["## Not measured", ""]
+        for r in skipped:
+            where = f" (batch {r['case']['batch']}, {r['case']['steps']} steps)" if "case" in r else ""
+            lines.append(f"- {r['contender']}{where}: {r['reason']}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -150,18 +155,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{report['scenario']['name']}: {report['model'].split(' (')[0]}, {weights}, {device}, "
                  f"{env['date'][:10]}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / "results.json", output_dir / "results.md", output_dir / "results.png"]
     write_json_atomic(paths[0], json.loads(json.dumps(report, default=str)))
-    tmp = paths[1].with_name(".results.md.tmp")
-    tmp.write_text(markdown(report))
-    tmp.replace(paths[1])
+    write_atomic(paths[1], markdown(report))
     plot(report, paths[2])
     return paths

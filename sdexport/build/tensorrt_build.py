@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +24,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+from sdexport.atomic import write_atomic
 from sdexport.build.cache_key import EngineKey, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.console import console, step
@@ -174,7 +174,7 @@ def build_engines(
         start = time.perf_counter()
         with step(f"Building {spec.name} ({_describe(key)})"):
             plan = _build_plan(engine_dir / entry.onnx, key, timing_cache)
-            _write_atomic(engine_dir / rel, plan)
+            write_atomic(engine_dir / rel, bytes(plan))
         seconds = time.perf_counter() - start
         entry.engines[key.digest()] = {
             "path": rel,
@@ -297,15 +297,3 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None) -> m
     if not plan:
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path} (see its log above)")
     return memoryview(plan)
-
-
-def _write_atomic(path: Path, data: memoryview | bytes) -> None:
-    """Temporary name in the same folder, then rename: a plan file is either complete or absent."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

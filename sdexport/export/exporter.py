@@ -52,7 +52,7 @@ class ExportOptions:
 def tool_versions() -> dict[str, str]:
     versions = {}
     for package in ("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
-                    "onnx-graphsurgeon"):
+                    "onnxruntime-gpu", "onnx-graphsurgeon"):
         try:
             versions[package] = version(package)
         except PackageNotFoundError:
@@ -63,8 +63,13 @@ def tool_versions() -> dict[str, str]:
 def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
     if options.dtype not in DTYPES:
         raise SdexportError(f"--dtype {options.dtype}: choose one of {', '.join(DTYPES)}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SdexportError(f"{out_dir} is a file; -o takes the engine directory to create")
     if out_dir.exists() and any(out_dir.iterdir()) and not options.force:
         raise SdexportError(f"{out_dir} exists and is not empty; choose another -o or pass --force")
+    from sdexport.runtime.onnxruntime_backend import require_provider
+
+    require_provider("cpu")  # verification and fp16 conversion run on onnxruntime
     with step(f"Loading {model_ref}"):
         model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae)
     profile = (options.profile or model.default_profile).with_ranges(**options.ranges)

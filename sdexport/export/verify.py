@@ -54,13 +54,6 @@ class ParityReport:
             return "failed"
         return "passed" if "passed" in statuses else "skipped"
 
-    @property
-    def worst(self) -> OutputError | None:
-        errors = [e for p in self.points for e in p.outputs.values()]
-        if not errors:
-            return None
-        return OutputError(max(e.max_abs for e in errors), max(e.rel_l2 for e in errors))
-
     def to_dict(self) -> dict:
         data = asdict(self)
         data["status"] = self.status

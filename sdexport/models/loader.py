@@ -150,7 +150,8 @@ def load_model(
 def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
-    if preset is not None and not path.exists():
+    if preset is not None and not _looks_like_a_model(path):
+        # e.g. `sdexport export tiny -o tiny`: the engine directory ./tiny is not the model "tiny"
         return load_preset(preset, seed=seed, dtype=dtype)
     if not path.exists():
         known = ", ".join(PRESETS)
@@ -179,6 +180,10 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     model.modules["vae"] = vae.eval().requires_grad_(False)
     model.label += f", VAE from {path}"
     model.source = {**model.source, "vae": str(path.resolve())}
+
+
+def _looks_like_a_model(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES)
 
 
 def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -371,7 +376,9 @@ def load_single_file(
         tokenizers=tokenizers,
         scheduler_config=scheduler_config,
         random_weights=False,
-        source={"kind": "single_file", "path": str(path.resolve()), "config": config},
+        # An absolute config path, so the Torch backend can reload the model from anywhere.
+        source={"kind": "single_file", "path": str(path.resolve()),
+                "config": config if preset is not None else str(Path(config).resolve())},
         default_profile=preset.profile if preset is not None else family_profile(family),
         pipeline_config=pipeline_config,
     )

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from sdexport.atomic import atomic_path
+from sdexport.errors import SdexportError
 from sdexport.runtime.txt2img import GenerationRequest, GenerationResult
 
 
@@ -36,8 +37,9 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
     from PIL.PngImagePlugin import PngInfo
 
     request = result.request
+    if output.is_dir():
+        raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
     paths = output_paths(output, len(result.images))
-    output.parent.mkdir(parents=True, exist_ok=True)
     for i, (image, path) in enumerate(zip(result.images, paths)):
         negative = request.negative_prompt[i] if request.negative_prompt else ""
         params = {
@@ -61,7 +63,6 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
             f"Size: {request.width}x{request.height}",
         )
         meta.add_text("sdexport", json.dumps(params))
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG", pnginfo=meta)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            image.save(tmp, format="PNG", pnginfo=meta)
     return paths

@@ -16,6 +16,7 @@ from sdexport.errors import EngineDirError, SdexportError
 from sdexport.manifest import Manifest, load_manifest
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.txt2img import Txt2ImgPipeline
+from sdexport.shapes import ShapeProfile
 from sdexport.specs import components_for
 
 BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
@@ -51,18 +52,22 @@ def load_pipeline(
     cuda_graph: bool = False,
     threads: int = 0,
     verify_files: bool = True,
+    request_profile: ShapeProfile | None = None,
 ) -> Txt2ImgPipeline:
+    """``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them."""
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
     names = txt2img_components(manifest)
     fallback = FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
+    loaded = names + ([fallback] if fallback else [])
     if verify_files:
         from sdexport.manifest import verify_files_of
 
-        # Plans are checked by the TensorRT loader, which hashes only the one it picks.
-        verify_files_of(engine_dir, manifest, names + ([fallback] if fallback else []), plans=False)
-    engines = _load_engines(engine_dir, manifest, names + ([fallback] if fallback else []), backend,
-                            cuda_graph=cuda_graph, threads=threads)
+        # Hash what this backend reads: ONNX graphs for ONNX Runtime only (the Torch backend reads
+        # none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always.
+        verify_files_of(engine_dir, manifest, loaded if backend.startswith("onnxruntime") else [], plans=False)
+    engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
+                            request_profile=request_profile)
     from transformers import CLIPTokenizer
 
     tokenizers = {
@@ -91,7 +96,8 @@ def load_pipeline(
 
 
 def _load_engines(
-    engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int
+    engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
+    request_profile: ShapeProfile | None,
 ) -> dict[str, Engine]:
     profile, dims = manifest.shape_profile, manifest.model_dims
     if backend.startswith("onnxruntime"):
@@ -107,7 +113,7 @@ def _load_engines(
         return _torch_engines(manifest, names, compile=backend == "torch-compile")
     from sdexport.runtime.tensorrt_backend import load_tensorrt_engines
 
-    return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph))
+    return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile))
 
 
 def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> dict[str, Engine]:
@@ -116,10 +122,10 @@ def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> di
     from sdexport.runtime.torch_backend import TorchEngine
 
     source: dict[str, Any] = manifest.model["source"]
-    model = load_model(source["argument"] if source["kind"] == "preset" else source["path"],
-                       config=source.get("config"), seed=int(source.get("seed", 0)), vae=source.get("vae"))
     if source["kind"] != "preset" and not Path(source["path"]).exists():
         raise EngineDirError(f"the Torch backend needs the source checkpoint {source['path']}, which is gone")
+    model = load_model(source["name"] if source["kind"] == "preset" else source["path"],
+                       config=source.get("config"), seed=int(source.get("seed", 0)), vae=source.get("vae"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda and manifest.dtype == "fp16" else torch.float32

@@ -186,17 +186,21 @@ class Txt2ImgPipeline:
         latents = self.initial_latents(request, generators, scheduler)
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
 
+        engine_timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
-            timestep = t.reshape(1).to(device=self.device, dtype=torch.float32)
-            feed = {"sample": model_input.float(), "timestep": timestep, **conditioning}
+            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning}
             step_start = self._sync()
             noise = self.engines["unet"](feed)["out_sample"]
             timings.unet_steps.append(self._sync() - step_start)
             if request.cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + request.guidance * (text - uncond)
+            else:
+                # Engines may return a buffer they overwrite on the next call (TensorRT does), and
+                # multistep schedulers (PNDM, DPM++, UniPC) keep past model outputs.
+                noise = noise.clone()
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if on_step is not None:
                 on_step(i + 1, len(scheduler.timesteps))
@@ -285,8 +289,8 @@ class Txt2ImgPipeline:
     def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
 
-        f = self.dims.vae_scale_factor
-        shape = (request.batch, self.dims.C, request.height // f, request.width // f)
+        sizes = self.dims.sizes(request.batch, request.height, request.width)
+        shape = self.engines["unet"].spec.tensor("sample").shape(sizes)
         # CPU generators: the same seed draws the same noise on every backend and device.
         latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
         return latents.to(self.device) * scheduler.init_noise_sigma
