@@ -27,6 +27,16 @@ DIGEST_LENGTH = 16
 PLAN_SUFFIX = ".plan"
 
 
+def onnx_files(files: dict[str, str], onnx_path: str) -> dict[str, str]:
+    """The manifest entries (path → sha256) of one graph: every file beside ``onnx_path`` but plans."""
+    folder = onnx_path.rsplit("/", 1)[0] + "/" if "/" in onnx_path else ""
+    return {
+        rel: sha
+        for rel, sha in files.items()
+        if rel.startswith(folder) and "/" not in rel[len(folder):] and not rel.endswith(PLAN_SUFFIX)
+    }
+
+
 def onnx_sha256(files: dict[str, str], onnx_path: str) -> str:
     """One hash over a component's ONNX graph and its external weights, from the manifest's hashes.
 
@@ -35,11 +45,7 @@ def onnx_sha256(files: dict[str, str], onnx_path: str) -> str:
     and a re-export with changed weights changes the key even when ``model.onnx`` itself is equal.
     """
     folder = onnx_path.rsplit("/", 1)[0] + "/" if "/" in onnx_path else ""
-    parts = sorted(
-        (rel, sha)
-        for rel, sha in files.items()
-        if rel.startswith(folder) and "/" not in rel[len(folder):] and not rel.endswith(PLAN_SUFFIX)
-    )
+    parts = sorted(onnx_files(files, onnx_path).items())
     if onnx_path not in dict(parts):
         raise KeyError(f"{onnx_path} is not listed in the manifest's files")
     if len(parts) == 1:

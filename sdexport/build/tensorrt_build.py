@@ -25,7 +25,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from sdexport.atomic import write_atomic
-from sdexport.build.cache_key import EngineKey, onnx_sha256
+from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
@@ -204,11 +204,7 @@ def _select(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
 
 def _verify_onnx(engine_dir: Path, manifest: Manifest, onnx: str) -> None:
     """The key promises "built from this graph": check the graph's files before trusting their hash."""
-    folder = onnx.rsplit("/", 1)[0] + "/"
-    check_files(engine_dir, {
-        rel: digest for rel, digest in manifest.files.items()
-        if rel.startswith(folder) and not rel.endswith(".plan")
-    })
+    check_files(engine_dir, onnx_files(manifest.files, onnx))
 
 
 def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, key: EngineKey, force: bool) -> list[str]:

@@ -29,7 +29,7 @@ from rich.markup import escape
 from sdexport.build import tensorrt_build
 from sdexport.build.cache_key import EngineKey
 from sdexport.errors import EngineDirError, ProfileError
-from sdexport.manifest import Manifest, sha256_file
+from sdexport.manifest import Manifest, check_files
 from sdexport.runtime.engine import check_feed
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
@@ -464,13 +464,10 @@ def load_tensorrt_engines(
             compute_capability=capability, profile=profile,
         )
         path = engine_dir / entry["path"]
-        if not path.is_file():
+        if verify:
+            check_files(engine_dir, {entry["path"]: manifest.files.get(entry["path"], "")})
+        elif not path.is_file():
             raise EngineDirError(f"{engine_dir}: {entry['path']} is listed in the manifest but missing")
-        if verify and manifest.files.get(entry["path"]) != sha256_file(path):
-            raise EngineDirError(
-                f"{engine_dir}: {entry['path']} does not match its sha256 in the manifest (damaged or "
-                f"replaced); rebuild it with `sdexport build {engine_dir} --force`"
-            )
         chosen[name] = (entry, deserialize_plan(path, runtime))
     memory = memory if memory is not None else SharedDeviceMemory()
     memory.reserve(max((e.device_memory_size_v2 for _, e in chosen.values()), default=0))
