@@ -34,3 +34,16 @@ class MissingDependencyError(SdexportError):
     def __init__(self, package: str, purpose: str, install: str) -> None:
         super().__init__(f"{package} is required {purpose} but is not installed: {install}")
         self.package = package
+
+
+def one_line(exc: BaseException, limit: int = 600) -> str:
+    """An exception's whole message on one line.
+
+    Libraries often put the explanation after a colon and a line break ("Error(s) in loading
+    state_dict for X:\n\tMissing key(s) ..."): keeping only the first line would cut it off.
+    """
+    text = " ".join(str(exc).split())
+    if isinstance(exc, KeyError) and exc.args:
+        text = f"missing key {exc.args[0]!r}"
+    text = text or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -142,20 +142,75 @@ def test_unmapped_weights_fail_loudly(kind: str) -> None:
         ldm_state_dict(model.modules["unet"], model.modules["vae"], model.modules["text_encoder"])
 
 
-def test_checkpoint_missing_text_encoder_weight_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "prefix, suffix, part",
+    [
+        ("cond_stage_model.", "fc1.weight", "text_encoder"),
+        ("model.diffusion_model.", "proj_in.weight", "unet"),
+        ("model.diffusion_model.", "time_embed.0.weight", "unet"),
+        ("first_stage_model.", "conv_in.bias", "vae"),
+    ],
+)
+def test_checkpoint_missing_a_weight_is_refused(tmp_path, prefix, suffix, part):
+    """Whatever diffusers or transformers would do with a gap (meta tensor, random values), the load
+    compares the checkpoint's keys with the module's own and refuses, naming the component."""
     from safetensors.torch import load_file, save_file
 
     from sdexport.errors import ModelLoadError
-    from sdexport.models import load_model
+
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(load_model("tiny"), path)
+    weights = load_file(str(path))
+    key = next(k for k in weights if k.startswith(prefix) and k.endswith(suffix))
+    del weights[key]
+    save_file(weights, str(path))
+    with pytest.raises(ModelLoadError, match=rf"checkpoint lacks .*{part} weight"):
+        load_model(str(path), config="tiny")
+
+
+def test_checkpoint_with_a_wrongly_shaped_weight_keeps_the_whole_explanation(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
 
     path = tmp_path / "tiny.safetensors"
     write_single_file_checkpoint(load_model("tiny"), path)
     weights = load_file(str(path))
     key = next(k for k in weights if k.startswith("cond_stage_model.") and k.endswith("fc1.weight"))
-    del weights[key]
+    weights[key] = torch.zeros(3, 3)
     save_file(weights, str(path))
-    with pytest.raises(ModelLoadError, match="checkpoint lacks 1 weights"):
+    with pytest.raises(ModelLoadError) as caught:
         load_model(str(path), config="tiny")
+    message = str(caught.value)
+    # torch's explanation comes after "Error(s) in loading state_dict for ...:" and a line break
+    assert "size mismatch" in message and "fc1.weight" in message and "\n" not in message
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    from sdexport.errors import ModelLoadError
+
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(load_model("tiny"), path)
+    with pytest.raises(ModelLoadError, match="is --config the right"):
+        load_model(str(path), config="tiny-sdxl")
+
+
+def test_diffusers_directory_missing_a_weight_is_refused(tiny_diffusers_dir: Path, tmp_path: Path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_diffusers_dir, broken)
+    for part in ("text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        weights = load_file(str(broken / part))
+        del weights[sorted(weights)[0]]
+        save_file(weights, str(broken / part))
+        with pytest.raises(ModelLoadError, match=r"weight files lack 1 of the weights"):
+            load_model(str(broken))
+        shutil.copy(tiny_diffusers_dir / part, broken / part)
 
 
 def test_single_file_exports_through_the_cli(tmp_path, capsys):

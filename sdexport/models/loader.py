@@ -8,7 +8,6 @@ that lets the Torch backend and the benchmarks load the same weights again.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,16 +15,22 @@ from typing import Any
 
 import torch
 
-from sdexport.errors import ModelLoadError
-from sdexport.models.presets import PRESETS, Preset, get_preset
+from sdexport.errors import ModelLoadError, one_line
+from sdexport.models.outline import (
+    SINGLE_FILE_SUFFIXES,
+    SUPPORTED_PIPELINES,
+    check_single_file,
+    family_of_dir,
+    family_profile,
+    looks_like_a_model,
+    read_json,
+    single_file_config,
+    vae_config_dir,
+)
+from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims
 
-SUPPORTED_PIPELINES = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-}
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 SDXL_TIME_IDS = 6
 """original size (h, w), crop top-left (y, x), target size (h, w)."""
 PIPELINE_OPTIONS = {"sdxl": {"force_zeros_for_empty_prompt": True}}
@@ -150,7 +155,7 @@ def load_model(
 def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
-    if preset is not None and not _looks_like_a_model(path):
+    if preset is not None and not looks_like_a_model(path):
         # e.g. `sdexport export tiny -o tiny`: the engine directory ./tiny is not the model "tiny"
         return load_preset(preset, seed=seed, dtype=dtype)
     if not path.exists():
@@ -169,10 +174,7 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     """Swap in another AutoencoderKL (recorded in the label and in ``source["vae"]`` for reloading)."""
     from diffusers import AutoencoderKL
 
-    if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
-        path = path / "vae"
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"--vae {path}: not a diffusers AutoencoderKL directory (no config.json)")
+    path = vae_config_dir(path)
     vae = _load_part(path.parent, path.name, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=dtype))
     channels, wanted = int(vae.config.latent_channels), int(model.config("unet").in_channels)
     if channels != wanted:
@@ -180,10 +182,6 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     model.modules["vae"] = vae.eval().requires_grad_(False)
     model.label += f", VAE from {path}"
     model.source = {**model.source, "vae": str(path.resolve())}
-
-
-def _looks_like_a_model(path: Path) -> bool:
-    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES)
 
 
 def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -194,7 +192,7 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
     from sdexport.models.tokenizer import byte_level_clip_tokenizer
 
     def seeded(offset: int) -> None:
-        torch.manual_seed(seed * 1000 + offset)
+        torch.manual_seed(seed * SEED_STRIDE + offset)
 
     modules: dict[str, torch.nn.Module] = {}
     seeded(1)
@@ -230,8 +228,8 @@ def _clean(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    family = _family_of_dir(path)
-    pipeline_config = _pipeline_config(family, _read_json(path / "model_index.json"))
+    family = family_of_dir(path)
+    pipeline_config = _pipeline_config(family, read_json(path / "model_index.json"))
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -246,7 +244,7 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Loa
         tokenizer_names.append("tokenizer_2")
     modules: dict[str, torch.nn.Module] = {}
     for name, cls in loaders.items():
-        modules[name] = _load_part(path, name, lambda p, c=cls: c.from_pretrained(p, torch_dtype=dtype))
+        modules[name] = _load_part(path, name, lambda p, c=cls: _with_all_weights(p, c, dtype))
     tokenizers = {
         name: _load_part(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names
     }
@@ -257,7 +255,7 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Loa
         label=f"diffusers directory {path}",
         modules=modules,
         tokenizers=tokenizers,
-        scheduler_config=_read_json(path / "scheduler" / "scheduler_config.json"),
+        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         random_weights=False,
         source={"kind": "diffusers", "path": str(path.resolve())},
         default_profile=family_profile(family),
@@ -265,38 +263,9 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Loa
     )
 
 
-def family_profile(family: str) -> ShapeProfile:
-    """The default export profile of a checkpoint (presets carry their own): SDXL is made for 1024²."""
-    return PRESETS["sdxl"].profile if family == "sdxl" else ShapeProfile()
-
-
 def _pipeline_config(family: str, index: dict[str, Any]) -> dict[str, Any]:
     """The family's pipeline options, from model_index.json or diffusers' defaults."""
     return {k: index.get(k, default) for k, default in PIPELINE_OPTIONS.get(family, {}).items()}
-
-
-def _family_of_dir(path: Path) -> str:
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise ModelLoadError(
-            f"{path}: not a diffusers model directory (no model_index.json); expected "
-            "model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
-        )
-    index = _read_json(index_file)
-    pipeline = index.get("_class_name", "?")
-    if pipeline not in SUPPORTED_PIPELINES:
-        kind = "a transformer (DiT) denoiser" if "transformer" in index else "another architecture"
-        raise ModelLoadError(
-            f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
-            f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
-        )
-    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if SUPPORTED_PIPELINES[pipeline] == "sdxl":
-        parts += ["text_encoder_2", "tokenizer_2"]
-    missing = [d for d in parts if not (path / d).is_dir()]
-    if missing:
-        raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
-    return SUPPORTED_PIPELINES[pipeline]
 
 
 def _load_part(root: Path, name: str, load: Any) -> Any:
@@ -306,20 +275,29 @@ def _load_part(root: Path, name: str, load: Any) -> Any:
     except ModelLoadError:
         raise
     except Exception as exc:  # diffusers/transformers/safetensors raise many types
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{root / name}: cannot load ({message})") from exc
+        raise ModelLoadError(f"{root / name}: cannot load ({one_line(exc)})") from exc
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: missing") from None
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object")
-    return data
+def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """``cls.from_pretrained``, refusing weights the files lack instead of keeping random ones.
+
+    diffusers and transformers compare the files' keys with the module's state-dict keys
+    themselves (after their own key renaming) but only log what is missing; their report
+    (``output_loading_info``) is turned into an error here.
+    """
+    model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    for problem in ("missing_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(problem) or ())
+        if keys:
+            what = "lack" if problem == "missing_keys" else "have wrongly shaped"
+            raise ModelLoadError(
+                f"{path}: the weight files {what} {len(keys)} of the weights its config.json describes, "
+                f"e.g. {', '.join(keys[:3])}"
+            )
+    errors = [str(e) for e in info.get("error_msgs") or ()]
+    if errors:
+        raise ModelLoadError(f"{path}: cannot load its weights ({' '.join(' '.join(errors).split())[:600]})")
+    return model
 
 
 def load_single_file(
@@ -328,47 +306,26 @@ def load_single_file(
     """Load an original-layout SD checkpoint; its architecture comes from ``config``, offline.
 
     ``config`` is a diffusers directory (only its configs and tokenizer are read) or a preset name.
+    Every weight of every component must come from the file (``single_file.load_components``).
     """
-    if config is None:
-        raise ModelLoadError(
-            f"{path}: a single-file checkpoint needs --config: a local diffusers directory with the "
-            f"same architecture, or a preset ({', '.join(PRESETS)})"
-        )
-    _check_single_file(path)
+    from transformers import CLIPTokenizer
+
+    from sdexport.models.single_file import load_components, read_checkpoint
+
+    preset, config_path = single_file_config(path, config)
+    check_single_file(path)
     with tempfile.TemporaryDirectory(prefix="sdexport-config-") as tmp:
-        preset = get_preset(config) if not Path(config).exists() else None
+        config_dir = Path(tmp) if preset is not None else config_path
         if preset is not None:
-            config_dir = Path(tmp)
             write_config_dir(preset, config_dir)
-        elif Path(config).is_dir():
-            config_dir = Path(config)
-            _family_of_dir(config_dir)
-        else:
-            raise ModelLoadError(f"--config {config}: not a diffusers directory or a preset ({', '.join(PRESETS)})")
-        family = _family_of_dir(config_dir)
-        pipeline_config = _pipeline_config(family, _read_json(config_dir / "model_index.json"))
-        pipeline_cls = _pipeline_class(family)
-        logging.getLogger("diffusers").setLevel(logging.ERROR)
-        try:
-            extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-            pipe = pipeline_cls.from_single_file(
-                str(path), config=str(config_dir), local_files_only=True, torch_dtype=dtype, **extra
-            )
-        except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "meta tensor" in first:
-                first = "weights are missing for this architecture; is --config the right model?"
-            raise ModelLoadError(f"{path}: cannot load as a {pipeline_cls.__name__} checkpoint ({first})") from exc
-        scheduler_config = _read_json(config_dir / "scheduler" / "scheduler_config.json")
-    names = ["text_encoder", "unet", "vae"] + (["text_encoder_2"] if family == "sdxl" else [])
-    modules = {n: getattr(pipe, n).eval().requires_grad_(False) for n in names}
-    # diffusers leaves weights the checkpoint lacks on the meta device without a word: refuse that.
-    empty = [f"{n}.{p}" for n, m in modules.items() for p, t in m.state_dict().items() if t.is_meta]
-    if empty:
-        raise ModelLoadError(f"{path}: checkpoint lacks {len(empty)} weights, e.g. {', '.join(empty[:3])}")
-    tokenizers = {"tokenizer": pipe.tokenizer}
-    if family == "sdxl":
-        tokenizers["tokenizer_2"] = pipe.tokenizer_2
+        family = family_of_dir(config_dir)
+        pipeline_config = _pipeline_config(family, read_json(config_dir / "model_index.json"))
+        scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
+        modules = load_components(path, read_checkpoint(path), config_dir, family, dtype)
+        tokenizers = {
+            name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
+            for name in (["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"])
+        }
     return LoadedModel(
         family=family,
         label=f"single-file checkpoint {path} (config {config})",
@@ -378,34 +335,10 @@ def load_single_file(
         random_weights=False,
         # An absolute config path, so the Torch backend can reload the model from anywhere.
         source={"kind": "single_file", "path": str(path.resolve()),
-                "config": config if preset is not None else str(Path(config).resolve())},
+                "config": config if preset is not None else str(config_path.resolve())},
         default_profile=preset.profile if preset is not None else family_profile(family),
         pipeline_config=pipeline_config,
     )
-
-
-def _check_single_file(path: Path) -> None:
-    """Catch a truncated or foreign file before diffusers does, with a message naming it."""
-    if path.suffix != ".safetensors":
-        return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({exc})") from exc
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ModelLoadError(
-            f"{path}: no 'model.diffusion_model.*' weights; not an original-layout Stable Diffusion "
-            "checkpoint (for a diffusers directory, pass the directory)"
-        )
-
-
-def _pipeline_class(family: str) -> Any:
-    import diffusers
-
-    return diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
 
 
 def write_config_dir(preset: Preset, directory: Path) -> None:

@@ -42,6 +42,12 @@ _SD_VAE = {
 }
 
 
+SEED_STRIDE = 1000
+"""Component ``i`` of a preset with seed ``s`` draws its weights from torch seed ``s * 1000 + i``."""
+MAX_PRESET_SEED = (2**64 - 1 - 9) // SEED_STRIDE
+"""The largest seed whose per-component torch seeds stay within torch's unsigned 64 bits."""
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str

@@ -1,0 +1,180 @@
+"""What a model is, read from its configs alone: enough to check a request before loading any weight.
+
+Loading a real checkpoint takes seconds to minutes and gigabytes; a wrong component name, an image
+size the U-Net cannot take or an output path that cannot be written should be refused before that.
+Everything here reads small JSON files (or a safetensors header) and never imports torch. The model
+loader (``sdexport.models.loader``) reads the same configs through the same helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdexport.errors import ModelLoadError, one_line
+from sdexport.models.presets import PRESETS, Preset, get_preset
+from sdexport.shapes import ShapeProfile
+
+SUPPORTED_PIPELINES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+}
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ModelOutline:
+    """A model's family and image geometry, and the files it is read from."""
+
+    family: str
+    default_profile: ShapeProfile
+    sources: tuple[Path, ...]
+    """Paths the export reads (never to be replaced by its output)."""
+    vae_scale_factor: int
+    unet_downsample: int
+    vae_width: int
+    """Channels of the VAE decoder's full-resolution blocks: its largest activations."""
+
+    @property
+    def image_multiple(self) -> int:
+        return self.vae_scale_factor * self.unet_downsample
+
+
+def outline_model(model: str, *, config: str | None = None, vae: str | None = None) -> ModelOutline:
+    """Resolve ``model`` like ``load_model`` does, reading configs only; the same one-line errors."""
+    preset = get_preset(model)
+    path = Path(model)
+    if preset is not None and not looks_like_a_model(path):
+        return _outline(preset.family, preset.unet, preset.vae, preset.profile, (), vae)
+    if not path.exists():
+        raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
+    if path.is_dir():
+        family = family_of_dir(path)
+        return _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
+                        family_profile(family), (path,), vae)
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
+    config_preset, config_path = single_file_config(path, config)
+    check_single_file(path)
+    if config_preset is not None:
+        return _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.profile,
+                        (path,), vae)
+    family = family_of_dir(config_path)
+    return _outline(family, read_json(config_path / "unet" / "config.json"),
+                    read_json(config_path / "vae" / "config.json"), family_profile(family),
+                    (path, config_path), vae)
+
+
+def _outline(
+    family: str, unet: dict[str, Any], vae: dict[str, Any], profile: ShapeProfile, sources: tuple[Path, ...],
+    vae_dir: str | None,
+) -> ModelOutline:
+    if vae_dir is not None:
+        vae_path = vae_config_dir(Path(vae_dir))
+        vae = read_json(vae_path / "config.json")
+        sources = (*sources, vae_path)
+    try:
+        blocks = list(vae["block_out_channels"])
+        return ModelOutline(
+            family=family,
+            default_profile=profile,
+            sources=sources,
+            vae_scale_factor=2 ** (len(blocks) - 1),
+            unet_downsample=2 ** (len(unet["down_block_types"]) - 1),
+            vae_width=int(blocks[0]),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelLoadError(f"the U-Net or VAE config lacks a usable {one_line(exc)}") from None
+
+
+def vae_config_dir(path: Path) -> Path:
+    """``--vae``: an AutoencoderKL directory, or a pipeline directory holding one in ``vae/``."""
+    if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
+        path = path / "vae"
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--vae {path}: not a diffusers AutoencoderKL directory (no config.json)")
+    return path
+
+
+def looks_like_a_model(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES)
+
+
+def family_profile(family: str) -> ShapeProfile:
+    """The default export profile of a checkpoint (presets carry their own): SDXL is made for 1024²."""
+    return PRESETS["sdxl"].profile if family == "sdxl" else ShapeProfile()
+
+
+def family_of_dir(path: Path) -> str:
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise ModelLoadError(
+            f"{path}: not a diffusers model directory (no model_index.json); expected "
+            "model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+        )
+    index = read_json(index_file)
+    pipeline = index.get("_class_name", "?")
+    if pipeline not in SUPPORTED_PIPELINES:
+        kind = "a transformer (DiT) denoiser" if "transformer" in index else "another architecture"
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
+            f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
+        )
+    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if SUPPORTED_PIPELINES[pipeline] == "sdxl":
+        parts += ["text_encoder_2", "tokenizer_2"]
+    missing = [d for d in parts if not (path / d).is_dir()]
+    if missing:
+        raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
+    return SUPPORTED_PIPELINES[pipeline]
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return data
+
+
+def single_file_config(path: Path, config: str | None) -> tuple[Preset | None, Path]:
+    """``--config`` as a preset, or as a diffusers directory (checked to be one)."""
+    if config is None:
+        raise ModelLoadError(
+            f"{path}: a single-file checkpoint needs --config: a local diffusers directory with the "
+            f"same architecture, or a preset ({', '.join(PRESETS)})"
+        )
+    preset = get_preset(config) if not Path(config).exists() else None
+    if preset is not None:
+        return preset, Path(config)
+    if not Path(config).is_dir():
+        raise ModelLoadError(f"--config {config}: not a diffusers directory or a preset ({', '.join(PRESETS)})")
+    family_of_dir(Path(config))
+    return None, Path(config)
+
+
+
+def check_single_file(path: Path) -> None:
+    """Catch a truncated or foreign file before diffusers does, with a message naming it."""
+    if path.suffix != ".safetensors":
+        return
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:  # "numpy": no torch import
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelLoadError(
+            f"{path}: no 'model.diffusion_model.*' weights; not an original-layout Stable Diffusion "
+            "checkpoint (for a diffusers directory, pass the directory)"
+        )
