@@ -4,24 +4,33 @@ The manifest is written last and atomically, so a directory that has one is comp
 is listed with its sha256; ``load_manifest`` refuses a directory whose files no longer match, before
 any engine is loaded. The runtime needs nothing else from the export: component shapes come back from
 ``sdexport.specs`` by family and name, never from a second copy of them.
+
+An engine directory is a closed world: every path a manifest names is relative, stays inside the
+directory (also after following symbolic links) and is hashed. ``load_manifest`` checks this, the
+schema (``manifest_schema``) and the files the runtime needs besides graphs (tokenizers, scheduler
+config) on every load, so ``inspect``, ``run`` and ``build`` refuse the same directories, up front.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdexport.atomic import write_atomic
 from sdexport.errors import EngineDirError
+from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
+from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims, component
+from sdexport.specs import ComponentSpec, ModelDims, component, components_for
 
 MANIFEST_NAME = "manifest.json"
-FORMAT = "sdexport-engine-dir"
-FORMAT_VERSION = 1
+SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+"""A CLIP tokenizer loads from either set (transformers 5 writes the first, 4.x the second)."""
 
 
 @dataclass
@@ -85,7 +94,7 @@ def sha256_file(path: Path, chunk: int = 16 * 1024**2) -> str:
     return digest.hexdigest()
 
 
-def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> dict[str, str]:
+def hash_tree(root: Path, exclude: tuple[str, ...] = (MANIFEST_NAME, MARKER)) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
@@ -102,7 +111,11 @@ def save_manifest(directory: Path, manifest: Manifest) -> None:
 
 
 def load_manifest(directory: Path, *, verify_files: bool = True, components: list[str] | None = None) -> Manifest:
-    """Read and check an engine directory; ``components`` limits the hash check to what will be used."""
+    """Read and check an engine directory; ``components`` limits the hash check to what will be used.
+
+    Schema, paths and required files are checked on every call (cheap); hashing only with
+    ``verify_files``.
+    """
     if not directory.is_dir():
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
@@ -111,21 +124,107 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
             f"{directory}: no {MANIFEST_NAME}; not an sdexport engine directory, or its export did not "
             "finish (run `sdexport export` again)"
         )
+    _require_inside(directory, MANIFEST_NAME)
     try:
-        data = json.loads(path.read_text())
-        if data.get("format") != FORMAT:
-            raise EngineDirError(f"{path}: not an sdexport manifest (format {data.get('format')!r})")
-        if data.get("format_version") != FORMAT_VERSION:
-            raise EngineDirError(
-                f"{path}: manifest format {data.get('format_version')} is not supported by this "
-                f"sdexport (expects {FORMAT_VERSION}); re-export"
-            )
-        manifest = Manifest.from_dict(data)
-    except (json.JSONDecodeError, TypeError, KeyError) as exc:
-        raise EngineDirError(f"{path}: damaged manifest ({exc})") from None
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineDirError(f"{path}: damaged manifest, not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise EngineDirError(f"{path}: not an sdexport manifest (format {found!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise EngineDirError(
+            f"{path}: manifest format {data.get('format_version')} is not supported by this "
+            f"sdexport (expects {FORMAT_VERSION}); re-export"
+        )
+    problem = first_error(SCHEMA, data)
+    if problem:
+        raise EngineDirError(f"{path}: invalid manifest: {problem}")
+    manifest = Manifest.from_dict(data)
+    check_layout(directory, manifest)
     if verify_files:
         verify_files_of(directory, manifest, components)
     return manifest
+
+
+def check_layout(directory: Path, manifest: Manifest) -> None:
+    """What the schema cannot say: ranges in order, the family's components, a closed set of paths,
+    and the tokenizer and scheduler files the runtime needs besides the graphs."""
+    where = directory / MANIFEST_NAME
+    for label, profile in [("profile", manifest.profile)] + [
+        (f"components.{name}.engines.{key}.profile", e["profile"])
+        for name, entry in manifest.components.items() for key, e in entry.engines.items() if "profile" in e
+    ]:
+        for axis, (lo, opt, hi) in profile.items():
+            if not lo <= opt <= hi:
+                raise EngineDirError(f"{where}: invalid manifest: {label}.{axis} {[lo, opt, hi]} is not min <= opt <= max")
+    known = [s.name for s in components_for(manifest.family)]
+    unknown = [n for n in manifest.components if n not in known]
+    if unknown:
+        raise EngineDirError(
+            f"{where}: invalid manifest: component(s) {', '.join(unknown)} do not exist in the "
+            f"{manifest.family} family ({', '.join(known)})"
+        )
+    for rel in manifest.files:
+        _require_inside(directory, rel)
+    referenced = [(f"components.{n}.onnx", e.onnx) for n, e in manifest.components.items()] + [
+        (f"components.{n}.engines.{k}.path", str(plan["path"]))
+        for n, e in manifest.components.items() for k, plan in e.engines.items()
+    ]
+    for label, rel in referenced:
+        _require_inside(directory, rel)
+        if rel not in manifest.files:
+            raise EngineDirError(f"{where}: invalid manifest: {label} {rel!r} is not among the hashed files")
+    for name in tokenizer_names(manifest.family):
+        present = {rel.split("/", 1)[1] for rel in manifest.files if rel.startswith(f"{name}/")}
+        if not any(set(needed) <= present for needed in TOKENIZER_FILE_SETS):
+            raise EngineDirError(
+                f"{directory}: {name}/ lacks its tokenizer files (tokenizer.json, or vocab.json and "
+                "merges.txt); re-export"
+            )
+    if SCHEDULER_CONFIG_FILE not in manifest.files:
+        raise EngineDirError(f"{directory}: {SCHEDULER_CONFIG_FILE} is not listed in the manifest; re-export")
+
+
+def tokenizer_names(family: str) -> list[str]:
+    return ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+
+
+def read_scheduler_config(directory: Path) -> dict[str, Any]:
+    """The saved scheduler config, refused with one line when it is missing, not JSON or not a scheduler's."""
+    path = directory / SCHEDULER_CONFIG_FILE
+    _require_inside(directory, SCHEDULER_CONFIG_FILE)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EngineDirError(f"{path}: missing; re-export") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EngineDirError(f"{path}: not valid JSON ({exc})") from None
+    problem = first_error(SCHEDULER_CONFIG, config)
+    if problem:
+        raise EngineDirError(f"{path}: not a usable scheduler config: {problem}")
+    return dict(config)
+
+
+def _require_inside(directory: Path, rel: str) -> None:
+    """``rel`` is a plain relative path whose target (links followed) stays inside ``directory``."""
+    parts = rel.split("/")
+    if (
+        rel.startswith("/") or "\\" in rel or "\0" in rel or ":" in parts[0]
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise EngineDirError(
+            f"{directory}: the manifest names {rel!r}, which is not a plain path inside the engine "
+            "directory; refusing to read it"
+        )
+    try:
+        root, target = directory.resolve(), (directory / rel).resolve()
+    except (RuntimeError, OSError) as exc:  # a symbolic-link loop
+        raise EngineDirError(f"{directory}: cannot resolve {rel} ({exc}); refusing to read it") from None
+    if not target.is_relative_to(root):
+        raise EngineDirError(
+            f"{directory}: {rel} leads outside the engine directory (to {target}); refusing to read it"
+        )
 
 
 def verify_files_of(
@@ -154,3 +253,29 @@ def check_files(directory: Path, files: dict[str, str]) -> None:
                 f"{directory}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
                 "re-export or rebuild it"
             )
+
+
+_PLAN_FILE = re.compile(r"^[A-Za-z0-9_]+/[0-9a-f]+\.plan$")
+"""A TensorRT plan ``sdexport build`` wrote; unlisted only if the build was killed before the manifest."""
+
+
+def not_an_engine_dir(directory: Path) -> str | None:
+    """Why ``directory`` is not (entirely) an engine directory sdexport wrote; None when it is.
+
+    The proof ``--force`` needs before replacing it: our manifest, and no file that the manifest
+    does not list (other than plans and temporary files of interrupted sdexport runs).
+    """
+    path = directory / MANIFEST_NAME
+    if not path.is_file() or path.is_symlink():
+        return f"it has no {MANIFEST_NAME}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"its {MANIFEST_NAME} is not readable JSON"
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+        return f"its {MANIFEST_NAME} is not an sdexport manifest"
+    extra = [f for f in unlisted_files(directory, {*data["files"], MANIFEST_NAME}) if not _PLAN_FILE.match(f)]
+    if extra:
+        more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
+        return f"it holds files its manifest does not list: {', '.join(extra[:3])}{more}"
+    return None

@@ -9,12 +9,29 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
+from typing import Protocol
 
 from sdexport.errors import ProfileError
 from sdexport.specs import ComponentSpec, ModelDims
 
 Range = tuple[int, int, int]
 """(min, opt, max)"""
+
+MAX_TENSOR_ELEMENTS = 2**31 - 1
+"""TensorRT, and many ONNX Runtime CUDA kernels, index a tensor's elements with 32-bit integers."""
+
+
+class ImageGeometry(Protocol):
+    """How image sides relate to latents: ``ModelDims``, or a ``ModelOutline`` read from configs."""
+
+    @property
+    def vae_scale_factor(self) -> int: ...
+
+    @property
+    def unet_downsample(self) -> int: ...
+
+    @property
+    def image_multiple(self) -> int: ...
 
 
 def parse_range(text: str, what: str) -> Range:
@@ -65,7 +82,7 @@ class ShapeProfile:
     def is_static(self) -> bool:
         return all(lo == hi for lo, _, hi in (self.batch, self.height, self.width))
 
-    def validate(self, dims: ModelDims) -> None:
+    def validate(self, dims: ImageGeometry) -> None:
         """Every image side must map to a latent the U-Net can down- and up-sample exactly."""
         m = dims.image_multiple
         for axis, values in (("height", self.height), ("width", self.width)):
@@ -79,7 +96,24 @@ class ShapeProfile:
                         f"{dims.unet_downsample}); try {hint}"
                     )
 
-    def check_request(self, batch: int, height: int, width: int, dims: ModelDims) -> None:
+    def check_limits(self, vae_width: int) -> None:
+        """Refuse maxima no engine could ever serve, before anything is exported.
+
+        The largest tensor of a Stable Diffusion pipeline is the VAE decoder's last activation:
+        ``vae_width`` channels (128 for SD and SDXL) at full image size for every image of the batch.
+        Past 2^31 elements it cannot be indexed by TensorRT or ONNX Runtime's CUDA kernels, whatever
+        the GPU's memory; such a profile would only fail after a long export and build.
+        """
+        batch, height, width = self.batch[2], self.height[2], self.width[2]
+        elements = vae_width * batch * height * width
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise ProfileError(
+                f"profile maxima batch {batch} at {height}x{width} would need a VAE activation of "
+                f"{elements:,} values ({elements * 4 / 1e9:,.0f} GB in fp32), beyond the 2^31 elements "
+                "TensorRT and ONNX Runtime can index; lower the max of --batch, --height or --width"
+            )
+
+    def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry) -> None:
         """Refuse a request the engines cannot serve, saying what they can."""
         m = dims.image_multiple
         for axis, value, (lo, _, hi) in (

@@ -143,7 +143,7 @@ def fake_tensorrt(monkeypatch):
 
     state = {"version": "10.3.0.26", "gpu": ("Fake GPU", "8.0"), "builds": []}
 
-    def fake_plan(onnx_path, key, timing_cache):
+    def fake_plan(onnx_path, key, timing_cache, present):
         state["builds"].append(key.component)
         return memoryview(f"plan {key.digest()}".encode())
 

@@ -137,7 +137,33 @@ def build_engines(
     """
     trt = require_tensorrt()
     require_polygraphy()
-    manifest = load_manifest(engine_dir, verify_files=False)
+    load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
+    from sdexport.export.plan import ENGINE_DIR
+    from sdexport.output_dir import updating
+
+    with updating(engine_dir, ENGINE_DIR):
+        return _build_locked(
+            engine_dir, trt, components=components, profile=profile, static=static, fp16=fp16,
+            strongly_typed=strongly_typed, timing_cache=timing_cache, optimization_level=optimization_level,
+            refittable=refittable, force=force,
+        )
+
+
+def _build_locked(
+    engine_dir: Path,
+    trt: ModuleType,
+    *,
+    components: list[str] | None,
+    profile: ShapeProfile | None,
+    static: bool,
+    fp16: bool,
+    strongly_typed: bool,
+    timing_cache: Path | None,
+    optimization_level: int | None,
+    refittable: bool,
+    force: bool,
+) -> list[BuildResult]:
+    manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
     specs = _select(manifest, components)
     dims = manifest.model_dims
     target = build_profile(manifest.shape_profile, profile, dims, static=static)
@@ -173,7 +199,8 @@ def build_engines(
             continue
         start = time.perf_counter()
         with step(f"Building {spec.name} ({_describe(key)})"):
-            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache)
+            present = set(_onnx_input_names(engine_dir / entry.onnx, set(onnx_files(manifest.files, entry.onnx))))
+            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, present)
             write_atomic(engine_dir / rel, bytes(plan))
         seconds = time.perf_counter() - start
         entry.engines[key.digest()] = {
@@ -247,17 +274,32 @@ def _describe(key: EngineKey) -> str:
     return ", ".join([shapes, *flags])
 
 
-def _onnx_input_names(onnx_path: Path) -> list[str]:
-    """Inputs the graph really has (a tracer may drop an unused one), without loading the weights."""
+def _onnx_input_names(onnx_path: Path, listed: set[str]) -> list[str]:
+    """Inputs the graph really has (a tracer may drop an unused one), without loading the weights.
+
+    ``listed``: the manifest's paths of the graph's files. Every external weight file the graph refers
+    to (relative to the graph's folder) must be one of them: TensorRT's parser follows these references wherever they
+    point, so an engine directory stays a closed world only if the graph's references do too.
+    """
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    folder = Path(onnx_path).parent.name
+    for init in graph.initializer:
+        location = next((e.value for e in init.external_data if e.key == "location"), None)
+        if location is not None and f"{folder}/{location}" not in listed:
+            raise SdexportError(
+                f"{onnx_path}: weight {init.name!r} refers to {location!r}, which is not a file the "
+                "manifest lists beside the graph; refusing to build from it"
+            )
     initializers = {init.name for init in graph.initializer}
     return [i.name for i in graph.input if i.name not in initializers]
 
 
-def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None) -> memoryview:
-    """Parse, configure and build with polygraphy; returns the serialized plan (not copied)."""
+def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, present: set[str]) -> memoryview:
+    """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
+
+    ``present``: the graph's real input names (``_onnx_input_names``)."""
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,
@@ -267,7 +309,6 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None) -> m
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
-    present = set(_onnx_input_names(onnx_path))
     trt_profile = Profile()
     ranges: dict[str, ShapeRange] = key.ranges
     for name, (lo, opt, hi) in ranges.items():

@@ -1,16 +1,14 @@
 """Checkpoint → verified ONNX engine directory, the whole ``sdexport export`` job.
 
-Everything is written into a hidden sibling folder and renamed into place only when every component
-has been exported and verified and the manifest is written, so a failed or interrupted export never
-leaves something that looks like a usable engine directory.
+``plan_export`` checks everything it can from configs first. The output path is then claimed
+(``sdexport.output_dir``: a lock, a hidden staging folder, an atomic swap at the end), so a failed,
+interrupted or concurrent export never leaves something that looks like a usable engine directory
+and never replaces a directory that is not an sdexport engine directory.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -19,34 +17,18 @@ from typing import Any
 import torch
 
 from sdexport.console import console, step
-from sdexport.errors import SdexportError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
-from sdexport.export.trace import DEFAULT_OPSET, trace_to_onnx
-from sdexport.export.verify import ParityReport, VerifyMode, require_parity, verify_component
+from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, plan_export
+from sdexport.export.trace import trace_to_onnx
+from sdexport.export.verify import ParityReport, require_parity, verify_component
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.models import LoadedModel, load_model
+from sdexport.output_dir import claim
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, components_for
+from sdexport.specs import ComponentSpec
 
-DTYPES = ("fp32", "fp16")
-
-
-@dataclass
-class ExportOptions:
-    profile: ShapeProfile | None = None
-    """None: the model's default profile."""
-    ranges: dict[str, str | None] = field(default_factory=dict)
-    """``min:opt:max`` texts per axis (batch, height, width) replacing those of ``profile``."""
-    dtype: str = "fp32"
-    opset: int = DEFAULT_OPSET
-    components: list[str] | None = None
-    verify: VerifyMode = "full"
-    config: str | None = None
-    seed: int = 0
-    force: bool = False
-    vae: str | None = None
-    """A diffusers AutoencoderKL directory replacing the model's VAE (e.g. an fp16-safe SDXL VAE)."""
+__all__ = ["ExportOptions", "export", "export_component"]
 
 
 def tool_versions() -> dict[str, str]:
@@ -61,45 +43,17 @@ def tool_versions() -> dict[str, str]:
 
 
 def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
-    if options.dtype not in DTYPES:
-        raise SdexportError(f"--dtype {options.dtype}: choose one of {', '.join(DTYPES)}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SdexportError(f"{out_dir} is a file; -o takes the engine directory to create")
-    if out_dir.exists() and any(out_dir.iterdir()) and not options.force:
-        raise SdexportError(f"{out_dir} exists and is not empty; choose another -o or pass --force")
+    plan = plan_export(model_ref, out_dir, options)
     from sdexport.runtime.onnxruntime_backend import require_provider
 
     require_provider("cpu")  # verification and fp16 conversion run on onnxruntime
-    with step(f"Loading {model_ref}"):
-        model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae)
-    profile = (options.profile or model.default_profile).with_ranges(**options.ranges)
-    profile.validate(model.dims)
-    specs = _select(model, options.components, options.dtype)
-    if model.random_weights:
-        console.print("[yellow]note:[/] this model has random weights (built-in preset)")
-
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        manifest = _export_into(staging, model, model_ref, specs, profile, options)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _select(model: LoadedModel, names: list[str] | None, dtype: str) -> list[ComponentSpec]:
-    """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
-    specs = list(components_for(model.family))
-    if not names:
-        return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
-    known = {s.name for s in specs}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SdexportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    return [s for s in specs if s.name in names]
+    with claim(out_dir, ENGINE_DIR, replace=options.force, protected=plan.outline.sources) as staging:
+        with step(f"Loading {model_ref}"):
+            model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae)
+        plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
+        if model.random_weights:
+            console.print("[yellow]note:[/] this model has random weights (built-in preset)")
+        return _export_into(staging, model, model_ref, plan.specs, plan.profile, options)
 
 
 def _export_into(
@@ -192,17 +146,6 @@ def export_component(
 def _vocab_size(model: LoadedModel) -> int:
     """Sample token ids must be valid for every text encoder (SDXL has two)."""
     return min(int(m.config.vocab_size) for n, m in model.modules.items() if n.startswith("text_encoder"))
-
-
-def _replace_dir(staging: Path, out_dir: Path) -> None:
-    """Move the finished export into place; an old directory (with --force) goes only after."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _print_report(report: ParityReport) -> None:

@@ -36,6 +36,7 @@ class ModelOutline:
     unet_downsample: int
     vae_width: int
     """Channels of the VAE decoder's full-resolution blocks: its largest activations."""
+    scheduler_config: dict[str, Any]
 
     @property
     def image_multiple(self) -> int:
@@ -47,29 +48,30 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     preset = get_preset(model)
     path = Path(model)
     if preset is not None and not looks_like_a_model(path):
-        return _outline(preset.family, preset.unet, preset.vae, preset.profile, (), vae)
+        return _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
     if not path.exists():
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     if path.is_dir():
         family = family_of_dir(path)
         return _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
-                        family_profile(family), (path,), vae)
+                        read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
     check_single_file(path)
     if config_preset is not None:
-        return _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.profile,
-                        (path,), vae)
+        return _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.scheduler,
+                        config_preset.profile, (path,), vae)
     family = family_of_dir(config_path)
     return _outline(family, read_json(config_path / "unet" / "config.json"),
-                    read_json(config_path / "vae" / "config.json"), family_profile(family),
+                    read_json(config_path / "vae" / "config.json"),
+                    read_json(config_path / "scheduler" / "scheduler_config.json"), family_profile(family),
                     (path, config_path), vae)
 
 
 def _outline(
-    family: str, unet: dict[str, Any], vae: dict[str, Any], profile: ShapeProfile, sources: tuple[Path, ...],
-    vae_dir: str | None,
+    family: str, unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any], profile: ShapeProfile,
+    sources: tuple[Path, ...], vae_dir: str | None,
 ) -> ModelOutline:
     if vae_dir is not None:
         vae_path = vae_config_dir(Path(vae_dir))
@@ -84,6 +86,7 @@ def _outline(
             vae_scale_factor=2 ** (len(blocks) - 1),
             unet_downsample=2 ** (len(unet["down_block_types"]) - 1),
             vae_width=int(blocks[0]),
+            scheduler_config=dict(scheduler),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelLoadError(f"the U-Net or VAE config lacks a usable {one_line(exc)}") from None

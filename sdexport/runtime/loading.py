@@ -12,14 +12,15 @@ from typing import Any
 
 import torch
 
-from sdexport.errors import EngineDirError, SdexportError
-from sdexport.manifest import Manifest, load_manifest
+from sdexport.errors import EngineDirError
+from sdexport.manifest import Manifest, load_manifest, read_scheduler_config, tokenizer_names
 from sdexport.runtime.engine import Engine
+from sdexport.runtime.request import check_backend
+from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.txt2img import Txt2ImgPipeline
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import components_for
 
-BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
 FALLBACK_VAE = "vae_decoder_fp32"
 
 
@@ -36,8 +37,7 @@ def txt2img_components(manifest: Manifest) -> list[str]:
 
 
 def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise SdexportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "onnxruntime":
         from sdexport.runtime.onnxruntime_backend import available_providers
 
@@ -66,18 +66,10 @@ def load_pipeline(
         # Hash what this backend reads: ONNX graphs for ONNX Runtime only (the Torch backend reads
         # none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always.
         verify_files_of(engine_dir, manifest, loaded if backend.startswith("onnxruntime") else [], plans=False)
+    # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
+    scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
                             request_profile=request_profile)
-    from transformers import CLIPTokenizer
-
-    tokenizers = {
-        name: CLIPTokenizer.from_pretrained(str(engine_dir / name))
-        for name in ("tokenizer", "tokenizer_2")
-        if name == "tokenizer" or manifest.family == "sdxl"
-    }
-    import json
-
-    scheduler_config = json.loads((engine_dir / "scheduler" / "scheduler_config.json").read_text())
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {n: engines[n] for n in names},
@@ -93,6 +85,44 @@ def load_pipeline(
         info={"backend": backend, "engine_dir": str(engine_dir), "random_weights": manifest.random_weights,
               "model": manifest.model["label"], "dtype": manifest.dtype},
     )
+
+
+def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Everything ``load_pipeline`` refuses short of loading engines (``sdexport inspect`` runs it too):
+    the txt2img components, the scheduler config (built into a scheduler) and the tokenizers."""
+    txt2img_components(manifest)
+    scheduler_config = read_scheduler_config(engine_dir)
+    make_scheduler("default", scheduler_config)
+    return scheduler_config, load_tokenizers(engine_dir, manifest)
+
+
+def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
+    """The directory's tokenizers, refused when they would not tokenize like the export's.
+
+    transformers can build a tokenizer from a folder that lacks its vocabulary without complaint;
+    a tokenizer with almost no vocabulary, or one whose length is not the text encoder's sequence
+    length, would turn every prompt into the wrong ids. ``load_manifest`` already checked that the
+    files are listed; this checks what they load into.
+    """
+    from transformers import CLIPTokenizer
+
+    tokenizers = {}
+    for name in tokenizer_names(manifest.family):
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / name))
+        except Exception as exc:  # transformers raises OSError, ValueError, JSON errors, ...
+            first = " ".join(str(exc).split()) or type(exc).__name__
+            raise EngineDirError(f"{engine_dir / name}: cannot load the tokenizer ({first})") from None
+        if len(tokenizer) <= 2:
+            raise EngineDirError(f"{engine_dir / name}: the tokenizer has no vocabulary ({len(tokenizer)} ids); re-export")
+        length = int(tokenizer.model_max_length)
+        if length != manifest.model_dims.S:
+            raise EngineDirError(
+                f"{engine_dir / name}: the tokenizer makes {length} tokens, the text encoder takes "
+                f"{manifest.model_dims.S}; re-export"
+            )
+        tokenizers[name] = tokenizer
+    return tokenizers
 
 
 def _load_engines(
@@ -122,10 +152,16 @@ def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> di
     from sdexport.runtime.torch_backend import TorchEngine
 
     source: dict[str, Any] = manifest.model["source"]
-    if source["kind"] != "preset" and not Path(source["path"]).exists():
-        raise EngineDirError(f"the Torch backend needs the source checkpoint {source['path']}, which is gone")
-    model = load_model(source["name"] if source["kind"] == "preset" else source["path"],
-                       config=source.get("config"), seed=int(source.get("seed", 0)), vae=source.get("vae"))
+    reference = source.get("name") if source["kind"] == "preset" else source.get("path")
+    if not isinstance(reference, str) or not reference:
+        raise EngineDirError(f"the manifest does not record where the {source['kind']} model came from; "
+                             "the Torch backend cannot reload it")
+    if source["kind"] != "preset" and not Path(reference).exists():
+        raise EngineDirError(f"the Torch backend needs the source checkpoint {reference}, which is gone")
+    seed = source.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
+    model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"))
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda and manifest.dtype == "fp16" else torch.float32

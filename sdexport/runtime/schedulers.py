@@ -34,9 +34,45 @@ def check_scheduler_name(name: str) -> None:
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> Any:
-    """A fresh scheduler (they hold per-run state) of ``name``, configured like the model's own."""
+    """A fresh scheduler (they hold per-run state) of ``name``, configured like the model's own.
+
+    The saved config's own class must be one of diffusers' schedulers: a config naming anything else
+    (or not a scheduler at all) is refused with one line, never imported blindly.
+    """
     import diffusers
 
     check_scheduler_name(name)
-    class_name, overrides = SCHEDULERS.get(name, (config["_class_name"], {}))
-    return getattr(diffusers, class_name).from_config(config, **overrides)
+    class_name, overrides = SCHEDULERS.get(name, (config.get("_class_name"), {}))
+    cls = getattr(diffusers, str(class_name), None) if isinstance(class_name, str) else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
+        raise SdexportError(
+            f"scheduler config names {class_name!r}, which is not a diffusers scheduler; pick one with "
+            f"--scheduler ({', '.join(SCHEDULERS)}) or re-export"
+        )
+    try:
+        return cls.from_config(config, **overrides)
+    except Exception as exc:  # diffusers validates configs with assorted exception types
+        raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({exc})") from None
+
+
+def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
+    """Refuse a step count the scheduler cannot take with this model.
+
+    Near the model's number of training timesteps, several diffusers schedulers produce timesteps
+    past the last trained one (they then fail with an IndexError deep in ``step`` or return NaN):
+    ask the scheduler for its timesteps and check them, rather than guess a limit per class.
+    """
+    scheduler = make_scheduler(name, config)
+    trained = int(scheduler.config.num_train_timesteps)
+    label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
+    try:
+        scheduler.set_timesteps(steps)
+    except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
+        raise SdexportError(f"--steps {steps}: the {label} scheduler refuses it ({str(exc).strip()})") from None
+    timesteps = scheduler.timesteps
+    if len(timesteps) and (float(timesteps.max()) >= trained or float(timesteps.min()) < 0):
+        raise SdexportError(
+            f"--steps {steps}: with the {label} scheduler this many steps reach timestep "
+            f"{float(timesteps.max()):g}, past the model's {trained} training timesteps; use fewer steps "
+            "(20-50 is usual)"
+        )

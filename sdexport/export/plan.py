@@ -1,0 +1,90 @@
+"""An export's settings, and every check that needs no weights: the first second of ``sdexport export``.
+
+A wrong component name, a profile the U-Net cannot take, an opset the exporter cannot write or an
+output path that must not be replaced is refused here, from the model's configs alone, before
+torch is imported or a checkpoint read (that takes seconds to minutes for real models).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from sdexport.errors import SdexportError
+from sdexport.manifest import not_an_engine_dir
+from sdexport.models.outline import ModelOutline, outline_model
+from sdexport.models.presets import MAX_PRESET_SEED
+from sdexport.output_dir import OutputKind, check_target
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ComponentSpec, components_for
+
+DTYPES = ("fp32", "fp16")
+VerifyMode = Literal["full", "quick", "none"]
+VERIFY_MODES = ("full", "quick", "none")
+DEFAULT_OPSET = 17
+MIN_OPSET = 14
+"""Attention (``scaled_dot_product_attention``, in every U-Net and CLIP) exports from opset 14."""
+MAX_OPSET = 20
+"""The newest opset torch's TorchScript exporter has symbolics for
+(``torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; a test keeps the two equal)."""
+
+ENGINE_DIR = OutputKind("engine directory", not_an_engine_dir)
+
+
+@dataclass
+class ExportOptions:
+    profile: ShapeProfile | None = None
+    """None: the model's default profile."""
+    ranges: dict[str, str | None] = field(default_factory=dict)
+    """``min:opt:max`` texts per axis (batch, height, width) replacing those of ``profile``."""
+    dtype: str = "fp32"
+    opset: int = DEFAULT_OPSET
+    components: list[str] | None = None
+    verify: VerifyMode = "full"
+    config: str | None = None
+    seed: int = 0
+    force: bool = False
+    vae: str | None = None
+    """A diffusers AutoencoderKL directory replacing the model's VAE (e.g. an fp16-safe SDXL VAE)."""
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    outline: ModelOutline
+    profile: ShapeProfile
+    specs: list[ComponentSpec]
+
+
+def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> ExportPlan:
+    """Check everything about an export that can be checked without loading the model."""
+    if options.dtype not in DTYPES:
+        raise SdexportError(f"--dtype {options.dtype}: choose one of {', '.join(DTYPES)}")
+    if options.verify not in VERIFY_MODES:
+        raise SdexportError(f"--verify {options.verify}: choose full, quick or none")
+    if not MIN_OPSET <= options.opset <= MAX_OPSET:
+        raise SdexportError(
+            f"--opset {options.opset}: sdexport exports opsets {MIN_OPSET} to {MAX_OPSET} (attention needs "
+            f"{MIN_OPSET}; torch's exporter writes up to {MAX_OPSET}); the default is {DEFAULT_OPSET}"
+        )
+    if isinstance(options.seed, bool) or not 0 <= options.seed <= MAX_PRESET_SEED:
+        raise SdexportError(f"--seed {options.seed}: preset weight seeds go from 0 to {MAX_PRESET_SEED}")
+    outline = outline_model(model_ref, config=options.config, vae=options.vae)
+    profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
+    profile.validate(outline)
+    profile.check_limits(outline.vae_width)
+    specs = select_components(outline.family, options.components, options.dtype)
+    check_target(out_dir, ENGINE_DIR, replace=options.force, protected=outline.sources)
+    return ExportPlan(outline, profile, specs)
+
+
+def select_components(family: str, names: list[str] | None, dtype: str) -> list[ComponentSpec]:
+    """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
+    specs = list(components_for(family))
+    if not names:
+        return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
+    known = [s.name for s in specs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SdexportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return [s for s in specs if s.name in names]

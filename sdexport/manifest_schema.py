@@ -1,0 +1,123 @@
+"""JSON Schema of ``manifest.json``: the types and ranges a manifest must have before anything reads it.
+
+A manifest is input like any other: a hand-edited, truncated or hostile one must be refused with one
+line naming the offending field, not crash deep inside the runtime. The schema covers types, ranges
+and known values; what a schema cannot say (min <= opt <= max, paths staying inside the directory,
+components of the right family) is checked in ``sdexport.manifest``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdexport.specs import FAMILY_COMPONENTS
+
+FORMAT = "sdexport-engine-dir"
+FORMAT_VERSION = 1
+
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+_PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
+"""A path relative to the engine directory; what it may point at is checked in code."""
+_RANGE = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 3, "maxItems": 3}
+_PROFILE = {
+    "type": "object",
+    "required": ["batch", "height", "width"],
+    "properties": {"batch": _RANGE, "height": _RANGE, "width": _RANGE},
+    "additionalProperties": False,
+}
+_POSITIVE = {"type": "integer", "minimum": 1}
+_COUNT = {"type": "integer", "minimum": 0}
+_ENGINE = {
+    "type": "object",
+    "required": ["path", "key"],
+    "properties": {
+        "path": _PATH,
+        "key": {"type": "object"},
+        "build_seconds": {"type": "number", "minimum": 0},
+        "built": {"type": "string"},
+        "profile": _PROFILE,
+    },
+}
+_COMPONENT = {
+    "type": "object",
+    "required": ["onnx", "dtype", "parity"],
+    "properties": {
+        "onnx": _PATH,
+        "dtype": {"enum": ["fp32", "fp16"]},
+        "parity": {"type": "object"},
+        "engines": {"type": "object", "additionalProperties": _ENGINE},
+    },
+    "additionalProperties": False,
+}
+
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "sdexport engine directory manifest",
+    "type": "object",
+    "required": [
+        "format", "format_version", "family", "model", "prediction_type", "vae_scaling_factor", "dims",
+        "profile", "dtype", "tools", "components", "files", "created",
+    ],
+    "properties": {
+        "format": {"const": FORMAT},
+        "format_version": {"const": FORMAT_VERSION},
+        "family": {"enum": sorted(FAMILY_COMPONENTS)},
+        "model": {
+            "type": "object",
+            "required": ["label", "source", "random_weights"],
+            "properties": {
+                "label": {"type": "string"},
+                "source": {
+                    "type": "object",
+                    "required": ["kind"],
+                    "properties": {"kind": {"enum": ["preset", "diffusers", "single_file"]}},
+                },
+                "random_weights": {"type": "boolean"},
+                "pipeline_config": {"type": "object"},
+            },
+        },
+        "prediction_type": {"enum": ["epsilon", "v_prediction", "sample"]},
+        "vae_scaling_factor": {"type": "number", "exclusiveMinimum": 0},
+        "dims": {
+            "type": "object",
+            "required": ["S", "E", "P", "C", "vae_scale_factor", "unet_downsample"],
+            "properties": {
+                "S": _POSITIVE, "E": _POSITIVE, "P": _POSITIVE, "C": _POSITIVE,
+                "vae_scale_factor": _POSITIVE, "unet_downsample": _POSITIVE,
+                "E1": _COUNT, "E2": _COUNT, "T": _COUNT,
+            },
+            "additionalProperties": False,
+        },
+        "profile": _PROFILE,
+        "dtype": {"enum": ["fp32", "fp16"]},
+        "tools": {"type": "object"},
+        "components": {"type": "object", "minProperties": 1, "additionalProperties": _COMPONENT},
+        "files": {"type": "object", "additionalProperties": _SHA256},
+        "created": {"type": "string"},
+    },
+    "additionalProperties": False,
+}
+
+SCHEDULER_CONFIG: dict[str, Any] = {
+    "type": "object",
+    "required": ["_class_name"],
+    "properties": {
+        "_class_name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9]*Scheduler$"},
+        "num_train_timesteps": _POSITIVE,
+        "prediction_type": {"enum": ["epsilon", "v_prediction", "sample"]},
+    },
+}
+"""What the runtime relies on in ``scheduler/scheduler_config.json`` before diffusers reads it."""
+
+
+def first_error(schema: dict[str, Any], data: Any) -> str | None:
+    """The most relevant violation as ``field.path: message``, or None when ``data`` is valid."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is None:
+        return None
+    where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    message = error.message if len(error.message) <= 200 else error.message[:197] + "..."
+    return f"{where}: {message}"

@@ -1,0 +1,319 @@
+"""Claiming an output directory: checks, one writer at a time, a staging folder, an atomic swap.
+
+``sdexport export`` (engine directories) and ``sdexport bench`` (result folders) write whole
+directories that take minutes to make. What they promise:
+
+- **Bad targets are refused before any work**: a file, a path inside a file, a folder without write
+  permission or on a read-only filesystem, a symbolic link, the current directory or one containing
+  it, and the model being read or any folder containing it.
+- **Nothing of the user's is replaced without proof it is ours.** An existing non-empty target is
+  replaced only when asked (``--force`` for export) *and* its content is what sdexport writes: an
+  engine directory whose files are all listed in its manifest (plus plans and temporary files
+  sdexport itself makes), or a previous benchmark output. Anything else is refused and left alone.
+- **One writer per target.** A lock file beside the target (``.NAME.lock``) is held for the whole
+  job; a second job on the same target is refused at once, naming the process that holds it.
+- **Nothing half-made.** Work happens in a hidden sibling ``.NAME.partial-PID``; only a finished
+  directory is moved into place. An existing directory is swapped with the new one in a single
+  ``renameat2(RENAME_EXCHANGE)`` (Linux), so at no moment is neither at the target path; where the
+  filesystem cannot exchange, the old one is first moved to ``.NAME.old-PID`` and the next run
+  restores it if the new one never arrived.
+- **Killed runs are cleaned up** by the next run on the same target (it holds the lock, so
+  leftovers cannot belong to a live process): staging folders carry a marker file until the end and
+  are removed; a displaced old directory is restored or removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import glob
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdexport.console import console
+from sdexport.errors import SdexportError
+
+MARKER = ".sdexport-partial"
+"""Present in a staging (or discarded) directory until sdexport is done with it."""
+_TEMP_FILE = re.compile(r"(^|/)\.[^/]+\.\d+\.tmp$")
+"""``sdexport.atomic`` temporary names, left by a process killed mid-write."""
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What kind of directory a command writes, and how to tell one of ours from the user's files."""
+
+    what: str
+    """"engine directory", "benchmark output": used in messages."""
+    not_ours: Callable[[Path], str | None]
+    """Why ``path`` (an existing non-empty directory) is not one sdexport wrote; None when it is."""
+    flag: str = "-o"
+
+
+@dataclass
+class Target:
+    """A checked output path: ``path`` with its parent resolved, so every spelling locks the same name."""
+
+    path: Path
+    kind: OutputKind
+    created_parents: list[Path] = field(default_factory=list)
+
+    @property
+    def parent(self) -> Path:
+        return self.path.parent
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def check_target(
+    target: Path, kind: OutputKind, *, replace: bool, protected: tuple[Path, ...] = (), force_flag: str = "--force"
+) -> Target:
+    """Refuse an output path that cannot or must not be written, before any work starts.
+
+    ``replace``: an existing non-empty target may be replaced (still only one of ours).
+    ``protected``: paths being read (the model, its config); the target may be neither of them nor
+    contain them.
+    """
+    flag = kind.flag
+    if not str(target).strip():
+        raise SdexportError(f"{flag}: empty path; give the {kind.what} to create")
+    if target.is_symlink():
+        raise SdexportError(
+            f"{flag} {target} is a symbolic link (to {os.readlink(target)}); sdexport does not write through "
+            f"links: pass the real directory or a new path"
+        )
+    ancestor = _existing_ancestor(target.parent)
+    if not ancestor.is_dir():
+        raise SdexportError(f"{flag} {target}: {ancestor} is a file, so nothing can be created inside it")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SdexportError(
+            f"{flag} {target}: cannot write in {ancestor} (no permission, or a read-only filesystem)"
+        )
+    # The parent resolved (links in it are the user's business), the last part as given.
+    path = target.resolve() if target.name in ("", "..") else target.parent.resolve() / target.name
+    cwd = Path.cwd().resolve()
+    if path == cwd or cwd.is_relative_to(path):
+        raise SdexportError(
+            f"{flag} {target} is the current directory or contains it; give a new directory such as "
+            f"{flag} engines/NAME"
+        )
+    for source in protected:
+        source = source.resolve()
+        if source == path or source.is_relative_to(path):
+            raise SdexportError(
+                f"{flag} {target} would replace {source}, which this command reads; choose another {flag}"
+            )
+    if path.exists():
+        if not path.is_dir():
+            raise SdexportError(f"{flag} {target} is a file; {flag} takes the {kind.what} to create")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise SdexportError(f"{flag} {target}: no permission to replace it")
+        if any(path.iterdir()):
+            if not replace:
+                raise SdexportError(
+                    f"{target} exists and is not empty; choose another {flag} or pass {force_flag} to "
+                    f"replace it"
+                )
+            reason = kind.not_ours(path)
+            if reason is not None:
+                raise SdexportError(
+                    f"{target} is not an sdexport {kind.what} ({reason}); sdexport replaces only "
+                    f"directories it wrote. Move it away or choose another {flag}"
+                )
+    return Target(path, kind)
+
+
+@contextlib.contextmanager
+def claim(
+    target: Path, kind: OutputKind, *, replace: bool, protected: tuple[Path, ...] = (), force_flag: str = "--force"
+) -> Iterator[Path]:
+    """Hold ``target`` for one job and yield an empty staging directory to build it in.
+
+    When the block returns, the staging directory becomes ``target`` (replacing the old one, which
+    was checked to be ours); when it raises (or the process is interrupted), the staging directory
+    is removed and ``target`` is as it was.
+    """
+    checked = check_target(target, kind, replace=replace, protected=protected, force_flag=force_flag)
+    checked.created_parents = _make_parents(checked.parent)
+    try:
+        with _locked(checked):
+            _clean_leftovers(checked)
+            # Checked again under the lock: another job may have finished writing it meanwhile.
+            check_target(target, kind, replace=replace, protected=protected, force_flag=force_flag)
+            staging = _make_staging(checked)
+            try:
+                yield staging
+                _move_into_place(staging, checked)
+            except BaseException:
+                _discard(staging)
+                raise
+    except BaseException:
+        for parent in checked.created_parents:  # deepest first; only folders this job created
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
+    """Hold ``directory``'s lock while changing it in place (``sdexport build`` adding plans), so that
+    an export replacing the same directory cannot run at the same time."""
+    with _locked(Target(directory.parent.resolve() / directory.name, kind)):
+        yield
+
+
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _make_parents(parent: Path) -> list[Path]:
+    missing = []
+    probe = parent
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+@contextlib.contextmanager
+def _locked(target: Target) -> Iterator[None]:
+    """An exclusive ``flock`` on ``.NAME.lock`` beside the target, held for the whole job.
+
+    The lock file is removed on release; a process that opened it just before that re-opens it
+    (its inode no longer matches the path), so two processes never both believe they hold it.
+    """
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise SdexportError(
+                f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
+                f"finish or choose another {target.kind.flag}"
+            ) from None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _leftovers(target: Target, kind: str) -> list[Path]:
+    return sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
+
+
+def _clean_leftovers(target: Target) -> None:
+    """Remove what killed jobs on this target left (we hold the lock: no live job owns them)."""
+    for old in _leftovers(target, "old"):
+        if not target.path.exists() and not (old / MARKER).exists():
+            os.rename(old, target.path)
+            console.print(f"[yellow]note:[/] restored {target.path} from an interrupted run ({old.name})")
+        elif _is_leftover(old, target.kind):
+            _discard(old)
+    for partial in _leftovers(target, "partial"):
+        if _is_leftover(partial, target.kind):
+            _discard(partial)
+
+
+def _is_leftover(path: Path, kind: OutputKind) -> bool:
+    """A hidden sibling sdexport made: marked, empty, or a complete directory of ours."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    return (path / MARKER).exists() or not any(path.iterdir()) or kind.not_ours(path) is None
+
+
+def _make_staging(target: Target) -> Path:
+    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+    if staging.exists():
+        _discard(staging)
+    staging.mkdir()
+    (staging / MARKER).touch()
+    return staging
+
+
+def _move_into_place(staging: Path, target: Target) -> None:
+    (staging / MARKER).unlink()
+    if not target.path.exists():
+        if not _renameat2(staging, target.path, _RENAME_NOREPLACE):
+            os.rename(staging, target.path)
+        return
+    if _renameat2(staging, target.path, _RENAME_EXCHANGE):
+        _discard(staging)  # now holds the old directory
+        return
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.rename(target.path, old)
+    os.rename(staging, target.path)
+    _discard(old)
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory of ours so that a kill half-way leaves it marked (for the next cleanup)."""
+    if path.is_symlink() or not path.exists():
+        return
+    with contextlib.suppress(OSError):
+        (path / MARKER).touch()
+    for child in path.iterdir():
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (path / MARKER).unlink(missing_ok=True)
+    path.rmdir()
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2(source: Path, destination: Path, flags: int) -> bool:
+    """Linux ``renameat2``; False where the C library or the filesystem does not offer it."""
+    try:
+        call = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    if call(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(destination), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(destination))
+
+
+def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
+    """Files (and links) under ``directory`` that are not in ``listed`` nor temporary files of ours."""
+    found = []
+    for root, dirs, files in os.walk(directory):
+        base = Path(root).relative_to(directory)
+        links = [d for d in dirs if (Path(root) / d).is_symlink()]
+        for name in [*files, *links]:
+            rel = (base / name).as_posix()
+            if rel not in listed and not _TEMP_FILE.search(rel):
+                found.append(rel)
+    return sorted(found)

@@ -1,0 +1,145 @@
+"""What a user asks the runtime for, and the checks that need no model, no engine and no torch.
+
+``check_request`` runs twice: in the CLI before any engine loads (so a wrong size or seed is refused
+in well under a second, not after loading gigabytes), and again in the pipeline before any engine
+runs (for callers of the Python API). Everything it needs is in the engine directory's manifest and
+scheduler config, so it is plain Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdexport.errors import ProfileError, SdexportError
+from sdexport.shapes import ImageGeometry, ShapeProfile
+
+MAX_SEED = 2**64 - 1
+"""torch.Generator seeds are unsigned 64-bit integers."""
+BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise SdexportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass
+class GenerationRequest:
+    prompt: list[str]
+    negative_prompt: list[str] | None = None
+    steps: int = 30
+    guidance: float = 7.5
+    scheduler: str = "default"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    height: int = 512
+    width: int = 512
+    # SDXL only (refused for other families), as diffusers names them; sizes are (height, width).
+    prompt_2: list[str] | None = None
+    """For the second text encoder; None: ``prompt``."""
+    negative_prompt_2: list[str] | None = None
+    """For the second text encoder; None: ``negative_prompt``."""
+    original_size: tuple[int, int] | None = None
+    """Micro-conditioning: the size the image "was" before cropping; None: (height, width)."""
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    """None: (height, width)."""
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def cfg(self) -> bool:
+        """Guidance above 1 mixes in an unconditional prediction; at or below 1 it is skipped."""
+        return self.guidance > 1.0
+
+
+SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
+
+
+def check_request(
+    request: GenerationRequest,
+    *,
+    family: str,
+    dims: ImageGeometry,
+    profile: ShapeProfile,
+    scheduler_config: dict[str, Any] | None = None,
+) -> None:
+    """Refuse what the engines cannot do, with one line that says what can be done instead.
+
+    ``scheduler_config`` (the engine directory's) lets the step count be checked against the
+    model's training timesteps.
+    """
+    from sdexport.runtime.schedulers import check_scheduler_name
+
+    if not request.prompt:
+        raise SdexportError("no prompt given: pass at least one --prompt")
+    if not all(isinstance(p, str) for p in request.prompt):
+        raise SdexportError("prompts must be text")
+    if request.negative_prompt is not None and len(request.negative_prompt) != request.batch:
+        raise SdexportError(
+            f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one "
+            "negative prompt, or one per prompt"
+        )
+    for name in ("prompt_2", "negative_prompt_2"):
+        given = getattr(request, name)
+        if given is not None and len(given) != request.batch:
+            raise SdexportError(f"{name}: {len(given)} given for {request.batch} prompts; give one per prompt")
+    if len(request.seeds) != request.batch:
+        raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
+    for seed in request.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise SdexportError(f"seed {seed}: seeds are integers from 0 to 2^64-1 ({MAX_SEED})")
+    _check_conditioning(request, family)
+    if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
+        raise SdexportError(f"--steps {request.steps}: need at least 1 step")
+    trained = int((scheduler_config or {}).get("num_train_timesteps") or 0)
+    if trained and request.steps > trained:
+        raise SdexportError(
+            f"--steps {request.steps}: the model was trained on {trained} timesteps, so a scheduler can "
+            f"take at most {trained} steps (20-50 is usual)"
+        )
+    guidance = request.guidance
+    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance) or guidance < 0:
+        raise SdexportError(f"--guidance {guidance}: need a finite number >= 0 (1 disables guidance; 7.5 is usual)")
+    check_scheduler_name(request.scheduler)
+    for axis in ("height", "width"):
+        value = getattr(request, axis)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
+    profile.check_request(request.batch, request.height, request.width, dims)
+
+
+def _check_conditioning(request: GenerationRequest, family: str) -> None:
+    given = {
+        "prompt_2": request.prompt_2 is not None,
+        "negative_prompt_2": request.negative_prompt_2 is not None,
+        "original_size": request.original_size is not None,
+        "crops_coords_top_left": tuple(request.crops_coords_top_left) != (0, 0),
+        "target_size": request.target_size is not None,
+    }
+    if family != "sdxl":
+        named = [name for name in SDXL_ONLY if given[name]]
+        if named:
+            raise SdexportError(f"{', '.join(named)}: SDXL conditioning, but this is a {family} model")
+        return
+    for name in ("original_size", "crops_coords_top_left", "target_size"):
+        value = getattr(request, name)
+        if value is not None and (len(value) != 2 or any(int(v) < 0 for v in value)):
+            raise SdexportError(f"{name} {value}: expected two non-negative integers")
+
+
+def ignored_settings(request: GenerationRequest) -> list[str]:
+    """Settings the request gives that will have no effect, to be said out loud rather than dropped."""
+    notes = []
+    if not request.cfg:
+        dropped = [flag for flag, value in (("--negative-prompt", request.negative_prompt),
+                                            ("--negative-prompt-2", request.negative_prompt_2)) if value]
+        if dropped:
+            notes.append(
+                f"{' and '.join(dropped)} ignored: --guidance {request.guidance:g} disables classifier-free "
+                "guidance, which is where a negative prompt acts (use a guidance above 1)"
+            )
+    return notes

@@ -1,0 +1,174 @@
+"""An engine directory is a closed world with a valid manifest: inspect, run and build refuse the rest.
+
+Every refusal is one line, comes before any engine loads, and is the same for ``inspect`` (which
+exits non-zero exactly when ``run`` would refuse) and ``run``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import run_cli
+from sdexport.errors import EngineDirError
+from sdexport.manifest import load_manifest, sha256_file
+
+
+def _edit(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+def _refused_everywhere(directory: Path, message: str, capsys) -> None:
+    """inspect and run both exit 2 with ``message`` on one line and no traceback."""
+    for args in (["inspect", directory], ["run", directory, "-p", "x", "--steps", "2", "-o", directory.parent / "x.png"]):
+        assert run_cli(*args) == 2, args
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()), (args, err)
+        assert "Traceback" not in err and err.count("error:") == 1
+    assert not (directory.parent / "x.png").exists()
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    secret = tmp_path / "outside" / "secret.onnx"
+    secret.parent.mkdir()
+    secret.write_bytes(b"not yours")
+    return secret
+
+
+@pytest.mark.parametrize("rel", ["../outside/secret.onnx", "/etc/passwd", "unet/../../outside/secret.onnx",
+                                 "unet//model.onnx", "./unet/model.onnx", "C:/x.onnx"])
+def test_manifest_paths_leaving_the_directory_are_refused(engine_copy: Path, outside: Path, rel: str, capsys):
+    def point_outside(data: dict[str, Any]) -> None:
+        data["components"]["unet"]["onnx"] = rel
+        data["files"][rel] = sha256_file(outside)
+
+    _edit(engine_copy, point_outside)
+    _refused_everywhere(engine_copy, "not a plain path inside the engine directory", capsys)
+
+
+def test_a_symlink_leaving_the_directory_is_refused(engine_copy: Path, tmp_path: Path, capsys):
+    copy = tmp_path / "elsewhere.onnx"
+    shutil.copy(engine_copy / "unet" / "model.onnx", copy)  # same bytes: the hash would match
+    (engine_copy / "unet" / "model.onnx").unlink()
+    (engine_copy / "unet" / "model.onnx").symlink_to(copy)
+    _refused_everywhere(engine_copy, "unet/model.onnx leads outside the engine directory", capsys)
+
+
+def test_a_graph_that_is_not_hashed_is_refused(engine_copy: Path, capsys):
+    _edit(engine_copy, lambda d: d["files"].pop("unet/model.onnx"))
+    _refused_everywhere(engine_copy, "components.unet.onnx 'unet/model.onnx' is not among the hashed files", capsys)
+
+
+def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, outside: Path, capsys):
+    def add_plan(data: dict[str, Any]) -> None:
+        data["components"]["unet"]["engines"]["k"] = {"path": "../outside/secret.onnx", "key": {}}
+
+    _edit(engine_copy, add_plan)
+    _refused_everywhere(engine_copy, "'../outside/secret.onnx', which is not a plain path", capsys)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(family="sd3"), "invalid manifest: family: 'sd3' is not one of ['sd', 'sdxl']"),
+    (lambda d: d["profile"].update(batch=[2, 1, 4]), "profile.batch [2, 1, 4] is not min <= opt <= max"),
+    (lambda d: d["profile"].update(height=[64, 128]), "profile.height: [64, 128] is too short"),
+    (lambda d: d["profile"].update(width=[0, 64, 64]), "profile.width.0: 0 is less than the minimum of 1"),
+    (lambda d: d["dims"].update(S="77"), "dims.S: '77' is not of type 'integer'"),
+    (lambda d: d.update(vae_scaling_factor=-1), "vae_scaling_factor: -1 is less than or equal to the minimum of 0"),
+    (lambda d: d["files"].update({"unet/model.onnx": "abc"}), "files.unet/model.onnx: 'abc' does not match"),
+    (lambda d: d.update(extra=1), "Additional properties are not allowed ('extra' was unexpected)"),
+    (lambda d: d.pop("dims"), "'dims' is a required property"),
+    (lambda d: d["components"].update(controlnet=d["components"]["unet"]), "component(s) controlnet do not exist"),
+    (lambda d: d.update(format_version=2), "manifest format 2 is not supported"),
+    (lambda d: d["model"].update(random_weights="yes"), "model.random_weights: 'yes' is not of type 'boolean'"),
+])
+def test_schema_violations_are_refused(engine_copy: Path, change, message, capsys):
+    _edit(engine_copy, change)
+    _refused_everywhere(engine_copy, message, capsys)
+
+
+def test_a_manifest_that_is_not_json_is_refused(engine_copy: Path, capsys):
+    (engine_copy / "manifest.json").write_bytes(b"\xff\xfe{")
+    _refused_everywhere(engine_copy, "damaged manifest, not valid JSON", capsys)
+
+
+def test_missing_tokenizer_files_are_refused_up_front(engine_copy: Path, capsys):
+    def drop_tokenizer(data: dict[str, Any]) -> None:
+        for rel in [r for r in data["files"] if r.startswith("tokenizer/")]:
+            data["files"].pop(rel)
+            (engine_copy / rel).unlink()
+
+    _edit(engine_copy, drop_tokenizer)
+    _refused_everywhere(engine_copy, "tokenizer/ lacks its tokenizer files", capsys)
+
+
+def test_a_tokenizer_without_vocabulary_is_refused(engine_copy: Path, capsys):
+    path = engine_copy / "tokenizer" / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["model"]["vocab"] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    data["added_tokens"] = []
+    path.write_text(json.dumps(data))
+    _edit(engine_copy, lambda d: d["files"].update({"tokenizer/tokenizer.json": sha256_file(path)}))
+    _refused_everywhere(engine_copy, "the tokenizer has no vocabulary", capsys)
+
+
+@pytest.mark.parametrize("config, message", [
+    (b"{not json", "not valid JSON"),
+    (json.dumps({"_class_name": "os.system"}).encode(), "not a usable scheduler config: _class_name"),
+    (json.dumps({"_class_name": "MagicScheduler"}).encode(), "names 'MagicScheduler', which is not a diffusers scheduler"),
+    (json.dumps({"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": "many"}).encode(),
+     "num_train_timesteps: 'many' is not of type 'integer'"),
+])
+def test_bad_scheduler_configs_are_refused_up_front(engine_copy: Path, config: bytes, message: str, capsys):
+    path = engine_copy / "scheduler" / "scheduler_config.json"
+    path.write_bytes(config)
+    _edit(engine_copy, lambda d: d["files"].update({"scheduler/scheduler_config.json": sha256_file(path)}))
+    _refused_everywhere(engine_copy, message, capsys)
+
+
+def test_inspect_fails_for_a_directory_run_cannot_use(tmp_path: Path, capsys):
+    target = tmp_path / "unet-only"
+    assert run_cli("export", "tiny", "-o", target, "--components", "unet", "--verify", "none") == 0
+    capsys.readouterr()
+    _refused_everywhere(target, "has no text_encoder, vae_decoder", capsys)
+
+
+def test_graph_referring_to_unlisted_weights_is_not_built(engine_copy: Path, tmp_path: Path):
+    """TensorRT's parser follows external-data references; the builder checks them against the manifest."""
+    import onnx
+
+    from sdexport.build.tensorrt_build import _onnx_input_names
+    from sdexport.errors import SdexportError
+
+    graph = engine_copy / "unet" / "model.onnx"
+    onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    with pytest.raises(SdexportError, match="refers to 'weights.bin', which is not a file the manifest lists"):
+        _onnx_input_names(graph, {"unet/model.onnx"})
+    assert _onnx_input_names(graph, {"unet/model.onnx", "unet/weights.bin"})
+    model = onnx.load(str(graph), load_external_data=False)  # onnx refuses to write "..": edit the proto
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../outside.data"
+    graph.write_bytes(model.SerializeToString())
+    with pytest.raises(SdexportError, match="refers to '../../outside.data'"):
+        _onnx_input_names(graph, {"unet/model.onnx", "unet/weights.bin"})
+    assert _onnx_input_names(engine_copy / "vae_decoder" / "model.onnx", {"vae_decoder/model.onnx"}) == ["latent"]
+
+
+def test_a_valid_directory_passes(tiny_engine_dir: Path):
+    from sdexport.runtime.loading import check_runnable
+
+    manifest = load_manifest(tiny_engine_dir)
+    config, tokenizers = check_runnable(tiny_engine_dir, manifest)
+    assert config["_class_name"] == "PNDMScheduler" and len(tokenizers["tokenizer"]) > 2
+    with pytest.raises(EngineDirError):
+        load_manifest(tiny_engine_dir / "nope")

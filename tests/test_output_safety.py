@@ -1,0 +1,229 @@
+"""Nothing the user had is lost: --force proves ownership, one writer per target, killed runs are cleaned.
+
+These tests use real directories, real processes and real signals on the tiny model.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from sdexport.errors import SdexportError
+from sdexport.export.plan import ENGINE_DIR
+from sdexport.output_dir import MARKER, claim
+
+QUICK = ("--components", "unet", "--verify", "none")
+"""The fastest real export of the tiny model (a few seconds)."""
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _user_folder(path: Path) -> dict[str, bytes]:
+    path.mkdir(parents=True)
+    (path / "holiday.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (path / "notes").mkdir()
+    (path / "notes" / "todo.txt").write_text("keep me")
+    return _tree(path)
+
+
+def _hidden_siblings(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
+def test_force_refuses_a_folder_of_user_files(tmp_path: Path, capsys):
+    target = tmp_path / "photos"
+    before = _user_folder(target)
+    assert run_cli("export", "tiny", "-o", target, "--force", *QUICK) == 2
+    err = capsys.readouterr().err
+    assert "not an sdexport engine directory" in err and "has no manifest.json" in err
+    assert _tree(target) == before and _hidden_siblings(target) == []
+
+
+def test_force_refuses_an_engine_directory_holding_a_users_file(engine_copy: Path, capsys):
+    (engine_copy / "unet" / "my-notes.txt").write_text("keep me")
+    before = _tree(engine_copy)
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 2
+    assert "files its manifest does not list: unet/my-notes.txt" in capsys.readouterr().err
+    assert _tree(engine_copy) == before
+
+
+def test_force_replaces_an_engine_directory_in_one_swap(engine_copy: Path):
+    (engine_copy / "unet" / "0123abcd.plan").write_bytes(b"plan of a killed build")  # ours, unlisted
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 0
+    assert sorted(p.name for p in engine_copy.iterdir()) == ["manifest.json", "scheduler", "tokenizer", "unet"]
+    assert _hidden_siblings(engine_copy) == []
+
+
+@pytest.mark.parametrize("where", ["itself", "a parent"])
+def test_force_refuses_the_models_own_directory(tiny_diffusers_dir: Path, tmp_path: Path, where: str, capsys):
+    model = tmp_path / "models" / "sd"
+    shutil.copytree(tiny_diffusers_dir, model)
+    target = model if where == "itself" else model.parent
+    before = _tree(target)
+    assert run_cli("export", model, "-o", target, "--force", *QUICK) == 2
+    assert "which this command reads" in capsys.readouterr().err
+    assert _tree(target) == before
+
+
+@pytest.mark.parametrize("spelling", [".", "", "..", "./"])
+def test_current_directory_and_its_parents_are_refused(tmp_path: Path, monkeypatch, spelling: str, capsys):
+    work = tmp_path / "work"
+    before = _user_folder(work)
+    monkeypatch.chdir(work)
+    assert run_cli("export", "tiny", "-o", spelling, "--force", *QUICK) == 2
+    assert "is the current directory or contains it" in capsys.readouterr().err
+    assert _tree(work) == before
+
+
+def test_a_symlink_as_output_is_refused_deliberately(engine_copy: Path, tmp_path: Path, capsys):
+    link = tmp_path / "current"
+    link.symlink_to(engine_copy)
+    before = _tree(engine_copy)
+    assert run_cli("export", "tiny", "-o", link, "--force", *QUICK) == 2
+    assert "is a symbolic link" in capsys.readouterr().err
+    assert link.is_symlink() and _tree(engine_copy) == before
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file", "is a file"),
+    ("inside a file", "is a file, so nothing can be created inside it"),
+    ("read-only", "cannot write in"),
+])
+def test_unwritable_outputs_are_refused_before_loading(tmp_path: Path, monkeypatch, case, message, capsys):
+    from sdexport import output_dir
+
+    blocker = tmp_path / "blocker"
+    blocker.write_text("user data")
+    target = {"file": blocker, "inside a file": blocker / "engines" / "tiny"}.get(case, tmp_path / "ro" / "tiny")
+    if case == "read-only":  # root ignores permission bits, so stand in for a read-only mount
+        real = os.access
+        monkeypatch.setattr(output_dir.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "Loading" not in err and blocker.read_text() == "user data"
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
+    from sdexport.export import graph
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
+
+    monkeypatch.setattr(graph, "save", full)
+    target = tmp_path / "engines" / "tiny"
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device; free some space" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no staging folder, no lock file, no half-made parent
+
+
+def _export_process(target: Path, *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sdexport", "export", "tiny", "-o", str(target), *QUICK, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+    )
+
+
+def _wait_for(condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def test_two_exports_to_one_target_at_once_one_is_refused(tmp_path: Path):
+    target = tmp_path / "tiny"
+    first = _export_process(target)
+    _wait_for(lambda: (tmp_path / ".tiny.lock").exists() or first.poll() is not None)
+    second = _export_process(target)
+    _, second_err = second.communicate(timeout=300)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2 and "another sdexport process" in second_err and "is writing" in second_err
+    assert (target / "manifest.json").is_file() and _hidden_siblings(target) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_export_is_cleaned_up_by_the_next(tmp_path: Path, sig: int):
+    target = tmp_path / "tiny"
+    victim = _export_process(target)
+    _wait_for(lambda: any(tmp_path.glob(".tiny.partial-*")) or victim.poll() is not None)
+    victim.send_signal(sig)
+    victim.wait(timeout=60)
+    assert not target.exists()
+    if sig == signal.SIGTERM:  # unwinds: removes its own staging folder
+        assert _hidden_siblings(target) == []
+    else:
+        assert any(name.startswith(".tiny.partial-") for name in _hidden_siblings(target))
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 0
+    assert (target / "manifest.json").is_file() and _hidden_siblings(target) == []
+
+
+def test_old_directory_is_restored_when_a_swap_without_exchange_was_cut_short(engine_copy: Path, monkeypatch):
+    """Filesystems without renameat2(RENAME_EXCHANGE) take two renames; a crash between them leaves
+    the old directory aside, and the next run on that target puts it back."""
+    from sdexport import output_dir
+
+    before = _tree(engine_copy)
+    monkeypatch.setattr(output_dir, "_renameat2", lambda *args: False)
+    real_rename = os.rename
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between the two renames
+        real_rename(src, dst)
+
+    monkeypatch.setattr(output_dir.os, "rename", crash_on_second)
+    with pytest.raises(KeyboardInterrupt), claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+        (staging / "manifest.json").write_text("{}")
+    monkeypatch.setattr(output_dir.os, "rename", real_rename)
+    assert not engine_copy.exists() and any(n.startswith(".tiny.old-") for n in _hidden_siblings(engine_copy))
+    with pytest.raises(RuntimeError, match="stop"), claim(engine_copy, ENGINE_DIR, replace=True):
+        assert _tree(engine_copy) == before  # restored before the new job starts
+        raise RuntimeError("stop")
+    assert _tree(engine_copy) == before and _hidden_siblings(engine_copy) == []
+
+
+def test_swap_exchanges_atomically(engine_copy: Path, monkeypatch):
+    """The old and the new directory trade places in one renameat2 call; neither is ever missing."""
+    from sdexport import output_dir
+
+    seen = []
+    real = output_dir._renameat2
+
+    def watch(source, destination, flags):
+        done = real(source, destination, flags)
+        seen.append((flags, done, destination.exists(), source.exists()))
+        return done
+
+    monkeypatch.setattr(output_dir, "_renameat2", watch)
+    with claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert seen == [(output_dir._RENAME_EXCHANGE, True, True, True)]
+    assert (engine_copy / "new.txt").read_text() == "new" and _hidden_siblings(engine_copy) == []
+
+
+def test_staging_folders_carry_a_marker_until_done(tmp_path: Path):
+    target = tmp_path / "out"
+    with claim(target, ENGINE_DIR, replace=False) as staging:
+        assert (staging / MARKER).exists()
+    assert target.is_dir() and not (target / MARKER).exists()
+    with pytest.raises(SdexportError, match="exists and is not empty"):
+        (target / "x").write_text("x")
+        with claim(target, ENGINE_DIR, replace=False):
+            pass
