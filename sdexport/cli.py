@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from sdexport.console import console, out, quiet_libraries
 from sdexport.errors import SdexportError
+
+if TYPE_CHECKING:
+    from sdexport.runtime.request import GenerationRequest
 
 app = typer.Typer(
     add_completion=False,
@@ -51,12 +54,8 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
-    from sdexport.export.exporter import ExportOptions
-    from sdexport.export.exporter import export as run_export
-    from sdexport.inspect_dir import print_summary
+    from sdexport.export.plan import ExportOptions, plan_export
 
-    if verify not in ("full", "quick", "none"):
-        raise SdexportError(f"--verify {verify}: choose full, quick or none")
     options = ExportOptions(
         ranges={"batch": batch, "height": height, "width": width},
         dtype=dtype,
@@ -68,6 +67,10 @@ def export(
         vae=vae,
         force=force,
     )
+    plan_export(model, output, options)  # refuses bad input in well under a second, before torch loads
+    from sdexport.export.exporter import export as run_export
+    from sdexport.inspect_dir import print_summary
+
     manifest = run_export(model, output, options)
     print_summary(output, manifest)
 
@@ -75,13 +78,24 @@ def export(
 @app.command()
 def inspect(
     engine_dir: Annotated[Path, typer.Argument(help="An engine directory written by `sdexport export`.")],
-    check: Annotated[bool, typer.Option(help="Check every file against its sha256.")] = True,
+    check: Annotated[bool, typer.Option(help="Check every file against its sha256, and what `run` needs (tokenizers, scheduler).")] = True,
 ) -> None:
-    """Show what an engine directory holds: model, profile, tools, parity results and engines."""
+    """Show what an engine directory holds: model, profile, tools, parity results and engines.
+
+    Exits non-zero, with the reason, exactly when `sdexport run` would refuse the directory.
+    """
     from sdexport.inspect_dir import print_summary
     from sdexport.manifest import load_manifest
 
-    print_summary(engine_dir, load_manifest(engine_dir, verify_files=check))
+    manifest = load_manifest(engine_dir, verify_files=check)
+    print_summary(engine_dir, manifest)
+    if check:
+        from sdexport.runtime.loading import check_runnable
+
+        try:
+            check_runnable(engine_dir, manifest)
+        except SdexportError as exc:
+            raise SdexportError(f"`sdexport run` would refuse this directory: {exc}") from None
 
 
 @app.command()
@@ -168,29 +182,55 @@ def run(
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
 ) -> None:
     """Generate images from prompts with the engines in an engine directory."""
-    from rich.progress import Progress
+    from sdexport.manifest import load_manifest, read_scheduler_config
+    from sdexport.runtime.images import check_image_output
+    from sdexport.runtime.request import GenerationRequest, check_backend, check_request, ignored_settings
 
-    from sdexport.manifest import load_manifest
-    from sdexport.runtime.images import save_images
-    from sdexport.runtime.loading import load_pipeline, resolve_backend
-    from sdexport.runtime.txt2img import GenerationRequest
-    from sdexport.shapes import ShapeProfile
-
-    prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
+    if batch < 1:
+        raise SdexportError(f"--batch {batch}: need at least 1 image per prompt")
     if len(prompt) > 1 and batch != 1:
         raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
+    check_backend(backend)
+    # Everything below up to the engines reads small files only: a bad request is refused at once.
+    manifest = load_manifest(engine_dir, verify_files=False)
+    profile = manifest.shape_profile
+    if len(prompt) * batch > profile.batch[2]:  # before making a list of that many prompts
+        profile.check_request(len(prompt) * batch, profile.height[1], profile.width[1], manifest.model_dims)
+    prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
-    profile = load_manifest(engine_dir, verify_files=False).shape_profile
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
         seeds=[seed + i for i in range(len(prompts))],
-        height=height or profile.height[1], width=width or profile.width[1],
+        height=profile.height[1] if height is None else height,
+        width=profile.width[1] if width is None else width,
         prompt_2=_per_image(prompt_2, len(prompts), "--prompt-2"),
         negative_prompt_2=_per_image(negative_prompt_2, len(prompts), "--negative-prompt-2"),
         original_size=_pair(original_size, "x", "--original-size"),
         crops_coords_top_left=_pair(crop_top_left, ",", "--crop-top-left") or (0, 0),
         target_size=_pair(target_size, "x", "--target-size"),
     )
+    scheduler_config = read_scheduler_config(engine_dir)
+    check_request(request, family=manifest.family, dims=manifest.model_dims, profile=profile,
+                  scheduler_config=scheduler_config)
+    check_image_output(output, request.batch)
+    for note in ignored_settings(request):
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    _generate(engine_dir, backend, request, output, cuda_graph=cuda_graph, scheduler_config=scheduler_config)
+
+
+def _generate(
+    engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
+    scheduler_config: dict[str, Any],
+) -> None:
+    """The heavy half of ``run``: load the engines, denoise, save."""
+    from rich.progress import Progress
+
+    from sdexport.runtime.images import save_images
+    from sdexport.runtime.loading import load_pipeline, resolve_backend
+    from sdexport.runtime.schedulers import check_steps
+    from sdexport.shapes import ShapeProfile
+
+    check_steps(request.scheduler, scheduler_config, request.steps)
     wanted = ShapeProfile.single(request.batch, request.height, request.width)
     with console.status(f"Loading engines ({resolve_backend(backend)})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted)
@@ -198,7 +238,7 @@ def run(
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random-weight model: images are noise-like by design")
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("Denoising", total=steps)
+        task = progress.add_task("Denoising", total=request.steps)
         result = pipeline(request, on_step=lambda i, n: progress.update(task, completed=i, total=n))
     paths = save_images(result, output, pipeline.info)
     t = result.timings
@@ -221,30 +261,89 @@ def bench(
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process."""
-    from sdexport.bench.harness import Options, run_benchmark
-    from sdexport.bench.report import write_report
+    from sdexport.bench.report import BENCH_OUTPUT
     from sdexport.bench.scenario import load_scenario
+    from sdexport.output_dir import check_target
 
     loaded = load_scenario(scenario)
-    report = run_benchmark(loaded, output, Options(
+    check_target(output, BENCH_OUTPUT, replace=True)  # before torch and the model load
+    from sdexport.bench.harness import Options, run_benchmark
+
+    _, paths = run_benchmark(loaded, output, Options(
         engine_dir=engine_dir, contenders=contenders.split(",") if contenders else None,
         repeats=repeats, warmup=warmup,
     ))
-    if not any(r["status"] == "measured" for r in report["results"]):
-        raise SdexportError("no contender could run; see the reasons above")
-    paths = write_report(report, output)
     out.print(paths[1].read_text())
     for path in paths:
         out.print(str(path))
 
 
 def main() -> None:
+    """Every failure a user can cause ends in one line on stderr and a non-zero exit.
+
+    ``SdexportError``: bad input, stated by sdexport. Usage errors (a wrong option or value): the
+    parser's own message, on one line. ``OSError``: the filesystem refused (full disk, permissions,
+    a read-only mount). Anything else is a bug and keeps its traceback; ``SDEXPORT_TRACEBACK=1``
+    shows the traceback of the one-line errors too.
+    """
     quiet_libraries()
+    import signal
+
+    # SIGTERM (a CI timeout, `kill`, a container stop) unwinds like Ctrl-C, so staging folders and
+    # half-written files are removed on the way out rather than left for the next run to clean.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
-        app()
+        code = app(standalone_mode=False)
     except SdexportError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
+        _fail(str(exc), 2, exc)
+    except (KeyboardInterrupt, typer.Abort):
         console.print("[red]interrupted[/]")
         sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except OSError as exc:
+        _fail(_describe_os_error(exc), 1, exc)
+    except MemoryError as exc:
+        _fail("out of memory; lower the profile's maxima (--batch, --height, --width) or use a larger machine", 1, exc)
+    except Exception as exc:
+        if not _is_usage_error(exc):
+            raise
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(0)  # the help was shown
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        _fail(" ".join(exc.format_message().split()) + hint, int(getattr(exc, "exit_code", 2) or 2), exc)  # type: ignore[attr-defined]
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _fail(message: str, code: int, exc: BaseException) -> None:
+    import os
+
+    if os.environ.get("SDEXPORT_TRACEBACK"):
+        raise exc
+    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    sys.exit(code)
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """click's UsageError and its kind (typer vendors its own copy of click, so match by shape)."""
+    return any(cls.__name__ == "UsageError" for cls in type(exc).__mro__) and hasattr(exc, "format_message")
+
+
+def _describe_os_error(exc: OSError) -> str:
+    import errno
+
+    where = f"{exc.filename}: " if exc.filename else ""
+    what = exc.strerror or str(exc)
+    advice = {
+        errno.ENOSPC: "; free some space or write elsewhere",
+        errno.EDQUOT: "; free some space or write elsewhere",
+        errno.EROFS: "; write elsewhere",
+        errno.EACCES: "; check the permissions or write elsewhere",
+        errno.EPERM: "; check the permissions or write elsewhere",
+    }.get(exc.errno or 0, "")
+    return f"{where}{what}{advice}"

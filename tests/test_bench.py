@@ -88,7 +88,21 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\ncontenders = ["openvino"]', "unknown contender(s) openvino"),
     ('model = "tiny"\nspeed = 3', "unknown key(s) speed"),
     ('height = 64', "needs a model"),
-    ('model = "tiny"\nrepeats = 0', "repeats >= 1"),
+    ('model = "tiny"\nrepeats = 0', "repeats: 0 is less than the minimum of 1"),
+    ('model = "tiny"\nwarmup = -1', "warmup: -1 is less than the minimum of 0"),
+    ('model = "tiny"\nsteps = "ten"', "steps: 'ten' is not of type 'array'"),
+    ('model = "tiny"\nbatch = [1, 0]', "batch.1: 0 is less than the minimum of 1"),
+    ('model = "tiny"\nheight = 64.5', "height: 64.5 is not of type 'integer'"),
+    ('model = "tiny"\nguidance = nan', "guidance nan: need a finite number"),
+    ('model = "tiny"\nguidance = -1.0', "guidance: -1.0 is less than the minimum of 0"),
+    ('model = "tiny"\nseed = -1', "seed: -1 is less than the minimum of 0"),
+    ('model = "tiny"\nseed = 18446744073709551615\nbatch = [2]', "must stay below 2^64"),
+    ('model = "tiny"\nscheduler = "heun9"', "unknown scheduler 'heun9'"),
+    ('model = "tiny"\nname = "../../etc"', "name: '../../etc' does not match"),
+    ('model = "tiny"\nbuild = { static = "yes" }', "build.static: 'yes' is not of type 'boolean'"),
+    ('model = "tiny"\nexport = { verify = "always" }', "export.verify: 'always' is not one of"),
+    ('model = 3', "model: 3 is not of type 'string'"),
+    ('model = "tiny"\ncontenders = []', "contenders: [] should be non-empty"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     path = tmp_path / "s.toml"
@@ -118,3 +132,87 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     assert len([r for r in report["results"] if r["status"] == "measured"]) == 5
     assert report["scenario"]["warmup"] == 0 and report["scenario"]["repeats"] == 1
     assert "onnxruntime-cpu (batch 2, 3 steps): batch 2 is outside" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--repeats", "0"], "--repeats 0: need at least 1 timed run"),
+    (["--warmup", "-1"], "--warmup -1: need 0 or more warm-up runs"),
+    (["--contenders", "diffusers,openvino"], "unknown openvino"),
+])
+def test_bad_overrides_are_refused_and_write_nothing(tmp_path, capsys, args, message):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE)
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, *args) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [scenario]
+
+
+def test_a_bench_with_nothing_measured_leaves_no_output_folder(tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('["onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"]', '["tensorrt"]'))
+    out = tmp_path / "results" / "out"
+    assert run_cli("bench", scenario, "-o", out) == 2
+    assert "no contender could run" in capsys.readouterr().err
+    assert not (tmp_path / "results").exists(), "the parent folder it created is removed too"
+
+
+def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch):
+    from sdexport.bench import harness
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(harness, "_measure", crash)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"diffusers"'))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_cli("bench", scenario, "-o", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+
+
+def test_bench_replaces_its_own_output_and_refuses_a_users_folder(bench_run, tmp_path, capsys):
+    _, previous = bench_run
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"diffusers"'))
+    assert run_cli("bench", scenario, "-o", user) == 2
+    assert "not an sdexport benchmark output" in capsys.readouterr().err
+    assert (user / "notes.txt").read_text() == "keep me"
+    from sdexport.bench.report import not_a_bench_output
+
+    assert not_a_bench_output(previous) is None  # the fixture's output is one sdexport may replace
+
+
+def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):
+    """Runs last in this module: it replaces the shared output (with the same engines)."""
+    _, out = bench_run
+    engines = out / "engines" / "smoke"
+    before = (engines / "manifest.json").read_text()
+    scenario = out.parent / "smoke.toml"
+    assert run_cli("bench", scenario, "-o", out, "--contenders", "onnxruntime-cpu", "--repeats", "1",
+                   "--warmup", "0") == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["one_time"]["export"]["status"] == "reused"
+    assert report["engine_dir"] == str(engines) and (engines / "manifest.json").read_text() == before
+    assert [r["contender"] for r in report["results"]] == ["onnxruntime-cpu"] * 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out", "smoke.toml"]  # no staging left
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("steps = [3]", "steps = [5000]", "the model was trained on 1000 timesteps"),
+    ("steps = [3]", "steps = [999]\nscheduler = 'dpmpp_2m'", "past the model's 1000 training timesteps"),
+    ("height = 64", "height = 72", "height min 72 is not a multiple of 16"),
+    ("batch = [1, 2]", "batch = [100000]", "beyond the 2^31 elements"),
+])
+def test_requests_a_scenario_cannot_make_are_refused_before_loading(tmp_path, capsys, old, new, message):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace(old, new).replace('scheduler = "euler"\n', "" if "scheduler" in new else 'scheduler = "euler"\n'))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Loading" not in err and "Traceback" not in err
+    assert not out.exists()

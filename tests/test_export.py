@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,15 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("bad-range", "--batch '4:1:2'"),
         ("bad-dtype", "--dtype int8"),
         ("bad-component", "unknown component(s) clip"),
+        ("opset-low", "--opset 13: sdexport exports opsets 14 to 20"),
+        ("opset-high", "--opset 24: sdexport exports opsets 14 to 20"),
+        ("bad-seed", "--seed -1: preset weight seeds go from 0 to"),
+        ("zero-height", "--height '0': need 0 < min <= opt <= max"),
+        ("huge-batch", "would need a VAE activation of"),
+        ("huge-side", "beyond the 2^31 elements"),
+        ("bad-verify", "--verify sometimes: choose full, quick or none"),
+        ("vae-not-a-vae", "--vae"),
+        ("not-a-number", "Invalid value for '--opset'"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys):
@@ -144,7 +154,17 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         extra = ["--dtype", "int8"]
     elif case == "bad-component":
         extra = ["--components", "clip"]
+    else:
+        extra = {
+            "opset-low": ["--opset", "13"], "opset-high": ["--opset", "24"], "bad-seed": ["--seed", "-1"],
+            "zero-height": ["--height", "0"], "huge-batch": ["--batch", "1:1:100000"],
+            "huge-side": ["--height", "64:64:1048576", "--width", "64:64:1048576"],
+            "bad-verify": ["--verify", "sometimes"], "vae-not-a-vae": ["--vae", str(tmp_path)],
+            "not-a-number": ["--opset", "seventeen"],
+        }[case]
+    started = time.perf_counter()
     code = run_cli("export", model, "-o", out, *extra)
+    seconds = time.perf_counter() - started
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
@@ -152,6 +172,8 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
     assert len(errors) == 1 and "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert "Loading" not in err, "refused before any weight was read"
+    print(f"refused in {seconds:.2f} s")  # reported, not asserted: tests do not time things
 
 
 def test_inspect_prints_parity(tiny_engine_dir: Path, capsys):
@@ -182,3 +204,13 @@ def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path: Path, monkeyp
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()  # e.g. the engine directory of `sdexport export tiny -o tiny`
     assert load_model("tiny").source == {"kind": "preset", "name": "tiny", "seed": 0}
+
+
+def test_opset_range_is_torchs_exporter_range(tmp_path: Path):
+    import torch.onnx._constants as constants
+
+    from sdexport.export.plan import MAX_OPSET, MIN_OPSET
+
+    assert MAX_OPSET == getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", MAX_OPSET)
+    assert run_cli("export", "tiny", "-o", tmp_path / "e", "--opset", str(MIN_OPSET), "--components", "unet",
+                   "--verify", "quick") == 0

@@ -10,6 +10,7 @@ contender's, both measured in this run.
 from __future__ import annotations
 
 import gc
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,15 @@ from sdexport.bench.contenders import (
 )
 from sdexport.bench.environment import environment
 from sdexport.bench.measure import MemorySampler, Stats, psnr
+from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, CONTENDERS, Case, Scenario
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
-from sdexport.runtime.txt2img import GenerationRequest
+from sdexport.models.outline import outline_model
+from sdexport.output_dir import claim
+from sdexport.runtime.request import GenerationRequest, check_request
+from sdexport.runtime.schedulers import check_steps
+from sdexport.shapes import ShapeProfile, parse_range
 
 
 @dataclass
@@ -62,16 +68,63 @@ def precision(scenario: Scenario) -> str:
     return "fp16" if torch.cuda.is_available() else "fp32"
 
 
-def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dict[str, Any]:
+def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tuple[dict[str, Any], list[Path]]:
+    """Run ``scenario`` and write its report into ``output_dir``; returns the report and its files.
+
+    The output folder appears only when the benchmark finished with at least one measurement: the
+    work (and any engine export) happens in a hidden staging folder (``sdexport.output_dir``). A
+    previous benchmark output there is replaced, its matching engines reused; anything else is refused.
+    """
+    contenders, repeats, warmup = _check_options(scenario, options)
+    outline = outline_model(scenario.model)
+    export_profile = _export_profile(scenario)
+    export_profile.validate(outline)
+    export_profile.check_limits(outline.vae_width)
+    profile, family, scheduler_config = export_profile, outline.family, outline.scheduler_config
+    if options.engine_dir is not None:
+        from sdexport.manifest import load_manifest, read_scheduler_config
+
+        manifest = load_manifest(options.engine_dir, verify_files=False)
+        profile, family = manifest.shape_profile, manifest.family
+        scheduler_config = read_scheduler_config(options.engine_dir)
+    for case in scenario.cases:  # every request is checked before the first model loads
+        check_request(request_for(scenario, case), family=family, dims=outline, profile=profile,
+                      scheduler_config=scheduler_config)
+        check_steps(scenario.scheduler, scheduler_config, case.steps)
+    protected = (*outline.sources, *([options.engine_dir] if options.engine_dir else []))
+    with claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected) as staging:
+        report, reused = _run(scenario, output_dir, staging, options, contenders, repeats, warmup, export_profile)
+        if not any(r["status"] == "measured" for r in report["results"]):
+            raise SdexportError("no contender could run; see the reasons above (nothing was written)")
+        paths = [output_dir / p.name for p in write_report(report, staging)]
+        if reused is not None:  # the previous output's engines move into the new one, only now
+            (staging / "engines").mkdir(exist_ok=True)
+            os.rename(reused, staging / "engines" / reused.name)
+    return report, paths
+
+
+def _check_options(scenario: Scenario, options: Options) -> tuple[list[str], int, int]:
     requested = options.contenders or scenario.contenders
     unknown = [c for c in requested if c not in CONTENDERS]
     if not requested or unknown:
         raise SdexportError(f"contenders: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
+    if options.repeats is not None and options.repeats < 1:
+        raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
+    if options.warmup is not None and options.warmup < 0:
+        raise SdexportError(f"--warmup {options.warmup}: need 0 or more warm-up runs")
     # Baselines run first: every other contender is compared with the first one's output.
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
-    baseline = contenders[0] if contenders[0] in BASELINES else None
     repeats = options.repeats or scenario.repeats
     warmup = scenario.warmup if options.warmup is None else options.warmup
+    return contenders, repeats, warmup
+
+
+def _run(
+    scenario: Scenario, output_dir: Path, staging: Path, options: Options, contenders: list[str], repeats: int,
+    warmup: int, export_profile: ShapeProfile,
+) -> tuple[dict[str, Any], Path | None]:
+    """The measurements; also the previous output's engine directory when it was reused in place."""
+    baseline = contenders[0] if contenders[0] in BASELINES else None
     dtype = precision(scenario)
     env = environment()
     one_time: dict[str, dict[str, float | str]] = {}
@@ -83,9 +136,11 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
         model = load_model(scenario.model)
     one_time["model"] = {"load_s": time.perf_counter() - start}
     needs_engines = any(c not in BASELINES for c in contenders)
-    engine_dir = options.engine_dir
+    engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
     if needs_engines and engine_dir is None:
-        engine_dir = _export(scenario, model.family, output_dir, dtype, one_time)
+        engine_dir = _export(scenario, model.family, output_dir, staging, dtype, export_profile, one_time)
+        reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
+        recorded_dir = output_dir / "engines" / scenario.name  # where it is once the output is in place
 
     results: list[dict[str, Any]] = []
     baseline_outputs: dict[Case, Output] = {}
@@ -141,41 +196,50 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> dic
         "device": str(device()),
         "random_weights": model.random_weights,
         "model": model.label,
-        "engine_dir": str(engine_dir) if engine_dir else None,
+        "engine_dir": str(recorded_dir) if recorded_dir else None,
         "environment": env,
         "one_time": one_time,
         "results": results,
-    }
+    }, reused
 
 
-def _export(scenario: Scenario, family: str, output_dir: Path, dtype: str,
-            one_time: dict[str, dict[str, float | str]]) -> Path:
-    """Export once into the output directory; a previous export with the same settings is reused."""
-    from sdexport.export.exporter import ExportOptions, export
-    from sdexport.manifest import load_manifest
-    from sdexport.shapes import ShapeProfile, parse_range
-    from sdexport.specs import components_for
-
+def _export_profile(scenario: Scenario) -> ShapeProfile:
+    """The profile the bench exports with: the scenario's batches and size, or its ``[export]`` ranges."""
     batches = scenario.batch
-    profile = ShapeProfile(
+    return ShapeProfile(
         parse_range(str(scenario.export["batch"]), "batch") if "batch" in scenario.export
         else (min(batches), max(batches), max(batches)),
         parse_range(str(scenario.export.get("height", scenario.height)), "height"),
         parse_range(str(scenario.export.get("width", scenario.width)), "width"),
     )
-    target = output_dir / "engines" / scenario.name
-    if (target / "manifest.json").is_file():
-        manifest = load_manifest(target, verify_files=False)
-        if manifest.shape_profile == profile and manifest.dtype == dtype:
-            one_time["export"] = {"status": "reused", "path": str(target)}
-            return target
+
+
+def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dtype: str, profile: ShapeProfile,
+            one_time: dict[str, dict[str, float | str]]) -> Path:
+    """Export once into the staging output, or use the previous output's engines in place when their
+    settings match (they move into the new output only when it is complete)."""
+    from sdexport.errors import EngineDirError
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.manifest import load_manifest
+    from sdexport.specs import components_for
+
+    previous = output_dir / "engines" / scenario.name
+    target = staging / "engines" / scenario.name
+    if (previous / "manifest.json").is_file():
+        try:
+            manifest = load_manifest(previous, verify_files=False)
+        except EngineDirError:
+            manifest = None
+        if manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype:
+            one_time["export"] = {"status": "reused", "path": str(previous)}
+            return previous
     # What txt2img runs (no VAE encoder), plus the fp32 fallback VAE for fp16 exports.
     components = [s.name for s in components_for(family)
                   if s.name != "vae_encoder" and (dtype == "fp16" or not s.always_fp32)]
     start = time.perf_counter()
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, components=components,
                                                  verify=scenario.export.get("verify", "quick"), force=True))
-    one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(target)}
+    one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(previous)}
     return target
 
 

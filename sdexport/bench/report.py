@@ -9,6 +9,7 @@ from typing import Any
 
 from sdexport.atomic import atomic_path, write_atomic
 from sdexport.manifest import write_json_atomic
+from sdexport.output_dir import OutputKind
 
 
 def _ms(stats: dict[str, float]) -> str:
@@ -160,9 +161,41 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+RESULT_FILES = ("results.json", "results.md", "results.png")
+
+
+def not_a_bench_output(directory: Path) -> str | None:
+    """Why ``directory`` is not a benchmark output sdexport wrote (None when it is), before it is replaced.
+
+    Ours: the result files, an ``engines/`` folder of sdexport engine directories, nothing else.
+    """
+    from sdexport.manifest import not_an_engine_dir
+
+    try:
+        data = json.loads((directory / RESULT_FILES[0]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"it has no readable {RESULT_FILES[0]}"
+    if not isinstance(data, dict) or not {"scenario", "results", "environment"} <= set(data):
+        return f"its {RESULT_FILES[0]} is not an sdexport benchmark report"
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in (*RESULT_FILES, "engines"))
+    if extra:
+        return f"it holds other files: {', '.join(extra[:3])}"
+    engines = directory / "engines"
+    if engines.is_symlink() or engines.is_file():
+        return "its engines is not a folder of engine directories"
+    for child in sorted(engines.iterdir()) if engines.is_dir() else []:
+        reason = not_an_engine_dir(child) if child.is_dir() and not child.is_symlink() else "not a directory"
+        if reason:
+            return f"engines/{child.name}: {reason}"
+    return None
+
+
+BENCH_OUTPUT = OutputKind("benchmark output", not_a_bench_output)
+
+
 def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
-    paths = [output_dir / "results.json", output_dir / "results.md", output_dir / "results.png"]
+    paths = [output_dir / name for name in RESULT_FILES]
     write_json_atomic(paths[0], json.loads(json.dumps(report, default=str)))
     write_atomic(paths[1], markdown(report))
     plot(report, paths[2])

@@ -7,6 +7,7 @@ steps, size, batch), so that a difference in the results is a difference between
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,16 +61,59 @@ class Scenario:
         return [Case(b, s) for b, s in itertools.product(self.batch, self.steps)]
 
 
+_COUNTS = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}
+_RANGE_TEXT = {"type": ["string", "integer"]}
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["model"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 100},
+        "model": {"type": "string", "minLength": 1},
+        "description": {"type": "string"},
+        "prompt": {"type": "string"},
+        "negative_prompt": {"type": "string"},
+        "scheduler": {"type": "string"},
+        "guidance": {"type": "number", "minimum": 0},
+        "seed": {"type": "integer", "minimum": 0},
+        "height": {"type": "integer", "minimum": 1},
+        "width": {"type": "integer", "minimum": 1},
+        "batch": _COUNTS,
+        "steps": _COUNTS,
+        "warmup": {"type": "integer", "minimum": 0},
+        "repeats": {"type": "integer", "minimum": 1},
+        "contenders": {"type": "array", "items": {"enum": list(CONTENDERS)}, "minItems": 1},
+        "dtype": {"enum": ["auto", "fp32", "fp16"]},
+        "export": {
+            "type": "object",
+            "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,
+                           "height": _RANGE_TEXT, "width": _RANGE_TEXT},
+            "additionalProperties": False,
+        },
+        "build": {
+            "type": "object",
+            "properties": {"static": {"type": "boolean"}, "cuda_graph": {"type": "boolean"},
+                           "optimization_level": {"type": "integer", "minimum": 0, "maximum": 5}},
+            "additionalProperties": False,
+        },
+    },
+}
+"""Types and ranges of a scenario file; unknown keys are named separately (with the known ones)."""
+
+
 def load_scenario(path: Path) -> Scenario:
+    """Read and check a scenario: every value of the wrong type or range is refused with one line."""
+    from sdexport.manifest_schema import first_error
+    from sdexport.runtime.schedulers import check_scheduler_name
+
     if not path.is_file():
         raise SdexportError(f"{path}: no such scenario file (see benchmarks/scenarios/)")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SdexportError(f"{path}: not valid TOML ({exc})") from None
     data.setdefault("name", path.stem)
     for key in ("batch", "steps"):
-        if isinstance(data.get(key), int):
+        if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
             data[key] = [data[key]]
     known = set(Scenario.__dataclass_fields__)
     unknown = sorted(set(data) - known)
@@ -77,10 +121,21 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     if "model" not in data:
         raise SdexportError(f"{path}: a scenario needs a model (preset, diffusers directory or checkpoint)")
-    scenario = Scenario(**data)
-    bad = [c for c in scenario.contenders if c not in CONTENDERS]
+    bad = [c for c in data.get("contenders", []) if c not in CONTENDERS] if isinstance(data.get("contenders"), list) else []
     if bad:
-        raise SdexportError(f"{path}: unknown contender(s) {', '.join(bad)}; choose from {', '.join(CONTENDERS)}")
-    if scenario.repeats < 1 or scenario.warmup < 0:
-        raise SdexportError(f"{path}: need repeats >= 1 and warmup >= 0")
+        raise SdexportError(f"{path}: unknown contender(s) {', '.join(map(str, bad))}; choose from {', '.join(CONTENDERS)}")
+    problem = first_error(SCHEMA, data)
+    if problem:
+        if problem.startswith("name:") and "name" not in tomllib.loads(path.read_text(encoding="utf-8")):
+            problem = f"name {data['name']!r} (from the file name) must be letters, digits, '.', '_' or '-'; set name = \"...\""
+        raise SdexportError(f"{path}: {problem}")
+    if not math.isfinite(data.get("guidance", 0.0)):
+        raise SdexportError(f"{path}: guidance {data['guidance']}: need a finite number >= 0")
+    scenario = Scenario(**data)
+    try:
+        check_scheduler_name(scenario.scheduler)
+    except SdexportError as exc:
+        raise SdexportError(f"{path}: {exc}") from None
+    if scenario.seed + max(scenario.batch) - 1 > 2**64 - 1:
+        raise SdexportError(f"{path}: seed {scenario.seed}: image seeds (seed + i) must stay below 2^64")
     return scenario

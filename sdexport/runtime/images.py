@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdexport.atomic import atomic_path
 from sdexport.errors import SdexportError
-from sdexport.runtime.txt2img import GenerationRequest, GenerationResult
+
+if TYPE_CHECKING:  # the output checks run before torch is imported
+    from sdexport.runtime.txt2img import GenerationResult
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -18,13 +21,60 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
-def _sdxl_params(request: GenerationRequest, i: int) -> dict[str, Any]:
+def check_image_output(output: Path, count: int) -> None:
+    """Refuse an image path that cannot be written, or a file that sdexport did not write, up front.
+
+    An existing file is replaced only when it is a PNG that sdexport made (it carries our
+    ``sdexport`` metadata): generating must never overwrite a user's own picture.
+    """
+    if not str(output).strip() or output.name in ("", ".", ".."):
+        raise SdexportError(f"-o {str(output)!r}: give an image file name such as out/image.png")
+    if output.is_dir():
+        raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
+    for path in output_paths(output, count):
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise SdexportError(f"-o {output}: {ancestor} is a file, so no image can be written inside it")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise SdexportError(f"-o {output}: cannot write in {ancestor} (no permission, or a read-only filesystem)")
+        if path.is_symlink() or path.is_dir():
+            raise SdexportError(f"-o {output}: {path} is a directory or a link; choose another name")
+        if path.exists() and not _written_by_sdexport(path):
+            raise SdexportError(
+                f"-o {output}: {path} exists and was not written by sdexport; choose another name or move it"
+            )
+
+
+def _written_by_sdexport(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and "sdexport" in getattr(image, "text", {})
+    except Exception:  # not an image at all
+        return False
+
+
+def _used(result: GenerationResult, name: str, i: int) -> str | None:
+    """The text of field ``name`` for image ``i`` as the text encoder read it (None: not used)."""
+    request = result.request
+    texts = getattr(request, name)
+    if not texts or (name.startswith("negative") and not request.cfg):
+        return None
+    cut = result.truncated.get(name)
+    return cut[i] if cut and cut[i] is not None else texts[i]
+
+
+def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
     """The SDXL-only fields, where they were given."""
+    request = result.request
     params: dict[str, Any] = {}
-    if request.prompt_2:
-        params["prompt_2"] = request.prompt_2[i]
-    if request.negative_prompt_2:
-        params["negative_prompt_2"] = request.negative_prompt_2[i]
+    for name in ("prompt_2", "negative_prompt_2"):
+        used = _used(result, name, i)
+        if used is not None:
+            params[name] = used
     for name in ("original_size", "target_size"):
         if getattr(request, name) is not None:
             params[name] = list(getattr(request, name))
@@ -37,13 +87,14 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
     from PIL.PngImagePlugin import PngInfo
 
     request = result.request
-    if output.is_dir():
-        raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
+    check_image_output(output, len(result.images))
     paths = output_paths(output, len(result.images))
     for i, (image, path) in enumerate(zip(result.images, paths)):
-        negative = request.negative_prompt[i] if request.negative_prompt else ""
+        prompt = _used(result, "prompt", i) or ""
+        negative = _used(result, "negative_prompt", i) or ""
+        cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
         params = {
-            "prompt": request.prompt[i],
+            "prompt": prompt,
             "negative_prompt": negative,
             "seed": request.seeds[i],
             "steps": request.steps,
@@ -51,14 +102,15 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
             "guidance": request.guidance,
             "height": request.height,
             "width": request.width,
-            **_sdxl_params(request, i),
+            **_sdxl_params(result, i),
+            **({"truncated_from": cut} if cut else {}),
             **info,
         }
         meta = PngInfo()
         # The A1111-style line many image tools read, and the full record as JSON.
         meta.add_text(
             "parameters",
-            f"{request.prompt[i]}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
+            f"{prompt}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
             f"{request.scheduler}, CFG scale: {request.guidance}, Seed: {request.seeds[i]}, "
             f"Size: {request.width}x{request.height}",
         )

@@ -17,44 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 
 from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
-from sdexport.runtime.schedulers import check_scheduler_name, make_scheduler
+from sdexport.runtime.request import GenerationRequest, check_request
+from sdexport.runtime.schedulers import check_steps, make_scheduler
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims
-
-
-@dataclass
-class GenerationRequest:
-    prompt: list[str]
-    negative_prompt: list[str] | None = None
-    steps: int = 30
-    guidance: float = 7.5
-    scheduler: str = "default"
-    seeds: list[int] = field(default_factory=lambda: [0])
-    height: int = 512
-    width: int = 512
-    # SDXL only (refused for other families), as diffusers names them; sizes are (height, width).
-    prompt_2: list[str] | None = None
-    """For the second text encoder; None: ``prompt``."""
-    negative_prompt_2: list[str] | None = None
-    """For the second text encoder; None: ``negative_prompt``."""
-    original_size: tuple[int, int] | None = None
-    """Micro-conditioning: the size the image "was" before cropping; None: (height, width)."""
-    crops_coords_top_left: tuple[int, int] = (0, 0)
-    target_size: tuple[int, int] | None = None
-    """None: (height, width)."""
-
-    @property
-    def batch(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def cfg(self) -> bool:
-        """Guidance 1 is the conditional prediction alone: the unconditional half is skipped."""
-        return self.guidance > 1.0
 
 
 @dataclass
@@ -102,6 +73,9 @@ class GenerationResult:
     timings: Timings
     request: GenerationRequest
     vae_fallback: bool = False
+    truncated: dict[str, list[str | None]] = field(default_factory=dict)
+    """Per text field that was too long for the text encoder: the text it read (None where a text
+    fitted). ``save_images`` records these instead of the given text."""
 
 
 class Txt2ImgPipeline:
@@ -144,24 +118,9 @@ class Txt2ImgPipeline:
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
-        if not request.prompt:
-            raise SdexportError("no prompt given: pass at least one --prompt")
-        if request.negative_prompt is not None and len(request.negative_prompt) != request.batch:
-            raise SdexportError(
-                f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one "
-                "negative prompt, or one per prompt"
-            )
-        for name in ("prompt_2", "negative_prompt_2"):
-            given = getattr(request, name)
-            if given is not None and len(given) != request.batch:
-                raise SdexportError(f"{name}: {len(given)} given for {request.batch} prompts; give one per prompt")
-        if len(request.seeds) != request.batch:
-            raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
-        self._check_conditioning(request)
-        if request.steps < 1:
-            raise SdexportError(f"--steps {request.steps}: need at least 1 step")
-        check_scheduler_name(request.scheduler)
-        self.profile.check_request(request.batch, request.height, request.width, self.dims)
+        check_request(request, family=self.family, dims=self.dims, profile=self.profile,
+                      scheduler_config=self.scheduler_config)
+        check_steps(request.scheduler, self.scheduler_config, request.steps)
         for engine in self.engines.values():
             if engine.profile != self.profile:
                 try:
@@ -180,6 +139,7 @@ class Txt2ImgPipeline:
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
+        truncated = self.truncations(request)
         conditioning = self._timed(timings, "text_encoder", lambda: self.encode_prompt(request))
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
@@ -205,6 +165,12 @@ class Txt2ImgPipeline:
             if on_step is not None:
                 on_step(i + 1, len(scheduler.timesteps))
 
+        if not torch.isfinite(latents).all():
+            raise SdexportError(
+                "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the VAE "
+                f"ran; with {request.scheduler} for {request.steps} steps at guidance {request.guidance:g}. "
+                "An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
+            )
         pixels, fallback = self._timed(timings, "vae_decoder", lambda: self.decode(latents))
         timings.total = time.perf_counter() - start
         return GenerationResult(
@@ -214,7 +180,42 @@ class Txt2ImgPipeline:
             timings=timings,
             request=request,
             vae_fallback=fallback,
+            truncated=truncated,
         )
+
+    def truncations(self, request: GenerationRequest) -> dict[str, list[str | None]]:
+        """Texts longer than the text encoder reads: warn, and say what it will read instead.
+
+        Tokenizers cut silently at ``dims.S`` tokens (77 for CLIP); the user should hear it, and the
+        saved image should record the text that was used, not the text that was given.
+        """
+        fields = [("prompt", self.tokenizer), ("negative_prompt", self.tokenizer)]
+        if self.family == "sdxl":
+            fields += [("prompt_2", self.tokenizer_2), ("negative_prompt_2", self.tokenizer_2)]
+        found: dict[str, list[str | None]] = {}
+        for name, tokenizer in fields:
+            texts = getattr(request, name)
+            if not texts or (name.startswith("negative") and not request.cfg):
+                continue
+            kept = [self._read_text(text, tokenizer) for text in texts]
+            for i, used in enumerate(kept):
+                if used is not None:
+                    console.print(
+                        f"[yellow]warning:[/] {name.replace('_', ' ')} {i + 1} is longer than the "
+                        f"{self.dims.S} tokens the text encoder reads; it reads only: {escape(repr(used))}"
+                    )
+            if any(k is not None for k in kept):
+                found[name] = kept
+        return found
+
+    def _read_text(self, text: str, tokenizer: Any) -> str | None:
+        """The part of ``text`` the encoder sees, or None when all of it fits."""
+        tokens = tokenizer.tokenize(text)
+        room = self.dims.S - 2  # the start and end tokens take two places
+        if len(tokens) <= room:
+            return None
+        kept = tokenizer.convert_tokens_to_ids(tokens[:room])
+        return str(tokenizer.decode(kept, skip_special_tokens=True)).strip()
 
     def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
         ids = (tokenizer or self.tokenizer)(
@@ -265,26 +266,6 @@ class Txt2ImgPipeline:
         size = (request.height, request.width)
         values = [*(request.original_size or size), *request.crops_coords_top_left, *(request.target_size or size)]
         return torch.tensor([values], dtype=torch.float32)
-
-    def _check_conditioning(self, request: GenerationRequest) -> None:
-        sdxl_only = {
-            "prompt_2": request.prompt_2 is not None,
-            "negative_prompt_2": request.negative_prompt_2 is not None,
-            "original_size": request.original_size is not None,
-            "crops_coords_top_left": tuple(request.crops_coords_top_left) != (0, 0),
-            "target_size": request.target_size is not None,
-        }
-        if self.family != "sdxl":
-            given = [name for name, set_ in sdxl_only.items() if set_]
-            if given:
-                raise SdexportError(
-                    f"{', '.join(given)}: SDXL conditioning, but this is a {self.family} model"
-                )
-            return
-        for name in ("original_size", "crops_coords_top_left", "target_size"):
-            value = getattr(request, name)
-            if value is not None and (len(value) != 2 or any(int(v) < 0 for v in value)):
-                raise SdexportError(f"{name} {value}: expected two non-negative integers")
 
     def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor

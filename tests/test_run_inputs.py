@@ -1,0 +1,137 @@
+"""`sdexport run` and the Python API: every bad request is one line, refused before engines load; what
+the runtime changes or ignores is said out loud; NaN is blamed on what produced it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.errors import SdexportError
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.txt2img import GenerationRequest
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_engine_dir):
+    return load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+
+
+@pytest.fixture
+def no_engines(monkeypatch):
+    """Fail the test if anything tries to load engines: the refusal must come before that."""
+    from sdexport.runtime import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("engines were loaded"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch", "0"], "--batch 0: need at least 1 image per prompt"),
+    (["--batch", "1000000000"], "batch 1000000000 is outside the engines' profile"),
+    (["--height", "0"], "height 0 is outside the engines' profile"),
+    (["--width", "100"], "width 100 must be a multiple of 16"),
+    (["--height", "4096"], "height 4096 is outside the engines' profile"),
+    (["--seed", "-1"], "seed -1: seeds are integers from 0 to 2^64-1"),
+    (["--seed", str(2**64)], "seed 18446744073709551616: seeds are integers"),
+    (["--seed", str(2**64 - 1), "--batch", "2"], "seed 18446744073709551616: seeds are integers"),
+    (["--steps", "0"], "--steps 0: need at least 1 step"),
+    (["--steps", "1001"], "the model was trained on 1000 timesteps"),
+    (["--guidance", "nan"], "--guidance nan: need a finite number >= 0"),
+    (["--guidance", "inf"], "--guidance inf: need a finite number >= 0"),
+    (["--guidance", "-2"], "--guidance -2.0: need a finite number >= 0"),
+    (["--scheduler", "heun9"], "unknown scheduler 'heun9'"),
+    (["--backend", "openvino"], "unknown backend 'openvino'"),
+    (["--original-size", "1024x1024"], "SDXL conditioning, but this is a sd model"),
+    (["-n", "a", "-n", "b", "-n", "c"], "--negative-prompt: give one value, or one per image (1)"),
+    (["--steps", "abc"], "Invalid value for '--steps'"),
+])
+def test_bad_requests_are_refused_before_engines_load(tiny_engine_dir: Path, tmp_path: Path, no_engines, capsys,
+                                                      args, message):
+    out = tmp_path / "x.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", out, *args) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and "Traceback" not in err and err.count("error:") == 1
+    assert not out.exists()
+
+
+def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_engine_dir, tmp_path, no_engines, capsys):
+    """DPM++ 2M with 999 steps reaches timestep 1000 (past the 1000 trained ones) and returns NaN."""
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "999", "--scheduler", "dpmpp_2m",
+                   "-o", tmp_path / "x.png") == 2
+    assert "reach timestep 1000, past the model's 1000 training timesteps" in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_api_checks_requests_too(pipeline):
+    for request, message in [
+        (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "seed -5"),
+        (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "--guidance nan"),
+        (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
+        (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
+    ]:
+        with pytest.raises(SdexportError, match=message):
+            pipeline(request)
+
+
+@pytest.mark.parametrize("case", ["user file", "inside a file"])
+def test_an_output_the_user_owns_is_never_overwritten(tiny_engine_dir, tmp_path, no_engines, capsys, case):
+    mine = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), "red").save(mine)
+    before = mine.read_bytes()
+    target = mine if case == "user file" else mine / "x.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", target) == 2
+    err = capsys.readouterr().err
+    expected = "exists and was not written by sdexport" if case == "user file" else "is a file, so no image"
+    assert expected in " ".join(err.split()) and mine.read_bytes() == before
+
+
+def test_an_image_sdexport_wrote_is_replaced(tiny_engine_dir, tmp_path):
+    out = tmp_path / "x.png"
+    for seed in ("1", "2"):
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "--seed", seed, "-o", out) == 0
+    assert json.loads(Image.open(out).text["sdexport"])["seed"] == 2
+
+
+def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path, capsys):
+    long = "a very long prompt " * 10  # the byte-level tiny tokenizer: one token per character
+    out = tmp_path / "long.png"
+    assert run_cli("run", tiny_engine_dir, "-p", long, "--steps", "1", "-o", out) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "warning: prompt 1 is longer than the 77 tokens the text encoder reads; it reads only:" in err
+    params = json.loads(Image.open(out).text["sdexport"])
+    assert params["truncated_from"] == {"prompt": long}
+    assert long.startswith(params["prompt"]) and 20 < len(params["prompt"]) < len(long)
+    assert Image.open(out).text["parameters"].startswith(params["prompt"] + "\n")
+
+
+def test_a_short_prompt_is_recorded_as_given(pipeline):
+    result = pipeline(GenerationRequest(prompt=["short"], steps=1, height=64, width=64))
+    assert result.truncated == {}
+
+
+def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(tiny_engine_dir, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-n", "blurry", "--guidance", "1", "--steps", "1", "-o", out) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--negative-prompt ignored: --guidance 1 disables classifier-free guidance" in err
+    assert json.loads(Image.open(out).text["sdexport"])["negative_prompt"] == ""
+
+
+def test_nan_from_the_unet_is_not_blamed_on_the_vae(pipeline, monkeypatch):
+    unet = pipeline.engines["unet"]
+
+    def nan_unet(feed):
+        return {"out_sample": torch.full_like(feed["sample"], float("nan"))}
+
+    class Broken:
+        spec, profile, device = unet.spec, unet.profile, unet.device
+        __call__ = staticmethod(nan_unet)
+
+    monkeypatch.setitem(pipeline.engines, "unet", Broken())
+    with pytest.raises(SdexportError) as caught:
+        pipeline(GenerationRequest(prompt=["x"], steps=2, height=64, width=64))
+    message = str(caught.value)
+    assert "denoising loop produced NaN/Inf latents" in message and "VAE decoder" not in message
