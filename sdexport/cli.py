@@ -40,7 +40,7 @@ BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width 
 @app.command()
 def export(
     model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Engine directory to create.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,
     height: HeightOpt = None,
@@ -60,19 +60,20 @@ def export(
         ranges={"batch": batch, "height": height, "width": width},
         dtype=dtype,
         opset=opset,
-        components=components.split(",") if components else None,
+        components=_names(components, "--components"),
         verify=verify,  # type: ignore[arg-type]
         config=config,
         seed=seed,
         vae=vae,
         force=force,
     )
-    plan_export(model, output, options)  # refuses bad input in well under a second, before torch loads
+    target = _output_path(output)
+    plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads
     from sdexport.export.exporter import export as run_export
     from sdexport.inspect_dir import print_summary
 
-    manifest = run_export(model, output, options)
-    print_summary(output, manifest)
+    manifest = run_export(model, target, options)
+    print_summary(target, manifest)
 
 
 @app.command()
@@ -82,7 +83,8 @@ def inspect(
 ) -> None:
     """Show what an engine directory holds: model, profile, tools, parity results and engines.
 
-    Exits non-zero, with the reason, exactly when `sdexport run` would refuse the directory.
+    Exits non-zero, with the reason, when a file is damaged or a graph is not what the manifest says,
+    and exactly when `sdexport run` would refuse the directory.
     """
     from sdexport.inspect_dir import print_summary
     from sdexport.manifest import load_manifest
@@ -90,8 +92,11 @@ def inspect(
     manifest = load_manifest(engine_dir, verify_files=check)
     print_summary(engine_dir, manifest)
     if check:
+        from sdexport.manifest import check_graph
         from sdexport.runtime.loading import check_runnable
 
+        for name in manifest.components:
+            check_graph(engine_dir, manifest, name)
         try:
             check_runnable(engine_dir, manifest)
         except SdexportError as exc:
@@ -121,11 +126,11 @@ def build(
 
     require_tensorrt()  # before anything else: the one line that says what to install
     profile = None
-    if batch or height or width:
+    if batch is not None or height is not None or width is not None:
         exported = load_manifest(engine_dir, verify_files=False).shape_profile
         profile = exported.with_ranges(batch=batch, height=height, width=width)
     results = build_engines(
-        engine_dir, components=components.split(",") if components else None, profile=profile,
+        engine_dir, components=_names(components, "--components"), profile=profile,
         static=static, fp16=fp16, strongly_typed=strongly_typed,
         timing_cache=timing_cache or default_timing_cache(), optimization_level=optimization_level,
         refittable=refittable, force=force,
@@ -137,6 +142,23 @@ def build(
         table.add_row(r.component, r.status, f"{r.seconds:.1f}", str(r.path.relative_to(engine_dir)),
                       "; ".join(r.reasons) or "-")
     out.print(table)
+
+
+def _output_path(text: str) -> Path:
+    """``-o`` as given: an empty value is refused, not read as the current directory."""
+    if not text.strip():
+        raise SdexportError(f"-o {text!r}: empty path; name the output")
+    return Path(text)
+
+
+def _names(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated list option; given but empty (``--components ''``) is an error, not "all"."""
+    if text is None:
+        return None
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise SdexportError(f"{flag} {text!r}: expected comma-separated names, e.g. unet,vae_decoder")
+    return names
 
 
 def _per_image(values: list[str] | None, count: int, flag: str) -> list[str] | None:
@@ -164,7 +186,7 @@ def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
 def run(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")] = Path("out.png"),
+    output: Annotated[str, typer.Option("-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")] = "out.png",
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc.")] = "default",
@@ -184,6 +206,8 @@ def run(
     """Generate images from prompts with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
     from sdexport.runtime.images import check_image_output
+    from sdexport.runtime.loading import resolve_backend, verify_for_backend
+    from sdexport.runtime.providers import require_backend
     from sdexport.runtime.request import GenerationRequest, check_backend, check_request, ignored_settings
 
     if batch < 1:
@@ -212,28 +236,33 @@ def run(
     scheduler_config = read_scheduler_config(engine_dir)
     check_request(request, family=manifest.family, dims=manifest.model_dims, profile=profile,
                   scheduler_config=scheduler_config)
-    check_image_output(output, request.batch)
+    image_path = _output_path(output)
+    check_image_output(image_path, request.batch)
+    resolved = resolve_backend(backend)
+    require_backend(resolved)
+    verify_for_backend(engine_dir, manifest, resolved)  # hashes: the directory is what the manifest says
     for note in ignored_settings(request):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    _generate(engine_dir, backend, request, output, cuda_graph=cuda_graph, scheduler_config=scheduler_config)
+    _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph, scheduler_config=scheduler_config)
 
 
 def _generate(
     engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
     scheduler_config: dict[str, Any],
 ) -> None:
-    """The heavy half of ``run``: load the engines, denoise, save."""
+    """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise, save."""
     from rich.progress import Progress
 
     from sdexport.runtime.images import save_images
-    from sdexport.runtime.loading import load_pipeline, resolve_backend
+    from sdexport.runtime.loading import load_pipeline
     from sdexport.runtime.schedulers import check_steps
     from sdexport.shapes import ShapeProfile
 
     check_steps(request.scheduler, scheduler_config, request.steps)
     wanted = ShapeProfile.single(request.batch, request.height, request.width)
-    with console.status(f"Loading engines ({resolve_backend(backend)})…"):
-        pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted)
+    with console.status(f"Loading engines ({backend})…"):
+        pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
+                                 verify_files=False)  # hashed before the heavy imports
     pipeline.check(request)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random-weight model: images are noise-like by design")
@@ -254,25 +283,27 @@ def _generate(
 @app.command()
 def bench(
     scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = Path("bench-out"),
+    output: Annotated[str, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = "bench-out",
     contenders: Annotated[str | None, typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = None,
     engine_dir: Annotated[Path | None, typer.Option(help="Use this engine directory instead of exporting one.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process."""
+    from sdexport.bench.plan import Options, plan_bench
     from sdexport.bench.report import BENCH_OUTPUT
     from sdexport.bench.scenario import load_scenario
     from sdexport.output_dir import check_target
 
     loaded = load_scenario(scenario)
-    check_target(output, BENCH_OUTPUT, replace=True)  # before torch and the model load
-    from sdexport.bench.harness import Options, run_benchmark
+    options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders"),
+                      repeats=repeats, warmup=warmup)
+    target = _output_path(output)
+    plan_bench(loaded, options)  # refuses bad input before torch and the model load
+    check_target(target, BENCH_OUTPUT, replace=True)
+    from sdexport.bench.harness import run_benchmark
 
-    _, paths = run_benchmark(loaded, output, Options(
-        engine_dir=engine_dir, contenders=contenders.split(",") if contenders else None,
-        repeats=repeats, warmup=warmup,
-    ))
+    _, paths = run_benchmark(loaded, target, options)
     out.print(paths[1].read_text())
     for path in paths:
         out.print(str(path))

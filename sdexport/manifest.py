@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdexport.atomic import write_atomic
-from sdexport.errors import EngineDirError
+from sdexport.errors import EngineDirError, ProfileError
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
@@ -107,7 +107,15 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def save_manifest(directory: Path, manifest: Manifest) -> None:
-    write_json_atomic(directory / MANIFEST_NAME, manifest.to_dict())
+    """Write the manifest, refusing one that ``load_manifest`` would refuse (so an export never ends
+    in a directory that cannot be used: the writer obeys the reader's schema)."""
+    data = manifest.to_dict()
+    problem = first_error(SCHEMA, json.loads(json.dumps(data, allow_nan=True), parse_constant=float))
+    if problem is None and not math.isfinite(manifest.vae_scaling_factor):
+        problem = f"vae_scaling_factor: {manifest.vae_scaling_factor} is not a number"
+    if problem:
+        raise EngineDirError(f"{directory}: refusing to write an invalid manifest: {problem}")
+    write_atomic(directory / MANIFEST_NAME, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def load_manifest(directory: Path, *, verify_files: bool = True, components: list[str] | None = None) -> Manifest:
@@ -126,8 +134,8 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
         )
     _require_inside(directory, MANIFEST_NAME)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = strict_json(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
         raise EngineDirError(f"{path}: damaged manifest, not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -158,6 +166,10 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         for axis, (lo, opt, hi) in profile.items():
             if not lo <= opt <= hi:
                 raise EngineDirError(f"{where}: invalid manifest: {label}.{axis} {[lo, opt, hi]} is not min <= opt <= max")
+    try:
+        manifest.shape_profile.validate(manifest.model_dims)
+    except ProfileError as exc:
+        raise EngineDirError(f"{where}: invalid manifest: profile {exc}") from None
     known = [s.name for s in components_for(manifest.family)]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:
@@ -186,6 +198,19 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         raise EngineDirError(f"{directory}: {SCHEDULER_CONFIG_FILE} is not listed in the manifest; re-export")
 
 
+def strict_json(text: str) -> Any:
+    """``json.loads`` for files sdexport wrote: NaN and Infinity (which Python's json accepts but JSON
+    does not have) and nesting deep enough to exhaust the stack are errors (ValueError), not values."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
 def tokenizer_names(family: str) -> list[str]:
     return ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
 
@@ -195,10 +220,10 @@ def read_scheduler_config(directory: Path) -> dict[str, Any]:
     path = directory / SCHEDULER_CONFIG_FILE
     _require_inside(directory, SCHEDULER_CONFIG_FILE)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = strict_json(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise EngineDirError(f"{path}: missing; re-export") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise EngineDirError(f"{path}: not valid JSON ({exc})") from None
     problem = first_error(SCHEDULER_CONFIG, config)
     if problem:
@@ -255,27 +280,76 @@ def check_files(directory: Path, files: dict[str, str]) -> None:
             )
 
 
-_PLAN_FILE = re.compile(r"^[A-Za-z0-9_]+/[0-9a-f]+\.plan$")
-"""A TensorRT plan ``sdexport build`` wrote; unlisted only if the build was killed before the manifest."""
-
-
 def not_an_engine_dir(directory: Path) -> str | None:
     """Why ``directory`` is not (entirely) an engine directory sdexport wrote; None when it is.
 
-    The proof ``--force`` needs before replacing it: our manifest, and no file that the manifest
-    does not list (other than plans and temporary files of interrupted sdexport runs).
+    The proof ``--force`` needs before replacing it: our manifest, and no file or folder that the
+    manifest does not list (temporary files of interrupted writes of listed files aside).
     """
     path = directory / MANIFEST_NAME
     if not path.is_file() or path.is_symlink():
         return f"it has no {MANIFEST_NAME}"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = strict_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"its {MANIFEST_NAME} is not readable JSON"
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
         return f"its {MANIFEST_NAME} is not an sdexport manifest"
-    extra = [f for f in unlisted_files(directory, {*data["files"], MANIFEST_NAME}) if not _PLAN_FILE.match(f)]
+    extra = unlisted_files(directory, {*data["files"], MANIFEST_NAME, MARKER})
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         return f"it holds files its manifest does not list: {', '.join(extra[:3])}{more}"
     return None
+
+
+def check_graph(directory: Path, manifest: Manifest, name: str) -> list[str]:
+    """Component ``name``'s ONNX graph is the spec's and stays inside the directory; its input names.
+
+    Parsed without its weights. A hash only proves that a graph is the one the manifest lists; this
+    proves that it is a graph of the right component: its inputs (a tracer may drop an unused one)
+    and outputs are the spec's, its fixed sizes are the manifest's ``dims``, and every external
+    weight file it refers to is a file the manifest lists beside it (TensorRT's parser, unlike
+    ONNX Runtime, follows such references wherever they point).
+    """
+    import onnx
+
+    from sdexport.errors import one_line
+    from sdexport.specs import DYNAMIC_SYMBOLS, resolve_dim
+
+    rel = manifest.components[name].onnx
+    try:
+        graph = onnx.load(str(directory / rel), load_external_data=False).graph
+    except Exception as exc:  # protobuf decode errors, truncated files
+        raise EngineDirError(f"{directory}: {rel} is not a readable ONNX graph ({one_line(exc, 200)})") from None
+    folder = rel.rsplit("/", 1)[0]
+    for init in graph.initializer:
+        location = next((e.value for e in init.external_data if e.key == "location"), None)
+        if location is not None and f"{folder}/{location}" not in manifest.files:
+            raise EngineDirError(
+                f"{directory}: {rel}: weight {init.name!r} refers to {location!r}, which is not a file the "
+                "manifest lists beside the graph; refusing to read it"
+            )
+    spec = manifest.spec(name)
+    weights = {init.name for init in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in weights]
+    names, outputs = [v.name for v in inputs], [v.name for v in graph.output]
+    if not set(names) <= set(spec.input_names) or outputs != spec.output_names:
+        raise EngineDirError(
+            f"{directory}: {rel} takes {names} and returns {outputs}, but a {name} graph takes "
+            f"{spec.input_names} and returns {spec.output_names}; re-export"
+        )
+    sizes = manifest.model_dims.sizes(1, 0, 0)
+    for value in [*inputs, *graph.output]:
+        declared = spec.tensor(value.name).dims
+        found = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if len(found) != len(declared):
+            raise EngineDirError(f"{directory}: {rel}: {value.name} has {len(found)} dimensions, a {name} has {len(declared)}")
+        for symbol, size in zip(declared, found):
+            if symbol in DYNAMIC_SYMBOLS or size is None:
+                continue
+            if size != resolve_dim(symbol, sizes):
+                raise EngineDirError(
+                    f"{directory}: {rel}: {value.name} has size {size} where the manifest's dims give "
+                    f"{symbol} = {resolve_dim(symbol, sizes)}; the manifest does not describe this graph"
+                )
+    return names

@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
 """A path relative to the engine directory; what it may point at is checked in code."""
-_RANGE = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 3, "maxItems": 3}
+_RANGE = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum": 1 << 20}, "minItems": 3, "maxItems": 3}
 _PROFILE = {
     "type": "object",
     "required": ["batch", "height", "width"],
@@ -26,7 +26,12 @@ _PROFILE = {
     "additionalProperties": False,
 }
 _POSITIVE = {"type": "integer", "minimum": 1}
-_COUNT = {"type": "integer", "minimum": 0}
+
+
+def _size(maximum: int, minimum: int = 1) -> dict[str, Any]:
+    """A model size: bounded far above any real model, so nonsense is refused, not allocated."""
+    return {"type": "integer", "minimum": minimum, "maximum": maximum}
+
 _ENGINE = {
     "type": "object",
     "required": ["path", "key"],
@@ -82,9 +87,9 @@ SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["S", "E", "P", "C", "vae_scale_factor", "unet_downsample"],
             "properties": {
-                "S": _POSITIVE, "E": _POSITIVE, "P": _POSITIVE, "C": _POSITIVE,
-                "vae_scale_factor": _POSITIVE, "unet_downsample": _POSITIVE,
-                "E1": _COUNT, "E2": _COUNT, "T": _COUNT,
+                "S": _size(4096), "E": _size(65536), "P": _size(65536), "C": _size(256),
+                "vae_scale_factor": _size(64), "unet_downsample": _size(64),
+                "E1": _size(65536, 0), "E2": _size(65536, 0), "T": _size(64, 0),
             },
             "additionalProperties": False,
         },
@@ -103,7 +108,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "required": ["_class_name"],
     "properties": {
         "_class_name": {"type": "string", "pattern": "^[A-Za-z][A-Za-z0-9]*Scheduler$"},
-        "num_train_timesteps": _POSITIVE,
+        "num_train_timesteps": {"type": "integer", "minimum": 1, "maximum": 100_000},
         "prediction_type": {"enum": ["epsilon", "v_prediction", "sample"]},
     },
 }

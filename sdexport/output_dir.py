@@ -10,7 +10,7 @@ directories that take minutes to make. What they promise:
   replaced only when asked (``--force`` for export) *and* its content is what sdexport writes: an
   engine directory whose files are all listed in its manifest (plus plans and temporary files
   sdexport itself makes), or a previous benchmark output. Anything else is refused and left alone.
-- **One writer per target.** A lock file beside the target (``.NAME.lock``) is held for the whole
+- **One writer per target.** A lock file beside the target (``.NAME.sdexport-lock``) is held for the whole
   job; a second job on the same target is refused at once, naming the process that holds it.
 - **Nothing half-made.** Work happens in a hidden sibling ``.NAME.partial-PID``; only a finished
   directory is moved into place. An existing directory is swapped with the new one in a single
@@ -28,10 +28,10 @@ import contextlib
 import ctypes
 import errno
 import fcntl
-import glob
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +41,7 @@ from sdexport.errors import SdexportError
 
 MARKER = ".sdexport-partial"
 """Present in a staging (or discarded) directory until sdexport is done with it."""
-_TEMP_FILE = re.compile(r"(^|/)\.[^/]+\.\d+\.tmp$")
+_TEMP_FILE = re.compile(r"(^|/)\.(?P<name>[^/]+)\.\d+\.tmp$")
 """``sdexport.atomic`` temporary names, left by a process killed mid-write."""
 
 
@@ -93,10 +93,9 @@ def check_target(
     ancestor = _existing_ancestor(target.parent)
     if not ancestor.is_dir():
         raise SdexportError(f"{flag} {target}: {ancestor} is a file, so nothing can be created inside it")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise SdexportError(
-            f"{flag} {target}: cannot write in {ancestor} (no permission, or a read-only filesystem)"
-        )
+    problem = unwritable(ancestor)
+    if problem:
+        raise SdexportError(f"{flag} {target}: cannot write in {ancestor} ({problem})")
     # The parent resolved (links in it are the user's business), the last part as given.
     path = target.resolve() if target.name in ("", "..") else target.parent.resolve() / target.name
     cwd = Path.cwd().resolve()
@@ -170,6 +169,28 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
         yield
 
 
+def unwritable(directory: Path) -> str | None:
+    """Why no file can be created in ``directory`` (None when one can).
+
+    Tried, not guessed: ``os.access`` says yes to root everywhere, also on /proc and /sys, and
+    knows nothing of quotas. An anonymous temporary file (O_TMPFILE where the filesystem has it)
+    leaves no name behind.
+    """
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return "no permission, or a read-only filesystem"
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest parent that exists (what a write there would be decided by)."""
+    return _existing_ancestor(path)
+
+
 def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and not path.is_symlink() and path != path.parent:
         path = path.parent
@@ -186,27 +207,41 @@ def _make_parents(parent: Path) -> list[Path]:
     return missing
 
 
+LOCK_SUFFIX = ".sdexport-lock"
+_LOCK_TEXT = re.compile(rb"^(sdexport pid \d+\n)?$")
+"""What a lock file of ours holds: nothing yet, or the holder's pid."""
+
+
 @contextlib.contextmanager
 def _locked(target: Target) -> Iterator[None]:
-    """An exclusive ``flock`` on ``.NAME.lock`` beside the target, held for the whole job.
+    """An exclusive ``flock`` on ``.NAME.sdexport-lock`` beside the target, held for the whole job.
 
-    The lock file is removed on release; a process that opened it just before that re-opens it
-    (its inode no longer matches the path), so two processes never both believe they hold it.
+    A file of that name that is not ours (a link, or other content) is refused, never truncated
+    or removed. The lock file is removed on release; a process that opened it just before that
+    re-opens it (its inode no longer matches the path), so two processes never both hold it.
     """
-    path = target.parent / f".{target.name}.lock"
+    path = target.parent / f".{target.name}{LOCK_SUFFIX}"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SdexportError(f"{path} is a symbolic link, not sdexport's lock file; remove it") from None
+            raise
+        if not _LOCK_TEXT.match(os.pread(fd, 64, 0)):
+            os.close(fd)
+            raise SdexportError(f"{path} exists and is not sdexport's lock file; move it away or choose another {target.kind.flag}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
             os.close(fd)
             raise SdexportError(
                 f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
                 f"finish or choose another {target.kind.flag}"
             ) from None
         try:
-            current = os.stat(path).st_ino
+            current = os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:
             current = -1
         if current == os.fstat(fd).st_ino:
@@ -214,7 +249,7 @@ def _locked(target: Target) -> Iterator[None]:
         os.close(fd)
     try:
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"sdexport pid {os.getpid()}\n".encode(), 0)
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -223,27 +258,34 @@ def _locked(target: Target) -> Iterator[None]:
 
 
 def _leftovers(target: Target, kind: str) -> list[Path]:
-    return sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
+    """Hidden siblings named exactly as sdexport names them: ``.NAME.partial-PID``, ``.NAME.old-PID``."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.{kind}-\d+$")
+    return sorted(p for p in target.parent.iterdir() if pattern.match(p.name))
 
 
 def _clean_leftovers(target: Target) -> None:
-    """Remove what killed jobs on this target left (we hold the lock: no live job owns them)."""
+    """Remove what killed jobs on this target left (we hold the lock: no live job owns them).
+
+    Only folders that still carry sdexport's marker (or are empty) are removed; an old directory
+    set aside by an interrupted swap is put back when the target is missing.
+    """
     for old in _leftovers(target, "old"):
-        if not target.path.exists() and not (old / MARKER).exists():
+        if (old / MARKER).exists() and not target.path.exists() and not target.path.is_symlink():
             os.rename(old, target.path)
+            (target.path / MARKER).unlink()
             console.print(f"[yellow]note:[/] restored {target.path} from an interrupted run ({old.name})")
-        elif _is_leftover(old, target.kind):
+        elif _is_leftover(old):
             _discard(old)
     for partial in _leftovers(target, "partial"):
-        if _is_leftover(partial, target.kind):
+        if _is_leftover(partial):
             _discard(partial)
 
 
-def _is_leftover(path: Path, kind: OutputKind) -> bool:
-    """A hidden sibling sdexport made: marked, empty, or a complete directory of ours."""
+def _is_leftover(path: Path) -> bool:
+    """Still marked by sdexport, or empty."""
     if path.is_symlink() or not path.is_dir():
         return False
-    return (path / MARKER).exists() or not any(path.iterdir()) or kind.not_ours(path) is None
+    return (path / MARKER).exists() or not any(path.iterdir())
 
 
 def _make_staging(target: Target) -> Path:
@@ -256,18 +298,20 @@ def _make_staging(target: Target) -> Path:
 
 
 def _move_into_place(staging: Path, target: Target) -> None:
-    (staging / MARKER).unlink()
+    """Swap the finished staging folder in; its marker goes only once it is in place (so a kill at any
+    moment leaves either marked leftovers or a finished directory)."""
     if not target.path.exists():
         if not _renameat2(staging, target.path, _RENAME_NOREPLACE):
             os.rename(staging, target.path)
-        return
-    if _renameat2(staging, target.path, _RENAME_EXCHANGE):
+    elif _renameat2(staging, target.path, _RENAME_EXCHANGE):
         _discard(staging)  # now holds the old directory
-        return
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.rename(target.path, old)
-    os.rename(staging, target.path)
-    _discard(old)
+    else:
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        (target.path / MARKER).touch()  # the old directory is ours (checked): mark it before it moves aside
+        os.rename(target.path, old)
+        os.rename(staging, target.path)
+        _discard(old)
+    (target.path / MARKER).unlink()
 
 
 def _discard(path: Path) -> None:
@@ -307,13 +351,24 @@ def _renameat2(source: Path, destination: Path, flags: int) -> bool:
 
 
 def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
-    """Files (and links) under ``directory`` that are not in ``listed`` nor temporary files of ours."""
+    """What under ``directory`` is not in ``listed``: files, links, and folders holding no listed file.
+
+    A temporary file of ``sdexport.atomic`` (``.NAME.PID.tmp``) counts as listed when ``NAME`` is:
+    a process killed mid-write leaves one beside the file it was replacing.
+    """
+    needed_dirs = {parent.as_posix() for rel in listed for parent in Path(rel).parents} | {"."}
     found = []
     for root, dirs, files in os.walk(directory):
         base = Path(root).relative_to(directory)
+        if base.as_posix() not in needed_dirs:
+            found.append(base.as_posix() + "/")
+            dirs[:] = []  # everything below is unlisted too; naming the folder is enough
+            continue
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
         for name in [*files, *links]:
             rel = (base / name).as_posix()
-            if rel not in listed and not _TEMP_FILE.search(rel):
-                found.append(rel)
+            temp = _TEMP_FILE.search(rel)
+            if rel in listed or (temp and (base / temp.group("name")).as_posix() in listed):
+                continue
+            found.append(rel)
     return sorted(found)

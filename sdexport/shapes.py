@@ -68,14 +68,14 @@ class ShapeProfile:
 
     @classmethod
     def from_dict(cls, data: dict[str, list[int]]) -> ShapeProfile:
-        return cls(*(tuple(data[k]) for k in ("batch", "height", "width")))  # type: ignore[arg-type]
+        return cls(*(tuple(int(v) for v in data[k]) for k in ("batch", "height", "width")))  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, list[int]]:
         return {k: list(v) for k, v in asdict(self).items()}
 
     def with_ranges(self, **texts: str | None) -> ShapeProfile:
         """This profile with some axes replaced by ``min:opt:max`` texts (``None`` keeps an axis)."""
-        values = {axis: parse_range(text, axis) for axis, text in texts.items() if text}
+        values = {axis: parse_range(text, axis) for axis, text in texts.items() if text is not None}
         return replace(self, **values)
 
     @property

@@ -79,7 +79,7 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
 @pytest.mark.parametrize("change, message", [
     (lambda d: d.update(family="sd3"), "invalid manifest: family: 'sd3' is not one of ['sd', 'sdxl']"),
     (lambda d: d["profile"].update(batch=[2, 1, 4]), "profile.batch [2, 1, 4] is not min <= opt <= max"),
-    (lambda d: d["profile"].update(height=[64, 128]), "profile.height: [64, 128] is too short"),
+    (lambda d: d["profile"].update(height=[64, 128]), "profile.height: [64, 128]"),
     (lambda d: d["profile"].update(width=[0, 64, 64]), "profile.width.0: 0 is less than the minimum of 1"),
     (lambda d: d["dims"].update(S="77"), "dims.S: '77' is not of type 'integer'"),
     (lambda d: d.update(vae_scaling_factor=-1), "vae_scaling_factor: -1 is less than or equal to the minimum of 0"),
@@ -89,6 +89,9 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
     (lambda d: d["components"].update(controlnet=d["components"]["unet"]), "component(s) controlnet do not exist"),
     (lambda d: d.update(format_version=2), "manifest format 2 is not supported"),
     (lambda d: d["model"].update(random_weights="yes"), "model.random_weights: 'yes' is not of type 'boolean'"),
+    (lambda d: d["dims"].update(S=10**30), "dims.S: 1000000000000000000000000000000 is greater than the maximum"),
+    (lambda d: d["dims"].update(unet_downsample=3), "profile height min 64 is not a multiple of 24"),
+    (lambda d: d["profile"].update(batch=[1, 1, 10**9]), "is greater than the maximum of 1048576"),
 ])
 def test_schema_violations_are_refused(engine_copy: Path, change, message, capsys):
     _edit(engine_copy, change)
@@ -141,27 +144,52 @@ def test_inspect_fails_for_a_directory_run_cannot_use(tmp_path: Path, capsys):
     _refused_everywhere(target, "has no text_encoder, vae_decoder", capsys)
 
 
-def test_graph_referring_to_unlisted_weights_is_not_built(engine_copy: Path, tmp_path: Path):
-    """TensorRT's parser follows external-data references; the builder checks them against the manifest."""
+def _rehash(directory: Path, *rels: str) -> None:
+    _edit(directory, lambda d: d["files"].update({rel: sha256_file(directory / rel) for rel in rels}))
+
+
+def test_graph_referring_to_unlisted_weights_is_refused(engine_copy: Path, capsys):
+    """ONNX Runtime refuses references leaving the folder itself; TensorRT's parser does not, so the
+    graph's references are checked against the manifest (inspect, and build before parsing)."""
     import onnx
 
-    from sdexport.build.tensorrt_build import _onnx_input_names
-    from sdexport.errors import SdexportError
+    from sdexport.manifest import check_graph
 
     graph = engine_copy / "unet" / "model.onnx"
     onnx.save(onnx.load(str(graph)), str(graph), save_as_external_data=True, location="weights.bin", size_threshold=0)
-    with pytest.raises(SdexportError, match="refers to 'weights.bin', which is not a file the manifest lists"):
-        _onnx_input_names(graph, {"unet/model.onnx"})
-    assert _onnx_input_names(graph, {"unet/model.onnx", "unet/weights.bin"})
+    _rehash(engine_copy, "unet/model.onnx")
+    assert run_cli("inspect", engine_copy) == 2
+    assert "refers to 'weights.bin', which is not a file the manifest lists" in capsys.readouterr().err
+    _rehash(engine_copy, "unet/weights.bin")
+    assert check_graph(engine_copy, load_manifest(engine_copy), "unet") == ["sample", "timestep", "encoder_hidden_states"]
     model = onnx.load(str(graph), load_external_data=False)  # onnx refuses to write "..": edit the proto
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
             if entry.key == "location":
                 entry.value = "../../outside.data"
     graph.write_bytes(model.SerializeToString())
-    with pytest.raises(SdexportError, match="refers to '../../outside.data'"):
-        _onnx_input_names(graph, {"unet/model.onnx", "unet/weights.bin"})
-    assert _onnx_input_names(engine_copy / "vae_decoder" / "model.onnx", {"vae_decoder/model.onnx"}) == ["latent"]
+    _rehash(engine_copy, "unet/model.onnx")
+    with pytest.raises(EngineDirError, match="refers to '../../outside.data'"):
+        check_graph(engine_copy, load_manifest(engine_copy), "unet")
+
+
+def test_a_graph_of_another_component_is_refused(engine_copy: Path, capsys):
+    shutil.copy(engine_copy / "vae_decoder" / "model.onnx", engine_copy / "unet" / "model.onnx")
+    _rehash(engine_copy, "unet/model.onnx")
+    _refused_everywhere(engine_copy, "unet/model.onnx takes ['latent'] and returns ['image'], but a unet graph takes", capsys)
+
+
+def test_a_graph_that_is_not_onnx_is_refused_by_inspect(engine_copy: Path, capsys):
+    (engine_copy / "vae_encoder" / "model.onnx").write_bytes(b"\x08random bytes")
+    _rehash(engine_copy, "vae_encoder/model.onnx")
+    assert run_cli("inspect", engine_copy) == 2
+    assert "vae_encoder/model.onnx is not a readable ONNX graph" in capsys.readouterr().err
+
+
+def test_dims_that_do_not_describe_the_graphs_are_refused_by_inspect(engine_copy: Path, capsys):
+    _edit(engine_copy, lambda d: d["dims"].update(E=48))
+    assert run_cli("inspect", engine_copy) == 2
+    assert "where the manifest's dims give E = 48" in capsys.readouterr().err
 
 
 def test_a_valid_directory_passes(tiny_engine_dir: Path):
@@ -172,3 +200,30 @@ def test_a_valid_directory_passes(tiny_engine_dir: Path):
     assert config["_class_name"] == "PNDMScheduler" and len(tokenizers["tokenizer"]) > 2
     with pytest.raises(EngineDirError):
         load_manifest(tiny_engine_dir / "nope")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "not valid JSON (nested too deeply)"),
+    ("NaN", "NaN is not a JSON number"),
+])
+def test_manifests_python_would_misread_are_refused(engine_copy: Path, text: str, message: str, capsys):
+    (engine_copy / "manifest.json").write_text(text)
+    _refused_everywhere(engine_copy, message, capsys)
+
+
+def test_a_nan_inside_the_manifest_is_refused(engine_copy: Path, capsys):
+    path = engine_copy / "manifest.json"
+    path.write_text(path.read_text().replace('"vae_scaling_factor": 0.18215', '"vae_scaling_factor": NaN'))
+    _refused_everywhere(engine_copy, "NaN is not a JSON number", capsys)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trained_betas": [0.5]}, "1 noise levels (trained_betas) for num_train_timesteps 1000"),
+    ({"num_train_timesteps": 10**12}, "num_train_timesteps: 1000000000000 is greater than the maximum"),
+    ({"beta_start": "high"}, "cannot build the PNDMScheduler scheduler"),
+])
+def test_inconsistent_scheduler_configs_are_refused(engine_copy: Path, change, message, capsys):
+    path = engine_copy / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    _rehash(engine_copy, "scheduler/scheduler_config.json")
+    _refused_everywhere(engine_copy, message, capsys)

@@ -101,6 +101,27 @@ def _dit_dir(path: Path) -> Path:
     return path
 
 
+def _unet_dir(path: Path) -> Path:
+    from sdexport.models.presets import PRESETS
+
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({**PRESETS["tiny"].unet, "_class_name": "UNet2DConditionModel"}))
+    return path
+
+
+def _broken_diffusers_dir(path: Path, case: str) -> Path:
+    """A diffusers directory (configs only: it must be refused before any weight is read)."""
+    from sdexport.models.loader import write_config_dir
+    from sdexport.models.presets import PRESETS
+
+    write_config_dir(PRESETS["tiny"], path)
+    part, change = {"nan-scaling": ("vae/config.json", {"scaling_factor": float("nan")}),
+                    "bad-scheduler": ("scheduler/scheduler_config.json", {"num_train_timesteps": -5})}[case]
+    config = json.loads((path / part).read_text())
+    (path / part).write_text(json.dumps({**config, **change}))
+    return path
+
+
 def _corrupt_safetensors(path: Path) -> Path:
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     return path
@@ -128,6 +149,11 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("bad-verify", "--verify sometimes: choose full, quick or none"),
         ("vae-not-a-vae", "--vae"),
         ("not-a-number", "Invalid value for '--opset'"),
+        ("empty-components", "--components '': expected comma-separated names"),
+        ("empty-range", "--batch '': expected integers"),
+        ("vae-is-a-unet", "a UNet2DConditionModel, not an AutoencoderKL"),
+        ("nan-scaling", "scaling_factor nan is not a positive number"),
+        ("bad-scheduler", "num_train_timesteps: -5 is less than the minimum of 1"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys):
@@ -160,8 +186,11 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
             "zero-height": ["--height", "0"], "huge-batch": ["--batch", "1:1:100000"],
             "huge-side": ["--height", "64:64:1048576", "--width", "64:64:1048576"],
             "bad-verify": ["--verify", "sometimes"], "vae-not-a-vae": ["--vae", str(tmp_path)],
-            "not-a-number": ["--opset", "seventeen"],
-        }[case]
+            "not-a-number": ["--opset", "seventeen"], "empty-components": ["--components", ""],
+            "empty-range": ["--batch", ""], "vae-is-a-unet": ["--vae", str(_unet_dir(tmp_path / "u"))],
+        }.get(case, [])
+        if case in ("nan-scaling", "bad-scheduler"):
+            model = str(_broken_diffusers_dir(tmp_path / "broken", case))
     started = time.perf_counter()
     code = run_cli("export", model, "-o", out, *extra)
     seconds = time.perf_counter() - started

@@ -58,8 +58,25 @@ def test_force_refuses_an_engine_directory_holding_a_users_file(engine_copy: Pat
     assert _tree(engine_copy) == before
 
 
+@pytest.mark.parametrize("extra, named", [
+    ("unet/0123abcd.plan", "unet/0123abcd.plan"),  # looks like a plan, but no manifest lists it
+    ("unet/.notes.42.tmp", "unet/.notes.42.tmp"),  # looks like a temporary file, but of no listed file
+    ("empty/", "empty/"),
+])
+def test_force_refuses_anything_the_manifest_does_not_account_for(engine_copy: Path, extra: str, named: str, capsys):
+    path = engine_copy / extra
+    if extra.endswith("/"):
+        path.mkdir()
+    else:
+        path.write_text("the user's")
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 2
+    assert f"files its manifest does not list: {named}" in capsys.readouterr().err
+    assert path.exists()
+
+
 def test_force_replaces_an_engine_directory_in_one_swap(engine_copy: Path):
-    (engine_copy / "unet" / "0123abcd.plan").write_bytes(b"plan of a killed build")  # ours, unlisted
+    # a temporary file of a listed file: what a process killed while replacing model.onnx leaves
+    (engine_copy / "unet" / ".model.onnx.4242.tmp").write_bytes(b"half a graph")
     assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 0
     assert sorted(p.name for p in engine_copy.iterdir()) == ["manifest.json", "scheduler", "tokenizer", "unet"]
     assert _hidden_siblings(engine_copy) == []
@@ -76,7 +93,7 @@ def test_force_refuses_the_models_own_directory(tiny_diffusers_dir: Path, tmp_pa
     assert _tree(target) == before
 
 
-@pytest.mark.parametrize("spelling", [".", "", "..", "./"])
+@pytest.mark.parametrize("spelling", [".", "..", "./", "../.."])
 def test_current_directory_and_its_parents_are_refused(tmp_path: Path, monkeypatch, spelling: str, capsys):
     work = tmp_path / "work"
     before = _user_folder(work)
@@ -147,7 +164,7 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
 def test_two_exports_to_one_target_at_once_one_is_refused(tmp_path: Path):
     target = tmp_path / "tiny"
     first = _export_process(target)
-    _wait_for(lambda: (tmp_path / ".tiny.lock").exists() or first.poll() is not None)
+    _wait_for(lambda: (tmp_path / ".tiny.sdexport-lock").exists() or first.poll() is not None)
     second = _export_process(target)
     _, second_err = second.communicate(timeout=300)
     _, first_err = first.communicate(timeout=300)
@@ -227,3 +244,43 @@ def test_staging_folders_carry_a_marker_until_done(tmp_path: Path):
         (target / "x").write_text("x")
         with claim(target, ENGINE_DIR, replace=False):
             pass
+
+
+def test_a_file_where_the_lock_goes_is_never_touched(tmp_path: Path, capsys):
+    target = tmp_path / "out"
+    secret = tmp_path / "secret.txt"
+    secret.write_text("passwords")
+    lock = tmp_path / ".out.sdexport-lock"
+    lock.symlink_to(secret)
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 2
+    assert "is a symbolic link, not sdexport's lock file" in capsys.readouterr().err
+    assert secret.read_text() == "passwords" and lock.is_symlink()
+    lock.unlink()
+    lock.write_text("my notes")
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 2
+    assert "is not sdexport's lock file" in capsys.readouterr().err
+    assert lock.read_text() == "my notes" and not target.exists()
+
+
+def test_a_users_look_alike_of_a_leftover_is_kept(engine_copy: Path):
+    backup = engine_copy.parent / f".{engine_copy.name}.old-backup"
+    shutil.copytree(engine_copy, backup)
+    numbered = engine_copy.parent / f".{engine_copy.name}.partial-123"
+    (numbered / "mine").mkdir(parents=True)  # sdexport's name pattern, but no marker: not ours
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 0
+    assert (backup / "manifest.json").is_file() and (numbered / "mine").is_dir()
+
+
+@pytest.mark.parametrize("command", ["export", "run", "bench"])
+def test_an_empty_output_path_is_refused_as_such(tiny_engine_dir: Path, command: str, capsys):
+    args = {"export": ["export", "tiny"], "run": ["run", tiny_engine_dir, "-p", "x"],
+            "bench": ["bench", "benchmarks/scenarios/tiny-cpu.toml"]}[command]
+    assert run_cli(*args, "-o", "") == 2
+    assert "-o '': empty path" in capsys.readouterr().err
+
+
+def test_pseudo_filesystems_are_refused_before_work(capsys):
+    """As root, os.access says yes to /proc; creating a file there is tried instead."""
+    assert run_cli("export", "tiny", "-o", "/proc/sdexport-test", *QUICK) == 2
+    err = capsys.readouterr().err
+    assert "cannot write in /proc" in err and "Loading" not in err

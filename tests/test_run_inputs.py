@@ -48,6 +48,8 @@ def no_engines(monkeypatch):
     (["--original-size", "1024x1024"], "SDXL conditioning, but this is a sd model"),
     (["-n", "a", "-n", "b", "-n", "c"], "--negative-prompt: give one value, or one per image (1)"),
     (["--steps", "abc"], "Invalid value for '--steps'"),
+    (["--backend", "tensorrt"], "TensorRT is required"),
+    (["-o", "/proc/x.png"], "cannot write in /proc"),
 ])
 def test_bad_requests_are_refused_before_engines_load(tiny_engine_dir: Path, tmp_path: Path, no_engines, capsys,
                                                       args, message):
@@ -135,3 +137,15 @@ def test_nan_from_the_unet_is_not_blamed_on_the_vae(pipeline, monkeypatch):
         pipeline(GenerationRequest(prompt=["x"], steps=2, height=64, width=64))
     message = str(caught.value)
     assert "denoising loop produced NaN/Inf latents" in message and "VAE decoder" not in message
+
+
+def test_sdxl_size_conditioning_is_bounded():
+    from sdexport.models.presets import PRESETS
+    from sdexport.runtime.request import check_request
+    from sdexport.specs import ModelDims
+
+    dims = ModelDims(S=77, E=64, P=32, C=4, vae_scale_factor=8, unet_downsample=2, E1=32, E2=32, T=6)
+    for field in ("original_size", "target_size", "crops_coords_top_left"):
+        request = GenerationRequest(prompt=["x"], height=64, width=64, **{field: (99999999999999999999, 1)})
+        with pytest.raises(SdexportError, match=f"{field} .*pixel counts from 0 to 65536"):
+            check_request(request, family="sdxl", dims=dims, profile=PRESETS["tiny-sdxl"].profile)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gc
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,36 +29,14 @@ from sdexport.bench.contenders import (
 )
 from sdexport.bench.environment import environment
 from sdexport.bench.measure import MemorySampler, Stats, psnr
+from sdexport.bench.plan import Options, plan_bench, request_for
 from sdexport.bench.report import BENCH_OUTPUT, write_report
-from sdexport.bench.scenario import BASELINES, CONTENDERS, Case, Scenario
+from sdexport.bench.scenario import BASELINES, Case, Scenario
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
-from sdexport.models.outline import outline_model
 from sdexport.output_dir import claim
-from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.runtime.schedulers import check_steps
-from sdexport.shapes import ShapeProfile, parse_range
-
-
-@dataclass
-class Options:
-    engine_dir: Path | None = None
-    contenders: list[str] | None = None
-    repeats: int | None = None
-    warmup: int | None = None
-
-
-def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
-    return GenerationRequest(
-        prompt=[scenario.prompt] * case.batch,
-        negative_prompt=[scenario.negative_prompt] * case.batch,
-        steps=case.steps,
-        guidance=scenario.guidance,
-        scheduler=scenario.scheduler,
-        seeds=[scenario.seed + i for i in range(case.batch)],
-        height=scenario.height,
-        width=scenario.width,
-    )
+from sdexport.shapes import ShapeProfile
 
 
 def precision(scenario: Scenario) -> str:
@@ -75,25 +52,14 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     work (and any engine export) happens in a hidden staging folder (``sdexport.output_dir``). A
     previous benchmark output there is replaced, its matching engines reused; anything else is refused.
     """
-    contenders, repeats, warmup = _check_options(scenario, options)
-    outline = outline_model(scenario.model)
-    export_profile = _export_profile(scenario)
-    export_profile.validate(outline)
-    export_profile.check_limits(outline.vae_width)
-    profile, family, scheduler_config = export_profile, outline.family, outline.scheduler_config
-    if options.engine_dir is not None:
-        from sdexport.manifest import load_manifest, read_scheduler_config
-
-        manifest = load_manifest(options.engine_dir, verify_files=False)
-        profile, family = manifest.shape_profile, manifest.family
-        scheduler_config = read_scheduler_config(options.engine_dir)
-    for case in scenario.cases:  # every request is checked before the first model loads
-        check_request(request_for(scenario, case), family=family, dims=outline, profile=profile,
-                      scheduler_config=scheduler_config)
-        check_steps(scenario.scheduler, scheduler_config, case.steps)
+    plan = plan_bench(scenario, options)
+    for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
+        check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
+    outline = plan.outline
     protected = (*outline.sources, *([options.engine_dir] if options.engine_dir else []))
     with claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected) as staging:
-        report, reused = _run(scenario, output_dir, staging, options, contenders, repeats, warmup, export_profile)
+        report, reused = _run(scenario, output_dir, staging, options, plan.contenders, plan.repeats, plan.warmup,
+                              plan.export_profile)
         if not any(r["status"] == "measured" for r in report["results"]):
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
@@ -101,22 +67,6 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
             (staging / "engines").mkdir(exist_ok=True)
             os.rename(reused, staging / "engines" / reused.name)
     return report, paths
-
-
-def _check_options(scenario: Scenario, options: Options) -> tuple[list[str], int, int]:
-    requested = options.contenders or scenario.contenders
-    unknown = [c for c in requested if c not in CONTENDERS]
-    if not requested or unknown:
-        raise SdexportError(f"contenders: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
-    if options.repeats is not None and options.repeats < 1:
-        raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
-    if options.warmup is not None and options.warmup < 0:
-        raise SdexportError(f"--warmup {options.warmup}: need 0 or more warm-up runs")
-    # Baselines run first: every other contender is compared with the first one's output.
-    contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
-    repeats = options.repeats or scenario.repeats
-    warmup = scenario.warmup if options.warmup is None else options.warmup
-    return contenders, repeats, warmup
 
 
 def _run(
@@ -201,17 +151,6 @@ def _run(
         "one_time": one_time,
         "results": results,
     }, reused
-
-
-def _export_profile(scenario: Scenario) -> ShapeProfile:
-    """The profile the bench exports with: the scenario's batches and size, or its ``[export]`` ranges."""
-    batches = scenario.batch
-    return ShapeProfile(
-        parse_range(str(scenario.export["batch"]), "batch") if "batch" in scenario.export
-        else (min(batches), max(batches), max(batches)),
-        parse_range(str(scenario.export.get("height", scenario.height)), "height"),
-        parse_range(str(scenario.export.get("width", scenario.width)), "width"),
-    )
 
 
 def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dtype: str, profile: ShapeProfile,
@@ -300,3 +239,6 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "memory": memory.to_dict(),
         "_output": outputs[0],
     }
+
+
+__all__ = ["Options", "request_for", "run_benchmark"]

@@ -173,7 +173,7 @@ def not_a_bench_output(directory: Path) -> str | None:
 
     try:
         data = json.loads((directory / RESULT_FILES[0]).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return f"it has no readable {RESULT_FILES[0]}"
     if not isinstance(data, dict) or not {"scenario", "results", "environment"} <= set(data):
         return f"its {RESULT_FILES[0]} is not an sdexport benchmark report"

@@ -111,6 +111,8 @@ def load_scenario(path: Path) -> Scenario:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SdexportError(f"{path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise SdexportError(f"{path}: not valid TOML (nested too deeply)") from None
     data.setdefault("name", path.stem)
     for key in ("batch", "steps"):
         if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):

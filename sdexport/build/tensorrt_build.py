@@ -24,12 +24,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
-from sdexport.atomic import write_atomic
+from sdexport.atomic import atomic_path
 from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
-from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, sha256_file
+from sdexport.manifest import Manifest, check_files, check_graph, load_manifest, save_manifest, sha256_file
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, components_for
 
@@ -199,19 +199,23 @@ def _build_locked(
             continue
         start = time.perf_counter()
         with step(f"Building {spec.name} ({_describe(key)})"):
-            present = set(_onnx_input_names(engine_dir / entry.onnx, set(onnx_files(manifest.files, entry.onnx))))
+            present = set(check_graph(engine_dir, manifest, spec.name))
             plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, present)
-            write_atomic(engine_dir / rel, bytes(plan))
         seconds = time.perf_counter() - start
-        entry.engines[key.digest()] = {
-            "path": rel,
-            "key": key.to_dict(),
-            "build_seconds": round(seconds, 2),
-            "built": datetime.now(UTC).isoformat(timespec="seconds"),
-            "profile": target.to_dict(),
-        }
-        manifest.files[rel] = sha256_file(engine_dir / rel)
-        save_manifest(engine_dir, manifest)
+        # The manifest lists the plan before the plan takes its name: a build killed in between
+        # leaves a listed plan that is missing (rebuilt next time) and a temporary file of a listed
+        # name, never an unlisted file that --force could not prove to be ours.
+        with atomic_path(engine_dir / rel) as tmp:
+            tmp.write_bytes(plan)
+            entry.engines[key.digest()] = {
+                "path": rel,
+                "key": key.to_dict(),
+                "build_seconds": round(seconds, 2),
+                "built": datetime.now(UTC).isoformat(timespec="seconds"),
+                "profile": target.to_dict(),
+            }
+            manifest.files[rel] = sha256_file(tmp)
+            save_manifest(engine_dir, manifest)
         results.append(BuildResult(spec.name, "built", engine_dir / rel, key, seconds, reasons))
     return results
 
@@ -274,32 +278,10 @@ def _describe(key: EngineKey) -> str:
     return ", ".join([shapes, *flags])
 
 
-def _onnx_input_names(onnx_path: Path, listed: set[str]) -> list[str]:
-    """Inputs the graph really has (a tracer may drop an unused one), without loading the weights.
-
-    ``listed``: the manifest's paths of the graph's files. Every external weight file the graph refers
-    to (relative to the graph's folder) must be one of them: TensorRT's parser follows these references wherever they
-    point, so an engine directory stays a closed world only if the graph's references do too.
-    """
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    folder = Path(onnx_path).parent.name
-    for init in graph.initializer:
-        location = next((e.value for e in init.external_data if e.key == "location"), None)
-        if location is not None and f"{folder}/{location}" not in listed:
-            raise SdexportError(
-                f"{onnx_path}: weight {init.name!r} refers to {location!r}, which is not a file the "
-                "manifest lists beside the graph; refusing to build from it"
-            )
-    initializers = {init.name for init in graph.initializer}
-    return [i.name for i in graph.input if i.name not in initializers]
-
-
 def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, present: set[str]) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
-    ``present``: the graph's real input names (``_onnx_input_names``)."""
+    ``present``: the graph's real input names (``manifest.check_graph``: a tracer may drop one)."""
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,

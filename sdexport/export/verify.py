@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from sdexport.errors import ParityError
+from sdexport.errors import ParityError, one_line
 from sdexport.export.inputs import sample_inputs
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims
@@ -107,9 +107,17 @@ def verify_component(
             points.append(PointResult(label, "skipped", reason=f"--verify {mode}"))
             continue
         feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
-        got = session.run(spec.output_names, feed)
-        with torch.no_grad():
-            want = wrapper(*(torch.from_numpy(feed[n]) for n in spec.input_names))
+        shapes = {n: list(v.shape) for n, v in feed.items()}
+        try:
+            got = session.run(spec.output_names, feed)
+            with torch.no_grad():
+                want = wrapper(*(torch.from_numpy(feed[n]) for n in spec.input_names))
+        except (Exception, MemoryError) as exc:  # ONNX Runtime and torch raise their own types
+            # e.g. the memory an attention matrix needs at the profile's max on this machine
+            raise ParityError(
+                f"{spec.name}: could not run at the profile's {label} point {shapes} on this machine "
+                f"({one_line(exc, 300)}); lower that profile axis, or pass --verify quick to check only the min"
+            ) from exc
         want = want if isinstance(want, tuple) else (want,)
         outputs = {
             name: compare(g, w.float().numpy()) for name, g, w in zip(spec.output_names, got, want)
@@ -119,7 +127,7 @@ def verify_component(
             PointResult(
                 label,
                 "passed" if ok else "failed",
-                shapes={n: list(v.shape) for n, v in feed.items()},
+                shapes=shapes,
                 outputs=outputs,
             )
         )

@@ -9,6 +9,7 @@ loader (``sdexport.models.loader``) reads the same configs through the same help
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,25 @@ def _outline(
     family: str, unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any], profile: ShapeProfile,
     sources: tuple[Path, ...], vae_dir: str | None,
 ) -> ModelOutline:
+    """The outline, refusing configs whose values would only fail after loading (or be written into a
+    manifest that the runtime then refuses): the same rules the engine directory's manifest obeys."""
+    from sdexport.manifest_schema import SCHEDULER_CONFIG, first_error
+
     if vae_dir is not None:
         vae_path = vae_config_dir(Path(vae_dir))
         vae = read_json(vae_path / "config.json")
         sources = (*sources, vae_path)
+        if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+            raise ModelLoadError(f"--vae {vae_path}: a {vae.get('_class_name')}, not an AutoencoderKL")
+        channels, wanted = vae.get("latent_channels", 4), unet.get("in_channels", 4)
+        if channels != wanted:
+            raise ModelLoadError(f"--vae {vae_path}: {channels} latent channels, but the U-Net takes {wanted}")
+    problem = first_error(SCHEDULER_CONFIG, scheduler)
+    if problem:
+        raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
+    scaling = vae.get("scaling_factor", 0.18215)
+    if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling) or scaling <= 0:
+        raise ModelLoadError(f"the VAE config's scaling_factor {scaling!r} is not a positive number")
     try:
         blocks = list(vae["block_out_channels"])
         return ModelOutline(
@@ -141,6 +157,8 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ModelLoadError(f"{path}: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
     if not isinstance(data, dict):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,14 +30,15 @@ def check_image_output(output: Path, count: int) -> None:
         raise SdexportError(f"-o {str(output)!r}: give an image file name such as out/image.png")
     if output.is_dir():
         raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
+    from sdexport.output_dir import existing_ancestor, unwritable
+
     for path in output_paths(output, count):
-        ancestor = path.parent
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
+        ancestor = existing_ancestor(path.parent)
         if not ancestor.is_dir():
             raise SdexportError(f"-o {output}: {ancestor} is a file, so no image can be written inside it")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise SdexportError(f"-o {output}: cannot write in {ancestor} (no permission, or a read-only filesystem)")
+        problem = unwritable(ancestor)
+        if problem:
+            raise SdexportError(f"-o {output}: cannot write in {ancestor} ({problem})")
         if path.is_symlink() or path.is_dir():
             raise SdexportError(f"-o {output}: {path} is a directory or a link; choose another name")
         if path.exists() and not _written_by_sdexport(path):

@@ -8,18 +8,18 @@ PyTorch weights the directory does not hold.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
-from sdexport.manifest import Manifest, load_manifest, read_scheduler_config, tokenizer_names
-from sdexport.runtime.engine import Engine
+from sdexport.manifest import Manifest, load_manifest, read_scheduler_config, tokenizer_names, verify_files_of
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
-from sdexport.runtime.txt2img import Txt2ImgPipeline
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import components_for
+
+if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
+    from sdexport.runtime.engine import Engine
+    from sdexport.runtime.txt2img import Txt2ImgPipeline
 
 FALLBACK_VAE = "vae_decoder_fp32"
 
@@ -39,7 +39,7 @@ def txt2img_components(manifest: Manifest) -> list[str]:
 def resolve_backend(backend: str) -> str:
     check_backend(backend)
     if backend == "onnxruntime":
-        from sdexport.runtime.onnxruntime_backend import available_providers
+        from sdexport.runtime.providers import available_providers
 
         return "onnxruntime-cuda" if "CUDAExecutionProvider" in available_providers() else "onnxruntime-cpu"
     return backend
@@ -55,17 +55,15 @@ def load_pipeline(
     request_profile: ShapeProfile | None = None,
 ) -> Txt2ImgPipeline:
     """``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them."""
+    from sdexport.runtime.txt2img import Txt2ImgPipeline
+
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
     names = txt2img_components(manifest)
     fallback = FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
     loaded = names + ([fallback] if fallback else [])
     if verify_files:
-        from sdexport.manifest import verify_files_of
-
-        # Hash what this backend reads: ONNX graphs for ONNX Runtime only (the Torch backend reads
-        # none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always.
-        verify_files_of(engine_dir, manifest, loaded if backend.startswith("onnxruntime") else [], plans=False)
+        verify_for_backend(engine_dir, manifest, backend)
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
@@ -85,6 +83,14 @@ def load_pipeline(
         info={"backend": backend, "engine_dir": str(engine_dir), "random_weights": manifest.random_weights,
               "model": manifest.model["label"], "dtype": manifest.dtype},
     )
+
+
+def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str) -> None:
+    """Hash what ``backend`` (resolved) reads: ONNX graphs for ONNX Runtime only (the Torch backend
+    reads none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always."""
+    names = txt2img_components(manifest)
+    loaded = names + ([FALLBACK_VAE] if FALLBACK_VAE in manifest.components else [])
+    verify_files_of(engine_dir, manifest, loaded if backend.startswith("onnxruntime") else [], plans=False)
 
 
 def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -162,6 +168,8 @@ def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> di
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"))
+    import torch
+
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda and manifest.dtype == "fp16" else torch.float32

@@ -7,34 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdexport.errors import EngineDirError, MissingDependencyError
+from sdexport.errors import EngineDirError, one_line
 from sdexport.runtime.engine import check_feed, output_shapes
+from sdexport.runtime.providers import PROVIDERS, available_providers, require_provider
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _ORT_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.float16: np.float16}
-
-
-def available_providers() -> list[str]:
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        return []
-    return list(ort.get_available_providers())
-
-
-def require_provider(device: str) -> None:
-    if not available_providers():
-        raise MissingDependencyError(
-            "onnxruntime", "for the ONNX Runtime backend", 'pip install "sdexport[cpu]" (or [gpu] on CUDA)'
-        )
-    if PROVIDERS[device] not in available_providers():
-        raise MissingDependencyError(
-            "onnxruntime-gpu",
-            "for --backend onnxruntime-cuda",
-            'pip uninstall -y onnxruntime && pip install "sdexport[gpu]" (CUDA build of onnxruntime)',
-        )
 
 
 class OnnxRuntimeEngine:
@@ -67,7 +46,14 @@ class OnnxRuntimeEngine:
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineDirError(f"{path}: onnxruntime cannot load it ({str(exc).splitlines()[0]})") from exc
+            raise EngineDirError(f"{path}: onnxruntime cannot load it ({one_line(exc, 400)})") from exc
+        inputs = [i.name for i in self.session.get_inputs()]
+        outputs = [o.name for o in self.session.get_outputs()]
+        if not set(inputs) <= set(spec.input_names) or outputs != spec.output_names:
+            raise EngineDirError(
+                f"{path} takes {inputs} and returns {outputs}, but a {spec.name} graph takes "
+                f"{spec.input_names} and returns {spec.output_names}; re-export"
+            )
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feed(self.spec, feed)
@@ -94,3 +80,6 @@ class OnnxRuntimeEngine:
         torch.cuda.current_stream(self.device).synchronize()  # inputs written by torch are ready
         self.session.run_with_iobinding(binding)
         return outputs
+
+
+__all__ = ["OnnxRuntimeEngine", "available_providers", "require_provider"]

@@ -17,6 +17,8 @@ from sdexport.shapes import ImageGeometry, ShapeProfile
 
 MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
+MAX_CONDITIONING = 65536
+"""SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
 BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
 
 
@@ -127,8 +129,11 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
         return
     for name in ("original_size", "crops_coords_top_left", "target_size"):
         value = getattr(request, name)
-        if value is not None and (len(value) != 2 or any(int(v) < 0 for v in value)):
-            raise SdexportError(f"{name} {value}: expected two non-negative integers")
+        if value is not None and (
+            len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONDITIONING
+                                   for v in value)
+        ):
+            raise SdexportError(f"{name} {value}: expected two pixel counts from 0 to {MAX_CONDITIONING}")
 
 
 def ignored_settings(request: GenerationRequest) -> list[str]:

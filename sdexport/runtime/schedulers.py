@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sdexport.errors import SdexportError
+from sdexport.errors import SdexportError, one_line
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -50,9 +50,17 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
             f"--scheduler ({', '.join(SCHEDULERS)}) or re-export"
         )
     try:
-        return cls.from_config(config, **overrides)
+        scheduler = cls.from_config(config, **overrides)
     except Exception as exc:  # diffusers validates configs with assorted exception types
-        raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({exc})") from None
+        raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({one_line(exc, 300)})") from None
+    trained = int(scheduler.config.num_train_timesteps)
+    table = getattr(scheduler, "alphas_cumprod", None)
+    if table is not None and len(table) != trained:  # e.g. trained_betas of another length
+        raise SdexportError(
+            f"the saved scheduler config is inconsistent: {len(table)} noise levels (trained_betas) for "
+            f"num_train_timesteps {trained}; re-export"
+        )
+    return scheduler
 
 
 def check_steps(name: str, config: dict[str, Any], steps: int) -> None:

@@ -1,0 +1,96 @@
+"""A benchmark's settings and every check that needs no model: the first second of ``sdexport bench``.
+
+Contender names, override values, image sizes, profile limits, seeds and step counts are refused here,
+from the scenario and the model's configs, before torch is imported or weights are read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdexport.bench.scenario import BASELINES, CONTENDERS, Case, Scenario
+from sdexport.errors import SdexportError
+from sdexport.models.outline import ModelOutline, outline_model
+from sdexport.runtime.request import GenerationRequest, check_request
+from sdexport.shapes import ShapeProfile, parse_range
+
+
+@dataclass
+class Options:
+    engine_dir: Path | None = None
+    contenders: list[str] | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+
+
+@dataclass(frozen=True)
+class BenchPlan:
+    contenders: list[str]
+    """Baselines first: every other contender is compared with the first one's output."""
+    repeats: int
+    warmup: int
+    outline: ModelOutline
+    export_profile: ShapeProfile
+    """The profile an engine directory is exported with when ``--engine-dir`` is not given."""
+    scheduler_config: dict[str, Any]
+    """The scheduler config the runtime contenders will use (the engine directory's, if given)."""
+
+
+def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
+    requested = options.contenders or scenario.contenders
+    unknown = [c for c in requested if c not in CONTENDERS]
+    if not requested or unknown:
+        raise SdexportError(f"contenders: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
+    if options.repeats is not None and options.repeats < 1:
+        raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
+    if options.warmup is not None and options.warmup < 0:
+        raise SdexportError(f"--warmup {options.warmup}: need 0 or more warm-up runs")
+    contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
+    outline = outline_model(scenario.model)
+    export_profile = bench_export_profile(scenario)
+    export_profile.validate(outline)
+    export_profile.check_limits(outline.vae_width)
+    profile, family, scheduler_config = export_profile, outline.family, outline.scheduler_config
+    if options.engine_dir is not None:
+        from sdexport.manifest import load_manifest, read_scheduler_config
+
+        manifest = load_manifest(options.engine_dir, verify_files=False)
+        profile, family = manifest.shape_profile, manifest.family
+        scheduler_config = read_scheduler_config(options.engine_dir)
+    for case in scenario.cases:
+        check_request(request_for(scenario, case), family=family, dims=outline, profile=profile,
+                      scheduler_config=scheduler_config)
+    return BenchPlan(
+        contenders=contenders,
+        repeats=options.repeats or scenario.repeats,
+        warmup=scenario.warmup if options.warmup is None else options.warmup,
+        outline=outline,
+        export_profile=export_profile,
+        scheduler_config=scheduler_config,
+    )
+
+
+def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=[scenario.prompt] * case.batch,
+        negative_prompt=[scenario.negative_prompt] * case.batch,
+        steps=case.steps,
+        guidance=scenario.guidance,
+        scheduler=scenario.scheduler,
+        seeds=[scenario.seed + i for i in range(case.batch)],
+        height=scenario.height,
+        width=scenario.width,
+    )
+
+
+def bench_export_profile(scenario: Scenario) -> ShapeProfile:
+    """The profile the bench exports with: the scenario's batches and size, or its ``[export]`` ranges."""
+    batches = scenario.batch
+    return ShapeProfile(
+        parse_range(str(scenario.export["batch"]), "batch") if "batch" in scenario.export
+        else (min(batches), max(batches), max(batches)),
+        parse_range(str(scenario.export.get("height", scenario.height)), "height"),
+        parse_range(str(scenario.export.get("width", scenario.width)), "width"),
+    )
