@@ -18,7 +18,9 @@ echo "gpu-tests: installing sdexport[gpu,tensorrt,dev]" >&2
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
 fi
-pip_install -e ".[gpu,tensorrt,dev]"
+# The tested pins (constraints.txt, as scripts/setup.sh uses them); TensorRT and onnxruntime-gpu are not pinned.
+CONSTRAINTS=${SDEXPORT_CONSTRAINTS-constraints.txt}
+pip_install ${CONSTRAINTS:+--constraint "$CONSTRAINTS"} -e ".[gpu,tensorrt,dev]"
 bash scripts/setup.sh --dev   # sees onnxruntime-gpu and keeps it; adds tensorrt-stubs for mypy
 
 "$PYTHON" - <<'PY'

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Install sdexport and what it needs into the current Python environment.
+# Install sdexport and what it needs into the current Python environment, at the tested versions.
 #   bash scripts/setup.sh          runtime + export (onnxruntime CPU)
 #   bash scripts/setup.sh --dev    + test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
+# Versions come from constraints.txt, the set CI tested (see README, "Dependency pins"), so a new
+# upstream release cannot change what CI installs. SDEXPORT_CONSTRAINTS=other.txt uses another file;
+# SDEXPORT_CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows.
 # A torch that is already installed (e.g. a CUDA build on a GPU server) is left alone. Where there is
 # none, SDEXPORT_TORCH (default torch==2.13.0) is installed: on this project's CI machines that pin
 # resolves to a local CPU build; on other CPU-only machines install a CPU torch first (see README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+CONSTRAINTS=${SDEXPORT_CONSTRAINTS-constraints.txt}
 pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
 
+pins=()
+if [[ -n "$CONSTRAINTS" ]]; then
+  [[ -f "$CONSTRAINTS" ]] || { echo "sdexport setup: no constraints file $CONSTRAINTS" >&2; exit 2; }
+  pins=(--constraint "$CONSTRAINTS")
+fi
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   echo "sdexport setup: installing ${SDEXPORT_TORCH:-torch==2.13.0}" >&2
   pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
@@ -19,9 +28,9 @@ if "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not i
   extras=gpu  # keep an installed onnxruntime-gpu; the cpu package would clobber it
 fi
 [[ "${1:-}" == "--dev" ]] && extras="$extras,dev"
-echo "sdexport setup: installing sdexport[$extras]" >&2
-pip_install -e ".[$extras]"
+echo "sdexport setup: installing sdexport[$extras]${CONSTRAINTS:+ with the versions in $CONSTRAINTS}" >&2
+pip_install ${pins[@]+"${pins[@]}"} -e ".[$extras]"
 if [[ "${1:-}" == "--dev" ]]; then
   # The stubs declare a dependency on tensorrt itself, which cannot be installed without a GPU index.
-  pip_install --no-deps "tensorrt-stubs>=10"
+  pip_install ${pins[@]+"${pins[@]}"} --no-deps "tensorrt-stubs>=10"
 fi

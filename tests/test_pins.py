@@ -1,0 +1,47 @@
+"""constraints.txt pins every dependency pyproject.toml declares, so CI installs a tested set."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_every_declared_dependency_is_pinned():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {_name(r) for r in project["dependencies"]}
+    for extra in ("cpu", "dev"):  # what CI installs; gpu/tensorrt need a GPU machine
+        declared |= {_name(r) for r in project["optional-dependencies"][extra]}
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[_name(name)] = version.strip()
+    assert "torch" not in pins, "torch is pinned by scripts/setup.sh and never replaced"
+    unpinned = sorted(declared - {"torch"} - {n for n, v in pins.items() if v})
+    assert not unpinned, f"add these to constraints.txt (scripts/update-constraints.sh): {unpinned}"
+
+
+def test_the_floors_file_pins_exactly_the_declared_floors():
+    """constraints-floors.txt is what proves pyproject.toml's floors: the two must name the same versions."""
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for line in (ROOT / "constraints-floors.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            floors[_name(name)] = Version(version.strip())
+    for text in [*project["dependencies"], *project["optional-dependencies"]["cpu"]]:
+        requirement = Requirement(text)
+        if requirement.name == "torch":
+            continue  # installed separately; its floor is read from its API (README)
+        lower = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
+        assert lower and floors.get(_name(requirement.name)) == lower[0], (text, floors.get(_name(requirement.name)))
