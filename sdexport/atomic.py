@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
+"""``atomic_path``'s temporary names, ``.NAME.PID.tmp``: what a process killed mid-write leaves."""
 
 
 @contextmanager
@@ -17,7 +22,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     the finished file is readable like any other the user writes.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         yield tmp
         os.replace(tmp, path)

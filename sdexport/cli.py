@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -83,8 +83,8 @@ def inspect(
 ) -> None:
     """Show what an engine directory holds: model, profile, tools, parity results and engines.
 
-    Exits non-zero, with the reason, when a file is damaged or a graph is not what the manifest says,
-    and exactly when `sdexport run` would refuse the directory.
+    Exits non-zero, with the reason, for everything `sdexport run` would refuse, and also when a
+    graph is not what the manifest says (inspect parses every graph; run leaves that to the engines).
     """
     from sdexport.inspect_dir import print_summary
     from sdexport.manifest import load_manifest
@@ -176,10 +176,13 @@ def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
     if text is None:
         return None
     parts = text.lower().split(sep)
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    try:
+        if len(parts) != 2 or not all(p.strip().isascii() for p in parts):
+            raise ValueError
+        return int(parts[0]), int(parts[1])
+    except ValueError:
         example = "1024x1024" if sep == "x" else "0,0"
-        raise SdexportError(f"{flag} {text!r}: expected two integers like {example}")
-    return int(parts[0]), int(parts[1])
+        raise SdexportError(f"{flag} {text!r}: expected two integers like {example}") from None
 
 
 @app.command()
@@ -240,25 +243,25 @@ def run(
     check_image_output(image_path, request.batch)
     resolved = resolve_backend(backend)
     require_backend(resolved)
+    from sdexport.runtime.schedulers import check_steps  # diffusers: needed to run anyway
+
+    check_steps(request.scheduler, scheduler_config, request.steps)
     verify_for_backend(engine_dir, manifest, resolved)  # hashes: the directory is what the manifest says
     for note in ignored_settings(request):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph, scheduler_config=scheduler_config)
+    _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph)
 
 
 def _generate(
     engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
-    scheduler_config: dict[str, Any],
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise, save."""
     from rich.progress import Progress
 
     from sdexport.runtime.images import save_images
     from sdexport.runtime.loading import load_pipeline
-    from sdexport.runtime.schedulers import check_steps
     from sdexport.shapes import ShapeProfile
 
-    check_steps(request.scheduler, scheduler_config, request.steps)
     wanted = ShapeProfile.single(request.batch, request.height, request.width)
     with console.status(f"Loading engines ({backend})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
@@ -290,7 +293,7 @@ def bench(
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process."""
-    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.plan import Options, plan_bench, protected_paths
     from sdexport.bench.report import BENCH_OUTPUT
     from sdexport.bench.scenario import load_scenario
     from sdexport.output_dir import check_target
@@ -299,8 +302,8 @@ def bench(
     options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders"),
                       repeats=repeats, warmup=warmup)
     target = _output_path(output)
-    plan_bench(loaded, options)  # refuses bad input before torch and the model load
-    check_target(target, BENCH_OUTPUT, replace=True)
+    plan = plan_bench(loaded, options)  # refuses bad input before torch and the model load
+    check_target(target, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, target))
     from sdexport.bench.harness import run_benchmark
 
     _, paths = run_benchmark(loaded, target, options)

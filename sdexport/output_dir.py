@@ -36,13 +36,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdexport.atomic import TEMP_NAME
 from sdexport.console import console
 from sdexport.errors import SdexportError
 
 MARKER = ".sdexport-partial"
 """Present in a staging (or discarded) directory until sdexport is done with it."""
-_TEMP_FILE = re.compile(r"(^|/)\.(?P<name>[^/]+)\.\d+\.tmp$")
-"""``sdexport.atomic`` temporary names, left by a process killed mid-write."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def check_target(
             f"{flag} {target} is a symbolic link (to {os.readlink(target)}); sdexport does not write through "
             f"links: pass the real directory or a new path"
         )
-    ancestor = _existing_ancestor(target.parent)
+    ancestor = existing_ancestor(target.parent)
     if not ancestor.is_dir():
         raise SdexportError(f"{flag} {target}: {ancestor} is a file, so nothing can be created inside it")
     problem = unwritable(ancestor)
@@ -113,6 +112,11 @@ def check_target(
     if path.exists():
         if not path.is_dir():
             raise SdexportError(f"{flag} {target} is a file; {flag} takes the {kind.what} to create")
+        if os.path.ismount(path):
+            raise SdexportError(
+                f"{flag} {target} is a mount point, which cannot be replaced by renaming; write into it "
+                f"instead, e.g. {flag} {target / 'NAME'}"
+            )
         if not os.access(path, os.W_OK | os.X_OK):
             raise SdexportError(f"{flag} {target}: no permission to replace it")
         if any(path.iterdir()):
@@ -147,10 +151,11 @@ def claim(
             _clean_leftovers(checked)
             # Checked again under the lock: another job may have finished writing it meanwhile.
             check_target(target, kind, replace=replace, protected=protected, force_flag=force_flag)
+            existed = checked.path.exists()
             staging = _make_staging(checked)
             try:
                 yield staging
-                _move_into_place(staging, checked)
+                _move_into_place(staging, checked, existed=existed)
             except BaseException:
                 _discard(staging)
                 raise
@@ -165,7 +170,8 @@ def claim(
 def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
     """Hold ``directory``'s lock while changing it in place (``sdexport build`` adding plans), so that
     an export replacing the same directory cannot run at the same time."""
-    with _locked(Target(directory.parent.resolve() / directory.name, kind)):
+    real = directory.resolve()  # a link to it and the directory itself take the same lock
+    with _locked(Target(real.parent / real.name, kind)):
         yield
 
 
@@ -188,10 +194,6 @@ def unwritable(directory: Path) -> str | None:
 
 def existing_ancestor(path: Path) -> Path:
     """``path`` or its nearest parent that exists (what a write there would be decided by)."""
-    return _existing_ancestor(path)
-
-
-def _existing_ancestor(path: Path) -> Path:
     while not path.exists() and not path.is_symlink() and path != path.parent:
         path = path.parent
     return path
@@ -297,21 +299,50 @@ def _make_staging(target: Target) -> Path:
     return staging
 
 
-def _move_into_place(staging: Path, target: Target) -> None:
-    """Swap the finished staging folder in; its marker goes only once it is in place (so a kill at any
-    moment leaves either marked leftovers or a finished directory)."""
-    if not target.path.exists():
-        if not _renameat2(staging, target.path, _RENAME_NOREPLACE):
+def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
+    """Swap the finished staging folder in, so that a kill at any moment leaves either marked
+    leftovers (removed by the next run) or a finished directory at the target.
+
+    ``existed``: whether the target existed (and was checked) when the job started. Whatever
+    appeared there since is checked again now, never swapped out unseen.
+    """
+    if not existed or not target.path.exists():
+        appeared = SdexportError(
+            f"{target.path} appeared while sdexport was writing it; nothing was replaced (run again "
+            f"with another {target.kind.flag}, or remove it)"
+        )
+        try:
+            moved = _renameat2(staging, target.path, _RENAME_NOREPLACE)
+        except FileExistsError:
+            raise appeared from None
+        if not moved:
+            if target.path.exists() or target.path.is_symlink():
+                raise appeared
             os.rename(staging, target.path)
-    elif _renameat2(staging, target.path, _RENAME_EXCHANGE):
+        (target.path / MARKER).unlink()
+        return
+    reason = target.kind.not_ours(target.path) if any(target.path.iterdir()) else None
+    if reason is not None:  # changed since the check at the start
+        raise SdexportError(f"{target.path} changed while sdexport was writing it ({reason}); nothing was replaced")
+    (target.path / MARKER).touch()  # the old directory is ours (checked): marked before it moves
+    try:
+        exchanged = _renameat2(staging, target.path, _RENAME_EXCHANGE)
+    finally:  # whichever directory is at the target now is complete: it carries no marker
+        (target.path / MARKER).unlink(missing_ok=True)
+    if exchanged:
         _discard(staging)  # now holds the old directory
-    else:
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        (target.path / MARKER).touch()  # the old directory is ours (checked): mark it before it moves aside
-        os.rename(target.path, old)
+        return
+    (target.path / MARKER).touch()
+    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    os.rename(target.path, old)
+    try:
         os.rename(staging, target.path)
-        _discard(old)
+    except BaseException:
+        os.rename(old, target.path)  # put the old directory back rather than leave the path empty
+        (target.path / MARKER).unlink()
+        raise
     (target.path / MARKER).unlink()
+    _discard(old)
 
 
 def _discard(path: Path) -> None:
@@ -367,7 +398,7 @@ def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
         links = [d for d in dirs if (Path(root) / d).is_symlink()]
         for name in [*files, *links]:
             rel = (base / name).as_posix()
-            temp = _TEMP_FILE.search(rel)
+            temp = TEMP_NAME.match(name)
             if rel in listed or (temp and (base / temp.group("name")).as_posix() in listed):
                 continue
             found.append(rel)

@@ -218,3 +218,14 @@ def test_requests_a_scenario_cannot_make_are_refused_before_loading(tmp_path, ca
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Loading" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_engines_of_the_output_itself_can_be_named_with_engine_dir(bench_run):
+    """--engine-dir OUT/engines/NAME -o OUT: the engines are read in place and carried into the new
+    output (by hard links), not refused as "read by this command"."""
+    _, out = bench_run
+    engines = out / "engines" / "smoke"
+    scenario = out.parent / "smoke.toml"
+    assert run_cli("bench", scenario, "-o", out, "--engine-dir", engines, "--contenders", "onnxruntime-cpu",
+                   "--repeats", "1", "--warmup", "0") == 0
+    assert (engines / "manifest.json").is_file() and json.loads((out / "results.json").read_text())["engine_dir"] == str(engines)

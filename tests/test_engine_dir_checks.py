@@ -1,7 +1,7 @@
 """An engine directory is a closed world with a valid manifest: inspect, run and build refuse the rest.
 
-Every refusal is one line, comes before any engine loads, and is the same for ``inspect`` (which
-exits non-zero exactly when ``run`` would refuse) and ``run``.
+Every refusal is one line and comes before any engine loads. ``inspect`` refuses everything ``run``
+would refuse, and more (it also parses every graph).
 """
 
 from __future__ import annotations
@@ -17,6 +17,15 @@ import pytest
 from conftest import run_cli
 from sdexport.errors import EngineDirError
 from sdexport.manifest import load_manifest, sha256_file
+from sdexport.runtime.loading import _load_engines as REAL_LOAD_ENGINES
+
+
+@pytest.fixture(autouse=True)
+def no_engines(monkeypatch):
+    """Every refusal here comes before any engine loads."""
+    from sdexport.runtime import loading
+
+    monkeypatch.setattr(loading, "_load_engines", lambda *a, **k: pytest.fail("engines were loaded"))
 
 
 def _edit(directory: Path, change: Callable[[dict[str, Any]], None]) -> None:
@@ -173,9 +182,14 @@ def test_graph_referring_to_unlisted_weights_is_refused(engine_copy: Path, capsy
         check_graph(engine_copy, load_manifest(engine_copy), "unet")
 
 
-def test_a_graph_of_another_component_is_refused(engine_copy: Path, capsys):
+def test_a_graph_of_another_component_is_refused(engine_copy: Path, monkeypatch, capsys):
+    """inspect parses the graphs; run finds out when ONNX Runtime opens the graph (parsing every graph
+    twice on each run would cost seconds for a 2 GB U-Net), and refuses with one line too."""
+    from sdexport.runtime import loading
+
     shutil.copy(engine_copy / "vae_decoder" / "model.onnx", engine_copy / "unet" / "model.onnx")
     _rehash(engine_copy, "unet/model.onnx")
+    monkeypatch.setattr(loading, "_load_engines", REAL_LOAD_ENGINES)
     _refused_everywhere(engine_copy, "unet/model.onnx takes ['latent'] and returns ['image'], but a unet graph takes", capsys)
 
 

@@ -161,16 +161,27 @@ def _wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
-def test_two_exports_to_one_target_at_once_one_is_refused(tmp_path: Path):
+def test_an_export_to_a_target_another_process_holds_is_refused(tmp_path: Path):
+    """The lock is held here (as a running export or build would hold it); a real second process
+    must stop at once, naming the holder, and leave the target alone."""
+    from sdexport.output_dir import updating
+
     target = tmp_path / "tiny"
-    first = _export_process(target)
-    _wait_for(lambda: (tmp_path / ".tiny.sdexport-lock").exists() or first.poll() is not None)
-    second = _export_process(target)
-    _, second_err = second.communicate(timeout=300)
-    _, first_err = first.communicate(timeout=300)
-    assert first.returncode == 0, first_err
-    assert second.returncode == 2 and "another sdexport process" in second_err and "is writing" in second_err
-    assert (target / "manifest.json").is_file() and _hidden_siblings(target) == []
+    with updating(target, ENGINE_DIR):
+        second = _export_process(target)
+        _, err = second.communicate(timeout=300)
+    assert second.returncode == 2 and f"another sdexport process (pid {os.getpid()}) is writing" in err
+    assert not target.exists() and _hidden_siblings(target) == []
+
+
+def test_build_and_export_share_one_lock_through_a_link(engine_copy: Path, tmp_path: Path, capsys):
+    from sdexport.output_dir import updating
+
+    link = tmp_path / "current"
+    link.symlink_to(engine_copy)
+    with updating(link, ENGINE_DIR):  # what `sdexport build current` holds
+        assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 2
+    assert "another sdexport process" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -189,9 +200,9 @@ def test_a_killed_export_is_cleaned_up_by_the_next(tmp_path: Path, sig: int):
     assert (target / "manifest.json").is_file() and _hidden_siblings(target) == []
 
 
-def test_old_directory_is_restored_when_a_swap_without_exchange_was_cut_short(engine_copy: Path, monkeypatch):
-    """Filesystems without renameat2(RENAME_EXCHANGE) take two renames; a crash between them leaves
-    the old directory aside, and the next run on that target puts it back."""
+def test_a_failed_second_rename_puts_the_old_directory_back(engine_copy: Path, monkeypatch):
+    """Filesystems without renameat2(RENAME_EXCHANGE) take two renames; if the second fails, the old
+    directory goes back at once rather than leaving the path empty."""
     from sdexport import output_dir
 
     before = _tree(engine_copy)
@@ -199,21 +210,68 @@ def test_old_directory_is_restored_when_a_swap_without_exchange_was_cut_short(en
     real_rename = os.rename
     calls = []
 
-    def crash_on_second(src, dst):
+    def fail_second(src, dst):
         calls.append((src, dst))
         if len(calls) == 2:
-            raise KeyboardInterrupt  # the process dies between the two renames
+            raise OSError(errno.EIO, "I/O error", str(dst))
         real_rename(src, dst)
 
-    monkeypatch.setattr(output_dir.os, "rename", crash_on_second)
-    with pytest.raises(KeyboardInterrupt), claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+    monkeypatch.setattr(output_dir.os, "rename", fail_second)
+    with pytest.raises(OSError, match="I/O error"), claim(engine_copy, ENGINE_DIR, replace=True) as staging:
         (staging / "manifest.json").write_text("{}")
-    monkeypatch.setattr(output_dir.os, "rename", real_rename)
-    assert not engine_copy.exists() and any(n.startswith(".tiny.old-") for n in _hidden_siblings(engine_copy))
+    assert _tree(engine_copy) == before and _hidden_siblings(engine_copy) == []
+
+
+def test_an_old_directory_set_aside_by_a_killed_swap_is_restored(engine_copy: Path):
+    """A kill between the two renames leaves the old directory at .NAME.old-PID, marked: the next run
+    on the target puts it back before doing anything else."""
+    before = _tree(engine_copy)
+    aside = engine_copy.parent / f".{engine_copy.name}.old-999999"
+    (engine_copy / MARKER).touch()
+    os.rename(engine_copy, aside)
     with pytest.raises(RuntimeError, match="stop"), claim(engine_copy, ENGINE_DIR, replace=True):
         assert _tree(engine_copy) == before  # restored before the new job starts
         raise RuntimeError("stop")
     assert _tree(engine_copy) == before and _hidden_siblings(engine_copy) == []
+
+
+def test_a_directory_that_appears_during_the_job_is_not_replaced(tmp_path: Path):
+    target = tmp_path / "out"
+    with pytest.raises(SdexportError, match="appeared while sdexport was writing it"), \
+            claim(target, ENGINE_DIR, replace=False) as staging:
+        (staging / "manifest.json").write_text("{}")
+        target.mkdir()
+        (target / "thesis.tex").write_text("years of work")
+    assert (target / "thesis.tex").read_text() == "years of work" and _hidden_siblings(target) == []
+
+
+def test_a_directory_that_changes_during_the_job_is_not_replaced(engine_copy: Path):
+    with pytest.raises(SdexportError, match="changed while sdexport was writing it"), \
+            claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+        (staging / "manifest.json").write_text("{}")
+        (engine_copy / "thesis.tex").write_text("years of work")
+    assert (engine_copy / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_kill_right_after_the_exchange_leaves_nothing_the_next_run_keeps(engine_copy: Path, monkeypatch):
+    """The old directory, now in the staging folder, is marked before the exchange."""
+    from sdexport import output_dir
+
+    def killed(path):
+        raise KeyboardInterrupt  # stands for SIGKILL: nothing after the exchange runs
+
+    old_manifest = (engine_copy / "manifest.json").read_text()
+    monkeypatch.setattr(output_dir, "_discard", killed)
+    with pytest.raises(KeyboardInterrupt), claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+        shutil.copytree(engine_copy, staging, dirs_exist_ok=True)  # a complete engine directory
+        (staging / "manifest.json").write_text(old_manifest.replace('"created": "', '"created": "new '))
+    monkeypatch.undo()
+    assert "new " in (engine_copy / "manifest.json").read_text() and not (engine_copy / MARKER).exists()
+    leftovers = [engine_copy.parent / n for n in _hidden_siblings(engine_copy)]
+    assert len(leftovers) == 1 and (leftovers[0] / MARKER).exists()  # the old one, marked
+    with claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+        shutil.copytree(engine_copy, staging, dirs_exist_ok=True)
+    assert _hidden_siblings(engine_copy) == []
 
 
 def test_swap_exchanges_atomically(engine_copy: Path, monkeypatch):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from sdexport.bench.contenders import (
 )
 from sdexport.bench.environment import environment
 from sdexport.bench.measure import MemorySampler, Stats, psnr
-from sdexport.bench.plan import Options, plan_bench, request_for
+from sdexport.bench.plan import Options, own_engines, plan_bench, protected_paths, request_for
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, Case, Scenario
 from sdexport.console import console, step
@@ -55,18 +56,29 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
-    outline = plan.outline
-    protected = (*outline.sources, *([options.engine_dir] if options.engine_dir else []))
-    with claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected) as staging:
+    with claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging:
         report, reused = _run(scenario, output_dir, staging, options, plan.contenders, plan.repeats, plan.warmup,
                               plan.export_profile)
         if not any(r["status"] == "measured" for r in report["results"]):
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
-        if reused is not None:  # the previous output's engines move into the new one, only now
+        if reused is not None:  # the previous output's engines go into the new one, only now
             (staging / "engines").mkdir(exist_ok=True)
-            os.rename(reused, staging / "engines" / reused.name)
+            _link_tree(reused, staging / "engines" / reused.resolve().name)
     return report, paths
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Copy a directory by hard links (no second copy of gigabytes of weights; the old output stays
+    intact until the swap replaces it), falling back to copying where links are not possible."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, destination, copy_function=link)
 
 
 def _run(
@@ -87,7 +99,9 @@ def _run(
     one_time["model"] = {"load_s": time.perf_counter() - start}
     needs_engines = any(c not in BASELINES for c in contenders)
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
-    if needs_engines and engine_dir is None:
+    if engine_dir is not None and own_engines(engine_dir, output_dir):
+        reused, recorded_dir = engine_dir, output_dir / "engines" / engine_dir.resolve().name
+    elif needs_engines and engine_dir is None:
         engine_dir = _export(scenario, model.family, output_dir, staging, dtype, export_profile, one_time)
         reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
         recorded_dir = output_dir / "engines" / scenario.name  # where it is once the output is in place

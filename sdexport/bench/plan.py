@@ -52,15 +52,20 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)
-    profile, family, scheduler_config = export_profile, outline.family, outline.scheduler_config
+    profile, geometry, scheduler_config = export_profile, outline, outline.scheduler_config
     if options.engine_dir is not None:
         from sdexport.manifest import load_manifest, read_scheduler_config
 
         manifest = load_manifest(options.engine_dir, verify_files=False)
-        profile, family = manifest.shape_profile, manifest.family
+        if manifest.family != outline.family:
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "
+                f"{scenario.model} is {outline.family}: the baseline and the engines must be the same model"
+            )
+        profile, geometry = manifest.shape_profile, manifest.model_dims
         scheduler_config = read_scheduler_config(options.engine_dir)
     for case in scenario.cases:
-        check_request(request_for(scenario, case), family=family, dims=outline, profile=profile,
+        check_request(request_for(scenario, case), family=outline.family, dims=geometry, profile=profile,
                       scheduler_config=scheduler_config)
     return BenchPlan(
         contenders=contenders,
@@ -70,6 +75,20 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         export_profile=export_profile,
         scheduler_config=scheduler_config,
     )
+
+
+def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:
+    """Whether ``engine_dir`` is one of the ``engines/`` of the benchmark output being replaced: it is
+    then carried into the new output instead of being protected from it."""
+    if engine_dir is None:
+        return False
+    return engine_dir.resolve().parent == output_dir.parent.resolve() / output_dir.name / "engines"
+
+
+def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tuple[Path, ...]:
+    """What the run reads, which the output folder may therefore not replace."""
+    engines = () if options.engine_dir is None or own_engines(options.engine_dir, output_dir) else (options.engine_dir,)
+    return (*plan.outline.sources, *engines)
 
 
 def request_for(scenario: Scenario, case: Case) -> GenerationRequest:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sdexport.atomic import atomic_path, write_atomic
 from sdexport.manifest import write_json_atomic
-from sdexport.output_dir import OutputKind
+from sdexport.output_dir import MARKER, OutputKind
 
 
 def _ms(stats: dict[str, float]) -> str:
@@ -177,7 +177,7 @@ def not_a_bench_output(directory: Path) -> str | None:
         return f"it has no readable {RESULT_FILES[0]}"
     if not isinstance(data, dict) or not {"scenario", "results", "environment"} <= set(data):
         return f"its {RESULT_FILES[0]} is not an sdexport benchmark report"
-    extra = sorted(p.name for p in directory.iterdir() if p.name not in (*RESULT_FILES, "engines"))
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in (*RESULT_FILES, "engines", MARKER))
     if extra:
         return f"it holds other files: {', '.join(extra[:3])}"
     engines = directory / "engines"

@@ -48,6 +48,11 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     """Resolve ``model`` like ``load_model`` does, reading configs only; the same one-line errors."""
     preset = get_preset(model)
     path = Path(model)
+    if config is not None and path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(
+            f"--config {config}: only a single-file checkpoint (.safetensors/.ckpt) takes --config; "
+            f"{model} brings its own configs"
+        )
     if preset is not None and not looks_like_a_model(path):
         return _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
     if not path.exists():

@@ -7,7 +7,9 @@ carry random weights labelled "trained". So the weights are loaded here, compone
 with diffusers' own key converters (the part that is hard to get right and that diffusers keeps
 current), and every component's converted keys are compared with the module's own state-dict keys
 before anything is loaded into it. Modules are built on the meta device and take the checkpoint's
-tensors as they are, so no random initialisation is computed and no second copy of the weights made.
+tensors as they are, so no random initialisation is computed and no second copy of the weights made
+(for the U-Net and VAE: the CLIP text encoders rebuild a buffer at construction, so they are built
+for real and loaded by copy).
 """
 
 from __future__ import annotations

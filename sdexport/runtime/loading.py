@@ -36,6 +36,11 @@ def txt2img_components(manifest: Manifest) -> list[str]:
     return names
 
 
+def fallback_vae(manifest: Manifest) -> str | None:
+    """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one."""
+    return FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
+
+
 def resolve_backend(backend: str) -> str:
     check_backend(backend)
     if backend == "onnxruntime":
@@ -59,8 +64,7 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
-    names = txt2img_components(manifest)
-    fallback = FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
+    names, fallback = txt2img_components(manifest), fallback_vae(manifest)
     loaded = names + ([fallback] if fallback else [])
     if verify_files:
         verify_for_backend(engine_dir, manifest, backend)
@@ -88,8 +92,8 @@ def load_pipeline(
 def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str) -> None:
     """Hash what ``backend`` (resolved) reads: ONNX graphs for ONNX Runtime only (the Torch backend
     reads none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always."""
-    names = txt2img_components(manifest)
-    loaded = names + ([FALLBACK_VAE] if FALLBACK_VAE in manifest.components else [])
+    fallback = fallback_vae(manifest)
+    loaded = txt2img_components(manifest) + ([fallback] if fallback else [])
     verify_files_of(engine_dir, manifest, loaded if backend.startswith("onnxruntime") else [], plans=False)
 
 

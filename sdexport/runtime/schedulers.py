@@ -6,6 +6,7 @@ compares against. Only the naming (and the Karras variant) is ours.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from sdexport.errors import SdexportError, one_line
@@ -64,23 +65,44 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
 
 
 def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
-    """Refuse a step count the scheduler cannot take with this model.
+    """Refuse a step count the scheduler cannot take with this model, before any engine runs.
 
     Near the model's number of training timesteps, several diffusers schedulers produce timesteps
-    past the last trained one (they then fail with an IndexError deep in ``step`` or return NaN):
-    ask the scheduler for its timesteps and check them, rather than guess a limit per class.
+    past the last trained one or collapse them, and then fail deep in ``step`` (IndexError,
+    AssertionError) or return NaN. Rather than guess a limit per class, the scheduler is asked:
+    its timesteps must lie within the trained ones, and a dry run of the whole loop on a tiny
+    latent (a few milliseconds per hundred steps) must finish with finite values.
     """
+    import torch
+
     scheduler = make_scheduler(name, config)
     trained = int(scheduler.config.num_train_timesteps)
     label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
     try:
         scheduler.set_timesteps(steps)
     except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
-        raise SdexportError(f"--steps {steps}: the {label} scheduler refuses it ({str(exc).strip()})") from None
+        raise SdexportError(f"--steps {steps}: the {label} scheduler refuses it ({one_line(exc, 300)})") from None
     timesteps = scheduler.timesteps
     if len(timesteps) and (float(timesteps.max()) >= trained or float(timesteps.min()) < 0):
         raise SdexportError(
             f"--steps {steps}: with the {label} scheduler this many steps reach timestep "
             f"{float(timesteps.max()):g}, past the model's {trained} training timesteps; use fewer steps "
             "(20-50 is usual)"
+        )
+    generator = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn((1, 1, 2, 2), generator=generator) * scheduler.init_noise_sigma
+    kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    try:
+        for t in timesteps:
+            scheduler.scale_model_input(latents, t)
+            latents = scheduler.step(torch.zeros_like(latents), t, latents, return_dict=False, **kwargs)[0]
+        finite = bool(torch.isfinite(latents).all())
+    except Exception as exc:  # IndexError, AssertionError, ... from inside the scheduler
+        raise SdexportError(
+            f"--steps {steps}: the {label} scheduler fails with this many steps ({one_line(exc, 200) or 'no reason given'}); "
+            "use fewer steps (20-50 is usual)"
+        ) from None
+    if not finite:
+        raise SdexportError(
+            f"--steps {steps}: the {label} scheduler returns NaN with this many steps; use fewer (20-50 is usual)"
         )
