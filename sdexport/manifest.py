@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,13 +108,14 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def save_manifest(directory: Path, manifest: Manifest) -> None:
     """Write the manifest, refusing one that ``load_manifest`` would refuse (so an export never ends
     in a directory that cannot be used: the writer obeys the reader's schema)."""
-    data = manifest.to_dict()
-    problem = first_error(SCHEMA, json.loads(json.dumps(data, allow_nan=True), parse_constant=float))
-    if problem is None and not math.isfinite(manifest.vae_scaling_factor):
-        problem = f"vae_scaling_factor: {manifest.vae_scaling_factor} is not a number"
+    try:
+        text = json.dumps(manifest.to_dict(), indent=2, allow_nan=False)  # strict_json refuses NaN/Infinity
+    except ValueError as exc:
+        raise EngineDirError(f"{directory}: refusing to write an invalid manifest: {exc}") from None
+    problem = first_error(SCHEMA, json.loads(text))
     if problem:
         raise EngineDirError(f"{directory}: refusing to write an invalid manifest: {problem}")
-    write_atomic(directory / MANIFEST_NAME, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    write_atomic(directory / MANIFEST_NAME, text + "\n")
 
 
 def load_manifest(directory: Path, *, verify_files: bool = True, components: list[str] | None = None) -> Manifest:

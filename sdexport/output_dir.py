@@ -89,12 +89,7 @@ def check_target(
             f"{flag} {target} is a symbolic link (to {os.readlink(target)}); sdexport does not write through "
             f"links: pass the real directory or a new path"
         )
-    ancestor = existing_ancestor(target.parent)
-    if not ancestor.is_dir():
-        raise SdexportError(f"{flag} {target}: {ancestor} is a file, so nothing can be created inside it")
-    problem = unwritable(ancestor)
-    if problem:
-        raise SdexportError(f"{flag} {target}: cannot write in {ancestor} ({problem})")
+    require_creatable(target.parent, f"{flag} {target}")
     # The parent resolved (links in it are the user's business), the last part as given.
     path = target.resolve() if target.name in ("", "..") else target.parent.resolve() / target.name
     cwd = Path.cwd().resolve()
@@ -173,6 +168,17 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
     real = directory.resolve()  # a link to it and the directory itself take the same lock
     with _locked(Target(real.parent / real.name, kind)):
         yield
+
+
+def require_creatable(parent: Path, label: str, *, nothing: str = "nothing can be created") -> None:
+    """Refuse (``label: ...``) when nothing can be created at ``parent``: its nearest existing
+    ancestor is a file, or cannot be written (``unwritable``). Parents that do not exist yet are fine."""
+    ancestor = existing_ancestor(parent)
+    if not ancestor.is_dir():
+        raise SdexportError(f"{label}: {ancestor} is a file, so {nothing} inside it")
+    problem = unwritable(ancestor)
+    if problem:
+        raise SdexportError(f"{label}: cannot write in {ancestor} ({problem})")
 
 
 def unwritable(directory: Path) -> str | None:

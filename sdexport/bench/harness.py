@@ -30,7 +30,7 @@ from sdexport.bench.contenders import (
 )
 from sdexport.bench.environment import environment
 from sdexport.bench.measure import MemorySampler, Stats, psnr
-from sdexport.bench.plan import Options, own_engines, plan_bench, protected_paths, request_for
+from sdexport.bench.plan import BenchPlan, Options, own_engines, plan_bench, protected_paths, request_for
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, Case, Scenario
 from sdexport.console import console, step
@@ -57,8 +57,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
     with claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging:
-        report, reused = _run(scenario, output_dir, staging, options, plan.contenders, plan.repeats, plan.warmup,
-                              plan.export_profile)
+        report, reused = _run(scenario, output_dir, staging, options, plan)
         if not any(r["status"] == "measured" for r in report["results"]):
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
@@ -82,10 +81,10 @@ def _link_tree(source: Path, destination: Path) -> None:
 
 
 def _run(
-    scenario: Scenario, output_dir: Path, staging: Path, options: Options, contenders: list[str], repeats: int,
-    warmup: int, export_profile: ShapeProfile,
+    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan
 ) -> tuple[dict[str, Any], Path | None]:
     """The measurements; also the previous output's engine directory when it was reused in place."""
+    contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
     dtype = precision(scenario)
     env = environment()
@@ -102,7 +101,7 @@ def _run(
     if engine_dir is not None and own_engines(engine_dir, output_dir):
         reused, recorded_dir = engine_dir, output_dir / "engines" / engine_dir.resolve().name
     elif needs_engines and engine_dir is None:
-        engine_dir = _export(scenario, model.family, output_dir, staging, dtype, export_profile, one_time)
+        engine_dir = _export(scenario, model.family, output_dir, staging, dtype, plan.export_profile, one_time)
         reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
         recorded_dir = output_dir / "engines" / scenario.name  # where it is once the output is in place
 

@@ -14,7 +14,7 @@ from sdexport.bench.scenario import BASELINES, CONTENDERS, Case, Scenario
 from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
-from sdexport.shapes import ShapeProfile, parse_range
+from sdexport.shapes import ImageGeometry, ShapeProfile, parse_range
 
 
 @dataclass
@@ -52,7 +52,8 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)
-    profile, geometry, scheduler_config = export_profile, outline, outline.scheduler_config
+    geometry: ImageGeometry = outline
+    profile, scheduler_config = export_profile, outline.scheduler_config
     if options.engine_dir is not None:
         from sdexport.manifest import load_manifest, read_scheduler_config
 

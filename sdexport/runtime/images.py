@@ -30,15 +30,10 @@ def check_image_output(output: Path, count: int) -> None:
         raise SdexportError(f"-o {str(output)!r}: give an image file name such as out/image.png")
     if output.is_dir():
         raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
-    from sdexport.output_dir import existing_ancestor, unwritable
+    from sdexport.output_dir import require_creatable
 
+    require_creatable(output.parent, f"-o {output}", nothing="no image can be written")  # every image's folder
     for path in output_paths(output, count):
-        ancestor = existing_ancestor(path.parent)
-        if not ancestor.is_dir():
-            raise SdexportError(f"-o {output}: {ancestor} is a file, so no image can be written inside it")
-        problem = unwritable(ancestor)
-        if problem:
-            raise SdexportError(f"-o {output}: cannot write in {ancestor} ({problem})")
         if path.is_symlink() or path.is_dir():
             raise SdexportError(f"-o {output}: {path} is a directory or a link; choose another name")
         if path.exists() and not _written_by_sdexport(path):

@@ -110,6 +110,7 @@ class Txt2ImgPipeline:
         self.fallback_vae = fallback_vae
         self.info = info or {}
         self.device = engines["unet"].device
+        self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
         make_scheduler("default", scheduler_config)
         import diffusers.utils.torch_utils  # noqa: F401
@@ -120,7 +121,9 @@ class Txt2ImgPipeline:
         """Refuse what the engines cannot do before any of them runs."""
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config)
-        check_steps(request.scheduler, self.scheduler_config, request.steps)
+        if (request.scheduler, request.steps) not in self._steps_checked:  # a dry run: once, not per call
+            check_steps(request.scheduler, self.scheduler_config, request.steps)
+            self._steps_checked.add((request.scheduler, request.steps))
         for engine in self.engines.values():
             if engine.profile != self.profile:
                 try:
