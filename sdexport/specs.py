@@ -30,7 +30,9 @@ if TYPE_CHECKING:  # torch is heavy; the runtime reads specs without needing it
     import torch
 
 DType = Literal["int32", "float", "float32"]
-"""``float`` follows the export precision; ``float32`` stays float32 in an fp16 export."""
+"""``float`` follows the export precision; ``float32`` stays float32 in an fp16 export, and so does
+the computation on it up to its first weighted layer (the sinusoidal timestep and time-id
+projections, as in diffusers). Graph inputs and outputs are float32 either way."""
 
 Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids"]
 """What realistic values of a tensor look like, for sample inputs in export and verification."""
@@ -320,7 +322,7 @@ SDXL_UNET = ComponentSpec(
         TensorSpec("timestep", ("1",), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("B", "S", "E")),
         TensorSpec("text_embeds", ("B", "P")),
-        TensorSpec("time_ids", ("B", "T"), values="time_ids"),
+        TensorSpec("time_ids", ("B", "T"), "float32", "time_ids"),
     ),
     outputs=(TensorSpec("out_sample", _LATENT),),
     wrapper=_sdxl_unet_wrapper,

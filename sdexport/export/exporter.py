@@ -128,7 +128,7 @@ def export_component(
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
 ) -> list[Path]:
-    """Trace at a small in-profile shape (batch 2: see DESIGN.md), clean, convert, save."""
+    """Trace at a small in-profile shape (batch 2: see DESIGN.md), clean, convert, save, check."""
     dims = model.dims
     batch = max(2, profile.component_batch(spec)[0])
     example = sample_inputs(
@@ -138,9 +138,11 @@ def export_component(
     onnx_model = trace_to_onnx(spec, module, example, opset=opset)
     onnx_model = graph.cleanup(onnx_model)
     if dtype == "fp16":
-        onnx_model = graph.to_fp16(onnx_model)
+        onnx_model = graph.to_fp16(onnx_model, keep_fp32=[t.name for t in spec.inputs if t.dtype == "float32"])
     onnx_model = graph.infer_shapes(onnx_model)
-    return graph.save(onnx_model, path)
+    files = graph.save(onnx_model, path)
+    graph.check(path)
+    return files
 
 
 def _vocab_size(model: LoadedModel) -> int:

@@ -1,17 +1,21 @@
-"""ONNX graph passes after tracing: cleanup, constant folding, shape inference, fp16, saving.
+"""ONNX graph passes after tracing: cleanup, constant folding, shape inference, fp16, saving, checking.
 
 onnx-graphsurgeon does the cleanup and folding; onnxruntime's transformer tools do the fp16
-conversion (keeping float32 I/O so callers never cast); onnx saves large models with their
-weights in one external file, because a protobuf cannot exceed 2 GB.
+conversion (keeping float32 I/O so callers never cast) and the topological sort after it; onnx
+saves large models with their weights in one external file, because a protobuf cannot exceed 2 GB,
+and its checker proves every saved graph valid.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import onnx
+
+from sdexport.errors import SdexportError, one_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_SUFFIX = ".data"
@@ -55,11 +59,72 @@ def cleanup(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
     return cleaned
 
 
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """fp16 weights and activations; inputs and outputs stay float32 (cast at the graph edges)."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+FP32_BOUNDARY_OPS = frozenset({"MatMul", "Gemm", "Conv"})
+"""Where the float32 part that follows a ``keep_fp32`` input ends: the first layer with weights."""
 
-    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+
+def fp32_cone(model: onnx.ModelProto, inputs: Iterable[str]) -> list[str]:
+    """Names of the nodes computing on ``inputs`` up to (not including) the first MatMul/Gemm/Conv.
+
+    For the timestep this is the sinusoidal projection (``time_proj``: Mul, Sin, Cos, Concat). fp16
+    holds t near 1000 only to 0.5 (979.6 becomes 979.5) and ``t * freq`` no better, so sin and cos of
+    it would be far off. diffusers computes the projection in float32 (``timesteps.float()``) and casts
+    only the embedding to the model's dtype; an export that converted it would be less accurate than
+    the eager fp16 baseline it is measured against.
+    """
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    def hands_over(node: onnx.NodeProto) -> bool:
+        """The cast to the model's dtype right before the weighted layer (diffusers'
+        ``.to(dtype)``): converted with the rest, it becomes the fp32 → fp16 boundary. (Kept in
+        float32, the converter types the layer's input wrong and the graph fails the checker.)"""
+        return node.op_type == "Cast" and any(
+            c.op_type in FP32_BOUNDARY_OPS for out in node.output for c in consumers.get(out, [])
+        )
+
+    kept: dict[str, None] = {}
+    pending = list(inputs)
+    while pending:
+        for node in consumers.get(pending.pop(), []):
+            if node.op_type in FP32_BOUNDARY_OPS or node.name in kept or hands_over(node):
+                continue
+            kept[node.name] = None
+            pending.extend(node.output)
+    return list(kept)
+
+
+def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
+    """fp16 weights and activations; inputs and outputs stay float32 (cast at the graph edges), and
+    so does the computation on the ``keep_fp32`` inputs up to their first weighted layer (``fp32_cone``).
+
+    The converter appends the casts it adds for inputs at the end of the node list, which leaves
+    the graph unsorted: invalid ONNX (``onnx.checker`` full check), and TensorRT's parser requires
+    sorted graphs. onnxruntime's own sort puts them back in order.
+    """
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    blocked = fp32_cone(model, keep_fp32)
+    converted = convert_float_to_float16(
+        model, keep_io_types=True, disable_shape_infer=True, node_block_list=blocked or None
+    )
+    OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
+    return converted
+
+
+def check(path: Path) -> None:
+    """Run onnx's full check (structure, types, sorted nodes, strict shape inference) on a saved
+    graph, from its file so that external weights are checked too. An invalid graph is an export
+    bug; it must never reach TensorRT, whose parser reports far less clearly."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise SdexportError(
+            f"{path}: the exported graph is not valid ONNX ({one_line(exc, 300)}); nothing was "
+            "kept. Please report this with the model and options"
+        ) from None
 
 
 def fits_in_protobuf(model: onnx.ModelProto) -> bool:
