@@ -106,9 +106,9 @@ def inspect(
 @app.command()
 def build(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
-    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 kernels (the fp32 fallback VAE stays fp32).")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fallback VAE stays fp32.")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
-    strongly_typed: Annotated[bool, typer.Option(help="Take precisions from the ONNX graph (for --dtype fp16 exports).")] = False,
+    strongly_typed: Annotated[bool, typer.Option(help="Build fp32 exports strongly typed too (TensorRT 10; fp16 exports and TensorRT 11 always are).")] = False,
     batch: BuildBatchOpt = None,
     height: BuildHeightOpt = None,
     width: BuildWidthOpt = None,

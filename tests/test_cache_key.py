@@ -38,7 +38,7 @@ def test_digest_is_stable_short_hex_and_survives_json():
     assert restored == key and restored.digest() == digest
     # A pinned value catches accidental changes of the canonical form, which would orphan every plan
     # already built (change it together with KEY_VERSION when the change is deliberate).
-    assert digest == "026601123038e177"
+    assert digest == "843eaf0847eab69e"
 
 
 def test_to_dict_is_readable():
@@ -95,7 +95,7 @@ def test_diff_reasons_read_well():
     )
     reasons = cached.diff(wanted)
     assert "TensorRT version 10.3.0.26 != 10.8.0.43" in reasons
-    assert "fp16 on != off" in reasons
+    assert "fp16 builder flag on != off" in reasons
     assert "optimization level default != 5" in reasons
     assert "profile differs for sample max: [4, 4, 32, 32] != [8, 4, 32, 32]" in reasons
     assert "profile differs for encoder_hidden_states max: [4, 77, 32] != [8, 77, 32]" in reasons
@@ -137,7 +137,7 @@ def test_onnx_hash_covers_external_data_and_ignores_plans():
 
 @pytest.fixture
 def fake_tensorrt(monkeypatch):
-    import types
+    import fake_tensorrt as fakes
 
     from sdexport.build import tensorrt_build
 
@@ -147,10 +147,7 @@ def fake_tensorrt(monkeypatch):
         state["builds"].append(key.component)
         return memoryview(f"plan {key.digest()}".encode())
 
-    monkeypatch.setattr(
-        tensorrt_build, "require_tensorrt",
-        lambda: types.SimpleNamespace(__version__=state["version"], Builder=object),
-    )
+    monkeypatch.setattr(tensorrt_build, "require_tensorrt", lambda: fakes.make_tensorrt(state["version"]))
     monkeypatch.setattr(tensorrt_build, "require_polygraphy", lambda: None)
     monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda device=None: state["gpu"])
     monkeypatch.setattr(tensorrt_build, "_build_plan", fake_plan)

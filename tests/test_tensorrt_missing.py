@@ -67,6 +67,7 @@ def test_a_real_looking_module_is_accepted(monkeypatch):
 
     fake = types.ModuleType("tensorrt")
     fake.Builder = object  # type: ignore[attr-defined]
+    fake.__version__ = "10.13.3.9"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     assert require_tensorrt() is fake
 

@@ -18,8 +18,9 @@ from typing import Any
 
 from sdexport.build.profiles import ShapeRange
 
-KEY_VERSION = 1
-"""Bumped when the meaning of a field changes, so that older plans stop matching."""
+KEY_VERSION = 2
+"""Bumped when the meaning of a field changes, so that older plans stop matching. 2: ``fp16`` and
+``strongly_typed`` record the builder flag and typing mode actually used, not the ones requested."""
 
 DIGEST_LENGTH = 16
 """Hex characters of the sha256 kept in file names: 64 bits, plenty for a handful of plans."""
@@ -69,7 +70,9 @@ class EngineKey:
     compute_capability: str
     """``"8.9"``: plans run only on the architecture they were built for."""
     fp16: bool = True
+    """The fp16 builder flag was set (weak typing, TensorRT 10 only)."""
     strongly_typed: bool = False
+    """Precisions came from the graph (always on TensorRT 11; for fp16 graphs on 10)."""
     refittable: bool = False
     optimization_level: int | None = None
     """TensorRT's builder optimization level (0-5); None: TensorRT's default (3)."""
@@ -170,7 +173,7 @@ class EngineKey:
             )
         reasons += self.platform_reasons(other.tensorrt_version, other.gpu_name, other.compute_capability)
         for flag, label in (
-            ("fp16", "fp16"),
+            ("fp16", "fp16 builder flag"),
             ("strongly_typed", "strongly typed"),
             ("refittable", "refittable"),
             ("static", "static shapes"),

@@ -34,9 +34,21 @@ from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, components_for
 
 INSTALL_HINT = (
-    'pip install "sdexport[tensorrt]" (tensorrt>=10 and polygraphy), on a machine with an NVIDIA GPU '
-    "and driver"
+    'pip install "sdexport[tensorrt]" (tensorrt>=10.1 and polygraphy>=0.50.3), on a machine with an '
+    "NVIDIA GPU and driver"
 )
+
+TENSORRT_FLOOR = (10, 1)
+"""``device_memory_size_v2`` and ``set_device_memory``, which the runtime uses, arrived in 10.1."""
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "10.13.3.9" (non-digits end a part)."""
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = re.match(r"\d*", part)
+        parts.append(int(digits.group()) if digits and digits.group() else 0)
+    return (parts + [0, 0])[0], (parts + [0, 0])[1]
 
 
 def require_tensorrt() -> ModuleType:
@@ -57,7 +69,66 @@ def require_tensorrt() -> ModuleType:
             "to build and run TensorRT engines",
             f"{INSTALL_HINT} (the `tensorrt` found here has no Builder: only its type stubs are installed)",
         )
+    version = str(getattr(trt, "__version__", "0"))
+    if _release(version) < TENSORRT_FLOOR:
+        raise MissingDependencyError(
+            "TensorRT", "to build and run TensorRT engines",
+            f"{INSTALL_HINT} (TensorRT {version} is installed; sdexport needs 10.1 or newer)",
+        )
     return trt
+
+
+def has_weak_typing(trt: ModuleType) -> bool:
+    """TensorRT 10 builds weakly typed networks with precision flags (``BuilderFlag.FP16``); 11
+    removed both: every network is strongly typed and takes its precisions from the graph."""
+    return hasattr(trt.BuilderFlag, "FP16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How one component's engine gets its precision: the fp16 builder flag (weak typing, TensorRT
+    10 only) or the graph's own types (strong typing)."""
+
+    fp16_flag: bool
+    strongly_typed: bool
+    note: str = ""
+    """Why the request was read differently (printed once by the build)."""
+
+    def label(self, onnx_dtype: str) -> str:
+        if self.strongly_typed:
+            return f"{onnx_dtype} (from the graph)"
+        return "fp16" if self.fp16_flag else "fp32"
+
+
+def resolve_precision(
+    *, fp16: bool, strongly_typed: bool, onnx_dtype: str, always_fp32: bool, weak_typing: bool
+) -> Precision:
+    """The precision a component's engine is built with, from the request, its ONNX graph's dtype
+    and what the installed TensorRT can do; refuses what cannot be built.
+
+    * An fp16 graph is always built strongly typed: it already says which parts are fp16 (and keeps
+      the timestep projection fp32), which is what TensorRT 11 requires and 10 honours.
+    * An fp32 graph with ``fp16`` on TensorRT 10: weak typing and the fp16 flag (TensorRT picks fp16
+      kernels where it likes). On TensorRT 11 there is no such flag: refused, saying to export fp16.
+    * ``strongly_typed`` forces strong typing on TensorRT 10 too: an fp32 graph gives fp32 engines.
+    * ``always_fp32`` (the fallback VAE decoder) stays fp32 whatever is asked.
+    """
+    if onnx_dtype == "fp16":
+        note = "" if fp16 else "the ONNX graph is fp16, so its engine is fp16 too (--fp32 needs an fp32 export)"
+        return Precision(fp16_flag=False, strongly_typed=True, note=note)
+    if always_fp32 or not fp16:
+        return Precision(fp16_flag=False, strongly_typed=strongly_typed or not weak_typing)
+    if not weak_typing:
+        raise SdexportError(
+            "this TensorRT has no fp16 builder flag (TensorRT 11 builds every network strongly typed, "
+            "taking precisions from the graph), and this directory holds an fp32 export: export with "
+            "--dtype fp16 for fp16 engines, or build fp32 engines with --fp32"
+        )
+    if strongly_typed:
+        return Precision(fp16_flag=False, strongly_typed=True,
+                         note="--strongly-typed takes precisions from the fp32 graph: the engine is fp32 "
+                              "(export with --dtype fp16 for fp16 engines)")
+    return Precision(fp16_flag=True, strongly_typed=False)
 
 
 def require_polygraphy() -> None:
@@ -130,10 +201,10 @@ def build_engines(
     ``profile`` is the requested build profile (None: the exported one) and must lie inside the
     export's; ``static`` collapses it to its opt point. A plan whose cache key (ONNX hash, shapes,
     flags, TensorRT version, GPU) matches an intact plan in the manifest is reused unless ``force``.
-    ``strongly_typed`` takes precisions from the ONNX graph (an fp16 export), so the fp16 builder flag
-    is not set with it (TensorRT refuses precision flags on strongly typed networks), nor for a
-    component that must stay fp32 (``always_fp32``: the fallback VAE decoder). ``timing_cache``
-    is loaded when it exists and updated after each build, which makes rebuilds much faster.
+    Precision per component comes from ``resolve_precision`` (fp16 graphs strongly typed; the fp16
+    flag only on TensorRT 10 for fp32 graphs), checked for every component before anything builds;
+    the key records the flag and the typing mode actually used. ``timing_cache`` is loaded when it
+    exists and updated after each build, which makes rebuilds much faster.
     """
     trt = require_tensorrt()
     require_polygraphy()
@@ -169,14 +240,20 @@ def _build_locked(
     target = build_profile(manifest.shape_profile, profile, dims, static=static)
     gpu_name, capability = gpu_identity()
     version = str(trt.__version__)
-    if fp16 and strongly_typed:
-        console.print(
-            "[yellow]note:[/] --strongly-typed takes precisions from the ONNX graph; the fp16 builder "
-            "flag is not used (export with --dtype fp16 for fp16 engines)"
+    weak = has_weak_typing(trt)
+    precisions = {  # all refusals before the first build
+        spec.name: resolve_precision(
+            fp16=fp16, strongly_typed=strongly_typed, onnx_dtype=manifest.components[spec.name].dtype,
+            always_fp32=spec.always_fp32, weak_typing=weak,
         )
+        for spec in specs
+    }
+    for note in dict.fromkeys(p.note for p in precisions.values() if p.note):
+        console.print(f"[yellow]note:[/] {note}")
     results = []
     for spec in specs:
         entry = manifest.components[spec.name]
+        precision = precisions[spec.name]
         _verify_onnx(engine_dir, manifest, entry.onnx)
         key = EngineKey.create(
             spec.name,
@@ -185,8 +262,8 @@ def _build_locked(
             tensorrt_version=version,
             gpu_name=gpu_name,
             compute_capability=capability,
-            fp16=fp16 and not strongly_typed and not spec.always_fp32,
-            strongly_typed=strongly_typed,
+            fp16=precision.fp16_flag,
+            strongly_typed=precision.strongly_typed,
             refittable=refittable,
             optimization_level=optimization_level,
             static=static or target.is_static,
@@ -198,7 +275,7 @@ def _build_locked(
             results.append(BuildResult(spec.name, "cached", engine_dir / rel, key, 0.0))
             continue
         start = time.perf_counter()
-        with step(f"Building {spec.name} ({_describe(key)})"):
+        with step(f"Building {spec.name} ({_describe(key, precision.label(entry.dtype))})"):
             present = set(check_graph(engine_dir, manifest, spec.name))
             plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, present)
         seconds = time.perf_counter() - start
@@ -267,12 +344,11 @@ def _key_or_none(entry: dict[str, Any]) -> EngineKey | None:
         return None
 
 
-def _describe(key: EngineKey) -> str:
+def _describe(key: EngineKey, precision: str) -> str:
     first = key.inputs[0]
     lo, opt, hi = first[1]
     shapes = f"{first[0]} {list(lo)}" if lo == hi else f"{first[0]} {list(lo)}..{list(hi)} opt {list(opt)}"
-    flags = [f for f, on in (("fp16", key.fp16), ("strongly typed", key.strongly_typed),
-                             ("refittable", key.refittable)) if on]
+    flags = [precision, *(f for f, on in (("strongly typed", key.strongly_typed), ("refittable", key.refittable)) if on)]
     if key.optimization_level is not None:
         flags.append(f"opt level {key.optimization_level}")
     return ", ".join([shapes, *flags])

@@ -6,10 +6,11 @@ What keeps it lean in memory and launch overhead:
 
 * one activation block (``SharedDeviceMemory``) for all components, sized by the largest: the
   pipeline runs them one after another on the same stream, so they can never overlap;
-* output buffers allocated once at the profile's maximum shape, returned as views of the call's
-  actual shape (valid until the same engine's next call: clone what you keep);
-* optional CUDA-graph replay when a call repeats the previous call's shapes (every step of the
-  denoising loop does), captured after one ordinary warm-up run.
+* input and output buffers allocated once at the profile's maximum shape, 256-byte aligned and
+  bound once (every ``set_tensor_address`` checked); inputs are copied in, outputs returned as views
+  of the call's actual shape (valid until the same engine's next call: clone what you keep);
+* optional CUDA graphs, one per set of input shapes: the first call with new shapes runs normally
+  and captures, later calls replay. Static engines capture at load, so no timed call ever captures.
 
 Input shapes are checked against the plan's own optimization profile before anything runs, so an
 out-of-range request fails with the allowed range instead of a TensorRT error. TensorRT is imported
@@ -18,8 +19,8 @@ inside functions: importing this module works without it (``require_tensorrt`` s
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -124,24 +125,50 @@ def deserialize_plan(path: Path, runtime: trt.Runtime | None = None) -> trt.ICud
     return engine
 
 
+ALIGNMENT = 256
+"""Bytes: TensorRT requires every tensor address to be 256-byte aligned (``setTensorAddress``)."""
+
+MAX_GRAPHS = 8
+"""CUDA graphs kept per engine (one per set of input shapes; the oldest goes first)."""
+
+
+def aligned_empty(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed 1-D buffer whose first element is ``ALIGNMENT``-aligned, whatever the allocator does.
+
+    A view into someone else's tensor (``timesteps[i]``) can start anywhere; TensorRT needs 256 bytes.
+    The allocation is padded by one alignment unit and the view starts at the first aligned byte.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    pad = ALIGNMENT // itemsize
+    raw = torch.zeros(max(numel, 1) + pad, dtype=dtype, device=device)
+    offset = (-raw.data_ptr() % ALIGNMENT) // itemsize
+    return raw[offset : offset + max(numel, 1)]
+
+
 class SharedDeviceMemory:
     """One activation block and one CUDA stream shared by every engine of a pipeline.
 
     TensorRT contexts created with user-managed memory get their scratch space here. Sharing is safe
     because all engines run on ``stream``, one after another; it saves the sum-minus-max of their
-    activation sizes (gigabytes for SDXL). The block grows when a larger engine is bound; contexts
-    already bound are re-pointed and their CUDA graphs dropped (``on_move`` callbacks).
+    activation sizes (gigabytes for SDXL). The block grows when a larger engine is bound; engines
+    already bound are re-pointed and drop their CUDA graphs. Engines are held weakly, so the block
+    never keeps an engine alive; ``close()`` (or dropping the last engine and this object) frees it.
     """
 
     def __init__(self, device: torch.device | None = None, stream: torch.cuda.Stream | None = None) -> None:
         self.device = device if device is not None else torch.device("cuda", torch.cuda.current_device())
         self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
         self._buffer: torch.Tensor | None = None
-        self._bound: list[tuple[trt.IExecutionContext, Callable[[], None]]] = []
+        self._engines: weakref.WeakSet[TensorRTEngine] = weakref.WeakSet()
 
     @property
     def nbytes(self) -> int:
         return 0 if self._buffer is None else self._buffer.numel()
+
+    @property
+    def address(self) -> int:
+        assert self._buffer is not None
+        return int(self._buffer.data_ptr())
 
     def reserve(self, nbytes: int) -> None:
         """Make the block at least ``nbytes`` large (call once with the max over engines to avoid regrowth)."""
@@ -149,34 +176,34 @@ class SharedDeviceMemory:
             return
         self.stream.synchronize()  # nothing may still be running in the old block
         self._buffer = None
-        self._buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        for context, on_move in self._bound:
-            self._point(context)
-            on_move()
+        self._buffer = aligned_empty(nbytes, torch.uint8, self.device)
+        for engine in list(self._engines):
+            engine._memory_moved()
 
-    def bind(self, context: trt.IExecutionContext, nbytes: int, on_move: Callable[[], None]) -> None:
-        """Give ``context`` the shared block, growing it to ``nbytes`` first if needed."""
+    def bind(self, engine: TensorRTEngine, nbytes: int) -> None:
+        """Give ``engine`` (its context) the shared block, growing it to ``nbytes`` first if needed."""
         self.reserve(max(nbytes, 1))
-        self._point(context)
-        self._bound.append((context, on_move))
+        self._engines.add(engine)
+        engine._memory_moved()
 
-    def _point(self, context: trt.IExecutionContext) -> None:
-        assert self._buffer is not None
-        if hasattr(context, "set_device_memory"):  # TensorRT >= 10.1
-            context.set_device_memory(self._buffer.data_ptr(), self._buffer.numel())
-        else:  # TensorRT 10.0 has only this property (not in the 10.13 stubs)
-            context.device_memory = self._buffer.data_ptr()  # type: ignore[attr-defined]
+    def unbind(self, engine: TensorRTEngine) -> None:
+        self._engines.discard(engine)
 
-
-@dataclass
-class _Graph:
-    shapes: tuple[Shape, ...]
-    graph: torch.cuda.CUDAGraph | None = None
-    """None: the warm-up run for these shapes happened, the capture is next."""
+    def close(self) -> None:
+        """Free the block once the stream is idle (engines still bound must not run afterwards)."""
+        if self._buffer is not None:
+            self.stream.synchronize()
+            self._buffer = None
 
 
 class TensorRTEngine:
-    """One component's TensorRT plan behind the Engine protocol (named CUDA torch tensors in and out)."""
+    """One component's TensorRT plan behind the Engine protocol (named CUDA torch tensors in and out).
+
+    Every input and output has a buffer of its own, allocated once at the profile's largest shape and
+    256-byte aligned, bound to the context once (each binding checked). A call copies its inputs into
+    those buffers on the caller's stream, so a caller's tensor may be a view at any offset and may be
+    freed as soon as the call returns. Release device memory with ``close()`` or ``with``.
+    """
 
     def __init__(
         self,
@@ -199,6 +226,7 @@ class TensorRTEngine:
         self.cuda_graph = cuda_graph
         self.source = source
         self.engine = engine
+        self.closed = False
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -214,24 +242,29 @@ class TensorRTEngine:
             lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
             self.ranges[name] = (lo, opt, hi)
 
-        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if self.context is None:
+        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
             raise EngineDirError(f"{source or spec.name}: TensorRT could not create an execution context")
-        self.memory.bind(self.context, engine.device_memory_size_v2, self._drop_graph)
+        self.context = context
+        self._graphs: OrderedDict[tuple[Shape, ...], torch.cuda.CUDAGraph] = OrderedDict()
+        self._output_shapes: dict[tuple[Shape, ...], dict[str, Shape]] = {}
+        self._bound_shapes: tuple[Shape, ...] | None = None
+        self.memory.bind(self, engine.device_memory_size_v2)
 
-        # Outputs: allocate once at the largest shape the profile allows, bind once.
+        # Inputs and outputs: one buffer each at the largest shape the profile allows, bound once.
+        self.inputs = {
+            name: aligned_empty(_numel(self.ranges[name][2]), self.dtypes[name], self.device)
+            for name in self.input_names
+        }
         for name in self.input_names:
-            self.context.set_input_shape(name, self.ranges[name][2])
+            if not self.context.set_input_shape(name, self.ranges[name][2]):
+                raise EngineDirError(f"{source or spec.name}: TensorRT refused the profile's largest {name} shape")
         self.outputs: dict[str, torch.Tensor] = {}
         for name in self.output_names:
             numel = _numel(_dims(self.context.get_tensor_shape(name)))
-            buffer = torch.empty(max(numel, 1), dtype=self.dtypes[name], device=self.device)
-            self.outputs[name] = buffer
-            self.context.set_tensor_address(name, buffer.data_ptr())
-        self._static_inputs: dict[str, torch.Tensor] = {}
-        self._graph: _Graph | None = None
-        self._output_shapes: dict[tuple[Shape, ...], dict[str, Shape]] = {}
-        self._bound_shapes: tuple[Shape, ...] | None = None
+            self.outputs[name] = aligned_empty(numel, self.dtypes[name], self.device)
+        for name, buffer in (*self.inputs.items(), *self.outputs.items()):
+            self._bind(name, buffer)
 
     @classmethod
     def load(
@@ -245,6 +278,46 @@ class TensorRTEngine:
     ) -> TensorRTEngine:
         """Deserialize ``plan`` and wrap it (for one engine; ``load_tensorrt_engines`` for a pipeline)."""
         return cls(spec, deserialize_plan(plan), profile=profile, memory=memory, cuda_graph=cuda_graph, source=plan)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Destroy the CUDA graphs, the context and the engine (in that order) and free the buffers.
+
+        Idempotent. The shared activation block stays with its ``SharedDeviceMemory``."""
+        if self.closed:
+            return
+        self.closed = True
+        self.memory.stream.synchronize()  # nothing of ours may still be running
+        self.memory.unbind(self)
+        self._graphs.clear()
+        del self.context  # TensorRT needs the context destroyed before its engine
+        del self.engine
+        self.inputs.clear()
+        self.outputs.clear()
+
+    def __enter__(self) -> TensorRTEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _memory_moved(self) -> None:
+        """The shared block was (re)allocated: point the context at it; captured graphs are stale."""
+        if self.closed:
+            return
+        self.context.set_device_memory(self.memory.address, self.memory.nbytes)
+        self._graphs.clear()
+
+    def _bind(self, name: str, buffer: torch.Tensor) -> None:
+        address = int(buffer.data_ptr())
+        if address % ALIGNMENT:
+            raise EngineDirError(f"{self.spec.name}.{name}: buffer at {address:#x} is not {ALIGNMENT}-byte aligned")
+        if not self.context.set_tensor_address(name, address):
+            raise EngineDirError(
+                f"{self.source or self.spec.name}: TensorRT refused the address of {name!r} "
+                "(not an input or output of this plan)"
+            )
 
     # ------------------------------------------------------------------------------------------
 
@@ -270,37 +343,45 @@ class TensorRTEngine:
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Run once. Outputs are views into this engine's buffers, valid until its next call."""
+        if self.closed:
+            raise EngineDirError(f"{self.spec.name}: this TensorRT engine was closed")
         check_feed(self.spec, feed)
-        inputs = {name: self._prepare(name, feed[name]) for name in self.input_names}
-        shapes = tuple(tuple(t.shape) for t in inputs.values())
+        shapes = tuple(tuple(feed[name].shape) for name in self.input_names)
         self.check_shapes(dict(zip(self.input_names, shapes)))
-        stream = self.memory.stream
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            if self.cuda_graph:
-                self._run_graph(inputs, shapes)
-            else:
-                self._set_shapes(shapes)
-                for name, tensor in inputs.items():
-                    self.context.set_tensor_address(name, tensor.data_ptr())
-                self._execute()
-            for tensor in inputs.values():
-                tensor.record_stream(stream)  # the caller may free them before the stream gets there
-        torch.cuda.current_stream(self.device).wait_stream(stream)
+        for name, shape in zip(self.input_names, shapes):  # on the caller's stream: ordered after its writes
+            self.inputs[name][: _numel(shape)].view(shape).copy_(feed[name])
+        self._launch(shapes)
         out_shapes = self._output_shapes[shapes]
         return {
             name: self.outputs[name][: _numel(out_shapes[name])].view(out_shapes[name])
             for name in self.output_names
         }
 
+    def capture(self, shapes: dict[str, Shape]) -> None:
+        """Run once at ``shapes`` on the current input buffers and capture its CUDA graph now (at
+        load, for static engines), so that no later call pays for a capture."""
+        key = tuple(tuple(shapes[name]) for name in self.input_names)
+        self.check_shapes(dict(zip(self.input_names, key)))
+        self._launch(key)
+
     # ------------------------------------------------------------------------------------------
 
-    def _prepare(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.device != self.device:
-            tensor = tensor.to(self.device)
-        if tensor.dtype != self.dtypes[name]:
-            tensor = tensor.to(self.dtypes[name])
-        return tensor.contiguous()
+    def _launch(self, shapes: tuple[Shape, ...]) -> None:
+        """Run on the shared stream, ordered after the caller's stream and before its next work."""
+        stream = self.memory.stream
+        current = torch.cuda.current_stream(self.device)
+        stream.wait_stream(current)
+        with torch.cuda.stream(stream):
+            graph = self._graphs.get(shapes) if self.cuda_graph else None
+            if graph is not None:
+                self._graphs.move_to_end(shapes)
+                graph.replay()
+            else:
+                self._set_shapes(shapes)
+                self._execute()
+                if self.cuda_graph:  # this run was the warm-up for these shapes: capture for the next
+                    self._capture(shapes)
+        current.wait_stream(stream)
 
     def _set_shapes(self, shapes: tuple[Shape, ...]) -> None:
         if shapes == self._bound_shapes:
@@ -318,25 +399,8 @@ class TensorRTEngine:
         if not self.context.execute_async_v3(self.memory.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.spec.name} (see the TensorRT messages above)")
 
-    def _run_graph(self, inputs: dict[str, torch.Tensor], shapes: tuple[Shape, ...]) -> None:
-        """Static input buffers keep addresses fixed; replay while shapes repeat, else run and re-arm."""
-        if not self._static_inputs:
-            for name in self.input_names:
-                size = _numel(self.ranges[name][2])
-                self._static_inputs[name] = torch.empty(max(size, 1), dtype=self.dtypes[name], device=self.device)
-        for name, tensor in inputs.items():
-            self._static_inputs[name][: tensor.numel()].view(tensor.shape).copy_(tensor)
-        graph = self._graph
-        if graph is not None and graph.shapes == shapes and graph.graph is not None:
-            graph.graph.replay()
-            return
-        self._set_shapes(shapes)
-        for name in self.input_names:
-            self.context.set_tensor_address(name, self._static_inputs[name].data_ptr())
-        if graph is None or graph.shapes != shapes:
-            self._graph = _Graph(shapes)  # first run with these shapes: the warm-up, run normally
-            self._execute()
-            return
+    def _capture(self, shapes: tuple[Shape, ...]) -> None:
+        """Record one execution at ``shapes`` (bound addresses never change, so replays stay valid)."""
         captured = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(captured, stream=self.memory.stream):
@@ -346,14 +410,11 @@ class TensorRTEngine:
 
             console.print(f"[yellow]note:[/] {self.spec.name}: CUDA graph capture failed ({escape(str(exc))}); running without")
             self.cuda_graph = False
-            self._graph = None
-            self._execute()
+            self._graphs.clear()
             return
-        graph.graph = captured
-        captured.replay()
-
-    def _drop_graph(self) -> None:
-        self._graph = None
+        self._graphs[shapes] = captured
+        while len(self._graphs) > MAX_GRAPHS:
+            self._graphs.popitem(last=False)
 
 
 def _numel(shape: Shape) -> int:
@@ -477,5 +538,9 @@ def load_tensorrt_engines(
             manifest.spec(name), engine, profile=_entry_profile(manifest, entry), memory=memory,
             cuda_graph=cuda_graph, source=engine_dir / entry["path"],
         )
+    for trt_engine in engines.values():
+        static = all(lo == hi for lo, _, hi in trt_engine.ranges.values())
+        if cuda_graph and static:  # the one shape it can run: capture now, not in the first request
+            trt_engine.capture({n: r[0] for n, r in trt_engine.ranges.items()})
     return engines
 

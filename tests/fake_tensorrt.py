@@ -1,0 +1,203 @@
+"""Fakes of TensorRT 10.x and 11.x at the Python API level, and of the CUDA calls the runtime makes,
+so the TensorRT code paths run on a CPU.
+
+What differs between the two majors, as far as sdexport touches it (TensorRT's 10.x → 11.x
+migration guide): 11 has no ``BuilderFlag.FP16`` (nor the other precision flags), every network is
+strongly typed, ``ICudaEngine.device_memory_size`` is gone (``device_memory_size_v2`` stays). Both
+have ``set_device_memory``, ``set_tensor_address`` (returns False for an unknown name) and
+``execute_async_v3``; both require 256-byte aligned tensor addresses.
+
+The fake engine is a U-Net-shaped plan computing ``out_sample = 2 * sample + timestep`` from the
+memory at the addresses bound to it (CPU tensors' real addresses), so a test sees exactly what a
+plan would read: stale, misplaced or freed inputs give wrong numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+LIVE: list[str] = []
+"""Names of fake TensorRT objects alive now; destruction order is appended to DESTROYED."""
+DESTROYED: list[str] = []
+
+
+class DataType(enum.Enum):
+    FLOAT = 0
+    HALF = 1
+    INT32 = 3
+
+
+class TensorIOMode(enum.Enum):
+    NONE = 0
+    INPUT = 1
+    OUTPUT = 2
+
+
+class AllocationStrategy(enum.Enum):
+    STATIC = 0
+    ON_PROFILE_CHANGE = 1
+    USER_MANAGED = 2
+
+
+class Capture:
+    """The CUDA-graph capture in progress, if any (set by the fake ``torch.cuda.graph``)."""
+
+    active: list[Callable[[], None]] | None = None
+
+
+class FakeEngine:
+    """sample (B,4,h,w), timestep (1,), encoder_hidden_states (B,S,E) → out_sample (B,4,h,w)."""
+
+    def __init__(self, trt: Any, ranges: dict[str, tuple[tuple[int, ...], ...]], *, workspace: int = 4096) -> None:
+        self.trt = trt
+        self.ranges = ranges
+        self.io = [("sample", TensorIOMode.INPUT), ("timestep", TensorIOMode.INPUT),
+                   ("encoder_hidden_states", TensorIOMode.INPUT), ("out_sample", TensorIOMode.OUTPUT)]
+        self.num_io_tensors = len(self.io)
+        self.device_memory_size_v2 = workspace
+        if trt.__version__.startswith("10."):
+            self.device_memory_size = workspace  # removed in 11
+        LIVE.append("engine")
+
+    def __del__(self) -> None:
+        DESTROYED.append("engine")
+
+    def get_tensor_name(self, index: int) -> str:
+        return self.io[index][0]
+
+    def get_tensor_mode(self, name: str) -> TensorIOMode:
+        return dict(self.io)[name]
+
+    def get_tensor_dtype(self, name: str) -> DataType:
+        return DataType.FLOAT
+
+    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
+        assert profile == 0
+        return self.ranges[name]
+
+    def create_execution_context(self, strategy: AllocationStrategy) -> FakeContext:
+        assert strategy == AllocationStrategy.USER_MANAGED
+        return FakeContext(self)
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine = engine
+        self.addresses: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.device_memory: tuple[int, int] | None = None
+        self.executions = 0
+        self.bind_calls = 0
+
+    def __del__(self) -> None:
+        DESTROYED.append("context")
+
+    def set_device_memory(self, address: int, size: int) -> None:
+        assert size >= self.engine.device_memory_size_v2, "activation block smaller than the engine needs"
+        self.device_memory = (address, size)
+
+    def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        lo, _, hi = self.engine.ranges[name]
+        if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
+            return False
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes["sample"] if name == "out_sample" else self.shapes[name]
+
+    def set_tensor_address(self, name: str, address: int) -> bool:
+        if name not in dict(self.engine.io):
+            return False
+        assert address % 256 == 0, f"TensorRT needs 256-byte aligned addresses; {name} is at {address:#x}"
+        self.bind_calls += 1
+        self.addresses[name] = address
+        return True
+
+    def execute_async_v3(self, stream: int) -> bool:
+        assert self.device_memory is not None, "no activation memory set"
+        shapes = dict(self.shapes)
+        addresses = dict(self.addresses)
+
+        def run() -> None:
+            sample = _view(addresses["sample"], shapes["sample"])
+            timestep = _view(addresses["timestep"], (1,))
+            _view(addresses["out_sample"], shapes["sample"])[...] = 2 * sample + timestep[0]
+            self.executions += 1
+
+        if Capture.active is not None:
+            Capture.active.append(run)  # recorded, runs on replay
+        else:
+            run()
+        return True
+
+
+def _view(address: int, shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape)) if shape else 1
+    buffer = (ctypes.c_float * count).from_address(address)
+    return np.frombuffer(buffer, dtype=np.float32, count=count).reshape(shape)
+
+
+def make_tensorrt(version: str) -> types.ModuleType:
+    """A ``tensorrt`` module with 10.x (``"10.13.3"``) or 11.x (``"11.4.0"``) behaviour."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version  # type: ignore[attr-defined]
+    major = int(version.split(".")[0])
+    flags = {"REFIT": 1, "TF32": 2}
+    if major < 11:
+        flags |= {"FP16": 0, "BF16": 3, "INT8": 4}
+    trt.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
+    trt.Builder = object  # type: ignore[attr-defined]
+    trt.TensorIOMode = TensorIOMode  # type: ignore[attr-defined]
+    trt.ExecutionContextAllocationStrategy = AllocationStrategy  # type: ignore[attr-defined]
+    trt.float32, trt.float16, trt.int32 = DataType.FLOAT, DataType.HALF, DataType.INT32  # type: ignore[attr-defined]
+    for name in ("bfloat16", "int64", "int8", "uint8", "bool"):
+        setattr(trt, name, object())
+    return trt
+
+
+class FakeStream:
+    cuda_stream = 7
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeGraph:
+    def __init__(self) -> None:
+        self.recorded: list[Callable[[], None]] = []
+        self.replays = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        for run in self.recorded:
+            run()
+
+
+@contextlib.contextmanager
+def _fake_capture(graph: FakeGraph, stream: Any = None) -> Iterator[None]:
+    Capture.active = graph.recorded
+    try:
+        yield
+    finally:
+        Capture.active = None
+
+
+def fake_cuda(monkeypatch: Any) -> None:
+    """Make the torch.cuda calls of the TensorRT runtime work on the CPU (streams, graphs)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _fake_capture)

@@ -1,0 +1,337 @@
+"""The TensorRT build and runtime code against fakes of TensorRT 10.x and 11.x (tests/fake_tensorrt.py).
+
+No GPU and no TensorRT here: these pin down what sdexport asks of TensorRT (which flags, which
+typing mode, which addresses, in which order) for both majors. Whether TensorRT then does the
+right thing is for the GPU tests (tests/test_tensorrt_gpu.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import fake_tensorrt
+import pytest
+import torch
+
+from sdexport.build import tensorrt_build
+from sdexport.build.tensorrt_build import Precision, resolve_precision
+from sdexport.errors import EngineDirError, MissingDependencyError, ProfileError, SdexportError
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import UNET
+
+VERSIONS = ["10.13.3.9", "11.4.0.1"]
+
+
+@pytest.fixture(params=VERSIONS, ids=["trt10", "trt11"])
+def trt(request, monkeypatch):
+    module = fake_tensorrt.make_tensorrt(request.param)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    return module
+
+
+# -- version floor and typing mode ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", ["8.6.1", "10.0.1.6"])
+def test_tensorrt_before_10_1_is_refused(monkeypatch, version):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_tensorrt(version))
+    with pytest.raises(MissingDependencyError, match=rf"TensorRT {version} is installed; sdexport needs 10.1"):
+        tensorrt_build.require_tensorrt()
+
+
+def test_both_majors_are_accepted(trt):
+    assert tensorrt_build.require_tensorrt() is trt
+    assert tensorrt_build.has_weak_typing(trt) == trt.__version__.startswith("10.")
+
+
+@pytest.mark.parametrize(
+    ("onnx_dtype", "fp16", "strongly_typed", "always_fp32", "weak", "expected"),
+    [
+        # fp16 graphs: strongly typed on both majors, never the flag
+        ("fp16", True, False, False, True, Precision(False, True)),
+        ("fp16", True, False, False, False, Precision(False, True)),
+        # fp32 graphs asking for fp16: the flag on 10...
+        ("fp32", True, False, False, True, Precision(True, False)),
+        # ...the fallback VAE stays fp32 (weakly typed on 10, strongly on 11)
+        ("fp32", True, False, True, True, Precision(False, False)),
+        ("fp32", True, False, True, False, Precision(False, True)),
+        # fp32 asked for: fp32 engines
+        ("fp32", False, False, False, True, Precision(False, False)),
+        ("fp32", False, False, False, False, Precision(False, True)),
+    ],
+)
+def test_precision_follows_graph_and_tensorrt(onnx_dtype, fp16, strongly_typed, always_fp32, weak, expected):
+    got = resolve_precision(fp16=fp16, strongly_typed=strongly_typed, onnx_dtype=onnx_dtype,
+                            always_fp32=always_fp32, weak_typing=weak)
+    assert (got.fp16_flag, got.strongly_typed) == (expected.fp16_flag, expected.strongly_typed)
+
+
+def test_fp16_from_an_fp32_graph_on_tensorrt_11_says_to_export_fp16():
+    with pytest.raises(SdexportError, match="--dtype fp16.*--fp32") as info:
+        resolve_precision(fp16=True, strongly_typed=False, onnx_dtype="fp32", always_fp32=False, weak_typing=False)
+    assert "\n" not in str(info.value)
+
+
+def test_notes_for_requests_read_differently():
+    assert "fp16" in resolve_precision(fp16=False, strongly_typed=False, onnx_dtype="fp16",
+                                       always_fp32=False, weak_typing=True).note
+    forced = resolve_precision(fp16=True, strongly_typed=True, onnx_dtype="fp32", always_fp32=False, weak_typing=True)
+    assert forced == Precision(False, True, forced.note) and "fp32" in forced.note
+
+
+# -- build: what polygraphy is asked for ------------------------------------------------------
+
+
+class Recorder:
+    """polygraphy's three loaders, recording their arguments; refuses what TensorRT would refuse."""
+
+    def __init__(self, trt: Any) -> None:
+        self.trt = trt
+        self.builds: list[dict[str, Any]] = []
+
+    def install(self, monkeypatch) -> None:
+        import polygraphy.backend.trt as backend
+
+        monkeypatch.setattr(backend, "network_from_onnx_path", self.network)
+        monkeypatch.setattr(backend, "CreateConfig", self.config)
+        monkeypatch.setattr(backend, "engine_bytes_from_network", self.build)
+        monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda device=None: ("NVIDIA H200", "9.0"))
+
+    def network(self, path: str, strongly_typed: bool = False) -> dict[str, Any]:
+        return {"path": path, "strongly_typed": strongly_typed}
+
+    def config(self, **kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    def build(self, network: dict[str, Any], config: dict[str, Any], save_timing_cache: Any = None) -> bytes:
+        from polygraphy.exception import PolygraphyException
+
+        if config["fp16"] and not hasattr(self.trt.BuilderFlag, "FP16"):  # polygraphy's try_set_flag
+            raise PolygraphyException(f"FP16 is not available on TensorRT version {self.trt.__version__}")
+        if config["fp16"] and network["strongly_typed"]:
+            raise PolygraphyException("precision flags are not allowed on strongly typed networks")
+        self.builds.append({**network, **config})
+        return b"plan for " + network["path"].encode()
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(tmp_path_factory) -> Path:
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("fp16") / "tiny"
+    export("tiny", out, ExportOptions(dtype="fp16", verify="none",
+                                      components=["text_encoder", "unet", "vae_decoder", "vae_decoder_fp32"]))
+    return out
+
+
+def _copy(source: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    target = tmp_path / source.name
+    shutil.copytree(source, target)
+    return target
+
+
+def test_fp16_export_builds_strongly_typed_on_both_majors(trt, fp16_dir, tmp_path, monkeypatch):
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(fp16_dir, tmp_path)
+    results = tensorrt_build.build_engines(directory, timing_cache=tmp_path / "timing.cache")
+    assert [r.status for r in results] == ["built"] * 4
+    assert not any(b["fp16"] for b in recorder.builds)
+    weak = trt.__version__.startswith("10.")
+    for result, build in zip(results, recorder.builds):
+        fallback = result.component == "vae_decoder_fp32"  # an fp32 graph: weakly typed fp32 on 10
+        assert result.key.strongly_typed == build["strongly_typed"] == (not (fallback and weak))
+        assert not result.key.fp16
+        assert result.key.tensorrt_version == trt.__version__
+        assert result.path.read_bytes().startswith(b"plan for ")
+
+
+def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(fp16_dir, tiny_engine_dir, tmp_path, monkeypatch):
+    trt = fake_tensorrt.make_tensorrt("10.13.3.9")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    results = tensorrt_build.build_engines(_copy(tiny_engine_dir, tmp_path), components=["unet"])
+    assert [(b["fp16"], b["strongly_typed"]) for b in recorder.builds] == [(True, False)]
+    assert results[0].key.fp16 and not results[0].key.strongly_typed
+
+
+def test_fp32_export_on_tensorrt_11_is_refused_before_any_build(tiny_engine_dir, tmp_path, monkeypatch):
+    trt = fake_tensorrt.make_tensorrt("11.4.0.1")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_engine_dir, tmp_path)
+    with pytest.raises(SdexportError, match="no fp16 builder flag.*--dtype fp16"):
+        tensorrt_build.build_engines(directory)
+    assert recorder.builds == []
+    # --fp32 works: strongly typed fp32 engines
+    results = tensorrt_build.build_engines(directory, fp16=False, components=["vae_decoder"])
+    assert [(b["fp16"], b["strongly_typed"]) for b in recorder.builds] == [(False, True)]
+    assert results[0].key.strongly_typed
+
+
+def test_typing_mode_is_part_of_the_cache_key(fp16_dir, tiny_engine_dir, tmp_path, monkeypatch):
+    """Plans built weakly typed on 10 are not reused for a strongly typed request, and say why."""
+    trt = fake_tensorrt.make_tensorrt("10.13.3.9")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_engine_dir, tmp_path)
+    tensorrt_build.build_engines(directory, components=["unet"])
+    again = tensorrt_build.build_engines(directory, components=["unet"], strongly_typed=True)
+    assert again[0].status == "built"
+    assert any("strongly typed off != on" in r for r in again[0].reasons)
+    assert any("fp16 builder flag on != off" in r for r in again[0].reasons)
+    cached = tensorrt_build.build_engines(directory, components=["unet"], strongly_typed=True)
+    assert cached[0].status == "cached"
+
+
+# -- runtime: bindings, staging, graphs, lifetime -------------------------------------------------
+
+
+RANGES = {
+    "sample": ((2, 4, 8, 8), (2, 4, 8, 8), (4, 4, 16, 16)),
+    "timestep": ((1,), (1,), (1,)),
+    "encoder_hidden_states": ((2, 8, 16), (2, 8, 16), (4, 8, 16)),
+}
+PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
+
+
+@pytest.fixture
+def engine_factory(trt, monkeypatch):
+    from sdexport.runtime.tensorrt_backend import SharedDeviceMemory, TensorRTEngine
+
+    fake_tensorrt.fake_cuda(monkeypatch)
+    made: list[Any] = []
+
+    def make(*, cuda_graph: bool = False, ranges=RANGES, memory=None) -> TensorRTEngine:
+        memory = memory or SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
+        engine = TensorRTEngine(UNET, fake_tensorrt.FakeEngine(trt, ranges), profile=PROFILE, memory=memory,
+                                cuda_graph=cuda_graph)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+def _feed(batch: int = 2, side: int = 8, t: float = 979.6) -> dict[str, torch.Tensor]:
+    torch.manual_seed(batch * side)
+    timesteps = torch.tensor([999.0, 990.1, t, 5.0], dtype=torch.float32).reshape(-1, 1)
+    return {
+        "sample": torch.randn(batch, 4, side, side),
+        "timestep": timesteps[2],  # a view 8 bytes into a larger tensor, as the denoising loop passes it
+        "encoder_hidden_states": torch.randn(batch, 8, 16),
+    }
+
+
+def test_inputs_are_staged_in_owned_aligned_buffers(engine_factory):
+    engine = engine_factory()
+    feed = _feed()
+    assert feed["timestep"].data_ptr() % 256 != 0  # what TensorRT would have been given before
+    out = engine(feed)["out_sample"]
+    assert torch.equal(out, 2 * feed["sample"] + torch.tensor(979.6))  # float32 timestep, not 979.5
+    for name, buffer in (*engine.inputs.items(), *engine.outputs.items()):
+        assert buffer.data_ptr() % 256 == 0
+        assert engine.context.addresses[name] == buffer.data_ptr()
+    binds = engine.context.bind_calls
+    engine(_feed(t=5.0))
+    assert engine.context.bind_calls == binds == 4  # bound once, at load
+
+
+def test_a_refused_binding_is_an_error(engine_factory, monkeypatch):
+    monkeypatch.setattr(fake_tensorrt.FakeContext, "set_tensor_address", lambda self, name, address: False)
+    with pytest.raises(EngineDirError, match="refused the address of 'sample'"):
+        engine_factory()
+
+
+def test_the_callers_tensors_can_be_freed_after_the_call(engine_factory):
+    engine = engine_factory()
+    feed = _feed()
+    expected = 2 * feed["sample"] + feed["timestep"]
+    out = engine(feed)["out_sample"]
+    feed["sample"].fill_(float("nan"))  # the caller reuses its memory: the engine kept a copy
+    assert torch.equal(out, expected)
+
+
+def test_shapes_outside_the_plan_are_refused_before_running(engine_factory):
+    engine = engine_factory()
+    with pytest.raises(ProfileError, match=r"axis 0 \(B\) is 6"):
+        engine(_feed(batch=6))
+    assert engine.context.executions == 0
+
+
+def test_cuda_graph_is_captured_on_first_use_and_replayed(engine_factory):
+    engine = engine_factory(cuda_graph=True)
+    first = engine(_feed(t=1.0))["out_sample"].clone()
+    assert engine.context.executions == 1  # the warm-up ran; the capture recorded without running
+    (graph,) = engine._graphs.values()
+    second = engine(_feed(t=2.0))["out_sample"]
+    assert graph.replays == 1 and engine.context.executions == 2
+    torch.testing.assert_close(second, first + 1.0)  # the replay read the new inputs
+    engine(_feed(batch=4, side=16))  # new shapes: run and capture again, the old graph kept
+    assert len(engine._graphs) == 2
+    third = engine(_feed(t=3.0))["out_sample"]
+    assert graph.replays == 2
+    torch.testing.assert_close(third, first + 2.0)
+
+
+def test_capture_ahead_of_the_first_call(engine_factory):
+    engine = engine_factory(cuda_graph=True)
+    engine.capture({"sample": (2, 4, 8, 8), "timestep": (1,), "encoder_hidden_states": (2, 8, 16)})
+    (graph,) = engine._graphs.values()
+    engine(_feed())
+    assert graph.replays == 1
+
+
+def test_shared_memory_serves_every_engine_and_repoints_on_growth(engine_factory, trt):
+    from sdexport.runtime.tensorrt_backend import SharedDeviceMemory
+
+    memory = SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
+    small = engine_factory(memory=memory, cuda_graph=True)
+    small(_feed())
+    assert small._graphs
+    from sdexport.runtime.tensorrt_backend import TensorRTEngine
+
+    big = TensorRTEngine(UNET, fake_tensorrt.FakeEngine(trt, RANGES, workspace=1 << 20), profile=PROFILE,
+                         memory=memory)
+    assert memory.nbytes >= 1 << 20
+    assert small.context.device_memory == big.context.device_memory == (memory.address, memory.nbytes)
+    assert not small._graphs  # captured against the old block: dropped
+    big.close()
+
+
+def test_close_destroys_context_before_engine_and_leaves_no_cycle(engine_factory):
+    fake_tensorrt.DESTROYED.clear()
+    engine = engine_factory(cuda_graph=True)
+    engine(_feed())
+    memory = engine.memory
+    engine.close()
+    assert fake_tensorrt.DESTROYED == ["context", "engine"]
+    engine.close()  # idempotent
+    with pytest.raises(EngineDirError, match="closed"):
+        engine(_feed())
+    assert len(memory._engines) == 0
+
+
+def test_an_unclosed_engine_is_freed_by_reference_counting(engine_factory, trt):
+    from sdexport.runtime.tensorrt_backend import SharedDeviceMemory, TensorRTEngine
+
+    memory = SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
+    engine = TensorRTEngine(UNET, fake_tensorrt.FakeEngine(trt, RANGES), profile=PROFILE, memory=memory,
+                            cuda_graph=True)
+    engine(_feed())
+    alive = weakref.ref(engine)
+    gc.disable()
+    try:
+        del engine
+        assert alive() is None, "a reference cycle keeps the engine (and its device memory) alive"
+    finally:
+        gc.enable()
