@@ -144,9 +144,14 @@ def _load_engines(
         from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
 
         device = backend.split("-")[1]
+        stream = None
+        if device == "cuda":  # one stream for the pipeline: its engines run one after another
+            import torch
+
+            stream = torch.cuda.Stream()
         return {
             n: OnnxRuntimeEngine(manifest.spec(n), engine_dir / manifest.components[n].onnx, dims=dims,
-                                 profile=profile, device=device, threads=threads)
+                                 profile=profile, device=device, threads=threads, stream=stream)
             for n in names
         }
     if backend.startswith("torch"):

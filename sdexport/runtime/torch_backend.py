@@ -30,10 +30,22 @@ class TorchEngine:
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feed(self.spec, feed)
+        # Only "float" inputs follow the model's precision; "float32" ones (the timestep, SDXL's time
+        # ids) are projected in float32 by diffusers itself: fp16 would round t=979.6 to 979.5.
         args = [
-            feed[n].to(self.dtype) if feed[n].is_floating_point() else feed[n] for n in self.spec.input_names
+            feed[t.name].to(self.dtype) if t.dtype == "float" else feed[t.name] for t in self.spec.inputs
         ]
         with torch.inference_mode():
             results = self.module(*args)
         results = results if isinstance(results, tuple) else (results,)
         return {n: r.float() for n, r in zip(self.spec.output_names, results)}
+
+    def close(self) -> None:
+        """Drop the module (its weights are freed once nothing else holds them)."""
+        self.module = None  # type: ignore[assignment]
+
+    def __enter__(self) -> TorchEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
