@@ -58,12 +58,14 @@ def test_bench_writes_json_markdown_and_png(bench_run):
         assert _finite_positive(r["images_per_s"]) and _finite_positive(r["it_per_s"])
         assert _finite_positive(r["memory"]["host_rss_peak_mb"])
         assert _finite_positive(r["first_call_s"])
+        assert r["stage_clock"] == "host clock"  # on a GPU: "cuda events"
         if r["contender"] != "diffusers":
             assert r["agreement"]["latents_rel_l2"] < 1e-4 and r["agreement"]["psnr_db"] > 60
             assert _finite_positive(r["speedup_vs_baseline"])
     assert _finite_positive(report["one_time"]["export"]["export_s"])
     markdown = (out / "results.md").read_text()
     assert "Random weights" in markdown and "| onnxruntime-cpu |" in markdown and "baseline" in markdown
+    assert "no host synchronisation inside" in markdown and "host clock" in markdown
     with Image.open(out / "results.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
 
@@ -123,6 +125,15 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypat
         return real(contender, scenario, case, *args)
 
     monkeypatch.setattr(harness, "_measure", failing_for_batch_2)
+    from sdexport.bench import contenders
+
+    closed = []
+    for cls in (contenders.BaselineContender, contenders.RuntimeContender):
+        def close(self, real=cls.close):
+            closed.append(self.name)
+            real(self)
+
+        monkeypatch.setattr(cls, "close", close)
     scenario = tmp_path / "s.toml"
     scenario.write_text(SMOKE.replace('"onnxruntime-cuda", "tensorrt"', '"torch"').replace("repeats = 2", "repeats = 1"))
     assert run_cli("bench", scenario, "-o", tmp_path / "out", "--warmup", "0") == 0
@@ -132,6 +143,7 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     assert len([r for r in report["results"] if r["status"] == "measured"]) == 5
     assert report["scenario"]["warmup"] == 0 and report["scenario"]["repeats"] == 1
     assert "onnxruntime-cpu (batch 2, 3 steps): batch 2 is outside" in (tmp_path / "out" / "results.md").read_text()
+    assert closed == ["diffusers", "onnxruntime-cpu", "torch"]  # each freed before the next loads
 
 
 @pytest.mark.parametrize("args, message", [

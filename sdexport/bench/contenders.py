@@ -30,6 +30,9 @@ class Contender(Protocol):
 
     def __call__(self, request: GenerationRequest) -> Output: ...
 
+    def close(self) -> None:
+        """Free its device memory: the next contender is measured without it."""
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,6 +71,9 @@ class BaselineContender:
         result = self.reference(request)
         return Output(result.latents, result.pixels, result.timings)
 
+    def close(self) -> None:
+        self.reference.close()
+
 
 class RuntimeContender:
     """The sdexport runtime over one backend, loaded from the engine directory like a server would."""
@@ -81,3 +87,6 @@ class RuntimeContender:
     def __call__(self, request: GenerationRequest) -> Output:
         result = self.pipeline(request)
         return Output(result.latents, result.pixels, result.timings)
+
+    def close(self) -> None:
+        self.pipeline.close()

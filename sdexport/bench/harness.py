@@ -126,14 +126,25 @@ def _run(
                 results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
                 progress.advance(task, len(scenario.cases) * (warmup + repeats))
                 continue
-            for case in scenario.cases:
-                progress.update(task, description=f"{name}: {case.label}")
-                try:
-                    entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
-                except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
-                    console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
-                    results.append({"contender": name, "status": "failed", "case": vars(case), "reason": str(exc)})
-                    continue
+            try:
+                measured = []
+                for case in scenario.cases:
+                    progress.update(task, description=f"{name}: {case.label}")
+                    try:
+                        entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
+                    except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
+                        console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
+                        results.append({"contender": name, "status": "failed", "case": vars(case),
+                                        "reason": str(exc)})
+                        continue
+                    measured.append((case, entry))
+            finally:  # its weights and engines leave the device before the next contender loads
+                contender.close()
+                del contender
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            for case, entry in measured:
                 output = entry.pop("_output")
                 if name == baseline:
                     baseline_outputs[case] = output
@@ -148,10 +159,6 @@ def _run(
                     }
                     entry["speedup_vs_baseline"] = baseline_median[case] / entry["e2e_s"]["median"]
                 results.append(entry)
-            del contender
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
     return {
         "scenario": {**vars(scenario), "contenders": contenders, "warmup": warmup, "repeats": repeats},
         "baseline": baseline,
@@ -249,6 +256,7 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "vae_decoder_s": Stats.of([o.timings.vae_decoder for o in outputs]).to_dict(),
         "loop_overhead_s": Stats.of([o.timings.loop_overhead for o in outputs]).to_dict(),
         "it_per_s": Stats.of([o.timings.iterations_per_second for o in outputs]).median,
+        "stage_clock": outputs[0].timings.clock,
         "memory": memory.to_dict(),
         "_output": outputs[0],
     }

@@ -2,7 +2,10 @@
 
 Peak memory is sampled, because ONNX Runtime and TensorRT allocate outside PyTorch's allocator and
 PyTorch's own peak counter would miss them: host RSS from /proc, and on CUDA the device-wide used
-memory from cudaMemGetInfo, both every few milliseconds while a contender runs.
+memory from NVML, both every few milliseconds while a contender runs. NVML, not cudaMemGetInfo:
+the sampler is a second thread, and a CUDA call from it while the measured thread captures a CUDA
+graph can break the capture (torch captures in "global" mode). Without NVML (``pip install
+nvidia-ml-py``) device memory is not sampled, and the report says so.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Self
 
@@ -39,9 +43,26 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _device_used_bytes() -> int:
-    free, total = torch.cuda.mem_get_info()
-    return total - free
+def nvml_memory_reader(index: int | None = None) -> Callable[[], int] | None:
+    """A function returning the device memory in use (bytes) through NVML for CUDA device ``index``
+    (default: the current one), or None without NVML. Every CUDA query happens here, on the calling
+    thread; the returned function makes NVML calls only.
+
+    CUDA_VISIBLE_DEVICES renumbers CUDA devices but not NVML's: the NVML index comes from the
+    mapping ``torch.cuda.device_memory_used`` itself uses (a private helper; without it, the CUDA
+    index, right whenever CUDA_VISIBLE_DEVICES is unset)."""
+    try:
+        import pynvml  # nvidia-ml-py
+    except ImportError:
+        return None
+    index = torch.cuda.current_device() if index is None else index
+    to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)
+    try:
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(to_nvml(index) if to_nvml is not None else index)
+    except Exception:  # pynvml.NVMLError and friends: no usable NVML
+        return None
+    return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
 class MemorySampler:
@@ -50,6 +71,7 @@ class MemorySampler:
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
         self.cuda = torch.cuda.is_available()
+        self.device_used = nvml_memory_reader() if self.cuda else None
         self.host_peak = 0
         self.device_peak = 0
         self.host_before = 0
@@ -59,8 +81,8 @@ class MemorySampler:
 
     def _sample(self) -> None:
         self.host_peak = max(self.host_peak, _rss_bytes())
-        if self.cuda:
-            self.device_peak = max(self.device_peak, _device_used_bytes())
+        if self.device_used is not None:
+            self.device_peak = max(self.device_peak, self.device_used())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -69,7 +91,7 @@ class MemorySampler:
 
     def __enter__(self) -> Self:
         self.host_before = _rss_bytes()
-        self.device_before = _device_used_bytes() if self.cuda else 0
+        self.device_before = self.device_used() if self.device_used is not None else 0
         self._thread.start()
         return self
 
@@ -78,14 +100,18 @@ class MemorySampler:
         self._thread.join()
         self._sample()
 
-    def to_dict(self) -> dict[str, float | None]:
+    def to_dict(self) -> dict[str, float | str | None]:
         mb = 1024**2
-        return {
+        sampled = self.device_used is not None
+        data: dict[str, float | str | None] = {
             "host_rss_peak_mb": self.host_peak / mb,
             "host_rss_before_mb": self.host_before / mb,
-            "device_used_peak_mb": self.device_peak / mb if self.cuda else None,
-            "device_used_before_mb": self.device_before / mb if self.cuda else None,
+            "device_used_peak_mb": self.device_peak / mb if sampled else None,
+            "device_used_before_mb": self.device_before / mb if sampled else None,
         }
+        if self.cuda and not sampled:
+            data["device_note"] = "not sampled: NVML unavailable (pip install nvidia-ml-py)"
+        return data
 
 
 def psnr(a, b) -> float:

@@ -2,7 +2,8 @@
 ``StableDiffusionXLPipeline``) in eager PyTorch.
 
 Used by the parity tests and as the benchmark baseline. Per-component times come from wrapping the
-pipeline's own modules (synchronised on CUDA), so the pipeline itself runs unmodified.
+pipeline's own modules with the runtime's stage clock (CUDA events on a GPU: no host
+synchronisation), so the pipeline itself runs unmodified and as fast as it would unwatched.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from sdexport.models import LoadedModel
 from sdexport.runtime.schedulers import make_scheduler
+from sdexport.runtime.timing import clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
 
 
@@ -54,45 +56,59 @@ class DiffusersReference:
         self.pipe.set_progress_bar_config(disable=True)
         if compile:
             self.pipe.unet = torch.compile(self.pipe.unet)
-        self._timings = Timings()
+        self.clock = clock_for(self.device)
+        self._spans: list[tuple[str, Any, Any]] = []
         self._wrap()
 
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def _timed(self, fn: Callable[..., Any], record: Callable[[float], None]) -> Callable[..., Any]:
+    def _timed(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            start = self._sync()
+            start = self.clock.mark()
             result = fn(*args, **kwargs)
-            record(self._sync() - start)
+            self._spans.append((stage, start, self.clock.mark()))
             return result
 
         return wrapper
 
     def _wrap(self) -> None:
-        """Time each module call through the instance, leaving diffusers' code untouched."""
-        # The closures read self._timings, which each call replaces.
-        def add_text(dt: float) -> None:
-            self._timings.text_encoder += dt
-
-        def add_unet(dt: float) -> None:
-            self._timings.unet_steps.append(dt)
-
-        def add_vae(dt: float) -> None:
-            self._timings.vae_decoder += dt
-
+        """Mark each module call through the instance, leaving diffusers' code untouched. The marks
+        (CUDA events on a GPU) add no host synchronisation: the baseline runs as it would unwatched."""
         for name in ("text_encoder", "text_encoder_2"):
             module = getattr(self.pipe, name, None)
             if module is not None:
-                module.forward = self._timed(module.forward, add_text)
-        self.pipe.unet.forward = self._timed(self.pipe.unet.forward, add_unet)
-        self.pipe.vae.decode = self._timed(self.pipe.vae.decode, add_vae)
+                module.forward = self._timed(module.forward, "text_encoder")
+        self.pipe.unet.forward = self._timed(self.pipe.unet.forward, "unet")
+        self.pipe.vae.decode = self._timed(self.pipe.vae.decode, "vae_decoder")
+
+    def _timings(self, total: float) -> Timings:
+        """Resolve this call's marks (its results are on the host, so every mark has completed)."""
+        timings = Timings(total=total, clock=self.clock.kind)
+        for stage, start, end in self._spans:
+            seconds = self.clock.seconds(start, end)
+            if stage == "unet":
+                timings.unet_steps.append(seconds)
+            else:
+                setattr(timings, stage, getattr(timings, stage) + seconds)
+        return timings
+
+    def close(self) -> None:
+        """Give the device back the baseline's weights before the next contender is measured.
+
+        The pipeline moved the loaded model's own modules to the device (``.to`` works in place), so
+        dropping the pipeline is not enough while the model is still referenced: move them back."""
+        if self.pipe is None:
+            return
+        if self.device.type != "cpu":
+            self.pipe.to("cpu")
+        self.pipe = None
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __call__(self, request: GenerationRequest) -> ReferenceResult:
         self.pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
-        self._timings = Timings()
+        self._spans = []
         captured: dict[str, torch.Tensor] = {}
 
         def keep_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +125,7 @@ class DiffusersReference:
                 "crops_coords_top_left": tuple(request.crops_coords_top_left),
                 "target_size": request.target_size,
             }
-        start = self._sync()
+        start = time.perf_counter()
         with torch.inference_mode():
             images = self.pipe(
                 request.prompt,
@@ -123,5 +139,6 @@ class DiffusersReference:
                 output_type="np",
                 callback_on_step_end=keep_latents,
             ).images
-        self._timings.total = self._sync() - start
-        return ReferenceResult(captured["latents"].float().cpu(), np.asarray(images, dtype=np.float32), self._timings)
+        total = time.perf_counter() - start  # output_type="np": the images reached the host
+        return ReferenceResult(captured["latents"].float().cpu(), np.asarray(images, dtype=np.float32),
+                               self._timings(total))

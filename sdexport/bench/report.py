@@ -72,9 +72,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"prompt \"{scenario['prompt']}\""
         ),
         f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
-        "",
     ]
     measured = [r for r in report["results"] if r["status"] == "measured"]
+    clocks = sorted({r.get("stage_clock", "host clock") for r in measured})
+    lines += [
+        (
+            "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no host "
+            "synchronisation inside; per-stage times (text encoder, U-Net, VAE) come from "
+            f"{' and '.join(clocks) or 'no runs'} marked in those same runs, and overhead is the "
+            "end-to-end time outside those stages."
+        ),
+        "",
+    ]
     for case in sorted({_case_key(r) for r in measured}):
         rows = [r for r in measured if _case_key(r) == case]
         lines += [

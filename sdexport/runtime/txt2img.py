@@ -24,18 +24,21 @@ from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.runtime.schedulers import check_steps, make_scheduler
+from sdexport.runtime.timing import StageClock, clock_for
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims
 
 
 @dataclass
 class Timings:
-    """Seconds per stage, measured with the device synchronised around each engine call."""
+    """Seconds per stage from a ``StageClock`` (CUDA events on a GPU, no host synchronisation), and
+    the end-to-end wall time of the call; ``clock`` says which clock the stages come from."""
 
     text_encoder: float = 0.0
     unet_steps: list[float] = field(default_factory=list)
     vae_decoder: float = 0.0
     total: float = 0.0
+    clock: str = "host clock"
 
     @property
     def unet_total(self) -> float:
@@ -43,7 +46,7 @@ class Timings:
 
     @property
     def loop_overhead(self) -> float:
-        """Time outside the engines: tokenizing, scheduler math, CFG, copies, Python."""
+        """Time outside the engine spans: tokenizing, scheduler math, CFG, copies, launch gaps."""
         return self.total - self.text_encoder - self.unet_total - self.vae_decoder
 
     @property
@@ -59,6 +62,7 @@ class Timings:
             "loop_overhead": self.loop_overhead,
             "total": self.total,
             "it_per_s": self.iterations_per_second,
+            "clock": self.clock,
         }
 
 
@@ -110,6 +114,7 @@ class Txt2ImgPipeline:
         self.fallback_vae = fallback_vae
         self.info = info or {}
         self.device = engines["unet"].device
+        self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
         make_scheduler("default", scheduler_config)
@@ -138,25 +143,28 @@ class Txt2ImgPipeline:
     ) -> GenerationResult:
         """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1)."""
         self.check(request)
-        timings = Timings()
+        clock = self.clock
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
         truncated = self.truncations(request)
-        conditioning = self._timed(timings, "text_encoder", lambda: self.encode_prompt(request))
+        text_start = clock.mark()
+        conditioning = self.encode_prompt(request)
+        text_end = clock.mark()
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
         latents = self.initial_latents(request, generators, scheduler)
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
 
+        step_marks = []
         engine_timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning}
-            step_start = self._sync()
+            before = clock.mark()
             noise = self.engines["unet"](feed)["out_sample"]
-            timings.unet_steps.append(self._sync() - step_start)
+            step_marks.append((before, clock.mark()))
             if request.cfg:
                 uncond, text = noise.chunk(2)
                 noise = uncond + request.guidance * (text - uncond)
@@ -174,8 +182,16 @@ class Txt2ImgPipeline:
                 f"ran; with {request.scheduler} for {request.steps} steps at guidance {request.guidance:g}. "
                 "An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
             )
-        pixels, fallback = self._timed(timings, "vae_decoder", lambda: self.decode(latents))
-        timings.total = time.perf_counter() - start
+        decode_start = clock.mark()
+        pixels, fallback = self.decode(latents)  # ends with the copy to the host: the run is complete
+        decode_end = clock.mark()
+        timings = Timings(
+            text_encoder=clock.seconds(text_start, text_end),
+            unet_steps=[clock.seconds(a, b) for a, b in step_marks],
+            vae_decoder=clock.seconds(decode_start, decode_end),
+            total=time.perf_counter() - start,
+            clock=clock.kind,
+        )
         return GenerationResult(
             images=to_pil(pixels),
             latents=latents.float().cpu(),
@@ -299,18 +315,20 @@ class Txt2ImgPipeline:
         pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return pixels, fallback
 
-    # -- timing -----------------------------------------------------------------------------
+    # -- lifetime ---------------------------------------------------------------------------
 
-    def _sync(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
+    def close(self) -> None:
+        """Release every engine's device memory now (TensorRT contexts, ORT sessions, modules)."""
+        for engine in {id(e): e for e in (*self.engines.values(), self.fallback_vae) if e is not None}.values():
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
 
-    def _timed(self, timings: Timings, stage: str, work: Callable[[], Any]) -> Any:
-        begin = self._sync()
-        result = work()
-        setattr(timings, stage, self._sync() - begin)
-        return result
+    def __enter__(self) -> Txt2ImgPipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _accepts_generator(scheduler: Any) -> bool:

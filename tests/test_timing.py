@@ -1,0 +1,192 @@
+"""Honest timing: stage figures from marks (CUDA events on a GPU), never from host synchronisation
+inside a run; device memory sampled through NVML; the ORT CUDA path refuses a CPU fallback.
+
+The CUDA parts are exercised with fakes (a fake CUDA event clock, a fake NVML); the GPU tests
+(tests/test_gpu_runtime.py) run them for real.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import types
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdexport.errors import SdexportError
+from sdexport.runtime.request import GenerationRequest
+from sdexport.runtime.timing import CudaEventClock, HostClock, clock_for
+
+
+class FakeEvent:
+    """A CUDA event on a fake timeline: ``record`` stamps the next tick (1 ms apart)."""
+
+    ticks = 0
+    recorded_on: list[object] = []
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.time: int | None = None
+        self.synchronized = False
+
+    def record(self, stream: object) -> None:
+        FakeEvent.ticks += 1
+        FakeEvent.recorded_on.append(stream)
+        self.time = FakeEvent.ticks
+
+    def synchronize(self) -> None:
+        self.synchronized = True
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert end.synchronized, "read before the end event completed"
+        assert self.time is not None and end.time is not None
+        return float(end.time - self.time)  # milliseconds
+
+
+def _no_host_sync(monkeypatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation inside a timed run")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", refuse)
+
+
+def test_clock_kinds():
+    assert isinstance(clock_for(torch.device("cpu")), HostClock)
+    assert isinstance(clock_for(torch.device("cuda", 0)), CudaEventClock)
+    clock = HostClock()
+    a = clock.mark()
+    assert clock.seconds(a, clock.mark()) >= 0
+
+
+def test_cuda_event_clock_marks_the_current_stream_and_converts_to_seconds(monkeypatch):
+    stream = object()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    FakeEvent.recorded_on = []
+    clock = CudaEventClock(torch.device("cuda", 0), event=FakeEvent)
+    start = clock.mark()
+    clock.mark()
+    end = clock.mark()
+    assert clock.seconds(start, end) == pytest.approx(0.002)
+    assert FakeEvent.recorded_on == [stream] * 3
+
+
+class TickClock:
+    """The fake CUDA clock as the pipeline sees it: every mark one tick (1 ms) later."""
+
+    kind = "fake events"
+
+    def __init__(self) -> None:
+        self.inner = CudaEventClock(torch.device("cpu"), event=FakeEvent)
+
+    def mark(self):
+        event = FakeEvent(enable_timing=True)
+        event.record(None)
+        return event
+
+    def seconds(self, start, end) -> float:
+        return self.inner.seconds(start, end)
+
+
+def test_pipeline_stages_come_from_the_clock_without_host_sync(tiny_engine_dir: Path, monkeypatch):
+    from sdexport.runtime.loading import load_pipeline
+
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    pipeline.clock = TickClock()
+    _no_host_sync(monkeypatch)
+    result = pipeline(GenerationRequest(prompt=["a fox"], steps=3, scheduler="euler", height=64, width=64, seeds=[1]))
+    timings = result.timings
+    assert timings.clock == "fake events"
+    assert timings.unet_steps == [pytest.approx(0.001)] * 3  # one tick between each step's marks
+    assert timings.text_encoder == pytest.approx(0.001) and timings.vae_decoder == pytest.approx(0.001)
+    assert timings.total > 0 and timings.to_dict()["clock"] == "fake events"
+    pipeline.close()
+
+
+def test_the_baseline_is_timed_the_same_way(tiny_model, monkeypatch):
+    from sdexport.bench.reference import DiffusersReference
+
+    reference = DiffusersReference(tiny_model)
+    reference.clock = TickClock()
+    _no_host_sync(monkeypatch)
+    result = reference(GenerationRequest(prompt=["a fox"], steps=2, scheduler="euler", height=64, width=64, seeds=[1]))
+    assert result.timings.clock == "fake events"
+    assert len(result.timings.unet_steps) == 2 and result.timings.vae_decoder == pytest.approx(0.001)
+    reference.close()
+    assert reference.pipe is None
+    reference.close()  # idempotent
+
+
+# -- device memory through NVML -----------------------------------------------------------------
+
+
+def _fake_nvml(monkeypatch, used: list[int]) -> types.ModuleType:
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetHandleByIndex = lambda index: ("gpu", index)  # type: ignore[attr-defined]
+    nvml.nvmlDeviceGetMemoryInfo = lambda handle: types.SimpleNamespace(used=used.pop(0) if len(used) > 1 else used[0])  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    return nvml
+
+
+def test_device_memory_is_sampled_through_nvml_not_cuda(monkeypatch):
+    from sdexport.bench import measure
+
+    _fake_nvml(monkeypatch, [100 << 20, 300 << 20, 200 << 20])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda index: 3, raising=False)
+
+    def no_cuda_call(*args, **kwargs):
+        raise AssertionError("a CUDA call from the sampler thread")
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", no_cuda_call)
+    with measure.MemorySampler(interval=0.001) as sampler:
+        pass
+    data = sampler.to_dict()
+    assert data["device_used_before_mb"] == 100 and data["device_used_peak_mb"] == 300
+    assert "device_note" not in data
+
+
+def test_without_nvml_device_memory_is_reported_as_not_sampled(monkeypatch):
+    from sdexport.bench import measure
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with measure.MemorySampler(interval=0.001) as sampler:
+        pass
+    data = sampler.to_dict()
+    assert data["device_used_peak_mb"] is None and "nvidia-ml-py" in str(data["device_note"])
+
+
+# -- ONNX Runtime CUDA: no silent CPU fallback ----------------------------------------------------
+
+
+def test_a_session_that_fell_back_to_the_cpu_is_refused():
+    from sdexport.runtime.onnxruntime_backend import require_cuda_session
+
+    fell_back = types.SimpleNamespace(get_providers=lambda: ["CPUExecutionProvider"])
+    with pytest.raises(SdexportError, match="could not start its CUDA execution provider.*CPUExecutionProvider") as info:
+        require_cuda_session(fell_back, Path("unet/model.onnx"))
+    assert "\n" not in str(info.value)
+    require_cuda_session(types.SimpleNamespace(get_providers=lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]),
+                         Path("unet/model.onnx"))
+
+
+def test_cuda_library_preloading_is_quiet_and_optional():
+    from sdexport.runtime.onnxruntime_backend import preload_cuda_libraries
+
+    calls = []
+
+    def noisy() -> None:
+        calls.append(1)
+        print("Failed to load libcudnn.so.9")
+        raise RuntimeError("missing")
+
+    captured = io.StringIO()
+    with redirect_stdout(captured):
+        preload_cuda_libraries(types.SimpleNamespace(preload_dlls=noisy))
+        preload_cuda_libraries(types.SimpleNamespace())  # onnxruntime < 1.21: nothing to do
+    assert calls == [1] and captured.getvalue() == ""
