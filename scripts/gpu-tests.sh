@@ -1,50 +1,100 @@
 #!/usr/bin/env bash
-# The one command a GPU runner uses: install sdexport with onnxruntime-gpu, TensorRT and the dev tools,
-# check that the GPU stack is really there, then run the tests marked `gpu` (TensorRT build + runtime,
-# CUDA execution). Needs an NVIDIA GPU and driver; a CUDA build of torch is kept if installed (the
-# default torch wheel from PyPI is a CUDA build on Linux x86_64).
-#   bash scripts/gpu-tests.sh [extra pytest arguments]
+# Run the tests marked `gpu` (Torch CUDA, ONNX Runtime CUDA, TensorRT), on a GPU server with or
+# without network, and record what the machine is.
+#
+#   bash scripts/gpu-tests.sh [--wheels DIR] [--site DIR] [--out DIR] [--strict] [-- PYTEST ARGS]
+#
+# --wheels DIR  air-gapped: install the wheels in DIR (e.g. onnxruntime-gpu, diffusers, polygraphy,
+#               nvidia-ml-py, pytest; scripts/gpu-wheels.txt lists what a bare CUDA torch image
+#               lacks) with pip --no-index --no-deps; nothing is fetched from the network.
+#               Without it: the dependencies come from PyPI (scripts/setup.sh --dev), and
+#               onnxruntime-gpu and nvidia-ml-py are first downloaded into a local folder.
+# --site DIR    where those wheels are installed (default .gpu-site), put first on PYTHONPATH. The
+#               environment itself is not changed: its CPU onnxruntime stays installed and is
+#               shadowed, so nothing is uninstalled before the GPU wheel is known to work.
+# --out DIR     also write environment.json and pytest.log there (e.g. benchmarks/results/...).
+# --strict      fail (exit 1) when a GPU is present but onnxruntime's CUDA provider or TensorRT is
+#               not; by default their tests skip with the reason, and the others still run.
+# TensorRT is optional: it is not on PyPI as wheels this script could install (NVIDIA's index or
+# its tarball: https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html);
+# install it beforehand, or put its wheels in DIR. Without a GPU, every test skips with its reason
+# and the script exits 0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
+wheels="" site=".gpu-site" out="" strict=0
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --wheels) wheels=$2; shift 2 ;;
+    --site) site=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --strict) strict=1; shift ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+say() { echo "gpu-tests: $*" >&2; }
+mkdir -p "$site"
+site=$(cd "$site" && pwd)
+install_site() {  # the wheels of folder $1 into $site, ahead of the environment's own packages
+  say "installing $(ls "$1"/*.whl | wc -l) wheels from $1 into $site"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --upgrade \
+    --target "$site" "$1"/*.whl
+}
 
-# onnxruntime (CPU) and onnxruntime-gpu install the same module and break each other: keep only -gpu.
-if "$PYTHON" -m pip show --quiet onnxruntime >/dev/null 2>&1; then
-  echo "gpu-tests: replacing onnxruntime (CPU) with onnxruntime-gpu" >&2
-  "$PYTHON" -m pip uninstall --quiet --yes onnxruntime
+if [[ -z "$wheels" ]]; then
+  bash scripts/setup.sh --dev   # the dependencies at the tested pins (a CUDA torch is kept)
 fi
-echo "gpu-tests: installing sdexport[gpu,tensorrt,dev]" >&2
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-  pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
+  say "no CUDA GPU visible to torch (or no torch): nothing to install; every gpu test skips with its reason"
+elif [[ -n "$wheels" ]]; then
+  [[ -d "$wheels" ]] && compgen -G "$wheels/*.whl" >/dev/null \
+    || { say "--wheels $wheels: no folder of .whl files there"; exit 2; }
+  if [[ -f "$wheels/SHA256SUMS" ]]; then
+    (cd "$wheels" && sha256sum --quiet -c SHA256SUMS) || { say "$wheels: a wheel does not match SHA256SUMS"; exit 2; }
+  fi
+  install_site "$wheels"
+else
+  download=$(mktemp -d); trap 'rm -rf "$download"' EXIT
+  "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+    --dest "$download" onnxruntime-gpu nvidia-ml-py
+  "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
+    --dest "$download" tensorrt 2>/dev/null \
+    || say "TensorRT has no wheels on PyPI for this machine (placeholder packages): its tests will skip"
+  install_site "$download"
 fi
-# The tested pins (constraints.txt, as scripts/setup.sh uses them); TensorRT and onnxruntime-gpu are not pinned.
-CONSTRAINTS=${SDEXPORT_CONSTRAINTS-constraints.txt}
-pip_install ${CONSTRAINTS:+--constraint "$CONSTRAINTS"} -e ".[gpu,tensorrt,dev]"
-bash scripts/setup.sh --dev   # sees onnxruntime-gpu and keeps it; adds tensorrt-stubs for mypy
+export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-"$PYTHON" - <<'PY'
+# What this machine is (for the results), and whether each GPU path can run here.
+"$PYTHON" - "$out" "$strict" <<'PY'
+import json
 import sys
+from pathlib import Path
 
-import torch
+from sdexport.bench.environment import gpu_facts
 
-problems = []
-if not torch.cuda.is_available():
-    problems.append(f"torch {torch.__version__} sees no CUDA GPU (a CPU build, or no driver)")
-try:
-    import tensorrt
-    if not hasattr(tensorrt, "Builder"):
-        problems.append("`tensorrt` is only the type stubs (pip install 'tensorrt>=10')")
-except (ImportError, OSError) as exc:
-    problems.append(f"TensorRT does not import: {exc}")
-import onnxruntime
-
-if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-    problems.append("onnxruntime has no CUDAExecutionProvider")
-if problems:
-    sys.exit("gpu-tests: not a usable GPU environment:\n  " + "\n  ".join(problems))
-print(f"gpu-tests: {torch.cuda.get_device_name()} | torch {torch.__version__} | TensorRT {tensorrt.__version__}"
-      f" | onnxruntime {onnxruntime.__version__}", file=sys.stderr)
+facts = gpu_facts()
+print(json.dumps(facts, indent=2))
+out, strict = sys.argv[1], sys.argv[2] == "1"
+if out:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "environment.json").write_text(json.dumps(facts, indent=2) + "\n")
+if not facts["cuda_available"]:
+    print("gpu-tests: no CUDA GPU visible to torch: every gpu test will skip", file=sys.stderr)
+    sys.exit(0)
+missing = [f"onnxruntime's CUDA provider ({facts['onnxruntime']['cuda_provider']})"] \
+    if facts["onnxruntime"]["cuda_provider"] != "available" else []
+if facts["tensorrt"]["status"] != "available":
+    missing.append(f"TensorRT ({facts['tensorrt']['status']})")
+for item in missing:
+    print(f"gpu-tests: missing {item}: its tests will skip", file=sys.stderr)
+if strict and missing:
+    sys.exit(1)
 PY
 
-exec "$PYTHON" -m pytest -m gpu -q -rs "$@"
+args=(-m pytest -m gpu -q -rs -p no:cacheprovider "$@")
+if [[ -n "$out" ]]; then
+  "$PYTHON" "${args[@]}" 2>&1 | tee "$out/pytest.log"
+else
+  "$PYTHON" "${args[@]}"
+fi

@@ -6,8 +6,10 @@ directory work on a copy.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,23 @@ def run_cli(*args: str) -> int:
     finally:
         sys.argv = argv
     return 0
+
+
+@contextlib.contextmanager
+def cpu_only() -> Iterator[None]:
+    """Run as on a machine without a GPU, whatever this one has (no CUDA for torch, no CUDA provider
+    for onnxruntime, no TensorRT): tests of the CPU paths keep their meaning on a GPU host."""
+    import torch
+
+    from sdexport.runtime import providers
+
+    real = providers.available_providers
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        patch.setattr(providers, "available_providers",
+                      lambda: [p for p in real() if p != providers.PROVIDERS["cuda"]])
+        patch.setitem(sys.modules, "tensorrt", None)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cpu_only, run_cli
 from sdexport.bench.scenario import load_scenario
 from sdexport.errors import SdexportError
 
@@ -31,13 +31,21 @@ def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.fixture(autouse=True)
+def _as_without_gpu():
+    """These test the harness on the CPU; on a GPU host they must still mean that."""
+    with cpu_only():
+        yield
+
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     scenario = root / "smoke.toml"
     scenario.write_text(SMOKE)
     out = root / "out"
-    code = run_cli("bench", scenario, "-o", out)
+    with cpu_only():
+        code = run_cli("bench", scenario, "-o", out)
     return code, out
 
 

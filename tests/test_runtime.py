@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cpu_only, run_cli
 from sdexport.bench.reference import DiffusersReference
 from sdexport.errors import EngineDirError, ProfileError, SdexportError
 from sdexport.models import load_model
@@ -45,7 +45,8 @@ def reference(tiny_model):
 
 @pytest.fixture(scope="module")
 def pipelines(tiny_engine_dir):
-    return {b: load_pipeline(tiny_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
+    with cpu_only():  # the Torch backend on the CPU, as the reference, on any host
+        return {b: load_pipeline(tiny_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))

@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cpu_only, run_cli
 from sdexport.bench.reference import DiffusersReference
 from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.manifest import load_manifest
@@ -72,7 +72,8 @@ def reference(sdxl_model) -> DiffusersReference:
 
 @pytest.fixture(scope="module")
 def pipelines(sdxl_engine_dir):
-    return {b: load_pipeline(sdxl_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
+    with cpu_only():  # the Torch backend on the CPU, as the reference, on any host
+        return {b: load_pipeline(sdxl_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
 
 
 # -- presets and sizes ------------------------------------------------------------------------

@@ -47,20 +47,30 @@ def _copy(src: Path, factory, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def built(tiny_engine_dir: Path, tmp_path_factory):
-    """A copy of the tiny engine dir with dynamic fp16 engines for every component."""
+def fp16_engine_dir(tmp_path_factory) -> Path:
+    """An fp16 export: what both TensorRT 10 and 11 build fp16 engines from (strongly typed)."""
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("trt-fp16") / "tiny"
+    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(fp16_engine_dir: Path, tmp_path_factory):
+    """A copy of the tiny fp16 engine dir with dynamic engines for every component."""
     from sdexport.build.tensorrt_build import build_engines
 
-    directory = _copy(tiny_engine_dir, tmp_path_factory, "trt-dynamic")
+    directory = _copy(fp16_engine_dir, tmp_path_factory, "trt-dynamic")
     results = build_engines(directory, timing_cache=directory / "timing.cache")
     return directory, results
 
 
 @pytest.fixture(scope="module")
-def static_built(tiny_engine_dir: Path, tmp_path_factory):
+def static_built(fp16_engine_dir: Path, tmp_path_factory):
     from sdexport.build.tensorrt_build import build_engines
 
-    directory = _copy(tiny_engine_dir, tmp_path_factory, "trt-static")
+    directory = _copy(fp16_engine_dir, tmp_path_factory, "trt-static")
     results = build_engines(directory, static=True, components=["unet", "vae_decoder"])
     return directory, results
 
@@ -103,6 +113,9 @@ def _check(engine, directory, manifest, name, sizes, seed=0) -> dict[str, torch.
 def test_first_build_builds_every_component(built):
     directory, results = built
     assert [r.status for r in results] == ["built"] * len(results)
+    for result in results:  # fp16 graphs are built strongly typed, without the fp16 flag, on 10 and 11
+        assert result.key.strongly_typed or result.component == "vae_decoder_fp32"
+        assert not result.key.fp16
     assert all(r.path.is_file() and r.path.parent.parent == directory for r in results)
     assert (directory / "timing.cache").is_file()
 
@@ -219,3 +232,28 @@ def test_static_engine_refuses_other_shapes(static_built):
     static = ShapeProfile.from_dict(manifest.components["vae_decoder"].engines[
         next(iter(manifest.components["vae_decoder"].engines))]["profile"])
     assert static == engine.profile
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_pipeline_over_tensorrt_matches_onnxruntime(built, cuda_graph, monkeypatch):
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.runtime.txt2img import GenerationRequest
+
+    directory, _ = built
+    request = GenerationRequest(prompt=["a lighthouse"], steps=4, scheduler="euler", height=64, width=64, seeds=[7])
+    with load_pipeline(directory, "onnxruntime-cpu") as reference:
+        expected = reference(request)
+    with load_pipeline(directory, "tensorrt", cuda_graph=cuda_graph) as pipeline:
+        pipeline(request)  # warm-up: with cuda_graph, captures every engine's graph for these shapes
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("torch.cuda.synchronize inside a run")
+
+        monkeypatch.setattr(torch.cuda, "synchronize", refuse)
+        got = pipeline(request)
+        monkeypatch.undo()
+        if cuda_graph:
+            assert all(e._graphs for e in pipeline.engines.values())
+    assert got.timings.clock == "cuda events"
+    error = float(torch.linalg.norm(got.latents - expected.latents) / torch.linalg.norm(expected.latents))
+    assert error <= FP16_TOLERANCE

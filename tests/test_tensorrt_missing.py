@@ -111,16 +111,18 @@ def test_missing_error_is_a_user_error():
 
 
 def test_cli_build_without_tensorrt_says_what_to_install(tiny_engine_dir, capsys):
-    from conftest import run_cli
+    from conftest import cpu_only, run_cli
 
-    assert run_cli("build", tiny_engine_dir) == 2
+    with cpu_only():
+        assert run_cli("build", tiny_engine_dir) == 2
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error:")]
     assert 'pip install "sdexport[tensorrt]"' in err and "Traceback" not in err
 
 
 def test_cli_run_tensorrt_backend_without_tensorrt_says_what_to_install(tiny_engine_dir, capsys):
-    from conftest import run_cli
+    from conftest import cpu_only, run_cli
 
-    assert run_cli("run", tiny_engine_dir, "-p", "x", "--backend", "tensorrt") == 2
+    with cpu_only():
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "--backend", "tensorrt") == 2
     assert 'sdexport[tensorrt]' in capsys.readouterr().err

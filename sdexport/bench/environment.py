@@ -75,6 +75,85 @@ def tensorrt_version() -> str | None:
     return getattr(tensorrt, "__version__", None)  # the stubs alone import but have no version
 
 
+def _onnxruntime_version() -> str | None:
+    """The version of the onnxruntime that imports: with onnxruntime-gpu put ahead on the path
+    (scripts/gpu-tests.sh), the CPU package's metadata would name the wrong one."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return str(onnxruntime.__version__)
+
+
+def _cuda_provider_status() -> str:
+    """"available" only when a session really runs on CUDA: onnxruntime-gpu lists its CUDA provider
+    even when the CUDA or cuDNN libraries it needs are missing, and then falls back to the CPU."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return f"not installed ({exc})"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "not in this onnxruntime build (install onnxruntime-gpu)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    from onnx import TensorProto, helper
+
+    from sdexport.runtime.onnxruntime_backend import preload_cuda_libraries
+
+    preload_cuda_libraries(ort)  # as the engines do before their sessions
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(),
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime's own exception types
+        return f"fails to start: {' '.join(str(exc).split())[:300]}"
+    used = session.get_providers()
+    return "available" if used and used[0] == "CUDAExecutionProvider" else f"falls back to {used}"
+
+
+def _tensorrt_status() -> dict[str, Any]:
+    from sdexport.build.tensorrt_build import require_tensorrt
+    from sdexport.errors import MissingDependencyError
+
+    try:
+        trt = require_tensorrt()
+    except MissingDependencyError as exc:
+        return {"status": str(exc), "version": tensorrt_version()}
+    return {"status": "available", "version": str(trt.__version__)}
+
+
+def gpu_facts() -> dict[str, Any]:
+    """What a GPU test or benchmark run must record about the machine: the GPU, driver, CUDA and
+    cuDNN, torch, the onnxruntime that imports (and whether its CUDA provider really starts), and
+    whether TensorRT imports. Runs anywhere; on a CPU machine it says so."""
+    cuda = torch.cuda.is_available()
+    try:
+        import pynvml  # noqa: F401
+
+        nvml = True
+    except ImportError:
+        nvml = False
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cuda_available": cuda,
+        "gpu": _gpu(),
+        "torch": {"version": torch.__version__, "cuda": torch.version.cuda,
+                  "cudnn": torch.backends.cudnn.version() if cuda else None},
+        "onnxruntime": {"version": _onnxruntime_version(), "cuda_provider": _cuda_provider_status()},
+        "tensorrt": _tensorrt_status(),
+        "nvml": nvml,
+        "git_revision": _git_revision(),
+    }
+
+
 def environment() -> dict[str, Any]:
     ort_providers: list[str] = []
     try:
@@ -94,7 +173,7 @@ def environment() -> dict[str, Any]:
             "diffusers": _version("diffusers"),
             "transformers": _version("transformers"),
             "onnx": _version("onnx"),
-            "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+            "onnxruntime": _onnxruntime_version(),
             "tensorrt": tensorrt_version(),
         },
         "onnxruntime_providers": ort_providers,
