@@ -5,26 +5,50 @@
 #
 # Never reaches the network (pip --no-index) and never replaces the installed torch: a CUDA build
 # stays as it is. If no torch is installed, it stops and says so (bring a torch wheel for the
-# machine's CUDA version into WHEELS_DIR, or install it first).
+# machine's CUDA version into WHEELS_DIR, or install it first). onnxruntime-gpu replaces a CPU
+# onnxruntime (they install the same module) only once pip has shown, without installing anything,
+# that the whole set resolves from WHEELS_DIR; if the install fails after that, the CPU one is put
+# back when its wheel is there.
 set -euo pipefail
 [[ $# -eq 1 && -d $1 ]] || { echo "usage: $0 WHEELS_DIR (a folder of wheels from prepare-offline.sh)" >&2; exit 2; }
 dir=$(cd "$1" && pwd)
 PYTHON=${PYTHON:-python3}
+say() { echo "offline-install: $*" >&2; }
 constraints=$(mktemp); trap 'rm -f "$constraints"' EXIT
 if torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null); then
-  echo "offline-install: keeping the installed torch $torch_version" >&2
+  say "keeping the installed torch $torch_version"
   echo "torch==$torch_version" > "$constraints"
 elif ! ls "$dir"/torch-*.whl >/dev/null 2>&1; then
-  echo "offline-install: no torch installed and no torch wheel in $dir; install PyTorch for this machine's CUDA first" >&2
+  say "no torch installed and no torch wheel in $dir; install PyTorch for this machine's CUDA first"
   exit 1
 fi
+pip_offline() { "$PYTHON" -m pip "$1" --disable-pip-version-check --no-index --find-links "$dir" --constraint "$constraints" "${@:2}"; }
 extra=cpu
-if ls "$dir"/onnxruntime_gpu-*.whl >/dev/null 2>&1; then
-  extra=gpu
-  # onnxruntime and onnxruntime-gpu install the same module; the CPU one would shadow the GPU one.
-  "$PYTHON" -m pip uninstall --yes --quiet onnxruntime 2>/dev/null || true
-fi
+ls "$dir"/onnxruntime_gpu-*.whl >/dev/null 2>&1 && extra=gpu
 ls "$dir"/tensorrt*.whl >/dev/null 2>&1 && extra="$extra,tensorrt"
-"$PYTHON" -m pip install --no-index --find-links "$dir" --constraint "$constraints" "sdexport[$extra]"
+wanted=("sdexport[$extra]")
+ls "$dir"/pytest-*.whl >/dev/null 2>&1 && wanted+=(pytest)
+
+# Everything must resolve from the folder before anything is removed.
+pip_offline install --dry-run --quiet "${wanted[@]}" \
+  || { say "the wheels in $dir do not make a complete set for this Python; nothing was changed"; exit 1; }
+removed_cpu=0
+if [[ $extra == gpu* ]] && "$PYTHON" -m pip show --quiet onnxruntime >/dev/null 2>&1; then
+  say "replacing onnxruntime (CPU) with onnxruntime-gpu"
+  "$PYTHON" -m pip uninstall --yes --quiet onnxruntime
+  removed_cpu=1
+fi
+if ! pip_offline install "${wanted[@]}"; then
+  if [[ $removed_cpu == 1 ]] && pip_offline install --quiet onnxruntime 2>/dev/null; then
+    say "installation failed; the CPU onnxruntime was put back"
+  elif [[ $removed_cpu == 1 ]]; then
+    say "installation failed, and the CPU onnxruntime removed before it has no wheel in $dir to put back"
+  fi
+  exit 1
+fi
 "$PYTHON" -m sdexport --help >/dev/null
-echo "offline-install: sdexport[$extra] installed from $dir" >&2
+if [[ $extra == gpu* ]]; then
+  "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' \
+    || say "warning: the installed onnxruntime has no CUDAExecutionProvider"
+fi
+say "sdexport[$extra] installed from $dir"

@@ -22,5 +22,22 @@ echo "update-constraints: running the tests against them" >&2
   "$py" -m pip freeze --exclude-editable | grep -v -i -E '^(torch|sdexport)==' | LC_ALL=C sort -f
 } > constraints.txt.new
 mv constraints.txt.new constraints.txt
-git --no-pager diff --stat -- constraints.txt || true
+# The GPU image's wheel list follows the same pins (tests/test_pins.py checks it).
+python3 - <<'PY'
+from pathlib import Path
+pins = {}
+for line in Path("constraints.txt").read_text().splitlines():
+    if "==" in line and not line.startswith("#"):
+        name, _, version = line.partition("==")
+        pins[name.strip().lower().replace("_", "-")] = version.strip()
+path = Path("scripts/gpu-wheels.txt")
+lines = []
+for line in path.read_text().splitlines():
+    if line.strip() and not line.startswith("#"):
+        name = line.partition("==")[0].strip()
+        line = f"{name}=={pins.get(name.lower().replace('_', '-'), line.partition('==')[2])}"
+    lines.append(line)
+path.write_text("\n".join(lines) + "\n")
+PY
+git --no-pager diff --stat -- constraints.txt scripts/gpu-wheels.txt || true
 echo "update-constraints: constraints.txt rewritten; review and commit it" >&2

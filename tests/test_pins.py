@@ -45,3 +45,16 @@ def test_the_floors_file_pins_exactly_the_declared_floors():
             continue  # installed separately; its floor is read from its API (README)
         lower = [Version(s.version) for s in requirement.specifier if s.operator == ">="]
         assert lower and floors.get(_name(requirement.name)) == lower[0], (text, floors.get(_name(requirement.name)))
+
+
+def test_the_gpu_wheel_list_pins_what_constraints_pins():
+    """scripts/gpu-wheels.txt (wheels for an air-gapped GPU image) moves with constraints.txt."""
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[_name(name)] = version.strip()
+    for line in (ROOT / "scripts" / "gpu-wheels.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert pins.get(_name(name)) == version.strip(), line
