@@ -249,3 +249,22 @@ def test_engines_of_the_output_itself_can_be_named_with_engine_dir(bench_run):
     assert run_cli("bench", scenario, "-o", out, "--engine-dir", engines, "--contenders", "onnxruntime-cpu",
                    "--repeats", "1", "--warmup", "0") == 0
     assert (engines / "manifest.json").is_file() and json.loads((out / "results.json").read_text())["engine_dir"] == str(engines)
+
+
+def test_cuda_graphs_are_captured_while_loading_not_in_timed_runs(tmp_path):
+    """With CUDA graphs, the TensorRT contender runs each case once as part of its load."""
+    from sdexport.bench import harness
+    from sdexport.errors import ProfileError
+
+    path = tmp_path / "s.toml"
+    path.write_text(SMOKE + "\n[build]\ncuda_graph = true\n")
+    scenario = load_scenario(path)
+    calls = []
+
+    def contender(request):
+        calls.append(request.batch)
+        if request.batch == 2:
+            raise ProfileError("outside a static engine: reported by the measurement instead")
+
+    harness._capture_graphs(contender, scenario)
+    assert calls == [1, 2]

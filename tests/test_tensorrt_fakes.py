@@ -335,3 +335,15 @@ def test_an_unclosed_engine_is_freed_by_reference_counting(engine_factory, trt):
         assert alive() is None, "a reference cycle keeps the engine (and its device memory) alive"
     finally:
         gc.enable()
+
+
+def test_the_shared_block_is_freed_with_the_last_engine(engine_factory, trt):
+    from sdexport.runtime.tensorrt_backend import SharedDeviceMemory
+
+    memory = SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
+    first, second = engine_factory(memory=memory), engine_factory(memory=memory)
+    assert memory.nbytes > 0
+    first.close()
+    assert memory.nbytes > 0  # still serving the second
+    second.close()
+    assert memory.nbytes == 0

@@ -190,3 +190,31 @@ def test_cuda_library_preloading_is_quiet_and_optional():
         preload_cuda_libraries(types.SimpleNamespace(preload_dlls=noisy))
         preload_cuda_libraries(types.SimpleNamespace())  # onnxruntime < 1.21: nothing to do
     assert calls == [1] and captured.getvalue() == ""
+
+
+def test_torch_backend_keeps_float32_inputs_float32():
+    """The Torch backend casts only "float" inputs to the model's precision (diffusers projects
+    the timestep in float32; fp16 would turn 979.6 into 979.5)."""
+    import dataclasses
+
+    from sdexport.runtime.torch_backend import TorchEngine
+    from sdexport.shapes import ShapeProfile
+    from sdexport.specs import UNET
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, sample, timestep, encoder_hidden_states):
+            seen.update(sample=sample.dtype, timestep=timestep.dtype, timestep_value=float(timestep[0]),
+                        hidden=encoder_hidden_states.dtype)
+            return sample
+
+    spec = dataclasses.replace(UNET, wrapper=lambda module: Recorder())
+    profile = ShapeProfile(batch=(1, 1, 1), height=(64, 64, 64), width=(64, 64, 64))
+    with TorchEngine(spec, torch.nn.Identity(), profile=profile, device=torch.device("cpu"),
+                     dtype=torch.float16) as engine:
+        out = engine({"sample": torch.zeros(2, 4, 8, 8), "timestep": torch.tensor([979.6]),
+                      "encoder_hidden_states": torch.zeros(2, 8, 16)})["out_sample"]
+    assert seen == {"sample": torch.float16, "timestep": torch.float32,
+                    "timestep_value": pytest.approx(979.6), "hidden": torch.float16}
+    assert out.dtype == torch.float32

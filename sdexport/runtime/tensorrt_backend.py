@@ -187,7 +187,10 @@ class SharedDeviceMemory:
         engine._memory_moved()
 
     def unbind(self, engine: TensorRTEngine) -> None:
+        """``engine`` is closed; the block is freed with the last engine bound to it."""
         self._engines.discard(engine)
+        if not self._engines:
+            self.close()
 
     def close(self) -> None:
         """Free the block once the stream is idle (engines still bound must not run afterwards)."""
