@@ -2,16 +2,19 @@
 # Run the tests marked `gpu` (Torch CUDA, ONNX Runtime CUDA, TensorRT), on a GPU server with or
 # without network, and record what the machine is.
 #
-#   bash scripts/gpu-tests.sh [--wheels DIR] [--site DIR] [--out DIR] [--strict] [-- PYTEST ARGS]
+#   bash scripts/gpu-tests.sh [--wheels DIR | --no-install] [--site DIR] [--out DIR] [--strict] [-- PYTEST ARGS]
 #
-# --wheels DIR  air-gapped: install the wheels in DIR (e.g. onnxruntime-gpu, diffusers, polygraphy,
-#               nvidia-ml-py, pytest; scripts/gpu-wheels.txt lists what a bare CUDA torch image
-#               lacks) with pip --no-index --no-deps; nothing is fetched from the network.
-#               Without it: the dependencies come from PyPI (scripts/setup.sh --dev), and
-#               onnxruntime-gpu and nvidia-ml-py are first downloaded into a local folder.
-# --site DIR    where those wheels are installed (default .gpu-site), put first on PYTHONPATH. The
-#               environment itself is not changed: its CPU onnxruntime stays installed and is
-#               shadowed, so nothing is uninstalled before the GPU wheel is known to work.
+# --wheels DIR  air-gapped: install the wheels in DIR that the machine lacks (onnxruntime-gpu and
+#               what scripts/gpu-wheels.txt lists for a bare CUDA-torch image) with pip --no-index
+#               --no-deps into the site folder; nothing is fetched from the network, and torch or
+#               nvidia-* wheels in DIR are left out (the machine's CUDA torch is never shadowed).
+# --no-install  use the environment as it is (e.g. after scripts/offline-install.sh).
+#               Without either: the dependencies are installed from PyPI into the environment
+#               (scripts/setup.sh --dev, at the pinned versions), and onnxruntime-gpu and
+#               nvidia-ml-py are downloaded into a local folder and installed from there.
+# --site DIR    where those wheels go (default .gpu-site), put first on PYTHONPATH: the
+#               environment's own CPU onnxruntime stays installed and is shadowed, so nothing is
+#               uninstalled before the GPU wheel is known to work.
 # --out DIR     also write environment.json and pytest.log there (e.g. benchmarks/results/...).
 # --strict      fail (exit 1) when a GPU is present but onnxruntime's CUDA provider or TensorRT is
 #               not; by default their tests skip with the reason, and the others still run.
@@ -22,13 +25,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-wheels="" site=".gpu-site" out="" strict=0
+wheels="" site=".gpu-site" out="" strict=0 install=1
 while [[ $# -gt 0 ]]; do
   case $1 in
     --wheels) wheels=$2; shift 2 ;;
     --site) site=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
     --strict) strict=1; shift ;;
+    --no-install) install=0; shift ;;
     --) shift; break ;;
     *) break ;;
   esac
@@ -37,12 +41,21 @@ say() { echo "gpu-tests: $*" >&2; }
 mkdir -p "$site"
 site=$(cd "$site" && pwd)
 install_site() {  # the wheels of folder $1 into $site, ahead of the environment's own packages
-  say "installing $(ls "$1"/*.whl | wc -l) wheels from $1 into $site"
+  local wheel chosen=()
+  for wheel in "$1"/*.whl; do
+    case $(basename "$wheel") in
+      nvidia_ml_py-*) chosen+=("$wheel") ;;  # NVML bindings, pure Python
+      torch-*|nvidia_*|triton-*) say "leaving out $(basename "$wheel"): the machine's own CUDA stack stays in charge" ;;
+      *) chosen+=("$wheel") ;;
+    esac
+  done
+  [[ ${#chosen[@]} -gt 0 ]] || return 0
+  say "installing ${#chosen[@]} wheels from $1 into $site"
   "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps --upgrade \
-    --target "$site" "$1"/*.whl
+    --target "$site" "${chosen[@]}"
 }
 
-if [[ -z "$wheels" ]]; then
+if [[ -z "$wheels" && $install == 1 ]]; then
   bash scripts/setup.sh --dev   # the dependencies at the tested pins (a CUDA torch is kept)
 fi
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' 2>/dev/null; then
@@ -54,12 +67,12 @@ elif [[ -n "$wheels" ]]; then
     (cd "$wheels" && sha256sum --quiet -c SHA256SUMS) || { say "$wheels: a wheel does not match SHA256SUMS"; exit 2; }
   fi
   install_site "$wheels"
-else
+elif [[ $install == 1 ]]; then
   download=$(mktemp -d); trap 'rm -rf "$download"' EXIT
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
     --dest "$download" onnxruntime-gpu nvidia-ml-py
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
-    --dest "$download" tensorrt 2>/dev/null \
+    --dest "$download" "tensorrt>=10.1" 2>/dev/null \
     || say "TensorRT has no wheels on PyPI for this machine (placeholder packages): its tests will skip"
   install_site "$download"
 fi

@@ -32,13 +32,16 @@ ls "$dir"/pytest-*.whl >/dev/null 2>&1 && wanted+=(pytest)
 # Everything must resolve from the folder before anything is removed.
 pip_offline install --dry-run --quiet "${wanted[@]}" \
   || { say "the wheels in $dir do not make a complete set for this Python; nothing was changed"; exit 1; }
-removed_cpu=0
+removed_cpu=0 reinstall=()
 if [[ $extra == gpu* ]] && "$PYTHON" -m pip show --quiet onnxruntime >/dev/null 2>&1; then
   say "replacing onnxruntime (CPU) with onnxruntime-gpu"
+  # Both install the module `onnxruntime`: removing the CPU one deletes files an installed
+  # onnxruntime-gpu shares with it, so that one is installed again in full.
+  "$PYTHON" -m pip show --quiet onnxruntime-gpu >/dev/null 2>&1 && reinstall=(--force-reinstall --no-deps onnxruntime-gpu)
   "$PYTHON" -m pip uninstall --yes --quiet onnxruntime
   removed_cpu=1
 fi
-if ! pip_offline install "${wanted[@]}"; then
+if ! pip_offline install "${wanted[@]}" || { [[ ${#reinstall[@]} -gt 0 ]] && ! pip_offline install "${reinstall[@]}"; }; then
   if [[ $removed_cpu == 1 ]] && pip_offline install --quiet onnxruntime 2>/dev/null; then
     say "installation failed; the CPU onnxruntime was put back"
   elif [[ $removed_cpu == 1 ]]; then
@@ -49,6 +52,6 @@ fi
 "$PYTHON" -m sdexport --help >/dev/null
 if [[ $extra == gpu* ]]; then
   "$PYTHON" -c 'import onnxruntime, sys; sys.exit("CUDAExecutionProvider" not in onnxruntime.get_available_providers())' \
-    || say "warning: the installed onnxruntime has no CUDAExecutionProvider"
+    || { say "the installed onnxruntime does not import with its CUDAExecutionProvider; see the error above"; exit 1; }
 fi
 say "sdexport[$extra] installed from $dir"

@@ -62,6 +62,8 @@ class FakeEngine:
                    ("encoder_hidden_states", TensorIOMode.INPUT), ("out_sample", TensorIOMode.OUTPUT)]
         self.num_io_tensors = len(self.io)
         self.device_memory_size_v2 = workspace
+        self.executions = 0
+        self.contexts = 0
         if trt.__version__.startswith("10."):
             self.device_memory_size = workspace  # removed in 11
         LIVE.append("engine")
@@ -84,6 +86,7 @@ class FakeEngine:
 
     def create_execution_context(self, strategy: AllocationStrategy) -> FakeContext:
         assert strategy == AllocationStrategy.USER_MANAGED
+        self.contexts += 1
         return FakeContext(self)
 
 
@@ -93,7 +96,6 @@ class FakeContext:
         self.addresses: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.device_memory: tuple[int, int] | None = None
-        self.executions = 0
         self.bind_calls = 0
 
     def __del__(self) -> None:
@@ -123,14 +125,16 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         assert self.device_memory is not None, "no activation memory set"
-        shapes = dict(self.shapes)
         addresses = dict(self.addresses)
 
         def run() -> None:
-            sample = _view(addresses["sample"], shapes["sample"])
+            # A replayed capture still reads what its context holds *now* (as TensorRT's
+            # shape-dependent parameters do): a context moved to other shapes corrupts old graphs.
+            shape = self.shapes["sample"]
+            sample = _view(addresses["sample"], shape)
             timestep = _view(addresses["timestep"], (1,))
-            _view(addresses["out_sample"], shapes["sample"])[...] = 2 * sample + timestep[0]
-            self.executions += 1
+            _view(addresses["out_sample"], shape)[...] = 2 * sample + timestep[0]
+            self.engine.executions += 1
 
         if Capture.active is not None:
             Capture.active.append(run)  # recorded, runs on replay

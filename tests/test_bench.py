@@ -67,13 +67,14 @@ def test_bench_writes_json_markdown_and_png(bench_run):
         assert _finite_positive(r["memory"]["host_rss_peak_mb"])
         assert _finite_positive(r["first_call_s"])
         assert r["stage_clock"] == "host clock"  # on a GPU: "cuda events"
+        assert r["stage_runs"] == 2  # min(repeats, 3), apart from the timed runs
         if r["contender"] != "diffusers":
             assert r["agreement"]["latents_rel_l2"] < 1e-4 and r["agreement"]["psnr_db"] > 60
             assert _finite_positive(r["speedup_vs_baseline"])
     assert _finite_positive(report["one_time"]["export"]["export_s"])
     markdown = (out / "results.md").read_text()
     assert "Random weights" in markdown and "| onnxruntime-cpu |" in markdown and "baseline" in markdown
-    assert "no host synchronisation inside" in markdown and "host clock" in markdown
+    assert "no stage marks" in markdown and "host clock" in markdown and "separate marked runs" in markdown
     with Image.open(out / "results.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
 

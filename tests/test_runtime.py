@@ -233,3 +233,23 @@ def test_cli_run_refuses_a_directory_as_output(tiny_engine_dir: Path, tmp_path: 
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", tmp_path) == 2
     assert "is a directory; give a file name" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_torch_backend_keeps_an_fp16_export_and_its_fp32_fallback_apart(tmp_path):
+    """The fp16 decoder and the fp32 fallback wrap the same VAE; converting one must not convert
+    the other (on a GPU the Torch backend runs fp16 exports in fp16)."""
+    import torch
+
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.loading import _torch_engines
+
+    out = tmp_path / "fp16"
+    export("tiny", out, ExportOptions(dtype="fp16", verify="none", components=["vae_decoder", "vae_decoder_fp32"]))
+    engines = _torch_engines(load_manifest(out), ["vae_decoder", "vae_decoder_fp32"], compile=False,
+                             device=torch.device("cpu"), dtype=torch.float16)
+    latent = {"latent": torch.randn(1, 4, 8, 8)}
+    half, full = engines["vae_decoder"](latent)["image"], engines["vae_decoder_fp32"](latent)["image"]
+    assert next(engines["vae_decoder"].module.parameters()).dtype == torch.float16
+    assert next(engines["vae_decoder_fp32"].module.parameters()).dtype == torch.float32
+    assert torch.allclose(half, full, atol=5e-2)

@@ -265,30 +265,45 @@ def test_shapes_outside_the_plan_are_refused_before_running(engine_factory):
     engine = engine_factory()
     with pytest.raises(ProfileError, match=r"axis 0 \(B\) is 6"):
         engine(_feed(batch=6))
-    assert engine.context.executions == 0
+    assert engine.engine.executions == 0
 
 
 def test_cuda_graph_is_captured_on_first_use_and_replayed(engine_factory):
     engine = engine_factory(cuda_graph=True)
+    plan = engine.engine
     first = engine(_feed(t=1.0))["out_sample"].clone()
-    assert engine.context.executions == 1  # the warm-up ran; the capture recorded without running
-    (graph,) = engine._graphs.values()
+    assert plan.executions == 1  # the warm-up ran; the capture recorded without running
+    (small,) = engine._graphs.values()
     second = engine(_feed(t=2.0))["out_sample"]
-    assert graph.replays == 1 and engine.context.executions == 2
+    assert small.graph.replays == 1 and plan.executions == 2
     torch.testing.assert_close(second, first + 1.0)  # the replay read the new inputs
-    engine(_feed(batch=4, side=16))  # new shapes: run and capture again, the old graph kept
+    big_feed = _feed(batch=4, side=16)
+    big = engine(big_feed)["out_sample"].clone()  # new shapes: run and capture again, the old graph kept
     assert len(engine._graphs) == 2
-    third = engine(_feed(t=3.0))["out_sample"]
-    assert graph.replays == 2
+    third = engine(_feed(t=3.0))["out_sample"]  # the old shapes again, after the new ones ran
+    assert small.graph.replays == 2 and third.shape == (2, 4, 8, 8)
     torch.testing.assert_close(third, first + 2.0)
+    torch.testing.assert_close(engine(big_feed)["out_sample"], big)
+
+
+def test_each_graph_has_its_own_context(engine_factory):
+    engine = engine_factory(cuda_graph=True)
+    engine(_feed())
+    engine(_feed(batch=4, side=16))
+    contexts = [entry.context for entry in engine._graphs.values()]
+    assert len({id(c) for c in contexts}) == 2 and engine.context not in contexts
+    assert engine.engine.contexts == 3  # the engine's own, one per captured shape set
+    for context in contexts:  # bound to the same buffers and the shared block
+        assert context.addresses == engine.context.addresses
+        assert context.device_memory == engine.context.device_memory
 
 
 def test_capture_ahead_of_the_first_call(engine_factory):
     engine = engine_factory(cuda_graph=True)
     engine.capture({"sample": (2, 4, 8, 8), "timestep": (1,), "encoder_hidden_states": (2, 8, 16)})
-    (graph,) = engine._graphs.values()
+    (entry,) = engine._graphs.values()
     engine(_feed())
-    assert graph.replays == 1
+    assert entry.graph.replays == 1
 
 
 def test_shared_memory_serves_every_engine_and_repoints_on_growth(engine_factory, trt):
@@ -314,7 +329,7 @@ def test_close_destroys_context_before_engine_and_leaves_no_cycle(engine_factory
     engine(_feed())
     memory = engine.memory
     engine.close()
-    assert fake_tensorrt.DESTROYED == ["context", "engine"]
+    assert fake_tensorrt.DESTROYED == ["context", "context", "engine"]  # the graph's, the engine's
     engine.close()  # idempotent
     with pytest.raises(EngineDirError, match="closed"):
         engine(_feed())

@@ -108,6 +108,7 @@ def test_pipeline_stages_come_from_the_clock_without_host_sync(tiny_engine_dir: 
 def test_the_baseline_is_timed_the_same_way(tiny_model, monkeypatch):
     from sdexport.bench.reference import DiffusersReference
 
+    before = {name: (vars(m).get("forward"), vars(m).get("decode")) for name, m in tiny_model.modules.items()}
     reference = DiffusersReference(tiny_model)
     reference.clock = TickClock()
     _no_host_sync(monkeypatch)
@@ -117,6 +118,8 @@ def test_the_baseline_is_timed_the_same_way(tiny_model, monkeypatch):
     reference.close()
     assert reference.pipe is None
     reference.close()  # idempotent
+    after = {name: (vars(m).get("forward"), vars(m).get("decode")) for name, m in tiny_model.modules.items()}
+    assert after == before  # the shared model has its methods back as they were
 
 
 # -- device memory through NVML -----------------------------------------------------------------

@@ -28,7 +28,8 @@ class Output:
 class Contender(Protocol):
     name: str
 
-    def __call__(self, request: GenerationRequest) -> Output: ...
+    def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
+        """``stages=False``: no stage marks, for end-to-end timing."""
 
     def close(self) -> None:
         """Free its device memory: the next contender is measured without it."""
@@ -67,8 +68,8 @@ class BaselineContender:
         self.reference = DiffusersReference(model, device=device(), dtype=torch_dtype,
                                             compile=name.endswith("compile"))
 
-    def __call__(self, request: GenerationRequest) -> Output:
-        result = self.reference(request)
+    def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
+        result = self.reference(request, stages=stages)
         return Output(result.latents, result.pixels, result.timings)
 
     def close(self) -> None:
@@ -84,8 +85,8 @@ class RuntimeContender:
         self.name = name
         self.pipeline = load_pipeline(engine_dir, name, cuda_graph=cuda_graph)
 
-    def __call__(self, request: GenerationRequest) -> Output:
-        result = self.pipeline(request)
+    def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
+        result = self.pipeline(request, stages=stages)
         return Output(result.latents, result.pixels, result.timings)
 
     def close(self) -> None:

@@ -227,6 +227,11 @@ def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: 
     return RuntimeContender(name, engine_dir, cuda_graph=bool(scenario.build.get("cuda_graph", False)))
 
 
+def stage_runs(repeats: int) -> int:
+    """Marked runs for the stage breakdown, after the timed ones: a few suffice for medians."""
+    return max(1, min(repeats, 3))
+
+
 def _capture_graphs(contender: Contender, scenario: Scenario) -> None:
     """One call per case as part of loading: the engines capture their CUDA graphs for every shape
     the cases use now, so no timed call (even with ``--warmup 0``) ever includes a capture. A case
@@ -249,12 +254,14 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
             first_call = time.perf_counter() - start
         advance()
     outputs: list[Output] = []
-    with MemorySampler() as memory:
+    with MemorySampler() as memory:  # end to end: runs with no marks and no synchronisation inside
         for _ in range(repeats):
-            outputs.append(contender(request))
+            outputs.append(contender(request, stages=False))
             advance()
+    # Stage figures from separate runs marked with the device's clock (CUDA events on a GPU).
+    staged = [contender(request) for _ in range(stage_runs(repeats))]
     totals = [o.timings.total for o in outputs]
-    steps = [s for o in outputs for s in o.timings.unet_steps]
+    steps = [s for o in staged for s in o.timings.unet_steps]
     e2e = Stats.of(totals)
     return {
         "contender": contender.name,
@@ -263,13 +270,14 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "first_call_s": first_call,
         "e2e_s": e2e.to_dict(),
         "images_per_s": case.batch / e2e.median,
-        "text_encoder_s": Stats.of([o.timings.text_encoder for o in outputs]).to_dict(),
+        "text_encoder_s": Stats.of([o.timings.text_encoder for o in staged]).to_dict(),
         "unet_step_s": Stats.of(steps).to_dict(),
-        "unet_calls": len(outputs[0].timings.unet_steps),
-        "vae_decoder_s": Stats.of([o.timings.vae_decoder for o in outputs]).to_dict(),
-        "loop_overhead_s": Stats.of([o.timings.loop_overhead for o in outputs]).to_dict(),
-        "it_per_s": Stats.of([o.timings.iterations_per_second for o in outputs]).median,
-        "stage_clock": outputs[0].timings.clock,
+        "unet_calls": len(staged[0].timings.unet_steps),
+        "vae_decoder_s": Stats.of([o.timings.vae_decoder for o in staged]).to_dict(),
+        "loop_overhead_s": Stats.of([o.timings.loop_overhead for o in staged]).to_dict(),
+        "it_per_s": Stats.of([o.timings.iterations_per_second for o in staged]).median,
+        "stage_clock": staged[0].timings.clock,
+        "stage_runs": len(staged),
         "memory": memory.to_dict(),
         "_output": outputs[0],
     }

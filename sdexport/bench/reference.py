@@ -58,10 +58,14 @@ class DiffusersReference:
             self.pipe.unet = torch.compile(self.pipe.unet)
         self.clock = clock_for(self.device)
         self._spans: list[tuple[str, Any, Any]] = []
+        self._marking = True
+        self._wrapped: list[tuple[Any, str, Any]] = []
         self._wrap()
 
     def _timed(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if not self._marking:
+                return fn(*args, **kwargs)
             start = self.clock.mark()
             result = fn(*args, **kwargs)
             self._spans.append((stage, start, self.clock.mark()))
@@ -72,16 +76,26 @@ class DiffusersReference:
     def _wrap(self) -> None:
         """Mark each module call through the instance, leaving diffusers' code untouched. The marks
         (CUDA events on a GPU) add no host synchronisation: the baseline runs as it would unwatched."""
-        for name in ("text_encoder", "text_encoder_2"):
-            module = getattr(self.pipe, name, None)
-            if module is not None:
-                module.forward = self._timed(module.forward, "text_encoder")
-        self.pipe.unet.forward = self._timed(self.pipe.unet.forward, "unet")
-        self.pipe.vae.decode = self._timed(self.pipe.vae.decode, "vae_decoder")
+        targets = [(getattr(self.pipe, n, None), "forward", "text_encoder") for n in ("text_encoder", "text_encoder_2")]
+        targets += [(self.pipe.unet, "forward", "unet"), (self.pipe.vae, "decode", "vae_decoder")]
+        for owner, attribute, stage in targets:
+            if owner is not None:
+                self._wrapped.append((owner, attribute, owner.__dict__.get(attribute)))
+                setattr(owner, attribute, self._timed(getattr(owner, attribute), stage))
+
+    def _unwrap(self) -> None:
+        """Put the modules' own methods back: they belong to the loaded model, which outlives this
+        reference (a later ``diffusers-compile`` baseline must not compile our timing wrappers)."""
+        for owner, attribute, previous in reversed(self._wrapped):
+            if previous is None:
+                owner.__dict__.pop(attribute, None)
+            else:
+                setattr(owner, attribute, previous)
+        self._wrapped.clear()
 
     def _timings(self, total: float) -> Timings:
         """Resolve this call's marks (its results are on the host, so every mark has completed)."""
-        timings = Timings(total=total, clock=self.clock.kind)
+        timings = Timings(total=total, clock=self.clock.kind if self._marking else "none")
         for stage, start, end in self._spans:
             seconds = self.clock.seconds(start, end)
             if stage == "unet":
@@ -97,6 +111,7 @@ class DiffusersReference:
         dropping the pipeline is not enough while the model is still referenced: move them back."""
         if self.pipe is None:
             return
+        self._unwrap()
         if self.device.type != "cpu":
             self.pipe.to("cpu")
         self.pipe = None
@@ -106,9 +121,11 @@ class DiffusersReference:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def __call__(self, request: GenerationRequest) -> ReferenceResult:
+    def __call__(self, request: GenerationRequest, *, stages: bool = True) -> ReferenceResult:
+        """``stages=False``: no marks at all, for runs timed only end to end (as the runtime's)."""
         self.pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
         self._spans = []
+        self._marking = stages
         captured: dict[str, torch.Tensor] = {}
 
         def keep_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:

@@ -77,10 +77,11 @@ def markdown(report: dict[str, Any]) -> str:
     clocks = sorted({r.get("stage_clock", "host clock") for r in measured})
     lines += [
         (
-            "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no host "
-            "synchronisation inside; per-stage times (text encoder, U-Net, VAE) come from "
-            f"{' and '.join(clocks) or 'no runs'} marked in those same runs, and overhead is the "
-            "end-to-end time outside those stages."
+            "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no "
+            "stage marks and nothing that waits for the device inside the denoising loop; per-stage "
+            f"times (text encoder, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
+            f"{max((r.get('stage_runs', 0) for r in measured), default=0)} separate marked runs per case, "
+            "and overhead is those runs' end-to-end time outside the stages."
         ),
         "",
     ]

@@ -7,6 +7,7 @@ PyTorch weights the directory does not hold.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from sdexport.shapes import ShapeProfile
 from sdexport.specs import components_for
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
+    import torch
+
     from sdexport.runtime.engine import Engine
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
@@ -161,8 +164,16 @@ def _load_engines(
     return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile))
 
 
-def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> dict[str, Engine]:
-    """Reload the PyTorch modules the directory was exported from (the reference implementation)."""
+def _torch_engines(
+    manifest: Manifest, names: list[str], *, compile: bool, device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Engine]:
+    """Reload the PyTorch modules the directory was exported from (the reference implementation).
+
+    ``device``/``dtype`` default to CUDA (fp16 for an fp16 export) where there is a GPU, else fp32 on
+    the CPU."""
+    import torch
+
     from sdexport.models import load_model
     from sdexport.runtime.torch_backend import TorchEngine
 
@@ -177,16 +188,23 @@ def _torch_engines(manifest: Manifest, names: list[str], *, compile: bool) -> di
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"))
-    import torch
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.float16 if cuda and manifest.dtype == "fp16" else torch.float32
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" and manifest.dtype == "fp16" else torch.float32
     engines: dict[str, Engine] = {}
+    placed: dict[int, torch.dtype] = {}
     for name in names:
         spec = manifest.spec(name)
+        module = model.module(spec.module)
+        wanted = torch.float32 if name == FALLBACK_VAE else dtype
+        if placed.get(id(module), wanted) != wanted:
+            # The fp16 decoder and its fp32 fallback share the VAE, and moving a module to a dtype
+            # converts it in place: the fallback gets a copy of its own.
+            module = copy.deepcopy(module)
+        placed[id(module)] = wanted
         engines[name] = TorchEngine(
-            spec, model.module(spec.module), profile=manifest.shape_profile, device=device,
-            dtype=torch.float32 if name == FALLBACK_VAE else dtype, compile=compile,
+            spec, module, profile=manifest.shape_profile, device=device, dtype=wanted, compile=compile,
         )
     return engines

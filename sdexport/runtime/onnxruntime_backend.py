@@ -29,7 +29,12 @@ _ORT_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.float16: n
 def preload_cuda_libraries(ort: Any) -> None:
     """Let onnxruntime-gpu (>= 1.21) load the CUDA and cuDNN libraries of pip's nvidia-* packages
     before its CUDA provider starts; older versions and missing libraries are left to the check
-    after the session is made. Its messages go to stderr (stdout is for results)."""
+    after the session is made. Its messages go to stderr (stdout is for results).
+
+    It looks for those packages beside onnxruntime itself; where onnxruntime lives elsewhere (a
+    separate site folder, as scripts/gpu-tests.sh makes) the libraries torch loaded on import
+    (this module imports torch first) serve when their CUDA major version matches, which
+    ``require_cuda_session`` then confirms."""
     preload = getattr(ort, "preload_dlls", None)
     if preload is None:
         return

@@ -199,6 +199,23 @@ class SharedDeviceMemory:
             self._buffer = None
 
 
+class _Graph:
+    """One captured CUDA graph and the execution context it was captured on (and must replay with)."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, context: trt.IExecutionContext) -> None:
+        self.graph: torch.cuda.CUDAGraph | None = graph
+        self.context: trt.IExecutionContext | None = context
+
+    def replay(self) -> None:
+        assert self.graph is not None
+        self.graph.replay()
+
+    def release(self) -> None:
+        """The graph first, then its context."""
+        self.graph = None
+        self.context = None
+
+
 class TensorRTEngine:
     """One component's TensorRT plan behind the Engine protocol (named CUDA torch tensors in and out).
 
@@ -245,11 +262,8 @@ class TensorRTEngine:
             lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
             self.ranges[name] = (lo, opt, hi)
 
-        context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
-        if context is None:
-            raise EngineDirError(f"{source or spec.name}: TensorRT could not create an execution context")
-        self.context = context
-        self._graphs: OrderedDict[tuple[Shape, ...], torch.cuda.CUDAGraph] = OrderedDict()
+        self.context = self._create_context()
+        self._graphs: OrderedDict[tuple[Shape, ...], _Graph] = OrderedDict()
         self._output_shapes: dict[tuple[Shape, ...], dict[str, Shape]] = {}
         self._bound_shapes: tuple[Shape, ...] | None = None
         self.memory.bind(self, engine.device_memory_size_v2)
@@ -266,8 +280,7 @@ class TensorRTEngine:
         for name in self.output_names:
             numel = _numel(_dims(self.context.get_tensor_shape(name)))
             self.outputs[name] = aligned_empty(numel, self.dtypes[name], self.device)
-        for name, buffer in (*self.inputs.items(), *self.outputs.items()):
-            self._bind(name, buffer)
+        self._bind_all(self.context)
 
     @classmethod
     def load(
@@ -285,16 +298,16 @@ class TensorRTEngine:
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Destroy the CUDA graphs, the context and the engine (in that order) and free the buffers.
+        """Destroy the CUDA graphs, the contexts and the engine (in that order) and free the buffers.
 
-        Idempotent. The shared activation block stays with its ``SharedDeviceMemory``."""
+        Idempotent. The shared activation block is freed with the last engine bound to it."""
         if self.closed:
             return
         self.closed = True
         self.memory.stream.synchronize()  # nothing of ours may still be running
         self.memory.unbind(self)
-        self._graphs.clear()
-        del self.context  # TensorRT needs the context destroyed before its engine
+        self._drop_graphs()
+        del self.context  # TensorRT needs the contexts destroyed before their engine
         del self.engine
         self.inputs.clear()
         self.outputs.clear()
@@ -310,17 +323,32 @@ class TensorRTEngine:
         if self.closed:
             return
         self.context.set_device_memory(self.memory.address, self.memory.nbytes)
-        self._graphs.clear()
+        self._drop_graphs()
 
-    def _bind(self, name: str, buffer: torch.Tensor) -> None:
-        address = int(buffer.data_ptr())
-        if address % ALIGNMENT:
-            raise EngineDirError(f"{self.spec.name}.{name}: buffer at {address:#x} is not {ALIGNMENT}-byte aligned")
-        if not self.context.set_tensor_address(name, address):
-            raise EngineDirError(
-                f"{self.source or self.spec.name}: TensorRT refused the address of {name!r} "
-                "(not an input or output of this plan)"
-            )
+    def _drop_graphs(self) -> None:
+        while self._graphs:
+            _, entry = self._graphs.popitem(last=False)
+            entry.release()
+
+    def _create_context(self) -> trt.IExecutionContext:
+        import tensorrt as trt
+
+        context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise EngineDirError(f"{self.source or self.spec.name}: TensorRT could not create an execution context")
+        return context
+
+    def _bind_all(self, context: trt.IExecutionContext) -> None:
+        """Bind every input and output buffer to ``context``, checking each address and binding."""
+        for name, buffer in (*self.inputs.items(), *self.outputs.items()):
+            address = int(buffer.data_ptr())
+            if address % ALIGNMENT:
+                raise EngineDirError(f"{self.spec.name}.{name}: buffer at {address:#x} is not {ALIGNMENT}-byte aligned")
+            if not context.set_tensor_address(name, address):
+                raise EngineDirError(
+                    f"{self.source or self.spec.name}: TensorRT refused the address of {name!r} "
+                    "(not an input or output of this plan)"
+                )
 
     # ------------------------------------------------------------------------------------------
 
@@ -375,49 +403,59 @@ class TensorRTEngine:
         current = torch.cuda.current_stream(self.device)
         stream.wait_stream(current)
         with torch.cuda.stream(stream):
-            graph = self._graphs.get(shapes) if self.cuda_graph else None
-            if graph is not None:
+            entry = self._graphs.get(shapes) if self.cuda_graph else None
+            if entry is not None:
                 self._graphs.move_to_end(shapes)
-                graph.replay()
+                entry.replay()
+            elif self.cuda_graph:
+                self._run_and_capture(shapes)
             else:
-                self._set_shapes(shapes)
-                self._execute()
-                if self.cuda_graph:  # this run was the warm-up for these shapes: capture for the next
-                    self._capture(shapes)
+                self._set_shapes(self.context, shapes)
+                self._execute(self.context)
         current.wait_stream(stream)
 
-    def _set_shapes(self, shapes: tuple[Shape, ...]) -> None:
-        if shapes == self._bound_shapes:
+    def _set_shapes(self, context: trt.IExecutionContext, shapes: tuple[Shape, ...]) -> None:
+        if context is self.context and shapes == self._bound_shapes:
             return
         for name, shape in zip(self.input_names, shapes):
-            if not self.context.set_input_shape(name, shape):
+            if not context.set_input_shape(name, shape):
                 raise ProfileError(f"{self.spec.name}.{name}: TensorRT refused shape {list(shape)}")
-        self._bound_shapes = shapes
+        if context is self.context:
+            self._bound_shapes = shapes
         if shapes not in self._output_shapes:
-            self._output_shapes[shapes] = {
-                name: _dims(self.context.get_tensor_shape(name)) for name in self.output_names
-            }
+            self._output_shapes[shapes] = {name: _dims(context.get_tensor_shape(name)) for name in self.output_names}
 
-    def _execute(self) -> None:
-        if not self.context.execute_async_v3(self.memory.stream.cuda_stream):
+    def _execute(self, context: trt.IExecutionContext) -> None:
+        if not context.execute_async_v3(self.memory.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.spec.name} (see the TensorRT messages above)")
 
-    def _capture(self, shapes: tuple[Shape, ...]) -> None:
-        """Record one execution at ``shapes`` (bound addresses never change, so replays stay valid)."""
+    def _run_and_capture(self, shapes: tuple[Shape, ...]) -> None:
+        """First call with ``shapes`` under CUDA graphs: run it (the warm-up TensorRT wants before a
+        capture) and capture it for later calls, on an execution context of its own.
+
+        A captured enqueue keeps reading state its context owns (shape-dependent parameters), so
+        one context serving several graphs would replay old graphs with the newest shapes. Each
+        graph's context shares the activation block and the I/O buffers, so extra contexts cost
+        little; at most ``MAX_GRAPHS`` are kept, the least recently used dropped first."""
+        context = self._create_context()
+        context.set_device_memory(self.memory.address, self.memory.nbytes)
+        self._bind_all(context)
+        self._set_shapes(context, shapes)
+        self._execute(context)
         captured = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(captured, stream=self.memory.stream):
-                self._execute()
+                self._execute(context)
         except RuntimeError as exc:  # e.g. a plan with data-dependent shapes: run without graphs
             from sdexport.console import console
 
             console.print(f"[yellow]note:[/] {self.spec.name}: CUDA graph capture failed ({escape(str(exc))}); running without")
             self.cuda_graph = False
-            self._graphs.clear()
+            self._drop_graphs()
             return
-        self._graphs[shapes] = captured
+        self._graphs[shapes] = _Graph(captured, context)
         while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)
+            self._graphs.popitem(last=False)[1].release()
 
 
 def _numel(shape: Shape) -> int:

@@ -9,7 +9,8 @@ the device's work and reads the time between them once the run is over:
   run's final device-to-host copy completes every event before they are read);
 * on the CPU, where work is synchronous, a mark is the host clock.
 
-End-to-end time is always the host's wall clock around the whole call.
+End-to-end time is always the host's wall clock around the whole call. A benchmark takes it from
+runs with no marks at all (``NO_CLOCK``) and the stage figures from separate marked runs.
 """
 
 from __future__ import annotations
@@ -57,6 +58,21 @@ class CudaEventClock:
     def seconds(self, start: Any, end: Any) -> float:
         end.synchronize()  # a no-op once the run's results reached the host
         return float(start.elapsed_time(end)) / 1000.0
+
+
+class NoClock:
+    """No marks at all: for runs timed only end to end."""
+
+    kind = "none"
+
+    def mark(self) -> None:
+        return None
+
+    def seconds(self, start: None, end: None) -> float:
+        return 0.0
+
+
+NO_CLOCK = NoClock()
 
 
 def clock_for(device: torch.device) -> StageClock:

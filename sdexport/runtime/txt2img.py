@@ -24,7 +24,7 @@ from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.runtime.schedulers import check_steps, make_scheduler
-from sdexport.runtime.timing import StageClock, clock_for
+from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims
 
@@ -139,11 +139,18 @@ class Txt2ImgPipeline:
     # -- the loop ---------------------------------------------------------------------------
 
     def __call__(
-        self, request: GenerationRequest, *, on_step: Callable[[int, int], None] | None = None
+        self,
+        request: GenerationRequest,
+        *,
+        on_step: Callable[[int, int], None] | None = None,
+        stages: bool = True,
     ) -> GenerationResult:
-        """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1)."""
+        """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1).
+
+        ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
+        a benchmark times end to end."""
         self.check(request)
-        clock = self.clock
+        clock = self.clock if stages else NO_CLOCK
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
@@ -176,14 +183,8 @@ class Txt2ImgPipeline:
             if on_step is not None:
                 on_step(i + 1, len(scheduler.timesteps))
 
-        if not torch.isfinite(latents).all():
-            raise SdexportError(
-                "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the VAE "
-                f"ran; with {request.scheduler} for {request.steps} steps at guidance {request.guidance:g}. "
-                "An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
-            )
         decode_start = clock.mark()
-        pixels, fallback = self.decode(latents)  # ends with the copy to the host: the run is complete
+        pixels, fallback = self.decode(latents, request)  # ends with the copy to the host: the run is complete
         decode_end = clock.mark()
         timings = Timings(
             text_encoder=clock.seconds(text_start, text_end),
@@ -295,12 +296,23 @@ class Txt2ImgPipeline:
         latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
         return latents.to(self.device) * scheduler.init_noise_sigma
 
-    def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, bool]:
-        """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder."""
+    def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> tuple[np.ndarray, bool]:
+        """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
+
+        The check of the image is the run's one wait for the device before the copy to the host
+        (nothing between the denoising loop and the VAE waits). Non-finite latents make a
+        non-finite image, so they are looked for only then, and blamed on the loop, not the VAE."""
         feed = {"latent": (latents / self.vae_scaling_factor).float()}
         image = self.engines["vae_decoder"](feed)["image"]
         fallback = False
         if not torch.isfinite(image).all():
+            if not torch.isfinite(latents).all():
+                where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.guidance:g}"
+                         if request is not None else "")
+                raise SdexportError(
+                    "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
+                    f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
+                )
             if self.fallback_vae is None:
                 raise SdexportError(
                     "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
