@@ -74,7 +74,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
     ]
     measured = [r for r in report["results"] if r["status"] == "measured"]
-    clocks = sorted({r.get("stage_clock", "host clock") for r in measured})
+    phrases = {"cuda events": "CUDA events", "host clock": "the host clock"}
+    clocks = sorted({phrases.get(r.get("stage_clock", ""), str(r.get("stage_clock"))) for r in measured})
     lines += [
         (
             "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no "
