@@ -51,6 +51,13 @@ def cpu_only() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def without_gpu() -> Iterator[None]:
+    """``cpu_only()`` for a whole test: ``pytestmark = pytest.mark.usefixtures("without_gpu")``."""
+    with cpu_only():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from sdexport.models import load_model

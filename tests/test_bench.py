@@ -31,11 +31,8 @@ def _finite_positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-@pytest.fixture(autouse=True)
-def _as_without_gpu():
-    """These test the harness on the CPU; on a GPU host they must still mean that."""
-    with cpu_only():
-        yield
+# These test the harness on the CPU; on a GPU host they must still mean that.
+pytestmark = pytest.mark.usefixtures("without_gpu")
 
 
 @pytest.fixture(scope="module")

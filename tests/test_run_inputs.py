@@ -10,17 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cpu_only, run_cli
+from conftest import run_cli
 from sdexport.errors import SdexportError
 from sdexport.runtime.loading import load_pipeline
 from sdexport.runtime.txt2img import GenerationRequest
 
-
-@pytest.fixture(autouse=True)
-def _as_without_gpu():
-    """Bad input is refused the same way on any host; `--backend tensorrt` is refused as without it."""
-    with cpu_only():
-        yield
+# Bad input is refused the same way on any host; `--backend tensorrt` is refused as without it.
+pytestmark = pytest.mark.usefixtures("without_gpu")
 
 
 @pytest.fixture(scope="module")

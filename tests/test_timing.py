@@ -73,35 +73,24 @@ def test_cuda_event_clock_marks_the_current_stream_and_converts_to_seconds(monke
     assert FakeEvent.recorded_on == [stream] * 3
 
 
-class TickClock:
-    """The fake CUDA clock as the pipeline sees it: every mark one tick (1 ms) later."""
-
-    kind = "fake events"
-
-    def __init__(self) -> None:
-        self.inner = CudaEventClock(torch.device("cpu"), event=FakeEvent)
-
-    def mark(self):
-        event = FakeEvent(enable_timing=True)
-        event.record(None)
-        return event
-
-    def seconds(self, start, end) -> float:
-        return self.inner.seconds(start, end)
+def fake_cuda_clock(monkeypatch) -> CudaEventClock:
+    """The real CUDA event clock over fake events: every mark one tick (1 ms) later."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    return CudaEventClock(torch.device("cpu"), event=FakeEvent)
 
 
 def test_pipeline_stages_come_from_the_clock_without_host_sync(tiny_engine_dir: Path, monkeypatch):
     from sdexport.runtime.loading import load_pipeline
 
     pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
-    pipeline.clock = TickClock()
+    pipeline.clock = fake_cuda_clock(monkeypatch)
     _no_host_sync(monkeypatch)
     result = pipeline(GenerationRequest(prompt=["a fox"], steps=3, scheduler="euler", height=64, width=64, seeds=[1]))
     timings = result.timings
-    assert timings.clock == "fake events"
+    assert timings.clock == "cuda events"
     assert timings.unet_steps == [pytest.approx(0.001)] * 3  # one tick between each step's marks
     assert timings.text_encoder == pytest.approx(0.001) and timings.vae_decoder == pytest.approx(0.001)
-    assert timings.total > 0 and timings.to_dict()["clock"] == "fake events"
+    assert timings.total > 0 and timings.to_dict()["clock"] == "cuda events"
     pipeline.close()
 
 
@@ -110,10 +99,10 @@ def test_the_baseline_is_timed_the_same_way(tiny_model, monkeypatch):
 
     before = {name: (vars(m).get("forward"), vars(m).get("decode")) for name, m in tiny_model.modules.items()}
     reference = DiffusersReference(tiny_model)
-    reference.clock = TickClock()
+    reference.clock = fake_cuda_clock(monkeypatch)
     _no_host_sync(monkeypatch)
     result = reference(GenerationRequest(prompt=["a fox"], steps=2, scheduler="euler", height=64, width=64, seeds=[1]))
-    assert result.timings.clock == "fake events"
+    assert result.timings.clock == "cuda events"
     assert len(result.timings.unet_steps) == 2 and result.timings.vae_decoder == pytest.approx(0.001)
     reference.close()
     assert reference.pipe is None

@@ -18,7 +18,7 @@ import torch
 
 from sdexport.models import LoadedModel
 from sdexport.runtime.schedulers import make_scheduler
-from sdexport.runtime.timing import clock_for
+from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
 
 
@@ -56,19 +56,18 @@ class DiffusersReference:
         self.pipe.set_progress_bar_config(disable=True)
         if compile:
             self.pipe.unet = torch.compile(self.pipe.unet)
-        self.clock = clock_for(self.device)
+        self.clock: StageClock = clock_for(self.device)
+        self._call_clock: StageClock = self.clock
+        """The clock of the call in progress: ``self.clock``, or ``NO_CLOCK`` for an unmarked run."""
         self._spans: list[tuple[str, Any, Any]] = []
-        self._marking = True
         self._wrapped: list[tuple[Any, str, Any]] = []
         self._wrap()
 
     def _timed(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if not self._marking:
-                return fn(*args, **kwargs)
-            start = self.clock.mark()
+            start = self._call_clock.mark()
             result = fn(*args, **kwargs)
-            self._spans.append((stage, start, self.clock.mark()))
+            self._spans.append((stage, start, self._call_clock.mark()))
             return result
 
         return wrapper
@@ -95,9 +94,10 @@ class DiffusersReference:
 
     def _timings(self, total: float) -> Timings:
         """Resolve this call's marks (its results are on the host, so every mark has completed)."""
-        timings = Timings(total=total, clock=self.clock.kind if self._marking else "none")
+        clock = self._call_clock
+        timings = Timings(total=total, clock=clock.kind)
         for stage, start, end in self._spans:
-            seconds = self.clock.seconds(start, end)
+            seconds = clock.seconds(start, end)
             if stage == "unet":
                 timings.unet_steps.append(seconds)
             else:
@@ -105,7 +105,8 @@ class DiffusersReference:
         return timings
 
     def close(self) -> None:
-        """Give the device back the baseline's weights before the next contender is measured.
+        """Release the baseline's weights on the device before the next contender is measured (the
+        benchmark then empties torch's cache once for every contender).
 
         The pipeline moved the loaded model's own modules to the device (``.to`` works in place), so
         dropping the pipeline is not enough while the model is still referenced: move them back."""
@@ -115,17 +116,12 @@ class DiffusersReference:
         if self.device.type != "cpu":
             self.pipe.to("cpu")
         self.pipe = None
-        import gc
-
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> ReferenceResult:
         """``stages=False``: no marks at all, for runs timed only end to end (as the runtime's)."""
         self.pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
         self._spans = []
-        self._marking = stages
+        self._call_clock = self.clock if stages else NO_CLOCK
         captured: dict[str, torch.Tensor] = {}
 
         def keep_latents(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
