@@ -106,6 +106,7 @@ def inspect(
 @app.command()
 def build(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
+    target: Annotated[str, typer.Option(help="tensorrt: TensorRT plans. onnxruntime-cuda: graphs with ONNX Runtime's own Stable Diffusion fusions (contrib ops for its CUDA provider), written beside the portable graphs; runs on the CPU too.")] = "tensorrt",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fallback VAE stays fp32.")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
     strongly_typed: Annotated[bool, typer.Option(help="Build fp32 exports strongly typed too (TensorRT 10; fp16 exports and TensorRT 11 always are).")] = False,
@@ -118,12 +119,25 @@ def build(
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet.")] = None,
     force: Annotated[bool, typer.Option(help="Rebuild even when a matching engine is cached.")] = False,
 ) -> None:
-    """Build TensorRT engines for an engine directory (reusing cached engines whose key matches)."""
+    """Build engines for an engine directory: TensorRT plans, or ONNX Runtime CUDA graphs
+    (reusing what was built before from the same graphs with the same settings)."""
     from rich.table import Table
 
     from sdexport.build.tensorrt_build import build_engines, default_timing_cache, require_tensorrt
     from sdexport.manifest import load_manifest
 
+    if target not in BUILD_TARGETS:
+        raise SdexportError(f"--target {target!r}: choose {' or '.join(BUILD_TARGETS)}")
+    if target == "onnxruntime-cuda":
+        trt_only = {"--static": static, "--strongly-typed": strongly_typed, "--batch": batch, "--height": height,
+                    "--width": width, "--timing-cache": timing_cache, "--optimization-level": optimization_level,
+                    "--refittable": refittable}
+        given = [flag for flag, value in trt_only.items() if value not in (None, False)]
+        if given:
+            raise SdexportError(f"{', '.join(given)}: TensorRT build settings; --target onnxruntime-cuda "
+                                "graphs keep the export's dynamic shapes (CUDA graphs fix them at load: run --cuda-graph)")
+        _build_onnxruntime(engine_dir, components=_names(components, "--components"), fp16=fp16, force=force)
+        return
     require_tensorrt()  # before anything else: the one line that says what to install
     profile = None
     if batch is not None or height is not None or width is not None:
@@ -141,6 +155,26 @@ def build(
     for r in results:
         table.add_row(r.component, r.status, f"{r.seconds:.1f}", str(r.path.relative_to(engine_dir)),
                       "; ".join(r.reasons) or "-")
+    out.print(table)
+
+
+BUILD_TARGETS = ("tensorrt", "onnxruntime-cuda")
+
+
+def _build_onnxruntime(engine_dir: Path, *, components: list[str] | None, fp16: bool, force: bool) -> None:
+    from rich.table import Table
+
+    from sdexport.build.onnxruntime_build import build_onnxruntime
+    from sdexport.runtime.providers import require_onnxruntime
+
+    require_onnxruntime()
+    results = build_onnxruntime(engine_dir, components=components, fp16=fp16, force=force)
+    table = Table(title=f"ONNX Runtime CUDA graphs in {engine_dir}", title_justify="left")
+    for column in ("component", "status", "seconds", "fused operators", "parity", "why built"):
+        table.add_column(column)
+    for r in results:
+        fused = ", ".join(f"{op} {n}" for op, n in sorted(r.fusions.items())) or "none"
+        table.add_row(r.component, r.status, f"{r.seconds:.1f}", fused, r.parity or "-", "; ".join(r.reasons) or "-")
     out.print(table)
 
 
@@ -199,7 +233,9 @@ def run(
     height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width (default: the profile's opt).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = "onnxruntime",
-    cuda_graph: Annotated[bool, typer.Option(help="TensorRT: capture the U-Net in a CUDA graph (static shapes).")] = False,
+    cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: capture each engine in a CUDA graph at load and replay it (fixed shapes; least launch overhead).")] = False,
+    portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs even where `sdexport build --target onnxruntime-cuda` wrote fused ones.")] = False,
+    ort_option: Annotated[list[str] | None, typer.Option("--ort-option", help="onnxruntime-cuda: a CUDA provider option KEY=VALUE passed through as given, e.g. sdpa_kernel=... (ONNX Runtime's attention-kernel mask; its values differ between releases). Repeatable.")] = None,
     prompt_2: Annotated[list[str] | None, typer.Option("--prompt-2", help="SDXL: prompt for the second text encoder (default: --prompt).")] = None,
     negative_prompt_2: Annotated[list[str] | None, typer.Option("--negative-prompt-2", help="SDXL: negative prompt for the second text encoder.")] = None,
     original_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
@@ -218,6 +254,7 @@ def run(
     if len(prompt) > 1 and batch != 1:
         raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
     check_backend(backend)
+    provider_options = _key_values(ort_option, "--ort-option")
     # Everything below up to the engines reads small files only: a bad request is refused at once.
     manifest = load_manifest(engine_dir, verify_files=False)
     profile = manifest.shape_profile
@@ -242,18 +279,37 @@ def run(
     image_path = _output_path(output)
     check_image_output(image_path, request.batch)
     resolved = resolve_backend(backend)
+    if cuda_graph and resolved not in ("tensorrt", "onnxruntime-cuda"):
+        raise SdexportError(f"--cuda-graph: for --backend tensorrt or onnxruntime-cuda, not {resolved}")
+    if (portable_graphs or provider_options) and resolved != "onnxruntime-cuda":
+        flag = "--portable-graphs" if portable_graphs else "--ort-option"
+        raise SdexportError(f"{flag}: for --backend onnxruntime-cuda, not {resolved}")
     require_backend(resolved)
     from sdexport.runtime.schedulers import check_steps  # diffusers: needed to run anyway
 
     check_steps(request.scheduler, scheduler_config, request.steps)
-    verify_for_backend(engine_dir, manifest, resolved)  # hashes: the directory is what the manifest says
+    # hashes: the directory is what the manifest says
+    verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto")
     for note in ignored_settings(request):
         console.print(f"[yellow]note:[/] {escape(note)}")
-    _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph)
+    _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph,
+              graphs="portable" if portable_graphs else "auto", provider_options=provider_options)
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``KEY=VALUE`` options into a dict; a malformed one is refused with one line."""
+    result = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise SdexportError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} sdpa_kernel=1")
+        result[key.strip()] = value.strip()
+    return result
 
 
 def _generate(
     engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
+    graphs: str = "auto", provider_options: dict[str, str] | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise, save."""
     from rich.progress import Progress
@@ -265,7 +321,8 @@ def _generate(
     wanted = ShapeProfile.single(request.batch, request.height, request.width)
     with console.status(f"Loading engines ({backend})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
-                                 verify_files=False)  # hashed before the heavy imports
+                                 verify_files=False, graphs=graphs, provider_options=provider_options)
+        # (hashed before the heavy imports)
     pipeline.check(request)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random-weight model: images are noise-like by design")

@@ -40,6 +40,9 @@ class ComponentEntry:
     parity: dict[str, Any]
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)
     """TensorRT plans by cache key: {"path", "key": {...}, "build_seconds"}."""
+    optimized: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Graphs rewritten for one runtime, by build target (``onnxruntime-cuda``): {"onnx", "dtype",
+    "source_sha256", "fusions", "parity", ...}. Beside the portable graph, never instead of it."""
 
 
 @dataclass
@@ -182,6 +185,9 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     referenced = [(f"components.{n}.onnx", e.onnx) for n, e in manifest.components.items()] + [
         (f"components.{n}.engines.{k}.path", str(plan["path"]))
         for n, e in manifest.components.items() for k, plan in e.engines.items()
+    ] + [
+        (f"components.{n}.optimized.{t}.onnx", str(o["onnx"]))
+        for n, e in manifest.components.items() for t, o in e.optimized.items()
     ]
     for label, rel in referenced:
         _require_inside(directory, rel)

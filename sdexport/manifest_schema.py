@@ -43,6 +43,22 @@ _ENGINE = {
         "profile": _PROFILE,
     },
 }
+_OPTIMIZED = {
+    "type": "object",
+    "required": ["onnx", "dtype", "source_sha256"],
+    "properties": {
+        "onnx": _PATH,
+        "dtype": {"enum": ["fp32", "fp16"]},
+        "source_sha256": _SHA256,
+        "onnxruntime": {"type": "string"},
+        "fusion_model": {"enum": ["clip", "unet", "vae"]},
+        "fusions": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+        "parity": {"type": "object"},
+        "build_seconds": {"type": "number", "minimum": 0},
+        "built": {"type": "string"},
+    },
+}
+"""A graph rewritten for one runtime (``sdexport build --target onnxruntime-cuda``)."""
 _COMPONENT = {
     "type": "object",
     "required": ["onnx", "dtype", "parity"],
@@ -51,6 +67,8 @@ _COMPONENT = {
         "dtype": {"enum": ["fp32", "fp16"]},
         "parity": {"type": "object"},
         "engines": {"type": "object", "additionalProperties": _ENGINE},
+        "optimized": {"type": "object", "propertyNames": {"enum": ["onnxruntime-cuda"]},
+                      "additionalProperties": _OPTIMIZED},
     },
     "additionalProperties": False,
 }

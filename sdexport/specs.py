@@ -34,6 +34,8 @@ DType = Literal["int32", "float", "float32"]
 the computation on it up to its first weighted layer (the sinusoidal timestep and time-id
 projections, as in diffusers). Graph inputs and outputs are float32 either way."""
 
+FusionModel = Literal["clip", "unet", "vae"]
+
 Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids"]
 """What realistic values of a tensor look like, for sample inputs in export and verification."""
 
@@ -83,6 +85,9 @@ class ComponentSpec:
     """Called with the positive and negative halves batched together (2B) under CFG."""
     always_fp32: bool = False
     """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE)."""
+    fusion_model: FusionModel = "unet"
+    """The model type onnxruntime's transformer optimizer fuses this graph as (``sdexport build
+    --target onnxruntime-cuda``): its attention, GroupNorm and convolution patterns differ by type."""
 
     @property
     def input_names(self) -> list[str]:
@@ -256,6 +261,7 @@ TEXT_ENCODER = ComponentSpec(
     ),
     wrapper=_text_encoder_wrapper,
     cfg_batch=True,
+    fusion_model="clip",
 )
 
 UNET = ComponentSpec(
@@ -277,6 +283,7 @@ VAE_DECODER = ComponentSpec(
     inputs=(TensorSpec("latent", _LATENT),),
     outputs=(TensorSpec("image", ("B", "3", "H", "W")),),
     wrapper=_vae_decoder_wrapper,
+    fusion_model="vae",
 )
 
 VAE_ENCODER = ComponentSpec(
@@ -285,6 +292,7 @@ VAE_ENCODER = ComponentSpec(
     inputs=(TensorSpec("image", ("B", "3", "H", "W"), values="pixels"),),
     outputs=(TensorSpec("latent_parameters", ("B", "2C", "h", "w")),),
     wrapper=_vae_encoder_wrapper,
+    fusion_model="vae",
 )
 
 VAE_DECODER_FP32 = replace(VAE_DECODER, name="vae_decoder_fp32", always_fp32=True)
@@ -300,6 +308,7 @@ SDXL_TEXT_ENCODER = ComponentSpec(
     ),
     wrapper=_sdxl_text_encoder_wrapper,
     cfg_batch=True,
+    fusion_model="clip",
 )
 
 SDXL_TEXT_ENCODER_2 = ComponentSpec(
@@ -312,6 +321,7 @@ SDXL_TEXT_ENCODER_2 = ComponentSpec(
     ),
     wrapper=_sdxl_text_encoder_wrapper,
     cfg_batch=True,
+    fusion_model="clip",
 )
 
 SDXL_UNET = ComponentSpec(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -112,6 +113,58 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.Model
     )
     OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
     return converted
+
+
+CONVERTER_CASTS = re.compile(r"^graph_(input|output)_cast\d+$|_cast_to_\w+_node$")
+"""Names onnxruntime's float16 converter gives the casts it inserts (at the graph's float32 edges
+and around nodes it keeps in float32); the exporter's own casts are named after the module path."""
+
+
+def to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Undo ``to_fp16`` in place: float32 weights holding the fp16 values, casts to fp16 made casts to
+    float32, and the converter's casts (now float32 to float32) removed.
+
+    onnxruntime's fusions match fp32 graphs only (their BiasAdd and GroupNorm matchers read weights
+    as float32, and the converter's casts sit inside the patterns), so ``sdexport build --target
+    onnxruntime-cuda`` widens an fp16 export first. Widening is exact, and converting the fused graph
+    to fp16 again rounds every weight back to the very value the export had.
+    """
+    import numpy as np
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+
+    def widen(tensor: onnx.TensorProto) -> None:
+        if tensor.data_type == TensorProto.FLOAT16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+
+    for tensor in graph.initializer:
+        widen(tensor)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                widen(attr.t)
+            elif node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.FLOAT16:
+                attr.i = TensorProto.FLOAT
+    del graph.value_info[:]  # fp16 types; shape inference gives them again
+    outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        if node.op_type != "Cast" or not CONVERTER_CASTS.search(node.name):
+            kept.append(node)
+            continue
+        source, target = node.input[0], node.output[0]
+        old, new = (source, target) if target in outputs else (target, source)
+        for other in graph.node:  # rename, so the graph's own output names stay as they were
+            for i, name in enumerate(other.input):
+                if name == old:
+                    other.input[i] = new
+            for i, name in enumerate(other.output):
+                if name == old:
+                    other.output[i] = new
+    del graph.node[:]
+    graph.node.extend(kept)
+    return model
 
 
 def check(path: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
-from sdexport.manifest import Manifest, load_manifest, read_scheduler_config, tokenizer_names, verify_files_of
+from sdexport.manifest import Manifest, check_files, load_manifest, read_scheduler_config, tokenizer_names
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
@@ -61,8 +61,13 @@ def load_pipeline(
     threads: int = 0,
     verify_files: bool = True,
     request_profile: ShapeProfile | None = None,
+    graphs: str = "auto",
+    provider_options: dict[str, str] | None = None,
 ) -> Txt2ImgPipeline:
-    """``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them."""
+    """``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
+    (and CUDA-graph ONNX Runtime sessions are made for them at load). ``graphs`` (onnxruntime-cuda):
+    "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
+    ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through."""
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
     backend = resolve_backend(backend)
@@ -70,11 +75,11 @@ def load_pipeline(
     names, fallback = txt2img_components(manifest), fallback_vae(manifest)
     loaded = names + ([fallback] if fallback else [])
     if verify_files:
-        verify_for_backend(engine_dir, manifest, backend)
+        verify_for_backend(engine_dir, manifest, backend, graphs)
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
-                            request_profile=request_profile)
+                            request_profile=request_profile, graphs=graphs, provider_options=provider_options)
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {n: engines[n] for n in names},
@@ -88,16 +93,38 @@ def load_pipeline(
         profile=manifest.shape_profile,
         fallback_vae=engines.get(fallback) if fallback else None,
         info={"backend": backend, "engine_dir": str(engine_dir), "random_weights": manifest.random_weights,
-              "model": manifest.model["label"], "dtype": manifest.dtype},
+              "model": manifest.model["label"], "dtype": manifest.dtype,
+              "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
+              if backend.startswith("onnxruntime") else {}},
     )
 
 
-def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str) -> None:
-    """Hash what ``backend`` (resolved) reads: ONNX graphs for ONNX Runtime only (the Torch backend
+def graph_for(manifest: Manifest, name: str, backend: str, graphs: str = "auto") -> str:
+    """The ONNX graph ``backend`` (resolved) runs for component ``name``: the ONNX Runtime CUDA graph
+    that ``sdexport build --target onnxruntime-cuda`` wrote, where there is one and ``graphs`` is
+    "auto", else the portable graph."""
+    from sdexport.build.onnxruntime_build import TARGET
+
+    entry = manifest.components[name]
+    optimized = entry.optimized.get(TARGET)
+    if backend == "onnxruntime-cuda" and graphs == "auto" and optimized is not None:
+        return str(optimized["onnx"])
+    return entry.onnx
+
+
+def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graphs: str = "auto") -> None:
+    """Hash what ``backend`` (resolved) reads: the ONNX graphs ONNX Runtime runs (the Torch backend
     reads none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always."""
+    from sdexport.build.cache_key import onnx_files
+
     fallback = fallback_vae(manifest)
     loaded = txt2img_components(manifest) + ([fallback] if fallback else [])
-    verify_files_of(engine_dir, manifest, loaded if backend.startswith("onnxruntime") else [], plans=False)
+    folders = tuple(f"{name}/" for name in manifest.components)
+    files = {rel: sha for rel, sha in manifest.files.items() if not rel.startswith(folders)}
+    if backend.startswith("onnxruntime"):
+        for name in loaded:
+            files.update(onnx_files(manifest.files, graph_for(manifest, name, backend, graphs)))
+    check_files(engine_dir, files)
 
 
 def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -140,7 +167,7 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
 
 def _load_engines(
     engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
-    request_profile: ShapeProfile | None,
+    request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
 ) -> dict[str, Engine]:
     profile, dims = manifest.shape_profile, manifest.model_dims
     if backend.startswith("onnxruntime"):
@@ -152,11 +179,20 @@ def _load_engines(
             import torch
 
             stream = torch.cuda.Stream()
-        return {
-            n: OnnxRuntimeEngine(manifest.spec(n), engine_dir / manifest.components[n].onnx, dims=dims,
-                                 profile=profile, device=device, threads=threads, stream=stream)
-            for n in names
-        }
+        engines: dict[str, Engine] = {}
+        for n in names:
+            rel = graph_for(manifest, n, backend, graphs)
+            spec = manifest.spec(n)
+            sizes = None
+            if cuda_graph and request_profile is not None and request_profile.is_static:
+                sizes = dims.sizes(request_profile.component_batch(spec)[1], request_profile.height[1],
+                                   request_profile.width[1])
+            engines[n] = OnnxRuntimeEngine(
+                spec, engine_dir / rel, dims=dims, profile=profile, device=device, threads=threads, stream=stream,
+                fused=rel != manifest.components[n].onnx, cuda_graph=cuda_graph, sizes=sizes,
+                provider_options=provider_options,
+            )
+        return engines
     if backend.startswith("torch"):
         return _torch_engines(manifest, names, compile=backend == "torch-compile")
     from sdexport.runtime.tensorrt_backend import load_tensorrt_engines

@@ -5,6 +5,15 @@ for all engines of a pipeline), and ORT is told not to synchronise the host at t
 calls are ordered with the caller's stream by stream waits, never by host synchronisation, so the
 denoising loop queues work as fast as the GPU takes it. (Torch's default stream cannot be used:
 its handle is 0, which ORT reads as "no stream given".)
+
+A graph fused by ``sdexport build --target onnxruntime-cuda`` runs with ``prefer_nhwc`` (its
+GroupNorm and convolutions are NHWC). With ``cuda_graph``, ORT captures the whole run in a CUDA
+graph (``enable_cuda_graph``) and replays it: that needs every node on the CUDA provider and fixed
+buffer addresses, so the session is made for one set of shapes (every dynamic dimension frozen with
+a free-dimension override, which lets ORT fold the shape arithmetic that would otherwise run on the
+CPU) and binds buffers it owns; calls copy their inputs in and get views of its outputs back, valid
+until the engine's next call (as with TensorRT). A call with other shapes makes the session again
+for them (seconds): keep the shapes of a CUDA-graph pipeline fixed.
 """
 
 from __future__ import annotations
@@ -18,10 +27,10 @@ import numpy as np
 import torch
 
 from sdexport.errors import EngineDirError, SdexportError, one_line
-from sdexport.runtime.engine import check_feed, output_shapes
+from sdexport.runtime.engine import TORCH_DTYPES, check_feed, output_shapes, sizes_from_inputs
 from sdexport.runtime.providers import PROVIDERS, available_providers, require_provider
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims
+from sdexport.specs import DYNAMIC_SYMBOLS, ComponentSpec, ModelDims
 
 _ORT_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.float16: np.float16}
 
@@ -58,6 +67,30 @@ def require_cuda_session(session: Any, path: Path) -> None:
         )
 
 
+def cuda_provider_options(
+    device_index: int, stream_handle: int, *, fused: bool = False, cuda_graph: bool = False,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The CUDA provider's options for one session (ORT takes them as strings).
+
+    ``fused``: the graph from ``sdexport build --target onnxruntime-cuda`` (NHWC operators, so NHWC
+    for the rest too). ``extra``: options passed through as given (``run --ort-option``), e.g. ORT's
+    ``sdpa_kernel`` attention-kernel mask, whose bit values differ between onnxruntime releases."""
+    options = {
+        "device_id": str(device_index),
+        "user_compute_stream": str(stream_handle),
+        "arena_extend_strategy": "kSameAsRequested",
+        "cudnn_conv_algo_search": "EXHAUSTIVE",
+        "cudnn_conv_use_max_workspace": "1",
+    }
+    if fused:
+        options["prefer_nhwc"] = "1"
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    options.update(extra or {})
+    return options
+
+
 class OnnxRuntimeEngine:
     """One ONNX graph in an InferenceSession.
 
@@ -75,42 +108,98 @@ class OnnxRuntimeEngine:
         device: str = "cpu",
         threads: int = 0,
         stream: torch.cuda.Stream | None = None,
+        fused: bool = False,
+        cuda_graph: bool = False,
+        sizes: dict[str, int] | None = None,
+        provider_options: dict[str, str] | None = None,
     ) -> None:
-        """``stream`` (CUDA): the stream to run on; share one between a pipeline's engines."""
+        """``stream`` (CUDA): the stream to run on; share one between a pipeline's engines.
+        ``fused``: ``path`` is an ONNX Runtime CUDA graph (contrib operators, NHWC).
+        ``cuda_graph`` (CUDA): capture and replay; ``sizes`` (symbol values, as ``ModelDims.sizes``
+        gives them) fixes the shapes now, else the first call's shapes do."""
         import onnxruntime as ort
 
         require_provider(device)
-        self.spec, self.dims, self.profile = spec, dims, profile
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        providers: list[Any] = [PROVIDERS["cpu"]]
+        if cuda_graph and device != "cuda":
+            raise SdexportError("--cuda-graph needs the CUDA provider (--backend onnxruntime-cuda)")
+        self.spec, self.dims, self.profile, self.path = spec, dims, profile, path
+        self.threads, self.fused, self.cuda_graph = threads, fused, cuda_graph
+        self.extra_options = dict(provider_options or {})
         self.stream: torch.cuda.Stream | None = None
         if device == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
             self.stream = stream if stream is not None else torch.cuda.Stream(self.device)
             preload_cuda_libraries(ort)
-            cuda_options = {"device_id": str(self.device.index), "user_compute_stream": str(self.stream.cuda_stream)}
-            providers = [(PROVIDERS["cuda"], cuda_options), PROVIDERS["cpu"]]
         else:
             self.device = torch.device("cpu")
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise EngineDirError(f"{path}: onnxruntime cannot load it ({one_line(exc, 400)})") from exc
-        if device == "cuda":
-            require_cuda_session(self.session, path)
         self.run_options = ort.RunOptions()
         # The end-of-run cudaStreamSynchronize: callers wait on the stream instead (ORT >= 1.14).
         self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if not set(self.input_names) <= set(spec.input_names) or outputs != spec.output_names:
+        self.sizes: dict[str, int] | None = None
+        self._fixed: _FixedBuffers | None = None
+        if cuda_graph:
+            if sizes is not None:
+                self._specialize(sizes)
+        else:
+            self.session = self._make_session(None)
+
+    def _make_session(self, sizes: dict[str, int] | None) -> Any:
+        """A session for the graph; ``sizes`` freezes its dynamic dimensions (for CUDA graphs)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        for symbol, value in (sizes or {}).items():
+            if symbol in DYNAMIC_SYMBOLS:
+                options.add_free_dimension_override_by_name(symbol, value)
+        providers: list[Any] = [PROVIDERS["cpu"]]
+        if self.stream is not None:
+            cuda = cuda_provider_options(self.device.index or 0, self.stream.cuda_stream, fused=self.fused,
+                                         cuda_graph=self.cuda_graph, extra=self.extra_options)
+            providers = [(PROVIDERS["cuda"], cuda), PROVIDERS["cpu"]]
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            hint = ""
+            if self.cuda_graph:
+                hint = "; with --cuda-graph every node must run on the CUDA provider: try without it"
+            raise EngineDirError(f"{self.path}: onnxruntime cannot load it ({one_line(exc, 400)}){hint}") from exc
+        if self.stream is not None:
+            require_cuda_session(session, self.path)
+        names = [i.name for i in session.get_inputs()]
+        outputs = [o.name for o in session.get_outputs()]
+        if not set(names) <= set(self.spec.input_names) or outputs != self.spec.output_names:
             raise EngineDirError(
-                f"{path} takes {self.input_names} and returns {outputs}, but a {spec.name} graph takes "
-                f"{spec.input_names} and returns {spec.output_names}; re-export"
+                f"{self.path} takes {names} and returns {outputs}, but a {self.spec.name} graph takes "
+                f"{self.spec.input_names} and returns {self.spec.output_names}; re-export"
             )
+        self.input_names = names
+        return session
+
+    def _specialize(self, sizes: dict[str, int]) -> None:
+        """(CUDA graph) a session and fixed buffers for these shapes, captured now: two runs on zeros
+        (ORT runs the first normally and captures on the next), so no caller's call captures."""
+        self.session = None
+        self._fixed = None
+        self.session = self._make_session(sizes)
+        self.sizes = dict(sizes)
+        fixed = _FixedBuffers(self.spec, sizes, self.device)
+        binding = self.session.io_binding()
+        index = self.device.index or 0
+        for name in self.input_names:
+            tensor = fixed.inputs[name]
+            binding.bind_input(name, "cuda", index, _ORT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
+        for name, tensor in fixed.outputs.items():
+            binding.bind_output(name, "cuda", index, np.float32, list(tensor.shape), tensor.data_ptr())
+        fixed.binding = binding
+        self._fixed = fixed
+        assert self.stream is not None
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the zeros are written
+        for _ in range(2):
+            self.session.run_with_iobinding(binding, self.run_options)
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feed(self.spec, feed)
@@ -118,7 +207,23 @@ class OnnxRuntimeEngine:
             arrays = {n: feed[n].contiguous().numpy() for n in self.input_names}
             results = self.session.run(self.spec.output_names, arrays)
             return {n: torch.from_numpy(r) for n, r in zip(self.spec.output_names, results)}
+        if self.cuda_graph:
+            return self._run_graph(feed, self.stream)
         return self._run_bound(feed, self.stream)
+
+    def _run_graph(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
+        """Copy the inputs into the captured graph's buffers and replay it on ``stream``."""
+        sizes = sizes_from_inputs(self.spec, feed, self.dims)
+        if self._fixed is None or sizes != self.sizes:
+            self._specialize(sizes)
+        assert self._fixed is not None
+        current = torch.cuda.current_stream(self.device)
+        for name in self.input_names:
+            self._fixed.inputs[name].copy_(feed[name])  # on the caller's stream, ordered before the wait
+        stream.wait_stream(current)
+        self.session.run_with_iobinding(self._fixed.binding, self.run_options)
+        current.wait_stream(stream)
+        return dict(self._fixed.outputs)
 
     def _run_bound(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Bind device pointers and run on ``stream``, ordered after the caller's stream by a wait.
@@ -149,13 +254,24 @@ class OnnxRuntimeEngine:
         """Release the session (and its device memory arena) now rather than at garbage collection."""
         if self.stream is not None:
             self.stream.synchronize()
-        self.session = None  # type: ignore[assignment]
+        self.session = None
+        self._fixed = None
 
     def __enter__(self) -> OnnxRuntimeEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _FixedBuffers:
+    """The buffers a captured CUDA graph reads and writes: allocated once for one set of shapes."""
+
+    def __init__(self, spec: ComponentSpec, sizes: dict[str, int], device: torch.device) -> None:
+        self.inputs = {t.name: torch.zeros(t.shape(sizes), dtype=TORCH_DTYPES[t.dtype], device=device)
+                       for t in spec.inputs}
+        self.outputs = {t.name: torch.empty(t.shape(sizes), dtype=torch.float32, device=device) for t in spec.outputs}
+        self.binding: Any = None
 
 
 __all__ = ["OnnxRuntimeEngine", "available_providers", "require_provider"]

@@ -15,11 +15,15 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def require_provider(device: str) -> None:
+def require_onnxruntime() -> None:
     if not available_providers():
         raise MissingDependencyError(
             "onnxruntime", "for the ONNX Runtime backend", 'pip install "sdexport[cpu]" (or [gpu] on CUDA)'
         )
+
+
+def require_provider(device: str) -> None:
+    require_onnxruntime()
     if PROVIDERS[device] not in available_providers():
         raise MissingDependencyError(
             "onnxruntime-gpu",

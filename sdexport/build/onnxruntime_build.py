@@ -1,0 +1,464 @@
+"""ONNX → ONNX Runtime CUDA graphs: onnxruntime's own Stable Diffusion fusions, beside the portable graph.
+
+``sdexport build --target onnxruntime-cuda`` runs onnxruntime's transformer optimizer
+(``onnxruntime.transformers.optimizer.optimize_model``) on each component, with the model type its
+spec names (``ComponentSpec.fusion_model``: clip, unet or vae), in the order onnxruntime's own SD
+tool uses: the fusions on the **fp32** graph (an fp16 export is widened first, exactly), then the
+conversion to fp16 with float32 graph I/O and the float32 timestep projection, as in every sdexport
+export. The fused graph (MultiHeadAttention with packed QKV/KV, GroupNorm and SkipGroupNorm in NHWC,
+NhwcConv, BiasSplitGelu, BiasAdd) is written to ``<component>/onnxruntime-cuda/model.onnx``; the
+portable graph stays as it was, because TensorRT and other runtimes cannot read these contrib ops.
+
+The manifest records, per component, the artifact and its hashes, the fused-operator counts
+(``get_fused_operator_statistics``), the portable graph it came from (so a re-export makes it stale)
+and its parity against the fp32 reference: on the CUDA provider where there is one; where there is
+none, a CPU build of the same fusions minus the GPU-only ones is compared instead, and the record says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from sdexport.build.cache_key import onnx_files, onnx_sha256
+from sdexport.console import console, step
+from sdexport.errors import EngineDirError, SdexportError, one_line
+from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, sha256_file
+from sdexport.specs import ComponentSpec, components_for
+
+if TYPE_CHECKING:
+    import onnx
+
+TARGET = "onnxruntime-cuda"
+"""The build target's name: the manifest key of its artifacts and the folder they live in."""
+
+GPU_ONLY_FUSIONS = (
+    "enable_group_norm", "enable_skip_group_norm", "enable_nhwc_conv", "enable_bias_splitgelu",
+    "enable_bias_add", "enable_packed_qkv", "enable_packed_kv",
+)
+"""FusionOptions flags whose operators onnxruntime implements for CUDA only."""
+
+CONTRIB_DOMAIN = "com.microsoft"
+
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+"""Relative-L2 bound against the fp32 reference graph, as for the export's own parity check."""
+
+
+def artifact_path(component: str) -> str:
+    """Where a component's fused graph lives, relative to the engine directory."""
+    return f"{component}/{TARGET}/model.onnx"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fusing one graph
+
+
+def fusion_options(model_type: str, *, fp16: bool, gpu: bool = True) -> Any:
+    """onnxruntime's defaults for the model type, as its SD tool sets them: packed QKV/KV only for fp16
+    graphs (their fused kernels are fp16); ``gpu=False`` turns off the fusions whose operators have
+    no CPU kernel, for a variant that can be run and compared on any machine."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    options = FusionOptions(model_type)
+    if model_type == "unet" and not fp16:
+        options.enable_packed_qkv = options.enable_packed_kv = False
+    if not gpu:
+        for flag in GPU_ONLY_FUSIONS:
+            setattr(options, flag, False)
+    return options
+
+
+def fuse(model: onnx.ModelProto, model_type: str, *, fp16: bool, gpu: bool = True) -> tuple[onnx.ModelProto, dict[str, int]]:
+    """Run onnxruntime's fusions on an fp32 graph (no session: ``opt_level=0``), returning the fused
+    graph and the fused-operator counts. The graph is changed in place."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    with _quiet(), numpy_scalar_compat():
+        optimized = optimize_model(
+            model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
+            optimization_options=fusion_options(model_type, fp16=fp16, gpu=gpu), use_gpu=gpu,
+        )
+        statistics = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
+    fused = optimized.model
+    # onnxruntime adds the contrib domain to the opsets only in its own save; onnx needs it declared.
+    if any(n.domain == CONTRIB_DOMAIN for n in fused.graph.node) and not any(
+        o.domain == CONTRIB_DOMAIN for o in fused.opset_import
+    ):
+        fused.opset_import.add(domain=CONTRIB_DOMAIN, version=1)
+    return fused, statistics
+
+
+def to_fp16_fused(model: onnx.ModelProto, keep_fp32: list[str]) -> onnx.ModelProto:
+    """fp16 conversion of a fused graph: as ``export.graph.to_fp16`` (float32 graph I/O, the float32
+    cone after ``keep_fp32`` inputs), but with onnxruntime's symbolic shape inference, which knows
+    the types its contrib operators return (onnx's own inference does not)."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    from sdexport.export.graph import fp32_cone
+
+    wrapped = OnnxModel(model)
+    with _quiet():
+        wrapped.convert_float_to_float16(
+            use_symbolic_shape_infer=True, keep_io_types=True, node_block_list=fp32_cone(model, keep_fp32) or None,
+        )
+    OnnxModel.graph_topological_sort(wrapped.model.graph, is_deterministic=True)
+    return wrapped.model
+
+
+class _Scalarish:
+    """Numpy 2.4 refuses ``int()`` of a one-element array that is not 0-d; onnxruntime's UNet and VAE
+    attention fusions (through 1.32 at least) call it on ``[num_heads]`` shape constants, and the
+    fusion pass dies with a TypeError. ``numpy_scalar_compat`` hands those methods arrays that convert."""
+
+    cls: Any = None
+
+    @classmethod
+    def view(cls, value: Any) -> Any:
+        import numpy as np
+
+        if cls.cls is None:
+            class ScalarishArray(np.ndarray):
+                def __int__(self) -> int:
+                    return int(np.asarray(self).reshape(-1)[0]) if self.size == 1 else int(np.asarray(self))
+
+            cls.cls = ScalarishArray
+        return value.view(cls.cls) if isinstance(value, np.ndarray) else value
+
+
+@contextlib.contextmanager
+def numpy_scalar_compat() -> Iterator[None]:
+    """Patch onnxruntime's two ``num_heads`` readers for the duration of a fusion pass, only where this
+    numpy needs it; the methods themselves run unchanged, reading constants that ``int()`` accepts."""
+    import numpy as np
+
+    try:
+        int(np.ones(1))
+        yield  # an older numpy: nothing to do
+        return
+    except TypeError:
+        pass
+    from onnxruntime.transformers import onnx_model_unet, onnx_model_vae
+
+    patched = [
+        (onnx_model_unet.FusionAttentionUnet, "get_num_heads"),
+        (onnx_model_vae.FusionAttentionVae, "get_num_heads_and_hidden_size"),
+    ]
+    originals = [(owner, name, owner.__dict__[name]) for owner, name in patched if name in owner.__dict__]
+    for owner, name, method in originals:
+        setattr(owner, name, _reading_scalarish(method))
+    try:
+        yield
+    finally:
+        for owner, name, method in originals:
+            setattr(owner, name, method)
+
+
+def _reading_scalarish(method: Any) -> Any:
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        model = self.model
+        original = model.get_constant_value
+        model.get_constant_value = lambda name: _Scalarish.view(original(name))
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            del model.get_constant_value  # the class's method shows again
+
+    return call
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's optimizer prints warnings to stdout, which is kept for results, and a progress bar
+    (tqdm) to stderr beside sdexport's own: both are dropped; errors still raise."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("onnxruntime", "fusion_base", "onnx_model", "")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parity
+
+
+def parity(
+    spec: ComponentSpec, reference: Path, candidate: Path, *, manifest: Manifest, provider: str, dtype: str,
+    variant: str,
+) -> dict[str, Any]:
+    """Run ``candidate`` on ``provider`` and the fp32 ``reference`` graph on the CPU at the profile's
+    min point (and opt on CUDA); the relative-L2 error of every output against the tolerance."""
+    import onnxruntime as ort
+
+    from sdexport.export.inputs import sample_inputs
+    from sdexport.export.verify import compare
+
+    tolerance = TOLERANCE[dtype]
+    profile, dims = manifest.shape_profile, manifest.model_dims
+    lo, opt, _ = profile.component_batch(spec)
+    points = [("min", lo, profile.height[0], profile.width[0])]
+    if provider == "CUDAExecutionProvider":
+        points.append(("opt", opt, profile.height[1], profile.width[1]))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    want_session = ort.InferenceSession(str(reference), options, providers=["CPUExecutionProvider"])
+    providers = [provider, "CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [provider]
+    got_session = ort.InferenceSession(str(candidate), options, providers=providers)
+    results = []
+    for i, (label, batch, height, width) in enumerate(points):
+        feed = sample_inputs(spec, dims.sizes(batch, height, width), vocab_size=_vocab(manifest), seed=i)
+        want = want_session.run(spec.output_names, feed)
+        got = got_session.run(spec.output_names, feed)
+        outputs = {n: vars(compare(g, w)) for n, g, w in zip(spec.output_names, got, want)}
+        ok = all(e["rel_l2"] <= tolerance for e in outputs.values())
+        results.append({"label": label, "status": "passed" if ok else "failed",
+                        "shapes": {n: list(v.shape) for n, v in feed.items()}, "outputs": outputs})
+    status = "failed" if any(p["status"] == "failed" for p in results) else "passed"
+    return {"status": status, "provider": provider, "variant": variant, "reference": "fp32 graph",
+            "dtype": dtype, "tolerance": tolerance, "points": results}
+
+
+def _vocab(manifest: Manifest) -> int:
+    """Token ids for sample inputs: any id below the smallest vocabulary a CLIP tokenizer has."""
+    return 256
+
+
+def _require_parity(component: str, report: dict[str, Any]) -> None:
+    if report["status"] != "failed":
+        return
+    bad = [f"{p['label']}: {name} rel-L2 {e['rel_l2']:.2e}" for p in report["points"] if p["status"] == "failed"
+           for name, e in p["outputs"].items() if not e["rel_l2"] <= report["tolerance"]]
+    raise SdexportError(
+        f"{component}: the fused graph disagrees with the fp32 reference on {report['provider']} beyond "
+        f"the {report['dtype']} tolerance (rel-L2 {report['tolerance']:g}): " + "; ".join(bad)
+        + "; nothing was kept. Please report this with the model and onnxruntime version"
+    )
+
+
+def cuda_provider_here() -> bool:
+    """Whether a CUDA session can really start here (onnxruntime-gpu lists it even without a GPU)."""
+    from sdexport.runtime.providers import available_providers
+
+    if "CUDAExecutionProvider" not in available_providers():
+        return False
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building an engine directory's artifacts
+
+
+@dataclass
+class OrtBuildResult:
+    """What ``build_onnxruntime`` did for one component."""
+
+    component: str
+    status: Literal["built", "cached"]
+    path: Path
+    seconds: float
+    fusions: dict[str, int] = field(default_factory=dict)
+    parity: str = ""
+    reasons: list[str] = field(default_factory=list)
+
+
+def build_onnxruntime(
+    engine_dir: Path, *, components: list[str] | None = None, fp16: bool = True, force: bool = False,
+) -> list[OrtBuildResult]:
+    """Write (or reuse) one ONNX Runtime CUDA graph per component of an exported engine directory.
+
+    ``fp16``: convert the fused graph to fp16 (the fallback VAE stays fp32). A fused graph is reused
+    when it was made from the same portable graph, with the same precision and onnxruntime version,
+    and its files are intact, unless ``force``.
+    """
+    import onnxruntime  # noqa: F401  (one clear line below when it is missing)
+
+    load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
+    from sdexport.export.plan import ENGINE_DIR
+    from sdexport.output_dir import updating
+
+    with updating(engine_dir, ENGINE_DIR):
+        return _build_locked(engine_dir, components=components, fp16=fp16, force=force)
+
+
+def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool, force: bool) -> list[OrtBuildResult]:
+    import onnxruntime as ort
+
+    manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
+    specs = _select(manifest, components)
+    on_cuda = cuda_provider_here()
+    if not on_cuda:
+        console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "
+                      "CPU variant (the same fusions minus the CUDA-only ones) against the fp32 reference")
+    results = []
+    for spec in specs:
+        entry = manifest.components[spec.name]
+        dtype = "fp32" if spec.always_fp32 or not fp16 else "fp16"
+        wanted = {"source_sha256": onnx_sha256(manifest.files, entry.onnx), "dtype": dtype,
+                  "onnxruntime": ort.__version__}
+        reasons = _rebuild_reasons(engine_dir, manifest, spec.name, wanted, force)
+        rel = artifact_path(spec.name)
+        if not reasons:
+            done = entry.optimized[TARGET]
+            console.print(f"[green]✓[/] {spec.name}: cached {rel}")
+            results.append(OrtBuildResult(spec.name, "cached", engine_dir / rel, 0.0, dict(done.get("fusions", {})),
+                                          str(done.get("parity", {}).get("status", ""))))
+            continue
+        check_files(engine_dir, onnx_files(manifest.files, entry.onnx))  # built from what the manifest says
+        start = time.perf_counter()
+        with step(f"Fusing {spec.name} for ONNX Runtime CUDA ({spec.fusion_model}, {dtype})"):
+            record = _build_one(engine_dir, manifest, spec, dtype, on_cuda)
+        record.update(wanted, build_seconds=round(time.perf_counter() - start, 2),
+                      built=datetime.now(UTC).isoformat(timespec="seconds"))
+        _install(engine_dir, manifest, spec.name, record)
+        results.append(OrtBuildResult(spec.name, "built", engine_dir / rel, record["build_seconds"],
+                                      record["fusions"], record["parity"]["status"], reasons))
+    return results
+
+
+def _build_one(engine_dir: Path, manifest: Manifest, spec: ComponentSpec, dtype: str, on_cuda: bool) -> dict[str, Any]:
+    """Fuse, convert, save and check one component into a staging folder beside its final place;
+    returns the manifest record (with ``_staging``: the folder to move in)."""
+    import onnx
+
+    from sdexport.export import graph
+
+    entry = manifest.components[spec.name]
+    folder = engine_dir / spec.name
+    staging = folder / f".{TARGET}.{os.getpid()}.tmp"
+    _discard(staging)
+    staging.mkdir()
+    try:
+        with tempfile.TemporaryDirectory(prefix="sdexport-ort-") as scratch:
+            # The fp32 reference: the portable graph itself, or the fp16 export widened exactly.
+            reference = Path(scratch) / "reference.onnx"
+            model = onnx.load(str(engine_dir / entry.onnx))
+            if entry.dtype == "fp16":
+                model = graph.to_fp32(model)
+            graph.save(model, reference)
+            keep_fp32 = [t.name for t in spec.inputs if t.dtype == "float32"]
+            fused, statistics = fuse(model, spec.fusion_model, fp16=dtype == "fp16")
+            del model
+            if dtype == "fp16":
+                fused = to_fp16_fused(fused, keep_fp32)
+            path = staging / "model.onnx"
+            graph.save(fused, path)
+            del fused
+            _check_saved(path)
+            if on_cuda:
+                report = parity(spec, reference, path, manifest=manifest, provider="CUDAExecutionProvider",
+                                dtype=dtype, variant="the fused graph")
+            else:
+                variant = Path(scratch) / "cpu-variant.onnx"
+                cpu_model, _ = fuse(onnx.load(str(reference)), spec.fusion_model, fp16=False, gpu=False)
+                graph.save(cpu_model, variant)
+                del cpu_model
+                report = parity(spec, reference, variant, manifest=manifest, provider="CPUExecutionProvider",
+                                dtype="fp32", variant="CPU variant (CUDA-only fusions off, fp32)")
+        _require_parity(spec.name, report)
+    except BaseException:
+        _discard(staging)
+        raise
+    return {"onnx": artifact_path(spec.name), "dtype": dtype, "fusion_model": spec.fusion_model,
+            "fusions": {k: v for k, v in statistics.items() if v}, "parity": report, "_staging": str(staging)}
+
+
+def _check_saved(path: Path) -> None:
+    """The structural check onnx can make of a graph with contrib operators (its full check runs
+    strict shape inference, which knows no com.microsoft operator)."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise SdexportError(f"{path}: the fused graph is not valid ONNX ({one_line(exc, 300)}); nothing was kept") from None
+
+
+def _install(engine_dir: Path, manifest: Manifest, component: str, record: dict[str, Any]) -> None:
+    """Move a finished staging folder into ``<component>/onnxruntime-cuda``.
+
+    The manifest lists the new files first (as the TensorRT build lists a plan before it takes its
+    name): an interruption leaves listed files that are missing or do not match, which the next
+    build rebuilds and the runtime refuses, never an unlisted file. An existing folder is replaced
+    only when the manifest lists every file in it."""
+    from sdexport.manifest import sha256_file
+    from sdexport.output_dir import unlisted_files
+
+    staging = Path(record.pop("_staging"))
+    final = engine_dir / component / TARGET
+    prefix = f"{component}/{TARGET}/"
+    if final.exists():
+        stray = unlisted_files(final, {rel[len(prefix):] for rel in manifest.files if rel.startswith(prefix)})
+        if stray:
+            _discard(staging)
+            raise EngineDirError(
+                f"{final} holds files sdexport did not write ({', '.join(stray[:3])}); move them away and build again"
+            )
+    for rel in [r for r in manifest.files if r.startswith(prefix)]:
+        del manifest.files[rel]
+    for file in sorted(staging.iterdir()):
+        manifest.files[f"{prefix}{file.name}"] = sha256_file(file)
+    manifest.components[component].optimized[TARGET] = record
+    save_manifest(engine_dir, manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(staging, final)
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _select(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
+    specs = [s for s in components_for(manifest.family) if s.name in manifest.components]
+    if not names:
+        return specs
+    known = [s.name for s in specs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SdexportError(
+            f"unknown or unexported component(s) {', '.join(unknown)}; this directory has {', '.join(known)}"
+        )
+    return [s for s in specs if s.name in names]
+
+
+def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, wanted: dict[str, str], force: bool) -> list[str]:
+    """Empty when an intact fused graph made the way ``wanted`` says is listed; else why a build is needed."""
+    existing = manifest.components[component].optimized.get(TARGET)
+    if force:
+        return ["--force"]
+    if existing is None:
+        return ["no fused graph yet"]
+    reasons = [f"{key} {existing.get(key)!s:.12} != {value:.12}" for key, value in wanted.items()
+               if existing.get(key) != value]
+    if reasons:
+        return reasons
+    for rel, sha in onnx_files(manifest.files, existing["onnx"]).items():
+        file = engine_dir / rel
+        if not file.is_file():
+            return [f"{rel} is missing"]
+        if sha256_file(file) != sha:
+            return [f"{rel} does not match its sha256 (damaged)"]
+    return []

@@ -1,0 +1,284 @@
+"""``sdexport build --target onnxruntime-cuda``: onnxruntime's SD fusions, checked on the CPU.
+
+The fused graph's CUDA-only operators (GroupNorm, NhwcConv, BiasSplitGelu, ...) cannot run here, so
+these tests check its structure (fused-operator counts against the architecture), run the CPU
+variant of the same fusions against the portable graph, and check what the build records and how
+the runtime picks the graphs. tests/test_gpu_runtime.py runs the fused graphs on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import run_cli
+from sdexport.build import onnxruntime_build as ob
+from sdexport.export import graph
+from sdexport.export.inputs import sample_inputs
+from sdexport.manifest import load_manifest, sha256_file
+from sdexport.specs import component
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+
+@pytest.fixture(scope="module")
+def fp16_dir(tmp_path_factory) -> Path:
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("ort-fp16") / "tiny"
+    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def built_dir(fp16_dir: Path, tmp_path_factory) -> Path:
+    """An fp16 export with its ONNX Runtime CUDA graphs (built once for the module)."""
+    out = tmp_path_factory.mktemp("ort-built") / "tiny"
+    shutil.copytree(fp16_dir, out)
+    assert run_cli("build", out, "--target", "onnxruntime-cuda") == 0
+    return out
+
+
+def _run(path: Path, feed: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(names, feed)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - b) / np.linalg.norm(b.astype(np.float64)))
+
+
+def _ops(model: onnx.ModelProto) -> Counter[str]:
+    return Counter(n.op_type for n in model.graph.node)
+
+
+def _feed(name: str, seed: int = 0) -> dict[str, np.ndarray]:
+    from sdexport.specs import ModelDims
+
+    spec = component("sd", name)
+    dims = ModelDims(S=77, E=32, P=32, C=4, vae_scale_factor=2, unet_downsample=2)
+    return sample_inputs(spec, dims.sizes(2, 64, 64), vocab_size=256, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
+def test_widening_an_fp16_graph_gives_the_fp32_graph_back(tiny_engine_dir: Path, fp16_dir: Path, name: str, tmp_path):
+    """The fusions need fp32: an fp16 export is widened, to the same structure as an fp32 export
+    and to the values its fp16 weights hold."""
+    fp32 = onnx.load(str(tiny_engine_dir / name / "model.onnx"))
+    widened = graph.to_fp32(onnx.load(str(fp16_dir / name / "model.onnx")))
+    assert _ops(widened) == _ops(fp32)
+    assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in widened.graph.initializer)
+    onnx.checker.check_model(widened, full_check=True)
+    graph.save(widened, tmp_path / "w.onnx")
+    spec = component("sd", name)
+    feed = _feed(name)
+    got = _run(tmp_path / "w.onnx", feed, spec.output_names)
+    want = _run(fp16_dir / name / "model.onnx", feed, spec.output_names)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 1e-2  # the same weights, computed in fp32 instead of fp16
+
+
+def test_unet_fusions_match_the_architecture(tiny_engine_dir: Path, tiny_model):
+    """One MultiHeadAttention per attention module (self and cross in every transformer block), one
+    NhwcConv per convolution, one BiasSplitGelu per GEGLU: a pattern hidden by the export's constant
+    folding (the attention scale chain, say) would show here as a smaller count."""
+    from diffusers.models.activations import GEGLU
+    from diffusers.models.attention_processor import Attention
+
+    unet = tiny_model.module("unet")
+    portable = onnx.load(str(tiny_engine_dir / "unet" / "model.onnx"))
+    fused, stats = ob.fuse(onnx.load(str(tiny_engine_dir / "unet" / "model.onnx")), "unet", fp16=True)
+    attention = sum(isinstance(m, Attention) for m in unet.modules())
+    assert attention > 0
+    assert stats["MultiHeadAttention"] + stats.get("Attention", 0) == attention
+    assert stats["NhwcConv"] == _ops(portable)["Conv"]
+    assert stats["BiasSplitGelu"] == sum(isinstance(m, GEGLU) for m in unet.modules())
+    assert stats["GroupNorm"] + stats["SkipGroupNorm"] == _ops(portable)["InstanceNormalization"]
+    assert stats["BiasAdd"] > 0
+    assert _ops(fused)["Softmax"] == 0  # no attention left unfused
+    assert any(o.domain == ob.CONTRIB_DOMAIN for o in fused.opset_import)
+
+
+def test_vae_fusions_cover_every_convolution_and_resnet_group_norm(tiny_engine_dir: Path, tiny_model):
+    """onnxruntime's VAE attention fusion matches the pre-SDPA pattern only, so the mid-block
+    attention (and the GroupNorm in front of it) stays unfused: one block, run once per image."""
+    from diffusers.models.attention_processor import Attention
+
+    portable = onnx.load(str(tiny_engine_dir / "vae_decoder" / "model.onnx"))
+    _, stats = ob.fuse(onnx.load(str(tiny_engine_dir / "vae_decoder" / "model.onnx")), "vae", fp16=True)
+    attention = sum(isinstance(m, Attention) for m in tiny_model.module("vae").decoder.modules())
+    assert stats["NhwcConv"] == _ops(portable)["Conv"]
+    assert stats["GroupNorm"] + stats["SkipGroupNorm"] == _ops(portable)["InstanceNormalization"] - attention
+
+
+@pytest.mark.parametrize(("name", "model_type"), [("unet", "unet"), ("vae_decoder", "vae"), ("text_encoder", "clip")])
+def test_cpu_variant_of_the_fusions_matches_the_portable_graph(tiny_engine_dir: Path, name, model_type, tmp_path):
+    """The fusions onnxruntime can run on a CPU (attention among them for the U-Net) compute what the
+    portable graph computes."""
+    fused, stats = ob.fuse(onnx.load(str(tiny_engine_dir / name / "model.onnx")), model_type, fp16=False, gpu=False)
+    if name == "unet":
+        assert stats["MultiHeadAttention"] > 0
+    assert not any(stats.get(op) for op in ("GroupNorm", "NhwcConv", "BiasSplitGelu", "BiasAdd", "SkipGroupNorm"))
+    graph.save(fused, tmp_path / "fused.onnx")
+    spec = component("sd", name)
+    feed = _feed(name, seed=3)
+    for g, w in zip(_run(tmp_path / "fused.onnx", feed, spec.output_names),
+                    _run(tiny_engine_dir / name / "model.onnx", feed, spec.output_names)):
+        assert _rel(g, w) < 1e-4
+
+
+def test_the_fp16_fused_graph_keeps_float32_io_and_the_fp32_timestep(built_dir: Path):
+    model = onnx.load(str(built_dir / "unet" / "onnxruntime-cuda" / "model.onnx"))
+    onnx.checker.check_model(model)
+    float_io = [v.type.tensor_type.elem_type for v in [*model.graph.input, *model.graph.output]
+                if v.name != "timestep"]
+    assert set(float_io) == {onnx.TensorProto.FLOAT}
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    # the sinusoidal projection stays float32: the timestep is not rounded to fp16 on its way in
+    # (fp16 holds t near 1000 only to 0.5)
+    uses = [n for n in model.graph.node if "timestep" in n.input]
+    assert uses and not [n for n in uses if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
+    counts = _ops(model)
+    assert counts["MultiHeadAttention"] > 0 and counts["NhwcConv"] > 0 and counts["GroupNorm"] > 0
+
+
+def test_the_build_records_artifacts_fusions_and_parity(fp16_dir: Path, built_dir: Path):
+    manifest = load_manifest(built_dir)  # every hash checks, the layout is closed
+    before = load_manifest(fp16_dir)
+    for name, entry in manifest.components.items():
+        record = entry.optimized[ob.TARGET]
+        assert record["onnx"] == f"{name}/onnxruntime-cuda/model.onnx"
+        assert record["onnx"] in manifest.files
+        assert record["dtype"] == ("fp32" if name == "vae_decoder_fp32" else "fp16")
+        assert record["parity"]["status"] == "passed"
+        assert record["parity"]["provider"] == "CPUExecutionProvider"
+        assert "CPU variant" in record["parity"]["variant"]
+        assert record["onnxruntime"] == ort.__version__
+        # the portable graph is untouched
+        assert manifest.files[entry.onnx] == before.files[entry.onnx] == sha256_file(built_dir / entry.onnx)
+    assert manifest.components["unet"].optimized[ob.TARGET]["fusions"]["MultiHeadAttention"] > 0
+    assert run_cli("inspect", built_dir) == 0
+
+
+def test_a_second_build_reuses_and_force_rebuilds(built_dir: Path, tmp_path: Path, capsys):
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "unet") == 0
+    assert "cached" in capsys.readouterr().out
+    before = load_manifest(copy).components["unet"].optimized[ob.TARGET]["built"]
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "unet", "--force") == 0
+    assert "--force" in capsys.readouterr().out
+    manifest = load_manifest(copy)
+    assert manifest.components["unet"].optimized[ob.TARGET]["built"] >= before
+    assert not list((copy / "unet").glob(".*.tmp"))  # no staging left behind
+
+
+def test_a_damaged_or_stale_fused_graph_is_rebuilt(built_dir: Path, tmp_path: Path):
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    manifest = load_manifest(copy)
+    wanted = {"source_sha256": manifest.components["unet"].optimized[ob.TARGET]["source_sha256"],
+              "dtype": "fp16", "onnxruntime": ort.__version__}
+    assert ob._rebuild_reasons(copy, manifest, "unet", wanted, False) == []
+    assert ob._rebuild_reasons(copy, manifest, "unet", {**wanted, "source_sha256": "0" * 64}, False)[0].startswith(
+        "source_sha256")
+    (copy / "unet" / "onnxruntime-cuda" / "model.onnx").write_bytes(b"damaged")
+    assert "damaged" in ob._rebuild_reasons(copy, manifest, "unet", wanted, False)[0]
+
+
+def test_files_the_user_put_in_the_target_folder_are_not_replaced(built_dir: Path, tmp_path: Path, capsys):
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    mine = copy / "unet" / "onnxruntime-cuda" / "notes.txt"
+    mine.write_text("mine")
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "unet", "--force") == 2
+    assert "did not write" in capsys.readouterr().err
+    assert mine.read_text() == "mine"
+    assert not list((copy / "unet").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("flags", [["--static"], ["--batch", "1"], ["--refittable"], ["--optimization-level", "3"]])
+def test_tensorrt_only_settings_are_refused_for_onnxruntime(fp16_dir: Path, flags, capsys):
+    assert run_cli("build", fp16_dir, "--target", "onnxruntime-cuda", *flags) == 2
+    err = capsys.readouterr().err
+    assert "TensorRT build settings" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_target_is_one_line(fp16_dir: Path, capsys):
+    assert run_cli("build", fp16_dir, "--target", "openvino") == 2
+    assert "--target 'openvino'" in capsys.readouterr().err
+
+
+def test_the_runtime_picks_the_fused_graphs_for_onnxruntime_cuda_only(built_dir: Path):
+    from sdexport.runtime.loading import graph_for
+
+    manifest = load_manifest(built_dir, verify_files=False)
+    assert graph_for(manifest, "unet", "onnxruntime-cuda") == "unet/onnxruntime-cuda/model.onnx"
+    assert graph_for(manifest, "unet", "onnxruntime-cuda", "portable") == "unet/model.onnx"
+    assert graph_for(manifest, "unet", "onnxruntime-cpu") == "unet/model.onnx"
+
+
+def test_the_runtime_hashes_the_graphs_it_runs(built_dir: Path, tmp_path: Path):
+    from sdexport.errors import EngineDirError
+    from sdexport.runtime.loading import verify_for_backend
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    (copy / "unet" / "onnxruntime-cuda" / "model.onnx").write_bytes(b"damaged")
+    manifest = load_manifest(copy, verify_files=False)
+    verify_for_backend(copy, manifest, "onnxruntime-cpu")  # does not read the fused graph
+    verify_for_backend(copy, manifest, "onnxruntime-cuda", "portable")
+    with pytest.raises(EngineDirError, match="onnxruntime-cuda/model.onnx"):
+        verify_for_backend(copy, manifest, "onnxruntime-cuda")
+
+
+def test_the_cpu_backend_still_runs_a_built_directory(built_dir: Path, tmp_path: Path):
+    assert run_cli("run", built_dir, "-p", "a cat", "--steps", "2", "--backend", "onnxruntime-cpu",
+                   "-o", tmp_path / "a.png") == 0
+    assert (tmp_path / "a.png").is_file()
+
+
+def test_cuda_provider_options():
+    from sdexport.runtime.onnxruntime_backend import cuda_provider_options
+
+    plain = cuda_provider_options(0, 1234)
+    assert plain["user_compute_stream"] == "1234" and "prefer_nhwc" not in plain and "enable_cuda_graph" not in plain
+    fused = cuda_provider_options(1, 5, fused=True, cuda_graph=True, extra={"sdpa_kernel": "2"})
+    assert fused["device_id"] == "1" and fused["prefer_nhwc"] == "1" and fused["enable_cuda_graph"] == "1"
+    assert fused["sdpa_kernel"] == "2"
+    assert all(isinstance(v, str) for v in fused.values())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--backend", "onnxruntime-cpu", "--cuda-graph"], "--cuda-graph: for --backend tensorrt or onnxruntime-cuda"),
+    (["--backend", "onnxruntime-cpu", "--portable-graphs"], "--portable-graphs: for --backend onnxruntime-cuda"),
+    (["--ort-option", "sdpa_kernel"], "expected KEY=VALUE"),
+])
+def test_run_refuses_onnxruntime_cuda_options_elsewhere(built_dir: Path, tmp_path: Path, args, message, capsys):
+    assert run_cli("run", built_dir, "-p", "a cat", "-o", tmp_path / "a.png", *args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_numpy_scalar_compat_leaves_onnxruntime_as_it_was():
+    from onnxruntime.transformers import onnx_model_unet
+
+    before = onnx_model_unet.FusionAttentionUnet.__dict__["get_num_heads"]
+    with ob.numpy_scalar_compat():
+        pass
+    assert onnx_model_unet.FusionAttentionUnet.__dict__["get_num_heads"] is before
+
+
+def test_the_manifest_schema_knows_the_record(built_dir: Path):
+    data = json.loads((built_dir / "manifest.json").read_text())
+    data["components"]["unet"]["optimized"]["tensorrt"] = data["components"]["unet"]["optimized"][ob.TARGET]
+    from sdexport.manifest_schema import SCHEMA, first_error
+
+    assert "tensorrt" in (first_error(SCHEMA, data) or "")
