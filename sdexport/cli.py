@@ -232,7 +232,7 @@ def run(
     batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width (default: the profile's opt).")] = None,
-    backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = "onnxruntime",
+    backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda (the fused graphs of `build --target onnxruntime-cuda` where present), torch, torch-compile, torch-compile-max (diffusers' fast recipe: fused QKV, channels_last, max-autotune with CUDA graphs; compiles for minutes first), tensorrt.")] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: capture each engine in a CUDA graph at load and replay it (fixed shapes; least launch overhead).")] = False,
     portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs even where `sdexport build --target onnxruntime-cuda` wrote fused ones.")] = False,
     ort_option: Annotated[list[str] | None, typer.Option("--ort-option", help="onnxruntime-cuda: a CUDA provider option KEY=VALUE passed through as given, e.g. sdpa_kernel=... (ONNX Runtime's attention-kernel mask; its values differ between releases). Repeatable.")] = None,
@@ -344,7 +344,7 @@ def _generate(
 def bench(
     scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = "bench-out",
-    contenders: Annotated[str | None, typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, tensorrt.")] = None,
+    contenders: Annotated[str | None, typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda (portable graphs), onnxruntime-cuda-fused (ONNX Runtime's fusions + CUDA graphs), torch, torch-compile, torch-compile-max, tensorrt.")] = None,
     engine_dir: Annotated[Path | None, typer.Option(help="Use this engine directory instead of exporting one.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,

@@ -387,17 +387,26 @@ def _renameat2(source: Path, destination: Path, flags: int) -> bool:
     raise OSError(code, os.strerror(code), str(destination))
 
 
+STAGED_FOLDERS = ("onnxruntime-cuda",)
+"""Folders ``sdexport build`` stages beside their final place (``build.onnxruntime_build.TARGET``)."""
+
+
 def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
     """What under ``directory`` is not in ``listed``: files, links, and folders holding no listed file.
 
     A temporary file of ``sdexport.atomic`` (``.NAME.PID.tmp``) counts as listed when ``NAME`` is:
-    a process killed mid-write leaves one beside the file it was replacing.
+    a process killed mid-write leaves one beside the file it was replacing. So does a build's
+    staging folder of the same form whose ``NAME`` is a folder builds write (``STAGED_FOLDERS``).
     """
     needed_dirs = {parent.as_posix() for rel in listed for parent in Path(rel).parents} | {"."}
     found = []
     for root, dirs, files in os.walk(directory):
         base = Path(root).relative_to(directory)
         if base.as_posix() not in needed_dirs:
+            temp = TEMP_NAME.match(base.name)
+            if temp and temp.group("name") in STAGED_FOLDERS:
+                dirs[:] = []
+                continue
             found.append(base.as_posix() + "/")
             dirs[:] = []  # everything below is unlisted too; naming the folder is enough
             continue

@@ -200,3 +200,52 @@ def test_the_baseline_leaves_the_device_when_closed(tiny_model):
     del baseline, output
     assert _settled_allocation() <= before + (1 << 20)
     assert all(p.device.type == "cpu" for m in tiny_model.modules.values() for p in m.parameters())
+
+
+@pytest.fixture(scope="module")
+def fused_dir(fp16_dir: Path, tmp_path_factory) -> Path:
+    """The fp16 export with ``sdexport build --target onnxruntime-cuda`` graphs, parity on CUDA."""
+    import shutil
+
+    from sdexport.build.onnxruntime_build import build_onnxruntime
+
+    out = tmp_path_factory.mktemp("gpu-fused") / "tiny"
+    shutil.copytree(fp16_dir, out)
+    build_onnxruntime(out)
+    return out
+
+
+@needs_ort_cuda
+def test_fused_graphs_pass_parity_on_cuda(fused_dir: Path):
+    from sdexport.manifest import load_manifest
+
+    for entry in load_manifest(fused_dir).components.values():
+        parity = entry.optimized["onnxruntime-cuda"]["parity"]
+        assert parity["provider"] == "CUDAExecutionProvider" and parity["status"] == "passed"
+
+
+@needs_ort_cuda
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_fused_graphs_match_the_portable_ones(fused_dir: Path, cuda_graph: bool):
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.shapes import ShapeProfile
+
+    wanted = ShapeProfile.single(REQUEST.batch, REQUEST.height, REQUEST.width)
+    with load_pipeline(fused_dir, "onnxruntime-cuda", graphs="portable") as portable, \
+            load_pipeline(fused_dir, "onnxruntime-cuda", cuda_graph=cuda_graph, request_profile=wanted) as fused:
+        assert all("onnxruntime-cuda/" in rel for rel in fused.info["graphs"].values())
+        a, b = fused(REQUEST), portable(REQUEST)
+        again = fused(REQUEST)  # a replay gives the same images
+    assert _rel_l2(a.latents, b.latents) < 3e-2
+    assert _rel_l2(again.latents, a.latents) < 1e-4  # replays compute what the first call did
+
+
+@pytest.mark.slow
+def test_torch_compile_max_matches_eager(tiny_engine_dir: Path):
+    from sdexport.runtime.loading import load_pipeline
+
+    with load_pipeline(tiny_engine_dir, "torch") as eager, load_pipeline(tiny_engine_dir, "torch-compile-max") as fast:
+        a, b = fast(REQUEST), eager(REQUEST)
+        again = fast(REQUEST)
+    assert _rel_l2(a.latents, b.latents) < 1e-2
+    assert _rel_l2(again.latents, a.latents) < 1e-4  # replays compute what the first call did

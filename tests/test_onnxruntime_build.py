@@ -282,3 +282,18 @@ def test_the_manifest_schema_knows_the_record(built_dir: Path):
     from sdexport.manifest_schema import SCHEMA, first_error
 
     assert "tensorrt" in (first_error(SCHEMA, data) or "")
+
+
+def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Path, tmp_path: Path):
+    """A build killed while staging leaves ``.onnxruntime-cuda.PID.tmp``: the next build removes
+    it, and meanwhile the directory still counts as sdexport's (export --force may replace it)."""
+    from sdexport.manifest import not_an_engine_dir
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    leftover = copy / "unet" / ".onnxruntime-cuda.99999.tmp"
+    leftover.mkdir()
+    (leftover / "model.onnx").write_bytes(b"half")
+    assert not_an_engine_dir(copy) is None
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
+    assert not leftover.exists()

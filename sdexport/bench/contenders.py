@@ -41,7 +41,7 @@ def device() -> torch.device:
 
 def check_available(name: str) -> None:
     """Raise MissingDependencyError naming what to install, before anything is loaded."""
-    if name == "onnxruntime-cuda":
+    if name.startswith("onnxruntime-cuda"):
         from sdexport.runtime.onnxruntime_backend import require_provider
 
         require_provider("cuda")
@@ -80,10 +80,17 @@ class RuntimeContender:
     """The sdexport runtime over one backend, loaded from the engine directory like a server would."""
 
     def __init__(self, name: str, engine_dir: Path, *, cuda_graph: bool = False) -> None:
+        """``name``: a backend, or ``onnxruntime-cuda-fused`` (the ONNX Runtime CUDA graphs in CUDA
+        graphs); plain ``onnxruntime-cuda`` runs the portable graphs here, whatever the directory holds."""
         from sdexport.runtime.loading import load_pipeline
 
         self.name = name
-        self.pipeline = load_pipeline(engine_dir, name, cuda_graph=cuda_graph)
+        fused = name == "onnxruntime-cuda-fused"
+        backend = "onnxruntime-cuda" if fused else name
+        self.per_shape = cuda_graph or fused or "compile" in name
+        """Specialises to the shapes of its first call (CUDA graphs, compilation): warm each case."""
+        self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph or fused,
+                                      graphs="auto" if fused else "portable")
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
         result = self.pipeline(request, stages=stages)

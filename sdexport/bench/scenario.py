@@ -16,7 +16,10 @@ from typing import Any
 from sdexport.errors import SdexportError
 
 BASELINES = ("diffusers", "diffusers-compile")
-RUNTIME_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
+RUNTIME_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cuda-fused", "torch", "torch-compile",
+                    "torch-compile-max", "tensorrt")
+"""``onnxruntime-cuda``: the portable fp16 graphs; ``onnxruntime-cuda-fused``: the graphs of ``sdexport
+build --target onnxruntime-cuda`` (built as part of loading) in CUDA graphs."""
 CONTENDERS = BASELINES + RUNTIME_BACKENDS
 
 

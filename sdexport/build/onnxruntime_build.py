@@ -311,6 +311,9 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     if not on_cuda:
         console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "
                       "CPU variant (the same fusions minus the CUDA-only ones) against the fp32 reference")
+    for name in manifest.components:  # staging folders of an interrupted build (this one holds the lock)
+        for leftover in (engine_dir / name).glob(f".{TARGET}.*.tmp"):
+            _discard(leftover)
     results = []
     for spec in specs:
         entry = manifest.components[spec.name]

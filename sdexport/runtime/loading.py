@@ -194,7 +194,8 @@ def _load_engines(
             )
         return engines
     if backend.startswith("torch"):
-        return _torch_engines(manifest, names, compile=backend == "torch-compile")
+        return _torch_engines(manifest, names, compile=backend.startswith("torch-compile"),
+                              recipe="max" if backend == "torch-compile-max" else "default")
     from sdexport.runtime.tensorrt_backend import load_tensorrt_engines
 
     return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile))
@@ -202,7 +203,7 @@ def _load_engines(
 
 def _torch_engines(
     manifest: Manifest, names: list[str], *, compile: bool, device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, recipe: str = "default",
 ) -> dict[str, Engine]:
     """Reload the PyTorch modules the directory was exported from (the reference implementation).
 
@@ -242,5 +243,6 @@ def _torch_engines(
         placed[id(module)] = wanted
         engines[name] = TorchEngine(
             spec, module, profile=manifest.shape_profile, device=device, dtype=wanted, compile=compile,
+            recipe=recipe,
         )
     return engines

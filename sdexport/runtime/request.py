@@ -19,7 +19,8 @@ MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
 MAX_CONDITIONING = 65536
 """SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
-BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "tensorrt")
+BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "torch-compile-max",
+            "tensorrt")
 
 
 def check_backend(backend: str) -> None:
