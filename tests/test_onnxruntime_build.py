@@ -149,6 +149,16 @@ def test_the_fp16_fused_graph_keeps_float32_io_and_the_fp32_timestep(built_dir: 
     assert counts["MultiHeadAttention"] > 0 and counts["NhwcConv"] > 0 and counts["GroupNorm"] > 0
 
 
+@pytest.mark.parametrize("where", ["unet/model.onnx", "unet/onnxruntime-cuda/model.onnx"])
+def test_no_graph_rounds_the_timestep_to_fp16(built_dir: Path, where: str):
+    """fp16 holds t near 1000 only to 0.5: the float32 projection must read the float32 input itself,
+    not a round trip through fp16 at the graph's edge (the fp16 converter's default)."""
+    model = onnx.load(str(built_dir / where))
+    uses = [n for n in model.graph.node if "timestep" in n.input]
+    assert uses
+    assert not [n for n in uses if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
+
+
 def test_the_build_records_artifacts_fusions_and_parity(fp16_dir: Path, built_dir: Path):
     manifest = load_manifest(built_dir)  # every hash checks, the layout is closed
     before = load_manifest(fp16_dir)

@@ -111,8 +111,33 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.Model
     converted = convert_float_to_float16(
         model, keep_io_types=True, disable_shape_infer=True, node_block_list=blocked or None
     )
+    _skip_edge_round_trip(converted, list(keep_fp32))
     OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
     return converted
+
+
+def _skip_edge_round_trip(model: onnx.ModelProto, inputs: list[str]) -> None:
+    """The converter casts every float input to fp16 at the graph's edge, then back to float32 for
+    the nodes it keeps in float32: the timestep would be rounded to fp16 (979.6 to 979.5) on its way
+    into the float32 projection. Those nodes read the float32 input itself instead."""
+    graph = model.graph
+    edge = {n.input[0]: n for n in graph.node if n.op_type == "Cast" and n.input and n.input[0] in inputs
+            and CONVERTER_CASTS.search(n.name)}
+    dropped: set[str] = set()
+    for name, to_fp16 in edge.items():
+        back = [n for n in graph.node if n.op_type == "Cast" and to_fp16.output[0] in n.input
+                and n.name.endswith("_cast_to_fp32_node")]
+        for cast in back:
+            for node in graph.node:
+                for i, value in enumerate(node.input):
+                    if value == cast.output[0]:
+                        node.input[i] = name
+            dropped.add(cast.name)
+        if not any(to_fp16.output[0] in n.input for n in graph.node if n.name not in dropped):
+            dropped.add(to_fp16.name)
+    kept = [n for n in graph.node if n.name not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept)
 
 
 CONVERTER_CASTS = re.compile(r"^graph_(input|output)_cast\d+$|_cast_to_\w+_node$")
