@@ -48,3 +48,17 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
             str(len(entry.engines)) if entry.engines else "-",
         )
     out.print(table)
+    fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()
+             if "onnxruntime-cuda" in entry.optimized}
+    if fused:
+        table = Table(title="ONNX Runtime CUDA graphs (sdexport build --target onnxruntime-cuda)", title_justify="left")
+        for column in ("component", "dtype", "fused operators", "parity", "checked on"):
+            table.add_column(column)
+        for name, record in fused.items():
+            parity = record.get("parity", {})
+            status = parity.get("status", "?")
+            colour = {"passed": "green", "failed": "red"}.get(status, "yellow")
+            table.add_row(name, str(record.get("dtype")),
+                          ", ".join(f"{op} {n}" for op, n in sorted(record.get("fusions", {}).items())) or "none",
+                          f"[{colour}]{status}[/]", str(parity.get("variant", "-")))
+        out.print(table)
