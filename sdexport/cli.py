@@ -233,7 +233,7 @@ def run(
     height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width (default: the profile's opt).")] = None,
     backend: Annotated[str, typer.Option(help="onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda (the fused graphs of `build --target onnxruntime-cuda` where present), torch, torch-compile, torch-compile-max (diffusers' fast recipe: fused QKV, channels_last, max-autotune with CUDA graphs; compiles for minutes first), tensorrt.")] = "onnxruntime",
-    cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: capture each engine in a CUDA graph at load and replay it (fixed shapes; least launch overhead).")] = False,
+    cuda_graph: Annotated[bool, typer.Option(help="tensorrt (every engine), onnxruntime-cuda (the U-Net): capture in a CUDA graph and replay it (fixed shapes; least launch overhead).")] = False,
     portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs even where `sdexport build --target onnxruntime-cuda` wrote fused ones.")] = False,
     ort_option: Annotated[list[str] | None, typer.Option("--ort-option", help="onnxruntime-cuda: a CUDA provider option KEY=VALUE passed through as given, e.g. sdpa_kernel=... (ONNX Runtime's attention-kernel mask; its values differ between releases). Repeatable.")] = None,
     prompt_2: Annotated[list[str] | None, typer.Option("--prompt-2", help="SDXL: prompt for the second text encoder (default: --prompt).")] = None,
@@ -255,6 +255,9 @@ def run(
         raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
     check_backend(backend)
     provider_options = _key_values(ort_option, "--ort-option")
+    from sdexport.runtime.providers import check_provider_options
+
+    check_provider_options(provider_options)
     # Everything below up to the engines reads small files only: a bad request is refused at once.
     manifest = load_manifest(engine_dir, verify_files=False)
     profile = manifest.shape_profile

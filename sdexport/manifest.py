@@ -79,7 +79,11 @@ class Manifest:
         return component(self.family, name)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        for entry in data["components"].values():
+            if not entry["optimized"]:  # absent unless built: older sdexport reads such manifests
+                del entry["optimized"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

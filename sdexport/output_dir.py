@@ -404,7 +404,7 @@ def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
         base = Path(root).relative_to(directory)
         if base.as_posix() not in needed_dirs:
             temp = TEMP_NAME.match(base.name)
-            if temp and temp.group("name") in STAGED_FOLDERS:
+            if temp and temp.group("name") in STAGED_FOLDERS and len(base.parts) == 2:  # <component>/
                 dirs[:] = []
                 continue
             found.append(base.as_posix() + "/")

@@ -85,6 +85,9 @@ class ComponentSpec:
     """Called with the positive and negative halves batched together (2B) under CFG."""
     always_fp32: bool = False
     """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE)."""
+    per_step: bool = False
+    """Called once per denoising step (the U-Net): where a CUDA graph's saved launches add up, and
+    the one component ONNX Runtime captures (its text encoders have CPU-only operators)."""
     fusion_model: FusionModel = "unet"
     """The model type onnxruntime's transformer optimizer fuses this graph as (``sdexport build
     --target onnxruntime-cuda``): its attention, GroupNorm and convolution patterns differ by type."""
@@ -275,6 +278,7 @@ UNET = ComponentSpec(
     outputs=(TensorSpec("out_sample", _LATENT),),
     wrapper=_unet_wrapper,
     cfg_batch=True,
+    per_step=True,
 )
 
 VAE_DECODER = ComponentSpec(
@@ -337,6 +341,7 @@ SDXL_UNET = ComponentSpec(
     outputs=(TensorSpec("out_sample", _LATENT),),
     wrapper=_sdxl_unet_wrapper,
     cfg_batch=True,
+    per_step=True,
 )
 
 FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {

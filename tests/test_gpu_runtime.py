@@ -240,6 +240,23 @@ def test_fused_graphs_match_the_portable_ones(fused_dir: Path, cuda_graph: bool)
     assert _rel_l2(again.latents, a.latents) < 1e-4  # replays compute what the first call did
 
 
+@needs_ort_cuda
+def test_a_cuda_graph_pipeline_follows_a_change_of_shape(fused_dir: Path):
+    """Only the U-Net is captured; a request of another size makes its session again and still
+    matches the portable graphs."""
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.shapes import ShapeProfile
+
+    other = dataclasses.replace(REQUEST, prompt=["a fox"], seeds=[4], height=96, width=64)
+    wanted = ShapeProfile.single(REQUEST.batch, REQUEST.height, REQUEST.width)
+    with load_pipeline(fused_dir, "onnxruntime-cuda", cuda_graph=True, request_profile=wanted) as fused, \
+            load_pipeline(fused_dir, "onnxruntime-cuda", graphs="portable") as portable:
+        assert [n for n, e in fused.engines.items() if e.cuda_graph] == ["unet"]
+        fused(REQUEST)
+        a, b = fused(other), portable(other)
+    assert _rel_l2(a.latents, b.latents) < 3e-2
+
+
 @pytest.mark.slow
 def test_torch_compile_max_matches_eager(tiny_engine_dir: Path):
     from sdexport.runtime.loading import load_pipeline

@@ -184,12 +184,13 @@ def _load_engines(
             rel = graph_for(manifest, n, backend, graphs)
             spec = manifest.spec(n)
             sizes = None
-            if cuda_graph and request_profile is not None and request_profile.is_static:
+            graphed = cuda_graph and spec.per_step  # the U-Net: see OnnxRuntimeEngine
+            if graphed and request_profile is not None and request_profile.is_static:
                 sizes = dims.sizes(request_profile.component_batch(spec)[1], request_profile.height[1],
                                    request_profile.width[1])
             engines[n] = OnnxRuntimeEngine(
                 spec, engine_dir / rel, dims=dims, profile=profile, device=device, threads=threads, stream=stream,
-                fused=rel != manifest.components[n].onnx, cuda_graph=cuda_graph, sizes=sizes,
+                fused=rel != manifest.components[n].onnx, cuda_graph=graphed, sizes=sizes,
                 provider_options=provider_options,
             )
         return engines

@@ -7,13 +7,16 @@ denoising loop queues work as fast as the GPU takes it. (Torch's default stream 
 its handle is 0, which ORT reads as "no stream given".)
 
 A graph fused by ``sdexport build --target onnxruntime-cuda`` runs with ``prefer_nhwc`` (its
-GroupNorm and convolutions are NHWC). With ``cuda_graph``, ORT captures the whole run in a CUDA
-graph (``enable_cuda_graph``) and replays it: that needs every node on the CUDA provider and fixed
-buffer addresses, so the session is made for one set of shapes (every dynamic dimension frozen with
-a free-dimension override, which lets ORT fold the shape arithmetic that would otherwise run on the
-CPU) and binds buffers it owns; calls copy their inputs in and get views of its outputs back, valid
-until the engine's next call (as with TensorRT). A call with other shapes makes the session again
-for them (seconds): keep the shapes of a CUDA-graph pipeline fixed.
+GroupNorm and convolutions are NHWC). With ``cuda_graph`` (the pipeline asks it for the U-Net only:
+the text encoders' ArgMax over int32 ids has no CUDA kernel, and a once-per-image call gains
+little), ORT captures the whole run in a CUDA graph (``enable_cuda_graph``) and replays it: that
+needs every node on the CUDA provider and fixed buffer addresses, so the session is made for one
+set of shapes (every dynamic dimension frozen with a free-dimension override, which lets ORT fold
+the shape arithmetic that would otherwise run on the CPU) and binds buffers it owns; calls copy
+their inputs in and get views of its outputs back, valid until the engine's next call (as with
+TensorRT). A call with other shapes makes the session again for them (seconds): keep the shapes of
+a CUDA-graph pipeline fixed. ORT's replay waits for its stream after each launch (released
+versions do so unconditionally), so with CUDA graphs the host waits once per U-Net step.
 """
 
 from __future__ import annotations
@@ -28,7 +31,12 @@ import torch
 
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.runtime.engine import TORCH_DTYPES, check_feed, output_shapes, sizes_from_inputs
-from sdexport.runtime.providers import PROVIDERS, available_providers, require_provider
+from sdexport.runtime.providers import (
+    PROVIDERS,
+    available_providers,
+    check_provider_options,
+    require_provider,
+)
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import DYNAMIC_SYMBOLS, ComponentSpec, ModelDims
 
@@ -78,15 +86,17 @@ def cuda_provider_options(
     ``sdpa_kernel`` attention-kernel mask, whose bit values differ between onnxruntime releases."""
     options = {
         "device_id": str(device_index),
-        "user_compute_stream": str(stream_handle),
         "arena_extend_strategy": "kSameAsRequested",
         "cudnn_conv_algo_search": "EXHAUSTIVE",
         "cudnn_conv_use_max_workspace": "1",
     }
+    if stream_handle:  # 0: ORT's own stream (torch's default stream has handle 0, which ORT reads as none)
+        options["user_compute_stream"] = str(stream_handle)
     if fused:
         options["prefer_nhwc"] = "1"
     if cuda_graph:
         options["enable_cuda_graph"] = "1"
+    check_provider_options(extra or {})
     options.update(extra or {})
     return options
 
@@ -163,8 +173,10 @@ class OnnxRuntimeEngine:
             session = ort.InferenceSession(str(self.path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             hint = ""
+            if self.extra_options:
+                hint += f"; check the --ort-option values ({', '.join(self.extra_options)})"
             if self.cuda_graph:
-                hint = "; with --cuda-graph every node must run on the CUDA provider: try without it"
+                hint += "; with --cuda-graph every node must run on the CUDA provider: try without it"
             raise EngineDirError(f"{self.path}: onnxruntime cannot load it ({one_line(exc, 400)}){hint}") from exc
         if self.stream is not None:
             require_cuda_session(session, self.path)
@@ -197,8 +209,12 @@ class OnnxRuntimeEngine:
         self._fixed = fixed
         assert self.stream is not None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the zeros are written
-        for _ in range(2):
-            self.session.run_with_iobinding(binding, self.run_options)
+        try:
+            for _ in range(2):
+                self.session.run_with_iobinding(binding, self.run_options)
+        except Exception as exc:  # onnxruntime raises its own types (out of memory, capture refused)
+            raise SdexportError(f"{self.path}: onnxruntime could not capture a CUDA graph for "
+                                f"{self.spec.name} ({one_line(exc, 300)}); try without --cuda-graph") from exc
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,9 +229,9 @@ class OnnxRuntimeEngine:
 
     def _run_graph(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Copy the inputs into the captured graph's buffers and replay it on ``stream``."""
-        sizes = sizes_from_inputs(self.spec, feed, self.dims)
-        if self._fixed is None or sizes != self.sizes:
-            self._specialize(sizes)
+        fixed = self._fixed
+        if fixed is None or any(tuple(feed[n].shape) != tuple(fixed.inputs[n].shape) for n in self.input_names):
+            self._specialize(sizes_from_inputs(self.spec, feed, self.dims))
         assert self._fixed is not None
         current = torch.cuda.current_stream(self.device)
         for name in self.input_names:

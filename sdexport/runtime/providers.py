@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdexport.errors import MissingDependencyError
+from sdexport.errors import MissingDependencyError, SdexportError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -41,3 +41,18 @@ def require_backend(backend: str) -> None:
         from sdexport.build.tensorrt_build import require_tensorrt
 
         require_tensorrt()
+
+
+MANAGED_OPTIONS = ("device_id", "user_compute_stream", "has_user_compute_stream", "enable_cuda_graph")
+"""CUDA provider options sdexport sets itself: the stream and device keep calls ordered without host
+waits, and CUDA graphs need buffers bound once (``--cuda-graph``), so none may come from outside."""
+
+
+def check_provider_options(options: dict[str, str]) -> None:
+    """Refuse, with one line, extra options that would undo what sdexport's sessions rely on."""
+    managed = [k for k in options if k in MANAGED_OPTIONS]
+    if managed:
+        raise SdexportError(
+            f"--ort-option {', '.join(managed)}: set by sdexport itself (stream, device, --cuda-graph); "
+            f"leave {'it' if len(managed) == 1 else 'them'} out"
+        )

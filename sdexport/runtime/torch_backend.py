@@ -6,6 +6,9 @@ the source recorded in the manifest (the preset and its seed, or the checkpoint'
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
 from sdexport.runtime.engine import check_feed
@@ -21,14 +24,14 @@ inference" guide): fused QKV projections, channels_last weights, inductor's
 first call with each shape: a one-time cost that benchmarks report apart from steady state."""
 
 
-def configure_inductor() -> None:
-    """The inductor settings diffusers documents for its fastest ``torch.compile`` recipe."""
-    import torch._inductor.config as inductor
-
-    inductor.conv_1x1_as_mm = True
-    inductor.coordinate_descent_tuning = True
-    inductor.epilogue_fusion = False
-    inductor.coordinate_descent_check_all_directions = True
+INDUCTOR_SETTINGS = {
+    "conv_1x1_as_mm": True,
+    "coordinate_descent_tuning": True,
+    "epilogue_fusion": False,
+    "coordinate_descent_check_all_directions": True,
+}
+"""The inductor settings diffusers documents for its fastest ``torch.compile`` recipe; applied around
+this engine's calls only (compilation happens inside them), not to the whole process."""
 
 
 def prepare_for_max_compile(module: torch.nn.Module) -> torch.nn.Module:
@@ -38,6 +41,14 @@ def prepare_for_max_compile(module: torch.nn.Module) -> torch.nn.Module:
     if callable(fuse):
         fuse()
     return module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # torch's stubs lack it
+
+
+def _inductor_patch(settings: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    if not settings:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor
+
+    return inductor.patch(settings)  # type: ignore[no-any-return]
 
 
 class TorchEngine:
@@ -60,8 +71,9 @@ class TorchEngine:
         if compile and recipe == "max":
             module = prepare_for_max_compile(module)
         wrapper = spec.wrapper(module).to(device=device, dtype=dtype).eval()
+        self.settings: dict[str, Any] = {}
         if compile and recipe == "max":
-            configure_inductor()
+            self.settings = INDUCTOR_SETTINGS
             self.module = torch.compile(wrapper, mode="max-autotune", fullgraph=True)
         else:
             self.module = torch.compile(wrapper) if compile else wrapper
@@ -73,7 +85,7 @@ class TorchEngine:
         args = [
             feed[t.name].to(self.dtype) if t.dtype == "float" else feed[t.name] for t in self.spec.inputs
         ]
-        with torch.inference_mode():
+        with torch.inference_mode(), _inductor_patch(self.settings):
             if self.graphs:  # a new CUDA-graph step: the last call's outputs were copied out below
                 torch.compiler.cudagraph_mark_step_begin()
             results = self.module(*args)
