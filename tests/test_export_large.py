@@ -31,3 +31,22 @@ def test_sd15_fp32_unet_over_2gb_uses_one_external_data_file(tmp_path: Path):
     assert parity["status"] == "passed"
     assert [p["status"] for p in parity["points"]] == ["passed", "skipped", "skipped"]
     assert load_manifest(out).random_weights
+
+
+def test_sd15_unet_fuses_every_attention_for_onnxruntime_cuda(tmp_path: Path):
+    """SD 1.5's U-Net has 16 transformer blocks: 16 self- and 16 cross-attentions, each one fused
+    MultiHeadAttention, from an fp16 export widened back to fp32 (over 2 GB) within 24 GB."""
+    import onnx
+
+    from sdexport.build.onnxruntime_build import TARGET, build_onnxruntime
+
+    out = tmp_path / "sd15"
+    profile = ShapeProfile(batch=(1, 1, 1), height=(256, 256, 256), width=(256, 256, 256))
+    export("sd15", out, ExportOptions(profile=profile, components=["unet"], dtype="fp16", verify="none"))
+    (result,) = build_onnxruntime(out, components=["unet"])
+    assert result.status == "built"
+    assert result.fusions["MultiHeadAttention"] == 32
+    portable = onnx.load(str(out / "unet" / "model.onnx"), load_external_data=False)
+    assert result.fusions["NhwcConv"] == sum(n.op_type == "Conv" for n in portable.graph.node)
+    record = load_manifest(out).components["unet"].optimized[TARGET]
+    assert record["parity"]["status"] in ("passed", "passed-cpu-variant")
