@@ -126,7 +126,7 @@ def _skip_edge_round_trip(model: onnx.ModelProto, inputs: list[str]) -> None:
     dropped: set[str] = set()
     for name, to_fp16 in edge.items():
         back = [n for n in graph.node if n.op_type == "Cast" and to_fp16.output[0] in n.input
-                and n.name.endswith("_cast_to_fp32_node")]
+                and CASTS_BACK.search(n.name)]
         for cast in back:
             for node in graph.node:
                 for i, value in enumerate(node.input):
@@ -140,9 +140,13 @@ def _skip_edge_round_trip(model: onnx.ModelProto, inputs: list[str]) -> None:
     graph.node.extend(kept)
 
 
-CONVERTER_CASTS = re.compile(r"^graph_(input|output)_cast\d+$|_cast_to_\w+_node$")
+CONVERTER_CASTS = re.compile(r"^graph_(input|output)_cast\d+$|_cast_to_\w+_node$|_(input|output)_cast\d+$")
 """Names onnxruntime's float16 converter gives the casts it inserts (at the graph's float32 edges
-and around nodes it keeps in float32); the exporter's own casts are named after the module path."""
+and around nodes it keeps in float32: ``<tensor>_cast_to_fp32_node`` since 1.20 or so,
+``<node>_input_cast<i>`` before); the exporter's own casts are named after the module path."""
+
+CASTS_BACK = re.compile(r"_cast_to_fp32_node$|_input_cast\d+$")
+"""The converter's casts back to float32 in front of a node it keeps in float32."""
 
 
 def to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
