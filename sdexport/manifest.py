@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.atomic import write_atomic
-from sdexport.errors import EngineDirError, ProfileError
+from sdexport.errors import EngineDirError, ProfileError, SdexportError
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
@@ -90,6 +90,21 @@ class Manifest:
         data = dict(data)
         data["components"] = {k: ComponentEntry(**v) for k, v in data["components"].items()}
         return cls(**data)
+
+
+def select_specs(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
+    """The specs of the directory's components in call order, or of ``names`` among them (``--components``
+    of the builds); an unknown or unexported name is refused with one line."""
+    specs = [s for s in components_for(manifest.family) if s.name in manifest.components]
+    if not names:
+        return specs
+    known = [s.name for s in specs]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SdexportError(
+            f"unknown or unexported component(s) {', '.join(unknown)}; this directory has {', '.join(known)}"
+        )
+    return [s for s in specs if s.name in names]
 
 
 def sha256_file(path: Path, chunk: int = 16 * 1024**2) -> str:

@@ -74,6 +74,16 @@ def tiny_engine_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_fp16_engine_dir(tmp_path_factory) -> Path:
+    """An fp16 export of the tiny model, shared: tests that build into it work on a copy."""
+    from sdexport.export.exporter import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines-fp16") / "tiny"
+    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
+    return out
+
+
 @pytest.fixture
 def engine_copy(tiny_engine_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "tiny"

@@ -51,15 +51,6 @@ def cpu_result(tiny_engine_dir: Path):
         return pipeline(REQUEST)
 
 
-@pytest.fixture(scope="module")
-def fp16_dir(tmp_path_factory) -> Path:
-    from sdexport.export.exporter import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("gpu-fp16") / "tiny"
-    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
-    return out
-
-
 def _settled_allocation() -> int:
     """Bytes torch has allocated, with what it keeps for good (cuBLAS workspaces, made on the first
     matrix product of a stream) made first and cleared, so before/after readings compare."""
@@ -133,10 +124,10 @@ def test_ort_cuda_sessions_run_on_cuda(tiny_engine_dir: Path):
 
 
 @needs_ort_cuda
-def test_ort_cuda_fp16_export_matches_its_cpu_run(fp16_dir: Path):
+def test_ort_cuda_fp16_export_matches_its_cpu_run(tiny_fp16_engine_dir: Path):
     from sdexport.runtime.loading import load_pipeline
 
-    with load_pipeline(fp16_dir, "onnxruntime-cuda") as gpu, load_pipeline(fp16_dir, "onnxruntime-cpu") as cpu:
+    with load_pipeline(tiny_fp16_engine_dir, "onnxruntime-cuda") as gpu, load_pipeline(tiny_fp16_engine_dir, "onnxruntime-cpu") as cpu:
         a, b = gpu(REQUEST), cpu(REQUEST)
     assert _rel_l2(a.latents, b.latents) < 3e-2
     assert np.isfinite(a.pixels).all()
@@ -203,14 +194,14 @@ def test_the_baseline_leaves_the_device_when_closed(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def fused_dir(fp16_dir: Path, tmp_path_factory) -> Path:
+def fused_dir(tiny_fp16_engine_dir: Path, tmp_path_factory) -> Path:
     """The fp16 export with ``sdexport build --target onnxruntime-cuda`` graphs, parity on CUDA."""
     import shutil
 
     from sdexport.build.onnxruntime_build import build_onnxruntime
 
     out = tmp_path_factory.mktemp("gpu-fused") / "tiny"
-    shutil.copytree(fp16_dir, out)
+    shutil.copytree(tiny_fp16_engine_dir, out)
     build_onnxruntime(out)
     return out
 

@@ -29,19 +29,10 @@ pytestmark = pytest.mark.usefixtures("without_gpu")
 
 
 @pytest.fixture(scope="module")
-def fp16_dir(tmp_path_factory) -> Path:
-    from sdexport.export.exporter import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("ort-fp16") / "tiny"
-    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def built_dir(fp16_dir: Path, tmp_path_factory) -> Path:
+def built_dir(tiny_fp16_engine_dir: Path, tmp_path_factory) -> Path:
     """An fp16 export with its ONNX Runtime CUDA graphs (built once for the module)."""
     out = tmp_path_factory.mktemp("ort-built") / "tiny"
-    shutil.copytree(fp16_dir, out)
+    shutil.copytree(tiny_fp16_engine_dir, out)
     assert run_cli("build", out, "--target", "onnxruntime-cuda") == 0
     return out
 
@@ -68,11 +59,11 @@ def _feed(name: str, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("name", ["text_encoder", "unet", "vae_decoder"])
-def test_widening_an_fp16_graph_gives_the_fp32_graph_back(tiny_engine_dir: Path, fp16_dir: Path, name: str, tmp_path):
+def test_widening_an_fp16_graph_gives_the_fp32_graph_back(tiny_engine_dir: Path, tiny_fp16_engine_dir: Path, name: str, tmp_path):
     """The fusions need fp32: an fp16 export is widened, to the same structure as an fp32 export
     and to the values its fp16 weights hold."""
     fp32 = onnx.load(str(tiny_engine_dir / name / "model.onnx"))
-    widened = graph.to_fp32(onnx.load(str(fp16_dir / name / "model.onnx")))
+    widened = graph.to_fp32(onnx.load(str(tiny_fp16_engine_dir / name / "model.onnx")))
     assert _ops(widened) == _ops(fp32)
     assert not any(t.data_type == onnx.TensorProto.FLOAT16 for t in widened.graph.initializer)
     onnx.checker.check_model(widened, full_check=True)
@@ -80,7 +71,7 @@ def test_widening_an_fp16_graph_gives_the_fp32_graph_back(tiny_engine_dir: Path,
     spec = component("sd", name)
     feed = _feed(name)
     got = _run(tmp_path / "w.onnx", feed, spec.output_names)
-    want = _run(fp16_dir / name / "model.onnx", feed, spec.output_names)
+    want = _run(tiny_fp16_engine_dir / name / "model.onnx", feed, spec.output_names)
     for g, w in zip(got, want):
         assert _rel(g, w) < 1e-2  # the same weights, computed in fp32 instead of fp16
 
@@ -159,9 +150,9 @@ def test_no_graph_rounds_the_timestep_to_fp16(built_dir: Path, where: str):
     assert not [n for n in uses if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
 
 
-def test_the_build_records_artifacts_fusions_and_parity(fp16_dir: Path, built_dir: Path):
+def test_the_build_records_artifacts_fusions_and_parity(tiny_fp16_engine_dir: Path, built_dir: Path):
     manifest = load_manifest(built_dir)  # every hash checks, the layout is closed
-    before = load_manifest(fp16_dir)
+    before = load_manifest(tiny_fp16_engine_dir)
     for name, entry in manifest.components.items():
         record = entry.optimized[ob.TARGET]
         assert record["onnx"] == f"{name}/onnxruntime-cuda/model.onnx"
@@ -215,14 +206,14 @@ def test_files_the_user_put_in_the_target_folder_are_not_replaced(built_dir: Pat
 
 
 @pytest.mark.parametrize("flags", [["--static"], ["--batch", "1"], ["--refittable"], ["--optimization-level", "3"]])
-def test_tensorrt_only_settings_are_refused_for_onnxruntime(fp16_dir: Path, flags, capsys):
-    assert run_cli("build", fp16_dir, "--target", "onnxruntime-cuda", *flags) == 2
+def test_tensorrt_only_settings_are_refused_for_onnxruntime(tiny_fp16_engine_dir: Path, flags, capsys):
+    assert run_cli("build", tiny_fp16_engine_dir, "--target", "onnxruntime-cuda", *flags) == 2
     err = capsys.readouterr().err
     assert "TensorRT build settings" in err and len(err.strip().splitlines()) == 1
 
 
-def test_an_unknown_target_is_one_line(fp16_dir: Path, capsys):
-    assert run_cli("build", fp16_dir, "--target", "openvino") == 2
+def test_an_unknown_target_is_one_line(tiny_fp16_engine_dir: Path, capsys):
+    assert run_cli("build", tiny_fp16_engine_dir, "--target", "openvino") == 2
     assert "--target 'openvino'" in capsys.readouterr().err
 
 
@@ -346,9 +337,9 @@ def test_the_built_directory_fuses_what_the_architecture_has(built_dir: Path, ti
     assert clip["QuickGelu"] == layers and clip["SkipLayerNormalization"] == 2 * layers
 
 
-def test_an_export_without_built_graphs_writes_no_optimized_key(fp16_dir: Path):
+def test_an_export_without_built_graphs_writes_no_optimized_key(tiny_fp16_engine_dir: Path):
     """So sdexport releases from before this build target still read new exports."""
-    data = json.loads((fp16_dir / "manifest.json").read_text())
+    data = json.loads((tiny_fp16_engine_dir / "manifest.json").read_text())
     assert all("optimized" not in entry for entry in data["components"].values())
 
 

@@ -118,14 +118,7 @@ class Recorder:
         return b"plan for " + network["path"].encode()
 
 
-@pytest.fixture(scope="module")
-def fp16_dir(tmp_path_factory) -> Path:
-    from sdexport.export.exporter import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("fp16") / "tiny"
-    export("tiny", out, ExportOptions(dtype="fp16", verify="none",
-                                      components=["text_encoder", "unet", "vae_decoder", "vae_decoder_fp32"]))
-    return out
+TXT2IMG = ["text_encoder", "unet", "vae_decoder", "vae_decoder_fp32"]
 
 
 def _copy(source: Path, tmp_path: Path) -> Path:
@@ -136,11 +129,11 @@ def _copy(source: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_fp16_export_builds_strongly_typed_on_both_majors(trt, fp16_dir, tmp_path, monkeypatch):
+def test_fp16_export_builds_strongly_typed_on_both_majors(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
     recorder = Recorder(trt)
     recorder.install(monkeypatch)
-    directory = _copy(fp16_dir, tmp_path)
-    results = tensorrt_build.build_engines(directory, timing_cache=tmp_path / "timing.cache")
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    results = tensorrt_build.build_engines(directory, components=TXT2IMG, timing_cache=tmp_path / "timing.cache")
     assert [r.status for r in results] == ["built"] * 4
     assert not any(b["fp16"] for b in recorder.builds)
     weak = trt.__version__.startswith("10.")
@@ -152,7 +145,7 @@ def test_fp16_export_builds_strongly_typed_on_both_majors(trt, fp16_dir, tmp_pat
         assert result.path.read_bytes().startswith(b"plan for ")
 
 
-def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(fp16_dir, tiny_engine_dir, tmp_path, monkeypatch):
+def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     recorder = Recorder(trt)
@@ -177,7 +170,7 @@ def test_fp32_export_on_tensorrt_11_is_refused_before_any_build(tiny_engine_dir,
     assert results[0].key.strongly_typed
 
 
-def test_typing_mode_is_part_of_the_cache_key(fp16_dir, tiny_engine_dir, tmp_path, monkeypatch):
+def test_typing_mode_is_part_of_the_cache_key(tiny_engine_dir, tmp_path, monkeypatch):
     """Plans built weakly typed on 10 are not reused for a strongly typed request, and say why."""
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)

@@ -48,30 +48,20 @@ def _copy(src: Path, factory, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def fp16_engine_dir(tmp_path_factory) -> Path:
-    """An fp16 export: what both TensorRT 10 and 11 build fp16 engines from (strongly typed)."""
-    from sdexport.export.exporter import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("trt-fp16") / "tiny"
-    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def built(fp16_engine_dir: Path, tmp_path_factory):
+def built(tiny_fp16_engine_dir: Path, tmp_path_factory):
     """A copy of the tiny fp16 engine dir with dynamic engines for every component."""
     from sdexport.build.tensorrt_build import build_engines
 
-    directory = _copy(fp16_engine_dir, tmp_path_factory, "trt-dynamic")
+    directory = _copy(tiny_fp16_engine_dir, tmp_path_factory, "trt-dynamic")
     results = build_engines(directory, timing_cache=directory / "timing.cache")
     return directory, results
 
 
 @pytest.fixture(scope="module")
-def static_built(fp16_engine_dir: Path, tmp_path_factory):
+def static_built(tiny_fp16_engine_dir: Path, tmp_path_factory):
     from sdexport.build.tensorrt_build import build_engines
 
-    directory = _copy(fp16_engine_dir, tmp_path_factory, "trt-static")
+    directory = _copy(tiny_fp16_engine_dir, tmp_path_factory, "trt-static")
     results = build_engines(directory, static=True, components=["unet", "vae_decoder"])
     return directory, results
 

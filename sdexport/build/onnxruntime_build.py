@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from sdexport.build.cache_key import onnx_files, onnx_sha256
 from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
-from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, sha256_file
-from sdexport.specs import ComponentSpec, components_for
+from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, select_specs, sha256_file
+from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
     import onnx
@@ -49,6 +49,9 @@ GPU_ONLY_FUSIONS = (
 """FusionOptions flags whose operators onnxruntime implements for CUDA only."""
 
 CONTRIB_DOMAIN = "com.microsoft"
+
+SAMPLE_VOCAB = 256
+"""Token ids of parity inputs are drawn below this: the byte tokens every CLIP vocabulary has."""
 
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 """Relative-L2 bound against the fp32 reference graph, as for the export's own parity check."""
@@ -340,7 +343,7 @@ def parity(
         require_cuda_session(got_session, candidate)
     results = []
     for i, (label, batch, height, width) in enumerate(points):
-        feed = sample_inputs(spec, dims.sizes(batch, height, width), vocab_size=_vocab(manifest), seed=i)
+        feed = sample_inputs(spec, dims.sizes(batch, height, width), vocab_size=SAMPLE_VOCAB, seed=i)
         want = want_session.run(spec.output_names, feed)
         got = got_session.run(spec.output_names, feed)
         outputs = {n: vars(compare(g, w)) for n, g, w in zip(spec.output_names, got, want)}
@@ -352,11 +355,6 @@ def parity(
         status = "passed-cpu-variant"  # the fused graph itself has not run yet
     return {"status": status, "provider": provider, "variant": variant, "reference": "fp32 graph",
             "dtype": dtype, "tolerance": tolerance, "points": results}
-
-
-def _vocab(manifest: Manifest) -> int:
-    """Token ids for sample inputs: any id below the smallest vocabulary a CLIP tokenizer has."""
-    return 256
 
 
 def _require_parity(component: str, report: dict[str, Any]) -> None:
@@ -425,7 +423,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     import onnxruntime as ort
 
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    specs = _select(manifest, components)
+    specs = select_specs(manifest, components)
     on_cuda = cuda_provider_here()
     if not on_cuda:
         console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "
@@ -558,19 +556,6 @@ def _install(engine_dir: Path, manifest: Manifest, component: str, record: dict[
 def _discard(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-
-
-def _select(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
-    specs = [s for s in components_for(manifest.family) if s.name in manifest.components]
-    if not names:
-        return specs
-    known = [s.name for s in specs]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SdexportError(
-            f"unknown or unexported component(s) {', '.join(unknown)}; this directory has {', '.join(known)}"
-        )
-    return [s for s in specs if s.name in names]
 
 
 def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, wanted: dict[str, str], force: bool) -> list[str]:

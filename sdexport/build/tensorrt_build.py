@@ -29,9 +29,16 @@ from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
-from sdexport.manifest import Manifest, check_files, check_graph, load_manifest, save_manifest, sha256_file
+from sdexport.manifest import (
+    Manifest,
+    check_files,
+    check_graph,
+    load_manifest,
+    save_manifest,
+    select_specs,
+    sha256_file,
+)
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, components_for
 
 INSTALL_HINT = (
     'pip install "sdexport[tensorrt]" (tensorrt>=10.1 and polygraphy>=0.50.3), on a machine with an '
@@ -235,7 +242,7 @@ def _build_locked(
     force: bool,
 ) -> list[BuildResult]:
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    specs = _select(manifest, components)
+    specs = select_specs(manifest, components)
     dims = manifest.model_dims
     target = build_profile(manifest.shape_profile, profile, dims, static=static)
     gpu_name, capability = gpu_identity()
@@ -295,19 +302,6 @@ def _build_locked(
             save_manifest(engine_dir, manifest)
         results.append(BuildResult(spec.name, "built", engine_dir / rel, key, seconds, reasons))
     return results
-
-
-def _select(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
-    specs = [s for s in components_for(manifest.family) if s.name in manifest.components]
-    if not names:
-        return specs
-    known = [s.name for s in specs]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise SdexportError(
-            f"unknown or unexported component(s) {', '.join(unknown)}; this directory has {', '.join(known)}"
-        )
-    return [s for s in specs if s.name in names]
 
 
 def _verify_onnx(engine_dir: Path, manifest: Manifest, onnx: str) -> None:

@@ -145,7 +145,6 @@ class OnnxRuntimeEngine:
         self.run_options = ort.RunOptions()
         # The end-of-run cudaStreamSynchronize: callers wait on the stream instead (ORT >= 1.14).
         self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        self.sizes: dict[str, int] | None = None
         self._fixed: _FixedBuffers | None = None
         if cuda_graph:
             if sizes is not None:
@@ -200,7 +199,6 @@ class OnnxRuntimeEngine:
         self.session = None
         self._fixed = None
         self.session = self._make_session(sizes)
-        self.sizes = dict(sizes)
         fixed = _FixedBuffers(self.spec, sizes, self.device)
         binding = self.session.io_binding()
         index = self.device.index or 0
