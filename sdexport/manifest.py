@@ -21,6 +21,7 @@ from typing import Any
 
 from sdexport.atomic import write_atomic
 from sdexport.errors import EngineDirError, ProfileError, SdexportError
+from sdexport.graph_io import GraphIO, check_io, onnx_tensors
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
@@ -76,7 +77,8 @@ class Manifest:
         return bool(self.model.get("random_weights"))
 
     def spec(self, name: str) -> ComponentSpec:
-        return component(self.family, name)
+        """Component ``name``'s spec, expanded for this model (SDXL's per-layer hidden states)."""
+        return component(self.family, name).for_model(self.model_dims)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -95,7 +97,7 @@ class Manifest:
 def select_specs(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
     """The specs of the directory's components in call order, or of ``names`` among them (``--components``
     of the builds); an unknown or unexported name is refused with one line."""
-    specs = [s for s in components_for(manifest.family) if s.name in manifest.components]
+    specs = [manifest.spec(s.name) for s in components_for(manifest.family) if s.name in manifest.components]
     if not names:
         return specs
     known = [s.name for s in specs]
@@ -163,10 +165,7 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise EngineDirError(f"{path}: not an sdexport manifest (format {found!r})")
     if data.get("format_version") != FORMAT_VERSION:
-        raise EngineDirError(
-            f"{path}: manifest format {data.get('format_version')} is not supported by this "
-            f"sdexport (expects {FORMAT_VERSION}); re-export"
-        )
+        raise EngineDirError(_format_refusal(directory, data))
     problem = first_error(SCHEMA, data)
     if problem:
         raise EngineDirError(f"{path}: invalid manifest: {problem}")
@@ -175,6 +174,49 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
     if verify_files:
         verify_files_of(directory, manifest, components)
     return manifest
+
+
+def _format_refusal(directory: Path, data: dict[str, Any]) -> str:
+    """One line for a manifest of another format version, with the command that re-exports it."""
+    found = data.get("format_version")
+    where = directory / MANIFEST_NAME
+    if found == 1:
+        return (f"{where}: written by an older sdexport (format 1), whose graphs use tensor names optimum and "
+                f"this sdexport do not (VAE latent/image, SDXL's text encoders); re-export it: "
+                f"{reexport_command(directory, data)}")
+    return f"{where}: manifest format {found!r} is not supported by this sdexport (expects {FORMAT_VERSION}); re-export"
+
+
+def reexport_command(directory: Path, data: dict[str, Any]) -> str:
+    """The ``sdexport export`` command that writes ``directory`` again, from what its manifest recorded
+    (the source argument, dtype, profile and components), replacing it (``--force``: it is ours)."""
+    import shlex
+
+    def part(parent: dict[str, Any], key: str) -> dict[str, Any]:
+        value = parent.get(key)
+        return value if isinstance(value, dict) else {}
+
+    source = part(part(data, "model"), "source")
+    argument = source.get("argument") or source.get("name") or source.get("path") or "<model>"
+    words = ["sdexport", "export", str(argument), "-o", str(directory), "--force"]
+    if data.get("dtype") in ("fp16", "fp32"):
+        words += ["--dtype", str(data["dtype"])]
+    profile = part(data, "profile")
+    for axis in ("batch", "height", "width"):
+        value = profile.get(axis)
+        if isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value):
+            words += [f"--{axis}", ":".join(str(v) for v in value)]
+    if isinstance(source.get("config"), str):
+        words += ["--config", source["config"]]
+    if isinstance(source.get("vae"), str):
+        words += ["--vae", source["vae"]]
+    seed = source.get("seed")
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed:
+        words += ["--seed", str(seed)]
+    components = data.get("components")
+    if isinstance(components, dict) and components:
+        words += ["--components", ",".join(str(c) for c in components)]
+    return shlex.join(words)
 
 
 def check_layout(directory: Path, manifest: Manifest) -> None:
@@ -327,14 +369,15 @@ def not_an_engine_dir(directory: Path) -> str | None:
     return None
 
 
-def check_graph(directory: Path, manifest: Manifest, name: str) -> list[str]:
-    """Component ``name``'s ONNX graph is the spec's and stays inside the directory; its input names.
+def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
+    """Component ``name``'s ONNX graph is the spec's and stays inside the directory; how its I/O is fed.
 
     Parsed without its weights. A hash only proves that a graph is the one the manifest lists; this
     proves that it is a graph of the right component: its inputs (a tracer may drop an unused one)
-    and outputs are the spec's, its fixed sizes are the manifest's ``dims``, and every external
-    weight file it refers to is a file the manifest lists beside it (TensorRT's parser, unlike
-    ONNX Runtime, follows such references wherever they point).
+    and outputs are the spec's (names, dtypes and ranks: ``graph_io.check_io``), its fixed sizes are
+    the manifest's ``dims``, and every external weight file it refers to is a file the manifest
+    lists beside it (TensorRT's parser, unlike ONNX Runtime, follows such references wherever they
+    point).
     """
     import onnx
 
@@ -357,19 +400,12 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> list[str]:
     spec = manifest.spec(name)
     weights = {init.name for init in graph.initializer}
     inputs = [v for v in graph.input if v.name not in weights]
-    names, outputs = [v.name for v in inputs], [v.name for v in graph.output]
-    if not set(names) <= set(spec.input_names) or outputs != spec.output_names:
-        raise EngineDirError(
-            f"{directory}: {rel} takes {names} and returns {outputs}, but a {name} graph takes "
-            f"{spec.input_names} and returns {spec.output_names}; re-export"
-        )
+    io = check_io(spec, onnx_tensors(inputs), onnx_tensors(graph.output), f"{directory}: {rel}")
     sizes = manifest.model_dims.sizes(1, 0, 0)
     for value in [*inputs, *graph.output]:
         declared = spec.tensor(value.name).dims
         found = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        if len(found) != len(declared):
-            raise EngineDirError(f"{directory}: {rel}: {value.name} has {len(found)} dimensions, a {name} has {len(declared)}")
-        for symbol, size in zip(declared, found):
+        for symbol, size in zip(declared, found):  # check_io checked the ranks
             if symbol in DYNAMIC_SYMBOLS or size is None:
                 continue
             if size != resolve_dim(symbol, sizes):
@@ -377,4 +413,4 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> list[str]:
                     f"{directory}: {rel}: {value.name} has size {size} where the manifest's dims give "
                     f"{symbol} = {resolve_dim(symbol, sizes)}; the manifest does not describe this graph"
                 )
-    return names
+    return io

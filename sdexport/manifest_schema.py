@@ -13,7 +13,10 @@ from typing import Any
 from sdexport.specs import FAMILY_COMPONENTS
 
 FORMAT = "sdexport-engine-dir"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: optimum's tensor names (VAE ``latent_sample``/``sample``, SDXL text encoders' ``hidden_states.{i}``),
+``model_index.json`` and per-component ``config.json``. Version 1 directories are refused with the
+command that re-exports them (``manifest.load_manifest``)."""
 
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
@@ -108,6 +111,7 @@ SCHEMA: dict[str, Any] = {
                 "S": _size(4096), "E": _size(65536), "P": _size(65536), "C": _size(256),
                 "vae_scale_factor": _size(64), "unet_downsample": _size(64),
                 "E1": _size(65536, 0), "E2": _size(65536, 0), "T": _size(64, 0),
+                "L1": _size(1024, 0), "L2": _size(1024, 0),
             },
             "additionalProperties": False,
         },

@@ -16,7 +16,15 @@ Symbols:
     P        pooled text embedding size                  (static)
     C        latent channels                             (static)
     T        number of SDXL time ids (6)                 (static)
+    L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
     digits   a fixed size
+
+Tensor names are optimum's (``optimum.exporters.onnx``'s diffusers configs), so optimum's
+``ORTDiffusionPipeline`` and ONNX Runtime's SD optimizer read an sdexport directory, and sdexport
+reads (``sdexport adopt``) theirs: the U-Net's ``sample``/``timestep``/``encoder_hidden_states`` →
+``out_sample``, the VAE decoder's ``latent_sample`` → ``sample``, the VAE encoder's ``sample`` →
+``latent_parameters``, and CLIP's outputs under transformers' names (SDXL's encoders add
+``hidden_states.{i}``, one per layer, which diffusers' SDXL pipeline indexes from the end).
 """
 
 from __future__ import annotations
@@ -60,6 +68,9 @@ class TensorSpec:
     dims: tuple[str, ...]
     dtype: DType = "float"
     values: Values = "normal"
+    repeat: str | None = None
+    """A symbol ``L``: this entry stands for ``L + 1`` tensors named ``name.format(i=0..L)`` (one per
+    hidden state: the embeddings' and each layer's). ``ComponentSpec.for_model`` expands it."""
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -92,12 +103,39 @@ class ComponentSpec:
     """The model type onnxruntime's transformer optimizer fuses this graph as (``sdexport build
     --target onnxruntime-cuda``): its attention, GroupNorm and convolution patterns differ by type."""
 
+    def for_model(self, dims: ModelDims) -> ComponentSpec:
+        """This spec with its repeated outputs expanded for one model's sizes (``dims``)."""
+        if not any(t.repeat for t in (*self.inputs, *self.outputs)):
+            return self
+        sizes = dims.sizes(1, 0, 0)
+
+        def expand(tensors: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+            out: list[TensorSpec] = []
+            for t in tensors:
+                if t.repeat is None:
+                    out.append(t)
+                    continue
+                count = sizes[t.repeat] + 1
+                if count < 2:
+                    raise ValueError(f"{self.name}.{t.name}: the model's {t.repeat} is not known")
+                out.extend(replace(t, name=t.name.format(i=i), repeat=None) for i in range(count))
+            return tuple(out)
+
+        return replace(self, inputs=expand(self.inputs), outputs=expand(self.outputs))
+
+    @property
+    def resolved(self) -> bool:
+        """Every tensor is concrete (``for_model`` was applied where the spec has repeated ones)."""
+        return not any(t.repeat for t in (*self.inputs, *self.outputs))
+
     @property
     def input_names(self) -> list[str]:
         return [t.name for t in self.inputs]
 
     @property
     def output_names(self) -> list[str]:
+        if not self.resolved:  # a name like "hidden_states.{i}" is no graph's: a missed for_model
+            raise ValueError(f"{self.name}: spec not resolved for a model (ComponentSpec.for_model)")
         return [t.name for t in self.outputs]
 
     def tensor(self, name: str) -> TensorSpec:
@@ -121,6 +159,9 @@ class ModelDims:
     E1: int = 0
     E2: int = 0
     T: int = 0
+    L1: int = 0
+    L2: int = 0
+    """Hidden layers of SDXL's text encoders (0 where no spec repeats over them)."""
 
     @property
     def image_multiple(self) -> int:
@@ -143,6 +184,8 @@ class ModelDims:
             "P": self.P,
             "C": self.C,
             "T": self.T,
+            "L1": self.L1,
+            "L2": self.L2,
         }
 
 
@@ -167,7 +210,10 @@ def _text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _sdxl_text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
-    """SDXL conditions on the penultimate hidden state; the second encoder also gives a projection."""
+    """Every hidden state as its own output, after transformers' two (as optimum exports SDXL's text
+    encoders): diffusers' SDXL pipeline conditions on the penultimate one (``hidden_states[-2]``).
+    First comes ``last_hidden_state`` (CLIPTextModel) or the projection ``text_embeds``
+    (CLIPTextModelWithProjection, whose first output the pipeline takes as the pooled embedding)."""
     import torch
 
     class SDXLTextEncoder(torch.nn.Module):
@@ -175,10 +221,11 @@ def _sdxl_text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
             out = self.model(input_ids, output_hidden_states=True, return_dict=True)
-            pooled = out.text_embeds if hasattr(out, "text_embeds") else out.pooler_output
-            return out.hidden_states[-2], pooled
+            first = (out.text_embeds, out.last_hidden_state) if hasattr(out, "text_embeds") else (
+                out.last_hidden_state, out.pooler_output)
+            return (*first, *out.hidden_states)
 
     return SDXLTextEncoder(module)
 
@@ -231,8 +278,8 @@ def _vae_decoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             super().__init__()
             self.model = model
 
-        def forward(self, latent: torch.Tensor) -> torch.Tensor:
-            return self.model.decode(latent, return_dict=False)[0]
+        def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
+            return self.model.decode(latent_sample, return_dict=False)[0]
 
     return VAEDecoder(module)
 
@@ -246,8 +293,8 @@ def _vae_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             super().__init__()
             self.model = model
 
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return self.model.encode(image, return_dict=False)[0].parameters
+        def forward(self, sample: torch.Tensor) -> torch.Tensor:
+            return self.model.encode(sample, return_dict=False)[0].parameters
 
     return VAEEncoder(module)
 
@@ -284,8 +331,8 @@ UNET = ComponentSpec(
 VAE_DECODER = ComponentSpec(
     name="vae_decoder",
     module="vae",
-    inputs=(TensorSpec("latent", _LATENT),),
-    outputs=(TensorSpec("image", ("B", "3", "H", "W")),),
+    inputs=(TensorSpec("latent_sample", _LATENT),),
+    outputs=(TensorSpec("sample", ("B", "3", "H", "W")),),
     wrapper=_vae_decoder_wrapper,
     fusion_model="vae",
 )
@@ -293,7 +340,7 @@ VAE_DECODER = ComponentSpec(
 VAE_ENCODER = ComponentSpec(
     name="vae_encoder",
     module="vae",
-    inputs=(TensorSpec("image", ("B", "3", "H", "W"), values="pixels"),),
+    inputs=(TensorSpec("sample", ("B", "3", "H", "W"), values="pixels"),),
     outputs=(TensorSpec("latent_parameters", ("B", "2C", "h", "w")),),
     wrapper=_vae_encoder_wrapper,
     fusion_model="vae",
@@ -307,8 +354,9 @@ SDXL_TEXT_ENCODER = ComponentSpec(
     module="text_encoder",
     inputs=(TensorSpec("input_ids", ("B", "S"), "int32", "tokens"),),
     outputs=(
-        TensorSpec("hidden_states", ("B", "S", "E1")),
+        TensorSpec("last_hidden_state", ("B", "S", "E1")),
         TensorSpec("pooler_output", ("B", "E1")),
+        TensorSpec("hidden_states.{i}", ("B", "S", "E1"), repeat="L1"),
     ),
     wrapper=_sdxl_text_encoder_wrapper,
     cfg_batch=True,
@@ -320,8 +368,9 @@ SDXL_TEXT_ENCODER_2 = ComponentSpec(
     module="text_encoder_2",
     inputs=(TensorSpec("input_ids", ("B", "S"), "int32", "tokens"),),
     outputs=(
-        TensorSpec("hidden_states", ("B", "S", "E2")),
         TensorSpec("text_embeds", ("B", "P")),
+        TensorSpec("last_hidden_state", ("B", "S", "E2")),
+        TensorSpec("hidden_states.{i}", ("B", "S", "E2"), repeat="L2"),
     ),
     wrapper=_sdxl_text_encoder_wrapper,
     cfg_batch=True,

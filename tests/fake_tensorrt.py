@@ -84,6 +84,16 @@ class FakeEngine:
         assert profile == 0
         return self.ranges[name]
 
+    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+        """As built: -1 where the profile lets an axis vary (an input missing from ``ranges`` is a
+        static scalar, like an optimum graph's timestep)."""
+        if name == "out_sample":
+            name = "sample"
+        if name not in self.ranges:
+            return ()
+        lo, _, hi = self.ranges[name]
+        return tuple(a if a == b else -1 for a, b in zip(lo, hi))
+
     def create_execution_context(self, strategy: AllocationStrategy) -> FakeContext:
         assert strategy == AllocationStrategy.USER_MANAGED
         self.contexts += 1
@@ -106,6 +116,8 @@ class FakeContext:
         self.device_memory = (address, size)
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        if name not in self.engine.ranges:  # static
+            return tuple(shape) == self.engine.get_tensor_shape(name)
         lo, _, hi = self.engine.ranges[name]
         if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
             return False
@@ -113,7 +125,9 @@ class FakeContext:
         return True
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self.shapes["sample"] if name == "out_sample" else self.shapes[name]
+        if name == "out_sample":
+            return self.shapes["sample"]
+        return self.shapes.get(name, self.engine.get_tensor_shape(name))
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         if name not in dict(self.engine.io):

@@ -54,7 +54,7 @@ def test_unet_ranges_double_the_batch_for_cfg_and_resolve_latents():
 
 def test_components_without_cfg_keep_the_image_batch():
     ranges = input_ranges(VAE_DECODER, EXPORTED, DIMS)
-    assert ranges["latent"] == ((1, 4, 8, 8), (1, 4, 16, 16), (4, 4, 32, 32))
+    assert ranges["latent_sample"] == ((1, 4, 8, 8), (1, 4, 16, 16), (4, 4, 32, 32))
     assert input_ranges(TEXT_ENCODER, EXPORTED, DIMS)["input_ids"] == ((1, 77), (2, 77), (8, 77))
 
 
@@ -72,7 +72,7 @@ def test_static_uses_opt_everywhere():
     assert profile == ShapeProfile(batch=(1, 1, 1), height=(128, 128, 128), width=(128, 128, 128))
     assert profile.is_static and static_profile(profile) == profile
     vae = component_ranges(VAE_DECODER, EXPORTED, None, DIMS, static=True)
-    assert vae["latent"] == ((1, 4, 16, 16),) * 3 and is_static(vae)
+    assert vae["latent_sample"] == ((1, 4, 16, 16),) * 3 and is_static(vae)
     # Under CFG the U-Net still sees batch 1 (guidance 1) and 2, so it is not fully static.
     unet = component_ranges(UNET, EXPORTED, None, DIMS, static=True)
     assert unet["sample"] == ((1, 4, 16, 16), (2, 4, 16, 16), (2, 4, 16, 16))

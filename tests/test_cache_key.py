@@ -199,7 +199,7 @@ def test_static_and_flags_are_separate_engines(engine_copy, fake_tensorrt):
     (static,) = build_engines(engine_copy, components=["vae_decoder"], static=True)
     (level,) = build_engines(engine_copy, components=["vae_decoder"], optimization_level=5)
     assert len({dynamic.path, static.path, level.path}) == 3
-    assert static.key.static and static.key.ranges["latent"][0] == static.key.ranges["latent"][2]
+    assert static.key.static and static.key.ranges["latent_sample"][0] == static.key.ranges["latent_sample"][2]
     assert "optimization level default != 5" in level.reasons
 
 

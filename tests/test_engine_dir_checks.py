@@ -96,7 +96,7 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
     (lambda d: d.update(extra=1), "Additional properties are not allowed ('extra' was unexpected)"),
     (lambda d: d.pop("dims"), "'dims' is a required property"),
     (lambda d: d["components"].update(controlnet=d["components"]["unet"]), "component(s) controlnet do not exist"),
-    (lambda d: d.update(format_version=2), "manifest format 2 is not supported"),
+    (lambda d: d.update(format_version=3), "manifest format 3 is not supported"),
     (lambda d: d["model"].update(random_weights="yes"), "model.random_weights: 'yes' is not of type 'boolean'"),
     (lambda d: d["dims"].update(S=10**30), "dims.S: 1000000000000000000000000000000 is greater than the maximum"),
     (lambda d: d["dims"].update(unet_downsample=3), "profile height min 64 is not a multiple of 24"),
@@ -170,7 +170,7 @@ def test_graph_referring_to_unlisted_weights_is_refused(engine_copy: Path, capsy
     assert run_cli("inspect", engine_copy) == 2
     assert "refers to 'weights.bin', which is not a file the manifest lists" in capsys.readouterr().err
     _rehash(engine_copy, "unet/weights.bin")
-    assert check_graph(engine_copy, load_manifest(engine_copy), "unet") == ["sample", "timestep", "encoder_hidden_states"]
+    assert list(check_graph(engine_copy, load_manifest(engine_copy), "unet").inputs) == ["sample", "timestep", "encoder_hidden_states"]
     model = onnx.load(str(graph), load_external_data=False)  # onnx refuses to write "..": edit the proto
     for tensor in model.graph.initializer:
         for entry in tensor.external_data:
@@ -190,7 +190,7 @@ def test_a_graph_of_another_component_is_refused(engine_copy: Path, monkeypatch,
     shutil.copy(engine_copy / "vae_decoder" / "model.onnx", engine_copy / "unet" / "model.onnx")
     _rehash(engine_copy, "unet/model.onnx")
     monkeypatch.setattr(loading, "_load_engines", REAL_LOAD_ENGINES)
-    _refused_everywhere(engine_copy, "unet/model.onnx takes ['latent'] and returns ['image'], but a unet graph takes", capsys)
+    _refused_everywhere(engine_copy, "unet/model.onnx takes ['latent_sample'] and returns ['sample'], but a unet graph takes", capsys)
 
 
 def test_a_graph_that_is_not_onnx_is_refused_by_inspect(engine_copy: Path, capsys):

@@ -78,7 +78,7 @@ def test_force_replaces_an_engine_directory_in_one_swap(engine_copy: Path):
     # a temporary file of a listed file: what a process killed while replacing model.onnx leaves
     (engine_copy / "unet" / ".model.onnx.4242.tmp").write_bytes(b"half a graph")
     assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 0
-    assert sorted(p.name for p in engine_copy.iterdir()) == ["manifest.json", "scheduler", "tokenizer", "unet"]
+    assert sorted(p.name for p in engine_copy.iterdir()) == ["manifest.json", "model_index.json", "scheduler", "tokenizer", "unet"]
     assert _hidden_siblings(engine_copy) == []
 
 

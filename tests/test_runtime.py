@@ -169,7 +169,7 @@ def test_cli_run_unknown_backend(tiny_engine_dir: Path, capsys):
 def test_fp16_vae_overflow_falls_back_or_refuses(pipelines, monkeypatch):
     pipeline = pipelines["onnxruntime-cpu"]
     vae = pipeline.engines["vae_decoder"]
-    overflowing = SpyEngine(vae, replace=lambda feed: {"image": torch.full((1, 3, 64, 64), float("nan"))})
+    overflowing = SpyEngine(vae, replace=lambda feed: {"sample": torch.full((1, 3, 64, 64), float("nan"))})
     monkeypatch.setitem(pipeline.engines, "vae_decoder", overflowing)
     request = GenerationRequest(prompt=["x"], steps=1, height=64, width=64)
     with pytest.raises(SdexportError, match="NaN/Inf"):
@@ -248,8 +248,8 @@ def test_torch_backend_keeps_an_fp16_export_and_its_fp32_fallback_apart(tmp_path
     export("tiny", out, ExportOptions(dtype="fp16", verify="none", components=["vae_decoder", "vae_decoder_fp32"]))
     engines = _torch_engines(load_manifest(out), ["vae_decoder", "vae_decoder_fp32"], compile=False,
                              device=torch.device("cpu"), dtype=torch.float16)
-    latent = {"latent": torch.randn(1, 4, 8, 8)}
-    half, full = engines["vae_decoder"](latent)["image"], engines["vae_decoder_fp32"](latent)["image"]
+    latent = {"latent_sample": torch.randn(1, 4, 8, 8)}
+    half, full = engines["vae_decoder"](latent)["sample"], engines["vae_decoder_fp32"](latent)["sample"]
     assert next(engines["vae_decoder"].module.parameters()).dtype == torch.float16
     assert next(engines["vae_decoder_fp32"].module.parameters()).dtype == torch.float32
     assert torch.allclose(half, full, atol=5e-2)

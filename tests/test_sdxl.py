@@ -146,7 +146,7 @@ def test_export_verifies_every_sdxl_component(sdxl_engine_dir):
         assert entry.parity["status"] == "passed", name
         assert [p["status"] for p in entry.parity["points"]] == ["passed"] * 4, name
     assert manifest.dims == {"S": 77, "E": 80, "P": 40, "C": 4, "vae_scale_factor": 8, "unet_downsample": 2,
-                             "E1": 32, "E2": 48, "T": 6}
+                             "E1": 32, "E2": 48, "T": 6, "L1": 2, "L2": 3}
     assert manifest.model["pipeline_config"] == {"force_zeros_for_empty_prompt": True}
     assert manifest.vae_scaling_factor == 0.13025
     assert "tokenizer_2/tokenizer.json" in manifest.files
@@ -155,17 +155,28 @@ def test_export_verifies_every_sdxl_component(sdxl_engine_dir):
     assert inputs == {"sample": ["B", 4, "h", "w"], "timestep": [1], "encoder_hidden_states": ["B", 77, 80],
                       "text_embeds": ["B", 40], "time_ids": ["B", 6]}
     encoder_2 = onnx.load(str(sdxl_engine_dir / "text_encoder_2" / "model.onnx"))
-    assert [o.name for o in encoder_2.graph.output] == ["hidden_states", "text_embeds"]
+    # As optimum exports SDXL's encoders: the projection first, then every hidden state.
+    assert [o.name for o in encoder_2.graph.output] == [
+        "text_embeds", "last_hidden_state", *(f"hidden_states.{i}" for i in range(4))]
+    encoder = onnx.load(str(sdxl_engine_dir / "text_encoder" / "model.onnx"), load_external_data=False)
+    assert [o.name for o in encoder.graph.output] == [
+        "last_hidden_state", "pooler_output", *(f"hidden_states.{i}" for i in range(3))]
 
 
 def test_encoder_wrappers_give_what_diffusers_conditions_on(sdxl_model, reference):
     """Penultimate hidden states of both encoders side by side; pooled = text_encoder_2's text_embeds."""
-    specs = {s.name: s for s in components_for("sdxl")}
+    specs = {s.name: s.for_model(sdxl_model.dims) for s in components_for("sdxl")}
     ids = sdxl_model.tokenizers["tokenizer"](["a cat", "x"], padding="max_length", max_length=77,
                                               return_tensors="pt").input_ids.int()
     with torch.no_grad():
-        hidden_1, _ = specs["text_encoder"].wrapper(sdxl_model.modules["text_encoder"])(ids)
-        hidden_2, pooled = specs["text_encoder_2"].wrapper(sdxl_model.modules["text_encoder_2"])(ids)
+        out_1 = specs["text_encoder"].wrapper(sdxl_model.modules["text_encoder"])(ids)
+        out_2 = specs["text_encoder_2"].wrapper(sdxl_model.modules["text_encoder_2"])(ids)
+    assert len(out_1) == len(specs["text_encoder"].outputs) and len(out_2) == len(specs["text_encoder_2"].outputs)
+    # The runtime takes hidden_states.{L - 1}: diffusers' hidden_states[-2].
+    hidden_1 = dict(zip(specs["text_encoder"].output_names, out_1))["hidden_states.1"]
+    hidden_2 = dict(zip(specs["text_encoder_2"].output_names, out_2))["hidden_states.2"]
+    pooled = out_2[0]
+    with torch.no_grad():
         want = reference.pipe.encode_prompt(["a cat", "x"], device=torch.device("cpu"),
                                             do_classifier_free_guidance=False)
     assert torch.equal(torch.cat([hidden_1, hidden_2], dim=-1), want[0])

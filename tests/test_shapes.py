@@ -32,7 +32,7 @@ def test_cfg_doubles_unet_batch_but_not_vae():
     assert unet["timestep"] == ((1,), (1,), (1,))
     assert unet["encoder_hidden_states"][2] == (8, 77, 768)
     vae = profile.tensor_ranges(VAE_DECODER, DIMS)
-    assert vae["latent"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))
+    assert vae["latent_sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))
 
 
 def test_dims_resolve_multipliers():

@@ -29,6 +29,7 @@ from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
+from sdexport.graph_io import GraphIO
 from sdexport.manifest import (
     Manifest,
     check_files,
@@ -283,8 +284,8 @@ def _build_locked(
             continue
         start = time.perf_counter()
         with step(f"Building {spec.name} ({_describe(key, precision.label(entry.dtype))})"):
-            present = set(check_graph(engine_dir, manifest, spec.name))
-            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, present)
+            graph_io = check_graph(engine_dir, manifest, spec.name)
+            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, graph_io)
         seconds = time.perf_counter() - start
         # The manifest lists the plan before the plan takes its name: a build killed in between
         # leaves a listed plan that is missing (rebuilt next time) and a temporary file of a listed
@@ -348,10 +349,11 @@ def _describe(key: EngineKey, precision: str) -> str:
     return ", ".join([shapes, *flags])
 
 
-def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, present: set[str]) -> memoryview:
+def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, graph_io: GraphIO) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
-    ``present``: the graph's real input names (``manifest.check_graph``: a tracer may drop one)."""
+    ``graph_io``: the graph's real inputs (``manifest.check_graph``: a tracer may drop one; an
+    optimum graph's timestep is a scalar, which has no shapes to profile)."""
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,
@@ -364,7 +366,7 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, pres
     trt_profile = Profile()
     ranges: dict[str, ShapeRange] = key.ranges
     for name, (lo, opt, hi) in ranges.items():
-        if name in present:
+        if name in graph_io.inputs and graph_io.inputs[name].rank > 0:
             trt_profile.add(name, min=lo, opt=opt, max=hi)
     cache = str(timing_cache) if timing_cache is not None else None
     if timing_cache is not None:

@@ -19,6 +19,7 @@ import torch
 from sdexport.console import console, step
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
+from sdexport.export.pipeline_files import write_pipeline_files
 from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, plan_export
 from sdexport.export.trace import trace_to_onnx
 from sdexport.export.verify import ParityReport, require_parity, verify_component
@@ -67,7 +68,7 @@ def _export_into(
     dims = model.dims
     entries: dict[str, ComponentEntry] = {}
     vocab = _vocab_size(model)
-    for spec in specs:
+    for spec in (s.for_model(dims) for s in specs):
         path = staging / spec.name / "model.onnx"
         module = model.module(spec.module)
         dtype = "fp32" if spec.always_fp32 else options.dtype
@@ -86,13 +87,7 @@ def _export_into(
             dtype=dtype,
             parity={**report.to_dict(), "seconds": round(time.perf_counter() - start, 2)},
         )
-    for name, tokenizer in model.tokenizers.items():
-        tokenizer.save_pretrained(staging / name)
-    scheduler_dir = staging / "scheduler"
-    scheduler_dir.mkdir()
-    import json
-
-    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
+    write_pipeline_files(staging, model, specs)
     with step("Hashing artifacts and writing the manifest"):
         manifest = Manifest(
             family=model.family,

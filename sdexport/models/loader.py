@@ -100,32 +100,48 @@ class LoadedModel:
             problems.append(f"tokenizer_2 length {length_2} != tokenizer length {sequence}")
         if problems:
             raise ModelLoadError(f"{self.label}: inconsistent SDXL configs: {'; '.join(problems)}")
-        return ModelDims(P=pooled, E1=e1, E2=e2, T=SDXL_TIME_IDS, **common)
+        return ModelDims(P=pooled, E1=e1, E2=e2, T=SDXL_TIME_IDS, L1=int(te.num_hidden_layers),
+                         L2=int(te2.num_hidden_layers), **common)
 
     @property
     def vae_scaling_factor(self) -> float:
         return float(self.config("vae").scaling_factor)
 
+    def pipeline_index(self) -> dict[str, Any]:
+        """The diffusers ``model_index.json`` of this model: its pipeline class and the library and
+        class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
+        index: dict[str, Any] = {
+            "_class_name": next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family),
+            "_diffusers_version": _version("diffusers"),
+        }
+        for name, module in self.modules.items():
+            index[name] = _library_of(module)
+        for name, tok in self.tokenizers.items():
+            index[name] = ["transformers", type(tok).__name__]
+        index["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
+        if self.family == "sd":
+            index.update(safety_checker=[None, None], feature_extractor=[None, None],
+                         requires_safety_checker=False)
+        index.update(self.pipeline_config)
+        return index
+
     def save_pretrained(self, directory: Path) -> None:
         """Write a diffusers-format directory (used by tests and to hand a preset to diffusers)."""
         directory.mkdir(parents=True, exist_ok=True)
-        index: dict[str, Any] = {
-            "_class_name": next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
-        }
         for name, module in self.modules.items():
             module.save_pretrained(directory / name)  # type: ignore[operator]
-            index[name] = _library_of(module)
         for name, tok in self.tokenizers.items():
             tok.save_pretrained(directory / name)
-            index[name] = ["transformers", type(tok).__name__]
         scheduler_dir = directory / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
         (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
-        index["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
-        if self.family == "sd":
-            index.update(safety_checker=[None, None], feature_extractor=[None, None])
-        index.update(self.pipeline_config)
-        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+        (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def _library_of(module: torch.nn.Module) -> list[str]:

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from sdexport.errors import EngineDirError, SdexportError, one_line
-from sdexport.runtime.engine import TORCH_DTYPES, check_feed, output_shapes, sizes_from_inputs
+from sdexport.graph_io import GraphIO, check_io, onnxruntime_tensors
+from sdexport.runtime.engine import check_feed, output_shapes, sizes_from_inputs
 from sdexport.runtime.providers import (
     PROVIDERS,
     available_providers,
@@ -40,7 +41,7 @@ from sdexport.runtime.providers import (
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import DYNAMIC_SYMBOLS, ComponentSpec, ModelDims
 
-_ORT_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.float16: np.float16}
+_ORT_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.float16: np.float16, torch.int64: np.int64}
 
 
 def preload_cuda_libraries(ort: Any) -> None:
@@ -179,14 +180,10 @@ class OnnxRuntimeEngine:
             raise EngineDirError(f"{self.path}: onnxruntime cannot load it ({one_line(exc, 400)}){hint}") from exc
         if self.stream is not None:
             require_cuda_session(session, self.path)
-        names = [i.name for i in session.get_inputs()]
-        outputs = [o.name for o in session.get_outputs()]
-        if not set(names) <= set(self.spec.input_names) or outputs != self.spec.output_names:
-            raise EngineDirError(
-                f"{self.path} takes {names} and returns {outputs}, but a {self.spec.name} graph takes "
-                f"{self.spec.input_names} and returns {self.spec.output_names}; re-export"
-            )
-        self.input_names = names
+        # Names, dtypes and ranks now, not as an ONNX Runtime error in the middle of the loop.
+        self.io = check_io(self.spec, onnxruntime_tensors(session.get_inputs()),
+                           onnxruntime_tensors(session.get_outputs()), str(self.path))
+        self.input_names = list(self.io.inputs)
         return session
 
     def _specialize(self, sizes: dict[str, int]) -> None:
@@ -199,14 +196,14 @@ class OnnxRuntimeEngine:
         self.session = None
         self._fixed = None
         self.session = self._make_session(sizes)
-        fixed = _FixedBuffers(self.spec, sizes, self.device)
+        fixed = _FixedBuffers(self.spec, self.io, sizes, self.device)
         binding = self.session.io_binding()
         index = self.device.index or 0
         for name in self.input_names:
             tensor = fixed.inputs[name]
             binding.bind_input(name, "cuda", index, _ORT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         for name, tensor in fixed.outputs.items():
-            binding.bind_output(name, "cuda", index, np.float32, list(tensor.shape), tensor.data_ptr())
+            binding.bind_output(name, "cuda", index, _ORT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         fixed.binding = binding
         self._fixed = fixed
         assert self.stream is not None
@@ -222,9 +219,9 @@ class OnnxRuntimeEngine:
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feed(self.spec, feed)
         if self.stream is None:
-            arrays = {n: feed[n].contiguous().numpy() for n in self.input_names}
+            arrays = {n: self.io.to_graph(n, feed[n]).contiguous().numpy() for n in self.input_names}
             results = self.session.run(self.spec.output_names, arrays)
-            return {n: torch.from_numpy(r) for n, r in zip(self.spec.output_names, results)}
+            return {n: self.io.from_graph(n, torch.from_numpy(r)) for n, r in zip(self.spec.output_names, results)}
         if self.cuda_graph:
             return self._run_graph(feed, self.stream)
         return self._run_bound(feed, self.stream)
@@ -232,16 +229,16 @@ class OnnxRuntimeEngine:
     def _run_graph(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Copy the inputs into the captured graph's buffers and replay it on ``stream``."""
         fixed = self._fixed
-        if fixed is None or any(tuple(feed[n].shape) != tuple(fixed.inputs[n].shape) for n in self.input_names):
+        if fixed is None or any(tuple(feed[n].shape) != fixed.shapes[n] for n in self.input_names):
             self._specialize(sizes_from_inputs(self.spec, feed, self.dims))
         assert self._fixed is not None
         current = torch.cuda.current_stream(self.device)
-        for name in self.input_names:
-            self._fixed.inputs[name].copy_(feed[name])  # on the caller's stream, ordered before the wait
+        for name in self.input_names:  # on the caller's stream, ordered before the wait
+            self._fixed.inputs[name].copy_(self.io.to_graph(name, feed[name]))
         stream.wait_stream(current)
         self.session.run_with_iobinding(self._fixed.binding, self.run_options)
         current.wait_stream(stream)
-        return dict(self._fixed.outputs)
+        return {n: self.io.from_graph(n, t) for n, t in self._fixed.outputs.items()}
 
     def _run_bound(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Bind device pointers and run on ``stream``, ordered after the caller's stream by a wait.
@@ -252,21 +249,21 @@ class OnnxRuntimeEngine:
         binding = self.session.io_binding()
         index = self.device.index or 0
         current = torch.cuda.current_stream(self.device)
-        inputs = {name: feed[name].to(self.device).contiguous() for name in self.input_names}
+        inputs = {name: self.io.to_graph(name, feed[name].to(self.device)).contiguous() for name in self.input_names}
         for name, tensor in inputs.items():
             binding.bind_input(name, "cuda", index, _ORT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         outputs = {
-            name: torch.empty(shape, dtype=torch.float32, device=self.device)
+            name: torch.empty(shape, dtype=self.io.torch_dtype(name), device=self.device)
             for name, shape in output_shapes(self.spec, feed, self.dims).items()
         }
         for name, tensor in outputs.items():
-            binding.bind_output(name, "cuda", index, np.float32, list(tensor.shape), tensor.data_ptr())
+            binding.bind_output(name, "cuda", index, _ORT_TYPES[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         stream.wait_stream(current)  # inputs written by torch on the caller's stream are ready
         self.session.run_with_iobinding(binding, self.run_options)
         for tensor in (*inputs.values(), *outputs.values()):
             tensor.record_stream(stream)
         current.wait_stream(stream)  # the caller's next work sees the outputs
-        return outputs
+        return {n: self.io.from_graph(n, t) for n, t in outputs.items()}
 
     def close(self) -> None:
         """Release the session (and its device memory arena) now rather than at garbage collection."""
@@ -285,10 +282,13 @@ class OnnxRuntimeEngine:
 class _FixedBuffers:
     """The buffers a captured CUDA graph reads and writes: allocated once for one set of shapes."""
 
-    def __init__(self, spec: ComponentSpec, sizes: dict[str, int], device: torch.device) -> None:
-        self.inputs = {t.name: torch.zeros(t.shape(sizes), dtype=TORCH_DTYPES[t.dtype], device=device)
-                       for t in spec.inputs}
-        self.outputs = {t.name: torch.empty(t.shape(sizes), dtype=torch.float32, device=device) for t in spec.outputs}
+    def __init__(self, spec: ComponentSpec, io: GraphIO, sizes: dict[str, int], device: torch.device) -> None:
+        self.shapes = {t.name: t.shape(sizes) for t in spec.inputs if t.name in io.inputs}
+        """The spec's input shapes these buffers serve (a scalar timestep's buffer has none)."""
+        self.inputs = {n: torch.zeros(io.shape(n, shape), dtype=io.torch_dtype(n), device=device)
+                       for n, shape in self.shapes.items()}
+        self.outputs = {t.name: torch.empty(t.shape(sizes), dtype=io.torch_dtype(t.name), device=device)
+                        for t in spec.outputs}
         self.binding: Any = None
 
 

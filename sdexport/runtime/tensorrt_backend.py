@@ -30,6 +30,7 @@ from rich.markup import escape
 from sdexport.build import tensorrt_build
 from sdexport.build.cache_key import EngineKey
 from sdexport.errors import EngineDirError, ProfileError
+from sdexport.graph_io import GraphTensor, check_io
 from sdexport.manifest import Manifest, check_files
 from sdexport.runtime.engine import check_feed
 from sdexport.shapes import ShapeProfile
@@ -57,6 +58,10 @@ def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     if dtype not in table:
         raise EngineDirError(f"TensorRT I/O type {dtype} has no torch equivalent")
     return table[dtype]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _dims(dims: trt.Dims) -> Shape:
@@ -250,17 +255,24 @@ class TensorRTEngine:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        unknown = [n for n in self.input_names if n not in spec.input_names]
-        if unknown:
-            raise EngineDirError(
-                f"{source or spec.name}: engine inputs {unknown} are not inputs of {spec.name} "
-                f"({', '.join(spec.input_names)}); the plan does not belong to this component"
-            )
         self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
         self.ranges: dict[str, tuple[Shape, Shape, Shape]] = {}
         for name in self.input_names:
-            lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
-            self.ranges[name] = (lo, opt, hi)
+            declared = _dims(engine.get_tensor_shape(name))
+            if -1 in declared:
+                lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
+                self.ranges[name] = (lo, opt, hi)
+            else:  # a static input (an optimum graph's scalar timestep) is in no profile
+                self.ranges[name] = (declared, declared, declared)
+        # Names, dtypes and ranks against the spec, at load; an adopted optimum graph's int64 ids,
+        # scalar timestep and float16 I/O are bridged at the edge (graph_io).
+        self.io = check_io(
+            spec,
+            [GraphTensor(n, _dtype_name(self.dtypes[n]), len(self.ranges[n][0])) for n in self.input_names],
+            [GraphTensor(n, _dtype_name(self.dtypes[n]), len(_dims(engine.get_tensor_shape(n))))
+             for n in self.output_names],
+            f"{source or spec.name}",
+        )
 
         self.context = self._create_context()
         self._graphs: OrderedDict[tuple[Shape, ...], _Graph] = OrderedDict()
@@ -377,6 +389,7 @@ class TensorRTEngine:
         if self.closed:
             raise EngineDirError(f"{self.spec.name}: this TensorRT engine was closed")
         check_feed(self.spec, feed)
+        feed = {name: self.io.to_graph(name, feed[name]) for name in self.input_names}
         shapes = tuple(tuple(feed[name].shape) for name in self.input_names)
         self.check_shapes(dict(zip(self.input_names, shapes)))
         for name, shape in zip(self.input_names, shapes):  # on the caller's stream: ordered after its writes
@@ -384,7 +397,7 @@ class TensorRTEngine:
         self._launch(shapes)
         out_shapes = self._output_shapes[shapes]
         return {
-            name: self.outputs[name][: _numel(out_shapes[name])].view(out_shapes[name])
+            name: self.io.from_graph(name, self.outputs[name][: _numel(out_shapes[name])].view(out_shapes[name]))
             for name in self.output_names
         }
 

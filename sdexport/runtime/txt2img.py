@@ -272,7 +272,9 @@ class Txt2ImgPipeline:
             first, second = list(request.prompt), list(prompts_2)
         out_1 = self.engines["text_encoder"]({"input_ids": self.tokenize(first)})
         out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
-        hidden = torch.cat([out_1["hidden_states"], out_2["hidden_states"]], dim=-1)
+        # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's.
+        penultimate_1, penultimate_2 = f"hidden_states.{self.dims.L1 - 1}", f"hidden_states.{self.dims.L2 - 1}"
+        hidden = torch.cat([out_1[penultimate_1], out_2[penultimate_2]], dim=-1)
         pooled = out_2["text_embeds"]
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
@@ -302,8 +304,8 @@ class Txt2ImgPipeline:
         The check of the image is the run's one wait for the device before the copy to the host
         (nothing between the denoising loop and the VAE waits). Non-finite latents make a
         non-finite image, so they are looked for only then, and blamed on the loop, not the VAE."""
-        feed = {"latent": (latents / self.vae_scaling_factor).float()}
-        image = self.engines["vae_decoder"](feed)["image"]
+        feed = {"latent_sample": (latents / self.vae_scaling_factor).float()}
+        image = self.engines["vae_decoder"](feed)["sample"]
         fallback = False
         if not torch.isfinite(image).all():
             if not torch.isfinite(latents).all():
@@ -320,7 +322,7 @@ class Txt2ImgPipeline:
                     "or export in fp32"
                 )
             console.print("[yellow]warning:[/] VAE decoder overflowed (NaN/Inf); decoding again in fp32")
-            image = self.fallback_vae(feed)["image"]
+            image = self.fallback_vae(feed)["sample"]
             fallback = True
             if not torch.isfinite(image).all():
                 raise SdexportError("the fp32 VAE decoder also produced NaN/Inf; the latents are broken")

@@ -1,0 +1,127 @@
+"""A graph's real inputs and outputs held against its ComponentSpec: what may differ, and the bridge.
+
+sdexport's own graphs take int32 token ids, a one-element float32 timestep and float32 tensors (also
+in fp16 exports). Graphs from other exporters differ in ways that change no values: optimum's take
+int64 token ids and a scalar timestep, and its fp16 exports take and return float16. Those
+differences are bridged (a cast or a reshape at the engine's edge, ``GraphIO``); anything else —
+another name, another rank, an integer where a float belongs — is refused when the engine loads,
+in one line naming the tensor, not as an ONNX Runtime error in the middle of the denoising loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sdexport.errors import EngineDirError
+from sdexport.specs import ComponentSpec, TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+
+ACCEPTED_DTYPES = {"int32": ("int32", "int64"), "float": ("float32", "float16"), "float32": ("float32", "float16")}
+"""Per spec dtype: the graph dtypes an engine bridges (the first is sdexport's own)."""
+
+_ONNX_TYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64", 11: "float64", 16: "bfloat16", 9: "bool"}
+"""``onnx.TensorProto`` element types by number (the names the rest of this module uses)."""
+
+
+@dataclass(frozen=True)
+class GraphTensor:
+    """One input or output as a graph declares it."""
+
+    name: str
+    dtype: str
+    """``float32``, ``float16``, ``int32``, ``int64``, ... (numpy's names)."""
+    rank: int
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """How an engine feeds one graph and reads it back, when its I/O is not quite the spec's."""
+
+    inputs: dict[str, GraphTensor]
+    """The inputs the graph has (a tracer may drop an unused one), by name."""
+    outputs: dict[str, GraphTensor] = field(default_factory=dict)
+
+    @property
+    def bridged(self) -> list[str]:
+        """The tensors that are cast or reshaped at the edge, as ``name (dtype[rank])``: empty for
+        sdexport's own graphs."""
+        return [f"{t.name} ({t.dtype}, rank {t.rank})" for t in (*self.inputs.values(), *self.outputs.values())
+                if t.dtype not in ("float32", "int32") or (t.name == "timestep" and t.rank == 0)]
+
+    def torch_dtype(self, name: str) -> torch.dtype:
+        """The dtype the graph takes or returns for tensor ``name``."""
+        import torch
+
+        tensor = self.inputs.get(name) or self.outputs[name]
+        return getattr(torch, tensor.dtype)
+
+    def to_graph(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A spec-shaped input as the graph takes it (same values; a no-op for our own graphs)."""
+        want = self.inputs[name]
+        if want.rank == 0 and tensor.dim() == 1:
+            tensor = tensor.reshape(())
+        dtype = self.torch_dtype(name)
+        return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+    def from_graph(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """An output as the spec returns it: float32."""
+        import torch
+
+        return tensor.float() if tensor.dtype != torch.float32 else tensor
+
+    def shape(self, name: str, spec_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The graph's shape for a tensor whose spec shape is ``spec_shape`` (a scalar timestep: ())."""
+        tensor = self.inputs.get(name) or self.outputs.get(name)
+        return () if tensor is not None and tensor.rank == 0 and len(spec_shape) == 1 else spec_shape
+
+
+def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[GraphTensor], where: str) -> GraphIO:
+    """The graph's I/O against ``spec`` (resolved for its model): the bridge, or EngineDirError naming
+    the first tensor no engine can feed or read."""
+    names, returned = [t.name for t in inputs], [t.name for t in outputs]
+    if not set(names) <= set(spec.input_names) or set(returned) != set(spec.output_names):
+        raise EngineDirError(
+            f"{where} takes {names} and returns {returned}, but a {spec.name} graph takes {spec.input_names} "
+            f"and returns {spec.output_names}; re-export"
+        )
+    for tensor in (*inputs, *outputs):
+        _check_tensor(spec, spec.tensor(tensor.name), tensor, where)
+    return GraphIO({t.name: t for t in inputs}, {t.name: t for t in outputs})
+
+
+def _check_tensor(spec: ComponentSpec, declared: TensorSpec, found: GraphTensor, where: str) -> None:
+    accepted = ACCEPTED_DTYPES[declared.dtype]
+    if found.dtype not in accepted:
+        raise EngineDirError(
+            f"{where}: {found.name} is {found.dtype}, but a {spec.name} graph's {found.name} is "
+            f"{' or '.join(accepted)}; this graph does not belong to this component (re-export it)"
+        )
+    rank = len(declared.dims)
+    if found.rank != rank and not (declared.dims == ("1",) and found.rank == 0):
+        raise EngineDirError(
+            f"{where}: {found.name} has {found.rank} dimensions, a {spec.name} graph's has {rank} "
+            f"({', '.join(declared.dims)}); this graph does not belong to this component (re-export it)"
+        )
+
+
+def onnx_tensors(values: Any) -> list[GraphTensor]:
+    """``GraphTensor``s of ONNX ``ValueInfoProto``s (a graph's inputs or outputs)."""
+    found = []
+    for value in values:
+        kind = value.type.tensor_type
+        found.append(GraphTensor(value.name, _ONNX_TYPES.get(kind.elem_type, f"onnx type {kind.elem_type}"),
+                                 len(kind.shape.dim)))
+    return found
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64"}
+
+
+def onnxruntime_tensors(args: Any) -> list[GraphTensor]:
+    """``GraphTensor``s of an InferenceSession's ``get_inputs()``/``get_outputs()`` (types such as
+    ``tensor(float16)``)."""
+    return [GraphTensor(a.name, _ORT_TYPES.get(a.type, str(a.type).removeprefix("tensor(").removesuffix(")")),
+                        len(a.shape)) for a in args]
