@@ -1,8 +1,9 @@
 """A graph's real inputs and outputs held against its ComponentSpec: what may differ, and the bridge.
 
-sdexport's own graphs take int32 token ids, a one-element float32 timestep and float32 tensors (also
-in fp16 exports). Graphs from other exporters differ in ways that change no values: optimum's take
-int64 token ids and a scalar timestep, and its fp16 exports take and return float16. Those
+sdexport's own graphs take int32 token ids, a scalar float32 timestep and float32 tensors (also in
+fp16 exports). Graphs from other exporters differ in ways that change no values: optimum's take
+int64 token ids, its fp16 exports take and return float16, and older exports (optimum's before
+1.14, ONNX Runtime's SD tool) take the timestep as a one-element vector. Those
 differences are bridged (a cast or a reshape at the engine's edge, ``GraphIO``); anything else —
 another name, another rank, an integer where a float belongs — is refused when the engine loads,
 in one line naming the tensor, not as an ONNX Runtime error in the middle of the denoising loop.
@@ -43,13 +44,20 @@ class GraphIO:
     inputs: dict[str, GraphTensor]
     """The inputs the graph has (a tracer may drop an unused one), by name."""
     outputs: dict[str, GraphTensor] = field(default_factory=dict)
+    scalars: frozenset[str] = frozenset()
+    """The spec's scalar inputs."""
 
     @property
     def bridged(self) -> list[str]:
         """The tensors that are cast or reshaped at the edge, as ``name (dtype[rank])``: empty for
         sdexport's own graphs."""
         return [f"{t.name} ({t.dtype}, rank {t.rank})" for t in (*self.inputs.values(), *self.outputs.values())
-                if t.dtype not in ("float32", "int32") or (t.name == "timestep" and t.rank == 0)]
+                if t.dtype not in ("float32", "int32") or t.name in self.reshaped]
+
+    @property
+    def reshaped(self) -> set[str]:
+        """Inputs the spec declares as scalars and the graph takes as one-element vectors."""
+        return {n for n, t in self.inputs.items() if t.rank == 1 and n in self.scalars}
 
     def torch_dtype(self, name: str) -> torch.dtype:
         """The dtype the graph takes or returns for tensor ``name``."""
@@ -60,9 +68,8 @@ class GraphIO:
 
     def to_graph(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """A spec-shaped input as the graph takes it (same values; a no-op for our own graphs)."""
-        want = self.inputs[name]
-        if want.rank == 0 and tensor.dim() == 1:
-            tensor = tensor.reshape(())
+        if name in self.reshaped and tensor.dim() == 0:
+            tensor = tensor.reshape(1)
         dtype = self.torch_dtype(name)
         return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
@@ -73,9 +80,8 @@ class GraphIO:
         return tensor.float() if tensor.dtype != torch.float32 else tensor
 
     def shape(self, name: str, spec_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The graph's shape for a tensor whose spec shape is ``spec_shape`` (a scalar timestep: ())."""
-        tensor = self.inputs.get(name) or self.outputs.get(name)
-        return () if tensor is not None and tensor.rank == 0 and len(spec_shape) == 1 else spec_shape
+        """The graph's shape for a tensor whose spec shape is ``spec_shape`` (a vector timestep: (1,))."""
+        return (1,) if name in self.reshaped else spec_shape
 
 
 def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[GraphTensor], where: str) -> GraphIO:
@@ -89,7 +95,8 @@ def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[Graph
         )
     for tensor in (*inputs, *outputs):
         _check_tensor(spec, spec.tensor(tensor.name), tensor, where)
-    return GraphIO({t.name: t for t in inputs}, {t.name: t for t in outputs})
+    scalars = frozenset(t.name for t in spec.inputs if not t.dims)
+    return GraphIO({t.name: t for t in inputs}, {t.name: t for t in outputs}, scalars)
 
 
 def _check_tensor(spec: ComponentSpec, declared: TensorSpec, found: GraphTensor, where: str) -> None:
@@ -100,7 +107,7 @@ def _check_tensor(spec: ComponentSpec, declared: TensorSpec, found: GraphTensor,
             f"{' or '.join(accepted)}; this graph does not belong to this component (re-export it)"
         )
     rank = len(declared.dims)
-    if found.rank != rank and not (declared.dims == ("1",) and found.rank == 0):
+    if found.rank != rank and not (rank == 0 and found.rank == 1):
         raise EngineDirError(
             f"{where}: {found.name} has {found.rank} dimensions, a {spec.name} graph's has {rank} "
             f"({', '.join(declared.dims)}); this graph does not belong to this component (re-export it)"

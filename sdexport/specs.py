@@ -18,6 +18,7 @@ Symbols:
     T        number of SDXL time ids (6)                 (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
     digits   a fixed size
+    ()       no dimensions at all: a scalar (the U-Net's timestep, as diffusers and optimum pass it)
 
 Tensor names are optimum's (``optimum.exporters.onnx``'s diffusers configs), so optimum's
 ``ORTDiffusionPipeline`` and ONNX Runtime's SD optimizer read an sdexport directory, and sdexport
@@ -319,7 +320,7 @@ UNET = ComponentSpec(
     module="unet",
     inputs=(
         TensorSpec("sample", _LATENT),
-        TensorSpec("timestep", ("1",), "float32", "timestep"),
+        TensorSpec("timestep", (), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("B", "S", "E")),
     ),
     outputs=(TensorSpec("out_sample", _LATENT),),
@@ -382,7 +383,7 @@ SDXL_UNET = ComponentSpec(
     module="unet",
     inputs=(
         TensorSpec("sample", _LATENT),
-        TensorSpec("timestep", ("1",), "float32", "timestep"),
+        TensorSpec("timestep", (), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("B", "S", "E")),
         TensorSpec("text_embeds", ("B", "P")),
         TensorSpec("time_ids", ("B", "T"), "float32", "time_ids"),

@@ -53,7 +53,7 @@ class Capture:
 
 
 class FakeEngine:
-    """sample (B,4,h,w), timestep (1,), encoder_hidden_states (B,S,E) → out_sample (B,4,h,w)."""
+    """sample (B,4,h,w), timestep (), encoder_hidden_states (B,S,E) → out_sample (B,4,h,w)."""
 
     def __init__(self, trt: Any, ranges: dict[str, tuple[tuple[int, ...], ...]], *, workspace: int = 4096) -> None:
         self.trt = trt
@@ -86,7 +86,7 @@ class FakeEngine:
 
     def get_tensor_shape(self, name: str) -> tuple[int, ...]:
         """As built: -1 where the profile lets an axis vary (an input missing from ``ranges`` is a
-        static scalar, like an optimum graph's timestep)."""
+        static scalar: the timestep)."""
         if name == "out_sample":
             name = "sample"
         if name not in self.ranges:

@@ -40,7 +40,7 @@ def test_unet_graph_has_dynamic_batch_and_size(tiny_engine_dir: Path):
     for batch, side in ((1, 8), (3, 16)):
         feed = {
             "sample": np.zeros((batch, 4, side, side), np.float32),
-            "timestep": np.array([10.0], np.float32),
+            "timestep": np.array(10.0, np.float32),
             "encoder_hidden_states": np.zeros((batch, 77, 32), np.float32),
         }
         (out,) = session.run(None, feed)

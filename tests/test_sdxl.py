@@ -152,7 +152,7 @@ def test_export_verifies_every_sdxl_component(sdxl_engine_dir):
     assert "tokenizer_2/tokenizer.json" in manifest.files
     unet = onnx.load(str(sdxl_engine_dir / "unet" / "model.onnx"))
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
-    assert inputs == {"sample": ["B", 4, "h", "w"], "timestep": [1], "encoder_hidden_states": ["B", 77, 80],
+    assert inputs == {"sample": ["B", 4, "h", "w"], "timestep": [], "encoder_hidden_states": ["B", 77, 80],
                       "text_embeds": ["B", 40], "time_ids": ["B", 6]}
     encoder_2 = onnx.load(str(sdxl_engine_dir / "text_encoder_2" / "model.onnx"))
     # As optimum exports SDXL's encoders: the projection first, then every hidden state.

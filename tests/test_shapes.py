@@ -29,7 +29,7 @@ def test_cfg_doubles_unet_batch_but_not_vae():
     profile = ShapeProfile(batch=(1, 2, 4), height=(256, 512, 768), width=(256, 512, 1024))
     unet = profile.tensor_ranges(UNET, DIMS)
     assert unet["sample"] == ((1, 4, 32, 32), (4, 4, 64, 64), (8, 4, 96, 128))
-    assert unet["timestep"] == ((1,), (1,), (1,))
+    assert unet["timestep"] == ((), (), ())
     assert unet["encoder_hidden_states"][2] == (8, 77, 768)
     vae = profile.tensor_ranges(VAE_DECODER, DIMS)
     assert vae["latent_sample"] == ((1, 4, 32, 32), (2, 4, 64, 64), (4, 4, 96, 128))

@@ -190,9 +190,9 @@ def test_typing_mode_is_part_of_the_cache_key(tiny_engine_dir, tmp_path, monkeyp
 
 RANGES = {
     "sample": ((2, 4, 8, 8), (2, 4, 8, 8), (4, 4, 16, 16)),
-    "timestep": ((1,), (1,), (1,)),
     "encoder_hidden_states": ((2, 8, 16), (2, 8, 16), (4, 8, 16)),
 }
+"""The profile's dynamic inputs; the timestep is a static scalar, in no profile."""
 PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
 
 
@@ -217,7 +217,7 @@ def engine_factory(trt, monkeypatch):
 
 def _feed(batch: int = 2, side: int = 8, t: float = 979.6) -> dict[str, torch.Tensor]:
     torch.manual_seed(batch * side)
-    timesteps = torch.tensor([999.0, 990.1, t, 5.0], dtype=torch.float32).reshape(-1, 1)
+    timesteps = torch.tensor([999.0, 990.1, t, 5.0], dtype=torch.float32)
     return {
         "sample": torch.randn(batch, 4, side, side),
         "timestep": timesteps[2],  # a view 8 bytes into a larger tensor, as the denoising loop passes it
@@ -237,6 +237,26 @@ def test_inputs_are_staged_in_owned_aligned_buffers(engine_factory):
     binds = engine.context.bind_calls
     engine(_feed(t=5.0))
     assert engine.context.bind_calls == binds == 4  # bound once, at load
+
+
+def test_a_plan_with_a_vector_timestep_is_fed_the_scalar_reshaped(engine_factory):
+    """Older exports (optimum before 1.14, ONNX Runtime's SD tool) take the timestep as (1,)."""
+    engine = engine_factory(ranges={**RANGES, "timestep": ((1,), (1,), (1,))})
+    assert engine.io.reshaped == {"timestep"}
+    feed = _feed()
+    assert torch.equal(engine(feed)["out_sample"], 2 * feed["sample"] + torch.tensor(979.6))
+
+
+def test_a_plan_of_another_component_is_refused_at_load(trt, monkeypatch):
+    from sdexport.errors import EngineDirError
+    from sdexport.runtime.tensorrt_backend import SharedDeviceMemory, TensorRTEngine
+    from sdexport.specs import VAE_DECODER
+
+    fake_tensorrt.fake_cuda(monkeypatch)
+    memory = SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
+    with pytest.raises(EngineDirError, match=r"takes \['sample', 'timestep', 'encoder_hidden_states'\] .* but a "
+                                             r"vae_decoder graph takes \['latent_sample'\]"):
+        TensorRTEngine(VAE_DECODER, fake_tensorrt.FakeEngine(trt, RANGES), profile=PROFILE, memory=memory)
 
 
 def test_a_refused_binding_is_an_error(engine_factory, monkeypatch):
@@ -293,7 +313,7 @@ def test_each_graph_has_its_own_context(engine_factory):
 
 def test_capture_ahead_of_the_first_call(engine_factory):
     engine = engine_factory(cuda_graph=True)
-    engine.capture({"sample": (2, 4, 8, 8), "timestep": (1,), "encoder_hidden_states": (2, 8, 16)})
+    engine.capture({"sample": (2, 4, 8, 8), "timestep": (), "encoder_hidden_states": (2, 8, 16)})
     (entry,) = engine._graphs.values()
     engine(_feed())
     assert entry.graph.replays == 1

@@ -352,8 +352,8 @@ def _describe(key: EngineKey, precision: str) -> str:
 def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, graph_io: GraphIO) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
-    ``graph_io``: the graph's real inputs (``manifest.check_graph``: a tracer may drop one; an
-    optimum graph's timestep is a scalar, which has no shapes to profile)."""
+    ``graph_io``: the graph's real inputs (``manifest.check_graph``: a tracer may drop one; the
+    scalar timestep has no shape to profile)."""
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,

@@ -262,10 +262,10 @@ class TensorRTEngine:
             if -1 in declared:
                 lo, opt, hi = (_dims(d) for d in engine.get_tensor_profile_shape(name, 0))
                 self.ranges[name] = (lo, opt, hi)
-            else:  # a static input (an optimum graph's scalar timestep) is in no profile
+            else:  # a static input (the scalar timestep) is in no profile
                 self.ranges[name] = (declared, declared, declared)
-        # Names, dtypes and ranks against the spec, at load; an adopted optimum graph's int64 ids,
-        # scalar timestep and float16 I/O are bridged at the edge (graph_io).
+        # Names, dtypes and ranks against the spec, at load; an adopted optimum graph's int64 ids
+        # and float16 I/O are bridged at the edge (graph_io).
         self.io = check_io(
             spec,
             [GraphTensor(n, _dtype_name(self.dtypes[n]), len(self.ranges[n][0])) for n in self.input_names],
@@ -404,7 +404,7 @@ class TensorRTEngine:
     def capture(self, shapes: dict[str, Shape]) -> None:
         """Run once at ``shapes`` on the current input buffers and capture its CUDA graph now (at
         load, for static engines), so that no later call pays for a capture."""
-        key = tuple(tuple(shapes[name]) for name in self.input_names)
+        key = tuple(self.io.shape(name, tuple(shapes[name])) for name in self.input_names)
         self.check_shapes(dict(zip(self.input_names, key)))
         self._launch(key)
 

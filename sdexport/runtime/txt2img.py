@@ -164,7 +164,7 @@ class Txt2ImgPipeline:
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
 
         step_marks = []
-        engine_timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.float32).reshape(-1, 1)
+        engine_timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
         for i, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
