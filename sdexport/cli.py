@@ -104,6 +104,28 @@ def inspect(
 
 
 @app.command()
+def adopt(
+    directory: Annotated[Path, typer.Argument(help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, <component>/model.onnx + config.json).")],
+    model: Annotated[str | None, typer.Option(help="The checkpoint (or preset) it was exported from: each graph is then compared with PyTorch, and --backend torch can run it.")] = None,
+    batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
+    height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("the family's (SD 256:512:1024, SDXL 512:1024:1536)"))] = None,
+    width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("the family's"))] = None,
+    force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote.")] = False,
+) -> None:
+    """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
+    so that `sdexport run`, `build` and `bench` use it. Adds manifest.json and nothing else."""
+    from sdexport.export.adopt import adopt as run_adopt
+    from sdexport.export.adopt import plan_adopt
+    from sdexport.inspect_dir import print_summary
+
+    if not force:
+        plan_adopt(directory)  # refuses what is not an ONNX export in well under a second
+    manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width}, model=model,
+                         force=force)
+    print_summary(directory, manifest)
+
+
+@app.command()
 def build(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
     target: Annotated[str, typer.Option(help="tensorrt: TensorRT plans. onnxruntime-cuda: graphs with ONNX Runtime's own Stable Diffusion fusions (contrib ops for its CUDA provider), written beside the portable graphs; runs on the CPU too.")] = "tensorrt",

@@ -73,6 +73,13 @@ class GraphIO:
         dtype = self.torch_dtype(name)
         return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
+    def numpy_feed(self, feed: dict[str, Any]) -> dict[str, Any]:
+        """A spec-shaped numpy feed (``export.inputs.sample_inputs``) as the graph takes it, limited
+        to the inputs the graph has."""
+        import torch
+
+        return {n: self.to_graph(n, torch.from_numpy(v)).numpy() for n, v in feed.items() if n in self.inputs}
+
     def from_graph(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """An output as the spec returns it: float32."""
         import torch

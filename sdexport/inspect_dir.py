@@ -21,6 +21,8 @@ def _size(path: Path) -> str:
 def print_summary(directory: Path, manifest: Manifest) -> None:
     profile = manifest.shape_profile
     weights = "[yellow]random weights[/]" if manifest.random_weights else "trained weights"
+    if manifest.model["source"].get("kind") == "onnx":  # adopted without its model: nothing known
+        weights = f"{manifest.tools.get('exporter', 'adopted')}, weights not compared with PyTorch"
     out.print(f"[bold]{directory}[/]  {manifest.model['label']}  ({weights})")
     out.print(
         f"family {manifest.family}, {manifest.prediction_type} prediction, {manifest.dtype}, "
@@ -41,10 +43,10 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         table.add_row(
             name,
             _size(directory / entry.onnx),
-            f"[{colour}]{status}[/] {checked}/{len(points)}",
+            f"[{colour}]{status}[/] {checked}/{len(points)}" if points else f"[{colour}]{status}[/]",
             f"{max(e['max_abs'] for e in errors):.2e}" if errors else "-",
             f"{max(e['rel_l2'] for e in errors):.2e}" if errors else "-",
-            f"{entry.parity.get('tolerance', 0):g}",
+            f"{entry.parity['tolerance']:g}" if "tolerance" in entry.parity else "-",
             str(len(entry.engines)) if entry.engines else "-",
         )
     out.print(table)

@@ -152,9 +152,11 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
     if not path.is_file():
+        from sdexport.export.adopt import adoption_hint
+
+        hint = adoption_hint(directory) or " (run `sdexport export` again)"
         raise EngineDirError(
-            f"{directory}: no {MANIFEST_NAME}; not an sdexport engine directory, or its export did not "
-            "finish (run `sdexport export` again)"
+            f"{directory}: no {MANIFEST_NAME}; not an sdexport engine directory, or its export did not finish{hint}"
         )
     _require_inside(directory, MANIFEST_NAME)
     try:

@@ -96,7 +96,7 @@ SCHEMA: dict[str, Any] = {
                 "source": {
                     "type": "object",
                     "required": ["kind"],
-                    "properties": {"kind": {"enum": ["preset", "diffusers", "single_file"]}},
+                    "properties": {"kind": {"enum": ["preset", "diffusers", "single_file", "onnx"]}},
                 },
                 "random_weights": {"type": "boolean"},
                 "pipeline_config": {"type": "object"},

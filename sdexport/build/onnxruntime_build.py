@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sdexport.build.cache_key import onnx_files, onnx_sha256
 from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
+from sdexport.graph_io import check_io, onnxruntime_tensors
 from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, select_specs, sha256_file
 from sdexport.specs import ComponentSpec
 
@@ -341,11 +342,14 @@ def parity(
                             f"({one_line(exc, 300)}); nothing was kept") from None
     if provider == "CUDAExecutionProvider":
         require_cuda_session(got_session, candidate)
+    # Each graph fed as it takes its inputs (an adopted optimum graph: int64 ids, float16 I/O).
+    want_io, got_io = (check_io(spec, onnxruntime_tensors(s.get_inputs()), onnxruntime_tensors(s.get_outputs()),
+                                str(path)) for s, path in ((want_session, reference), (got_session, candidate)))
     results = []
     for i, (label, batch, height, width) in enumerate(points):
         feed = sample_inputs(spec, dims.sizes(batch, height, width), vocab_size=SAMPLE_VOCAB, seed=i)
-        want = want_session.run(spec.output_names, feed)
-        got = got_session.run(spec.output_names, feed)
+        want = want_session.run(spec.output_names, want_io.numpy_feed(feed))
+        got = got_session.run(spec.output_names, got_io.numpy_feed(feed))
         outputs = {n: vars(compare(g, w)) for n, g, w in zip(spec.output_names, got, want)}
         ok = all(e["rel_l2"] <= tolerance for e in outputs.values())
         results.append({"label": label, "status": "passed" if ok else "failed",

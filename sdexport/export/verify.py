@@ -16,6 +16,7 @@ import torch
 
 from sdexport.errors import ParityError, one_line
 from sdexport.export.inputs import sample_inputs
+from sdexport.graph_io import GraphIO
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims
 
@@ -93,7 +94,10 @@ def verify_component(
     dtype: str,
     vocab_size: int,
     mode: VerifyMode = "full",
+    graph_io: GraphIO | None = None,
 ) -> ParityReport:
+    """``graph_io``: how to feed a graph whose I/O differs from the spec's in ways that change no
+    values (``sdexport adopt`` of an optimum export: int64 ids, float16 I/O); None for our own."""
     tolerance = TOLERANCE[dtype]
     points: list[PointResult] = []
     if mode == "none":
@@ -109,7 +113,7 @@ def verify_component(
         feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
         shapes = {n: list(v.shape) for n, v in feed.items()}
         try:
-            got = session.run(spec.output_names, feed)
+            got = session.run(spec.output_names, feed if graph_io is None else graph_io.numpy_feed(feed))
             with torch.no_grad():
                 want = wrapper(*(torch.from_numpy(feed[n]) for n in spec.input_names))
         except (Exception, MemoryError) as exc:  # ONNX Runtime and torch raise their own types

@@ -146,6 +146,11 @@ def family_of_dir(path: Path) -> str:
             f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
             f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
         )
+    if (path / "unet" / "model.onnx").is_file():
+        raise ModelLoadError(
+            f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after "
+            f"`sdexport adopt {path}`, or export the checkpoint it came from"
+        )
     parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
     if SUPPORTED_PIPELINES[pipeline] == "sdxl":
         parts += ["text_encoder_2", "tokenizer_2"]

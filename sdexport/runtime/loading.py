@@ -216,6 +216,12 @@ def _torch_engines(
     from sdexport.runtime.torch_backend import TorchEngine
 
     source: dict[str, Any] = manifest.model["source"]
+    if source["kind"] == "onnx":
+        raise EngineDirError(
+            "this directory was adopted from an ONNX export without its PyTorch model, which the Torch "
+            f"backend runs: adopt it again with the checkpoint (sdexport adopt {source.get('path', 'DIR')} "
+            "--model CHECKPOINT --force), or choose another backend"
+        )
     reference = source.get("name") if source["kind"] == "preset" else source.get("path")
     if not isinstance(reference, str) or not reference:
         raise EngineDirError(f"the manifest does not record where the {source['kind']} model came from; "

@@ -1,0 +1,280 @@
+"""An ONNX export made by another tool (optimum) → an sdexport engine directory, in place.
+
+optimum's ``optimum-cli export onnx`` (and ``ORTDiffusionPipeline.save_pretrained``) writes the
+layout sdexport writes: ``model_index.json``, ``<component>/model.onnx`` with a ``config.json``
+beside it, tokenizers and the scheduler config. What it lacks is the manifest: the family, the
+model's sizes, the shape profile and the hashes the runtime and the builds rely on. ``sdexport
+adopt`` writes that manifest after checking every graph against the ComponentSpecs (names, dtypes,
+ranks and fixed sizes: ``manifest.check_graph``), and, where the PyTorch model is given
+(``--model``), each graph's outputs against it. It adds ``manifest.json`` and nothing else: the
+directory stays what optimum and ONNX Runtime's tools read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from sdexport.errors import SdexportError
+from sdexport.export.pipeline_files import MODEL_INDEX
+from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest, tokenizer_names
+from sdexport.models.outline import family_profile, read_json
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import ComponentSpec, ModelDims, components_for
+
+GRAPH = "model.onnx"
+PARTS = {"unet": "unet", "vae": "vae_decoder", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+"""Where each part's config.json is read from in an ONNX export (the VAE has no folder of its own)."""
+
+
+@dataclass(frozen=True)
+class AdoptPlan:
+    family: str
+    pipeline: str
+    """model_index.json's ``_class_name``."""
+    specs: list[ComponentSpec]
+    """The components found, resolved for the model."""
+    dims: ModelDims
+    configs: dict[str, dict[str, Any]]
+    index: dict[str, Any]
+
+
+def identify(directory: Path) -> str | None:
+    """What ``directory`` is when it is not an sdexport engine directory, for messages that say what
+    to do; None when it does not look like a pipeline at all."""
+    if not (directory / MODEL_INDEX).is_file():
+        return None
+    if (directory / "unet" / GRAPH).is_file():
+        return "onnx"
+    if (directory / "unet").is_dir():
+        return "diffusers"
+    return None
+
+
+def adoption_hint(directory: Path) -> str:
+    """The sentence ``load_manifest`` adds for a directory without a manifest ('' when none helps)."""
+    kind = identify(directory)
+    if kind == "onnx":
+        return (f"; it is an ONNX export of a diffusers pipeline (optimum's layout) without an sdexport "
+                f"manifest: check it and write one with `sdexport adopt {directory}`")
+    if kind == "diffusers":
+        return f"; it is a diffusers checkpoint (PyTorch weights): export it with `sdexport export {directory} -o DIR`"
+    return ""
+
+
+def plan_adopt(directory: Path) -> AdoptPlan:
+    """Everything about an adoption that small files tell: what the directory is, its family, its
+    components and the model's sizes. One clear line for anything else."""
+    if not directory.is_dir():
+        raise SdexportError(f"{directory}: no such directory")
+    manifest = directory / MANIFEST_NAME
+    if manifest.exists():
+        raise SdexportError(
+            f"{directory}: already has a {MANIFEST_NAME}; it is an sdexport engine directory (or was adopted): "
+            f"inspect it with `sdexport inspect {directory}` (--force adopts it again, replacing an adopted "
+            "directory's manifest)"
+        )
+    kind = identify(directory)
+    if kind == "diffusers":
+        raise SdexportError(
+            f"{directory}: a diffusers checkpoint (PyTorch weights, no unet/{GRAPH}), not an ONNX export; "
+            f"export it: sdexport export {directory} -o DIR"
+        )
+    if kind is None:
+        raise SdexportError(
+            f"{directory}: not an ONNX export of a diffusers pipeline (it needs {MODEL_INDEX} and "
+            f"unet/{GRAPH}, as `optimum-cli export onnx --model <checkpoint> DIR` writes them)"
+        )
+    index = read_json(directory / MODEL_INDEX)
+    pipeline = str(index.get("_class_name", "?"))
+    family = family_of_pipeline(pipeline)
+    if family is None:
+        raise SdexportError(
+            f"{directory}: a {pipeline}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
+            "(StableDiffusion*Pipeline, StableDiffusionXL*Pipeline)"
+        )
+    specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
+    needed = [s.name for s in components_for(family) if not s.always_fp32 and s.name != "vae_encoder"]
+    missing = [n for n in needed if n not in {s.name for s in specs}]
+    if missing:
+        raise SdexportError(f"{directory}: no {', '.join(f'{n}/{GRAPH}' for n in missing)}; "
+                            "a txt2img pipeline needs them (export them too)")
+    configs = {part: read_json(directory / folder / "config.json") for part, folder in PARTS.items()
+               if part != "text_encoder_2" or family == "sdxl"}
+    lengths = {name: _tokenizer_length(directory / name) for name in tokenizer_names(family)}
+    if configs["unet"].get("in_channels") != configs["vae"].get("latent_channels", 4):
+        raise SdexportError(
+            f"{directory}: the U-Net takes {configs['unet'].get('in_channels')} channels and the VAE makes "
+            f"{configs['vae'].get('latent_channels', 4)}: an inpainting or other conditioned U-Net, which "
+            "sdexport does not run yet"
+        )
+    from sdexport.models.loader import model_dims
+
+    try:
+        dims = model_dims(family, {k: SimpleNamespace(**v) for k, v in configs.items()}, lengths, str(directory))
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise SdexportError(f"{directory}: a component's config.json lacks a size sdexport needs ({exc})") from None
+    return AdoptPlan(family, pipeline, [s.for_model(dims) for s in specs], dims, configs, index)
+
+
+def family_of_pipeline(pipeline: str) -> str | None:
+    """``StableDiffusionXL*Pipeline`` → sdxl; other ``StableDiffusion*Pipeline`` (not 3.x) → sd."""
+    if not pipeline.endswith("Pipeline"):
+        return None
+    if pipeline.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if pipeline.startswith("StableDiffusion") and not pipeline.startswith("StableDiffusion3"):
+        return "sd"
+    return None
+
+
+def _tokenizer_length(folder: Path) -> int:
+    config = read_json(folder / "tokenizer_config.json")
+    length = config.get("model_max_length")
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 4096:
+        raise SdexportError(f"{folder}/tokenizer_config.json: model_max_length {length!r} is not a sequence length")
+    return length
+
+
+def adopt(
+    directory: Path, *, ranges: dict[str, str | None] | None = None, model: str | None = None, force: bool = False,
+) -> Manifest:
+    """Check ``directory``'s graphs and write its manifest (``model``: prove them against PyTorch).
+
+    ``ranges``: ``min:opt:max`` texts per axis (batch, height, width) for the manifest's profile,
+    which the builds and the runtime's request checks use (default: the family's); optimum's graphs
+    themselves take any batch and size."""
+    from sdexport.export.exporter import tool_versions
+    from sdexport.export.plan import ENGINE_DIR
+    from sdexport.manifest import check_graph, check_layout, hash_tree, save_manifest
+    from sdexport.output_dir import updating
+
+    if force:
+        _drop_adopted_manifest(directory)
+    plan = plan_adopt(directory)
+    profile = default_profile(plan).with_ranges(**(ranges or {}))
+    profile.validate(plan.dims)
+    with updating(directory, ENGINE_DIR):
+        entries = {s.name: ComponentEntry(onnx=f"{s.name}/{GRAPH}", dtype=_graph_dtype(directory, s.name),
+                                          parity=dict(_UNCHECKED)) for s in plan.specs}
+        scaling = plan.configs["vae"].get("scaling_factor", 0.18215)
+        scheduler = read_json(directory / SCHEDULER_CONFIG_FILE)
+        from sdexport.models.loader import _pipeline_config
+
+        pipeline_config = _pipeline_config(plan.family, plan.index)
+        manifest = Manifest(
+            family=plan.family,
+            model={"label": f"{directory.name} (ONNX export adopted by sdexport)",
+                   "source": {"kind": "onnx", "path": str(directory.resolve()), "pipeline": plan.pipeline},
+                   "random_weights": False, **({"pipeline_config": pipeline_config} if pipeline_config else {})},
+            prediction_type=str(scheduler.get("prediction_type", "epsilon")),
+            vae_scaling_factor=float(scaling),
+            dims=vars(plan.dims).copy(),
+            profile=profile.to_dict(),
+            dtype="fp16" if any(e.dtype == "fp16" for e in entries.values()) else "fp32",
+            tools={**tool_versions(), "exporter": _exporter(directory, plan), "opset": _opset(directory)},
+            components=entries,
+            files=hash_tree(directory),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        check_layout(directory, manifest)  # the tokenizer files, paths inside the directory
+        for spec in plan.specs:  # names, dtypes, ranks and fixed sizes, before anything is written
+            check_graph(directory, manifest, spec.name)
+        from sdexport.runtime.loading import check_runnable
+
+        check_runnable(directory, manifest)
+        if model is not None:
+            _prove(directory, manifest, plan, model)
+        save_manifest(directory, manifest)
+    return manifest
+
+
+_UNCHECKED = {"status": "unchecked", "reason": "adopted without --model: graphs checked against the specs "
+              "(names, dtypes, shapes), outputs not compared with PyTorch"}
+
+
+def _drop_adopted_manifest(directory: Path) -> None:
+    """``--force``: remove a manifest ``adopt`` wrote, and only such a manifest."""
+    path = directory / MANIFEST_NAME
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        source = data["model"]["source"]
+        adopted = source.get("kind") == "onnx" or "adopted_from" in source
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        adopted = False
+    if not adopted:
+        raise SdexportError(f"{path}: not a manifest `sdexport adopt` wrote; refusing to replace it")
+    path.unlink()
+
+
+def default_profile(plan: AdoptPlan) -> ShapeProfile:
+    """The family's profile where the U-Net's ``sample_size`` is the family's (SD 1.x 512, SDXL 1024);
+    else (other checkpoints, tiny test models) half to twice its size, with the family's batches."""
+    family = family_profile(plan.family)
+    side = int(plan.configs["unet"].get("sample_size") or 0) * plan.dims.vae_scale_factor
+    if not side or side == family.height[1]:
+        return family
+    multiple = plan.dims.image_multiple
+    lo, hi = max(multiple, side // 2 // multiple * multiple), side * 2 // multiple * multiple
+    return ShapeProfile(batch=family.batch, height=(lo, side, hi), width=(lo, side, hi))
+
+
+def _opset(directory: Path) -> int | None:
+    """The U-Net graph's ONNX opset."""
+    import onnx
+
+    model = onnx.load(str(directory / "unet" / GRAPH), load_external_data=False)
+    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+def _graph_dtype(directory: Path, name: str) -> str:
+    """fp16 when the graph's floating-point weights are float16 (optimum's --dtype fp16), else fp32."""
+    import onnx
+
+    graph = onnx.load(str(directory / name / GRAPH), load_external_data=False).graph
+    kinds = {init.data_type for init in graph.initializer}
+    return "fp16" if onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds else (
+        "fp16" if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in graph.input) else "fp32")
+
+
+def _exporter(directory: Path, plan: AdoptPlan) -> str:
+    versions = {k: v for k, v in (("diffusers", plan.index.get("_diffusers_version")),
+                                  ("transformers", plan.configs["text_encoder"].get("transformers_version"))) if v}
+    made = ", ".join(f"{k} {v}" for k, v in versions.items())
+    return f"adopted ONNX export ({made})" if made else "adopted ONNX export"
+
+
+def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str) -> None:
+    """Each graph's outputs against the PyTorch model's, at the profile's points (as an export does)."""
+    from sdexport.console import step
+    from sdexport.export.exporter import _print_report, _vocab_size
+    from sdexport.export.verify import require_parity, verify_component
+    from sdexport.manifest import check_graph
+    from sdexport.models import load_model
+
+    with step(f"Loading {model_ref}"):
+        model = load_model(model_ref)
+    if model.family != plan.family or model.dims != plan.dims:
+        raise SdexportError(
+            f"--model {model_ref}: its sizes ({model.family}, {vars(model.dims)}) are not the export's "
+            f"({plan.family}, {vars(plan.dims)}); give the checkpoint this directory was exported from"
+        )
+    for spec in plan.specs:
+        entry = manifest.components[spec.name]
+        with step(f"Verifying {spec.name} against PyTorch"):
+            report = verify_component(
+                spec, directory / entry.onnx, model.module(spec.module), profile=manifest.shape_profile,
+                dims=plan.dims, dtype=entry.dtype, vocab_size=_vocab_size(model), mode="quick",
+                graph_io=check_graph(directory, manifest, spec.name),
+            )
+        _print_report(report)
+        require_parity(report)
+        entry.parity = report.to_dict()
+    manifest.model["source"] = {**model.source, "adopted_from": str(directory.resolve())}
+    manifest.model["random_weights"] = model.random_weights
