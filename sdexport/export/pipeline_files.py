@@ -15,14 +15,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdexport.models.tokenizer import save_tokenizer
 from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
     from sdexport.models import LoadedModel
 
 MODEL_INDEX = "model_index.json"
-MERGES_HEADER = "#version: 0.2"
-"""The first line of a CLIP ``merges.txt`` (readers skip it)."""
 
 
 def write_pipeline_files(directory: Path, model: LoadedModel, specs: list[ComponentSpec]) -> None:
@@ -45,25 +44,3 @@ def _save_config(module: Any, folder: Path) -> None:
         module.save_config(folder)
     else:
         module.config.save_pretrained(folder)
-
-
-def save_tokenizer(tokenizer: Any, folder: Path) -> None:
-    """Save as transformers does, then add ``vocab.json`` and ``merges.txt`` where it did not write
-    them: transformers 5 saves only ``tokenizer.json``, which transformers 4's ``CLIPTokenizer``
-    (optimum's, pinned below 4.58) cannot read. Both are the BPE model inside ``tokenizer.json``."""
-    tokenizer.save_pretrained(folder)
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-        return
-    vocab, merges = bpe_files(json.loads((folder / "tokenizer.json").read_text(encoding="utf-8")))
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n", encoding="utf-8")
-    (folder / "merges.txt").write_text("\n".join([MERGES_HEADER, *merges]) + "\n", encoding="utf-8")
-
-
-def bpe_files(tokenizer_json: dict[str, Any]) -> tuple[dict[str, int], list[str]]:
-    """The vocabulary and merge lines of a BPE ``tokenizer.json`` (tokenizers writes a merge as
-    ``"a b"`` or, since 0.20, as ``["a", "b"]``)."""
-    model = tokenizer_json.get("model") or {}
-    if model.get("type") != "BPE":
-        raise ValueError(f"not a BPE tokenizer (model type {model.get('type')!r})")
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return dict(model["vocab"]), merges

@@ -28,6 +28,7 @@ from sdexport.models.outline import (
     vae_config_dir,
 )
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
+from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims
 
@@ -63,45 +64,9 @@ class LoadedModel:
 
     @property
     def dims(self) -> ModelDims:
-        """Sizes from the configs; SDXL's are cross-checked, since a mismatch only shows deep in a graph.
-
-        SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
-        both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
-        encoder's projected pooled embedding (P = its projection_dim) plus T = 6 time ids, each
-        embedded in addition_time_embed_dim features.
-        """
-        unet, vae, te = self.config("unet"), self.config("vae"), self.config("text_encoder")
-        sequence = int(self.tokenizers["tokenizer"].model_max_length)
-        common = {
-            "S": sequence,
-            "E": int(unet.cross_attention_dim),
-            "C": int(unet.in_channels),
-            "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
-            "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
-        }
-        if self.family != "sdxl":
-            return ModelDims(P=int(te.hidden_size), **common)
-        te2 = self.config("text_encoder_2")
-        e1, e2, pooled = int(te.hidden_size), int(te2.hidden_size), int(te2.projection_dim)
-        time_dim = int(unet.addition_time_embed_dim or 0)
-        extra = int(unet.projection_class_embeddings_input_dim or 0) - pooled
-        problems: list[str] = []
-        if unet.addition_embed_type != "text_time":
-            problems.append(f"unet addition_embed_type is {unet.addition_embed_type!r}, not 'text_time'")
-        if e1 + e2 != common["E"]:
-            problems.append(f"text encoder widths {e1} + {e2} != unet cross_attention_dim {common['E']}")
-        if not time_dim or extra != SDXL_TIME_IDS * time_dim:
-            problems.append(
-                f"unet projection_class_embeddings_input_dim {unet.projection_class_embeddings_input_dim} != "
-                f"{SDXL_TIME_IDS} time ids x addition_time_embed_dim {time_dim} + pooled {pooled}"
-            )
-        length_2 = int(self.tokenizers["tokenizer_2"].model_max_length)
-        if length_2 != sequence:
-            problems.append(f"tokenizer_2 length {length_2} != tokenizer length {sequence}")
-        if problems:
-            raise ModelLoadError(f"{self.label}: inconsistent SDXL configs: {'; '.join(problems)}")
-        return ModelDims(P=pooled, E1=e1, E2=e2, T=SDXL_TIME_IDS, L1=int(te.num_hidden_layers),
-                         L2=int(te2.num_hidden_layers), **common)
+        """Sizes from the configs (``model_dims``)."""
+        lengths = {n: int(t.model_max_length) for n, t in self.tokenizers.items()}
+        return model_dims(self.family, {n: m.config for n, m in self.modules.items()}, lengths, self.label)
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -130,12 +95,74 @@ class LoadedModel:
         directory.mkdir(parents=True, exist_ok=True)
         for name, module in self.modules.items():
             module.save_pretrained(directory / name)  # type: ignore[operator]
+            _prefix_clip_text_weights(module, directory / name)
         for name, tok in self.tokenizers.items():
-            tok.save_pretrained(directory / name)
+            save_tokenizer(tok, directory / name)  # readable by transformers 4 (optimum) too
         scheduler_dir = directory / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
         (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
         (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
+
+
+def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], label: str) -> ModelDims:
+    """A model's static sizes from its parts' configs (objects with attributes: diffusers' and
+    transformers' configs, or ``SimpleNamespace``s of their JSON) and its tokenizers' lengths.
+    SDXL's are cross-checked, since a mismatch only shows deep in a graph.
+
+    SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
+    both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
+    encoder's projected pooled embedding (P = its projection_dim) plus T = 6 time ids, each
+    embedded in addition_time_embed_dim features; L1 and L2 count the encoders' layers.
+    """
+    unet, vae, te = configs["unet"], configs["vae"], configs["text_encoder"]
+    sequence = lengths["tokenizer"]
+    common = {
+        "S": sequence,
+        "E": int(unet.cross_attention_dim),
+        "C": int(unet.in_channels),
+        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+        "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
+    }
+    if family != "sdxl":
+        return ModelDims(P=int(te.hidden_size), **common)
+    te2 = configs["text_encoder_2"]
+    e1, e2, pooled = int(te.hidden_size), int(te2.hidden_size), int(te2.projection_dim)
+    time_dim = int(getattr(unet, "addition_time_embed_dim", None) or 0)
+    extra = int(getattr(unet, "projection_class_embeddings_input_dim", None) or 0) - pooled
+    problems: list[str] = []
+    if getattr(unet, "addition_embed_type", None) != "text_time":
+        problems.append(f"unet addition_embed_type is {getattr(unet, 'addition_embed_type', None)!r}, not 'text_time'")
+    if e1 + e2 != common["E"]:
+        problems.append(f"text encoder widths {e1} + {e2} != unet cross_attention_dim {common['E']}")
+    if not time_dim or extra != SDXL_TIME_IDS * time_dim:
+        problems.append(
+            f"unet projection_class_embeddings_input_dim {getattr(unet, 'projection_class_embeddings_input_dim', None)} "
+            f"!= {SDXL_TIME_IDS} time ids x addition_time_embed_dim {time_dim} + pooled {pooled}"
+        )
+    length_2 = lengths["tokenizer_2"]
+    if length_2 != sequence:
+        problems.append(f"tokenizer_2 length {length_2} != tokenizer length {sequence}")
+    if problems:
+        raise ModelLoadError(f"{label}: inconsistent SDXL configs: {'; '.join(problems)}")
+    return ModelDims(P=pooled, E1=e1, E2=e2, T=SDXL_TIME_IDS, L1=int(te.num_hidden_layers),
+                     L2=int(te2.num_hidden_layers), **common)
+
+
+def _prefix_clip_text_weights(module: torch.nn.Module, folder: Path) -> None:
+    """Write a ``CLIPTextModel``'s weights under ``text_model.``, as checkpoints on the Hub have them.
+
+    transformers 5's CLIPTextModel is flat and saves its keys without that prefix; transformers 4
+    (optimum's) then finds none of its weights and initializes them at random, with a warning only.
+    transformers 5 reads the prefixed keys too."""
+    weights = folder / "model.safetensors"
+    if type(module).__name__ != "CLIPTextModel" or not weights.is_file():
+        return
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(weights))
+    if all(k.startswith("text_model.") for k in state):
+        return
+    save_file({f"text_model.{k}": v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
 
 
 def _version(package: str) -> str:

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Interop with optimum and ONNX Runtime's Stable Diffusion tools, both ways (README, "Interop").
+#   bash scripts/interop-check.sh [WORK_DIR]       (default: a new temporary directory)
+# Run it in sdexport's environment (scripts/setup.sh). optimum-onnx pins transformers < 4.58, so it
+# gets a virtualenv of its own, built from scripts/interop/constraints.txt on first use and reused
+# after (SDEXPORT_INTEROP_VENV, default ~/.cache/sdexport/interop-venv; delete it to rebuild).
+# It exports the tiny presets (SD and SDXL, fp32 and fp16) with sdexport and checks that optimum's
+# ORTDiffusionPipeline generates the image sdexport does from them and that ONNX Runtime's
+# optimize_pipeline accepts them; then exports the same checkpoints with optimum, adopts them with
+# `sdexport adopt --model` and checks that sdexport generates optimum's image. Exit status 0 when
+# every check passes; the figures are in WORK_DIR/report.json. CPU only; a few minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+WORK=${1:-$(mktemp -d -t sdexport-interop.XXXXXX)}
+VENV=${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}
+STAMP="$VENV/.constraints.sha256"
+want=$(sha256sum scripts/interop/constraints.txt | cut -d' ' -f1)
+
+"$PYTHON" -c "import sdexport" 2>/dev/null || { echo "interop-check: run it where sdexport is installed (bash scripts/setup.sh)" >&2; exit 2; }
+if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
+  echo "interop-check: building the optimum environment in $VENV" >&2
+  rm -rf "$VENV"
+  "$PYTHON" -m venv "$VENV"
+  pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
+  pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
+  pip_install --constraint scripts/interop/constraints.txt optimum-onnx diffusers transformers onnxruntime "huggingface_hub<1.0"
+  echo "$want" > "$STAMP"
+fi
+echo "interop-check: working in $WORK" >&2
+"$PYTHON" scripts/interop/check.py prepare "$WORK"
+"$VENV/bin/python" scripts/interop/check.py optimum "$WORK"
+"$PYTHON" scripts/interop/check.py adopt "$WORK"

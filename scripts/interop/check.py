@@ -1,0 +1,191 @@
+"""Interop with optimum and ONNX Runtime's Stable Diffusion tools, both ways (scripts/interop-check.sh).
+
+Runs in two environments, one stage each, sharing a work directory:
+  prepare   (sdexport's)  diffusers checkpoints of the tiny presets; sdexport exports of them (SD and
+                          SDXL, fp32 and fp16); an image from each with `sdexport`'s runtime
+  optimum   (optimum's)   the same images from optimum's ORTDiffusionPipeline over sdexport's
+                          directories; ONNX Runtime's optimize_pipeline over them (and an image from
+                          its output); optimum's own exports of the checkpoints, and images from them
+  adopt     (sdexport's)  `sdexport adopt --model` on optimum's exports, images from sdexport's runtime;
+                          every pair of images compared; report.json
+The tiny presets have random weights: the images are noise, but the same noise from the same seed,
+scheduler and graphs is what interop means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+PROMPT, NEGATIVE = "a photo of a cat", "blurry"
+STEPS, GUIDANCE, SEED, SIDE = 4, 7.5, 1, 128
+CASES = {  # name: (preset, dtype)
+    "sd-fp32": ("tiny", "fp32"),
+    "sd-fp16": ("tiny", "fp16"),
+    "sdxl-fp32": ("tiny-sdxl", "fp32"),
+    "sdxl-fp16": ("tiny-sdxl", "fp16"),
+}
+OPTIMUM_EXPORTS = ("tiny", "tiny-sdxl")
+"""optimum exports fp32 on a CPU (its fp16 export needs a CUDA device)."""
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "fused": 2e-2}
+"""Largest pixel difference (images in [0, 1]) between two tools running the same graphs."""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=("prepare", "optimum", "adopt"))
+    parser.add_argument("work", type=Path)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    (args.work / "images").mkdir(exist_ok=True)
+    return {"prepare": prepare, "optimum": optimum_side, "adopt": adopt_side}[args.stage](args.work)
+
+
+def versions(*packages: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for package in packages:
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def record(work: Path, stage: str, data: dict[str, Any]) -> None:
+    path = work / "stages.json"
+    stages = json.loads(path.read_text()) if path.is_file() else {}
+    stages[stage] = data
+    path.write_text(json.dumps(stages, indent=2))
+
+
+# -- sdexport's side ----------------------------------------------------------------------------
+
+
+def sdexport(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "sdexport", *args], check=True)
+
+
+def sdexport_image(engine_dir: Path, out: Path) -> None:
+    import numpy as np
+
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.runtime.request import GenerationRequest
+
+    pipeline = load_pipeline(engine_dir, "onnxruntime-cpu")
+    request = GenerationRequest(prompt=[PROMPT], negative_prompt=[NEGATIVE], steps=STEPS, guidance=GUIDANCE,
+                                seeds=[SEED], height=SIDE, width=SIDE)
+    np.save(out, pipeline(request).pixels[0])
+
+
+def prepare(work: Path) -> int:
+    from sdexport.models import load_model
+
+    for preset in OPTIMUM_EXPORTS:
+        target = work / "diffusers" / preset
+        if not (target / "model_index.json").is_file():
+            load_model(preset).save_pretrained(target)
+    for case, (preset, dtype) in CASES.items():
+        target = work / "sdexport" / case
+        sdexport("export", preset, "-o", str(target), "--dtype", dtype, "--verify", "quick", "--force")
+        sdexport_image(target, work / "images" / f"{case}.sdexport.npy")
+    record(work, "prepare", versions("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime"))
+    return 0
+
+
+def adopt_side(work: Path) -> int:
+    import numpy as np
+
+    for preset in OPTIMUM_EXPORTS:
+        target = work / "optimum" / preset
+        sdexport("adopt", str(target), "--model", str(work / "diffusers" / preset), "--force")
+        sdexport_image(target, work / "images" / f"optimum-{preset}.adopted.npy")
+    pairs = [(f"{case}: optimum on sdexport's directory", f"{case}.sdexport", f"{case}.optimum", dtype)
+             for case, (_, dtype) in CASES.items()]
+    pairs += [(f"{case}: optimum on ONNX Runtime's optimize_pipeline output", f"{case}.sdexport",
+               f"{case}.ort-optimized", "fused") for case in CASES if (work / "images" / f"{case}.ort-optimized.npy").is_file()]
+    pairs += [(f"{preset}: sdexport on optimum's export (adopted)", f"optimum-{preset}.optimum",
+               f"optimum-{preset}.adopted", "fp32") for preset in OPTIMUM_EXPORTS]
+    results, failed = [], 0
+    for label, a, b, kind in pairs:
+        first, second = np.load(work / "images" / f"{a}.npy"), np.load(work / "images" / f"{b}.npy")
+        diff = float(np.abs(first.astype(np.float64) - second).max())
+        ok = first.shape == second.shape and diff <= TOLERANCE[kind]
+        failed += not ok
+        results.append({"check": label, "max_abs_pixel_diff": diff, "tolerance": TOLERANCE[kind],
+                        "passed": ok})
+        print(f"{'ok  ' if ok else 'FAIL'} {label}: max |pixel difference| {diff:.2e} (tolerance {TOLERANCE[kind]:g})")
+    stages = json.loads((work / "stages.json").read_text())
+    report = {"settings": {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "guidance": GUIDANCE,
+                           "seed": SEED, "side": SIDE},
+              "environments": {"sdexport": stages["prepare"], "optimum": stages["optimum"]["versions"]},
+              "optimize_pipeline": stages["optimum"]["optimize_pipeline"], "comparisons": results}
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+    refused = [c for c, r in stages["optimum"]["optimize_pipeline"].items() if not r["accepted"]]
+    for case in refused:
+        print(f"FAIL {case}: optimize_pipeline refused sdexport's directory")
+    return 1 if failed or refused else 0
+
+
+# -- optimum's side -----------------------------------------------------------------------------
+
+
+def optimum_image(directory: Path, out: Path) -> None:
+    import numpy as np
+    import torch
+    from optimum.onnxruntime import ORTDiffusionPipeline
+
+    pipe = ORTDiffusionPipeline.from_pretrained(str(directory))
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                  height=SIDE, width=SIDE, generator=torch.Generator("cpu").manual_seed(SEED), output_type="np")
+    np.save(out, result.images[0])
+
+
+OPTIMIZE = [sys.executable, "-m", "onnxruntime.transformers.models.stable_diffusion.optimize_pipeline"]
+CPU_VARIANT = ["--disable_nhwc_conv", "--disable_group_norm", "--disable_skip_group_norm", "--disable_bias_splitgelu",
+               "--disable_bias_add"]
+"""The tool targets the CUDA provider; without these fusions (CUDA-only operators) its output runs on a CPU."""
+
+
+def optimize(directory: Path, target: Path, *extra: str) -> dict[str, Any]:
+    """ONNX Runtime's optimize_pipeline over ``directory``: accepted or not, its fused-operator counts."""
+    command = [*OPTIMIZE, "-i", str(directory), "-o", str(target), "--overwrite", *extra]
+    run = subprocess.run(command, capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    counts = [line.split("Optimized operators:", 1)[1].strip() for line in log.splitlines()
+              if "Optimized operators:" in line]
+    return {"accepted": run.returncode == 0, "command": " ".join(["python", *command[1:]]),
+            "fused_operators": counts, "log_tail": log[-2000:] if run.returncode else ""}
+
+
+def optimum_side(work: Path) -> int:
+    optimized: dict[str, dict[str, Any]] = {}
+    for case, (_, dtype) in CASES.items():
+        directory = work / "sdexport" / case
+        optimum_image(directory, work / "images" / f"{case}.optimum.npy")
+        if dtype != "fp32":  # the tool takes fp32 pipelines and converts them itself (--float16)
+            continue
+        optimized[case] = optimize(directory, work / "ort-optimized" / case)
+        optimized[f"{case} --float16"] = optimize(directory, work / "ort-optimized" / f"{case}-fp16", "--float16")
+        optimized[f"{case} (CPU operators)"] = optimize(directory, work / "ort-optimized" / f"{case}-cpu", *CPU_VARIANT)
+        if optimized[f"{case} (CPU operators)"]["accepted"]:
+            optimum_image(work / "ort-optimized" / f"{case}-cpu", work / "images" / f"{case}.ort-optimized.npy")
+    for preset in OPTIMUM_EXPORTS:
+        target = work / "optimum" / preset
+        subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--task",
+                        "text-to-image", "--model", str(work / "diffusers" / preset), str(target)],
+                       check=True, capture_output=True)
+        optimum_image(target, work / "images" / f"optimum-{preset}.optimum.npy")
+    record(work, "optimum", {"versions": versions("optimum", "optimum-onnx", "torch", "diffusers", "transformers",
+                                                  "onnx", "onnxruntime"), "optimize_pipeline": optimized})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

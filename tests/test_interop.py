@@ -1,0 +1,293 @@
+"""Interop with optimum's layout: the files other tools read, `sdexport adopt`, and the I/O bridge.
+
+optimum itself needs transformers < 4.58 and cannot share this environment: the end-to-end check
+(optimum generating from our directories, ONNX Runtime's optimize_pipeline accepting them, sdexport
+generating from optimum's exports) is scripts/interop-check.sh, run by the ``interop``-marked test
+at the end (in the default run; ``-m "not interop"`` skips it). The tests before it need no optimum: an optimum export has our layout, so a copy of our
+own export without its manifest stands in for one, and graphs edited to take what optimum's take
+(int64 token ids, float16 I/O, a one-element timestep) stand in for its variations.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import run_cli
+from sdexport.errors import EngineDirError
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+REPO = Path(__file__).resolve().parents[1]
+RUN = ["-p", "a photo of a cat", "--steps", "3", "--seed", "5", "--height", "64", "--width", "64"]
+
+
+def _pixels(engine_dir: Path) -> np.ndarray:
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.runtime.request import GenerationRequest
+
+    request = GenerationRequest(prompt=["a photo of a cat"], steps=3, seeds=[5], height=64, width=64)
+    return load_pipeline(engine_dir, "onnxruntime-cpu")(request).pixels
+
+
+@pytest.fixture
+def foreign_export(tiny_engine_dir: Path, tmp_path: Path) -> Path:
+    """An ONNX export in optimum's layout without an sdexport manifest (ours, less its manifest)."""
+    target = tmp_path / "optimum-export"
+    shutil.copytree(tiny_engine_dir, target)
+    (target / "manifest.json").unlink()
+    return target
+
+
+# -- what an export writes for other tools -------------------------------------------------------
+
+
+def test_an_export_has_model_index_configs_and_v4_tokenizer_files(tiny_engine_dir: Path, tiny_model):
+    index = json.loads((tiny_engine_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["scheduler"][1] == tiny_model.scheduler_config["_class_name"]
+    for name in ("unet", "vae_decoder", "vae_encoder", "text_encoder"):
+        assert (tiny_engine_dir / name / "config.json").is_file(), name
+    unet = json.loads((tiny_engine_dir / "unet" / "config.json").read_text())
+    assert unet["_class_name"] == "UNet2DConditionModel" and unet["in_channels"] == 4
+    text = json.loads((tiny_engine_dir / "text_encoder" / "config.json").read_text())
+    assert text["num_hidden_layers"] == tiny_model.config("text_encoder").num_hidden_layers
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in (tiny_engine_dir / "tokenizer").iterdir()}
+
+
+def test_vocab_and_merges_alone_tokenize_as_tokenizer_json(tmp_path: Path):
+    """transformers 4's CLIPTokenizer reads only vocab.json and merges.txt (optimum's loads them; the
+    interop check runs it): they must hold the BPE that tokenizer.json holds, merges included."""
+    from transformers import CLIPTokenizer
+
+    from sdexport.models.tokenizer import BOS, EOS, MERGES_HEADER, byte_level_clip_tokenizer, save_tokenizer
+
+    vocab = dict(byte_level_clip_tokenizer().get_vocab())
+    for token in ("ca", "cat</w>", "ph", "pho"):
+        vocab[token] = len(vocab)
+    merges = [("c", "a"), ("ca", "t</w>"), ("p", "h"), ("ph", "o")]
+    original = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    save_tokenizer(original, tmp_path)
+    lines = (tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()
+    assert lines[0] == MERGES_HEADER and lines[1:] == [" ".join(m) for m in merges]
+    written = json.loads((tmp_path / "vocab.json").read_text(encoding="utf-8"))
+    assert written == original.get_vocab() and written[BOS] == 0 and written[EOS] == 1
+    again = CLIPTokenizer(vocab=written, merges=[tuple(line.split()) for line in lines[1:]], model_max_length=77)
+    text = ["a photo of a cat, highly detailed", "ünïcode and 123"]
+    assert again(text).input_ids == original(text).input_ids
+    assert vocab["cat</w>"] in original(["cat"]).input_ids[0]  # the merges are used
+
+
+def test_the_bpe_of_a_real_vocabulary_round_trips():
+    """Merges written as pairs (tokenizers >= 0.20) or as strings both become "a b" lines."""
+    from sdexport.models.tokenizer import bpe_files
+
+    vocab, merges = bpe_files({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2},
+                                         "merges": [["a", "b"], "ab c"]}})
+    assert vocab == {"a": 0, "b": 1, "ab": 2} and merges == ["a b", "ab c"]
+    with pytest.raises(ValueError, match="not a BPE tokenizer"):
+        bpe_files({"model": {"type": "WordPiece"}})
+
+
+def test_a_format_1_directory_is_refused_with_the_command_that_reexports_it(engine_copy: Path, capsys):
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("run", engine_copy, *RUN, "-o", engine_copy.parent / "x.png") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "written by an older sdexport (format 1)" in err
+    assert f"sdexport export tiny -o {engine_copy} --force --dtype fp32 --batch 1:1:2 --height 64:128:256" in err
+
+
+# -- sdexport adopt --------------------------------------------------------------------------------
+
+
+def test_run_on_an_unadopted_export_says_to_adopt_it(foreign_export: Path, capsys):
+    assert run_cli("run", foreign_export, *RUN, "-o", foreign_export.parent / "x.png") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "without an sdexport manifest" in err and f"sdexport adopt {foreign_export}" in err
+
+
+def test_export_of_an_onnx_export_says_what_it_is(foreign_export: Path, tmp_path: Path, capsys):
+    assert run_cli("export", foreign_export, "-o", tmp_path / "out") == 2
+    assert "an ONNX export (unet/model.onnx), not a PyTorch checkpoint" in " ".join(capsys.readouterr().err.split())
+
+
+def test_adopted_export_runs_and_generates_what_the_original_does(foreign_export: Path, tiny_engine_dir: Path):
+    assert run_cli("adopt", foreign_export, "--height", "64:128:256", "--width", "64:128:256") == 0
+    from sdexport.manifest import load_manifest
+
+    manifest = load_manifest(foreign_export)
+    assert manifest.model["source"]["kind"] == "onnx"
+    assert {e.parity["status"] for e in manifest.components.values()} == {"unchecked"}
+    assert sorted(p.name for p in foreign_export.iterdir()) == sorted(p.name for p in tiny_engine_dir.iterdir())
+    np.testing.assert_array_equal(_pixels(foreign_export), _pixels(tiny_engine_dir))
+
+
+def test_adopt_with_the_model_proves_each_graph(foreign_export: Path):
+    from sdexport.manifest import load_manifest
+
+    assert run_cli("adopt", foreign_export, "--model", "tiny") == 0
+    manifest = load_manifest(foreign_export)
+    assert manifest.shape_profile.height == (64, 128, 256)  # from the U-Net's sample_size, not SD's 512
+    assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
+    assert manifest.model["source"]["kind"] == "preset" and manifest.model["source"]["adopted_from"]
+
+
+def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
+    assert run_cli("adopt", foreign_export, "--model", "tiny-sdxl") == 2
+    assert "give the checkpoint this directory was exported from" in capsys.readouterr().err
+    assert not (foreign_export / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no such directory"),
+    ("empty", "not an ONNX export of a diffusers pipeline"),
+    ("diffusers", "a diffusers checkpoint (PyTorch weights, no unet/model.onnx), not an ONNX export; export it"),
+    ("sd3", "a StableDiffusion3Pipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),
+    ("no-vae", "no vae_decoder/model.onnx"),
+    ("manifest", "already has a manifest.json"),
+])
+def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_export: Path, tiny_diffusers_dir: Path,
+                                            tiny_engine_dir: Path, tmp_path: Path, capsys):
+    target = {"missing": tmp_path / "nothing", "empty": tmp_path, "diffusers": tiny_diffusers_dir,
+              "manifest": tiny_engine_dir}.get(case, foreign_export)
+    if case == "sd3":
+        index = json.loads((target / "model_index.json").read_text())
+        (target / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+    if case == "no-vae":
+        shutil.rmtree(target / "vae_decoder")
+    assert run_cli("adopt", target) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_force_replaces_only_a_manifest_adopt_wrote(foreign_export: Path, engine_copy: Path, capsys):
+    assert run_cli("adopt", foreign_export) == 0
+    assert run_cli("adopt", foreign_export, "--force") == 0
+    assert run_cli("adopt", engine_copy, "--force") == 2
+    assert "not a manifest `sdexport adopt` wrote; refusing to replace it" in capsys.readouterr().err
+    assert (engine_copy / "manifest.json").is_file()
+
+
+def test_the_torch_backend_says_an_adopted_directory_needs_its_model(foreign_export: Path, capsys):
+    assert run_cli("adopt", foreign_export) == 0
+    assert run_cli("run", foreign_export, *RUN, "--backend", "torch", "-o", foreign_export.parent / "x.png") == 2
+    assert "adopted from an ONNX export without its PyTorch model" in " ".join(capsys.readouterr().err.split())
+
+
+# -- graphs that take what optimum's take ---------------------------------------------------------
+
+
+def _edit_graph(path: Path, edit) -> None:
+    model = onnx.load(str(path))
+    edit(model.graph)
+    onnx.save(model, str(path))
+
+
+def _int64_ids(graph) -> None:
+    """input_ids as int64, cast to int32 inside (optimum's text encoders take int64)."""
+    graph.input[0].type.tensor_type.elem_type = TensorProto.INT64
+    for node in graph.node:
+        node.input[:] = ["input_ids_i32" if i == "input_ids" else i for i in node.input]
+    graph.node.insert(0, helper.make_node("Cast", ["input_ids"], ["input_ids_i32"], to=TensorProto.INT32))
+
+
+def _vector_timestep(graph) -> None:
+    """timestep as (1,), reshaped to a scalar inside (older optimum exports)."""
+    value = next(v for v in graph.input if v.name == "timestep")
+    value.type.tensor_type.shape.dim.add().dim_value = 1
+    for node in graph.node:
+        node.input[:] = ["timestep_scalar" if i == "timestep" else i for i in node.input]
+    graph.initializer.append(helper.make_tensor("scalar_shape", TensorProto.INT64, [0], []))
+    graph.node.insert(0, helper.make_node("Reshape", ["timestep", "scalar_shape"], ["timestep_scalar"]))
+
+
+def _float16_io(graph) -> None:
+    """float16 input and output around the float32 decoder (optimum's fp16 exports)."""
+    source, result = graph.input[0], graph.output[0]
+    for node in graph.node:
+        node.input[:] = ["latent_f32" if i == source.name else i for i in node.input]
+        node.output[:] = ["sample_f32" if o == result.name else o for o in node.output]
+    graph.node.insert(0, helper.make_node("Cast", [source.name], ["latent_f32"], to=TensorProto.FLOAT))
+    graph.node.append(helper.make_node("Cast", ["sample_f32"], [result.name], to=TensorProto.FLOAT16))
+    source.type.tensor_type.elem_type = result.type.tensor_type.elem_type = TensorProto.FLOAT16
+
+
+def test_graphs_with_optimums_io_are_bridged(foreign_export: Path, tiny_engine_dir: Path):
+    from sdexport.manifest import check_graph, load_manifest
+
+    _edit_graph(foreign_export / "text_encoder" / "model.onnx", _int64_ids)
+    _edit_graph(foreign_export / "unet" / "model.onnx", _vector_timestep)
+    _edit_graph(foreign_export / "vae_decoder" / "model.onnx", _float16_io)
+    assert run_cli("adopt", foreign_export, "--model", "tiny") == 0  # parity through the bridge
+    manifest = load_manifest(foreign_export)
+    bridged = {n: check_graph(foreign_export, manifest, n).bridged for n in ("text_encoder", "unet", "vae_decoder")}
+    assert bridged == {"text_encoder": ["input_ids (int64, rank 2)"], "unet": ["timestep (float32, rank 1)"],
+                       "vae_decoder": ["latent_sample (float16, rank 4)", "sample (float16, rank 4)"]}
+    np.testing.assert_allclose(_pixels(foreign_export), _pixels(tiny_engine_dir), atol=2e-2)
+
+
+def test_the_onnxruntime_cuda_build_feeds_adopted_graphs_as_they_take_inputs(foreign_export: Path):
+    """Its parity check runs the portable and the fused graph on sample inputs: int64 ids here."""
+    from sdexport.manifest import load_manifest
+
+    _edit_graph(foreign_export / "text_encoder" / "model.onnx", _int64_ids)
+    assert run_cli("adopt", foreign_export) == 0
+    assert run_cli("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
+    record = load_manifest(foreign_export).components["text_encoder"].optimized["onnxruntime-cuda"]
+    assert record["parity"]["status"] == "passed-cpu-variant"
+
+
+def test_a_graph_with_a_wrong_dtype_is_refused_at_load(foreign_export: Path, capsys):
+    def float_ids(graph) -> None:
+        graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
+
+    _edit_graph(foreign_export / "text_encoder" / "model.onnx", float_ids)
+    assert run_cli("adopt", foreign_export) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "input_ids is float32, but a text_encoder graph's input_ids is int32 or int64" in err
+
+
+def test_the_onnxruntime_engine_refuses_a_wrong_dtype_when_it_loads(tiny_engine_dir: Path, tmp_path: Path):
+    """Not as ONNX Runtime's "Unexpected input data type" in the middle of the loop."""
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+    manifest = load_manifest(tiny_engine_dir)
+    path = tmp_path / "model.onnx"
+    shutil.copy(tiny_engine_dir / "unet" / "model.onnx", path)
+
+    def int_timestep(graph) -> None:
+        value = next(v for v in graph.input if v.name == "timestep")
+        value.type.tensor_type.elem_type = TensorProto.INT64
+        for node in graph.node:
+            node.input[:] = ["t_f32" if i == "timestep" else i for i in node.input]
+        graph.node.insert(0, helper.make_node("Cast", ["timestep"], ["t_f32"], to=TensorProto.FLOAT))
+
+    _edit_graph(path, int_timestep)
+    with pytest.raises(EngineDirError, match="timestep is int64, but a unet graph's timestep is float32 or float16"):
+        OnnxRuntimeEngine(manifest.spec("unet"), path, dims=manifest.model_dims, profile=manifest.shape_profile)
+
+
+# -- the end-to-end check with optimum and ONNX Runtime's tool --------------------------------------
+
+
+@pytest.mark.interop
+def test_optimum_and_onnxruntime_tools_read_our_directories_and_we_read_theirs(tmp_path: Path):
+    """scripts/interop-check.sh: builds (once) a virtualenv with optimum from PyPI; about 2 minutes."""
+    run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
+                         capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((tmp_path / "work" / "report.json").read_text())
+    assert report["comparisons"] and all(c["passed"] for c in report["comparisons"])
+    assert all(r["accepted"] for r in report["optimize_pipeline"].values())
