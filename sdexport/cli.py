@@ -110,7 +110,7 @@ def adopt(
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
     height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("the family's (SD 256:512:1024, SDXL 512:1024:1536)"))] = None,
     width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("the family's"))] = None,
-    force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote.")] = False,
+    force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten: build again).")] = False,
 ) -> None:
     """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
     so that `sdexport run`, `build` and `bench` use it. Adds manifest.json and nothing else."""
@@ -118,8 +118,7 @@ def adopt(
     from sdexport.export.adopt import plan_adopt
     from sdexport.inspect_dir import print_summary
 
-    if not force:
-        plan_adopt(directory)  # refuses what is not an ONNX export in well under a second
+    plan_adopt(directory, replace=force)  # refuses what is not an ONNX export in well under a second
     manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width}, model=model,
                          force=force)
     print_summary(directory, manifest)

@@ -111,13 +111,13 @@ def _check_tensor(spec: ComponentSpec, declared: TensorSpec, found: GraphTensor,
     if found.dtype not in accepted:
         raise EngineDirError(
             f"{where}: {found.name} is {found.dtype}, but a {spec.name} graph's {found.name} is "
-            f"{' or '.join(accepted)}; this graph does not belong to this component (re-export it)"
+            f"{' or '.join(accepted)}; this is not a {spec.name} graph sdexport can run"
         )
     rank = len(declared.dims)
     if found.rank != rank and not (rank == 0 and found.rank == 1):
         raise EngineDirError(
             f"{where}: {found.name} has {found.rank} dimensions, a {spec.name} graph's has {rank} "
-            f"({', '.join(declared.dims)}); this graph does not belong to this component (re-export it)"
+            f"({', '.join(declared.dims) or 'a scalar'}); this is not a {spec.name} graph sdexport can run"
         )
 
 

@@ -236,6 +236,9 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         manifest.shape_profile.validate(manifest.model_dims)
     except ProfileError as exc:
         raise EngineDirError(f"{where}: invalid manifest: profile {exc}") from None
+    if manifest.family == "sdxl" and min(manifest.dims.get("L1", 0), manifest.dims.get("L2", 0)) < 1:
+        raise EngineDirError(f"{where}: invalid manifest: dims.L1 and dims.L2 (the text encoders' layers) "
+                             "must be at least 1 for sdxl")
     known = [s.name for s in components_for(manifest.family)]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:
@@ -364,6 +367,9 @@ def not_an_engine_dir(directory: Path) -> str | None:
         return f"its {MANIFEST_NAME} is not readable JSON"
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
         return f"its {MANIFEST_NAME} is not an sdexport manifest"
+    source = (data.get("model") or {}).get("source") if isinstance(data.get("model"), dict) else None
+    if isinstance(source, dict) and (source.get("kind") == "onnx" or "adopted_from" in source):
+        return "it is another tool's ONNX export that `sdexport adopt` gave a manifest: its files are not sdexport's"
     extra = unlisted_files(directory, {*data["files"], MANIFEST_NAME, MARKER})
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""

@@ -179,6 +179,44 @@ def test_force_replaces_only_a_manifest_adopt_wrote(foreign_export: Path, engine
     assert (engine_copy / "manifest.json").is_file()
 
 
+def test_a_failed_force_keeps_the_adopted_manifest(foreign_export: Path, capsys):
+    """--force replaces the manifest at the end, atomically: a refused re-adoption leaves it as it was."""
+    assert run_cli("adopt", foreign_export) == 0
+    before = (foreign_export / "manifest.json").read_bytes()
+    assert run_cli("adopt", foreign_export, "--force", "--height", "65:128:256") == 2
+    assert "height min 65 is not a multiple of 16" in capsys.readouterr().err
+    assert (foreign_export / "manifest.json").read_bytes() == before
+    assert run_cli("run", foreign_export, *RUN, "-o", foreign_export.parent / "x.png") == 0
+
+
+def test_adopt_lists_only_what_sdexport_reads_and_never_claims_the_directory(foreign_export: Path, capsys):
+    """A README or a .git folder in an adopted directory stays the user's: unhashed (editing it breaks
+    no run) and never replaced by ``export --force``."""
+    (foreign_export / "README.md").write_text("my model card\n")
+    (foreign_export / ".git").mkdir()
+    (foreign_export / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert run_cli("adopt", foreign_export) == 0
+    from sdexport.manifest import load_manifest
+
+    files = load_manifest(foreign_export).files
+    assert "README.md" not in files and not any(f.startswith(".git/") for f in files)
+    assert {"model_index.json", "unet/model.onnx", "unet/config.json", "tokenizer/vocab.json",
+            "scheduler/scheduler_config.json"} <= set(files)
+    (foreign_export / "README.md").write_text("edited\n")
+    assert run_cli("run", foreign_export, *RUN, "-o", foreign_export.parent / "x.png") == 0
+    capsys.readouterr()
+    assert run_cli("export", "tiny", "-o", foreign_export, "--force") == 2
+    assert "`sdexport adopt` gave a manifest: its files are not sdexport's" in " ".join(capsys.readouterr().err.split())
+    assert (foreign_export / "README.md").read_text() == "edited\n"
+
+
+def test_optimums_own_save_pretrained_class_names_are_adopted(foreign_export: Path):
+    """ORTDiffusionPipeline.save_pretrained writes ORTStableDiffusionPipeline into model_index.json."""
+    index = json.loads((foreign_export / "model_index.json").read_text())
+    (foreign_export / "model_index.json").write_text(json.dumps({**index, "_class_name": "ORTStableDiffusionPipeline"}))
+    assert run_cli("adopt", foreign_export) == 0
+
+
 def test_the_torch_backend_says_an_adopted_directory_needs_its_model(foreign_export: Path, capsys):
     assert run_cli("adopt", foreign_export) == 0
     assert run_cli("run", foreign_export, *RUN, "--backend", "torch", "-o", foreign_export.parent / "x.png") == 2
@@ -246,6 +284,35 @@ def test_the_onnxruntime_cuda_build_feeds_adopted_graphs_as_they_take_inputs(for
     assert run_cli("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
     record = load_manifest(foreign_export).components["text_encoder"].optimized["onnxruntime-cuda"]
     assert record["parity"]["status"] == "passed-cpu-variant"
+
+
+def test_the_onnxruntime_cuda_build_widens_float16_io(foreign_export: Path):
+    """Fusions run on a widened fp32 copy: its inputs and outputs must be float32 too."""
+    from sdexport.manifest import load_manifest
+
+    _edit_graph(foreign_export / "vae_decoder" / "model.onnx", _float16_io)
+    assert run_cli("adopt", foreign_export) == 0
+    assert run_cli("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "vae_decoder") == 0
+    record = load_manifest(foreign_export).components["vae_decoder"].optimized["onnxruntime-cuda"]
+    assert record["parity"]["status"] == "passed-cpu-variant"
+
+
+def test_tensorrt_profiles_follow_the_graphs_timestep():
+    """A scalar timestep has no profile entry; a one-element one (older exports) gets (1,)."""
+    from sdexport.build.tensorrt_build import profile_shapes
+    from sdexport.graph_io import GraphTensor, check_io
+    from sdexport.specs import UNET
+
+    ranges = {"sample": ((1, 4, 8, 8),) * 3, "timestep": ((), (), ()), "encoder_hidden_states": ((1, 77, 32),) * 3}
+
+    def io(rank: int):
+        inputs = [GraphTensor("sample", "float32", 4), GraphTensor("timestep", "float32", rank),
+                  GraphTensor("encoder_hidden_states", "float32", 3)]
+        return check_io(UNET, inputs, [GraphTensor("out_sample", "float32", 4)], "unet")
+
+    assert "timestep" not in profile_shapes(ranges, io(0))
+    assert profile_shapes(ranges, io(1))["timestep"] == ((1,), (1,), (1,))
+    assert profile_shapes(ranges, io(0))["sample"] == ranges["sample"]
 
 
 def test_a_graph_with_a_wrong_dtype_is_refused_at_load(foreign_export: Path, capsys):

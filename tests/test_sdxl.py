@@ -163,6 +163,23 @@ def test_export_verifies_every_sdxl_component(sdxl_engine_dir):
         "last_hidden_state", "pooler_output", *(f"hidden_states.{i}" for i in range(3))]
 
 
+def test_a_manifest_without_the_encoders_layer_counts_is_refused(sdxl_engine_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    copy = tmp_path / "sdxl"
+    shutil.copytree(sdxl_engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["dims"]["L1"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", copy) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "dims.L1 and dims.L2 (the text encoders' layers) must be at least 1 for sdxl" in err
+    assert "Traceback" not in err
+
+
 def test_encoder_wrappers_give_what_diffusers_conditions_on(sdxl_model, reference):
     """Penultimate hidden states of both encoders side by side; pooled = text_encoder_2's text_embeds."""
     specs = {s.name: s.for_model(sdxl_model.dims) for s in components_for("sdxl")}

@@ -349,6 +349,17 @@ def _describe(key: EngineKey, precision: str) -> str:
     return ", ".join([shapes, *flags])
 
 
+def profile_shapes(ranges: dict[str, ShapeRange], graph_io: GraphIO) -> dict[str, ShapeRange]:
+    """The optimization profile's entries: the spec's ranges in the graph's shapes, for the inputs the
+    graph has, less scalars (a static scalar timestep has no shape to profile; a one-element one
+    gets (1,))."""
+    return {
+        name: (graph_io.shape(name, lo), graph_io.shape(name, opt), graph_io.shape(name, hi))
+        for name, (lo, opt, hi) in ranges.items()
+        if name in graph_io.inputs and graph_io.inputs[name].rank > 0
+    }
+
+
 def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, graph_io: GraphIO) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
@@ -364,10 +375,8 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
     from polygraphy.logger import G_LOGGER
 
     trt_profile = Profile()
-    ranges: dict[str, ShapeRange] = key.ranges
-    for name, (lo, opt, hi) in ranges.items():
-        if name in graph_io.inputs and graph_io.inputs[name].rank > 0:
-            trt_profile.add(name, min=lo, opt=opt, max=hi)
+    for name, (lo, opt, hi) in profile_shapes(key.ranges, graph_io).items():
+        trt_profile.add(name, min=lo, opt=opt, max=hi)
     cache = str(timing_cache) if timing_cache is not None else None
     if timing_cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)

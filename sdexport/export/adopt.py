@@ -66,18 +66,13 @@ def adoption_hint(directory: Path) -> str:
     return ""
 
 
-def plan_adopt(directory: Path) -> AdoptPlan:
+def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
     """Everything about an adoption that small files tell: what the directory is, its family, its
-    components and the model's sizes. One clear line for anything else."""
+    components and the model's sizes. One clear line for anything else. ``replace`` (``--force``):
+    a manifest that ``adopt`` wrote may be there (it is replaced at the end, never removed first)."""
     if not directory.is_dir():
         raise SdexportError(f"{directory}: no such directory")
-    manifest = directory / MANIFEST_NAME
-    if manifest.exists():
-        raise SdexportError(
-            f"{directory}: already has a {MANIFEST_NAME}; it is an sdexport engine directory (or was adopted): "
-            f"inspect it with `sdexport inspect {directory}` (--force adopts it again, replacing an adopted "
-            "directory's manifest)"
-        )
+    check_replaceable(directory, replace)
     kind = identify(directory)
     if kind == "diffusers":
         raise SdexportError(
@@ -121,8 +116,31 @@ def plan_adopt(directory: Path) -> AdoptPlan:
     return AdoptPlan(family, pipeline, [s.for_model(dims) for s in specs], dims, configs, index)
 
 
+def check_replaceable(directory: Path, replace: bool) -> None:
+    """No manifest yet, or (``replace``) one that ``adopt`` wrote; anything else is refused."""
+    path = directory / MANIFEST_NAME
+    if not path.exists() and not path.is_symlink():
+        return
+    if not replace:
+        raise SdexportError(
+            f"{directory}: already has a {MANIFEST_NAME}; it is an sdexport engine directory (or was adopted): "
+            f"inspect it with `sdexport inspect {directory}` (--force adopts it again, replacing an adopted "
+            "directory's manifest)"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        source = data["model"]["source"]
+        adopted = source.get("kind") == "onnx" or "adopted_from" in source
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        adopted = False
+    if not adopted or path.is_symlink():
+        raise SdexportError(f"{path}: not a manifest `sdexport adopt` wrote; refusing to replace it")
+
+
 def family_of_pipeline(pipeline: str) -> str | None:
-    """``StableDiffusionXL*Pipeline`` → sdxl; other ``StableDiffusion*Pipeline`` (not 3.x) → sd."""
+    """``StableDiffusionXL*Pipeline`` → sdxl; other ``StableDiffusion*Pipeline`` (not 3.x) → sd; also
+    with optimum's ``ORT`` prefix (``ORTDiffusionPipeline.save_pretrained`` writes its own class)."""
+    pipeline = pipeline.removeprefix("ORT")
     if not pipeline.endswith("Pipeline"):
         return None
     if pipeline.startswith("StableDiffusionXL"):
@@ -150,15 +168,14 @@ def adopt(
     themselves take any batch and size."""
     from sdexport.export.exporter import tool_versions
     from sdexport.export.plan import ENGINE_DIR
-    from sdexport.manifest import check_graph, check_layout, hash_tree, save_manifest
+    from sdexport.manifest import check_graph, check_layout, save_manifest
     from sdexport.output_dir import updating
 
-    if force:
-        _drop_adopted_manifest(directory)
-    plan = plan_adopt(directory)
+    plan = plan_adopt(directory, replace=force)
     profile = default_profile(plan).with_ranges(**(ranges or {}))
     profile.validate(plan.dims)
     with updating(directory, ENGINE_DIR):
+        check_replaceable(directory, force)  # again, under the lock: another adopt may have finished
         entries = {s.name: ComponentEntry(onnx=f"{s.name}/{GRAPH}", dtype=_graph_dtype(directory, s.name),
                                           parity=dict(_UNCHECKED)) for s in plan.specs}
         scaling = plan.configs["vae"].get("scaling_factor", 0.18215)
@@ -178,7 +195,7 @@ def adopt(
             dtype="fp16" if any(e.dtype == "fp16" for e in entries.values()) else "fp32",
             tools={**tool_versions(), "exporter": _exporter(directory, plan), "opset": _opset(directory)},
             components=entries,
-            files=hash_tree(directory),
+            files=adopted_files(directory, plan),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         check_layout(directory, manifest)  # the tokenizer files, paths inside the directory
@@ -189,7 +206,7 @@ def adopt(
         check_runnable(directory, manifest)
         if model is not None:
             _prove(directory, manifest, plan, model)
-        save_manifest(directory, manifest)
+        save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
     return manifest
 
 
@@ -197,20 +214,33 @@ _UNCHECKED = {"status": "unchecked", "reason": "adopted without --model: graphs 
               "(names, dtypes, shapes), outputs not compared with PyTorch"}
 
 
-def _drop_adopted_manifest(directory: Path) -> None:
-    """``--force``: remove a manifest ``adopt`` wrote, and only such a manifest."""
-    path = directory / MANIFEST_NAME
-    if not path.exists():
-        return
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        source = data["model"]["source"]
-        adopted = source.get("kind") == "onnx" or "adopted_from" in source
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        adopted = False
-    if not adopted:
-        raise SdexportError(f"{path}: not a manifest `sdexport adopt` wrote; refusing to replace it")
-    path.unlink()
+def adopted_files(directory: Path, plan: AdoptPlan) -> dict[str, str]:
+    """What sdexport reads, hashed: each component's graph, its external weight files and config,
+    the tokenizers, the scheduler config and model_index.json. Nothing else in the directory (a
+    README, a .git folder) is listed: it stays the user's, and changing it breaks no run."""
+    import onnx
+
+    from sdexport.manifest import sha256_file
+
+    rels = [MODEL_INDEX, SCHEDULER_CONFIG_FILE]
+    for name in tokenizer_names(plan.family):
+        rels += sorted(p.relative_to(directory).as_posix() for p in (directory / name).rglob("*") if p.is_file())
+    for spec in plan.specs:
+        rels.append(f"{spec.name}/{GRAPH}")
+        if (directory / spec.name / "config.json").is_file():
+            rels.append(f"{spec.name}/config.json")
+        graph = onnx.load(str(directory / spec.name / GRAPH), load_external_data=False).graph
+        for init in graph.initializer:
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location is not None:
+                rels.append(f"{spec.name}/{location}")
+    files = {}
+    for rel in dict.fromkeys(rels):
+        path = directory / rel
+        if not path.is_file():
+            raise SdexportError(f"{directory}: {rel} is missing (a graph's external weights, or a file the runtime reads)")
+        files[rel] = sha256_file(path)
+    return files
 
 
 def default_profile(plan: AdoptPlan) -> ShapeProfile:
@@ -234,13 +264,21 @@ def _opset(directory: Path) -> int | None:
 
 
 def _graph_dtype(directory: Path, name: str) -> str:
-    """fp16 when the graph's floating-point weights are float16 (optimum's --dtype fp16), else fp32."""
+    """fp16 when most of the graph's floating-point weights are float16 (optimum's --dtype fp16; an
+    fp16 graph keeps a few float32 constants), else fp32; a graph without float weights by its I/O."""
+    import math
+
     import onnx
 
     graph = onnx.load(str(directory / name / GRAPH), load_external_data=False).graph
-    kinds = {init.data_type for init in graph.initializer}
-    return "fp16" if onnx.TensorProto.FLOAT16 in kinds and onnx.TensorProto.FLOAT not in kinds else (
-        "fp16" if any(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 for i in graph.input) else "fp32")
+    count = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    for init in graph.initializer:
+        if init.data_type in count:
+            count[init.data_type] += math.prod(init.dims)
+    if not any(count.values()):
+        edges = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+        return "fp16" if onnx.TensorProto.FLOAT16 in edges else "fp32"
+    return "fp16" if count[onnx.TensorProto.FLOAT16] > count[onnx.TensorProto.FLOAT] else "fp32"
 
 
 def _exporter(directory: Path, plan: AdoptPlan) -> str:

@@ -169,6 +169,9 @@ def to_fp32(model: onnx.ModelProto) -> onnx.ModelProto:
 
     for tensor in graph.initializer:
         widen(tensor)
+    for value in (*graph.input, *graph.output):  # float16 I/O: optimum's fp16 exports (sdexport adopt)
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:

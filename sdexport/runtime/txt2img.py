@@ -318,8 +318,8 @@ class Txt2ImgPipeline:
             if self.fallback_vae is None:
                 raise SdexportError(
                     "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
-                    "Export with --dtype fp16 keeps an fp32 VAE decoder for this (vae_decoder_fp32), "
-                    "or export in fp32"
+                    "sdexport's --dtype fp16 exports keep an fp32 VAE decoder for this (vae_decoder_fp32); "
+                    "otherwise export in fp32 or with an fp16-safe VAE (--vae)"
                 )
             console.print("[yellow]warning:[/] VAE decoder overflowed (NaN/Inf); decoding again in fp32")
             image = self.fallback_vae(feed)["sample"]
