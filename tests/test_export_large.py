@@ -24,7 +24,7 @@ def test_sd15_fp32_unet_over_2gb_uses_one_external_data_file(tmp_path: Path):
     data = out / "unet" / "model.onnx.data"
     assert data.is_file() and data.stat().st_size > PROTOBUF_LIMIT
     assert (out / "unet" / "model.onnx").stat().st_size < 50 * 1024**2
-    assert sorted(p.name for p in (out / "unet").iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert sorted(p.name for p in (out / "unet").iterdir()) == ["config.json", "model.onnx", "model.onnx.data"]
     assert "unet/model.onnx.data" in manifest.files
     assert data.stat().st_mode & 0o777 == (out / "unet" / "model.onnx").stat().st_mode & 0o777
     parity = manifest.components["unet"].parity

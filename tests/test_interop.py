@@ -210,6 +210,22 @@ def test_adopt_lists_only_what_sdexport_reads_and_never_claims_the_directory(for
     assert (foreign_export / "README.md").read_text() == "edited\n"
 
 
+def test_adopt_reads_no_weight_file_outside_a_graphs_folder(foreign_export: Path, capsys):
+    (foreign_export.parent / "secret").write_bytes(b"\0" * 64)
+
+    def outside(graph) -> None:
+        init = graph.initializer[0]
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", "../../secret"
+
+    _edit_graph(foreign_export / "unet" / "model.onnx", outside)
+    assert run_cli("adopt", foreign_export) == 2
+    assert "keeps weights in '../../secret', not a file beside it" in capsys.readouterr().err
+    assert not (foreign_export / "manifest.json").exists()
+
+
 def test_optimums_own_save_pretrained_class_names_are_adopted(foreign_export: Path):
     """ORTDiffusionPipeline.save_pretrained writes ORTStableDiffusionPipeline into model_index.json."""
     index = json.loads((foreign_export / "model_index.json").read_text())

@@ -179,6 +179,8 @@ def adopt(
         entries = {s.name: ComponentEntry(onnx=f"{s.name}/{GRAPH}", dtype=_graph_dtype(directory, s.name),
                                           parity=dict(_UNCHECKED)) for s in plan.specs}
         scaling = plan.configs["vae"].get("scaling_factor", 0.18215)
+        if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not scaling > 0:
+            raise SdexportError(f"{directory}: vae_decoder/config.json scaling_factor {scaling!r} is not a positive number")
         scheduler = read_json(directory / SCHEDULER_CONFIG_FILE)
         from sdexport.models.loader import _pipeline_config
 
@@ -232,8 +234,12 @@ def adopted_files(directory: Path, plan: AdoptPlan) -> dict[str, str]:
         graph = onnx.load(str(directory / spec.name / GRAPH), load_external_data=False).graph
         for init in graph.initializer:
             location = next((e.value for e in init.external_data if e.key == "location"), None)
-            if location is not None:
-                rels.append(f"{spec.name}/{location}")
+            if location is None:
+                continue
+            if not location or "/" in location or "\\" in location or location in (".", ".."):
+                raise SdexportError(f"{directory}: {spec.name}/{GRAPH} keeps weights in {location!r}, not a file "
+                                    "beside it; refusing to read it")
+            rels.append(f"{spec.name}/{location}")
     files = {}
     for rel in dict.fromkeys(rels):
         path = directory / rel
