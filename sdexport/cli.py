@@ -115,10 +115,8 @@ def adopt(
     """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
     so that `sdexport run`, `build` and `bench` use it. Adds manifest.json and nothing else."""
     from sdexport.export.adopt import adopt as run_adopt
-    from sdexport.export.adopt import plan_adopt
     from sdexport.inspect_dir import print_summary
 
-    plan_adopt(directory, replace=force)  # refuses what is not an ONNX export in well under a second
     manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width}, model=model,
                          force=force)
     print_summary(directory, manifest)

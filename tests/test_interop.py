@@ -291,25 +291,17 @@ def test_graphs_with_optimums_io_are_bridged(foreign_export: Path, tiny_engine_d
     np.testing.assert_allclose(_pixels(foreign_export), _pixels(tiny_engine_dir), atol=2e-2)
 
 
-def test_the_onnxruntime_cuda_build_feeds_adopted_graphs_as_they_take_inputs(foreign_export: Path):
-    """Its parity check runs the portable and the fused graph on sample inputs: int64 ids here."""
+@pytest.mark.parametrize("component, edit", [("text_encoder", _int64_ids), ("vae_decoder", _float16_io)],
+                         ids=["int64-ids", "float16-io"])
+def test_the_onnxruntime_cuda_build_takes_adopted_graphs(component: str, edit, foreign_export: Path):
+    """Its parity check runs the portable and the fused graph on sample inputs, each fed as it takes
+    them (int64 ids); fusions run on a widened fp32 copy, whose inputs and outputs must be float32 too."""
     from sdexport.manifest import load_manifest
 
-    _edit_graph(foreign_export / "text_encoder" / "model.onnx", _int64_ids)
+    _edit_graph(foreign_export / component / "model.onnx", edit)
     assert run_cli("adopt", foreign_export) == 0
-    assert run_cli("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
-    record = load_manifest(foreign_export).components["text_encoder"].optimized["onnxruntime-cuda"]
-    assert record["parity"]["status"] == "passed-cpu-variant"
-
-
-def test_the_onnxruntime_cuda_build_widens_float16_io(foreign_export: Path):
-    """Fusions run on a widened fp32 copy: its inputs and outputs must be float32 too."""
-    from sdexport.manifest import load_manifest
-
-    _edit_graph(foreign_export / "vae_decoder" / "model.onnx", _float16_io)
-    assert run_cli("adopt", foreign_export) == 0
-    assert run_cli("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "vae_decoder") == 0
-    record = load_manifest(foreign_export).components["vae_decoder"].optimized["onnxruntime-cuda"]
+    assert run_cli("build", foreign_export, "--target", "onnxruntime-cuda", "--components", component) == 0
+    record = load_manifest(foreign_export).components[component].optimized["onnxruntime-cuda"]
     assert record["parity"]["status"] == "passed-cpu-variant"
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from sdexport.errors import SdexportError
 from sdexport.export.pipeline_files import MODEL_INDEX
+from sdexport.graph_io import GraphIO
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest, tokenizer_names
 from sdexport.models.outline import family_profile, read_json
 from sdexport.shapes import ShapeProfile
@@ -166,7 +167,6 @@ def adopt(
     ``ranges``: ``min:opt:max`` texts per axis (batch, height, width) for the manifest's profile,
     which the builds and the runtime's request checks use (default: the family's); optimum's graphs
     themselves take any batch and size."""
-    from sdexport.export.exporter import tool_versions
     from sdexport.export.plan import ENGINE_DIR
     from sdexport.manifest import check_graph, check_layout, save_manifest
     from sdexport.output_dir import updating
@@ -174,10 +174,13 @@ def adopt(
     plan = plan_adopt(directory, replace=force)
     profile = default_profile(plan).with_ranges(**(ranges or {}))
     profile.validate(plan.dims)
+    from sdexport.export.exporter import tool_versions  # imports torch: after the one-line refusals
+
     with updating(directory, ENGINE_DIR):
         check_replaceable(directory, force)  # again, under the lock: another adopt may have finished
-        entries = {s.name: ComponentEntry(onnx=f"{s.name}/{GRAPH}", dtype=_graph_dtype(directory, s.name),
-                                          parity=dict(_UNCHECKED)) for s in plan.specs}
+        graphs = {s.name: _read_graph(directory, s.name) for s in plan.specs}  # each parsed once here
+        entries = {name: ComponentEntry(onnx=f"{name}/{GRAPH}", dtype=graph.dtype, parity=dict(_UNCHECKED))
+                   for name, graph in graphs.items()}
         scaling = plan.configs["vae"].get("scaling_factor", 0.18215)
         if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not scaling > 0:
             raise SdexportError(f"{directory}: vae_decoder/config.json scaling_factor {scaling!r} is not a positive number")
@@ -195,19 +198,19 @@ def adopt(
             dims=vars(plan.dims).copy(),
             profile=profile.to_dict(),
             dtype="fp16" if any(e.dtype == "fp16" for e in entries.values()) else "fp32",
-            tools={**tool_versions(), "exporter": _exporter(directory, plan), "opset": _opset(directory)},
+            tools={**tool_versions(), "exporter": _exporter(directory, plan), "opset": graphs["unet"].opset},
             components=entries,
-            files=adopted_files(directory, plan),
+            files=adopted_files(directory, plan, graphs),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )
         check_layout(directory, manifest)  # the tokenizer files, paths inside the directory
-        for spec in plan.specs:  # names, dtypes, ranks and fixed sizes, before anything is written
-            check_graph(directory, manifest, spec.name)
+        # names, dtypes, ranks and fixed sizes, before anything is written
+        graph_ios = {spec.name: check_graph(directory, manifest, spec.name) for spec in plan.specs}
         from sdexport.runtime.loading import check_runnable
 
         check_runnable(directory, manifest)
         if model is not None:
-            _prove(directory, manifest, plan, model)
+            _prove(directory, manifest, plan, model, graph_ios)
         save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
     return manifest
 
@@ -216,30 +219,20 @@ _UNCHECKED = {"status": "unchecked", "reason": "adopted without --model: graphs 
               "(names, dtypes, shapes), outputs not compared with PyTorch"}
 
 
-def adopted_files(directory: Path, plan: AdoptPlan) -> dict[str, str]:
+def adopted_files(directory: Path, plan: AdoptPlan, graphs: dict[str, GraphFacts]) -> dict[str, str]:
     """What sdexport reads, hashed: each component's graph, its external weight files and config,
     the tokenizers, the scheduler config and model_index.json. Nothing else in the directory (a
     README, a .git folder) is listed: it stays the user's, and changing it breaks no run."""
-    import onnx
-
     from sdexport.manifest import sha256_file
 
     rels = [MODEL_INDEX, SCHEDULER_CONFIG_FILE]
     for name in tokenizer_names(plan.family):
         rels += sorted(p.relative_to(directory).as_posix() for p in (directory / name).rglob("*") if p.is_file())
-    for spec in plan.specs:
-        rels.append(f"{spec.name}/{GRAPH}")
-        if (directory / spec.name / "config.json").is_file():
-            rels.append(f"{spec.name}/config.json")
-        graph = onnx.load(str(directory / spec.name / GRAPH), load_external_data=False).graph
-        for init in graph.initializer:
-            location = next((e.value for e in init.external_data if e.key == "location"), None)
-            if location is None:
-                continue
-            if not location or "/" in location or "\\" in location or location in (".", ".."):
-                raise SdexportError(f"{directory}: {spec.name}/{GRAPH} keeps weights in {location!r}, not a file "
-                                    "beside it; refusing to read it")
-            rels.append(f"{spec.name}/{location}")
+    for name, graph in graphs.items():
+        rels.append(f"{name}/{GRAPH}")
+        if (directory / name / "config.json").is_file():
+            rels.append(f"{name}/config.json")
+        rels += [f"{name}/{location}" for location in graph.weight_files]
     files = {}
     for rel in dict.fromkeys(rels):
         path = directory / rel
@@ -261,30 +254,45 @@ def default_profile(plan: AdoptPlan) -> ShapeProfile:
     return ShapeProfile(batch=family.batch, height=(lo, side, hi), width=(lo, side, hi))
 
 
-def _opset(directory: Path) -> int | None:
-    """The U-Net graph's ONNX opset."""
-    import onnx
+@dataclass(frozen=True)
+class GraphFacts:
+    """What adopt reads from one graph's proto (parsed once: optimum embeds weights under 2 GB)."""
 
-    model = onnx.load(str(directory / "unet" / GRAPH), load_external_data=False)
-    return next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    dtype: str
+    """fp16 when most of the floating-point weights are float16 (optimum's --dtype fp16; an fp16 graph
+    keeps a few float32 constants), else fp32; a graph without float weights by its I/O."""
+    weight_files: tuple[str, ...]
+    """Its external weight files, beside it."""
+    opset: int | None
 
 
-def _graph_dtype(directory: Path, name: str) -> str:
-    """fp16 when most of the graph's floating-point weights are float16 (optimum's --dtype fp16; an
-    fp16 graph keeps a few float32 constants), else fp32; a graph without float weights by its I/O."""
+def _read_graph(directory: Path, name: str) -> GraphFacts:
+    """One graph's facts; refuses a weight file that is not beside the graph before anything reads it."""
     import math
 
     import onnx
 
-    graph = onnx.load(str(directory / name / GRAPH), load_external_data=False).graph
+    model = onnx.load(str(directory / name / GRAPH), load_external_data=False)
+    graph = model.graph
     count = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
+    locations: list[str] = []
     for init in graph.initializer:
         if init.data_type in count:
             count[init.data_type] += math.prod(init.dims)
-    if not any(count.values()):
+        location = next((e.value for e in init.external_data if e.key == "location"), None)
+        if location is None:
+            continue
+        if not location or "/" in location or "\\" in location or location in (".", ".."):
+            raise SdexportError(f"{directory}: {name}/{GRAPH} keeps weights in {location!r}, not a file "
+                                "beside it; refusing to read it")
+        locations.append(location)
+    if any(count.values()):
+        dtype = "fp16" if count[onnx.TensorProto.FLOAT16] > count[onnx.TensorProto.FLOAT] else "fp32"
+    else:
         edges = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
-        return "fp16" if onnx.TensorProto.FLOAT16 in edges else "fp32"
-    return "fp16" if count[onnx.TensorProto.FLOAT16] > count[onnx.TensorProto.FLOAT] else "fp32"
+        dtype = "fp16" if onnx.TensorProto.FLOAT16 in edges else "fp32"
+    opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
 
 def _exporter(directory: Path, plan: AdoptPlan) -> str:
@@ -294,12 +302,12 @@ def _exporter(directory: Path, plan: AdoptPlan) -> str:
     return f"adopted ONNX export ({made})" if made else "adopted ONNX export"
 
 
-def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str) -> None:
-    """Each graph's outputs against the PyTorch model's, at the profile's points (as an export does)."""
+def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str, graph_ios: dict[str, GraphIO]) -> None:
+    """Each graph's outputs against the PyTorch model's, at the profile's min (as ``export --verify
+    quick``), fed as it takes its inputs (``graph_ios``, from ``check_graph``)."""
     from sdexport.console import step
     from sdexport.export.exporter import _print_report, _vocab_size
     from sdexport.export.verify import require_parity, verify_component
-    from sdexport.manifest import check_graph
     from sdexport.models import load_model
 
     with step(f"Loading {model_ref}"):
@@ -315,7 +323,7 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str)
             report = verify_component(
                 spec, directory / entry.onnx, model.module(spec.module), profile=manifest.shape_profile,
                 dims=plan.dims, dtype=entry.dtype, vocab_size=_vocab_size(model), mode="quick",
-                graph_io=check_graph(directory, manifest, spec.name),
+                graph_io=graph_ios[spec.name],
             )
         _print_report(report)
         require_parity(report)
