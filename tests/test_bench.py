@@ -178,7 +178,7 @@ def test_a_bench_with_nothing_measured_leaves_no_output_folder(tmp_path, capsys)
     assert not (tmp_path / "results").exists(), "the parent folder it created is removed too"
 
 
-def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch):
+def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch, capsys):
     from sdexport.bench import harness
 
     def crash(*args, **kwargs):
@@ -187,9 +187,36 @@ def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(harness, "_measure", crash)
     scenario = tmp_path / "s.toml"
     scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"diffusers"'))
-    with pytest.raises(RuntimeError, match="boom"):
-        run_cli("bench", scenario, "-o", tmp_path / "out")
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+    captured = capsys.readouterr()
+    assert "RuntimeError: boom" in captured.out + captured.err  # the crash is shown, with its traceback
+    assert "no contender could run" in captured.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+
+
+def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, monkeypatch):
+    """A bug in one contender (on a rented GPU, say) is recorded with its reason; the others are measured."""
+    from sdexport.bench import harness
+
+    real_load = harness._load
+
+    def load(name, *args, **kwargs):
+        if name == "onnxruntime-cpu":
+            raise RuntimeError("CUDA error: an illegal memory access\nmore detail")
+        return real_load(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "_load", load)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                                      '"diffusers", "onnxruntime-cpu", "torch"'))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    by_name = {r["contender"]: r for r in report["results"]}
+    assert by_name["onnxruntime-cpu"]["status"] == "failed"
+    assert by_name["onnxruntime-cpu"]["reason"] == "loading: RuntimeError: CUDA error: an illegal memory access"
+    assert by_name["torch"]["status"] == "measured" and by_name["diffusers"]["status"] == "measured"
+    assert by_name["torch"]["gpu_busy"] is None  # no GPU here: not profiled
+    assert "onnxruntime-cpu: loading: RuntimeError" in (tmp_path / "out" / "results.md").read_text()
 
 
 def test_bench_replaces_its_own_output_and_refuses_a_users_folder(bench_run, tmp_path, capsys):

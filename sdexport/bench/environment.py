@@ -31,6 +31,10 @@ def _cpu_name() -> str:
 
 
 def _git_revision() -> str | None:
+    """The commit measured; ``SDEXPORT_GIT_REVISION`` names it where the tree was copied without its
+    ``.git`` (a GPU server given a snapshot of the working tree)."""
+    if os.environ.get("SDEXPORT_GIT_REVISION"):
+        return os.environ["SDEXPORT_GIT_REVISION"]
     try:
         result = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,

@@ -29,6 +29,7 @@ from sdexport.bench.contenders import (
     device,
 )
 from sdexport.bench.environment import environment
+from sdexport.bench.gpu_busy import measure_gpu_busy
 from sdexport.bench.measure import MemorySampler, Stats, psnr
 from sdexport.bench.plan import BenchPlan, Options, own_engines, plan_bench, protected_paths, request_for
 from sdexport.bench.report import BENCH_OUTPUT, write_report
@@ -130,6 +131,12 @@ def _run(
                 results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
                 progress.advance(task, len(scenario.cases) * (warmup + repeats))
                 continue
+            except Exception as exc:  # noqa: BLE001 - a broken contender must not lose the others' numbers
+                reason = _broken(name, "loading", exc)
+                results.append({"contender": name, "status": "failed", "reason": reason})
+                progress.advance(task, len(scenario.cases) * (warmup + repeats))
+                _free_device()
+                continue
             try:
                 measured = []
                 for case in scenario.cases:
@@ -141,13 +148,15 @@ def _run(
                         results.append({"contender": name, "status": "failed", "case": vars(case),
                                         "reason": str(exc)})
                         continue
+                    except Exception as exc:  # noqa: BLE001 - recorded with its traceback; the next case runs
+                        results.append({"contender": name, "status": "failed", "case": vars(case),
+                                        "reason": _broken(name, case.label, exc)})
+                        continue
                     measured.append((case, entry))
             finally:  # its weights and engines leave the device before the next contender loads
                 contender.close()
                 del contender
-                gc.collect()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                _free_device()
             for case, entry in measured:
                 output = entry.pop("_output")
                 if name == baseline:
@@ -175,6 +184,22 @@ def _run(
         "one_time": one_time,
         "results": results,
     }, reused
+
+
+def _broken(name: str, stage: str, exc: Exception) -> str:
+    """Print a contender's unexpected failure with its traceback (the log shows where it broke) and
+    return the one line the report keeps. A benchmark on a rented GPU runs many contenders; a bug in
+    one of them must cost its own figures only, never the measurements of the others."""
+    console.print(f"[red]{escape(name)}, {escape(stage)}: failed:[/] {escape(type(exc).__name__)}: {escape(str(exc))}")
+    console.print_exception(show_locals=False, max_frames=20)
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"{stage}: {type(exc).__name__}: {first_line}"
+
+
+def _free_device() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dtype: str, profile: ShapeProfile,
@@ -277,6 +302,7 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
             advance()
     # Stage figures from separate runs marked with the device's clock (CUDA events on a GPU).
     staged = [contender(request) for _ in range(stage_runs(repeats))]
+    busy = measure_gpu_busy(lambda: contender(request, stages=False)) if torch.cuda.is_available() else None
     totals = [o.timings.total for o in outputs]
     steps = [s for o in staged for s in o.timings.unet_steps]
     e2e = Stats.of(totals)
@@ -296,6 +322,7 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "stage_clock": staged[0].timings.clock,
         "stage_runs": len(staged),
         "memory": memory.to_dict(),
+        "gpu_busy": busy,
         "_output": outputs[0],
     }
 

@@ -27,6 +27,11 @@ def _memory(entry: dict[str, Any]) -> str:
     return f"{memory['host_rss_peak_mb']:,.0f} MB RSS"
 
 
+def _busy(entry: dict[str, Any]) -> str:
+    busy = entry.get("gpu_busy")
+    return f"{busy['fraction'] * 100:.0f}%" if busy and "fraction" in busy else "–"
+
+
 def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
     return entry["case"]["batch"], entry["case"]["steps"]
 
@@ -44,7 +49,7 @@ def _row(r: dict[str, Any], baseline: str | None) -> str:
     cells = [
         r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _ms(r["text_encoder_s"]),
         _ms(r["unet_step_s"]), _ms(r["vae_decoder_s"]), _ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
-        _memory(r), rel, psnr_text,
+        _memory(r), _busy(r), rel, psnr_text,
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -82,7 +87,9 @@ def markdown(report: dict[str, Any]) -> str:
             "stage marks and nothing that waits for the device inside the denoising loop; per-stage "
             f"times (text encoder, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
             f"{max((r.get('stage_runs', 0) for r in measured), default=0)} separate marked runs per case, "
-            "and overhead is those runs' end-to-end time outside the stages."
+            "and overhead is those runs' end-to-end time outside the stages. GPU busy is the share of "
+            "one more run's wall time in which a kernel ran (PyTorch's profiler, every kernel of the "
+            "process; tracing slows the host, so it is a lower bound)."
         ),
         "",
     ]
@@ -93,9 +100,9 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             (
                 "| contender | end-to-end ms, median (min–max) | images/s | speedup | text enc. ms "
-                "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | latents rel-L2 | PSNR dB |"
+                "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | GPU busy | latents rel-L2 | PSNR dB |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         lines += [_row(r, report["baseline"]) for r in rows]
         lines.append("")

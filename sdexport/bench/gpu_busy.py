@@ -1,0 +1,66 @@
+"""How much of a call's wall time the GPU spends running kernels: the one figure that says whether a
+contender is bound by the device or by the host (launch gaps, Python, synchronisation).
+
+One extra call per case runs under PyTorch's profiler (CUPTI), which records every kernel of the
+process — PyTorch's, ONNX Runtime's, TensorRT's, also those replayed from CUDA graphs. The busy time is
+the union of the kernel intervals (overlapping kernels on several streams count once) over the call's
+wall clock. Tracing adds host work per launch, so the figure is a lower bound for the untraced runs;
+it comes from its own run, never from the timed ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+
+def union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by ``intervals`` (start, end), overlaps counted once."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted(intervals):
+        if current_end is None or start > current_end:
+            if current_end is not None and current_start is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None and current_start is not None:
+        total += current_end - current_start
+    return total
+
+
+def kernel_intervals(profiler: Any) -> list[tuple[float, float]]:
+    """(start, end) in microseconds of every device event the profiler recorded."""
+    from torch.autograd import DeviceType
+
+    return [
+        (float(e.time_range.start), float(e.time_range.end))
+        for e in profiler.events()
+        if e.device_type == DeviceType.CUDA and e.time_range.end > e.time_range.start
+    ]
+
+
+def measure_gpu_busy(call: Callable[[], object]) -> dict[str, Any]:
+    """Run ``call`` once under the profiler; ``{"fraction", "kernel_s", "wall_s", "kernels"}``, or
+    ``{"error": ...}`` where profiling is not possible (no CUDA, CUPTI refused)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"error": "no CUDA device"}
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as profiler:
+            start = time.perf_counter()
+            call()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        intervals = kernel_intervals(profiler)
+    except Exception as exc:  # noqa: BLE001 - a profiler failure must not cost the measured figures
+        return {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+    if not intervals:
+        return {"error": "the profiler recorded no kernels (CUPTI unavailable?)"}
+    kernel_s = union_length(intervals) / 1e6
+    return {"fraction": min(1.0, kernel_s / wall), "kernel_s": kernel_s, "wall_s": wall, "kernels": len(intervals)}

@@ -1,0 +1,30 @@
+"""The GPU-busy figure: interval union arithmetic, and a clean answer where no GPU is present."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdexport.bench.gpu_busy import measure_gpu_busy, union_length
+
+
+def test_union_counts_overlaps_once() -> None:
+    assert union_length([]) == 0.0
+    assert union_length([(0, 10)]) == 10
+    assert union_length([(5, 8), (0, 10)]) == 10  # nested
+    assert union_length([(0, 4), (3, 6), (10, 12)]) == 8  # overlap, then a gap
+    assert union_length([(0, 1), (1, 2)]) == 2  # touching
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
+def test_without_cuda_says_why() -> None:
+    assert measure_gpu_busy(lambda: None) == {"error": "no CUDA device"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_of_a_matmul_are_seen() -> None:
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    result = measure_gpu_busy(lambda: [a @ a for _ in range(20)])
+    assert "fraction" in result, result
+    assert result["kernels"] >= 20 and 0 < result["fraction"] <= 1
