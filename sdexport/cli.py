@@ -39,7 +39,7 @@ BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width 
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
+    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, tiny-inpaint, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,

@@ -111,7 +111,7 @@ SCHEMA: dict[str, Any] = {
                 "S": _size(4096), "E": _size(65536), "P": _size(65536), "C": _size(256),
                 "vae_scale_factor": _size(64), "unet_downsample": _size(64),
                 "E1": _size(65536, 0), "E2": _size(65536, 0), "T": _size(64, 0),
-                "L1": _size(1024, 0), "L2": _size(1024, 0),
+                "L1": _size(1024, 0), "L2": _size(1024, 0), "U": _size(513, 0),
             },
             "additionalProperties": False,
         },

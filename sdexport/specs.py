@@ -15,6 +15,8 @@ Symbols:
     E1, E2   hidden sizes of SDXL's two text encoders    (static)
     P        pooled text embedding size                  (static)
     C        latent channels                             (static)
+    U        U-Net input channels: C, or 2C + 1 for an inpainting U-Net, whose input is the
+             latents, the mask and the masked image's latents side by side (static)
     T        number of SDXL time ids (6)                 (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
     digits   a fixed size
@@ -163,6 +165,25 @@ class ModelDims:
     L1: int = 0
     L2: int = 0
     """Hidden layers of SDXL's text encoders (0 where no spec repeats over them)."""
+    U: int = 0
+    """U-Net input channels where they differ from C: 2C + 1 for an inpainting U-Net (0: C)."""
+
+    def record(self) -> dict[str, int]:
+        """The manifest's ``dims``: U only for an inpainting U-Net, so other directories stay readable
+        by sdexport versions that predate it."""
+        values = dict(vars(self))
+        if not values["U"]:
+            del values["U"]
+        return values
+
+    @property
+    def unet_channels(self) -> int:
+        return self.U or self.C
+
+    @property
+    def inpainting(self) -> bool:
+        """The U-Net also takes a mask and the masked image's latents (diffusers' 9-channel U-Nets)."""
+        return self.unet_channels == 2 * self.C + 1
 
     @property
     def image_multiple(self) -> int:
@@ -187,6 +208,7 @@ class ModelDims:
             "T": self.T,
             "L1": self.L1,
             "L2": self.L2,
+            "U": self.unet_channels,
         }
 
 
@@ -301,6 +323,9 @@ def _vae_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
 
 
 _LATENT = ("B", "C", "h", "w")
+_UNET_INPUT = ("B", "U", "h", "w")
+"""The U-Net's ``sample``: the latents, and for an inpainting U-Net the mask and the masked image's
+latents concatenated after them (one input, as diffusers and optimum pass it)."""
 
 TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
@@ -319,7 +344,7 @@ UNET = ComponentSpec(
     name="unet",
     module="unet",
     inputs=(
-        TensorSpec("sample", _LATENT),
+        TensorSpec("sample", _UNET_INPUT),
         TensorSpec("timestep", (), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("B", "S", "E")),
     ),
@@ -382,7 +407,7 @@ SDXL_UNET = ComponentSpec(
     name="unet",
     module="unet",
     inputs=(
-        TensorSpec("sample", _LATENT),
+        TensorSpec("sample", _UNET_INPUT),
         TensorSpec("timestep", (), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("B", "S", "E")),
         TensorSpec("text_embeds", ("B", "P")),

@@ -1,5 +1,6 @@
 """The baseline everyone compares against: ``diffusers.StableDiffusionPipeline`` (SDXL:
-``StableDiffusionXLPipeline``) in eager PyTorch.
+``StableDiffusionXLPipeline``) in eager PyTorch, and for requests with an init image the matching
+img2img or inpaint pipeline made from it (``from_pipe``: the same modules, no copy).
 
 Used by the parity tests and as the benchmark baseline. Per-component times come from wrapping the
 pipeline's own modules with the runtime's stage clock (CUDA events on a GPU: no host
@@ -61,6 +62,7 @@ class DiffusersReference:
         """The clock of the call in progress: ``self.clock``, or ``NO_CLOCK`` for an unmarked run."""
         self._spans: list[tuple[str, Any, Any]] = []
         self._wrapped: list[tuple[Any, str, Any]] = []
+        self._variants: dict[str, Any] = {}
         self._wrap()
 
     def _timed(self, fn: Callable[..., Any], stage: str) -> Callable[..., Any]:
@@ -104,6 +106,23 @@ class DiffusersReference:
                 setattr(timings, stage, getattr(timings, stage) + seconds)
         return timings
 
+    def pipeline_for(self, task: str) -> Any:
+        """The diffusers pipeline for ``task`` (txt2img, img2img, inpaint), sharing this one's modules."""
+        import diffusers
+
+        if task == "txt2img":
+            return self.pipe
+        if task not in self._variants:
+            sdxl = self.model.family == "sdxl"
+            if task == "img2img":
+                cls: Any = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
+            else:
+                cls = diffusers.StableDiffusionXLInpaintPipeline if sdxl else diffusers.StableDiffusionInpaintPipeline
+            variant = cls.from_pipe(self.pipe)
+            variant.set_progress_bar_config(disable=True)
+            self._variants[task] = variant
+        return self._variants[task]
+
     def close(self) -> None:
         """Release the baseline's weights on the device before the next contender is measured (the
         benchmark then empties torch's cache once for every contender).
@@ -116,10 +135,10 @@ class DiffusersReference:
         if self.device.type != "cpu":
             self.pipe.to("cpu")
         self.pipe = None
+        self._variants.clear()
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> ReferenceResult:
         """``stages=False``: no marks at all, for runs timed only end to end (as the runtime's)."""
-        self.pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
         self._spans = []
         self._call_clock = self.clock if stages else NO_CLOCK
         captured: dict[str, torch.Tensor] = {}
@@ -129,9 +148,15 @@ class DiffusersReference:
             return tensors
 
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
-        extra: dict[str, Any] = {}
+        pipe = self.pipeline_for(request.task)
+        pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
+        extra: dict[str, Any] = {"height": request.height, "width": request.width}
+        if request.task != "txt2img":
+            extra = {"image": request.image, "strength": request.effective_strength(self.model.family)}
+            if request.task == "inpaint":
+                extra.update(mask_image=request.mask, height=request.height, width=request.width)
         if self.model.family == "sdxl":
-            extra = {
+            extra |= {
                 "prompt_2": request.prompt_2,
                 "negative_prompt_2": request.negative_prompt_2,
                 "original_size": request.original_size,
@@ -140,14 +165,12 @@ class DiffusersReference:
             }
         start = time.perf_counter()
         with torch.inference_mode():
-            images = self.pipe(
+            images = pipe(
                 request.prompt,
                 **extra,
                 negative_prompt=request.negative_prompt,
                 num_inference_steps=request.steps,
                 guidance_scale=request.guidance,
-                height=request.height,
-                width=request.width,
                 generator=generators,
                 output_type="np",
                 callback_on_step_end=keep_latents,

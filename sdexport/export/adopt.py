@@ -102,11 +102,11 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
     configs = {part: read_json(directory / folder / "config.json") for part, folder in PARTS.items()
                if part != "text_encoder_2" or family == "sdxl"}
     lengths = {name: _tokenizer_length(directory / name) for name in tokenizer_names(family)}
-    if configs["unet"].get("in_channels") != configs["vae"].get("latent_channels", 4):
+    latent = configs["vae"].get("latent_channels", 4)
+    if configs["unet"].get("in_channels") not in (latent, 2 * latent + 1):
         raise SdexportError(
             f"{directory}: the U-Net takes {configs['unet'].get('in_channels')} channels and the VAE makes "
-            f"{configs['vae'].get('latent_channels', 4)}: an inpainting or other conditioned U-Net, which "
-            "sdexport does not run yet"
+            f"{latent}: a conditioned U-Net other than inpainting ({2 * latent + 1}), which sdexport does not run"
         )
     from sdexport.models.loader import model_dims
 
@@ -195,7 +195,7 @@ def adopt(
                    "random_weights": False, **({"pipeline_config": pipeline_config} if pipeline_config else {})},
             prediction_type=str(scheduler.get("prediction_type", "epsilon")),
             vae_scaling_factor=float(scaling),
-            dims=vars(plan.dims).copy(),
+            dims=plan.dims.record(),
             profile=profile.to_dict(),
             dtype="fp16" if any(e.dtype == "fp16" for e in entries.values()) else "fp32",
             tools={**tool_versions(), "exporter": _exporter(directory, plan), "opset": graphs["unet"].opset},

@@ -96,7 +96,7 @@ def _export_into(
                    **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {})},
             prediction_type=model.prediction_type,
             vae_scaling_factor=model.vae_scaling_factor,
-            dims=vars(dims).copy(),
+            dims=dims.record(),
             profile=profile.to_dict(),
             dtype=options.dtype,
             tools={**tool_versions(), "opset": options.opset,

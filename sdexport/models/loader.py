@@ -76,7 +76,8 @@ class LoadedModel:
         """The diffusers ``model_index.json`` of this model: its pipeline class and the library and
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
         index: dict[str, Any] = {
-            "_class_name": next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family),
+            "_class_name": "StableDiffusionInpaintPipeline" if self.dims.inpainting
+            else next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family),
             "_diffusers_version": _version("diffusers"),
         }
         for name, module in self.modules.items():
@@ -104,6 +105,19 @@ class LoadedModel:
         (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
 
 
+def unet_extra_channels(in_channels: int, latent_channels: int, label: str) -> int:
+    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an inpainting U-Net
+    (latents, mask, masked-image latents); any other count is a conditioning sdexport does not know."""
+    if in_channels == latent_channels:
+        return 0
+    if in_channels == 2 * latent_channels + 1:
+        return in_channels
+    raise ModelLoadError(
+        f"{label}: the U-Net takes {in_channels} input channels for {latent_channels} latent channels; sdexport "
+        f"runs U-Nets that take the latents ({latent_channels}) or inpainting ones ({2 * latent_channels + 1})"
+    )
+
+
 def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], label: str) -> ModelDims:
     """A model's static sizes from its parts' configs (objects with attributes: diffusers' and
     transformers' configs, or ``SimpleNamespace``s of their JSON) and its tokenizers' lengths.
@@ -119,7 +133,8 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     common = {
         "S": sequence,
         "E": int(unet.cross_attention_dim),
-        "C": int(unet.in_channels),
+        "C": int(unet.out_channels),
+        "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label),
         "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
     }
@@ -219,7 +234,7 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
 
     path = vae_config_dir(path)
     vae = _load_part(path.parent, path.name, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=dtype))
-    channels, wanted = int(vae.config.latent_channels), int(model.config("unet").in_channels)
+    channels, wanted = int(vae.config.latent_channels), int(model.config("unet").out_channels)
     if channels != wanted:
         raise ModelLoadError(f"--vae {path}: {channels} latent channels, but the U-Net takes {wanted}")
     model.modules["vae"] = vae.eval().requires_grad_(False)

@@ -21,6 +21,7 @@ from sdexport.shapes import ShapeProfile
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionInpaintPipeline": "sd",  # a 9-channel inpainting U-Net (ModelDims.U)
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -89,7 +90,7 @@ def _outline(
         sources = (*sources, vae_path)
         if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
             raise ModelLoadError(f"--vae {vae_path}: a {vae.get('_class_name')}, not an AutoencoderKL")
-        channels, wanted = vae.get("latent_channels", 4), unet.get("in_channels", 4)
+        channels, wanted = vae.get("latent_channels", 4), unet.get("out_channels", 4)
         if channels != wanted:
             raise ModelLoadError(f"--vae {vae_path}: {channels} latent channels, but the U-Net takes {wanted}")
     problem = first_error(SCHEDULER_CONFIG, scheduler)

@@ -221,6 +221,16 @@ PRESETS: dict[str, Preset] = {
         scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
         profile=_TINY_PROFILE,
     ),
+    "tiny-inpaint": Preset(
+        name="tiny-inpaint",
+        description="tiny, with an inpainting U-Net (9 input channels: latents, mask, masked-image latents)",
+        family="sd",
+        unet={**_TINY_UNET, "in_channels": 9},
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT,
+        scheduler=_SD_SCHEDULER,
+        profile=_TINY_PROFILE,
+    ),
     "sd15": Preset(
         name="sd15",
         description="Stable Diffusion 1.5 architecture (860M U-Net, CLIP ViT-L/14 text encoder)",

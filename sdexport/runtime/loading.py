@@ -39,6 +39,21 @@ def txt2img_components(manifest: Manifest) -> list[str]:
     return names
 
 
+def pipeline_components(manifest: Manifest, image_inputs: bool = False) -> list[str]:
+    """What a pipeline loads: txt2img's components, the VAE encoder where init images will be given
+    (img2img, inpainting), and the fp32 fallback decoder where the directory has one."""
+    names = txt2img_components(manifest)
+    if image_inputs:
+        if "vae_encoder" not in manifest.components:
+            raise EngineDirError(
+                f"the engine directory has no vae_encoder (it was exported with --components "
+                f"{','.join(manifest.components)}); export it too to start from an image (img2img, inpainting)"
+            )
+        names.append("vae_encoder")
+    fallback = fallback_vae(manifest)
+    return names + ([fallback] if fallback else [])
+
+
 def fallback_vae(manifest: Manifest) -> str | None:
     """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one."""
     return FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
@@ -63,8 +78,10 @@ def load_pipeline(
     request_profile: ShapeProfile | None = None,
     graphs: str = "auto",
     provider_options: dict[str, str] | None = None,
+    image_inputs: bool = False,
 ) -> Txt2ImgPipeline:
-    """``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
+    """``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
+    inpainting). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
     (and CUDA-graph ONNX Runtime sessions are made for them at load). ``graphs`` (onnxruntime-cuda):
     "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
     ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through."""
@@ -72,10 +89,11 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
-    names, fallback = txt2img_components(manifest), fallback_vae(manifest)
-    loaded = names + ([fallback] if fallback else [])
+    fallback = fallback_vae(manifest)
+    loaded = pipeline_components(manifest, image_inputs)
+    names = [n for n in loaded if n != fallback]
     if verify_files:
-        verify_for_backend(engine_dir, manifest, backend, graphs)
+        verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs)
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
@@ -112,13 +130,13 @@ def graph_for(manifest: Manifest, name: str, backend: str, graphs: str = "auto")
     return entry.onnx
 
 
-def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graphs: str = "auto") -> None:
+def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graphs: str = "auto", *,
+                       image_inputs: bool = False) -> None:
     """Hash what ``backend`` (resolved) reads: the ONNX graphs ONNX Runtime runs (the Torch backend
     reads none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always."""
     from sdexport.build.cache_key import onnx_files
 
-    fallback = fallback_vae(manifest)
-    loaded = txt2img_components(manifest) + ([fallback] if fallback else [])
+    loaded = pipeline_components(manifest, image_inputs)
     folders = tuple(f"{name}/" for name in manifest.components)
     files = {rel: sha for rel, sha in manifest.files.items() if not rel.startswith(folders)}
     if backend.startswith("onnxruntime"):

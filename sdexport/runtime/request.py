@@ -48,10 +48,39 @@ class GenerationRequest:
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     """None: (height, width)."""
+    # Image inputs (all families: img2img; SD 1.x/2.x: inpainting), PIL images of the request's size.
+    image: list[Any] | None = None
+    """img2img's or inpainting's init image: one for every prompt, or one per prompt."""
+    mask: list[Any] | None = None
+    """Inpainting: white repaints, black keeps; one, or one per prompt. Needs ``image``."""
+    strength: float | None = None
+    """How far the init image is noised, 0 < strength <= 1 (1: all the way, only its latents in
+    inpainting's mask survive). None: diffusers' defaults (img2img 0.8, SDXL img2img 0.3, inpainting 1)."""
 
     @property
     def batch(self) -> int:
         return len(self.prompt)
+
+    @property
+    def task(self) -> str:
+        """``txt2img``, ``img2img`` or ``inpaint``: what the loop does with the image inputs."""
+        if self.image is None:
+            return "txt2img"
+        return "inpaint" if self.mask is not None else "img2img"
+
+    def effective_strength(self, family: str) -> float:
+        if self.strength is not None:
+            return self.strength
+        if self.task == "inpaint":
+            return 1.0
+        return 0.3 if family == "sdxl" else 0.8
+
+    def denoising_steps(self, family: str) -> int:
+        """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
+        (diffusers' ``get_timesteps``)."""
+        if self.image is None:
+            return self.steps
+        return min(int(self.steps * self.effective_strength(family)), self.steps)
 
     @property
     def cfg(self) -> bool:
@@ -113,6 +142,43 @@ def check_request(
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
     profile.check_request(request.batch, request.height, request.width, dims)
+    _check_image_inputs(request, family, dims)
+
+
+def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeometry) -> None:
+    """img2img and inpainting: what is given fits together, the model and the request's size."""
+    from sdexport.runtime.image_inputs import check_image
+
+    inpainting_unet = bool(getattr(dims, "inpainting", False))
+    if request.image is None:
+        if request.mask is not None:
+            raise SdexportError("a mask without an init image: inpainting needs both (--init-image and --mask)")
+        if request.strength is not None:
+            raise SdexportError("--strength needs an init image (--init-image): it says how far that image is noised")
+        if inpainting_unet:
+            raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --init-image and --mask")
+        return
+    if inpainting_unet and request.mask is None:
+        raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --mask with the init image")
+    if request.mask is not None and family == "sdxl":
+        raise SdexportError("inpainting runs on SD 1.x/2.x models so far; for SDXL use img2img (no --mask)")
+    for name, images in (("init image", request.image), ("mask", request.mask)):
+        if images is None:
+            continue
+        if not isinstance(images, list) or len(images) not in (1, request.batch):
+            count = len(images) if isinstance(images, list) else type(images).__name__
+            raise SdexportError(f"{count} {name}s for {request.batch} prompts: give one, or one per prompt")
+        for image in images:
+            check_image(image, request.height, request.width, name)
+    strength = request.strength
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
+                                 or not math.isfinite(strength) or not 0 < strength <= 1):
+        raise SdexportError(f"--strength {strength}: need a number above 0 and at most 1")
+    if request.denoising_steps(family) < 1:
+        raise SdexportError(
+            f"--strength {request.effective_strength(family):g} with --steps {request.steps} runs no step "
+            f"(int(steps x strength) = 0): raise the strength or the steps"
+        )
 
 
 def _check_conditioning(request: GenerationRequest, family: str) -> None:

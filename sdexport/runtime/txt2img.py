@@ -1,4 +1,9 @@
-"""The txt2img loop over engines: tokenize → encode (with CFG) → scheduler loop → decode.
+"""The generation loop over engines: tokenize → encode (with CFG) → scheduler loop → decode.
+
+Text-to-image, image-to-image and inpainting are one loop: an init image only changes where the
+loop starts (its latents noised to the strength's first timestep, as diffusers' img2img and inpaint
+pipelines do), and a mask adds the inputs an inpainting U-Net takes, or, for a standard U-Net,
+blends the kept region back after every step (``ImageConditioning``).
 
 It is written once for every backend: engines take and return torch tensors on their device, so
 the same lines run over TensorRT, ONNX Runtime and PyTorch, and backends are compared through one
@@ -64,6 +69,21 @@ class Timings:
             "it_per_s": self.iterations_per_second,
             "clock": self.clock,
         }
+
+
+@dataclass
+class ImageConditioning:
+    """What an init image (and mask) contribute to one run, on the device, per image of the batch."""
+
+    latents: torch.Tensor
+    """Where the loop starts: the image's latents noised to the first timestep (or pure noise)."""
+    noise: torch.Tensor
+    image_latents: torch.Tensor | None = None
+    """The init image's latents, for blending the kept region back (standard U-Net inpainting)."""
+    mask: torch.Tensor | None = None
+    """(B, 1, h, w), 1 = repaint: the mask at latent size."""
+    masked_latents: torch.Tensor | None = None
+    """The masked image's latents: an inpainting U-Net's extra input."""
 
 
 @dataclass
@@ -160,14 +180,24 @@ class Txt2ImgPipeline:
         text_end = clock.mark()
         scheduler = make_scheduler(request.scheduler, self.scheduler_config)
         scheduler.set_timesteps(request.steps, device=self.device)
-        latents = self.initial_latents(request, generators, scheduler)
+        timesteps = self.start_timesteps(scheduler, request)
+        init = self.image_conditioning(request, generators, scheduler, timesteps) if request.image is not None else None
+        latents = init.latents if init is not None else self.initial_latents(request, generators, scheduler)
+        extra: list[torch.Tensor] = []  # an inpainting U-Net's mask and masked-image latents, CFG-batched
+        if init is not None and self.dims.inpainting:
+            assert init.mask is not None and init.masked_latents is not None
+            extra = [torch.cat([init.mask] * 2) if request.cfg else init.mask,
+                     torch.cat([init.masked_latents] * 2) if request.cfg else init.masked_latents]
+        blend = init is not None and init.mask is not None and not self.dims.inpainting
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
 
         step_marks = []
-        engine_timesteps = scheduler.timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
-        for i, t in enumerate(scheduler.timesteps):
+        engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
+        for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            if extra:
+                model_input = torch.cat([model_input, *extra], dim=1)
             feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning}
             before = clock.mark()
             noise = self.engines["unet"](feed)["out_sample"]
@@ -180,8 +210,14 @@ class Txt2ImgPipeline:
                 # multistep schedulers (PNDM, DPM++, UniPC) keep past model outputs.
                 noise = noise.clone()
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            if blend:  # a standard U-Net inpaints by keeping the unmasked region on the image's own path
+                assert init is not None and init.image_latents is not None and init.mask is not None
+                kept = init.image_latents
+                if i < len(timesteps) - 1:
+                    kept = scheduler.add_noise(kept, init.noise, timesteps[i + 1:i + 2])
+                latents = (1 - init.mask) * kept + init.mask * latents
             if on_step is not None:
-                on_step(i + 1, len(scheduler.timesteps))
+                on_step(i + 1, len(timesteps))
 
         decode_start = clock.mark()
         pixels, fallback = self.decode(latents, request)  # ends with the copy to the host: the run is complete
@@ -289,14 +325,86 @@ class Txt2ImgPipeline:
         values = [*(request.original_size or size), *request.crops_coords_top_left, *(request.target_size or size)]
         return torch.tensor([values], dtype=torch.float32)
 
-    def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
+    def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
+        sizes = self.dims.sizes(request.batch, request.height, request.width)
+        return self.engines["unet"].spec.tensor("out_sample").shape(sizes)
+
+    def noise(self, shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+        """Normal noise, one draw per image from its own generator, on the device. CPU generators:
+        the same seed draws the same noise on every backend and device (and as diffusers does with
+        CPU generators)."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        sizes = self.dims.sizes(request.batch, request.height, request.width)
-        shape = self.engines["unet"].spec.tensor("sample").shape(sizes)
-        # CPU generators: the same seed draws the same noise on every backend and device.
-        latents = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
-        return latents.to(self.device) * scheduler.init_noise_sigma
+        return randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32).to(self.device)
+
+    def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
+        return self.noise(self.latent_shape(request), generators) * scheduler.init_noise_sigma
+
+    def start_timesteps(self, scheduler: Any, request: GenerationRequest) -> torch.Tensor:
+        """The timesteps the loop runs: all of them for txt2img; with an init image, the last
+        ``int(steps * strength)`` (diffusers' ``get_timesteps``), the scheduler told where it starts."""
+        if request.image is None:
+            return scheduler.timesteps  # type: ignore[no-any-return]
+        start = request.steps - request.denoising_steps(self.family)
+        order = getattr(scheduler, "order", 1)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start * order)
+        return scheduler.timesteps[start * order:]  # type: ignore[no-any-return]
+
+    def image_conditioning(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any,
+                           timesteps: torch.Tensor) -> ImageConditioning:
+        """Encode the init image (and the masked image) and pick the starting latents, drawing from
+        each image's generator in the order diffusers' img2img and inpaint pipelines do: the image's
+        latent sample, the noise, then the masked image's latent sample."""
+        import torch.nn.functional as F  # noqa: N812
+
+        from sdexport.runtime.image_inputs import binary_mask, pixels
+
+        if "vae_encoder" not in self.engines:
+            raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
+                                "(the directory must have a vae_encoder)")
+        batch, shape = request.batch, self.latent_shape(request)
+        strength = request.effective_strength(self.family)
+        images = request.image or []
+        inpaint = request.mask is not None
+        from_image = not inpaint or strength < 1.0
+        image_latents = None
+        if not inpaint:  # img2img: the image goes to every prompt, each sampled with its own generator
+            image_latents = self.encode(pixels(images, batch), generators)
+        elif from_image or not self.dims.inpainting:
+            # The inpaint pipeline samples each given image once (a single image: with the first
+            # generator) and shares it: what diffusers does, so the same seeds give the same images.
+            image_latents = _per_prompt(self.encode(pixels(images, len(images)), generators), batch)
+        noise = self.noise(shape, generators)
+        if from_image:
+            assert image_latents is not None
+            latents = scheduler.add_noise(image_latents, noise, timesteps[:1].repeat(batch))
+        else:
+            latents = noise * scheduler.init_noise_sigma
+        if not inpaint:
+            return ImageConditioning(latents, noise, image_latents)
+        masks = request.mask or []
+        mask = binary_mask(masks, len(masks))
+        masked_image = pixels(images, len(images)) * (mask < 0.5)  # one of each broadcasts to the other
+        if self.dims.inpainting:
+            masked_latents = _per_prompt(self.encode(masked_image, generators), batch)
+        else:  # diffusers encodes it anyway and drops it: draw what its sampling would, to keep the seeds in step
+            masked_latents = None
+            self.noise((masked_image.shape[0], *shape[1:]), generators)
+        latent_mask = _per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
+        return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
+
+    def encode(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """Scaled latents sampled from the VAE encoder's distribution with each image's generator
+        (``DiagonalGaussianDistribution.sample``: mean + std * noise, log-variance clamped)."""
+        parameters = self.engines["vae_encoder"]({"sample": image.to(self.device)})["latent_parameters"].float()
+        if not torch.isfinite(parameters).all():
+            raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
+                                "fp16-safe VAE (--vae)")
+        mean, log_variance = parameters.chunk(2, dim=1)
+        std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
+        draws = self.noise(tuple(mean.shape), generators[:mean.shape[0]])
+        return (mean + std * draws) * self.vae_scaling_factor
 
     def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> tuple[np.ndarray, bool]:
         """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
@@ -343,6 +451,10 @@ class Txt2ImgPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    return tensor if tensor.shape[0] == batch else tensor.repeat(batch // tensor.shape[0], 1, 1, 1)
 
 
 def _accepts_generator(scheduler: Any) -> bool:

@@ -1,0 +1,104 @@
+"""Images given to the loop (img2img's init image, inpainting's mask): read, sized and turned into
+the tensors diffusers' image processors make, so the same inputs give the same latents.
+
+An image is used at the request's size. One of another size is refused unless the caller asks for a
+fit, and the fit is said out loud: ``resize`` stretches it (aspect ratio changes), ``crop`` scales it
+to cover the size and cuts the overflow equally from both sides. Masks follow the same fit, are read
+as greyscale and binarised at 50% (white = repaint), as ``VaeImageProcessor`` does for masks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdexport.errors import SdexportError
+
+if TYPE_CHECKING:
+    import torch
+
+FITS = ("exact", "resize", "crop")
+"""How an image of another size is made the request's size: refused, stretched, or scaled and cropped."""
+
+
+def read_image(path: Path, what: str) -> Any:
+    """The PIL image at ``path``, fully decoded now (a truncated file fails here, not mid-run)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise SdexportError(f"{what} {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SdexportError(f"{what} {path}: not a readable image ({one_line(exc)})") from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple[Any, str | None]:
+    """``image`` at (height, width), and a note saying how it was changed (None: it already was)."""
+    from PIL import Image
+
+    if fit not in FITS:
+        raise SdexportError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
+    size = (width, height)
+    if image.size == size:
+        return image, None
+    given = f"{image.size[1]}x{image.size[0]}"
+    if fit == "exact":
+        raise SdexportError(
+            f"{what} is {given} (HxW), the request {height}x{width}: pass --height {image.size[1]} --width "
+            f"{image.size[0]} (within the engines' profile), or --fit resize / --fit crop to make it fit"
+        )
+    if fit == "resize":
+        return image.resize(size, Image.Resampling.LANCZOS), f"{what} resized from {given} to {height}x{width}"
+    scale = max(width / image.size[0], height / image.size[1])
+    scaled = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
+    image = image.resize(scaled, Image.Resampling.LANCZOS)
+    left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
+    return image.crop((left, top, left + width, top + height)), (
+        f"{what} scaled from {given} to {scaled[1]}x{scaled[0]} and cropped to {height}x{width} (centre)"
+    )
+
+
+def check_image(image: Any, height: int, width: int, what: str) -> None:
+    """The Python API's check: a PIL image of the request's size."""
+    size = getattr(image, "size", None)
+    if size is None or not hasattr(image, "convert"):
+        raise SdexportError(f"{what}: expected a PIL image, got {type(image).__name__}")
+    if tuple(size) != (width, height):
+        raise SdexportError(
+            f"{what} is {size[1]}x{size[0]} (HxW), the request {height}x{width}: give images of the request's "
+            "size (sdexport.runtime.image_inputs.fit_image resizes or crops one)"
+        )
+
+
+def pixels(images: list[Any], batch: int) -> torch.Tensor:
+    """(batch, 3, H, W) float32 in [-1, 1]: the images as diffusers' ``VaeImageProcessor`` normalises
+    them; a single image serves every prompt."""
+    import numpy as np
+    import torch
+
+    arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
+    tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+    return _per_prompt(tensor * 2.0 - 1.0, batch)
+
+
+def binary_mask(masks: list[Any], batch: int) -> torch.Tensor:
+    """(batch, 1, H, W) float32 of 0 and 1: greyscale, 1 where the mask is at least half white."""
+    import numpy as np
+    import torch
+
+    arrays = [np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in masks]
+    tensor = torch.from_numpy(np.stack(arrays))[:, None]
+    return _per_prompt((tensor >= 0.5).float(), batch)
+
+
+def _per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    if tensor.shape[0] == batch:
+        return tensor
+    return tensor.repeat(batch // tensor.shape[0], 1, 1, 1)
