@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
 
 from sdexport.console import console, out, quiet_libraries
-from sdexport.errors import SdexportError
+from sdexport.errors import ProfileError, SdexportError
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -260,8 +260,12 @@ def run(
     original_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
     crop_top_left: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, Y,X (default: 0,0).")] = None,
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
+    init_image: Annotated[Path | None, typer.Option(help="img2img / inpainting: start from this image (its size is the default --height/--width).")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting (SD 1.x/2.x): white repaints, black keeps; needs --init-image.")] = None,
+    strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default: img2img 0.8, SDXL img2img 0.3, inpainting 1.0); runs int(steps x strength) steps.")] = None,
+    fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
 ) -> None:
-    """Generate images from prompts with the engines in an engine directory."""
+    """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
     from sdexport.runtime.images import check_image_output
     from sdexport.runtime.loading import resolve_backend, verify_for_backend
@@ -284,6 +288,10 @@ def run(
         profile.check_request(len(prompt) * batch, profile.height[1], profile.width[1], manifest.model_dims)
     prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
+    images, inputs = _image_inputs(init_image, mask, height, width, fit)
+    size_from_image = bool(images) and height is None
+    if size_from_image:  # the init image's own size
+        width, height = images[0].size
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
         seeds=[seed + i for i in range(len(prompts))],
@@ -294,10 +302,22 @@ def run(
         original_size=_pair(original_size, "x", "--original-size"),
         crops_coords_top_left=_pair(crop_top_left, ",", "--crop-top-left") or (0, 0),
         target_size=_pair(target_size, "x", "--target-size"),
+        strength=strength,
     )
+    notes: list[str] = []
+    if images:
+        request.image = [_fit(images[0], request, fit, f"--init-image {init_image}", notes)]
+    if len(images) > 1:
+        request.mask = [_fit(images[1], request, fit, f"--mask {mask}", notes)]
     scheduler_config = read_scheduler_config(engine_dir)
-    check_request(request, family=manifest.family, dims=manifest.model_dims, profile=profile,
-                  scheduler_config=scheduler_config)
+    try:
+        check_request(request, family=manifest.family, dims=manifest.model_dims, profile=profile,
+                      scheduler_config=scheduler_config)
+    except ProfileError as exc:
+        if size_from_image:
+            raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
+                               "--fit crop)") from None
+        raise
     image_path = _output_path(output)
     check_image_output(image_path, request.batch)
     resolved = resolve_backend(backend)
@@ -311,11 +331,49 @@ def run(
 
     check_steps(request.scheduler, scheduler_config, request.steps)
     # hashes: the directory is what the manifest says
-    verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto")
-    for note in ignored_settings(request):
+    verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
+                       image_inputs=request.image is not None)
+    for note in [*ignored_settings(request), *notes]:
         console.print(f"[yellow]note:[/] {escape(note)}")
+    if notes:
+        inputs["fit"] = fit
     _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph,
-              graphs="portable" if portable_graphs else "auto", provider_options=provider_options)
+              graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
+              inputs=inputs)
+
+
+def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None, width: int | None,
+                  fit: str) -> tuple[list[Any], dict[str, Any]]:
+    """The init image and mask (read now: a bad file is refused before anything loads), and what the
+    saved images record of them."""
+    from sdexport.runtime.image_inputs import FITS, read_image
+
+    if fit not in FITS:
+        raise SdexportError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
+    if init_image is None:
+        if mask is not None:
+            raise SdexportError("--mask needs --init-image: inpainting repaints part of a given image")
+        if fit != "exact":
+            raise SdexportError("--fit needs --init-image: it says how that image is made the request's size")
+        return [], {}
+    if (height is None) != (width is None):
+        raise SdexportError("with --init-image, give both --height and --width, or neither (the image's own size)")
+    images = [read_image(init_image, "--init-image")]
+    inputs: dict[str, Any] = {"init_image": str(init_image)}
+    if mask is not None:
+        images.append(read_image(mask, "--mask"))
+        inputs["mask"] = str(mask)
+    return images, inputs
+
+
+def _fit(image: Any, request: Any, fit: str, what: str, notes: list[str]) -> Any:
+    """``image`` at the request's size (``--fit``); a change is noted, to be said before generating."""
+    from sdexport.runtime.image_inputs import fit_image
+
+    fitted, note = fit_image(image, request.height, request.width, fit, what)
+    if note:
+        notes.append(note)
+    return fitted
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -331,7 +389,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 
 def _generate(
     engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
-    graphs: str = "auto", provider_options: dict[str, str] | None = None,
+    graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise, save."""
     from rich.progress import Progress
@@ -343,15 +401,16 @@ def _generate(
     wanted = ShapeProfile.single(request.batch, request.height, request.width)
     with console.status(f"Loading engines ({backend})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
-                                 verify_files=False, graphs=graphs, provider_options=provider_options)
+                                 verify_files=False, graphs=graphs, provider_options=provider_options,
+                                 image_inputs=request.image is not None)
         # (hashed before the heavy imports)
     pipeline.check(request)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random-weight model: images are noise-like by design")
     with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("Denoising", total=request.steps)
+        task = progress.add_task("Denoising", total=request.denoising_steps(pipeline.family))
         result = pipeline(request, on_step=lambda i, n: progress.update(task, completed=i, total=n))
-    paths = save_images(result, output, pipeline.info)
+    paths = save_images(result, output, {**pipeline.info, **(inputs or {})})
     t = result.timings
     console.print(
         f"text encoder {t.text_encoder * 1000:.1f} ms, U-Net {t.unet_total * 1000:.1f} ms "

@@ -98,6 +98,8 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
             "height": request.height,
             "width": request.width,
             **_sdxl_params(result, i),
+            **({"task": request.task, "strength": request.effective_strength(info.get("family", "sd"))}
+               if request.task != "txt2img" else {}),
             **({"truncated_from": cut} if cut else {}),
             **info,
         }
@@ -107,7 +109,8 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
             "parameters",
             f"{prompt}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
             f"{request.scheduler}, CFG scale: {request.guidance}, Seed: {request.seeds[i]}, "
-            f"Size: {request.width}x{request.height}",
+            f"Size: {request.width}x{request.height}"
+            + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
         )
         meta.add_text("sdexport", json.dumps(params))
         with atomic_path(path) as tmp:

@@ -110,7 +110,8 @@ def load_pipeline(
         vae_scaling_factor=manifest.vae_scaling_factor,
         profile=manifest.shape_profile,
         fallback_vae=engines.get(fallback) if fallback else None,
-        info={"backend": backend, "engine_dir": str(engine_dir), "random_weights": manifest.random_weights,
+        info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,
+              "random_weights": manifest.random_weights,
               "model": manifest.model["label"], "dtype": manifest.dtype,
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
               if backend.startswith("onnxruntime") else {}},

@@ -1,0 +1,224 @@
+"""img2img and inpainting through the one loop: parity with diffusers' pipelines (same seeds, same
+latents), the inpainting U-Net's spec, and the refusals a user can cause."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import EngineDirError, SdexportError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+TOLERANCE = 1e-4
+"""rel-L2 of the final latents against diffusers in fp32 (measured: about 2e-6)."""
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    """Random pixels: nothing a wrong crop or channel order could still match."""
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def box_mask(height: int, width: int) -> Image.Image:
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture(scope="module")
+def engine_dirs(tiny_engine_dir, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("image-tasks")
+    dirs = {"tiny": tiny_engine_dir}
+    for preset in ("tiny-inpaint", "tiny-sdxl"):
+        dirs[preset] = root / preset
+        export(preset, dirs[preset], ExportOptions(verify="quick"))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, DiffusersReference]:
+    return {preset: DiffusersReference(load_model(preset)) for preset in ("tiny", "tiny-inpaint", "tiny-sdxl")}
+
+
+def _agree(ours, theirs) -> None:
+    rel = float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
+    assert rel < TOLERANCE, rel
+    assert np.abs(ours.pixels - theirs.pixels).max() < 1e-3
+
+
+CASES = [
+    # preset, mask?, strength, scheduler, images per prompt
+    pytest.param("tiny", False, 0.6, "euler_a", 1, id="sd-img2img-one-image-stochastic"),
+    pytest.param("tiny", False, None, "default", 2, id="sd-img2img-image-per-prompt-default-strength"),
+    pytest.param("tiny-sdxl", False, 0.6, "euler_a", 1, id="sdxl-img2img"),
+    pytest.param("tiny-inpaint", True, 1.0, "euler_a", 1, id="inpaint-9-channel-full-strength"),
+    pytest.param("tiny-inpaint", True, 0.6, "default", 2, id="inpaint-9-channel-partial"),
+    pytest.param("tiny", True, 1.0, "euler_a", 1, id="inpaint-blended-full-strength"),
+    pytest.param("tiny", True, 0.6, "default", 2, id="inpaint-blended-partial"),
+]
+
+
+@pytest.mark.parametrize(("preset", "masked", "strength", "scheduler", "images"), CASES)
+def test_matches_diffusers(engine_dirs, references, preset, masked, strength, scheduler, images):
+    """StableDiffusion(XL)Img2ImgPipeline and StableDiffusionInpaintPipeline (9-channel U-Net, and a
+    standard U-Net blending the kept region back), same seeds, batch 2, a non-square size."""
+    pipeline = load_pipeline(engine_dirs[preset], "onnxruntime-cpu", image_inputs=True)
+    request = GenerationRequest(
+        prompt=["a lighthouse", "a harbour"], steps=8, seeds=[3, 4], height=64, width=128, scheduler=scheduler,
+        image=[picture(64, 128, i) for i in range(images)],
+        mask=[box_mask(64, 128)] if masked else None, strength=strength,
+    )
+    _agree(pipeline(request), references[preset](request))
+
+
+def test_torch_backend_runs_the_same_loop(engine_dirs, references):
+    pipeline = load_pipeline(engine_dirs["tiny-inpaint"], "torch", image_inputs=True)
+    request = GenerationRequest(prompt=["a lighthouse"], steps=6, seeds=[7], height=64, width=64,
+                                image=[picture(64, 64, 1)], mask=[box_mask(64, 64)], strength=0.8)
+    _agree(pipeline(request), references["tiny-inpaint"](request))
+
+
+def test_the_strength_picks_the_steps(engine_dirs):
+    pipeline = load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", image_inputs=True)
+    calls = []
+    request = GenerationRequest(prompt=["x"], steps=10, scheduler="euler", height=64, width=64,
+                                image=[picture(64, 64, 0)], strength=0.35)
+    pipeline(request, on_step=lambda done, total: calls.append(total))
+    assert calls[-1] == 3 == request.denoising_steps("sd")  # int(10 x 0.35)
+
+
+def test_inpainting_unet_spec_and_files(engine_dirs):
+    manifest = load_manifest(engine_dirs["tiny-inpaint"])
+    assert manifest.dims["U"] == 9 and manifest.model_dims.inpainting
+    assert "U" not in load_manifest(engine_dirs["tiny"]).dims  # other directories stay as before
+    unet = manifest.spec("unet")
+    sizes = manifest.model_dims.sizes(2, 64, 128)
+    assert unet.tensor("sample").shape(sizes) == (2, 9, 8, 16)
+    assert unet.tensor("out_sample").shape(sizes) == (2, 4, 8, 16)
+    index = json.loads((engine_dirs["tiny-inpaint"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    import onnx
+
+    graph = onnx.load(str(engine_dirs["tiny-inpaint"] / manifest.components["unet"].onnx), load_external_data=False)
+    channels = graph.graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    assert channels == 9
+
+
+def test_tensorrt_profiles_cover_the_inpainting_inputs(engine_dirs):
+    from sdexport.build.profiles import input_ranges
+
+    manifest = load_manifest(engine_dirs["tiny-inpaint"])
+    ranges = input_ranges(manifest.spec("unet"), manifest.shape_profile, manifest.model_dims)
+    low, _, high = ranges["sample"]
+    assert low[1] == high[1] == 9 and low[0] == 1 and high[0] == 2 * manifest.shape_profile.batch[2]
+
+
+def test_api_refusals(engine_dirs):
+    sd = load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", image_inputs=True)
+    base = {"prompt": ["x"], "steps": 4, "height": 64, "width": 64}
+    with pytest.raises(SdexportError, match="64x128 .*the request 64x64"):
+        sd(GenerationRequest(**base, image=[picture(64, 128, 0)]))
+    with pytest.raises(SdexportError, match="expected a PIL image"):
+        sd(GenerationRequest(**base, image=[np.zeros((64, 64, 3))]))
+    with pytest.raises(SdexportError, match="a mask without an init image"):
+        sd(GenerationRequest(**base, mask=[box_mask(64, 64)]))
+    with pytest.raises(SdexportError, match="--strength 1.5: need a number above 0 and at most 1"):
+        sd(GenerationRequest(**base, image=[picture(64, 64, 0)], strength=1.5))
+    with pytest.raises(SdexportError, match=r"runs no step \(int\(steps x strength\) = 0\)"):
+        sd(GenerationRequest(**base, image=[picture(64, 64, 0)], strength=0.2))
+    with pytest.raises(SdexportError, match="3 init images for 2 prompts"):
+        sd(GenerationRequest(**{**base, "prompt": ["a", "b"], "seeds": [0, 1]}, image=[picture(64, 64, 0)] * 3))
+    text_only = load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu")
+    with pytest.raises(SdexportError, match="needs the VAE encoder"):
+        text_only(GenerationRequest(**base, image=[picture(64, 64, 0)]))
+    inpaint = load_pipeline(engine_dirs["tiny-inpaint"], "onnxruntime-cpu", image_inputs=True)
+    with pytest.raises(SdexportError, match="inpainting model"):
+        inpaint(GenerationRequest(**base))
+    with pytest.raises(SdexportError, match="inpainting model"):
+        inpaint(GenerationRequest(**base, image=[picture(64, 64, 0)]))
+
+
+def test_a_directory_without_the_vae_encoder_is_named(tmp_path):
+    out = tmp_path / "no-encoder"
+    export("tiny", out, ExportOptions(components=["text_encoder", "unet", "vae_decoder"], verify="none"))
+    with pytest.raises(EngineDirError, match="no vae_encoder .*export it too"):
+        load_pipeline(out, "onnxruntime-cpu", image_inputs=True)
+    load_pipeline(out, "onnxruntime-cpu")  # txt2img still loads
+
+
+@pytest.fixture
+def files(tmp_path) -> dict[str, Path]:
+    paths = {"image": tmp_path / "in.png", "wide": tmp_path / "wide.png", "mask": tmp_path / "mask.png",
+             "broken": tmp_path / "broken.png"}
+    picture(64, 128, 0).save(paths["image"])
+    picture(96, 200, 1).save(paths["wide"])
+    box_mask(64, 128).save(paths["mask"])
+    paths["broken"].write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    return paths
+
+
+def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
+    out = tmp_path / "img2img.png"
+    assert run_cli("run", engine_dirs["tiny"], "-p", "a lighthouse", "--init-image", files["image"],
+                   "--strength", "0.5", "--steps", "6", "-o", out) == 0
+    with Image.open(out) as image:
+        assert image.size == (128, 64)  # the init image's size by default
+        record = json.loads(image.text["sdexport"])
+        assert "Denoising strength: 0.5" in image.text["parameters"]
+    assert record["task"] == "img2img" and record["strength"] == 0.5 and record["init_image"] == str(files["image"])
+    out = tmp_path / "inpaint.png"
+    assert run_cli("run", engine_dirs["tiny-inpaint"], "-p", "a lighthouse", "--init-image", files["wide"],
+                   "--mask", files["wide"], "--height", "64", "--width", "128", "--fit", "crop", "--steps", "4",
+                   "-o", out) == 0
+    said = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert "scaled from 96x200 to 64x133 and cropped to 64x128 (centre)" in said
+    with Image.open(out) as image:
+        record = json.loads(image.text["sdexport"])
+    assert record["task"] == "inpaint" and record["strength"] == 1.0 and record["fit"] == "crop"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--init-image", "{broken}"], "not a readable image"),
+        (["--init-image", "{missing}"], "no such file"),
+        (["--init-image", "{image}", "--height", "64", "--width", "64"],
+         "is 64x128 (HxW), the request 64x64: pass --height 64 --width 128"),
+        (["--init-image", "{wide}"], "(the size of --init-image; pass --height/--width with --fit"),
+        (["--init-image", "{image}", "--height", "64"], "give both --height and --width, or neither"),
+        (["--mask", "{mask}"], "--mask needs --init-image"),
+        (["--fit", "crop"], "--fit needs --init-image"),
+        (["--init-image", "{image}", "--fit", "squash"], "--fit 'squash': choose one of exact, resize, crop"),
+        (["--strength", "0.5"], "--strength needs an init image"),
+        (["--init-image", "{image}", "--strength", "0"], "--strength 0.0: need a number above 0"),
+        (["--init-image", "{image}", "--strength", "0.1", "--steps", "5"], "runs no step"),
+    ],
+)
+def test_cli_refuses_bad_image_inputs_in_one_line(engine_dirs, files, tmp_path, capsys, args, message):
+    values = {**{k: str(v) for k, v in files.items()}, "missing": str(tmp_path / "nope.png")}
+    out = tmp_path / "never.png"
+    assert run_cli("run", engine_dirs["tiny"], "-p", "x", *[a.format(**values) for a in args], "-o", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cli_refuses_sdxl_inpainting_and_a_maskless_inpainting_model(engine_dirs, files, tmp_path, capsys):
+    assert run_cli("run", engine_dirs["tiny-sdxl"], "-p", "x", "--init-image", files["image"], "--mask",
+                   files["mask"], "-o", tmp_path / "a.png") == 2
+    assert "inpainting runs on SD 1.x/2.x models so far" in capsys.readouterr().err
+    assert run_cli("run", engine_dirs["tiny-inpaint"], "-p", "x", "-o", tmp_path / "b.png") == 2
+    assert "give --init-image and --mask" in capsys.readouterr().err
