@@ -52,9 +52,11 @@ def export(
     seed: Annotated[int, typer.Option(help="Seed of a preset's random weights.")] = 0,
     vae: Annotated[str | None, typer.Option(help="Replace the model's VAE: an AutoencoderKL directory (e.g. an fp16-safe VAE) or a pipeline directory with vae/.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: fuse a LoRA (.safetensors; diffusers/PEFT or kohya/A1111 layout) into the weights first; repeatable, applied in order.")] = None,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.plan import ExportOptions, plan_export
+    from sdexport.models.lora import LoraFile
 
     options = ExportOptions(
         ranges={"batch": batch, "height": height, "width": width},
@@ -66,6 +68,7 @@ def export(
         seed=seed,
         vae=vae,
         force=force,
+        loras=[LoraFile.parse(item) for item in lora or []],
     )
     target = _output_path(output)
     plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads
@@ -264,6 +267,7 @@ def run(
     mask: Annotated[Path | None, typer.Option(help="Inpainting (SD 1.x/2.x): white repaints, black keeps; needs --init-image.")] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default: img2img 0.8, SDXL img2img 0.3, inpainting 1.0); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
+    lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
@@ -277,6 +281,9 @@ def run(
     if len(prompt) > 1 and batch != 1:
         raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
     check_backend(backend)
+    from sdexport.models.lora import LoraFile
+
+    loras = [LoraFile.parse(item) for item in lora or []]
     provider_options = _key_values(ort_option, "--ort-option")
     from sdexport.runtime.providers import check_provider_options
 
@@ -339,7 +346,7 @@ def run(
         inputs["fit"] = fit
     _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
-              inputs=inputs)
+              inputs=inputs, loras=loras)
 
 
 def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None, width: int | None,
@@ -390,6 +397,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 def _generate(
     engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
+    loras: list[Any] | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise, save."""
     from rich.progress import Progress
@@ -402,7 +410,7 @@ def _generate(
     with console.status(f"Loading engines ({backend})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
-                                 image_inputs=request.image is not None)
+                                 image_inputs=request.image is not None, loras=loras)
         # (hashed before the heavy imports)
     pipeline.check(request)
     if pipeline.info.get("random_weights"):

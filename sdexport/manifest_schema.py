@@ -100,6 +100,14 @@ SCHEMA: dict[str, Any] = {
                 },
                 "random_weights": {"type": "boolean"},
                 "pipeline_config": {"type": "object"},
+                "loras": {  # fused at export (sdexport export --lora), in the order applied
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["path", "sha256", "scale"],
+                        "properties": {"path": {"type": "string"}, "sha256": _SHA256, "scale": {"type": "number"}},
+                    },
+                },
             },
         },
         "prediction_type": {"enum": ["epsilon", "v_prediction", "sample"]},

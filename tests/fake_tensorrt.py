@@ -64,6 +64,10 @@ class FakeEngine:
         self.device_memory_size_v2 = workspace
         self.executions = 0
         self.contexts = 0
+        self.refittable = False
+        self.weights: dict[str, np.ndarray] = {}
+        """Refittable weights by name (what Refitter.get_all_weights lists)."""
+        self.refits = 0
         if trt.__version__.startswith("10."):
             self.device_memory_size = workspace  # removed in 11
         LIVE.append("engine")
@@ -163,6 +167,33 @@ def _view(address: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.float32, count=count).reshape(shape)
 
 
+class FakeRefitter:
+    """TensorRT's Refitter over a FakeEngine: knows the engine's weight names, records the refit."""
+
+    def __init__(self, engine: FakeEngine, logger: Any) -> None:
+        self.engine = engine
+        self.pending: dict[str, np.ndarray] = {}
+
+    def get_all_weights(self) -> list[str]:
+        return list(self.engine.weights)
+
+    def set_named_weights(self, name: str, weights: Any) -> bool:
+        if name not in self.engine.weights or weights.array.shape != self.engine.weights[name].shape:
+            return False
+        self.pending[name] = weights.array.copy()
+        return True
+
+    def refit_cuda_engine(self) -> bool:
+        self.engine.weights.update(self.pending)
+        self.engine.refits += 1
+        return True
+
+
+class FakeWeights:
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+
 def make_tensorrt(version: str) -> types.ModuleType:
     """A ``tensorrt`` module with 10.x (``"10.13.3"``) or 11.x (``"11.4.0"``) behaviour."""
     trt = types.ModuleType("tensorrt")
@@ -173,6 +204,7 @@ def make_tensorrt(version: str) -> types.ModuleType:
         flags |= {"FP16": 0, "BF16": 3, "INT8": 4}
     trt.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
     trt.Builder = object  # type: ignore[attr-defined]
+    trt.Refitter, trt.Weights = FakeRefitter, FakeWeights  # type: ignore[attr-defined]
     trt.TensorIOMode = TensorIOMode  # type: ignore[attr-defined]
     trt.ExecutionContextAllocationStrategy = AllocationStrategy  # type: ignore[attr-defined]
     trt.float32, trt.float16, trt.int32 = DataType.FLOAT, DataType.HALF, DataType.INT32  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import fake_tensorrt
+import numpy as np
 import pytest
 import torch
 
@@ -375,3 +376,44 @@ def test_the_shared_block_is_freed_with_the_last_engine(engine_factory, trt):
     assert memory.nbytes > 0  # still serving the second
     second.close()
     assert memory.nbytes == 0
+
+
+def _refittable(trt, names: dict[str, tuple[int, ...]]) -> fake_tensorrt.FakeEngine:
+    engine = fake_tensorrt.FakeEngine(trt, RANGES)
+    engine.refittable = True
+    engine.weights = {name: np.zeros(shape, np.float16) for name, shape in names.items()}
+    return engine
+
+
+@pytest.fixture
+def logger(monkeypatch):
+    from sdexport.runtime import tensorrt_backend
+
+    monkeypatch.setattr(tensorrt_backend._Logs, "logger", object())
+
+
+def test_run_time_lora_refits_a_refittable_engine(trt, logger, tmp_path):
+    """TensorRT 10 and 11: the new initializers go in by their ONNX names, before any context exists."""
+    from sdexport.runtime.tensorrt_backend import refit
+
+    engine = _refittable(trt, {"onnx::MatMul_12": (32, 32), "model.conv_in.weight": (32, 4, 3, 3)})
+    new = np.full((32, 32), 0.5, np.float16)
+    refit(engine, {"onnx::MatMul_12": new}, tmp_path / "engines" / "unet" / "plan")
+    assert engine.refits == 1 and np.array_equal(engine.weights["onnx::MatMul_12"], new)
+    assert not engine.weights["model.conv_in.weight"].any()
+
+
+def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
+    from sdexport.errors import EngineDirError, SdexportError
+    from sdexport.runtime.tensorrt_backend import refit
+
+    source = tmp_path / "engines" / "unet" / "plan"
+    plain = fake_tensorrt.FakeEngine(trt, RANGES)
+    with pytest.raises(EngineDirError, match="not a refittable engine.*--refittable --force"):
+        refit(plain, {"w": np.zeros(2, np.float16)}, source)
+    engine = _refittable(trt, {"kept": (2, 2)})
+    with pytest.raises(SdexportError, match="merged 1 of the weights --lora changes into others .e.g. folded"):
+        refit(engine, {"folded": np.zeros((2, 2), np.float16)}, source)
+    with pytest.raises(SdexportError, match="refused the new kept"):
+        refit(engine, {"kept": np.zeros((3, 3), np.float16)}, source)
+    assert engine.refits == 0

@@ -23,6 +23,7 @@ from sdexport.export.pipeline_files import write_pipeline_files
 from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, plan_export
 from sdexport.export.trace import trace_to_onnx
 from sdexport.export.verify import ParityReport, require_parity, verify_component
+from sdexport.export.weight_names import LORA_COMPONENTS, write_weight_map
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.models import LoadedModel, load_model
 from sdexport.output_dir import claim
@@ -54,7 +55,15 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
         if model.random_weights:
             console.print("[yellow]note:[/] this model has random weights (built-in preset)")
-        return _export_into(staging, model, model_ref, plan.specs, plan.profile, options)
+        loras = []
+        if options.loras:
+            from sdexport.models.lora import fuse_into
+
+            with step(f"Fusing {len(options.loras)} LoRA file(s)"):
+                fuse_into(model.modules, options.loras, model.family)
+                loras = [lora.record() for lora in options.loras]
+            model.label += " + LoRA " + ", ".join(f"{lora.path.name}:{lora.scale:g}" for lora in options.loras)
+        return _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras)
 
 
 def _export_into(
@@ -64,6 +73,7 @@ def _export_into(
     specs: list[ComponentSpec],
     profile: ShapeProfile,
     options: ExportOptions,
+    loras: list[dict[str, Any]] | None = None,
 ) -> Manifest:
     dims = model.dims
     entries: dict[str, ComponentEntry] = {}
@@ -93,7 +103,8 @@ def _export_into(
             family=model.family,
             model={"label": model.label, "source": _portable_source(model, model_ref),
                    "random_weights": model.random_weights,
-                   **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {})},
+                   **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {}),
+                   **({"loras": loras} if loras else {})},
             prediction_type=model.prediction_type,
             vae_scaling_factor=model.vae_scaling_factor,
             dims=dims.record(),
@@ -132,12 +143,15 @@ def export_component(
     )
     onnx_model = trace_to_onnx(spec, module, example, opset=opset)
     onnx_model = graph.cleanup(onnx_model)
+    extra = []
+    if spec.name in LORA_COMPONENTS:  # where run-time LoRA finds each weight (names survive fp16 conversion)
+        extra.append(write_weight_map(module, onnx_model, path.parent))
     if dtype == "fp16":
         onnx_model = graph.to_fp16(onnx_model, keep_fp32=[t.name for t in spec.inputs if t.dtype == "float32"])
     onnx_model = graph.infer_shapes(onnx_model)
     files = graph.save(onnx_model, path)
     graph.check(path)
-    return files
+    return files + extra
 
 
 def _vocab_size(model: LoadedModel) -> int:

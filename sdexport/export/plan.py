@@ -13,6 +13,7 @@ from typing import Literal
 
 from sdexport.errors import SdexportError
 from sdexport.manifest import not_an_engine_dir
+from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.output_dir import OutputKind, check_target
@@ -47,6 +48,8 @@ class ExportOptions:
     force: bool = False
     vae: str | None = None
     """A diffusers AutoencoderKL directory replacing the model's VAE (e.g. an fp16-safe SDXL VAE)."""
+    loras: list[LoraFile] = field(default_factory=list)
+    """LoRA files fused into the weights before export, in order (``--lora FILE[:SCALE]``)."""
 
 
 @dataclass(frozen=True)

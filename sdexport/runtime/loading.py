@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
 from sdexport.manifest import Manifest, check_files, load_manifest, read_scheduler_config, tokenizer_names
+from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
@@ -79,8 +80,10 @@ def load_pipeline(
     graphs: str = "auto",
     provider_options: dict[str, str] | None = None,
     image_inputs: bool = False,
+    loras: list[LoraFile] | None = None,
 ) -> Txt2ImgPipeline:
-    """``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
+    """``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
+    portable graphs, the Torch backend), no re-export. ``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
     inpainting). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
     (and CUDA-graph ONNX Runtime sessions are made for them at load). ``graphs`` (onnxruntime-cuda):
     "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
@@ -97,7 +100,8 @@ def load_pipeline(
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
-                            request_profile=request_profile, graphs=graphs, provider_options=provider_options)
+                            request_profile=request_profile, graphs=graphs, provider_options=provider_options,
+                            loras=loras or [])
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {n: engines[n] for n in names},
@@ -112,6 +116,7 @@ def load_pipeline(
         fallback_vae=engines.get(fallback) if fallback else None,
         info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,
               "random_weights": manifest.random_weights,
+              **({"loras": [{"path": str(lora.path), "scale": lora.scale} for lora in loras]} if loras else {}),
               "model": manifest.model["label"], "dtype": manifest.dtype,
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
               if backend.startswith("onnxruntime") else {}},
@@ -187,8 +192,12 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
 def _load_engines(
     engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
     request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
+    loras: list[LoraFile] | None = None,
 ) -> dict[str, Engine]:
     profile, dims = manifest.shape_profile, manifest.model_dims
+    from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, updates_for
+
+    updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest)) if loras and not backend.startswith("torch") else []
     if backend.startswith("onnxruntime"):
         from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
 
@@ -211,19 +220,40 @@ def _load_engines(
                 spec, engine_dir / rel, dims=dims, profile=profile, device=device, threads=threads, stream=stream,
                 fused=rel != manifest.components[n].onnx, cuda_graph=graphed, sizes=sizes,
                 provider_options=provider_options,
+                initializers=onnx_initializers(engine_dir, manifest, n, updates, rel) if updates else None,
             )
         return engines
     if backend.startswith("torch"):
         return _torch_engines(manifest, names, compile=backend.startswith("torch-compile"),
-                              recipe="max" if backend == "torch-compile-max" else "default")
+                              recipe="max" if backend == "torch-compile-max" else "default", loras=loras or [])
     from sdexport.runtime.tensorrt_backend import load_tensorrt_engines
 
-    return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile))
+    # TensorRT plans are built from the portable graphs: a refit takes the same new initializers.
+    weights = {n: onnx_initializers(engine_dir, manifest, n, updates, manifest.components[n].onnx) for n in names} if updates else None
+    return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile,
+                                      weights=weights))
+
+
+def exported_loras(manifest: Manifest) -> list[LoraFile]:
+    """The LoRA files fused at export, for the Torch backend to fuse again into the weights it
+    reloads; each must still be the file the export read (its sha256)."""
+    from sdexport.manifest import sha256_file
+
+    files = []
+    for record in manifest.model.get("loras") or []:
+        path = Path(record["path"])
+        if not path.is_file():
+            raise EngineDirError(f"the Torch backend needs the LoRA file fused at export, {path}, which is gone")
+        if sha256_file(path) != record["sha256"]:
+            raise EngineDirError(f"{path} changed since it was fused at export (its sha256 differs); the Torch "
+                                 "backend would not run what the graphs hold")
+        files.append(LoraFile(path, float(record["scale"])))
+    return files
 
 
 def _torch_engines(
     manifest: Manifest, names: list[str], *, compile: bool, device: torch.device | None = None,
-    dtype: torch.dtype | None = None, recipe: str = "default",
+    dtype: torch.dtype | None = None, recipe: str = "default", loras: list[LoraFile] | None = None,
 ) -> dict[str, Engine]:
     """Reload the PyTorch modules the directory was exported from (the reference implementation).
 
@@ -251,6 +281,13 @@ def _torch_engines(
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"))
+    from sdexport.models.lora import add_updates, fuse_into, torch_layers
+
+    fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did
+    if loras:
+        from sdexport.runtime.lora_runtime import updates_for
+
+        add_updates(model.modules, updates_for(manifest, loras, torch_layers(model.modules)))
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -123,8 +123,11 @@ class OnnxRuntimeEngine:
         cuda_graph: bool = False,
         sizes: dict[str, int] | None = None,
         provider_options: dict[str, str] | None = None,
+        initializers: dict[str, Any] | None = None,
     ) -> None:
-        """``stream`` (CUDA): the stream to run on; share one between a pipeline's engines.
+        """``initializers``: numpy arrays replacing the graph's tensors of those names in the session
+        (run-time LoRA); the files are not changed.
+        ``stream`` (CUDA): the stream to run on; share one between a pipeline's engines.
         ``fused``: ``path`` is an ONNX Runtime CUDA graph (contrib operators, NHWC).
         ``cuda_graph`` (CUDA): capture and replay; ``sizes`` (symbol values, as ``ModelDims.sizes``
         gives them) fixes the shapes now, else the first call's shapes do."""
@@ -136,6 +139,11 @@ class OnnxRuntimeEngine:
         self.spec, self.dims, self.profile, self.path = spec, dims, profile, path
         self.threads, self.fused, self.cuda_graph = threads, fused, cuda_graph
         self.extra_options = dict(provider_options or {})
+        # An OrtValue made from numpy borrows the array's memory, and the session reads it for as long
+        # as it lives: both are kept here.
+        self._initializer_arrays = dict(initializers or {})
+        self._initializers = {name: ort.OrtValue.ortvalue_from_numpy(value)
+                              for name, value in self._initializer_arrays.items()}
         self.stream: torch.cuda.Stream | None = None
         if device == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -164,6 +172,12 @@ class OnnxRuntimeEngine:
         for symbol, value in (sizes or {}).items():
             if symbol in DYNAMIC_SYMBOLS:
                 options.add_free_dimension_override_by_name(symbol, value)
+        for name, tensor in self._initializers.items():
+            options.add_initializer(name, tensor)
+        if self._initializers:
+            # The CPU layout optimisations of level ALL (NCHWc) re-pack convolution weights from the
+            # file's initializers, not the replacements (seen with onnxruntime 1.32): one level down.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         providers: list[Any] = [PROVIDERS["cpu"]]
         if self.stream is not None:
             cuda = cuda_provider_options(self.device.index or 0, self.stream.cuda_stream, fused=self.fused,

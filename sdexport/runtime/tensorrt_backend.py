@@ -29,7 +29,7 @@ from rich.markup import escape
 
 from sdexport.build import tensorrt_build
 from sdexport.build.cache_key import EngineKey
-from sdexport.errors import EngineDirError, ProfileError
+from sdexport.errors import EngineDirError, ProfileError, SdexportError
 from sdexport.graph_io import GraphTensor, check_io
 from sdexport.manifest import Manifest, check_files
 from sdexport.runtime.engine import check_feed
@@ -548,6 +548,37 @@ def _profile_text(profile: ShapeProfile) -> str:
     return f"batch {_span(profile.batch)}, height {_span(profile.height)}, width {_span(profile.width)}"
 
 
+def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> None:
+    """Replace named weights of a refittable engine in place (run-time LoRA): ``weights`` maps the
+    ONNX initializer names TensorRT keeps as weight names to arrays of the weight's own dtype."""
+    import tensorrt as trt
+
+    if not getattr(engine, "refittable", False):
+        raise EngineDirError(
+            f"{source}: not a refittable engine, so --lora cannot change its weights: build with "
+            f"`sdexport build {source.parent.parent} --refittable --force`, or fuse the LoRA at export"
+        )
+    if _Logs.logger is None:
+        _runtime()  # makes the logger TensorRT reports to
+    refitter = trt.Refitter(engine, _Logs.logger)
+    known = set(refitter.get_all_weights())
+    folded = [name for name in weights if name not in known]
+    if folded:
+        raise SdexportError(
+            f"{source}: TensorRT merged {len(folded)} of the weights --lora changes into others (e.g. "
+            f"{folded[0]}), so they cannot be refitted; fuse the LoRA at export and build again"
+        )
+    import numpy as np
+
+    kept = {name: np.ascontiguousarray(value) for name, value in weights.items()}  # alive until the refit copies them
+    for name, value in kept.items():
+        if not refitter.set_named_weights(name, trt.Weights(value)):
+            raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})")
+    if not refitter.refit_cuda_engine():
+        why = getattr(_Logs.logger, "last_error", "") or "see TensorRT's log"
+        raise SdexportError(f"{source}: TensorRT could not refit the engine ({why})")
+
+
 def load_tensorrt_engines(
     engine_dir: Path,
     manifest: Manifest,
@@ -557,8 +588,10 @@ def load_tensorrt_engines(
     profile: ShapeProfile | None = None,
     verify: bool = True,
     memory: SharedDeviceMemory | None = None,
+    weights: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, TensorRTEngine]:
-    """Load the plan for each component that matches this GPU and TensorRT version.
+    """Load the plan for each component that matches this GPU and TensorRT version; ``weights``
+    (per component, run-time LoRA) are refitted into refittable plans before any context exists.
 
     All engines share one activation block and stream (sized here by the largest engine before any
     context is created). ``verify`` checks each chosen plan against its sha256 in the manifest; pass
@@ -584,6 +617,8 @@ def load_tensorrt_engines(
         elif not path.is_file():
             raise EngineDirError(f"{engine_dir}: {entry['path']} is listed in the manifest but missing")
         chosen[name] = (entry, deserialize_plan(path, runtime))
+        if weights and weights.get(name):
+            refit(chosen[name][1], weights[name], path)
     memory = memory if memory is not None else SharedDeviceMemory()
     memory.reserve(max((e.device_memory_size_v2 for _, e in chosen.values()), default=0))
     engines = {}

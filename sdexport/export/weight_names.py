@@ -1,0 +1,68 @@
+"""Which ONNX initializer holds which PyTorch weight, for the weights a LoRA can change.
+
+The exporter names convolution weights after their modules, but a linear layer's weight reaches the
+graph transposed for MatMul and renamed (``onnx::MatMul_1639``). Run-time LoRA (``sdexport run
+--lora``) must find those tensors again, so the export records the correspondence in
+``<component>/weights.json``, found by content on the fp32 graph just traced: each linear and
+convolution weight is looked for as it is, and transposed. A weight found under two names (equal
+contents) is left out rather than guessed; run-time LoRA then refuses to change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
+
+WEIGHTS_FILE = "weights.json"
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+"""The components LoRA files update."""
+
+
+def _key(array: Any) -> tuple[tuple[int, ...], str, str]:
+    return tuple(array.shape), str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest()
+
+
+def weight_map(module: torch.nn.Module, model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+    """``{"<module>.weight": {"initializer": name, "transposed": bool}}`` for every linear and
+    convolution weight of ``module`` found in ``model`` (an fp32 graph held in memory)."""
+    import numpy as np
+    import torch
+    from onnx import numpy_helper
+
+    found: dict[tuple[Any, ...], list[str]] = defaultdict(list)
+    for initializer in model.graph.initializer:
+        if len(initializer.dims) in (2, 4):
+            found[_key(numpy_helper.to_array(initializer))].append(initializer.name)
+    names: dict[str, dict[str, Any]] = {}
+    for name, layer in module.named_modules():
+        if not isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
+            continue
+        weight = layer.weight.detach().to(torch.float32).cpu().numpy()
+        candidates = [(False, weight)] + ([(True, np.ascontiguousarray(weight.T))] if weight.ndim == 2 else [])
+        for transposed, value in candidates:
+            match = found.get(_key(value), [])
+            if len(match) == 1:
+                names[f"{name}.weight"] = {"initializer": match[0], "transposed": transposed}
+                break
+    return names
+
+
+def write_weight_map(module: torch.nn.Module, model: onnx.ModelProto, folder: Path) -> Path:
+    path = folder / WEIGHTS_FILE
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(weight_map(module, model), indent=1, sort_keys=True) + "\n")
+    return path
+
+
+def read_weight_map(folder: Path) -> dict[str, dict[str, Any]] | None:
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text())  # type: ignore[no-any-return]

@@ -1,0 +1,260 @@
+"""LoRA files as per-weight updates: read with diffusers, applied by sdexport.
+
+diffusers reads the file (``lora_state_dict`` knows the diffusers/PEFT, older diffusers and
+kohya/A1111 layouts and converts them) and its state-dict converters give every update PEFT's
+names (``<module>.lora_A/lora_B``). From there one rule serves both ways of using a LoRA:
+
+    W' = W + scale * (alpha / rank) * B @ A          (for a convolution: A then B, as PEFT composes them)
+
+- at export (``sdexport export --lora``) the updates are added to the PyTorch weights before the
+  graphs are traced, as ``fuse_lora`` would;
+- at run time (``sdexport run --lora``) the same updates are added to the exported weights where
+  the engines are made (ONNX Runtime: initializers replaced at session creation; the Torch backend:
+  its modules), so a LoRA is switched without re-exporting.
+
+Applying the update ourselves, rather than through diffusers' ``load_lora_weights`` + ``fuse_lora``,
+keeps the two ways identical, needs no PEFT layers in the modules, and works for the text encoders
+too (diffusers loads those through transformers' PEFT integration, which the pinned transformers
+refuses with every PEFT release on PyPI). The tests check the result against ``fuse_lora``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdexport.errors import SdexportError
+
+if TYPE_CHECKING:
+    import torch
+
+LORA_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
+"""The state dict's prefixes, and the modules (components) they update."""
+
+MAX_NAMED = 3
+"""Mismatches named in an error; the count says how many there were."""
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """One ``--lora FILE[:SCALE]``."""
+
+    path: Path
+    scale: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--lora") -> LoraFile:
+        path, sep, tail = text.rpartition(":")
+        scale = 1.0
+        if sep and path:
+            try:
+                scale = float(tail)
+            except ValueError:
+                path = text  # a ':' inside the path, no scale
+        else:
+            path = text
+        if not math.isfinite(scale):
+            raise SdexportError(f"{flag} {text}: the scale after ':' must be a finite number (e.g. file.safetensors:0.8)")
+        lora = cls(Path(path), scale)
+        lora.check(flag)
+        return lora
+
+    def check(self, flag: str = "--lora") -> None:
+        """Refuse, in one line, a file that is not there or not a safetensors LoRA."""
+        if not self.path.is_file():
+            raise SdexportError(f"{flag} {self.path}: no such file")
+        if self.path.suffix != ".safetensors":
+            raise SdexportError(f"{flag} {self.path}: LoRA files are read as .safetensors (convert .ckpt/.pt files first)")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), "pt") as handle:
+                empty = not list(handle.keys())
+        except Exception as exc:  # safetensors raises its own error types
+            raise SdexportError(f"{flag} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+        if empty:
+            raise SdexportError(f"{flag} {self.path}: holds no tensors")
+
+    def record(self) -> dict[str, Any]:
+        """What a manifest keeps: where it was, its sha256, its scale."""
+        from sdexport.manifest import sha256_file
+
+        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path), "scale": self.scale}
+
+
+@dataclass
+class LoraUpdate:
+    """One weight's low-rank update: ``delta() = scale * B @ A`` in the weight's shape."""
+
+    component: str
+    module: str
+    """The module's name inside the component (diffusers/transformers names)."""
+    down: torch.Tensor
+    """A: (rank, in) or (rank, in, kh, kw)."""
+    up: torch.Tensor
+    """B: (out, rank) or (out, rank, 1, 1)."""
+    scale: float
+    """The user's scale times alpha / rank."""
+
+    @property
+    def parameter(self) -> str:
+        return f"{self.module}.weight"
+
+    def delta(self) -> torch.Tensor:
+        import torch
+
+        down, up = self.down.float(), self.up.float()
+        if down.dim() == 2:
+            return self.scale * (up @ down)
+        if down.shape[-2:] == (1, 1):
+            return self.scale * (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+        # A kxk convolution then a 1x1 one, composed into one kxk kernel (PEFT's rule).
+        return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+
+
+def read_updates(lora: LoraFile, family: str) -> list[LoraUpdate]:
+    """The file's updates under PEFT's module names, per component (not yet matched to a model)."""
+    import diffusers
+
+    loader: Any = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    try:
+        state, alphas = loader.lora_state_dict(str(lora.path))[:2]
+    except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
+        raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({' '.join(str(exc).split())})") from None
+    alphas = alphas or {}
+    unsupported = sorted({k.split(".")[-2] for k in state if "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k})
+    if unsupported or any(k.endswith(".bias") and "lora_B" in k for k in state):
+        raise SdexportError(f"--lora {lora.path}: a DoRA/LoHa/LoKr or biased LoRA, which sdexport does not apply "
+                            "(plain low-rank LoRAs only)")
+    updates: list[LoraUpdate] = []
+    unknown = [k for k in state if k.split(".", 1)[0] not in LORA_COMPONENTS]
+    if unknown:
+        raise SdexportError(f"--lora {lora.path}: {len(unknown)} tensors for no part of an SD pipeline, e.g. "
+                            f"{', '.join(unknown[:MAX_NAMED])}")
+    for prefix in LORA_COMPONENTS:
+        part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
+        if not part:
+            continue
+        peft = _to_peft(prefix, part)
+        module_alphas = _alphas_by_module(prefix, alphas)
+        for key, down in peft.items():
+            if ".lora_A." not in key:
+                continue
+            module = key.split(".lora_A.")[0]
+            up = peft.get(f"{module}.lora_B.weight")
+            if up is None:
+                raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has lora_A but no lora_B")
+            rank = down.shape[0]
+            alpha = float(module_alphas.get(module, rank))
+            updates.append(LoraUpdate(prefix, module, down, up, lora.scale * alpha / rank))
+    if not updates:
+        raise SdexportError(f"--lora {lora.path}: no LoRA updates for a U-Net or text encoder in it")
+    return updates
+
+
+def _to_peft(prefix: str, part: dict[str, Any]) -> dict[str, Any]:
+    """One component's keys under PEFT's names, from any layout ``lora_state_dict`` returns: PEFT's
+    already, diffusers' (``lora_linear_layer``), or its older attention-processor one (``to_q_lora``,
+    which kohya files are converted to)."""
+    from diffusers.utils.state_dict_utils import (
+        StateDictType,
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+
+    if any(".lora_A." in k for k in part):
+        return part
+    if prefix == "unet":
+        return dict(convert_unet_state_dict_to_peft(part))
+    if not any("lora_linear_layer" in k for k in part):
+        part = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
+    return dict(convert_state_dict_to_peft(part))
+
+
+def _alphas_by_module(prefix: str, alphas: dict[str, float]) -> dict[str, float]:
+    """kohya's per-module alphas under the same module names: each alpha's key is converted as the
+    down weight it belongs to would be."""
+    found: dict[str, float] = {}
+    for key, value in alphas.items():
+        if not key.startswith(f"{prefix}."):
+            continue
+        weight_key = key.removeprefix(f"{prefix}.").removesuffix(".alpha")
+        if not weight_key.endswith(".weight"):
+            weight_key += ".weight"
+        for name in _to_peft(prefix, {weight_key: 0}):
+            if ".lora_A." in name:
+                found[name.split(".lora_A.")[0]] = float(value)
+    return found
+
+
+def torch_layers(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per component, its linear and convolution layers' weight shapes: what LoRA can update."""
+    import torch
+
+    return {
+        component: {name: tuple(layer.weight.shape) for name, layer in root.named_modules()
+                    if isinstance(layer, torch.nn.Linear | torch.nn.Conv2d)}
+        for component, root in modules.items() if component in LORA_COMPONENTS
+    }
+
+
+def resolve_name(layers: dict[str, tuple[int, ...]], name: str) -> str | None:
+    """``name`` as the model calls it: CLIP text encoders lost their ``text_model.`` level in
+    transformers 5, while LoRA files made with transformers 4 still name it."""
+    for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):
+        if candidate in layers:
+            return candidate
+    return None
+
+
+def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[int, ...]]], label: str) -> list[LoraUpdate]:
+    """The updates with module names as the model has them (``layers``: per component, each linear
+    or convolution layer's weight shape). A LoRA that does not fit the model (a layer it lacks,
+    another shape) is refused, naming the first mismatches."""
+    problems: list[str] = []
+    matched: list[LoraUpdate] = []
+    for update in updates:
+        known = layers.get(update.component)
+        where = f"{update.component}.{update.module}"
+        if known is None:
+            problems.append(f"{where} (the model has no {update.component} LoRA can change)")
+            continue
+        name = resolve_name(known, update.module)
+        if name is None:
+            problems.append(f"{where} (no such linear or convolution layer)")
+            continue
+        try:
+            shape: tuple[int, ...] | None = tuple(update.delta().shape)
+        except RuntimeError:
+            shape = None
+        if shape != known[name]:
+            problems.append(f"{where} (LoRA makes {list(shape) if shape else 'mismatched A/B'}, the layer has "
+                            f"{list(known[name])})")
+            continue
+        update.module = name
+        matched.append(update)
+    if problems:
+        raise SdexportError(f"{label} does not fit this model: {len(problems)} mismatches, first "
+                            + "; ".join(problems[:MAX_NAMED]))
+    return matched
+
+
+def fuse_into(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str) -> None:
+    """Add every LoRA's updates to the PyTorch weights, in place (what export does with --lora)."""
+    layers = torch_layers(modules)
+    for lora in loras:
+        add_updates(modules, match_updates(read_updates(lora, family), layers, f"--lora {lora.path}"))
+
+
+def add_updates(modules: dict[str, torch.nn.Module], updates: list[LoraUpdate]) -> None:
+    """Add matched updates to the modules' weights, in place (export's fusing, the Torch backend's
+    run-time LoRA)."""
+    import torch
+
+    with torch.no_grad():
+        for update in updates:
+            weight = modules[update.component].get_submodule(update.module).weight
+            weight += update.delta().to(device=weight.device, dtype=weight.dtype)

@@ -1,0 +1,96 @@
+"""LoRA at run time: the updates of ``--lora`` files added to an engine directory's exported
+weights where the engines are made, so switching a LoRA needs no re-export.
+
+Each LoRA-able component's ``weights.json`` (written at export, ``sdexport.export.weight_names``)
+says which ONNX initializer holds which weight, and whether transposed. ONNX Runtime gets the changed
+tensors as session initializers that replace the graph's own (the files on disk are never touched);
+the Torch backend adds the updates to its modules; TensorRT refits a ``--refittable`` engine with
+the same tensors. The rule is ``sdexport.models.lora``'s, so a LoRA given at run time gives what
+the same LoRA fused at export gives.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdexport.errors import EngineDirError, SdexportError
+from sdexport.export.weight_names import LORA_COMPONENTS, read_weight_map
+from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updates
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from sdexport.manifest import Manifest
+
+
+def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dict[str, tuple[int, ...]]]) -> list[LoraUpdate]:
+    """Every LoRA's updates, matched to ``layers`` (refused, naming mismatches, where they do not fit)."""
+    updates: list[LoraUpdate] = []
+    for lora in loras:
+        updates += match_updates(read_updates(lora, manifest.family), layers, f"--lora {lora.path}")
+    return updates
+
+
+def _initializers(path: Path) -> dict[str, Any]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {t.name: t for t in model.graph.initializer}
+
+
+def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Per LoRA-able component, the weights ``weights.json`` found, with their PyTorch shapes."""
+    layers: dict[str, dict[str, tuple[int, ...]]] = {}
+    for component in LORA_COMPONENTS:
+        if component not in manifest.components:
+            continue
+        onnx_path = engine_dir / manifest.components[component].onnx
+        names = read_weight_map(onnx_path.parent)
+        if names is None:
+            raise EngineDirError(
+                f"{onnx_path.parent}: no weights.json, which run-time LoRA needs to find the weights (an export "
+                "by an older sdexport, or adopted): re-export, or fuse the LoRA at export (sdexport export --lora)"
+            )
+        tensors = _initializers(onnx_path)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for parameter, where in names.items():
+            tensor = tensors.get(where["initializer"])
+            if tensor is None:
+                continue
+            dims = tuple(int(d) for d in tensor.dims)
+            shapes[parameter.removesuffix(".weight")] = dims[::-1] if where["transposed"] else dims
+        layers[component] = shapes
+    return layers
+
+
+def onnx_initializers(engine_dir: Path, manifest: Manifest, component: str, updates: list[LoraUpdate],
+                      graph: str) -> dict[str, np.ndarray]:
+    """The changed initializers of one component's graph ``graph`` (relative path): the exported
+    tensor plus the updates, in the tensor's own dtype."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    mine = [u for u in updates if u.component == component]
+    if not mine:
+        return {}
+    if graph != manifest.components[component].onnx:
+        raise SdexportError(
+            f"--lora at run time changes the portable graphs' weights; {component} would run {graph} (from "
+            "`sdexport build --target onnxruntime-cuda`), whose weights are packed differently: add "
+            "--portable-graphs, or fuse the LoRA at export"
+        )
+    onnx_path = engine_dir / graph
+    names = read_weight_map(onnx_path.parent) or {}
+    tensors = _initializers(onnx_path)
+    changed: dict[str, np.ndarray] = {}
+    for update in mine:
+        where = names[update.parameter]
+        name = where["initializer"]
+        if name not in changed:
+            changed[name] = numpy_helper.to_array(tensors[name], base_dir=str(onnx_path.parent)).astype(np.float32)
+        delta = update.delta().numpy()
+        changed[name] += delta.T if where["transposed"] else delta
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return {name: value.astype(tensor_dtype_to_np_dtype(tensors[name].data_type)) for name, value in changed.items()}

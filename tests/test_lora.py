@@ -1,0 +1,263 @@
+"""LoRA: fused at export (matching diffusers' load_lora_weights + fuse_lora, and PEFT's own merge for
+the text encoder), and switched at run time without re-exporting (matching the fused export)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import run_cli
+from sdexport.errors import EngineDirError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.models.lora import LoraFile
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+RANK = 4
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "proj_in"]
+TEXT_TARGETS = ["q_proj", "v_proj", "fc1"]
+
+
+def _random_peft_state(module: torch.nn.Module, targets: list[str], prefix: str, seed: int) -> dict[str, torch.Tensor]:
+    """A diffusers/PEFT-layout LoRA for ``module``'s layers whose names end in ``targets``."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, layer in module.named_modules():
+        if not any(name == t or name.endswith(f".{t}") for t in targets):
+            continue
+        if isinstance(layer, torch.nn.Linear):
+            down, up = (RANK, layer.in_features), (layer.out_features, RANK)
+        elif isinstance(layer, torch.nn.Conv2d):
+            down, up = (RANK, layer.in_channels, *layer.kernel_size), (layer.out_channels, RANK, 1, 1)
+        else:
+            continue
+        state[f"{prefix}.{name}.lora_A.weight"] = torch.randn(down, generator=generator) * 0.3
+        state[f"{prefix}.{name}.lora_B.weight"] = torch.randn(up, generator=generator) * 0.3
+    return state
+
+
+def _kohya_state(seed: int) -> dict[str, torch.Tensor]:
+    """The kohya/A1111 layout: underscores for dots, lora_down/lora_up and a per-module alpha."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for module, width in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32),
+                          ("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0", 32),
+                          ("lora_te_text_model_encoder_layers_1_self_attn_k_proj", 32)):
+        state[f"{module}.lora_down.weight"] = torch.randn(RANK, width, generator=generator) * 0.3
+        state[f"{module}.lora_up.weight"] = torch.randn(width, RANK, generator=generator) * 0.3
+        state[f"{module}.alpha"] = torch.tensor(2.0)
+    return state
+
+
+@pytest.fixture(scope="module")
+def lora_files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    model = load_model("tiny")
+    files = {
+        "unet": _random_peft_state(model.modules["unet"], UNET_TARGETS, "unet", 1),
+        "text": _random_peft_state(model.modules["text_encoder"], TEXT_TARGETS, "text_encoder", 2),
+        "kohya": _kohya_state(3),
+    }
+    files["both"] = {**files["unet"], **files["text"]}
+    paths = {}
+    for name, state in files.items():
+        paths[name] = root / f"{name}.safetensors"
+        save_file(state, str(paths[name]))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def fused_dir(lora_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fused") / "tiny-lora"
+    loras = [LoraFile(lora_files["both"], 0.8), LoraFile(lora_files["kohya"], 0.6)]
+    export("tiny", out, ExportOptions(verify="quick", loras=loras))
+    return out
+
+
+REQUEST = GenerationRequest(prompt=["a lighthouse", "a harbour"], steps=6, seeds=[5, 6], height=64, width=64,
+                            scheduler="euler_a")
+
+
+def _rel(a, b) -> float:
+    return float(torch.linalg.norm(a.latents - b.latents) / torch.linalg.norm(b.latents))
+
+
+@pytest.mark.parametrize(("file", "scale"), [("unet", 0.8), ("kohya-unet", 1.0)])
+def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
+    """A U-Net LoRA, fused at export, against diffusers' load_lora_weights + fuse_lora (diffusers'
+    text-encoder loading goes through transformers' PEFT integration, which refuses every PEFT on PyPI
+    with the pinned transformers; the text encoder is checked against PEFT itself below)."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the dev extra)")
+    from sdexport.bench.reference import DiffusersReference
+
+    path = lora_files["unet"]
+    if file == "kohya-unet":
+        path = tmp_path / "kohya-unet.safetensors"
+        save_file({k: v for k, v in _kohya_state(3).items() if k.startswith("lora_unet")}, str(path))
+    out = tmp_path / "engines"
+    export("tiny", out, ExportOptions(verify="quick", loras=[LoraFile(path, scale)]))
+    reference = DiffusersReference(load_model("tiny"))
+    reference.pipe.load_lora_weights(str(path))
+    reference.pipe.fuse_lora(lora_scale=scale)
+    ours = load_pipeline(out, "onnxruntime-cpu")(REQUEST)
+    assert _rel(ours, reference(REQUEST)) < 1e-4
+    assert _rel(ours, load_pipeline(out, "torch")(REQUEST)) < 1e-4  # the Torch backend fuses it again
+
+
+def test_text_encoder_updates_match_peft(lora_files):
+    """The text encoder's fused weights equal PEFT's own merge of the same file."""
+    pytest.importorskip("peft", reason="the reference is PEFT's merge (the dev extra)")
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from safetensors.torch import load_file
+
+    from sdexport.models.lora import fuse_into
+
+    ours = load_model("tiny")
+    fuse_into(ours.modules, [LoraFile(lora_files["text"], 0.5)], "sd")
+    theirs = load_model("tiny").modules["text_encoder"]
+    config = LoraConfig(r=RANK, lora_alpha=RANK * 0.5, target_modules=TEXT_TARGETS)  # alpha/r = the scale
+    theirs = inject_adapter_in_model(config, theirs)
+    state = {k.removeprefix("text_encoder."): v for k, v in load_file(str(lora_files["text"])).items()}
+    set_peft_model_state_dict(theirs, state)
+    for layer in theirs.modules():
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+    merged = {k.replace(".base_layer", ""): v for k, v in theirs.state_dict().items() if "lora_" not in k}
+    changed = 0
+    for name, value in ours.modules["text_encoder"].state_dict().items():
+        torch.testing.assert_close(value, merged[name], rtol=0, atol=1e-6)
+        changed += not torch.equal(value, load_model("tiny").modules["text_encoder"].state_dict()[name])
+    assert changed == 2 * 3  # q_proj, v_proj, fc1 in each of the 2 layers
+
+
+def test_manifest_records_each_file(fused_dir, lora_files):
+    manifest = load_manifest(fused_dir)
+    records = manifest.model["loras"]
+    assert [Path(r["path"]).name for r in records] == ["both.safetensors", "kohya.safetensors"]
+    assert [r["scale"] for r in records] == [0.8, 0.6]
+    assert all(len(r["sha256"]) == 64 for r in records)
+    assert "+ LoRA both.safetensors:0.8, kohya.safetensors:0.6" in manifest.model["label"]
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+def test_run_time_lora_matches_the_fused_export(tiny_engine_dir, fused_dir, lora_files, backend):
+    """The same files given to `run --lora` on a plain export: no re-export, the fused result."""
+    loras = [LoraFile(lora_files["both"], 0.8), LoraFile(lora_files["kohya"], 0.6)]
+    fused = load_pipeline(fused_dir, "onnxruntime-cpu")(REQUEST)
+    switched = load_pipeline(tiny_engine_dir, backend, loras=loras)(REQUEST)
+    plain = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST)
+    assert _rel(plain, fused) > 1e-2  # the LoRA changes the result: the test can tell
+    assert _rel(switched, fused) < 1e-5
+    assert json.loads((tiny_engine_dir / "unet" / "weights.json").read_text())  # files unchanged: still plain
+    assert _rel(load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST), plain) == 0
+
+
+def test_cli_export_and_run_with_lora(tiny_engine_dir, lora_files, tmp_path):
+    out = tmp_path / "lora.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "3", "--height", "64", "--width", "64",
+                   "--lora", f"{lora_files['unet']}:0.7", "-o", out) == 0
+    from PIL import Image
+
+    with Image.open(out) as image:
+        record = json.loads(image.text["sdexport"])
+    assert record["loras"] == [{"path": str(lora_files["unet"]), "scale": 0.7}]
+    engines = tmp_path / "engines"
+    assert run_cli("export", "tiny", "-o", engines, "--verify", "none", "--components", "text_encoder,unet,vae_decoder",
+                   "--lora", str(lora_files["kohya"])) == 0
+    assert load_manifest(engines).model["loras"][0]["scale"] == 1.0
+
+
+def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
+    shapes = tmp_path / "shapes.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 48),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 4)},
+              str(shapes))
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"unet.mid_block.nowhere.to_q.lora_A.weight": torch.zeros(4, 32),
+               "unet.mid_block.nowhere.to_q.lora_B.weight": torch.zeros(32, 4)}, str(unknown))
+    other = tmp_path / "other.safetensors"
+    save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
+               "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, str(other))
+    text = tmp_path / "not-a-lora.safetensors"
+    text.write_text("hello")
+    ckpt = tmp_path / "lora.ckpt"
+    ckpt.write_bytes(b"x")
+    return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt}
+
+
+@pytest.mark.parametrize(
+    ("command", "file", "message"),
+    [
+        ("run", "shapes", ("does not fit this model: 1 mismatches, first unet.down_blocks.0.attentions.0."
+                          "transformer_blocks.0.attn1.to_q (LoRA makes [32, 48], the layer has [32, 32])")),
+        ("run", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
+        ("export", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
+        ("run", "other", "tensors for no part of an SD pipeline"),
+        ("run", "text", "not a readable safetensors file"),
+        ("export", "ckpt", "LoRA files are read as .safetensors"),
+        ("run", "missing", "no such file"),
+        ("run", "scale", "the scale after ':' must be a finite number"),
+    ],
+)
+def test_loras_that_do_not_fit_are_refused_in_one_line(tiny_engine_dir, tmp_path, capsys, command, file, message):
+    files = _mismatched_files(tmp_path)
+    argument = {"missing": str(tmp_path / "nope.safetensors"), "scale": f"{files['shapes']}:nan"}.get(file) or str(files[file])
+    out = tmp_path / "out"
+    args = (["run", tiny_engine_dir, "-p", "x", "--steps", "2", "--height", "64", "--width", "64", "-o", out / "x.png"]
+            if command == "run" else ["export", "tiny", "-o", out, "--verify", "none"])
+    assert run_cli(*args, "--lora", argument) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err, err
+    assert not out.exists()
+
+
+def test_run_time_lora_needs_what_it_changes(tiny_engine_dir, lora_files, tmp_path):
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_engine_dir, copy)
+    (copy / "unet" / "weights.json").unlink()  # as an older sdexport (or an adopted export) left it
+    from sdexport.manifest import save_manifest
+
+    manifest = load_manifest(copy, verify_files=False)
+    del manifest.files["unet/weights.json"]
+    save_manifest(copy, manifest)
+    with pytest.raises(EngineDirError, match="no weights.json, which run-time LoRA needs"):
+        load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])
+
+
+def test_torch_backend_refuses_a_changed_lora_file(lora_files, tmp_path):
+    path = tmp_path / "mine.safetensors"
+    shutil.copy(lora_files["unet"], path)
+    out = tmp_path / "engines"
+    export("tiny", out, ExportOptions(verify="none", components=["text_encoder", "unet", "vae_decoder"],
+                                      loras=[LoraFile(path)]))
+    state = {"unet.conv_in.lora_A.weight": torch.zeros(RANK, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.zeros(32, RANK, 1, 1)}
+    save_file(state, str(path))
+    with pytest.raises(EngineDirError, match="changed since it was fused at export"):
+        load_pipeline(out, "torch")
+
+
+def test_sdxl_run_time_lora_matches_the_fused_export(tmp_path):
+    model = load_model("tiny-sdxl")
+    state = {**_random_peft_state(model.modules["unet"], ["to_q", "to_v"], "unet", 4),
+             **_random_peft_state(model.modules["text_encoder_2"], ["q_proj"], "text_encoder_2", 5)}
+    path = tmp_path / "sdxl.safetensors"
+    save_file(state, str(path))
+    plain, fused = tmp_path / "plain", tmp_path / "fused"
+    export("tiny-sdxl", plain, ExportOptions(verify="none"))
+    export("tiny-sdxl", fused, ExportOptions(verify="none", loras=[LoraFile(path, 0.9)]))
+    request = GenerationRequest(prompt=["x"], steps=4, height=64, width=64)
+    a = load_pipeline(plain, "onnxruntime-cpu", loras=[LoraFile(path, 0.9)])(request)
+    b = load_pipeline(fused, "onnxruntime-cpu")(request)
+    assert _rel(a, b) < 1e-5
+    assert np.abs(a.pixels - b.pixels).max() < 1e-4
