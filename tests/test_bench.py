@@ -111,6 +111,7 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\nexport = { verify = "always" }', "export.verify: 'always' is not one of"),
     ('model = 3', "model: 3 is not of type 'string'"),
     ('model = "tiny"\ncontenders = []', "contenders: []"),
+    ('model = "tiny"\nstrength = 0', "strength: 0 is less than or equal to the minimum of 0"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     path = tmp_path / "s.toml"
@@ -293,3 +294,26 @@ def test_cuda_graphs_are_captured_while_loading_not_in_timed_runs(tmp_path):
 
     harness._capture_graphs(contender, scenario)
     assert calls == [1, 2]
+
+
+def test_an_img2img_scenario_runs_every_contender_from_the_same_image(tmp_path):
+    """strength: the baseline is diffusers' img2img pipeline; the engines export the VAE encoder."""
+    scenario = tmp_path / "img2img.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                                      '"diffusers", "onnxruntime-cpu"').replace("steps = [3]", "steps = [4]")
+                        + "strength = 0.5\n")
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["scenario"]["strength"] == 0.5
+    measured = [r for r in report["results"] if r["contender"] == "onnxruntime-cpu"]
+    assert measured and all(r["unet_calls"] == 2 for r in measured)  # int(4 x 0.5) steps
+    assert all(r["agreement"]["latents_rel_l2"] < 1e-4 for r in measured)
+    assert "img2img from a synthetic image at strength 0.5" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_an_img2img_scenario_that_runs_no_step_is_refused_before_loading(tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nstrength = 0.1\nsteps = [3]\nheight = 64\nwidth = 64\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+    assert "runs no step" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -79,7 +79,7 @@ class BaselineContender:
 class RuntimeContender:
     """The sdexport runtime over one backend, loaded from the engine directory like a server would."""
 
-    def __init__(self, name: str, engine_dir: Path, *, cuda_graph: bool = False) -> None:
+    def __init__(self, name: str, engine_dir: Path, *, cuda_graph: bool = False, image_inputs: bool = False) -> None:
         """``name``: a backend, or ``onnxruntime-cuda-fused`` (the ONNX Runtime CUDA graphs in CUDA
         graphs); plain ``onnxruntime-cuda`` runs the portable graphs here, whatever the directory holds."""
         from sdexport.runtime.loading import load_pipeline
@@ -90,7 +90,7 @@ class RuntimeContender:
         self.per_shape = cuda_graph or fused or "compile" in name
         """Specialises to the shapes of its first call (CUDA graphs, compilation): warm each case."""
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph or fused,
-                                      graphs="auto" if fused else "portable")
+                                      graphs="auto" if fused else "portable", image_inputs=image_inputs)
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
         result = self.pipeline(request, stages=stages)

@@ -221,9 +221,9 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
         if manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype:
             one_time["export"] = {"status": "reused", "path": str(previous)}
             return previous
-    # What txt2img runs (no VAE encoder), plus the fp32 fallback VAE for fp16 exports.
+    # What the loop runs (the VAE encoder for img2img only), plus the fp32 fallback VAE for fp16 exports.
     components = [s.name for s in components_for(family)
-                  if s.name != "vae_encoder" and (dtype == "fp16" or not s.always_fp32)]
+                  if (s.name != "vae_encoder" or scenario.strength is not None) and (dtype == "fp16" or not s.always_fp32)]
     start = time.perf_counter()
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, components=components,
                                                  verify=scenario.export.get("verify", "quick"), force=True))
@@ -263,7 +263,7 @@ def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: 
         return BaselineContender(name, model, dtype)
     assert engine_dir is not None
     cuda_graph = name == "tensorrt" and bool(scenario.build.get("cuda_graph", False))
-    return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph)
+    return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph, image_inputs=scenario.strength is not None)
 
 
 def stage_runs(repeats: int) -> int:

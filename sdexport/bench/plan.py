@@ -92,7 +92,21 @@ def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tupl
     return (*plan.outline.sources, *engines)
 
 
+def init_image(scenario: Scenario) -> Any:
+    """img2img's input: seeded random pixels over a colour gradient, the same for every contender
+    (no image files ship with the benchmarks; speed does not depend on the picture)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(scenario.seed)
+    y, x = np.mgrid[0:scenario.height, 0:scenario.width]
+    gradient = np.stack([x / scenario.width, y / scenario.height, 0.5 + 0 * x], axis=-1)
+    pixels = np.clip(gradient * 0.7 + rng.random((scenario.height, scenario.width, 3)) * 0.3, 0, 1)
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
 def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
+    image = {} if scenario.strength is None else {"image": [init_image(scenario)], "strength": scenario.strength}
     return GenerationRequest(
         prompt=[scenario.prompt] * case.batch,
         negative_prompt=[scenario.negative_prompt] * case.batch,
@@ -102,6 +116,7 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         seeds=[scenario.seed + i for i in range(case.batch)],
         height=scenario.height,
         width=scenario.width,
+        **image,
     )
 
 

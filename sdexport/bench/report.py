@@ -74,7 +74,9 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
             f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
-            f"prompt \"{scenario['prompt']}\""
+            + (f"img2img from a synthetic image at strength {scenario['strength']} (int(steps x strength) "
+               "denoising steps), " if scenario.get("strength") is not None else "")
+            + f"prompt \"{scenario['prompt']}\""
         ),
         f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
     ]

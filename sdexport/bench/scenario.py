@@ -58,6 +58,9 @@ class Scenario:
     """Extra export settings: verify, batch/height/width ranges."""
     build: dict[str, Any] = field(default_factory=dict)
     """TensorRT build settings: static, optimization_level, cuda_graph."""
+    strength: float | None = None
+    """img2img: every contender starts from the same synthetic init image (seeded pixels), noised
+    this far (0 < strength <= 1); None: text to image."""
 
     @property
     def cases(self) -> list[Case]:
@@ -86,6 +89,7 @@ SCHEMA: dict[str, Any] = {
         "repeats": {"type": "integer", "minimum": 1},
         "contenders": {"type": "array", "items": {"enum": list(CONTENDERS)}, "minItems": 1},
         "dtype": {"enum": ["auto", "fp32", "fp16"]},
+        "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "export": {
             "type": "object",
             "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,
