@@ -106,7 +106,6 @@ def init_image(scenario: Scenario) -> Any:
 
 
 def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
-    image = {} if scenario.strength is None else {"image": [init_image(scenario)], "strength": scenario.strength}
     return GenerationRequest(
         prompt=[scenario.prompt] * case.batch,
         negative_prompt=[scenario.negative_prompt] * case.batch,
@@ -116,7 +115,8 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         seeds=[scenario.seed + i for i in range(case.batch)],
         height=scenario.height,
         width=scenario.width,
-        **image,
+        image=None if scenario.strength is None else [init_image(scenario)],
+        strength=scenario.strength,
     )
 
 

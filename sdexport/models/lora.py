@@ -257,4 +257,5 @@ def add_updates(modules: dict[str, torch.nn.Module], updates: list[LoraUpdate]) 
     with torch.no_grad():
         for update in updates:
             weight = modules[update.component].get_submodule(update.module).weight
+            assert isinstance(weight, torch.Tensor)  # a linear or convolution layer's (match_updates)
             weight += update.delta().to(device=weight.device, dtype=weight.dtype)
