@@ -339,7 +339,7 @@ def run(
     check_steps(request.scheduler, scheduler_config, request.steps)
     # hashes: the directory is what the manifest says
     verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
-                       image_inputs=request.image is not None)
+                       image_inputs=request.image is not None, lora=bool(loras))
     for note in [*ignored_settings(request), *notes]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:

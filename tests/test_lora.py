@@ -261,3 +261,17 @@ def test_sdxl_run_time_lora_matches_the_fused_export(tmp_path):
     b = load_pipeline(fused, "onnxruntime-cpu")(request)
     assert _rel(a, b) < 1e-5
     assert np.abs(a.pixels - b.pixels).max() < 1e-4
+
+
+def test_run_time_lora_hashes_what_it_reads(tiny_engine_dir, lora_files, tmp_path):
+    """weights.json says where each weight is: a changed one is refused like a changed graph (also
+    for TensorRT, whose refit reads the portable graph and this file, not the plans it loads)."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_engine_dir, copy)
+    names = json.loads((copy / "unet" / "weights.json").read_text())
+    first = sorted(names)[0]
+    names[first]["transposed"] = not names[first]["transposed"]
+    (copy / "unet" / "weights.json").write_text(json.dumps(names))
+    load_pipeline(copy, "torch", loras=[LoraFile(lora_files["unet"])])  # the Torch backend reads its modules
+    with pytest.raises(EngineDirError, match=r"unet/weights.json"):
+        load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])

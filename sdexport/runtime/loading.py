@@ -96,7 +96,7 @@ def load_pipeline(
     loaded = pipeline_components(manifest, image_inputs)
     names = [n for n in loaded if n != fallback]
     if verify_files:
-        verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs)
+        verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs, lora=bool(loras))
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
@@ -137,10 +137,13 @@ def graph_for(manifest: Manifest, name: str, backend: str, graphs: str = "auto")
 
 
 def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graphs: str = "auto", *,
-                       image_inputs: bool = False) -> None:
+                       image_inputs: bool = False, lora: bool = False) -> None:
     """Hash what ``backend`` (resolved) reads: the ONNX graphs ONNX Runtime runs (the Torch backend
-    reads none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always."""
+    reads none, and the TensorRT loader hashes only the plan it picks), tokenizers and scheduler always;
+    with run-time ``lora`` (not the Torch backend's), each LoRA-able component's ``weights.json`` and
+    the portable graph its new weights are read from."""
     from sdexport.build.cache_key import onnx_files
+    from sdexport.export.weight_names import LORA_COMPONENTS, WEIGHTS_FILE
 
     loaded = pipeline_components(manifest, image_inputs)
     folders = tuple(f"{name}/" for name in manifest.components)
@@ -148,6 +151,13 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     if backend.startswith("onnxruntime"):
         for name in loaded:
             files.update(onnx_files(manifest.files, graph_for(manifest, name, backend, graphs)))
+    if lora and not backend.startswith("torch"):
+        for name in (n for n in LORA_COMPONENTS if n in manifest.components):
+            graph = manifest.components[name].onnx
+            files.update(onnx_files(manifest.files, graph))
+            weights = f"{Path(graph).parent.as_posix()}/{WEIGHTS_FILE}"
+            if weights in manifest.files:
+                files[weights] = manifest.files[weights]
     check_files(engine_dir, files)
 
 
