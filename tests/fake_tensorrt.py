@@ -68,6 +68,8 @@ class FakeEngine:
         self.weights: dict[str, np.ndarray] = {}
         """Refittable weights by name (what Refitter.get_all_weights lists)."""
         self.refits = 0
+        self.refit_needs: list[str] = []
+        """Weights a refit must also be given (what Refitter.get_missing_weights lists)."""
         if trt.__version__.startswith("10."):
             self.device_memory_size = workspace  # removed in 11
         LIVE.append("engine")
@@ -182,6 +184,9 @@ class FakeRefitter:
             return False
         self.pending[name] = weights.array.copy()
         return True
+
+    def get_missing_weights(self) -> list[str]:
+        return list(self.engine.refit_needs)
 
     def refit_cuda_engine(self) -> bool:
         self.engine.weights.update(self.pending)

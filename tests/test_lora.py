@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import run_cli
-from sdexport.errors import EngineDirError
+from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export.exporter import ExportOptions, export
 from sdexport.manifest import load_manifest
 from sdexport.models import load_model
@@ -46,16 +46,26 @@ def _random_peft_state(module: torch.nn.Module, targets: list[str], prefix: str,
     return state
 
 
-def _kohya_state(seed: int) -> dict[str, torch.Tensor]:
-    """The kohya/A1111 layout: underscores for dots, lora_down/lora_up and a per-module alpha."""
+KOHYA_MODULES = {  # kohya name: (down, up) shapes in the tiny model
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": ((RANK, 32), (32, RANK)),
+    "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0": ((RANK, 32), (32, RANK)),
+    "lora_unet_down_blocks_0_attentions_0_proj_in": ((RANK, 32, 1, 1), (32, RANK, 1, 1)),  # a 1x1 conv in SD 1.x
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj": ((RANK, 32), (256, RANK)),
+    "lora_unet_down_blocks_0_resnets_0_conv1": ((RANK, 32, 3, 3), (32, RANK, 1, 1)),
+    "lora_unet_down_blocks_0_resnets_0_time_emb_proj": ((RANK, 128), (32, RANK)),
+    "lora_te_text_model_encoder_layers_1_self_attn_k_proj": ((RANK, 32), (32, RANK)),
+}
+
+
+def _kohya_state(seed: int, alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """The kohya/A1111 layout: underscores for dots, lora_down/lora_up and a per-module alpha, on
+    attention, projection, feed-forward, 3x3 convolution and time-embedding layers."""
     generator = torch.Generator().manual_seed(seed)
     state = {}
-    for module, width in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 32),
-                          ("lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_out_0", 32),
-                          ("lora_te_text_model_encoder_layers_1_self_attn_k_proj", 32)):
-        state[f"{module}.lora_down.weight"] = torch.randn(RANK, width, generator=generator) * 0.3
-        state[f"{module}.lora_up.weight"] = torch.randn(width, RANK, generator=generator) * 0.3
-        state[f"{module}.alpha"] = torch.tensor(2.0)
+    for module, (down, up) in KOHYA_MODULES.items():
+        state[f"{module}.lora_down.weight"] = torch.randn(down, generator=generator) * 0.3
+        state[f"{module}.lora_up.weight"] = torch.randn(up, generator=generator) * 0.3
+        state[f"{module}.alpha"] = torch.tensor(alpha)
     return state
 
 
@@ -92,7 +102,7 @@ def _rel(a, b) -> float:
     return float(torch.linalg.norm(a.latents - b.latents) / torch.linalg.norm(b.latents))
 
 
-@pytest.mark.parametrize(("file", "scale"), [("unet", 0.8), ("kohya-unet", 1.0)])
+@pytest.mark.parametrize(("file", "scale"), [("unet", 0.8), ("kohya-unet", 1.0), ("metadata", 0.25)])
 def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
     """A U-Net LoRA, fused at export, against diffusers' load_lora_weights + fuse_lora (diffusers'
     text-encoder loading goes through transformers' PEFT integration, which refuses every PEFT on PyPI
@@ -101,9 +111,18 @@ def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
     from sdexport.bench.reference import DiffusersReference
 
     path = lora_files["unet"]
-    if file == "kohya-unet":
+    if file == "kohya-unet":  # alpha 8 at rank 4: a scale of 2 on every kind of layer
         path = tmp_path / "kohya-unet.safetensors"
-        save_file({k: v for k, v in _kohya_state(3).items() if k.startswith("lora_unet")}, str(path))
+        save_file({k: v for k, v in _kohya_state(3, alpha=8.0).items() if k.startswith("lora_unet")}, str(path))
+    if file == "metadata":  # diffusers' own save with the PEFT config: lora_alpha 16 at rank 4
+        import diffusers
+        from safetensors.torch import load_file
+
+        state = {k.removeprefix("unet."): v for k, v in load_file(str(lora_files["unet"])).items()}
+        diffusers.StableDiffusionPipeline.save_lora_weights(
+            tmp_path / "meta", unet_lora_layers=state,
+            unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 16, "target_modules": UNET_TARGETS})
+        path = tmp_path / "meta" / "pytorch_lora_weights.safetensors"
     out = tmp_path / "engines"
     export("tiny", out, ExportOptions(verify="quick", loras=[LoraFile(path, scale)]))
     reference = DiffusersReference(load_model("tiny"))
@@ -275,3 +294,73 @@ def test_run_time_lora_hashes_what_it_reads(tiny_engine_dir, lora_files, tmp_pat
     load_pipeline(copy, "torch", loras=[LoraFile(lora_files["unet"])])  # the Torch backend reads its modules
     with pytest.raises(EngineDirError, match=r"unet/weights.json"):
         load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])
+
+
+def test_sdxl_kohya_files_named_after_the_original_blocks(tmp_path):
+    """SDXL kohya files often name the U-Net's original blocks (input_blocks_3_1): diffusers maps them
+    with the U-Net's config; so does sdexport, at export and at run time."""
+    pytest.importorskip("peft", reason="diffusers' LoRA loading needs peft (the dev extra)")
+    from sdexport.bench.reference import DiffusersReference
+    from sdexport.models.lora import fuse_into
+
+    module = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q"
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / "sgm.safetensors"
+    save_file({f"{module}.lora_down.weight": torch.randn(RANK, 64, generator=generator),
+               f"{module}.lora_up.weight": torch.randn(64, RANK, generator=generator),
+               f"{module}.alpha": torch.tensor(2.0)}, str(path))
+    reference = DiffusersReference(load_model("tiny-sdxl"))
+    reference.pipe.load_lora_weights(str(path))
+    reference.pipe.fuse_lora(components=["unet"])
+    theirs = {k.replace(".base_layer", ""): v for k, v in reference.pipe.unet.state_dict().items() if "lora_" not in k}
+    ours = load_model("tiny-sdxl")
+    fuse_into(ours.modules, [LoraFile(path)], "sdxl")
+    for name, value in ours.modules["unet"].state_dict().items():
+        assert torch.equal(value, theirs[name]), name
+    plain = tmp_path / "plain"
+    export("tiny-sdxl", plain, ExportOptions(verify="none", components=["text_encoder", "text_encoder_2", "unet",
+                                                                        "vae_decoder"]))
+    load_pipeline(plain, "onnxruntime-cpu", loras=[LoraFile(path)])  # the engine directory's config maps it too
+
+
+def test_fp16_run_time_lora_is_within_fp16_rounding_of_the_fused_export(tiny_fp16_engine_dir, lora_files, tmp_path):
+    """fp16 weights round twice at run time (the export's, then with the update) and once in a fused
+    export: the two differ by that rounding, not by more."""
+    loras = [LoraFile(lora_files["both"], 0.8)]
+    fused = tmp_path / "fused"
+    export("tiny", fused, ExportOptions(dtype="fp16", verify="none", loras=loras))
+    a = load_pipeline(tiny_fp16_engine_dir, "onnxruntime-cpu", loras=loras)(REQUEST)
+    b = load_pipeline(fused, "onnxruntime-cpu")(REQUEST)
+    plain = load_pipeline(tiny_fp16_engine_dir, "onnxruntime-cpu")(REQUEST)
+    assert _rel(a, b) < 1e-2 < _rel(plain, b)
+
+
+def test_variants_and_odd_arguments_are_refused(tmp_path):
+    dora = tmp_path / "dora.safetensors"
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{module}.lora_down.weight": torch.zeros(RANK, 32), f"{module}.lora_up.weight": torch.zeros(32, RANK),
+               f"{module}.dora_scale": torch.ones(1, 32)}, str(dora))
+    from sdexport.models.lora import read_updates
+
+    with pytest.raises(SdexportError, match="a DoRA"):
+        read_updates(LoraFile(dora), "sd")
+    projection = tmp_path / "projection.safetensors"
+    save_file({"lora_te_text_projection.lora_down.weight": torch.zeros(RANK, 32),
+               "lora_te_text_projection.lora_up.weight": torch.zeros(32, RANK)}, str(projection))
+    with pytest.raises(SdexportError, match="cannot (read|convert)"):
+        read_updates(LoraFile(projection), "sd")
+    with pytest.raises(SdexportError, match="a ':' but no scale after it"):
+        LoraFile.parse(f"{dora}:")
+    with pytest.raises(SdexportError, match="no such file"):
+        LoraFile.parse(f"{dora}:1_5")  # not a number: part of the name
+    assert LoraFile.parse(f"{dora}:-0.5").scale == -0.5
+    upper = tmp_path / "UPPER.SAFETENSORS"
+    shutil.copy(dora, upper)
+    assert LoraFile.parse(str(upper)).path == upper
+
+
+def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", fused_dir) == 2
+    assert "has LoRA fused into its weights" in capsys.readouterr().err

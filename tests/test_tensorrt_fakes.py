@@ -416,4 +416,7 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
         refit(engine, {"folded": np.zeros((2, 2), np.float16)}, source)
     with pytest.raises(SdexportError, match="refused the new kept"):
         refit(engine, {"kept": np.zeros((3, 3), np.float16)}, source)
+    engine.refit_needs = ["kept_bias"]
+    with pytest.raises(SdexportError, match="needs 1 more weights to refit with these .e.g. kept_bias"):
+        refit(engine, {"kept": np.zeros((2, 2), np.float16)}, source)
     assert engine.refits == 0

@@ -58,6 +58,11 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         from sdexport.manifest import load_manifest, read_scheduler_config
 
         manifest = load_manifest(options.engine_dir, verify_files=False)
+        if manifest.model.get("loras"):
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} has LoRA fused into its weights, the diffusers baseline has "
+                "not: the agreement figures would compare different models; benchmark a plain export"
+            )
         if manifest.family != outline.family:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "

@@ -30,7 +30,8 @@ def _key(array: Any) -> tuple[tuple[int, ...], str, str]:
 
 
 def weight_map(module: torch.nn.Module, model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
-    """``{"<module>.weight": {"initializer": name, "transposed": bool}}`` for every linear and
+    """``{"<module>.weight": {"initializer": name, "transposed": bool, "shape": [...]}}`` (the
+    PyTorch shape, so run-time LoRA matches files without reading the graph) for every linear and
     convolution weight of ``module`` found in ``model`` (an fp32 graph held in memory)."""
     import numpy as np
     import torch
@@ -49,7 +50,8 @@ def weight_map(module: torch.nn.Module, model: onnx.ModelProto) -> dict[str, dic
         for transposed, value in candidates:
             match = found.get(_key(value), [])
             if len(match) == 1:
-                names[f"{name}.weight"] = {"initializer": match[0], "transposed": transposed}
+                names[f"{name}.weight"] = {"initializer": match[0], "transposed": transposed,
+                                           "shape": list(weight.shape)}
                 break
     return names
 

@@ -46,15 +46,16 @@ class LoraFile:
 
     @classmethod
     def parse(cls, text: str, flag: str = "--lora") -> LoraFile:
+        import re
+
         path, sep, tail = text.rpartition(":")
         scale = 1.0
-        if sep and path:
-            try:
-                scale = float(tail)
-            except ValueError:
-                path = text  # a ':' inside the path, no scale
+        if sep and path and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", tail.strip(), re.I):
+            scale = float(tail)
+        elif sep and path and not tail and not Path(text).exists():
+            raise SdexportError(f"{flag} {text}: a ':' but no scale after it (e.g. file.safetensors:0.8)")
         else:
-            path = text
+            path = text  # no scale, or a ':' that belongs to the path
         if not math.isfinite(scale):
             raise SdexportError(f"{flag} {text}: the scale after ':' must be a finite number (e.g. file.safetensors:0.8)")
         lora = cls(Path(path), scale)
@@ -65,7 +66,7 @@ class LoraFile:
         """Refuse, in one line, a file that is not there or not a safetensors LoRA."""
         if not self.path.is_file():
             raise SdexportError(f"{flag} {self.path}: no such file")
-        if self.path.suffix != ".safetensors":
+        if self.path.suffix.lower() != ".safetensors":
             raise SdexportError(f"{flag} {self.path}: LoRA files are read as .safetensors (convert .ckpt/.pt files first)")
         from safetensors import safe_open
 
@@ -114,18 +115,25 @@ class LoraUpdate:
         return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
 
-def read_updates(lora: LoraFile, family: str) -> list[LoraUpdate]:
-    """The file's updates under PEFT's module names, per component (not yet matched to a model)."""
+def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[LoraUpdate]:
+    """The file's updates under PEFT's module names, per component (not yet matched to a model).
+
+    ``unet_config`` (attribute access: ``layers_per_block``) lets diffusers map the SDXL kohya files
+    named after the original blocks (``input_blocks_4_1``) to its own. Each update's alpha comes, in
+    this order, from the file's PEFT metadata (``lora_alpha``, ``alpha_pattern``, as diffusers saves
+    them), kohya's per-module alphas, or the rank (a scale of 1, the diffusers/PEFT convention)."""
     import diffusers
 
+    _refuse_variants(lora)
     loader: Any = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
     try:
-        state, alphas = loader.lora_state_dict(str(lora.path))[:2]
+        state, alphas, metadata = loader.lora_state_dict(str(lora.path), unet_config=unet_config,
+                                                         return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
         raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({' '.join(str(exc).split())})") from None
-    alphas = alphas or {}
+    alphas, metadata = alphas or {}, metadata or {}
     unsupported = sorted({k.split(".")[-2] for k in state if "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k})
-    if unsupported or any(k.endswith(".bias") and "lora_B" in k for k in state):
+    if unsupported or any(k.endswith(".bias") and "lora_B" in k for k in state) or _metadata(metadata, "unet").get("use_dora"):
         raise SdexportError(f"--lora {lora.path}: a DoRA/LoHa/LoKr or biased LoRA, which sdexport does not apply "
                             "(plain low-rank LoRAs only)")
     updates: list[LoraUpdate] = []
@@ -137,8 +145,13 @@ def read_updates(lora: LoraFile, family: str) -> list[LoraUpdate]:
         part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
         if not part:
             continue
-        peft = _to_peft(prefix, part)
-        module_alphas = _alphas_by_module(prefix, alphas)
+        try:
+            peft = _to_peft(prefix, part)
+            module_alphas = _alphas_by_module(prefix, alphas)
+        except (ValueError, KeyError) as exc:
+            raise SdexportError(f"--lora {lora.path}: diffusers cannot convert its {prefix} part "
+                                f"({' '.join(str(exc).split())})") from None
+        config = _metadata(metadata, prefix)
         for key, down in peft.items():
             if ".lora_A." not in key:
                 continue
@@ -147,11 +160,48 @@ def read_updates(lora: LoraFile, family: str) -> list[LoraUpdate]:
             if up is None:
                 raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has lora_A but no lora_B")
             rank = down.shape[0]
-            alpha = float(module_alphas.get(module, rank))
-            updates.append(LoraUpdate(prefix, module, down, up, lora.scale * alpha / rank))
+            alpha = _lookup(module, module_alphas)
+            if config:  # PEFT's LoraConfig, as diffusers saved it: it decides, as it would for PEFT
+                rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
+                alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
+            alpha = float(rank if alpha is None else alpha)
+            scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+            updates.append(LoraUpdate(prefix, module, down, up, lora.scale * scaling))
     if not updates:
         raise SdexportError(f"--lora {lora.path}: no LoRA updates for a U-Net or text encoder in it")
     return updates
+
+
+def _refuse_variants(lora: LoraFile) -> None:
+    """kohya DoRA files: diffusers drops their ``dora_scale`` with a log line and would load them as
+    plain LoRAs; the raw keys tell."""
+    from safetensors import safe_open
+
+    with safe_open(str(lora.path), "pt") as handle:
+        if any(k.endswith("dora_scale") for k in handle.keys()):  # noqa: SIM118 - a safetensors handle
+            raise SdexportError(f"--lora {lora.path}: a DoRA (dora_scale), which sdexport does not apply "
+                                "(plain low-rank LoRAs only)")
+
+
+def _metadata(metadata: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")}
+
+
+def _pattern(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: a key matches a module name that ends with it."""
+    import re
+
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _lookup(module: str, alphas: dict[str, float]) -> float | None:
+    for candidate in (module, module.removeprefix("text_model."), f"text_model.{module}"):
+        if candidate in alphas:
+            return alphas[candidate]
+    return None
 
 
 def _to_peft(prefix: str, part: dict[str, Any]) -> dict[str, Any]:
@@ -182,6 +232,9 @@ def _alphas_by_module(prefix: str, alphas: dict[str, float]) -> dict[str, float]
         if not key.startswith(f"{prefix}."):
             continue
         weight_key = key.removeprefix(f"{prefix}.").removesuffix(".alpha")
+        if "lora" not in weight_key:  # diffusers names the module itself: "<module>.alpha"
+            found[weight_key] = float(value)
+            continue
         if not weight_key.endswith(".weight"):
             weight_key += ".weight"
         for name in _to_peft(prefix, {weight_key: 0}):
@@ -245,8 +298,9 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
 def fuse_into(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str) -> None:
     """Add every LoRA's updates to the PyTorch weights, in place (what export does with --lora)."""
     layers = torch_layers(modules)
+    unet_config = getattr(modules.get("unet"), "config", None)
     for lora in loras:
-        add_updates(modules, match_updates(read_updates(lora, family), layers, f"--lora {lora.path}"))
+        add_updates(modules, match_updates(read_updates(lora, family, unet_config), layers, f"--lora {lora.path}"))
 
 
 def add_updates(modules: dict[str, torch.nn.Module], updates: list[LoraUpdate]) -> None:

@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import EngineDirError
+from sdexport.errors import EngineDirError, SdexportError
 from sdexport.manifest import Manifest, check_files, load_manifest, read_scheduler_config, tokenizer_names
 from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
@@ -205,9 +205,19 @@ def _load_engines(
     loras: list[LoraFile] | None = None,
 ) -> dict[str, Engine]:
     profile, dims = manifest.shape_profile, manifest.model_dims
-    from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, updates_for
+    from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, unet_config, updates_for
 
-    updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest)) if loras and not backend.startswith("torch") else []
+    updates = []
+    if loras and not backend.startswith("torch"):
+        updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest), unet_config(engine_dir, manifest))
+        fused = [n for n in names if graph_for(manifest, n, backend, graphs) != manifest.components[n].onnx
+                 and any(u.component == n for u in updates)]
+        if fused and backend.startswith("onnxruntime"):  # before any session is made
+            raise SdexportError(
+                f"--lora at run time changes the portable graphs' weights; {fused[0]} would run the graph of "
+                "`sdexport build --target onnxruntime-cuda`, whose weights are packed differently: add "
+                "--portable-graphs, or fuse the LoRA at export"
+            )
     if backend.startswith("onnxruntime"):
         from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
 
@@ -297,7 +307,8 @@ def _torch_engines(
     if loras:
         from sdexport.runtime.lora_runtime import updates_for
 
-        add_updates(model.modules, updates_for(manifest, loras, torch_layers(model.modules)))
+        add_updates(model.modules, updates_for(manifest, loras, torch_layers(model.modules),
+                                               getattr(model.modules.get("unet"), "config", None)))
 
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,12 +24,25 @@ if TYPE_CHECKING:
     from sdexport.manifest import Manifest
 
 
-def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dict[str, tuple[int, ...]]]) -> list[LoraUpdate]:
-    """Every LoRA's updates, matched to ``layers`` (refused, naming mismatches, where they do not fit)."""
+def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dict[str, tuple[int, ...]]],
+                unet_config: Any = None) -> list[LoraUpdate]:
+    """Every LoRA's updates, matched to ``layers`` (refused, naming mismatches, where they do not fit).
+    ``unet_config``: the U-Net's config (attributes), for SDXL kohya files named after the original blocks."""
     updates: list[LoraUpdate] = []
     for lora in loras:
-        updates += match_updates(read_updates(lora, manifest.family), layers, f"--lora {lora.path}")
+        updates += match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}")
     return updates
+
+
+def unet_config(engine_dir: Path, manifest: Manifest) -> Any:
+    """The exported U-Net's ``config.json`` as attributes (what diffusers' block mapping reads)."""
+    import json
+    from types import SimpleNamespace
+
+    path = (engine_dir / manifest.components["unet"].onnx).parent / "config.json" if "unet" in manifest.components else None
+    if path is None or not path.is_file():
+        return None
+    return SimpleNamespace(**json.loads(path.read_text()))
 
 
 def _initializers(path: Path) -> dict[str, Any]:
@@ -52,14 +65,17 @@ def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tup
                 f"{onnx_path.parent}: no weights.json, which run-time LoRA needs to find the weights (an export "
                 "by an older sdexport, or adopted): re-export, or fuse the LoRA at export (sdexport export --lora)"
             )
-        tensors = _initializers(onnx_path)
         shapes: dict[str, tuple[int, ...]] = {}
-        for parameter, where in names.items():
-            tensor = tensors.get(where["initializer"])
-            if tensor is None:
-                continue
-            dims = tuple(int(d) for d in tensor.dims)
-            shapes[parameter.removesuffix(".weight")] = dims[::-1] if where["transposed"] else dims
+        if all("shape" in where for where in names.values()):  # no need to read the graph's weights
+            shapes = {p.removesuffix(".weight"): tuple(int(d) for d in where["shape"]) for p, where in names.items()}
+        else:
+            tensors = _initializers(onnx_path)
+            for parameter, where in names.items():
+                tensor = tensors.get(where["initializer"])
+                if tensor is None:
+                    continue
+                dims = tuple(int(d) for d in tensor.dims)
+                shapes[parameter.removesuffix(".weight")] = dims[::-1] if where["transposed"] else dims
         layers[component] = shapes
     return layers
 

@@ -574,6 +574,10 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> Non
     for name, value in kept.items():
         if not refitter.set_named_weights(name, trt.Weights(value)):
             raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})")
+    missing = list(refitter.get_missing_weights())
+    if missing:  # e.g. a weight TensorRT fused with another that must be given with it
+        raise SdexportError(f"{source}: TensorRT needs {len(missing)} more weights to refit with these (e.g. "
+                            f"{missing[0]}); fuse the LoRA at export and build again")
     if not refitter.refit_cuda_engine():
         why = getattr(_Logs.logger, "last_error", "") or "see TensorRT's log"
         raise SdexportError(f"{source}: TensorRT could not refit the engine ({why})")
