@@ -327,6 +327,11 @@ def run(
         raise
     image_path = _output_path(output)
     check_image_output(image_path, request.batch)
+    from sdexport.runtime.images import output_paths
+
+    for given in (init_image, mask):
+        if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
+            raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
     resolved = resolve_backend(backend)
     if cuda_graph and resolved not in ("tensorrt", "onnxruntime-cuda"):
         raise SdexportError(f"--cuda-graph: for --backend tensorrt or onnxruntime-cuda, not {resolved}")
@@ -368,7 +373,7 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     images = [read_image(init_image, "--init-image")]
     inputs: dict[str, Any] = {"init_image": str(init_image)}
     if mask is not None:
-        images.append(read_image(mask, "--mask"))
+        images.append(read_image(mask, "--mask", mode="L"))
         inputs["mask"] = str(mask)
     return images, inputs
 

@@ -222,3 +222,76 @@ def test_cli_refuses_sdxl_inpainting_and_a_maskless_inpainting_model(engine_dirs
     assert "inpainting runs on SD 1.x/2.x models so far" in capsys.readouterr().err
     assert run_cli("run", engine_dirs["tiny-inpaint"], "-p", "x", "-o", tmp_path / "b.png") == 2
     assert "give --init-image and --mask" in capsys.readouterr().err
+
+
+def test_sdxl_inpainting_unets_are_refused_before_export():
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.loader import unet_extra_channels
+
+    assert unet_extra_channels(9, 4, "x", "sd") == 9 and unet_extra_channels(4, 4, "x", "sdxl") == 0
+    with pytest.raises(ModelLoadError, match="an SDXL inpainting U-Net"):
+        unet_extra_channels(9, 4, "x", "sdxl")
+    with pytest.raises(ModelLoadError, match="sdexport runs U-Nets that take the latents"):
+        unet_extra_channels(8, 4, "x", "sd")
+
+
+def test_the_vae_encoder_runs_at_the_request_batch(engine_dirs):
+    """One image for two prompts: diffusers samples it once, but the encoder engine is called at the
+    batch its (TensorRT, static) profile was built for."""
+    for preset in ("tiny", "tiny-inpaint"):
+        pipeline = load_pipeline(engine_dirs[preset], "onnxruntime-cpu", image_inputs=True)
+        seen: list[tuple[int, ...]] = []
+
+        class Recorded:
+            def __init__(self, engine, shapes):
+                self.engine, self.shapes = engine, shapes
+
+            def __getattr__(self, name):
+                return getattr(self.engine, name)
+
+            def __call__(self, feed):
+                self.shapes.append(tuple(feed["sample"].shape))
+                return self.engine(feed)
+
+        pipeline.engines["vae_encoder"] = Recorded(pipeline.engines["vae_encoder"], seen)
+        pipeline(GenerationRequest(prompt=["a", "b"], seeds=[1, 2], steps=4, height=64, width=64, strength=0.5,
+                                   image=[picture(64, 64, 0)], mask=[box_mask(64, 64)]))
+        assert seen and all(shape[0] == 2 for shape in seen), (preset, seen)
+
+
+def test_image_files_are_read_as_shown_and_refused_in_one_line(engine_dirs, tmp_path, capsys, monkeypatch):
+    from PIL import Image as PILImage
+
+    from sdexport.runtime.image_inputs import read_image
+
+    rotated = tmp_path / "rotated.jpg"
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° to display
+    picture(64, 128, 0).save(rotated, exif=exif)
+    assert read_image(rotated, "--init-image").size == (64, 128)  # as a viewer shows it (W x H)
+    grey = tmp_path / "grey.png"
+    PILImage.new("LA", (128, 64)).save(grey)
+    assert read_image(grey, "--init-image").mode == "RGB"
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)
+    big = tmp_path / "big.png"
+    picture(64, 128, 0).save(big)
+    assert run_cli("run", engine_dirs["tiny"], "-p", "x", "--init-image", big, "-o", tmp_path / "o.png") == 2
+    err = capsys.readouterr().err.strip()
+    assert "too large to read safely" in err and len(err.splitlines()) == 1
+
+
+def test_the_output_may_not_be_the_init_image(engine_dirs, tmp_path, capsys):
+    first = tmp_path / "first.png"
+    assert run_cli("run", engine_dirs["tiny"], "-p", "x", "--steps", "2", "--height", "64", "--width", "64",
+                   "-o", first) == 0
+    before = first.read_bytes()
+    assert run_cli("run", engine_dirs["tiny"], "-p", "x", "--init-image", first, "-o", first) == 2
+    assert "that is the image this run reads" in capsys.readouterr().err
+    assert first.read_bytes() == before
+
+
+def test_bench_refuses_an_inpainting_model(tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny-inpaint"\nheight = 64\nwidth = 64\nsteps = [2]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+    assert "an inpainting model" in capsys.readouterr().err

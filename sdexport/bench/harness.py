@@ -218,7 +218,9 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
             manifest = load_manifest(previous, verify_files=False)
         except EngineDirError:
             manifest = None
-        if manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype:
+        wanted = {"vae_encoder"} if scenario.strength is not None else set()
+        if (manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype
+                and wanted <= set(manifest.components)):
             one_time["export"] = {"status": "reused", "path": str(previous)}
             return previous
     # What the loop runs (the VAE encoder for img2img only), plus the fp32 fallback VAE for fp16 exports.

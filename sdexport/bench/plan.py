@@ -49,6 +49,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         raise SdexportError(f"--warmup {options.warmup}: need 0 or more warm-up runs")
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     outline = outline_model(scenario.model)
+    if outline.inpainting:
+        raise SdexportError(f"{scenario.model}: an inpainting model; benchmark scenarios run txt2img and img2img, "
+                            "which such a U-Net cannot (it needs a mask)")
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)

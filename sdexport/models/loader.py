@@ -76,7 +76,7 @@ class LoadedModel:
         """The diffusers ``model_index.json`` of this model: its pipeline class and the library and
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
         index: dict[str, Any] = {
-            "_class_name": "StableDiffusionInpaintPipeline" if self.dims.inpainting
+            "_class_name": "StableDiffusionInpaintPipeline" if self.family == "sd" and self.dims.inpainting
             else next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family),
             "_diffusers_version": _version("diffusers"),
         }
@@ -105,13 +105,17 @@ class LoadedModel:
         (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
 
 
-def unet_extra_channels(in_channels: int, latent_channels: int, label: str) -> int:
-    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an inpainting U-Net
-    (latents, mask, masked-image latents); any other count is a conditioning sdexport does not know."""
+def unet_extra_channels(in_channels: int, latent_channels: int, label: str, family: str = "sd") -> int:
+    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an SD 1.x/2.x
+    inpainting U-Net (latents, mask, masked-image latents); any other count, or an SDXL inpainting
+    U-Net, is a conditioning sdexport does not run (refused before anything is exported)."""
     if in_channels == latent_channels:
         return 0
-    if in_channels == 2 * latent_channels + 1:
+    if in_channels == 2 * latent_channels + 1 and family != "sdxl":
         return in_channels
+    if in_channels == 2 * latent_channels + 1:
+        raise ModelLoadError(f"{label}: an SDXL inpainting U-Net ({in_channels} input channels); sdexport runs "
+                             "inpainting U-Nets of SD 1.x/2.x so far (SDXL: img2img, or inpainting with the base U-Net)")
     raise ModelLoadError(
         f"{label}: the U-Net takes {in_channels} input channels for {latent_channels} latent channels; sdexport "
         f"runs U-Nets that take the latents ({latent_channels}) or inpainting ones ({2 * latent_channels + 1})"
@@ -134,7 +138,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         "S": sequence,
         "E": int(unet.cross_attention_dim),
         "C": int(unet.out_channels),
-        "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label),
+        "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label, family),
         "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
     }

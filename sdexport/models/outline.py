@@ -39,6 +39,8 @@ class ModelOutline:
     vae_width: int
     """Channels of the VAE decoder's full-resolution blocks: its largest activations."""
     scheduler_config: dict[str, Any]
+    inpainting: bool = False
+    """The U-Net also takes a mask and the masked image's latents (as ``ModelDims.inpainting``)."""
 
     @property
     def image_multiple(self) -> int:
@@ -109,9 +111,23 @@ def _outline(
             unet_downsample=2 ** (len(unet["down_block_types"]) - 1),
             vae_width=int(blocks[0]),
             scheduler_config=dict(scheduler),
+            inpainting=_inpainting(unet, vae, family),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelLoadError(f"the U-Net or VAE config lacks a usable {one_line(exc)}") from None
+
+
+def _inpainting(unet: dict[str, Any], vae: dict[str, Any], family: str) -> bool:
+    """The U-Net's input channels say it: 2C + 1 is an inpainting U-Net (SDXL's are refused)."""
+    latent = int(unet.get("out_channels", vae.get("latent_channels", 4)))
+    channels = int(unet.get("in_channels", latent))
+    if channels == latent:
+        return False
+    if channels == 2 * latent + 1 and family != "sdxl":
+        return True
+    raise ModelLoadError(f"the U-Net takes {channels} input channels for {latent} latent channels: "
+                         + ("an SDXL inpainting U-Net, which sdexport does not run so far" if channels == 2 * latent + 1
+                            else "a conditioning sdexport does not run"))
 
 
 def vae_config_dir(path: Path) -> Path:

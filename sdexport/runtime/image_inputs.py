@@ -21,16 +21,21 @@ FITS = ("exact", "resize", "crop")
 """How an image of another size is made the request's size: refused, stretched, or scaled and cropped."""
 
 
-def read_image(path: Path, what: str) -> Any:
-    """The PIL image at ``path``, fully decoded now (a truncated file fails here, not mid-run)."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
+    """The PIL image at ``path`` as the viewer shows it (EXIF orientation applied, as diffusers'
+    ``load_image`` does), converted to ``mode`` (RGB for images, L for masks) and fully decoded now:
+    a truncated, huge or unconvertible file fails here, in one line, not mid-run."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not path.is_file():
         raise SdexportError(f"{what} {path}: no such file")
     try:
         with Image.open(path) as image:
             image.load()
-            return image.copy()
+            upright = ImageOps.exif_transpose(image)
+            return upright.convert(mode)
+    except Image.DecompressionBombError as exc:
+        raise SdexportError(f"{what} {path}: too large to read safely ({one_line(exc)})") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SdexportError(f"{what} {path}: not a readable image ({one_line(exc)})") from None
 

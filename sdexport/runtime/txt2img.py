@@ -146,6 +146,9 @@ class Txt2ImgPipeline:
         """Refuse what the engines cannot do before any of them runs."""
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config)
+        if request.image is not None and "vae_encoder" not in self.engines:
+            raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
+                                "(the directory must have a vae_encoder)")
         if (request.scheduler, request.steps) not in self._steps_checked:  # a dry run: once, not per call
             check_steps(request.scheduler, self.scheduler_config, request.steps)
             self._steps_checked.add((request.scheduler, request.steps))
@@ -374,7 +377,8 @@ class Txt2ImgPipeline:
         elif from_image or not self.dims.inpainting:
             # The inpaint pipeline samples each given image once (a single image: with the first
             # generator) and shares it: what diffusers does, so the same seeds give the same images.
-            image_latents = _per_prompt(self.encode(pixels(images, len(images)), generators), batch)
+            # The encoder still runs at the request's batch: the shapes its engine was built for.
+            image_latents = self.encode(pixels(images, batch), generators, samples=len(images))
         noise = self.noise(shape, generators)
         if from_image:
             assert image_latents is not None
@@ -386,25 +390,29 @@ class Txt2ImgPipeline:
         masks = request.mask or []
         mask = binary_mask(masks, len(masks))
         masked_image = pixels(images, len(images)) * (mask < 0.5)  # one of each broadcasts to the other
+        distinct = masked_image.shape[0]
         if self.dims.inpainting:
-            masked_latents = _per_prompt(self.encode(masked_image, generators), batch)
+            masked_latents = self.encode(_per_prompt(masked_image, batch), generators, samples=distinct)
         else:  # diffusers encodes it anyway and drops it: draw what its sampling would, to keep the seeds in step
             masked_latents = None
-            self.noise((masked_image.shape[0], *shape[1:]), generators)
+            self.noise((distinct, *shape[1:]), generators[:distinct])
         latent_mask = _per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
         return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
 
-    def encode(self, image: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
         """Scaled latents sampled from the VAE encoder's distribution with each image's generator
-        (``DiagonalGaussianDistribution.sample``: mean + std * noise, log-variance clamped)."""
+        (``DiagonalGaussianDistribution.sample``: mean + std * noise, log-variance clamped).
+        ``samples``: only the first that many rows are distinct images, each sampled with its own
+        generator and repeated over the batch (the images themselves were repeated to it)."""
         parameters = self.engines["vae_encoder"]({"sample": image.to(self.device)})["latent_parameters"].float()
         if not torch.isfinite(parameters).all():
             raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
                                 "fp16-safe VAE (--vae)")
-        mean, log_variance = parameters.chunk(2, dim=1)
+        count = parameters.shape[0] if samples is None else samples
+        mean, log_variance = parameters[:count].chunk(2, dim=1)
         std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
-        draws = self.noise(tuple(mean.shape), generators[:mean.shape[0]])
-        return (mean + std * draws) * self.vae_scaling_factor
+        draws = self.noise(tuple(mean.shape), generators[:count])
+        return _per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0])
 
     def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> tuple[np.ndarray, bool]:
         """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
