@@ -21,6 +21,7 @@ refuses with every PEFT release on PyPI). The tests check the result against ``f
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -160,7 +161,8 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             if up is None:
                 raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has lora_A but no lora_B")
             rank = down.shape[0]
-            alpha = _lookup(module, module_alphas)
+            known = resolve_name(module_alphas, module)
+            alpha = module_alphas[known] if known is not None else None
             if config:  # PEFT's LoraConfig, as diffusers saved it: it decides, as it would for PEFT
                 rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
                 alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
@@ -195,13 +197,6 @@ def _pattern(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
-
-
-def _lookup(module: str, alphas: dict[str, float]) -> float | None:
-    for candidate in (module, module.removeprefix("text_model."), f"text_model.{module}"):
-        if candidate in alphas:
-            return alphas[candidate]
-    return None
 
 
 def _to_peft(prefix: str, part: dict[str, Any]) -> dict[str, Any]:
@@ -254,7 +249,7 @@ def torch_layers(modules: dict[str, torch.nn.Module]) -> dict[str, dict[str, tup
     }
 
 
-def resolve_name(layers: dict[str, tuple[int, ...]], name: str) -> str | None:
+def resolve_name(layers: Mapping[str, Any], name: str) -> str | None:
     """``name`` as the model calls it: CLIP text encoders lost their ``text_model.`` level in
     transformers 5, while LoRA files made with transformers 4 still name it."""
     for candidate in (name, name.removeprefix("text_model."), f"text_model.{name}"):

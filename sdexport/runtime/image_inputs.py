@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import SdexportError
+from sdexport.errors import SdexportError, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -39,9 +39,6 @@ def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise SdexportError(f"{what} {path}: not a readable image ({one_line(exc)})") from None
 
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple[Any, str | None]:
@@ -90,7 +87,7 @@ def pixels(images: list[Any], batch: int) -> torch.Tensor:
 
     arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return _per_prompt(tensor * 2.0 - 1.0, batch)
+    return per_prompt(tensor * 2.0 - 1.0, batch)
 
 
 def binary_mask(masks: list[Any], batch: int) -> torch.Tensor:
@@ -100,10 +97,11 @@ def binary_mask(masks: list[Any], batch: int) -> torch.Tensor:
 
     arrays = [np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in masks]
     tensor = torch.from_numpy(np.stack(arrays))[:, None]
-    return _per_prompt((tensor >= 0.5).float(), batch)
+    return per_prompt((tensor >= 0.5).float(), batch)
 
 
-def _per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+def per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    """``tensor`` (a batch of one, or of ``batch``) repeated to ``batch``: one image serves every prompt."""
     if tensor.shape[0] == batch:
         return tensor
     return tensor.repeat(batch // tensor.shape[0], 1, 1, 1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import EngineDirError, SdexportError
+from sdexport.errors import EngineDirError
 from sdexport.export.weight_names import LORA_COMPONENTS, read_weight_map
 from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updates
 
@@ -82,20 +82,15 @@ def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tup
 
 def onnx_initializers(engine_dir: Path, manifest: Manifest, component: str, updates: list[LoraUpdate],
                       graph: str) -> dict[str, np.ndarray]:
-    """The changed initializers of one component's graph ``graph`` (relative path): the exported
-    tensor plus the updates, in the tensor's own dtype."""
+    """The changed initializers of one component's portable graph ``graph`` (relative path): the
+    exported tensor plus the updates, in the tensor's own dtype. (``load_pipeline`` refuses run-time
+    LoRA on the fused ONNX Runtime CUDA graphs before it gets here.)"""
     import numpy as np
     from onnx import numpy_helper
 
     mine = [u for u in updates if u.component == component]
     if not mine:
         return {}
-    if graph != manifest.components[component].onnx:
-        raise SdexportError(
-            f"--lora at run time changes the portable graphs' weights; {component} would run {graph} (from "
-            "`sdexport build --target onnxruntime-cuda`), whose weights are packed differently: add "
-            "--portable-graphs, or fuse the LoRA at export"
-        )
     onnx_path = engine_dir / graph
     names = read_weight_map(onnx_path.parent) or {}
     tensors = _initializers(onnx_path)

@@ -361,12 +361,9 @@ class Txt2ImgPipeline:
         latent sample, the noise, then the masked image's latent sample."""
         import torch.nn.functional as F  # noqa: N812
 
-        from sdexport.runtime.image_inputs import binary_mask, pixels
+        from sdexport.runtime.image_inputs import binary_mask, per_prompt, pixels
 
-        if "vae_encoder" not in self.engines:
-            raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
-                                "(the directory must have a vae_encoder)")
-        batch, shape = request.batch, self.latent_shape(request)
+        batch, shape = request.batch, self.latent_shape(request)  # check() made sure of the VAE encoder
         strength = request.effective_strength(self.family)
         images = request.image or []
         inpaint = request.mask is not None
@@ -392,11 +389,11 @@ class Txt2ImgPipeline:
         masked_image = pixels(images, len(images)) * (mask < 0.5)  # one of each broadcasts to the other
         distinct = masked_image.shape[0]
         if self.dims.inpainting:
-            masked_latents = self.encode(_per_prompt(masked_image, batch), generators, samples=distinct)
+            masked_latents = self.encode(per_prompt(masked_image, batch), generators, samples=distinct)
         else:  # diffusers encodes it anyway and drops it: draw what its sampling would, to keep the seeds in step
             masked_latents = None
             self.noise((distinct, *shape[1:]), generators[:distinct])
-        latent_mask = _per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
+        latent_mask = per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
         return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
@@ -412,7 +409,9 @@ class Txt2ImgPipeline:
         mean, log_variance = parameters[:count].chunk(2, dim=1)
         std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
         draws = self.noise(tuple(mean.shape), generators[:count])
-        return _per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0])
+        from sdexport.runtime.image_inputs import per_prompt
+
+        return per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0])
 
     def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> tuple[np.ndarray, bool]:
         """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
@@ -459,10 +458,6 @@ class Txt2ImgPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    return tensor if tensor.shape[0] == batch else tensor.repeat(batch // tensor.shape[0], 1, 1, 1)
 
 
 def _accepts_generator(scheduler: Any) -> bool:
