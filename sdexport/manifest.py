@@ -25,7 +25,7 @@ from sdexport.graph_io import GraphIO, check_io, onnx_tensors
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims, component, components_for
+from sdexport.specs import ComponentSpec, ModelDims, component, components_for, controlnet_index
 
 MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
@@ -76,6 +76,16 @@ class Manifest:
     def random_weights(self) -> bool:
         return bool(self.model.get("random_weights"))
 
+    @property
+    def controlnets(self) -> list[str]:
+        """The ControlNet components, in the order their control images are given."""
+        found = [n for n in self.components if controlnet_index(n) is not None]
+        return sorted(found, key=lambda n: controlnet_index(n) or 0)
+
+    def component_specs(self) -> tuple[ComponentSpec, ...]:
+        """Every component this family may have, with as many ControlNets as this directory has."""
+        return components_for(self.family, len(self.controlnets))
+
     def spec(self, name: str) -> ComponentSpec:
         """Component ``name``'s spec, expanded for this model (SDXL's per-layer hidden states)."""
         return component(self.family, name).for_model(self.model_dims)
@@ -97,7 +107,7 @@ class Manifest:
 def select_specs(manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
     """The specs of the directory's components in call order, or of ``names`` among them (``--components``
     of the builds); an unknown or unexported name is refused with one line."""
-    specs = [manifest.spec(s.name) for s in components_for(manifest.family) if s.name in manifest.components]
+    specs = [manifest.spec(s.name) for s in manifest.component_specs() if s.name in manifest.components]
     if not names:
         return specs
     known = [s.name for s in specs]
@@ -239,13 +249,16 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if manifest.family == "sdxl" and min(manifest.dims.get("L1", 0), manifest.dims.get("L2", 0)) < 1:
         raise EngineDirError(f"{where}: invalid manifest: dims.L1 and dims.L2 (the text encoders' layers) "
                              "must be at least 1 for sdxl")
-    known = [s.name for s in components_for(manifest.family)]
+    known = [s.name for s in manifest.component_specs()]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:
         raise EngineDirError(
             f"{where}: invalid manifest: component(s) {', '.join(unknown)} do not exist in the "
             f"{manifest.family} family ({', '.join(known)})"
         )
+    if manifest.controlnets and not manifest.model_dims.residuals:
+        raise EngineDirError(f"{where}: invalid manifest: ControlNet components but no dims.residuals (their "
+                             "outputs' channels and sizes)")
     for rel in manifest.files:
         _require_inside(directory, rel)
     referenced = [(f"components.{n}.onnx", e.onnx) for n, e in manifest.components.items()] + [
@@ -390,7 +403,7 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     import onnx
 
     from sdexport.errors import one_line
-    from sdexport.specs import DYNAMIC_SYMBOLS, resolve_dim
+    from sdexport.specs import is_dynamic, resolve_dim
 
     rel = manifest.components[name].onnx
     try:
@@ -414,7 +427,7 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
         declared = spec.tensor(value.name).dims
         found = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         for symbol, size in zip(declared, found):  # check_io checked the ranks
-            if symbol in DYNAMIC_SYMBOLS or size is None:
+            if is_dynamic(symbol) or size is None:
                 continue
             if size != resolve_dim(symbol, sizes):
                 raise EngineDirError(

@@ -120,6 +120,11 @@ SCHEMA: dict[str, Any] = {
                 "vae_scale_factor": _size(64), "unet_downsample": _size(64),
                 "E1": _size(65536, 0), "E2": _size(65536, 0), "T": _size(64, 0),
                 "L1": _size(1024, 0), "L2": _size(1024, 0), "U": _size(513, 0),
+                "residuals": {  # with ControlNets: [channels, latent downscale] per residual
+                    "type": "array", "minItems": 2, "maxItems": 256,
+                    "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                              "prefixItems": [_size(65536), {"enum": [1, 2, 4, 8, 16, 32, 64]}]},
+                },
             },
             "additionalProperties": False,
         },

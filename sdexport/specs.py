@@ -19,6 +19,8 @@ Symbols:
              latents, the mask and the masked image's latents side by side (static)
     T        number of SDXL time ids (6)                 (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
+    h/2, w/4 a latent side divided by 2, 4, ... : where a ControlNet's residuals meet the U-Net's
+             down blocks                                  (dynamic, derived from h and w)
     digits   a fixed size
     ()       no dimensions at all: a scalar (the U-Net's timestep, as diffusers and optimum pass it)
 
@@ -28,6 +30,14 @@ reads (``sdexport adopt``) theirs: the U-Net's ``sample``/``timestep``/``encoder
 ``out_sample``, the VAE decoder's ``latent_sample`` → ``sample``, the VAE encoder's ``sample`` →
 ``latent_parameters``, and CLIP's outputs under transformers' names (SDXL's encoders add
 ``hidden_states.{i}``, one per layer, which diffusers' SDXL pipeline indexes from the end).
+
+ControlNets are components too (``controlnet``, then ``controlnet_1``, ``controlnet_2``, ... as
+diffusers' ``MultiControlNetModel`` saves them). A ControlNet returns one residual per skip
+connection of the U-Net's down path and one for its mid block, under diffusers' argument names
+(``down_block_res_samples.{i}``, ``mid_block_res_sample``), and the U-Net of a model exported with
+ControlNets takes them (``down_block_additional_residuals.{i}``, ``mid_block_additional_residual``).
+Their channels and sizes are the U-Net's (``ModelDims.residuals``): the same spec entries expand to
+them for the ControlNet's outputs and the U-Net's inputs, and to nothing for a U-Net without them.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:  # torch is heavy; the runtime reads specs without needing it
     import torch
@@ -47,22 +57,28 @@ projections, as in diffusers). Graph inputs and outputs are float32 either way."
 
 FusionModel = Literal["clip", "unet", "vae"]
 
-Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids"]
-"""What realistic values of a tensor look like, for sample inputs in export and verification."""
+Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids", "unit"]
+"""What realistic values of a tensor look like, for sample inputs in export and verification
+(``unit``: in [0, 1], as a ControlNet's conditioning image)."""
 
 DYNAMIC_SYMBOLS = ("B", "H", "W", "h", "w")
-_DIM = re.compile(r"(\d*)([A-Za-z]\w*)?")
+_DIM = re.compile(r"(\d*)([A-Za-z]\w*)?(?:/(\d+))?")
 
 
 def resolve_dim(dim: str, sizes: dict[str, int]) -> int:
-    """``"77"`` → 77, ``"E"`` → sizes["E"], ``"2C"`` → 2 * sizes["C"]."""
+    """``"77"`` → 77, ``"E"`` → sizes["E"], ``"2C"`` → 2 * sizes["C"], ``"h/4"`` → sizes["h"] // 4."""
     match = _DIM.fullmatch(dim)
-    if not match or not dim:
+    if not match or not dim or (match.group(3) and not match.group(2)):
         raise ValueError(f"bad dimension {dim!r}")
-    factor, symbol = match.groups()
+    factor, symbol, divisor = match.groups()
     if symbol is None:
         return int(factor)
-    return (int(factor) if factor else 1) * sizes[symbol]
+    return (int(factor) if factor else 1) * sizes[symbol] // (int(divisor) if divisor else 1)
+
+
+def is_dynamic(dim: str) -> bool:
+    """Whether a dimension varies between calls: a dynamic symbol, or one divided (``h/2``)."""
+    return dim.split("/", 1)[0] in DYNAMIC_SYMBOLS
 
 
 @dataclass(frozen=True)
@@ -73,12 +89,14 @@ class TensorSpec:
     values: Values = "normal"
     repeat: str | None = None
     """A symbol ``L``: this entry stands for ``L + 1`` tensors named ``name.format(i=0..L)`` (one per
-    hidden state: the embeddings' and each layer's). ``ComponentSpec.for_model`` expands it."""
+    hidden state: the embeddings' and each layer's). ``DOWN_RESIDUALS``/``MID_RESIDUAL``: one tensor
+    per residual of ``ModelDims.residuals`` (none without them), its dims formatted with the
+    residual's channels ``c`` and latent downscale ``s``. ``ComponentSpec.for_model`` expands it."""
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
         """ONNX dynamic axes: axis index → the symbol that names it in the graph."""
-        return {i: d for i, d in enumerate(self.dims) if d in DYNAMIC_SYMBOLS}
+        return {i: d for i, d in enumerate(self.dims) if is_dynamic(d)}
 
     def shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
         return tuple(resolve_dim(d, sizes) for d in self.dims)
@@ -105,9 +123,15 @@ class ComponentSpec:
     fusion_model: FusionModel = "unet"
     """The model type onnxruntime's transformer optimizer fuses this graph as (``sdexport build
     --target onnxruntime-cuda``): its attention, GroupNorm and convolution patterns differ by type."""
+    takes_residuals: bool = False
+    """A U-Net: in a model with ControlNets (``ModelDims.residuals``) it also takes their residuals,
+    after its other inputs (``for_model`` adds them)."""
 
     def for_model(self, dims: ModelDims) -> ComponentSpec:
-        """This spec with its repeated outputs expanded for one model's sizes (``dims``)."""
+        """This spec with its repeated tensors expanded for one model's sizes (``dims``), and a
+        U-Net's ControlNet residual inputs added where the model has ControlNets."""
+        if self.takes_residuals and dims.residuals and not self.residual_inputs:
+            self = replace(self, inputs=(*self.inputs, *_RESIDUAL_INPUTS))
         if not any(t.repeat for t in (*self.inputs, *self.outputs)):
             return self
         sizes = dims.sizes(1, 0, 0)
@@ -117,6 +141,12 @@ class ComponentSpec:
             for t in tensors:
                 if t.repeat is None:
                     out.append(t)
+                    continue
+                if t.repeat in (DOWN_RESIDUALS, MID_RESIDUAL):
+                    if self.name.startswith(CONTROLNET_PREFIX) and not dims.residuals:
+                        raise ValueError(f"{self.name}: the model's ControlNet residuals are not known")
+                    chosen = dims.residuals[:-1] if t.repeat == DOWN_RESIDUALS else dims.residuals[-1:]
+                    out.extend(_residual(t, i, channels, scale) for i, (channels, scale) in enumerate(chosen))
                     continue
                 count = sizes[t.repeat] + 1
                 if count < 2:
@@ -147,6 +177,34 @@ class ComponentSpec:
                 return t
         raise KeyError(f"{self.name} has no tensor named {name!r}")
 
+    @property
+    def residual_inputs(self) -> list[str]:
+        """The ControlNet residuals this (U-Net) spec takes, down blocks' first (none without ControlNets)."""
+        return [t.name for t in self.inputs if t.name.startswith(RESIDUAL_INPUT_PREFIXES)]
+
+    @property
+    def residual_outputs(self) -> list[str]:
+        """The residuals this (ControlNet) spec returns, in the order of ``residual_inputs``."""
+        return [t.name for t in self.outputs if t.name.startswith(RESIDUAL_OUTPUT_PREFIXES)]
+
+
+DOWN_RESIDUALS = "down_residuals"
+MID_RESIDUAL = "mid_residual"
+CONTROLNET_PREFIX = "controlnet"
+RESIDUAL_INPUT_PREFIXES = ("down_block_additional_residuals.", "mid_block_additional_residual")
+RESIDUAL_OUTPUT_PREFIXES = ("down_block_res_samples.", "mid_block_res_sample")
+
+
+def _residual(template: TensorSpec, index: int, channels: int, scale: int) -> TensorSpec:
+    """One residual tensor: the template's dims with ``{c}`` its channels and ``{s}`` its latent
+    downscale (``h/{s}`` at scale 1 is plain ``h``, the same symbol as the latents')."""
+    def dim(d: str) -> str:
+        d = d.format(c=channels, s=scale)
+        return d.removesuffix("/1")
+
+    return replace(template, name=template.name.format(i=index), dims=tuple(dim(d) for d in template.dims),
+                   repeat=None)
+
 
 @dataclass(frozen=True)
 class ModelDims:
@@ -167,13 +225,23 @@ class ModelDims:
     """Hidden layers of SDXL's text encoders (0 where no spec repeats over them)."""
     U: int = 0
     """U-Net input channels where they differ from C: 2C + 1 for an inpainting U-Net (0: C)."""
+    residuals: tuple[tuple[int, int], ...] = ()
+    """With ControlNets: (channels, latent downscale) of each residual a ControlNet adds to the
+    U-Net, its down path's skip connections in order and its mid block's last (empty without)."""
 
-    def record(self) -> dict[str, int]:
-        """The manifest's ``dims``: U only for an inpainting U-Net, so other directories stay readable
-        by sdexport versions that predate it."""
-        values = dict(vars(self))
+    def __post_init__(self) -> None:  # a manifest's JSON gives lists
+        object.__setattr__(self, "residuals", tuple((int(c), int(s)) for c, s in self.residuals))
+
+    def record(self) -> dict[str, Any]:
+        """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets, so
+        other directories stay readable by sdexport versions that predate them."""
+        values: dict[str, Any] = dict(vars(self))
         if not values["U"]:
             del values["U"]
+        if values["residuals"]:
+            values["residuals"] = [list(r) for r in self.residuals]
+        else:
+            del values["residuals"]
         return values
 
     @property
@@ -253,6 +321,13 @@ def _sdxl_text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     return SDXLTextEncoder(module)
 
 
+def _residual_kwargs(residuals: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """A ControlNet's residuals (down blocks', then the mid block's) as the U-Net's keyword arguments."""
+    if not residuals:
+        return {}
+    return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
+
+
 def _unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     import torch
 
@@ -262,9 +337,11 @@ def _unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             self.model = model
 
         def forward(
-            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+            self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+            *residuals: torch.Tensor,
         ) -> torch.Tensor:
-            return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+            return self.model(sample, timestep, encoder_hidden_states, **_residual_kwargs(residuals),
+                              return_dict=False)[0]
 
     return UNet(module)
 
@@ -284,13 +361,37 @@ def _sdxl_unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             encoder_hidden_states: torch.Tensor,
             text_embeds: torch.Tensor,
             time_ids: torch.Tensor,
+            *residuals: torch.Tensor,
         ) -> torch.Tensor:
             cond = {"text_embeds": text_embeds, "time_ids": time_ids}
             return self.model(
-                sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, return_dict=False
+                sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, **_residual_kwargs(residuals),
+                return_dict=False,
             )[0]
 
     return SDXLUNet(module)
+
+
+def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    """The residuals flat, down blocks' first. SD: (sample, timestep, encoder_hidden_states,
+    controlnet_cond, conditioning_scale); SDXL puts text_embeds and time_ids before the image."""
+    import torch
+
+    class ControlNet(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+            self.sdxl = getattr(model.config, "addition_embed_type", None) == "text_time"
+
+        def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                    *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            cond = {"text_embeds": rest[0], "time_ids": rest[1]} if self.sdxl else None
+            image, scale = rest[-2:]
+            down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond=image,
+                                   conditioning_scale=scale, added_cond_kwargs=cond, return_dict=False)
+            return (*down, mid)
+
+    return ControlNet(module)
 
 
 def _vae_decoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
@@ -323,6 +424,7 @@ def _vae_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
 
 
 _LATENT = ("B", "C", "h", "w")
+_RESIDUAL = ("B", "{c}", "h/{s}", "w/{s}")
 _UNET_INPUT = ("B", "U", "h", "w")
 """The U-Net's ``sample``: the latents, and for an inpainting U-Net the mask and the masked image's
 latents concatenated after them (one input, as diffusers and optimum pass it)."""
@@ -340,6 +442,19 @@ TEXT_ENCODER = ComponentSpec(
     fusion_model="clip",
 )
 
+_RESIDUAL_INPUTS = (  # a ControlNet's residuals; none for a model exported without ControlNets
+    TensorSpec("down_block_additional_residuals.{i}", _RESIDUAL, repeat=DOWN_RESIDUALS),
+    TensorSpec("mid_block_additional_residual", _RESIDUAL, repeat=MID_RESIDUAL),
+)
+_RESIDUAL_OUTPUTS = (
+    TensorSpec("down_block_res_samples.{i}", _RESIDUAL, repeat=DOWN_RESIDUALS),
+    TensorSpec("mid_block_res_sample", _RESIDUAL, repeat=MID_RESIDUAL),
+)
+_CONTROL_INPUTS = (
+    TensorSpec("controlnet_cond", ("B", "3", "H", "W"), values="unit"),
+    TensorSpec("conditioning_scale", ()),
+)
+
 UNET = ComponentSpec(
     name="unet",
     module="unet",
@@ -352,6 +467,7 @@ UNET = ComponentSpec(
     wrapper=_unet_wrapper,
     cfg_batch=True,
     per_step=True,
+    takes_residuals=True,
 )
 
 VAE_DECODER = ComponentSpec(
@@ -417,26 +533,77 @@ SDXL_UNET = ComponentSpec(
     wrapper=_sdxl_unet_wrapper,
     cfg_batch=True,
     per_step=True,
+    takes_residuals=True,
 )
+
+CONTROLNET = ComponentSpec(
+    name="controlnet",
+    module="controlnet",
+    inputs=(
+        TensorSpec("sample", _LATENT),
+        TensorSpec("timestep", (), "float32", "timestep"),
+        TensorSpec("encoder_hidden_states", ("B", "S", "E")),
+        *_CONTROL_INPUTS,
+    ),
+    outputs=_RESIDUAL_OUTPUTS,
+    wrapper=_controlnet_wrapper,
+    cfg_batch=True,
+    per_step=True,
+)
+"""Called before the U-Net at every step it is active, with the U-Net's latents, timestep and text
+conditioning (as diffusers' ControlNet pipelines do without guess mode)."""
+
+SDXL_CONTROLNET = replace(CONTROLNET, inputs=(
+    *CONTROLNET.inputs[:3],
+    TensorSpec("text_embeds", ("B", "P")),
+    TensorSpec("time_ids", ("B", "T"), "float32", "time_ids"),
+    *_CONTROL_INPUTS,
+))
 
 FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
     "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
     "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
 }
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
+FAMILY_CONTROLNET = {"sd": CONTROLNET, "sdxl": SDXL_CONTROLNET}
+MAX_CONTROLNETS = 8
+"""More than a few ControlNets at once is a mistake, not a use (each adds a U-Net encoder per step)."""
+_CONTROLNET_NAME = re.compile(r"controlnet(?:_([1-9]\d*))?")
 
 
-def components_for(family: str) -> tuple[ComponentSpec, ...]:
+def controlnet_names(count: int) -> list[str]:
+    """Component names of ``count`` ControlNets, as diffusers' ``MultiControlNetModel`` saves them."""
+    return [CONTROLNET_PREFIX if i == 0 else f"{CONTROLNET_PREFIX}_{i}" for i in range(count)]
+
+
+def controlnet_index(name: str) -> int | None:
+    """0 for ``controlnet``, i for ``controlnet_i``, None for any other name."""
+    match = _CONTROLNET_NAME.fullmatch(name)
+    if not match:
+        return None
+    index = int(match.group(1) or 0)
+    return index if index < MAX_CONTROLNETS else None
+
+
+def components_for(family: str, controlnets: int = 0) -> tuple[ComponentSpec, ...]:
+    """The family's components in call order; ``controlnets`` ControlNets come just before the U-Net."""
     try:
-        return FAMILY_COMPONENTS[family]
+        specs = FAMILY_COMPONENTS[family]
     except KeyError:
         known = ", ".join(FAMILY_COMPONENTS)
         raise ValueError(f"unknown pipeline family {family!r} (known: {known})") from None
+    if not controlnets:
+        return specs
+    base = FAMILY_CONTROLNET[family]
+    nets = tuple(replace(base, name=n, module=n) for n in controlnet_names(controlnets))
+    at = next(i for i, s in enumerate(specs) if s.name == "unet")
+    return (*specs[:at], *nets, *specs[at:])
 
 
 def component(family: str, name: str) -> ComponentSpec:
-    for spec in components_for(family):
+    index = controlnet_index(name)
+    for spec in components_for(family, 0 if index is None else index + 1):
         if spec.name == name:
             return spec
     known = ", ".join(s.name for s in components_for(family))
-    raise KeyError(f"{family} has no component {name!r} (components: {known})")
+    raise KeyError(f"{family} has no component {name!r} (components: {known}, controlnet, controlnet_1, ...)")

@@ -21,6 +21,7 @@ from sdexport.models import LoadedModel
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
+from sdexport.specs import controlnet_index
 
 
 @dataclass
@@ -44,8 +45,16 @@ class DiffusersReference:
         self.model = model
         self.device = device or torch.device("cpu")
         self.dtype = dtype
-        cls: Any = diffusers.StableDiffusionXLPipeline if model.family == "sdxl" else diffusers.StableDiffusionPipeline
-        kwargs: dict[str, Any] = dict(model.modules)
+        sdxl = model.family == "sdxl"
+        nets = [model.modules[n] for n in sorted((n for n in model.modules if controlnet_index(n) is not None),
+                                                 key=lambda n: controlnet_index(n) or 0)]
+        self.controlnets = len(nets)
+        cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+        if nets:
+            cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
+        kwargs: dict[str, Any] = {n: m for n, m in model.modules.items() if controlnet_index(n) is None}
+        if nets:  # a list of several becomes diffusers' MultiControlNetModel
+            kwargs["controlnet"] = nets[0] if len(nets) == 1 else nets
         kwargs.update(model.tokenizers)
         kwargs["scheduler"] = make_scheduler("default", model.scheduler_config)
         if model.family == "sd":
@@ -79,6 +88,9 @@ class DiffusersReference:
         (CUDA events on a GPU) add no host synchronisation: the baseline runs as it would unwatched."""
         targets = [(getattr(self.pipe, n, None), "forward", "text_encoder") for n in ("text_encoder", "text_encoder_2")]
         targets += [(self.pipe.unet, "forward", "unet"), (self.pipe.vae, "decode", "vae_decoder")]
+        nets = getattr(self.pipe, "controlnet", None)
+        for net in getattr(nets, "nets", [nets] if nets is not None else []):
+            targets.append((net, "forward", "controlnet"))
         for owner, attribute, stage in targets:
             if owner is not None:
                 self._wrapped.append((owner, attribute, owner.__dict__.get(attribute)))
@@ -98,10 +110,16 @@ class DiffusersReference:
         """Resolve this call's marks (its results are on the host, so every mark has completed)."""
         clock = self._call_clock
         timings = Timings(total=total, clock=clock.kind)
+        controlnet = 0.0
         for stage, start, end in self._spans:
             seconds = clock.seconds(start, end)
-            if stage == "unet":
+            if stage == "controlnet":  # summed per step: the U-Net call closes a step
+                controlnet += seconds
+            elif stage == "unet":
                 timings.unet_steps.append(seconds)
+                if controlnet:
+                    timings.controlnet_steps.append(controlnet)
+                    controlnet = 0.0
             else:
                 setattr(timings, stage, getattr(timings, stage) + seconds)
         return timings
@@ -114,8 +132,11 @@ class DiffusersReference:
             return self.pipe
         if task not in self._variants:
             sdxl = self.model.family == "sdxl"
-            if task == "img2img":
-                cls: Any = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
+            if task == "img2img" and self.controlnets:
+                cls: Any = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if sdxl
+                            else diffusers.StableDiffusionControlNetImg2ImgPipeline)
+            elif task == "img2img":
+                cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
             else:
                 cls = diffusers.StableDiffusionXLInpaintPipeline if sdxl else diffusers.StableDiffusionInpaintPipeline
             variant = cls.from_pipe(self.pipe)
@@ -155,6 +176,18 @@ class DiffusersReference:
             extra = {"image": request.image, "strength": request.effective_strength(self.model.family)}
             if request.task == "inpaint":
                 extra.update(mask_image=request.mask, height=request.height, width=request.width)
+        if self.controlnets:
+            one = self.controlnets == 1
+            images = request.control_image or []
+            settings = list(zip(*request.control_settings(self.controlnets)))
+            extra |= {
+                "image" if request.task == "txt2img" else "control_image": images[0] if one else images,
+                "controlnet_conditioning_scale": settings[0][0] if one else list(settings[0]),
+                "control_guidance_start": settings[1][0] if one else list(settings[1]),
+                "control_guidance_end": settings[2][0] if one else list(settings[2]),
+            }
+            if request.task != "txt2img":
+                extra.update(height=request.height, width=request.width)
         if self.model.family == "sdxl":
             extra |= {
                 "prompt_2": request.prompt_2,

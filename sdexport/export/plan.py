@@ -13,6 +13,7 @@ from typing import Literal
 
 from sdexport.errors import SdexportError
 from sdexport.manifest import not_an_engine_dir
+from sdexport.models.controlnet import check_controlnets, resolve_controlnet
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
@@ -50,6 +51,9 @@ class ExportOptions:
     """A diffusers AutoencoderKL directory replacing the model's VAE (e.g. an fp16-safe SDXL VAE)."""
     loras: list[LoraFile] = field(default_factory=list)
     """LoRA files fused into the weights before export, in order (``--lora FILE[:SCALE]``)."""
+    controlnets: list[str] = field(default_factory=list)
+    """ControlNet directories or presets exported beside the model (``--controlnet``), in the order
+    their control images are given at run time."""
 
 
 @dataclass(frozen=True)
@@ -73,17 +77,21 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     if isinstance(options.seed, bool) or not 0 <= options.seed <= MAX_PRESET_SEED:
         raise SdexportError(f"--seed {options.seed}: preset weight seeds go from 0 to {MAX_PRESET_SEED}")
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
+    controlnets = [resolve_controlnet(a) for a in options.controlnets]
+    check_controlnets(controlnets, outline.unet_config or {}, outline.family, outline.preset, outline.inpainting,
+                      outline.vae_scale_factor)
     profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
-    specs = select_components(outline.family, options.components, options.dtype)
-    check_target(out_dir, ENGINE_DIR, replace=options.force, protected=outline.sources)
+    specs = select_components(outline.family, options.components, options.dtype, len(controlnets))
+    sources = (*outline.sources, *(c.path for c in controlnets if c.path is not None))
+    check_target(out_dir, ENGINE_DIR, replace=options.force, protected=sources)
     return ExportPlan(outline, profile, specs)
 
 
-def select_components(family: str, names: list[str] | None, dtype: str) -> list[ComponentSpec]:
+def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0) -> list[ComponentSpec]:
     """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
-    specs = list(components_for(family))
+    specs = list(components_for(family, controlnets))
     if not names:
         return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
     known = [s.name for s in specs]

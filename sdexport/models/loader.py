@@ -30,11 +30,12 @@ from sdexport.models.outline import (
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims
+from sdexport.specs import ModelDims, controlnet_index, controlnet_names
 
 SDXL_TIME_IDS = 6
 """original size (h, w), crop top-left (y, x), target size (h, w)."""
 PIPELINE_OPTIONS = {"sdxl": {"force_zeros_for_empty_prompt": True}}
+CONTROLNET_PIPELINES = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 """Per family: model_index.json options the runtime honours, with diffusers' defaults."""
 
 
@@ -75,13 +76,18 @@ class LoadedModel:
     def pipeline_index(self) -> dict[str, Any]:
         """The diffusers ``model_index.json`` of this model: its pipeline class and the library and
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
-        index: dict[str, Any] = {
-            "_class_name": "StableDiffusionInpaintPipeline" if self.family == "sd" and self.dims.inpainting
-            else next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family),
-            "_diffusers_version": _version("diffusers"),
-        }
+        controlnets = [n for n in self.modules if controlnet_index(n) is not None]
+        pipeline = next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
+        if self.family == "sd" and self.dims.inpainting:
+            pipeline = "StableDiffusionInpaintPipeline"
+        elif controlnets:
+            pipeline = CONTROLNET_PIPELINES[self.family]
+        index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": _version("diffusers")}
         for name, module in self.modules.items():
-            index[name] = _library_of(module)
+            if controlnet_index(name) is None:
+                index[name] = _library_of(module)
+        if controlnets:  # several are one MultiControlNetModel, saved as controlnet, controlnet_1, ...
+            index["controlnet"] = ["diffusers", "ControlNetModel" if len(controlnets) == 1 else "MultiControlNetModel"]
         for name, tok in self.tokenizers.items():
             index[name] = ["transformers", type(tok).__name__]
         index["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
@@ -125,7 +131,8 @@ def unet_extra_channels(in_channels: int, latent_channels: int, label: str, fami
 def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], label: str) -> ModelDims:
     """A model's static sizes from its parts' configs (objects with attributes: diffusers' and
     transformers' configs, or ``SimpleNamespace``s of their JSON) and its tokenizers' lengths.
-    SDXL's are cross-checked, since a mismatch only shows deep in a graph.
+    SDXL's are cross-checked, since a mismatch only shows deep in a graph. With ControlNets among
+    the parts, the residuals they pass the U-Net (``ModelDims.residuals``).
 
     SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
     both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
@@ -134,7 +141,13 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     """
     unet, vae, te = configs["unet"], configs["vae"], configs["text_encoder"]
     sequence = lengths["tokenizer"]
+    residuals: tuple[tuple[int, int], ...] = ()
+    if any(controlnet_index(name) is not None for name in configs):
+        from sdexport.models.controlnet import residual_layout
+
+        residuals = residual_layout(dict(unet) if hasattr(unet, "keys") else vars(unet))
     common = {
+        "residuals": residuals,
         "S": sequence,
         "E": int(unet.cross_attention_dim),
         "C": int(unet.out_channels),
@@ -202,16 +215,38 @@ def load_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     vae: str | None = None,
+    controlnets: list[str] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
 
     ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
-    the model's VAE, e.g. an fp16-safe SDXL VAE.
+    the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
+    loaded beside it (``add_controlnets``).
     """
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype)
+    if controlnets:
+        add_controlnets(loaded, controlnets, seed=seed, dtype=dtype)
     return loaded
+
+
+def add_controlnets(model: LoadedModel, arguments: list[str], *, seed: int = 0,
+                    dtype: torch.dtype = torch.float32) -> None:
+    """Load ``--controlnet`` presets or directories beside the model, as ``controlnet``,
+    ``controlnet_1``, ... (checked to fit its U-Net first, from their configs)."""
+    from sdexport.models.controlnet import check_controlnets, load_controlnet, resolve_controlnet
+
+    sources = [resolve_controlnet(a) for a in arguments]
+    base = model.source.get("name") if model.source.get("kind") == "preset" else None
+    dims = model.dims
+    check_controlnets(sources, dict(model.config("unet")), model.family, base, dims.inpainting, dims.vae_scale_factor)
+    records = []
+    for index, (name, source) in enumerate(zip(controlnet_names(len(sources)), sources)):
+        model.modules[name] = load_controlnet(source, model.module("unet"), seed=seed, index=index, dtype=dtype)
+        records.append(source.record(seed))
+    model.label += ", ControlNet " + ", ".join(s.argument for s in sources)
+    model.source = {**model.source, "controlnets": records}
 
 
 def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype) -> LoadedModel:

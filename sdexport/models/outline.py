@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,10 @@ class ModelOutline:
     scheduler_config: dict[str, Any]
     inpainting: bool = False
     """The U-Net also takes a mask and the masked image's latents (as ``ModelDims.inpainting``)."""
+    unet_config: dict[str, Any] | None = None
+    """The U-Net's config, which ``--controlnet``s must fit."""
+    preset: str | None = None
+    """The preset's name, where the model is one."""
 
     @property
     def image_multiple(self) -> int:
@@ -57,7 +61,8 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
             f"{model} brings its own configs"
         )
     if preset is not None and not looks_like_a_model(path):
-        return _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
+        outline = _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
+        return replace(outline, preset=preset.name)
     if not path.exists():
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     if path.is_dir():
@@ -112,6 +117,7 @@ def _outline(
             vae_width=int(blocks[0]),
             scheduler_config=dict(scheduler),
             inpainting=_inpainting(unet, vae, family),
+            unet_config=dict(unet),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelLoadError(f"the U-Net or VAE config lacks a usable {one_line(exc)}") from None

@@ -67,12 +67,14 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple
     )
 
 
-def check_image(image: Any, height: int, width: int, what: str) -> None:
-    """The Python API's check: a PIL image of the request's size."""
+def check_image(image: Any, height: int | None, width: int | None, what: str) -> None:
+    """The Python API's check: a PIL image of the request's size (None: of any size)."""
     size = getattr(image, "size", None)
     if size is None or not hasattr(image, "convert"):
         raise SdexportError(f"{what}: expected a PIL image, got {type(image).__name__}")
-    if tuple(size) != (width, height):
+    if min(size) < 1:
+        raise SdexportError(f"{what} is empty ({size[1]}x{size[0]})")
+    if height is not None and tuple(size) != (width, height):
         raise SdexportError(
             f"{what} is {size[1]}x{size[0]} (HxW), the request {height}x{width}: give images of the request's "
             "size (sdexport.runtime.image_inputs.fit_image resizes or crops one)"
@@ -88,6 +90,20 @@ def pixels(images: list[Any], batch: int) -> torch.Tensor:
     arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return per_prompt(tensor * 2.0 - 1.0, batch)
+
+
+def control_pixels(image: Any, height: int, width: int) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [0, 1]: a ControlNet's conditioning image as diffusers' control image
+    processor makes it (RGB, resized to the request's size with Lanczos, not normalised)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 
 def binary_mask(masks: list[Any], batch: int) -> torch.Tensor:

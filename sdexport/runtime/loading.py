@@ -29,8 +29,11 @@ FALLBACK_VAE = "vae_decoder_fp32"
 
 
 def txt2img_components(manifest: Manifest) -> list[str]:
-    """What txt2img runs (the VAE encoder is for img2img, the fp32 decoder a fallback), in call order."""
-    names = [s.name for s in components_for(manifest.family) if s.name != "vae_encoder" and not s.always_fp32]
+    """What txt2img runs (the VAE encoder is for img2img, the fp32 decoder a fallback), in call order;
+    with the ControlNets where the U-Net takes their residuals."""
+    controlnets = len(manifest.controlnets) or (1 if manifest.model_dims.residuals else 0)
+    names = [s.name for s in components_for(manifest.family, controlnets)
+             if s.name != "vae_encoder" and not s.always_fp32]
     missing = [n for n in names if n not in manifest.components]
     if missing:
         raise EngineDirError(
@@ -300,7 +303,14 @@ def _torch_engines(
     seed = source.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
-    model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"))
+    controlnets = []
+    for record in source.get("controlnets") or []:  # as the export loaded them (presets: the same seed)
+        where = record.get("name") if record.get("kind") == "preset" else record.get("path")
+        if not isinstance(where, str) or (record.get("kind") != "preset" and not Path(where).exists()):
+            raise EngineDirError(f"the Torch backend needs the ControlNet the export read, {where}, which is gone")
+        controlnets.append(where)
+    model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
+                       controlnets=controlnets)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
     fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did

@@ -39,7 +39,7 @@ from sdexport.runtime.providers import (
     require_provider,
 )
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import DYNAMIC_SYMBOLS, ComponentSpec, ModelDims
+from sdexport.specs import ComponentSpec, ModelDims, is_dynamic, resolve_dim
 
 _ORT_TYPES = {torch.float32: np.float32, torch.int32: np.int32, torch.float16: np.float16, torch.int64: np.int64}
 
@@ -169,9 +169,10 @@ class OnnxRuntimeEngine:
         options.log_severity_level = 3
         if self.threads:
             options.intra_op_num_threads = self.threads
-        for symbol, value in (sizes or {}).items():
-            if symbol in DYNAMIC_SYMBOLS:
-                options.add_free_dimension_override_by_name(symbol, value)
+        if sizes:
+            for symbol in dict.fromkeys(d for t in (*self.spec.inputs, *self.spec.outputs) for d in t.dims):
+                if is_dynamic(symbol):  # h/2: a ControlNet residual's side
+                    options.add_free_dimension_override_by_name(symbol, resolve_dim(symbol, sizes))
         for name, tensor in self._initializers.items():
             options.add_initializer(name, tensor)
         if self._initializers:

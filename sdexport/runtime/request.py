@@ -56,6 +56,16 @@ class GenerationRequest:
     strength: float | None = None
     """How far the init image is noised, 0 < strength <= 1 (1: all the way, only its latents in
     inpainting's mask survive). None: diffusers' defaults (img2img 0.8, SDXL img2img 0.3, inpainting 1)."""
+    # ControlNet (an engine directory exported with --controlnet), as diffusers' ControlNet pipelines name it.
+    control_image: list[Any] | None = None
+    """One conditioning image (an edge, depth or pose map: PIL) per ControlNet, in the directory's
+    order, each for every prompt; resized to the request's size as diffusers does."""
+    control_scale: float | list[float] = 1.0
+    """``controlnet_conditioning_scale``: one for all ControlNets, or one each."""
+    control_start: float | list[float] = 0.0
+    """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
+    control_end: float | list[float] = 1.0
+    """``control_guidance_end``: the fraction of the steps after which it stops."""
 
     @property
     def batch(self) -> int:
@@ -82,6 +92,14 @@ class GenerationRequest:
             return self.steps
         return min(int(self.steps * self.effective_strength(family)), self.steps)
 
+    def control_settings(self, count: int) -> list[tuple[float, float, float]]:
+        """(scale, start, end) for each of ``count`` ControlNets (single values serve all)."""
+        def each(value: float | list[float]) -> list[float]:
+            values = list(value) if isinstance(value, list | tuple) else [value]
+            return values * count if len(values) == 1 else values
+
+        return list(zip(each(self.control_scale), each(self.control_start), each(self.control_end)))
+
     @property
     def cfg(self) -> bool:
         """Guidance above 1 mixes in an unconditional prediction; at or below 1 it is skipped."""
@@ -98,11 +116,12 @@ def check_request(
     dims: ImageGeometry,
     profile: ShapeProfile,
     scheduler_config: dict[str, Any] | None = None,
+    controlnets: int = 0,
 ) -> None:
     """Refuse what the engines cannot do, with one line that says what can be done instead.
 
     ``scheduler_config`` (the engine directory's) lets the step count be checked against the
-    model's training timesteps.
+    model's training timesteps; ``controlnets``: how many ControlNets the directory has.
     """
     from sdexport.runtime.schedulers import check_scheduler_name
 
@@ -143,6 +162,46 @@ def check_request(
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
     profile.check_request(request.batch, request.height, request.width, dims)
     _check_image_inputs(request, family, dims)
+    _check_control(request, controlnets)
+
+
+def _check_control(request: GenerationRequest, controlnets: int) -> None:
+    """ControlNet inputs: one image per ControlNet, settings that diffusers would accept."""
+    from sdexport.runtime.image_inputs import check_image
+
+    defaults = (request.control_scale, request.control_start, request.control_end) == (1.0, 0.0, 1.0)
+    if not controlnets:
+        if request.control_image is not None or not defaults:
+            raise SdexportError("--control-image and its settings need an engine directory exported with "
+                                "--controlnet (this one has no ControlNet)")
+        return
+    images = request.control_image
+    s = "" if controlnets == 1 else "s"
+    if images is None:
+        raise SdexportError(f"this engine directory has {controlnets} ControlNet{s}: give --control-image (one per "
+                            "ControlNet, in the order they were exported)")
+    if not isinstance(images, list) or len(images) != controlnets:
+        count = len(images) if isinstance(images, list) else type(images).__name__
+        raise SdexportError(f"{count} control images for {controlnets} ControlNet{s}: give one per ControlNet, in the "
+                            "order they were exported (controlnet, controlnet_1, ...)")
+    for image in images:
+        check_image(image, None, None, "control image")
+    if request.mask is not None:
+        raise SdexportError("inpainting with a ControlNet is not supported yet: use txt2img or img2img (no --mask)")
+    for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
+                        ("--control-end", request.control_end)):
+        values = list(value) if isinstance(value, list | tuple) else [value]
+        if len(values) not in (1, controlnets):
+            raise SdexportError(f"{flag}: {len(values)} values for {controlnets} ControlNet{s}: give one, or one each")
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise SdexportError(f"{flag} {v!r}: expected a finite number")
+            if flag != "--control-scale" and not 0 <= v <= 1:
+                raise SdexportError(f"{flag} {v:g}: a fraction of the steps, from 0 to 1")
+    for i, (_, start, end) in enumerate(request.control_settings(controlnets)):
+        if start >= end:
+            raise SdexportError(f"--control-start {start:g} is not before --control-end {end:g}"
+                                + (f" (ControlNet {i + 1})" if controlnets > 1 else ""))
 
 
 def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeometry) -> None:

@@ -31,7 +31,7 @@ from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.runtime.schedulers import check_steps, make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims
+from sdexport.specs import ModelDims, controlnet_index
 
 
 @dataclass
@@ -44,15 +44,21 @@ class Timings:
     vae_decoder: float = 0.0
     total: float = 0.0
     clock: str = "host clock"
+    controlnet_steps: list[float] = field(default_factory=list)
+    """Per step, the ControlNets' time (all of them; steps where none is active are absent)."""
 
     @property
     def unet_total(self) -> float:
         return sum(self.unet_steps)
 
     @property
+    def controlnet_total(self) -> float:
+        return sum(self.controlnet_steps)
+
+    @property
     def loop_overhead(self) -> float:
         """Time outside the engine spans: tokenizing, scheduler math, CFG, copies, launch gaps."""
-        return self.total - self.text_encoder - self.unet_total - self.vae_decoder
+        return self.total - self.text_encoder - self.controlnet_total - self.unet_total - self.vae_decoder
 
     @property
     def iterations_per_second(self) -> float:
@@ -64,6 +70,8 @@ class Timings:
             "unet_steps": self.unet_steps,
             "unet_total": self.unet_total,
             "vae_decoder": self.vae_decoder,
+            **({"controlnet_steps": self.controlnet_steps, "controlnet_total": self.controlnet_total}
+               if self.controlnet_steps else {}),
             "loop_overhead": self.loop_overhead,
             "total": self.total,
             "it_per_s": self.iterations_per_second,
@@ -84,6 +92,26 @@ class ImageConditioning:
     """(B, 1, h, w), 1 = repaint: the mask at latent size."""
     masked_latents: torch.Tensor | None = None
     """The masked image's latents: an inpainting U-Net's extra input."""
+
+
+class ControlConditioning:
+    """What the ControlNets get at each step of one run: their images and per-step scales (as 0-d
+    tensors on the device, made once per distinct value, not once per step)."""
+
+    def __init__(self, names: list[str], images: list[torch.Tensor], scales: list[list[float]],
+                 device: torch.device) -> None:
+        self.names, self.images, self.scales = names, images, scales
+        self._tensors: dict[float, torch.Tensor] = {
+            value: torch.tensor(value, dtype=torch.float32, device=device)
+            for value in {v for per_step in scales for v in per_step}
+        }
+
+    def active(self, step: int) -> bool:
+        return any(per_step[step] != 0 for per_step in self.scales)
+
+    def active_nets(self, step: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return [(name, image, self._tensors[per_step[step]])
+                for name, image, per_step in zip(self.names, self.images, self.scales) if per_step[step] != 0]
 
 
 @dataclass
@@ -134,6 +162,8 @@ class Txt2ImgPipeline:
         self.fallback_vae = fallback_vae
         self.info = info or {}
         self.device = engines["unet"].device
+        self.controlnets = sorted((n for n in engines if controlnet_index(n) is not None),
+                                  key=lambda n: controlnet_index(n) or 0)
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
@@ -145,7 +175,7 @@ class Txt2ImgPipeline:
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
-                      scheduler_config=self.scheduler_config)
+                      scheduler_config=self.scheduler_config, controlnets=len(self.controlnets))
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
@@ -193,15 +223,22 @@ class Txt2ImgPipeline:
                      torch.cat([init.masked_latents] * 2) if request.cfg else init.masked_latents]
         blend = init is not None and init.mask is not None and not self.dims.inpainting
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
+        control = self.control_conditioning(request, len(timesteps)) if self.controlnets else None
 
-        step_marks = []
+        step_marks, control_marks = [], []
         engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
+            residuals: dict[str, torch.Tensor] = {}
+            if control is not None:
+                before = clock.mark()
+                residuals = self.control_residuals(control, i, model_input.float(), engine_timesteps[i], conditioning)
+                if control.active(i):
+                    control_marks.append((before, clock.mark()))
             if extra:
                 model_input = torch.cat([model_input, *extra], dim=1)
-            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning}
+            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning, **residuals}
             before = clock.mark()
             noise = self.engines["unet"](feed)["out_sample"]
             step_marks.append((before, clock.mark()))
@@ -231,6 +268,7 @@ class Txt2ImgPipeline:
             vae_decoder=clock.seconds(decode_start, decode_end),
             total=time.perf_counter() - start,
             clock=clock.kind,
+            controlnet_steps=[clock.seconds(a, b) for a, b in control_marks],
         )
         return GenerationResult(
             images=to_pil(pixels),
@@ -395,6 +433,43 @@ class Txt2ImgPipeline:
             self.noise((distinct, *shape[1:]), generators[:distinct])
         latent_mask = per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
         return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
+
+    def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
+        """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG) and
+        its scale at every step: ``controlnet_conditioning_scale``, zero where the step lies outside
+        its [start, end] share of the steps (diffusers' ``controlnet_keep``, over the steps the
+        loop runs)."""
+        from sdexport.runtime.image_inputs import control_pixels, per_prompt
+
+        batch = 2 * request.batch if request.cfg else request.batch
+        images, scales = [], []
+        for image, (scale, start, end) in zip(request.control_image or [],
+                                              request.control_settings(len(self.controlnets))):
+            pixels = control_pixels(image, request.height, request.width)
+            images.append(per_prompt(pixels, batch).to(self.device))
+            keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+            scales.append([scale * k for k in keep])
+        return ControlConditioning(self.controlnets, images, scales, self.device)
+
+    def control_residuals(self, control: ControlConditioning, step: int, sample: torch.Tensor, timestep: torch.Tensor,
+                          conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The U-Net's residual inputs at ``step``: the sum of the active ControlNets' outputs (as
+        diffusers' ``MultiControlNetModel``), zeros where none is active (a ControlNet at scale 0
+        adds exactly that, so it is not run)."""
+        unet = self.engines["unet"].spec
+        summed: list[torch.Tensor] | None = None
+        for name, image, scale in control.active_nets(step):
+            engine = self.engines[name]
+            feed = {"sample": sample, "timestep": timestep, "controlnet_cond": image, "conditioning_scale": scale,
+                    **{k: v for k, v in conditioning.items() if k in engine.spec.input_names}}
+            out = engine(feed)
+            residual = [out[n] for n in engine.spec.residual_outputs]
+            summed = residual if summed is None else [a + b for a, b in zip(summed, residual)]
+        if summed is None:
+            sizes = self.dims.sizes(sample.shape[0], sample.shape[-2] * self.dims.vae_scale_factor,
+                                    sample.shape[-1] * self.dims.vae_scale_factor)
+            summed = [torch.zeros(unet.tensor(n).shape(sizes), device=self.device) for n in unet.residual_inputs]
+        return dict(zip(unet.residual_inputs, summed))
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
         """Scaled latents sampled from the VAE encoder's distribution with each image's generator

@@ -1,0 +1,210 @@
+"""ControlNets beside a base model: where they come from, and whether they fit it.
+
+A ControlNet is a copy of the U-Net's encoder that reads a conditioning image (edges, depth, pose)
+and returns one residual per skip connection of the U-Net's down path plus one for its mid block;
+the U-Net adds them. So a ControlNet fits a base model exactly when its residuals have the U-Net's
+channels and sizes (``residual_layout``), it attends to the same text width and takes the same
+latents. That is checked here from the configs alone, before any weight is read (``sdexport export
+--controlnet`` refuses a misfit in well under a second), and again on the loaded modules.
+
+``--controlnet`` takes a diffusers ``ControlNetModel`` directory (or a pipeline directory with
+``controlnet/``), or a preset: a ControlNet with the base U-Net's architecture and random weights,
+for tests (``tiny-controlnet``) and benchmarks (``sd15-controlnet``; speed does not depend on the
+weights). diffusers zero-initialises a new ControlNet's output convolutions (training starts from
+"no effect"); the presets draw those at random too, so that a ControlNet that is ignored, or fed the
+wrong image, changes the result and a test notices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdexport.errors import ModelLoadError, one_line
+
+if TYPE_CHECKING:
+    import torch
+
+CONTROLNET_CLASS = "ControlNetModel"
+
+
+@dataclass(frozen=True)
+class ControlNetPreset:
+    name: str
+    description: str
+    bases: tuple[str, ...]
+    """The model presets whose U-Net it is made from."""
+    conditioning_channels: tuple[int, ...]
+    """``conditioning_embedding_out_channels``: the small encoder from pixels to latent size, which
+    halves the image between each two of them (three times for the VAEs' factor 8)."""
+
+
+CONTROLNET_PRESETS = {
+    p.name: p
+    for p in (
+        ControlNetPreset("tiny-controlnet", "a few-MB ControlNet for the tiny presets (tests, the demo)",
+                         ("tiny", "tiny-v", "tiny-sdxl"), (8, 16, 16, 32)),
+        ControlNetPreset("sd15-controlnet", "the SD 1.5 ControlNet architecture (lllyasviel's sd-controlnet-*)",
+                         ("sd15",), (16, 32, 96, 256)),
+    )
+}
+
+_FROM_UNET = (
+    "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "only_cross_attention", "block_out_channels",
+    "layers_per_block", "downsample_padding", "mid_block_scale_factor", "act_fn", "norm_num_groups", "norm_eps",
+    "cross_attention_dim", "transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
+    "attention_head_dim", "num_attention_heads", "use_linear_projection", "class_embed_type", "addition_embed_type",
+    "addition_time_embed_dim", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
+    "projection_class_embeddings_input_dim", "addition_embed_type_num_heads",
+)
+"""The U-Net config entries a ControlNet made from it copies (as ``ControlNetModel.from_unet``)."""
+
+
+@dataclass(frozen=True)
+class ControlNetSource:
+    """One ``--controlnet`` argument, resolved: a preset, or the directory holding its config."""
+
+    argument: str
+    preset: ControlNetPreset | None
+    path: Path | None
+
+    def config(self, unet_config: dict[str, Any]) -> dict[str, Any]:
+        """Its diffusers config (a preset's is derived from the base U-Net's)."""
+        if self.preset is not None:
+            return preset_config(self.preset, unet_config)
+        assert self.path is not None
+        from sdexport.models.outline import read_json
+
+        return read_json(self.path / "config.json")
+
+    def record(self, seed: int) -> dict[str, Any]:
+        """How the Torch backend finds it again (``model.source.controlnets`` in the manifest)."""
+        if self.preset is not None:
+            return {"kind": "preset", "name": self.preset.name, "seed": seed}
+        assert self.path is not None
+        return {"kind": "diffusers", "path": str(self.path.resolve())}
+
+
+def resolve_controlnet(argument: str) -> ControlNetSource:
+    """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise)."""
+    path = Path(argument)
+    preset = CONTROLNET_PRESETS.get(argument)
+    if preset is not None and not path.exists():
+        return ControlNetSource(argument, preset, None)
+    if not path.is_dir():
+        known = ", ".join(CONTROLNET_PRESETS)
+        raise ModelLoadError(f"--controlnet {argument}: no such directory, and not a ControlNet preset ({known})")
+    if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
+        path = path / "controlnet"  # a ControlNet pipeline's directory
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"--controlnet {argument}: not a diffusers ControlNetModel directory (no config.json)")
+    return ControlNetSource(argument, None, path)
+
+
+def preset_config(preset: ControlNetPreset, unet_config: dict[str, Any]) -> dict[str, Any]:
+    config = {k: v for k, v in unet_config.items() if k in _FROM_UNET}
+    return {"_class_name": CONTROLNET_CLASS, **config, "conditioning_embedding_out_channels": list(preset.conditioning_channels)}
+
+
+def residual_layout(config: dict[str, Any]) -> tuple[tuple[int, int], ...]:
+    """(channels, latent downscale) of each skip connection of a U-Net's (or ControlNet's) down path,
+    in diffusers' order, then of its mid block: the input convolution's, each down block's layers',
+    and each downsampler's (all blocks but the last)."""
+    blocks = [int(c) for c in config["block_out_channels"]]
+    count = len(config.get("down_block_types") or blocks)
+    layers = config.get("layers_per_block", 2)
+    per_block = [int(layers)] * count if isinstance(layers, int) else [int(n) for n in layers]
+    if count != len(blocks) or len(per_block) != count:
+        raise ModelLoadError(f"inconsistent config: {count} down blocks, block_out_channels {blocks}, "
+                             f"layers_per_block {layers}")
+    layout, scale = [(blocks[0], 1)], 1
+    for i, channels in enumerate(blocks):
+        layout += [(channels, scale)] * per_block[i]
+        if i < count - 1:
+            scale *= 2
+            layout.append((channels, scale))
+    layout.append((blocks[-1], scale))
+    return tuple(layout)
+
+
+def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_scale_factor: int,
+               what: str) -> tuple[tuple[int, int], ...]:
+    """Refuse a ControlNet that does not fit the base model; return the residual layout it shares
+    with the U-Net. Its image encoder must also bring pixels down to latent size (the VAE's factor)."""
+    kind = config.get("_class_name", CONTROLNET_CLASS)
+    if kind != CONTROLNET_CLASS:
+        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL)")
+    try:
+        layout = residual_layout(config)
+        problems = []
+        if layout != residual_layout(unet):
+            problems.append("its residuals do not match the U-Net's down blocks (block_out_channels, "
+                            "layers_per_block): it was made for another base model")
+        for key, default in (("cross_attention_dim", 1280), ("in_channels", 4)):
+            theirs = unet.get("out_channels", 4) if key == "in_channels" else unet.get(key, default)
+            if config.get(key, default) != theirs:
+                problems.append(f"{key} {config.get(key, default)} where the base model has {theirs}")
+        sdxl_net = config.get("addition_embed_type") == "text_time"
+        if sdxl_net != (family == "sdxl"):
+            problems.append(f"an {'SDXL' if sdxl_net else 'SD 1.x/2.x'} ControlNet for an {family} model")
+        elif sdxl_net and config.get("projection_class_embeddings_input_dim") != unet.get("projection_class_embeddings_input_dim"):
+            problems.append("projection_class_embeddings_input_dim differs from the U-Net's")
+        embedding = config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+        if 2 ** (len(embedding) - 1) != vae_scale_factor:
+            problems.append(f"its image encoder shrinks images {2 ** (len(embedding) - 1)}x, the VAE "
+                            f"{vae_scale_factor}x (conditioning_embedding_out_channels {list(embedding)})")
+        if config.get("conditioning_channels", 3) != 3:
+            problems.append(f"it reads {config.get('conditioning_channels')}-channel images (sdexport passes RGB)")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{what}: the config lacks a usable {one_line(exc)}") from None
+    if problems:
+        raise ModelLoadError(f"{what} does not fit the model: {'; '.join(problems)}")
+    return layout
+
+
+def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], family: str, base_preset: str | None,
+                      inpainting: bool, vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
+    """Every ``--controlnet`` of an export, from configs alone: the residual layout they share."""
+    from sdexport.specs import MAX_CONTROLNETS
+
+    if not sources:
+        return ()
+    if len(sources) > MAX_CONTROLNETS:
+        raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
+    if inpainting:
+        raise ModelLoadError("--controlnet with an inpainting U-Net: sdexport runs ControlNets with standard U-Nets "
+                             "so far (txt2img, img2img, and inpainting by blending)")
+    layout: tuple[tuple[int, int], ...] = ()
+    for source in sources:
+        what = f"--controlnet {source.argument}"
+        if source.preset is not None and base_preset not in source.preset.bases:
+            raise ModelLoadError(f"{what}: this preset goes with the preset(s) {', '.join(source.preset.bases)}, "
+                                 f"not {base_preset or 'a checkpoint'}; pass a ControlNet directory for this model")
+        layout = check_fits(source.config(unet), unet, family, vae_scale_factor, what)
+    return layout
+
+
+def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: int, index: int,
+                    dtype: torch.dtype) -> torch.nn.Module:
+    """The ControlNet module: a directory's weights (every one of them), or a preset's, drawn from
+    ``seed`` as the base preset's are (component offset 5 + index)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from sdexport.models.presets import SEED_STRIDE
+
+    if source.preset is not None:
+        config = {k: v for k, v in preset_config(source.preset, dict(unet.config)).items() if not k.startswith("_")}
+        torch.manual_seed(seed * SEED_STRIDE + 5 + index)
+        module = ControlNetModel.from_config(config)
+        for layer in (*module.controlnet_down_blocks, module.controlnet_mid_block,
+                      module.controlnet_cond_embedding.conv_out):
+            layer.reset_parameters()  # diffusers starts them at zero: see the module docstring
+        return module.to(dtype).eval().requires_grad_(False)  # type: ignore[no-any-return]
+    from sdexport.models.loader import _load_part, _with_all_weights
+
+    assert source.path is not None
+    module = _load_part(source.path.parent, source.path.name,
+                        lambda p: _with_all_weights(p, ControlNetModel, dtype))
+    return module.eval().requires_grad_(False)  # type: ignore[no-any-return]
