@@ -53,6 +53,7 @@ def export(
     vae: Annotated[str | None, typer.Option(help="Replace the model's VAE: an AutoencoderKL directory (e.g. an fp16-safe VAE) or a pipeline directory with vae/.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: fuse a LoRA (.safetensors; diffusers/PEFT or kohya/A1111 layout) into the weights first; repeatable, applied in order.")] = None,
+    controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel directory (or preset: tiny-controlnet, sd15-controlnet) exported beside the model; repeatable for several (run then takes one --control-image each, in this order).")] = None,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.plan import ExportOptions, plan_export
@@ -69,6 +70,7 @@ def export(
         vae=vae,
         force=force,
         loras=[LoraFile.parse(item) for item in lora or []],
+        controlnets=list(controlnet or []),
     )
     target = _output_path(output)
     plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads
@@ -268,6 +270,10 @@ def run(
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default: img2img 0.8, SDXL img2img 0.3, inpainting 1.0); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size).")] = None,
+    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default 1.0).")] = None,
+    control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
+    control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
@@ -296,9 +302,10 @@ def run(
     prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
-    size_from_image = bool(images) and height is None
-    if size_from_image:  # the init image's own size
-        width, height = images[0].size
+    controls = _control_images(control_image, height, width)
+    size_from_image = bool(images or controls) and height is None
+    if size_from_image:  # the init image's own size, else the first control image's
+        width, height = (images or controls)[0].size
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
         seeds=[seed + i for i in range(len(prompts))],
@@ -310,8 +317,18 @@ def run(
         crops_coords_top_left=_pair(crop_top_left, ",", "--crop-top-left") or (0, 0),
         target_size=_pair(target_size, "x", "--target-size"),
         strength=strength,
+        control_image=controls or None,
+        control_scale=_one_or_each(control_scale, 1.0),
+        control_start=_one_or_each(control_start, 0.0),
+        control_end=_one_or_each(control_end, 1.0),
     )
     notes: list[str] = []
+    for path, control in zip(control_image or [], controls):
+        if control.size != (request.width, request.height):
+            notes.append(f"--control-image {path} resized from {control.size[1]}x{control.size[0]} to "
+                         f"{request.height}x{request.width} (as diffusers does)")
+    if controls:
+        inputs["control_image"] = [str(p) for p in control_image or []]
     if images:
         request.image = [_fit(images[0], request, fit, f"--init-image {init_image}", notes)]
     if len(images) > 1:
@@ -319,17 +336,20 @@ def run(
     scheduler_config = read_scheduler_config(engine_dir)
     try:
         check_request(request, family=manifest.family, dims=manifest.model_dims, profile=profile,
-                      scheduler_config=scheduler_config)
+                      scheduler_config=scheduler_config, controlnets=len(manifest.controlnets))
     except ProfileError as exc:
-        if size_from_image:
+        if size_from_image and images:
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
                                "--fit crop)") from None
+        if size_from_image:
+            raise ProfileError(f"{exc} (the size of the first --control-image; pass --height/--width: control "
+                               "images are resized to them)") from None
         raise
     image_path = _output_path(output)
     check_image_output(image_path, request.batch)
     from sdexport.runtime.images import output_paths
 
-    for given in (init_image, mask):
+    for given in (init_image, mask, *(control_image or [])):
         if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
             raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
     resolved = resolve_backend(backend)
@@ -376,6 +396,22 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
         images.append(read_image(mask, "--mask", mode="L"))
         inputs["mask"] = str(mask)
     return images, inputs
+
+
+def _control_images(paths: list[Path] | None, height: int | None, width: int | None) -> list[Any]:
+    """The ``--control-image`` files, read now (a bad file is refused before anything loads)."""
+    from sdexport.runtime.image_inputs import read_image
+
+    if paths and (height is None) != (width is None):
+        raise SdexportError("with --control-image, give both --height and --width, or neither (the image's own size)")
+    return [read_image(path, "--control-image") for path in paths or []]
+
+
+def _one_or_each(values: list[float] | None, default: float) -> float | list[float]:
+    """A repeatable per-ControlNet option: its default, one value for all, or one each."""
+    if not values:
+        return default
+    return values[0] if len(values) == 1 else list(values)
 
 
 def _fit(image: Any, request: Any, fit: str, what: str, notes: list[str]) -> Any:
@@ -426,7 +462,9 @@ def _generate(
     paths = save_images(result, output, {**pipeline.info, **(inputs or {})})
     t = result.timings
     console.print(
-        f"text encoder {t.text_encoder * 1000:.1f} ms, U-Net {t.unet_total * 1000:.1f} ms "
+        f"text encoder {t.text_encoder * 1000:.1f} ms, "
+        + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
+        + f"U-Net {t.unet_total * 1000:.1f} ms "
         f"({len(t.unet_steps)} steps, {t.iterations_per_second:.2f} it/s), VAE {t.vae_decoder * 1000:.1f} ms, "
         f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s"
     )

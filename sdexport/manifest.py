@@ -53,7 +53,8 @@ class Manifest:
     """label, source, random_weights"""
     prediction_type: str
     vae_scaling_factor: float
-    dims: dict[str, int]
+    dims: dict[str, Any]
+    """``ModelDims.record()``: sizes, and ``residuals`` (pairs) with ControlNets."""
     profile: dict[str, list[int]]
     dtype: str
     tools: dict[str, Any]

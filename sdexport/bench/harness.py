@@ -95,7 +95,7 @@ def _run(
 
     start = time.perf_counter()
     with step(f"Loading {scenario.model}"):
-        model = load_model(scenario.model)
+        model = load_model(scenario.model, controlnets=scenario.controlnets)
     one_time["model"] = {"load_s": time.perf_counter() - start}
     needs_engines = any(c not in BASELINES for c in contenders)
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
@@ -220,17 +220,26 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
             manifest = None
         wanted = {"vae_encoder"} if scenario.strength is not None else set()
         if (manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype
-                and wanted <= set(manifest.components)):
+                and wanted <= set(manifest.components) and _same_controlnets(manifest, scenario)):
             one_time["export"] = {"status": "reused", "path": str(previous)}
             return previous
     # What the loop runs (the VAE encoder for img2img only), plus the fp32 fallback VAE for fp16 exports.
-    components = [s.name for s in components_for(family)
+    components = [s.name for s in components_for(family, len(scenario.controlnets))
                   if (s.name != "vae_encoder" or scenario.strength is not None) and (dtype == "fp16" or not s.always_fp32)]
     start = time.perf_counter()
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, components=components,
-                                                 verify=scenario.export.get("verify", "quick"), force=True))
+                                                 verify=scenario.export.get("verify", "quick"), force=True,
+                                                 controlnets=list(scenario.controlnets)))
     one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(previous)}
     return target
+
+
+def _same_controlnets(manifest: Any, scenario: Scenario) -> bool:
+    """The previous engines hold the scenario's ControlNets (as their manifest records them)."""
+    from sdexport.models.controlnet import resolve_controlnet
+
+    recorded = manifest.model.get("source", {}).get("controlnets") or []
+    return bool(recorded == [resolve_controlnet(c).record(0) for c in scenario.controlnets])
 
 
 def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]]) -> None:
@@ -318,6 +327,8 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "text_encoder_s": Stats.of([o.timings.text_encoder for o in staged]).to_dict(),
         "unet_step_s": Stats.of(steps).to_dict(),
         "unet_calls": len(staged[0].timings.unet_steps),
+        **({"controlnet_step_s": Stats.of([s for o in staged for s in o.timings.controlnet_steps]).to_dict(),
+            "controlnet_calls": len(staged[0].timings.controlnet_steps)} if staged[0].timings.controlnet_steps else {}),
         "vae_decoder_s": Stats.of([o.timings.vae_decoder for o in staged]).to_dict(),
         "loop_overhead_s": Stats.of([o.timings.loop_overhead for o in staged]).to_dict(),
         "it_per_s": Stats.of([o.timings.iterations_per_second for o in staged]).median,

@@ -52,6 +52,10 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if outline.inpainting:
         raise SdexportError(f"{scenario.model}: an inpainting model; benchmark scenarios run txt2img and img2img, "
                             "which such a U-Net cannot (it needs a mask)")
+    from sdexport.models.controlnet import check_controlnets, resolve_controlnet
+
+    check_controlnets([resolve_controlnet(c) for c in scenario.controlnets], outline.unet_config or {}, outline.family,
+                      outline.preset, outline.inpainting, outline.vae_scale_factor)
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)
@@ -71,11 +75,16 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "
                 f"{scenario.model} is {outline.family}: the baseline and the engines must be the same model"
             )
+        if len(manifest.controlnets) != len(scenario.controlnets):
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} has {len(manifest.controlnets)} ControlNet(s), the scenario "
+                f"{len(scenario.controlnets)}: the baseline and the engines must be the same model"
+            )
         profile, geometry = manifest.shape_profile, manifest.model_dims
         scheduler_config = read_scheduler_config(options.engine_dir)
     for case in scenario.cases:
         check_request(request_for(scenario, case), family=outline.family, dims=geometry, profile=profile,
-                      scheduler_config=scheduler_config)
+                      scheduler_config=scheduler_config, controlnets=len(scenario.controlnets))
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -113,6 +122,21 @@ def init_image(scenario: Scenario) -> Any:
     return Image.fromarray((pixels * 255).astype(np.uint8))
 
 
+def control_image(scenario: Scenario, index: int) -> Any:
+    """A ControlNet's input: a seeded synthetic edge map (white strokes on black, as a Canny map
+    looks), one per ControlNet, the same for every contender."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(scenario.seed + 1000 + index)
+    image = Image.new("RGB", (scenario.width, scenario.height))
+    draw = ImageDraw.Draw(image)
+    for _ in range(40):
+        points = rng.random((4, 2)) * (scenario.width, scenario.height)
+        draw.line([tuple(p) for p in points], fill=(255, 255, 255), width=2)
+    return image
+
+
 def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
     return GenerationRequest(
         prompt=[scenario.prompt] * case.batch,
@@ -125,6 +149,8 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         width=scenario.width,
         image=None if scenario.strength is None else [init_image(scenario)],
         strength=scenario.strength,
+        control_image=[control_image(scenario, i) for i in range(len(scenario.controlnets))] or None,
+        control_scale=scenario.control_scale if scenario.controlnets else 1.0,
     )
 
 

@@ -36,7 +36,7 @@ def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
     return entry["case"]["batch"], entry["case"]["steps"]
 
 
-def _row(r: dict[str, Any], baseline: str | None) -> str:
+def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False) -> str:
     agreement = r.get("agreement")
     speedup = r.get("speedup_vs_baseline")
     if r["contender"] == baseline:
@@ -48,6 +48,7 @@ def _row(r: dict[str, Any], baseline: str | None) -> str:
         psnr_text = "–" if psnr_value is None else "∞" if math.isinf(psnr_value) else f"{psnr_value:.1f}"
     cells = [
         r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _ms(r["text_encoder_s"]),
+        *([_ms(r["controlnet_step_s"]) if "controlnet_step_s" in r else "–"] if controlnet else []),
         _ms(r["unet_step_s"]), _ms(r["vae_decoder_s"]), _ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
         _memory(r), _busy(r), rel, psnr_text,
     ]
@@ -76,6 +77,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
             + (f"img2img from a synthetic image at strength {scenario['strength']} (int(steps x strength) "
                "denoising steps), " if scenario.get("strength") is not None else "")
+            + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
+               f"edge map at scale {scenario.get('control_scale', 1.0)}, " if scenario.get("controlnets") else "")
             + f"prompt \"{scenario['prompt']}\""
         ),
         f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
@@ -97,16 +100,18 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for case in sorted({_case_key(r) for r in measured}):
         rows = [r for r in measured if _case_key(r) == case]
+        controlnet = any("controlnet_step_s" in r for r in rows)
         lines += [
             f"## Batch {case[0]}, {case[1]} steps",
             "",
             (
                 "| contender | end-to-end ms, median (min–max) | images/s | speedup | text enc. ms "
-                "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | GPU busy | latents rel-L2 | PSNR dB |"
+                + ("| ControlNet ms/step " if controlnet else "")
+                + "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | GPU busy | latents rel-L2 | PSNR dB |"
             ),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "|---" * (14 if controlnet else 13) + "|",
         ]
-        lines += [_row(r, report["baseline"]) for r in rows]
+        lines += [_row(r, report["baseline"], controlnet) for r in rows]
         lines.append("")
     one_time = report["one_time"]
     if one_time:
@@ -161,9 +166,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
     # Where the time goes, for the first case: stacked stages per contender.
     first = [r for r in measured if _case_key(r) == cases[0]] if cases else []
     bottoms = [0.0] * len(first)
-    for stage, label in (("text_encoder_s", "text encoder"), ("unet_step_s", "U-Net (all steps)"),
-                         ("vae_decoder_s", "VAE decode"), ("loop_overhead_s", "loop overhead")):
-        values = [r[stage]["median"] * (r["unet_calls"] if stage == "unet_step_s" else 1) for r in first]
+    stages = [("text_encoder_s", "text encoder"), ("unet_step_s", "U-Net (all steps)"),
+              ("vae_decoder_s", "VAE decode"), ("loop_overhead_s", "loop overhead")]
+    if any("controlnet_step_s" in r for r in first):
+        stages.insert(1, ("controlnet_step_s", "ControlNet (all steps)"))
+    calls = {"unet_step_s": "unet_calls", "controlnet_step_s": "controlnet_calls"}
+    for stage, label in stages:
+        values = [r[stage]["median"] * (r[calls[stage]] if stage in calls else 1) if stage in r else 0.0
+                  for r in first]
         ax_parts.bar([r["contender"] for r in first], values, bottom=bottoms, label=label)
         bottoms = [b + v for b, v in zip(bottoms, values)]
     ax_parts.set_ylabel("seconds (medians)")

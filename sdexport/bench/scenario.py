@@ -61,6 +61,10 @@ class Scenario:
     strength: float | None = None
     """img2img: every contender starts from the same synthetic init image (seeded pixels), noised
     this far (0 < strength <= 1); None: text to image."""
+    controlnets: list[str] = field(default_factory=list)
+    """ControlNet presets or directories (as ``export --controlnet``), each given the same synthetic
+    edge map; the baseline is diffusers' ControlNet pipeline with the same ControlNets."""
+    control_scale: float = 1.0
 
     @property
     def cases(self) -> list[Case]:
@@ -90,6 +94,8 @@ SCHEMA: dict[str, Any] = {
         "contenders": {"type": "array", "items": {"enum": list(CONTENDERS)}, "minItems": 1},
         "dtype": {"enum": ["auto", "fp32", "fp16"]},
         "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "controlnets": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 8},
+        "control_scale": {"type": "number"},
         "export": {
             "type": "object",
             "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,

@@ -174,7 +174,7 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
         raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
     if inpainting:
         raise ModelLoadError("--controlnet with an inpainting U-Net: sdexport runs ControlNets with standard U-Nets "
-                             "so far (txt2img, img2img, and inpainting by blending)")
+                             "so far (txt2img and img2img)")
     layout: tuple[tuple[int, int], ...] = ()
     for source in sources:
         what = f"--controlnet {source.argument}"
@@ -195,7 +195,8 @@ def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: in
     from sdexport.models.presets import SEED_STRIDE
 
     if source.preset is not None:
-        config = {k: v for k, v in preset_config(source.preset, dict(unet.config)).items() if not k.startswith("_")}
+        unet_config: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]  # a diffusers FrozenDict
+        config = {k: v for k, v in preset_config(source.preset, unet_config).items() if not k.startswith("_")}
         torch.manual_seed(seed * SEED_STRIDE + 5 + index)
         module = ControlNetModel.from_config(config)
         for layer in (*module.controlnet_down_blocks, module.controlnet_mid_block,

@@ -101,6 +101,9 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) ->
             **({"task": request.task, "strength": request.effective_strength(info.get("family", "sd"))}
                if request.task != "txt2img" else {}),
             **({"truncated_from": cut} if cut else {}),
+            **({"control": [{"scale": scale, "start": start, "end": end}
+                            for scale, start, end in request.control_settings(len(request.control_image))]}
+               if request.control_image else {}),
             **info,
         }
         meta = PngInfo()

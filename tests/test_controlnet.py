@@ -1,0 +1,280 @@
+"""ControlNet through the same specs, engines and loop: parity with diffusers' ControlNet pipelines
+(one and two ControlNets, SD and SDXL, txt2img and img2img, ONNX Runtime and Torch), the residual
+specs every stage reads, TensorRT profiles for them, and the refusals a user can cause."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fake_tensorrt
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import ModelLoadError, SdexportError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.models.controlnet import residual_layout
+from sdexport.models.presets import PRESETS
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+TOLERANCE = 1e-4
+"""rel-L2 of the final latents against diffusers in fp32 (measured: about 2e-6)."""
+
+MODELS = {  # name: (preset, ControlNets)
+    "sd-one": ("tiny", ["tiny-controlnet"]),
+    "sd-two": ("tiny", ["tiny-controlnet", "tiny-controlnet"]),
+    "sdxl-one": ("tiny-sdxl", ["tiny-controlnet"]),
+}
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def engine_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("controlnet")
+    dirs = {}
+    for name, (preset, nets) in MODELS.items():
+        dirs[name] = root / name
+        export(preset, dirs[name], ExportOptions(verify="quick", controlnets=nets))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, DiffusersReference]:
+    return {name: DiffusersReference(load_model(preset, controlnets=nets)) for name, (preset, nets) in MODELS.items()}
+
+
+def _request(name: str, **changes) -> GenerationRequest:
+    count = len(MODELS[name][1])
+    request = GenerationRequest(
+        prompt=["a lighthouse", "a harbour"], negative_prompt=["fog", "rain"], steps=6, seeds=[3, 4], height=64,
+        width=128, scheduler="euler_a",
+        # 80x100: resized to 64x128 by both (Lanczos), so the preprocessing is compared too
+        control_image=[picture(80, 100, 10 + i) for i in range(count)],
+        control_scale=[0.7, 1.3][:count] if count > 1 else 0.8,
+        control_start=[0.0, 0.2][:count] if count > 1 else 0.1,
+        control_end=[0.8, 1.0][:count] if count > 1 else 0.9,
+    )
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+def _agree(ours, theirs) -> None:
+    rel = float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
+    assert rel < TOLERANCE, rel
+    assert np.abs(ours.pixels - theirs.pixels).max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, backend):
+    """StableDiffusion(XL)ControlNetPipeline (two ControlNets: its MultiControlNetModel), same seeds,
+    batch 2 with CFG, per-ControlNet scales and start/end windows, a stochastic scheduler."""
+    pipeline = load_pipeline(engine_dirs[name], backend)
+    request = _request(name)
+    ours = pipeline(request)
+    _agree(ours, references[name](request))
+    # the ControlNets act: without them (scale 0) the latents differ, and the time is reported apart
+    steps, settings = len(ours.timings.unet_steps), request.control_settings(len(MODELS[name][1]))
+    active = [i for i in range(steps) if any(not (i / steps < s or (i + 1) / steps > e) for _, s, e in settings)]
+    assert len(ours.timings.controlnet_steps) == len(active)
+    quiet = pipeline(_request(name, control_scale=0.0))
+    assert float(torch.linalg.norm(quiet.latents - ours.latents)) > 1e-2
+    assert not quiet.timings.controlnet_steps  # a ControlNet at scale 0 adds zeros: it is not run
+
+
+def test_img2img_with_a_controlnet_matches_diffusers(engine_dirs, references):
+    pipeline = load_pipeline(engine_dirs["sd-one"], "onnxruntime-cpu", image_inputs=True)
+    request = _request("sd-one", image=[picture(64, 128, 1)], strength=0.7, scheduler="default")
+    _agree(pipeline(request), references["sd-one"](request))
+
+
+def test_specs_and_manifest_describe_the_residuals(engine_dirs):
+    manifest = load_manifest(engine_dirs["sd-two"])
+    layout = residual_layout(PRESETS["tiny"].unet)
+    assert [tuple(r) for r in manifest.dims["residuals"]] == list(layout)
+    assert manifest.controlnets == ["controlnet", "controlnet_1"]
+    unet, net = manifest.spec("unet"), manifest.spec("controlnet_1")
+    assert unet.residual_inputs == [*(f"down_block_additional_residuals.{i}" for i in range(len(layout) - 1)),
+                                    "mid_block_additional_residual"]
+    assert len(net.residual_outputs) == len(layout)
+    # the graphs: residual sides are symbolic, halved where the U-Net downsamples
+    graph = onnx.load(str(engine_dirs["sd-two"] / "unet" / "model.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    last = f"down_block_additional_residuals.{len(layout) - 2}"
+    assert dims[last] == ["B", layout[-2][0], "h/2", "w/2"]
+    index = json.loads((engine_dirs["sd-two"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionControlNetPipeline"
+    assert index["controlnet"] == ["diffusers", "MultiControlNetModel"]
+    assert (engine_dirs["sd-two"] / "controlnet_1" / "config.json").is_file()
+    # the U-Net of a plain directory takes no residuals
+    assert not load_manifest(engine_dirs["sd-one"]).spec("vae_decoder").residual_inputs
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])
+def test_tensorrt_profiles_cover_the_residuals(engine_dirs, tmp_path, monkeypatch, version):
+    """The profiles come from the specs: the ControlNet's and the U-Net's residual shapes follow h/2."""
+    import shutil
+
+    from test_tensorrt_fakes import Recorder
+
+    from sdexport.build import tensorrt_build
+
+    trt = fake_tensorrt.make_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["sd-one"], directory)
+    tensorrt_build.build_engines(directory, fp16=False, components=["controlnet", "unet"],
+                                 timing_cache=tmp_path / "timing.cache")
+    (net, unet) = recorder.builds
+    residual = unet["profiles"][0]["down_block_additional_residuals.3"]
+    # tiny profile: batch 1-2 (CFG: up to 4), sides 64-256 px = latents 8-32, halved after the first block
+    assert (tuple(residual.min), tuple(residual.max)) == ((1, 64, 4, 4), (4, 64, 16, 16))
+    assert tuple(net["profiles"][0]["controlnet_cond"].max) == (4, 3, 256, 256)
+    assert "conditioning_scale" not in net["profiles"][0]  # a scalar, like the timestep: no shape to profile
+
+
+@pytest.fixture
+def no_engines(monkeypatch):
+    from sdexport.runtime import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("engines were loaded"))
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "has 1 ControlNet: give --control-image"),
+    (["--control-image", "{img}", "--control-image", "{img}"], "2 control images for 1 ControlNet"),
+    (["--control-image", "{bad}"], "--control-image {bad}: not a readable image"),
+    (["--control-image", "{img}", "--height", "512", "--width", "512"], "height 512 is outside the engines' profile"),
+    (["--control-image", "{big}"], "(the size of the first --control-image; pass --height/--width"),
+    (["--control-image", "{img}", "--control-start", "0.6", "--control-end", "0.5"], "--control-start 0.6 is not before"),
+    (["--control-image", "{img}", "--control-end", "1.5"], "--control-end 1.5: a fraction of the steps"),
+    (["--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"], "--control-scale: 2 values for 1"),
+    (["--control-image", "{img}", "--control-scale", "nan"], "--control-scale nan: expected a finite number"),
+    (["--control-image", "{img}", "--init-image", "{img}", "--mask", "{img}"], "inpainting with a ControlNet"),
+    (["--control-image", "{img}", "--height", "64"], "give both --height and --width"),
+])
+def test_bad_control_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
+                                                               message):
+    files = {"img": tmp_path / "edges.png", "bad": tmp_path / "bad.png", "big": tmp_path / "big.png"}
+    picture(64, 64, 0).save(files["img"])
+    files["bad"].write_bytes(b"not a png")
+    picture(1024, 1024, 0).save(files["big"])
+    args = [a.format(**files) for a in args]
+    assert run_cli("run", engine_dirs["sd-one"], "-p", "x", "-o", tmp_path / "o.png", *args) == 2
+    assert message.format(**files) in capsys.readouterr().err
+
+
+def test_control_image_without_controlnets_is_refused(tiny_engine_dir, tmp_path, no_engines, capsys):
+    picture(64, 64, 0).save(tmp_path / "edges.png")
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-image",
+                   tmp_path / "edges.png") == 2
+    assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
+
+
+def test_python_api_refuses_before_any_engine_runs(engine_dirs):
+    pipeline = load_pipeline(engine_dirs["sd-two"], "onnxruntime-cpu")
+    calls: list[str] = []
+
+    class Counting:
+        def __init__(self, engine):
+            self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
+
+        def __call__(self, feed):
+            calls.append(self.spec.name)
+            return self.engine(feed)
+
+    pipeline.engines = {name: Counting(engine) for name, engine in pipeline.engines.items()}
+    with pytest.raises(SdexportError, match="1 control images for 2 ControlNets"):
+        pipeline(_request("sd-two", control_image=[picture(64, 64, 0)]))
+    with pytest.raises(SdexportError, match="control image: expected a PIL image"):
+        pipeline(_request("sd-two", control_image=[picture(64, 64, 0), np.zeros((8, 8, 3))]))
+    assert not calls
+
+
+def _controlnet_dir(tmp_path: Path, preset: str, name: str = "net") -> Path:
+    """A diffusers ControlNet directory made from a preset's U-Net (as a user would download one)."""
+    model = load_model(preset, controlnets=["tiny-controlnet"])
+    model.module("controlnet").save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_a_controlnet_directory_exports_and_runs(tmp_path):
+    """--controlnet DIR: its own weights (not a preset's), every one of them read."""
+    net = _controlnet_dir(tmp_path, "tiny")
+    out = tmp_path / "engines"
+    assert run_cli("export", "tiny", "--controlnet", net, "-o", out, "--verify", "quick") == 0
+    manifest = load_manifest(out)
+    assert manifest.model["source"]["controlnets"] == [{"kind": "diffusers", "path": str(net.resolve())}]
+    picture(64, 64, 0).save(tmp_path / "edges.png")
+    assert run_cli("run", out, "-p", "x", "-o", tmp_path / "o.png", "--control-image", tmp_path / "edges.png",
+                   "--steps", "2", "--backend", "torch") == 0
+    saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
+    assert saved["control"] == [{"scale": 1.0, "start": 0.0, "end": 1.0}]
+    assert saved["control_image"] == [str(tmp_path / "edges.png")]
+
+
+@pytest.mark.parametrize("base, net, message", [
+    ("tiny-sdxl", "sd15-controlnet", "this preset goes with the preset(s) sd15, not tiny-sdxl"),
+    ("tiny-inpaint", "tiny-controlnet", "--controlnet with an inpainting U-Net"),
+    ("tiny", "{missing}", "no such directory, and not a ControlNet preset"),
+    ("tiny", "{sdxl_net}", "an SDXL ControlNet for an sd model"),
+    ("tiny", "{other_class}", "a ControlNetXSAdapter; sdexport runs diffusers ControlNetModels"),
+])
+def test_export_refuses_a_controlnet_that_does_not_fit(tmp_path, capsys, monkeypatch, base, net, message):
+    from sdexport.models import loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"_class_name": "ControlNetXSAdapter"}))
+    paths = {"missing": tmp_path / "missing", "sdxl_net": _controlnet_dir(tmp_path, "tiny-sdxl"), "other_class": other}
+    assert run_cli("export", base, "--controlnet", net.format(**paths), "-o", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_controlnet_for_another_unet_is_refused_on_load():
+    """The same check on the loaded modules (the Python API skips the export plan)."""
+    with pytest.raises(ModelLoadError, match="goes with the preset"):
+        load_model("tiny-v", controlnets=["sd15-controlnet"])
+
+
+def test_bench_runs_a_controlnet_scenario(tmp_path):
+    """The harness exports the ControlNets, gives every contender the same synthetic edge map, compares
+    with diffusers' ControlNet pipeline, and reports the ControlNet's time apart."""
+    scenario = tmp_path / "cn.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [1]\nwarmup = 0\n'
+                        'repeats = 1\ncontenders = ["diffusers", "onnxruntime-cpu"]\ncontrolnets = ["tiny-controlnet"]\n'
+                        'control_scale = 0.9\n')
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+    assert runtime["agreement"]["latents_rel_l2"] < TOLERANCE
+    baseline = next(r for r in report["results"] if r["contender"] == "diffusers")
+    assert runtime["controlnet_calls"] == baseline["controlnet_calls"] == 3
+    assert load_manifest(out / "engines" / "cn").controlnets == ["controlnet"]
+    markdown = (out / "results.md").read_text()
+    assert "| ControlNet ms/step |" in markdown and "1 ControlNet(s) (tiny-controlnet)" in markdown
+    # the engines are reused by a second run, and only with the same ControlNets
+    scenario.write_text(scenario.read_text().replace('controlnets = ["tiny-controlnet"]', "controlnets = []"))
+    assert run_cli("bench", scenario, "-o", out) == 0
+    assert not load_manifest(out / "engines" / "cn").controlnets
