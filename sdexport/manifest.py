@@ -427,7 +427,13 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     for value in [*inputs, *graph.output]:
         declared = spec.tensor(value.name).dims
         found = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        for symbol, size in zip(declared, found):  # check_io checked the ranks
+        names = [d.dim_param if d.HasField("dim_param") else None for d in value.type.tensor_type.shape.dim]
+        for symbol, size, name in zip(declared, found, names):  # check_io checked the ranks
+            if "/" in symbol and name and "/" in name and name != symbol:  # sdexport's own divided sides
+                raise EngineDirError(
+                    f"{directory}: {rel}: {value.name} has a side {name} where the manifest's dims.residuals give "
+                    f"{symbol}; the manifest does not describe this graph"
+                )
             if is_dynamic(symbol) or size is None:
                 continue
             if size != resolve_dim(symbol, sizes):

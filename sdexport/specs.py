@@ -57,9 +57,10 @@ projections, as in diffusers). Graph inputs and outputs are float32 either way."
 
 FusionModel = Literal["clip", "unet", "vae"]
 
-Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids", "unit"]
+Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids", "unit", "scale"]
 """What realistic values of a tensor look like, for sample inputs in export and verification
-(``unit``: in [0, 1], as a ControlNet's conditioning image)."""
+(``unit``: in [0, 1], as a ControlNet's conditioning image; ``scale``: around 1, as its
+conditioning scale, so that verification never multiplies the outputs by almost nothing)."""
 
 DYNAMIC_SYMBOLS = ("B", "H", "W", "h", "w")
 _DIM = re.compile(r"(\d*)([A-Za-z]\w*)?(?:/(\d+))?")
@@ -452,7 +453,7 @@ _RESIDUAL_OUTPUTS = (
 )
 _CONTROL_INPUTS = (
     TensorSpec("controlnet_cond", ("B", "3", "H", "W"), values="unit"),
-    TensorSpec("conditioning_scale", ()),
+    TensorSpec("conditioning_scale", (), values="scale"),
 )
 
 UNET = ComponentSpec(

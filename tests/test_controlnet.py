@@ -245,6 +245,7 @@ def test_export_refuses_a_controlnet_that_does_not_fit(tmp_path, capsys, monkeyp
     other = tmp_path / "other"
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "ControlNetXSAdapter"}))
+    (other / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     paths = {"missing": tmp_path / "missing", "sdxl_net": _controlnet_dir(tmp_path, "tiny-sdxl"), "other_class": other}
     assert run_cli("export", base, "--controlnet", net.format(**paths), "-o", tmp_path / "out") == 2
     assert message in capsys.readouterr().err
@@ -278,3 +279,74 @@ def test_bench_runs_a_controlnet_scenario(tmp_path):
     scenario.write_text(scenario.read_text().replace('controlnets = ["tiny-controlnet"]', "controlnets = []"))
     assert run_cli("bench", scenario, "-o", out) == 0
     assert not load_manifest(out / "engines" / "cn").controlnets
+
+
+def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
+    """A diffusers ControlNet pipeline directory (here: saved by sdexport, loaded back by diffusers
+    itself, MultiControlNetModel and all) is exported with its own ControlNets."""
+    import diffusers
+
+    model = load_model("tiny", controlnets=["tiny-controlnet", "tiny-controlnet"])
+    model.save_pretrained(tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "pipe")
+    assert len(pipe.controlnet.nets) == 2
+    out = tmp_path / "engines"
+    assert run_cli("export", tmp_path / "pipe", "-o", out, "--verify", "quick") == 0
+    assert load_manifest(out).controlnets == ["controlnet", "controlnet_1"]
+    # --controlnet names others instead
+    assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "one", "--verify", "none",
+                   "--controlnet", tmp_path / "pipe" / "controlnet_1") == 0
+    assert load_manifest(tmp_path / "one").controlnets == ["controlnet"]
+
+
+def test_review_findings_are_refused(tmp_path, capsys):
+    """A pooling (shuffle) ControlNet, ControlNet subsets of --components, an engine directory or a
+    weightless folder as --controlnet: one line each, before the model loads."""
+    pooled = _controlnet_dir(tmp_path, "tiny")
+    config = json.loads((pooled / "config.json").read_text())
+    (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps(config))
+    two = ["--controlnet", "tiny-controlnet", "--controlnet", "tiny-controlnet"]
+    for args, message in [
+        (["--controlnet", pooled], "guess mode"),
+        ([*two, "--components", "text_encoder,controlnet_1,unet,vae_decoder"], "export every ControlNet or none"),
+        ([*two, "--components", "text_encoder,unet,vae_decoder"], "export it with its ControlNets"),
+        (["--controlnet", empty], "no weights"),
+    ]:
+        assert run_cli("export", "tiny", *args, "-o", tmp_path / "out") == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_engine_directory_named_like_the_preset_does_not_shadow_it(engine_dirs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(engine_dirs["sd-one"], "tiny-controlnet")
+    picture(64, 64, 0).save("e.png")
+    assert run_cli("run", "tiny-controlnet", "-p", "x", "-o", "o.png", "--control-image", "e.png", "--steps", "2",
+                   "--backend", "torch") == 0
+    assert run_cli("export", "tiny", "--controlnet", "tiny-controlnet", "-o", "again", "--verify", "none") == 0
+    assert run_cli("export", "tiny", "--controlnet", engine_dirs["sd-one"], "-o", "x") == 2
+    assert "an ONNX engine directory, not a ControlNet checkpoint" in capsys.readouterr().err
+
+
+def test_a_manifest_with_other_residual_sides_is_refused(engine_dirs, tmp_path, capsys):
+    import shutil
+
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["sd-one"], directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["dims"]["residuals"] = [[c, 4 if s == 2 else s] for c, s in manifest["dims"]["residuals"]]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", directory) != 0
+    assert "the manifest does not describe this graph" in capsys.readouterr().err
+
+
+def test_sdxl_controlnet_img2img_default_strength_is_diffusers():
+    request = GenerationRequest(prompt=["x"], image=[picture(64, 64, 0)])
+    assert request.effective_strength("sdxl") == 0.3
+    request.control_image = [picture(64, 64, 1)]
+    assert request.effective_strength("sdxl") == 0.8

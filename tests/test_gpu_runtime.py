@@ -112,6 +112,38 @@ def test_no_step_of_the_loop_waits_for_the_device(tiny_engine_dir: Path, backend
         assert count_syncs(lambda: pipeline(long)) == count_syncs(lambda: pipeline(short))
 
 
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory) -> Path:
+    from sdexport.export.exporter import ExportOptions, export
+
+    directory = tmp_path_factory.mktemp("gpu-controlnet") / "tiny-controlnet"
+    export("tiny", directory, ExportOptions(verify="quick", controlnets=["tiny-controlnet", "tiny-controlnet"]))
+    return directory
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime-cuda", marks=needs_ort_cuda)])
+def test_controlnets_on_the_gpu_match_the_cpu_without_waits_in_the_loop(controlnet_dir: Path, backend, monkeypatch):
+    """Two ControlNets before the U-Net each step: the CPU's latents, and no wait that grows with the
+    step count (the per-step scales and images are on the device before the loop starts)."""
+    from PIL import Image
+
+    from sdexport.runtime.loading import load_pipeline
+
+    edges = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    request = dataclasses.replace(REQUEST, control_image=[edges, edges], control_scale=[1.0, 0.5], control_end=0.8)
+    with load_pipeline(controlnet_dir, "onnxruntime-cpu") as pipeline:
+        expected = pipeline(request)
+    with load_pipeline(controlnet_dir, backend) as pipeline:
+        long = dataclasses.replace(request, steps=12)
+        pipeline(request)
+        pipeline(long)  # warm-up both
+        assert count_syncs(lambda: pipeline(long)) == count_syncs(lambda: pipeline(request))
+        _no_host_sync(monkeypatch)
+        result = pipeline(request)
+    assert _rel_l2(result.latents, expected.latents) < 1e-2
+    assert len(result.timings.controlnet_steps) == len(expected.timings.controlnet_steps) > 0
+
+
 @needs_ort_cuda
 def test_ort_cuda_sessions_run_on_cuda(tiny_engine_dir: Path):
     from sdexport.runtime.loading import load_pipeline

@@ -14,6 +14,10 @@ def sample_value(tensor: TensorSpec, shape: tuple[int, ...], rng: np.random.Gene
         return rng.uniform(1.0, 999.0, size=shape).astype(np.float32)
     if tensor.values == "pixels":
         return rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+    if tensor.values == "unit":
+        return rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
+    if tensor.values == "scale":
+        return rng.uniform(0.5, 1.5, size=shape).astype(np.float32)
     if tensor.values == "time_ids":
         return rng.integers(0, 1024, size=shape).astype(np.float32)
     return rng.standard_normal(size=shape, dtype=np.float32)

@@ -19,7 +19,7 @@ from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.output_dir import OutputKind, check_target
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, components_for
+from sdexport.specs import ComponentSpec, components_for, controlnet_index
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -61,6 +61,8 @@ class ExportPlan:
     outline: ModelOutline
     profile: ShapeProfile
     specs: list[ComponentSpec]
+    controlnets: list[str] = field(default_factory=list)
+    """``--controlnet`` arguments, or a ControlNet pipeline directory's own ControlNets."""
 
 
 def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> ExportPlan:
@@ -77,7 +79,9 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     if isinstance(options.seed, bool) or not 0 <= options.seed <= MAX_PRESET_SEED:
         raise SdexportError(f"--seed {options.seed}: preset weight seeds go from 0 to {MAX_PRESET_SEED}")
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
-    controlnets = [resolve_controlnet(a) for a in options.controlnets]
+    # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
+    arguments = options.controlnets or [str(p) for p in outline.controlnets]
+    controlnets = [resolve_controlnet(a) for a in arguments]
     check_controlnets(controlnets, outline.unet_config or {}, outline.family, outline.preset, outline.inpainting,
                       outline.vae_scale_factor)
     profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
@@ -86,7 +90,7 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets))
     sources = (*outline.sources, *(c.path for c in controlnets if c.path is not None))
     check_target(out_dir, ENGINE_DIR, replace=options.force, protected=sources)
-    return ExportPlan(outline, profile, specs)
+    return ExportPlan(outline, profile, specs, arguments)
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0) -> list[ComponentSpec]:
@@ -98,4 +102,12 @@ def select_components(family: str, names: list[str] | None, dtype: str, controln
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SdexportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    nets = [s.name for s in specs if controlnet_index(s.name) is not None]
+    chosen = [n for n in nets if n in names]
+    if chosen and chosen != nets:
+        raise SdexportError(f"--components: {', '.join(chosen)} without {', '.join(n for n in nets if n not in chosen)}: "
+                            "export every ControlNet or none (the run gives one control image to each)")
+    if nets and not chosen and "unet" in names:
+        raise SdexportError("--components: the U-Net of a model with ControlNets takes their residuals; export it with "
+                            f"its ControlNets ({', '.join(nets)})")
     return [s for s in specs if s.name in names]

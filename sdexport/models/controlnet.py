@@ -86,20 +86,37 @@ class ControlNetSource:
         return {"kind": "diffusers", "path": str(self.path.resolve())}
 
 
-def resolve_controlnet(argument: str) -> ControlNetSource:
-    """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise)."""
+def resolve_controlnet(argument: str, kind: str | None = None) -> ControlNetSource:
+    """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise).
+
+    A preset name means the preset unless a ControlNet checkpoint of that name is in the way (an
+    engine directory named after the preset is not one). ``kind`` ("preset" or "diffusers", as a
+    manifest records it) decides without looking."""
     path = Path(argument)
     preset = CONTROLNET_PRESETS.get(argument)
-    if preset is not None and not path.exists():
+    if kind == "preset" or (kind is None and preset is not None and not _checkpoint_dir(path)):
+        if preset is None:
+            raise ModelLoadError(f"ControlNet preset {argument!r} is not one of {', '.join(CONTROLNET_PRESETS)}")
         return ControlNetSource(argument, preset, None)
-    if not path.is_dir():
+    if not argument.strip() or not path.is_dir():
         known = ", ".join(CONTROLNET_PRESETS)
         raise ModelLoadError(f"--controlnet {argument}: no such directory, and not a ControlNet preset ({known})")
+    if (path / "manifest.json").is_file() or (path / "controlnet" / "model.onnx").is_file():
+        raise ModelLoadError(f"--controlnet {argument}: an ONNX engine directory, not a ControlNet checkpoint "
+                             "(pass the diffusers ControlNetModel directory it was exported from)")
     if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
         path = path / "controlnet"  # a ControlNet pipeline's directory
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"--controlnet {argument}: not a diffusers ControlNetModel directory (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"--controlnet {argument}: {path} has a config.json but no weights (*.safetensors, *.bin)")
     return ControlNetSource(argument, None, path)
+
+
+def _checkpoint_dir(path: Path) -> bool:
+    """A diffusers ControlNet (or ControlNet pipeline) checkpoint directory, not an ONNX export."""
+    return path.is_dir() and not (path / "manifest.json").is_file() and (
+        (path / "config.json").is_file() or (path / "controlnet" / "config.json").is_file())
 
 
 def preset_config(preset: ControlNetPreset, unet_config: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +171,9 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
         if 2 ** (len(embedding) - 1) != vae_scale_factor:
             problems.append(f"its image encoder shrinks images {2 ** (len(embedding) - 1)}x, the VAE "
                             f"{vae_scale_factor}x (conditioning_embedding_out_channels {list(embedding)})")
+        if config.get("global_pool_conditions"):
+            problems.append("it pools its conditions (global_pool_conditions, e.g. shuffle ControlNets), which "
+                            "diffusers runs in guess mode; sdexport does not run guess mode yet")
         if config.get("conditioning_channels", 3) != 3:
             problems.append(f"it reads {config.get('conditioning_channels')}-channel images (sdexport passes RGB)")
     except (KeyError, TypeError, ValueError) as exc:

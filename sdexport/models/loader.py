@@ -215,13 +215,13 @@ def load_model(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     vae: str | None = None,
-    controlnets: list[str] | None = None,
+    controlnets: list[Any] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
 
     ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
     the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
-    loaded beside it (``add_controlnets``).
+    (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``).
     """
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype)
     if vae is not None:
@@ -231,13 +231,18 @@ def load_model(
     return loaded
 
 
-def add_controlnets(model: LoadedModel, arguments: list[str], *, seed: int = 0,
+def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
                     dtype: torch.dtype = torch.float32) -> None:
     """Load ``--controlnet`` presets or directories beside the model, as ``controlnet``,
     ``controlnet_1``, ... (checked to fit its U-Net first, from their configs)."""
-    from sdexport.models.controlnet import check_controlnets, load_controlnet, resolve_controlnet
+    from sdexport.models.controlnet import (
+        ControlNetSource,
+        check_controlnets,
+        load_controlnet,
+        resolve_controlnet,
+    )
 
-    sources = [resolve_controlnet(a) for a in arguments]
+    sources = [a if isinstance(a, ControlNetSource) else resolve_controlnet(a) for a in arguments]
     base = model.source.get("name") if model.source.get("kind") == "preset" else None
     dims = model.dims
     check_controlnets(sources, dict(model.config("unet")), model.family, base, dims.inpainting, dims.vae_scale_factor)

@@ -22,6 +22,9 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusionInpaintPipeline": "sd",  # a 9-channel inpainting U-Net (ModelDims.U)
+    # the base model, and its ControlNet(s) in controlnet/, controlnet_1/, ... (ModelOutline.controlnets)
+    "StableDiffusionControlNetPipeline": "sd",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -45,6 +48,8 @@ class ModelOutline:
     """The U-Net's config, which ``--controlnet``s must fit."""
     preset: str | None = None
     """The preset's name, where the model is one."""
+    controlnets: tuple[Path, ...] = ()
+    """A ControlNet pipeline directory's ControlNets (``controlnet/``, ``controlnet_1/``, ...)."""
 
     @property
     def image_multiple(self) -> int:
@@ -67,8 +72,9 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     if path.is_dir():
         family = family_of_dir(path)
-        return _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
-                        read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
+        outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
+                           read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
+        return replace(outline, controlnets=pipeline_controlnets(path))
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
@@ -181,6 +187,19 @@ def family_of_dir(path: Path) -> str:
     if missing:
         raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
     return SUPPORTED_PIPELINES[pipeline]
+
+
+def pipeline_controlnets(path: Path) -> tuple[Path, ...]:
+    """The ControlNet folders of a diffusers ControlNet pipeline directory, in diffusers' order."""
+    from sdexport.specs import MAX_CONTROLNETS, controlnet_names
+
+    names = controlnet_names(MAX_CONTROLNETS)
+    found = []
+    for name in names:
+        if not (path / name / "config.json").is_file():
+            break
+        found.append(path / name)
+    return tuple(found)
 
 
 def read_json(path: Path) -> dict[str, Any]:

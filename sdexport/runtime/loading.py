@@ -303,12 +303,19 @@ def _torch_engines(
     seed = source.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.controlnet import resolve_controlnet
+
     controlnets = []
     for record in source.get("controlnets") or []:  # as the export loaded them (presets: the same seed)
-        where = record.get("name") if record.get("kind") == "preset" else record.get("path")
-        if not isinstance(where, str) or (record.get("kind") != "preset" and not Path(where).exists()):
+        kind = "preset" if record.get("kind") == "preset" else "diffusers"
+        where = record.get("name") if kind == "preset" else record.get("path")
+        if not isinstance(where, str) or (kind != "preset" and not Path(where).exists()):
             raise EngineDirError(f"the Torch backend needs the ControlNet the export read, {where}, which is gone")
-        controlnets.append(where)
+        try:
+            controlnets.append(resolve_controlnet(where, kind))
+        except ModelLoadError as exc:
+            raise EngineDirError(f"the Torch backend cannot reload the export's ControlNet: {exc}") from None
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
                        controlnets=controlnets)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers

@@ -83,7 +83,8 @@ class GenerationRequest:
             return self.strength
         if self.task == "inpaint":
             return 1.0
-        return 0.3 if family == "sdxl" else 0.8
+        # StableDiffusionXLImg2ImgPipeline's default is 0.3, its ControlNet variant's 0.8
+        return 0.3 if family == "sdxl" and not self.control_image else 0.8
 
     def denoising_steps(self, family: str) -> int:
         """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
