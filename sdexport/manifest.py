@@ -25,7 +25,7 @@ from sdexport.graph_io import GraphIO, check_io, onnx_tensors
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims, component, components_for, controlnet_index
+from sdexport.specs import ComponentSpec, ModelDims, component, components_for, controlnets_among
 
 MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
@@ -80,8 +80,7 @@ class Manifest:
     @property
     def controlnets(self) -> list[str]:
         """The ControlNet components, in the order their control images are given."""
-        found = [n for n in self.components if controlnet_index(n) is not None]
-        return sorted(found, key=lambda n: controlnet_index(n) or 0)
+        return controlnets_among(self.components)
 
     def component_specs(self) -> tuple[ComponentSpec, ...]:
         """Every component this family may have, with as many ControlNets as this directory has."""
@@ -427,11 +426,11 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     for value in [*inputs, *graph.output]:
         declared = spec.tensor(value.name).dims
         found = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-        names = [d.dim_param if d.HasField("dim_param") else None for d in value.type.tensor_type.shape.dim]
-        for symbol, size, name in zip(declared, found, names):  # check_io checked the ranks
-            if "/" in symbol and name and "/" in name and name != symbol:  # sdexport's own divided sides
+        params = [d.dim_param if d.HasField("dim_param") else None for d in value.type.tensor_type.shape.dim]
+        for symbol, size, param in zip(declared, found, params):  # check_io checked the ranks
+            if "/" in symbol and param and "/" in param and param != symbol:  # sdexport's own divided sides
                 raise EngineDirError(
-                    f"{directory}: {rel}: {value.name} has a side {name} where the manifest's dims.residuals give "
+                    f"{directory}: {rel}: {value.name} has a side {param} where the manifest's dims.residuals give "
                     f"{symbol}; the manifest does not describe this graph"
                 )
             if is_dynamic(symbol) or size is None:

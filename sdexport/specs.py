@@ -43,7 +43,7 @@ them for the ControlNet's outputs and the U-Net's inputs, and to nothing for a U
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -584,6 +584,13 @@ def controlnet_index(name: str) -> int | None:
         return None
     index = int(match.group(1) or 0)
     return index if index < MAX_CONTROLNETS else None
+
+
+def controlnets_among(names: Iterable[str]) -> list[str]:
+    """The ControlNet names among ``names`` (components, modules, engines), in the order their
+    control images are given: ``controlnet``, ``controlnet_1``, ..."""
+    found = [n for n in names if controlnet_index(n) is not None]
+    return sorted(found, key=lambda n: controlnet_index(n) or 0)
 
 
 def components_for(family: str, controlnets: int = 0) -> tuple[ComponentSpec, ...]:

@@ -52,10 +52,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if outline.inpainting:
         raise SdexportError(f"{scenario.model}: an inpainting model; benchmark scenarios run txt2img and img2img, "
                             "which such a U-Net cannot (it needs a mask)")
-    from sdexport.models.controlnet import check_controlnets, resolve_controlnet
+    from sdexport.models.controlnet import controlnets_for
 
-    check_controlnets([resolve_controlnet(c) for c in scenario.controlnets], outline.unet_config or {}, outline.family,
-                      outline.preset, outline.inpainting, outline.vae_scale_factor)
+    controlnets_for(outline, scenario.controlnets)
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)

@@ -21,7 +21,7 @@ from sdexport.models import LoadedModel
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
-from sdexport.specs import controlnet_index
+from sdexport.specs import controlnet_index, controlnets_among
 
 
 @dataclass
@@ -46,8 +46,7 @@ class DiffusersReference:
         self.device = device or torch.device("cpu")
         self.dtype = dtype
         sdxl = model.family == "sdxl"
-        nets = [model.modules[n] for n in sorted((n for n in model.modules if controlnet_index(n) is not None),
-                                                 key=lambda n: controlnet_index(n) or 0)]
+        nets = [model.modules[n] for n in controlnets_among(model.modules)]
         self.controlnets = len(nets)
         cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
         if nets:

@@ -49,8 +49,7 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
     from sdexport.runtime.onnxruntime_backend import require_provider
 
     require_provider("cpu")  # verification and fp16 conversion run on onnxruntime
-    protected = (*plan.outline.sources, *(Path(a) for a in plan.controlnets if Path(a).exists()))
-    with claim(out_dir, ENGINE_DIR, replace=options.force, protected=protected) as staging:
+    with claim(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources) as staging:
         with step(f"Loading {model_ref}"):
             model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae,
                                controlnets=plan.controlnets)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from sdexport.errors import SdexportError
 from sdexport.manifest import not_an_engine_dir
-from sdexport.models.controlnet import check_controlnets, resolve_controlnet
+from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
@@ -61,8 +61,13 @@ class ExportPlan:
     outline: ModelOutline
     profile: ShapeProfile
     specs: list[ComponentSpec]
-    controlnets: list[str] = field(default_factory=list)
-    """``--controlnet`` arguments, or a ControlNet pipeline directory's own ControlNets."""
+    controlnets: list[ControlNetSource] = field(default_factory=list)
+    """``--controlnet`` arguments, or a ControlNet pipeline directory's own ControlNets, resolved."""
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """What the export reads, which its output may never replace."""
+        return (*self.outline.sources, *(c.path for c in self.controlnets if c.path is not None))
 
 
 def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> ExportPlan:
@@ -80,17 +85,14 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
         raise SdexportError(f"--seed {options.seed}: preset weight seeds go from 0 to {MAX_PRESET_SEED}")
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
     # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
-    arguments = options.controlnets or [str(p) for p in outline.controlnets]
-    controlnets = [resolve_controlnet(a) for a in arguments]
-    check_controlnets(controlnets, outline.unet_config or {}, outline.family, outline.preset, outline.inpainting,
-                      outline.vae_scale_factor)
+    controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets])
     profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets))
-    sources = (*outline.sources, *(c.path for c in controlnets if c.path is not None))
-    check_target(out_dir, ENGINE_DIR, replace=options.force, protected=sources)
-    return ExportPlan(outline, profile, specs, arguments)
+    plan = ExportPlan(outline, profile, specs, controlnets)
+    check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources)
+    return plan
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0) -> list[ComponentSpec]:

@@ -26,6 +26,8 @@ from sdexport.errors import ModelLoadError, one_line
 if TYPE_CHECKING:
     import torch
 
+    from sdexport.models.outline import ModelOutline
+
 CONTROLNET_CLASS = "ControlNetModel"
 
 
@@ -203,6 +205,14 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
                                  f"not {base_preset or 'a checkpoint'}; pass a ControlNet directory for this model")
         layout = check_fits(source.config(unet), unet, family, vae_scale_factor, what)
     return layout
+
+
+def controlnets_for(outline: ModelOutline, arguments: list[str]) -> list[ControlNetSource]:
+    """``--controlnet`` arguments resolved and checked to fit the model ``outline`` describes."""
+    sources = [resolve_controlnet(a) for a in arguments]
+    check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.inpainting,
+                      outline.vae_scale_factor)
+    return sources
 
 
 def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: int, index: int,

@@ -30,7 +30,7 @@ from sdexport.models.outline import (
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, controlnet_index, controlnet_names
+from sdexport.specs import ModelDims, controlnet_index, controlnet_names, controlnets_among
 
 SDXL_TIME_IDS = 6
 """original size (h, w), crop top-left (y, x), target size (h, w)."""
@@ -76,7 +76,7 @@ class LoadedModel:
     def pipeline_index(self) -> dict[str, Any]:
         """The diffusers ``model_index.json`` of this model: its pipeline class and the library and
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
-        controlnets = [n for n in self.modules if controlnet_index(n) is not None]
+        controlnets = controlnets_among(self.modules)
         pipeline = next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
         if self.family == "sd" and self.dims.inpainting:
             pipeline = "StableDiffusionInpaintPipeline"

@@ -31,7 +31,7 @@ from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.runtime.schedulers import check_steps, make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, controlnet_index
+from sdexport.specs import ModelDims, controlnets_among
 
 
 @dataclass
@@ -162,8 +162,7 @@ class Txt2ImgPipeline:
         self.fallback_vae = fallback_vae
         self.info = info or {}
         self.device = engines["unet"].device
-        self.controlnets = sorted((n for n in engines if controlnet_index(n) is not None),
-                                  key=lambda n: controlnet_index(n) or 0)
+        self.controlnets = controlnets_among(engines)
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
