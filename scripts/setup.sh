@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install sdexport and what it needs into the current Python environment, at the tested versions.
 #   bash scripts/setup.sh          runtime + export (onnxruntime CPU)
-#   bash scripts/setup.sh --dev    + test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
+#   bash scripts/setup.sh --serve  + Triton serving (PyTriton, tritonclient): `sdexport serve`, `loadtest`
+#   bash scripts/setup.sh --dev    + serving, test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
 # Versions come from constraints.txt, the set CI tested (see README, "Dependency pins"), so a new
 # upstream release cannot change what CI installs. SDEXPORT_CONSTRAINTS=other.txt uses another file;
 # SDEXPORT_CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows.
@@ -27,7 +28,12 @@ extras=cpu
 if "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
   extras=gpu  # keep an installed onnxruntime-gpu; the cpu package would clobber it
 fi
-[[ "${1:-}" == "--dev" ]] && extras="$extras,dev"
+case "${1:-}" in
+  --dev) extras="$extras,serve,dev" ;;  # the tests start real Triton servers
+  --serve) extras="$extras,serve" ;;
+  "") ;;
+  *) echo "sdexport setup: unknown option ${1}; use --serve, --dev or nothing" >&2; exit 2 ;;
+esac
 echo "sdexport setup: installing sdexport[$extras]${CONSTRAINTS:+ with the versions in $CONSTRAINTS}" >&2
 pip_install ${pins[@]+"${pins[@]}"} -e ".[$extras]"
 if [[ "${1:-}" == "--dev" ]]; then

@@ -16,7 +16,7 @@ def _name(requirement: str) -> str:
 def test_every_declared_dependency_is_pinned():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {_name(r) for r in project["dependencies"]}
-    for extra in ("cpu", "dev"):  # what CI installs; gpu/tensorrt need a GPU machine
+    for extra in ("cpu", "dev", "serve"):  # what CI installs; gpu/tensorrt need a GPU machine
         declared |= {_name(r) for r in project["optional-dependencies"][extra]}
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
