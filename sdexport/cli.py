@@ -501,6 +501,193 @@ def bench(
         out.print(str(path))
 
 
+
+_BACKEND_HELP = "onnxruntime (CUDA if available, else CPU), onnxruntime-cpu, onnxruntime-cuda, torch, torch-compile, torch-compile-max, tensorrt (as for `run`)."
+_DELAY_HELP = "How long a request may wait in Triton's queue for others to share its batch, in milliseconds."
+_QUEUE_HELP = "Requests that may wait in the queue at all; over it, a request is refused at once (0: no bound)."
+_MAX_STEPS_HELP = "The most steps one request may ask for (a scheduler would accept up to the model's 1000)."
+
+
+def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
+                    engine_path: str | None = None) -> Any:
+    """The served model's settings, with everything checked that can be before a server starts."""
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.loading import check_runnable
+    from sdexport.runtime.request import check_backend
+    from sdexport.serving.triton_model import ServeSettings
+
+    check_backend(backend)
+    if cuda_graph and backend not in ("tensorrt", "onnxruntime-cuda"):
+        raise SdexportError(f"--cuda-graph: for --backend tensorrt or onnxruntime-cuda, not {backend}")
+    if portable_graphs and backend != "onnxruntime-cuda":
+        raise SdexportError(f"--portable-graphs: for --backend onnxruntime-cuda, not {backend}")
+    if max_steps < 1:
+        raise SdexportError(f"--max-steps {max_steps}: need at least 1")
+    manifest = load_manifest(engine_dir, verify_files=False)
+    check_runnable(engine_dir, manifest)
+    return manifest, ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend,
+                                   cuda_graph=cuda_graph, graphs="portable" if portable_graphs else "auto",
+                                   max_steps=max_steps)
+
+
+def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
+    from sdexport.serving.repository import Batching
+
+    if not 0 <= max_queue_delay_ms <= 60_000:
+        raise SdexportError(f"--max-queue-delay-ms {max_queue_delay_ms:g}: from 0 to 60000")
+    if max_queue_size < 0:
+        raise SdexportError(f"--max-queue-size {max_queue_size}: 0 (no bound) or more")
+    return Batching(max_queue_delay_us=round(max_queue_delay_ms * 1000), max_queue_size=max_queue_size)
+
+
+@app.command()
+def serve(
+    engine_dir: Annotated[Path, typer.Argument(help="Engine directory to serve.")],
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "onnxruntime",
+    cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: replay CUDA graphs (as for `run`).")] = False,
+    portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs, not the fused ones.")] = False,
+    http_port: Annotated[int, typer.Option(help="KServe v2 HTTP/REST port.")] = 8000,
+    grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
+    metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (/metrics).")] = 8002,
+    address: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only).")] = "0.0.0.0",
+    max_queue_delay_ms: Annotated[float, typer.Option(help=_DELAY_HELP)] = 100.0,
+    max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
+    max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
+    drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")] = 30,
+    startup_timeout: Annotated[int, typer.Option(help="Seconds to wait for the engines to load before giving up.")] = 600,
+    log_file: Annotated[Path | None, typer.Option(help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Triton's log here instead of writing it to a file.")] = False,
+) -> None:
+    """Serve an engine directory behind Triton Inference Server (KServe v2 HTTP/gRPC, metrics, dynamic batching)."""
+    import shutil
+    import tempfile
+
+    from sdexport.serving.repository import write_repository
+    from sdexport.serving.server import Ports, check_ports, check_serving_installed, run_server
+
+    check_serving_installed()
+    ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port, address=address)
+    batching = _batching(max_queue_delay_ms, max_queue_size)
+    if drain_timeout < 0 or startup_timeout < 1:
+        raise SdexportError("--drain-timeout must be 0 or more, --startup-timeout 1 or more")
+    manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps)
+    from sdexport.runtime.loading import resolve_backend
+    from sdexport.runtime.providers import require_backend
+
+    require_backend(resolve_backend(backend))
+    check_ports(ports)
+    if log_file is not None and (log_file.is_dir() or verbose):
+        raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
+                                                          else "not with --verbose, which shows the log here"))
+    work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))
+    repository = work / "repository"
+    log = None if verbose else (log_file or work / "triton.log")
+    try:
+        write_repository(repository, settings, manifest.shape_profile.batch[2], batching)
+        host = "localhost" if address in ("0.0.0.0", "::") else address
+
+        def ready() -> None:
+            console.print(f"serving {escape(str(engine_dir))} as model 'sdexport': http://{host}:{http_port} "
+                          f"(gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics); Ctrl-C stops"
+                          + (f"; Triton's log: {escape(str(log))}" if log is not None else ""))
+            out.print(f"http://{host}:{http_port}/v2/models/sdexport", highlight=False)
+
+        console.print(f"starting Triton and loading {escape(str(engine_dir))} ({backend})…")
+        run_server(repository, ports, startup_timeout_s=startup_timeout, drain_timeout_s=drain_timeout,
+                   log_file=log, on_ready=ready)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@app.command("triton-repo")
+def triton_repo(
+    engine_dir: Annotated[Path, typer.Argument(help="Engine directory to serve.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Model repository folder to create (tritonserver --model-repository).")],
+    backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "onnxruntime",
+    cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: replay CUDA graphs.")] = False,
+    portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs, not the fused ones.")] = False,
+    engine_path: Annotated[str | None, typer.Option(help="The engine directory's path as the server will see it (e.g. /engines/tiny inside a container); default: its absolute path here.")] = None,
+    max_queue_delay_ms: Annotated[float, typer.Option(help=_DELAY_HELP)] = 100.0,
+    max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
+    max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
+    force: Annotated[bool, typer.Option(help="Replace an existing repository that sdexport wrote.")] = False,
+) -> None:
+    """Write a Triton model repository serving an engine directory, for the stock tritonserver (NGC container)."""
+    from sdexport.output_dir import claim
+    from sdexport.serving.repository import REPOSITORY, write_repository
+
+    batching = _batching(max_queue_delay_ms, max_queue_size)
+    if engine_path is not None and not engine_path.startswith("/"):
+        raise SdexportError(f"--engine-path {engine_path}: an absolute path, as the server sees it")
+    manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path)
+    target = _output_path(output)
+    with claim(target, REPOSITORY, replace=force, protected=(engine_dir,)) as staging:
+        write_repository(staging, settings, manifest.shape_profile.batch[2], batching)
+    console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "
+                  f"{escape(settings.engine_dir)}); start it with: tritonserver --model-repository {escape(str(target.resolve()))}")
+    out.print(str(target))
+
+
+@app.command()
+def loadtest(
+    url: Annotated[str, typer.Option(help="The server's HTTP address, host:port.")] = "localhost:8000",
+    model: Annotated[str, typer.Option(help="Model name in the repository.")] = "sdexport",
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt of every request.")] = "a lighthouse at dusk",
+    concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Concurrent clients, each with one request in flight.")] = 4,
+    requests: Annotated[int, typer.Option("--requests", "-n", help="Requests in all (0: until --duration).")] = 16,
+    duration: Annotated[float, typer.Option(help="Stop sending after this many seconds (0: until --requests).")] = 0.0,
+    batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
+    steps: Annotated[int | None, typer.Option(help="Steps per image (default: the model's).")] = None,
+    height: Annotated[int | None, typer.Option(help="Image height (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width (default: the model's).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale (default: the model's).")] = None,
+    scheduler: Annotated[str | None, typer.Option(help="Scheduler (default: the model's).")] = None,
+    output: Annotated[str, typer.Option("-o", "--output", help="Folder for loadtest.json and loadtest.md.")] = "loadtest-out",
+) -> None:
+    """Load-test a served model: concurrent clients, throughput, p50/p95/p99 latency and errors."""
+    import json
+
+    from sdexport.atomic import write_atomic
+    from sdexport.serving.loadtest import LoadPlan, markdown, run_load
+    from sdexport.serving.server import check_serving_installed
+
+    check_serving_installed()
+    params = {k: v for k, v in {"steps": steps, "height": height, "width": width, "guidance": guidance,
+                                "scheduler": scheduler}.items() if v is not None}
+    plan = LoadPlan(url=url, model=model, concurrency=concurrency, requests=requests, duration_s=duration,
+                    prompts_per_request=batch, params=params)
+    plan.check()
+    target = _output_path(output)
+    if target.exists() and not target.is_dir():
+        raise SdexportError(f"-o {output} is a file; give a folder for loadtest.json and loadtest.md")
+    from sdexport.output_dir import require_creatable
+
+    require_creatable(target, f"-o {output}")
+    for name in ("loadtest.json", "loadtest.md"):
+        if (target / name).exists() and not _load_report_beside(target, name):
+            raise SdexportError(f"-o {output}: {target / name} exists and was not written by sdexport loadtest; "
+                                "choose another folder")
+    report = run_load(plan, prompt)
+    target.mkdir(parents=True, exist_ok=True)
+    text = markdown(report)
+    write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
+    write_atomic(target / "loadtest.md", text)
+    out.print(text)
+    out.print(str(target / "loadtest.json"))
+
+
+def _load_report_beside(folder: Path, name: str) -> bool:
+    """Whether ``folder/name`` may be replaced: the folder holds an earlier ``loadtest.json``."""
+    import json
+
+    path = folder / "loadtest.json"
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"latency_s", "concurrency", "server"} <= set(report) and (folder / name).is_file()
+
+
 def main() -> None:
     """Every failure a user can cause ends in one line on stderr and a non-zero exit.
 

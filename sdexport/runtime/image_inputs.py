@@ -25,20 +25,34 @@ def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
     """The PIL image at ``path`` as the viewer shows it (EXIF orientation applied, as diffusers'
     ``load_image`` does), converted to ``mode`` (RGB for images, L for masks) and fully decoded now:
     a truncated, huge or unconvertible file fails here, in one line, not mid-run."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     if not path.is_file():
         raise SdexportError(f"{what} {path}: no such file")
+    return _decode(path, f"{what} {path}", mode)
+
+
+def decode_image(data: bytes, what: str, mode: str = "RGB") -> Any:
+    """``read_image`` for an image's bytes (a served request's PNG or JPEG)."""
+    import io
+
+    if not data:
+        raise SdexportError(f"{what}: empty (expected the bytes of a PNG or JPEG file)")
+    return _decode(io.BytesIO(data), what, mode)
+
+
+def _decode(source: Any, what: str, mode: str) -> Any:
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
             return upright.convert(mode)
     except Image.DecompressionBombError as exc:
-        raise SdexportError(f"{what} {path}: too large to read safely ({one_line(exc)})") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise SdexportError(f"{what} {path}: not a readable image ({one_line(exc)})") from None
-
+        raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None
+    except UnidentifiedImageError:
+        raise SdexportError(f"{what}: not a readable image (not PNG, JPEG or another format Pillow reads)") from None
+    except (OSError, ValueError) as exc:
+        raise SdexportError(f"{what}: not a readable image ({one_line(exc)})") from None
 
 
 def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple[Any, str | None]:

@@ -79,43 +79,57 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
 
 
 def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) -> list[Path]:
+    check_image_output(output, len(result.images))
+    paths = output_paths(output, len(result.images))
+    for i, path in enumerate(paths):
+        with atomic_path(path) as tmp:
+            result.images[i].save(tmp, format="PNG", pnginfo=png_metadata(result, i, info))
+    return paths
+
+
+def png_bytes(result: GenerationResult, i: int, info: dict[str, Any]) -> bytes:
+    """Image ``i`` as the PNG file ``save_images`` writes (what the Triton model returns)."""
+    import io
+
+    buffer = io.BytesIO()
+    result.images[i].save(buffer, format="PNG", pnginfo=png_metadata(result, i, info))
+    return buffer.getvalue()
+
+
+def png_metadata(result: GenerationResult, i: int, info: dict[str, Any]) -> Any:
+    """The parameters that made image ``i``, as PNG text chunks: the A1111-style line many image
+    tools read, and the full record as JSON under ``sdexport``."""
     from PIL.PngImagePlugin import PngInfo
 
     request = result.request
-    check_image_output(output, len(result.images))
-    paths = output_paths(output, len(result.images))
-    for i, (image, path) in enumerate(zip(result.images, paths)):
-        prompt = _used(result, "prompt", i) or ""
-        negative = _used(result, "negative_prompt", i) or ""
-        cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
-        params = {
-            "prompt": prompt,
-            "negative_prompt": negative,
-            "seed": request.seeds[i],
-            "steps": request.steps,
-            "scheduler": request.scheduler,
-            "guidance": request.guidance,
-            "height": request.height,
-            "width": request.width,
-            **_sdxl_params(result, i),
-            **({"task": request.task, "strength": request.effective_strength(info.get("family", "sd"))}
-               if request.task != "txt2img" else {}),
-            **({"truncated_from": cut} if cut else {}),
-            **({"control": [{"scale": scale, "start": start, "end": end}
-                            for scale, start, end in request.control_settings(len(request.control_image))]}
-               if request.control_image else {}),
-            **info,
-        }
-        meta = PngInfo()
-        # The A1111-style line many image tools read, and the full record as JSON.
-        meta.add_text(
-            "parameters",
-            f"{prompt}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
-            f"{request.scheduler}, CFG scale: {request.guidance}, Seed: {request.seeds[i]}, "
-            f"Size: {request.width}x{request.height}"
-            + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
-        )
-        meta.add_text("sdexport", json.dumps(params))
-        with atomic_path(path) as tmp:
-            image.save(tmp, format="PNG", pnginfo=meta)
-    return paths
+    prompt = _used(result, "prompt", i) or ""
+    negative = _used(result, "negative_prompt", i) or ""
+    cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
+    params = {
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "seed": request.seeds[i],
+        "steps": request.steps,
+        "scheduler": request.scheduler,
+        "guidance": request.guidance,
+        "height": request.height,
+        "width": request.width,
+        **_sdxl_params(result, i),
+        **({"task": request.task, "strength": request.effective_strength(info.get("family", "sd"))}
+           if request.task != "txt2img" else {}),
+        **({"truncated_from": cut} if cut else {}),
+        **({"control": [{"scale": scale, "start": start, "end": end}
+                        for scale, start, end in request.control_settings(len(request.control_image))]}
+           if request.control_image else {}),
+        **info,
+    }
+    meta = PngInfo()
+    meta.add_text(
+        "parameters",
+        f"{prompt}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
+        f"{request.scheduler}, CFG scale: {request.guidance}, Seed: {request.seeds[i]}, "
+        f"Size: {request.width}x{request.height}"
+        + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
+    )
+    meta.add_text("sdexport", json.dumps(params))
+    return meta

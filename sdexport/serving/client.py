@@ -1,0 +1,64 @@
+"""Calling a served model with ``tritonclient``: what the README's example, the tests and the load
+test use. The tensors' names and types come from ``protocol``; nothing else here knows them.
+
+    from sdexport.serving.client import generate
+    pngs = generate("localhost:8000", ["a lighthouse at dusk"], steps=20, seed=7)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdexport.serving.protocol import INPUTS, MODEL_NAME
+
+_NUMPY = {"BYTES": "object", "INT32": "int32", "UINT64": "uint64", "FP32": "float32", "UINT8": "uint8"}
+_SPECS = {spec.name: spec for spec in INPUTS}
+
+
+def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:
+    """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
+    model by name, one value for every image (or, for the per-ControlNet inputs, a list); bytes for
+    the image inputs. ``module``: ``tritonclient.http`` (default) or ``tritonclient.grpc``."""
+    import numpy as np
+
+    if module is None:
+        import tritonclient.http
+
+        module = tritonclient.http
+    unknown = sorted(set(params) - set(_SPECS))
+    if unknown:
+        raise ValueError(f"unknown inputs {unknown}; the model takes {sorted(_SPECS)}")
+    rows = len(prompts)
+    values: dict[str, Any] = {"prompt": [p.encode() for p in prompts]}
+    for name, value in params.items():
+        if value is None:
+            continue
+        if name == "seed" and isinstance(value, list | tuple):
+            values[name] = list(value)
+        elif _SPECS[name].dims == (-1,):
+            values[name] = [list(value) if isinstance(value, list | tuple) else [value]] * rows
+        else:
+            values[name] = [value] * rows
+    inputs = []
+    for name, column in values.items():
+        spec = _SPECS[name]
+        encoded = [[v.encode() if isinstance(v, str) else v for v in (c if isinstance(c, list) else [c])]
+                   for c in column]
+        array = np.array(encoded, dtype=_NUMPY[spec.dtype])
+        tensor = module.InferInput(name, list(array.shape), spec.dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def generate(url: str, prompts: list[str], *, model: str = MODEL_NAME, timeout_s: float = 600.0,
+             pixels: bool = False, **params: Any) -> list[Any]:
+    """The PNG bytes of each prompt's image (``pixels=True``: the uint8 arrays instead), over HTTP."""
+    import tritonclient.http as http
+
+    output = "pixels" if pixels else "image"
+    with http.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s) as client:
+        result = client.infer(model, infer_inputs(prompts, http, **params),
+                              outputs=[http.InferRequestedOutput(output, binary_data=True)])
+    array = result.as_numpy(output)
+    return list(array) if pixels else [row[0] for row in array]

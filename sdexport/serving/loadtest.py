@@ -1,0 +1,162 @@
+"""``sdexport loadtest``: N concurrent clients against a served model, for a bounded count or time.
+
+Each client is a thread with its own HTTP connection that sends one request, waits for the answer
+and sends the next (a closed loop: the offered load follows the server's speed, as many real
+clients behave). It reports what a capacity plan needs: images per second, request latency
+percentiles, errors by message, and how many requests each server-side batch held (from Triton's
+own statistics, before and after). A benchmark, not a test: it reports numbers and asserts nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdexport.errors import SdexportError
+from sdexport.serving.protocol import MODEL_NAME
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    url: str = "localhost:8000"
+    model: str = MODEL_NAME
+    concurrency: int = 4
+    requests: int = 16
+    """Stop after this many requests in all (0: no count limit)."""
+    duration_s: float = 0.0
+    """Stop sending after this many seconds (0: no time limit)."""
+    prompts_per_request: int = 1
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout_s: float = 600.0
+
+    def check(self) -> None:
+        if self.concurrency < 1:
+            raise SdexportError(f"--concurrency {self.concurrency}: need at least 1 client")
+        if self.requests < 0 or self.duration_s < 0:
+            raise SdexportError("--requests and --duration cannot be negative")
+        if not self.requests and not self.duration_s:
+            raise SdexportError("give --requests or --duration (or both): a load test needs a bound")
+        if self.prompts_per_request < 1:
+            raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation between closest ranks (numpy's default)."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
+    """Drive the load and return the report (see ``markdown`` for its fields in words)."""
+    import tritonclient.http as http
+
+    from sdexport.serving.client import infer_inputs
+
+    plan.check()
+    prompts = [prompt] * plan.prompts_per_request
+    with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
+        try:
+            if not probe.is_model_ready(plan.model):
+                raise SdexportError(f"{plan.url}: model {plan.model!r} is not ready")
+            before = _batch_stats(probe, plan.model)
+        except SdexportError:
+            raise
+        except Exception as exc:
+            raise SdexportError(f"{plan.url}: no Triton server answers there ({exc})") from None
+    lock = threading.Lock()
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    issued = 0
+    started = time.perf_counter()
+
+    def take() -> bool:
+        nonlocal issued
+        with lock:
+            if plan.requests and issued >= plan.requests:
+                return False
+            if plan.duration_s and time.perf_counter() - started >= plan.duration_s:
+                return False
+            issued += 1
+            return True
+
+    def client() -> None:
+        with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
+                                        network_timeout=plan.timeout_s) as connection:
+            while take():
+                inputs = infer_inputs(prompts, http, seed=list(range(len(prompts))), **plan.params)
+                sent = time.perf_counter()
+                try:
+                    connection.infer(plan.model, inputs, outputs=[http.InferRequestedOutput("image", binary_data=True)])
+                except Exception as exc:  # the server's message, counted, and the client goes on
+                    message = _message(exc)
+                    with lock:
+                        errors[message] = errors.get(message, 0) + 1
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - sent)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(plan.concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
+        after = _batch_stats(probe, plan.model)
+    executions = after["executions"] - before["executions"]
+    inferences = after["inferences"] - before["inferences"]
+    done = len(latencies)
+    return {
+        "url": plan.url, "model": plan.model, "concurrency": plan.concurrency,
+        "images_per_request": plan.prompts_per_request, "params": {k: v for k, v in plan.params.items()
+                                                                  if not isinstance(v, bytes | list)},
+        "requests": done + sum(errors.values()), "succeeded": done, "errors": errors,
+        "wall_s": wall,
+        "requests_per_s": done / wall if wall else 0.0,
+        "images_per_s": done * plan.prompts_per_request / wall if wall else 0.0,
+        "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                      "p99": percentile(latencies, 99), "max": max(latencies) if latencies else float("nan"),
+                      "mean": sum(latencies) / done if done else float("nan")},
+        "server": {"executions": executions, "inferences": inferences,
+                   "images_per_execution": inferences / executions if executions else 0.0},
+    }
+
+
+def _message(exc: Exception) -> str:
+    """A client error on one line: tritonclient's exceptions carry the server's text in ``message()``."""
+    text = exc.message() if callable(getattr(exc, "message", None)) else str(exc)  # type: ignore[attr-defined]
+    return " ".join(str(text).split())[:300]
+
+
+def _batch_stats(client: Any, model: str) -> dict[str, int]:
+    """Triton's counters: model executions (batches) and inferences (images) so far."""
+    stats = client.get_inference_statistics(model)["model_stats"]
+    return {"executions": sum(int(s.get("execution_count", 0)) for s in stats),
+            "inferences": sum(int(s.get("inference_count", 0)) for s in stats)}
+
+
+def markdown(report: dict[str, Any]) -> str:
+    latency = report["latency_s"]
+    server = report["server"]
+    lines = [
+        f"# Load test: {report['model']} at {report['url']}",
+        "",
+        f"{report['concurrency']} concurrent clients, {report['images_per_request']} image(s) per request, "
+        f"{report['requests']} requests in {report['wall_s']:.1f} s; settings: "
+        + (", ".join(f"{k}={v}" for k, v in report["params"].items()) or "the model's defaults") + ".",
+        "",
+        "| succeeded | errors | requests/s | images/s | p50 s | p95 s | p99 s | max s | images per batch |",
+        "|---|---|---|---|---|---|---|---|---|",
+        (f"| {report['succeeded']} | {sum(report['errors'].values())} | {report['requests_per_s']:.3f} | "
+         f"{report['images_per_s']:.3f} | {latency['p50']:.3f} | {latency['p95']:.3f} | {latency['p99']:.3f} | "
+         f"{latency['max']:.3f} | {server['images_per_execution']:.2f} |"),
+        "",
+        ("Latency is per request, measured by the client from send to answer; images per batch is Triton's "
+         "inference count over its execution count for the run (1.00: no request shared a batch)."),
+    ]
+    if report["errors"]:
+        lines += ["", "Errors:", ""] + [f"- {count}x {message}" for message, count in report["errors"].items()]
+    return "\n".join(lines) + "\n"

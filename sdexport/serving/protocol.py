@@ -1,0 +1,62 @@
+"""The served model's tensors, declared once.
+
+Every input is per image: a request carries N rows (Triton's batch dimension) and row i holds image
+i's prompt, seed, steps, ... . Rows that ask for the same shapes and settings are generated together
+(``requests.group_rows``), whichever request they came from. Every input but ``prompt`` is optional
+and falls back to what ``sdexport run`` would use, so a request with the same parameters as a
+``run`` command line gives the same image.
+
+This table feeds ``config.pbtxt`` (``repository``), the model's decoding (``requests``) and the
+client helpers and load test (``client``), so a tensor's name and type are written here only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODEL_NAME = "sdexport"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    """The KServe v2 data type: BYTES, INT32, UINT64, FP32, UINT8."""
+    dims: tuple[int, ...]
+    """Per row (Triton adds the batch dimension); -1 is any length."""
+    doc: str
+    optional: bool = True
+
+    @property
+    def config_type(self) -> str:
+        """The type as config.pbtxt spells it."""
+        return "TYPE_STRING" if self.dtype == "BYTES" else f"TYPE_{self.dtype}"
+
+
+INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("prompt", "BYTES", (1,), "UTF-8 text, one per image", optional=False),
+    TensorSpec("negative_prompt", "BYTES", (1,), "UTF-8 text (default: none)"),
+    TensorSpec("prompt_2", "BYTES", (1,), "SDXL: for the second text encoder (default: prompt)"),
+    TensorSpec("negative_prompt_2", "BYTES", (1,), "SDXL: for the second text encoder"),
+    TensorSpec("steps", "INT32", (1,), "denoising steps (default 30)"),
+    TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default 7.5; 1 disables it)"),
+    TensorSpec("scheduler", "BYTES", (1,), "default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc"),
+    TensorSpec("seed", "UINT64", (1,), "seed of this image (default: its row number in the request)"),
+    TensorSpec("height", "INT32", (1,), "pixels (default: the init or first control image's, else the profile's opt)"),
+    TensorSpec("width", "INT32", (1,), "pixels (default: as height)"),
+    TensorSpec("init_image", "BYTES", (1,), "img2img / inpainting: a PNG or JPEG file's bytes"),
+    TensorSpec("mask", "BYTES", (1,), "inpainting: PNG/JPEG bytes, white repaints"),
+    TensorSpec("strength", "FP32", (1,), "with init_image: how far it is noised (default as `sdexport run`)"),
+    TensorSpec("fit", "BYTES", (1,), "init image/mask of another size: exact (refuse), resize or crop"),
+    TensorSpec("control_image", "BYTES", (-1,), "ControlNet: one PNG/JPEG per ControlNet, in export order"),
+    TensorSpec("control_scale", "FP32", (-1,), "ControlNet: one scale, or one per ControlNet (default 1)"),
+    TensorSpec("control_start", "FP32", (-1,), "ControlNet: fraction of the steps to start at (default 0)"),
+    TensorSpec("control_end", "FP32", (-1,), "ControlNet: fraction of the steps to stop at (default 1)"),
+)
+
+OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("image", "BYTES", (1,), "the PNG file `sdexport run` would write, parameters in its metadata", optional=False),
+    TensorSpec("pixels", "UINT8", (-1, -1, 3), "the raw image, height x width x RGB (ask for it by name)", optional=False),
+)
+
+INPUT_NAMES = tuple(spec.name for spec in INPUTS)

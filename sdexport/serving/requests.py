@@ -1,0 +1,200 @@
+"""Triton request tensors → one ``Row`` per image → ``GenerationRequest`` batches.
+
+A served request is decoded into rows with the defaults ``sdexport run`` uses, so the same
+parameters give the same image. Rows that share every setting a generation call shares (steps,
+size, scheduler, task, control images, ...) can be generated together, whichever request they came
+from: ``group_rows`` makes those batches, no larger than the engines' profile allows.
+
+Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
+profile, so a bad request is refused with the CLI's own words before it joins a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdexport.errors import SdexportError
+from sdexport.runtime.request import GenerationRequest
+from sdexport.serving.protocol import INPUT_NAMES
+
+DEFAULTS: dict[str, Any] = {"steps": 30, "guidance": 7.5, "scheduler": "default", "fit": "exact"}
+"""What ``sdexport run`` uses when a flag is not given."""
+
+
+@dataclass
+class Row:
+    """One image's parameters, decoded and defaulted."""
+
+    prompt: str
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    height: int
+    width: int
+    negative_prompt: str | None = None
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
+    image: Any = None
+    mask: Any = None
+    strength: float | None = None
+    control_image: list[Any] | None = None
+    control_scale: float | list[float] = 1.0
+    control_start: float | list[float] = 0.0
+    control_end: float | list[float] = 1.0
+    control_digest: str = ""
+    """A digest of the control images' bytes: rows share a call only with the same control images."""
+    notes: list[str] = field(default_factory=list)
+    """What was changed on the way (an image resized by ``fit``), for the server log."""
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """What must be equal for rows to be generated in one call."""
+        return (self.steps, self.guidance, self.scheduler, self.height, self.width, self.strength,
+                self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
+                self.image is None, self.mask is None, self.control_digest,
+                _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end))
+
+
+def _hashable(value: float | list[float]) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int]) -> list[Row]:
+    """The rows of one request. ``inputs``: input name → numpy array with the batch dimension first
+    (absent inputs missing or None); ``default_size``: (height, width) when neither the request nor an
+    image gives one. Malformed values are refused with one line naming the input."""
+    unknown = sorted(set(inputs) - set(INPUT_NAMES))
+    if unknown:
+        raise SdexportError(f"unknown inputs {', '.join(unknown)}; this model takes {', '.join(INPUT_NAMES)}")
+    prompts = inputs.get("prompt")
+    if prompts is None or len(prompts) == 0:
+        raise SdexportError("no prompt given: send the input 'prompt' (one UTF-8 text per image)")
+    return [_decode_row(inputs, i, default_size) for i in range(len(prompts))]
+
+
+def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]) -> Row:
+    from sdexport.runtime.image_inputs import decode_image, fit_image
+
+    def one(name: str) -> Any:
+        value = inputs.get(name)
+        if value is None:
+            return None
+        cell = value[i]
+        if getattr(cell, "shape", ()) != () and len(cell) != 1:
+            raise SdexportError(f"{name}: expected one value per image, got {len(cell)}")
+        return cell[0] if getattr(cell, "shape", ()) != () else cell
+
+    def many(name: str) -> list[Any] | None:
+        value = inputs.get(name)
+        return None if value is None else list(value[i])
+
+    where = f" (image {i + 1} of the request)" if len(inputs["prompt"]) > 1 else ""
+    try:
+        text = {name: _text(one(name), name) for name in ("prompt", "negative_prompt", "prompt_2",
+                                                           "negative_prompt_2", "scheduler", "fit")}
+        fit = text["fit"] or DEFAULTS["fit"]
+        image = one("init_image")
+        mask = one("mask")
+        init = decode_image(bytes(image), "init_image") if image is not None else None
+        masked = decode_image(bytes(mask), "mask", mode="L") if mask is not None else None
+        control_bytes = [bytes(b) for b in many("control_image") or []]
+        controls = [decode_image(b, "control_image") for b in control_bytes]
+        height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
+        if (height is None) != (width is None):
+            raise SdexportError("give both height and width, or neither")
+        if height is None:  # as `run`: the init image's own size, else the first control image's
+            first = init or (controls[0] if controls else None)
+            height, width = (first.size[1], first.size[0]) if first is not None else default_size
+        assert height is not None and width is not None
+        seed = _number(one("seed"), "seed", int)
+        row = Row(
+            prompt=text["prompt"] or "",
+            negative_prompt=text["negative_prompt"], prompt_2=text["prompt_2"],
+            negative_prompt_2=text["negative_prompt_2"],
+            seed=i if seed is None else seed,
+            steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
+            guidance=_or(_number(one("guidance"), "guidance", float), DEFAULTS["guidance"]),
+            scheduler=text["scheduler"] or DEFAULTS["scheduler"],
+            height=height, width=width,
+            strength=_number(one("strength"), "strength", float),
+            control_image=controls or None,
+        )
+        for name in ("control_scale", "control_start", "control_end"):
+            values = [_number(v, name, float) for v in many(name) or []]
+            if values:
+                setattr(row, name, values[0] if len(values) == 1 else values)
+        if control_bytes:
+            row.control_digest = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in control_bytes)).hexdigest()
+        if init is not None:
+            row.image, note = fit_image(init, height, width, fit, "init_image")
+            row.notes += [note] if note else []
+        if masked is not None:
+            row.mask, note = fit_image(masked, height, width, fit, "mask")
+            row.notes += [note] if note else []
+        elif fit != DEFAULTS["fit"] and init is None:
+            raise SdexportError("fit needs init_image: it says how that image is made the request's size")
+        return row
+    except SdexportError as exc:
+        raise SdexportError(f"{exc}{where}") from None
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _text(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except (UnicodeDecodeError, TypeError):
+        raise SdexportError(f"{name}: not UTF-8 text") from None
+
+
+def _number(value: Any, name: str, kind: type) -> Any:
+    """A Python int or float from a numpy scalar. A float32 is read as the shortest decimal that
+    gives it back (7.3, not 7.300000190734863), so it means what the client typed."""
+    if value is None:
+        return None
+    if kind is int:
+        if not float(value).is_integer():
+            raise SdexportError(f"{name} {value}: expected a whole number")
+        return int(value)
+    number = float(str(value))
+    if not math.isfinite(number):
+        raise SdexportError(f"{name} {number}: expected a finite number")
+    return number
+
+
+def generation_request(rows: list[Row]) -> GenerationRequest:
+    """The one call that generates ``rows`` (which share ``batch_key``)."""
+    first = rows[0]
+
+    def column(name: str) -> list[Any] | None:
+        values = [getattr(row, name) for row in rows]
+        return None if values[0] is None else values
+
+    return GenerationRequest(
+        prompt=[row.prompt for row in rows], negative_prompt=column("negative_prompt"),
+        prompt_2=column("prompt_2"), negative_prompt_2=column("negative_prompt_2"),
+        steps=first.steps, guidance=first.guidance, scheduler=first.scheduler,
+        seeds=[row.seed for row in rows], height=first.height, width=first.width,
+        image=column("image"), mask=column("mask"), strength=first.strength,
+        control_image=first.control_image, control_scale=first.control_scale,
+        control_start=first.control_start, control_end=first.control_end,
+    )
+
+
+def group_rows(rows: list[tuple[Any, Row]], max_batch: int) -> list[list[tuple[Any, Row]]]:
+    """Rows (each with its owner, e.g. a request index) in batches of equal ``batch_key`` and at most
+    ``max_batch`` rows, in order of first arrival: one generation call each."""
+    groups: dict[tuple[Any, ...], list[tuple[Any, Row]]] = {}
+    for owner, row in rows:
+        groups.setdefault(row.batch_key(), []).append((owner, row))
+    return [members[i:i + max_batch] for members in groups.values() for i in range(0, len(members), max_batch)]

@@ -1,0 +1,121 @@
+"""``sdexport serve``: the repository of ``repository`` under the ``tritonserver`` that PyTriton ships.
+
+PyTriton does what is fiddly about running Triton from a Python environment: it copies the server,
+puts the Python-backend stub built for this Python version beside it, points the stub at this
+environment (so the model imports sdexport and its backend), starts and health-checks the server,
+and stops it with SIGINT so that requests in flight finish (up to ``exit_timeout_secs``). Our model
+is not bound through PyTriton's ``bind`` (its errors fail a whole batch and arrive as tracebacks);
+it is a plain Python-backend model in the repository we hand it, which the stock server loads too.
+
+Two things PyTriton does not do, done here: the stub finds ``libpython`` through the loader's search
+path, and a Python built elsewhere (pyenv, a venv over it) must put its own library directory first
+or the stub loads the system's ``libpython`` of another patch release (seen here: "'_thread.RLock'
+object has no attribute '_recursion_count'"); and PyTriton's stub is built against numpy 1.x, so
+with numpy 2 in the environment tensors arrive garbled: refused up front.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdexport.errors import SdexportError
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+    address: str = "0.0.0.0"
+
+
+def check_serving_installed() -> None:
+    """The serve extra, and a numpy the stub can read, before anything is loaded."""
+    import importlib.util
+
+    missing = [name for name in ("pytriton", "tritonclient") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SdexportError(f"{' and '.join(missing)} not installed: serving needs the serve extra "
+                            "(bash scripts/setup.sh --serve, or pip install 'sdexport[serve]')")
+    from importlib.metadata import version
+
+    if int(version("numpy").split(".")[0]) >= 2:
+        raise SdexportError(f"numpy {version('numpy')} is installed, but PyTriton's Triton stub is built against "
+                            "numpy 1.x and garbles tensors under numpy 2: pip install 'numpy<2' (the serve "
+                            "extra's pin; README, \"Serving with Triton\")")
+
+
+def check_ports(ports: Ports) -> None:
+    numbers = (ports.http, ports.grpc, ports.metrics)
+    for number in numbers:
+        if not 1 <= number <= 65535:
+            raise SdexportError(f"port {number}: ports are 1-65535")
+    if len(set(numbers)) != 3:
+        raise SdexportError(f"--http-port, --grpc-port and --metrics-port must differ (got {numbers})")
+    import socket
+
+    for flag, number in (("--http-port", ports.http), ("--grpc-port", ports.grpc), ("--metrics-port", ports.metrics)):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ports.address if ports.address != "0.0.0.0" else "", number))
+            except OSError as exc:
+                raise SdexportError(f"{flag} {number}: cannot listen there ({exc.strerror}); is another server "
+                                    "running? choose another port") from None
+
+
+def stub_environment() -> None:
+    """Put this Python's own libpython first on the loader's path, for the stub Triton starts."""
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and Path(libdir).is_dir():
+        current = os.environ.get("LD_LIBRARY_PATH", "")
+        if libdir not in current.split(":"):
+            os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
+
+
+def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
+               log_file: Path | None, on_ready: Callable[[], None]) -> None:
+    """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
+    interrupted (Ctrl-C, SIGTERM), then let requests in flight finish. ``log_file``: where Triton's
+    log goes (None: this process's output)."""
+    import pytriton.triton
+    from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
+
+    stub_environment()
+    # PyTriton waits 120 s for the server to turn ready; loading large engines can take longer.
+    pytriton.triton.DEFAULT_TRITON_STARTUP_TIMEOUT_S = startup_timeout_s  # type: ignore[attr-defined]
+    config = TritonConfig(
+        model_repository=repository, http_port=ports.http, grpc_port=ports.grpc, metrics_port=ports.metrics,
+        http_address=ports.address, grpc_address=ports.address, metrics_address=ports.address,
+        exit_timeout_secs=drain_timeout_s, strict_readiness=True, log_file=log_file,
+    )
+    # PyTriton guards the endpoints that change or expose the server with a random token; statistics
+    # (read-only, what `sdexport loadtest` reports batching from) are opened like the metrics port.
+    guarded = [e for e in pytriton.triton.DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
+    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=guarded))
+    try:
+        try:
+            triton.run()
+        except Exception as exc:  # the server exited or never turned ready: its log says why
+            raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file)}") from None
+        on_ready()
+        triton.serve()
+    finally:
+        triton.stop()
+
+
+def _reason(triton: object, exc: Exception, log_file: Path | None) -> str:
+    """The server log's failure line (a model that did not load says why), else the exception."""
+    server = getattr(triton, "_triton_server", None)
+    log = getattr(server, "_tritonserver_logs", "") or ""
+    if log_file is not None and log_file.is_file():
+        log += log_file.read_text(errors="replace")
+    for line in log.splitlines():
+        if "failed to load" in line or "UNAVAILABLE" in line or "error:" in line.lower():
+            return " ".join(line.split())[-600:]
+    return str(exc) or type(exc).__name__
+

@@ -1,0 +1,212 @@
+"""The Triton Python-backend model: one engine directory, loaded once, serving batches of requests.
+
+Triton's dynamic batcher hands ``execute`` the requests that arrived within the queue delay. Each is
+decoded into per-image rows and checked with the CLI's checks; a bad request gets its own error and
+the others go on. Rows of every request that share their settings are generated in one call (up to
+the engines' batch), the rest one call after another, and each request gets its images back.
+
+``ServedModel`` is plain Python over numpy inputs (``generate``), so it is tested without a server;
+``TritonAdapter`` is the thin part that speaks ``triton_python_backend_utils``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdexport.errors import SdexportError, one_line
+from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
+from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows
+
+MAX_STEPS = 200
+"""A served request's step limit by default: far above the usual 20-50, far below the 1000 a
+scheduler would accept, so one request cannot hold the queue for minutes."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What the served model is told through config.pbtxt's ``parameters`` (all strings there)."""
+
+    engine_dir: str
+    backend: str = "onnxruntime"
+    cuda_graph: bool = False
+    graphs: str = "auto"
+    max_steps: int = MAX_STEPS
+    verify: bool = True
+    """Hash the files the backend reads once at load (``sdexport run`` does the same per run)."""
+
+    def to_parameters(self) -> dict[str, str]:
+        return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
+                "graphs": self.graphs, "max_steps": str(self.max_steps), "verify": str(self.verify).lower()}
+
+    @classmethod
+    def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
+        if "engine_dir" not in parameters:
+            raise SdexportError("config.pbtxt has no engine_dir parameter: write the repository with `sdexport triton-repo`")
+        flag = {"true": True, "false": False}
+        try:
+            return cls(engine_dir=parameters["engine_dir"], backend=parameters.get("backend", cls.backend),
+                       cuda_graph=flag[parameters.get("cuda_graph", "false")], graphs=parameters.get("graphs", "auto"),
+                       max_steps=int(parameters.get("max_steps", MAX_STEPS)), verify=flag[parameters.get("verify", "true")])
+        except (KeyError, ValueError) as exc:
+            raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
+
+
+@dataclass
+class Generated:
+    """One image of a response."""
+
+    png: bytes
+    pixels: Any
+    """uint8, height x width x 3."""
+
+
+class ServedModel:
+    """The engine directory's pipeline behind Triton's ``execute``."""
+
+    def __init__(self, settings: ServeSettings, log: Any = print) -> None:
+        from sdexport.manifest import load_manifest
+        from sdexport.runtime.loading import load_pipeline, resolve_backend
+
+        self.settings = settings
+        self.log = log
+        engine_dir = Path(settings.engine_dir)
+        manifest = load_manifest(engine_dir, verify_files=False)
+        self.image_inputs = "vae_encoder" in manifest.components
+        backend = resolve_backend(settings.backend)
+        started = time.perf_counter()
+        self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=settings.cuda_graph, verify_files=settings.verify,
+                                      graphs=settings.graphs, image_inputs=self.image_inputs)
+        profile = self.pipeline.profile
+        self.max_batch = profile.batch[2]
+        self.default_size = (profile.height[1], profile.width[1])
+        log(f"sdexport: loaded {engine_dir} ({manifest.family}, {backend}) in {time.perf_counter() - started:.1f} s; "
+            f"batch up to {self.max_batch}, sizes {profile.height[0]}-{profile.height[2]} x "
+            f"{profile.width[0]}-{profile.width[2]}")
+
+    def check(self, row: Row) -> None:
+        """Refuse what ``sdexport run`` would refuse, and what this server does not allow."""
+        if isinstance(row.steps, int) and row.steps > self.settings.max_steps:
+            raise SdexportError(f"steps {row.steps}: this server allows at most {self.settings.max_steps} steps "
+                                "(sdexport serve --max-steps)")
+        request = generation_request([row])
+        if request.image is not None and not self.image_inputs:
+            raise SdexportError("init_image: this engine directory has no vae_encoder, so it serves txt2img only")
+        self.pipeline.check(request)
+
+    def generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None = None) -> list[list[Generated] | str]:
+        """Per request (input name → numpy array, batch first): its images, or the one-line error that
+        refused it. ``wanted``: the output names each request asked for (default: all)."""
+        outcome: list[list[Generated | None] | str] = []
+        rows: list[tuple[tuple[int, int], Row]] = []
+        for index, inputs in enumerate(requests):
+            try:
+                decoded = decode_rows(inputs, self.default_size)
+                if len({(row.height, row.width) for row in decoded}) > 1:
+                    raise SdexportError("the images of one request must share height and width (their pixels "
+                                        "are one tensor): send images of other sizes in requests of their own")
+                for row in decoded:
+                    self.check(row)
+            except SdexportError as exc:
+                outcome.append(str(exc))
+                continue
+            outcome.append([None] * len(decoded))
+            rows += [((index, i), row) for i, row in enumerate(decoded)]
+        calls = group_rows(rows, self.max_batch)
+        for members in calls:
+            owners = [owner for owner, _ in members]
+            if any(isinstance(outcome[r], str) for r, _ in owners):  # a request refused by an earlier call
+                members = [(o, row) for o, row in members if not isinstance(outcome[o[0]], str)]
+                if not members:
+                    continue
+            try:
+                result = self.pipeline(generation_request([row for _, row in members]))
+            except Exception as exc:  # this call's requests fail; the others, and the server, go on
+                message = str(exc) if isinstance(exc, SdexportError) else f"generation failed: {one_line(exc)}"
+                if not isinstance(exc, SdexportError):
+                    self.log(f"sdexport: {traceback.format_exc()}")
+                for (r, _), _row in members:
+                    outcome[r] = message
+                continue
+            for k, ((r, i), row) in enumerate(members):
+                slot = outcome[r]
+                if isinstance(slot, str):
+                    continue
+                png = self._png(result, k) if wanted is None or "image" in wanted[r] else b""
+                for note in row.notes:
+                    self.log(f"sdexport: request {r + 1}: {note}")
+                import numpy as np
+
+                slot[i] = Generated(png=png, pixels=np.asarray(result.images[k], dtype=np.uint8))
+        if calls:
+            self.log(f"sdexport: {len(requests)} request(s), {len(rows)} image(s) in {len(calls)} call(s) of "
+                     f"{', '.join(str(len(m)) for m in calls)}")
+        return [slot if isinstance(slot, str) else [g for g in slot if g is not None] for slot in outcome]
+
+    def _png(self, result: Any, k: int) -> bytes:
+        from sdexport.runtime.images import png_bytes
+
+        return png_bytes(result, k, self.pipeline.info)
+
+    def close(self) -> None:
+        self.pipeline.close()
+
+
+class TritonAdapter:
+    """``TritonPythonModel``'s three methods over a ``ServedModel``, in Triton's own types."""
+
+    def __init__(self, pb_utils: Any) -> None:
+        self.pb = pb_utils
+        self.model: ServedModel | None = None
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        logger = getattr(self.pb, "Logger", None)
+        log = logger.log_info if logger is not None else print
+        try:
+            self.model = ServedModel(ServeSettings.from_parameters(parameters), log=log)
+        except SdexportError as exc:  # Triton shows the message as the reason the model did not load
+            raise RuntimeError(f"sdexport: {exc}") from None
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        assert self.model is not None
+        pb = self.pb
+        inputs, wanted, cancelled = [], [], []
+        for request in requests:
+            tensors = {}
+            for name in INPUT_NAMES:
+                tensor = pb.get_input_tensor_by_name(request, name)
+                if tensor is not None:
+                    tensors[name] = tensor.as_numpy()
+            inputs.append(tensors)
+            wanted.append(set(request.requested_output_names()) or {spec.name for spec in OUTPUTS})
+            is_cancelled = getattr(request, "is_cancelled", None)
+            cancelled.append(bool(is_cancelled()) if is_cancelled is not None else False)
+        live = [i for i, c in enumerate(cancelled) if not c]
+        results = self.model.generate([inputs[i] for i in live], [wanted[i] for i in live])
+        by_index: dict[int, Any] = dict(zip(live, results))
+        return [self._response(by_index.get(i, "cancelled by the client"), wanted[i]) for i in range(len(requests))]
+
+    def _response(self, result: list[Generated] | str, wanted: set[str]) -> Any:
+        import numpy as np
+
+        pb = self.pb
+        if isinstance(result, str):
+            code = getattr(pb.TritonError, "INVALID_ARG", None)
+            error = pb.TritonError(result, code) if code is not None else pb.TritonError(result)
+            return pb.InferenceResponse(output_tensors=[], error=error)
+        tensors = []
+        if "image" in wanted:
+            tensors.append(pb.Tensor("image", np.array([[g.png] for g in result], dtype=np.object_)))
+        if "pixels" in wanted:
+            tensors.append(pb.Tensor("pixels", np.stack([g.pixels for g in result])))
+        return pb.InferenceResponse(output_tensors=tensors)
+
+    def finalize(self) -> None:
+        if self.model is not None:
+            self.model.close()

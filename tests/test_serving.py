@@ -1,0 +1,443 @@
+"""Serving behind Triton: the served model's decoding, batching and errors (in-process), and real
+servers on 127.0.0.1 over the tiny model (``sdexport serve`` under PyTriton's tritonserver, and the
+repository of ``sdexport triton-repo`` under the bare tritonserver binary).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from sdexport.errors import SdexportError
+from sdexport.serving.protocol import INPUTS, OUTPUTS
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+BACKEND = "onnxruntime-cpu"
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _png_of(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _inputs(prompts: list[str], **params: object) -> dict[str, np.ndarray]:
+    """A request's tensors as Triton hands them to the model (batch first, BYTES as object arrays)."""
+    arrays = {"prompt": np.array([[p.encode()] for p in prompts], dtype=object)}
+    for name, value in params.items():
+        dtype = {"steps": np.int32, "height": np.int32, "width": np.int32, "seed": np.uint64}.get(name, np.float32)
+        if isinstance(value, str | bytes):
+            arrays[name] = np.array([[value.encode() if isinstance(value, str) else value]] * len(prompts), dtype=object)
+        elif isinstance(value, list):
+            arrays[name] = np.array([[v] for v in value], dtype=dtype)
+        else:
+            arrays[name] = np.array([[value]] * len(prompts), dtype=dtype)
+    return arrays
+
+
+# -- the tensors, the config, the rows ---------------------------------------------------------
+
+
+def test_config_pbtxt_is_a_valid_triton_model_config():
+    """Parsed with Triton's own schema (tritonclient ships model_config.proto), every tensor as declared."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from sdexport.serving.repository import Batching, config_pbtxt
+    from sdexport.serving.triton_model import ServeSettings
+
+    text = config_pbtxt(ServeSettings('/x/"quoted" dir'), 4, Batching(max_queue_delay_us=5000, max_queue_size=8))
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    assert config.backend == "python" and config.max_batch_size == 4
+    assert config.dynamic_batching.max_queue_delay_microseconds == 5000
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 8
+    assert [i.name for i in config.input] == [s.name for s in INPUTS]
+    assert [o.name for o in config.output] == [s.name for s in OUTPUTS]
+    assert [i.optional for i in config.input] == [s.optional for s in INPUTS]
+    assert config.parameters["engine_dir"].string_value == '/x/"quoted" dir'
+
+
+def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
+    from sdexport.serving.requests import decode_rows
+
+    rows = decode_rows(_inputs(["a", "b"]), (128, 96))
+    assert [(r.prompt, r.seed, r.steps, r.guidance, r.scheduler, r.height, r.width) for r in rows] == [
+        ("a", 0, 30, 7.5, "default", 128, 96), ("b", 1, 30, 7.5, "default", 128, 96)]
+    row = decode_rows(_inputs(["a"], guidance=7.3, steps=4, seed=[2**64 - 1]), (128, 128))[0]
+    assert (row.guidance, row.steps, row.seed) == (7.3, 4, 2**64 - 1)
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"prompt": np.array([[b"\xff"]], dtype=object)}, "prompt: not UTF-8 text"),
+    ({"height": 64}, "give both height and width"),
+    ({"init_image": b"not an image"}, "init_image: not a readable image"),
+    ({"init_image": b""}, "init_image: empty"),
+    ({"fit": "resize"}, "fit needs init_image"),
+    ({"colour": 1.0}, "unknown inputs colour"),
+])
+def test_malformed_rows_are_refused_in_one_line(params, message):
+    from sdexport.serving.requests import decode_rows
+
+    inputs = _inputs(["a"], **{k: v for k, v in params.items() if k not in ("prompt",)})
+    inputs.update({k: v for k, v in params.items() if k == "prompt"})
+    with pytest.raises(SdexportError, match=message):
+        decode_rows(inputs, (128, 128))
+
+
+def test_rows_with_the_same_settings_share_a_call_up_to_the_batch_limit():
+    from sdexport.serving.requests import decode_rows, group_rows
+
+    same = decode_rows(_inputs(["a", "b", "c"], steps=4), (128, 128))
+    other = decode_rows(_inputs(["d"], steps=5), (128, 128))
+    calls = group_rows([(0, same[0]), (1, other[0]), (2, same[1]), (3, same[2])], max_batch=2)
+    assert [[owner for owner, _ in call] for call in calls] == [[0, 2], [3], [1]]
+
+
+# -- the served model in-process -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def served(tiny_engine_dir):
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    logs: list[str] = []
+    model = ServedModel(ServeSettings(str(tiny_engine_dir), backend=BACKEND, max_steps=50), log=logs.append)
+    model.logs = logs  # type: ignore[attr-defined]
+    yield model
+    model.close()
+
+
+def test_a_served_image_is_the_image_sdexport_run_writes(served, tiny_engine_dir, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "cli.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "a red boat", "-n", "fog", "--steps", "3", "--seed", "5",
+                   "--scheduler", "euler_a", "--guidance", "6", "--backend", BACKEND, "-o", out) == 0
+    [generated] = served.generate([_inputs(["a red boat"], negative_prompt="fog", steps=3, seed=[5],
+                                           scheduler="euler_a", guidance=6.0)])
+    assert not isinstance(generated, str)
+    np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(out).convert("RGB")))
+    np.testing.assert_array_equal(generated[0].pixels, np.asarray(Image.open(out).convert("RGB")))
+    assert json.loads(Image.open(io.BytesIO(generated[0].png)).text["sdexport"])["seed"] == 5
+
+
+def test_a_bad_request_gets_its_own_error_and_the_others_their_images(served):
+    served.logs.clear()
+    results = served.generate([
+        _inputs(["fine"], steps=2),
+        _inputs(["bad"], steps=2, scheduler="warp"),
+        _inputs(["also fine", "and this"], steps=2, seed=[1, 2]),
+        _inputs(["too long"], steps=51),
+        _inputs(["too wide"], steps=2, height=128, width=4096),
+    ])
+    assert [len(r) if not isinstance(r, str) else r.split(";")[0] for r in results[:2]] == [1, "unknown scheduler 'warp'"]
+    assert len(results[2]) == 2
+    assert results[3] == "steps 51: this server allows at most 50 steps (sdexport serve --max-steps)"
+    assert "width 4096 is outside the engines' profile" in results[4]
+    # the three good images (same settings) went through one call of two and one of one (batch limit 2)
+    assert served.logs[-1].endswith("3 image(s) in 2 call(s) of 2, 1")
+
+
+def test_img2img_and_the_cli_agree_on_an_init_image_served_as_bytes(served, tiny_engine_dir, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    init = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    (tmp_path / "init.png").write_bytes(_png_of(init))
+    out = tmp_path / "cli.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "4", "--init-image", tmp_path / "init.png",
+                   "--backend", BACKEND, "-o", out) == 0
+    [generated] = served.generate([_inputs(["x"], steps=4, init_image=_png_of(init))])
+    assert not isinstance(generated, str) and generated[0].pixels.shape == (96, 128, 3)  # the image's own size
+    np.testing.assert_array_equal(generated[0].pixels, np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_rows_of_one_request_must_share_a_size(served):
+    [result] = served.generate([{**_inputs(["a", "b"], steps=2),
+                                 "height": np.array([[64], [128]], np.int32), "width": np.array([[64], [128]], np.int32)}])
+    assert isinstance(result, str) and "must share height and width" in result
+
+
+# -- real servers ----------------------------------------------------------------------------------
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _wait_ready(url: str, process: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    import tritonclient.http as http
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited ({process.returncode}):\n{log.read_text()[-4000:]}")
+        try:
+            with http.InferenceServerClient(url, connection_timeout=2) as client:
+                if client.is_server_ready():
+                    return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"no ready server at {url} after {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+class Server:
+    def __init__(self, command: list[str], ports: list[int], log: Path, env: dict[str, str] | None = None) -> None:
+        self.url, self.grpc_url, self.metrics = (f"127.0.0.1:{p}" for p in ports)
+        self.log = log
+        self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                        start_new_session=True)
+        try:
+            _wait_ready(self.url, self.process, log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def _serve(engine_dir: Path, log: Path, *extra: str) -> Server:
+    ports = _free_ports(3)
+    command = [sys.executable, "-m", "sdexport", "serve", str(engine_dir), "--backend", BACKEND, "--address", "127.0.0.1",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+               "--max-queue-delay-ms", "1000", "--verbose", *extra]
+    return Server(command, ports, log)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_engine_dir, tmp_path_factory):
+    running = _serve(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log")
+    yield running
+    running.stop()
+
+
+def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, tiny_engine_dir, tmp_path):
+    from PIL import Image
+
+    from sdexport.serving.client import generate
+
+    out = tmp_path / "cli.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "a lighthouse", "--steps", "3", "--seed", "9", "--backend", BACKEND,
+                   "-o", out) == 0
+    [png] = generate(server.url, ["a lighthouse"], steps=3, seed=[9])
+    np.testing.assert_array_equal(_png_pixels(png), np.asarray(Image.open(out).convert("RGB")))
+    [pixels] = generate(server.url, ["a lighthouse"], steps=3, seed=[9], pixels=True)
+    np.testing.assert_array_equal(pixels, np.asarray(Image.open(out).convert("RGB")))
+
+
+def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_succeed(server):
+    import tritonclient.http as http
+
+    from sdexport.serving.client import generate
+
+    def stats() -> tuple[int, int]:
+        with http.InferenceServerClient(server.url) as client:
+            [model] = client.get_inference_statistics("sdexport")["model_stats"]
+        return int(model["execution_count"]), int(model["inference_count"])
+
+    executions, inferences = stats()
+    results: dict[str, object] = {}
+
+    def call(name: str, **params: object) -> None:
+        try:
+            results[name] = generate(server.url, [name], steps=2, **params)
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [threading.Thread(target=call, args=("good-1",)), threading.Thread(target=call, args=("good-2",)),
+               threading.Thread(target=call, args=("bad",), kwargs={"scheduler": "nope"})]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert isinstance(results["good-1"], list) and isinstance(results["good-2"], list)
+    assert "unknown scheduler 'nope'" in str(results["bad"])
+    after_executions, after_inferences = stats()
+    assert after_inferences - inferences == 3  # images asked for, the refused one included
+    assert after_executions - executions < 3, "the concurrent requests should have shared a batch"
+    assert generate(server.url, ["still serving"], steps=2)  # and the server goes on
+
+
+def test_a_client_that_hangs_up_does_not_wedge_the_queue(server):
+    import tritonclient.http as http
+
+    from sdexport.serving.client import generate, infer_inputs
+
+    with http.InferenceServerClient(server.url, network_timeout=0.2, connection_timeout=0.2) as client:
+        with pytest.raises(Exception):  # noqa: B017 - a timeout of whichever kind the client raises
+            client.infer("sdexport", infer_inputs(["slow"], http, steps=150))
+    assert generate(server.url, ["after the hang-up"], steps=2)
+
+
+def test_grpc_health_and_metrics_answer(server):
+    import urllib.request
+
+    import tritonclient.grpc as grpc
+
+    with grpc.InferenceServerClient(server.grpc_url) as client:
+        assert client.is_server_ready() and client.is_model_ready("sdexport")
+        from sdexport.serving.client import infer_inputs
+
+        result = client.infer("sdexport", infer_inputs(["over grpc"], grpc, steps=2),
+                              outputs=[grpc.InferRequestedOutput("image")])
+        assert _png_pixels(result.as_numpy("image")[0][0]).shape == (128, 128, 3)
+    metrics = urllib.request.urlopen(f"http://{server.metrics}/metrics", timeout=10).read().decode()
+    assert 'nv_inference_count{model="sdexport"' in metrics
+
+
+def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
+    assert run_cli("loadtest", "--url", server.url, "-c", "3", "-n", "6", "--steps", "2", "-o", tmp_path / "load") == 0
+    report = json.loads((tmp_path / "load" / "loadtest.json").read_text())
+    assert report["succeeded"] == 6 and report["errors"] == {}
+    assert 0 < report["latency_s"]["p50"] <= report["latency_s"]["p95"] <= report["latency_s"]["p99"]
+    assert report["server"]["inferences"] == 6
+    assert "| succeeded |" in (tmp_path / "load" / "loadtest.md").read_text()
+
+
+def test_sigterm_lets_the_request_in_flight_finish(tiny_engine_dir, tmp_path):
+    from sdexport.serving.client import generate
+
+    running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--max-steps", "1000")
+    try:
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            try:
+                result["images"] = generate(running.url, ["in flight"], steps=400)
+            except Exception as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive(), "the request should still be generating"
+        running.process.send_signal(signal.SIGTERM)  # the sdexport process only, as `kill` or a container stop
+        thread.join(120)
+        assert "images" in result, result
+        assert running.process.wait(90) in (0, 130)
+        assert "Waiting for in-flight requests to complete" in running.log.read_text()
+    finally:
+        running.stop()
+
+
+def _bare_tritonserver(repository: Path, ports: list[int], work: Path) -> tuple[list[str], dict[str, str]]:
+    """The tritonserver binary PyTriton ships, run by hand with this Python's backend stub (what the
+    stock server does with its own Python), with none of sdexport's or PyTriton's Python around it."""
+    import sysconfig
+
+    import pytriton
+
+    dist = Path(pytriton.__file__).parent / "tritonserver"
+    server = work / "tritonserver"
+    shutil.copytree(dist, server, ignore=shutil.ignore_patterns("python_backend_stubs"))
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    shutil.copy(dist / "python_backend_stubs" / version / "triton_python_backend_stub",
+                server / "backends" / "python" / "triton_python_backend_stub")
+    return [str(server / "bin" / "tritonserver"), f"--model-repository={repository}",
+            f"--backend-directory={server / 'backends'}", f"--http-port={ports[0]}", f"--grpc-port={ports[1]}",
+            f"--metrics-port={ports[2]}", "--http-address=127.0.0.1", "--grpc-address=127.0.0.1",
+            f"--backend-config=python,shm-region-prefix-name=sdexport-test-{os.getpid()}",
+            "--log-info=true"], {
+        **os.environ,
+        "LD_LIBRARY_PATH": ":".join(filter(None, [sysconfig.get_config_var("LIBDIR"),
+                                                  str(Path(pytriton.__file__).parent.parent / "nvidia_pytriton.libs"),
+                                                  os.environ.get("LD_LIBRARY_PATH")])),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+
+
+def test_the_generated_repository_loads_in_tritonserver_and_answers(tiny_engine_dir, tmp_path):
+    from sdexport.serving.client import generate
+
+    repository = tmp_path / "repo"
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--backend", BACKEND) == 0
+    assert sorted(p.relative_to(repository).as_posix() for p in repository.rglob("*") if p.is_file()) == [
+        "sdexport-repository.json", "sdexport/1/model.py", "sdexport/config.pbtxt"]
+    ports = _free_ports(3)
+    command, env = _bare_tritonserver(repository, ports, tmp_path)
+    running = Server(command, ports, tmp_path / "tritonserver.log", env=env)
+    try:
+        [png] = generate(running.url, ["from the repository"], steps=2)
+        assert _png_pixels(png).shape == (128, 128, 3)
+    finally:
+        running.stop()
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):
+    repository = tmp_path / "repo"
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository) == 0
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository) == 2
+    assert "pass --force" in capsys.readouterr().err
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force", "--engine-path", "/engines/tiny") == 0
+    assert '"/engines/tiny"' in (repository / "sdexport" / "config.pbtxt").read_text()
+    (repository / "notes.txt").write_text("mine")
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force") == 2
+    assert "notes.txt" in capsys.readouterr().err and (repository / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve", "{missing}"], "no such engine directory"),
+    (["serve", "{engines}", "--backend", "warp"], "unknown backend 'warp'"),
+    (["serve", "{engines}", "--http-port", "8000", "--grpc-port", "8000"], "must differ"),
+    (["serve", "{engines}", "--max-queue-delay-ms", "-1"], "--max-queue-delay-ms -1"),
+    (["serve", "{engines}", "--cuda-graph"], "--cuda-graph: for --backend tensorrt or onnxruntime-cuda"),
+    (["triton-repo", "{engines}", "-o", "{engines}"], "would replace"),
+    (["triton-repo", "{engines}", "-o", "{tmp}/r", "--engine-path", "relative/path"], "an absolute path"),
+    (["loadtest", "--url", "127.0.0.1:1", "-n", "0"], "give --requests or --duration"),
+    (["loadtest", "--url", "127.0.0.1:1", "-n", "1"], "no Triton server answers there"),
+])
+def test_bad_serving_input_gets_one_line_and_exit_2(args, message, tiny_engine_dir, tmp_path, capsys):
+    filled = [a.format(missing=tmp_path / "nothing", engines=tiny_engine_dir, tmp=tmp_path) for a in args]
+    assert run_cli(*filled) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_numpy_2_is_refused_before_serving(monkeypatch):
+    import importlib.metadata
+
+    from sdexport.serving import server
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.4.6" if name == "numpy" else real(name))
+    with pytest.raises(SdexportError, match="numpy 2.4.6 is installed, but PyTriton's Triton stub"):
+        server.check_serving_installed()
