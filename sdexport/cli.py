@@ -672,7 +672,7 @@ def loadtest(
     text = markdown(report)
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     write_atomic(target / "loadtest.md", text)
-    out.print(text)
+    out.print(text, soft_wrap=True, markup=False, highlight=False)  # table rows stay whole lines
     out.print(str(target / "loadtest.json"))
 
 

@@ -441,3 +441,14 @@ def test_numpy_2_is_refused_before_serving(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.4.6" if name == "numpy" else real(name))
     with pytest.raises(SdexportError, match="numpy 2.4.6 is installed, but PyTriton's Triton stub"):
         server.check_serving_installed()
+
+
+def test_the_readme_lists_every_input_of_the_served_model():
+    """The README's table of inputs is written by hand: it must name each input, and nothing else."""
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Serve: Triton Inference Server"):readme.index("### A model repository")]
+    table = [line for line in section.splitlines() if line.startswith("| `")]
+    named = [name for line in table for name in re.findall(r"`(\w+)`", line.split("|")[1])]
+    assert sorted(named) == sorted(spec.name for spec in INPUTS)
