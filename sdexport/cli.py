@@ -574,8 +574,22 @@ def serve(
     from sdexport.runtime.loading import resolve_backend
     from sdexport.runtime.providers import require_backend
 
-    require_backend(resolve_backend(backend))
+    resolved = resolve_backend(backend)
+    require_backend(resolved)
     check_ports(ports)
+    if log_file is not None:
+        from sdexport.output_dir import require_creatable
+
+        require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
+    # Hash what the backend will read here, as `run` does: a damaged file is named in one line now,
+    # not inside Triton's log after the server gave up; the model then loads without hashing again.
+    from dataclasses import replace
+
+    from sdexport.runtime.loading import verify_for_backend
+
+    verify_for_backend(engine_dir, manifest, resolved, settings.graphs,
+                       image_inputs="vae_encoder" in manifest.components)
+    settings = replace(settings, verify=False)
     if log_file is not None and (log_file.is_dir() or verbose):
         raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
                                                           else "not with --verbose, which shows the log here"))

@@ -96,6 +96,7 @@ def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
     ({"init_image": b""}, "init_image: empty"),
     ({"fit": "resize"}, "fit needs init_image"),
     ({"colour": 1.0}, "unknown inputs colour"),
+    ({"prompt": np.array([[b"  "]], dtype=object)}, "prompt: empty"),
 ])
 def test_malformed_rows_are_refused_in_one_line(params, message):
     from sdexport.serving.requests import decode_rows
@@ -172,6 +173,24 @@ def test_img2img_and_the_cli_agree_on_an_init_image_served_as_bytes(served, tiny
     [generated] = served.generate([_inputs(["x"], steps=4, init_image=_png_of(init))])
     assert not isinstance(generated, str) and generated[0].pixels.shape == (96, 128, 3)  # the image's own size
     np.testing.assert_array_equal(generated[0].pixels, np.asarray(Image.open(out).convert("RGB")))
+
+
+@pytest.mark.parametrize("side", [0, -64, 50_000])
+def test_a_size_is_checked_before_an_init_image_is_resized_to_it(served, side):
+    """A resize to 0 would raise inside Pillow, one to 50000² would allocate gigabytes first."""
+    [result] = served.generate([_inputs(["x"], steps=2, init_image=_png_of(np.zeros((64, 64, 3), np.uint8)),
+                                        fit="resize", height=side, width=side)])
+    assert isinstance(result, str) and "outside the engines' profile" in result
+
+
+def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inputs():
+    import tritonclient.http as http
+
+    from sdexport.serving.client import infer_inputs
+
+    inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, seed=7)}
+    assert sorted(inputs) == ["guidance", "prompt", "scheduler", "seed", "steps"]
+    assert inputs["seed"].shape() == [2, 1]
 
 
 def test_rows_of_one_request_must_share_a_size(served):
@@ -264,31 +283,27 @@ def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, t
 def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_succeed(server):
     import tritonclient.http as http
 
-    from sdexport.serving.client import generate
+    from sdexport.serving.client import generate, infer_inputs
 
-    def stats() -> tuple[int, int]:
-        with http.InferenceServerClient(server.url) as client:
-            [model] = client.get_inference_statistics("sdexport")["model_stats"]
+    def stats(client: http.InferenceServerClient) -> tuple[int, int]:
+        [model] = client.get_inference_statistics("sdexport")["model_stats"]
         return int(model["execution_count"]), int(model["inference_count"])
 
-    executions, inferences = stats()
-    results: dict[str, object] = {}
-
-    def call(name: str, **params: object) -> None:
-        try:
-            results[name] = generate(server.url, [name], steps=2, **params)
-        except Exception as exc:
-            results[name] = exc
-
-    threads = [threading.Thread(target=call, args=("good-1",)), threading.Thread(target=call, args=("good-2",)),
-               threading.Thread(target=call, args=("bad",), kwargs={"scheduler": "nope"})]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert isinstance(results["good-1"], list) and isinstance(results["good-2"], list)
-    assert "unknown scheduler 'nope'" in str(results["bad"])
-    after_executions, after_inferences = stats()
+    with http.InferenceServerClient(server.url, concurrency=3) as client:
+        executions, inferences = stats(client)
+        # The same inputs (Triton batches only requests that carry the same ones), one with a bad value.
+        requests = {name: infer_inputs([name], http, steps=steps) for name, steps in
+                    (("good-1", 2), ("bad", 500), ("good-2", 2))}
+        pending = {name: client.async_infer("sdexport", inputs) for name, inputs in requests.items()}  # sent at once
+        results: dict[str, object] = {}
+        for name, call in pending.items():
+            try:
+                results[name] = call.get_result().as_numpy("image")
+            except Exception as exc:
+                results[name] = exc
+        assert results["good-1"].shape == results["good-2"].shape == (1, 1)  # type: ignore[union-attr]
+        assert "steps 500: this server allows at most 200 steps" in str(results["bad"])
+        after_executions, after_inferences = stats(client)
     assert after_inferences - inferences == 3  # images asked for, the refused one included
     assert after_executions - executions < 3, "the concurrent requests should have shared a batch"
     assert generate(server.url, ["still serving"], steps=2)  # and the server goes on
@@ -424,12 +439,35 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (["triton-repo", "{engines}", "-o", "{tmp}/r", "--engine-path", "relative/path"], "an absolute path"),
     (["loadtest", "--url", "127.0.0.1:1", "-n", "0"], "give --requests or --duration"),
     (["loadtest", "--url", "127.0.0.1:1", "-n", "1"], "no Triton server answers there"),
+    (["loadtest", "--url", "http://127.0.0.1:1"], "without the scheme"),
+    (["serve", "{engines}", "--log-file", "{engines}/manifest.json/log.txt"], "no log can be written"),
 ])
 def test_bad_serving_input_gets_one_line_and_exit_2(args, message, tiny_engine_dir, tmp_path, capsys):
     filled = [a.format(missing=tmp_path / "nothing", engines=tiny_engine_dir, tmp=tmp_path) for a in args]
     assert run_cli(*filled) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_serve_names_a_damaged_engine_file_before_starting_triton(engine_copy, capsys):
+    path = engine_copy / "unet" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert run_cli("serve", engine_copy, "--backend", BACKEND) == 2
+    assert "unet/model.onnx does not match its sha256" in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_load_is_reported_at_once_in_its_own_words(tmp_path):
+    """Triton exits within seconds; PyTriton alone would poll for the whole start-up timeout."""
+    from sdexport.serving.repository import Batching, write_repository
+    from sdexport.serving.server import Ports, run_server
+    from sdexport.serving.triton_model import ServeSettings
+
+    write_repository(tmp_path / "repo", ServeSettings(str(tmp_path / "gone"), backend=BACKEND), 2, Batching())
+    started = time.monotonic()
+    with pytest.raises(SdexportError, match=r"the model did not load: .*gone: no such engine directory"):
+        run_server(tmp_path / "repo", Ports(*_free_ports(3), address="127.0.0.1"), startup_timeout_s=300,
+                   drain_timeout_s=5, log_file=tmp_path / "triton.log", on_ready=lambda: None)
+    assert time.monotonic() - started < 120
 
 
 def test_numpy_2_is_refused_before_serving(monkeypatch):

@@ -15,11 +15,19 @@ _NUMPY = {"BYTES": "object", "INT32": "int32", "UINT64": "uint64", "FP32": "floa
 _SPECS = {spec.name: spec for spec in INPUTS}
 
 
+SENT_ALWAYS = ("seed", "steps", "guidance", "scheduler")
+"""Sent with their defaults when not given: Triton batches only requests that carry the same inputs,
+so every request from this client carries at least these."""
+
+
 def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:
     """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
     model by name, one value for every image (or, for the per-ControlNet inputs, a list); bytes for
-    the image inputs. ``module``: ``tritonclient.http`` (default) or ``tritonclient.grpc``."""
+    the image inputs. ``seed``: one per prompt, or one number for the first image and +1 for each
+    next (as ``sdexport run --seed``). ``module``: ``tritonclient.http`` (default) or ``tritonclient.grpc``."""
     import numpy as np
+
+    from sdexport.serving.requests import DEFAULTS
 
     if module is None:
         import tritonclient.http
@@ -29,12 +37,14 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     if unknown:
         raise ValueError(f"unknown inputs {unknown}; the model takes {sorted(_SPECS)}")
     rows = len(prompts)
+    if not rows:
+        raise ValueError("no prompts: give one per image")
     values: dict[str, Any] = {"prompt": [p.encode() for p in prompts]}
+    params = {**{"seed": 0, **{name: DEFAULTS[name] for name in SENT_ALWAYS if name in DEFAULTS}},
+              **{k: v for k, v in params.items() if v is not None}}
     for name, value in params.items():
-        if value is None:
-            continue
-        if name == "seed" and isinstance(value, list | tuple):
-            values[name] = list(value)
+        if name == "seed":
+            values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif _SPECS[name].dims == (-1,):
             values[name] = [list(value) if isinstance(value, list | tuple) else [value]] * rows
         else:

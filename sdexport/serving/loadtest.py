@@ -38,15 +38,21 @@ class LoadPlan:
             raise SdexportError("--requests and --duration cannot be negative")
         if not self.requests and not self.duration_s:
             raise SdexportError("give --requests or --duration (or both): a load test needs a bound")
+        if "://" in self.url:
+            raise SdexportError(f"--url {self.url}: host:port only, without the scheme (e.g. localhost:8000)")
         if self.prompts_per_request < 1:
             raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) by linear interpolation between closest ranks (numpy's default)."""
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation between closest ranks (numpy's default);
+    None without values (JSON has no NaN)."""
     import numpy as np
 
-    return float(np.percentile(values, q)) if values else float("nan")
+    if not values:
+        return None
+
+    return float(np.percentile(values, q))
 
 
 def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
@@ -104,10 +110,13 @@ def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
-        after = _batch_stats(probe, plan.model)
-    executions = after["executions"] - before["executions"]
-    inferences = after["inferences"] - before["inferences"]
+    try:
+        with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
+            after: dict[str, int] | None = _batch_stats(probe, plan.model)
+    except Exception:  # the server went away at the end: the client-side figures still stand
+        after = None
+    executions = after["executions"] - before["executions"] if after else 0
+    inferences = after["inferences"] - before["inferences"] if after else 0
     done = len(latencies)
     return {
         "url": plan.url, "model": plan.model, "concurrency": plan.concurrency,
@@ -118,10 +127,11 @@ def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
         "requests_per_s": done / wall if wall else 0.0,
         "images_per_s": done * plan.prompts_per_request / wall if wall else 0.0,
         "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
-                      "p99": percentile(latencies, 99), "max": max(latencies) if latencies else float("nan"),
-                      "mean": sum(latencies) / done if done else float("nan")},
+                      "p99": percentile(latencies, 99), "max": max(latencies) if latencies else None,
+                      "mean": sum(latencies) / done if done else None},
         "server": {"executions": executions, "inferences": inferences,
-                   "images_per_execution": inferences / executions if executions else 0.0},
+                   "images_per_execution": inferences / executions if executions else None}
+        if after is not None else None,
     }
 
 
@@ -138,9 +148,13 @@ def _batch_stats(client: Any, model: str) -> dict[str, int]:
             "inferences": sum(int(s.get("inference_count", 0)) for s in stats)}
 
 
+def _figure(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     latency = report["latency_s"]
-    server = report["server"]
+    server = report["server"] or {}
     lines = [
         f"# Load test: {report['model']} at {report['url']}",
         "",
@@ -151,11 +165,12 @@ def markdown(report: dict[str, Any]) -> str:
         "| succeeded | errors | requests/s | images/s | p50 s | p95 s | p99 s | max s | images per batch |",
         "|---|---|---|---|---|---|---|---|---|",
         (f"| {report['succeeded']} | {sum(report['errors'].values())} | {report['requests_per_s']:.3f} | "
-         f"{report['images_per_s']:.3f} | {latency['p50']:.3f} | {latency['p95']:.3f} | {latency['p99']:.3f} | "
-         f"{latency['max']:.3f} | {server['images_per_execution']:.2f} |"),
+         f"{report['images_per_s']:.3f} | {_figure(latency['p50'])} | {_figure(latency['p95'])} | "
+         f"{_figure(latency['p99'])} | {_figure(latency['max'])} | {_figure(server.get('images_per_execution'), 2)} |"),
         "",
         ("Latency is per request, measured by the client from send to answer; images per batch is Triton's "
-         "inference count over its execution count for the run (1.00: no request shared a batch)."),
+         "inference count over its execution count for the run, refused requests included (1.00: no "
+         "request shared a batch; -: the server's statistics were not available)."),
     ]
     if report["errors"]:
         lines += ["", "Errors:", ""] + [f"- {count}x {message}" for message, count in report["errors"].items()]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,20 +63,23 @@ def _hashable(value: float | list[float]) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
-def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int]) -> list[Row]:
+def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
+                check_size: Callable[[int, int], None] | None = None) -> list[Row]:
     """The rows of one request. ``inputs``: input name → numpy array with the batch dimension first
     (absent inputs missing or None); ``default_size``: (height, width) when neither the request nor an
-    image gives one. Malformed values are refused with one line naming the input."""
+    image gives one; ``check_size(height, width)`` refuses a size the engines cannot serve, before an
+    init image is resized to it. Malformed values are refused with one line naming the input."""
     unknown = sorted(set(inputs) - set(INPUT_NAMES))
     if unknown:
         raise SdexportError(f"unknown inputs {', '.join(unknown)}; this model takes {', '.join(INPUT_NAMES)}")
     prompts = inputs.get("prompt")
     if prompts is None or len(prompts) == 0:
         raise SdexportError("no prompt given: send the input 'prompt' (one UTF-8 text per image)")
-    return [_decode_row(inputs, i, default_size) for i in range(len(prompts))]
+    return [_decode_row(inputs, i, default_size, check_size) for i in range(len(prompts))]
 
 
-def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]) -> Row:
+def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
+                check_size: Callable[[int, int], None] | None) -> Row:
     from sdexport.runtime.image_inputs import decode_image, fit_image
 
     def one(name: str) -> Any:
@@ -110,6 +113,10 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             first = init or (controls[0] if controls else None)
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
         assert height is not None and width is not None
+        if check_size is not None:
+            check_size(height, width)
+        if not (text["prompt"] or "").strip():
+            raise SdexportError("prompt: empty; send the text to generate from")
         seed = _number(one("seed"), "seed", int)
         row = Row(
             prompt=text["prompt"] or "",

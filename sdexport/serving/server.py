@@ -16,8 +16,11 @@ with numpy 2 in the environment tensors arrive garbled: refused up front.
 
 from __future__ import annotations
 
+import _thread
 import os
 import sysconfig
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,25 +100,61 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     # (read-only, what `sdexport loadtest` reports batching from) are opened like the metrics port.
     guarded = [e for e in pytriton.triton.DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=guarded))
+    exited = threading.Event()
+    loading = threading.Event()
+    loading.set()
+    threading.Thread(target=_watch_start, args=(triton, loading, exited), daemon=True).start()
     try:
         try:
             triton.run()
-        except Exception as exc:  # the server exited or never turned ready: its log says why
+        except (Exception, KeyboardInterrupt) as exc:  # the server exited or never turned ready: its log says why
+            if isinstance(exc, KeyboardInterrupt) and not exited.is_set():
+                raise
             raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file)}") from None
+        finally:
+            loading.clear()
         on_ready()
         triton.serve()
     finally:
         triton.stop()
 
 
-def _reason(triton: object, exc: Exception, log_file: Path | None) -> str:
-    """The server log's failure line (a model that did not load says why), else the exception."""
+def _watch_start(triton: object, loading: threading.Event, exited: threading.Event) -> None:
+    """While the engines load, notice a server that has already exited (a model that failed to load
+    ends it in seconds) and wake the main thread, which PyTriton would keep polling until the
+    start-up timeout. Reads PyTriton's ``_triton_server``: there is no public handle on the process."""
+    started = False
+    while loading.is_set():
+        server = getattr(triton, "_triton_server", None)
+        alive = server is not None and server.is_alive()
+        started = started or alive
+        if started and not alive:
+            exited.set()
+            if loading.is_set():
+                _thread.interrupt_main()
+            return
+        time.sleep(0.2)
+
+
+def _reason(triton: object, exc: BaseException, log_file: Path | None) -> str:
+    """The log line saying why the model did not load, else the server's first error, else the exception."""
     server = getattr(triton, "_triton_server", None)
     log = getattr(server, "_tritonserver_logs", "") or ""
     if log_file is not None and log_file.is_file():
         log += log_file.read_text(errors="replace")
-    for line in log.splitlines():
-        if "failed to load" in line or "UNAVAILABLE" in line or "error:" in line.lower():
-            return " ".join(line.split())[-600:]
-    return str(exc) or type(exc).__name__
+    lines = [" ".join(line.split()) for line in log.splitlines()]
+    noise = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory", "CUDA driver")
+    for wanted in ("failed to load '", "sdexport:", "failed to load", "error:"):
+        for line in lines:
+            if wanted.lower() in line.lower() and not any(n in line for n in noise):
+                return _model_error(line)[-600:]
+    return f"{str(exc) or type(exc).__name__} (run with -v to see Triton's log)"
 
+
+def _model_error(line: str) -> str:
+    """A Triton log line reduced to the model's own message: the python backend logs a failed
+    ``initialize`` as 'failed to load ...: Internal: RuntimeError: <message>\\n\\nAt: <stack>'."""
+    marker = "RuntimeError: sdexport: "
+    if marker in line:
+        return "the model did not load: " + line.split(marker, 1)[1].split("\\n", 1)[0].rstrip('"')
+    return line

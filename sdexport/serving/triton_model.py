@@ -82,11 +82,16 @@ class ServedModel:
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=settings.cuda_graph, verify_files=settings.verify,
                                       graphs=settings.graphs, image_inputs=self.image_inputs)
         profile = self.pipeline.profile
-        self.max_batch = profile.batch[2]
+        # The engines may serve less than the directory's profile (a TensorRT plan built narrower).
+        self.max_batch = min([profile.batch[2], *(e.profile.batch[2] for e in self.pipeline.engines.values())])
         self.default_size = (profile.height[1], profile.width[1])
         log(f"sdexport: loaded {engine_dir} ({manifest.family}, {backend}) in {time.perf_counter() - started:.1f} s; "
             f"batch up to {self.max_batch}, sizes {profile.height[0]}-{profile.height[2]} x "
             f"{profile.width[0]}-{profile.width[2]}")
+
+    def _check_size(self, height: int, width: int) -> None:
+        """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes)."""
+        self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
 
     def check(self, row: Row) -> None:
         """Refuse what ``sdexport run`` would refuse, and what this server does not allow."""
@@ -105,7 +110,7 @@ class ServedModel:
         rows: list[tuple[tuple[int, int], Row]] = []
         for index, inputs in enumerate(requests):
             try:
-                decoded = decode_rows(inputs, self.default_size)
+                decoded = decode_rows(inputs, self.default_size, self._check_size)
                 if len({(row.height, row.width) for row in decoded}) > 1:
                     raise SdexportError("the images of one request must share height and width (their pixels "
                                         "are one tensor): send images of other sizes in requests of their own")
@@ -113,6 +118,10 @@ class ServedModel:
                     self.check(row)
             except SdexportError as exc:
                 outcome.append(str(exc))
+                continue
+            except Exception as exc:  # a value no check foresaw: this request fails, not the batch
+                self.log(f"sdexport: {traceback.format_exc()}")
+                outcome.append(f"could not read this request: {one_line(exc)}")
                 continue
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
