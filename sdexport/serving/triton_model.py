@@ -106,6 +106,8 @@ class ServedModel:
     def generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None = None) -> list[list[Generated] | str]:
         """Per request (input name → numpy array, batch first): its images, or the one-line error that
         refused it. ``wanted``: the output names each request asked for (default: all)."""
+        import numpy as np
+
         outcome: list[list[Generated | None] | str] = []
         rows: list[tuple[tuple[int, int], Row]] = []
         for index, inputs in enumerate(requests):
@@ -127,11 +129,9 @@ class ServedModel:
             rows += [((index, i), row) for i, row in enumerate(decoded)]
         calls = group_rows(rows, self.max_batch)
         for members in calls:
-            owners = [owner for owner, _ in members]
-            if any(isinstance(outcome[r], str) for r, _ in owners):  # a request refused by an earlier call
-                members = [(o, row) for o, row in members if not isinstance(outcome[o[0]], str)]
-                if not members:
-                    continue
+            members = [(o, row) for o, row in members if not isinstance(outcome[o[0]], str)]  # not failed yet
+            if not members:
+                continue
             try:
                 result = self.pipeline(generation_request([row for _, row in members]))
             except Exception as exc:  # this call's requests fail; the others, and the server, go on
@@ -148,8 +148,6 @@ class ServedModel:
                 png = self._png(result, k) if wanted is None or "image" in wanted[r] else b""
                 for note in row.notes:
                     self.log(f"sdexport: request {r + 1}: {note}")
-                import numpy as np
-
                 slot[i] = Generated(png=png, pixels=np.asarray(result.images[k], dtype=np.uint8))
         if calls:
             self.log(f"sdexport: {len(requests)} request(s), {len(rows)} image(s) in {len(calls)} call(s) of "
