@@ -353,11 +353,9 @@ def run(
         if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
             raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
     resolved = resolve_backend(backend)
-    if cuda_graph and resolved not in ("tensorrt", "onnxruntime-cuda"):
-        raise SdexportError(f"--cuda-graph: for --backend tensorrt or onnxruntime-cuda, not {resolved}")
-    if (portable_graphs or provider_options) and resolved != "onnxruntime-cuda":
-        flag = "--portable-graphs" if portable_graphs else "--ort-option"
-        raise SdexportError(f"{flag}: for --backend onnxruntime-cuda, not {resolved}")
+    _check_graph_flags(resolved, cuda_graph, portable_graphs)
+    if provider_options and resolved != "onnxruntime-cuda":
+        raise SdexportError(f"--ort-option: for --backend onnxruntime-cuda, not {resolved}")
     require_backend(resolved)
     from sdexport.runtime.schedulers import check_steps  # diffusers: needed to run anyway
 
@@ -372,6 +370,14 @@ def run(
     _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
               inputs=inputs, loras=loras)
+
+
+def _check_graph_flags(backend: str, cuda_graph: bool, portable_graphs: bool) -> None:
+    """``--cuda-graph`` and ``--portable-graphs`` only where ``backend`` has them (``run``, ``serve``)."""
+    if cuda_graph and backend not in ("tensorrt", "onnxruntime-cuda"):
+        raise SdexportError(f"--cuda-graph: for --backend tensorrt or onnxruntime-cuda, not {backend}")
+    if portable_graphs and backend != "onnxruntime-cuda":
+        raise SdexportError(f"--portable-graphs: for --backend onnxruntime-cuda, not {backend}")
 
 
 def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None, width: int | None,
@@ -517,10 +523,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     from sdexport.serving.triton_model import ServeSettings
 
     check_backend(backend)
-    if cuda_graph and backend not in ("tensorrt", "onnxruntime-cuda"):
-        raise SdexportError(f"--cuda-graph: for --backend tensorrt or onnxruntime-cuda, not {backend}")
-    if portable_graphs and backend != "onnxruntime-cuda":
-        raise SdexportError(f"--portable-graphs: for --backend onnxruntime-cuda, not {backend}")
+    _check_graph_flags(backend, cuda_graph, portable_graphs)
     if max_steps < 1:
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
     manifest = load_manifest(engine_dir, verify_files=False)
@@ -580,6 +583,9 @@ def serve(
     if log_file is not None:
         from sdexport.output_dir import require_creatable
 
+        if log_file.is_dir() or verbose:
+            raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
+                                                              else "not with --verbose, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
     # Hash what the backend will read here, as `run` does: a damaged file is named in one line now,
     # not inside Triton's log after the server gave up; the model then loads without hashing again.
@@ -590,9 +596,6 @@ def serve(
     verify_for_backend(engine_dir, manifest, resolved, settings.graphs,
                        image_inputs="vae_encoder" in manifest.components)
     settings = replace(settings, verify=False)
-    if log_file is not None and (log_file.is_dir() or verbose):
-        raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
-                                                          else "not with --verbose, which shows the log here"))
     work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))
     repository = work / "repository"
     log = None if verbose else (log_file or work / "triton.log")
