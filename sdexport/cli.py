@@ -209,6 +209,11 @@ def _output_path(text: str) -> Path:
     return Path(text)
 
 
+def _print_markdown(text: str) -> None:
+    """Markdown on stdout as written: table rows stay whole lines, brackets stay text."""
+    out.print(text.rstrip("\n"), soft_wrap=True, markup=False, highlight=False)
+
+
 def _names(text: str | None, flag: str) -> list[str] | None:
     """A comma-separated list option; given but empty (``--components ''``) is an error, not "all"."""
     if text is None:
@@ -478,7 +483,24 @@ def _generate(
         out.print(str(path))
 
 
-@app.command()
+class _BenchGroup(typer.core.TyperGroup):
+    """``sdexport bench SCENARIO`` runs a scenario (``bench run``), as it always has; ``bench compare``
+    and ``bench cache-key`` sit beside it. Anything that is not one of those names is a scenario."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] != "--help":
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(
+    cls=_BenchGroup, no_args_is_help=True,
+    help="Benchmark a scenario (`sdexport bench SCENARIO`), compare two runs for CI, or print an engine cache key.",
+)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
 def bench(
     scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = "bench-out",
@@ -486,8 +508,12 @@ def bench(
     engine_dir: Annotated[Path | None, typer.Option(help="Use this engine directory instead of exporting one.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
+    engine_cache: Annotated[Path | None, typer.Option(help="Keep the export in this folder between runs, in a subfolder named by what it depends on (`sdexport bench cache-key`); a later run with the same key reuses it.")] = None,
 ) -> None:
-    """Benchmark the runtime's backends against eager diffusers on one scenario, in one process."""
+    """Benchmark the runtime's backends against eager diffusers on one scenario, in one process.
+
+    `sdexport bench SCENARIO` is short for `sdexport bench run SCENARIO`.
+    """
     from sdexport.bench.plan import Options, plan_bench, protected_paths
     from sdexport.bench.report import BENCH_OUTPUT
     from sdexport.bench.scenario import load_scenario
@@ -495,16 +521,79 @@ def bench(
 
     loaded = load_scenario(scenario)
     options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders"),
-                      repeats=repeats, warmup=warmup)
+                      repeats=repeats, warmup=warmup, engine_cache=engine_cache)
     target = _output_path(output)
     plan = plan_bench(loaded, options)  # refuses bad input before torch and the model load
     check_target(target, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, target))
     from sdexport.bench.harness import run_benchmark
 
     _, paths = run_benchmark(loaded, target, options)
-    out.print(paths[1].read_text())
+    _print_markdown(paths[1].read_text())
     for path in paths:
         out.print(str(path))
+
+
+@bench_app.command("cache-key")
+def bench_cache_key(
+    scenario: Annotated[Path, typer.Argument(help="Scenario file.")],
+) -> None:
+    """Print the name of the folder `--engine-cache` keeps this scenario's export in (SCENARIO-KEY).
+
+    The key covers the model's files, the profile, the precision, the components, the sdexport code
+    that writes graphs and the tracing libraries' versions: use it as a CI cache key.
+    """
+    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.scenario import load_scenario
+
+    loaded = load_scenario(scenario)
+    plan = plan_bench(loaded, Options())
+    from sdexport.bench.harness import engine_cache_entry
+
+    out.print(engine_cache_entry(loaded, plan, Path(".")).name)
+
+
+@bench_app.command("compare")
+def bench_compare(
+    baseline: Annotated[Path, typer.Argument(help="The reference run: a results.json, or the bench output folder holding it.")],
+    new: Annotated[Path, typer.Argument(help="The run to judge, the same way.")],
+    max_slowdown: Annotated[str, typer.Option(help="Fail a case whose end-to-end median is this much slower (and beyond the noise), e.g. 5%.")] = "5%",
+    min_psnr: Annotated[float | None, typer.Option(help="Also fail a contender whose image agrees less than this (dB) with its run's baseline contender.")] = None,
+    allow_mismatch: Annotated[bool, typer.Option(help="Compare runs from different devices, precisions or scenario definitions anyway.")] = False,
+    output: Annotated[str | None, typer.Option("-o", "--output", help="Directory for comparison.json, comparison.md (for a merge-request comment) and comparison.xml (JUnit).")] = None,
+) -> None:
+    """Compare two benchmark runs: change of every median with a bootstrap interval, and a verdict.
+
+    Prints the Markdown; exit status 1 when a case regressed (slower than --max-slowdown and beyond
+    the noise of the repeats), a contender stopped working, or agreement fell under --min-psnr.
+    """
+    import math
+
+    from sdexport.bench.compare import (
+        COMPARISON_OUTPUT,
+        Gate,
+        compare,
+        markdown,
+        parse_percent,
+        write_comparison,
+    )
+    from sdexport.output_dir import check_target, claim
+
+    if min_psnr is not None and not math.isfinite(min_psnr):
+        raise SdexportError(f"--min-psnr {min_psnr}: need a finite number of dB")
+    gate = Gate(max_slowdown=parse_percent(max_slowdown, "--max-slowdown"), min_psnr=min_psnr,
+                allow_mismatch=allow_mismatch)
+    target = _output_path(output) if output is not None else None
+    if target is not None:
+        check_target(target, COMPARISON_OUTPUT, replace=True)
+    comparison = compare(baseline, new, gate)
+    _print_markdown(markdown(comparison))
+    if target is not None:
+        with claim(target, COMPARISON_OUTPUT, replace=True) as staging:
+            paths = write_comparison(comparison, staging)
+        for path in paths:
+            out.print(str(target / path.name))
+    if not comparison["passed"]:
+        raise typer.Exit(1)
 
 
 
@@ -689,7 +778,7 @@ def loadtest(
     text = markdown(report)
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     write_atomic(target / "loadtest.md", text)
-    out.print(text, soft_wrap=True, markup=False, highlight=False)  # table rows stay whole lines
+    _print_markdown(text)
     out.print(str(target / "loadtest.json"))
 
 

@@ -7,6 +7,7 @@ all. The diffusers baseline and the sdexport runtime over each backend are conte
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -98,3 +99,25 @@ class RuntimeContender:
 
     def close(self) -> None:
         self.pipeline.close()
+
+
+class SlowedEngine:
+    """The test hook ``SDEXPORT_TEST_SLOW_UNET``: an engine that sleeps before every call (inside the
+    runtime's timed span, so end-to-end and U-Net figures both show it); otherwise the engine itself."""
+
+    def __init__(self, engine: Any, seconds: float) -> None:
+        self.engine = engine
+        self.seconds = seconds
+
+    def __call__(self, feed: dict[str, Any]) -> Any:
+        time.sleep(self.seconds)
+        return self.engine(feed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+
+def slow_down_unet(contender: Contender, seconds: float) -> None:
+    assert isinstance(contender, RuntimeContender), "the hook is refused for baselines by plan_bench"
+    engines = contender.pipeline.engines
+    engines["unet"] = SlowedEngine(engines["unet"], seconds)

@@ -27,11 +27,20 @@ from sdexport.bench.contenders import (
     RuntimeContender,
     check_available,
     device,
+    slow_down_unet,
 )
 from sdexport.bench.environment import environment
 from sdexport.bench.gpu_busy import measure_gpu_busy
 from sdexport.bench.measure import MemorySampler, Stats, psnr
-from sdexport.bench.plan import BenchPlan, Options, own_engines, plan_bench, protected_paths, request_for
+from sdexport.bench.plan import (
+    SLOW_UNET_HOOK,
+    BenchPlan,
+    Options,
+    own_engines,
+    plan_bench,
+    protected_paths,
+    request_for,
+)
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, Case, Scenario
 from sdexport.console import console, step
@@ -101,6 +110,8 @@ def _run(
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
     if engine_dir is not None and own_engines(engine_dir, output_dir):
         reused, recorded_dir = engine_dir, output_dir / "engines" / engine_dir.resolve().name
+    elif needs_engines and options.engine_cache is not None:
+        engine_dir = recorded_dir = _cached_export(scenario, plan, options.engine_cache, one_time)
     elif needs_engines and engine_dir is None:
         engine_dir = _export(scenario, model.family, output_dir, staging, dtype, plan.export_profile, one_time)
         reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
@@ -123,6 +134,8 @@ def _run(
                     _build_onnxruntime(engine_dir, one_time)
                 loaded_at = time.perf_counter()
                 contender = _load(name, model, engine_dir, dtype, scenario)
+                if name in plan.slow_unet:
+                    slow_down_unet(contender, plan.slow_unet[name])
                 if getattr(contender, "per_shape", False) or name == "diffusers-compile":
                     _capture_graphs(contender, scenario)  # compiling and capturing are loading
                 one_time[name] = {"load_s": time.perf_counter() - loaded_at}
@@ -182,6 +195,7 @@ def _run(
         "engine_dir": str(recorded_dir) if recorded_dir else None,
         "environment": env,
         "one_time": one_time,
+        "test_hooks": {SLOW_UNET_HOOK: plan.slow_unet} if plan.slow_unet else {},
         "results": results,
     }, reused
 
@@ -209,7 +223,6 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
     from sdexport.errors import EngineDirError
     from sdexport.export.exporter import ExportOptions, export
     from sdexport.manifest import load_manifest
-    from sdexport.specs import components_for
 
     previous = output_dir / "engines" / scenario.name
     target = staging / "engines" / scenario.name
@@ -223,15 +236,51 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
                 and wanted <= set(manifest.components) and _same_controlnets(manifest, scenario)):
             one_time["export"] = {"status": "reused", "path": str(previous)}
             return previous
-    # What the loop runs (the VAE encoder for img2img only), plus the fp32 fallback VAE for fp16 exports.
-    components = [s.name for s in components_for(family, len(scenario.controlnets))
-                  if (s.name != "vae_encoder" or scenario.strength is not None) and (dtype == "fp16" or not s.always_fp32)]
     start = time.perf_counter()
-    export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, components=components,
+    export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype,
+                                                 components=export_components(scenario, family, dtype),
                                                  verify=scenario.export.get("verify", "quick"), force=True,
                                                  controlnets=list(scenario.controlnets)))
     one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(previous)}
     return target
+
+
+def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
+    """What the loop runs (the VAE encoder for img2img only), plus the fp32 fallback VAE for fp16 exports."""
+    from sdexport.specs import components_for
+
+    return [s.name for s in components_for(family, len(scenario.controlnets))
+            if (s.name != "vae_encoder" or scenario.strength is not None) and (dtype == "fp16" or not s.always_fp32)]
+
+
+def engine_cache_entry(scenario: Scenario, plan: BenchPlan, cache: Path) -> Path:
+    """Where ``--engine-cache`` keeps (or will keep) this scenario's export."""
+    from sdexport.bench.engine_cache import cache_entry, export_key
+
+    dtype = precision(scenario)
+    key = export_key(scenario, plan.outline.sources, plan.export_profile, dtype,
+                     export_components(scenario, plan.outline.family, dtype))
+    return cache_entry(cache.resolve(), scenario, key)
+
+
+def _cached_export(scenario: Scenario, plan: BenchPlan, cache: Path, one_time: dict[str, dict[str, float | str]]) -> Path:
+    """The export from the engine cache, made there first when no run has made it yet."""
+    from sdexport.bench.engine_cache import mark_used, usable
+    from sdexport.export.exporter import ExportOptions, export
+
+    entry = engine_cache_entry(scenario, plan, cache)
+    if usable(entry):
+        one_time["export"] = {"status": "cached", "path": str(entry)}
+    else:
+        start = time.perf_counter()
+        dtype = precision(scenario)
+        export(scenario.model, entry, ExportOptions(profile=plan.export_profile, dtype=dtype,
+                                                    components=export_components(scenario, plan.outline.family, dtype),
+                                                    verify=scenario.export.get("verify", "quick"), force=True,
+                                                    controlnets=list(scenario.controlnets)))
+        one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(entry), "status": "cached now"}
+    mark_used(entry)
+    return entry
 
 
 def _same_controlnets(manifest: Any, scenario: Scenario) -> bool:

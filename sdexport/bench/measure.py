@@ -23,19 +23,23 @@ import torch
 
 @dataclass
 class Stats:
+    """A summary of repeated timings, with the timings themselves: ``sdexport bench compare`` puts
+    an interval on a change between two reports by resampling them."""
+
     median: float
     min: float
     max: float
     n: int
+    samples: list[float]
 
     @classmethod
     def of(cls, values: list[float]) -> Stats:
         if not values:
-            return cls(float("nan"), float("nan"), float("nan"), 0)
-        return cls(statistics.median(values), min(values), max(values), len(values))
+            return cls(float("nan"), float("nan"), float("nan"), 0, [])
+        return cls(statistics.median(values), min(values), max(values), len(values), list(values))
 
-    def to_dict(self) -> dict[str, float]:
-        return {"median": self.median, "min": self.min, "max": self.max, "n": self.n}
+    def to_dict(self) -> dict[str, float | list[float]]:
+        return {"median": self.median, "min": self.min, "max": self.max, "n": self.n, "samples": self.samples}
 
 
 def _rss_bytes() -> int:

@@ -6,7 +6,9 @@ from the scenario and the model's configs, before torch is imported or weights a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ class Options:
     contenders: list[str] | None = None
     repeats: int | None = None
     warmup: int | None = None
+    engine_cache: Path | None = None
+    """Keep the export in this folder, keyed by what it depends on (``sdexport.bench.engine_cache``)."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,36 @@ class BenchPlan:
     """The profile an engine directory is exported with when ``--engine-dir`` is not given."""
     scheduler_config: dict[str, Any]
     """The scheduler config the runtime contenders will use (the engine directory's, if given)."""
+    slow_unet: dict[str, float] = field(default_factory=dict)
+    """The test hook ``SDEXPORT_TEST_SLOW_UNET`` (see ``slow_unet_hook``): contender → seconds."""
+
+
+SLOW_UNET_HOOK = "SDEXPORT_TEST_SLOW_UNET"
+
+
+def slow_unet_hook(contenders: list[str]) -> dict[str, float]:
+    """A test hook for regression gates: ``SDEXPORT_TEST_SLOW_UNET="torch=0.05,onnxruntime-cpu=0.01"``
+    sleeps that many seconds before every U-Net call of those runtime contenders, inside the timed
+    region, so a CI pipeline can prove that ``sdexport bench compare`` fails on a slower build. The
+    report records it and its Markdown says so at the top: such figures are not the code's."""
+    text = os.environ.get(SLOW_UNET_HOOK, "").strip()
+    if not text:
+        return {}
+    delays: dict[str, float] = {}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        name = name.strip()
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds) or not 0 <= seconds <= 60:
+            raise SdexportError(f"{SLOW_UNET_HOOK}: {item.strip()!r}: need CONTENDER=SECONDS (0 to 60), comma-separated")
+        if name not in contenders or name in BASELINES:
+            raise SdexportError(f"{SLOW_UNET_HOOK}: {name!r} is not a runtime contender of this benchmark "
+                                f"({', '.join(c for c in contenders if c not in BASELINES) or 'none'})")
+        delays[name] = seconds
+    return delays
 
 
 def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
@@ -47,6 +81,11 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
     if options.warmup is not None and options.warmup < 0:
         raise SdexportError(f"--warmup {options.warmup}: need 0 or more warm-up runs")
+    if options.engine_cache is not None:
+        if options.engine_dir is not None:
+            raise SdexportError("--engine-dir and --engine-cache: give one (an engine directory, or where to keep them)")
+        if options.engine_cache.exists() and not options.engine_cache.is_dir():
+            raise SdexportError(f"--engine-cache {options.engine_cache} is a file; give a folder to keep engines in")
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     outline = outline_model(scenario.model)
     if outline.inpainting:
@@ -91,6 +130,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         outline=outline,
         export_profile=export_profile,
         scheduler_config=scheduler_config,
+        slow_unet=slow_unet_hook(contenders),
     )
 
 
@@ -105,7 +145,8 @@ def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:
 def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tuple[Path, ...]:
     """What the run reads, which the output folder may therefore not replace."""
     engines = () if options.engine_dir is None or own_engines(options.engine_dir, output_dir) else (options.engine_dir,)
-    return (*plan.outline.sources, *engines)
+    cache = () if options.engine_cache is None else (options.engine_cache,)
+    return (*plan.outline.sources, *engines, *cache)
 
 
 def init_image(scenario: Scenario) -> Any:

@@ -55,6 +55,20 @@ def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False) -> s
     return "| " + " | ".join(cells) + " |"
 
 
+def test_hooks_text(report: dict[str, Any]) -> str | None:
+    """What a test hook did to a run, in words (None: nothing); its figures are not the code's."""
+    slowed = report.get("test_hooks", {}).get("SDEXPORT_TEST_SLOW_UNET")
+    if not slowed:
+        return None
+    what = ", ".join(f"{name} +{seconds * 1000:g} ms" for name, seconds in slowed.items())
+    return f"test hook SDEXPORT_TEST_SLOW_UNET slept before every U-Net call ({what})"
+
+
+def _test_hook_lines(report: dict[str, Any]) -> list[str]:
+    text = test_hooks_text(report)
+    return [f"> **Slowed on purpose**: {text}; these figures measure the hook, not the code.", ""] if text else []
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     scenario = report["scenario"]
@@ -65,6 +79,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark: {scenario['name']}",
         "",
+        *_test_hook_lines(report),
         (
             f"- Model: {report['model']}"
             + ("  \n  **Random weights**: timings are representative; images are not." if report["random_weights"] else "")

@@ -71,6 +71,20 @@ class Scenario:
         return [Case(b, s) for b, s in itertools.product(self.batch, self.steps)]
 
 
+WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
+                   "strength", "controlnets", "control_scale", "export", "build")
+"""What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
+``sdexport bench compare`` compares two reports only when these are equal."""
+
+
+def workload_value(scenario: dict[str, Any], name: str) -> Any:
+    """A workload field of a report's scenario, its default where an older report lacks it."""
+    if name in scenario:
+        return scenario[name]
+    default = Scenario.__dataclass_fields__[name]
+    return default.default_factory() if callable(default.default_factory) else default.default
+
+
 _COUNTS = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}
 _RANGE_TEXT = {"type": ["string", "integer"]}
 SCHEMA: dict[str, Any] = {

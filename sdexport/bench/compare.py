@@ -1,0 +1,394 @@
+"""``sdexport bench compare BASELINE NEW``: did a change make a benchmark slower, beyond a threshold
+*and* beyond the noise of its repeats?
+
+A CI gate on timings must not fail on noise, nor pass a real slowdown because one lucky run hid it.
+So every figure is compared with an interval: each report keeps the timed repeats themselves, and
+the interval of a relative change (new median / baseline median - 1) is a percentile bootstrap,
+both runs resampled independently (a fixed seed: the same two reports always give the same text).
+A case is a **regression** when its end-to-end median is slower by more than ``max_slowdown`` and
+the whole interval lies above zero; slower beyond the threshold with an interval that reaches zero
+is "within noise" and passes (with few repeats, that is what the evidence supports: measure more).
+Per-stage medians are shown with their intervals to say where the time went; the gate reads the
+end-to-end figure only, which is what a user waits for. A contender measured in the baseline that
+is missing or broken in the new run fails the gate too, and ``min_psnr`` adds a floor on the
+agreement with each run's baseline contender (diffusers).
+
+The repeats of one run share the machine's state, so the interval covers run-to-run noise only
+partly; the threshold is there for the rest (clock boosts, a neighbour on the host). Comparing runs
+from different devices, precisions or scenario definitions is refused unless asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sdexport.bench.report import test_hooks_text
+from sdexport.bench.scenario import WORKLOAD_FIELDS, workload_value
+from sdexport.errors import SdexportError
+from sdexport.output_dir import OutputKind
+
+RESAMPLES = 4000
+CONFIDENCE = 0.95
+MARKER = "<!-- sdexport bench compare -->"
+"""First line of the Markdown: a bot updating its merge-request comment finds its own by it."""
+FORMAT = 1
+COMPARISON_FILES = ("comparison.json", "comparison.md", "comparison.xml")
+
+STAGES = (("text_encoder_s", "text enc."), ("controlnet_step_s", "ControlNet/step"), ("unet_step_s", "U-Net/step"),
+          ("vae_decoder_s", "VAE"), ("loop_overhead_s", "overhead"))
+
+
+@dataclass(frozen=True)
+class Gate:
+    max_slowdown: float = 0.05
+    """Fraction: 0.05 fails a case whose end-to-end median is over 5% slower (and beyond the noise)."""
+    min_psnr: float | None = None
+    """dB: fails a contender whose image agrees less than this with its run's baseline contender."""
+    allow_mismatch: bool = False
+    """Compare runs from different devices, precisions or scenario definitions anyway."""
+
+
+@dataclass
+class Change:
+    """One median, baseline → new, as a relative change with its bootstrap interval."""
+
+    metric: str
+    baseline_s: float
+    new_s: float
+    change: float
+    low: float
+    high: float
+    verdict: str
+    """"slower" / "faster" (beyond the threshold and the noise), "within noise" (beyond the threshold,
+    but the interval reaches zero), "within threshold"."""
+
+    def text(self) -> str:
+        return f"{_percent(self.change)} ({_percent(self.low)} to {_percent(self.high)})"
+
+
+@dataclass
+class Row:
+    """One contender on one case (batch, steps): what the gate concluded, and why."""
+
+    contender: str
+    batch: int | None
+    steps: int | None
+    status: str
+    """"regression", "improvement", "no change", "missing" (measured in the baseline, not in the new
+    run), "new" (only in the new run)."""
+    reasons: list[str] = field(default_factory=list)
+    e2e: Change | None = None
+    stages: list[Change] = field(default_factory=list)
+    agreement: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("regression", "missing")
+
+    @property
+    def case(self) -> str:
+        return "–" if self.batch is None else f"batch {self.batch}, {self.steps} steps"
+
+
+def _percent(value: float) -> str:
+    return f"{value * 100:+.1f}%"
+
+
+def parse_percent(text: str, flag: str) -> float:
+    """``5%`` or ``5``: five percent, as the fraction 0.05."""
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not 0 <= value < 1000:
+        raise SdexportError(f"{flag} {text}: give a percentage from 0 to 1000, e.g. 5%")
+    return value / 100
+
+
+def load_report(path: Path, label: str) -> dict[str, Any]:
+    """A benchmark's results.json (or the output folder holding it), refused in one line unless it
+    is a report this sdexport can compare: one that kept its timed repeats."""
+    file = path / "results.json" if path.is_dir() else path
+    if not file.is_file():
+        raise SdexportError(f"{label} {path}: no such benchmark report (a results.json or the folder with it)")
+    try:
+        report = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise SdexportError(f"{label} {file}: not readable JSON ({exc})") from None
+    if not isinstance(report, dict) or not {"scenario", "results", "environment", "precision"} <= set(report):
+        raise SdexportError(f"{label} {file}: not an sdexport benchmark report")
+    for entry in report["results"]:
+        if entry.get("status") == "measured" and "samples" not in entry.get("e2e_s", {}):
+            raise SdexportError(f"{label} {file}: written by an older sdexport that kept no per-run timings; "
+                                "run that benchmark again to compare it")
+    return report
+
+
+def device_label(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    if env.get("gpu"):
+        return str(env["gpu"]["name"])
+    host = env.get("host", {})
+    return f"CPU only: {host.get('cpu', 'unknown')}, {host.get('cores', '?')} cores"
+
+
+def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Why two reports do not measure the same thing on the same machine type (empty: they do)."""
+    found = []
+    if device_label(baseline) != device_label(new):
+        found.append(f"device: {device_label(baseline)} vs {device_label(new)}")
+    if baseline["precision"] != new["precision"]:
+        found.append(f"precision: {baseline['precision']} vs {new['precision']}")
+    for name in WORKLOAD_FIELDS:
+        old, now = workload_value(baseline["scenario"], name), workload_value(new["scenario"], name)
+        if old != now:
+            found.append(f"scenario {name}: {old!r} vs {now!r}")
+    return found
+
+
+def relative_change(baseline: list[float], new: list[float], seed: int = 0) -> tuple[float, float, float]:
+    """new median / baseline median - 1, and a percentile-bootstrap interval for it."""
+    import numpy as np
+
+    base_values, new_values = np.asarray(baseline, np.float64), np.asarray(new, np.float64)
+    point = float(np.median(new_values) / np.median(base_values) - 1)
+    rng = np.random.default_rng(seed)
+    base_medians = np.median(base_values[rng.integers(0, len(base_values), (RESAMPLES, len(base_values)))], axis=1)
+    new_medians = np.median(new_values[rng.integers(0, len(new_values), (RESAMPLES, len(new_values)))], axis=1)
+    tail = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(new_medians / base_medians - 1, [tail, 1 - tail])
+    return point, float(min(low, point)), float(max(high, point))
+
+
+def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], threshold: float) -> Change:
+    point, low, high = relative_change(baseline["samples"], new["samples"])
+    if point > threshold:
+        verdict = "slower" if low > 0 else "within noise"
+    elif point < -threshold:
+        verdict = "faster" if high < 0 else "within noise"
+    else:
+        verdict = "within threshold"
+    return Change(metric, baseline["median"], new["median"], point, low, high, verdict)
+
+
+def _key(entry: dict[str, Any]) -> tuple[str, int | None, int | None]:
+    case = entry.get("case") or {}
+    return entry["contender"], case.get("batch"), case.get("steps")
+
+
+def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> list[Row]:
+    base_measured = {_key(e): e for e in baseline["results"] if e["status"] == "measured"}
+    new_measured = {_key(e): e for e in new["results"] if e["status"] == "measured"}
+    new_reasons = {_key(e): e.get("reason", e["status"]) for e in new["results"] if e["status"] != "measured"}
+    rows = []
+    for key, old in base_measured.items():
+        contender, batch, steps = key
+        now = new_measured.get(key)
+        if now is None:
+            reason = new_reasons.get(key) or new_reasons.get((contender, None, None)) or "not in the new run"
+            rows.append(Row(contender, batch, steps, "missing", [f"measured in the baseline; new run: {reason}"]))
+            continue
+        row = Row(contender, batch, steps, "no change")
+        row.e2e = change_of("end-to-end", old["e2e_s"], now["e2e_s"], gate.max_slowdown)
+        row.stages = [change_of(label, old[stage], now[stage], gate.max_slowdown) for stage, label in STAGES
+                      if old.get(stage, {}).get("samples") and now.get(stage, {}).get("samples")]
+        if row.e2e.verdict == "slower":
+            row.status = "regression"
+            row.reasons.append(f"end-to-end {row.e2e.text()} slower, over the {gate.max_slowdown * 100:g}% gate "
+                               "and beyond the noise")
+        elif row.e2e.verdict == "faster":
+            row.status = "improvement"
+        old_agreement, new_agreement = old.get("agreement") or {}, now.get("agreement") or {}
+        if new_agreement or old_agreement:
+            row.agreement = {"psnr_db_baseline": old_agreement.get("psnr_db"), "psnr_db_new": new_agreement.get("psnr_db"),
+                             "latents_rel_l2_baseline": old_agreement.get("latents_rel_l2"),
+                             "latents_rel_l2_new": new_agreement.get("latents_rel_l2")}
+        psnr = new_agreement.get("psnr_db")
+        if gate.min_psnr is not None and psnr is not None and psnr < gate.min_psnr:
+            row.status = "regression"
+            row.reasons.append(f"PSNR {psnr:.1f} dB against {new_agreement.get('baseline')}, under the "
+                               f"{gate.min_psnr:g} dB floor")
+        rows.append(row)
+    for key in new_measured.keys() - base_measured.keys():
+        rows.append(Row(*key, "new", ["not measured in the baseline"]))
+    return sorted(rows, key=lambda r: (r.batch or 0, r.steps or 0, r.contender))
+
+
+def _run_summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
+    env = report["environment"]
+    return {"path": str(path), "git": env.get("git_revision"), "date": env.get("date"), "device": device_label(report),
+            "precision": report["precision"], "scenario": report["scenario"]["name"],
+            "repeats": report["scenario"].get("repeats"), "test_hooks": test_hooks_text(report)}
+
+
+def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
+    """The comparison as one JSON-ready dict; refuses (SdexportError) reports that do not compare."""
+    baseline, new = load_report(baseline_path, "BASELINE"), load_report(new_path, "NEW")
+    found = mismatches(baseline, new)
+    if found and not gate.allow_mismatch:
+        raise SdexportError(f"the runs do not measure the same thing ({'; '.join(found)}); "
+                            "pass --allow-mismatch to compare them anyway")
+    rows = compare_rows(baseline, new, gate)
+    old_versions, new_versions = baseline["environment"].get("versions", {}), new["environment"].get("versions", {})
+    return {
+        "format": FORMAT,
+        "passed": not any(r.failed for r in rows),
+        "gate": asdict(gate),
+        "confidence": CONFIDENCE,
+        "baseline": _run_summary(baseline, baseline_path),
+        "new": _run_summary(new, new_path),
+        "mismatches": found,
+        "versions_changed": {name: [old_versions.get(name), new_versions.get(name)]
+                             for name in sorted(set(old_versions) | set(new_versions))
+                             if old_versions.get(name) != new_versions.get(name)},
+        "rows": [asdict(r) | {"failed": r.failed} for r in rows],
+    }
+
+
+def _rows(comparison: dict[str, Any]) -> list[Row]:
+    rows = []
+    for data in comparison["rows"]:
+        values = {k: v for k, v in data.items() if k != "failed"}
+        values["e2e"] = Change(**values["e2e"]) if values["e2e"] else None
+        values["stages"] = [Change(**s) for s in values["stages"]]
+        rows.append(Row(**values))
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def _db(value: float | None) -> str:
+    return "–" if value is None else "∞" if math.isinf(value) else f"{value:.1f}"
+
+
+_SYMBOL = {"regression": "❌ regression", "missing": "❌ missing", "improvement": "✅ faster",
+           "no change": "✅ no change", "new": "🆕 new"}
+
+
+def markdown(comparison: dict[str, Any]) -> str:
+    rows = _rows(comparison)
+    base, new, gate = comparison["baseline"], comparison["new"], comparison["gate"]
+    failures = sum(r.failed for r in rows)
+    title = "✅ no regression" if comparison["passed"] else f"❌ {failures} regression{'s' * (failures != 1)}"
+    lines = [
+        MARKER,
+        f"## sdexport bench: {new['scenario']} — {title}",
+        "",
+        f"- Baseline: git {base['git'] or 'unknown'}, {base['date'] or 'date unknown'} ({base['path']})",
+        f"- New: git {new['git'] or 'unknown'}, {new['date'] or 'date unknown'} ({new['path']})",
+        f"- Device: {new['device']}, precision {new['precision']}; repeats {base['repeats']} → {new['repeats']}",
+        (f"- Gate: a case fails when its end-to-end median is more than {gate['max_slowdown'] * 100:g}% slower and "
+         f"the whole {comparison['confidence'] * 100:g}% bootstrap interval of the change lies above zero; a "
+         "contender measured in the baseline must still run"
+         + (f"; PSNR against the run's baseline contender at least {gate['min_psnr']:g} dB" if gate["min_psnr"] is not None
+            else "")),
+    ]
+    if comparison["versions_changed"]:
+        lines.append("- Versions changed: " + ", ".join(f"{name} {old or '–'} → {now or '–'}"
+                                                        for name, (old, now) in comparison["versions_changed"].items()))
+    for which in ("baseline", "new"):
+        if comparison[which]["test_hooks"]:
+            lines.append(f"- **The {which} run was slowed on purpose**: {comparison[which]['test_hooks']}; "
+                         "its figures measure the hook, not the code")
+    if comparison["mismatches"]:
+        lines.append("- **Compared across a mismatch (--allow-mismatch)**: " + "; ".join(comparison["mismatches"]))
+    if min(base["repeats"] or 0, new["repeats"] or 0) < 5:
+        lines.append("- Few repeats: the intervals are wide, so only large changes can be told from noise")
+    lines += [
+        "",
+        "| contender | case | end-to-end ms, baseline → new | change (interval) | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for row in rows:
+        timing = f"{_ms(row.e2e.baseline_s)} → {_ms(row.e2e.new_s)}" if row.e2e else "–"
+        change = f"{row.e2e.text()}, {row.e2e.verdict}" if row.e2e else "–"
+        verdict = _SYMBOL[row.status] + (": " + "; ".join(row.reasons) if row.reasons and row.status != "regression" else "")
+        lines.append(f"| {row.contender} | {row.case} | {timing} | {change} | {verdict} |")
+    staged = [r for r in rows if r.stages]
+    if staged:
+        lines += ["", "<details><summary>Stages: change of each median (interval)</summary>", "",
+                  "| contender | case | " + " | ".join(label for _, label in STAGES) + " |",
+                  "|---|---|" + "---|" * len(STAGES)]
+        for row in staged:
+            by_metric = {c.metric: c for c in row.stages}
+            cells = [by_metric[label].text() if label in by_metric else "–" for _, label in STAGES]
+            lines.append(f"| {row.contender} | {row.case} | " + " | ".join(cells) + " |")
+        lines += ["", "</details>"]
+    agreeing = [r for r in rows if r.agreement]
+    if agreeing:
+        lines += ["", "| contender | case | PSNR dB, baseline → new | latents rel-L2, baseline → new |", "|---|---|---|---|"]
+        for row in agreeing:
+            a = row.agreement
+            rel = " → ".join("–" if v is None else f"{v:.2e}" for v in (a["latents_rel_l2_baseline"], a["latents_rel_l2_new"]))
+            lines.append(f"| {row.contender} | {row.case} | {_db(a['psnr_db_baseline'])} → {_db(a['psnr_db_new'])} | {rel} |")
+    failed = [r for r in rows if r.failed]
+    if failed:
+        lines += ["", "**Failing:**", ""]
+        lines += [f"- {r.contender}, {r.case}: {'; '.join(r.reasons)}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def junit_xml(comparison: dict[str, Any]) -> str:
+    """JUnit XML: one test case per contender × case, the gate's reasons as the failure text, so any
+    CI system shows the comparison in its own test view."""
+    rows = _rows(comparison)
+    suite_name = f"sdexport-bench.{comparison['new']['scenario']}"
+    root = ET.Element("testsuites", name="sdexport bench compare")
+    suite = ET.SubElement(root, "testsuite", name=suite_name, timestamp=str(comparison["new"]["date"] or ""))
+    counts = {"tests": 0, "failures": 0, "skipped": 0}
+    for row in rows:
+        case = ET.SubElement(suite, "testcase", classname=f"{suite_name}.{row.contender}", name=row.case,
+                             time=f"{row.e2e.new_s:.6f}" if row.e2e else "0")
+        counts["tests"] += 1
+        summary = (f"end-to-end {_ms(row.e2e.baseline_s)} ms → {_ms(row.e2e.new_s)} ms, {row.e2e.text()}, "
+                   f"{row.e2e.verdict}" if row.e2e else "; ".join(row.reasons))
+        if row.failed:
+            counts["failures"] += 1
+            ET.SubElement(case, "failure", message="; ".join(row.reasons), type=row.status).text = summary
+        elif row.status == "new":
+            counts["skipped"] += 1
+            ET.SubElement(case, "skipped", message="; ".join(row.reasons))
+        ET.SubElement(case, "system-out").text = "\n".join(
+            [summary, *(f"{c.metric}: {_ms(c.baseline_s)} ms → {_ms(c.new_s)} ms, {c.text()}" for c in row.stages)])
+    for element in (root, suite):
+        for name, value in counts.items():
+            element.set(name, str(value))
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
+
+
+def not_a_comparison_output(directory: Path) -> str | None:
+    """Why ``directory`` is not a comparison sdexport wrote (None when it is), before it is replaced."""
+    from sdexport.output_dir import MARKER as STAGING_MARKER
+
+    try:
+        data = json.loads((directory / COMPARISON_FILES[0]).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return f"it has no readable {COMPARISON_FILES[0]}"
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "rows" not in data:
+        return f"its {COMPARISON_FILES[0]} is not an sdexport comparison"
+    extra = sorted(p.name for p in directory.iterdir() if p.name not in (*COMPARISON_FILES, STAGING_MARKER))
+    return f"it holds other files: {', '.join(extra[:3])}" if extra else None
+
+
+COMPARISON_OUTPUT = OutputKind("comparison output", not_a_comparison_output)
+
+
+def write_comparison(comparison: dict[str, Any], directory: Path) -> list[Path]:
+    """comparison.json, .md and .xml (JUnit) into ``directory`` (a staging folder)."""
+    from sdexport.atomic import write_atomic
+    from sdexport.manifest import write_json_atomic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / name for name in COMPARISON_FILES]
+    write_json_atomic(paths[0], comparison)
+    write_atomic(paths[1], markdown(comparison))
+    write_atomic(paths[2], junit_xml(comparison))
+    return paths

@@ -1,0 +1,299 @@
+"""`sdexport bench compare` and the CI gate: the verdict follows the threshold *and* the noise,
+mismatched runs are refused, and the outputs (Markdown, JSON, JUnit XML) say the same thing.
+
+The verdict logic is tested on synthetic reports (fixed timings); the gate as a whole on real runs
+of the tiny model on this CPU, where the slowed contender is slowed by a test hook far beyond any
+noise and the threshold is wide, so no test depends on how fast this machine is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from sdexport.bench.compare import MARKER, Gate, compare, relative_change
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _stats(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "n": len(samples),
+            "samples": samples}
+
+
+def _entry(contender: str, samples: list[float], batch: int = 1, psnr: float | None = 40.0) -> dict:
+    stage = _stats([s / 4 for s in samples])
+    return {
+        "contender": contender, "status": "measured", "case": {"batch": batch, "steps": 10, "height": 64, "width": 64},
+        "e2e_s": _stats(samples), "text_encoder_s": stage, "unet_step_s": stage, "vae_decoder_s": stage,
+        "loop_overhead_s": stage,
+        **({"agreement": {"baseline": "diffusers", "latents_rel_l2": 1e-3, "psnr_db": psnr}} if psnr is not None else {}),
+    }
+
+
+def _report(entries: list[dict], *, gpu: str | None = None, precision: str = "fp32", **scenario) -> dict:
+    return {
+        "scenario": {"name": "synthetic", "model": "tiny", "repeats": len(entries[0]["e2e_s"]["samples"]), **scenario},
+        "precision": precision,
+        "environment": {"gpu": {"name": gpu} if gpu else None, "host": {"cpu": "Test CPU", "cores": 2},
+                        "versions": {"sdexport": "0.1.0", "torch": "2.13.0"}, "git_revision": "abc1234",
+                        "date": "2026-12-01T00:00:00+00:00"},
+        "results": entries,
+    }
+
+
+TIGHT = [1.00, 1.01, 0.99, 1.00, 1.02, 0.98, 1.00]
+
+
+def _write(tmp_path: Path, name: str, report: dict) -> Path:
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+def _compare(tmp_path: Path, baseline: dict, new: dict, gate: Gate | None = None) -> dict:
+    return compare(_write(tmp_path, "baseline", baseline), _write(tmp_path, "new", new), gate or Gate())
+
+
+def _row(comparison: dict, contender: str) -> dict:
+    return next(r for r in comparison["rows"] if r["contender"] == contender)
+
+
+def test_the_same_timings_are_no_change_and_the_interval_holds_zero():
+    point, low, high = relative_change(TIGHT, TIGHT)
+    assert point == 0 and low < 0 < high
+
+
+def test_a_slowdown_beyond_threshold_and_noise_is_a_regression(tmp_path):
+    comparison = _compare(tmp_path, _report([_entry("torch", TIGHT)]), _report([_entry("torch", [s * 1.3 for s in TIGHT])]))
+    row = _row(comparison, "torch")
+    assert row["status"] == "regression" and row["failed"] and not comparison["passed"]
+    assert row["e2e"]["verdict"] == "slower" and row["e2e"]["low"] > 0.05
+    assert "over the 5% gate" in row["reasons"][0]
+
+
+def test_a_slowdown_within_the_noise_passes(tmp_path):
+    noisy = [0.6, 1.0, 1.5, 0.7, 1.4, 0.8, 1.3]
+    comparison = _compare(tmp_path, _report([_entry("torch", noisy)]), _report([_entry("torch", [s * 1.2 for s in noisy])]))
+    row = _row(comparison, "torch")
+    assert row["e2e"]["change"] > 0.05 and row["e2e"]["low"] < 0
+    assert row["e2e"]["verdict"] == "within noise" and row["status"] == "no change" and comparison["passed"]
+
+
+def test_a_small_steady_slowdown_under_the_threshold_passes(tmp_path):
+    comparison = _compare(tmp_path, _report([_entry("torch", TIGHT)]), _report([_entry("torch", [s * 1.03 for s in TIGHT])]))
+    assert _row(comparison, "torch")["e2e"]["verdict"] == "within threshold" and comparison["passed"]
+    stricter = _compare(tmp_path, _report([_entry("torch", TIGHT)]), _report([_entry("torch", [s * 1.03 for s in TIGHT])]),
+                        Gate(max_slowdown=0.01))
+    assert _row(stricter, "torch")["status"] == "regression"
+
+
+def test_a_speedup_is_an_improvement(tmp_path):
+    comparison = _compare(tmp_path, _report([_entry("torch", TIGHT)]), _report([_entry("torch", [s * 0.7 for s in TIGHT])]))
+    assert _row(comparison, "torch")["status"] == "improvement" and comparison["passed"]
+
+
+def test_a_contender_that_stopped_working_fails_and_a_new_one_does_not(tmp_path):
+    baseline = _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT)])
+    new = _report([_entry("diffusers", TIGHT, psnr=None), _entry("onnxruntime-cpu", TIGHT)])
+    new["results"].append({"contender": "torch", "status": "failed", "reason": "loading: RuntimeError: boom"})
+    comparison = _compare(tmp_path, baseline, new)
+    torch_row, ort_row = _row(comparison, "torch"), _row(comparison, "onnxruntime-cpu")
+    assert torch_row["status"] == "missing" and "boom" in torch_row["reasons"][0] and not comparison["passed"]
+    assert ort_row["status"] == "new" and not ort_row["failed"]
+
+
+def test_the_psnr_floor_fails_a_contender_that_draws_something_else(tmp_path):
+    baseline, new = _report([_entry("torch", TIGHT, psnr=45.0)]), _report([_entry("torch", TIGHT, psnr=12.0)])
+    assert _compare(tmp_path, baseline, new)["passed"]
+    comparison = _compare(tmp_path, baseline, new, Gate(min_psnr=30))
+    row = _row(comparison, "torch")
+    assert row["status"] == "regression" and "under the 30 dB floor" in row["reasons"][0]
+    assert row["agreement"]["psnr_db_baseline"] == 45.0 and row["agreement"]["psnr_db_new"] == 12.0
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"gpu": "NVIDIA L4"}, "device: NVIDIA H100 80GB HBM3 vs NVIDIA L4"),
+        ({"precision": "fp32"}, "precision: fp16 vs fp32"),
+        ({"scheduler": "ddim"}, "scenario scheduler: 'euler' vs 'ddim'"),
+    ],
+)
+def test_runs_that_measure_different_things_are_refused_unless_allowed(tmp_path, capsys, change, words):
+    settings = {"gpu": "NVIDIA H100 80GB HBM3", "precision": "fp16", "scheduler": "euler"}
+    baseline = _write(tmp_path, "a", _report([_entry("torch", TIGHT)], **settings))
+    new = _write(tmp_path, "b", _report([_entry("torch", TIGHT)], **{**settings, **change}))
+    capsys.readouterr()
+    assert run_cli("bench", "compare", baseline, new) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "--allow-mismatch" in err
+    assert run_cli("bench", "compare", baseline, new, "--allow-mismatch") == 0
+    assert words in capsys.readouterr().out
+
+
+def test_reports_it_cannot_compare_are_refused_in_one_line(tmp_path, capsys):
+    good = _write(tmp_path, "good", _report([_entry("torch", TIGHT)]))
+    old = _report([_entry("torch", TIGHT)])
+    del old["results"][0]["e2e_s"]["samples"]
+    cases = [
+        ((tmp_path / "absent.json", good), "no such benchmark report"),
+        ((_write(tmp_path, "junk", {"x": 1}), good), "not an sdexport benchmark report"),
+        ((good, _write(tmp_path, "old", old)), "older sdexport"),
+        ((good, good, "--max-slowdown", "fast"), "give a percentage"),
+        ((good, good, "--min-psnr", "nan"), "finite"),
+    ]
+    (tmp_path / "text.json").write_text("{not json")
+    cases.append(((tmp_path / "text.json", good), "not readable JSON"))
+    for args, words in cases:
+        capsys.readouterr()
+        assert run_cli("bench", "compare", *args) == 2, words
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+
+
+def test_markdown_json_and_junit_say_the_same(tmp_path, capsys):
+    baseline = _write(tmp_path, "a", _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT)]))
+    new = _write(tmp_path, "b", _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", [s * 1.5 for s in TIGHT])]))
+    out = tmp_path / "cmp"
+    capsys.readouterr()
+    assert run_cli("bench", "compare", baseline, new, "-o", out) == 1
+    printed = capsys.readouterr().out
+    markdown = (out / "comparison.md").read_text()
+    assert markdown.startswith(MARKER) and markdown.rstrip() in printed  # stdout unwrapped, as written
+    assert "❌ 1 regression" in markdown and "| torch | batch 1, 10 steps | 1000.0 → 1500.0 |" in markdown
+    data = json.loads((out / "comparison.json").read_text())
+    assert data["passed"] is False and {r["contender"]: r["status"] for r in data["rows"]} == {
+        "diffusers": "no change", "torch": "regression"}
+    root = ET.parse(out / "comparison.xml").getroot()
+    assert root.tag == "testsuites" and root.get("tests") == "2" and root.get("failures") == "1"
+    cases = {c.get("classname"): c for c in root.iter("testcase")}
+    failure = cases["sdexport-bench.synthetic.torch"].find("failure")
+    assert failure is not None and "+50.0%" in failure.get("message") and "over the 5% gate" in failure.get("message")
+    assert cases["sdexport-bench.synthetic.diffusers"].find("failure") is None
+    # Its own output is replaced on the next comparison; a folder of the user's is not.
+    assert run_cli("bench", "compare", baseline, baseline, "-o", out) == 0
+    assert json.loads((out / "comparison.json").read_text())["passed"] is True
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    capsys.readouterr()
+    assert run_cli("bench", "compare", baseline, new, "-o", mine) == 2
+    assert "not an sdexport comparison output" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_bench_keeps_running_scenarios_beside_its_new_subcommands(capsys):
+    capsys.readouterr()
+    assert run_cli("bench", "--help") == 0
+    text = capsys.readouterr().out
+    assert "compare" in text and "cache-key" in text
+    assert run_cli("bench", "no-such-scenario.toml") == 2  # a scenario, not a subcommand
+    assert "no such scenario file" in capsys.readouterr().err
+
+
+def test_the_test_hook_refuses_what_it_cannot_slow(tmp_path, capsys, monkeypatch):
+    scenario = ROOT / "benchmarks" / "scenarios" / "tiny-cpu.toml"
+    for value, words in (("diffusers=0.1", "not a runtime contender"), ("torch=-1", "CONTENDER=SECONDS"),
+                         ("torch", "CONTENDER=SECONDS")):
+        monkeypatch.setenv("SDEXPORT_TEST_SLOW_UNET", value)
+        capsys.readouterr()
+        assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+        assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# --- The gate end to end: ci/bench-gate.sh over real runs of the tiny model on this CPU ---------
+
+GATE_SCENARIO = """
+description = "tiny gate check"
+model = "tiny"
+height = 64
+width = 64
+steps = [10]
+batch = [1]
+warmup = 1
+repeats = 5
+contenders = ["diffusers", "torch"]
+"""
+
+
+def _gate(tmp_path: Path, baseline: Path, out: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {key: value for key, value in os.environ.items() if key != "SDEXPORT_TEST_SLOW_UNET"}
+    environment.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", SDEXPORT_ENGINE_CACHE=str(tmp_path / "cache"),
+                       SDEXPORT_MAX_SLOWDOWN="100%", **env)
+    return subprocess.run(["bash", str(ROOT / "ci" / "bench-gate.sh"), str(tmp_path / "gate.toml"), str(baseline),
+                           str(tmp_path / out)], capture_output=True, text=True, env=environment, timeout=600)
+
+
+def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another_gpu(tmp_path):
+    (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    baseline = tmp_path / "baselines" / "gate.json"
+
+    first = _gate(tmp_path, baseline, "run1")  # no baseline yet: reported, not gated
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = (tmp_path / "run1" / "summary.md").read_text()
+    assert summary.startswith(MARKER) and "no baseline yet" in summary and str(baseline) in summary
+    report = json.loads((tmp_path / "run1" / "bench" / "results.json").read_text())
+    assert report["one_time"]["export"]["status"] == "cached now"
+    baseline.parent.mkdir()
+    baseline.write_text((tmp_path / "run1" / "bench" / "results.json").read_text())
+
+    second = _gate(tmp_path, baseline, "run2")  # the same code again: no change, engines from the cache
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "✅ no regression" in (tmp_path / "run2" / "summary.md").read_text()
+    rerun = json.loads((tmp_path / "run2" / "bench" / "results.json").read_text())
+    assert rerun["one_time"]["export"] == {"status": "cached", "path": report["one_time"]["export"]["path"]}
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+    slowed = _gate(tmp_path, baseline, "run3", SDEXPORT_TEST_SLOW_UNET="torch=0.1")  # +1 s on ~0.1 s
+    assert slowed.returncode == 1, slowed.stdout[-3000:] + slowed.stderr[-3000:]
+    summary = (tmp_path / "run3" / "summary.md").read_text()
+    assert "❌ 1 regression" in summary and "slowed on purpose" in summary
+    root = ET.parse(tmp_path / "run3" / "compare" / "comparison.xml").getroot()
+    failed = [c.get("classname") for c in root.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["sdexport-bench.gate.torch"]
+
+    other = copy.deepcopy(rerun)
+    other["environment"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.2}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    refused = subprocess.run([sys.executable, "-m", "sdexport", "bench", "compare", str(baseline),
+                              str(tmp_path / "other.json")], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "device: CPU only" in refused.stderr and "NVIDIA H100" in refused.stderr
+
+
+def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsys):
+    from sdexport.bench.harness import engine_cache_entry
+    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.scenario import load_scenario
+
+    def entry(text: str) -> str:
+        path = tmp_path / "gate.toml"
+        path.write_text(text)
+        scenario = load_scenario(path)
+        return engine_cache_entry(scenario, plan_bench(scenario, Options()), tmp_path).name
+
+    base = entry(GATE_SCENARIO)
+    assert base.startswith("gate-") and len(base) == len("gate-") + 16
+    # What the graphs do not depend on keeps the key: repeats, contenders, prompt, steps.
+    assert entry(GATE_SCENARIO.replace("repeats = 5", "repeats = 9") + 'prompt = "a red fox"\n') == base
+    assert entry(GATE_SCENARIO.replace("steps = [10]", "steps = [4]")) == base
+    # The profile, the precision and img2img's VAE encoder change it.
+    assert entry(GATE_SCENARIO.replace("height = 64", "height = 128")) != base
+    assert entry(GATE_SCENARIO + 'dtype = "fp16"\n') != base
+    assert entry(GATE_SCENARIO + "strength = 0.5\n") != base
+    (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    capsys.readouterr()
+    assert run_cli("bench", "cache-key", tmp_path / "gate.toml") == 0
+    assert capsys.readouterr().out.strip() == base
+    assert run_cli("bench", tmp_path / "gate.toml", "--engine-cache", tmp_path / "c", "--engine-dir", tmp_path) == 2
+    assert "give one" in capsys.readouterr().err
