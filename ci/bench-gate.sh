@@ -7,12 +7,13 @@
 #   SCENARIO  a scenario file, e.g. benchmarks/scenarios/sd15-512-b1.toml
 #   BASELINE  the committed results.json of that scenario on this runner's GPU; while there is none,
 #             the run is reported and not gated: commit OUT/bench/results.json there to start
+#             (SDEXPORT_REQUIRE_BASELINE=1 fails instead, once a baseline should exist)
 #   OUT       gets bench/ (results.json, .md, .png), compare/ (comparison.json, .md, and .xml: JUnit)
 #             and summary.md (the Markdown for the merge-request comment)
 #
 # Environment:
-#   PYTHON                 the Python sdexport is installed in (default: .venv-bench/bin/python if
-#                          ci/install.sh made it, else python3)
+#   PYTHON                 the Python sdexport is installed in (default: the virtualenv ci/install.sh
+#                          made, SDEXPORT_VENV or .venv-bench, else python3)
 #   SDEXPORT_ENGINE_CACHE  where exports are kept between runs, one folder per engine cache key
 #                          (default ~/.cache/sdexport/engines); TensorRT plans are built inside them
 #   SDEXPORT_MAX_SLOWDOWN  the gate: fail a case this much slower and beyond the noise (default 5%)
@@ -28,13 +29,36 @@ if [[ $# -ne 3 ]]; then
 fi
 scenario=$1 baseline=$2 out=$3
 root=$(cd "$(dirname "$0")/.." && pwd)
+venv=${SDEXPORT_VENV:-.venv-bench}
+[[ $venv == /* ]] || venv=$root/$venv
 default_python=python3
-[[ -x $root/.venv-bench/bin/python ]] && default_python=$root/.venv-bench/bin/python
+[[ -x $venv/bin/python ]] && default_python=$venv/bin/python
 PYTHON=${PYTHON:-$default_python}
 cache=${SDEXPORT_ENGINE_CACHE:-$HOME/.cache/sdexport/engines}
 marker="<!-- sdexport bench compare -->"
+
+# Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only files
+# this script's commands write are removed, anything else stops it.
+clear_previous() {
+  local dir=$1 names=$2
+  [[ -e $dir ]] || return 0
+  if [[ ! -d $dir || -n $(find "$dir" -mindepth 1 -maxdepth 1 ! -name "$names" -print -quit) ]]; then
+    echo "sdexport bench gate: $dir holds files this gate did not write; choose another OUT" >&2
+    exit 2
+  fi
+  rm -rf "$dir"
+}
 mkdir -p "$out"
+clear_previous "$out/bench" 'results.*'
+clear_previous "$out/compare" 'comparison.*'
 rm -f "$out/summary.md"
+
+if [[ ! -e $baseline && ${SDEXPORT_REQUIRE_BASELINE:-0} == 1 ]]; then
+  printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=1 and the baseline is missing.\n' \
+    "$marker" "$baseline" > "$out/summary.md"
+  echo "sdexport bench gate: no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=1)" >&2
+  exit 2
+fi
 
 extra=()
 read -ra extra <<< "${SDEXPORT_BENCH_ARGS:-}"
@@ -44,7 +68,7 @@ if ! "$PYTHON" -m sdexport bench "$scenario" -o "$out/bench" --engine-cache "$ca
   exit 3
 fi
 
-if [[ ! -f $baseline ]]; then
+if [[ ! -e $baseline ]]; then
   {
     printf '%s\n## sdexport bench: no baseline yet for %s\n\n' "$marker" "$scenario"
     echo "Nothing was gated. To gate later changes, commit this run as the baseline: copy \`bench/results.json\`"

@@ -494,7 +494,7 @@ class _BenchGroup(typer.core.TyperGroup):
 
 
 bench_app = typer.Typer(
-    cls=_BenchGroup, no_args_is_help=True,
+    cls=_BenchGroup,
     help="Benchmark a scenario (`sdexport bench SCENARIO`), compare two runs for CI, or print an engine cache key.",
 )
 app.add_typer(bench_app, name="bench")

@@ -7,18 +7,26 @@ folder as it is; a run whose key differs exports a new folder beside it. TensorR
 Runtime's fused graphs are built inside the folder and have keys of their own (GPU, TensorRT
 version, flags: ``sdexport.build.cache_key``), so a runner rebuilds only what changed.
 
-The export key covers the model (a preset's name, or the sha256 of every file read from a
-checkpoint or diffusers folder, ControlNets alike), the profile, the precision, the components, the
-sdexport code that writes graphs (``export/``, ``models/``, specs, shapes, manifest) and the versions of
-the libraries that trace them. It leaves out what does not change a graph: the runtime, serving and
-bench code, so a change there reuses the engines.
+The key covers the model (a preset's name, or the sha256 of every file read from a checkpoint or
+diffusers folder, ControlNets alike), the profile, the precision, the components, the sdexport code
+that writes graphs and builds engines (``export/``, ``models/``, ``build/``, specs, shapes, manifest)
+and the versions of the libraries that trace, convert and clean up graphs. It leaves out what does
+not change an engine: the runtime, serving and bench code, so a change there reuses the engines.
+
+Runs that use one entry take turns (``in_use``): the TensorRT and ONNX Runtime builds write into it,
+and two benchmarks on one GPU at once would time each other anyway. An entry that fails its check
+(a file that no longer matches its sha256, an unreadable manifest) is set aside, never deleted, and
+exported again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -28,9 +36,12 @@ from sdexport.shapes import ShapeProfile
 KEY_VERSION = 1
 """Bumped when what goes into the key changes meaning."""
 
-TRACING_LIBRARIES = ("torch", "onnx", "onnxscript", "diffusers", "transformers")
-GRAPH_CODE = ("export", "models", "specs.py", "shapes.py", "graph_io.py", "manifest.py", "manifest_schema.py")
-"""The parts of the sdexport package whose code decides what an export writes."""
+GRAPH_LIBRARIES = ("torch", "onnx", "onnxscript", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu",
+                   "onnx-graphsurgeon")
+"""What traces, converts (onnxruntime's fp16 converter) and cleans up (graphsurgeon) the graphs."""
+ENGINE_CODE = ("export", "models", "build", "specs.py", "shapes.py", "graph_io.py", "manifest.py", "manifest_schema.py")
+"""The parts of the sdexport package whose code decides what the folder holds: the export, and the
+TensorRT plans and fused graphs built inside it (their own keys do not cover sdexport's code)."""
 
 
 def _version(package: str) -> str | None:
@@ -52,10 +63,10 @@ def _tree_digest(root: Path, pattern: str = "*") -> str:
     return digest.hexdigest()
 
 
-def graph_code_digest() -> str:
+def engine_code_digest() -> str:
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for part in GRAPH_CODE:
+    for part in ENGINE_CODE:
         digest.update(f"{part}\0{_tree_digest(package / part, '*.py')}\n".encode())
     return digest.hexdigest()
 
@@ -79,8 +90,8 @@ def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProf
         "dtype": dtype,
         "components": sorted(components),
         "sdexport": __version__,
-        "graph_code": graph_code_digest(),
-        "libraries": {name: _version(name) for name in TRACING_LIBRARIES},
+        "engine_code": engine_code_digest(),
+        "libraries": {name: _version(name) for name in GRAPH_LIBRARIES},
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -89,19 +100,54 @@ def cache_entry(cache: Path, scenario: Scenario, key: str) -> Path:
     return cache / f"{scenario.name}-{key}"
 
 
-def usable(entry: Path) -> bool:
-    """Whether a cache folder holds a complete export (an interrupted one never appears: exports are
-    built in a staging folder and renamed into place)."""
+def check_cache_folder(cache: Path) -> None:
+    """Refuse, before anything loads, a cache folder that cannot be used."""
+    from sdexport.errors import SdexportError
+    from sdexport.output_dir import require_creatable
+
+    if cache.exists() and not cache.is_dir():
+        raise SdexportError(f"--engine-cache {cache} is a file; give a folder to keep engines in")
+    require_creatable(cache, f"--engine-cache {cache}")
+
+
+def damage(entry: Path) -> str | None:
+    """Why a cache entry cannot be used as it is (None: a complete export whose files all match their
+    sha256). An interrupted export never appears here: exports are renamed into place when done."""
     from sdexport.errors import EngineDirError
     from sdexport.manifest import load_manifest
 
-    if not (entry / "manifest.json").is_file():
-        return False
     try:
-        load_manifest(entry, verify_files=False)
-    except EngineDirError:
-        return False
-    return True
+        load_manifest(entry, verify_files=True)
+    except EngineDirError as exc:
+        return str(exc)
+    return None
+
+
+def set_aside(entry: Path) -> Path:
+    """Move a damaged entry out of the way (kept for a look, never deleted) so it can be exported anew."""
+    aside = entry.parent / f".{entry.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.rename(entry, aside)
+    return aside
+
+
+@contextlib.contextmanager
+def in_use(entry: Path) -> Iterator[None]:
+    """Hold an entry for one benchmark run; a second run waits (and says so) instead of failing."""
+    import fcntl
+
+    from sdexport.console import console
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(entry.parent / f".{entry.name}.in-use", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for another benchmark run that uses {entry} …", markup=False, soft_wrap=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def mark_used(entry: Path) -> None:

@@ -9,6 +9,7 @@ contender's, both measured in this run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import shutil
@@ -29,6 +30,7 @@ from sdexport.bench.contenders import (
     device,
     slow_down_unet,
 )
+from sdexport.bench.engine_cache import in_use
 from sdexport.bench.environment import environment
 from sdexport.bench.gpu_busy import measure_gpu_busy
 from sdexport.bench.measure import MemorySampler, Stats, psnr
@@ -66,8 +68,11 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
-    with claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging:
-        report, reused = _run(scenario, output_dir, staging, options, plan)
+    needs_engines = any(c not in BASELINES for c in plan.contenders)
+    cached = engine_cache_entry(scenario, plan, options.engine_cache) if options.engine_cache and needs_engines else None
+    with (claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging,
+          in_use(cached) if cached is not None else contextlib.nullcontext()):
+        report, reused = _run(scenario, output_dir, staging, options, plan, cached)
         if not any(r["status"] == "measured" for r in report["results"]):
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
@@ -91,9 +96,10 @@ def _link_tree(source: Path, destination: Path) -> None:
 
 
 def _run(
-    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan
+    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan, cached: Path | None
 ) -> tuple[dict[str, Any], Path | None]:
-    """The measurements; also the previous output's engine directory when it was reused in place."""
+    """The measurements; also the previous output's engine directory when it was reused in place.
+    ``cached``: the engine cache entry to use (or fill), held for this run."""
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
     dtype = precision(scenario)
@@ -110,8 +116,8 @@ def _run(
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
     if engine_dir is not None and own_engines(engine_dir, output_dir):
         reused, recorded_dir = engine_dir, output_dir / "engines" / engine_dir.resolve().name
-    elif needs_engines and options.engine_cache is not None:
-        engine_dir = recorded_dir = _cached_export(scenario, plan, options.engine_cache, one_time)
+    elif cached is not None:
+        engine_dir = recorded_dir = _cached_export(scenario, plan, cached, one_time)
     elif needs_engines and engine_dir is None:
         engine_dir = _export(scenario, model.family, output_dir, staging, dtype, plan.export_profile, one_time)
         reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
@@ -263,15 +269,20 @@ def engine_cache_entry(scenario: Scenario, plan: BenchPlan, cache: Path) -> Path
     return cache_entry(cache.resolve(), scenario, key)
 
 
-def _cached_export(scenario: Scenario, plan: BenchPlan, cache: Path, one_time: dict[str, dict[str, float | str]]) -> Path:
-    """The export from the engine cache, made there first when no run has made it yet."""
-    from sdexport.bench.engine_cache import mark_used, usable
+def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: dict[str, dict[str, float | str]]) -> Path:
+    """The export from the engine cache, made there first when no run has made it yet (or when the
+    one there is damaged: it is set aside first)."""
+    from sdexport.bench.engine_cache import damage, mark_used, set_aside
     from sdexport.export.exporter import ExportOptions, export
 
-    entry = engine_cache_entry(scenario, plan, cache)
-    if usable(entry):
+    problem = damage(entry) if entry.exists() or entry.is_symlink() else "absent"
+    if problem is None:
         one_time["export"] = {"status": "cached", "path": str(entry)}
     else:
+        if problem != "absent":
+            aside = set_aside(entry)
+            console.print(f"[yellow]engine cache:[/] {escape(entry.name)} is damaged ({escape(problem)}); "
+                          f"moved to {escape(aside.name)}, exporting again")
         start = time.perf_counter()
         dtype = precision(scenario)
         export(scenario.model, entry, ExportOptions(profile=plan.export_profile, dtype=dtype,

@@ -84,8 +84,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if options.engine_cache is not None:
         if options.engine_dir is not None:
             raise SdexportError("--engine-dir and --engine-cache: give one (an engine directory, or where to keep them)")
-        if options.engine_cache.exists() and not options.engine_cache.is_dir():
-            raise SdexportError(f"--engine-cache {options.engine_cache} is a file; give a folder to keep engines in")
+        from sdexport.bench.engine_cache import check_cache_folder
+
+        check_cache_folder(options.engine_cache)
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     outline = outline_model(scenario.model)
     if outline.inpainting:
