@@ -34,6 +34,9 @@ venv=${SDEXPORT_VENV:-.venv-bench}
 default_python=python3
 [[ -x $venv/bin/python ]] && default_python=$venv/bin/python
 PYTHON=${PYTHON:-$default_python}
+# The checkout's sdexport is what is measured, even where the environment holds an installed one
+# (the wheel folder of an air-gapped install brings its own).
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cache=${SDEXPORT_ENGINE_CACHE:-$HOME/.cache/sdexport/engines}
 marker="<!-- sdexport bench compare -->"
 
@@ -86,9 +89,12 @@ if [[ -n ${SDEXPORT_MIN_PSNR:-} ]]; then
 fi
 status=0
 "$PYTHON" -m sdexport bench compare "$baseline" "$out/bench" -o "$out/compare" "${gate[@]}" || status=$?
-if [[ -f $out/compare/comparison.md && $status -le 1 ]]; then
+# 1 is a regression only when the comparison was written (every sdexport command exits 1 when the
+# filesystem refuses, too); anything else that is not 0 means the runs could not be compared.
+if [[ $status -le 1 && -f $out/compare/comparison.md ]]; then
   cp "$out/compare/comparison.md" "$out/summary.md"
 else
+  status=2
   printf '%s\n## sdexport bench: %s could not be compared with %s\n\nSee the job log for the reason.\n' \
     "$marker" "$scenario" "$baseline" > "$out/summary.md"
 fi

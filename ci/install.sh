@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install sdexport on a CI GPU runner, into a virtualenv that sees the runner's own CUDA torch.
 #
-#   bash ci/install.sh                           from PyPI, at the versions in constraints.txt
-#   SDEXPORT_WHEELS=/srv/wheels bash ci/install.sh   air-gapped: a wheel folder made by
-#                                                 scripts/prepare-offline.sh, no network at all
+#   bash ci/install.sh                           this checkout (editable), its dependencies from PyPI
+#                                                 at the versions in constraints.txt (onnxruntime-gpu too)
+#   SDEXPORT_WHEELS=/srv/wheels bash ci/install.sh   air-gapped: the dependencies from a wheel folder
+#                                                 made by scripts/prepare-offline.sh, no network at all
+#                                                 (ci/bench-gate.sh still runs this checkout's code)
 #
-# SDEXPORT_VENV names the virtualenv (default .venv-bench; kept between runs where the workspace is);
-# the next steps run "$SDEXPORT_VENV/bin/python". The runner's torch is used, never replaced.
+# SDEXPORT_VENV names the virtualenv (default .venv-bench in the checkout, which CI's workspace clean
+# removes: give an absolute path outside it to keep it between jobs). The runner's torch is used,
+# never replaced. Python 3.11 or 3.12: the pinned set has no wheels for newer ones yet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SDEXPORT_VENV:-.venv-bench}

@@ -590,8 +590,8 @@ def bench_compare(
     if target is not None:
         with claim(target, COMPARISON_OUTPUT, replace=True) as staging:
             paths = write_comparison(comparison, staging)
-        for path in paths:
-            out.print(str(target / path.name))
+        for path in paths:  # stderr: stdout is the Markdown alone, ready for a comment
+            console.print(str(target / path.name), markup=False, soft_wrap=True)
     if not comparison["passed"]:
         raise typer.Exit(1)
 

@@ -385,3 +385,40 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     assert (tmp_path / "out" / "compare" / "notes.txt").read_text() == "mine"
     required = _gate(tmp_path, tmp_path / "none.json", "out2", SDEXPORT_REQUIRE_BASELINE="1")  # before benchmarking
     assert required.returncode == 2 and "no baseline" in required.stderr and not (tmp_path / "out2" / "bench").exists()
+
+
+def test_a_cache_entry_is_judged_by_its_export_and_leaves_plans_to_their_builders(tiny_engine_dir, tmp_path):
+    import shutil
+
+    from sdexport.bench.engine_cache import damage
+    from sdexport.manifest import load_manifest, save_manifest
+
+    entry = tmp_path / "tiny-0123"
+    shutil.copytree(tiny_engine_dir, entry)
+    manifest = load_manifest(entry, verify_files=False)
+    # A build stopped halfway: listed, not (yet) on disk. Its builder rebuilds it.
+    manifest.files["unet/0123456789abcdef.plan"] = "0" * 64
+    manifest.files["unet/onnxruntime-cuda/model.onnx"] = "0" * 64
+    save_manifest(entry, manifest)
+    assert damage(entry) is None
+    graph = entry / "vae_decoder" / "model.onnx"
+    graph.write_bytes(graph.read_bytes() + b"\0")
+    assert "vae_decoder/model.onnx does not match its sha256" in damage(entry)
+
+
+def test_the_gate_settings_refuse_what_would_check_nothing_or_mean_something_else(tmp_path, capsys):
+    baseline = _write(tmp_path, "a", _report([_entry("torch", TIGHT, psnr=None)]))
+    for args, words in ((("--max-slowdown", "0.05"), "write 5%"), (("--max-slowdown", "1001"), "from 0 to 1000"),
+                        (("--min-psnr", "30"), "no agreement figures")):
+        capsys.readouterr()
+        assert run_cli("bench", "compare", baseline, baseline, *args) == 2
+        assert words in capsys.readouterr().err
+    assert run_cli("bench", "compare", baseline, baseline, "--max-slowdown", "0.5%") == 0
+
+
+def test_the_title_names_missing_contenders_apart_from_regressions(tmp_path):
+    from sdexport.bench.compare import markdown
+
+    baseline = _report([_entry("torch", TIGHT), _entry("onnxruntime-cpu", TIGHT)])
+    new = _report([_entry("torch", [s * 1.5 for s in TIGHT])])
+    assert "❌ 1 regression, 1 missing" in markdown(_compare(tmp_path, baseline, new))

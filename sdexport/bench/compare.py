@@ -104,13 +104,18 @@ def _percent(value: float) -> str:
 
 
 def parse_percent(text: str, flag: str) -> float:
-    """``5%`` or ``5``: five percent, as the fraction 0.05."""
+    """``5%`` or ``5``: five percent, as the fraction 0.05. A bare number under 1 (``0.05``) is
+    refused: it reads as a fraction but would mean 0.05%."""
+    stripped = text.strip()
     try:
-        value = float(text.strip().removesuffix("%"))
+        value = float(stripped.removesuffix("%"))
     except ValueError:
         value = math.nan
-    if not math.isfinite(value) or not 0 <= value < 1000:
+    if not math.isfinite(value) or not 0 <= value <= 1000:
         raise SdexportError(f"{flag} {text}: give a percentage from 0 to 1000, e.g. 5%")
+    if 0 < value < 1 and not stripped.endswith("%"):
+        raise SdexportError(f"{flag} {text}: a percentage; write {value * 100:g}% for {value:g} as a fraction, "
+                            f"or {value:g}% if that is meant")
     return value / 100
 
 
@@ -282,6 +287,9 @@ def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     if found and not gate.allow_mismatch:
         raise SdexportError(f"the runs do not measure the same thing ({'; '.join(found)}); "
                             "pass --allow-mismatch to compare them anyway")
+    if gate.min_psnr is not None and not any(e.get("agreement") for e in new["results"] if e["status"] == "measured"):
+        raise SdexportError(f"--min-psnr {gate.min_psnr:g}: NEW {new_path} has no agreement figures to check "
+                            "(no baseline contender such as diffusers ran in it)")
     rows = compare_rows(baseline, new, gate)
     old_versions, new_versions = baseline["environment"].get("versions", {}), new["environment"].get("versions", {})
     return {
@@ -338,9 +346,11 @@ _SYMBOL = {"regression": "❌ regression", "missing": "❌ missing", "improvemen
 def markdown(comparison: dict[str, Any]) -> str:
     rows = _rows(comparison)
     base, new, gate = comparison["baseline"], comparison["new"], comparison["gate"]
-    failures = sum(r.failed for r in rows)
+    slower = sum(r.status == "regression" for r in rows)
+    missing = sum(r.status == "missing" for r in rows)
     unjudged = sum(1 for r in rows if r.e2e is not None and r.e2e.verdict == "too few repeats")
-    title = (f"❌ {failures} regression{'s' * (failures != 1)}" if failures
+    failed = [f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
+    title = ("❌ " + ", ".join(failed) if failed
              else f"⚠️ {unjudged} case{'s' * (unjudged != 1)} not judged (too few repeats)" if unjudged
              else "✅ no regression")
     lines = [

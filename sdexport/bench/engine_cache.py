@@ -112,12 +112,20 @@ def check_cache_folder(cache: Path) -> None:
 
 def damage(entry: Path) -> str | None:
     """Why a cache entry cannot be used as it is (None: a complete export whose files all match their
-    sha256). An interrupted export never appears here: exports are renamed into place when done."""
+    sha256). An interrupted export never appears here: exports are renamed into place when done.
+
+    TensorRT plans and fused ONNX Runtime graphs are left to their builders, which check and rebuild
+    them one by one (a build stopped halfway leaves a listed file missing, by design); a damaged
+    plan must not cost the whole entry."""
+    from sdexport.build.cache_key import PLAN_SUFFIX
+    from sdexport.build.onnxruntime_build import TARGET
     from sdexport.errors import EngineDirError
-    from sdexport.manifest import load_manifest
+    from sdexport.manifest import check_files, load_manifest
 
     try:
-        load_manifest(entry, verify_files=True)
+        manifest = load_manifest(entry, verify_files=False)
+        check_files(entry, {rel: sha for rel, sha in manifest.files.items()
+                            if not rel.endswith(PLAN_SUFFIX) and f"/{TARGET}/" not in f"/{rel}"})
     except EngineDirError as exc:
         return str(exc)
     return None
