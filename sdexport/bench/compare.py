@@ -349,8 +349,8 @@ def markdown(comparison: dict[str, Any]) -> str:
     slower = sum(r.status == "regression" for r in rows)
     missing = sum(r.status == "missing" for r in rows)
     unjudged = sum(1 for r in rows if r.e2e is not None and r.e2e.verdict == "too few repeats")
-    failed = [f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
-    title = ("❌ " + ", ".join(failed) if failed
+    counts = [f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
+    title = ("❌ " + ", ".join(counts) if counts
              else f"⚠️ {unjudged} case{'s' * (unjudged != 1)} not judged (too few repeats)" if unjudged
              else "✅ no regression")
     lines = [

@@ -227,7 +227,6 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
     """Export once into the staging output, or use the previous output's engines in place when their
     settings match (they move into the new output only when it is complete)."""
     from sdexport.errors import EngineDirError
-    from sdexport.export.exporter import ExportOptions, export
     from sdexport.manifest import load_manifest
 
     previous = output_dir / "engines" / scenario.name
@@ -242,13 +241,20 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
                 and wanted <= set(manifest.components) and _same_controlnets(manifest, scenario)):
             one_time["export"] = {"status": "reused", "path": str(previous)}
             return previous
+    one_time["export"] = {"export_s": _export_to(target, scenario, family, dtype, profile), "path": str(previous)}
+    return target
+
+
+def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profile: ShapeProfile) -> float:
+    """Export what the scenario runs into ``target``; returns the seconds it took."""
+    from sdexport.export.exporter import ExportOptions, export
+
     start = time.perf_counter()
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype,
                                                  components=export_components(scenario, family, dtype),
                                                  verify=scenario.export.get("verify", "quick"), force=True,
                                                  controlnets=list(scenario.controlnets)))
-    one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(previous)}
-    return target
+    return time.perf_counter() - start
 
 
 def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
@@ -273,7 +279,6 @@ def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: d
     """The export from the engine cache, made there first when no run has made it yet (or when the
     one there is damaged: it is set aside first)."""
     from sdexport.bench.engine_cache import damage, mark_used, set_aside
-    from sdexport.export.exporter import ExportOptions, export
 
     problem = damage(entry) if entry.exists() or entry.is_symlink() else "absent"
     if problem is None:
@@ -283,13 +288,8 @@ def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: d
             aside = set_aside(entry)
             console.print(f"[yellow]engine cache:[/] {escape(entry.name)} is damaged ({escape(problem)}); "
                           f"moved to {escape(aside.name)}, exporting again")
-        start = time.perf_counter()
-        dtype = precision(scenario)
-        export(scenario.model, entry, ExportOptions(profile=plan.export_profile, dtype=dtype,
-                                                    components=export_components(scenario, plan.outline.family, dtype),
-                                                    verify=scenario.export.get("verify", "quick"), force=True,
-                                                    controlnets=list(scenario.controlnets)))
-        one_time["export"] = {"export_s": time.perf_counter() - start, "path": str(entry), "status": "cached now"}
+        seconds = _export_to(entry, scenario, plan.outline.family, precision(scenario), plan.export_profile)
+        one_time["export"] = {"export_s": seconds, "path": str(entry), "status": "cached now"}
     mark_used(entry)
     return entry
 
