@@ -35,7 +35,6 @@ from sdexport.bench.environment import environment
 from sdexport.bench.gpu_busy import measure_gpu_busy
 from sdexport.bench.measure import MemorySampler, Stats, psnr
 from sdexport.bench.plan import (
-    SLOW_UNET_HOOK,
     BenchPlan,
     Options,
     own_engines,
@@ -44,7 +43,7 @@ from sdexport.bench.plan import (
     request_for,
 )
 from sdexport.bench.report import BENCH_OUTPUT, write_report
-from sdexport.bench.scenario import BASELINES, Case, Scenario
+from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
 from sdexport.output_dir import claim

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdexport.bench.scenario import BASELINES, CONTENDERS, Case, Scenario
+from sdexport.bench.scenario import BASELINES, CONTENDERS, SLOW_UNET_HOOK, Case, Scenario
 from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
@@ -42,9 +42,6 @@ class BenchPlan:
     """The scheduler config the runtime contenders will use (the engine directory's, if given)."""
     slow_unet: dict[str, float] = field(default_factory=dict)
     """The test hook ``SDEXPORT_TEST_SLOW_UNET`` (see ``slow_unet_hook``): contender → seconds."""
-
-
-SLOW_UNET_HOOK = "SDEXPORT_TEST_SLOW_UNET"
 
 
 def slow_unet_hook(contenders: list[str]) -> dict[str, float]:

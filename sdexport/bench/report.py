@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.atomic import atomic_path, write_atomic
+from sdexport.bench.scenario import SLOW_UNET_HOOK
 from sdexport.manifest import write_json_atomic
 from sdexport.output_dir import MARKER, OutputKind
 
@@ -57,11 +58,11 @@ def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False) -> s
 
 def test_hooks_text(report: dict[str, Any]) -> str | None:
     """What a test hook did to a run, in words (None: nothing); its figures are not the code's."""
-    slowed = report.get("test_hooks", {}).get("SDEXPORT_TEST_SLOW_UNET")
+    slowed = report.get("test_hooks", {}).get(SLOW_UNET_HOOK)
     if not slowed:
         return None
     what = ", ".join(f"{name} +{seconds * 1000:g} ms" for name, seconds in slowed.items())
-    return f"test hook SDEXPORT_TEST_SLOW_UNET slept before every U-Net call ({what})"
+    return f"test hook {SLOW_UNET_HOOK} slept before every U-Net call ({what})"
 
 
 def _test_hook_lines(report: dict[str, Any]) -> list[str]:

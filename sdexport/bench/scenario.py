@@ -21,6 +21,9 @@ RUNTIME_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cuda-fus
 """``onnxruntime-cuda``: the portable fp16 graphs; ``onnxruntime-cuda-fused``: the graphs of ``sdexport
 build --target onnxruntime-cuda`` (built as part of loading) in CUDA graphs."""
 CONTENDERS = BASELINES + RUNTIME_BACKENDS
+SLOW_UNET_HOOK = "SDEXPORT_TEST_SLOW_UNET"
+"""The test hook that slows runtime contenders on purpose (``bench.plan.slow_unet_hook``); a report's
+``test_hooks`` records it under this name."""
 
 
 @dataclass(frozen=True)
