@@ -13,7 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from sdexport.console import console, out, quiet_libraries
+from sdexport.console import (
+    VERBOSE,
+    VERBOSITY,
+    console,
+    error_console,
+    out,
+    quiet_libraries,
+    set_verbosity,
+    verbosity,
+)
 from sdexport.errors import ProfileError, SdexportError
 
 if TYPE_CHECKING:
@@ -25,6 +34,40 @@ app = typer.Typer(
     help="Stable Diffusion checkpoints → verified ONNX → TensorRT engines → a slim runtime, and benchmarks.",
     pretty_exceptions_enable=False,
 )
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Say nothing on stderr but errors (results still go to stdout).")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show the libraries' own warnings, logs and progress bars (ONNX Runtime, diffusers, transformers, Triton).")]
+VerbosityOpt = Annotated[str | None, typer.Option("--verbosity", help="quiet, normal (the default) or verbose; the same as -q / -v.")]
+
+
+def _apply_verbosity(quiet: bool, verbose: bool, level: str | None) -> None:
+    """``-q``, ``-v`` and ``--verbosity``, given before or after the command's name (one of them)."""
+    given = [flag for flag, value in (("-q", quiet), ("-v", verbose), ("--verbosity", level)) if value]
+    if len(given) > 1:
+        raise SdexportError(f"{' and '.join(given)}: give one of -q, -v, --verbosity")
+    if level is not None and level not in VERBOSITY:
+        raise SdexportError(f"--verbosity {level!r}: choose {', '.join(VERBOSITY)}")
+    if given:
+        set_verbosity(VERBOSITY[level] if level else VERBOSITY["quiet" if quiet else "verbose"])
+
+
+def _version(value: bool) -> None:
+    if value:
+        from sdexport import __version__
+
+        out.print(f"sdexport {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+    level: VerbosityOpt = None,
+) -> None:
+    """Stable Diffusion checkpoints → verified ONNX → TensorRT engines → a slim runtime, and benchmarks."""
+    _apply_verbosity(quiet, verbose, level)
 
 _RANGE = "as min:opt:max or one number; default: {}."
 _EXPORT_DEFAULT = "the model's profile (SD 1.x: batch 1:1:4, sides 256:512:1024; sd21 768 opt; SDXL 512:1024:1536; tiny presets 1:1:2, 64:128:256)"
@@ -647,8 +690,7 @@ def serve(
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
     drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")] = 30,
     startup_timeout: Annotated[int, typer.Option(help="Seconds to wait for the engines to load before giving up.")] = 600,
-    log_file: Annotated[Path | None, typer.Option(help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit).")] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Triton's log here instead of writing it to a file.")] = False,
+    log_file: Annotated[Path | None, typer.Option(help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit; with -v it is shown here instead).")] = None,
 ) -> None:
     """Serve an engine directory behind Triton Inference Server (KServe v2 HTTP/gRPC, metrics, dynamic batching)."""
     import shutil
@@ -658,6 +700,7 @@ def serve(
     from sdexport.serving.server import Ports, check_ports, check_serving_installed, run_server
 
     check_serving_installed()
+    verbose = verbosity() >= VERBOSE  # -v: Triton's log here, not in a file
     ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port, address=address)
     batching = _batching(max_queue_delay_ms, max_queue_size)
     if drain_timeout < 0 or startup_timeout < 1:
@@ -674,7 +717,7 @@ def serve(
 
         if log_file.is_dir() or verbose:
             raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
-                                                              else "not with --verbose, which shows the log here"))
+                                                              else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
     # Hash what the backend will read here, as `run` does: a damaged file is named in one line now,
     # not inside Triton's log after the server gave up; the model then loads without hashing again.
@@ -794,6 +837,30 @@ def _load_report_beside(folder: Path, name: str) -> bool:
     return isinstance(report, dict) and {"latency_s", "concurrency", "server"} <= set(report) and (folder / name).is_file()
 
 
+def _with_verbosity_options(command: Any) -> Any:
+    """``command`` taking ``-q``, ``-v`` and ``--verbosity`` after its name too (``sdexport run ... -v``),
+    as users type them; they are applied before the command's body runs."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(command, eval_str=True)
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+             for name, annotation, default in (("quiet", QuietOpt, False), ("verbose", VerboseOpt, False),
+                                               ("level", VerbosityOpt, None))]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, quiet: bool = False, verbose: bool = False, level: str | None = None, **kwargs: Any) -> Any:
+        _apply_verbosity(quiet, verbose, level)
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=[*signature.parameters.values(), *extra])  # type: ignore[attr-defined]
+    return wrapper
+
+
+for _info in (*app.registered_commands, *bench_app.registered_commands):
+    _info.callback = _with_verbosity_options(_info.callback)
+
+
 def main() -> None:
     """Every failure a user can cause ends in one line on stderr and a non-zero exit.
 
@@ -841,7 +908,7 @@ def _fail(message: str, code: int, exc: BaseException) -> None:
 
     if os.environ.get("SDEXPORT_TRACEBACK"):
         raise exc
-    console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    error_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
     sys.exit(code)
 
 

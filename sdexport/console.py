@@ -12,27 +12,90 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from rich.console import Console
 
 console = Console(stderr=True, highlight=False)
+"""Progress, notes and summaries (stderr); silent with ``-q``."""
 out = Console(highlight=False)
+"""Results a script may read (stdout): tables, paths, Markdown."""
+error_console = Console(stderr=True, highlight=False)
+"""Errors: printed whatever the verbosity."""
+
+
+QUIET, NORMAL, VERBOSE = 0, 1, 2
+VERBOSITY = {"quiet": QUIET, "normal": NORMAL, "verbose": VERBOSE}
+"""``--verbosity`` names. quiet: results and errors only; normal: sdexport's own progress and notes,
+libraries silenced; verbose: also the libraries' warnings, logs and progress bars."""
+_verbosity = NORMAL
+
+
+def verbosity() -> int:
+    return _verbosity
+
+
+def set_verbosity(level: int) -> None:
+    """Set how much is said on stderr (``-q``/``-v``/``--verbosity``); call before libraries load.
+
+    quiet silences the progress console (errors are printed through ``error_console``); verbose
+    leaves the libraries' own warnings and logs on, which normal drops as noise.
+    """
+    global _verbosity
+    _verbosity = max(QUIET, min(VERBOSE, level))
+    console.quiet = _verbosity == QUIET
+    quiet_libraries()
+
+
+_QUIET_ENVIRONMENT = {
+    "TRANSFORMERS_VERBOSITY": "error",
+    "DIFFUSERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",  # diffusers' shard and pipeline bars (tqdm >= 4.66 reads it)
+}
+_set_here: set[str] = set()
 
 
 def quiet_libraries() -> None:
-    """Silence progress bars and chatter from transformers/diffusers/onnx that would bury ours.
+    """Silence progress bars and chatter from transformers/diffusers/onnx that would bury ours;
+    with ``-v``, undo that (only what was set here: a user's own environment is left alone).
 
     Environment variables, read when those libraries are first imported, so that commands that never
     need them (``--help``, ``inspect``) do not pay for importing them here.
     """
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|diffusers|transformers).*")
+    loud = _verbosity >= VERBOSE
+    for name, value in _QUIET_ENVIRONMENT.items():
+        if loud and name in _set_here:
+            del os.environ[name]
+            _set_here.discard(name)
+        elif not loud and name not in os.environ:
+            os.environ[name] = value
+            _set_here.add(name)
+    action = "default" if loud else "ignore"
+    warnings.filterwarnings(action, category=FutureWarning)
+    warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers).*")
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+        logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)
+
+
+def onnxruntime_logging(ort: Any) -> int:
+    """Set ONNX Runtime's default logger to the verbosity's level and return that severity.
+
+    Its warnings (e.g. "UnsqueezeElimination cannot remove node") are raw ANSI lines about graph
+    optimisations that ask nothing of the user, so they show only with ``-v``. The default logger
+    also covers sessions that other libraries make (onnx-graphsurgeon's constant folding).
+    """
+    severity = 2 if _verbosity >= VERBOSE else 3  # 2: warning, 3: error
+    ort.set_default_logger_severity(severity)
+    return severity
+
+
+def onnxruntime_session_options(ort: Any) -> Any:
+    """``ort.SessionOptions`` that log at the verbosity's level (``onnxruntime_logging``)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = onnxruntime_logging(ort)
+    return options
 
 
 @contextmanager

@@ -114,7 +114,9 @@ def _cuda_provider_status() -> str:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
     try:
-        session = ort.InferenceSession(model.SerializeToString(),
+        from sdexport.console import onnxruntime_session_options
+
+        session = ort.InferenceSession(model.SerializeToString(), onnxruntime_session_options(ort),
                                        providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime's own exception types
         return f"fails to start: {' '.join(str(exc).split())[:300]}"

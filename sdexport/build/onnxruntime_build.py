@@ -327,10 +327,10 @@ def parity(
     points = [("min", lo, profile.height[0], profile.width[0])]
     if provider == "CUDAExecutionProvider":
         points.append(("opt", opt, profile.height[1], profile.width[1]))
+    from sdexport.console import onnxruntime_session_options
     from sdexport.runtime.onnxruntime_backend import cuda_provider_options, require_cuda_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = onnxruntime_session_options(ort)
     providers: list[Any] = ["CPUExecutionProvider"]
     if provider == "CUDAExecutionProvider":  # as the runtime makes its sessions
         providers = [(provider, cuda_provider_options(0, 0, fused=True)), "CPUExecutionProvider"]

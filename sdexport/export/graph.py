@@ -52,6 +52,11 @@ def cleanup(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
     graph.cleanup().toposort()
     if fold:
         # Folding evaluates constant subgraphs with onnxruntime; big weights stay as they are.
+        import onnxruntime
+
+        from sdexport.console import onnxruntime_logging
+
+        onnxruntime_logging(onnxruntime)  # its session logs at our verbosity, not ONNX Runtime's
         graph.fold_constants(size_threshold=64 * 1024**2).cleanup()
     cleaned = gs.export_onnx(graph)
     cleaned.opset_import.clear()

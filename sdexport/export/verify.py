@@ -104,7 +104,9 @@ def verify_component(
         return ParityReport(spec.name, dtype, tolerance, [PointResult("all", "skipped", reason="--verify none")])
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from sdexport.console import onnxruntime_session_options
+
+    session = ort.InferenceSession(str(onnx_path), onnxruntime_session_options(ort), providers=["CPUExecutionProvider"])
     wrapper = spec.wrapper(module).eval()
     for i, (label, sizes) in enumerate(verification_points(spec, profile, dims, mode)):
         if sizes is None:

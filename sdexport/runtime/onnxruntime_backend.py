@@ -165,8 +165,9 @@ class OnnxRuntimeEngine:
         """A session for the graph; ``sizes`` freezes its dynamic dimensions (for CUDA graphs)."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        from sdexport.console import onnxruntime_session_options
+
+        options = onnxruntime_session_options(ort)
         if self.threads:
             options.intra_op_num_threads = self.threads
         if sizes:
