@@ -127,28 +127,39 @@ def export(
 @app.command()
 def inspect(
     engine_dir: Annotated[Path, typer.Argument(help="An engine directory written by `sdexport export`.")],
-    check: Annotated[bool, typer.Option(help="Check every file against its sha256, and what `run` needs (tokenizers, scheduler).")] = True,
+    check: Annotated[bool, typer.Option(help="Check every file against its sha256 (trusting the record of an earlier hash while a file is unchanged), every graph's inputs and outputs, and what `run` loads (tokenizers, scheduler).")] = True,
+    verify: Annotated[bool, typer.Option("--verify", help="Hash every file again and load the tokenizers and scheduler again, whatever earlier checks recorded.")] = False,
 ) -> None:
     """Show what an engine directory holds: model, profile, tools, parity results and engines.
 
     Exits non-zero, with the reason, for everything `sdexport run` would refuse, and also when a
     graph is not what the manifest says (inspect parses every graph; run leaves that to the engines).
+    Files are hashed once and then trusted while their size, times and inode stay the same
+    (README, "Engine directory checks"); --verify hashes everything again.
     """
     from sdexport.inspect_dir import print_summary
-    from sdexport.manifest import load_manifest
+    from sdexport.manifest import load_manifest, verify_files_of
 
-    manifest = load_manifest(engine_dir, verify_files=check)
+    if verify and not check:
+        raise SdexportError("--verify and --no-check: --verify is the thorough check; drop one")
+    manifest = load_manifest(engine_dir, verify_files=False)
     print_summary(engine_dir, manifest)
-    if check:
-        from sdexport.manifest import check_graph
-        from sdexport.runtime.loading import check_runnable
+    if not check:
+        return
+    from sdexport.manifest import check_graph
+    from sdexport.runtime.loading import check_runnable_once
 
-        for name in manifest.components:
-            check_graph(engine_dir, manifest, name)
-        try:
-            check_runnable(engine_dir, manifest)
-        except SdexportError as exc:
-            raise SdexportError(f"`sdexport run` would refuse this directory: {exc}") from None
+    files = verify_files_of(engine_dir, manifest, rehash=verify)
+    for name in manifest.components:
+        check_graph(engine_dir, manifest, name)
+    try:
+        loaded = check_runnable_once(engine_dir, manifest, again=verify)
+    except SdexportError as exc:
+        raise SdexportError(f"`sdexport run` would refuse this directory: {exc}") from None
+    trusted = f" ({files.trusted} unchanged since an earlier hash; --verify hashes all)" if files.trusted else ""
+    console.print(f"[green]✓[/] {files.hashed + files.trusted} files match the manifest's sha256{trusted}; "
+                  f"graphs match their specs; tokenizers and scheduler "
+                  + ("load" if loaded else "loaded before with these files and libraries"), soft_wrap=True)
 
 
 @app.command()

@@ -152,11 +152,12 @@ def save_manifest(directory: Path, manifest: Manifest) -> None:
     write_atomic(directory / MANIFEST_NAME, text + "\n")
 
 
-def load_manifest(directory: Path, *, verify_files: bool = True, components: list[str] | None = None) -> Manifest:
+def load_manifest(directory: Path, *, verify_files: bool = True, components: list[str] | None = None,
+                  rehash: bool = False) -> Manifest:
     """Read and check an engine directory; ``components`` limits the hash check to what will be used.
 
-    Schema, paths and required files are checked on every call (cheap); hashing only with
-    ``verify_files``.
+    Schema, paths and required files are checked on every call (cheap); hashes only with
+    ``verify_files`` (from the hash records where a file has not changed, unless ``rehash``).
     """
     if not directory.is_dir():
         raise EngineDirError(f"{directory}: no such engine directory")
@@ -184,7 +185,7 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
     manifest = Manifest.from_dict(data)
     check_layout(directory, manifest)
     if verify_files:
-        verify_files_of(directory, manifest, components)
+        verify_files_of(directory, manifest, components, rehash=rehash)
     return manifest
 
 
@@ -338,31 +339,60 @@ def _require_inside(directory: Path, rel: str) -> None:
 
 
 def verify_files_of(
-    directory: Path, manifest: Manifest, components: list[str] | None = None, *, plans: bool = True
-) -> None:
+    directory: Path, manifest: Manifest, components: list[str] | None = None, *, plans: bool = True,
+    rehash: bool = False,
+) -> FilesChecked:
     """Check the directory's files against their hashes, limited to ``components`` if given.
 
     The runtime passes ``plans=False``: a directory may hold TensorRT plans for several GPUs, and
     the TensorRT loader checks only the one it picks.
     """
     skipped = tuple(f"{c}/" for c in manifest.components if components is not None and c not in components)
-    check_files(directory, {
+    return check_files(directory, {
         rel: digest for rel, digest in manifest.files.items()
         if (plans or not rel.endswith(".plan")) and not (skipped and rel.startswith(skipped))
-    })
+    }, rehash=rehash)
 
 
-def check_files(directory: Path, files: dict[str, str]) -> None:
-    """Every listed file exists and has its recorded sha256, else one error naming the file."""
-    for rel, expected in files.items():
-        file = directory / rel
-        if not file.is_file():
-            raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing")
-        if sha256_file(file) != expected:
-            raise EngineDirError(
-                f"{directory}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
-                "re-export or rebuild it"
-            )
+@dataclass
+class FilesChecked:
+    """What ``check_files`` did: files hashed now, and files trusted from an earlier hash's record."""
+
+    hashed: int = 0
+    trusted: int = 0
+
+
+def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False) -> FilesChecked:
+    """Every listed file exists and has its recorded sha256, else one error naming the file.
+
+    A file hashed before and unchanged since (``sdexport.hash_records``) is not read again, unless
+    ``rehash``; every hash made here renews its record.
+    """
+    from sdexport.hash_records import HashRecords
+
+    records = HashRecords.of(directory)
+    done = FilesChecked()
+    try:
+        for rel, expected in files.items():
+            file = directory / rel
+            if not file.is_file():
+                records.forget(rel)
+                raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing")
+            before = file.stat()
+            if not rehash and records.trusted(rel, expected, before):
+                done.trusted += 1
+                continue
+            if sha256_file(file) != expected:
+                records.forget(rel)
+                raise EngineDirError(
+                    f"{directory}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
+                    "re-export or rebuild it"
+                )
+            records.remember(rel, expected, before, file.stat())
+            done.hashed += 1
+    finally:
+        records.save()
+    return done
 
 
 def not_an_engine_dir(directory: Path) -> str | None:

@@ -58,6 +58,17 @@ def without_gpu() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def hash_records_of_this_session(tmp_path_factory) -> Iterator[None]:
+    """Hash records (``sdexport.hash_records``) go to a folder of the test session, not the user's cache."""
+    from sdexport import hash_records
+
+    folder = tmp_path_factory.mktemp("hash-records")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hash_records, "records_folder", lambda: folder)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model():
     from sdexport.models import load_model

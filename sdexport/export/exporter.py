@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sdexport.console import console, step
+from sdexport.errors import SdexportError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
 from sdexport.export.pipeline_files import write_pipeline_files
@@ -64,7 +65,21 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                 fuse_into(model.modules, options.loras, model.family)
                 loras = [lora.record() for lora in options.loras]
             model.label += " + LoRA " + ", ".join(f"{lora.path.name}:{lora.scale:g}" for lora in options.loras)
-        return _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras)
+        manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras)
+    _record_runnable(out_dir, manifest)
+    return manifest
+
+
+def _record_runnable(out_dir: Path, manifest: Manifest) -> None:
+    """Check that ``run`` can load the tokenizers and scheduler written (cheap now: diffusers and
+    transformers are loaded) and record it, so a first ``sdexport inspect`` need not load them."""
+    from sdexport.runtime.loading import check_runnable_once, txt2img_components
+
+    try:
+        txt2img_components(manifest)
+    except SdexportError:
+        return  # a --components subset: run needs more than it holds
+    check_runnable_once(out_dir, manifest)
 
 
 def _export_into(

@@ -173,6 +173,36 @@ def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any]
     return scheduler_config, load_tokenizers(engine_dir, manifest)
 
 
+def check_runnable_once(engine_dir: Path, manifest: Manifest, *, again: bool = False) -> bool:
+    """``check_runnable``, skipped when it passed before on this same manifest and these files with the
+    same libraries (``hash_records``): building the scheduler imports diffusers and torch, seconds
+    that ``sdexport inspect`` should not spend on an unchanged directory. Call it after the files were
+    checked against the manifest. Returns whether the check ran; ``again`` always runs it.
+    """
+    import hashlib
+    import json
+    from importlib.metadata import PackageNotFoundError, version
+
+    from sdexport.hash_records import HashRecords
+    from sdexport.manifest import MANIFEST_NAME, sha256_file
+
+    versions = {}
+    for package in ("sdexport", "diffusers", "transformers", "tokenizers", "torch"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    key = hashlib.sha256(json.dumps({"manifest": sha256_file(engine_dir / MANIFEST_NAME), "versions": versions},
+                                    sort_keys=True).encode()).hexdigest()
+    records = HashRecords.of(engine_dir)
+    if not again and records.passed("runnable", key):
+        return False
+    check_runnable(engine_dir, manifest)
+    records.note_passed("runnable", key)
+    records.save()
+    return True
+
+
 def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """The directory's tokenizers, refused when they would not tokenize like the export's.
 

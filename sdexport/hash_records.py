@@ -1,0 +1,119 @@
+"""Hash each engine file once, then trust a record of its identity until the file changes.
+
+An SD 1.5 directory holds gigabytes; hashing all of it on every ``run`` or ``inspect`` costs seconds
+to minutes for files that have not changed. After a file's sha256 is checked, its identity is
+recorded: size, modification time, change time, inode and device (``os.stat``). A later check trusts
+the recorded hash while all five are the same, and hashes again when any differs. The change time
+cannot be set back by a user (``touch -d`` and ``os.utime`` move it forward), so a write to the file,
+a replacement or a restored modification time is noticed.
+
+Two rules keep the shortcut safe, as git's index does:
+
+- a file is recorded only if it did not change while it was hashed (the same identity before and after);
+- a file is not recorded while its times are within ``RACY_SECONDS`` of now. A write in the same clock
+  tick as the hash could leave the times unchanged, so such a file is hashed again next time.
+
+Records live in the user's cache (``$XDG_CACHE_HOME/sdexport/hashes``), one file per engine directory,
+never inside the directory: it stays exactly what the manifest lists, read-only mounts work, and a
+copy to another machine (other inodes) is hashed again there. ``sdexport inspect --verify`` re-hashes
+everything. ``SDEXPORT_HASH_RECORDS=0`` turns the records off (every check hashes), e.g. on a
+filesystem whose change times are not kept. Writing a record is best effort: a read-only cache only
+means hashing again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECORDS_FORMAT = 1
+RACY_SECONDS = 2.0
+ENVIRONMENT = "SDEXPORT_HASH_RECORDS"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENVIRONMENT, "1") != "0"
+
+
+def records_folder() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdexport" / "hashes"
+
+
+def identity(stat: os.stat_result) -> list[int]:
+    """What must stay the same for a recorded hash to hold."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+@dataclass
+class HashRecords:
+    """The records of one engine directory: ``{rel: {"sha256", "identity"}}`` and passed checks."""
+
+    directory: str
+    path: Path | None
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    checks: dict[str, str] = field(default_factory=dict)
+    changed: bool = False
+
+    @classmethod
+    def of(cls, directory: Path) -> HashRecords:
+        """The directory's records; empty (and never saved) when records are off."""
+        real = os.path.realpath(directory)
+        if not enabled():
+            return cls(real, None)
+        path = records_folder() / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json"
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return cls(real, path)
+        if not (isinstance(data, dict) and data.get("format") == RECORDS_FORMAT and data.get("directory") == real
+                and isinstance(data.get("files"), dict) and isinstance(data.get("checks"), dict)):
+            return cls(real, path)  # another format, or a hash collision of two paths: start afresh
+        return cls(real, path, data["files"], data["checks"])
+
+    def trusted(self, rel: str, expected: str, stat: os.stat_result) -> bool:
+        """Whether ``rel`` was hashed to ``expected`` and has not changed since."""
+        entry = self.files.get(rel)
+        return isinstance(entry, dict) and entry.get("sha256") == expected and entry.get("identity") == identity(stat)
+
+    def remember(self, rel: str, sha256: str, before: os.stat_result, after: os.stat_result) -> None:
+        """Record ``rel``'s hash, unless it changed while hashed or is too fresh to trust its times."""
+        recent = time.time() - RACY_SECONDS
+        if identity(before) != identity(after) or max(after.st_mtime, after.st_ctime) > recent:
+            self.forget(rel)
+            return
+        entry = {"sha256": sha256, "identity": identity(after)}
+        if self.files.get(rel) != entry:
+            self.files[rel] = entry
+            self.changed = True
+
+    def forget(self, rel: str) -> None:
+        if self.files.pop(rel, None) is not None:
+            self.changed = True
+
+    def passed(self, check: str, key: str) -> bool:
+        """Whether ``check`` passed before on inputs summed up by ``key``."""
+        return self.checks.get(check) == key
+
+    def note_passed(self, check: str, key: str) -> None:
+        if self.checks.get(check) != key:
+            self.checks[check] = key
+            self.changed = True
+
+    def save(self) -> None:
+        """Write the records if they changed (atomically; a cache that cannot be written is skipped)."""
+        if self.path is None or not self.changed:
+            return
+        from sdexport.atomic import write_atomic
+
+        data = {"format": RECORDS_FORMAT, "directory": self.directory, "files": self.files, "checks": self.checks}
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, json.dumps(data) + "\n")
+        except OSError:
+            return
+        self.changed = False

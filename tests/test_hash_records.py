@@ -1,0 +1,83 @@
+"""Engine files are hashed once and then trusted while unchanged; any change is hashed again."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from sdexport import hash_records, manifest
+from sdexport.errors import EngineDirError
+from sdexport.manifest import load_manifest, verify_files_of
+
+
+@pytest.fixture
+def counted(monkeypatch) -> list[str]:
+    """The files sha256_file reads; records trusted at once (no wait for the racy window)."""
+    seen: list[str] = []
+    real = manifest.sha256_file
+
+    def counting(path: Path, *args, **kwargs) -> str:
+        if path.name != "manifest.json":  # inspect's key of its load check reads it every time
+            seen.append(path.name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(manifest, "sha256_file", counting)
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", 0.0)
+    return seen
+
+
+def test_unchanged_files_are_hashed_once(engine_copy: Path, counted: list[str]):
+    listing = sorted(p.relative_to(engine_copy) for p in engine_copy.rglob("*"))
+    first = verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+    assert first.hashed == len(counted) > 10 and first.trusted == 0
+    counted.clear()
+    again = verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+    assert (again.hashed, again.trusted, counted) == (0, first.hashed, [])
+    rehashed = verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False), rehash=True)
+    assert rehashed.hashed == first.hashed
+    assert sorted(p.relative_to(engine_copy) for p in engine_copy.rglob("*")) == listing  # nothing written there
+
+
+def test_a_change_that_keeps_size_and_mtime_is_still_noticed(engine_copy: Path, counted: list[str]):
+    """The change time moves on every write and cannot be set back, unlike the modification time."""
+    verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+    graph = engine_copy / "unet" / "model.onnx"
+    before = graph.stat()
+    data = bytearray(graph.read_bytes())
+    data[-1] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    os.utime(graph, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert graph.stat().st_size == before.st_size and graph.stat().st_mtime_ns == before.st_mtime_ns
+    with pytest.raises(EngineDirError, match="unet/model.onnx does not match its sha256"):
+        verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+
+
+def test_fresh_files_and_disabled_records_are_hashed_every_time(engine_copy: Path, counted: list[str], monkeypatch):
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", 3600.0)  # every file is "just written"
+    verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+    n = len(counted)
+    verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+    assert len(counted) == 2 * n
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", 0.0)
+    monkeypatch.setenv(hash_records.ENVIRONMENT, "0")
+    for _ in range(2):
+        verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))
+    assert len(counted) == 4 * n
+
+
+def test_inspect_trusts_records_and_verify_hashes_all(engine_copy: Path, counted: list[str], capsys):
+    assert run_cli("inspect", engine_copy) == 0
+    assert "unchanged since" not in capsys.readouterr().err
+    hashed = len(counted)
+    assert run_cli("inspect", engine_copy) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert len(counted) == hashed and f"({hashed} unchanged since an earlier hash; --verify hashes all)" in err
+    assert "tokenizers and scheduler loaded before with these files and libraries" in err
+    assert run_cli("inspect", engine_copy, "--verify") == 0
+    assert len(counted) == 2 * hashed and "tokenizers and scheduler load" in capsys.readouterr().err
+    (engine_copy / "vae_decoder" / "model.onnx").write_bytes(b"garbage")
+    assert run_cli("inspect", engine_copy) == 2
+    assert "vae_decoder/model.onnx does not match its sha256" in capsys.readouterr().err
