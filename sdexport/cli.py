@@ -237,6 +237,8 @@ def build(
 
 
 BUILD_TARGETS = ("tensorrt", "onnxruntime-cuda")
+MAX_IMAGES_PER_RUN = 10_000
+"""More is refused up front (a mistyped --batch), before a list of that many prompts is made."""
 
 
 def _build_onnxruntime(engine_dir: Path, *, components: list[str] | None, fp16: bool, force: bool) -> None:
@@ -306,7 +308,7 @@ def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
 def run(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
-    output: Annotated[str, typer.Option("-o", "--output", help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")] = "out.png",
+    output: Annotated[str, typer.Option("-o", "--output", help="Image path: .png, .jpg/.jpeg or .webp (each with the parameters in its metadata); several images write NAME-0.EXT, NAME-1.EXT, ...")] = "out.png",
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc.")] = "default",
@@ -356,8 +358,8 @@ def run(
     # Everything below up to the engines reads small files only: a bad request is refused at once.
     manifest = load_manifest(engine_dir, verify_files=False)
     profile = manifest.shape_profile
-    if len(prompt) * batch > profile.batch[2]:  # before making a list of that many prompts
-        profile.check_request(len(prompt) * batch, profile.height[1], profile.width[1], manifest.model_dims)
+    if len(prompt) * batch > MAX_IMAGES_PER_RUN:  # before making a list of that many prompts
+        raise SdexportError(f"{len(prompt) * batch} images in one run: at most {MAX_IMAGES_PER_RUN}; run several times")
     prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
@@ -393,9 +395,11 @@ def run(
     if len(images) > 1:
         request.mask = [_fit(images[1], request, fit, f"--mask {mask}", notes)]
     scheduler_config = read_scheduler_config(engine_dir)
+    parts = request.split(profile.batch[2])  # more images than the engines take at once: several calls
     try:
-        check_request(request, family=manifest.family, dims=manifest.model_dims, profile=profile,
-                      scheduler_config=scheduler_config, controlnets=len(manifest.controlnets))
+        for part in {0: parts[0], len(parts) - 1: parts[-1]}.values():  # the batch sizes that occur
+            check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
+                          scheduler_config=scheduler_config, controlnets=len(manifest.controlnets))
     except ProfileError as exc:
         if size_from_image and images:
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
@@ -426,7 +430,11 @@ def run(
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:
         inputs["fit"] = fit
-    _generate(engine_dir, resolved, request, image_path, cuda_graph=cuda_graph,
+    if len(parts) > 1:
+        console.print(f"[yellow]note:[/] {request.batch} images, {profile.batch[2]} at most per call (the "
+                      f"profile's batch): {len(parts)} calls, each image with its own seed ({seed} to "
+                      f"{seed + request.batch - 1}) as in one call", soft_wrap=True)
+    _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
               inputs=inputs, loras=loras)
 
@@ -501,38 +509,49 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def _generate(
-    engine_dir: Path, backend: str, request: GenerationRequest, output: Path, *, cuda_graph: bool,
+    engine_dir: Path, backend: str, parts: list[GenerationRequest], output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
     loras: list[Any] | None = None,
 ) -> None:
-    """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise, save."""
+    """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise each part of the
+    request (one call of the engines each), save the images under one numbering."""
     from rich.progress import Progress
 
-    from sdexport.runtime.images import save_images
+    from sdexport.runtime.images import output_paths, save_images
     from sdexport.runtime.loading import load_pipeline
+    from sdexport.runtime.schedulers import extra_calls
     from sdexport.shapes import ShapeProfile
 
-    wanted = ShapeProfile.single(request.batch, request.height, request.width)
+    first = parts[0]
+    wanted = ShapeProfile.single(first.batch, first.height, first.width)
     with console.status(f"Loading engines ({backend})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
-                                 image_inputs=request.image is not None, loras=loras)
+                                 image_inputs=first.image is not None, loras=loras)
         # (hashed before the heavy imports)
-    pipeline.check(request)
+    for part in parts:
+        pipeline.check(part)
+    paths = output_paths(output, sum(part.batch for part in parts))
+    done = 0
+    for k, part in enumerate(parts):
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+            task = progress.add_task("Denoising", total=part.denoising_steps(pipeline.family))
+            result = pipeline(part, on_step=lambda i, n, task=task: progress.update(task, completed=i, total=n))
+        save_images(result, output, inputs, first=done, count=len(paths))
+        done += part.batch
+        t = result.timings
+        calls = extra_calls(result.scheduler, part.denoising_steps(pipeline.family), len(t.unet_steps))
+        console.print(
+            (f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else "")
+            + f"text encoder {t.text_encoder * 1000:.1f} ms, "
+            + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
+            + f"U-Net {t.unet_total * 1000:.1f} ms "
+            f"({calls or f'{len(t.unet_steps)} steps'}; {t.iterations_per_second:.2f} it/s), VAE {t.vae_decoder * 1000:.1f} ms, "
+            f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s",
+            soft_wrap=True,
+        )
     if pipeline.info.get("random_weights"):
-        console.print("[yellow]note:[/] random-weight model: images are noise-like by design")
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("Denoising", total=request.denoising_steps(pipeline.family))
-        result = pipeline(request, on_step=lambda i, n: progress.update(task, completed=i, total=n))
-    paths = save_images(result, output, {**pipeline.info, **(inputs or {})})
-    t = result.timings
-    console.print(
-        f"text encoder {t.text_encoder * 1000:.1f} ms, "
-        + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
-        + f"U-Net {t.unet_total * 1000:.1f} ms "
-        f"({len(t.unet_steps)} steps, {t.iterations_per_second:.2f} it/s), VAE {t.vae_decoder * 1000:.1f} ms, "
-        f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s"
-    )
+        console.print("[yellow]note:[/] random weights: the images are noise-like by design")
     for path in paths:
         out.print(str(path))
 

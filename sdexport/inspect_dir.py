@@ -20,30 +20,36 @@ def _size(path: Path) -> str:
 
 def print_summary(directory: Path, manifest: Manifest) -> None:
     profile = manifest.shape_profile
+    label = str(manifest.model["label"])
     weights = "[yellow]random weights[/]" if manifest.random_weights else "trained weights"
     if manifest.model["source"].get("kind") == "onnx":  # adopted without its model: nothing known
         weights = f"{manifest.tools.get('exporter', 'adopted')}, weights not compared with PyTorch"
-    out.print(f"[bold]{directory}[/]  {manifest.model['label']}  ({weights})")
+    if manifest.random_weights and "random weights" in label:  # a preset's label says it: once is enough
+        label, weights = label.replace("random weights", "[yellow]random weights[/]"), ""
+    out.print(f"[bold]{directory}[/]  {label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
     out.print(
         f"family {manifest.family}, {manifest.prediction_type} prediction, {manifest.dtype}, "
         f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
-        f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}"
+        f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}",
+        soft_wrap=True,
     )
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter"))
-    out.print(f"[dim]{tools}; created {manifest.created}[/]")
-    table = Table(title="Components (worst error over the checked points)", title_justify="left")
+    out.print(f"[dim]{tools}; created {manifest.created}[/]", soft_wrap=True)
+    points = {name: points_words(entry.parity) for name, entry in manifest.components.items()}
+    shared = next(iter(points.values())) if len(set(points.values())) == 1 else None
+    table = Table(title="Components (worst error over the checked points)", title_justify="left",
+                  caption=f"verification, each component: {shared}" if shared else None, caption_justify="left")
     for column in ("component", "size", "parity", "max-abs", "rel-L2", "tol.", "engines"):
         table.add_column(column, justify="right" if column != "component" else "left")
     for name, entry in manifest.components.items():
-        points = entry.parity.get("points", [])
-        errors = [e for p in points for e in p.get("outputs", {}).values()]
-        checked = sum(p["status"] != "skipped" for p in points)
-        status = entry.parity.get("status", "?")
+        errors = [e for p in entry.parity.get("points", []) for e in p.get("outputs", {}).values()]
+        status = str(entry.parity.get("status", "?"))
         colour = {"passed": "green", "failed": "red"}.get(status, "yellow")
         table.add_row(
             name,
             _size(directory / entry.onnx),
-            f"[{colour}]{status}[/] {checked}/{len(points)}" if points else f"[{colour}]{status}[/]",
+            f"[{colour}]{'not checked' if status == 'skipped' else status}[/]"
+            + (f" ({points[name]})" if points[name] and not shared else ""),
             f"{max(e['max_abs'] for e in errors):.2e}" if errors else "-",
             f"{max(e['rel_l2'] for e in errors):.2e}" if errors else "-",
             f"{entry.parity['tolerance']:g}" if "tolerance" in entry.parity else "-",
@@ -64,3 +70,17 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
                           ", ".join(f"{op} {n}" for op, n in sorted(record.get("fusions", {}).items())) or "none",
                           f"[{colour}]{status}[/]", str(parity.get("variant", "-")))
         out.print(table)
+
+
+def points_words(parity: dict[str, object]) -> str:
+    """How many points were checked, in words: "1 point checked, 3 skipped by request", not "1/4"."""
+    points = parity.get("points") or []
+    assert isinstance(points, list)
+    checked = sum(p.get("status") != "skipped" for p in points)
+    if not points:
+        return ""
+    if not checked:
+        return "off by request"
+    words = f"{checked} point{'s' if checked != 1 else ''} checked"
+    skipped = len(points) - checked
+    return words + (f", {skipped} skipped by request" if skipped else "")

@@ -122,7 +122,9 @@ def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(tiny_engine_di
     assert run_cli("run", tiny_engine_dir, "-p", "x", "-n", "blurry", "--guidance", "1", "--steps", "1", "-o", out) == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "--negative-prompt ignored: --guidance 1 disables classifier-free guidance" in err
-    assert json.loads(Image.open(out).text["sdexport"])["negative_prompt"] == ""
+    image = Image.open(out)
+    assert "negative_prompt" not in json.loads(image.text["sdexport"])  # not used: not recorded
+    assert "Negative prompt" not in image.text["parameters"]
 
 
 def test_nan_from_the_unet_is_not_blamed_on_the_vae(pipeline, monkeypatch):

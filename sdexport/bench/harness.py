@@ -127,7 +127,7 @@ def _run(
     baseline_median: dict[Case, float] = {}
     total_runs = len(contenders) * len(scenario.cases) * (warmup + repeats)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("benchmark", total=total_runs)
         for name in contenders:
             progress.update(task, description=f"{name}: loading")

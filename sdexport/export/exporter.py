@@ -9,6 +9,7 @@ and never replaces a directory that is not an sdexport engine directory.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -55,8 +56,6 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
             model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae,
                                controlnets=plan.controlnets)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
-        if model.random_weights:
-            console.print("[yellow]note:[/] this model has random weights (built-in preset)")
         loras = []
         if options.loras:
             from sdexport.models.lora import fuse_into
@@ -101,7 +100,7 @@ def _export_into(
         start = time.perf_counter()
         with step(f"Exporting {spec.name}"):
             export_component(spec, module, path, profile=profile, model=model, dtype=dtype, opset=options.opset)
-        with step(f"Verifying {spec.name} against PyTorch ({options.verify})"):
+        with step(f"Verifying {spec.name} against PyTorch ({options.verify})") if options.verify != "none" else nullcontext():
             report = verify_component(
                 spec, path, module, profile=profile, dims=dims, dtype=dtype,
                 vocab_size=vocab, mode=options.verify,
@@ -176,12 +175,16 @@ def _vocab_size(model: LoadedModel) -> int:
 
 
 def _print_report(report: ParityReport) -> None:
+    """One line per checked point, and one for the points skipped by request (none at all when
+    verification is off: the summary table says so)."""
+    skipped = [p for p in report.points if p.status == "skipped"]
     for point in report.points:
         if point.status == "skipped":
-            console.print(f"    {point.label:>4}: skipped ({point.reason})")
             continue
         errors = ", ".join(
             f"{name} max-abs {e.max_abs:.2e} rel-L2 {e.rel_l2:.2e}" for name, e in point.outputs.items()
         )
         mark = "[green]ok[/]" if point.status == "passed" else "[red]FAILED[/]"
-        console.print(f"    {point.label:>4}: {mark} {errors}")
+        console.print(f"    {point.label:>4}: {mark} {errors}", soft_wrap=True)
+    if skipped and len(skipped) < len(report.points):
+        console.print(f"    skipped: {', '.join(p.label for p in skipped)} ({skipped[0].reason})")

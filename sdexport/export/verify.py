@@ -101,7 +101,7 @@ def verify_component(
     tolerance = TOLERANCE[dtype]
     points: list[PointResult] = []
     if mode == "none":
-        return ParityReport(spec.name, dtype, tolerance, [PointResult("all", "skipped", reason="--verify none")])
+        return ParityReport(spec.name, dtype, tolerance, [PointResult("all", "skipped", reason="verification off")])
     import onnxruntime as ort
 
     from sdexport.console import onnxruntime_session_options
@@ -110,7 +110,7 @@ def verify_component(
     wrapper = spec.wrapper(module).eval()
     for i, (label, sizes) in enumerate(verification_points(spec, profile, dims, mode)):
         if sizes is None:
-            points.append(PointResult(label, "skipped", reason=f"--verify {mode}"))
+            points.append(PointResult(label, "skipped", reason=f"{mode} verification"))
             continue
         feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
         shapes = {n: list(v.shape) for n, v in feed.items()}

@@ -1,4 +1,10 @@
-"""Saving generated images with the parameters that made them, as PNG text chunks."""
+"""Saving generated images with the parameters that made them.
+
+PNG keeps them as text chunks, JPEG and WebP in EXIF: the A1111-style "parameters" text (which many
+image tools read) as PNG ``parameters`` / EXIF UserComment, and sdexport's full record as JSON
+(PNG ``sdexport`` / EXIF ImageDescription, with Software "sdexport VERSION"). The format follows
+the file name's suffix; other suffixes are refused before anything runs.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,22 @@ if TYPE_CHECKING:  # the output checks run before torch is imported
     from sdexport.runtime.txt2img import GenerationResult
 
 
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+"""Suffix → Pillow format; a name without a suffix is written as PNG."""
+JPEG_QUALITY = 95
+_SOFTWARE, _DESCRIPTION, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x010E, 0x8769, 0x9286
+
+
+def image_format(path: Path) -> str:
+    """The format ``path``'s suffix asks for (PNG without one); any other suffix is refused."""
+    suffix = path.suffix.lower()
+    if not suffix:
+        return "PNG"
+    if suffix not in IMAGE_FORMATS:
+        raise SdexportError(f"-o {path}: sdexport writes .png, .jpg/.jpeg or .webp images, not {path.suffix}")
+    return IMAGE_FORMATS[suffix]
+
+
 def output_paths(output: Path, count: int) -> list[Path]:
     """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for a batch."""
     if count == 1:
@@ -23,13 +45,14 @@ def output_paths(output: Path, count: int) -> list[Path]:
 def check_image_output(output: Path, count: int) -> None:
     """Refuse an image path that cannot be written, or a file that sdexport did not write, up front.
 
-    An existing file is replaced only when it is a PNG that sdexport made (it carries our
-    ``sdexport`` metadata): generating must never overwrite a user's own picture.
+    An existing file is replaced only when it is an image that sdexport made (it carries our
+    metadata): generating must never overwrite a user's own picture.
     """
     if not str(output).strip() or output.name in ("", ".", ".."):
         raise SdexportError(f"-o {str(output)!r}: give an image file name such as out/image.png")
     if output.is_dir():
         raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
+    image_format(output)
     from sdexport.output_dir import require_creatable
 
     require_creatable(output.parent, f"-o {output}", nothing="no image can be written")  # every image's folder
@@ -47,7 +70,10 @@ def _written_by_sdexport(path: Path) -> bool:
 
     try:
         with Image.open(path) as image:
-            return image.format == "PNG" and "sdexport" in getattr(image, "text", {})
+            if image.format == "PNG":
+                return "sdexport" in getattr(image, "text", {})
+            exif = image.getexif()
+            return str(exif.get(_SOFTWARE, "")).startswith("sdexport") and _DESCRIPTION in exif
     except Exception:  # not an image at all
         return False
 
@@ -78,12 +104,20 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
     return params
 
 
-def save_images(result: GenerationResult, output: Path, info: dict[str, Any]) -> list[Path]:
-    check_image_output(output, len(result.images))
-    paths = output_paths(output, len(result.images))
+def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | None = None, *,
+                first: int = 0, count: int | None = None) -> list[Path]:
+    """Write ``result``'s images to ``output`` (``NAME-0.EXT``, ... for several) in the format of its
+    suffix, each with the parameters that made it; ``info`` adds to (and overrides) ``result.info``.
+    ``first`` and ``count``: the images are numbers ``first``... of ``count`` written in several calls.
+
+    Refuses to replace a file sdexport did not write; each file appears whole or not at all.
+    """
+    count = len(result.images) if count is None else count
+    check_image_output(output, count)
+    paths = output_paths(output, count)[first:first + len(result.images)]
     for i, path in enumerate(paths):
         with atomic_path(path) as tmp:
-            result.images[i].save(tmp, format="PNG", pnginfo=png_metadata(result, i, info))
+            _save(result, i, {**result.info, **(info or {})}, tmp, image_format(path))
     return paths
 
 
@@ -92,25 +126,57 @@ def png_bytes(result: GenerationResult, i: int, info: dict[str, Any]) -> bytes:
     import io
 
     buffer = io.BytesIO()
-    result.images[i].save(buffer, format="PNG", pnginfo=png_metadata(result, i, info))
+    _save(result, i, info, buffer, "PNG")
     return buffer.getvalue()
 
 
-def png_metadata(result: GenerationResult, i: int, info: dict[str, Any]) -> Any:
-    """The parameters that made image ``i``, as PNG text chunks: the A1111-style line many image
-    tools read, and the full record as JSON under ``sdexport``."""
+def _save(result: GenerationResult, i: int, info: dict[str, Any], target: Any, fmt: str) -> None:
+    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
+    from sdexport import __version__
+
+    text, record = image_parameters(result, i, info)
+    if fmt == "PNG":
+        meta = PngInfo()
+        meta.add_text("parameters", text)
+        meta.add_text("sdexport", json.dumps(record))
+        result.images[i].save(target, format="PNG", pnginfo=meta)
+        return
+    exif = Image.Exif()
+    exif[_SOFTWARE] = f"sdexport {__version__}"
+    exif[_DESCRIPTION] = json.dumps(record)  # ASCII (json escapes the rest), as EXIF wants
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")  # as A1111 writes it
+    result.images[i].save(target, format=fmt, exif=exif, quality=JPEG_QUALITY)
+
+
+def read_parameters(path: Path) -> dict[str, Any]:
+    """The sdexport record saved with an image (any format ``save_images`` writes); {} if none."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get("sdexport") if image.format == "PNG" else image.getexif().get(_DESCRIPTION)
+    try:
+        record = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The parameters that made image ``i``: the A1111-style text many image tools read, and the full
+    record. The scheduler is the one that ran (``default`` resolved); empty fields are left out."""
     request = result.request
     prompt = _used(result, "prompt", i) or ""
     negative = _used(result, "negative_prompt", i) or ""
     cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
+    scheduler = result.scheduler or request.scheduler
     params = {
         "prompt": prompt,
         "negative_prompt": negative,
         "seed": request.seeds[i],
         "steps": request.steps,
-        "scheduler": request.scheduler,
+        "scheduler": scheduler,
         "guidance": request.guidance,
         "height": request.height,
         "width": request.width,
@@ -123,13 +189,14 @@ def png_metadata(result: GenerationResult, i: int, info: dict[str, Any]) -> Any:
            if request.control_image else {}),
         **info,
     }
-    meta = PngInfo()
-    meta.add_text(
-        "parameters",
-        f"{prompt}\nNegative prompt: {negative}\nSteps: {request.steps}, Sampler: "
-        f"{request.scheduler}, CFG scale: {request.guidance}, Seed: {request.seeds[i]}, "
-        f"Size: {request.width}x{request.height}"
+    params = {k: v for k, v in params.items() if v not in ("", None, [], {})}
+    from sdexport.runtime.schedulers import a1111_sampler
+
+    text = "\n".join([
+        prompt,
+        *([f"Negative prompt: {negative}"] if negative else []),
+        f"Steps: {request.steps}, Sampler: {a1111_sampler(scheduler)}, CFG scale: {request.guidance}, "
+        f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
         + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
-    )
-    meta.add_text("sdexport", json.dumps(params))
-    return meta
+    ])
+    return text, params

@@ -71,6 +71,19 @@ class GenerationRequest:
     def batch(self) -> int:
         return len(self.prompt)
 
+    def split(self, size: int) -> list[GenerationRequest]:
+        """The request as consecutive requests of at most ``size`` images each, in order: what a
+        profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image or
+        mask per prompt) are cut; the rest is shared."""
+        from dataclasses import replace
+
+        def cut(values: list[Any] | None, start: int) -> list[Any] | None:
+            return values[start:start + size] if values is not None and len(values) == self.batch else values
+
+        per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask")
+        return [replace(self, **{name: cut(getattr(self, name), start) for name in per_image})
+                for start in range(0, self.batch, size)]
+
     @property
     def task(self) -> str:
         """``txt2img``, ``img2img`` or ``inpaint``: what the loop does with the image inputs."""

@@ -23,6 +23,36 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 DEFAULT = "default"
 """The scheduler class saved with the model."""
+A1111_SAMPLERS = {
+    "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_karras": "DPM++ 2M Karras", "pndm": "PLMS", "lms": "LMS", "unipc": "UniPC",
+}
+"""The names A1111's "Sampler:" field uses (PNDM without its Runge-Kutta steps is PLMS)."""
+
+
+def scheduler_label(scheduler: Any) -> str:
+    """The name a user would pass to get ``scheduler`` (an instance): ``pndm`` for the model's default
+    PNDMScheduler, say, so that saved images name what ran, not "default"; the class name for a
+    scheduler none of ours matches."""
+    config = scheduler.config
+    for name, (class_name, overrides) in SCHEDULERS.items():
+        if type(scheduler).__name__ == class_name and all(config.get(k) == v for k, v in overrides.items()) \
+                and not (name == "dpmpp_2m" and config.get("use_karras_sigmas")):
+            return name
+    return type(scheduler).__name__
+
+
+def a1111_sampler(name: str) -> str:
+    return A1111_SAMPLERS.get(name, name)
+
+
+def extra_calls(name: str, steps: int, calls: int) -> str | None:
+    """Why ``calls`` U-Net calls were made for ``steps`` steps, when they differ (None otherwise)."""
+    if calls == steps:
+        return None
+    if name == "pndm" and calls == steps + 1:
+        return f"{calls} U-Net calls for {steps} steps: PNDM's first step takes two (its multistep warm-up)"
+    return f"{calls} U-Net calls for {steps} steps (the {name} scheduler)"
 
 
 def scheduler_names() -> list[str]:

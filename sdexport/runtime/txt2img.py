@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,7 @@ from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.request import GenerationRequest, check_request
-from sdexport.runtime.schedulers import check_steps, make_scheduler
+from sdexport.runtime.schedulers import check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims, controlnets_among
@@ -128,6 +129,17 @@ class GenerationResult:
     truncated: dict[str, list[str | None]] = field(default_factory=dict)
     """Per text field that was too long for the text encoder: the text it read (None where a text
     fitted). ``save_images`` records these instead of the given text."""
+    scheduler: str = ""
+    """The scheduler that ran, as ``--scheduler`` names it (``default`` resolved: ``pndm``, ...)."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """The pipeline's record of the engines (model, backend, graphs), saved with the images."""
+
+    def save(self, path: str | Path) -> list[Path]:
+        """Save the images as ``sdexport run -o`` does (PNG, JPEG or WebP by suffix, ``NAME-i.EXT`` for
+        several), with the same metadata; never over a file sdexport did not write."""
+        from sdexport.runtime.images import save_images
+
+        return save_images(self, Path(path))
 
 
 class Txt2ImgPipeline:
@@ -277,6 +289,8 @@ class Txt2ImgPipeline:
             request=request,
             vae_fallback=fallback,
             truncated=truncated,
+            scheduler=scheduler_label(scheduler),
+            info=dict(self.info),
         )
 
     def truncations(self, request: GenerationRequest) -> dict[str, list[str | None]]:
