@@ -135,3 +135,78 @@ def test_quick_verification_is_counted_in_words(tmp_path, capsys):
     assert "verification, each component: 1 point checked, 3 skipped by request" in " ".join(captured.out.split())
     assert "1/4" not in captured.out
     assert "skipped: opt, max, odd (quick verification)" in captured.err
+
+
+def _bench_entry(name: str, e2e: list[float], stage_runs: list[tuple[float, list[float], float]]) -> dict:
+    """A measured report entry: unmarked end-to-end samples, and marked runs (text, U-Net calls, VAE)
+    whose overhead is the remainder of a total of 1.1 x their stages, as the harness records them."""
+    def stats(samples: list[float]) -> dict:
+        ordered = sorted(samples)
+        return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1], "n": len(samples),
+                "samples": samples}
+
+    totals = [1.1 * (t + sum(u) + v) for t, u, v in stage_runs]
+    return {
+        "contender": name, "status": "measured", "case": {"batch": 1, "steps": 3, "height": 64, "width": 64},
+        "e2e_s": stats(e2e), "images_per_s": 1 / stats(e2e)["median"], "speedup_vs_baseline": None,
+        "text_encoder_s": stats([t for t, _, _ in stage_runs]),
+        "unet_step_s": stats([s for _, u, _ in stage_runs for s in u]), "unet_calls": 3,
+        "vae_decoder_s": stats([v for _, _, v in stage_runs]),
+        "loop_overhead_s": stats([total - (t + sum(u) + v) for total, (t, u, v) in zip(totals, stage_runs)]),
+        "marked_e2e_s": stats(totals), "stage_runs": len(stage_runs), "it_per_s": 10.0,
+        "memory": {"host_rss_peak_mb": 100.0}, "gpu_busy": None,
+    }
+
+
+MARKED = [(0.01, [0.1, 0.12, 0.1], 0.05), (0.02, [0.1, 0.1, 0.3], 0.06), (0.01, [0.1, 0.1, 0.1], 0.05)]
+
+
+def test_stage_columns_add_up_to_the_marked_runs_and_gaps_are_explained():
+    from sdexport.bench.report import case_warnings, stages_sum
+
+    entry = _bench_entry("torch", [0.5, 0.51, 0.49, 0.5, 0.5], MARKED)
+    marked_mean = sum(entry["marked_e2e_s"]["samples"]) / 3
+    assert stages_sum(entry) == pytest.approx(marked_mean)  # means add up; medians would not here
+    assert stages_sum(entry) != pytest.approx(sum(entry[k]["median"] for k in ("text_encoder_s", "vae_decoder_s",
+                                                                               "loop_overhead_s"))
+                                              + 3 * entry["unet_step_s"]["median"])
+    close = _bench_entry("torch", [marked_mean] * 5, MARKED)
+    assert case_warnings([close], "torch") == []
+    apart = _bench_entry("torch", [0.8] * 5, MARKED)
+    [note] = case_warnings([apart], "torch")
+    assert f"the stages add up to {marked_mean * 1000:.1f} ms, end-to-end is 800.0 ms" in note
+    assert "means over 3 separate marked runs" in note
+
+
+def test_few_repeats_and_a_wide_spread_are_flagged(tmp_path, capsys):
+    from sdexport.bench.report import markdown
+
+    base = _bench_entry("diffusers", [0.5, 0.5, 0.51, 0.5, 0.49], MARKED)
+    noisy = _bench_entry("torch", [0.3, 0.5, 0.4, 0.45, 0.6], MARKED)
+    noisy["speedup_vs_baseline"] = 0.5 / 0.45
+    few = _bench_entry("onnxruntime-cpu", [0.4, 0.41, 0.4], MARKED)
+    few["speedup_vs_baseline"] = 1.25
+    report = {
+        "scenario": {"name": "synthetic", "height": 64, "width": 64, "scheduler": "euler", "guidance": 7.5,
+                     "warmup": 1, "prompt": "x"},
+        "environment": {"gpu": None, "host": {"cpu": "Test CPU", "cores": 2}, "versions": {"sdexport": "0.1.0"},
+                        "git_revision": "abc", "date": "2026-12-01T00:00:00+00:00"},
+        "model": "preset tiny (random weights, seed 0)", "random_weights": True, "precision": "fp32",
+        "baseline": "diffusers", "results": [base, noisy, few], "one_time": {},
+    }
+    text = markdown(report)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "1.11× ⚠" in rows["torch"] and "±25%" in rows["torch"]
+    assert "1.25×" in rows["onnxruntime-cpu"] and "⚠" not in rows["onnxruntime-cpu"].split(" | ")[3]
+    assert "**Too few repeats**: 3 timed runs per contender; at least 5" in text
+    assert "**Spread too wide to trust the ratio** (variation over 10% of the mean): torch ±25%" in text
+    # printed as written: a table row is one line however narrow the terminal
+    results = tmp_path / "bench"
+    results.mkdir()
+    (results / "results.json").write_text(json.dumps(report))
+    (results / "results.md").write_text(text)
+    from sdexport.cli import _print_markdown
+
+    _print_markdown(text)
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("| ")] == list(rows.values())

@@ -27,17 +27,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdexport.bench.report import test_hooks_text
+from sdexport.bench.report import MIN_REPEATS, test_hooks_text
 from sdexport.bench.scenario import WORKLOAD_FIELDS, workload_value
 from sdexport.errors import SdexportError
 from sdexport.output_dir import OutputKind
 
 RESAMPLES = 4000
 CONFIDENCE = 0.95
-MIN_REPEATS = 5
-"""Fewer timed runs than this (in either report) give no estimate of the noise worth the name: with
-identical code and 5% noise, a bootstrap over 1-3 repeats calls 4-19% of cases slower. Such a case
-beyond the threshold is "too few repeats": shown, and not failed."""
 MARKER = "<!-- sdexport bench compare -->"
 """First line of the Markdown: a bot updating its merge-request comment finds its own by it."""
 FORMAT = 1

@@ -12,13 +12,88 @@ from sdexport.bench.scenario import SLOW_UNET_HOOK
 from sdexport.manifest import write_json_atomic
 from sdexport.output_dir import MARKER, OutputKind
 
+MIN_REPEATS = 5
+"""Fewer timed runs give no spread worth reporting. ``bench compare`` judges no change on them either:
+with identical code and 5% noise, a bootstrap over 1-3 repeats calls 4-19% of cases slower, so such a
+case beyond the threshold is "too few repeats": shown, and not failed."""
+NOISY_CV = 0.10
+"""A contender whose end-to-end runs vary more than this (coefficient of variation: standard
+deviation / mean) gives a ratio that is not to be trusted: the report says so."""
+STAGES_APART = 0.10
+"""Stage figures whose sum differs from the end-to-end median by more than this get a note saying why."""
+
 
 def _ms(stats: dict[str, float]) -> str:
     return f"{stats['median'] * 1000:.1f}"
 
 
-def _range_ms(stats: dict[str, float]) -> str:
-    return f"{stats['median'] * 1000:.1f} ({stats['min'] * 1000:.1f}–{stats['max'] * 1000:.1f})"
+def stage_mean(stats: dict[str, Any]) -> float:
+    """A stage's mean over the marked runs (its median in reports that kept no samples): means of the
+    parts add up to the mean of the whole, which medians do not."""
+    samples = stats.get("samples") or []
+    return sum(samples) / len(samples) if samples else stats["median"]
+
+
+def _mean_ms(stats: dict[str, Any]) -> str:
+    return f"{stage_mean(stats) * 1000:.1f}"
+
+
+def variation(stats: dict[str, Any]) -> float | None:
+    """The coefficient of variation of a Stats dict's samples (None with fewer than 2)."""
+    import statistics
+
+    samples = stats.get("samples") or []
+    if len(samples) < 2 or not statistics.fmean(samples):
+        return None
+    return statistics.stdev(samples) / statistics.fmean(samples)
+
+
+def _range_ms(stats: dict[str, Any]) -> str:
+    cv = variation(stats)
+    return (f"{stats['median'] * 1000:.1f} ({stats['min'] * 1000:.1f}–{stats['max'] * 1000:.1f})"
+            + (f" ±{cv * 100:.0f}%" if cv is not None else ""))
+
+
+def stages_sum(entry: dict[str, Any]) -> float:
+    """What the stage columns add up to: text encoder + per-call means × calls + VAE + overhead, which
+    is the marked runs' mean end-to-end time (overhead is each run's remainder)."""
+    total = sum(stage_mean(entry[k]) for k in ("text_encoder_s", "vae_decoder_s", "loop_overhead_s"))
+    total += stage_mean(entry["unet_step_s"]) * entry["unet_calls"]
+    if "controlnet_step_s" in entry:
+        total += stage_mean(entry["controlnet_step_s"]) * entry["controlnet_calls"]
+    return total
+
+
+def _noisy(entry: dict[str, Any]) -> bool:
+    cv = variation(entry["e2e_s"])
+    return cv is not None and cv > NOISY_CV
+
+
+def case_warnings(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
+    """What a reader must know before trusting a case's table: too few repeats for a spread, a
+    spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why)."""
+    notes = []
+    few = sorted({len(r["e2e_s"].get("samples") or []) for r in rows if len(r["e2e_s"].get("samples") or []) < MIN_REPEATS})
+    if few:
+        notes.append(f"**Too few repeats**: {' or '.join(map(str, few))} timed runs per contender; at least "
+                     f"{MIN_REPEATS} are needed to report a spread (raise `repeats` in the scenario).")
+    noisy = [r for r in rows if _noisy(r)]
+    if noisy:
+        base_noisy = any(r["contender"] == baseline for r in noisy)
+        notes.append(
+            f"**Spread too wide to trust the ratio** (variation over {NOISY_CV:.0%} of the mean): "
+            + ", ".join(f"{r['contender']} ±{variation(r['e2e_s']) * 100:.0f}%" for r in noisy)  # type: ignore[operator]
+            + ("; every speedup in this table depends on the baseline's figure" if base_noisy else "")
+            + ". The machine was busy or its clock varied: rerun on a quiet machine, or with more repeats.")
+    for r in rows:
+        total, e2e = stages_sum(r), r["e2e_s"]["median"]
+        if e2e and abs(total - e2e) / e2e > STAGES_APART:
+            notes.append(
+                f"**{r['contender']}: the stages add up to {total * 1000:.1f} ms, end-to-end is {e2e * 1000:.1f} ms** "
+                f"({(total - e2e) / e2e:+.0%}): the stages are means over {r.get('stage_runs', 'a few')} separate "
+                "marked runs and add up to those runs' mean time; the difference lies between the runs (the "
+                "marks' cost, or the machine's noise: compare the spread).")
+    return [f"> ⚠ {note}" for note in notes]
 
 
 def _memory(entry: dict[str, Any]) -> str:
@@ -37,20 +112,22 @@ def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
     return entry["case"]["batch"], entry["case"]["steps"]
 
 
-def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False) -> str:
+def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, noisy_baseline: bool = False) -> str:
     agreement = r.get("agreement")
     speedup = r.get("speedup_vs_baseline")
     if r["contender"] == baseline:
         ratio, rel, psnr_text = "baseline", "–", "–"
     else:
         ratio = f"{speedup:.2f}×" if speedup else "–"
+        if speedup and noisy_baseline or speedup and _noisy(r):
+            ratio += " ⚠"
         rel = f"{agreement['latents_rel_l2']:.2e}" if agreement else "–"
         psnr_value = agreement["psnr_db"] if agreement else None
         psnr_text = "–" if psnr_value is None else "∞" if math.isinf(psnr_value) else f"{psnr_value:.1f}"
     cells = [
-        r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _ms(r["text_encoder_s"]),
-        *([_ms(r["controlnet_step_s"]) if "controlnet_step_s" in r else "–"] if controlnet else []),
-        _ms(r["unet_step_s"]), _ms(r["vae_decoder_s"]), _ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
+        r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _mean_ms(r["text_encoder_s"]),
+        *([_mean_ms(r["controlnet_step_s"]) if "controlnet_step_s" in r else "–"] if controlnet else []),
+        _mean_ms(r["unet_step_s"]), _mean_ms(r["vae_decoder_s"]), _mean_ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
         _memory(r), _busy(r), rel, psnr_text,
     ]
     return "| " + " | ".join(cells) + " |"
@@ -108,7 +185,11 @@ def markdown(report: dict[str, Any]) -> str:
             "stage marks and nothing that waits for the device inside the denoising loop; per-stage "
             f"times (text encoder, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
             f"{max((r.get('stage_runs', 0) for r in measured), default=0)} separate marked runs per case, "
-            "and overhead is those runs' end-to-end time outside the stages. GPU busy is the share of "
+            "and overhead is those runs' end-to-end time outside the stages. The stage columns are means "
+            "over those runs, so they (U-Net and ControlNet per call, times the calls) add up to the marked "
+            "runs' mean time; where that is more than "
+            f"{STAGES_APART:.0%} away from the end-to-end median, a note under the table says so. ± is the "
+            "end-to-end runs' variation (standard deviation / mean); ⚠ marks a ratio not to be trusted. GPU busy is the share of "
             "one more run's wall time in which a kernel ran (PyTorch's profiler, every kernel of the "
             "process; tracing slows the host, so it is a lower bound)."
         ),
@@ -121,14 +202,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"## Batch {case[0]}, {case[1]} steps",
             "",
             (
-                "| contender | end-to-end ms, median (min–max) | images/s | speedup | text enc. ms "
+                "| contender | end-to-end ms, median (min–max) ±variation | images/s | speedup | text enc. ms "
                 + ("| ControlNet ms/step " if controlnet else "")
                 + "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | GPU busy | latents rel-L2 | PSNR dB |"
             ),
             "|---" * (14 if controlnet else 13) + "|",
         ]
-        lines += [_row(r, report["baseline"], controlnet) for r in rows]
+        noisy_baseline = any(_noisy(r) for r in rows if r["contender"] == report["baseline"])
+        lines += [_row(r, report["baseline"], controlnet, noisy_baseline) for r in rows]
         lines.append("")
+        warnings = case_warnings(rows, report["baseline"])
+        if warnings:
+            lines += [*[w for note in warnings for w in (note, ">")][:-1], ""]
     one_time = report["one_time"]
     if one_time:
         lines += ["## One-time costs (not in the figures above)", ""]
@@ -160,7 +245,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     measured = [r for r in report["results"] if r["status"] == "measured"]
     cases = sorted({_case_key(r) for r in measured})
     names = list(dict.fromkeys(r["contender"] for r in measured))
-    fig, (ax_time, ax_parts) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (ax_time, ax_parts) = plt.subplots(1, 2, figsize=(13, 5.6))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         rows = {_case_key(r): r for r in measured if r["contender"] == name}
@@ -171,14 +256,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         bars = ax_time.bar(xs, medians, width, yerr=errors, capsize=3, label=name)
         for bar, case in zip(bars, [c for c in cases if c in rows]):
             speedup = rows[case].get("speedup_vs_baseline")
-            if speedup:
-                ax_time.annotate(f"{speedup:.2f}×", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                 ha="center", va="bottom", fontsize=8)
+            if speedup:  # above the error bar's top, not on it
+                ax_time.annotate(f"{speedup:.2f}×", (bar.get_x() + bar.get_width() / 2, rows[case]["e2e_s"]["max"]),
+                                 xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax_time.set_xticks([c + width * (len(names) - 1) / 2 for c in range(len(cases))])
     ax_time.set_xticklabels([f"batch {b}\n{s} steps" for b, s in cases])
+    ax_time.margins(y=0.15)  # room for the labels above the tallest error bar
     ax_time.set_ylabel("end-to-end seconds (median, min–max)")
     ax_time.set_title("End-to-end latency (speedup vs baseline)")
-    ax_time.legend(fontsize=8)
+    ax_time.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)  # off the bars
     # Where the time goes, for the first case: stacked stages per contender.
     first = [r for r in measured if _case_key(r) == cases[0]] if cases else []
     bottoms = [0.0] * len(first)
@@ -188,13 +274,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
         stages.insert(1, ("controlnet_step_s", "ControlNet (all steps)"))
     calls = {"unet_step_s": "unet_calls", "controlnet_step_s": "controlnet_calls"}
     for stage, label in stages:
-        values = [r[stage]["median"] * (r[calls[stage]] if stage in calls else 1) if stage in r else 0.0
+        values = [stage_mean(r[stage]) * (r[calls[stage]] if stage in calls else 1) if stage in r else 0.0
                   for r in first]
         ax_parts.bar([r["contender"] for r in first], values, bottom=bottoms, label=label)
         bottoms = [b + v for b, v in zip(bottoms, values)]
-    ax_parts.set_ylabel("seconds (medians)")
+    ax_parts.scatter([r["contender"] for r in first], [r["e2e_s"]["median"] for r in first], marker="_", s=400,
+                     color="black", zorder=3, label="end-to-end median (unmarked runs)")
+    ax_parts.set_ylabel("seconds (stage means over the marked runs)")
     ax_parts.set_title(f"Where the time goes (batch {cases[0][0]}, {cases[0][1]} steps)" if cases else "")
-    ax_parts.legend(fontsize=8)
+    ax_parts.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     ax_parts.tick_params(axis="x", rotation=20)
     env = report["environment"]
     device = env["gpu"]["name"] if env["gpu"] else f"CPU ({env['host']['cores']} cores)"
