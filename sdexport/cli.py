@@ -735,13 +735,7 @@ def serve(
     batching = _batching(max_queue_delay_ms, max_queue_size)
     if drain_timeout < 0 or startup_timeout < 1:
         raise SdexportError("--drain-timeout must be 0 or more, --startup-timeout 1 or more")
-    manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps)
-    from sdexport.runtime.loading import resolve_backend
-    from sdexport.runtime.providers import require_backend
-
-    resolved = resolve_backend(backend)
-    require_backend(resolved)
-    check_ports(ports)
+    check_ports(ports)  # the cheap refusals first; the engine directory's checks load libraries
     if log_file is not None:
         from sdexport.output_dir import require_creatable
 
@@ -749,6 +743,12 @@ def serve(
             raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
+    manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps)
+    from sdexport.runtime.loading import resolve_backend
+    from sdexport.runtime.providers import require_backend
+
+    resolved = resolve_backend(backend)
+    require_backend(resolved)
     # Hash what the backend will read here, as `run` does: a damaged file is named in one line now,
     # not inside Triton's log after the server gave up; the model then loads without hashing again.
     from dataclasses import replace

@@ -20,7 +20,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -170,7 +170,7 @@ def environment() -> dict[str, Any]:
         pass
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "host": {"cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
                  "python": platform.python_version()},
         "gpu": _gpu(),
         "versions": {

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.models.tokenizer import save_tokenizer
 from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
@@ -29,6 +28,8 @@ def write_pipeline_files(directory: Path, model: LoadedModel, specs: list[Compon
     the scheduler config, into ``directory`` (an export's staging folder)."""
     for spec in specs:
         _save_config(model.module(spec.module), directory / spec.name)
+    from sdexport.models.tokenizer import save_tokenizer  # transformers: imported only to write them
+
     for name, tokenizer in model.tokenizers.items():
         save_tokenizer(tokenizer, directory / name)
     scheduler_dir = directory / "scheduler"
