@@ -178,7 +178,7 @@ def test_stage_columns_add_up_to_the_marked_runs_and_gaps_are_explained():
     assert "means over 3 separate marked runs" in note
 
 
-def test_few_repeats_and_a_wide_spread_are_flagged(tmp_path, capsys):
+def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
     from sdexport.bench.report import markdown
 
     base = _bench_entry("diffusers", [0.5, 0.5, 0.51, 0.5, 0.49], MARKED)
@@ -201,12 +201,56 @@ def test_few_repeats_and_a_wide_spread_are_flagged(tmp_path, capsys):
     assert "**Too few repeats**: 3 timed runs per contender; at least 5" in text
     assert "**Spread too wide to trust the ratio** (variation over 10% of the mean): torch ±25%" in text
     # printed as written: a table row is one line however narrow the terminal
-    results = tmp_path / "bench"
-    results.mkdir()
-    (results / "results.json").write_text(json.dumps(report))
-    (results / "results.md").write_text(text)
     from sdexport.cli import _print_markdown
 
     _print_markdown(text)
     printed = capsys.readouterr().out
     assert [line for line in printed.splitlines() if line.startswith("| ")] == list(rows.values())
+
+
+HEAVY = ("torch", "diffusers", "transformers", "onnxruntime")
+_PROBE = f"""
+import sys
+from sdexport.cli import main
+sys.argv = ["sdexport", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+print("LOADED", *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+"""
+
+
+def _loaded(*args: str) -> list[str]:
+    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parent.parent)
+    line = next(line for line in done.stderr.splitlines() if line.startswith("LOADED"))
+    return line.split()[1:]
+
+
+def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
+    """What makes --help, --version, inspect and every argument error answer at once: none of them
+    imports torch, diffusers, transformers or onnxruntime (timings: benchmarks/startup.py)."""
+    import time
+
+    from sdexport import hash_records
+
+    assert _loaded("inspect", str(engine_copy)) != []  # the first inspect loads the tokenizers and scheduler...
+    time.sleep(hash_records.RACY_SECONDS + 0.1)  # (files hashed while fresh are hashed again)
+    _loaded("inspect", str(engine_copy))
+    quick = [
+        ["--help"], ["--version"], ["run", "--help"], ["bench", "--help"],
+        ["inspect", str(engine_copy)],  # ...later ones trust what it recorded
+        ["export", "nope", "-o", str(tmp_path / "x")],
+        ["export", "tiny", "-o", str(tmp_path / "x"), "--dtype", "fp64"],
+        ["run", str(engine_copy), "-p", "x", "--steps", "0"],
+        ["run", str(engine_copy), "-p", "x", "-o", str(tmp_path / "x.gif")],
+        ["run", str(engine_copy), "-p", "x", "--height", "1000"],
+        ["build", str(engine_copy), "--target", "nope"],
+        ["adopt", str(tmp_path / "nope")],
+        ["bench", "benchmarks/scenarios/tiny-cpu.toml", "--repeats", "0"],
+        ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")],
+        ["serve", str(engine_copy), "--http-port", "0"],
+        ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--max-steps", "0"],
+    ]
+    assert {" ".join(args): _loaded(*args) for args in quick} == {" ".join(args): [] for args in quick}
