@@ -14,12 +14,12 @@ import typer
 from rich.markup import escape
 
 from sdexport.console import (
+    NORMAL,
     VERBOSE,
     VERBOSITY,
     console,
     error_console,
     out,
-    quiet_libraries,
     set_verbosity,
     verbosity,
 )
@@ -40,15 +40,24 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also show the
 VerbosityOpt = Annotated[str | None, typer.Option("--verbosity", help="quiet, normal (the default) or verbose; the same as -q / -v.")]
 
 
+_verbosity_given: list[tuple[str, str]] = []
+"""This call's verbosity flags and levels, wherever they stood (``sdexport -q inspect DIR -v`` conflicts)."""
+
+
 def _apply_verbosity(quiet: bool, verbose: bool, level: str | None) -> None:
-    """``-q``, ``-v`` and ``--verbosity``, given before or after the command's name (one of them)."""
-    given = [flag for flag, value in (("-q", quiet), ("-v", verbose), ("--verbosity", level)) if value]
-    if len(given) > 1:
-        raise SdexportError(f"{' and '.join(given)}: give one of -q, -v, --verbosity")
+    """``-q``, ``-v`` and ``--verbosity``, given before or after the command's name; flags that ask
+    for different levels are refused."""
     if level is not None and level not in VERBOSITY:
         raise SdexportError(f"--verbosity {level!r}: choose {', '.join(VERBOSITY)}")
-    if given:
-        set_verbosity(VERBOSITY[level] if level else VERBOSITY["quiet" if quiet else "verbose"])
+    for flag, wanted in (("-q", "quiet" if quiet else None), ("-v", "verbose" if verbose else None),
+                         ("--verbosity", level)):
+        if wanted:
+            _verbosity_given.append((flag, wanted))
+    if len({wanted for _, wanted in _verbosity_given}) > 1:
+        flags = dict.fromkeys(flag for flag, _ in _verbosity_given)
+        raise SdexportError(f"{' and '.join(flags)}: give one of -q, -v, --verbosity")
+    if _verbosity_given:
+        set_verbosity(VERBOSITY[_verbosity_given[-1][1]])
 
 
 def _version(value: bool) -> None:
@@ -561,9 +570,19 @@ class _BenchGroup(typer.core.TyperGroup):
     and ``bench cache-key`` sit beside it. Anything that is not one of those names is a scenario."""
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] != "--help":
+        first = _first_word(args)
+        if first is not None and first not in self.commands and first != "--help":
             args = ["run", *args]
         return super().parse_args(ctx, args)
+
+
+def _first_word(args: list[str]) -> str | None:
+    """The first argument after any leading -q/-v/--verbosity (``sdexport bench -v compare ...``)."""
+    i = 0
+    while i < len(args) and args[i] in ("-q", "--quiet", "-v", "--verbose", "--verbosity") \
+            or i < len(args) and args[i].startswith("--verbosity="):
+        i += 2 if args[i] == "--verbosity" else 1
+    return args[i] if i < len(args) else None
 
 
 bench_app = typer.Typer(
@@ -571,6 +590,12 @@ bench_app = typer.Typer(
     help="Benchmark a scenario (`sdexport bench SCENARIO`), compare two runs for CI, or print an engine cache key.",
 )
 app.add_typer(bench_app, name="bench")
+
+
+@bench_app.callback()
+def _bench_options(quiet: QuietOpt = False, verbose: VerboseOpt = False, level: VerbosityOpt = None) -> None:
+    """Benchmark a scenario (`sdexport bench SCENARIO`), compare two runs for CI, or print an engine cache key."""
+    _apply_verbosity(quiet, verbose, level)
 
 
 @bench_app.command("run")
@@ -899,7 +924,8 @@ def main() -> None:
     a read-only mount). Anything else is a bug and keeps its traceback; ``SDEXPORT_TRACEBACK=1``
     shows the traceback of the one-line errors too.
     """
-    quiet_libraries()
+    set_verbosity(NORMAL)  # per call: tests run several commands in one process
+    _verbosity_given.clear()
     import signal
 
     # SIGTERM (a CI timeout, `kill`, a container stop) unwinds like Ctrl-C, so staging folders and
@@ -910,7 +936,7 @@ def main() -> None:
     except SdexportError as exc:
         _fail(str(exc), 2, exc)
     except (KeyboardInterrupt, typer.Abort):
-        console.print("[red]interrupted[/]")
+        error_console.print("[red]interrupted[/]")
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

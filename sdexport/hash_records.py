@@ -13,12 +13,12 @@ Two rules keep the shortcut safe, as git's index does:
 - a file is not recorded while its times are within ``RACY_SECONDS`` of now. A write in the same clock
   tick as the hash could leave the times unchanged, so such a file is hashed again next time.
 
-Records live in the user's cache (``$XDG_CACHE_HOME/sdexport/hashes``), one file per engine directory,
+Records live in the user's cache (``sdexport.user_cache``: ``~/.cache/sdexport/hashes`` by default), one file per engine directory,
 never inside the directory: it stays exactly what the manifest lists, read-only mounts work, and a
 copy to another machine (other inodes) is hashed again there. ``sdexport inspect --verify`` re-hashes
 everything. ``SDEXPORT_HASH_RECORDS=0`` turns the records off (every check hashes), e.g. on a
-filesystem whose change times are not kept. Writing a record is best effort: a read-only cache only
-means hashing again.
+filesystem whose change times are not kept. Records are best effort: a read-only, missing or damaged
+cache only means hashing again.
 """
 
 from __future__ import annotations
@@ -37,11 +37,14 @@ ENVIRONMENT = "SDEXPORT_HASH_RECORDS"
 
 
 def enabled() -> bool:
-    return os.environ.get(ENVIRONMENT, "1") != "0"
+    return os.environ.get(ENVIRONMENT, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def records_folder() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdexport" / "hashes"
+def records_folder() -> Path | None:
+    from sdexport.user_cache import user_cache
+
+    root = user_cache()
+    return root / "hashes" if root is not None else None
 
 
 def identity(stat: os.stat_result) -> list[int]:
@@ -63,12 +66,13 @@ class HashRecords:
     def of(cls, directory: Path) -> HashRecords:
         """The directory's records; empty (and never saved) when records are off."""
         real = os.path.realpath(directory)
-        if not enabled():
+        folder = records_folder() if enabled() else None
+        if folder is None:
             return cls(real, None)
-        path = records_folder() / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json"
+        path = folder / f"{hashlib.sha256(os.fsencode(real)).hexdigest()[:32]}.json"
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return cls(real, path)
         if not (isinstance(data, dict) and data.get("format") == RECORDS_FORMAT and data.get("directory") == real
                 and isinstance(data.get("files"), dict) and isinstance(data.get("checks"), dict)):
@@ -102,6 +106,10 @@ class HashRecords:
     def note_passed(self, check: str, key: str) -> None:
         if self.checks.get(check) != key:
             self.checks[check] = key
+            self.changed = True
+
+    def note_failed(self, check: str) -> None:
+        if self.checks.pop(check, None) is not None:
             self.changed = True
 
     def save(self) -> None:

@@ -59,13 +59,13 @@ def without_gpu() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def hash_records_of_this_session(tmp_path_factory) -> Iterator[None]:
-    """Hash records (``sdexport.hash_records``) go to a folder of the test session, not the user's cache."""
-    from sdexport import hash_records
+def user_cache_of_this_session(tmp_path_factory) -> Iterator[None]:
+    """sdexport's user cache (hash records, timing caches) in a folder of the test session, for this
+    process and the sdexport processes tests start, not in the user's ~/.cache."""
+    from sdexport.user_cache import ENVIRONMENT
 
-    folder = tmp_path_factory.mktemp("hash-records")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(hash_records, "records_folder", lambda: folder)
+        patch.setenv(ENVIRONMENT, str(tmp_path_factory.mktemp("user-cache")))
         yield
 
 

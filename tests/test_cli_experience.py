@@ -254,3 +254,15 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
         ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--max-steps", "0"],
     ]
     assert {" ".join(args): _loaded(*args) for args in quick} == {" ".join(args): [] for args in quick}
+
+
+def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path, capsys):
+    from sdexport import console
+
+    assert run_cli("-q", "inspect", tmp_path / "nope") == 2  # errors show whatever the verbosity
+    assert capsys.readouterr().err.startswith("error: ") and console.verbosity() == console.QUIET
+    assert run_cli("--version") == 0 and console.verbosity() == console.NORMAL  # each call starts afresh
+    assert run_cli("bench", "-v", "compare", tmp_path / "a", tmp_path / "b") == 2  # -v before bench's command
+    assert "BASELINE" in capsys.readouterr().err and console.verbosity() == console.VERBOSE
+    assert run_cli("-q", "inspect", tmp_path / "nope", "-v") == 2
+    assert capsys.readouterr().err.strip() == "error: -q and -v: give one of -q, -v, --verbosity"

@@ -69,15 +69,53 @@ def test_fresh_files_and_disabled_records_are_hashed_every_time(engine_copy: Pat
 
 
 def test_inspect_trusts_records_and_verify_hashes_all(engine_copy: Path, counted: list[str], capsys):
+    """(inspect also hashes the few small tokenizer and scheduler files for its load-check key every
+    time; the graphs are what must not be read again.)"""
+    def graphs() -> int:
+        return sum(name.endswith(".onnx") for name in counted)
+
     assert run_cli("inspect", engine_copy) == 0
     assert "unchanged since" not in capsys.readouterr().err
-    hashed = len(counted)
+    files = len(load_manifest(engine_copy, verify_files=False).files)
+    read = graphs()
+    assert read >= 4
     assert run_cli("inspect", engine_copy) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert len(counted) == hashed and f"({hashed} unchanged since an earlier hash; --verify hashes all)" in err
+    assert graphs() == read and f"({files} unchanged since an earlier hash; --verify hashes all)" in err
     assert "tokenizers and scheduler loaded before with these files and libraries" in err
     assert run_cli("inspect", engine_copy, "--verify") == 0
-    assert len(counted) == 2 * hashed and "tokenizers and scheduler load" in capsys.readouterr().err
+    assert graphs() == 2 * read and "tokenizers and scheduler load" in capsys.readouterr().err
     (engine_copy / "vae_decoder" / "model.onnx").write_bytes(b"garbage")
     assert run_cli("inspect", engine_copy) == 2
     assert "vae_decoder/model.onnx does not match its sha256" in capsys.readouterr().err
+
+
+def test_a_check_that_fails_is_forgotten_and_unlisted_tokenizer_files_count(engine_copy: Path, capsys, monkeypatch):
+    """inspect trusts an earlier load of the tokenizers only for the same files, listed or not
+    (transformers reads special_tokens_map.json whether the manifest lists it or not)."""
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", 0.0)
+    assert run_cli("inspect", engine_copy) == 0
+    (engine_copy / "tokenizer" / "special_tokens_map.json").write_text('{"bos_token": 5}')
+    assert run_cli("inspect", engine_copy) == 2
+    assert "cannot load the tokenizer" in capsys.readouterr().err
+    (engine_copy / "tokenizer" / "special_tokens_map.json").unlink()
+    assert run_cli("inspect", engine_copy) == 0
+    assert "tokenizers and scheduler load" in " ".join(capsys.readouterr().err.split())
+    records = hash_records.HashRecords.of(engine_copy)
+    assert "runnable" in records.checks
+    records.note_failed("runnable")
+    assert "runnable" not in records.checks
+
+
+def test_records_are_skipped_without_a_cache_and_odd_paths_work(tmp_path: Path, engine_copy: Path, monkeypatch):
+    from sdexport import user_cache
+
+    monkeypatch.delenv(user_cache.ENVIRONMENT)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored, as the XDG spec says
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert user_cache.user_cache() is None and hash_records.HashRecords.of(engine_copy).path is None
+    verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))  # hashes, records nothing
+    monkeypatch.setenv(user_cache.ENVIRONMENT, str(tmp_path / "cache"))
+    odd = tmp_path / os.fsdecode(b"odd-\xff")
+    engine_copy.rename(odd)
+    verify_files_of(odd, load_manifest(odd, verify_files=False))

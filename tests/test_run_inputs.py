@@ -34,7 +34,7 @@ def no_engines(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--batch", "0"], "--batch 0: need at least 1 image per prompt"),
-    (["--batch", "1000000000"], "batch 1000000000 is outside the engines' profile"),
+    (["--batch", "1000000000"], "1000000000 images in one run: at most 10000; run several times"),
     (["--height", "0"], "height 0 is outside the engines' profile"),
     (["--width", "100"], "width 100 must be a multiple of 16"),
     (["--height", "4096"], "height 4096 is outside the engines' profile"),

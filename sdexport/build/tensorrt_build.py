@@ -14,7 +14,6 @@ line that says what to install.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sys
 import time
@@ -168,13 +167,17 @@ def gpu_identity(device: int | None = None) -> tuple[str, str]:
 
 def default_timing_cache() -> Path:
     """Where ``sdexport build`` keeps its tactic timing cache by default: in the user's cache folder
-    (``$XDG_CACHE_HOME/sdexport``), one per GPU and TensorRT version (a cache is only valid for the
+    (``sdexport.user_cache``: ``~/.cache/sdexport`` by default), one per GPU and TensorRT version (a cache is only valid for the
     pair that measured it). Shared by every model built on this machine, it makes rebuilds and
     similar models build several times faster, and it keeps engine directories free of it."""
     name, capability = gpu_identity()
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdexport" / "timing"
-    return root / f"{slug}-sm{capability}-trt{tensorrt_version()}.cache"
+    from sdexport.user_cache import user_cache
+
+    root = user_cache()
+    if root is None:
+        raise SdexportError("no home folder for the default timing cache; pass --timing-cache FILE")
+    return root / "timing" / f"{slug}-sm{capability}-trt{tensorrt_version()}.cache"
 
 
 @dataclass
@@ -382,7 +385,10 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         # polygraphy prints TensorRT's warnings to stdout, which is kept for results: send them to stderr.
-        with G_LOGGER.verbosity(G_LOGGER.WARNING), contextlib.redirect_stdout(sys.stderr):
+        from sdexport.console import QUIET, VERBOSE, verbosity
+
+        level = {QUIET: G_LOGGER.ERROR, VERBOSE: G_LOGGER.INFO}.get(verbosity(), G_LOGGER.WARNING)
+        with G_LOGGER.verbosity(level), contextlib.redirect_stdout(sys.stderr):
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
             config = CreateConfig(
                 fp16=key.fp16,

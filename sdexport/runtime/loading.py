@@ -8,6 +8,7 @@ PyTorch weights the directory does not hold.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -174,10 +175,14 @@ def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any]
 
 
 def check_runnable_once(engine_dir: Path, manifest: Manifest, *, again: bool = False) -> bool:
-    """``check_runnable``, skipped when it passed before on this same manifest and these files with the
-    same libraries (``hash_records``): building the scheduler imports diffusers and torch, seconds
-    that ``sdexport inspect`` should not spend on an unchanged directory. Call it after the files were
-    checked against the manifest. Returns whether the check ran; ``again`` always runs it.
+    """``check_runnable``, skipped when it passed before on the same inputs with the same libraries
+    (``hash_records``): building the scheduler imports diffusers and torch, seconds that ``sdexport
+    inspect`` should not spend on an unchanged directory. Call it after the files were checked
+    against the manifest. Returns whether the check ran; ``again`` always runs it.
+
+    The inputs are the manifest and every file in the tokenizer and scheduler folders, listed or not
+    (transformers also reads files a manifest does not list, such as ``special_tokens_map.json``),
+    hashed each time: they are small. A failed check forgets an earlier pass.
     """
     import hashlib
     import json
@@ -192,15 +197,40 @@ def check_runnable_once(engine_dir: Path, manifest: Manifest, *, again: bool = F
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
-    key = hashlib.sha256(json.dumps({"manifest": sha256_file(engine_dir / MANIFEST_NAME), "versions": versions},
-                                    sort_keys=True).encode()).hexdigest()
+    inputs = {MANIFEST_NAME: sha256_file(engine_dir / MANIFEST_NAME)}
+    for folder in (*tokenizer_names(manifest.family), "scheduler"):
+        for path in sorted((engine_dir / folder).rglob("*")) if (engine_dir / folder).is_dir() else []:
+            inputs[path.relative_to(engine_dir).as_posix()] = _content_or_identity(path)
+    key = hashlib.sha256(json.dumps({"inputs": inputs, "versions": versions}, sort_keys=True).encode()).hexdigest()
     records = HashRecords.of(engine_dir)
     if not again and records.passed("runnable", key):
         return False
-    check_runnable(engine_dir, manifest)
+    try:
+        check_runnable(engine_dir, manifest)
+    except BaseException:
+        records.note_failed("runnable")
+        records.save()
+        raise
     records.note_passed("runnable", key)
     records.save()
     return True
+
+
+def _content_or_identity(path: Path) -> str:
+    """A regular file's sha256; for a link or anything else, what it points at and that file's
+    identity (never read: it could be a device or a huge file outside the directory)."""
+    from sdexport.manifest import sha256_file
+
+    if path.is_file() and not path.is_symlink():
+        return sha256_file(path)
+    try:
+        target = path.stat()
+    except OSError:
+        return "dangling"
+    from sdexport.hash_records import identity
+
+    link = os.readlink(path) if path.is_symlink() else ""
+    return f"{link} {identity(target)} {target.st_mode}"
 
 
 def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:

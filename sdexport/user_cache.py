@@ -1,0 +1,26 @@
+"""The user's cache folder for sdexport: hash records, TensorRT timing caches.
+
+``$SDEXPORT_CACHE_DIR`` when set; else ``$XDG_CACHE_HOME/sdexport`` (an absolute path only, as the XDG
+spec says: a relative one is ignored); else ``~/.cache/sdexport``. None when there is no home to put
+it in (a service account without one): callers then do without a cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENVIRONMENT = "SDEXPORT_CACHE_DIR"
+
+
+def user_cache() -> Path | None:
+    own = os.environ.get(ENVIRONMENT)
+    if own:
+        return Path(own).absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "sdexport"
+    try:
+        return Path.home() / ".cache" / "sdexport"
+    except RuntimeError:  # no HOME and no passwd entry
+        return None
