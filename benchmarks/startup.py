@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,7 +28,24 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's sdexport, installed or not (so do the timed processes: cwd ROOT)
 KIND = "sdexport startup benchmark"
+FILES = ("startup.json", "startup.md")
+
+
+TITLE = "# sdexport startup: how long a new user waits"
+
+
+def _ours(folder: Path) -> bool:
+    """Whether each result file in ``folder`` was written by this script (its kind, its title)."""
+    json_file, md_file = (folder / name for name in FILES)
+    try:
+        if json_file.exists() and json.loads(json_file.read_text(encoding="utf-8")).get("kind") != KIND:
+            return False
+        return not md_file.exists() or md_file.read_text(encoding="utf-8").startswith(TITLE + "\n")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return False
 
 
 def _time(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int, str]:
@@ -66,17 +84,24 @@ def main() -> int:
     options = parser.parse_args()
     if options.repeats < 1:
         parser.error("--repeats: at least 1")
-    for name in ("startup.json", "startup.md"):
-        existing = options.output / "startup.json"
-        if (options.output / name).exists() and not (existing.is_file() and KIND in existing.read_text()):
-            parser.error(f"{options.output / name} exists and was not written by this script")
+    if options.output.exists() and not options.output.is_dir():
+        parser.error(f"{options.output} is a file; give a folder")
+    if any((options.output / name).exists() for name in FILES) and not _ours(options.output):
+        parser.error(f"{options.output} holds startup.json or startup.md not written by this script")
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     work = Path(tempfile.mkdtemp(prefix="sdexport-startup-"))
+    try:
+        return _measure(options, work, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _measure(options: argparse.Namespace, work: Path, env: dict[str, str]) -> int:
     engines = work / "engines" / "tiny"
     subprocess.run([sys.executable, "-m", "sdexport", "-q", "export", "tiny", "-o", str(engines)], check=True,
-                   cwd=work, env=env, timeout=900)
+                   cwd=ROOT, env=env, timeout=900)
     time.sleep(2.5)  # past hash_records' racy window, so the first inspect can record what it hashed
-    subprocess.run([sys.executable, "-m", "sdexport", "-q", "inspect", str(engines)], check=True, cwd=work, env=env)
+    subprocess.run([sys.executable, "-m", "sdexport", "-q", "inspect", str(engines)], check=True, cwd=ROOT, env=env)
     commands = {
         "--help": ["--help"],
         "--version": ["--version"],
@@ -90,18 +115,17 @@ def main() -> int:
         "run tiny, 20 steps, 128x128": ["run", str(engines), "-p", "a lighthouse at dusk", "--steps", "20",
                                        "-o", str(work / "tiny.png")],
     }
-    root = Path(__file__).resolve().parent.parent
     results = []
     for label, args in commands.items():
         times, codes = [], set()
         for _ in range(options.repeats):
-            seconds, code, _ = _time(["-m", "sdexport", *args], root, env)
+            seconds, code, _ = _time(["-m", "sdexport", *args], ROOT, env)
             times.append(seconds)
             codes.add(code)
         entry = {"command": label, "args": args, "exit_codes": sorted(codes), "median_s": statistics.median(times),
                  "min_s": min(times), "max_s": max(times), "samples_s": times}
         if label.startswith("run tiny"):
-            seconds, _, stderr = _time(["-X", "importtime", "-m", "sdexport", *args], root, env)
+            seconds, _, stderr = _time(["-X", "importtime", "-m", "sdexport", *args], ROOT, env)
             entry["importtime_run_s"] = seconds
             entry["top_level_imports_s"] = _import_seconds(stderr)
         results.append(entry)
@@ -129,7 +153,7 @@ def main() -> int:
 def markdown(report: dict) -> str:
     machine = report["machine"]
     lines = [
-        "# sdexport startup: how long a new user waits",
+        TITLE,
         "",
         f"- Machine: {machine['cpu']}, {machine['cores']} cores, Python {machine['python']}",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),

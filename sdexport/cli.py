@@ -440,9 +440,12 @@ def run(
     if notes:
         inputs["fit"] = fit
     if len(parts) > 1:
+        same = ("as in one call" if request.task != "inpaint" or len(request.image or []) > 1 else
+                "but inpainting samples the one init image with each call's first seed, so images after the "
+                "first call differ from one call's")
         console.print(f"[yellow]note:[/] {request.batch} images, {profile.batch[2]} at most per call (the "
                       f"profile's batch): {len(parts)} calls, each image with its own seed ({seed} to "
-                      f"{seed + request.batch - 1}) as in one call", soft_wrap=True)
+                      f"{seed + request.batch - 1}) {same}", soft_wrap=True)
     _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
               inputs=inputs, loras=loras)
@@ -531,8 +534,8 @@ def _generate(
     from sdexport.runtime.schedulers import extra_calls
     from sdexport.shapes import ShapeProfile
 
-    first = parts[0]
-    wanted = ShapeProfile.single(first.batch, first.height, first.width)
+    first, sizes = parts[0], sorted({part.batch for part in parts})
+    wanted = ShapeProfile((sizes[0], sizes[-1], sizes[-1]), (first.height,) * 3, (first.width,) * 3)  # every call's batch
     with console.status(f"Loading engines ({backend})…"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
@@ -545,7 +548,11 @@ def _generate(
     for k, part in enumerate(parts):
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("Denoising", total=part.denoising_steps(pipeline.family))
-            result = pipeline(part, on_step=lambda i, n, task=task: progress.update(task, completed=i, total=n))
+
+            def advance(done: int, total: int, task: Any = task) -> None:
+                progress.update(task, completed=done, total=total)
+
+            result = pipeline(part, on_step=advance)
         save_images(result, output, inputs, first=done, count=len(paths))
         done += part.batch
         t = result.timings

@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
@@ -72,7 +72,7 @@ def quiet_libraries() -> None:
         elif not loud and name not in os.environ:
             os.environ[name] = value
             _set_here.add(name)
-    action = "default" if loud else "ignore"
+    action: Literal["default", "ignore"] = "default" if loud else "ignore"
     warnings.filterwarnings(action, category=FutureWarning)
     warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers).*")
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):

@@ -266,3 +266,34 @@ def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path,
     assert "BASELINE" in capsys.readouterr().err and console.verbosity() == console.VERBOSE
     assert run_cli("-q", "inspect", tmp_path / "nope", "-v") == 2
     assert capsys.readouterr().err.strip() == "error: -q and -v: give one of -q, -v, --verbosity"
+
+
+def test_foreign_images_with_look_alike_metadata_and_huge_jpeg_records(tiny_engine_dir, tmp_path, capsys):
+    from PIL import Image
+
+    from sdexport.runtime.images import read_parameters
+
+    lookalike = tmp_path / "holiday.jpg"
+    exif = Image.Exif()
+    exif[0x0131] = "sdexport-viewer 2.0"
+    exif[0x010E] = "my holiday photo"
+    Image.new("RGB", (8, 8), "red").save(lookalike, exif=exif)
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", lookalike) == 2
+    assert "was not written by sdexport" in capsys.readouterr().err
+    long = "雪の中の狐 " * 2400  # far past CLIP's 77 tokens; its JSON is over a JPEG's 64 KB of EXIF
+    out = tmp_path / "long.jpg"
+    assert run_cli("run", tiny_engine_dir, "-p", long, "--steps", "1", "-o", out) == 0
+    record = read_parameters(out)
+    assert record["truncated_from"] == "left out: longer than a JPEG's EXIF holds" and long.startswith(record["prompt"])
+
+
+def test_split_inpainting_from_one_image_says_the_images_differ(tiny_engine_dir, tmp_path, capsys):
+    from PIL import Image
+
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.new("RGB", (128, 128), "gray").save(init)
+    Image.new("L", (128, 128), 255).save(mask)
+    assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "-p", "c", "--steps", "2", "--init-image", init,
+                   "--mask", mask, "--strength", "0.75", "-o", tmp_path / "inpaint.png") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "inpainting samples the one init image with each call's first seed" in err

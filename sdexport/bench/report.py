@@ -38,12 +38,17 @@ def _mean_ms(stats: dict[str, Any]) -> str:
     return f"{stage_mean(stats) * 1000:.1f}"
 
 
+def repeats(stats: dict[str, Any]) -> int:
+    return len(stats.get("samples") or []) or int(stats.get("n") or 0)
+
+
 def variation(stats: dict[str, Any]) -> float | None:
-    """The coefficient of variation of a Stats dict's samples (None with fewer than 2)."""
+    """The coefficient of variation of a Stats dict's samples: None with fewer than ``MIN_REPEATS``
+    (too few for a spread), without samples (older reports) or with a value that is not finite."""
     import statistics
 
     samples = stats.get("samples") or []
-    if len(samples) < 2 or not statistics.fmean(samples):
+    if len(samples) < MIN_REPEATS or not all(math.isfinite(x) for x in samples) or not statistics.fmean(samples):
         return None
     return statistics.stdev(samples) / statistics.fmean(samples)
 
@@ -52,6 +57,9 @@ def _range_ms(stats: dict[str, Any]) -> str:
     cv = variation(stats)
     return (f"{stats['median'] * 1000:.1f} ({stats['min'] * 1000:.1f}–{stats['max'] * 1000:.1f})"
             + (f" ±{cv * 100:.0f}%" if cv is not None else ""))
+
+
+STAGE_KEYS = ("text_encoder_s", "controlnet_step_s", "unet_step_s", "vae_decoder_s", "loop_overhead_s")
 
 
 def stages_sum(entry: dict[str, Any]) -> float:
@@ -73,7 +81,7 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None) -> list[str]
     """What a reader must know before trusting a case's table: too few repeats for a spread, a
     spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why)."""
     notes = []
-    few = sorted({len(r["e2e_s"].get("samples") or []) for r in rows if len(r["e2e_s"].get("samples") or []) < MIN_REPEATS})
+    few = sorted({repeats(r["e2e_s"]) for r in rows if repeats(r["e2e_s"]) < MIN_REPEATS})
     if few:
         notes.append(f"**Too few repeats**: {' or '.join(map(str, few))} timed runs per contender; at least "
                      f"{MIN_REPEATS} are needed to report a spread (raise `repeats` in the scenario).")
@@ -87,12 +95,15 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None) -> list[str]
             + ". The machine was busy or its clock varied: rerun on a quiet machine, or with more repeats.")
     for r in rows:
         total, e2e = stages_sum(r), r["e2e_s"]["median"]
-        if e2e and abs(total - e2e) / e2e > STAGES_APART:
+        if e2e and math.isfinite(total) and abs(total - e2e) / e2e > STAGES_APART:
+            kept = all(r[k].get("samples") for k in STAGE_KEYS if k in r)
+            why = ("the stages are means over {runs} separate marked runs and add up to those runs' mean time; "
+                   "the difference lies between the runs (the marks' cost, or the machine's noise: compare the "
+                   "spread)" if kept else "the stages are medians over {runs} separate marked runs (this report "
+                   "kept no samples to average), which need not add up")
             notes.append(
                 f"**{r['contender']}: the stages add up to {total * 1000:.1f} ms, end-to-end is {e2e * 1000:.1f} ms** "
-                f"({(total - e2e) / e2e:+.0%}): the stages are means over {r.get('stage_runs', 'a few')} separate "
-                "marked runs and add up to those runs' mean time; the difference lies between the runs (the "
-                "marks' cost, or the machine's noise: compare the spread).")
+                f"({(total - e2e) / e2e:+.0%}): " + why.format(runs=r.get("stage_runs", "a few")) + ".")
     return [f"> ⚠ {note}" for note in notes]
 
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # the output checks run before torch is imported
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 """Suffix → Pillow format; a name without a suffix is written as PNG."""
 JPEG_QUALITY = 95
+JPEG_EXIF_LIMIT = 65_000
+"""A JPEG's EXIF segment holds 64 KB (less its header)."""
 _SOFTWARE, _DESCRIPTION, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x010E, 0x8769, 0x9286
 
 
@@ -73,7 +75,9 @@ def _written_by_sdexport(path: Path) -> bool:
             if image.format == "PNG":
                 return "sdexport" in getattr(image, "text", {})
             exif = image.getexif()
-            return str(exif.get(_SOFTWARE, "")).startswith("sdexport") and _DESCRIPTION in exif
+            if not str(exif.get(_SOFTWARE, "")).startswith("sdexport "):
+                return False
+        return {"seed", "steps", "scheduler"} <= set(read_parameters(path))
     except Exception:  # not an image at all
         return False
 
@@ -131,7 +135,6 @@ def png_bytes(result: GenerationResult, i: int, info: dict[str, Any]) -> bytes:
 
 
 def _save(result: GenerationResult, i: int, info: dict[str, Any], target: Any, fmt: str) -> None:
-    from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     from sdexport import __version__
@@ -143,11 +146,23 @@ def _save(result: GenerationResult, i: int, info: dict[str, Any], target: Any, f
         meta.add_text("sdexport", json.dumps(record))
         result.images[i].save(target, format="PNG", pnginfo=meta)
         return
+    exif = _exif(text, record, __version__)
+    if fmt == "JPEG" and len(exif.tobytes()) > JPEG_EXIF_LIMIT and "truncated_from" in record:
+        # JPEG keeps EXIF in one 64 KB segment: leave out the over-long texts the encoder did not read
+        exif = _exif(text, {**record, "truncated_from": "left out: longer than a JPEG's EXIF holds"}, __version__)
+    if fmt == "JPEG" and len(exif.tobytes()) > JPEG_EXIF_LIMIT:
+        raise SdexportError("the image's parameters are too long for a JPEG's EXIF (64 KB); write .png or .webp")
+    result.images[i].save(target, format=fmt, exif=exif, quality=JPEG_QUALITY)
+
+
+def _exif(text: str, record: dict[str, Any], version: str) -> Any:
+    from PIL import Image
+
     exif = Image.Exif()
-    exif[_SOFTWARE] = f"sdexport {__version__}"
+    exif[_SOFTWARE] = f"sdexport {version}"
     exif[_DESCRIPTION] = json.dumps(record)  # ASCII (json escapes the rest), as EXIF wants
     exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")  # as A1111 writes it
-    result.images[i].save(target, format=fmt, exif=exif, quality=JPEG_QUALITY)
+    return exif
 
 
 def read_parameters(path: Path) -> dict[str, Any]:
@@ -190,12 +205,10 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         **info,
     }
     params = {k: v for k, v in params.items() if v not in ("", None, [], {})}
-    from sdexport.runtime.schedulers import a1111_sampler
-
     text = "\n".join([
         prompt,
         *([f"Negative prompt: {negative}"] if negative else []),
-        f"Steps: {request.steps}, Sampler: {a1111_sampler(scheduler)}, CFG scale: {request.guidance}, "
+        f"Steps: {request.steps}, Sampler: {result.sampler or scheduler}, CFG scale: {request.guidance}, "
         f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
         + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
     ])

@@ -191,7 +191,7 @@ def check_runnable_once(engine_dir: Path, manifest: Manifest, *, again: bool = F
     from sdexport.hash_records import HashRecords
     from sdexport.manifest import MANIFEST_NAME, sha256_file
 
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("sdexport", "diffusers", "transformers", "tokenizers", "torch"):
         try:
             versions[package] = version(package)

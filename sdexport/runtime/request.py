@@ -81,8 +81,11 @@ class GenerationRequest:
             return values[start:start + size] if values is not None and len(values) == self.batch else values
 
         per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask")
-        return [replace(self, **{name: cut(getattr(self, name), start) for name in per_image})
-                for start in range(0, self.batch, size)]
+        parts = []
+        for start in range(0, self.batch, size):
+            fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
+            parts.append(replace(self, **fields))
+        return parts
 
     @property
     def task(self) -> str:

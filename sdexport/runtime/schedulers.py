@@ -42,8 +42,16 @@ def scheduler_label(scheduler: Any) -> str:
     return type(scheduler).__name__
 
 
-def a1111_sampler(name: str) -> str:
-    return A1111_SAMPLERS.get(name, name)
+def a1111_sampler(scheduler: Any) -> str:
+    """The A1111 "Sampler:" name of ``scheduler`` (an instance), where one fits its configuration
+    (DPM++ names only for the dpmsolver++ algorithm; " Karras" for Karras sigmas); else its class name."""
+    config = scheduler.config
+    name = A1111_SAMPLERS.get(scheduler_label(scheduler))
+    if name is None or name.startswith("DPM++") and config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
+        return type(scheduler).__name__
+    if config.get("use_karras_sigmas") and not name.endswith("Karras"):
+        name += " Karras"
+    return name
 
 
 def extra_calls(name: str, steps: int, calls: int) -> str | None:

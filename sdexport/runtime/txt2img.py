@@ -29,7 +29,7 @@ from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.request import GenerationRequest, check_request
-from sdexport.runtime.schedulers import check_steps, make_scheduler, scheduler_label
+from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ModelDims, controlnets_among
@@ -131,6 +131,8 @@ class GenerationResult:
     fitted). ``save_images`` records these instead of the given text."""
     scheduler: str = ""
     """The scheduler that ran, as ``--scheduler`` names it (``default`` resolved: ``pndm``, ...)."""
+    sampler: str = ""
+    """The same in A1111's words (``PLMS``, ``DPM++ 2M Karras``), for the images' parameters text."""
     info: dict[str, Any] = field(default_factory=dict)
     """The pipeline's record of the engines (model, backend, graphs), saved with the images."""
 
@@ -290,6 +292,7 @@ class Txt2ImgPipeline:
             vae_fallback=fallback,
             truncated=truncated,
             scheduler=scheduler_label(scheduler),
+            sampler=a1111_sampler(scheduler),
             info=dict(self.info),
         )
 
