@@ -200,6 +200,7 @@ def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
     assert "1.25×" in rows["onnxruntime-cpu"] and "⚠" not in rows["onnxruntime-cpu"].split(" | ")[3]
     assert "**Too few repeats**: 3 timed runs per contender; at least 5" in text
     assert "**Spread too wide to trust the ratio** (variation over 10% of the mean): torch ±25%" in text
+    assert text.lower().count("random weights") == 1
     # printed as written: a table row is one line however narrow the terminal
     from sdexport.cli import _print_markdown
 
@@ -297,3 +298,21 @@ def test_split_inpainting_from_one_image_says_the_images_differ(tiny_engine_dir,
                    "--mask", mask, "--strength", "0.75", "-o", tmp_path / "inpaint.png") == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "inpainting samples the one init image with each call's first seed" in err
+
+
+def test_the_chart_puts_speedups_above_the_error_bars(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from sdexport.bench.report import plot
+
+    base = _bench_entry("diffusers", [0.5, 0.5, 0.51, 0.5, 0.49], MARKED)
+    other = _bench_entry("torch", [0.3, 0.5, 0.4, 0.45, 0.6], MARKED)
+    other["speedup_vs_baseline"] = 1.1
+    labels: list[tuple[str, float]] = []
+    real = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda ax, text, xy, *a, **k: labels.append((text, xy[1], k.get("xytext"))) or real(ax, text, xy, *a, **k))
+    plot({"results": [base, other], "environment": {"gpu": None, "host": {"cores": 2}, "date": "2026-12-01"},
+          "random_weights": True, "model": "preset tiny (random weights)", "scenario": {"name": "synthetic"}},
+         tmp_path / "chart.png")
+    assert labels == [("1.10×", 0.6, (0, 4))]  # at the top of the error bar (max), lifted 4 points

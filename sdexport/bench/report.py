@@ -144,6 +144,13 @@ def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, nois
     return "| " + " | ".join(cells) + " |"
 
 
+def _random_weights_words(label: str) -> str:
+    """What random weights mean for the figures, saying "random weights" only where the label does not."""
+    if "random weights" in label:
+        return "  \n  Timings are representative; the images are not."
+    return "  \n  **Random weights**: timings are representative; images are not."
+
+
 def test_hooks_text(report: dict[str, Any]) -> str | None:
     """What a test hook did to a run, in words (None: nothing); its figures are not the code's."""
     slowed = report.get("test_hooks", {}).get(SLOW_UNET_HOOK)
@@ -171,7 +178,7 @@ def markdown(report: dict[str, Any]) -> str:
         *_test_hook_lines(report),
         (
             f"- Model: {report['model']}"
-            + ("  \n  **Random weights**: timings are representative; images are not." if report["random_weights"] else "")
+            + (_random_weights_words(report["model"]) if report["random_weights"] else "")
         ),
         f"- Device: {device}",
         f"- Versions: {versions}; git {env['git_revision'] or 'unknown'}",
