@@ -406,7 +406,7 @@ def run(
     scheduler_config = read_scheduler_config(engine_dir)
     parts = request.split(profile.batch[2])  # more images than the engines take at once: several calls
     try:
-        for part in {0: parts[0], len(parts) - 1: parts[-1]}.values():  # the batch sizes that occur
+        for part in (parts[0], parts[-1]):  # the batch sizes that occur (parts differ in batch only)
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets))
     except ProfileError as exc:
@@ -544,17 +544,17 @@ def _generate(
     for part in parts:
         pipeline.check(part)
     paths = output_paths(output, sum(part.batch for part in parts))
-    done = 0
+    saved = 0
     for k, part in enumerate(parts):
         with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
             task = progress.add_task("Denoising", total=part.denoising_steps(pipeline.family))
 
-            def advance(done: int, total: int, task: Any = task) -> None:
-                progress.update(task, completed=done, total=total)
+            def advance(calls: int, total: int, task: Any = task) -> None:
+                progress.update(task, completed=calls, total=total)
 
             result = pipeline(part, on_step=advance)
-        save_images(result, output, inputs, first=done, count=len(paths))
-        done += part.batch
+        save_images(result, output, inputs, first=saved, count=len(paths))
+        saved += part.batch
         t = result.timings
         calls = extra_calls(result.scheduler, part.denoising_steps(pipeline.family), len(t.unet_steps))
         console.print(
