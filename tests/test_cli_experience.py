@@ -7,6 +7,7 @@ loads: a command that needs no torch must not import it.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -258,14 +259,18 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
     assert {" ".join(args): _loaded(*args) for args in quick} == {" ".join(args): [] for args in quick}
 
 
-def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path, capsys):
+def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path, capsys, monkeypatch):
     from sdexport import console
+
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # as on a machine where the user set nothing
 
     assert run_cli("-q", "inspect", tmp_path / "nope") == 2  # errors show whatever the verbosity
     assert capsys.readouterr().err.startswith("error: ") and console.verbosity() == console.QUIET
     assert run_cli("--version") == 0 and console.verbosity() == console.NORMAL  # each call starts afresh
+    assert os.environ.get("TQDM_DISABLE") == "1"  # diffusers' and transformers' bars: off by default
     assert run_cli("bench", "-v", "compare", tmp_path / "a", tmp_path / "b") == 2  # -v before bench's command
     assert "BASELINE" in capsys.readouterr().err and console.verbosity() == console.VERBOSE
+    assert "TQDM_DISABLE" not in os.environ  # -v: the libraries' own bars and logs are back
     assert run_cli("-q", "inspect", tmp_path / "nope", "-v") == 2
     assert capsys.readouterr().err.strip() == "error: -q and -v: give one of -q, -v, --verbosity"
 
