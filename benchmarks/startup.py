@@ -65,18 +65,6 @@ def _import_seconds(stderr: str) -> float:
     return total / 1e6
 
 
-def _versions() -> dict[str, str | None]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    found: dict[str, str | None] = {}
-    for package in ("sdexport", "torch", "diffusers", "transformers", "onnxruntime", "typer", "rich"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for startup.json and startup.md")
@@ -131,13 +119,14 @@ def _measure(options: argparse.Namespace, work: Path, env: dict[str, str]) -> in
         results.append(entry)
         print(f"{label}: {entry['median_s']:.2f} s", file=sys.stderr)
     from sdexport.bench.environment import cpu_name  # as the bench reports name the CPU
+    from sdexport.versions import installed_versions
 
     report = {
         "kind": KIND,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
-        "versions": _versions(),
+        "versions": installed_versions(("sdexport", "torch", "diffusers", "transformers", "onnxruntime", "typer", "rich")),
         "repeats": options.repeats,
         "results": results,
     }

@@ -27,11 +27,11 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sdexport.bench.scenario import Scenario
 from sdexport.shapes import ShapeProfile
+from sdexport.versions import installed_version
 
 KEY_VERSION = 1
 """Bumped when what goes into the key changes meaning."""
@@ -42,13 +42,6 @@ GRAPH_LIBRARIES = ("torch", "onnx", "onnxscript", "diffusers", "transformers", "
 ENGINE_CODE = ("export", "models", "build", "specs.py", "shapes.py", "graph_io.py", "manifest.py", "manifest_schema.py")
 """The parts of the sdexport package whose code decides what the folder holds: the export, and the
 TensorRT plans and fused graphs built inside it (their own keys do not cover sdexport's code)."""
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 def _tree_digest(root: Path, pattern: str = "*") -> str:
@@ -91,7 +84,7 @@ def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProf
         "components": sorted(components),
         "sdexport": __version__,
         "engine_code": engine_code_digest(),
-        "libraries": {name: _version(name) for name in GRAPH_LIBRARIES},
+        "libraries": {name: installed_version(name) for name in GRAPH_LIBRARIES},
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 

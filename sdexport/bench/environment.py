@@ -6,18 +6,12 @@ import os
 import platform
 import subprocess
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
+from sdexport.versions import installed_version
 
 
 def cpu_name() -> str:
@@ -174,11 +168,11 @@ def environment() -> dict[str, Any]:
                  "python": platform.python_version()},
         "gpu": _gpu(),
         "versions": {
-            "sdexport": _version("sdexport"),
+            "sdexport": installed_version("sdexport"),
             "torch": torch.__version__,
-            "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"),
-            "onnx": _version("onnx"),
+            "diffusers": installed_version("diffusers"),
+            "transformers": installed_version("transformers"),
+            "onnx": installed_version("onnx"),
             "onnxruntime": _onnxruntime_version(),
             "tensorrt": tensorrt_version(),
         },

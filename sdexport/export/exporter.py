@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -31,19 +30,16 @@ from sdexport.models import LoadedModel, load_model
 from sdexport.output_dir import claim
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
+from sdexport.versions import installed_versions
 
 __all__ = ["ExportOptions", "export", "export_component"]
 
 
 def tool_versions() -> dict[str, str]:
-    versions = {}
-    for package in ("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
-                    "onnxruntime-gpu", "onnx-graphsurgeon"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return versions
+    """The installed tools an export depends on (those not installed are left out)."""
+    found = installed_versions(("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
+                                "onnxruntime-gpu", "onnx-graphsurgeon"))
+    return {package: v for package, v in found.items() if v is not None}
 
 
 def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:

@@ -186,17 +186,12 @@ def check_runnable_once(engine_dir: Path, manifest: Manifest, *, again: bool = F
     """
     import hashlib
     import json
-    from importlib.metadata import PackageNotFoundError, version
 
     from sdexport.hash_records import HashRecords
     from sdexport.manifest import MANIFEST_NAME, sha256_file
+    from sdexport.versions import installed_versions
 
-    versions: dict[str, str | None] = {}
-    for package in ("sdexport", "diffusers", "transformers", "tokenizers", "torch"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            versions[package] = None
+    versions = installed_versions(("sdexport", "diffusers", "transformers", "tokenizers", "torch"))
     inputs = {MANIFEST_NAME: sha256_file(engine_dir / MANIFEST_NAME)}
     for folder in (*tokenizer_names(manifest.family), "scheduler"):
         for path in sorted((engine_dir / folder).rglob("*")) if (engine_dir / folder).is_dir() else []:
