@@ -74,10 +74,9 @@ def _written_by_sdexport(path: Path) -> bool:
         with Image.open(path) as image:
             if image.format == "PNG":
                 return "sdexport" in getattr(image, "text", {})
-            exif = image.getexif()
-            if not str(exif.get(_SOFTWARE, "")).startswith("sdexport "):
+            if not str(image.getexif().get(_SOFTWARE, "")).startswith("sdexport "):
                 return False
-        return {"seed", "steps", "scheduler"} <= set(read_parameters(path))
+            return {"seed", "steps", "scheduler"} <= set(_record(image))
     except Exception:  # not an image at all
         return False
 
@@ -170,7 +169,12 @@ def read_parameters(path: Path) -> dict[str, Any]:
     from PIL import Image
 
     with Image.open(path) as image:
-        text = getattr(image, "text", {}).get("sdexport") if image.format == "PNG" else image.getexif().get(_DESCRIPTION)
+        return _record(image)
+
+
+def _record(image: Any) -> dict[str, Any]:
+    """An open image's sdexport record (PNG chunk ``sdexport``, EXIF ImageDescription); {} if none."""
+    text = getattr(image, "text", {}).get("sdexport") if image.format == "PNG" else image.getexif().get(_DESCRIPTION)
     try:
         record = json.loads(text) if text else {}
     except ValueError:
