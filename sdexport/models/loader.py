@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,32 @@ class LoadedModel:
     default_profile: ShapeProfile = field(default_factory=ShapeProfile)
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     """Pipeline options from model_index.json that change results (SDXL: force_zeros_for_empty_prompt)."""
+    builders: dict[str, Callable[[], torch.nn.Module]] = field(default_factory=dict)
+    """``load_model(lazy=True)``: how to build each module whose entry in ``modules`` is, until
+    ``materialize``, a weightless skeleton on the meta device (configs, names and shapes, no weights)."""
+    on_materialize: list[Callable[[str, torch.nn.Module], None]] = field(default_factory=list)
+    """Called with each module ``materialize`` builds (export applies LoRA updates this way)."""
 
     def module(self, name: str) -> torch.nn.Module:
         return self.modules[name]
+
+    def materialize(self, name: str) -> torch.nn.Module:
+        """The module with its weights, built now if it is still a skeleton.
+
+        An export holds one component's weights at a time this way: the SDXL U-Net alone is 10 GB
+        in float32, and all four parts together 14 GB before any copy an export makes."""
+        module = self.modules[name]
+        if name in self.builders and is_skeleton(module):
+            module = self.builders[name]().eval().requires_grad_(False)
+            self.modules[name] = module
+            for hook in self.on_materialize:
+                hook(name, module)
+        return module
+
+    def release(self, name: str) -> None:
+        """Free a lazily loaded module's weights (``materialize`` builds it again if asked)."""
+        if name in self.builders and not is_skeleton(self.modules[name]):
+            self.modules[name] = self.modules[name].to("meta")
 
     def config(self, name: str) -> Any:
         """A module's diffusers/transformers config."""
@@ -197,6 +221,22 @@ def _prefix_clip_text_weights(module: torch.nn.Module, folder: Path) -> None:
     save_file({f"text_model.{k}": v for k, v in state.items()}, str(weights), metadata={"format": "pt"})
 
 
+def is_skeleton(module: torch.nn.Module) -> bool:
+    """True for a module built on the meta device (or released): shapes without values."""
+    return any(t.is_meta for t in (*module.parameters(), *module.buffers()))
+
+
+def _skeleton(build: Callable[[], torch.nn.Module], dtype: torch.dtype) -> torch.nn.Module:
+    """The module ``build`` makes, on the meta device: no weights are drawn or read."""
+    with torch.device("meta"):
+        return _as(build(), dtype).eval().requires_grad_(False)
+
+
+def _as(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``module`` in ``dtype`` (modules are built in float32; diffusers warns on every ``.to``)."""
+    return module if dtype == torch.float32 else module.to(dtype)
+
+
 def _version(package: str) -> str:
     from importlib.metadata import version
 
@@ -216,14 +256,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     vae: str | None = None,
     controlnets: list[Any] | None = None,
+    lazy: bool = False,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
+
+    ``lazy``: presets and diffusers directories are loaded as skeletons, each part's weights built
+    or read when ``LoadedModel.materialize`` asks for them (single-file checkpoints, a ``vae``
+    and ControlNets are read at once).
 
     ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
     the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
     (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``).
     """
-    loaded = _load_model(model, config=config, seed=seed, dtype=dtype)
+    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype)
     if controlnets:
@@ -254,17 +299,17 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     model.source = {**model.source, "controlnets": records}
 
 
-def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype) -> LoadedModel:
+def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype, lazy: bool = False) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
     if preset is not None and not looks_like_a_model(path):
         # e.g. `sdexport export tiny -o tiny`: the engine directory ./tiny is not the model "tiny"
-        return load_preset(preset, seed=seed, dtype=dtype)
+        return load_preset(preset, seed=seed, dtype=dtype, lazy=lazy)
     if not path.exists():
         known = ", ".join(PRESETS)
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({known})")
     if path.is_dir():
-        return load_diffusers_dir(path, dtype=dtype)
+        return load_diffusers_dir(path, dtype=dtype, lazy=lazy)
     if path.suffix in SINGLE_FILE_SUFFIXES:
         return load_single_file(path, config=config, seed=seed, dtype=dtype)
     raise ModelLoadError(
@@ -286,36 +331,32 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     model.source = {**model.source, "vae": str(path.resolve())}
 
 
-def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Build the preset's architecture with weights drawn from ``seed`` (the same seed, the same weights)."""
+def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
+    """Build the preset's architecture with weights drawn from ``seed`` (the same seed, the same
+    weights: each part draws from its own seed, so building them one at a time changes nothing)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from sdexport.models.tokenizer import byte_level_clip_tokenizer
 
-    def seeded(offset: int) -> None:
-        torch.manual_seed(seed * SEED_STRIDE + offset)
+    def seeded(offset: int, build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+        def built() -> torch.nn.Module:
+            torch.manual_seed(seed * SEED_STRIDE + offset)
+            return _as(build(), dtype)
+        return built
 
-    modules: dict[str, torch.nn.Module] = {}
-    seeded(1)
-    modules["text_encoder"] = CLIPTextModel(CLIPTextConfig(**_clean(preset.text_encoder)))
+    builders = {"text_encoder": seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**_clean(preset.text_encoder))))}
     tokenizers = {"tokenizer": byte_level_clip_tokenizer()}
     if preset.text_encoder_2 is not None:
-        seeded(2)
-        modules["text_encoder_2"] = CLIPTextModelWithProjection(
-            CLIPTextConfig(**_clean(preset.text_encoder_2))
-        )
+        text_2 = CLIPTextConfig(**_clean(preset.text_encoder_2))
+        builders["text_encoder_2"] = seeded(2, lambda: CLIPTextModelWithProjection(text_2))
         tokenizers["tokenizer_2"] = byte_level_clip_tokenizer()
-    seeded(3)
-    modules["unet"] = UNet2DConditionModel.from_config(_clean(preset.unet))
-    seeded(4)
-    modules["vae"] = AutoencoderKL.from_config(_clean(preset.vae))
-    for module in modules.values():
-        module.to(dtype).eval().requires_grad_(False)
-    return LoadedModel(
+    builders["unet"] = seeded(3, lambda: UNet2DConditionModel.from_config(_clean(preset.unet)))
+    builders["vae"] = seeded(4, lambda: AutoencoderKL.from_config(_clean(preset.vae)))
+    return _assemble(
+        builders, lazy, dtype,
         family=preset.family,
         label=f"preset {preset.name} ({preset.description}; random weights, seed {seed})",
-        modules=modules,
         tokenizers=tokenizers,
         scheduler_config=dict(preset.scheduler),
         random_weights=True,
@@ -325,11 +366,22 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
     )
 
 
+def _assemble(builders: dict[str, Callable[[], torch.nn.Module]], lazy: bool, dtype: torch.dtype,
+              skeletons: dict[str, torch.nn.Module] | None = None, **fields: Any) -> LoadedModel:
+    """A LoadedModel with every module built now, or (``lazy``) skeletons and their builders
+    (``skeletons``: made otherwise than by running the builders on the meta device)."""
+    if not lazy:
+        modules = {name: build().eval().requires_grad_(False) for name, build in builders.items()}
+        return LoadedModel(modules=modules, **fields)
+    modules = skeletons or {name: _skeleton(build, dtype) for name, build in builders.items()}
+    return LoadedModel(modules=modules, builders=dict(builders), **fields)
+
+
 def _clean(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
 
 
-def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
     family = family_of_dir(path)
     pipeline_config = _pipeline_config(family, read_json(path / "model_index.json"))
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -344,18 +396,21 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Loa
     if family == "sdxl":
         loaders["text_encoder_2"] = CLIPTextModelWithProjection
         tokenizer_names.append("tokenizer_2")
-    modules: dict[str, torch.nn.Module] = {}
-    for name, cls in loaders.items():
-        modules[name] = _load_part(path, name, lambda p, c=cls: _with_all_weights(p, c, dtype))
+    def reader(name: str, cls: Any) -> Callable[[], torch.nn.Module]:
+        return lambda: _load_part(path, name, lambda p: _with_all_weights(p, cls, dtype))  # type: ignore[no-any-return]
+
+    builders = {name: reader(name, cls) for name, cls in loaders.items()}
+    skeletons = None
+    if lazy:  # built from each config alone; materialize reads the weights
+        skeletons = {name: _skeleton(_load_part(path, name, lambda p, c=cls: _config_only(p, c)), dtype)
+                     for name, cls in loaders.items()}
     tokenizers = {
         name: _load_part(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names
     }
-    for module in modules.values():
-        module.eval().requires_grad_(False)
-    return LoadedModel(
+    return _assemble(
+        builders, lazy, dtype, skeletons,
         family=family,
         label=f"diffusers directory {path}",
-        modules=modules,
         tokenizers=tokenizers,
         scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
         random_weights=False,
@@ -363,6 +418,15 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32) -> Loa
         default_profile=family_profile(family),
         pipeline_config=pipeline_config,
     )
+
+
+def _config_only(path: Path, cls: Any) -> Callable[[], torch.nn.Module]:
+    """A builder of ``cls`` from ``path``'s config (run on the meta device: no weights)."""
+    if hasattr(cls, "load_config"):  # diffusers
+        config = cls.load_config(str(path))
+        return lambda: cls.from_config(config)
+    config = cls.config_class.from_pretrained(str(path))  # transformers
+    return lambda: cls(config)
 
 
 def _pipeline_config(family: str, index: dict[str, Any]) -> dict[str, Any]:

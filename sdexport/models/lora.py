@@ -292,10 +292,17 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
 
 def fuse_into(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str) -> None:
     """Add every LoRA's updates to the PyTorch weights, in place (what export does with --lora)."""
+    add_updates(modules, match_all(modules, loras, family))
+
+
+def match_all(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str) -> list[LoraUpdate]:
+    """Every LoRA's updates, matched to the modules' layers in order (refusing any that does not
+    fit). Needs only names and shapes: the modules may be weightless skeletons (an export adds
+    each part's updates when it builds that part)."""
     layers = torch_layers(modules)
     unet_config = getattr(modules.get("unet"), "config", None)
-    for lora in loras:
-        add_updates(modules, match_updates(read_updates(lora, family, unet_config), layers, f"--lora {lora.path}"))
+    return [update for lora in loras
+            for update in match_updates(read_updates(lora, family, unet_config), layers, f"--lora {lora.path}")]
 
 
 def add_updates(modules: dict[str, torch.nn.Module], updates: list[LoraUpdate]) -> None:
