@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from sdexport.console import out
+from sdexport.export.memory import TOO_LARGE
 from sdexport.manifest import Manifest
 
 
@@ -56,6 +57,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
             str(len(entry.engines)) if entry.engines else "-",
         )
     out.print(table)
+    _print_memory(manifest)
     fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()
              if "onnxruntime-cuda" in entry.optimized}
     if fused:
@@ -72,6 +74,35 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         out.print(table)
 
 
+STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
+"""An export's stages per component, in order (``export.exporter.export_component``)."""
+
+
+def _print_memory(manifest: Manifest) -> None:
+    """Peak resident memory of each export stage, per component: where an export's peak comes from."""
+    memory = manifest.export.get("memory") or {}
+    stages = memory.get("stages") or []
+    if not stages:
+        return
+    gb = 1024
+    machine = manifest.export.get("machine_memory_mb")
+    table = Table(title=f"Export memory: peak {memory['peak_rss_mb'] / gb:.1f} GB resident"
+                        + (f" on a {machine / gb:.0f} GB machine" if machine else "")
+                        + " (GB, per stage)", title_justify="left")
+    for column in ("component", *STAGES):
+        table.add_column(column, justify="right" if column != "component" else "left")
+    rows: dict[str, dict[str, float]] = {}
+    for record in stages:
+        component, _, stage = str(record["stage"]).rpartition("/")
+        rows.setdefault(component or "model", {})[stage] = float(record["peak_rss_mb"])
+    top = float(memory["peak_rss_mb"])
+    for component, peaks in rows.items():
+        cells = [(f"[bold]{peaks[s] / gb:.1f}[/]" if peaks[s] == top else f"{peaks[s] / gb:.1f}") if s in peaks else "-"
+                 for s in STAGES]
+        table.add_row(component, *cells)
+    out.print(table)
+
+
 def points_words(parity: dict[str, object]) -> str:
     """How many points were checked, in words: "1 point checked, 3 skipped by request", not "1/4"."""
     points = parity.get("points") or []
@@ -82,5 +113,7 @@ def points_words(parity: dict[str, object]) -> str:
     if not checked:
         return "off by request"
     words = f"{checked} point{'s' if checked != 1 else ''} checked"
-    skipped = len(points) - checked
-    return words + (f", {skipped} skipped by request" if skipped else "")
+    too_large = sum(p.get("status") == "skipped" and str(p.get("reason", "")).startswith(TOO_LARGE) for p in points)
+    requested = len(points) - checked - too_large
+    return (words + (f", {requested} skipped by request" if requested else "")
+            + (f", {too_large} skipped as {TOO_LARGE}" if too_large else ""))

@@ -48,20 +48,19 @@ def test_unet_graph_has_dynamic_batch_and_size(tiny_engine_dir: Path):
 
 
 def test_broken_export_fails_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
-    from sdexport.export import graph
+    from sdexport.export.weight_store import WeightStore
 
-    real_cleanup = graph.cleanup
+    real_bytes = WeightStore.tensor_bytes
+    scaled: list[str] = []
 
-    def corrupt(model, **kwargs):
-        cleaned = real_cleanup(model, **kwargs)
-        for init in cleaned.graph.initializer:  # scale the first big weight: a subtly wrong graph
-            if len(init.dims) == 4:
-                array = onnx.numpy_helper.to_array(init) * 1.5
-                init.CopyFrom(onnx.numpy_helper.from_array(array, init.name))
-                break
-        return cleaned
+    def corrupt(self, tensor):  # scale the first convolution weight saved: a subtly wrong graph
+        data = real_bytes(self, tensor)
+        if len(tensor.dims) == 4 and not scaled:
+            scaled.append(tensor.name)
+            return (np.frombuffer(data, np.float32) * 1.5).tobytes()
+        return data
 
-    monkeypatch.setattr(graph, "cleanup", corrupt)
+    monkeypatch.setattr(WeightStore, "tensor_bytes", corrupt)
     out = tmp_path / "broken"
     code = run_cli("export", "tiny", "-o", out, "--components", "unet", "--verify", "quick")
     assert code != 0

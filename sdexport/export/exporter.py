@@ -8,29 +8,41 @@ and never replaces a directory that is not an sdexport engine directory.
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
+from sdexport.export.memory import MemoryLog, available_memory_mb, give_back_freed_memory, machine_memory_mb
 from sdexport.export.pipeline_files import write_pipeline_files
-from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, plan_export
+from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, VerifyMode, plan_export
 from sdexport.export.trace import trace_to_onnx
-from sdexport.export.verify import ParityReport, require_parity, verify_component
+from sdexport.export.verify import (
+    ParityReport,
+    Reference,
+    compare_with_onnx,
+    require_parity,
+    torch_references,
+)
 from sdexport.export.weight_names import LORA_COMPONENTS, write_weight_map
+from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.models import LoadedModel, load_model
 from sdexport.output_dir import claim
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
 from sdexport.versions import installed_versions
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
 
 __all__ = ["ExportOptions", "export", "export_component"]
 
@@ -47,20 +59,28 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
     from sdexport.runtime.onnxruntime_backend import require_provider
 
     require_provider("cpu")  # verification and fp16 conversion run on onnxruntime
+    memory = MemoryLog()
     with claim(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources) as staging:
-        with step(f"Loading {model_ref}"):
+        with step(f"Loading {model_ref}"), memory.stage("load"):
+            # lazy: each part's weights are built or read when its turn comes, and freed after it
             model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae,
-                               controlnets=plan.controlnets)
+                               controlnets=plan.controlnets, lazy=True)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
         loras = []
         if options.loras:
-            from sdexport.models.lora import fuse_into
+            from sdexport.models.lora import add_updates, match_all
 
-            with step(f"Fusing {len(options.loras)} LoRA file(s)"):
-                fuse_into(model.modules, options.loras, model.family)
+            with step(f"Matching {len(options.loras)} LoRA file(s) to the model"):
+                updates = match_all(model.modules, options.loras, model.family)
                 loras = [lora.record() for lora in options.loras]
+            # fused into each part's weights as they are built (all of them, if already built)
+            fuse = lambda name, module: add_updates({name: module}, [u for u in updates if u.component == name])  # noqa: E731
+            for name in model.modules:
+                if name not in model.builders:
+                    fuse(name, model.modules[name])
+            model.on_materialize.append(fuse)
             model.label += " + LoRA " + ", ".join(f"{lora.path.name}:{lora.scale:g}" for lora in options.loras)
-        manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras)
+        manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras, memory)
     _record_runnable(out_dir, manifest)
     return manifest
 
@@ -85,22 +105,24 @@ def _export_into(
     profile: ShapeProfile,
     options: ExportOptions,
     loras: list[dict[str, Any]] | None = None,
+    memory: MemoryLog | None = None,
 ) -> Manifest:
     dims = model.dims
+    memory = memory or MemoryLog()
     entries: dict[str, ComponentEntry] = {}
-    vocab = _vocab_size(model)
-    for spec in (s.for_model(dims) for s in specs):
+    expanded = [s.for_model(dims) for s in specs]
+    for index, spec in enumerate(expanded):
         path = staging / spec.name / "model.onnx"
-        module = model.module(spec.module)
         dtype = "fp32" if spec.always_fp32 else options.dtype
+        last_use = all(later.module != spec.module for later in expanded[index + 1:])
         start = time.perf_counter()
         with step(f"Exporting {spec.name}"):
-            export_component(spec, module, path, profile=profile, model=model, dtype=dtype, opset=options.opset)
-        with step(f"Verifying {spec.name} against PyTorch ({options.verify})") if options.verify != "none" else nullcontext():
-            report = verify_component(
-                spec, path, module, profile=profile, dims=dims, dtype=dtype,
-                vocab_size=vocab, mode=options.verify,
-            )
+            references = export_component(spec, model, path, profile=profile, dtype=dtype, opset=options.opset,
+                                          verify=options.verify, memory=memory, release=last_use)
+        with (step(f"Verifying {spec.name} against PyTorch ({options.verify})") if options.verify != "none"
+              else nullcontext()), memory.stage(f"{spec.name}/verify"):
+            report = compare_with_onnx(spec, path, references, dtype=dtype)
+        give_back_freed_memory()  # ONNX Runtime's session and arena, before the next part loads
         _print_report(report)
         require_parity(report)
         entries[spec.name] = ComponentEntry(
@@ -126,6 +148,7 @@ def _export_into(
             components=entries,
             files=hash_tree(staging),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
+            export={"memory": memory.record(), "machine_memory_mb": round(machine_memory_mb() or 0)},
         )
         save_manifest(staging, manifest)
     return manifest
@@ -137,32 +160,87 @@ def _portable_source(model: LoadedModel, model_ref: str) -> dict[str, Any]:
 
 def export_component(
     spec: ComponentSpec,
-    module: torch.nn.Module,
+    model: LoadedModel,
     path: Path,
     *,
     profile: ShapeProfile,
-    model: LoadedModel,
     dtype: str = "fp32",
     opset: int = DEFAULT_OPSET,
-) -> list[Path]:
-    """Trace at a small in-profile shape (batch 2: see DESIGN.md), clean, convert, save, check."""
-    dims = model.dims
+    verify: VerifyMode = "full",
+    memory: MemoryLog | None = None,
+    release: bool = True,
+) -> list[Reference]:
+    """Trace at a small in-profile shape (batch 2: see DESIGN.md), run PyTorch at the points to
+    verify, free the module (``release``), then clean, convert, save and check the graph. Returns
+    PyTorch's outputs for ``compare_with_onnx``.
+
+    At most one copy of the component's weights is in memory at any time but the trace (torch's
+    module plus the graph's folded constants): the graph passes work on a skeleton whose weights
+    wait on disk or in a ``WeightStore``, and ``save`` writes them one tensor at a time.
+    """
+    memory = memory or MemoryLog()
+    dims, vocab = model.dims, _vocab_size(model)
     batch = max(2, profile.component_batch(spec)[0])
-    example = sample_inputs(
-        spec, dims.sizes(batch, profile.height[0], profile.width[0]),
-        vocab_size=_vocab_size(model),
-    )
-    onnx_model = trace_to_onnx(spec, module, example, opset=opset)
-    onnx_model = graph.cleanup(onnx_model)
-    extra = []
-    if spec.name in LORA_COMPONENTS:  # where run-time LoRA finds each weight (names survive fp16 conversion)
-        extra.append(write_weight_map(module, onnx_model, path.parent))
-    if dtype == "fp16":
-        onnx_model = graph.to_fp16(onnx_model, keep_fp32=[t.name for t in spec.inputs if t.dtype == "float32"])
-    onnx_model = graph.infer_shapes(onnx_model)
-    files = graph.save(onnx_model, path)
-    graph.check(path)
-    return files + extra
+    example = sample_inputs(spec, dims.sizes(batch, profile.height[0], profile.width[0]), vocab_size=vocab)
+    workdir = path.parent / ".trace"
+    try:
+        with memory.stage(f"{spec.name}/load"):
+            module = model.materialize(spec.module)
+        with memory.stage(f"{spec.name}/trace"):
+            skeleton, weights = trace_to_onnx(spec, module, example, workdir, opset=opset)
+        with memory.stage(f"{spec.name}/pytorch"):
+            references = torch_references(spec, module, profile=profile, dims=dims, vocab_size=vocab, mode=verify,
+                                          too_large=_memory_check(skeleton, weights))
+            if spec.name in LORA_COMPONENTS:  # where run-time LoRA finds each weight (names survive fp16)
+                write_weight_map(module, weights.arrays(skeleton), path.parent)
+            del module
+            if release:
+                model.release(spec.module)
+                give_back_freed_memory()
+        with memory.stage(f"{spec.name}/graph passes"):
+            skeleton = weights.without_placeholders(skeleton, graph.cleanup)
+            if dtype == "fp16":
+                skeleton = graph.to_fp16(skeleton, keep_fp32=[t.name for t in spec.inputs if t.dtype == "float32"])
+            skeleton = graph.infer_shapes(skeleton)
+        with memory.stage(f"{spec.name}/save"):
+            external = weights.size(skeleton) >= graph.PROTOBUF_LIMIT - 64 * 1024**2
+            weights.save(skeleton, path, external=external)
+            del weights
+            graph.check(path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return references
+
+
+ACTIVATION_FACTOR = 3
+"""Working memory of a verification point, in multiples of its largest intermediate tensor: an
+attention's scores and their softmax are alive together, plus what the rest of the graph holds.
+Judged from the exports measured for README's memory table (sd15, sdxl)."""
+MEMORY_MARGIN_MB = 1024
+
+
+def _memory_check(skeleton: onnx.ModelProto, weights: WeightStore) -> Callable[[dict[str, np.ndarray]], str | None]:
+    """Why a verification point would not fit in the memory this machine has free, or None.
+
+    PyTorch runs it first, with the module's weights already in memory, then ONNX Runtime with
+    the graph's (never both): the point needs its activations on top of that."""
+    placeholders = [t.name for t in skeleton.graph.initializer if t.name in weights]
+
+    def too_large(feed: dict[str, np.ndarray]) -> str | None:
+        largest = graph.largest_intermediate(skeleton, {n: v.shape for n, v in feed.items()}, placeholders)
+        free = available_memory_mb()
+        if largest is None or free is None:
+            return None
+        need = ACTIVATION_FACTOR * largest / 1024**2
+        if need <= free - MEMORY_MARGIN_MB:
+            return None
+        return (f"about {_gb(need)} needed beside the weights, {_gb(free)} free and "
+                f"{_gb(MEMORY_MARGIN_MB)} kept in reserve")
+    return too_large
+
+
+def _gb(mb: float) -> str:
+    return f"{mb / 1024:.1f} GB" if mb >= 0.1 * 1024 else "under 0.1 GB"
 
 
 def _vocab_size(model: LoadedModel) -> int:
@@ -183,4 +261,6 @@ def _print_report(report: ParityReport) -> None:
         mark = "[green]ok[/]" if point.status == "passed" else "[red]FAILED[/]"
         console.print(f"    {point.label:>4}: {mark} {errors}", soft_wrap=True)
     if skipped and len(skipped) < len(report.points):
-        console.print(f"    skipped: {', '.join(p.label for p in skipped)} ({skipped[0].reason})")
+        for reason in dict.fromkeys(p.reason for p in skipped):
+            console.print(f"    skipped: {', '.join(p.label for p in skipped if p.reason == reason)} ({reason})",
+                          soft_wrap=True)

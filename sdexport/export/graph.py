@@ -109,16 +109,31 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.Model
     the graph unsorted: invalid ONNX (``onnx.checker`` full check), and TensorRT's parser requires
     sorted graphs. onnxruntime's own sort puts them back in order.
     """
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers import float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
+    from sdexport.export.weight_store import FP16_MAX, FP16_MIN_POSITIVE
+
     blocked = fp32_cone(model, keep_fp32)
-    converted = convert_float_to_float16(
-        model, keep_io_types=True, disable_shape_infer=True, node_block_list=blocked or None
-    )
+    real = float16.make_value_info_from_tensor
+    # The converter types each initializer it converts from its values' shape; a placeholder
+    # (export.weight_store) has its dims and no values. The converter then retypes it as float16,
+    # which is all WeightStore.save needs to convert its values the same way.
+    float16.make_value_info_from_tensor = _value_info_from_dims  # type: ignore[assignment]
+    try:
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, disable_shape_infer=True, node_block_list=blocked or None,
+            min_positive_val=FP16_MIN_POSITIVE, max_finite_val=FP16_MAX,
+        )
+    finally:
+        float16.make_value_info_from_tensor = real
     _skip_edge_round_trip(converted, list(keep_fp32))
     OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
     return converted
+
+
+def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+    return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
 def _skip_edge_round_trip(model: onnx.ModelProto, inputs: list[str]) -> None:
@@ -222,8 +237,10 @@ def fits_in_protobuf(model: onnx.ModelProto) -> bool:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Annotate intermediate shapes; skipped over 2 GB, where TensorRT and ORT infer them anyway."""
-    if not fits_in_protobuf(model):
+    """Annotate intermediate shapes. A protobuf over 2 GB cannot be passed to onnx's inference and
+    is left as it is (TensorRT and ONNX Runtime infer shapes anyway); an export's skeleton graph
+    (``export.weight_store``) always fits, whatever the model's size."""
+    if model.ByteSize() >= PROTOBUF_LIMIT:
         return model
     return onnx.shape_inference.infer_shapes(model)
 
@@ -250,3 +267,57 @@ def save(model: onnx.ModelProto, path: Path) -> list[Path]:
 def _readable_like(file: Path, reference: Path) -> None:
     """onnx writes the data file owner-only; give it the model file's mode so servers can read both."""
     os.chmod(file, reference.stat().st_mode & 0o777)
+
+
+def largest_intermediate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                         weights: Iterable[str] = ()) -> int | None:
+    """Bytes of the largest tensor ``model`` computes when its inputs have ``shapes``, from
+    onnxruntime's symbolic shape inference; None when inference cannot tell.
+
+    ``weights``: initializers without values (``export.weight_store`` placeholders). They are
+    declared inputs of a copy of the graph here, so inference knows their shapes and never tries
+    to read their values (it reads every input of Add or Mul in case it is shape arithmetic).
+    """
+    import numpy as np
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    held = set(weights)
+    probe = onnx.ModelProto()
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.graph.node.extend(model.graph.node)
+    probe.graph.output.extend(model.graph.output)
+    for tensor in model.graph.initializer:
+        if tensor.name in held:
+            probe.graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            probe.graph.initializer.append(tensor)
+    for value in model.graph.input:
+        fixed = onnx.helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type,
+                                                   list(shapes.get(value.name, ())))
+        probe.graph.input.append(fixed)
+    try:
+        with _quiet_logging():
+            inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=False, guess_output_rank=False)
+    except Exception:  # onnxruntime raises a bare Exception where inference is incomplete
+        return None
+    largest = 0
+    for value in inferred.graph.value_info:
+        tensor_type = value.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+        if tensor_type.elem_type == onnx.TensorProto.UNDEFINED or not all(dims):
+            continue
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+        largest = max(largest, int(np.prod(dims, dtype=np.int64)) * itemsize)
+    return largest or None
+
+
+class _quiet_logging:
+    """onnxruntime's symbolic shape inference logs warnings through the root logger."""
+
+    def __enter__(self) -> None:
+        self.level = logging.root.level
+        logging.root.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        logging.root.setLevel(self.level)

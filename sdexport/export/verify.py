@@ -7,6 +7,7 @@ recorded; a relative-L2 error over the precision's tolerance fails the export.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +17,7 @@ import torch
 
 from sdexport.errors import ParityError, one_line
 from sdexport.export.inputs import sample_inputs
+from sdexport.export.memory import TOO_LARGE
 from sdexport.graph_io import GraphIO
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims
@@ -84,6 +86,100 @@ def verification_points(
     return points
 
 
+@dataclass
+class Reference:
+    """PyTorch's outputs at one verification point (``feed`` None: the point is skipped)."""
+
+    label: str
+    feed: dict[str, np.ndarray] | None
+    outputs: list[np.ndarray] = field(default_factory=list)
+    reason: str = ""
+
+
+def torch_references(
+    spec: ComponentSpec,
+    module: torch.nn.Module,
+    *,
+    profile: ShapeProfile,
+    dims: ModelDims,
+    vocab_size: int,
+    mode: VerifyMode = "full",
+    too_large: Callable[[dict[str, np.ndarray]], str | None] | None = None,
+) -> list[Reference]:
+    """Run the PyTorch module at every point to check. Kept apart from the ONNX half so that an
+    export can free the module's weights before ONNX Runtime loads the graph's: never both at once.
+
+    ``too_large(feed)``: why a point cannot run on this machine (its estimated memory), or None.
+    Such a point is skipped and reported, rather than left to the kernel's out-of-memory killer,
+    which ends the export without a word; the min point always runs."""
+    references: list[Reference] = []
+    if mode == "none":
+        return [Reference("all", None, reason="verification off")]
+    wrapper = spec.wrapper(module).eval()
+    for i, (label, sizes) in enumerate(verification_points(spec, profile, dims, mode)):
+        if sizes is None:
+            references.append(Reference(label, None, reason=f"{mode} verification"))
+            continue
+        feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
+        why = too_large(feed) if too_large is not None and label != "min" else None
+        if why:
+            references.append(Reference(label, None, reason=f"{TOO_LARGE}: {why}"))
+            continue
+        try:
+            with torch.no_grad():
+                want = wrapper(*(torch.from_numpy(feed[n]) for n in spec.input_names))
+        except (Exception, MemoryError) as exc:  # torch raises its own types
+            raise _cannot_run(spec, label, feed, exc) from exc
+        want = want if isinstance(want, tuple) else (want,)
+        references.append(Reference(label, feed, [w.float().numpy() for w in want]))
+    return references
+
+
+def _cannot_run(spec: ComponentSpec, label: str, feed: dict[str, np.ndarray], exc: BaseException) -> ParityError:
+    # e.g. the memory an attention matrix needs at the profile's max on this machine
+    shapes = {n: list(v.shape) for n, v in feed.items()}
+    return ParityError(
+        f"{spec.name}: could not run at the profile's {label} point {shapes} on this machine "
+        f"({one_line(exc, 300)}); lower that profile axis, or pass --verify quick to check only the min"
+    )
+
+
+def compare_with_onnx(
+    spec: ComponentSpec,
+    onnx_path: Path,
+    references: list[Reference],
+    *,
+    dtype: str,
+    graph_io: GraphIO | None = None,
+) -> ParityReport:
+    """Run the saved graph on CPU at each reference's point and compare. ``graph_io``: how to feed
+    a graph whose I/O differs from the spec's in ways that change no values (``sdexport adopt`` of
+    an optimum export: int64 ids, float16 I/O); None for our own."""
+    tolerance = TOLERANCE[dtype]
+    points: list[PointResult] = []
+    session = None
+    for ref in references:
+        if ref.feed is None:
+            points.append(PointResult(ref.label, "skipped", reason=ref.reason))
+            continue
+        if session is None:
+            import onnxruntime as ort
+
+            from sdexport.console import onnxruntime_session_options
+
+            session = ort.InferenceSession(str(onnx_path), onnxruntime_session_options(ort),
+                                           providers=["CPUExecutionProvider"])
+        try:
+            got = session.run(spec.output_names, ref.feed if graph_io is None else graph_io.numpy_feed(ref.feed))
+        except (Exception, MemoryError) as exc:  # ONNX Runtime raises its own types
+            raise _cannot_run(spec, ref.label, ref.feed, exc) from exc
+        outputs = {name: compare(g, w) for name, g, w in zip(spec.output_names, got, ref.outputs)}
+        ok = all(np.isfinite(e.rel_l2) and e.rel_l2 <= tolerance for e in outputs.values())
+        points.append(PointResult(ref.label, "passed" if ok else "failed",
+                                  shapes={n: list(v.shape) for n, v in ref.feed.items()}, outputs=outputs))
+    return ParityReport(spec.name, dtype, tolerance, points)
+
+
 def verify_component(
     spec: ComponentSpec,
     onnx_path: Path,
@@ -96,48 +192,9 @@ def verify_component(
     mode: VerifyMode = "full",
     graph_io: GraphIO | None = None,
 ) -> ParityReport:
-    """``graph_io``: how to feed a graph whose I/O differs from the spec's in ways that change no
-    values (``sdexport adopt`` of an optimum export: int64 ids, float16 I/O); None for our own."""
-    tolerance = TOLERANCE[dtype]
-    points: list[PointResult] = []
-    if mode == "none":
-        return ParityReport(spec.name, dtype, tolerance, [PointResult("all", "skipped", reason="verification off")])
-    import onnxruntime as ort
-
-    from sdexport.console import onnxruntime_session_options
-
-    session = ort.InferenceSession(str(onnx_path), onnxruntime_session_options(ort), providers=["CPUExecutionProvider"])
-    wrapper = spec.wrapper(module).eval()
-    for i, (label, sizes) in enumerate(verification_points(spec, profile, dims, mode)):
-        if sizes is None:
-            points.append(PointResult(label, "skipped", reason=f"{mode} verification"))
-            continue
-        feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
-        shapes = {n: list(v.shape) for n, v in feed.items()}
-        try:
-            got = session.run(spec.output_names, feed if graph_io is None else graph_io.numpy_feed(feed))
-            with torch.no_grad():
-                want = wrapper(*(torch.from_numpy(feed[n]) for n in spec.input_names))
-        except (Exception, MemoryError) as exc:  # ONNX Runtime and torch raise their own types
-            # e.g. the memory an attention matrix needs at the profile's max on this machine
-            raise ParityError(
-                f"{spec.name}: could not run at the profile's {label} point {shapes} on this machine "
-                f"({one_line(exc, 300)}); lower that profile axis, or pass --verify quick to check only the min"
-            ) from exc
-        want = want if isinstance(want, tuple) else (want,)
-        outputs = {
-            name: compare(g, w.float().numpy()) for name, g, w in zip(spec.output_names, got, want)
-        }
-        ok = all(np.isfinite(e.rel_l2) and e.rel_l2 <= tolerance for e in outputs.values())
-        points.append(
-            PointResult(
-                label,
-                "passed" if ok else "failed",
-                shapes=shapes,
-                outputs=outputs,
-            )
-        )
-    return ParityReport(spec.name, dtype, tolerance, points)
+    """Both halves at once, for a graph and module already in memory together (``sdexport adopt``)."""
+    references = torch_references(spec, module, profile=profile, dims=dims, vocab_size=vocab_size, mode=mode)
+    return compare_with_onnx(spec, onnx_path, references, dtype=dtype, graph_io=graph_io)
 
 
 def require_parity(report: ParityReport) -> None:

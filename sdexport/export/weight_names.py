@@ -13,11 +13,11 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import onnx
     import torch
 
 WEIGHTS_FILE = "weights.json"
@@ -29,18 +29,18 @@ def _key(array: Any) -> tuple[tuple[int, ...], str, str]:
     return tuple(array.shape), str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest()
 
 
-def weight_map(module: torch.nn.Module, model: onnx.ModelProto) -> dict[str, dict[str, Any]]:
+def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
     """``{"<module>.weight": {"initializer": name, "transposed": bool, "shape": [...]}}`` (the
     PyTorch shape, so run-time LoRA matches files without reading the graph) for every linear and
-    convolution weight of ``module`` found in ``model`` (an fp32 graph held in memory)."""
+    convolution weight of ``module`` found among ``initializers`` (name and values of each float
+    initializer of the fp32 graph, read one at a time: ``WeightStore.arrays``)."""
     import numpy as np
     import torch
-    from onnx import numpy_helper
 
     found: dict[tuple[Any, ...], list[str]] = defaultdict(list)
-    for initializer in model.graph.initializer:
-        if len(initializer.dims) in (2, 4):
-            found[_key(numpy_helper.to_array(initializer))].append(initializer.name)
+    for name, array in initializers:
+        if array.ndim in (2, 4):
+            found[_key(array)].append(name)
     names: dict[str, dict[str, Any]] = {}
     for name, layer in module.named_modules():
         if not isinstance(layer, torch.nn.Linear | torch.nn.Conv2d):
@@ -56,10 +56,10 @@ def weight_map(module: torch.nn.Module, model: onnx.ModelProto) -> dict[str, dic
     return names
 
 
-def write_weight_map(module: torch.nn.Module, model: onnx.ModelProto, folder: Path) -> Path:
+def write_weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]], folder: Path) -> Path:
     path = folder / WEIGHTS_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(weight_map(module, model), indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps(weight_map(module, initializers), indent=1, sort_keys=True) + "\n")
     return path
 
 

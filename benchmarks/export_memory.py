@@ -1,0 +1,174 @@
+"""Peak memory of ``sdexport export`` on the real architectures, per stage, on this machine.
+
+A benchmark, not a test: it reports what it measured and asserts nothing. Each case runs
+``sdexport export PRESET --dtype D --verify V`` in a fresh process, so that no case's memory counts
+in another's, and reports two figures of its own: the whole process's peak resident set as the
+kernel counted it (``wait4``'s ``ru_maxrss``: imports, every stage, everything) and the peak of each
+stage the export recorded in its manifest (``export.memory``). The presets carry the real
+architectures with random weights: memory and speed do not depend on the weights' values.
+
+    python benchmarks/export_memory.py -o benchmarks/results/export-memory-cpu \\
+        --case sd15:fp32 --case sdxl:fp16 --case sdxl:fp32 [--verify full]
+
+Writes export-memory.json and export-memory.md into the output folder (replacing only files this
+script wrote there before); each case's result is saved as soon as it is known, so an interrupted
+run keeps the cases it finished. The engine directories go to a temporary folder and are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's sdexport, installed or not (so do the exports: cwd ROOT)
+KIND = "sdexport export memory benchmark"
+FILES = ("export-memory.json", "export-memory.md")
+TITLE = "# sdexport export: peak memory per stage"
+STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
+
+
+def _ours(folder: Path) -> bool:
+    """Whether each result file in ``folder`` was written by this script (its kind, its title)."""
+    json_file, md_file = (folder / name for name in FILES)
+    try:
+        if json_file.exists() and json.loads(json_file.read_text(encoding="utf-8")).get("kind") != KIND:
+            return False
+        return not md_file.exists() or md_file.read_text(encoding="utf-8").startswith(TITLE + "\n")
+    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
+        return False
+
+
+def _case(text: str) -> tuple[str, str]:
+    preset, _, dtype = text.partition(":")
+    if not preset or dtype not in ("fp32", "fp16"):
+        raise argparse.ArgumentTypeError(f"{text!r}: give PRESET:fp32 or PRESET:fp16, e.g. sdxl:fp16")
+    return preset, dtype
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the results")
+    parser.add_argument("--case", type=_case, action="append", required=True, metavar="PRESET:DTYPE",
+                        help="an export to measure, e.g. sdxl:fp16 (repeatable)")
+    parser.add_argument("--verify", choices=("full", "quick", "none"), default="full",
+                        help="the export's --verify (default full, as sdexport export)")
+    options = parser.parse_args()
+    if options.output.exists() and not options.output.is_dir():
+        parser.error(f"{options.output} is a file; give a folder")
+    if any((options.output / name).exists() for name in FILES) and not _ours(options.output):
+        parser.error(f"{options.output} holds {' or '.join(FILES)} not written by this script")
+    work = Path(tempfile.mkdtemp(prefix="sdexport-export-memory-", dir=options.output.parent
+                                 if options.output.parent.exists() else None))
+    try:
+        return _measure(options, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args: list[str], log: Path) -> tuple[int, float, float]:
+    """Exit status, wall seconds and the process's peak resident set (MB) of one export."""
+    start = time.perf_counter()
+    with log.open("w") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "sdexport", *args], cwd=ROOT, stdout=handle,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - start, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def _measure(options: argparse.Namespace, work: Path) -> int:
+    from sdexport.bench.environment import cpu_name  # as the bench reports name the CPU
+    from sdexport.export.memory import machine_memory_mb
+    from sdexport.versions import installed_versions
+
+    report: dict = {
+        "kind": KIND,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_mb": round(machine_memory_mb() or 0),
+                    "python": platform.python_version()},
+        "versions": installed_versions(("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
+                                        "onnx-graphsurgeon")),
+        "weights": "random (the presets' real architectures; memory does not depend on the values)",
+        "verify": options.verify,
+        "results": [],
+    }
+    options.output.mkdir(parents=True, exist_ok=True)
+    for preset, dtype in options.case:
+        out = work / f"{preset}-{dtype}"
+        log = work / f"{preset}-{dtype}.log"
+        args = ["export", preset, "-o", str(out), "--dtype", dtype, "--verify", options.verify]
+        print(f"sdexport {' '.join(args)} ...", file=sys.stderr, flush=True)
+        code, seconds, peak_mb = _run(args, log)
+        entry: dict = {"preset": preset, "dtype": dtype, "command": "sdexport " + " ".join(args[:2] + args[4:]),
+                       "exit_code": code, "wall_s": round(seconds, 1), "process_peak_rss_mb": round(peak_mb)}
+        manifest = out / "manifest.json"
+        if code == 0 and manifest.is_file():
+            data = json.loads(manifest.read_text())
+            entry["memory"] = data.get("export", {}).get("memory", {})
+            entry["points"] = {name: [p["status"] + (f" ({p['reason']})" if p.get("reason") else "")
+                                      for p in c["parity"]["points"]] for name, c in data["components"].items()}
+            entry["size_mb"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1024**2)
+        else:
+            entry["log_tail"] = log.read_text(errors="replace")[-2000:]
+        report["results"].append(entry)
+        shutil.rmtree(out, ignore_errors=True)
+        _write(options.output, report)
+        print(f"  exit {code}, {seconds:.0f} s, peak {peak_mb / 1024:.1f} GB", file=sys.stderr, flush=True)
+    print(options.output / FILES[1])
+    return 0
+
+
+def _write(folder: Path, report: dict) -> None:
+    from sdexport.atomic import write_atomic
+
+    write_atomic(folder / FILES[0], json.dumps(report, indent=2) + "\n")
+    write_atomic(folder / FILES[1], markdown(report))
+
+
+def _gb(mb: float) -> str:
+    return f"{mb / 1024:.1f}"
+
+
+def markdown(report: dict) -> str:
+    machine = report["machine"]
+    lines = [
+        TITLE,
+        "",
+        (f"- Machine: {machine['cpu']}, {machine['cores']} cores, {_gb(machine['memory_mb'])} GB of memory, "
+        f"Python {machine['python']}, no GPU used"),
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
+        f"- Date: {report['date']}; weights: {report['weights']}; `--verify {report['verify']}`",
+        ("- Peak resident set in GB: the whole process (the kernel's count), then the highest of each stage "
+        "over the components (the export's own record, `manifest.json` → `export.memory`)"),
+        "",
+        "| export | exit | process peak | " + " | ".join(STAGES) + " | wall | output |",
+        "|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+    ]
+    for r in report["results"]:
+        stages = (r.get("memory") or {}).get("stages", [])
+        peaks = {s: max((x["peak_rss_mb"] for x in stages if x["stage"].rpartition("/")[2] == s), default=None)
+                 for s in STAGES}
+        lines.append(f"| `{r['command']}` | {r['exit_code']} | **{_gb(r['process_peak_rss_mb'])}** | "
+                     + " | ".join(_gb(v) if v is not None else "–" for v in peaks.values())
+                     + f" | {r['wall_s'] / 60:.1f} min | {_gb(r['size_mb']) + ' GB' if 'size_mb' in r else '–'} |")
+    skipped = [(r["command"], name, point) for r in report["results"] for name, points in r.get("points", {}).items()
+               for point in points if point.startswith("skipped") and "by request" not in point]
+    notes = sorted({f"- `{command}`, {name}: {point}" for command, name, point in skipped
+                    if "quick verification" not in point and "verification off" not in point})
+    if notes:
+        lines += ["", "Verification points not run:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

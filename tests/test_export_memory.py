@@ -1,0 +1,201 @@
+"""Bounded export memory: weights outside the protobuf, one part at a time, stages measured.
+
+The real sizes (SDXL in 16 GB) are measured by ``benchmarks/export_memory.py`` and a slow test in
+``test_export_large.py``; these tests pin the mechanisms on the tiny models, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import run_cli
+from sdexport.export import graph
+from sdexport.export.inputs import sample_inputs
+from sdexport.export.trace import trace_to_onnx
+from sdexport.export.weight_store import ALIGNMENT, FP16_MAX, FP16_MIN_POSITIVE, WeightStore, to_float16
+from sdexport.manifest import load_manifest
+from sdexport.models.loader import is_skeleton, load_model
+from sdexport.specs import component
+
+
+def _traced(name: str, workdir: Path, preset: str = "tiny") -> tuple[onnx.ModelProto, WeightStore, Any, Any]:
+    model = load_model(preset)
+    spec = component(model.family, name).for_model(model.dims)
+    example = sample_inputs(spec, model.dims.sizes(2, 64, 64), vocab_size=1000)
+    skeleton, weights = trace_to_onnx(spec, model.module(spec.module), example, workdir)
+    return skeleton, weights, spec, model.dims
+
+
+def _filled(skeleton: onnx.ModelProto, weights: WeightStore) -> onnx.ModelProto:
+    """The traced graph with its weights inside, as the exporter held it before the weight store."""
+    full = onnx.ModelProto()
+    full.CopyFrom(skeleton)
+    for tensor in full.graph.initializer:
+        if tensor.name in weights:
+            tensor.raw_data = weights.array(tensor.name).tobytes()
+    return full
+
+
+def test_float16_conversion_matches_onnxruntimes():
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(200_000) * np.logspace(-12, 7, 200_000)).astype(np.float32)
+    values[:10] = [0.0, -0.0, np.inf, -np.inf, np.nan, FP16_MAX, -FP16_MAX, 1e-9, -1e-9, 7e4]
+    ours, theirs = to_float16(values), convert_np_to_float16(values, FP16_MIN_POSITIVE, FP16_MAX)
+    assert ours.dtype == np.float16
+    np.testing.assert_array_equal(ours.view(np.uint16), theirs.view(np.uint16))
+
+
+def test_graph_passes_on_the_skeleton_give_the_graph_the_full_model_gives(tmp_path: Path):
+    """cleanup and fp16 conversion without the weights' values: same nodes, same weights, same types."""
+    skeleton, weights, spec, _ = _traced("unet", tmp_path / "trace")
+    assert len(weights) > 50 and not any(t.raw_data for t in skeleton.graph.initializer if t.name in weights)
+    keep = [t.name for t in spec.inputs if t.dtype == "float32"]
+    expected = graph.infer_shapes(graph.to_fp16(graph.cleanup(_filled(skeleton, weights)), keep_fp32=keep))
+
+    passed = weights.without_placeholders(skeleton, graph.cleanup)
+    passed = graph.infer_shapes(graph.to_fp16(passed, keep_fp32=keep))
+    weights.save(passed, tmp_path / "out" / "model.onnx", external=False)
+    saved = onnx.load(str(tmp_path / "out" / "model.onnx"))
+
+    assert [(n.op_type, list(n.input), list(n.output)) for n in saved.graph.node] == \
+           [(n.op_type, list(n.input), list(n.output)) for n in expected.graph.node]
+    want = {t.name: t for t in expected.graph.initializer}
+    assert sorted(want) == sorted(t.name for t in saved.graph.initializer)
+    for tensor in saved.graph.initializer:
+        assert tensor.data_type == want[tensor.name].data_type, tensor.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(tensor), onnx.numpy_helper.to_array(want[tensor.name]))
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in saved.graph.initializer)
+    assert not any(t.raw_data for t in passed.graph.initializer if t.name in weights)  # a skeleton again
+
+
+def test_folding_weights_outside_torch_gives_the_graph_torchs_folding_gives(tmp_path: Path):
+    """torch folds the transposes of linear weights while it holds the module and the copies in
+    memory; WeightStore.fold does it on save. Same operators, same weights (by content)."""
+    import collections
+    import hashlib
+
+    skeleton, weights, spec, dims = _traced("unet", tmp_path / "trace")
+    ours = graph.cleanup(_filled(skeleton, weights))
+    model = load_model("tiny")
+    example = sample_inputs(spec, dims.sizes(2, 64, 64), vocab_size=1000)
+    path = tmp_path / "torch.onnx"
+    torch.onnx.export(spec.wrapper(model.module("unet")).eval(), tuple(torch.from_numpy(example[n]) for n in spec.input_names),
+                      str(path), input_names=spec.input_names, output_names=spec.output_names, opset_version=17,
+                      dynamic_axes={t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs) if t.dynamic_axes},
+                      do_constant_folding=True, dynamo=False)
+    theirs = graph.cleanup(onnx.load(str(path)))
+
+    def contents(m: onnx.ModelProto) -> collections.Counter:
+        return collections.Counter((tuple(t.dims), hashlib.sha256(onnx.numpy_helper.to_array(t).tobytes()).hexdigest())
+                                   for t in m.graph.initializer)
+
+    assert collections.Counter(n.op_type for n in ours.graph.node) == collections.Counter(n.op_type for n in theirs.graph.node)
+    assert contents(ours) == contents(theirs)
+
+
+def test_external_save_streams_aligned_weights_that_onnxruntime_reads(tmp_path: Path):
+    skeleton, weights, spec, dims = _traced("unet", tmp_path / "trace")
+    skeleton = weights.without_placeholders(skeleton, graph.cleanup)
+    inline, external = tmp_path / "inline" / "model.onnx", tmp_path / "external" / "model.onnx"
+    assert weights.save(skeleton, inline, external=False) == [inline]
+    assert weights.save(skeleton, external, external=True) == [external, external.with_name("model.onnx.data")]
+    onnx.checker.check_model(str(external), full_check=True)
+    on_disk = onnx.load(str(external), load_external_data=False)
+    offsets = [int(e.value) for t in on_disk.graph.initializer for e in t.external_data if e.key == "offset"]
+    lengths = [int(e.value) for t in on_disk.graph.initializer for e in t.external_data if e.key == "length"]
+    assert offsets and all(o % ALIGNMENT == 0 for o, n in zip(offsets, lengths) if n >= ALIGNMENT)
+    assert external.stat().st_size < inline.stat().st_size / 10
+    feed = sample_inputs(spec, dims.sizes(1, 64, 64), vocab_size=1000)
+    runs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed) for p in (inline, external)]
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+
+
+def test_largest_intermediate_is_the_attention_matrix(tmp_path: Path):
+    skeleton, weights, _, _ = _traced("unet", tmp_path / "trace")
+    placeholders = [t.name for t in skeleton.graph.initializer if t.name in weights]
+    largest = graph.largest_intermediate(skeleton, {"sample": (4, 4, 32, 32), "encoder_hidden_states": (4, 77, 32)},
+                                         placeholders)
+    heads = 8  # tiny U-Net: attention_head_dim 8, 32 channels: 4 x 8 heads x (32 x 32 tokens)^2 float32
+    assert largest == 4 * heads * (32 * 32) ** 2 * 4
+
+
+def test_lazy_model_builds_each_part_as_the_eager_one_and_frees_it():
+    eager, lazy = load_model("tiny", seed=3), load_model("tiny", seed=3, lazy=True)
+    assert all(is_skeleton(m) for m in lazy.modules.values()) and lazy.dims == eager.dims
+    for name, module in eager.modules.items():
+        built = lazy.materialize(name)
+        assert lazy.materialize(name) is built  # built once
+        want, got = module.state_dict(), built.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+        lazy.release(name)
+        assert is_skeleton(lazy.modules[name])
+
+
+def test_lazy_diffusers_directory_reads_weights_only_when_asked(tiny_diffusers_dir: Path, monkeypatch):
+    from sdexport.models import loader
+
+    reads: list[str] = []
+    real = loader._with_all_weights
+    monkeypatch.setattr(loader, "_with_all_weights", lambda path, cls, dtype: reads.append(path.name) or real(path, cls, dtype))
+    model = load_model(str(tiny_diffusers_dir), lazy=True)
+    assert reads == [] and model.dims.E == 32
+    unet = model.materialize("unet")
+    assert reads == ["unet"] and not is_skeleton(unet)
+
+
+def test_export_frees_each_part_and_records_the_memory_of_each_stage(tmp_path: Path, monkeypatch, capsys):
+    from sdexport.models.loader import LoadedModel
+
+    released: list[str] = []
+    real_release = LoadedModel.release
+    monkeypatch.setattr(LoadedModel, "release", lambda self, name: released.append(name) or real_release(self, name))
+    out = tmp_path / "tiny"
+    assert run_cli("export", "tiny", "-o", out, "--dtype", "fp16", "--verify", "quick") == 0
+    # the VAE's two graphs (and its fp32 fallback) come from one module, freed after the last
+    assert released == ["text_encoder", "unet", "vae"]
+    record = json.loads((out / "manifest.json").read_text())["export"]
+    stages = [s["stage"] for s in record["memory"]["stages"]]
+    assert stages[0] == "load" and {"unet/trace", "unet/graph passes", "unet/save", "unet/verify"} <= set(stages)
+    assert record["memory"]["peak_rss_mb"] == max(s["peak_rss_mb"] for s in record["memory"]["stages"]) > 0
+    assert record["machine_memory_mb"] > 0
+    assert load_manifest(out).export == record
+    assert not list(out.rglob(".trace"))  # the tracer's working files are gone
+    printed = capsys.readouterr().out
+    assert "Export memory: peak" in printed and "graph passes" in printed
+
+
+def test_a_point_too_large_for_free_memory_is_skipped_and_said(tmp_path: Path, monkeypatch, capsys):
+    from sdexport.export import exporter
+
+    monkeypatch.setattr(exporter, "available_memory_mb", lambda: 1024.5)  # a machine with nothing free
+    out = tmp_path / "tiny"
+    assert run_cli("export", "tiny", "-o", out, "--components", "unet") == 0
+    parity = load_manifest(out).components["unet"].parity
+    assert parity["status"] == "passed"
+    assert [p["status"] for p in parity["points"]] == ["passed", "skipped", "skipped", "skipped"]
+    assert all(p["reason"].startswith("too large for this machine's memory: about ")
+               and "1.0 GB free and 1.0 GB kept in reserve" in p["reason"] for p in parity["points"][1:])
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.err.splitlines() if "skipped:" in line]
+    assert skipped and all("(too large for this machine's memory: about" in line for line in skipped)
+    assert sorted(", ".join(line.split("skipped: ")[1].split(" (")[0] for line in skipped).split(", ")) == \
+           ["max", "odd", "opt"]
+    assert "1 point checked, 3 skipped as too large for this machine's memory" in " ".join(captured.out.split())
+
+
+@pytest.mark.parametrize("preset", ["tiny-sdxl"])
+def test_sdxl_shaped_export_stays_verified(preset: str, tmp_path: Path):
+    out = tmp_path / preset
+    assert run_cli("export", preset, "-o", out, "--dtype", "fp16", "--verify", "quick") == 0
+    manifest = load_manifest(out)
+    assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
