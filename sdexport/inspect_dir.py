@@ -34,7 +34,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}",
         soft_wrap=True,
     )
-    tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter"))
+    tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter", "export_memory"))
     out.print(f"[dim]{tools}; created {manifest.created}[/]", soft_wrap=True)
     points = {name: points_words(entry.parity) for name, entry in manifest.components.items()}
     shared = next(iter(points.values())) if len(set(points.values())) == 1 else None
@@ -80,22 +80,22 @@ STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
 
 def _print_memory(manifest: Manifest) -> None:
     """Peak resident memory of each export stage, per component: where an export's peak comes from."""
-    memory = manifest.export.get("memory") or {}
-    stages = memory.get("stages") or []
-    if not stages:
+    memory = manifest.tools.get("export_memory")
+    stages = memory.get("stages") if isinstance(memory, dict) else None
+    if not stages or not isinstance(stages, list):
         return
     gb = 1024
-    machine = manifest.export.get("machine_memory_mb")
-    table = Table(title=f"Export memory: peak {memory['peak_rss_mb'] / gb:.1f} GB resident"
+    machine = memory.get("machine_memory_mb")
+    top = max(float(s.get("peak_rss_mb", 0)) for s in stages)
+    table = Table(title=f"Export memory: peak {top / gb:.1f} GB resident"
                         + (f" on a {machine / gb:.0f} GB machine" if machine else "")
                         + " (GB, per stage)", title_justify="left")
     for column in ("component", *STAGES):
         table.add_column(column, justify="right" if column != "component" else "left")
     rows: dict[str, dict[str, float]] = {}
     for record in stages:
-        component, _, stage = str(record["stage"]).rpartition("/")
-        rows.setdefault(component or "model", {})[stage] = float(record["peak_rss_mb"])
-    top = float(memory["peak_rss_mb"])
+        component, _, stage = str(record.get("stage", "")).rpartition("/")
+        rows.setdefault(component or "model", {})[stage] = float(record.get("peak_rss_mb", 0))
     for component, peaks in rows.items():
         cells = [(f"[bold]{peaks[s] / gb:.1f}[/]" if peaks[s] == top else f"{peaks[s] / gb:.1f}") if s in peaks else "-"
                  for s in STAGES]

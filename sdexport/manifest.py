@@ -64,8 +64,6 @@ class Manifest:
     created: str
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
-    export: dict[str, Any] = field(default_factory=dict)
-    """How the export went: peak memory of each stage (``export.memory.MemoryLog.record``)."""
 
     @property
     def shape_profile(self) -> ShapeProfile:
@@ -94,8 +92,6 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if not data["export"]:
-            del data["export"]
         for entry in data["components"].values():
             if not entry["optimized"]:  # absent unless built: older sdexport reads such manifests
                 del entry["optimized"]

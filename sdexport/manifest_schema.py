@@ -134,23 +134,6 @@ SCHEMA: dict[str, Any] = {
         "components": {"type": "object", "minProperties": 1, "additionalProperties": _COMPONENT},
         "files": {"type": "object", "additionalProperties": _SHA256},
         "created": {"type": "string"},
-        "export": {
-            "type": "object",
-            "properties": {
-                "memory": {
-                    "type": "object",
-                    "properties": {
-                        "peak_rss_mb": {"type": "number", "minimum": 0},
-                        "method": {"type": "string"},
-                        "stages": {"type": "array", "items": {
-                            "type": "object", "required": ["stage", "peak_rss_mb"],
-                            "properties": {"stage": {"type": "string"}, "peak_rss_mb": {"type": "number", "minimum": 0},
-                                           "start_rss_mb": {"type": "number", "minimum": 0}}}},
-                    },
-                },
-                "machine_memory_mb": {"type": "number", "minimum": 0},
-            },
-        },
     },
     "additionalProperties": False,
 }

@@ -20,7 +20,7 @@ from sdexport.console import console, step
 from sdexport.errors import SdexportError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
-from sdexport.export.memory import MemoryLog, available_memory_mb, give_back_freed_memory, machine_memory_mb
+from sdexport.export.memory import MemoryLog, give_back_freed_memory, verification_budget_mb
 from sdexport.export.pipeline_files import write_pipeline_files
 from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, VerifyMode, plan_export
 from sdexport.export.trace import trace_to_onnx
@@ -121,7 +121,7 @@ def _export_into(
                                           verify=options.verify, memory=memory, release=last_use)
         with (step(f"Verifying {spec.name} against PyTorch ({options.verify})") if options.verify != "none"
               else nullcontext()), memory.stage(f"{spec.name}/verify"):
-            report = compare_with_onnx(spec, path, references, dtype=dtype)
+            report = compare_with_onnx(spec, path, references, dtype=dtype, budget_mb=verification_budget_mb)
         give_back_freed_memory()  # ONNX Runtime's session and arena, before the next part loads
         _print_report(report)
         require_parity(report)
@@ -144,11 +144,12 @@ def _export_into(
             profile=profile.to_dict(),
             dtype=options.dtype,
             tools={**tool_versions(), "opset": options.opset,
-                   "exporter": "torch.onnx.export (TorchScript tracer)"},
+                   "exporter": "torch.onnx.export (TorchScript tracer)",
+                   # under tools, an open object: sdexport versions before it read such manifests
+                   "export_memory": memory.record()},
             components=entries,
             files=hash_tree(staging),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
-            export={"memory": memory.record(), "machine_memory_mb": round(machine_memory_mb() or 0)},
         )
         save_manifest(staging, manifest)
     return manifest
@@ -189,8 +190,9 @@ def export_component(
         with memory.stage(f"{spec.name}/trace"):
             skeleton, weights = trace_to_onnx(spec, module, example, workdir, opset=opset)
         with memory.stage(f"{spec.name}/pytorch"):
+            give_back_freed_memory()  # what tracing freed, before the points' memory is judged
             references = torch_references(spec, module, profile=profile, dims=dims, vocab_size=vocab, mode=verify,
-                                          too_large=_memory_check(skeleton, weights))
+                                          need_mb=_working_memory(skeleton, weights), budget_mb=verification_budget_mb)
             if spec.name in LORA_COMPONENTS:  # where run-time LoRA finds each weight (names survive fp16)
                 write_weight_map(module, weights.arrays(skeleton), path.parent)
             del module
@@ -214,33 +216,18 @@ def export_component(
 
 ACTIVATION_FACTOR = 3
 """Working memory of a verification point, in multiples of its largest intermediate tensor: an
-attention's scores and their softmax are alive together, plus what the rest of the graph holds.
-Judged from the exports measured for README's memory table (sd15, sdxl)."""
-MEMORY_MARGIN_MB = 1024
+attention's scores and their softmax are alive together, plus what the rest of the graph holds."""
 
 
-def _memory_check(skeleton: onnx.ModelProto, weights: WeightStore) -> Callable[[dict[str, np.ndarray]], str | None]:
-    """Why a verification point would not fit in the memory this machine has free, or None.
-
-    PyTorch runs it first, with the module's weights already in memory, then ONNX Runtime with
-    the graph's (never both): the point needs its activations on top of that."""
+def _working_memory(skeleton: onnx.ModelProto, weights: WeightStore) -> Callable[[dict[str, np.ndarray]], float | None]:
+    """A verification point's estimated working memory (MB) beside the weights, from the traced
+    float32 graph's largest intermediate at the point's shapes (None where inference cannot tell)."""
     placeholders = [t.name for t in skeleton.graph.initializer if t.name in weights]
 
-    def too_large(feed: dict[str, np.ndarray]) -> str | None:
+    def need(feed: dict[str, np.ndarray]) -> float | None:
         largest = graph.largest_intermediate(skeleton, {n: v.shape for n, v in feed.items()}, placeholders)
-        free = available_memory_mb()
-        if largest is None or free is None:
-            return None
-        need = ACTIVATION_FACTOR * largest / 1024**2
-        if need <= free - MEMORY_MARGIN_MB:
-            return None
-        return (f"about {_gb(need)} needed beside the weights, {_gb(free)} free and "
-                f"{_gb(MEMORY_MARGIN_MB)} kept in reserve")
-    return too_large
-
-
-def _gb(mb: float) -> str:
-    return f"{mb / 1024:.1f} GB" if mb >= 0.1 * 1024 else "under 0.1 GB"
+        return None if largest is None else ACTIVATION_FACTOR * largest / 1024**2
+    return need
 
 
 def _vocab_size(model: LoadedModel) -> int:

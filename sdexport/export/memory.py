@@ -1,11 +1,13 @@
 """Peak memory of each export stage, as the user's machine sees it: the process's resident set.
 
 An export's peak decides whether it fits on a machine, and it is set by one stage (loading, tracing,
-the graph passes, fp16 conversion, saving, verification) of one component. Each stage is measured
-on its own: on Linux the kernel's high-water mark (``VmHWM``) is reset when a stage starts (writing
-5 to ``/proc/self/clear_refs``) and read when it ends, which sees every allocation, torch's,
-ONNX Runtime's and protobuf's alike, however short. Where that reset is not allowed, a thread
-samples the resident set every few milliseconds instead, which can miss a brief spike.
+the graph passes, saving, verification) of one component. A thread samples the resident set every
+5 ms while a stage runs, and the kernel's high-water mark (``VmHWM``, every allocation however brief:
+torch's, ONNX Runtime's, protobuf's) makes it exact for the stage that sets the process's peak.
+The high-water mark is only read, never reset, so ``/usr/bin/time`` and ``wait4`` still report the
+whole run's peak.
+
+It also sets the memory verification may use (``verification_budget_mb``).
 """
 
 from __future__ import annotations
@@ -45,16 +47,6 @@ def resident_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def _reset_high_water_mark() -> bool:
-    """Make ``VmHWM`` the current resident set (Linux 4.0+); False where not permitted."""
-    try:
-        with open(_CLEAR_REFS, "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return _status_kb("VmHWM") is not None
-
-
 @dataclass
 class StagePeak:
     stage: str
@@ -84,6 +76,7 @@ class MemoryLog:
         """For the manifest: rounded to whole MB, which is all the measurement is good for."""
         return {
             "peak_rss_mb": round(self.peak_mb),
+            "machine_memory_mb": round(machine_memory_mb() or 0),
             "method": self.method,
             "stages": [{"stage": s.stage, "peak_rss_mb": round(s.peak_mb), "start_rss_mb": round(s.start_mb)}
                        for s in self.stages],
@@ -93,22 +86,20 @@ class MemoryLog:
     def stage(self, name: str) -> Iterator[None]:
         """Measure the block as stage ``name`` (``component/step``, e.g. ``unet/trace``)."""
         start = resident_bytes()
-        if _reset_high_water_mark():
-            self.method = self.method or "VmHWM (kernel high-water mark, reset per stage)"
-            try:
-                yield
-            finally:
-                peak_kb = _status_kb("VmHWM") or 0
-                self.stages.append(StagePeak(name, max(peak_kb * 1024, start) / MB, start / MB))
-            return
-        self.method = self.method or "sampled every 5 ms"
+        mark = _status_kb("VmHWM")
+        self.method = self.method or ("sampled every 5 ms; exact (VmHWM) where a stage set the process's peak"
+                                      if mark is not None else "sampled every 5 ms")
         sampler = _Sampler()
         sampler.start()
         try:
             yield
         finally:
             sampler.stop()
-            self.stages.append(StagePeak(name, max(sampler.peak, start) / MB, start / MB))
+            peak = max(sampler.peak, start)
+            after = _status_kb("VmHWM")
+            if mark is not None and after is not None and after > mark:  # the process's peak was this stage's
+                peak = max(peak, after * 1024)
+            self.stages.append(StagePeak(name, peak / MB, start / MB))
 
 
 class _Sampler(threading.Thread):
@@ -141,6 +132,39 @@ def give_back_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+VERIFY_SHARE = 2 / 3
+"""Verification beyond the min point keeps the process within this share of the machine's memory:
+what a verified point adds is a check, not the export, and the rest of the machine (page cache, the
+user's other work) keeps a third. The SDXL fp16 export so stays within 16 GB on a 24 GB machine."""
+MARGIN_MB = 1024
+"""Kept free besides a verification point's estimated need: the estimate is not exact."""
+
+
+def verification_budget_mb() -> float | None:
+    """Memory a verification point may add now: within ``VERIFY_SHARE`` of the machine (or of the
+    container's limit) and within what is free, less ``MARGIN_MB``; None where it cannot be told."""
+    total, free = machine_memory_mb(), available_memory_mb()
+    limit, used = _cgroup_memory()
+    if limit is not None:
+        total = min(total, limit) if total else limit
+        if used is not None:
+            free = min(free, limit - used) if free is not None else limit - used
+    if total is None or free is None:
+        return None
+    return min(free - MARGIN_MB, VERIFY_SHARE * total - resident_bytes() / MB)
+
+
+def _cgroup_memory() -> tuple[float | None, float | None]:
+    """A cgroup v2 container's memory limit and use (MB); (None, None) without a limit."""
+    root = Path("/sys/fs/cgroup")
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        used = float((root / "memory.current").read_text()) / MB
+    except (OSError, ValueError):
+        return None, None
+    return (None, None) if limit == "max" else (float(limit) / MB, used)
 
 
 def machine_memory_mb() -> float | None:

@@ -55,4 +55,5 @@ def trace_to_onnx(
     path.unlink()  # the protobuf is in memory now; the weight files stay
     weights = WeightStore.detach(model, workdir)
     weights.fold(model)
-    return model, weights
+    # protobuf keeps a cleared field's bytes until the message goes: a new, small copy lets them go
+    return onnx.ModelProto.FromString(model.SerializeToString()), weights

@@ -94,6 +94,8 @@ class Reference:
     feed: dict[str, np.ndarray] | None
     outputs: list[np.ndarray] = field(default_factory=list)
     reason: str = ""
+    need_mb: float | None = None
+    """Estimated working memory of the point (None: not estimated), checked again before ONNX Runtime runs it."""
 
 
 def torch_references(
@@ -104,14 +106,16 @@ def torch_references(
     dims: ModelDims,
     vocab_size: int,
     mode: VerifyMode = "full",
-    too_large: Callable[[dict[str, np.ndarray]], str | None] | None = None,
+    need_mb: Callable[[dict[str, np.ndarray]], float | None] | None = None,
+    budget_mb: Callable[[], float | None] | None = None,
 ) -> list[Reference]:
     """Run the PyTorch module at every point to check. Kept apart from the ONNX half so that an
     export can free the module's weights before ONNX Runtime loads the graph's: never both at once.
 
-    ``too_large(feed)``: why a point cannot run on this machine (its estimated memory), or None.
-    Such a point is skipped and reported, rather than left to the kernel's out-of-memory killer,
-    which ends the export without a word; the min point always runs."""
+    ``need_mb(feed)``: a point's estimated working memory; ``budget_mb()``: what a point may use
+    now. A point over budget is skipped and reported (here, or in ``compare_with_onnx`` once ONNX
+    Runtime's session holds its weights), rather than left to the kernel's out-of-memory killer,
+    which ends the export without a word. The min point always runs."""
     references: list[Reference] = []
     if mode == "none":
         return [Reference("all", None, reason="verification off")]
@@ -121,9 +125,10 @@ def torch_references(
             references.append(Reference(label, None, reason=f"{mode} verification"))
             continue
         feed = sample_inputs(spec, sizes, vocab_size=vocab_size, seed=i)
-        why = too_large(feed) if too_large is not None and label != "min" else None
+        need = need_mb(feed) if need_mb is not None and label != "min" else None
+        why = _over_budget(need, budget_mb)
         if why:
-            references.append(Reference(label, None, reason=f"{TOO_LARGE}: {why}"))
+            references.append(Reference(label, None, reason=why, need_mb=need))
             continue
         try:
             with torch.no_grad():
@@ -131,8 +136,22 @@ def torch_references(
         except (Exception, MemoryError) as exc:  # torch raises its own types
             raise _cannot_run(spec, label, feed, exc) from exc
         want = want if isinstance(want, tuple) else (want,)
-        references.append(Reference(label, feed, [w.float().numpy() for w in want]))
+        references.append(Reference(label, feed, [w.float().numpy() for w in want], need_mb=need))
     return references
+
+
+def _over_budget(need: float | None, budget_mb: Callable[[], float | None] | None) -> str | None:
+    """Why a point needing ``need`` MB cannot run now, or None."""
+    budget = budget_mb() if need is not None and budget_mb is not None else None
+    if need is None or budget is None or need <= budget:
+        return None
+    return (f"{TOO_LARGE}: needs about {_gb(need)}, {_gb(max(budget, 0))} to spare (verification keeps the "
+            "export within two thirds of the machine's memory, and 1 GB free)")
+
+
+def _gb(mb: float) -> str:
+    gb = mb / 1024
+    return f"{gb:.1f} GB" if gb >= 1 or gb == 0 else f"{gb:.2g} GB"
 
 
 def _cannot_run(spec: ComponentSpec, label: str, feed: dict[str, np.ndarray], exc: BaseException) -> ParityError:
@@ -151,10 +170,13 @@ def compare_with_onnx(
     *,
     dtype: str,
     graph_io: GraphIO | None = None,
+    budget_mb: Callable[[], float | None] | None = None,
 ) -> ParityReport:
     """Run the saved graph on CPU at each reference's point and compare. ``graph_io``: how to feed
     a graph whose I/O differs from the spec's in ways that change no values (``sdexport adopt`` of
-    an optimum export: int64 ids, float16 I/O); None for our own."""
+    an optimum export: int64 ids, float16 I/O); None for our own. ``budget_mb``: as for
+    ``torch_references``, asked again now that ONNX Runtime holds the graph's weights (an fp16
+    graph's in float32 too, on CPUs)."""
     tolerance = TOLERANCE[dtype]
     points: list[PointResult] = []
     session = None
@@ -169,6 +191,10 @@ def compare_with_onnx(
 
             session = ort.InferenceSession(str(onnx_path), onnxruntime_session_options(ort),
                                            providers=["CPUExecutionProvider"])
+        why = _over_budget(ref.need_mb, budget_mb)
+        if why:
+            points.append(PointResult(ref.label, "skipped", reason=why))
+            continue
         try:
             got = session.run(spec.output_names, ref.feed if graph_io is None else graph_io.numpy_feed(ref.feed))
         except (Exception, MemoryError) as exc:  # ONNX Runtime raises its own types

@@ -69,10 +69,8 @@ class WeightStore:
         folder the model was loaded from (``load_external_data=False``), where its external files are."""
         store = cls()
         for tensor in model.graph.initializer:
-            if tensor.data_type not in FLOAT_TYPES:
-                continue
             dims = tuple(int(d) for d in tensor.dims)
-            if tensor.data_location == TensorProto.EXTERNAL:
+            if tensor.data_location == TensorProto.EXTERNAL:  # any type: its file goes with the tracer's folder
                 info = ExternalDataInfo(tensor)
                 file = (base_dir / info.location).resolve()
                 if base_dir.resolve() not in file.parents:
@@ -81,7 +79,7 @@ class WeightStore:
                 store._sources[tensor.name] = _Source(tensor.data_type, dims, file, info.offset or 0, length)
                 del tensor.external_data[:]
                 tensor.data_location = TensorProto.DEFAULT
-            elif tensor.HasField("raw_data") and len(tensor.raw_data) >= DETACH_BYTES:
+            elif tensor.data_type in FLOAT_TYPES and tensor.HasField("raw_data") and len(tensor.raw_data) >= DETACH_BYTES:
                 store._sources[tensor.name] = _Source(tensor.data_type, dims, data=tensor.raw_data)
                 tensor.ClearField("raw_data")
         return store
@@ -94,6 +92,10 @@ class WeightStore:
         folded = 0
         while True:
             constants = {t.name: t for t in graph.initializer}
+            # torch writes small operands (Unsqueeze's axes) as Constant nodes when it does not fold
+            constants.update({n.output[0]: _named(onnx.numpy_helper.to_array(n.attribute[0].t), n.output[0])
+                              for n in graph.node if n.op_type == "Constant" and len(n.attribute) == 1
+                              and n.attribute[0].name == "value"})
             node = next((n for n in graph.node if n.op_type in FOLDABLE and n.input and n.input[0] in self._sources
                          and len(n.output) == 1 and all(i in constants for i in n.input[1:] if i)), None)
             if node is None:
@@ -188,13 +190,24 @@ class WeightStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         placeholders = [t for t in model.graph.initializer if t.name in self._sources]
         if not external:
-            try:
+            # One protobuf, written in pieces: the graph without its placeholders, then one
+            # ``ModelProto{graph{initializer: [tensor]}}`` per weight. Protobuf merges repeated
+            # fields of concatenated messages, so the file parses as the whole model, and no
+            # more than one tensor is ever held filled in.
+            shell = onnx.ModelProto()
+            shell.CopyFrom(model)
+            kept = [t for t in shell.graph.initializer if t.name not in self._sources]
+            del shell.graph.initializer[:]
+            shell.graph.initializer.extend(kept)
+            with open(path, "wb") as handle:
+                handle.write(shell.SerializeToString())
                 for tensor in placeholders:
-                    tensor.raw_data = self.tensor_bytes(tensor)
-                onnx.save_model(model, str(path))
-            finally:
-                for tensor in placeholders:
-                    tensor.ClearField("raw_data")
+                    piece = onnx.ModelProto()
+                    filled = piece.graph.initializer.add()
+                    filled.CopyFrom(tensor)
+                    filled.raw_data = self.tensor_bytes(tensor)
+                    handle.write(piece.SerializeToString())
+                    del piece, filled
             return [path]
         data = path.with_name(path.name + ".data")
         with open(data, "wb") as handle:
@@ -234,6 +247,10 @@ def to_float16(values: np.ndarray) -> np.ndarray:
                    values)
     np.copyto(out, np.copysign(np.float32(FP16_MAX), values), where=(magnitude > FP16_MAX) & np.isfinite(magnitude))
     return out.astype(np.float16)
+
+
+def _named(values: np.ndarray, name: str) -> TensorProto:
+    return numpy_helper.from_array(values, name)
 
 
 def _copy(node: onnx.NodeProto) -> onnx.NodeProto:

@@ -67,7 +67,9 @@ class LoadedModel:
         An export holds one component's weights at a time this way: the SDXL U-Net alone is 10 GB
         in float32, and all four parts together 14 GB before any copy an export makes."""
         module = self.modules[name]
-        if name in self.builders and is_skeleton(module):
+        if is_skeleton(module):
+            if name not in self.builders:
+                raise RuntimeError(f"{name} was released and cannot be built again (it was not loaded lazily)")
             module = self.builders[name]().eval().requires_grad_(False)
             self.modules[name] = module
             for hook in self.on_materialize:
@@ -75,8 +77,9 @@ class LoadedModel:
         return module
 
     def release(self, name: str) -> None:
-        """Free a lazily loaded module's weights (``materialize`` builds it again if asked)."""
-        if name in self.builders and not is_skeleton(self.modules[name]):
+        """Free a module's weights: ``materialize`` builds a lazily loaded one again if asked; one
+        loaded at once (a ControlNet, a --vae, a single-file checkpoint's parts) is gone for good."""
+        if not is_skeleton(self.modules[name]):
             self.modules[name] = self.modules[name].to("meta")
 
     def config(self, name: str) -> Any:
@@ -327,6 +330,7 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     if channels != wanted:
         raise ModelLoadError(f"--vae {path}: {channels} latent channels, but the U-Net takes {wanted}")
     model.modules["vae"] = vae.eval().requires_grad_(False)
+    model.builders.pop("vae", None)  # a lazy model's own VAE must never be built in its place
     model.label += f", VAE from {path}"
     model.source = {**model.source, "vae": str(path.resolve())}
 
