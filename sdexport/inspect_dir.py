@@ -81,9 +81,9 @@ STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
 def _print_memory(manifest: Manifest) -> None:
     """Peak resident memory of each export stage, per component: where an export's peak comes from."""
     memory = manifest.tools.get("export_memory")
-    stages = memory.get("stages") if isinstance(memory, dict) else None
-    if not stages or not isinstance(stages, list):
+    if not isinstance(memory, dict) or not isinstance(memory.get("stages"), list) or not memory["stages"]:
         return
+    stages = memory["stages"]
     gb = 1024
     machine = memory.get("machine_memory_mb")
     top = max(float(s.get("peak_rss_mb", 0)) for s in stages)
