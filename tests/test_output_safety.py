@@ -133,12 +133,12 @@ def test_unwritable_outputs_are_refused_before_loading(tmp_path: Path, monkeypat
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
-    from sdexport.export import graph
+    from sdexport.export.weight_store import WeightStore
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x"))
 
-    monkeypatch.setattr(graph, "save", full)
+    monkeypatch.setattr(WeightStore, "save", full)
     target = tmp_path / "engines" / "tiny"
     assert run_cli("export", "tiny", "-o", target, *QUICK) == 1
     err = capsys.readouterr().err
