@@ -8,11 +8,14 @@ stage the export recorded in its manifest (``export.memory``). The presets carry
 architectures with random weights: memory and speed do not depend on the weights' values.
 
     python benchmarks/export_memory.py -o benchmarks/results/export-memory-cpu \\
-        --case sd15:fp32 --case sdxl:fp16 --case sdxl:fp32 [--verify full]
+        --case sdxl:fp16 --case sd15:fp32 --case sdxl:fp32:quick [--verify full] [--append]
 
+``PRESET:DTYPE[:VERIFY]``: VERIFY (full, quick, none) overrides ``--verify`` for that case.
 Writes export-memory.json and export-memory.md into the output folder (replacing only files this
-script wrote there before); each case's result is saved as soon as it is known, so an interrupted
-run keeps the cases it finished. The engine directories go to a temporary folder and are removed.
+script wrote there before; ``--append`` adds to the cases already there); each case's result is
+saved as soon as it is known, so an interrupted run keeps the cases it finished. The engine
+directories go to a temporary folder and are removed. Nothing in an export resets the kernel's
+high-water mark, so the process peak (``wait4``) is the whole run's.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's sdexport, installed or not (so 
 KIND = "sdexport export memory benchmark"
 FILES = ("export-memory.json", "export-memory.md")
 TITLE = "# sdexport export: peak memory per stage"
+VERIFY_MODES = ("full", "quick", "none")
 STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
 
 
@@ -48,11 +52,12 @@ def _ours(folder: Path) -> bool:
         return False
 
 
-def _case(text: str) -> tuple[str, str]:
-    preset, _, dtype = text.partition(":")
-    if not preset or dtype not in ("fp32", "fp16"):
-        raise argparse.ArgumentTypeError(f"{text!r}: give PRESET:fp32 or PRESET:fp16, e.g. sdxl:fp16")
-    return preset, dtype
+def _case(text: str) -> tuple[str, str, str | None]:
+    parts = text.split(":")
+    if (not 2 <= len(parts) <= 3 or not parts[0] or parts[1] not in ("fp32", "fp16")
+            or (len(parts) == 3 and parts[2] not in VERIFY_MODES)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give PRESET:DTYPE[:VERIFY], e.g. sdxl:fp16 or sdxl:fp32:quick")
+    return parts[0], parts[1], parts[2] if len(parts) == 3 else None
 
 
 def main() -> int:
@@ -60,8 +65,9 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for the results")
     parser.add_argument("--case", type=_case, action="append", required=True, metavar="PRESET:DTYPE",
                         help="an export to measure, e.g. sdxl:fp16 (repeatable)")
-    parser.add_argument("--verify", choices=("full", "quick", "none"), default="full",
+    parser.add_argument("--verify", choices=VERIFY_MODES, default="full",
                         help="the export's --verify (default full, as sdexport export)")
+    parser.add_argument("--append", action="store_true", help="keep the cases already in the output folder")
     options = parser.parse_args()
     if options.output.exists() and not options.output.is_dir():
         parser.error(f"{options.output} is a file; give a folder")
@@ -99,22 +105,25 @@ def _measure(options: argparse.Namespace, work: Path) -> int:
         "versions": installed_versions(("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
                                         "onnx-graphsurgeon")),
         "weights": "random (the presets' real architectures; memory does not depend on the values)",
-        "verify": options.verify,
         "results": [],
     }
+    earlier = options.output / FILES[0]
+    if options.append and earlier.is_file():
+        report["results"] = json.loads(earlier.read_text())["results"]
     options.output.mkdir(parents=True, exist_ok=True)
-    for preset, dtype in options.case:
+    for preset, dtype, verify in options.case:
         out = work / f"{preset}-{dtype}"
         log = work / f"{preset}-{dtype}.log"
-        args = ["export", preset, "-o", str(out), "--dtype", dtype, "--verify", options.verify]
+        args = ["export", preset, "-o", str(out), "--dtype", dtype, "--verify", verify or options.verify]
         print(f"sdexport {' '.join(args)} ...", file=sys.stderr, flush=True)
         code, seconds, peak_mb = _run(args, log)
-        entry: dict = {"preset": preset, "dtype": dtype, "command": "sdexport " + " ".join(args[:2] + args[4:]),
+        entry: dict = {"preset": preset, "dtype": dtype, "verify": args[-1], "date": datetime.now(UTC).isoformat(timespec="seconds"),
+                       "command": "sdexport " + " ".join(args[:2] + args[4:]),
                        "exit_code": code, "wall_s": round(seconds, 1), "process_peak_rss_mb": round(peak_mb)}
         manifest = out / "manifest.json"
         if code == 0 and manifest.is_file():
             data = json.loads(manifest.read_text())
-            entry["memory"] = data.get("export", {}).get("memory", {})
+            entry["memory"] = data.get("tools", {}).get("export_memory", {})
             entry["points"] = {name: [p["status"] + (f" ({p['reason']})" if p.get("reason") else "")
                                       for p in c["parity"]["points"]] for name, c in data["components"].items()}
             entry["size_mb"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1024**2)
@@ -135,6 +144,11 @@ def _write(folder: Path, report: dict) -> None:
     write_atomic(folder / FILES[1], markdown(report))
 
 
+def _dates(report: dict) -> str:
+    days = sorted({r.get("date", report["date"])[:10] for r in report["results"]}) or [report["date"][:10]]
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
 def _gb(mb: float) -> str:
     return f"{mb / 1024:.1f}"
 
@@ -147,7 +161,7 @@ def markdown(report: dict) -> str:
         (f"- Machine: {machine['cpu']}, {machine['cores']} cores, {_gb(machine['memory_mb'])} GB of memory, "
         f"Python {machine['python']}, no GPU used"),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
-        f"- Date: {report['date']}; weights: {report['weights']}; `--verify {report['verify']}`",
+        f"- Measured {_dates(report)}; weights: {report['weights']}",
         ("- Peak resident set in GB: the whole process (the kernel's count), then the highest of each stage "
         "over the components (the export's own record, `manifest.json` → `export.memory`)"),
         "",

@@ -211,6 +211,9 @@ def export_component(
             graph.check(path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    # what saving freed, before ONNX Runtime loads the graph: measured, 2.3 GB left resident after
+    # the SDXL U-Net's save, under the 12 GB its fp16 CPU session takes
+    give_back_freed_memory()
     return references
 
 
