@@ -162,8 +162,9 @@ def markdown(report: dict) -> str:
         f"Python {machine['python']}, no GPU used"),
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),
         f"- Measured {_dates(report)}; weights: {report['weights']}",
-        ("- Peak resident set in GB: the whole process (the kernel's count), then the highest of each stage "
-        "over the components (the export's own record, `manifest.json` → `export.memory`)"),
+        ("- Peak resident set in GiB (1024³ bytes): the whole process (the kernel's count), then the highest of "
+        "each stage over the components (the export's own record, `manifest.json` → `tools.export_memory`)"),
+        *([f"- {report['note']}"] if report.get("note") else []),
         "",
         "| export | exit | process peak | " + " | ".join(STAGES) + " | wall | output |",
         "|---|---|---|" + "---|" * len(STAGES) + "---|---|",
@@ -174,7 +175,7 @@ def markdown(report: dict) -> str:
                  for s in STAGES}
         lines.append(f"| `{r['command']}` | {r['exit_code']} | **{_gb(r['process_peak_rss_mb'])}** | "
                      + " | ".join(_gb(v) if v is not None else "–" for v in peaks.values())
-                     + f" | {r['wall_s'] / 60:.1f} min | {_gb(r['size_mb']) + ' GB' if 'size_mb' in r else '–'} |")
+                     + f" | {r['wall_s'] / 60:.1f} min | {_gb(r['size_mb']) + ' GiB' if 'size_mb' in r else '–'} |")
     skipped = [(r["command"], name, point) for r in report["results"] for name, points in r.get("points", {}).items()
                for point in points if point.startswith("skipped") and "by request" not in point]
     notes = sorted({f"- `{command}`, {name}: {point}" for command, name, point in skipped

@@ -1,4 +1,4 @@
-"""Real SD architectures (random weights): minutes on 2 cores and ~12 GB of memory, so marked slow.
+"""Real SD architectures (random weights): minutes on 2 cores (SDXL: about 15) and up to 15 GiB of memory, so marked slow.
 
 Run with ``python3 -m pytest -m slow``.
 """
