@@ -66,5 +66,5 @@ def test_sdxl_exports_fp16_valid_and_verified_on_this_machine(tmp_path: Path):
         assert entry.parity["points"][0]["status"] == "passed", name
         onnx.checker.check_model(str(out / entry.onnx), full_check=True)
     assert (out / "unet" / "model.onnx.data").stat().st_size > 4 * 1024**3  # 2.6B weights in fp16
-    stages = {s["stage"] for s in manifest.export["memory"]["stages"]}
+    stages = {s["stage"] for s in manifest.tools["export_memory"]["stages"]}
     assert {f"{name}/{stage}" for name in manifest.components for stage in ("trace", "save", "verify")} <= stages
