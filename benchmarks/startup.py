@@ -30,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's sdexport, installed or not (so do the timed processes: cwd ROOT)
+from result_files import written_by  # noqa: E402  (beside this script, on sys.path as python runs it)
+
 KIND = "sdexport startup benchmark"
 FILES = ("startup.json", "startup.md")
 
@@ -39,13 +41,7 @@ TITLE = "# sdexport startup: how long a new user waits"
 
 def _ours(folder: Path) -> bool:
     """Whether each result file in ``folder`` was written by this script (its kind, its title)."""
-    json_file, md_file = (folder / name for name in FILES)
-    try:
-        if json_file.exists() and json.loads(json_file.read_text(encoding="utf-8")).get("kind") != KIND:
-            return False
-        return not md_file.exists() or md_file.read_text(encoding="utf-8").startswith(TITLE + "\n")
-    except (OSError, ValueError, AttributeError, UnicodeDecodeError):
-        return False
+    return written_by(folder, FILES, KIND, TITLE)
 
 
 def _time(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int, str]:
