@@ -67,11 +67,6 @@ class MemoryLog:
     def peak_mb(self) -> float:
         return max((s.peak_mb for s in self.stages), default=0.0)
 
-    def peak_of(self, prefix: str) -> float:
-        """The highest peak among stages named ``prefix`` or ``prefix/...`` (0 if none ran)."""
-        return max((s.peak_mb for s in self.stages if s.stage == prefix or s.stage.startswith(prefix + "/")),
-                   default=0.0)
-
     def record(self) -> dict[str, object]:
         """For the manifest: rounded to whole MB, which is all the measurement is good for."""
         return {
