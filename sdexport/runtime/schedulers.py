@@ -89,7 +89,7 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
             f"--scheduler ({', '.join(SCHEDULERS)}) or re-export"
         )
     try:
-        scheduler = cls.from_config(config, **overrides)
+        scheduler = _from_config(cls, config, overrides)
     except Exception as exc:  # diffusers validates configs with assorted exception types
         raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({one_line(exc, 300)})") from None
     trained = int(scheduler.config.num_train_timesteps)
@@ -99,6 +99,30 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
             f"the saved scheduler config is inconsistent: {len(table)} noise levels (trained_betas) for "
             f"num_train_timesteps {trained}; re-export"
         )
+    return scheduler
+
+
+def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """``cls.from_config(config, **overrides)``, without its detour through every compatible class.
+
+    diffusers' ``from_config`` imports each class in ``cls._compatibles`` (some fifteen scheduler
+    modules, and scipy.stats for a few of them: about a second here, a quarter of a tiny model's
+    ``run``) only to leave out the config keys those classes take and this one does not. Filtering
+    by this class's own ``__init__`` leaves out the same keys; the rest of the saved config is kept
+    as hidden entries, as ``from_config`` keeps it, so ``scheduler.config`` is the same
+    (tests/test_schedulers.py compares the two for every scheduler name).
+    """
+    used_defaults = set(config.get("_use_default_values", []))  # a live config: those keys were defaults
+    saved = {k: v for k, v in config.items() if k not in used_defaults and k != "_use_default_values"}
+    expected = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"} - set(cls.ignore_for_config)
+    expected |= set(cls._deprecated_kwargs)
+    init = {k: v for k, v in saved.items() if k in expected and not k.startswith("_")}
+    init.update(overrides)
+    scheduler = cls(**init)
+    hidden = {k: v for k, v in saved.items() if k not in init}
+    if "_class_name" in hidden:
+        hidden["_class_name"] = cls.__name__
+    scheduler.register_to_config(**hidden)
     return scheduler
 
 

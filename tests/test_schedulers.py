@@ -1,0 +1,69 @@
+"""The runtime's schedulers are diffusers' own, built as ``from_config`` builds them.
+
+``make_scheduler`` skips ``from_config``'s import of every compatible scheduler class (a second of
+a tiny run's start); these tests pin that what it builds is what ``from_config`` builds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import diffusers
+import pytest
+import torch
+
+from sdexport.errors import SdexportError
+from sdexport.models.presets import PRESETS
+from sdexport.runtime.schedulers import DEFAULT, SCHEDULERS, make_scheduler
+
+CONFIGS = {
+    "sd15": PRESETS["sd15"].scheduler,
+    "sd21-v": PRESETS["sd21"].scheduler,
+    "sdxl": PRESETS["sdxl"].scheduler,
+    # what diffusers' save_config writes: its version, and keys of other scheduler classes
+    "saved-by-diffusers": {**PRESETS["sd15"].scheduler, "_diffusers_version": "0.42.1",
+                           "use_karras_sigmas": False, "solver_order": 3, "rescale_betas_zero_snr": True},
+    # a live scheduler's config: ``_use_default_values`` names keys that were left at their default
+    "live-config": {**diffusers.EulerDiscreteScheduler(timestep_spacing="trailing", steps_offset=1).config,
+                    "_class_name": "EulerDiscreteScheduler"},
+}
+
+
+def _from_config(name: str, config: dict) -> object:
+    class_name, overrides = SCHEDULERS.get(name, (config["_class_name"], {}))
+    return getattr(diffusers, class_name).from_config(config, **overrides)
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("name", [DEFAULT, *SCHEDULERS])
+def test_make_scheduler_builds_what_from_config_builds(name: str, config_name: str) -> None:
+    config = CONFIGS[config_name]
+    ours, theirs = make_scheduler(name, dict(config)), _from_config(name, dict(config))
+    assert type(ours) is type(theirs)
+    assert dict(ours.config) == dict(theirs.config)
+    ours.set_timesteps(20)
+    theirs.set_timesteps(20)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    assert torch.equal(torch.as_tensor(ours.init_noise_sigma), torch.as_tensor(theirs.init_noise_sigma))
+
+
+def test_a_config_diffusers_refuses_is_refused_in_one_line() -> None:
+    config = {**PRESETS["sd15"].scheduler, "beta_schedule": "no-such-schedule"}
+    with pytest.raises(SdexportError, match="cannot build the PNDMScheduler scheduler from its saved config"):
+        make_scheduler(DEFAULT, config)
+
+
+def test_building_a_scheduler_imports_no_other_scheduler_module() -> None:
+    """The point of skipping from_config: no scipy.stats, no fifteen scheduler modules."""
+    code = textwrap.dedent("""
+        import sys
+        from sdexport.models.presets import PRESETS
+        from sdexport.runtime.schedulers import make_scheduler
+        make_scheduler("default", dict(PRESETS["sd15"].scheduler)).set_timesteps(20)
+        modules = sorted(m for m in sys.modules if m.startswith("diffusers.schedulers.scheduling_"))
+        print(" ".join(modules), "scipy.stats" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["diffusers.schedulers.scheduling_pndm", "diffusers.schedulers.scheduling_utils", "False"]
