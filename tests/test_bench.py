@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -41,8 +43,10 @@ def bench_run(tmp_path_factory):
     scenario = root / "smoke.toml"
     scenario.write_text(SMOKE)
     out = root / "out"
-    with cpu_only():
+    err = io.StringIO()
+    with cpu_only(), contextlib.redirect_stderr(err):
         code = run_cli("bench", scenario, "-o", out)
+    (root / "stderr.txt").write_text(err.getvalue())
     return code, out
 
 
@@ -74,6 +78,19 @@ def test_bench_writes_json_markdown_and_png(bench_run):
     assert "no stage marks" in markdown and "host clock" in markdown and "separate marked runs" in markdown
     with Image.open(out / "results.png") as image:
         assert image.format == "PNG" and image.size[0] > 500
+
+
+def test_progress_says_each_step_once_and_each_contender_without_a_terminal(bench_run):
+    """Without a terminal (a CI log) the progress bar is off: a line per contender says how far it got.
+    The model's weights are loaded once, by the export; the bench itself reads configs, and the
+    diffusers baseline builds the weights when it loads."""
+    code, out = bench_run
+    err = (out.parent / "stderr.txt").read_text()
+    assert code == 0
+    assert err.count("Loading tiny") == 1 and err.count("Reading tiny's configs") == 1
+    assert "✓ diffusers: 2 of 2 case(s) measured" in err
+    assert "✓ onnxruntime-cpu: 2 of 2 case(s) measured" in err
+    assert "\x1b[" not in err
 
 
 def test_unavailable_backends_are_named_with_what_to_install(bench_run):
