@@ -201,8 +201,22 @@ def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
     assert "1.11× ⚠" in rows["torch"] and "±25%" in rows["torch"]
     assert "1.25×" in rows["onnxruntime-cpu"] and "⚠" not in rows["onnxruntime-cpu"].split(" | ")[3]
     assert "**Too few repeats**: 3 timed runs per contender; at least 5" in text
+    assert "(raise `repeats` in the scenario, or pass `--repeats`)" in text and "- Command line:" not in text
     assert "**Spread too wide to trust the ratio** (variation over 10% of the mean): torch ±25%" in text
     assert text.lower().count("random weights") == 1
+    assert "GPU busy" not in text  # no GPU measured: no column of dashes, no paragraph about it
+    # flags that replaced the scenario's values are named, and the advice follows them
+    flagged = markdown({**report, "command_line": {"--repeats": 3, "--contenders": "diffusers,torch"}})
+    assert "- Command line: --repeats 3, --contenders diffusers,torch (in place of the scenario's values)" in flagged
+    assert "(raise `--repeats` on the command line)" in flagged
+    from sdexport.bench.harness import command_line
+    from sdexport.bench.plan import Options
+
+    assert command_line(Options()) == {}
+    assert command_line(Options(repeats=3, contenders=["diffusers", "torch"], warmup=0)) == {
+        "--contenders": "diffusers,torch", "--repeats": 3, "--warmup": 0}
+    on_gpu = markdown({**report, "results": [{**base, "gpu_busy": {"fraction": 0.9}}, noisy, few]})
+    assert "| GPU busy |" in on_gpu and "| 90% |" in on_gpu and "GPU busy is the share" in on_gpu
     # printed as written: a table row is one line however narrow the terminal
     from sdexport.cli import _print_markdown
 
@@ -314,11 +328,14 @@ def test_the_chart_puts_speedups_above_the_error_bars(tmp_path, monkeypatch):
     base = _bench_entry("diffusers", [0.5, 0.5, 0.51, 0.5, 0.49], MARKED)
     other = _bench_entry("torch", [0.3, 0.5, 0.4, 0.45, 0.6], MARKED)
     other["speedup_vs_baseline"] = 1.1
+    steady = _bench_entry("onnxruntime-cpu", [0.4, 0.41, 0.4, 0.4, 0.39], MARKED)
+    steady["speedup_vs_baseline"] = 1.25
     labels: list[tuple[str, float]] = []
     real = matplotlib.axes.Axes.annotate
     monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
                         lambda ax, text, xy, *a, **k: labels.append((text, xy[1], k.get("xytext"))) or real(ax, text, xy, *a, **k))
-    plot({"results": [base, other], "environment": {"gpu": None, "host": {"cores": 2}, "date": "2026-12-01"},
-          "random_weights": True, "model": "preset tiny (random weights)", "scenario": {"name": "synthetic"}},
-         tmp_path / "chart.png")
-    assert labels == [("1.10×", 0.6, (0, 4))]  # at the top of the error bar (max), lifted 4 points
+    plot({"results": [base, other, steady], "environment": {"gpu": None, "host": {"cores": 2}, "date": "2026-12-01"},
+          "random_weights": True, "model": "preset tiny (random weights)", "scenario": {"name": "synthetic"},
+          "baseline": "diffusers"}, tmp_path / "chart.png")
+    # at the top of the error bar (max), lifted 4 points; a ratio the table marks ⚠ says so here too
+    assert labels == [("1.10×\n(noisy)", 0.6, (0, 4)), ("1.25×", 0.41, (0, 4))]

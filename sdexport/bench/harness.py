@@ -207,8 +207,18 @@ def _run(
         "environment": env,
         "one_time": one_time,
         "test_hooks": {SLOW_UNET_HOOK: plan.slow_unet} if plan.slow_unet else {},
+        "command_line": command_line(options),
         "results": results,
     }, reused
+
+
+def command_line(options: Options) -> dict[str, Any]:
+    """The flags that replaced the scenario's values in this run (the report names them, so that no
+    figure is read as the scenario file's alone)."""
+    given = {"--contenders": ",".join(options.contenders) if options.contenders else None,
+             "--repeats": options.repeats, "--warmup": options.warmup,
+             "--engine-dir": str(options.engine_dir) if options.engine_dir else None}
+    return {flag: value for flag, value in given.items() if value is not None}
 
 
 def _broken(name: str, stage: str, exc: Exception) -> str:

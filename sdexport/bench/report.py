@@ -77,14 +77,17 @@ def _noisy(entry: dict[str, Any]) -> bool:
     return cv is not None and cv > NOISY_CV
 
 
-def case_warnings(rows: list[dict[str, Any]], baseline: str | None) -> list[str]:
+def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line: dict[str, Any] | None = None) -> list[str]:
     """What a reader must know before trusting a case's table: too few repeats for a spread, a
-    spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why)."""
+    spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why).
+    ``command_line``: the flags that replaced scenario values (the advice names the one that set it)."""
     notes = []
     few = sorted({repeats(r["e2e_s"]) for r in rows if repeats(r["e2e_s"]) < MIN_REPEATS})
     if few:
+        where = ("`--repeats` on the command line" if "--repeats" in (command_line or {})
+                 else "`repeats` in the scenario, or pass `--repeats`")
         notes.append(f"**Too few repeats**: {' or '.join(map(str, few))} timed runs per contender; at least "
-                     f"{MIN_REPEATS} are needed to report a spread (raise `repeats` in the scenario).")
+                     f"{MIN_REPEATS} are needed to report a spread (raise {where}).")
     noisy = [r for r in rows if _noisy(r)]
     if noisy:
         base_noisy = any(r["contender"] == baseline for r in noisy)
@@ -123,7 +126,8 @@ def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
     return entry["case"]["batch"], entry["case"]["steps"]
 
 
-def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, noisy_baseline: bool = False) -> str:
+def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, noisy_baseline: bool = False,
+         busy: bool = True) -> str:
     agreement = r.get("agreement")
     speedup = r.get("speedup_vs_baseline")
     if r["contender"] == baseline:
@@ -139,7 +143,7 @@ def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, nois
         r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _mean_ms(r["text_encoder_s"]),
         *([_mean_ms(r["controlnet_step_s"]) if "controlnet_step_s" in r else "–"] if controlnet else []),
         _mean_ms(r["unet_step_s"]), _mean_ms(r["vae_decoder_s"]), _mean_ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
-        _memory(r), _busy(r), rel, psnr_text,
+        _memory(r), *([_busy(r)] if busy else []), rel, psnr_text,
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -163,6 +167,11 @@ def test_hooks_text(report: dict[str, Any]) -> str | None:
 def _test_hook_lines(report: dict[str, Any]) -> list[str]:
     text = test_hooks_text(report)
     return [f"> **Slowed on purpose**: {text}; these figures measure the hook, not the code.", ""] if text else []
+
+
+def _command_line_words(flags: dict[str, Any]) -> str:
+    given = ", ".join(f"{flag} {value}" for flag, value in flags.items())
+    return f"- Command line: {given} (in place of the scenario's values)"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -192,11 +201,15 @@ def markdown(report: dict[str, Any]) -> str:
                f"edge map at scale {scenario.get('control_scale', 1.0)}, " if scenario.get("controlnets") else "")
             + f"prompt \"{scenario['prompt']}\""
         ),
-        f"- Baseline: {report['baseline'] or 'none'} (speedup = baseline median end-to-end / contender's, same run)",
+        (f"- Baseline: {report['baseline']} (speedup = baseline median end-to-end / contender's, same run)"
+         if report["baseline"] else "- Baseline: none measured (no speedup column figures; add `diffusers` to the "
+         "contenders for one)"),
+        *([_command_line_words(report["command_line"])] if report.get("command_line") else []),
     ]
     measured = [r for r in report["results"] if r["status"] == "measured"]
     phrases = {"cuda events": "CUDA events", "host clock": "the host clock"}
     clocks = sorted({phrases.get(r.get("stage_clock", ""), str(r.get("stage_clock"))) for r in measured})
+    busy = any(_busy(r) != "–" for r in measured)  # a column only where a GPU was measured
     lines += [
         (
             "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no "
@@ -207,9 +220,9 @@ def markdown(report: dict[str, Any]) -> str:
             "over those runs, so they (U-Net and ControlNet per call, times the calls) add up to the marked "
             "runs' mean time; where that is more than "
             f"{STAGES_APART:.0%} away from the end-to-end median, a note under the table says so. ± is the "
-            "end-to-end runs' variation (standard deviation / mean); ⚠ marks a ratio not to be trusted. GPU busy is the share of "
-            "one more run's wall time in which a kernel ran (PyTorch's profiler, every kernel of the "
-            "process; tracing slows the host, so it is a lower bound)."
+            "end-to-end runs' variation (standard deviation / mean); ⚠ marks a ratio not to be trusted."
+            + (" GPU busy is the share of one more run's wall time in which a kernel ran (PyTorch's profiler, "
+               "every kernel of the process; tracing slows the host, so it is a lower bound)." if busy else "")
         ),
         "",
     ]
@@ -222,14 +235,15 @@ def markdown(report: dict[str, Any]) -> str:
             (
                 "| contender | end-to-end ms, median (min–max) ±variation | images/s | speedup | text enc. ms "
                 + ("| ControlNet ms/step " if controlnet else "")
-                + "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory | GPU busy | latents rel-L2 | PSNR dB |"
+                + "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory "
+                + ("| GPU busy " if busy else "") + "| latents rel-L2 | PSNR dB |"
             ),
-            "|---" * (14 if controlnet else 13) + "|",
+            "|---" * (12 + controlnet + busy) + "|",
         ]
         noisy_baseline = any(_noisy(r) for r in rows if r["contender"] == report["baseline"])
-        lines += [_row(r, report["baseline"], controlnet, noisy_baseline) for r in rows]
+        lines += [_row(r, report["baseline"], controlnet, noisy_baseline, busy) for r in rows]
         lines.append("")
-        warnings = case_warnings(rows, report["baseline"])
+        warnings = case_warnings(rows, report["baseline"], report.get("command_line"))
         if warnings:
             lines += [*[w for note in warnings for w in (note, ">")][:-1], ""]
     one_time = report["one_time"]
@@ -265,6 +279,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     names = list(dict.fromkeys(r["contender"] for r in measured))
     fig, (ax_time, ax_parts) = plt.subplots(1, 2, figsize=(13, 5.6))
     width = 0.8 / max(1, len(names))
+    noisy_baseline = {_case_key(r) for r in measured if r["contender"] == report.get("baseline") and _noisy(r)}
     for i, name in enumerate(names):
         rows = {_case_key(r): r for r in measured if r["contender"] == name}
         xs = [c + i * width for c, case in enumerate(cases) if case in rows]
@@ -274,8 +289,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         bars = ax_time.bar(xs, medians, width, yerr=errors, capsize=3, label=name)
         for bar, case in zip(bars, [c for c in cases if c in rows]):
             speedup = rows[case].get("speedup_vs_baseline")
-            if speedup:  # above the error bar's top, not on it
-                ax_time.annotate(f"{speedup:.2f}×", (bar.get_x() + bar.get_width() / 2, rows[case]["e2e_s"]["max"]),
+            if speedup:  # above the error bar's top, not on it; marked as the table marks it (⚠)
+                untrusted = _noisy(rows[case]) or case in noisy_baseline
+                ax_time.annotate(f"{speedup:.2f}×" + ("\n(noisy)" if untrusted else ""), (bar.get_x() + bar.get_width() / 2, rows[case]["e2e_s"]["max"]),
                                  xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax_time.set_xticks([c + width * (len(names) - 1) / 2 for c in range(len(cases))])
     ax_time.set_xticklabels([f"batch {b}\n{s} steps" for b, s in cases])
