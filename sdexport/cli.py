@@ -350,7 +350,13 @@ def run(
     from sdexport.runtime.images import check_image_output
     from sdexport.runtime.loading import resolve_backend, verify_for_backend
     from sdexport.runtime.providers import require_backend
-    from sdexport.runtime.request import GenerationRequest, check_backend, check_request, ignored_settings
+    from sdexport.runtime.request import (
+        MAX_SEED,
+        GenerationRequest,
+        check_backend,
+        check_request,
+        ignored_settings,
+    )
 
     if batch < 1:
         raise SdexportError(f"--batch {batch}: need at least 1 image per prompt")
@@ -370,6 +376,10 @@ def run(
     if len(prompt) * batch > MAX_IMAGES_PER_RUN:  # before making a list of that many prompts
         raise SdexportError(f"{len(prompt) * batch} images in one run: at most {MAX_IMAGES_PER_RUN}; run several times")
     prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)
+    if 0 <= seed <= MAX_SEED < seed + len(prompts) - 1:  # image i uses seed + i
+        raise SdexportError(f"--seed {seed}: image {MAX_SEED - seed + 2} of {len(prompts)} would need seed "
+                            f"{MAX_SEED + 1}, past the largest (2^64-1); pass --seed {MAX_SEED - len(prompts) + 1} "
+                            "or less")
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
     controls = _control_images(control_image, height, width)

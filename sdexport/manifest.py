@@ -160,6 +160,9 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
     ``verify_files`` (from the hash records where a file has not changed, unless ``rehash``).
     """
     if not directory.is_dir():
+        if directory.exists():
+            hint = f" (the folder that holds it is {directory.parent})" if directory.name == MANIFEST_NAME else ""
+            raise EngineDirError(f"{directory} is a file, not an engine directory{hint}")
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
     if not path.is_file():

@@ -40,7 +40,10 @@ def no_engines(monkeypatch):
     (["--height", "4096"], "height 4096 is outside the engines' profile"),
     (["--seed", "-1"], "seed -1: seeds are integers from 0 to 2^64-1"),
     (["--seed", str(2**64)], "seed 18446744073709551616: seeds are integers"),
-    (["--seed", str(2**64 - 1), "--batch", "2"], "seed 18446744073709551616: seeds are integers"),
+    (["--seed", str(2**64 - 1), "--batch", "2"], ("--seed 18446744073709551615: image 2 of 2 would need seed "
+                                                 "18446744073709551616, past the largest (2^64-1); pass --seed "
+                                                 "18446744073709551614 or less")),
+    (["-p", "  "], "prompt 2 of 2 is empty; give the text to generate from"),
     (["--steps", "0"], "--steps 0: need at least 1 step"),
     (["--steps", "1001"], "the model was trained on 1000 timesteps"),
     (["--guidance", "nan"], "--guidance nan: need a finite number >= 0"),
@@ -76,9 +79,39 @@ def test_the_api_checks_requests_too(pipeline):
         (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "--guidance nan"),
         (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
+        (GenerationRequest(prompt=[""], height=64, width=64), "the prompt is empty"),
+        # more images than the profile takes at once: the API says how to split them (the CLI splits)
+        (GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64),
+         r"3 images in one call: the engines' profile takes at most 2; split the request \(request.split\(2\)"),
     ]:
         with pytest.raises(SdexportError, match=message):
             pipeline(request)
+    request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64)
+    assert [len(part.prompt) for part in request.split(2)] == [2, 1]
+    for part in request.split(2):
+        pipeline.check(part)
+
+
+def test_the_api_names_the_path_it_was_given_not_a_cli_flag(pipeline, tmp_path):
+    result = pipeline(GenerationRequest(prompt=["x"], steps=1, height=64, width=64))
+    with pytest.raises(SdexportError) as refused:
+        result.save(tmp_path / "x.gif")
+    assert str(refused.value) == f"{tmp_path / 'x.gif'}: sdexport writes .png, .jpg/.jpeg or .webp images, not .gif"
+    (tmp_path / "mine.png").write_bytes(b"not sdexport's")
+    with pytest.raises(SdexportError, match=r"^\S*mine.png: \S*mine.png exists and was not written by sdexport"):
+        result.save(tmp_path / "mine.png")
+
+
+@pytest.mark.parametrize("path", ["a file", "manifest.json"])
+def test_a_file_given_as_engine_directory_is_called_a_file(tiny_engine_dir, tmp_path, capsys, path):
+    given = tiny_engine_dir / "manifest.json" if path == "manifest.json" else tmp_path / "notes.txt"
+    if not given.exists():  # the shared engine directory's manifest is left as it is
+        given.touch()
+    for command in (["run", given, "-p", "x", "-o", tmp_path / "x.png"], ["inspect", given]):
+        assert run_cli(*command) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"{given} is a file, not an engine directory" in err and "no such" not in err
+    assert ("(the folder that holds it is" in err) == (path == "manifest.json")
 
 
 @pytest.mark.parametrize("case", ["user file", "inside a file"])

@@ -27,13 +27,15 @@ JPEG_EXIF_LIMIT = 65_000
 _SOFTWARE, _DESCRIPTION, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x010E, 0x8769, 0x9286
 
 
-def image_format(path: Path) -> str:
-    """The format ``path``'s suffix asks for (PNG without one); any other suffix is refused."""
+def image_format(path: Path, label: str | None = None) -> str:
+    """The format ``path``'s suffix asks for (PNG without one); any other suffix is refused.
+    ``label``: how errors name the path (``-o PATH`` in the CLI's words, the default)."""
     suffix = path.suffix.lower()
     if not suffix:
         return "PNG"
     if suffix not in IMAGE_FORMATS:
-        raise SdexportError(f"-o {path}: sdexport writes .png, .jpg/.jpeg or .webp images, not {path.suffix}")
+        raise SdexportError(f"{label or f'-o {path}'}: sdexport writes .png, .jpg/.jpeg or .webp images, "
+                            f"not {path.suffix}")
     return IMAGE_FORMATS[suffix]
 
 
@@ -44,26 +46,29 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
-def check_image_output(output: Path, count: int) -> None:
+def check_image_output(output: Path, count: int, label: str | None = None) -> None:
     """Refuse an image path that cannot be written, or a file that sdexport did not write, up front.
 
     An existing file is replaced only when it is an image that sdexport made (it carries our
-    metadata): generating must never overwrite a user's own picture.
+    metadata): generating must never overwrite a user's own picture. ``label``: how errors name the
+    path (``-o PATH``, the CLI's words, by default; the Python API names the path alone).
     """
     if not str(output).strip() or output.name in ("", ".", ".."):
-        raise SdexportError(f"-o {str(output)!r}: give an image file name such as out/image.png")
+        raise SdexportError(f"{'-o ' if label is None else ''}{str(output)!r}: give an image file name "
+                            "such as out/image.png")
+    label = label or f"-o {output}"
     if output.is_dir():
-        raise SdexportError(f"-o {output} is a directory; give a file name such as {output / 'image.png'}")
-    image_format(output)
+        raise SdexportError(f"{label} is a directory; give a file name such as {output / 'image.png'}")
+    image_format(output, label)
     from sdexport.output_dir import require_creatable
 
-    require_creatable(output.parent, f"-o {output}", nothing="no image can be written")  # every image's folder
+    require_creatable(output.parent, label, nothing="no image can be written")  # every image's folder
     for path in output_paths(output, count):
         if path.is_symlink() or path.is_dir():
-            raise SdexportError(f"-o {output}: {path} is a directory or a link; choose another name")
+            raise SdexportError(f"{label}: {path} is a directory or a link; choose another name")
         if path.exists() and not _written_by_sdexport(path):
             raise SdexportError(
-                f"-o {output}: {path} exists and was not written by sdexport; choose another name or move it"
+                f"{label}: {path} exists and was not written by sdexport; choose another name or move it"
             )
 
 
@@ -108,7 +113,7 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
 
 
 def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | None = None, *,
-                first: int = 0, count: int | None = None) -> list[Path]:
+                first: int = 0, count: int | None = None, label: str | None = None) -> list[Path]:
     """Write ``result``'s images to ``output`` (``NAME-0.EXT``, ... for several) in the format of its
     suffix, each with the parameters that made it; ``info`` adds to (and overrides) ``result.info``.
     ``first`` and ``count``: the images are numbers ``first``... of ``count`` written in several calls.
@@ -116,7 +121,7 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | N
     Refuses to replace a file sdexport did not write; each file appears whole or not at all.
     """
     count = len(result.images) if count is None else count
-    check_image_output(output, count)
+    check_image_output(output, count, label)
     paths = output_paths(output, count)[first:first + len(result.images)]
     for i, path in enumerate(paths):
         with atomic_path(path) as tmp:

@@ -141,7 +141,7 @@ class GenerationResult:
         several), with the same metadata; never over a file sdexport did not write."""
         from sdexport.runtime.images import save_images
 
-        return save_images(self, Path(path))
+        return save_images(self, Path(path), label=str(path))  # errors name the path, not a CLI flag
 
 
 class Txt2ImgPipeline:
