@@ -16,8 +16,9 @@ from typing import Any, Literal
 
 from rich.console import Console
 
-console = Console(stderr=True, highlight=False)
-"""Progress, notes and summaries (stderr); silent with ``-q``."""
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+"""Progress, notes and summaries (stderr); silent with ``-q``. Lines are never broken here: a
+terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole."""
 out = Console(highlight=False)
 """Results a script may read (stdout): tables, paths, Markdown."""
 error_console = Console(stderr=True, highlight=False)

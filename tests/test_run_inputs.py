@@ -137,9 +137,13 @@ def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path,
     long = "a very long prompt " * 10  # the byte-level tiny tokenizer: one token per character
     out = tmp_path / "long.png"
     assert run_cli("run", tiny_engine_dir, "-p", long, "--steps", "1", "-o", out) == 0
-    err = " ".join(capsys.readouterr().err.split())
+    raw = capsys.readouterr().err
+    err = " ".join(raw.split())
     assert "warning: prompt 1 is longer than the 77 tokens the text encoder reads; it reads only:" in err
     params = json.loads(Image.open(out).text["sdexport"])
+    # one line, however narrow the log: the quoted prompt can be copied as it is
+    assert any(line.startswith("warning: prompt 1 is longer") and repr(params["prompt"]) in line
+               for line in raw.splitlines())
     assert params["truncated_from"] == {"prompt": long}
     assert long.startswith(params["prompt"]) and 20 < len(params["prompt"]) < len(long)
     assert Image.open(out).text["parameters"].startswith(params["prompt"] + "\n")
