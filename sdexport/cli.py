@@ -33,6 +33,7 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Stable Diffusion checkpoints → verified ONNX → TensorRT engines → a slim runtime, and benchmarks.",
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Say nothing on stderr but errors (results still go to stdout).")]
@@ -173,7 +174,7 @@ def inspect(
 
 @app.command()
 def adopt(
-    directory: Annotated[Path, typer.Argument(help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, <component>/model.onnx + config.json).")],
+    directory: Annotated[Path, typer.Argument(help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, COMPONENT/model.onnx + config.json).")],
     model: Annotated[str | None, typer.Option(help="The checkpoint (or preset) it was exported from: each graph is then compared with PyTorch, and --backend torch can run it.")] = None,
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
     height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("the family's (SD 256:512:1024, SDXL 512:1024:1536)"))] = None,
@@ -588,6 +589,9 @@ class _BenchGroup(typer.core.TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         first = _first_word(args)
+        if first is None and "--help" not in args:
+            raise SdexportError("bench: give a scenario file (sdexport bench SCENARIO, e.g. "
+                                "benchmarks/scenarios/tiny-cpu.toml), or compare or cache-key")
         if first is not None and first not in self.commands and first != "--help":
             args = ["run", *args]
         return super().parse_args(ctx, args)

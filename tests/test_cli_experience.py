@@ -28,6 +28,26 @@ def test_version_is_printed_on_stdout(capsys):
     assert capsys.readouterr().out.strip() == f"sdexport {__version__}"
 
 
+def test_help_reflows_docstrings_and_bench_alone_says_what_it_needs():
+    """Help paragraphs are reflowed (a docstring's line breaks are the source's, not the reader's),
+    and ``sdexport bench`` without a scenario says what to give rather than "Missing command"."""
+    import os
+
+    env = {**os.environ, "COLUMNS": "200", "TERMINAL_WIDTH": "200"}
+    top = subprocess.run([sys.executable, "-m", "sdexport", "--help"], capture_output=True, text=True, env=env).stdout
+    assert "and write its manifest, so that sdexport run, build and bench use it" in top
+    inspect_help = subprocess.run([sys.executable, "-m", "sdexport", "inspect", "--help"], capture_output=True,
+                                  text=True, env=env).stdout
+    assert "and also when a graph is not what the manifest says" in inspect_help
+    adopt_help = subprocess.run([sys.executable, "-m", "sdexport", "adopt", "--help"], capture_output=True,
+                                text=True, env=env).stdout
+    assert "COMPONENT/model.onnx" in adopt_help
+    bare = _sdexport("bench")
+    assert bare.returncode == 2 and bare.stderr.strip() == (
+        "error: bench: give a scenario file (sdexport bench SCENARIO, e.g. benchmarks/scenarios/tiny-cpu.toml), "
+        "or compare or cache-key")
+
+
 def test_conflicting_and_unknown_verbosity_is_one_line(capsys):
     assert run_cli("-q", "-v", "inspect", "x") == 2
     assert run_cli("inspect", "x", "--verbosity", "loud") == 2
