@@ -21,6 +21,7 @@ from sdexport.console import (
     error_console,
     out,
     set_verbosity,
+    step,
     verbosity,
 )
 from sdexport.errors import ProfileError, SdexportError
@@ -442,10 +443,12 @@ def run(
     require_backend(resolved)
     from sdexport.runtime.schedulers import check_steps  # diffusers: needed to run anyway
 
-    check_steps(request.scheduler, scheduler_config, request.steps)
-    # hashes: the directory is what the manifest says
-    verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
-                       image_inputs=request.image is not None, lora=bool(loras))
+    # a line each, on a terminal or in a log: loading torch and diffusers takes seconds before any engine
+    with step("Checking the scheduler and the engine files"):
+        check_steps(request.scheduler, scheduler_config, request.steps)
+        # hashes: the directory is what the manifest says
+        verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
+                           image_inputs=request.image is not None, lora=bool(loras))
     for note in [*ignored_settings(request), *notes]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:
@@ -547,7 +550,7 @@ def _generate(
 
     first, sizes = parts[0], sorted({part.batch for part in parts})
     wanted = ShapeProfile((sizes[0], sizes[-1], sizes[-1]), (first.height,) * 3, (first.width,) * 3)  # every call's batch
-    with console.status(f"Loading engines ({backend})…"):
+    with step(f"Loading engines ({backend})"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
                                  image_inputs=first.image is not None, loras=loras)

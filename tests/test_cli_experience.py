@@ -77,9 +77,13 @@ def test_run_names_the_scheduler_that_ran_and_leaves_out_empty_fields(tiny_engin
 
     out = tmp_path / "x.png"
     assert run_cli("run", tiny_engine_dir, "-p", "a fox", "--steps", "3", "-o", out) == 0
-    err = " ".join(capsys.readouterr().err.split())
+    raw = capsys.readouterr().err
+    err = " ".join(raw.split())
     assert "4 U-Net calls for 3 steps: PNDM's first step takes two (its multistep warm-up)" in err
     assert err.count("random weights") == 1
+    # where the seconds before the first step go, a line each even without a terminal (a log)
+    assert [line.split(" (")[0] for line in raw.splitlines() if line.startswith("✓")] == [
+        "✓ Checking the scheduler and the engine files", "✓ Loading engines"]
     image = Image.open(out)
     record = json.loads(image.text["sdexport"])
     assert record["scheduler"] == "pndm" and "negative_prompt" not in record
