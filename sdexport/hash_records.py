@@ -122,6 +122,23 @@ class HashRecords:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(self.path, json.dumps(data) + "\n")
-        except OSError:
+        except OSError as exc:
+            _say_unwritable(self.path.parent, exc)
             return
         self.changed = False
+
+
+_said: set[Path] = set()
+
+
+def _say_unwritable(folder: Path, exc: OSError) -> None:
+    """Say once per folder that records cannot be kept: silently, every run would hash gigabytes again."""
+    if folder in _said:
+        return
+    _said.add(folder)
+    from sdexport.console import console
+    from sdexport.errors import one_line
+
+    console.print(f"[yellow]note:[/] cannot keep hash records in {folder} ({one_line(exc, 120)}), so every check "
+                  f"hashes the engine files again; set SDEXPORT_CACHE_DIR to a writable folder, or "
+                  f"{ENVIRONMENT}=0 to hash every time without this note", markup=True, highlight=False)

@@ -38,7 +38,9 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
     out.print(f"[dim]{tools}; created {manifest.created}[/]", soft_wrap=True)
     points = {name: points_words(entry.parity) for name, entry in manifest.components.items()}
     shared = next(iter(points.values())) if len(set(points.values())) == 1 else None
-    table = Table(title="Components (worst error over the checked points)", title_justify="left",
+    checked = any(p.get("outputs") for entry in manifest.components.values() for p in entry.parity.get("points", []))
+    table = Table(title="Components" + (" (worst error over the checked points)" if checked else ""),
+                  title_justify="left",
                   caption=f"verification, each component: {shared}" if shared else None, caption_justify="left")
     for column in ("component", "size", "parity", "max-abs", "rel-L2", "tol.", "engines"):
         table.add_column(column, justify="right" if column != "component" else "left")

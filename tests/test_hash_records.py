@@ -119,3 +119,18 @@ def test_records_are_skipped_without_a_cache_and_odd_paths_work(tmp_path: Path, 
     odd = tmp_path / os.fsdecode(b"odd-\xff")
     engine_copy.rename(odd)
     verify_files_of(odd, load_manifest(odd, verify_files=False))
+
+
+def test_a_cache_that_cannot_be_written_is_said_once(tmp_path: Path, engine_copy: Path, monkeypatch, capsys):
+    """Silently, every run would hash the engine files again; the note says so once, and the run goes on."""
+    from sdexport import user_cache
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(user_cache.ENVIRONMENT, str(blocker))
+    monkeypatch.setattr(hash_records, "_said", set())
+    assert run_cli("inspect", engine_copy) == 0
+    assert run_cli("inspect", engine_copy) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count(f"note: cannot keep hash records in {blocker / 'hashes'}") == 1
+    assert "so every check hashes the engine files again; set SDEXPORT_CACHE_DIR to a writable folder" in err
