@@ -356,6 +356,7 @@ def run(
         MAX_SEED,
         GenerationRequest,
         check_backend,
+        check_prompt_text,
         check_request,
         ignored_settings,
     )
@@ -416,6 +417,7 @@ def run(
     if len(images) > 1:
         request.mask = [_fit(images[1], request, fit, f"--mask {mask}", notes)]
     scheduler_config = read_scheduler_config(engine_dir)
+    check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
     parts = request.split(profile.batch[2])  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (parts differ in batch only)

@@ -136,9 +136,12 @@ def _say_unwritable(folder: Path, exc: OSError) -> None:
     if folder in _said:
         return
     _said.add(folder)
+    from rich.markup import escape
+
     from sdexport.console import console
     from sdexport.errors import one_line
 
-    console.print(f"[yellow]note:[/] cannot keep hash records in {folder} ({one_line(exc, 120)}), so every check "
+    console.print(f"[yellow]note:[/] cannot keep hash records in {escape(str(folder))} "
+                  f"({escape(one_line(exc, 120))}), so every check "
                   f"hashes the engine files again; set SDEXPORT_CACHE_DIR to a writable folder, or "
                   f"{ENVIRONMENT}=0 to hash every time without this note", markup=True, highlight=False)

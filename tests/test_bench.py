@@ -46,8 +46,11 @@ def bench_run(tmp_path_factory):
     err = io.StringIO()
     with cpu_only(), contextlib.redirect_stderr(err):
         code = run_cli("bench", scenario, "-o", out)
-    (root / "stderr.txt").write_text(err.getvalue())
+    _BENCH_STDERR[out] = err.getvalue()  # beside the output folder it would be an unexpected file
     return code, out
+
+
+_BENCH_STDERR: dict[Path, str] = {}
 
 
 def test_bench_writes_json_markdown_and_png(bench_run):
@@ -85,7 +88,7 @@ def test_progress_says_each_step_once_and_each_contender_without_a_terminal(benc
     The model's weights are loaded once, by the export; the bench itself reads configs, and the
     diffusers baseline builds the weights when it loads."""
     code, out = bench_run
-    err = (out.parent / "stderr.txt").read_text()
+    err = _BENCH_STDERR[out]
     assert code == 0
     assert err.count("Loading tiny") == 1 and err.count("Reading tiny's configs") == 1
     assert "✓ diffusers: 2 of 2 case(s) measured" in err

@@ -125,7 +125,8 @@ def test_a_cache_that_cannot_be_written_is_said_once(tmp_path: Path, engine_copy
     """Silently, every run would hash the engine files again; the note says so once, and the run goes on."""
     from sdexport import user_cache
 
-    blocker = tmp_path / "a-file"
+    (tmp_path / "d[").mkdir()
+    blocker = tmp_path / "d[" / "b][red]"  # '.../d[/b][red]': rich markup in the path, printed as it is
     blocker.write_text("not a folder")
     monkeypatch.setenv(user_cache.ENVIRONMENT, str(blocker))
     monkeypatch.setattr(hash_records, "_said", set())

@@ -44,6 +44,8 @@ def no_engines(monkeypatch):
                                                  "18446744073709551616, past the largest (2^64-1); pass --seed "
                                                  "18446744073709551614 or less")),
     (["-p", "  "], "prompt 2 of 2 is empty; give the text to generate from"),
+    # split over three calls (at most 2 images each): counted over the whole run, refused before loading
+    (["-p", "b", "-p", " ", "-p", "c", "-p", "d", "-p", "e"], "prompt 3 of 6 is empty"),
     (["--steps", "0"], "--steps 0: need at least 1 step"),
     (["--steps", "1001"], "the model was trained on 1000 timesteps"),
     (["--guidance", "nan"], "--guidance nan: need a finite number >= 0"),
@@ -79,7 +81,6 @@ def test_the_api_checks_requests_too(pipeline):
         (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "--guidance nan"),
         (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
-        (GenerationRequest(prompt=[""], height=64, width=64), "the prompt is empty"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
         (GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64),
          r"3 images in one call: the engines' profile takes at most 2; split the request \(request.split\(2\)"),
@@ -90,6 +91,19 @@ def test_the_api_checks_requests_too(pipeline):
     assert [len(part.prompt) for part in request.split(2)] == [2, 1]
     for part in request.split(2):
         pipeline.check(part)
+
+
+def test_blank_prompts_are_refused_by_run_and_accepted_by_the_api(pipeline):
+    """run refuses a blank prompt (an unset variable, say); SDXL's second prompt may carry the text;
+    the Python API generates unconditionally from one, as diffusers does."""
+    from sdexport.runtime.request import check_prompt_text
+
+    with pytest.raises(SdexportError, match="^the prompt is empty; give the text to generate from$"):
+        check_prompt_text([" \n"])
+    check_prompt_text(["", "x"], ["a castle", "y"])  # the second prompt carries it
+    with pytest.raises(SdexportError, match="^prompt 2 of 2 is empty"):
+        check_prompt_text(["x", ""], ["y", " "])
+    assert pipeline(GenerationRequest(prompt=[""], steps=1, height=64, width=64)).images
 
 
 def test_the_api_names_the_path_it_was_given_not_a_cli_flag(pipeline, tmp_path):

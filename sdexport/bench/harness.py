@@ -109,7 +109,8 @@ def _run(
 
     start = time.perf_counter()
     # lazy: configs and tokenizers now, weights only when a PyTorch baseline loads (_load), so the
-    # export below, which loads the model again one part at a time, never holds a second copy
+    # export below, which loads the model again one part at a time, holds no second copy of them
+    # (ControlNets excepted: they are read at once, lazy or not)
     with step(f"Reading {scenario.model}'s configs"):
         model = load_model(scenario.model, controlnets=scenario.controlnets, lazy=True)
     one_time["model"] = {"load_s": time.perf_counter() - start}
@@ -179,7 +180,8 @@ def _run(
                 del contender
                 _free_device()
             # a line per contender: the bar above is for terminals; a CI log sees these
-            console.print(f"[green]✓[/] {name}: {len(measured)} of {len(scenario.cases)} case(s) measured "
+            mark = "[green]✓[/]" if measured else "[yellow]✗[/]"
+            console.print(f"{mark} {name}: {len(measured)} of {len(scenario.cases)} case(s) measured "
                           f"[dim]({time.perf_counter() - began:.1f} s)[/]")
             for case, entry in measured:
                 output = entry.pop("_output")

@@ -126,6 +126,16 @@ class GenerationRequest:
 SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
 
 
+def check_prompt_text(prompts: list[str], prompts_2: list[str] | None = None) -> None:
+    """``run`` refuses a blank prompt (an unset shell variable, say), as ``serve`` does, rather than
+    spend a run generating from nothing; SDXL's second prompt may carry the text instead. The Python
+    API and bench scenarios accept one (unconditional generation, as diffusers does)."""
+    for i, text in enumerate(prompts):
+        if isinstance(text, str) and not text.strip() and not (prompts_2 and str(prompts_2[i]).strip()):
+            which = "the prompt is" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)} is"
+            raise SdexportError(f"{which} empty; give the text to generate from")
+
+
 def check_request(
     request: GenerationRequest,
     *,
@@ -146,10 +156,6 @@ def check_request(
         raise SdexportError("no prompt given: pass at least one --prompt")
     if not all(isinstance(p, str) for p in request.prompt):
         raise SdexportError("prompts must be text")
-    empty = [i for i, p in enumerate(request.prompt) if not p.strip()]
-    if empty:  # an unset shell variable, say: refused as `serve` refuses it, not generated from
-        which = "the prompt is" if request.batch == 1 else f"prompt {empty[0] + 1} of {request.batch} is"
-        raise SdexportError(f"{which} empty; give the text to generate from")
     if request.negative_prompt is not None and len(request.negative_prompt) != request.batch:
         raise SdexportError(
             f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one "
@@ -181,10 +187,6 @@ def check_request(
         value = getattr(request, axis)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
-    if request.batch > profile.batch[2]:  # the CLI splits before it asks; an API caller is told how
-        raise ProfileError(f"{request.batch} images in one call: the engines' profile takes at most "
-                           f"{profile.batch[2]}; split the request (request.split({profile.batch[2]}), as "
-                           "`sdexport run` does) or re-export with a wider --batch")
     profile.check_request(request.batch, request.height, request.width, dims)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets)

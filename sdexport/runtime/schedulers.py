@@ -110,7 +110,9 @@ def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) ->
     ``run``) only to leave out the config keys those classes take and this one does not. Filtering
     by this class's own ``__init__`` leaves out the same keys; the rest of the saved config is kept
     as hidden entries, as ``from_config`` keeps it, so ``scheduler.config`` is the same
-    (tests/test_schedulers.py compares the two for every scheduler name).
+    (tests/test_schedulers.py compares the two for every scheduler name). Known differences, in
+    configs no scheduler saves: a ``dtype`` key (``from_config`` passes it on and fails) and
+    DDIMInverseScheduler's deprecated ``set_alpha_to_zero`` (kept in its config there, not here).
     """
     used_defaults = set(config.get("_use_default_values", []))  # a live config: those keys were defaults
     saved = {k: v for k, v in config.items() if k not in used_defaults and k != "_use_default_values"}

@@ -187,6 +187,11 @@ class Txt2ImgPipeline:
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
+        largest = self.profile.batch[2]
+        if isinstance(request.prompt, list) and len(request.prompt) > largest:  # `sdexport run` splits by itself; an API caller is told how
+            raise ProfileError(f"{len(request.prompt)} images in one call: the engines' profile takes at most "
+                               f"{largest}; split the request (request.split({largest}), as `sdexport run` "
+                               "does) or re-export with a wider --batch")
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets))
         if request.image is not None and "vae_encoder" not in self.engines:
