@@ -115,7 +115,7 @@ def test_timings_cover_every_stage(pipelines):
     [
         ({"height": 512}, ProfileError, r"height 512 is outside the engines' profile: height must be in \[64, 256\]"),
         ({"width": 72}, ProfileError, "width 72 must be a multiple of 16"),
-        ({"prompt": ["a"] * 3, "seeds": [0, 1, 2]}, ProfileError, r"batch 3 is outside.*\[1, 2\]"),
+        ({"prompt": ["a"] * 3, "seeds": [0, 1, 2]}, ProfileError, r"3 images in one call: the engines. profile takes at most 2; split"),
         ({"scheduler": "heun9"}, SdexportError, "unknown scheduler 'heun9'"),
         ({"prompt": [], "seeds": []}, SdexportError, "no prompt given"),
     ],

@@ -113,15 +113,24 @@ class _Sampler(threading.Thread):
         self.peak = max(self.peak, resident_bytes())
 
 
+WORTH_COLLECTING_BYTES = 2 * 1024**3
+"""Below this resident size ``give_back_freed_memory`` does nothing: a full collection costs about
+a quarter of a second once torch and onnx are loaded (15 of them were a quarter of a tiny export's
+time, and the default test run exports dozens of tiny models), and there is nothing there to win."""
+
+
 def give_back_freed_memory() -> None:
     """Collect garbage and hand freed heap memory back to the system (glibc's ``malloc_trim``).
 
     Freed blocks otherwise stay in the process, and the next component's peak would stack on the
     last one's leftovers (measured: 4.9 GB still resident after the SDXL text encoder 2's
-    verification, before the U-Net's 10 GB of weights arrived). Elsewhere only the collection runs."""
+    verification, before the U-Net's 10 GB of weights arrived). Elsewhere only the collection runs.
+    A small process (under ``WORTH_COLLECTING_BYTES``) is left as it is."""
     import ctypes
     import gc
 
+    if resident_bytes() < WORTH_COLLECTING_BYTES:
+        return
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -131,7 +131,8 @@ def check_prompt_text(prompts: list[str], prompts_2: list[str] | None = None) ->
     spend a run generating from nothing; SDXL's second prompt may carry the text instead. The Python
     API and bench scenarios accept one (unconditional generation, as diffusers does)."""
     for i, text in enumerate(prompts):
-        if isinstance(text, str) and not text.strip() and not (prompts_2 and str(prompts_2[i]).strip()):
+        second = prompts_2[i] if prompts_2 and i < len(prompts_2) else None
+        if isinstance(text, str) and not text.strip() and not (isinstance(second, str) and second.strip()):
             which = "the prompt is" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)} is"
             raise SdexportError(f"{which} empty; give the text to generate from")
 
