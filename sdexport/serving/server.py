@@ -108,7 +108,6 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
         try:
             triton.run()
         except (Exception, KeyboardInterrupt) as exc:  # the server exited or never turned ready: its log says why
-            loading.clear()  # first: the watcher interrupts no more
             if isinstance(exc, KeyboardInterrupt) and not exited.is_set():
                 raise
             raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file)}") from None
@@ -131,12 +130,8 @@ def _watch_start(triton: object, loading: threading.Event, exited: threading.Eve
         started = started or alive
         if started and not alive:
             exited.set()
-            # Again every 2 s until the main thread stops waiting: an interrupt that lands while it
-            # is inside the HTTP client's wait can be lost (seen once in a full test run: the
-            # start-up timeout's 300 s instead of seconds).
-            while loading.is_set():
+            if loading.is_set():
                 _thread.interrupt_main()
-                time.sleep(2.0)
             return
         time.sleep(0.2)
 
