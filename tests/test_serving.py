@@ -460,17 +460,34 @@ def test_serve_names_a_damaged_engine_file_before_starting_triton(engine_copy, c
     assert "unet/model.onnx does not match its sha256" in capsys.readouterr().err
 
 
+_FAILED_LOAD = """
+import sys
+from pathlib import Path
+from sdexport.errors import SdexportError
+from sdexport.serving.server import Ports, run_server
+repo, log, *ports = sys.argv[1:]
+try:
+    run_server(Path(repo), Ports(*map(int, ports), address="127.0.0.1"), startup_timeout_s=300,
+               drain_timeout_s=5, log_file=Path(log), on_ready=lambda: None)
+except SdexportError as exc:
+    print(exc)
+"""
+
+
 def test_a_model_that_fails_to_load_is_reported_at_once_in_its_own_words(tmp_path):
-    """Triton exits within seconds; PyTriton alone would poll for the whole start-up timeout."""
+    """Triton exits within seconds; PyTriton alone would poll for the whole start-up timeout.
+
+    In a process of its own, as `sdexport serve` runs: inside a full test session (after dozens of
+    servers and subprocesses) the exit went unnoticed in three fresh-clone runs, though the test
+    passes alone (cause not found; see docs/design-notes.md)."""
     from sdexport.serving.repository import Batching, write_repository
-    from sdexport.serving.server import Ports, run_server
     from sdexport.serving.triton_model import ServeSettings
 
     write_repository(tmp_path / "repo", ServeSettings(str(tmp_path / "gone"), backend=BACKEND), 2, Batching())
     started = time.monotonic()
-    with pytest.raises(SdexportError, match=r"the model did not load: .*gone: no such engine directory"):
-        run_server(tmp_path / "repo", Ports(*_free_ports(3), address="127.0.0.1"), startup_timeout_s=300,
-                   drain_timeout_s=5, log_file=tmp_path / "triton.log", on_ready=lambda: None)
+    done = subprocess.run([sys.executable, "-c", _FAILED_LOAD, str(tmp_path / "repo"), str(tmp_path / "triton.log"),
+                           *map(str, _free_ports(3))], capture_output=True, text=True, timeout=240)
+    assert "the model did not load: " in done.stdout and "gone: no such engine directory" in done.stdout, done.stderr
     assert time.monotonic() - started < 120
 
 
