@@ -4,7 +4,7 @@ A benchmark, not a test: it reports what it measured and asserts nothing. Each c
 ``sdexport export PRESET --dtype D --verify V`` in a fresh process, so that no case's memory counts
 in another's, and reports two figures of its own: the whole process's peak resident set as the
 kernel counted it (``wait4``'s ``ru_maxrss``: imports, every stage, everything) and the peak of each
-stage the export recorded in its manifest (``export.memory``). The presets carry the real
+stage the export recorded in its manifest (``tools.export_memory``). The presets carry the real
 architectures with random weights: memory and speed do not depend on the weights' values.
 
     python benchmarks/export_memory.py -o benchmarks/results/export-memory-cpu \\
