@@ -119,21 +119,41 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
         triton.stop()
 
 
+#: How often the start-up watcher looks at the server process (seconds); tests shorten it.
+WATCH_PERIOD_S = 0.2
+
+
 def _watch_start(triton: object, loading: threading.Event, exited: threading.Event) -> None:
     """While the engines load, notice a server that has already exited (a model that failed to load
     ends it in seconds) and wake the main thread, which PyTriton would keep polling until the
     start-up timeout. Reads PyTriton's ``_triton_server``: there is no public handle on the process."""
-    started = False
     while loading.is_set():
-        server = getattr(triton, "_triton_server", None)
-        alive = server is not None and server.is_alive()
-        started = started or alive
-        if started and not alive:
+        if _server_exited(triton):
             exited.set()
             if loading.is_set():
                 _thread.interrupt_main()
             return
-        time.sleep(0.2)
+        time.sleep(WATCH_PERIOD_S)
+
+
+def _server_exited(triton: object) -> bool:
+    """Whether the ``tritonserver`` process has ended, asked without reaping it.
+
+    The process must be reaped by ``sh``'s own threads, not here: whoever reaps it runs PyTriton's
+    exit callback, ``Triton.stop``, which waits for the lock the main thread holds while it polls
+    for readiness. Calling ``TritonServer.is_alive()`` (a ``waitpid``) from this thread therefore
+    deadlocked whenever this thread happened to see the exit first: the failed load was reported
+    only after the start-up timeout. ``WNOWAIT`` reads the exit and leaves the process reapable."""
+    command = getattr(getattr(triton, "_triton_server", None), "_tritonserver_running_cmd", None)
+    if command is None:  # not started yet
+        return False
+    process = command.process
+    if process.exit_code is not None:  # already reaped by sh
+        return True
+    try:
+        return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped between the two looks
+        return True
 
 
 def _reason(triton: object, exc: BaseException, log_file: Path | None) -> str:
