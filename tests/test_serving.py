@@ -464,6 +464,7 @@ _FAILED_LOAD = """
 import sys
 from pathlib import Path
 from sdexport.errors import SdexportError
+import signal
 import time
 import sh
 from sdexport.serving import server
@@ -475,6 +476,8 @@ _sh = vars(sh)["_SelfWrapper__self_module"]
 _read_output = _sh.output_thread
 _sh.output_thread = lambda *args: (time.sleep(3), _read_output(*args))
 server.WATCH_PERIOD_S = 0.005
+# SIGINT ignored, as in a script's background job (`sdexport serve ... &`): the watcher's wake-up used to be one
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 try:
     run_server(Path(repo), Ports(*map(int, ports), address="127.0.0.1"), startup_timeout_s=300,
                drain_timeout_s=5, log_file=Path(log), on_ready=lambda: None)
@@ -486,9 +489,10 @@ except SdexportError as exc:
 def test_a_model_that_fails_to_load_is_reported_at_once_in_its_own_words(tmp_path):
     """Triton exits within seconds; PyTriton alone would poll for the whole start-up timeout.
 
-    In a process of its own, as `sdexport serve` runs, with the watcher the first to see the exit
-    (`_FAILED_LOAD`): that deadlocked until the start-up timeout while the watcher reaped the
-    process itself, and it hung every fresh-clone run of the suite (docs/design-notes.md)."""
+    In a process of its own, as `sdexport serve` runs, with SIGINT ignored and the watcher the first
+    to see the exit (`_FAILED_LOAD`). Each waited the start-up timeout before: the watcher woke the
+    main thread with a simulated SIGINT, and it deadlocked when it reaped the process itself. Every
+    full test run started in the background hung here (docs/design-notes.md)."""
     from sdexport.serving.repository import Batching, write_repository
     from sdexport.serving.triton_model import ServeSettings
 

@@ -16,7 +16,6 @@ with numpy 2 in the environment tensors arrive garbled: refused up front.
 
 from __future__ import annotations
 
-import _thread
 import os
 import sysconfig
 import threading
@@ -100,40 +99,82 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     # (read-only, what `sdexport loadtest` reports batching from) are opened like the metrics port.
     guarded = [e for e in pytriton.triton.DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=guarded))
-    exited = threading.Event()
-    loading = threading.Event()
-    loading.set()
-    threading.Thread(target=_watch_start, args=(triton, loading, exited), daemon=True).start()
+    watch = _StartWatch(triton)
     try:
         try:
-            triton.run()
+            try:
+                triton.run()
+            finally:
+                watch.done()
+            if watch.exited:  # seen as PyTriton returned: the wake-up was withdrawn, not raised
+                raise _TritonExited
         except (Exception, KeyboardInterrupt) as exc:  # the server exited or never turned ready: its log says why
-            if isinstance(exc, KeyboardInterrupt) and not exited.is_set():
+            if isinstance(exc, KeyboardInterrupt) and not watch.exited:
                 raise
             raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file)}") from None
-        finally:
-            loading.clear()
         on_ready()
         triton.serve()
     finally:
         triton.stop()
 
 
-#: How often the start-up watcher looks at the server process (seconds); tests shorten it.
+#: How often the start-up watch looks at the server process (seconds); tests shorten it.
 WATCH_PERIOD_S = 0.2
 
 
-def _watch_start(triton: object, loading: threading.Event, exited: threading.Event) -> None:
-    """While the engines load, notice a server that has already exited (a model that failed to load
-    ends it in seconds) and wake the main thread, which PyTriton would keep polling until the
-    start-up timeout. Reads PyTriton's ``_triton_server``: there is no public handle on the process."""
-    while loading.is_set():
-        if _server_exited(triton):
-            exited.set()
-            if loading.is_set():
-                _thread.interrupt_main()
-            return
-        time.sleep(WATCH_PERIOD_S)
+class _TritonExited(KeyboardInterrupt):
+    """Raised in the thread that waits for Triton when the server has exited. A KeyboardInterrupt, as
+    Ctrl-C is: PyTriton's readiness poll logs and re-raises any Exception, and gevent's hub (under
+    tritonclient.http) passes only the system exits on to the waiting code."""
+
+    def __str__(self) -> str:
+        return "the server exited while it started"
+
+
+class _StartWatch:
+    """While PyTriton waits for the server to turn ready, notice a server that has already exited (a
+    model that failed to load ends it in seconds; PyTriton would poll until the start-up timeout) and
+    raise ``_TritonExited`` in the waiting thread.
+
+    The exception is raised with CPython's ``PyThreadState_SetAsyncExc``, not
+    ``_thread.interrupt_main()``: that one simulates SIGINT, and does nothing where SIGINT is ignored,
+    as in a script's background job (``sdexport serve ... &``), which inherits that from the shell.
+    It also lets ``run_server`` wait in a thread other than the main one."""
+
+    def __init__(self, triton: object) -> None:
+        self._triton = triton
+        self._waiter = threading.get_ident()
+        self._lock = threading.Lock()
+        self._watching = True
+        self.exited = False
+        threading.Thread(target=self._watch, name="sdexport-triton-start-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            with self._lock:
+                if not self._watching:
+                    return
+                if _server_exited(self._triton):
+                    self.exited = True
+                    _raise_in(self._waiter, _TritonExited)
+                    return
+            time.sleep(WATCH_PERIOD_S)
+
+    def done(self) -> None:
+        """Stop watching, in the waiting thread, once PyTriton has returned. A wake-up sent but not yet
+        raised is withdrawn (``exited`` still says so), so none can land after start-up."""
+        with self._lock:
+            self._watching = False
+        _raise_in(self._waiter, None)
+
+
+def _raise_in(thread_id: int, exception: type[BaseException] | None) -> None:
+    """Raise ``exception`` in thread ``thread_id`` at its next Python instruction; None withdraws one
+    not raised yet. A thread blocked in C (a sleep, a socket read) gets it when the call returns."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id),
+                                               None if exception is None else ctypes.py_object(exception))
 
 
 def _server_exited(triton: object) -> bool:
