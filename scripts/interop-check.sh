@@ -9,6 +9,7 @@
 # optimize_pipeline accepts them; then exports the same checkpoints with optimum, adopts them with
 # `sdexport adopt --model` and checks that sdexport generates optimum's image. Exit status 0 when
 # every check passes; the figures are in WORK_DIR/report.json. CPU only; a few minutes.
+# SDEXPORT_INTEROP_CASES=sd-fp32,sdxl-fp16 checks those cases only (the default test run's choice).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -18,6 +19,7 @@ STAMP="$VENV/.constraints.sha256"
 want=$(sha256sum scripts/interop/constraints.txt | cut -d' ' -f1)
 
 "$PYTHON" -c "import sdexport" 2>/dev/null || { echo "interop-check: run it where sdexport is installed (bash scripts/setup.sh)" >&2; exit 2; }
+"$PYTHON" scripts/interop/check.py cases "$WORK"
 if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
   echo "interop-check: building the optimum environment in $VENV" >&2
   rm -rf "$VENV"

@@ -1,6 +1,6 @@
 """Interop with optimum and ONNX Runtime's Stable Diffusion tools, both ways (scripts/interop-check.sh).
 
-Runs in two environments, one stage each, sharing a work directory:
+Runs in two environments, one stage each, sharing a work directory (``cases`` only checks the selection):
   prepare   (sdexport's)  diffusers checkpoints of the tiny presets; sdexport exports of them (SD and
                           SDXL, fp32 and fp16); an image from each with `sdexport`'s runtime
   optimum   (optimum's)   the same images from optimum's ORTDiffusionPipeline over sdexport's
@@ -9,13 +9,16 @@ Runs in two environments, one stage each, sharing a work directory:
   adopt     (sdexport's)  `sdexport adopt --model` on optimum's exports, images from sdexport's runtime;
                           every pair of images compared; report.json
 The tiny presets have random weights: the images are noise, but the same noise from the same seed,
-scheduler and graphs is what interop means.
+scheduler and graphs is what interop means. SDEXPORT_INTEROP_CASES (comma-separated names of CASES;
+default: all) narrows the check: ONNX Runtime's optimizer and optimum's own export of a preset are
+checked with that preset's fp32 case.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +32,8 @@ CASES = {  # name: (preset, dtype)
     "sdxl-fp32": ("tiny-sdxl", "fp32"),
     "sdxl-fp16": ("tiny-sdxl", "fp16"),
 }
-OPTIMUM_EXPORTS = ("tiny", "tiny-sdxl")
+ALL_CASES = dict(CASES)
+OPTIMUM_EXPORTS: tuple[str, ...] = ("tiny", "tiny-sdxl")
 """optimum exports fp32 on a CPU (its fp16 export needs a CUDA device)."""
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "fused": 2e-2}
 """Largest pixel difference (images in [0, 1]) between two tools running the same graphs."""
@@ -37,12 +41,32 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "fused": 2e-2}
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=("prepare", "optimum", "adopt"))
+    parser.add_argument("stage", choices=("cases", "prepare", "optimum", "adopt"))
     parser.add_argument("work", type=Path)
     args = parser.parse_args()
+    if not select_cases(os.environ.get("SDEXPORT_INTEROP_CASES", "")):
+        return 2
+    if args.stage == "cases":  # checked before anything is built
+        print(f"interop-check: cases {', '.join(CASES)}; optimum exports {', '.join(OPTIMUM_EXPORTS) or 'none'}",
+              file=sys.stderr)
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "images").mkdir(exist_ok=True)
     return {"prepare": prepare, "optimum": optimum_side, "adopt": adopt_side}[args.stage](args.work)
+
+
+def select_cases(names: str) -> bool:
+    """Keep the CASES named (all when none is) and the optimum exports of their fp32 presets."""
+    global CASES, OPTIMUM_EXPORTS
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ALL_CASES]
+    if unknown:
+        print(f"SDEXPORT_INTEROP_CASES: unknown case {', '.join(unknown)} (cases: {', '.join(ALL_CASES)})",
+              file=sys.stderr)
+        return False
+    CASES = {name: ALL_CASES[name] for name in wanted or ALL_CASES}
+    OPTIMUM_EXPORTS = tuple(dict.fromkeys(preset for preset, dtype in CASES.values() if dtype == "fp32"))
+    return True
 
 
 def versions(*packages: str) -> dict[str, str]:
@@ -121,7 +145,7 @@ def adopt_side(work: Path) -> int:
                         "passed": ok})
         print(f"{'ok  ' if ok else 'FAIL'} {label}: max |pixel difference| {diff:.2e} (tolerance {TOLERANCE[kind]:g})")
     stages = json.loads((work / "stages.json").read_text())
-    report = {"settings": {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "guidance": GUIDANCE,
+    report = {"cases": list(CASES), "optimum_exports": list(OPTIMUM_EXPORTS), "settings": {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "guidance": GUIDANCE,
                            "seed": SEED, "side": SIDE},
               "environments": {"sdexport": stages["prepare"], "optimum": stages["optimum"]["versions"]},
               "optimize_pipeline": stages["optimum"]["optimize_pipeline"], "comparisons": results}
