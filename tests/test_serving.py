@@ -470,11 +470,13 @@ import sh
 from sdexport.serving import server
 from sdexport.serving.server import Ports, run_server
 repo, log, *ports = sys.argv[1:]
-# sh's output reader starts late, as when a process still holds Triton's output open or the machine
-# is busy, and the watcher polls often: the watcher sees the exit first, the case that deadlocked.
+# sh's output and input threads, which also reap the process, start late (as when a process still
+# holds Triton's output open, or the machine is busy), and the watcher polls often: the watcher sees
+# the exit first (sh's last reaper polls once a second), the case that deadlocked.
 _sh = vars(sh)["_SelfWrapper__self_module"]
-_read_output = _sh.output_thread
-_sh.output_thread = lambda *args: (time.sleep(3), _read_output(*args))
+def _late(thread):
+    return lambda *args: (time.sleep(30), thread(*args))
+_sh.output_thread, _sh.input_thread = _late(_sh.output_thread), _late(_sh.input_thread)
 server.WATCH_PERIOD_S = 0.005
 # SIGINT ignored, as in a script's background job (`sdexport serve ... &`): the watcher's wake-up used to be one
 signal.signal(signal.SIGINT, signal.SIG_IGN)
