@@ -478,7 +478,7 @@ def _late(thread):
     return lambda *args: (time.sleep(30), thread(*args))
 _sh.output_thread, _sh.input_thread = _late(_sh.output_thread), _late(_sh.input_thread)
 server.WATCH_PERIOD_S = 0.005
-# SIGINT ignored, as in a script's background job (`sdexport serve ... &`): the watcher's wake-up used to be one
+# SIGINT ignored, as in a script's background job (`sdexport serve ... &`): the wake-up used to be a simulated SIGINT
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 try:
     run_server(Path(repo), Ports(*map(int, ports), address="127.0.0.1"), startup_timeout_s=300,
