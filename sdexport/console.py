@@ -21,6 +21,13 @@ console = Console(stderr=True, highlight=False, soft_wrap=True)
 terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole."""
 out = Console(highlight=False)
 """Results a script may read (stdout): tables, paths, Markdown."""
+
+
+def print_result_line(text: str) -> None:
+    """One line a script reads from stdout (a path, a URL, a name): printed as it is, never broken at
+    80 columns (rich's width without a terminal) nor read as markup (a folder named ``[draft]``)."""
+    out.print(text, soft_wrap=True, markup=False, highlight=False)
+
 error_console = Console(stderr=True, highlight=False)
 """Errors: printed whatever the verbosity."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from sdexport.console import out
@@ -21,13 +22,13 @@ def _size(path: Path) -> str:
 
 def print_summary(directory: Path, manifest: Manifest) -> None:
     profile = manifest.shape_profile
-    label = str(manifest.model["label"])
+    label = escape(str(manifest.model["label"]))
     weights = "[yellow]random weights[/]" if manifest.random_weights else "trained weights"
     if manifest.model["source"].get("kind") == "onnx":  # adopted without its model: nothing known
         weights = f"{manifest.tools.get('exporter', 'adopted')}, weights not compared with PyTorch"
     if manifest.random_weights and "random weights" in label:  # a preset's label says it: once is enough
         label, weights = label.replace("random weights", "[yellow]random weights[/]"), ""
-    out.print(f"[bold]{directory}[/]  {label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
+    out.print(f"[bold]{escape(str(directory))}[/]  {label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
     out.print(
         f"family {manifest.family}, {manifest.prediction_type} prediction, {manifest.dtype}, "
         f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "

@@ -140,6 +140,14 @@ def test_more_prompts_than_the_profile_takes_are_split_into_calls(tiny_engine_di
     assert difference.max() <= 1  # the same image, whichever call made it
 
 
+def test_paths_on_stdout_are_whole_lines_whatever_their_length_or_brackets(tiny_engine_dir, tmp_path, capsys):
+    """A script reads them: rich broke them at 80 columns without a terminal and read `[draft]` as markup."""
+    folder = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2) / "[draft]"
+    assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "--steps", "2", "-o", folder / "boat.png") == 0
+    assert capsys.readouterr().out.splitlines() == [str(folder / f"boat-{i}.png") for i in range(2)]
+    assert all((folder / f"boat-{i}.png").is_file() for i in range(2))
+
+
 def test_the_python_api_saves_what_the_cli_saves(tiny_engine_dir, tmp_path):
     from sdexport.runtime.images import read_parameters
     from sdexport.runtime.loading import load_pipeline
