@@ -107,6 +107,19 @@ def test_malformed_rows_are_refused_in_one_line(params, message):
         decode_rows(inputs, (128, 128))
 
 
+def test_a_blank_prompt_is_refused_as_run_refuses_it_unless_sdxls_second_prompt_has_the_text():
+    from sdexport.runtime.request import check_prompt_text
+    from sdexport.serving.requests import decode_rows
+
+    [row] = decode_rows(_inputs([" "], prompt_2="a lighthouse"), (128, 128))  # one rule with `run`'s
+    assert (row.prompt, row.prompt_2) == (" ", "a lighthouse")
+    check_prompt_text([" "], ["a lighthouse"])
+    with pytest.raises(SdexportError, match=r"prompt: empty; send the text .*prompt_2"):
+        decode_rows(_inputs([" "], prompt_2=" "), (128, 128))
+    with pytest.raises(SdexportError, match="the prompt is empty"):
+        check_prompt_text([" "], [" "])
+
+
 def test_rows_with_the_same_settings_share_a_call_up_to_the_batch_limit():
     from sdexport.serving.requests import decode_rows, group_rows
 

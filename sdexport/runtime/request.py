@@ -126,13 +126,18 @@ class GenerationRequest:
 SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
 
 
+def has_no_text(prompt: object, prompt_2: object = None) -> bool:
+    """The one rule ``run`` and ``serve`` refuse an image by: a blank prompt (an unset shell variable,
+    say) with no SDXL second prompt to carry the text."""
+    return isinstance(prompt, str) and not prompt.strip() and not (isinstance(prompt_2, str) and prompt_2.strip())
+
+
 def check_prompt_text(prompts: list[str], prompts_2: list[str] | None = None) -> None:
-    """``run`` refuses a blank prompt (an unset shell variable, say), as ``serve`` does, rather than
-    spend a run generating from nothing; SDXL's second prompt may carry the text instead. The Python
-    API and bench scenarios accept one (unconditional generation, as diffusers does)."""
+    """``run`` refuses a blank prompt, as ``serve`` does, rather than spend a run generating from
+    nothing (``has_no_text``). The Python API and bench scenarios accept one (unconditional
+    generation, as diffusers does)."""
     for i, text in enumerate(prompts):
-        second = prompts_2[i] if prompts_2 and i < len(prompts_2) else None
-        if isinstance(text, str) and not text.strip() and not (isinstance(second, str) and second.strip()):
+        if has_no_text(text, prompts_2[i] if prompts_2 and i < len(prompts_2) else None):
             which = "the prompt is" if len(prompts) == 1 else f"prompt {i + 1} of {len(prompts)} is"
             raise SdexportError(f"{which} empty; give the text to generate from")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdexport.errors import SdexportError
-from sdexport.runtime.request import GenerationRequest
+from sdexport.runtime.request import GenerationRequest, has_no_text
 from sdexport.serving.protocol import INPUT_NAMES
 
 DEFAULTS: dict[str, Any] = {"steps": 30, "guidance": 7.5, "scheduler": "default", "fit": "exact"}
@@ -115,8 +115,8 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         assert height is not None and width is not None
         if check_size is not None:
             check_size(height, width)
-        if not (text["prompt"] or "").strip():
-            raise SdexportError("prompt: empty; send the text to generate from")
+        if has_no_text(text["prompt"] or "", text["prompt_2"]):
+            raise SdexportError("prompt: empty; send the text to generate from (for SDXL, in prompt or prompt_2)")
         seed = _number(one("seed"), "seed", int)
         row = Row(
             prompt=text["prompt"] or "",
