@@ -117,9 +117,15 @@ def _memory(entry: dict[str, Any]) -> str:
     return f"{memory['host_rss_peak_mb']:,.0f} MB RSS"
 
 
-def _busy(entry: dict[str, Any]) -> str:
+def _busy_fraction(entry: dict[str, Any]) -> float | None:
+    """The measured fraction of wall time the GPU was busy, None where none was measured."""
     busy = entry.get("gpu_busy")
-    return f"{busy['fraction'] * 100:.0f}%" if busy and "fraction" in busy else "–"
+    return busy["fraction"] if busy and "fraction" in busy else None
+
+
+def _busy(entry: dict[str, Any]) -> str:
+    fraction = _busy_fraction(entry)
+    return "–" if fraction is None else f"{fraction * 100:.0f}%"
 
 
 def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
@@ -209,7 +215,7 @@ def markdown(report: dict[str, Any]) -> str:
     measured = [r for r in report["results"] if r["status"] == "measured"]
     phrases = {"cuda events": "CUDA events", "host clock": "the host clock"}
     clocks = sorted({phrases.get(r.get("stage_clock", ""), str(r.get("stage_clock"))) for r in measured})
-    busy = any(_busy(r) != "–" for r in measured)  # a column only where a GPU was measured
+    busy = any(_busy_fraction(r) is not None for r in measured)  # a column only where a GPU was measured
     lines += [
         (
             "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no "
