@@ -2,9 +2,10 @@
 mismatched runs are refused, and the outputs (Markdown, JSON, JUnit XML) say the same thing.
 
 The verdict logic is tested on synthetic reports (fixed timings); the gate as a whole on real runs
-of the tiny model on this CPU, where the slowed contender is slowed by a test hook (+2 s on a
-0.1 s call) far beyond a threshold (500%) no rerun of the same code comes near, so no test depends
-on how fast this machine is.
+of the tiny model on this CPU. A rerun of the same code is judged at 500%, which no noise comes
+near; the contender slowed by a test hook (+2.5 s on a run of about 0.2 s) at 200%, which it passes
+even where a busy machine made its baseline four times slower (seen once: 0.77 s, +348%, under the
+500% the slowed run was judged by then). The verdicts do not depend on how fast this machine is.
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ contenders = ["diffusers", "torch"]
 
 def _gate(tmp_path: Path, baseline: Path, out: str, **env: str) -> subprocess.CompletedProcess:
     environment = {key: value for key, value in os.environ.items() if key != "SDEXPORT_TEST_SLOW_UNET"}
-    environment.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", SDEXPORT_ENGINE_CACHE=str(tmp_path / "cache"),
-                       SDEXPORT_MAX_SLOWDOWN="500%", **env)
+    environment.update({"PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": "", "SDEXPORT_ENGINE_CACHE": str(tmp_path / "cache"),
+                        "SDEXPORT_MAX_SLOWDOWN": "500%", **env})
     return subprocess.run(["bash", str(ROOT / "ci" / "bench-gate.sh"), str(tmp_path / "gate.toml"), str(baseline),
                            str(tmp_path / out)], capture_output=True, text=True, env=environment, timeout=600)
 
@@ -260,7 +261,8 @@ def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another
     # A damaged entry is set aside (kept) and exported anew; the slowed contender fails the gate.
     weights = next(entries[0].glob("unet/*.onnx*"))
     weights.write_bytes(weights.read_bytes()[:-1])
-    slowed = _gate(tmp_path, baseline, "run3", SDEXPORT_TEST_SLOW_UNET="torch=0.2")  # +2 s on ~0.1 s
+    # +2.5 s on about 0.2 s, judged at 200% (see the module docstring); the unslowed diffusers stays within it.
+    slowed = _gate(tmp_path, baseline, "run3", SDEXPORT_TEST_SLOW_UNET="torch=0.25", SDEXPORT_MAX_SLOWDOWN="200%")
     assert slowed.returncode == 1, slowed.stdout[-3000:] + slowed.stderr[-3000:]
     assert "is damaged" in slowed.stdout + slowed.stderr
     assert len([p for p in (tmp_path / "cache").iterdir() if ".damaged-" in p.name]) == 1
