@@ -20,7 +20,7 @@ from sdexport.console import (
     console,
     error_console,
     out,
-    print_result_line,
+    print_result,
     set_verbosity,
     step,
     verbosity,
@@ -279,7 +279,7 @@ def _output_path(text: str) -> Path:
 
 def _print_markdown(text: str) -> None:
     """Markdown on stdout as written: table rows stay whole lines, brackets stay text."""
-    out.print(text.rstrip("\n"), soft_wrap=True, markup=False, highlight=False)
+    print_result(text.rstrip("\n"))
 
 
 def _names(text: str | None, flag: str) -> list[str] | None:
@@ -586,7 +586,7 @@ def _generate(
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random weights: the images are noise-like by design")
     for path in paths:
-        print_result_line(str(path))
+        print_result(str(path))
 
 
 class _BenchGroup(typer.core.TyperGroup):
@@ -655,7 +655,7 @@ def bench(
     _, paths = run_benchmark(loaded, target, options)
     _print_markdown(paths[1].read_text())
     for path in paths:
-        print_result_line(str(path))
+        print_result(str(path))
 
 
 @bench_app.command("cache-key")
@@ -674,7 +674,7 @@ def bench_cache_key(
     plan = plan_bench(loaded, Options())
     from sdexport.bench.harness import engine_cache_entry
 
-    print_result_line(engine_cache_entry(loaded, plan, Path(".")).name)
+    print_result(engine_cache_entry(loaded, plan, Path(".")).name)
 
 
 @bench_app.command("compare")
@@ -821,7 +821,7 @@ def serve(
             console.print(f"serving {escape(str(engine_dir))} as model 'sdexport': http://{host}:{http_port} "
                           f"(gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics); Ctrl-C stops"
                           + (f"; Triton's log: {escape(str(log))}" if log is not None else ""))
-            print_result_line(f"http://{host}:{http_port}/v2/models/sdexport")
+            print_result(f"http://{host}:{http_port}/v2/models/sdexport")
 
         console.print(f"starting Triton and loading {escape(str(engine_dir))} ({backend})…")
         run_server(repository, ports, startup_timeout_s=startup_timeout, drain_timeout_s=drain_timeout,
@@ -856,7 +856,7 @@ def triton_repo(
         write_repository(staging, settings, manifest.shape_profile.batch[2], batching)
     console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "
                   f"{escape(settings.engine_dir)}); start it with: tritonserver --model-repository {escape(str(target.resolve()))}")
-    print_result_line(str(target))
+    print_result(str(target))
 
 
 @app.command()
@@ -904,7 +904,7 @@ def loadtest(
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     write_atomic(target / "loadtest.md", text)
     _print_markdown(text)
-    print_result_line(str(target / "loadtest.json"))
+    print_result(str(target / "loadtest.json"))
 
 
 def _load_report_beside(folder: Path, name: str) -> bool:

@@ -23,9 +23,10 @@ out = Console(highlight=False)
 """Results a script may read (stdout): tables, paths, Markdown."""
 
 
-def print_result_line(text: str) -> None:
-    """One line a script reads from stdout (a path, a URL, a name): printed as it is, never broken at
-    80 columns (rich's width without a terminal) nor read as markup (a folder named ``[draft]``)."""
+def print_result(text: str) -> None:
+    """Text a script reads from stdout (a path, a URL, a Markdown report), printed as written: lines
+    never broken at 80 columns (rich's width without a terminal), brackets never read as markup (a
+    folder named ``[draft]``)."""
     out.print(text, soft_wrap=True, markup=False, highlight=False)
 
 error_console = Console(stderr=True, highlight=False)
