@@ -33,8 +33,14 @@ CASES = {  # name: (preset, dtype)
     "sdxl-fp16": ("tiny-sdxl", "fp16"),
 }
 ALL_CASES = dict(CASES)
-OPTIMUM_EXPORTS: tuple[str, ...] = ("tiny", "tiny-sdxl")
-"""optimum exports fp32 on a CPU (its fp16 export needs a CUDA device)."""
+
+
+def fp32_presets(cases: dict[str, tuple[str, str]]) -> tuple[str, ...]:
+    """The presets optimum exports itself: those of the fp32 cases (its fp16 export needs a CUDA device)."""
+    return tuple(dict.fromkeys(preset for preset, dtype in cases.values() if dtype == "fp32"))
+
+
+OPTIMUM_EXPORTS = fp32_presets(CASES)
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "fused": 2e-2}
 """Largest pixel difference (images in [0, 1]) between two tools running the same graphs."""
 
@@ -65,7 +71,7 @@ def select_cases(names: str) -> bool:
               file=sys.stderr)
         return False
     CASES = {name: ALL_CASES[name] for name in wanted or ALL_CASES}
-    OPTIMUM_EXPORTS = tuple(dict.fromkeys(preset for preset, dtype in CASES.values() if dtype == "fp32"))
+    OPTIMUM_EXPORTS = fp32_presets(CASES)
     return True
 
 
