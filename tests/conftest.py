@@ -1,12 +1,21 @@
-"""Shared fixtures: the tiny model and one exported tiny engine directory per test session.
+"""Shared fixtures: the tiny model and one exported tiny engine directory per test session; and
+how the run is spread over the machine's cores.
 
-Exporting is the slow part of most tests, so it happens once; tests that damage an engine
-directory work on a copy.
+Exporting is the slow part of most tests, so it happens once per test process; tests that damage
+an engine directory work on a copy.
+
+Where pytest-xdist is installed (the dev extra), the default selection runs in one worker process
+per core (at most four), a test module at a time per worker so that its module fixtures are made
+once, and each worker's torch gets its share of the cores: the tiny models' operators are too
+small for torch's thread pool, whose threads only spin against the other worker's. On 2 cores
+that halves the run. ``-n 0`` runs in this process, ``-n N`` with N workers; selections that can
+take ``slow`` or ``gpu`` tests (real SD architectures, one GPU and its timings) stay serial.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -14,9 +23,59 @@ from pathlib import Path
 
 import pytest
 
-from sdexport.console import quiet_libraries
+MAX_WORKERS = 4
+"""Each worker holds its own exports and models; four keep a run within a few GB on a large host."""
+
+SERIAL_MARKERS = ("slow", "gpu")
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _share_the_cores_in_a_worker() -> int | None:
+    """Give torch (here and in the processes tests start) this worker's share of the cores, before
+    torch is imported; a thread count the user set is kept. Returns the count it set."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if workers < 2 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    threads = max(1, _cores() // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return threads
+
+
+WORKER_THREADS = _share_the_cores_in_a_worker()
+
+from sdexport.console import quiet_libraries  # noqa: E402  (after the thread count is set)
 
 quiet_libraries()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Spread the run over the cores when pytest-xdist is loaded and no ``-n`` was given (before
+    xdist reads its options)."""
+    if not config.pluginmanager.has_plugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    expression = config.option.markexpr or ""
+    if any(m in expression and f"not {m}" not in expression for m in SERIAL_MARKERS):
+        return
+    if config.option.numprocesses is None:
+        config.option.numprocesses = "auto"
+    if config.option.dist == "no":
+        config.option.dist = "loadfile"  # a module's fixtures are made once, in one worker
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown where xdist is not installed
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """One worker per core, at most MAX_WORKERS; none (this process) on one core.
+    PYTEST_XDIST_AUTO_NUM_WORKERS, xdist's own setting, still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    cores = _cores()
+    return min(cores, MAX_WORKERS) if cores > 1 else 0
 
 
 def run_cli(*args: str) -> int:
