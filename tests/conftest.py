@@ -4,17 +4,19 @@ how the run is spread over the machine's cores.
 Exporting is the slow part of most tests, so it happens once per test process; tests that damage
 an engine directory work on a copy.
 
-Where pytest-xdist is installed (the dev extra), the default selection runs in one worker process
-per core (at most four), a test module at a time per worker so that its module fixtures are made
-once, and each worker's torch gets its share of the cores: the tiny models' operators are too
-small for torch's thread pool, whose threads only spin against the other worker's. On 2 cores
-that halves the run. ``-n 0`` runs in this process, ``-n N`` with N workers; selections that can
-take ``slow`` or ``gpu`` tests (real SD architectures, one GPU and its timings) stay serial.
+Where pytest-xdist is installed (the dev extra), the whole suite, run as it is by default, runs in
+one worker process per core (at most four), a test module at a time per worker so that its module
+fixtures are made once, and each worker's torch gets its share of the cores: the tiny models'
+operators gain little from more threads, which would only contend with the other worker's. On 2
+cores that halves the run (docs/design-notes.md). Anything narrower or asked for otherwise stays
+in one process (``_spread_over_the_cores``), as do selections that can take ``slow`` or ``gpu``
+tests (real SD architectures need the memory, a GPU its own timings); ``-n N`` spreads any run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import shutil
 import sys
@@ -55,17 +57,48 @@ quiet_libraries()
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """Spread the run over the cores when pytest-xdist is loaded and no ``-n`` was given (before
-    xdist reads its options)."""
-    if not config.pluginmanager.has_plugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    expression = config.option.markexpr or ""
-    if any(m in expression and f"not {m}" not in expression for m in SERIAL_MARKERS):
-        return
-    if config.option.numprocesses is None:
+    """Spread the whole suite over the cores (before xdist reads its options)."""
+    if _spread_over_the_cores(config):
         config.option.numprocesses = "auto"
-    if config.option.dist == "no":
         config.option.dist = "loadfile"  # a module's fixtures are made once, in one worker
+
+
+def _spread_over_the_cores(config: pytest.Config) -> bool:
+    """Only the whole suite as it is run by default: naming files or tests, choosing ``-n`` or
+    ``--dist``, output or debugging that needs this process (``-s``, ``--pdb``, ``--trace``,
+    ``--setup-show``, ``--setup-plan``) and selections that can take slow or gpu tests keep the
+    run as the user asked for it, in one process unless ``-n`` says otherwise."""
+    option = config.option
+    if not config.pluginmanager.has_plugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
+        return False
+    if config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
+        return False
+    if option.numprocesses is not None or any(a == "--dist" or a.startswith("--dist=")
+                                               for a in config.invocation_params.args):
+        return False
+    if option.capture == "no" or option.usepdb or option.trace or option.setupshow or option.setupplan:
+        return False
+    return _leaves_out_slow_and_gpu(option.markexpr or "")
+
+
+def _leaves_out_slow_and_gpu(markexpr: str) -> bool:
+    """Whether ``-m markexpr`` selects no test marked slow or gpu, whatever else it is marked: the
+    expression is tried, with pytest's own parser, on every combination of the marks it names. A
+    pytest whose parser this cannot use leaves the run in one process."""
+    if not markexpr:
+        return False
+    try:
+        from _pytest.mark.expression import Expression
+
+        expression = Expression.compile(markexpr)
+        names = sorted(expression.idents() | set(SERIAL_MARKERS))
+        for present in itertools.product((False, True), repeat=len(names)):
+            marks = {name for name, on in zip(names, present) if on}
+            if marks & set(SERIAL_MARKERS) and expression.evaluate(marks.__contains__):
+                return False
+    except Exception:  # a private API: another pytest may differ
+        return False
+    return True
 
 
 @pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown where xdist is not installed

@@ -1,60 +1,89 @@
-"""How tests/conftest.py spreads the test run over the cores (pytest-xdist), checked on its hooks
-with stand-in pytest configs: a full run is what the hooks' effect would be measured on."""
+"""How tests/conftest.py spreads the test run over the cores (pytest-xdist): its hooks in real
+pytest runs of a small probe suite, and its rules on their own."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
 import conftest
 
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = """
+import json, os, pytest
 
-def _config(markexpr: str = "not slow and not gpu", numprocesses=None, dist: str = "no", xdist: bool = True):
-    return SimpleNamespace(option=SimpleNamespace(markexpr=markexpr, numprocesses=numprocesses, dist=dist),
-                           pluginmanager=SimpleNamespace(has_plugin=lambda name: xdist and name == "xdist"))
+def _record(name):
+    with open(os.environ["PROBE_LOG"], "a") as log:
+        log.write(json.dumps([name, os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("OMP_NUM_THREADS")]) + "\\n")
 
+def test_one():
+    _record("one")
 
-@pytest.fixture
-def controller(monkeypatch):
-    """As in the process pytest was started in (not in a worker)."""
-    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
-
-
-def test_the_default_selection_spreads_over_the_cores_a_module_per_worker(controller):
-    config = _config()
-    conftest.pytest_cmdline_main(config)
-    assert (config.option.numprocesses, config.option.dist) == ("auto", "loadfile")
-
-
-@pytest.mark.parametrize("markexpr", ["slow", "gpu", "gpu and not slow", "slow or interop"])
-def test_selections_that_can_take_slow_or_gpu_tests_stay_in_one_process(controller, markexpr):
-    config = _config(markexpr)
-    conftest.pytest_cmdline_main(config)
-    assert (config.option.numprocesses, config.option.dist) == (None, "no")
+@pytest.mark.slow
+def test_slow():
+    _record("slow")
+"""
 
 
-def test_what_the_user_asked_for_is_kept(controller):
-    serial = _config(numprocesses=0)  # -n 0
-    conftest.pytest_cmdline_main(serial)
-    assert serial.option.numprocesses == 0
-    chosen = _config(numprocesses=3, dist="load")  # -n 3 --dist load
-    conftest.pytest_cmdline_main(chosen)
-    assert (chosen.option.numprocesses, chosen.option.dist) == (3, "load")
-    without = _config(xdist=False)  # not installed, or -p no:xdist
-    conftest.pytest_cmdline_main(without)
-    assert (without.option.numprocesses, without.option.dist) == (None, "no")
+@pytest.fixture(scope="module")
+def probe(tmp_path_factory) -> Path:
+    """A suite with this conftest and pyproject's markers and default selection."""
+    pytest.importorskip("xdist")
+    root = tmp_path_factory.mktemp("probe")
+    (root / "tests").mkdir()
+    shutil.copy(Path(conftest.__file__), root / "tests" / "conftest.py")
+    (root / "tests" / "test_probe.py").write_text(PROBE)
+    (root / "pytest.ini").write_text("[pytest]\ntestpaths = tests\naddopts = -q -p no:cacheprovider --strict-markers "
+                                     "-m 'not slow and not gpu'\nmarkers =\n    slow\n    gpu\n    interop\n")
+    return root
+
+
+def _run(probe: Path, *args: str) -> list[tuple[str, str | None, str | None]]:
+    """Which probe tests ran, in which worker, with which OMP_NUM_THREADS."""
+    log = probe / "log.jsonl"
+    log.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_XDIST_", "PYTEST_ADDOPTS")) and k != "OMP_NUM_THREADS"}
+    env.update(PROBE_LOG=str(log), PYTEST_XDIST_AUTO_NUM_WORKERS="2", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    run = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=probe, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return sorted(tuple(json.loads(line)) for line in log.read_text().splitlines())
+
+
+def test_the_whole_suite_runs_in_workers_and_narrower_runs_in_one_process(probe):
+    share = str(max(1, conftest._cores() // 2))
+    in_a_worker = ([("one", "gw0", share)], [("one", "gw1", share)])
+    assert _run(probe) in in_a_worker
+    assert _run(probe, "-m", "not slow and not gpu and not interop") in in_a_worker
+    for args in [("tests/test_probe.py",), ("-n", "0", "--pdb"), ("--dist", "no"), ("-s",)]:
+        assert _run(probe, *args) == [("one", None, None)], args
+    assert _run(probe, "-m", "slow") == [("slow", None, None)]
+
+
+@pytest.mark.parametrize(("markexpr", "spread"), [
+    ("not slow and not gpu", True), ("not slow and not gpu and not interop", True), ("not (slow or gpu)", True),
+    ("not slow", False), ("not gpu", False), ("not interop", False), ("", False), ("interop", False),
+    ("slow", False), ("gpu and not slow", False), ("slow or interop", False), ("not slowish", False),
+])
+def test_only_selections_without_slow_or_gpu_tests_are_spread(markexpr, spread):
+    assert conftest._leaves_out_slow_and_gpu(markexpr) is spread
 
 
 def test_workers_follow_the_cores_up_to_four(monkeypatch):
     monkeypatch.delenv("PYTEST_XDIST_AUTO_NUM_WORKERS", raising=False)
     for cores, workers in [(1, 0), (2, 2), (16, conftest.MAX_WORKERS)]:
         monkeypatch.setattr(conftest, "_cores", lambda cores=cores: cores)
-        assert conftest.pytest_xdist_auto_num_workers(_config()) == workers
+        assert conftest.pytest_xdist_auto_num_workers(SimpleNamespace()) == workers
     monkeypatch.setenv("PYTEST_XDIST_AUTO_NUM_WORKERS", "3")  # xdist's own setting decides
-    assert conftest.pytest_xdist_auto_num_workers(_config()) is None
+    assert conftest.pytest_xdist_auto_num_workers(SimpleNamespace()) is None
 
 
 def test_a_worker_gives_torch_its_share_of_the_cores(monkeypatch):
@@ -77,7 +106,7 @@ def test_a_worker_gives_torch_its_share_of_the_cores(monkeypatch):
 def test_this_run_is_spread_as_the_hooks_say():
     """In a worker of a parallel run (the default run, as CI runs it), torch has the worker's share."""
     if conftest.WORKER_THREADS is None:
-        pytest.skip("not in a worker of a parallel run (-n 0, one core, or OMP_NUM_THREADS set by the user)")
+        pytest.skip("not in a worker of a parallel run (one process, one worker, or OMP_NUM_THREADS set by the user)")
     import torch
 
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
