@@ -26,12 +26,15 @@ from pathlib import Path
 import pytest
 
 MAX_WORKERS = 4
-"""Each worker holds its own exports and models; four keep a run within a few GB on a large host."""
+"""Each worker holds its own exports and models, so memory grows with the workers: four bound it
+on a large host, where the run is short anyway."""
 
 SERIAL_MARKERS = ("slow", "gpu")
 
 
 def _cores() -> int:
+    """The cores this process may run on. A container's CPU quota is not seen: there, set
+    PYTEST_XDIST_AUTO_NUM_WORKERS or ``-n``."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

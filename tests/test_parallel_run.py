@@ -51,7 +51,8 @@ def _run(probe: Path, *args: str) -> list[tuple[str, str | None, str | None]]:
     log.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTEST_XDIST_", "PYTEST_ADDOPTS")) and k != "OMP_NUM_THREADS"}
-    env.update(PROBE_LOG=str(log), PYTEST_XDIST_AUTO_NUM_WORKERS="2", PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env.update(PROBE_LOG=str(log), PYTEST_XDIST_AUTO_NUM_WORKERS="2",  # two workers, whatever the cores
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     run = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=probe, env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
