@@ -8,9 +8,9 @@ Where pytest-xdist is installed (the dev extra), the whole suite, run as it is b
 one worker process per core (at most four), a test module at a time per worker so that its module
 fixtures are made once, and each worker's torch gets its share of the cores: the tiny models'
 operators gain little from more threads, which would only contend with the other worker's. On 2
-cores that halves the run (docs/design-notes.md). Anything narrower or asked for otherwise stays
-in one process (``_spread_over_the_cores``), as do selections that can take ``slow`` or ``gpu``
-tests (real SD architectures need the memory, a GPU its own timings); ``-n N`` spreads any run.
+cores that takes about 40% off the run (docs/design-notes.md). Runs with paths, ``-n``/``--dist`` or
+single-process options stay as asked (``_spread_over_the_cores``), as do selections that can take
+``slow`` or ``gpu`` tests (real SD architectures need the memory, a GPU its own timings).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
+import shlex
 import shutil
 import sys
 from collections.abc import Iterator
@@ -67,21 +69,29 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
 
 
 def _spread_over_the_cores(config: pytest.Config) -> bool:
-    """Only the whole suite as it is run by default: naming files or tests, choosing ``-n`` or
-    ``--dist``, output or debugging that needs this process (``-s``, ``--pdb``, ``--trace``,
-    ``--setup-show``, ``--setup-plan``) and selections that can take slow or gpu tests keep the
-    run as the user asked for it, in one process unless ``-n`` says otherwise."""
-    option = config.option
+    """Only the whole suite as run by default (``pytest`` from the checkout's root, no paths):
+    naming paths, choosing ``-n`` or ``--dist`` (on the command line, in PYTEST_ADDOPTS or in
+    addopts), output or debugging that needs this process (``-s``, ``--capture=tee-sys``,
+    ``--pdb``, ``--trace``, ``--setup-show``, ``--setup-plan``) and selections that can take slow
+    or gpu tests keep the run as the user asked for it, in one process unless ``-n`` says otherwise.
+    Options are read with ``getoption`` as their plugins may be turned off (``-p no:debugging``)."""
     if not config.pluginmanager.has_plugin("xdist") or os.environ.get("PYTEST_XDIST_WORKER"):
         return False
     if config.args_source is not pytest.Config.ArgsSource.TESTPATHS:
         return False
-    if option.numprocesses is not None or any(a == "--dist" or a.startswith("--dist=")
-                                               for a in config.invocation_params.args):
+    given = [*config.invocation_params.args, *shlex.split(os.environ.get("PYTEST_ADDOPTS", "")),
+             *config.getini("addopts")]
+    if config.getoption("numprocesses", None) is not None or any(a == "--dist" or a.startswith("--dist=")
+                                                                  for a in given):
         return False
-    if option.capture == "no" or option.usepdb or option.trace or option.setupshow or option.setupplan:
+    if config.getoption("capture", None) in ("no", "tee-sys") or any(
+            config.getoption(name, None) for name in ("usepdb", "trace", "setupshow", "setupplan")):
         return False
-    return _leaves_out_slow_and_gpu(option.markexpr or "")
+    return _leaves_out_slow_and_gpu(config.getoption("markexpr", None) or "")
+
+
+IDENTIFIER = re.compile(r"[\w:+\-.\[\]\\/]+")
+"""What pytest's ``-m`` parser reads as a name (its scanner's IDENT); and, or, not are left out."""
 
 
 def _leaves_out_slow_and_gpu(markexpr: str) -> bool:
@@ -90,16 +100,16 @@ def _leaves_out_slow_and_gpu(markexpr: str) -> bool:
     pytest whose parser this cannot use leaves the run in one process."""
     if not markexpr:
         return False
+    names = sorted(set(IDENTIFIER.findall(markexpr)) - {"and", "or", "not"} | set(SERIAL_MARKERS))
     try:
         from _pytest.mark.expression import Expression
 
         expression = Expression.compile(markexpr)
-        names = sorted(expression.idents() | set(SERIAL_MARKERS))
         for present in itertools.product((False, True), repeat=len(names)):
             marks = {name for name, on in zip(names, present) if on}
             if marks & set(SERIAL_MARKERS) and expression.evaluate(marks.__contains__):
                 return False
-    except Exception:  # a private API: another pytest may differ
+    except Exception:  # a private module, and a mark's arguments (slow(reason=1)) are not matched
         return False
     return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,27 +35,29 @@ def test_slow():
 
 @pytest.fixture(scope="module")
 def probe(tmp_path_factory) -> Path:
-    """A suite with this conftest and pyproject's markers and default selection."""
+    """A suite with this conftest and pyproject's pytest settings (markers, default selection)."""
     pytest.importorskip("xdist")
     root = tmp_path_factory.mktemp("probe")
     (root / "tests").mkdir()
     shutil.copy(Path(conftest.__file__), root / "tests" / "conftest.py")
     (root / "tests" / "test_probe.py").write_text(PROBE)
-    (root / "pytest.ini").write_text("[pytest]\ntestpaths = tests\naddopts = -q -p no:cacheprovider --strict-markers "
-                                     "-m 'not slow and not gpu'\nmarkers =\n    slow\n    gpu\n    interop\n")
+    settings = (ROOT / "pyproject.toml").read_text().partition("[tool.pytest.ini_options]")[2]
+    settings = re.split(r"^\[", settings, maxsplit=1, flags=re.MULTILINE)[0]
+    (root / "pyproject.toml").write_text("[tool.pytest.ini_options]" + settings)
     return root
 
 
-def _run(probe: Path, *args: str) -> list[tuple[str, str | None, str | None]]:
+def _run(probe: Path, *args: str, **env: str) -> list[tuple[str, str | None, str | None]]:
     """Which probe tests ran, in which worker, with which OMP_NUM_THREADS."""
     log = probe / "log.jsonl"
     log.unlink(missing_ok=True)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PYTEST_XDIST_", "PYTEST_ADDOPTS")) and k != "OMP_NUM_THREADS"}
-    env.update(PROBE_LOG=str(log), PYTEST_XDIST_AUTO_NUM_WORKERS="2",  # two workers, whatever the cores
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    run = subprocess.run([sys.executable, "-m", "pytest", *args], cwd=probe, env=env, capture_output=True, text=True,
-                         timeout=120)
+    environment = {k: v for k, v in os.environ.items()  # as started from a shell, with xdist loaded
+                   if not k.startswith(("PYTEST_XDIST_", "PYTEST_ADDOPTS", "PYTEST_DISABLE_PLUGIN_AUTOLOAD"))
+                   and k != "OMP_NUM_THREADS"}
+    environment.update(PROBE_LOG=str(log), PYTEST_XDIST_AUTO_NUM_WORKERS="2",  # two workers, whatever the cores
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])), **env)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args], cwd=probe,
+                         env=environment, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     return sorted(tuple(json.loads(line)) for line in log.read_text().splitlines())
 
@@ -63,9 +66,10 @@ def test_the_whole_suite_runs_in_workers_and_narrower_runs_in_one_process(probe)
     share = str(max(1, conftest._cores() // 2))
     in_a_worker = ([("one", "gw0", share)], [("one", "gw1", share)])
     assert _run(probe) in in_a_worker
-    assert _run(probe, "-m", "not slow and not gpu and not interop") in in_a_worker
-    for args in [("tests/test_probe.py",), ("-n", "0", "--pdb"), ("--dist", "no"), ("-s",)]:
+    assert _run(probe, "-p", "no:debugging") in in_a_worker  # --pdb's plugin turned off: no option to read
+    for args in [("tests",), ("-n", "0", "--pdb"), ("--dist", "no"), ("-s",)]:
         assert _run(probe, *args) == [("one", None, None)], args
+    assert _run(probe, PYTEST_ADDOPTS="--dist=no") == [("one", None, None)]
     assert _run(probe, "-m", "slow") == [("slow", None, None)]
 
 
