@@ -31,7 +31,7 @@ MAX_WORKERS = 4
 """Each worker holds its own exports and models, so memory grows with the workers: four bound it
 on a large host, where the run is short anyway."""
 
-SERIAL_MARKERS = ("slow", "gpu")
+SERIAL_MARKERS = frozenset({"slow", "gpu"})
 
 
 def _cores() -> int:
@@ -100,7 +100,7 @@ def _leaves_out_slow_and_gpu(markexpr: str) -> bool:
     pytest whose parser this cannot use leaves the run in one process."""
     if not markexpr:
         return False
-    names = sorted(set(IDENTIFIER.findall(markexpr)) - {"and", "or", "not"} | set(SERIAL_MARKERS))
+    names = sorted(set(IDENTIFIER.findall(markexpr)) - {"and", "or", "not"} | SERIAL_MARKERS)
     if len(names) > 12:  # 2**12 combinations at most
         return False
     try:
@@ -109,7 +109,7 @@ def _leaves_out_slow_and_gpu(markexpr: str) -> bool:
         expression = Expression.compile(markexpr)
         for present in itertools.product((False, True), repeat=len(names)):
             marks = {name for name, on in zip(names, present) if on}
-            if marks & set(SERIAL_MARKERS) and expression.evaluate(marks.__contains__):
+            if marks & SERIAL_MARKERS and expression.evaluate(marks.__contains__):
                 return False
     except Exception:  # a private module, and a mark's arguments (slow(reason=1)) are not matched
         return False
