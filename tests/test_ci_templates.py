@@ -58,7 +58,7 @@ def test_shellcheck_passes_the_ci_scripts():
     checker = Path(sys.executable).parent / "shellcheck"
     result = _run(checker, *sorted((ROOT / "ci").glob("*.sh")))
     assert result.returncode == 0, result.stdout + result.stderr
-    result = _run(checker, "--severity=warning", *sorted((ROOT / "scripts").glob("*.sh")))
+    result = _run(checker, "--severity=warning", *sorted((ROOT / "scripts").rglob("*.sh")))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

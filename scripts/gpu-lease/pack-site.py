@@ -1,0 +1,207 @@
+"""Pack what the GPU lease installs into one archive that fits one device call with the repository.
+
+A device call carries at most 64 MiB (the working tree included), and a second call must follow the
+first within the machine's 30-second warm window or what the first carried is gone. The lease is
+therefore one call, and everything it installs travels in it: the onnxruntime-gpu wheel (244 MiB)
+and the small wheels scripts/gpu-wheels.txt names, as the tree an install would leave in the site
+folder, in one xz archive.
+
+    python3 scripts/gpu-lease/pack-site.py --ort WHEEL --small DIR --out .lease
+
+What makes onnxruntime-gpu fit, none of it touching code the lease runs:
+- the CUDA machine code (cubins) of every GPU generation but the target's is zero-filled; each
+  fatbin's headers stay, so the library's layout and offsets are unchanged and the target's code is
+  byte for byte the wheel's. A Hopper GPU (sm_90) cannot run another generation's cubins anyway:
+  the wheel has no PTX to compile for it instead.
+- ``libonnxruntime.so.*`` is left out: it is the C API library for programs that link ONNX Runtime;
+  the Python module has the runtime linked in and no Python file of the package loads it.
+- ``libonnxruntime_providers_tensorrt.so`` is left out: TensorRT cannot be installed there.
+- x86 machine code is filtered (xz's BCJ filter) before LZMA2 at its strongest preset.
+
+OUT gets ``site.tar.xz``, ``site.sha256`` and ``site.txt`` (what is inside and why); the script
+fails, naming the sizes, when the archive and the working tree would not fit one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import lzma
+import re
+import struct
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+FATBIN_MAGIC = struct.pack("<I", 0xBA55ED50)
+CARRY_LIMIT_MIB = 64.0
+#: room left for what the tree gains before the call (REVISION, a results folder) and rounding
+CARRY_MARGIN_MIB = 0.5
+LEFT_OUT = {
+    "libonnxruntime.so": "the C API library; the Python module links the runtime in",
+    "libonnxruntime_providers_tensorrt.so": "TensorRT cannot be installed on the lease machine",
+}
+CUDA_PROVIDER = "libonnxruntime_providers_cuda.so"
+XZ_FILTERS = [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+def keep_only_arch(data: bytearray, arch: int) -> tuple[int, int]:
+    """Zero the payload of every fatbin entry not built for ``arch``; returns (kept, zeroed) bytes.
+
+    Fatbin layout (CUDA's fatbinary.h): a 16-byte header (magic, version 1, header size 16, size of
+    the entries), then entries, each a header (kind, version, its own size, payload size, ..., the
+    SM architecture at offset 28) followed by its payload."""
+    kept = zeroed = 0
+    pos = 0
+    while (start := data.find(FATBIN_MAGIC, pos)) >= 0:
+        version, header_size, size = struct.unpack_from("<HHQ", data, start + 4)
+        if version != 1 or header_size != 16:
+            pos = start + 4
+            continue
+        entry, end = start + header_size, start + header_size + size
+        while entry < end:
+            _kind, _version, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            entry_arch = struct.unpack_from("<I", data, entry + 28)[0]
+            body = entry + entry_header
+            if entry_arch == arch:
+                kept += payload
+            else:
+                data[body:body + payload] = bytes(payload)
+                zeroed += payload
+            entry = body + payload
+        pos = end
+    if kept == 0:
+        raise SystemExit(f"no cubins for sm_{arch}: refusing to write a library that cannot run there")
+    return kept, zeroed
+
+
+def left_out(name: str) -> str | None:
+    """Why the wheel member ``name`` stays behind, or None to pack it."""
+    base = name.rsplit("/", 1)[-1]
+    for prefix, reason in LEFT_OUT.items():
+        if base == prefix or base.startswith(prefix + "."):
+            return reason
+    return None
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def listed_wheels(wheel_list: Path) -> dict[str, str]:
+    """NAME==VERSION lines of scripts/gpu-wheels.txt, as {normalized name: version}."""
+    listed = {}
+    for line in wheel_list.read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            listed[normalized(name)] = version.strip()
+    return listed
+
+
+def checked_small_wheels(folder: Path, wheel_list: Path) -> list[Path]:
+    """The wheels of ``folder`` that ``wheel_list`` names, at its versions, each checked against the
+    folder's SHA256SUMS (prepare-wheels.sh writes it). Other wheels there are left out: a folder
+    prepared for an older list must not carry what the list no longer names."""
+    wanted = listed_wheels(wheel_list)
+    found = {normalized(w.name.split("-")[0]): w for w in folder.glob("*.whl")}
+    missing = [f"{name}=={version}" for name, version in wanted.items()
+               if name not in found or found[name].name.split("-")[1] != version]
+    if missing:
+        raise SystemExit(f"{folder}: no wheel for {', '.join(missing)} (run scripts/gpu-lease/prepare.sh)")
+    wheels = sorted(found[name] for name in wanted)
+    sums_file = folder / "SHA256SUMS"
+    if not sums_file.is_file():
+        raise SystemExit(f"{folder}: no SHA256SUMS beside the wheels")
+    sums = {line.split()[1].removeprefix("./"): line.split()[0]
+            for line in sums_file.read_text().splitlines() if line.strip()}
+    for wheel in wheels:
+        if sums.get(wheel.name) != sha256_of(wheel):
+            raise SystemExit(f"{wheel}: does not match {sums_file}")
+    return wheels
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None:
+    member = tarfile.TarInfo(name)
+    member.size, member.mode = len(data), 0o755 if executable else 0o644
+    tar.addfile(member, io.BytesIO(data))
+
+
+def add_wheel(tar: tarfile.TarFile, wheel: Path, arch: int | None, notes: list[str]) -> None:
+    """The wheel's files as pip --target would lay them out (none of these wheels has .data)."""
+    with zipfile.ZipFile(wheel) as archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            if (reason := left_out(info.filename)) is not None and arch is not None:
+                notes.append(f"  left out {info.filename} ({info.file_size / 2**20:.0f} MiB): {reason}")
+                continue
+            data = bytearray(archive.read(info))
+            if arch is not None and info.filename.endswith("/" + CUDA_PROVIDER):
+                kept, zeroed = keep_only_arch(data, arch)
+                notes.append(f"  {info.filename}: kept the {kept / 2**20:.0f} MiB of sm_{arch} cubins, "
+                             f"zero-filled {zeroed / 2**20:.0f} MiB of other generations'")
+            executable = info.filename.endswith(".so") or ".so." in info.filename
+            add(tar, info.filename, bytes(data), executable)
+
+
+def travelling_tree_bytes(repo: Path) -> int:
+    """What a device call sends besides the carried folder: tracked and untracked-not-ignored files."""
+    listed = subprocess.run(["git", "-C", str(repo), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                            check=True, capture_output=True).stdout.split(b"\0")
+    return sum((repo / name.decode()).stat().st_size for name in listed
+               if name and (repo / name.decode()).is_file())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ort", type=Path, required=True, help="the onnxruntime-gpu wheel")
+    parser.add_argument("--small", type=Path, required=True, help="folder of the small wheels, with SHA256SUMS")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--wheel-list", type=Path, default=Path(__file__).resolve().parents[1] / "gpu-wheels.txt",
+                        help="which of the small wheels to pack (default: scripts/gpu-wheels.txt)")
+    parser.add_argument("--arch", type=int, default=90, help="SM architecture to keep (H100/H200: 90)")
+    parser.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[2],
+                        help="the checkout whose tree travels with the archive")
+    parser.add_argument("--limit-mib", type=float, default=CARRY_LIMIT_MIB, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.ort.is_file():
+        raise SystemExit(f"{args.ort}: no such wheel")
+    small = checked_small_wheels(args.small, args.wheel_list)
+    notes = [f"onnxruntime-gpu: {args.ort.name} (sha256 {sha256_of(args.ort)})"]
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        add_wheel(tar, args.ort, args.arch, notes)
+        for wheel in small:
+            add_wheel(tar, wheel, None, notes)
+            notes.append(f"{wheel.name} (sha256 {sha256_of(wheel)})")
+    print(f"compressing {raw.tell() / 2**20:.0f} MiB (xz, strongest preset: about a minute per 100 MiB) ...",
+          file=sys.stderr, flush=True)
+    blob = lzma.compress(raw.getvalue(), format=lzma.FORMAT_XZ, filters=XZ_FILTERS)
+    tree = travelling_tree_bytes(args.repo)
+    total = (len(blob) + tree) / 2**20
+    budget = f"archive {len(blob) / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB = {total:.1f} MiB"
+    if total > args.limit_mib - CARRY_MARGIN_MIB:
+        raise SystemExit(f"too large for one device call: {budget}, over {args.limit_mib:g} MiB less "
+                         f"{CARRY_MARGIN_MIB} MiB of margin")
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / "site.tar.xz.partial"
+    partial.write_bytes(blob)
+    partial.replace(args.out / "site.tar.xz")
+    (args.out / "site.sha256").write_text(f"{hashlib.sha256(blob).hexdigest()}  site.tar.xz\n")
+    (args.out / "site.txt").write_text("\n".join([f"sm_{args.arch}; {budget}", *notes]) + "\n")
+    print(f"{args.out / 'site.tar.xz'}: {budget} (limit {args.limit_mib:g} MiB per call)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Prepare the GPU lease's one device call, here (with network), from the repository root:
+#
+#   bash scripts/gpu-lease/prepare.sh
+#
+# Downloads onnxruntime-gpu and the wheels scripts/gpu-wheels.txt names for the GPU image (Python
+# 3.12, CUDA 13) with the workplace's ../shared/gpu/prepare-wheels.sh, checks them, packs them into
+# .lease/site.tar.xz with pack-site.py (which fails when the archive and the working tree would not
+# fit one call), and writes the commit the call will run into .lease/REVISION (the tree travels
+# without .git). Then: device run, command "bash scripts/gpu-lease/lease.sh", carry [".lease"],
+# timeout_s 600. Commit first: REVISION names HEAD, and "-dirty" when the tree has changes.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for ignored in /.gpu/ /.lease/; do
+  git check-ignore -q "${ignored#/}x" 2>/dev/null || echo "$ignored" >> "$(git rev-parse --git-path info/exclude)"
+done
+if [[ ! -f .gpu/ort.sha256 || ! -f .gpu/small/SHA256SUMS ]]; then
+  SMALL="$(grep -v '^#' scripts/gpu-wheels.txt | xargs)" bash ../shared/gpu/prepare-wheels.sh .gpu
+fi
+ort=/tmp/$(cat .gpu/ort.name)
+cat .gpu/ort-*/part-* > "$ort"
+sha256sum --quiet -c .gpu/ort.sha256   # names the joined wheel under /tmp
+python3 scripts/gpu-lease/pack-site.py --ort "$ort" --small .gpu/small --out .lease
+rm -f "$ort"
+git describe --always --dirty --abbrev=40 > .lease/REVISION
+echo "REVISION $(cat .lease/REVISION); now: device run, command \"bash scripts/gpu-lease/lease.sh\", carry [\".lease\"], timeout_s 600"
