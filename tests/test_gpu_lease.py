@@ -30,13 +30,14 @@ def _pack_site():
     return module
 
 
-def _fatbin(entries: list[tuple[int, bytes]]) -> bytes:
+def _fatbin(entries: list[tuple[int, bytes]], kind: dict[int, int] | None = None) -> bytes:
     """A fatbin as CUDA lays it out: header (magic, version 1, header size 16, entries' size), then
-    per entry a 64-byte header (kind, version, header size, payload size, ..., SM arch at 28)."""
+    per entry a 64-byte header (kind: 1 PTX, 2 cubin; version, header size, payload size, ..., SM
+    arch at 28) and its payload."""
     body = b""
     for arch, payload in entries:
         header = bytearray(64)
-        struct.pack_into("<HHIQ", header, 0, 2, 0x101, 64, len(payload))
+        struct.pack_into("<HHIQ", header, 0, (kind or {}).get(arch, 2), 0x101, 64, len(payload))
         struct.pack_into("<I", header, 28, arch)
         body += bytes(header) + payload
     return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
@@ -51,8 +52,9 @@ def _wheel(path: Path, files: dict[str, bytes]) -> Path:
 
 @pytest.fixture
 def wheels(tmp_path: Path) -> dict[str, Path]:
-    sm80, sm90 = os.urandom(4096), os.urandom(4096)
-    library = b"\x7fELF host code" + _fatbin([(80, sm80), (90, sm90)]) + b"more host code"
+    sm80, sm90, ptx75 = os.urandom(4096), os.urandom(4096), os.urandom(1024)
+    library = (b"\x7fELF host code" + _fatbin([(80, sm80), (90, sm90)]) + b"more host code"
+               + _fatbin([(75, ptx75)], kind={75: 1}))
     ort = _wheel(tmp_path / "onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl", {
         "onnxruntime/__init__.py": b"__version__ = '1.31.1'\n",
         "onnxruntime/capi/libonnxruntime_providers_cuda.so": library,
@@ -70,12 +72,18 @@ def wheels(tmp_path: Path) -> dict[str, Path]:
         f"{hashlib.sha256(w.read_bytes()).hexdigest()}  ./{w.name}\n" for w in sorted(small.glob("*.whl"))))
     listed = tmp_path / "gpu-wheels.txt"
     listed.write_text("# comment\ndiffusers==0.42.1\njsonschema-specifications==2025.9.1\n")
-    return {"ort": ort, "small": small, "list": listed, "sm80": sm80, "sm90": sm90, "library": library}
+    repo = tmp_path / "repo"  # the checkout that would travel beside the archive: 1 KiB
+    repo.mkdir()
+    (repo / "file").write_bytes(bytes(1024))
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(["git", "-C", str(repo), "add", "file"], check=True)
+    return {"ort": ort, "small": small, "list": listed, "sm80": sm80, "sm90": sm90, "ptx75": ptx75,
+            "library": library, "repo": repo}
 
 
 def _pack(wheels: dict[str, Path], out: Path, *extra: str) -> None:
     _pack_site().main(["--ort", str(wheels["ort"]), "--small", str(wheels["small"]), "--out", str(out),
-                       "--wheel-list", str(wheels["list"]), *extra])
+                       "--wheel-list", str(wheels["list"]), "--repo", str(wheels["repo"]), *extra])
 
 
 def test_the_archive_holds_the_target_code_byte_for_byte_and_leaves_the_rest(wheels, tmp_path: Path):
@@ -88,7 +96,7 @@ def test_the_archive_holds_the_target_code_byte_for_byte_and_leaves_the_rest(whe
         library = tar.extractfile("onnxruntime/capi/libonnxruntime_providers_cuda.so").read()
     # the layout is unchanged, the sm_90 code is the wheel's, the sm_80 code is zeros
     assert library == wheels["library"].replace(wheels["sm80"], bytes(len(wheels["sm80"])))
-    assert wheels["sm90"] in library
+    assert wheels["sm90"] in library and wheels["ptx75"] in library  # PTX is kept, whatever its arch
     assert {"onnxruntime/__init__.py", "onnxruntime/capi/libonnxruntime_providers_shared.so",
             "onnxruntime_gpu-1.31.1.dist-info/METADATA", "diffusers/__init__.py",
             "jsonschema_specifications/__init__.py"} <= names
@@ -99,9 +107,21 @@ def test_the_archive_holds_the_target_code_byte_for_byte_and_leaves_the_rest(whe
 
 
 def test_an_archive_that_would_not_fit_one_call_is_refused(wheels, tmp_path: Path):
-    with pytest.raises(SystemExit, match="too large for one device call: archive .* MiB"):
-        _pack(wheels, tmp_path / "lease", "--limit-mib", "0.6")
-    assert not (tmp_path / "lease" / "site.tar.xz").exists()
+    _pack(wheels, tmp_path / "fits")
+    archive_mib = (tmp_path / "fits" / "site.tar.xz").stat().st_size / 2**20
+    # a limit the 1-KiB tree fits under (with the 0.5-MiB margin) but the archive beside it does not
+    limit = 0.5 + 2 / 2**20 * 1024 + archive_mib / 2
+    with pytest.raises(SystemExit, match=r"too large for one device call: archive 0\.0 MiB \+ working tree 0\.0 MiB"):
+        _pack(wheels, tmp_path / "lease", "--limit-mib", str(limit))
+    assert not (tmp_path / "lease").exists()
+
+
+def test_a_fatbin_that_does_not_parse_is_refused_not_zeroed(tmp_path: Path):
+    pack_site = _pack_site()
+    broken = bytearray(_fatbin([(80, bytes(64)), (90, bytes(64))]))
+    struct.pack_into("<Q", broken, 16 + 8, 10**6)  # the first entry's payload runs past its fatbin
+    with pytest.raises(SystemExit, match="does not parse"):
+        pack_site.keep_only_arch(broken, 90)
 
 
 def test_wheels_are_checked_before_packing(wheels, tmp_path: Path):
@@ -113,19 +133,35 @@ def test_wheels_are_checked_before_packing(wheels, tmp_path: Path):
         _pack(wheels, tmp_path / "lease")
 
 
-def test_no_cubins_for_the_target_is_refused(wheels, tmp_path: Path):
+def test_no_code_for_the_target_is_refused():
     with pytest.raises(SystemExit, match="no cubins for sm_89"):
-        _pack(wheels, tmp_path / "lease", "--arch", "89")
+        _pack_site().keep_only_arch(bytearray(_fatbin([(80, bytes(64)), (90, bytes(64))])), 89)
 
 
-def _lease(tmp_path: Path, budget: int, carried: Path) -> subprocess.CompletedProcess[str]:
-    out = tmp_path / "out"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "LEASE_BUDGET_S": str(budget), "LEASE_DIR": str(tmp_path / "lease"),
-           "LEASE_SITE": str(tmp_path / "site"), "LEASE_CARRIED": str(carried),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.run(["bash", str(LEASE / "lease.sh")], env=env, capture_output=True, text=True, timeout=120)
+# lease.sh's heavy steps are sdexport's own commands (a whole lease on the tiny model and the CPU
+# is the slow test below); here a stand-in python3 answers for them in seconds, does what each
+# command leaves behind, and logs its arguments, while the rest (unpacking the archive, the
+# library paths) runs on the real interpreter.
+STAND_IN = r"""#!/usr/bin/env bash
+echo "$*" >> "$STAND_IN_LOG"
+out=""
+for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
+case "$1 $2 ${3:-}" in
+  "-m sdexport export")
+    sleep "${STAND_IN_EXPORT_S:-0}"; mkdir -p "$out"; echo exported > "$out/manifest.json" ;;
+  "-m sdexport build")
+    [[ -n ${STAND_IN_BUILD_S:-} ]] && exec sleep "$STAND_IN_BUILD_S"; echo built ;;
+  "-m sdexport bench")
+    mkdir -p "$out"; echo '{}' > "$out/results.json" ;;
+  "-m pytest "*) exit "${STAND_IN_PYTEST_RC:-0}" ;;
+  "-m pip "*) echo "the image's packages" ;;
+  "- "*)  # gpu-tests.sh's record of the machine, into its --out folder
+    cat > /dev/null; [[ -n ${2:-} ]] && mkdir -p "$2" && echo '{}' > "$2/environment.json" ;;
+  *)
+    if [[ $1 == -c && $2 == *torch* ]]; then exit 1; fi  # "is there a CUDA GPU": no
+    exec "$REAL_PYTHON" "$@" ;;
+esac
+"""
 
 
 @pytest.fixture
@@ -141,27 +177,89 @@ def carried(tmp_path: Path) -> Path:
     return carried
 
 
-def test_the_lease_skips_what_no_longer_fits_and_brings_back_what_it_did(tmp_path: Path, carried: Path):
-    done = _lease(tmp_path, 20, carried)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "site" / "lease_probe.py").read_text() == "X = 1\n"
-    with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
-        steps = tar.extractfile("./steps.tsv").read().decode()
-        assert "./REVISION" in tar.getnames() and "./pip-list-image.txt" in tar.getnames()
-    rows = {line.split("\t")[0]: line.split("\t")[1] for line in steps.splitlines()}
-    assert rows["facts"] == rows["install"] == "rc 0"
-    for heavy in ("export", "gpu-tests", "build-fused", "bench-fastest", "bench-compile", "bench-compile-max"):
-        assert rows[heavy] == "skipped", steps
-    assert "needs at least 60 s" in (tmp_path / "out" / "lease.log").read_text()
+def _lease(tmp_path: Path, carried: Path, budget: int, *, real: bool = False, **env: str) -> subprocess.CompletedProcess[str]:
+    out = tmp_path / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    bin_dir = tmp_path / "bin"
+    if not real and not bin_dir.exists():
+        bin_dir.mkdir()
+        (bin_dir / "python3").write_text(STAND_IN)
+        (bin_dir / "python3").chmod(0o755)
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}" if real else f"{bin_dir}:{os.environ['PATH']}"
+    env = {**os.environ, "OUT": str(out), "LEASE_BUDGET_S": str(budget), "LEASE_DIR": str(tmp_path / "lease"),
+           "LEASE_SITE": str(tmp_path / "site"), "LEASE_CARRIED": str(carried), "PATH": path,
+           "REAL_PYTHON": sys.executable, "STAND_IN_LOG": str(tmp_path / "commands.log"), **env}
+    return subprocess.run(["bash", str(LEASE / "lease.sh")], env=env, capture_output=True, text=True, timeout=1200)
 
-    again = _lease(tmp_path, 20, carried)  # the same machine, still warm: what is done is not redone
-    assert again.returncode == 0
-    assert "facts: done in an earlier call" in again.stdout and "install: done in an earlier call" in again.stdout
+
+def _steps(tmp_path: Path) -> dict[str, str]:
+    """The last outcome of each step, from the archive that came back."""
+    with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
+        lines = tar.extractfile("./steps.tsv").read().decode().splitlines()
+    return {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+
+
+def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path: Path, carried: Path):
+    done = _lease(tmp_path, carried, 600, STAND_IN_EXPORT_S="1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(_steps(tmp_path).values()) == {"rc 0"}
+    assert list(_steps(tmp_path)) == ["facts", "install", "gpu-tests", "export", "bench-runtime", "build-fused",
+                                      "bench-fused", "bench-compile", "bench-compile-max"]
+    assert (tmp_path / "site" / "lease_probe.py").read_text() == "X = 1\n"
+    commands = (tmp_path / "commands.log").read_text().splitlines()
+    engines = tmp_path / "lease" / "engines" / "sd15-512"
+    assert (f"-m sdexport export sd15 -o {engines} --dtype fp16 --batch 1:1:4 --height 512 --width 512 --verify none "
+            "--components text_encoder,unet,vae_decoder,vae_decoder_fp32 --force") in commands
+    assert f"-m sdexport build {engines} --target onnxruntime-cuda" in commands
+    benches = [c for c in commands if c.startswith("-m sdexport bench")]
+    assert [b.split("--contenders ")[1].split()[0] for b in benches] == [
+        "diffusers,torch,onnxruntime-cuda", "diffusers,onnxruntime-cuda-fused",
+        "diffusers,diffusers-compile,tensorrt", "diffusers,torch-compile-max"]
+    assert all(f"--engine-dir {engines}" in b and "benchmarks/scenarios/sd15-512-b1.toml" in b for b in benches)
+    assert any(c.startswith("-m pytest -m gpu") and c.endswith("-m gpu and not slow") for c in commands)
+    with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"./REVISION", "./pip-list-image.txt", "./bench-fused/results.json", "./gpu-tests/environment.json"} <= set(names)
+    assert not any("/engines" in name for name in names)  # gigabytes on a GPU: they stay there
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lease-results.tar.gz", "lease.log"]
+
+
+def test_a_step_the_budget_cuts_runs_again_and_a_failed_one_does_not(tmp_path: Path, carried: Path):
+    # scaled down 10 times: the runtime benchmark needs 9 s, the fused build 6 to 30 s, which a
+    # 20-s budget cuts short; the compile benchmark (12 s at least) no longer fits
+    first = _lease(tmp_path, carried, 20, LEASE_TIME_SCALE="10", STAND_IN_PYTEST_RC="1", STAND_IN_BUILD_S="299.25")
+    assert first.returncode == 0, first.stdout + first.stderr
+    steps = _steps(tmp_path)
+    assert steps["gpu-tests"] == "rc 1" and steps["export"] == steps["bench-runtime"] == "rc 0"
+    assert steps["build-fused"] == "cut at the budget", first.stdout
+    assert steps["bench-compile"] == steps["bench-compile-max"] == "skipped" and "bench-fused" not in steps
+    assert subprocess.run(["pgrep", "-f", "sleep 299.25"], capture_output=True).returncode == 1  # none left running
+
+    again = _lease(tmp_path, carried, 600, LEASE_TIME_SCALE="10", STAND_IN_PYTEST_RC="0")  # the warm machine
+    assert again.returncode == 0, again.stdout + again.stderr
+    for settled in ("facts", "install", "export", "bench-runtime"):
+        assert f"{settled}: done in an earlier call" in again.stdout
+    assert "gpu-tests: failed in an earlier call (rc 1): not repeated" in again.stdout
+    steps = _steps(tmp_path)
+    assert steps["build-fused"] == steps["bench-fused"] == steps["bench-compile-max"] == "rc 0"
 
 
 def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path):
     (carried / "site.tar.xz").write_bytes(b"not what was packed")
-    failed = _lease(tmp_path, 20, carried)
+    failed = _lease(tmp_path, carried, 60)
     assert failed.returncode == 1
     assert "does not match site.sha256" in failed.stdout and "nothing installed" in failed.stdout
-    assert (tmp_path / "out" / "lease-results.tar.gz").is_file()
+    assert _steps(tmp_path)["install"] == "rc 1"
+    assert not (tmp_path / "commands.log").read_text().count("sdexport")
+
+
+@pytest.mark.slow
+def test_the_whole_lease_on_the_tiny_model_and_the_cpu(tmp_path: Path, carried: Path):
+    """Every step for real, on the CPU: the commands' flags, the export, the fused build's CPU check
+    and the benchmarks (the CUDA contenders are recorded as unavailable). About 7 minutes."""
+    done = _lease(tmp_path, carried, 1100, real=True, LEASE_MODEL="tiny", LEASE_SIZE="128", LEASE_DTYPE="fp32",
+                  LEASE_SCENARIO="benchmarks/scenarios/tiny-cpu.toml")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert set(_steps(tmp_path).values()) == {"rc 0"}, _steps(tmp_path)
+    assert "bench-fused" in _steps(tmp_path)

@@ -11,8 +11,8 @@ folder, in one xz archive.
 What makes onnxruntime-gpu fit, none of it touching code the lease runs:
 - the CUDA machine code (cubins) of every GPU generation but the target's is zero-filled; each
   fatbin's headers stay, so the library's layout and offsets are unchanged and the target's code is
-  byte for byte the wheel's. A Hopper GPU (sm_90) cannot run another generation's cubins anyway:
-  the wheel has no PTX to compile for it instead.
+  byte for byte the wheel's. A Hopper GPU (sm_90) cannot run another generation's cubins anyway.
+  PTX, which the driver could compile for it, would be kept; onnxruntime-gpu 1.31.1 has none.
 - ``libonnxruntime.so.*`` is left out: it is the C API library for programs that link ONNX Runtime;
   the Python module has the runtime linked in and no Python file of the package loads it.
 - ``libonnxruntime_providers_tensorrt.so`` is left out: TensorRT cannot be installed there.
@@ -49,7 +49,8 @@ XZ_FILTERS = [{"id": lzma.FILTER_X86}, {"id": lzma.FILTER_LZMA2, "preset": 9 | l
 
 
 def keep_only_arch(data: bytearray, arch: int) -> tuple[int, int]:
-    """Zero the payload of every fatbin entry not built for ``arch``; returns (kept, zeroed) bytes.
+    """Zero the payload of every cubin not built for ``arch``; returns (kept, zeroed) bytes. PTX is
+    kept whatever its architecture (onnxruntime-gpu 1.31.1 has none).
 
     Fatbin layout (CUDA's fatbinary.h): a 16-byte header (magic, version 1, header size 16, size of
     the entries), then entries, each a header (kind, version, its own size, payload size, ..., the
@@ -62,11 +63,18 @@ def keep_only_arch(data: bytearray, arch: int) -> tuple[int, int]:
             pos = start + 4
             continue
         entry, end = start + header_size, start + header_size + size
+        if end > len(data):
+            raise SystemExit(f"a fatbin at byte {start} claims {size} bytes past the file's end: not packing")
         while entry < end:
-            _kind, _version, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            kind, _version, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
             entry_arch = struct.unpack_from("<I", data, entry + 28)[0]
             body = entry + entry_header
-            if entry_arch == arch:
+            # 1: PTX, 2: cubin; a header too short to hold the architecture, or an entry running
+            # past its fatbin, means this is not the layout this script knows: zero nothing blind
+            if kind not in (1, 2) or entry_header < 32 or body + payload > end:
+                raise SystemExit(f"an entry at byte {entry} of the fatbin at byte {start} does not parse "
+                                 f"(kind {kind}, header {entry_header}, payload {payload}): not packing")
+            if entry_arch == arch or kind == 1:  # PTX stays: the driver compiles it for any newer GPU
                 kept += payload
             else:
                 data[body:body + payload] = bytes(payload)

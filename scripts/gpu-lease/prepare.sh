@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepare the GPU lease's one device call, here (with network), from the repository root:
 #
-#   bash scripts/gpu-lease/prepare.sh
+#   bash scripts/gpu-lease/prepare.sh              (minutes: downloads, then xz at its strongest)
+#   bash scripts/gpu-lease/prepare.sh --revision   (seconds: only .lease/REVISION, after a new commit)
 #
 # Downloads onnxruntime-gpu and the wheels scripts/gpu-wheels.txt names for the GPU image (Python
 # 3.12, CUDA 13) with the workplace's ../shared/gpu/prepare-wheels.sh, checks them, packs them into
@@ -11,6 +12,16 @@
 # timeout_s 600. Commit first: REVISION names HEAD, and "-dirty" when the tree has changes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+revision() {
+  mkdir -p .lease
+  git describe --always --dirty --abbrev=40 > .lease/REVISION
+  echo "REVISION $(cat .lease/REVISION)"
+}
+if [[ ${1:-} == --revision ]]; then
+  revision; exit 0
+elif [[ $# -gt 0 ]]; then
+  echo "usage: bash scripts/gpu-lease/prepare.sh [--revision]" >&2; exit 2
+fi
 for ignored in /.gpu/ /.lease/; do
   git check-ignore -q "${ignored#/}x" 2>/dev/null || echo "$ignored" >> "$(git rev-parse --git-path info/exclude)"
 done
@@ -22,5 +33,5 @@ cat .gpu/ort-*/part-* > "$ort"
 sha256sum --quiet -c .gpu/ort.sha256   # names the joined wheel under /tmp
 python3 scripts/gpu-lease/pack-site.py --ort "$ort" --small .gpu/small --out .lease
 rm -f "$ort"
-git describe --always --dirty --abbrev=40 > .lease/REVISION
-echo "REVISION $(cat .lease/REVISION); now: device run, command \"bash scripts/gpu-lease/lease.sh\", carry [\".lease\"], timeout_s 600"
+revision
+echo "now: device run, command \"bash scripts/gpu-lease/lease.sh\", carry [\".lease\"], timeout_s 600"
