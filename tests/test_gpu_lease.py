@@ -116,6 +116,17 @@ def test_an_archive_that_would_not_fit_one_call_is_refused(wheels, tmp_path: Pat
     assert not (tmp_path / "lease").exists()
 
 
+def test_after_a_new_commit_the_fit_is_checked_again(wheels, tmp_path: Path, capsys):
+    _pack(wheels, tmp_path / "lease")
+    archive = tmp_path / "lease" / "site.tar.xz"
+    check = ["--check-fit", str(archive), "--repo", str(wheels["repo"])]
+    _pack_site().main(check)
+    assert "archive 0.0 MiB + working tree 0.0 MiB" in capsys.readouterr().out
+    (wheels["repo"] / "results.png").write_bytes(os.urandom(2**20))  # untracked, not ignored: it travels
+    with pytest.raises(SystemExit, match="working tree 1.0 MiB"):
+        _pack_site().main([*check, "--limit-mib", "1.5"])
+
+
 def test_a_fatbin_that_does_not_parse_is_refused_not_zeroed(tmp_path: Path):
     pack_site = _pack_site()
     broken = bytearray(_fatbin([(80, bytes(64)), (90, bytes(64))]))
@@ -144,6 +155,7 @@ def test_no_code_for_the_target_is_refused():
 # library paths) runs on the real interpreter.
 STAND_IN = r"""#!/usr/bin/env bash
 echo "$*" >> "$STAND_IN_LOG"
+[[ $1 == -m ]] && echo "  revision=${SDEXPORT_GIT_REVISION:-} path=${PYTHONPATH%%:*}" >> "$STAND_IN_LOG"
 out=""
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
 case "$1 $2 ${3:-}" in
@@ -153,7 +165,7 @@ case "$1 $2 ${3:-}" in
     [[ -n ${STAND_IN_BUILD_S:-} ]] && exec sleep "$STAND_IN_BUILD_S"; echo built ;;
   "-m sdexport bench")
     mkdir -p "$out"; echo '{}' > "$out/results.json" ;;
-  "-m pytest "*) exit "${STAND_IN_PYTEST_RC:-0}" ;;
+  "-m pytest "*) sleep "${STAND_IN_PYTEST_S:-0}"; exit "${STAND_IN_PYTEST_RC:-0}" ;;
   "-m pip "*) echo "the image's packages" ;;
   "- "*)  # gpu-tests.sh's record of the machine, into its --out folder
     cat > /dev/null; [[ -n ${2:-} ]] && mkdir -p "$2" && echo '{}' > "$2/environment.json" ;;
@@ -197,15 +209,16 @@ def _steps(tmp_path: Path) -> dict[str, str]:
     """The last outcome of each step, from the archive that came back."""
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
         lines = tar.extractfile("./steps.tsv").read().decode().splitlines()
-    return {line.split("\t")[0]: line.split("\t")[1] for line in lines}
+    return {line.split("\t")[0]: line.split("\t")[1] for line in lines if not line.startswith("call\t")}
 
 
 def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path: Path, carried: Path):
     done = _lease(tmp_path, carried, 600, STAND_IN_EXPORT_S="1")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert set(_steps(tmp_path).values()) == {"rc 0"}
-    assert list(_steps(tmp_path)) == ["facts", "install", "gpu-tests", "export", "bench-runtime", "build-fused",
-                                      "bench-fused", "bench-compile", "bench-compile-max"]
+    steps = _steps(tmp_path)
+    assert set(steps.values()) == {"rc 0"}, steps
+    assert list(steps)[:2] == ["facts", "install"] and set(list(steps)[2:4]) == {"gpu-tests", "export"}
+    assert list(steps)[4:] == ["bench-runtime", "bench-compile", "build-fused", "bench-fused"]  # no compile-max unasked
     assert (tmp_path / "site" / "lease_probe.py").read_text() == "X = 1\n"
     commands = (tmp_path / "commands.log").read_text().splitlines()
     engines = tmp_path / "lease" / "engines" / "sd15-512"
@@ -214,35 +227,53 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
     assert f"-m sdexport build {engines} --target onnxruntime-cuda" in commands
     benches = [c for c in commands if c.startswith("-m sdexport bench")]
     assert [b.split("--contenders ")[1].split()[0] for b in benches] == [
-        "diffusers,torch,onnxruntime-cuda", "diffusers,onnxruntime-cuda-fused",
-        "diffusers,diffusers-compile,tensorrt", "diffusers,torch-compile-max"]
+        "diffusers,torch,onnxruntime-cuda", "diffusers,diffusers-compile,tensorrt", "diffusers,onnxruntime-cuda-fused"]
     assert all(f"--engine-dir {engines}" in b and "benchmarks/scenarios/sd15-512-b1.toml" in b for b in benches)
     assert any(c.startswith("-m pytest -m gpu") and c.endswith("-m gpu and not slow") for c in commands)
+    # every command runs with the installed site first on the path and the commit it measures
+    environments = {after for command, after in zip(commands, commands[1:])
+                    if command.startswith(("-m sdexport", "-m pytest"))}
+    assert environments == {f"  revision=0123abc path={tmp_path / 'site'}"}, environments
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
         names = tar.getnames()
-    assert {"./REVISION", "./pip-list-image.txt", "./bench-fused/results.json", "./gpu-tests/environment.json"} <= set(names)
+        assert tar.extractfile("./REVISION").read() == b"0123abc\n"
+    assert {"./pip-list-image.txt", "./bench-fused/results.json", "./gpu-tests/environment.json"} <= set(names)
     assert not any("/engines" in name for name in names)  # gigabytes on a GPU: they stay there
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lease-results.tar.gz", "lease.log"]
 
+    asked = _lease(tmp_path, carried, 600, LEASE_COMPILE_MAX="1")  # the warm machine, asked for more
+    assert "bench-runtime: done in an earlier call" in asked.stdout
+    assert _steps(tmp_path)["bench-compile-max"] == "rc 0"
+    assert "--contenders diffusers,torch-compile-max" in (tmp_path / "commands.log").read_text()
 
-def test_a_step_the_budget_cuts_runs_again_and_a_failed_one_does_not(tmp_path: Path, carried: Path):
-    # scaled down 10 times: the runtime benchmark needs 9 s, the fused build 6 to 30 s, which a
-    # 20-s budget cuts short; the compile benchmark (12 s at least) no longer fits
-    first = _lease(tmp_path, carried, 20, LEASE_TIME_SCALE="10", STAND_IN_PYTEST_RC="1", STAND_IN_BUILD_S="299.25")
+
+def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(tmp_path: Path, carried: Path):
+    # scaled down 20 times: the tests may take 9 s, the runtime benchmark needs 5 s, the fused
+    # build 10 to 20 s
+    first = _lease(tmp_path, carried, 16, LEASE_TIME_SCALE="20", STAND_IN_PYTEST_S="30")
     assert first.returncode == 0, first.stdout + first.stderr
-    steps = _steps(tmp_path)
-    assert steps["gpu-tests"] == "rc 1" and steps["export"] == steps["bench-runtime"] == "rc 0"
-    assert steps["build-fused"] == "cut at the budget", first.stdout
-    assert steps["bench-compile"] == steps["bench-compile-max"] == "skipped" and "bench-fused" not in steps
-    assert subprocess.run(["pgrep", "-f", "sleep 299.25"], capture_output=True).returncode == 1  # none left running
+    assert _steps(tmp_path)["gpu-tests"] == "rc 124, over its own limit of 9 s", first.stdout
 
-    again = _lease(tmp_path, carried, 600, LEASE_TIME_SCALE="10", STAND_IN_PYTEST_RC="0")  # the warm machine
-    assert again.returncode == 0, again.stdout + again.stderr
-    for settled in ("facts", "install", "export", "bench-runtime"):
-        assert f"{settled}: done in an earlier call" in again.stdout
-    assert "gpu-tests: failed in an earlier call (rc 1): not repeated" in again.stdout
+    # the second call on the warm machine carries nothing: the revision is the first call's
+    sleeper = f"299.{os.getpid()}"
+    nothing = tmp_path / "nothing-carried"
+    nothing.mkdir()
+    second = _lease(tmp_path, nothing, 19, LEASE_TIME_SCALE="20", STAND_IN_BUILD_S=sleeper)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "gpu-tests: failed in an earlier call (rc 124, over its own limit of 9 s): not repeated" in second.stdout
     steps = _steps(tmp_path)
-    assert steps["build-fused"] == steps["bench-fused"] == steps["bench-compile-max"] == "rc 0"
+    assert steps["bench-runtime"] == steps["bench-compile"] == "rc 0"
+    assert steps["build-fused"] == "cut at the budget" and steps["bench-fused"] == "skipped", second.stdout
+    assert subprocess.run(["pgrep", "-f", f"sleep {sleeper}"], capture_output=True).returncode == 1  # none left
+    assert "revision=0123abc " in (tmp_path / "commands.log").read_text().splitlines()[-1]
+
+    (carried / "REVISION").write_text("4567def\n")  # a new commit: all but the unchanged install again
+    third = _lease(tmp_path, carried, 600, LEASE_TIME_SCALE="20")
+    assert "revision 4567def after 0123abc: every step runs again" in third.stdout
+    assert "install: done in an earlier call" in third.stdout and "facts (at most" in third.stdout
+    steps = _steps(tmp_path)
+    assert steps["gpu-tests"] == steps["build-fused"] == steps["bench-fused"] == "rc 0"
+    assert (tmp_path / "lease" / "REVISION").read_text() == "4567def\n"
 
 
 def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path):
@@ -257,7 +288,7 @@ def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path
 @pytest.mark.slow
 def test_the_whole_lease_on_the_tiny_model_and_the_cpu(tmp_path: Path, carried: Path):
     """Every step for real, on the CPU: the commands' flags, the export, the fused build's CPU check
-    and the benchmarks (the CUDA contenders are recorded as unavailable). About 7 minutes."""
+    and the benchmarks (the CUDA contenders are recorded as unavailable). About 4 minutes here."""
     done = _lease(tmp_path, carried, 1100, real=True, LEASE_MODEL="tiny", LEASE_SIZE="128", LEASE_DTYPE="fp32",
                   LEASE_SCENARIO="benchmarks/scenarios/tiny-cpu.toml")
     assert done.returncode == 0, done.stdout + done.stderr

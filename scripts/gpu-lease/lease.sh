@@ -5,9 +5,10 @@
 # Prepare here (network), commit, then make the call at once:
 #   bash scripts/gpu-lease/prepare.sh          # .lease/site.tar.xz, checked to fit; .lease/REVISION
 #   device run: command "bash scripts/gpu-lease/lease.sh", carry [".lease"], timeout_s 600
-#   a second call right away (within the machine's 30-s warm window), if device time is left:
-#   device run: command "LEASE_BUDGET_S=<seconds> bash scripts/gpu-lease/lease.sh", no carry
-# (bash scripts/gpu-lease/prepare.sh --revision writes .lease/REVISION alone, after a new commit.)
+# If device time is left, a second call right away (within the machine's 30-s warm window): what
+# the first carried is still there, so it carries nothing (or just ".lease/REVISION" after a new
+# commit and `prepare.sh --revision`), with a budget of the device time left less about 90 s:
+#   device run: command "LEASE_BUDGET_S=<seconds> bash scripts/gpu-lease/lease.sh", timeout_s <budget + 40>
 #
 # A call carries at most 64 MiB, a later call must come within 30 s or all an earlier one carried
 # and built is gone, and the session's device time (15 min) counts the start, every call and every
@@ -17,18 +18,22 @@
 # for a step's kill grace (15 s) and the last pack. Every step packs the results so far into
 # $OUT/lease-results.tar.gz, so a call cut short still brings back what it measured.
 #
-# SD 1.5's export (fp16, with quick verification: 256 s on this project's 2-core CI machine; the
-# export runs on the CPU there too) and ONNX Runtime's fused build (336 s there, 238 s of it the
-# U-Net) do not both fit one call beside the tests and benchmarks. The first call gets the facts,
-# the tests, the export and the benchmarks over it; the fused build and its benchmark come next,
-# and a second call on the still-warm machine resumes there.
+# The order, most valuable first: the export (SD 1.5 fp16 took 256 s on this project's 2-core CI
+# machine; it runs on the CPU there too) beside the GPU tests; the baseline against the runtime
+# over the export (PyTorch, portable ONNX Runtime graphs); the baseline against torch.compile;
+# then ONNX Runtime's fused build (336 s on the CI machine, 238 s of it the U-Net), which starts
+# only with 200 s left, and its benchmark. torch-compile-max (minutes of autotuning) runs only when
+# LEASE_COMPILE_MAX=1. LEASE_SKIP="name ..." leaves steps out, e.g. for a lease that goes straight
+# to the fused graphs.
 #
-# Resuming: a step that finished is marked under $LEASE/done and skipped by a later call on the
-# same machine; one that failed by itself (an error, or its own time limit) is marked under
-# $LEASE/failed and not repeated either; only a step the budget cut short runs again.
+# Resuming: a later call on the same machine skips a step that finished (marked under $LEASE/done)
+# or failed by itself (an error or its own time limit: $LEASE/failed); a step the budget cut short
+# or skipped runs again. A call with another REVISION than the last one's starts over, but for the
+# install of an unchanged archive.
 #
 # Overrides, for a different lease or a dry run of the plumbing on a CPU machine:
 #   LEASE_BUDGET_S  seconds this call may spend on steps (default 560)
+#   LEASE_SKIP, LEASE_COMPILE_MAX  (above)
 #   LEASE_MODEL, LEASE_SIZE, LEASE_DTYPE, LEASE_SCENARIO  (default sd15, 512, fp16,
 #                   benchmarks/scenarios/sd15-512-b1.toml)
 #   LEASE_DIR       where results collect (default /tmp/lease); LEASE_SITE the install (/tmp/site)
@@ -78,6 +83,9 @@ step() {
   if [[ -e $LEASE/failed/$name ]]; then
     mark "$name: failed in an earlier call ($(cat "$LEASE/failed/$name")): not repeated"; return 1
   fi
+  if [[ " ${LEASE_SKIP:-} " == *" $name "* ]]; then
+    mark "$name: left out (LEASE_SKIP)"; record "$name" "left out" 0 "LEASE_SKIP"; return 1
+  fi
   if (( $(left) < least )); then
     mark "$name: skipped, $(left) s left and it needs at least $least s"
     record "$name" skipped "$(left)" "needs $least s"; pack; return 1
@@ -92,7 +100,7 @@ step() {
   local took=$(( $(date +%s) - began )) outcome="rc $rc"
   if [[ $rc == 0 ]]; then
     touch "$LEASE/done/$name"
-  elif [[ $rc == 124 || $rc == 137 ]] && (( limit < most )); then
+  elif [[ $rc == 124 || $rc == 137 ]] && (( limit < most && took >= limit )); then
     outcome="cut at the budget"  # runs again in a later call on this machine
   else
     [[ $rc == 124 || $rc == 137 ]] && outcome="rc $rc, over its own limit of $most s"
@@ -112,14 +120,16 @@ facts() {
   python3 -m pip list --disable-pip-version-check > "$LEASE/pip-list-image.txt" 2>&1
   { python3 -c 'import tensorrt; print(tensorrt.__version__)'; echo "import tensorrt: rc $?"; } > "$LEASE/import-tensorrt.txt" 2>&1
   cat "$LEASE/import-tensorrt.txt"
-  cp "$CARRIED/REVISION" "$CARRIED/site.txt" "$LEASE/" 2>/dev/null
+  cp "$CARRIED/site.txt" "$LEASE/" 2>/dev/null
   return 0
 }
 
 install_site() {  # the archive pack-site.py made: checked, then unpacked ahead of the image's packages
+  [[ -f $CARRIED/site.tar.xz ]] || { echo "no $CARRIED/site.tar.xz: a fresh machine needs carry [\".lease\"]"; return 1; }
   (cd "$CARRIED" && sha256sum -c site.sha256) || { echo "$CARRIED/site.tar.xz does not match site.sha256"; return 1; }
   mkdir -p "$SITE"
-  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$CARRIED/site.tar.xz" "$SITE"
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$CARRIED/site.tar.xz" "$SITE" \
+    && cp "$CARRIED/site.sha256" "$LEASE/site.sha256"
 }
 
 use_site() {
@@ -162,12 +172,21 @@ bench() {  # bench NAME CONTENDERS: the scenario with the baseline first, so eac
 export -f facts install_site gpu_tests export_engines build_fused bench
 export LEASE SITE CARRIED ENGINES MODEL SIZE DTYPE SCENARIO
 
-mark "lease: $(cat "$CARRIED/REVISION" 2>/dev/null || echo "no $CARRIED/REVISION"); $MODEL ${SIZE}² $DTYPE, budget ${BUDGET}s"
-if [[ -f $CARRIED/REVISION ]]; then
-  SDEXPORT_GIT_REVISION=$(cat "$CARRIED/REVISION"); export SDEXPORT_GIT_REVISION
-elif [[ -f $LEASE/REVISION ]]; then  # a second call carries nothing: the first one's copy
-  SDEXPORT_GIT_REVISION=$(cat "$LEASE/REVISION"); export SDEXPORT_GIT_REVISION
+# The commit this call runs (the tree comes without .git): the carried REVISION, else the last
+# call's. Markers from another revision do not count: its steps ran other code.
+revision=$(cat "$CARRIED/REVISION" 2>/dev/null || cat "$LEASE/REVISION" 2>/dev/null || echo unknown)
+if [[ -f $LEASE/REVISION && $(cat "$LEASE/REVISION") != "$revision" ]]; then
+  mark "revision $revision after $(cat "$LEASE/REVISION"): every step runs again"
+  find "$LEASE/done" "$LEASE/failed" -type f ! -name install -delete
 fi
+if [[ -f $LEASE/done/install ]] && ! cmp -s "$CARRIED/site.sha256" "$LEASE/site.sha256" 2>/dev/null \
+    && [[ -f $CARRIED/site.sha256 ]]; then
+  rm -f "$LEASE/done/install"  # another archive: installed again
+fi
+echo "$revision" > "$LEASE/REVISION"
+SDEXPORT_GIT_REVISION=$revision; export SDEXPORT_GIT_REVISION
+record call "revision $revision" 0 "budget $BUDGET s"
+mark "lease: $revision; $MODEL ${SIZE}² $DTYPE, budget ${BUDGET}s"
 step facts 5 30 facts
 step install 10 60 install_site || { mark "nothing installed: the GPU paths cannot run"; pack; exit 1; }
 use_site
@@ -178,15 +197,20 @@ exporting=$!
 step gpu-tests 30 180 gpu_tests
 wait "$exporting"
 tail -5 "$LEASE/export.log" 2>/dev/null
-# Most important first: the baseline against what runs over the export, then ONNX Runtime's fused
-# graphs, then torch.compile. Without an export, only what needs none is measured.
-# (A runtime contender without --engine-dir would make the benchmark export on its own.)
+# Most important first (see the header). Without an export, only what needs none is measured: a
+# runtime contender without --engine-dir would make the benchmark export on its own.
 if [[ -e $LEASE/done/export ]]; then
   step bench-runtime 90 240 bench runtime diffusers,torch,onnxruntime-cuda
-  step build-fused 60 300 build_fused
-  [[ -e $LEASE/done/build-fused ]] && step bench-fused 60 180 bench fused diffusers,onnxruntime-cuda-fused
   step bench-compile 120 300 bench compile diffusers,diffusers-compile,tensorrt
-  step bench-compile-max 300 500 bench compile-max diffusers,torch-compile-max
+  step build-fused 200 400 build_fused
+  if [[ -e $LEASE/done/build-fused ]]; then
+    step bench-fused 60 180 bench fused diffusers,onnxruntime-cuda-fused
+  elif [[ ! -e $LEASE/done/bench-fused ]]; then
+    record bench-fused skipped "$(left)" "no fused build"
+  fi
+  if [[ ${LEASE_COMPILE_MAX:-0} == 1 ]]; then
+    step bench-compile-max 300 540 bench compile-max diffusers,torch-compile-max
+  fi
 else
   mark "no export: only the contenders that need none are measured"
   step bench-compile 120 300 bench compile diffusers,diffusers-compile

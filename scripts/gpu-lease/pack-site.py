@@ -122,12 +122,12 @@ def checked_small_wheels(folder: Path, wheel_list: Path) -> list[Path]:
     folder's SHA256SUMS (prepare-wheels.sh writes it). Other wheels there are left out: a folder
     prepared for an older list must not carry what the list no longer names."""
     wanted = listed_wheels(wheel_list)
-    found = {normalized(w.name.split("-")[0]): w for w in folder.glob("*.whl")}
-    missing = [f"{name}=={version}" for name, version in wanted.items()
-               if name not in found or found[name].name.split("-")[1] != version]
+    found = {(normalized(w.name.split("-")[0]), w.name.split("-")[1]): w for w in folder.glob("*.whl")}
+    missing = [f"{name}=={version}" for name, version in wanted.items() if (name, version) not in found]
     if missing:
-        raise SystemExit(f"{folder}: no wheel for {', '.join(missing)} (run scripts/gpu-lease/prepare.sh)")
-    wheels = sorted(found[name] for name in wanted)
+        raise SystemExit(f"{folder}: no wheel for {', '.join(missing)} (scripts/gpu-lease/prepare.sh downloads "
+                         f"again when {wheel_list.name} is newer than {folder / 'SHA256SUMS'})")
+    wheels = sorted(found[item] for item in wanted.items())
     sums_file = folder / "SHA256SUMS"
     if not sums_file.is_file():
         raise SystemExit(f"{folder}: no SHA256SUMS beside the wheels")
@@ -171,11 +171,25 @@ def travelling_tree_bytes(repo: Path) -> int:
                if name and (repo / name.decode()).is_file())
 
 
+def fits_one_call(archive_bytes: int, repo: Path, limit_mib: float) -> str:
+    """The carry budget of one device call, as a sentence; SystemExit when the archive and the
+    working tree beside it would not fit (the device tool would refuse the call)."""
+    tree = travelling_tree_bytes(repo)
+    total = (archive_bytes + tree) / 2**20
+    budget = f"archive {archive_bytes / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB = {total:.1f} MiB"
+    if total > limit_mib - CARRY_MARGIN_MIB:
+        raise SystemExit(f"too large for one device call: {budget}, over {limit_mib:g} MiB less "
+                         f"{CARRY_MARGIN_MIB} MiB of margin")
+    return budget
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ort", type=Path, required=True, help="the onnxruntime-gpu wheel")
-    parser.add_argument("--small", type=Path, required=True, help="folder of the small wheels, with SHA256SUMS")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--check-fit", type=Path, metavar="ARCHIVE",
+                        help="only check that ARCHIVE and the working tree fit one call (after a new commit)")
+    parser.add_argument("--ort", type=Path, help="the onnxruntime-gpu wheel")
+    parser.add_argument("--small", type=Path, help="folder of the small wheels, with SHA256SUMS")
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--wheel-list", type=Path, default=Path(__file__).resolve().parents[1] / "gpu-wheels.txt",
                         help="which of the small wheels to pack (default: scripts/gpu-wheels.txt)")
     parser.add_argument("--arch", type=int, default=90, help="SM architecture to keep (H100/H200: 90)")
@@ -183,6 +197,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="the checkout whose tree travels with the archive")
     parser.add_argument("--limit-mib", type=float, default=CARRY_LIMIT_MIB, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.check_fit is not None:
+        if not args.check_fit.is_file():
+            raise SystemExit(f"{args.check_fit}: no such archive (run scripts/gpu-lease/prepare.sh)")
+        print(f"{args.check_fit}: {fits_one_call(args.check_fit.stat().st_size, args.repo, args.limit_mib)}")
+        return
+    if args.ort is None or args.small is None or args.out is None:
+        parser.error("--ort, --small and --out are required to pack")
     if not args.ort.is_file():
         raise SystemExit(f"{args.ort}: no such wheel")
     small = checked_small_wheels(args.small, args.wheel_list)
@@ -196,12 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"compressing {raw.tell() / 2**20:.0f} MiB (xz, strongest preset: about a minute per 100 MiB) ...",
           file=sys.stderr, flush=True)
     blob = lzma.compress(raw.getvalue(), format=lzma.FORMAT_XZ, filters=XZ_FILTERS)
-    tree = travelling_tree_bytes(args.repo)
-    total = (len(blob) + tree) / 2**20
-    budget = f"archive {len(blob) / 2**20:.1f} MiB + working tree {tree / 2**20:.1f} MiB = {total:.1f} MiB"
-    if total > args.limit_mib - CARRY_MARGIN_MIB:
-        raise SystemExit(f"too large for one device call: {budget}, over {args.limit_mib:g} MiB less "
-                         f"{CARRY_MARGIN_MIB} MiB of margin")
+    budget = fits_one_call(len(blob), args.repo, args.limit_mib)
     args.out.mkdir(parents=True, exist_ok=True)
     partial = args.out / "site.tar.xz.partial"
     partial.write_bytes(blob)

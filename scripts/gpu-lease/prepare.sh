@@ -18,14 +18,17 @@ revision() {
   echo "REVISION $(cat .lease/REVISION)"
 }
 if [[ ${1:-} == --revision ]]; then
-  revision; exit 0
+  revision
+  python3 scripts/gpu-lease/pack-site.py --check-fit .lease/site.tar.xz   # the tree may have grown
+  exit 0
 elif [[ $# -gt 0 ]]; then
   echo "usage: bash scripts/gpu-lease/prepare.sh [--revision]" >&2; exit 2
 fi
 for ignored in /.gpu/ /.lease/; do
   git check-ignore -q "${ignored#/}x" 2>/dev/null || echo "$ignored" >> "$(git rev-parse --git-path info/exclude)"
 done
-if [[ ! -f .gpu/ort.sha256 || ! -f .gpu/small/SHA256SUMS ]]; then
+# again when the wheel list changed since the last download (pack-site.py takes the listed versions)
+if [[ ! -f .gpu/ort.sha256 || ! -f .gpu/small/SHA256SUMS || scripts/gpu-wheels.txt -nt .gpu/small/SHA256SUMS ]]; then
   SMALL="$(grep -v '^#' scripts/gpu-wheels.txt | xargs)" bash ../shared/gpu/prepare-wheels.sh .gpu
 fi
 ort=/tmp/$(cat .gpu/ort.name)
