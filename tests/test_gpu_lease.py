@@ -178,6 +178,11 @@ esac
 
 @pytest.fixture
 def carried(tmp_path: Path) -> Path:
+    return _carried(tmp_path)
+
+
+def _carried(tmp_path: Path) -> Path:
+    """What prepare.sh leaves in .lease: a site archive (one module), its checksum, REVISION."""
     carried = tmp_path / "carried"
     (carried / "src").mkdir(parents=True)
     (carried / "src" / "lease_probe.py").write_text("X = 1\n")
@@ -283,12 +288,17 @@ def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path
     assert "does not match site.sha256" in failed.stdout and "nothing installed" in failed.stdout
     assert _steps(tmp_path)["install"] == "rc 1"
     assert not (tmp_path / "commands.log").read_text().count("sdexport")
+    # the archive carried again, whole: the next call installs it and goes on
+    shutil.rmtree(carried)
+    fixed = _lease(tmp_path, _carried(tmp_path), 600)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert _steps(tmp_path)["install"] == "rc 0" and _steps(tmp_path)["export"] == "rc 0"
 
 
 @pytest.mark.slow
 def test_the_whole_lease_on_the_tiny_model_and_the_cpu(tmp_path: Path, carried: Path):
     """Every step for real, on the CPU: the commands' flags, the export, the fused build's CPU check
-    and the benchmarks (the CUDA contenders are recorded as unavailable). About 4 minutes here."""
+    and the benchmarks (the CUDA contenders are recorded as unavailable). About 2 minutes here."""
     done = _lease(tmp_path, carried, 1100, real=True, LEASE_MODEL="tiny", LEASE_SIZE="128", LEASE_DTYPE="fp32",
                   LEASE_SCENARIO="benchmarks/scenarios/tiny-cpu.toml")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -103,7 +103,7 @@ step() {
   elif [[ $rc == 124 || $rc == 137 ]] && (( limit < most && took >= limit )); then
     outcome="cut at the budget"  # runs again in a later call on this machine
   else
-    [[ $rc == 124 || $rc == 137 ]] && outcome="rc $rc, over its own limit of $most s"
+    [[ $rc == 124 || $rc == 137 ]] && (( took >= limit )) && outcome="rc $rc, over its own limit of $most s"
     echo "$outcome" > "$LEASE/failed/$name"
   fi
   record "$name" "$outcome" "$took" "limit $limit s"
@@ -177,7 +177,8 @@ export LEASE SITE CARRIED ENGINES MODEL SIZE DTYPE SCENARIO
 revision=$(cat "$CARRIED/REVISION" 2>/dev/null || cat "$LEASE/REVISION" 2>/dev/null || echo unknown)
 if [[ -f $LEASE/REVISION && $(cat "$LEASE/REVISION") != "$revision" ]]; then
   mark "revision $revision after $(cat "$LEASE/REVISION"): every step runs again"
-  find "$LEASE/done" "$LEASE/failed" -type f ! -name install -delete
+  find "$LEASE/done" -type f ! -name install -delete
+  find "$LEASE/failed" -type f -delete
 fi
 if [[ -f $LEASE/done/install ]] && ! cmp -s "$CARRIED/site.sha256" "$LEASE/site.sha256" 2>/dev/null \
     && [[ -f $CARRIED/site.sha256 ]]; then
@@ -188,7 +189,8 @@ SDEXPORT_GIT_REVISION=$revision; export SDEXPORT_GIT_REVISION
 record call "revision $revision" 0 "budget $BUDGET s"
 mark "lease: $revision; $MODEL ${SIZE}² $DTYPE, budget ${BUDGET}s"
 step facts 5 30 facts
-step install 10 60 install_site || { mark "nothing installed: the GPU paths cannot run"; pack; exit 1; }
+# (a failed install is tried again by the next call: the archive may have been carried anew)
+step install 10 60 install_site || { rm -f "$LEASE/failed/install"; mark "nothing installed: the GPU paths cannot run"; pack; exit 1; }
 use_site
 # The export beside the GPU tests (the machine has 16 cores), so that no benchmark shares the
 # machine with other work.

@@ -14,7 +14,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 revision() {
   mkdir -p .lease
-  git describe --always --dirty --abbrev=40 > .lease/REVISION
+  # the full commit, "-dirty" when tracked files differ from it (the reports name what they measured)
+  echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo -dirty)" > .lease/REVISION
   echo "REVISION $(cat .lease/REVISION)"
 }
 if [[ ${1:-} == --revision ]]; then
