@@ -1,6 +1,7 @@
-"""The GPU lease's plumbing, on the CPU: the one-call archive (pack-site.py) and the step runner
-(lease.sh) with a budget too small for the heavy steps. The heavy steps themselves are sdexport's
-own commands, tested elsewhere; the lease runs them on a GPU only."""
+"""The GPU lease's plumbing, on the CPU: the one-call archive (pack-site.py), and the step runner
+(lease.sh) with a stand-in for sdexport's commands (its time plan, resuming, what comes back). The
+heavy steps are sdexport's own commands, tested elsewhere; a slow test runs the whole lease for
+real on the tiny model, and only a GPU lease runs it on SD 1.5."""
 
 from __future__ import annotations
 

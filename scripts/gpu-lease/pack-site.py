@@ -146,7 +146,9 @@ def add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None:
 
 
 def add_wheel(tar: tarfile.TarFile, wheel: Path, arch: int | None, notes: list[str]) -> None:
-    """The wheel's files as pip --target would lay them out (none of these wheels has .data)."""
+    """The wheel's files as pip --target would lay them out (none of these wheels has .data).
+    ``arch``: for the onnxruntime-gpu wheel, the GPU architecture whose code stays (and LEFT_OUT
+    applies); None for the others, packed whole."""
     with zipfile.ZipFile(wheel) as archive:
         for info in archive.infolist():
             if info.is_dir():

@@ -30,6 +30,8 @@ for ignored in /.gpu/ /.lease/; do
 done
 # again when the wheel list changed since the last download (pack-site.py takes the listed versions)
 if [[ ! -f .gpu/ort.sha256 || ! -f .gpu/small/SHA256SUMS || scripts/gpu-wheels.txt -nt .gpu/small/SHA256SUMS ]]; then
+  [[ -f ../shared/gpu/prepare-wheels.sh ]] \
+    || { echo "prepare.sh: no ../shared/gpu/prepare-wheels.sh (the workplace's download script) to fill .gpu/" >&2; exit 2; }
   SMALL="$(grep -v '^#' scripts/gpu-wheels.txt | xargs)" bash ../shared/gpu/prepare-wheels.sh .gpu
 fi
 ort=/tmp/$(cat .gpu/ort.name)
