@@ -117,10 +117,10 @@ def listed_wheels(wheel_list: Path) -> dict[str, str]:
     return listed
 
 
-def checked_small_wheels(folder: Path, wheel_list: Path) -> list[Path]:
-    """The wheels of ``folder`` that ``wheel_list`` names, at its versions, each checked against the
-    folder's SHA256SUMS (prepare-wheels.sh writes it). Other wheels there are left out: a folder
-    prepared for an older list must not carry what the list no longer names."""
+def checked_small_wheels(folder: Path, wheel_list: Path) -> dict[Path, str]:
+    """The wheels of ``folder`` that ``wheel_list`` names, at its versions, with their sha256, each
+    checked against the folder's SHA256SUMS (prepare-wheels.sh writes it). Other wheels there are
+    left out: a folder prepared for an older list must not carry what the list no longer names."""
     wanted = listed_wheels(wheel_list)
     found = {(normalized(w.name.split("-")[0]), w.name.split("-")[1]): w for w in folder.glob("*.whl")}
     missing = [f"{name}=={version}" for name, version in wanted.items() if (name, version) not in found]
@@ -133,10 +133,12 @@ def checked_small_wheels(folder: Path, wheel_list: Path) -> list[Path]:
         raise SystemExit(f"{folder}: no SHA256SUMS beside the wheels")
     sums = {line.split()[1].removeprefix("./"): line.split()[0]
             for line in sums_file.read_text().splitlines() if line.strip()}
+    checked = {}
     for wheel in wheels:
-        if sums.get(wheel.name) != sha256_of(wheel):
+        if sums.get(wheel.name) != (digest := sha256_of(wheel)):
             raise SystemExit(f"{wheel}: does not match {sums_file}")
-    return wheels
+        checked[wheel] = digest
+    return checked
 
 
 def add(tar: tarfile.TarFile, name: str, data: bytes, executable: bool) -> None:
@@ -213,9 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         add_wheel(tar, args.ort, args.arch, notes)
-        for wheel in small:
+        for wheel, digest in small.items():
             add_wheel(tar, wheel, None, notes)
-            notes.append(f"{wheel.name} (sha256 {sha256_of(wheel)})")
+            notes.append(f"{wheel.name} (sha256 {digest})")
     print(f"compressing {raw.tell() / 2**20:.0f} MiB (xz, strongest preset: about a minute per 100 MiB) ...",
           file=sys.stderr, flush=True)
     blob = lzma.compress(raw.getvalue(), format=lzma.FORMAT_XZ, filters=XZ_FILTERS)
