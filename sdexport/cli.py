@@ -25,7 +25,7 @@ from sdexport.console import (
     step,
     verbosity,
 )
-from sdexport.errors import ProfileError, SdexportError
+from sdexport.errors import ProfileError, SdexportError, Terminated
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -650,9 +650,17 @@ def bench(
     target = _output_path(output)
     plan = plan_bench(loaded, options)  # refuses bad input before torch and the model load
     check_target(target, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, target))
-    from sdexport.bench.harness import run_benchmark
+    from sdexport.bench.harness import BenchmarkInterrupted, run_benchmark
 
-    _, paths = run_benchmark(loaded, target, options)
+    try:
+        _, paths = run_benchmark(loaded, target, options)
+    except BenchmarkInterrupted as stopped:  # what was measured is written, marked: show it, then stop
+        _print_markdown(stopped.paths[1].read_text())
+        for path in stopped.paths:
+            print_result(str(path))
+        error_console.print(f"[yellow]{escape(str(stopped))}[/]: the report holds what was measured before it",
+                            soft_wrap=True)
+        raise
     _print_markdown(paths[1].read_text())
     for path in paths:
         print_result(str(path))
@@ -979,11 +987,13 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _fail(" ".join(exc.format_message().split()) + hint, int(getattr(exc, "exit_code", 2) or 2), exc)  # type: ignore[attr-defined]
+    if code == 130:  # typer (0.29) returns Ctrl-C and SIGTERM inside a command as this code
+        error_console.print("[red]interrupted[/]")
     sys.exit(code if isinstance(code, int) else 0)
 
 
 def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _fail(message: str, code: int, exc: BaseException) -> None:

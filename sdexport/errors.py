@@ -36,6 +36,18 @@ class MissingDependencyError(SdexportError):
         self.package = package
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a CI timeout, ``kill``, a container stop), raised where Ctrl-C raises KeyboardInterrupt.
+
+    A KeyboardInterrupt, so everything that cleans up after Ctrl-C does so after SIGTERM too; its own
+    type, so that what stops a long job can say which of the two stopped it."""
+
+
+def interruption_name(exc: BaseException) -> str:
+    """What stopped the job, in the words a report uses: "SIGTERM" or "Ctrl-C"."""
+    return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+
+
 def one_line(exc: BaseException, limit: int = 600) -> str:
     """An exception's whole message on one line.
 

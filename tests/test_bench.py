@@ -337,3 +337,113 @@ def test_an_img2img_scenario_that_runs_no_step_is_refused_before_loading(tmp_pat
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
     assert "runs no step" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- Stopped part-way (Ctrl-C, SIGTERM: a CI timeout, the GPU lease's budget) -----------------------
+
+INTERRUPTIBLE = SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                              '"diffusers", "torch", "onnxruntime-cpu"')
+
+
+def _siblings(out: Path) -> list[str]:
+    """Hidden entries beside the output (staging folders, a lock): none once a run has ended."""
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(tmp_path, monkeypatch, capsys):
+    """SIGTERM in torch's second case: diffusers' cases and torch's first are kept, whole and compared
+    with the baseline; the case it stopped and the contender it never reached are named; the output
+    is moved into place as any finished one, and the process still ends as an interrupted one."""
+    from sdexport.bench import harness
+    from sdexport.errors import Terminated
+
+    real = harness._measure
+
+    def stopped_in_torch_batch_2(contender, scenario, case, *args):
+        if contender.name == "torch" and case.batch == 2:
+            raise Terminated
+        return real(contender, scenario, case, *args)
+
+    monkeypatch.setattr(harness, "_measure", stopped_in_torch_batch_2)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE)
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0") == 130
+    captured = capsys.readouterr()
+    report = json.loads((out / "results.json").read_text())
+    assert report["interrupted"]["by"] == "SIGTERM"
+    assert (report["interrupted"]["contender"], report["interrupted"]["case"]) == ("torch", {"batch": 2, "steps": 3})
+    assert report["interrupted"]["not_run"] == ["onnxruntime-cpu"]
+    outcome = [(r["contender"], r.get("case", {}).get("batch"), r["status"]) for r in report["results"]]
+    assert outcome == [("diffusers", 1, "measured"), ("diffusers", 2, "measured"), ("torch", 1, "measured"),
+                       ("torch", 2, "interrupted"), ("onnxruntime-cpu", None, "not run")]
+    assert report["results"][2]["speedup_vs_baseline"] > 0 and "psnr_db" in report["results"][2]["agreement"]
+    markdown = (out / "results.md").read_text()
+    assert "> **Interrupted**: interrupted by SIGTERM while measuring torch, batch 2, 3 steps" in markdown
+    assert "- torch (batch 2, 3 steps): interrupted by SIGTERM while it was measured" in markdown
+    assert "- onnxruntime-cpu: not run: the benchmark was interrupted by SIGTERM before it" in markdown
+    assert Image.open(out / "results.png").size[0] > 0
+    assert str(out / "results.json") in captured.out  # the paths, as after a finished run
+    assert "the report holds what was measured before it" in captured.err
+    assert (out / "engines" / "s" / "manifest.json").is_file() and _siblings(out) == []
+
+
+@pytest.mark.parametrize("stopped_in, kept", [("diffusers", False), ("onnxruntime-cpu", True)])
+def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, monkeypatch, capsys, stopped_in, kept):
+    """Nothing measured yet: no output folder at all, as for any failed run. Later: the report, with
+    the contender that was loading named."""
+    from sdexport.bench import harness
+
+    real = harness._load
+
+    def load(name, *args, **kwargs):
+        if name == stopped_in:
+            raise KeyboardInterrupt
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(harness, "_load", load)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "onnxruntime-cpu"'))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0") == 130
+    assert _siblings(out) == []
+    if not kept:
+        assert not out.exists()
+        assert capsys.readouterr().err.strip().endswith("interrupted")  # said, not a silent exit 130
+        return
+    report = json.loads((out / "results.json").read_text())
+    assert report["interrupted"]["stage"] == "loading" and report["interrupted"]["not_run"] == []
+    assert report["results"][-1] == {"contender": "onnxruntime-cpu", "status": "interrupted",
+                                     "reason": "interrupted by Ctrl-C while loading"}
+
+
+def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path):
+    """The real signal on a real process: the CLI's SIGTERM handler, the report, exit status 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace("batch = [1, 2]", "batch = [1]"))
+    out, log = tmp_path / "out", tmp_path / "bench.log"
+    # torch sleeps 0.5 s before each U-Net call: it is still being measured when the signal comes
+    env = {**os.environ, "SDEXPORT_TEST_SLOW_UNET": "torch=0.5", "CUDA_VISIBLE_DEVICES": ""}
+    with log.open("w") as handle:
+        bench = subprocess.Popen([sys.executable, "-m", "sdexport", "bench", str(scenario), "-o", str(out)],
+                                 stdout=handle, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while "✓ diffusers" not in log.read_text() and bench.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1)  # into torch's measurement
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(120) == 130, log.read_text()[-3000:]
+    finally:
+        bench.kill()
+    report = json.loads((out / "results.json").read_text())
+    assert report["interrupted"]["by"] == "SIGTERM" and report["interrupted"]["contender"] == "torch"
+    assert {(r["contender"], r["status"]) for r in report["results"]} == {
+        ("diffusers", "measured"), ("torch", "interrupted"), ("onnxruntime-cpu", "not run")}
+    assert _siblings(out) == []

@@ -273,7 +273,13 @@ def _run_summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
     env = report["environment"]
     return {"path": str(path), "git": env.get("git_revision"), "date": env.get("date"), "device": device_label(report),
             "precision": report["precision"], "scenario": report["scenario"]["name"],
-            "repeats": report["scenario"].get("repeats"), "test_hooks": test_hooks_text(report)}
+            "repeats": report["scenario"].get("repeats"), "test_hooks": test_hooks_text(report),
+            "interrupted": _interrupted_reason(report)}
+
+
+def _interrupted_reason(report: dict[str, Any]) -> str | None:
+    stopped = report.get("interrupted")
+    return str(stopped.get("reason") or "interrupted") if isinstance(stopped, dict) else None
 
 
 def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
@@ -366,6 +372,9 @@ def markdown(comparison: dict[str, Any]) -> str:
         lines.append("- Versions changed: " + ", ".join(f"{name} {old or '–'} → {now or '–'}"
                                                         for name, (old, now) in comparison["versions_changed"].items()))
     for which in ("baseline", "new"):
+        if comparison[which].get("interrupted"):  # .get: comparison.json files from before this field
+            lines.append(f"- **The {which} run did not finish**: {comparison[which]['interrupted']}; only what it "
+                         "measured before that is compared")
         if comparison[which]["test_hooks"]:
             lines.append(f"- **The {which} run was slowed on purpose**: {comparison[which]['test_hooks']}; "
                          "its figures measure the hook, not the code")

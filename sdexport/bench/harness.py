@@ -45,7 +45,7 @@ from sdexport.bench.plan import (
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
 from sdexport.console import console, step
-from sdexport.errors import SdexportError
+from sdexport.errors import SdexportError, interruption_name
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_steps
 from sdexport.shapes import ShapeProfile
@@ -63,6 +63,10 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     The output folder appears only when the benchmark finished with at least one measurement: the
     work (and any engine export) happens in a hidden staging folder (``sdexport.output_dir``). A
     previous benchmark output there is replaced, its matching engines reused; anything else is refused.
+
+    Ctrl-C or SIGTERM part-way (a CI timeout, a rented GPU's budget) does not cost what was already
+    measured: once a case has figures, the report of the finished cases, marked as interrupted, is
+    written and put in place like a finished one, then ``BenchmarkInterrupted`` is raised.
     """
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
@@ -78,6 +82,8 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
         if reused is not None:  # the previous output's engines go into the new one, only now
             (staging / "engines").mkdir(exist_ok=True)
             _link_tree(reused, staging / "engines" / reused.resolve().name)
+    if report.get("interrupted"):
+        raise BenchmarkInterrupted(report, paths)
     return report, paths
 
 
@@ -125,79 +131,73 @@ def _run(
         reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
         recorded_dir = output_dir / "engines" / scenario.name  # where it is once the output is in place
 
-    results: list[dict[str, Any]] = []
-    baseline_outputs: dict[Case, Output] = {}
-    baseline_median: dict[Case, float] = {}
+    tally = _Tally(baseline)
+    results = tally.results
     total_runs = len(contenders) * len(scenario.cases) * (warmup + repeats)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("benchmark", total=total_runs)
-        for name in contenders:
-            began = time.perf_counter()
-            progress.update(task, description=f"{name}: loading")
-            try:
-                check_available(name)
-                if name == "tensorrt" and engine_dir is not None:
-                    _build_tensorrt(engine_dir, scenario, one_time)
-                if name == "onnxruntime-cuda-fused" and engine_dir is not None:
-                    _build_onnxruntime(engine_dir, one_time)
-                loaded_at = time.perf_counter()
-                contender = _load(name, model, engine_dir, dtype, scenario)
-                if name in plan.slow_unet:
-                    slow_down_unet(contender, plan.slow_unet[name])
-                if getattr(contender, "per_shape", False) or name == "diffusers-compile":
-                    _capture_graphs(contender, scenario)  # compiling and capturing are loading
-                one_time[name] = {"load_s": time.perf_counter() - loaded_at}
-            except SdexportError as exc:
-                console.print(f"[yellow]skipping {name}:[/] {escape(str(exc))}")
-                results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
-                progress.advance(task, len(scenario.cases) * (warmup + repeats))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a broken contender must not lose the others' numbers
-                reason = _broken(name, "loading", exc)
-                results.append({"contender": name, "status": "failed", "reason": reason})
-                progress.advance(task, len(scenario.cases) * (warmup + repeats))
-                _free_device()
-                continue
-            try:
-                measured = []
-                for case in scenario.cases:
-                    progress.update(task, description=f"{name}: {case.label}")
-                    try:
-                        entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
-                    except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
-                        console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
-                        results.append({"contender": name, "status": "failed", "case": vars(case),
-                                        "reason": str(exc)})
-                        continue
-                    except Exception as exc:  # noqa: BLE001 - recorded with its traceback; the next case runs
-                        results.append({"contender": name, "status": "failed", "case": vars(case),
-                                        "reason": _broken(name, case.label, exc)})
-                        continue
-                    measured.append((case, entry))
-            finally:  # its weights and engines leave the device before the next contender loads
-                contender.close()
-                del contender
-                _free_device()
-            # a line per contender: the bar above is for terminals; a CI log sees these
-            mark = "[green]✓[/]" if measured else "[yellow]✗[/]"
-            console.print(f"{mark} {name}: {len(measured)} of {len(scenario.cases)} case(s) measured "
-                          f"[dim]({time.perf_counter() - began:.1f} s)[/]")
-            for case, entry in measured:
-                output = entry.pop("_output")
-                if name == baseline:
-                    baseline_outputs[case] = output
-                    baseline_median[case] = entry["e2e_s"]["median"]
-                elif case in baseline_outputs:
-                    reference = baseline_outputs[case]
-                    entry["agreement"] = {
-                        "baseline": baseline,
-                        "latents_rel_l2": float(torch.linalg.norm(output.latents - reference.latents)
-                                                / torch.linalg.norm(reference.latents)),
-                        "psnr_db": psnr(output.pixels, reference.pixels),
-                    }
-                    entry["speedup_vs_baseline"] = baseline_median[case] / entry["e2e_s"]["median"]
-                results.append(entry)
+        try:
+            for name in contenders:
+                began = time.perf_counter()
+                tally.start(name)
+                progress.update(task, description=f"{name}: loading")
+                try:
+                    check_available(name)
+                    if name == "tensorrt" and engine_dir is not None:
+                        _build_tensorrt(engine_dir, scenario, one_time)
+                    if name == "onnxruntime-cuda-fused" and engine_dir is not None:
+                        _build_onnxruntime(engine_dir, one_time)
+                    loaded_at = time.perf_counter()
+                    contender = _load(name, model, engine_dir, dtype, scenario)
+                    if name in plan.slow_unet:
+                        slow_down_unet(contender, plan.slow_unet[name])
+                    if getattr(contender, "per_shape", False) or name == "diffusers-compile":
+                        _capture_graphs(contender, scenario)  # compiling and capturing are loading
+                    one_time[name] = {"load_s": time.perf_counter() - loaded_at}
+                except SdexportError as exc:
+                    console.print(f"[yellow]skipping {name}:[/] {escape(str(exc))}")
+                    results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
+                    progress.advance(task, len(scenario.cases) * (warmup + repeats))
+                    continue
+                except Exception as exc:  # noqa: BLE001 - a broken contender must not lose the others' numbers
+                    reason = _broken(name, "loading", exc)
+                    results.append({"contender": name, "status": "failed", "reason": reason})
+                    progress.advance(task, len(scenario.cases) * (warmup + repeats))
+                    _free_device()
+                    continue
+                tally.stage = "measuring"
+                try:
+                    for case in scenario.cases:
+                        tally.case = case
+                        progress.update(task, description=f"{name}: {case.label}")
+                        try:
+                            entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
+                        except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
+                            console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
+                            results.append({"contender": name, "status": "failed", "case": vars(case),
+                                            "reason": str(exc)})
+                            continue
+                        except Exception as exc:  # noqa: BLE001 - recorded with its traceback; the next case runs
+                            results.append({"contender": name, "status": "failed", "case": vars(case),
+                                            "reason": _broken(name, case.label, exc)})
+                            continue
+                        tally.measured.append((case, entry))
+                    tally.stage, tally.case = "done", None
+                finally:  # its weights and engines leave the device before the next contender loads
+                    contender.close()
+                    del contender
+                    _free_device()
+                # a line per contender: the bar above is for terminals; a CI log sees these
+                mark = "[green]✓[/]" if tally.measured else "[yellow]✗[/]"
+                console.print(f"{mark} {name}: {len(tally.measured)} of {len(scenario.cases)} case(s) measured "
+                              f"[dim]({time.perf_counter() - began:.1f} s)[/]")
+                tally.settle()
+        except KeyboardInterrupt as exc:
+            if not tally.settle():
+                raise  # nothing measured: nothing to keep, the output folder is not made
+            tally.interrupted = _interruption(exc, tally, contenders, scenario.cases, time.perf_counter() - start)
+            _free_device()
     return {
         "scenario": {**vars(scenario), "contenders": contenders, "warmup": warmup, "repeats": repeats},
         "baseline": baseline,
@@ -210,8 +210,99 @@ def _run(
         "one_time": one_time,
         "test_hooks": {SLOW_UNET_HOOK: plan.slow_unet} if plan.slow_unet else {},
         "command_line": command_line(options),
+        **({"interrupted": tally.interrupted} if tally.interrupted else {}),
         "results": results,
     }, reused
+
+
+class BenchmarkInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a benchmark after something was measured. Raised once the report of
+    what was measured is in place (``paths``), marked as interrupted; a KeyboardInterrupt still, so
+    the process ends as an interrupted one (exit status 130) and nothing reads it as a finished run."""
+
+    def __init__(self, report: dict[str, Any], paths: list[Path]) -> None:
+        super().__init__(report["interrupted"]["reason"])
+        self.report, self.paths = report, paths
+
+
+class _Tally:
+    """The results as they come in, and what runs now: an interruption names what it stopped and
+    keeps every case measured before it, with its agreement with the baseline's images."""
+
+    def __init__(self, baseline: str | None) -> None:
+        self.baseline = baseline
+        self.results: list[dict[str, Any]] = []
+        self.contender: str | None = None
+        self.stage = "done"
+        """"loading", "measuring" (``case``, None between cases) or "done" (closing, or between contenders)."""
+        self.case: Case | None = None
+        self.measured: list[tuple[Case, dict[str, Any]]] = []
+        self.interrupted: dict[str, Any] | None = None
+        self._baseline_outputs: dict[Case, Output] = {}
+        self._baseline_median: dict[Case, float] = {}
+
+    def start(self, name: str) -> None:
+        self.contender, self.stage, self.case, self.measured = name, "loading", None, []
+
+    def settle(self) -> bool:
+        """Add the current contender's measured cases to the results, with their agreement with the
+        baseline. Safe to call again when an interruption came in the middle of it: a case already
+        added is not added twice. True when anything at all has been measured."""
+        for case, entry in self.measured:
+            if any(entry is r for r in self.results):
+                continue
+            output = entry.pop("_output", None)  # None only when an interruption came right after this
+            if output is not None and self.contender == self.baseline:
+                self._baseline_outputs[case] = output
+                self._baseline_median[case] = entry["e2e_s"]["median"]
+            elif output is not None and case in self._baseline_outputs:
+                reference = self._baseline_outputs[case]
+                entry["agreement"] = {
+                    "baseline": self.baseline,
+                    "latents_rel_l2": float(torch.linalg.norm(output.latents - reference.latents)
+                                            / torch.linalg.norm(reference.latents)),
+                    "psnr_db": psnr(output.pixels, reference.pixels),
+                }
+                entry["speedup_vs_baseline"] = self._baseline_median[case] / entry["e2e_s"]["median"]
+            self.results.append(entry)
+        return any(r["status"] == "measured" for r in self.results)
+
+
+def _interruption(exc: KeyboardInterrupt, tally: _Tally, contenders: list[str], cases: list[Case],
+                  after_s: float) -> dict[str, Any]:
+    """Record what an interruption stopped (an "interrupted" entry) and what it left unrun ("not run"
+    entries) in ``tally``'s results; returns the report's ``interrupted`` summary."""
+    by = interruption_name(exc)
+    name, stage, case = tally.contender, tally.stage, tally.case
+    left = contenders[contenders.index(name) + 1:] if name in contenders else list(contenders)
+    # what has an entry already (the interruption may come just after one was added)
+    recorded = [r.get("case") for r in tally.results if r["contender"] == name]
+    if name is not None and stage == "loading":
+        where = f"while loading {name}"
+        if not recorded:
+            tally.results.append({"contender": name, "status": "interrupted",
+                                  "reason": f"interrupted by {by} while loading"})
+    elif name is not None and stage == "measuring":
+        where = f"while measuring {name}" + (f", {case.label}" if case is not None else "")
+        ran = {(c["batch"], c["steps"]) for c in recorded if c}
+        # the cases before this one ran (measured or failed); this one was stopped; the rest wait
+        for later in cases[cases.index(case) if case in cases else 0:]:
+            if (later.batch, later.steps) in ran:
+                continue
+            stopped = later == case
+            tally.results.append({
+                "contender": name, "status": "interrupted" if stopped else "not run", "case": vars(later),
+                "reason": (f"interrupted by {by} while it was measured" if stopped
+                           else f"not run: the benchmark was interrupted by {by} before it")})
+    else:
+        where = f"after {name}" if name is not None else "before the first contender"
+    for other in left:
+        tally.results.append({"contender": other, "status": "not run",
+                              "reason": f"not run: the benchmark was interrupted by {by} before it"})
+    reason = f"interrupted by {by} {where}, {after_s:.0f} s into the benchmark"
+    console.print(f"[yellow]{escape(reason)}:[/] writing what was measured before it")
+    return {"by": by, "contender": name, "stage": stage, "case": vars(case) if case is not None else None,
+            "after_s": after_s, "not_run": left, "reason": reason}
 
 
 def command_line(options: Options) -> dict[str, Any]:
@@ -420,4 +511,4 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
     }
 
 
-__all__ = ["Options", "request_for", "run_benchmark"]
+__all__ = ["BenchmarkInterrupted", "Options", "request_for", "run_benchmark"]

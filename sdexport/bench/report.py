@@ -175,6 +175,15 @@ def _test_hook_lines(report: dict[str, Any]) -> list[str]:
     return [f"> **Slowed on purpose**: {text}; these figures measure the hook, not the code.", ""] if text else []
 
 
+def _interrupted_lines(report: dict[str, Any]) -> list[str]:
+    stopped = report.get("interrupted")
+    if not stopped:
+        return []
+    note = (f"> **Interrupted**: {stopped['reason']}. Only the cases finished before it have figures; what it "
+            "stopped and what never ran is listed under \"Not measured\".")
+    return [note, ""]
+
+
 def _command_line_words(flags: dict[str, Any]) -> str:
     given = ", ".join(f"{flag} {value}" for flag, value in flags.items())
     return f"- Command line: {given} (in place of the scenario's values)"
@@ -190,6 +199,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Benchmark: {scenario['name']}",
         "",
+        *_interrupted_lines(report),
         *_test_hook_lines(report),
         (
             f"- Model: {report['model']}"
@@ -328,7 +338,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
     device = env["gpu"]["name"] if env["gpu"] else f"CPU ({env['host']['cores']} cores)"
     weights = "random weights" if report["random_weights"] else "trained weights"
     fig.suptitle(f"{report['scenario']['name']}: {report['model'].split(' (')[0]}, {weights}, {device}, "
-                 f"{env['date'][:10]}", fontsize=10)
+                 f"{env['date'][:10]}" + (f" (interrupted by {report['interrupted']['by']})"
+                                          if report.get("interrupted") else ""), fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
