@@ -21,7 +21,7 @@
 #   SDEXPORT_BENCH_ARGS    more arguments for `sdexport bench`, e.g. "--repeats 10"
 #
 # Exit status: 0 passed (or no baseline yet), 1 a regression, 2 the runs could not be compared,
-# 3 the benchmark itself failed.
+# 3 the benchmark itself failed, or was interrupted (summary.md then shows what it measured).
 set -euo pipefail
 if [[ $# -ne 3 ]]; then
   echo "usage: $0 SCENARIO BASELINE OUT" >&2
@@ -65,11 +65,31 @@ fi
 
 extra=()
 read -ra extra <<< "${SDEXPORT_BENCH_ARGS:-}"
+# A CI timeout or a cancelled job signals the job's processes. The benchmark then writes the report of
+# what it measured before the signal, marked as interrupted, and stops; this script waits for it
+# (a trapped signal is acted on once the command running ends) and puts that report in the summary.
+stopped=""
+trap 'stopped=SIGTERM' TERM
+trap 'stopped=SIGINT' INT
 if ! "$PYTHON" -m sdexport bench "$scenario" -o "$out/bench" --engine-cache "$cache" ${extra[@]+"${extra[@]}"}; then
-  printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark failed; its log is in the job output.\n' \
-    "$marker" "$scenario" > "$out/summary.md"
+  if [[ -f $out/bench/results.md ]]; then  # this run's (an earlier one's was cleared above): it was stopped
+    {
+      printf '%s\n## sdexport bench: %s did not finish\n\n' "$marker" "$scenario"
+      echo "The benchmark was interrupted${stopped:+ ($stopped)} before every contender had run, so nothing was"
+      echo "gated. What it measured before that:"
+      echo
+      cat "$out/bench/results.md"
+    } > "$out/summary.md"
+  elif [[ -n $stopped ]]; then
+    printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark was interrupted (%s) before it measured anything.\n' \
+      "$marker" "$scenario" "$stopped" > "$out/summary.md"
+  else
+    printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark failed; its log is in the job output.\n' \
+      "$marker" "$scenario" > "$out/summary.md"
+  fi
   exit 3
 fi
+trap - TERM INT  # the benchmark finished whole: what is left takes seconds
 
 if [[ ! -e $baseline ]]; then
   {

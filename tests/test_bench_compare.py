@@ -283,6 +283,61 @@ def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another
     assert refused.returncode == 2 and "device: CPU only" in refused.stderr and "NVIDIA H100" in refused.stderr
 
 
+def test_an_interrupted_run_is_compared_for_what_it_measured_and_says_it_did_not_finish(tmp_path):
+    from sdexport.bench.compare import markdown
+
+    reason = "interrupted by SIGTERM while measuring torch, batch 1, 10 steps, 300 s into the benchmark"
+    new = _report([_entry("diffusers", TIGHT, psnr=None),
+                   {"contender": "torch", "status": "interrupted", "case": {"batch": 1, "steps": 10},
+                    "reason": "interrupted by SIGTERM while it was measured"}])
+    new["interrupted"] = {"by": "SIGTERM", "reason": reason}
+    comparison = _compare(tmp_path, _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT)]), new)
+    assert not comparison["passed"] and comparison["new"]["interrupted"] == reason
+    assert _row(comparison, "diffusers")["status"] == "no change"
+    assert _row(comparison, "torch")["reasons"] == [
+        "measured in the baseline; new run: interrupted by SIGTERM while it was measured"]
+    assert f"- **The new run did not finish**: {reason}; only what it measured before that is compared" \
+        in markdown(comparison)
+
+
+def _stand_in_bench(tmp_path: Path) -> Path:
+    """A PYTHON for the gate whose benchmark is still running when the job is signalled: like sdexport
+    bench, it then writes the report of what it measured and ends with status 130."""
+    script = tmp_path / "python"
+    script.write_text("""#!/usr/bin/env bash
+out=""
+for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
+trap 'sleep 0.5; mkdir -p "$out"; echo "| diffusers | 55.8 |" > "$out/results.md"; echo "{}" > "$out/results.json"; exit 130' TERM
+touch "$STAND_IN_STARTED"
+sleep 60 & wait $!
+""")
+    script.chmod(0o755)
+    return script
+
+
+def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path):
+    """A CI timeout signals the whole job: the gate waits for the benchmark to write its report, then
+    puts it in the summary, and fails as a benchmark that did not finish (3)."""
+    import signal
+    import time
+
+    (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    started = tmp_path / "started"
+    env = {**os.environ, "PYTHON": str(_stand_in_bench(tmp_path)), "STAND_IN_STARTED": str(started)}
+    gate = subprocess.Popen(["bash", str(ROOT / "ci" / "bench-gate.sh"), str(tmp_path / "gate.toml"),
+                             str(tmp_path / "baseline.json"), str(tmp_path / "run")], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(gate.pid, signal.SIGTERM)  # the job's whole process group, as a CI runner stops it
+    output, _ = gate.communicate(timeout=30)
+    assert gate.returncode == 3, output
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert summary.startswith(MARKER) and "did not finish" in summary and "interrupted (SIGTERM)" in summary
+    assert "| diffusers | 55.8 |" in summary
+
+
 def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsys):
     from sdexport.bench.harness import engine_cache_entry
     from sdexport.bench.plan import Options, plan_bench
