@@ -165,6 +165,10 @@ case "$1 $2 ${3:-}" in
   "-m sdexport build")
     [[ -n ${STAND_IN_BUILD_S:-} ]] && exec sleep "$STAND_IN_BUILD_S"; echo built ;;
   "-m sdexport bench")
+    if [[ -n ${STAND_IN_BENCH_S:-} ]]; then  # like sdexport bench: on SIGTERM, a moment to write what it measured
+      trap 'sleep 0.3; mkdir -p "$out"; echo "{\"interrupted\": true}" > "$out/results.json"; exit 130' TERM
+      sleep "$STAND_IN_BENCH_S" & wait $!
+    fi
     mkdir -p "$out"; echo '{}' > "$out/results.json" ;;
   "-m pytest "*) sleep "${STAND_IN_PYTEST_S:-0}"; exit "${STAND_IN_PYTEST_RC:-0}" ;;
   "-m pip "*) echo "the image's packages" ;;
@@ -280,6 +284,19 @@ def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(tm
     steps = _steps(tmp_path)
     assert steps["gpu-tests"] == steps["build-fused"] == steps["bench-fused"] == "rc 0"
     assert (tmp_path / "lease" / "REVISION").read_text() == "4567def\n"
+
+
+def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(tmp_path: Path, carried: Path):
+    """timeout returns as soon as the step's bash has gone, which SIGTERM ends at once; the benchmark
+    under it writes its report of what it measured after the signal: the step waits for it (up to
+    the grace) before packing, and nothing of the step is left running."""
+    sleeper = f"61.{os.getpid()}"
+    cut = _lease(tmp_path, carried, 12, LEASE_TIME_SCALE="20", STAND_IN_BENCH_S=sleeper)
+    assert cut.returncode == 0, cut.stdout + cut.stderr
+    assert _steps(tmp_path)["bench-runtime"] in ("cut at the budget", "rc 124, over its own limit of 12 s"), cut.stdout
+    with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
+        assert tar.extractfile("./bench-runtime/results.json").read() == b'{"interrupted": true}\n'
+    assert subprocess.run(["pgrep", "-f", f"sleep {sleeper}"], capture_output=True).returncode == 1  # none left
 
 
 def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path):

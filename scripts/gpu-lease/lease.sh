@@ -16,7 +16,9 @@
 # time: each step has the least time it needs and the most it may take, a step that no longer fits
 # is skipped and said so, and LEASE_BUDGET_S (default 560 s) leaves the call's 600-s timeout room
 # for a step's kill grace (15 s) and the last pack. Every step packs the results so far into
-# $OUT/lease-results.tar.gz, so a call cut short still brings back what it measured.
+# $OUT/lease-results.tar.gz, so a call cut short still brings back what it measured. A benchmark
+# the budget cuts short writes the report of what it measured on SIGTERM (its contenders finished
+# before it, marked as interrupted); its step waits the grace for that before packing.
 #
 # The order, most valuable first: the export (SD 1.5 fp16 took 256 s on this project's 2-core CI
 # machine; it runs on the CPU there too) beside the GPU tests; the baseline against the runtime
@@ -70,6 +72,33 @@ pack() {  # everything but the engines (gigabytes) into the one file that comes 
   rc=$?
   if (( rc <= 1 )); then mv "$partial" "$OUT/lease-results.tar.gz"; else rm -f "$partial"; fi
 }
+GRACE=$(( (15 + SCALE - 1) / SCALE ))  # seconds a step has to stop once signalled, before SIGKILL
+
+# group_alive PGID: a process of that group is still running (a zombie is not: it awaits its reaper)
+group_alive() {
+  local f line state pgrp
+  for f in /proc/[0-9]*/stat; do
+    { read -r line < "$f"; } 2>/dev/null || continue
+    read -r state _ pgrp _ <<< "${line##*) }"
+    [[ $pgrp == "$1" && $state != Z ]] && return 0
+  done
+  return 1
+}
+
+# finish_group PGID: wait up to the grace for that group's processes to end, then kill what is left
+finish_group() {
+  local waited=0
+  while group_alive "$1"; do
+    if (( waited >= GRACE )); then
+      kill -KILL -- "-$1" 2>/dev/null
+      mark "killed what was left of the step after ${GRACE}s"
+      return
+    fi
+    sleep 1
+    waited=$((waited + 1))
+  done
+}
+
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$LEASE/steps.tsv"; }
 
 # step NAME LEAST MOST COMMAND...: run COMMAND under a timeout of MOST seconds or what is left of
@@ -94,9 +123,17 @@ step() {
   mark "$name (at most ${limit}s): $*"
   began=$(date +%s)
   # the steps are shell functions (exported below): a child bash runs them under the timeout,
-  # which signals its whole process group
-  timeout --signal=TERM --kill-after=15 "$limit" bash -c '"$@"' "$name" "$@"
+  # which signals its whole process group (its own: timeout leads it)
+  timeout --signal=TERM --kill-after="$GRACE" "$limit" bash -c '"$@"' "$name" "$@" &
+  local group=$!
+  wait "$group"
   rc=$?
+  # timeout returns as soon as that bash has gone, and bash goes at once on SIGTERM; a command of
+  # the step may still be at work on it (a benchmark writes the report of what it measured before
+  # it stops): it gets the same grace, then the group is killed, before the results are packed
+  if [[ $rc == 124 || $rc == 137 ]]; then
+    finish_group "$group"
+  fi
   local took=$(( $(date +%s) - began )) outcome="rc $rc"
   if [[ $rc == 0 ]]; then
     touch "$LEASE/done/$name"
