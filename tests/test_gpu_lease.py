@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import io
+import json
 import lzma
 import os
 import shutil
@@ -313,6 +314,103 @@ def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path
     assert _steps(tmp_path)["install"] == "rc 0" and _steps(tmp_path)["export"] == "rc 0"
 
 
+# --- collect.py: what a lease brought back, as a results folder and a README table -------------
+
+def _collect():
+    spec = importlib.util.spec_from_file_location("collect", LEASE / "collect.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _times(median: float, spread: float = 0.01) -> dict:
+    samples = [median * (1 + spread * k) for k in (-2, -1, 0, 1, 2)]
+    return {"median": median, "min": min(samples), "max": max(samples), "n": 5, "samples": samples}
+
+
+def _bench_report(entries: list[dict], **extra) -> dict:
+    return {"scenario": {"name": "sd15-512-b1", "model": "sd15"}, "baseline": "diffusers", "precision": "fp16",
+            "model": "preset sd15 (random weights, seed 0)", "random_weights": True,
+            "environment": {"gpu": {"name": "NVIDIA H200", "memory_gb": 139.8, "cuda": "13.0", "driver": "580.1"},
+                            "versions": {"sdexport": "0.1.0", "torch": "2.11.0+cu130"}, "git_revision": "0123abc",
+                            "date": "2026-12-02T10:00:00+00:00", "host": {}},
+            "results": entries, **extra}
+
+
+def _measured(contender: str, e2e: float, speedup: float | None = None, spread: float = 0.01) -> dict:
+    return {"contender": contender, "status": "measured", "case": {"batch": 1, "steps": 50},
+            "e2e_s": _times(e2e, spread), "unet_step_s": _times(e2e / 60), "it_per_s": 50 / e2e,
+            "gpu_busy": {"fraction": 0.87}, **({"speedup_vs_baseline": speedup} if speedup else {})}
+
+
+def _lease_results(tmp_path: Path) -> Path:
+    """A lease-results.tar.gz as lease.sh packs it: facts, steps, markers, two benchmarks (the
+    second cut short), the GPU tests' log."""
+    lease = tmp_path / "lease-dir"
+    for folder in ("done", "gpu-tests", "bench-runtime", "bench-compile"):
+        (lease / folder).mkdir(parents=True)
+    (lease / "done" / "export").touch()
+    (lease / "REVISION").write_text("0123abc\n")
+    (lease / "nvidia-smi.csv").write_text("name, driver_version, memory.total [MiB]\nNVIDIA H200, 580.1, 143771 MiB\n")
+    (lease / "import-tensorrt.txt").write_text("ModuleNotFoundError: No module named 'tensorrt'\nimport tensorrt: rc 1\n")
+    (lease / "gpu-tests" / "pytest.log").write_text("....\n==== 41 passed, 3 skipped in 80.2s ====\n")
+    (lease / "steps.tsv").write_text("call\trevision 0123abc\t0\tbudget 560 s\nfacts\trc 0\t1\tlimit 30 s\n"
+                                     "bench-runtime\trc 0\t200\tlimit 240 s\nbench-compile\tcut at the budget\t90\tlimit 90 s\n")
+    (lease / "bench-runtime" / "results.json").write_text(json.dumps(_bench_report(
+        [_measured("diffusers", 1.5), _measured("onnxruntime-cuda", 0.75, 2.0)])))
+    (lease / "bench-compile" / "results.json").write_text(json.dumps(_bench_report(
+        [_measured("diffusers", 1.5, spread=0.2), _measured("diffusers-compile", 1.2, 1.25),
+         {"contender": "tensorrt", "status": "not run", "reason": "not run: the benchmark was interrupted by SIGTERM before it"}],
+        interrupted={"by": "SIGTERM", "reason": "interrupted by SIGTERM after diffusers-compile"})))
+    archive = tmp_path / "out" / "lease-results.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(lease, arcname=".")
+    return archive
+
+
+def test_collect_makes_a_results_folder_whose_figures_are_the_reports(tmp_path: Path, capsys):
+    collect = _collect()
+    archive = _lease_results(tmp_path)
+    target = tmp_path / "results" / "2026-12-02-h200"
+    assert collect.main([str(archive.parent), "-o", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert "| runtime | batch 1, 50 steps | onnxruntime-cuda | 750.0 | 2.00× | 12.5 | 66.67 | 87% |" in printed
+    # the baseline of that run spread ±14%: its ratio is marked, as results.md marks it
+    assert "| compile (interrupted) | batch 1, 50 steps | diffusers-compile | 1200.0 | 1.25× ⚠ |" in printed
+    assert "⚠: the end-to-end runs of the contender or of its baseline vary by more than 10%" in printed
+    # the device, versions and date the README table needs beside it
+    provenance = "- runtime, compile: NVIDIA H200 (139.8 GB, CUDA 13.0, driver 580.1); sdexport 0.1.0, torch 2.11.0+cu130;"
+    assert f"{provenance} git 0123abc; 2026-12-02" in printed
+    page = (target / "README.md").read_text()
+    assert printed.strip() in page and "- name: NVIDIA H200" in page
+    assert "41 passed, 3 skipped in 80.2s" in page and "import tensorrt: rc 1" in page
+    assert "| bench-compile | cut at the budget | 90 | limit 90 s |" in page
+    assert "- compile: tensorrt: not run: the benchmark was interrupted by SIGTERM before it" in page
+    assert "random weights (speed does not depend on weight values)" in page and "git 0123abc" in page
+    assert (target / "bench-runtime" / "results.json").is_file() and not (target / "done").exists()
+    assert [p.name for p in target.parent.iterdir()] == [target.name]  # no staging left
+    # never replaces a folder: a second collect into it is refused, and the folder is as it was
+    before = page
+    assert collect.main([str(archive), "-o", str(target)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err and (target / "README.md").read_text() == before
+    # without -o: benchmarks/results/<date of the runs>-<GPU>
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    reports = collect.bench_reports(tmp_path / "unpacked")
+    assert [run for run, _ in reports] == ["runtime", "compile"]  # the order the lease ran them
+    assert collect.default_output(tmp_path / "unpacked", reports) == ROOT / "benchmarks" / "results" / "2026-12-02-h200"
+
+
+def test_collect_refuses_what_is_not_a_lease_archive(tmp_path: Path, capsys):
+    collect = _collect()
+    (tmp_path / "lease-results.tar.gz").write_bytes(b"not gzip")
+    assert collect.main([str(tmp_path), "-o", str(tmp_path / "r")]) == 2
+    assert "not a readable lease archive" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert collect.main([str(tmp_path / "nowhere")]) == 2
+    assert "no lease-results.tar.gz" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_the_whole_lease_on_the_tiny_model_and_the_cpu(tmp_path: Path, carried: Path):
     """Every step for real, on the CPU: the commands' flags, the export, the fused build's CPU check
@@ -322,3 +420,8 @@ def test_the_whole_lease_on_the_tiny_model_and_the_cpu(tmp_path: Path, carried: 
     assert done.returncode == 0, done.stdout + done.stderr
     assert set(_steps(tmp_path).values()) == {"rc 0"}, _steps(tmp_path)
     assert "bench-fused" in _steps(tmp_path)
+    # what came back, collected as a GPU session would (no GPU here: the folder is named with -o)
+    assert _collect().main([str(tmp_path / "out"), "-o", str(tmp_path / "results")]) == 0
+    page = (tmp_path / "results" / "README.md").read_text()
+    assert "| runtime | batch 1, 10 steps | diffusers | " in page and "| runtime | batch 1, 10 steps | torch | " in page
+    assert "onnxruntime-cuda: onnxruntime-gpu is required" in page or "onnxruntime-cuda: " in page

@@ -9,6 +9,8 @@
 # the first carried is still there, so it carries nothing (or just ".lease/REVISION" after a new
 # commit and `prepare.sh --revision`), with a budget of the device time left less about 90 s:
 #   device run: command "LEASE_BUDGET_S=<seconds> bash scripts/gpu-lease/lease.sh", timeout_s <budget + 40>
+# Then, here: python3 scripts/gpu-lease/collect.py <files_at>/lease-results.tar.gz
+#   (benchmarks/results/<date>-<gpu>/ with a README.md, and the table for the project README)
 #
 # A call carries at most 64 MiB, a later call must come within 30 s or all an earlier one carried
 # and built is gone, and the session's device time (15 min) counts the start, every call and every

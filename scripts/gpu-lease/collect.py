@@ -1,0 +1,277 @@
+"""Turn what a GPU lease brought back into a results folder to commit, and the table for the README.
+
+    python3 scripts/gpu-lease/collect.py LEASE_RESULTS [-o benchmarks/results/DATE-GPU]
+
+LEASE_RESULTS is the ``lease-results.tar.gz`` that ``scripts/gpu-lease/lease.sh`` leaves in the
+device call's ``$OUT`` (or the folder holding it). The folder gets everything in it (the machine's
+facts, the GPU test log, each benchmark's results.json/md/png and log, the step outcomes) and a
+``README.md`` that puts them on one page: the machine, what ran and how it ended, and one table of
+every benchmark's measured cases with the ratio to the baseline from the same run. The table is
+also printed, ready for the project README.
+
+Every figure comes from a results.json the lease brought back; nothing is estimated. Default
+folder: ``benchmarks/results/<date of the runs>-<GPU>`` (e.g. ``2026-12-02-h200``); an existing one
+is refused, never replaced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from sdexport.bench.report import NOISY_CV, stage_mean, variation  # noqa: E402 - the checkout's sdexport
+
+MARKERS = ("done", "failed")
+"""lease.sh's own bookkeeping (one file per finished or failed step): steps.tsv says the same."""
+
+
+class CollectError(Exception):
+    """Bad input: said in one line, nothing written."""
+
+
+def archive_path(given: Path) -> Path:
+    path = given / "lease-results.tar.gz" if given.is_dir() else given
+    if not path.is_file():
+        raise CollectError(f"{given}: no lease-results.tar.gz (give the file, or the folder the device call's files are in)")
+    return path
+
+
+def unpack(archive: Path, into: Path) -> None:
+    """The archive's files into ``into``, without lease.sh's marker folders; links and paths that
+    leave the folder are refused by tarfile's "data" filter."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if Path(m.name).parts[:1] not in [(d,) for d in MARKERS]]
+            tar.extractall(into, members=members, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise CollectError(f"{archive}: not a readable lease archive ({exc})") from None
+
+
+def bench_reports(folder: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(run name, report) for every benchmark folder the lease wrote (``bench-NAME/results.json``),
+    in the order the lease ran them (its steps.tsv), then by name."""
+    order = [row[0] for row in steps(folder)]
+    found = []
+    for path in sorted(folder.glob("bench-*/results.json")):
+        try:
+            report = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CollectError(f"{path}: not readable JSON ({exc})") from None
+        if not isinstance(report, dict) or not {"results", "environment", "scenario"} <= set(report):
+            raise CollectError(f"{path}: not an sdexport benchmark report")
+        found.append((path.parent.name.removeprefix("bench-"), report))
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(found, key=lambda item: (rank.get(f"bench-{item[0]}", len(rank)), item[0]))
+
+
+def steps(folder: Path) -> list[list[str]]:
+    """lease.sh's steps.tsv: name, outcome, seconds, limit; the last line of each step wins."""
+    path = folder / "steps.tsv"
+    if not path.is_file():
+        return []
+    last: dict[str, list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split("\t")
+        if len(fields) == 4 and fields[0] != "call":
+            last.pop(fields[0], None)  # a later call's outcome, in the later call's place
+            last[fields[0]] = fields
+    return list(last.values())
+
+
+def gpu_facts(folder: Path) -> dict[str, str]:
+    """The first GPU's row of nvidia-smi's CSV query, by column name ({} without one)."""
+    path = folder / "nvidia-smi.csv"
+    if not path.is_file():
+        return {}
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8", errors="replace"))))
+    if len(rows) < 2 or len(rows[1]) != len(rows[0]):
+        return {}
+    return {key.strip(): value.strip() for key, value in zip(rows[0], rows[1])}
+
+
+def gpu_name(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> str | None:
+    for _, report in reports:
+        gpu = report["environment"].get("gpu")
+        if gpu and gpu.get("name"):
+            return str(gpu["name"])
+    return gpu_facts(folder).get("name") or None
+
+
+def default_output(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> Path:
+    dates = sorted(str(r["environment"].get("date") or "")[:10] for _, r in reports if r["environment"].get("date"))
+    name = gpu_name(folder, reports)
+    if not dates or not name:
+        raise CollectError("the lease brought back no benchmark report with a date and a GPU to name the folder by; "
+                           "give one with -o")
+    model = re.findall(r"[A-Za-z]\d{2,4}[A-Za-z]*", name.replace("NVIDIA", ""))  # H200, H100, A100, L40S
+    slug = (model[0] if model else re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")).lower()
+    return ROOT / "benchmarks" / "results" / f"{dates[0]}-{slug}"
+
+
+def _ms(seconds: float | None) -> str:
+    return "–" if seconds is None else f"{seconds * 1000:.1f}"
+
+
+def _noisy(stats: dict[str, Any]) -> bool:
+    cv = variation(stats)
+    return cv is not None and cv > NOISY_CV
+
+
+def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """One row per measured contender and case of every report: end-to-end median, the ratio to that
+    report's own baseline (same process), U-Net per step (the mean over the marked runs, as results.md
+    gives it), it/s and GPU busy. ⚠ marks a ratio whose runs (the contender's or the baseline's)
+    spread more than the report itself trusts, as results.md marks it."""
+    lines = ["| run | case | contender | end-to-end ms (median) | vs baseline, same run | U-Net ms/step | it/s | GPU busy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run, report in reports:
+        measured = [r for r in report["results"] if r.get("status") == "measured"]
+        baseline = report.get("baseline")
+        noisy_baseline = {(r["case"]["batch"], r["case"]["steps"]) for r in measured
+                          if r["contender"] == baseline and _noisy(r["e2e_s"])}
+        for r in measured:
+            key = (r["case"]["batch"], r["case"]["steps"])
+            if r["contender"] == baseline:
+                ratio = f"baseline ({baseline})"
+            elif r.get("speedup_vs_baseline"):
+                ratio = f"{r['speedup_vs_baseline']:.2f}×" + (" ⚠" if _noisy(r["e2e_s"]) or key in noisy_baseline else "")
+            else:
+                ratio = "–"
+            busy = (r.get("gpu_busy") or {}).get("fraction")
+            lines.append(f"| {run}{' (interrupted)' if report.get('interrupted') else ''} | batch {key[0]}, {key[1]} steps | "
+                         f"{r['contender']} | {_ms(r['e2e_s']['median'])} | {ratio} | "
+                         f"{_ms(stage_mean(r['unet_step_s']) if r.get('unet_step_s') else None)} | "
+                         f"{r['it_per_s']:.2f} | {'–' if busy is None else f'{busy * 100:.0f}%'} |")
+    return lines
+
+
+def summary(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """The table, what ⚠ means, and where the figures come from: what the project README takes."""
+    lines = table(reports)
+    if any("⚠" in line for line in lines[2:]):
+        lines += ["", (f"⚠: the end-to-end runs of the contender or of its baseline vary by more than {NOISY_CV:.0%} "
+                      "of their mean; that ratio is not to be trusted.")]
+    return [*lines, "", *provenance(reports)]
+
+
+def not_measured(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    lines = []
+    for run, report in reports:
+        for r in report["results"]:
+            if r.get("status") != "measured":
+                case = r.get("case")
+                where = f" (batch {case['batch']}, {case['steps']} steps)" if case else ""
+                lines.append(f"- {run}: {r['contender']}{where}: {r.get('reason') or r.get('status')}")
+    return lines
+
+
+def provenance(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Device, versions, revision, date and weights, as each report recorded them (one line per
+    distinct set, so a lease whose calls ran different code says so)."""
+    seen: dict[str, list[str]] = {}
+    for run, report in reports:
+        env = report["environment"]
+        gpu = env.get("gpu") or {}
+        versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
+        device = (f"{gpu.get('name')} ({gpu.get('memory_gb')} GB, CUDA {gpu.get('cuda')}, driver {gpu.get('driver')})"
+                  if gpu else "no GPU")
+        weights = "random weights (speed does not depend on weight values)" if report.get("random_weights") else "trained weights"
+        text = (f"{device}; {versions}; git {env.get('git_revision') or 'unknown'}; {str(env.get('date'))[:10]}; "
+                f"{report.get('model')}, {weights}; precision {report.get('precision')}")
+        seen.setdefault(text, []).append(run)
+    return [f"- {', '.join(runs)}: {text}" for text, runs in seen.items()]
+
+
+def gpu_tests_line(folder: Path) -> str:
+    """pytest's closing summary line from the GPU tests' log, or why there is none."""
+    log = folder / "gpu-tests" / "pytest.log"
+    if not log.is_file():
+        return "no GPU test log (the step did not run or wrote none)"
+    summary = [line.strip("= ").strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
+               if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    return summary[-1] if summary else "the log has no pytest summary line (cut short?)"
+
+
+def page(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> str:
+    facts = gpu_facts(folder)
+    tensorrt = (folder / "import-tensorrt.txt").read_text(errors="replace").strip() if (folder / "import-tensorrt.txt").is_file() else "not recorded"
+    revision = (folder / "REVISION").read_text().strip() if (folder / "REVISION").is_file() else "unknown"
+    lines = [f"# GPU lease results: {gpu_name(folder, reports) or 'unknown GPU'}", "",
+             (f"Collected by `scripts/gpu-lease/collect.py` from the lease's `lease-results.tar.gz` (revision {revision}). "
+             "Every figure below is copied from a `results.json` in this folder."), ""]
+    if facts:
+        lines += ["## The machine (nvidia-smi)", "", *[f"- {k}: {v}" for k, v in facts.items()], ""]
+    lines += [f"- `import tensorrt`: {' / '.join(tensorrt.splitlines())}",
+              f"- GPU tests (`gpu-tests/pytest.log`): {gpu_tests_line(folder)}", ""]
+    rows = steps(folder)
+    if rows:
+        lines += ["## Steps", "", "| step | outcome | seconds | limit |", "|---|---|---|---|",
+                  *[f"| {' | '.join(row)} |" for row in rows], ""]
+    if reports:
+        lines += ["## Benchmarks", "", *summary(reports), ""]
+        missing = not_measured(reports)
+        if missing:
+            lines += ["### Not measured", "", *missing, ""]
+        lines += [("Each run's own `results.md` has the stage breakdown (text encoder, U-Net, VAE, overhead), "
+                  "memory and image agreement; `results.png` plots it."), ""]
+    else:
+        lines += ["## Benchmarks", "", "None came back.", ""]
+    return "\n".join(lines)
+
+
+def collect(given: Path, output: Path | None) -> tuple[Path, list[str]]:
+    archive = archive_path(given)
+    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise CollectError(f"-o {output}: exists and is not empty; choose a new folder")
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "lease"
+        folder.mkdir()
+        unpack(archive, folder)
+        reports = bench_reports(folder)
+        target = output if output is not None else default_output(folder, reports)
+        if target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise CollectError(f"{target}: exists and is not empty; pass -o with a new folder")
+        (folder / "README.md").write_text(page(folder, reports), encoding="utf-8")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.partial-{os.getpid()}"
+        try:
+            shutil.copytree(folder, staging)
+            if target.is_dir():
+                target.rmdir()  # empty (checked above)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-written is left
+            raise
+    return target, summary(reports) if reports else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("lease_results", type=Path, help="lease-results.tar.gz, or the folder holding it")
+    parser.add_argument("-o", "--output", type=Path, help="the results folder (default benchmarks/results/DATE-GPU)")
+    args = parser.parse_args(argv)
+    try:
+        target, rows = collect(args.lease_results, args.output)
+    except CollectError as exc:
+        print(f"collect: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(rows))
+    print(f"wrote {target}/README.md and what the lease brought back", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
