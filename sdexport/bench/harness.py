@@ -13,6 +13,8 @@ import contextlib
 import gc
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -60,22 +62,24 @@ def precision(scenario: Scenario) -> str:
 def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tuple[dict[str, Any], list[Path]]:
     """Run ``scenario`` and write its report into ``output_dir``; returns the report and its files.
 
-    The output folder appears only when the benchmark finished with at least one measurement: the
-    work (and any engine export) happens in a hidden staging folder (``sdexport.output_dir``). A
-    previous benchmark output there is replaced, its matching engines reused; anything else is refused.
+    The output folder appears only when at least one case was measured, whole: the work (and any
+    engine export) happens in a hidden staging folder (``sdexport.output_dir``). A previous
+    benchmark output there is replaced, its matching engines reused; anything else is refused.
 
     Ctrl-C or SIGTERM part-way (a CI timeout, a rented GPU's budget) does not cost what was already
     measured: once a case has figures, the report of the finished cases, marked as interrupted, is
-    written and put in place like a finished one, then ``BenchmarkInterrupted`` is raised.
+    written and put in place like a finished one, then ``BenchmarkInterrupted`` is raised. Once the
+    measuring is over, a further signal waits for the report to be in place (``_WritingShield``).
     """
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
     needs_engines = any(c not in BASELINES for c in plan.contenders)
     cached = engine_cache_entry(scenario, plan, options.engine_cache) if options.engine_cache and needs_engines else None
-    with (claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging,
+    with (_WritingShield() as shield,
+          claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging,
           in_use(cached) if cached is not None else contextlib.nullcontext()):
-        report, reused = _run(scenario, output_dir, staging, options, plan, cached)
+        report, reused = _run(scenario, output_dir, staging, options, plan, cached, shield)
         if not any(r["status"] == "measured" for r in report["results"]):
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
@@ -101,10 +105,12 @@ def _link_tree(source: Path, destination: Path) -> None:
 
 
 def _run(
-    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan, cached: Path | None
+    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan, cached: Path | None,
+    shield: _WritingShield,
 ) -> tuple[dict[str, Any], Path | None]:
     """The measurements; also the previous output's engine directory when it was reused in place.
-    ``cached``: the engine cache entry to use (or fill), held for this run."""
+    ``cached``: the engine cache entry to use (or fill), held for this run. ``shield`` is engaged
+    once the measuring is over, finished or interrupted."""
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
     dtype = precision(scenario)
@@ -150,11 +156,15 @@ def _run(
                         _build_onnxruntime(engine_dir, one_time)
                     loaded_at = time.perf_counter()
                     contender = _load(name, model, engine_dir, dtype, scenario)
-                    if name in plan.slow_unet:
-                        slow_down_unet(contender, plan.slow_unet[name])
-                    if getattr(contender, "per_shape", False) or name == "diffusers-compile":
-                        _capture_graphs(contender, scenario)  # compiling and capturing are loading
-                    one_time[name] = {"load_s": time.perf_counter() - loaded_at}
+                    try:
+                        if name in plan.slow_unet:
+                            slow_down_unet(contender, plan.slow_unet[name])
+                        if getattr(contender, "per_shape", False) or name == "diffusers-compile":
+                            _capture_graphs(contender, scenario)  # compiling and capturing are loading
+                        one_time[name] = {"load_s": time.perf_counter() - loaded_at}
+                    except BaseException:  # a failed capture, an interruption: its engines leave the device
+                        contender.close()
+                        raise
                 except SdexportError as exc:
                     console.print(f"[yellow]skipping {name}:[/] {escape(str(exc))}")
                     results.append({"contender": name, "status": "unavailable", "reason": str(exc)})
@@ -193,7 +203,9 @@ def _run(
                 console.print(f"{mark} {name}: {len(tally.measured)} of {len(scenario.cases)} case(s) measured "
                               f"[dim]({time.perf_counter() - began:.1f} s)[/]")
                 tally.settle()
+            shield.engage()
         except KeyboardInterrupt as exc:
+            shield.engage()  # a second signal (GitHub sends SIGINT, then SIGTERM) must not cost the report
             if not tally.settle():
                 raise  # nothing measured: nothing to keep, the output folder is not made
             tally.interrupted = _interruption(exc, tally, contenders, scenario.cases, time.perf_counter() - start)
@@ -225,6 +237,37 @@ class BenchmarkInterrupted(KeyboardInterrupt):
         self.report, self.paths = report, paths
 
 
+class _WritingShield:
+    """Once the measuring is over, a Ctrl-C or SIGTERM would cost everything measured: the report is
+    being written, and an interruption discards the staging folder. From ``engage`` until the block
+    ends (the output in place, or discarded) such a signal is noted on stderr and the writing goes
+    on; it takes seconds, and SIGKILL still ends it. Senders that signal twice: GitHub Actions
+    (SIGINT, then SIGTERM 7.5 s later), a user pressing Ctrl-C again, and ci/bench-gate.sh passing
+    the job's signal on to a benchmark that had it already."""
+
+    def __init__(self) -> None:
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _WritingShield:
+        return self
+
+    def engage(self) -> None:
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return  # handlers can be set in the main thread only; a library caller's thread keeps its own
+        for number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[number] = signal.signal(number, self._note)
+
+    @staticmethod
+    def _note(number: int, frame: object) -> None:
+        # os.write, not the console: a handler may run in the middle of the console's own print
+        os.write(2, f"{signal.Signals(number).name}: the report is being written; it takes a moment\n".encode())
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
 class _Tally:
     """The results as they come in, and what runs now: an interruption names what it stopped and
     keeps every case measured before it, with its agreement with the baseline's images."""
@@ -251,7 +294,7 @@ class _Tally:
         for case, entry in self.measured:
             if any(entry is r for r in self.results):
                 continue
-            output = entry.pop("_output", None)  # None only when an interruption came right after this
+            output = entry.get("_output")  # popped below, once the figures that need it are in
             if output is not None and self.contender == self.baseline:
                 self._baseline_outputs[case] = output
                 self._baseline_median[case] = entry["e2e_s"]["median"]
@@ -264,6 +307,7 @@ class _Tally:
                     "psnr_db": psnr(output.pixels, reference.pixels),
                 }
                 entry["speedup_vs_baseline"] = self._baseline_median[case] / entry["e2e_s"]["median"]
+            entry.pop("_output", None)
             self.results.append(entry)
         return any(r["status"] == "measured" for r in self.results)
 
@@ -294,12 +338,14 @@ def _interruption(exc: KeyboardInterrupt, tally: _Tally, contenders: list[str], 
                 "contender": name, "status": "interrupted" if stopped else "not run", "case": vars(later),
                 "reason": (f"interrupted by {by} while it was measured" if stopped
                            else f"not run: the benchmark was interrupted by {by} before it")})
-    else:
+    elif left:
         where = f"after {name}" if name is not None else "before the first contender"
+    else:
+        where = "after the last contender had run"
     for other in left:
         tally.results.append({"contender": other, "status": "not run",
                               "reason": f"not run: the benchmark was interrupted by {by} before it"})
-    reason = f"interrupted by {by} {where}, {after_s:.0f} s into the benchmark"
+    reason = f"interrupted by {by} {where} ({after_s:.0f} s into the benchmark)"
     console.print(f"[yellow]{escape(reason)}:[/] writing what was measured before it")
     return {"by": by, "contender": name, "stage": stage, "case": vars(case) if case is not None else None,
             "after_s": after_s, "not_run": left, "reason": reason}
