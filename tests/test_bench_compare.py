@@ -300,14 +300,31 @@ def test_an_interrupted_run_is_compared_for_what_it_measured_and_says_it_did_not
         in markdown(comparison)
 
 
+def test_an_interrupted_baseline_is_refused_unless_asked(tmp_path, capsys):
+    """Committed as the baseline, a run that never reached a contender would let that contender go
+    unchecked for good: refused in one line; --allow-mismatch compares what it has, and says so."""
+    from sdexport.bench.compare import markdown
+
+    baseline = _report([_entry("diffusers", TIGHT, psnr=None)])
+    baseline["interrupted"] = {"by": "Ctrl-C", "reason": "interrupted by Ctrl-C while loading torch (9 s into the benchmark)"}
+    new = _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT)])
+    paths = _write(tmp_path, "baseline", baseline), _write(tmp_path, "new", new)
+    assert run_cli("bench", "compare", *paths) == 2
+    assert "did not finish (interrupted by Ctrl-C while loading torch" in " ".join(capsys.readouterr().err.split())
+    comparison = _compare(tmp_path, baseline, new, Gate(allow_mismatch=True))
+    assert comparison["passed"] and "- **The baseline run did not finish**" in markdown(comparison)
+
+
 def _stand_in_bench(tmp_path: Path) -> Path:
     """A PYTHON for the gate whose benchmark is still running when the job is signalled: like sdexport
     bench, it then writes the report of what it measured and ends with status 130."""
     script = tmp_path / "python"
     script.write_text("""#!/usr/bin/env bash
+[[ $1 == -c ]] && exec "$REAL_PYTHON" "$@"  # the gate's own checks
 out=""
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
-trap 'sleep 0.5; mkdir -p "$out"; echo "| diffusers | 55.8 |" > "$out/results.md"; echo "{}" > "$out/results.json"; exit 130' TERM
+trap 'kill $! 2>/dev/null; sleep 0.5; mkdir -p "$out"; echo "| diffusers | 55.8 |" > "$out/results.md"
+      echo "{\\"interrupted\\": {\\"by\\": \\"SIGTERM\\"}}" > "$out/results.json"; exit 130' TERM
 touch "$STAND_IN_STARTED"
 sleep 60 & wait $!
 """)
@@ -315,26 +332,36 @@ sleep 60 & wait $!
     return script
 
 
-def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path):
-    """A CI timeout signals the whole job: the gate waits for the benchmark to write its report, then
-    puts it in the summary, and fails as a benchmark that did not finish (3)."""
+@pytest.mark.parametrize("who, sig", [("group", "SIGTERM"), ("gate", "SIGINT")])
+def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path, who, sig):
+    """A CI timeout or cancel signals the whole job, or (GitHub Actions: SIGINT, then SIGTERM) only the
+    step's own process, which the workflow makes the gate: either way the benchmark is told, writes
+    its report, the summary shows it, and the gate fails as a benchmark that did not finish (3)."""
     import signal
     import time
 
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
     started = tmp_path / "started"
-    env = {**os.environ, "PYTHON": str(_stand_in_bench(tmp_path)), "STAND_IN_STARTED": str(started)}
+    env = {**os.environ, "PYTHON": str(_stand_in_bench(tmp_path)), "STAND_IN_STARTED": str(started),
+           "REAL_PYTHON": sys.executable}
     gate = subprocess.Popen(["bash", str(ROOT / "ci" / "bench-gate.sh"), str(tmp_path / "gate.toml"),
                              str(tmp_path / "baseline.json"), str(tmp_path / "run")], env=env,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # as a CI runner starts it: a test run started in the background has SIGINT
+                            # ignored, and a shell cannot trap a signal ignored when it started
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while not started.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.killpg(gate.pid, signal.SIGTERM)  # the job's whole process group, as a CI runner stops it
+    number = getattr(signal, sig)
+    if who == "group":
+        os.killpg(gate.pid, number)
+    else:
+        gate.send_signal(number)
     output, _ = gate.communicate(timeout=30)
     assert gate.returncode == 3, output
     summary = (tmp_path / "run" / "summary.md").read_text()
-    assert summary.startswith(MARKER) and "did not finish" in summary and "interrupted (SIGTERM)" in summary
+    assert summary.startswith(MARKER) and "did not finish" in summary and f"interrupted ({sig})" in summary
     assert "| diffusers | 55.8 |" in summary
 
 
