@@ -169,6 +169,9 @@ case "$1 $2 ${3:-}" in
     if [[ -n ${STAND_IN_BENCH_S:-} ]]; then  # like sdexport bench: on SIGTERM, a moment to write what it measured
       trap 'sleep 0.3; mkdir -p "$out"; echo "{\"interrupted\": true}" > "$out/results.json"; exit 130' TERM
       sleep "$STAND_IN_BENCH_S" & wait $!
+    elif [[ -n ${STAND_IN_BENCH_DEAF_S:-} ]]; then  # one that ignores SIGTERM (its sleep inherits that)
+      trap '' TERM
+      sleep "$STAND_IN_BENCH_DEAF_S"
     fi
     mkdir -p "$out"; echo '{}' > "$out/results.json" ;;
   "-m pytest "*) sleep "${STAND_IN_PYTEST_S:-0}"; exit "${STAND_IN_PYTEST_RC:-0}" ;;
@@ -298,6 +301,16 @@ def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(tmp_pa
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
         assert tar.extractfile("./bench-runtime/results.json").read() == b'{"interrupted": true}\n'
     assert subprocess.run(["pgrep", "-f", f"sleep {sleeper}"], capture_output=True).returncode == 1  # none left
+
+
+def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goes_on(tmp_path: Path, carried: Path):
+    sleeper = f"62.{os.getpid()}"
+    cut = _lease(tmp_path, carried, 9, LEASE_TIME_SCALE="20", STAND_IN_BENCH_DEAF_S=sleeper)
+    assert cut.returncode == 0, cut.stdout + cut.stderr
+    assert "killed what was left of the step after 2s" in cut.stdout
+    assert _steps(tmp_path)["bench-runtime"] in ("cut at the budget", "rc 124, over its own limit of 12 s"), cut.stdout
+    assert subprocess.run(["pgrep", "-f", f"sleep {sleeper}"], capture_output=True).returncode == 1  # none left
+    assert "lease done" in cut.stdout
 
 
 def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path):

@@ -74,7 +74,9 @@ pack() {  # everything but the engines (gigabytes) into the one file that comes 
   rc=$?
   if (( rc <= 1 )); then mv "$partial" "$OUT/lease-results.tar.gz"; else rm -f "$partial"; fi
 }
-GRACE=$(( (15 + SCALE - 1) / SCALE ))  # seconds a step has to stop once signalled, before SIGKILL
+# seconds a step has to stop once signalled, before SIGKILL (2 at the least, also in scaled tests)
+GRACE=$(( (15 + SCALE - 1) / SCALE ))
+(( GRACE >= 2 )) || GRACE=2
 
 # group_alive PGID: a process of that group is still running (a zombie is not: it awaits its reaper)
 group_alive() {
