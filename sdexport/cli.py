@@ -658,8 +658,7 @@ def bench(
         _print_markdown(stopped.paths[1].read_text())
         for path in stopped.paths:
             print_result(str(path))
-        error_console.print(f"[yellow]{escape(str(stopped))}[/]: the report holds what was measured before it",
-                            soft_wrap=True)
+        error_console.print(f"[yellow]{escape(str(stopped))}[/]", soft_wrap=True)
         raise
     _print_markdown(paths[1].read_text())
     for path in paths:

@@ -47,7 +47,7 @@ from sdexport.bench.plan import (
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
 from sdexport.console import console, step
-from sdexport.errors import SdexportError, interruption_name
+from sdexport.errors import SdexportError, Terminated, interruption_name
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_steps
 from sdexport.shapes import ShapeProfile
@@ -69,7 +69,8 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     Ctrl-C or SIGTERM part-way (a CI timeout, a rented GPU's budget) does not cost what was already
     measured: once a case has figures, the report of the finished cases, marked as interrupted, is
     written and put in place like a finished one, then ``BenchmarkInterrupted`` is raised. Once the
-    measuring is over, a further signal waits for the report to be in place (``_WritingShield``).
+    measuring is over, a signal waits for the report to be in place (``_WritingShield``), then
+    raises ``BenchmarkInterrupted`` too.
     """
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
@@ -81,13 +82,18 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
           in_use(cached) if cached is not None else contextlib.nullcontext()):
         report, reused = _run(scenario, output_dir, staging, options, plan, cached, shield)
         if not any(r["status"] == "measured" for r in report["results"]):
+            shield.release()  # nothing to write: a signal may stop the clean-up (an export to discard)
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
         if reused is not None:  # the previous output's engines go into the new one, only now
             (staging / "engines").mkdir(exist_ok=True)
             _link_tree(reused, staging / "engines" / reused.resolve().name)
     if report.get("interrupted"):
-        raise BenchmarkInterrupted(report, paths)
+        raise BenchmarkInterrupted(report, paths, f"{report['interrupted']['reason']}: the report holds what was "
+                                                  "measured before it")
+    if shield.pending is not None:
+        raise BenchmarkInterrupted(report, paths, f"{interruption_name(shield.pending)} came when the measuring had "
+                                                  "finished: the report is complete")
     return report, paths
 
 
@@ -203,12 +209,17 @@ def _run(
                 console.print(f"{mark} {name}: {len(tally.measured)} of {len(scenario.cases)} case(s) measured "
                               f"[dim]({time.perf_counter() - began:.1f} s)[/]")
                 tally.settle()
+            tally.stage = "finished"
             shield.engage()
         except KeyboardInterrupt as exc:
             shield.engage()  # a second signal (GitHub sends SIGINT, then SIGTERM) must not cost the report
             if not tally.settle():
+                shield.release()
                 raise  # nothing measured: nothing to keep, the output folder is not made
-            tally.interrupted = _interruption(exc, tally, contenders, scenario.cases, time.perf_counter() - start)
+            if tally.stage == "finished" or tally.stage == "done" and tally.contender == contenders[-1]:
+                shield.pending = exc  # it came after the last contender: the run is whole, and then stops
+            else:
+                tally.interrupted = _interruption(exc, tally, contenders, scenario.cases, time.perf_counter() - start)
             _free_device()
     return {
         "scenario": {**vars(scenario), "contenders": contenders, "warmup": warmup, "repeats": repeats},
@@ -228,25 +239,28 @@ def _run(
 
 
 class BenchmarkInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped a benchmark after something was measured. Raised once the report of
-    what was measured is in place (``paths``), marked as interrupted; a KeyboardInterrupt still, so
-    the process ends as an interrupted one (exit status 130) and nothing reads it as a finished run."""
+    """Ctrl-C or SIGTERM stopped a benchmark after something was measured. Raised once the report is
+    in place (``paths``): marked as interrupted, or whole when the signal came after the measuring;
+    a KeyboardInterrupt still, so the process ends as an interrupted one (exit status 130)."""
 
-    def __init__(self, report: dict[str, Any], paths: list[Path]) -> None:
-        super().__init__(report["interrupted"]["reason"])
+    def __init__(self, report: dict[str, Any], paths: list[Path], message: str) -> None:
+        super().__init__(message)
         self.report, self.paths = report, paths
 
 
 class _WritingShield:
     """Once the measuring is over, a Ctrl-C or SIGTERM would cost everything measured: the report is
     being written, and an interruption discards the staging folder. From ``engage`` until the block
-    ends (the output in place, or discarded) such a signal is noted on stderr and the writing goes
-    on; it takes seconds, and SIGKILL still ends it. Senders that signal twice: GitHub Actions
-    (SIGINT, then SIGTERM 7.5 s later), a user pressing Ctrl-C again, and ci/bench-gate.sh passing
-    the job's signal on to a benchmark that had it already."""
+    ends (the output in place) such a signal is noted on stderr and kept in ``pending``, and the
+    writing goes on (seconds; SIGKILL still ends it); ``run_benchmark`` acts on it once the output
+    is in place. Senders that signal twice: GitHub Actions (SIGINT, then SIGTERM 7.5 s later), a user
+    pressing Ctrl-C again, and ci/bench-gate.sh passing the job's signal on to a benchmark that had
+    it already."""
 
     def __init__(self) -> None:
         self._previous: dict[int, Any] = {}
+        self.pending: KeyboardInterrupt | None = None
+        """The first signal that came while engaged (or one that ended a run with nothing left to run)."""
 
     def __enter__(self) -> _WritingShield:
         return self
@@ -254,18 +268,31 @@ class _WritingShield:
     def engage(self) -> None:
         if self._previous or threading.current_thread() is not threading.main_thread():
             return  # handlers can be set in the main thread only; a library caller's thread keeps its own
-        for number in (signal.SIGINT, signal.SIGTERM):
-            self._previous[number] = signal.signal(number, self._note)
+        numbers = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)  # both handlers change together
+        try:
+            for number in numbers:
+                self._previous[number] = signal.signal(number, self._note)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
-    @staticmethod
-    def _note(number: int, frame: object) -> None:
-        # os.write, not the console: a handler may run in the middle of the console's own print
-        os.write(2, f"{signal.Signals(number).name}: the report is being written; it takes a moment\n".encode())
+    def _note(self, number: int, frame: object) -> None:
+        if self.pending is None:
+            self.pending = Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+        # os.write, not the console: a handler may run in the middle of the console's own print; and
+        # nothing it raises (stderr a closed pipe) may abort the write it protects
+        with contextlib.suppress(OSError):
+            os.write(2, f"{signal.Signals(number).name}: the report is being written; sdexport stops once it is in "
+                        f"place (SIGKILL stops it now)\n".encode())
 
-    def __exit__(self, *exc: object) -> None:
+    def release(self) -> None:
+        """Give the handlers back (also when nothing is left to write: discarding is not protected)."""
         for number, handler in self._previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 class _Tally:
@@ -277,7 +304,8 @@ class _Tally:
         self.results: list[dict[str, Any]] = []
         self.contender: str | None = None
         self.stage = "done"
-        """"loading", "measuring" (``case``, None between cases) or "done" (closing, or between contenders)."""
+        """"loading", "measuring" (``case``, None between cases), "done" (closing, or between contenders),
+        or "finished" (every contender has run)."""
         self.case: Case | None = None
         self.measured: list[tuple[Case, dict[str, Any]]] = []
         self.interrupted: dict[str, Any] | None = None
@@ -338,10 +366,8 @@ def _interruption(exc: KeyboardInterrupt, tally: _Tally, contenders: list[str], 
                 "contender": name, "status": "interrupted" if stopped else "not run", "case": vars(later),
                 "reason": (f"interrupted by {by} while it was measured" if stopped
                            else f"not run: the benchmark was interrupted by {by} before it")})
-    elif left:
-        where = f"after {name}" if name is not None else "before the first contender"
     else:
-        where = "after the last contender had run"
+        where = f"after {name}" if name is not None else "before the first contender"
     for other in left:
         tally.results.append({"contender": other, "status": "not run",
                               "reason": f"not run: the benchmark was interrupted by {by} before it"})

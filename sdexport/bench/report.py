@@ -179,11 +179,8 @@ def _interrupted_lines(report: dict[str, Any]) -> list[str]:
     stopped = report.get("interrupted")
     if not stopped:
         return []
-    if stopped.get("stage") == "done" and not stopped.get("not_run"):
-        note = f"> **Interrupted**: {stopped['reason']}; nothing was left to run, so the figures below are complete."
-    else:
-        note = (f"> **Interrupted**: {stopped['reason']}. Only the cases finished before it have figures; what it "
-                "stopped and what never ran is listed under \"Not measured\".")
+    note = (f"> **Interrupted**: {stopped['reason']}. Only the cases finished before it have figures; what it "
+            "stopped and what never ran is listed under \"Not measured\".")
     return [note, ""]
 
 
