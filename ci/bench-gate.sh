@@ -74,26 +74,33 @@ stopped="" bench=""
 # shellcheck disable=SC2329  # called by the traps below
 stop() {
   stopped=$1
-  [[ -n $bench ]] && kill -TERM "$bench" 2>/dev/null
-  return 0
+  if [[ -n $bench ]]; then kill -TERM "$bench" 2>/dev/null || true; fi
 }
 trap 'stop SIGTERM' TERM
 trap 'stop SIGINT' INT
 "$PYTHON" -m sdexport bench "$scenario" -o "$out/bench" --engine-cache "$cache" ${extra[@]+"${extra[@]}"} &
 bench=$!
-while true; do  # wait returns early when a trapped signal comes; the benchmark is then still writing
-  rc=0
-  wait "$bench" || rc=$?
-  kill -0 "$bench" 2>/dev/null || break
-done
-trap - TERM INT
+if [[ -n $stopped ]]; then kill -TERM "$bench" 2>/dev/null || true; fi  # signalled before it had started
+# wait returns early when a trapped signal comes, and the benchmark is then still writing; bash keeps
+# a finished background command's status for the last wait
+while kill -0 "$bench" 2>/dev/null; do wait "$bench" || true; done
+rc=0
+wait "$bench" || rc=$?
+# From here on a signal is only noted: what is left (the summary, a comparison) takes seconds.
+trap 'stopped=SIGTERM' TERM
+trap 'stopped=SIGINT' INT
 if [[ $rc != 0 ]]; then
-  if [[ -f $out/bench/results.json ]] && "$PYTHON" -c 'import json, sys
-sys.exit(0 if json.load(open(sys.argv[1])).get("interrupted") else 1)' "$out/bench/results.json"; then
+  if [[ -f $out/bench/results.md ]]; then  # this run's report (an earlier one's was cleared above)
     {
       printf '%s\n## sdexport bench: %s did not finish\n\n' "$marker" "$scenario"
-      echo "The benchmark was interrupted${stopped:+ ($stopped)}, so nothing was gated. What it measured before"
-      echo "that:"
+      if "$PYTHON" -c 'import json, sys
+sys.exit(0 if json.load(open(sys.argv[1])).get("interrupted") else 1)' "$out/bench/results.json"; then
+        echo "The benchmark was interrupted${stopped:+ ($stopped)}, so nothing was gated. What it measured before"
+        echo "that:"
+      else
+        echo "The benchmark wrote its whole report, then ended with status $rc${stopped:+ ($stopped)}, so nothing"
+        echo "was gated. Its report:"
+      fi
       echo
       cat "$out/bench/results.md"
     } > "$out/summary.md"

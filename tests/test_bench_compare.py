@@ -317,14 +317,16 @@ def test_an_interrupted_baseline_is_refused_unless_asked(tmp_path, capsys):
 
 def _stand_in_bench(tmp_path: Path) -> Path:
     """A PYTHON for the gate whose benchmark is still running when the job is signalled: like sdexport
-    bench, it then writes the report of what it measured and ends with status 130."""
+    bench, it then writes the report of what it measured and ends with status 130 (its report marked
+    interrupted, unless STAND_IN_WHOLE is set: the signal came once the measuring had finished)."""
     script = tmp_path / "python"
     script.write_text("""#!/usr/bin/env bash
 [[ $1 == -c ]] && exec "$REAL_PYTHON" "$@"  # the gate's own checks
 out=""
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
 trap 'kill $! 2>/dev/null; sleep 0.5; mkdir -p "$out"; echo "| diffusers | 55.8 |" > "$out/results.md"
-      echo "{\\"interrupted\\": {\\"by\\": \\"SIGTERM\\"}}" > "$out/results.json"; exit 130' TERM
+      if [[ -n ${STAND_IN_WHOLE:-} ]]; then echo "{}"; else echo "{\\"interrupted\\": {\\"by\\": \\"SIGTERM\\"}}"; fi \\
+        > "$out/results.json"; exit 130' TERM
 touch "$STAND_IN_STARTED"
 sleep 60 & wait $!
 """)
@@ -332,8 +334,9 @@ sleep 60 & wait $!
     return script
 
 
-@pytest.mark.parametrize("who, sig", [("group", "SIGTERM"), ("gate", "SIGINT")])
-def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path, who, sig):
+@pytest.mark.parametrize("who, sig, whole", [("group", "SIGTERM", False), ("gate", "SIGINT", False),
+                                             ("gate", "SIGTERM", True)])
+def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path, who, sig, whole):
     """A CI timeout or cancel signals the whole job, or (GitHub Actions: SIGINT, then SIGTERM) only the
     step's own process, which the workflow makes the gate: either way the benchmark is told, writes
     its report, the summary shows it, and the gate fails as a benchmark that did not finish (3)."""
@@ -343,6 +346,7 @@ def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path, who,
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
     started = tmp_path / "started"
     env = {**os.environ, "PYTHON": str(_stand_in_bench(tmp_path)), "STAND_IN_STARTED": str(started),
+           **({"STAND_IN_WHOLE": "1"} if whole else {}),
            "REAL_PYTHON": sys.executable}
     gate = subprocess.Popen(["bash", str(ROOT / "ci" / "bench-gate.sh"), str(tmp_path / "gate.toml"),
                              str(tmp_path / "baseline.json"), str(tmp_path / "run")], env=env,
@@ -361,7 +365,8 @@ def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path, who,
     output, _ = gate.communicate(timeout=30)
     assert gate.returncode == 3, output
     summary = (tmp_path / "run" / "summary.md").read_text()
-    assert summary.startswith(MARKER) and "did not finish" in summary and f"interrupted ({sig})" in summary
+    assert summary.startswith(MARKER) and "did not finish" in summary
+    assert (f"wrote its whole report, then ended with status 130 ({sig})" if whole else f"interrupted ({sig})") in summary
     assert "| diffusers | 55.8 |" in summary
 
 
