@@ -342,7 +342,8 @@ def _times(median: float, spread: float = 0.01) -> dict:
 
 
 def _bench_report(entries: list[dict], **extra) -> dict:
-    return {"scenario": {"name": "sd15-512-b1", "model": "sd15"}, "baseline": "diffusers", "precision": "fp16",
+    return {"scenario": {"name": "sd15-512-b1", "model": "sd15", "height": 512, "width": 512}, "baseline": "diffusers",
+            "precision": "fp16",
             "model": "preset sd15 (random weights, seed 0)", "random_weights": True,
             "environment": {"gpu": {"name": "NVIDIA H200", "memory_gb": 139.8, "cuda": "13.0", "driver": "580.1"},
                             "versions": {"sdexport": "0.1.0", "torch": "2.11.0+cu130"}, "git_revision": "0123abc",
@@ -375,6 +376,9 @@ def _lease_results(tmp_path: Path) -> Path:
         [_measured("diffusers", 1.5, spread=0.2), _measured("diffusers-compile", 1.2, 1.25),
          {"contender": "tensorrt", "status": "not run", "reason": "not run: the benchmark was interrupted by SIGTERM before it"}],
         interrupted={"by": "SIGTERM", "reason": "interrupted by SIGTERM after diffusers-compile"})))
+    (lease / ".bench-fused.partial-99").mkdir()  # what a benchmark killed after its grace leaves
+    (lease / ".bench-fused.partial-99" / ".sdexport-partial").touch()
+    (lease / "bench-runtime" / "elsewhere").symlink_to("/etc")  # no lease writes links
     archive = tmp_path / "out" / "lease-results.tar.gz"
     archive.parent.mkdir()
     with tarfile.open(archive, "w:gz") as tar:
@@ -400,16 +404,18 @@ def test_collect_makes_a_results_folder_whose_figures_are_the_reports(tmp_path: 
     assert "41 passed, 3 skipped in 80.2s" in page and "import tensorrt: rc 1" in page
     assert "| bench-compile | cut at the budget | 90 | limit 90 s |" in page
     assert "- compile: tensorrt: not run: the benchmark was interrupted by SIGTERM before it" in page
-    assert "random weights (speed does not depend on weight values)" in page and "git 0123abc" in page
+    weights = "preset sd15 (random weights, seed 0): speed does not depend on weight values"
+    assert f"scenario sd15-512-b1, 512×512, precision fp16; {weights}" in page
     assert (target / "bench-runtime" / "results.json").is_file() and not (target / "done").exists()
+    assert not (target / ".bench-fused.partial-99").exists() and not (target / "bench-runtime" / "elsewhere").exists()
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no staging left
     # never replaces a folder: a second collect into it is refused, and the folder is as it was
     before = page
     assert collect.main([str(archive), "-o", str(target)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err and (target / "README.md").read_text() == before
     # without -o: benchmarks/results/<date of the runs>-<GPU>
-    with tarfile.open(archive) as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
+    (tmp_path / "unpacked").mkdir()
+    collect.unpack(archive, tmp_path / "unpacked")
     reports = collect.bench_reports(tmp_path / "unpacked")
     assert [run for run, _ in reports] == ["runtime", "compile"]  # the order the lease ran them
     assert collect.default_output(tmp_path / "unpacked", reports) == ROOT / "benchmarks" / "results" / "2026-12-02-h200"
@@ -422,6 +428,25 @@ def test_collect_refuses_what_is_not_a_lease_archive(tmp_path: Path, capsys):
     assert "not a readable lease archive" in capsys.readouterr().err and not (tmp_path / "r").exists()
     assert collect.main([str(tmp_path / "nowhere")]) == 2
     assert "no lease-results.tar.gz" in capsys.readouterr().err
+    # a report it cannot read is named as the archive names it, in one line
+    lease = tmp_path / "lease"
+    (lease / "bench-runtime").mkdir(parents=True)
+    (lease / "bench-runtime" / "results.json").write_text(json.dumps(_bench_report([{"contender": "torch", "status": "measured"}])))
+    with tarfile.open(tmp_path / "bad.tar.gz", "w:gz") as tar:
+        tar.add(lease, arcname=".")
+    assert collect.main([str(tmp_path / "bad.tar.gz"), "-o", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("collect: bench-runtime/results.json: not a benchmark report collect can read (torch: measured,")
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("name, slug", [
+    ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA GH200 480GB", "gh200"), ("NVIDIA GB200", "gb200"),
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "h100-mig"), ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA L40S", "l40s"),
+    ("Tesla V100-SXM2-16GB", "v100"), ("Tesla T4", "t4"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+])
+def test_collect_names_the_folder_after_the_gpu_model(name: str, slug: str):
+    assert _collect().gpu_slug(name) == slug
 
 
 @pytest.mark.slow

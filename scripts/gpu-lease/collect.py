@@ -50,12 +50,22 @@ def archive_path(given: Path) -> Path:
 
 
 def unpack(archive: Path, into: Path) -> None:
-    """The archive's files into ``into``, without lease.sh's marker folders; links and paths that
-    leave the folder are refused by tarfile's "data" filter."""
+    """The archive's files and folders into ``into``. Left out: lease.sh's marker folders, hidden
+    top-level entries (what a benchmark killed after its grace leaves: its staging folder and lock),
+    and links (a lease writes none); paths that leave the folder are refused by tarfile's "data"
+    filter."""
+    if not hasattr(tarfile, "data_filter"):  # Python 3.11.4, 3.12
+        raise CollectError(f"Python {sys.version.split()[0]} has no safe tar extraction (tarfile's data filter, "
+                           "3.11.4 and later): run this with the project's environment")
+
+    def kept(member: tarfile.TarInfo) -> bool:
+        top = Path(member.name).parts[:1]
+        return (member.isfile() or member.isdir()) and top not in [(d,) for d in MARKERS] \
+            and not (top and top[0].startswith("."))
+
     try:
         with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if Path(m.name).parts[:1] not in [(d,) for d in MARKERS]]
-            tar.extractall(into, members=members, filter="data")
+            tar.extractall(into, members=[m for m in tar.getmembers() if kept(m)], filter="data")
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise CollectError(f"{archive}: not a readable lease archive ({exc})") from None
 
@@ -66,15 +76,35 @@ def bench_reports(folder: Path) -> list[tuple[str, dict[str, Any]]]:
     order = [row[0] for row in steps(folder)]
     found = []
     for path in sorted(folder.glob("bench-*/results.json")):
+        member = path.relative_to(folder)  # named as in the archive: the folder here is temporary
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            raise CollectError(f"{path}: not readable JSON ({exc})") from None
-        if not isinstance(report, dict) or not {"results", "environment", "scenario"} <= set(report):
-            raise CollectError(f"{path}: not an sdexport benchmark report")
+            raise CollectError(f"{member}: not readable JSON ({exc})") from None
+        problem = unreadable(report)
+        if problem:
+            raise CollectError(f"{member}: not a benchmark report collect can read ({problem})")
         found.append((path.parent.name.removeprefix("bench-"), report))
     rank = {name: i for i, name in enumerate(order)}
     return sorted(found, key=lambda item: (rank.get(f"bench-{item[0]}", len(rank)), item[0]))
+
+
+def unreadable(report: Any) -> str | None:
+    """What a report lacks that the page needs (None: nothing)."""
+    if not isinstance(report, dict) or not {"results", "environment", "scenario"} <= set(report):
+        return "no results, environment and scenario"
+    if not isinstance(report["environment"], dict) or not isinstance(report["results"], list):
+        return "its environment or results are not what sdexport writes"
+    for entry in report["results"]:
+        if not isinstance(entry, dict) or "contender" not in entry:
+            return "a result without a contender"
+        case = entry.get("case")
+        if case is not None and not (isinstance(case, dict) and {"batch", "steps"} <= set(case)):
+            return f"{entry['contender']}: a case without batch and steps"
+        if entry.get("status") == "measured" and not (
+                case and isinstance(entry.get("e2e_s"), dict) and isinstance(entry["e2e_s"].get("median"), (int, float))):
+            return f"{entry['contender']}: measured, without a case and an end-to-end median"
+    return None
 
 
 def steps(folder: Path) -> list[list[str]]:
@@ -116,9 +146,16 @@ def default_output(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> P
     if not dates or not name:
         raise CollectError("the lease brought back no benchmark report with a date and a GPU to name the folder by; "
                            "give one with -o")
-    model = re.findall(r"[A-Za-z]\d{2,4}[A-Za-z]*", name.replace("NVIDIA", ""))  # H200, H100, A100, L40S
-    slug = (model[0] if model else re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")).lower()
-    return ROOT / "benchmarks" / "results" / f"{dates[0]}-{slug}"
+    return ROOT / "benchmarks" / "results" / f"{dates[0]}-{gpu_slug(name)}"
+
+
+def gpu_slug(name: str) -> str:
+    """A folder name for a GPU: its model token (H200, GH200, A100, L40S, T4), with "-mig" for a MIG
+    slice; else the name without the vendor's words ("rtx-4090")."""
+    words = [w for w in re.split(r"[\s\-_]+", name) if w.lower() not in ("nvidia", "tesla", "geforce", "quadro")]
+    model = next((w for w in words if re.fullmatch(r"[A-Z]{1,2}\d{1,4}[A-Z]?", w)), None)
+    slug = model.lower() if model else "-".join(re.sub(r"[^A-Za-z0-9]+", "", w) for w in words).strip("-").lower()
+    return (slug or "gpu") + ("-mig" if re.search(r"\bMIG\b", name) else "")
 
 
 def _ms(seconds: float | None) -> str:
@@ -151,10 +188,12 @@ def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
             else:
                 ratio = "–"
             busy = (r.get("gpu_busy") or {}).get("fraction")
+            it_per_s = r.get("it_per_s")
             lines.append(f"| {run}{' (interrupted)' if report.get('interrupted') else ''} | batch {key[0]}, {key[1]} steps | "
                          f"{r['contender']} | {_ms(r['e2e_s']['median'])} | {ratio} | "
                          f"{_ms(stage_mean(r['unet_step_s']) if r.get('unet_step_s') else None)} | "
-                         f"{r['it_per_s']:.2f} | {'–' if busy is None else f'{busy * 100:.0f}%'} |")
+                         f"{f'{it_per_s:.2f}' if isinstance(it_per_s, (int, float)) else '–'} | "
+                         f"{'–' if busy is None else f'{busy * 100:.0f}%'} |")
     return lines
 
 
@@ -188,9 +227,15 @@ def provenance(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
         versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
         device = (f"{gpu.get('name')} ({gpu.get('memory_gb')} GB, CUDA {gpu.get('cuda')}, driver {gpu.get('driver')})"
                   if gpu else "no GPU")
-        weights = "random weights (speed does not depend on weight values)" if report.get("random_weights") else "trained weights"
+        label = str(report.get("model"))
+        if report.get("random_weights"):
+            weights = ("" if "random weights" in label else ", random weights") + ": speed does not depend on weight values"
+        else:
+            weights = ", trained weights"
+        scenario = report["scenario"]
+        size = f", {scenario['height']}×{scenario['width']}" if scenario.get("height") and scenario.get("width") else ""
         text = (f"{device}; {versions}; git {env.get('git_revision') or 'unknown'}; {str(env.get('date'))[:10]}; "
-                f"{report.get('model')}, {weights}; precision {report.get('precision')}")
+                f"scenario {scenario.get('name')}{size}, precision {report.get('precision')}; {label}{weights}")
         seen.setdefault(text, []).append(run)
     return [f"- {', '.join(runs)}: {text}" for text, runs in seen.items()]
 
@@ -210,8 +255,9 @@ def page(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> str:
     tensorrt = (folder / "import-tensorrt.txt").read_text(errors="replace").strip() if (folder / "import-tensorrt.txt").is_file() else "not recorded"
     revision = (folder / "REVISION").read_text().strip() if (folder / "REVISION").is_file() else "unknown"
     lines = [f"# GPU lease results: {gpu_name(folder, reports) or 'unknown GPU'}", "",
-             (f"Collected by `scripts/gpu-lease/collect.py` from the lease's `lease-results.tar.gz` (revision {revision}). "
-             "Every figure below is copied from a `results.json` in this folder."), ""]
+             (f"Collected by `scripts/gpu-lease/collect.py` from the lease's `lease-results.tar.gz` (revision {revision}): "
+              "the machine from `nvidia-smi.csv`, the steps from `steps.tsv`, and every benchmark figure from a "
+              "`results.json` in this folder."), ""]
     if facts:
         lines += ["## The machine (nvidia-smi)", "", *[f"- {k}: {v}" for k, v in facts.items()], ""]
     lines += [f"- `import tensorrt`: {' / '.join(tensorrt.splitlines())}",
