@@ -345,12 +345,27 @@ INTERRUPTIBLE = SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda
                               '"diffusers", "torch", "onnxruntime-cpu"')
 
 
+@pytest.fixture(scope="module")
+def tiny_engines(tmp_path_factory) -> Path:
+    """One export for the tests below (--engine-dir), as the benchmark itself would make it."""
+    from sdexport.bench.harness import _export_to, precision
+    from sdexport.bench.plan import Options, plan_bench
+
+    path = tmp_path_factory.mktemp("interruptible") / "s.toml"
+    path.write_text(INTERRUPTIBLE)
+    scenario = load_scenario(path)
+    plan = plan_bench(scenario, Options())
+    with cpu_only():
+        _export_to(path.parent / "tiny", scenario, plan.outline.family, precision(scenario), plan.export_profile)
+    return path.parent / "tiny"
+
+
 def _siblings(out: Path) -> list[str]:
     """Hidden entries beside the output (staging folders, a lock): none once a run has ended."""
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(tmp_path, monkeypatch, capsys):
+def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(tmp_path, tiny_engines, monkeypatch, capsys):
     """SIGTERM in torch's second case: diffusers' cases and torch's first are kept, whole and compared
     with the baseline; the case it stopped and the contender it never reached are named; the output
     is moved into place as any finished one, and the process still ends as an interrupted one."""
@@ -368,7 +383,7 @@ def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(
     scenario = tmp_path / "s.toml"
     scenario.write_text(INTERRUPTIBLE)
     out = tmp_path / "out"
-    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0") == 130
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 130
     captured = capsys.readouterr()
     report = json.loads((out / "results.json").read_text())
     assert report["interrupted"]["by"] == "SIGTERM"
@@ -385,11 +400,11 @@ def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(
     assert Image.open(out / "results.png").size[0] > 0
     assert str(out / "results.json") in captured.out  # the paths, as after a finished run
     assert "the report holds what was measured before it" in captured.err
-    assert (out / "engines" / "s" / "manifest.json").is_file() and _siblings(out) == []
+    assert report["engine_dir"] == str(tiny_engines) and _siblings(out) == []
 
 
 @pytest.mark.parametrize("stopped_in, kept", [("diffusers", False), ("onnxruntime-cpu", True)])
-def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, monkeypatch, capsys, stopped_in, kept):
+def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, tiny_engines, monkeypatch, capsys, stopped_in, kept):
     """Nothing measured yet: no output folder at all, as for any failed run. Later: the report, with
     the contender that was loading named."""
     from sdexport.bench import harness
@@ -405,7 +420,7 @@ def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, monkeypatch
     scenario = tmp_path / "s.toml"
     scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "onnxruntime-cpu"'))
     out = tmp_path / "out"
-    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0") == 130
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 130
     assert _siblings(out) == []
     if not kept:
         assert not out.exists()
@@ -417,7 +432,7 @@ def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, monkeypatch
                                      "reason": "interrupted by Ctrl-C while loading"}
 
 
-def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path):
+def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path, tiny_engines):
     """The real signal on a real process: the CLI's SIGTERM handler, the report, exit status 130."""
     import os
     import signal
@@ -431,7 +446,8 @@ def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path
     # torch sleeps 0.5 s before each U-Net call: it is still being measured when the signal comes
     env = {**os.environ, "SDEXPORT_TEST_SLOW_UNET": "torch=0.5", "CUDA_VISIBLE_DEVICES": ""}
     with log.open("w") as handle:
-        bench = subprocess.Popen([sys.executable, "-m", "sdexport", "bench", str(scenario), "-o", str(out)],
+        bench = subprocess.Popen([sys.executable, "-m", "sdexport", "bench", str(scenario), "-o", str(out),
+                                  "--engine-dir", str(tiny_engines)],
                                  stdout=handle, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 240
@@ -450,7 +466,7 @@ def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path
 
 
 @pytest.mark.parametrize("first", ["interrupted", "finished"])
-def test_signals_while_the_report_is_written_wait_for_it(tmp_path, monkeypatch, capfd, first):
+def test_signals_while_the_report_is_written_wait_for_it(tmp_path, tiny_engines, monkeypatch, capfd, first):
     """GitHub sends SIGINT then SIGTERM; a user presses Ctrl-C twice; the CI gate passes the job's
     signal on to a benchmark that had it already. Once the measuring is over, such a signal is noted,
     the report still goes into place, and then the run stops as an interrupted one: the report is
@@ -479,7 +495,7 @@ def test_signals_while_the_report_is_written_wait_for_it(tmp_path, monkeypatch, 
     scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "torch"'))
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGINT)
-    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0") == 130
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 130
     err = capfd.readouterr().err
     assert "SIGINT: the report is being written" in err  # written to fd 2 itself
     assert ("the report is complete" in err) == (first == "finished")
@@ -489,7 +505,7 @@ def test_signals_while_the_report_is_written_wait_for_it(tmp_path, monkeypatch, 
 
 
 def test_an_interruption_after_loading_frees_the_contender_and_one_after_the_last_keeps_the_run_whole(
-        tmp_path, monkeypatch):
+        tmp_path, tiny_engines, monkeypatch):
     from sdexport.bench import contenders, harness
     from sdexport.errors import Terminated
 
@@ -510,13 +526,15 @@ def test_an_interruption_after_loading_frees_the_contender_and_one_after_the_las
     monkeypatch.setenv("SDEXPORT_TEST_SLOW_UNET", "torch=0")
     scenario = tmp_path / "s.toml"
     scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "torch"'))
-    assert run_cli("bench", scenario, "-o", tmp_path / "a", "--repeats", "1", "--warmup", "0") == 130
+    assert run_cli("bench", scenario, "-o", tmp_path / "a", "--repeats", "1", "--warmup", "0",
+                   "--engine-dir", tiny_engines) == 130
     assert closed == ["torch"]  # loaded, then stopped before its first case: still closed
     assert json.loads((tmp_path / "a" / "results.json").read_text())["results"][-1]["status"] == "interrupted"
 
     monkeypatch.delenv("SDEXPORT_TEST_SLOW_UNET")
     scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "onnxruntime-cpu"'))
-    assert run_cli("bench", scenario, "-o", tmp_path / "b", "--repeats", "1", "--warmup", "0") == 130
+    assert run_cli("bench", scenario, "-o", tmp_path / "b", "--repeats", "1", "--warmup", "0",
+                   "--engine-dir", tiny_engines) == 130
     report = json.loads((tmp_path / "b" / "results.json").read_text())
     assert [r["status"] for r in report["results"]] == ["measured"] * 4 and "interrupted" not in report
     assert "Interrupted" not in (tmp_path / "b" / "results.md").read_text()
