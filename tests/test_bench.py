@@ -178,6 +178,7 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypat
     (["--warmup", "-1"], "--warmup -1: need 0 or more warm-up runs"),
     (["--contenders", "diffusers,openvino"], "unknown openvino"),
     (["--contenders", ""], "--contenders '': expected comma-separated names"),
+    (["--contenders", "diffusers,torch,torch"], "contenders: torch named more than once"),
     (["--engine-dir", "nowhere"], "nowhere: no such engine directory"),
 ])
 def test_bad_overrides_are_refused_and_write_nothing(tmp_path, capsys, args, message):
@@ -538,3 +539,35 @@ def test_an_interruption_after_loading_frees_the_contender_and_one_after_the_las
     report = json.loads((tmp_path / "b" / "results.json").read_text())
     assert [r["status"] for r in report["results"]] == ["measured"] * 4 and "interrupted" not in report
     assert "Interrupted" not in (tmp_path / "b" / "results.md").read_text()
+
+
+def test_the_shield_keeps_an_ignored_sigint_ignored_and_survives_a_closed_stderr():
+    """A background job starts with SIGINT ignored: the shield leaves that so. Its note goes to fd 2,
+    which may be a pipe nobody reads any more (`bench ... | tee log`, tee killed by the same Ctrl-C):
+    writing there must not raise into the report's writing."""
+    import os
+    import signal
+
+    from sdexport.bench.harness import _WritingShield
+    from sdexport.errors import Terminated
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    saved = os.dup(2)
+    try:
+        with _WritingShield() as shield:
+            shield.engage()
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.dup2(write_end, 2)
+            os.kill(os.getpid(), signal.SIGINT)  # ignored: not pending
+            os.kill(os.getpid(), signal.SIGTERM)  # noted (the note's write fails: EPIPE), kept
+            os.dup2(saved, 2)
+            assert isinstance(shield.pending, Terminated)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is before[1]
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(write_end)
+        signal.signal(signal.SIGINT, before[0])

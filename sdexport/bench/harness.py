@@ -266,15 +266,17 @@ class _WritingShield:
         return self
 
     def engage(self) -> None:
-        if self._previous or threading.current_thread() is not threading.main_thread():
+        """Take over SIGINT and SIGTERM. Safe to call again: a handler that was not installed (an old
+        handler ran first and raised) is installed by the next call. A signal ignored when the run
+        began (SIGINT in a background job) stays ignored."""
+        if threading.current_thread() is not threading.main_thread():
             return  # handlers can be set in the main thread only; a library caller's thread keeps its own
-        numbers = {signal.SIGINT, signal.SIGTERM}
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, numbers)  # both handlers change together
-        try:
-            for number in numbers:
-                self._previous[number] = signal.signal(number, self._note)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for number in (signal.SIGINT, signal.SIGTERM):
+            if number in self._previous or signal.getsignal(number) is signal.SIG_IGN:
+                continue
+            # recorded only once installed: after that a signal goes to _note, which never raises
+            previous = signal.signal(number, self._note)
+            self._previous[number] = previous
 
     def _note(self, number: int, frame: object) -> None:
         if self.pending is None:

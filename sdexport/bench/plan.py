@@ -74,6 +74,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     unknown = [c for c in requested if c not in CONTENDERS]
     if not requested or unknown:
         raise SdexportError(f"contenders: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
+    twice = sorted({c for c in requested if requested.count(c) > 1})
+    if twice:  # a report keys its figures by contender; one run of each, in one process
+        raise SdexportError(f"contenders: {', '.join(twice)} named more than once; each contender runs once per benchmark")
     if options.repeats is not None and options.repeats < 1:
         raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
     if options.warmup is not None and options.warmup < 0:
