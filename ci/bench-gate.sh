@@ -91,16 +91,24 @@ trap 'stopped=SIGTERM' TERM
 trap 'stopped=SIGINT' INT
 if [[ $rc != 0 ]]; then
   if [[ -f $out/bench/results.md ]]; then  # this run's report (an earlier one's was cleared above)
+    state=$("$PYTHON" -c 'import json, sys
+try:
+    print("interrupted" if json.load(open(sys.argv[1])).get("interrupted") else "whole")
+except Exception:
+    print("unknown")' "$out/bench/results.json" 2>/dev/null) || state=unknown
     {
       printf '%s\n## sdexport bench: %s did not finish\n\n' "$marker" "$scenario"
-      if "$PYTHON" -c 'import json, sys
-sys.exit(0 if json.load(open(sys.argv[1])).get("interrupted") else 1)' "$out/bench/results.json"; then
-        echo "The benchmark was interrupted${stopped:+ ($stopped)}, so nothing was gated. What it measured before"
-        echo "that:"
-      else
-        echo "The benchmark wrote its whole report, then ended with status $rc${stopped:+ ($stopped)}, so nothing"
-        echo "was gated. Its report:"
-      fi
+      case $state in
+        interrupted)
+          echo "The benchmark was interrupted${stopped:+ ($stopped)}, so nothing was gated. What it measured before"
+          echo "that:" ;;
+        whole)
+          echo "The benchmark wrote its whole report, then ended with status $rc${stopped:+ ($stopped)}, so nothing"
+          echo "was gated. Its report:" ;;
+        *)
+          echo "The benchmark ended with status $rc${stopped:+ ($stopped)}, so nothing was gated; whether its report"
+          echo "is whole could not be read. The report:" ;;
+      esac
       echo
       cat "$out/bench/results.md"
     } > "$out/summary.md"
@@ -140,5 +148,9 @@ else
   status=2
   printf '%s\n## sdexport bench: %s could not be compared with %s\n\nSee the job log for the reason.\n' \
     "$marker" "$scenario" "$baseline" > "$out/summary.md"
+fi
+if [[ -n $stopped ]]; then  # signalled once the benchmark had finished: said, with whatever came of it
+  printf '\n_The job was signalled (%s) while the summary was being made._\n' "$stopped" >> "$out/summary.md"
+  echo "sdexport bench gate: signalled ($stopped) after the benchmark had finished" >&2
 fi
 exit "$status"

@@ -93,8 +93,10 @@ def unreadable(report: Any) -> str | None:
     """What a report lacks that the page needs (None: nothing)."""
     if not isinstance(report, dict) or not {"results", "environment", "scenario"} <= set(report):
         return "no results, environment and scenario"
-    if not isinstance(report["environment"], dict) or not isinstance(report["results"], list):
-        return "its environment or results are not what sdexport writes"
+    if not all(isinstance(report[key], dict) for key in ("environment", "scenario")) \
+            or not isinstance(report["results"], list) \
+            or not isinstance(report["environment"].get("gpu") or {}, dict):
+        return "its environment, scenario or results are not what sdexport writes"
     for entry in report["results"]:
         if not isinstance(entry, dict) or "contender" not in entry:
             return "a result without a contender"
@@ -183,11 +185,12 @@ def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
             key = (r["case"]["batch"], r["case"]["steps"])
             if r["contender"] == baseline:
                 ratio = f"baseline ({baseline})"
-            elif r.get("speedup_vs_baseline"):
+            elif isinstance(r.get("speedup_vs_baseline"), (int, float)) and r["speedup_vs_baseline"] > 0:
                 ratio = f"{r['speedup_vs_baseline']:.2f}×" + (" ⚠" if _noisy(r["e2e_s"]) or key in noisy_baseline else "")
             else:
                 ratio = "–"
-            busy = (r.get("gpu_busy") or {}).get("fraction")
+            profiled = r.get("gpu_busy") if isinstance(r.get("gpu_busy"), dict) else {}
+            busy = profiled.get("fraction") if isinstance(profiled.get("fraction"), (int, float)) else None
             it_per_s = r.get("it_per_s")
             lines.append(f"| {run}{' (interrupted)' if report.get('interrupted') else ''} | batch {key[0]}, {key[1]} steps | "
                          f"{r['contender']} | {_ms(r['e2e_s']['median'])} | {ratio} | "
