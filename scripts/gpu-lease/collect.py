@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sdexport.bench.report import NOISY_CV, stage_mean, variation  # noqa: E402 - the checkout's sdexport
+from sdexport.bench.report import NOISY_CV, case_key, ratio_untrusted, stage_mean  # noqa: E402 - the checkout's sdexport
 
 MARKERS = ("done", "failed")
 """lease.sh's own bookkeeping (one file per finished or failed step): steps.tsv says the same."""
@@ -164,11 +164,6 @@ def _ms(seconds: float | None) -> str:
     return "–" if seconds is None else f"{seconds * 1000:.1f}"
 
 
-def _noisy(stats: dict[str, Any]) -> bool:
-    cv = variation(stats)
-    return cv is not None and cv > NOISY_CV
-
-
 def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """One row per measured contender and case of every report: end-to-end median, the ratio to that
     report's own baseline (same process), U-Net per step (the mean over the marked runs, as results.md
@@ -179,14 +174,12 @@ def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
     for run, report in reports:
         measured = [r for r in report["results"] if r.get("status") == "measured"]
         baseline = report.get("baseline")
-        noisy_baseline = {(r["case"]["batch"], r["case"]["steps"]) for r in measured
-                          if r["contender"] == baseline and _noisy(r["e2e_s"])}
         for r in measured:
-            key = (r["case"]["batch"], r["case"]["steps"])
+            key = case_key(r)
             if r["contender"] == baseline:
                 ratio = f"baseline ({baseline})"
             elif isinstance(r.get("speedup_vs_baseline"), (int, float)) and r["speedup_vs_baseline"] > 0:
-                ratio = f"{r['speedup_vs_baseline']:.2f}×" + (" ⚠" if _noisy(r["e2e_s"]) or key in noisy_baseline else "")
+                ratio = f"{r['speedup_vs_baseline']:.2f}×" + (" ⚠" if ratio_untrusted(r, measured, baseline) else "")
             else:
                 ratio = "–"
             profiled = r.get("gpu_busy") if isinstance(r.get("gpu_busy"), dict) else {}

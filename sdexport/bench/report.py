@@ -72,9 +72,18 @@ def stages_sum(entry: dict[str, Any]) -> float:
     return total
 
 
-def _noisy(entry: dict[str, Any]) -> bool:
+def noisy(entry: dict[str, Any]) -> bool:
+    """The entry's end-to-end runs vary by more than ``NOISY_CV``."""
     cv = variation(entry["e2e_s"])
     return cv is not None and cv > NOISY_CV
+
+
+def ratio_untrusted(entry: dict[str, Any], measured: list[dict[str, Any]], baseline: str | None) -> bool:
+    """A speedup not to be trusted (⚠): the contender's runs are noisy, or its case's baseline's are
+    (every ratio of that case divides by the baseline's median). ``measured``: the report's measured
+    entries, or those of the entry's case."""
+    return noisy(entry) or any(r["contender"] == baseline and case_key(r) == case_key(entry) and noisy(r)
+                               for r in measured)
 
 
 def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line: dict[str, Any] | None = None) -> list[str]:
@@ -88,12 +97,12 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
                  else "`repeats` in the scenario, or pass `--repeats`")
         notes.append(f"**Too few repeats**: {' or '.join(map(str, few))} timed runs per contender; at least "
                      f"{MIN_REPEATS} are needed to report a spread (raise {where}).")
-    noisy = [r for r in rows if _noisy(r)]
-    if noisy:
-        base_noisy = any(r["contender"] == baseline for r in noisy)
+    spread = [r for r in rows if noisy(r)]
+    if spread:
+        base_noisy = any(r["contender"] == baseline for r in spread)
         notes.append(
             f"**Spread too wide to trust the ratio** (variation over {NOISY_CV:.0%} of the mean): "
-            + ", ".join(f"{r['contender']} ±{variation(r['e2e_s']) * 100:.0f}%" for r in noisy)  # type: ignore[operator]
+            + ", ".join(f"{r['contender']} ±{variation(r['e2e_s']) * 100:.0f}%" for r in spread)  # type: ignore[operator]
             + ("; every speedup in this table depends on the baseline's figure" if base_noisy else "")
             + ". The machine was busy or its clock varied: rerun on a quiet machine, or with more repeats.")
     for r in rows:
@@ -128,11 +137,11 @@ def _busy(entry: dict[str, Any]) -> str:
     return "–" if fraction is None else f"{fraction * 100:.0f}%"
 
 
-def _case_key(entry: dict[str, Any]) -> tuple[int, int]:
+def case_key(entry: dict[str, Any]) -> tuple[int, int]:
     return entry["case"]["batch"], entry["case"]["steps"]
 
 
-def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, noisy_baseline: bool = False,
+def _row(r: dict[str, Any], rows: list[dict[str, Any]], baseline: str | None, controlnet: bool = False,
          busy: bool = True) -> str:
     agreement = r.get("agreement")
     speedup = r.get("speedup_vs_baseline")
@@ -140,7 +149,7 @@ def _row(r: dict[str, Any], baseline: str | None, controlnet: bool = False, nois
         ratio, rel, psnr_text = "baseline", "–", "–"
     else:
         ratio = f"{speedup:.2f}×" if speedup else "–"
-        if speedup and noisy_baseline or speedup and _noisy(r):
+        if speedup and ratio_untrusted(r, rows, baseline):
             ratio += " ⚠"
         rel = f"{agreement['latents_rel_l2']:.2e}" if agreement else "–"
         psnr_value = agreement["psnr_db"] if agreement else None
@@ -242,8 +251,8 @@ def markdown(report: dict[str, Any]) -> str:
         ),
         "",
     ]
-    for case in sorted({_case_key(r) for r in measured}):
-        rows = [r for r in measured if _case_key(r) == case]
+    for case in sorted({case_key(r) for r in measured}):
+        rows = [r for r in measured if case_key(r) == case]
         controlnet = any("controlnet_step_s" in r for r in rows)
         lines += [
             f"## Batch {case[0]}, {case[1]} steps",
@@ -256,8 +265,7 @@ def markdown(report: dict[str, Any]) -> str:
             ),
             "|---" * (12 + controlnet + busy) + "|",
         ]
-        noisy_baseline = any(_noisy(r) for r in rows if r["contender"] == report["baseline"])
-        lines += [_row(r, report["baseline"], controlnet, noisy_baseline, busy) for r in rows]
+        lines += [_row(r, rows, report["baseline"], controlnet, busy) for r in rows]
         lines.append("")
         warnings = case_warnings(rows, report["baseline"], report.get("command_line"))
         if warnings:
@@ -291,13 +299,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     measured = [r for r in report["results"] if r["status"] == "measured"]
-    cases = sorted({_case_key(r) for r in measured})
+    cases = sorted({case_key(r) for r in measured})
     names = list(dict.fromkeys(r["contender"] for r in measured))
     fig, (ax_time, ax_parts) = plt.subplots(1, 2, figsize=(13, 5.6))
     width = 0.8 / max(1, len(names))
-    noisy_baseline = {_case_key(r) for r in measured if r["contender"] == report.get("baseline") and _noisy(r)}
     for i, name in enumerate(names):
-        rows = {_case_key(r): r for r in measured if r["contender"] == name}
+        rows = {case_key(r): r for r in measured if r["contender"] == name}
         xs = [c + i * width for c, case in enumerate(cases) if case in rows]
         medians = [rows[case]["e2e_s"]["median"] for case in cases if case in rows]
         errors = [[rows[c]["e2e_s"]["median"] - rows[c]["e2e_s"]["min"] for c in cases if c in rows],
@@ -306,7 +313,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for bar, case in zip(bars, [c for c in cases if c in rows]):
             speedup = rows[case].get("speedup_vs_baseline")
             if speedup:  # above the error bar's top, not on it; marked as the table marks it (⚠)
-                untrusted = _noisy(rows[case]) or case in noisy_baseline
+                untrusted = ratio_untrusted(rows[case], measured, report.get("baseline"))
                 ax_time.annotate(f"{speedup:.2f}×" + ("\n(noisy)" if untrusted else ""), (bar.get_x() + bar.get_width() / 2, rows[case]["e2e_s"]["max"]),
                                  xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=8)
     ax_time.set_xticks([c + width * (len(names) - 1) / 2 for c in range(len(cases))])
@@ -316,7 +323,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_time.set_title("End-to-end latency (speedup vs baseline)")
     ax_time.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)  # off the bars
     # Where the time goes, for the first case: stacked stages per contender.
-    first = [r for r in measured if _case_key(r) == cases[0]] if cases else []
+    first = [r for r in measured if case_key(r) == cases[0]] if cases else []
     bottoms = [0.0] * len(first)
     stages = [("text_encoder_s", "text encoder"), ("unet_step_s", "U-Net (all steps)"),
               ("vae_decoder_s", "VAE decode"), ("loop_overhead_s", "loop overhead")]
