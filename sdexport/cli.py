@@ -652,17 +652,17 @@ def bench(
     check_target(target, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, target))
     from sdexport.bench.harness import BenchmarkInterrupted, run_benchmark
 
+    stopped = None
     try:
         _, paths = run_benchmark(loaded, target, options)
-    except BenchmarkInterrupted as stopped:  # what was measured is written, marked: show it, then stop
-        _print_markdown(stopped.paths[1].read_text())
-        for path in stopped.paths:
-            print_result(str(path))
-        error_console.print(f"[yellow]{escape(str(stopped))}[/]", soft_wrap=True)
-        raise
+    except BenchmarkInterrupted as exc:  # the report is in place: shown as any other, then the stop goes on
+        stopped, paths = exc, exc.paths
     _print_markdown(paths[1].read_text())
     for path in paths:
         print_result(str(path))
+    if stopped is not None:
+        error_console.print(f"[yellow]{escape(str(stopped))}[/]", soft_wrap=True)
+        raise stopped
 
 
 @bench_app.command("cache-key")

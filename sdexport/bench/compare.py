@@ -285,8 +285,9 @@ def _interrupted_reason(report: dict[str, Any]) -> str | None:
 def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     """The comparison as one JSON-ready dict; refuses (SdexportError) reports that do not compare."""
     baseline, new = load_report(baseline_path, "BASELINE"), load_report(new_path, "NEW")
-    if _interrupted_reason(baseline) and not gate.allow_mismatch:  # what it never reached would pass unchecked
-        raise SdexportError(f"BASELINE {baseline_path} did not finish ({_interrupted_reason(baseline)}), so what it "
+    unfinished = _interrupted_reason(baseline)
+    if unfinished and not gate.allow_mismatch:  # what it never reached would pass unchecked
+        raise SdexportError(f"BASELINE {baseline_path} did not finish ({unfinished}), so what it "
                             "never measured would go unchecked; use a finished run as the baseline, or pass "
                             "--allow-mismatch to compare what it has")
     found = mismatches(baseline, new)

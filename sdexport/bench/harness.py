@@ -347,6 +347,7 @@ def _interruption(exc: KeyboardInterrupt, tally: _Tally, contenders: list[str], 
     """Record what an interruption stopped (an "interrupted" entry) and what it left unrun ("not run"
     entries) in ``tally``'s results; returns the report's ``interrupted`` summary."""
     by = interruption_name(exc)
+    never = f"not run: the benchmark was interrupted by {by} before it"
     name, stage, case = tally.contender, tally.stage, tally.case
     left = contenders[contenders.index(name) + 1:] if name in contenders else list(contenders)
     # what has an entry already (the interruption may come just after one was added)
@@ -366,13 +367,11 @@ def _interruption(exc: KeyboardInterrupt, tally: _Tally, contenders: list[str], 
             stopped = later == case
             tally.results.append({
                 "contender": name, "status": "interrupted" if stopped else "not run", "case": vars(later),
-                "reason": (f"interrupted by {by} while it was measured" if stopped
-                           else f"not run: the benchmark was interrupted by {by} before it")})
+                "reason": f"interrupted by {by} while it was measured" if stopped else never})
     else:
         where = f"after {name}" if name is not None else "before the first contender"
     for other in left:
-        tally.results.append({"contender": other, "status": "not run",
-                              "reason": f"not run: the benchmark was interrupted by {by} before it"})
+        tally.results.append({"contender": other, "status": "not run", "reason": never})
     reason = f"interrupted by {by} {where} ({after_s:.0f} s into the benchmark)"
     console.print(f"[yellow]{escape(reason)}:[/] writing what was measured before it")
     return {"by": by, "contender": name, "stage": stage, "case": vars(case) if case is not None else None,
