@@ -126,6 +126,12 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     return min(cores, MAX_WORKERS) if cores > 1 else 0
 
 
+def hidden_siblings(path: Path) -> list[str]:
+    """The hidden entries sdexport makes beside an output (``.NAME.partial-PID`` staging folders,
+    ``.NAME.sdexport-lock``): none once a command has ended, whatever ended it."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
+
+
 def run_cli(*args: str) -> int:
     """Run the CLI in-process (the same ``main`` as the console script) and return its exit code."""
     from sdexport.cli import main

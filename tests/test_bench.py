@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import cpu_only, run_cli
+from conftest import cpu_only, hidden_siblings, run_cli
 from sdexport.bench.scenario import load_scenario
 from sdexport.errors import SdexportError
 
@@ -361,11 +361,6 @@ def tiny_engines(tmp_path_factory) -> Path:
     return path.parent / "tiny"
 
 
-def _siblings(out: Path) -> list[str]:
-    """Hidden entries beside the output (staging folders, a lock): none once a run has ended."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
-
-
 def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(tmp_path, tiny_engines, monkeypatch, capsys):
     """SIGTERM in torch's second case: diffusers' cases and torch's first are kept, whole and compared
     with the baseline; the case it stopped and the contender it never reached are named; the output
@@ -401,7 +396,7 @@ def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(
     assert Image.open(out / "results.png").size[0] > 0
     assert str(out / "results.json") in captured.out  # the paths, as after a finished run
     assert "the report holds what was measured before it" in captured.err
-    assert report["engine_dir"] == str(tiny_engines) and _siblings(out) == []
+    assert report["engine_dir"] == str(tiny_engines) and hidden_siblings(out) == []
 
 
 @pytest.mark.parametrize("stopped_in, kept", [("diffusers", False), ("onnxruntime-cpu", True)])
@@ -422,7 +417,7 @@ def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, tiny_engine
     scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "onnxruntime-cpu"'))
     out = tmp_path / "out"
     assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 130
-    assert _siblings(out) == []
+    assert hidden_siblings(out) == []
     if not kept:
         assert not out.exists()
         assert capsys.readouterr().err.strip().endswith("interrupted")  # said, not a silent exit 130
@@ -463,7 +458,7 @@ def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path
     assert report["interrupted"]["by"] == "SIGTERM" and report["interrupted"]["contender"] == "torch"
     assert {(r["contender"], r["status"]) for r in report["results"]} == {
         ("diffusers", "measured"), ("torch", "interrupted"), ("onnxruntime-cpu", "not run")}
-    assert _siblings(out) == []
+    assert hidden_siblings(out) == []
 
 
 @pytest.mark.parametrize("first", ["interrupted", "finished"])
@@ -508,7 +503,7 @@ def test_signals_while_the_report_is_written_wait_for_it(tmp_path, tiny_engines,
     assert "SIGINT: the report is being written" in err  # written to fd 2 itself
     assert ("the report is complete" in err) == (first == "finished")
     report = json.loads((out / "results.json").read_text())
-    assert ("interrupted" in report) == (first == "interrupted") and _siblings(out) == []
+    assert ("interrupted" in report) == (first == "interrupted") and hidden_siblings(out) == []
 
 
 def test_an_interruption_after_loading_frees_the_contender_and_one_after_the_last_keeps_the_run_whole(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import hidden_siblings, run_cli
 from sdexport.errors import SdexportError
 from sdexport.export.plan import ENGINE_DIR
 from sdexport.output_dir import MARKER, claim
@@ -37,17 +37,13 @@ def _user_folder(path: Path) -> dict[str, bytes]:
     return _tree(path)
 
 
-def _hidden_siblings(path: Path) -> list[str]:
-    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
-
-
 def test_force_refuses_a_folder_of_user_files(tmp_path: Path, capsys):
     target = tmp_path / "photos"
     before = _user_folder(target)
     assert run_cli("export", "tiny", "-o", target, "--force", *QUICK) == 2
     err = capsys.readouterr().err
     assert "not an sdexport engine directory" in err and "has no manifest.json" in err
-    assert _tree(target) == before and _hidden_siblings(target) == []
+    assert _tree(target) == before and hidden_siblings(target) == []
 
 
 def test_force_refuses_an_engine_directory_holding_a_users_file(engine_copy: Path, capsys):
@@ -79,7 +75,7 @@ def test_force_replaces_an_engine_directory_in_one_swap(engine_copy: Path):
     (engine_copy / "unet" / ".model.onnx.4242.tmp").write_bytes(b"half a graph")
     assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 0
     assert sorted(p.name for p in engine_copy.iterdir()) == ["manifest.json", "model_index.json", "scheduler", "tokenizer", "unet"]
-    assert _hidden_siblings(engine_copy) == []
+    assert hidden_siblings(engine_copy) == []
 
 
 @pytest.mark.parametrize("where", ["itself", "a parent"])
@@ -171,7 +167,7 @@ def test_an_export_to_a_target_another_process_holds_is_refused(tmp_path: Path):
         second = _export_process(target)
         _, err = second.communicate(timeout=300)
     assert second.returncode == 2 and f"another sdexport process (pid {os.getpid()}) is writing" in err
-    assert not target.exists() and _hidden_siblings(target) == []
+    assert not target.exists() and hidden_siblings(target) == []
 
 
 def test_build_and_export_share_one_lock_through_a_link(engine_copy: Path, tmp_path: Path, capsys):
@@ -193,11 +189,11 @@ def test_a_killed_export_is_cleaned_up_by_the_next(tmp_path: Path, sig: int):
     victim.wait(timeout=60)
     assert not target.exists()
     if sig == signal.SIGTERM:  # unwinds: removes its own staging folder
-        assert _hidden_siblings(target) == []
+        assert hidden_siblings(target) == []
     else:
-        assert any(name.startswith(".tiny.partial-") for name in _hidden_siblings(target))
+        assert any(name.startswith(".tiny.partial-") for name in hidden_siblings(target))
     assert run_cli("export", "tiny", "-o", target, *QUICK) == 0
-    assert (target / "manifest.json").is_file() and _hidden_siblings(target) == []
+    assert (target / "manifest.json").is_file() and hidden_siblings(target) == []
 
 
 def test_a_failed_second_rename_puts_the_old_directory_back(engine_copy: Path, monkeypatch):
@@ -219,7 +215,7 @@ def test_a_failed_second_rename_puts_the_old_directory_back(engine_copy: Path, m
     monkeypatch.setattr(output_dir.os, "rename", fail_second)
     with pytest.raises(OSError, match="I/O error"), claim(engine_copy, ENGINE_DIR, replace=True) as staging:
         (staging / "manifest.json").write_text("{}")
-    assert _tree(engine_copy) == before and _hidden_siblings(engine_copy) == []
+    assert _tree(engine_copy) == before and hidden_siblings(engine_copy) == []
 
 
 def test_an_old_directory_set_aside_by_a_killed_swap_is_restored(engine_copy: Path):
@@ -232,7 +228,7 @@ def test_an_old_directory_set_aside_by_a_killed_swap_is_restored(engine_copy: Pa
     with pytest.raises(RuntimeError, match="stop"), claim(engine_copy, ENGINE_DIR, replace=True):
         assert _tree(engine_copy) == before  # restored before the new job starts
         raise RuntimeError("stop")
-    assert _tree(engine_copy) == before and _hidden_siblings(engine_copy) == []
+    assert _tree(engine_copy) == before and hidden_siblings(engine_copy) == []
 
 
 def test_a_directory_that_appears_during_the_job_is_not_replaced(tmp_path: Path):
@@ -242,7 +238,7 @@ def test_a_directory_that_appears_during_the_job_is_not_replaced(tmp_path: Path)
         (staging / "manifest.json").write_text("{}")
         target.mkdir()
         (target / "thesis.tex").write_text("years of work")
-    assert (target / "thesis.tex").read_text() == "years of work" and _hidden_siblings(target) == []
+    assert (target / "thesis.tex").read_text() == "years of work" and hidden_siblings(target) == []
 
 
 def test_a_directory_that_changes_during_the_job_is_not_replaced(engine_copy: Path):
@@ -267,11 +263,11 @@ def test_a_kill_right_after_the_exchange_leaves_nothing_the_next_run_keeps(engin
         (staging / "manifest.json").write_text(old_manifest.replace('"created": "', '"created": "new '))
     monkeypatch.undo()
     assert "new " in (engine_copy / "manifest.json").read_text() and not (engine_copy / MARKER).exists()
-    leftovers = [engine_copy.parent / n for n in _hidden_siblings(engine_copy)]
+    leftovers = [engine_copy.parent / n for n in hidden_siblings(engine_copy)]
     assert len(leftovers) == 1 and (leftovers[0] / MARKER).exists()  # the old one, marked
     with claim(engine_copy, ENGINE_DIR, replace=True) as staging:
         shutil.copytree(engine_copy, staging, dirs_exist_ok=True)
-    assert _hidden_siblings(engine_copy) == []
+    assert hidden_siblings(engine_copy) == []
 
 
 def test_swap_exchanges_atomically(engine_copy: Path, monkeypatch):
@@ -290,7 +286,7 @@ def test_swap_exchanges_atomically(engine_copy: Path, monkeypatch):
     with claim(engine_copy, ENGINE_DIR, replace=True) as staging:
         (staging / "new.txt").write_text("new")
     assert seen == [(output_dir._RENAME_EXCHANGE, True, True, True)]
-    assert (engine_copy / "new.txt").read_text() == "new" and _hidden_siblings(engine_copy) == []
+    assert (engine_copy / "new.txt").read_text() == "new" and hidden_siblings(engine_copy) == []
 
 
 def test_staging_folders_carry_a_marker_until_done(tmp_path: Path):
