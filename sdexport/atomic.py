@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sdexport import stopping
+
 TEMP_SUFFIX = ".tmp"
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
 """``atomic_path``'s temporary names, ``.NAME.PID.tmp``: what a process killed mid-write leaves."""
@@ -25,6 +27,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         yield tmp
+        stopping.check()  # a stop whose KeyboardInterrupt was dropped: the new file does not go in place
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

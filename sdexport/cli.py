@@ -25,7 +25,7 @@ from sdexport.console import (
     step,
     verbosity,
 )
-from sdexport.errors import ProfileError, SdexportError, Terminated
+from sdexport.errors import ProfileError, SdexportError
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -960,13 +960,19 @@ def main() -> None:
     """
     set_verbosity(NORMAL)  # per call: tests run several commands in one process
     _verbosity_given.clear()
-    import signal
+    from sdexport import stopping
 
-    # SIGTERM (a CI timeout, `kill`, a container stop) unwinds like Ctrl-C, so staging folders and
-    # half-written files are removed on the way out rather than left for the next run to clean.
-    signal.signal(signal.SIGTERM, _terminated)
+    with stopping.listening():  # SIGTERM unwinds like Ctrl-C; a stop dropped on the way is not lost
+        code = _run_app()
+    if code == 130:  # typer (0.29) returns Ctrl-C and SIGTERM inside a command as this code
+        error_console.print("[red]interrupted[/]")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _run_app() -> Any:
+    """The command's own exit code; the failures ``main`` describes end the process here."""
     try:
-        code = app(standalone_mode=False)
+        return app(standalone_mode=False)
     except SdexportError as exc:
         _fail(str(exc), 2, exc)
     except (KeyboardInterrupt, typer.Abort):
@@ -986,13 +992,7 @@ def main() -> None:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _fail(" ".join(exc.format_message().split()) + hint, int(getattr(exc, "exit_code", 2) or 2), exc)  # type: ignore[attr-defined]
-    if code == 130:  # typer (0.29) returns Ctrl-C and SIGTERM inside a command as this code
-        error_console.print("[red]interrupted[/]")
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise Terminated
+    return None  # not reached: _fail exits
 
 
 def _fail(message: str, code: int, exc: BaseException) -> None:

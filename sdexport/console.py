@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from sdexport import stopping
+
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 """Progress, notes and summaries (stderr); silent with ``-q``. Lines are never broken here: a
 terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole."""
@@ -109,8 +111,13 @@ def onnxruntime_session_options(ort: Any) -> Any:
 
 @contextmanager
 def step(description: str) -> Iterator[None]:
-    """Show ``description`` with a spinner while the block runs, then a line with its duration."""
+    """Show ``description`` with a spinner while the block runs, then a line with its duration.
+
+    Each end of a step is also where a Ctrl-C or SIGTERM whose KeyboardInterrupt was dropped on the
+    way (``sdexport.stopping``) stops the job: within a step, not after every step has run."""
+    stopping.check()
     start = time.perf_counter()
     with console.status(f"{description}…"):
         yield
     console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
+    stopping.check()

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdexport import stopping
 from sdexport.atomic import TEMP_NAME
 from sdexport.console import console
 from sdexport.errors import SdexportError
@@ -150,6 +151,7 @@ def claim(
             staging = _make_staging(checked)
             try:
                 yield staging
+                stopping.check()  # a stop whose KeyboardInterrupt was dropped: nothing goes in place
                 _move_into_place(staging, checked, existed=existed)
             except BaseException:
                 _discard(staging)

@@ -132,6 +132,31 @@ def hidden_siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}."))
 
 
+def drop_a_signal(number: int) -> None:
+    """Deliver signal ``number`` while a ``__del__`` runs, where Python drops the KeyboardInterrupt its
+    handler raises ("Exception ignored in ..."): what happens when a Ctrl-C or SIGTERM lands in one of
+    the many finalizers torch runs. Call it where sdexport's handlers are in place (``main``, or
+    ``sdexport.stopping.listening``), never under the default SIGTERM, which would end the tests."""
+    import signal
+    import threading
+
+    dropped: list[type[BaseException] | None] = []
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.pthread_kill(threading.get_ident(), number)  # this thread: pending on return
+            for _ in range(1000):  # the handler runs at one of these loops, inside __del__
+                pass
+
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: dropped.append(unraisable.exc_type)
+    try:
+        Finalized()  # made and freed at once
+    finally:
+        sys.unraisablehook = previous
+    assert dropped and dropped[0] is not None and issubclass(dropped[0], KeyboardInterrupt), dropped
+
+
 def run_cli(*args: str) -> int:
     """Run the CLI in-process (the same ``main`` as the console script) and return its exit code."""
     from sdexport.cli import main

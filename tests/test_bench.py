@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import cpu_only, hidden_siblings, run_cli
+from conftest import cpu_only, drop_a_signal, hidden_siblings, run_cli
 from sdexport.bench.scenario import load_scenario
 from sdexport.errors import SdexportError
 
@@ -399,6 +399,32 @@ def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(
     assert report["engine_dir"] == str(tiny_engines) and hidden_siblings(out) == []
 
 
+def test_a_sigterm_python_dropped_stops_the_case_as_one_that_arrived_would(tmp_path, tiny_engines, monkeypatch):
+    """The signal lands in a ``__del__`` as torch's second case starts, and Python drops its
+    KeyboardInterrupt: the case's first timed run ends it all the same, and the report says so."""
+    import signal
+
+    from sdexport.bench import harness
+
+    real = harness._measure
+
+    def measure(contender, scenario, case, *args):
+        if contender.name == "torch" and case.batch == 2:
+            drop_a_signal(signal.SIGTERM)
+        return real(contender, scenario, case, *args)
+
+    monkeypatch.setattr(harness, "_measure", measure)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "torch"'))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 130
+    report = json.loads((out / "results.json").read_text())
+    assert report["interrupted"]["by"] == "SIGTERM"
+    assert (report["interrupted"]["contender"], report["interrupted"]["case"]) == ("torch", {"batch": 2, "steps": 3})
+    assert [r["status"] for r in report["results"]] == ["measured", "measured", "measured", "interrupted"]
+    assert hidden_siblings(out) == []
+
+
 @pytest.mark.parametrize("stopped_in, kept", [("diffusers", False), ("onnxruntime-cpu", True)])
 def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, tiny_engines, monkeypatch, capsys, stopped_in, kept):
     """Nothing measured yet: no output folder at all, as for any failed run. Later: the report, with
@@ -572,3 +598,20 @@ def test_the_shield_keeps_an_ignored_sigint_ignored_and_survives_a_closed_stderr
         os.close(saved)
         os.close(write_end)
         signal.signal(signal.SIGINT, before[0])
+
+
+def test_the_shield_takes_a_stop_python_dropped_before_it_engaged():
+    """Dropped after the last timed run: the shield makes it its own pending stop, so the report goes
+    into place whole and the run then ends as an interrupted one (no claim discards it)."""
+    import signal
+
+    from sdexport import stopping
+    from sdexport.bench.harness import _WritingShield
+    from sdexport.errors import Terminated
+
+    with stopping.listening():
+        drop_a_signal(signal.SIGTERM)
+        with _WritingShield() as shield:
+            shield.engage()
+            assert isinstance(shield.pending, Terminated)
+        stopping.check()  # taken by the shield: not raised again

@@ -23,6 +23,7 @@ import torch
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sdexport import stopping
 from sdexport.bench.contenders import (
     BaselineContender,
     Contender,
@@ -149,6 +150,13 @@ def _run(
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
                   TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task("benchmark", total=total_runs)
+
+        def advance() -> None:
+            """One timed run is done; also where a Ctrl-C or SIGTERM whose KeyboardInterrupt was
+            dropped on the way (``sdexport.stopping``) stops the case, as one that arrived would."""
+            progress.advance(task)
+            stopping.check()
+
         try:
             for name in contenders:
                 began = time.perf_counter()
@@ -188,7 +196,7 @@ def _run(
                         tally.case = case
                         progress.update(task, description=f"{name}: {case.label}")
                         try:
-                            entry = _measure(contender, scenario, case, warmup, repeats, lambda: progress.advance(task))
+                            entry = _measure(contender, scenario, case, warmup, repeats, advance)
                         except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
                             console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
                             results.append({"contender": name, "status": "failed", "case": vars(case),
@@ -212,6 +220,7 @@ def _run(
             tally.stage = "finished"
             shield.engage()
         except KeyboardInterrupt as exc:
+            stopping.forget()  # acted on here: the claim must not discard the report for it
             shield.engage()  # a second signal (GitHub sends SIGINT, then SIGTERM) must not cost the report
             if not tally.settle():
                 shield.release()
@@ -268,7 +277,8 @@ class _WritingShield:
     def engage(self) -> None:
         """Take over SIGINT and SIGTERM. Safe to call again: a handler that was not installed (an old
         handler ran first and raised) is installed by the next call. A signal ignored when the run
-        began (SIGINT in a background job) stays ignored."""
+        began (SIGINT in a background job) stays ignored. A stop asked for earlier whose
+        KeyboardInterrupt was dropped on the way (``sdexport.stopping``) becomes ``pending``."""
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can be set in the main thread only; a library caller's thread keeps its own
         for number in (signal.SIGINT, signal.SIGTERM):
@@ -277,6 +287,9 @@ class _WritingShield:
             # recorded only once installed: after that a signal goes to _note, which never raises
             previous = signal.signal(number, self._note)
             self._previous[number] = previous
+        dropped = stopping.take()
+        if self.pending is None:
+            self.pending = dropped
 
     def _note(self, number: int, frame: object) -> None:
         if self.pending is None:

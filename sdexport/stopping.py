@@ -1,0 +1,99 @@
+"""Ctrl-C and SIGTERM as a request to stop that cannot be lost on the way.
+
+Python runs a signal handler between two bytecodes of whatever the main thread runs at that moment.
+When that is a ``__del__`` method or a weak-reference callback (torch, diffusers and onnx run
+thousands of them while a model loads and exports), the KeyboardInterrupt the handler raises is
+printed as "Exception ignored in ..." and dropped: the job goes on as if it had never been asked to
+stop (python/cpython#95959). An export stopped so would still put its finished directory in place
+after CI or the user had stopped it, and a build would still write its plans.
+
+So while ``listening`` (``sdexport``'s command line, for the whole command), the handlers also
+record the request, and the places where going on would cost or could not be taken back call
+``check``, which raises a request still recorded:
+
+- ``claim`` and ``atomic_path``, before an output is moved into place: nothing new appears after a
+  stop was asked for;
+- ``console.step``, as each step of a long job starts and ends: a lost request stops the job within
+  a step, rather than after all of them;
+- the benchmark harness, between two timed runs.
+
+Code that catches a KeyboardInterrupt and carries on on purpose (the benchmark harness writes what
+it measured) calls ``forget``: the request is being acted on. A signal handled as usual costs
+nothing more than before: ``check`` is a read of one global.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from sdexport.errors import Terminated
+
+_requested: int | None = None
+"""The signal of a request not yet acted on (the first one), or None."""
+
+
+def _stop_for(number: int) -> KeyboardInterrupt:
+    return Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _record_and_raise(number: int, frame: object) -> None:
+    global _requested
+    if _requested is None:
+        _requested = number
+    raise _stop_for(number)
+
+
+@contextlib.contextmanager
+def listening() -> Iterator[None]:
+    """Handle SIGTERM (a CI timeout, ``kill``, a container stop) like Ctrl-C, and record both, for the
+    block; the previous handlers come back after it, with no request left recorded.
+
+    SIGTERM unwinds like Ctrl-C, so staging folders and half-written files are removed on the way out
+    rather than left for the next run to clean. SIGINT is taken over only where Python's own handler
+    has it: one that is ignored (a script's background job) stays ignored, and another program's
+    handler (sdexport called as a library) stays that program's.
+    """
+    global _requested
+    _requested = None
+    if threading.current_thread() is not threading.main_thread():  # handlers are set in the main thread only
+        yield
+        return
+    previous: dict[int, Any] = {}
+    numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+    try:
+        for number in numbers:
+            if number == signal.SIGINT and signal.getsignal(number) is not signal.default_int_handler:
+                continue
+            previous[number] = signal.signal(number, _record_and_raise)
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        _requested = None
+
+
+def check() -> None:
+    """Raise the stop that was asked for and not yet acted on (its KeyboardInterrupt was dropped on
+    the way, or this is the first place that looks); nothing otherwise."""
+    stop = take()
+    if stop is not None:
+        raise stop
+
+
+def take() -> KeyboardInterrupt | None:
+    """The stop that was asked for and not yet acted on, as its exception (``Terminated`` for
+    SIGTERM); the caller now acts on it. None when there is none."""
+    global _requested
+    number, _requested = _requested, None
+    return None if number is None else _stop_for(number)
+
+
+def forget() -> None:
+    """The stop's KeyboardInterrupt was caught, and the catcher acts on it: ``check`` must not raise
+    it a second time."""
+    global _requested
+    _requested = None

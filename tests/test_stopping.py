@@ -1,0 +1,89 @@
+"""A Ctrl-C or SIGTERM whose KeyboardInterrupt Python drops (it landed in a ``__del__``) still stops
+the job: nothing is put in place after it, and the command ends as an interrupted one.
+
+The CI run that found this: an export sent SIGTERM just after it had started put its finished
+directory in place anyway (test_output_safety's killed-export test, once in many runs).
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from conftest import drop_a_signal, hidden_siblings, run_cli
+from sdexport import stopping
+from sdexport.atomic import write_atomic
+from sdexport.errors import Terminated
+from sdexport.export.plan import ENGINE_DIR
+from sdexport.output_dir import claim
+
+QUICK = ("--components", "unet", "--verify", "none")
+
+
+@pytest.mark.parametrize("number, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_dropped_stop_is_raised_by_the_next_check_once(number, raised):
+    with stopping.listening():
+        drop_a_signal(number)
+        with pytest.raises(raised) as caught:
+            stopping.check()
+        assert type(caught.value) is raised
+        stopping.check()  # acted on: not raised a second time
+
+
+def test_a_forgotten_stop_is_not_raised_and_listening_leaves_none_behind():
+    with stopping.listening():
+        drop_a_signal(signal.SIGTERM)
+        stopping.forget()  # a catcher acts on it
+        stopping.check()
+        drop_a_signal(signal.SIGTERM)
+    stopping.check()  # the command is over: nothing left for the next one in this process
+
+
+def test_listening_gives_the_handlers_back_and_leaves_an_ignored_sigint_ignored():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a script's background job
+    try:
+        with stopping.listening():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not before[1]
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is before[1]
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with stopping.listening():
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+
+
+def test_no_output_goes_in_place_after_a_dropped_stop(tmp_path: Path):
+    target = tmp_path / "tiny"
+    with stopping.listening():
+        with pytest.raises(Terminated), claim(target, ENGINE_DIR, replace=False) as staging:
+            (staging / "manifest.json").write_text("{}")
+            drop_a_signal(signal.SIGTERM)
+        drop_a_signal(signal.SIGTERM)
+        with pytest.raises(Terminated):
+            write_atomic(tmp_path / "plan.engine", b"plan")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_export_whose_sigterm_was_dropped_stops_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
+    """The signal lands in a finalizer while the model loads: the export stops at the end of that
+    step, as if the KeyboardInterrupt had arrived, instead of exporting and moving the directory in."""
+    from sdexport.export import exporter
+
+    real = exporter.load_model
+
+    def load_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        drop_a_signal(signal.SIGTERM)
+        return model
+
+    monkeypatch.setattr(exporter, "load_model", load_model)
+    target = tmp_path / "tiny"
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 130
+    assert not target.exists() and hidden_siblings(target) == []
+    err = capsys.readouterr().err
+    assert "Exporting" not in err and err.strip().endswith("interrupted")
