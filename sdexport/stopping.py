@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -58,10 +59,10 @@ def listening() -> Iterator[None]:
     handler (sdexport called as a library) stays that program's.
     """
     global _requested
-    _requested = None
-    if threading.current_thread() is not threading.main_thread():  # handlers are set in the main thread only
+    if not _in_main_thread():  # handlers are set in the main thread only, and record only there
         yield
         return
+    _requested = None
     previous: dict[int, Any] = {}
     numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
     try:
@@ -78,7 +79,11 @@ def listening() -> Iterator[None]:
 
 def check() -> None:
     """Raise the stop that was asked for and not yet acted on (its KeyboardInterrupt was dropped on
-    the way, or this is the first place that looks); nothing otherwise."""
+    the way, or this is the first place that looks); nothing otherwise. Nothing either while a
+    KeyboardInterrupt is being handled: the stop is on its way out, and the clean-up after it (a
+    ``finally``, an ``__exit__``) must run to its end."""
+    if isinstance(sys.exception(), KeyboardInterrupt):
+        return
     stop = take()
     if stop is not None:
         raise stop
@@ -86,10 +91,17 @@ def check() -> None:
 
 def take() -> KeyboardInterrupt | None:
     """The stop that was asked for and not yet acted on, as its exception (``Terminated`` for
-    SIGTERM); the caller now acts on it. None when there is none."""
+    SIGTERM); the caller now acts on it. None when there is none, and in any thread but the main
+    one: a stop is the main thread's to act on, where Python raises it too."""
     global _requested
+    if not _in_main_thread():
+        return None
     number, _requested = _requested, None
     return None if number is None else _stop_for(number)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def forget() -> None:

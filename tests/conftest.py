@@ -143,10 +143,8 @@ def drop_a_signal(number: int) -> None:
     dropped: list[type[BaseException] | None] = []
 
     class Finalized:
-        def __del__(self) -> None:
-            signal.pthread_kill(threading.get_ident(), number)  # this thread: pending on return
-            for _ in range(1000):  # the handler runs at one of these loops, inside __del__
-                pass
+        def __del__(self) -> None:  # pthread_kill runs the handler itself (PyErr_CheckSignals), in here
+            signal.pthread_kill(threading.get_ident(), number)
 
     previous = sys.unraisablehook
     sys.unraisablehook = lambda unraisable: dropped.append(unraisable.exc_type)

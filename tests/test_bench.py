@@ -600,6 +600,27 @@ def test_the_shield_keeps_an_ignored_sigint_ignored_and_survives_a_closed_stderr
         signal.signal(signal.SIGINT, before[0])
 
 
+def test_a_stop_after_contenders_that_all_failed_ends_the_run_as_interrupted(tmp_path, tiny_engines, monkeypatch, capsys):
+    """Nothing to write, and a stop came: the run ends as a stopped one (130), not as a failed one
+    whose stop was lost."""
+    import signal
+
+    from sdexport.bench import harness
+
+    def unavailable(name):
+        if name == "diffusers":
+            drop_a_signal(signal.SIGTERM)  # the shield takes it when the last contender has ended
+        raise SdexportError(f"{name} is not here")
+
+    monkeypatch.setattr(harness, "check_available", unavailable)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "torch"'))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 130
+    assert not out.exists() and hidden_siblings(out) == []
+    assert capsys.readouterr().err.strip().endswith("interrupted")
+
+
 def test_the_shield_takes_a_stop_python_dropped_before_it_engaged():
     """Dropped after the last timed run: the shield makes it its own pending stop, so the report goes
     into place whole and the run then ends as an interrupted one (no claim discards it)."""

@@ -32,6 +32,22 @@ def test_a_dropped_stop_is_raised_by_the_next_check_once(number, raised):
         stopping.check()  # acted on: not raised a second time
 
 
+def test_the_clean_up_after_a_stop_is_not_stopped_again():
+    """The KeyboardInterrupt arrived and unwinds: a step or an atomic write in a ``finally`` on its
+    way out runs to its end (the request is still recorded, and is the same stop)."""
+    from sdexport.console import step
+
+    done = []
+    with stopping.listening(), pytest.raises(Terminated):
+        try:
+            signal.raise_signal(signal.SIGTERM)
+        finally:
+            with step("Cleaning up"):
+                done.append("step")
+            done.append("after")
+    assert done == ["step", "after"]
+
+
 def test_a_forgotten_stop_is_not_raised_and_listening_leaves_none_behind():
     with stopping.listening():
         drop_a_signal(signal.SIGTERM)

@@ -84,6 +84,8 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
         report, reused = _run(scenario, output_dir, staging, options, plan, cached, shield)
         if not any(r["status"] == "measured" for r in report["results"]):
             shield.release()  # nothing to write: a signal may stop the clean-up (an export to discard)
+            if shield.pending is not None:  # a stop noted (or dropped on the way) as the last contender ended
+                raise shield.pending
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
         if reused is not None:  # the previous output's engines go into the new one, only now
