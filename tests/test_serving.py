@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -216,6 +217,34 @@ def test_rows_of_one_request_must_share_a_size(served):
 
 
 def _free_ports(count: int) -> list[int]:
+    """``count`` ports free now, outside the kernel's ephemeral range where it leaves room (below it,
+    else above it). A port the kernel picks itself (binding to 0, an outgoing connection, the
+    sockets PyTriton opens inside a server) comes from that range, so such a port could be taken by
+    the time the server binds it; one outside it is taken only by a process that names it, as only
+    these tests do, at random among thousands. Where the range leaves no such room, binding to 0 it
+    is, with that window."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[:2])
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    pools = [range(10000, low), range(high + 1, 65536)]
+    pool = next((p for p in pools if len(p) >= 64 * count), None)
+    if pool is None:
+        return _ports_from_the_kernel(count)
+    chosen: list[int] = []
+    for port in random.Random().sample(pool, 64 * count):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        chosen.append(port)
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError(f"no {count} free ports among {pool}")
+
+
+def _ports_from_the_kernel(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for s in sockets:
         s.bind(("127.0.0.1", 0))
