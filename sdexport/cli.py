@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.markup import escape
@@ -992,10 +992,9 @@ def _run_app() -> Any:
         ctx = getattr(exc, "ctx", None)
         hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
         _fail(" ".join(exc.format_message().split()) + hint, int(getattr(exc, "exit_code", 2) or 2), exc)  # type: ignore[attr-defined]
-    return None  # not reached: _fail exits
 
 
-def _fail(message: str, code: int, exc: BaseException) -> None:
+def _fail(message: str, code: int, exc: BaseException) -> NoReturn:
     import os
 
     if os.environ.get("SDEXPORT_TRACEBACK"):
