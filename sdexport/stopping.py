@@ -17,8 +17,9 @@ record the request, and the places where going on would cost or could not be tak
   a step, rather than after all of them;
 - the benchmark harness, between two timed runs.
 
-Code that catches a KeyboardInterrupt and carries on on purpose (the benchmark harness writes what
-it measured) calls ``forget``: the request is being acted on. A signal handled as usual costs
+Code that catches a KeyboardInterrupt and carries on on purpose takes the record (``take``), so that
+no check raises it again: the benchmark harness's writing shield does, as it engages to write what
+was measured. A signal handled as usual costs
 nothing more than before, and ``check`` costs next to nothing (a global, the thread, the exception
 being handled).
 
@@ -42,7 +43,8 @@ _requested: int | None = None
 """The signal of a request not yet acted on (the first one), or None."""
 
 
-def _stop_for(number: int) -> KeyboardInterrupt:
+def stop_for(number: int) -> KeyboardInterrupt:
+    """The exception signal ``number`` stops a job with: ``Terminated`` for SIGTERM, else KeyboardInterrupt."""
     return Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
 
 
@@ -50,7 +52,7 @@ def _record_and_raise(number: int, frame: object) -> None:
     global _requested
     if _requested is None:
         _requested = number
-    raise _stop_for(number)
+    raise stop_for(number)
 
 
 @contextlib.contextmanager
@@ -102,15 +104,8 @@ def take() -> KeyboardInterrupt | None:
     if not _in_main_thread():
         return None
     number, _requested = _requested, None
-    return None if number is None else _stop_for(number)
+    return None if number is None else stop_for(number)
 
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
-
-
-def forget() -> None:
-    """The stop's KeyboardInterrupt was caught, and the catcher acts on it: ``check`` must not raise
-    it a second time."""
-    global _requested
-    _requested = None

@@ -54,10 +54,10 @@ def test_the_clean_up_after_a_stop_is_not_stopped_again():
     assert done == ["step", "after"]
 
 
-def test_a_forgotten_stop_is_not_raised_and_listening_leaves_none_behind():
+def test_a_taken_stop_is_not_raised_and_listening_leaves_none_behind():
     with stopping.listening():
         drop_a_signal(signal.SIGTERM)
-        stopping.forget()  # a catcher acts on it
+        stopping.take()  # a catcher acts on it
         stopping.check()
         drop_a_signal(signal.SIGTERM)
     stopping.check()  # the command is over: nothing left for the next one in this process

@@ -48,7 +48,7 @@ from sdexport.bench.plan import (
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
 from sdexport.console import console, step
-from sdexport.errors import SdexportError, Terminated, interruption_name
+from sdexport.errors import SdexportError, interruption_name
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_steps
 from sdexport.shapes import ShapeProfile
@@ -222,8 +222,9 @@ def _run(
             tally.stage = "finished"
             shield.engage()
         except KeyboardInterrupt as exc:
-            stopping.forget()  # acted on here: the claim must not discard the report for it
-            shield.engage()  # a second signal (GitHub sends SIGINT, then SIGTERM) must not cost the report
+            # a second signal (GitHub sends SIGINT, then SIGTERM) must not cost the report; engaging also
+            # takes this stop's record (sdexport.stopping), so that the claim does not raise it again
+            shield.engage()
             if not tally.settle():
                 shield.release()
                 raise  # nothing measured: nothing to keep, the output folder is not made
@@ -295,7 +296,7 @@ class _WritingShield:
 
     def _note(self, number: int, frame: object) -> None:
         if self.pending is None:
-            self.pending = Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+            self.pending = stopping.stop_for(number)
         # os.write, not the console: a handler may run in the middle of the console's own print; and
         # nothing it raises (stderr a closed pipe) may abort the write it protects
         with contextlib.suppress(OSError):
