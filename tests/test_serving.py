@@ -391,6 +391,29 @@ def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
     assert "| succeeded |" in (tmp_path / "load" / "loadtest.md").read_text()
 
 
+def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
+    """Triton answers a batch before it counts it: the counters are read again until they cover
+    every image answered, and taken as they are once the moment allowed has passed."""
+    from sdexport.serving import loadtest
+
+    class Lagging:
+        def __init__(self, counts):
+            self.counts, self.reads = list(counts), 0
+
+        def get_inference_statistics(self, model):
+            self.reads += 1
+            count = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+            return {"model_stats": [{"execution_count": count, "inference_count": count}]}
+
+    client = Lagging([4, 4, 6])
+    assert loadtest._settled_stats(client, "sdexport", served=6) == {"executions": 6, "inferences": 6}
+    assert client.reads == 3
+    monkeypatch.setattr(loadtest, "STATS_SETTLE_S", 0.2)
+    short = Lagging([4])
+    assert loadtest._settled_stats(short, "sdexport", served=6)["inferences"] == 4  # never there: as it is
+    assert 2 <= short.reads
+
+
 def test_sigterm_lets_the_request_in_flight_finish(tiny_engine_dir, tmp_path):
     from sdexport.serving.client import generate
 

@@ -111,14 +111,15 @@ def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    done = len(latencies)
     try:
         with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
-            after: dict[str, int] | None = _batch_stats(probe, plan.model)
+            after: dict[str, int] | None = _settled_stats(probe, plan.model, before["inferences"]
+                                                          + done * plan.prompts_per_request)
     except Exception:  # the server went away at the end: the client-side figures still stand
         after = None
     executions = after["executions"] - before["executions"] if after else 0
     inferences = after["inferences"] - before["inferences"] if after else 0
-    done = len(latencies)
     return {
         "url": plan.url, "model": plan.model, "concurrency": plan.concurrency,
         "images_per_request": plan.prompts_per_request, "params": {k: v for k, v in plan.params.items()
@@ -147,6 +148,24 @@ def _batch_stats(client: Any, model: str) -> dict[str, int]:
     stats = client.get_inference_statistics(model)["model_stats"]
     return {"executions": sum(int(s.get("execution_count", 0)) for s in stats),
             "inferences": sum(int(s.get("inference_count", 0)) for s in stats)}
+
+
+STATS_SETTLE_S = 5.0
+"""How long the counters may lag the last answer. Triton sends a batch's responses before it counts
+the batch (triton-inference-server/server#5670), so a read right after the last answer can miss the
+last batch: 4 of 6 images were counted once in this project's tests."""
+
+
+def _settled_stats(client: Any, model: str, served: int) -> dict[str, int]:
+    """Triton's counters once they count ``served`` inferences (every image answered), read again
+    every 50 ms for up to ``STATS_SETTLE_S``; then as they are (another client's traffic can only
+    add to them)."""
+    deadline = time.monotonic() + STATS_SETTLE_S
+    while True:
+        stats = _batch_stats(client, model)
+        if stats["inferences"] >= served or time.monotonic() >= deadline:
+            return stats
+        time.sleep(0.05)
 
 
 def _figure(value: float | None, digits: int = 3) -> str:
