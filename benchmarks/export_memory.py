@@ -11,6 +11,9 @@ architectures with random weights: memory and speed do not depend on the weights
         --case sdxl:fp16 --case sd15:fp32 --case sdxl:fp32:quick [--verify full] [--append]
 
 ``PRESET:DTYPE[:VERIFY]``: VERIFY (full, quick, none) overrides ``--verify`` for that case.
+``--single-file``: export from an original-layout fp16 ``.safetensors`` checkpoint of the preset's
+architecture instead (``sdexport export FILE --config PRESET``), written first from the preset's
+random weights one component at a time; the file's writing is not measured.
 Writes export-memory.json and export-memory.md into the output folder (replacing only files this
 script wrote there before; ``--append`` adds to the cases already there); each case's result is
 saved as soon as it is known, so an interrupted run keeps the cases it finished. The engine
@@ -64,6 +67,11 @@ def main() -> int:
     parser.add_argument("--verify", choices=VERIFY_MODES, default="full",
                         help="the export's --verify (default full, as sdexport export)")
     parser.add_argument("--append", action="store_true", help="keep the cases already in the output folder")
+    parser.add_argument("--single-file", action="store_true",
+                        help="export from an original-layout fp16 single-file checkpoint of each preset (written first)")
+    parser.add_argument("--checkpoints", type=Path, metavar="FOLDER",
+                        help="with --single-file: keep the checkpoints in FOLDER, and use PRESET.safetensors "
+                             "found there (default: written to a temporary folder each run)")
     options = parser.parse_args()
     if options.output.exists() and not options.output.is_dir():
         parser.error(f"{options.output} is a file; give a folder")
@@ -110,11 +118,19 @@ def _measure(options: argparse.Namespace, work: Path) -> int:
     for preset, dtype, verify in options.case:
         out = work / f"{preset}-{dtype}"
         log = work / f"{preset}-{dtype}.log"
-        args = ["export", preset, "-o", str(out), "--dtype", dtype, "--verify", verify or options.verify]
+        model, source = [preset], preset
+        if options.single_file:
+            checkpoint = (options.checkpoints or work) / f"{preset}.safetensors"
+            if not checkpoint.exists():
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                print(f"writing {checkpoint.name} (fp16, original layout) ...", file=sys.stderr, flush=True)
+                write_fp16_checkpoint(preset, checkpoint)
+            model, source = [str(checkpoint), "--config", preset], f"{preset}.safetensors --config {preset}"
+        args = ["export", *model, "-o", str(out), "--dtype", dtype, "--verify", verify or options.verify]
         print(f"sdexport {' '.join(args)} ...", file=sys.stderr, flush=True)
         code, seconds, peak_mb = _run(args, log)
         entry: dict = {"preset": preset, "dtype": dtype, "verify": args[-1], "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                       "command": "sdexport " + " ".join(args[:2] + args[4:]),
+                       "command": f"sdexport export {source} " + " ".join(args[-4:]),
                        "exit_code": code, "wall_s": round(seconds, 1), "process_peak_rss_mb": round(peak_mb)}
         manifest = out / "manifest.json"
         if code == 0 and manifest.is_file():
@@ -131,6 +147,30 @@ def _measure(options: argparse.Namespace, work: Path) -> int:
         print(f"  exit {code}, {seconds:.0f} s, peak {peak_mb / 1024:.1f} GB", file=sys.stderr, flush=True)
     print(options.output / FILES[1])
     return 0
+
+
+def write_fp16_checkpoint(preset: str, path: Path) -> None:
+    """The preset's random weights as one original-layout fp16 ``.safetensors`` file (as Stability
+    publishes them), built one component at a time so that only one is held in float32."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sdexport.models import load_model
+    from tests.ldm_layout import ldm_state_dict  # the inverse of diffusers' converters, kept for the tests
+
+    model = load_model(preset, lazy=True)
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    tensors: dict[str, torch.Tensor] = {}
+    for part in [n for n in names if n in model.modules]:
+        model.materialize(part)
+        parts = [model.modules.get(n) for n in names]
+        state = ldm_state_dict(*parts[:3], text_encoder_2=parts[3])
+        tensors |= {k: (v.to(torch.float16) if v.is_floating_point() else v).contiguous()
+                    for k, v in state.items() if not v.is_meta and k not in tensors}
+        model.release(part)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(staging))
+    staging.replace(path)
 
 
 def _write(folder: Path, report: dict) -> None:

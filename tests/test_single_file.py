@@ -226,3 +226,152 @@ def test_single_file_exports_through_the_cli(tmp_path, capsys):
     assert manifest.model["source"]["kind"] == "single_file"
     assert all(e.parity["status"] == "passed" for e in manifest.components.values())
     assert "rel-L2" in capsys.readouterr().err
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> tuple[LoadedModel, Path]:
+    original = load_model("tiny")
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(original, path)
+    return original, path
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the tensors read from safetensors checkpoints, in order."""
+    from sdexport.models import single_file
+
+    seen: list[str] = []
+    read = single_file._LookupTensors.__getitem__
+
+    def recorded(self: single_file._LookupTensors, key: str) -> torch.Tensor:
+        tensor = read(self, key)
+        seen.append(key)
+        return tensor
+
+    monkeypatch.setattr(single_file._LookupTensors, "__getitem__", recorded)
+    return seen
+
+
+def test_a_lazy_load_reads_each_part_when_it_is_built(tiny_checkpoint, reads) -> None:
+    """Every part is checked from the header alone, and built from its own tensors only when asked:
+    an export holds one component's weights at a time, as for a diffusers directory."""
+    from sdexport.models.loader import is_skeleton
+
+    original, path = tiny_checkpoint
+    loaded = load_model(str(path), config="tiny", lazy=True)
+    assert reads == [] and all(is_skeleton(m) for m in loaded.modules.values())
+    assert loaded.dims == original.dims
+
+    loaded.materialize("vae")
+    assert reads and all(k.startswith("first_stage_model.") for k in reads)
+    assert is_skeleton(loaded.modules["unet"]) and is_skeleton(loaded.modules["text_encoder"])
+    vae_reads = len(reads)
+    for part in ("unet", "text_encoder"):
+        loaded.materialize(part)
+    assert not any(k.startswith("first_stage_model.") for k in reads[vae_reads:])
+    assert_same_weights(original, loaded)
+
+    loaded.release("unet")  # built again from the file, unlike a part loaded at once
+    assert is_skeleton(loaded.modules["unet"])
+    assert torch.equal(loaded.materialize("unet").conv_in.weight, original.modules["unet"].conv_in.weight)
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_before_any_weight_is_read(tiny_checkpoint, reads):
+    from sdexport.errors import ModelLoadError
+
+    _, path = tiny_checkpoint
+    with pytest.raises(ModelLoadError, match="is --config the right"):
+        load_model(str(path), config="tiny-sdxl")
+    with pytest.raises(ModelLoadError, match="lacks .* unet weights .* is --config the right"):
+        load_model(str(path), config=_deeper_config(path.parent))
+    assert reads == []
+
+
+def _deeper_config(folder: Path) -> str:
+    write_config_dir(_DEEPER, folder / "deeper-config")
+    return str(folder / "deeper-config")
+
+
+def test_a_wrongly_shaped_weight_is_refused_before_any_weight_is_read(tiny_checkpoint, reads):
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    _, path = tiny_checkpoint
+    weights = load_file(str(path))
+    key = next(k for k in weights if k.startswith("first_stage_model.") and k.endswith("conv_in.weight"))
+    weights[key] = torch.zeros(1, 1, 1, 1)
+    save_file(weights, str(path))
+    with pytest.raises(ModelLoadError, match=r"the vae weights do not fit .*size mismatch"):
+        load_model(str(path), config="tiny", lazy=True)
+    assert reads == []
+
+
+def test_a_checkpoint_without_vae_weights_is_refused_by_name(tiny_checkpoint, reads):
+    """diffusers' VAE converter takes every tensor of a file with no VAE prefix as the VAE's."""
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    _, path = tiny_checkpoint
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("first_stage_model.")}, str(path))
+    with pytest.raises(ModelLoadError, match=r"no VAE weights \(first_stage_model\.\* or vae\.\*\)"):
+        load_model(str(path), config="tiny", lazy=True)
+    assert reads == []
+
+
+def test_a_checkpoint_changed_after_the_check_is_not_read(tiny_checkpoint):
+    """A part built later must come from the file that was checked, not from its replacement."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.loader import is_skeleton
+
+    _, path = tiny_checkpoint
+    loaded = load_model(str(path), config="tiny", lazy=True)
+    loaded.materialize("text_encoder")
+    replacement = path.with_name("other.safetensors")
+    write_single_file_checkpoint(load_model("tiny", seed=1), replacement)
+    replacement.replace(path)
+    with pytest.raises(ModelLoadError, match="changed after sdexport checked it"):
+        loaded.materialize("unet")
+    assert is_skeleton(loaded.modules["unet"])
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "state_dict"])
+def test_ckpt_round_trip(tmp_path: Path, nested: bool) -> None:
+    """A torch-pickled checkpoint (zip format, mapped rather than read) loads the same weights, lazily,
+    its tensors perhaps under ``state_dict`` beside training counters."""
+    original = load_model("tiny")
+    state = {k: v.detach().clone().contiguous() for k, v in ldm_state_dict(
+        original.modules["unet"], original.modules["vae"], original.modules["text_encoder"]).items()}
+    path = tmp_path / "tiny.ckpt"
+    torch.save({"state_dict": state, "global_step": 7} if nested else state, path)
+    loaded = load_model(str(path), config="tiny", lazy=True)
+    for part in PARTS:
+        loaded.materialize(part)
+    assert_same_weights(original, loaded)
+
+
+def test_an_unreadable_ckpt_is_one_clear_line(tmp_path: Path) -> None:
+    from sdexport.errors import ModelLoadError
+
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(b"not a pickle")
+    with pytest.raises(ModelLoadError, match=r"broken\.ckpt: cannot read the checkpoint") as caught:
+        load_model(str(path), config="tiny")
+    assert "\n" not in str(caught.value)
+
+
+def test_the_file_is_opened_again_as_reads_add_up(tiny_checkpoint, monkeypatch) -> None:
+    """Pages read through one mapping stay resident until it closes: the reader opens the file again
+    after REOPEN_BYTES, and every tensor still comes out whole."""
+    from sdexport.models.single_file import _SafetensorsReader
+
+    original, path = tiny_checkpoint
+    opened: list[int] = []
+    open_file = _SafetensorsReader._open
+    monkeypatch.setattr(_SafetensorsReader, "REOPEN_BYTES", 64 * 1024)
+    monkeypatch.setattr(_SafetensorsReader, "_open", lambda self: opened.append(1) or open_file(self))
+    loaded = load_model(str(path), config="tiny")
+    assert len(opened) > len(PARTS) + 3
+    assert_same_weights(original, loaded)

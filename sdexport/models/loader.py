@@ -78,7 +78,7 @@ class LoadedModel:
 
     def release(self, name: str) -> None:
         """Free a module's weights: ``materialize`` builds a lazily loaded one again if asked; one
-        loaded at once (a ControlNet, a --vae, a single-file checkpoint's parts) is gone for good."""
+        loaded at once (a ControlNet, a --vae) is gone for good."""
         if not is_skeleton(self.modules[name]):
             self.modules[name] = self.modules[name].to("meta")
 
@@ -263,9 +263,9 @@ def load_model(
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
 
-    ``lazy``: presets and diffusers directories are loaded as skeletons, each part's weights built
-    or read when ``LoadedModel.materialize`` asks for them (single-file checkpoints, a ``vae``
-    and ControlNets are read at once).
+    ``lazy``: presets, diffusers directories and single-file checkpoints are loaded as skeletons,
+    each part's weights built or read when ``LoadedModel.materialize`` asks for them (a ``vae`` and
+    ControlNets are read at once).
 
     ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
     the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
@@ -314,7 +314,7 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
     if path.is_dir():
         return load_diffusers_dir(path, dtype=dtype, lazy=lazy)
     if path.suffix in SINGLE_FILE_SUFFIXES:
-        return load_single_file(path, config=config, seed=seed, dtype=dtype)
+        return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy)
     raise ModelLoadError(
         f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
     )
@@ -471,16 +471,18 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
 
 
 def load_single_file(
-    path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32
+    path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False
 ) -> LoadedModel:
     """Load an original-layout SD checkpoint; its architecture comes from ``config``, offline.
 
     ``config`` is a diffusers directory (only its configs and tokenizer are read) or a preset name.
-    Every weight of every component must come from the file (``single_file.load_components``).
+    Every weight of every component must come from the file: all components are checked against the
+    file's layout first, reading no weight (``single_file.plan_components``); then each one is read
+    now, or (``lazy``) when ``LoadedModel.materialize`` asks for it.
     """
     from transformers import CLIPTokenizer
 
-    from sdexport.models.single_file import load_components, read_checkpoint
+    from sdexport.models.single_file import plan_components
 
     preset, config_path = single_file_config(path, config)
     check_single_file(path)
@@ -491,15 +493,15 @@ def load_single_file(
         family = family_of_dir(config_dir)
         pipeline_config = _pipeline_config(family, read_json(config_dir / "model_index.json"))
         scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
-        modules = load_components(path, read_checkpoint(path), config_dir, family, dtype)
+        skeletons, builders = plan_components(path, config_dir, family, dtype)
         tokenizers = {
             name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
             for name in (["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"])
         }
-    return LoadedModel(
+    return _assemble(
+        builders, lazy, dtype, skeletons,
         family=family,
         label=f"single-file checkpoint {path} (config {config})",
-        modules=modules,
         tokenizers=tokenizers,
         scheduler_config=scheduler_config,
         random_weights=False,

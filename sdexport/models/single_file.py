@@ -1,20 +1,31 @@
-"""Original-layout single-file checkpoints (``.safetensors``/``.ckpt``) → PyTorch modules, with no weight lost.
+"""Original-layout single-file checkpoints (``.safetensors``/``.ckpt``) → PyTorch modules, with no weight
+lost, and one component's weights read at a time.
 
 diffusers' ``from_single_file`` loads such files but does not refuse a checkpoint that lacks weights:
 depending on whether accelerate is installed and on the transformers version, a missing weight is
 left on the meta device or silently keeps its random initial value, and the export would then
 carry random weights labelled "trained". So the weights are loaded here, component by component,
 with diffusers' own key converters (the part that is hard to get right and that diffusers keeps
-current), and every component's converted keys are compared with the module's own state-dict keys
-before anything is loaded into it. Modules are built on the meta device and take the checkpoint's
-tensors as they are, so no random initialisation is computed and no second copy of the weights made
-(for the U-Net and VAE: the CLIP text encoders rebuild a buffer at construction, so they are built
-for real and loaded by copy).
+current), and every component's converted keys and shapes are compared with the module's own
+before anything is loaded into it.
+
+That comparison runs first, for every component, on the file's *layout*: tensors on the meta device
+with the shapes the safetensors header declares (a ``.ckpt`` is mapped, not read), put through the
+same converters. A checkpoint for another architecture is thus refused before a single weight is
+read. Each component's weights are then read only when ``LoadedModel.materialize`` asks for it: the
+converters see the file as a mapping that reads a tensor when one is looked up, and they look up
+only their own component's keys. An export therefore holds one component's weights at a time, as
+for a diffusers directory, instead of the whole file converted to float32 at once (the SDXL base
+checkpoint: 14 GB). Modules are built on the meta device and take the converted tensors as they
+are, so no random initialisation is computed (the CLIP text encoders rebuild a buffer at
+construction, so they are built for real and loaded by copy).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,72 +33,224 @@ import torch
 
 from sdexport.errors import ModelLoadError, one_line
 
-TextConverter = Callable[[torch.nn.Module, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+Tensors = Mapping[str, torch.Tensor]
+Converter = Callable[[torch.nn.Module, Tensors], dict[str, torch.Tensor]]
 
 _HARMLESS_EXTRA = ("position_ids",)
 """Keys old checkpoints carry that current modules rebuild themselves (CLIP's position ids)."""
 
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIXES = ("first_stage_model.", "vae.")
+"""diffusers' ``LDM_UNET_KEY`` and ``LDM_VAE_KEYS``: with none of the VAE's, diffusers' converter would
+take every tensor of the file as the VAE's, so that case is refused by name first."""
 
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a single-file checkpoint (a nested ``state_dict`` unwrapped), on the CPU."""
+_SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}
+"""Header type names → torch dtypes, for the layout's meta tensors (whose shapes, not types, are checked;
+a type missing here, e.g. an fp8 one, is laid out as float32)."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One component: how to build it (on the meta device: no weights) and how diffusers' converter
+    turns the checkpoint's tensors into its state dict."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    convert: Converter
+
+
+def plan_components(
+    path: Path, config_dir: Path, family: str, dtype: torch.dtype
+) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
+    """Check every component against the file's layout, reading no weight; return each one's
+    skeleton (meta device, ``dtype``) and a builder that reads, converts and loads its weights."""
+    parts = _parts(config_dir, family)
+    stamp = _identity(path)
+    layout = read_layout(path)
+    skeletons: dict[str, torch.nn.Module] = {}
+    for part in parts:
+        _load_part(path, part, layout)  # the layout's meta tensors: keys and shapes checked, nothing read
+        with torch.device("meta"):
+            skeletons[part.name] = part.build().to(dtype).eval().requires_grad_(False)
+    builders = {part.name: _builder(path, part, stamp, dtype) for part in parts}
+    return skeletons, builders
+
+
+def _identity(path: Path) -> list[int]:
+    """Size, times, inode, device: a part built later must come from the file that was checked."""
+    from sdexport.hash_records import identity
+
+    try:
+        return identity(path.stat())
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
+
+
+def read_layout(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint as a meta tensor of its shape: the safetensors header alone, or
+    a ``.ckpt`` mapped into memory (torch's zip format; an old-style pickle is read whole once)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                shapes = {k: handle.get_slice(k) for k in handle.keys()}
+                layout = {k: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32),
+                                         device="meta") for k, s in shapes.items()}
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{path}: cannot read the checkpoint ({one_line(exc)})") from exc
+    else:
+        layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _read_ckpt(path).items()}
+    if not layout:
+        raise ModelLoadError(f"{path}: the checkpoint holds no tensors")
+    return layout
+
+
+@contextmanager
+def open_tensors(path: Path, dtype: torch.dtype) -> Iterator[Tensors]:
+    """The checkpoint's tensors by name, each read when it is looked up, as a tensor of its own (not a
+    view of the file), its floating-point values cast to ``dtype`` (a nested ``state_dict`` unwrapped)."""
+    if path.suffix == ".safetensors":
+        reader = _SafetensorsReader(path)
+        try:
+            yield _LookupTensors(reader.keys(), reader.read, dtype)
+        finally:
+            reader.close()
+        return
+    tensors = _read_ckpt(path)
+    yield _LookupTensors(list(tensors), tensors.__getitem__, dtype)
+
+
+def _read_ckpt(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.ckpt``'s tensors, through diffusers' loader, which maps torch's zip format into memory
+    (``torch.load(mmap=True)``: nothing is read until used; an old-style pickle is read whole)."""
     from diffusers.loaders.single_file_utils import load_single_file_checkpoint
 
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
-    except Exception as exc:  # safetensors, pickle and zip errors of every kind
+    except Exception as exc:  # pickle and zip errors of every kind
         raise ModelLoadError(f"{path}: cannot read the checkpoint ({one_line(exc)})") from exc
-    if not isinstance(checkpoint, dict) or not checkpoint:
+    if not isinstance(checkpoint, dict):
         raise ModelLoadError(f"{path}: the checkpoint holds no tensors")
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
 
 
-def load_components(
-    path: Path, checkpoint: dict[str, torch.Tensor], config_dir: Path, family: str, dtype: torch.dtype
-) -> dict[str, torch.nn.Module]:
-    """The family's modules (``unet``, ``vae``, ``text_encoder`` and, for SDXL, ``text_encoder_2``)."""
+class _LookupTensors(Mapping[str, torch.Tensor]):
+    """A checkpoint as a read-on-lookup mapping: diffusers' converters list every key but fetch only
+    their own component's tensors. Each is copied out of the file's mapping as it is cast, so the
+    mapping holds no weight the module will hold too."""
+
+    def __init__(self, keys: list[str], read: Callable[[str], torch.Tensor], dtype: torch.dtype) -> None:
+        self._keys, self._known, self._read, self._dtype = keys, set(keys), read, dtype
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        tensor = self._read(key)
+        return tensor.to(self._dtype, copy=True) if tensor.is_floating_point() else tensor.clone()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+
+class _SafetensorsReader:
+    """Reads tensors out of a safetensors file, opening it again after every ``REOPEN_BYTES``: the
+    pages a tensor was read from stay resident, and counted in the process's memory, until the file's
+    mapping is closed. Opening it once per tensor instead would parse the header thousands of times."""
+
+    REOPEN_BYTES = 256 * 1024**2
+
+    def __init__(self, path: Path) -> None:
+        self._path, self._handles = path, ExitStack()
+        self._handle: Any = None
+        self._since_open = 0
+
+    def _open(self) -> Any:
+        from safetensors import safe_open
+
+        self.close()
+        try:
+            self._handle = self._handles.enter_context(safe_open(str(self._path), framework="pt"))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelLoadError(f"{self._path}: cannot read the checkpoint ({one_line(exc)})") from exc
+        self._since_open = 0
+        return self._handle
+
+    def keys(self) -> list[str]:
+        return list((self._handle or self._open()).keys())
+
+    def read(self, key: str) -> torch.Tensor:
+        handle = self._handle if self._handle is not None and self._since_open < self.REOPEN_BYTES else self._open()
+        tensor: torch.Tensor = handle.get_tensor(key)
+        self._since_open += tensor.nbytes
+        return tensor
+
+    def close(self) -> None:
+        self._handles.close()
+        self._handle = None
+
+
+def _parts(config_dir: Path, family: str) -> list[Part]:
+    """The family's components (``unet``, ``vae``, ``text_encoder`` and, for SDXL, ``text_encoder_2``),
+    with their configs read now (``config_dir`` may be a temporary folder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    def diffusers_part(cls: Any, convert: Any) -> Callable[[str], torch.nn.Module]:
-        def load(name: str) -> torch.nn.Module:
-            config = cls.load_config(str(config_dir / name))
-            return _load_part(path, name, lambda: cls.from_config(config),
-                              lambda m: convert(checkpoint, m.config), dtype)
-        return load
+    def diffusers_part(name: str, cls: Any, convert: Any, prefixes: tuple[str, ...], what: str) -> Part:
+        config = cls.load_config(str(config_dir / name))
 
-    def text_part(cls: Any, convert: TextConverter) -> Callable[[str], torch.nn.Module]:
-        def load(name: str) -> torch.nn.Module:
-            config = cls.config_class.from_pretrained(str(config_dir / name))
-            return _load_part(path, name, lambda: cls(config), lambda m: _flatten(m, convert(m, checkpoint)), dtype)
-        return load
+        def converted(module: torch.nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
+            _require_prefix(tensors, prefixes, what)
+            return dict(convert(tensors, module.config))
+        return Part(name, lambda: cls.from_config(config), converted)
 
-    loaders = {
-        "unet": diffusers_part(UNet2DConditionModel, convert_ldm_unet_checkpoint),
-        "vae": diffusers_part(AutoencoderKL, convert_ldm_vae_checkpoint),
-    }
+    def text_part(name: str, cls: Any, convert: Converter) -> Part:
+        config = cls.config_class.from_pretrained(str(config_dir / name))
+        return Part(name, lambda: cls(config), lambda m, tensors: _flatten(m, convert(m, tensors)))
+
+    parts = [
+        diffusers_part("unet", UNet2DConditionModel, convert_ldm_unet_checkpoint, (UNET_PREFIX,), "U-Net"),
+        diffusers_part("vae", AutoencoderKL, convert_ldm_vae_checkpoint, VAE_PREFIXES, "VAE"),
+    ]
     if family == "sdxl":
-        loaders["text_encoder"] = text_part(CLIPTextModel, _clip("conditioner.embedders.0.transformer."))
-        loaders["text_encoder_2"] = text_part(
-            CLIPTextModelWithProjection, _open_clip("conditioner.embedders.1.model.")
-        )
+        parts.append(text_part("text_encoder", CLIPTextModel, _clip("conditioner.embedders.0.transformer.")))
+        parts.append(text_part("text_encoder_2", CLIPTextModelWithProjection, _open_clip("conditioner.embedders.1.model.")))
     else:
-        loaders["text_encoder"] = text_part(CLIPTextModel, _sd_text_encoder)
-    return {name: load(name) for name, load in loaders.items()}
+        parts.append(text_part("text_encoder", CLIPTextModel, _sd_text_encoder))
+    return parts
 
 
-def _load_part(
-    path: Path,
-    name: str,
-    build: Callable[[], torch.nn.Module],
-    convert: Callable[[torch.nn.Module], dict[str, torch.Tensor]],
-    dtype: torch.dtype,
-) -> torch.nn.Module:
-    """Build ``name`` without weights, convert the checkpoint's tensors for it, refuse gaps, load."""
+def _builder(path: Path, part: Part, stamp: list[int], dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
+    def build() -> torch.nn.Module:
+        if _identity(path) != stamp:
+            raise ModelLoadError(
+                f"{path}: the checkpoint changed after sdexport checked it; its parts would not all come "
+                "from one file, so run again once the file is in its final state"
+            )
+        with open_tensors(path, dtype) as tensors:
+            module = _load_part(path, part, tensors)
+        return module.to(dtype).eval().requires_grad_(False)
+    return build
+
+
+def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
+    """Build ``part`` without weights, convert the checkpoint's tensors for it, refuse gaps, load.
+    With the file's layout (meta tensors) this is the check alone: keys and shapes, nothing read."""
+    name = part.name
     with torch.device("meta"):
-        module = build()
+        module = part.build()
     try:
-        weights = convert(module)
+        weights = part.convert(module, tensors)
     except ModelLoadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from None
     except KeyError as exc:  # a converter indexing a tensor the checkpoint does not have
@@ -110,53 +273,58 @@ def _load_part(
             f"e.g. {', '.join(sorted(extra)[:3])}; is --config the right model?"
         )
     weights = {k: v for k, v in weights.items() if k in expected}
-    module = _take(module, weights, build, path, name)
-    return module.to(dtype).eval().requires_grad_(False)
+    return _take(module, weights, part, path)
 
 
-def _take(
-    module: torch.nn.Module, weights: dict[str, torch.Tensor], build: Callable[[], torch.nn.Module], path: Path, name: str
-) -> torch.nn.Module:
+def _take(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: Part, path: Path) -> torch.nn.Module:
     """Load ``weights`` into the meta-device ``module``; a module with buffers the state dict does not
-    carry (rebuilt at construction, e.g. position ids) is built for real instead and loaded by copy."""
+    carry (rebuilt at construction, e.g. position ids) is built for real instead and loaded by copy.
+    Meta ``weights`` (the layout) stop after the first load: torch has compared the shapes."""
     try:
         module.load_state_dict(weights, strict=True, assign=True)
         if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
             return module
-        module = build()
+        if any(w.is_meta for w in weights.values()):
+            return module
+        module = part.build()
         module.load_state_dict(weights, strict=True)
     except RuntimeError as exc:  # shape mismatches: torch lists each one
-        raise ModelLoadError(f"{path}: the {name} weights do not fit the --config architecture ({one_line(exc)})") from exc
+        raise ModelLoadError(
+            f"{path}: the {part.name} weights do not fit the --config architecture ({one_line(exc)})"
+        ) from exc
     return module
 
 
-def _clip(prefix: str) -> TextConverter:
+def _require_prefix(tensors: Tensors, prefixes: tuple[str, ...], what: str) -> None:
+    if not any(k.startswith(prefixes) for k in tensors):
+        raise ModelLoadError(f"no {what} weights ({' or '.join(p + '*' for p in prefixes)}) in the checkpoint")
+
+
+def _clip(prefix: str) -> Converter:
     """OpenAI CLIP text encoder (SD 1.x, SDXL's first) under ``prefix``."""
-    def convert(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def convert(model: torch.nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
         from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
-        if not any(k.startswith(prefix) for k in checkpoint):
-            raise ModelLoadError(f"no text encoder weights ({prefix}*) in the checkpoint")
-        return dict(convert_ldm_clip_checkpoint(checkpoint, prefix))
+        _require_prefix(tensors, (prefix,), "text encoder")
+        return dict(convert_ldm_clip_checkpoint(tensors, prefix))
     return convert
 
 
-def _open_clip(prefix: str) -> TextConverter:
+def _open_clip(prefix: str) -> Converter:
     """OpenCLIP text encoder (SD 2.x, SDXL's second) under ``prefix``."""
-    def convert(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def convert(model: torch.nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
         from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
 
-        if not any(k.startswith(prefix) for k in checkpoint):
-            raise ModelLoadError(f"no text encoder weights ({prefix}*) in the checkpoint")
-        return dict(convert_open_clip_checkpoint(model, checkpoint, prefix=prefix))
+        _require_prefix(tensors, (prefix,), "text encoder")
+        return dict(convert_open_clip_checkpoint(model, tensors, prefix=prefix))
     return convert
 
 
-def _sd_text_encoder(model: torch.nn.Module, checkpoint: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _sd_text_encoder(model: torch.nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
     """SD 1.x ships OpenAI CLIP (``cond_stage_model.transformer``), SD 2.x OpenCLIP (``.model``)."""
-    if any(k.startswith("cond_stage_model.model.") for k in checkpoint):
-        return _open_clip("cond_stage_model.model.")(model, checkpoint)
-    return _clip("cond_stage_model.transformer.")(model, checkpoint)
+    if any(k.startswith("cond_stage_model.model.") for k in tensors):
+        return _open_clip("cond_stage_model.model.")(model, tensors)
+    return _clip("cond_stage_model.transformer.")(model, tensors)
 
 
 def _flatten(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -164,3 +332,4 @@ def _flatten(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[s
     if hasattr(model, "text_model"):
         return weights
     return {k.removeprefix("text_model."): v for k, v in weights.items()}
+
