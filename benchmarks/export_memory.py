@@ -73,6 +73,8 @@ def main() -> int:
                         help="with --single-file: keep the checkpoints in FOLDER, and use PRESET.safetensors "
                              "found there (default: written to a temporary folder each run)")
     options = parser.parse_args()
+    if options.checkpoints is not None and not options.single_file:
+        parser.error("--checkpoints keeps the checkpoints --single-file writes; give --single-file too")
     if options.output.exists() and not options.output.is_dir():
         parser.error(f"{options.output} is a file; give a folder")
     if any((options.output / name).exists() for name in FILES) and not _ours(options.output):

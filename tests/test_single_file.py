@@ -365,13 +365,67 @@ def test_an_unreadable_ckpt_is_one_clear_line(tmp_path: Path) -> None:
 def test_the_file_is_opened_again_as_reads_add_up(tiny_checkpoint, monkeypatch) -> None:
     """Pages read through one mapping stay resident until it closes: the reader opens the file again
     after REOPEN_BYTES, and every tensor still comes out whole."""
-    from sdexport.models.single_file import _SafetensorsReader
+    from sdexport.models.single_file import _Reader
 
     original, path = tiny_checkpoint
     opened: list[int] = []
-    open_file = _SafetensorsReader._open
-    monkeypatch.setattr(_SafetensorsReader, "REOPEN_BYTES", 64 * 1024)
-    monkeypatch.setattr(_SafetensorsReader, "_open", lambda self: opened.append(1) or open_file(self))
+    open_file = _Reader._open
+    monkeypatch.setattr(_Reader, "REOPEN_BYTES", 64 * 1024)
+    monkeypatch.setattr(_Reader, "_open", lambda self: opened.append(1) or open_file(self))
     loaded = load_model(str(path), config="tiny")
     assert len(opened) > len(PARTS) + 3
     assert_same_weights(original, loaded)
+
+
+def _mappings_of(path: Path) -> list[str]:
+    return [line for line in Path("/proc/self/maps").read_text().splitlines() if line.endswith(str(path))]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_built_parts_hold_no_view_of_the_file(tmp_path: Path, suffix: str) -> None:
+    """Each tensor is copied out of the file's mapping: a part that kept views of it would keep the
+    pages it was read from resident, and counted in the process's memory, as long as it lives."""
+    original = load_model("tiny")  # float32, as loaded: a cast to float32 alone would copy nothing
+    path = tmp_path / f"tiny{suffix}"
+    if suffix == ".ckpt":
+        torch.save({k: v.detach().clone().contiguous() for k, v in ldm_state_dict(
+            original.modules["unet"], original.modules["vae"], original.modules["text_encoder"]).items()}, path)
+    else:
+        write_single_file_checkpoint(original, path)
+    loaded = load_model(str(path), config="tiny", lazy=True)
+    for part in PARTS:
+        loaded.materialize(part)
+    assert _mappings_of(path) == []
+    assert_same_weights(original, loaded)
+
+
+def test_a_checkpoint_replaced_while_a_part_is_read_is_refused(tiny_checkpoint, monkeypatch) -> None:
+    """The file is opened again as reads add up: each opening is checked to be the file checked."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.single_file import _Reader
+
+    _, path = tiny_checkpoint
+    loaded = load_model(str(path), config="tiny", lazy=True)
+    replacement = path.with_name("other.safetensors")
+    write_single_file_checkpoint(load_model("tiny", seed=1), replacement)
+    opened: list[int] = []
+    open_file = _Reader._open
+
+    def open_then_swap(self: _Reader):  # the second opening finds the other file at the path
+        opened.append(1)
+        if len(opened) == 2:
+            replacement.replace(path)
+        return open_file(self)
+
+    monkeypatch.setattr(_Reader, "REOPEN_BYTES", 64 * 1024)
+    monkeypatch.setattr(_Reader, "_open", open_then_swap)
+    with pytest.raises(ModelLoadError, match="changed after sdexport checked it") as caught:
+        loaded.materialize("unet")
+    assert len(opened) == 2 and str(caught.value).count(str(path)) == 1
+
+
+def test_each_text_encoder_tensor_is_read_once(tiny_checkpoint, reads) -> None:
+    _, path = tiny_checkpoint
+    load_model(str(path), config="tiny", lazy=True).materialize("text_encoder")
+    assert reads and len(reads) == len(set(reads))

@@ -14,15 +14,18 @@ with the shapes the safetensors header declares (a ``.ckpt`` is mapped, not read
 same converters. A checkpoint for another architecture is thus refused before a single weight is
 read. Each component's weights are then read only when ``LoadedModel.materialize`` asks for it: the
 converters see the file as a mapping that reads a tensor when one is looked up, and they look up
-only their own component's keys. An export therefore holds one component's weights at a time, as
-for a diffusers directory, instead of the whole file converted to float32 at once (the SDXL base
-checkpoint: 14 GB). Modules are built on the meta device and take the converted tensors as they
-are, so no random initialisation is computed (the CLIP text encoders rebuild a buffer at
-construction, so they are built for real and loaded by copy).
+only their own component's keys. Each tensor is copied out of the file's mapping as it is cast,
+and the file is mapped again every ``_Reader.REOPEN_BYTES``, so the pages read do not stay counted
+in the process's memory either. An export therefore holds one component's weights at a time, as
+for a diffusers directory, instead of every part converted to float32 at once. Modules are built on
+the meta device and take the converted tensors as they are, so no random initialisation is computed
+(the CLIP text encoders rebuild a buffer at construction, so they are built for real and loaded by
+copy).
 """
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -110,18 +113,15 @@ def read_layout(path: Path) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def open_tensors(path: Path, dtype: torch.dtype) -> Iterator[Tensors]:
+def open_tensors(path: Path, dtype: torch.dtype, stamp: list[int] | None = None) -> Iterator[Tensors]:
     """The checkpoint's tensors by name, each read when it is looked up, as a tensor of its own (not a
-    view of the file), its floating-point values cast to ``dtype`` (a nested ``state_dict`` unwrapped)."""
-    if path.suffix == ".safetensors":
-        reader = _SafetensorsReader(path)
-        try:
-            yield _LookupTensors(reader.keys(), reader.read, dtype)
-        finally:
-            reader.close()
-        return
-    tensors = _read_ckpt(path)
-    yield _LookupTensors(list(tensors), tensors.__getitem__, dtype)
+    view of the file), its floating-point values cast to ``dtype`` (a nested ``state_dict`` unwrapped).
+    ``stamp``: the file's identity when it was checked; a file that no longer has it is refused."""
+    reader = _Reader(path, stamp)
+    try:
+        yield _LookupTensors(reader.keys(), reader.read, dtype)
+    finally:
+        reader.close()
 
 
 def _read_ckpt(path: Path) -> dict[str, torch.Tensor]:
@@ -162,41 +162,55 @@ class _LookupTensors(Mapping[str, torch.Tensor]):
         return key in self._known
 
 
-class _SafetensorsReader:
-    """Reads tensors out of a safetensors file, opening it again after every ``REOPEN_BYTES``: the
-    pages a tensor was read from stay resident, and counted in the process's memory, until the file's
-    mapping is closed. Opening it once per tensor instead would parse the header thousands of times."""
+class _Reader:
+    """Reads tensors out of a checkpoint, mapping it again after every ``REOPEN_BYTES`` read: the pages
+    a tensor was read from stay resident, and count in the process's memory, until the file's mapping
+    closes. (Once per tensor would parse a safetensors header thousands of times; an old-style pickle
+    ``.ckpt`` cannot be mapped and is loaded once.) Each mapping is checked to be of the file checked."""
 
     REOPEN_BYTES = 256 * 1024**2
 
-    def __init__(self, path: Path) -> None:
-        self._path, self._handles = path, ExitStack()
-        self._handle: Any = None
+    def __init__(self, path: Path, stamp: list[int] | None) -> None:
+        self._path, self._stamp, self._handles = path, stamp, ExitStack()
+        self._get: Callable[[str], torch.Tensor] | None = None
+        self._keys: list[str] = []
         self._since_open = 0
+        self._remappable = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
 
-    def _open(self) -> Any:
-        from safetensors import safe_open
-
+    def _open(self) -> Callable[[str], torch.Tensor]:
         self.close()
-        try:
-            self._handle = self._handles.enter_context(safe_open(str(self._path), framework="pt"))
-        except Exception as exc:  # safetensors raises its own error types
-            raise ModelLoadError(f"{self._path}: cannot read the checkpoint ({one_line(exc)})") from exc
-        self._since_open = 0
-        return self._handle
+        if self._path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                handle = self._handles.enter_context(safe_open(str(self._path), framework="pt"))
+            except Exception as exc:  # safetensors raises its own error types
+                raise ModelLoadError(f"{self._path}: cannot read the checkpoint ({one_line(exc)})") from exc
+            self._keys, get = list(handle.keys()), handle.get_tensor
+        else:
+            tensors = _read_ckpt(self._path)
+            self._keys, get = list(tensors), tensors.__getitem__
+        if self._stamp is not None:  # after opening: what was opened is the file checked, or refused
+            check_unchanged(self._path, self._stamp)
+        self._get, self._since_open = get, 0
+        return get
 
     def keys(self) -> list[str]:
-        return list((self._handle or self._open()).keys())
+        if self._get is None:
+            self._open()
+        return self._keys
 
     def read(self, key: str) -> torch.Tensor:
-        handle = self._handle if self._handle is not None and self._since_open < self.REOPEN_BYTES else self._open()
-        tensor: torch.Tensor = handle.get_tensor(key)
+        get = self._get
+        if get is None or (self._since_open >= self.REOPEN_BYTES and self._remappable):
+            get = self._open()
+        tensor = get(key)
         self._since_open += tensor.nbytes
         return tensor
 
     def close(self) -> None:
         self._handles.close()
-        self._handle = None
+        self._get = None
 
 
 def _parts(config_dir: Path, family: str) -> list[Part]:
@@ -230,15 +244,20 @@ def _parts(config_dir: Path, family: str) -> list[Part]:
     return parts
 
 
+def check_unchanged(path: Path, stamp: list[int]) -> None:
+    """Refuse a file whose identity is no longer ``stamp``: an export must not mix parts of two files."""
+    if _identity(path) != stamp:
+        raise ModelLoadError(
+            f"{path}: the checkpoint changed after sdexport checked it (its size, times or inode); its parts "
+            "would not all come from one file, so run again once the file is in its final state"
+        )
+
+
 def _builder(path: Path, part: Part, stamp: list[int], dtype: torch.dtype) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
-        if _identity(path) != stamp:
-            raise ModelLoadError(
-                f"{path}: the checkpoint changed after sdexport checked it; its parts would not all come "
-                "from one file, so run again once the file is in its final state"
-            )
-        with open_tensors(path, dtype) as tensors:
+        with open_tensors(path, dtype, stamp) as tensors:
             module = _load_part(path, part, tensors)
+        check_unchanged(path, stamp)  # and not rewritten in place while it was read
         return module.to(dtype).eval().requires_grad_(False)
     return build
 
@@ -251,8 +270,8 @@ def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
         module = part.build()
     try:
         weights = part.convert(module, tensors)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from None
+    except ModelLoadError as exc:  # the converters' own refusals lack the path; the reader's have it
+        raise exc if str(exc).startswith(f"{path}: ") else ModelLoadError(f"{path}: {exc}") from None
     except KeyError as exc:  # a converter indexing a tensor the checkpoint does not have
         raise ModelLoadError(
             f"{path}: the checkpoint lacks {name} weight {exc.args[0]!r}; is --config the right architecture?"
@@ -303,10 +322,12 @@ def _require_prefix(tensors: Tensors, prefixes: tuple[str, ...], what: str) -> N
 def _clip(prefix: str) -> Converter:
     """OpenAI CLIP text encoder (SD 1.x, SDXL's first) under ``prefix``."""
     def convert(model: torch.nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
-        from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+        from diffusers.loaders import single_file_utils
 
         _require_prefix(tensors, (prefix,), "text encoder")
-        return dict(convert_ldm_clip_checkpoint(tensors, prefix))
+        # a prefix diffusers removes anyway, given again, would have it read every tensor twice
+        known = getattr(single_file_utils, "LDM_CLIP_PREFIX_TO_REMOVE", ())
+        return dict(single_file_utils.convert_ldm_clip_checkpoint(tensors, None if prefix in known else prefix))
     return convert
 
 
