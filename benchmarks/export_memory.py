@@ -67,6 +67,8 @@ def main() -> int:
     parser.add_argument("--verify", choices=VERIFY_MODES, default="full",
                         help="the export's --verify (default full, as sdexport export)")
     parser.add_argument("--append", action="store_true", help="keep the cases already in the output folder")
+    parser.add_argument("--note", help="a line for the report about how it was measured (--append keeps the one "
+                                       "already there unless this gives another)")
     parser.add_argument("--single-file", action="store_true",
                         help="export from an original-layout fp16 single-file checkpoint of each preset (written first)")
     parser.add_argument("--checkpoints", type=Path, metavar="FOLDER",
@@ -115,7 +117,12 @@ def _measure(options: argparse.Namespace, work: Path) -> int:
     }
     earlier = options.output / FILES[0]
     if options.append and earlier.is_file():
-        report["results"] = json.loads(earlier.read_text())["results"]
+        previous = json.loads(earlier.read_text())
+        report["results"] = previous["results"]
+        if options.note is None and previous.get("note"):
+            report["note"] = previous["note"]
+    if options.note:
+        report["note"] = options.note
     options.output.mkdir(parents=True, exist_ok=True)
     for preset, dtype, verify in options.case:
         out = work / f"{preset}-{dtype}"

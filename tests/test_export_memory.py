@@ -230,3 +230,28 @@ def test_sdxl_shaped_export_stays_verified(preset: str, tmp_path: Path):
     assert run_cli("export", preset, "-o", out, "--dtype", "fp16", "--verify", "quick") == 0
     manifest = load_manifest(out)
     assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
+
+
+def test_the_memory_benchmark_exports_from_a_single_file_it_writes(tmp_path: Path) -> None:
+    """benchmarks/export_memory.py --single-file: the fp16 original-layout file it writes loads through
+    ``sdexport export FILE --config PRESET``, and the report says which file was exported."""
+    import subprocess
+    import sys
+
+    from safetensors import safe_open
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "export_memory.py"
+    out, checkpoints = tmp_path / "results", tmp_path / "checkpoints"
+    refused = subprocess.run([sys.executable, str(script), "-o", str(out), "--case", "tiny:fp32:none",
+                              "--checkpoints", str(checkpoints)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "give --single-file too" in refused.stderr
+    done = subprocess.run([sys.executable, str(script), "-o", str(out), "--case", "tiny:fp32:none", "--single-file",
+                           "--checkpoints", str(checkpoints), "--note", "a smoke test"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "export-memory.json").read_text())
+    (result,) = report["results"]
+    assert result["exit_code"] == 0 and result["command"] == "sdexport export tiny.safetensors --config tiny --dtype fp32 --verify none"
+    assert report["note"] == "a smoke test" and "a smoke test" in (out / "export-memory.md").read_text()
+    with safe_open(str(checkpoints / "tiny.safetensors"), framework="pt") as handle:
+        assert handle.get_slice("model.diffusion_model.out.2.weight").get_dtype() == "F16"
