@@ -232,6 +232,7 @@ def test_sdxl_shaped_export_stays_verified(preset: str, tmp_path: Path):
     assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
 
 
+@pytest.mark.slow  # half a minute, for a script run by hand; the loading it uses is in test_single_file.py
 def test_the_memory_benchmark_exports_from_a_single_file_it_writes(tmp_path: Path) -> None:
     """benchmarks/export_memory.py --single-file: the fp16 original-layout file it writes loads through
     ``sdexport export FILE --config PRESET``, and the report says which file was exported."""
