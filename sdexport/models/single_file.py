@@ -73,11 +73,9 @@ def plan_components(
     parts = _parts(config_dir, family)
     stamp = _identity(path)
     layout = read_layout(path)
-    skeletons: dict[str, torch.nn.Module] = {}
-    for part in parts:
-        _load_part(path, part, layout)  # the layout's meta tensors: keys and shapes checked, nothing read
-        with torch.device("meta"):
-            skeletons[part.name] = part.build().to(dtype).eval().requires_grad_(False)
+    # loaded with the layout's meta tensors (keys and shapes checked, nothing read), each module
+    # checked is its part's skeleton
+    skeletons = {part.name: _load_part(path, part, layout).to(dtype).eval().requires_grad_(False) for part in parts}
     builders = {part.name: _builder(path, part, stamp, dtype) for part in parts}
     return skeletons, builders
 
