@@ -133,14 +133,18 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """Element types (no shapes) of the graph's tensors from symbolic shape inference; refuses a
     graph it cannot type completely (the fp16 conversion would be wrong, not just slower)."""
     import onnx
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    from sdexport.export.graph import symbolic_shapes
 
     try:
         with _quiet():
-            inferred = SymbolicShapeInference.infer_shapes(weightless(model), auto_merge=True, guess_output_rank=False)
-    except Exception as exc:  # onnxruntime raises a bare Exception for an incomplete inference
-        raise SdexportError(f"onnxruntime's symbolic shape inference failed on the fused graph ({one_line(exc, 200)}); "
-                            "nothing was kept. Please report this with the model and onnxruntime version") from None
+            inferred = symbolic_shapes(weightless(model), auto_merge=True)
+        why = "incomplete: some tensors' types stay unknown"
+    except Exception as exc:  # an operator's inference may raise anything
+        inferred, why = None, one_line(exc, 200)
+    if inferred is None:
+        raise SdexportError(f"onnxruntime's symbolic shape inference failed on the fused graph ({why}); "
+                            "nothing was kept. Please report this with the model and onnxruntime version")
     types = {}
     for value in inferred.graph.value_info:
         if value.type.tensor_type.elem_type != onnx.TensorProto.UNDEFINED:

@@ -279,7 +279,6 @@ def largest_intermediate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
     to read their values (it reads every input of Add or Mul in case it is shape arithmetic).
     """
     import numpy as np
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     held = set(weights)
     probe = onnx.ModelProto()
@@ -297,9 +296,10 @@ def largest_intermediate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
                                                    list(shapes.get(value.name, ())))
         probe.graph.input.append(fixed)
     try:
-        with _quiet_logging():
-            inferred = SymbolicShapeInference.infer_shapes(probe, auto_merge=False, guess_output_rank=False)
-    except Exception:  # onnxruntime raises a bare Exception where inference is incomplete
+        inferred = symbolic_shapes(probe, auto_merge=False)
+    except Exception:  # an operator's inference may raise anything
+        return None
+    if inferred is None:
         return None
     largest = 0
     for value in inferred.graph.value_info:
@@ -310,6 +310,29 @@ def largest_intermediate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
         itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
         largest = max(largest, int(np.prod(dims, dtype=np.int64)) * itemsize)
     return largest or None
+
+
+def symbolic_shapes(model: onnx.ModelProto, *, auto_merge: bool) -> onnx.ModelProto | None:
+    """``model`` with the shapes and types onnxruntime's symbolic shape inference finds; None where
+    it cannot find them all.
+
+    Not ``SymbolicShapeInference.infer_shapes``: where inference is incomplete, that first saves the
+    half-inferred model as ``sym_shape_infer_temp.onnx`` (and a data file) in the current directory,
+    which an export would leave in the user's folder, or write over a file of theirs of that name.
+    These are the same steps without the save, driven the way onnxruntime's own transformers
+    optimizer drives them (``SymbolicShapeInferenceHelper``)."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
+
+    if (get_opset(model) or 0) < 7:  # what infer_shapes refuses too
+        return None
+    inference = SymbolicShapeInference(2**31 - 1, auto_merge, False, 0)
+    complete = False
+    with _quiet_logging():
+        inference._preprocess(model)
+        while inference.run_:
+            complete = inference._infer_impl()
+        inference._update_output_from_vi()
+    return inference.out_mp_ if complete else None
 
 
 class _quiet_logging:
