@@ -140,6 +140,38 @@ def test_fold_reads_constant_node_operands(tmp_path: Path):
         np.testing.assert_allclose(got, module(torch.from_numpy(x)).numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_fold_follows_chains_in_one_pass_and_keeps_the_rest_in_order(tmp_path: Path):
+    """A Reshape of a folded Transpose folds too (its operand is a placeholder by then); a weight
+    another node still reads stays; the nodes left keep their order; the graph computes the same."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    w, b = rng.standard_normal((16, 32)).astype(np.float32), rng.standard_normal((16, 16)).astype(np.float32)  # 1 KiB and up: placeholders
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=onnx.numpy_helper.from_array(np.array([32, 16], np.int64))),
+        helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+        helper.make_node("Reshape", ["wt", "shape"], ["wr"]),
+        helper.make_node("MatMul", ["x", "wr"], ["h"]),
+        helper.make_node("Transpose", ["b"], ["bt"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "bt"], ["y0"]),
+        helper.make_node("MatMul", ["y0", "b"], ["y"]),  # b itself is still read: it stays
+    ]
+    model = helper.make_model(helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    weights = WeightStore.detach(model, tmp_path)
+    assert weights.fold(model) == 3
+    assert [n.op_type for n in model.graph.node] == ["Constant", "MatMul", "MatMul", "MatMul"]
+    assert [t.name for t in model.graph.initializer] == ["b", "wr", "bt"]  # w and wt: read by nothing left
+    weights.save(model, tmp_path / "out.onnx", external=False)
+    (got,) = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    np.testing.assert_array_equal(got, want)
+
+
 def test_largest_intermediate_is_the_attention_matrix(tmp_path: Path):
     skeleton, weights, _, _ = _traced("unet", tmp_path / "trace")
     placeholders = [t.name for t in skeleton.graph.initializer if t.name in weights]
@@ -147,6 +179,30 @@ def test_largest_intermediate_is_the_attention_matrix(tmp_path: Path):
                                          placeholders)
     heads = 8  # tiny U-Net: attention_head_dim 8, 32 channels: 4 x 8 heads x (32 x 32 tokens)^2 float32
     assert largest == 4 * heads * (32 * 32) ** 2 * 4
+
+
+def _incomplete() -> onnx.ModelProto:
+    """A graph symbolic shape inference cannot finish: an operator it does not know feeds a Relu."""
+    from onnx import TensorProto, helper
+
+    return helper.make_model(helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["z"], domain="com.example"), helper.make_node("Relu", ["z"], ["r"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])], [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)]),
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+
+
+def test_an_incomplete_shape_inference_writes_nothing_where_the_user_is(tmp_path: Path, monkeypatch):
+    """onnxruntime's infer_shapes saves sym_shape_infer_temp.onnx in the current directory before it
+    raises: a real SD 1.5 export left it, and a data file, in the folder it was run from."""
+    monkeypatch.chdir(tmp_path)
+    assert graph.symbolic_shapes(_incomplete(), auto_merge=False) is None
+    assert graph.largest_intermediate(_incomplete(), {"x": (3,)}) is None
+    assert list(tmp_path.iterdir()) == []
+    complete = graph.symbolic_shapes(onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["z"]), onnx.helper.make_node("Relu", ["z"], ["r"])], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n"])],
+        [onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, None)])), auto_merge=False)
+    assert complete is not None and {v.name: v.type.tensor_type.shape.dim[0].dim_param for v in complete.graph.value_info}["z"] == "n"
 
 
 def test_lazy_model_builds_each_part_as_the_eager_one_and_frees_it():
