@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from sdexport.errors import SdexportError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
 from sdexport.export.trace import trace_to_onnx
@@ -165,7 +166,8 @@ def test_fold_follows_chains_in_one_pass_and_keeps_the_rest_in_order(tmp_path: P
 
     weights = WeightStore.detach(model, tmp_path)
     assert weights.fold(model) == 3
-    assert [n.op_type for n in model.graph.node] == ["Constant", "MatMul", "MatMul", "MatMul"]
+    assert [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node] == [
+        ("Constant", [], ["shape"]), ("MatMul", ["x", "wr"], ["h"]), ("MatMul", ["h", "bt"], ["y0"]), ("MatMul", ["y0", "b"], ["y"])]
     assert [t.name for t in model.graph.initializer] == ["b", "wr", "bt"]  # w and wt: read by nothing left
     weights.save(model, tmp_path / "out.onnx", external=False)
     (got,) = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -197,6 +199,10 @@ def test_an_incomplete_shape_inference_writes_nothing_where_the_user_is(tmp_path
     monkeypatch.chdir(tmp_path)
     assert graph.symbolic_shapes(_incomplete(), auto_merge=False) is None
     assert graph.largest_intermediate(_incomplete(), {"x": (3,)}) is None
+    from sdexport.build import onnxruntime_build
+
+    with pytest.raises(SdexportError, match=r"inference failed on the fused graph \(incomplete"):
+        onnxruntime_build._inferred_types(_incomplete())
     assert list(tmp_path.iterdir()) == []
     complete = graph.symbolic_shapes(onnx.helper.make_model(onnx.helper.make_graph(
         [onnx.helper.make_node("Relu", ["x"], ["z"]), onnx.helper.make_node("Relu", ["z"], ["r"])], "g",

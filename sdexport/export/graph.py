@@ -319,8 +319,8 @@ def symbolic_shapes(model: onnx.ModelProto, *, auto_merge: bool) -> onnx.ModelPr
     Not ``SymbolicShapeInference.infer_shapes``: where inference is incomplete, that first saves the
     half-inferred model as ``sym_shape_infer_temp.onnx`` (and a data file) in the current directory,
     which an export would leave in the user's folder, or write over a file of theirs of that name.
-    These are the same steps without the save, driven the way onnxruntime's own transformers
-    optimizer drives them (``SymbolicShapeInferenceHelper``)."""
+    These are infer_shapes' own steps, with its defaults, without the save (onnxruntime's
+    transformers optimizer drives the same methods in its ``SymbolicShapeInferenceHelper``)."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference, get_opset
 
     if (get_opset(model) or 0) < 7:  # what infer_shapes refuses too
