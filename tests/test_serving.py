@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -302,10 +303,20 @@ def _serve(engine_dir: Path, log: Path, *extra: str) -> Server:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_engine_dir, tmp_path_factory):
-    running = _serve(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log")
-    yield running
-    running.stop()
+def _servers(tiny_engine_dir, tmp_path_factory) -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture
+def server(_servers: list[Server], tiny_engine_dir, tmp_path_factory) -> Server:
+    """The module's server (a start costs a quarter of a minute here), started again where a test
+    ended it: the SIGTERM test does. --max-steps 1000 lets that test keep a request in flight."""
+    if not _servers or _servers[-1].process.poll() is not None:
+        _servers.append(_serve(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log", "--max-steps", "1000"))
+    return _servers[-1]
 
 
 def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, tiny_engine_dir, tmp_path):
@@ -335,7 +346,7 @@ def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_su
         executions, inferences = stats(client)
         # The same inputs (Triton batches only requests that carry the same ones), one with a bad value.
         requests = {name: infer_inputs([name], http, steps=steps) for name, steps in
-                    (("good-1", 2), ("bad", 500), ("good-2", 2))}
+                    (("good-1", 2), ("bad", 1001), ("good-2", 2))}
         pending = {name: client.async_infer("sdexport", inputs) for name, inputs in requests.items()}  # sent at once
         results: dict[str, object] = {}
         for name, call in pending.items():
@@ -344,7 +355,7 @@ def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_su
             except Exception as exc:
                 results[name] = exc
         assert results["good-1"].shape == results["good-2"].shape == (1, 1)  # type: ignore[union-attr]
-        assert "steps 500: this server allows at most 200 steps" in str(results["bad"])
+        assert "steps 1001: this server allows at most 1000 steps" in str(results["bad"])  # serve --max-steps 1000
         # Triton counts a request after its response has gone out, so the last one may still be on its way.
         deadline = time.monotonic() + 10
         while (after := stats(client))[1] - inferences < 3 and time.monotonic() < deadline:
@@ -414,10 +425,10 @@ def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
     assert 2 <= short.reads
 
 
-def test_sigterm_lets_the_request_in_flight_finish(tiny_engine_dir, tmp_path):
+def test_sigterm_lets_the_request_in_flight_finish(server: Server):
     from sdexport.serving.client import generate
 
-    running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--max-steps", "1000")
+    running = server  # ended here: a later test gets a new one
     try:
         result: dict[str, object] = {}
 
