@@ -194,8 +194,8 @@ def _incomplete() -> onnx.ModelProto:
 
 
 def test_an_incomplete_shape_inference_writes_nothing_where_the_user_is(tmp_path: Path, monkeypatch):
-    """onnxruntime's infer_shapes saves sym_shape_infer_temp.onnx in the current directory before it
-    raises: a real SD 1.5 export left it, and a data file, in the folder it was run from."""
+    """onnxruntime's infer_shapes saves sym_shape_infer_temp.onnx (and, for a larger graph, a data
+    file) in the current directory before it raises: an export or build would leave it where it ran."""
     monkeypatch.chdir(tmp_path)
     assert graph.symbolic_shapes(_incomplete(), auto_merge=False) is None
     assert graph.largest_intermediate(_incomplete(), {"x": (3,)}) is None
