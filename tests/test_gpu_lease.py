@@ -444,6 +444,8 @@ def test_collect_refuses_what_is_not_a_lease_archive(tmp_path: Path, capsys):
     ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA GH200 480GB", "gh200"), ("NVIDIA GB200", "gb200"),
     ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "h100-mig"), ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA L40S", "l40s"),
     ("Tesla V100-SXM2-16GB", "v100"), ("Tesla T4", "t4"), ("NVIDIA GeForce RTX 4090", "rtx-4090"),
+    ("NVIDIA H100 PCIe", "h100-pcie"), ("NVIDIA H100 NVL", "h100-nvl"), ("NVIDIA H200 NVL", "h200-nvl"),
+    ("NVIDIA A100-PCIE-40GB", "a100-pcie"), ("NVIDIA H100 PCIe MIG 1g.10gb", "h100-pcie-mig"),
 ])
 def test_collect_names_the_folder_after_the_gpu_model(name: str, slug: str):
     assert _collect().gpu_slug(name) == slug

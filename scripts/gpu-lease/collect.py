@@ -152,12 +152,15 @@ def default_output(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> P
 
 
 def gpu_slug(name: str) -> str:
-    """A folder name for a GPU: its model token (H200, GH200, A100, L40S, T4), with "-mig" for a MIG
-    slice; else the name without the vendor's words ("rtx-4090")."""
+    """A folder name for a GPU: its model token (H200, GH200, A100, L40S, T4), with "-pcie" or "-nvl"
+    for those boards (an H100 PCIe is a slower card than the SXM one nvidia-smi calls "H100 80GB
+    HBM3", and published figures name which they ran on) and "-mig" for a MIG slice; else the name
+    without the vendor's words ("rtx-4090")."""
     words = [w for w in re.split(r"[\s\-_]+", name) if w.lower() not in ("nvidia", "tesla", "geforce", "quadro")]
     model = next((w for w in words if re.fullmatch(r"[A-Z]{1,2}\d{1,4}[A-Z]?", w)), None)
     slug = model.lower() if model else "-".join(re.sub(r"[^A-Za-z0-9]+", "", w) for w in words).strip("-").lower()
-    return (slug or "gpu") + ("-mig" if re.search(r"\bMIG\b", name) else "")
+    board = next((f"-{w.lower()}" for w in words if model and w.lower() in ("pcie", "nvl")), "")
+    return (slug or "gpu") + board + ("-mig" if re.search(r"\bMIG\b", name) else "")
 
 
 def _ms(seconds: float | None) -> str:
