@@ -276,6 +276,7 @@ class Server:
     def __init__(self, command: list[str], ports: list[int], log: Path, env: dict[str, str] | None = None) -> None:
         self.url, self.grpc_url, self.metrics = (f"127.0.0.1:{p}" for p in ports)
         self.log = log
+        self.ended_on_purpose = False
         self.process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
                                         start_new_session=True)
         try:
@@ -312,9 +313,13 @@ def _servers(tiny_engine_dir, tmp_path_factory) -> Iterator[list[Server]]:
 
 @pytest.fixture
 def server(_servers: list[Server], tiny_engine_dir, tmp_path_factory) -> Server:
-    """The module's server (a start costs a quarter of a minute here), started again where a test
-    ended it: the SIGTERM test does. --max-steps 1000 lets that test keep a request in flight."""
-    if not _servers or _servers[-1].process.poll() is not None:
+    """The module's server (a start costs a quarter of a minute here), started again after a test
+    that ended it on purpose (the SIGTERM test); one that exited otherwise fails the next test.
+    --max-steps 1000 lets the SIGTERM test keep a request in flight."""
+    if _servers and _servers[-1].process.poll() is not None and not _servers[-1].ended_on_purpose:
+        pytest.fail(f"the module's server exited with status {_servers[-1].process.returncode}:\n"
+                    f"{_servers[-1].log.read_text()[-3000:]}")
+    if not _servers or _servers[-1].ended_on_purpose:
         _servers.append(_serve(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log", "--max-steps", "1000"))
     return _servers[-1]
 
@@ -428,7 +433,8 @@ def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
 def test_sigterm_lets_the_request_in_flight_finish(server: Server):
     from sdexport.serving.client import generate
 
-    running = server  # ended here: a later test gets a new one
+    running = server
+    running.ended_on_purpose = True  # a later test gets a new one
     try:
         result: dict[str, object] = {}
 
@@ -495,6 +501,29 @@ def test_the_generated_repository_loads_in_tritonserver_and_answers(tiny_engine_
 
 
 # -- the command line -----------------------------------------------------------------------------
+
+
+def _max_steps(config: Path) -> int:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return int(text_format.Parse(config.read_text(), model_config_pb2.ModelConfig()).parameters["max_steps"].string_value)
+
+
+def test_serve_and_triton_repo_allow_200_steps_unless_told(tiny_engine_dir, tmp_path, monkeypatch):
+    """The module's server runs with --max-steps 1000; the default is checked here, in the
+    repository each command writes (serve's, as Triton would be handed it)."""
+    from sdexport.serving import server
+
+    handed: list[int] = []
+    monkeypatch.setattr(server, "run_server", lambda repository, *a, **k: handed.append(
+        _max_steps(repository / "sdexport" / "config.pbtxt")))
+    ports = [str(p) for p in _free_ports(3)]
+    assert run_cli("serve", tiny_engine_dir, "--backend", BACKEND, "--http-port", ports[0], "--grpc-port", ports[1],
+                   "--metrics-port", ports[2]) == 0
+    assert handed == [200]
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo") == 0
+    assert _max_steps(tmp_path / "repo" / "sdexport" / "config.pbtxt") == 200
 
 
 def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):

@@ -99,7 +99,7 @@ def record(work: Path, stage: str, data: dict[str, Any]) -> None:
 
 def sdexport(*args: str) -> None:
     """`sdexport ARGS` in this process: the libraries load once per stage, not once per command
-    (seconds each on 2 cores). A failure stops the stage with the command's exit status."""
+    (seconds each on 2 cores). A failure stops the stage (status 1), naming the command and its status."""
     from sdexport.cli import main
 
     argv, sys.argv = sys.argv, ["sdexport", *args]
