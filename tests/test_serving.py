@@ -513,10 +513,10 @@ def _max_steps(config: Path) -> int:
 def test_serve_and_triton_repo_allow_200_steps_unless_told(tiny_engine_dir, tmp_path, monkeypatch):
     """The module's server runs with --max-steps 1000; the default is checked here, in the
     repository each command writes (serve's, as Triton would be handed it)."""
-    from sdexport.serving import server
+    from sdexport.serving import server as serving
 
     handed: list[int] = []
-    monkeypatch.setattr(server, "run_server", lambda repository, *a, **k: handed.append(
+    monkeypatch.setattr(serving, "run_server", lambda repository, *a, **k: handed.append(
         _max_steps(repository / "sdexport" / "config.pbtxt")))
     ports = [str(p) for p in _free_ports(3)]
     assert run_cli("serve", tiny_engine_dir, "--backend", BACKEND, "--http-port", ports[0], "--grpc-port", ports[1],
