@@ -304,7 +304,7 @@ def _serve(engine_dir: Path, log: Path, *extra: str) -> Server:
 
 
 @pytest.fixture(scope="module")
-def _servers(tiny_engine_dir, tmp_path_factory) -> Iterator[list[Server]]:
+def _servers() -> Iterator[list[Server]]:
     started: list[Server] = []
     yield started
     for running in started:

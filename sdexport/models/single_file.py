@@ -351,4 +351,3 @@ def _flatten(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[s
     if hasattr(model, "text_model"):
         return weights
     return {k.removeprefix("text_model."): v for k, v in weights.items()}
-
