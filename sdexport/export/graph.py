@@ -269,18 +269,48 @@ def _readable_like(file: Path, reference: Path) -> None:
     os.chmod(file, reference.stat().st_mode & 0o777)
 
 
-def largest_intermediate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                         weights: Iterable[str] = ()) -> int | None:
-    """Bytes of the largest tensor ``model`` computes when its inputs have ``shapes``, from
-    onnxruntime's symbolic shape inference; None when inference cannot tell.
+def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
+                    weights: Iterable[str] = ()) -> int | None:
+    """Most bytes of computed tensors alive at once when ``model`` runs its nodes in the graph's
+    order with inputs of ``shapes``; None when shape inference cannot tell.
+
+    A tensor lives from the node that makes it to the last node that reads it (a graph output to
+    the end), and a node's inputs and outputs are alive together. That is how PyTorch's eager
+    modules and ONNX Runtime's allocation planner hold them; the planner also reuses an input's
+    buffer for an output where it can, so without its arena ONNX Runtime needs at most this
+    (measured against both in ``benchmarks/verify_memory.py``). The graph's inputs and weights are
+    not counted: they are in memory before it runs. Tensors whose size inference leaves symbolic
+    (a data-dependent shape) count as empty, and subgraphs are not looked into.
 
     ``weights``: initializers without values (``export.weight_store`` placeholders). They are
     declared inputs of a copy of the graph here, so inference knows their shapes and never tries
     to read their values (it reads every input of Add or Mul in case it is shape arithmetic).
     """
-    import numpy as np
+    inferred = _inferred_at(model, shapes, set(weights))
+    if inferred is None:
+        return None
+    size = {v.name: _bytes(v) for v in [*inferred.graph.value_info, *inferred.graph.output]}
+    nodes = inferred.graph.node
+    last_read: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            last_read[name] = i
+    for value in inferred.graph.output:
+        last_read[value.name] = len(nodes)
+    live = peak = 0
+    for i, node in enumerate(nodes):
+        made = [name for name in dict.fromkeys(node.output) if name in size]
+        live += sum(size[name] for name in made)
+        peak = max(peak, live)
+        done = [name for name in dict.fromkeys([*node.input, *made]) if name in size and last_read.get(name, i) <= i]
+        live -= sum(size[name] for name in done)
+    return peak
 
-    held = set(weights)
+
+def _inferred_at(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], held: set[str]) -> onnx.ModelProto | None:
+    """A copy of ``model`` with its inputs fixed to ``shapes`` and every tensor's shape inferred by
+    onnxruntime's symbolic shape inference (initializers in ``held`` declared inputs); None when
+    inference fails or is incomplete."""
     probe = onnx.ModelProto()
     probe.ir_version = model.ir_version
     probe.opset_import.extend(model.opset_import)
@@ -296,20 +326,18 @@ def largest_intermediate(model: onnx.ModelProto, shapes: dict[str, tuple[int, ..
                                                    list(shapes.get(value.name, ())))
         probe.graph.input.append(fixed)
     try:
-        inferred = symbolic_shapes(probe, auto_merge=False)
+        return symbolic_shapes(probe, auto_merge=False)
     except Exception:  # an operator's inference may raise anything
         return None
-    if inferred is None:
-        return None
-    largest = 0
-    for value in inferred.graph.value_info:
-        tensor_type = value.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
-        if tensor_type.elem_type == onnx.TensorProto.UNDEFINED or not all(dims):
-            continue
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
-        largest = max(largest, int(np.prod(dims, dtype=np.int64)) * itemsize)
-    return largest or None
+
+
+def _bytes(value: onnx.ValueInfoProto) -> int:
+    """Bytes of a tensor whose every dim is known; 0 otherwise (symbolic, or no type)."""
+    tensor_type = value.type.tensor_type
+    dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
+    if tensor_type.elem_type == onnx.TensorProto.UNDEFINED or not all(dims):
+        return 0
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize * _prod(dims)
 
 
 def symbolic_shapes(model: onnx.ModelProto, *, auto_merge: bool) -> onnx.ModelProto | None:
