@@ -80,21 +80,45 @@ class MemoryLog:
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Measure the block as stage ``name`` (``component/step``, e.g. ``unet/trace``)."""
-        start = resident_bytes()
-        mark = _status_kb("VmHWM")
         self.method = self.method or ("sampled every 5 ms; exact (VmHWM) where a stage set the process's peak"
-                                      if mark is not None else "sampled every 5 ms")
-        sampler = _Sampler()
-        sampler.start()
+                                      if _status_kb("VmHWM") is not None else "sampled every 5 ms")
         try:
-            yield
-        finally:
-            sampler.stop()
-            peak = max(sampler.peak, start)
-            after = _status_kb("VmHWM")
-            if mark is not None and after is not None and after > mark:  # the process's peak was this stage's
-                peak = max(peak, after * 1024)
-            self.stages.append(StagePeak(name, peak / MB, start / MB))
+            with peak_of() as peak:
+                yield
+        finally:  # a stage that failed is recorded too: its peak may be why
+            self.stages.append(StagePeak(name, peak.peak / MB, peak.start / MB))
+
+
+@dataclass
+class Peak:
+    """The resident set when a block began, and its highest while the block ran (bytes)."""
+
+    start: int
+    peak: int = 0
+
+    @property
+    def added_mb(self) -> float:
+        """What the block added at its peak to what was there before it."""
+        return max(0, self.peak - self.start) / MB
+
+
+@contextmanager
+def peak_of() -> Iterator[Peak]:
+    """Measure the block's peak resident set: sampled every 5 ms, and exact where the block set the
+    process's high-water mark (read, never reset)."""
+    result = Peak(resident_bytes())
+    mark = _status_kb("VmHWM")
+    sampler = _Sampler()
+    sampler.start()
+    try:
+        yield result
+    finally:
+        sampler.stop()
+        peak = max(sampler.peak, result.start)
+        after = _status_kb("VmHWM")
+        if mark is not None and after is not None and after > mark:  # the process's peak was this block's
+            peak = max(peak, after * 1024)
+        result.peak = peak
 
 
 class _Sampler(threading.Thread):
