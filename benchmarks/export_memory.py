@@ -147,6 +147,8 @@ def _measure(options: argparse.Namespace, work: Path) -> int:
             entry["memory"] = data.get("tools", {}).get("export_memory", {})
             entry["points"] = {name: [p["status"] + (f" ({p['reason']})" if p.get("reason") else "")
                                       for p in c["parity"]["points"]] for name, c in data["components"].items()}
+            entry["point_memory"] = {name: {p["label"]: p["memory_mb"] for p in c["parity"]["points"] if p.get("memory_mb")}
+                                     for name, c in data["components"].items()}
             entry["size_mb"] = round(sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) / 1024**2)
         else:
             entry["log_tail"] = log.read_text(errors="replace")[-2000:]
@@ -227,6 +229,16 @@ def markdown(report: dict) -> str:
                     if "quick verification" not in point and "verification off" not in point})
     if notes:
         lines += ["", "Verification points not run:", "", *notes]
+    measured = [(r["command"], name, label, m) for r in report["results"]
+                for name, points in r.get("point_memory", {}).items() for label, m in points.items()]
+    if measured:
+        lines += ["", ("Verification points run: the estimate of each point's working memory (GiB; the min point "
+                       "is not estimated, it always runs) and what running it added to the process's resident set "
+                       "at its peak, in PyTorch and in ONNX Runtime (`parity.points[].memory_mb`):"), "",
+                  "| export | component | point | estimated | pytorch | onnxruntime |", "|---|---|---|---|---|---|"]
+        lines += [f"| `{command}` | {name} | {label} | " + " | ".join(
+            f"{m[k] / 1024:.2f}" if k in m else "–" for k in ("estimated", "pytorch", "onnxruntime")) + " |"
+            for command, name, label, m in measured]
     return "\n".join(lines) + "\n"
 
 

@@ -174,13 +174,39 @@ def test_fold_follows_chains_in_one_pass_and_keeps_the_rest_in_order(tmp_path: P
     np.testing.assert_array_equal(got, want)
 
 
-def test_largest_intermediate_is_the_attention_matrix(tmp_path: Path):
+def _chain(nodes: list[tuple[str, list[str], str]], outputs: list[str], n: int = 1000) -> onnx.ModelProto:
+    """A float32 graph of one input ``x`` of ``n`` elements and single-output nodes (op, inputs, output)."""
+    from onnx import TensorProto, helper
+
+    return helper.make_model(helper.make_graph(
+        [helper.make_node(op, inputs, [output]) for op, inputs, output in nodes], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs]),
+        opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_peak_live_bytes_holds_each_tensor_until_its_last_reader():
+    n, size = 1000, 4000  # float32
+    # a is read again after b is made: a, b and c are alive together while Add runs
+    diamond = _chain([("Relu", ["x"], "a"), ("Relu", ["a"], "b"), ("Add", ["a", "b"], "c"), ("Relu", ["c"], "y")], ["y"])
+    assert graph.peak_live_bytes(diamond, {"x": (n,)}) == 3 * size
+    # a straight chain needs only each node's input and output; the graph's own input is not counted
+    straight = _chain([("Relu", ["x"], "a"), ("Relu", ["a"], "b"), ("Relu", ["b"], "c"), ("Relu", ["c"], "y")], ["y"])
+    assert graph.peak_live_bytes(straight, {"x": (n,)}) == 2 * size
+    # a graph output lives to the end, and the shapes given are the point's
+    early = _chain([("Relu", ["x"], "o"), ("Relu", ["o"], "a"), ("Relu", ["a"], "b"), ("Relu", ["b"], "y")], ["o", "y"])
+    assert graph.peak_live_bytes(early, {"x": (n,)}) == 3 * size
+    assert graph.peak_live_bytes(early, {"x": (2 * n,)}) == 6 * size
+
+
+def test_peak_live_bytes_of_a_unet_holds_attention_scores_and_their_softmax(tmp_path: Path):
     skeleton, weights, _, _ = _traced("unet", tmp_path / "trace")
     placeholders = [t.name for t in skeleton.graph.initializer if t.name in weights]
-    largest = graph.largest_intermediate(skeleton, {"sample": (4, 4, 32, 32), "encoder_hidden_states": (4, 77, 32)},
-                                         placeholders)
+    live = graph.peak_live_bytes(skeleton, {"sample": (4, 4, 32, 32), "encoder_hidden_states": (4, 77, 32)},
+                                 placeholders)
     heads = 8  # tiny U-Net: attention_head_dim 8, 32 channels: 4 x 8 heads x (32 x 32 tokens)^2 float32
-    assert largest == 4 * heads * (32 * 32) ** 2 * 4
+    scores = 4 * heads * (32 * 32) ** 2 * 4
+    assert live is not None and 2 * scores <= live < 3 * scores
 
 
 def _incomplete() -> onnx.ModelProto:
@@ -198,7 +224,7 @@ def test_an_incomplete_shape_inference_writes_nothing_where_the_user_is(tmp_path
     file) in the current directory before it raises: an export or build would leave it where it ran."""
     monkeypatch.chdir(tmp_path)
     assert graph.symbolic_shapes(_incomplete(), auto_merge=False) is None
-    assert graph.largest_intermediate(_incomplete(), {"x": (3,)}) is None
+    assert graph.peak_live_bytes(_incomplete(), {"x": (3,)}) is None
     from sdexport.build import onnxruntime_build
 
     with pytest.raises(SdexportError, match=r"inference failed on the fused graph \(incomplete"):
