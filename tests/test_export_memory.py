@@ -312,6 +312,49 @@ def test_a_point_too_large_for_free_memory_is_skipped_and_said(tmp_path: Path, m
     assert "1 point checked, 3 skipped as too large for this machine's memory" in " ".join(captured.out.split())
 
 
+def test_each_checked_point_records_its_estimate_and_what_it_took(tmp_path: Path, monkeypatch):
+    from sdexport.export import exporter
+
+    monkeypatch.setattr(exporter, "verification_budget_mb", lambda: 1e9)  # every point runs
+    out = tmp_path / "tiny"
+    assert run_cli("export", "tiny", "-o", out, "--components", "unet") == 0
+    points = load_manifest(out).components["unet"].parity["points"]
+    assert [p["status"] for p in points] == ["passed"] * 4
+    assert set(points[0]["memory_mb"]) == {"pytorch", "onnxruntime"}  # the min point always runs: not estimated
+    for point in points[1:]:
+        assert set(point["memory_mb"]) == {"estimated", "pytorch", "onnxruntime"}
+        assert point["memory_mb"]["estimated"] > 0 and point["memory_mb"]["onnxruntime"] >= 0
+    # max (batch 4 at 256x256) holds more than opt (batch 2 at 128x128): the estimate follows the shapes
+    assert points[2]["memory_mb"]["estimated"] > points[1]["memory_mb"]["estimated"]
+
+
+def test_onnx_runtime_hands_its_arena_back_after_each_point():
+    """Without the run option the arena keeps a run's memory for the session's life, and the next
+    point is judged against it (sd15's VAE decoder skipped its uneven point after the max)."""
+    from onnx import TensorProto, helper
+
+    from sdexport.export.memory import resident_bytes
+    from sdexport.export.verify import shrinking_run_options
+
+    # a 256 MB float32 intermediate, reduced to one number; the arena keeps its first region, which
+    # in a real graph (and here: the Relu's) holds a small tensor
+    n, copies = 1024 * 1024, 64
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Tile", ["r", "repeats"], ["big"]),
+         helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+        [helper.make_tensor("repeats", TensorProto.INT64, [1], [copies])]), opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": np.ones(n, np.float32)}
+    kept, handed_back = (ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                         for _ in range(2))
+    before = resident_bytes()
+    handed_back.run(None, feed, shrinking_run_options(ort))
+    assert resident_bytes() - before < 64 * 1024**2
+    kept.run(None, feed)
+    assert resident_bytes() - before > 128 * 1024**2
+
+
 @pytest.mark.parametrize("preset", ["tiny-sdxl"])
 def test_sdxl_shaped_export_stays_verified(preset: str, tmp_path: Path):
     out = tmp_path / preset
