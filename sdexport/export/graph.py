@@ -269,18 +269,23 @@ def _readable_like(file: Path, reference: Path) -> None:
     os.chmod(file, reference.stat().st_mode & 0o777)
 
 
+VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+"""Operators whose output shares its first input's memory, in PyTorch (a view) and in ONNX Runtime
+(the kernels declare the alias)."""
+
+
 def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
                     weights: Iterable[str] = ()) -> int | None:
     """Most bytes of computed tensors alive at once when ``model`` runs its nodes in the graph's
     order with inputs of ``shapes``; None when shape inference cannot tell.
 
     A tensor lives from the node that makes it to the last node that reads it (a graph output to
-    the end), and a node's inputs and outputs are alive together. That is how PyTorch's eager
-    modules and ONNX Runtime's allocation planner hold them; the planner also reuses an input's
-    buffer for an output where it can, so without its arena ONNX Runtime needs at most this
-    (measured against both in ``benchmarks/verify_memory.py``). The graph's inputs and weights are
-    not counted: they are in memory before it runs. Tensors whose size inference leaves symbolic
-    (a data-dependent shape) count as empty, and subgraphs are not looked into.
+    the end; a tensor a subgraph reads, to the node that holds the subgraph), and a node's inputs
+    and outputs are alive together: how PyTorch's eager modules and ONNX Runtime's allocation
+    planner hold them. A view (``VIEWS``) adds nothing and keeps its source alive. The graph's
+    inputs and weights are not counted: they are in memory before it runs. Tensors whose size
+    inference leaves symbolic (a data-dependent shape) count as empty, and tensors made inside
+    subgraphs are not looked into.
 
     ``weights``: initializers without values (``export.weight_store`` placeholders). They are
     declared inputs of a copy of the graph here, so inference knows their shapes and never tries
@@ -291,20 +296,34 @@ def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         return None
     size = {v.name: _bytes(v) for v in [*inferred.graph.value_info, *inferred.graph.output]}
     nodes = inferred.graph.node
+    memory: dict[str, str] = {}  # tensor -> the tensor whose memory it is (itself, or a view's source)
+    reads = [[*node.input, *_read_by_subgraphs(node)] for node in nodes]
     last_read: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        for name in node.input:
-            last_read[name] = i
+        if node.op_type in VIEWS and node.input and node.input[0]:
+            memory[node.output[0]] = memory.get(node.input[0], node.input[0])
+        for name in [*reads[i], *node.output]:
+            last_read[memory.get(name, name)] = max(last_read.get(memory.get(name, name), i), i)
     for value in inferred.graph.output:
-        last_read[value.name] = len(nodes)
+        last_read[memory.get(value.name, value.name)] = len(nodes)
     live = peak = 0
     for i, node in enumerate(nodes):
-        made = [name for name in dict.fromkeys(node.output) if name in size]
+        made = [name for name in dict.fromkeys(node.output) if name in size and name not in memory]
         live += sum(size[name] for name in made)
         peak = max(peak, live)
-        done = [name for name in dict.fromkeys([*node.input, *made]) if name in size and last_read.get(name, i) <= i]
-        live -= sum(size[name] for name in done)
-    return peak
+        touched = dict.fromkeys(memory.get(name, name) for name in [*reads[i], *node.output])
+        live -= sum(size[name] for name in touched if name in size and last_read[name] <= i)
+    return peak or None
+
+
+def _read_by_subgraphs(node: onnx.NodeProto) -> list[str]:
+    """Names the subgraphs of ``node`` (If, Loop, Scan) read, their own tensors among them."""
+    names: list[str] = []
+    for attribute in node.attribute:
+        for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            for inner in body.node:
+                names += [*inner.input, *_read_by_subgraphs(inner)]
+    return names
 
 
 def _inferred_at(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], held: set[str]) -> onnx.ModelProto | None:

@@ -82,11 +82,13 @@ class MemoryLog:
         """Measure the block as stage ``name`` (``component/step``, e.g. ``unet/trace``)."""
         self.method = self.method or ("sampled every 5 ms; exact (VmHWM) where a stage set the process's peak"
                                       if _status_kb("VmHWM") is not None else "sampled every 5 ms")
+        peak: Peak | None = None  # stays None if measuring could not start: that error is the one to see
         try:
             with peak_of() as peak:
                 yield
         finally:  # a stage that failed is recorded too: its peak may be why
-            self.stages.append(StagePeak(name, peak.peak / MB, peak.start / MB))
+            if peak is not None:
+                self.stages.append(StagePeak(name, peak.peak / MB, peak.start / MB))
 
 
 @dataclass

@@ -198,7 +198,7 @@ def compare_with_onnx(
 
             session = ort.InferenceSession(str(onnx_path), onnxruntime_session_options(ort),
                                            providers=["CPUExecutionProvider"])
-            run_options = shrinking_run_options(ort)
+            run_options = shrinking_run_options(ort) if session.get_session_options().enable_cpu_mem_arena else None
         why = _over_budget(ref.need_mb, budget_mb)
         if why:
             points.append(PointResult(ref.label, "skipped", reason=why))
@@ -219,7 +219,8 @@ def compare_with_onnx(
 
 
 def shrinking_run_options(ort: Any) -> Any:
-    """Run options that hand ONNX Runtime's CPU memory arena back after each run.
+    """Run options that hand ONNX Runtime's CPU memory arena back after each run (only for a session
+    with the arena: without one, ``run`` refuses them).
 
     The arena keeps what a run allocated for the session's life, so each later point was judged
     against memory the arena held: sd15's VAE decoder skipped its uneven point after the max point,
