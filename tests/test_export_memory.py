@@ -380,31 +380,44 @@ def test_each_checked_point_records_its_estimate_and_what_it_took(tmp_path: Path
     assert points[2]["memory_mb"]["estimated"] > points[1]["memory_mb"]["estimated"]
 
 
-def test_onnx_runtime_hands_its_arena_back_after_each_point():
-    """Without the run option the arena keeps a run's memory for the session's life, and the next
-    point is judged against it (sd15's VAE decoder skipped its uneven point after the max)."""
+def test_onnx_runtime_hands_its_arena_back_after_each_point(tmp_path: Path):
+    """Verification judges each point against the memory free before it runs. Without the run
+    option the arena keeps a run's memory for the session's life, and the next point is judged
+    against it (sd15's VAE decoder skipped its uneven point after the max)."""
+    from types import SimpleNamespace
+
     from onnx import TensorProto, helper
 
     from sdexport.export.memory import resident_bytes
-    from sdexport.export.verify import shrinking_run_options
+    from sdexport.export.verify import Reference, compare_with_onnx
 
-    # a 256 MB float32 intermediate, reduced to one number; the arena keeps its first region, which
-    # in a real graph (and here: the Relu's) holds a small tensor
+    # a 256 MB float32 intermediate at n = 1M, reduced to one number; the arena keeps its first
+    # region, which in an export (and here) holds the min point's small tensors
     n, copies = 1024 * 1024, 64
     model = helper.make_model(helper.make_graph(
         [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Tile", ["r", "repeats"], ["big"]),
          helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
         [helper.make_tensor("repeats", TensorProto.INT64, [1], [copies])]), opset_imports=[helper.make_opsetid("", 17)])
-    feed = {"x": np.ones(n, np.float32)}
-    kept, handed_back = (ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-                         for _ in range(2))
+    onnx.save(model, str(tmp_path / "g.onnx"))
+
+    def point(label: str, size: int) -> Reference:
+        return Reference(label, {"x": np.ones(size, np.float32)}, [np.array(float(size * copies), np.float32)],
+                         need_mb=None if label == "min" else 1.0)
+
+    references = [point("min", 1024), point("max", n), point("odd", n)]
+    judged: list[int] = []  # the resident set each time a point is judged
+    report = compare_with_onnx(SimpleNamespace(name="g", output_names=["y"]), tmp_path / "g.onnx", references,  # type: ignore[arg-type]
+                               dtype="fp32", budget_mb=lambda: judged.append(resident_bytes()) or 1e9)
+    assert [p.status for p in report.points] == ["passed"] * 3
+    assert len(judged) == 2 and judged[1] - judged[0] < 64 * 1024**2  # max's 256 MB went back before odd
+
+    kept = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    kept.run(None, {"x": np.ones(1024, np.float32)})
     before = resident_bytes()
-    handed_back.run(None, feed, shrinking_run_options(ort))
-    assert resident_bytes() - before < 64 * 1024**2
-    kept.run(None, feed)
-    assert resident_bytes() - before > 128 * 1024**2
+    kept.run(None, {"x": np.ones(n, np.float32)})
+    assert resident_bytes() - before > 128 * 1024**2  # without the option, the arena keeps it
 
 
 @pytest.mark.parametrize("preset", ["tiny-sdxl"])
