@@ -175,8 +175,8 @@ def test_fold_follows_chains_in_one_pass_and_keeps_the_rest_in_order(tmp_path: P
 
 
 def _chain(nodes: list[tuple[str, list[str], str]], outputs: list[str]) -> onnx.ModelProto:
-    """A float32 graph of one input ``x`` of ``n`` elements and single-output nodes (op, inputs,
-    output); ``flat`` is a Reshape's target shape (-1)."""
+    """A float32 graph of one input ``x`` (of ``n`` elements, a symbolic size) and single-output nodes
+    (op, inputs, output); ``flat`` is a Reshape's target shape (-1)."""
     from onnx import TensorProto, helper
 
     return helper.make_model(helper.make_graph(
@@ -188,23 +188,31 @@ def _chain(nodes: list[tuple[str, list[str], str]], outputs: list[str]) -> onnx.
 
 def test_peak_live_bytes_holds_each_tensor_until_its_last_reader():
     n, size = 1000, 4000  # float32
+
+    def live(model: onnx.ModelProto, elements: int = n) -> int:
+        result = graph.peak_live_bytes(model, {"x": (elements,)})
+        assert result is not None
+        return result.peak
+
     # a is read again after b is made: a, b and c are alive together while Add runs
     diamond = _chain([("Relu", ["x"], "a"), ("Relu", ["a"], "b"), ("Add", ["a", "b"], "c"), ("Relu", ["c"], "y")], ["y"])
-    assert graph.peak_live_bytes(diamond, {"x": (n,)}) == 3 * size
+    assert graph.peak_live_bytes(diamond, {"x": (n,)}) == (3 * size, size)  # (peak, outputs)
     # a straight chain needs only each node's input and output; the graph's own input is not counted
     straight = _chain([("Relu", ["x"], "a"), ("Relu", ["a"], "b"), ("Relu", ["b"], "c"), ("Relu", ["c"], "y")], ["y"])
-    assert graph.peak_live_bytes(straight, {"x": (n,)}) == 2 * size
+    assert live(straight) == 2 * size
     # a graph output lives to the end, and the shapes given are the point's
     early = _chain([("Relu", ["x"], "o"), ("Relu", ["o"], "a"), ("Relu", ["a"], "b"), ("Relu", ["b"], "y")], ["o", "y"])
-    assert graph.peak_live_bytes(early, {"x": (n,)}) == 3 * size
-    assert graph.peak_live_bytes(early, {"x": (2 * n,)}) == 6 * size
+    assert live(early) == 3 * size and live(early, 2 * n) == 6 * size
     # a view shares its source's memory: a and v are one tensor
     view = _chain([("Relu", ["x"], "a"), ("Reshape", ["a", "flat"], "v"), ("Add", ["a", "v"], "y")], ["y"])
-    assert graph.peak_live_bytes(view, {"x": (n,)}) == 2 * size
+    assert live(view) == 2 * size
     # ... and keeps it alive after its source's last reader: v (a's memory), b and c, then v, c, y
     kept = _chain([("Relu", ["x"], "a"), ("Reshape", ["a", "flat"], "v"), ("Relu", ["x"], "b"), ("Relu", ["b"], "c"),
                    ("Add", ["v", "c"], "y")], ["y"])
-    assert graph.peak_live_bytes(kept, {"x": (n,)}) == 3 * size
+    assert live(kept) == 3 * size
+    # ... but a view that is a graph output has its own buffer in ONNX Runtime
+    shown = _chain([("Relu", ["x"], "a"), ("Reshape", ["a", "flat"], "v"), ("Relu", ["a"], "y")], ["v", "y"])
+    assert graph.peak_live_bytes(shown, {"x": (n,)}) == (3 * size, 2 * size)
 
 
 def test_peak_live_bytes_holds_what_a_subgraph_reads_until_its_node():
@@ -220,13 +228,25 @@ def test_peak_live_bytes_holds_what_a_subgraph_reads_until_its_node():
          helper.make_node("Relu", ["o"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)])
-    assert graph.peak_live_bytes(model, {"x": (1000,), "cond": ()}) == 3 * 4000  # a, b and o while If runs
+    live = graph.peak_live_bytes(model, {"x": (1000,), "cond": ()})
+    assert live is not None and live.peak == 3 * 4000  # a, b and o while If runs
+
+    # a branch may give an outer tensor back as its output: a is alive beside b and c, then c and d
+    passing = helper.make_graph([], "pass", [], [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n"])])
+    model.graph.ClearField("node")
+    model.graph.node.extend([
+        helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Relu", ["x"], ["b"]), helper.make_node("Relu", ["b"], ["c"]),
+        helper.make_node("Relu", ["c"], ["d"]), helper.make_node("If", ["cond"], ["o"], then_branch=passing, else_branch=passing),
+        helper.make_node("Relu", ["o"], ["y"])])
+    live = graph.peak_live_bytes(model, {"x": (1000,), "cond": ()})
+    assert live is not None and live.peak == 3 * 4000
 
 
 def test_the_estimate_covers_onnx_runtimes_arena_on_a_residual_block():
-    """The arena's best-fit reuse needs more than the live bytes here (1.37 times, measured with
-    onnxruntime 1.32): ``exporter.LIVE_FACTOR`` must cover it. Fails if the factor drops below, or
-    if a new onnxruntime needs more, which is when the factor is to be measured again."""
+    """ONNX Runtime needs more than the live bytes here: its arena's best-fit reuse, and the copy of
+    the 64 MB output its Python API makes (1.37 times the live bytes in all, measured with
+    onnxruntime 1.32). The estimate must cover it; this fails if a new onnxruntime needs more,
+    which is when ``exporter.LIVE_FACTOR`` is to be measured again."""
     from onnx import TensorProto, helper, numpy_helper
 
     from sdexport.export.exporter import LIVE_FACTOR
@@ -240,15 +260,16 @@ def test_the_estimate_covers_onnx_runtimes_arena_on_a_residual_block():
          helper.make_node("Conv", ["b", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["a", "c"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, "h", "w"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight]), opset_imports=[helper.make_opsetid("", 17)])
+    tensor = channels * side * side * 4
     live = graph.peak_live_bytes(model, {"x": (1, channels, side, side)}, ["w"])
-    assert live == 3 * channels * side * side * 4
+    assert live == (3 * tensor, tensor)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     small = np.ones((1, channels, 8, 8), np.float32)  # as an export's min point: the arena's first region is small
     session.run(None, {"x": small}, shrinking_run_options(ort))
     feed = {"x": np.ones((1, channels, side, side), np.float32)}
     with peak_of() as peak:
         session.run(None, feed, shrinking_run_options(ort))
-    assert live < peak.added_mb * 1024**2 <= LIVE_FACTOR * live
+    assert 2 * tensor < peak.added_mb * 1024**2 <= LIVE_FACTOR * live.peak + live.outputs  # measured, and covered
 
 
 def test_peak_live_bytes_of_a_unet_holds_attention_scores_and_their_softmax(tmp_path: Path):
@@ -258,7 +279,7 @@ def test_peak_live_bytes_of_a_unet_holds_attention_scores_and_their_softmax(tmp_
                                  placeholders)
     heads = 8  # tiny U-Net: attention_head_dim 8, 32 channels: 4 x 8 heads x (32 x 32 tokens)^2 float32
     scores = 4 * heads * (32 * 32) ** 2 * 4
-    assert live is not None and 2 * scores <= live < 3 * scores
+    assert live is not None and 2 * scores <= live.peak < 3 * scores
 
 
 def _incomplete() -> onnx.ModelProto:

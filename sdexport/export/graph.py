@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 
@@ -274,15 +275,23 @@ VIEWS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
 (the kernels declare the alias)."""
 
 
+class LiveBytes(NamedTuple):
+    peak: int
+    """Most bytes of computed tensors alive at once."""
+    outputs: int
+    """Bytes of the graph's outputs (counted in ``peak`` too: ONNX Runtime's Python API then copies them)."""
+
+
 def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
-                    weights: Iterable[str] = ()) -> int | None:
+                    weights: Iterable[str] = ()) -> LiveBytes | None:
     """Most bytes of computed tensors alive at once when ``model`` runs its nodes in the graph's
-    order with inputs of ``shapes``; None when shape inference cannot tell.
+    order with inputs of ``shapes``; None when shape inference cannot tell, or sizes none.
 
     A tensor lives from the node that makes it to the last node that reads it (a graph output to
     the end; a tensor a subgraph reads, to the node that holds the subgraph), and a node's inputs
     and outputs are alive together: how PyTorch's eager modules and ONNX Runtime's allocation
-    planner hold them. A view (``VIEWS``) adds nothing and keeps its source alive. The graph's
+    planner hold them. A view (``VIEWS``) adds nothing and keeps its source alive, unless it is a
+    graph output (ONNX Runtime gives those a buffer of their own). The graph's
     inputs and weights are not counted: they are in memory before it runs. Tensors whose size
     inference leaves symbolic (a data-dependent shape) count as empty, and tensors made inside
     subgraphs are not looked into.
@@ -296,16 +305,17 @@ def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         return None
     size = {v.name: _bytes(v) for v in [*inferred.graph.value_info, *inferred.graph.output]}
     nodes = inferred.graph.node
+    outputs = {value.name for value in inferred.graph.output}
     memory: dict[str, str] = {}  # tensor -> the tensor whose memory it is (itself, or a view's source)
     reads = [[*node.input, *_read_by_subgraphs(node)] for node in nodes]
     last_read: dict[str, int] = {}
     for i, node in enumerate(nodes):
-        if node.op_type in VIEWS and node.input and node.input[0]:
+        if node.op_type in VIEWS and node.input and node.input[0] and node.output[0] not in outputs:
             memory[node.output[0]] = memory.get(node.input[0], node.input[0])
         for name in [*reads[i], *node.output]:
             last_read[memory.get(name, name)] = max(last_read.get(memory.get(name, name), i), i)
-    for value in inferred.graph.output:
-        last_read[memory.get(value.name, value.name)] = len(nodes)
+    for name in outputs:
+        last_read[memory.get(name, name)] = len(nodes)
     live = peak = 0
     for i, node in enumerate(nodes):
         made = [name for name in dict.fromkeys(node.output) if name in size and name not in memory]
@@ -313,14 +323,16 @@ def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
         peak = max(peak, live)
         touched = dict.fromkeys(memory.get(name, name) for name in [*reads[i], *node.output])
         live -= sum(size[name] for name in touched if name in size and last_read[name] <= i)
-    return peak or None
+    return LiveBytes(peak, sum(size.get(name, 0) for name in outputs)) if peak else None
 
 
 def _read_by_subgraphs(node: onnx.NodeProto) -> list[str]:
-    """Names the subgraphs of ``node`` (If, Loop, Scan) read, their own tensors among them."""
+    """Names the subgraphs of ``node`` (If, Loop, Scan) read or give back as their outputs, their
+    own tensors among them."""
     names: list[str] = []
     for attribute in node.attribute:
         for body in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+            names += [value.name for value in body.output]
             for inner in body.node:
                 names += [*inner.input, *_read_by_subgraphs(inner)]
     return names

@@ -226,7 +226,9 @@ def shrinking_run_options(ort: Any) -> Any:
     against memory the arena held: sd15's VAE decoder skipped its uneven point after the max point,
     "0.0 GB to spare". Turning the arena off instead costs a third longer runs of the largest VAE
     points (page faults on fresh memory) and leaves mid-sized tensors in the C heap: the tiny VAE
-    decoder's max point kept 0.4 GB, against 0.05 GB with the arena (2026-12-02, onnxruntime 1.32)."""
+    decoder's max point kept 0.4 GB, against 0.05 GB with the arena (2026-12-02, onnxruntime 1.32).
+    The region holding a run's outputs is still in use when the arena shrinks and stays until the
+    next run: the next point is judged with those bytes counted as used, on the safe side."""
     options = ort.RunOptions()
     options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
     return options
