@@ -222,8 +222,9 @@ LIVE_FACTOR = 1.3
 plus its outputs once more (ONNX Runtime's Python API copies them out of its arena). The arena
 reuses freed chunks by best fit and needs more than is alive: 1.25 times on sd15's VAE encoder at
 4 x 1024x1024, the most measured (2026-12-02, onnxruntime 1.32; ``benchmarks/results/export-memory-cpu``
-holds each point's figures, the estimate's included); sd15's U-Net took about half. PyTorch, judged
-against the same estimate, stayed under it but on two of the text encoder's points, by a few MB."""
+holds each point's figures, the estimate's included); sd15's U-Net, 0.56 times. PyTorch, judged
+against the same estimate, stayed under it but on the text encoder's points (by up to 36 MB, which
+the 1 GB margin covers)."""
 
 
 def _working_memory(skeleton: onnx.ModelProto, weights: WeightStore) -> Callable[[dict[str, np.ndarray]], float | None]:
