@@ -312,8 +312,8 @@ def peak_live_bytes(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]],
     for i, node in enumerate(nodes):
         if node.op_type in VIEWS and node.input and node.input[0] and node.output[0] not in outputs:
             memory[node.output[0]] = memory.get(node.input[0], node.input[0])
-        for name in [*reads[i], *node.output]:
-            last_read[memory.get(name, name)] = max(last_read.get(memory.get(name, name), i), i)
+        for name in [*reads[i], *node.output]:  # in node order: the last index written is the last reader
+            last_read[memory.get(name, name)] = i
     for name in outputs:
         last_read[memory.get(name, name)] = len(nodes)
     live = peak = 0

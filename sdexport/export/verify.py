@@ -196,9 +196,9 @@ def compare_with_onnx(
 
             from sdexport.console import onnxruntime_session_options
 
-            session = ort.InferenceSession(str(onnx_path), onnxruntime_session_options(ort),
-                                           providers=["CPUExecutionProvider"])
-            run_options = shrinking_run_options(ort) if session.get_session_options().enable_cpu_mem_arena else None
+            options = onnxruntime_session_options(ort)
+            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            run_options = shrinking_run_options(ort) if options.enable_cpu_mem_arena else None
         why = _over_budget(ref.need_mb, budget_mb)
         if why:
             points.append(PointResult(ref.label, "skipped", reason=why))
