@@ -1,6 +1,7 @@
 """ControlNet through the same specs, engines and loop: parity with diffusers' ControlNet pipelines
-(one and two ControlNets, SD and SDXL, txt2img and img2img, ONNX Runtime and Torch), the residual
-specs every stage reads, TensorRT profiles for them, and the refusals a user can cause."""
+(one and two ControlNets, SD and SDXL, txt2img, img2img and inpainting with either U-Net, ONNX
+Runtime and Torch), the residual specs every stage reads, TensorRT profiles for them, and the
+refusals a user can cause."""
 
 from __future__ import annotations
 
@@ -35,12 +36,20 @@ MODELS = {  # name: (preset, ControlNets)
     "sd-one": ("tiny", ["tiny-controlnet"]),
     "sd-two": ("tiny", ["tiny-controlnet", "tiny-controlnet"]),
     "sdxl-one": ("tiny-sdxl", ["tiny-controlnet"]),
+    "inpaint-one": ("tiny-inpaint", ["tiny-controlnet"]),  # a 9-channel inpainting U-Net
 }
+TXT2IMG = [name for name in MODELS if not name.startswith("inpaint")]
 
 
 def picture(height: int, width: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def box_mask(height: int, width: int) -> Image.Image:
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return Image.fromarray(mask)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +90,7 @@ def _agree(ours, theirs) -> None:
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", TXT2IMG)
 def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, backend):
     """StableDiffusion(XL)ControlNetPipeline (two ControlNets: its MultiControlNetModel), same seeds,
     batch 2 with CFG, per-ControlNet scales and start/end windows, a stochastic scheduler."""
@@ -102,6 +111,32 @@ def test_img2img_with_a_controlnet_matches_diffusers(engine_dirs, references):
     pipeline = load_pipeline(engine_dirs["sd-one"], "onnxruntime-cpu", image_inputs=True)
     request = _request("sd-one", image=[picture(64, 128, 1)], strength=0.7, scheduler="default")
     _agree(pipeline(request), references["sd-one"](request))
+
+
+INPAINT_CASES = [
+    # engine directory, strength, scheduler, backend
+    pytest.param("sd-one", 1.0, "euler_a", "onnxruntime-cpu", id="blended-full-strength"),
+    pytest.param("sd-two", 0.6, "default", "onnxruntime-cpu", id="blended-partial-two-controlnets"),
+    pytest.param("inpaint-one", 1.0, "euler_a", "onnxruntime-cpu", id="9-channel-full-strength"),
+    pytest.param("inpaint-one", 0.6, "default", "torch", id="9-channel-partial-torch"),
+    pytest.param("sd-one", 0.7, "euler_a", "torch", id="blended-partial-torch"),
+]
+
+
+@pytest.mark.parametrize(("name", "strength", "scheduler", "backend"), INPAINT_CASES)
+def test_inpainting_with_controlnets_matches_diffusers(engine_dirs, references, name, strength, scheduler, backend):
+    """StableDiffusionControlNetInpaintPipeline, same seeds, batch 2 with CFG: the ControlNets read the
+    latents alone; a 9-channel U-Net also takes the mask and the masked image's latents, a standard
+    one blends the kept region back after every step."""
+    pipeline = load_pipeline(engine_dirs[name], backend, image_inputs=True)
+    inpaint = {"image": [picture(64, 128, 1)], "mask": [box_mask(64, 128)], "strength": strength,
+               "scheduler": scheduler}
+    request = _request(name, **inpaint)
+    ours = pipeline(request)
+    assert request.task == "inpaint"
+    _agree(ours, references[name](request))
+    quiet = pipeline(_request(name, **inpaint, control_scale=0.0))  # the ControlNets act
+    assert float(torch.linalg.norm(quiet.latents - ours.latents)) > 1e-2
 
 
 def test_specs_and_manifest_describe_the_residuals(engine_dirs):
@@ -168,7 +203,6 @@ def no_engines(monkeypatch):
     (["--control-image", "{img}", "--control-end", "1.5"], "--control-end 1.5: a fraction of the steps"),
     (["--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"], "--control-scale: 2 values for 1"),
     (["--control-image", "{img}", "--control-scale", "nan"], "--control-scale nan: expected a finite number"),
-    (["--control-image", "{img}", "--init-image", "{img}", "--mask", "{img}"], "inpainting with a ControlNet"),
     (["--control-image", "{img}", "--height", "64"], "give both --height and --width"),
 ])
 def test_bad_control_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
@@ -233,7 +267,6 @@ def test_a_controlnet_directory_exports_and_runs(tmp_path):
 
 @pytest.mark.parametrize("base, net, message", [
     ("tiny-sdxl", "sd15-controlnet", "this preset goes with the preset(s) sd15, not tiny-sdxl"),
-    ("tiny-inpaint", "tiny-controlnet", "--controlnet with an inpainting U-Net"),
     ("tiny", "{missing}", "no such directory, and not a ControlNet preset"),
     ("tiny", "{sdxl_net}", "an SDXL ControlNet for an sd model"),
     ("tiny", "{other_class}", "a ControlNetXSAdapter; sdexport runs diffusers ControlNetModels"),
@@ -297,6 +330,60 @@ def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
     assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "one", "--verify", "none",
                    "--controlnet", tmp_path / "pipe" / "controlnet_1") == 0
     assert load_manifest(tmp_path / "one").controlnets == ["controlnet"]
+
+
+def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_path):
+    """The U-Net takes 9 channels and the residuals, the ControlNet 4 (the latents alone); the directory
+    is a StableDiffusionControlNetInpaintPipeline, which diffusers loads and sdexport exports back;
+    ``run`` inpaints with the ControlNet and records both in the image."""
+    import diffusers
+
+    manifest = load_manifest(engine_dirs["inpaint-one"])
+    sizes = manifest.model_dims.sizes(2, 64, 128)
+    unet, net = manifest.spec("unet"), manifest.spec("controlnet")
+    assert unet.tensor("sample").shape(sizes) == (2, 9, 8, 16) and unet.residual_inputs
+    assert net.tensor("sample").shape(sizes) == (2, 4, 8, 16)
+    index = json.loads((engine_dirs["inpaint-one"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionControlNetInpaintPipeline"
+    load_model("tiny-inpaint", controlnets=["tiny-controlnet"]).save_pretrained(tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.unet.config.in_channels == 9 and pipe.controlnet.config.in_channels == 4
+    out = tmp_path / "engines"
+    assert run_cli("export", tmp_path / "pipe", "-o", out, "--verify", "none", "--height", "64:64:128", "--width",
+                   "64:64:128") == 0
+    assert load_manifest(out).controlnets == ["controlnet"]
+    for name, image in (("i.png", picture(64, 64, 0)), ("m.png", box_mask(64, 64)), ("e.png", picture(64, 64, 1))):
+        image.save(tmp_path / name)
+    assert run_cli("run", out, "-p", "x", "-o", tmp_path / "o.png", "--init-image", tmp_path / "i.png", "--mask",
+                   tmp_path / "m.png", "--control-image", tmp_path / "e.png", "--control-scale", "0.5",
+                   "--steps", "2") == 0
+    saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
+    assert saved["task"] == "inpaint" and saved["strength"] == 1.0
+    assert saved["control"] == [{"scale": 0.5, "start": 0.0, "end": 1.0}]
+
+
+def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs, tmp_path):
+    """The Triton model's inputs (init image, mask and control image as bytes) reach the same loop."""
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    files = {"init": picture(64, 128, 1), "mask": box_mask(64, 128), "control": picture(64, 128, 2)}
+    for name, image in files.items():
+        image.save(tmp_path / f"{name}.png")
+    out = tmp_path / "cli.png"
+    assert run_cli("run", engine_dirs["inpaint-one"], "-p", "x", "--steps", "3", "--seed", "5", "--init-image",
+                   tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--control-image", tmp_path / "control.png",
+                   "--control-scale", "0.6", "--backend", "onnxruntime-cpu", "-o", out) == 0
+    model = ServedModel(ServeSettings(str(engine_dirs["inpaint-one"]), backend="onnxruntime-cpu", max_steps=50))
+    try:
+        [generated] = model.generate([_inputs(["x"], steps=3, seed=[5], control_scale=0.6, **{
+            name: (tmp_path / f"{key}.png").read_bytes()
+            for name, key in (("init_image", "init"), ("mask", "mask"), ("control_image", "control"))})])
+    finally:
+        model.close()
+    assert not isinstance(generated, str), generated
+    np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(out).convert("RGB")))
 
 
 def test_review_findings_are_refused(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """The baseline everyone compares against: ``diffusers.StableDiffusionPipeline`` (SDXL:
-``StableDiffusionXLPipeline``) in eager PyTorch, and for requests with an init image the matching
-img2img or inpaint pipeline made from it (``from_pipe``: the same modules, no copy).
+``StableDiffusionXLPipeline``; with ControlNets their ControlNet pipelines) in eager PyTorch, and for
+requests with an init image the matching img2img or inpaint pipeline made from it (``from_pipe``:
+the same modules, no copy).
 
 Used by the parity tests and as the benchmark baseline. Per-component times come from wrapping the
 pipeline's own modules with the runtime's stage clock (CUDA events on a GPU: no host
@@ -136,6 +137,8 @@ class DiffusersReference:
                             else diffusers.StableDiffusionControlNetImg2ImgPipeline)
             elif task == "img2img":
                 cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
+            elif self.controlnets:  # SD 1.x/2.x: the runtime refuses SDXL inpainting
+                cls = diffusers.StableDiffusionControlNetInpaintPipeline
             else:
                 cls = diffusers.StableDiffusionXLInpaintPipeline if sdxl else diffusers.StableDiffusionInpaintPipeline
             variant = cls.from_pipe(self.pipe)

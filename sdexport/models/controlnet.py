@@ -46,7 +46,7 @@ CONTROLNET_PRESETS = {
     p.name: p
     for p in (
         ControlNetPreset("tiny-controlnet", "a few-MB ControlNet for the tiny presets (tests, the demo)",
-                         ("tiny", "tiny-v", "tiny-sdxl"), (8, 16, 16, 32)),
+                         ("tiny", "tiny-v", "tiny-inpaint", "tiny-sdxl"), (8, 16, 16, 32)),
         ControlNetPreset("sd15-controlnet", "the SD 1.5 ControlNet architecture (lllyasviel's sd-controlnet-*)",
                          ("sd15",), (16, 32, 96, 256)),
     )
@@ -122,7 +122,10 @@ def _checkpoint_dir(path: Path) -> bool:
 
 
 def preset_config(preset: ControlNetPreset, unet_config: dict[str, Any]) -> dict[str, Any]:
+    """A preset ControlNet's config from the base U-Net's. It reads the latents alone, also beside an
+    inpainting U-Net (whose ``in_channels`` add the mask and the masked image's latents)."""
     config = {k: v for k, v in unet_config.items() if k in _FROM_UNET}
+    config["in_channels"] = unet_config.get("out_channels", 4)  # diffusers' default, as check_fits reads it
     return {"_class_name": CONTROLNET_CLASS, **config, "conditioning_embedding_out_channels": list(preset.conditioning_channels)}
 
 
@@ -186,17 +189,17 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
 
 
 def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], family: str, base_preset: str | None,
-                      inpainting: bool, vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
-    """Every ``--controlnet`` of an export, from configs alone: the residual layout they share."""
+                      vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
+    """Every ``--controlnet`` of an export, from configs alone: the residual layout they share. An
+    inpainting U-Net takes them too: its ControlNets read the latents alone (``in_channels`` is the
+    U-Net's ``out_channels``), the mask and masked image go to the U-Net only, as in diffusers'
+    ``StableDiffusionControlNetInpaintPipeline``."""
     from sdexport.specs import MAX_CONTROLNETS
 
     if not sources:
         return ()
     if len(sources) > MAX_CONTROLNETS:
         raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
-    if inpainting:
-        raise ModelLoadError("--controlnet with an inpainting U-Net: sdexport runs ControlNets with standard U-Nets "
-                             "so far (txt2img and img2img)")
     layout: tuple[tuple[int, int], ...] = ()
     for source in sources:
         what = f"--controlnet {source.argument}"
@@ -210,8 +213,7 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
 def controlnets_for(outline: ModelOutline, arguments: list[str]) -> list[ControlNetSource]:
     """``--controlnet`` arguments resolved and checked to fit the model ``outline`` describes."""
     sources = [resolve_controlnet(a) for a in arguments]
-    check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.inpainting,
-                      outline.vae_scale_factor)
+    check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)
     return sources
 
 

@@ -106,7 +106,7 @@ class LoadedModel:
         controlnets = controlnets_among(self.modules)
         pipeline = next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
         if self.family == "sd" and self.dims.inpainting:
-            pipeline = "StableDiffusionInpaintPipeline"
+            pipeline = "StableDiffusionControlNetInpaintPipeline" if controlnets else "StableDiffusionInpaintPipeline"
         elif controlnets:
             pipeline = CONTROLNET_PIPELINES[self.family]
         index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": _version("diffusers")}
@@ -293,7 +293,7 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     sources = [a if isinstance(a, ControlNetSource) else resolve_controlnet(a) for a in arguments]
     base = model.source.get("name") if model.source.get("kind") == "preset" else None
     dims = model.dims
-    check_controlnets(sources, dict(model.config("unet")), model.family, base, dims.inpainting, dims.vae_scale_factor)
+    check_controlnets(sources, dict(model.config("unet")), model.family, base, dims.vae_scale_factor)
     records = []
     for index, (name, source) in enumerate(zip(controlnet_names(len(sources)), sources)):
         model.modules[name] = load_controlnet(source, model.module("unet"), seed=seed, index=index, dtype=dtype)

@@ -25,6 +25,7 @@ SUPPORTED_PIPELINES = {
     # the base model, and its ControlNet(s) in controlnet/, controlnet_1/, ... (ModelOutline.controlnets)
     "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLControlNetPipeline": "sdxl",
+    "StableDiffusionControlNetInpaintPipeline": "sd",  # either U-Net (4 or 9 channels), with its ControlNet(s)
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 

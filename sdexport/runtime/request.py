@@ -219,8 +219,6 @@ def _check_control(request: GenerationRequest, controlnets: int) -> None:
                             "order they were exported (controlnet, controlnet_1, ...)")
     for image in images:
         check_image(image, None, None, "control image")
-    if request.mask is not None:
-        raise SdexportError("inpainting with a ControlNet is not supported yet: use txt2img or img2img (no --mask)")
     for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
                         ("--control-end", request.control_end)):
         values = list(value) if isinstance(value, list | tuple) else [value]
