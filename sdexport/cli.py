@@ -343,7 +343,7 @@ def run(
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default: img2img 0.8, SDXL img2img 0.3, inpainting 1.0); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
-    control_image: Annotated[list[Path] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size).")] = None,
+    control_image: Annotated[list[Path] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
     control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default 1.0).")] = None,
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
@@ -387,9 +387,10 @@ def run(
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
     controls = _control_images(control_image, height, width)
-    size_from_image = bool(images or controls) and height is None
+    sized = images or [c for c in controls if not isinstance(c, str)]  # not masked-init: the init image's
+    size_from_image = bool(sized) and height is None
     if size_from_image:  # the init image's own size, else the first control image's
-        width, height = (images or controls)[0].size
+        width, height = sized[0].size
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
         seeds=[seed + i for i in range(len(prompts))],
@@ -408,7 +409,7 @@ def run(
     )
     notes: list[str] = []
     for path, control in zip(control_image or [], controls):
-        if control.size != (request.width, request.height):
+        if not isinstance(control, str) and control.size != (request.width, request.height):
             notes.append(f"--control-image {path} resized from {control.size[1]}x{control.size[0]} to "
                          f"{request.height}x{request.width} (as diffusers does)")
     if controls:
@@ -436,7 +437,7 @@ def run(
     check_image_output(image_path, request.batch)
     from sdexport.runtime.images import output_paths
 
-    for given in (init_image, mask, *(control_image or [])):
+    for given in (init_image, mask, *(p for p, c in zip(control_image or [], controls) if not isinstance(c, str))):
         if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
             raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
     resolved = resolve_backend(backend)
@@ -501,12 +502,23 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
 
 
 def _control_images(paths: list[Path] | None, height: int | None, width: int | None) -> list[Any]:
-    """The ``--control-image`` files, read now (a bad file is refused before anything loads)."""
+    """The ``--control-image`` files, read now (a bad file is refused before anything loads), and
+    ``masked-init`` where it names the masked init image (``MASKED_INIT``) instead of a file."""
     from sdexport.runtime.image_inputs import read_image
+    from sdexport.runtime.request import MASKED_INIT
 
     if paths and (height is None) != (width is None):
         raise SdexportError("with --control-image, give both --height and --width, or neither (the image's own size)")
-    return [read_image(path, "--control-image") for path in paths or []]
+    controls: list[Any] = []
+    for path in paths or []:
+        if str(path) != MASKED_INIT:
+            controls.append(read_image(path, "--control-image"))
+        elif path.exists():
+            raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "
+                                f"is here too: pass {path.resolve()} for the file, or rename it")
+        else:
+            controls.append(MASKED_INIT)
+    return controls
 
 
 def _one_or_each(values: list[float] | None, default: float) -> float | list[float]:

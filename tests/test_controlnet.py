@@ -83,8 +83,12 @@ def _request(name: str, **changes) -> GenerationRequest:
     return request
 
 
+def _rel(ours, theirs) -> float:
+    return float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
+
+
 def _agree(ours, theirs) -> None:
-    rel = float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
+    rel = _rel(ours, theirs)
     assert rel < TOLERANCE, rel
     assert np.abs(ours.pixels - theirs.pixels).max() < 1e-3
 
@@ -105,6 +109,10 @@ def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, ba
     quiet = pipeline(_request(name, control_scale=0.0))
     assert float(torch.linalg.norm(quiet.latents - ours.latents)) > 1e-2
     assert not quiet.timings.controlnet_steps  # a ControlNet at scale 0 adds zeros: it is not run
+    # the image itself matters well beyond the tolerance: the parity above compares its preprocessing
+    count = len(MODELS[name][1])
+    other = pipeline(_request(name, control_image=[picture(80, 100, 20 + i) for i in range(count)]))
+    assert _rel(other, ours) > 10 * TOLERANCE
 
 
 def test_img2img_with_a_controlnet_matches_diffusers(engine_dirs, references):
@@ -137,6 +145,47 @@ def test_inpainting_with_controlnets_matches_diffusers(engine_dirs, references, 
     _agree(ours, references[name](request))
     quiet = pipeline(_request(name, **inpaint, control_scale=0.0))  # the ControlNets act
     assert float(torch.linalg.norm(quiet.latents - ours.latents)) > 1e-2
+
+
+def _inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
+    """The control image of diffusers' ControlNet inpainting example (``make_inpaint_condition``),
+    written from its documentation: pixels in [0, 1], -1 where the mask is over half white."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    pixels[np.asarray(mask.convert("L"), dtype=np.float32) / 255.0 > 0.5] = -1.0
+    return torch.from_numpy(pixels[None].transpose(0, 3, 1, 2).copy())
+
+
+@pytest.mark.parametrize(("name", "backend"), [("sd-one", "onnxruntime-cpu"), ("inpaint-one", "torch")])
+def test_masked_init_control_image_matches_diffusers_inpaint_condition(engine_dirs, references, name, backend):
+    """``masked-init``: what an inpainting ControlNet reads, made from the request's init images (one
+    per prompt here) and mask, as diffusers' example makes it and its pipeline batches it."""
+    from sdexport.runtime.request import MASKED_INIT
+
+    pipeline = load_pipeline(engine_dirs[name], backend, image_inputs=True)
+    images, mask = [picture(64, 128, 1), picture(64, 128, 2)], box_mask(64, 128)
+    inpaint = {"image": images, "mask": [mask], "strength": 0.8}
+    ours = pipeline(_request(name, **inpaint, control_image=[MASKED_INIT]))
+    condition = torch.cat([_inpaint_condition(image, mask) for image in images])
+    _agree(ours, references[name](_request(name, **inpaint, control_image=[condition])))
+    # the parity above would notice the -1 region, or the second image's row, missing
+    for wrong in (images[0], picture(64, 128, 3)):
+        other = pipeline(_request(name, **inpaint, control_image=[wrong]))
+        assert _rel(other, ours) > 10 * TOLERANCE
+
+
+def test_masked_init_needs_an_init_image_and_a_mask(engine_dirs, tmp_path, monkeypatch, no_engines, capsys):
+    from sdexport.runtime.request import MASKED_INIT
+
+    picture(64, 64, 0).save(tmp_path / "i.png")
+    run = ("run", engine_dirs["sd-one"], "-p", "x", "-o", tmp_path / "o.png", "--control-image", MASKED_INIT)
+    assert run_cli(*run) == 2
+    assert "control image masked-init is the init image with the mask's region at -1" in capsys.readouterr().err
+    assert run_cli(*run, "--init-image", tmp_path / "i.png") == 2
+    assert "it needs --init-image and --mask" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    picture(64, 64, 0).save(tmp_path / "masked-init", format="PNG")
+    assert run_cli(*run, "--init-image", "i.png", "--mask", "i.png") == 2
+    assert "a file of that name is here too: pass" in capsys.readouterr().err
 
 
 def test_specs_and_manifest_describe_the_residuals(engine_dirs):
@@ -224,6 +273,8 @@ def test_control_image_without_controlnets_is_refused(tiny_engine_dir, tmp_path,
 
 
 def test_python_api_refuses_before_any_engine_runs(engine_dirs):
+    from sdexport.runtime.request import MASKED_INIT
+
     pipeline = load_pipeline(engine_dirs["sd-two"], "onnxruntime-cpu")
     calls: list[str] = []
 
@@ -240,6 +291,8 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0)]))
     with pytest.raises(SdexportError, match="control image: expected a PIL image"):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0), np.zeros((8, 8, 3))]))
+    with pytest.raises(SdexportError, match="masked-init is the init image with the mask's region at -1"):
+        pipeline(_request("sd-two", control_image=[picture(64, 64, 0), MASKED_INIT], image=[picture(64, 128, 0)]))
     assert not calls
 
 
@@ -371,19 +424,22 @@ def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs
     files = {"init": picture(64, 128, 1), "mask": box_mask(64, 128), "control": picture(64, 128, 2)}
     for name, image in files.items():
         image.save(tmp_path / f"{name}.png")
-    out = tmp_path / "cli.png"
-    assert run_cli("run", engine_dirs["inpaint-one"], "-p", "x", "--steps", "3", "--seed", "5", "--init-image",
-                   tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--control-image", tmp_path / "control.png",
-                   "--control-scale", "0.6", "--backend", "onnxruntime-cpu", "-o", out) == 0
     model = ServedModel(ServeSettings(str(engine_dirs["inpaint-one"]), backend="onnxruntime-cpu", max_steps=50))
     try:
-        [generated] = model.generate([_inputs(["x"], steps=3, seed=[5], control_scale=0.6, **{
-            name: (tmp_path / f"{key}.png").read_bytes()
-            for name, key in (("init_image", "init"), ("mask", "mask"), ("control_image", "control"))})])
+        for control in (tmp_path / "control.png", "masked-init"):  # a file, and the masked init image by name
+            out = tmp_path / "cli.png"
+            assert run_cli("run", engine_dirs["inpaint-one"], "-p", "x", "--steps", "3", "--seed", "5", "--init-image",
+                           tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--control-image", control,
+                           "--control-scale", "0.6", "--backend", "onnxruntime-cpu", "-o", out) == 0
+            [generated] = model.generate([_inputs(
+                ["x"], steps=3, seed=[5], control_scale=0.6, init_image=(tmp_path / "init.png").read_bytes(),
+                mask=(tmp_path / "mask.png").read_bytes(),
+                control_image=control.read_bytes() if isinstance(control, Path) else control.encode())])
+            assert not isinstance(generated, str), generated
+            np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(out).convert("RGB")))
+            assert json.loads(Image.open(out).text["sdexport"])["control_image"] == [str(control)]
     finally:
         model.close()
-    assert not isinstance(generated, str), generated
-    np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(out).convert("RGB")))
 
 
 def test_review_findings_are_refused(tmp_path, capsys):

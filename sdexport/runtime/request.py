@@ -19,6 +19,10 @@ MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
 MAX_CONDITIONING = 65536
 """SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
+MASKED_INIT = "masked-init"
+"""A control image made from the request itself: the init image with the mask's repaint region set
+to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,
+so it is named instead of given (``--control-image masked-init``)."""
 BACKENDS = ("onnxruntime", "onnxruntime-cpu", "onnxruntime-cuda", "torch", "torch-compile", "torch-compile-max",
             "tensorrt")
 
@@ -59,7 +63,8 @@ class GenerationRequest:
     # ControlNet (an engine directory exported with --controlnet), as diffusers' ControlNet pipelines name it.
     control_image: list[Any] | None = None
     """One conditioning image (an edge, depth or pose map: PIL) per ControlNet, in the directory's
-    order, each for every prompt; resized to the request's size as diffusers does."""
+    order, each for every prompt; resized to the request's size as diffusers does. ``MASKED_INIT``
+    in its place: the init image with the mask's region at -1 (for an inpainting ControlNet)."""
     control_scale: float | list[float] = 1.0
     """``controlnet_conditioning_scale``: one for all ControlNets, or one each."""
     control_start: float | list[float] = 0.0
@@ -218,6 +223,11 @@ def _check_control(request: GenerationRequest, controlnets: int) -> None:
         raise SdexportError(f"{count} control images for {controlnets} ControlNet{s}: give one per ControlNet, in the "
                             "order they were exported (controlnet, controlnet_1, ...)")
     for image in images:
+        if isinstance(image, str) and image == MASKED_INIT:
+            if request.mask is None:
+                raise SdexportError(f"control image {MASKED_INIT} is the init image with the mask's region at -1 (for "
+                                    "inpainting ControlNets): it needs --init-image and --mask")
+            continue
         check_image(image, None, None, "control image")
     for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
                         ("--control-end", request.control_end)):

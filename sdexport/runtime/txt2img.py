@@ -456,17 +456,22 @@ class Txt2ImgPipeline:
         return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
 
     def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
-        """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG) and
-        its scale at every step: ``controlnet_conditioning_scale``, zero where the step lies outside
-        its [start, end] share of the steps (diffusers' ``controlnet_keep``, over the steps the
-        loop runs)."""
-        from sdexport.runtime.image_inputs import control_pixels, per_prompt
+        """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG; a
+        masked init image has a row per init image or mask, repeated as diffusers repeats a batch
+        of control images) and its scale at every step: ``controlnet_conditioning_scale``, zero
+        where the step lies outside its [start, end] share of the steps (diffusers'
+        ``controlnet_keep``, over the steps the loop runs)."""
+        from sdexport.runtime.image_inputs import control_pixels, masked_control_pixels, per_prompt
+        from sdexport.runtime.request import MASKED_INIT
 
         batch = 2 * request.batch if request.cfg else request.batch
         images, scales = [], []
         for image, (scale, start, end) in zip(request.control_image or [],
                                               request.control_settings(len(self.controlnets))):
-            pixels = control_pixels(image, request.height, request.width)
+            if isinstance(image, str) and image == MASKED_INIT:  # check() saw the init image and mask
+                pixels = masked_control_pixels(request.image or [], request.mask or [])
+            else:
+                pixels = control_pixels(image, request.height, request.width)
             images.append(per_prompt(pixels, batch).to(self.device))
             keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
             scales.append([scale * k for k in keep])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdexport.errors import SdexportError
-from sdexport.runtime.request import GenerationRequest, has_no_text
+from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text
 from sdexport.serving.protocol import INPUT_NAMES
 
 DEFAULTS: dict[str, Any] = {"steps": 30, "guidance": 7.5, "scheduler": "default", "fit": "exact"}
@@ -105,12 +105,13 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         init = decode_image(bytes(image), "init_image") if image is not None else None
         masked = decode_image(bytes(mask), "mask", mode="L") if mask is not None else None
         control_bytes = [bytes(b) for b in many("control_image") or []]
-        controls = [decode_image(b, "control_image") for b in control_bytes]
+        controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode() else decode_image(b, "control_image")
+                               for b in control_bytes]
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):
             raise SdexportError("give both height and width, or neither")
         if height is None:  # as `run`: the init image's own size, else the first control image's
-            first = init or (controls[0] if controls else None)
+            first = init or next((c for c in controls if not isinstance(c, str)), None)  # not masked-init
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
         assert height is not None and width is not None
         if check_size is not None:
