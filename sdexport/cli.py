@@ -343,8 +343,8 @@ def run(
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default: img2img 0.8, SDXL img2img 0.3, inpainting 1.0); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
-    control_image: Annotated[list[Path] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
-    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default 1.0).")] = None,
+    control_image: Annotated[list[str] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
+    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: 1.0; with --init-image 0.8; inpainting 0.5).")] = None,
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
 ) -> None:
@@ -403,7 +403,7 @@ def run(
         target_size=_pair(target_size, "x", "--target-size"),
         strength=strength,
         control_image=controls or None,
-        control_scale=_one_or_each(control_scale, 1.0),
+        control_scale=_one_or_each(control_scale, 1.0) if control_scale else None,  # None: the task's default
         control_start=_one_or_each(control_start, 0.0),
         control_end=_one_or_each(control_end, 1.0),
     )
@@ -437,7 +437,7 @@ def run(
     check_image_output(image_path, request.batch)
     from sdexport.runtime.images import output_paths
 
-    for given in (init_image, mask, *(p for p, c in zip(control_image or [], controls) if not isinstance(c, str))):
+    for given in (init_image, mask, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str))):
         if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
             raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
     resolved = resolve_backend(backend)
@@ -501,21 +501,21 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     return images, inputs
 
 
-def _control_images(paths: list[Path] | None, height: int | None, width: int | None) -> list[Any]:
+def _control_images(values: list[str] | None, height: int | None, width: int | None) -> list[Any]:
     """The ``--control-image`` files, read now (a bad file is refused before anything loads), and
     ``masked-init`` where it names the masked init image (``MASKED_INIT``) instead of a file."""
     from sdexport.runtime.image_inputs import read_image
     from sdexport.runtime.request import MASKED_INIT
 
-    if paths and (height is None) != (width is None):
+    if values and (height is None) != (width is None):
         raise SdexportError("with --control-image, give both --height and --width, or neither (the image's own size)")
     controls: list[Any] = []
-    for path in paths or []:
-        if str(path) != MASKED_INIT:
-            controls.append(read_image(path, "--control-image"))
-        elif path.exists():
+    for value in values or []:
+        if value != MASKED_INIT:
+            controls.append(read_image(Path(value), "--control-image"))
+        elif Path(value).exists():
             raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "
-                                f"is here too: pass {path.resolve()} for the file, or rename it")
+                                f"is here too: pass ./{MASKED_INIT} for the file")
         else:
             controls.append(MASKED_INIT)
     return controls

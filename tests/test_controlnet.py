@@ -157,16 +157,20 @@ def _inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
 
 @pytest.mark.parametrize(("name", "backend"), [("sd-one", "onnxruntime-cpu"), ("inpaint-one", "torch")])
 def test_masked_init_control_image_matches_diffusers_inpaint_condition(engine_dirs, references, name, backend):
-    """``masked-init``: what an inpainting ControlNet reads, made from the request's init images (one
-    per prompt here) and mask, as diffusers' example makes it and its pipeline batches it."""
+    """``masked-init``: what an inpainting ControlNet reads, made from the request's init images and
+    masks (one each per prompt here; one a grey ramp, so the threshold is compared), as diffusers'
+    example makes it and its pipeline batches it."""
     from sdexport.runtime.request import MASKED_INIT
 
     pipeline = load_pipeline(engine_dirs[name], backend, image_inputs=True)
-    images, mask = [picture(64, 128, 1), picture(64, 128, 2)], box_mask(64, 128)
-    inpaint = {"image": images, "mask": [mask], "strength": 0.8}
+    images = [picture(64, 128, 1), picture(64, 128, 2)]
+    masks = [Image.fromarray(np.tile(np.linspace(0, 255, 128).round().astype(np.uint8), (64, 1))), box_mask(64, 128)]
+    inpaint = {"image": images, "mask": masks, "strength": 0.8}
     ours = pipeline(_request(name, **inpaint, control_image=[MASKED_INIT]))
-    condition = torch.cat([_inpaint_condition(image, mask) for image in images])
+    condition = torch.cat([_inpaint_condition(image, mask) for image, mask in zip(images, masks)])
     _agree(ours, references[name](_request(name, **inpaint, control_image=[condition])))
+    with pytest.raises(SdexportError, match="not masked-init: pass the masked init image as a tensor"):
+        references[name](_request(name, **inpaint, control_image=[MASKED_INIT]))
     # the parity above would notice the -1 region, or the second image's row, missing
     for wrong in (images[0], picture(64, 128, 3)):
         other = pipeline(_request(name, **inpaint, control_image=[wrong]))
@@ -182,10 +186,36 @@ def test_masked_init_needs_an_init_image_and_a_mask(engine_dirs, tmp_path, monke
     assert "control image masked-init is the init image with the mask's region at -1" in capsys.readouterr().err
     assert run_cli(*run, "--init-image", tmp_path / "i.png") == 2
     assert "it needs --init-image and --mask" in capsys.readouterr().err
+    picture(64, 64, 0).save(tmp_path / "m.png")
+    sdxl = ("run", engine_dirs["sdxl-one"], "-p", "x", "-o", tmp_path / "o.png", "--control-image", MASKED_INIT)
+    assert run_cli(*sdxl, "--init-image", tmp_path / "i.png") == 2
+    assert "masked-init is for inpainting, which runs on SD 1.x/2.x models" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
-    picture(64, 64, 0).save(tmp_path / "masked-init", format="PNG")
-    assert run_cli(*run, "--init-image", "i.png", "--mask", "i.png") == 2
-    assert "a file of that name is here too: pass" in capsys.readouterr().err
+    (tmp_path / "masked-init").write_bytes(b"not an image")
+    assert run_cli(*run, "--init-image", "i.png", "--mask", "m.png") == 2
+    assert "a file of that name is here too: pass ./masked-init for the file" in capsys.readouterr().err
+    assert run_cli(*run[:-1], "./masked-init", "--init-image", "i.png", "--mask", "m.png") == 2
+    assert "--control-image masked-init: not a readable image" in capsys.readouterr().err  # the file, read
+
+
+@pytest.mark.parametrize(("task", "pipeline"), [
+    ("txt2img", "StableDiffusionControlNetPipeline"), ("img2img", "StableDiffusionControlNetImg2ImgPipeline"),
+    ("inpaint", "StableDiffusionControlNetInpaintPipeline"), ("txt2img", "StableDiffusionXLControlNetPipeline"),
+    ("img2img", "StableDiffusionXLControlNetImg2ImgPipeline"),
+])
+def test_the_default_control_scale_is_diffusers_for_the_task(task, pipeline):
+    import inspect
+
+    import diffusers
+
+    from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
+
+    default = inspect.signature(getattr(diffusers, pipeline).__call__).parameters["controlnet_conditioning_scale"]
+    assert CONTROL_SCALE_DEFAULTS[task] == default.default
+    request = GenerationRequest(prompt=["x"], control_image=[picture(64, 64, 0)],
+                                image=None if task == "txt2img" else [picture(64, 64, 1)],
+                                mask=[box_mask(64, 64)] if task == "inpaint" else None)
+    assert request.task == task and request.control_settings(2) == [(default.default, 0.0, 1.0)] * 2
 
 
 def test_specs_and_manifest_describe_the_residuals(engine_dirs):
@@ -270,6 +300,8 @@ def test_control_image_without_controlnets_is_refused(tiny_engine_dir, tmp_path,
     assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-image",
                    tmp_path / "edges.png") == 2
     assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-scale", "1") == 2
+    assert "need an engine directory exported with --controlnet" in capsys.readouterr().err  # a setting, said
 
 
 def test_python_api_refuses_before_any_engine_runs(engine_dirs):
@@ -408,11 +440,10 @@ def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_
     for name, image in (("i.png", picture(64, 64, 0)), ("m.png", box_mask(64, 64)), ("e.png", picture(64, 64, 1))):
         image.save(tmp_path / name)
     assert run_cli("run", out, "-p", "x", "-o", tmp_path / "o.png", "--init-image", tmp_path / "i.png", "--mask",
-                   tmp_path / "m.png", "--control-image", tmp_path / "e.png", "--control-scale", "0.5",
-                   "--steps", "2") == 0
+                   tmp_path / "m.png", "--control-image", tmp_path / "e.png", "--steps", "2") == 0
     saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
     assert saved["task"] == "inpaint" and saved["strength"] == 1.0
-    assert saved["control"] == [{"scale": 0.5, "start": 0.0, "end": 1.0}]
+    assert saved["control"] == [{"scale": 0.5, "start": 0.0, "end": 1.0}]  # diffusers' default for inpainting
 
 
 def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs, tmp_path):

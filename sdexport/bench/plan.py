@@ -191,7 +191,7 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         image=None if scenario.strength is None else [init_image(scenario)],
         strength=scenario.strength,
         control_image=[control_image(scenario, i) for i in range(len(scenario.controlnets))] or None,
-        control_scale=scenario.control_scale if scenario.controlnets else 1.0,
+        control_scale=scenario.control_scale if scenario.controlnets else None,
     )
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from sdexport.errors import SdexportError
 from sdexport.models import LoadedModel
+from sdexport.runtime.request import MASKED_INIT
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
@@ -181,6 +183,9 @@ class DiffusersReference:
         if self.controlnets:
             one = self.controlnets == 1
             images = request.control_image or []
+            if any(isinstance(image, str) for image in images):  # diffusers takes images and tensors only
+                raise SdexportError("the diffusers reference takes control images as images or tensors, not "
+                                    f"{MASKED_INIT}: pass the masked init image as a tensor")
             settings = list(zip(*request.control_settings(self.controlnets)))
             extra |= {
                 "image" if request.task == "txt2img" else "control_image": images[0] if one else images,

@@ -19,6 +19,9 @@ MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
 MAX_CONDITIONING = 65536
 """SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
+CONTROL_SCALE_DEFAULTS = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
+"""``controlnet_conditioning_scale`` where none is given, per task, as diffusers' ControlNet pipelines
+default it (SD and SDXL; ``StableDiffusionControlNetImg2ImgPipeline``: 0.8, ``...InpaintPipeline``: 0.5)."""
 MASKED_INIT = "masked-init"
 """A control image made from the request itself: the init image with the mask's repaint region set
 to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,
@@ -65,8 +68,9 @@ class GenerationRequest:
     """One conditioning image (an edge, depth or pose map: PIL) per ControlNet, in the directory's
     order, each for every prompt; resized to the request's size as diffusers does. ``MASKED_INIT``
     in its place: the init image with the mask's region at -1 (for an inpainting ControlNet)."""
-    control_scale: float | list[float] = 1.0
-    """``controlnet_conditioning_scale``: one for all ControlNets, or one each."""
+    control_scale: float | list[float] | None = None
+    """``controlnet_conditioning_scale``: one for all ControlNets, or one each. None: diffusers' default
+    for the task (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5)."""
     control_start: float | list[float] = 0.0
     """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
     control_end: float | list[float] = 1.0
@@ -115,12 +119,14 @@ class GenerationRequest:
         return min(int(self.steps * self.effective_strength(family)), self.steps)
 
     def control_settings(self, count: int) -> list[tuple[float, float, float]]:
-        """(scale, start, end) for each of ``count`` ControlNets (single values serve all)."""
+        """(scale, start, end) for each of ``count`` ControlNets (single values serve all; no scale:
+        the task's default)."""
         def each(value: float | list[float]) -> list[float]:
             values = list(value) if isinstance(value, list | tuple) else [value]
             return values * count if len(values) == 1 else values
 
-        return list(zip(each(self.control_scale), each(self.control_start), each(self.control_end)))
+        scale = CONTROL_SCALE_DEFAULTS[self.task] if self.control_scale is None else self.control_scale
+        return list(zip(each(scale), each(self.control_start), each(self.control_end)))
 
     @property
     def cfg(self) -> bool:
@@ -200,14 +206,14 @@ def check_request(
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
     profile.check_request(request.batch, request.height, request.width, dims)
     _check_image_inputs(request, family, dims)
-    _check_control(request, controlnets)
+    _check_control(request, controlnets, family)
 
 
-def _check_control(request: GenerationRequest, controlnets: int) -> None:
+def _check_control(request: GenerationRequest, controlnets: int, family: str) -> None:
     """ControlNet inputs: one image per ControlNet, settings that diffusers would accept."""
     from sdexport.runtime.image_inputs import check_image
 
-    defaults = (request.control_scale, request.control_start, request.control_end) == (1.0, 0.0, 1.0)
+    defaults = (request.control_scale, request.control_start, request.control_end) == (None, 0.0, 1.0)
     if not controlnets:
         if request.control_image is not None or not defaults:
             raise SdexportError("--control-image and its settings need an engine directory exported with "
@@ -224,6 +230,9 @@ def _check_control(request: GenerationRequest, controlnets: int) -> None:
                             "order they were exported (controlnet, controlnet_1, ...)")
     for image in images:
         if isinstance(image, str) and image == MASKED_INIT:
+            if family == "sdxl":
+                raise SdexportError(f"control image {MASKED_INIT} is for inpainting, which runs on SD 1.x/2.x models "
+                                    "so far")
             if request.mask is None:
                 raise SdexportError(f"control image {MASKED_INIT} is the init image with the mask's region at -1 (for "
                                     "inpainting ControlNets): it needs --init-image and --mask")
@@ -231,6 +240,8 @@ def _check_control(request: GenerationRequest, controlnets: int) -> None:
         check_image(image, None, None, "control image")
     for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
                         ("--control-end", request.control_end)):
+        if value is None:  # the scale's per-task default
+            continue
         values = list(value) if isinstance(value, list | tuple) else [value]
         if len(values) not in (1, controlnets):
             raise SdexportError(f"{flag}: {len(values)} values for {controlnets} ControlNet{s}: give one, or one each")

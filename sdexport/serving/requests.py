@@ -43,7 +43,8 @@ class Row:
     mask: Any = None
     strength: float | None = None
     control_image: list[Any] | None = None
-    control_scale: float | list[float] = 1.0
+    control_scale: float | list[float] | None = None
+    """None: the task's default (``CONTROL_SCALE_DEFAULTS``)."""
     control_start: float | list[float] = 0.0
     control_end: float | list[float] = 1.0
     control_digest: str = ""
@@ -59,7 +60,7 @@ class Row:
                 _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end))
 
 
-def _hashable(value: float | list[float]) -> Any:
+def _hashable(value: float | list[float] | None) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
