@@ -132,6 +132,8 @@ def test_shipped_scenarios_parse():
     ('model = 3', "model: 3 is not of type 'string'"),
     ('model = "tiny"\ncontenders = []', "contenders: []"),
     ('model = "tiny"\nstrength = 0', "strength: 0 is less than or equal to the minimum of 0"),
+    ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\ncontrol_scale = 0', "control_scale 0: need a finite, non-zero"),
+    ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite, non-zero number"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     path = tmp_path / "s.toml"

@@ -68,6 +68,9 @@ class Scenario:
     """ControlNet presets or directories (as ``export --controlnet``), each given the same synthetic
     edge map; the baseline is diffusers' ControlNet pipeline with the same ControlNets."""
     control_scale: float = 1.0
+    """``controlnet_conditioning_scale``, given to every contender alike (the same for img2img: not
+    the task default ``sdexport run`` takes); non-zero, as a ControlNet at 0 is skipped by sdexport
+    and still run by diffusers."""
 
     @property
     def cases(self) -> list[Case]:
@@ -163,6 +166,10 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: {problem}")
     if not math.isfinite(data.get("guidance", 0.0)):
         raise SdexportError(f"{path}: guidance {data['guidance']}: need a finite number >= 0")
+    scale = data.get("control_scale", 1.0)
+    if not math.isfinite(scale) or scale == 0:
+        raise SdexportError(f"{path}: control_scale {scale}: need a finite, non-zero number (at 0 sdexport skips "
+                            "the ControlNets and diffusers still runs them: the contenders would not do the same work)")
     scenario = Scenario(**data)
     try:
         check_scheduler_name(scenario.scheduler)

@@ -21,7 +21,9 @@ MAX_CONDITIONING = 65536
 """SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
 CONTROL_SCALE_DEFAULTS = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
 """``controlnet_conditioning_scale`` where none is given, per task, as diffusers' ControlNet pipelines
-default it (SD and SDXL; ``StableDiffusionControlNetImg2ImgPipeline``: 0.8, ``...InpaintPipeline``: 0.5)."""
+default it: SD and SDXL txt2img 1.0 and img2img 0.8, SD inpainting 0.5. (SDXL inpainting, which is
+refused, defaults to 1.0 in ``StableDiffusionXLControlNetInpaintPipeline``: key this by family too
+before allowing it.)"""
 MASKED_INIT = "masked-init"
 """A control image made from the request itself: the init image with the mask's repaint region set
 to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,
