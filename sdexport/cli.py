@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.markup import escape
@@ -29,6 +29,8 @@ from sdexport.errors import ProfileError, SdexportError
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
+
+_Default = TypeVar("_Default", bound=float | None)
 
 app = typer.Typer(
     add_completion=False,
@@ -403,7 +405,7 @@ def run(
         target_size=_pair(target_size, "x", "--target-size"),
         strength=strength,
         control_image=controls or None,
-        control_scale=_one_or_each(control_scale, 1.0) if control_scale else None,  # None: the task's default
+        control_scale=_one_or_each(control_scale, None),  # None: the task's default
         control_start=_one_or_each(control_start, 0.0),
         control_end=_one_or_each(control_end, 1.0),
     )
@@ -521,7 +523,7 @@ def _control_images(values: list[str] | None, height: int | None, width: int | N
     return controls
 
 
-def _one_or_each(values: list[float] | None, default: float) -> float | list[float]:
+def _one_or_each(values: list[float] | None, default: _Default) -> float | list[float] | _Default:
     """A repeatable per-ControlNet option: its default, one value for all, or one each."""
     if not values:
         return default

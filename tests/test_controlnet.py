@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from test_image_tasks import box_mask
 
 from conftest import run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -44,12 +45,6 @@ TXT2IMG = [name for name in MODELS if not name.startswith("inpaint")]
 def picture(height: int, width: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def box_mask(height: int, width: int) -> Image.Image:
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
-    return Image.fromarray(mask)
 
 
 @pytest.fixture(scope="module")

@@ -166,11 +166,11 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: {problem}")
     if not math.isfinite(data.get("guidance", 0.0)):
         raise SdexportError(f"{path}: guidance {data['guidance']}: need a finite number >= 0")
-    scale = data.get("control_scale", 1.0)
-    if not math.isfinite(scale) or scale == 0:
-        raise SdexportError(f"{path}: control_scale {scale}: need a finite, non-zero number (at 0 sdexport skips "
-                            "the ControlNets and diffusers still runs them: the contenders would not do the same work)")
     scenario = Scenario(**data)
+    if not math.isfinite(scenario.control_scale) or scenario.control_scale == 0:
+        raise SdexportError(f"{path}: control_scale {scenario.control_scale}: need a finite, non-zero number (at 0 "
+                            "sdexport skips the ControlNets and diffusers still runs them: the contenders would not "
+                            "do the same work)")
     try:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
