@@ -96,7 +96,7 @@ BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width 
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, tiny-inpaint, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
+    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, tiny-inpaint, tiny-sdxl-inpaint, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,
@@ -341,12 +341,12 @@ def run(
     crop_top_left: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, Y,X (default: 0,0).")] = None,
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
     init_image: Annotated[Path | None, typer.Option(help="img2img / inpainting: start from this image (its size is the default --height/--width).")] = None,
-    mask: Annotated[Path | None, typer.Option(help="Inpainting (SD 1.x/2.x): white repaints, black keeps; needs --init-image.")] = None,
-    strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default: img2img 0.8, SDXL img2img 0.3, inpainting 1.0); runs int(steps x strength) steps.")] = None,
+    mask: Annotated[Path | None, typer.Option(help="Inpainting: white repaints, black keeps; needs --init-image.")] = None,
+    strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default as diffusers: img2img 0.8, SDXL img2img 0.3, inpainting 1.0, SDXL inpainting 0.9999); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
     control_image: Annotated[list[str] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
-    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: 1.0; with --init-image 0.8; inpainting 0.5).")] = None,
+    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: 1.0; with --init-image 0.8; SD inpainting 0.5).")] = None,
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
 ) -> None:
@@ -361,6 +361,7 @@ def run(
         check_backend,
         check_prompt_text,
         check_request,
+        default_notes,
         ignored_settings,
     )
 
@@ -455,7 +456,7 @@ def run(
         # hashes: the directory is what the manifest says
         verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
                            image_inputs=request.image is not None, lora=bool(loras))
-    for note in [*ignored_settings(request), *notes]:
+    for note in [*ignored_settings(request), *default_notes(request, manifest.family), *notes]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:
         inputs["fit"] = fit

@@ -38,8 +38,9 @@ MODELS = {  # name: (preset, ControlNets)
     "sd-two": ("tiny", ["tiny-controlnet", "tiny-controlnet"]),
     "sdxl-one": ("tiny-sdxl", ["tiny-controlnet"]),
     "inpaint-one": ("tiny-inpaint", ["tiny-controlnet"]),  # a 9-channel inpainting U-Net
+    "sdxl-inpaint-one": ("tiny-sdxl-inpaint", ["tiny-controlnet"]),
 }
-TXT2IMG = [name for name in MODELS if not name.startswith("inpaint")]
+TXT2IMG = [name for name in MODELS if "inpaint" not in name]
 
 
 def picture(height: int, width: int, seed: int) -> Image.Image:
@@ -98,7 +99,8 @@ def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, ba
     ours = pipeline(request)
     _agree(ours, references[name](request))
     # the ControlNets act: without them (scale 0) the latents differ, and the time is reported apart
-    steps, settings = len(ours.timings.unet_steps), request.control_settings(len(MODELS[name][1]))
+    steps, settings = len(ours.timings.unet_steps), request.control_settings(len(MODELS[name][1]),
+                                                                          PRESETS[MODELS[name][0]].family)
     active = [i for i in range(steps) if any(not (i / steps < s or (i + 1) / steps > e) for _, s, e in settings)]
     assert len(ours.timings.controlnet_steps) == len(active)
     quiet = pipeline(_request(name, control_scale=0.0))
@@ -123,13 +125,17 @@ INPAINT_CASES = [
     pytest.param("inpaint-one", 1.0, "euler_a", "onnxruntime-cpu", id="9-channel-full-strength"),
     pytest.param("inpaint-one", 0.6, "default", "torch", id="9-channel-partial-torch"),
     pytest.param("sd-one", 0.7, "euler_a", "torch", id="blended-partial-torch"),
+    # SDXL: strength None is diffusers' 0.9999 (the init image noised, one step fewer)
+    pytest.param("sdxl-one", None, "euler_a", "onnxruntime-cpu", id="sdxl-blended-default-strength"),
+    pytest.param("sdxl-inpaint-one", None, "default", "onnxruntime-cpu", id="sdxl-9-channel-default-strength"),
+    pytest.param("sdxl-inpaint-one", 1.0, "euler_a", "torch", id="sdxl-9-channel-full-strength-torch"),
 ]
 
 
 @pytest.mark.parametrize(("name", "strength", "scheduler", "backend"), INPAINT_CASES)
 def test_inpainting_with_controlnets_matches_diffusers(engine_dirs, references, name, strength, scheduler, backend):
-    """StableDiffusionControlNetInpaintPipeline, same seeds, batch 2 with CFG: the ControlNets read the
-    latents alone; a 9-channel U-Net also takes the mask and the masked image's latents, a standard
+    """StableDiffusion(XL)ControlNetInpaintPipeline, same seeds, batch 2 with CFG: the ControlNets read
+    the latents alone; a 9-channel U-Net also takes the mask and the masked image's latents, a standard
     one blends the kept region back after every step."""
     pipeline = load_pipeline(engine_dirs[name], backend, image_inputs=True)
     inpaint = {"image": [picture(64, 128, 1)], "mask": [box_mask(64, 128)], "strength": strength,
@@ -150,7 +156,8 @@ def _inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
     return torch.from_numpy(pixels[None].transpose(0, 3, 1, 2).copy())
 
 
-@pytest.mark.parametrize(("name", "backend"), [("sd-one", "onnxruntime-cpu"), ("inpaint-one", "torch")])
+@pytest.mark.parametrize(("name", "backend"), [("sd-one", "onnxruntime-cpu"), ("inpaint-one", "torch"),
+                                               ("sdxl-inpaint-one", "onnxruntime-cpu")])
 def test_masked_init_control_image_matches_diffusers_inpaint_condition(engine_dirs, references, name, backend):
     """``masked-init``: what an inpainting ControlNet reads, made from the request's init images and
     masks (one each per prompt here; one a grey ramp, so the threshold is compared), as diffusers'
@@ -183,8 +190,8 @@ def test_masked_init_needs_an_init_image_and_a_mask(engine_dirs, tmp_path, monke
     assert "it needs --init-image and --mask" in capsys.readouterr().err
     picture(64, 64, 0).save(tmp_path / "m.png")
     sdxl = ("run", engine_dirs["sdxl-one"], "-p", "x", "-o", tmp_path / "o.png", "--control-image", MASKED_INIT)
-    assert run_cli(*sdxl, "--init-image", tmp_path / "i.png") == 2
-    assert "masked-init is for inpainting, which runs on SD 1.x/2.x models" in capsys.readouterr().err
+    assert run_cli(*sdxl, "--init-image", tmp_path / "i.png") == 2  # SDXL alike
+    assert "it needs --init-image and --mask" in capsys.readouterr().err
     monkeypatch.chdir(tmp_path)
     (tmp_path / "masked-init").write_bytes(b"not an image")
     assert run_cli(*run, "--init-image", "i.png", "--mask", "m.png") == 2
@@ -193,24 +200,38 @@ def test_masked_init_needs_an_init_image_and_a_mask(engine_dirs, tmp_path, monke
     assert "--control-image masked-init: not a readable image" in capsys.readouterr().err  # the file, read
 
 
-@pytest.mark.parametrize(("task", "pipeline"), [
-    ("txt2img", "StableDiffusionControlNetPipeline"), ("img2img", "StableDiffusionControlNetImg2ImgPipeline"),
-    ("inpaint", "StableDiffusionControlNetInpaintPipeline"), ("txt2img", "StableDiffusionXLControlNetPipeline"),
-    ("img2img", "StableDiffusionXLControlNetImg2ImgPipeline"),
-])
-def test_the_default_control_scale_is_diffusers_for_the_task(task, pipeline):
+DEFAULT_CASES = [  # family, task, ControlNets?, the diffusers pipeline that does it
+    ("sd", "txt2img", True, "StableDiffusionControlNetPipeline"),
+    ("sd", "img2img", True, "StableDiffusionControlNetImg2ImgPipeline"),
+    ("sd", "inpaint", True, "StableDiffusionControlNetInpaintPipeline"),
+    ("sdxl", "txt2img", True, "StableDiffusionXLControlNetPipeline"),
+    ("sdxl", "img2img", True, "StableDiffusionXLControlNetImg2ImgPipeline"),
+    ("sdxl", "inpaint", True, "StableDiffusionXLControlNetInpaintPipeline"),
+    ("sd", "img2img", False, "StableDiffusionImg2ImgPipeline"),
+    ("sd", "inpaint", False, "StableDiffusionInpaintPipeline"),
+    ("sdxl", "img2img", False, "StableDiffusionXLImg2ImgPipeline"),
+    ("sdxl", "inpaint", False, "StableDiffusionXLInpaintPipeline"),
+]
+
+
+@pytest.mark.parametrize(("family", "task", "controlnet", "pipeline"), DEFAULT_CASES, ids=[c[3] for c in DEFAULT_CASES])
+def test_the_default_scale_and_strength_are_diffusers_for_the_task(family, task, controlnet, pipeline):
+    """Read from diffusers' own signatures: SDXL inpainting keeps the scale at 1.0 where SD lowers it
+    to 0.5, and takes strength 0.9999 where SD takes 1."""
     import inspect
 
     import diffusers
 
-    from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
-
-    default = inspect.signature(getattr(diffusers, pipeline).__call__).parameters["controlnet_conditioning_scale"]
-    assert CONTROL_SCALE_DEFAULTS[task] == default.default
-    request = GenerationRequest(prompt=["x"], control_image=[picture(64, 64, 0)],
+    defaults = inspect.signature(getattr(diffusers, pipeline).__call__).parameters
+    request = GenerationRequest(prompt=["x"], control_image=[picture(64, 64, 0)] if controlnet else None,
                                 image=None if task == "txt2img" else [picture(64, 64, 1)],
                                 mask=[box_mask(64, 64)] if task == "inpaint" else None)
-    assert request.task == task and request.control_settings(2) == [(default.default, 0.0, 1.0)] * 2
+    assert request.task == task
+    if controlnet:
+        scale = defaults["controlnet_conditioning_scale"].default
+        assert request.control_settings(2, family) == [(scale, 0.0, 1.0)] * 2
+    if task != "txt2img":
+        assert request.effective_strength(family) == defaults["strength"].default
 
 
 def test_specs_and_manifest_describe_the_residuals(engine_dirs):
@@ -412,21 +433,25 @@ def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
     assert load_manifest(tmp_path / "one").controlnets == ["controlnet"]
 
 
-def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_path):
+@pytest.mark.parametrize(("name", "pipeline", "strength", "scale"), [
+    ("inpaint-one", "StableDiffusionControlNetInpaintPipeline", 1.0, 0.5),
+    ("sdxl-inpaint-one", "StableDiffusionXLControlNetInpaintPipeline", 0.9999, 1.0),
+])
+def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_path, name, pipeline, strength, scale):
     """The U-Net takes 9 channels and the residuals, the ControlNet 4 (the latents alone); the directory
-    is a StableDiffusionControlNetInpaintPipeline, which diffusers loads and sdexport exports back;
-    ``run`` inpaints with the ControlNet and records both in the image."""
+    is a StableDiffusion(XL)ControlNetInpaintPipeline, which diffusers loads and sdexport exports back;
+    ``run`` inpaints with the ControlNet and records both, with diffusers' defaults, in the image."""
     import diffusers
 
-    manifest = load_manifest(engine_dirs["inpaint-one"])
+    manifest = load_manifest(engine_dirs[name])
     sizes = manifest.model_dims.sizes(2, 64, 128)
     unet, net = manifest.spec("unet"), manifest.spec("controlnet")
     assert unet.tensor("sample").shape(sizes) == (2, 9, 8, 16) and unet.residual_inputs
     assert net.tensor("sample").shape(sizes) == (2, 4, 8, 16)
-    index = json.loads((engine_dirs["inpaint-one"] / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionControlNetInpaintPipeline"
-    load_model("tiny-inpaint", controlnets=["tiny-controlnet"]).save_pretrained(tmp_path / "pipe")
-    pipe = diffusers.StableDiffusionControlNetInpaintPipeline.from_pretrained(tmp_path / "pipe")
+    index = json.loads((engine_dirs[name] / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline
+    load_model(MODELS[name][0], controlnets=["tiny-controlnet"]).save_pretrained(tmp_path / "pipe")
+    pipe = getattr(diffusers, pipeline).from_pretrained(tmp_path / "pipe")
     assert pipe.unet.config.in_channels == 9 and pipe.controlnet.config.in_channels == 4
     out = tmp_path / "engines"
     assert run_cli("export", tmp_path / "pipe", "-o", out, "--verify", "none", "--height", "64:64:128", "--width",
@@ -437,24 +462,26 @@ def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_
     assert run_cli("run", out, "-p", "x", "-o", tmp_path / "o.png", "--init-image", tmp_path / "i.png", "--mask",
                    tmp_path / "m.png", "--control-image", tmp_path / "e.png", "--steps", "2") == 0
     saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
-    assert saved["task"] == "inpaint" and saved["strength"] == 1.0
-    assert saved["control"] == [{"scale": 0.5, "start": 0.0, "end": 1.0}]  # diffusers' default for inpainting
+    assert saved["task"] == "inpaint" and saved["strength"] == strength
+    assert saved["control"] == [{"scale": scale, "start": 0.0, "end": 1.0}]  # diffusers' defaults for inpainting
 
 
-def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs, tmp_path):
-    """The Triton model's inputs (init image, mask and control image as bytes) reach the same loop."""
+@pytest.mark.parametrize("name", ["inpaint-one", "sdxl-inpaint-one"])
+def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs, tmp_path, name):
+    """The Triton model's inputs (init image, mask and control image as bytes) reach the same loop,
+    with the same defaults (SDXL's strength 0.9999 included)."""
     from test_serving import _inputs, _png_pixels
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
 
     files = {"init": picture(64, 128, 1), "mask": box_mask(64, 128), "control": picture(64, 128, 2)}
-    for name, image in files.items():
-        image.save(tmp_path / f"{name}.png")
-    model = ServedModel(ServeSettings(str(engine_dirs["inpaint-one"]), backend="onnxruntime-cpu", max_steps=50))
+    for key, image in files.items():
+        image.save(tmp_path / f"{key}.png")
+    model = ServedModel(ServeSettings(str(engine_dirs[name]), backend="onnxruntime-cpu", max_steps=50))
     try:
         for control in (tmp_path / "control.png", "masked-init"):  # a file, and the masked init image by name
             out = tmp_path / "cli.png"
-            assert run_cli("run", engine_dirs["inpaint-one"], "-p", "x", "--steps", "3", "--seed", "5", "--init-image",
+            assert run_cli("run", engine_dirs[name], "-p", "x", "--steps", "3", "--seed", "5", "--init-image",
                            tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--control-image", control,
                            "--control-scale", "0.6", "--backend", "onnxruntime-cpu", "-o", out) == 0
             [generated] = model.generate([_inputs(
@@ -513,9 +540,3 @@ def test_a_manifest_with_other_residual_sides_is_refused(engine_dirs, tmp_path, 
     assert run_cli("inspect", directory) != 0
     assert "the manifest does not describe this graph" in capsys.readouterr().err
 
-
-def test_sdxl_controlnet_img2img_default_strength_is_diffusers():
-    request = GenerationRequest(prompt=["x"], image=[picture(64, 64, 0)])
-    assert request.effective_strength("sdxl") == 0.3
-    request.control_image = [picture(64, 64, 1)]
-    assert request.effective_strength("sdxl") == 0.8

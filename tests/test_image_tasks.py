@@ -42,7 +42,7 @@ def box_mask(height: int, width: int) -> Image.Image:
 def engine_dirs(tiny_engine_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("image-tasks")
     dirs = {"tiny": tiny_engine_dir}
-    for preset in ("tiny-inpaint", "tiny-sdxl"):
+    for preset in ("tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint"):
         dirs[preset] = root / preset
         export(preset, dirs[preset], ExportOptions(verify="quick"))
     return dirs
@@ -50,7 +50,8 @@ def engine_dirs(tiny_engine_dir, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, DiffusersReference]:
-    return {preset: DiffusersReference(load_model(preset)) for preset in ("tiny", "tiny-inpaint", "tiny-sdxl")}
+    return {preset: DiffusersReference(load_model(preset))
+            for preset in ("tiny", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint")}
 
 
 def _agree(ours, theirs) -> None:
@@ -68,12 +69,17 @@ CASES = [
     pytest.param("tiny-inpaint", True, 0.6, "default", 2, id="inpaint-9-channel-partial"),
     pytest.param("tiny", True, 1.0, "euler_a", 1, id="inpaint-blended-full-strength"),
     pytest.param("tiny", True, 0.6, "default", 2, id="inpaint-blended-partial"),
+    # SDXL: strength None is diffusers' 0.9999, the init image noised to the first timestep
+    pytest.param("tiny-sdxl-inpaint", True, None, "euler_a", 1, id="sdxl-inpaint-9-channel-default-strength"),
+    pytest.param("tiny-sdxl-inpaint", True, 1.0, "default", 2, id="sdxl-inpaint-9-channel-full-strength"),
+    pytest.param("tiny-sdxl", True, None, "default", 2, id="sdxl-inpaint-blended-default-strength"),
+    pytest.param("tiny-sdxl", True, 0.6, "euler_a", 1, id="sdxl-inpaint-blended-partial"),
 ]
 
 
 @pytest.mark.parametrize(("preset", "masked", "strength", "scheduler", "images"), CASES)
 def test_matches_diffusers(engine_dirs, references, preset, masked, strength, scheduler, images):
-    """StableDiffusion(XL)Img2ImgPipeline and StableDiffusionInpaintPipeline (9-channel U-Net, and a
+    """StableDiffusion(XL)Img2ImgPipeline and StableDiffusion(XL)InpaintPipeline (9-channel U-Net, and a
     standard U-Net blending the kept region back), same seeds, batch 2, a non-square size."""
     pipeline = load_pipeline(engine_dirs[preset], "onnxruntime-cpu", image_inputs=True)
     request = GenerationRequest(
@@ -84,11 +90,12 @@ def test_matches_diffusers(engine_dirs, references, preset, masked, strength, sc
     _agree(pipeline(request), references[preset](request))
 
 
-def test_torch_backend_runs_the_same_loop(engine_dirs, references):
-    pipeline = load_pipeline(engine_dirs["tiny-inpaint"], "torch", image_inputs=True)
+@pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-inpaint"])
+def test_torch_backend_runs_the_same_loop(engine_dirs, references, preset):
+    pipeline = load_pipeline(engine_dirs[preset], "torch", image_inputs=True)
     request = GenerationRequest(prompt=["a lighthouse"], steps=6, seeds=[7], height=64, width=64,
                                 image=[picture(64, 64, 1)], mask=[box_mask(64, 64)], strength=0.8)
-    _agree(pipeline(request), references["tiny-inpaint"](request))
+    _agree(pipeline(request), references[preset](request))
 
 
 def test_the_strength_picks_the_steps(engine_dirs):
@@ -100,19 +107,21 @@ def test_the_strength_picks_the_steps(engine_dirs):
     assert calls[-1] == 3 == request.denoising_steps("sd")  # int(10 x 0.35)
 
 
-def test_inpainting_unet_spec_and_files(engine_dirs):
-    manifest = load_manifest(engine_dirs["tiny-inpaint"])
+@pytest.mark.parametrize(("preset", "pipeline"), [("tiny-inpaint", "StableDiffusionInpaintPipeline"),
+                                                  ("tiny-sdxl-inpaint", "StableDiffusionXLInpaintPipeline")])
+def test_inpainting_unet_spec_and_files(engine_dirs, preset, pipeline):
+    manifest = load_manifest(engine_dirs[preset])
     assert manifest.dims["U"] == 9 and manifest.model_dims.inpainting
     assert "U" not in load_manifest(engine_dirs["tiny"]).dims  # other directories stay as before
     unet = manifest.spec("unet")
     sizes = manifest.model_dims.sizes(2, 64, 128)
     assert unet.tensor("sample").shape(sizes) == (2, 9, 8, 16)
     assert unet.tensor("out_sample").shape(sizes) == (2, 4, 8, 16)
-    index = json.loads((engine_dirs["tiny-inpaint"] / "model_index.json").read_text())
-    assert index["_class_name"] == "StableDiffusionInpaintPipeline"
+    index = json.loads((engine_dirs[preset] / "model_index.json").read_text())
+    assert index["_class_name"] == pipeline
     import onnx
 
-    graph = onnx.load(str(engine_dirs["tiny-inpaint"] / manifest.components["unet"].onnx), load_external_data=False)
+    graph = onnx.load(str(engine_dirs[preset] / manifest.components["unet"].onnx), load_external_data=False)
     channels = graph.graph.input[0].type.tensor_type.shape.dim[1].dim_value
     assert channels == 9
 
@@ -216,23 +225,61 @@ def test_cli_refuses_bad_image_inputs_in_one_line(engine_dirs, files, tmp_path, 
     assert not out.exists()
 
 
-def test_cli_refuses_sdxl_inpainting_and_a_maskless_inpainting_model(engine_dirs, files, tmp_path, capsys):
-    assert run_cli("run", engine_dirs["tiny-sdxl"], "-p", "x", "--init-image", files["image"], "--mask",
-                   files["mask"], "-o", tmp_path / "a.png") == 2
-    assert "inpainting runs on SD 1.x/2.x models so far" in capsys.readouterr().err
-    assert run_cli("run", engine_dirs["tiny-inpaint"], "-p", "x", "-o", tmp_path / "b.png") == 2
+@pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-inpaint"])
+def test_cli_refuses_a_maskless_inpainting_model(engine_dirs, files, tmp_path, capsys, preset):
+    assert run_cli("run", engine_dirs[preset], "-p", "x", "-o", tmp_path / "b.png") == 2
     assert "give --init-image and --mask" in capsys.readouterr().err
+    assert run_cli("run", engine_dirs[preset], "-p", "x", "--init-image", files["image"], "-o", tmp_path / "b.png") == 2
+    assert "give --mask with the init image" in capsys.readouterr().err
 
 
-def test_sdxl_inpainting_unets_are_refused_before_export():
+def test_sdxl_inpainting_from_a_diffusers_directory(engine_dirs, files, tmp_path, capsys):
+    """A StableDiffusionXLInpaintPipeline directory (9 channels) exports and inpaints; the base SDXL
+    U-Net inpaints too (blending). Without --strength both take diffusers' 0.9999: one step fewer."""
+    import diffusers
+
+    load_model("tiny-sdxl-inpaint").save_pretrained(tmp_path / "pipe")
+    assert diffusers.StableDiffusionXLInpaintPipeline.from_pretrained(tmp_path / "pipe").unet.config.in_channels == 9
+    out = tmp_path / "engines"
+    assert run_cli("export", tmp_path / "pipe", "-o", out, "--verify", "none", "--height", "64:64:128", "--width",
+                   "64:128:128") == 0
+    for i, directory in enumerate((out, engine_dirs["tiny-sdxl"])):
+        image = tmp_path / f"o{i}.png"
+        assert run_cli("run", directory, "-p", "x", "--init-image", files["image"], "--mask", files["mask"],
+                       "--steps", "4", "-o", image) == 0
+        said = " ".join(capsys.readouterr().err.split())
+        assert "3 of 4 steps: SDXL inpainting's default --strength is diffusers' 0.9999" in said and "3 steps" in said
+        record = json.loads(Image.open(image).text["sdexport"])
+        assert record["task"] == "inpaint" and record["strength"] == 0.9999
+    assert run_cli("run", out, "-p", "x", "--init-image", files["image"], "--mask", files["mask"], "--steps", "1",
+                   "-o", tmp_path / "never.png") == 2
+    assert "the default strength 0.9999 with --steps 1 runs no step" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-inpaint"])
+def test_an_adopted_inpainting_export_inpaints_as_its_source(engine_dirs, tmp_path, preset):
+    """An ONNX export in optimum's layout (ours, less its manifest) of an inpainting U-Net is adopted
+    and gives its source's image."""
+    import shutil
+
+    foreign = tmp_path / "optimum-export"
+    shutil.copytree(engine_dirs[preset], foreign)
+    (foreign / "manifest.json").unlink()
+    assert run_cli("adopt", foreign) == 0
+    assert load_manifest(foreign).model_dims.inpainting
+    request = GenerationRequest(prompt=["x"], steps=3, seeds=[5], height=64, width=64, image=[picture(64, 64, 0)],
+                                mask=[box_mask(64, 64)])
+    pixels = [load_pipeline(d, "onnxruntime-cpu", image_inputs=True)(request).pixels for d in (foreign, engine_dirs[preset])]
+    np.testing.assert_array_equal(*pixels)
+
+
+def test_any_inpainting_unet_is_taken_and_other_channel_counts_refused_before_export():
     from sdexport.errors import ModelLoadError
     from sdexport.models.loader import unet_extra_channels
 
-    assert unet_extra_channels(9, 4, "x", "sd") == 9 and unet_extra_channels(4, 4, "x", "sdxl") == 0
-    with pytest.raises(ModelLoadError, match="an SDXL inpainting U-Net"):
-        unet_extra_channels(9, 4, "x", "sdxl")
+    assert unet_extra_channels(9, 4, "x") == 9 and unet_extra_channels(4, 4, "x") == 0
     with pytest.raises(ModelLoadError, match="sdexport runs U-Nets that take the latents"):
-        unet_extra_channels(8, 4, "x", "sd")
+        unet_extra_channels(8, 4, "x")
 
 
 def test_the_vae_encoder_runs_at_the_request_batch(engine_dirs):

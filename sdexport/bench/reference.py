@@ -139,8 +139,9 @@ class DiffusersReference:
                             else diffusers.StableDiffusionControlNetImg2ImgPipeline)
             elif task == "img2img":
                 cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
-            elif self.controlnets:  # SD 1.x/2.x: the runtime refuses SDXL inpainting
-                cls = diffusers.StableDiffusionControlNetInpaintPipeline
+            elif self.controlnets:
+                cls = (diffusers.StableDiffusionXLControlNetInpaintPipeline if sdxl
+                       else diffusers.StableDiffusionControlNetInpaintPipeline)
             else:
                 cls = diffusers.StableDiffusionXLInpaintPipeline if sdxl else diffusers.StableDiffusionInpaintPipeline
             variant = cls.from_pipe(self.pipe)
@@ -186,7 +187,7 @@ class DiffusersReference:
             if any(isinstance(image, str) for image in images):  # diffusers takes images and tensors only
                 raise SdexportError("the diffusers reference takes control images as images or tensors, not "
                                     f"{MASKED_INIT}: pass the masked init image as a tensor")
-            settings = list(zip(*request.control_settings(self.controlnets)))
+            settings = list(zip(*request.control_settings(self.controlnets, self.model.family)))
             extra |= {
                 "image" if request.task == "txt2img" else "control_image": images[0] if one else images,
                 "controlnet_conditioning_scale": settings[0][0] if one else list(settings[0]),

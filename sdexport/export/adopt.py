@@ -103,11 +103,10 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
                if part != "text_encoder_2" or family == "sdxl"}
     lengths = {name: _tokenizer_length(directory / name) for name in tokenizer_names(family)}
     latent = configs["vae"].get("latent_channels", 4)
-    if configs["unet"].get("in_channels") not in ((latent, 2 * latent + 1) if family != "sdxl" else (latent,)):
+    if configs["unet"].get("in_channels") not in (latent, 2 * latent + 1):
         raise SdexportError(
             f"{directory}: the U-Net takes {configs['unet'].get('in_channels')} channels and the VAE makes "
-            f"{latent}: a conditioned U-Net other than SD 1.x/2.x inpainting ({2 * latent + 1}), which sdexport "
-            "does not run"
+            f"{latent}: a conditioned U-Net other than inpainting ({2 * latent + 1}), which sdexport does not run"
         )
     from sdexport.models.loader import model_dims
 

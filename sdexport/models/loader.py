@@ -36,8 +36,13 @@ from sdexport.specs import ModelDims, controlnet_index, controlnet_names, contro
 SDXL_TIME_IDS = 6
 """original size (h, w), crop top-left (y, x), target size (h, w)."""
 PIPELINE_OPTIONS = {"sdxl": {"force_zeros_for_empty_prompt": True}}
-CONTROLNET_PIPELINES = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
 """Per family: model_index.json options the runtime honours, with diffusers' defaults."""
+CONTROLNET_PIPELINES = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+INPAINT_PIPELINES = {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline"}
+CONTROLNET_INPAINT_PIPELINES = {"sd": "StableDiffusionControlNetInpaintPipeline",
+                                "sdxl": "StableDiffusionXLControlNetInpaintPipeline"}
+"""The diffusers pipeline class a directory of an inpainting U-Net is saved as (per family, with and
+without ControlNets), so that diffusers loads it as the pipeline that runs it."""
 
 
 @dataclass
@@ -105,8 +110,8 @@ class LoadedModel:
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
         controlnets = controlnets_among(self.modules)
         pipeline = next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
-        if self.family == "sd" and self.dims.inpainting:
-            pipeline = "StableDiffusionControlNetInpaintPipeline" if controlnets else "StableDiffusionInpaintPipeline"
+        if self.dims.inpainting:
+            pipeline = (CONTROLNET_INPAINT_PIPELINES if controlnets else INPAINT_PIPELINES)[self.family]
         elif controlnets:
             pipeline = CONTROLNET_PIPELINES[self.family]
         index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": _version("diffusers")}
@@ -138,17 +143,14 @@ class LoadedModel:
         (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
 
 
-def unet_extra_channels(in_channels: int, latent_channels: int, label: str, family: str = "sd") -> int:
-    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an SD 1.x/2.x
-    inpainting U-Net (latents, mask, masked-image latents); any other count, or an SDXL inpainting
-    U-Net, is a conditioning sdexport does not run (refused before anything is exported)."""
+def unet_extra_channels(in_channels: int, latent_channels: int, label: str) -> int:
+    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an inpainting U-Net
+    (latents, mask, masked-image latents: SD 1.x/2.x and SDXL alike); any other count is a
+    conditioning sdexport does not run (refused before anything is exported)."""
     if in_channels == latent_channels:
         return 0
-    if in_channels == 2 * latent_channels + 1 and family != "sdxl":
-        return in_channels
     if in_channels == 2 * latent_channels + 1:
-        raise ModelLoadError(f"{label}: an SDXL inpainting U-Net ({in_channels} input channels); sdexport runs "
-                             "inpainting U-Nets of SD 1.x/2.x so far (SDXL: img2img, or inpainting with the base U-Net)")
+        return in_channels
     raise ModelLoadError(
         f"{label}: the U-Net takes {in_channels} input channels for {latent_channels} latent channels; sdexport "
         f"runs U-Nets that take the latents ({latent_channels}) or inpainting ones ({2 * latent_channels + 1})"
@@ -178,7 +180,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         "S": sequence,
         "E": int(unet.cross_attention_dim),
         "C": int(unet.out_channels),
-        "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label, family),
+        "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label),
         "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
     }

@@ -26,6 +26,8 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLControlNetPipeline": "sdxl",
     "StableDiffusionControlNetInpaintPipeline": "sd",  # either U-Net (4 or 9 channels), with its ControlNet(s)
+    "StableDiffusionXLInpaintPipeline": "sdxl",  # either U-Net (4 channels: the base model, or 9)
+    "StableDiffusionXLControlNetInpaintPipeline": "sdxl",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -123,24 +125,24 @@ def _outline(
             unet_downsample=2 ** (len(unet["down_block_types"]) - 1),
             vae_width=int(blocks[0]),
             scheduler_config=dict(scheduler),
-            inpainting=_inpainting(unet, vae, family),
+            inpainting=_inpainting(unet, vae),
             unet_config=dict(unet),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ModelLoadError(f"the U-Net or VAE config lacks a usable {one_line(exc)}") from None
 
 
-def _inpainting(unet: dict[str, Any], vae: dict[str, Any], family: str) -> bool:
-    """The U-Net's input channels say it: 2C + 1 is an inpainting U-Net (SDXL's are refused)."""
+def _inpainting(unet: dict[str, Any], vae: dict[str, Any]) -> bool:
+    """The U-Net's input channels say it: 2C + 1 is an inpainting U-Net (latents, mask, masked-image
+    latents), in every family."""
     latent = int(unet.get("out_channels", vae.get("latent_channels", 4)))
     channels = int(unet.get("in_channels", latent))
     if channels == latent:
         return False
-    if channels == 2 * latent + 1 and family != "sdxl":
+    if channels == 2 * latent + 1:
         return True
-    raise ModelLoadError(f"the U-Net takes {channels} input channels for {latent} latent channels: "
-                         + ("an SDXL inpainting U-Net, which sdexport does not run so far" if channels == 2 * latent + 1
-                            else "a conditioning sdexport does not run"))
+    raise ModelLoadError(f"the U-Net takes {channels} input channels for {latent} latent channels: a conditioning "
+                         "sdexport does not run")
 
 
 def vae_config_dir(path: Path) -> Path:

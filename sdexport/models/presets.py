@@ -317,6 +317,18 @@ PRESETS: dict[str, Preset] = {
         profile=_TINY_PROFILE,
         pipeline_config=_SDXL_PIPELINE,
     ),
+    "tiny-sdxl-inpaint": Preset(
+        name="tiny-sdxl-inpaint",
+        description="tiny-sdxl, with an inpainting U-Net (9 input channels: latents, mask, masked-image latents)",
+        family="sdxl",
+        unet={**_TINY_SDXL_UNET, "in_channels": 9},
+        vae={**_TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+        text_encoder=_TINY_TEXT,
+        text_encoder_2=_TINY_SDXL_TEXT_2,
+        scheduler=_SDXL_SCHEDULER,
+        profile=_TINY_PROFILE,
+        pipeline_config=_SDXL_PIPELINE,
+    ),
 }
 
 

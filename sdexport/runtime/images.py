@@ -209,7 +209,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
            if request.task != "txt2img" else {}),
         **({"truncated_from": cut} if cut else {}),
         **({"control": [{"scale": scale, "start": start, "end": end}
-                        for scale, start, end in request.control_settings(len(request.control_image))]}
+                        for scale, start, end in request.control_settings(len(request.control_image), info.get("family", "sd"))]}
            if request.control_image else {}),
         **info,
     }

@@ -19,11 +19,21 @@ MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
 MAX_CONDITIONING = 65536
 """SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
-CONTROL_SCALE_DEFAULTS = {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5}
-"""``controlnet_conditioning_scale`` where none is given, per task, as diffusers' ControlNet pipelines
-default it: SD and SDXL txt2img 1.0 and img2img 0.8, SD inpainting 0.5. (SDXL inpainting, which is
-refused, defaults to 1.0 in ``StableDiffusionXLControlNetInpaintPipeline``: key this by family too
-before allowing it.)"""
+CONTROL_SCALE_DEFAULTS = {
+    "sd": {"txt2img": 1.0, "img2img": 0.8, "inpaint": 0.5},
+    "sdxl": {"txt2img": 1.0, "img2img": 0.8, "inpaint": 1.0},
+}
+"""``controlnet_conditioning_scale`` where none is given, per family and task, as diffusers' ControlNet
+pipelines default it (``StableDiffusionXLControlNetInpaintPipeline`` keeps 1.0 where the SD one
+lowers it to 0.5)."""
+STRENGTH_DEFAULTS = {
+    "sd": {"img2img": 0.8, "controlnet-img2img": 0.8, "inpaint": 1.0},
+    "sdxl": {"img2img": 0.3, "controlnet-img2img": 0.8, "inpaint": 0.9999},
+}
+"""``strength`` where none is given, per family and task, as diffusers' pipelines default it. SDXL's
+inpainting pipelines take 0.9999, not 1: the loop starts from the init image noised to the first
+timestep rather than from pure noise (so a 9-channel U-Net still sees the image's latents), and
+``int(steps x 0.9999)`` runs one step fewer than asked."""
 MASKED_INIT = "masked-init"
 """A control image made from the request itself: the init image with the mask's repaint region set
 to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,
@@ -57,14 +67,15 @@ class GenerationRequest:
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     """None: (height, width)."""
-    # Image inputs (all families: img2img; SD 1.x/2.x: inpainting), PIL images of the request's size.
+    # Image inputs (img2img and inpainting), PIL images of the request's size.
     image: list[Any] | None = None
     """img2img's or inpainting's init image: one for every prompt, or one per prompt."""
     mask: list[Any] | None = None
     """Inpainting: white repaints, black keeps; one, or one per prompt. Needs ``image``."""
     strength: float | None = None
     """How far the init image is noised, 0 < strength <= 1 (1: all the way, only its latents in
-    inpainting's mask survive). None: diffusers' defaults (img2img 0.8, SDXL img2img 0.3, inpainting 1)."""
+    inpainting's mask survive). None: diffusers' defaults (``STRENGTH_DEFAULTS``: img2img 0.8, SDXL
+    img2img 0.3, inpainting 1, SDXL inpainting 0.9999)."""
     # ControlNet (an engine directory exported with --controlnet), as diffusers' ControlNet pipelines name it.
     control_image: list[Any] | None = None
     """One conditioning image (an edge, depth or pose map: PIL) per ControlNet, in the directory's
@@ -72,7 +83,8 @@ class GenerationRequest:
     in its place: the init image with the mask's region at -1 (for an inpainting ControlNet)."""
     control_scale: float | list[float] | None = None
     """``controlnet_conditioning_scale``: one for all ControlNets, or one each. None: diffusers' default
-    for the task (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5)."""
+    for the task (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL
+    inpainting 1.0)."""
     control_start: float | list[float] = 0.0
     """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
     control_end: float | list[float] = 1.0
@@ -108,10 +120,11 @@ class GenerationRequest:
     def effective_strength(self, family: str) -> float:
         if self.strength is not None:
             return self.strength
-        if self.task == "inpaint":
+        if self.task == "txt2img":  # no image to start from: every step runs
             return 1.0
         # StableDiffusionXLImg2ImgPipeline's default is 0.3, its ControlNet variant's 0.8
-        return 0.3 if family == "sdxl" and not self.control_image else 0.8
+        task = "controlnet-img2img" if self.task == "img2img" and self.control_image else self.task
+        return STRENGTH_DEFAULTS[family][task]
 
     def denoising_steps(self, family: str) -> int:
         """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
@@ -120,14 +133,14 @@ class GenerationRequest:
             return self.steps
         return min(int(self.steps * self.effective_strength(family)), self.steps)
 
-    def control_settings(self, count: int) -> list[tuple[float, float, float]]:
+    def control_settings(self, count: int, family: str) -> list[tuple[float, float, float]]:
         """(scale, start, end) for each of ``count`` ControlNets (single values serve all; no scale:
-        the task's default)."""
+        the family's default for the task)."""
         def each(value: float | list[float]) -> list[float]:
             values = list(value) if isinstance(value, list | tuple) else [value]
             return values * count if len(values) == 1 else values
 
-        scale = CONTROL_SCALE_DEFAULTS[self.task] if self.control_scale is None else self.control_scale
+        scale = CONTROL_SCALE_DEFAULTS[family][self.task] if self.control_scale is None else self.control_scale
         return list(zip(each(scale), each(self.control_start), each(self.control_end)))
 
     @property
@@ -232,9 +245,6 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str) ->
                             "order they were exported (controlnet, controlnet_1, ...)")
     for image in images:
         if isinstance(image, str) and image == MASKED_INIT:
-            if family == "sdxl":
-                raise SdexportError(f"control image {MASKED_INIT} is for inpainting, which runs on SD 1.x/2.x models "
-                                    "so far")
             if request.mask is None:
                 raise SdexportError(f"control image {MASKED_INIT} is the init image with the mask's region at -1 (for "
                                     "inpainting ControlNets): it needs --init-image and --mask")
@@ -252,7 +262,7 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str) ->
                 raise SdexportError(f"{flag} {v!r}: expected a finite number")
             if flag != "--control-scale" and not 0 <= v <= 1:
                 raise SdexportError(f"{flag} {v:g}: a fraction of the steps, from 0 to 1")
-    for i, (_, start, end) in enumerate(request.control_settings(controlnets)):
+    for i, (_, start, end) in enumerate(request.control_settings(controlnets, family)):
         if start >= end:
             raise SdexportError(f"--control-start {start:g} is not before --control-end {end:g}"
                                 + (f" (ControlNet {i + 1})" if controlnets > 1 else ""))
@@ -273,8 +283,6 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
         return
     if inpainting_unet and request.mask is None:
         raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --mask with the init image")
-    if request.mask is not None and family == "sdxl":
-        raise SdexportError("inpainting runs on SD 1.x/2.x models so far; for SDXL use img2img (no --mask)")
     for name, images in (("init image", request.image), ("mask", request.mask)):
         if images is None:
             continue
@@ -289,7 +297,8 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
         raise SdexportError(f"--strength {strength}: need a number above 0 and at most 1")
     if request.denoising_steps(family) < 1:
         raise SdexportError(
-            f"--strength {request.effective_strength(family):g} with --steps {request.steps} runs no step "
+            f"{'--strength' if strength is not None else 'the default strength'} "
+            f"{request.effective_strength(family):g} with --steps {request.steps} runs no step "
             f"(int(steps x strength) = 0): raise the strength or the steps"
         )
 
@@ -314,6 +323,17 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
                                    for v in value)
         ):
             raise SdexportError(f"{name} {value}: expected two pixel counts from 0 to {MAX_CONDITIONING}")
+
+
+def default_notes(request: GenerationRequest, family: str) -> list[str]:
+    """Defaults that change what was asked for, said out loud: SDXL inpainting's strength 0.9999 runs
+    one step fewer than ``--steps``."""
+    if request.task != "inpaint" or request.strength is not None or family != "sdxl":
+        return []
+    runs = request.denoising_steps(family)
+    note = (f"{runs} of {request.steps} steps: SDXL inpainting's default --strength is diffusers' 0.9999, which "
+            "starts from the init image noised to the first timestep (--strength 1: every step, from pure noise)")
+    return [note]
 
 
 def ignored_settings(request: GenerationRequest) -> list[str]:

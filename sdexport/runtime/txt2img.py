@@ -467,7 +467,7 @@ class Txt2ImgPipeline:
         batch = 2 * request.batch if request.cfg else request.batch
         images, scales = [], []
         for image, (scale, start, end) in zip(request.control_image or [],
-                                              request.control_settings(len(self.controlnets))):
+                                              request.control_settings(len(self.controlnets), self.family)):
             if isinstance(image, str) and image == MASKED_INIT:  # check() saw the init image and mask
                 pixels = masked_control_pixels(request.image or [], request.mask or [])
             else:
