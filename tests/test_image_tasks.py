@@ -248,7 +248,7 @@ def test_sdxl_inpainting_from_a_diffusers_directory(engine_dirs, files, tmp_path
         assert run_cli("run", directory, "-p", "x", "--init-image", files["image"], "--mask", files["mask"],
                        "--steps", "4", "-o", image) == 0
         said = " ".join(capsys.readouterr().err.split())
-        assert "3 of 4 steps: SDXL inpainting's default --strength is diffusers' 0.9999" in said and "3 steps" in said
+        assert "3 of 4 steps: the default --strength of SDXL inpainting is diffusers' 0.9999" in said and "3 steps" in said
         record = json.loads(Image.open(image).text["sdexport"])
         assert record["task"] == "inpaint" and record["strength"] == 0.9999
     assert run_cli("run", out, "-p", "x", "--init-image", files["image"], "--mask", files["mask"], "--steps", "1",
@@ -271,6 +271,19 @@ def test_an_adopted_inpainting_export_inpaints_as_its_source(engine_dirs, tmp_pa
                                 mask=[box_mask(64, 64)])
     pixels = [load_pipeline(d, "onnxruntime-cpu", image_inputs=True)(request).pixels for d in (foreign, engine_dirs[preset])]
     np.testing.assert_array_equal(*pixels)
+
+
+def test_only_a_default_inpainting_strength_below_1_is_noted():
+    from sdexport.runtime.request import default_notes
+
+    request = GenerationRequest(prompt=["x"], image=[picture(64, 64, 0)], mask=[box_mask(64, 64)])
+    assert default_notes(request, "sd") == []  # 1.0: every step
+    [note] = default_notes(request, "sdxl")
+    assert note.startswith("29 of 30 steps: the default --strength of SDXL inpainting is diffusers' 0.9999")
+    request.strength = 1.0
+    assert default_notes(request, "sdxl") == []  # asked for
+    img2img = GenerationRequest(prompt=["x"], image=[picture(64, 64, 0)])
+    assert default_notes(img2img, "sdxl") == []  # img2img: strength is its whole point, known to the user
 
 
 def test_any_inpainting_unet_is_taken_and_other_channel_counts_refused_before_export():

@@ -326,13 +326,16 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
 
 
 def default_notes(request: GenerationRequest, family: str) -> list[str]:
-    """Defaults that change what was asked for, said out loud: SDXL inpainting's strength 0.9999 runs
-    one step fewer than ``--steps``."""
-    if request.task != "inpaint" or request.strength is not None or family != "sdxl":
+    """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
+    0.9999, diffusers') runs fewer steps than ``--steps``."""
+    if request.task != "inpaint" or request.strength is not None:
         return []
-    runs = request.denoising_steps(family)
-    note = (f"{runs} of {request.steps} steps: SDXL inpainting's default --strength is diffusers' 0.9999, which "
-            "starts from the init image noised to the first timestep (--strength 1: every step, from pure noise)")
+    strength = request.effective_strength(family)
+    if strength >= 1:
+        return []
+    note = (f"{request.denoising_steps(family)} of {request.steps} steps: the default --strength of {family.upper()} "
+            f"inpainting is diffusers' {strength:g}, which starts from the init image noised to the first timestep "
+            "(--strength 1: every step, from pure noise)")
     return [note]
 
 
