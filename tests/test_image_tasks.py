@@ -273,6 +273,44 @@ def test_an_adopted_inpainting_export_inpaints_as_its_source(engine_dirs, tmp_pa
     np.testing.assert_array_equal(*pixels)
 
 
+def test_what_sdexport_does_not_run_is_refused_not_dropped(engine_dirs, tmp_path, capsys):
+    """A refiner's ``requires_aesthetics_score`` (diffusers' SDXL inpainting pipelines would make other
+    time ids), as a checkpoint and as an ONNX export to adopt; a U-Net of another channel count."""
+    import shutil
+
+    load_model("tiny-sdxl-inpaint").save_pretrained(tmp_path / "pipe")
+    foreign = tmp_path / "optimum-export"
+    shutil.copytree(engine_dirs["tiny-sdxl-inpaint"], foreign)
+    (foreign / "manifest.json").unlink()
+    for directory in (tmp_path / "pipe", foreign):
+        index = json.loads((directory / "model_index.json").read_text())
+        (directory / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "never") == 2
+    err = capsys.readouterr().err.strip()
+    assert "sets requires_aesthetics_score (the SDXL refiner's time ids" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "never").exists()
+    assert run_cli("adopt", foreign) == 2
+    assert "sets requires_aesthetics_score" in capsys.readouterr().err
+    (foreign / "model_index.json").write_text(json.dumps(index))
+    unet = json.loads((foreign / "unet" / "config.json").read_text())
+    (foreign / "unet" / "config.json").write_text(json.dumps({**unet, "in_channels": 8}))
+    assert run_cli("adopt", foreign) == 2
+    assert "the U-Net takes 8 channels and the VAE makes 4: a conditioned U-Net other than inpainting" in " ".join(
+        capsys.readouterr().err.split())
+
+
+def test_a_result_records_its_own_familys_defaults(engine_dirs, tmp_path):
+    """The saved strength and ControlNet scale come from the pipeline's family, also for a pipeline
+    whose ``info`` does not name it."""
+    pipeline = load_pipeline(engine_dirs["tiny-sdxl"], "onnxruntime-cpu", image_inputs=True)
+    pipeline.info = {}
+    result = pipeline(GenerationRequest(prompt=["x"], steps=3, height=64, width=64, image=[picture(64, 64, 0)],
+                                        mask=[box_mask(64, 64)]))
+    assert result.family == "sdxl"
+    [path] = result.save(tmp_path / "o.png")
+    assert json.loads(Image.open(path).text["sdexport"])["strength"] == 0.9999
+
+
 def test_only_a_default_inpainting_strength_below_1_is_noted():
     from sdexport.runtime.request import default_notes
 

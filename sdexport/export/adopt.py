@@ -23,7 +23,7 @@ from sdexport.errors import SdexportError
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest, tokenizer_names
-from sdexport.models.outline import family_profile, read_json
+from sdexport.models.outline import check_pipeline_options, family_profile, read_json
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims, components_for
 
@@ -93,6 +93,7 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
             f"{directory}: a {pipeline}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
             "(StableDiffusion*Pipeline, StableDiffusionXL*Pipeline)"
         )
+    check_pipeline_options(index, directory)
     specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
     needed = [s.name for s in components_for(family) if not s.always_fp32 and s.name != "vae_encoder"]
     missing = [n for n in needed if n not in {s.name for s in specs}]

@@ -163,6 +163,16 @@ def family_profile(family: str) -> ShapeProfile:
     return PRESETS["sdxl"].profile if family == "sdxl" else ShapeProfile()
 
 
+def check_pipeline_options(index: dict[str, Any], path: Path) -> None:
+    """A ``model_index.json`` option that changes what the pipeline computes and that sdexport does not
+    honour is refused, not dropped: ``requires_aesthetics_score`` (set by the SDXL refiner's
+    pipelines: their time ids carry an aesthetic score where the base model's carry the target size,
+    and sdexport makes the base model's)."""
+    if index.get("requires_aesthetics_score"):
+        raise ModelLoadError(f"{path}: model_index.json sets requires_aesthetics_score (the SDXL refiner's time ids, "
+                             "an aesthetic score in place of the target size), which sdexport does not run")
+
+
 def family_of_dir(path: Path) -> str:
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -178,6 +188,7 @@ def family_of_dir(path: Path) -> str:
             f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
             f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
         )
+    check_pipeline_options(index, path)
     if (path / "unet" / "model.onnx").is_file():
         raise ModelLoadError(
             f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after "

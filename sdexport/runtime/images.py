@@ -205,11 +205,11 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         "height": request.height,
         "width": request.width,
         **_sdxl_params(result, i),
-        **({"task": request.task, "strength": request.effective_strength(info.get("family", "sd"))}
+        **({"task": request.task, "strength": request.effective_strength(result.family)}
            if request.task != "txt2img" else {}),
         **({"truncated_from": cut} if cut else {}),
         **({"control": [{"scale": scale, "start": start, "end": end}
-                        for scale, start, end in request.control_settings(len(request.control_image), info.get("family", "sd"))]}
+                        for scale, start, end in request.control_settings(len(request.control_image), result.family)]}
            if request.control_image else {}),
         **info,
     }

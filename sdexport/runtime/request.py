@@ -30,10 +30,11 @@ STRENGTH_DEFAULTS = {
     "sd": {"img2img": 0.8, "controlnet-img2img": 0.8, "inpaint": 1.0},
     "sdxl": {"img2img": 0.3, "controlnet-img2img": 0.8, "inpaint": 0.9999},
 }
-"""``strength`` where none is given, per family and task, as diffusers' pipelines default it. SDXL's
-inpainting pipelines take 0.9999, not 1: the loop starts from the init image noised to the first
-timestep rather than from pure noise (so a 9-channel U-Net still sees the image's latents), and
-``int(steps x 0.9999)`` runs one step fewer than asked."""
+"""``strength`` where none is given, per family and task, as diffusers' pipelines default it
+(``controlnet-img2img``: img2img with ControlNets, which SDXL's pipeline defaults otherwise; with
+ControlNets inpainting keeps inpainting's). SDXL's inpainting pipelines take 0.9999, not 1 (diffusers'
+choice): the starting latents are the init image's noised to the first timestep, so they keep a
+trace of it, where pure noise keeps none; and ``int(steps x 0.9999)`` runs one step fewer."""
 MASKED_INIT = "masked-init"
 """A control image made from the request itself: the init image with the mask's repaint region set
 to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,

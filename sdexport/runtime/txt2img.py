@@ -125,6 +125,9 @@ class GenerationResult:
     """Decoded images as float32 in [0, 1], NHWC."""
     timings: Timings
     request: GenerationRequest
+    family: str
+    """The model's family (``sd``, ``sdxl``): the request's defaults (strength, ControlNet scale) depend
+    on it, and the saved images record what ran."""
     vae_fallback: bool = False
     truncated: dict[str, list[str | None]] = field(default_factory=dict)
     """Per text field that was too long for the text encoder: the text it read (None where a text
@@ -294,6 +297,7 @@ class Txt2ImgPipeline:
             pixels=pixels,
             timings=timings,
             request=request,
+            family=self.family,
             vae_fallback=fallback,
             truncated=truncated,
             scheduler=scheduler_label(scheduler),
