@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -332,6 +333,30 @@ def test_an_img2img_scenario_runs_every_contender_from_the_same_image(tmp_path):
     assert measured and all(r["unet_calls"] == 2 for r in measured)  # int(4 x 0.5) steps
     assert all(r["agreement"]["latents_rel_l2"] < 1e-4 for r in measured)
     assert "img2img from a synthetic image at strength 0.5" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize(("model", "strength", "calls", "words"), [
+    ("tiny-sdxl-inpaint", None, 3, "at diffusers' default strength for the model (SD 1, SDXL 0.9999)"),
+    ("tiny", 0.5, 2, "at strength 0.5"),  # a standard U-Net blends
+])
+def test_an_inpainting_scenario_repaints_the_same_middle_for_every_contender(tmp_path, model, strength, calls, words):
+    """inpaint = true: the baseline is diffusers' inpaint pipeline; the engines export the VAE encoder."""
+    from sdexport.bench.plan import mask_image
+
+    scenario = tmp_path / "inpaint.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                                      '"diffusers", "onnxruntime-cpu"').replace("steps = [3]", "steps = [4]")
+                        .replace('model = "tiny"', f'model = "{model}"') + "inpaint = true\n"
+                        + (f"strength = {strength}\n" if strength is not None else ""))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["scenario"]["inpaint"] is True
+    measured = [r for r in report["results"] if r["contender"] == "onnxruntime-cpu"]
+    assert measured and all(r["unet_calls"] == calls for r in measured)  # int(4 x strength) steps
+    assert all(r["agreement"]["latents_rel_l2"] < 1e-4 for r in measured)
+    assert f"inpainting the middle of a synthetic image {words}" in (tmp_path / "out" / "results.md").read_text()
+    mask = np.asarray(mask_image(load_scenario(scenario)))
+    assert mask.shape == (64, 64) and mask[16:48, 16:48].all() and mask.sum() == 32 * 32 * 255
 
 
 def test_an_img2img_scenario_that_runs_no_step_is_refused_before_loading(tmp_path, capsys):

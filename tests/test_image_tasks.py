@@ -388,8 +388,9 @@ def test_the_output_may_not_be_the_init_image(engine_dirs, tmp_path, capsys):
     assert first.read_bytes() == before
 
 
-def test_bench_refuses_an_inpainting_model(tmp_path, capsys):
+def test_bench_refuses_an_inpainting_model_without_inpaint(tmp_path, capsys):
     scenario = tmp_path / "s.toml"
     scenario.write_text('model = "tiny-inpaint"\nheight = 64\nwidth = 64\nsteps = [2]\n')
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
-    assert "an inpainting model" in capsys.readouterr().err
+    assert "an inpainting model (its U-Net takes a mask): set inpaint = true in the scenario" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

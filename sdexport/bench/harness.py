@@ -433,7 +433,7 @@ def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dt
             manifest = load_manifest(previous, verify_files=False)
         except EngineDirError:
             manifest = None
-        wanted = {"vae_encoder"} if scenario.strength is not None else set()
+        wanted = {"vae_encoder"} if scenario.image_inputs else set()
         if (manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype
                 and wanted <= set(manifest.components) and _same_controlnets(manifest, scenario)):
             one_time["export"] = {"status": "reused", "path": str(previous)}
@@ -455,11 +455,12 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
 
 
 def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
-    """What the loop runs (the VAE encoder for img2img only), plus the fp32 fallback VAE for fp16 exports."""
+    """What the loop runs (the VAE encoder for img2img and inpainting only), plus the fp32 fallback VAE
+    for fp16 exports."""
     from sdexport.specs import components_for
 
     return [s.name for s in components_for(family, len(scenario.controlnets))
-            if (s.name != "vae_encoder" or scenario.strength is not None) and (dtype == "fp16" or not s.always_fp32)]
+            if (s.name != "vae_encoder" or scenario.image_inputs) and (dtype == "fp16" or not s.always_fp32)]
 
 
 def engine_cache_entry(scenario: Scenario, plan: BenchPlan, cache: Path) -> Path:
@@ -533,7 +534,7 @@ def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: 
         return BaselineContender(name, model, dtype)
     assert engine_dir is not None
     cuda_graph = name == "tensorrt" and bool(scenario.build.get("cuda_graph", False))
-    return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph, image_inputs=scenario.strength is not None)
+    return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph, image_inputs=scenario.image_inputs)
 
 
 def stage_runs(repeats: int) -> int:

@@ -89,9 +89,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         check_cache_folder(options.engine_cache)
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     outline = outline_model(scenario.model)
-    if outline.inpainting:
-        raise SdexportError(f"{scenario.model}: an inpainting model; benchmark scenarios run txt2img and img2img, "
-                            "which such a U-Net cannot (it needs a mask)")
+    if outline.inpainting and not scenario.inpaint:
+        raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
+                            "the scenario")
     from sdexport.models.controlnet import controlnets_for
 
     controlnets_for(outline, scenario.controlnets)
@@ -151,7 +151,7 @@ def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tupl
 
 
 def init_image(scenario: Scenario) -> Any:
-    """img2img's input: seeded random pixels over a colour gradient, the same for every contender
+    """img2img's and inpainting's input: seeded random pixels over a colour gradient, the same for every contender
     (no image files ship with the benchmarks; speed does not depend on the picture)."""
     import numpy as np
     from PIL import Image
@@ -161,6 +161,16 @@ def init_image(scenario: Scenario) -> Any:
     gradient = np.stack([x / scenario.width, y / scenario.height, 0.5 + 0 * x], axis=-1)
     pixels = np.clip(gradient * 0.7 + rng.random((scenario.height, scenario.width, 3)) * 0.3, 0, 1)
     return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def mask_image(scenario: Scenario) -> Any:
+    """Inpainting's mask: white (repaint) over the middle half of the height and width, black around."""
+    from PIL import Image, ImageDraw
+
+    mask = Image.new("L", (scenario.width, scenario.height))
+    ImageDraw.Draw(mask).rectangle((scenario.width // 4, scenario.height // 4, 3 * scenario.width // 4 - 1,
+                                    3 * scenario.height // 4 - 1), fill=255)
+    return mask
 
 
 def control_image(scenario: Scenario, index: int) -> Any:
@@ -188,7 +198,8 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         seeds=[scenario.seed + i for i in range(case.batch)],
         height=scenario.height,
         width=scenario.width,
-        image=None if scenario.strength is None else [init_image(scenario)],
+        image=[init_image(scenario)] if scenario.image_inputs else None,
+        mask=[mask_image(scenario)] if scenario.inpaint else None,
         strength=scenario.strength,
         control_image=[control_image(scenario, i) for i in range(len(scenario.controlnets))] or None,
         control_scale=scenario.control_scale if scenario.controlnets else None,

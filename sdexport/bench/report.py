@@ -220,8 +220,7 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
             f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
-            + (f"img2img from a synthetic image at strength {scenario['strength']} (int(steps x strength) "
-               "denoising steps), " if scenario.get("strength") is not None else "")
+            + _image_task_words(scenario)
             + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
                f"edge map at scale {scenario.get('control_scale', 1.0)}, " if scenario.get("controlnets") else "")
             + f"prompt \"{scenario['prompt']}\""
@@ -290,6 +289,17 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {r['contender']}{where}: {r['reason']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _image_task_words(scenario: dict[str, Any]) -> str:
+    """The Setup line's words for an init image: img2img at a strength, or inpainting its middle."""
+    strength = scenario.get("strength")
+    at = (f"at strength {strength}" if strength is not None
+          else "at diffusers' default strength for the model (SD 1, SDXL 0.9999)")
+    steps = " (int(steps x strength) denoising steps), "
+    if scenario.get("inpaint"):
+        return f"inpainting the middle of a synthetic image {at}{steps}"
+    return f"img2img from a synthetic image {at}{steps}" if strength is not None else ""
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

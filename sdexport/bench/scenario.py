@@ -63,7 +63,11 @@ class Scenario:
     """TensorRT build settings: static, optimization_level, cuda_graph."""
     strength: float | None = None
     """img2img: every contender starts from the same synthetic init image (seeded pixels), noised
-    this far (0 < strength <= 1); None: text to image."""
+    this far (0 < strength <= 1); None: text to image (with ``inpaint``: the model's default)."""
+    inpaint: bool = False
+    """Inpainting: every contender repaints the middle of the same synthetic init image (a box mask
+    over half its height and width), from ``strength`` or diffusers' default for the model (SD 1,
+    SDXL 0.9999). An inpainting model (9-channel U-Net) needs it; a standard one blends."""
     controlnets: list[str] = field(default_factory=list)
     """ControlNet presets or directories (as ``export --controlnet``), each given the same synthetic
     edge map; the baseline is diffusers' ControlNet pipeline with the same ControlNets."""
@@ -73,12 +77,18 @@ class Scenario:
     and still run by diffusers."""
 
     @property
+    def image_inputs(self) -> bool:
+        """The contenders start from an init image (img2img, inpainting): the VAE encoder is exported
+        and loaded."""
+        return self.strength is not None or self.inpaint
+
+    @property
     def cases(self) -> list[Case]:
         return [Case(b, s) for b, s in itertools.product(self.batch, self.steps)]
 
 
 WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
-                   "strength", "controlnets", "control_scale", "export", "build")
+                   "strength", "inpaint", "controlnets", "control_scale", "export", "build")
 """What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
 ``sdexport bench compare`` compares two reports only when these are equal."""
 
@@ -114,6 +124,7 @@ SCHEMA: dict[str, Any] = {
         "contenders": {"type": "array", "items": {"enum": list(CONTENDERS)}, "minItems": 1},
         "dtype": {"enum": ["auto", "fp32", "fp16"]},
         "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "inpaint": {"type": "boolean"},
         "controlnets": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 8},
         "control_scale": {"type": "number"},
         "export": {
