@@ -388,9 +388,16 @@ def test_the_output_may_not_be_the_init_image(engine_dirs, tmp_path, capsys):
     assert first.read_bytes() == before
 
 
-def test_bench_refuses_an_inpainting_model_without_inpaint(tmp_path, capsys):
+def test_bench_refuses_an_inpainting_model_without_inpaint(engine_dirs, tmp_path, capsys):
     scenario = tmp_path / "s.toml"
     scenario.write_text('model = "tiny-inpaint"\nheight = 64\nwidth = 64\nsteps = [2]\n')
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
     assert "an inpainting model (its U-Net takes a mask): set inpaint = true in the scenario" in capsys.readouterr().err
+    # and engines of the other kind of U-Net than the baseline's
+    scenario.write_text(scenario.read_text() + "inpaint = true\n")
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", engine_dirs["tiny"]) == 2
+    assert "holds a standard U-Net, the scenario's model tiny-inpaint does not" in capsys.readouterr().err
+    scenario.write_text(scenario.read_text().replace("tiny-inpaint", "tiny"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", engine_dirs["tiny-inpaint"]) == 2
+    assert "holds an inpainting U-Net, the scenario's model tiny does not" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

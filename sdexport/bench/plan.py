@@ -114,6 +114,12 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "
                 f"{scenario.model} is {outline.family}: the baseline and the engines must be the same model"
             )
+        if manifest.model_dims.inpainting != outline.inpainting:
+            which = "an inpainting U-Net" if manifest.model_dims.inpainting else "a standard U-Net"
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} holds {which}, the scenario's model {scenario.model} does not: "
+                "the baseline and the engines must be the same model"
+            )
         if len(manifest.controlnets) != len(scenario.controlnets):
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} has {len(manifest.controlnets)} ControlNet(s), the scenario "

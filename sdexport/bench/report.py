@@ -293,9 +293,11 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _image_task_words(scenario: dict[str, Any]) -> str:
     """The Setup line's words for an init image: img2img at a strength, or inpainting its middle."""
+    from sdexport.runtime.request import STRENGTH_DEFAULTS
+
     strength = scenario.get("strength")
-    at = (f"at strength {strength}" if strength is not None
-          else "at diffusers' default strength for the model (SD 1, SDXL 0.9999)")
+    defaults = ", ".join(f"{family.upper()} {tasks['inpaint']:g}" for family, tasks in STRENGTH_DEFAULTS.items())
+    at = f"at strength {strength}" if strength is not None else f"at diffusers' default strength for the model ({defaults})"
     steps = " (int(steps x strength) denoising steps), "
     if scenario.get("inpaint"):
         return f"inpainting the middle of a synthetic image {at}{steps}"
