@@ -336,7 +336,7 @@ def test_an_img2img_scenario_runs_every_contender_from_the_same_image(tmp_path):
 
 
 @pytest.mark.parametrize(("model", "strength", "calls", "words"), [
-    ("tiny-sdxl-inpaint", None, 3, "at diffusers' default strength for the model (SD 1, SDXL 0.9999)"),
+    ("tiny-sdxl-inpaint", None, 3, "at strength 0.9999 (diffusers' default for SDXL inpainting)"),
     ("tiny", 0.5, 2, "at strength 0.5"),  # a standard U-Net blends
 ])
 def test_an_inpainting_scenario_repaints_the_same_middle_for_every_contender(tmp_path, model, strength, calls, words):
@@ -357,6 +357,24 @@ def test_an_inpainting_scenario_repaints_the_same_middle_for_every_contender(tmp
     assert f"inpainting the middle of a synthetic image {words}" in (tmp_path / "out" / "results.md").read_text()
     mask = np.asarray(mask_image(load_scenario(scenario)))
     assert mask.shape == (64, 64) and mask[16:48, 16:48].all() and mask.sum() == 32 * 32 * 255
+
+
+def test_a_rerun_for_another_model_exports_again(tmp_path):
+    """An output's engines are reused only for the export they were made for (the engine cache's key,
+    recorded in results.json): not for another model under the same scenario name (a review found
+    a standard U-Net's engines timed against an inpainting baseline)."""
+    scenario, out = tmp_path / "r.toml", tmp_path / "out"
+    one = 'name = "r"\nheight = 64\nwidth = 64\nsteps = [2]\nwarmup = 0\nrepeats = 1\n'
+    scenario.write_text(one + 'model = "tiny"\ncontenders = ["onnxruntime-cpu"]\n')
+    assert run_cli("bench", scenario, "-o", out) == 0
+    key = json.loads((out / "results.json").read_text())["one_time"]["export"]["key"]
+    scenario.write_text(one + 'model = "tiny-inpaint"\ninpaint = true\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+    for status in (None, "reused"):  # exported again, then reused by the same scenario
+        assert run_cli("bench", scenario, "-o", out) == 0
+        report = json.loads((out / "results.json").read_text())
+        assert report["one_time"]["export"].get("status") == status and report["one_time"]["export"]["key"] != key
+        runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+        assert runtime["agreement"]["latents_rel_l2"] < 1e-4
 
 
 def test_an_img2img_scenario_that_runs_no_step_is_refused_before_loading(tmp_path, capsys):

@@ -400,4 +400,8 @@ def test_bench_refuses_an_inpainting_model_without_inpaint(engine_dirs, tmp_path
     scenario.write_text(scenario.read_text().replace("tiny-inpaint", "tiny"))
     assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", engine_dirs["tiny-inpaint"]) == 2
     assert "holds an inpainting U-Net, the scenario's model tiny does not" in capsys.readouterr().err
+    without_encoder = tmp_path / "no-encoder"
+    export("tiny", without_encoder, ExportOptions(components=["text_encoder", "unet", "vae_decoder"], verify="none"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", without_encoder) == 2
+    assert "has no vae_encoder, which the scenario's init image needs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import shutil
 import signal
@@ -142,7 +143,7 @@ def _run(
     elif cached is not None:
         engine_dir = recorded_dir = _cached_export(scenario, plan, cached, one_time)
     elif needs_engines and engine_dir is None:
-        engine_dir = _export(scenario, model.family, output_dir, staging, dtype, plan.export_profile, one_time)
+        engine_dir = _export(scenario, plan, output_dir, staging, one_time)
         reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
         recorded_dir = output_dir / "engines" / scenario.name  # where it is once the output is in place
 
@@ -240,6 +241,7 @@ def _run(
         "device": str(device()),
         "random_weights": model.random_weights,
         "model": model.label,
+        "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,
         "environment": env,
         "one_time": one_time,
@@ -419,27 +421,50 @@ def _free_device() -> None:
         torch.cuda.empty_cache()
 
 
-def _export(scenario: Scenario, family: str, output_dir: Path, staging: Path, dtype: str, profile: ShapeProfile,
+def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path,
             one_time: dict[str, dict[str, float | str]]) -> Path:
-    """Export once into the staging output, or use the previous output's engines in place when their
-    settings match (they move into the new output only when it is complete)."""
+    """Export once into the staging output, or use the previous output's engines in place when they
+    were made for the same export (they move into the new output only when it is complete).
+
+    "The same export" is the engine cache's key (``export_key``: the model's files or preset, the
+    ControlNets, profile, precision, components, sdexport's graph code and library versions), which
+    the previous output's results.json records: comparing the manifest's settings alone reused SD
+    engines for an SDXL model, and a standard U-Net's for an inpainting one."""
     from sdexport.errors import EngineDirError
     from sdexport.manifest import load_manifest
 
+    key = _export_key(scenario, plan)
     previous = output_dir / "engines" / scenario.name
     target = staging / "engines" / scenario.name
-    if (previous / "manifest.json").is_file():
+    if (previous / "manifest.json").is_file() and _previous_export_key(output_dir) == key:
         try:
-            manifest = load_manifest(previous, verify_files=False)
-        except EngineDirError:
-            manifest = None
-        wanted = {"vae_encoder"} if scenario.image_inputs else set()
-        if (manifest is not None and manifest.shape_profile == profile and manifest.dtype == dtype
-                and wanted <= set(manifest.components) and _same_controlnets(manifest, scenario)):
-            one_time["export"] = {"status": "reused", "path": str(previous)}
+            load_manifest(previous, verify_files=False)
+            one_time["export"] = {"status": "reused", "path": str(previous), "key": key}
             return previous
-    one_time["export"] = {"export_s": _export_to(target, scenario, family, dtype, profile), "path": str(previous)}
+        except EngineDirError:
+            pass
+    seconds = _export_to(target, scenario, plan.outline.family, precision(scenario), plan.export_profile)
+    one_time["export"] = {"export_s": seconds, "path": str(previous), "key": key}
     return target
+
+
+def _export_key(scenario: Scenario, plan: BenchPlan) -> str:
+    from sdexport.bench.engine_cache import export_key
+
+    dtype = precision(scenario)
+    return export_key(scenario, plan.outline.sources, plan.export_profile, dtype,
+                      export_components(scenario, plan.outline.family, dtype))
+
+
+def _previous_export_key(output_dir: Path) -> str | None:
+    """The export key the previous output's engines were made (or reused) under; None for an output
+    that does not record one (it exports again)."""
+    try:
+        report = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
+        key = report["one_time"]["export"]["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return key if isinstance(key, str) else None
 
 
 def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profile: ShapeProfile) -> float:
@@ -465,12 +490,9 @@ def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
 
 def engine_cache_entry(scenario: Scenario, plan: BenchPlan, cache: Path) -> Path:
     """Where ``--engine-cache`` keeps (or will keep) this scenario's export."""
-    from sdexport.bench.engine_cache import cache_entry, export_key
+    from sdexport.bench.engine_cache import cache_entry
 
-    dtype = precision(scenario)
-    key = export_key(scenario, plan.outline.sources, plan.export_profile, dtype,
-                     export_components(scenario, plan.outline.family, dtype))
-    return cache_entry(cache.resolve(), scenario, key)
+    return cache_entry(cache.resolve(), scenario, _export_key(scenario, plan))
 
 
 def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: dict[str, dict[str, float | str]]) -> Path:
@@ -490,14 +512,6 @@ def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: d
         one_time["export"] = {"export_s": seconds, "path": str(entry), "status": "cached now"}
     mark_used(entry)
     return entry
-
-
-def _same_controlnets(manifest: Any, scenario: Scenario) -> bool:
-    """The previous engines hold the scenario's ControlNets (as their manifest records them)."""
-    from sdexport.models.controlnet import resolve_controlnet
-
-    recorded = manifest.model.get("source", {}).get("controlnets") or []
-    return bool(recorded == [resolve_controlnet(c).record(0) for c in scenario.controlnets])
 
 
 def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]]) -> None:

@@ -120,6 +120,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} holds {which}, the scenario's model {scenario.model} does not: "
                 "the baseline and the engines must be the same model"
             )
+        if scenario.image_inputs and "vae_encoder" not in manifest.components:
+            raise SdexportError(f"--engine-dir {options.engine_dir} has no vae_encoder, which the scenario's init image "
+                                "needs (img2img, inpainting): export it too")
         if len(manifest.controlnets) != len(scenario.controlnets):
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} has {len(manifest.controlnets)} ControlNet(s), the scenario "

@@ -220,7 +220,7 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
             f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
-            + _image_task_words(scenario)
+            + _image_task_words(scenario, report.get("family"))
             + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
                f"edge map at scale {scenario.get('control_scale', 1.0)}, " if scenario.get("controlnets") else "")
             + f"prompt \"{scenario['prompt']}\""
@@ -240,7 +240,8 @@ def markdown(report: dict[str, Any]) -> str:
             "stage marks and nothing that waits for the device inside the denoising loop; per-stage "
             f"times (text encoder, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
             f"{max((r.get('stage_runs', 0) for r in measured), default=0)} separate marked runs per case, "
-            "and overhead is those runs' end-to-end time outside the stages. The stage columns are means "
+            "and overhead is those runs' end-to-end time outside the stages (with an init image, the VAE "
+            "encoder's too: VAE is the decoder). The stage columns are means "
             "over those runs, so they (U-Net and ControlNet per call, times the calls) add up to the marked "
             "runs' mean time; where that is more than "
             f"{STAGES_APART:.0%} away from the end-to-end median, a note under the table says so. ± is the "
@@ -291,17 +292,21 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _image_task_words(scenario: dict[str, Any]) -> str:
-    """The Setup line's words for an init image: img2img at a strength, or inpainting its middle."""
+def _image_task_words(scenario: dict[str, Any], family: str | None) -> str:
+    """The Setup line's words for an init image: img2img at a strength, or inpainting its middle
+    (without a strength: the model family's default, which the report records)."""
     from sdexport.runtime.request import STRENGTH_DEFAULTS
 
     strength = scenario.get("strength")
-    defaults = ", ".join(f"{family.upper()} {tasks['inpaint']:g}" for family, tasks in STRENGTH_DEFAULTS.items())
-    at = f"at strength {strength}" if strength is not None else f"at diffusers' default strength for the model ({defaults})"
-    steps = " (int(steps x strength) denoising steps), "
+    if strength is None and family in STRENGTH_DEFAULTS:
+        strength = STRENGTH_DEFAULTS[family]["inpaint"]
+        at = f"at strength {strength:g} (diffusers' default for {family.upper()} inpainting)"
+    else:
+        at = f"at strength {strength}" if strength is not None else "at diffusers' default strength for the model"
+    counted = " (int(steps x strength) denoising steps), "
     if scenario.get("inpaint"):
-        return f"inpainting the middle of a synthetic image {at}{steps}"
-    return f"img2img from a synthetic image {at}{steps}" if strength is not None else ""
+        return f"inpainting the middle of a synthetic image {at}{counted}"
+    return f"img2img from a synthetic image {at}{counted}" if scenario.get("strength") is not None else ""
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

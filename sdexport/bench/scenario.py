@@ -66,8 +66,8 @@ class Scenario:
     this far (0 < strength <= 1); None: text to image (with ``inpaint``: the model's default)."""
     inpaint: bool = False
     """Inpainting: every contender repaints the middle of the same synthetic init image (a box mask
-    over half its height and width), from ``strength`` or diffusers' default for the model (SD 1,
-    SDXL 0.9999). An inpainting model (9-channel U-Net) needs it; a standard one blends."""
+    over half its height and width), from ``strength`` or diffusers' default for the model
+    (``STRENGTH_DEFAULTS``). An inpainting model (9-channel U-Net) needs it; a standard one blends."""
     controlnets: list[str] = field(default_factory=list)
     """ControlNet presets or directories (as ``export --controlnet``), each given the same synthetic
     edge map; the baseline is diffusers' ControlNet pipeline with the same ControlNets."""
