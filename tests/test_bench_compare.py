@@ -370,6 +370,36 @@ def test_the_ci_gate_shows_what_an_interrupted_benchmark_measured(tmp_path, who,
     assert "| diffusers | 55.8 |" in summary
 
 
+def test_an_output_folders_key_stamps_the_model_files_instead_of_hashing_them(tmp_path):
+    """``by_content=False`` (an output's own engines): the same files give the same key; a file
+    rewritten with other bytes of the same size, or moved, gives another, as the content key does."""
+    import os
+
+    from sdexport.bench.engine_cache import export_key
+    from sdexport.bench.scenario import Scenario
+    from sdexport.shapes import ShapeProfile
+
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "w.bin"
+    weights.write_bytes(b"a" * 64)
+    scenario = Scenario(name="s", model=str(model))
+
+    def keys() -> tuple[str, str]:
+        return tuple(export_key(scenario, (model,), ShapeProfile(), "fp32", ["unet"], by_content=content)
+                     for content in (True, False))
+
+    first = keys()
+    assert keys() == first and first[0] != first[1]
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    second = keys()
+    assert second[0] != first[0] and second[1] != first[1]
+    weights.rename(model / "unet" / "v.bin")
+    assert keys()[1] != second[1]
+
+
 def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsys):
     from sdexport.bench.harness import engine_cache_entry
     from sdexport.bench.plan import Options, plan_bench
@@ -390,6 +420,7 @@ def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsy
     assert entry(GATE_SCENARIO.replace("height = 64", "height = 128")) != base
     assert entry(GATE_SCENARIO + 'dtype = "fp16"\n') != base
     assert entry(GATE_SCENARIO + "strength = 0.5\n") != base
+    assert entry(GATE_SCENARIO + "inpaint = true\n") != base  # the VAE encoder too
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
     capsys.readouterr()
     assert run_cli("bench", "cache-key", tmp_path / "gate.toml") == 0

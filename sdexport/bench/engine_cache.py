@@ -64,21 +64,40 @@ def engine_code_digest() -> str:
     return digest.hexdigest()
 
 
-def _source_digest(name: str, sources: tuple[Path, ...]) -> dict[str, str]:
+def _tree_stamp(root: Path) -> str:
+    """One sha256 over a file's or every file's under a folder relative path, size, modification time
+    and inode: what changes when a file is rewritten or replaced, read without reading the files."""
+    digest = hashlib.sha256()
+    for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
+        stat = path.stat()
+        name = path.name if path == root else path.relative_to(root).as_posix()
+        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\n".encode())
+    return digest.hexdigest()
+
+
+def _source_digest(name: str, sources: tuple[Path, ...], by_content: bool = True) -> dict[str, str]:
     """A preset by its name (its weights come from its seed and sdexport's code, both in the key);
-    anything read from disk by content."""
-    return {str(path): _tree_digest(path) for path in sources} or {"preset": name}
+    anything read from disk by content, or (``by_content=False``) by its files' stamps."""
+    return {str(path): _tree_digest(path) if by_content else _tree_stamp(path) for path in sources} or {"preset": name}
 
 
 def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProfile, dtype: str,
-               components: list[str]) -> str:
-    """A short hex digest of everything the scenario's export depends on (see the module's docstring)."""
+               components: list[str], *, by_content: bool = True) -> str:
+    """A short hex digest of everything the scenario's export depends on (see the module's docstring).
+
+    ``by_content=False`` identifies the model's files by path, size, modification time and inode
+    instead of their sha256: for an output folder's own engines, which a re-run on the same machine
+    reuses, where hashing gigabytes of weights on every run would cost more than it guards (the
+    shared cache keeps the content hash: other runners, other copies)."""
     from sdexport import __version__
+
+    def source(name: str, paths: tuple[Path, ...]) -> dict[str, str]:
+        return _source_digest(name, paths, by_content)
 
     record = {
         "key_version": KEY_VERSION,
-        "model": _source_digest(scenario.model, sources),
-        "controlnets": [_source_digest(c, (Path(c),) if Path(c).exists() else ()) for c in scenario.controlnets],
+        "model": source(scenario.model, sources),
+        "controlnets": [source(c, (Path(c),) if Path(c).exists() else ()) for c in scenario.controlnets],
         "profile": profile.to_dict(),
         "dtype": dtype,
         "components": sorted(components),

@@ -427,13 +427,13 @@ def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path
     were made for the same export (they move into the new output only when it is complete).
 
     "The same export" is the engine cache's key (``export_key``: the model's files or preset, the
-    ControlNets, profile, precision, components, sdexport's graph code and library versions), which
-    the previous output's results.json records: comparing the manifest's settings alone reused SD
+    ControlNets, profile, precision, components, sdexport's graph code and library versions; files by
+    their stamps, not hashed on every run), which the previous output's results.json records: comparing the manifest's settings alone reused SD
     engines for an SDXL model, and a standard U-Net's for an inpainting one."""
     from sdexport.errors import EngineDirError
     from sdexport.manifest import load_manifest
 
-    key = _export_key(scenario, plan)
+    key = _export_key(scenario, plan, by_content=False)
     previous = output_dir / "engines" / scenario.name
     target = staging / "engines" / scenario.name
     if (previous / "manifest.json").is_file() and _previous_export_key(output_dir) == key:
@@ -448,12 +448,12 @@ def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path
     return target
 
 
-def _export_key(scenario: Scenario, plan: BenchPlan) -> str:
+def _export_key(scenario: Scenario, plan: BenchPlan, *, by_content: bool = True) -> str:
     from sdexport.bench.engine_cache import export_key
 
     dtype = precision(scenario)
     return export_key(scenario, plan.outline.sources, plan.export_profile, dtype,
-                      export_components(scenario, plan.outline.family, dtype))
+                      export_components(scenario, plan.outline.family, dtype), by_content=by_content)
 
 
 def _previous_export_key(output_dir: Path) -> str | None:
