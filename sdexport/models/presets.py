@@ -7,7 +7,7 @@ preset has random weights, and everything that loads one records ``random_weight
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sdexport.shapes import ShapeProfile
@@ -200,6 +200,19 @@ _TINY_SDXL_TEXT_2 = {
 
 _SDXL_PIPELINE = {"force_zeros_for_empty_prompt": True}
 
+_TINY_SDXL = Preset(
+    name="tiny-sdxl",
+    description="a few-MB SDXL-shaped model (two text encoders, text_time conditioning) for tests",
+    family="sdxl",
+    unet=_TINY_SDXL_UNET,
+    vae={**_TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
+    text_encoder=_TINY_TEXT,
+    text_encoder_2=_TINY_SDXL_TEXT_2,
+    scheduler=_SDXL_SCHEDULER,
+    profile=_TINY_PROFILE,
+    pipeline_config=_SDXL_PIPELINE,
+)
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
@@ -305,29 +318,12 @@ PRESETS: dict[str, Preset] = {
         profile=ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536)),
         pipeline_config=_SDXL_PIPELINE,
     ),
-    "tiny-sdxl": Preset(
-        name="tiny-sdxl",
-        description="a few-MB SDXL-shaped model (two text encoders, text_time conditioning) for tests",
-        family="sdxl",
-        unet=_TINY_SDXL_UNET,
-        vae={**_TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
-        text_encoder=_TINY_TEXT,
-        text_encoder_2=_TINY_SDXL_TEXT_2,
-        scheduler=_SDXL_SCHEDULER,
-        profile=_TINY_PROFILE,
-        pipeline_config=_SDXL_PIPELINE,
-    ),
-    "tiny-sdxl-inpaint": Preset(
+    "tiny-sdxl": _TINY_SDXL,
+    "tiny-sdxl-inpaint": replace(
+        _TINY_SDXL,
         name="tiny-sdxl-inpaint",
         description="tiny-sdxl, with an inpainting U-Net (9 input channels: latents, mask, masked-image latents)",
-        family="sdxl",
         unet={**_TINY_SDXL_UNET, "in_channels": 9},
-        vae={**_TINY_VAE, "scaling_factor": 0.13025, "force_upcast": True},
-        text_encoder=_TINY_TEXT,
-        text_encoder_2=_TINY_SDXL_TEXT_2,
-        scheduler=_SDXL_SCHEDULER,
-        profile=_TINY_PROFILE,
-        pipeline_config=_SDXL_PIPELINE,
     ),
 }
 
