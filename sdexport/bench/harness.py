@@ -428,8 +428,9 @@ def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path
 
     "The same export" is the engine cache's key (``export_key``: the model's files or preset, the
     ControlNets, profile, precision, components, sdexport's graph code and library versions; files by
-    their stamps, not hashed on every run), which the previous output's results.json records: comparing the manifest's settings alone reused SD
-    engines for an SDXL model, and a standard U-Net's for an inpainting one."""
+    their stamps, not hashed on every run), which the previous output's results.json records.
+    Comparing the manifest's settings alone reused SD engines for an SDXL model, and a standard
+    U-Net's for an inpainting one."""
     from sdexport.errors import EngineDirError
     from sdexport.manifest import load_manifest
 
