@@ -26,6 +26,7 @@ from sdexport.models.outline import (
     looks_like_a_model,
     read_json,
     single_file_config,
+    unet_extra_channels,
     vae_config_dir,
 )
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
@@ -141,20 +142,6 @@ class LoadedModel:
         scheduler_dir.mkdir(exist_ok=True)
         (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
         (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
-
-
-def unet_extra_channels(in_channels: int, latent_channels: int, label: str) -> int:
-    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an inpainting U-Net
-    (latents, mask, masked-image latents: SD 1.x/2.x and SDXL alike); any other count is a
-    conditioning sdexport does not run (refused before anything is exported)."""
-    if in_channels == latent_channels:
-        return 0
-    if in_channels == 2 * latent_channels + 1:
-        return in_channels
-    raise ModelLoadError(
-        f"{label}: the U-Net takes {in_channels} input channels for {latent_channels} latent channels; sdexport "
-        f"runs U-Nets that take the latents ({latent_channels}) or inpainting ones ({2 * latent_channels + 1})"
-    )
 
 
 def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], label: str) -> ModelDims:

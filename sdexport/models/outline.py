@@ -133,16 +133,25 @@ def _outline(
 
 
 def _inpainting(unet: dict[str, Any], vae: dict[str, Any]) -> bool:
-    """The U-Net's input channels say it: 2C + 1 is an inpainting U-Net (latents, mask, masked-image
-    latents), in every family."""
+    """The U-Net's input channels say it (``unet_extra_channels``)."""
     latent = int(unet.get("out_channels", vae.get("latent_channels", 4)))
-    channels = int(unet.get("in_channels", latent))
-    if channels == latent:
-        return False
-    if channels == 2 * latent + 1:
-        return True
-    raise ModelLoadError(f"the U-Net takes {channels} input channels for {latent} latent channels: a conditioning "
-                         "sdexport does not run")
+    return unet_extra_channels(int(unet.get("in_channels", latent)), latent) != 0
+
+
+def unet_extra_channels(in_channels: int, latent_channels: int, label: str = "") -> int:
+    """``ModelDims.U``: 0 for a U-Net that takes the latents alone, 2C + 1 for an inpainting U-Net
+    (latents, mask, masked-image latents: SD 1.x/2.x and SDXL alike); any other count is a
+    conditioning sdexport does not run (refused before anything is exported). ``label`` names the
+    model in the message."""
+    if in_channels == latent_channels:
+        return 0
+    if in_channels == 2 * latent_channels + 1:
+        return in_channels
+    raise ModelLoadError(
+        f"{label + ': ' if label else ''}the U-Net takes {in_channels} input channels for {latent_channels} latent "
+        f"channels; sdexport runs U-Nets that take the latents ({latent_channels}) or inpainting ones "
+        f"({2 * latent_channels + 1})"
+    )
 
 
 def vae_config_dir(path: Path) -> Path:
