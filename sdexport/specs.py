@@ -375,14 +375,22 @@ def _sdxl_unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
 
 def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     """The residuals flat, down blocks' first. SD: (sample, timestep, encoder_hidden_states,
-    controlnet_cond, conditioning_scale); SDXL puts text_embeds and time_ids before the image."""
+    controlnet_cond, conditioning_scale); SDXL puts text_embeds and time_ids before the image.
+
+    A pooling ControlNet (``global_pool_conditions``, e.g. shuffle) averages each residual over its
+    pixels inside diffusers' forward, and the U-Net adds the (B, C, 1, 1) result by broadcasting.
+    Here it is expanded back to the residual's side in the graph, so every ControlNet has the same
+    outputs and the U-Net the same inputs (the specs' ``h/{s}``); the sum is the same."""
     import torch
+
+    from sdexport.models.controlnet import pooled_sides
 
     class ControlNet(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
             self.model = model
             self.sdxl = getattr(model.config, "addition_embed_type", None) == "text_time"
+            self.pooled_scales = pooled_sides(dict(model.config))  # type: ignore[arg-type]  # a FrozenDict
 
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                     *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -390,7 +398,12 @@ def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             image, scale = rest[-2:]
             down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond=image,
                                    conditioning_scale=scale, added_cond_kwargs=cond, return_dict=False)
-            return (*down, mid)
+            residuals = (*down, mid)
+            if self.pooled_scales:
+                height, width = sample.shape[-2], sample.shape[-1]
+                residuals = tuple(r.expand(-1, -1, height // s, width // s)
+                                  for r, s in zip(residuals, self.pooled_scales))
+            return residuals
 
     return ControlNet(module)
 
@@ -552,7 +565,8 @@ CONTROLNET = ComponentSpec(
     per_step=True,
 )
 """Called before the U-Net at every step it is active, with the U-Net's latents, timestep and text
-conditioning (as diffusers' ControlNet pipelines do without guess mode)."""
+conditioning; in guess mode with the conditional half of them only (the loop then adds zeros to the
+unconditional half, as diffusers' ControlNet pipelines do)."""
 
 SDXL_CONTROLNET = replace(CONTROLNET, inputs=(
     *CONTROLNET.inputs[:3],

@@ -151,6 +151,18 @@ def residual_layout(config: dict[str, Any]) -> tuple[tuple[int, int], ...]:
     return tuple(layout)
 
 
+def pools(config: dict[str, Any]) -> bool:
+    """Whether a ControlNet averages its residuals over the image (``global_pool_conditions``: the
+    shuffle ControlNets). diffusers' pipelines run such a ControlNet in guess mode."""
+    return bool(config.get("global_pool_conditions"))
+
+
+def pooled_sides(config: dict[str, Any]) -> tuple[int, ...]:
+    """A pooling ControlNet's latent downscale per residual (what its 1x1 outputs are expanded back
+    to); empty for one that does not pool."""
+    return tuple(scale for _, scale in residual_layout(config)) if pools(config) else ()
+
+
 def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_scale_factor: int,
                what: str) -> tuple[tuple[int, int], ...]:
     """Refuse a ControlNet that does not fit the base model; return the residual layout it shares
@@ -177,9 +189,6 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
         if 2 ** (len(embedding) - 1) != vae_scale_factor:
             problems.append(f"its image encoder shrinks images {2 ** (len(embedding) - 1)}x, the VAE "
                             f"{vae_scale_factor}x (conditioning_embedding_out_channels {list(embedding)})")
-        if config.get("global_pool_conditions"):
-            problems.append("it pools its conditions (global_pool_conditions, e.g. shuffle ControlNets), which "
-                            "diffusers runs in guess mode; sdexport does not run guess mode yet")
         if config.get("conditioning_channels", 3) != 3:
             problems.append(f"it reads {config.get('conditioning_channels')}-channel images (sdexport passes RGB)")
     except (KeyError, TypeError, ValueError) as exc:
