@@ -349,6 +349,7 @@ def run(
     control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: txt2img 1.0, img2img 0.8, inpainting 0.5 for SD and 1.0 for SDXL).")] = None,
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
+    guess_mode: Annotated[bool, typer.Option("--guess-mode", help="ControlNet: diffusers' guess mode, the ControlNets see the prompted half of the guidance batch only (the image shapes the picture with little or no prompt); always on for a pooling (shuffle) ControlNet.")] = False,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
@@ -409,6 +410,7 @@ def run(
         control_scale=_one_or_each(control_scale, None),  # None: the task's default
         control_start=_one_or_each(control_start, 0.0),
         control_end=_one_or_each(control_end, 1.0),
+        guess_mode=guess_mode,
     )
     notes: list[str] = []
     for path, control in zip(control_image or [], controls):
@@ -456,7 +458,15 @@ def run(
         # hashes: the directory is what the manifest says
         verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
                            image_inputs=request.image is not None, lora=bool(loras))
-    for note in [*ignored_settings(request), *default_notes(request, manifest.family), *notes]:
+    from sdexport.runtime.loading import pooled_controlnets
+
+    pooled = pooled_controlnets(engine_dir, manifest)
+    said = []
+    if pooled and not guess_mode:
+        said.append(f"guess mode: {' and '.join(pooled)} {'pools its' if len(pooled) == 1 else 'pool their'} "
+                    "conditions (global_pool_conditions, as shuffle ControlNets do), which diffusers runs in guess "
+                    "mode: this run does as --guess-mode")
+    for note in [*ignored_settings(request), *default_notes(request, manifest.family), *notes, *said]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:
         inputs["fit"] = fit

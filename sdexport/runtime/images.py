@@ -211,6 +211,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         **({"control": [{"scale": scale, "start": start, "end": end}
                         for scale, start, end in request.control_settings(len(request.control_image), result.family)]}
            if request.control_image else {}),
+        **({"guess_mode": True} if result.guess_mode else {}),
         **info,
     }
     params = {k: v for k, v in params.items() if v not in ("", None, [], {})}

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import EngineDirError, SdexportError
+from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.manifest import Manifest, check_files, load_manifest, read_scheduler_config, tokenizer_names
 from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
@@ -113,6 +113,7 @@ def load_pipeline(
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
         force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
+        pooled_controlnets=pooled_controlnets(engine_dir, manifest),
         scheduler_config=scheduler_config,
         dims=manifest.model_dims,
         vae_scaling_factor=manifest.vae_scaling_factor,
@@ -125,6 +126,26 @@ def load_pipeline(
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
               if backend.startswith("onnxruntime") else {}},
     )
+
+
+def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
+    """The directory's ControlNets that pool their residuals, by the diffusers ``config.json`` the
+    export wrote beside each graph (hashed in the manifest): their graphs pool, and the loop must
+    run them in guess mode."""
+    import json
+
+    from sdexport.models.controlnet import pools
+
+    pooled = []
+    for name in manifest.controlnets:
+        path = (engine_dir / manifest.components[name].onnx).parent / "config.json"
+        try:
+            config = json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError) as exc:
+            raise EngineDirError(f"{path}: unreadable ControlNet config ({one_line(exc)})") from None
+        if isinstance(config, dict) and pools(config):
+            pooled.append(name)
+    return tuple(pooled)
 
 
 def graph_for(manifest: Manifest, name: str, backend: str, graphs: str = "auto") -> str:
@@ -286,14 +307,16 @@ def _load_engines(
 
             stream = torch.cuda.Stream()
         engines: dict[str, Engine] = {}
+        pooled = pooled_controlnets(engine_dir, manifest) if cuda_graph else ()
         for n in names:
             rel = graph_for(manifest, n, backend, graphs)
             spec = manifest.spec(n)
             sizes = None
             graphed = cuda_graph and spec.per_step  # the U-Net: see OnnxRuntimeEngine
             if graphed and request_profile is not None and request_profile.is_static:
-                sizes = dims.sizes(request_profile.component_batch(spec)[1], request_profile.height[1],
-                                   request_profile.width[1])
+                # a pooling ControlNet runs in guess mode: on the conditional half of a CFG batch
+                batch = request_profile.batch[1] if n in pooled else request_profile.component_batch(spec)[1]
+                sizes = dims.sizes(batch, request_profile.height[1], request_profile.width[1])
             engines[n] = OnnxRuntimeEngine(
                 spec, engine_dir / rel, dims=dims, profile=profile, device=device, threads=threads, stream=stream,
                 fused=rel != manifest.components[n].onnx, cuda_graph=graphed, sizes=sizes,

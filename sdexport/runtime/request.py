@@ -90,6 +90,11 @@ class GenerationRequest:
     """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
     control_end: float | list[float] = 1.0
     """``control_guidance_end``: the fraction of the steps after which it stops."""
+    guess_mode: bool = False
+    """diffusers' ``guess_mode``: the ControlNets see the conditional (prompted) half of a CFG batch
+    only, so the prompt steers and the control image alone shapes the rest, and each residual is
+    scaled from 0.1 (the first) to 1 (the mid block's). Always on for a directory with a pooling
+    ControlNet (``global_pool_conditions``, e.g. shuffle), as in diffusers."""
 
     @property
     def batch(self) -> int:
@@ -229,11 +234,14 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str) ->
     """ControlNet inputs: one image per ControlNet, settings that diffusers would accept."""
     from sdexport.runtime.image_inputs import check_image
 
-    defaults = (request.control_scale, request.control_start, request.control_end) == (None, 0.0, 1.0)
+    defaults = (request.control_scale, request.control_start, request.control_end,
+                request.guess_mode) == (None, 0.0, 1.0, False)
+    if not isinstance(request.guess_mode, bool):
+        raise SdexportError(f"guess_mode {request.guess_mode!r}: expected true or false")
     if not controlnets:
         if request.control_image is not None or not defaults:
-            raise SdexportError("--control-image and its settings need an engine directory exported with "
-                                "--controlnet (this one has no ControlNet)")
+            raise SdexportError("--control-image and its settings (--control-scale/-start/-end, --guess-mode) need "
+                                "an engine directory exported with --controlnet (this one has no ControlNet)")
         return
     images = request.control_image
     s = "" if controlnets == 1 else "s"

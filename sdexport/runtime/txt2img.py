@@ -97,11 +97,20 @@ class ImageConditioning:
 
 class ControlConditioning:
     """What the ControlNets get at each step of one run: their images and per-step scales (as 0-d
-    tensors on the device, made once per distinct value, not once per step)."""
+    tensors on the device, made once per distinct value, not once per step).
+
+    In guess mode (``conditional_only``: guess mode with CFG) they run on the conditional half of
+    the batch alone and the unconditional half gets zeros. ``gains``: per ControlNet, guess mode's
+    factor for each residual (diffusers' ``torch.logspace(-1, 0, n)``, 0.1 for the first to 1 for
+    the mid block's), or None (not in guess mode, or a pooling ControlNet, which diffusers leaves
+    unscaled)."""
 
     def __init__(self, names: list[str], images: list[torch.Tensor], scales: list[list[float]],
-                 device: torch.device) -> None:
+                 device: torch.device, *, conditional_only: bool = False,
+                 gains: list[list[float] | None] | None = None) -> None:
         self.names, self.images, self.scales = names, images, scales
+        self.conditional_only = conditional_only
+        self.gains = gains or [None] * len(names)
         self._tensors: dict[float, torch.Tensor] = {
             value: torch.tensor(value, dtype=torch.float32, device=device)
             for value in {v for per_step in scales for v in per_step}
@@ -110,9 +119,10 @@ class ControlConditioning:
     def active(self, step: int) -> bool:
         return any(per_step[step] != 0 for per_step in self.scales)
 
-    def active_nets(self, step: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        return [(name, image, self._tensors[per_step[step]])
-                for name, image, per_step in zip(self.names, self.images, self.scales) if per_step[step] != 0]
+    def active_nets(self, step: int) -> list[tuple[str, torch.Tensor, torch.Tensor, list[float] | None]]:
+        return [(name, image, self._tensors[per_step[step]], gains)
+                for name, image, per_step, gains in zip(self.names, self.images, self.scales, self.gains)
+                if per_step[step] != 0]
 
 
 @dataclass
@@ -138,6 +148,8 @@ class GenerationResult:
     """The same in A1111's words (``PLMS``, ``DPM++ 2M Karras``), for the images' parameters text."""
     info: dict[str, Any] = field(default_factory=dict)
     """The pipeline's record of the engines (model, backend, graphs), saved with the images."""
+    guess_mode: bool = False
+    """Whether the ControlNets ran in guess mode (asked for, or forced by a pooling ControlNet)."""
 
     def save(self, path: str | Path) -> list[Path]:
         """Save the images as ``sdexport run -o`` does (PNG, JPEG or WebP by suffix, ``NAME-i.EXT`` for
@@ -162,9 +174,12 @@ class Txt2ImgPipeline:
         family: str = "sd",
         tokenizer_2: Any = None,
         force_zeros_for_empty_prompt: bool = True,
+        pooled_controlnets: tuple[str, ...] = (),
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
-        the unconditional embeddings are zeros instead of the encoded empty prompt."""
+        the unconditional embeddings are zeros instead of the encoded empty prompt.
+        ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``),
+        which put every request in guess mode."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
@@ -180,6 +195,7 @@ class Txt2ImgPipeline:
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
+        self.pooled_controlnets = tuple(n for n in self.controlnets if n in pooled_controlnets)
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
@@ -303,7 +319,13 @@ class Txt2ImgPipeline:
             scheduler=scheduler_label(scheduler),
             sampler=a1111_sampler(scheduler),
             info=dict(self.info),
+            guess_mode=control is not None and self.guess_mode(request),
         )
+
+    def guess_mode(self, request: GenerationRequest) -> bool:
+        """Asked for, or forced by a pooling ControlNet. diffusers reads only the first ControlNet's
+        ``global_pool_conditions`` (and its SDXL inpainting pipeline none); here any one decides."""
+        return request.guess_mode or bool(self.pooled_controlnets)
 
     def truncations(self, request: GenerationRequest) -> dict[str, list[str | None]]:
         """Texts longer than the text encoder reads: warn, and say what it will read instead.
@@ -464,11 +486,14 @@ class Txt2ImgPipeline:
         masked init image has a row per init image or mask, repeated as diffusers repeats a batch
         of control images) and its scale at every step: ``controlnet_conditioning_scale``, zero
         where the step lies outside its [start, end] share of the steps (diffusers'
-        ``controlnet_keep``, over the steps the loop runs)."""
+        ``controlnet_keep``, over the steps the loop runs). In guess mode with CFG the images are
+        batched as the conditional half alone."""
         from sdexport.runtime.image_inputs import control_pixels, masked_control_pixels, per_prompt
         from sdexport.runtime.request import MASKED_INIT
 
-        batch = 2 * request.batch if request.cfg else request.batch
+        guess = self.guess_mode(request)
+        conditional_only = guess and request.cfg
+        batch = 2 * request.batch if request.cfg and not conditional_only else request.batch
         images, scales = [], []
         for image, (scale, start, end) in zip(request.control_image or [],
                                               request.control_settings(len(self.controlnets), self.family)):
@@ -479,22 +504,37 @@ class Txt2ImgPipeline:
             images.append(per_prompt(pixels, batch).to(self.device))
             keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
             scales.append([scale * k for k in keep])
-        return ControlConditioning(self.controlnets, images, scales, self.device)
+        gains = None
+        if guess:
+            residuals = len(self.engines["unet"].spec.residual_inputs)
+            logspace = torch.logspace(-1, 0, residuals).tolist()  # as diffusers' ControlNetModel computes it
+            gains = [None if name in self.pooled_controlnets else logspace for name in self.controlnets]
+        return ControlConditioning(self.controlnets, images, scales, self.device, conditional_only=conditional_only,
+                                   gains=gains)
 
     def control_residuals(self, control: ControlConditioning, step: int, sample: torch.Tensor, timestep: torch.Tensor,
                           conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The U-Net's residual inputs at ``step``: the sum of the active ControlNets' outputs (as
         diffusers' ``MultiControlNetModel``), zeros where none is active (a ControlNet at scale 0
-        adds exactly that, so it is not run)."""
+        adds exactly that, so it is not run). In guess mode each residual is scaled by its gain
+        and, with CFG, the ControlNets see the conditional half (the latents, as the U-Net's second
+        half, and the prompt's conditioning) and the unconditional half gets zeros."""
         unet = self.engines["unet"].spec
+        inputs = {"sample": sample, **conditioning}
+        if control.conditional_only:
+            inputs = {name: value.chunk(2)[1] for name, value in inputs.items()}
         summed: list[torch.Tensor] | None = None
-        for name, image, scale in control.active_nets(step):
+        for name, image, scale, gains in control.active_nets(step):
             engine = self.engines[name]
-            feed = {"sample": sample, "timestep": timestep, "controlnet_cond": image, "conditioning_scale": scale,
-                    **{k: v for k, v in conditioning.items() if k in engine.spec.input_names}}
+            feed = {"timestep": timestep, "controlnet_cond": image, "conditioning_scale": scale,
+                    **{k: v for k, v in inputs.items() if k in engine.spec.input_names}}
             out = engine(feed)
             residual = [out[n] for n in engine.spec.residual_outputs]
+            if gains is not None:
+                residual = [r if g == 1.0 else r * g for r, g in zip(residual, gains)]
             summed = residual if summed is None else [a + b for a, b in zip(summed, residual)]
+        if summed is not None and control.conditional_only:
+            summed = [torch.cat([torch.zeros_like(r), r]) for r in summed]
         if summed is None:
             sizes = self.dims.sizes(sample.shape[0], sample.shape[-2] * self.dims.vae_scale_factor,
                                     sample.shape[-1] * self.dims.vae_scale_factor)
