@@ -49,7 +49,8 @@ def _inputs(prompts: list[str], **params: object) -> dict[str, np.ndarray]:
     """A request's tensors as Triton hands them to the model (batch first, BYTES as object arrays)."""
     arrays = {"prompt": np.array([[p.encode()] for p in prompts], dtype=object)}
     for name, value in params.items():
-        dtype = {"steps": np.int32, "height": np.int32, "width": np.int32, "seed": np.uint64}.get(name, np.float32)
+        dtype = {"steps": np.int32, "height": np.int32, "width": np.int32, "seed": np.uint64,
+                 "guess_mode": np.bool_}.get(name, np.float32)
         if isinstance(value, str | bytes):
             arrays[name] = np.array([[value.encode() if isinstance(value, str) else value]] * len(prompts), dtype=object)
         elif isinstance(value, list):
@@ -99,12 +100,13 @@ def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
     ({"fit": "resize"}, "fit needs init_image"),
     ({"colour": 1.0}, "unknown inputs colour"),
     ({"prompt": np.array([[b"  "]], dtype=object)}, "prompt: empty"),
+    ({"guess_mode": np.array([[0.5]], dtype=np.float32)}, "guess_mode 0.5: expected true or false"),
 ])
 def test_malformed_rows_are_refused_in_one_line(params, message):
     from sdexport.serving.requests import decode_rows
 
-    inputs = _inputs(["a"], **{k: v for k, v in params.items() if k not in ("prompt",)})
-    inputs.update({k: v for k, v in params.items() if k == "prompt"})
+    inputs = _inputs(["a"], **{k: v for k, v in params.items() if not isinstance(v, np.ndarray)})
+    inputs.update({k: v for k, v in params.items() if isinstance(v, np.ndarray)})
     with pytest.raises(SdexportError, match=message):
         decode_rows(inputs, (128, 128))
 
@@ -129,6 +131,9 @@ def test_rows_with_the_same_settings_share_a_call_up_to_the_batch_limit():
     other = decode_rows(_inputs(["d"], steps=5), (128, 128))
     calls = group_rows([(0, same[0]), (1, other[0]), (2, same[1]), (3, same[2])], max_batch=2)
     assert [[owner for owner, _ in call] for call in calls] == [[0, 2], [3], [1]]
+    guessing = decode_rows(_inputs(["e"], steps=4, guess_mode=True), (128, 128))  # ControlNet guess mode
+    assert guessing[0].guess_mode and not same[0].guess_mode
+    assert len(group_rows([(0, same[0]), (1, guessing[0])], max_batch=2)) == 2
 
 
 # -- the served model in-process -----------------------------------------------------------------

@@ -11,7 +11,7 @@ from typing import Any
 
 from sdexport.serving.protocol import INPUTS, MODEL_NAME
 
-_NUMPY = {"BYTES": "object", "INT32": "int32", "UINT64": "uint64", "FP32": "float32", "UINT8": "uint8"}
+_NUMPY = {"BYTES": "object", "BOOL": "bool", "INT32": "int32", "UINT64": "uint64", "FP32": "float32", "UINT8": "uint8"}
 _SPECS = {spec.name: spec for spec in INPUTS}
 
 

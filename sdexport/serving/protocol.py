@@ -21,7 +21,7 @@ MODEL_NAME = "sdexport"
 class TensorSpec:
     name: str
     dtype: str
-    """The KServe v2 data type: BYTES, INT32, UINT64, FP32, UINT8."""
+    """The KServe v2 data type: BYTES, BOOL, INT32, UINT64, FP32, UINT8."""
     dims: tuple[int, ...]
     """Per row (Triton adds the batch dimension); -1 is any length."""
     doc: str
@@ -52,6 +52,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("control_scale", "FP32", (-1,), "ControlNet: one scale, or one per ControlNet (default: txt2img 1, img2img 0.8, inpainting SD 0.5, SDXL 1)"),
     TensorSpec("control_start", "FP32", (-1,), "ControlNet: fraction of the steps to start at (default 0)"),
     TensorSpec("control_end", "FP32", (-1,), "ControlNet: fraction of the steps to stop at (default 1)"),
+    TensorSpec("guess_mode", "BOOL", (1,), "ControlNet: guess mode, as `sdexport run --guess-mode` (default false)"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (

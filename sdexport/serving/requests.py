@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from sdexport.errors import SdexportError
 from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text
 from sdexport.serving.protocol import INPUT_NAMES
@@ -47,6 +49,7 @@ class Row:
     """None: the task's default (``CONTROL_SCALE_DEFAULTS``)."""
     control_start: float | list[float] = 0.0
     control_end: float | list[float] = 1.0
+    guess_mode: bool = False
     control_digest: str = ""
     """A digest of the control images' bytes: rows share a call only with the same control images."""
     notes: list[str] = field(default_factory=list)
@@ -57,7 +60,8 @@ class Row:
         return (self.steps, self.guidance, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, self.control_digest,
-                _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end))
+                _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
+                self.guess_mode)
 
 
 def _hashable(value: float | list[float] | None) -> Any:
@@ -131,6 +135,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             height=height, width=width,
             strength=_number(one("strength"), "strength", float),
             control_image=controls or None,
+            guess_mode=_flag(one("guess_mode"), "guess_mode"),
         )
         for name in ("control_scale", "control_start", "control_end"):
             values = [_number(v, name, float) for v in many(name) or []]
@@ -166,6 +171,17 @@ def _text(value: Any, name: str) -> str | None:
         raise SdexportError(f"{name}: not UTF-8 text") from None
 
 
+def _flag(value: Any, name: str) -> bool:
+    """A BOOL input (numpy's bool, or 0/1 from a client that sends numbers); absent: false."""
+    if value is None:
+        return False
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer) and value in (0, 1):
+        return bool(value)
+    raise SdexportError(f"{name} {value!r}: expected true or false")
+
+
 def _number(value: Any, name: str, kind: type) -> Any:
     """A Python int or float from a numpy scalar. A float32 is read as the shortest decimal that
     gives it back (7.3, not 7.300000190734863), so it means what the client typed."""
@@ -196,7 +212,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
         control_image=first.control_image, control_scale=first.control_scale,
-        control_start=first.control_start, control_end=first.control_end,
+        control_start=first.control_start, control_end=first.control_end, guess_mode=first.guess_mode,
     )
 
 
