@@ -135,6 +135,8 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\nstrength = 0', "strength: 0 is less than or equal to the minimum of 0"),
     ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\ncontrol_scale = 0', "control_scale 0: need a finite, non-zero"),
     ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite, non-zero number"),
+    ('model = "tiny"\nguess_mode = true', "guess_mode is a ControlNet setting: add controlnets"),
+    ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\nguess_mode = 1', "guess_mode: 1 is not of type 'boolean'"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     path = tmp_path / "s.toml"

@@ -212,6 +212,7 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         strength=scenario.strength,
         control_image=[control_image(scenario, i) for i in range(len(scenario.controlnets))] or None,
         control_scale=scenario.control_scale if scenario.controlnets else None,
+        guess_mode=scenario.guess_mode,
     )
 
 

@@ -222,7 +222,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
             + _image_task_words(scenario, report.get("family"))
             + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
-               f"edge map at scale {scenario.get('control_scale', 1.0)}, " if scenario.get("controlnets") else "")
+               f"edge map at scale {scenario.get('control_scale', 1.0)}"
+               f"{' in guess mode' if scenario.get('guess_mode') else ''}, " if scenario.get("controlnets") else "")
             + f"prompt \"{scenario['prompt']}\""
         ),
         (f"- Baseline: {report['baseline']} (speedup = baseline median end-to-end / contender's, same run)"

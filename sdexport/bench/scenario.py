@@ -75,6 +75,9 @@ class Scenario:
     """``controlnet_conditioning_scale``, given to every contender alike (the same for img2img: not
     the task default ``sdexport run`` takes); non-zero, as a ControlNet at 0 is skipped by sdexport
     and still run by diffusers."""
+    guess_mode: bool = False
+    """ControlNet guess mode for every contender (``run --guess-mode``; on anyway with a pooling
+    ControlNet): under CFG the ControlNets run at the prompts' batch, half the work."""
 
     @property
     def image_inputs(self) -> bool:
@@ -88,7 +91,7 @@ class Scenario:
 
 
 WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
-                   "strength", "inpaint", "controlnets", "control_scale", "export", "build")
+                   "strength", "inpaint", "controlnets", "control_scale", "guess_mode", "export", "build")
 """What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
 ``sdexport bench compare`` compares two reports only when these are equal."""
 
@@ -127,6 +130,7 @@ SCHEMA: dict[str, Any] = {
         "inpaint": {"type": "boolean"},
         "controlnets": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 8},
         "control_scale": {"type": "number"},
+        "guess_mode": {"type": "boolean"},
         "export": {
             "type": "object",
             "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,
@@ -182,6 +186,8 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: control_scale {scenario.control_scale}: need a finite, non-zero number (at 0 "
                             "sdexport skips the ControlNets and diffusers still runs them: the contenders would not "
                             "do the same work)")
+    if scenario.guess_mode and not scenario.controlnets:
+        raise SdexportError(f"{path}: guess_mode is a ControlNet setting: add controlnets, or drop it")
     try:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
