@@ -148,6 +148,119 @@ def test_inpainting_with_controlnets_matches_diffusers(engine_dirs, references, 
     assert float(torch.linalg.norm(quiet.latents - ours.latents)) > 1e-2
 
 
+GUESS_CASES = [
+    # engine directory, backend, guidance, task
+    pytest.param("sd-two", "onnxruntime-cpu", 7.5, "txt2img", id="two-controlnets-cfg"),
+    pytest.param("sdxl-one", "torch", 7.5, "txt2img", id="sdxl-cfg-torch"),
+    pytest.param("sd-one", "onnxruntime-cpu", 1.0, "txt2img", id="no-cfg-gains-only"),
+    pytest.param("sd-one", "torch", 7.5, "img2img", id="img2img-torch"),
+    pytest.param("inpaint-one", "onnxruntime-cpu", 7.5, "inpaint", id="9-channel-inpaint"),
+    pytest.param("sdxl-one", "onnxruntime-cpu", 7.5, "inpaint", id="sdxl-blended-inpaint"),
+]
+
+
+def _task(task: str) -> dict[str, object]:
+    """An init image (and mask) for ``task``, at the requests' 64x128."""
+    if task == "txt2img":
+        return {}
+    return {"image": [picture(64, 128, 1)], "strength": 0.7, **({"mask": [box_mask(64, 128)]} if task == "inpaint" else {})}
+
+
+@pytest.mark.parametrize(("name", "backend", "guidance", "task"), GUESS_CASES)
+def test_guess_mode_matches_diffusers(engine_dirs, references, name, backend, guidance, task):
+    """diffusers' ``guess_mode``: under CFG the ControlNets run on the conditional half alone (the
+    unconditional half gets zeros) and their residuals are scaled from 0.1 to 1; without CFG only
+    the scaling. Same seeds, the same latents; and not the latents of a run without it."""
+    pipeline = load_pipeline(engine_dirs[name], backend, image_inputs=task != "txt2img")
+    request = _request(name, guidance=guidance, guess_mode=True, **_task(task))
+    ours = pipeline(request)
+    assert ours.guess_mode
+    _agree(ours, references[name](request))
+    plain = pipeline(_request(name, guidance=guidance, **_task(task)))
+    assert not plain.guess_mode and _rel(plain, ours) > 10 * TOLERANCE
+
+
+def test_served_guess_mode_is_the_image_run_writes(engine_dirs, tmp_path):
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    picture(64, 128, 2).save(tmp_path / "e.png")
+    out = tmp_path / "cli.png"
+    assert run_cli("run", engine_dirs["sd-one"], "-p", "x", "--steps", "3", "--seed", "5", "--control-image",
+                   tmp_path / "e.png", "--guess-mode", "--backend", "onnxruntime-cpu", "-o", out) == 0
+    assert json.loads(Image.open(out).text["sdexport"])["guess_mode"] is True
+    model = ServedModel(ServeSettings(str(engine_dirs["sd-one"]), backend="onnxruntime-cpu", max_steps=50))
+    try:
+        served = {}
+        for guess in (True, False):
+            [generated] = model.generate([_inputs(["x"], steps=3, seed=[5], guess_mode=guess,
+                                                  control_image=(tmp_path / "e.png").read_bytes())])
+            assert not isinstance(generated, str), generated
+            served[guess] = _png_pixels(generated[0].png)
+        np.testing.assert_array_equal(served[True], np.asarray(Image.open(out).convert("RGB")))
+        assert not np.array_equal(served[False], served[True])
+    finally:
+        model.close()
+
+
+@pytest.fixture(scope="module")
+def pooled(tmp_path_factory) -> dict[str, tuple[Path, DiffusersReference]]:
+    """Engine directories with a pooling ControlNet (``global_pool_conditions``, as the shuffle
+    ControlNets have): beside a plain one (SD, two ControlNets), and alone on SDXL's inpainting U-Net,
+    whose diffusers pipeline does not read the flag (sdexport runs it in guess mode all the same)."""
+    root = tmp_path_factory.mktemp("pooled")
+    found = {}
+    for name, preset, plain in (("sd-mixed", "tiny", ["tiny-controlnet"]), ("sdxl-inpaint", "tiny-sdxl-inpaint", [])):
+        net = _controlnet_dir(root, preset, f"{name}-net")
+        config = json.loads((net / "config.json").read_text())
+        (net / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+        nets = [*plain, str(net)]
+        export(preset, root / name, ExportOptions(controlnets=nets))  # full verification: every size checked
+        found[name] = (root / name, DiffusersReference(load_model(preset, controlnets=nets)))
+    return found
+
+
+@pytest.mark.parametrize(("name", "backend", "task"), [("sd-mixed", "onnxruntime-cpu", "txt2img"),
+                                                       ("sd-mixed", "torch", "img2img"),
+                                                       ("sdxl-inpaint", "onnxruntime-cpu", "inpaint")])
+def test_a_pooling_controlnet_runs_in_guess_mode_as_diffusers(pooled, name, backend, task):
+    """The pooling ControlNet's residuals are each one value per channel (averaged over the pixels,
+    in the graph, and expanded to the U-Net's residual sides), and every request runs in guess mode;
+    the plain ControlNet beside it gets guess mode's scaling, as in diffusers."""
+    engine_dir, reference = pooled[name]
+    pipeline = load_pipeline(engine_dir, backend, image_inputs=task != "txt2img")
+    like = "sd-two" if name == "sd-mixed" else "sdxl-one"  # the same number of ControlNets
+    request = _request(like, **_task(task))
+    ours = pipeline(request)
+    assert ours.guess_mode and not request.guess_mode
+    _agree(ours, reference(request))
+    assert pipeline.pooled_controlnets == ("controlnet_1" if name == "sd-mixed" else "controlnet",)
+    net = pipeline.engines[pipeline.pooled_controlnets[0]]
+    conditioning = pipeline.encode_prompt(_request(like))
+    feed = {"sample": torch.randn(2, 4, 8, 16), "timestep": torch.tensor(500.0),
+            "controlnet_cond": torch.rand(2, 3, 64, 128), "conditioning_scale": torch.tensor(1.0),
+            **{k: v[2:] for k, v in conditioning.items() if k in net.spec.input_names}}
+    out = net(feed)
+    for output, (channels, scale) in zip(net.spec.residual_outputs, load_manifest(engine_dir).dims["residuals"]):
+        residual = out[output]
+        assert residual.shape == (2, channels, 8 // scale, 16 // scale)
+        assert torch.equal(residual, residual[..., :1, :1].expand_as(residual))  # one value per channel
+        assert residual.abs().sum() > 0
+
+
+def test_run_says_a_pooling_controlnet_puts_it_in_guess_mode(pooled, tmp_path, capsys):
+    engine_dir, _ = pooled["sd-mixed"]
+    picture(64, 64, 0).save(tmp_path / "e.png")
+    run = ("run", engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-image", tmp_path / "e.png",
+           "--control-image", tmp_path / "e.png", "--steps", "2", "--height", "64", "--width", "64")
+    assert run_cli(*run) == 0
+    assert "guess mode: controlnet_1 pools its conditions (global_pool_conditions" in capsys.readouterr().err
+    assert json.loads(Image.open(tmp_path / "o.png").text["sdexport"])["guess_mode"] is True
+    assert run_cli(*run, "--guess-mode") == 0  # asked for: nothing to say
+    assert "guess mode" not in capsys.readouterr().err
+
+
 def _inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
     """The control image of diffusers' ControlNet inpainting example (``make_inpaint_condition``),
     written from its documentation: pixels in [0, 1], -1 where the mask is over half white."""
@@ -316,8 +429,9 @@ def test_control_image_without_controlnets_is_refused(tiny_engine_dir, tmp_path,
     assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-image",
                    tmp_path / "edges.png") == 2
     assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
-    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-scale", "1") == 2
-    assert "need an engine directory exported with --controlnet" in capsys.readouterr().err  # a setting, said
+    for setting in (["--control-scale", "1"], ["--guess-mode"]):  # a setting alone, said too
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2
+        assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
 
 
 def test_python_api_refuses_before_any_engine_runs(engine_dirs):
@@ -394,11 +508,12 @@ def test_a_controlnet_for_another_unet_is_refused_on_load():
 
 def test_bench_runs_a_controlnet_scenario(tmp_path):
     """The harness exports the ControlNets, gives every contender the same synthetic edge map, compares
-    with diffusers' ControlNet pipeline, and reports the ControlNet's time apart."""
+    with diffusers' ControlNet pipeline (in guess mode here, as every contender), and reports the
+    ControlNet's time apart."""
     scenario = tmp_path / "cn.toml"
     scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [1]\nwarmup = 0\n'
                         'repeats = 1\ncontenders = ["diffusers", "onnxruntime-cpu"]\ncontrolnets = ["tiny-controlnet"]\n'
-                        'control_scale = 0.9\n')
+                        'control_scale = 0.9\nguess_mode = true\n')
     out = tmp_path / "out"
     assert run_cli("bench", scenario, "-o", out) == 0
     report = json.loads((out / "results.json").read_text())
@@ -409,8 +524,10 @@ def test_bench_runs_a_controlnet_scenario(tmp_path):
     assert load_manifest(out / "engines" / "cn").controlnets == ["controlnet"]
     markdown = (out / "results.md").read_text()
     assert "| ControlNet ms/step |" in markdown and "1 ControlNet(s) (tiny-controlnet)" in markdown
+    assert "at scale 0.9 in guess mode" in markdown
     # the engines are reused by a second run, and only with the same ControlNets
-    scenario.write_text(scenario.read_text().replace('controlnets = ["tiny-controlnet"]', "controlnets = []"))
+    scenario.write_text(scenario.read_text().replace('controlnets = ["tiny-controlnet"]', "controlnets = []")
+                        .replace("guess_mode = true\n", ""))
     assert run_cli("bench", scenario, "-o", out) == 0
     assert not load_manifest(out / "engines" / "cn").controlnets
 
@@ -496,17 +613,14 @@ def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs
 
 
 def test_review_findings_are_refused(tmp_path, capsys):
-    """A pooling (shuffle) ControlNet, ControlNet subsets of --components, an engine directory or a
-    weightless folder as --controlnet: one line each, before the model loads."""
-    pooled = _controlnet_dir(tmp_path, "tiny")
-    config = json.loads((pooled / "config.json").read_text())
-    (pooled / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    """ControlNet subsets of --components, an engine directory or a weightless folder as
+    --controlnet: one line each, before the model loads."""
+    net = _controlnet_dir(tmp_path, "tiny")
     empty = tmp_path / "empty"
     empty.mkdir()
-    (empty / "config.json").write_text(json.dumps(config))
+    (empty / "config.json").write_text((net / "config.json").read_text())
     two = ["--controlnet", "tiny-controlnet", "--controlnet", "tiny-controlnet"]
     for args, message in [
-        (["--controlnet", pooled], "guess mode"),
         ([*two, "--components", "text_encoder,controlnet_1,unet,vae_decoder"], "export every ControlNet or none"),
         ([*two, "--components", "text_encoder,unet,vae_decoder"], "export it with its ControlNets"),
         (["--controlnet", empty], "no weights"),
