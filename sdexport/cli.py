@@ -364,6 +364,7 @@ def run(
         check_request,
         default_notes,
         ignored_settings,
+        pooling_note,
     )
 
     if batch < 1:
@@ -460,13 +461,8 @@ def run(
                            image_inputs=request.image is not None, lora=bool(loras))
     from sdexport.runtime.loading import pooled_controlnets
 
-    pooled = pooled_controlnets(engine_dir, manifest)
-    said = []
-    if pooled and not guess_mode:
-        said.append(f"guess mode: {' and '.join(pooled)} {'pools its' if len(pooled) == 1 else 'pool their'} "
-                    "conditions (global_pool_conditions, as shuffle ControlNets do), which diffusers runs in guess "
-                    "mode: this run does as --guess-mode")
-    for note in [*ignored_settings(request), *default_notes(request, manifest.family), *notes, *said]:
+    said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
+    for note in [*ignored_settings(request), *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:
         inputs["fit"] = fit
@@ -581,7 +577,7 @@ def _generate(
     with step(f"Loading engines ({backend})"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
-                                 image_inputs=first.image is not None, loras=loras)
+                                 image_inputs=first.image is not None, loras=loras, guess_mode=first.guess_mode)
         # (hashed before the heavy imports)
     for part in parts:
         pipeline.check(part)

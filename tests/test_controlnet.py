@@ -204,37 +204,55 @@ def test_served_guess_mode_is_the_image_run_writes(engine_dirs, tmp_path):
         model.close()
 
 
+POOLED = {  # name: (preset, ControlNets before the pooling one, export verification)
+    "sd-pooled": ("tiny", [], "full"),  # alone: diffusers runs it in guess mode by itself
+    "sd-mixed": ("tiny", ["tiny-controlnet"], "quick"),  # second: diffusers reads the first one's flag only
+    "sdxl-inpaint": ("tiny-sdxl-inpaint", [], "quick"),  # diffusers' SDXL inpainting ignores the flag
+}
+
+
 @pytest.fixture(scope="module")
 def pooled(tmp_path_factory) -> dict[str, tuple[Path, DiffusersReference]]:
     """Engine directories with a pooling ControlNet (``global_pool_conditions``, as the shuffle
-    ControlNets have): beside a plain one (SD, two ControlNets), and alone on SDXL's inpainting U-Net,
-    whose diffusers pipeline does not read the flag (sdexport runs it in guess mode all the same)."""
+    ControlNets have), and diffusers' own pipelines over the same modules, told nothing about it."""
     root = tmp_path_factory.mktemp("pooled")
     found = {}
-    for name, preset, plain in (("sd-mixed", "tiny", ["tiny-controlnet"]), ("sdxl-inpaint", "tiny-sdxl-inpaint", [])):
+    for name, (preset, plain, verify) in POOLED.items():
         net = _controlnet_dir(root, preset, f"{name}-net")
         config = json.loads((net / "config.json").read_text())
         (net / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
         nets = [*plain, str(net)]
-        export(preset, root / name, ExportOptions(controlnets=nets))  # full verification: every size checked
+        export(preset, root / name, ExportOptions(verify=verify, controlnets=nets))  # full: every size checked
         found[name] = (root / name, DiffusersReference(load_model(preset, controlnets=nets)))
     return found
 
 
-@pytest.mark.parametrize(("name", "backend", "task"), [("sd-mixed", "onnxruntime-cpu", "txt2img"),
-                                                       ("sd-mixed", "torch", "img2img"),
-                                                       ("sdxl-inpaint", "onnxruntime-cpu", "inpaint")])
-def test_a_pooling_controlnet_runs_in_guess_mode_as_diffusers(pooled, name, backend, task):
-    """The pooling ControlNet's residuals are each one value per channel (averaged over the pixels,
-    in the graph, and expanded to the U-Net's residual sides), and every request runs in guess mode;
-    the plain ControlNet beside it gets guess mode's scaling, as in diffusers."""
+POOLED_CASES = [
+    # engine directory, backend, task, guess mode asked for, guess mode run (diffusers' rule)
+    pytest.param("sd-pooled", "onnxruntime-cpu", "txt2img", False, True, id="alone-forced"),
+    pytest.param("sd-pooled", "torch", "img2img", False, True, id="alone-forced-img2img-torch"),
+    pytest.param("sd-mixed", "onnxruntime-cpu", "txt2img", False, False, id="second-not-forced"),
+    pytest.param("sd-mixed", "onnxruntime-cpu", "inpaint", True, True, id="second-asked"),
+    pytest.param("sdxl-inpaint", "onnxruntime-cpu", "inpaint", False, False, id="sdxl-inpaint-not-forced"),
+    pytest.param("sdxl-inpaint", "torch", "inpaint", True, True, id="sdxl-inpaint-asked-torch"),
+]
+
+
+@pytest.mark.parametrize(("name", "backend", "task", "asked", "ran"), POOLED_CASES)
+def test_a_pooling_controlnet_runs_as_diffusers_runs_it(pooled, name, backend, task, asked, ran):
+    """The pooling ControlNet's residuals are one value per channel (averaged over the pixels in the
+    graph, expanded to the U-Net's residual sides); guess mode is on where diffusers turns it on by
+    itself (the first ControlNet pools, not in SDXL inpainting) or where it is asked for, and the
+    latents are diffusers' own in each case."""
     engine_dir, reference = pooled[name]
     pipeline = load_pipeline(engine_dir, backend, image_inputs=task != "txt2img")
-    like = "sd-two" if name == "sd-mixed" else "sdxl-one"  # the same number of ControlNets
-    request = _request(like, **_task(task))
+    like = {"sd-mixed": "sd-two", "sdxl-inpaint": "sdxl-one"}.get(name, "sd-one")  # as many ControlNets
+    request = _request(like, guess_mode=asked, **_task(task))
     ours = pipeline(request)
-    assert ours.guess_mode and not request.guess_mode
+    assert ours.guess_mode == ran
     _agree(ours, reference(request))
+    other = pipeline(_request(like, guess_mode=not asked, **_task(task)))
+    assert other.guess_mode == (not ran or name == "sd-pooled")  # alone, it is always on
     assert pipeline.pooled_controlnets == ("controlnet_1" if name == "sd-mixed" else "controlnet",)
     net = pipeline.engines[pipeline.pooled_controlnets[0]]
     conditioning = pipeline.encode_prompt(_request(like))
@@ -249,16 +267,51 @@ def test_a_pooling_controlnet_runs_in_guess_mode_as_diffusers(pooled, name, back
         assert residual.abs().sum() > 0
 
 
-def test_run_says_a_pooling_controlnet_puts_it_in_guess_mode(pooled, tmp_path, capsys):
-    engine_dir, _ = pooled["sd-mixed"]
-    picture(64, 64, 0).save(tmp_path / "e.png")
-    run = ("run", engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-image", tmp_path / "e.png",
-           "--control-image", tmp_path / "e.png", "--steps", "2", "--height", "64", "--width", "64")
-    assert run_cli(*run) == 0
-    assert "guess mode: controlnet_1 pools its conditions (global_pool_conditions" in capsys.readouterr().err
-    assert json.loads(Image.open(tmp_path / "o.png").text["sdexport"])["guess_mode"] is True
-    assert run_cli(*run, "--guess-mode") == 0  # asked for: nothing to say
-    assert "guess mode" not in capsys.readouterr().err
+@pytest.mark.parametrize(("name", "args", "said"), [
+    ("sd-pooled", [], ("guess mode: controlnet pools its conditions (global_pool_conditions), which diffusers runs "
+                      "in guess mode: this run does as --guess-mode")),
+    ("sd-pooled", ["--guess-mode"], None),  # asked for: nothing to say
+    ("sd-mixed", [], ("controlnet_1 pools its conditions (global_pool_conditions), but diffusers turns guess mode on "
+                     "only when the first ControlNet pools: this run is not in guess mode")),
+    ("sdxl-inpaint", ["--init-image", "{i}", "--mask", "{m}"], ("but diffusers' SDXL inpainting pipeline does not "
+                                                                "read the flag: this run is not in guess mode")),
+])
+def test_run_says_what_a_pooling_controlnet_does_to_guess_mode(pooled, tmp_path, capsys, name, args, said):
+    files = {"e": tmp_path / "e.png", "i": tmp_path / "i.png", "m": tmp_path / "m.png"}
+    for key, image in (("e", picture(64, 64, 0)), ("i", picture(64, 64, 1)), ("m", box_mask(64, 64))):
+        image.save(files[key])
+    controls = ["--control-image", str(files["e"])] * (2 if name == "sd-mixed" else 1)
+    assert run_cli("run", pooled[name][0], "-p", "x", "-o", tmp_path / "o.png", *controls, "--steps", "2",
+                   "--height", "64", "--width", "64", *[a.format(**files) for a in args]) == 0
+    err = capsys.readouterr().err
+    assert (said in err) if said else ("pools its" not in err)
+    saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
+    assert saved.get("guess_mode", False) == (said is None or said.startswith("guess mode"))
+
+
+def test_cuda_graph_sessions_capture_the_controlnets_at_the_batch_they_run(pooled, engine_dirs, monkeypatch):
+    """ONNX Runtime CUDA graphs are captured at load for one batch: a ControlNet in guess mode runs at
+    the prompts' batch, not the guidance batch (asked for, or the first ControlNet pools)."""
+    from sdexport.runtime import loading, onnxruntime_backend
+    from sdexport.shapes import ShapeProfile
+
+    captured: dict[str, int] = {}
+
+    class Recording:
+        def __init__(self, spec, path, **options):
+            captured[spec.name] = options["sizes"]["B"] if options["cuda_graph"] else 0
+
+    monkeypatch.setattr(onnxruntime_backend, "OnnxRuntimeEngine", Recording)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
+    for directory, guess, expected in [(engine_dirs["sd-two"], False, {"controlnet": 4, "controlnet_1": 4}),
+                                       (engine_dirs["sd-two"], True, {"controlnet": 2, "controlnet_1": 2}),
+                                       (pooled["sd-pooled"][0], False, {"controlnet": 2}),
+                                       (pooled["sd-mixed"][0], False, {"controlnet": 4, "controlnet_1": 4})]:
+        manifest = load_manifest(directory)
+        captured.clear()
+        loading._load_engines(directory, manifest, [*manifest.controlnets, "unet"], "onnxruntime-cuda", cuda_graph=True,
+                              threads=0, request_profile=ShapeProfile.single(2, 64, 128), guess_mode=guess)
+        assert captured == {**expected, "unet": 4}
 
 
 def _inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:

@@ -20,7 +20,6 @@ import torch
 
 from sdexport.errors import SdexportError
 from sdexport.models import LoadedModel
-from sdexport.models.controlnet import pools
 from sdexport.runtime.request import MASKED_INIT
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
@@ -52,9 +51,6 @@ class DiffusersReference:
         sdxl = model.family == "sdxl"
         nets = [model.modules[n] for n in controlnets_among(model.modules)]
         self.controlnets = len(nets)
-        self.pooled = any(pools(dict(net.config)) for net in nets)  # type: ignore[arg-type]  # a FrozenDict
-        """A pooling ControlNet: guess mode, said to diffusers, whose pipelines read only the first
-        ControlNet's ``global_pool_conditions`` (and the SDXL inpainting one none), as sdexport reads any."""
         cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
         if nets:
             cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
@@ -197,7 +193,7 @@ class DiffusersReference:
                 "controlnet_conditioning_scale": settings[0][0] if one else list(settings[0]),
                 "control_guidance_start": settings[1][0] if one else list(settings[1]),
                 "control_guidance_end": settings[2][0] if one else list(settings[2]),
-                "guess_mode": request.guess_mode or self.pooled,
+                "guess_mode": request.guess_mode,  # and diffusers' own rule for pooling ControlNets
             }
             if request.task != "txt2img":
                 extra.update(height=request.height, width=request.width)

@@ -85,13 +85,16 @@ def load_pipeline(
     provider_options: dict[str, str] | None = None,
     image_inputs: bool = False,
     loras: list[LoraFile] | None = None,
+    guess_mode: bool = False,
 ) -> Txt2ImgPipeline:
     """``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
     portable graphs, the Torch backend), no re-export. ``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
     inpainting). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
     (and CUDA-graph ONNX Runtime sessions are made for them at load). ``graphs`` (onnxruntime-cuda):
     "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
-    ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through."""
+    ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through. ``guess_mode``:
+    requests will ask for ControlNet guess mode, so CUDA-graph sessions capture the ControlNets at
+    the prompts' batch (as for a directory whose first ControlNet pools)."""
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
     backend = resolve_backend(backend)
@@ -105,7 +108,7 @@ def load_pipeline(
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
-                            loras=loras or [])
+                            loras=loras or [], guess_mode=guess_mode)
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {n: engines[n] for n in names},
@@ -281,7 +284,7 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
 def _load_engines(
     engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
     request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
-    loras: list[LoraFile] | None = None,
+    loras: list[LoraFile] | None = None, guess_mode: bool = False,
 ) -> dict[str, Engine]:
     profile, dims = manifest.shape_profile, manifest.model_dims
     from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, unet_config, updates_for
@@ -307,15 +310,17 @@ def _load_engines(
 
             stream = torch.cuda.Stream()
         engines: dict[str, Engine] = {}
-        pooled = pooled_controlnets(engine_dir, manifest) if cuda_graph else ()
+        nets = manifest.controlnets
+        # In guess mode (asked for, or the first ControlNet pools: see Txt2ImgPipeline.guess_mode) the
+        # ControlNets run on the conditional half of a CFG batch: capture them at the prompts' batch.
+        halved = bool(cuda_graph and nets and (guess_mode or nets[0] in pooled_controlnets(engine_dir, manifest)))
         for n in names:
             rel = graph_for(manifest, n, backend, graphs)
             spec = manifest.spec(n)
             sizes = None
             graphed = cuda_graph and spec.per_step  # the U-Net: see OnnxRuntimeEngine
             if graphed and request_profile is not None and request_profile.is_static:
-                # a pooling ControlNet runs in guess mode: on the conditional half of a CFG batch
-                batch = request_profile.batch[1] if n in pooled else request_profile.component_batch(spec)[1]
+                batch = request_profile.batch[1] if halved and n in nets else request_profile.component_batch(spec)[1]
                 sizes = dims.sizes(batch, request_profile.height[1], request_profile.width[1])
             engines[n] = OnnxRuntimeEngine(
                 spec, engine_dir / rel, dims=dims, profile=profile, device=device, threads=threads, stream=stream,

@@ -93,8 +93,8 @@ class GenerationRequest:
     guess_mode: bool = False
     """diffusers' ``guess_mode``: the ControlNets see the conditional (prompted) half of a CFG batch
     only, so the prompt steers and the control image alone shapes the rest, and each residual is
-    scaled from 0.1 (the first) to 1 (the mid block's). Always on for a directory with a pooling
-    ControlNet (``global_pool_conditions``, e.g. shuffle), as in diffusers."""
+    scaled from 0.1 (the first) to 1 (the mid block's). On anyway where diffusers turns it on
+    (``forced_guess_mode``: the first ControlNet pools)."""
 
     @property
     def batch(self) -> int:
@@ -156,6 +156,26 @@ class GenerationRequest:
 
 
 SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
+
+
+def forced_guess_mode(first_pools: bool, family: str, task: str) -> bool:
+    """Whether diffusers runs in guess mode unasked: when the first ControlNet pools its conditions
+    (``global_pool_conditions``, the shuffle ControlNets; a pooling one further down the list does
+    not count), except in SDXL inpainting, whose pipeline does not read the flag."""
+    return first_pools and not (family == "sdxl" and task == "inpaint")
+
+
+def pooling_note(pooled: list[str], controlnets: list[str], request: GenerationRequest, family: str) -> str | None:
+    """What ``run`` says about pooling ControlNets (``pooled``, among the directory's ``controlnets``)
+    when ``--guess-mode`` was not given: that guess mode is on anyway, or that it is not."""
+    if not pooled or request.guess_mode:
+        return None
+    which = f"{' and '.join(pooled)} {'pools its' if len(pooled) == 1 else 'pool their'} conditions (global_pool_conditions)"
+    if forced_guess_mode(controlnets[0] in pooled, family, request.task):
+        return f"guess mode: {which}, which diffusers runs in guess mode: this run does as --guess-mode"
+    why = ("diffusers' SDXL inpainting pipeline does not read the flag" if controlnets[0] in pooled
+           else "diffusers turns guess mode on only when the first ControlNet pools")
+    return f"{which}, but {why}: this run is not in guess mode, as diffusers' (add --guess-mode for it)"
 
 
 def has_no_text(prompt: object, prompt_2: object = None) -> bool:

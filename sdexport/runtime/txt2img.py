@@ -28,7 +28,7 @@ from rich.markup import escape
 from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
-from sdexport.runtime.request import GenerationRequest, check_request
+from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode
 from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
@@ -178,8 +178,8 @@ class Txt2ImgPipeline:
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
-        ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``),
-        which put every request in guess mode."""
+        ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``);
+        the first one doing so puts requests in guess mode, as in diffusers."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
@@ -323,9 +323,9 @@ class Txt2ImgPipeline:
         )
 
     def guess_mode(self, request: GenerationRequest) -> bool:
-        """Asked for, or forced by a pooling ControlNet. diffusers reads only the first ControlNet's
-        ``global_pool_conditions`` (and its SDXL inpainting pipeline none); here any one decides."""
-        return request.guess_mode or bool(self.pooled_controlnets)
+        """Asked for, or where diffusers turns it on by itself (``forced_guess_mode``)."""
+        first_pools = bool(self.controlnets) and self.controlnets[0] in self.pooled_controlnets
+        return request.guess_mode or forced_guess_mode(first_pools, self.family, request.task)
 
     def truncations(self, request: GenerationRequest) -> dict[str, list[str | None]]:
         """Texts longer than the text encoder reads: warn, and say what it will read instead.
