@@ -76,8 +76,8 @@ class Scenario:
     the task default ``sdexport run`` takes); non-zero, as a ControlNet at 0 is skipped by sdexport
     and still run by diffusers."""
     guess_mode: bool = False
-    """ControlNet guess mode for every contender (``run --guess-mode``; on anyway with a pooling
-    ControlNet): under CFG the ControlNets run at the prompts' batch, half the work."""
+    """ControlNet guess mode for every contender (``run --guess-mode``; on anyway where the first
+    ControlNet pools): under CFG the ControlNets run at the prompts' batch, half the work."""
 
     @property
     def image_inputs(self) -> bool:

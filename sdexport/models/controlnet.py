@@ -153,7 +153,7 @@ def residual_layout(config: dict[str, Any]) -> tuple[tuple[int, int], ...]:
 
 def pools(config: dict[str, Any]) -> bool:
     """Whether a ControlNet averages its residuals over the image (``global_pool_conditions``: the
-    shuffle ControlNets). diffusers' pipelines run such a ControlNet in guess mode."""
+    shuffle ControlNets). diffusers' pipelines turn guess mode on when the first ControlNet pools."""
     return bool(config.get("global_pool_conditions"))
 
 

@@ -133,8 +133,8 @@ def load_pipeline(
 
 def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
     """The directory's ControlNets that pool their residuals, by the diffusers ``config.json`` the
-    export wrote beside each graph (hashed in the manifest): their graphs pool, and the loop must
-    run them in guess mode."""
+    export wrote beside each graph (hashed in the manifest): their graphs pool, and the loop turns
+    guess mode on when the first one does (``Txt2ImgPipeline.guess_mode``)."""
     import json
 
     from sdexport.models.controlnet import pools

@@ -175,7 +175,7 @@ def pooling_note(pooled: list[str], controlnets: list[str], request: GenerationR
         return f"guess mode: {which}, which diffusers runs in guess mode: this run does as --guess-mode"
     why = ("diffusers' SDXL inpainting pipeline does not read the flag" if controlnets[0] in pooled
            else "diffusers turns guess mode on only when the first ControlNet pools")
-    return f"{which}, but {why}: this run is not in guess mode, as diffusers' (add --guess-mode for it)"
+    return f"{which}, but {why}: this run is not in guess mode either (--guess-mode turns it on)"
 
 
 def has_no_text(prompt: object, prompt_2: object = None) -> bool:

@@ -149,7 +149,8 @@ class GenerationResult:
     info: dict[str, Any] = field(default_factory=dict)
     """The pipeline's record of the engines (model, backend, graphs), saved with the images."""
     guess_mode: bool = False
-    """Whether the ControlNets ran in guess mode (asked for, or forced by a pooling ControlNet)."""
+    """Whether the ControlNets ran in guess mode (asked for, or turned on by a first ControlNet
+    that pools, as diffusers does)."""
 
     def save(self, path: str | Path) -> list[Path]:
         """Save the images as ``sdexport run -o`` does (PNG, JPEG or WebP by suffix, ``NAME-i.EXT`` for
