@@ -326,7 +326,7 @@ def run(
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc.")] = "default",
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale; 1 disables CFG.")] = 7.5,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 disables CFG (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,

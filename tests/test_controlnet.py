@@ -367,6 +367,8 @@ def test_masked_init_needs_an_init_image_and_a_mask(engine_dirs, tmp_path, monke
 
 
 DEFAULT_CASES = [  # family, task, ControlNets?, the diffusers pipeline that does it
+    ("sd", "txt2img", False, "StableDiffusionPipeline"),
+    ("sdxl", "txt2img", False, "StableDiffusionXLPipeline"),
     ("sd", "txt2img", True, "StableDiffusionControlNetPipeline"),
     ("sd", "img2img", True, "StableDiffusionControlNetImg2ImgPipeline"),
     ("sd", "inpaint", True, "StableDiffusionControlNetInpaintPipeline"),
@@ -381,9 +383,10 @@ DEFAULT_CASES = [  # family, task, ControlNets?, the diffusers pipeline that doe
 
 
 @pytest.mark.parametrize(("family", "task", "controlnet", "pipeline"), DEFAULT_CASES, ids=[c[3] for c in DEFAULT_CASES])
-def test_the_default_scale_and_strength_are_diffusers_for_the_task(family, task, controlnet, pipeline):
+def test_the_default_scale_strength_and_guidance_are_diffusers_for_the_task(family, task, controlnet, pipeline):
     """Read from diffusers' own signatures: SDXL inpainting keeps the scale at 1.0 where SD lowers it
-    to 0.5, and takes strength 0.9999 where SD takes 1."""
+    to 0.5, and takes strength 0.9999 where SD takes 1; SDXL guides at 5.0, except its inpainting
+    pipeline without ControlNets (7.5)."""
     import inspect
 
     import diffusers
@@ -398,6 +401,8 @@ def test_the_default_scale_and_strength_are_diffusers_for_the_task(family, task,
         assert request.control_settings(2, family) == [(scale, 0.0, 1.0)] * 2
     if task != "txt2img":
         assert request.effective_strength(family) == defaults["strength"].default
+    assert request.effective_guidance(family) == defaults["guidance_scale"].default
+    assert request.with_defaults(family).guidance == defaults["guidance_scale"].default
 
 
 def test_specs_and_manifest_describe_the_residuals(engine_dirs):

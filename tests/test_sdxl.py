@@ -336,12 +336,17 @@ def test_bad_sdxl_requests_are_refused(pipelines):
 
 
 def test_cli_runs_an_sdxl_engine_dir(sdxl_engine_dir, tmp_path, capsys):
+    import json
+
     out = tmp_path / "img.png"
     assert run_cli("run", sdxl_engine_dir, "-p", "a red fox", "--steps", "2", "--height", "64", "--width", "128",
                    "-o", out) == 0
     from PIL import Image
 
     assert Image.open(out).size == (128, 64)
+    # no --guidance: diffusers' SDXL default (5.0, not SD's 7.5), recorded as what ran
+    assert json.loads(Image.open(out).text["sdexport"])["guidance"] == 5.0
+    assert "CFG scale: 5.0," in Image.open(out).text["parameters"]
     assert run_cli("inspect", sdxl_engine_dir) == 0
     assert "sdxl" in capsys.readouterr().out
 

@@ -85,9 +85,9 @@ def test_config_pbtxt_is_a_valid_triton_model_config():
 def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
     from sdexport.serving.requests import decode_rows
 
-    rows = decode_rows(_inputs(["a", "b"]), (128, 96))
+    rows = decode_rows(_inputs(["a", "b"]), (128, 96))  # guidance None: the family's, filled in as by `run`
     assert [(r.prompt, r.seed, r.steps, r.guidance, r.scheduler, r.height, r.width) for r in rows] == [
-        ("a", 0, 30, 7.5, "default", 128, 96), ("b", 1, 30, 7.5, "default", 128, 96)]
+        ("a", 0, 30, None, "default", 128, 96), ("b", 1, 30, None, "default", 128, 96)]
     row = decode_rows(_inputs(["a"], guidance=7.3, steps=4, seed=[2**64 - 1]), (128, 128))[0]
     assert (row.guidance, row.steps, row.seed) == (7.3, 4, 2**64 - 1)
 
@@ -209,8 +209,9 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     from sdexport.serving.client import infer_inputs
 
     inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, seed=7)}
-    assert sorted(inputs) == ["guidance", "prompt", "scheduler", "seed", "steps"]
+    assert sorted(inputs) == ["prompt", "scheduler", "seed", "steps"]  # guidance: the family's, by the server
     assert inputs["seed"].shape() == [2, 1]
+    assert "guidance" in {i.name() for i in infer_inputs(["a"], http, guidance=3.0)}
 
 
 def test_rows_of_one_request_must_share_a_size(served):

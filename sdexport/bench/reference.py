@@ -212,7 +212,7 @@ class DiffusersReference:
                 **extra,
                 negative_prompt=request.negative_prompt,
                 num_inference_steps=request.steps,
-                guidance_scale=request.guidance,
+                guidance_scale=request.effective_guidance(self.model.family),
                 generator=generators,
                 output_type="np",
                 callback_on_step_end=keep_latents,

@@ -47,6 +47,8 @@ class Scenario:
     negative_prompt: str = ""
     scheduler: str = "euler"
     guidance: float = 7.5
+    """The same for every contender and every family (a scenario states its workload; ``run``'s
+    default follows diffusers' per family, 5.0 for SDXL). Any value above 1 costs the same."""
     seed: int = 0
     height: int = 512
     width: int = 512

@@ -35,6 +35,13 @@ STRENGTH_DEFAULTS = {
 ControlNets inpainting keeps inpainting's). SDXL's inpainting pipelines take 0.9999, not 1 (diffusers'
 choice): the starting latents are the init image's noised to the first timestep, so they keep a
 trace of it, where pure noise keeps none; and ``int(steps x 0.9999)`` runs one step fewer."""
+GUIDANCE_DEFAULTS = {
+    "sd": {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "controlnet-inpaint": 7.5},
+    "sdxl": {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5, "controlnet-inpaint": 5.0},
+}
+"""``guidance_scale`` where none is given, per family and task, as diffusers' pipelines default it:
+7.5 for SD, 5.0 for SDXL except ``StableDiffusionXLInpaintPipeline`` (7.5; its ControlNet variant
+takes 5.0). With ControlNets, txt2img and img2img keep their task's value."""
 MASKED_INIT = "masked-init"
 """A control image made from the request itself: the init image with the mask's repaint region set
 to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,
@@ -53,7 +60,10 @@ class GenerationRequest:
     prompt: list[str]
     negative_prompt: list[str] | None = None
     steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None
+    """Classifier-free guidance scale (1 or less: no CFG). None: diffusers' default for the family
+    and task (``GUIDANCE_DEFAULTS``: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets),
+    filled in by ``with_defaults`` before the loop runs."""
     scheduler: str = "default"
     seeds: list[int] = field(default_factory=lambda: [0])
     height: int = 512
@@ -132,6 +142,19 @@ class GenerationRequest:
         task = "controlnet-img2img" if self.task == "img2img" and self.control_image else self.task
         return STRENGTH_DEFAULTS[family][task]
 
+    def effective_guidance(self, family: str) -> float:
+        if self.guidance is not None:
+            return self.guidance
+        task = "controlnet-inpaint" if self.task == "inpaint" and self.control_image else self.task
+        return GUIDANCE_DEFAULTS[family][task]
+
+    def with_defaults(self, family: str) -> GenerationRequest:
+        """This request with the family's default guidance filled in (what runs, and what the saved
+        image records); itself when nothing is left to fill."""
+        from dataclasses import replace
+
+        return self if self.guidance is not None else replace(self, guidance=self.effective_guidance(family))
+
     def denoising_steps(self, family: str) -> int:
         """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
         (diffusers' ``get_timesteps``)."""
@@ -151,8 +174,9 @@ class GenerationRequest:
 
     @property
     def cfg(self) -> bool:
-        """Guidance above 1 mixes in an unconditional prediction; at or below 1 it is skipped."""
-        return self.guidance > 1.0
+        """Guidance above 1 mixes in an unconditional prediction; at or below 1 it is skipped (every
+        family's default is above 1)."""
+        return self.guidance is None or self.guidance > 1.0
 
 
 SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
@@ -238,8 +262,9 @@ def check_request(
             f"take at most {trained} steps (20-50 is usual)"
         )
     guidance = request.guidance
-    if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not math.isfinite(guidance) or guidance < 0:
-        raise SdexportError(f"--guidance {guidance}: need a finite number >= 0 (1 disables guidance; 7.5 is usual)")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, int | float)
+                                 or not math.isfinite(guidance) or guidance < 0):
+        raise SdexportError(f"--guidance {guidance}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual)")
     check_scheduler_name(request.scheduler)
     for axis in ("height", "width"):
         value = getattr(request, axis)

@@ -239,7 +239,10 @@ class Txt2ImgPipeline:
         """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1).
 
         ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
-        a benchmark times end to end."""
+        a benchmark times end to end. The result's request has the family's defaults filled in
+        (``GenerationRequest.with_defaults``): what ran."""
+        request = request.with_defaults(self.family)
+        guidance = request.effective_guidance(self.family)
         self.check(request)
         clock = self.clock if stages else NO_CLOCK
         start = time.perf_counter()
@@ -282,7 +285,7 @@ class Txt2ImgPipeline:
             step_marks.append((before, clock.mark()))
             if request.cfg:
                 uncond, text = noise.chunk(2)
-                noise = uncond + request.guidance * (text - uncond)
+                noise = uncond + guidance * (text - uncond)
             else:
                 # Engines may return a buffer they overwrite on the next call (TensorRT does), and
                 # multistep schedulers (PNDM, DPM++, UniPC) keep past model outputs.
@@ -570,7 +573,7 @@ class Txt2ImgPipeline:
         fallback = False
         if not torch.isfinite(image).all():
             if not torch.isfinite(latents).all():
-                where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.guidance:g}"
+                where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.effective_guidance(self.family):g}"
                          if request is not None else "")
                 raise SdexportError(
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "

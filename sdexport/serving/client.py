@@ -15,9 +15,10 @@ _NUMPY = {"BYTES": "object", "BOOL": "bool", "INT32": "int32", "UINT64": "uint64
 _SPECS = {spec.name: spec for spec in INPUTS}
 
 
-SENT_ALWAYS = ("seed", "steps", "guidance", "scheduler")
+SENT_ALWAYS = ("seed", "steps", "scheduler")
 """Sent with their defaults when not given: Triton batches only requests that carry the same inputs,
-so every request from this client carries at least these."""
+so every request from this client carries at least these. Not ``guidance``: its default is the
+model family's, which the server knows and a client need not."""
 
 
 def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:

@@ -23,8 +23,8 @@ from sdexport.errors import SdexportError
 from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text
 from sdexport.serving.protocol import INPUT_NAMES
 
-DEFAULTS: dict[str, Any] = {"steps": 30, "guidance": 7.5, "scheduler": "default", "fit": "exact"}
-"""What ``sdexport run`` uses when a flag is not given."""
+DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact"}
+"""What ``sdexport run`` uses when a flag is not given (guidance: the family's, as ``run``)."""
 
 
 @dataclass
@@ -34,7 +34,8 @@ class Row:
     prompt: str
     seed: int
     steps: int
-    guidance: float
+    guidance: float | None
+    """None: the family's default (``GUIDANCE_DEFAULTS``), filled in as ``run`` does."""
     scheduler: str
     height: int
     width: int
@@ -130,7 +131,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             negative_prompt_2=text["negative_prompt_2"],
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
-            guidance=_or(_number(one("guidance"), "guidance", float), DEFAULTS["guidance"]),
+            guidance=_number(one("guidance"), "guidance", float),
             scheduler=text["scheduler"] or DEFAULTS["scheduler"],
             height=height, width=width,
             strength=_number(one("strength"), "strength", float),
