@@ -214,6 +214,23 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert "guidance" in {i.name() for i in infer_inputs(["a"], http, guidance=3.0)}
 
 
+def test_rows_that_leave_out_the_default_guidance_share_a_call_with_rows_that_send_it(served, monkeypatch):
+    """The server fills in the family's guidance (tiny: SD, 7.5) before it groups rows."""
+    from sdexport.runtime.txt2img import Txt2ImgPipeline
+
+    calls: list[float | None] = []
+    real = Txt2ImgPipeline.__call__
+
+    def counting(self, request, **kwargs):
+        calls.append(request.guidance)
+        return real(self, request, **kwargs)
+
+    monkeypatch.setattr(Txt2ImgPipeline, "__call__", counting)
+    results = served.generate([_inputs(["a"], steps=2), _inputs(["b"], steps=2, guidance=7.5)])
+    assert all(not isinstance(r, str) for r in results), results
+    assert calls == [7.5]
+
+
 def test_rows_of_one_request_must_share_a_size(served):
     [result] = served.generate([{**_inputs(["a", "b"], steps=2),
                                  "height": np.array([[64], [128]], np.int32), "width": np.array([[64], [128]], np.int32)}])

@@ -39,7 +39,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("prompt_2", "BYTES", (1,), "SDXL: for the second text encoder (default: prompt)"),
     TensorSpec("negative_prompt_2", "BYTES", (1,), "SDXL: for the second text encoder"),
     TensorSpec("steps", "INT32", (1,), "denoising steps (default 30)"),
-    TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default as `sdexport run`: 7.5, SDXL 5.0; 1 disables it)"),
+    TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default as `sdexport run`: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets; 1 disables it)"),
     TensorSpec("scheduler", "BYTES", (1,), "default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc"),
     TensorSpec("seed", "UINT64", (1,), "seed of this image (default: its row number in the request)"),
     TensorSpec("height", "INT32", (1,), "pixels (default: the init or first control image's, else the profile's opt)"),

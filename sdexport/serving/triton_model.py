@@ -118,6 +118,9 @@ class ServedModel:
                                         "are one tensor): send images of other sizes in requests of their own")
                 for row in decoded:
                     self.check(row)
+                    # the family's default for the row's task, filled in now: a row that leaves the
+                    # guidance out and one that sends that value share a call
+                    row.guidance = generation_request([row]).effective_guidance(self.pipeline.family)
             except SdexportError as exc:
                 outcome.append(str(exc))
                 continue
