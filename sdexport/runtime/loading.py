@@ -106,9 +106,10 @@ def load_pipeline(
         verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs, lora=bool(loras))
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
+    pooled = pooled_controlnets(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
-                            loras=loras or [], guess_mode=guess_mode)
+                            loras=loras or [], guess_mode=guess_mode, pooled=pooled)
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {n: engines[n] for n in names},
@@ -116,7 +117,7 @@ def load_pipeline(
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
         force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
-        pooled_controlnets=pooled_controlnets(engine_dir, manifest),
+        pooled_controlnets=pooled,
         scheduler_config=scheduler_config,
         dims=manifest.model_dims,
         vae_scaling_factor=manifest.vae_scaling_factor,
@@ -284,8 +285,9 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
 def _load_engines(
     engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
     request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
-    loras: list[LoraFile] | None = None, guess_mode: bool = False,
+    loras: list[LoraFile] | None = None, guess_mode: bool = False, pooled: tuple[str, ...] = (),
 ) -> dict[str, Engine]:
+    """``pooled``: the directory's pooling ControlNets (``pooled_controlnets``, read once by the caller)."""
     profile, dims = manifest.shape_profile, manifest.model_dims
     from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, unet_config, updates_for
 
@@ -313,7 +315,7 @@ def _load_engines(
         nets = manifest.controlnets
         # In guess mode (asked for, or the first ControlNet pools: see Txt2ImgPipeline.guess_mode) the
         # ControlNets run on the conditional half of a CFG batch: capture them at the prompts' batch.
-        halved = bool(cuda_graph and nets and (guess_mode or nets[0] in pooled_controlnets(engine_dir, manifest)))
+        halved = bool(cuda_graph and nets and (guess_mode or nets[0] in pooled))
         for n in names:
             rel = graph_for(manifest, n, backend, graphs)
             spec = manifest.spec(n)
