@@ -16,11 +16,14 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows
+
+if TYPE_CHECKING:
+    from sdexport.runtime.request import GenerationRequest
 
 MAX_STEPS = 200
 """A served request's step limit by default: far above the usual 20-50, far below the 1000 a
@@ -93,8 +96,9 @@ class ServedModel:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes)."""
         self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
 
-    def check(self, row: Row) -> None:
-        """Refuse what ``sdexport run`` would refuse, and what this server does not allow."""
+    def check(self, row: Row) -> GenerationRequest:
+        """Refuse what ``sdexport run`` would refuse, and what this server does not allow; the row's
+        request, as one call would make it."""
         if isinstance(row.steps, int) and row.steps > self.settings.max_steps:
             raise SdexportError(f"steps {row.steps}: this server allows at most {self.settings.max_steps} steps "
                                 "(sdexport serve --max-steps)")
@@ -102,6 +106,7 @@ class ServedModel:
         if request.image is not None and not self.image_inputs:
             raise SdexportError("init_image: this engine directory has no vae_encoder, so it serves txt2img only")
         self.pipeline.check(request)
+        return request
 
     def generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None = None) -> list[list[Generated] | str]:
         """Per request (input name → numpy array, batch first): its images, or the one-line error that
@@ -117,10 +122,9 @@ class ServedModel:
                     raise SdexportError("the images of one request must share height and width (their pixels "
                                         "are one tensor): send images of other sizes in requests of their own")
                 for row in decoded:
-                    self.check(row)
                     # the family's default for the row's task, filled in now: a row that leaves the
                     # guidance out and one that sends that value share a call
-                    row.guidance = generation_request([row]).effective_guidance(self.pipeline.family)
+                    row.guidance = self.check(row).effective_guidance(self.pipeline.family)
             except SdexportError as exc:
                 outcome.append(str(exc))
                 continue
