@@ -25,7 +25,7 @@ from sdexport.graph_io import GraphIO, check_io, onnx_tensors
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims, component, components_for, controlnets_among
+from sdexport.specs import ADAPTER, ComponentSpec, ModelDims, component, components_for, controlnets_among
 
 MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
@@ -54,7 +54,8 @@ class Manifest:
     prediction_type: str
     vae_scaling_factor: float
     dims: dict[str, Any]
-    """``ModelDims.record()``: sizes, and ``residuals`` (pairs) with ControlNets."""
+    """``ModelDims.record()``: sizes, ``residuals`` (pairs) with ControlNets, ``adapter_features``
+    (pairs) and ``A`` with a T2I-Adapter."""
     profile: dict[str, list[int]]
     dtype: str
     tools: dict[str, Any]
@@ -82,9 +83,15 @@ class Manifest:
         """The ControlNet components, in the order their control images are given."""
         return controlnets_among(self.components)
 
+    @property
+    def adapter(self) -> bool:
+        """Whether the directory has a T2I-Adapter (its U-Net then takes the adapter's features)."""
+        return bool(self.model_dims.adapter_features)
+
     def component_specs(self) -> tuple[ComponentSpec, ...]:
-        """Every component this family may have, with as many ControlNets as this directory has."""
-        return components_for(self.family, len(self.controlnets))
+        """Every component this family may have, with as many ControlNets as this directory has, and
+        its T2I-Adapter."""
+        return components_for(self.family, len(self.controlnets), ADAPTER in self.components or self.adapter)
 
     def spec(self, name: str) -> ComponentSpec:
         """Component ``name``'s spec, expanded for this model (SDXL's per-layer hidden states)."""
@@ -263,6 +270,13 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if manifest.controlnets and not manifest.model_dims.residuals:
         raise EngineDirError(f"{where}: invalid manifest: ControlNet components but no dims.residuals (their "
                              "outputs' channels and sizes)")
+    dims = manifest.model_dims
+    if (ADAPTER in manifest.components or dims.adapter_features) and not (dims.adapter_features and dims.A):
+        raise EngineDirError(f"{where}: invalid manifest: a T2I-Adapter needs both dims.adapter_features (its "
+                             "features' channels and sizes) and dims.A (its image's channels)")
+    if dims.adapter_features and dims.residuals:
+        raise EngineDirError(f"{where}: invalid manifest: dims.residuals and dims.adapter_features (ControlNets "
+                             "and a T2I-Adapter): sdexport runs one kind")
     for rel in manifest.files:
         _require_inside(directory, rel)
     referenced = [(f"components.{n}.onnx", e.onnx) for n, e in manifest.components.items()] + [
@@ -463,7 +477,8 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
         for symbol, size, param in zip(declared, found, params):  # check_io checked the ranks
             if "/" in symbol and param and "/" in param and param != symbol:  # sdexport's own divided sides
                 raise EngineDirError(
-                    f"{directory}: {rel}: {value.name} has a side {param} where the manifest's dims.residuals give "
+                    f"{directory}: {rel}: {value.name} has a side {param} where the manifest's dims."
+                    f"{'adapter_features' if 'adapter' in value.name or 'intrablock' in value.name else 'residuals'} give "
                     f"{symbol}; the manifest does not describe this graph"
                 )
             if is_dynamic(symbol) or size is None:

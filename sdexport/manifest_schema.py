@@ -125,6 +125,12 @@ SCHEMA: dict[str, Any] = {
                     "items": {"type": "array", "minItems": 2, "maxItems": 2,
                               "prefixItems": [_size(65536), {"enum": [1, 2, 4, 8, 16, 32, 64]}]},
                 },
+                "adapter_features": {  # with a T2I-Adapter: [channels, latent downscale] per feature
+                    "type": "array", "minItems": 1, "maxItems": 64,
+                    "items": {"type": "array", "minItems": 2, "maxItems": 2,
+                              "prefixItems": [_size(65536), {"enum": [1, 2, 4, 8, 16, 32, 64]}]},
+                },
+                "A": {"enum": [1, 3]},
             },
             "additionalProperties": False,
         },

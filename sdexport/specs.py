@@ -19,6 +19,7 @@ Symbols:
              latents, the mask and the masked image's latents side by side (static)
     T        number of SDXL time ids (6)                 (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
+    A        channels of a T2I-Adapter's image: 3, or 1 for a grayscale one (static)
     h/2, w/4 a latent side divided by 2, 4, ... : where a ControlNet's residuals meet the U-Net's
              down blocks                                  (dynamic, derived from h and w)
     digits   a fixed size
@@ -38,10 +39,17 @@ connection of the U-Net's down path and one for its mid block, under diffusers' 
 ControlNets takes them (``down_block_additional_residuals.{i}``, ``mid_block_additional_residual``).
 Their channels and sizes are the U-Net's (``ModelDims.residuals``): the same spec entries expand to
 them for the ControlNet's outputs and the U-Net's inputs, and to nothing for a U-Net without them.
+
+A T2I-Adapter is one component too (``adapter``), called once per image rather than once per step:
+it turns the adapter image into one feature map per down block of the U-Net (``adapter_state.{i}``,
+after diffusers' pipelines), which the U-Net of a model exported with it adds inside those blocks
+(``down_intrablock_additional_residuals.{i}``, diffusers' argument). Their channels and sizes are
+``ModelDims.adapter_features``; the image's channels are ``A`` (1 for the sketch and canny adapters).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -92,7 +100,8 @@ class TensorSpec:
     """A symbol ``L``: this entry stands for ``L + 1`` tensors named ``name.format(i=0..L)`` (one per
     hidden state: the embeddings' and each layer's). ``DOWN_RESIDUALS``/``MID_RESIDUAL``: one tensor
     per residual of ``ModelDims.residuals`` (none without them), its dims formatted with the
-    residual's channels ``c`` and latent downscale ``s``. ``ComponentSpec.for_model`` expands it."""
+    residual's channels ``c`` and latent downscale ``s``; ``ADAPTER_FEATURES`` the same over
+    ``ModelDims.adapter_features``. ``ComponentSpec.for_model`` expands it."""
 
     @property
     def dynamic_axes(self) -> dict[int, str]:
@@ -126,13 +135,17 @@ class ComponentSpec:
     --target onnxruntime-cuda``): its attention, GroupNorm and convolution patterns differ by type."""
     takes_residuals: bool = False
     """A U-Net: in a model with ControlNets (``ModelDims.residuals``) it also takes their residuals,
-    after its other inputs (``for_model`` adds them)."""
+    after its other inputs, and in one with a T2I-Adapter (``ModelDims.adapter_features``) the
+    adapter's features (``for_model`` adds them)."""
 
     def for_model(self, dims: ModelDims) -> ComponentSpec:
         """This spec with its repeated tensors expanded for one model's sizes (``dims``), and a
-        U-Net's ControlNet residual inputs added where the model has ControlNets."""
+        U-Net's ControlNet residual or adapter feature inputs added where the model has them."""
         if self.takes_residuals and dims.residuals and not self.residual_inputs:
             self = replace(self, inputs=(*self.inputs, *_RESIDUAL_INPUTS))
+        if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
+            self = replace(self, inputs=(*self.inputs, *_ADAPTER_INPUTS),
+                           wrapper=_taking_adapter_features(self.wrapper))
         if not any(t.repeat for t in (*self.inputs, *self.outputs)):
             return self
         sizes = dims.sizes(1, 0, 0)
@@ -148,6 +161,12 @@ class ComponentSpec:
                         raise ValueError(f"{self.name}: the model's ControlNet residuals are not known")
                     chosen = dims.residuals[:-1] if t.repeat == DOWN_RESIDUALS else dims.residuals[-1:]
                     out.extend(_residual(t, i, channels, scale) for i, (channels, scale) in enumerate(chosen))
+                    continue
+                if t.repeat == ADAPTER_FEATURES:
+                    if not dims.adapter_features:
+                        raise ValueError(f"{self.name}: the model's adapter features are not known")
+                    out.extend(_residual(t, i, channels, scale)
+                               for i, (channels, scale) in enumerate(dims.adapter_features))
                     continue
                 count = sizes[t.repeat] + 1
                 if count < 2:
@@ -188,12 +207,31 @@ class ComponentSpec:
         """The residuals this (ControlNet) spec returns, in the order of ``residual_inputs``."""
         return [t.name for t in self.outputs if t.name.startswith(RESIDUAL_OUTPUT_PREFIXES)]
 
+    @property
+    def adapter_inputs(self) -> list[str]:
+        """The T2I-Adapter features this (U-Net) spec takes, first down block's first (none without)."""
+        return [t.name for t in self.inputs if t.name.startswith(ADAPTER_INPUT_PREFIX)]
+
+    @property
+    def adapter_outputs(self) -> list[str]:
+        """The features this (adapter) spec returns, in the order of ``adapter_inputs``."""
+        return [t.name for t in self.outputs if t.name.startswith(ADAPTER_OUTPUT_PREFIX)]
+
+
+def _taking_adapter_features(wrapper: Callable[..., torch.nn.Module]) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A U-Net wrapper whose extra inputs are a T2I-Adapter's features, not ControlNet residuals."""
+    return functools.partial(wrapper, adapter=True)
+
 
 DOWN_RESIDUALS = "down_residuals"
 MID_RESIDUAL = "mid_residual"
+ADAPTER_FEATURES = "adapter_features"
 CONTROLNET_PREFIX = "controlnet"
+ADAPTER = "adapter"
 RESIDUAL_INPUT_PREFIXES = ("down_block_additional_residuals.", "mid_block_additional_residual")
 RESIDUAL_OUTPUT_PREFIXES = ("down_block_res_samples.", "mid_block_res_sample")
+ADAPTER_INPUT_PREFIX = "down_intrablock_additional_residuals."
+ADAPTER_OUTPUT_PREFIX = "adapter_state."
 
 
 def _residual(template: TensorSpec, index: int, channels: int, scale: int) -> TensorSpec:
@@ -229,20 +267,29 @@ class ModelDims:
     residuals: tuple[tuple[int, int], ...] = ()
     """With ControlNets: (channels, latent downscale) of each residual a ControlNet adds to the
     U-Net, its down path's skip connections in order and its mid block's last (empty without)."""
+    adapter_features: tuple[tuple[int, int], ...] = ()
+    """With a T2I-Adapter: (channels, latent downscale) of each feature it adds inside the U-Net's
+    down blocks (and its mid block, where one is left over that fits it), in order (empty without)."""
+    A: int = 0
+    """With a T2I-Adapter: its image's channels (3, or 1 for a grayscale adapter)."""
 
     def __post_init__(self) -> None:  # a manifest's JSON gives lists
-        object.__setattr__(self, "residuals", tuple((int(c), int(s)) for c, s in self.residuals))
+        for name in ("residuals", "adapter_features"):
+            object.__setattr__(self, name, tuple((int(c), int(s)) for c, s in getattr(self, name)))
 
     def record(self) -> dict[str, Any]:
-        """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets, so
-        other directories stay readable by sdexport versions that predate them."""
+        """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets,
+        the adapter's sizes only with one, so other directories stay readable by sdexport versions
+        that predate them."""
         values: dict[str, Any] = dict(vars(self))
-        if not values["U"]:
-            del values["U"]
-        if values["residuals"]:
-            values["residuals"] = [list(r) for r in self.residuals]
-        else:
-            del values["residuals"]
+        for name in ("U", "A"):
+            if not values[name]:
+                del values[name]
+        for name in ("residuals", "adapter_features"):
+            if values[name]:
+                values[name] = [list(r) for r in values[name]]
+            else:
+                del values[name]
         return values
 
     @property
@@ -278,6 +325,7 @@ class ModelDims:
             "L1": self.L1,
             "L2": self.L2,
             "U": self.unet_channels,
+            "A": self.A,
         }
 
 
@@ -322,14 +370,18 @@ def _sdxl_text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     return SDXLTextEncoder(module)
 
 
-def _residual_kwargs(residuals: tuple[torch.Tensor, ...]) -> dict[str, Any]:
-    """A ControlNet's residuals (down blocks', then the mid block's) as the U-Net's keyword arguments."""
+def _residual_kwargs(residuals: tuple[torch.Tensor, ...], adapter: bool) -> dict[str, Any]:
+    """A ControlNet's residuals (down blocks', then the mid block's), or a T2I-Adapter's features,
+    as the U-Net's keyword arguments (diffusers pops the features from a list as it uses them)."""
     if not residuals:
         return {}
+    if adapter:
+        return {"down_intrablock_additional_residuals": list(residuals)}
     return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
 
 
-def _unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+def _unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.nn.Module:
+    """``adapter``: the extra inputs are a T2I-Adapter's features, not ControlNet residuals."""
     import torch
 
     class UNet(torch.nn.Module):
@@ -341,13 +393,13 @@ def _unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
             *residuals: torch.Tensor,
         ) -> torch.Tensor:
-            return self.model(sample, timestep, encoder_hidden_states, **_residual_kwargs(residuals),
+            return self.model(sample, timestep, encoder_hidden_states, **_residual_kwargs(residuals, adapter),
                               return_dict=False)[0]
 
     return UNet(module)
 
 
-def _sdxl_unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+def _sdxl_unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.nn.Module:
     import torch
 
     class SDXLUNet(torch.nn.Module):
@@ -366,7 +418,8 @@ def _sdxl_unet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
         ) -> torch.Tensor:
             cond = {"text_embeds": text_embeds, "time_ids": time_ids}
             return self.model(
-                sample, timestep, encoder_hidden_states, added_cond_kwargs=cond, **_residual_kwargs(residuals),
+                sample, timestep, encoder_hidden_states, added_cond_kwargs=cond,
+                **_residual_kwargs(residuals, adapter),
                 return_dict=False,
             )[0]
 
@@ -406,6 +459,21 @@ def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             return residuals
 
     return ControlNet(module)
+
+
+def _adapter_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+    """A T2I-Adapter's features as a tuple (diffusers returns a list)."""
+    import torch
+
+    class Adapter(torch.nn.Module):
+        def __init__(self, model: torch.nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(self.model(image))
+
+    return Adapter(module)
 
 
 def _vae_decoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
@@ -575,6 +643,22 @@ SDXL_CONTROLNET = replace(CONTROLNET, inputs=(
     *_CONTROL_INPUTS,
 ))
 
+_ADAPTER_INPUTS = (  # a T2I-Adapter's features; none for a model exported without one
+    TensorSpec(ADAPTER_INPUT_PREFIX + "{i}", _RESIDUAL, repeat=ADAPTER_FEATURES),
+)
+
+T2I_ADAPTER = ComponentSpec(
+    name=ADAPTER,
+    module=ADAPTER,
+    inputs=(TensorSpec("image", ("B", "A", "H", "W"), values="unit"),),
+    outputs=(TensorSpec(ADAPTER_OUTPUT_PREFIX + "{i}", _RESIDUAL, repeat=ADAPTER_FEATURES),),
+    wrapper=_adapter_wrapper,
+    fusion_model="vae",  # convolutions and ReLUs only: no attention or text to fuse
+)
+"""Called once per run, on each distinct adapter image, before the loop: its features (times the
+adapter scale) go to the U-Net at every step the adapter acts (diffusers' T2I-Adapter pipelines).
+The same graph serves SD and SDXL (only the features' sizes differ)."""
+
 FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
     "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
     "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
@@ -607,25 +691,27 @@ def controlnets_among(names: Iterable[str]) -> list[str]:
     return sorted(found, key=lambda n: controlnet_index(n) or 0)
 
 
-def components_for(family: str, controlnets: int = 0) -> tuple[ComponentSpec, ...]:
-    """The family's components in call order; ``controlnets`` ControlNets come just before the U-Net."""
+def components_for(family: str, controlnets: int = 0, adapter: bool = False) -> tuple[ComponentSpec, ...]:
+    """The family's components in call order; ``controlnets`` ControlNets, or a T2I-Adapter
+    (``adapter``), come just before the U-Net."""
     try:
         specs = FAMILY_COMPONENTS[family]
     except KeyError:
         known = ", ".join(FAMILY_COMPONENTS)
         raise ValueError(f"unknown pipeline family {family!r} (known: {known})") from None
-    if not controlnets:
+    if not controlnets and not adapter:
         return specs
     base = FAMILY_CONTROLNET[family]
     nets = tuple(replace(base, name=n, module=n) for n in controlnet_names(controlnets))
     at = next(i for i, s in enumerate(specs) if s.name == "unet")
-    return (*specs[:at], *nets, *specs[at:])
+    return (*specs[:at], *nets, *((T2I_ADAPTER,) if adapter else ()), *specs[at:])
 
 
 def component(family: str, name: str) -> ComponentSpec:
     index = controlnet_index(name)
-    for spec in components_for(family, 0 if index is None else index + 1):
+    for spec in components_for(family, 0 if index is None else index + 1, adapter=name == ADAPTER):
         if spec.name == name:
             return spec
     known = ", ".join(s.name for s in components_for(family))
-    raise KeyError(f"{family} has no component {name!r} (components: {known}, controlnet, controlnet_1, ...)")
+    raise KeyError(f"{family} has no component {name!r} (components: {known}, controlnet, controlnet_1, ..., "
+                   f"{ADAPTER})")

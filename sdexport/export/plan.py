@@ -13,13 +13,14 @@ from typing import Literal
 
 from sdexport.errors import SdexportError
 from sdexport.manifest import not_an_engine_dir
+from sdexport.models.adapter import AdapterSource, adapter_for
 from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.output_dir import OutputKind, check_target
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, components_for, controlnet_index
+from sdexport.specs import ADAPTER, ComponentSpec, components_for, controlnet_index
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -54,6 +55,8 @@ class ExportOptions:
     controlnets: list[str] = field(default_factory=list)
     """ControlNet directories or presets exported beside the model (``--controlnet``), in the order
     their control images are given at run time."""
+    adapter: str | None = None
+    """A T2I-Adapter directory or preset exported beside the model (``--adapter``)."""
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,15 @@ class ExportPlan:
     specs: list[ComponentSpec]
     controlnets: list[ControlNetSource] = field(default_factory=list)
     """``--controlnet`` arguments, or a ControlNet pipeline directory's own ControlNets, resolved."""
+    adapter: AdapterSource | None = None
+    """``--adapter``, resolved."""
 
     @property
     def sources(self) -> tuple[Path, ...]:
         """What the export reads, which its output may never replace."""
-        return (*self.outline.sources, *(c.path for c in self.controlnets if c.path is not None))
+        adapter = self.adapter.path if self.adapter is not None else None
+        return (*self.outline.sources, *(c.path for c in self.controlnets if c.path is not None),
+                *((adapter,) if adapter is not None else ()))
 
 
 def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> ExportPlan:
@@ -86,18 +93,23 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
     # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
     controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets])
+    # So does an adapter pipeline directory its adapter, unless ControlNets or another adapter are named.
+    own_adapter = str(outline.adapter) if outline.adapter is not None and not options.controlnets else None
+    adapter = adapter_for(outline, options.adapter or own_adapter, len(controlnets))
     profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
-    specs = select_components(outline.family, options.components, options.dtype, len(controlnets))
-    plan = ExportPlan(outline, profile, specs, controlnets)
+    specs = select_components(outline.family, options.components, options.dtype, len(controlnets),
+                              adapter is not None)
+    plan = ExportPlan(outline, profile, specs, controlnets, adapter)
     check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources)
     return plan
 
 
-def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0) -> list[ComponentSpec]:
+def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,
+                      adapter: bool = False) -> list[ComponentSpec]:
     """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
-    specs = list(components_for(family, controlnets))
+    specs = list(components_for(family, controlnets, adapter))
     if not names:
         return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
     known = [s.name for s in specs]
@@ -112,4 +124,7 @@ def select_components(family: str, names: list[str] | None, dtype: str, controln
     if nets and not chosen and "unet" in names:
         raise SdexportError("--components: the U-Net of a model with ControlNets takes their residuals; export it with "
                             f"its ControlNets ({', '.join(nets)})")
+    if adapter and ("unet" in names) != (ADAPTER in names):
+        raise SdexportError("--components: the U-Net of a model with a T2I-Adapter takes its features; export the "
+                            "two together (unet,adapter) or neither")
     return [s for s in specs if s.name in names]

@@ -168,6 +168,8 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     """Refuse a ControlNet that does not fit the base model; return the residual layout it shares
     with the U-Net. Its image encoder must also bring pixels down to latent size (the VAE's factor)."""
     kind = config.get("_class_name", CONTROLNET_CLASS)
+    if kind == "T2IAdapter":
+        raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as --adapter")
     if kind != CONTROLNET_CLASS:
         raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL)")
     try:

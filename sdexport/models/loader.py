@@ -32,7 +32,7 @@ from sdexport.models.outline import (
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, controlnet_index, controlnet_names, controlnets_among
+from sdexport.specs import ADAPTER, ModelDims, controlnet_index, controlnet_names, controlnets_among
 
 SDXL_TIME_IDS = 6
 """original size (h, w), crop top-left (y, x), target size (h, w)."""
@@ -44,6 +44,7 @@ CONTROLNET_INPAINT_PIPELINES = {"sd": "StableDiffusionControlNetInpaintPipeline"
                                 "sdxl": "StableDiffusionXLControlNetInpaintPipeline"}
 """The diffusers pipeline class a directory of an inpainting U-Net is saved as (per family, with and
 without ControlNets), so that diffusers loads it as the pipeline that runs it."""
+ADAPTER_PIPELINES = {"sd": "StableDiffusionAdapterPipeline", "sdxl": "StableDiffusionXLAdapterPipeline"}
 
 
 @dataclass
@@ -115,6 +116,8 @@ class LoadedModel:
             pipeline = (CONTROLNET_INPAINT_PIPELINES if controlnets else INPAINT_PIPELINES)[self.family]
         elif controlnets:
             pipeline = CONTROLNET_PIPELINES[self.family]
+        elif ADAPTER in self.modules:
+            pipeline = ADAPTER_PIPELINES[self.family]
         index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": _version("diffusers")}
         for name, module in self.modules.items():
             if controlnet_index(name) is None:
@@ -148,7 +151,8 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     """A model's static sizes from its parts' configs (objects with attributes: diffusers' and
     transformers' configs, or ``SimpleNamespace``s of their JSON) and its tokenizers' lengths.
     SDXL's are cross-checked, since a mismatch only shows deep in a graph. With ControlNets among
-    the parts, the residuals they pass the U-Net (``ModelDims.residuals``).
+    the parts, the residuals they pass the U-Net (``ModelDims.residuals``); with a T2I-Adapter, the
+    features it passes the U-Net and its image's channels (``adapter_features``, ``A``).
 
     SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
     both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
@@ -162,13 +166,23 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         from sdexport.models.controlnet import residual_layout
 
         residuals = residual_layout(dict(unet) if hasattr(unet, "keys") else vars(unet))
+    vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+    adapter: dict[str, Any] = {}
+    if ADAPTER in configs:
+        from sdexport.models.adapter import feature_layout
+
+        config = configs[ADAPTER]
+        config = dict(config) if hasattr(config, "keys") else vars(config)
+        adapter = {"adapter_features": feature_layout(config, vae_scale_factor),
+                   "A": int(config.get("in_channels", 3))}
     common = {
         "residuals": residuals,
+        **adapter,
         "S": sequence,
         "E": int(unet.cross_attention_dim),
         "C": int(unet.out_channels),
         "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label),
-        "vae_scale_factor": 2 ** (len(vae.block_out_channels) - 1),
+        "vae_scale_factor": vae_scale_factor,
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
     }
     if family != "sdxl":
@@ -248,6 +262,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     vae: str | None = None,
     controlnets: list[Any] | None = None,
+    adapter: Any = None,
     lazy: bool = False,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
@@ -258,14 +273,33 @@ def load_model(
 
     ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
     the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
-    (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``).
+    (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``);
+    ``adapter``: a T2I-Adapter preset or directory (or ``AdapterSource``) likewise (``add_adapter``).
     """
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype)
     if controlnets:
         add_controlnets(loaded, controlnets, seed=seed, dtype=dtype)
+    if adapter is not None:
+        add_adapter(loaded, adapter, seed=seed, dtype=dtype)
     return loaded
+
+
+def add_adapter(model: LoadedModel, argument: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
+    """Load an ``--adapter`` preset or directory beside the model, as ``adapter`` (checked to fit
+    its U-Net first, from its config)."""
+    from sdexport.models.adapter import AdapterSource, check_adapter, load_adapter, resolve_adapter
+
+    source = argument if isinstance(argument, AdapterSource) else resolve_adapter(argument)
+    if controlnets_among(model.modules):
+        raise ModelLoadError("--adapter with ControlNets: diffusers has no pipeline that runs both; load one kind")
+    base = model.source.get("name") if model.source.get("kind") == "preset" else None
+    factor = model.dims.vae_scale_factor
+    check_adapter(source, dict(model.config("unet")), model.family, base, factor)
+    model.modules[ADAPTER] = load_adapter(source, model.module("unet"), factor, seed=seed, dtype=dtype)
+    model.label += f", T2I-Adapter {source.argument}"
+    model.source = {**model.source, "adapter": source.record(seed)}
 
 
 def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,

@@ -28,6 +28,9 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionControlNetInpaintPipeline": "sd",  # either U-Net (4 or 9 channels), with its ControlNet(s)
     "StableDiffusionXLInpaintPipeline": "sdxl",  # either U-Net (4 channels: the base model, or 9)
     "StableDiffusionXLControlNetInpaintPipeline": "sdxl",
+    # the base model, and its T2I-Adapter in adapter/ (ModelOutline.adapter)
+    "StableDiffusionAdapterPipeline": "sd",
+    "StableDiffusionXLAdapterPipeline": "sdxl",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
@@ -53,6 +56,8 @@ class ModelOutline:
     """The preset's name, where the model is one."""
     controlnets: tuple[Path, ...] = ()
     """A ControlNet pipeline directory's ControlNets (``controlnet/``, ``controlnet_1/``, ...)."""
+    adapter: Path | None = None
+    """A T2I-Adapter pipeline directory's adapter (``adapter/``)."""
 
     @property
     def image_multiple(self) -> int:
@@ -77,7 +82,8 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         family = family_of_dir(path)
         outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
                            read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
-        return replace(outline, controlnets=pipeline_controlnets(path))
+        adapter = path / "adapter" if (path / "adapter" / "config.json").is_file() else None
+        return replace(outline, controlnets=pipeline_controlnets(path), adapter=adapter)
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
