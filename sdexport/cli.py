@@ -111,6 +111,7 @@ def export(
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: fuse a LoRA (.safetensors; diffusers/PEFT or kohya/A1111 layout) into the weights first; repeatable, applied in order.")] = None,
     controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel directory (or preset: tiny-controlnet, sd15-controlnet) exported beside the model; repeatable for several (run then takes one --control-image each, in this order).")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="A diffusers T2IAdapter directory (or preset: tiny-adapter, sd15-adapter, sdxl-adapter) exported beside the model (run then takes --adapter-image).")] = None,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.plan import ExportOptions, plan_export
@@ -128,6 +129,7 @@ def export(
         force=force,
         loras=[LoraFile.parse(item) for item in lora or []],
         controlnets=list(controlnet or []),
+        adapter=adapter,
     )
     target = _output_path(output)
     plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads
@@ -350,6 +352,9 @@ def run(
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
     guess_mode: Annotated[bool, typer.Option("--guess-mode", help="ControlNet: diffusers' guess mode, the ControlNets see the prompted half of the guidance batch only (the image shapes the picture with little or no prompt); on anyway where diffusers turns it on (the first ControlNet pools, as shuffle ones do).")] = False,
+    adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels.")] = None,
+    adapter_scale: Annotated[float, typer.Option(help="T2I-Adapter: conditioning scale, the features' factor.")] = 1.0,
+    adapter_factor: Annotated[float, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor).")] = 1.0,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
@@ -392,9 +397,10 @@ def run(
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
     controls = _control_images(control_image, height, width)
-    sized = images or [c for c in controls if not isinstance(c, str)]  # not masked-init: the init image's
+    adapters = _control_images(adapter_image, height, width, "--adapter-image")
+    sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
-    if size_from_image:  # the init image's own size, else the first control image's
+    if size_from_image:  # the init image's own size, else the first control (or adapter) image's
         width, height = sized[0].size
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
@@ -412,14 +418,20 @@ def run(
         control_start=_one_or_each(control_start, 0.0),
         control_end=_one_or_each(control_end, 1.0),
         guess_mode=guess_mode,
+        adapter_image=adapters or None,
+        adapter_scale=adapter_scale,
+        adapter_factor=adapter_factor,
     )
     notes: list[str] = []
-    for path, control in zip(control_image or [], controls):
-        if not isinstance(control, str) and control.size != (request.width, request.height):
-            notes.append(f"--control-image {path} resized from {control.size[1]}x{control.size[0]} to "
-                         f"{request.height}x{request.width} (as diffusers does)")
+    for flag, paths, read in (("--control-image", control_image, controls), ("--adapter-image", adapter_image, adapters)):
+        for path, control in zip(paths or [], read):
+            if not isinstance(control, str) and control.size != (request.width, request.height):
+                notes.append(f"{flag} {path} resized from {control.size[1]}x{control.size[0]} to "
+                             f"{request.height}x{request.width} (as diffusers does)")
     if controls:
         inputs["control_image"] = [str(p) for p in control_image or []]
+    if adapters:
+        inputs["adapter_image"] = [str(p) for p in adapter_image or []]
     if images:
         request.image = [_fit(images[0], request, fit, f"--init-image {init_image}", notes)]
     if len(images) > 1:
@@ -430,20 +442,23 @@ def run(
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (parts differ in batch only)
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
-                          scheduler_config=scheduler_config, controlnets=len(manifest.controlnets))
+                          scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
+                          adapter=manifest.adapter)
     except ProfileError as exc:
         if size_from_image and images:
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
                                "--fit crop)") from None
         if size_from_image:
-            raise ProfileError(f"{exc} (the size of the first --control-image; pass --height/--width: control "
-                               "images are resized to them)") from None
+            flag = "--control-image" if sized is not adapters else "--adapter-image"
+            raise ProfileError(f"{exc} (the size of the first {flag}; pass --height/--width: {flag[2:]}s are "
+                               "resized to them)") from None
         raise
     image_path = _output_path(output)
     check_image_output(image_path, request.batch)
     from sdexport.runtime.images import output_paths
 
-    for given in (init_image, mask, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str))):
+    for given in (init_image, mask, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str)),
+                  *(Path(p) for p in adapter_image or [])):
         if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
             raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
     resolved = resolve_backend(backend)
@@ -510,18 +525,20 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     return images, inputs
 
 
-def _control_images(values: list[str] | None, height: int | None, width: int | None) -> list[Any]:
-    """The ``--control-image`` files, read now (a bad file is refused before anything loads), and
-    ``masked-init`` where it names the masked init image (``MASKED_INIT``) instead of a file."""
+def _control_images(values: list[str] | None, height: int | None, width: int | None,
+                    flag: str = "--control-image") -> list[Any]:
+    """The ``--control-image`` (or ``--adapter-image``) files, read now (a bad file is refused before
+    anything loads), and ``masked-init`` where it names the masked init image (``MASKED_INIT``)
+    instead of a file (control images only)."""
     from sdexport.runtime.image_inputs import read_image
     from sdexport.runtime.request import MASKED_INIT
 
     if values and (height is None) != (width is None):
-        raise SdexportError("with --control-image, give both --height and --width, or neither (the image's own size)")
+        raise SdexportError(f"with {flag}, give both --height and --width, or neither (the image's own size)")
     controls: list[Any] = []
     for value in values or []:
-        if value != MASKED_INIT:
-            controls.append(read_image(Path(value), "--control-image"))
+        if value != MASKED_INIT or flag != "--control-image":
+            controls.append(read_image(Path(value), flag))
         elif Path(value).exists():
             raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "
                                 f"is here too: pass ./{MASKED_INIT} for the file")
@@ -598,6 +615,7 @@ def _generate(
         console.print(
             (f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else "")
             + f"text encoder {t.text_encoder * 1000:.1f} ms, "
+            + (f"T2I-Adapter {t.adapter * 1000:.1f} ms, " if pipeline.adapter else "")
             + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
             + f"U-Net {t.unet_total * 1000:.1f} ms "
             f"({calls or f'{len(t.unet_steps)} steps'}; {t.iterations_per_second:.2f} it/s), VAE {t.vae_decoder * 1000:.1f} ms, "
@@ -770,6 +788,9 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
     manifest = load_manifest(engine_dir, verify_files=False)
     check_runnable(engine_dir, manifest)
+    if manifest.adapter:
+        raise SdexportError(f"{engine_dir} has a T2I-Adapter, and the serving protocol has no adapter image input yet; "
+                            "generate with `sdexport run --adapter-image` or the Python API")
     return manifest, ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend,
                                    cuda_graph=cuda_graph, graphs="portable" if portable_graphs else "auto",
                                    max_steps=max_steps)

@@ -128,6 +128,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} has {len(manifest.controlnets)} ControlNet(s), the scenario "
                 f"{len(scenario.controlnets)}: the baseline and the engines must be the same model"
             )
+        if manifest.adapter:
+            raise SdexportError(f"--engine-dir {options.engine_dir} has a T2I-Adapter; benchmark scenarios have none "
+                                "yet (time it with `sdexport run --adapter-image`, which prints each stage)")
         profile, geometry = manifest.shape_profile, manifest.model_dims
         scheduler_config = read_scheduler_config(options.engine_dir)
     for case in scenario.cases:

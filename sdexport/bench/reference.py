@@ -1,5 +1,6 @@
 """The baseline everyone compares against: ``diffusers.StableDiffusionPipeline`` (SDXL:
-``StableDiffusionXLPipeline``; with ControlNets their ControlNet pipelines) in eager PyTorch, and for
+``StableDiffusionXLPipeline``; with ControlNets their ControlNet pipelines, with a T2I-Adapter their
+adapter pipelines) in eager PyTorch, and for
 requests with an init image the matching img2img or inpaint pipeline made from it (``from_pipe``:
 the same modules, no copy).
 
@@ -24,7 +25,7 @@ from sdexport.runtime.request import MASKED_INIT
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
-from sdexport.specs import controlnet_index, controlnets_among
+from sdexport.specs import ADAPTER, controlnet_index, controlnets_among
 
 
 @dataclass
@@ -54,6 +55,9 @@ class DiffusersReference:
         cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
         if nets:
             cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
+        self.adapter = ADAPTER in model.modules
+        if self.adapter:
+            cls = diffusers.StableDiffusionXLAdapterPipeline if sdxl else diffusers.StableDiffusionAdapterPipeline
         kwargs: dict[str, Any] = {n: m for n, m in model.modules.items() if controlnet_index(n) is None}
         if nets:  # a list of several becomes diffusers' MultiControlNetModel
             kwargs["controlnet"] = nets[0] if len(nets) == 1 else nets
@@ -62,8 +66,9 @@ class DiffusersReference:
         if model.family == "sd":
             kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         else:
-            # No invisible watermark: it changes pixels, and the runtime does not add one.
-            kwargs.update(model.pipeline_config, add_watermarker=False)
+            # No invisible watermark: it changes pixels, and the runtime does not add one (the
+            # adapter pipeline has none to turn off).
+            kwargs.update(model.pipeline_config, **({} if self.adapter else {"add_watermarker": False}))
         self.pipe = cls(**kwargs).to(self.device, dtype)
         self.pipe.set_progress_bar_config(disable=True)
         if compile:
@@ -93,6 +98,7 @@ class DiffusersReference:
         nets = getattr(self.pipe, "controlnet", None)
         for net in getattr(nets, "nets", [nets] if nets is not None else []):
             targets.append((net, "forward", "controlnet"))
+        targets.append((getattr(self.pipe, ADAPTER, None), "forward", "adapter"))
         for owner, attribute, stage in targets:
             if owner is not None:
                 self._wrapped.append((owner, attribute, owner.__dict__.get(attribute)))
@@ -197,6 +203,18 @@ class DiffusersReference:
             }
             if request.task != "txt2img":
                 extra.update(height=request.height, width=request.width)
+        callback: dict[str, Any] = {"callback_on_step_end": keep_latents}
+        if self.adapter:  # diffusers' adapter pipelines still take the older per-step callback
+            callback = {"callback": lambda step, timestep, latents: captured.update(latents=latents)}
+            images = request.adapter_image or []
+            if len(images) == 1:  # one for every prompt: diffusers takes one per prompt (see adapter_features)
+                images = images * request.batch
+            extra |= {"image": images, "adapter_conditioning_scale": request.adapter_scale}
+            if self.model.family == "sdxl":
+                extra["adapter_conditioning_factor"] = request.adapter_factor
+            elif request.adapter_factor != 1.0:
+                raise SdexportError("diffusers' SD adapter pipeline has no adapter_conditioning_factor: nothing to "
+                                    "compare an adapter factor with")
         if self.model.family == "sdxl":
             extra |= {
                 "prompt_2": request.prompt_2,
@@ -215,7 +233,7 @@ class DiffusersReference:
                 guidance_scale=request.effective_guidance(self.model.family),
                 generator=generators,
                 output_type="np",
-                callback_on_step_end=keep_latents,
+                **callback,
             ).images
         total = time.perf_counter() - start  # output_type="np": the images reached the host
         return ReferenceResult(captured["latents"].float().cpu(), np.asarray(images, dtype=np.float32),

@@ -106,17 +106,21 @@ def pixels(images: list[Any], batch: int) -> torch.Tensor:
     return per_prompt(tensor * 2.0 - 1.0, batch)
 
 
-def control_pixels(image: Any, height: int, width: int) -> torch.Tensor:
-    """(1, 3, H, W) float32 in [0, 1]: a ControlNet's conditioning image as diffusers' control image
-    processor makes it (RGB, resized to the request's size with Lanczos, not normalised)."""
+def control_pixels(image: Any, height: int, width: int, channels: int = 3) -> torch.Tensor:
+    """(1, channels, H, W) float32 in [0, 1]: a ControlNet's conditioning image as diffusers' control
+    image processor makes it (RGB, resized to the request's size with Lanczos, not normalised), or a
+    T2I-Adapter's as its pipelines do (the same; ``channels`` 1: greyscale, for the sketch and canny
+    adapters, which diffusers leaves to the caller's image mode)."""
     import numpy as np
     import torch
     from PIL import Image
 
-    image = image.convert("RGB")
+    image = image.convert("L" if channels == 1 else "RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[..., None]
     return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()
 
 

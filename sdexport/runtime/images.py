@@ -212,6 +212,8 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
                         for scale, start, end in request.control_settings(len(request.control_image), result.family)]}
            if request.control_image else {}),
         **({"guess_mode": True} if result.guess_mode else {}),
+        **({"adapter": {"scale": request.adapter_scale, "factor": request.adapter_factor}}
+           if request.adapter_image else {}),
         **info,
     }
     params = {k: v for k, v in params.items() if v not in ("", None, [], {})}

@@ -31,9 +31,10 @@ FALLBACK_VAE = "vae_decoder_fp32"
 
 def txt2img_components(manifest: Manifest) -> list[str]:
     """What txt2img runs (the VAE encoder is for img2img, the fp32 decoder a fallback), in call order;
-    with the ControlNets where the U-Net takes their residuals."""
+    with the ControlNets where the U-Net takes their residuals, and the T2I-Adapter where it takes
+    its features."""
     controlnets = len(manifest.controlnets) or (1 if manifest.model_dims.residuals else 0)
-    names = [s.name for s in components_for(manifest.family, controlnets)
+    names = [s.name for s in components_for(manifest.family, controlnets, manifest.adapter)
              if s.name != "vae_encoder" and not s.always_fp32]
     missing = [n for n in names if n not in manifest.components]
     if missing:
@@ -401,8 +402,21 @@ def _torch_engines(
             controlnets.append(resolve_controlnet(where, kind))
         except ModelLoadError as exc:
             raise EngineDirError(f"the Torch backend cannot reload the export's ControlNet: {exc}") from None
+    adapter = None
+    record = source.get("adapter")
+    if isinstance(record, dict):
+        from sdexport.models.adapter import resolve_adapter
+
+        kind = "preset" if record.get("kind") == "preset" else "diffusers"
+        where = record.get("name") if kind == "preset" else record.get("path")
+        if not isinstance(where, str) or (kind != "preset" and not Path(where).exists()):
+            raise EngineDirError(f"the Torch backend needs the T2I-Adapter the export read, {where}, which is gone")
+        try:
+            adapter = resolve_adapter(where, kind)
+        except ModelLoadError as exc:
+            raise EngineDirError(f"the Torch backend cannot reload the export's T2I-Adapter: {exc}") from None
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
-                       controlnets=controlnets)
+                       controlnets=controlnets, adapter=adapter)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
     fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did

@@ -105,6 +105,16 @@ class GenerationRequest:
     only, so the prompt steers and the control image alone shapes the rest, and each residual is
     scaled from 0.1 (the first) to 1 (the mid block's). On anyway where diffusers turns it on
     (``forced_guess_mode``: the first ControlNet pools)."""
+    # T2I-Adapter (an engine directory exported with --adapter), as diffusers' adapter pipelines name it.
+    adapter_image: list[Any] | None = None
+    """The adapter's conditioning image (a sketch, edge, depth or pose map: PIL), one for every prompt
+    or one per prompt, of any size: resized to the request's size as diffusers does, and read in the
+    adapter's channels (greyscale for the sketch and canny adapters)."""
+    adapter_scale: float = 1.0
+    """``adapter_conditioning_scale``: the adapter's features are multiplied by it."""
+    adapter_factor: float = 1.0
+    """``adapter_conditioning_factor``: the share of the steps, the first ``int(steps x factor)``, the
+    adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1)."""
 
     @property
     def batch(self) -> int:
@@ -119,7 +129,8 @@ class GenerationRequest:
         def cut(values: list[Any] | None, start: int) -> list[Any] | None:
             return values[start:start + size] if values is not None and len(values) == self.batch else values
 
-        per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask")
+        per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask",
+                     "adapter_image")
         parts = []
         for start in range(0, self.batch, size):
             fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
@@ -226,11 +237,13 @@ def check_request(
     profile: ShapeProfile,
     scheduler_config: dict[str, Any] | None = None,
     controlnets: int = 0,
+    adapter: bool = False,
 ) -> None:
     """Refuse what the engines cannot do, with one line that says what can be done instead.
 
     ``scheduler_config`` (the engine directory's) lets the step count be checked against the
-    model's training timesteps; ``controlnets``: how many ControlNets the directory has.
+    model's training timesteps; ``controlnets``: how many ControlNets the directory has;
+    ``adapter``: whether it has a T2I-Adapter.
     """
     from sdexport.runtime.schedulers import check_scheduler_name
 
@@ -273,6 +286,36 @@ def check_request(
     profile.check_request(request.batch, request.height, request.width, dims)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family)
+    _check_adapter(request, adapter)
+
+
+def _check_adapter(request: GenerationRequest, adapter: bool) -> None:
+    """T2I-Adapter inputs: an image (one, or one per prompt), settings diffusers would accept."""
+    from sdexport.runtime.image_inputs import check_image
+
+    settings = (("--adapter-scale", request.adapter_scale), ("--adapter-factor", request.adapter_factor))
+    if not adapter:
+        if request.adapter_image is not None or any(value != 1.0 for _, value in settings):
+            raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
+                                "directory exported with --adapter (this one has no T2I-Adapter)")
+        return
+    images = request.adapter_image
+    if images is None:
+        raise SdexportError("this engine directory has a T2I-Adapter: give --adapter-image (the sketch, edge, depth "
+                            "or pose map it reads)")
+    if request.image is not None:
+        raise SdexportError("an init image with a T2I-Adapter: diffusers' adapter pipelines generate from text only "
+                            "(txt2img); drop --init-image")
+    if not isinstance(images, list) or len(images) not in (1, request.batch):
+        count = len(images) if isinstance(images, list) else type(images).__name__
+        raise SdexportError(f"{count} adapter images for {request.batch} prompts: give one, or one per prompt")
+    for image in images:
+        check_image(image, None, None, "adapter image")
+    for flag, value in settings:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise SdexportError(f"{flag} {value!r}: expected a finite number")
+    if not 0 <= request.adapter_factor <= 1:
+        raise SdexportError(f"--adapter-factor {request.adapter_factor:g}: a fraction of the steps, from 0 to 1")
 
 
 def _check_control(request: GenerationRequest, controlnets: int, family: str) -> None:

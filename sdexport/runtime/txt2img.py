@@ -32,7 +32,7 @@ from sdexport.runtime.request import GenerationRequest, check_request, forced_gu
 from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, controlnets_among
+from sdexport.specs import ADAPTER, ModelDims, controlnets_among
 
 
 @dataclass
@@ -47,6 +47,8 @@ class Timings:
     clock: str = "host clock"
     controlnet_steps: list[float] = field(default_factory=list)
     """Per step, the ControlNets' time (all of them; steps where none is active are absent)."""
+    adapter: float = 0.0
+    """The T2I-Adapter's one call, before the loop (0 without one)."""
 
     @property
     def unet_total(self) -> float:
@@ -59,7 +61,8 @@ class Timings:
     @property
     def loop_overhead(self) -> float:
         """Time outside the engine spans: tokenizing, scheduler math, CFG, copies, launch gaps."""
-        return self.total - self.text_encoder - self.controlnet_total - self.unet_total - self.vae_decoder
+        return (self.total - self.text_encoder - self.adapter - self.controlnet_total - self.unet_total
+                - self.vae_decoder)
 
     @property
     def iterations_per_second(self) -> float:
@@ -73,6 +76,7 @@ class Timings:
             "vae_decoder": self.vae_decoder,
             **({"controlnet_steps": self.controlnet_steps, "controlnet_total": self.controlnet_total}
                if self.controlnet_steps else {}),
+            **({"adapter": self.adapter} if self.adapter else {}),
             "loop_overhead": self.loop_overhead,
             "total": self.total,
             "it_per_s": self.iterations_per_second,
@@ -123,6 +127,24 @@ class ControlConditioning:
         return [(name, image, self._tensors[per_step[step]], gains)
                 for name, image, per_step, gains in zip(self.names, self.images, self.scales, self.gains)
                 if per_step[step] != 0]
+
+
+@dataclass
+class AdapterFeatures:
+    """What a T2I-Adapter gives the U-Net in one run: its features (times the scale, batched as the
+    U-Net's input), at the first ``steps`` steps, and zeros after them (adding nothing, as diffusers'
+    U-Net does when it is given no features)."""
+
+    features: dict[str, torch.Tensor]
+    steps: int
+    zeros: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def at(self, step: int) -> dict[str, torch.Tensor]:
+        if step < self.steps:
+            return self.features
+        if not self.zeros:
+            self.zeros = {name: torch.zeros_like(value) for name, value in self.features.items()}
+        return self.zeros
 
 
 @dataclass
@@ -196,6 +218,7 @@ class Txt2ImgPipeline:
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
+        self.adapter = ADAPTER in engines
         self.pooled_controlnets = tuple(n for n in self.controlnets if n in pooled_controlnets)
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
@@ -213,7 +236,8 @@ class Txt2ImgPipeline:
                                f"{largest}; split the request (request.split({largest}), as `sdexport run` "
                                "does) or re-export with a wider --batch")
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
-                      scheduler_config=self.scheduler_config, controlnets=len(self.controlnets))
+                      scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
+                      adapter=self.adapter)
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
@@ -265,6 +289,11 @@ class Txt2ImgPipeline:
         blend = init is not None and init.mask is not None and not self.dims.inpainting
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
         control = self.control_conditioning(request, len(timesteps)) if self.controlnets else None
+        adapter: AdapterFeatures | None = None
+        if self.adapter:
+            adapter_start = clock.mark()
+            adapter = self.adapter_features(request)
+            adapter_span = (adapter_start, clock.mark())
 
         step_marks, control_marks = [], []
         engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
@@ -279,7 +308,8 @@ class Txt2ImgPipeline:
                     control_marks.append((before, clock.mark()))
             if extra:
                 model_input = torch.cat([model_input, *extra], dim=1)
-            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning, **residuals}
+            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning, **residuals,
+                    **(adapter.at(i) if adapter is not None else {})}
             before = clock.mark()
             noise = self.engines["unet"](feed)["out_sample"]
             step_marks.append((before, clock.mark()))
@@ -310,6 +340,7 @@ class Txt2ImgPipeline:
             total=time.perf_counter() - start,
             clock=clock.kind,
             controlnet_steps=[clock.seconds(a, b) for a, b in control_marks],
+            adapter=clock.seconds(*adapter_span) if adapter is not None else 0.0,
         )
         return GenerationResult(
             images=to_pil(pixels),
@@ -544,6 +575,27 @@ class Txt2ImgPipeline:
                                     sample.shape[-1] * self.dims.vae_scale_factor)
             summed = [torch.zeros(unet.tensor(n).shape(sizes), device=self.device) for n in unet.residual_inputs]
         return dict(zip(unet.residual_inputs, summed))
+
+    def adapter_features(self, request: GenerationRequest) -> AdapterFeatures:
+        """Run the T2I-Adapter once on the distinct adapter images (one, or one per prompt), as
+        diffusers' adapter pipelines do before their loop: features times ``adapter_scale``, one row
+        per prompt, twice under CFG (the same features for both halves), given to the first
+        ``int(steps x adapter_factor)`` steps.
+
+        One image for several prompts is run once and its features go to every prompt. diffusers'
+        pipelines take one image per prompt there (one image for several prompts fails under CFG,
+        a batch of 2 against the U-Net's 2 x prompts); the result is the same."""
+        from sdexport.runtime.image_inputs import control_pixels, per_prompt
+
+        engine = self.engines[ADAPTER]
+        images = request.adapter_image or []
+        pixels = torch.cat([control_pixels(image, request.height, request.width, self.dims.A or 3) for image in images])
+        out = engine({"image": pixels.to(self.device)})
+        features = {}
+        for output, name in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
+            value = per_prompt(out[output].float() * request.adapter_scale, request.batch)
+            features[name] = torch.cat([value, value]) if request.cfg else value
+        return AdapterFeatures(features, int(request.steps * request.adapter_factor))
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
         """Scaled latents sampled from the VAE encoder's distribution with each image's generator

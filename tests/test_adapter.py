@@ -1,0 +1,347 @@
+"""T2I-Adapters through the same specs, engines and loop: parity with diffusers' adapter pipelines
+(SD and SDXL, ONNX Runtime and Torch, with and without CFG, a greyscale adapter from a directory),
+the feature specs every stage reads, TensorRT profiles for them, and the refusals a user can cause."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fake_tensorrt
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import ModelLoadError, SdexportError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.models.adapter import check_fits, feature_layout, intrablock_layout, preset_config
+from sdexport.models.presets import PRESETS
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+TOLERANCE = 1e-4
+"""rel-L2 of the final latents against diffusers in fp32 (measured: about 2e-6)."""
+
+MODELS = {"sd": "tiny", "sdxl": "tiny-sdxl"}
+
+
+def picture(height: int, width: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).convert(mode)
+
+
+@pytest.fixture(scope="module")
+def engine_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapter")
+    dirs = {}
+    for name, preset in MODELS.items():
+        dirs[name] = root / name
+        export(preset, dirs[name], ExportOptions(verify="quick", adapter="tiny-adapter"))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, DiffusersReference]:
+    return {name: DiffusersReference(load_model(preset, adapter="tiny-adapter")) for name, preset in MODELS.items()}
+
+
+def _request(name: str, **changes) -> GenerationRequest:
+    request = GenerationRequest(
+        prompt=["a lighthouse", "a harbour"], negative_prompt=["fog", "rain"], steps=6, seeds=[3, 4], height=64,
+        width=128, scheduler="euler_a",
+        # 80x100: resized to 64x128 by both (Lanczos), so the preprocessing is compared too
+        adapter_image=[picture(80, 100, 10), picture(80, 100, 11)], adapter_scale=0.8,
+        adapter_factor=0.5 if name == "sdxl" else 1.0,  # diffusers' SD pipeline has no factor
+    )
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+def _rel(ours, theirs) -> float:
+    return float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
+
+
+def _agree(ours, theirs) -> None:
+    rel = _rel(ours, theirs)
+    assert rel < TOLERANCE, rel
+    assert np.abs(ours.pixels - theirs.pixels).max() < 1e-3
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_diffusers_adapter_pipeline(engine_dirs, references, name, backend):
+    """StableDiffusion(XL)AdapterPipeline, same seeds, batch 2 with CFG, one adapter image per prompt,
+    a scale, SDXL's conditioning factor (the adapter stops half-way), a stochastic scheduler."""
+    pipeline = load_pipeline(engine_dirs[name], backend)
+    request = _request(name)
+    ours = pipeline(request)
+    _agree(ours, references[name](request))
+    assert ours.timings.adapter > 0 and "adapter" in ours.timings.to_dict()
+    # the adapter acts: at scale 0 the latents differ, and so they do for another image
+    quiet = pipeline(_request(name, adapter_scale=0.0))
+    assert _rel(quiet, ours) > 10 * TOLERANCE
+    other = pipeline(_request(name, adapter_image=[picture(80, 100, 20), picture(80, 100, 21)]))
+    assert _rel(other, ours) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_adapter_image_serves_every_prompt(engine_dirs, references, name):
+    """One image for two prompts (diffusers fails on that under CFG: it is given the image per
+    prompt), and without CFG; batches split over calls give the same images."""
+    pipeline = load_pipeline(engine_dirs[name], "onnxruntime-cpu")
+    one = _request(name, adapter_image=[picture(64, 128, 5)])
+    ours = pipeline(one)
+    _agree(ours, references[name](one))
+    halves = [pipeline(part) for part in one.split(1)]
+    assert torch.allclose(torch.cat([h.latents for h in halves]), ours.latents, atol=1e-5)
+    plain = _request(name, adapter_image=[picture(64, 128, 5)], guidance=1.0, negative_prompt=None)
+    _agree(pipeline(plain), references[name](plain))
+
+
+def test_a_greyscale_adapter_directory_exports_and_runs(tmp_path):
+    """--adapter DIR (its own weights, every one read) with a 1-channel adapter, as TencentARC's
+    sketch and canny ones: the image is read in greyscale, as diffusers takes it."""
+    from diffusers import T2IAdapter
+
+    config = {k: v for k, v in preset_config(PRESETS["tiny"].unet, 8).items() if not k.startswith("_")}
+    torch.manual_seed(7)
+    T2IAdapter(**{**config, "in_channels": 1}).save_pretrained(tmp_path / "sketch-adapter")
+    out = tmp_path / "engines"
+    export("tiny", out, ExportOptions(verify="quick", adapter=str(tmp_path / "sketch-adapter")))
+    manifest = load_manifest(out)
+    assert manifest.dims["A"] == 1 and manifest.model["source"]["adapter"]["kind"] == "diffusers"
+    reference = DiffusersReference(load_model("tiny", adapter=str(tmp_path / "sketch-adapter")))
+    request = _request("sd", adapter_image=[picture(64, 128, 1, "L"), picture(64, 128, 2, "L")])
+    for backend in ("onnxruntime-cpu", "torch"):
+        _agree(load_pipeline(out, backend)(request), reference(request))
+    # an RGB image is read in greyscale: the same result as the greyscale image
+    rgb = _request("sd", adapter_image=[picture(64, 128, 1), picture(64, 128, 2)])
+    grey = _request("sd", adapter_image=[picture(64, 128, 1).convert("L"), picture(64, 128, 2).convert("L")])
+    pipeline = load_pipeline(out, "onnxruntime-cpu")
+    assert torch.equal(pipeline(rgb).latents, pipeline(grey).latents)
+
+
+def test_an_adapter_pipeline_directory_exports_with_its_adapter(tmp_path):
+    """A diffusers StableDiffusionAdapterPipeline directory brings its adapter, as diffusers saves it."""
+    load_model("tiny", adapter="tiny-adapter", seed=2).save_pretrained(tmp_path / "pipeline")
+    index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionAdapterPipeline"
+    export(str(tmp_path / "pipeline"), tmp_path / "engines", ExportOptions(verify="none"))
+    manifest = load_manifest(tmp_path / "engines")
+    assert manifest.adapter
+    assert manifest.model["source"]["adapter"]["path"] == str((tmp_path / "pipeline" / "adapter").resolve())
+    assert load_manifest(tmp_path / "engines").spec("unet").adapter_inputs
+
+
+def test_run_writes_the_image_and_its_adapter_settings(engine_dirs, tmp_path, capsys):
+    picture(96, 96, 0).save(tmp_path / "sketch.png")
+    assert run_cli("run", engine_dirs["sd"], "-p", "a cat", "--adapter-image", tmp_path / "sketch.png",
+                   "--adapter-scale", "0.7", "--steps", "3", "-o", tmp_path / "o.png") == 0
+    said = "".join(capsys.readouterr())
+    assert "T2I-Adapter" in said and "resized from 96x96" not in said  # its own size is the default
+    params = json.loads(Image.open(tmp_path / "o.png").info["sdexport"])
+    assert params["adapter"] == {"scale": 0.7, "factor": 1.0}
+    assert params["adapter_image"] == [str(tmp_path / "sketch.png")]
+    assert (params["height"], params["width"]) == (96, 96)
+
+
+def test_specs_and_manifest_describe_the_features(engine_dirs):
+    for name, preset in MODELS.items():
+        manifest = load_manifest(engine_dirs[name])
+        layout = feature_layout(preset_config(PRESETS[preset].unet, 8), 8)
+        assert [tuple(f) for f in manifest.dims["adapter_features"]] == list(layout)
+        assert manifest.adapter and not manifest.controlnets
+        unet, adapter = manifest.spec("unet"), manifest.spec("adapter")
+        assert unet.adapter_inputs == [f"down_intrablock_additional_residuals.{i}" for i in range(len(layout))]
+        assert adapter.adapter_outputs == [f"adapter_state.{i}" for i in range(len(layout))]
+        assert not unet.residual_inputs
+        graph = onnx.load(str(engine_dirs[name] / "unet" / "model.onnx"), load_external_data=False).graph
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        channels, scale = layout[-1]
+        side = "h" if scale == 1 else f"h/{scale}"
+        assert dims[f"down_intrablock_additional_residuals.{len(layout) - 1}"][:3] == ["B", channels, side]
+        index = json.loads((engine_dirs[name] / "model_index.json").read_text())
+        pipeline = {"sd": "StableDiffusionAdapterPipeline", "sdxl": "StableDiffusionXLAdapterPipeline"}[name]
+        assert index["_class_name"] == pipeline and index["adapter"] == ["diffusers", "T2IAdapter"]
+
+
+# TencentARC's published configs (config.json of each Hub repository), as diffusers reads them
+TENCENT_SD15 = {"_class_name": "T2IAdapter", "adapter_type": "full_adapter", "channels": [320, 640, 1280, 1280],
+                "downscale_factor": 8, "in_channels": 3, "num_res_blocks": 2}
+TENCENT_SD14_SKETCH = {**TENCENT_SD15, "in_channels": 1}
+TENCENT_SD15_LIGHT = {"_class_name": "T2IAdapter", "adapter_type": "light_adapter", "channels": [320, 640, 1280],
+                      "downscale_factor": 8, "in_channels": 3, "num_res_blocks": 4}
+TENCENT_SDXL = {"_class_name": "T2IAdapter", "adapter_type": "full_adapter_xl", "channels": [320, 640, 1280, 1280],
+                "downscale_factor": 16, "in_channels": 3, "num_res_blocks": 2}
+
+
+@pytest.mark.parametrize(("config", "base", "fits"), [
+    (TENCENT_SD15, "sd15", True),
+    (TENCENT_SD14_SKETCH, "sd15", True),
+    (TENCENT_SD15_LIGHT, "sd15", True),
+    (TENCENT_SD15, "sd21", True),
+    (TENCENT_SDXL, "sdxl", True),
+    (TENCENT_SDXL, "sd15", False),
+    (TENCENT_SD15, "sdxl", False),
+])
+def test_real_adapter_configs_fit_their_base_models(config, base, fits):
+    """From the configs alone: every feature lands where the U-Net adds one (SDXL's fourth in its
+    mid block), and an adapter for the other family is refused in one line."""
+    unet = PRESETS[base].unet
+    if fits:
+        layout = check_fits(config, unet, PRESETS[base].family, 8, "--adapter x")
+        assert layout == intrablock_layout(unet)[:len(layout)]
+    else:
+        with pytest.raises(ModelLoadError, match="do not match where the U-Net adds them"):
+            check_fits(config, unet, PRESETS[base].family, 8, "--adapter x")
+
+
+def test_the_real_architecture_presets_fit(tmp_path, capsys, monkeypatch):
+    """sd15-adapter and sdxl-adapter plan against their bases from configs (no weights drawn)."""
+    from sdexport.export.plan import plan_export
+
+    for base, adapter in (("sd15", "sd15-adapter"), ("sdxl", "sdxl-adapter")):
+        plan = plan_export(base, tmp_path / base, ExportOptions(adapter=adapter))
+        assert [s.name for s in plan.specs].index("adapter") == [s.name for s in plan.specs].index("unet") - 1
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])
+def test_tensorrt_profiles_cover_the_features(engine_dirs, tmp_path, monkeypatch, version):
+    """The profiles come from the specs: the adapter at the prompts' batch, the U-Net's features at
+    the guidance batch, on the latents' grid."""
+    import shutil
+
+    from test_tensorrt_fakes import Recorder
+
+    from sdexport.build import tensorrt_build
+
+    trt = fake_tensorrt.make_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["sd"], directory)
+    tensorrt_build.build_engines(directory, fp16=False, components=["adapter", "unet"],
+                                 timing_cache=tmp_path / "timing.cache")
+    (adapter, unet) = recorder.builds
+    feature = unet["profiles"][0]["down_intrablock_additional_residuals.1"]
+    # tiny profile: batch 1-2 (CFG: up to 4), sides 64-256 px = latents 8-32, halved after the first block
+    assert (tuple(feature.min), tuple(feature.max)) == ((1, 64, 4, 4), (4, 64, 16, 16))
+    assert tuple(adapter["profiles"][0]["image"].max) == (2, 3, 256, 256)
+
+
+@pytest.fixture
+def no_engines(monkeypatch):
+    from sdexport.runtime import loading
+
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("engines were loaded"))
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "has a T2I-Adapter: give --adapter-image"),
+    (["--adapter-image", "{img}", "--adapter-image", "{img}", "--adapter-image", "{img}", "-p", "y"],
+     "3 adapter images for 2 prompts"),
+    (["--adapter-image", "{bad}"], "--adapter-image {bad}: not a readable image"),
+    (["--adapter-image", "{big}"], "(the size of the first --adapter-image; pass --height/--width"),
+    (["--adapter-image", "{img}", "--adapter-factor", "1.5"], "--adapter-factor 1.5: a fraction of the steps"),
+    (["--adapter-image", "{img}", "--adapter-scale", "nan"], "--adapter-scale nan: expected a finite number"),
+    (["--adapter-image", "{img}", "--init-image", "{img}"], "an init image with a T2I-Adapter"),
+    (["--adapter-image", "{img}", "--height", "64"], "with --adapter-image, give both --height and --width"),
+])
+def test_bad_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
+                                                              message):
+    files = {"img": tmp_path / "sketch.png", "bad": tmp_path / "bad.png", "big": tmp_path / "big.png"}
+    picture(64, 64, 0).save(files["img"])
+    files["bad"].write_bytes(b"not a png")
+    picture(1024, 1024, 0).save(files["big"])
+    args = [a.format(**files) for a in args]
+    assert run_cli("run", engine_dirs["sd"], "-p", "x", "-o", tmp_path / "o.png", *args) == 2
+    err = capsys.readouterr().err
+    assert message.format(**files) in err and len(err.strip().splitlines()) == 1
+
+
+def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_path, no_engines, capsys):
+    picture(64, 64, 0).save(tmp_path / "sketch.png")
+    for setting in (["--adapter-image", tmp_path / "sketch.png"], ["--adapter-scale", "0.5"], ["--adapter-factor", "0"]):
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2
+        assert "need an engine directory exported with --adapter" in capsys.readouterr().err
+
+
+def test_python_api_refuses_before_any_engine_runs(engine_dirs):
+    pipeline = load_pipeline(engine_dirs["sd"], "onnxruntime-cpu")
+    calls: list[str] = []
+
+    class Counting:
+        def __init__(self, engine):
+            self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
+
+        def __call__(self, feed):
+            calls.append(self.spec.name)
+            return self.engine(feed)
+
+    pipeline.engines = {name: Counting(engine) for name, engine in pipeline.engines.items()}
+    with pytest.raises(SdexportError, match="give --adapter-image"):
+        pipeline(_request("sd", adapter_image=None))
+    with pytest.raises(SdexportError, match="adapter image: expected a PIL image"):
+        pipeline(_request("sd", adapter_image=[np.zeros((8, 8, 3))]))
+    with pytest.raises(SdexportError, match="--adapter-factor -0.1"):
+        pipeline(_request("sd", adapter_factor=-0.1))
+    assert not calls
+
+
+@pytest.mark.parametrize(("base", "args", "message"), [
+    ("tiny", ["--adapter", "tiny-adapter", "--controlnet", "tiny-controlnet"], "--adapter with ControlNets"),
+    ("tiny-inpaint", ["--adapter", "tiny-adapter"], "--adapter: an inpainting U-Net"),
+    ("tiny", ["--adapter", "sd15-adapter"], "this preset goes with the preset(s) sd15, not tiny"),
+    ("tiny", ["--adapter", "no-such-adapter"], "no such directory, and not a T2I-Adapter preset"),
+    ("tiny", ["--adapter", "tiny-adapter", "--components", "unet,vae_decoder"], "export the two together"),
+])
+def test_export_refuses_what_does_not_fit(tmp_path, capsys, base, args, message):
+    assert run_cli("export", base, "-o", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_for_another_model_is_refused_before_weights_load(tmp_path, capsys):
+    from diffusers import T2IAdapter
+
+    config = {k: v for k, v in preset_config(PRESETS["tiny-sdxl"].unet, 8).items() if not k.startswith("_")}
+    T2IAdapter(**config).save_pretrained(tmp_path / "xl-adapter")
+    assert run_cli("export", "tiny", "-o", tmp_path / "out", "--adapter", tmp_path / "xl-adapter") == 2
+    assert "does not fit the sd model" in capsys.readouterr().err
+    # given where a ControlNet goes, it is named for what it is
+    assert run_cli("export", "tiny-sdxl", "-o", tmp_path / "out", "--controlnet", tmp_path / "xl-adapter") == 2
+    assert "a T2I-Adapter, not a ControlNet: pass it as --adapter" in capsys.readouterr().err
+
+
+def test_serve_and_bench_say_adapters_are_not_theirs_yet(engine_dirs, tmp_path, capsys):
+    assert run_cli("triton-repo", engine_dirs["sd"], "-o", tmp_path / "repo") == 2
+    assert "the serving protocol has no adapter image input yet" in capsys.readouterr().err
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\nbatch = [1]\n'
+                        'contenders = ["diffusers", "onnxruntime-cpu"]\n')
+    assert run_cli("bench", scenario, "--engine-dir", engine_dirs["sd"], "-o", tmp_path / "b") == 2
+    assert "has a T2I-Adapter; benchmark scenarios have none yet" in capsys.readouterr().err
+
+
+def test_a_manifest_without_the_adapter_dims_is_refused(engine_dirs, tmp_path, capsys):
+    import shutil
+
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["sd"], directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    del manifest["dims"]["A"]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", directory) != 0
+    assert "a T2I-Adapter needs both dims.adapter_features" in capsys.readouterr().err
