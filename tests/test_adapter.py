@@ -14,6 +14,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from test_controlnet import TOLERANCE, _agree, _rel, no_engines  # noqa: F401  (no_engines: a fixture)
 
 from conftest import run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -27,9 +28,6 @@ from sdexport.runtime.loading import load_pipeline
 from sdexport.runtime.request import GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("without_gpu")
-
-TOLERANCE = 1e-4
-"""rel-L2 of the final latents against diffusers in fp32 (measured: about 2e-6)."""
 
 MODELS = {"sd": "tiny", "sdxl": "tiny-sdxl"}
 
@@ -65,16 +63,6 @@ def _request(name: str, **changes) -> GenerationRequest:
     for key, value in changes.items():
         setattr(request, key, value)
     return request
-
-
-def _rel(ours, theirs) -> float:
-    return float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
-
-
-def _agree(ours, theirs) -> None:
-    rel = _rel(ours, theirs)
-    assert rel < TOLERANCE, rel
-    assert np.abs(ours.pixels - theirs.pixels).max() < 1e-3
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
@@ -240,13 +228,6 @@ def test_tensorrt_profiles_cover_the_features(engine_dirs, tmp_path, monkeypatch
     assert tuple(adapter["profiles"][0]["image"].max) == (2, 3, 256, 256)
 
 
-@pytest.fixture
-def no_engines(monkeypatch):
-    from sdexport.runtime import loading
-
-    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: pytest.fail("engines were loaded"))
-
-
 @pytest.mark.parametrize("args, message", [
     ([], "has a T2I-Adapter: give --adapter-image"),
     (["--adapter-image", "{img}", "--adapter-image", "{img}", "--adapter-image", "{img}", "-p", "y"],
@@ -258,8 +239,8 @@ def no_engines(monkeypatch):
     (["--adapter-image", "{img}", "--init-image", "{img}"], "an init image with a T2I-Adapter"),
     (["--adapter-image", "{img}", "--height", "64"], "with --adapter-image, give both --height and --width"),
 ])
-def test_bad_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
-                                                              message):
+@pytest.mark.usefixtures("no_engines")
+def test_bad_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_path, capsys, args, message):
     files = {"img": tmp_path / "sketch.png", "bad": tmp_path / "bad.png", "big": tmp_path / "big.png"}
     picture(64, 64, 0).save(files["img"])
     files["bad"].write_bytes(b"not a png")
@@ -270,7 +251,8 @@ def test_bad_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_p
     assert message.format(**files) in err and len(err.strip().splitlines()) == 1
 
 
-def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_path, no_engines, capsys):
+@pytest.mark.usefixtures("no_engines")
+def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_path, capsys):
     picture(64, 64, 0).save(tmp_path / "sketch.png")
     for setting in (["--adapter-image", tmp_path / "sketch.png"], ["--adapter-scale", "0.5"], ["--adapter-factor", "0"]):
         assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2

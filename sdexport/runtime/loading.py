@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -343,6 +344,20 @@ def _load_engines(
                                       weights=weights))
 
 
+def _reload_part(record: dict[str, Any], what: str, resolve: Callable[[str, str], Any]) -> Any:
+    """A ControlNet or T2I-Adapter as the manifest records the export read it (``model.source``)."""
+    from sdexport.errors import ModelLoadError
+
+    kind = "preset" if record.get("kind") == "preset" else "diffusers"
+    where = record.get("name") if kind == "preset" else record.get("path")
+    if not isinstance(where, str) or (kind != "preset" and not Path(where).exists()):
+        raise EngineDirError(f"the Torch backend needs the {what} the export read, {where}, which is gone")
+    try:
+        return resolve(where, kind)
+    except ModelLoadError as exc:
+        raise EngineDirError(f"the Torch backend cannot reload the export's {what}: {exc}") from None
+
+
 def exported_loras(manifest: Manifest) -> list[LoraFile]:
     """The LoRA files fused at export, for the Torch backend to fuse again into the weights it
     reloads; each must still be the file the export read (its sha256)."""
@@ -389,32 +404,13 @@ def _torch_engines(
     seed = source.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
-    from sdexport.errors import ModelLoadError
+    from sdexport.models.adapter import resolve_adapter
     from sdexport.models.controlnet import resolve_controlnet
 
-    controlnets = []
-    for record in source.get("controlnets") or []:  # as the export loaded them (presets: the same seed)
-        kind = "preset" if record.get("kind") == "preset" else "diffusers"
-        where = record.get("name") if kind == "preset" else record.get("path")
-        if not isinstance(where, str) or (kind != "preset" and not Path(where).exists()):
-            raise EngineDirError(f"the Torch backend needs the ControlNet the export read, {where}, which is gone")
-        try:
-            controlnets.append(resolve_controlnet(where, kind))
-        except ModelLoadError as exc:
-            raise EngineDirError(f"the Torch backend cannot reload the export's ControlNet: {exc}") from None
-    adapter = None
+    # as the export loaded them (presets: the same seed)
+    controlnets = [_reload_part(record, "ControlNet", resolve_controlnet) for record in source.get("controlnets") or []]
     record = source.get("adapter")
-    if isinstance(record, dict):
-        from sdexport.models.adapter import resolve_adapter
-
-        kind = "preset" if record.get("kind") == "preset" else "diffusers"
-        where = record.get("name") if kind == "preset" else record.get("path")
-        if not isinstance(where, str) or (kind != "preset" and not Path(where).exists()):
-            raise EngineDirError(f"the Torch backend needs the T2I-Adapter the export read, {where}, which is gone")
-        try:
-            adapter = resolve_adapter(where, kind)
-        except ModelLoadError as exc:
-            raise EngineDirError(f"the Torch backend cannot reload the export's T2I-Adapter: {exc}") from None
+    adapter = _reload_part(record, "T2I-Adapter", resolve_adapter) if isinstance(record, dict) else None
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
                        controlnets=controlnets, adapter=adapter)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
