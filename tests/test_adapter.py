@@ -87,9 +87,21 @@ def test_one_adapter_image_serves_every_prompt(engine_dirs, references, name):
     """One image for two prompts (diffusers fails on that under CFG: it is given the image per
     prompt), and without CFG; batches split over calls give the same images."""
     pipeline = load_pipeline(engine_dirs[name], "onnxruntime-cpu")
+    batches: list[int] = []
+
+    class Recording:  # the adapter engine, noting the batch it is called at
+        def __init__(self, engine):
+            self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
+
+        def __call__(self, feed):
+            batches.append(feed["image"].shape[0])
+            return self.engine(feed)
+
+    pipeline.engines["adapter"] = Recording(pipeline.engines["adapter"])
     one = _request(name, adapter_image=[picture(64, 128, 5)])
     ours = pipeline(one)
     _agree(ours, references[name](one))
+    assert batches == [2]  # at the prompts' batch, which every engine's profile was checked for
     halves = [pipeline(part) for part in one.split(1)]
     assert torch.allclose(torch.cat([h.latents for h in halves]), ours.latents, atol=1e-5)
     plain = _request(name, adapter_image=[picture(64, 128, 5)], guidance=1.0, negative_prompt=None)
@@ -129,6 +141,23 @@ def test_an_adapter_pipeline_directory_exports_with_its_adapter(tmp_path):
     assert manifest.adapter
     assert manifest.model["source"]["adapter"]["path"] == str((tmp_path / "pipeline" / "adapter").resolve())
     assert load_manifest(tmp_path / "engines").spec("unet").adapter_inputs
+
+
+def test_a_multi_adapter_pipeline_directory_is_refused(tmp_path, capsys):
+    """diffusers saves a MultiAdapter as adapter/, adapter_1/, ...: exporting the first alone would
+    change every image without a word. One of its folders can be named."""
+    import shutil
+
+    from sdexport.export.plan import plan_export
+
+    pipeline = tmp_path / "pipeline"
+    load_model("tiny", adapter="tiny-adapter").save_pretrained(pipeline)
+    shutil.copytree(pipeline / "adapter", pipeline / "adapter_1")
+    for args in (["export", pipeline], ["export", "tiny", "--adapter", pipeline]):
+        assert run_cli(*args, "-o", tmp_path / "out") == 2
+        assert "a MultiAdapter (adapter/, adapter_1/, ...); sdexport runs one T2I-Adapter" in capsys.readouterr().err
+    plan = plan_export("tiny", tmp_path / "out", ExportOptions(adapter=str(pipeline / "adapter_1")))
+    assert plan.adapter is not None and plan.adapter.path == pipeline / "adapter_1"
 
 
 def test_run_writes_the_image_and_its_adapter_settings(engine_dirs, tmp_path, capsys):
@@ -276,6 +305,8 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
         pipeline(_request("sd", adapter_image=None))
     with pytest.raises(SdexportError, match="adapter image: expected a PIL image"):
         pipeline(_request("sd", adapter_image=[np.zeros((8, 8, 3))]))
+    with pytest.raises(SdexportError, match="adapter_image: expected a list of PIL images"):
+        pipeline(_request("sd", adapter_image=picture(64, 64, 0)))
     with pytest.raises(SdexportError, match="--adapter-factor -0.1"):
         pipeline(_request("sd", adapter_factor=-0.1))
     assert not calls
@@ -315,6 +346,10 @@ def test_serve_and_bench_say_adapters_are_not_theirs_yet(engine_dirs, tmp_path, 
                         'contenders = ["diffusers", "onnxruntime-cpu"]\n')
     assert run_cli("bench", scenario, "--engine-dir", engine_dirs["sd"], "-o", tmp_path / "b") == 2
     assert "has a T2I-Adapter; benchmark scenarios have none yet" in capsys.readouterr().err
+    load_model("tiny", adapter="tiny-adapter").save_pretrained(tmp_path / "pipeline")
+    scenario.write_text(scenario.read_text().replace('"tiny"', repr(str(tmp_path / "pipeline"))))
+    assert run_cli("bench", scenario, "-o", tmp_path / "b") == 2
+    assert "a T2I-Adapter pipeline directory; benchmark scenarios have no adapter yet" in capsys.readouterr().err
 
 
 def test_a_manifest_without_the_adapter_dims_is_refused(engine_dirs, tmp_path, capsys):

@@ -92,6 +92,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
                             "the scenario")
+    if outline.adapter is not None:
+        raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory; benchmark scenarios have no adapter "
+                            "yet (time it with `sdexport run --adapter-image`, which prints each stage)")
     from sdexport.models.controlnet import controlnets_for
 
     controlnets_for(outline, scenario.controlnets)

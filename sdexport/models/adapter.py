@@ -97,7 +97,9 @@ def resolve_adapter(argument: str, kind: str | None = None) -> AdapterSource:
         raise ModelLoadError(f"--adapter {argument}: an ONNX engine directory, not a T2I-Adapter checkpoint "
                              "(pass the diffusers T2IAdapter directory it was exported from)")
     if not (path / "config.json").is_file() and (path / "adapter" / "config.json").is_file():
-        path = path / "adapter"  # an adapter pipeline's directory
+        from sdexport.models.outline import pipeline_adapter
+
+        path = pipeline_adapter(path) or path  # an adapter pipeline's directory
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"--adapter {argument}: not a diffusers T2IAdapter directory (no config.json)")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):

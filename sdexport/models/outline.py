@@ -82,8 +82,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         family = family_of_dir(path)
         outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
                            read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
-        adapter = path / "adapter" if (path / "adapter" / "config.json").is_file() else None
-        return replace(outline, controlnets=pipeline_controlnets(path), adapter=adapter)
+        return replace(outline, controlnets=pipeline_controlnets(path), adapter=pipeline_adapter(path))
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
@@ -229,6 +228,18 @@ def pipeline_controlnets(path: Path) -> tuple[Path, ...]:
             break
         found.append(path / name)
     return tuple(found)
+
+
+def pipeline_adapter(path: Path) -> Path | None:
+    """The T2I-Adapter folder of a diffusers adapter pipeline directory (None without one). A
+    ``MultiAdapter`` (``adapter/``, ``adapter_1/``, ...) is refused: sdexport runs one adapter, and
+    keeping the first without a word would change every image."""
+    if not (path / "adapter" / "config.json").is_file():
+        return None
+    if (path / "adapter_1" / "config.json").is_file():
+        raise ModelLoadError(f"{path}: a MultiAdapter (adapter/, adapter_1/, ...); sdexport runs one T2I-Adapter: "
+                             f"pass one of its folders as --adapter (e.g. --adapter {path / 'adapter_1'})")
+    return path / "adapter"
 
 
 def read_json(path: Path) -> dict[str, Any]:

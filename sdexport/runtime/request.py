@@ -306,9 +306,11 @@ def _check_adapter(request: GenerationRequest, adapter: bool) -> None:
     if request.image is not None:
         raise SdexportError("an init image with a T2I-Adapter: diffusers' adapter pipelines generate from text only "
                             "(txt2img); drop --init-image")
-    if not isinstance(images, list) or len(images) not in (1, request.batch):
-        count = len(images) if isinstance(images, list) else type(images).__name__
-        raise SdexportError(f"{count} adapter images for {request.batch} prompts: give one, or one per prompt")
+    if not isinstance(images, list):
+        raise SdexportError(f"adapter_image: expected a list of PIL images (one, or one per prompt), got "
+                            f"{type(images).__name__}")
+    if len(images) not in (1, request.batch):
+        raise SdexportError(f"{len(images)} adapter images for {request.batch} prompts: give one, or one per prompt")
     for image in images:
         check_image(image, None, None, "adapter image")
     for flag, value in settings:

@@ -577,23 +577,24 @@ class Txt2ImgPipeline:
         return dict(zip(unet.residual_inputs, summed))
 
     def adapter_features(self, request: GenerationRequest) -> AdapterFeatures:
-        """Run the T2I-Adapter once on the distinct adapter images (one, or one per prompt), as
-        diffusers' adapter pipelines do before their loop: features times ``adapter_scale``, one row
-        per prompt, twice under CFG (the same features for both halves), given to the first
-        ``int(steps x adapter_factor)`` steps.
+        """Run the T2I-Adapter once, before the loop, as diffusers' adapter pipelines do: features
+        times ``adapter_scale``, one row per prompt, twice under CFG (the same features for both
+        halves), given to the first ``int(steps x adapter_factor)`` steps.
 
-        One image for several prompts is run once and its features go to every prompt. diffusers'
-        pipelines take one image per prompt there (one image for several prompts fails under CFG,
-        a batch of 2 against the U-Net's 2 x prompts); the result is the same."""
+        The adapter runs at the prompts' batch, one image repeated to each prompt: the batch the
+        engines were checked for (a TensorRT plan may not take a batch of one). That is what
+        diffusers computes given the image once per prompt; given one image for several prompts,
+        diffusers fails under CFG and, without it, drops SDXL's mid-block feature (its shape check
+        sees a batch of one)."""
         from sdexport.runtime.image_inputs import control_pixels, per_prompt
 
         engine = self.engines[ADAPTER]
         images = request.adapter_image or []
         pixels = torch.cat([control_pixels(image, request.height, request.width, self.dims.A or 3) for image in images])
-        out = engine({"image": pixels.to(self.device)})
+        out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})
         features = {}
         for output, name in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
-            value = per_prompt(out[output].float() * request.adapter_scale, request.batch)
+            value = out[output].float() * request.adapter_scale
             features[name] = torch.cat([value, value]) if request.cfg else value
         return AdapterFeatures(features, int(request.steps * request.adapter_factor))
 
