@@ -788,9 +788,6 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
     manifest = load_manifest(engine_dir, verify_files=False)
     check_runnable(engine_dir, manifest)
-    if manifest.adapter:
-        raise SdexportError(f"{engine_dir} has a T2I-Adapter, and the serving protocol has no adapter image input yet; "
-                            "generate with `sdexport run --adapter-image` or the Python API")
     return manifest, ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend,
                                    cuda_graph=cuda_graph, graphs="portable" if portable_graphs else "auto",
                                    max_steps=max_steps)

@@ -338,9 +338,42 @@ def test_an_adapter_for_another_model_is_refused_before_weights_load(tmp_path, c
     assert "a T2I-Adapter, not a ControlNet: pass it as --adapter" in capsys.readouterr().err
 
 
-def test_serve_and_bench_say_adapters_are_not_theirs_yet(engine_dirs, tmp_path, capsys):
-    assert run_cli("triton-repo", engine_dirs["sd"], "-o", tmp_path / "repo") == 2
-    assert "the serving protocol has no adapter image input yet" in capsys.readouterr().err
+def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):
+    """serve takes one adapter image per row: a row gives run's image pixel for pixel, and rows with
+    different adapter images share one call."""
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    for seed in (2, 3):
+        picture(64, 128, seed).save(tmp_path / f"a{seed}.png")
+    out = tmp_path / "cli.png"
+    assert run_cli("run", engine_dirs["sdxl"], "-p", "x", "--steps", "3", "--seed", "5", "--adapter-image",
+                   tmp_path / "a2.png", "--adapter-scale", "0.7", "--adapter-factor", "0.5", "--backend",
+                   "onnxruntime-cpu", "-o", out) == 0
+    logged: list[str] = []
+    model = ServedModel(ServeSettings(str(engine_dirs["sdxl"]), backend="onnxruntime-cpu", max_steps=50),
+                        log=logged.append)
+    try:
+        [one] = model.generate([_inputs(["x"], steps=3, seed=[5], adapter_scale=0.7, adapter_factor=0.5,
+                                        adapter_image=(tmp_path / "a2.png").read_bytes())])
+        assert not isinstance(one, str), one
+        np.testing.assert_array_equal(_png_pixels(one[0].png), np.asarray(Image.open(out).convert("RGB")))
+        assert json.loads(Image.open(out).text["sdexport"])["adapter"] == {"scale": 0.7, "factor": 0.5}
+        two = _inputs(["x", "x"], steps=3, seed=[5, 5], adapter_scale=0.7, adapter_factor=0.5)
+        two["adapter_image"] = np.array([[(tmp_path / f"a{s}.png").read_bytes()] for s in (2, 3)], dtype=object)
+        [pair] = model.generate([two])
+        assert not isinstance(pair, str), pair
+        assert "1 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
+        assert not np.array_equal(pair[0].pixels, pair[1].pixels)  # each row its own image
+        [refused] = model.generate([_inputs(["x"], steps=3, adapter_factor=2.0,
+                                            adapter_image=(tmp_path / "a2.png").read_bytes())])
+        assert refused == "--adapter-factor 2: a fraction of the steps, from 0 to 1"
+    finally:
+        model.close()
+
+
+def test_bench_says_adapters_are_not_its_own_yet(engine_dirs, tmp_path, capsys):
     scenario = tmp_path / "s.toml"
     scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\nbatch = [1]\n'
                         'contenders = ["diffusers", "onnxruntime-cpu"]\n')

@@ -23,7 +23,8 @@ from sdexport.errors import SdexportError
 from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text
 from sdexport.serving.protocol import INPUT_NAMES
 
-DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact"}
+DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact", "adapter_scale": 1.0,
+                            "adapter_factor": 1.0}
 """What ``sdexport run`` uses when a flag is not given (guidance: the family's, as ``run``)."""
 
 
@@ -53,6 +54,10 @@ class Row:
     guess_mode: bool = False
     control_digest: str = ""
     """A digest of the control images' bytes: rows share a call only with the same control images."""
+    adapter_image: Any = None
+    """This image's T2I-Adapter image: rows with different ones share a call (one per prompt)."""
+    adapter_scale: float = 1.0
+    adapter_factor: float = 1.0
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (an image resized by ``fit``), for the server log."""
 
@@ -62,7 +67,7 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, self.control_digest,
                 _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
-                self.guess_mode)
+                self.guess_mode, self.adapter_image is None, self.adapter_scale, self.adapter_factor)
 
 
 def _hashable(value: float | list[float] | None) -> Any:
@@ -113,11 +118,13 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         control_bytes = [bytes(b) for b in many("control_image") or []]
         controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode() else decode_image(b, "control_image")
                                for b in control_bytes]
+        adapter_bytes = one("adapter_image")
+        adapter = decode_image(bytes(adapter_bytes), "adapter_image") if adapter_bytes is not None else None
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):
             raise SdexportError("give both height and width, or neither")
-        if height is None:  # as `run`: the init image's own size, else the first control image's
-            first = init or next((c for c in controls if not isinstance(c, str)), None)  # not masked-init
+        if height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
+            first = init or next((c for c in controls if not isinstance(c, str)), None) or adapter  # not masked-init
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
         assert height is not None and width is not None
         if check_size is not None:
@@ -137,6 +144,9 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             strength=_number(one("strength"), "strength", float),
             control_image=controls or None,
             guess_mode=_flag(one("guess_mode"), "guess_mode"),
+            adapter_image=adapter,
+            adapter_scale=_or(_number(one("adapter_scale"), "adapter_scale", float), DEFAULTS["adapter_scale"]),
+            adapter_factor=_or(_number(one("adapter_factor"), "adapter_factor", float), DEFAULTS["adapter_factor"]),
         )
         for name in ("control_scale", "control_start", "control_end"):
             values = [_number(v, name, float) for v in many(name) or []]
@@ -214,6 +224,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         image=column("image"), mask=column("mask"), strength=first.strength,
         control_image=first.control_image, control_scale=first.control_scale,
         control_start=first.control_start, control_end=first.control_end, guess_mode=first.guess_mode,
+        adapter_image=column("adapter_image"), adapter_scale=first.adapter_scale, adapter_factor=first.adapter_factor,
     )
 
 
