@@ -373,16 +373,34 @@ def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):
         model.close()
 
 
-def test_bench_says_adapters_are_not_its_own_yet(engine_dirs, tmp_path, capsys):
-    scenario = tmp_path / "s.toml"
-    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\nbatch = [1]\n'
-                        'contenders = ["diffusers", "onnxruntime-cpu"]\n')
-    assert run_cli("bench", scenario, "--engine-dir", engine_dirs["sd"], "-o", tmp_path / "b") == 2
-    assert "has a T2I-Adapter; benchmark scenarios have none yet" in capsys.readouterr().err
+def test_bench_runs_an_adapter_scenario(engine_dirs, tiny_engine_dir, tmp_path, capsys):
+    """The harness exports the adapter, gives every contender the same synthetic edge map, compares
+    with diffusers' adapter pipeline, and reports the adapter's time apart; engines must match."""
+    scenario = tmp_path / "ad.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\n'
+                        'repeats = 1\ncontenders = ["diffusers", "onnxruntime-cpu"]\nadapter = "tiny-adapter"\n'
+                        'adapter_scale = 0.8\n')
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+    assert runtime["agreement"]["latents_rel_l2"] < TOLERANCE
+    assert all("adapter_s" in r for r in report["results"])
+    assert load_manifest(out / "engines" / "ad").adapter
+    markdown = (out / "results.md").read_text()
+    assert "| adapter ms |" in markdown and "T2I-Adapter tiny-adapter on a synthetic edge map at scale 0.8" in markdown
+    # engines with and without an adapter are not the scenario's model the other way round
+    assert run_cli("bench", scenario, "--engine-dir", tiny_engine_dir, "-o", tmp_path / "b") == 2
+    assert "has no T2I-Adapter, the scenario tiny-adapter" in capsys.readouterr().err
+    plain = tmp_path / "plain.toml"
+    plain.write_text(scenario.read_text().replace('adapter = "tiny-adapter"\nadapter_scale = 0.8\n', ""))
+    assert run_cli("bench", plain, "--engine-dir", engine_dirs["sd"], "-o", tmp_path / "b") == 2
+    assert "has T2I-Adapter, the scenario none: the baseline and the engines must be the same" in capsys.readouterr().err
+    # an adapter pipeline directory as the model: its adapter is named in the scenario
     load_model("tiny", adapter="tiny-adapter").save_pretrained(tmp_path / "pipeline")
-    scenario.write_text(scenario.read_text().replace('"tiny"', repr(str(tmp_path / "pipeline"))))
-    assert run_cli("bench", scenario, "-o", tmp_path / "b") == 2
-    assert "a T2I-Adapter pipeline directory; benchmark scenarios have no adapter yet" in capsys.readouterr().err
+    plain.write_text(plain.read_text().replace('"tiny"', repr(str(tmp_path / "pipeline"))))
+    assert run_cli("bench", plain, "-o", tmp_path / "b") == 2
+    assert "a T2I-Adapter pipeline directory: name its adapter in the scenario" in capsys.readouterr().err
 
 
 def test_a_manifest_without_the_adapter_dims_is_refused(engine_dirs, tmp_path, capsys):

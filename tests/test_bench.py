@@ -137,6 +137,10 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite, non-zero number"),
     ('model = "tiny"\nguess_mode = true', "guess_mode is a ControlNet setting: add controlnets"),
     ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\nguess_mode = 1', "guess_mode: 1 is not of type 'boolean'"),
+    ('model = "tiny"\nadapter_scale = 0.5', "adapter_scale is a T2I-Adapter setting: add adapter"),
+    ('model = "tiny"\nadapter = "tiny-adapter"\nadapter_scale = inf', "adapter_scale inf: need a finite number"),
+    ('model = "tiny"\nadapter = "tiny-adapter"\ncontrolnets = ["tiny-controlnet"]', "adapter with controlnets"),
+    ('model = "tiny"\nadapter = "tiny-adapter"\nstrength = 0.5', "adapter with an init image"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     path = tmp_path / "s.toml"

@@ -98,6 +98,9 @@ def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProf
         "key_version": KEY_VERSION,
         "model": source(scenario.model, sources),
         "controlnets": [source(c, (Path(c),) if Path(c).exists() else ()) for c in scenario.controlnets],
+        # only with one, so that every other scenario keeps its key
+        **({"adapter": source(scenario.adapter, (Path(scenario.adapter),) if Path(scenario.adapter).exists() else ())}
+           if scenario.adapter else {}),
         "profile": profile.to_dict(),
         "dtype": dtype,
         "components": sorted(components),

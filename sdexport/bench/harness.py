@@ -134,7 +134,7 @@ def _run(
     # export below, which loads the model again one part at a time, holds no second copy of them
     # (ControlNets excepted: they are read at once, lazy or not)
     with step(f"Reading {scenario.model}'s configs"):
-        model = load_model(scenario.model, controlnets=scenario.controlnets, lazy=True)
+        model = load_model(scenario.model, controlnets=scenario.controlnets, adapter=scenario.adapter, lazy=True)
     one_time["model"] = {"load_s": time.perf_counter() - start}
     needs_engines = any(c not in BASELINES for c in contenders)
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
@@ -476,7 +476,7 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype,
                                                  components=export_components(scenario, family, dtype),
                                                  verify=scenario.export.get("verify", "quick"), force=True,
-                                                 controlnets=list(scenario.controlnets)))
+                                                 controlnets=list(scenario.controlnets), adapter=scenario.adapter))
     return time.perf_counter() - start
 
 
@@ -485,7 +485,7 @@ def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
     for fp16 exports."""
     from sdexport.specs import components_for
 
-    return [s.name for s in components_for(family, len(scenario.controlnets))
+    return [s.name for s in components_for(family, len(scenario.controlnets), bool(scenario.adapter))
             if (s.name != "vae_encoder" or scenario.image_inputs) and (dtype == "fp16" or not s.always_fp32)]
 
 
@@ -600,6 +600,7 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "e2e_s": e2e.to_dict(),
         "images_per_s": case.batch / e2e.median,
         "text_encoder_s": Stats.of([o.timings.text_encoder for o in staged]).to_dict(),
+        **({"adapter_s": Stats.of([o.timings.adapter for o in staged]).to_dict()} if scenario.adapter else {}),
         "unet_step_s": Stats.of(steps).to_dict(),
         "unet_calls": len(staged[0].timings.unet_steps),
         **({"controlnet_step_s": Stats.of([s for o in staged for s in o.timings.controlnet_steps]).to_dict(),

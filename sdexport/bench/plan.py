@@ -92,12 +92,13 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
                             "the scenario")
-    if outline.adapter is not None:
-        raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory; benchmark scenarios have no adapter "
-                            "yet (time it with `sdexport run --adapter-image`, which prints each stage)")
+    if outline.adapter is not None and not scenario.adapter:
+        raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory: name its adapter in the scenario "
+                            f"(adapter = \"{outline.adapter}\"), so that every contender runs it")
+    from sdexport.models.adapter import adapter_for
     from sdexport.models.controlnet import controlnets_for
 
-    controlnets_for(outline, scenario.controlnets)
+    adapter_for(outline, scenario.adapter, len(controlnets_for(outline, scenario.controlnets)))
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)
@@ -131,14 +132,17 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} has {len(manifest.controlnets)} ControlNet(s), the scenario "
                 f"{len(scenario.controlnets)}: the baseline and the engines must be the same model"
             )
-        if manifest.adapter:
-            raise SdexportError(f"--engine-dir {options.engine_dir} has a T2I-Adapter; benchmark scenarios have none "
-                                "yet (time it with `sdexport run --adapter-image`, which prints each stage)")
+        if manifest.adapter != bool(scenario.adapter):
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} {'has' if manifest.adapter else 'has no'} T2I-Adapter, the "
+                f"scenario {'none' if manifest.adapter else scenario.adapter}: the baseline and the engines must be "
+                "the same model")
         profile, geometry = manifest.shape_profile, manifest.model_dims
         scheduler_config = read_scheduler_config(options.engine_dir)
     for case in scenario.cases:
         check_request(request_for(scenario, case), family=outline.family, dims=geometry, profile=profile,
-                      scheduler_config=scheduler_config, controlnets=len(scenario.controlnets))
+                      scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
+                      adapter=bool(scenario.adapter))
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -189,8 +193,8 @@ def mask_image(scenario: Scenario) -> Any:
 
 
 def control_image(scenario: Scenario, index: int) -> Any:
-    """A ControlNet's input: a seeded synthetic edge map (white strokes on black, as a Canny map
-    looks), one per ControlNet, the same for every contender."""
+    """A ControlNet's (or the T2I-Adapter's, index 0) input: a seeded synthetic edge map (white
+    strokes on black, as a Canny map looks), one per ControlNet, the same for every contender."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -219,6 +223,8 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         control_image=[control_image(scenario, i) for i in range(len(scenario.controlnets))] or None,
         control_scale=scenario.control_scale if scenario.controlnets else None,
         guess_mode=scenario.guess_mode,
+        adapter_image=[control_image(scenario, 0)] if scenario.adapter else None,
+        adapter_scale=scenario.adapter_scale if scenario.adapter else 1.0,
     )
 
 

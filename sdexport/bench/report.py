@@ -59,13 +59,14 @@ def _range_ms(stats: dict[str, Any]) -> str:
             + (f" ±{cv * 100:.0f}%" if cv is not None else ""))
 
 
-STAGE_KEYS = ("text_encoder_s", "controlnet_step_s", "unet_step_s", "vae_decoder_s", "loop_overhead_s")
+STAGE_KEYS = ("text_encoder_s", "adapter_s", "controlnet_step_s", "unet_step_s", "vae_decoder_s", "loop_overhead_s")
 
 
 def stages_sum(entry: dict[str, Any]) -> float:
     """What the stage columns add up to: text encoder + per-call means × calls + VAE + overhead, which
     is the marked runs' mean end-to-end time (overhead is each run's remainder)."""
-    total = sum(stage_mean(entry[k]) for k in ("text_encoder_s", "vae_decoder_s", "loop_overhead_s"))
+    total = sum(stage_mean(entry[k]) for k in ("text_encoder_s", "adapter_s", "vae_decoder_s", "loop_overhead_s")
+                if k in entry)
     total += stage_mean(entry["unet_step_s"]) * entry["unet_calls"]
     if "controlnet_step_s" in entry:
         total += stage_mean(entry["controlnet_step_s"]) * entry["controlnet_calls"]
@@ -142,7 +143,7 @@ def case_key(entry: dict[str, Any]) -> tuple[int, int]:
 
 
 def _row(r: dict[str, Any], rows: list[dict[str, Any]], baseline: str | None, controlnet: bool = False,
-         busy: bool = True) -> str:
+         busy: bool = True, adapter: bool = False) -> str:
     agreement = r.get("agreement")
     speedup = r.get("speedup_vs_baseline")
     if r["contender"] == baseline:
@@ -156,6 +157,7 @@ def _row(r: dict[str, Any], rows: list[dict[str, Any]], baseline: str | None, co
         psnr_text = "–" if psnr_value is None else "∞" if math.isinf(psnr_value) else f"{psnr_value:.1f}"
     cells = [
         r["contender"], _range_ms(r["e2e_s"]), f"{r['images_per_s']:.2f}", ratio, _mean_ms(r["text_encoder_s"]),
+        *([_mean_ms(r["adapter_s"]) if "adapter_s" in r else "–"] if adapter else []),
         *([_mean_ms(r["controlnet_step_s"]) if "controlnet_step_s" in r else "–"] if controlnet else []),
         _mean_ms(r["unet_step_s"]), _mean_ms(r["vae_decoder_s"]), _mean_ms(r["loop_overhead_s"]), f"{r['it_per_s']:.2f}",
         _memory(r), *([_busy(r)] if busy else []), rel, psnr_text,
@@ -224,6 +226,8 @@ def markdown(report: dict[str, Any]) -> str:
             + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
                f"edge map at scale {scenario.get('control_scale', 1.0)}"
                f"{' in guess mode' if scenario.get('guess_mode') else ''}, " if scenario.get("controlnets") else "")
+            + (f"T2I-Adapter {scenario['adapter']} on a synthetic edge map at scale "
+               f"{scenario.get('adapter_scale', 1.0)}, " if scenario.get("adapter") else "")
             + f"prompt \"{scenario['prompt']}\""
         ),
         (f"- Baseline: {report['baseline']} (speedup = baseline median end-to-end / contender's, same run)"
@@ -255,18 +259,20 @@ def markdown(report: dict[str, Any]) -> str:
     for case in sorted({case_key(r) for r in measured}):
         rows = [r for r in measured if case_key(r) == case]
         controlnet = any("controlnet_step_s" in r for r in rows)
+        adapter = any("adapter_s" in r for r in rows)
         lines += [
             f"## Batch {case[0]}, {case[1]} steps",
             "",
             (
                 "| contender | end-to-end ms, median (min–max) ±variation | images/s | speedup | text enc. ms "
+                + ("| adapter ms " if adapter else "")
                 + ("| ControlNet ms/step " if controlnet else "")
                 + "| U-Net ms/step | VAE ms | overhead ms | it/s | peak memory "
                 + ("| GPU busy " if busy else "") + "| latents rel-L2 | PSNR dB |"
             ),
-            "|---" * (12 + controlnet + busy) + "|",
+            "|---" * (12 + adapter + controlnet + busy) + "|",
         ]
-        lines += [_row(r, rows, report["baseline"], controlnet, busy) for r in rows]
+        lines += [_row(r, rows, report["baseline"], controlnet, busy, adapter) for r in rows]
         lines.append("")
         warnings = case_warnings(rows, report["baseline"], report.get("command_line"))
         if warnings:
@@ -347,6 +353,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
               ("vae_decoder_s", "VAE decode"), ("loop_overhead_s", "loop overhead")]
     if any("controlnet_step_s" in r for r in first):
         stages.insert(1, ("controlnet_step_s", "ControlNet (all steps)"))
+    if any("adapter_s" in r for r in first):
+        stages.insert(1, ("adapter_s", "T2I-Adapter"))
     calls = {"unet_step_s": "unet_calls", "controlnet_step_s": "controlnet_calls"}
     for stage, label in stages:
         values = [stage_mean(r[stage]) * (r[calls[stage]] if stage in calls else 1) if stage in r else 0.0

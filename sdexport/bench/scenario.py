@@ -80,6 +80,11 @@ class Scenario:
     guess_mode: bool = False
     """ControlNet guess mode for every contender (``run --guess-mode``; on anyway where the first
     ControlNet pools): under CFG the ControlNets run at the prompts' batch, half the work."""
+    adapter: str | None = None
+    """A T2I-Adapter preset or directory (as ``export --adapter``), given the same synthetic edge map
+    as a ControlNet; the baseline is diffusers' adapter pipeline with the same adapter."""
+    adapter_scale: float = 1.0
+    """``adapter_conditioning_scale``, given to every contender alike."""
 
     @property
     def image_inputs(self) -> bool:
@@ -93,7 +98,8 @@ class Scenario:
 
 
 WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
-                   "strength", "inpaint", "controlnets", "control_scale", "guess_mode", "export", "build")
+                   "strength", "inpaint", "controlnets", "control_scale", "guess_mode", "adapter", "adapter_scale",
+                   "export", "build")
 """What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
 ``sdexport bench compare`` compares two reports only when these are equal."""
 
@@ -133,6 +139,8 @@ SCHEMA: dict[str, Any] = {
         "controlnets": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 8},
         "control_scale": {"type": "number"},
         "guess_mode": {"type": "boolean"},
+        "adapter": {"type": "string", "minLength": 1},
+        "adapter_scale": {"type": "number"},
         "export": {
             "type": "object",
             "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,
@@ -190,6 +198,13 @@ def load_scenario(path: Path) -> Scenario:
                             "do the same work)")
     if scenario.guess_mode and not scenario.controlnets:
         raise SdexportError(f"{path}: guess_mode is a ControlNet setting: add controlnets, or drop it")
+    if "adapter_scale" in data and not scenario.adapter:
+        raise SdexportError(f"{path}: adapter_scale is a T2I-Adapter setting: add adapter, or drop it")
+    if not math.isfinite(scenario.adapter_scale):
+        raise SdexportError(f"{path}: adapter_scale {scenario.adapter_scale}: need a finite number")
+    if scenario.adapter and (scenario.controlnets or scenario.image_inputs):
+        raise SdexportError(f"{path}: adapter with {'controlnets' if scenario.controlnets else 'an init image'}: "
+                            "diffusers' adapter pipelines generate from text alone; benchmark one kind")
     try:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
