@@ -129,6 +129,7 @@ def test_a_greyscale_adapter_directory_exports_and_runs(tmp_path):
     grey = _request("sd", adapter_image=[picture(64, 128, 1).convert("L"), picture(64, 128, 2).convert("L")])
     pipeline = load_pipeline(out, "onnxruntime-cpu")
     assert torch.equal(pipeline(rgb).latents, pipeline(grey).latents)
+    _agree(pipeline(rgb), reference(rgb))  # the reference reads it in greyscale too (diffusers would fail)
 
 
 def test_an_adapter_pipeline_directory_exports_with_its_adapter(tmp_path):
@@ -366,6 +367,13 @@ def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):
         assert not isinstance(pair, str), pair
         assert "1 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
         assert not np.array_equal(pair[0].pixels, pair[1].pixels)  # each row its own image
+        # rows that give no size take the first row's, as `run` resizes every image to the first one's
+        picture(80, 100, 4).save(tmp_path / "a4.png")
+        sizes = _inputs(["x", "x"], steps=2, seed=[5, 5])
+        sizes["adapter_image"] = np.array([[(tmp_path / f"a{s}.png").read_bytes()] for s in (2, 4)], dtype=object)
+        [resized] = model.generate([sizes])
+        assert not isinstance(resized, str), resized
+        assert [g.pixels.shape for g in resized] == [(64, 128, 3)] * 2
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_factor=2.0,
                                             adapter_image=(tmp_path / "a2.png").read_bytes())])
         assert refused == "--adapter-factor 2: a fraction of the steps, from 0 to 1"
@@ -389,13 +397,15 @@ def test_bench_runs_an_adapter_scenario(engine_dirs, tiny_engine_dir, tmp_path, 
     assert load_manifest(out / "engines" / "ad").adapter
     markdown = (out / "results.md").read_text()
     assert "| adapter ms |" in markdown and "T2I-Adapter tiny-adapter on a synthetic edge map at scale 0.8" in markdown
+    assert run_cli("bench", "compare", out, out) == 0
+    assert "| adapter |" in capsys.readouterr().out
     # engines with and without an adapter are not the scenario's model the other way round
     assert run_cli("bench", scenario, "--engine-dir", tiny_engine_dir, "-o", tmp_path / "b") == 2
     assert "has no T2I-Adapter, the scenario tiny-adapter" in capsys.readouterr().err
     plain = tmp_path / "plain.toml"
     plain.write_text(scenario.read_text().replace('adapter = "tiny-adapter"\nadapter_scale = 0.8\n', ""))
     assert run_cli("bench", plain, "--engine-dir", engine_dirs["sd"], "-o", tmp_path / "b") == 2
-    assert "has T2I-Adapter, the scenario none: the baseline and the engines must be the same" in capsys.readouterr().err
+    assert "has a T2I-Adapter, the scenario none: the baseline and the engines must be the same" in capsys.readouterr().err
     # an adapter pipeline directory as the model: its adapter is named in the scenario
     load_model("tiny", adapter="tiny-adapter").save_pretrained(tmp_path / "pipeline")
     plain.write_text(plain.read_text().replace('"tiny"', repr(str(tmp_path / "pipeline"))))

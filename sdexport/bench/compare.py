@@ -39,8 +39,8 @@ MARKER = "<!-- sdexport bench compare -->"
 FORMAT = 1
 COMPARISON_FILES = ("comparison.json", "comparison.md", "comparison.xml")
 
-STAGES = (("text_encoder_s", "text enc."), ("controlnet_step_s", "ControlNet/step"), ("unet_step_s", "U-Net/step"),
-          ("vae_decoder_s", "VAE"), ("loop_overhead_s", "overhead"))
+STAGES = (("text_encoder_s", "text enc."), ("adapter_s", "adapter"), ("controlnet_step_s", "ControlNet/step"),
+          ("unet_step_s", "U-Net/step"), ("vae_decoder_s", "VAE"), ("loop_overhead_s", "overhead"))
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
             )
         if manifest.adapter != bool(scenario.adapter):
             raise SdexportError(
-                f"--engine-dir {options.engine_dir} {'has' if manifest.adapter else 'has no'} T2I-Adapter, the "
+                f"--engine-dir {options.engine_dir} {'has a' if manifest.adapter else 'has no'} T2I-Adapter, the "
                 f"scenario {'none' if manifest.adapter else scenario.adapter}: the baseline and the engines must be "
                 "the same model")
         profile, geometry = manifest.shape_profile, manifest.model_dims

@@ -206,7 +206,10 @@ class DiffusersReference:
         callback: dict[str, Any] = {"callback_on_step_end": keep_latents}
         if self.adapter:  # diffusers' adapter pipelines still take the older per-step callback
             callback = {"callback": lambda step, timestep, latents: captured.update(latents=latents)}
-            images = request.adapter_image or []
+            # read in the adapter's channels, as the runtime does (diffusers takes the image's own mode:
+            # an RGB edge map fails in a greyscale adapter)
+            mode = "L" if self.pipe.adapter.config.in_channels == 1 else "RGB"
+            images = [image.convert(mode) for image in request.adapter_image or []]
             if len(images) == 1:  # one for every prompt: diffusers takes one per prompt (see adapter_features)
                 images = images * request.batch
             extra |= {"image": images, "adapter_conditioning_scale": request.adapter_scale}

@@ -243,7 +243,7 @@ def markdown(report: dict[str, Any]) -> str:
         (
             "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no "
             "stage marks and nothing that waits for the device inside the denoising loop; per-stage "
-            f"times (text encoder, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
+            f"times (text encoder, T2I-Adapter, ControlNet, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
             f"{max((r.get('stage_runs', 0) for r in measured), default=0)} separate marked runs per case, "
             "and overhead is those runs' end-to-end time outside the stages (with an init image, the VAE "
             "encoder's too: VAE is the decoder). The stage columns are means "

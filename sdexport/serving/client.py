@@ -23,8 +23,8 @@ model family's, which the server knows and a client need not."""
 
 def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:
     """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
-    model by name, one value for every image (or, for the per-ControlNet inputs, a list); bytes for
-    the image inputs. ``seed``: one per prompt, or one number for the first image and +1 for each
+    model by name, one value for every image or a list of one per image (for the per-ControlNet
+    inputs, a list is one value: their values for every image); bytes for the image inputs. ``seed``: one per prompt, or one number for the first image and +1 for each
     next (as ``sdexport run --seed``). ``module``: ``tritonclient.http`` (default) or ``tritonclient.grpc``."""
     import numpy as np
 
@@ -48,6 +48,10 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif _SPECS[name].dims == (-1,):
             values[name] = [list(value) if isinstance(value, list | tuple) else [value]] * rows
+        elif isinstance(value, list | tuple):
+            if len(value) != rows:
+                raise ValueError(f"{name}: {len(value)} values for {rows} prompts; give one, or one per prompt")
+            values[name] = list(value)
         else:
             values[name] = [value] * rows
     inputs = []

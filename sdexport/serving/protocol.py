@@ -42,7 +42,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default as `sdexport run`: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets; 1 disables it)"),
     TensorSpec("scheduler", "BYTES", (1,), "default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc"),
     TensorSpec("seed", "UINT64", (1,), "seed of this image (default: its row number in the request)"),
-    TensorSpec("height", "INT32", (1,), "pixels (default: the init, first control or adapter image's, else the profile's opt)"),
+    TensorSpec("height", "INT32", (1,), "pixels (default: the first row's: its init, first control or adapter image's, else the profile's opt)"),
     TensorSpec("width", "INT32", (1,), "pixels (default: as height)"),
     TensorSpec("init_image", "BYTES", (1,), "img2img / inpainting: a PNG or JPEG file's bytes"),
     TensorSpec("mask", "BYTES", (1,), "inpainting: PNG/JPEG bytes, white repaints"),

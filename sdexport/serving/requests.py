@@ -86,11 +86,15 @@ def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
     prompts = inputs.get("prompt")
     if prompts is None or len(prompts) == 0:
         raise SdexportError("no prompt given: send the input 'prompt' (one UTF-8 text per image)")
-    return [_decode_row(inputs, i, default_size, check_size) for i in range(len(prompts))]
+    rows: list[Row] = []
+    for i in range(len(prompts)):
+        # as `run`, whose images all take the first one's size: a row that gives none takes the first row's
+        rows.append(_decode_row(inputs, i, default_size, check_size, (rows[0].height, rows[0].width) if rows else None))
+    return rows
 
 
 def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
-                check_size: Callable[[int, int], None] | None) -> Row:
+                check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None) -> Row:
     from sdexport.runtime.image_inputs import decode_image, fit_image
 
     def one(name: str) -> Any:
@@ -123,7 +127,9 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):
             raise SdexportError("give both height and width, or neither")
-        if height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
+        if height is None and first_size is not None:
+            height, width = first_size
+        elif height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
             first = init or next((c for c in controls if not isinstance(c, str)), None) or adapter  # not masked-init
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
         assert height is not None and width is not None
