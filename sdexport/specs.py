@@ -19,9 +19,9 @@ Symbols:
              latents, the mask and the masked image's latents side by side (static)
     T        number of SDXL time ids (6)                 (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
-    A        channels of a T2I-Adapter's image: 3, or 1 for a grayscale one (static)
-    h/2, w/4 a latent side divided by 2, 4, ... : where a ControlNet's residuals meet the U-Net's
-             down blocks                                  (dynamic, derived from h and w)
+    A        channels of a T2I-Adapter's image: 3, or 1 for a greyscale one (static)
+    h/2, w/4 a latent side divided by 2, 4, ... : where a ControlNet's residuals (or an adapter's
+             features) meet the U-Net's down blocks       (dynamic, derived from h and w)
     digits   a fixed size
     ()       no dimensions at all: a scalar (the U-Net's timestep, as diffusers and optimum pass it)
 
@@ -271,7 +271,7 @@ class ModelDims:
     """With a T2I-Adapter: (channels, latent downscale) of each feature it adds inside the U-Net's
     down blocks (and its mid block, where one is left over that fits it), in order (empty without)."""
     A: int = 0
-    """With a T2I-Adapter: its image's channels (3, or 1 for a grayscale adapter)."""
+    """With a T2I-Adapter: its image's channels (3, or 1 for a greyscale adapter)."""
 
     def __post_init__(self) -> None:  # a manifest's JSON gives lists
         for name in ("residuals", "adapter_features"):

@@ -194,7 +194,7 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
         problems.append(f"its features (channels, latent downscale) {list(features)} do not match where the U-Net "
                         f"adds them {list(places)}: it was made for another base model")
     if in_channels not in (1, 3):
-        problems.append(f"it reads {in_channels}-channel images (sdexport passes RGB or grayscale)")
+        problems.append(f"it reads {in_channels}-channel images (sdexport passes RGB or greyscale)")
     if problems:
         raise ModelLoadError(f"{what} does not fit the {family} model: {'; '.join(problems)}")
     return features
