@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
+from sdexport.models.part_sources import PartKind, part_record, resolve_part
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from sdexport.models.outline import ModelOutline
 
 ADAPTER_CLASS = "T2IAdapter"
+ADAPTER_PART = PartKind("--adapter", "T2I-Adapter", "adapter", ADAPTER_CLASS)
 ADAPTER_SEED_OFFSET = 5
 """A preset adapter draws its weights from ``seed * SEED_STRIDE + 5``: the first ControlNet's slot,
 which no export shares with an adapter."""
@@ -72,39 +74,17 @@ class AdapterSource:
 
     def record(self, seed: int) -> dict[str, Any]:
         """How the Torch backend finds it again (``model.source.adapter`` in the manifest)."""
-        if self.preset is not None:
-            return {"kind": "preset", "name": self.preset.name, "seed": seed}
-        assert self.path is not None
-        return {"kind": "diffusers", "path": str(self.path.resolve())}
+        return part_record(self.preset.name if self.preset is not None else None, self.path, seed)
 
 
 def resolve_adapter(argument: str, kind: str | None = None) -> AdapterSource:
-    """``--adapter`` as a preset name or a T2I-Adapter directory (refused in one line otherwise).
-    A preset name means the preset unless a checkpoint directory of that name is in the way;
-    ``kind`` ("preset" or "diffusers", as a manifest records it) decides without looking."""
-    path = Path(argument)
-    preset = ADAPTER_PRESETS.get(argument)
-    checkpoint = path.is_dir() and not (path / "manifest.json").is_file() and (
-        (path / "config.json").is_file() or (path / "adapter" / "config.json").is_file())
-    if kind == "preset" or (kind is None and preset is not None and not checkpoint):
-        if preset is None:
-            raise ModelLoadError(f"T2I-Adapter preset {argument!r} is not one of {', '.join(ADAPTER_PRESETS)}")
-        return AdapterSource(argument, preset, None)
-    if not argument.strip() or not path.is_dir():
-        known = ", ".join(ADAPTER_PRESETS)
-        raise ModelLoadError(f"--adapter {argument}: no such directory, and not a T2I-Adapter preset ({known})")
-    if (path / "manifest.json").is_file():
-        raise ModelLoadError(f"--adapter {argument}: an ONNX engine directory, not a T2I-Adapter checkpoint "
-                             "(pass the diffusers T2IAdapter directory it was exported from)")
-    if not (path / "config.json").is_file() and (path / "adapter" / "config.json").is_file():
-        from sdexport.models.outline import pipeline_adapter
+    """``--adapter`` as a preset name or a T2I-Adapter directory (refused in one line otherwise;
+    ``resolve_part``). An adapter pipeline's directory holding a ``MultiAdapter`` is refused."""
+    from sdexport.models.outline import pipeline_adapter
 
-        path = pipeline_adapter(path) or path  # an adapter pipeline's directory
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"--adapter {argument}: not a diffusers T2IAdapter directory (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelLoadError(f"--adapter {argument}: {path} has a config.json but no weights (*.safetensors, *.bin)")
-    return AdapterSource(argument, None, path)
+    preset, path = resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS,
+                                in_pipeline=lambda p: pipeline_adapter(p) or p)
+    return AdapterSource(argument, preset, path)
 
 
 def preset_config(unet_config: dict[str, Any], vae_scale_factor: int) -> dict[str, Any]:
@@ -211,14 +191,18 @@ def check_adapter(source: AdapterSource, unet: dict[str, Any], family: str, base
     return check_fits(config, unet, family, vae_scale_factor, what), int(config.get("in_channels", 3))
 
 
+def check_alone(controlnets: int) -> None:
+    """An adapter goes without ControlNets: diffusers has no pipeline that runs both."""
+    if controlnets:
+        raise ModelLoadError("--adapter with ControlNets: diffusers has no pipeline that runs both; use one kind")
+
+
 def adapter_for(outline: ModelOutline, argument: str | None, controlnets: int) -> AdapterSource | None:
     """``--adapter`` resolved and checked to fit the model ``outline`` describes (None without)."""
     if argument is None:
         return None
-    if controlnets:
-        raise ModelLoadError("--adapter with ControlNets: diffusers has no pipeline that runs both; export one kind")
-    if outline.unet_config is not None and outline.unet_config.get("in_channels", 4) != outline.unet_config.get(
-            "out_channels", 4):
+    check_alone(controlnets)
+    if outline.inpainting:
         raise ModelLoadError("--adapter: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "
                              "only (txt2img)")
     source = resolve_adapter(argument)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
+from sdexport.models.part_sources import PartKind, part_record, resolve_part
 
 if TYPE_CHECKING:
     import torch
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from sdexport.models.outline import ModelOutline
 
 CONTROLNET_CLASS = "ControlNetModel"
+CONTROLNET_PART = PartKind("--controlnet", "ControlNet", "controlnet", CONTROLNET_CLASS)
 
 
 @dataclass(frozen=True)
@@ -83,43 +85,14 @@ class ControlNetSource:
 
     def record(self, seed: int) -> dict[str, Any]:
         """How the Torch backend finds it again (``model.source.controlnets`` in the manifest)."""
-        if self.preset is not None:
-            return {"kind": "preset", "name": self.preset.name, "seed": seed}
-        assert self.path is not None
-        return {"kind": "diffusers", "path": str(self.path.resolve())}
+        return part_record(self.preset.name if self.preset is not None else None, self.path, seed)
 
 
 def resolve_controlnet(argument: str, kind: str | None = None) -> ControlNetSource:
-    """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise).
-
-    A preset name means the preset unless a ControlNet checkpoint of that name is in the way (an
-    engine directory named after the preset is not one). ``kind`` ("preset" or "diffusers", as a
-    manifest records it) decides without looking."""
-    path = Path(argument)
-    preset = CONTROLNET_PRESETS.get(argument)
-    if kind == "preset" or (kind is None and preset is not None and not _checkpoint_dir(path)):
-        if preset is None:
-            raise ModelLoadError(f"ControlNet preset {argument!r} is not one of {', '.join(CONTROLNET_PRESETS)}")
-        return ControlNetSource(argument, preset, None)
-    if not argument.strip() or not path.is_dir():
-        known = ", ".join(CONTROLNET_PRESETS)
-        raise ModelLoadError(f"--controlnet {argument}: no such directory, and not a ControlNet preset ({known})")
-    if (path / "manifest.json").is_file() or (path / "controlnet" / "model.onnx").is_file():
-        raise ModelLoadError(f"--controlnet {argument}: an ONNX engine directory, not a ControlNet checkpoint "
-                             "(pass the diffusers ControlNetModel directory it was exported from)")
-    if not (path / "config.json").is_file() and (path / "controlnet" / "config.json").is_file():
-        path = path / "controlnet"  # a ControlNet pipeline's directory
-    if not (path / "config.json").is_file():
-        raise ModelLoadError(f"--controlnet {argument}: not a diffusers ControlNetModel directory (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelLoadError(f"--controlnet {argument}: {path} has a config.json but no weights (*.safetensors, *.bin)")
-    return ControlNetSource(argument, None, path)
-
-
-def _checkpoint_dir(path: Path) -> bool:
-    """A diffusers ControlNet (or ControlNet pipeline) checkpoint directory, not an ONNX export."""
-    return path.is_dir() and not (path / "manifest.json").is_file() and (
-        (path / "config.json").is_file() or (path / "controlnet" / "config.json").is_file())
+    """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise;
+    ``resolve_part``)."""
+    preset, path = resolve_part(argument, kind, CONTROLNET_PART, CONTROLNET_PRESETS)
+    return ControlNetSource(argument, preset, path)
 
 
 def preset_config(preset: ControlNetPreset, unet_config: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,76 @@
+"""Where a part exported beside the base model comes from (a ControlNet, a T2I-Adapter), and how the
+manifest records it.
+
+Both kinds are named the same way on the command line: a preset, or a diffusers checkpoint directory
+(or a pipeline directory holding one in its subfolder). One algorithm resolves both, so they are
+found, refused and recorded alike; each kind only says what it is called (``PartKind``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sdexport.errors import ModelLoadError
+
+Preset = TypeVar("Preset")
+
+
+@dataclass(frozen=True)
+class PartKind:
+    flag: str
+    """The export option that names it: ``--controlnet``."""
+    title: str
+    """What users call it: ``ControlNet``."""
+    folder: str
+    """Its folder in a diffusers pipeline directory: ``controlnet``."""
+    class_name: str
+    """Its diffusers class: ``ControlNetModel``."""
+
+
+def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mapping[str, Preset],
+                 in_pipeline: Callable[[Path], Path] | None = None) -> tuple[Preset | None, Path | None]:
+    """``argument`` as a preset (the preset, None) or a checkpoint directory (None, its path); refused
+    in one line otherwise.
+
+    A preset name means the preset unless a checkpoint of that name is in the way (an engine
+    directory named after the preset is not one). ``kind`` ("preset" or "diffusers", as a manifest
+    records it) decides without looking. ``in_pipeline``: the part's folder in a pipeline directory
+    (default: ``part.folder``), where that needs more than a name."""
+    path = Path(argument)
+    preset = presets.get(argument)
+    if kind == "preset" or (kind is None and preset is not None and not _checkpoint_dir(path, part.folder)):
+        if preset is None:
+            raise ModelLoadError(f"{part.title} preset {argument!r} is not one of {', '.join(presets)}")
+        return preset, None
+    what = f"{part.flag} {argument}"
+    if not argument.strip() or not path.is_dir():
+        raise ModelLoadError(f"{what}: no such directory, and not a {part.title} preset ({', '.join(presets)})")
+    if (path / "manifest.json").is_file() or (path / part.folder / "model.onnx").is_file():
+        raise ModelLoadError(f"{what}: an ONNX engine directory, not a {part.title} checkpoint (pass the diffusers "
+                             f"{part.class_name} directory it was exported from)")
+    if not (path / "config.json").is_file() and (path / part.folder / "config.json").is_file():
+        path = in_pipeline(path) if in_pipeline is not None else path / part.folder  # a pipeline's directory
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{what}: not a diffusers {part.class_name} directory (no config.json)")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise ModelLoadError(f"{what}: {path} has a config.json but no weights (*.safetensors, *.bin)")
+    return None, path
+
+
+def _checkpoint_dir(path: Path, folder: str) -> bool:
+    """A diffusers checkpoint directory of the part (or a pipeline's, with it in ``folder``), not an
+    ONNX export."""
+    return path.is_dir() and not (path / "manifest.json").is_file() and (
+        (path / "config.json").is_file() or (path / folder / "config.json").is_file())
+
+
+def part_record(preset_name: str | None, path: Path | None, seed: int) -> dict[str, Any]:
+    """How the Torch backend finds a part again (``model.source`` in the manifest): a preset by name
+    and seed, a directory by its absolute path."""
+    if preset_name is not None:
+        return {"kind": "preset", "name": preset_name, "seed": seed}
+    assert path is not None
+    return {"kind": "diffusers", "path": str(path.resolve())}
