@@ -396,8 +396,8 @@ def run(
                             "or less")
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
-    controls = _control_images(control_image, height, width)
-    adapters = _control_images(adapter_image, height, width, "--adapter-image")
+    controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
+    adapters = _condition_images(adapter_image, height, width, "--adapter-image")
     sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
     if size_from_image:  # the init image's own size, else the first control (or adapter) image's
@@ -525,11 +525,11 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     return images, inputs
 
 
-def _control_images(values: list[str] | None, height: int | None, width: int | None,
-                    flag: str = "--control-image") -> list[Any]:
-    """The ``--control-image`` (or ``--adapter-image``) files, read now (a bad file is refused before
-    anything loads), and ``masked-init`` where it names the masked init image (``MASKED_INIT``)
-    instead of a file (control images only)."""
+def _condition_images(values: list[str] | None, height: int | None, width: int | None, flag: str, *,
+                      masked_init: bool = False) -> list[Any]:
+    """The ``--control-image`` or ``--adapter-image`` files, read now (a bad file is refused before
+    anything loads); with ``masked_init`` (control images), ``masked-init`` where it names the
+    masked init image (``MASKED_INIT``) instead of a file."""
     from sdexport.runtime.image_inputs import read_image
     from sdexport.runtime.request import MASKED_INIT
 
@@ -537,7 +537,7 @@ def _control_images(values: list[str] | None, height: int | None, width: int | N
         raise SdexportError(f"with {flag}, give both --height and --width, or neither (the image's own size)")
     controls: list[Any] = []
     for value in values or []:
-        if value != MASKED_INIT or flag != "--control-image":
+        if value != MASKED_INIT or not masked_init:
             controls.append(read_image(Path(value), flag))
         elif Path(value).exists():
             raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "

@@ -208,7 +208,9 @@ class DiffusersReference:
             callback = {"callback": lambda step, timestep, latents: captured.update(latents=latents)}
             # read in the adapter's channels, as the runtime does (diffusers takes the image's own mode:
             # an RGB edge map fails in a greyscale adapter)
-            mode = "L" if self.pipe.adapter.config.in_channels == 1 else "RGB"
+            from sdexport.runtime.image_inputs import image_mode
+
+            mode = image_mode(self.pipe.adapter.config.in_channels)
             images = [image.convert(mode) for image in request.adapter_image or []]
             if len(images) == 1:  # one for every prompt: diffusers takes one per prompt (see adapter_features)
                 images = images * request.batch

@@ -289,11 +289,16 @@ def load_model(
 def add_adapter(model: LoadedModel, argument: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
     """Load an ``--adapter`` preset or directory beside the model, as ``adapter`` (checked to fit
     its U-Net first, from its config)."""
-    from sdexport.models.adapter import AdapterSource, check_adapter, load_adapter, resolve_adapter
+    from sdexport.models.adapter import (
+        AdapterSource,
+        check_adapter,
+        check_alone,
+        load_adapter,
+        resolve_adapter,
+    )
 
     source = argument if isinstance(argument, AdapterSource) else resolve_adapter(argument)
-    if controlnets_among(model.modules):
-        raise ModelLoadError("--adapter with ControlNets: diffusers has no pipeline that runs both; load one kind")
+    check_alone(len(controlnets_among(model.modules)))
     base = model.source.get("name") if model.source.get("kind") == "preset" else None
     factor = model.dims.vae_scale_factor
     check_adapter(source, dict(model.config("unet")), model.family, base, factor)

@@ -106,6 +106,11 @@ def pixels(images: list[Any], batch: int) -> torch.Tensor:
     return per_prompt(tensor * 2.0 - 1.0, batch)
 
 
+def image_mode(channels: int) -> str:
+    """The PIL mode an image is read in for a graph that takes ``channels``: greyscale for one."""
+    return "L" if channels == 1 else "RGB"
+
+
 def control_pixels(image: Any, height: int, width: int, channels: int = 3) -> torch.Tensor:
     """(1, channels, H, W) float32 in [0, 1]: a ControlNet's conditioning image as diffusers' control
     image processor makes it (RGB, resized to the request's size with Lanczos, not normalised), or a
@@ -115,7 +120,7 @@ def control_pixels(image: Any, height: int, width: int, channels: int = 3) -> to
     import torch
     from PIL import Image
 
-    image = image.convert("L" if channels == 1 else "RGB")
+    image = image.convert(image_mode(channels))
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     array = np.asarray(image, dtype=np.float32) / 255.0
