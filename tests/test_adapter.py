@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from test_controlnet import TOLERANCE, _agree, _rel, no_engines  # noqa: F401  (no_engines: a fixture)
+from test_controlnet import TOLERANCE, _agree, _rel, no_engines, watch  # noqa: F401  (no_engines: a fixture)
 
 from conftest import run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -87,21 +87,12 @@ def test_one_adapter_image_serves_every_prompt(engine_dirs, references, name):
     """One image for two prompts (diffusers fails on that under CFG: it is given the image per
     prompt), and without CFG; batches split over calls give the same images."""
     pipeline = load_pipeline(engine_dirs[name], "onnxruntime-cpu")
-    batches: list[int] = []
-
-    class Recording:  # the adapter engine, noting the batch it is called at
-        def __init__(self, engine):
-            self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
-
-        def __call__(self, feed):
-            batches.append(feed["image"].shape[0])
-            return self.engine(feed)
-
-    pipeline.engines["adapter"] = Recording(pipeline.engines["adapter"])
+    calls = watch(pipeline)
     one = _request(name, adapter_image=[picture(64, 128, 5)])
     ours = pipeline(one)
     _agree(ours, references[name](one))
-    assert batches == [2]  # at the prompts' batch, which every engine's profile was checked for
+    # at the prompts' batch, which every engine's profile was checked for
+    assert [feed["image"].shape[0] for engine, feed in calls if engine == "adapter"] == [2]
     halves = [pipeline(part) for part in one.split(1)]
     assert torch.allclose(torch.cat([h.latents for h in halves]), ours.latents, atol=1e-5)
     plain = _request(name, adapter_image=[picture(64, 128, 5)], guidance=1.0, negative_prompt=None)
@@ -291,17 +282,7 @@ def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_pa
 
 def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     pipeline = load_pipeline(engine_dirs["sd"], "onnxruntime-cpu")
-    calls: list[str] = []
-
-    class Counting:
-        def __init__(self, engine):
-            self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
-
-        def __call__(self, feed):
-            calls.append(self.spec.name)
-            return self.engine(feed)
-
-    pipeline.engines = {name: Counting(engine) for name, engine in pipeline.engines.items()}
+    calls = watch(pipeline)
     with pytest.raises(SdexportError, match="give --adapter-image"):
         pipeline(_request("sd", adapter_image=None))
     with pytest.raises(SdexportError, match="adapter image: expected a PIL image"):

@@ -497,17 +497,7 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     from sdexport.runtime.request import MASKED_INIT
 
     pipeline = load_pipeline(engine_dirs["sd-two"], "onnxruntime-cpu")
-    calls: list[str] = []
-
-    class Counting:
-        def __init__(self, engine):
-            self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
-
-        def __call__(self, feed):
-            calls.append(self.spec.name)
-            return self.engine(feed)
-
-    pipeline.engines = {name: Counting(engine) for name, engine in pipeline.engines.items()}
+    calls = watch(pipeline)
     with pytest.raises(SdexportError, match="1 control images for 2 ControlNets"):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0)]))
     with pytest.raises(SdexportError, match="control image: expected a PIL image"):
@@ -515,6 +505,25 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     with pytest.raises(SdexportError, match="masked-init is the init image with the mask's region at -1"):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0), MASKED_INIT], image=[picture(64, 128, 0)]))
     assert not calls
+
+
+class Watched:
+    """An engine that notes each call, its name and feed, in ``calls`` before running it."""
+
+    def __init__(self, engine, calls: list[tuple[str, dict]]):
+        self.engine, self.calls = engine, calls
+        self.spec, self.device, self.profile = engine.spec, engine.device, engine.profile
+
+    def __call__(self, feed):
+        self.calls.append((self.spec.name, feed))
+        return self.engine(feed)
+
+
+def watch(pipeline) -> list[tuple[str, dict]]:
+    """Watch every engine of ``pipeline``: the list its calls are noted in, in order."""
+    calls: list[tuple[str, dict]] = []
+    pipeline.engines = {name: Watched(engine, calls) for name, engine in pipeline.engines.items()}
+    return calls
 
 
 def _controlnet_dir(tmp_path: Path, preset: str, name: str = "net") -> Path:
