@@ -110,7 +110,8 @@ def export(
     vae: Annotated[str | None, typer.Option(help="Replace the model's VAE: an AutoencoderKL directory (e.g. an fp16-safe VAE) or a pipeline directory with vae/.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: fuse a LoRA (.safetensors; diffusers/PEFT or kohya/A1111 layout) into the weights first; repeatable, applied in order.")] = None,
-    controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel directory (or preset: tiny-controlnet, sd15-controlnet) exported beside the model; repeatable for several (run then takes one --control-image each, in this order).")] = None,
+    controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel or ControlNetUnionModel directory (or preset: tiny-controlnet, sd15-controlnet, tiny-union, sdxl-union) exported beside the model; repeatable for several (run then takes one --control-image each, in this order, and --control-mode for union ones).")] = None,
+    union_images: Annotated[int, typer.Option(help="Union ControlNet: control images it takes per call, each with its --control-mode (1 to 8; one each for several union ControlNets).")] = 1,
     adapter: Annotated[str | None, typer.Option("--adapter", help="A diffusers T2IAdapter directory (or preset: tiny-adapter, sd15-adapter, sdxl-adapter) exported beside the model (run then takes --adapter-image).")] = None,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
@@ -130,6 +131,7 @@ def export(
         loras=[LoraFile.parse(item) for item in lora or []],
         controlnets=list(controlnet or []),
         adapter=adapter,
+        union_images=union_images,
     )
     target = _output_path(output)
     plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads
@@ -348,6 +350,7 @@ def run(
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
     control_image: Annotated[list[str] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
+    control_mode: Annotated[list[int] | None, typer.Option("--control-mode", help="Union ControlNet: the control mode of each --control-image, in the same order (the model's table, e.g. xinsir's 0 openpose, 1 depth, 2 scribble/HED, 3 canny/lineart, 4 normal, 5 segmentation, 6 tile, 7 repaint).")] = None,
     control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: txt2img 1.0, img2img 0.8, inpainting 0.5 for SD and 1.0 for SDXL).")] = None,
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
@@ -414,6 +417,7 @@ def run(
         target_size=_pair(target_size, "x", "--target-size"),
         strength=strength,
         control_image=controls or None,
+        control_mode=list(control_mode) if control_mode else None,
         control_scale=_one_or_each(control_scale, None),  # None: the task's default
         control_start=_one_or_each(control_start, 0.0),
         control_end=_one_or_each(control_end, 1.0),
@@ -443,7 +447,8 @@ def run(
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (parts differ in batch only)
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
-                          adapter=manifest.adapter)
+                          adapter=manifest.adapter, union_modes=manifest.model_dims.N,
+                          union_images=manifest.model_dims.K or 1)
     except ProfileError as exc:
         if size_from_image and images:
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "

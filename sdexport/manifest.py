@@ -55,7 +55,7 @@ class Manifest:
     vae_scaling_factor: float
     dims: dict[str, Any]
     """``ModelDims.record()``: sizes, ``residuals`` (pairs) with ControlNets, ``adapter_features``
-    (pairs) and ``A`` with a T2I-Adapter."""
+    (pairs) and ``A`` with a T2I-Adapter, ``K`` and ``N`` with union ControlNets."""
     profile: dict[str, list[int]]
     dtype: str
     tools: dict[str, Any]
@@ -274,6 +274,9 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if (ADAPTER in manifest.components or dims.adapter_features) and not (dims.adapter_features and dims.A):
         raise EngineDirError(f"{where}: invalid manifest: a T2I-Adapter needs both dims.adapter_features (its "
                              "features' channels and sizes) and dims.A (its image's channels)")
+    if bool(dims.K) != bool(dims.N) or (dims.N and not dims.residuals) or dims.K > max(dims.N, 1):
+        raise EngineDirError(f"{where}: invalid manifest: union ControlNets need dims.residuals, dims.N (their "
+                             f"control modes) and dims.K (images per call, 1 to N); it has K {dims.K}, N {dims.N}")
     if dims.adapter_features and dims.residuals:
         raise EngineDirError(f"{where}: invalid manifest: dims.residuals and dims.adapter_features (ControlNets "
                              "and a T2I-Adapter): sdexport runs one kind")

@@ -131,6 +131,8 @@ SCHEMA: dict[str, Any] = {
                               "prefixItems": [_size(65536), {"enum": [1, 2, 4, 8, 16, 32, 64]}]},
                 },
                 "A": {"enum": [1, 3]},
+                "K": _size(8, 0),  # with union ControlNets: images per call (specs.MAX_UNION_IMAGES)
+                "N": _size(64, 0),  # and the control modes they know
             },
             "additionalProperties": False,
         },

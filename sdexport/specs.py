@@ -20,6 +20,8 @@ Symbols:
     T        number of SDXL time ids (6)                 (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
     A        channels of a T2I-Adapter's image: 3, or 1 for a greyscale one (static)
+    K        control images a union ControlNet takes per call, one per control mode (static)
+    N        control modes a union ControlNet knows (``num_control_type``: 6, or 8 for ProMax) (static)
     h/2, w/4 a latent side divided by 2, 4, ... : where a ControlNet's residuals (or an adapter's
              features) meet the U-Net's down blocks       (dynamic, derived from h and w)
     digits   a fixed size
@@ -45,6 +47,13 @@ it turns the adapter image into one feature map per down block of the U-Net (``a
 after diffusers' pipelines), which the U-Net of a model exported with it adds inside those blocks
 (``down_intrablock_additional_residuals.{i}``, diffusers' argument). Their channels and sizes are
 ``ModelDims.adapter_features``; the image's channels are ``A`` (1 for the sketch and canny adapters).
+
+A union ControlNet (diffusers' ``ControlNetUnionModel``: xinsir's controlnet-union-sdxl, one network
+for many kinds of control image) is a ControlNet whose inputs differ: ``K`` control images stacked
+(``controlnet_cond``: (B, K, 3, H, W)), the control mode of each (``control_type_idx``) and the
+one-hot set of them (``control_type``), and one scale per image, under diffusers' argument names.
+``for_model`` swaps them in for a model whose ControlNets are union ones (``ModelDims.N``); the
+residuals they return are every ControlNet's.
 """
 
 from __future__ import annotations
@@ -65,10 +74,12 @@ projections, as in diffusers). Graph inputs and outputs are float32 either way."
 
 FusionModel = Literal["clip", "unet", "vae"]
 
-Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids", "unit", "scale"]
+Values = Literal["normal", "tokens", "timestep", "pixels", "time_ids", "unit", "scale", "modes", "one_hot"]
 """What realistic values of a tensor look like, for sample inputs in export and verification
 (``unit``: in [0, 1], as a ControlNet's conditioning image; ``scale``: around 1, as its
-conditioning scale, so that verification never multiplies the outputs by almost nothing)."""
+conditioning scale, so that verification never multiplies the outputs by almost nothing;
+``modes``: indices below ``N``, as a union ControlNet's control modes; ``one_hot``: rows of 0s
+with a 1, as its ``control_type``)."""
 
 DYNAMIC_SYMBOLS = ("B", "H", "W", "h", "w")
 _DIM = re.compile(r"(\d*)([A-Za-z]\w*)?(?:/(\d+))?")
@@ -146,6 +157,9 @@ class ComponentSpec:
         if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
             self = replace(self, inputs=(*self.inputs, *_ADAPTER_INPUTS),
                            wrapper=_taking_adapter_features(self.wrapper))
+        if dims.N and self.name.startswith(CONTROLNET_PREFIX) and not self.union:
+            self = replace(self, inputs=(*self.inputs[:-len(_CONTROL_INPUTS)], *_UNION_CONTROL_INPUTS),
+                           wrapper=_union_controlnet_wrapper)
         if not any(t.repeat for t in (*self.inputs, *self.outputs)):
             return self
         sizes = dims.sizes(1, 0, 0)
@@ -206,6 +220,11 @@ class ComponentSpec:
     def residual_outputs(self) -> list[str]:
         """The residuals this (ControlNet) spec returns, in the order of ``residual_inputs``."""
         return [t.name for t in self.outputs if t.name.startswith(RESIDUAL_OUTPUT_PREFIXES)]
+
+    @property
+    def union(self) -> bool:
+        """A union ControlNet's spec (its control images stacked, with their modes)."""
+        return any(t.name == "control_type_idx" for t in self.inputs)
 
     @property
     def adapter_inputs(self) -> list[str]:
@@ -272,6 +291,10 @@ class ModelDims:
     down blocks (and its mid block, where one is left over that fits it), in order (empty without)."""
     A: int = 0
     """With a T2I-Adapter: its image's channels (3, or 1 for a greyscale adapter)."""
+    K: int = 0
+    """With union ControlNets: the control images each takes per call (0 without)."""
+    N: int = 0
+    """With union ControlNets: the control modes they know (``num_control_type``; 0 without)."""
 
     def __post_init__(self) -> None:  # a manifest's JSON gives lists
         for name in ("residuals", "adapter_features"):
@@ -279,10 +302,10 @@ class ModelDims:
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets,
-        the adapter's sizes only with one, so other directories stay readable by sdexport versions
-        that predate them."""
+        the adapter's sizes only with one, K and N only with union ControlNets, so other directories
+        stay readable by sdexport versions that predate them."""
         values: dict[str, Any] = dict(vars(self))
-        for name in ("U", "A"):
+        for name in ("U", "A", "K", "N"):
             if not values[name]:
                 del values[name]
         for name in ("residuals", "adapter_features"):
@@ -326,6 +349,8 @@ class ModelDims:
             "L2": self.L2,
             "U": self.unet_channels,
             "A": self.A,
+            "K": self.K,
+            "N": self.N,
         }
 
 
@@ -426,9 +451,15 @@ def _sdxl_unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.
     return SDXLUNet(module)
 
 
-def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+def _controlnet_wrapper(module: torch.nn.Module, union: bool = False) -> torch.nn.Module:
     """The residuals flat, down blocks' first. SD: (sample, timestep, encoder_hidden_states,
     controlnet_cond, conditioning_scale); SDXL puts text_embeds and time_ids before the image.
+
+    ``union``: a ``ControlNetUnionModel``, whose images come stacked (B, K, 3, H, W) and are passed
+    as diffusers' list of K, with their modes (``control_type_idx``, K 0-d tensors: the graph takes
+    them as an input, not as constants of the trace) and one scale each. diffusers scales the
+    residuals by the one scale where K is 1 and scales the images' features inside where K is
+    more; the graph does whichever its K calls for.
 
     A pooling ControlNet (``global_pool_conditions``, e.g. shuffle) averages each residual over its
     pixels inside diffusers' forward, and the U-Net adds the (B, C, 1, 1) result by broadcasting.
@@ -441,6 +472,10 @@ def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     class ControlNet(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
+            if union:
+                for layer in model.transformer_layes:  # type: ignore[union-attr]
+                    if isinstance(layer.attn, torch.nn.MultiheadAttention):
+                        layer.attn = _attention_over_the_batch()(layer.attn)
             self.model = model
             self.sdxl = getattr(model.config, "addition_embed_type", None) == "text_time"
             self.pooled_scales = pooled_sides(dict(model.config))  # type: ignore[arg-type]  # a FrozenDict
@@ -448,9 +483,15 @@ def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
         def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                     *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
             cond = {"text_embeds": rest[0], "time_ids": rest[1]} if self.sdxl else None
-            image, scale = rest[-2:]
-            down, mid = self.model(sample, timestep, encoder_hidden_states, controlnet_cond=image,
-                                   conditioning_scale=scale, added_cond_kwargs=cond, return_dict=False)
+            control: dict[str, Any]
+            if union:
+                images, control_type, modes, scales = rest[-4:]
+                control = {"controlnet_cond": list(images.unbind(1)), "control_type": control_type,
+                           "control_type_idx": list(modes.unbind(0)), "conditioning_scale": list(scales.unbind(0))}
+            else:
+                control = {"controlnet_cond": rest[-2], "conditioning_scale": rest[-1]}
+            down, mid = self.model(sample, timestep, encoder_hidden_states, **control, added_cond_kwargs=cond,
+                                   return_dict=False)
             residuals = (*down, mid)
             if self.pooled_scales:
                 height, width = sample.shape[-2], sample.shape[-1]
@@ -459,6 +500,42 @@ def _controlnet_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             return residuals
 
     return ControlNet(module)
+
+
+_union_controlnet_wrapper = functools.partial(_controlnet_wrapper, union=True)
+
+
+@functools.cache
+def _attention_over_the_batch() -> type[torch.nn.Module]:
+    import torch
+
+    class AttentionOverTheBatch(torch.nn.Module):
+        """A union ControlNet's ``nn.MultiheadAttention``, computed by hand so that the graph keeps
+        its batch dynamic: PyTorch's traces its sequence length as a constant.
+
+        Its sequence is the batch. The union model hands the attention (B, K + 1, C), the modes'
+        tokens and the image's, without ``batch_first``, so each token attends to the same token of
+        every row of the batch (diffusers' code, which the published weights were trained with).
+        This computes exactly that with the module's own weights."""
+
+        def __init__(self, attention: torch.nn.MultiheadAttention) -> None:
+            super().__init__()
+            self.attention = attention
+
+        def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    need_weights: bool = False, attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+            if attn_mask is not None or need_weights or not (query is key is value):
+                raise NotImplementedError("self-attention without a mask only, as the union ControlNet calls it")
+            mha = self.attention
+            heads, width = mha.num_heads, mha.embed_dim
+            x = query.transpose(0, 1)  # (K + 1, B, C): the batch is the sequence
+            q, k, v = torch.nn.functional.linear(x, mha.in_proj_weight, mha.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.reshape(t.shape[0], -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+            weights = torch.softmax(q @ k.transpose(-1, -2) * (width // heads) ** -0.5, dim=-1)
+            out = (weights @ v).transpose(1, 2).reshape(x.shape[0], -1, width)
+            return mha.out_proj(out).transpose(0, 1), None
+
+    return AttentionOverTheBatch
 
 
 def _adapter_wrapper(module: torch.nn.Module) -> torch.nn.Module:
@@ -536,6 +613,14 @@ _CONTROL_INPUTS = (
     TensorSpec("controlnet_cond", ("B", "3", "H", "W"), values="unit"),
     TensorSpec("conditioning_scale", (), values="scale"),
 )
+_UNION_CONTROL_INPUTS = (  # a union ControlNet's, in place of _CONTROL_INPUTS (for_model)
+    TensorSpec("controlnet_cond", ("B", "K", "3", "H", "W"), values="unit"),
+    TensorSpec("control_type", ("B", "N"), "float32", "one_hot"),
+    TensorSpec("control_type_idx", ("K",), "int32", "modes"),
+    TensorSpec("conditioning_scale", ("K",), values="scale"),
+)
+"""``control_type`` is float32 in an fp16 export too: diffusers projects it sinusoidally in float32,
+as it does the time ids."""
 
 UNET = ComponentSpec(
     name="unet",
@@ -666,6 +751,8 @@ FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
 FAMILY_CONTROLNET = {"sd": CONTROLNET, "sdxl": SDXL_CONTROLNET}
 MAX_CONTROLNETS = 8
+MAX_UNION_IMAGES = 8
+"""A union ControlNet takes one image per control mode: ProMax knows 8."""
 """More than a few ControlNets at once is a mistake, not a use (each adds a U-Net encoder per step)."""
 _CONTROLNET_NAME = re.compile(r"controlnet(?:_([1-9]\d*))?")
 

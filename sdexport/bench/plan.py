@@ -96,9 +96,11 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory: name its adapter in the scenario "
                             f"(adapter = \"{outline.adapter}\"), so that every contender runs it")
     from sdexport.models.adapter import adapter_for
-    from sdexport.models.controlnet import controlnets_for
+    from sdexport.models.controlnet import controlnets_for, union_modes
 
-    adapter_for(outline, scenario.adapter, len(controlnets_for(outline, scenario.controlnets)))
+    nets = controlnets_for(outline, scenario.controlnets)
+    adapter_for(outline, scenario.adapter, len(nets))
+    modes, images = (union_modes(nets[0].config(outline.unet_config or {})) if nets else 0), 1
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)
@@ -137,12 +139,18 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} {'has a' if manifest.adapter else 'has no'} T2I-Adapter, the "
                 f"scenario {'none' if manifest.adapter else scenario.adapter}: the baseline and the engines must be "
                 "the same model")
+        if manifest.model_dims.N != modes:
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} has {'union' if manifest.model_dims.N else 'plain'} ControlNets, "
+                f"the scenario {'union' if modes else 'plain'} ones: the baseline and the engines must be the same "
+                "model")
         profile, geometry = manifest.shape_profile, manifest.model_dims
+        images = manifest.model_dims.K or 1
         scheduler_config = read_scheduler_config(options.engine_dir)
     for case in scenario.cases:
         check_request(request_for(scenario, case), family=outline.family, dims=geometry, profile=profile,
                       scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
-                      adapter=bool(scenario.adapter))
+                      adapter=bool(scenario.adapter), union_modes=modes, union_images=images)
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -221,6 +229,7 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         mask=[mask_image(scenario)] if scenario.inpaint else None,
         strength=scenario.strength,
         control_image=[control_image(scenario, i) for i in range(len(scenario.controlnets))] or None,
+        control_mode=list(scenario.control_mode) or None,
         control_scale=scenario.control_scale if scenario.controlnets else None,
         guess_mode=scenario.guess_mode,
         adapter_image=[control_image(scenario, 0)] if scenario.adapter else None,

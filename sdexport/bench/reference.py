@@ -52,9 +52,13 @@ class DiffusersReference:
         sdxl = model.family == "sdxl"
         nets = [model.modules[n] for n in controlnets_among(model.modules)]
         self.controlnets = len(nets)
+        self.union = bool(nets) and bool(model.dims.N)
+        """Union ControlNets: diffusers' union pipelines, which take each image's control mode."""
         cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
         if nets:
             cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
+        if self.union:
+            cls = diffusers.StableDiffusionXLControlNetUnionPipeline
         self.adapter = ADAPTER in model.modules
         if self.adapter:
             cls = diffusers.StableDiffusionXLAdapterPipeline if sdxl else diffusers.StableDiffusionAdapterPipeline
@@ -140,9 +144,12 @@ class DiffusersReference:
             return self.pipe
         if task not in self._variants:
             sdxl = self.model.family == "sdxl"
-            if task == "img2img" and self.controlnets:
-                cls: Any = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if sdxl
-                            else diffusers.StableDiffusionControlNetImg2ImgPipeline)
+            if self.union:
+                cls: Any = (diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline if task == "img2img"
+                            else diffusers.StableDiffusionXLControlNetUnionInpaintPipeline)
+            elif task == "img2img" and self.controlnets:
+                cls = (diffusers.StableDiffusionXLControlNetImg2ImgPipeline if sdxl
+                       else diffusers.StableDiffusionControlNetImg2ImgPipeline)
             elif task == "img2img":
                 cls = diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
             elif self.controlnets:
@@ -193,9 +200,12 @@ class DiffusersReference:
             if any(isinstance(image, str) for image in images):  # diffusers takes images and tensors only
                 raise SdexportError("the diffusers reference takes control images as images or tensors, not "
                                     f"{MASKED_INIT}: pass the masked init image as a tensor")
-            settings = list(zip(*request.control_settings(self.controlnets, self.model.family)))
+            settings = list(zip(*request.control_settings(len(images), self.model.family)))
+            if self.union:  # lists throughout: one entry per image (and mode)
+                one = False
+                extra["control_mode"] = list(request.control_mode or [])
             extra |= {
-                "image" if request.task == "txt2img" else "control_image": images[0] if one else images,
+                "image" if request.task == "txt2img" and not self.union else "control_image": images[0] if one else images,
                 "controlnet_conditioning_scale": settings[0][0] if one else list(settings[0]),
                 "control_guidance_start": settings[1][0] if one else list(settings[1]),
                 "control_guidance_end": settings[2][0] if one else list(settings[2]),

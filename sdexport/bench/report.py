@@ -225,7 +225,9 @@ def markdown(report: dict[str, Any]) -> str:
             + _image_task_words(scenario, report.get("family"))
             + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
                f"edge map at scale {scenario.get('control_scale', 1.0)}"
-               f"{' in guess mode' if scenario.get('guess_mode') else ''}, " if scenario.get("controlnets") else "")
+               + (f" as control mode(s) {', '.join(map(str, scenario['control_mode']))}"
+                  if scenario.get("control_mode") else "")
+               + f"{' in guess mode' if scenario.get('guess_mode') else ''}, " if scenario.get("controlnets") else "")
             + (f"T2I-Adapter {scenario['adapter']} on a synthetic edge map at scale "
                f"{scenario.get('adapter_scale', 1.0)}, " if scenario.get("adapter") else "")
             + f"prompt \"{scenario['prompt']}\""

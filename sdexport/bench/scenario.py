@@ -73,6 +73,9 @@ class Scenario:
     controlnets: list[str] = field(default_factory=list)
     """ControlNet presets or directories (as ``export --controlnet``), each given the same synthetic
     edge map; the baseline is diffusers' ControlNet pipeline with the same ControlNets."""
+    control_mode: list[int] = field(default_factory=list)
+    """Union ControlNets: the control mode each one's edge map is given as (diffusers'
+    ``control_mode``; e.g. 3, xinsir's canny/lineart), one per ControlNet."""
     control_scale: float = 1.0
     """``controlnet_conditioning_scale``, given to every contender alike (the same for img2img: not
     the task default ``sdexport run`` takes); non-zero, as a ControlNet at 0 is skipped by sdexport
@@ -98,7 +101,8 @@ class Scenario:
 
 
 WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
-                   "strength", "inpaint", "controlnets", "control_scale", "guess_mode", "adapter", "adapter_scale",
+                   "strength", "inpaint", "controlnets", "control_mode", "control_scale", "guess_mode", "adapter",
+                   "adapter_scale",
                    "export", "build")
 """What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
 ``sdexport bench compare`` compares two reports only when these are equal."""
@@ -137,6 +141,7 @@ SCHEMA: dict[str, Any] = {
         "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "inpaint": {"type": "boolean"},
         "controlnets": {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 8},
+        "control_mode": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
         "control_scale": {"type": "number"},
         "guess_mode": {"type": "boolean"},
         "adapter": {"type": "string", "minLength": 1},
@@ -196,6 +201,9 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: control_scale {scenario.control_scale}: need a finite, non-zero number (at 0 "
                             "sdexport skips the ControlNets and diffusers still runs them: the contenders would not "
                             "do the same work)")
+    if scenario.control_mode and len(scenario.control_mode) != len(scenario.controlnets):
+        raise SdexportError(f"{path}: control_mode: {len(scenario.control_mode)} modes for {len(scenario.controlnets)} "
+                            "ControlNet(s): union ControlNets take one each (plain ones none)")
     if scenario.guess_mode and not scenario.controlnets:
         raise SdexportError(f"{path}: guess_mode is a ControlNet setting: add controlnets, or drop it")
     if "adapter_scale" in data and not scenario.adapter:

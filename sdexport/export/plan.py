@@ -57,6 +57,9 @@ class ExportOptions:
     their control images are given at run time."""
     adapter: str | None = None
     """A T2I-Adapter directory or preset exported beside the model (``--adapter``)."""
+    union_images: int = 1
+    """The control images a union ControlNet takes per call (``--union-images``): each has its
+    control mode, and all of them shape one set of residuals."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,8 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
         raise SdexportError(f"--seed {options.seed}: preset weight seeds go from 0 to {MAX_PRESET_SEED}")
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
     # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
-    controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets])
+    controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets],
+                                  options.union_images)
     # So does an adapter pipeline directory its adapter, unless ControlNets or another adapter are named.
     own_adapter = str(outline.adapter) if outline.adapter is not None and not options.controlnets else None
     adapter = adapter_for(outline, options.adapter or own_adapter, len(controlnets))

@@ -14,6 +14,13 @@ weights). diffusers zero-initialises a new ControlNet's output convolutions (tra
 "no effect"); the presets draw those at random too, and their image encoder at a gain that keeps
 the image's signal (``IMAGE_ENCODER_GAIN``), so that a ControlNet that is ignored, or fed the wrong
 image, changes the result and a test notices.
+
+A union ControlNet (diffusers' ``ControlNetUnionModel``: xinsir's controlnet-union-sdxl-1.0 and its
+ProMax) is one ControlNet for many kinds of control image: each image comes with its control mode
+(0 openpose, 1 depth, 2 thick lines, 3 thin lines, ...: the model card's table). diffusers runs it
+with SDXL only. It takes ``K`` images per call (``--union-images``, default 1), or one each where
+several union ControlNets run together (diffusers' ``MultiControlNetUnionModel``). Presets:
+``tiny-union`` and ``sdxl-union`` (the ProMax architecture, 8 modes).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ if TYPE_CHECKING:
     from sdexport.models.outline import ModelOutline
 
 CONTROLNET_CLASS = "ControlNetModel"
+UNION_CLASS = "ControlNetUnionModel"
 CONTROLNET_PART = PartKind("--controlnet", "ControlNet", "controlnet", CONTROLNET_CLASS)
 
 
@@ -43,6 +51,8 @@ class ControlNetPreset:
     conditioning_channels: tuple[int, ...]
     """``conditioning_embedding_out_channels``: the small encoder from pixels to latent size, which
     halves the image between each two of them (three times for the VAEs' factor 8)."""
+    union_modes: int = 0
+    """A union ControlNet's ``num_control_type`` (0: a plain ControlNet)."""
 
 
 CONTROLNET_PRESETS = {
@@ -52,6 +62,10 @@ CONTROLNET_PRESETS = {
                          ("tiny", "tiny-v", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint"), (8, 16, 16, 32)),
         ControlNetPreset("sd15-controlnet", "the SD 1.5 ControlNet architecture (lllyasviel's sd-controlnet-*)",
                          ("sd15",), (16, 32, 96, 256)),
+        ControlNetPreset("tiny-union", "a few-MB union ControlNet for tiny-sdxl (tests)",
+                         ("tiny-sdxl", "tiny-sdxl-inpaint"), (8, 16, 16, 32), union_modes=8),
+        ControlNetPreset("sdxl-union", "the SDXL union ControlNet architecture (xinsir's controlnet-union-sdxl-1.0 "
+                         "ProMax, 8 control modes)", ("sdxl",), (16, 32, 96, 256), union_modes=8),
     )
 }
 
@@ -100,7 +114,20 @@ def preset_config(preset: ControlNetPreset, unet_config: dict[str, Any]) -> dict
     inpainting U-Net (whose ``in_channels`` add the mask and the masked image's latents)."""
     config = {k: v for k, v in unet_config.items() if k in _FROM_UNET}
     config["in_channels"] = unet_config.get("out_channels", 4)  # diffusers' default, as check_fits reads it
-    return {"_class_name": CONTROLNET_CLASS, **config, "conditioning_embedding_out_channels": list(preset.conditioning_channels)}
+    config["conditioning_embedding_out_channels"] = list(preset.conditioning_channels)
+    if not preset.union_modes:
+        return {"_class_name": CONTROLNET_CLASS, **config}
+    width = int(config["block_out_channels"][0])  # the image features' width, which the modes' tokens share
+    return {"_class_name": UNION_CLASS, **config, "num_control_type": preset.union_modes,
+            "num_trans_channel": width, "num_proj_channel": width, "num_trans_head": 8, "num_trans_layer": 1}
+
+
+def union_modes(config: dict[str, Any]) -> int:
+    """A union ControlNet's number of control modes (``num_control_type``); 0 for any other. A loaded
+    module's config has no ``_class_name``: there only union ControlNets have ``num_control_type``."""
+    if config.get("_class_name", UNION_CLASS if "num_control_type" in config else None) != UNION_CLASS:
+        return 0
+    return int(config.get("num_control_type", 6))  # diffusers' default
 
 
 def residual_layout(config: dict[str, Any]) -> tuple[tuple[int, int], ...]:
@@ -143,8 +170,11 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     kind = config.get("_class_name", CONTROLNET_CLASS)
     if kind == "T2IAdapter":
         raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as --adapter")
-    if kind != CONTROLNET_CLASS:
-        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL)")
+    if kind not in (CONTROLNET_CLASS, UNION_CLASS):
+        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL) "
+                             f"and {UNION_CLASS}s (SDXL)")
+    if kind == UNION_CLASS and family != "sdxl":
+        raise ModelLoadError(f"{what}: a union ControlNet, which diffusers runs with SDXL models only, not {family}")
     try:
         layout = residual_layout(config)
         problems = []
@@ -166,6 +196,9 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
                             f"{vae_scale_factor}x (conditioning_embedding_out_channels {list(embedding)})")
         if config.get("conditioning_channels", 3) != 3:
             problems.append(f"it reads {config.get('conditioning_channels')}-channel images (sdexport passes RGB)")
+        if kind == UNION_CLASS and int(config.get("num_trans_channel", 320)) != int(layout[0][0]):
+            problems.append(f"num_trans_channel {config.get('num_trans_channel', 320)} is not its first block's "
+                            f"{layout[0][0]} channels")
     except (KeyError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"{what}: the config lacks a usable {one_line(exc)}") from None
     if problems:
@@ -174,31 +207,53 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
 
 
 def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], family: str, base_preset: str | None,
-                      vae_scale_factor: int) -> tuple[tuple[int, int], ...]:
+                      vae_scale_factor: int, union_images: int = 1) -> tuple[tuple[int, int], ...]:
     """Every ``--controlnet`` of an export, from configs alone: the residual layout they share. An
     inpainting U-Net takes them too: its ControlNets read the latents alone (``in_channels`` is the
     U-Net's ``out_channels``), the mask and masked image go to the U-Net only, as in diffusers'
-    ``StableDiffusionControlNetInpaintPipeline``."""
-    from sdexport.specs import MAX_CONTROLNETS
+    ``StableDiffusionControlNetInpaintPipeline``.
+
+    Union ControlNets go alone or together, never beside plain ones, and together they take one
+    image each and know the same modes (diffusers has pipelines for nothing else); ``union_images``
+    is how many images one takes per call (``--union-images``)."""
+    from sdexport.specs import MAX_CONTROLNETS, MAX_UNION_IMAGES
 
     if not sources:
         return ()
     if len(sources) > MAX_CONTROLNETS:
         raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
     layout: tuple[tuple[int, int], ...] = ()
+    modes = []
     for source in sources:
         what = f"--controlnet {source.argument}"
         if source.preset is not None and base_preset not in source.preset.bases:
             raise ModelLoadError(f"{what}: this preset goes with the preset(s) {', '.join(source.preset.bases)}, "
                                  f"not {base_preset or 'a checkpoint'}; pass a ControlNet directory for this model")
-        layout = check_fits(source.config(unet), unet, family, vae_scale_factor, what)
+        config = source.config(unet)
+        layout = check_fits(config, unet, family, vae_scale_factor, what)
+        modes.append(union_modes(config))
+    if any(modes) and not all(modes):
+        raise ModelLoadError("union and plain ControlNets together: diffusers has no pipeline for that; export "
+                             "union ControlNets alone or together")
+    if len(set(modes)) > 1:
+        raise ModelLoadError(f"union ControlNets with {' and '.join(map(str, sorted(set(modes))))} control modes "
+                             "together: export ones that know the same modes")
+    if union_images != 1 and not any(modes):
+        raise ModelLoadError("--union-images is for a union ControlNet; these ControlNets take one image each")
+    if not 1 <= union_images <= min(MAX_UNION_IMAGES, modes[0] or 1):
+        raise ModelLoadError(f"--union-images {union_images}: a union ControlNet takes 1 to "
+                             f"{min(MAX_UNION_IMAGES, modes[0])} images (one per control mode)")
+    if union_images > 1 and len(sources) > 1:
+        raise ModelLoadError(f"--union-images {union_images} with {len(sources)} union ControlNets: together they "
+                             "take one image each (as diffusers' MultiControlNetUnionModel)")
     return layout
 
 
-def controlnets_for(outline: ModelOutline, arguments: list[str]) -> list[ControlNetSource]:
+def controlnets_for(outline: ModelOutline, arguments: list[str], union_images: int = 1) -> list[ControlNetSource]:
     """``--controlnet`` arguments resolved and checked to fit the model ``outline`` describes."""
     sources = [resolve_controlnet(a) for a in arguments]
-    check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)
+    check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor,
+                      union_images)
     return sources
 
 
@@ -217,7 +272,7 @@ def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: in
     """The ControlNet module: a directory's weights (every one of them), or a preset's, drawn from
     ``seed`` as the base preset's are (component offset 5 + index)."""
     import torch
-    from diffusers import ControlNetModel
+    from diffusers import ControlNetModel, ControlNetUnionModel
 
     from sdexport.models.presets import SEED_STRIDE
 
@@ -225,9 +280,11 @@ def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: in
         unet_config: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]  # a diffusers FrozenDict
         config = {k: v for k, v in preset_config(source.preset, unet_config).items() if not k.startswith("_")}
         torch.manual_seed(seed * SEED_STRIDE + 5 + index)
-        module = ControlNetModel.from_config(config)
-        for layer in (*module.controlnet_down_blocks, module.controlnet_mid_block,
-                      module.controlnet_cond_embedding.conv_out):
+        module = (ControlNetUnionModel if source.preset.union_modes else ControlNetModel).from_config(config)
+        zeroed = [*module.controlnet_down_blocks, module.controlnet_mid_block, module.controlnet_cond_embedding.conv_out]
+        if source.preset.union_modes:
+            zeroed.append(module.spatial_ch_projs)  # how the modes' tokens reach the image features
+        for layer in zeroed:
             layer.reset_parameters()  # diffusers starts them at zero: see the module docstring
         for conv in module.controlnet_cond_embedding.modules():
             if isinstance(conv, torch.nn.Conv2d):
@@ -237,6 +294,8 @@ def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: in
     from sdexport.models.loader import _load_part, _with_all_weights
 
     assert source.path is not None
-    module = _load_part(source.path.parent, source.path.name,
-                        lambda p: _with_all_weights(p, ControlNetModel, dtype))
+    from sdexport.models.outline import read_json
+
+    kind = ControlNetUnionModel if union_modes(read_json(source.path / "config.json")) else ControlNetModel
+    module = _load_part(source.path.parent, source.path.name, lambda p: _with_all_weights(p, kind, dtype))
     return module.eval().requires_grad_(False)  # type: ignore[no-any-return]

@@ -45,6 +45,8 @@ CONTROLNET_INPAINT_PIPELINES = {"sd": "StableDiffusionControlNetInpaintPipeline"
 """The diffusers pipeline class a directory of an inpainting U-Net is saved as (per family, with and
 without ControlNets), so that diffusers loads it as the pipeline that runs it."""
 ADAPTER_PIPELINES = {"sd": "StableDiffusionAdapterPipeline", "sdxl": "StableDiffusionXLAdapterPipeline"}
+UNION_PIPELINES = {False: "StableDiffusionXLControlNetUnionPipeline", True: "StableDiffusionXLControlNetUnionInpaintPipeline"}
+"""Per inpainting U-Net or not: the pipeline class of an SDXL model with union ControlNets."""
 
 
 @dataclass
@@ -64,6 +66,8 @@ class LoadedModel:
     ``materialize``, a weightless skeleton on the meta device (configs, names and shapes, no weights)."""
     on_materialize: list[Callable[[str, torch.nn.Module], None]] = field(default_factory=list)
     """Called with each module ``materialize`` builds (export applies LoRA updates this way)."""
+    union_images: int = 1
+    """With union ControlNets: the control images each takes per call (``--union-images``)."""
 
     def module(self, name: str) -> torch.nn.Module:
         return self.modules[name]
@@ -101,7 +105,8 @@ class LoadedModel:
     def dims(self) -> ModelDims:
         """Sizes from the configs (``model_dims``)."""
         lengths = {n: int(t.model_max_length) for n, t in self.tokenizers.items()}
-        return model_dims(self.family, {n: m.config for n, m in self.modules.items()}, lengths, self.label)
+        return model_dims(self.family, {n: m.config for n, m in self.modules.items()}, lengths, self.label,
+                          self.union_images)
 
     @property
     def vae_scaling_factor(self) -> float:
@@ -112,7 +117,10 @@ class LoadedModel:
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
         controlnets = controlnets_among(self.modules)
         pipeline = next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
-        if self.dims.inpainting:
+        union = bool(self.dims.N)
+        if union:
+            pipeline = UNION_PIPELINES[self.dims.inpainting]
+        elif self.dims.inpainting:
             pipeline = (CONTROLNET_INPAINT_PIPELINES if controlnets else INPAINT_PIPELINES)[self.family]
         elif controlnets:
             pipeline = CONTROLNET_PIPELINES[self.family]
@@ -123,7 +131,8 @@ class LoadedModel:
             if controlnet_index(name) is None:
                 index[name] = _library_of(module)
         if controlnets:  # several are one MultiControlNetModel, saved as controlnet, controlnet_1, ...
-            index["controlnet"] = ["diffusers", "ControlNetModel" if len(controlnets) == 1 else "MultiControlNetModel"]
+            kind = "ControlNetUnionModel" if union else "ControlNetModel"
+            index["controlnet"] = ["diffusers", kind if len(controlnets) == 1 else "Multi" + kind]
         for name, tok in self.tokenizers.items():
             index[name] = ["transformers", type(tok).__name__]
         index["scheduler"] = ["diffusers", self.scheduler_config["_class_name"]]
@@ -147,11 +156,13 @@ class LoadedModel:
         (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
 
 
-def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], label: str) -> ModelDims:
+def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], label: str,
+               union_images: int = 1) -> ModelDims:
     """A model's static sizes from its parts' configs (objects with attributes: diffusers' and
     transformers' configs, or ``SimpleNamespace``s of their JSON) and its tokenizers' lengths.
     SDXL's are cross-checked, since a mismatch only shows deep in a graph. With ControlNets among
-    the parts, the residuals they pass the U-Net (``ModelDims.residuals``); with a T2I-Adapter, the
+    the parts, the residuals they pass the U-Net (``ModelDims.residuals``), and where they are union
+    ones, their modes and the ``union_images`` each takes (``N``, ``K``); with a T2I-Adapter, the
     features it passes the U-Net and its image's channels (``adapter_features``, ``A``).
 
     SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
@@ -162,10 +173,14 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     unet, vae, te = configs["unet"], configs["vae"], configs["text_encoder"]
     sequence = lengths["tokenizer"]
     residuals: tuple[tuple[int, int], ...] = ()
-    if any(controlnet_index(name) is not None for name in configs):
-        from sdexport.models.controlnet import residual_layout
+    union: dict[str, int] = {}
+    nets = [config for name, config in configs.items() if controlnet_index(name) is not None]
+    if nets:
+        from sdexport.models.controlnet import residual_layout, union_modes
 
         residuals = residual_layout(dict(unet) if hasattr(unet, "keys") else vars(unet))
+        modes = union_modes(dict(nets[0]) if hasattr(nets[0], "keys") else vars(nets[0]))
+        union = {"N": modes, "K": union_images} if modes else {}
     vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
     adapter: dict[str, Any] = {}
     if ADAPTER in configs:
@@ -177,6 +192,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
                    "A": int(config.get("in_channels", 3))}
     common = {
         "residuals": residuals,
+        **union,
         **adapter,
         "S": sequence,
         "E": int(unet.cross_attention_dim),
@@ -264,6 +280,7 @@ def load_model(
     controlnets: list[Any] | None = None,
     adapter: Any = None,
     lazy: bool = False,
+    union_images: int = 1,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
 
@@ -275,12 +292,13 @@ def load_model(
     the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
     (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``);
     ``adapter``: a T2I-Adapter preset or directory (or ``AdapterSource``) likewise (``add_adapter``).
+    ``union_images``: with union ControlNets, the control images each takes per call.
     """
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype)
     if controlnets:
-        add_controlnets(loaded, controlnets, seed=seed, dtype=dtype)
+        add_controlnets(loaded, controlnets, seed=seed, dtype=dtype, union_images=union_images)
     if adapter is not None:
         add_adapter(loaded, adapter, seed=seed, dtype=dtype)
     return loaded
@@ -308,9 +326,10 @@ def add_adapter(model: LoadedModel, argument: Any, *, seed: int = 0, dtype: torc
 
 
 def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
-                    dtype: torch.dtype = torch.float32) -> None:
+                    dtype: torch.dtype = torch.float32, union_images: int = 1) -> None:
     """Load ``--controlnet`` presets or directories beside the model, as ``controlnet``,
-    ``controlnet_1``, ... (checked to fit its U-Net first, from their configs)."""
+    ``controlnet_1``, ... (checked to fit its U-Net first, from their configs); union ones taking
+    ``union_images`` control images per call."""
     from sdexport.models.controlnet import (
         ControlNetSource,
         check_controlnets,
@@ -321,7 +340,8 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     sources = [a if isinstance(a, ControlNetSource) else resolve_controlnet(a) for a in arguments]
     base = model.source.get("name") if model.source.get("kind") == "preset" else None
     dims = model.dims
-    check_controlnets(sources, dict(model.config("unet")), model.family, base, dims.vae_scale_factor)
+    check_controlnets(sources, dict(model.config("unet")), model.family, base, dims.vae_scale_factor, union_images)
+    model.union_images = union_images
     records = []
     for index, (name, source) in enumerate(zip(controlnet_names(len(sources)), sources)):
         model.modules[name] = load_controlnet(source, model.module("unet"), seed=seed, index=index, dtype=dtype)

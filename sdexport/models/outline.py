@@ -28,6 +28,8 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionControlNetInpaintPipeline": "sd",  # either U-Net (4 or 9 channels), with its ControlNet(s)
     "StableDiffusionXLInpaintPipeline": "sdxl",  # either U-Net (4 channels: the base model, or 9)
     "StableDiffusionXLControlNetInpaintPipeline": "sdxl",
+    "StableDiffusionXLControlNetUnionPipeline": "sdxl",  # union ControlNet(s), in the same folders
+    "StableDiffusionXLControlNetUnionInpaintPipeline": "sdxl",
     # the base model, and its T2I-Adapter in adapter/ (ModelOutline.adapter)
     "StableDiffusionAdapterPipeline": "sd",
     "StableDiffusionXLAdapterPipeline": "sdxl",

@@ -412,7 +412,7 @@ def _torch_engines(
     record = source.get("adapter")
     adapter = _reload_part(record, "T2I-Adapter", resolve_adapter) if isinstance(record, dict) else None
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
-                       controlnets=controlnets, adapter=adapter)
+                       controlnets=controlnets, adapter=adapter, union_images=manifest.model_dims.K or 1)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
     fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did

@@ -91,11 +91,15 @@ class GenerationRequest:
     control_image: list[Any] | None = None
     """One conditioning image (an edge, depth or pose map: PIL) per ControlNet, in the directory's
     order, each for every prompt; resized to the request's size as diffusers does. ``MASKED_INIT``
-    in its place: the init image with the mask's region at -1 (for an inpainting ControlNet)."""
+    in its place: the init image with the mask's region at -1 (for an inpainting ControlNet). A
+    union ControlNet exported to take K images per call takes K, one per control mode."""
+    control_mode: list[int] | None = None
+    """Union ControlNets: the control mode of each control image (diffusers' ``control_mode``: an
+    index into the modes the model was trained on, e.g. xinsir's 0 openpose, 1 depth, 3 canny)."""
     control_scale: float | list[float] | None = None
-    """``controlnet_conditioning_scale``: one for all ControlNets, or one each. None: diffusers' default
-    for the task (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL
-    inpainting 1.0)."""
+    """``controlnet_conditioning_scale``: one for all ControlNets, or one each (one per image for a
+    union ControlNet taking several). None: diffusers' default for the task
+    (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL inpainting 1.0)."""
     control_start: float | list[float] = 0.0
     """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
     control_end: float | list[float] = 1.0
@@ -238,11 +242,14 @@ def check_request(
     scheduler_config: dict[str, Any] | None = None,
     controlnets: int = 0,
     adapter: bool = False,
+    union_modes: int = 0,
+    union_images: int = 1,
 ) -> None:
     """Refuse what the engines cannot do, with one line that says what can be done instead.
 
     ``scheduler_config`` (the engine directory's) lets the step count be checked against the
-    model's training timesteps; ``controlnets``: how many ControlNets the directory has;
+    model's training timesteps; ``controlnets``: how many ControlNets the directory has (union ones
+    where ``union_modes``, their ``N``, is set, each taking ``union_images``, their ``K``);
     ``adapter``: whether it has a T2I-Adapter.
     """
     from sdexport.runtime.schedulers import check_scheduler_name
@@ -285,7 +292,7 @@ def check_request(
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
     profile.check_request(request.batch, request.height, request.width, dims)
     _check_image_inputs(request, family, dims)
-    _check_control(request, controlnets, family)
+    _check_control(request, controlnets, family, union_images, union_modes)
     _check_adapter(request, adapter)
 
 
@@ -320,8 +327,11 @@ def _check_adapter(request: GenerationRequest, adapter: bool) -> None:
         raise SdexportError(f"--adapter-factor {request.adapter_factor:g}: a fraction of the steps, from 0 to 1")
 
 
-def _check_control(request: GenerationRequest, controlnets: int, family: str) -> None:
-    """ControlNet inputs: one image per ControlNet, settings that diffusers would accept."""
+def _check_control(request: GenerationRequest, controlnets: int, family: str, union_images: int = 1,
+                   union_modes: int = 0) -> None:
+    """ControlNet inputs: one image per ControlNet (``union_images`` each for union ones), a control
+    mode below ``union_modes`` for each image of a union ControlNet, settings that diffusers would
+    accept."""
     from sdexport.runtime.image_inputs import check_image
 
     defaults = (request.control_scale, request.control_start, request.control_end,
@@ -329,19 +339,27 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str) ->
     if not isinstance(request.guess_mode, bool):
         raise SdexportError(f"guess_mode {request.guess_mode!r}: expected true or false")
     if not controlnets:
-        if request.control_image is not None or not defaults:
-            raise SdexportError("--control-image and its settings (--control-scale/-start/-end, --guess-mode) need "
-                                "an engine directory exported with --controlnet (this one has no ControlNet)")
+        if request.control_image is not None or request.control_mode is not None or not defaults:
+            raise SdexportError("--control-image and its settings (--control-mode, --control-scale/-start/-end, "
+                                "--guess-mode) need an engine directory exported with --controlnet (this one has "
+                                "no ControlNet)")
         return
     images = request.control_image
     s = "" if controlnets == 1 else "s"
+    per_net = max(union_images, 1)
+    slots = controlnets * per_net
     if images is None:
         raise SdexportError(f"this engine directory has {controlnets} ControlNet{s}: give --control-image (one per "
-                            "ControlNet, in the order they were exported)")
-    if not isinstance(images, list) or len(images) != controlnets:
+                            "ControlNet, in the order they were exported)" if per_net == 1 else
+                            f"this engine directory has a union ControlNet taking {per_net} images: give "
+                            f"--control-image {per_net} times, and --control-mode for each")
+    if not isinstance(images, list) or len(images) != slots:
         count = len(images) if isinstance(images, list) else type(images).__name__
         raise SdexportError(f"{count} control images for {controlnets} ControlNet{s}: give one per ControlNet, in the "
-                            "order they were exported (controlnet, controlnet_1, ...)")
+                            "order they were exported (controlnet, controlnet_1, ...)" if per_net == 1 else
+                            f"{count} control images for a union ControlNet exported to take {per_net} "
+                            "(--union-images): give that many")
+    _check_control_modes(request.control_mode, slots, union_modes)
     for image in images:
         if isinstance(image, str) and image == MASKED_INIT:
             if request.mask is None:
@@ -354,17 +372,38 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str) ->
         if value is None:  # the scale's per-task default
             continue
         values = list(value) if isinstance(value, list | tuple) else [value]
-        if len(values) not in (1, controlnets):
-            raise SdexportError(f"{flag}: {len(values)} values for {controlnets} ControlNet{s}: give one, or one each")
+        if len(values) not in (1, slots):
+            raise SdexportError(f"{flag}: {len(values)} values for {slots} control images: give one, or one each"
+                                if per_net > 1 else
+                                f"{flag}: {len(values)} values for {controlnets} ControlNet{s}: give one, or one each")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise SdexportError(f"{flag} {v!r}: expected a finite number")
             if flag != "--control-scale" and not 0 <= v <= 1:
                 raise SdexportError(f"{flag} {v:g}: a fraction of the steps, from 0 to 1")
-    for i, (_, start, end) in enumerate(request.control_settings(controlnets, family)):
+    for i, (_, start, end) in enumerate(request.control_settings(slots, family)):
         if start >= end:
             raise SdexportError(f"--control-start {start:g} is not before --control-end {end:g}"
-                                + (f" (ControlNet {i + 1})" if controlnets > 1 else ""))
+                                + (f" (control image {i + 1})" if slots > 1 else ""))
+
+
+def _check_control_modes(modes: Any, images: int, known: int) -> None:
+    """A union ControlNet's modes: one per control image, each below ``known`` (none for others)."""
+    if not known:
+        if modes is not None:
+            raise SdexportError("--control-mode is for union ControlNets (ControlNetUnionModel); this engine "
+                                "directory's ControlNets take no mode")
+        return
+    if modes is None:
+        raise SdexportError(f"union ControlNets need --control-mode for each control image: which of their {known} "
+                            "modes it is (e.g. xinsir's 0 openpose, 1 depth, 2 scribble/HED, 3 canny/lineart)")
+    if not isinstance(modes, list) or len(modes) != images:
+        count = len(modes) if isinstance(modes, list) else type(modes).__name__
+        raise SdexportError(f"{count} control modes for {images} control image{'s' if images > 1 else ''}: give one "
+                            "--control-mode per --control-image")
+    for mode in modes:
+        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < known:
+            raise SdexportError(f"--control-mode {mode!r}: this union ControlNet knows modes 0 to {known - 1}")
 
 
 def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeometry) -> None:

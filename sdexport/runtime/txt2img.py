@@ -100,33 +100,49 @@ class ImageConditioning:
 
 
 class ControlConditioning:
-    """What the ControlNets get at each step of one run: their images and per-step scales (as 0-d
+    """What the ControlNets get at each step of one run: their images and per-step scales (as
     tensors on the device, made once per distinct value, not once per step).
 
     In guess mode (``conditional_only``: guess mode with CFG) they run on the conditional half of
     the batch alone and the unconditional half gets zeros. ``gains``: per ControlNet, guess mode's
     factor for each residual (diffusers' ``torch.logspace(-1, 0, n)``, 0.1 for the first to 1 for
     the mid block's), or None (not in guess mode, or a pooling ControlNet, which diffusers leaves
-    unscaled)."""
+    unscaled).
 
-    def __init__(self, names: list[str], images: list[torch.Tensor], scales: list[list[float]],
+    ``scales[net][step]`` holds one scale per image: one for a plain ControlNet (a 0-d tensor), K
+    for a union one (a (K,) tensor). ``modes``: per union ControlNet, its inputs that say which
+    control modes its images are (``control_type``, ``control_type_idx``); empty for plain ones.
+    A ControlNet whose scales are all zero adds exactly zero and is not run, except a union one
+    taking several images: diffusers scales those images' features inside it, and its residuals
+    are not zero then."""
+
+    def __init__(self, names: list[str], images: list[torch.Tensor], scales: list[list[tuple[float, ...]]],
                  device: torch.device, *, conditional_only: bool = False,
-                 gains: list[list[float] | None] | None = None) -> None:
+                 gains: list[list[float] | None] | None = None,
+                 modes: list[dict[str, torch.Tensor]] | None = None) -> None:
         self.names, self.images, self.scales = names, images, scales
         self.conditional_only = conditional_only
         self.gains = gains or [None] * len(names)
-        self._tensors: dict[float, torch.Tensor] = {
-            value: torch.tensor(value, dtype=torch.float32, device=device)
-            for value in {v for per_step in scales for v in per_step}
+        self.modes = modes or [{} for _ in names]
+        self._tensors: dict[tuple[tuple[float, ...], bool], torch.Tensor] = {
+            (value, bool(extra)): torch.tensor(list(value) if extra else value[0], dtype=torch.float32, device=device)
+            for per_step, extra in zip(scales, self.modes) for value in set(per_step)
         }
 
-    def active(self, step: int) -> bool:
-        return any(per_step[step] != 0 for per_step in self.scales)
+    def _runs(self, net: int, step: int) -> bool:
+        value = self.scales[net][step]
+        return len(value) > 1 or any(v != 0 for v in value)
 
-    def active_nets(self, step: int) -> list[tuple[str, torch.Tensor, torch.Tensor, list[float] | None]]:
-        return [(name, image, self._tensors[per_step[step]], gains)
-                for name, image, per_step, gains in zip(self.names, self.images, self.scales, self.gains)
-                if per_step[step] != 0]
+    def active(self, step: int) -> bool:
+        return any(self._runs(i, step) for i in range(len(self.names)))
+
+    def active_nets(self, step: int) -> list[tuple[str, dict[str, torch.Tensor], list[float] | None]]:
+        """(name, control inputs, gains) of each ControlNet that runs at ``step``."""
+        return [(name, {"controlnet_cond": image,
+                        "conditioning_scale": self._tensors[per_step[step], bool(modes)], **modes}, gains)
+                for i, (name, image, per_step, gains, modes)
+                in enumerate(zip(self.names, self.images, self.scales, self.gains, self.modes))
+                if self._runs(i, step)]
 
 
 @dataclass
@@ -237,7 +253,7 @@ class Txt2ImgPipeline:
                                "does) or re-export with a wider --batch")
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
-                      adapter=self.adapter)
+                      adapter=self.adapter, union_modes=self.dims.N, union_images=self.dims.K or 1)
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
@@ -529,23 +545,43 @@ class Txt2ImgPipeline:
         guess = self.guess_mode(request)
         conditional_only = guess and request.cfg
         batch = 2 * request.batch if request.cfg and not conditional_only else request.batch
-        images, scales = [], []
+        per_image, per_step = [], []
         for image, (scale, start, end) in zip(request.control_image or [],
-                                              request.control_settings(len(self.controlnets), self.family)):
+                                              request.control_settings(len(request.control_image or []), self.family)):
             if isinstance(image, str) and image == MASKED_INIT:  # check() saw the init image and mask
                 pixels = masked_control_pixels(request.image or [], request.mask or [])
             else:
                 pixels = control_pixels(image, request.height, request.width)
-            images.append(per_prompt(pixels, batch).to(self.device))
+            per_image.append(per_prompt(pixels, batch).to(self.device))
             keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
-            scales.append([scale * k for k in keep])
+            per_step.append([scale * k for k in keep])
+        take = self.dims.K or 1  # images per ControlNet: a union one's K, stacked on axis 1
+        images = ([torch.stack(per_image[i:i + take], dim=1) for i in range(0, len(per_image), take)]
+                  if self.dims.N else per_image)
+        scales = [list(zip(*per_step[i:i + take])) for i in range(0, len(per_step), take)]
+        modes = self.control_modes(request, batch) if self.dims.N else None
         gains = None
         if guess:
             residuals = len(self.engines["unet"].spec.residual_inputs)
             logspace = torch.logspace(-1, 0, residuals).tolist()  # as diffusers' ControlNetModel computes it
             gains = [None if name in self.pooled_controlnets else logspace for name in self.controlnets]
         return ControlConditioning(self.controlnets, images, scales, self.device, conditional_only=conditional_only,
-                                   gains=gains)
+                                   gains=gains, modes=modes)
+
+    def control_modes(self, request: GenerationRequest, batch: int) -> list[dict[str, torch.Tensor]]:
+        """Each union ControlNet's modes as its graph takes them: ``control_type``, the one-hot set
+        of its images' modes for every row of its ``batch`` (in float32, as diffusers projects it),
+        and ``control_type_idx``, each image's mode (diffusers' ``control_mode``)."""
+        take, known = self.dims.K, self.dims.N
+        modes = list(request.control_mode or [])
+        out = []
+        for i in range(0, len(modes), take):
+            mine = modes[i:i + take]
+            control_type = torch.zeros(known, dtype=torch.float32)
+            control_type[mine] = 1.0
+            out.append({"control_type": control_type.expand(batch, known).contiguous().to(self.device),
+                        "control_type_idx": torch.tensor(mine, dtype=torch.int32, device=self.device)})
+        return out
 
     def control_residuals(self, control: ControlConditioning, step: int, sample: torch.Tensor, timestep: torch.Tensor,
                           conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -559,9 +595,9 @@ class Txt2ImgPipeline:
         if control.conditional_only:
             inputs = {name: value.chunk(2)[1] for name, value in inputs.items()}
         summed: list[torch.Tensor] | None = None
-        for name, image, scale, gains in control.active_nets(step):
+        for name, control_inputs, gains in control.active_nets(step):
             engine = self.engines[name]
-            feed = {"timestep": timestep, "controlnet_cond": image, "conditioning_scale": scale,
+            feed = {"timestep": timestep, **control_inputs,
                     **{k: v for k, v in inputs.items() if k in engine.spec.input_names}}
             out = engine(feed)
             residual = [out[n] for n in engine.spec.residual_outputs]

@@ -47,6 +47,8 @@ class Row:
     mask: Any = None
     strength: float | None = None
     control_image: list[Any] | None = None
+    control_mode: list[int] | None = None
+    """Union ControlNets: each control image's mode."""
     control_scale: float | list[float] | None = None
     """None: the task's default (``CONTROL_SCALE_DEFAULTS``)."""
     control_start: float | list[float] = 0.0
@@ -65,12 +67,12 @@ class Row:
         """What must be equal for rows to be generated in one call."""
         return (self.steps, self.guidance, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
-                self.image is None, self.mask is None, self.control_digest,
+                self.image is None, self.mask is None, self.control_digest, _hashable(self.control_mode),
                 _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
                 self.guess_mode, self.adapter_image is None, self.adapter_scale, self.adapter_factor)
 
 
-def _hashable(value: float | list[float] | None) -> Any:
+def _hashable(value: float | list[float] | list[int] | None) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -158,6 +160,8 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             values = [_number(v, name, float) for v in many(name) or []]
             if values:
                 setattr(row, name, values[0] if len(values) == 1 else values)
+        modes = [_number(v, "control_mode", int) for v in many("control_mode") or []]
+        row.control_mode = modes or None
         if control_bytes:
             row.control_digest = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in control_bytes)).hexdigest()
         if init is not None:
@@ -228,16 +232,19 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         steps=first.steps, guidance=first.guidance, scheduler=first.scheduler,
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
-        control_image=first.control_image, control_scale=first.control_scale,
+        control_image=first.control_image, control_mode=first.control_mode, control_scale=first.control_scale,
         control_start=first.control_start, control_end=first.control_end, guess_mode=first.guess_mode,
         adapter_image=column("adapter_image"), adapter_scale=first.adapter_scale, adapter_factor=first.adapter_factor,
     )
 
 
-def group_rows(rows: list[tuple[Any, Row]], max_batch: int) -> list[list[tuple[Any, Row]]]:
+def group_rows(rows: list[tuple[Any, Row]], max_batch: int,
+               apart: Callable[[Any], Any] | None = None) -> list[list[tuple[Any, Row]]]:
     """Rows (each with its owner, e.g. a request index) in batches of equal ``batch_key`` and at most
-    ``max_batch`` rows, in order of first arrival: one generation call each."""
+    ``max_batch`` rows, in order of first arrival: one generation call each. ``apart``: rows whose
+    owners it maps to different values never share a call (a union ControlNet's rows attend to
+    each other, so another request's rows would change an image)."""
     groups: dict[tuple[Any, ...], list[tuple[Any, Row]]] = {}
     for owner, row in rows:
-        groups.setdefault(row.batch_key(), []).append((owner, row))
+        groups.setdefault((row.batch_key(), apart(owner) if apart else None), []).append((owner, row))
     return [members[i:i + max_batch] for members in groups.values() for i in range(0, len(members), max_batch)]

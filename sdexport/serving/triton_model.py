@@ -134,7 +134,8 @@ class ServedModel:
                 continue
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
-        calls = group_rows(rows, self.max_batch)
+        # a union ControlNet attends across the rows of its call (specs: AttentionOverTheBatch): one request a call
+        calls = group_rows(rows, self.max_batch, (lambda owner: owner[0]) if self.pipeline.dims.N else None)
         for members in calls:
             members = [(o, row) for o, row in members if not isinstance(outcome[o[0]], str)]  # not failed yet
             if not members:
