@@ -513,10 +513,12 @@ def _attention_over_the_batch() -> type[torch.nn.Module]:
         """A union ControlNet's ``nn.MultiheadAttention``, computed by hand so that the graph keeps
         its batch dynamic: PyTorch's traces its sequence length as a constant.
 
-        Its sequence is the batch. The union model hands the attention (B, K + 1, C), the modes'
-        tokens and the image's, without ``batch_first``, so each token attends to the same token of
-        every row of the batch (diffusers' code, which the published weights were trained with).
-        This computes exactly that with the module's own weights."""
+        Its sequence is the batch. The union model hands the attention (B, K + 1, C), the control
+        images' tokens and the latents', without ``batch_first``, so each token attends to the same
+        token of every row of the batch (diffusers' code, which the published weights were trained
+        with). This computes exactly that with the module's own weights. Only the images' tokens
+        reach the residuals, so rows given the same control images (every ``run``) do not change
+        each other; rows with their own (a masked init image per row) do, in diffusers too."""
 
         def __init__(self, attention: torch.nn.MultiheadAttention) -> None:
             super().__init__()

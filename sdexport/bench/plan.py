@@ -101,6 +101,10 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     nets = controlnets_for(outline, scenario.controlnets)
     adapter_for(outline, scenario.adapter, len(nets))
     modes, images = (union_modes(nets[0].config(outline.unet_config or {})) if nets else 0), 1
+    if modes and scenario.guess_mode and scenario.guidance > 1:
+        raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
+                            "(they give the ControlNet the one-hot modes at the guidance batch), so the baseline "
+                            "cannot run it; drop guess_mode, or set guidance = 1")
     export_profile = bench_export_profile(scenario)
     export_profile.validate(outline)
     export_profile.check_limits(outline.vae_width)

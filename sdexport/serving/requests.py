@@ -218,6 +218,14 @@ def _number(value: Any, name: str, kind: type) -> Any:
     return number
 
 
+def own_control_pixels(owner: tuple[int, int], row: Row) -> int | None:
+    """For ``group_rows`` over a union ControlNet, which attends across the rows of its call: rows
+    whose control pixels are their own (``MASKED_INIT``: made from the row's init image and mask)
+    stay with their request, so another request's rows cannot change their images. Rows with the
+    same control images (``batch_key``) give it the same tokens and change nothing."""
+    return owner[0] if MASKED_INIT in (row.control_image or []) else None
+
+
 def generation_request(rows: list[Row]) -> GenerationRequest:
     """The one call that generates ``rows`` (which share ``batch_key``)."""
     first = rows[0]
@@ -239,12 +247,11 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
 
 
 def group_rows(rows: list[tuple[Any, Row]], max_batch: int,
-               apart: Callable[[Any], Any] | None = None) -> list[list[tuple[Any, Row]]]:
+               apart: Callable[[Any, Row], Any] | None = None) -> list[list[tuple[Any, Row]]]:
     """Rows (each with its owner, e.g. a request index) in batches of equal ``batch_key`` and at most
-    ``max_batch`` rows, in order of first arrival: one generation call each. ``apart``: rows whose
-    owners it maps to different values never share a call (a union ControlNet's rows attend to
-    each other, so another request's rows would change an image)."""
+    ``max_batch`` rows, in order of first arrival: one generation call each. ``apart(owner, row)``:
+    rows it maps to different values never share a call."""
     groups: dict[tuple[Any, ...], list[tuple[Any, Row]]] = {}
     for owner, row in rows:
-        groups.setdefault((row.batch_key(), apart(owner) if apart else None), []).append((owner, row))
+        groups.setdefault((row.batch_key(), apart(owner, row) if apart else None), []).append((owner, row))
     return [members[i:i + max_batch] for members in groups.values() for i in range(0, len(members), max_batch)]

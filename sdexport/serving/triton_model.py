@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
-from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows
+from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows, own_control_pixels
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -134,8 +134,7 @@ class ServedModel:
                 continue
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
-        # a union ControlNet attends across the rows of its call (specs: AttentionOverTheBatch): one request a call
-        calls = group_rows(rows, self.max_batch, (lambda owner: owner[0]) if self.pipeline.dims.N else None)
+        calls = group_rows(rows, self.max_batch, own_control_pixels if self.pipeline.dims.N else None)
         for members in calls:
             members = [(o, row) for o, row in members if not isinstance(outcome[o[0]], str)]  # not failed yet
             if not members:

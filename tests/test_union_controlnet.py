@@ -1,0 +1,422 @@
+"""Union ControlNets (diffusers' ControlNetUnionModel, xinsir's controlnet-union-sdxl) through the
+same specs, engines and loop: parity with diffusers' union pipelines (one image, several images
+with their own scales and windows, several union ControlNets, guess mode, img2img, inpainting, ONNX
+Runtime and Torch), the attention over the batch that the published model computes, its specs,
+manifest and TensorRT profiles, serving, the benchmark, and the refusals a user can cause."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fake_tensorrt
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from test_controlnet import TOLERANCE, _agree, _rel, no_engines, watch  # noqa: F401  (no_engines: a fixture)
+from test_image_tasks import box_mask
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import SdexportError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+MODELS = {  # name: (ControlNets, images each takes per call)
+    "one": (["tiny-union"], 1),
+    "two-images": (["tiny-union"], 2),
+    "two-nets": (["tiny-union", "tiny-union"], 1),  # diffusers' MultiControlNetUnionModel
+}
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def engine_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("union")
+    dirs = {}
+    for name, (nets, images) in MODELS.items():
+        dirs[name] = root / name
+        export("tiny-sdxl", dirs[name], ExportOptions(verify="quick", controlnets=nets, union_images=images))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, DiffusersReference]:
+    return {name: DiffusersReference(load_model("tiny-sdxl", controlnets=nets, union_images=images))
+            for name, (nets, images) in MODELS.items()}
+
+
+def _request(name: str, **changes) -> GenerationRequest:
+    images = 2 if name != "one" else 1
+    request = GenerationRequest(
+        prompt=["a lighthouse", "a harbour"], negative_prompt=["fog", "rain"], steps=6, seeds=[3, 4], height=64,
+        width=128, scheduler="euler_a",
+        # 80x100: resized to 64x128 by both, so the preprocessing is compared too
+        control_image=[picture(80, 100, 10 + i) for i in range(images)], control_mode=[3, 1][:images],
+        control_scale=[0.8, 1.3][:images],
+    )
+    for key, value in changes.items():
+        setattr(request, key, value)
+    return request
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+@pytest.mark.parametrize("name", MODELS)
+def test_matches_diffusers_union_pipeline(engine_dirs, references, name, backend):
+    """StableDiffusionXLControlNetUnionPipeline (two union ControlNets: its MultiControlNetUnionModel),
+    same seeds, batch 2 with CFG, a scale per image, a stochastic scheduler; the modes and the images
+    both change the result."""
+    pipeline = load_pipeline(engine_dirs[name], backend)
+    ours = pipeline(_request(name))
+    _agree(ours, references[name](_request(name)))
+    assert ours.timings.controlnet_steps
+    modes = pipeline(_request(name, control_mode=[0, 5][:len(_request(name).control_image)]))
+    assert _rel(modes, ours) > 10 * TOLERANCE
+    images = pipeline(_request(name, control_image=[picture(80, 100, 20 + i)
+                                                    for i in range(len(_request(name).control_image))]))
+    assert _rel(images, ours) > 10 * TOLERANCE
+
+
+def test_windows_per_image_and_the_steps_a_union_controlnet_runs(engine_dirs, references):
+    """Each image has its own window. One union ControlNet taking several images runs at every step
+    (diffusers scales those images' features inside it, so it adds residuals even where every
+    window is closed); one taking one image is skipped outside its window (it would add zeros)."""
+    pipeline = load_pipeline(engine_dirs["two-images"], "onnxruntime-cpu")
+    calls = watch(pipeline)
+    # 6 steps: image 1 acts at step 0, image 2 at steps 3-5; steps 1 and 2 have both windows closed
+    windows = _request("two-images", control_start=[0.0, 0.5], control_end=[0.3, 1.0])
+    _agree(pipeline(windows), references["two-images"](windows))
+    scales = [feed["conditioning_scale"] for engine, feed in calls if engine == "controlnet"]
+    torch.testing.assert_close(torch.stack(scales), torch.tensor([[0.8, 0.0], [0.0, 0.0], [0.0, 0.0], [0.0, 1.3],
+                                                                  [0.0, 1.3], [0.0, 1.3]]))
+    single = load_pipeline(engine_dirs["one"], "onnxruntime-cpu")
+    calls = watch(single)
+    early = _request("one", control_end=0.5)
+    _agree(single(early), references["one"](early))
+    assert [engine for engine, _ in calls].count("controlnet") == 3
+
+
+@pytest.mark.parametrize("name", ["one", "two-images"])
+def test_guess_mode_matches_diffusers(engine_dirs, references, name, monkeypatch):
+    """Without CFG as diffusers' union pipeline runs it; with CFG as it would, were it to give its union
+    ControlNet the one-hot modes at the batch it runs at (diffusers 0.42 gives it the guidance
+    batch's, twice as many rows, and fails): sdexport runs the conditional half, as for every
+    ControlNet."""
+    pipeline = load_pipeline(engine_dirs[name], "onnxruntime-cpu")
+    calls = watch(pipeline)
+    plain = _request(name, guess_mode=True, guidance=1.0, negative_prompt=None)
+    _agree(pipeline(plain), references[name](plain))
+    reference = references[name]
+    net = reference.pipe.controlnet
+    forward = net.forward
+
+    def at_its_batch(sample, timestep, encoder_hidden_states, controlnet_cond, control_type, *args, **kwargs):
+        return forward(sample, timestep, encoder_hidden_states, controlnet_cond, control_type[:sample.shape[0]],
+                       *args, **kwargs)
+
+    monkeypatch.setattr(net, "forward", at_its_batch)
+    calls.clear()
+    request = _request(name, guess_mode=True)
+    result = pipeline(request)
+    _agree(result, reference(request))
+    assert result.guess_mode
+    assert {feed["control_type"].shape[0] for engine, feed in calls if engine == "controlnet"} == {2}
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_match_diffusers(engine_dirs, references, task):
+    """StableDiffusionXLControlNetUnionImg2ImgPipeline and ...UnionInpaintPipeline, at their defaults
+    (strength, ControlNet scale, guidance) where the request gives none."""
+    pipeline = load_pipeline(engine_dirs["two-images"], "onnxruntime-cpu", image_inputs=True)
+    request = _request("two-images", image=[picture(64, 128, 30)], control_scale=None, guidance=None,
+                       mask=[box_mask(64, 128)] if task == "inpaint" else None)
+    _agree(pipeline(request), references["two-images"](request))
+
+
+def test_the_defaults_are_the_union_pipelines():
+    """The tables the runtime fills a request from agree with the union pipelines' signatures."""
+    import inspect
+
+    import diffusers
+
+    for task, cls in (("txt2img", diffusers.StableDiffusionXLControlNetUnionPipeline),
+                      ("img2img", diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline),
+                      ("inpaint", diffusers.StableDiffusionXLControlNetUnionInpaintPipeline)):
+        defaults = inspect.signature(cls.__call__).parameters
+        request = GenerationRequest(prompt=["x"], image=[picture(8, 8, 0)] if task != "txt2img" else None,
+                                    mask=[box_mask(8, 8)] if task == "inpaint" else None,
+                                    control_image=[picture(8, 8, 0)], control_mode=[0])
+        assert request.control_settings(1, "sdxl")[0][0] == defaults["controlnet_conditioning_scale"].default
+        assert request.effective_guidance("sdxl") == defaults["guidance_scale"].default
+        if task != "txt2img":
+            assert request.effective_strength("sdxl") == defaults["strength"].default
+
+
+def test_the_rows_of_a_call_attend_to_each_other(engine_dirs):
+    """The union model's attention runs over the batch (diffusers' code, with which the published
+    weights were trained): computed by hand with the module's weights, exactly. So a row's residuals
+    depend on the other rows' control images where they differ, in the engine as in diffusers."""
+    from sdexport.export.inputs import sample_inputs
+    from sdexport.specs import _attention_over_the_batch
+
+    attention = torch.nn.MultiheadAttention(32, 8).eval()
+    tokens = torch.randn(3, 2, 32)  # (batch, K + 1, width), as the union model hands them
+    with torch.no_grad():
+        expected = attention(tokens, tokens, tokens, need_weights=False)[0]
+        computed = _attention_over_the_batch()(attention)(tokens, tokens, tokens, need_weights=False)[0]
+    torch.testing.assert_close(computed, expected, rtol=1e-5, atol=1e-6)
+    manifest = load_manifest(engine_dirs["one"])
+    engine = load_pipeline(engine_dirs["one"], "onnxruntime-cpu").engines["controlnet"]
+    feed = {name: torch.from_numpy(value) for name, value in
+            sample_inputs(manifest.spec("controlnet"), manifest.model_dims.sizes(2, 64, 64), vocab_size=100).items()}
+    alone = {name: value[:1] if value.dim() and value.shape[0] == 2 and name != "control_type_idx" else value
+             for name, value in feed.items()}
+    first = engine(feed)["down_block_res_samples.0"][:1]
+    assert float((first - engine(alone)["down_block_res_samples.0"]).abs().max()) > 1e-3
+    same = {**feed, "controlnet_cond": feed["controlnet_cond"][:1].expand_as(feed["controlnet_cond"]).contiguous()}
+    torch.testing.assert_close(engine(same)["down_block_res_samples.0"][:1],
+                               engine({**alone, "controlnet_cond": same["controlnet_cond"][:1]})["down_block_res_samples.0"],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_specs_and_manifest_describe_the_union_inputs(engine_dirs):
+    manifest = load_manifest(engine_dirs["two-images"])
+    assert (manifest.dims["K"], manifest.dims["N"]) == (2, 8)
+    spec = manifest.spec("controlnet")
+    assert spec.union and spec.input_names[-4:] == ["controlnet_cond", "control_type", "control_type_idx",
+                                                   "conditioning_scale"]
+    graph = onnx.load(str(engine_dirs["two-images"] / "controlnet" / "model.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert dims["controlnet_cond"] == ["B", 2, 3, "H", "W"]
+    assert dims["control_type"] == ["B", 8] and dims["control_type_idx"] == [2]
+    index = json.loads((engine_dirs["two-nets"] / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLControlNetUnionPipeline"
+    assert index["controlnet"] == ["diffusers", "MultiControlNetUnionModel"]
+    assert "K" not in load_manifest(engine_dirs["one"]).spec("unet").input_names
+
+
+def test_a_manifest_with_half_the_union_dims_is_refused(engine_dirs, tmp_path, capsys):
+    import shutil
+
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["one"], directory)
+    data = json.loads((directory / "manifest.json").read_text())
+    del data["dims"]["N"]
+    (directory / "manifest.json").write_text(json.dumps(data))
+    assert run_cli("inspect", directory) == 2
+    assert "union ControlNets need dims.residuals, dims.N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])
+def test_tensorrt_profiles_cover_the_union_inputs(engine_dirs, tmp_path, monkeypatch, version):
+    """The profiles come from the specs: K images on the guidance batch, one mode each."""
+    import shutil
+
+    from test_tensorrt_fakes import Recorder
+
+    from sdexport.build import tensorrt_build
+
+    trt = fake_tensorrt.make_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["two-images"], directory)
+    tensorrt_build.build_engines(directory, fp16=False, components=["controlnet"], timing_cache=tmp_path / "t.cache")
+    (net,) = recorder.builds
+    profile = net["profiles"][0]
+    # tiny profile: batch 1-2 (CFG: up to 4), sides 64-256 px
+    cond = profile["controlnet_cond"]
+    assert (tuple(cond.min), tuple(cond.max)) == ((1, 2, 3, 64, 64), (4, 2, 3, 256, 256))
+    assert (tuple(profile["control_type"].min), tuple(profile["control_type"].max)) == ((1, 8), (4, 8))
+    for name in ("control_type_idx", "conditioning_scale"):
+        assert tuple(profile[name].min) == tuple(profile[name].max) == (2,)
+
+
+def test_a_union_directory_exports_in_fp16_and_runs(tmp_path):
+    """--controlnet DIR of a ControlNetUnionModel (its own weights), fp16 (control_type stays float32
+    into its sinusoidal projection, as diffusers computes it), run from the CLI with --control-mode."""
+    load_model("tiny-sdxl", controlnets=["tiny-union"]).module("controlnet").save_pretrained(tmp_path / "net")
+    out = tmp_path / "engines"
+    assert run_cli("export", "tiny-sdxl", "--controlnet", tmp_path / "net", "--dtype", "fp16", "-o", out,
+                   "--verify", "quick") == 0
+    graph = onnx.load(str(out / "controlnet" / "model.onnx"), load_external_data=False).graph
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types["control_type"] == onnx.TensorProto.FLOAT and types["control_type_idx"] == onnx.TensorProto.INT32
+    picture(64, 64, 0).save(tmp_path / "edges.png")
+    assert run_cli("run", out, "-p", "x", "-o", tmp_path / "o.png", "--control-image", tmp_path / "edges.png",
+                   "--control-mode", "3", "--steps", "2", "--backend", "onnxruntime-cpu") == 0
+    saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
+    assert saved["control"] == [{"scale": 1.0, "start": 0.0, "end": 1.0, "mode": 3}]
+
+
+def test_a_union_pipeline_directory_exports_with_its_controlnets(tmp_path):
+    """A StableDiffusionXLControlNetUnionPipeline directory (saved by sdexport, loaded back by diffusers
+    itself) is exported with its own union ControlNet; one of two union ControlNets too, which
+    diffusers saves as MultiControlNetUnionModel and cannot load back (it exports no such class)."""
+    import diffusers
+
+    load_model("tiny-sdxl", controlnets=["tiny-union"]).save_pretrained(tmp_path / "pipe")
+    pipe = diffusers.StableDiffusionXLControlNetUnionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe.controlnet).__name__ == "ControlNetUnionModel"
+    load_model("tiny-sdxl", controlnets=["tiny-union", "tiny-union"]).save_pretrained(tmp_path / "two")
+    for source, nets in ((tmp_path / "pipe", ["controlnet"]), (tmp_path / "two", ["controlnet", "controlnet_1"])):
+        out = tmp_path / f"engines-{source.name}"
+        assert run_cli("export", source, "-o", out, "--verify", "none") == 0
+        manifest = load_manifest(out)
+        assert manifest.controlnets == nets and manifest.dims["N"] == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--controlnet", "tiny-union", "--controlnet", "tiny-controlnet"], "union and plain ControlNets together"),
+    (["--controlnet", "tiny-controlnet", "--union-images", "2"], "--union-images is for a union ControlNet"),
+    (["--controlnet", "tiny-union", "--union-images", "9"], "--union-images 9: a union ControlNet takes 1 to 8"),
+    (["--controlnet", "tiny-union", "--union-images", "0"], "--union-images 0: a union ControlNet takes 1 to 8"),
+    (["--controlnet", "tiny-union", "--controlnet", "tiny-union", "--union-images", "2"],
+     "together they take one image each"),
+    (["--controlnet", "{sd_union}"], "a union ControlNet, which diffusers runs with SDXL models only, not sd"),
+])
+def test_export_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch, args, message):
+    from sdexport.models import loader
+
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    sd_union = tmp_path / "sd-union"  # a union config beside an SD model: refused from its config
+    sd_union.mkdir()
+    (sd_union / "config.json").write_text(json.dumps({"_class_name": "ControlNetUnionModel",
+                                                      "num_control_type": 8}))
+    (sd_union / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    base = "tiny" if "{sd_union}" in args else "tiny-sdxl"
+    args = [a.format(sd_union=sd_union) for a in args]
+    assert run_cli("export", base, "-o", tmp_path / "out", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("one", ["--control-image", "{img}"], "union ControlNets need --control-mode for each control image"),
+    ("one", ["--control-image", "{img}", "--control-mode", "1", "--control-mode", "2"],
+     "2 control modes for 1 control image"),
+    ("one", ["--control-image", "{img}", "--control-mode", "8"], "--control-mode 8: this union ControlNet knows "
+                                                                 "modes 0 to 7"),
+    ("two-images", ["--control-image", "{img}", "--control-mode", "1"],
+     "1 control images for a union ControlNet exported to take 2 (--union-images)"),
+    ("two-images", ["--control-image", "{img}", "--control-image", "{img}", "--control-mode", "1",
+                    "--control-mode", "3", "--control-scale", "1", "--control-scale", "1", "--control-scale", "1"],
+     "--control-scale: 3 values for 2 control images"),
+    ("two-nets", [], "has 2 ControlNets: give --control-image"),
+])
+@pytest.mark.usefixtures("no_engines")
+def test_bad_union_requests_are_refused_before_engines_load(engine_dirs, tmp_path, capsys, name, args, message):
+    picture(64, 64, 0).save(tmp_path / "edges.png")
+    args = [a.format(img=tmp_path / "edges.png") for a in args]
+    assert run_cli("run", engine_dirs[name], "-p", "x", "-o", tmp_path / "o.png", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_control_mode_for_other_controlnets_is_refused(tiny_engine_dir, tmp_path, capsys):
+    from sdexport.runtime.request import _check_control
+
+    with pytest.raises(SdexportError, match="--control-mode is for union ControlNets"):
+        _check_control(GenerationRequest(prompt=["x"], control_image=[picture(8, 8, 0)], control_mode=[1]), 1, "sd")
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-mode", "1") == 2
+    assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
+
+
+def test_served_union_requests_are_the_images_run_writes(engine_dirs, tmp_path):
+    """serve takes control_mode; a request gives run's image pixel for pixel, also when its rows
+    share a call with another request's (the same control image: they change nothing)."""
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    picture(64, 128, 2).save(tmp_path / "edges.png")
+    out = tmp_path / "cli.png"
+    assert run_cli("run", engine_dirs["one"], "-p", "x", "-p", "y", "--steps", "3", "--seed", "5",
+                   "--control-image", tmp_path / "edges.png", "--control-mode", "3", "--backend", "onnxruntime-cpu",
+                   "-o", out) == 0
+    logged: list[str] = []
+    model = ServedModel(ServeSettings(str(engine_dirs["one"]), backend="onnxruntime-cpu", max_steps=50),
+                        log=logged.append)
+    try:
+        def request(prompts: list[str], seeds: list[int], mode: int = 3) -> dict[str, np.ndarray]:
+            inputs = _inputs(prompts, steps=3, seed=seeds)
+            inputs["control_image"] = np.array([[(tmp_path / "edges.png").read_bytes()]] * len(prompts), dtype=object)
+            inputs["control_mode"] = np.array([[mode]] * len(prompts), dtype=np.int32)
+            return inputs
+
+        [x, y] = model.generate([request(["x"], [5]), request(["y"], [6])])
+        assert not isinstance(x, str) and not isinstance(y, str), (x, y)
+        assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
+        for (generated,), path in ((x, out.with_name("cli-0.png")), (y, out.with_name("cli-1.png"))):
+            np.testing.assert_array_equal(_png_pixels(generated.png), np.asarray(Image.open(path).convert("RGB")))
+        [refused] = model.generate([request(["x"], [5], mode=9)])
+        assert refused == "--control-mode 9: this union ControlNet knows modes 0 to 7"
+    finally:
+        model.close()
+
+
+def test_served_rows_keep_apart_only_with_their_own_control_pixels():
+    """Rows with the same control images share a call across requests; rows whose control image is
+    made from their own init image (masked-init) stay with their request."""
+    from sdexport.runtime.request import MASKED_INIT
+    from sdexport.serving.requests import Row, group_rows, own_control_pixels
+
+    def row(control: object) -> Row:
+        return Row(prompt="x", seed=0, steps=2, guidance=5.0, scheduler="default", height=64, width=64,
+                   control_image=[control], control_mode=[3])
+
+    shared = [((r, 0), row("edges")) for r in range(2)]
+    assert [len(c) for c in group_rows(shared, 4, own_control_pixels)] == [2]
+    own = [((r, 0), row(MASKED_INIT)) for r in range(2)]
+    assert [len(c) for c in group_rows(own, 4, own_control_pixels)] == [1, 1]
+
+
+def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
+    """The harness exports the union ControlNet, gives every contender the same edge map as the
+    scenario's mode, and compares with diffusers' union pipeline; engines must match."""
+    base = ('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
+            'contenders = ["diffusers", "onnxruntime-cpu"]\n')
+    scenario = tmp_path / "un.toml"
+    scenario.write_text(base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+    assert runtime["agreement"]["latents_rel_l2"] < TOLERANCE
+    assert "edge map at scale 1.0 as control mode(s) 3" in (out / "results.md").read_text()
+    for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need --control-mode"),
+                          ('controlnets = ["tiny-union"]\ncontrol_mode = [3, 1]\n',
+                           "control_mode: 2 modes for 1 ControlNet(s)"),
+                          ('controlnets = ["tiny-controlnet"]\ncontrol_mode = [3]\n',
+                           "--control-mode is for union ControlNets"),
+                          ('controlnets = ["tiny-union"]\ncontrol_mode = [3]\nguess_mode = true\n',
+                           "guess_mode with union ControlNets under guidance: diffusers' union pipelines fail")):
+        scenario.write_text(base + text)
+        assert run_cli("bench", scenario, "-o", tmp_path / "b") == 2
+        assert message in capsys.readouterr().err
+    scenario.write_text(base + 'controlnets = ["tiny-controlnet"]\n')
+    assert run_cli("bench", scenario, "--engine-dir", engine_dirs["one"], "-o", tmp_path / "c") == 2
+    assert "has union ControlNets, the scenario plain ones" in capsys.readouterr().err
+
+
+def test_the_union_preset_for_sdxl_plans_from_configs(tmp_path):
+    """sdxl-union plans against the real SDXL architecture from configs (no weights drawn)."""
+    from sdexport.export.plan import plan_export
+
+    plan = plan_export("sdxl", tmp_path / "x", ExportOptions(controlnets=["sdxl-union"]))
+    assert [s.name for s in plan.specs].index("controlnet") == [s.name for s in plan.specs].index("unet") - 1
+    assert plan.controlnets[0].config(plan.outline.unet_config or {})["num_control_type"] == 8
