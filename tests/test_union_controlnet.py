@@ -245,6 +245,26 @@ def test_tensorrt_profiles_cover_the_union_inputs(engine_dirs, tmp_path, monkeyp
         assert tuple(profile[name].min) == tuple(profile[name].max) == (2,)
 
 
+def test_onnxruntime_fusions_keep_the_attention_over_the_batch(engine_dirs, tmp_path):
+    """``build --target onnxruntime-cuda`` fuses a union ControlNet as a U-Net: the fusions ONNX Runtime
+    runs on a CPU compute what the portable graph computes, rows with their own images included."""
+    import onnxruntime as ort
+
+    from sdexport.build import onnxruntime_build as ob
+    from sdexport.export import graph
+    from sdexport.export.inputs import sample_inputs
+
+    portable = engine_dirs["two-images"] / "controlnet" / "model.onnx"
+    fused, stats = ob.fuse(onnx.load(str(portable)), "unet", fp16=False, gpu=False)
+    assert stats["MultiHeadAttention"] > 0
+    graph.save(fused, tmp_path / "fused.onnx")
+    manifest = load_manifest(engine_dirs["two-images"])
+    feed = sample_inputs(manifest.spec("controlnet"), manifest.model_dims.sizes(3, 64, 64), vocab_size=100)
+    for ours, theirs in zip(ort.InferenceSession(str(tmp_path / "fused.onnx")).run(None, feed),
+                            ort.InferenceSession(str(portable)).run(None, feed)):
+        assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
+
+
 def test_a_union_directory_exports_in_fp16_and_runs(tmp_path):
     """--controlnet DIR of a ControlNetUnionModel (its own weights), fp16 (control_type stays float32
     into its sinusoidal projection, as diffusers computes it), run from the CLI with --control-mode."""
@@ -414,9 +434,14 @@ def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
 
 
 def test_the_union_preset_for_sdxl_plans_from_configs(tmp_path):
-    """sdxl-union plans against the real SDXL architecture from configs (no weights drawn)."""
+    """sdxl-union plans against the real SDXL architecture from configs (no weights drawn), as an
+    export and as the shipped benchmark scenario."""
+    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.scenario import load_scenario
     from sdexport.export.plan import plan_export
 
     plan = plan_export("sdxl", tmp_path / "x", ExportOptions(controlnets=["sdxl-union"]))
     assert [s.name for s in plan.specs].index("controlnet") == [s.name for s in plan.specs].index("unet") - 1
     assert plan.controlnets[0].config(plan.outline.unet_config or {})["num_control_type"] == 8
+    scenario = load_scenario(Path("benchmarks/scenarios/sdxl-1024-union.toml"))
+    assert scenario.control_mode == [3] and plan_bench(scenario, Options()).contenders

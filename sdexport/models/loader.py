@@ -346,7 +346,9 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     for index, (name, source) in enumerate(zip(controlnet_names(len(sources)), sources)):
         model.modules[name] = load_controlnet(source, model.module("unet"), seed=seed, index=index, dtype=dtype)
         records.append(source.record(seed))
-    model.label += ", ControlNet " + ", ".join(s.argument for s in sources)
+    union = model.dims.N
+    model.label += (", union ControlNet " if union else ", ControlNet ") + ", ".join(s.argument for s in sources)
+    model.label += f" ({union_images} images per call)" if union and union_images > 1 else ""
     model.source = {**model.source, "controlnets": records}
 
 
