@@ -35,6 +35,9 @@ class GraphTensor:
     dtype: str
     """``float32``, ``float16``, ``int32``, ``int64``, ... (numpy's names)."""
     rank: int
+    sizes: tuple[int | None, ...] = ()
+    """The fixed size of each axis where the graph has one (None: a named or unknown one); empty
+    where the source does not say."""
 
 
 @dataclass(frozen=True)
@@ -91,9 +94,12 @@ class GraphIO:
         return (1,) if name in self.reshaped else spec_shape
 
 
-def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[GraphTensor], where: str) -> GraphIO:
+def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[GraphTensor], where: str,
+             sizes: dict[str, int] | None = None) -> GraphIO:
     """The graph's I/O against ``spec`` (resolved for its model): the bridge, or EngineDirError naming
-    the first tensor no engine can feed or read."""
+    the first tensor no engine can feed or read. ``sizes`` (the manifest's, ``ModelDims.sizes``):
+    each fixed size the graph declares is also the one they give (a hand-edited manifest's dims
+    would otherwise fail as an ONNX Runtime error in the loop)."""
     names, returned = [t.name for t in inputs], [t.name for t in outputs]
     if not set(names) <= set(spec.input_names) or set(returned) != set(spec.output_names):
         raise EngineDirError(
@@ -102,6 +108,8 @@ def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[Graph
         )
     for tensor in (*inputs, *outputs):
         _check_tensor(spec, spec.tensor(tensor.name), tensor, where)
+        if sizes is not None:
+            _check_sizes(spec.tensor(tensor.name), tensor, sizes, where)
     scalars = frozenset(t.name for t in spec.inputs if not t.dims)
     return GraphIO({t.name: t for t in inputs}, {t.name: t for t in outputs}, scalars)
 
@@ -121,13 +129,27 @@ def _check_tensor(spec: ComponentSpec, declared: TensorSpec, found: GraphTensor,
         )
 
 
+def _check_sizes(declared: TensorSpec, found: GraphTensor, sizes: dict[str, int], where: str) -> None:
+    from sdexport.specs import is_dynamic, resolve_dim
+
+    for symbol, size in zip(declared.dims, found.sizes):  # _check_tensor checked the ranks
+        if size is None or is_dynamic(symbol):
+            continue
+        if size != resolve_dim(symbol, sizes):
+            raise EngineDirError(
+                f"{where}: {found.name} has size {size} where the manifest's dims give {symbol} = "
+                f"{resolve_dim(symbol, sizes)}; the manifest does not describe this graph"
+            )
+
+
 def onnx_tensors(values: Any) -> list[GraphTensor]:
     """``GraphTensor``s of ONNX ``ValueInfoProto``s (a graph's inputs or outputs)."""
     found = []
     for value in values:
         kind = value.type.tensor_type
         found.append(GraphTensor(value.name, _ONNX_TYPES.get(kind.elem_type, f"onnx type {kind.elem_type}"),
-                                 len(kind.shape.dim)))
+                                 len(kind.shape.dim),
+                                 tuple(d.dim_value if d.HasField("dim_value") else None for d in kind.shape.dim)))
     return found
 
 
@@ -138,4 +160,4 @@ def onnxruntime_tensors(args: Any) -> list[GraphTensor]:
     """``GraphTensor``s of an InferenceSession's ``get_inputs()``/``get_outputs()`` (types such as
     ``tensor(float16)``)."""
     return [GraphTensor(a.name, _ORT_TYPES.get(a.type, str(a.type).removeprefix("tensor(").removesuffix(")")),
-                        len(a.shape)) for a in args]
+                        len(a.shape), tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args]

@@ -453,7 +453,6 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     import onnx
 
     from sdexport.errors import one_line
-    from sdexport.specs import is_dynamic, resolve_dim
 
     rel = manifest.components[name].onnx
     try:
@@ -471,24 +470,16 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     spec = manifest.spec(name)
     weights = {init.name for init in graph.initializer}
     inputs = [v for v in graph.input if v.name not in weights]
-    io = check_io(spec, onnx_tensors(inputs), onnx_tensors(graph.output), f"{directory}: {rel}")
-    sizes = manifest.model_dims.sizes(1, 0, 0)
+    io = check_io(spec, onnx_tensors(inputs), onnx_tensors(graph.output), f"{directory}: {rel}",
+                  manifest.model_dims.sizes(1, 0, 0))
     for value in [*inputs, *graph.output]:
         declared = spec.tensor(value.name).dims
-        found = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
         params = [d.dim_param if d.HasField("dim_param") else None for d in value.type.tensor_type.shape.dim]
-        for symbol, size, param in zip(declared, found, params):  # check_io checked the ranks
+        for symbol, param in zip(declared, params):  # check_io checked the ranks and fixed sizes
             if "/" in symbol and param and "/" in param and param != symbol:  # sdexport's own divided sides
                 raise EngineDirError(
                     f"{directory}: {rel}: {value.name} has a side {param} where the manifest's dims."
                     f"{'adapter_features' if 'adapter' in value.name or 'intrablock' in value.name else 'residuals'} give "
                     f"{symbol}; the manifest does not describe this graph"
-                )
-            if is_dynamic(symbol) or size is None:
-                continue
-            if size != resolve_dim(symbol, sizes):
-                raise EngineDirError(
-                    f"{directory}: {rel}: {value.name} has size {size} where the manifest's dims give "
-                    f"{symbol} = {resolve_dim(symbol, sizes)}; the manifest does not describe this graph"
                 )
     return io

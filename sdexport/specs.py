@@ -456,8 +456,9 @@ def _controlnet_wrapper(module: torch.nn.Module, union: bool = False) -> torch.n
     controlnet_cond, conditioning_scale); SDXL puts text_embeds and time_ids before the image.
 
     ``union``: a ``ControlNetUnionModel``, whose images come stacked (B, K, 3, H, W) and are passed
-    as diffusers' list of K, with their modes (``control_type_idx``, K 0-d tensors: the graph takes
-    them as an input, not as constants of the trace) and one scale each. diffusers scales the
+    as diffusers' list of K, with their modes (``control_type_idx``, K one-element tensors: the graph
+    takes them as an input, not as constants of the trace, and ``torch.compile`` traces a lookup by
+    them without a graph break, which a 0-d index is) and one scale each. diffusers scales the
     residuals by the one scale where K is 1 and scales the images' features inside where K is
     more; the graph does whichever its K calls for.
 
@@ -487,7 +488,7 @@ def _controlnet_wrapper(module: torch.nn.Module, union: bool = False) -> torch.n
             if union:
                 images, control_type, modes, scales = rest[-4:]
                 control = {"controlnet_cond": list(images.unbind(1)), "control_type": control_type,
-                           "control_type_idx": list(modes.unbind(0)), "conditioning_scale": list(scales.unbind(0))}
+                           "control_type_idx": list(modes.split(1)), "conditioning_scale": list(scales.unbind(0))}
             else:
                 control = {"controlnet_cond": rest[-2], "conditioning_scale": rest[-1]}
             down, mid = self.model(sample, timestep, encoder_hidden_states, **control, added_cond_kwargs=cond,
@@ -753,9 +754,9 @@ FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
 FAMILY_CONTROLNET = {"sd": CONTROLNET, "sdxl": SDXL_CONTROLNET}
 MAX_CONTROLNETS = 8
+"""More than a few ControlNets at once is a mistake, not a use (each adds a U-Net encoder per step)."""
 MAX_UNION_IMAGES = 8
 """A union ControlNet takes one image per control mode: ProMax knows 8."""
-"""More than a few ControlNets at once is a mistake, not a use (each adds a U-Net encoder per step)."""
 _CONTROLNET_NAME = re.compile(r"controlnet(?:_([1-9]\d*))?")
 
 

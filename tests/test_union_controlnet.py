@@ -25,6 +25,8 @@ from sdexport.errors import SdexportError
 from sdexport.export.exporter import ExportOptions, export
 from sdexport.manifest import load_manifest
 from sdexport.models import load_model
+from sdexport.models.controlnet import CONTROLNET_PRESETS, preset_config
+from sdexport.models.presets import PRESETS
 from sdexport.runtime.loading import load_pipeline
 from sdexport.runtime.request import GenerationRequest
 
@@ -265,6 +267,43 @@ def test_onnxruntime_fusions_keep_the_attention_over_the_batch(engine_dirs, tmp_
         assert np.abs(ours - theirs).max() < 1e-4 * np.abs(theirs).max()
 
 
+def test_the_union_wrapper_compiles_as_one_graph():
+    """``torch-compile-max`` compiles with ``fullgraph=True``: the modes' lookup must not break the
+    graph (a 0-d index does), and the compiled wrapper computes what the module does."""
+    from sdexport.export.inputs import sample_inputs
+    from sdexport.specs import component
+
+    model = load_model("tiny-sdxl", controlnets=["tiny-union"], union_images=2)
+    spec = component("sdxl", "controlnet").for_model(model.dims)
+    wrapper = spec.wrapper(model.module("controlnet")).eval()
+    feed = [torch.from_numpy(v) for v in
+            sample_inputs(spec, model.dims.sizes(2, 64, 64), vocab_size=100).values()]
+    torch._dynamo.reset()
+    with torch.no_grad():
+        compiled = torch.compile(wrapper, backend="eager", fullgraph=True)(*feed)
+        for ours, theirs in zip(compiled, wrapper(*feed)):
+            torch.testing.assert_close(ours, theirs)
+
+
+def test_a_hand_edited_images_per_call_is_refused_when_engines_load(engine_dirs, tmp_path, capsys):
+    """dims.K that the graph does not have: one line when the ONNX Runtime session loads, not an
+    error in the loop."""
+    import shutil
+
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["two-images"], directory)
+    data = json.loads((directory / "manifest.json").read_text())
+    data["dims"]["K"] = 3
+    (directory / "manifest.json").write_text(json.dumps(data))
+    picture(64, 64, 0).save(tmp_path / "edges.png")
+    images = [arg for mode in (1, 2, 3) for arg in ("--control-image", tmp_path / "edges.png", "--control-mode", mode)]
+    assert run_cli("run", directory, "-p", "x", "-o", tmp_path / "o.png", "--steps", "1", "--backend",
+                   "onnxruntime-cpu", *images) == 2
+    err = capsys.readouterr().err
+    assert "controlnet_cond has size 2 where the manifest's dims give K = 3" in err
+    assert "Traceback" not in err
+
+
 def test_a_union_directory_exports_in_fp16_and_runs(tmp_path):
     """--controlnet DIR of a ControlNetUnionModel (its own weights), fp16 (control_type stays float32
     into its sinusoidal projection, as diffusers computes it), run from the CLI with --control-mode."""
@@ -307,6 +346,8 @@ def test_a_union_pipeline_directory_exports_with_its_controlnets(tmp_path):
     (["--controlnet", "tiny-union", "--controlnet", "tiny-union", "--union-images", "2"],
      "together they take one image each"),
     (["--controlnet", "{sd_union}"], "a union ControlNet, which diffusers runs with SDXL models only, not sd"),
+    (["--union-images", "2"], "--union-images is for a union ControlNet (--controlnet); this export has none"),
+    (["--controlnet", "{xl_union}"], "a union ControlNet beside an inpainting U-Net (9 input channels)"),
 ])
 def test_export_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch, args, message):
     from sdexport.models import loader
@@ -317,8 +358,13 @@ def test_export_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch, args, m
     (sd_union / "config.json").write_text(json.dumps({"_class_name": "ControlNetUnionModel",
                                                       "num_control_type": 8}))
     (sd_union / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    base = "tiny" if "{sd_union}" in args else "tiny-sdxl"
-    args = [a.format(sd_union=sd_union) for a in args]
+    xl_union = tmp_path / "xl-union"  # a union directory that fits tiny-sdxl, beside its inpainting U-Net
+    xl_union.mkdir()
+    config = preset_config(CONTROLNET_PRESETS["tiny-union"], PRESETS["tiny-sdxl"].unet)
+    (xl_union / "config.json").write_text(json.dumps(config))
+    (xl_union / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    base = {"{sd_union}": "tiny", "{xl_union}": "tiny-sdxl-inpaint"}.get(args[-1], "tiny-sdxl")
+    args = [a.format(sd_union=sd_union, xl_union=xl_union) for a in args]
     assert run_cli("export", base, "-o", tmp_path / "out", *args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
@@ -329,8 +375,7 @@ def test_export_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch, args, m
     ("one", ["--control-image", "{img}"], "union ControlNets need --control-mode for each control image"),
     ("one", ["--control-image", "{img}", "--control-mode", "1", "--control-mode", "2"],
      "2 control modes for 1 control image"),
-    ("one", ["--control-image", "{img}", "--control-mode", "8"], "--control-mode 8: this union ControlNet knows "
-                                                                 "modes 0 to 7"),
+    ("one", ["--control-image", "{img}", "--control-mode", "8"], "--control-mode 8: this union ControlNet knows modes"),
     ("two-images", ["--control-image", "{img}", "--control-mode", "1"],
      "1 control images for a union ControlNet exported to take 2 (--union-images)"),
     ("two-images", ["--control-image", "{img}", "--control-image", "{img}", "--control-mode", "1",

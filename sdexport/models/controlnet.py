@@ -63,7 +63,7 @@ CONTROLNET_PRESETS = {
         ControlNetPreset("sd15-controlnet", "the SD 1.5 ControlNet architecture (lllyasviel's sd-controlnet-*)",
                          ("sd15",), (16, 32, 96, 256)),
         ControlNetPreset("tiny-union", "a few-MB union ControlNet for tiny-sdxl (tests)",
-                         ("tiny-sdxl", "tiny-sdxl-inpaint"), (8, 16, 16, 32), union_modes=8),
+                         ("tiny-sdxl",), (8, 16, 16, 32), union_modes=8),
         ControlNetPreset("sdxl-union", "the SDXL union ControlNet architecture (xinsir's controlnet-union-sdxl-1.0 "
                          "ProMax, 8 control modes)", ("sdxl",), (16, 32, 96, 256), union_modes=8),
     )
@@ -213,12 +213,14 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
     U-Net's ``out_channels``), the mask and masked image go to the U-Net only, as in diffusers'
     ``StableDiffusionControlNetInpaintPipeline``.
 
-    Union ControlNets go alone or together, never beside plain ones, and together they take one
-    image each and know the same modes (diffusers has pipelines for nothing else); ``union_images``
-    is how many images one takes per call (``--union-images``)."""
+    Union ControlNets go alone or together, never beside plain ones or an inpainting U-Net, and
+    together they take one image each and know the same modes (diffusers has pipelines for nothing
+    else); ``union_images`` is how many images one takes per call (``--union-images``)."""
     from sdexport.specs import MAX_CONTROLNETS, MAX_UNION_IMAGES
 
     if not sources:
+        if union_images != 1:
+            raise ModelLoadError("--union-images is for a union ControlNet (--controlnet); this export has none")
         return ()
     if len(sources) > MAX_CONTROLNETS:
         raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
@@ -235,6 +237,10 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
     if any(modes) and not all(modes):
         raise ModelLoadError("union and plain ControlNets together: diffusers has no pipeline for that; export "
                              "union ControlNets alone or together")
+    if any(modes) and int(unet.get("in_channels", 4)) != int(unet.get("out_channels", 4)):
+        raise ModelLoadError(f"a union ControlNet beside an inpainting U-Net ({unet.get('in_channels')} input "
+                             "channels): diffusers' union inpainting pipeline takes a standard U-Net only, which "
+                             "blends the kept region back; export the base model")
     if len(set(modes)) > 1:
         raise ModelLoadError(f"union ControlNets with {' and '.join(map(str, sorted(set(modes))))} control modes "
                              "together: export ones that know the same modes")

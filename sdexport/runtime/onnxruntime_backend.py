@@ -198,7 +198,7 @@ class OnnxRuntimeEngine:
             require_cuda_session(session, self.path)
         # Names, dtypes and ranks now, not as an ONNX Runtime error in the middle of the loop.
         self.io = check_io(self.spec, onnxruntime_tensors(session.get_inputs()),
-                           onnxruntime_tensors(session.get_outputs()), str(self.path))
+                           onnxruntime_tensors(session.get_outputs()), str(self.path), self.dims.sizes(1, 0, 0))
         self.input_names = list(self.io.inputs)
         return session
 
