@@ -5,10 +5,8 @@ the feature specs every stage reads, TensorRT profiles for them, and the refusal
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import fake_tensorrt
 import numpy as np
 import onnx
 import pytest
@@ -228,21 +226,9 @@ def test_the_real_architecture_presets_fit(tmp_path, capsys, monkeypatch):
 def test_tensorrt_profiles_cover_the_features(engine_dirs, tmp_path, monkeypatch, version):
     """The profiles come from the specs: the adapter at the prompts' batch, the U-Net's features at
     the guidance batch, on the latents' grid."""
-    import shutil
+    from test_tensorrt_fakes import build_profiles
 
-    from test_tensorrt_fakes import Recorder
-
-    from sdexport.build import tensorrt_build
-
-    trt = fake_tensorrt.make_tensorrt(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    recorder = Recorder(trt)
-    recorder.install(monkeypatch)
-    directory = tmp_path / "d"
-    shutil.copytree(engine_dirs["sd"], directory)
-    tensorrt_build.build_engines(directory, fp16=False, components=["adapter", "unet"],
-                                 timing_cache=tmp_path / "timing.cache")
-    (adapter, unet) = recorder.builds
+    (adapter, unet) = build_profiles(monkeypatch, tmp_path, version, engine_dirs["sd"], ["adapter", "unet"])
     feature = unet["profiles"][0]["down_intrablock_additional_residuals.1"]
     # tiny profile: batch 1-2 (CFG: up to 4), sides 64-256 px = latents 8-32, halved after the first block
     assert (tuple(feature.min), tuple(feature.max)) == ((1, 64, 4, 4), (4, 64, 16, 16))

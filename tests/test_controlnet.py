@@ -6,10 +6,8 @@ refusals a user can cause."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import fake_tensorrt
 import numpy as np
 import onnx
 import pytest
@@ -431,21 +429,9 @@ def test_specs_and_manifest_describe_the_residuals(engine_dirs):
 @pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])
 def test_tensorrt_profiles_cover_the_residuals(engine_dirs, tmp_path, monkeypatch, version):
     """The profiles come from the specs: the ControlNet's and the U-Net's residual shapes follow h/2."""
-    import shutil
+    from test_tensorrt_fakes import build_profiles
 
-    from test_tensorrt_fakes import Recorder
-
-    from sdexport.build import tensorrt_build
-
-    trt = fake_tensorrt.make_tensorrt(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    recorder = Recorder(trt)
-    recorder.install(monkeypatch)
-    directory = tmp_path / "d"
-    shutil.copytree(engine_dirs["sd-one"], directory)
-    tensorrt_build.build_engines(directory, fp16=False, components=["controlnet", "unet"],
-                                 timing_cache=tmp_path / "timing.cache")
-    (net, unet) = recorder.builds
+    (net, unet) = build_profiles(monkeypatch, tmp_path, version, engine_dirs["sd-one"], ["controlnet", "unet"])
     residual = unet["profiles"][0]["down_block_additional_residuals.3"]
     # tiny profile: batch 1-2 (CFG: up to 4), sides 64-256 px = latents 8-32, halved after the first block
     assert (tuple(residual.min), tuple(residual.max)) == ((1, 64, 4, 4), (4, 64, 16, 16))

@@ -122,6 +122,21 @@ class Recorder:
 TXT2IMG = ["text_encoder", "unet", "vae_decoder", "vae_decoder_fp32"]
 
 
+def build_profiles(monkeypatch, tmp_path: Path, version: str, engine_dir: Path, components: list[str]) -> list[dict[str, Any]]:
+    """What polygraphy is asked for when ``components`` of a copy of ``engine_dir`` are built against
+    a fake TensorRT ``version``: one record per build, in order (its ``profiles`` among them)."""
+    import shutil
+
+    trt = fake_tensorrt.make_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dir, directory)
+    tensorrt_build.build_engines(directory, fp16=False, components=components, timing_cache=tmp_path / "timing.cache")
+    return recorder.builds
+
+
 def _copy(source: Path, tmp_path: Path) -> Path:
     import shutil
 

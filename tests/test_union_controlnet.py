@@ -7,10 +7,8 @@ manifest and TensorRT profiles, serving, the benchmark, and the refusals a user 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import fake_tensorrt
 import numpy as np
 import onnx
 import pytest
@@ -224,20 +222,9 @@ def test_a_manifest_with_half_the_union_dims_is_refused(engine_dirs, tmp_path, c
 @pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])
 def test_tensorrt_profiles_cover_the_union_inputs(engine_dirs, tmp_path, monkeypatch, version):
     """The profiles come from the specs: K images on the guidance batch, one mode each."""
-    import shutil
+    from test_tensorrt_fakes import build_profiles
 
-    from test_tensorrt_fakes import Recorder
-
-    from sdexport.build import tensorrt_build
-
-    trt = fake_tensorrt.make_tensorrt(version)
-    monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    recorder = Recorder(trt)
-    recorder.install(monkeypatch)
-    directory = tmp_path / "d"
-    shutil.copytree(engine_dirs["two-images"], directory)
-    tensorrt_build.build_engines(directory, fp16=False, components=["controlnet"], timing_cache=tmp_path / "t.cache")
-    (net,) = recorder.builds
+    (net,) = build_profiles(monkeypatch, tmp_path, version, engine_dirs["two-images"], ["controlnet"])
     profile = net["profiles"][0]
     # tiny profile: batch 1-2 (CFG: up to 4), sides 64-256 px
     cond = profile["controlnet_cond"]
