@@ -473,7 +473,7 @@ def _controlnet_wrapper(module: torch.nn.Module, union: bool = False) -> torch.n
     class ControlNet(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
-            if union:
+            if union:  # in place, computing the same: the module's other users see no difference
                 for layer in model.transformer_layes:  # type: ignore[union-attr]
                     if isinstance(layer.attn, torch.nn.MultiheadAttention):
                         layer.attn = _attention_over_the_batch()(layer.attn)
