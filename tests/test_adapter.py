@@ -12,7 +12,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from test_controlnet import TOLERANCE, _agree, _rel, no_engines, watch  # noqa: F401  (no_engines: a fixture)
+from test_controlnet import TOLERANCE, _agree, _rel, bench_agreeing, no_engines, watch  # noqa: F401  (no_engines: a fixture)
 
 from conftest import run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -351,15 +351,9 @@ def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):
 def test_bench_runs_an_adapter_scenario(engine_dirs, tiny_engine_dir, tmp_path, capsys):
     """The harness exports the adapter, gives every contender the same synthetic edge map, compares
     with diffusers' adapter pipeline, and reports the adapter's time apart; engines must match."""
-    scenario = tmp_path / "ad.toml"
-    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\n'
-                        'repeats = 1\ncontenders = ["diffusers", "onnxruntime-cpu"]\nadapter = "tiny-adapter"\n'
-                        'adapter_scale = 0.8\n')
-    out = tmp_path / "out"
-    assert run_cli("bench", scenario, "-o", out) == 0
-    report = json.loads((out / "results.json").read_text())
-    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
-    assert runtime["agreement"]["latents_rel_l2"] < TOLERANCE
+    scenario, out, report = bench_agreeing(
+        tmp_path, "ad", 'model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
+        'contenders = ["diffusers", "onnxruntime-cpu"]\nadapter = "tiny-adapter"\nadapter_scale = 0.8\n')
     assert all("adapter_s" in r for r in report["results"])
     assert load_manifest(out / "engines" / "ad").adapter
     markdown = (out / "results.md").read_text()

@@ -560,19 +560,27 @@ def test_a_controlnet_for_another_unet_is_refused_on_load():
         load_model("tiny-v", controlnets=["sd15-controlnet"])
 
 
-def test_bench_runs_a_controlnet_scenario(tmp_path):
-    """The harness exports the ControlNets, gives every contender the same synthetic edge map, compares
-    with diffusers' ControlNet pipeline (in guess mode here, as every contender), and reports the
-    ControlNet's time apart."""
-    scenario = tmp_path / "cn.toml"
-    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [1]\nwarmup = 0\n'
-                        'repeats = 1\ncontenders = ["diffusers", "onnxruntime-cpu"]\ncontrolnets = ["tiny-controlnet"]\n'
-                        'control_scale = 0.9\nguess_mode = true\n')
-    out = tmp_path / "out"
+def bench_agreeing(tmp_path: Path, name: str, text: str) -> tuple[Path, Path, dict]:
+    """Bench the scenario ``text`` (saved as ``name``.toml) into ``tmp_path / "out"``: the scenario
+    file, the output folder and the report, once the runtime is seen to agree with diffusers."""
+    scenario, out = tmp_path / f"{name}.toml", tmp_path / "out"
+    scenario.write_text(text)
     assert run_cli("bench", scenario, "-o", out) == 0
     report = json.loads((out / "results.json").read_text())
     runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
     assert runtime["agreement"]["latents_rel_l2"] < TOLERANCE
+    return scenario, out, report
+
+
+def test_bench_runs_a_controlnet_scenario(tmp_path):
+    """The harness exports the ControlNets, gives every contender the same synthetic edge map, compares
+    with diffusers' ControlNet pipeline (in guess mode here, as every contender), and reports the
+    ControlNet's time apart."""
+    scenario, out, report = bench_agreeing(
+        tmp_path, "cn", 'model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [1]\nwarmup = 0\nrepeats = 1\n'
+        'contenders = ["diffusers", "onnxruntime-cpu"]\ncontrolnets = ["tiny-controlnet"]\ncontrol_scale = 0.9\n'
+        'guess_mode = true\n')
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
     baseline = next(r for r in report["results"] if r["contender"] == "diffusers")
     assert runtime["controlnet_calls"] == baseline["controlnet_calls"] == 3
     assert load_manifest(out / "engines" / "cn").controlnets == ["controlnet"]

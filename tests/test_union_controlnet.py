@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from test_controlnet import TOLERANCE, _agree, _rel, no_engines, watch  # noqa: F401  (no_engines: a fixture)
+from test_controlnet import TOLERANCE, _agree, _rel, bench_agreeing, no_engines, watch  # noqa: F401  (no_engines: a fixture)
 from test_image_tasks import box_mask
 
 from conftest import run_cli
@@ -443,13 +443,7 @@ def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
     scenario's mode, and compares with diffusers' union pipeline; engines must match."""
     base = ('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
             'contenders = ["diffusers", "onnxruntime-cpu"]\n')
-    scenario = tmp_path / "un.toml"
-    scenario.write_text(base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
-    out = tmp_path / "out"
-    assert run_cli("bench", scenario, "-o", out) == 0
-    report = json.loads((out / "results.json").read_text())
-    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
-    assert runtime["agreement"]["latents_rel_l2"] < TOLERANCE
+    scenario, out, _ = bench_agreeing(tmp_path, "un", base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
     assert "edge map at scale 1.0 as control mode(s) 3" in (out / "results.md").read_text()
     for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need --control-mode"),
                           ('controlnets = ["tiny-union"]\ncontrol_mode = [3, 1]\n',

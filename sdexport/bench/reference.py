@@ -52,7 +52,7 @@ class DiffusersReference:
         sdxl = model.family == "sdxl"
         nets = [model.modules[n] for n in controlnets_among(model.modules)]
         self.controlnets = len(nets)
-        self.union = bool(nets) and bool(model.dims.N)
+        self.union = bool(model.dims.N)
         """Union ControlNets: diffusers' union pipelines, which take each image's control mode."""
         cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
         if nets:
