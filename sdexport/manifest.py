@@ -25,7 +25,16 @@ from sdexport.graph_io import GraphIO, check_io, onnx_tensors
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ADAPTER, ComponentSpec, ModelDims, component, components_for, controlnets_among
+from sdexport.specs import (
+    ADAPTER,
+    MAX_ADAPTERS,
+    ComponentSpec,
+    ModelDims,
+    adapter_names,
+    component,
+    components_for,
+    controlnets_among,
+)
 
 MANIFEST_NAME = "manifest.json"
 SCHEDULER_CONFIG_FILE = "scheduler/scheduler_config.json"
@@ -88,10 +97,18 @@ class Manifest:
         """Whether the directory has a T2I-Adapter (its U-Net then takes the adapter's features)."""
         return bool(self.model_dims.adapter_features)
 
+    @property
+    def adapters(self) -> list[str]:
+        """The T2I-Adapter components the U-Net's features come from, in the order their images are
+        given (``dims.adapter_channels`` counts several; empty without an adapter)."""
+        dims = self.model_dims
+        count = len(dims.adapter_channels) or (1 if dims.adapter_features or ADAPTER in self.components else 0)
+        return adapter_names(count)
+
     def component_specs(self) -> tuple[ComponentSpec, ...]:
-        """Every component this family may have, with as many ControlNets as this directory has, and
-        its T2I-Adapter."""
-        return components_for(self.family, len(self.controlnets), ADAPTER in self.components or self.adapter)
+        """Every component this family may have, with as many ControlNets and T2I-Adapters as this
+        directory has."""
+        return components_for(self.family, len(self.controlnets), len(self.adapters))
 
     def spec(self, name: str) -> ComponentSpec:
         """Component ``name``'s spec, expanded for this model (SDXL's per-layer hidden states)."""
@@ -277,6 +294,12 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if bool(dims.K) != bool(dims.N) or (dims.N and not dims.residuals) or dims.K > max(dims.N, 1):
         raise EngineDirError(f"{where}: invalid manifest: union ControlNets need dims.residuals, dims.N (their "
                              f"control modes) and dims.K (images per call, 1 to N); it has K {dims.K}, N {dims.N}")
+    if dims.adapter_channels and not (2 <= len(dims.adapter_channels) <= MAX_ADAPTERS
+                                      and dims.adapter_channels[0] == dims.A
+                                      and set(dims.adapter_channels) <= {1, 3}):
+        raise EngineDirError(f"{where}: invalid manifest: dims.adapter_channels {list(dims.adapter_channels)} should "
+                             f"give each of 2 to {MAX_ADAPTERS} T2I-Adapters' image channels (1 or 3), the first "
+                             f"dims.A ({dims.A})")
     if dims.adapter_features and dims.residuals:
         raise EngineDirError(f"{where}: invalid manifest: dims.residuals and dims.adapter_features (ControlNets "
                              "and a T2I-Adapter): sdexport runs one kind")

@@ -131,6 +131,9 @@ SCHEMA: dict[str, Any] = {
                               "prefixItems": [_size(65536), {"enum": [1, 2, 4, 8, 16, 32, 64]}]},
                 },
                 "A": {"enum": [1, 3]},
+                "adapter_channels": {  # with several T2I-Adapters (specs.MAX_ADAPTERS): each one's image channels
+                    "type": "array", "minItems": 2, "maxItems": 4, "items": {"enum": [1, 3]},
+                },
                 "K": _size(8, 0),  # with union ControlNets: images per call (specs.MAX_UNION_IMAGES)
                 "N": _size(64, 0),  # and the control modes they know
             },

@@ -47,6 +47,9 @@ it turns the adapter image into one feature map per down block of the U-Net (``a
 after diffusers' pipelines), which the U-Net of a model exported with it adds inside those blocks
 (``down_intrablock_additional_residuals.{i}``, diffusers' argument). Their channels and sizes are
 ``ModelDims.adapter_features``; the image's channels are ``A`` (1 for the sketch and canny adapters).
+Several adapters (diffusers' ``MultiAdapter``) are one component each (``adapter``, then
+``adapter_1``, ``adapter_2``, ... as diffusers reads them), each its own image's channels
+(``ModelDims.adapter_channels``); their features, all of one layout, add up before the U-Net.
 
 A union ControlNet (diffusers' ``ControlNetUnionModel``: xinsir's controlnet-union-sdxl, one network
 for many kinds of control image) is a ControlNet whose inputs differ: ``K`` control images stacked
@@ -157,6 +160,12 @@ class ComponentSpec:
         if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
             self = replace(self, inputs=(*self.inputs, *_ADAPTER_INPUTS),
                            wrapper=_taking_adapter_features(self.wrapper))
+        index = adapter_index(self.name)
+        if index is not None and dims.adapter_channels and index < len(dims.adapter_channels):
+            # each adapter of several reads its own image's channels (the spec's A is the first's)
+            channels = str(dims.adapter_channels[index])
+            self = replace(self, inputs=tuple(replace(t, dims=tuple(channels if d == "A" else d for d in t.dims))
+                                              for t in self.inputs))
         if dims.N and self.name.startswith(CONTROLNET_PREFIX) and not self.union:
             self = replace(self, inputs=(*self.inputs[:-len(_CONTROL_INPUTS)], *_UNION_CONTROL_INPUTS),
                            wrapper=_union_controlnet_wrapper)
@@ -290,7 +299,9 @@ class ModelDims:
     """With a T2I-Adapter: (channels, latent downscale) of each feature it adds inside the U-Net's
     down blocks (and its mid block, where one is left over that fits it), in order (empty without)."""
     A: int = 0
-    """With a T2I-Adapter: its image's channels (3, or 1 for a greyscale adapter)."""
+    """With a T2I-Adapter: its image's channels (3, or 1 for a greyscale adapter); the first's of several."""
+    adapter_channels: tuple[int, ...] = ()
+    """With several T2I-Adapters: each one's image channels, in order (empty with one: ``A``)."""
     K: int = 0
     """With union ControlNets: the control images each takes per call (0 without)."""
     N: int = 0
@@ -299,15 +310,21 @@ class ModelDims:
     def __post_init__(self) -> None:  # a manifest's JSON gives lists
         for name in ("residuals", "adapter_features"):
             object.__setattr__(self, name, tuple((int(c), int(s)) for c, s in getattr(self, name)))
+        object.__setattr__(self, "adapter_channels", tuple(int(c) for c in self.adapter_channels))
 
     def record(self) -> dict[str, Any]:
         """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets,
-        the adapter's sizes only with one, K and N only with union ControlNets, so other directories
-        stay readable by sdexport versions that predate them."""
+        the adapter's sizes only with one (each adapter's channels only with several), K and N only
+        with union ControlNets, so other directories stay readable by sdexport versions that predate
+        them."""
         values: dict[str, Any] = dict(vars(self))
         for name in ("U", "A", "K", "N"):
             if not values[name]:
                 del values[name]
+        if values["adapter_channels"]:
+            values["adapter_channels"] = list(values["adapter_channels"])
+        else:
+            del values["adapter_channels"]
         for name in ("residuals", "adapter_features"):
             if values[name]:
                 values[name] = [list(r) for r in values[name]]
@@ -758,6 +775,27 @@ MAX_CONTROLNETS = 8
 MAX_UNION_IMAGES = 8
 """A union ControlNet takes one image per control mode: ProMax knows 8."""
 _CONTROLNET_NAME = re.compile(r"controlnet(?:_([1-9]\d*))?")
+MAX_ADAPTERS = 4
+"""T2I-Adapters at once: each adds a call and one more image to every request, and TencentARC's
+published combinations pair two or three (a preset's seed slots run out after five)."""
+
+
+def adapter_names(count: int) -> list[str]:
+    """Component names of ``count`` T2I-Adapters as diffusers' ``MultiAdapter.from_pretrained``
+    reads them: ``adapter``, ``adapter_1``, ``adapter_2``, ..."""
+    return [ADAPTER if i == 0 else f"{ADAPTER}_{i}" for i in range(count)]
+
+
+def adapter_index(name: str) -> int | None:
+    """0 for ``adapter``, i for the i-th of ``adapter_names``, None for any other name."""
+    names = adapter_names(MAX_ADAPTERS)
+    return names.index(name) if name in names else None
+
+
+def adapters_among(names: Iterable[str]) -> list[str]:
+    """The T2I-Adapter names among ``names`` (components, modules, engines), in the order their
+    images are given."""
+    return sorted((n for n in names if adapter_index(n) is not None), key=lambda n: adapter_index(n) or 0)
 
 
 def controlnet_names(count: int) -> list[str]:
@@ -781,27 +819,28 @@ def controlnets_among(names: Iterable[str]) -> list[str]:
     return sorted(found, key=lambda n: controlnet_index(n) or 0)
 
 
-def components_for(family: str, controlnets: int = 0, adapter: bool = False) -> tuple[ComponentSpec, ...]:
-    """The family's components in call order; ``controlnets`` ControlNets, or a T2I-Adapter
-    (``adapter``), come just before the U-Net."""
+def components_for(family: str, controlnets: int = 0, adapters: int = 0) -> tuple[ComponentSpec, ...]:
+    """The family's components in call order; ``controlnets`` ControlNets, or ``adapters``
+    T2I-Adapters, come just before the U-Net."""
     try:
         specs = FAMILY_COMPONENTS[family]
     except KeyError:
         known = ", ".join(FAMILY_COMPONENTS)
         raise ValueError(f"unknown pipeline family {family!r} (known: {known})") from None
-    if not controlnets and not adapter:
+    if not controlnets and not adapters:
         return specs
     base = FAMILY_CONTROLNET[family]
     nets = tuple(replace(base, name=n, module=n) for n in controlnet_names(controlnets))
+    added = tuple(replace(T2I_ADAPTER, name=n, module=n) for n in adapter_names(int(adapters)))
     at = next(i for i, s in enumerate(specs) if s.name == "unet")
-    return (*specs[:at], *nets, *((T2I_ADAPTER,) if adapter else ()), *specs[at:])
+    return (*specs[:at], *nets, *added, *specs[at:])
 
 
 def component(family: str, name: str) -> ComponentSpec:
-    index = controlnet_index(name)
-    for spec in components_for(family, 0 if index is None else index + 1, adapter=name == ADAPTER):
+    index, adapter = controlnet_index(name), adapter_index(name)
+    for spec in components_for(family, 0 if index is None else index + 1, 0 if adapter is None else adapter + 1):
         if spec.name == name:
             return spec
     known = ", ".join(s.name for s in components_for(family))
     raise KeyError(f"{family} has no component {name!r} (components: {known}, controlnet, controlnet_1, ..., "
-                   f"{ADAPTER})")
+                   f"{ADAPTER}, adapter_1, ...)")

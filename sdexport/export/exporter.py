@@ -64,7 +64,7 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
         with step(f"Loading {model_ref}"), memory.stage("load"):
             # lazy: each part's weights are built or read when its turn comes, and freed after it
             model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae,
-                               controlnets=plan.controlnets, adapter=plan.adapter, lazy=True,
+                               controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
                                union_images=options.union_images)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
         loras = []

@@ -13,14 +13,14 @@ from typing import Literal
 
 from sdexport.errors import SdexportError
 from sdexport.manifest import not_an_engine_dir
-from sdexport.models.adapter import AdapterSource, adapter_for
+from sdexport.models.adapter import AdapterSource, adapters_for
 from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.output_dir import OutputKind, check_target
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ADAPTER, ComponentSpec, components_for, controlnet_index
+from sdexport.specs import ComponentSpec, adapter_index, components_for, controlnet_index
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -55,8 +55,9 @@ class ExportOptions:
     controlnets: list[str] = field(default_factory=list)
     """ControlNet directories or presets exported beside the model (``--controlnet``), in the order
     their control images are given at run time."""
-    adapter: str | None = None
-    """A T2I-Adapter directory or preset exported beside the model (``--adapter``)."""
+    adapters: list[str] = field(default_factory=list)
+    """T2I-Adapter directories or presets exported beside the model (``--adapter``), in the order
+    their images are given at run time: several are diffusers' ``MultiAdapter``."""
     union_images: int = 1
     """The control images a union ControlNet takes per call (``--union-images``): each has its
     control mode, and all of them shape one set of residuals."""
@@ -69,15 +70,14 @@ class ExportPlan:
     specs: list[ComponentSpec]
     controlnets: list[ControlNetSource] = field(default_factory=list)
     """``--controlnet`` arguments, or a ControlNet pipeline directory's own ControlNets, resolved."""
-    adapter: AdapterSource | None = None
-    """``--adapter``, resolved."""
+    adapters: list[AdapterSource] = field(default_factory=list)
+    """``--adapter``s, or an adapter pipeline directory's own adapters, resolved."""
 
     @property
     def sources(self) -> tuple[Path, ...]:
         """What the export reads, which its output may never replace."""
-        adapter = self.adapter.path if self.adapter is not None else None
         return (*self.outline.sources, *(c.path for c in self.controlnets if c.path is not None),
-                *((adapter,) if adapter is not None else ()))
+                *(a.path for a in self.adapters if a.path is not None))
 
 
 def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> ExportPlan:
@@ -97,23 +97,22 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
     controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets],
                                   options.union_images)
-    # So does an adapter pipeline directory its adapter, unless ControlNets or another adapter are named.
-    own_adapter = str(outline.adapter) if outline.adapter is not None and not options.controlnets else None
-    adapter = adapter_for(outline, options.adapter or own_adapter, len(controlnets))
+    # So does an adapter pipeline directory its adapter(s), unless ControlNets or other adapters are named.
+    own_adapters = [str(p) for p in outline.adapters] if not options.controlnets else []
+    adapters = adapters_for(outline, options.adapters or own_adapters, len(controlnets))
     profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
-    specs = select_components(outline.family, options.components, options.dtype, len(controlnets),
-                              adapter is not None)
-    plan = ExportPlan(outline, profile, specs, controlnets, adapter)
+    specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
+    plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources)
     return plan
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,
-                      adapter: bool = False) -> list[ComponentSpec]:
+                      adapters: int = 0) -> list[ComponentSpec]:
     """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
-    specs = list(components_for(family, controlnets, adapter))
+    specs = list(components_for(family, controlnets, adapters))
     if not names:
         return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
     known = [s.name for s in specs]
@@ -128,7 +127,8 @@ def select_components(family: str, names: list[str] | None, dtype: str, controln
     if nets and not chosen and "unet" in names:
         raise SdexportError("--components: the U-Net of a model with ControlNets takes their residuals; export it with "
                             f"its ControlNets ({', '.join(nets)})")
-    if adapter and ("unet" in names) != (ADAPTER in names):
-        raise SdexportError("--components: the U-Net of a model with a T2I-Adapter takes its features; export the "
-                            "two together (unet,adapter) or neither")
+    added = [s.name for s in specs if adapter_index(s.name) is not None]
+    if added and any(("unet" in names) != (n in names) for n in added):
+        raise SdexportError(f"--components: the U-Net of a model with a T2I-Adapter takes its features; export them "
+                            f"together (unet,{','.join(added)}) or none of them")
     return [s for s in specs if s.name in names]

@@ -11,6 +11,10 @@ is checked here from the configs alone, before any weight is read, and the expor
 ``adapter/``), or a preset: a T2I-Adapter with the base U-Net's block channels and random weights,
 for tests (``tiny-adapter``) and for trying the real architectures (``sd15-adapter``,
 ``sdxl-adapter``; speed does not depend on the weights).
+
+Several ``--adapter``s are diffusers' ``MultiAdapter``: each turns its own image into features of
+one layout, and the U-Net takes their sum, each times its scale. They must all fit the U-Net, so
+they share its layout; any of them may read greyscale images.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ if TYPE_CHECKING:
 ADAPTER_CLASS = "T2IAdapter"
 ADAPTER_PART = PartKind("--adapter", "T2I-Adapter", "adapter", ADAPTER_CLASS)
 ADAPTER_SEED_OFFSET = 5
-"""A preset adapter draws its weights from ``seed * SEED_STRIDE + 5``: the first ControlNet's slot,
-which no export shares with an adapter."""
+"""A preset adapter draws its weights from ``seed * SEED_STRIDE + 5`` (the i-th of several from
+``+ 5 + i``): the ControlNets' slots, which no export shares with an adapter."""
 
 
 @dataclass(frozen=True)
@@ -79,12 +83,21 @@ class AdapterSource:
 
 def resolve_adapter(argument: str, kind: str | None = None) -> AdapterSource:
     """``--adapter`` as a preset name or a T2I-Adapter directory (refused in one line otherwise;
-    ``resolve_part``). An adapter pipeline's directory holding a ``MultiAdapter`` is refused."""
-    from sdexport.models.outline import pipeline_adapter
+    ``resolve_part``). An adapter pipeline's directory holding a ``MultiAdapter`` is refused: one
+    ``--adapter`` is one adapter, and taking the first would drop the others without a word."""
+    return AdapterSource(argument, *resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS,
+                                                 in_pipeline=_the_one_adapter_of))
 
-    preset, path = resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS,
-                                in_pipeline=lambda p: pipeline_adapter(p) or p)
-    return AdapterSource(argument, preset, path)
+
+def _the_one_adapter_of(pipeline: Path) -> Path:
+    from sdexport.models.outline import pipeline_adapters
+
+    found = pipeline_adapters(pipeline)
+    if len(found) > 1:
+        flags = " ".join(f"--adapter {p}" for p in found)
+        raise ModelLoadError(f"{pipeline}: a MultiAdapter ({', '.join(p.name + '/' for p in found)}); pass its "
+                             f"folders one each, in order ({flags}), or the pipeline directory as the model")
+    return found[0] if found else pipeline
 
 
 def preset_config(unet_config: dict[str, Any], vae_scale_factor: int) -> dict[str, Any]:
@@ -160,7 +173,7 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     block, drop it silently)."""
     kind = config.get("_class_name", ADAPTER_CLASS)
     if kind != ADAPTER_CLASS:
-        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {ADAPTER_CLASS}s (one adapter, SD and SDXL)")
+        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {ADAPTER_CLASS}s (SD and SDXL)")
     try:
         features = feature_layout(config, vae_scale_factor)
         places = intrablock_layout(unet)
@@ -197,23 +210,44 @@ def check_alone(controlnets: int) -> None:
         raise ModelLoadError("--adapter with ControlNets: diffusers has no pipeline that runs both; use one kind")
 
 
-def adapter_for(outline: ModelOutline, argument: str | None, controlnets: int) -> AdapterSource | None:
-    """``--adapter`` resolved and checked to fit the model ``outline`` describes (None without)."""
-    if argument is None:
-        return None
+def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) -> list[AdapterSource]:
+    """``--adapter``s resolved and checked to fit the model ``outline`` describes, and each other
+    (empty without)."""
+    if not arguments:
+        return []
     check_alone(controlnets)
     if outline.inpainting:
         raise ModelLoadError("--adapter: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "
                              "only (txt2img)")
-    source = resolve_adapter(argument)
-    check_adapter(source, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)
-    return source
+    check_count(len(arguments))
+    sources = [resolve_adapter(a) for a in arguments]
+    layouts = [check_adapter(s, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)[0]
+               for s in sources]
+    check_same_layout(sources, layouts)
+    return sources
+
+
+def check_count(count: int) -> None:
+    from sdexport.specs import MAX_ADAPTERS
+
+    if count > MAX_ADAPTERS:
+        raise ModelLoadError(f"{count} --adapter: sdexport runs at most {MAX_ADAPTERS} T2I-Adapters at once")
+
+
+def check_same_layout(sources: list[AdapterSource], layouts: list[tuple[tuple[int, int], ...]]) -> None:
+    """Several adapters' features add up feature by feature (diffusers' ``MultiAdapter``): they must
+    come in the same number, channels and sizes (each fitting the U-Net leaves only the count open)."""
+    for source, layout in zip(sources[1:], layouts[1:]):
+        if layout != layouts[0]:
+            raise ModelLoadError(f"--adapter {source.argument}: its features {list(layout)} differ from --adapter "
+                                 f"{sources[0].argument}'s {list(layouts[0])}; diffusers' MultiAdapter adds them "
+                                 "feature by feature")
 
 
 def load_adapter(source: AdapterSource, unet: torch.nn.Module, vae_scale_factor: int, *, seed: int,
-                 dtype: torch.dtype) -> torch.nn.Module:
+                 dtype: torch.dtype, index: int = 0) -> torch.nn.Module:
     """The T2IAdapter module: a directory's weights (every one of them), or a preset's, drawn from
-    ``seed`` (component offset ``ADAPTER_SEED_OFFSET``) at PyTorch's default initialisation."""
+    ``seed`` (component offset ``ADAPTER_SEED_OFFSET + index``) at PyTorch's default initialisation."""
     import torch
     from diffusers import T2IAdapter
 
@@ -222,7 +256,7 @@ def load_adapter(source: AdapterSource, unet: torch.nn.Module, vae_scale_factor:
     if source.preset is not None:
         unet_config: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]  # a diffusers FrozenDict
         config = {k: v for k, v in preset_config(unet_config, vae_scale_factor).items() if not k.startswith("_")}
-        torch.manual_seed(seed * SEED_STRIDE + ADAPTER_SEED_OFFSET)
+        torch.manual_seed(seed * SEED_STRIDE + ADAPTER_SEED_OFFSET + index)
         module: Any = T2IAdapter(**config)
         if dtype != torch.float32:  # diffusers warns on every .to of a T2IAdapter
             module = module.to(dtype)

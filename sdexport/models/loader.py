@@ -32,7 +32,15 @@ from sdexport.models.outline import (
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ADAPTER, ModelDims, controlnet_index, controlnet_names, controlnets_among
+from sdexport.specs import (
+    ADAPTER,
+    ModelDims,
+    adapter_names,
+    adapters_among,
+    controlnet_index,
+    controlnet_names,
+    controlnets_among,
+)
 
 SDXL_TIME_IDS = 6
 """original size (h, w), crop top-left (y, x), target size (h, w)."""
@@ -124,12 +132,15 @@ class LoadedModel:
             pipeline = (CONTROLNET_INPAINT_PIPELINES if controlnets else INPAINT_PIPELINES)[self.family]
         elif controlnets:
             pipeline = CONTROLNET_PIPELINES[self.family]
-        elif ADAPTER in self.modules:
+        elif adapters_among(self.modules):
             pipeline = ADAPTER_PIPELINES[self.family]
         index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": _version("diffusers")}
+        adapters = adapters_among(self.modules)
         for name, module in self.modules.items():
-            if controlnet_index(name) is None:
+            if controlnet_index(name) is None and name not in adapters[1:]:
                 index[name] = _library_of(module)
+        if len(adapters) > 1:  # one MultiAdapter, read from adapter, adapter_1, adapter_2, ...
+            index[ADAPTER] = ["diffusers", "MultiAdapter"]
         if controlnets:  # several are one MultiControlNetModel, saved as controlnet, controlnet_1, ...
             kind = "ControlNetUnionModel" if union else "ControlNetModel"
             index["controlnet"] = ["diffusers", kind if len(controlnets) == 1 else "Multi" + kind]
@@ -162,8 +173,9 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     transformers' configs, or ``SimpleNamespace``s of their JSON) and its tokenizers' lengths.
     SDXL's are cross-checked, since a mismatch only shows deep in a graph. With ControlNets among
     the parts, the residuals they pass the U-Net (``ModelDims.residuals``), and where they are union
-    ones, their modes and the ``union_images`` each takes (``N``, ``K``); with a T2I-Adapter, the
-    features it passes the U-Net and its image's channels (``adapter_features``, ``A``).
+    ones, their modes and the ``union_images`` each takes (``N``, ``K``); with T2I-Adapters, the
+    features they pass the U-Net and their images' channels (``adapter_features``, ``A``, and each
+    one's ``adapter_channels`` where there are several).
 
     SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
     both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
@@ -183,13 +195,13 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         union = {"N": modes, "K": union_images} if modes else {}
     vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
     adapter: dict[str, Any] = {}
-    if ADAPTER in configs:
+    adapters = [dict(c) if hasattr(c, "keys") else vars(c) for c in (configs[n] for n in adapters_among(configs))]
+    if adapters:
         from sdexport.models.adapter import feature_layout
 
-        config = configs[ADAPTER]
-        config = dict(config) if hasattr(config, "keys") else vars(config)
-        adapter = {"adapter_features": feature_layout(config, vae_scale_factor),
-                   "A": int(config.get("in_channels", 3))}
+        channels = [int(c.get("in_channels", 3)) for c in adapters]
+        adapter = {"adapter_features": feature_layout(adapters[0], vae_scale_factor), "A": channels[0],
+                   **({"adapter_channels": tuple(channels)} if len(channels) > 1 else {})}
     common = {
         "residuals": residuals,
         **union,
@@ -278,7 +290,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     vae: str | None = None,
     controlnets: list[Any] | None = None,
-    adapter: Any = None,
+    adapters: list[Any] | None = None,
     lazy: bool = False,
     union_images: int = 1,
 ) -> LoadedModel:
@@ -291,7 +303,7 @@ def load_model(
     ``vae``: a diffusers AutoencoderKL directory (or a pipeline directory with ``vae/``) that replaces
     the model's VAE, e.g. an fp16-safe SDXL VAE. ``controlnets``: ControlNet presets or directories
     (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``);
-    ``adapter``: a T2I-Adapter preset or directory (or ``AdapterSource``) likewise (``add_adapter``).
+    ``adapters``: T2I-Adapter presets or directories (or ``AdapterSource``s) likewise (``add_adapters``).
     ``union_images``: with union ControlNets, the control images each takes per call.
     """
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy)
@@ -299,30 +311,39 @@ def load_model(
         replace_vae(loaded, Path(vae), dtype=dtype)
     if controlnets:
         add_controlnets(loaded, controlnets, seed=seed, dtype=dtype, union_images=union_images)
-    if adapter is not None:
-        add_adapter(loaded, adapter, seed=seed, dtype=dtype)
+    if adapters:
+        add_adapters(loaded, adapters, seed=seed, dtype=dtype)
     return loaded
 
 
-def add_adapter(model: LoadedModel, argument: Any, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> None:
-    """Load an ``--adapter`` preset or directory beside the model, as ``adapter`` (checked to fit
-    its U-Net first, from its config)."""
+def add_adapters(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Load ``--adapter`` presets or directories beside the model, as ``adapter``, ``adapter_1``,
+    ``adapter_2``, ... (diffusers' ``MultiAdapter`` folders), each checked to fit its U-Net, and
+    each other, from its config first. The manifest records one as ``source.adapter``, several as
+    ``source.adapters``."""
     from sdexport.models.adapter import (
         AdapterSource,
         check_adapter,
         check_alone,
+        check_count,
+        check_same_layout,
         load_adapter,
         resolve_adapter,
     )
 
-    source = argument if isinstance(argument, AdapterSource) else resolve_adapter(argument)
+    sources = [a if isinstance(a, AdapterSource) else resolve_adapter(a) for a in arguments]
     check_alone(len(controlnets_among(model.modules)))
+    check_count(len(sources))
     base = model.source.get("name") if model.source.get("kind") == "preset" else None
     factor = model.dims.vae_scale_factor
-    check_adapter(source, dict(model.config("unet")), model.family, base, factor)
-    model.modules[ADAPTER] = load_adapter(source, model.module("unet"), factor, seed=seed, dtype=dtype)
-    model.label += f", T2I-Adapter {source.argument}"
-    model.source = {**model.source, "adapter": source.record(seed)}
+    layouts = [check_adapter(s, dict(model.config("unet")), model.family, base, factor)[0] for s in sources]
+    check_same_layout(sources, layouts)
+    for index, (name, source) in enumerate(zip(adapter_names(len(sources)), sources)):
+        model.modules[name] = load_adapter(source, model.module("unet"), factor, seed=seed, dtype=dtype, index=index)
+    model.label += f", T2I-Adapter {' + '.join(s.argument for s in sources)}"
+    records = [s.record(seed) for s in sources]
+    model.source = {**model.source, **({"adapter": records[0]} if len(records) == 1 else {"adapters": records})}
 
 
 def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,

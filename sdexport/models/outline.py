@@ -30,7 +30,7 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLControlNetInpaintPipeline": "sdxl",
     "StableDiffusionXLControlNetUnionPipeline": "sdxl",  # union ControlNet(s), in the same folders
     "StableDiffusionXLControlNetUnionInpaintPipeline": "sdxl",
-    # the base model, and its T2I-Adapter in adapter/ (ModelOutline.adapter)
+    # the base model, and its T2I-Adapter(s) in adapter/, adapter_1/, adapter_2/ ... (ModelOutline.adapters)
     "StableDiffusionAdapterPipeline": "sd",
     "StableDiffusionXLAdapterPipeline": "sdxl",
 }
@@ -58,8 +58,9 @@ class ModelOutline:
     """The preset's name, where the model is one."""
     controlnets: tuple[Path, ...] = ()
     """A ControlNet pipeline directory's ControlNets (``controlnet/``, ``controlnet_1/``, ...)."""
-    adapter: Path | None = None
-    """A T2I-Adapter pipeline directory's adapter (``adapter/``)."""
+    adapters: tuple[Path, ...] = ()
+    """A T2I-Adapter pipeline directory's adapter(s) (``adapter/``, a ``MultiAdapter``'s
+    ``adapter_1/``, ``adapter_2/``, ...)."""
 
     @property
     def image_multiple(self) -> int:
@@ -84,7 +85,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         family = family_of_dir(path)
         outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
                            read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
-        return replace(outline, controlnets=pipeline_controlnets(path), adapter=pipeline_adapter(path))
+        return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path))
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
@@ -232,16 +233,28 @@ def pipeline_controlnets(path: Path) -> tuple[Path, ...]:
     return tuple(found)
 
 
-def pipeline_adapter(path: Path) -> Path | None:
-    """The T2I-Adapter folder of a diffusers adapter pipeline directory (None without one). A
-    ``MultiAdapter`` (``adapter/``, ``adapter_1/``, ...) is refused: sdexport runs one adapter, and
-    keeping the first without a word would change every image."""
-    if not (path / "adapter" / "config.json").is_file():
-        return None
-    if (path / "adapter_1" / "config.json").is_file():
-        raise ModelLoadError(f"{path}: a MultiAdapter (adapter/, adapter_1/, ...); sdexport runs one T2I-Adapter: "
-                             f"pass one of its folders as --adapter (e.g. --adapter {path / 'adapter_1'})")
-    return path / "adapter"
+def pipeline_adapters(path: Path) -> tuple[Path, ...]:
+    """The T2I-Adapter folders of a diffusers adapter pipeline directory, in order: ``adapter/``,
+    and a ``MultiAdapter``'s ``adapter_1/``, ``adapter_2/``, ... as diffusers reads them (none
+    without one). More than sdexport runs at once are refused, not cut: that would change every
+    image without a word. So is a third adapter where diffusers 0.42 saves it (``adapter_1_2/``,
+    each folder the last one's name plus ``_{i}``) but does not read it back."""
+    from sdexport.specs import MAX_ADAPTERS, adapter_names
+
+    if (path / "adapter_1_2" / "config.json").is_file() and not (path / "adapter_2").exists():
+        raise ModelLoadError(f"{path}: adapter_1_2/ holds a MultiAdapter's third T2I-Adapter where diffusers saves it, "
+                             "but diffusers and sdexport read it from adapter_2/ (and the next from adapter_3/); "
+                             "rename the folders")
+
+    found = []
+    for name in adapter_names(MAX_ADAPTERS + 1):
+        if not (path / name / "config.json").is_file():
+            break
+        found.append(path / name)
+    if len(found) > MAX_ADAPTERS:
+        raise ModelLoadError(f"{path}: a MultiAdapter of more than {MAX_ADAPTERS} T2I-Adapters; sdexport runs at most "
+                             f"{MAX_ADAPTERS} at once")
+    return tuple(found)
 
 
 def read_json(path: Path) -> dict[str, Any]:
