@@ -112,7 +112,7 @@ def export(
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: fuse a LoRA (.safetensors; diffusers/PEFT or kohya/A1111 layout) into the weights first; repeatable, applied in order.")] = None,
     controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel or ControlNetUnionModel directory (or preset: tiny-controlnet, sd15-controlnet, tiny-union, sdxl-union) exported beside the model; repeatable for several (run then takes one --control-image each, in this order, and --control-mode for union ones).")] = None,
     union_images: Annotated[int, typer.Option(help="Union ControlNet: control images it takes per call, each with its --control-mode (1 to 8; one each for several union ControlNets).")] = 1,
-    adapter: Annotated[str | None, typer.Option("--adapter", help="A diffusers T2IAdapter directory (or preset: tiny-adapter, sd15-adapter, sdxl-adapter) exported beside the model (run then takes --adapter-image).")] = None,
+    adapter: Annotated[list[str] | None, typer.Option("--adapter", help="A diffusers T2IAdapter directory (or preset: tiny-adapter, sd15-adapter, sdxl-adapter) exported beside the model (run then takes --adapter-image); repeatable for several (diffusers' MultiAdapter: one --adapter-image each, in this order).")] = None,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.plan import ExportOptions, plan_export
@@ -130,7 +130,7 @@ def export(
         force=force,
         loras=[LoraFile.parse(item) for item in lora or []],
         controlnets=list(controlnet or []),
-        adapter=adapter,
+        adapters=list(adapter or []),
         union_images=union_images,
     )
     target = _output_path(output)
@@ -355,8 +355,8 @@ def run(
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
     guess_mode: Annotated[bool, typer.Option("--guess-mode", help="ControlNet: diffusers' guess mode, the ControlNets see the prompted half of the guidance batch only (the image shapes the picture with little or no prompt); on anyway where diffusers turns it on (the first ControlNet pools, as shuffle ones do).")] = False,
-    adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels.")] = None,
-    adapter_scale: Annotated[float, typer.Option(help="T2I-Adapter: conditioning scale, the features' factor.")] = 1.0,
+    adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
+    adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter (default 1).")] = None,
     adapter_factor: Annotated[float, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor).")] = 1.0,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
@@ -401,6 +401,7 @@ def run(
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
+    adapter_entries = _per_prompt_adapter_images(adapters, len(manifest.adapters), len(prompts))
     sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
     if size_from_image:  # the init image's own size, else the first control (or adapter) image's
@@ -422,8 +423,8 @@ def run(
         control_start=_one_or_each(control_start, 0.0),
         control_end=_one_or_each(control_end, 1.0),
         guess_mode=guess_mode,
-        adapter_image=adapters or None,
-        adapter_scale=adapter_scale,
+        adapter_image=adapter_entries,
+        adapter_scale=_one_or_each(adapter_scale, 1.0),
         adapter_factor=adapter_factor,
     )
     notes: list[str] = []
@@ -447,7 +448,7 @@ def run(
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (parts differ in batch only)
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
-                          adapter=manifest.adapter, union_modes=manifest.model_dims.N,
+                          adapters=len(manifest.adapters), union_modes=manifest.model_dims.N,
                           union_images=manifest.model_dims.K or 1)
     except ProfileError as exc:
         if size_from_image and images:
@@ -552,8 +553,23 @@ def _condition_images(values: list[str] | None, height: int | None, width: int |
     return controls
 
 
+def _per_prompt_adapter_images(images: list[Any], adapters: int, prompts: int) -> list[Any] | None:
+    """``--adapter-image`` files as ``GenerationRequest.adapter_image``: with one adapter, one image
+    for every prompt or one per prompt, as given; with several, one per adapter for every prompt, or
+    that many per prompt, prompt by prompt (a tuple each)."""
+    if not images:
+        return None
+    if adapters < 2:
+        return images
+    if len(images) not in (adapters, adapters * prompts):
+        raise SdexportError(f"{len(images)} --adapter-image for {adapters} T2I-Adapters and {prompts} prompt(s): give "
+                            f"{adapters} (one per adapter, in the order they were exported, for every prompt)"
+                            + (f" or {adapters * prompts} ({adapters} per prompt)" if prompts > 1 else ""))
+    return [tuple(images[i:i + adapters]) for i in range(0, len(images), adapters)]
+
+
 def _one_or_each(values: list[float] | None, default: _Default) -> float | list[float] | _Default:
-    """A repeatable per-ControlNet option: its default, one value for all, or one each."""
+    """A repeatable per-ControlNet (or per-adapter) option: its default, one value for all, or one each."""
     if not values:
         return default
     return values[0] if len(values) == 1 else list(values)

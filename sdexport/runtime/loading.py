@@ -35,7 +35,7 @@ def txt2img_components(manifest: Manifest) -> list[str]:
     with the ControlNets where the U-Net takes their residuals, and the T2I-Adapter where it takes
     its features."""
     controlnets = len(manifest.controlnets) or (1 if manifest.model_dims.residuals else 0)
-    names = [s.name for s in components_for(manifest.family, controlnets, manifest.adapter)
+    names = [s.name for s in components_for(manifest.family, controlnets, len(manifest.adapters))
              if s.name != "vae_encoder" and not s.always_fp32]
     missing = [n for n in names if n not in manifest.components]
     if missing:
@@ -409,10 +409,10 @@ def _torch_engines(
 
     # as the export loaded them (presets: the same seed)
     controlnets = [_reload_part(record, "ControlNet", resolve_controlnet) for record in source.get("controlnets") or []]
-    record = source.get("adapter")
-    adapter = _reload_part(record, "T2I-Adapter", resolve_adapter) if isinstance(record, dict) else None
+    records = source.get("adapters") or ([source["adapter"]] if isinstance(source.get("adapter"), dict) else [])
+    adapters = [_reload_part(record, "T2I-Adapter", resolve_adapter) for record in records]
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
-                       controlnets=controlnets, adapter=adapter, union_images=manifest.model_dims.K or 1)
+                       controlnets=controlnets, adapters=adapters, union_images=manifest.model_dims.K or 1)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
     fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did

@@ -113,9 +113,11 @@ class GenerationRequest:
     adapter_image: list[Any] | None = None
     """The adapter's conditioning image (a sketch, edge, depth or pose map: PIL), one for every prompt
     or one per prompt, of any size: resized to the request's size as diffusers does, and read in the
-    adapter's channels (greyscale for the sketch and canny adapters)."""
-    adapter_scale: float = 1.0
-    """``adapter_conditioning_scale``: the adapter's features are multiplied by it."""
+    adapter's channels (greyscale for the sketch and canny adapters). With several adapters each
+    entry is a tuple of images, one per adapter in the directory's order (``adapter_images``)."""
+    adapter_scale: float | list[float] = 1.0
+    """``adapter_conditioning_scale``: the adapter's features are multiplied by it; with several
+    adapters, one for all or one each (diffusers' ``MultiAdapter`` weights), and the features add up."""
     adapter_factor: float = 1.0
     """``adapter_conditioning_factor``: the share of the steps, the first ``int(steps x factor)``, the
     adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1)."""
@@ -123,6 +125,20 @@ class GenerationRequest:
     @property
     def batch(self) -> int:
         return len(self.prompt)
+
+    def adapter_images(self, adapters: int) -> list[list[Any]]:
+        """Each adapter's images, one for every prompt or one per prompt (as ``adapter_image`` gives
+        them: an entry per prompt, a tuple of one image per adapter where there are several)."""
+        entries = self.adapter_image or []
+        if adapters == 1:
+            return [[e[0] if isinstance(e, tuple | list) else e for e in entries]]
+        return [[entry[i] for entry in entries] for i in range(adapters)]
+
+    def adapter_scales(self, adapters: int) -> list[float]:
+        """One ``adapter_scale`` per adapter."""
+        scale = self.adapter_scale
+        values = list(scale) if isinstance(scale, list | tuple) else [scale]
+        return values * adapters if len(values) == 1 else values
 
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
@@ -241,7 +257,7 @@ def check_request(
     profile: ShapeProfile,
     scheduler_config: dict[str, Any] | None = None,
     controlnets: int = 0,
-    adapter: bool = False,
+    adapters: int = 0,
     union_modes: int = 0,
     union_images: int = 1,
 ) -> None:
@@ -250,7 +266,7 @@ def check_request(
     ``scheduler_config`` (the engine directory's) lets the step count be checked against the
     model's training timesteps; ``controlnets``: how many ControlNets the directory has (union ones
     where ``union_modes``, their ``N``, is set, each taking ``union_images``, their ``K``);
-    ``adapter``: whether it has a T2I-Adapter.
+    ``adapters``: how many T2I-Adapters it has.
     """
     from sdexport.runtime.schedulers import check_scheduler_name
 
@@ -293,34 +309,49 @@ def check_request(
     profile.check_request(request.batch, request.height, request.width, dims)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)
-    _check_adapter(request, adapter)
+    _check_adapter(request, int(adapters))
 
 
-def _check_adapter(request: GenerationRequest, adapter: bool) -> None:
-    """T2I-Adapter inputs: an image (one, or one per prompt), settings diffusers would accept."""
+def _check_adapter(request: GenerationRequest, adapters: int) -> None:
+    """T2I-Adapter inputs: an image per adapter (for every prompt, or per prompt), settings diffusers
+    would accept."""
     from sdexport.runtime.image_inputs import check_image
 
-    settings = (("--adapter-scale", request.adapter_scale), ("--adapter-factor", request.adapter_factor))
-    if not adapter:
-        if request.adapter_image is not None or any(value != 1.0 for _, value in settings):
+    scales = request.adapter_scale if isinstance(request.adapter_scale, list | tuple) else [request.adapter_scale]
+    if not adapters:
+        if request.adapter_image is not None or request.adapter_factor != 1.0 or list(scales) != [1.0]:
             raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
                                 "directory exported with --adapter (this one has no T2I-Adapter)")
         return
-    images = request.adapter_image
-    if images is None:
+    entries = request.adapter_image
+    several = (f"{adapters} T2I-Adapters: give --adapter-image {adapters} times (one each, in the order they were "
+               "exported)")
+    if entries is None:
         raise SdexportError("this engine directory has a T2I-Adapter: give --adapter-image (the sketch, edge, depth "
-                            "or pose map it reads)")
+                            "or pose map it reads)" if adapters == 1 else f"this engine directory has {several}")
     if request.image is not None:
         raise SdexportError("an init image with a T2I-Adapter: diffusers' adapter pipelines generate from text only "
                             "(txt2img); drop --init-image")
-    if not isinstance(images, list):
+    if not isinstance(entries, list):
         raise SdexportError(f"adapter_image: expected a list of PIL images (one, or one per prompt), got "
-                            f"{type(images).__name__}")
-    if len(images) not in (1, request.batch):
-        raise SdexportError(f"{len(images)} adapter images for {request.batch} prompts: give one, or one per prompt")
-    for image in images:
-        check_image(image, None, None, "adapter image")
-    for flag, value in settings:
+                            f"{type(entries).__name__}")
+    if len(entries) not in (1, request.batch):
+        raise SdexportError(f"{len(entries)} adapter images for {request.batch} prompts: give one, or one per prompt"
+                            if adapters == 1 else
+                            f"adapter images for {len(entries)} prompts, not {request.batch}: give the {adapters} "
+                            "images for every prompt, or for each prompt")
+    for entry in entries:
+        count = len(entry) if isinstance(entry, tuple | list) else 1
+        if count != adapters:
+            raise SdexportError(f"{count} adapter image(s) for {several}" if adapters > 1 else
+                                f"{count} adapter images for one prompt of a directory with one T2I-Adapter")
+    for images in request.adapter_images(adapters):
+        for image in images:
+            check_image(image, None, None, "adapter image")
+    if len(scales) not in (1, adapters):
+        raise SdexportError(f"--adapter-scale: {len(scales)} values for {adapters} T2I-Adapters: give one, or one "
+                            "each")
+    for flag, value in (*(("--adapter-scale", v) for v in scales), ("--adapter-factor", request.adapter_factor)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise SdexportError(f"{flag} {value!r}: expected a finite number")
     if not 0 <= request.adapter_factor <= 1:

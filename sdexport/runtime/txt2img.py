@@ -32,7 +32,7 @@ from sdexport.runtime.request import GenerationRequest, check_request, forced_gu
 from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ADAPTER, ModelDims, controlnets_among
+from sdexport.specs import ModelDims, adapters_among, controlnets_among
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Timings:
     controlnet_steps: list[float] = field(default_factory=list)
     """Per step, the ControlNets' time (all of them; steps where none is active are absent)."""
     adapter: float = 0.0
-    """The T2I-Adapter's one call, before the loop (0 without one)."""
+    """The T2I-Adapters' calls, once each before the loop (0 without one)."""
 
     @property
     def unet_total(self) -> float:
@@ -234,7 +234,8 @@ class Txt2ImgPipeline:
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
-        self.adapter = ADAPTER in engines
+        self.adapters = adapters_among(engines)
+        self.adapter = bool(self.adapters)
         self.pooled_controlnets = tuple(n for n in self.controlnets if n in pooled_controlnets)
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
@@ -253,7 +254,7 @@ class Txt2ImgPipeline:
                                "does) or re-export with a wider --batch")
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
-                      adapter=self.adapter, union_modes=self.dims.N, union_images=self.dims.K or 1)
+                      adapters=len(self.adapters), union_modes=self.dims.N, union_images=self.dims.K or 1)
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
@@ -613,9 +614,10 @@ class Txt2ImgPipeline:
         return dict(zip(unet.residual_inputs, summed))
 
     def adapter_features(self, request: GenerationRequest) -> AdapterFeatures:
-        """Run the T2I-Adapter once, before the loop, as diffusers' adapter pipelines do: features
-        times ``adapter_scale``, one row per prompt, twice under CFG (the same features for both
-        halves), given to the first ``int(steps x adapter_factor)`` steps.
+        """Run each T2I-Adapter once, before the loop, as diffusers' adapter pipelines do: features
+        times ``adapter_scale``, added up over several adapters (``MultiAdapter``), one row per
+        prompt, twice under CFG (the same features for both halves), given to the first
+        ``int(steps x adapter_factor)`` steps.
 
         The adapter runs at the prompts' batch, one image repeated to each prompt: the batch the
         engines were checked for (a TensorRT plan may not take a batch of one). That is what
@@ -624,14 +626,18 @@ class Txt2ImgPipeline:
         sees a batch of one)."""
         from sdexport.runtime.image_inputs import control_pixels, per_prompt
 
-        engine = self.engines[ADAPTER]
-        images = request.adapter_image or []
-        pixels = torch.cat([control_pixels(image, request.height, request.width, self.dims.A or 3) for image in images])
-        out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})
-        features = {}
-        for output, name in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
-            value = out[output].float() * request.adapter_scale
-            features[name] = torch.cat([value, value]) if request.cfg else value
+        count = len(self.adapters)
+        channels = self.dims.adapter_channels or (self.dims.A or 3,)
+        summed: dict[str, torch.Tensor] = {}
+        for name, images, scale, depth in zip(self.adapters, request.adapter_images(count),
+                                              request.adapter_scales(count), channels):
+            engine = self.engines[name]
+            pixels = torch.cat([control_pixels(image, request.height, request.width, depth) for image in images])
+            out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})
+            for output, feature in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
+                value = out[output].float() * scale
+                summed[feature] = summed[feature] + value if feature in summed else value
+        features = {n: torch.cat([v, v]) if request.cfg else v for n, v in summed.items()}
         return AdapterFeatures(features, int(request.steps * request.adapter_factor))
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
