@@ -23,9 +23,12 @@ model family's, which the server knows and a client need not."""
 
 def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:
     """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
-    model by name, one value for every image or a list of one per image (for the per-ControlNet
-    inputs, a list is one value: their values for every image); bytes for the image inputs. ``seed``: one per prompt, or one number for the first image and +1 for each
-    next (as ``sdexport run --seed``). ``module``: ``tritonclient.http`` (default) or ``tritonclient.grpc``."""
+    model by name, one value for every image or a list of one per image (for the per-ControlNet and
+    per-adapter inputs, a list is one value: their values for every image); bytes for the image
+    inputs. ``adapter_image``: bytes, or a tuple of bytes with several adapters (one each), for
+    every image, or a list of those, one per image. ``seed``: one per prompt, or one number for the
+    first image and +1 for each next (as ``sdexport run --seed``). ``module``: ``tritonclient.http``
+    (default) or ``tritonclient.grpc``."""
     import numpy as np
 
     from sdexport.serving.requests import DEFAULTS
@@ -46,6 +49,8 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     for name, value in params.items():
         if name == "seed":
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
+        elif name == "adapter_image":  # per image, each one image per adapter
+            values[name] = _adapter_images(value, rows)
         elif _SPECS[name].dims == (-1,):
             values[name] = [list(value) if isinstance(value, list | tuple) else [value]] * rows
         elif isinstance(value, list | tuple):
@@ -64,6 +69,17 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
+    """``adapter_image`` as rows of one image per adapter (``infer_inputs``)."""
+    entries = list(value) if isinstance(value, list) else [value] * rows
+    if len(entries) != rows:
+        raise ValueError(f"adapter_image: {len(entries)} values for {rows} prompts; give one, or one per prompt")
+    images = [list(e) if isinstance(e, tuple | list) else [e] for e in entries]
+    if len({len(i) for i in images}) > 1:
+        raise ValueError("adapter_image: every image needs as many adapter images (one per adapter)")
+    return images
 
 
 def generate(url: str, prompts: list[str], *, model: str = MODEL_NAME, timeout_s: float = 600.0,

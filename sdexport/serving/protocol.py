@@ -54,8 +54,8 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("control_start", "FP32", (-1,), "ControlNet: fraction of the steps to start at (default 0)"),
     TensorSpec("control_end", "FP32", (-1,), "ControlNet: fraction of the steps to stop at (default 1)"),
     TensorSpec("guess_mode", "BOOL", (1,), "ControlNet: guess mode, as `sdexport run --guess-mode` (default false)"),
-    TensorSpec("adapter_image", "BYTES", (1,), "T2I-Adapter: this image's PNG/JPEG (a sketch, edge, depth or pose map)"),
-    TensorSpec("adapter_scale", "FP32", (1,), "T2I-Adapter: conditioning scale (default 1)"),
+    TensorSpec("adapter_image", "BYTES", (-1,), "T2I-Adapter: this image's PNG/JPEG (a sketch, edge, depth or pose map); one per adapter, in export order"),
+    TensorSpec("adapter_scale", "FP32", (-1,), "T2I-Adapter: conditioning scale, one or one per adapter (default 1)"),
     TensorSpec("adapter_factor", "FP32", (1,), "T2I-Adapter: share of the steps, the first ones, it acts on (default 1)"),
 )
 

@@ -57,8 +57,9 @@ class Row:
     control_digest: str = ""
     """A digest of the control images' bytes: rows share a call only with the same control images."""
     adapter_image: Any = None
-    """This image's T2I-Adapter image: rows with different ones share a call (one per prompt)."""
-    adapter_scale: float = 1.0
+    """This image's T2I-Adapter image (a tuple, one per adapter, where there are several): rows with
+    different ones share a call (one per prompt)."""
+    adapter_scale: float | list[float] = 1.0
     adapter_factor: float = 1.0
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (an image resized by ``fit``), for the server log."""
@@ -69,11 +70,16 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, self.control_digest, _hashable(self.control_mode),
                 _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
-                self.guess_mode, self.adapter_image is None, self.adapter_scale, self.adapter_factor)
+                self.guess_mode, _count(self.adapter_image), _hashable(self.adapter_scale), self.adapter_factor)
 
 
 def _hashable(value: float | list[float] | list[int] | None) -> Any:
     return tuple(value) if isinstance(value, list) else value
+
+
+def _count(images: Any) -> int:
+    """How many adapter images a row gives (0: none), so that rows share a call only with as many."""
+    return 0 if images is None else len(images) if isinstance(images, tuple) else 1
 
 
 def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
@@ -124,15 +130,15 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         control_bytes = [bytes(b) for b in many("control_image") or []]
         controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode() else decode_image(b, "control_image")
                                for b in control_bytes]
-        adapter_bytes = one("adapter_image")
-        adapter = decode_image(bytes(adapter_bytes), "adapter_image") if adapter_bytes is not None else None
+        adapter_images = [decode_image(bytes(b), "adapter_image") for b in many("adapter_image") or []]
+        adapter = adapter_images[0] if len(adapter_images) == 1 else tuple(adapter_images) or None
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):
             raise SdexportError("give both height and width, or neither")
         if height is None and first_size is not None:
             height, width = first_size
         elif height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
-            first = init or next((c for c in controls if not isinstance(c, str)), None) or adapter  # not masked-init
+            first = init or next((c for c in controls if not isinstance(c, str)), None) or next(iter(adapter_images), None)  # not masked-init
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
         assert height is not None and width is not None
         if check_size is not None:
@@ -153,10 +159,9 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             control_image=controls or None,
             guess_mode=_flag(one("guess_mode"), "guess_mode"),
             adapter_image=adapter,
-            adapter_scale=_or(_number(one("adapter_scale"), "adapter_scale", float), DEFAULTS["adapter_scale"]),
             adapter_factor=_or(_number(one("adapter_factor"), "adapter_factor", float), DEFAULTS["adapter_factor"]),
         )
-        for name in ("control_scale", "control_start", "control_end"):
+        for name in ("control_scale", "control_start", "control_end", "adapter_scale"):
             values = [_number(v, name, float) for v in many(name) or []]
             if values:
                 setattr(row, name, values[0] if len(values) == 1 else values)
