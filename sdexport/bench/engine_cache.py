@@ -94,13 +94,13 @@ def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProf
     def source(name: str, paths: tuple[Path, ...]) -> dict[str, str]:
         return _source_digest(name, paths, by_content)
 
+    adapters = [source(a, (Path(a),) if Path(a).exists() else ()) for a in scenario.adapters]
     record = {
         "key_version": KEY_VERSION,
         "model": source(scenario.model, sources),
         "controlnets": [source(c, (Path(c),) if Path(c).exists() else ()) for c in scenario.controlnets],
-        # only with one, so that every other scenario keeps its key
-        **({"adapter": source(scenario.adapter, (Path(scenario.adapter),) if Path(scenario.adapter).exists() else ())}
-           if scenario.adapter else {}),
+        # only with adapters (one as before), so that every other scenario keeps its key
+        **({"adapter": adapters[0]} if len(adapters) == 1 else {"adapters": adapters} if adapters else {}),
         "profile": profile.to_dict(),
         "dtype": dtype,
         "components": sorted(components),

@@ -134,7 +134,7 @@ def _run(
     # export below, which loads the model again one part at a time, holds no second copy of them
     # (ControlNets excepted: they are read at once, lazy or not)
     with step(f"Reading {scenario.model}'s configs"):
-        model = load_model(scenario.model, controlnets=scenario.controlnets, adapter=scenario.adapter, lazy=True)
+        model = load_model(scenario.model, controlnets=scenario.controlnets, adapters=scenario.adapters, lazy=True)
     one_time["model"] = {"load_s": time.perf_counter() - start}
     needs_engines = any(c not in BASELINES for c in contenders)
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
@@ -476,7 +476,7 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
     export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype,
                                                  components=export_components(scenario, family, dtype),
                                                  verify=scenario.export.get("verify", "quick"), force=True,
-                                                 controlnets=list(scenario.controlnets), adapter=scenario.adapter))
+                                                 controlnets=list(scenario.controlnets), adapters=scenario.adapters))
     return time.perf_counter() - start
 
 
@@ -485,7 +485,7 @@ def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
     for fp16 exports."""
     from sdexport.specs import components_for
 
-    return [s.name for s in components_for(family, len(scenario.controlnets), bool(scenario.adapter))
+    return [s.name for s in components_for(family, len(scenario.controlnets), len(scenario.adapters))
             if (s.name != "vae_encoder" or scenario.image_inputs) and (dtype == "fp16" or not s.always_fp32)]
 
 

@@ -92,14 +92,16 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
                             "the scenario")
-    if outline.adapter is not None and not scenario.adapter:
+    if outline.adapters and not scenario.adapter:
+        named = ", ".join(f'"{p}"' for p in outline.adapters)
         raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory: name its adapter in the scenario "
-                            f"(adapter = \"{outline.adapter}\"), so that every contender runs it")
-    from sdexport.models.adapter import adapter_for
+                            f"(adapter = {named if len(outline.adapters) == 1 else f'[{named}]'}), so that every "
+                            "contender runs it")
+    from sdexport.models.adapter import adapters_for
     from sdexport.models.controlnet import controlnets_for, union_modes
 
     nets = controlnets_for(outline, scenario.controlnets)
-    adapter_for(outline, scenario.adapter, len(nets))
+    adapters_for(outline, scenario.adapters, len(nets))
     modes, images = (union_modes(nets[0].config(outline.unet_config or {})) if nets else 0), 1
     if modes and scenario.guess_mode and scenario.guidance > 1:
         raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
@@ -138,11 +140,12 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} has {len(manifest.controlnets)} ControlNet(s), the scenario "
                 f"{len(scenario.controlnets)}: the baseline and the engines must be the same model"
             )
-        if manifest.adapter != bool(scenario.adapter):
+        if len(manifest.adapters) != len(scenario.adapters):
+            has = {0: "has no T2I-Adapter", 1: "has a T2I-Adapter"}.get(len(manifest.adapters),
+                                                                          f"has {len(manifest.adapters)} T2I-Adapters")
             raise SdexportError(
-                f"--engine-dir {options.engine_dir} {'has a' if manifest.adapter else 'has no'} T2I-Adapter, the "
-                f"scenario {'none' if manifest.adapter else scenario.adapter}: the baseline and the engines must be "
-                "the same model")
+                f"--engine-dir {options.engine_dir} {has}, the scenario {' + '.join(scenario.adapters) or 'none'}: "
+                "the baseline and the engines must be the same model")
         if manifest.model_dims.N != modes:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} has {'union' if manifest.model_dims.N else 'plain'} ControlNets, "
@@ -154,7 +157,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     for case in scenario.cases:
         check_request(request_for(scenario, case), family=outline.family, dims=geometry, profile=profile,
                       scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
-                      adapter=bool(scenario.adapter), union_modes=modes, union_images=images)
+                      adapters=len(scenario.adapters), union_modes=modes, union_images=images)
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -205,8 +208,8 @@ def mask_image(scenario: Scenario) -> Any:
 
 
 def control_image(scenario: Scenario, index: int) -> Any:
-    """A ControlNet's (or the T2I-Adapter's, index 0) input: a seeded synthetic edge map (white
-    strokes on black, as a Canny map looks), one per ControlNet, the same for every contender."""
+    """A ControlNet's (or a T2I-Adapter's) input: a seeded synthetic edge map (white strokes on
+    black, as a Canny map looks), one per ControlNet (or adapter), the same for every contender."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -236,7 +239,8 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
         control_mode=list(scenario.control_mode) or None,
         control_scale=scenario.control_scale if scenario.controlnets else None,
         guess_mode=scenario.guess_mode,
-        adapter_image=[control_image(scenario, 0)] if scenario.adapter else None,
+        adapter_image=[tuple(control_image(scenario, i) for i in range(len(scenario.adapters)))]
+        if scenario.adapter else None,
         adapter_scale=scenario.adapter_scale if scenario.adapter else 1.0,
     )
 

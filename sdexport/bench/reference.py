@@ -25,7 +25,7 @@ from sdexport.runtime.request import MASKED_INIT
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
-from sdexport.specs import ADAPTER, controlnet_index, controlnets_among
+from sdexport.specs import ADAPTER, adapter_index, adapters_among, controlnet_index, controlnets_among
 
 
 @dataclass
@@ -59,12 +59,17 @@ class DiffusersReference:
             cls = diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
         if self.union:
             cls = diffusers.StableDiffusionXLControlNetUnionPipeline
-        self.adapter = ADAPTER in model.modules
+        adapters = [model.modules[n] for n in adapters_among(model.modules)]
+        self.adapters = len(adapters)
+        self.adapter = bool(adapters)
         if self.adapter:
             cls = diffusers.StableDiffusionXLAdapterPipeline if sdxl else diffusers.StableDiffusionAdapterPipeline
-        kwargs: dict[str, Any] = {n: m for n, m in model.modules.items() if controlnet_index(n) is None}
+        kwargs: dict[str, Any] = {n: m for n, m in model.modules.items()
+                                  if controlnet_index(n) is None and adapter_index(n) is None}
         if nets:  # a list of several becomes diffusers' MultiControlNetModel
             kwargs["controlnet"] = nets[0] if len(nets) == 1 else nets
+        if adapters:  # several are one MultiAdapter (the SDXL pipeline does not wrap a list itself)
+            kwargs[ADAPTER] = adapters[0] if len(adapters) == 1 else diffusers.MultiAdapter(adapters)
         kwargs.update(model.tokenizers)
         kwargs["scheduler"] = make_scheduler("default", model.scheduler_config)
         if model.family == "sd":
@@ -220,11 +225,15 @@ class DiffusersReference:
             # an RGB edge map fails in a greyscale adapter)
             from sdexport.runtime.image_inputs import image_mode
 
-            mode = image_mode(self.pipe.adapter.config.in_channels)
-            images = [image.convert(mode) for image in request.adapter_image or []]
-            if len(images) == 1:  # one for every prompt: diffusers takes one per prompt (see adapter_features)
-                images = images * request.batch
-            extra |= {"image": images, "adapter_conditioning_scale": request.adapter_scale}
+            count = self.adapters
+            modules = self.pipe.adapter.adapters if count > 1 else [self.pipe.adapter]
+            images = [[image.convert(image_mode(module.config.in_channels)) for image in given]
+                      for module, given in zip(modules, request.adapter_images(count))]
+            # one for every prompt: diffusers takes one per prompt (see adapter_features)
+            images = [given * request.batch if len(given) == 1 else given for given in images]
+            scales = request.adapter_scales(count)
+            extra |= {"image": images[0] if count == 1 else images,
+                      "adapter_conditioning_scale": scales[0] if count == 1 else scales}
             if self.model.family == "sdxl":
                 extra["adapter_conditioning_factor"] = request.adapter_factor
             elif request.adapter_factor != 1.0:

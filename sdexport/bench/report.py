@@ -228,7 +228,7 @@ def markdown(report: dict[str, Any]) -> str:
                + (f" as control mode(s) {', '.join(map(str, scenario['control_mode']))}"
                   if scenario.get("control_mode") else "")
                + f"{' in guess mode' if scenario.get('guess_mode') else ''}, " if scenario.get("controlnets") else "")
-            + (f"T2I-Adapter {scenario['adapter']} on a synthetic edge map at scale "
+            + (f"T2I-Adapter {_names(scenario['adapter'])} on a synthetic edge map at scale "
                f"{scenario.get('adapter_scale', 1.0)}, " if scenario.get("adapter") else "")
             + f"prompt \"{scenario['prompt']}\""
         ),
@@ -299,6 +299,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {r['contender']}{where}: {r['reason']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def _names(adapter: str | list[str]) -> str:
+    """A scenario's ``adapter``: one name, or several joined (a MultiAdapter)."""
+    return adapter if isinstance(adapter, str) else " + ".join(adapter)
 
 
 def _image_task_words(scenario: dict[str, Any], family: str | None) -> str:

@@ -83,11 +83,17 @@ class Scenario:
     guess_mode: bool = False
     """ControlNet guess mode for every contender (``run --guess-mode``; on anyway where the first
     ControlNet pools): under CFG the ControlNets run at the prompts' batch, half the work."""
-    adapter: str | None = None
-    """A T2I-Adapter preset or directory (as ``export --adapter``), given the same synthetic edge map
-    as a ControlNet; the baseline is diffusers' adapter pipeline with the same adapter."""
+    adapter: str | list[str] | None = None
+    """A T2I-Adapter preset or directory (as ``export --adapter``), or a list of them (diffusers'
+    ``MultiAdapter``), each given a synthetic edge map as a ControlNet; the baseline is diffusers'
+    adapter pipeline with the same adapter(s)."""
     adapter_scale: float = 1.0
     """``adapter_conditioning_scale``, given to every contender alike."""
+
+    @property
+    def adapters(self) -> list[str]:
+        """``adapter`` as a list (empty without)."""
+        return [self.adapter] if isinstance(self.adapter, str) else list(self.adapter or [])
 
     @property
     def image_inputs(self) -> bool:
@@ -144,7 +150,9 @@ SCHEMA: dict[str, Any] = {
         "control_mode": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": 8},
         "control_scale": {"type": "number"},
         "guess_mode": {"type": "boolean"},
-        "adapter": {"type": "string", "minLength": 1},
+        "adapter": {"anyOf": [{"type": "string", "minLength": 1},
+                              {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
+                               "maxItems": 4}]},  # specs.MAX_ADAPTERS
         "adapter_scale": {"type": "number"},
         "export": {
             "type": "object",
