@@ -41,13 +41,13 @@ def engine_dirs(tmp_path_factory) -> dict[str, Path]:
     dirs = {}
     for name, preset in MODELS.items():
         dirs[name] = root / name
-        export(preset, dirs[name], ExportOptions(verify="quick", adapter="tiny-adapter"))
+        export(preset, dirs[name], ExportOptions(verify="quick", adapters=["tiny-adapter"]))
     return dirs
 
 
 @pytest.fixture(scope="module")
 def references() -> dict[str, DiffusersReference]:
-    return {name: DiffusersReference(load_model(preset, adapter="tiny-adapter")) for name, preset in MODELS.items()}
+    return {name: DiffusersReference(load_model(preset, adapters=["tiny-adapter"])) for name, preset in MODELS.items()}
 
 
 def _request(name: str, **changes) -> GenerationRequest:
@@ -106,10 +106,10 @@ def test_a_greyscale_adapter_directory_exports_and_runs(tmp_path):
     torch.manual_seed(7)
     T2IAdapter(**{**config, "in_channels": 1}).save_pretrained(tmp_path / "sketch-adapter")
     out = tmp_path / "engines"
-    export("tiny", out, ExportOptions(verify="quick", adapter=str(tmp_path / "sketch-adapter")))
+    export("tiny", out, ExportOptions(verify="quick", adapters=[str(tmp_path / "sketch-adapter")]))
     manifest = load_manifest(out)
     assert manifest.dims["A"] == 1 and manifest.model["source"]["adapter"]["kind"] == "diffusers"
-    reference = DiffusersReference(load_model("tiny", adapter=str(tmp_path / "sketch-adapter")))
+    reference = DiffusersReference(load_model("tiny", adapters=[str(tmp_path / "sketch-adapter")]))
     request = _request("sd", adapter_image=[picture(64, 128, 1, "L"), picture(64, 128, 2, "L")])
     for backend in ("onnxruntime-cpu", "torch"):
         _agree(load_pipeline(out, backend)(request), reference(request))
@@ -123,7 +123,7 @@ def test_a_greyscale_adapter_directory_exports_and_runs(tmp_path):
 
 def test_an_adapter_pipeline_directory_exports_with_its_adapter(tmp_path):
     """A diffusers StableDiffusionAdapterPipeline directory brings its adapter, as diffusers saves it."""
-    load_model("tiny", adapter="tiny-adapter", seed=2).save_pretrained(tmp_path / "pipeline")
+    load_model("tiny", adapters=["tiny-adapter"], seed=2).save_pretrained(tmp_path / "pipeline")
     index = json.loads((tmp_path / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionAdapterPipeline"
     export(str(tmp_path / "pipeline"), tmp_path / "engines", ExportOptions(verify="none"))
@@ -131,23 +131,6 @@ def test_an_adapter_pipeline_directory_exports_with_its_adapter(tmp_path):
     assert manifest.adapter
     assert manifest.model["source"]["adapter"]["path"] == str((tmp_path / "pipeline" / "adapter").resolve())
     assert load_manifest(tmp_path / "engines").spec("unet").adapter_inputs
-
-
-def test_a_multi_adapter_pipeline_directory_is_refused(tmp_path, capsys):
-    """diffusers saves a MultiAdapter as adapter/, adapter_1/, ...: exporting the first alone would
-    change every image without a word. One of its folders can be named."""
-    import shutil
-
-    from sdexport.export.plan import plan_export
-
-    pipeline = tmp_path / "pipeline"
-    load_model("tiny", adapter="tiny-adapter").save_pretrained(pipeline)
-    shutil.copytree(pipeline / "adapter", pipeline / "adapter_1")
-    for args in (["export", pipeline], ["export", "tiny", "--adapter", pipeline]):
-        assert run_cli(*args, "-o", tmp_path / "out") == 2
-        assert "a MultiAdapter (adapter/, adapter_1/, ...); sdexport runs one T2I-Adapter" in capsys.readouterr().err
-    plan = plan_export("tiny", tmp_path / "out", ExportOptions(adapter=str(pipeline / "adapter_1")))
-    assert plan.adapter is not None and plan.adapter.path == pipeline / "adapter_1"
 
 
 def test_run_writes_the_image_and_its_adapter_settings(engine_dirs, tmp_path, capsys):
@@ -218,7 +201,7 @@ def test_the_real_architecture_presets_fit(tmp_path, capsys, monkeypatch):
     from sdexport.export.plan import plan_export
 
     for base, adapter in (("sd15", "sd15-adapter"), ("sdxl", "sdxl-adapter")):
-        plan = plan_export(base, tmp_path / base, ExportOptions(adapter=adapter))
+        plan = plan_export(base, tmp_path / base, ExportOptions(adapters=[adapter]))
         assert [s.name for s in plan.specs].index("adapter") == [s.name for s in plan.specs].index("unet") - 1
 
 
@@ -285,7 +268,7 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     ("tiny-inpaint", ["--adapter", "tiny-adapter"], "--adapter: an inpainting U-Net"),
     ("tiny", ["--adapter", "sd15-adapter"], "this preset goes with the preset(s) sd15, not tiny"),
     ("tiny", ["--adapter", "no-such-adapter"], "no such directory, and not a T2I-Adapter preset"),
-    ("tiny", ["--adapter", "tiny-adapter", "--components", "unet,vae_decoder"], "export the two together"),
+    ("tiny", ["--adapter", "tiny-adapter", "--components", "unet,vae_decoder"], "export them together (unet,adapter) or none of them"),
 ])
 def test_export_refuses_what_does_not_fit(tmp_path, capsys, base, args, message):
     assert run_cli("export", base, "-o", tmp_path / "out", *args) == 2
@@ -368,7 +351,7 @@ def test_bench_runs_an_adapter_scenario(engine_dirs, tiny_engine_dir, tmp_path, 
     assert run_cli("bench", plain, "--engine-dir", engine_dirs["sd"], "-o", tmp_path / "b") == 2
     assert "has a T2I-Adapter, the scenario none: the baseline and the engines must be the same" in capsys.readouterr().err
     # an adapter pipeline directory as the model: its adapter is named in the scenario
-    load_model("tiny", adapter="tiny-adapter").save_pretrained(tmp_path / "pipeline")
+    load_model("tiny", adapters=["tiny-adapter"]).save_pretrained(tmp_path / "pipeline")
     plain.write_text(plain.read_text().replace('"tiny"', repr(str(tmp_path / "pipeline"))))
     assert run_cli("bench", plain, "-o", tmp_path / "b") == 2
     assert "a T2I-Adapter pipeline directory: name its adapter in the scenario" in capsys.readouterr().err

@@ -217,6 +217,14 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert inputs["adapter_image"].shape() == inputs["steps"].shape() == [2, 1]
     with pytest.raises(ValueError, match="adapter_image: 3 values for 2 prompts"):
         infer_inputs(["a", "b"], http, adapter_image=[b"1", b"2", b"3"])
+    # with several adapters: a tuple, one image per adapter, for every image or in a list per image
+    inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, adapter_image=(b"depth", b"sketch"),
+                                                 adapter_scale=[0.8, 0.5])}
+    assert inputs["adapter_image"].shape() == inputs["adapter_scale"].shape() == [2, 2]
+    inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, adapter_image=[(b"1", b"2"), (b"3", b"4")])}
+    assert inputs["adapter_image"].shape() == [2, 2]
+    with pytest.raises(ValueError, match="every image needs as many adapter images"):
+        infer_inputs(["a", "b"], http, adapter_image=[(b"1", b"2"), b"3"])
 
 
 def test_rows_that_leave_out_the_default_guidance_share_a_call_with_rows_that_send_it(served, monkeypatch):
