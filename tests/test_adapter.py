@@ -81,6 +81,17 @@ def test_matches_diffusers_adapter_pipeline(engine_dirs, references, name, backe
 
 
 @pytest.mark.parametrize("name", MODELS)
+def test_pndm_matches_diffusers_at_every_call(engine_dirs, references, name):
+    """PNDM (SD's default) calls the U-Net once more than it has steps: diffusers' SD adapter
+    pipeline gives that call the features too, its SDXL one (factor 1) does not."""
+    pipeline = load_pipeline(engine_dirs[name], "onnxruntime-cpu")
+    request = _request(name, scheduler="default" if name == "sd" else "pndm", steps=3, adapter_factor=1.0)
+    ours = pipeline(request)
+    assert ours.scheduler == "pndm" and len(ours.timings.unet_steps) == 4
+    _agree(ours, references[name](request))
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_one_adapter_image_serves_every_prompt(engine_dirs, references, name):
     """One image for two prompts (diffusers fails on that under CFG: it is given the image per
     prompt), and without CFG; batches split over calls give the same images."""

@@ -175,6 +175,18 @@ def test_a_multi_adapter_pipeline_directory_exports_with_its_adapters(tmp_path, 
     assert "adapter_1_2/ holds a MultiAdapter's third T2I-Adapter where diffusers saves it" in capsys.readouterr().err
 
 
+def test_a_stray_adapter_folder_beside_one_t2i_adapter_is_not_read(tmp_path):
+    """A pipeline whose model_index.json names one T2IAdapter reads adapter/ alone, as diffusers
+    does, whatever other adapter_i/ folders lie beside it."""
+    from sdexport.export.plan import plan_export
+
+    pipeline = tmp_path / "pipeline"
+    load_model("tiny", adapters=["tiny-adapter"]).save_pretrained(pipeline)
+    shutil.copytree(pipeline / "adapter", pipeline / "adapter_1")
+    plan = plan_export(str(pipeline), tmp_path / "out", ExportOptions())
+    assert [a.path for a in plan.adapters] == [pipeline / "adapter"]
+
+
 def test_run_takes_an_image_and_a_scale_per_adapter(engine_dirs, tmp_path, capsys):
     for seed in (1, 2, 3, 4):
         picture(64, 64, seed).save(tmp_path / f"a{seed}.png")
@@ -249,6 +261,35 @@ def test_a_manifest_with_wrong_adapter_channels_is_refused(engine_dirs, tmp_path
         (directory / "manifest.json").write_text(json.dumps(manifest))
         assert run_cli("inspect", directory) != 0
         assert message in capsys.readouterr().err
+
+
+def test_a_manifest_naming_more_adapters_than_it_has_is_refused(engine_dirs, tmp_path, capsys):
+    directory = tmp_path / "d"
+    shutil.copytree(engine_dirs["sd"], directory)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["dims"]["adapter_channels"] = [3, 1, 3]
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", directory) != 0
+    assert ("its U-Net takes the features of 3 T2I-Adapter(s) (dims.adapter_channels), but components has no "
+            "adapter_2") in capsys.readouterr().err
+
+
+def test_the_torch_backend_refuses_adapters_its_sources_no_longer_give(engine_dirs, tmp_path):
+    """The Torch backend reloads the adapters from model.source: a manifest naming fewer, or other
+    channels than its dims, is refused in one line before any convolution fails."""
+    from sdexport.errors import EngineDirError
+
+    for edit in ("cut", "channels"):
+        directory = tmp_path / edit
+        shutil.copytree(engine_dirs["sd"], directory)
+        manifest = json.loads((directory / "manifest.json").read_text())
+        if edit == "cut":
+            manifest["model"]["source"]["adapters"] = manifest["model"]["source"]["adapters"][:1]
+        else:
+            manifest["dims"]["adapter_channels"] = [3, 3]
+        (directory / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(EngineDirError, match="the Torch backend reloaded T2I-Adapter\\(s\\) reading"):
+            load_pipeline(directory, "torch")
 
 
 def test_served_rows_give_an_image_per_adapter(engine_dirs, tmp_path):

@@ -235,17 +235,22 @@ def pipeline_controlnets(path: Path) -> tuple[Path, ...]:
 
 def pipeline_adapters(path: Path) -> tuple[Path, ...]:
     """The T2I-Adapter folders of a diffusers adapter pipeline directory, in order: ``adapter/``,
-    and a ``MultiAdapter``'s ``adapter_1/``, ``adapter_2/``, ... as diffusers reads them (none
-    without one). More than sdexport runs at once are refused, not cut: that would change every
-    image without a word. So is a third adapter where diffusers 0.42 saves it (``adapter_1_2/``,
-    each folder the last one's name plus ``_{i}``) but does not read it back."""
+    and where ``model_index.json`` names a ``MultiAdapter``, its ``adapter_1/``, ``adapter_2/``, ...
+    as diffusers reads them (none without one; a stray ``adapter_1/`` beside a ``T2IAdapter`` is
+    not read, as diffusers does not). More than sdexport runs at once are refused, not cut: that
+    would change every image without a word. So is a third adapter where diffusers 0.42 saves it
+    (``adapter_1_2/``, each folder the last one's name plus ``_{i}``) but does not read it back."""
     from sdexport.specs import MAX_ADAPTERS, adapter_names
 
+    if not (path / "adapter" / "config.json").is_file():
+        return ()
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    if "MultiAdapter" not in (index.get("adapter") or []):
+        return (path / "adapter",)
     if (path / "adapter_1_2" / "config.json").is_file() and not (path / "adapter_2").exists():
         raise ModelLoadError(f"{path}: adapter_1_2/ holds a MultiAdapter's third T2I-Adapter where diffusers saves it, "
                              "but diffusers and sdexport read it from adapter_2/ (and the next from adapter_3/); "
                              "rename the folders")
-
     found = []
     for name in adapter_names(MAX_ADAPTERS + 1):
         if not (path / name / "config.json").is_file():

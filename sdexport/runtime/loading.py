@@ -19,7 +19,7 @@ from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import components_for
+from sdexport.specs import ModelDims, components_for
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
     import torch
@@ -358,6 +358,19 @@ def _reload_part(record: dict[str, Any], what: str, resolve: Callable[[str, str]
         raise EngineDirError(f"the Torch backend cannot reload the export's {what}: {exc}") from None
 
 
+def _check_reloaded_adapters(reloaded: ModelDims, recorded: ModelDims) -> None:
+    """The T2I-Adapters the Torch backend reloaded from ``model.source`` are the ones the graphs
+    were exported with: as many, reading images of the same channels (a hand-edited manifest would
+    otherwise fail inside a convolution)."""
+    def described(dims: ModelDims) -> tuple[int, ...]:
+        return dims.adapter_channels or ((dims.A,) if dims.adapter_features else ())
+
+    if described(reloaded) != described(recorded) or reloaded.adapter_features != recorded.adapter_features:
+        raise EngineDirError(f"the Torch backend reloaded T2I-Adapter(s) reading {list(described(reloaded))}-channel "
+                             f"images from the manifest's model.source, but its dims describe "
+                             f"{list(described(recorded))}: the manifest was edited or its sources changed")
+
+
 def exported_loras(manifest: Manifest) -> list[LoraFile]:
     """The LoRA files fused at export, for the Torch backend to fuse again into the weights it
     reloads; each must still be the file the export read (its sha256)."""
@@ -415,6 +428,7 @@ def _torch_engines(
                        controlnets=controlnets, adapters=adapters, union_images=manifest.model_dims.K or 1)
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
+    _check_reloaded_adapters(model.dims, manifest.model_dims)
     fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did
     if loras:
         from sdexport.runtime.lora_runtime import updates_for

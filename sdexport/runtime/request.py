@@ -334,7 +334,9 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
                             "(txt2img); drop --init-image")
     if not isinstance(entries, list):
         raise SdexportError(f"adapter_image: expected a list of PIL images (one, or one per prompt), got "
-                            f"{type(entries).__name__}")
+                            f"{type(entries).__name__}" + (" (several adapters: a list of tuples, one image per "
+                                                           "adapter each, e.g. [(depth, sketch)])"
+                                                           if adapters > 1 else ""))
     if len(entries) not in (1, request.batch):
         raise SdexportError(f"{len(entries)} adapter images for {request.batch} prompts: give one, or one per prompt"
                             if adapters == 1 else

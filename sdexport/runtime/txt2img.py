@@ -309,7 +309,7 @@ class Txt2ImgPipeline:
         adapter: AdapterFeatures | None = None
         if self.adapter:
             adapter_start = clock.mark()
-            adapter = self.adapter_features(request)
+            adapter = self.adapter_features(request, len(timesteps))
             adapter_span = (adapter_start, clock.mark())
 
         step_marks, control_marks = [], []
@@ -613,11 +613,12 @@ class Txt2ImgPipeline:
             summed = [torch.zeros(unet.tensor(n).shape(sizes), device=self.device) for n in unet.residual_inputs]
         return dict(zip(unet.residual_inputs, summed))
 
-    def adapter_features(self, request: GenerationRequest) -> AdapterFeatures:
+    def adapter_features(self, request: GenerationRequest, calls: int) -> AdapterFeatures:
         """Run each T2I-Adapter once, before the loop, as diffusers' adapter pipelines do: features
         times ``adapter_scale``, added up over several adapters (``MultiAdapter``), one row per
         prompt, twice under CFG (the same features for both halves), given to the first
-        ``int(steps x adapter_factor)`` steps.
+        ``int(steps x adapter_factor)`` of the loop's ``calls`` U-Net calls (diffusers' SDXL
+        pipeline; its SD one, which has no factor, gives them to every call, PNDM's extra one too).
 
         The adapter runs at the prompts' batch, one image repeated to each prompt: the batch the
         engines were checked for (a TensorRT plan may not take a batch of one). That is what
@@ -638,7 +639,8 @@ class Txt2ImgPipeline:
                 value = out[output].float() * scale
                 summed[feature] = summed[feature] + value if feature in summed else value
         features = {n: torch.cat([v, v]) if request.cfg else v for n, v in summed.items()}
-        return AdapterFeatures(features, int(request.steps * request.adapter_factor))
+        every_call = self.family == "sd" and request.adapter_factor == 1.0
+        return AdapterFeatures(features, calls if every_call else int(request.steps * request.adapter_factor))
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
         """Scaled latents sampled from the VAE encoder's distribution with each image's generator

@@ -75,7 +75,8 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
     """``adapter_image`` as rows of one image per adapter (``infer_inputs``)."""
     entries = list(value) if isinstance(value, list) else [value] * rows
     if len(entries) != rows:
-        raise ValueError(f"adapter_image: {len(entries)} values for {rows} prompts; give one, or one per prompt")
+        raise ValueError(f"adapter_image: {len(entries)} values for {rows} prompts; give one, or one per prompt "
+                         "(several adapters: a tuple, one image per adapter, for each)")
     images = [list(e) if isinstance(e, tuple | list) else [e] for e in entries]
     if len({len(i) for i in images}) > 1:
         raise ValueError("adapter_image: every image needs as many adapter images (one per adapter)")
