@@ -300,13 +300,14 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         raise EngineDirError(f"{where}: invalid manifest: dims.adapter_channels {list(dims.adapter_channels)} should "
                              f"give each of 2 to {MAX_ADAPTERS} T2I-Adapters' image channels (1 or 3), the first "
                              f"dims.A ({dims.A})")
-    missing = [n for n in manifest.adapters if n not in manifest.components]
-    if "unet" in manifest.components and missing:
-        raise EngineDirError(f"{where}: invalid manifest: its U-Net takes the features of {len(manifest.adapters)} "
-                             f"T2I-Adapter(s) (dims.adapter_channels), but components has no {', '.join(missing)}")
     if dims.adapter_features and dims.residuals:
         raise EngineDirError(f"{where}: invalid manifest: dims.residuals and dims.adapter_features (ControlNets "
                              "and a T2I-Adapter): sdexport runs one kind")
+    missing = [n for n in manifest.adapters if n not in manifest.components]
+    if "unet" in manifest.components and missing:
+        raise EngineDirError(f"{where}: invalid manifest: its U-Net takes the features of {len(manifest.adapters)} "
+                             f"T2I-Adapter(s) ({'dims.adapter_channels' if dims.adapter_channels else 'dims.adapter_features'}"
+                             f"), but components has no {', '.join(missing)}")
     for rel in manifest.files:
         _require_inside(directory, rel)
     referenced = [(f"components.{n}.onnx", e.onnx) for n, e in manifest.components.items()] + [
