@@ -776,8 +776,8 @@ MAX_UNION_IMAGES = 8
 """A union ControlNet takes one image per control mode: ProMax knows 8."""
 _CONTROLNET_NAME = re.compile(r"controlnet(?:_([1-9]\d*))?")
 MAX_ADAPTERS = 4
-"""T2I-Adapters at once: each adds a call and one more image to every request, and TencentARC's
-published combinations pair two or three (a preset's seed slots run out after five)."""
+"""More T2I-Adapters at once than a few is a mistake, not a use (each adds a call and one more
+image to every request); preset adapters' seed slots, 5 + i, also stay below the 10 a preset has."""
 
 
 def adapter_names(count: int) -> list[str]:
