@@ -101,8 +101,7 @@ class Manifest:
     def adapters(self) -> list[str]:
         """The T2I-Adapter components the U-Net's features come from, in the order their images are
         given (``dims.adapter_channels`` counts several; empty without an adapter)."""
-        dims = self.model_dims
-        count = len(dims.adapter_channels) or (1 if dims.adapter_features or ADAPTER in self.components else 0)
+        count = len(self.model_dims.adapter_image_channels) or (1 if ADAPTER in self.components else 0)
         return adapter_names(count)
 
     def component_specs(self) -> tuple[ComponentSpec, ...]:

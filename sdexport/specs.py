@@ -333,6 +333,11 @@ class ModelDims:
         return values
 
     @property
+    def adapter_image_channels(self) -> tuple[int, ...]:
+        """Each T2I-Adapter's image channels, in order (empty without an adapter)."""
+        return self.adapter_channels or ((self.A,) if self.adapter_features else ())
+
+    @property
     def unet_channels(self) -> int:
         return self.U or self.C
 

@@ -221,9 +221,7 @@ def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) 
                              "only (txt2img)")
     check_count(len(arguments))
     sources = [resolve_adapter(a) for a in arguments]
-    layouts = [check_adapter(s, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)[0]
-               for s in sources]
-    check_same_layout(sources, layouts)
+    check_together(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)
     return sources
 
 
@@ -234,9 +232,12 @@ def check_count(count: int) -> None:
         raise ModelLoadError(f"{count} --adapter: sdexport runs at most {MAX_ADAPTERS} T2I-Adapters at once")
 
 
-def check_same_layout(sources: list[AdapterSource], layouts: list[tuple[tuple[int, int], ...]]) -> None:
-    """Several adapters' features add up feature by feature (diffusers' ``MultiAdapter``): they must
-    come in the same number, channels and sizes (each fitting the U-Net leaves only the count open)."""
+def check_together(sources: list[AdapterSource], unet: dict[str, Any], family: str, base_preset: str | None,
+                   vae_scale_factor: int) -> None:
+    """Each adapter fits the base model (``check_adapter``), and they fit each other: several
+    adapters' features add up feature by feature (diffusers' ``MultiAdapter``), so they must come in
+    the same number, channels and sizes (each fitting the U-Net leaves only the count open)."""
+    layouts = [check_adapter(s, unet, family, base_preset, vae_scale_factor)[0] for s in sources]
     for source, layout in zip(sources[1:], layouts[1:]):
         if layout != layouts[0]:
             raise ModelLoadError(f"--adapter {source.argument}: its features {list(layout)} differ from --adapter "

@@ -324,10 +324,9 @@ def add_adapters(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     ``source.adapters``."""
     from sdexport.models.adapter import (
         AdapterSource,
-        check_adapter,
         check_alone,
         check_count,
-        check_same_layout,
+        check_together,
         load_adapter,
         resolve_adapter,
     )
@@ -337,8 +336,7 @@ def add_adapters(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     check_count(len(sources))
     base = model.source.get("name") if model.source.get("kind") == "preset" else None
     factor = model.dims.vae_scale_factor
-    layouts = [check_adapter(s, dict(model.config("unet")), model.family, base, factor)[0] for s in sources]
-    check_same_layout(sources, layouts)
+    check_together(sources, dict(model.config("unet")), model.family, base, factor)
     for index, (name, source) in enumerate(zip(adapter_names(len(sources)), sources)):
         model.modules[name] = load_adapter(source, model.module("unet"), factor, seed=seed, dtype=dtype, index=index)
     model.label += f", T2I-Adapter {' + '.join(s.argument for s in sources)}"

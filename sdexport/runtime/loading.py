@@ -362,13 +362,12 @@ def _check_reloaded_adapters(reloaded: ModelDims, recorded: ModelDims) -> None:
     """The T2I-Adapters the Torch backend reloaded from ``model.source`` are the ones the graphs
     were exported with: as many, reading images of the same channels (a hand-edited manifest would
     otherwise fail inside a convolution)."""
-    def described(dims: ModelDims) -> tuple[int, ...]:
-        return dims.adapter_channels or ((dims.A,) if dims.adapter_features else ())
-
-    if described(reloaded) != described(recorded) or reloaded.adapter_features != recorded.adapter_features:
-        raise EngineDirError(f"the Torch backend reloaded T2I-Adapter(s) reading {list(described(reloaded))}-channel "
-                             f"images from the manifest's model.source, but its dims describe "
-                             f"{list(described(recorded))}: the manifest was edited or its sources changed")
+    if (reloaded.adapter_image_channels != recorded.adapter_image_channels
+            or reloaded.adapter_features != recorded.adapter_features):
+        raise EngineDirError(f"the Torch backend reloaded T2I-Adapter(s) reading "
+                             f"{list(reloaded.adapter_image_channels)}-channel images from the manifest's model.source, "
+                             f"but its dims describe {list(recorded.adapter_image_channels)}: the manifest was edited "
+                             "or its sources changed")
 
 
 def exported_loras(manifest: Manifest) -> list[LoraFile]:

@@ -317,9 +317,8 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     would accept."""
     from sdexport.runtime.image_inputs import check_image
 
-    scales = request.adapter_scale if isinstance(request.adapter_scale, list | tuple) else [request.adapter_scale]
     if not adapters:
-        if request.adapter_image is not None or request.adapter_factor != 1.0 or list(scales) != [1.0]:
+        if request.adapter_image is not None or request.adapter_factor != 1.0 or request.adapter_scales(1) != [1.0]:
             raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
                                 "directory exported with --adapter (this one has no T2I-Adapter)")
         return
@@ -350,7 +349,8 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     for images in request.adapter_images(adapters):
         for image in images:
             check_image(image, None, None, "adapter image")
-    if len(scales) not in (1, adapters):
+    scales = request.adapter_scales(adapters)  # one given: one each
+    if len(scales) != adapters:
         raise SdexportError(f"--adapter-scale: {len(scales)} values for {adapters} T2I-Adapters: give one, or one "
                             "each")
     for flag, value in (*(("--adapter-scale", v) for v in scales), ("--adapter-factor", request.adapter_factor)):

@@ -628,10 +628,9 @@ class Txt2ImgPipeline:
         from sdexport.runtime.image_inputs import control_pixels, per_prompt
 
         count = len(self.adapters)
-        channels = self.dims.adapter_channels or (self.dims.A or 3,)
         summed: dict[str, torch.Tensor] = {}
         for name, images, scale, depth in zip(self.adapters, request.adapter_images(count),
-                                              request.adapter_scales(count), channels):
+                                              request.adapter_scales(count), self.dims.adapter_image_channels):
             engine = self.engines[name]
             pixels = torch.cat([control_pixels(image, request.height, request.width, depth) for image in images])
             out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})
