@@ -1,8 +1,9 @@
 """Shared fixtures: the tiny model and one exported tiny engine directory per test session; and
 how the run is spread over the machine's cores.
 
-Exporting is the slow part of most tests, so it happens once per test process; tests that damage
-an engine directory work on a copy.
+Exporting is the slow part of most tests, so the session's engine directories are made once per
+run: under pytest-xdist the first worker to ask exports, the others wait for it and read the same
+folder (``_made_once_per_run``). Tests that damage an engine directory work on a copy.
 
 Where pytest-xdist is installed (the dev extra), the whole suite, run as it is by default, runs in
 one worker process per core (at most four), a test module at a time per worker so that its module
@@ -212,23 +213,43 @@ def tiny_model():
     return load_model("tiny")
 
 
+def _made_once_per_run(tmp_path_factory: pytest.TempPathFactory, key: str, options: object) -> Path:
+    """The tiny model exported with ``options`` into a folder (``.../KEY/tiny``) every worker of
+    this run reads.
+
+    Each xdist worker is a session of its own, so a session fixture alone would export once per
+    worker (7 s each on 2 cores). Their base folders share a parent: the first worker to take the
+    lock there exports, and the others wait and find the folder, which the exporter puts in place
+    whole (it writes a staging folder and renames it). Nothing writes into these folders afterwards;
+    tests that would, work on a copy.
+    """
+    from filelock import FileLock
+
+    from sdexport.export.exporter import export
+
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-engines"
+    shared.mkdir(exist_ok=True)
+    out = shared / key / "tiny"
+    with FileLock(str(shared / f"{key}.lock")):
+        if not (out / "manifest.json").is_file():
+            export("tiny", out, options)  # type: ignore[arg-type]
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_engine_dir(tmp_path_factory) -> Path:
-    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.export.exporter import ExportOptions
 
-    out = tmp_path_factory.mktemp("engines") / "tiny"
-    export("tiny", out, ExportOptions())
-    return out
+    return _made_once_per_run(tmp_path_factory, "fp32", ExportOptions())
 
 
 @pytest.fixture(scope="session")
 def tiny_fp16_engine_dir(tmp_path_factory) -> Path:
     """An fp16 export of the tiny model, shared: tests that build into it work on a copy."""
-    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.export.exporter import ExportOptions
 
-    out = tmp_path_factory.mktemp("engines-fp16") / "tiny"
-    export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
-    return out
+    return _made_once_per_run(tmp_path_factory, "fp16", ExportOptions(dtype="fp16", verify="quick"))
 
 
 @pytest.fixture
