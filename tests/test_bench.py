@@ -149,7 +149,7 @@ def test_bad_scenarios_are_refused(tmp_path, text, message):
         load_scenario(path)
 
 
-def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypatch):
+def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, tiny_engines, monkeypatch):
     from sdexport.bench import harness
     from sdexport.errors import ProfileError
 
@@ -172,7 +172,7 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, monkeypat
         monkeypatch.setattr(cls, "close", close)
     scenario = tmp_path / "s.toml"
     scenario.write_text(SMOKE.replace('"onnxruntime-cuda", "tensorrt"', '"torch"').replace("repeats = 2", "repeats = 1"))
-    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--warmup", "0") == 0
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--warmup", "0", "--engine-dir", tiny_engines) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     failed = [r for r in report["results"] if r["status"] == "failed"]
     assert [(r["contender"], r["case"]["batch"]) for r in failed] == [("onnxruntime-cpu", 2)]
@@ -225,7 +225,7 @@ def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
 
 
-def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, monkeypatch):
+def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, tiny_engines, monkeypatch):
     """A bug in one contender (on a rented GPU, say) is recorded with its reason; the others are measured."""
     from sdexport.bench import harness
 
@@ -240,7 +240,7 @@ def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, monkeypat
     scenario = tmp_path / "s.toml"
     scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
                                       '"diffusers", "onnxruntime-cpu", "torch"'))
-    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", tiny_engines) == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     by_name = {r["contender"]: r for r in report["results"]}
     assert by_name["onnxruntime-cpu"]["status"] == "failed"
@@ -399,7 +399,8 @@ INTERRUPTIBLE = SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda
 
 @pytest.fixture(scope="module")
 def tiny_engines(tmp_path_factory) -> Path:
-    """One export for the tests below (--engine-dir), as the benchmark itself would make it."""
+    """One export for the tests that are not about the benchmark's own export (--engine-dir), as the
+    benchmark itself would make it."""
     from sdexport.bench.harness import _export_to, precision
     from sdexport.bench.plan import Options, plan_bench
 

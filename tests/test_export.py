@@ -81,9 +81,8 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
     assert all(e.parity["status"] == "passed" for e in manifest.components.values())
 
 
-def test_fp16_export_keeps_float32_io(tmp_path: Path):
-    out = tmp_path / "fp16"
-    assert run_cli("export", "tiny", "-o", out, "--dtype", "fp16", "--components", "unet,vae_decoder_fp32") == 0
+def test_fp16_export_keeps_float32_io(tiny_fp16_engine_dir: Path):
+    out = tiny_fp16_engine_dir
     manifest = load_manifest(out)
     assert manifest.components["vae_decoder_fp32"].dtype == "fp32"
     entry = manifest.components["unet"]

@@ -311,7 +311,8 @@ def test_a_union_directory_exports_in_fp16_and_runs(tmp_path):
 def test_a_union_pipeline_directory_exports_with_its_controlnets(tmp_path):
     """A StableDiffusionXLControlNetUnionPipeline directory (saved by sdexport, loaded back by diffusers
     itself) is exported with its own union ControlNet; one of two union ControlNets too, which
-    diffusers saves as MultiControlNetUnionModel and cannot load back (it exports no such class)."""
+    diffusers saves as MultiControlNetUnionModel and cannot load back (it exports no such class).
+    Only the ControlNets are exported: the rest exports as any SDXL directory does."""
     import diffusers
 
     load_model("tiny-sdxl", controlnets=["tiny-union"]).save_pretrained(tmp_path / "pipe")
@@ -321,7 +322,7 @@ def test_a_union_pipeline_directory_exports_with_its_controlnets(tmp_path):
         "diffusers", "ControlNetUnionModel"]
     load_model("tiny-sdxl", controlnets=["tiny-union", "tiny-union"]).save_pretrained(tmp_path / "two")
     out = tmp_path / "engines"
-    assert run_cli("export", tmp_path / "two", "-o", out, "--verify", "none") == 0
+    assert run_cli("export", tmp_path / "two", "-o", out, "--verify", "none", "--components", "controlnet,controlnet_1") == 0
     manifest = load_manifest(out)
     assert manifest.controlnets == ["controlnet", "controlnet_1"] and manifest.dims["N"] == 8
 
