@@ -1,4 +1,4 @@
-"""Shared fixtures: the tiny model and one exported tiny engine directory per test session; and
+"""Shared fixtures: the tiny model and the tiny engine directories, exported once per run; and
 how the run is spread over the machine's cores.
 
 Exporting is the slow part of most tests, so the session's engine directories are made once per
@@ -25,12 +25,16 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from sdexport.export.exporter import ExportOptions
+
 MAX_WORKERS = 4
-"""Each worker holds its own exports and models, so memory grows with the workers: four bound it
-on a large host, where the run is short anyway."""
+"""Each worker holds its own models and module exports, so memory grows with the workers: four
+bound it on a large host, where the run is short anyway."""
 
 SERIAL_MARKERS = frozenset({"slow", "gpu"})
 
@@ -213,7 +217,8 @@ def tiny_model():
     return load_model("tiny")
 
 
-def _made_once_per_run(tmp_path_factory: pytest.TempPathFactory, key: str, options: object) -> Path:
+def _made_once_per_run(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, key: str,
+                       options: ExportOptions) -> Path:
     """The tiny model exported with ``options`` into a folder (``.../KEY/tiny``) every worker of
     this run reads.
 
@@ -228,28 +233,29 @@ def _made_once_per_run(tmp_path_factory: pytest.TempPathFactory, key: str, optio
     from sdexport.export.exporter import export
 
     base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-engines"
+    in_a_worker = hasattr(config, "workerinput")  # this process's own xdist role, not an inherited variable
+    shared = (base.parent if in_a_worker else base) / "shared-engines"
     shared.mkdir(exist_ok=True)
     out = shared / key / "tiny"
     with FileLock(str(shared / f"{key}.lock")):
         if not (out / "manifest.json").is_file():
-            export("tiny", out, options)  # type: ignore[arg-type]
+            export("tiny", out, options)
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_engine_dir(tmp_path_factory) -> Path:
+def tiny_engine_dir(pytestconfig, tmp_path_factory) -> Path:
     from sdexport.export.exporter import ExportOptions
 
-    return _made_once_per_run(tmp_path_factory, "fp32", ExportOptions())
+    return _made_once_per_run(pytestconfig, tmp_path_factory, "fp32", ExportOptions())
 
 
 @pytest.fixture(scope="session")
-def tiny_fp16_engine_dir(tmp_path_factory) -> Path:
+def tiny_fp16_engine_dir(pytestconfig, tmp_path_factory) -> Path:
     """An fp16 export of the tiny model, shared: tests that build into it work on a copy."""
     from sdexport.export.exporter import ExportOptions
 
-    return _made_once_per_run(tmp_path_factory, "fp16", ExportOptions(dtype="fp16", verify="quick"))
+    return _made_once_per_run(pytestconfig, tmp_path_factory, "fp16", ExportOptions(dtype="fp16", verify="quick"))
 
 
 @pytest.fixture

@@ -597,7 +597,7 @@ def test_bench_runs_a_controlnet_scenario(tmp_path):
 def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
     """A diffusers ControlNet pipeline directory (here: saved by sdexport, loaded back by diffusers
     itself, MultiControlNetModel and all) is exported with its own ControlNets (only they are
-    exported here: the rest of the directory exports as any SD directory does)."""
+    exported here; such a directory's U-Net, with their residuals, in the inpainting test below)."""
     import diffusers
 
     model = load_model("tiny", controlnets=["tiny-controlnet", "tiny-controlnet"])

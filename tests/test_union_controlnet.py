@@ -312,7 +312,8 @@ def test_a_union_pipeline_directory_exports_with_its_controlnets(tmp_path):
     """A StableDiffusionXLControlNetUnionPipeline directory (saved by sdexport, loaded back by diffusers
     itself) is exported with its own union ControlNet; one of two union ControlNets too, which
     diffusers saves as MultiControlNetUnionModel and cannot load back (it exports no such class).
-    Only the ControlNets are exported: the rest exports as any SDXL directory does."""
+    Only the ControlNets are exported, which is what it is about: the U-Net's residual inputs come
+    from the ControlNets' configs however they are named (the tests above name them with --controlnet)."""
     import diffusers
 
     load_model("tiny-sdxl", controlnets=["tiny-union"]).save_pretrained(tmp_path / "pipe")
