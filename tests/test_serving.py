@@ -387,7 +387,7 @@ def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_su
         """The counts once the earlier tests' requests are all in them: Triton counts a request after
         its response has gone out, so the last one before this test may not be yet (seen once: one
         more image counted after the test had read them). A heuristic: the counts must stay the same
-        for a second, far longer than that lag, though nothing bounds it."""
+        for a second, and nothing bounds Triton's lag."""
         counts, deadline = stats(client), time.monotonic() + 10
         while time.monotonic() < deadline:
             time.sleep(1.0)
