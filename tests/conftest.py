@@ -223,7 +223,7 @@ def _made_once_per_run(config: pytest.Config, tmp_path_factory: pytest.TempPathF
     this run reads.
 
     Each xdist worker is a session of its own, so a session fixture alone would export once per
-    worker (7 s each on 2 cores). Their base folders share a parent: the first worker to take the
+    worker (5 to 7 s each on 2 cores). Their base folders share a parent: the first worker to take the
     lock there exports, and the others wait and find the folder, which the exporter puts in place
     whole (it writes a staging folder and renames it). Nothing writes into these folders afterwards;
     tests that would, work on a copy.
