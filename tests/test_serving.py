@@ -456,6 +456,33 @@ def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
     assert "| succeeded |" in (tmp_path / "load" / "loadtest.md").read_text()
 
 
+def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path):
+    """The README's blocks that talk to a server (``docs-check: serve``: curl, tritonclient and
+    loadtest), pasted against this one at its address: the curl and tritonclient recipes write the
+    image ``sdexport run`` writes with the same prompt and steps (seed 0 both), and loadtest
+    answers every request."""
+    from PIL import Image
+    from readme_blocks import blocks, paste, reader_environment
+
+    expected = tmp_path / "run.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "a lighthouse at dusk", "--steps", "20", "--backend", BACKEND,
+                   "-o", expected) == 0
+    env = reader_environment(tmp_path / "bin")
+    pasted = [b for b in blocks() if b.check == "serve"]
+    assert len(pasted) == 3
+    for block in pasted:
+        folder = tmp_path / f"block-{block.line}"
+        folder.mkdir()
+        done = paste(block, folder, env, block.text.replace("localhost:8000", server.url), timeout=600)
+        assert done.returncode == 0, f"README block at line {block.line}:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}"
+        if "served.png" in block.text:
+            np.testing.assert_array_equal(np.asarray(Image.open(folder / "served.png").convert("RGB")),
+                                          np.asarray(Image.open(expected).convert("RGB")))
+        else:
+            report = json.loads((folder / "out" / "loadtest" / "loadtest.json").read_text())
+            assert report["errors"] == {} and report["succeeded"] > 0
+
+
 def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
     """Triton answers a batch before it counts it: the counters are read again until they cover
     every image answered, and taken as they are once the moment allowed has passed."""
