@@ -56,6 +56,32 @@ def test_conflicting_and_unknown_verbosity_is_one_line(capsys):
                      "error: --verbosity 'loud': choose quiet, normal, verbose"]
 
 
+def test_options_named_in_sdexport_source_exist():
+    """Errors and help name options (``give --mask``, ``pass --seed N``): each ``--name`` written in
+    sdexport's source is an option of some sdexport command, so a renamed option leaves no message
+    pointing at the old name. The exceptions are other programs' options, listed here."""
+    import re
+
+    import typer
+
+    from sdexport.cli import app
+
+    others = {"--help", "--serve",  # click's own; scripts/setup.sh's
+              "--model-repository", "--model-name",  # tritonserver's
+              "--porcelain", "--short", "--untracked-files"}  # git's
+    options: set[str] = set()
+    commands = [typer.main.get_command(app)]
+    while commands:
+        command = commands.pop()
+        options.update(o for p in command.params for o in (*p.opts, *p.secondary_opts))
+        commands.extend(getattr(command, "commands", {}).values())
+    named = {(m.group(), path.name) for path in (Path(__file__).parent.parent / "sdexport").rglob("*.py")
+             for m in re.finditer(r"(?<![\w-])--[a-z][a-z0-9-]*", path.read_text())}
+    assert len(named) > 50
+    unknown = sorted(f"{option} ({where})" for option, where in named if option not in options | others)
+    assert not unknown, f"not an option of any sdexport command: {unknown}"
+
+
 def test_onnxruntime_warnings_only_with_verbose(tmp_path, capfd):
     """ONNX Runtime's optimiser warns (raw ANSI, from C++ straight to the stderr file descriptor)
     while onnx-graphsurgeon folds the tiny text encoder's constants: hidden by default, shown with -v,
