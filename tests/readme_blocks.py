@@ -34,14 +34,15 @@ class Block:
     line: int
     """The opening fence's line number (1-based), for messages."""
     language: str
+    """The fence's label: ``bash``, ``python`` (the checked ones), another, or ``""`` (none)."""
     text: str
     check: str
     """``run``, ``serve``, ``skip``; empty where the marker is missing (a test says so)."""
     why: str = ""
 
 
-def blocks(path: Path = README) -> list[Block]:
-    """The bash and python blocks of ``path``, in order, with their markers."""
+def blocks(path: Path = README, languages: tuple[str, ...] = ("bash", "python")) -> list[Block]:
+    """The fenced blocks of ``path`` in ``languages`` (``""``: unlabelled), in order, with their markers."""
     lines = path.read_text().splitlines()
     found: list[Block] = []
     i = 0
@@ -51,7 +52,7 @@ def blocks(path: Path = README) -> list[Block]:
             i += 1
             continue
         end = lines.index("```", i + 1)
-        if fence.group(1) in ("bash", "python"):
+        if fence.group(1) in languages:
             marker = _MARKER.fullmatch(lines[i - 1]) if i else None
             found.append(Block(i + 1, fence.group(1), "\n".join(lines[i + 1:end]) + "\n",
                                marker.group("check") if marker else "", (marker and marker.group("why")) or ""))

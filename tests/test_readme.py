@@ -48,6 +48,9 @@ def test_every_code_block_says_how_it_is_checked():
     assert not unmarked, (f"README blocks at lines {unmarked}: put <!-- docs-check: run|serve|skip: why --> on "
                           "the line above the fence (tests/readme_blocks.py)")
     assert not [b.line for b in found if b.check == "skip" and not b.why], "a skipped block says why"
+    unlabelled = [b.line for b in blocks(languages=("", "sh", "shell", "console", "py"))
+                  if re.search(r"-m sdexport\b|^\W*sdexport [a-z]", b.text, re.M)]
+    assert not unlabelled, f"README blocks at lines {unlabelled} run sdexport: label them ```bash (or ```python)"
     assert not [b.line for b in found if b.check == "serve" and "localhost:8000" not in b.text]
     for block in found:  # bash -e stops at a failing command, but not at one before a `&&`
         lines = [line for line in block.text.replace("\\\n", " ").splitlines() if line.strip()]
