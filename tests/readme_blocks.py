@@ -41,63 +41,86 @@ class Block:
     why: str = ""
 
 
-def blocks(path: Path = README, languages: tuple[str, ...] = ("bash", "python")) -> list[Block]:
-    """The fenced blocks of ``path`` in ``languages`` (``""``: unlabelled), in order, with their markers."""
+def blocks(path: Path = README, languages: tuple[str, ...] | None = ("bash", "python")) -> list[Block]:
+    """The fenced blocks of ``path`` labelled one of ``languages`` (None: every block; ``""``:
+    unlabelled), in order, with their markers. Fences as CommonMark reads them: three or more
+    backticks or tildes, indented up to three spaces (deeper, in a list item, too), closed by the
+    same character at least as long; the label is the first word after the fence, lowercased."""
     lines = path.read_text().splitlines()
     found: list[Block] = []
     i = 0
     while i < len(lines):
-        fence = re.fullmatch(r"```(\w*)", lines[i])
+        fence = re.match(r"\s*(?P<fence>`{3,}|~{3,})\s*(?P<label>[^`\s]*)", lines[i])
         if fence is None:
             i += 1
             continue
-        end = lines.index("```", i + 1)
-        if fence.group(1) in languages:
-            marker = _MARKER.fullmatch(lines[i - 1]) if i else None
-            found.append(Block(i + 1, fence.group(1), "\n".join(lines[i + 1:end]) + "\n",
+        close = re.compile(rf"\s*{re.escape(fence.group('fence')[0])}{{{len(fence.group('fence'))},}}\s*")
+        end = next((j for j in range(i + 1, len(lines)) if close.fullmatch(lines[j])), len(lines))
+        label = fence.group("label").lower()
+        if languages is None or label in languages:
+            marker = _MARKER.fullmatch(lines[i - 1].strip()) if i else None
+            found.append(Block(i + 1, label, "\n".join(lines[i + 1:end]) + "\n",
                                marker.group("check") if marker else "", (marker and marker.group("why")) or ""))
         i = end + 1
     return found
 
 
+_PREFIXES = ("time", "env", "nohup", "exec", "command", "sudo")
+"""Words that run the command after them: ``time python3 -m sdexport ...`` is an sdexport command."""
+_REDIRECTION = re.compile(r"(?<!\S)\d*(?:>>|>&|<&|&>|>|<)\s*(?:\"[^\"]*\"|'[^']*'|[^\s;&|()]+)")
+_COMMENT = re.compile(r"(?:^|\s)#(?:\s.*)?$")
+
+
 def sdexport_commands(text: str) -> list[list[str]]:
     """The arguments after ``sdexport`` of each ``python3 -m sdexport ...`` (or ``sdexport ...``)
-    command in a shell text; continuation lines joined, comments dropped, ``&&``/``;``/``|`` split."""
+    command in a shell text, as the shell would pass them: continuation lines joined, comments and
+    redirections dropped, commands split at ``&&``, ``;``, ``|`` and parentheses, ``NAME=value``
+    and ``time``-like words before a command skipped, and commands inside a quoted word
+    (``bash -c "..."``, ``"$(...)"``) found too."""
     commands: list[list[str]] = []
     for line in text.replace("\\\n", " ").splitlines():
         if "sdexport" not in line:
             continue
+        line = _REDIRECTION.sub(" ", _COMMENT.sub("", line.replace("$(", " ( ")))
         lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
+        lexer.whitespace_split, lexer.commenters = True, ""
         words: list[str] = []
         for word in [*lexer, ";"]:
-            if word in ("&&", "||", ";", "|", "&"):
-                start = _after_sdexport(words)
-                if start is not None:
-                    commands.append(words[start:])
+            if set(word) <= set("();<>|&"):
+                commands.extend(_command_in(words))
                 words = []
+            elif " " in word and "sdexport" in word:  # a command inside a quoted word
+                commands.extend(sdexport_commands(word))
+                words.append(word)
             else:
                 words.append(word)
     return commands
 
 
-def _after_sdexport(words: list[str]) -> int | None:
-    """Where a command's own arguments start, if ``words`` run sdexport (``python3 -m sdexport``)."""
-    for i, word in enumerate(words):
-        if word == "sdexport" and (i == 0 or words[i - 1] == "-m"):
-            return i + 1
-    return None
-
+def _command_in(words: list[str]) -> list[list[str]]:
+    """``words``' own arguments after ``sdexport``, if they run it (``python3 -m sdexport``, or the
+    ``sdexport`` script, after any ``NAME=value`` and ``time``-like words)."""
+    while words and (re.match(r"[A-Za-z_]\w*=", words[0]) or words[0] in _PREFIXES):
+        words = words[1:]
+    if words[:1] == ["sdexport"]:
+        return [words[1:]]
+    if len(words) >= 3 and re.fullmatch(r"(.*/)?python[\d.]*", words[0]) and words[1:3] == ["-m", "sdexport"]:
+        return [words[3:]]
+    return []
 
 
 def reader_environment(folder: Path) -> dict[str, str]:
-    """The environment a reader's shell would have, with ``python3`` on PATH being this interpreter
-    (the one sdexport is installed in; the system's python3 may not be)."""
+    """The environment a reader's shell would have in this checkout: ``python3`` on PATH is this
+    interpreter (the one sdexport's dependencies are installed in; the system's python3 may not
+    be), importing sdexport from this checkout first (the blocks run in other folders, where an
+    installed copy could answer instead). matplotlib's and other tools' caches go into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     python3 = folder / "python3"
     python3.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
     python3.chmod(0o755)
-    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+    path = os.pathsep.join(p for p in (str(README.parent), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": path,
+            "MPLCONFIGDIR": str(folder / "matplotlib"), "XDG_CACHE_HOME": str(folder / "cache")}
 
 
 def paste(block: Block, cwd: Path, env: dict[str, str], text: str | None = None,

@@ -460,9 +460,9 @@ def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path)
     """The README's blocks that talk to a server (``docs-check: serve``: curl, tritonclient and
     loadtest), pasted against this one at its address: the curl and tritonclient recipes write the
     image ``sdexport run`` writes with the same prompt and steps (seed 0 both), and loadtest
-    answers every request."""
+    answers every request it sends."""
     from PIL import Image
-    from readme_blocks import blocks, paste, reader_environment
+    from readme_blocks import blocks, paste, reader_environment, sdexport_commands
 
     expected = tmp_path / "run.png"
     assert run_cli("run", tiny_engine_dir, "-p", "a lighthouse at dusk", "--steps", "20", "--backend", BACKEND,
@@ -479,8 +479,9 @@ def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path)
             np.testing.assert_array_equal(np.asarray(Image.open(folder / "served.png").convert("RGB")),
                                           np.asarray(Image.open(expected).convert("RGB")))
         else:
-            report = json.loads((folder / "out" / "loadtest" / "loadtest.json").read_text())
-            assert report["errors"] == {} and report["succeeded"] > 0
+            [args] = sdexport_commands(block.text)
+            report = json.loads((folder / args[args.index("-o") + 1] / "loadtest.json").read_text())
+            assert report["errors"] == {} and report["succeeded"] == int(args[args.index("-n") + 1])
 
 
 def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
