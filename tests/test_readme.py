@@ -27,7 +27,7 @@ def _parse(args: list[str], resilient: bool = False) -> Any:
     bench SCENARIO`` as ``bench run``). ``resilient``: unknown options and missing arguments pass
     (for commands quoted in prose without their arguments). Nothing is invoked."""
     context = typer.main.get_command(app).make_context("sdexport", list(args), resilient_parsing=resilient)
-    while hasattr(context.command, "commands"):  # a group: typer's vendored click keeps the name here
+    while hasattr(context.command, "commands"):  # a group; click (vendored by typer >= 0.26) keeps the name here
         words = [*context._protected_args, *context.args]
         if not words:
             return context  # the group's own options alone (`sdexport --version`)
