@@ -21,6 +21,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,13 +42,11 @@ class Block:
     why: str = ""
 
 
-def blocks(path: Path = README, languages: tuple[str, ...] | None = ("bash", "python")) -> list[Block]:
-    """The fenced blocks of ``path`` labelled one of ``languages`` (None: every block; ``""``:
-    unlabelled), in order, with their markers. Fences as CommonMark reads them: three or more
-    backticks or tildes, indented up to three spaces (deeper, in a list item, too), closed by the
-    same character at least as long; the label is the first word after the fence, lowercased."""
-    lines = path.read_text().splitlines()
-    found: list[Block] = []
+def _fences(lines: list[str]) -> Iterator[tuple[int, int, str]]:
+    """Each fenced block's opening and closing line indexes and its label, as CommonMark reads
+    fences: three or more backticks or tildes, indented up to three spaces (deeper, in a list item,
+    too), closed by the same character at least as long; the label is the first word after the
+    fence, lowercased."""
     i = 0
     while i < len(lines):
         fence = re.match(r"\s*(?P<fence>`{3,}|~{3,})\s*(?P<label>[^`\s]*)", lines[i])
@@ -56,19 +55,41 @@ def blocks(path: Path = README, languages: tuple[str, ...] | None = ("bash", "py
             continue
         close = re.compile(rf"\s*{re.escape(fence.group('fence')[0])}{{{len(fence.group('fence'))},}}\s*")
         end = next((j for j in range(i + 1, len(lines)) if close.fullmatch(lines[j])), len(lines))
-        label = fence.group("label").lower()
-        if languages is None or label in languages:
-            marker = _MARKER.fullmatch(lines[i - 1].strip()) if i else None
-            found.append(Block(i + 1, label, "\n".join(lines[i + 1:end]) + "\n",
-                               marker.group("check") if marker else "", (marker and marker.group("why")) or ""))
+        yield i, end, fence.group("label").lower()
         i = end + 1
+
+
+def blocks(path: Path = README, languages: tuple[str, ...] | None = ("bash", "python")) -> list[Block]:
+    """The fenced blocks of ``path`` labelled one of ``languages`` (None: every block; ``""``:
+    unlabelled), in order, with their markers."""
+    lines = path.read_text().splitlines()
+    found: list[Block] = []
+    for start, end, label in _fences(lines):
+        if languages is None or label in languages:
+            marker = _MARKER.fullmatch(lines[start - 1].strip()) if start else None
+            found.append(Block(start + 1, label, "\n".join(lines[start + 1:end]) + "\n",
+                               marker.group("check") if marker else "", (marker and marker.group("why")) or ""))
     return found
+
+
+def prose(path: Path = README) -> str:
+    """``path`` without its fenced blocks (for the commands quoted inline)."""
+    lines = path.read_text().splitlines()
+    for start, end, _ in reversed(list(_fences(lines))):
+        del lines[start:end + 1]
+    return "\n".join(lines)
 
 
 _PREFIXES = ("time", "env", "nohup", "exec", "command", "sudo")
 """Words that run the command after them: ``time python3 -m sdexport ...`` is an sdexport command."""
 _REDIRECTION = re.compile(r"(?<!\S)\d*(?:>>|>&|<&|&>|>|<)\s*(?:\"[^\"]*\"|'[^']*'|[^\s;&|()]+)")
 _COMMENT = re.compile(r"(?:^|\s)#(?:\s.*)?$")
+
+
+def shell_lines(text: str) -> list[str]:
+    """A shell text's command lines: continuation lines joined, comments and blank lines dropped."""
+    lines = (_COMMENT.sub("", line) for line in text.replace("\\\n", " ").splitlines())
+    return [line for line in lines if line.strip()]
 
 
 def sdexport_commands(text: str) -> list[list[str]]:
@@ -78,10 +99,10 @@ def sdexport_commands(text: str) -> list[list[str]]:
     and ``time``-like words before a command skipped, and commands inside a quoted word
     (``bash -c "..."``, ``"$(...)"``) found too."""
     commands: list[list[str]] = []
-    for line in text.replace("\\\n", " ").splitlines():
+    for line in shell_lines(text):
         if "sdexport" not in line:
             continue
-        line = _REDIRECTION.sub(" ", _COMMENT.sub("", line.replace("$(", " ( ")))
+        line = _REDIRECTION.sub(" ", line.replace("$(", " ( "))
         lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
         lexer.whitespace_split, lexer.commenters = True, ""
         words: list[str] = []
@@ -89,11 +110,10 @@ def sdexport_commands(text: str) -> list[list[str]]:
             if set(word) <= set("();<>|&"):
                 commands.extend(_command_in(words))
                 words = []
-            elif " " in word and "sdexport" in word:  # a command inside a quoted word
+                continue
+            if " " in word and "sdexport" in word:  # a command inside a quoted word
                 commands.extend(sdexport_commands(word))
-                words.append(word)
-            else:
-                words.append(word)
+            words.append(word)
     return commands
 
 

@@ -7,6 +7,7 @@ slow test pastes the blocks a reader can run on this CPU machine, in order, in a
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 from pathlib import Path
@@ -14,11 +15,17 @@ from typing import Any
 
 import pytest
 import typer
-from readme_blocks import CHECKS, README, blocks, paste, reader_environment, sdexport_commands
+from readme_blocks import CHECKS, blocks, paste, prose, reader_environment, sdexport_commands, shell_lines
 
 from sdexport.cli import app
 
 ROOT = Path(__file__).parent.parent
+
+
+@functools.cache
+def _cli() -> Any:
+    """The CLI as click sees it, built once (typer builds it anew on every call)."""
+    return typer.main.get_command(app)
 
 
 def _parse(args: list[str], resilient: bool = False) -> Any:
@@ -26,7 +33,7 @@ def _parse(args: list[str], resilient: bool = False) -> Any:
     routed as a run routes it (group options such as ``-v`` before the command's name, ``sdexport
     bench SCENARIO`` as ``bench run``). ``resilient``: unknown options and missing arguments pass
     (for commands quoted in prose without their arguments). Nothing is invoked."""
-    context = typer.main.get_command(app).make_context("sdexport", list(args), resilient_parsing=resilient)
+    context = _cli().make_context("sdexport", list(args), resilient_parsing=resilient)
     while hasattr(context.command, "commands"):  # a group; click (vendored by typer >= 0.26) keeps the name here
         words = [*context._protected_args, *context.args]
         if not words:
@@ -69,8 +76,7 @@ def test_every_code_block_says_how_it_is_checked():
             assert set(re.findall(r"localhost:(\d+)", block.text)) == {"8000"}, f"README block at line {block.line}"
         if block.check == "skip" or block.language != "bash":
             continue
-        lines = [re.sub(r"(^|\s)#(\s.*)?$", "", line) for line in block.text.replace("\\\n", " ").splitlines()]
-        lines = [line for line in lines if line.strip()]
+        lines = shell_lines(block.text)
         # bash -e does not stop at a failure before `&&`, in `a || b`, or in `! a`
         assert not any("&&" in line for line in lines[:-1]) and not any(
             "||" in line or re.match(r"\s*!\s", line) for line in lines), (
@@ -101,14 +107,13 @@ def test_every_sdexport_command_in_the_readme_parses():
 def test_sdexport_commands_in_the_readme_prose_name_options_that_exist():
     """Inline spans that run `sdexport CMD ...`: the command exists and has the options named (the
     arguments are often left out or named in capitals, so only the names are checked)."""
-    prose = re.sub(r"^\s*(`{3,}|~{3,}).*?^\s*\1", "", README.read_text(), flags=re.S | re.M)
     checked = 0
-    for span in re.findall(r"`([^`\n]+)`", prose):
+    for span in re.findall(r"`([^`\n]+)`", prose()):
         for args in sdexport_commands(span):
             words = [a for a in args if not a.startswith("-")]
             if not args or words and re.fullmatch(r"[A-Z_]+", words[0]):
                 continue  # `sdexport`, `sdexport CMD`: no command named
-            command = _parse(words, resilient=True).command if words else typer.main.get_command(app)
+            command = _parse(words, resilient=True).command if words else _cli()
             unknown = [o for o in (a.split("=")[0] for a in args if re.match(r"--?[a-zA-Z]", a))
                        if o not in _options(command)]
             assert not unknown, f"README: `{span}`: sdexport {command.name or ''} has no {unknown}"
