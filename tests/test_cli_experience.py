@@ -285,22 +285,27 @@ def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
 
 HEAVY = ("torch", "diffusers", "transformers", "onnxruntime")
 _PROBE = f"""
-import sys
+import json, sys
 from sdexport.cli import main
-sys.argv = ["sdexport", *sys.argv[1:]]
-try:
-    main()
-except SystemExit:
-    pass
-print("LOADED", *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["sdexport", *args]
+    try:
+        main()
+    except SystemExit:
+        pass
+    print("LOADED", *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr, flush=True)
 """
 
 
-def _loaded(*args: str) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parent.parent)
-    line = next(line for line in done.stderr.splitlines() if line.startswith("LOADED"))
-    return line.split()[1:]
+def _loaded(*commands: list[str]) -> list[list[str]]:
+    """The heavy libraries loaded after each command, run one after the other in one new process.
+    Imports only accumulate, so a command that imports one is the first whose line names it; one
+    process for all saves a Python start-up and sdexport's import per command."""
+    done = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(commands)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    lines = [line.split()[1:] for line in done.stderr.splitlines() if line.startswith("LOADED")]
+    assert len(lines) == len(commands), done.stderr[-2000:]
+    return lines
 
 
 def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
@@ -310,9 +315,9 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
 
     from sdexport import hash_records
 
-    assert _loaded("inspect", str(engine_copy)) != []  # the first inspect loads the tokenizers and scheduler...
+    assert _loaded(["inspect", str(engine_copy)]) != [[]]  # the first inspect loads the tokenizers and scheduler...
     time.sleep(hash_records.RACY_SECONDS + 0.1)  # (files hashed while fresh are hashed again)
-    _loaded("inspect", str(engine_copy))
+    _loaded(["inspect", str(engine_copy)])
     quick = [
         ["--help"], ["--version"], ["run", "--help"], ["bench", "--help"],
         ["inspect", str(engine_copy)],  # ...later ones trust what it recorded
@@ -328,7 +333,8 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
         ["serve", str(engine_copy), "--http-port", "0"],
         ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--max-steps", "0"],
     ]
-    assert {" ".join(args): _loaded(*args) for args in quick} == {" ".join(args): [] for args in quick}
+    loaded = dict(zip((" ".join(args) for args in quick), _loaded(*quick), strict=True))
+    assert loaded == {" ".join(args): [] for args in quick}
 
 
 def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path, capsys, monkeypatch):
