@@ -16,16 +16,32 @@ PYTHON=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d -t sdexport-interop.XXXXXX)}
 VENV=${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}
 STAMP="$VENV/.constraints.sha256"
-want=$(sha256sum scripts/interop/constraints.txt | cut -d' ' -f1)
+TORCH=${SDEXPORT_TORCH:-torch==2.13.0}
 
 "$PYTHON" -c "import sdexport" 2>/dev/null || { echo "interop-check: run it where sdexport is installed (bash scripts/setup.sh)" >&2; exit 2; }
 "$PYTHON" scripts/interop/check.py cases "$WORK"
+# torch is half the build (900 MB, about 30 s of 60 on a 2-core CPU machine with pip's cache warm):
+# when sdexport's environment has the very version TORCH asks for, the optimum environment reads
+# that copy through links in a folder of its own, named by a .pth file. Only torch's own folders are
+# seen, not the rest of sdexport's environment; pip sees torch as installed outside the environment,
+# so it never installs, changes or removes it there. Another torch version is installed as before.
+shared=$("$PYTHON" scripts/interop/shared_torch.py "$TORCH")  # version, folder, its entries; or nothing
+want="$(sha256sum scripts/interop/constraints.txt | cut -d' ' -f1) ${shared:-own $TORCH}"
 if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
   echo "interop-check: building the optimum environment in $VENV" >&2
-  rm -rf "$VENV"
+  rm -rf "$VENV"  # links inside it are removed, never what they point to
   "$PYTHON" -m venv "$VENV"
   pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
-  pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
+  if [[ -n $shared ]]; then
+    IFS=$'\t' read -r _ site entries <<< "$shared"
+    echo "interop-check: reading torch from $site (SDEXPORT_TORCH=$TORCH is installed there)" >&2
+    mkdir "$VENV/shared-torch"
+    for entry in ${entries//,/ }; do ln -s "$site/$entry" "$VENV/shared-torch/$entry"; done
+    "$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))' |
+      { read -r purelib; echo "$VENV/shared-torch" > "$purelib/sdexport-shared-torch.pth"; }
+  else
+    pip_install "$TORCH"
+  fi
   pip_install --constraint scripts/interop/constraints.txt optimum-onnx diffusers transformers onnxruntime "huggingface_hub<1.0"
   echo "$want" > "$STAMP"
 fi

@@ -384,3 +384,25 @@ def test_the_interop_check_refuses_an_unknown_case_before_building_anything(tmp_
                               "SDEXPORT_INTEROP_CASES": "sd-fp32,sd-fp8"})
     assert run.returncode == 2 and "unknown case sd-fp8 (cases: sd-fp32, sd-fp16, sdxl-fp32, sdxl-fp16)" in run.stderr
     assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()
+
+
+def test_the_optimum_environment_shares_torch_only_when_the_pin_is_the_installed_version():
+    """interop-check.sh links sdexport's torch into optimum's virtualenv (instead of installing 900 MB
+    again) only when SDEXPORT_TORCH pins exactly the installed version; only torch's own entries."""
+    from importlib.metadata import version
+
+    sys.path.insert(0, str(REPO / "scripts" / "interop"))
+    try:
+        from shared_torch import shared_torch
+    finally:
+        sys.path.pop(0)
+    installed = version("torch")
+    public = installed.split("+")[0]
+    found, site, entries = shared_torch(f"torch=={public}").split("\t")
+    assert found == installed and shared_torch(f"torch=={installed}") == shared_torch(f"torch=={public}")
+    assert "torch" in entries.split(",") and all(not e.startswith("..") and (Path(site) / e).exists()
+                                                 for e in entries.split(","))
+    assert not any(e.startswith(("numpy", "sympy", "onnx")) for e in entries.split(","))
+    for other in (f"torch=={public}.post9", f"torch=={public}+other", f"torch>={public}", "torch",
+                  "https://example.com/torch.whl", f"numpy=={public}", f"torch=={public},<3"):
+        assert shared_torch(other) == "", other
