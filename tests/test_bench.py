@@ -205,8 +205,25 @@ def test_a_bench_with_nothing_measured_leaves_no_output_folder(tmp_path, capsys)
     scenario.write_text(SMOKE.replace('["onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"]', '["tensorrt"]'))
     out = tmp_path / "results" / "out"
     assert run_cli("bench", scenario, "-o", out) == 2
-    assert "no contender could run" in capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no contender could run" in err and "skipping tensorrt: " in err
+    assert "not exporting: tensorrt cannot run here" in err and "Exporting" not in err  # no export for nobody
     assert not (tmp_path / "results").exists(), "the parent folder it created is removed too"
+
+
+def test_engines_no_contender_here_can_run_are_not_exported(tmp_path, capsys):
+    """The baseline is measured; TensorRT, not installed, is listed with what to install; and the
+    engines only it would have run are not exported (nor recorded)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"diffusers", "tensorrt"')
+                        .replace("batch = [1, 2]", "batch = [1]").replace("repeats = 2", "repeats = 1"))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--warmup", "0") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "not exporting: tensorrt cannot run here" in err and "Exporting" not in err
+    report = json.loads((out / "results.json").read_text())
+    assert [(r["contender"], r["status"]) for r in report["results"]] == [("diffusers", "measured"), ("tensorrt", "unavailable")]
+    assert report["engine_dir"] is None and not (out / "engines").exists()
 
 
 def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch, capsys):

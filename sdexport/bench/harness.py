@@ -77,12 +77,12 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
-    needs_engines = any(c not in BASELINES for c in plan.contenders)
+    needs_engines = _engines_wanted(plan.contenders)
     cached = engine_cache_entry(scenario, plan, options.engine_cache) if options.engine_cache and needs_engines else None
     with (_WritingShield() as shield,
           claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging,
           in_use(cached) if cached is not None else contextlib.nullcontext()):
-        report, reused = _run(scenario, output_dir, staging, options, plan, cached, shield)
+        report, reused = _run(scenario, output_dir, staging, options, plan, cached, shield, needs_engines)
         if not any(r["status"] == "measured" for r in report["results"]):
             shield.release()  # nothing to write: a signal may stop the clean-up (an export to discard)
             if shield.pending is not None:  # a stop noted (or dropped on the way) as the last contender ended
@@ -114,13 +114,31 @@ def _link_tree(source: Path, destination: Path) -> None:
     shutil.copytree(source, destination, copy_function=link)
 
 
+def _engines_wanted(contenders: list[str]) -> bool:
+    """Whether a contender that runs sdexport's engines can run here, so that exporting them is
+    worth its minutes. One that cannot (TensorRT or onnxruntime-gpu not installed) is skipped later
+    with what to install; a bench of only such contenders says so at once instead of after an export
+    nobody would run."""
+    wanted = [c for c in contenders if c not in BASELINES]
+    for name in wanted:
+        try:
+            check_available(name)
+            return True
+        except SdexportError:
+            continue
+    if wanted:
+        console.print(f"[yellow]not exporting:[/] {', '.join(wanted)} cannot run here (the reasons follow)")
+    return False
+
+
 def _run(
     scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan, cached: Path | None,
-    shield: _WritingShield,
+    shield: _WritingShield, needs_engines: bool,
 ) -> tuple[dict[str, Any], Path | None]:
     """The measurements; also the previous output's engine directory when it was reused in place.
     ``cached``: the engine cache entry to use (or fill), held for this run. ``shield`` is engaged
-    once the measuring is over, finished or interrupted."""
+    once the measuring is over, finished or interrupted. ``needs_engines``: whether a contender
+    that can run here runs engines (``_engines_wanted``)."""
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
     dtype = precision(scenario)
@@ -136,7 +154,6 @@ def _run(
     with step(f"Reading {scenario.model}'s configs"):
         model = load_model(scenario.model, controlnets=scenario.controlnets, adapters=scenario.adapters, lazy=True)
     one_time["model"] = {"load_s": time.perf_counter() - start}
-    needs_engines = any(c not in BASELINES for c in contenders)
     engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
     if engine_dir is not None and own_engines(engine_dir, output_dir):
         reused, recorded_dir = engine_dir, output_dir / "engines" / engine_dir.resolve().name
