@@ -20,7 +20,7 @@ TORCH=${SDEXPORT_TORCH:-torch==2.13.0}
 
 "$PYTHON" -c "import sdexport" 2>/dev/null || { echo "interop-check: run it where sdexport is installed (bash scripts/setup.sh)" >&2; exit 2; }
 "$PYTHON" scripts/interop/check.py cases "$WORK"
-# torch is half the build (900 MB, about 30 s of 60 on a 2-core CPU machine with pip's cache warm):
+# torch is the biggest part of the build (900 MB; README, "Interop", has the build's times):
 # when sdexport's environment has the very version TORCH asks for, the optimum environment reads
 # that copy through links in a folder of its own, named by a .pth file. Only torch's own folders are
 # seen, not the rest of sdexport's environment; pip sees torch as installed outside the environment,
@@ -31,7 +31,9 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
   echo "interop-check: building the optimum environment in $VENV" >&2
   rm -rf "$VENV"  # links inside it are removed, never what they point to
   "$PYTHON" -m venv "$VENV"
-  pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
+  # --no-compile: no bytecode for the thousands of modules never imported (half the build's time);
+  # Python writes it for those the check imports, on first use
+  pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "$@"; }
   if [[ -n $shared ]]; then
     IFS=$'\t' read -r _ site entries <<< "$shared"
     echo "interop-check: reading torch from $site (SDEXPORT_TORCH=$TORCH is installed there)" >&2
