@@ -200,7 +200,7 @@ def test_bad_overrides_are_refused_and_write_nothing(tmp_path, capsys, args, mes
     assert not out.exists() and list(tmp_path.iterdir()) == [scenario]
 
 
-def test_a_bench_with_nothing_measured_leaves_no_output_folder(tmp_path, capsys):
+def test_a_bench_with_nothing_measured_leaves_no_output_folder(tmp_path, capsys, tiny_engines):
     scenario = tmp_path / "s.toml"
     scenario.write_text(SMOKE.replace('["onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"]', '["tensorrt"]'))
     out = tmp_path / "results" / "out"
@@ -209,6 +209,9 @@ def test_a_bench_with_nothing_measured_leaves_no_output_folder(tmp_path, capsys)
     assert "no contender could run" in err and "skipping tensorrt: " in err
     assert "not exporting: tensorrt cannot run here" in err and "Exporting" not in err  # no export for nobody
     assert not (tmp_path / "results").exists(), "the parent folder it created is removed too"
+    assert run_cli("bench", scenario, "-o", out, "--engine-dir", tiny_engines) == 2  # nothing to export anyway
+    err = " ".join(capsys.readouterr().err.split())
+    assert "skipping tensorrt: " in err and "not exporting" not in err
 
 
 def test_engines_no_contender_here_can_run_are_not_exported(tmp_path, capsys):

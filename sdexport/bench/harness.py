@@ -77,7 +77,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     plan = plan_bench(scenario, options)
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
-    needs_engines = _engines_wanted(plan.contenders)
+    needs_engines = _engines_wanted(plan.contenders, exporting=options.engine_dir is None)
     cached = engine_cache_entry(scenario, plan, options.engine_cache) if options.engine_cache and needs_engines else None
     with (_WritingShield() as shield,
           claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging,
@@ -114,11 +114,11 @@ def _link_tree(source: Path, destination: Path) -> None:
     shutil.copytree(source, destination, copy_function=link)
 
 
-def _engines_wanted(contenders: list[str]) -> bool:
+def _engines_wanted(contenders: list[str], *, exporting: bool) -> bool:
     """Whether a contender that runs sdexport's engines can run here, so that exporting them is
     worth its minutes. One that cannot (TensorRT or onnxruntime-gpu not installed) is skipped later
     with what to install; a bench of only such contenders says so at once instead of after an export
-    nobody would run."""
+    nobody would run. ``exporting``: the engines would be exported (no --engine-dir), so say why not."""
     wanted = [c for c in contenders if c not in BASELINES]
     for name in wanted:
         try:
@@ -126,7 +126,7 @@ def _engines_wanted(contenders: list[str]) -> bool:
             return True
         except SdexportError:
             continue
-    if wanted:
+    if wanted and exporting:
         console.print(f"[yellow]not exporting:[/] {', '.join(wanted)} cannot run here (the reasons follow)")
     return False
 
