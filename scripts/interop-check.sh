@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d -t sdexport-interop.XXXXXX)}
-VENV=${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}
+VENV=$(realpath -m "${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}")  # a .pth needs it absolute
 STAMP="$VENV/.constraints.sha256"
 TORCH=${SDEXPORT_TORCH:-torch==2.13.0}
 
@@ -23,9 +23,16 @@ TORCH=${SDEXPORT_TORCH:-torch==2.13.0}
 # torch is the biggest part of the build (900 MB; README, "Interop", has the build's times):
 # when sdexport's environment has the very version TORCH asks for, the optimum environment reads
 # that copy through links in a folder of its own, named by a .pth file. Only torch's own folders are
-# seen, not the rest of sdexport's environment; pip sees torch as installed outside the environment,
-# so it never installs, changes or removes it there. Another torch version is installed as before.
+# seen, not the rest of sdexport's environment. A pip in the optimum environment asked to replace
+# torch finds its files outside that environment (the links resolve there) and leaves them: pip
+# compares the paths as strings, so nothing is shared when sdexport's folder starts with this one's
+# path. (Python may write torch's missing bytecode there, as sdexport's own imports would.)
+# Another torch version is installed as before.
 shared=$("$PYTHON" scripts/interop/shared_torch.py "$TORCH")  # version, folder, its entries; or nothing
+if [[ -n $shared ]]; then
+  IFS=$'\t' read -r _ site entries <<< "$shared"
+  if [[ "$(realpath -m "$site")" == "$VENV"* ]]; then shared=""; fi
+fi
 want="$(sha256sum scripts/interop/constraints.txt | cut -d' ' -f1) ${shared:-own $TORCH}"
 if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
   echo "interop-check: building the optimum environment in $VENV" >&2
@@ -35,7 +42,6 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
   # Python writes it for those the check imports, on first use
   pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "$@"; }
   if [[ -n $shared ]]; then
-    IFS=$'\t' read -r _ site entries <<< "$shared"
     echo "interop-check: reading torch from $site (SDEXPORT_TORCH=$TORCH is installed there)" >&2
     mkdir "$VENV/shared-torch"
     for entry in ${entries//,/ }; do ln -s "$site/$entry" "$VENV/shared-torch/$entry"; done
@@ -44,7 +50,9 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
   else
     pip_install "$TORCH"
   fi
-  pip_install --constraint scripts/interop/constraints.txt optimum-onnx diffusers transformers onnxruntime "huggingface_hub<1.0"
+  # TORCH again: a no-op for the torch installed or shared above, and what brings a shared torch's
+  # own dependencies
+  pip_install --constraint scripts/interop/constraints.txt "$TORCH" optimum-onnx diffusers transformers onnxruntime "huggingface_hub<1.0"
   echo "$want" > "$STAMP"
 fi
 echo "interop-check: working in $WORK" >&2

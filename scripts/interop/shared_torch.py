@@ -24,10 +24,13 @@ def shared_torch(spec: str) -> str:
     installed = torch.version
     if installed != wanted and (installed.split("+")[0] != wanted or "+" in wanted):
         return ""
-    # top-level folders and files of the distribution; scripts it put in bin/ (../../bin/torchrun) stay out
-    entries = sorted({f.parts[0] for f in torch.files or [] if f.parts and f.parts[0] != ".."})
+    # top-level folders and files of the distribution; scripts it put in bin/ (../../bin/torchrun) and
+    # absolute paths stay out
+    entries = sorted({f.parts[0] for f in torch.files or [] if f.parts and f.parts[0] != ".." and not f.is_absolute()})
     site = torch.locate_file("")
-    if not entries or not all((site / e).exists() for e in entries):  # type: ignore[operator]
+    if "torch" not in entries or not (site / "torch" / "__init__.py").is_file():  # type: ignore[operator]
+        return ""  # an editable or source install: its own .pth would not be read through a link
+    if not all((site / e).exists() for e in entries):  # type: ignore[operator]
         return ""
     return f"{installed}\t{site}\t{','.join(entries)}"
 
