@@ -8,6 +8,9 @@ Runs in two environments, one stage each, sharing a work directory (``cases`` on
                           its output); optimum's own exports of the checkpoints, and images from them
   adopt     (sdexport's)  `sdexport adopt --model` on optimum's exports, images from sdexport's runtime;
                           every pair of images compared; report.json
+Each stage calls the tools in its own process (sdexport's CLI, optimize_pipeline's ``main``, optimum's
+``main_export``, the functions their commands call): the libraries load once per stage, not once per
+tool (5 to 10 s each on 2 cores; README, "Interop", has the check's times).
 The tiny presets have random weights: the images are noise, but the same noise from the same seed,
 scheduler and graphs is what interop means. SDEXPORT_INTEROP_CASES (comma-separated names of CASES;
 default: all) narrows the check: ONNX Runtime's optimizer and optimum's own export of a preset are
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -188,21 +190,36 @@ def optimum_image(directory: Path, out: Path) -> None:
     np.save(out, result.images[0])
 
 
-OPTIMIZE = [sys.executable, "-m", "onnxruntime.transformers.models.stable_diffusion.optimize_pipeline"]
+OPTIMIZE = "onnxruntime.transformers.models.stable_diffusion.optimize_pipeline"
 CPU_VARIANT = ["--disable_nhwc_conv", "--disable_group_norm", "--disable_skip_group_norm", "--disable_bias_splitgelu",
                "--disable_bias_add"]
 """The tool targets the CUDA provider; without these fusions (CUDA-only operators) its output runs on a CPU."""
 
 
 def optimize(directory: Path, target: Path, *extra: str) -> dict[str, Any]:
-    """ONNX Runtime's optimize_pipeline over ``directory``: accepted or not, its fused-operator counts."""
-    command = [*OPTIMIZE, "-i", str(directory), "-o", str(target), "--overwrite", *extra]
-    run = subprocess.run(command, capture_output=True, text=True)
-    log = run.stdout + run.stderr
-    counts = [line.split("Optimized operators:", 1)[1].strip() for line in log.splitlines()
-              if "Optimized operators:" in line]
-    return {"accepted": run.returncode == 0, "command": " ".join(["python", *command[1:]]),
-            "fused_operators": counts, "log_tail": log[-2000:] if run.returncode else ""}
+    """ONNX Runtime's optimize_pipeline over ``directory``: accepted or not, its fused-operator counts.
+
+    Its ``main`` in this process, as ``python -m`` would run it: onnxruntime's transformers package
+    and torch load once for the three variants, not once each (about 5 s each on 2 cores)."""
+    import importlib
+    import io
+    import logging
+    import traceback
+
+    argv = ["-i", str(directory), "-o", str(target), "--overwrite", *extra]
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger().addHandler(handler)
+    try:
+        counts = importlib.import_module(OPTIMIZE).main(argv)
+        accepted, why = True, ""
+    except (Exception, SystemExit):  # a refusal, in whatever form the tool gives it
+        accepted, counts, why = False, {}, traceback.format_exc()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return {"accepted": accepted, "command": " ".join(["python -m", OPTIMIZE, *argv]),
+            "fused_operators": {name: dict(found) for name, found in (counts or {}).items()},
+            "log_tail": (log.getvalue() + why)[-2000:] if not accepted else ""}
 
 
 def optimum_side(work: Path) -> int:
@@ -219,9 +236,11 @@ def optimum_side(work: Path) -> int:
             optimum_image(work / "ort-optimized" / f"{case}-cpu", work / "images" / f"{case}.ort-optimized.npy")
     for preset in OPTIMUM_EXPORTS:
         target = work / "optimum" / preset
-        subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", "export", "onnx", "--task",
-                        "text-to-image", "--model", str(work / "diffusers" / preset), str(target)],
-                       check=True, capture_output=True)
+        # `optimum-cli export onnx --task text-to-image --model DIR TARGET`, in this process (optimum
+        # loads once): the function the command calls
+        from optimum.exporters.onnx import main_export
+
+        main_export(str(work / "diffusers" / preset), target, task="text-to-image")
         optimum_image(target, work / "images" / f"optimum-{preset}.optimum.npy")
     record(work, "optimum", {"versions": versions("optimum", "optimum-onnx", "torch", "diffusers", "transformers",
                                                   "onnx", "onnxruntime"), "optimize_pipeline": optimized})
