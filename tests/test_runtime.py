@@ -253,3 +253,18 @@ def test_torch_backend_keeps_an_fp16_export_and_its_fp32_fallback_apart(tmp_path
     assert next(engines["vae_decoder"].module.parameters()).dtype == torch.float16
     assert next(engines["vae_decoder_fp32"].module.parameters()).dtype == torch.float32
     assert torch.allclose(half, full, atol=5e-2)
+
+
+@pytest.mark.parametrize(("value", "threads"), [("3", 3), ("1", 1), (None, 0), ("", 0), ("0", 0), ("two", 0)])
+def test_onnxruntime_sessions_take_the_cpu_threads_omp_num_threads_gives(monkeypatch, value, threads):
+    """One setting for sdexport's CPU threads: torch reads OMP_NUM_THREADS, ONNX Runtime's sessions
+    are given it (0: ONNX Runtime's own default, a thread per core)."""
+    import onnxruntime as ort
+
+    from sdexport.console import onnxruntime_session_options
+
+    if value is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", value)
+    assert onnxruntime_session_options(ort).intra_op_num_threads == threads
