@@ -20,6 +20,7 @@ import pytest
 
 from conftest import run_cli
 from sdexport.build import onnxruntime_build as ob
+from sdexport.errors import EngineDirError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
 from sdexport.manifest import load_manifest, sha256_file
@@ -194,15 +195,37 @@ def test_a_damaged_or_stale_fused_graph_is_rebuilt(built_dir: Path, tmp_path: Pa
     assert "damaged" in ob._rebuild_reasons(copy, manifest, "unet", wanted, False)[0]
 
 
-def test_files_the_user_put_in_the_target_folder_are_not_replaced(built_dir: Path, tmp_path: Path, capsys):
+def test_files_the_user_put_in_the_target_folder_are_not_replaced(built_dir: Path, tmp_path: Path, capsys,
+                                                                   monkeypatch):
     copy = tmp_path / "tiny"
     shutil.copytree(built_dir, copy)
     mine = copy / "unet" / "onnxruntime-cuda" / "notes.txt"
     mine.write_text("mine")
-    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "unet", "--force") == 2
+    # refused before anything is built, not after (minutes on SD 1.5)
+    monkeypatch.setattr(ob, "_build_one", lambda *args, **kwargs: pytest.fail("built before refusing"))
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder,unet", "--force") == 2
     assert "did not write" in capsys.readouterr().err
     assert mine.read_text() == "mine"
     assert not list((copy / "unet").glob(".*.tmp"))
+
+
+def test_a_file_put_there_during_the_build_is_not_replaced_either(built_dir: Path, tmp_path: Path, monkeypatch):
+    """The folder is checked again when the built graph moves in: the build takes minutes on SD 1.5."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    mine = copy / "text_encoder" / "onnxruntime-cuda" / "notes.txt"
+    build_one = ob._build_one
+
+    def meanwhile(*args, **kwargs):
+        record = build_one(*args, **kwargs)
+        mine.write_text("mine")
+        return record
+
+    monkeypatch.setattr(ob, "_build_one", meanwhile)
+    with pytest.raises(EngineDirError, match="did not write"):
+        ob.build_onnxruntime(copy, components=["text_encoder"], force=True)
+    assert mine.read_text() == "mine"
+    assert not list((copy / "text_encoder").glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("flags", [["--static"], ["--batch", "1"], ["--refittable"], ["--optimization-level", "3"]])

@@ -439,15 +439,18 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     for name in manifest.components:  # staging folders of an interrupted build (this one holds the lock)
         for leftover in (engine_dir / name).glob(f".{TARGET}.*.tmp"):
             _discard(leftover)
+    wanted = {spec.name: {"source_sha256": onnx_sha256(manifest.files, manifest.components[spec.name].onnx),
+                          "dtype": "fp32" if spec.always_fp32 or not fp16 else "fp16", "onnxruntime": ort.__version__}
+              for spec in specs}
+    reasons = {spec.name: _rebuild_reasons(engine_dir, manifest, spec.name, wanted[spec.name], force) for spec in specs}
+    for name in [name for name, why in reasons.items() if why]:  # before any is built: minutes each on SD
+        _refuse_stray_files(engine_dir, manifest, name)
     results = []
     for spec in specs:
         entry = manifest.components[spec.name]
-        dtype = "fp32" if spec.always_fp32 or not fp16 else "fp16"
-        wanted = {"source_sha256": onnx_sha256(manifest.files, entry.onnx), "dtype": dtype,
-                  "onnxruntime": ort.__version__}
-        reasons = _rebuild_reasons(engine_dir, manifest, spec.name, wanted, force)
+        dtype = wanted[spec.name]["dtype"]
         rel = artifact_path(spec.name)
-        if not reasons:
+        if not reasons[spec.name]:
             done = entry.optimized[TARGET]
             console.print(f"[green]✓[/] {spec.name}: cached {rel}")
             results.append(OrtBuildResult(spec.name, "cached", engine_dir / rel, 0.0, dict(done.get("fusions", {})),
@@ -457,11 +460,11 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
         start = time.perf_counter()
         with step(f"Fusing {spec.name} for ONNX Runtime CUDA ({spec.fusion_model}, {dtype})"):
             record = _build_one(engine_dir, manifest, spec, dtype, on_cuda)
-        record.update(wanted, build_seconds=round(time.perf_counter() - start, 2),
+        record.update(wanted[spec.name], build_seconds=round(time.perf_counter() - start, 2),
                       built=datetime.now(UTC).isoformat(timespec="seconds"))
         _install(engine_dir, manifest, spec.name, record)
         results.append(OrtBuildResult(spec.name, "built", engine_dir / rel, record["build_seconds"],
-                                      record["fusions"], record["parity"]["status"], reasons))
+                                      record["fusions"], record["parity"]["status"], reasons[spec.name]))
     return results
 
 
@@ -538,18 +541,15 @@ def _install(engine_dir: Path, manifest: Manifest, component: str, record: dict[
     build rebuilds and the runtime refuses, never an unlisted file. An existing folder is replaced
     only when the manifest lists every file in it."""
     from sdexport.manifest import sha256_file
-    from sdexport.output_dir import unlisted_files
 
     staging = Path(record.pop("_staging"))
     final = engine_dir / component / TARGET
     prefix = f"{component}/{TARGET}/"
-    if final.exists():
-        stray = unlisted_files(final, {rel[len(prefix):] for rel in manifest.files if rel.startswith(prefix)})
-        if stray:
-            _discard(staging)
-            raise EngineDirError(
-                f"{final} holds files sdexport did not write ({', '.join(stray[:3])}); move them away and build again"
-            )
+    try:
+        _refuse_stray_files(engine_dir, manifest, component)  # again: one may have come during the build
+    except EngineDirError:
+        _discard(staging)
+        raise
     for rel in [r for r in manifest.files if r.startswith(prefix)]:
         del manifest.files[rel]
     for file in sorted(staging.iterdir()):
@@ -559,6 +559,22 @@ def _install(engine_dir: Path, manifest: Manifest, component: str, record: dict[
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
+
+
+def _refuse_stray_files(engine_dir: Path, manifest: Manifest, component: str) -> None:
+    """Refuse a ``<component>/onnxruntime-cuda`` folder holding files the manifest does not list: a
+    rebuild replaces that folder whole, and what sdexport did not write is not its to delete."""
+    from sdexport.output_dir import unlisted_files
+
+    final = engine_dir / component / TARGET
+    prefix = f"{component}/{TARGET}/"
+    if not final.exists():
+        return
+    stray = unlisted_files(final, {rel[len(prefix):] for rel in manifest.files if rel.startswith(prefix)})
+    if stray:
+        raise EngineDirError(
+            f"{final} holds files sdexport did not write ({', '.join(stray[:3])}); move them away and build again"
+        )
 
 
 def _discard(path: Path) -> None:
