@@ -17,6 +17,8 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -261,7 +263,8 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
     assert "--contenders diffusers,torch-compile-max" in (tmp_path / "commands.log").read_text()
 
 
-def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(tmp_path: Path, carried: Path):
+def _resuming(tmp_path: Path) -> None:
+    carried = _carried(tmp_path)
     # scaled down 20 times: the tests may take 9 s, the runtime benchmark needs 5 s, the fused
     # build 10 to 20 s
     first = _lease(tmp_path, carried, 16, LEASE_TIME_SCALE="20", STAND_IN_PYTEST_S="30")
@@ -290,10 +293,11 @@ def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(tm
     assert (tmp_path / "lease" / "REVISION").read_text() == "4567def\n"
 
 
-def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(tmp_path: Path, carried: Path):
+def _cut_short(tmp_path: Path) -> None:
     """timeout returns as soon as the step's bash has gone, which SIGTERM ends at once; the benchmark
     under it writes its report of what it measured after the signal: the step waits for it (up to
     the grace) before packing, and nothing of the step is left running."""
+    carried = _carried(tmp_path)
     sleeper = f"61.{os.getpid()}"
     cut = _lease(tmp_path, carried, 12, LEASE_TIME_SCALE="20", STAND_IN_BENCH_S=sleeper)
     assert cut.returncode == 0, cut.stdout + cut.stderr
@@ -303,7 +307,8 @@ def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(tmp_pa
     assert subprocess.run(["pgrep", "-f", f"sleep {sleeper}"], capture_output=True).returncode == 1  # none left
 
 
-def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goes_on(tmp_path: Path, carried: Path):
+def _deaf(tmp_path: Path) -> None:
+    carried = _carried(tmp_path)
     sleeper = f"62.{os.getpid()}"
     cut = _lease(tmp_path, carried, 9, LEASE_TIME_SCALE="20", STAND_IN_BENCH_DEAF_S=sleeper)
     assert cut.returncode == 0, cut.stdout + cut.stderr
@@ -311,6 +316,30 @@ def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goe
     assert _steps(tmp_path)["bench-runtime"] in ("cut at the budget", "rc 124, over its own limit of 12 s"), cut.stdout
     assert subprocess.run(["pgrep", "-f", f"sleep {sleeper}"], capture_output=True).returncode == 1  # none left
     assert "lease done" in cut.stdout
+
+
+SIDE_BY_SIDE = {"resuming": _resuming, "cut-short": _cut_short, "deaf": _deaf}
+"""The lease runs whose stand-ins sleep until a budget or a limit cuts them (what they test): about
+30, 13 and 11 s, nearly all of it waiting. They run side by side, each in a folder of its own and
+with a sleeper of its own to look for, so the three take the time of the longest."""
+
+
+@pytest.fixture(scope="module")
+def budget_cuts(tmp_path_factory) -> Iterator[dict[str, Future[None]]]:
+    with ThreadPoolExecutor(len(SIDE_BY_SIDE)) as pool:
+        yield {name: pool.submit(run, tmp_path_factory.mktemp(name)) for name, run in SIDE_BY_SIDE.items()}
+
+
+def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(budget_cuts):
+    budget_cuts["resuming"].result()  # the run's own assertion error, if one failed
+
+
+def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(budget_cuts):
+    budget_cuts["cut-short"].result()
+
+
+def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goes_on(budget_cuts):
+    budget_cuts["deaf"].result()
 
 
 def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path):
