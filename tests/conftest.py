@@ -23,9 +23,9 @@ import re
 import shlex
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
@@ -129,6 +129,31 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
         return None
     cores = _cores()
     return min(cores, MAX_WORKERS) if cores > 1 else 0
+
+
+V = TypeVar("V")
+
+
+class MadeOnFirstUse(Mapping[str, V]):
+    """A module fixture's exports (or references), each made the first time a test asks for it: the
+    ones only ``slow`` cases read cost nothing in the default run, which leaves those cases out."""
+
+    def __init__(self, names: Iterable[str], make: Callable[[str], V]) -> None:
+        self._names, self._make = tuple(names), make
+        self._made: dict[str, V] = {}
+
+    def __getitem__(self, name: str) -> V:
+        if name not in self._names:
+            raise KeyError(name)
+        if name not in self._made:
+            self._made[name] = self._make(name)
+        return self._made[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def hidden_siblings(path: Path) -> list[str]:

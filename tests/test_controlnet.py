@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from test_image_tasks import box_mask
 
-from conftest import run_cli
+from conftest import MadeOnFirstUse, run_cli
 from sdexport.bench.reference import DiffusersReference
 from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.export.exporter import ExportOptions, export
@@ -36,8 +36,11 @@ MODELS = {  # name: (preset, ControlNets)
     "sd-two": ("tiny", ["tiny-controlnet", "tiny-controlnet"]),
     "sdxl-one": ("tiny-sdxl", ["tiny-controlnet"]),
     "inpaint-one": ("tiny-inpaint", ["tiny-controlnet"]),  # a 9-channel inpainting U-Net
-    "sdxl-inpaint-one": ("tiny-sdxl-inpaint", ["tiny-controlnet"]),
+    "sdxl-inpaint-one": ("tiny-sdxl-inpaint", ["tiny-controlnet"]),  # its cases: -m slow (SLOW)
 }
+SLOW = pytest.mark.slow
+"""On the cases of a combination whose parts the default run checks apart (SDXL ControlNets,
+9-channel U-Nets with one): left to ``-m slow``, with the export only they read."""
 TXT2IMG = [name for name in MODELS if "inpaint" not in name]
 
 
@@ -47,18 +50,20 @@ def picture(height: int, width: int, seed: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def engine_dirs(tmp_path_factory) -> dict[str, Path]:
+def engine_dirs(tmp_path_factory) -> MadeOnFirstUse[Path]:
     root = tmp_path_factory.mktemp("controlnet")
-    dirs = {}
-    for name, (preset, nets) in MODELS.items():
-        dirs[name] = root / name
-        export(preset, dirs[name], ExportOptions(verify="quick", controlnets=nets))
-    return dirs
+
+    def make(name: str) -> Path:
+        preset, nets = MODELS[name]
+        export(preset, root / name, ExportOptions(verify="quick", controlnets=nets))
+        return root / name
+
+    return MadeOnFirstUse(MODELS, make)
 
 
 @pytest.fixture(scope="module")
-def references() -> dict[str, DiffusersReference]:
-    return {name: DiffusersReference(load_model(preset, controlnets=nets)) for name, (preset, nets) in MODELS.items()}
+def references() -> MadeOnFirstUse[DiffusersReference]:
+    return MadeOnFirstUse(MODELS, lambda name: DiffusersReference(load_model(MODELS[name][0], controlnets=MODELS[name][1])))
 
 
 def _request(name: str, **changes) -> GenerationRequest:
@@ -125,8 +130,9 @@ INPAINT_CASES = [
     pytest.param("sd-one", 0.7, "euler_a", "torch", id="blended-partial-torch"),
     # SDXL: strength None is diffusers' 0.9999 (the init image noised, one step fewer)
     pytest.param("sdxl-one", None, "euler_a", "onnxruntime-cpu", id="sdxl-blended-default-strength"),
-    pytest.param("sdxl-inpaint-one", None, "default", "onnxruntime-cpu", id="sdxl-9-channel-default-strength"),
-    pytest.param("sdxl-inpaint-one", 1.0, "euler_a", "torch", id="sdxl-9-channel-full-strength-torch"),
+    pytest.param("sdxl-inpaint-one", None, "default", "onnxruntime-cpu", id="sdxl-9-channel-default-strength",
+                 marks=SLOW),
+    pytest.param("sdxl-inpaint-one", 1.0, "euler_a", "torch", id="sdxl-9-channel-full-strength-torch", marks=SLOW),
 ]
 
 
@@ -205,24 +211,26 @@ def test_served_guess_mode_is_the_image_run_writes(engine_dirs, tmp_path):
 POOLED = {  # name: (preset, ControlNets before the pooling one, export verification)
     "sd-pooled": ("tiny", [], "full"),  # alone: diffusers runs it in guess mode by itself
     "sd-mixed": ("tiny", ["tiny-controlnet"], "quick"),  # second: diffusers reads the first one's flag only
-    "sdxl-inpaint": ("tiny-sdxl-inpaint", [], "quick"),  # diffusers' SDXL inpainting ignores the flag
+    "sdxl-inpaint": ("tiny-sdxl-inpaint", [], "quick"),  # diffusers' SDXL inpainting ignores the flag (SLOW)
 }
 
 
 @pytest.fixture(scope="module")
-def pooled(tmp_path_factory) -> dict[str, tuple[Path, DiffusersReference]]:
+def pooled(tmp_path_factory) -> MadeOnFirstUse[tuple[Path, DiffusersReference]]:
     """Engine directories with a pooling ControlNet (``global_pool_conditions``, as the shuffle
     ControlNets have), and diffusers' own pipelines over the same modules, told nothing about it."""
     root = tmp_path_factory.mktemp("pooled")
-    found = {}
-    for name, (preset, plain, verify) in POOLED.items():
+
+    def make(name: str) -> tuple[Path, DiffusersReference]:
+        preset, plain, verify = POOLED[name]
         net = _controlnet_dir(root, preset, f"{name}-net")
         config = json.loads((net / "config.json").read_text())
         (net / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
         nets = [*plain, str(net)]
         export(preset, root / name, ExportOptions(verify=verify, controlnets=nets))  # full: every size checked
-        found[name] = (root / name, DiffusersReference(load_model(preset, controlnets=nets)))
-    return found
+        return root / name, DiffusersReference(load_model(preset, controlnets=nets))
+
+    return MadeOnFirstUse(POOLED, make)
 
 
 POOLED_CASES = [
@@ -231,8 +239,8 @@ POOLED_CASES = [
     pytest.param("sd-pooled", "torch", "img2img", False, True, id="alone-forced-img2img-torch"),
     pytest.param("sd-mixed", "onnxruntime-cpu", "txt2img", False, False, id="second-not-forced"),
     pytest.param("sd-mixed", "onnxruntime-cpu", "inpaint", True, True, id="second-asked"),
-    pytest.param("sdxl-inpaint", "onnxruntime-cpu", "inpaint", False, False, id="sdxl-inpaint-not-forced"),
-    pytest.param("sdxl-inpaint", "torch", "inpaint", True, True, id="sdxl-inpaint-asked-torch"),
+    pytest.param("sdxl-inpaint", "onnxruntime-cpu", "inpaint", False, False, id="sdxl-inpaint-not-forced", marks=SLOW),
+    pytest.param("sdxl-inpaint", "torch", "inpaint", True, True, id="sdxl-inpaint-asked-torch", marks=SLOW),
 ]
 
 
@@ -271,8 +279,9 @@ def test_a_pooling_controlnet_runs_as_diffusers_runs_it(pooled, name, backend, t
     ("sd-pooled", ["--guess-mode"], None),  # asked for: nothing to say
     ("sd-mixed", [], ("controlnet_1 pools its conditions (global_pool_conditions), but diffusers turns guess mode on "
                      "only when the first ControlNet pools: this run is not in guess mode")),
-    ("sdxl-inpaint", ["--init-image", "{i}", "--mask", "{m}"], ("but diffusers' SDXL inpainting pipeline does not "
-                                                                "read the flag: this run is not in guess mode")),
+    pytest.param("sdxl-inpaint", ["--init-image", "{i}", "--mask", "{m}"],
+                 "but diffusers' SDXL inpainting pipeline does not read the flag: this run is not in guess mode",
+                 marks=SLOW),  # the rule alone: test_the_pooling_note_follows_diffusers_rule
 ])
 def test_run_says_what_a_pooling_controlnet_does_to_guess_mode(pooled, tmp_path, capsys, name, args, said):
     files = {"e": tmp_path / "e.png", "i": tmp_path / "i.png", "m": tmp_path / "m.png"}
@@ -285,6 +294,24 @@ def test_run_says_what_a_pooling_controlnet_does_to_guess_mode(pooled, tmp_path,
     assert (said in err) if said else ("pools its" not in err)
     saved = json.loads(Image.open(tmp_path / "o.png").text["sdexport"])
     assert saved.get("guess_mode", False) == (said is None or said.startswith("guess mode"))
+
+
+@pytest.mark.parametrize(("family", "task", "first_pools", "said"), [
+    ("sdxl", "inpaint", True, "but diffusers' SDXL inpainting pipeline does not read the flag"),
+    ("sdxl", "img2img", True, "which diffusers runs in guess mode"),
+    ("sd", "inpaint", True, "which diffusers runs in guess mode"),
+    ("sd", "txt2img", False, "diffusers turns guess mode on only when the first ControlNet pools"),
+])
+def test_the_pooling_note_follows_diffusers_rule(family, task, first_pools, said):
+    """The rule ``run`` states (its SDXL-inpainting run is a slow case), without an export."""
+    from sdexport.runtime.request import forced_guess_mode, pooling_note
+
+    controlnets = ["controlnet", "controlnet_1"]
+    pooled = [controlnets[0 if first_pools else 1]]
+    request = _request("sd-two", **_task(task))
+    assert forced_guess_mode(first_pools, family, task) == ("runs in guess mode" in said)
+    assert said in pooling_note(pooled, controlnets, request, family)
+    assert pooling_note(pooled, controlnets, _request("sd-two", guess_mode=True, **_task(task)), family) is None
 
 
 def test_cuda_graph_sessions_capture_the_controlnets_at_the_batch_they_run(pooled, engine_dirs, monkeypatch):
@@ -322,7 +349,7 @@ def _inpaint_condition(image: Image.Image, mask: Image.Image) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("name", "backend"), [("sd-one", "onnxruntime-cpu"), ("inpaint-one", "torch"),
-                                               ("sdxl-inpaint-one", "onnxruntime-cpu")])
+                                               pytest.param("sdxl-inpaint-one", "onnxruntime-cpu", marks=SLOW)])
 def test_masked_init_control_image_matches_diffusers_inpaint_condition(engine_dirs, references, name, backend):
     """``masked-init``: what an inpainting ControlNet reads, made from the request's init images and
     masks (one each per prompt here; one a grey ramp, so the threshold is compared), as diffusers'
@@ -616,7 +643,7 @@ def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
 
 @pytest.mark.parametrize(("name", "pipeline", "strength", "scale"), [
     ("inpaint-one", "StableDiffusionControlNetInpaintPipeline", 1.0, 0.5),
-    ("sdxl-inpaint-one", "StableDiffusionXLControlNetInpaintPipeline", 0.9999, 1.0),
+    pytest.param("sdxl-inpaint-one", "StableDiffusionXLControlNetInpaintPipeline", 0.9999, 1.0, marks=SLOW),
 ])
 def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_path, name, pipeline, strength, scale):
     """The U-Net takes 9 channels and the residuals, the ControlNet 4 (the latents alone); the directory
@@ -647,7 +674,7 @@ def test_an_inpainting_unet_with_a_controlnet_exports_and_runs(engine_dirs, tmp_
     assert saved["control"] == [{"scale": scale, "start": 0.0, "end": 1.0}]  # diffusers' defaults for inpainting
 
 
-@pytest.mark.parametrize("name", ["inpaint-one", "sdxl-inpaint-one"])
+@pytest.mark.parametrize("name", ["inpaint-one", pytest.param("sdxl-inpaint-one", marks=SLOW)])
 def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs, tmp_path, name):
     """The Triton model's inputs (init image, mask and control image as bytes) reach the same loop,
     with the same defaults (SDXL's strength 0.9999 included)."""
