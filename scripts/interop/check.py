@@ -201,6 +201,7 @@ def optimize(directory: Path, target: Path, *extra: str) -> dict[str, Any]:
 
     Its ``main`` in this process, as ``python -m`` would run it: onnxruntime's transformers package
     and torch load once for the three variants, not once each (about 5 s each on 2 cores)."""
+    import contextlib
     import importlib
     import io
     import logging
@@ -210,8 +211,9 @@ def optimize(directory: Path, target: Path, *extra: str) -> dict[str, Any]:
     log = io.StringIO()
     handler = logging.StreamHandler(log)
     logging.getLogger().addHandler(handler)
-    try:
-        counts = importlib.import_module(OPTIMIZE).main(argv)
+    try:  # what it prints too (argparse's refusal of an option goes to stderr)
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            counts = importlib.import_module(OPTIMIZE).main(argv)
         accepted, why = True, ""
     except (Exception, SystemExit):  # a refusal, in whatever form the tool gives it
         accepted, counts, why = False, {}, traceback.format_exc()
@@ -219,7 +221,7 @@ def optimize(directory: Path, target: Path, *extra: str) -> dict[str, Any]:
         logging.getLogger().removeHandler(handler)
     return {"accepted": accepted, "command": " ".join(["python -m", OPTIMIZE, *argv]),
             "fused_operators": {name: dict(found) for name, found in (counts or {}).items()},
-            "log_tail": (log.getvalue() + why)[-2000:] if not accepted else ""}
+            "log_tail": (log.getvalue()[-1800:] + why.strip().splitlines()[-1]) if not accepted else ""}
 
 
 def optimum_side(work: Path) -> int:
@@ -236,8 +238,9 @@ def optimum_side(work: Path) -> int:
             optimum_image(work / "ort-optimized" / f"{case}-cpu", work / "images" / f"{case}.ort-optimized.npy")
     for preset in OPTIMUM_EXPORTS:
         target = work / "optimum" / preset
-        # `optimum-cli export onnx --task text-to-image --model DIR TARGET`, in this process (optimum
-        # loads once): the function the command calls
+        # `optimum-cli export onnx --task text-to-image --model DIR TARGET` in this process (optimum
+        # loads once): the function the command calls, which the command tells to validate the
+        # exported graphs in a spawned process; here they are validated in this one
         from optimum.exporters.onnx import main_export
 
         main_export(str(work / "diffusers" / preset), target, task="text-to-image")
