@@ -116,13 +116,13 @@ def onnxruntime_session_options(ort: Any) -> Any:
 def cpu_threads_asked() -> int:
     """The CPU threads ``OMP_NUM_THREADS`` asks for (0: not set, or not a count).
 
-    torch reads it and ONNX Runtime does not: its sessions start a thread per core, which spin
+    torch reads it and ONNX Runtime does not: its sessions start a thread per physical core, which spin
     while they wait. Beside other busy processes (a CI job's test workers, a server's model
     instances) those threads only contend: two processes each running the tiny model on 2 cores
     took 6.8 to 7.2 s with ONNX Runtime's default, 4.9 to 5.0 s with one thread each. One setting,
     then, for all of sdexport's CPU work."""
-    value = os.environ.get("OMP_NUM_THREADS", "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else 0
+    value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": OpenMP's nested levels
+    return int(value) if value.isascii() and value.isdigit() else 0
 
 
 @contextmanager

@@ -545,3 +545,16 @@ def test_the_title_names_missing_contenders_apart_from_regressions(tmp_path):
     baseline = _report([_entry("torch", TIGHT), _entry("onnxruntime-cpu", TIGHT)])
     new = _report([_entry("torch", [s * 1.5 for s in TIGHT])])
     assert "❌ 1 regression, 1 missing" in markdown(_compare(tmp_path, baseline, new))
+
+
+def test_cpu_only_runs_with_other_thread_counts_are_not_compared():
+    """ONNX Runtime's CPU sessions follow OMP_NUM_THREADS (sdexport.console.cpu_threads_asked): the
+    count is part of a CPU-only device, so two settings are not read as a regression."""
+    from sdexport.bench.compare import device_label, mismatches
+
+    one = _report([_entry("torch", TIGHT)])
+    other = copy.deepcopy(one)
+    other["environment"]["host"]["cpu_threads"] = 1
+    assert device_label(one) == "CPU only: Test CPU, 2 cores"
+    assert device_label(other) == "CPU only: Test CPU, 2 cores, OMP_NUM_THREADS=1"
+    assert mismatches(one, other) == ["device: CPU only: Test CPU, 2 cores vs CPU only: Test CPU, 2 cores, OMP_NUM_THREADS=1"]

@@ -173,7 +173,8 @@ def device_label(report: dict[str, Any]) -> str:
     if env.get("gpu"):
         return str(env["gpu"]["name"])
     host = env.get("host", {})
-    return f"CPU only: {host.get('cpu', 'unknown')}, {host.get('cores', '?')} cores"
+    threads = f", OMP_NUM_THREADS={host['cpu_threads']}" if host.get("cpu_threads") else ""  # the CPU timings follow it
+    return f"CPU only: {host.get('cpu', 'unknown')}, {host.get('cores', '?')} cores{threads}"
 
 
 def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sdexport.console import cpu_threads_asked
 from sdexport.versions import installed_version
 
 
@@ -165,7 +166,9 @@ def environment() -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
-                 "python": platform.python_version()},
+                 "python": platform.python_version(),
+                 # ONNX Runtime's CPU sessions and torch run on these (sdexport.console.cpu_threads_asked)
+                 "cpu_threads": cpu_threads_asked() or None},
         "gpu": _gpu(),
         "versions": {
             "sdexport": installed_version("sdexport"),
