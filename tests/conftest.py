@@ -141,13 +141,23 @@ class MadeOnFirstUse(Mapping[str, V]):
     def __init__(self, names: Iterable[str], make: Callable[[str], V]) -> None:
         self._names, self._make = tuple(names), make
         self._made: dict[str, V] = {}
+        self._failed: dict[str, BaseException] = {}
 
     def __getitem__(self, name: str) -> V:
         if name not in self._names:
             raise KeyError(name)
+        if name in self._failed:  # made once, failed once: not again for every test that reads it
+            raise self._failed[name]
         if name not in self._made:
-            self._made[name] = self._make(name)
+            try:
+                self._made[name] = self._make(name)
+            except Exception as exc:
+                self._failed[name] = exc
+                raise
         return self._made[name]
+
+    def __contains__(self, name: object) -> bool:  # Mapping's would make it
+        return name in self._names
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

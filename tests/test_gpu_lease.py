@@ -318,28 +318,39 @@ def _deaf(tmp_path: Path) -> None:
     assert "lease done" in cut.stdout
 
 
-SIDE_BY_SIDE = {"resuming": _resuming, "cut-short": _cut_short, "deaf": _deaf}
+SIDE_BY_SIDE = {  # the test that reads it: its run
+    "test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran": _resuming,
+    "test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal": _cut_short,
+    "test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goes_on": _deaf,
+}
 """The lease runs whose stand-ins sleep until a budget or a limit cuts them (what they test): about
 30, 13 and 11 s, nearly all of it waiting. They run side by side, each in a folder of its own and
 with a sleeper of its own to look for, so the three take the time of the longest."""
 
 
 @pytest.fixture(scope="module")
-def budget_cuts(tmp_path_factory) -> Iterator[dict[str, Future[None]]]:
+def budget_cuts(request, tmp_path_factory) -> Iterator[dict[str, Future[None]]]:
+    """The runs of the tests selected, started together when the first of them starts."""
+    selected = {item.name for item in request.session.items}
     with ThreadPoolExecutor(len(SIDE_BY_SIDE)) as pool:
-        yield {name: pool.submit(run, tmp_path_factory.mktemp(name)) for name, run in SIDE_BY_SIDE.items()}
+        yield {name: pool.submit(run, tmp_path_factory.mktemp(run.__name__.strip("_")))
+               for name, run in SIDE_BY_SIDE.items() if name in selected}
 
 
-def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(budget_cuts):
-    budget_cuts["resuming"].result()  # the run's own assertion error, if one failed
+def _result_of_this_test(budget_cuts: dict[str, Future[None]], request) -> None:
+    budget_cuts[request.node.name].result()  # the run's own assertion error, if one failed
 
 
-def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(budget_cuts):
-    budget_cuts["cut-short"].result()
+def test_resuming_runs_again_only_what_the_budget_cut_or_another_revision_ran(budget_cuts, request):
+    _result_of_this_test(budget_cuts, request)
 
 
-def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goes_on(budget_cuts):
-    budget_cuts["deaf"].result()
+def test_a_benchmark_cut_short_brings_back_what_it_wrote_after_the_signal(budget_cuts, request):
+    _result_of_this_test(budget_cuts, request)
+
+
+def test_a_step_that_ignores_sigterm_is_killed_after_the_grace_and_the_lease_goes_on(budget_cuts, request):
+    _result_of_this_test(budget_cuts, request)
 
 
 def test_a_damaged_archive_stops_the_lease_at_once(tmp_path: Path, carried: Path):

@@ -364,8 +364,8 @@ def test_the_onnxruntime_engine_refuses_a_wrong_dtype_when_it_loads(tiny_engine_
     pytest.param("", id="all", marks=pytest.mark.slow),
 ])
 def test_optimum_and_onnxruntime_tools_read_our_directories_and_we_read_theirs(cases: str, tmp_path: Path):
-    """scripts/interop-check.sh: builds (once) a virtualenv with optimum from PyPI; about 2 minutes
-    for the default run's two cases, 3 to 3.5 for all (README, "Interop")."""
+    """scripts/interop-check.sh: builds (once) a virtualenv with optimum from PyPI; about a minute
+    for the default run's two cases, more for all four (README, "Interop")."""
     run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
                          capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_CASES": cases})
