@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -86,4 +87,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_status = main()
+    # Leave without tearing down the interpreter, as mypy's own command does: freeing the parsed
+    # modules one by one took longer (4 s) than the cold check itself.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(exit_status)
