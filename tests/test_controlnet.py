@@ -237,7 +237,8 @@ POOLED_CASES = [
     # engine directory, backend, task, guess mode asked for, guess mode run (diffusers' rule)
     pytest.param("sd-pooled", "onnxruntime-cpu", "txt2img", False, True, id="alone-forced"),
     pytest.param("sd-pooled", "torch", "img2img", False, True, id="alone-forced-img2img-torch"),
-    pytest.param("sd-mixed", "onnxruntime-cpu", "txt2img", False, False, id="second-not-forced"),
+    # diffusers' rule here is test_the_pooling_note_follows_diffusers_rule's; the latents: -m slow
+    pytest.param("sd-mixed", "onnxruntime-cpu", "txt2img", False, False, id="second-not-forced", marks=SLOW),
     pytest.param("sd-mixed", "onnxruntime-cpu", "inpaint", True, True, id="second-asked"),
     pytest.param("sdxl-inpaint", "onnxruntime-cpu", "inpaint", False, False, id="sdxl-inpaint-not-forced", marks=SLOW),
     pytest.param("sdxl-inpaint", "torch", "inpaint", True, True, id="sdxl-inpaint-asked-torch", marks=SLOW),
