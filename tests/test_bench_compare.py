@@ -416,10 +416,11 @@ def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsy
     assert base.startswith("gate-") and len(base) == len("gate-") + 16
     # What the graphs do not depend on keeps the key: repeats, contenders, prompt, steps.
     assert entry(GATE_SCENARIO.replace("repeats = 5", "repeats = 9") + 'prompt = "a red fox"\n') == base
-    assert entry(GATE_SCENARIO.replace("steps = [10]", "steps = [4]")) == base
-    # The profile, the precision and img2img's VAE encoder change it.
+    assert entry(GATE_SCENARIO.replace("steps = [4]", "steps = [10]")) == base
+    # The profile, the precision, the ControlNets and img2img's VAE encoder change it.
     assert entry(GATE_SCENARIO.replace("height = 64", "height = 128")) != base
     assert entry(GATE_SCENARIO + 'dtype = "fp16"\n') != base
+    assert entry(GATE_SCENARIO + 'controlnets = ["tiny-controlnet"]\n') != base
     assert entry(GATE_SCENARIO + "strength = 0.5\n") != base
     assert entry(GATE_SCENARIO + "inpaint = true\n") != base  # the VAE encoder too
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)

@@ -615,11 +615,8 @@ def test_bench_runs_a_controlnet_scenario(tmp_path):
     markdown = (out / "results.md").read_text()
     assert "| ControlNet ms/step |" in markdown and "1 ControlNet(s) (tiny-controlnet)" in markdown
     assert "at scale 0.9 in guess mode" in markdown
-    # the engines are reused by a second run, and only with the same ControlNets
-    scenario.write_text(scenario.read_text().replace('controlnets = ["tiny-controlnet"]', "controlnets = []")
-                        .replace("guess_mode = true\n", ""))
-    assert run_cli("bench", scenario, "-o", out) == 0
-    assert not load_manifest(out / "engines" / "cn").controlnets
+    # A second run reuses the engines only for the same export key, which the ControlNets are part
+    # of (tests/test_bench_compare.py); that a changed key exports again: tests/test_bench.py.
 
 
 def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
