@@ -253,8 +253,8 @@ def tiny_model():
 
 
 def _made_once_per_run(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory, key: str,
-                       options: ExportOptions) -> Path:
-    """The tiny model exported with ``options`` into a folder (``.../KEY/tiny``) every worker of
+                       options: ExportOptions, preset: str = "tiny") -> Path:
+    """``preset`` exported with ``options`` into a folder (``.../KEY/PRESET``) every worker of
     this run reads.
 
     Each xdist worker is a session of its own, so a session fixture alone would export once per
@@ -271,10 +271,10 @@ def _made_once_per_run(config: pytest.Config, tmp_path_factory: pytest.TempPathF
     in_a_worker = hasattr(config, "workerinput")  # this process's own xdist role, not an inherited variable
     shared = (base.parent if in_a_worker else base) / "shared-engines"
     shared.mkdir(exist_ok=True)
-    out = shared / key / "tiny"
+    out = shared / key / preset
     with FileLock(str(shared / f"{key}.lock")):
         if not (out / "manifest.json").is_file():
-            export("tiny", out, options)
+            export(preset, out, options)
     return out
 
 
@@ -291,6 +291,14 @@ def tiny_fp16_engine_dir(pytestconfig, tmp_path_factory) -> Path:
     from sdexport.export.exporter import ExportOptions
 
     return _made_once_per_run(pytestconfig, tmp_path_factory, "fp16", ExportOptions(dtype="fp16", verify="quick"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_engine_dir(pytestconfig, tmp_path_factory) -> Path:
+    """An fp32 export of the tiny SDXL model (quick verification), shared like the two above."""
+    from sdexport.export.exporter import ExportOptions
+
+    return _made_once_per_run(pytestconfig, tmp_path_factory, "sdxl-fp32", ExportOptions(verify="quick"), "tiny-sdxl")
 
 
 @pytest.fixture

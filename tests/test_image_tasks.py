@@ -39,10 +39,10 @@ def box_mask(height: int, width: int) -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def engine_dirs(tiny_engine_dir, tmp_path_factory) -> dict[str, Path]:
+def engine_dirs(tiny_engine_dir, tiny_sdxl_engine_dir, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("image-tasks")
-    dirs = {"tiny": tiny_engine_dir}
-    for preset in ("tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint"):
+    dirs = {"tiny": tiny_engine_dir, "tiny-sdxl": tiny_sdxl_engine_dir}
+    for preset in ("tiny-inpaint", "tiny-sdxl-inpaint"):
         dirs[preset] = root / preset
         export(preset, dirs[preset], ExportOptions(verify="quick"))
     return dirs

@@ -266,14 +266,13 @@ def test_torch_backend_refuses_a_changed_lora_file(lora_files, tmp_path):
         load_pipeline(out, "torch")
 
 
-def test_sdxl_run_time_lora_matches_the_fused_export(tmp_path):
+def test_sdxl_run_time_lora_matches_the_fused_export(tiny_sdxl_engine_dir, tmp_path):
     model = load_model("tiny-sdxl")
     state = {**_random_peft_state(model.modules["unet"], ["to_q", "to_v"], "unet", 4),
              **_random_peft_state(model.modules["text_encoder_2"], ["q_proj"], "text_encoder_2", 5)}
     path = tmp_path / "sdxl.safetensors"
     save_file(state, str(path))
-    plain, fused = tmp_path / "plain", tmp_path / "fused"
-    export("tiny-sdxl", plain, ExportOptions(verify="none"))
+    plain, fused = tiny_sdxl_engine_dir, tmp_path / "fused"
     export("tiny-sdxl", fused, ExportOptions(verify="none", loras=[LoraFile(path, 0.9)]))
     request = GenerationRequest(prompt=["x"], steps=4, height=64, width=64)
     a = load_pipeline(plain, "onnxruntime-cpu", loras=[LoraFile(path, 0.9)])(request)

@@ -27,6 +27,8 @@ def exported(request, tmp_path_factory) -> tuple[str, str, Path]:
     model, dtype = request.param
     if (model, dtype) == ("tiny", "fp16"):  # the session's, made for other tests too (its default profile)
         return model, dtype, request.getfixturevalue("tiny_fp16_engine_dir")
+    if (model, dtype) == ("tiny-sdxl", "fp32"):  # the same
+        return model, dtype, request.getfixturevalue("tiny_sdxl_engine_dir")
     out = tmp_path_factory.mktemp("valid") / f"{model}-{dtype}"
     export(model, out, ExportOptions(profile=PROFILE, dtype=dtype, verify="none"))
     return model, dtype, out

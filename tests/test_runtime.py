@@ -179,11 +179,11 @@ def test_fp16_vae_overflow_falls_back_or_refuses(pipelines, monkeypatch):
     assert result.vae_fallback and np.isfinite(result.pixels).all()
 
 
-def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tmp_path: Path, reference):
-    from sdexport.export.exporter import ExportOptions, export
+def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tiny_fp16_engine_dir: Path, reference):
+    from sdexport.manifest import load_manifest
 
-    out = tmp_path / "tiny-fp16"
-    manifest = export("tiny", out, ExportOptions(dtype="fp16", verify="quick"))
+    out = tiny_fp16_engine_dir  # export("tiny", out, ExportOptions(dtype="fp16", verify="quick")), shared
+    manifest = load_manifest(out)
     assert manifest.components["vae_decoder_fp32"].dtype == "fp32"
     assert manifest.components["unet"].dtype == "fp16"
     pipeline = load_pipeline(out, "onnxruntime-cpu")
