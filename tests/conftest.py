@@ -301,6 +301,15 @@ def tiny_sdxl_engine_dir(pytestconfig, tmp_path_factory) -> Path:
     return _made_once_per_run(pytestconfig, tmp_path_factory, "sdxl-fp32", ExportOptions(verify="quick"), "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_fp16_engine_dir(pytestconfig, tmp_path_factory) -> Path:
+    """An fp16 export of the tiny SDXL model (quick verification), shared like the others."""
+    from sdexport.export.exporter import ExportOptions
+
+    return _made_once_per_run(pytestconfig, tmp_path_factory, "sdxl-fp16", ExportOptions(dtype="fp16", verify="quick"),
+                              "tiny-sdxl")
+
+
 @pytest.fixture
 def engine_copy(tiny_engine_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "tiny"

@@ -441,11 +441,9 @@ def test_onnx_runtime_hands_its_arena_back_after_each_point(tmp_path: Path):
     assert resident_bytes() - before > 128 * 1024**2  # without the option, the arena keeps it
 
 
-@pytest.mark.parametrize("preset", ["tiny-sdxl"])
-def test_sdxl_shaped_export_stays_verified(preset: str, tmp_path: Path):
-    out = tmp_path / preset
-    assert run_cli("export", preset, "-o", out, "--dtype", "fp16", "--verify", "quick") == 0
-    manifest = load_manifest(out)
+def test_sdxl_shaped_export_stays_verified(tiny_sdxl_fp16_engine_dir: Path):
+    """The session's export("tiny-sdxl", ..., ExportOptions(dtype="fp16", verify="quick"))."""
+    manifest = load_manifest(tiny_sdxl_fp16_engine_dir)
     assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
 
 

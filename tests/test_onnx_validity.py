@@ -15,23 +15,16 @@ import pytest
 
 from sdexport.errors import SdexportError
 from sdexport.export import graph
-from sdexport.export.exporter import ExportOptions, export
-from sdexport.shapes import ShapeProfile
-
-PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
 
 
 @pytest.fixture(scope="module", params=[("tiny", "fp16"), ("tiny-sdxl", "fp16"), ("tiny-sdxl", "fp32")],
                 ids=lambda p: "-".join(p))
-def exported(request, tmp_path_factory) -> tuple[str, str, Path]:
+def exported(request) -> tuple[str, str, Path]:
     model, dtype = request.param
-    if (model, dtype) == ("tiny", "fp16"):  # the session's, made for other tests too (its default profile)
-        return model, dtype, request.getfixturevalue("tiny_fp16_engine_dir")
-    if (model, dtype) == ("tiny-sdxl", "fp32"):  # the same
-        return model, dtype, request.getfixturevalue("tiny_sdxl_engine_dir")
-    out = tmp_path_factory.mktemp("valid") / f"{model}-{dtype}"
-    export(model, out, ExportOptions(profile=PROFILE, dtype=dtype, verify="none"))
-    return model, dtype, out
+    # the session's exports, made for other tests too
+    fixture = {("tiny", "fp16"): "tiny_fp16_engine_dir", ("tiny-sdxl", "fp16"): "tiny_sdxl_fp16_engine_dir",
+               ("tiny-sdxl", "fp32"): "tiny_sdxl_engine_dir"}[model, dtype]
+    return model, dtype, request.getfixturevalue(fixture)
 
 
 def _graphs(directory: Path) -> list[Path]:

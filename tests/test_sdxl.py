@@ -200,12 +200,10 @@ def test_encoder_wrappers_give_what_diffusers_conditions_on(sdxl_model, referenc
     assert torch.equal(pooled, want[2])
 
 
-def test_fp16_unet_export(tmp_path):
-    from sdexport.export.exporter import ExportOptions, export
+def test_fp16_unet_export(tiny_sdxl_fp16_engine_dir):
+    from sdexport.manifest import load_manifest
 
-    manifest = export("tiny-sdxl", tmp_path / "fp16",
-                      ExportOptions(profile=PROFILE, dtype="fp16", components=["unet"], verify="quick"))
-    entry = manifest.components["unet"]
+    entry = load_manifest(tiny_sdxl_fp16_engine_dir).components["unet"]
     assert entry.dtype == "fp16" and entry.parity["status"] == "passed"
 
 
