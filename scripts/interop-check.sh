@@ -57,8 +57,9 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
 fi
 echo "interop-check: working in $WORK" >&2
 "$PYTHON" scripts/interop/check.py prepare "$WORK"
-# The bytecode of what the check imports is written into this environment (ours) on first use,
-# also where PYTHONDONTWRITEBYTECODE is set, as in many CI images: otherwise every check compiled
-# optimum's, diffusers' and transformers' sources again (12 s of the 50 s stage on 2 cores).
+# The bytecode of what the check imports is written on first use, also where
+# PYTHONDONTWRITEBYTECODE is set, as in many CI images: otherwise every check compiled optimum's,
+# diffusers' and transformers' sources again (12 s of the 50 s stage on 2 cores). It goes into this
+# environment, and, for a shared torch installed without its bytecode, beside torch (see above).
 env -u PYTHONDONTWRITEBYTECODE "$VENV/bin/python" scripts/interop/check.py optimum "$WORK"
 "$PYTHON" scripts/interop/check.py adopt "$WORK"

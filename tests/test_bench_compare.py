@@ -420,7 +420,14 @@ def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsy
     # The profile, the precision, the ControlNets and img2img's VAE encoder change it.
     assert entry(GATE_SCENARIO.replace("height = 64", "height = 128")) != base
     assert entry(GATE_SCENARIO + 'dtype = "fp16"\n') != base
-    assert entry(GATE_SCENARIO + 'controlnets = ["tiny-controlnet"]\n') != base
+    one_controlnet = entry(GATE_SCENARIO + 'controlnets = ["tiny-controlnet"]\n')
+    assert one_controlnet != base
+    # another ControlNet in its place (as many components) changes it too
+    from sdexport.models import load_model
+
+    net = tmp_path / "my-controlnet"
+    load_model("tiny", controlnets=["tiny-controlnet"]).module("controlnet").save_pretrained(net)
+    assert entry(GATE_SCENARIO + f'controlnets = ["{net}"]\n') not in (base, one_controlnet)
     assert entry(GATE_SCENARIO + "strength = 0.5\n") != base
     assert entry(GATE_SCENARIO + "inpaint = true\n") != base  # the VAE encoder too
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)

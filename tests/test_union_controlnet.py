@@ -390,6 +390,37 @@ def test_bad_union_requests_are_refused_before_engines_load(engine_dirs, tmp_pat
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+def test_two_union_controlnets_each_get_their_own_image_modes_and_scales():
+    """What the slow two-nets cases check against diffusers, at the loop's level and without an
+    export: each union ControlNet gets its own image, its mode (control_type one-hot over all N
+    modes, control_type_idx) and its scale and window; one outside its window is not run."""
+    from types import SimpleNamespace
+
+    from sdexport.runtime.request import _check_control
+    from sdexport.runtime.txt2img import Txt2ImgPipeline
+
+    request = GenerationRequest(prompt=["a lighthouse"], steps=4, height=64, width=64, control_mode=[3, 1],
+                                control_image=[picture(64, 64, 1), picture(64, 64, 2)], control_scale=[0.8, 1.3],
+                                control_start=[0.0, 0.5], control_end=[1.0, 1.0])
+    pipeline = SimpleNamespace(dims=SimpleNamespace(K=1, N=8), controlnets=["controlnet", "controlnet_1"],
+                               device=torch.device("cpu"), family="sdxl", pooled_controlnets=[],
+                               guess_mode=lambda request: False)
+    pipeline.control_modes = lambda request, batch: Txt2ImgPipeline.control_modes(pipeline, request, batch)
+    control = Txt2ImgPipeline.control_conditioning(pipeline, request, 4)
+    first, second = control.active_nets(3)
+    for (name, inputs, gains), want_name, mode, scale in zip((first, second), pipeline.controlnets, (3, 1), (0.8, 1.3)):
+        assert name == want_name and gains is None
+        assert inputs["control_type"].shape == (2, 8) and inputs["control_type"][:, mode].eq(1).all()
+        assert inputs["control_type"].sum() == 2  # one mode, on both rows of the guidance batch
+        assert inputs["control_type_idx"].tolist() == [mode]
+        assert inputs["conditioning_scale"].tolist() == pytest.approx([scale])
+        assert inputs["controlnet_cond"].shape == (2, 1, 3, 64, 64)
+    assert not torch.equal(first[1]["controlnet_cond"], second[1]["controlnet_cond"])
+    assert [name for name, _, _ in control.active_nets(0)] == ["controlnet"]  # the second starts halfway
+    with pytest.raises(SdexportError, match="has 2 ControlNets: give --control-image"):
+        _check_control(GenerationRequest(prompt=["x"]), 2, "sdxl", union_modes=8)
+
+
 def test_a_control_mode_for_other_controlnets_is_refused(tiny_engine_dir, tmp_path, capsys):
     from sdexport.runtime.request import _check_control
 
