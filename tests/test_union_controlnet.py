@@ -38,8 +38,9 @@ MODELS = {  # name: (ControlNets, images each takes per call)
 SLOW = pytest.mark.slow
 """On the cases of two union ControlNets, a combination whose parts the default run checks apart
 (a union ControlNet here, several ControlNets in tests/test_controlnet.py): left to ``-m slow``,
-with the export only they read. The model index such a directory has is checked by default (the
-pipeline-directory test below)."""
+with the export only they read. By default: the model index such a directory has (the
+pipeline-directory test below), and each net's image, modes and window as the loop hands them over
+(test_two_union_controlnets_each_get_their_own_image_modes_and_scales)."""
 NAMES = [pytest.param(name, marks=SLOW) if name == "two-nets" else name for name in MODELS]
 
 
