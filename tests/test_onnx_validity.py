@@ -16,15 +16,15 @@ import pytest
 from sdexport.errors import SdexportError
 from sdexport.export import graph
 
+SHARED = {("tiny", "fp16"): "tiny_fp16_engine_dir", ("tiny-sdxl", "fp16"): "tiny_sdxl_fp16_engine_dir",
+          ("tiny-sdxl", "fp32"): "tiny_sdxl_engine_dir"}
+"""(model, dtype): the session's export of it (tests/conftest.py), made for other tests too."""
 
-@pytest.fixture(scope="module", params=[("tiny", "fp16"), ("tiny-sdxl", "fp16"), ("tiny-sdxl", "fp32")],
-                ids=lambda p: "-".join(p))
+
+@pytest.fixture(scope="module", params=list(SHARED), ids=lambda p: "-".join(p))
 def exported(request) -> tuple[str, str, Path]:
     model, dtype = request.param
-    # the session's exports, made for other tests too
-    fixture = {("tiny", "fp16"): "tiny_fp16_engine_dir", ("tiny-sdxl", "fp16"): "tiny_sdxl_fp16_engine_dir",
-               ("tiny-sdxl", "fp32"): "tiny_sdxl_engine_dir"}[model, dtype]
-    return model, dtype, request.getfixturevalue(fixture)
+    return model, dtype, request.getfixturevalue(SHARED[model, dtype])
 
 
 def _graphs(directory: Path) -> list[Path]:

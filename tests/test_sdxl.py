@@ -201,8 +201,6 @@ def test_encoder_wrappers_give_what_diffusers_conditions_on(sdxl_model, referenc
 
 
 def test_fp16_unet_export(tiny_sdxl_fp16_engine_dir):
-    from sdexport.manifest import load_manifest
-
     entry = load_manifest(tiny_sdxl_fp16_engine_dir).components["unet"]
     assert entry.dtype == "fp16" and entry.parity["status"] == "passed"
 
