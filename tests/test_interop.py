@@ -3,8 +3,8 @@
 optimum itself needs transformers < 4.58 and cannot share this environment: the end-to-end check
 (optimum generating from our directories, ONNX Runtime's optimize_pipeline accepting them, sdexport
 generating from optimum's exports) is scripts/interop-check.sh, run by the ``interop``-marked test
-at the end: two of its four cases in the default run (``-m "not interop"`` skips it), all four with
-``-m slow``. The tests before it need no optimum: an optimum export has our layout, so a copy of our
+at the end: two of its four cases and one of ONNX Runtime's optimizer's three variants in the default
+run (``-m "not interop"`` skips it), everything with ``-m slow``. The tests before it need no optimum: an optimum export has our layout, so a copy of our
 own export without its manifest stands in for one, and graphs edited to take what optimum's take
 (int64 token ids, float16 I/O, a one-element timestep) stand in for its variations.
 """
@@ -359,30 +359,43 @@ def test_the_onnxruntime_engine_refuses_a_wrong_dtype_when_it_loads(tiny_engine_
 
 
 @pytest.mark.interop
-@pytest.mark.parametrize("cases", [
-    pytest.param("sd-fp32,sdxl-fp16", id="sd-fp32,sdxl-fp16"),  # both pipelines, both precisions
-    pytest.param("", id="all", marks=pytest.mark.slow),
+@pytest.mark.parametrize(("cases", "variants"), [
+    # both pipelines, both precisions; of ONNX Runtime's optimizer, the variant whose output is run
+    # (the CUDA fusions and the fp16 conversion of our graphs: test_onnxruntime_build, by default)
+    pytest.param("sd-fp32,sdxl-fp16", "cpu", id="sd-fp32,sdxl-fp16"),
+    pytest.param("", "", id="all", marks=pytest.mark.slow),
 ])
-def test_optimum_and_onnxruntime_tools_read_our_directories_and_we_read_theirs(cases: str, tmp_path: Path):
+def test_optimum_and_onnxruntime_tools_read_our_directories_and_we_read_theirs(cases: str, variants: str,
+                                                                                tmp_path: Path):
     """scripts/interop-check.sh: builds (once) a virtualenv with optimum from PyPI; about a minute
     for the default run's two cases, more for all four (README, "Interop")."""
     run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
                          capture_output=True, text=True,
-                         env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_CASES": cases})
+                         env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_CASES": cases,
+                              "SDEXPORT_INTEROP_OPTIMIZE": variants})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "work" / "report.json").read_text())
     assert report["comparisons"] and all(c["passed"] for c in report["comparisons"])
     assert all(r["accepted"] for r in report["optimize_pipeline"].values())
     assert report["cases"] == (cases.split(",") if cases else ["sd-fp32", "sd-fp16", "sdxl-fp32", "sdxl-fp16"])
     assert report["optimum_exports"] == (["tiny"] if cases else ["tiny", "tiny-sdxl"])
+    assert report["optimizer_variants"] == (variants.split(",") if variants else ["cuda", "float16", "cpu"])
+    optimized = [c["check"] for c in report["comparisons"] if "optimize_pipeline" in c["check"]]
+    assert optimized == [f"{case}: optimum on ONNX Runtime's optimize_pipeline output" for case in report["cases"]
+                         if case.endswith("fp32")]
 
 
-def test_the_interop_check_refuses_an_unknown_case_before_building_anything(tmp_path: Path):
+def test_the_interop_check_refuses_an_unknown_case_or_variant_before_building_anything(tmp_path: Path):
     run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_VENV": str(tmp_path / "venv"),
                               "SDEXPORT_INTEROP_CASES": "sd-fp32,sd-fp8"})
     assert run.returncode == 2 and "unknown case sd-fp8 (cases: sd-fp32, sd-fp16, sdxl-fp32, sdxl-fp16)" in run.stderr
+    run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_VENV": str(tmp_path / "venv"),
+                              "SDEXPORT_INTEROP_OPTIMIZE": "cpu,tensorrt"})
+    assert run.returncode == 2 and "unknown variant tensorrt (variants: cuda, float16, cpu)" in run.stderr
     assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()
 
 

@@ -14,7 +14,8 @@ tool (5 to 10 s each on 2 cores; README, "Interop", has the check's times).
 The tiny presets have random weights: the images are noise, but the same noise from the same seed,
 scheduler and graphs is what interop means. SDEXPORT_INTEROP_CASES (comma-separated names of CASES;
 default: all) narrows the check: ONNX Runtime's optimizer and optimum's own export of a preset are
-checked with that preset's fp32 case.
+checked with that preset's fp32 case. SDEXPORT_INTEROP_OPTIMIZE (comma-separated names of
+VARIANTS; default: all) narrows the optimizer's runs.
 """
 
 from __future__ import annotations
@@ -52,11 +53,12 @@ def main() -> int:
     parser.add_argument("stage", choices=("cases", "prepare", "optimum", "adopt"))
     parser.add_argument("work", type=Path)
     args = parser.parse_args()
-    if not select_cases(os.environ.get("SDEXPORT_INTEROP_CASES", "")):
+    if not select_cases(os.environ.get("SDEXPORT_INTEROP_CASES", "")) or not select_variants(
+            os.environ.get("SDEXPORT_INTEROP_OPTIMIZE", "")):
         return 2
     if args.stage == "cases":  # checked before anything is built
-        print(f"interop-check: cases {', '.join(CASES)}; optimum exports {', '.join(OPTIMUM_EXPORTS) or 'none'}",
-              file=sys.stderr)
+        print(f"interop-check: cases {', '.join(CASES)}; optimum exports {', '.join(OPTIMUM_EXPORTS) or 'none'}; "
+              f"optimizer variants {', '.join(VARIANTS)}", file=sys.stderr)
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "images").mkdir(exist_ok=True)
@@ -74,6 +76,19 @@ def select_cases(names: str) -> bool:
         return False
     CASES = {name: ALL_CASES[name] for name in wanted or ALL_CASES}
     OPTIMUM_EXPORTS = fp32_presets(CASES)
+    return True
+
+
+def select_variants(names: str) -> bool:
+    """Keep the optimizer VARIANTS named (all when none is)."""
+    global VARIANTS
+    wanted = [name.strip() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in ALL_VARIANTS]
+    if unknown:
+        print(f"SDEXPORT_INTEROP_OPTIMIZE: unknown variant {', '.join(unknown)} "
+              f"(variants: {', '.join(ALL_VARIANTS)})", file=sys.stderr)
+        return False
+    VARIANTS = {name: ALL_VARIANTS[name] for name in wanted or ALL_VARIANTS}
     return True
 
 
@@ -164,7 +179,8 @@ def adopt_side(work: Path) -> int:
                         "passed": ok})
         print(f"{'ok  ' if ok else 'FAIL'} {label}: max |pixel difference| {diff:.2e} (tolerance {TOLERANCE[kind]:g})")
     stages = json.loads((work / "stages.json").read_text())
-    report = {"cases": list(CASES), "optimum_exports": list(OPTIMUM_EXPORTS), "settings": {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "guidance": GUIDANCE,
+    report = {"cases": list(CASES), "optimum_exports": list(OPTIMUM_EXPORTS), "optimizer_variants": list(VARIANTS),
+              "settings": {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": STEPS, "guidance": GUIDANCE,
                            "seed": SEED, "side": SIDE},
               "environments": {"sdexport": stages["prepare"], "optimum": stages["optimum"]["versions"]},
               "optimize_pipeline": stages["optimum"]["optimize_pipeline"], "comparisons": results}
@@ -195,12 +211,19 @@ CPU_VARIANT = ["--disable_nhwc_conv", "--disable_group_norm", "--disable_skip_gr
                "--disable_bias_add"]
 """The tool targets the CUDA provider; without these fusions (CUDA-only operators) its output runs on a CPU."""
 
+VARIANTS = {  # name: (what report.json calls it after the case, output folder suffix, arguments)
+    "cuda": ("", "", ()),  # the tool's defaults: the CUDA fusions
+    "float16": (" --float16", "-fp16", ("--float16",)),
+    "cpu": (" (CPU operators)", "-cpu", tuple(CPU_VARIANT)),  # its output is run, and its image compared
+}
+ALL_VARIANTS = dict(VARIANTS)
+
 
 def optimize(directory: Path, target: Path, *extra: str) -> dict[str, Any]:
     """ONNX Runtime's optimize_pipeline over ``directory``: accepted or not, its fused-operator counts.
 
     Its ``main`` in this process, as ``python -m`` would run it: onnxruntime's transformers package
-    and torch load once for the three variants, not once each (about 5 s each on 2 cores)."""
+    and torch load once for all the variants, not once each (about 5 s each on 2 cores)."""
     import contextlib
     import importlib
     import io
@@ -231,19 +254,20 @@ def optimum_side(work: Path) -> int:
         optimum_image(directory, work / "images" / f"{case}.optimum.npy")
         if dtype != "fp32":  # the tool takes fp32 pipelines and converts them itself (--float16)
             continue
-        optimized[case] = optimize(directory, work / "ort-optimized" / case)
-        optimized[f"{case} --float16"] = optimize(directory, work / "ort-optimized" / f"{case}-fp16", "--float16")
-        optimized[f"{case} (CPU operators)"] = optimize(directory, work / "ort-optimized" / f"{case}-cpu", *CPU_VARIANT)
-        if optimized[f"{case} (CPU operators)"]["accepted"]:
+        for label, suffix, extra in VARIANTS.values():
+            optimized[f"{case}{label}"] = optimize(directory, work / "ort-optimized" / f"{case}{suffix}", *extra)
+        if "cpu" in VARIANTS and optimized[f"{case}{VARIANTS['cpu'][0]}"]["accepted"]:
             optimum_image(work / "ort-optimized" / f"{case}-cpu", work / "images" / f"{case}.ort-optimized.npy")
     for preset in OPTIMUM_EXPORTS:
         target = work / "optimum" / preset
         # `optimum-cli export onnx --task text-to-image --model DIR TARGET` in this process (optimum
-        # loads once): the function the command calls, which the command tells to validate the
-        # exported graphs in a spawned process; here they are validated in this one
+        # loads once): the function the command calls, without the command's validation of each
+        # graph against the checkpoint (half the export's time on 2 cores). The adopt stage's
+        # `sdexport adopt --model` proves each graph against the same checkpoint, and the images
+        # from them are compared pixel for pixel.
         from optimum.exporters.onnx import main_export
 
-        main_export(str(work / "diffusers" / preset), target, task="text-to-image")
+        main_export(str(work / "diffusers" / preset), target, task="text-to-image", do_validation=False)
         optimum_image(target, work / "images" / f"optimum-{preset}.optimum.npy")
     record(work, "optimum", {"versions": versions("optimum", "optimum-onnx", "torch", "diffusers", "transformers",
                                                   "onnx", "onnxruntime"), "optimize_pipeline": optimized})
