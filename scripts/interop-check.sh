@@ -9,8 +9,8 @@
 # optimize_pipeline accepts them; then exports the same checkpoints with optimum, adopts them with
 # `sdexport adopt --model` and checks that sdexport generates optimum's image. Exit status 0 when
 # every check passes; the figures are in WORK_DIR/report.json. CPU only; a few minutes.
-# SDEXPORT_INTEROP_CASES=sd-fp32,sdxl-fp16 checks those cases only, and SDEXPORT_INTEROP_OPTIMIZE=cpu
-# runs the optimizer's CPU-operator variant only (of cuda, float16, cpu): the default test run's choice.
+# SDEXPORT_INTEROP_CASES=sd-fp32,sdxl-fp16 checks those cases only, and SDEXPORT_INTEROP_OPTIMIZE=cpu,float16
+# runs those of the optimizer's variants (cuda, float16, cpu): the default test run's choice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

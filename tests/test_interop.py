@@ -360,9 +360,11 @@ def test_the_onnxruntime_engine_refuses_a_wrong_dtype_when_it_loads(tiny_engine_
 
 @pytest.mark.interop
 @pytest.mark.parametrize(("cases", "variants"), [
-    # both pipelines, both precisions; of ONNX Runtime's optimizer, the variant whose output is run
-    # (the CUDA fusions and the fp16 conversion of our graphs: test_onnxruntime_build, by default)
-    pytest.param("sd-fp32,sdxl-fp16", "cpu", id="sd-fp32,sdxl-fp16"),
+    # both pipelines, both precisions. Of ONNX Runtime's optimizer: the variant whose output optimum
+    # runs, and --float16 (the tool's own fp16 conversion, which nothing else checks on our graphs).
+    # Its defaults, left to -m slow, are --float16's fusions without the conversion (and without
+    # packed QKV/KV): the fusions build --target onnxruntime-cuda runs, which test_onnxruntime_build checks.
+    pytest.param("sd-fp32,sdxl-fp16", "cpu,float16", id="sd-fp32,sdxl-fp16"),
     pytest.param("", "", id="all", marks=pytest.mark.slow),
 ])
 def test_optimum_and_onnxruntime_tools_read_our_directories_and_we_read_theirs(cases: str, variants: str,
@@ -380,6 +382,12 @@ def test_optimum_and_onnxruntime_tools_read_our_directories_and_we_read_theirs(c
     assert report["cases"] == (cases.split(",") if cases else ["sd-fp32", "sd-fp16", "sdxl-fp32", "sdxl-fp16"])
     assert report["optimum_exports"] == (["tiny"] if cases else ["tiny", "tiny-sdxl"])
     assert report["optimizer_variants"] == (variants.split(",") if variants else ["cuda", "float16", "cpu"])
+    labels = {"cuda": "", "float16": " --float16", "cpu": " (CPU operators)"}
+    assert set(report["optimize_pipeline"]) == {f"{case}{labels[variant]}" for case in report["cases"]
+                                                if case.endswith("fp32") for variant in report["optimizer_variants"]}
+    for name, result in report["optimize_pipeline"].items():  # accepted, and the attention fused (packed in fp16)
+        unet = result["fused_operators"]["unet"]
+        assert unet.get("Attention", 0) + unet.get("MultiHeadAttention", 0) > 0, name
     optimized = [c["check"] for c in report["comparisons"] if "optimize_pipeline" in c["check"]]
     assert optimized == [f"{case}: optimum on ONNX Runtime's optimize_pipeline output" for case in report["cases"]
                          if case.endswith("fp32")]
@@ -394,7 +402,7 @@ def test_the_interop_check_refuses_an_unknown_case_or_variant_before_building_an
     run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
                          capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_VENV": str(tmp_path / "venv"),
-                              "SDEXPORT_INTEROP_OPTIMIZE": "cpu,tensorrt"})
+                              "SDEXPORT_INTEROP_CASES": "", "SDEXPORT_INTEROP_OPTIMIZE": "cpu,tensorrt"})
     assert run.returncode == 2 and "unknown variant tensorrt (variants: cuda, float16, cpu)" in run.stderr
     assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()
 
