@@ -258,10 +258,11 @@ def optimum_side(work: Path) -> int:
         optimum_image(directory, work / "images" / f"{case}.optimum.npy")
         if dtype != "fp32":  # the tool takes fp32 pipelines and converts them itself (--float16)
             continue
-        for label, suffix, extra in VARIANTS.values():
-            optimized[f"{case}{label}"] = optimize(directory, work / "ort-optimized" / f"{case}{suffix}", *extra)
-        if "cpu" in VARIANTS and optimized[f"{case}{VARIANTS['cpu'][0]}"]["accepted"]:
-            optimum_image(work / "ort-optimized" / f"{case}{VARIANTS['cpu'][1]}", work / "images" / f"{case}.ort-optimized.npy")
+        for name, (label, suffix, extra) in VARIANTS.items():
+            target = work / "ort-optimized" / f"{case}{suffix}"
+            optimized[f"{case}{label}"] = result = optimize(directory, target, *extra)
+            if name == "cpu" and result["accepted"]:  # the variant whose output runs here
+                optimum_image(target, work / "images" / f"{case}.ort-optimized.npy")
     for preset in OPTIMUM_EXPORTS:
         target = work / "optimum" / preset
         # `optimum-cli export onnx --task text-to-image --model DIR TARGET` in this process (optimum
