@@ -79,6 +79,13 @@ def test_the_api_checks_requests_too(pipeline):
     for request, message in [
         (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "seed -5"),
         (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "--guidance nan"),
+        # one guidance per image: as many as images, each a number, all on one side of 1
+        (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0], height=64, width=64),
+         "^guidance: 1 given for 2 images; give one, or one per image$"),
+        (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0, float("inf")], height=64, width=64),
+         r"^guidance inf \(image 2 of 2\): need a finite number >= 0"),
+        (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0, 1.0], height=64, width=64),
+         "^guidance 7, 1: a call guides all its images or none"),
         (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
@@ -87,8 +94,9 @@ def test_the_api_checks_requests_too(pipeline):
     ]:
         with pytest.raises(SdexportError, match=message):
             pipeline(request)
-    request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64)
+    request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64, guidance=[3.0, 4.0, 5.0])
     assert [len(part.prompt) for part in request.split(2)] == [2, 1]
+    assert [part.guidance for part in request.split(2)] == [[3.0, 4.0], [5.0]]
     for part in request.split(2):
         pipeline.check(part)
 

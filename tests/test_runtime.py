@@ -95,6 +95,36 @@ def test_guidance_one_skips_the_unconditional_half(pipelines, reference, monkeyp
     assert relative_l2(got.latents, reference(request).latents) < LATENT_REL_L2
 
 
+def test_the_images_of_one_call_each_take_their_own_guidance(pipelines):
+    """One guidance per image (how a served batch takes requests of different guidance): each image
+    is, bit for bit, the image of a call at its own scale, and records that scale."""
+    from sdexport.runtime.images import image_parameters
+
+    same = {"prompt": ["a cat", "a dog"], "steps": 3, "scheduler": "euler", "seeds": [1, 2], "height": 64, "width": 64}
+    for backend, pipeline in pipelines.items():
+        mixed = pipeline(GenerationRequest(**same, guidance=[3.0, 9.5]))
+        for i, scale in enumerate([3.0, 9.5]):
+            assert torch.equal(mixed.latents[i], pipeline(GenerationRequest(**same, guidance=scale)).latents[i]), backend
+        assert [image_parameters(mixed, i, {})[1]["guidance"] for i in range(2)] == [3.0, 9.5]
+        assert "CFG scale: 9.5," in image_parameters(mixed, 1, {})[0]
+
+
+def test_guidance_in_half_precision_is_the_same_per_image_as_for_the_call():
+    """``guided`` on the dtypes an fp16 or bf16 U-Net returns: a column of scales gives each image
+    what its own scale gives it, bit for bit (the fp32 tiny engines above cannot show rounding)."""
+    from sdexport.runtime.txt2img import guidance_factor, guided
+
+    generator = torch.Generator().manual_seed(0)
+    scales = [7.3, 5.0, 1.7]
+    column = guidance_factor(scales, torch.device("cpu"))
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        noise = torch.randn((6, 4, 8, 8), generator=generator).to(dtype)  # unconditional half first
+        mixed = guided(noise, column)
+        assert mixed.dtype == dtype
+        for i, scale in enumerate(scales):
+            assert torch.equal(mixed[i], guided(noise, scale)[i]), (dtype, scale)
+
+
 def test_same_seed_same_image_different_seed_different_image(pipelines):
     pipeline = pipelines["onnxruntime-cpu"]
     a, b, c = (pipeline(GenerationRequest(prompt=["x"], steps=2, seeds=[s], height=64, width=64)) for s in (5, 5, 6))

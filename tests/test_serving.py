@@ -136,6 +136,16 @@ def test_rows_with_the_same_settings_share_a_call_up_to_the_batch_limit():
     assert len(group_rows([(0, same[0]), (1, guessing[0])], max_batch=2)) == 2
 
 
+def test_rows_of_different_guidance_share_a_call_unless_one_side_skips_the_unconditional_half():
+    from sdexport.serving.requests import decode_rows, generation_request, group_rows
+
+    rows = decode_rows(_inputs(["a", "b", "c", "d", "e"], steps=4, guidance=[7.5, 3.0, 1.0, 0.5, 7.5]), (128, 128))
+    calls = group_rows(list(enumerate(rows)), max_batch=4)
+    assert [[owner for owner, _ in call] for call in calls] == [[0, 1, 4], [2, 3]]
+    assert [generation_request([row for _, row in call]).guidance for call in calls] == [[7.5, 3.0, 7.5], [1.0, 0.5]]
+    assert generation_request([rows[0], rows[4]]).guidance == 7.5  # one value where the rows agree
+
+
 # -- the served model in-process -----------------------------------------------------------------
 
 
@@ -227,11 +237,14 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
         infer_inputs(["a", "b"], http, adapter_image=[(b"1", b"2"), b"3"])
 
 
-def test_rows_that_leave_out_the_default_guidance_share_a_call_with_rows_that_send_it(served, monkeypatch):
-    """The server fills in the family's guidance (tiny: SD, 7.5) before it groups rows."""
+def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):
+    """The server fills in the family's guidance (tiny: SD, 7.5) before it groups rows, and a call
+    takes one scale per image: each request gets the image it gets alone."""
+    from PIL import Image
+
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
-    calls: list[float | None] = []
+    calls: list[float | list[float] | None] = []
     real = Txt2ImgPipeline.__call__
 
     def counting(self, request, **kwargs):
@@ -242,6 +255,13 @@ def test_rows_that_leave_out_the_default_guidance_share_a_call_with_rows_that_se
     results = served.generate([_inputs(["a"], steps=2), _inputs(["b"], steps=2, guidance=7.5)])
     assert all(not isinstance(r, str) for r in results), results
     assert calls == [7.5]
+    calls.clear()
+    together = served.generate([_inputs(["a"], steps=2, seed=[4]), _inputs(["b"], steps=2, seed=[4], guidance=3.0)])
+    assert calls == [[7.5, 3.0]]
+    alone = served.generate([_inputs(["b"], steps=2, seed=[4], guidance=3.0)])
+    assert not isinstance(together[1], str) and not isinstance(alone[0], str)
+    np.testing.assert_array_equal(together[1][0].pixels, alone[0][0].pixels)
+    assert json.loads(Image.open(io.BytesIO(together[1][0].png)).text["sdexport"])["guidance"] == 3.0
 
 
 def test_rows_of_one_request_must_share_a_size(served):

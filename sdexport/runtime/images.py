@@ -204,13 +204,14 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
     negative = _used(result, "negative_prompt", i) or ""
     cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
     scheduler = result.scheduler or request.scheduler
+    guidance = request.guidance_scales(result.family)[i]
     params = {
         "prompt": prompt,
         "negative_prompt": negative,
         "seed": request.seeds[i],
         "steps": request.steps,
         "scheduler": scheduler,
-        "guidance": request.guidance,
+        "guidance": guidance,
         "height": request.height,
         "width": request.width,
         **_sdxl_params(result, i),
@@ -227,7 +228,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
     text = "\n".join([
         prompt,
         *([f"Negative prompt: {negative}"] if negative else []),
-        f"Steps: {request.steps}, Sampler: {result.sampler or scheduler}, CFG scale: {request.guidance}, "
+        f"Steps: {request.steps}, Sampler: {result.sampler or scheduler}, CFG scale: {guidance}, "
         f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
         + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
     ])

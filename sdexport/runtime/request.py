@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.shapes import ImageGeometry, ShapeProfile
@@ -60,10 +60,12 @@ class GenerationRequest:
     prompt: list[str]
     negative_prompt: list[str] | None = None
     steps: int = 30
-    guidance: float | None = None
-    """Classifier-free guidance scale (1 or less: no CFG). None: diffusers' default for the family
-    and task (``GUIDANCE_DEFAULTS``: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets),
-    filled in by ``with_defaults`` before the loop runs."""
+    guidance: float | list[float] | None = None
+    """Classifier-free guidance scale (1 or less: no CFG), for every prompt or one per prompt. None:
+    diffusers' default for the family and task (``GUIDANCE_DEFAULTS``: 7.5, SDXL 5.0 but 7.5 for
+    inpainting without ControlNets), filled in by ``with_defaults`` before the loop runs. One per
+    prompt lets images that differ only in guidance share a call (a served batch); they must all be
+    above 1, or all at or below it, as a call runs the unconditional half for all its images or none."""
     scheduler: str = "default"
     seeds: list[int] = field(default_factory=lambda: [0])
     height: int = 512
@@ -146,11 +148,11 @@ class GenerationRequest:
         mask per prompt) are cut; the rest is shared."""
         from dataclasses import replace
 
-        def cut(values: list[Any] | None, start: int) -> list[Any] | None:
-            return values[start:start + size] if values is not None and len(values) == self.batch else values
+        def cut(values: Any, start: int) -> Any:
+            return values[start:start + size] if isinstance(values, list) and len(values) == self.batch else values
 
         per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask",
-                     "adapter_image")
+                     "adapter_image", "guidance")
         parts = []
         for start in range(0, self.batch, size):
             fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
@@ -173,11 +175,21 @@ class GenerationRequest:
         task = "controlnet-img2img" if self.task == "img2img" and self.control_image else self.task
         return STRENGTH_DEFAULTS[family][task]
 
-    def effective_guidance(self, family: str) -> float:
+    def effective_guidance(self, family: str) -> float | list[float]:
+        """``guidance``, or the family's default for the task where it is None."""
         if self.guidance is not None:
             return self.guidance
         task = "controlnet-inpaint" if self.task == "inpaint" and self.control_image else self.task
         return GUIDANCE_DEFAULTS[family][task]
+
+    def guidance_scales(self, family: str) -> list[float]:
+        """The guidance scale of each image, in order (a single value serves every image)."""
+        guidance = self.effective_guidance(family)
+        return list(guidance) if isinstance(guidance, list) else [guidance] * self.batch
+
+    def guidance_label(self, family: str) -> str:
+        """The guidance for a message: ``7.5``, or ``5, 7.5`` where the images take their own."""
+        return guidance_label(self.effective_guidance(family))
 
     def with_defaults(self, family: str) -> GenerationRequest:
         """This request with the family's default guidance filled in (what runs, and what the saved
@@ -206,8 +218,16 @@ class GenerationRequest:
     @property
     def cfg(self) -> bool:
         """Guidance above 1 mixes in an unconditional prediction; at or below 1 it is skipped (every
-        family's default is above 1)."""
-        return self.guidance is None or self.guidance > 1.0
+        family's default is above 1). Per-image values are all on one side (``check_request``)."""
+        guidance = self.guidance
+        if isinstance(guidance, list):
+            return bool(guidance) and guidance[0] > 1.0
+        return guidance is None or guidance > 1.0
+
+
+def guidance_label(guidance: float | list[float]) -> str:
+    """``7.5``, or ``5, 7.5`` for one value per image."""
+    return ", ".join(f"{g:g}" for g in guidance) if isinstance(guidance, list) else f"{guidance:g}"
 
 
 SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
@@ -297,10 +317,7 @@ def check_request(
             f"--steps {request.steps}: the model was trained on {trained} timesteps, so a scheduler can "
             f"take at most {trained} steps (20-50 is usual)"
         )
-    guidance = request.guidance
-    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, int | float)
-                                 or not math.isfinite(guidance) or guidance < 0):
-        raise SdexportError(f"--guidance {guidance}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual)")
+    _check_guidance(request.guidance, request.batch)
     check_scheduler_name(request.scheduler)
     for axis in ("height", "width"):
         value = getattr(request, axis)
@@ -310,6 +327,27 @@ def check_request(
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)
     _check_adapter(request, int(adapters))
+
+
+def _check_guidance(guidance: object, batch: int) -> None:
+    """One finite scale >= 0, or one per image, all above 1 or all at or below it: a call runs the
+    unconditional half of the batch for every image or for none."""
+    if guidance is None:
+        return
+    values = guidance if isinstance(guidance, list) else [guidance]
+    if isinstance(guidance, list) and len(values) != batch:
+        raise SdexportError(f"guidance: {len(values)} given for {batch} images; give one, or one per image")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            which = f"--guidance {value}" if len(values) == 1 else f"guidance {value} (image {i + 1} of {batch})"
+            raise SdexportError(f"{which}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual)")
+    numbers = cast(list[float], values)  # checked above
+    if len({value > 1 for value in numbers}) > 1:
+        raise SdexportError(
+            f"guidance {guidance_label(numbers)}: a call guides all its images or none (guidance at "
+            "or below 1 skips the unconditional half of the batch); generate those above 1 and those at or below "
+            "it in calls of their own"
+        )
 
 
 def _check_adapter(request: GenerationRequest, adapters: int) -> None:
@@ -513,12 +551,12 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
 def ignored_settings(request: GenerationRequest) -> list[str]:
     """Settings the request gives that will have no effect, to be said out loud rather than dropped."""
     notes = []
-    if not request.cfg:
+    if not request.cfg and request.guidance is not None:  # (not cfg: a guidance was given)
         dropped = [flag for flag, value in (("--negative-prompt", request.negative_prompt),
                                             ("--negative-prompt-2", request.negative_prompt_2)) if value]
         if dropped:
             notes.append(
-                f"{' and '.join(dropped)} ignored: --guidance {request.guidance:g} disables classifier-free "
+                f"{' and '.join(dropped)} ignored: --guidance {guidance_label(request.guidance)} disables classifier-free "
                 "guidance, which is where a negative prompt acts (use a guidance above 1)"
             )
     return notes

@@ -283,8 +283,8 @@ class Txt2ImgPipeline:
         a benchmark times end to end. The result's request has the family's defaults filled in
         (``GenerationRequest.with_defaults``): what ran."""
         request = request.with_defaults(self.family)
-        guidance = request.effective_guidance(self.family)
         self.check(request)
+        guidance = guidance_factor(request.effective_guidance(self.family), self.device)
         clock = self.clock if stages else NO_CLOCK
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
@@ -331,8 +331,7 @@ class Txt2ImgPipeline:
             noise = self.engines["unet"](feed)["out_sample"]
             step_marks.append((before, clock.mark()))
             if request.cfg:
-                uncond, text = noise.chunk(2)
-                noise = uncond + guidance * (text - uncond)
+                noise = guided(noise, guidance)
             else:
                 # Engines may return a buffer they overwrite on the next call (TensorRT does), and
                 # multistep schedulers (PNDM, DPM++, UniPC) keep past model outputs.
@@ -669,7 +668,7 @@ class Txt2ImgPipeline:
         fallback = False
         if not torch.isfinite(image).all():
             if not torch.isfinite(latents).all():
-                where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.effective_guidance(self.family):g}"
+                where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.guidance_label(self.family)}"
                          if request is not None else "")
                 raise SdexportError(
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
@@ -703,6 +702,25 @@ class Txt2ImgPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def guidance_factor(guidance: float | list[float], device: torch.device) -> float | torch.Tensor:
+    """What ``guided`` multiplies the prompts' pull by: the scale, or where the images take their
+    own, a float32 column of them on the U-Net's device."""
+    if not isinstance(guidance, list):
+        return guidance
+    return torch.tensor(guidance, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
+
+
+def guided(noise: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance on a CFG batch's U-Net output (unconditional half first).
+
+    The product is taken in float32 and rounded once to the output's dtype: what torch does when it
+    multiplies a half tensor by a Python number (float32 arithmetic inside). So with a column of
+    scales each image comes out as in a call at its own scale, and a served image does not depend on
+    the guidance of the requests it was batched with."""
+    uncond, text = noise.chunk(2)
+    return uncond + (guidance * (text - uncond)).to(uncond.dtype)
 
 
 def _accepts_generator(scheduler: Any) -> bool:

@@ -3,7 +3,8 @@
 A served request is decoded into rows with the defaults ``sdexport run`` uses, so the same
 parameters give the same image. Rows that share every setting a generation call shares (steps,
 size, scheduler, task, control images, ...) can be generated together, whichever request they came
-from: ``group_rows`` makes those batches, no larger than the engines' profile allows.
+from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The guidance
+scale is not among those settings: a call takes one per image.
 
 Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
 profile, so a bad request is refused with the CLI's own words before it joins a batch.
@@ -15,7 +16,7 @@ import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -65,8 +66,11 @@ class Row:
     """What was changed on the way (an image resized by ``fit``), for the server log."""
 
     def batch_key(self) -> tuple[Any, ...]:
-        """What must be equal for rows to be generated in one call."""
-        return (self.steps, self.guidance, self.scheduler, self.height, self.width, self.strength,
+        """What must be equal for rows to be generated in one call. Not the guidance scale, which the
+        loop takes per image: only whether it is above 1 (the call runs the unconditional half of the
+        batch), and None (the family's default, still to be filled in) apart from either."""
+        guided = None if self.guidance is None else self.guidance > 1.0
+        return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, self.control_digest, _hashable(self.control_mode),
                 _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
@@ -239,10 +243,12 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         values = [getattr(row, name) for row in rows]
         return None if values[0] is None else values
 
+    guidance = [row.guidance for row in rows]  # one for the call, or one per image where they differ
     return GenerationRequest(
         prompt=[row.prompt for row in rows], negative_prompt=column("negative_prompt"),
         prompt_2=column("prompt_2"), negative_prompt_2=column("negative_prompt_2"),
-        steps=first.steps, guidance=first.guidance, scheduler=first.scheduler,
+        steps=first.steps, scheduler=first.scheduler,
+        guidance=first.guidance if len(set(guidance)) == 1 else cast(list[float], guidance),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
         control_image=first.control_image, control_mode=first.control_mode, control_scale=first.control_scale,

@@ -123,8 +123,8 @@ class ServedModel:
                                         "are one tensor): send images of other sizes in requests of their own")
                 for row in decoded:
                     # the family's default for the row's task, filled in now: a row that leaves the
-                    # guidance out and one that sends that value share a call
-                    row.guidance = self.check(row).effective_guidance(self.pipeline.family)
+                    # guidance out shares a call with the rows that send one (each image takes its own)
+                    row.guidance = self.check(row).guidance_scales(self.pipeline.family)[0]
             except SdexportError as exc:
                 outcome.append(str(exc))
                 continue
