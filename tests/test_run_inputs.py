@@ -86,6 +86,10 @@ def test_the_api_checks_requests_too(pipeline):
          r"^guidance inf \(image 2 of 2\): need a finite number >= 0"),
         (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0, 1.0], height=64, width=64),
          "^guidance 7, 1: a call guides all its images or none"),
+        (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[-2.0, 7.0], height=64, width=64),
+         r"^guidance -2.0 \(image 1 of 2\): need a finite number >= 0"),
+        (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0, True], height=64, width=64),
+         r"^guidance True \(image 2 of 2\): expected an int or a float, not bool$"),
         (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
@@ -97,6 +101,8 @@ def test_the_api_checks_requests_too(pipeline):
     request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64, guidance=[3.0, 4.0, 5.0])
     assert [len(part.prompt) for part in request.split(2)] == [2, 1]
     assert [part.guidance for part in request.split(2)] == [[3.0, 4.0], [5.0]]
+    held = GenerationRequest(prompt=("a", "b", "c"), seeds=[0, 1, 2], guidance=(3.0, 4.0, 5.0))  # tuples cut too
+    assert [(part.prompt, part.guidance) for part in held.split(2)] == [(("a", "b"), [3.0, 4.0]), (("c",), [5.0])]
     for part in request.split(2):
         pipeline.check(part)
 

@@ -239,7 +239,8 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):
     """The server fills in the family's guidance (tiny: SD, 7.5) before it groups rows, and a call
-    takes one scale per image: each request gets the image it gets alone."""
+    takes one scale per image: a request's image does not depend on the guidance of the requests
+    it shares a call with."""
     from PIL import Image
 
     from sdexport.runtime.txt2img import Txt2ImgPipeline
@@ -257,11 +258,25 @@ def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their
     assert calls == [7.5]
     calls.clear()
     together = served.generate([_inputs(["a"], steps=2, seed=[4]), _inputs(["b"], steps=2, seed=[4], guidance=3.0)])
-    assert calls == [[7.5, 3.0]]
-    alone = served.generate([_inputs(["b"], steps=2, seed=[4], guidance=3.0)])
-    assert not isinstance(together[1], str) and not isinstance(alone[0], str)
-    np.testing.assert_array_equal(together[1][0].pixels, alone[0][0].pixels)
+    same = served.generate([_inputs(["a"], steps=2, seed=[4], guidance=3.0), _inputs(["b"], steps=2, seed=[4], guidance=3.0)])
+    assert calls == [[7.5, 3.0], 3.0]
+    assert not isinstance(together[1], str) and not isinstance(same[1], str)
+    np.testing.assert_array_equal(together[1][0].pixels, same[1][0].pixels)
     assert json.loads(Image.open(io.BytesIO(together[1][0].png)).text["sdexport"])["guidance"] == 3.0
+
+
+def test_a_request_that_fails_a_shared_call_fails_alone(served):
+    """A guidance far too high makes NaN/Inf; the request it shared a call with is generated again on
+    its own and gets its image."""
+    served.logs.clear()
+    results = served.generate([_inputs(["a"], steps=2, seed=[4]), _inputs(["b"], steps=2, seed=[4], guidance=3e38)])
+    assert not isinstance(results[0], str) and isinstance(results[1], str), results
+    assert results[1].startswith("the fp32 VAE decoder produced NaN/Inf from latents as large as")
+    assert "at guidance 3e+38; refusing to save a black image. Latents that far out of range come from" in results[1]
+    [alone] = served.generate([_inputs(["a"], steps=2, seed=[4])])
+    assert not isinstance(alone, str)
+    np.testing.assert_array_equal(results[0][0].pixels, alone[0].pixels)
+    assert any("a call of requests 1, 2 failed" in line and "each again on its own" in line for line in served.logs)
 
 
 def test_rows_of_one_request_must_share_a_size(served):

@@ -124,6 +124,10 @@ class GenerationRequest:
     """``adapter_conditioning_factor``: the share of the steps, the first ``int(steps x factor)``, the
     adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1)."""
 
+    def __post_init__(self) -> None:
+        if isinstance(self.guidance, tuple):  # one scale per prompt, held in a tuple: the loop takes a list
+            self.guidance = list(self.guidance)
+
     @property
     def batch(self) -> int:
         return len(self.prompt)
@@ -149,7 +153,9 @@ class GenerationRequest:
         from dataclasses import replace
 
         def cut(values: Any, start: int) -> Any:
-            return values[start:start + size] if isinstance(values, list) and len(values) == self.batch else values
+            if values is None or isinstance(values, int | float) or len(values) != self.batch:  # one for all
+                return values
+            return values[start:start + size]
 
         per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask",
                      "adapter_image", "guidance")
@@ -337,9 +343,13 @@ def _check_guidance(guidance: object, batch: int) -> None:
     values = guidance if isinstance(guidance, list) else [guidance]
     if isinstance(guidance, list) and len(values) != batch:
         raise SdexportError(f"guidance: {len(values)} given for {batch} images; give one, or one per image")
+    each = isinstance(guidance, list)
     for i, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-            which = f"--guidance {value}" if len(values) == 1 else f"guidance {value} (image {i + 1} of {batch})"
+        which = f"guidance {value} (image {i + 1} of {batch})" if each else f"--guidance {value}"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SdexportError(f"{which}: expected an int or a float, not {type(value).__name__}"
+                                + ("" if each else ", or a list of one per image"))
+        if not math.isfinite(value) or value < 0:
             raise SdexportError(f"{which}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual)")
     numbers = cast(list[float], values)  # checked above
     if len({value > 1 for value in numbers}) > 1:

@@ -667,12 +667,19 @@ class Txt2ImgPipeline:
         image = self.engines["vae_decoder"](feed)["sample"]
         fallback = False
         if not torch.isfinite(image).all():
+            where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.guidance_label(self.family)}"
+                     if request is not None else "")
             if not torch.isfinite(latents).all():
-                where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.guidance_label(self.family)}"
-                         if request is not None else "")
                 raise SdexportError(
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
                     f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
+                )
+            if self.fallback_vae is None and self.info.get("dtype") == "fp32":  # no fp16 to blame
+                peak = float(latents.abs().max())
+                raise SdexportError(
+                    f"the fp32 VAE decoder produced NaN/Inf from latents as large as {peak:.3g}{where}; refusing "
+                    "to save a black image" + (". Latents that far out of range come from the settings (a guidance "
+                                                "far above the usual 5 to 7.5, say)" if peak > 1e4 else "")
                 )
             if self.fallback_vae is None:
                 raise SdexportError(
@@ -715,10 +722,10 @@ def guidance_factor(guidance: float | list[float], device: torch.device) -> floa
 def guided(noise: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
     """Classifier-free guidance on a CFG batch's U-Net output (unconditional half first).
 
-    The product is taken in float32 and rounded once to the output's dtype: what torch does when it
-    multiplies a half tensor by a Python number (float32 arithmetic inside). So with a column of
-    scales each image comes out as in a call at its own scale, and a served image does not depend on
-    the guidance of the requests it was batched with."""
+    With a column of scales the product is taken in float32 and rounded once to the output's dtype,
+    which for float32 (every engine's output), fp16 and bf16 is what torch does with a Python number
+    (float32 arithmetic inside). So each image comes out as at its own scale in the same call, and a
+    served image does not depend on the guidance of the requests it was batched with."""
     uncond, text = noise.chunk(2)
     return uncond + (guidance * (text - uncond)).to(uncond.dtype)
 

@@ -135,13 +135,22 @@ class ServedModel:
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
         calls = group_rows(rows, self.max_batch, own_control_pixels if self.pipeline.dims.N else None)
-        for members in calls:
-            members = [(o, row) for o, row in members if not isinstance(outcome[o[0]], str)]  # not failed yet
+        pending = list(calls)
+        while pending:
+            members = [(o, row) for o, row in pending.pop(0) if not isinstance(outcome[o[0]], str)]  # not failed yet
             if not members:
                 continue
             try:
                 result = self.pipeline(generation_request([row for _, row in members]))
             except Exception as exc:  # this call's requests fail; the others, and the server, go on
+                owners = list(dict.fromkeys(r for (r, _), _row in members))
+                if len(owners) > 1:
+                    # one request's rows (a guidance that overflows, say) may have failed a call it
+                    # shared: each request again on its own, so that only the one at fault fails
+                    self.log(f"sdexport: a call of requests {', '.join(str(r + 1) for r in owners)} failed "
+                             f"({one_line(exc)}); each again on its own")
+                    pending[0:0] = [[m for m in members if m[0][0] == r] for r in owners]
+                    continue
                 message = str(exc) if isinstance(exc, SdexportError) else f"generation failed: {one_line(exc)}"
                 if not isinstance(exc, SdexportError):
                     self.log(f"sdexport: {traceback.format_exc()}")
