@@ -193,10 +193,6 @@ class GenerationRequest:
         guidance = self.effective_guidance(family)
         return list(guidance) if isinstance(guidance, list) else [guidance] * self.batch
 
-    def guidance_label(self, family: str) -> str:
-        """The guidance for a message: ``7.5``, or ``5, 7.5`` where the images take their own."""
-        return guidance_label(self.effective_guidance(family))
-
     def with_defaults(self, family: str) -> GenerationRequest:
         """This request with the family's default guidance filled in (what runs, and what the saved
         image records); itself when nothing is left to fill."""
@@ -340,10 +336,10 @@ def _check_guidance(guidance: object, batch: int) -> None:
     unconditional half of the batch for every image or for none."""
     if guidance is None:
         return
-    values = guidance if isinstance(guidance, list) else [guidance]
-    if isinstance(guidance, list) and len(values) != batch:
-        raise SdexportError(f"guidance: {len(values)} given for {batch} images; give one, or one per image")
     each = isinstance(guidance, list)
+    values = guidance if isinstance(guidance, list) else [guidance]
+    if each and len(values) != batch:
+        raise SdexportError(f"guidance: {len(values)} given for {batch} images; give one, or one per image")
     for i, value in enumerate(values):
         which = f"guidance {value} (image {i + 1} of {batch})" if each else f"--guidance {value}"
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -28,7 +28,7 @@ from rich.markup import escape
 from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
-from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode
+from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
@@ -667,7 +667,7 @@ class Txt2ImgPipeline:
         image = self.engines["vae_decoder"](feed)["sample"]
         fallback = False
         if not torch.isfinite(image).all():
-            where = (f"; with {request.scheduler} for {request.steps} steps at guidance {request.guidance_label(self.family)}"
+            where = (f"; with {request.scheduler} for {request.steps} steps at guidance {guidance_label(request.effective_guidance(self.family))}"
                      if request is not None else "")
             if not torch.isfinite(latents).all():
                 raise SdexportError(
