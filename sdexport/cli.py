@@ -402,6 +402,8 @@ def run(
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
     adapter_entries = _per_prompt_adapter_images(adapters, len(manifest.adapters), len(prompts))
+    slots = len(manifest.controlnets) * (manifest.model_dims.K or 1)  # control images per image
+    control_entries = _per_prompt_control_images(controls, slots, len(prompts))
     sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
     if size_from_image:  # the init image's own size, else the first control (or adapter) image's
@@ -417,7 +419,7 @@ def run(
         crops_coords_top_left=_pair(crop_top_left, ",", "--crop-top-left") or (0, 0),
         target_size=_pair(target_size, "x", "--target-size"),
         strength=strength,
-        control_image=controls or None,
+        control_image=control_entries,
         control_mode=list(control_mode) if control_mode else None,
         control_scale=_one_or_each(control_scale, None),  # None: the task's default
         control_start=_one_or_each(control_start, 0.0),
@@ -430,13 +432,20 @@ def run(
     notes: list[str] = []
     for flag, paths, read in (("--control-image", control_image, controls), ("--adapter-image", adapter_image, adapters)):
         for path, control in zip(paths or [], read):
-            if not isinstance(control, str) and control.size != (request.width, request.height):
-                notes.append(f"{flag} {path} resized from {control.size[1]}x{control.size[0]} to "
-                             f"{request.height}x{request.width} (as diffusers does)")
-    if controls:
-        inputs["control_image"] = [str(p) for p in control_image or []]
-    if adapters:
-        inputs["adapter_image"] = [str(p) for p in adapter_image or []]
+            if isinstance(control, str) or control.size == (request.width, request.height):
+                continue
+            note = (f"{flag} {path} resized from {control.size[1]}x{control.size[0]} to {request.height}x"
+                    f"{request.width} (as diffusers does)")
+            if note not in notes:  # a file given for several images: said once
+                notes.append(note)
+    per_image: dict[str, list[Any]] = {}  # what each saved image records of its own inputs
+    for name, files, each in (("control_image", control_image, slots), ("adapter_image", adapter_image,
+                                                                        max(len(manifest.adapters), 1))):
+        paths = [str(p) for p in files or []]
+        if paths and len(prompts) > 1 and len(paths) == each * len(prompts):  # given prompt by prompt
+            per_image[name] = [paths[i:i + each] for i in range(0, len(paths), each)]
+        elif paths:
+            inputs[name] = paths
     if images:
         request.image = [_fit(images[0], request, fit, f"--init-image {init_image}", notes)]
     if len(images) > 1:
@@ -496,7 +505,7 @@ def run(
                       f"{seed + request.batch - 1}) {same}", soft_wrap=True)
     _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
-              inputs=inputs, loras=loras)
+              inputs=inputs, per_image=per_image, loras=loras)
 
 
 def _check_graph_flags(backend: str, cuda_graph: bool, portable_graphs: bool) -> None:
@@ -568,6 +577,30 @@ def _per_prompt_adapter_images(images: list[Any], adapters: int, prompts: int) -
     return [tuple(images[i:i + adapters]) for i in range(0, len(images), adapters)]
 
 
+def _per_prompt_control_images(controls: list[Any], slots: int, images: int) -> list[Any] | None:
+    """``--control-image`` files as ``GenerationRequest.control_image``: one per ControlNet (``slots``:
+    a union one's images each) for every image, as given; or that many per image, image by image,
+    made one list per ControlNet of its image for each. ``masked-init``, made per image already,
+    then stands in the same place for every image. Other counts are left to ``check_request``."""
+    from sdexport.runtime.request import MASKED_INIT
+
+    if not controls or not slots or images == 1 or len(controls) == slots:
+        return controls or None
+    if len(controls) != slots * images:
+        raise SdexportError(f"{len(controls)} --control-image for {images} images: give {slots} (in the order the "
+                            f"ControlNets were exported, for every image) or {slots * images} ({slots} per image, image "
+                            "by image)")
+    entries: list[Any] = []
+    for k in range(slots):
+        column = controls[k::slots]
+        masked = [isinstance(c, str) for c in column]
+        if any(masked) and not all(masked):
+            raise SdexportError(f"--control-image {MASKED_INIT}: give it for every image or none"
+                                + (f" (place {k + 1} of each image's {slots})" if slots > 1 else ""))
+        entries.append(MASKED_INIT if all(masked) else column)
+    return entries
+
+
 def _one_or_each(values: list[float] | None, default: _Default) -> float | list[float] | _Default:
     """A repeatable per-ControlNet (or per-adapter) option: its default, one value for all, or one each."""
     if not values:
@@ -599,10 +632,11 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 def _generate(
     engine_dir: Path, backend: str, parts: list[GenerationRequest], output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
-    loras: list[Any] | None = None,
+    per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise each part of the
-    request (one call of the engines each), save the images under one numbering."""
+    request (one call of the engines each), save the images under one numbering. ``inputs``: what
+    every image records of the inputs; ``per_image``: what each records of its own, in order."""
     from rich.progress import Progress
 
     from sdexport.runtime.images import output_paths, save_images
@@ -629,7 +663,7 @@ def _generate(
                 progress.update(task, completed=calls, total=total)
 
             result = pipeline(part, on_step=advance)
-        save_images(result, output, inputs, first=saved, count=len(paths))
+        save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
         saved += part.batch
         t = result.timings
         calls = extra_calls(result.scheduler, part.denoising_steps(pipeline.family), len(t.unet_steps))

@@ -115,6 +115,25 @@ def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, ba
     assert _rel(other, ours) > 10 * TOLERANCE
 
 
+def test_control_images_per_prompt_match_diffusers(engine_dirs, references):
+    """A list of control images, one per prompt, in one ControlNet's place beside another's shared
+    image: diffusers given its nested list (a list per prompt) computes the same, and each image
+    comes out bit for bit as in a call where its control image serves every prompt, so served
+    requests with different control images can share a call. A batch split over calls cuts the
+    lists."""
+    pipeline = load_pipeline(engine_dirs["sd-two"], "onnxruntime-cpu")
+    first, second, shared = (picture(80, 100, 30 + i) for i in range(3))
+    request = _request("sd-two", control_image=[[first, second], shared])
+    ours = pipeline(request)
+    _agree(ours, references["sd-two"](request))
+    for row, image in enumerate((first, second)):
+        alone = pipeline(_request("sd-two", control_image=[image, shared]))
+        assert torch.equal(ours.latents[row], alone.latents[row])
+    parts = request.split(1)
+    assert [part.control_image[0] for part in parts] == [[first], [second]]
+    assert all(part.control_image[1] is shared for part in parts)
+
+
 def test_img2img_with_a_controlnet_matches_diffusers(engine_dirs, references):
     pipeline = load_pipeline(engine_dirs["sd-one"], "onnxruntime-cpu", image_inputs=True)
     request = _request("sd-one", image=[picture(64, 128, 1)], strength=0.7, scheduler="default")
@@ -485,6 +504,12 @@ def no_engines(monkeypatch):
     (["--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"], "--control-scale: 2 values for 1"),
     (["--control-image", "{img}", "--control-scale", "nan"], "--control-scale nan: expected a finite number"),
     (["--control-image", "{img}", "--height", "64"], "give both --height and --width"),
+    # one per image (here 2): that many, and masked-init in every image's place or none
+    (["-p", "y"] + ["--control-image", "{img}"] * 3, ("3 --control-image for 2 images: give 1 (in the order the "
+                                                      "ControlNets were exported, for every image) or 2 (1 per "
+                                                      "image, image by image)")),
+    (["-p", "y", "--control-image", "{img}", "--control-image", "masked-init"],
+     "--control-image masked-init: give it for every image or none"),
 ])
 def test_bad_control_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
                                                                message):
@@ -518,6 +543,15 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0), np.zeros((8, 8, 3))]))
     with pytest.raises(SdexportError, match="masked-init is the init image with the mask's region at -1"):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0), MASKED_INIT], image=[picture(64, 128, 0)]))
+    # one per prompt: a list of one or one per prompt in a ControlNet's place, which a flat list is not
+    image = picture(64, 64, 0)
+    with pytest.raises(SdexportError, match=r"3 control images for 2 prompts \(control image 1 of 2\): give one"):
+        pipeline(_request("sd-two", control_image=[[image] * 3, image]))
+    with pytest.raises(SdexportError, match="masked-init is made for each prompt from its init image and mask"):
+        pipeline(_request("sd-two", control_image=[image, [image, MASKED_INIT]]))
+    with pytest.raises(SdexportError, match=r"4 control images for 2 ControlNets: .*; with one per prompt, give a "
+                                            r"list in each place \(control_image=\[\[image_1, image_2, ...\], ...\]\)"):
+        pipeline(_request("sd-two", control_image=[image] * 4))
     assert not calls
 
 
@@ -697,6 +731,37 @@ def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs
             assert not isinstance(generated, str), generated
             np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(out).convert("RGB")))
             assert json.loads(Image.open(out).text["sdexport"])["control_image"] == [str(control)]
+    finally:
+        model.close()
+
+
+def test_served_requests_with_their_own_control_images_share_a_call(engine_dirs, tmp_path):
+    """Two requests with different control images are generated in one call, each the image `run`
+    writes given one control image per image; each saved image records its own file."""
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    files = [tmp_path / f"control{i}.png" for i in range(2)]
+    for i, path in enumerate(files):
+        picture(64, 128, 40 + i).save(path)
+    out = tmp_path / "cli.png"
+    assert run_cli("run", engine_dirs["sd-one"], "-p", "x", "-p", "y", "--steps", "3", "--seed", "5",
+                   "--control-image", files[0], "--control-image", files[1], "--control-scale", "0.7",
+                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+    written = [out.with_name(f"cli-{i}.png") for i in range(2)]
+    assert [json.loads(Image.open(p).text["sdexport"])["control_image"] for p in written] == [[str(f)] for f in files]
+    logged: list[str] = []
+    model = ServedModel(ServeSettings(str(engine_dirs["sd-one"]), backend="onnxruntime-cpu", max_steps=50),
+                        log=logged.append)
+    try:
+        served = model.generate([_inputs([prompt], steps=3, seed=[seed], control_scale=0.7,
+                                         control_image=path.read_bytes())
+                                 for prompt, seed, path in zip("xy", (5, 6), files)])
+        assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
+        for generated, path in zip(served, written):
+            assert not isinstance(generated, str), generated
+            np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(path).convert("RGB")))
     finally:
         model.close()
 

@@ -235,6 +235,11 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert inputs["adapter_image"].shape() == [2, 2]
     with pytest.raises(ValueError, match="every image needs as many adapter images"):
         infer_inputs(["a", "b"], http, adapter_image=[(b"1", b"2"), b"3"])
+    # control images: a list is one per ControlNet for every image; a list of lists, one per image
+    assert infer_inputs(["a", "b"], http, control_image=[b"edges", b"depth"])[-1].shape() == [2, 2]
+    assert infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"]])[-1].shape() == [2, 1]
+    with pytest.raises(ValueError, match="control_image: 3 lists for 2 prompts"):
+        infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"], [b"3"]])
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):

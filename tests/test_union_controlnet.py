@@ -86,7 +86,8 @@ def _request(name: str, **changes) -> GenerationRequest:
 def test_matches_diffusers_union_pipeline(engine_dirs, references, name, backend):
     """StableDiffusionXLControlNetUnionPipeline (two union ControlNets: its MultiControlNetUnionModel),
     same seeds, batch 2 with CFG, a scale per image, a stochastic scheduler; the modes and the images
-    both change the result."""
+    both change the result. Control images per prompt (its batch of control images, whose rows the
+    network attends across) agree too."""
     pipeline = load_pipeline(engine_dirs[name], backend)
     ours = pipeline(_request(name))
     _agree(ours, references[name](_request(name)))
@@ -96,6 +97,10 @@ def test_matches_diffusers_union_pipeline(engine_dirs, references, name, backend
     images = pipeline(_request(name, control_image=[picture(80, 100, 20 + i)
                                                     for i in range(len(_request(name).control_image))]))
     assert _rel(images, ours) > 10 * TOLERANCE
+    if backend == "onnxruntime-cpu":  # the first place takes one image per prompt
+        per_prompt = _request(name)
+        per_prompt.control_image = [[picture(80, 100, 30), picture(80, 100, 31)], *per_prompt.control_image[1:]]
+        _agree(pipeline(per_prompt), references[name](per_prompt))
 
 
 def test_windows_per_image_and_the_steps_a_union_controlnet_runs(engine_dirs, references):
@@ -386,7 +391,9 @@ def test_export_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch, args, m
 def test_bad_union_requests_are_refused_before_engines_load(engine_dirs, tmp_path, capsys, name, args, message):
     picture(64, 64, 0).save(tmp_path / "edges.png")
     args = [a.format(img=tmp_path / "edges.png") for a in args]
-    assert run_cli("run", engine_dirs[name], "-p", "x", "-o", tmp_path / "o.png", *args) == 2
+    engine_dir = engine_dirs[name]
+    capsys.readouterr()  # the export's progress, where this test is the first to need the directory
+    assert run_cli("run", engine_dir, "-p", "x", "-o", tmp_path / "o.png", *args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -465,52 +472,23 @@ def test_served_union_requests_are_the_images_run_writes(engine_dirs, tmp_path):
 
 
 def test_served_rows_keep_apart_only_with_their_own_control_pixels():
-    """Rows with the same control images share a call across requests; rows whose control image is
-    made from their own init image (masked-init) stay with their request."""
+    """Rows with the same control images share a call across requests; a request whose rows differ
+    in their control pixels (masked-init, made from each row's own init image, or images of their
+    own) keeps its rows together, as run generates them, and apart from other requests' rows."""
     from sdexport.runtime.request import MASKED_INIT
-    from sdexport.serving.requests import Row, group_rows, own_control_pixels
+    from sdexport.serving.requests import Row, group_rows, union_control_apart
 
-    def row(control: object) -> Row:
+    def row(control: object, digest: str = "edges") -> Row:
         return Row(prompt="x", seed=0, steps=2, guidance=5.0, scheduler="default", height=64, width=64,
-                   control_image=[control], control_mode=[3])
+                   control_image=[control], control_mode=[3], control_digests=(digest,))
 
-    shared = [((r, 0), row("edges")) for r in range(2)]
-    assert [len(c) for c in group_rows(shared, 4, own_control_pixels)] == [2]
-    own = [((r, 0), row(MASKED_INIT)) for r in range(2)]
-    assert [len(c) for c in group_rows(own, 4, own_control_pixels)] == [1, 1]
+    def sizes(rows: list) -> list[int]:
+        return [len(c) for c in group_rows(rows, 4, union_control_apart(rows))]
 
-
-def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
-    """The harness exports the union ControlNet, gives every contender the same edge map as the
-    scenario's mode, and compares with diffusers' union pipeline; engines must match."""
-    base = ('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
-            'contenders = ["diffusers", "onnxruntime-cpu"]\n')
-    scenario, out, _ = bench_agreeing(tmp_path, "un", base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
-    assert "edge map at scale 1.0 as control mode(s) 3" in (out / "results.md").read_text()
-    for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need --control-mode"),
-                          ('controlnets = ["tiny-union"]\ncontrol_mode = [3, 1]\n',
-                           "control_mode: 2 modes for 1 ControlNet(s)"),
-                          ('controlnets = ["tiny-controlnet"]\ncontrol_mode = [3]\n',
-                           "--control-mode is for union ControlNets"),
-                          ('controlnets = ["tiny-union"]\ncontrol_mode = [3]\nguess_mode = true\n',
-                           "guess_mode with union ControlNets under guidance: diffusers' union pipelines fail")):
-        scenario.write_text(base + text)
-        assert run_cli("bench", scenario, "-o", tmp_path / "b") == 2
-        assert message in capsys.readouterr().err
-    scenario.write_text(base + 'controlnets = ["tiny-controlnet"]\n')
-    assert run_cli("bench", scenario, "--engine-dir", engine_dirs["one"], "-o", tmp_path / "c") == 2
-    assert "has union ControlNets, the scenario plain ones" in capsys.readouterr().err
-
-
-def test_the_union_preset_for_sdxl_plans_from_configs(tmp_path):
-    """sdxl-union plans against the real SDXL architecture from configs (no weights drawn), as an
-    export and as the shipped benchmark scenario."""
-    from sdexport.bench.plan import Options, plan_bench
-    from sdexport.bench.scenario import load_scenario
-    from sdexport.export.plan import plan_export
-
-    plan = plan_export("sdxl", tmp_path / "x", ExportOptions(controlnets=["sdxl-union"]))
-    assert [s.name for s in plan.specs].index("controlnet") == [s.name for s in plan.specs].index("unet") - 1
-    assert plan.controlnets[0].config(plan.outline.unet_config or {})["num_control_type"] == 8
-    scenario = load_scenario(Path("benchmarks/scenarios/sdxl-1024-union.toml"))
-    assert scenario.control_mode == [3] and plan_bench(scenario, Options()).contenders
+    assert sizes([((r, 0), row("edges")) for r in range(2)]) == [2]
+    assert sizes([((r, 0), row(MASKED_INIT, "masked-init")) for r in range(2)]) == [1, 1]
+    assert sizes([((r, 0), row(f"edges{r}", f"edges{r}")) for r in range(2)]) == [1, 1]
+    # request 0's two rows differ: together, and apart from request 1's row, which matches the first
+    mixed = [((0, 0), row("edges0", "edges0")), ((0, 1), row("edges1", "edges1")), ((1, 0), row("edges0", "edges0"))]
+    assert [[owner for owner, _ in call] for call in group_rows(mixed, 4, union_control_apart(mixed))] == [
+        [(0, 0), (0, 1)], [(1, 0)]]

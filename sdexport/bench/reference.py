@@ -209,6 +209,11 @@ class DiffusersReference:
             if self.union:  # lists throughout: one entry per image (and mode)
                 one = False
                 extra["control_mode"] = list(request.control_mode or [])
+            elif not one and any(isinstance(image, list | tuple) for image in images):
+                # images per prompt for several ControlNets: diffusers' nested list is the transpose of
+                # ours, a list per prompt of one image per ControlNet
+                columns = [request.control_images(k) for k in range(len(images))]
+                images = [list(row) for row in zip(*(c * request.batch if len(c) == 1 else c for c in columns))]
             extra |= {
                 "image" if request.task == "txt2img" and not self.union else "control_image": images[0] if one else images,
                 "controlnet_conditioning_scale": settings[0][0] if one else list(settings[0]),

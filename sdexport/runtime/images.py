@@ -122,10 +122,13 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
 
 
 def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | None = None, *,
-                first: int = 0, count: int | None = None, label: str | None = None) -> list[Path]:
+                first: int = 0, count: int | None = None, label: str | None = None,
+                per_image: dict[str, list[Any]] | None = None) -> list[Path]:
     """Write ``result``'s images to ``output`` (``NAME-0.EXT``, ... for several) in the format of its
-    suffix, each with the parameters that made it; ``info`` adds to (and overrides) ``result.info``.
-    ``first`` and ``count``: the images are numbers ``first``... of ``count`` written in several calls.
+    suffix, each with the parameters that made it; ``info`` adds to (and overrides) ``result.info``,
+    and ``per_image`` adds each image's own value of a key (a list over all ``count`` images, such
+    as the control image files given one per image). ``first`` and ``count``: the images are
+    numbers ``first``... of ``count`` written in several calls.
 
     Refuses to replace a file sdexport did not write; each file appears whole or not at all.
     """
@@ -134,7 +137,8 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | N
     paths = output_paths(output, count)[first:first + len(result.images)]
     for i, path in enumerate(paths):
         with atomic_path(path) as tmp:
-            _save(result, i, {**result.info, **(info or {})}, tmp, image_format(path))
+            own = {name: values[first + i] for name, values in (per_image or {}).items()}
+            _save(result, i, {**result.info, **(info or {}), **own}, tmp, image_format(path))
     return paths
 
 

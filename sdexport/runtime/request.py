@@ -91,10 +91,12 @@ class GenerationRequest:
     img2img 0.3, inpainting 1, SDXL inpainting 0.9999)."""
     # ControlNet (an engine directory exported with --controlnet), as diffusers' ControlNet pipelines name it.
     control_image: list[Any] | None = None
-    """One conditioning image (an edge, depth or pose map: PIL) per ControlNet, in the directory's
-    order, each for every prompt; resized to the request's size as diffusers does. ``MASKED_INIT``
-    in its place: the init image with the mask's region at -1 (for an inpainting ControlNet). A
-    union ControlNet exported to take K images per call takes K, one per control mode."""
+    """One entry per ControlNet, in the directory's order: its conditioning image (an edge, depth or
+    pose map: PIL) for every prompt, or a list of them, one per prompt (diffusers' convention for a
+    batch of control images, which lets prompts with their own maps share a call); resized to the
+    request's size as diffusers does. ``MASKED_INIT`` in its place: the init image with the mask's
+    region at -1 (for an inpainting ControlNet; one per init image or mask already). A union
+    ControlNet exported to take K images per call takes K entries, one per control mode."""
     control_mode: list[int] | None = None
     """Union ControlNets: the control mode of each control image (diffusers' ``control_mode``: an
     index into the modes the model was trained on, e.g. xinsir's 0 openpose, 1 depth, 3 canny)."""
@@ -140,6 +142,12 @@ class GenerationRequest:
             return [[e[0] if isinstance(e, tuple | list) else e for e in entries]]
         return [[entry[i] for entry in entries] for i in range(adapters)]
 
+    def control_images(self, slot: int) -> list[Any]:
+        """Entry ``slot`` of ``control_image`` as a list: its one image (or ``MASKED_INIT``) for every
+        prompt, or its images, one per prompt."""
+        entry = (self.control_image or [])[slot]
+        return list(entry) if isinstance(entry, list | tuple) else [entry]
+
     def adapter_scales(self, adapters: int) -> list[float]:
         """One ``adapter_scale`` per adapter."""
         scale = self.adapter_scale
@@ -148,8 +156,8 @@ class GenerationRequest:
 
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
-        profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image or
-        mask per prompt) are cut; the rest is shared."""
+        profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image,
+        mask or control image per prompt) are cut; the rest is shared."""
         from dataclasses import replace
 
         def cut(values: Any, start: int) -> Any:
@@ -162,6 +170,9 @@ class GenerationRequest:
         parts = []
         for start in range(0, self.batch, size):
             fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
+            if self.control_image is not None:  # a list per ControlNet: its own length says what it holds
+                fields["control_image"] = [cut(entry, start) if isinstance(entry, list | tuple) else entry
+                                           for entry in self.control_image]
             parts.append(replace(self, **fields))
         return parts
 
@@ -432,18 +443,29 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
                             f"--control-image {per_net} times, and --control-mode for each")
     if not isinstance(images, list) or len(images) != slots:
         count = len(images) if isinstance(images, list) else type(images).__name__
-        raise SdexportError(f"{count} control images for {controlnets} ControlNet{s}: give one per ControlNet, in the "
-                            "order they were exported (controlnet, controlnet_1, ...)" if per_net == 1 else
-                            f"{count} control images for a union ControlNet exported to take {per_net} "
-                            "(--union-images): give that many")
+        per_prompt = (f"; with one per prompt, give a list in each place (control_image=[[image_1, image_2, ...]"
+                      f"{', ...' if slots > 1 else ''}])" if request.batch > 1 and count == slots * request.batch else "")
+        raise SdexportError((f"{count} control images for {controlnets} ControlNet{s}: give one per ControlNet, in the "
+                             "order they were exported (controlnet, controlnet_1, ...)" if per_net == 1 else
+                             f"{count} control images for a union ControlNet exported to take {per_net} "
+                             "(--union-images): give that many") + per_prompt)
     _check_control_modes(request.control_mode, slots, union_modes)
-    for image in images:
-        if isinstance(image, str) and image == MASKED_INIT:
+    for k, entry in enumerate(images):
+        if isinstance(entry, str) and entry == MASKED_INIT:
             if request.mask is None:
                 raise SdexportError(f"control image {MASKED_INIT} is the init image with the mask's region at -1 (for "
                                     "inpainting ControlNets): it needs --init-image and --mask")
             continue
-        check_image(image, None, None, "control image")
+        where = f" (control image {k + 1} of {slots})" if slots > 1 else ""
+        if isinstance(entry, list | tuple):
+            if len(entry) not in (1, request.batch):
+                raise SdexportError(f"{len(entry)} control images for {request.batch} prompts{where}: give one, or one "
+                                    "per prompt")
+            if any(isinstance(image, str) and image == MASKED_INIT for image in entry):
+                raise SdexportError(f"{MASKED_INIT} is made for each prompt from its init image and mask: give it in "
+                                    f"place of the list{where}")
+        for image in request.control_images(k):
+            check_image(image, None, None, "control image")
     for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
                         ("--control-end", request.control_end)):
         if value is None:  # the scale's per-task default

@@ -533,11 +533,11 @@ class Txt2ImgPipeline:
         return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
 
     def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
-        """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG; a
-        masked init image has a row per init image or mask, repeated as diffusers repeats a batch
-        of control images) and its scale at every step: ``controlnet_conditioning_scale``, zero
-        where the step lies outside its [start, end] share of the steps (diffusers'
-        ``controlnet_keep``, over the steps the loop runs). In guess mode with CFG the images are
+        """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG;
+        images given one per prompt, and a masked init image, which has a row per init image or
+        mask, are repeated as diffusers repeats a batch of control images) and its scale at every
+        step: ``controlnet_conditioning_scale``, zero where the step lies outside its [start, end]
+        share of the steps (diffusers' ``controlnet_keep``, over the steps the loop runs). In guess mode with CFG the images are
         batched as the conditional half alone."""
         from sdexport.runtime.image_inputs import control_pixels, masked_control_pixels, per_prompt
         from sdexport.runtime.request import MASKED_INIT
@@ -546,12 +546,13 @@ class Txt2ImgPipeline:
         conditional_only = guess and request.cfg
         batch = 2 * request.batch if request.cfg and not conditional_only else request.batch
         per_image, per_step = [], []
-        for image, (scale, start, end) in zip(request.control_image or [],
-                                              request.control_settings(len(request.control_image or []), self.family)):
-            if isinstance(image, str) and image == MASKED_INIT:  # check() saw the init image and mask
+        count = len(request.control_image or [])
+        for slot, (scale, start, end) in enumerate(request.control_settings(count, self.family)):
+            given = request.control_images(slot)
+            if isinstance(given[0], str) and given[0] == MASKED_INIT:  # check() saw the init image and mask
                 pixels = masked_control_pixels(request.image or [], request.mask or [])
-            else:
-                pixels = control_pixels(image, request.height, request.width)
+            else:  # one image, or one per prompt
+                pixels = torch.cat([control_pixels(image, request.height, request.width) for image in given])
             per_image.append(per_prompt(pixels, batch).to(self.device))
             keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
             per_step.append([scale * k for k in keep])

@@ -25,8 +25,9 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
     model by name, one value for every image or a list of one per image (for the per-ControlNet and
     per-adapter inputs, a list is one value: their values for every image); bytes for the image
-    inputs. ``adapter_image``: bytes, or a tuple of bytes with several adapters (one each), for
-    every image, or a list of those, one per image. ``seed``: one per prompt, or one number for the
+    inputs. ``control_image``: bytes, or a list of bytes (one per ControlNet), for every image, or
+    a list of lists (or tuples), one per image. ``adapter_image``: bytes, or a tuple of bytes with
+    several adapters (one each), for every image, or a list of those, one per image. ``seed``: one per prompt, or one number for the
     first image and +1 for each next (as ``sdexport run --seed``). ``module``: ``tritonclient.http``
     (default) or ``tritonclient.grpc``."""
     import numpy as np
@@ -51,6 +52,9 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif name == "adapter_image":  # per image, each one image per adapter
             values[name] = _adapter_images(value, rows)
+        elif name == "control_image" and isinstance(value, list | tuple) and value \
+                and all(isinstance(v, list | tuple) for v in value):  # one list per image
+            values[name] = _per_image_lists(value, rows, name)
         elif _SPECS[name].dims == (-1,):
             values[name] = [list(value) if isinstance(value, list | tuple) else [value]] * rows
         elif isinstance(value, list | tuple):
@@ -81,6 +85,16 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
     if len({len(i) for i in images}) > 1:
         raise ValueError("adapter_image: every image needs as many adapter images (one per adapter)")
     return images
+
+
+def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:
+    """A per-ControlNet input given one list per image (``infer_inputs``)."""
+    if len(value) != rows:
+        raise ValueError(f"{name}: {len(value)} lists for {rows} prompts; give one per prompt, or one list (or "
+                         "value) for every prompt")
+    if len({len(v) for v in value}) > 1:
+        raise ValueError(f"{name}: every image needs as many values (one per ControlNet)")
+    return [list(v) for v in value]
 
 
 def generate(url: str, prompts: list[str], *, model: str = MODEL_NAME, timeout_s: float = 600.0,

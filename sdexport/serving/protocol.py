@@ -48,7 +48,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("mask", "BYTES", (1,), "inpainting: PNG/JPEG bytes, white repaints"),
     TensorSpec("strength", "FP32", (1,), "with init_image: how far it is noised (default as `sdexport run`)"),
     TensorSpec("fit", "BYTES", (1,), "init image/mask of another size: exact (refuse), resize or crop"),
-    TensorSpec("control_image", "BYTES", (-1,), "ControlNet: one PNG/JPEG per ControlNet, in export order, or masked-init"),
+    TensorSpec("control_image", "BYTES", (-1,), "ControlNet: this image's PNG/JPEG, one per ControlNet in export order, or masked-init"),
     TensorSpec("control_mode", "INT32", (-1,), "union ControlNet: the control mode of each control image, in order (e.g. xinsir's 0 openpose, 1 depth, 3 canny)"),
     TensorSpec("control_scale", "FP32", (-1,), "ControlNet: one scale, or one per ControlNet (default: txt2img 1, img2img 0.8, inpainting SD 0.5, SDXL 1)"),
     TensorSpec("control_start", "FP32", (-1,), "ControlNet: fraction of the steps to start at (default 0)"),

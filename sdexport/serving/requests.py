@@ -2,9 +2,10 @@
 
 A served request is decoded into rows with the defaults ``sdexport run`` uses, so the same
 parameters give the same image. Rows that share every setting a generation call shares (steps,
-size, scheduler, task, control images, ...) can be generated together, whichever request they came
-from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The guidance
-scale is not among those settings: a call takes one per image.
+size, scheduler, task, ControlNet settings, ...) can be generated together, whichever request they
+came from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The
+guidance scale, the control images and the adapter images are not among those settings: a call
+takes one of each per image.
 
 Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
 profile, so a bad request is refused with the CLI's own words before it joins a batch.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -55,8 +57,9 @@ class Row:
     control_start: float | list[float] = 0.0
     control_end: float | list[float] = 1.0
     guess_mode: bool = False
-    control_digest: str = ""
-    """A digest of the control images' bytes: rows share a call only with the same control images."""
+    control_digests: tuple[str, ...] = ()
+    """A digest of each control image's bytes: a call gives one image to all its rows where they
+    send the same, and a union ControlNet's rows share a call only so (``union_control_apart``)."""
     adapter_image: Any = None
     """This image's T2I-Adapter image (a tuple, one per adapter, where there are several): rows with
     different ones share a call (one per prompt)."""
@@ -68,11 +71,14 @@ class Row:
     def batch_key(self) -> tuple[Any, ...]:
         """What must be equal for rows to be generated in one call. Not the guidance scale, which the
         loop takes per image: only whether it is above 1 (the call runs the unconditional half of the
-        batch), and None (the family's default, still to be filled in) apart from either."""
+        batch), and None (the family's default, still to be filled in) apart from either. Not the
+        control images either, which the loop takes per image too: only where ``MASKED_INIT`` stands
+        (made from each row's own init image and mask)."""
         guided = None if self.guidance is None else self.guidance > 1.0
+        masked = None if self.control_image is None else tuple(isinstance(c, str) for c in self.control_image)
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
-                self.image is None, self.mask is None, self.control_digest, _hashable(self.control_mode),
+                self.image is None, self.mask is None, masked, _hashable(self.control_mode),
                 _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
                 self.guess_mode, _count(self.adapter_image), _hashable(self.adapter_scale), self.adapter_factor)
 
@@ -171,8 +177,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
                 setattr(row, name, values[0] if len(values) == 1 else values)
         modes = [_number(v, "control_mode", int) for v in many("control_mode") or []]
         row.control_mode = modes or None
-        if control_bytes:
-            row.control_digest = hashlib.sha256(b"".join(hashlib.sha256(b).digest() for b in control_bytes)).hexdigest()
+        row.control_digests = tuple(hashlib.sha256(b).hexdigest() for b in control_bytes)
         if init is not None:
             row.image, note = fit_image(init, height, width, fit, "init_image")
             row.notes += [note] if note else []
@@ -227,12 +232,22 @@ def _number(value: Any, name: str, kind: type) -> Any:
     return number
 
 
-def own_control_pixels(owner: tuple[int, int], row: Row) -> int | None:
-    """For ``group_rows`` over a union ControlNet, which attends across the rows of its call: rows
-    whose control pixels are their own (``MASKED_INIT``: made from the row's init image and mask)
-    stay with their request, so another request's rows cannot change their images. Rows with the
-    same control images (``batch_key``) give it the same tokens and change nothing."""
-    return owner[0] if MASKED_INIT in (row.control_image or []) else None
+def union_control_apart(rows: list[tuple[tuple[int, int], Row]]) -> Callable[[tuple[int, int], Row], Any]:
+    """``group_rows``'s ``apart`` over a union ControlNet, which attends across the rows of its call.
+    Rows with the same control images give it the same tokens and change nothing, so they share
+    calls across requests. The rows of a request that differ in their control pixels (images of
+    their own, or ``MASKED_INIT``: made from each row's init image and mask) stay with their
+    request, generated together as ``run`` generates them, so another request's rows cannot change
+    their images."""
+    digests: defaultdict[int, set[tuple[str, ...]]] = defaultdict(set)
+    for (request, _), row in rows:
+        digests[request].add(row.control_digests)
+
+    def apart(owner: tuple[int, int], row: Row) -> Any:
+        own = len(digests[owner[0]]) > 1 or MASKED_INIT in (row.control_image or [])
+        return ("request", owner[0]) if own else ("images", row.control_digests)
+
+    return apart
 
 
 def generation_request(rows: list[Row]) -> GenerationRequest:
@@ -251,10 +266,20 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         guidance=first.guidance if len(set(guidance)) == 1 else cast(list[float], guidance),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
-        control_image=first.control_image, control_mode=first.control_mode, control_scale=first.control_scale,
+        control_image=_call_control_images(rows), control_mode=first.control_mode, control_scale=first.control_scale,
         control_start=first.control_start, control_end=first.control_end, guess_mode=first.guess_mode,
         adapter_image=column("adapter_image"), adapter_scale=first.adapter_scale, adapter_factor=first.adapter_factor,
     )
+
+
+def _call_control_images(rows: list[Row]) -> list[Any] | None:
+    """The control images of a call of ``rows``: at each place one image where every row sent the
+    same bytes (made once), else each row's (``MASKED_INIT`` stands for each row's own already)."""
+    first = rows[0].control_image
+    if first is None:
+        return None
+    return [entry if isinstance(entry, str) or len({row.control_digests[k] for row in rows}) == 1
+            else [(row.control_image or [])[k] for row in rows] for k, entry in enumerate(first)]
 
 
 def group_rows(rows: list[tuple[Any, Row]], max_batch: int,

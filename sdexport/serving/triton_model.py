@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
-from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows, own_control_pixels
+from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows, union_control_apart
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -134,7 +134,7 @@ class ServedModel:
                 continue
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
-        calls = group_rows(rows, self.max_batch, own_control_pixels if self.pipeline.dims.N else None)
+        calls = group_rows(rows, self.max_batch, union_control_apart(rows) if self.pipeline.dims.N else None)
         pending = list(calls)
         while pending:
             members = [(o, row) for o, row in pending.pop(0) if not isinstance(outcome[o[0]], str)]  # not failed yet
