@@ -349,7 +349,7 @@ def run(
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default as diffusers: img2img 0.8, SDXL img2img 0.3, inpainting 1.0, SDXL inpainting 0.9999); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
-    control_image: Annotated[list[str] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
+    control_image: Annotated[list[str] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order, for every image, or that many per image, image by image; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
     control_mode: Annotated[list[int] | None, typer.Option("--control-mode", help="Union ControlNet: the control mode of each --control-image, in the same order (the model's table, e.g. xinsir's 0 openpose, 1 depth, 2 scribble/HED, 3 canny/lineart, 4 normal, 5 segmentation, 6 tile, 7 repaint).")] = None,
     control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: txt2img 1.0, img2img 0.8, inpainting 0.5 for SD and 1.0 for SDXL).")] = None,
     control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
@@ -403,7 +403,7 @@ def run(
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
     adapter_entries = _per_prompt_adapter_images(adapters, len(manifest.adapters), len(prompts))
     slots = len(manifest.controlnets) * (manifest.model_dims.K or 1)  # control images per image
-    control_entries = _per_prompt_control_images(controls, slots, len(prompts))
+    control_entries = _per_prompt_control_images(controls, slots, len(prompts), manifest.model_dims.K or 1)
     sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
     if size_from_image:  # the init image's own size, else the first control (or adapter) image's
@@ -577,9 +577,9 @@ def _per_prompt_adapter_images(images: list[Any], adapters: int, prompts: int) -
     return [tuple(images[i:i + adapters]) for i in range(0, len(images), adapters)]
 
 
-def _per_prompt_control_images(controls: list[Any], slots: int, images: int) -> list[Any] | None:
+def _per_prompt_control_images(controls: list[Any], slots: int, images: int, union_images: int = 1) -> list[Any] | None:
     """``--control-image`` files as ``GenerationRequest.control_image``: one per ControlNet (``slots``:
-    a union one's images each) for every image, as given; or that many per image, image by image,
+    ``union_images`` each for union ones) for every image, as given; or that many per image, image by image,
     made one list per ControlNet of its image for each. ``masked-init``, made per image already,
     then stands in the same place for every image. Other counts are left to ``check_request``."""
     from sdexport.runtime.request import MASKED_INIT
@@ -587,9 +587,10 @@ def _per_prompt_control_images(controls: list[Any], slots: int, images: int) -> 
     if not controls or not slots or images == 1 or len(controls) == slots:
         return controls or None
     if len(controls) != slots * images:
-        raise SdexportError(f"{len(controls)} --control-image for {images} images: give {slots} (in the order the "
-                            f"ControlNets were exported, for every image) or {slots * images} ({slots} per image, image "
-                            "by image)")
+        each = "one per ControlNet" if union_images == 1 else f"{union_images} per union ControlNet, its --union-images"
+        raise SdexportError(f"{len(controls)} --control-image for {images} images: give {slots} ({each}, in the order "
+                            f"they were exported, for every image) or {slots * images} ({slots} per image, image by "
+                            "image)")
     entries: list[Any] = []
     for k in range(slots):
         column = controls[k::slots]

@@ -118,17 +118,19 @@ def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, ba
 def test_control_images_per_prompt_match_diffusers(engine_dirs, references):
     """A list of control images, one per prompt, in one ControlNet's place beside another's shared
     image: diffusers given its nested list (a list per prompt) computes the same, and each image
-    comes out bit for bit as in a call where its control image serves every prompt, so served
-    requests with different control images can share a call. A batch split over calls cuts the
-    lists."""
-    pipeline = load_pipeline(engine_dirs["sd-two"], "onnxruntime-cpu")
+    comes out bit for bit as in a call where its control image serves every prompt (ONNX Runtime
+    and Torch), so served requests with different control images can share a call. A batch split
+    over calls cuts the lists."""
     first, second, shared = (picture(80, 100, 30 + i) for i in range(3))
     request = _request("sd-two", control_image=[[first, second], shared])
-    ours = pipeline(request)
-    _agree(ours, references["sd-two"](request))
-    for row, image in enumerate((first, second)):
-        alone = pipeline(_request("sd-two", control_image=[image, shared]))
-        assert torch.equal(ours.latents[row], alone.latents[row])
+    for backend in ("onnxruntime-cpu", "torch"):
+        pipeline = load_pipeline(engine_dirs["sd-two"], backend)
+        ours = pipeline(request)
+        if backend == "onnxruntime-cpu":
+            _agree(ours, references["sd-two"](request))
+        for row, image in enumerate((first, second)):
+            alone = pipeline(_request("sd-two", control_image=[image, shared]))
+            assert torch.equal(ours.latents[row], alone.latents[row]), backend
     parts = request.split(1)
     assert [part.control_image[0] for part in parts] == [[first], [second]]
     assert all(part.control_image[1] is shared for part in parts)
@@ -505,9 +507,9 @@ def no_engines(monkeypatch):
     (["--control-image", "{img}", "--control-scale", "nan"], "--control-scale nan: expected a finite number"),
     (["--control-image", "{img}", "--height", "64"], "give both --height and --width"),
     # one per image (here 2): that many, and masked-init in every image's place or none
-    (["-p", "y"] + ["--control-image", "{img}"] * 3, ("3 --control-image for 2 images: give 1 (in the order the "
-                                                      "ControlNets were exported, for every image) or 2 (1 per "
-                                                      "image, image by image)")),
+    (["-p", "y"] + ["--control-image", "{img}"] * 3, ("3 --control-image for 2 images: give 1 (one per ControlNet, "
+                                                      "in the order they were exported, for every image) or 2 (1 "
+                                                      "per image, image by image)")),
     (["-p", "y", "--control-image", "{img}", "--control-image", "masked-init"],
      "--control-image masked-init: give it for every image or none"),
 ])

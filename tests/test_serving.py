@@ -240,6 +240,8 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"]])[-1].shape() == [2, 1]
     with pytest.raises(ValueError, match="control_image: 3 lists for 2 prompts"):
         infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"], [b"3"]])
+    with pytest.raises(ValueError, match="control_image: give one list per image .*, not a mix of both"):
+        infer_inputs(["a", "b"], http, control_image=[[b"1", b"2"], b"depth"])  # GenerationRequest's layout
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):

@@ -492,3 +492,39 @@ def test_served_rows_keep_apart_only_with_their_own_control_pixels():
     mixed = [((0, 0), row("edges0", "edges0")), ((0, 1), row("edges1", "edges1")), ((1, 0), row("edges0", "edges0"))]
     assert [[owner for owner, _ in call] for call in group_rows(mixed, 4, union_control_apart(mixed))] == [
         [(0, 0), (0, 1)], [(1, 0)]]
+
+
+def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
+    """The harness exports the union ControlNet, gives every contender the same edge map as the
+    scenario's mode, and compares with diffusers' union pipeline; engines must match."""
+    base = ('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
+            'contenders = ["diffusers", "onnxruntime-cpu"]\n')
+    scenario, out, _ = bench_agreeing(tmp_path, "un", base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
+    assert "edge map at scale 1.0 as control mode(s) 3" in (out / "results.md").read_text()
+    for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need --control-mode"),
+                          ('controlnets = ["tiny-union"]\ncontrol_mode = [3, 1]\n',
+                           "control_mode: 2 modes for 1 ControlNet(s)"),
+                          ('controlnets = ["tiny-controlnet"]\ncontrol_mode = [3]\n',
+                           "--control-mode is for union ControlNets"),
+                          ('controlnets = ["tiny-union"]\ncontrol_mode = [3]\nguess_mode = true\n',
+                           "guess_mode with union ControlNets under guidance: diffusers' union pipelines fail")):
+        scenario.write_text(base + text)
+        assert run_cli("bench", scenario, "-o", tmp_path / "b") == 2
+        assert message in capsys.readouterr().err
+    scenario.write_text(base + 'controlnets = ["tiny-controlnet"]\n')
+    assert run_cli("bench", scenario, "--engine-dir", engine_dirs["one"], "-o", tmp_path / "c") == 2
+    assert "has union ControlNets, the scenario plain ones" in capsys.readouterr().err
+
+
+def test_the_union_preset_for_sdxl_plans_from_configs(tmp_path):
+    """sdxl-union plans against the real SDXL architecture from configs (no weights drawn), as an
+    export and as the shipped benchmark scenario."""
+    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.scenario import load_scenario
+    from sdexport.export.plan import plan_export
+
+    plan = plan_export("sdxl", tmp_path / "x", ExportOptions(controlnets=["sdxl-union"]))
+    assert [s.name for s in plan.specs].index("controlnet") == [s.name for s in plan.specs].index("unet") - 1
+    assert plan.controlnets[0].config(plan.outline.unet_config or {})["num_control_type"] == 8
+    scenario = load_scenario(Path("benchmarks/scenarios/sdxl-1024-union.toml"))
+    assert scenario.control_mode == [3] and plan_bench(scenario, Options()).contenders

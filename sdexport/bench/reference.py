@@ -201,7 +201,7 @@ class DiffusersReference:
                 extra.update(mask_image=request.mask, height=request.height, width=request.width)
         if self.controlnets:
             one = self.controlnets == 1
-            images = request.control_image or []
+            images = [list(i) if isinstance(i, tuple) else i for i in request.control_image or []]  # diffusers: lists
             if any(isinstance(image, str) for image in images):  # diffusers takes images and tensors only
                 raise SdexportError("the diffusers reference takes control images as images or tensors, not "
                                     f"{MASKED_INIT}: pass the masked init image as a tensor")

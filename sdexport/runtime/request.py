@@ -459,8 +459,8 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
         where = f" (control image {k + 1} of {slots})" if slots > 1 else ""
         if isinstance(entry, list | tuple):
             if len(entry) not in (1, request.batch):
-                raise SdexportError(f"{len(entry)} control images for {request.batch} prompts{where}: give one, or one "
-                                    "per prompt")
+                prompts = f"{request.batch} prompt{'s' if request.batch > 1 else ''}"
+                raise SdexportError(f"{len(entry)} control images for {prompts}{where}: give one, or one per prompt")
             if any(isinstance(image, str) and image == MASKED_INIT for image in entry):
                 raise SdexportError(f"{MASKED_INIT} is made for each prompt from its init image and mask: give it in "
                                     f"place of the list{where}")

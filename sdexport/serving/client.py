@@ -52,8 +52,8 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif name == "adapter_image":  # per image, each one image per adapter
             values[name] = _adapter_images(value, rows)
-        elif name == "control_image" and isinstance(value, list | tuple) and value \
-                and all(isinstance(v, list | tuple) for v in value):  # one list per image
+        elif name == "control_image" and isinstance(value, list | tuple) \
+                and any(isinstance(v, list | tuple) for v in value):  # one list per image
             values[name] = _per_image_lists(value, rows, name)
         elif _SPECS[name].dims == (-1,):
             values[name] = [list(value) if isinstance(value, list | tuple) else [value]] * rows
@@ -89,6 +89,9 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
 
 def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:
     """A per-ControlNet input given one list per image (``infer_inputs``)."""
+    if not all(isinstance(v, list | tuple) for v in value):
+        raise ValueError(f"{name}: give one list per image (each its values, one per ControlNet), or the values "
+                         "for every image, not a mix of both")
     if len(value) != rows:
         raise ValueError(f"{name}: {len(value)} lists for {rows} prompts; give one per prompt, or one list (or "
                          "value) for every prompt")
