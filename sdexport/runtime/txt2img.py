@@ -537,8 +537,8 @@ class Txt2ImgPipeline:
         images given one per prompt, and a masked init image, which has a row per init image or
         mask, are repeated as diffusers repeats a batch of control images) and its scale at every
         step: ``controlnet_conditioning_scale``, zero where the step lies outside its [start, end]
-        share of the steps (diffusers' ``controlnet_keep``, over the steps the loop runs). In guess mode with CFG the images are
-        batched as the conditional half alone."""
+        share of the steps (diffusers' ``controlnet_keep``, over the steps the loop runs). In guess
+        mode with CFG the images are batched as the conditional half alone."""
         from sdexport.runtime.image_inputs import control_pixels, masked_control_pixels, per_prompt
         from sdexport.runtime.request import MASKED_INIT
 

@@ -26,9 +26,11 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     model by name, one value for every image or a list of one per image (for the per-ControlNet and
     per-adapter inputs, a list is one value: their values for every image); bytes for the image
     inputs. ``control_image``: bytes, or a list of bytes (one per ControlNet), for every image, or
-    a list of lists (or tuples), one per image. ``adapter_image``: bytes, or a tuple of bytes with
-    several adapters (one each), for every image, or a list of those, one per image. ``seed``: one per prompt, or one number for the
-    first image and +1 for each next (as ``sdexport run --seed``). ``module``: ``tritonclient.http``
+    a list of lists (or tuples), one per image, as the rows go over the wire (the transpose of
+    ``GenerationRequest.control_image``'s list per ControlNet). ``adapter_image``: bytes, or a
+    tuple of bytes with several adapters (one each), for every image, or a list of those, one per
+    image. ``seed``: one per prompt, or one number for the first image and +1 for each next (as
+    ``sdexport run --seed``). ``module``: ``tritonclient.http``
     (default) or ``tritonclient.grpc``."""
     import numpy as np
 
