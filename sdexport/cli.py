@@ -330,7 +330,7 @@ def run(
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc.")] = "default",
-    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale; 1 disables CFG (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
+    guidance: Annotated[list[float] | None, typer.Option(help="Classifier-free guidance scale, one for all images or one per image (all above 1, or all at or below it); 1 disables CFG (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,
@@ -351,9 +351,9 @@ def run(
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
     control_image: Annotated[list[str] | None, typer.Option("--control-image", help="ControlNet: the conditioning image (an edge, depth or pose map) of each ControlNet, in export order, for every image, or that many per image, image by image; resized to --height/--width (default: its own size). 'masked-init': the init image with the mask's region at -1, for an inpainting ControlNet.")] = None,
     control_mode: Annotated[list[int] | None, typer.Option("--control-mode", help="Union ControlNet: the control mode of each --control-image, in the same order (the model's table, e.g. xinsir's 0 openpose, 1 depth, 2 scribble/HED, 3 canny/lineart, 4 normal, 5 segmentation, 6 tile, 7 repaint).")] = None,
-    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet (default as diffusers: txt2img 1.0, img2img 0.8, inpainting 0.5 for SD and 1.0 for SDXL).")] = None,
-    control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, one or one each (default 0).")] = None,
-    control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, one or one each (default 1).")] = None,
+    control_scale: Annotated[list[float] | None, typer.Option("--control-scale", help="ControlNet: conditioning scale, one for all or one per ControlNet, or that many per image, image by image (default as diffusers: txt2img 1.0, img2img 0.8, inpainting 0.5 for SD and 1.0 for SDXL).")] = None,
+    control_start: Annotated[list[float] | None, typer.Option("--control-start", help="ControlNet: fraction of the steps after which it starts acting, as --control-scale is given (default 0).")] = None,
+    control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, as --control-scale is given (default 1).")] = None,
     guess_mode: Annotated[bool, typer.Option("--guess-mode", help="ControlNet: diffusers' guess mode, the ControlNets see the prompted half of the guidance batch only (the image shapes the picture with little or no prompt); on anyway where diffusers turns it on (the first ControlNet pools, as shuffle ones do).")] = False,
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
     adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter (default 1).")] = None,
@@ -398,6 +398,8 @@ def run(
                             f"{MAX_SEED + 1}, past the largest (2^64-1); pass --seed {MAX_SEED - len(prompts) + 1} "
                             "or less")
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
+    if guidance and len(guidance) not in (1, len(prompts)):
+        raise SdexportError(f"{len(guidance)} --guidance for {len(prompts)} images: give one, or one per image")
     images, inputs = _image_inputs(init_image, mask, height, width, fit)
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
@@ -409,7 +411,8 @@ def run(
     if size_from_image:  # the init image's own size, else the first control (or adapter) image's
         width, height = sized[0].size
     request = GenerationRequest(
-        prompt=prompts, negative_prompt=negatives, steps=steps, guidance=guidance, scheduler=scheduler,
+        prompt=prompts, negative_prompt=negatives, steps=steps, guidance=_one_or_each(guidance, None),
+        scheduler=scheduler,
         seeds=[seed + i for i in range(len(prompts))],
         height=profile.height[1] if height is None else height,
         width=profile.width[1] if width is None else width,
@@ -421,9 +424,9 @@ def run(
         strength=strength,
         control_image=control_entries,
         control_mode=list(control_mode) if control_mode else None,
-        control_scale=_one_or_each(control_scale, None),  # None: the task's default
-        control_start=_one_or_each(control_start, 0.0),
-        control_end=_one_or_each(control_end, 1.0),
+        control_scale=_control_setting(control_scale, None, slots, len(prompts), "--control-scale"),  # None: the task's
+        control_start=_control_setting(control_start, 0.0, slots, len(prompts), "--control-start"),
+        control_end=_control_setting(control_end, 1.0, slots, len(prompts), "--control-end"),
         guess_mode=guess_mode,
         adapter_image=adapter_entries,
         adapter_scale=_one_or_each(adapter_scale, 1.0),
@@ -603,10 +606,29 @@ def _per_prompt_control_images(controls: list[Any], slots: int, images: int, uni
 
 
 def _one_or_each(values: list[float] | None, default: _Default) -> float | list[float] | _Default:
-    """A repeatable per-ControlNet (or per-adapter) option: its default, one value for all, or one each."""
+    """A repeatable per-adapter (or per-image) option: its default, one value for all, or one each."""
     if not values:
         return default
     return values[0] if len(values) == 1 else list(values)
+
+
+def _control_setting(values: list[float] | None, default: _Default, slots: int, images: int,
+                     flag: str) -> Any:
+    """A repeatable ControlNet option (``--control-scale``, ``-start``, ``-end``) as
+    ``GenerationRequest`` takes it: its default, one value for all, one per ControlNet (``slots``:
+    its control images, for union ones), or that many per image, image by image, made one list per
+    place of its value for each image. Other counts for one image are left to ``check_request``."""
+    if not values:
+        return default
+    if len(values) == 1:
+        return values[0]
+    if images == 1 or not slots or len(values) == slots:
+        return list(values)
+    if len(values) != slots * images:
+        each = (f"{slots} (one per ControlNet, in the order they were exported, for every image) or {slots * images} "
+                f"({slots} per image, image by image)" if slots > 1 else f"{images} (one per image)")
+        raise SdexportError(f"{len(values)} {flag} for {images} images: give 1 (for every image), {each}")
+    return [list(values[k::slots]) for k in range(slots)]
 
 
 def _fit(image: Any, request: Any, fit: str, what: str, notes: list[str]) -> Any:

@@ -136,6 +136,54 @@ def test_control_images_per_prompt_match_diffusers(engine_dirs, references):
     assert all(part.control_image[1] is shared for part in parts)
 
 
+@pytest.mark.parametrize(("name", "mixed", "alone", "guess"), [
+    # two ControlNets: a scale per prompt in one place, a window per prompt in the other (its second
+    # image's net starts acting later), one shared value elsewhere
+    ("sd-two", {"control_scale": [[0.4, 1.1], 1.3], "control_start": [0.0, [0.2, 0.5]], "control_end": [[0.8, 1.0], 1.0]},
+     [{"control_scale": [0.4, 1.3], "control_start": [0.0, 0.2], "control_end": [0.8, 1.0]},
+      {"control_scale": [1.1, 1.3], "control_start": [0.0, 0.5], "control_end": [1.0, 1.0]}], False),
+    # one ControlNet in guess mode (its gains on top), the first image's at scale 0 (alone: not run)
+    ("sd-one", {"control_scale": [[0.0, 0.9]]}, [{"control_scale": 0.0}, {"control_scale": 0.9}], True),
+])
+def test_controlnet_settings_per_prompt_weigh_each_image(engine_dirs, references, name, mixed, alone, guess):
+    """Scales and windows given per prompt in a ControlNet's place: each image comes out bit for bit
+    as in a call where its own settings serve every prompt (ONNX Runtime and Torch), so served
+    requests with other settings share a call. The ControlNet runs at every step some image needs
+    it. A batch split over calls cuts the lists; the diffusers reference, which has no per-image
+    settings, refuses them."""
+    request = _request(name, guess_mode=guess, **mixed)
+    for backend in ("onnxruntime-cpu", "torch"):
+        pipeline = load_pipeline(engine_dirs[name], backend)
+        ours = pipeline(request)
+        for row, changes in enumerate(alone):
+            own = pipeline(_request(name, guess_mode=guess, **changes))
+            assert torch.equal(ours.latents[row], own.latents[row]), (backend, row)
+            if changes.get("control_scale") == 0.0:  # alone at scale 0: not run
+                assert not own.timings.controlnet_steps
+        steps, family = len(ours.timings.unet_steps), PRESETS[MODELS[name][0]].family
+        needed = [i for i in range(steps) if any(scale and not (i / steps < start or (i + 1) / steps > end)
+                                                 for image in range(request.batch) for scale, start, end
+                                                 in request.control_settings(len(MODELS[name][1]), family, image))]
+        assert len(ours.timings.controlnet_steps) == len(needed)
+    parts = request.split(1)
+    assert [part.control_scale for part in parts] == [[[0.4], 1.3], [[1.1], 1.3]] if name == "sd-two" else [
+        [[0.0]], [[0.9]]]
+    with pytest.raises(SdexportError, match="no per-image settings"):
+        references[name](request)
+
+
+@pytest.mark.slow
+def test_per_prompt_scales_in_an_fp16_graph_on_the_cpu(tmp_path):
+    """ONNX Runtime's CPU provider multiplies an fp16 graph's residuals by its scale in float32, as
+    the loop weighs them where the prompts' scales differ: bit for bit there too. (A GPU multiplies
+    in fp16: the ControlNet docstring says what that changes.)"""
+    export("tiny", tmp_path / "fp16", ExportOptions(dtype="fp16", verify="none", controlnets=["tiny-controlnet"]))
+    pipeline = load_pipeline(tmp_path / "fp16", "onnxruntime-cpu")
+    mixed = pipeline(_request("sd-one", control_scale=[[0.4, 1.1]]))
+    for row, scale in enumerate((0.4, 1.1)):
+        assert torch.equal(mixed.latents[row], pipeline(_request("sd-one", control_scale=scale)).latents[row])
+
+
 def test_img2img_with_a_controlnet_matches_diffusers(engine_dirs, references):
     pipeline = load_pipeline(engine_dirs["sd-one"], "onnxruntime-cpu", image_inputs=True)
     request = _request("sd-one", image=[picture(64, 128, 1)], strength=0.7, scheduler="default")
@@ -512,6 +560,11 @@ def no_engines(monkeypatch):
                                                       "per image, image by image)")),
     (["-p", "y", "--control-image", "{img}", "--control-image", "masked-init"],
      "--control-image masked-init: give it for every image or none"),
+    # settings per image too
+    (["-p", "y", "--control-image", "{img}", *[a for v in "123" for a in ("--control-scale", v)]],
+     "3 --control-scale for 2 images: give 1 (for every image), 2 (one per image)"),
+    (["-p", "y", "--control-image", "{img}", "--control-start", "0.5", "--control-start", "0.9", "--control-end",
+      "0.8"], "--control-start 0.9 is not before --control-end 0.8 (image 2 of 2)"),
 ])
 def test_bad_control_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
                                                                message):
@@ -554,6 +607,17 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     with pytest.raises(SdexportError, match=r"4 control images for 2 ControlNets: .*; with one per prompt, give a "
                                             r"list in each place \(control_image=\[\[image_1, image_2, ...\], ...\]\)"):
         pipeline(_request("sd-two", control_image=[image] * 4))
+    # settings per prompt: the same layout
+    with pytest.raises(SdexportError, match=r"--control-scale: 3 values for 2 prompts \(control image 2 of 2\)"):
+        pipeline(_request("sd-two", control_scale=[1.0, [0.5, 0.6, 0.7]]))
+    with pytest.raises(SdexportError, match=r"--control-end: 4 values for 2 ControlNets: .*; with one per prompt, "
+                                            r"give a list in each place"):
+        pipeline(_request("sd-two", control_end=[0.8, 0.9, 1.0, 1.0]))
+    with pytest.raises(SdexportError, match=r"--control-start 0.9 is not before --control-end 0.8 \(control image 1, "
+                                            r"image 2 of 2\)"):
+        pipeline(_request("sd-two", control_start=[[0.1, 0.9], 0.0], control_end=0.8))
+    with pytest.raises(SdexportError, match=r"--control-start 1.5 \(control image 1 of 2\): a fraction"):
+        pipeline(_request("sd-two", control_start=[[0.1, 1.5], 0.0]))
     assert not calls
 
 
@@ -738,8 +802,9 @@ def test_served_inpainting_with_a_controlnet_is_the_image_run_writes(engine_dirs
 
 
 def test_served_requests_with_their_own_control_images_share_a_call(engine_dirs, tmp_path):
-    """Two requests with different control images are generated in one call, each the image `run`
-    writes given one control image per image; each saved image records its own file."""
+    """Two requests with different control images and scales are generated in one call, each the
+    image `run` writes given one control image and one scale per image; each saved image records
+    its own file and scale. A request that leaves the scale out joins them with the task's default."""
     from test_serving import _inputs, _png_pixels
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
@@ -750,20 +815,27 @@ def test_served_requests_with_their_own_control_images_share_a_call(engine_dirs,
     out = tmp_path / "cli.png"
     assert run_cli("run", engine_dirs["sd-one"], "-p", "x", "-p", "y", "--steps", "3", "--seed", "5",
                    "--control-image", files[0], "--control-image", files[1], "--control-scale", "0.7",
-                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+                   "--control-scale", "1", "--backend", "onnxruntime-cpu", "-o", out) == 0
     written = [out.with_name(f"cli-{i}.png") for i in range(2)]
-    assert [json.loads(Image.open(p).text["sdexport"])["control_image"] for p in written] == [[str(f)] for f in files]
+    records = [json.loads(Image.open(p).text["sdexport"]) for p in written]
+    assert [record["control_image"] for record in records] == [[str(f)] for f in files]
+    assert [record["control"][0]["scale"] for record in records] == [0.7, 1.0]
     logged: list[str] = []
     model = ServedModel(ServeSettings(str(engine_dirs["sd-one"]), backend="onnxruntime-cpu", max_steps=50),
                         log=logged.append)
     try:
-        served = model.generate([_inputs([prompt], steps=3, seed=[seed], control_scale=0.7,
-                                         control_image=path.read_bytes())
-                                 for prompt, seed, path in zip("xy", (5, 6), files)])
+        scales = ({"control_scale": 0.7}, {})  # the second: txt2img's default, 1
+        served = model.generate([_inputs([prompt], steps=3, seed=[seed], control_image=path.read_bytes(), **scale)
+                                 for prompt, seed, path, scale in zip("xy", (5, 6), files, scales)])
         assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
         for generated, path in zip(served, written):
             assert not isinstance(generated, str), generated
             np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(path).convert("RGB")))
+        # a pooling ControlNet averages after its scale (per image only to rounding): kept apart
+        model.pipeline.pooled_controlnets = ("controlnet",)
+        model.generate([_inputs([prompt], steps=1, control_image=path.read_bytes(), **scale)
+                        for prompt, path, scale in zip("xy", files, scales)])
+        assert "2 request(s), 2 image(s) in 2 call(s)" in logged[-1]
     finally:
         model.close()
 

@@ -51,6 +51,8 @@ def no_engines(monkeypatch):
     (["--guidance", "nan"], "--guidance nan: need a finite number >= 0"),
     (["--guidance", "inf"], "--guidance inf: need a finite number >= 0"),
     (["--guidance", "-2"], "--guidance -2.0: need a finite number >= 0"),
+    (["-p", "y", *["--guidance", "7"] * 3], "3 --guidance for 2 images: give one, or one per image"),
+    (["-p", "y", "--guidance", "7", "--guidance", "1"], "guidance 7, 1: a call guides all its images or none"),
     (["--scheduler", "heun9"], "unknown scheduler 'heun9'"),
     (["--backend", "openvino"], "unknown backend 'openvino'"),
     (["--original-size", "1024x1024"], "SDXL conditioning, but this is a sd model"),
@@ -180,6 +182,16 @@ def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path,
 def test_a_short_prompt_is_recorded_as_given(pipeline):
     result = pipeline(GenerationRequest(prompt=["short"], steps=1, height=64, width=64))
     assert result.truncated == {}
+
+
+def test_guidance_given_per_image_is_each_image_s_own(tiny_engine_dir, tmp_path):
+    """``--guidance`` repeated, one per image: a guidance sweep in one call, each image recording its
+    own (the loop's per-image guidance is checked bit for bit in tests/test_runtime.py)."""
+    out = tmp_path / "x.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--batch", "2", "--guidance", "3", "--guidance", "6",
+                   "--steps", "1", "-o", out) == 0
+    records = [json.loads(Image.open(out.with_name(f"x-{i}.png")).text["sdexport"]) for i in range(2)]
+    assert [record["guidance"] for record in records] == [3.0, 6.0]
 
 
 def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(tiny_engine_dir, tmp_path, capsys):

@@ -146,6 +146,29 @@ def test_rows_of_different_guidance_share_a_call_unless_one_side_skips_the_uncon
     assert generation_request([rows[0], rows[4]]).guidance == 7.5  # one value where the rows agree
 
 
+def test_rows_of_different_controlnet_settings_share_a_call():
+    """Scales and windows are per image: rows share a call whatever they are, and the call takes a
+    list per place where its rows differ (one ControlNet here, so one place); a row that leaves the
+    scale to the task's default is kept apart here (the served model fills it in first)."""
+    from sdexport.serving.requests import Row, generation_request, group_rows
+
+    def row(**settings: object) -> Row:
+        return Row(prompt="x", seed=0, steps=2, guidance=7.5, scheduler="default", height=64, width=64,
+                   control_image=["edges"], control_digests=("edges",), **settings)  # type: ignore[arg-type]
+
+    rows = [row(control_scale=0.5), row(control_scale=[1.2], control_end=0.5), row(control_scale=0.5),
+            row(control_scale=None)]
+    calls = group_rows(list(enumerate(rows)), max_batch=4)
+    assert [[owner for owner, _ in call] for call in calls] == [[0, 1, 2], [3]]
+    request = generation_request([r for _, r in calls[0]])
+    assert (request.control_scale, request.control_start, request.control_end) == ([[0.5, 1.2, 0.5]], 0.0,
+                                                                                    [[1.0, 0.5, 1.0]])
+    assert generation_request([rows[0], rows[2]]).control_scale == 0.5  # one value where the rows agree
+    two = [Row(prompt="x", seed=0, steps=2, guidance=7.5, scheduler="default", height=64, width=64,
+               control_image=["a", "b"], control_digests=("a", "b"), control_scale=scale) for scale in (0.5, [0.5, 0.9])]
+    assert generation_request(two).control_scale == [0.5, [0.5, 0.9]]  # the second place differs
+
+
 # -- the served model in-process -----------------------------------------------------------------
 
 
@@ -242,6 +265,12 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
         infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"], [b"3"]])
     with pytest.raises(ValueError, match="control_image: give one list per image .*, not a mix of both"):
         infer_inputs(["a", "b"], http, control_image=[[b"1", b"2"], b"depth"])  # GenerationRequest's layout
+    # ControlNet settings alike: a list of lists gives each image its own
+    inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, control_scale=[[0.5, 1.0], [0.7, 1.0]],
+                                                 control_end=[0.8, 1.0])}
+    assert inputs["control_scale"].shape() == inputs["control_end"].shape() == [2, 2]
+    with pytest.raises(ValueError, match="control_scale: every image needs as many values"):
+        infer_inputs(["a", "b"], http, control_scale=[[0.5, 1.0], [0.7]])
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):

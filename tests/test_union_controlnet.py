@@ -385,6 +385,9 @@ def test_export_refuses_what_does_not_fit(tmp_path, capsys, monkeypatch, args, m
     ("two-images", ["--control-image", "{img}", "--control-image", "{img}", "--control-mode", "1",
                     "--control-mode", "3", "--control-scale", "1", "--control-scale", "1", "--control-scale", "1"],
      "--control-scale: 3 values for 2 control images"),
+    ("two-images", ["-p", "y", "--control-image", "{img}", "--control-image", "{img}", "--control-mode", "1",
+                    "--control-mode", "3", *[a for v in ("1", "1", "0.5", "1") for a in ("--control-scale", v)]],
+     "--control-scale 1, 0.5 (control image 1 of 2): a union ControlNet taking 2 images weighs them inside it"),
     pytest.param("two-nets", [], "has 2 ControlNets: give --control-image", marks=SLOW),
 ])
 @pytest.mark.usefixtures("no_engines")
@@ -416,15 +419,16 @@ def test_two_union_controlnets_each_get_their_own_image_modes_and_scales():
     pipeline.control_modes = lambda request, batch: Txt2ImgPipeline.control_modes(pipeline, request, batch)
     control = Txt2ImgPipeline.control_conditioning(pipeline, request, 4)
     first, second = control.active_nets(3)
-    for (name, inputs, gains), want_name, mode, scale in zip((first, second), pipeline.controlnets, (3, 1), (0.8, 1.3)):
+    for (_, name, inputs, gains), want_name, mode, scale in zip((first, second), pipeline.controlnets, (3, 1),
+                                                                (0.8, 1.3)):
         assert name == want_name and gains is None
         assert inputs["control_type"].shape == (2, 8) and inputs["control_type"][:, mode].eq(1).all()
         assert inputs["control_type"].sum() == 2  # one mode, on both rows of the guidance batch
         assert inputs["control_type_idx"].tolist() == [mode]
         assert inputs["conditioning_scale"].tolist() == pytest.approx([scale])
         assert inputs["controlnet_cond"].shape == (2, 1, 3, 64, 64)
-    assert not torch.equal(first[1]["controlnet_cond"], second[1]["controlnet_cond"])
-    assert [name for name, _, _ in control.active_nets(0)] == ["controlnet"]  # the second starts halfway
+    assert not torch.equal(first[2]["controlnet_cond"], second[2]["controlnet_cond"])
+    assert [name for _, name, _, _ in control.active_nets(0)] == ["controlnet"]  # the second starts halfway
     with pytest.raises(SdexportError, match="has 2 ControlNets: give --control-image"):
         _check_control(GenerationRequest(prompt=["x"]), 2, "sdxl", union_modes=8)
 
@@ -471,6 +475,25 @@ def test_served_union_requests_are_the_images_run_writes(engine_dirs, tmp_path):
         model.close()
 
 
+def test_scales_per_prompt_weigh_each_image_of_a_union_controlnet_taking_one(engine_dirs):
+    """A union ControlNet taking one image scales its residuals (linear): scales per prompt give each
+    image as a call with its scale for every prompt does, bit for bit, though its rows attend to
+    each other (the scale does not reach that far). One taking several weighs them inside: a
+    per-prompt list is refused unless its values agree."""
+    pipeline = load_pipeline(engine_dirs["one"], "onnxruntime-cpu")
+    mixed = pipeline(_request("one", control_scale=[[0.5, 1.2]]))
+    for row, scale in enumerate((0.5, 1.2)):
+        assert torch.equal(mixed.latents[row], pipeline(_request("one", control_scale=[scale])).latents[row])
+    two = load_pipeline(engine_dirs["two-images"], "onnxruntime-cpu")
+    calls = watch(two)
+    with pytest.raises(SdexportError, match=r"--control-end 1, 0.5 \(control image 2 of 2\): a union ControlNet "
+                                            r"taking 2 images weighs them inside it"):
+        two(_request("two-images", control_end=[1.0, [1.0, 0.5]]))
+    assert not calls
+    same = two(_request("two-images", control_scale=[[0.8, 0.8], 1.3]))
+    assert torch.equal(same.latents, two(_request("two-images")).latents)
+
+
 def test_served_rows_keep_apart_only_with_their_own_control_pixels():
     """Rows with the same control images share a call across requests; a request whose rows differ
     in their control pixels (masked-init, made from each row's own init image, or images of their
@@ -492,6 +515,11 @@ def test_served_rows_keep_apart_only_with_their_own_control_pixels():
     mixed = [((0, 0), row("edges0", "edges0")), ((0, 1), row("edges1", "edges1")), ((1, 0), row("edges0", "edges0"))]
     assert [[owner for owner, _ in call] for call in group_rows(mixed, 4, union_control_apart(mixed))] == [
         [(0, 0), (0, 1)], [(1, 0)]]
+    # scales per image: shared by one taking an image per call, kept apart by one taking several
+    scaled = [((r, 0), row("edges")) for r in range(2)]
+    scaled[0][1].control_scale, scaled[1][1].control_scale = 1.0, 0.5
+    assert [len(c) for c in group_rows(scaled, 4, union_control_apart(scaled, images=1))] == [2]
+    assert [len(c) for c in group_rows(scaled, 4, union_control_apart(scaled, images=2))] == [1, 1]
 
 
 def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):

@@ -206,6 +206,11 @@ class DiffusersReference:
                 raise SdexportError("the diffusers reference takes control images as images or tensors, not "
                                     f"{MASKED_INIT}: pass the masked init image as a tensor")
             settings = list(zip(*request.control_settings(len(images), self.model.family)))
+            if any(list(zip(*request.control_settings(len(images), self.model.family, i))) != settings
+                   for i in range(request.batch)):
+                raise SdexportError("the diffusers reference takes one ControlNet scale, start and end for every "
+                                    "prompt (its pipelines have no per-image settings): compare images with their "
+                                    "own in calls of their own")
             if self.union:  # lists throughout: one entry per image (and mode)
                 one = False
                 extra["control_mode"] = list(request.control_mode or [])

@@ -97,9 +97,9 @@ def _used(result: GenerationResult, name: str, i: int) -> str | None:
     return cut[i] if cut and cut[i] is not None else texts[i]
 
 
-def _control_params(request: GenerationRequest, family: str) -> list[dict[str, Any]]:
-    """Each control image's scale and window, and its mode for a union ControlNet."""
-    settings = request.control_settings(len(request.control_image or []), family)
+def _control_params(request: GenerationRequest, family: str, i: int) -> list[dict[str, Any]]:
+    """Each control image's scale and window for image ``i``, and its mode for a union ControlNet."""
+    settings = request.control_settings(len(request.control_image or []), family, i)
     modes: list[int | None] = list(request.control_mode or []) or [None] * len(settings)
     return [{"scale": scale, "start": start, "end": end, **({"mode": mode} if mode is not None else {})}
             for (scale, start, end), mode in zip(settings, modes)]
@@ -222,7 +222,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         **({"task": request.task, "strength": request.effective_strength(result.family)}
            if request.task != "txt2img" else {}),
         **({"truncated_from": cut} if cut else {}),
-        **({"control": _control_params(request, result.family)} if request.control_image else {}),
+        **({"control": _control_params(request, result.family, i)} if request.control_image else {}),
         **({"guess_mode": True} if result.guess_mode else {}),
         **({"adapter": {"scale": request.adapter_scale, "factor": request.adapter_factor}}
            if request.adapter_image else {}),

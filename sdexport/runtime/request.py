@@ -55,6 +55,12 @@ def check_backend(backend: str) -> None:
         raise SdexportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+ControlSetting = float | list[float | list[float]]
+"""A ControlNet setting (scale, start, end): one value for every ControlNet and image, or one per
+ControlNet (per control image of a union one), each a value for every prompt or a list of one per
+prompt."""
+
+
 @dataclass
 class GenerationRequest:
     prompt: list[str]
@@ -100,13 +106,19 @@ class GenerationRequest:
     control_mode: list[int] | None = None
     """Union ControlNets: the control mode of each control image (diffusers' ``control_mode``: an
     index into the modes the model was trained on, e.g. xinsir's 0 openpose, 1 depth, 3 canny)."""
-    control_scale: float | list[float] | None = None
+    control_scale: ControlSetting | None = None
     """``controlnet_conditioning_scale``: one for all ControlNets, or one each (one per image for a
     union ControlNet taking several). None: diffusers' default for the task
-    (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL inpainting 1.0)."""
-    control_start: float | list[float] = 0.0
+    (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL inpainting 1.0).
+
+    In a ControlNet's place a list of one value per prompt (as ``control_image`` takes a list of
+    images; ``control_start`` and ``control_end`` alike) gives each image its own, so images that
+    differ in them share a call (a served batch). A ControlNet's residuals are linear in its scale,
+    so the loop runs it at scale 1 and weighs each image's residuals by its own. Not for a union
+    ControlNet taking several images, which weighs them inside (the mix is not linear)."""
+    control_start: ControlSetting = 0.0
     """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
-    control_end: float | list[float] = 1.0
+    control_end: ControlSetting = 1.0
     """``control_guidance_end``: the fraction of the steps after which it stops."""
     guess_mode: bool = False
     """diffusers' ``guess_mode``: the ControlNets see the conditional (prompted) half of a CFG batch
@@ -157,7 +169,7 @@ class GenerationRequest:
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
         profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image,
-        mask or control image per prompt) are cut; the rest is shared."""
+        mask, control image or ControlNet setting per prompt) are cut; the rest is shared."""
         from dataclasses import replace
 
         def cut(values: Any, start: int) -> Any:
@@ -173,6 +185,11 @@ class GenerationRequest:
             if self.control_image is not None:  # a list per ControlNet: its own length says what it holds
                 fields["control_image"] = [cut(entry, start) if isinstance(entry, list | tuple) else entry
                                            for entry in self.control_image]
+            for name in ("control_scale", "control_start", "control_end"):  # and a list per prompt in a place
+                places = getattr(self, name)
+                if isinstance(places, list | tuple):
+                    fields[name] = [cut(place, start) if isinstance(place, list | tuple) else place
+                                    for place in places]
             parts.append(replace(self, **fields))
         return parts
 
@@ -218,15 +235,21 @@ class GenerationRequest:
             return self.steps
         return min(int(self.steps * self.effective_strength(family)), self.steps)
 
-    def control_settings(self, count: int, family: str) -> list[tuple[float, float, float]]:
-        """(scale, start, end) for each of ``count`` ControlNets (single values serve all; no scale:
-        the family's default for the task)."""
-        def each(value: float | list[float]) -> list[float]:
-            values = list(value) if isinstance(value, list | tuple) else [value]
-            return values * count if len(values) == 1 else values
+    def control_settings(self, count: int, family: str, image: int = 0) -> list[tuple[float, float, float]]:
+        """(scale, start, end) of each of ``count`` ControlNets (control images of union ones) for
+        image ``image`` (single values serve all; no scale: the family's default for the task)."""
+        def each(value: ControlSetting) -> list[float]:
+            return [_for_image(place, image) for place in _places(value, count)]
 
         scale = CONTROL_SCALE_DEFAULTS[family][self.task] if self.control_scale is None else self.control_scale
         return list(zip(each(scale), each(self.control_start), each(self.control_end)))
+
+    @property
+    def control_settings_per_image(self) -> bool:
+        """Whether some ControlNet setting holds a list of one value per prompt (which may differ)."""
+        return any(isinstance(place, list | tuple)
+                   for value in (self.control_scale, self.control_start, self.control_end)
+                   for place in (value if isinstance(value, list | tuple) else []))
 
     @property
     def cfg(self) -> bool:
@@ -236,6 +259,19 @@ class GenerationRequest:
         if isinstance(guidance, list):
             return bool(guidance) and guidance[0] > 1.0
         return guidance is None or guidance > 1.0
+
+
+def _places(value: Any, count: int) -> list[Any]:
+    """A ControlNet setting's ``count`` places: one value or list given for all, or one each."""
+    places = list(value) if isinstance(value, list | tuple) else [value]
+    return places * count if len(places) == 1 else places
+
+
+def _for_image(place: Any, image: int) -> Any:
+    """The value a place of a ControlNet setting gives image ``image``: its one value, or its own."""
+    if not isinstance(place, list | tuple):
+        return place
+    return place[0] if len(place) == 1 else place[image]
 
 
 def guidance_label(guidance: float | list[float]) -> str:
@@ -468,22 +504,46 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
             check_image(image, None, None, "control image")
     for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
                         ("--control-end", request.control_end)):
-        if value is None:  # the scale's per-task default
-            continue
-        values = list(value) if isinstance(value, list | tuple) else [value]
-        if len(values) not in (1, slots):
-            raise SdexportError(f"{flag}: {len(values)} values for {slots} control images: give one, or one each"
-                                if per_net > 1 else
-                                f"{flag}: {len(values)} values for {controlnets} ControlNet{s}: give one, or one each")
+        if value is not None:  # None: the scale's per-task default
+            _check_control_setting(flag, value, request.batch, slots, controlnets, per_net)
+    for image in range(request.batch):
+        for i, (_, start, end) in enumerate(request.control_settings(slots, family, image)):
+            if start >= end:
+                which = [*([f"control image {i + 1}"] if slots > 1 else []),
+                         *([f"image {image + 1} of {request.batch}"] if request.control_settings_per_image else [])]
+                raise SdexportError(f"--control-start {start:g} is not before --control-end {end:g}"
+                                    + (f" ({', '.join(which)})" if which else ""))
+
+
+def _check_control_setting(flag: str, value: Any, batch: int, slots: int, controlnets: int, per_net: int) -> None:
+    """A ControlNet setting's places (one, or one per control image), each a finite number or a
+    list of one per prompt; a union ControlNet taking several images (``per_net``) weighs them
+    inside it, so its prompts in a call take the same values."""
+    s = "" if controlnets == 1 else "s"
+    places = list(value) if isinstance(value, list | tuple) else [value]
+    if len(places) not in (1, slots):
+        flat = batch > 1 and len(places) == slots * batch and not any(isinstance(p, list | tuple) for p in places)
+        per_prompt = (f"; with one per prompt, give a list in each place ([[first, second, ...]"
+                      f"{', ...' if slots > 1 else ''}])" if flat else "")
+        raise SdexportError((f"{flag}: {len(places)} values for {slots} control images: give one, or one each"
+                             if per_net > 1 else
+                             f"{flag}: {len(places)} values for {controlnets} ControlNet{s}: give one, or one each")
+                            + per_prompt)
+    for k, place in enumerate(places):
+        where = f" (control image {k + 1} of {slots})" if len(places) > 1 else ""
+        values = list(place) if isinstance(place, list | tuple) else [place]
+        if isinstance(place, list | tuple) and len(values) not in (1, batch):
+            raise SdexportError(f"{flag}: {len(values)} values for {batch} prompt{'s' if batch > 1 else ''}{where}: "
+                                "give one, or one per prompt")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise SdexportError(f"{flag} {v!r}: expected a finite number")
+                raise SdexportError(f"{flag} {v!r}{where}: expected a finite number")
             if flag != "--control-scale" and not 0 <= v <= 1:
-                raise SdexportError(f"{flag} {v:g}: a fraction of the steps, from 0 to 1")
-    for i, (_, start, end) in enumerate(request.control_settings(slots, family)):
-        if start >= end:
-            raise SdexportError(f"--control-start {start:g} is not before --control-end {end:g}"
-                                + (f" (control image {i + 1})" if slots > 1 else ""))
+                raise SdexportError(f"{flag} {v:g}{where}: a fraction of the steps, from 0 to 1")
+        if per_net > 1 and len(set(values)) > 1:
+            raise SdexportError(f"{flag} {', '.join(f'{v:g}' for v in values)}{where}: a union ControlNet taking "
+                                f"{per_net} images weighs them inside it, so the prompts of a call take the same "
+                                "value; generate the others in calls of their own")
 
 
 def _check_control_modes(modes: Any, images: int, known: int) -> None:

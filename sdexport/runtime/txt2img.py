@@ -109,40 +109,74 @@ class ControlConditioning:
     the mid block's), or None (not in guess mode, or a pooling ControlNet, which diffusers leaves
     unscaled).
 
-    ``scales[net][step]`` holds one scale per image: one for a plain ControlNet (a 0-d tensor), K
-    for a union one (a (K,) tensor). ``modes``: per union ControlNet, its inputs that say which
-    control modes its images are (``control_type``, ``control_type_idx``); empty for plain ones.
-    A ControlNet whose scales are all zero adds exactly zero and is not run, except a union one
-    taking several images: diffusers scales those images' features inside it, and its residuals
-    are not zero then."""
+    ``scales[net][step]`` holds each prompt's scales, in order: one for a plain ControlNet (its
+    input a 0-d tensor), K for a union one (a (K,) tensor). Where the prompts' scales are the same
+    the ControlNet takes them as its input. Where they differ (per-image settings; a single scale
+    each, as ``check_request`` allows) it runs at scale 1 and each image's residuals are weighed by
+    its own (``weigh``): a ControlNet's residuals are linear in its scale.
 
-    def __init__(self, names: list[str], images: list[torch.Tensor], scales: list[list[tuple[float, ...]]],
-                 device: torch.device, *, conditional_only: bool = False,
-                 gains: list[list[float] | None] | None = None,
+    ``modes``: per union ControlNet, its inputs that say which control modes its images are
+    (``control_type``, ``control_type_idx``); empty for plain ones. A ControlNet whose scales are
+    all zero adds exactly zero and is not run, except a union one taking several images: diffusers
+    scales those images' features inside it, and its residuals are not zero then."""
+
+    def __init__(self, names: list[str], images: list[torch.Tensor],
+                 scales: list[list[tuple[tuple[float, ...], ...]]], device: torch.device, *,
+                 conditional_only: bool = False, gains: list[list[float] | None] | None = None,
                  modes: list[dict[str, torch.Tensor]] | None = None) -> None:
         self.names, self.images, self.scales = names, images, scales
         self.conditional_only = conditional_only
         self.gains = gains or [None] * len(names)
         self.modes = modes or [{} for _ in names]
+        self.device = device
+        shared = {(self._input(rows), bool(extra)) for per_step, extra in zip(scales, self.modes) for rows in per_step}
         self._tensors: dict[tuple[tuple[float, ...], bool], torch.Tensor] = {
-            (value, bool(extra)): torch.tensor(list(value) if extra else value[0], dtype=torch.float32, device=device)
-            for per_step, extra in zip(scales, self.modes) for value in set(per_step)
+            (value, extra): torch.tensor(list(value) if extra else value[0], dtype=torch.float32, device=device)
+            for value, extra in shared
         }
+        self._weights: dict[tuple[tuple[float, ...], int], torch.Tensor] = {}
+
+    @staticmethod
+    def _input(rows: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
+        """The scales the ControlNet takes for prompts with ``rows``: theirs where they agree, else 1."""
+        return rows[0] if len(set(rows)) == 1 else (1.0,)
 
     def _runs(self, net: int, step: int) -> bool:
-        value = self.scales[net][step]
-        return len(value) > 1 or any(v != 0 for v in value)
+        rows = self.scales[net][step]
+        return any(len(value) > 1 or any(v != 0 for v in value) for value in rows)
 
     def active(self, step: int) -> bool:
         return any(self._runs(i, step) for i in range(len(self.names)))
 
-    def active_nets(self, step: int) -> list[tuple[str, dict[str, torch.Tensor], list[float] | None]]:
-        """(name, control inputs, gains) of each ControlNet that runs at ``step``."""
-        return [(name, {"controlnet_cond": image,
-                        "conditioning_scale": self._tensors[per_step[step], bool(modes)], **modes}, gains)
+    def active_nets(self, step: int) -> list[tuple[int, str, dict[str, torch.Tensor], list[float] | None]]:
+        """(index, name, control inputs, gains) of each ControlNet that runs at ``step``."""
+        return [(i, name, {"controlnet_cond": image, **modes,
+                           "conditioning_scale": self._tensors[self._input(per_step[step]), bool(modes)]}, gains)
                 for i, (name, image, per_step, gains, modes)
                 in enumerate(zip(self.names, self.images, self.scales, self.gains, self.modes))
                 if self._runs(i, step)]
+
+    def weigh(self, net: int, step: int, residuals: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ControlNet ``net``'s ``residuals`` at ``step``, each image's times its own scale where
+        the prompts' differ (it ran at scale 1), else as they are.
+
+        The product is taken in float32, the residuals' dtype. An fp32 graph multiplies by its
+        scale input so too, and so does ONNX Runtime's CPU provider in an fp16 graph (it runs the
+        multiplication in float32): there an image comes out bit for bit as in a call where its
+        scale serves every prompt. A GPU running an fp16 graph multiplies in fp16, and the image
+        differs from that call's by the rounding of the residuals to fp16; a pooling ControlNet
+        averages after its scale (diffusers' order), and the image differs by float rounding (so
+        ``serve`` does not batch its rows across settings)."""
+        rows = self.scales[net][step]
+        if len(set(rows)) == 1:
+            return residuals
+        scales = tuple(value[0] for value in rows)
+        key = (scales, residuals[0].shape[0])
+        if key not in self._weights:  # twice the prompts under CFG, once in guess mode
+            column = torch.tensor(scales, dtype=torch.float32, device=self.device)
+            self._weights[key] = column.repeat(key[1] // len(scales)).reshape(-1, 1, 1, 1)
+        weights = self._weights[key]
+        return [(r * weights).to(r.dtype) for r in residuals]
 
 
 @dataclass
@@ -545,21 +579,28 @@ class Txt2ImgPipeline:
         guess = self.guess_mode(request)
         conditional_only = guess and request.cfg
         batch = 2 * request.batch if request.cfg and not conditional_only else request.batch
-        per_image, per_step = [], []
+        per_image: list[torch.Tensor] = []
+        per_step: list[list[tuple[float, ...]]] = []  # [slot][step]: each prompt's scale
         count = len(request.control_image or [])
-        for slot, (scale, start, end) in enumerate(request.control_settings(count, self.family)):
+        settings = [request.control_settings(count, self.family, image) for image in range(request.batch)]
+        for slot in range(count):
             given = request.control_images(slot)
             if isinstance(given[0], str) and given[0] == MASKED_INIT:  # check() saw the init image and mask
                 pixels = masked_control_pixels(request.image or [], request.mask or [])
             else:  # one image, or one per prompt
                 pixels = torch.cat([control_pixels(image, request.height, request.width) for image in given])
             per_image.append(per_prompt(pixels, batch).to(self.device))
-            keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
-            per_step.append([scale * k for k in keep])
+            rows = []
+            for scale, start, end in (own[slot] for own in settings):
+                keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+                rows.append([scale * k for k in keep])
+            per_step.append(list(zip(*rows)))
         take = self.dims.K or 1  # images per ControlNet: a union one's K, stacked on axis 1
         images = ([torch.stack(per_image[i:i + take], dim=1) for i in range(0, len(per_image), take)]
                   if self.dims.N else per_image)
-        scales = [list(zip(*per_step[i:i + take])) for i in range(0, len(per_step), take)]
+        # [net][step][prompt]: the prompt's scale for each of the net's images
+        scales = [[tuple(zip(*steps_of)) for steps_of in zip(*per_step[i:i + take])]
+                  for i in range(0, len(per_step), take)]
         modes = self.control_modes(request, batch) if self.dims.N else None
         gains = None
         if guess:
@@ -596,12 +637,12 @@ class Txt2ImgPipeline:
         if control.conditional_only:
             inputs = {name: value.chunk(2)[1] for name, value in inputs.items()}
         summed: list[torch.Tensor] | None = None
-        for name, control_inputs, gains in control.active_nets(step):
+        for net, name, control_inputs, gains in control.active_nets(step):
             engine = self.engines[name]
             feed = {"timestep": timestep, **control_inputs,
                     **{k: v for k, v in inputs.items() if k in engine.spec.input_names}}
             out = engine(feed)
-            residual = [out[n] for n in engine.spec.residual_outputs]
+            residual = control.weigh(net, step, [out[n] for n in engine.spec.residual_outputs])
             if gains is not None:
                 residual = [r if g == 1.0 else r * g for r, g in zip(residual, gains)]
             summed = residual if summed is None else [a + b for a, b in zip(summed, residual)]

@@ -24,10 +24,12 @@ model family's, which the server knows and a client need not."""
 def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:
     """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
     model by name, one value for every image or a list of one per image (for the per-ControlNet and
-    per-adapter inputs, a list is one value: their values for every image); bytes for the image
-    inputs. ``control_image``: bytes, or a list of bytes (one per ControlNet), for every image, or
-    a list of lists (or tuples), one per image, as the rows go over the wire (the transpose of
-    ``GenerationRequest.control_image``'s list per ControlNet). ``adapter_image``: bytes, or a
+    per-adapter inputs, a list is one value: their values for every image, and a list of lists
+    gives each image its own, as for ``control_image``); bytes for the image inputs.
+    ``control_image``: bytes, or a list of bytes (one per ControlNet), for every image, or a list
+    of lists (or tuples), one per image, as the rows go over the wire (the transpose of
+    ``GenerationRequest.control_image``'s list per ControlNet; ``control_scale=[[0.5], [1.0]]``
+    likewise gives two images a scale each). ``adapter_image``: bytes, or a
     tuple of bytes with several adapters (one each), for every image, or a list of those, one per
     image. ``seed``: one per prompt, or one number for the first image and +1 for each next (as
     ``sdexport run --seed``). ``module``: ``tritonclient.http``
@@ -54,7 +56,7 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif name == "adapter_image":  # per image, each one image per adapter
             values[name] = _adapter_images(value, rows)
-        elif name == "control_image" and isinstance(value, list | tuple) \
+        elif _SPECS[name].dims == (-1,) and isinstance(value, list | tuple) \
                 and any(isinstance(v, list | tuple) for v in value):  # one list per image
             values[name] = _per_image_lists(value, rows, name)
         elif _SPECS[name].dims == (-1,):
@@ -92,13 +94,13 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
 def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:
     """A per-ControlNet input given one list per image (``infer_inputs``)."""
     if not all(isinstance(v, list | tuple) for v in value):
-        raise ValueError(f"{name}: give one list per image (each its values, one per ControlNet), or the values "
-                         "for every image, not a mix of both")
+        raise ValueError(f"{name}: give one list per image (each its values, one per ControlNet or adapter), or "
+                         "the values for every image, not a mix of both")
     if len(value) != rows:
         raise ValueError(f"{name}: {len(value)} lists for {rows} prompts; give one per prompt, or one list (or "
                          "value) for every prompt")
     if len({len(v) for v in value}) > 1:
-        raise ValueError(f"{name}: every image needs as many values (one per ControlNet)")
+        raise ValueError(f"{name}: every image needs as many values (one per ControlNet or adapter)")
     return [list(v) for v in value]
 
 

@@ -4,8 +4,8 @@ A served request is decoded into rows with the defaults ``sdexport run`` uses, s
 parameters give the same image. Rows that share every setting a generation call shares (steps,
 size, scheduler, task, ControlNet settings, ...) can be generated together, whichever request they
 came from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The
-guidance scale, the control images and the adapter images are not among those settings: a call
-takes one of each per image.
+guidance scale, the control images, the ControlNet scales and windows and the adapter images are
+not among those settings: a call takes one of each per image.
 
 Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
 profile, so a bad request is refused with the CLI's own words before it joins a batch.
@@ -53,7 +53,7 @@ class Row:
     control_mode: list[int] | None = None
     """Union ControlNets: each control image's mode."""
     control_scale: float | list[float] | None = None
-    """None: the task's default (``CONTROL_SCALE_DEFAULTS``)."""
+    """One, or one per control image; None: the task's default (``CONTROL_SCALE_DEFAULTS``)."""
     control_start: float | list[float] = 0.0
     control_end: float | list[float] = 1.0
     guess_mode: bool = False
@@ -73,14 +73,21 @@ class Row:
         loop takes per image: only whether it is above 1 (the call runs the unconditional half of the
         batch), and None (the family's default, still to be filled in) apart from either. Not the
         control images either, which the loop takes per image too: only where ``MASKED_INIT`` stands
-        (made from each row's own init image and mask)."""
+        (made from each row's own init image and mask). Nor the ControlNet scales and windows, which
+        it takes per image as well: only whether the scale is the task's default (None, filled in
+        with the family's). A union ControlNet taking several images takes them per call
+        (``union_control_apart``)."""
         guided = None if self.guidance is None else self.guidance > 1.0
         masked = None if self.control_image is None else tuple(isinstance(c, str) for c in self.control_image)
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
-                _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end),
-                self.guess_mode, _count(self.adapter_image), _hashable(self.adapter_scale), self.adapter_factor)
+                self.control_scale is None, self.guess_mode, _count(self.adapter_image), _hashable(self.adapter_scale),
+                self.adapter_factor)
+
+    def control_settings(self) -> tuple[Any, ...]:
+        """The ControlNet scale, start and end, as a key."""
+        return _hashable(self.control_scale), _hashable(self.control_start), _hashable(self.control_end)
 
 
 def _hashable(value: float | list[float] | list[int] | None) -> Any:
@@ -232,20 +239,23 @@ def _number(value: Any, name: str, kind: type) -> Any:
     return number
 
 
-def union_control_apart(rows: list[tuple[tuple[int, int], Row]]) -> Callable[[tuple[int, int], Row], Any]:
+def union_control_apart(rows: list[tuple[tuple[int, int], Row]],
+                        images: int = 1) -> Callable[[tuple[int, int], Row], Any]:
     """``group_rows``'s ``apart`` over a union ControlNet, which attends across the rows of its call.
     Rows with the same control images give it the same tokens and change nothing, so they share
     calls across requests. The rows of a request that differ in their control pixels (images of
     their own, or ``MASKED_INIT``: made from each row's init image and mask) stay with their
     request, generated together as ``run`` generates them, so another request's rows cannot change
-    their images."""
+    their images. One taking several ``images`` weighs them by their scales inside it: its rows
+    share a call only with the same scales and windows too."""
     digests: defaultdict[int, set[tuple[str, ...]]] = defaultdict(set)
     for (request, _), row in rows:
         digests[request].add(row.control_digests)
 
     def apart(owner: tuple[int, int], row: Row) -> Any:
         own = len(digests[owner[0]]) > 1 or MASKED_INIT in (row.control_image or [])
-        return ("request", owner[0]) if own else ("images", row.control_digests)
+        key = ("request", owner[0]) if own else ("images", row.control_digests)
+        return (*key, row.control_settings()) if images > 1 else key
 
     return apart
 
@@ -266,8 +276,10 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         guidance=first.guidance if len(set(guidance)) == 1 else cast(list[float], guidance),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
-        control_image=_call_control_images(rows), control_mode=first.control_mode, control_scale=first.control_scale,
-        control_start=first.control_start, control_end=first.control_end, guess_mode=first.guess_mode,
+        control_image=_call_control_images(rows), control_mode=first.control_mode,
+        control_scale=_call_control_setting(rows, "control_scale"),
+        control_start=_call_control_setting(rows, "control_start"),
+        control_end=_call_control_setting(rows, "control_end"), guess_mode=first.guess_mode,
         adapter_image=column("adapter_image"), adapter_scale=first.adapter_scale, adapter_factor=first.adapter_factor,
     )
 
@@ -280,6 +292,18 @@ def _call_control_images(rows: list[Row]) -> list[Any] | None:
         return None
     return [entry if isinstance(entry, str) or len({row.control_digests[k] for row in rows}) == 1
             else [(row.control_image or [])[k] for row in rows] for k, entry in enumerate(first)]
+
+
+def _call_control_setting(rows: list[Row], name: str) -> Any:
+    """A ControlNet setting of a call of ``rows``: the rows' own where they all give the same, else
+    one place per control image, each one value where the rows agree on it, else each row's."""
+    given = [getattr(row, name) for row in rows]
+    if len({_hashable(value) for value in given}) == 1:
+        return given[0]
+    count = len(rows[0].control_image or [])
+    places = [[value] * count if not isinstance(value, list) else value * count if len(value) == 1 else value
+              for value in given]
+    return [column[0] if len(set(column)) == 1 else list(column) for column in zip(*places)]
 
 
 def group_rows(rows: list[tuple[Any, Row]], max_batch: int,

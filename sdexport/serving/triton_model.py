@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
+from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows, union_control_apart
 
@@ -122,9 +123,13 @@ class ServedModel:
                     raise SdexportError("the images of one request must share height and width (their pixels "
                                         "are one tensor): send images of other sizes in requests of their own")
                 for row in decoded:
-                    # the family's default for the row's task, filled in now: a row that leaves the
-                    # guidance out shares a call with the rows that send one (each image takes its own)
-                    row.guidance = self.check(row).guidance_scales(self.pipeline.family)[0]
+                    # the family's defaults for the row's task, filled in now: a row that leaves the
+                    # guidance or the ControlNet scale out shares a call with the rows that send one
+                    # (each image takes its own)
+                    checked = self.check(row)
+                    row.guidance = checked.guidance_scales(self.pipeline.family)[0]
+                    if row.control_image is not None and row.control_scale is None:
+                        row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][checked.task]
             except SdexportError as exc:
                 outcome.append(str(exc))
                 continue
@@ -134,7 +139,13 @@ class ServedModel:
                 continue
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
-        calls = group_rows(rows, self.max_batch, union_control_apart(rows) if self.pipeline.dims.N else None)
+        union = union_control_apart(rows, self.pipeline.dims.K or 1) if self.pipeline.dims.N else None
+        pooled = bool(self.pipeline.pooled_controlnets)  # they average after the scale: per image only to rounding
+
+        def apart(owner: tuple[int, int], row: Row) -> Any:
+            return union(owner, row) if union else None, row.control_settings() if pooled else None
+
+        calls = group_rows(rows, self.max_batch, apart)
         pending = list(calls)
         while pending:
             members = [(o, row) for o, row in pending.pop(0) if not isinstance(outcome[o[0]], str)]  # not failed yet
