@@ -368,6 +368,7 @@ def run(
         MAX_SEED,
         GenerationRequest,
         check_backend,
+        check_per_image,
         check_prompt_text,
         check_request,
         default_notes,
@@ -404,8 +405,9 @@ def run(
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
     adapter_entries = _per_prompt_adapter_images(adapters, len(manifest.adapters), len(prompts))
-    slots = len(manifest.controlnets) * (manifest.model_dims.K or 1)  # control images per image
-    control_entries = _per_prompt_control_images(controls, slots, len(prompts), manifest.model_dims.K or 1)
+    union_images = manifest.model_dims.K or 1
+    slots = len(manifest.controlnets) * union_images  # control images per image
+    control_entries = _per_prompt_control_images(controls, slots, len(prompts), union_images)
     sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
     if size_from_image:  # the init image's own size, else the first control (or adapter) image's
@@ -424,9 +426,9 @@ def run(
         strength=strength,
         control_image=control_entries,
         control_mode=list(control_mode) if control_mode else None,
-        control_scale=_control_setting(control_scale, None, slots, len(prompts), "--control-scale"),  # None: the task's
-        control_start=_control_setting(control_start, 0.0, slots, len(prompts), "--control-start"),
-        control_end=_control_setting(control_end, 1.0, slots, len(prompts), "--control-end"),
+        control_scale=_control_setting(control_scale, None, slots, len(prompts), "--control-scale", union_images),
+        control_start=_control_setting(control_start, 0.0, slots, len(prompts), "--control-start", union_images),
+        control_end=_control_setting(control_end, 1.0, slots, len(prompts), "--control-end", union_images),
         guess_mode=guess_mode,
         adapter_image=adapter_entries,
         adapter_scale=_one_or_each(adapter_scale, 1.0),
@@ -455,9 +457,11 @@ def run(
         request.mask = [_fit(images[1], request, fit, f"--mask {mask}", notes)]
     scheduler_config = read_scheduler_config(engine_dir)
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
+    check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
+                    union_modes=manifest.model_dims.N, union_images=manifest.model_dims.K or 1)
     parts = request.split(profile.batch[2])  # more images than the engines take at once: several calls
     try:
-        for part in (parts[0], parts[-1]):  # the batch sizes that occur (parts differ in batch only)
+        for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
                           adapters=len(manifest.adapters), union_modes=manifest.model_dims.N,
@@ -612,8 +616,8 @@ def _one_or_each(values: list[float] | None, default: _Default) -> float | list[
     return values[0] if len(values) == 1 else list(values)
 
 
-def _control_setting(values: list[float] | None, default: _Default, slots: int, images: int,
-                     flag: str) -> Any:
+def _control_setting(values: list[float] | None, default: _Default, slots: int, images: int, flag: str,
+                     union_images: int = 1) -> Any:
     """A repeatable ControlNet option (``--control-scale``, ``-start``, ``-end``) as
     ``GenerationRequest`` takes it: its default, one value for all, one per ControlNet (``slots``:
     its control images, for union ones), or that many per image, image by image, made one list per
@@ -625,7 +629,8 @@ def _control_setting(values: list[float] | None, default: _Default, slots: int, 
     if images == 1 or not slots or len(values) == slots:
         return list(values)
     if len(values) != slots * images:
-        each = (f"{slots} (one per ControlNet, in the order they were exported, for every image) or {slots * images} "
+        one = "one per ControlNet" if union_images == 1 else "one per control image"
+        each = (f"{slots} ({one}, in the order they were exported, for every image) or {slots * images} "
                 f"({slots} per image, image by image)" if slots > 1 else f"{images} (one per image)")
         raise SdexportError(f"{len(values)} {flag} for {images} images: give 1 (for every image), {each}")
     return [list(values[k::slots]) for k in range(slots)]

@@ -565,6 +565,9 @@ def no_engines(monkeypatch):
      "3 --control-scale for 2 images: give 1 (for every image), 2 (one per image)"),
     (["-p", "y", "--control-image", "{img}", "--control-start", "0.5", "--control-start", "0.9", "--control-end",
       "0.8"], "--control-start 0.9 is not before --control-end 0.8 (image 2 of 2)"),
+    # over the whole run, which the profile (at most 2 per call) splits: image 3 is in a call of its own
+    (["--batch", "3", "--control-image", "{img}", *[a for v in ("0", "0", "0.9") for a in ("--control-start", v)],
+      "--control-end", "0.8"], "--control-start 0.9 is not before --control-end 0.8 (image 3 of 3)"),
 ])
 def test_bad_control_requests_are_refused_before_engines_load(engine_dirs, tmp_path, no_engines, capsys, args,
                                                                message):
@@ -831,11 +834,14 @@ def test_served_requests_with_their_own_control_images_share_a_call(engine_dirs,
         for generated, path in zip(served, written):
             assert not isinstance(generated, str), generated
             np.testing.assert_array_equal(_png_pixels(generated[0].png), np.asarray(Image.open(path).convert("RGB")))
-        # a pooling ControlNet averages after its scale (per image only to rounding): kept apart
+        # a pooling ControlNet averages after its scale (per image only to rounding): requests of other
+        # settings kept apart, a request's own rows together (run's one call)
         model.pipeline.pooled_controlnets = ("controlnet",)
         model.generate([_inputs([prompt], steps=1, control_image=path.read_bytes(), **scale)
                         for prompt, path, scale in zip("xy", files, scales)])
         assert "2 request(s), 2 image(s) in 2 call(s)" in logged[-1]
+        model.generate([_inputs(["x", "y"], steps=1, control_image=files[0].read_bytes(), control_scale=[0.7, 1.0])])
+        assert "1 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
     finally:
         model.close()
 

@@ -53,6 +53,8 @@ def no_engines(monkeypatch):
     (["--guidance", "-2"], "--guidance -2.0: need a finite number >= 0"),
     (["-p", "y", *["--guidance", "7"] * 3], "3 --guidance for 2 images: give one, or one per image"),
     (["-p", "y", "--guidance", "7", "--guidance", "1"], "guidance 7, 1: a call guides all its images or none"),
+    # over the whole run, though the profile (at most 2 per call) would split 7, 7 from 1, 1
+    (["--batch", "4", *[a for v in "7711" for a in ("--guidance", v)]], "guidance 7, 7, 1, 1: a call guides all"),
     (["--scheduler", "heun9"], "unknown scheduler 'heun9'"),
     (["--backend", "openvino"], "unknown backend 'openvino'"),
     (["--original-size", "1024x1024"], "SDXL conditioning, but this is a sd model"),

@@ -108,7 +108,7 @@ class GenerationRequest:
     index into the modes the model was trained on, e.g. xinsir's 0 openpose, 1 depth, 3 canny)."""
     control_scale: ControlSetting | None = None
     """``controlnet_conditioning_scale``: one for all ControlNets, or one each (one per image for a
-    union ControlNet taking several). None: diffusers' default for the task
+    union ControlNet taking several: one per control image). None: diffusers' default for the task
     (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL inpainting 1.0).
 
     In a ControlNet's place a list of one value per prompt (as ``control_image`` takes a list of
@@ -376,6 +376,16 @@ def check_request(
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)
     _check_adapter(request, int(adapters))
+
+
+def check_per_image(request: GenerationRequest, *, family: str, controlnets: int = 0, union_modes: int = 0,
+                    union_images: int = 1) -> None:
+    """The fields that may differ image by image (guidance, control images, ControlNet settings)
+    over a whole request, before ``run`` splits it into calls (``split``), which ``check_request``
+    then sees one by one: a refusal numbers the images as the user counts them, and values no call
+    takes together (guidance on both sides of 1) are refused even where a split would part them."""
+    _check_guidance(request.guidance, request.batch)
+    _check_control(request, controlnets, family, union_images, union_modes)
 
 
 def _check_guidance(guidance: object, batch: int) -> None:

@@ -163,10 +163,11 @@ class ControlConditioning:
         The product is taken in float32, the residuals' dtype. An fp32 graph multiplies by its
         scale input so too, and so does ONNX Runtime's CPU provider in an fp16 graph (it runs the
         multiplication in float32): there an image comes out bit for bit as in a call where its
-        scale serves every prompt. A GPU running an fp16 graph multiplies in fp16, and the image
-        differs from that call's by the rounding of the residuals to fp16; a pooling ControlNet
-        averages after its scale (diffusers' order), and the image differs by float rounding (so
-        ``serve`` does not batch its rows across settings)."""
+        scale serves every prompt. A GPU running an fp16 graph multiplies in fp16 (and TensorRT may
+        fuse the multiplication into the convolution), and the image differs from that call's by
+        the residuals' rounding; a pooling ControlNet averages after its scale (diffusers' order),
+        and the image differs by float rounding (so ``serve`` batches its rows with other
+        requests' only at the same settings: ``settings_apart``)."""
         rows = self.scales[net][step]
         if len(set(rows)) == 1:
             return residuals

@@ -28,8 +28,10 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     gives each image its own, as for ``control_image``); bytes for the image inputs.
     ``control_image``: bytes, or a list of bytes (one per ControlNet), for every image, or a list
     of lists (or tuples), one per image, as the rows go over the wire (the transpose of
-    ``GenerationRequest.control_image``'s list per ControlNet; ``control_scale=[[0.5], [1.0]]``
-    likewise gives two images a scale each). ``adapter_image``: bytes, or a
+    ``GenerationRequest.control_image``'s list per ControlNet). The settings likewise:
+    ``control_scale=[[0.5, 1.0], [0.7, 1.0]]`` gives the first image 0.5 and 1.0 (one per
+    ControlNet), the second 0.7 and 1.0, where ``GenerationRequest`` would read a list per
+    ControlNet. ``adapter_image``: bytes, or a
     tuple of bytes with several adapters (one each), for every image, or a list of those, one per
     image. ``seed``: one per prompt, or one number for the first image and +1 for each next (as
     ``sdexport run --seed``). ``module``: ``tritonclient.http``

@@ -2,7 +2,7 @@
 
 A served request is decoded into rows with the defaults ``sdexport run`` uses, so the same
 parameters give the same image. Rows that share every setting a generation call shares (steps,
-size, scheduler, task, ControlNet settings, ...) can be generated together, whichever request they
+size, scheduler, task, guess mode, ...) can be generated together, whichever request they
 came from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The
 guidance scale, the control images, the ControlNet scales and windows and the adapter images are
 not among those settings: a call takes one of each per image.
@@ -256,6 +256,22 @@ def union_control_apart(rows: list[tuple[tuple[int, int], Row]],
         own = len(digests[owner[0]]) > 1 or MASKED_INIT in (row.control_image or [])
         key = ("request", owner[0]) if own else ("images", row.control_digests)
         return (*key, row.control_settings()) if images > 1 else key
+
+    return apart
+
+
+def settings_apart(rows: list[tuple[tuple[int, int], Row]]) -> Callable[[tuple[int, int], Row], Any]:
+    """``group_rows``'s ``apart`` over a directory with a pooling ControlNet, which averages its
+    residuals after its scale: an image weighed by its own scale in a call of several
+    (``ControlConditioning.weigh``) differs from the one-scale call by float rounding. Rows with the
+    same ControlNet settings share calls across requests; a request whose rows differ stays
+    together, the one call ``run`` makes of it, and apart from other requests."""
+    settings: defaultdict[int, set[tuple[Any, ...]]] = defaultdict(set)
+    for (request, _), row in rows:
+        settings[request].add(row.control_settings())
+
+    def apart(owner: tuple[int, int], row: Row) -> Any:
+        return ("request", owner[0]) if len(settings[owner[0]]) > 1 else ("settings", row.control_settings())
 
     return apart
 

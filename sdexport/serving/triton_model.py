@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from sdexport.errors import SdexportError, one_line
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
-from sdexport.serving.requests import Row, decode_rows, generation_request, group_rows, union_control_apart
+from sdexport.serving.requests import (
+    Row,
+    decode_rows,
+    generation_request,
+    group_rows,
+    settings_apart,
+    union_control_apart,
+)
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -140,10 +147,10 @@ class ServedModel:
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
         union = union_control_apart(rows, self.pipeline.dims.K or 1) if self.pipeline.dims.N else None
-        pooled = bool(self.pipeline.pooled_controlnets)  # they average after the scale: per image only to rounding
+        pooled = settings_apart(rows) if self.pipeline.pooled_controlnets else None
 
         def apart(owner: tuple[int, int], row: Row) -> Any:
-            return union(owner, row) if union else None, row.control_settings() if pooled else None
+            return union(owner, row) if union else None, pooled(owner, row) if pooled else None
 
         calls = group_rows(rows, self.max_batch, apart)
         pending = list(calls)
