@@ -356,7 +356,7 @@ def run(
     control_end: Annotated[list[float] | None, typer.Option("--control-end", help="ControlNet: fraction of the steps after which it stops, as --control-scale is given (default 1).")] = None,
     guess_mode: Annotated[bool, typer.Option("--guess-mode", help="ControlNet: diffusers' guess mode, the ControlNets see the prompted half of the guidance batch only (the image shapes the picture with little or no prompt); on anyway where diffusers turns it on (the first ControlNet pools, as shuffle ones do).")] = False,
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
-    adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter (default 1).")] = None,
+    adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter, or that many per image, image by image (default 1).")] = None,
     adapter_factor: Annotated[float, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor).")] = 1.0,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
@@ -407,6 +407,7 @@ def run(
     adapter_entries = _per_prompt_adapter_images(adapters, len(manifest.adapters), len(prompts))
     union_images = manifest.model_dims.K or 1
     slots = len(manifest.controlnets) * union_images  # control images per image
+    per_control = "one per ControlNet" if union_images == 1 else "one per control image"
     control_entries = _per_prompt_control_images(controls, slots, len(prompts), union_images)
     sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
     size_from_image = bool(sized) and height is None
@@ -426,12 +427,13 @@ def run(
         strength=strength,
         control_image=control_entries,
         control_mode=list(control_mode) if control_mode else None,
-        control_scale=_control_setting(control_scale, None, slots, len(prompts), "--control-scale", union_images),
-        control_start=_control_setting(control_start, 0.0, slots, len(prompts), "--control-start", union_images),
-        control_end=_control_setting(control_end, 1.0, slots, len(prompts), "--control-end", union_images),
+        control_scale=_place_setting(control_scale, None, slots, len(prompts), "--control-scale", per_control),
+        control_start=_place_setting(control_start, 0.0, slots, len(prompts), "--control-start", per_control),
+        control_end=_place_setting(control_end, 1.0, slots, len(prompts), "--control-end", per_control),
         guess_mode=guess_mode,
         adapter_image=adapter_entries,
-        adapter_scale=_one_or_each(adapter_scale, 1.0),
+        adapter_scale=_place_setting(adapter_scale, 1.0, len(manifest.adapters), len(prompts), "--adapter-scale",
+                                     "one per adapter"),
         adapter_factor=adapter_factor,
     )
     notes: list[str] = []
@@ -458,7 +460,7 @@ def run(
     scheduler_config = read_scheduler_config(engine_dir)
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
-                    union_modes=manifest.model_dims.N, union_images=manifest.model_dims.K or 1)
+                    adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images)
     parts = request.split(profile.batch[2])  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
@@ -610,30 +612,30 @@ def _per_prompt_control_images(controls: list[Any], slots: int, images: int, uni
 
 
 def _one_or_each(values: list[float] | None, default: _Default) -> float | list[float] | _Default:
-    """A repeatable per-adapter (or per-image) option: its default, one value for all, or one each."""
+    """A repeatable per-image option (``--guidance``): its default, one value for all, or one each."""
     if not values:
         return default
     return values[0] if len(values) == 1 else list(values)
 
 
-def _control_setting(values: list[float] | None, default: _Default, slots: int, images: int, flag: str,
-                     union_images: int = 1) -> Any:
-    """A repeatable ControlNet option (``--control-scale``, ``-start``, ``-end``) as
-    ``GenerationRequest`` takes it: its default, one value for all, one per ControlNet (``slots``:
-    its control images, for union ones), or that many per image, image by image, made one list per
-    place of its value for each image. Other counts for one image are left to ``check_request``."""
+def _place_setting(values: list[float] | None, default: _Default, places: int, images: int, flag: str,
+                   one: str) -> Any:
+    """A repeatable ControlNet or adapter option (``--control-scale``, ``-start``, ``-end``,
+    ``--adapter-scale``) as ``GenerationRequest`` takes it: its default, one value for all, ``one``
+    per place (``places``: the ControlNets, a union one's control images, the adapters), or that
+    many per image, image by image, made one list per place of its value for each image. Other
+    counts for one image are left to ``check_request``."""
     if not values:
         return default
     if len(values) == 1:
         return values[0]
-    if images == 1 or not slots or len(values) == slots:
+    if images == 1 or not places or len(values) == places:
         return list(values)
-    if len(values) != slots * images:
-        one = "one per ControlNet" if union_images == 1 else "one per control image"
-        each = (f"{slots} ({one}, in the order they were exported, for every image) or {slots * images} "
-                f"({slots} per image, image by image)" if slots > 1 else f"{images} (one per image)")
+    if len(values) != places * images:
+        each = (f"{places} ({one}, in the order they were exported, for every image) or {places * images} "
+                f"({places} per image, image by image)" if places > 1 else f"{images} (one per image)")
         raise SdexportError(f"{len(values)} {flag} for {images} images: give 1 (for every image), {each}")
-    return [list(values[k::slots]) for k in range(slots)]
+    return [list(values[k::places]) for k in range(places)]
 
 
 def _fit(image: Any, request: Any, fit: str, what: str, notes: list[str]) -> Any:

@@ -115,6 +115,26 @@ def test_one_image_per_adapter_serves_every_prompt(engine_dirs, references, name
     _agree(pipeline(plain), references[name](plain))
 
 
+def test_adapter_scales_per_prompt_weigh_each_image(engine_dirs, references):
+    """A list of scales, one per prompt, in an adapter's place beside a shared one: each image comes
+    out bit for bit as in a call where its scales serve every prompt (ONNX Runtime and Torch), so
+    served requests with other scales share a call. A split cuts the list; the diffusers reference,
+    which has no per-image scales, refuses it."""
+    request = _request("sd", adapter_scale=[[0.8, 0.3], 0.5])
+    for backend in ("onnxruntime-cpu", "torch"):
+        pipeline = load_pipeline(engine_dirs["sd"], backend)
+        ours = pipeline(request)
+        for row, first in enumerate((0.8, 0.3)):
+            alone = pipeline(_request("sd", adapter_scale=[first, 0.5]))
+            assert torch.equal(ours.latents[row], alone.latents[row]), (backend, row)
+    assert [part.adapter_scale for part in request.split(1)] == [[[0.8], 0.5], [[0.3], 0.5]]
+    assert [request.adapter_scale_of(i) for i in range(2)] == [[0.8, 0.5], [0.3, 0.5]]  # what each image records
+    with pytest.raises(SdexportError, match="no per-image settings"):
+        references["sd"](request)
+    with pytest.raises(SdexportError, match=r"--adapter-scale: 3 values for 2 prompts \(adapter 1 of 2\)"):
+        pipeline(_request("sd", adapter_scale=[[0.8, 0.3, 0.1], 0.5]))
+
+
 def test_specs_and_manifest_give_each_adapter_its_channels(engine_dirs):
     manifest = load_manifest(engine_dirs["sd"])
     assert manifest.adapters == ["adapter", "adapter_1"] and manifest.dims["A"] == 3
@@ -200,6 +220,12 @@ def test_run_takes_an_image_and_a_scale_per_adapter(engine_dirs, tmp_path, capsy
     images = [a for s in (1, 2, 3, 4) for a in ("--adapter-image", tmp_path / f"a{s}.png")]
     assert run_cli("run", engine_dirs["sd"], "-p", "a cat", "-p", "a dog", *images, "--steps", "2", "-o",
                    tmp_path / "p.png") == 0
+    # and scales per image the same way, each image recording its own
+    scales = [a for v in ("0.7", "0.4", "0.2", "0.4") for a in ("--adapter-scale", v)]
+    assert run_cli("run", engine_dirs["sd"], "-p", "a cat", "-p", "a dog", *images, *scales, "--steps", "2", "-o",
+                   tmp_path / "q.png") == 0
+    recorded = [json.loads(Image.open(tmp_path / f"q-{i}.png").info["sdexport"])["adapter"]["scale"] for i in (0, 1)]
+    assert recorded == [[0.7, 0.4], [0.2, 0.4]]
     capsys.readouterr()
 
 
@@ -211,7 +237,10 @@ def test_run_takes_an_image_and_a_scale_per_adapter(engine_dirs, tmp_path, capsy
     (["--adapter-image", "{img}"] * 2 + ["--adapter-scale", "1", "--adapter-scale", "1", "--adapter-scale", "1"],
      "--adapter-scale: 3 values for 2 T2I-Adapters: give one, or one each"),
     (["--adapter-image", "{img}"] * 2 + ["--adapter-scale", "1", "--adapter-scale", "nan"],
-     "--adapter-scale nan: expected a finite number"),
+     "--adapter-scale nan (adapter 2 of 2): expected a finite number"),
+    (["--adapter-image", "{img}"] * 2 + ["-p", "y"] + ["--adapter-scale", "1"] * 3,
+     ("3 --adapter-scale for 2 images: give 1 (for every image), 2 (one per adapter, in the order they were "
+      "exported, for every image) or 4 (2 per image, image by image)")),
 ])
 @pytest.mark.usefixtures("no_engines")
 def test_bad_multi_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_path, capsys, args, message):
@@ -321,6 +350,13 @@ def test_served_rows_give_an_image_per_adapter(engine_dirs, tmp_path):
         [pair] = model.generate([two])
         assert not isinstance(pair, str), pair
         assert "1 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
+        # requests with other adapter scales share a call too
+        scaled = [_inputs(["x"], steps=3, seed=[5]) for _ in range(2)]
+        for request, second in zip(scaled, (0.3, 0.6)):
+            request["adapter_image"] = np.array([[files[2], files[3]]], dtype=object)
+            request["adapter_scale"] = np.array([[0.7, second]], dtype=np.float32)
+        assert not any(isinstance(r, str) for r in model.generate(scaled))
+        assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
         assert not np.array_equal(pair[0].pixels, pair[1].pixels)
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_image=files[2])])
         assert refused == ("1 adapter image(s) for 2 T2I-Adapters: give --adapter-image 2 times (one each, in the "

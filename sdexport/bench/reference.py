@@ -242,6 +242,9 @@ class DiffusersReference:
             # one for every prompt: diffusers takes one per prompt (see adapter_features)
             images = [given * request.batch if len(given) == 1 else given for given in images]
             scales = request.adapter_scales(count)
+            if any(request.adapter_scales(count, i) != scales for i in range(request.batch)):
+                raise SdexportError("the diffusers reference takes one adapter scale for every prompt (its pipelines "
+                                    "have no per-image settings): compare images with their own in calls of their own")
             extra |= {"image": images[0] if count == 1 else images,
                       "adapter_conditioning_scale": scales[0] if count == 1 else scales}
             if self.model.family == "sdxl":

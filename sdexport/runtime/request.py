@@ -55,10 +55,10 @@ def check_backend(backend: str) -> None:
         raise SdexportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-ControlSetting = float | list[float | list[float]]
-"""A ControlNet setting (scale, start, end): one value for every ControlNet and image, or one per
-ControlNet (per control image of a union one), each a value for every prompt or a list of one per
-prompt."""
+PlaceSetting = float | list[float | list[float]]
+"""A ControlNet setting (scale, start, end) or a T2I-Adapter's scale: one value for every place and
+image, or one per place (a ControlNet, a union one's control image, an adapter), each a value for
+every prompt or a list of one per prompt."""
 
 
 @dataclass
@@ -106,7 +106,7 @@ class GenerationRequest:
     control_mode: list[int] | None = None
     """Union ControlNets: the control mode of each control image (diffusers' ``control_mode``: an
     index into the modes the model was trained on, e.g. xinsir's 0 openpose, 1 depth, 3 canny)."""
-    control_scale: ControlSetting | None = None
+    control_scale: PlaceSetting | None = None
     """``controlnet_conditioning_scale``: one for all ControlNets, or one each (one per image for a
     union ControlNet taking several: one per control image). None: diffusers' default for the task
     (``CONTROL_SCALE_DEFAULTS``: txt2img 1.0, img2img 0.8, inpainting 0.5, SDXL inpainting 1.0).
@@ -116,9 +116,9 @@ class GenerationRequest:
     differ in them share a call (a served batch). A ControlNet's residuals are linear in its scale,
     so the loop runs it at scale 1 and weighs each image's residuals by its own. Not for a union
     ControlNet taking several images, which weighs them inside (the mix is not linear)."""
-    control_start: ControlSetting = 0.0
+    control_start: PlaceSetting = 0.0
     """``control_guidance_start``: the fraction of the steps after which a ControlNet starts acting."""
-    control_end: ControlSetting = 1.0
+    control_end: PlaceSetting = 1.0
     """``control_guidance_end``: the fraction of the steps after which it stops."""
     guess_mode: bool = False
     """diffusers' ``guess_mode``: the ControlNets see the conditional (prompted) half of a CFG batch
@@ -131,9 +131,11 @@ class GenerationRequest:
     or one per prompt, of any size: resized to the request's size as diffusers does, and read in the
     adapter's channels (greyscale for the sketch and canny adapters). With several adapters each
     entry is a tuple of images, one per adapter in the directory's order (``adapter_images``)."""
-    adapter_scale: float | list[float] = 1.0
+    adapter_scale: PlaceSetting = 1.0
     """``adapter_conditioning_scale``: the adapter's features are multiplied by it; with several
-    adapters, one for all or one each (diffusers' ``MultiAdapter`` weights), and the features add up."""
+    adapters, one for all or one each (diffusers' ``MultiAdapter`` weights), and the features add up.
+    In an adapter's place a list of one per prompt gives each image its own (``control_scale``'s
+    layout; ``[[0.5, 1.0]]`` for one adapter), so images that differ in it share a call."""
     adapter_factor: float = 1.0
     """``adapter_conditioning_factor``: the share of the steps, the first ``int(steps x factor)``, the
     adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1)."""
@@ -160,11 +162,15 @@ class GenerationRequest:
         entry = (self.control_image or [])[slot]
         return list(entry) if isinstance(entry, list | tuple) else [entry]
 
-    def adapter_scales(self, adapters: int) -> list[float]:
-        """One ``adapter_scale`` per adapter."""
+    def adapter_scales(self, adapters: int, image: int = 0) -> list[float]:
+        """One ``adapter_scale`` per adapter, for image ``image``."""
+        return [_for_image(place, image) for place in _places(self.adapter_scale, adapters)]
+
+    def adapter_scale_of(self, image: int) -> float | list[float]:
+        """``adapter_scale`` as given (one, or one per adapter), with image ``image``'s values: what
+        its saved file records."""
         scale = self.adapter_scale
-        values = list(scale) if isinstance(scale, list | tuple) else [scale]
-        return values * adapters if len(values) == 1 else values
+        return [_for_image(place, image) for place in scale] if isinstance(scale, list | tuple) else scale
 
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
@@ -185,7 +191,7 @@ class GenerationRequest:
             if self.control_image is not None:  # a list per ControlNet: its own length says what it holds
                 fields["control_image"] = [cut(entry, start) if isinstance(entry, list | tuple) else entry
                                            for entry in self.control_image]
-            for name in ("control_scale", "control_start", "control_end"):  # and a list per prompt in a place
+            for name in ("control_scale", "control_start", "control_end", "adapter_scale"):  # a list per prompt
                 places = getattr(self, name)
                 if isinstance(places, list | tuple):
                     fields[name] = [cut(place, start) if isinstance(place, list | tuple) else place
@@ -238,7 +244,7 @@ class GenerationRequest:
     def control_settings(self, count: int, family: str, image: int = 0) -> list[tuple[float, float, float]]:
         """(scale, start, end) of each of ``count`` ControlNets (control images of union ones) for
         image ``image`` (single values serve all; no scale: the family's default for the task)."""
-        def each(value: ControlSetting) -> list[float]:
+        def each(value: PlaceSetting) -> list[float]:
             return [_for_image(place, image) for place in _places(value, count)]
 
         scale = CONTROL_SCALE_DEFAULTS[family][self.task] if self.control_scale is None else self.control_scale
@@ -378,14 +384,16 @@ def check_request(
     _check_adapter(request, int(adapters))
 
 
-def check_per_image(request: GenerationRequest, *, family: str, controlnets: int = 0, union_modes: int = 0,
-                    union_images: int = 1) -> None:
-    """The fields that may differ image by image (guidance, control images, ControlNet settings)
-    over a whole request, before ``run`` splits it into calls (``split``), which ``check_request``
-    then sees one by one: a refusal numbers the images as the user counts them, and values no call
-    takes together (guidance on both sides of 1) are refused even where a split would part them."""
+def check_per_image(request: GenerationRequest, *, family: str, controlnets: int = 0, adapters: int = 0,
+                    union_modes: int = 0, union_images: int = 1) -> None:
+    """The fields that may differ image by image (guidance, control images, ControlNet settings,
+    adapter images and scales) over a whole request, before ``run`` splits it into calls
+    (``split``), which ``check_request`` then sees one by one: a refusal numbers the images as the
+    user counts them, and values no call takes together (guidance on both sides of 1) are refused
+    even where a split would part them."""
     _check_guidance(request.guidance, request.batch)
     _check_control(request, controlnets, family, union_images, union_modes)
+    _check_adapter(request, adapters)
 
 
 def _check_guidance(guidance: object, batch: int) -> None:
@@ -419,7 +427,10 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     from sdexport.runtime.image_inputs import check_image
 
     if not adapters:
-        if request.adapter_image is not None or request.adapter_factor != 1.0 or request.adapter_scales(1) != [1.0]:
+        given = request.adapter_scale
+        scales = [v for p in (given if isinstance(given, list | tuple) else [given])
+                  for v in (p if isinstance(p, list | tuple) else [p])]
+        if request.adapter_image is not None or request.adapter_factor != 1.0 or any(v != 1.0 for v in scales):
             raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
                                 "directory exported with --adapter (this one has no T2I-Adapter)")
         return
@@ -450,13 +461,11 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     for images in request.adapter_images(adapters):
         for image in images:
             check_image(image, None, None, "adapter image")
-    scales = request.adapter_scales(adapters)  # one given: one each
-    if len(scales) != adapters:
-        raise SdexportError(f"--adapter-scale: {len(scales)} values for {adapters} T2I-Adapters: give one, or one "
-                            "each")
-    for flag, value in (*(("--adapter-scale", v) for v in scales), ("--adapter-factor", request.adapter_factor)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise SdexportError(f"{flag} {value!r}: expected a finite number")
+    _check_setting("--adapter-scale", request.adapter_scale, request.batch, adapters,
+                   f"{adapters} T2I-Adapter{'s' if adapters > 1 else ''}", "adapter")
+    factor = request.adapter_factor
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor):
+        raise SdexportError(f"--adapter-factor {factor!r}: expected a finite number")
     if not 0 <= request.adapter_factor <= 1:
         raise SdexportError(f"--adapter-factor {request.adapter_factor:g}: a fraction of the steps, from 0 to 1")
 
@@ -515,7 +524,9 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
     for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
                         ("--control-end", request.control_end)):
         if value is not None:  # None: the scale's per-task default
-            _check_control_setting(flag, value, request.batch, slots, controlnets, per_net)
+            _check_setting(flag, value, request.batch, slots, f"{slots} control images" if per_net > 1 else
+                           f"{controlnets} ControlNet{s}", "control image", fraction=flag != "--control-scale",
+                           inside=per_net)
     for image in range(request.batch):
         for i, (_, start, end) in enumerate(request.control_settings(slots, family, image)):
             if start >= end:
@@ -525,34 +536,33 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
                                     + (f" ({', '.join(which)})" if which else ""))
 
 
-def _check_control_setting(flag: str, value: Any, batch: int, slots: int, controlnets: int, per_net: int) -> None:
-    """A ControlNet setting's places (one, or one per control image), each a finite number or a
-    list of one per prompt; a union ControlNet taking several images (``per_net``) weighs them
-    inside it, so its prompts in a call take the same values."""
-    s = "" if controlnets == 1 else "s"
+def _check_setting(flag: str, value: Any, batch: int, count: int, noun: str, place: str, *, fraction: bool = False,
+                   inside: int = 1) -> None:
+    """A ControlNet or T2I-Adapter setting's places (one for all, or one for each of ``count``:
+    ``noun`` says what they are, ``place`` what one is), each a finite number (``fraction``: of the
+    steps, from 0 to 1) or a list of one per prompt. ``inside``: the images a union ControlNet
+    takes per call, which it weighs inside it where it takes several, so the prompts of a call take
+    the same value there."""
     places = list(value) if isinstance(value, list | tuple) else [value]
-    if len(places) not in (1, slots):
-        flat = batch > 1 and len(places) == slots * batch and not any(isinstance(p, list | tuple) for p in places)
+    if len(places) not in (1, count):
+        flat = batch > 1 and len(places) == count * batch and not any(isinstance(p, list | tuple) for p in places)
         per_prompt = (f"; with one per prompt, give a list in each place ([[first, second, ...]"
-                      f"{', ...' if slots > 1 else ''}])" if flat else "")
-        raise SdexportError((f"{flag}: {len(places)} values for {slots} control images: give one, or one each"
-                             if per_net > 1 else
-                             f"{flag}: {len(places)} values for {controlnets} ControlNet{s}: give one, or one each")
-                            + per_prompt)
-    for k, place in enumerate(places):
-        where = f" (control image {k + 1} of {slots})" if len(places) > 1 else ""
-        values = list(place) if isinstance(place, list | tuple) else [place]
-        if isinstance(place, list | tuple) and len(values) not in (1, batch):
+                      f"{', ...' if count > 1 else ''}])" if flat else "")
+        raise SdexportError(f"{flag}: {len(places)} values for {noun}: give one, or one each" + per_prompt)
+    for k, entry in enumerate(places):
+        where = f" ({place} {k + 1} of {count})" if len(places) > 1 else ""
+        values = list(entry) if isinstance(entry, list | tuple) else [entry]
+        if isinstance(entry, list | tuple) and len(values) not in (1, batch):
             raise SdexportError(f"{flag}: {len(values)} values for {batch} prompt{'s' if batch > 1 else ''}{where}: "
                                 "give one, or one per prompt")
         for v in values:
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                 raise SdexportError(f"{flag} {v!r}{where}: expected a finite number")
-            if flag != "--control-scale" and not 0 <= v <= 1:
+            if fraction and not 0 <= v <= 1:
                 raise SdexportError(f"{flag} {v:g}{where}: a fraction of the steps, from 0 to 1")
-        if per_net > 1 and len(set(values)) > 1:
+        if inside > 1 and len(set(values)) > 1:
             raise SdexportError(f"{flag} {', '.join(f'{v:g}' for v in values)}{where}: a union ControlNet taking "
-                                f"{per_net} images weighs them inside it, so the prompts of a call take the same "
+                                f"{inside} images weighs them inside it, so the prompts of a call take the same "
                                 "value; generate the others in calls of their own")
 
 

@@ -666,13 +666,21 @@ class Txt2ImgPipeline:
         engines were checked for (a TensorRT plan may not take a batch of one). That is what
         diffusers computes given the image once per prompt; given one image for several prompts,
         diffusers fails under CFG and, without it, drops SDXL's mid-block feature (its shape check
-        sees a batch of one)."""
+        sees a batch of one).
+
+        Scales given per prompt multiply each prompt's row by its own, as a float32 column: the
+        product torch takes with one Python number (float32 arithmetic inside), so an image comes
+        out bit for bit as in a call where its scale serves every prompt."""
         from sdexport.runtime.image_inputs import control_pixels, per_prompt
 
         count = len(self.adapters)
         summed: dict[str, torch.Tensor] = {}
-        for name, images, scale, depth in zip(self.adapters, request.adapter_images(count),
-                                              request.adapter_scales(count), self.dims.adapter_image_channels):
+        per_image = list(zip(*(request.adapter_scales(count, i) for i in range(request.batch))))  # [adapter][prompt]
+        for name, images, scales, depth in zip(self.adapters, request.adapter_images(count), per_image,
+                                               self.dims.adapter_image_channels):
+            scale: float | torch.Tensor = scales[0]
+            if len(set(scales)) > 1:
+                scale = torch.tensor(scales, dtype=torch.float32, device=self.device).reshape(-1, 1, 1, 1)
             engine = self.engines[name]
             pixels = torch.cat([control_pixels(image, request.height, request.width, depth) for image in images])
             out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})

@@ -4,8 +4,8 @@ A served request is decoded into rows with the defaults ``sdexport run`` uses, s
 parameters give the same image. Rows that share every setting a generation call shares (steps,
 size, scheduler, task, guess mode, ...) can be generated together, whichever request they
 came from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The
-guidance scale, the control images, the ControlNet scales and windows and the adapter images are
-not among those settings: a call takes one of each per image.
+guidance scale, the control images, the ControlNet scales and windows and the adapter images and
+scales are not among those settings: a call takes one of each per image.
 
 Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
 profile, so a bad request is refused with the CLI's own words before it joins a batch.
@@ -64,6 +64,7 @@ class Row:
     """This image's T2I-Adapter image (a tuple, one per adapter, where there are several): rows with
     different ones share a call (one per prompt)."""
     adapter_scale: float | list[float] = 1.0
+    """One, or one per adapter: rows with different ones share a call."""
     adapter_factor: float = 1.0
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (an image resized by ``fit``), for the server log."""
@@ -76,14 +77,13 @@ class Row:
         (made from each row's own init image and mask). Nor the ControlNet scales and windows, which
         it takes per image as well: only whether the scale is the task's default (None, filled in
         with the family's). A union ControlNet taking several images takes them per call
-        (``union_control_apart``)."""
+        (``union_control_apart``). Nor the adapter scale, which it takes per image too."""
         guided = None if self.guidance is None else self.guidance > 1.0
         masked = None if self.control_image is None else tuple(isinstance(c, str) for c in self.control_image)
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
-                self.control_scale is None, self.guess_mode, _count(self.adapter_image), _hashable(self.adapter_scale),
-                self.adapter_factor)
+                self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.adapter_factor)
 
     def control_settings(self) -> tuple[Any, ...]:
         """The ControlNet scale, start and end, as a key."""
@@ -293,10 +293,12 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
         control_image=_call_control_images(rows), control_mode=first.control_mode,
-        control_scale=_call_control_setting(rows, "control_scale"),
-        control_start=_call_control_setting(rows, "control_start"),
-        control_end=_call_control_setting(rows, "control_end"), guess_mode=first.guess_mode,
-        adapter_image=column("adapter_image"), adapter_scale=first.adapter_scale, adapter_factor=first.adapter_factor,
+        control_scale=_call_setting(rows, "control_scale", len(first.control_image or [])),
+        control_start=_call_setting(rows, "control_start", len(first.control_image or [])),
+        control_end=_call_setting(rows, "control_end", len(first.control_image or [])), guess_mode=first.guess_mode,
+        adapter_image=column("adapter_image"),
+        adapter_scale=_call_setting(rows, "adapter_scale", _count(first.adapter_image)),
+        adapter_factor=first.adapter_factor,
     )
 
 
@@ -310,13 +312,13 @@ def _call_control_images(rows: list[Row]) -> list[Any] | None:
             else [(row.control_image or [])[k] for row in rows] for k, entry in enumerate(first)]
 
 
-def _call_control_setting(rows: list[Row], name: str) -> Any:
-    """A ControlNet setting of a call of ``rows``: the rows' own where they all give the same, else
-    one place per control image, each one value where the rows agree on it, else each row's."""
+def _call_setting(rows: list[Row], name: str, count: int) -> Any:
+    """A ControlNet or adapter setting of a call of ``rows``: the rows' own where they all give the
+    same, else one place for each of ``count`` (control images, adapters), each one value where
+    the rows agree on it, else each row's."""
     given = [getattr(row, name) for row in rows]
     if len({_hashable(value) for value in given}) == 1:
         return given[0]
-    count = len(rows[0].control_image or [])
     places = [[value] * count if not isinstance(value, list) else value * count if len(value) == 1 else value
               for value in given]
     return [column[0] if len(set(column)) == 1 else list(column) for column in zip(*places)]
