@@ -255,7 +255,8 @@ def test_bad_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_p
 @pytest.mark.usefixtures("no_engines")
 def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_path, capsys):
     picture(64, 64, 0).save(tmp_path / "sketch.png")
-    for setting in (["--adapter-image", tmp_path / "sketch.png"], ["--adapter-scale", "0.5"], ["--adapter-factor", "0"]):
+    for setting in (["--adapter-image", tmp_path / "sketch.png"], ["--adapter-scale", "0.5"], ["--adapter-factor", "0"],
+                    ["--adapter-scale", "1", "--adapter-scale", "1"]):  # values at the default, but more than one
         assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2
         assert "need an engine directory exported with --adapter" in capsys.readouterr().err
 

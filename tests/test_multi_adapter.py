@@ -6,6 +6,7 @@ refusals a user can cause."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from dataclasses import replace
@@ -128,11 +129,14 @@ def test_adapter_scales_per_prompt_weigh_each_image(engine_dirs, references):
             alone = pipeline(_request("sd", adapter_scale=[first, 0.5]))
             assert torch.equal(ours.latents[row], alone.latents[row]), (backend, row)
     assert [part.adapter_scale for part in request.split(1)] == [[[0.8], 0.5], [[0.3], 0.5]]
-    assert [request.adapter_scale_of(i) for i in range(2)] == [[0.8, 0.5], [0.3, 0.5]]  # what each image records
+    assert [request.adapter_scale_of(i, 2) for i in range(2)] == [[0.8, 0.5], [0.3, 0.5]]  # what each image records
+    assert _request("sd", adapter_scale=[[0.5, 0.3], 0.5]).adapter_scale_of(0, 2) == 0.5  # one number where equal
     with pytest.raises(SdexportError, match="no per-image settings"):
         references["sd"](request)
     with pytest.raises(SdexportError, match=r"--adapter-scale: 3 values for 2 prompts \(adapter 1 of 2\)"):
         pipeline(_request("sd", adapter_scale=[[0.8, 0.3, 0.1], 0.5]))
+    with pytest.raises(SdexportError, match=r"--adapter-scale nan \(adapter 2 of 2, image 2 of 2\): expected a finite"):
+        pipeline(_request("sd", adapter_scale=[0.8, [0.3, float("nan")]]))
 
 
 def test_specs_and_manifest_give_each_adapter_its_channels(engine_dirs):
@@ -350,13 +354,20 @@ def test_served_rows_give_an_image_per_adapter(engine_dirs, tmp_path):
         [pair] = model.generate([two])
         assert not isinstance(pair, str), pair
         assert "1 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
-        # requests with other adapter scales share a call too
-        scaled = [_inputs(["x"], steps=3, seed=[5]) for _ in range(2)]
-        for request, second in zip(scaled, (0.3, 0.6)):
+        # requests with other adapter scales share a call too, and a request's image (pixels and the
+        # metadata its PNG records) is the one it gets beside a request with its own scales
+        def scaled(second: float) -> dict[str, np.ndarray]:
+            request = _inputs(["x"], steps=3, seed=[5], adapter_factor=0.5)
             request["adapter_image"] = np.array([[files[2], files[3]]], dtype=object)
             request["adapter_scale"] = np.array([[0.7, second]], dtype=np.float32)
-        assert not any(isinstance(r, str) for r in model.generate(scaled))
+            return request
+
+        together = model.generate([scaled(0.3), scaled(0.6)])
         assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
+        same = model.generate([scaled(0.6), scaled(0.6)])
+        assert not isinstance(together[1], str) and not isinstance(same[1], str)
+        assert together[1][0].png == same[1][0].png
+        assert json.loads(Image.open(io.BytesIO(together[1][0].png)).text["sdexport"])["adapter"]["scale"] == [0.7, 0.6]
         assert not np.array_equal(pair[0].pixels, pair[1].pixels)
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_image=files[2])])
         assert refused == ("1 adapter image(s) for 2 T2I-Adapters: give --adapter-image 2 times (one each, in the "

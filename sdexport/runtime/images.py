@@ -105,6 +105,12 @@ def _control_params(request: GenerationRequest, family: str, i: int) -> list[dic
             for (scale, start, end), mode in zip(settings, modes)]
 
 
+def _adapters(request: GenerationRequest) -> int:
+    """How many T2I-Adapters ``request`` feeds: the images each of its entries holds."""
+    first = (request.adapter_image or [None])[0]
+    return len(first) if isinstance(first, tuple | list) else 1
+
+
 def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
     """The SDXL-only fields, where they were given."""
     request = result.request
@@ -224,7 +230,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         **({"truncated_from": cut} if cut else {}),
         **({"control": _control_params(request, result.family, i)} if request.control_image else {}),
         **({"guess_mode": True} if result.guess_mode else {}),
-        **({"adapter": {"scale": request.adapter_scale_of(i), "factor": request.adapter_factor}}
+        **({"adapter": {"scale": request.adapter_scale_of(i, _adapters(request)), "factor": request.adapter_factor}}
            if request.adapter_image else {}),
         **info,
     }

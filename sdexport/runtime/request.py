@@ -166,11 +166,12 @@ class GenerationRequest:
         """One ``adapter_scale`` per adapter, for image ``image``."""
         return [_for_image(place, image) for place in _places(self.adapter_scale, adapters)]
 
-    def adapter_scale_of(self, image: int) -> float | list[float]:
-        """``adapter_scale`` as given (one, or one per adapter), with image ``image``'s values: what
-        its saved file records."""
-        scale = self.adapter_scale
-        return [_for_image(place, image) for place in scale] if isinstance(scale, list | tuple) else scale
+    def adapter_scale_of(self, image: int, adapters: int) -> float | list[float]:
+        """Image ``image``'s adapter scale as its saved file records it: one number where its
+        ``adapters`` take the same, else one each. The same for the image whatever shape the call's
+        ``adapter_scale`` took (a served image does not depend on the requests beside it)."""
+        scales = self.adapter_scales(adapters, image)
+        return scales[0] if len(set(scales)) == 1 else scales
 
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
@@ -427,10 +428,7 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     from sdexport.runtime.image_inputs import check_image
 
     if not adapters:
-        given = request.adapter_scale
-        scales = [v for p in (given if isinstance(given, list | tuple) else [given])
-                  for v in (p if isinstance(p, list | tuple) else [p])]
-        if request.adapter_image is not None or request.adapter_factor != 1.0 or any(v != 1.0 for v in scales):
+        if request.adapter_image is not None or request.adapter_factor != 1.0 or request.adapter_scale not in (1.0, [1.0]):
             raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
                                 "directory exported with --adapter (this one has no T2I-Adapter)")
         return
@@ -555,11 +553,14 @@ def _check_setting(flag: str, value: Any, batch: int, count: int, noun: str, pla
         if isinstance(entry, list | tuple) and len(values) not in (1, batch):
             raise SdexportError(f"{flag}: {len(values)} values for {batch} prompt{'s' if batch > 1 else ''}{where}: "
                                 "give one, or one per prompt")
-        for v in values:
+        for i, v in enumerate(values):
+            which = [*([f"{place} {k + 1} of {count}"] if len(places) > 1 else []),
+                     *([f"image {i + 1} of {batch}"] if len(values) > 1 else [])]
+            said = f" ({', '.join(which)})" if which else ""
             if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise SdexportError(f"{flag} {v!r}{where}: expected a finite number")
+                raise SdexportError(f"{flag} {v!r}{said}: expected a finite number")
             if fraction and not 0 <= v <= 1:
-                raise SdexportError(f"{flag} {v:g}{where}: a fraction of the steps, from 0 to 1")
+                raise SdexportError(f"{flag} {v:g}{said}: a fraction of the steps, from 0 to 1")
         if inside > 1 and len(set(values)) > 1:
             raise SdexportError(f"{flag} {', '.join(f'{v:g}' for v in values)}{where}: a union ControlNet taking "
                                 f"{inside} images weighs them inside it, so the prompts of a call take the same "
