@@ -176,7 +176,8 @@ class GenerationRequest:
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
         profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image,
-        mask, control image or ControlNet setting per prompt) are cut; the rest is shared."""
+        mask, control image, ControlNet setting or adapter scale per prompt) are cut; the rest is
+        shared."""
         from dataclasses import replace
 
         def cut(values: Any, start: int) -> Any:
@@ -269,13 +270,13 @@ class GenerationRequest:
 
 
 def _places(value: Any, count: int) -> list[Any]:
-    """A ControlNet setting's ``count`` places: one value or list given for all, or one each."""
+    """A ``PlaceSetting``'s ``count`` places: one value or list given for all, or one each."""
     places = list(value) if isinstance(value, list | tuple) else [value]
     return places * count if len(places) == 1 else places
 
 
 def _for_image(place: Any, image: int) -> Any:
-    """The value a place of a ControlNet setting gives image ``image``: its one value, or its own."""
+    """The value a place of a ``PlaceSetting`` gives image ``image``: its one value, or its own."""
     if not isinstance(place, list | tuple):
         return place
     return place[0] if len(place) == 1 else place[image]
