@@ -619,7 +619,7 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     with pytest.raises(SdexportError, match=r"--control-start 0.9 is not before --control-end 0.8 \(control image 1, "
                                             r"image 2 of 2\)"):
         pipeline(_request("sd-two", control_start=[[0.1, 0.9], 0.0], control_end=0.8))
-    with pytest.raises(SdexportError, match=r"--control-start 1.5 \(control image 1 of 2\): a fraction"):
+    with pytest.raises(SdexportError, match=r"--control-start 1.5 \(control image 1 of 2, image 2 of 2\): a fraction"):
         pipeline(_request("sd-two", control_start=[[0.1, 1.5], 0.0]))
     assert not calls
 
