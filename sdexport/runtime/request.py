@@ -164,7 +164,7 @@ class GenerationRequest:
 
     def adapter_scales(self, adapters: int, image: int = 0) -> list[float]:
         """One ``adapter_scale`` per adapter, for image ``image``."""
-        return [_for_image(place, image) for place in _places(self.adapter_scale, adapters)]
+        return [_for_image(place, image) for place in setting_places(self.adapter_scale, adapters)]
 
     def adapter_scale_of(self, image: int, adapters: int) -> float | list[float]:
         """Image ``image``'s adapter scale as its saved file records it: one number where its
@@ -247,7 +247,7 @@ class GenerationRequest:
         """(scale, start, end) of each of ``count`` ControlNets (control images of union ones) for
         image ``image`` (single values serve all; no scale: the family's default for the task)."""
         def each(value: PlaceSetting) -> list[float]:
-            return [_for_image(place, image) for place in _places(value, count)]
+            return [_for_image(place, image) for place in setting_places(value, count)]
 
         scale = CONTROL_SCALE_DEFAULTS[family][self.task] if self.control_scale is None else self.control_scale
         return list(zip(each(scale), each(self.control_start), each(self.control_end)))
@@ -269,7 +269,7 @@ class GenerationRequest:
         return guidance is None or guidance > 1.0
 
 
-def _places(value: Any, count: int) -> list[Any]:
+def setting_places(value: Any, count: int) -> list[Any]:
     """A ``PlaceSetting``'s ``count`` places: one value or list given for all, or one each."""
     places = list(value) if isinstance(value, list | tuple) else [value]
     return places * count if len(places) == 1 else places

@@ -23,7 +23,7 @@ from typing import Any, cast
 import numpy as np
 
 from sdexport.errors import SdexportError
-from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text
+from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text, setting_places
 from sdexport.serving.protocol import INPUT_NAMES
 
 DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact", "adapter_scale": 1.0,
@@ -319,8 +319,7 @@ def _call_setting(rows: list[Row], name: str, count: int) -> Any:
     given = [getattr(row, name) for row in rows]
     if len({_hashable(value) for value in given}) == 1:
         return given[0]
-    places = [[value] * count if not isinstance(value, list) else value * count if len(value) == 1 else value
-              for value in given]
+    places = [setting_places(value, count) for value in given]
     return [column[0] if len(set(column)) == 1 else list(column) for column in zip(*places)]
 
 
