@@ -357,7 +357,7 @@ def run(
     guess_mode: Annotated[bool, typer.Option("--guess-mode", help="ControlNet: diffusers' guess mode, the ControlNets see the prompted half of the guidance batch only (the image shapes the picture with little or no prompt); on anyway where diffusers turns it on (the first ControlNet pools, as shuffle ones do).")] = False,
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
     adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter, or that many per image, image by image (default 1).")] = None,
-    adapter_factor: Annotated[float, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor).")] = 1.0,
+    adapter_factor: Annotated[list[float] | None, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor), one for all images or one per image (default 1).")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
@@ -434,7 +434,7 @@ def run(
         adapter_image=adapter_entries,
         adapter_scale=_place_setting(adapter_scale, 1.0, len(manifest.adapters), len(prompts), "--adapter-scale",
                                      "one per adapter"),
-        adapter_factor=adapter_factor,
+        adapter_factor=_one_or_each(adapter_factor, 1.0),
     )
     notes: list[str] = []
     for flag, paths, read in (("--control-image", control_image, controls), ("--adapter-image", adapter_image, adapters)):
@@ -612,7 +612,8 @@ def _per_prompt_control_images(controls: list[Any], slots: int, images: int, uni
 
 
 def _one_or_each(values: list[float] | None, default: _Default) -> float | list[float] | _Default:
-    """A repeatable per-image option (``--guidance``): its default, one value for all, or one each."""
+    """A repeatable per-image option (``--guidance``, ``--adapter-factor``): its default, one value for
+    all, or one each."""
     if not values:
         return default
     return values[0] if len(values) == 1 else list(values)

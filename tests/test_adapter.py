@@ -4,6 +4,7 @@ the feature specs every stage reads, TensorRT profiles for them, and the refusal
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -91,6 +92,34 @@ def test_pndm_matches_diffusers_at_every_call(engine_dirs, references, name):
     _agree(ours, references[name](request))
 
 
+def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_dirs, references):
+    """A list of factors, one per prompt: each image's features stop after its own share of the U-Net
+    calls, so each image comes out bit for bit as in a call where its factor serves every prompt
+    (SDXL, and SD's PNDM, whose factor 1 reaches its extra call; ONNX Runtime and Torch), and served
+    requests with other factors share a call. A split cuts the list; the diffusers reference, which
+    has no per-image factors, refuses it; a bad value names its image."""
+    for name, scheduler, factors in (("sdxl", "euler_a", [0.5, 1.0]), ("sd", "pndm", [1.0, 0.34])):
+        for backend in ("onnxruntime-cpu", "torch"):
+            pipeline = load_pipeline(engine_dirs[name], backend)
+            ours = pipeline(_request(name, scheduler=scheduler, adapter_factor=factors))
+            alone = [pipeline(_request(name, scheduler=scheduler, adapter_factor=f)) for f in factors]
+            for row in range(2):
+                assert torch.equal(ours.latents[row], alone[row].latents[row]), (name, backend, row)
+                assert not torch.equal(ours.latents[row], alone[1 - row].latents[row])  # its factor acts
+    request = _request("sdxl", adapter_factor=[0.5, 1.0])
+    assert [part.adapter_factor for part in request.split(1)] == [[0.5], [1.0]]
+    assert [request.adapter_factor_of(i) for i in range(2)] == [0.5, 1.0]  # what each image records
+    with pytest.raises(SdexportError, match="one adapter factor for every prompt"):
+        references["sdxl"](request)
+    pipeline = load_pipeline(engine_dirs["sdxl"], "onnxruntime-cpu")
+    with pytest.raises(SdexportError, match=r"--adapter-factor 2 \(image 2 of 2\): a fraction of the steps"):
+        pipeline(_request("sdxl", adapter_factor=[0.5, 2.0]))
+    with pytest.raises(SdexportError, match=r"--adapter-factor: 3 given for 2 images; give one, or one per image"):
+        pipeline(_request("sdxl", adapter_factor=[0.5, 1.0, 0.2]))
+    with pytest.raises(SdexportError, match=r"--adapter-factor nan \(image 1 of 2\): expected a finite number"):
+        pipeline(_request("sdxl", adapter_factor=[float("nan"), 1.0]))
+
+
 @pytest.mark.parametrize("name", MODELS)
 def test_one_adapter_image_serves_every_prompt(engine_dirs, references, name):
     """One image for two prompts (diffusers fails on that under CFG: it is given the image per
@@ -154,6 +183,11 @@ def test_run_writes_the_image_and_its_adapter_settings(engine_dirs, tmp_path, ca
     assert params["adapter"] == {"scale": 0.7, "factor": 1.0}
     assert params["adapter_image"] == [str(tmp_path / "sketch.png")]
     assert (params["height"], params["width"]) == (96, 96)
+    # a factor per image: each image records its own
+    assert run_cli("run", engine_dirs["sd"], "-p", "a cat", "--batch", "2", "--adapter-image", tmp_path / "sketch.png",
+                   "--adapter-factor", "0.5", "--adapter-factor", "1", "--steps", "3", "-o", tmp_path / "two.png") == 0
+    assert [json.loads(Image.open(tmp_path / f"two-{i}.png").info["sdexport"])["adapter"] for i in range(2)] == [
+        {"scale": 1.0, "factor": 0.5}, {"scale": 1.0, "factor": 1.0}]
 
 
 def test_specs_and_manifest_describe_the_features(engine_dirs):
@@ -236,6 +270,10 @@ def test_tensorrt_profiles_cover_the_features(engine_dirs, tmp_path, monkeypatch
     (["--adapter-image", "{bad}"], "--adapter-image {bad}: not a readable image"),
     (["--adapter-image", "{big}"], "(the size of the first --adapter-image; pass --height/--width"),
     (["--adapter-image", "{img}", "--adapter-factor", "1.5"], "--adapter-factor 1.5: a fraction of the steps"),
+    (["--adapter-image", "{img}", "--batch", "2", "--adapter-factor", "0.5", "--adapter-factor", "2"],
+     "--adapter-factor 2 (image 2 of 2): a fraction of the steps"),
+    (["--adapter-image", "{img}", "--batch", "2", "--adapter-factor", "0.5", "--adapter-factor", "1",
+      "--adapter-factor", "1"], "--adapter-factor: 3 given for 2 images; give one, or one per image"),
     (["--adapter-image", "{img}", "--adapter-scale", "nan"], "--adapter-scale nan: expected a finite number"),
     (["--adapter-image", "{img}", "--init-image", "{img}"], "an init image with a T2I-Adapter"),
     (["--adapter-image", "{img}", "--height", "64"], "with --adapter-image, give both --height and --width"),
@@ -256,7 +294,8 @@ def test_bad_adapter_requests_are_refused_before_engines_load(engine_dirs, tmp_p
 def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_path, capsys):
     picture(64, 64, 0).save(tmp_path / "sketch.png")
     for setting in (["--adapter-image", tmp_path / "sketch.png"], ["--adapter-scale", "0.5"], ["--adapter-factor", "0"],
-                    ["--adapter-scale", "1", "--adapter-scale", "1"]):  # values at the default, but more than one
+                    ["--adapter-scale", "1", "--adapter-scale", "1"],  # values at the default, but more than one
+                    ["-p", "y", "--adapter-factor", "1", "--adapter-factor", "1"]):
         assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2
         assert "need an engine directory exported with --adapter" in capsys.readouterr().err
 
@@ -336,6 +375,19 @@ def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):
         [resized] = model.generate([sizes])
         assert not isinstance(resized, str), resized
         assert [g.pixels.shape for g in resized] == [(64, 128, 3)] * 2
+        # requests with other adapter factors share a call too, and a request's image (pixels and the
+        # metadata its PNG records) is the one it gets beside a request with its own factor
+        def stopping(factor: float) -> dict[str, np.ndarray]:
+            return _inputs(["x"], steps=3, seed=[5], adapter_scale=0.7, adapter_factor=factor,
+                           adapter_image=(tmp_path / "a2.png").read_bytes())
+
+        together = model.generate([stopping(0.5), stopping(1.0)])
+        assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logged[-1]
+        same = model.generate([stopping(1.0), stopping(1.0)])
+        assert not isinstance(together[1], str) and not isinstance(same[1], str)
+        assert together[1][0].png == same[1][0].png
+        assert not np.array_equal(together[0][0].pixels, together[1][0].pixels)
+        assert json.loads(Image.open(io.BytesIO(together[0][0].png)).text["sdexport"])["adapter"]["factor"] == 0.5
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_factor=2.0,
                                             adapter_image=(tmp_path / "a2.png").read_bytes())])
         assert refused == "--adapter-factor 2: a fraction of the steps, from 0 to 1"

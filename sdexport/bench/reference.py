@@ -247,9 +247,13 @@ class DiffusersReference:
                                     "have no per-image settings): compare images with their own in calls of their own")
             extra |= {"image": images[0] if count == 1 else images,
                       "adapter_conditioning_scale": scales[0] if count == 1 else scales}
+            factor = request.adapter_factor_of(0)
+            if any(request.adapter_factor_of(i) != factor for i in range(request.batch)):
+                raise SdexportError("the diffusers reference takes one adapter factor for every prompt (its pipelines "
+                                    "have no per-image settings): compare images with their own in calls of their own")
             if self.model.family == "sdxl":
-                extra["adapter_conditioning_factor"] = request.adapter_factor
-            elif request.adapter_factor != 1.0:
+                extra["adapter_conditioning_factor"] = factor
+            elif factor != 1.0:
                 raise SdexportError("diffusers' SD adapter pipeline has no adapter_conditioning_factor: nothing to "
                                     "compare an adapter factor with")
         if self.model.family == "sdxl":

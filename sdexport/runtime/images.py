@@ -230,7 +230,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         **({"truncated_from": cut} if cut else {}),
         **({"control": _control_params(request, result.family, i)} if request.control_image else {}),
         **({"guess_mode": True} if result.guess_mode else {}),
-        **({"adapter": {"scale": request.adapter_scale_of(i, _adapters(request)), "factor": request.adapter_factor}}
+        **({"adapter": {"scale": request.adapter_scale_of(i, _adapters(request)), "factor": request.adapter_factor_of(i)}}
            if request.adapter_image else {}),
         **info,
     }

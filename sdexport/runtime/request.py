@@ -136,9 +136,11 @@ class GenerationRequest:
     adapters, one for all or one each (diffusers' ``MultiAdapter`` weights), and the features add up.
     In an adapter's place a list of one per prompt gives each image its own (``control_scale``'s
     layout; ``[[0.5, 1.0]]`` for one adapter), so images that differ in it share a call."""
-    adapter_factor: float = 1.0
+    adapter_factor: float | list[float] = 1.0
     """``adapter_conditioning_factor``: the share of the steps, the first ``int(steps x factor)``, the
-    adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1)."""
+    adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1). One for every
+    image, or a list of one per prompt (``guidance``'s layout): each image's features stop after its
+    own share, so images that differ in it share a call. Several adapters share it, as in diffusers."""
 
     def __post_init__(self) -> None:
         if isinstance(self.guidance, tuple):  # one scale per prompt, held in a tuple: the loop takes a list
@@ -166,6 +168,11 @@ class GenerationRequest:
         """One ``adapter_scale`` per adapter, for image ``image``."""
         return [_for_image(place, image) for place in setting_places(self.adapter_scale, adapters)]
 
+    def adapter_factor_of(self, image: int) -> float:
+        """Image ``image``'s ``adapter_factor``: the one value, or its own."""
+        factor = self.adapter_factor
+        return factor[image] if isinstance(factor, list | tuple) else factor
+
     def adapter_scale_of(self, image: int, adapters: int) -> float | list[float]:
         """Image ``image``'s adapter scale as its saved file records it: one number where its
         ``adapters`` take the same, else one each. The same for the image whatever shape the call's
@@ -176,7 +183,7 @@ class GenerationRequest:
     def split(self, size: int) -> list[GenerationRequest]:
         """The request as consecutive requests of at most ``size`` images each, in order: what a
         profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image,
-        mask, control image, ControlNet setting or adapter scale per prompt) are cut; the rest is
+        mask, control image, ControlNet setting or adapter scale or factor per prompt) are cut; the rest is
         shared."""
         from dataclasses import replace
 
@@ -186,7 +193,7 @@ class GenerationRequest:
             return values[start:start + size]
 
         per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask",
-                     "adapter_image", "guidance")
+                     "adapter_image", "guidance", "adapter_factor")
         parts = []
         for start in range(0, self.batch, size):
             fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
@@ -389,7 +396,7 @@ def check_request(
 def check_per_image(request: GenerationRequest, *, family: str, controlnets: int = 0, adapters: int = 0,
                     union_modes: int = 0, union_images: int = 1) -> None:
     """The fields that may differ image by image (guidance, control images, ControlNet settings,
-    adapter images and scales) over a whole request, before ``run`` splits it into calls
+    adapter images, scales and factors) over a whole request, before ``run`` splits it into calls
     (``split``), which ``check_request`` then sees one by one: a refusal numbers the images as the
     user counts them, and values no call takes together (guidance on both sides of 1) are refused
     even where a split would part them."""
@@ -429,7 +436,8 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     from sdexport.runtime.image_inputs import check_image
 
     if not adapters:
-        if request.adapter_image is not None or request.adapter_factor != 1.0 or request.adapter_scale not in (1.0, [1.0]):
+        if (request.adapter_image is not None or request.adapter_factor not in (1.0, [1.0])
+                or request.adapter_scale not in (1.0, [1.0])):
             raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
                                 "directory exported with --adapter (this one has no T2I-Adapter)")
         return
@@ -462,11 +470,22 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
             check_image(image, None, None, "adapter image")
     _check_setting("--adapter-scale", request.adapter_scale, request.batch, adapters,
                    f"{adapters} T2I-Adapter{'s' if adapters > 1 else ''}", "adapter")
-    factor = request.adapter_factor
-    if isinstance(factor, bool) or not isinstance(factor, int | float) or not math.isfinite(factor):
-        raise SdexportError(f"--adapter-factor {factor!r}: expected a finite number")
-    if not 0 <= request.adapter_factor <= 1:
-        raise SdexportError(f"--adapter-factor {request.adapter_factor:g}: a fraction of the steps, from 0 to 1")
+    _check_adapter_factor(request.adapter_factor, request.batch)
+
+
+def _check_adapter_factor(factor: object, batch: int) -> None:
+    """One share of the steps from 0 to 1, or one per image; a refusal names the image."""
+    each = isinstance(factor, list | tuple)
+    values = list(factor) if isinstance(factor, list | tuple) else [factor]
+    if each and len(values) != batch:
+        raise SdexportError(f"--adapter-factor: {len(values)} given for {batch} images; give one, or one per image")
+    for i, value in enumerate(values):
+        which = f"--adapter-factor {value!r}" + (f" (image {i + 1} of {batch})" if each else "")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise SdexportError(f"{which}: expected a finite number")
+        if not 0 <= value <= 1:
+            which = f"--adapter-factor {value:g}" + (f" (image {i + 1} of {batch})" if each else "")
+            raise SdexportError(f"{which}: a fraction of the steps, from 0 to 1")
 
 
 def _check_control(request: GenerationRequest, controlnets: int, family: str, union_images: int = 1,

@@ -183,19 +183,27 @@ class ControlConditioning:
 @dataclass
 class AdapterFeatures:
     """What a T2I-Adapter gives the U-Net in one run: its features (times the scale, batched as the
-    U-Net's input), at the first ``steps`` steps, and zeros after them (adding nothing, as diffusers'
-    U-Net does when it is given no features)."""
+    U-Net's input), to each prompt's rows at the first of its ``steps`` U-Net calls, and zeros after
+    them (adding nothing, as diffusers' U-Net does when it is given no features)."""
 
     features: dict[str, torch.Tensor]
-    steps: int
-    zeros: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: list[int]
+    """Per prompt: how many U-Net calls, the first ones, take its features (its own factor's)."""
+    _held: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = None
+    """The last mix of acting and finished prompts, and the features that give it. Only the last: a
+    prompt that has finished stays so, and a mix costs a copy of the features."""
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
-        if step < self.steps:
+        acting = tuple(step < steps for steps in self.steps)
+        if all(acting):
             return self.features
-        if not self.zeros:
-            self.zeros = {name: torch.zeros_like(value) for name, value in self.features.items()}
-        return self.zeros
+        if self._held is None or self._held[0] != acting:
+            # each prompt's rows: once, or twice under CFG (the unconditional half, then the conditional)
+            keep = torch.tensor(acting, device=next(iter(self.features.values())).device)
+            self._held = acting, {name: torch.where(keep.repeat(value.shape[0] // len(acting)).reshape(-1, 1, 1, 1),
+                                                    value, torch.zeros((), dtype=value.dtype, device=value.device))
+                                  for name, value in self.features.items()}
+        return self._held[1]
 
 
 @dataclass
@@ -660,7 +668,8 @@ class Txt2ImgPipeline:
         times ``adapter_scale``, added up over several adapters (``MultiAdapter``), one row per
         prompt, twice under CFG (the same features for both halves), given to the first
         ``int(steps x adapter_factor)`` of the loop's ``calls`` U-Net calls (diffusers' SDXL
-        pipeline; its SD one, which has no factor, gives them to every call, PNDM's extra one too).
+        pipeline; its SD one, which has no factor, gives them to every call, PNDM's extra one too),
+        each prompt after its own factor where they differ.
 
         The adapter runs at the prompts' batch, one image repeated to each prompt: the batch the
         engines were checked for (a TensorRT plan may not take a batch of one). That is what
@@ -688,8 +697,9 @@ class Txt2ImgPipeline:
                 value = out[output].float() * scale
                 summed[feature] = summed[feature] + value if feature in summed else value
         features = {n: torch.cat([v, v]) if request.cfg else v for n, v in summed.items()}
-        every_call = self.family == "sd" and request.adapter_factor == 1.0
-        return AdapterFeatures(features, calls if every_call else int(request.steps * request.adapter_factor))
+        factors = [request.adapter_factor_of(i) for i in range(request.batch)]
+        return AdapterFeatures(features, [calls if self.family == "sd" and factor == 1.0 else int(request.steps * factor)
+                                          for factor in factors])
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:
         """Scaled latents sampled from the VAE encoder's distribution with each image's generator

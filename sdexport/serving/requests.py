@@ -66,6 +66,7 @@ class Row:
     adapter_scale: float | list[float] = 1.0
     """One, or one per adapter: rows with different ones share a call."""
     adapter_factor: float = 1.0
+    """Rows with different ones share a call (each image's features stop after its own share)."""
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (an image resized by ``fit``), for the server log."""
 
@@ -77,13 +78,13 @@ class Row:
         (made from each row's own init image and mask). Nor the ControlNet scales and windows, which
         it takes per image as well: only whether the scale is the task's default (None, filled in
         with the family's). A union ControlNet taking several images takes them per call
-        (``union_control_apart``). Nor the adapter scale, which it takes per image too."""
+        (``union_control_apart``). Nor the adapter scale and factor, which it takes per image too."""
         guided = None if self.guidance is None else self.guidance > 1.0
         masked = None if self.control_image is None else tuple(isinstance(c, str) for c in self.control_image)
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
-                self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.adapter_factor)
+                self.control_scale is None, self.guess_mode, _count(self.adapter_image))
 
     def control_settings(self) -> tuple[Any, ...]:
         """The ControlNet scale, start and end, as a key."""
@@ -285,6 +286,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         return None if values[0] is None else values
 
     guidance = [row.guidance for row in rows]  # one for the call, or one per image where they differ
+    factors = [row.adapter_factor for row in rows]
     return GenerationRequest(
         prompt=[row.prompt for row in rows], negative_prompt=column("negative_prompt"),
         prompt_2=column("prompt_2"), negative_prompt_2=column("negative_prompt_2"),
@@ -298,7 +300,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         control_end=_call_setting(rows, "control_end", len(first.control_image or [])), guess_mode=first.guess_mode,
         adapter_image=column("adapter_image"),
         adapter_scale=_call_setting(rows, "adapter_scale", _count(first.adapter_image)),
-        adapter_factor=first.adapter_factor,
+        adapter_factor=first.adapter_factor if len(set(factors)) == 1 else factors,
     )
 
 
