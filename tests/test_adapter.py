@@ -13,7 +13,15 @@ import onnx
 import pytest
 import torch
 from PIL import Image
-from test_controlnet import TOLERANCE, _agree, _rel, bench_agreeing, no_engines, watch  # noqa: F401  (no_engines: a fixture)
+from test_controlnet import (  # noqa: F401  (no_engines: a fixture)
+    TOLERANCE,
+    _agree,
+    _rel,
+    bench_agreeing,
+    no_engines,
+    tensors_made_in_the_loop,
+    watch,
+)
 
 from conftest import run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -92,12 +100,13 @@ def test_pndm_matches_diffusers_at_every_call(engine_dirs, references, name):
     _agree(ours, references[name](request))
 
 
-def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_dirs, references):
+def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_dirs, references, monkeypatch):
     """A list of factors, one per prompt: each image's features stop after its own share of the U-Net
     calls, so each image comes out bit for bit as in a call where its factor serves every prompt
     (SDXL, and SD's PNDM, whose factor 1 reaches its extra call; ONNX Runtime and Torch), and served
-    requests with other factors share a call. A split cuts the list; the diffusers reference, which
-    has no per-image factors, refuses it; a bad value names its image."""
+    requests with other factors share a call; the row masks are on the device before the loop. A
+    split cuts the list; the diffusers reference, which has no per-image factors, refuses it; a bad
+    value names its image."""
     for name, scheduler, factors in (("sdxl", "euler_a", [0.5, 1.0]), ("sd", "pndm", [1.0, 0.34])):
         for backend in ("onnxruntime-cpu", "torch"):
             pipeline = load_pipeline(engine_dirs[name], backend)
@@ -107,6 +116,7 @@ def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_d
                 assert torch.equal(ours.latents[row], alone[row].latents[row]), (name, backend, row)
                 assert not torch.equal(ours.latents[row], alone[1 - row].latents[row])  # its factor acts
     request = _request("sdxl", adapter_factor=[0.5, 1.0])
+    assert tensors_made_in_the_loop(load_pipeline(engine_dirs["sdxl"], "onnxruntime-cpu"), request, monkeypatch) == []
     assert [part.adapter_factor for part in request.split(1)] == [[0.5], [1.0]]
     assert [request.adapter_factor_of(i) for i in range(2)] == [0.5, 1.0]  # what each image records
     with pytest.raises(SdexportError, match="one adapter factor for every prompt"):

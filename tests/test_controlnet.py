@@ -6,6 +6,7 @@ refusals a user can cause."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +146,13 @@ def test_control_images_per_prompt_match_diffusers(engine_dirs, references):
     # one ControlNet in guess mode (its gains on top), the first image's at scale 0 (alone: not run)
     ("sd-one", {"control_scale": [[0.0, 0.9]]}, [{"control_scale": 0.0}, {"control_scale": 0.9}], True),
 ])
-def test_controlnet_settings_per_prompt_weigh_each_image(engine_dirs, references, name, mixed, alone, guess):
+def test_controlnet_settings_per_prompt_weigh_each_image(engine_dirs, references, name, mixed, alone, guess,
+                                                         monkeypatch):
     """Scales and windows given per prompt in a ControlNet's place: each image comes out bit for bit
     as in a call where its own settings serve every prompt (ONNX Runtime and Torch), so served
     requests with other settings share a call. The ControlNet runs at every step some image needs
-    it. A batch split over calls cuts the lists; the diffusers reference, which has no per-image
-    settings, refuses them."""
+    it, and the weights are on the device before the loop. A batch split over calls cuts the lists;
+    the diffusers reference, which has no per-image settings, refuses them."""
     request = _request(name, guess_mode=guess, **mixed)
     for backend in ("onnxruntime-cpu", "torch"):
         pipeline = load_pipeline(engine_dirs[name], backend)
@@ -165,6 +167,7 @@ def test_controlnet_settings_per_prompt_weigh_each_image(engine_dirs, references
                                                  for image in range(request.batch) for scale, start, end
                                                  in request.control_settings(len(MODELS[name][1]), family, image))]
         assert len(ours.timings.controlnet_steps) == len(needed)
+    assert tensors_made_in_the_loop(pipeline, request, monkeypatch) == []
     parts = request.split(1)
     assert [part.control_scale for part in parts] == [[[0.4], 1.3], [[1.1], 1.3]] if name == "sd-two" else [
         [[0.0]], [[0.9]]]
@@ -641,6 +644,42 @@ def watch(pipeline) -> list[tuple[str, dict]]:
     calls: list[tuple[str, dict]] = []
     pipeline.engines = {name: Watched(engine, calls) for name, engine in pipeline.engines.items()}
     return calls
+
+
+def tensors_made_in_the_loop(pipeline, request: GenerationRequest, monkeypatch) -> list[str]:
+    """Where sdexport's code made a tensor from Python values (``torch.tensor``: on a GPU, a copy to
+    the device that waits for it) inside ``pipeline(request)``'s loop: from the moment its ControlNet
+    or adapter inputs are ready (``control_conditioning``, ``adapter_features``) to the VAE decode."""
+    made: list[str] = []
+    inside = [False]
+    real = torch.tensor
+
+    def noted(*args, **kwargs):
+        caller = sys._getframe(1)
+        if inside[0] and caller.f_globals.get("__name__", "").startswith("sdexport"):
+            made.append(f"{caller.f_globals['__name__']}.{caller.f_code.co_name}:{caller.f_lineno}")
+        return real(*args, **kwargs)
+
+    def entering(method):
+        def run(*args, **kwargs):
+            result = method(*args, **kwargs)
+            inside[0] = True
+            return result
+        return run
+
+    def leaving(method):
+        def run(*args, **kwargs):
+            inside[0] = False
+            return method(*args, **kwargs)
+        return run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "tensor", noted)
+        for name in ("control_conditioning", "adapter_features"):
+            patch.setattr(pipeline, name, entering(getattr(pipeline, name)))
+        patch.setattr(pipeline, "decode", leaving(pipeline.decode))
+        pipeline(request)
+    return made
 
 
 def _controlnet_dir(tmp_path: Path, preset: str, name: str = "net") -> Path:

@@ -128,12 +128,16 @@ class ControlConditioning:
         self.conditional_only = conditional_only
         self.gains = gains or [None] * len(names)
         self.modes = modes or [{} for _ in names]
-        self.device = device
         shared = {(self._input(rows), bool(extra)) for per_step, extra in zip(scales, self.modes) for rows in per_step}
         self._tensors: dict[tuple[tuple[float, ...], bool], torch.Tensor] = {
             (value, extra): torch.tensor(list(value) if extra else value[0], dtype=torch.float32, device=device)
             for value, extra in shared
         }
+        # the scales of each step whose prompts' differ (``weigh``), on the device before the loop:
+        # a tensor made from Python numbers inside it is a copy that waits for the device
+        self._columns = {column: torch.tensor(column, dtype=torch.float32, device=device)
+                         for per_step in scales for rows in per_step if len(set(rows)) > 1
+                         for column in [tuple(value[0] for value in rows)]}
         self._weights: dict[tuple[tuple[float, ...], int], torch.Tensor] = {}
 
     @staticmethod
@@ -174,8 +178,7 @@ class ControlConditioning:
         scales = tuple(value[0] for value in rows)
         key = (scales, residuals[0].shape[0])
         if key not in self._weights:  # twice the prompts under CFG, once in guess mode
-            column = torch.tensor(scales, dtype=torch.float32, device=self.device)
-            self._weights[key] = column.repeat(key[1] // len(scales)).reshape(-1, 1, 1, 1)
+            self._weights[key] = self._columns[scales].repeat(key[1] // len(scales)).reshape(-1, 1, 1, 1)
         weights = self._weights[key]
         return [(r * weights).to(r.dtype) for r in residuals]
 
@@ -189,19 +192,28 @@ class AdapterFeatures:
     features: dict[str, torch.Tensor]
     steps: list[int]
     """Per prompt: how many U-Net calls, the first ones, take its features (its own factor's)."""
-    _held: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = None
-    """The last mix of acting and finished prompts, and the features that give it. Only the last: a
-    prompt that has finished stays so, and a mix costs a copy of the features."""
+    _masks: dict[tuple[bool, ...], torch.Tensor] = field(init=False, default_factory=dict)
+    """Each mix of acting and finished prompts the run goes through, on the device before the loop
+    (a tensor made from Python values inside it is a copy that waits for the device): one from each
+    prompt's last call on, where the prompts with more calls still act."""
+    _held: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = field(init=False, default=None)
+    """The last mix, and the features that give it. Only the last: a prompt that has finished stays
+    so, and a mix costs a copy of the features."""
+
+    def __post_init__(self) -> None:
+        device = next(iter(self.features.values())).device
+        for first in sorted(set(self.steps)):
+            acting = tuple(first < steps for steps in self.steps)
+            self._masks[acting] = torch.tensor(acting, device=device)
 
     def at(self, step: int) -> dict[str, torch.Tensor]:
         acting = tuple(step < steps for steps in self.steps)
         if all(acting):
             return self.features
         if self._held is None or self._held[0] != acting:
-            # each prompt's rows: once, or twice under CFG (the unconditional half, then the conditional)
-            keep = torch.tensor(acting, device=next(iter(self.features.values())).device)
+            keep = self._masks[acting]  # per prompt; its rows: once, or twice under CFG (unconditional half first)
             self._held = acting, {name: torch.where(keep.repeat(value.shape[0] // len(acting)).reshape(-1, 1, 1, 1),
-                                                    value, torch.zeros((), dtype=value.dtype, device=value.device))
+                                                    value, 0.0)
                                   for name, value in self.features.items()}
         return self._held[1]
 
