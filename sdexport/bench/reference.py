@@ -247,8 +247,10 @@ class DiffusersReference:
                                     "have no per-image settings): compare images with their own in calls of their own")
             extra |= {"image": images[0] if count == 1 else images,
                       "adapter_conditioning_scale": scales[0] if count == 1 else scales}
-            factor = request.adapter_factor_of(0)
-            if any(request.adapter_factor_of(i) != factor for i in range(request.batch)):
+            given = request.adapter_factor
+            factors = list(given) if isinstance(given, list | tuple) else [given]
+            factor = factors[0]
+            if len(set(factors)) > 1:
                 raise SdexportError("the diffusers reference takes one adapter factor for every prompt (its pipelines "
                                     "have no per-image settings): compare images with their own in calls of their own")
             if self.model.family == "sdxl":

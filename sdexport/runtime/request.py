@@ -478,7 +478,8 @@ def _check_adapter_factor(factor: object, batch: int) -> None:
     each = isinstance(factor, list | tuple)
     values = list(factor) if isinstance(factor, list | tuple) else [factor]
     if each and len(values) != batch:
-        raise SdexportError(f"--adapter-factor: {len(values)} given for {batch} images; give one, or one per image")
+        raise SdexportError(f"--adapter-factor: {len(values)} given for {batch} image{'s' if batch > 1 else ''}; "
+                            "give one, or one per image")
     for i, value in enumerate(values):
         which = f"--adapter-factor {value!r}" + (f" (image {i + 1} of {batch})" if each else "")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):

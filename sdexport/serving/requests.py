@@ -4,8 +4,8 @@ A served request is decoded into rows with the defaults ``sdexport run`` uses, s
 parameters give the same image. Rows that share every setting a generation call shares (steps,
 size, scheduler, task, guess mode, ...) can be generated together, whichever request they
 came from: ``group_rows`` makes those batches, no larger than the engines' profile allows. The
-guidance scale, the control images, the ControlNet scales and windows and the adapter images and
-scales are not among those settings: a call takes one of each per image.
+guidance scale, the control images, the ControlNet scales and windows and the adapter images,
+scales and factors are not among those settings: a call takes one of each per image.
 
 Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
 profile, so a bad request is refused with the CLI's own words before it joins a batch.
