@@ -649,7 +649,8 @@ def watch(pipeline) -> list[tuple[str, dict]]:
 def tensors_made_in_the_loop(pipeline, request: GenerationRequest, monkeypatch) -> list[str]:
     """Where sdexport's code made a tensor from Python values (``torch.tensor``: on a GPU, a copy to
     the device that waits for it) inside ``pipeline(request)``'s loop: from the moment its ControlNet
-    or adapter inputs are ready (``control_conditioning``, ``adapter_features``) to the VAE decode."""
+    or adapter inputs are ready (``control_conditioning``, ``adapter_features``), or else its first
+    U-Net call, to the VAE decode."""
     made: list[str] = []
     inside = [False]
     real = torch.tensor
@@ -673,11 +674,17 @@ def tensors_made_in_the_loop(pipeline, request: GenerationRequest, monkeypatch) 
             return method(*args, **kwargs)
         return run
 
+    class Entered(list):  # the U-Net's calls, as Watched notes them: the loop has begun at the first
+        def append(self, call) -> None:
+            inside[0] = True
+            super().append(call)
+
     with monkeypatch.context() as patch:
         patch.setattr(torch, "tensor", noted)
         for name in ("control_conditioning", "adapter_features"):
             patch.setattr(pipeline, name, entering(getattr(pipeline, name)))
         patch.setattr(pipeline, "decode", leaving(pipeline.decode))
+        patch.setitem(pipeline.engines, "unet", Watched(pipeline.engines["unet"], Entered()))
         pipeline(request)
     return made
 

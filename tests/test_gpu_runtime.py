@@ -121,16 +121,20 @@ def controlnet_dir(tmp_path_factory) -> Path:
     return directory
 
 
+@pytest.mark.parametrize("per_image", [False, True], ids=["shared-settings", "per-image-settings"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime-cuda", marks=needs_ort_cuda)])
-def test_controlnets_on_the_gpu_match_the_cpu_without_waits_in_the_loop(controlnet_dir: Path, backend, monkeypatch):
+def test_controlnets_on_the_gpu_match_the_cpu_without_waits_in_the_loop(controlnet_dir: Path, backend, per_image,
+                                                                        monkeypatch):
     """Two ControlNets before the U-Net each step: the CPU's latents, and no wait that grows with the
-    step count (the per-step scales and images are on the device before the loop starts)."""
+    step count (the per-step scales and images are on the device before the loop starts; with a
+    scale per image, so are the weights of its residuals and the scale-1 input)."""
     from PIL import Image
 
     from sdexport.runtime.loading import load_pipeline
 
     edges = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
-    request = dataclasses.replace(REQUEST, control_image=[edges, edges], control_scale=[1.0, 0.5], control_end=0.8)
+    scales = [[1.0, 0.4], 0.5] if per_image else [1.0, 0.5]
+    request = dataclasses.replace(REQUEST, control_image=[edges, edges], control_scale=scales, control_end=0.8)
     with load_pipeline(controlnet_dir, "onnxruntime-cpu") as pipeline:
         expected = pipeline(request)
     with load_pipeline(controlnet_dir, backend) as pipeline:

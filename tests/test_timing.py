@@ -13,6 +13,7 @@ import types
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +92,29 @@ def test_pipeline_stages_come_from_the_clock_without_host_sync(tiny_engine_dir: 
     assert timings.unet_steps == [pytest.approx(0.001)] * 3  # one tick between each step's marks
     assert timings.text_encoder == pytest.approx(0.001) and timings.vae_decoder == pytest.approx(0.001)
     assert timings.total > 0 and timings.to_dict()["clock"] == "cuda events"
+    pipeline.close()
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "pndm", "dpmpp_2m", "unipc"])
+def test_the_loop_makes_no_tensor_from_python_values(tiny_engine_dir: Path, monkeypatch, scheduler):
+    """Everything a step feeds is on the device before the loop: a tensor made from Python numbers
+    inside it is, on a GPU, a copy that waits for the device (torch's blocking copy). Guidance per
+    image, img2img and inpainting (the latents blended back at each step) over schedulers of each
+    kind; the ControlNet and adapter tests check their per-image settings the same way."""
+    from PIL import Image
+    from test_controlnet import tensors_made_in_the_loop
+
+    from sdexport.runtime.loading import load_pipeline
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8))
+    mask = Image.fromarray(((rng.random((64, 64)) > 0.5) * 255).astype(np.uint8))
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True)
+    for changes in ({"guidance": [2.0, 7.0]}, {"image": [picture], "strength": 0.6},
+                    {"image": [picture], "mask": [mask], "strength": 0.8}):
+        request = GenerationRequest(prompt=["a fox", "a cat"], steps=4, scheduler=scheduler, height=64, width=64,
+                                    seeds=[1, 2], **changes)
+        assert tensors_made_in_the_loop(pipeline, request, monkeypatch) == [], changes
     pipeline.close()
 
 
