@@ -194,8 +194,8 @@ class AdapterFeatures:
     """Per prompt: how many U-Net calls, the first ones, take its features (its own factor's)."""
     _masks: dict[tuple[bool, ...], torch.Tensor] = field(init=False, default_factory=dict)
     """Each mix of acting and finished prompts the run goes through, on the device before the loop
-    (a tensor made from Python values inside it is a copy that waits for the device): one from each
-    prompt's last call on, where the prompts with more calls still act."""
+    (a tensor made from Python values inside it is a copy that waits for the device): one from the
+    call where each prompt's share ends, the prompts with a longer share still acting."""
     _held: tuple[tuple[bool, ...], dict[str, torch.Tensor]] | None = field(init=False, default=None)
     """The last mix, and the features that give it. Only the last: a prompt that has finished stays
     so, and a mix costs a copy of the features."""
