@@ -647,44 +647,45 @@ def watch(pipeline) -> list[tuple[str, dict]]:
 
 
 def tensors_made_in_the_loop(pipeline, request: GenerationRequest, monkeypatch) -> list[str]:
-    """Where sdexport's code made a tensor from Python values (``torch.tensor``: on a GPU, a copy to
-    the device that waits for it) inside ``pipeline(request)``'s loop: from the moment its ControlNet
-    or adapter inputs are ready (``control_conditioning``, ``adapter_features``), or else its first
-    U-Net call, to the VAE decode."""
+    """Where sdexport's own code called ``torch.tensor`` (on a GPU, with Python values: a copy to the
+    device that waits for it) inside ``pipeline(request)``'s loop: from the moment the starting
+    latents and the ControlNet or adapter inputs are ready (``initial_latents`` or
+    ``image_conditioning``, then ``control_conditioning``, ``adapter_features``) to the VAE decode.
+
+    It sees that one call, made in an sdexport module: not ``as_tensor``, ``.item()`` or ``.to``,
+    and not what diffusers' schedulers do when sdexport calls them (``add_noise`` copies its sigmas
+    to the device: docs/design-notes.md)."""
     made: list[str] = []
-    inside = [False]
+    state = {"loop": False, "setting_up": 0}  # set-up methods may call one another
     real = torch.tensor
 
     def noted(*args, **kwargs):
         caller = sys._getframe(1)
-        if inside[0] and caller.f_globals.get("__name__", "").startswith("sdexport"):
+        if state["loop"] and not state["setting_up"] and caller.f_globals.get("__name__", "").startswith("sdexport"):
             made.append(f"{caller.f_globals['__name__']}.{caller.f_code.co_name}:{caller.f_lineno}")
         return real(*args, **kwargs)
 
-    def entering(method):
+    def setting_up(method):  # makes its tensors before the loop, which may start once it returns
         def run(*args, **kwargs):
-            result = method(*args, **kwargs)
-            inside[0] = True
-            return result
+            state["setting_up"] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                state["setting_up"] -= 1
+                state["loop"] = True
         return run
 
-    def leaving(method):
+    def decoding(method):
         def run(*args, **kwargs):
-            inside[0] = False
+            state["loop"] = False
             return method(*args, **kwargs)
         return run
 
-    class Entered(list):  # the U-Net's calls, as Watched notes them: the loop has begun at the first
-        def append(self, call) -> None:
-            inside[0] = True
-            super().append(call)
-
     with monkeypatch.context() as patch:
         patch.setattr(torch, "tensor", noted)
-        for name in ("control_conditioning", "adapter_features"):
-            patch.setattr(pipeline, name, entering(getattr(pipeline, name)))
-        patch.setattr(pipeline, "decode", leaving(pipeline.decode))
-        patch.setitem(pipeline.engines, "unet", Watched(pipeline.engines["unet"], Entered()))
+        for name in ("initial_latents", "image_conditioning", "control_conditioning", "adapter_features"):
+            patch.setattr(pipeline, name, setting_up(getattr(pipeline, name)))
+        patch.setattr(pipeline, "decode", decoding(pipeline.decode))
         pipeline(request)
     return made
 

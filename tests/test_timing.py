@@ -97,10 +97,11 @@ def test_pipeline_stages_come_from_the_clock_without_host_sync(tiny_engine_dir: 
 
 @pytest.mark.parametrize("scheduler", ["euler_a", "pndm", "dpmpp_2m", "unipc"])
 def test_the_loop_makes_no_tensor_from_python_values(tiny_engine_dir: Path, monkeypatch, scheduler):
-    """Everything a step feeds is on the device before the loop: a tensor made from Python numbers
-    inside it is, on a GPU, a copy that waits for the device (torch's blocking copy). Guidance per
-    image, img2img and inpainting (the latents blended back at each step) over schedulers of each
-    kind; the ControlNet and adapter tests check their per-image settings the same way."""
+    """sdexport's own code makes no tensor from Python numbers inside the loop: on a GPU that is a
+    copy that waits for the device (torch's blocking copy). Guidance per image, img2img and
+    inpainting (the latents blended back at each step) over schedulers of each kind; the ControlNet
+    and adapter tests check their per-image settings the same way. What diffusers' schedulers copy
+    when called (``add_noise``'s sigmas, Euler a's noise) is theirs: docs/design-notes.md."""
     from PIL import Image
     from test_controlnet import tensors_made_in_the_loop
 
