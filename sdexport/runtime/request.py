@@ -170,8 +170,7 @@ class GenerationRequest:
 
     def adapter_factor_of(self, image: int) -> float:
         """Image ``image``'s ``adapter_factor``: the one value, or its own."""
-        factor = self.adapter_factor
-        return factor[image] if isinstance(factor, list | tuple) else factor
+        return _for_image(self.adapter_factor, image)
 
     def adapter_scale_of(self, image: int, adapters: int) -> float | list[float]:
         """Image ``image``'s adapter scale as its saved file records it: one number where its

@@ -135,15 +135,19 @@ class ControlConditioning:
         }
         # the scales of each step whose prompts' differ (``weigh``), on the device before the loop:
         # a tensor made from Python numbers inside it is a copy that waits for the device
-        self._columns = {column: torch.tensor(column, dtype=torch.float32, device=device)
-                         for per_step in scales for rows in per_step if len(set(rows)) > 1
-                         for column in [tuple(value[0] for value in rows)]}
+        self._columns = {self._column(rows): torch.tensor(self._column(rows), dtype=torch.float32, device=device)
+                         for per_step in scales for rows in per_step if len(set(rows)) > 1}
         self._weights: dict[tuple[tuple[float, ...], int], torch.Tensor] = {}
 
     @staticmethod
     def _input(rows: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
         """The scales the ControlNet takes for prompts with ``rows``: theirs where they agree, else 1."""
         return rows[0] if len(set(rows)) == 1 else (1.0,)
+
+    @staticmethod
+    def _column(rows: tuple[tuple[float, ...], ...]) -> tuple[float, ...]:
+        """Each prompt's scale where the prompts' differ (a single one each): ``weigh``'s weights."""
+        return tuple(value[0] for value in rows)
 
     def _runs(self, net: int, step: int) -> bool:
         rows = self.scales[net][step]
@@ -175,7 +179,7 @@ class ControlConditioning:
         rows = self.scales[net][step]
         if len(set(rows)) == 1:
             return residuals
-        scales = tuple(value[0] for value in rows)
+        scales = self._column(rows)
         key = (scales, residuals[0].shape[0])
         if key not in self._weights:  # twice the prompts under CFG, once in guess mode
             self._weights[key] = self._columns[scales].repeat(key[1] // len(scales)).reshape(-1, 1, 1, 1)

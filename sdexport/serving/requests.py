@@ -18,7 +18,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
@@ -285,13 +285,17 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         values = [getattr(row, name) for row in rows]
         return None if values[0] is None else values
 
-    guidance = [row.guidance for row in rows]  # one for the call, or one per image where they differ
-    factors = [row.adapter_factor for row in rows]
+    def one_or_each(name: str) -> Any:
+        """A per-image number (guidance, adapter factor): one for the call where the rows agree,
+        else one per image."""
+        values = [getattr(row, name) for row in rows]
+        return values[0] if len(set(values)) == 1 else values
+
     return GenerationRequest(
         prompt=[row.prompt for row in rows], negative_prompt=column("negative_prompt"),
         prompt_2=column("prompt_2"), negative_prompt_2=column("negative_prompt_2"),
         steps=first.steps, scheduler=first.scheduler,
-        guidance=first.guidance if len(set(guidance)) == 1 else cast(list[float], guidance),
+        guidance=one_or_each("guidance"),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
         control_image=_call_control_images(rows), control_mode=first.control_mode,
@@ -300,7 +304,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         control_end=_call_setting(rows, "control_end", len(first.control_image or [])), guess_mode=first.guess_mode,
         adapter_image=column("adapter_image"),
         adapter_scale=_call_setting(rows, "adapter_scale", _count(first.adapter_image)),
-        adapter_factor=first.adapter_factor if len(set(factors)) == 1 else factors,
+        adapter_factor=one_or_each("adapter_factor"),
     )
 
 
