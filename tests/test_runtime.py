@@ -218,6 +218,7 @@ def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tiny_fp16_engine_dir: P
     assert manifest.components["unet"].dtype == "fp16"
     pipeline = load_pipeline(out, "onnxruntime-cpu")
     assert pipeline.fallback_vae is not None
+    assert not pipeline.upcast_vae  # its VAE config's force_upcast (true) is SDXL's to honour, as in diffusers
     request = GenerationRequest(prompt=["a cat"], steps=4, scheduler="euler", seeds=[1], height=64, width=64)
     got, want = pipeline(request), reference(request)
     rel = relative_l2(got.latents, want.latents)

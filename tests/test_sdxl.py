@@ -205,6 +205,66 @@ def test_fp16_unet_export(tiny_sdxl_fp16_engine_dir):
     assert entry.dtype == "fp16" and entry.parity["status"] == "passed"
 
 
+def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_dir, tmp_path, monkeypatch):
+    """SDXL's VAE config sets ``force_upcast`` (its fp16 decode overflows with trained weights) and
+    diffusers' SDXL pipelines decode an fp16 VAE in fp32 for it. The runtime loads the fp32 decoder
+    in the fp16 one's place, rather than decoding in fp16, waiting to find NaN and decoding again on
+    every image. A VAE config that sets it false (an fp16-safe VAE) keeps the fp16 decoder with the
+    fp32 one as its fallback; the config is hashed, as what it decides is."""
+    import shutil
+
+    from PIL import Image
+
+    from sdexport.errors import EngineDirError
+    from sdexport.manifest import sha256_file
+
+    directory = tmp_path / "sdxl-fp16"
+    shutil.copytree(tiny_sdxl_fp16_engine_dir, directory)
+    request = GenerationRequest(prompt=["a red fox"], steps=2, height=64, width=64, seeds=[3])
+    pipeline = load_pipeline(directory, "onnxruntime-cpu")
+    assert pipeline.upcast_vae and pipeline.fallback_vae is None
+    assert pipeline.engines["vae_decoder"].spec.name == "vae_decoder_fp32"
+    assert set(pipeline.info["graphs"]) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder_fp32"}
+    result = pipeline(request)
+    assert not result.vae_fallback and np.isfinite(result.pixels).all()
+    (png,) = result.save(tmp_path / "fox.png")
+    assert json.loads(Image.open(png).text["sdexport"])["vae_decoder"] == "fp32"
+    with cpu_only():
+        torch_pipeline = load_pipeline(directory, "torch")
+    assert torch_pipeline.engines["vae_decoder"].dtype == torch.float32 and torch_pipeline.fallback_vae is None
+    torch_pipeline.close()
+
+    # an overflow there is not fp16's: the message says so
+    decoder = pipeline.engines["vae_decoder"]
+
+    class Overflowing:
+        spec, profile, device = decoder.spec, decoder.profile, decoder.device
+
+        def __call__(self, feed):
+            return {"sample": torch.full((1, 3, 64, 64), float("nan"))}
+
+    monkeypatch.setitem(pipeline.engines, "vae_decoder", Overflowing())
+    with pytest.raises(SdexportError, match="the fp32 VAE decoder produced NaN/Inf"):
+        pipeline(request)
+    pipeline.close()
+
+    config_path = directory / "vae_decoder_fp32" / "config.json"
+    config = json.loads(config_path.read_text())
+    assert config["force_upcast"] is True
+    config_path.write_text(json.dumps({**config, "force_upcast": False}))
+    with pytest.raises(EngineDirError, match="vae_decoder_fp32/config.json does not match its sha256"):
+        load_pipeline(directory, "onnxruntime-cpu")
+    manifest_path = directory / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"]["vae_decoder_fp32/config.json"] = sha256_file(config_path)
+    manifest_path.write_text(json.dumps(manifest))
+    safe = load_pipeline(directory, "onnxruntime-cpu")
+    assert not safe.upcast_vae and safe.fallback_vae is not None and "vae_decoder" not in safe.info
+    assert safe.engines["vae_decoder"].spec.name == "vae_decoder"
+    assert not safe(request).vae_fallback
+    safe.close()
+
+
 def _memory_gib() -> float:
     import os
 

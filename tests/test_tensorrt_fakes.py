@@ -161,6 +161,19 @@ def test_fp16_export_builds_strongly_typed_on_both_majors(trt, tiny_fp16_engine_
         assert result.path.read_bytes().startswith(b"plan for ")
 
 
+def test_sdxl_fp16_build_leaves_out_the_decoder_the_runtime_does_not_load(trt, tiny_sdxl_fp16_engine_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SDXL's VAE sets force_upcast: the runtime decodes with vae_decoder_fp32 (``decodes_in_fp32``),
+    so a build of every component skips the fp16 decoder, saying so; naming it builds it."""
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_sdxl_fp16_engine_dir, tmp_path)
+    results = tensorrt_build.build_engines(directory, timing_cache=tmp_path / "timing.cache")
+    assert [r.component for r in results] == ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder_fp32"]
+    assert "not building vae_decoder: the runtime decodes with vae_decoder_fp32" in " ".join(capsys.readouterr().err.split())
+    (named,) = tensorrt_build.build_engines(directory, components=["vae_decoder"], timing_cache=tmp_path / "timing.cache")
+    assert named.component == "vae_decoder" and named.status == "built"
+
+
 def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)

@@ -34,7 +34,7 @@ from sdexport.build.cache_key import onnx_files, onnx_sha256
 from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.graph_io import check_io, onnxruntime_tensors
-from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, select_specs, sha256_file
+from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, sha256_file
 from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
@@ -431,7 +431,9 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     import onnxruntime as ort
 
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    specs = select_specs(manifest, components)
+    from sdexport.runtime.loading import specs_to_build
+
+    specs = specs_to_build(engine_dir, manifest, components)
     on_cuda = cuda_provider_here()
     if not on_cuda:
         console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "

@@ -35,7 +35,6 @@ from sdexport.manifest import (
     check_graph,
     load_manifest,
     save_manifest,
-    select_specs,
     sha256_file,
 )
 from sdexport.shapes import ShapeProfile
@@ -246,7 +245,9 @@ def _build_locked(
     force: bool,
 ) -> list[BuildResult]:
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    specs = select_specs(manifest, components)
+    from sdexport.runtime.loading import specs_to_build
+
+    specs = specs_to_build(engine_dir, manifest, components)
     dims = manifest.model_dims
     target = build_profile(manifest.shape_profile, profile, dims, static=static)
     gpu_name, capability = gpu_identity()

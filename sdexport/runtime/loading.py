@@ -14,12 +14,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError, SdexportError, one_line
-from sdexport.manifest import Manifest, check_files, load_manifest, read_scheduler_config, tokenizer_names
+from sdexport.manifest import (
+    Manifest,
+    check_files,
+    load_manifest,
+    read_scheduler_config,
+    select_specs,
+    tokenizer_names,
+)
 from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, components_for
+from sdexport.specs import ComponentSpec, ModelDims, components_for
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
     import torch
@@ -46,9 +53,10 @@ def txt2img_components(manifest: Manifest) -> list[str]:
     return names
 
 
-def pipeline_components(manifest: Manifest, image_inputs: bool = False) -> list[str]:
+def pipeline_components(manifest: Manifest, image_inputs: bool = False, *, upcast: bool = False) -> list[str]:
     """What a pipeline loads: txt2img's components, the VAE encoder where init images will be given
-    (img2img, inpainting), and the fp32 fallback decoder where the directory has one."""
+    (img2img, inpainting), and the fp32 fallback decoder where the directory has one. ``upcast``
+    (``decodes_in_fp32``): the fp32 decoder in the fp16 one's place, and no fallback."""
     names = txt2img_components(manifest)
     if image_inputs:
         if "vae_encoder" not in manifest.components:
@@ -57,6 +65,8 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False) -> list[
                 f"{','.join(manifest.components)}); export it too to start from an image (img2img, inpainting)"
             )
         names.append("vae_encoder")
+    if upcast:
+        return [FALLBACK_VAE if n == "vae_decoder" else n for n in names]
     fallback = fallback_vae(manifest)
     return names + ([fallback] if fallback else [])
 
@@ -64,6 +74,44 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False) -> list[
 def fallback_vae(manifest: Manifest) -> str | None:
     """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one."""
     return FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
+
+
+def decodes_in_fp32(engine_dir: Path, manifest: Manifest) -> bool:
+    """Whether the loop decodes with the fp32 VAE decoder from the start, as diffusers' SDXL
+    pipelines upcast an fp16 VAE whose config sets ``force_upcast``: SDXL's own VAE overflows fp16
+    with its trained weights, so decoding in fp16 first spends a decode that is thrown away, a wait
+    for the device to find out, and a warning on every image. An fp16-safe VAE sets it false (and
+    decodes in fp16); AutoencoderKL's default is true. SD's pipelines ignore the flag, and so does
+    this; a directory without the fp32 decoder (an fp32 export, an adopted one) keeps its decoder
+    and the overflow check. The flag is read from the fp32 decoder's ``config.json``, which
+    ``verify_for_backend`` hashes."""
+    import json
+
+    if manifest.family != "sdxl" or manifest.dtype != "fp16" or fallback_vae(manifest) is None:
+        return False
+    path = engine_dir / Path(manifest.components[FALLBACK_VAE].onnx).parent / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EngineDirError(f"{path}: unreadable VAE config ({one_line(exc)})") from None
+    return isinstance(config, dict) and bool(config.get("force_upcast", True))
+
+
+def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
+    """What ``sdexport build`` makes engines for: ``names`` (``--components``), or every component
+    but the fp16 VAE decoder where the runtime decodes with the fp32 one (``decodes_in_fp32``):
+    minutes of TensorRT building, and a fused graph, that no run would load. Naming it in
+    ``--components`` still builds it."""
+    specs = select_specs(manifest, names)
+    if names or not decodes_in_fp32(engine_dir, manifest):
+        return specs
+    from sdexport.console import console
+
+    console.print("[yellow]note:[/] not building vae_decoder: the runtime decodes with vae_decoder_fp32, as the "
+                  "VAE's config sets force_upcast (--components vae_decoder builds it anyway)")
+    return [s for s in specs if s.name != "vae_decoder"]
 
 
 def resolve_backend(backend: str) -> str:
@@ -101,8 +149,9 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
-    fallback = fallback_vae(manifest)
-    loaded = pipeline_components(manifest, image_inputs)
+    upcast = decodes_in_fp32(engine_dir, manifest)
+    fallback = None if upcast else fallback_vae(manifest)
+    loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
     names = [n for n in loaded if n != fallback]
     if verify_files:
         verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs, lora=bool(loras))
@@ -114,7 +163,7 @@ def load_pipeline(
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled)
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
-        {n: engines[n] for n in names},
+        {("vae_decoder" if n == FALLBACK_VAE else n): engines[n] for n in names},  # (upcast: the fp32 decoder)
         tokenizer=tokenizers["tokenizer"],
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
@@ -125,8 +174,9 @@ def load_pipeline(
         vae_scaling_factor=manifest.vae_scaling_factor,
         profile=manifest.shape_profile,
         fallback_vae=engines.get(fallback) if fallback else None,
+        upcast_vae=upcast,
         info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,
-              "random_weights": manifest.random_weights,
+              "random_weights": manifest.random_weights, **({"vae_decoder": "fp32"} if upcast else {}),
               **({"loras": [{"path": str(lora.path), "scale": lora.scale} for lora in loras]} if loras else {}),
               "model": manifest.model["label"], "dtype": manifest.dtype,
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
@@ -176,9 +226,13 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     from sdexport.build.cache_key import onnx_files
     from sdexport.export.weight_names import LORA_COMPONENTS, WEIGHTS_FILE
 
-    loaded = pipeline_components(manifest, image_inputs)
+    loaded = pipeline_components(manifest, image_inputs, upcast=decodes_in_fp32(engine_dir, manifest))
     folders = tuple(f"{name}/" for name in manifest.components)
     files = {rel: sha for rel, sha in manifest.files.items() if not rel.startswith(folders)}
+    if FALLBACK_VAE in manifest.components:  # its force_upcast says which decoder runs
+        config = f"{Path(manifest.components[FALLBACK_VAE].onnx).parent.as_posix()}/config.json"
+        if config in manifest.files:
+            files[config] = manifest.files[config]
     if backend.startswith("onnxruntime"):
         for name in loaded:
             files.update(onnx_files(manifest.files, graph_for(manifest, name, backend, graphs)))

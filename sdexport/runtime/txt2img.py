@@ -273,11 +273,14 @@ class Txt2ImgPipeline:
         tokenizer_2: Any = None,
         force_zeros_for_empty_prompt: bool = True,
         pooled_controlnets: tuple[str, ...] = (),
+        upcast_vae: bool = False,
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
         ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``);
-        the first one doing so puts requests in guess mode, as in diffusers."""
+        the first one doing so puts requests in guess mode, as in diffusers. ``upcast_vae``: the
+        ``vae_decoder`` engine is an fp16 export's fp32 decoder (``loading.decodes_in_fp32``), so an
+        overflow is not fp16's."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
@@ -290,6 +293,7 @@ class Txt2ImgPipeline:
         self.vae_scaling_factor = vae_scaling_factor
         self.profile = profile
         self.fallback_vae = fallback_vae
+        self.upcast_vae = upcast_vae
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
@@ -751,7 +755,7 @@ class Txt2ImgPipeline:
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
                     f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
                 )
-            if self.fallback_vae is None and self.info.get("dtype") == "fp32":  # no fp16 to blame
+            if self.fallback_vae is None and (self.info.get("dtype") == "fp32" or self.upcast_vae):  # no fp16 to blame
                 peak = float(latents.abs().max())
                 raise SdexportError(
                     f"the fp32 VAE decoder produced NaN/Inf from latents as large as {peak:.3g}{where}; refusing "
