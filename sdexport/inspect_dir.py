@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
+from sdexport.build.vae_upcast import decodes_in_fp32
 from sdexport.console import out
 from sdexport.export.memory import TOO_LARGE
 from sdexport.manifest import Manifest
@@ -60,6 +61,9 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
             str(len(entry.engines)) if entry.engines else "-",
         )
     out.print(table)
+    if decodes_in_fp32(directory, manifest):
+        out.print("[dim]runs decode with vae_decoder_fp32, not vae_decoder: the VAE's config sets force_upcast, as "
+                  "diffusers' SDXL pipelines read it (sdexport build leaves vae_decoder out)[/]", soft_wrap=True)
     _print_memory(manifest)
     fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()
              if "onnxruntime-cuda" in entry.optimized}

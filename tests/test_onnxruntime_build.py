@@ -361,6 +361,17 @@ def test_the_built_directory_fuses_what_the_architecture_has(built_dir: Path, ti
     assert clip["QuickGelu"] == layers and clip["SkipLayerNormalization"] == 2 * layers
 
 
+def test_an_fp32_sdxl_vae_decoder_stays_fp32_in_an_fp16_build(tiny_sdxl_engine_dir: Path, tmp_path: Path):
+    """SDXL's VAE sets force_upcast (diffusers decodes it in fp32), and an fp32 export has no fp32
+    decoder to fall back on: its fused graph stays fp32 while the others are converted. (An fp16
+    export's unused fp16 decoder is left out of builds: tests/test_tensorrt_fakes.py, same code.)"""
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(tiny_sdxl_engine_dir, fp32)
+    ob.build_onnxruntime(fp32, components=["text_encoder", "vae_decoder"])
+    built = load_manifest(fp32).components
+    assert [built[n].optimized[ob.TARGET]["dtype"] for n in ("text_encoder", "vae_decoder")] == ["fp16", "fp32"]
+
+
 def test_an_export_without_built_graphs_writes_no_optimized_key(tiny_fp16_engine_dir: Path):
     """So sdexport releases from before this build target still read new exports."""
     data = json.loads((tiny_fp16_engine_dir / "manifest.json").read_text())

@@ -205,7 +205,7 @@ def test_fp16_unet_export(tiny_sdxl_fp16_engine_dir):
     assert entry.dtype == "fp16" and entry.parity["status"] == "passed"
 
 
-def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_dir, tmp_path, monkeypatch):
+def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_dir, tmp_path, monkeypatch, capsys):
     """SDXL's VAE config sets ``force_upcast`` (its fp16 decode overflows with trained weights) and
     diffusers' SDXL pipelines decode an fp16 VAE in fp32 for it. The runtime loads the fp32 decoder
     in the fp16 one's place, rather than decoding in fp16, waiting to find NaN and decoding again on
@@ -229,6 +229,8 @@ def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_di
     assert not result.vae_fallback and np.isfinite(result.pixels).all()
     (png,) = result.save(tmp_path / "fox.png")
     assert json.loads(Image.open(png).text["sdexport"])["vae_decoder"] == "fp32"
+    assert run_cli("inspect", directory) == 0
+    assert "runs decode with vae_decoder_fp32, not vae_decoder" in " ".join(capsys.readouterr().out.split())
     with cpu_only():
         torch_pipeline = load_pipeline(directory, "torch")
     assert torch_pipeline.engines["vae_decoder"].dtype == torch.float32 and torch_pipeline.fallback_vae is None
@@ -263,6 +265,11 @@ def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_di
     assert safe.engines["vae_decoder"].spec.name == "vae_decoder"
     assert not safe(request).vae_fallback
     safe.close()
+    # a config the manifest does not list (so nothing hashes) decides nothing: the fp16 path stays
+    config_path.write_text(json.dumps(config))
+    del manifest["files"]["vae_decoder_fp32/config.json"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert not load_pipeline(directory, "onnxruntime-cpu").upcast_vae
 
 
 def _memory_gib() -> float:

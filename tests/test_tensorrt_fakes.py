@@ -165,13 +165,34 @@ def test_sdxl_fp16_build_leaves_out_the_decoder_the_runtime_does_not_load(trt, t
                                                                           monkeypatch, capsys):
     """SDXL's VAE sets force_upcast: the runtime decodes with vae_decoder_fp32 (``decodes_in_fp32``),
     so a build of every component skips the fp16 decoder, saying so; naming it builds it."""
+    from sdexport.build.vae_upcast import decodes_in_fp32
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.loading import pipeline_components
+
     Recorder(trt).install(monkeypatch)
     directory = _copy(tiny_sdxl_fp16_engine_dir, tmp_path)
     results = tensorrt_build.build_engines(directory, timing_cache=tmp_path / "timing.cache")
-    assert [r.component for r in results] == ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder_fp32"]
+    built = ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder_fp32"]
+    assert [r.component for r in results] == built
     assert "not building vae_decoder: the runtime decodes with vae_decoder_fp32" in " ".join(capsys.readouterr().err.split())
+    manifest = load_manifest(directory)  # what load_pipeline hands the TensorRT loader: the plans built
+    assert pipeline_components(manifest, True, upcast=decodes_in_fp32(directory, manifest)) == built[:3] + built[4:] + built[3:4]
     (named,) = tensorrt_build.build_engines(directory, components=["vae_decoder"], timing_cache=tmp_path / "timing.cache")
     assert named.component == "vae_decoder" and named.status == "built"
+
+
+def test_sdxl_fp32_build_keeps_the_vae_decoder_fp32_under_the_fp16_flag(tiny_sdxl_engine_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """An fp32 SDXL export has no fp32 fallback decoder, and diffusers decodes its VAE in fp32
+    (force_upcast): TensorRT 10's fp16 flag goes to every other component, not to the decoder."""
+    trt = fake_tensorrt.make_tensorrt("10.13.3.9")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    results = tensorrt_build.build_engines(_copy(tiny_sdxl_engine_dir, tmp_path), components=["unet", "vae_decoder"])
+    assert [(r.component, r.key.fp16) for r in results] == [("unet", True), ("vae_decoder", False)]
+    assert [b["fp16"] for b in recorder.builds] == [True, False]
+    assert "keeping vae_decoder fp32: the VAE's config sets force_upcast" in " ".join(capsys.readouterr().err.split())
 
 
 def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):

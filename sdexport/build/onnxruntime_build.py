@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sdexport.build.cache_key import onnx_files, onnx_sha256
+from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.graph_io import check_io, onnxruntime_tensors
@@ -431,9 +432,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     import onnxruntime as ort
 
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    from sdexport.runtime.loading import specs_to_build
-
-    specs = specs_to_build(engine_dir, manifest, components)
+    specs = specs_to_build(engine_dir, manifest, components, fp16=fp16)
     on_cuda = cuda_provider_here()
     if not on_cuda:
         console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "

@@ -26,6 +26,7 @@ from typing import Any, Literal
 from sdexport.atomic import atomic_path
 from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
+from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
 from sdexport.graph_io import GraphIO
@@ -245,9 +246,7 @@ def _build_locked(
     force: bool,
 ) -> list[BuildResult]:
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    from sdexport.runtime.loading import specs_to_build
-
-    specs = specs_to_build(engine_dir, manifest, components)
+    specs = specs_to_build(engine_dir, manifest, components, fp16=fp16)
     dims = manifest.model_dims
     target = build_profile(manifest.shape_profile, profile, dims, static=static)
     gpu_name, capability = gpu_identity()

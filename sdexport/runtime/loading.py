@@ -13,28 +13,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdexport.build.vae_upcast import FALLBACK_VAE, decodes_in_fp32, vae_config_file
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.manifest import (
     Manifest,
     check_files,
     load_manifest,
     read_scheduler_config,
-    select_specs,
     tokenizer_names,
 )
 from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims, components_for
+from sdexport.specs import ModelDims, components_for
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
     import torch
 
     from sdexport.runtime.engine import Engine
     from sdexport.runtime.txt2img import Txt2ImgPipeline
-
-FALLBACK_VAE = "vae_decoder_fp32"
 
 
 def txt2img_components(manifest: Manifest) -> list[str]:
@@ -74,44 +72,6 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False, *, upcas
 def fallback_vae(manifest: Manifest) -> str | None:
     """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one."""
     return FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
-
-
-def decodes_in_fp32(engine_dir: Path, manifest: Manifest) -> bool:
-    """Whether the loop decodes with the fp32 VAE decoder from the start, as diffusers' SDXL
-    pipelines upcast an fp16 VAE whose config sets ``force_upcast``: SDXL's own VAE overflows fp16
-    with its trained weights, so decoding in fp16 first spends a decode that is thrown away, a wait
-    for the device to find out, and a warning on every image. An fp16-safe VAE sets it false (and
-    decodes in fp16); AutoencoderKL's default is true. SD's pipelines ignore the flag, and so does
-    this; a directory without the fp32 decoder (an fp32 export, an adopted one) keeps its decoder
-    and the overflow check. The flag is read from the fp32 decoder's ``config.json``, which
-    ``verify_for_backend`` hashes."""
-    import json
-
-    if manifest.family != "sdxl" or manifest.dtype != "fp16" or fallback_vae(manifest) is None:
-        return False
-    path = engine_dir / Path(manifest.components[FALLBACK_VAE].onnx).parent / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineDirError(f"{path}: unreadable VAE config ({one_line(exc)})") from None
-    return isinstance(config, dict) and bool(config.get("force_upcast", True))
-
-
-def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None) -> list[ComponentSpec]:
-    """What ``sdexport build`` makes engines for: ``names`` (``--components``), or every component
-    but the fp16 VAE decoder where the runtime decodes with the fp32 one (``decodes_in_fp32``):
-    minutes of TensorRT building, and a fused graph, that no run would load. Naming it in
-    ``--components`` still builds it."""
-    specs = select_specs(manifest, names)
-    if names or not decodes_in_fp32(engine_dir, manifest):
-        return specs
-    from sdexport.console import console
-
-    console.print("[yellow]note:[/] not building vae_decoder: the runtime decodes with vae_decoder_fp32, as the "
-                  "VAE's config sets force_upcast (--components vae_decoder builds it anyway)")
-    return [s for s in specs if s.name != "vae_decoder"]
 
 
 def resolve_backend(backend: str) -> str:
@@ -229,10 +189,9 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     loaded = pipeline_components(manifest, image_inputs, upcast=decodes_in_fp32(engine_dir, manifest))
     folders = tuple(f"{name}/" for name in manifest.components)
     files = {rel: sha for rel, sha in manifest.files.items() if not rel.startswith(folders)}
-    if FALLBACK_VAE in manifest.components:  # its force_upcast says which decoder runs
-        config = f"{Path(manifest.components[FALLBACK_VAE].onnx).parent.as_posix()}/config.json"
-        if config in manifest.files:
-            files[config] = manifest.files[config]
+    config = vae_config_file(manifest)
+    if config is not None:  # its force_upcast says which decoder runs (vae_upcast)
+        files[config] = manifest.files[config]
     if backend.startswith("onnxruntime"):
         for name in loaded:
             files.update(onnx_files(manifest.files, graph_for(manifest, name, backend, graphs)))
