@@ -203,7 +203,7 @@ def adopt(
 def build(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
     target: Annotated[str, typer.Option(help="tensorrt: TensorRT plans. onnxruntime-cuda: graphs with ONNX Runtime's own Stable Diffusion fusions (contrib ops for its CUDA provider), written beside the portable graphs; runs on the CPU too.")] = "tensorrt",
-    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fallback VAE stays fp32.")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fp32 VAE decoder stays fp32, and so does an fp32 SDXL export's VAE decoder where its config sets force_upcast.")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
     strongly_typed: Annotated[bool, typer.Option(help="Build fp32 exports strongly typed too (TensorRT 10; fp16 exports and TensorRT 11 always are).")] = False,
     batch: BuildBatchOpt = None,

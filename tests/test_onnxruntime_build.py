@@ -372,6 +372,30 @@ def test_an_fp32_sdxl_vae_decoder_stays_fp32_in_an_fp16_build(tiny_sdxl_engine_d
     assert [built[n].optimized[ob.TARGET]["dtype"] for n in ("text_encoder", "vae_decoder")] == ["fp16", "fp32"]
 
 
+def test_an_fp16_fused_sdxl_vae_decoder_from_before_the_rule_is_refused_at_load(
+        tiny_sdxl_engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A directory fused before an fp32 export's force_upcast decoder stayed fp32 holds an fp16
+    fused decoder: the CUDA runtime refuses it before any session, saying to rebuild (which now
+    makes it fp32) or to run the portable graphs."""
+    from sdexport.build import vae_upcast
+    from sdexport.runtime.loading import load_pipeline
+
+    fp32 = tmp_path / "fp32"
+    shutil.copytree(tiny_sdxl_engine_dir, fp32)
+    with monkeypatch.context() as before:  # the build before the rule
+        before.setattr(vae_upcast, "keeps_decoder_fp32", lambda *_: False)
+        ob.build_onnxruntime(fp32, components=["vae_decoder"])
+    assert load_manifest(fp32).components["vae_decoder"].optimized[ob.TARGET]["dtype"] == "fp16"
+    with pytest.raises(EngineDirError) as info:
+        load_pipeline(fp32, "onnxruntime-cuda")
+    message = str(info.value)
+    assert "vae_decoder's ONNX Runtime CUDA graph was fused in fp16" in message and "\n" not in message
+    assert f"sdexport build {fp32} --target onnxruntime-cuda` again" in message and "--portable-graphs" in message
+    load_pipeline(fp32, "onnxruntime-cpu").close()  # the portable graphs: nothing to refuse
+    ob.build_onnxruntime(fp32, components=["vae_decoder"])  # the rebuild the message asks for
+    assert load_manifest(fp32).components["vae_decoder"].optimized[ob.TARGET]["dtype"] == "fp32"
+
+
 def test_an_export_without_built_graphs_writes_no_optimized_key(tiny_fp16_engine_dir: Path):
     """So sdexport releases from before this build target still read new exports."""
     data = json.loads((tiny_fp16_engine_dir / "manifest.json").read_text())

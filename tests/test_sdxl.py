@@ -256,6 +256,13 @@ def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_di
     config_path.write_text(json.dumps({**config, "force_upcast": False}))
     with pytest.raises(EngineDirError, match="vae_decoder_fp32/config.json does not match its sha256"):
         load_pipeline(directory, "onnxruntime-cpu")
+    config_path.write_text("{")  # damaged past parsing: the file check speaks, not the parser
+    with pytest.raises(EngineDirError, match="vae_decoder_fp32/config.json does not match its sha256"):
+        load_pipeline(directory, "onnxruntime-cpu")
+    capsys.readouterr()
+    assert run_cli("inspect", directory) != 0
+    assert "config.json does not match its sha256" in " ".join(capsys.readouterr().err.split())
+    config_path.write_text(json.dumps({**config, "force_upcast": False}))
     manifest_path = directory / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["files"]["vae_decoder_fp32/config.json"] = sha256_file(config_path)

@@ -8,6 +8,7 @@ right thing is for the GPU tests (tests/test_tensorrt_gpu.py).
 from __future__ import annotations
 
 import gc
+import json
 import sys
 import weakref
 from pathlib import Path
@@ -193,6 +194,59 @@ def test_sdxl_fp32_build_keeps_the_vae_decoder_fp32_under_the_fp16_flag(tiny_sdx
     assert [(r.component, r.key.fp16) for r in results] == [("unet", True), ("vae_decoder", False)]
     assert [b["fp16"] for b in recorder.builds] == [True, False]
     assert "keeping vae_decoder fp32: the VAE's config sets force_upcast" in " ".join(capsys.readouterr().err.split())
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"])
+def test_sdxl_fp32_vae_decoder_is_kept_fp32_only_where_a_build_would_lower_it(version, tiny_sdxl_engine_dir, tmp_path,
+                                                                              monkeypatch, capsys):
+    """--strongly-typed on TensorRT 10 builds fp32 graphs fp32 anyway, and TensorRT 11 refuses an
+    fp32 export's fp16 build outright (decoder included, as the README says): no "keeping" note."""
+    trt = fake_tensorrt.make_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_sdxl_engine_dir, tmp_path)
+    if version.startswith("10."):
+        (result,) = tensorrt_build.build_engines(directory, components=["vae_decoder"], strongly_typed=True)
+        assert result.key.strongly_typed and not result.key.fp16
+    else:
+        with pytest.raises(SdexportError, match="no fp16 builder flag"):
+            tensorrt_build.build_engines(directory, components=["vae_decoder"])
+    assert "keeping vae_decoder fp32" not in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(tiny_sdxl_engine_dir, tmp_path,
+                                                                               monkeypatch):
+    """A plan built with the fp16 flag before an fp32 export's force_upcast decoder stayed fp32 is
+    not picked, even when newest; with only such plans the loader says to rebuild."""
+    from sdexport.build import vae_upcast
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    trt = fake_tensorrt.make_tensorrt("10.13.3.9")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_sdxl_engine_dir, tmp_path)
+    with monkeypatch.context() as before:  # the build before the rule
+        before.setattr(vae_upcast, "keeps_decoder_fp32", lambda *_: False)
+        (flagged,) = tensorrt_build.build_engines(directory, components=["vae_decoder"])
+    assert flagged.key.fp16
+    manifest = load_manifest(directory)
+    assert vae_upcast.keeps_decoder_fp32(directory, manifest)
+    here = {"tensorrt_version": flagged.key.tensorrt_version, "gpu_name": flagged.key.gpu_name,
+            "compute_capability": flagged.key.compute_capability}
+    with pytest.raises(EngineDirError) as info:
+        select_engine(directory, manifest, "vae_decoder", fp32=True, **here)
+    message = " ".join(str(info.value).split())
+    assert "were built with the fp16 flag, which this VAE overflows" in message
+    assert f"run `sdexport build {directory}` again" in message
+    (kept,) = tensorrt_build.build_engines(directory, components=["vae_decoder"])  # the rebuild asked for
+    assert not kept.key.fp16 and kept.key != flagged.key
+    data = json.loads((directory / "manifest.json").read_text())  # the flagged plan built last
+    data["components"]["vae_decoder"]["engines"][flagged.key.digest()]["built"] = "9999-12-31T00:00:00+00:00"
+    (directory / "manifest.json").write_text(json.dumps(data))
+    manifest = load_manifest(directory, verify_files=False)
+    assert select_engine(directory, manifest, "vae_decoder", fp32=True, **here)["path"].endswith(kept.path.name)
+    assert select_engine(directory, manifest, "vae_decoder", **here)["path"].endswith(flagged.path.name)
 
 
 def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):

@@ -498,8 +498,8 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
 
 
 def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
-    """What the loop runs (the VAE encoder for img2img and inpainting only), plus the fp32 fallback VAE
-    for fp16 exports."""
+    """What the loop runs (the VAE encoder for img2img and inpainting only), plus the fp32 VAE decoder
+    for fp16 exports (the fallback, or SDXL's decoder from the start: ``build.vae_upcast``)."""
     from sdexport.specs import components_for
 
     return [s.name for s in components_for(family, len(scenario.controlnets), len(scenario.adapters))

@@ -246,12 +246,13 @@ def _build_locked(
     force: bool,
 ) -> list[BuildResult]:
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    specs = specs_to_build(engine_dir, manifest, components, fp16=fp16)
+    weak = has_weak_typing(trt)
+    # (the fp16 flag lowers fp32 graphs only on TensorRT 10, and not under --strongly-typed)
+    specs = specs_to_build(engine_dir, manifest, components, fp16=fp16 and weak and not strongly_typed)
     dims = manifest.model_dims
     target = build_profile(manifest.shape_profile, profile, dims, static=static)
     gpu_name, capability = gpu_identity()
     version = str(trt.__version__)
-    weak = has_weak_typing(trt)
     precisions = {  # all refusals before the first build
         spec.name: resolve_precision(
             fp16=fp16, strongly_typed=strongly_typed, onnx_dtype=manifest.components[spec.name].dtype,

@@ -43,6 +43,9 @@ def vae_upcast(engine_dir: Path, manifest: Manifest) -> bool:
     try:
         config = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
+        from sdexport.manifest import check_files
+
+        check_files(engine_dir, {rel: manifest.files[rel]})  # damaged since the export: say that, not this
         raise EngineDirError(f"{path}: unreadable VAE config ({one_line(exc)})") from None
     return isinstance(config, dict) and bool(config.get("force_upcast", True))
 
@@ -55,14 +58,24 @@ def decodes_in_fp32(engine_dir: Path, manifest: Manifest) -> bool:
     return manifest.dtype == "fp16" and FALLBACK_VAE in manifest.components and vae_upcast(engine_dir, manifest)
 
 
+def keeps_decoder_fp32(engine_dir: Path, manifest: Manifest) -> bool:
+    """Whether the export's own ``vae_decoder`` must run in fp32 wherever it is built: an fp32 graph
+    (an fp32 export, with no fp32 decoder beside it) of a VAE that upcasts (``vae_upcast``). An fp16
+    build must not give it TensorRT 10's fp16 flag or ONNX Runtime's fp16 conversion, and the
+    runtime passes over such engines built before this rule (``runtime.loading``)."""
+    entry = manifest.components.get("vae_decoder")
+    return entry is not None and entry.dtype == "fp32" and vae_upcast(engine_dir, manifest)
+
+
 def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None, *,
                    fp16: bool = True) -> list[ComponentSpec]:
     """What ``sdexport build`` makes engines for, and in which precision where the spec alone does not
     say (``vae_upcast``): ``names`` (``--components``), or every component but an fp16 VAE decoder
     that no run would load (``decodes_in_fp32``: minutes of TensorRT building, and a fused graph,
-    for nothing; naming it still builds it). An fp32 export's VAE decoder stays fp32 in an ``fp16``
-    build, as diffusers would decode it: the fp16 flag or conversion would overflow it, and such a
-    directory has no fp32 decoder to fall back on."""
+    for nothing; naming it still builds it). ``fp16``: the build would lower fp32 graphs to fp16
+    (TensorRT 10's fp16 flag, ONNX Runtime's conversion); then an fp32 export's VAE decoder stays
+    fp32 (``keeps_decoder_fp32``), as diffusers would decode it: lowered, it would overflow, and
+    such a directory has no fp32 decoder to fall back on."""
     specs = select_specs(manifest, names)
     if not vae_upcast(engine_dir, manifest):
         return specs
@@ -76,7 +89,7 @@ def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None
         console.print("[yellow]note:[/] not building vae_decoder: the runtime decodes with vae_decoder_fp32, as the "
                       "VAE's config sets force_upcast (--components vae_decoder builds it anyway)")
         return [s for s in specs if s.name != "vae_decoder"]
-    if not fp16 or "vae_decoder" not in [s.name for s in specs] or manifest.components["vae_decoder"].dtype != "fp32":
+    if not fp16 or "vae_decoder" not in [s.name for s in specs] or not keeps_decoder_fp32(engine_dir, manifest):
         return specs
     console.print("[yellow]note:[/] keeping vae_decoder fp32: the VAE's config sets force_upcast (it overflows fp16), "
                   "as diffusers' SDXL pipelines decode it")

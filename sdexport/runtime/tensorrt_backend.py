@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -499,23 +500,37 @@ def select_engine(
     gpu_name: str,
     compute_capability: str,
     profile: ShapeProfile | None = None,
+    fp32: bool = False,
 ) -> dict[str, Any]:
     """The manifest's engine entry for ``component`` that runs here (pure: no TensorRT needed).
 
-    Picks among plans built by this TensorRT version for this GPU; with ``profile``, only those whose
-    build profile covers it; then the most recently built. Raises EngineDirError saying what there is.
+    Picks among plans built by this TensorRT version for this GPU; with ``fp32`` (the component must
+    run in fp32: ``build.vae_upcast.keeps_decoder_fp32``), only those built without the fp16 flag,
+    as a build before that rule made them; with ``profile``, only those whose build profile covers
+    it; then the most recently built. Raises EngineDirError saying what there is.
     """
     if component not in manifest.components:
         raise EngineDirError(f"{engine_dir}: no component {component!r} (has {', '.join(manifest.components)})")
     here = f"{gpu_name} (sm {compute_capability}) / TensorRT {tensorrt_version}"
     candidates = []
+    flagged = 0
     for entry in manifest.components[component].engines.values():
         try:
             key = EngineKey.from_dict(entry["key"])
         except (KeyError, TypeError, ValueError):
             continue
-        if not key.platform_reasons(tensorrt_version, gpu_name, compute_capability):
+        if key.platform_reasons(tensorrt_version, gpu_name, compute_capability):
+            continue
+        if fp32 and key.fp16:
+            flagged += 1
+        else:
             candidates.append(entry)
+    if not candidates and flagged:
+        raise EngineDirError(
+            f"{component}'s TensorRT engines for {here} in {engine_dir} were built with the fp16 flag, which "
+            f"this VAE overflows (its config sets force_upcast); run `sdexport build {engine_dir}` again: it "
+            "now builds it fp32"
+        )
     if not candidates:
         raise EngineDirError(
             f"no TensorRT engine for {here} in {engine_dir} for {component}; run `sdexport build {engine_dir}` "
@@ -593,9 +608,11 @@ def load_tensorrt_engines(
     verify: bool = True,
     memory: SharedDeviceMemory | None = None,
     weights: dict[str, dict[str, Any]] | None = None,
+    fp32: Collection[str] = (),
 ) -> dict[str, TensorRTEngine]:
     """Load the plan for each component that matches this GPU and TensorRT version; ``weights``
     (per component, run-time LoRA) are refitted into refittable plans before any context exists.
+    ``fp32``: components that must run in fp32 (``select_engine``).
 
     All engines share one activation block and stream (sized here by the largest engine before any
     context is created). ``verify`` checks each chosen plan against its sha256 in the manifest; pass
@@ -613,7 +630,7 @@ def load_tensorrt_engines(
     for name in names:
         entry = select_engine(
             engine_dir, manifest, name, tensorrt_version=version, gpu_name=gpu_name,
-            compute_capability=capability, profile=profile,
+            compute_capability=capability, profile=profile, fp32=name in fp32,
         )
         path = engine_dir / entry["path"]
         if verify:
