@@ -863,8 +863,14 @@ _MAX_STEPS_HELP = "The most steps one request may ask for (a scheduler would acc
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
                     engine_path: str | None = None) -> Any:
     """The served model's settings, with everything checked that can be before a server starts."""
+    from sdexport.build.vae_upcast import decodes_in_fp32
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.loading import check_runnable
+    from sdexport.runtime.loading import (
+        check_lowered_vae,
+        check_runnable,
+        pipeline_components,
+        resolve_backend,
+    )
     from sdexport.runtime.request import check_backend
     from sdexport.serving.triton_model import ServeSettings
 
@@ -874,6 +880,9 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
     manifest = load_manifest(engine_dir, verify_files=False)
     check_runnable(engine_dir, manifest)
+    loaded = pipeline_components(manifest, "vae_encoder" in manifest.components,  # as ServedModel loads
+                                 upcast=decodes_in_fp32(engine_dir, manifest))
+    check_lowered_vae(engine_dir, manifest, loaded, resolve_backend(backend), "portable" if portable_graphs else "auto")
     return manifest, ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend,
                                    cuda_graph=cuda_graph, graphs="portable" if portable_graphs else "auto",
                                    max_steps=max_steps)

@@ -64,6 +64,10 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
     if decodes_in_fp32(directory, manifest):
         out.print("[dim]runs decode with vae_decoder_fp32, not vae_decoder: the VAE's config sets force_upcast, as "
                   "diffusers' SDXL pipelines read it (sdexport build leaves vae_decoder out)[/]", soft_wrap=True)
+    from sdexport.runtime.loading import lowered_vae_notes
+
+    for note in lowered_vae_notes(directory, manifest):
+        out.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     _print_memory(manifest)
     fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()
              if "onnxruntime-cuda" in entry.optimized}

@@ -367,23 +367,25 @@ def test_an_fp32_sdxl_vae_decoder_stays_fp32_in_an_fp16_build(tiny_sdxl_engine_d
     export's unused fp16 decoder is left out of builds: tests/test_tensorrt_fakes.py, same code.)"""
     fp32 = tmp_path / "fp32"
     shutil.copytree(tiny_sdxl_engine_dir, fp32)
-    ob.build_onnxruntime(fp32, components=["text_encoder", "vae_decoder"])
+    ob.build_onnxruntime(fp32, components=["text_encoder", "vae_decoder", "vae_encoder"])
     built = load_manifest(fp32).components
-    assert [built[n].optimized[ob.TARGET]["dtype"] for n in ("text_encoder", "vae_decoder")] == ["fp16", "fp32"]
+    dtypes = [built[n].optimized[ob.TARGET]["dtype"] for n in ("text_encoder", "vae_decoder", "vae_encoder")]
+    assert dtypes == ["fp16", "fp32", "fp32"]  # diffusers' SDXL img2img upcasts the encoder too
 
 
 def test_an_fp16_fused_sdxl_vae_decoder_from_before_the_rule_is_refused_at_load(
-        tiny_sdxl_engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+        tiny_sdxl_engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     """A directory fused before an fp32 export's force_upcast decoder stayed fp32 holds an fp16
-    fused decoder: the CUDA runtime refuses it before any session, saying to rebuild (which now
-    makes it fp32) or to run the portable graphs."""
+    fused decoder: the CUDA runtime (run, serve) refuses it before any session, saying to rebuild
+    (which now makes it fp32) or to run the portable graphs; inspect warns."""
     from sdexport.build import vae_upcast
+    from sdexport.cli import _serve_settings
     from sdexport.runtime.loading import load_pipeline
 
     fp32 = tmp_path / "fp32"
     shutil.copytree(tiny_sdxl_engine_dir, fp32)
     with monkeypatch.context() as before:  # the build before the rule
-        before.setattr(vae_upcast, "keeps_decoder_fp32", lambda *_: False)
+        before.setattr(vae_upcast, "kept_fp32", lambda *_: ())
         ob.build_onnxruntime(fp32, components=["vae_decoder"])
     assert load_manifest(fp32).components["vae_decoder"].optimized[ob.TARGET]["dtype"] == "fp16"
     with pytest.raises(EngineDirError) as info:
@@ -391,6 +393,12 @@ def test_an_fp16_fused_sdxl_vae_decoder_from_before_the_rule_is_refused_at_load(
     message = str(info.value)
     assert "vae_decoder's ONNX Runtime CUDA graph was fused in fp16" in message and "\n" not in message
     assert f"sdexport build {fp32} --target onnxruntime-cuda` again" in message and "--portable-graphs" in message
+    with pytest.raises(EngineDirError, match="vae_decoder's ONNX Runtime CUDA graph was fused in fp16"):
+        _serve_settings(fp32, "onnxruntime-cuda", False, False, 50)
+    _serve_settings(fp32, "onnxruntime-cuda", False, True, 50)  # --portable-graphs
+    capsys.readouterr()
+    assert run_cli("inspect", fp32, "--no-check") == 0
+    assert "vae_decoder: its ONNX Runtime CUDA graph was fused in fp16" in " ".join(capsys.readouterr().out.split())
     load_pipeline(fp32, "onnxruntime-cpu").close()  # the portable graphs: nothing to refuse
     ob.build_onnxruntime(fp32, components=["vae_decoder"])  # the rebuild the message asks for
     assert load_manifest(fp32).components["vae_decoder"].optimized[ob.TARGET]["dtype"] == "fp32"

@@ -215,11 +215,13 @@ def test_sdxl_fp32_vae_decoder_is_kept_fp32_only_where_a_build_would_lower_it(ve
 
 
 def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(tiny_sdxl_engine_dir, tmp_path,
-                                                                               monkeypatch):
+                                                                               monkeypatch, capsys):
     """A plan built with the fp16 flag before an fp32 export's force_upcast decoder stayed fp32 is
     not picked, even when newest; with only such plans the loader says to rebuild."""
+    from conftest import run_cli
     from sdexport.build import vae_upcast
     from sdexport.manifest import load_manifest
+    from sdexport.runtime.loading import load_pipeline
     from sdexport.runtime.tensorrt_backend import select_engine
 
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
@@ -227,11 +229,17 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     Recorder(trt).install(monkeypatch)
     directory = _copy(tiny_sdxl_engine_dir, tmp_path)
     with monkeypatch.context() as before:  # the build before the rule
-        before.setattr(vae_upcast, "keeps_decoder_fp32", lambda *_: False)
-        (flagged,) = tensorrt_build.build_engines(directory, components=["vae_decoder"])
-    assert flagged.key.fp16
+        before.setattr(vae_upcast, "kept_fp32", lambda *_: ())
+        *_, flagged = tensorrt_build.build_engines(directory, components=["text_encoder", "text_encoder_2", "unet",
+                                                                           "vae_decoder"])
+    assert flagged.component == "vae_decoder" and flagged.key.fp16
     manifest = load_manifest(directory)
-    assert vae_upcast.keeps_decoder_fp32(directory, manifest)
+    assert vae_upcast.kept_fp32(directory, manifest) == ("vae_decoder", "vae_encoder")
+    with pytest.raises(EngineDirError, match="vae_decoder's TensorRT engines .* were built with the fp16 flag"):
+        load_pipeline(directory, "tensorrt")  # the loader's own choice, before any plan is read
+    assert run_cli("inspect", directory, "--no-check") == 0
+    assert "vae_decoder: 1 TensorRT plan(s) built with the fp16 flag are passed over" in " ".join(
+        capsys.readouterr().out.split())
     here = {"tensorrt_version": flagged.key.tensorrt_version, "gpu_name": flagged.key.gpu_name,
             "compute_capability": flagged.key.compute_capability}
     with pytest.raises(EngineDirError) as info:

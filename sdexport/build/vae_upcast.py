@@ -45,7 +45,10 @@ def vae_upcast(engine_dir: Path, manifest: Manifest) -> bool:
     except (OSError, ValueError) as exc:
         from sdexport.manifest import check_files
 
-        check_files(engine_dir, {rel: manifest.files[rel]})  # damaged since the export: say that, not this
+        try:
+            check_files(engine_dir, {rel: manifest.files[rel]})  # damaged since the export: say that, not this
+        except OSError:
+            pass
         raise EngineDirError(f"{path}: unreadable VAE config ({one_line(exc)})") from None
     return isinstance(config, dict) and bool(config.get("force_upcast", True))
 
@@ -58,13 +61,18 @@ def decodes_in_fp32(engine_dir: Path, manifest: Manifest) -> bool:
     return manifest.dtype == "fp16" and FALLBACK_VAE in manifest.components and vae_upcast(engine_dir, manifest)
 
 
-def keeps_decoder_fp32(engine_dir: Path, manifest: Manifest) -> bool:
-    """Whether the export's own ``vae_decoder`` must run in fp32 wherever it is built: an fp32 graph
-    (an fp32 export, with no fp32 decoder beside it) of a VAE that upcasts (``vae_upcast``). An fp16
-    build must not give it TensorRT 10's fp16 flag or ONNX Runtime's fp16 conversion, and the
-    runtime passes over such engines built before this rule (``runtime.loading``)."""
-    entry = manifest.components.get("vae_decoder")
-    return entry is not None and entry.dtype == "fp32" and vae_upcast(engine_dir, manifest)
+VAE_PARTS = ("vae_decoder", "vae_encoder")
+
+
+def kept_fp32(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
+    """The export's own VAE components that run in fp32 wherever they are built: fp32 graphs (an fp32
+    export's; an fp16 export's are fp16) of a VAE that upcasts (``vae_upcast``), as diffusers' SDXL
+    pipelines decode, and encode init images (img2img, inpainting), in fp32. An fp16 build must not
+    lower them (TensorRT 10's fp16 flag, ONNX Runtime's conversion): the decoder would overflow, with
+    no fp32 decoder beside it to fall back on. The runtime passes over such engines built before this
+    rule (``runtime.loading.lowered_vae``)."""
+    names = tuple(n for n in VAE_PARTS if n in manifest.components and manifest.components[n].dtype == "fp32")
+    return names if names and vae_upcast(engine_dir, manifest) else ()
 
 
 def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None, *,
@@ -73,9 +81,8 @@ def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None
     say (``vae_upcast``): ``names`` (``--components``), or every component but an fp16 VAE decoder
     that no run would load (``decodes_in_fp32``: minutes of TensorRT building, and a fused graph,
     for nothing; naming it still builds it). ``fp16``: the build would lower fp32 graphs to fp16
-    (TensorRT 10's fp16 flag, ONNX Runtime's conversion); then an fp32 export's VAE decoder stays
-    fp32 (``keeps_decoder_fp32``), as diffusers would decode it: lowered, it would overflow, and
-    such a directory has no fp32 decoder to fall back on."""
+    (TensorRT 10's fp16 flag, ONNX Runtime's conversion); then ``kept_fp32``'s VAE components are
+    built fp32, as diffusers runs them."""
     specs = select_specs(manifest, names)
     if not vae_upcast(engine_dir, manifest):
         return specs
@@ -89,8 +96,9 @@ def specs_to_build(engine_dir: Path, manifest: Manifest, names: list[str] | None
         console.print("[yellow]note:[/] not building vae_decoder: the runtime decodes with vae_decoder_fp32, as the "
                       "VAE's config sets force_upcast (--components vae_decoder builds it anyway)")
         return [s for s in specs if s.name != "vae_decoder"]
-    if not fp16 or "vae_decoder" not in [s.name for s in specs] or not keeps_decoder_fp32(engine_dir, manifest):
+    kept = [s.name for s in specs if s.name in kept_fp32(engine_dir, manifest)] if fp16 else []
+    if not kept:
         return specs
-    console.print("[yellow]note:[/] keeping vae_decoder fp32: the VAE's config sets force_upcast (it overflows fp16), "
-                  "as diffusers' SDXL pipelines decode it")
-    return [replace(s, always_fp32=True) if s.name == "vae_decoder" else s for s in specs]
+    console.print(f"[yellow]note:[/] keeping {' and '.join(kept)} fp32: the VAE's config sets force_upcast (it "
+                  "overflows fp16), as diffusers' SDXL pipelines run it")
+    return [replace(s, always_fp32=True) if s.name in kept else s for s in specs]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.build.vae_upcast import FALLBACK_VAE, decodes_in_fp32, keeps_decoder_fp32, vae_config_file
+from sdexport.build.vae_upcast import FALLBACK_VAE, decodes_in_fp32, kept_fp32, vae_config_file
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.manifest import (
     Manifest,
@@ -113,7 +113,7 @@ def load_pipeline(
     fallback = None if upcast else fallback_vae(manifest)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
     names = [n for n in loaded if n != fallback]
-    _check_fused_decoder(engine_dir, manifest, loaded, backend, graphs)
+    check_lowered_vae(engine_dir, manifest, loaded, backend, graphs)
     if verify_files:
         verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs, lora=bool(loras))
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
@@ -145,23 +145,43 @@ def load_pipeline(
     )
 
 
-def _check_fused_decoder(engine_dir: Path, manifest: Manifest, loaded: list[str], backend: str, graphs: str) -> None:
-    """Refuse an fp16 ONNX Runtime CUDA graph of a VAE decoder that must run in fp32
-    (``keeps_decoder_fp32``), fused before ``sdexport build`` kept it fp32: it would overflow where
-    diffusers decodes in fp32, and the directory has no fp32 decoder to fall back on. (TensorRT's
-    loader passes over such plans: ``select_engine``.)"""
+def check_lowered_vae(engine_dir: Path, manifest: Manifest, loaded: list[str], backend: str, graphs: str) -> None:
+    """Refuse an fp16 ONNX Runtime CUDA graph of a VAE component that runs in fp32 (``kept_fp32``),
+    fused by an sdexport before that rule: the decoder would overflow where diffusers runs fp32, with
+    no fp32 decoder to fall back on. (TensorRT's loader passes over such plans: ``select_engine``.)"""
+    if backend != "onnxruntime-cuda" or graphs != "auto":
+        return
+    for name in kept_fp32(engine_dir, manifest):
+        if name in loaded and _fused_in_fp16(manifest, name):
+            raise EngineDirError(
+                f"{engine_dir}: {name}'s ONNX Runtime CUDA graph was fused in fp16, which this VAE overflows (its "
+                f"config sets force_upcast); run `sdexport build {engine_dir} --target onnxruntime-cuda` again (it "
+                "now keeps it fp32), or add --portable-graphs"
+            )
+
+
+def lowered_vae_notes(engine_dir: Path, manifest: Manifest) -> list[str]:
+    """What ``sdexport inspect`` says of engines an older sdexport lowered to fp16 for a VAE component
+    that runs in fp32 (``kept_fp32``): they stay listed (nothing of the user's is deleted), but no run
+    uses them."""
+    notes = []
+    for name in kept_fp32(engine_dir, manifest):
+        flagged = sum(1 for e in manifest.components[name].engines.values()
+                      if isinstance(e.get("key"), dict) and e["key"].get("fp16") is True)
+        if flagged:
+            notes.append(f"{name}: {flagged} TensorRT plan(s) built with the fp16 flag are passed over, as the "
+                         f"VAE's config sets force_upcast; `sdexport build {engine_dir}` builds it fp32")
+        if _fused_in_fp16(manifest, name):
+            notes.append(f"{name}: its ONNX Runtime CUDA graph was fused in fp16, which onnxruntime-cuda refuses "
+                         f"(force_upcast); run `sdexport build {engine_dir} --target onnxruntime-cuda` again")
+    return notes
+
+
+def _fused_in_fp16(manifest: Manifest, name: str) -> bool:
     from sdexport.build.onnxruntime_build import TARGET
 
-    entry = manifest.components.get("vae_decoder")
-    fused = entry.optimized.get(TARGET) if entry is not None and "vae_decoder" in loaded else None
-    if (fused is None or fused.get("dtype") != "fp16" or graph_for(manifest, "vae_decoder", backend, graphs) != fused["onnx"]
-            or not keeps_decoder_fp32(engine_dir, manifest)):
-        return
-    raise EngineDirError(
-        f"{engine_dir}: vae_decoder's ONNX Runtime CUDA graph was fused in fp16, which this VAE overflows (its "
-        f"config sets force_upcast); run `sdexport build {engine_dir} --target onnxruntime-cuda` again (it now "
-        "keeps it fp32), or add --portable-graphs"
-    )
+    fused = manifest.components[name].optimized.get(TARGET)
+    return fused is not None and fused.get("dtype") == "fp16"
 
 
 def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
@@ -373,9 +393,8 @@ def _load_engines(
 
     # TensorRT plans are built from the portable graphs: a refit takes the same new initializers.
     weights = {n: onnx_initializers(engine_dir, manifest, n, updates, manifest.components[n].onnx) for n in names} if updates else None
-    fp32 = ("vae_decoder",) if keeps_decoder_fp32(engine_dir, manifest) else ()
     return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile,
-                                      weights=weights, fp32=fp32))
+                                      weights=weights, fp32=kept_fp32(engine_dir, manifest)))
 
 
 def _reload_part(record: dict[str, Any], what: str, resolve: Callable[[str, str], Any]) -> Any:

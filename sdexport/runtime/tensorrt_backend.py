@@ -504,10 +504,10 @@ def select_engine(
 ) -> dict[str, Any]:
     """The manifest's engine entry for ``component`` that runs here (pure: no TensorRT needed).
 
-    Picks among plans built by this TensorRT version for this GPU; with ``fp32`` (the component must
-    run in fp32: ``build.vae_upcast.keeps_decoder_fp32``), only those built without the fp16 flag,
-    as a build before that rule made them; with ``profile``, only those whose build profile covers
-    it; then the most recently built. Raises EngineDirError saying what there is.
+    Picks among plans built by this TensorRT version for this GPU; with ``fp32`` (the component runs
+    in fp32: ``build.vae_upcast.kept_fp32``), only those built without the fp16 flag, which a build
+    before that rule set; with ``profile``, only those whose build profile covers it; then the most
+    recently built. Raises EngineDirError saying what there is.
     """
     if component not in manifest.components:
         raise EngineDirError(f"{engine_dir}: no component {component!r} (has {', '.join(manifest.components)})")
@@ -625,13 +625,14 @@ def load_tensorrt_engines(
 
     version = str(trt.__version__)
     names = components if components is not None else list(manifest.components)
+    entries = {  # every choice first: one missing plan is said before any plan is read
+        name: select_engine(engine_dir, manifest, name, tensorrt_version=version, gpu_name=gpu_name,
+                            compute_capability=capability, profile=profile, fp32=name in fp32)
+        for name in names
+    }
     runtime = _runtime()
     chosen: dict[str, tuple[dict[str, Any], trt.ICudaEngine]] = {}
-    for name in names:
-        entry = select_engine(
-            engine_dir, manifest, name, tensorrt_version=version, gpu_name=gpu_name,
-            compute_capability=capability, profile=profile, fp32=name in fp32,
-        )
+    for name, entry in entries.items():
         path = engine_dir / entry["path"]
         if verify:
             check_files(engine_dir, {entry["path"]: manifest.files.get(entry["path"], "")})
