@@ -9,6 +9,7 @@ from rich.table import Table
 
 from sdexport.build.vae_upcast import decodes_in_fp32
 from sdexport.console import out
+from sdexport.errors import EngineDirError
 from sdexport.export.memory import TOO_LARGE
 from sdexport.manifest import Manifest
 
@@ -61,12 +62,16 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
             str(len(entry.engines)) if entry.engines else "-",
         )
     out.print(table)
-    if decodes_in_fp32(directory, manifest):
-        out.print("[dim]runs decode with vae_decoder_fp32, not vae_decoder: the VAE's config sets force_upcast, as "
-                  "diffusers' SDXL pipelines read it (sdexport build leaves vae_decoder out)[/]", soft_wrap=True)
     from sdexport.runtime.loading import lowered_vae_notes
 
-    for note in lowered_vae_notes(directory, manifest):
+    try:  # (a damaged VAE config is for the file check to report, not the summary: --no-check)
+        upcast, lowered = decodes_in_fp32(directory, manifest), lowered_vae_notes(directory, manifest)
+    except EngineDirError:
+        upcast, lowered = False, []
+    if upcast:
+        out.print("[dim]runs decode with vae_decoder_fp32, not vae_decoder: the VAE's config sets force_upcast, as "
+                  "diffusers' SDXL pipelines read it (sdexport build leaves vae_decoder out)[/]", soft_wrap=True)
+    for note in lowered:
         out.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     _print_memory(manifest)
     fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()

@@ -373,35 +373,45 @@ def test_an_fp32_sdxl_vae_decoder_stays_fp32_in_an_fp16_build(tiny_sdxl_engine_d
     assert dtypes == ["fp16", "fp32", "fp32"]  # diffusers' SDXL img2img upcasts the encoder too
 
 
-def test_an_fp16_fused_sdxl_vae_decoder_from_before_the_rule_is_refused_at_load(
+def test_fp16_fused_sdxl_vae_graphs_from_before_the_rule_are_refused_at_load(
         tiny_sdxl_engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
-    """A directory fused before an fp32 export's force_upcast decoder stayed fp32 holds an fp16
-    fused decoder: the CUDA runtime (run, serve) refuses it before any session, saying to rebuild
-    (which now makes it fp32) or to run the portable graphs; inspect warns."""
+    """A directory fused before an fp32 export's force_upcast VAE stayed fp32 holds fp16 fused VAE
+    graphs: the CUDA runtime (run, serve) refuses each it would load before any session, saying to
+    rebuild (which now makes it fp32) or to run the portable graphs; inspect warns."""
     from sdexport.build import vae_upcast
     from sdexport.cli import _serve_settings
+    from sdexport.runtime import providers
     from sdexport.runtime.loading import load_pipeline
 
     fp32 = tmp_path / "fp32"
     shutil.copytree(tiny_sdxl_engine_dir, fp32)
     with monkeypatch.context() as before:  # the build before the rule
         before.setattr(vae_upcast, "kept_fp32", lambda *_: ())
-        ob.build_onnxruntime(fp32, components=["vae_decoder"])
-    assert load_manifest(fp32).components["vae_decoder"].optimized[ob.TARGET]["dtype"] == "fp16"
+        ob.build_onnxruntime(fp32, components=["vae_decoder", "vae_encoder"])
+    built = load_manifest(fp32).components
+    assert [built[n].optimized[ob.TARGET]["dtype"] for n in ("vae_decoder", "vae_encoder")] == ["fp16", "fp16"]
     with pytest.raises(EngineDirError) as info:
         load_pipeline(fp32, "onnxruntime-cuda")
     message = str(info.value)
     assert "vae_decoder's ONNX Runtime CUDA graph was fused in fp16" in message and "\n" not in message
-    assert f"sdexport build {fp32} --target onnxruntime-cuda` again" in message and "--portable-graphs" in message
+    assert f"sdexport build {fp32} --target onnxruntime-cuda` again" in message
+    assert "(--backend onnxruntime-cuda --portable-graphs)" in message
+    # serve: the backend as this machine resolves it (here made to have CUDA); what the message says works
+    monkeypatch.setattr(providers, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(EngineDirError, match="vae_decoder's ONNX Runtime CUDA graph was fused in fp16"):
-        _serve_settings(fp32, "onnxruntime-cuda", False, False, 50)
-    _serve_settings(fp32, "onnxruntime-cuda", False, True, 50)  # --portable-graphs
+        _serve_settings(fp32, "onnxruntime", False, False, 50)
+    _serve_settings(fp32, "onnxruntime-cuda", False, True, 50)
+    _serve_settings(fp32, "onnxruntime", False, False, 50, "/models/fp32")  # a repository for another server
     capsys.readouterr()
     assert run_cli("inspect", fp32, "--no-check") == 0
-    assert "vae_decoder: its ONNX Runtime CUDA graph was fused in fp16" in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert all(f"{n}: its ONNX Runtime CUDA graph was fused in fp16" in said for n in ("vae_decoder", "vae_encoder"))
+    monkeypatch.undo()
     load_pipeline(fp32, "onnxruntime-cpu").close()  # the portable graphs: nothing to refuse
     ob.build_onnxruntime(fp32, components=["vae_decoder"])  # the rebuild the message asks for
     assert load_manifest(fp32).components["vae_decoder"].optimized[ob.TARGET]["dtype"] == "fp32"
+    with pytest.raises(EngineDirError, match="vae_encoder's ONNX Runtime CUDA graph was fused in fp16"):
+        load_pipeline(fp32, "onnxruntime-cuda", image_inputs=True)
 
 
 def test_an_export_without_built_graphs_writes_no_optimized_key(tiny_fp16_engine_dir: Path):

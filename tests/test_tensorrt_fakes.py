@@ -185,7 +185,7 @@ def test_sdxl_fp16_build_leaves_out_the_decoder_the_runtime_does_not_load(trt, t
 def test_sdxl_fp32_build_keeps_the_vae_decoder_fp32_under_the_fp16_flag(tiny_sdxl_engine_dir, tmp_path, monkeypatch,
                                                                         capsys):
     """An fp32 SDXL export has no fp32 fallback decoder, and diffusers decodes its VAE in fp32
-    (force_upcast): TensorRT 10's fp16 flag goes to every other component, not to the decoder."""
+    (force_upcast): TensorRT 10's fp16 flag goes to the other components built, not to the decoder."""
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     recorder = Recorder(trt)
@@ -230,16 +230,18 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     directory = _copy(tiny_sdxl_engine_dir, tmp_path)
     with monkeypatch.context() as before:  # the build before the rule
         before.setattr(vae_upcast, "kept_fp32", lambda *_: ())
-        *_, flagged = tensorrt_build.build_engines(directory, components=["text_encoder", "text_encoder_2", "unet",
-                                                                           "vae_decoder"])
-    assert flagged.component == "vae_decoder" and flagged.key.fp16
+        *_, flagged, encoder = tensorrt_build.build_engines(
+            directory, components=["text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"])
+    assert (flagged.component, encoder.component) == ("vae_decoder", "vae_encoder")
+    assert flagged.key.fp16 and encoder.key.fp16
     manifest = load_manifest(directory)
     assert vae_upcast.kept_fp32(directory, manifest) == ("vae_decoder", "vae_encoder")
     with pytest.raises(EngineDirError, match="vae_decoder's TensorRT engines .* were built with the fp16 flag"):
         load_pipeline(directory, "tensorrt")  # the loader's own choice, before any plan is read
     assert run_cli("inspect", directory, "--no-check") == 0
-    assert "vae_decoder: 1 TensorRT plan(s) built with the fp16 flag are passed over" in " ".join(
-        capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert all(f"{n}: 1 TensorRT plan(s) built with the fp16 flag are passed over" in said
+               for n in ("vae_decoder", "vae_encoder"))
     here = {"tensorrt_version": flagged.key.tensorrt_version, "gpu_name": flagged.key.gpu_name,
             "compute_capability": flagged.key.compute_capability}
     with pytest.raises(EngineDirError) as info:

@@ -70,7 +70,7 @@ def kept_fp32(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
     pipelines decode, and encode init images (img2img, inpainting), in fp32. An fp16 build must not
     lower them (TensorRT 10's fp16 flag, ONNX Runtime's conversion): the decoder would overflow, with
     no fp32 decoder beside it to fall back on. The runtime passes over such engines built before this
-    rule (``runtime.loading.lowered_vae``)."""
+    rule (``runtime.loading.check_lowered_vae``)."""
     names = tuple(n for n in VAE_PARTS if n in manifest.components and manifest.components[n].dtype == "fp32")
     return names if names and vae_upcast(engine_dir, manifest) else ()
 

@@ -156,7 +156,7 @@ def check_lowered_vae(engine_dir: Path, manifest: Manifest, loaded: list[str], b
             raise EngineDirError(
                 f"{engine_dir}: {name}'s ONNX Runtime CUDA graph was fused in fp16, which this VAE overflows (its "
                 f"config sets force_upcast); run `sdexport build {engine_dir} --target onnxruntime-cuda` again (it "
-                "now keeps it fp32), or add --portable-graphs"
+                "now keeps it fp32), or run the portable graphs (--backend onnxruntime-cuda --portable-graphs)"
             )
 
 
