@@ -203,7 +203,7 @@ def adopt(
 def build(
     engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
     target: Annotated[str, typer.Option(help="tensorrt: TensorRT plans. onnxruntime-cuda: graphs with ONNX Runtime's own Stable Diffusion fusions (contrib ops for its CUDA provider), written beside the portable graphs; runs on the CPU too.")] = "tensorrt",
-    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fp32 VAE decoder stays fp32, and so do an fp32 SDXL export's VAE decoder and encoder where its config sets force_upcast.")] = True,
+    fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fp32 VAE decoder and encoder stay fp32, and so do an fp32 SDXL export's VAE decoder and encoder where its config sets force_upcast.")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
     strongly_typed: Annotated[bool, typer.Option(help="Build fp32 exports strongly typed too (TensorRT 10; fp16 exports and TensorRT 11 always are).")] = False,
     batch: BuildBatchOpt = None,
@@ -863,7 +863,7 @@ _MAX_STEPS_HELP = "The most steps one request may ask for (a scheduler would acc
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
                     engine_path: str | None = None) -> Any:
     """The served model's settings, with everything checked that can be before a server starts."""
-    from sdexport.build.vae_upcast import decodes_in_fp32
+    from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
     from sdexport.runtime.loading import (
         check_lowered_vae,
@@ -881,7 +881,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     manifest = load_manifest(engine_dir, verify_files=False)
     check_runnable(engine_dir, manifest)
     loaded = pipeline_components(manifest, "vae_encoder" in manifest.components,  # as ServedModel loads
-                                 upcast=decodes_in_fp32(engine_dir, manifest))
+                                 upcast=upcast_parts(engine_dir, manifest))
     # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     resolved = resolve_backend(backend) if engine_path is None else backend
     check_lowered_vae(engine_dir, manifest, loaded, resolved, "portable" if portable_graphs else "auto")

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from sdexport.build.vae_upcast import decodes_in_fp32
+from sdexport.build.vae_upcast import upcast_parts
 from sdexport.console import out
 from sdexport.errors import EngineDirError
 from sdexport.export.memory import TOO_LARGE
@@ -65,12 +65,14 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
     from sdexport.runtime.loading import lowered_vae_notes
 
     try:  # (a damaged VAE config is for the file check to report, not the summary: --no-check)
-        upcast, lowered = decodes_in_fp32(directory, manifest), lowered_vae_notes(directory, manifest)
+        upcast, lowered = upcast_parts(directory, manifest), lowered_vae_notes(directory, manifest)
     except EngineDirError:
-        upcast, lowered = False, []
+        upcast, lowered = {}, []
     if upcast:
-        out.print("[dim]runs decode with vae_decoder_fp32, not vae_decoder: the VAE's config sets force_upcast, as "
-                  "diffusers' SDXL pipelines read it (sdexport build leaves vae_decoder out)[/]", soft_wrap=True)
+        runs = " and ".join(f"{'decode' if part == 'vae_decoder' else 'encode'} with {fp32}, not {part}"
+                            for part, fp32 in upcast.items())
+        out.print(f"[dim]runs {runs}: the VAE's config sets force_upcast, as diffusers' SDXL pipelines read it "
+                  f"(sdexport build leaves {' and '.join(upcast)} out)[/]", soft_wrap=True)
     for note in lowered:
         out.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     _print_memory(manifest)

@@ -140,7 +140,8 @@ class ComponentSpec:
     cfg_batch: bool = False
     """Called with the positive and negative halves batched together (2B) under CFG."""
     always_fp32: bool = False
-    """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE)."""
+    """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE decoder, SDXL's
+    upcast VAE encoder)."""
     per_step: bool = False
     """Called once per denoising step (the U-Net): where a CUDA graph's saved launches add up, and
     the one component ONNX Runtime captures (its text encoders have CPU-only operators)."""
@@ -683,6 +684,13 @@ VAE_ENCODER = ComponentSpec(
 VAE_DECODER_FP32 = replace(VAE_DECODER, name="vae_decoder_fp32", always_fp32=True)
 """Exported beside an fp16 VAE decoder: the runtime decodes again with it when fp16 overflows."""
 
+VAE_ENCODER_FP32 = replace(VAE_ENCODER, name="vae_encoder_fp32", always_fp32=True)
+"""Exported beside an fp16 SDXL VAE encoder: where the VAE's config sets ``force_upcast`` the
+runtime encodes init images with it, as diffusers' SDXL img2img and inpainting upcast the VAE
+(``build.vae_upcast``). SD's pipelines ignore the flag, so SD exports carry none."""
+VAE_ENCODERS = (VAE_ENCODER.name, VAE_ENCODER_FP32.name)
+"""What only runs where a request starts from an image (img2img, inpainting)."""
+
 SDXL_TEXT_ENCODER = ComponentSpec(
     name="text_encoder",
     module="text_encoder",
@@ -771,7 +779,8 @@ The same graph serves SD and SDXL (only the features' sizes differ)."""
 
 FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
     "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
-    "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
+    "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32,
+             VAE_ENCODER_FP32),
 }
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
 FAMILY_CONTROLNET = {"sd": CONTROLNET, "sdxl": SDXL_CONTROLNET}

@@ -280,6 +280,71 @@ def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_di
     assert not load_pipeline(directory, "onnxruntime-cpu").upcast_vae
 
 
+def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_dir, tiny_sdxl_engine_dir,
+                                                                     tmp_path, monkeypatch, capsys):
+    """diffusers' SDXL img2img and inpainting upcast a ``force_upcast`` VAE to encode the init image
+    too, and an fp16 encoder that overflows has no fallback: the fp16 export carries
+    ``vae_encoder_fp32`` and the runtime encodes with it from the start, as the fp32 export's encoder
+    does (the same preset weights). A VAE config that sets the flag false keeps the fp16 encoder."""
+    import shutil
+
+    from PIL import Image
+
+    from sdexport.manifest import sha256_file
+
+    directory = tmp_path / "sdxl-fp16"
+    shutil.copytree(tiny_sdxl_fp16_engine_dir, directory)
+    manifest = load_manifest(directory)
+    assert manifest.components["vae_encoder_fp32"].dtype == "fp32" and manifest.components["vae_encoder"].dtype == "fp16"
+    image = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+
+    def encoded(pipeline: Txt2ImgPipeline) -> torch.Tensor:
+        return pipeline.encode(image, [torch.Generator().manual_seed(7)])
+
+    with load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu", image_inputs=True) as fp32:
+        want = encoded(fp32)
+    pipeline = load_pipeline(directory, "onnxruntime-cpu", image_inputs=True)
+    assert pipeline.engines["vae_encoder"].spec.name == "vae_encoder_fp32"
+    assert pipeline.info["vae_encoder"] == "fp32" and "vae_encoder_fp32" in pipeline.info["graphs"]
+    assert relative_l2(encoded(pipeline), want) < 1e-5  # the fp16 encoder's differ by ~1e-3
+    request = GenerationRequest(prompt=["a red fox"], steps=2, height=64, width=64, seeds=[3],
+                                image=[Image.fromarray(np.full((64, 64, 3), 90, np.uint8))], strength=0.6)
+    (png,) = pipeline(request).save(tmp_path / "fox.png")
+    assert json.loads(Image.open(png).text["sdexport"])["vae_encoder"] == "fp32"
+    assert run_cli("inspect", directory) == 0
+    assert "encode with vae_encoder_fp32, not vae_encoder" in " ".join(capsys.readouterr().out.split())
+    from sdexport.runtime.loading import _torch_engines  # the Torch backend, at the fp16 it runs on a GPU
+
+    engines = _torch_engines(manifest, ["unet", "vae_encoder_fp32"], compile=False, device=torch.device("cpu"),
+                             dtype=torch.float16)
+    assert engines["unet"].dtype == torch.float16 and engines["vae_encoder_fp32"].dtype == torch.float32
+
+    # an overflow there is not fp16's: the message says so
+    encoder = pipeline.engines["vae_encoder"]
+
+    class Overflowing:
+        spec, profile, device = encoder.spec, encoder.profile, encoder.device
+
+        def __call__(self, feed):
+            return {"latent_parameters": torch.full((1, 8, 8, 8), float("nan"))}
+
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", Overflowing())
+    with pytest.raises(SdexportError, match="the fp32 VAE encoder produced NaN/Inf"):
+        pipeline(request)
+    pipeline.close()
+
+    # an fp16-safe VAE (force_upcast false) encodes with the fp16 encoder, as diffusers does
+    config_path = directory / "vae_decoder_fp32" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": False}))
+    manifest_path = directory / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["files"]["vae_decoder_fp32/config.json"] = sha256_file(config_path)
+    manifest_path.write_text(json.dumps(data))
+    with load_pipeline(directory, "onnxruntime-cpu", image_inputs=True) as safe:
+        assert safe.engines["vae_encoder"].spec.name == "vae_encoder" and "vae_encoder" not in safe.info
+        assert 1e-5 < relative_l2(encoded(safe), want) < 1e-2
+
+
 def _memory_gib() -> float:
     import os
 

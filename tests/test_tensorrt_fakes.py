@@ -162,24 +162,29 @@ def test_fp16_export_builds_strongly_typed_on_both_majors(trt, tiny_fp16_engine_
         assert result.path.read_bytes().startswith(b"plan for ")
 
 
-def test_sdxl_fp16_build_leaves_out_the_decoder_the_runtime_does_not_load(trt, tiny_sdxl_fp16_engine_dir, tmp_path,
-                                                                          monkeypatch, capsys):
-    """SDXL's VAE sets force_upcast: the runtime decodes with vae_decoder_fp32 (``decodes_in_fp32``),
-    so a build of every component skips the fp16 decoder, saying so; naming it builds it."""
-    from sdexport.build.vae_upcast import decodes_in_fp32
+def test_sdxl_fp16_build_leaves_out_the_vae_parts_the_runtime_does_not_load(trt, tiny_sdxl_fp16_engine_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """SDXL's VAE sets force_upcast: the runtime decodes with vae_decoder_fp32 and encodes with
+    vae_encoder_fp32 (``upcast_parts``), so a build of every component skips the fp16 decoder and
+    encoder, saying so, and builds the fp32 ones without the fp16 flag; naming one builds it."""
+    from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
     from sdexport.runtime.loading import pipeline_components
 
-    Recorder(trt).install(monkeypatch)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
     directory = _copy(tiny_sdxl_fp16_engine_dir, tmp_path)
     results = tensorrt_build.build_engines(directory, timing_cache=tmp_path / "timing.cache")
-    built = ["text_encoder", "text_encoder_2", "unet", "vae_encoder", "vae_decoder_fp32"]
+    built = ["text_encoder", "text_encoder_2", "unet", "vae_decoder_fp32", "vae_encoder_fp32"]
     assert [r.component for r in results] == built
-    assert "not building vae_decoder: the runtime decodes with vae_decoder_fp32" in " ".join(capsys.readouterr().err.split())
+    assert [r.key.fp16 for r in results[3:]] == [False, False]
+    assert ("not building vae_decoder (vae_decoder_fp32 runs) and vae_encoder (vae_encoder_fp32 runs)"
+            in " ".join(capsys.readouterr().err.split()))
     manifest = load_manifest(directory)  # what load_pipeline hands the TensorRT loader: the plans built
-    assert pipeline_components(manifest, True, upcast=decodes_in_fp32(directory, manifest)) == built[:3] + built[4:] + built[3:4]
-    (named,) = tensorrt_build.build_engines(directory, components=["vae_decoder"], timing_cache=tmp_path / "timing.cache")
-    assert named.component == "vae_decoder" and named.status == "built"
+    assert pipeline_components(manifest, True, upcast=upcast_parts(directory, manifest)) == built
+    for part in ("vae_decoder", "vae_encoder"):
+        (named,) = tensorrt_build.build_engines(directory, components=[part], timing_cache=tmp_path / "timing.cache")
+        assert named.component == part and named.status == "built"
 
 
 def test_sdxl_fp32_build_keeps_the_vae_decoder_fp32_under_the_fp16_flag(tiny_sdxl_engine_dir, tmp_path, monkeypatch,

@@ -498,12 +498,13 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
 
 
 def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
-    """What the loop runs (the VAE encoder for img2img and inpainting only), plus the fp32 VAE decoder
-    for fp16 exports (the fallback, or SDXL's decoder from the start: ``build.vae_upcast``)."""
-    from sdexport.specs import components_for
+    """What the loop runs (the VAE encoders for img2img and inpainting only), plus the fp32 VAE parts
+    for fp16 exports (the fallback decoder, or SDXL's decoder and encoder from the start:
+    ``build.vae_upcast``)."""
+    from sdexport.specs import VAE_ENCODERS, components_for
 
     return [s.name for s in components_for(family, len(scenario.controlnets), len(scenario.adapters))
-            if (s.name != "vae_encoder" or scenario.image_inputs) and (dtype == "fp16" or not s.always_fp32)]
+            if (s.name not in VAE_ENCODERS or scenario.image_inputs) and (dtype == "fp16" or not s.always_fp32)]
 
 
 def engine_cache_entry(scenario: Scenario, plan: BenchPlan, cache: Path) -> Path:

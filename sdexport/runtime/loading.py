@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.build.vae_upcast import FALLBACK_VAE, decodes_in_fp32, kept_fp32, vae_config_file
+from sdexport.build.vae_upcast import FALLBACK_VAE, kept_fp32, upcast_parts, vae_config_file
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.manifest import (
     Manifest,
@@ -51,22 +51,22 @@ def txt2img_components(manifest: Manifest) -> list[str]:
     return names
 
 
-def pipeline_components(manifest: Manifest, image_inputs: bool = False, *, upcast: bool = False) -> list[str]:
+def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
+                        upcast: dict[str, str] | None = None) -> list[str]:
     """What a pipeline loads: txt2img's components, the VAE encoder where init images will be given
     (img2img, inpainting), and the fp32 fallback decoder where the directory has one. ``upcast``
-    (``decodes_in_fp32``): the fp32 decoder in the fp16 one's place, and no fallback."""
+    (``upcast_parts``): the fp32 decoder and encoder in the fp16 ones' places, and no fallback."""
+    upcast = upcast or {}
     names = txt2img_components(manifest)
     if image_inputs:
-        if "vae_encoder" not in manifest.components:
+        if "vae_encoder" not in manifest.components and "vae_encoder" not in upcast:
             raise EngineDirError(
                 f"the engine directory has no vae_encoder (it was exported with --components "
                 f"{','.join(manifest.components)}); export it too to start from an image (img2img, inpainting)"
             )
         names.append("vae_encoder")
-    if upcast:
-        return [FALLBACK_VAE if n == "vae_decoder" else n for n in names]
-    fallback = fallback_vae(manifest)
-    return names + ([fallback] if fallback else [])
+    fallback = None if "vae_decoder" in upcast else fallback_vae(manifest)
+    return [upcast.get(n, n) for n in names] + ([fallback] if fallback else [])
 
 
 def fallback_vae(manifest: Manifest) -> str | None:
@@ -109,9 +109,10 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
-    upcast = decodes_in_fp32(engine_dir, manifest)
-    fallback = None if upcast else fallback_vae(manifest)
+    upcast = upcast_parts(engine_dir, manifest)
+    fallback = None if "vae_decoder" in upcast else fallback_vae(manifest)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
+    in_place = {fp32: part for part, fp32 in upcast.items() if fp32 in loaded}  # fp32 graph → the part it runs as
     names = [n for n in loaded if n != fallback]
     check_lowered_vae(engine_dir, manifest, loaded, backend, graphs)
     if verify_files:
@@ -124,7 +125,7 @@ def load_pipeline(
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled)
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
-        {("vae_decoder" if n == FALLBACK_VAE else n): engines[n] for n in names},  # (upcast: the fp32 decoder)
+        {in_place.get(n, n): engines[n] for n in names},  # (upcast: the fp32 decoder, encoder)
         tokenizer=tokenizers["tokenizer"],
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
@@ -135,9 +136,9 @@ def load_pipeline(
         vae_scaling_factor=manifest.vae_scaling_factor,
         profile=manifest.shape_profile,
         fallback_vae=engines.get(fallback) if fallback else None,
-        upcast_vae=upcast,
+        upcast_vae="vae_decoder" in upcast,
         info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,
-              "random_weights": manifest.random_weights, **({"vae_decoder": "fp32"} if upcast else {}),
+              "random_weights": manifest.random_weights, **{part: "fp32" for part in in_place.values()},
               **({"loras": [{"path": str(lora.path), "scale": lora.scale} for lora in loras]} if loras else {}),
               "model": manifest.model["label"], "dtype": manifest.dtype,
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
@@ -226,7 +227,7 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     from sdexport.build.cache_key import onnx_files
     from sdexport.export.weight_names import LORA_COMPONENTS, WEIGHTS_FILE
 
-    loaded = pipeline_components(manifest, image_inputs, upcast=decodes_in_fp32(engine_dir, manifest))
+    loaded = pipeline_components(manifest, image_inputs, upcast=upcast_parts(engine_dir, manifest))
     folders = tuple(f"{name}/" for name in manifest.components)
     files = {rel: sha for rel, sha in manifest.files.items() if not rel.startswith(folders)}
     config = vae_config_file(manifest)
@@ -497,10 +498,10 @@ def _torch_engines(
     for name in names:
         spec = manifest.spec(name)
         module = model.module(spec.module)
-        wanted = torch.float32 if name == FALLBACK_VAE else dtype
+        wanted = torch.float32 if spec.always_fp32 else dtype  # the fp32 VAE decoder and encoder
         if placed.get(id(module), wanted) != wanted:
             # The fp16 decoder and its fp32 fallback share the VAE, and moving a module to a dtype
-            # converts it in place: the fallback gets a copy of its own.
+            # converts it in place: the fp32 parts get a copy of their own.
             module = copy.deepcopy(module)
         placed[id(module)] = wanted
         engines[name] = TorchEngine(

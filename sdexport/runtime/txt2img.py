@@ -728,6 +728,9 @@ class Txt2ImgPipeline:
         generator and repeated over the batch (the images themselves were repeated to it)."""
         parameters = self.engines["vae_encoder"]({"sample": image.to(self.device)})["latent_parameters"].float()
         if not torch.isfinite(parameters).all():
+            if self.info.get("vae_encoder") == "fp32" or self.info.get("dtype") == "fp32":  # no fp16 to blame
+                raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from "
+                                    "it (compare with --backend torch, which runs the PyTorch VAE)")
             raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
                                 "fp16-safe VAE (--vae)")
         count = parameters.shape[0] if samples is None else samples
