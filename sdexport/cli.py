@@ -870,6 +870,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         check_runnable,
         pipeline_components,
         resolve_backend,
+        takes_init_images,
     )
     from sdexport.runtime.request import check_backend
     from sdexport.serving.triton_model import ServeSettings
@@ -880,7 +881,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
     manifest = load_manifest(engine_dir, verify_files=False)
     check_runnable(engine_dir, manifest)
-    loaded = pipeline_components(manifest, "vae_encoder" in manifest.components,  # as ServedModel loads
+    loaded = pipeline_components(manifest, takes_init_images(engine_dir, manifest),  # as ServedModel loads
                                  upcast=upcast_parts(engine_dir, manifest))
     # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     resolved = resolve_backend(backend) if engine_path is None else backend
@@ -948,10 +949,10 @@ def serve(
     # not inside Triton's log after the server gave up; the model then loads without hashing again.
     from dataclasses import replace
 
-    from sdexport.runtime.loading import verify_for_backend
+    from sdexport.runtime.loading import takes_init_images, verify_for_backend
 
     verify_for_backend(engine_dir, manifest, resolved, settings.graphs,
-                       image_inputs="vae_encoder" in manifest.components)
+                       image_inputs=takes_init_images(engine_dir, manifest))
     settings = replace(settings, verify=False)
     work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))
     repository = work / "repository"

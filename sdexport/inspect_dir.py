@@ -71,8 +71,10 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
     if upcast:
         runs = " and ".join(f"{'decode' if part == 'vae_decoder' else 'encode'} with {fp32}, not {part}"
                             for part, fp32 in upcast.items())
-        out.print(f"[dim]runs {runs}: the VAE's config sets force_upcast, as diffusers' SDXL pipelines read it "
-                  f"(sdexport build leaves {' and '.join(upcast)} out)[/]", soft_wrap=True)
+        left_out = [part for part in upcast if part in manifest.components]
+        out.print(f"[dim]runs {runs}: the VAE's config sets force_upcast, as diffusers' SDXL pipelines read it"
+                  + (f" (sdexport build leaves {' and '.join(left_out)} out)" if left_out else "") + "[/]",
+                  soft_wrap=True)
     for note in lowered:
         out.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     _print_memory(manifest)

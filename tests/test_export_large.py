@@ -60,7 +60,7 @@ def test_sdxl_exports_fp16_valid_and_verified_on_this_machine(tmp_path: Path):
     out = tmp_path / "sdxl"
     manifest = export("sdxl", out, ExportOptions(dtype="fp16", verify="quick"))
     assert set(manifest.components) == {"text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder",
-                                        "vae_decoder_fp32"}
+                                        "vae_decoder_fp32", "vae_encoder_fp32"}
     for name, entry in manifest.components.items():
         assert entry.parity["status"] == "passed", name
         assert entry.parity["points"][0]["status"] == "passed", name

@@ -39,6 +39,17 @@ def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
+class OverflowingEngine:
+    """Stands in for ``engine`` and returns NaN of ``shape`` as its one output (an overflow)."""
+
+    def __init__(self, engine, shape: tuple[int, ...]):
+        self.spec, self.profile, self.device = engine.spec, engine.profile, engine.device
+        self.shape = shape
+
+    def __call__(self, feed):
+        return {self.spec.output_names[0]: torch.full(self.shape, float("nan"))}
+
+
 class SpyEngine:
     """Records every feed an engine gets."""
 
@@ -237,15 +248,7 @@ def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_di
     torch_pipeline.close()
 
     # an overflow there is not fp16's: the message says so
-    decoder = pipeline.engines["vae_decoder"]
-
-    class Overflowing:
-        spec, profile, device = decoder.spec, decoder.profile, decoder.device
-
-        def __call__(self, feed):
-            return {"sample": torch.full((1, 3, 64, 64), float("nan"))}
-
-    monkeypatch.setitem(pipeline.engines, "vae_decoder", Overflowing())
+    monkeypatch.setitem(pipeline.engines, "vae_decoder", OverflowingEngine(pipeline.engines["vae_decoder"], (1, 3, 64, 64)))
     with pytest.raises(SdexportError, match="the fp32 VAE decoder produced NaN/Inf"):
         pipeline(request)
     pipeline.close()
@@ -311,6 +314,9 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
                                 image=[Image.fromarray(np.full((64, 64, 3), 90, np.uint8))], strength=0.6)
     (png,) = pipeline(request).save(tmp_path / "fox.png")
     assert json.loads(Image.open(png).text["sdexport"])["vae_encoder"] == "fp32"
+    # a txt2img request of the same pipeline (as served) ran no encoder, and its PNG says nothing of one
+    (png,) = pipeline(dataclasses.replace(request, image=None, strength=None)).save(tmp_path / "fox-t2i.png")
+    assert "vae_encoder" not in json.loads(Image.open(png).text["sdexport"])
     assert run_cli("inspect", directory) == 0
     assert "encode with vae_encoder_fp32, not vae_encoder" in " ".join(capsys.readouterr().out.split())
     from sdexport.runtime.loading import _torch_engines  # the Torch backend, at the fp16 it runs on a GPU
@@ -320,15 +326,7 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
     assert engines["unet"].dtype == torch.float16 and engines["vae_encoder_fp32"].dtype == torch.float32
 
     # an overflow there is not fp16's: the message says so
-    encoder = pipeline.engines["vae_encoder"]
-
-    class Overflowing:
-        spec, profile, device = encoder.spec, encoder.profile, encoder.device
-
-        def __call__(self, feed):
-            return {"latent_parameters": torch.full((1, 8, 8, 8), float("nan"))}
-
-    monkeypatch.setitem(pipeline.engines, "vae_encoder", Overflowing())
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", OverflowingEngine(pipeline.engines["vae_encoder"], (1, 8, 8, 8)))
     with pytest.raises(SdexportError, match="the fp32 VAE encoder produced NaN/Inf"):
         pipeline(request)
     pipeline.close()
@@ -343,6 +341,45 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
     with load_pipeline(directory, "onnxruntime-cpu", image_inputs=True) as safe:
         assert safe.engines["vae_encoder"].spec.name == "vae_encoder" and "vae_encoder" not in safe.info
         assert 1e-5 < relative_l2(encoded(safe), want) < 1e-2
+
+
+def test_sdxl_init_images_with_one_encoder_or_the_other(tiny_sdxl_fp16_engine_dir, tmp_path, monkeypatch):
+    """A directory from before sdexport carried vae_encoder_fp32 encodes in fp16, an overflow there
+    blamed on fp16; one exported with the fp32 encoder alone (``--components``) still takes init
+    images, for serve and bench as for run (``takes_init_images``)."""
+    import shutil
+
+    from sdexport.runtime.loading import takes_init_images
+
+    def without(name: str) -> Path:
+        directory = tmp_path / f"without-{name}"
+        shutil.copytree(tiny_sdxl_fp16_engine_dir, directory)
+        data = json.loads((directory / "manifest.json").read_text())
+        del data["components"][name]
+        data["files"] = {rel: sha for rel, sha in data["files"].items() if not rel.startswith(f"{name}/")}
+        (directory / "manifest.json").write_text(json.dumps(data))
+        shutil.rmtree(directory / name)
+        return directory
+
+    older = without("vae_encoder_fp32")
+    assert takes_init_images(older, load_manifest(older))
+    pipeline = load_pipeline(older, "onnxruntime-cpu", image_inputs=True)
+    assert pipeline.engines["vae_encoder"].spec.name == "vae_encoder" and "vae_encoder" not in pipeline.info
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", OverflowingEngine(pipeline.engines["vae_encoder"], (1, 8, 8, 8)))
+    with pytest.raises(SdexportError, match="an fp16 overflow"):
+        pipeline.encode(torch.zeros(1, 3, 64, 64), [torch.Generator().manual_seed(0)])
+    pipeline.close()
+
+    fp32_only = without("vae_encoder")
+    manifest = load_manifest(fp32_only)
+    assert takes_init_images(fp32_only, manifest)
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    served = ServedModel(ServeSettings(engine_dir=str(fp32_only), backend="onnxruntime-cpu"), log=lambda *a: None)
+    assert served.image_inputs and served.pipeline.engines["vae_encoder"].spec.name == "vae_encoder_fp32"
+    served.pipeline.close()
+    assert not takes_init_images(fp32_only, dataclasses.replace(manifest, components={
+        n: e for n, e in manifest.components.items() if n != "vae_encoder_fp32"}))
 
 
 def _memory_gib() -> float:

@@ -498,9 +498,9 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
 
 
 def export_components(scenario: Scenario, family: str, dtype: str) -> list[str]:
-    """What the loop runs (the VAE encoders for img2img and inpainting only), plus the fp32 VAE parts
-    for fp16 exports (the fallback decoder, or SDXL's decoder and encoder from the start:
-    ``build.vae_upcast``)."""
+    """What the loop may run (the VAE encoders for img2img and inpainting only), plus the fp32 VAE
+    parts for fp16 exports (the fallback decoder, or SDXL's decoder and encoder from the start:
+    ``build.vae_upcast``; the fp16 ones stay in an SDXL export, as in any other)."""
     from sdexport.specs import VAE_ENCODERS, components_for
 
     return [s.name for s in components_for(family, len(scenario.controlnets), len(scenario.adapters))

@@ -114,6 +114,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     profile, scheduler_config = export_profile, outline.scheduler_config
     if options.engine_dir is not None:
         from sdexport.manifest import load_manifest, read_scheduler_config
+        from sdexport.runtime.loading import takes_init_images
 
         manifest = load_manifest(options.engine_dir, verify_files=False)
         if manifest.model.get("loras"):
@@ -132,7 +133,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
                 f"--engine-dir {options.engine_dir} holds {which}, the scenario's model {scenario.model} does not: "
                 "the baseline and the engines must be the same model"
             )
-        if scenario.image_inputs and "vae_encoder" not in manifest.components:
+        if scenario.image_inputs and not takes_init_images(options.engine_dir, manifest):
             raise SdexportError(f"--engine-dir {options.engine_dir} has no vae_encoder, which the scenario's init image "
                                 "needs (img2img, inpainting): export it too")
         if len(manifest.controlnets) != len(scenario.controlnets):

@@ -69,6 +69,12 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
     return [upcast.get(n, n) for n in names] + ([fallback] if fallback else [])
 
 
+def takes_init_images(engine_dir: Path, manifest: Manifest) -> bool:
+    """Whether ``pipeline_components`` can load an encoder for img2img and inpainting: the
+    ``vae_encoder``, or the fp32 one that runs in its place (``upcast_parts``)."""
+    return "vae_encoder" in manifest.components or "vae_encoder" in upcast_parts(engine_dir, manifest)
+
+
 def fallback_vae(manifest: Manifest) -> str | None:
     """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one."""
     return FALLBACK_VAE if FALLBACK_VAE in manifest.components else None

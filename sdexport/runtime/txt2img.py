@@ -432,7 +432,8 @@ class Txt2ImgPipeline:
             truncated=truncated,
             scheduler=scheduler_label(scheduler),
             sampler=a1111_sampler(scheduler),
-            info=dict(self.info),
+            # (the encoder's precision only where it ran: a served pipeline loads it for every request)
+            info={k: v for k, v in self.info.items() if k != "vae_encoder" or request.image is not None},
             guess_mode=control is not None and self.guess_mode(request),
         )
 
@@ -728,9 +729,8 @@ class Txt2ImgPipeline:
         generator and repeated over the batch (the images themselves were repeated to it)."""
         parameters = self.engines["vae_encoder"]({"sample": image.to(self.device)})["latent_parameters"].float()
         if not torch.isfinite(parameters).all():
-            if self.info.get("vae_encoder") == "fp32" or self.info.get("dtype") == "fp32":  # no fp16 to blame
-                raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from "
-                                    "it (compare with --backend torch, which runs the PyTorch VAE)")
+            if self.info.get("vae_encoder") == "fp32":  # the fp16 export's fp32 encoder: no fp16 to blame
+                raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from it")
             raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
                                 "fp16-safe VAE (--vae)")
         count = parameters.shape[0] if samples is None else samples

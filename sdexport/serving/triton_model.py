@@ -81,13 +81,13 @@ class ServedModel:
 
     def __init__(self, settings: ServeSettings, log: Any = print) -> None:
         from sdexport.manifest import load_manifest
-        from sdexport.runtime.loading import load_pipeline, resolve_backend
+        from sdexport.runtime.loading import load_pipeline, resolve_backend, takes_init_images
 
         self.settings = settings
         self.log = log
         engine_dir = Path(settings.engine_dir)
         manifest = load_manifest(engine_dir, verify_files=False)
-        self.image_inputs = "vae_encoder" in manifest.components
+        self.image_inputs = takes_init_images(engine_dir, manifest)
         backend = resolve_backend(settings.backend)
         started = time.perf_counter()
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=settings.cuda_graph, verify_files=settings.verify,
