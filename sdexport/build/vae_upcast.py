@@ -68,13 +68,6 @@ def upcast_parts(engine_dir: Path, manifest: Manifest) -> dict[str, str]:
     return present if manifest.dtype == "fp16" and present and vae_upcast(engine_dir, manifest) else {}
 
 
-def decodes_in_fp32(engine_dir: Path, manifest: Manifest) -> bool:
-    """Whether the loop decodes with an fp16 export's fp32 VAE decoder from the start (``upcast_parts``)."""
-    return "vae_decoder" in upcast_parts(engine_dir, manifest)
-
-
-VAE_PARTS = ("vae_decoder", "vae_encoder")
-
 
 def kept_fp32(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
     """The export's own VAE components that run in fp32 wherever they are built: fp32 graphs (an fp32
@@ -83,7 +76,7 @@ def kept_fp32(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
     lower them (TensorRT 10's fp16 flag, ONNX Runtime's conversion): the decoder would overflow, with
     no fp32 decoder beside it to fall back on. The runtime passes over such engines built before this
     rule (``runtime.loading.check_lowered_vae``)."""
-    names = tuple(n for n in VAE_PARTS if n in manifest.components and manifest.components[n].dtype == "fp32")
+    names = tuple(n for n in FP32_VAE if n in manifest.components and manifest.components[n].dtype == "fp32")
     return names if names and vae_upcast(engine_dir, manifest) else ()
 
 

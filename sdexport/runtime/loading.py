@@ -59,25 +59,30 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
     upcast = upcast or {}
     names = txt2img_components(manifest)
     if image_inputs:
-        if "vae_encoder" not in manifest.components and "vae_encoder" not in upcast:
+        if not _has_encoder(manifest, upcast):
             raise EngineDirError(
                 f"the engine directory has no vae_encoder (it was exported with --components "
                 f"{','.join(manifest.components)}); export it too to start from an image (img2img, inpainting)"
             )
         names.append("vae_encoder")
-    fallback = None if "vae_decoder" in upcast else fallback_vae(manifest)
+    fallback = fallback_vae(manifest, upcast)
     return [upcast.get(n, n) for n in names] + ([fallback] if fallback else [])
 
 
 def takes_init_images(engine_dir: Path, manifest: Manifest) -> bool:
-    """Whether ``pipeline_components`` can load an encoder for img2img and inpainting: the
-    ``vae_encoder``, or the fp32 one that runs in its place (``upcast_parts``)."""
-    return "vae_encoder" in manifest.components or "vae_encoder" in upcast_parts(engine_dir, manifest)
+    """Whether ``pipeline_components`` can load an encoder for img2img and inpainting."""
+    return _has_encoder(manifest, upcast_parts(engine_dir, manifest))
 
 
-def fallback_vae(manifest: Manifest) -> str | None:
-    """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one."""
-    return FALLBACK_VAE if FALLBACK_VAE in manifest.components else None
+def _has_encoder(manifest: Manifest, upcast: dict[str, str]) -> bool:
+    """The ``vae_encoder``, or the fp32 one that runs in its place (``upcast_parts``)."""
+    return "vae_encoder" in manifest.components or "vae_encoder" in upcast
+
+
+def fallback_vae(manifest: Manifest, upcast: dict[str, str]) -> str | None:
+    """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one and it
+    does not decode with it from the start (``upcast``: ``upcast_parts``)."""
+    return FALLBACK_VAE if FALLBACK_VAE in manifest.components and "vae_decoder" not in upcast else None
 
 
 def resolve_backend(backend: str) -> str:
@@ -116,7 +121,7 @@ def load_pipeline(
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
     upcast = upcast_parts(engine_dir, manifest)
-    fallback = None if "vae_decoder" in upcast else fallback_vae(manifest)
+    fallback = fallback_vae(manifest, upcast)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
     in_place = {fp32: part for part, fp32 in upcast.items() if fp32 in loaded}  # fp32 graph → the part it runs as
     names = [n for n in loaded if n != fallback]

@@ -279,7 +279,7 @@ class Txt2ImgPipeline:
         the unconditional embeddings are zeros instead of the encoded empty prompt.
         ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``);
         the first one doing so puts requests in guess mode, as in diffusers. ``upcast_vae``: the
-        ``vae_decoder`` engine is an fp16 export's fp32 decoder (``build.vae_upcast.decodes_in_fp32``), so an
+        ``vae_decoder`` engine is an fp16 export's fp32 decoder (``build.vae_upcast.upcast_parts``), so an
         overflow is not fp16's."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
