@@ -207,6 +207,26 @@ def test_fp16_vae_overflow_falls_back_or_refuses(pipelines, monkeypatch):
     monkeypatch.setattr(pipeline, "fallback_vae", vae)
     result = pipeline(request)
     assert result.vae_fallback and np.isfinite(result.pixels).all()
+    assert result.info["vae_decoder"] == "fp32" and "vae_decoder" not in pipeline.info  # the images say what decoded them
+
+
+def test_an_overflow_of_a_decoder_a_build_lowered_names_the_fp32_build(pipelines, monkeypatch):
+    """An fp32 export's decoder that ``sdexport build`` made fp16 (``lowered_vae``) has no fp32 decoder
+    beside it: its overflow is blamed on fp16, with the build that decodes in fp32 for the backend."""
+    from sdexport.runtime.txt2img import lowered_overflow
+
+    pipeline = pipelines["onnxruntime-cpu"]
+    nan = SpyEngine(pipeline.engines["vae_decoder"], replace=lambda feed: {"sample": torch.full((1, 3, 64, 64), float("nan"))})
+    monkeypatch.setitem(pipeline.engines, "vae_decoder", nan)
+    request = GenerationRequest(prompt=["x"], steps=1, height=64, width=64)
+    with pytest.raises(SdexportError, match="the fp32 VAE decoder produced NaN/Inf"):
+        pipeline(request)
+    monkeypatch.setattr(pipeline, "lowered_vae", True)
+    with pytest.raises(SdexportError, match=r"fp16 overflow: `sdexport build --target onnxruntime-cuda` converted") as info:
+        pipeline(request)
+    assert "--target onnxruntime-cuda --fp32 --components vae_decoder" in str(info.value)
+    said = lowered_overflow({"backend": "tensorrt", "engine_dir": "sd15"})
+    assert "TensorRT plan was built with the fp16 flag" in said and "`sdexport build sd15 --fp32 --components vae_decoder`" in said
 
 
 def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tiny_fp16_engine_dir: Path, reference):

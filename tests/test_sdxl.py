@@ -321,9 +321,17 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
     assert "encode with vae_encoder_fp32, not vae_encoder" in " ".join(capsys.readouterr().out.split())
     from sdexport.runtime.loading import _torch_engines  # the Torch backend, at the fp16 it runs on a GPU
 
-    engines = _torch_engines(manifest, ["unet", "vae_encoder_fp32"], compile=False, device=torch.device("cpu"),
-                             dtype=torch.float16)
+    vae = ["vae_decoder", "vae_encoder", "vae_decoder_fp32", "vae_encoder_fp32"]
+    engines = _torch_engines(manifest, ["unet", *vae], compile=False, device=torch.device("cpu"), dtype=torch.float16)
     assert engines["unet"].dtype == torch.float16 and engines["vae_encoder_fp32"].dtype == torch.float32
+
+    def weights(name: str) -> torch.Tensor:
+        return next(engines[name].module.parameters())
+
+    assert weights("vae_decoder").dtype == weights("vae_encoder").dtype == torch.float16
+    assert weights("vae_decoder_fp32").dtype == torch.float32
+    # the fp32 decoder and encoder run one fp32 copy of the VAE between them, not a copy each
+    assert weights("vae_decoder_fp32").data_ptr() == weights("vae_encoder_fp32").data_ptr()
 
     # an overflow there is not fp16's: the message says so
     monkeypatch.setitem(pipeline.engines, "vae_encoder", OverflowingEngine(pipeline.engines["vae_encoder"], (1, 8, 8, 8)))
@@ -380,6 +388,100 @@ def test_sdxl_init_images_with_one_encoder_or_the_other(tiny_sdxl_fp16_engine_di
     served.pipeline.close()
     assert not takes_init_images(fp32_only, dataclasses.replace(manifest, components={
         n: e for n, e in manifest.components.items() if n != "vae_encoder_fp32"}))
+
+
+def _fp16_safe(directory: Path) -> None:
+    """Set the VAE config's ``force_upcast`` false (an fp16-safe VAE) and list its new hash."""
+    from sdexport.manifest import sha256_file
+
+    config_path = directory / "vae_decoder_fp32" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": False}))
+    manifest_path = directory / "manifest.json"
+    data = json.loads(manifest_path.read_text())
+    data["files"]["vae_decoder_fp32/config.json"] = sha256_file(config_path)
+    manifest_path.write_text(json.dumps(data))
+
+
+def _without(source: Path, directory: Path, *names: str) -> Path:
+    """A copy of the engine directory ``source`` exported without components ``names``."""
+    import shutil
+
+    shutil.copytree(source, directory)
+    data = json.loads((directory / "manifest.json").read_text())
+    for name in names:
+        del data["components"][name]
+        data["files"] = {rel: sha for rel, sha in data["files"].items() if not rel.startswith(f"{name}/")}
+        shutil.rmtree(directory / name)
+    (directory / "manifest.json").write_text(json.dumps(data))
+    return directory
+
+
+def test_fp16_safe_sdxl_vae_encoder_falls_back_to_fp32(tiny_sdxl_fp16_engine_dir, tiny_sdxl_engine_dir, tmp_path,
+                                                      monkeypatch, capsys):
+    """Where the VAE's config says it is fp16-safe (``force_upcast`` false) the fp16 encoder runs, as
+    in diffusers, and the fp32 encoder the export carries reruns an init image it overflows on, as
+    the fp32 decoder reruns an overflowing decode: the images record it. A txt2img pipeline loads
+    no encoder at all."""
+    from PIL import Image
+
+    directory = _without(tiny_sdxl_fp16_engine_dir, tmp_path / "safe")
+    _fp16_safe(directory)
+    image = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    generators = [torch.Generator().manual_seed(7)]
+    with load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu", image_inputs=True) as fp32:
+        want = fp32.encode(image, [torch.Generator().manual_seed(7)])
+    with load_pipeline(directory, "onnxruntime-cpu") as txt2img:
+        assert txt2img.fallback_encoder is None and "vae_encoder_fp32" not in txt2img.info["graphs"]
+    pipeline = load_pipeline(directory, "onnxruntime-cpu", image_inputs=True)
+    assert pipeline.engines["vae_encoder"].spec.name == "vae_encoder" and "vae_encoder" not in pipeline.info
+    assert pipeline.fallback_encoder is not None and pipeline.fallback_encoder.spec.name == "vae_encoder_fp32"
+    assert pipeline.fallback_vae is not None and "vae_encoder_fp32" in pipeline.info["graphs"]
+    fp16 = pipeline.engines["vae_encoder"]
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", OverflowingEngine(fp16, (1, 8, 8, 8)))
+    capsys.readouterr()
+    assert relative_l2(pipeline.encode(image, generators), want) < 1e-5  # the fp32 encoder's, drawn alike
+    assert "VAE encoder overflowed (NaN/Inf); encoding the init image again in fp32" in capsys.readouterr().err
+    init = Image.fromarray(np.full((64, 64, 3), 90, np.uint8))
+    request = GenerationRequest(prompt=["a red fox"], steps=2, height=64, width=64, seeds=[3], image=[init], strength=0.6)
+    result = pipeline(request)
+    assert result.encoder_fallback and not result.vae_fallback and np.isfinite(result.pixels).all()
+    (png,) = result.save(tmp_path / "fox.png")
+    assert json.loads(Image.open(png).text["sdexport"])["vae_encoder"] == "fp32"
+    # inpainting encodes twice (the image and the masked image); one overflow is enough to say so
+    mask = Image.fromarray(np.full((64, 64), 255, np.uint8))
+    assert pipeline(dataclasses.replace(request, mask=[mask])).encoder_fallback
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", fp16)
+    assert not pipeline(request).encoder_fallback
+    # both overflowing: refused, never a start from NaN
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", OverflowingEngine(fp16, (1, 8, 8, 8)))
+    monkeypatch.setattr(pipeline, "fallback_encoder", OverflowingEngine(fp16, (1, 8, 8, 8)))
+    with pytest.raises(SdexportError, match="the fp32 VAE encoder also produced NaN/Inf"):
+        pipeline(request)
+    pipeline.close()
+
+
+def test_fp16_sdxl_export_with_only_the_fp32_vae(tiny_sdxl_fp16_engine_dir, tmp_path):
+    """An fp16 export that kept only the fp32 VAE graphs (``--components`` without vae_decoder and
+    vae_encoder) runs them in the fp16 ones' places whatever the VAE's config says: txt2img as well
+    as init images, an overflow there not blamed on fp16."""
+    from sdexport.runtime.loading import check_runnable, takes_init_images
+
+    directory = _without(tiny_sdxl_fp16_engine_dir, tmp_path / "fp32-vae", "vae_decoder", "vae_encoder")
+    with load_pipeline(directory, "onnxruntime-cpu") as upcast:  # in their places as force_upcast says
+        assert upcast.engines["vae_decoder"].spec.name == "vae_decoder_fp32" and upcast.fallback_vae is None
+    _fp16_safe(directory)  # and where it does not, as nothing else would decode
+    manifest = load_manifest(directory)
+    check_runnable(directory, manifest)
+    assert takes_init_images(directory, manifest)
+    with load_pipeline(directory, "onnxruntime-cpu", image_inputs=True) as pipeline:
+        assert pipeline.engines["vae_decoder"].spec.name == "vae_decoder_fp32" and pipeline.upcast_vae
+        assert pipeline.engines["vae_encoder"].spec.name == "vae_encoder_fp32"
+        assert pipeline.fallback_vae is None and pipeline.fallback_encoder is None
+        assert pipeline.info["vae_decoder"] == pipeline.info["vae_encoder"] == "fp32"
+        result = pipeline(GenerationRequest(prompt=["a red fox"], steps=2, height=64, width=64, seeds=[3]))
+        assert np.isfinite(result.pixels).all() and result.info["vae_decoder"] == "fp32"
+    assert run_cli("run", directory, "-p", "a fox", "--steps", "1", "--height", "64", "--width", "64", "--backend",
+                   "onnxruntime-cpu", "-o", tmp_path / "fox.png") == 0
 
 
 def _memory_gib() -> float:

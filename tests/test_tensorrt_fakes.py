@@ -274,6 +274,38 @@ def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path
     assert results[0].key.fp16 and not results[0].key.strongly_typed
 
 
+def test_an_fp16_flag_plan_of_an_fp32_export_runs_lowered(tiny_engine_dir, tmp_path, monkeypatch):
+    """The runtime knows when the decoder it loaded computes in fp16 though the export is fp32 (a
+    TensorRT 10 plan built with the fp16 flag, an fp16 ONNX Runtime CUDA graph), so that an
+    overflow there is blamed on fp16 and the fp32 build is named, not on the fp32 export."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.loading import runs_lowered
+
+    trt = fake_tensorrt.make_tensorrt("10.13.3.9")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_engine_dir, tmp_path)
+    (flagged,) = tensorrt_build.build_engines(directory, components=["vae_decoder"])
+    (fp32,) = tensorrt_build.build_engines(directory, fp16=False, components=["vae_decoder"])
+    assert flagged.key.fp16 and not fp32.key.fp16
+    manifest = load_manifest(directory, verify_files=False)
+
+    def lowered(path: Path, backend: str = "tensorrt", graphs: str = "auto") -> bool:
+        return runs_lowered(directory, manifest, "vae_decoder", backend, graphs, SimpleNamespace(source=path))
+
+    assert lowered(flagged.path) and not lowered(fp32.path)
+    assert not lowered(flagged.path, "onnxruntime-cuda") and not lowered(flagged.path, "torch")
+    entry = manifest.components["vae_decoder"]
+    for dtype, want in (("fp16", True), ("fp32", False)):
+        fused = dataclasses.replace(entry, optimized={"onnxruntime-cuda": {"onnx": "vae_decoder/fused.onnx", "dtype": dtype}})
+        manifest.components["vae_decoder"] = fused
+        assert lowered(flagged.path, "onnxruntime-cuda") is want
+        assert not lowered(flagged.path, "onnxruntime-cuda", "portable") and not lowered(flagged.path, "onnxruntime-cpu")
+
+
 def test_fp32_export_on_tensorrt_11_is_refused_before_any_build(tiny_engine_dir, tmp_path, monkeypatch):
     trt = fake_tensorrt.make_tensorrt("11.4.0.1")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)

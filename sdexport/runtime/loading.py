@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.build.vae_upcast import FALLBACK_VAE, kept_fp32, upcast_parts, vae_config_file
+from sdexport.build.vae_upcast import FP32_VAE, kept_fp32, upcast_parts, vae_config_file
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.manifest import (
     Manifest,
@@ -35,12 +35,14 @@ if TYPE_CHECKING:  # torch is imported where engines are made: the checks above 
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
 
-def txt2img_components(manifest: Manifest) -> list[str]:
+def txt2img_components(manifest: Manifest, upcast: dict[str, str] | None = None) -> list[str]:
     """What txt2img runs (the VAE encoder is for img2img, the fp32 decoder a fallback), in call order;
     with the ControlNets where the U-Net takes their residuals, and the T2I-Adapter where it takes
-    its features."""
+    its features. ``upcast`` (``upcast_parts``): the fp32 decoder in the fp16 one's place, as it is
+    where the export has only the fp32 one (``vae_in_place``)."""
     controlnets = len(manifest.controlnets) or (1 if manifest.model_dims.residuals else 0)
-    names = [s.name for s in components_for(manifest.family, controlnets, len(manifest.adapters))
+    in_place = vae_in_place(manifest, upcast or {})
+    names = [in_place.get(s.name, s.name) for s in components_for(manifest.family, controlnets, len(manifest.adapters))
              if s.name != "vae_encoder" and not s.always_fp32]
     missing = [n for n in names if n not in manifest.components]
     if missing:
@@ -54,19 +56,19 @@ def txt2img_components(manifest: Manifest) -> list[str]:
 def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
                         upcast: dict[str, str] | None = None) -> list[str]:
     """What a pipeline loads: txt2img's components, the VAE encoder where init images will be given
-    (img2img, inpainting), and the fp32 fallback decoder where the directory has one. ``upcast``
-    (``upcast_parts``): the fp32 decoder and encoder in the fp16 ones' places, and no fallback."""
+    (img2img, inpainting), and the fp32 VAE parts that rerun an fp16 one that overflows
+    (``vae_fallbacks``). ``upcast`` (``upcast_parts``): the fp32 decoder and encoder in the fp16
+    ones' places, and no fallbacks."""
     upcast = upcast or {}
-    names = txt2img_components(manifest)
+    names = txt2img_components(manifest, upcast)
     if image_inputs:
         if not _has_encoder(manifest, upcast):
             raise EngineDirError(
                 f"the engine directory has no vae_encoder (it was exported with --components "
                 f"{','.join(manifest.components)}); export it too to start from an image (img2img, inpainting)"
             )
-        names.append("vae_encoder")
-    fallback = fallback_vae(manifest, upcast)
-    return [upcast.get(n, n) for n in names] + ([fallback] if fallback else [])
+        names.append(vae_in_place(manifest, upcast).get("vae_encoder", "vae_encoder"))
+    return names + list(vae_fallbacks(manifest, upcast, image_inputs).values())
 
 
 def takes_init_images(engine_dir: Path, manifest: Manifest) -> bool:
@@ -75,14 +77,28 @@ def takes_init_images(engine_dir: Path, manifest: Manifest) -> bool:
 
 
 def _has_encoder(manifest: Manifest, upcast: dict[str, str]) -> bool:
-    """The ``vae_encoder``, or the fp32 one that runs in its place (``upcast_parts``)."""
-    return "vae_encoder" in manifest.components or "vae_encoder" in upcast
+    """The ``vae_encoder``, or the fp32 one that runs in its place (``vae_in_place``)."""
+    return "vae_encoder" in manifest.components or "vae_encoder" in vae_in_place(manifest, upcast)
 
 
-def fallback_vae(manifest: Manifest, upcast: dict[str, str]) -> str | None:
-    """The fp32 VAE decoder an fp16 export carries for overflows, if this directory has one and it
-    does not decode with it from the start (``upcast``: ``upcast_parts``)."""
-    return FALLBACK_VAE if FALLBACK_VAE in manifest.components and "vae_decoder" not in upcast else None
+def vae_in_place(manifest: Manifest, upcast: dict[str, str]) -> dict[str, str]:
+    """The VAE parts (``vae_decoder``, ``vae_encoder``) whose fp32 graph (``FP32_VAE``) runs from the
+    start, in their place: where the VAE upcasts (``upcast``: ``upcast_parts``), and where an fp16
+    export kept the fp32 graph alone (``--components ...,vae_decoder_fp32``: the fp16 one would be
+    rerun in fp32 on an overflow anyway)."""
+    return {part: fp32 for part, fp32 in FP32_VAE.items()
+            if fp32 in manifest.components and (part in upcast or part not in manifest.components)}
+
+
+def vae_fallbacks(manifest: Manifest, upcast: dict[str, str], image_inputs: bool = False) -> dict[str, str]:
+    """The fp32 VAE graphs an fp16 export carries beside the fp16 ones, by the part each reruns when
+    the fp16 one overflows (NaN/Inf), where they do not run from the start (``vae_in_place``): the
+    decoder's, and with ``image_inputs`` the encoder's (an SDXL export's, where the VAE is fp16-safe
+    by its config)."""
+    in_place = vae_in_place(manifest, upcast)
+    return {part: fp32 for part, fp32 in FP32_VAE.items()
+            if fp32 in manifest.components and part in manifest.components and part not in in_place
+            and (image_inputs or part != "vae_encoder")}
 
 
 def resolve_backend(backend: str) -> str:
@@ -121,10 +137,11 @@ def load_pipeline(
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
     upcast = upcast_parts(engine_dir, manifest)
-    fallback = fallback_vae(manifest, upcast)
+    fallbacks = vae_fallbacks(manifest, upcast, image_inputs)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
-    in_place = {fp32: part for part, fp32 in upcast.items() if fp32 in loaded}  # fp32 graph → the part it runs as
-    names = [n for n in loaded if n != fallback]
+    in_place = {fp32: part for part, fp32 in vae_in_place(manifest, upcast).items()
+                if fp32 in loaded}  # fp32 graph → the part it runs as
+    names = [n for n in loaded if n not in fallbacks.values()]
     check_lowered_vae(engine_dir, manifest, loaded, backend, graphs)
     if verify_files:
         verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs, lora=bool(loras))
@@ -135,8 +152,9 @@ def load_pipeline(
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled)
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
+    decoder = next(n for n in names if in_place.get(n, n) == "vae_decoder")
     return Txt2ImgPipeline(
-        {in_place.get(n, n): engines[n] for n in names},  # (upcast: the fp32 decoder, encoder)
+        {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
         tokenizer=tokenizers["tokenizer"],
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
@@ -146,8 +164,10 @@ def load_pipeline(
         dims=manifest.model_dims,
         vae_scaling_factor=manifest.vae_scaling_factor,
         profile=manifest.shape_profile,
-        fallback_vae=engines.get(fallback) if fallback else None,
-        upcast_vae="vae_decoder" in upcast,
+        fallback_vae=engines[fallbacks["vae_decoder"]] if "vae_decoder" in fallbacks else None,
+        fallback_encoder=engines[fallbacks["vae_encoder"]] if "vae_encoder" in fallbacks else None,
+        upcast_vae="vae_decoder" in in_place.values(),
+        lowered_vae=runs_lowered(engine_dir, manifest, decoder, backend, graphs, engines[decoder]),
         info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,
               "random_weights": manifest.random_weights, **{part: "fp32" for part in in_place.values()},
               **({"loras": [{"path": str(lora.path), "scale": lora.scale} for lora in loras]} if loras else {}),
@@ -155,6 +175,22 @@ def load_pipeline(
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
               if backend.startswith("onnxruntime") else {}},
     )
+
+
+def runs_lowered(engine_dir: Path, manifest: Manifest, name: str, backend: str, graphs: str, engine: Engine) -> bool:
+    """Whether ``name``'s engine computes in fp16 though the export's graph is fp32: ``sdexport build``
+    lowered it (ONNX Runtime's fp16 conversion of the fused graph, or a TensorRT plan built with
+    TensorRT 10's fp16 flag), so that an overflow there is fp16's, not the export's."""
+    entry = manifest.components[name]
+    if entry.dtype != "fp32":
+        return False
+    if backend == "onnxruntime-cuda":
+        return graph_for(manifest, name, backend, graphs) != entry.onnx and _fused_in_fp16(manifest, name)
+    if backend == "tensorrt":  # the plan the loader picked (select_engine), by its path
+        source = getattr(engine, "source", None)
+        return any(isinstance(e.get("key"), dict) and e["key"].get("fp16") is True
+                   and source == engine_dir / str(e.get("path")) for e in entry.engines.values())
+    return False
 
 
 def check_lowered_vae(engine_dir: Path, manifest: Manifest, loaded: list[str], backend: str, graphs: str) -> None:
@@ -506,14 +542,18 @@ def _torch_engines(
         dtype = torch.float16 if device.type == "cuda" and manifest.dtype == "fp16" else torch.float32
     engines: dict[str, Engine] = {}
     placed: dict[int, torch.dtype] = {}
+    copies: dict[tuple[int, torch.dtype], Any] = {}
     for name in names:
         spec = manifest.spec(name)
         module = model.module(spec.module)
         wanted = torch.float32 if spec.always_fp32 else dtype  # the fp32 VAE decoder and encoder
         if placed.get(id(module), wanted) != wanted:
             # The fp16 decoder and its fp32 fallback share the VAE, and moving a module to a dtype
-            # converts it in place: the fp32 parts get a copy of their own.
-            module = copy.deepcopy(module)
+            # converts it in place: the fp32 parts get a copy of their own, one for both.
+            key = (id(module), wanted)
+            if key not in copies:
+                copies[key] = copy.deepcopy(module)
+            module = copies[key]
         placed[id(module)] = wanted
         engines[name] = TorchEngine(
             spec, module, profile=manifest.shape_profile, device=device, dtype=wanted, compile=compile,

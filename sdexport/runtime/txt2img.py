@@ -97,6 +97,8 @@ class ImageConditioning:
     """(B, 1, h, w), 1 = repaint: the mask at latent size."""
     masked_latents: torch.Tensor | None = None
     """The masked image's latents: an inpainting U-Net's extra input."""
+    encoder_fallback: bool = False
+    """Whether an fp16 encoder overflowed and the fp32 one encoded (``Txt2ImgPipeline._encode``)."""
 
 
 class ControlConditioning:
@@ -236,6 +238,9 @@ class GenerationResult:
     """The model's family (``sd``, ``sdxl``): the request's defaults (strength, ControlNet scale) depend
     on it, and the saved images record what ran."""
     vae_fallback: bool = False
+    """Whether the VAE decoder overflowed (NaN/Inf) and the fp32 one decoded instead."""
+    encoder_fallback: bool = False
+    """Whether the VAE encoder overflowed on the init image and the fp32 one encoded it instead."""
     truncated: dict[str, list[str | None]] = field(default_factory=dict)
     """Per text field that was too long for the text encoder: the text it read (None where a text
     fitted). ``save_images`` records these instead of the given text."""
@@ -274,13 +279,18 @@ class Txt2ImgPipeline:
         force_zeros_for_empty_prompt: bool = True,
         pooled_controlnets: tuple[str, ...] = (),
         upcast_vae: bool = False,
+        fallback_encoder: Engine | None = None,
+        lowered_vae: bool = False,
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
         ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``);
         the first one doing so puts requests in guess mode, as in diffusers. ``upcast_vae``: the
-        ``vae_decoder`` engine is an fp16 export's fp32 decoder (``build.vae_upcast.upcast_parts``), so an
-        overflow is not fp16's."""
+        ``vae_decoder`` engine is an fp16 export's fp32 decoder (``runtime.loading.vae_in_place``), so an
+        overflow is not fp16's. ``fallback_vae``, ``fallback_encoder``: fp32 engines that rerun the
+        ``vae_decoder``, ``vae_encoder`` where it overflows (``runtime.loading.vae_fallbacks``).
+        ``lowered_vae``: the ``vae_decoder`` engine of an fp32 export computes in fp16, as ``sdexport
+        build`` made it (``runtime.loading.runs_lowered``): an overflow there is fp16's."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
@@ -293,7 +303,9 @@ class Txt2ImgPipeline:
         self.vae_scaling_factor = vae_scaling_factor
         self.profile = profile
         self.fallback_vae = fallback_vae
+        self.fallback_encoder = fallback_encoder
         self.upcast_vae = upcast_vae
+        self.lowered_vae = lowered_vae
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
@@ -429,13 +441,24 @@ class Txt2ImgPipeline:
             request=request,
             family=self.family,
             vae_fallback=fallback,
+            encoder_fallback=init is not None and init.encoder_fallback,
             truncated=truncated,
             scheduler=scheduler_label(scheduler),
             sampler=a1111_sampler(scheduler),
-            # (the encoder's precision only where it ran: a served pipeline loads it for every request)
-            info={k: v for k, v in self.info.items() if k != "vae_encoder" or request.image is not None},
+            info=self.run_info(request, fallback, init is not None and init.encoder_fallback),
             guess_mode=control is not None and self.guess_mode(request),
         )
+
+    def run_info(self, request: GenerationRequest, vae_fallback: bool, encoder_fallback: bool) -> dict[str, Any]:
+        """The pipeline's ``info`` as one run's images record it: the precision of each VAE part
+        that ran in fp32 (from the start, or as the fallback of an fp16 one that overflowed), and the
+        encoder's only where it ran (a served pipeline loads it for every request)."""
+        info = {k: v for k, v in self.info.items() if k != "vae_encoder" or request.image is not None}
+        if vae_fallback:
+            info["vae_decoder"] = "fp32"
+        if encoder_fallback:
+            info["vae_encoder"] = "fp32"
+        return info
 
     def guess_mode(self, request: GenerationRequest) -> bool:
         """Asked for, or where diffusers turns it on by itself (``forced_guess_mode``)."""
@@ -569,13 +592,14 @@ class Txt2ImgPipeline:
         inpaint = request.mask is not None
         from_image = not inpaint or strength < 1.0
         image_latents = None
+        fell_back = False
         if not inpaint:  # img2img: the image goes to every prompt, each sampled with its own generator
-            image_latents = self.encode(pixels(images, batch), generators)
+            image_latents, fell_back = self._encode(pixels(images, batch), generators)
         elif from_image or not self.dims.inpainting:
             # The inpaint pipeline samples each given image once (a single image: with the first
             # generator) and shares it: what diffusers does, so the same seeds give the same images.
             # The encoder still runs at the request's batch: the shapes its engine was built for.
-            image_latents = self.encode(pixels(images, batch), generators, samples=len(images))
+            image_latents, fell_back = self._encode(pixels(images, batch), generators, samples=len(images))
         noise = self.noise(shape, generators)
         if from_image:
             assert image_latents is not None
@@ -583,18 +607,19 @@ class Txt2ImgPipeline:
         else:
             latents = noise * scheduler.init_noise_sigma
         if not inpaint:
-            return ImageConditioning(latents, noise, image_latents)
+            return ImageConditioning(latents, noise, image_latents, encoder_fallback=fell_back)
         masks = request.mask or []
         mask = binary_mask(masks, len(masks))
         masked_image = pixels(images, len(images)) * (mask < 0.5)  # one of each broadcasts to the other
         distinct = masked_image.shape[0]
         if self.dims.inpainting:
-            masked_latents = self.encode(per_prompt(masked_image, batch), generators, samples=distinct)
+            masked_latents, masked_fell_back = self._encode(per_prompt(masked_image, batch), generators, samples=distinct)
+            fell_back = fell_back or masked_fell_back
         else:  # diffusers encodes it anyway and drops it: draw what its sampling would, to keep the seeds in step
             masked_latents = None
             self.noise((distinct, *shape[1:]), generators[:distinct])
         latent_mask = per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
-        return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents)
+        return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents, fell_back)
 
     def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
         """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG;
@@ -727,19 +752,33 @@ class Txt2ImgPipeline:
         (``DiagonalGaussianDistribution.sample``: mean + std * noise, log-variance clamped).
         ``samples``: only the first that many rows are distinct images, each sampled with its own
         generator and repeated over the batch (the images themselves were repeated to it)."""
-        parameters = self.engines["vae_encoder"]({"sample": image.to(self.device)})["latent_parameters"].float()
+        return self._encode(image, generators, samples)[0]
+
+    def _encode(self, image: torch.Tensor, generators: list[torch.Generator],
+                samples: int | None = None) -> tuple[torch.Tensor, bool]:
+        """``encode``, and whether the fp16 encoder overflowed (NaN/Inf) and the fp32 one encoded
+        instead, as ``decode`` falls back."""
+        feed = {"sample": image.to(self.device)}
+        parameters = self.engines["vae_encoder"](feed)["latent_parameters"].float()
+        fallback = False
         if not torch.isfinite(parameters).all():
             if self.info.get("vae_encoder") == "fp32":  # the fp16 export's fp32 encoder: no fp16 to blame
                 raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from it")
-            raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
-                                "fp16-safe VAE (--vae)")
+            if self.fallback_encoder is None:
+                raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
+                                    "fp16-safe VAE (--vae)")
+            console.print("[yellow]warning:[/] VAE encoder overflowed (NaN/Inf); encoding the init image again in fp32")
+            parameters = self.fallback_encoder(feed)["latent_parameters"].float()
+            fallback = True
+            if not torch.isfinite(parameters).all():
+                raise SdexportError("the fp32 VAE encoder also produced NaN/Inf from the init image; refusing to start from it")
         count = parameters.shape[0] if samples is None else samples
         mean, log_variance = parameters[:count].chunk(2, dim=1)
         std = torch.exp(0.5 * log_variance.clamp(-30.0, 20.0))
         draws = self.noise(tuple(mean.shape), generators[:count])
         from sdexport.runtime.image_inputs import per_prompt
 
-        return per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0])
+        return per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0]), fallback
 
     def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> tuple[np.ndarray, bool]:
         """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
@@ -758,13 +797,16 @@ class Txt2ImgPipeline:
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
                     f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
                 )
-            if self.fallback_vae is None and (self.info.get("dtype") == "fp32" or self.upcast_vae):  # no fp16 to blame
+            fp32 = self.upcast_vae or (self.info.get("dtype") == "fp32" and not self.lowered_vae)
+            if self.fallback_vae is None and fp32:  # no fp16 to blame
                 peak = float(latents.abs().max())
                 raise SdexportError(
                     f"the fp32 VAE decoder produced NaN/Inf from latents as large as {peak:.3g}{where}; refusing "
                     "to save a black image" + (". Latents that far out of range come from the settings (a guidance "
                                                 "far above the usual 5 to 7.5, say)" if peak > 1e4 else "")
                 )
+            if self.fallback_vae is None and self.lowered_vae:
+                raise SdexportError(lowered_overflow(self.info))
             if self.fallback_vae is None:
                 raise SdexportError(
                     "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
@@ -783,7 +825,8 @@ class Txt2ImgPipeline:
 
     def close(self) -> None:
         """Release every engine's device memory now (TensorRT contexts, ORT sessions, modules)."""
-        for engine in {id(e): e for e in (*self.engines.values(), self.fallback_vae) if e is not None}.values():
+        engines = (*self.engines.values(), self.fallback_vae, self.fallback_encoder)
+        for engine in {id(e): e for e in engines if e is not None}.values():
             close = getattr(engine, "close", None)
             if close is not None:
                 close()
@@ -793,6 +836,20 @@ class Txt2ImgPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def lowered_overflow(info: dict[str, Any]) -> str:
+    """Why an fp32 export's VAE decoder that ``sdexport build`` lowered to fp16 overflowed, and the
+    build or the flag that decodes in fp32 instead, for the backend that ran (``info``)."""
+    where = info.get("engine_dir", "DIR")
+    if info.get("backend") == "tensorrt":
+        return ("the VAE decoder produced NaN/Inf (fp16 overflow: its TensorRT plan was built with the fp16 flag "
+                "from this fp32 export); refusing to save a black image. Build an fp32 plan for it "
+                f"(`sdexport build {where} --fp32 --components vae_decoder`: runs pick the newest plan)")
+    return ("the VAE decoder produced NaN/Inf (fp16 overflow: `sdexport build --target onnxruntime-cuda` converted "
+            "this fp32 export's decoder graph to fp16); refusing to save a black image. Build it fp32 "
+            f"(`sdexport build {where} --target onnxruntime-cuda --fp32 --components vae_decoder`) or run the "
+            "portable graphs (--portable-graphs)")
 
 
 def guidance_factor(guidance: float | list[float], device: torch.device) -> float | torch.Tensor:
