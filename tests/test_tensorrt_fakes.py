@@ -262,6 +262,19 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     manifest = load_manifest(directory, verify_files=False)
     assert select_engine(directory, manifest, "vae_decoder", fp32=True, **here)["path"].endswith(kept.path.name)
     assert select_engine(directory, manifest, "vae_decoder", **here)["path"].endswith(flagged.path.name)
+    # asked for shapes only the passed-over plan covers, the refusal says why that one does not count
+    exported = manifest.shape_profile
+    narrow = exported.with_ranges(height=f"{exported.height[0]}:{exported.height[0]}:{exported.height[0]}")
+    (small,) = tensorrt_build.build_engines(directory, components=["vae_decoder"], profile=narrow)
+    data = json.loads((directory / "manifest.json").read_text())
+    del data["components"]["vae_decoder"]["engines"][kept.key.digest()]
+    (directory / "manifest.json").write_text(json.dumps(data))
+    manifest = load_manifest(directory, verify_files=False)
+    wide = exported.with_ranges(height=f"{exported.height[2]}:{exported.height[2]}:{exported.height[2]}")
+    assert not small.key.fp16 and wide.within(narrow)  # (reaches outside the fp32 plan's profile)
+    with pytest.raises(ProfileError) as refused:
+        select_engine(directory, manifest, "vae_decoder", fp32=True, profile=wide, **here)
+    assert "1 plan(s) that do were built with the fp16 flag, which this VAE overflows" in " ".join(str(refused.value).split())
 
 
 def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):

@@ -513,7 +513,7 @@ def select_engine(
         raise EngineDirError(f"{engine_dir}: no component {component!r} (has {', '.join(manifest.components)})")
     here = f"{gpu_name} (sm {compute_capability}) / TensorRT {tensorrt_version}"
     candidates = []
-    flagged = 0
+    flagged = []
     for entry in manifest.components[component].engines.values():
         try:
             key = EngineKey.from_dict(entry["key"])
@@ -522,7 +522,7 @@ def select_engine(
         if key.platform_reasons(tensorrt_version, gpu_name, compute_capability):
             continue
         if fp32 and key.fp16:
-            flagged += 1
+            flagged.append(entry)
         else:
             candidates.append(entry)
     if not candidates and flagged:
@@ -540,10 +540,13 @@ def select_engine(
         fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e))]
         if not fitting:
             have = "; ".join(_profile_text(_entry_profile(manifest, e)) for e in candidates)
+            passed_over = sum(1 for e in flagged if not profile.within(_entry_profile(manifest, e)))
             raise ProfileError(
                 f"no {component} engine for {here} covers batch {_span(profile.batch)}, height "
-                f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}); rebuild with "
-                f"`sdexport build {engine_dir}` and that profile"
+                f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}"
+                + (f"; {passed_over} plan(s) that do were built with the fp16 flag, which this VAE overflows "
+                   "(its config sets force_upcast), and are passed over" if passed_over else "")
+                + f"); rebuild with `sdexport build {engine_dir}` and that profile"
             )
         candidates = fitting
     return max(candidates, key=lambda e: str(e.get("built", "")))
