@@ -75,6 +75,12 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         out.print(f"[dim]runs {runs}: the VAE's config sets force_upcast, as diffusers' SDXL pipelines read it"
                   + (f" (sdexport build leaves {' and '.join(left_out)} out)" if left_out else "") + "[/]",
                   soft_wrap=True)
+    from sdexport.runtime.loading import vae_in_place
+
+    alone = {part: fp32 for part, fp32 in vae_in_place(manifest, upcast).items() if part not in upcast}
+    if alone:
+        runs = " and ".join(f"{'decodes' if part == 'vae_decoder' else 'encodes'} with {fp32}" for part, fp32 in alone.items())
+        out.print(f"[dim]{runs}: the export has no {' or '.join(alone)} to run in fp16[/]", soft_wrap=True)
     for note in lowered:
         out.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
     _print_memory(manifest)

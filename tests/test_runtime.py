@@ -210,9 +210,11 @@ def test_fp16_vae_overflow_falls_back_or_refuses(pipelines, monkeypatch):
     assert result.info["vae_decoder"] == "fp32" and "vae_decoder" not in pipeline.info  # the images say what decoded them
 
 
-def test_an_overflow_of_a_decoder_a_build_lowered_names_the_fp32_build(pipelines, monkeypatch):
-    """An fp32 export's decoder that ``sdexport build`` made fp16 (``lowered_vae``) has no fp32 decoder
-    beside it: its overflow is blamed on fp16, with the build that decodes in fp32 for the backend."""
+def test_an_overflow_of_a_vae_part_a_build_lowered_names_the_fp32_build(pipelines, tiny_engine_dir, monkeypatch):
+    """An fp32 export's decoder or encoder that ``sdexport build`` made fp16 (``lowered``, from
+    ``runs_lowered`` at load) has no fp32 graph beside it: its overflow is blamed on fp16, with the
+    build that runs it in fp32 for the backend."""
+    from sdexport.runtime import loading
     from sdexport.runtime.txt2img import lowered_overflow
 
     pipeline = pipelines["onnxruntime-cpu"]
@@ -221,12 +223,31 @@ def test_an_overflow_of_a_decoder_a_build_lowered_names_the_fp32_build(pipelines
     request = GenerationRequest(prompt=["x"], steps=1, height=64, width=64)
     with pytest.raises(SdexportError, match="the fp32 VAE decoder produced NaN/Inf"):
         pipeline(request)
-    monkeypatch.setattr(pipeline, "lowered_vae", True)
+    monkeypatch.setattr(pipeline, "lowered", frozenset({"vae_decoder"}))
     with pytest.raises(SdexportError, match=r"fp16 overflow: `sdexport build --target onnxruntime-cuda` converted") as info:
         pipeline(request)
     assert "--target onnxruntime-cuda --fp32 --components vae_decoder" in str(info.value)
-    said = lowered_overflow({"backend": "tensorrt", "engine_dir": "sd15"})
+    said = lowered_overflow({"backend": "tensorrt", "engine_dir": "sd15"}, "vae_decoder")
     assert "TensorRT plan was built with the fp16 flag" in said and "`sdexport build sd15 --fp32 --components vae_decoder`" in said
+    # the encoder alike
+    with load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True) as img2img:
+        nan = SpyEngine(img2img.engines["vae_encoder"], replace=lambda feed: {"latent_parameters": torch.full((1, 8, 8, 8), float("nan"))})
+        monkeypatch.setitem(img2img.engines, "vae_encoder", nan)
+        with pytest.raises(SdexportError, match="the fp32 VAE encoder produced NaN/Inf"):
+            img2img.encode(torch.zeros(1, 3, 64, 64), [torch.Generator().manual_seed(0)])
+        monkeypatch.setattr(img2img, "lowered", frozenset({"vae_encoder"}))
+        with pytest.raises(SdexportError, match="VAE encoder produced NaN/Inf .*fp16 overflow.*--fp32 --components vae_encoder"):
+            img2img.encode(torch.zeros(1, 3, 64, 64), [torch.Generator().manual_seed(0)])
+    # load_pipeline asks runs_lowered of the VAE parts it runs, and of nothing else
+    asked: list[str] = []
+
+    def lowered(engine_dir, manifest, name, *args):
+        asked.append(name)
+        return name == "vae_encoder"
+
+    monkeypatch.setattr(loading, "runs_lowered", lowered)
+    with load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True) as loaded:
+        assert loaded.lowered == {"vae_encoder"} and sorted(asked) == ["vae_decoder", "vae_encoder"]
 
 
 def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tiny_fp16_engine_dir: Path, reference):

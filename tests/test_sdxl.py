@@ -374,7 +374,7 @@ def test_sdxl_init_images_with_one_encoder_or_the_other(tiny_sdxl_fp16_engine_di
     pipeline = load_pipeline(older, "onnxruntime-cpu", image_inputs=True)
     assert pipeline.engines["vae_encoder"].spec.name == "vae_encoder" and "vae_encoder" not in pipeline.info
     monkeypatch.setitem(pipeline.engines, "vae_encoder", OverflowingEngine(pipeline.engines["vae_encoder"], (1, 8, 8, 8)))
-    with pytest.raises(SdexportError, match="an fp16 overflow"):
+    with pytest.raises(SdexportError, match=r"fp16 overflow.*keep an fp32 VAE encoder for this \(vae_encoder_fp32"):
         pipeline.encode(torch.zeros(1, 3, 64, 64), [torch.Generator().manual_seed(0)])
     pipeline.close()
 
@@ -447,7 +447,7 @@ def test_fp16_safe_sdxl_vae_encoder_falls_back_to_fp32(tiny_sdxl_fp16_engine_dir
     assert result.encoder_fallback and not result.vae_fallback and np.isfinite(result.pixels).all()
     (png,) = result.save(tmp_path / "fox.png")
     assert json.loads(Image.open(png).text["sdexport"])["vae_encoder"] == "fp32"
-    # inpainting encodes twice (the image and the masked image); one overflow is enough to say so
+    # inpainting (a standard U-Net's: the image is sampled once and shared) falls back alike
     mask = Image.fromarray(np.full((64, 64), 255, np.uint8))
     assert pipeline(dataclasses.replace(request, mask=[mask])).encoder_fallback
     monkeypatch.setitem(pipeline.engines, "vae_encoder", fp16)
@@ -460,7 +460,49 @@ def test_fp16_safe_sdxl_vae_encoder_falls_back_to_fp32(tiny_sdxl_fp16_engine_dir
     pipeline.close()
 
 
-def test_fp16_sdxl_export_with_only_the_fp32_vae(tiny_sdxl_fp16_engine_dir, tmp_path):
+def test_served_images_record_the_vae_parts_that_ran(tiny_sdxl_fp16_engine_dir, tmp_path, monkeypatch):
+    """A served PNG says what its own run used, as `sdexport run`'s do: no encoder for a txt2img
+    request of a pipeline that loads one, and the fp32 encoder where it reran an overflow."""
+    import io
+
+    from PIL import Image
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    def request(init: bool) -> dict[str, np.ndarray]:
+        arrays = {"prompt": np.array([[b"a fox"]], dtype=object), "steps": np.array([[2]], dtype=np.int32),
+                  "height": np.array([[64]], dtype=np.int32), "width": np.array([[64]], dtype=np.int32)}
+        if init:
+            buffer = io.BytesIO()
+            Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(buffer, format="PNG")
+            arrays["init_image"] = np.array([[buffer.getvalue()]], dtype=object)
+            arrays["strength"] = np.array([[0.6]], dtype=np.float32)
+        return arrays
+
+    def recorded(served: ServedModel, init: bool) -> dict[str, object]:
+        [generated] = served.generate([request(init)])
+        assert not isinstance(generated, str), generated
+        return json.loads(Image.open(io.BytesIO(generated[0].png)).text["sdexport"])
+
+    upcast = ServedModel(ServeSettings(str(tiny_sdxl_fp16_engine_dir), backend="onnxruntime-cpu"), log=lambda *a: None)
+    try:
+        assert upcast.pipeline.info["vae_encoder"] == "fp32"
+        assert "vae_encoder" not in recorded(upcast, init=False) and recorded(upcast, init=True)["vae_encoder"] == "fp32"
+    finally:
+        upcast.close()
+    directory = _without(tiny_sdxl_fp16_engine_dir, tmp_path / "safe")
+    _fp16_safe(directory)
+    safe = ServedModel(ServeSettings(str(directory), backend="onnxruntime-cpu"), log=lambda *a: None)
+    try:
+        assert "vae_encoder" not in recorded(safe, init=True)
+        monkeypatch.setitem(safe.pipeline.engines, "vae_encoder",
+                            OverflowingEngine(safe.pipeline.engines["vae_encoder"], (1, 8, 8, 8)))
+        assert recorded(safe, init=True)["vae_encoder"] == "fp32"
+    finally:
+        safe.close()
+
+
+def test_fp16_sdxl_export_with_only_the_fp32_vae(tiny_sdxl_fp16_engine_dir, tmp_path, capsys):
     """An fp16 export that kept only the fp32 VAE graphs (``--components`` without vae_decoder and
     vae_encoder) runs them in the fp16 ones' places whatever the VAE's config says: txt2img as well
     as init images, an overflow there not blamed on fp16."""
@@ -482,6 +524,10 @@ def test_fp16_sdxl_export_with_only_the_fp32_vae(tiny_sdxl_fp16_engine_dir, tmp_
         assert np.isfinite(result.pixels).all() and result.info["vae_decoder"] == "fp32"
     assert run_cli("run", directory, "-p", "a fox", "--steps", "1", "--height", "64", "--width", "64", "--backend",
                    "onnxruntime-cpu", "-o", tmp_path / "fox.png") == 0
+    capsys.readouterr()
+    assert run_cli("inspect", directory) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "decodes with vae_decoder_fp32 and encodes with vae_encoder_fp32: the export has no vae_decoder or vae_encoder" in said
 
 
 def _memory_gib() -> float:

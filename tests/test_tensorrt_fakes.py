@@ -319,6 +319,37 @@ def test_an_fp16_flag_plan_of_an_fp32_export_runs_lowered(tiny_engine_dir, tmp_p
         assert not lowered(flagged.path, "onnxruntime-cuda", "portable") and not lowered(flagged.path, "onnxruntime-cpu")
 
 
+def test_a_fallback_vae_without_a_plan_is_left_out_with_a_note(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch,
+                                                               capsys):
+    """The fp32 decoder that reruns an fp16 overflow is optional to the TensorRT loader: a build with
+    --components may have skipped it, and a run without it only loses the rerun. What the run needs
+    is not: its missing plan is refused, before any plan is read."""
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import choose_plans
+
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    (built,) = tensorrt_build.build_engines(directory, components=["unet"])
+    manifest = load_manifest(directory, verify_files=False)
+    here = {"tensorrt_version": built.key.tensorrt_version, "gpu_name": built.key.gpu_name,
+            "compute_capability": built.key.compute_capability}
+    capsys.readouterr()
+    chosen = choose_plans(directory, manifest, ["unet", "vae_decoder_fp32"], ["vae_decoder_fp32"], **here)
+    assert list(chosen) == ["unet"]
+    assert "loading no vae_decoder_fp32 (the fp32 rerun of an fp16 overflow): no TensorRT engine" in \
+        " ".join(capsys.readouterr().err.split())
+    with pytest.raises(EngineDirError, match="no TensorRT engine .* for vae_decoder"):
+        choose_plans(directory, manifest, ["unet", "vae_decoder", "vae_decoder_fp32"], ["vae_decoder_fp32"], **here)
+    # and a plan whose profile does not cover the request, alike
+    exported = manifest.shape_profile
+    narrow = exported.with_ranges(height=f"{exported.height[0]}:{exported.height[0]}:{exported.height[0]}")
+    tensorrt_build.build_engines(directory, components=["vae_decoder_fp32"], profile=narrow)
+    manifest = load_manifest(directory, verify_files=False)
+    wide = exported.with_ranges(height=f"{exported.height[2]}:{exported.height[2]}:{exported.height[2]}")
+    assert list(choose_plans(directory, manifest, ["vae_decoder_fp32"], ["vae_decoder_fp32"], profile=narrow, **here))
+    assert not choose_plans(directory, manifest, ["vae_decoder_fp32"], ["vae_decoder_fp32"], profile=wide, **here)
+
+
 def test_fp32_export_on_tensorrt_11_is_refused_before_any_build(tiny_engine_dir, tmp_path, monkeypatch):
     trt = fake_tensorrt.make_tensorrt("11.4.0.1")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)

@@ -150,9 +150,9 @@ def load_pipeline(
     pooled = pooled_controlnets(engine_dir, manifest)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
-                            loras=loras or [], guess_mode=guess_mode, pooled=pooled)
+                            loras=loras or [], guess_mode=guess_mode, pooled=pooled,
+                            optional=tuple(fallbacks.values()))
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
-    decoder = next(n for n in names if in_place.get(n, n) == "vae_decoder")
     return Txt2ImgPipeline(
         {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
         tokenizer=tokenizers["tokenizer"],
@@ -164,10 +164,11 @@ def load_pipeline(
         dims=manifest.model_dims,
         vae_scaling_factor=manifest.vae_scaling_factor,
         profile=manifest.shape_profile,
-        fallback_vae=engines[fallbacks["vae_decoder"]] if "vae_decoder" in fallbacks else None,
-        fallback_encoder=engines[fallbacks["vae_encoder"]] if "vae_encoder" in fallbacks else None,
+        fallback_vae=engines.get(fallbacks["vae_decoder"]) if "vae_decoder" in fallbacks else None,
+        fallback_encoder=engines.get(fallbacks["vae_encoder"]) if "vae_encoder" in fallbacks else None,
         upcast_vae="vae_decoder" in in_place.values(),
-        lowered_vae=runs_lowered(engine_dir, manifest, decoder, backend, graphs, engines[decoder]),
+        lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in FP32_VAE
+                          and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
         info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,
               "random_weights": manifest.random_weights, **{part: "fp32" for part in in_place.values()},
               **({"loras": [{"path": str(lora.path), "scale": lora.scale} for lora in loras]} if loras else {}),
@@ -389,8 +390,11 @@ def _load_engines(
     engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
     request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
     loras: list[LoraFile] | None = None, guess_mode: bool = False, pooled: tuple[str, ...] = (),
+    optional: tuple[str, ...] = (),
 ) -> dict[str, Engine]:
-    """``pooled``: the directory's pooling ControlNets (``pooled_controlnets``, read once by the caller)."""
+    """``pooled``: the directory's pooling ControlNets (``pooled_controlnets``, read once by the caller).
+    ``optional``: components TensorRT leaves out where no plan serves (``load_tensorrt_engines``); the
+    other backends run the export's graphs, which every directory has."""
     profile, dims = manifest.shape_profile, manifest.model_dims
     from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, unet_config, updates_for
 
@@ -442,7 +446,7 @@ def _load_engines(
     # TensorRT plans are built from the portable graphs: a refit takes the same new initializers.
     weights = {n: onnx_initializers(engine_dir, manifest, n, updates, manifest.components[n].onnx) for n in names} if updates else None
     return dict(load_tensorrt_engines(engine_dir, manifest, names, cuda_graph=cuda_graph, profile=request_profile,
-                                      weights=weights, fp32=kept_fp32(engine_dir, manifest)))
+                                      weights=weights, fp32=kept_fp32(engine_dir, manifest), optional=optional))
 
 
 def _reload_part(record: dict[str, Any], what: str, resolve: Callable[[str, str], Any]) -> Any:

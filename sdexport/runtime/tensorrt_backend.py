@@ -30,7 +30,8 @@ from rich.markup import escape
 
 from sdexport.build import tensorrt_build
 from sdexport.build.cache_key import EngineKey
-from sdexport.errors import EngineDirError, ProfileError, SdexportError
+from sdexport.console import console
+from sdexport.errors import EngineDirError, ProfileError, SdexportError, one_line
 from sdexport.graph_io import GraphTensor, check_io
 from sdexport.manifest import Manifest, check_files
 from sdexport.runtime.engine import check_feed
@@ -552,6 +553,25 @@ def select_engine(
     return max(candidates, key=lambda e: str(e.get("built", "")))
 
 
+def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optional: Collection[str] = (), *,
+                 tensorrt_version: str, gpu_name: str, compute_capability: str, profile: ShapeProfile | None = None,
+                 fp32: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+    """``select_engine`` for each of ``names``, every choice before any plan is read (one missing plan
+    is said first); an ``optional`` one without a plan that serves is left out with a note."""
+    entries = {}
+    for name in names:
+        try:
+            entries[name] = select_engine(engine_dir, manifest, name, tensorrt_version=tensorrt_version,
+                                          gpu_name=gpu_name, compute_capability=compute_capability, profile=profile,
+                                          fp32=name in fp32)
+        except (EngineDirError, ProfileError) as exc:
+            if name not in optional:
+                raise
+            console.print(f"[yellow]note:[/] loading no {name} (the fp32 rerun of an fp16 overflow): "
+                          f"{escape(one_line(exc))}")
+    return entries
+
+
 def _entry_profile(manifest: Manifest, entry: dict[str, Any]) -> ShapeProfile:
     data = entry.get("profile")
     return ShapeProfile.from_dict(data) if data else manifest.shape_profile
@@ -612,10 +632,13 @@ def load_tensorrt_engines(
     memory: SharedDeviceMemory | None = None,
     weights: dict[str, dict[str, Any]] | None = None,
     fp32: Collection[str] = (),
+    optional: Collection[str] = (),
 ) -> dict[str, TensorRTEngine]:
     """Load the plan for each component that matches this GPU and TensorRT version; ``weights``
     (per component, run-time LoRA) are refitted into refittable plans before any context exists.
-    ``fp32``: components that must run in fp32 (``select_engine``).
+    ``fp32``: components that must run in fp32 (``select_engine``). ``optional``: components left
+    out, with a note, where no plan here serves (the fp32 VAE parts that rerun an overflow: a build
+    with ``--components`` may have skipped them, and a run without them only loses the rerun).
 
     All engines share one activation block and stream (sized here by the largest engine before any
     context is created). ``verify`` checks each chosen plan against its sha256 in the manifest; pass
@@ -628,11 +651,8 @@ def load_tensorrt_engines(
 
     version = str(trt.__version__)
     names = components if components is not None else list(manifest.components)
-    entries = {  # every choice first: one missing plan is said before any plan is read
-        name: select_engine(engine_dir, manifest, name, tensorrt_version=version, gpu_name=gpu_name,
-                            compute_capability=capability, profile=profile, fp32=name in fp32)
-        for name in names
-    }
+    entries = choose_plans(engine_dir, manifest, names, optional, tensorrt_version=version, gpu_name=gpu_name,
+                           compute_capability=capability, profile=profile, fp32=fp32)
     runtime = _runtime()
     chosen: dict[str, tuple[dict[str, Any], trt.ICudaEngine]] = {}
     for name, entry in entries.items():

@@ -280,7 +280,7 @@ class Txt2ImgPipeline:
         pooled_controlnets: tuple[str, ...] = (),
         upcast_vae: bool = False,
         fallback_encoder: Engine | None = None,
-        lowered_vae: bool = False,
+        lowered: frozenset[str] = frozenset(),
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
@@ -289,8 +289,9 @@ class Txt2ImgPipeline:
         ``vae_decoder`` engine is an fp16 export's fp32 decoder (``runtime.loading.vae_in_place``), so an
         overflow is not fp16's. ``fallback_vae``, ``fallback_encoder``: fp32 engines that rerun the
         ``vae_decoder``, ``vae_encoder`` where it overflows (``runtime.loading.vae_fallbacks``).
-        ``lowered_vae``: the ``vae_decoder`` engine of an fp32 export computes in fp16, as ``sdexport
-        build`` made it (``runtime.loading.runs_lowered``): an overflow there is fp16's."""
+        ``lowered``: the VAE parts (``vae_decoder``, ``vae_encoder``) whose engine computes in fp16
+        though the export is fp32, as ``sdexport build`` made it (``runtime.loading.runs_lowered``):
+        an overflow there is fp16's."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
@@ -305,7 +306,7 @@ class Txt2ImgPipeline:
         self.fallback_vae = fallback_vae
         self.fallback_encoder = fallback_encoder
         self.upcast_vae = upcast_vae
-        self.lowered_vae = lowered_vae
+        self.lowered = lowered
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
@@ -762,11 +763,16 @@ class Txt2ImgPipeline:
         parameters = self.engines["vae_encoder"](feed)["latent_parameters"].float()
         fallback = False
         if not torch.isfinite(parameters).all():
-            if self.info.get("vae_encoder") == "fp32":  # the fp16 export's fp32 encoder: no fp16 to blame
+            if self.info.get("vae_encoder") == "fp32" or self._runs_fp32("vae_encoder"):  # no fp16 to blame
                 raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from it")
+            if self.fallback_encoder is None and "vae_encoder" in self.lowered:
+                raise SdexportError(lowered_overflow(self.info, "vae_encoder"))
             if self.fallback_encoder is None:
-                raise SdexportError("the VAE encoder produced NaN/Inf (an fp16 overflow?); export in fp32 or with an "
-                                    "fp16-safe VAE (--vae)")
+                raise SdexportError(
+                    "the VAE encoder produced NaN/Inf from the init image (fp16 overflow); refusing to start from it. "
+                    + ("sdexport's --dtype fp16 SDXL exports keep an fp32 VAE encoder for this (vae_encoder_fp32: "
+                       "export it too); otherwise export in fp32" if self.family == "sdxl"
+                       else "Export in fp32 or with an fp16-safe VAE (--vae)"))
             console.print("[yellow]warning:[/] VAE encoder overflowed (NaN/Inf); encoding the init image again in fp32")
             parameters = self.fallback_encoder(feed)["latent_parameters"].float()
             fallback = True
@@ -797,16 +803,15 @@ class Txt2ImgPipeline:
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
                     f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
                 )
-            fp32 = self.upcast_vae or (self.info.get("dtype") == "fp32" and not self.lowered_vae)
-            if self.fallback_vae is None and fp32:  # no fp16 to blame
+            if self.fallback_vae is None and (self.upcast_vae or self._runs_fp32("vae_decoder")):  # no fp16 to blame
                 peak = float(latents.abs().max())
                 raise SdexportError(
                     f"the fp32 VAE decoder produced NaN/Inf from latents as large as {peak:.3g}{where}; refusing "
                     "to save a black image" + (". Latents that far out of range come from the settings (a guidance "
                                                 "far above the usual 5 to 7.5, say)" if peak > 1e4 else "")
                 )
-            if self.fallback_vae is None and self.lowered_vae:
-                raise SdexportError(lowered_overflow(self.info))
+            if self.fallback_vae is None and "vae_decoder" in self.lowered:
+                raise SdexportError(lowered_overflow(self.info, "vae_decoder"))
             if self.fallback_vae is None:
                 raise SdexportError(
                     "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
@@ -820,6 +825,10 @@ class Txt2ImgPipeline:
                 raise SdexportError("the fp32 VAE decoder also produced NaN/Inf; the latents are broken")
         pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return pixels, fallback
+
+    def _runs_fp32(self, part: str) -> bool:
+        """Whether the VAE ``part``'s engine is an fp32 export's, not lowered to fp16 by a build."""
+        return self.info.get("dtype") == "fp32" and part not in self.lowered
 
     # -- lifetime ---------------------------------------------------------------------------
 
@@ -838,18 +847,20 @@ class Txt2ImgPipeline:
         self.close()
 
 
-def lowered_overflow(info: dict[str, Any]) -> str:
-    """Why an fp32 export's VAE decoder that ``sdexport build`` lowered to fp16 overflowed, and the
-    build or the flag that decodes in fp32 instead, for the backend that ran (``info``)."""
+def lowered_overflow(info: dict[str, Any], part: str) -> str:
+    """Why an fp32 export's VAE ``part`` that ``sdexport build`` lowered to fp16 overflowed, and the
+    build or the flag that runs it in fp32 instead, for the backend that ran (``info``)."""
     where = info.get("engine_dir", "DIR")
+    what, refusal = (("decoder", "refusing to save a black image") if part == "vae_decoder"
+                     else ("encoder", "refusing to start from the init image"))
     if info.get("backend") == "tensorrt":
-        return ("the VAE decoder produced NaN/Inf (fp16 overflow: its TensorRT plan was built with the fp16 flag "
-                "from this fp32 export); refusing to save a black image. Build an fp32 plan for it "
-                f"(`sdexport build {where} --fp32 --components vae_decoder`: runs pick the newest plan)")
-    return ("the VAE decoder produced NaN/Inf (fp16 overflow: `sdexport build --target onnxruntime-cuda` converted "
-            "this fp32 export's decoder graph to fp16); refusing to save a black image. Build it fp32 "
-            f"(`sdexport build {where} --target onnxruntime-cuda --fp32 --components vae_decoder`) or run the "
-            "portable graphs (--portable-graphs)")
+        return (f"the VAE {what} produced NaN/Inf (fp16 overflow: its TensorRT plan was built with the fp16 flag "
+                f"from this fp32 export); {refusal}. Build an fp32 plan for it (`sdexport build {where} --fp32 "
+                f"--components {part}`: runs pick the newest plan, so build it again after a later `--force` build)")
+    return (f"the VAE {what} produced NaN/Inf (fp16 overflow: `sdexport build --target onnxruntime-cuda` converted "
+            f"this fp32 export's {what} graph to fp16); {refusal}. Build it fp32 (`sdexport build {where} --target "
+            f"onnxruntime-cuda --fp32 --components {part}`, and again after each fp16 build) or run the portable "
+            "graphs (--portable-graphs)")
 
 
 def guidance_factor(guidance: float | list[float], device: torch.device) -> float | torch.Tensor:

@@ -191,7 +191,7 @@ class ServedModel:
     def _png(self, result: Any, k: int) -> bytes:
         from sdexport.runtime.images import png_bytes
 
-        return png_bytes(result, k, self.pipeline.info)
+        return png_bytes(result, k)  # (result.info: the pipeline's, as this run used it)
 
     def close(self) -> None:
         self.pipeline.close()
