@@ -293,7 +293,6 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
 
     from PIL import Image
 
-    from sdexport.manifest import sha256_file
 
     directory = tmp_path / "sdxl-fp16"
     shutil.copytree(tiny_sdxl_fp16_engine_dir, directory)
@@ -340,12 +339,7 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
     pipeline.close()
 
     # an fp16-safe VAE (force_upcast false) encodes with the fp16 encoder, as diffusers does
-    config_path = directory / "vae_decoder_fp32" / "config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "force_upcast": False}))
-    manifest_path = directory / "manifest.json"
-    data = json.loads(manifest_path.read_text())
-    data["files"]["vae_decoder_fp32/config.json"] = sha256_file(config_path)
-    manifest_path.write_text(json.dumps(data))
+    _fp16_safe(directory)
     with load_pipeline(directory, "onnxruntime-cpu", image_inputs=True) as safe:
         assert safe.engines["vae_encoder"].spec.name == "vae_encoder" and "vae_encoder" not in safe.info
         assert 1e-5 < relative_l2(encoded(safe), want) < 1e-2
