@@ -293,7 +293,6 @@ def test_fp16_sdxl_encodes_init_images_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp
 
     from PIL import Image
 
-
     directory = tmp_path / "sdxl-fp16"
     shutil.copytree(tiny_sdxl_fp16_engine_dir, directory)
     manifest = load_manifest(directory)
@@ -452,6 +451,50 @@ def test_fp16_safe_sdxl_vae_encoder_falls_back_to_fp32(tiny_sdxl_fp16_engine_dir
     with pytest.raises(SdexportError, match="the fp32 VAE encoder also produced NaN/Inf"):
         pipeline(request)
     pipeline.close()
+
+
+def test_tensorrt_loads_without_fallback_plans_and_says_what_to_build(tiny_sdxl_fp16_engine_dir, tmp_path,
+                                                                    monkeypatch):
+    """``load_pipeline`` hands the TensorRT loader the fp32 reruns as optional, each with the part
+    whose shapes it must serve; where it leaves them out, an overflow names the plan to build, not
+    an export the directory already has. (The loader is stubbed: TensorRT needs a GPU.)"""
+    from types import SimpleNamespace
+
+    from sdexport.runtime import tensorrt_backend
+
+    directory = _without(tiny_sdxl_fp16_engine_dir, tmp_path / "safe")
+    _fp16_safe(directory)
+    asked: dict[str, object] = {}
+
+    class Stub:
+        def __init__(self, spec):
+            self.spec, self.profile, self.device = spec, load_manifest(directory).shape_profile, torch.device("cpu")
+
+        def __call__(self, feed):
+            return {self.spec.output_names[0]: torch.full((1, 8, 8, 8) if "encoder" in self.spec.name else (1, 3, 64, 64),
+                                                          float("nan"))}
+
+    def load(engine_dir, manifest, names, cuda_graph=False, *, optional=None, **kwargs):
+        asked.update(names=list(names), optional=dict(optional or {}))
+        return {n: Stub(manifest.spec(n)) for n in names if n not in (optional or {})}
+
+    monkeypatch.setattr(tensorrt_backend, "load_tensorrt_engines", load)
+    pipeline = load_pipeline(directory, "tensorrt", image_inputs=True)
+    assert asked["optional"] == {"vae_decoder_fp32": "vae_decoder", "vae_encoder_fp32": "vae_encoder"}
+    assert pipeline.fallback_vae is None and pipeline.fallback_encoder is None
+    assert pipeline.unplanned == {"vae_decoder", "vae_encoder"}
+    with pytest.raises(SdexportError, match=r"fp16 overflow.*vae_encoder_fp32, has no TensorRT plan here") as info:
+        pipeline.encode(torch.zeros(1, 3, 64, 64), [torch.Generator().manual_seed(0)])
+    assert f"`sdexport build {directory} --components vae_encoder_fp32`" in str(info.value)
+    with pytest.raises(SdexportError, match=r"fp16 overflow.*vae_decoder_fp32, has no TensorRT plan here"):
+        pipeline.decode(torch.zeros(1, 4, 8, 8))
+    txt2img = load_pipeline(directory, "tensorrt")  # no encoder, no encoder rerun
+    assert asked["optional"] == {"vae_decoder_fp32": "vae_decoder"} and txt2img.unplanned == {"vae_decoder"}
+    monkeypatch.setattr(tensorrt_backend, "load_tensorrt_engines",
+                        lambda engine_dir, manifest, names, cuda_graph=False, **kwargs: {
+                            n: SimpleNamespace(spec=manifest.spec(n), profile=manifest.shape_profile,
+                                               device=torch.device("cpu")) for n in names})
+    assert not load_pipeline(directory, "tensorrt").unplanned  # the plan there: the rerun loads
 
 
 def test_served_images_record_the_vae_parts_that_ran(tiny_sdxl_fp16_engine_dir, tmp_path, monkeypatch):

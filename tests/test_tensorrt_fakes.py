@@ -334,20 +334,29 @@ def test_a_fallback_vae_without_a_plan_is_left_out_with_a_note(trt, tiny_fp16_en
     here = {"tensorrt_version": built.key.tensorrt_version, "gpu_name": built.key.gpu_name,
             "compute_capability": built.key.compute_capability}
     capsys.readouterr()
-    chosen = choose_plans(directory, manifest, ["unet", "vae_decoder_fp32"], ["vae_decoder_fp32"], **here)
+    chosen = choose_plans(directory, manifest, ["unet", "vae_decoder_fp32"], {"vae_decoder_fp32": "unet"}, **here)
     assert list(chosen) == ["unet"]
     assert "loading no vae_decoder_fp32 (the fp32 rerun of an fp16 overflow): no TensorRT engine" in \
         " ".join(capsys.readouterr().err.split())
     with pytest.raises(EngineDirError, match="no TensorRT engine .* for vae_decoder"):
-        choose_plans(directory, manifest, ["unet", "vae_decoder", "vae_decoder_fp32"], ["vae_decoder_fp32"], **here)
-    # and a plan whose profile does not cover the request, alike
+        choose_plans(directory, manifest, ["unet", "vae_decoder", "vae_decoder_fp32"],
+                     {"vae_decoder_fp32": "vae_decoder"}, **here)
+    # a plan whose profile does not cover the request (given, or else the part's plan's), alike
     exported = manifest.shape_profile
     narrow = exported.with_ranges(height=f"{exported.height[0]}:{exported.height[0]}:{exported.height[0]}")
     tensorrt_build.build_engines(directory, components=["vae_decoder_fp32"], profile=narrow)
     manifest = load_manifest(directory, verify_files=False)
     wide = exported.with_ranges(height=f"{exported.height[2]}:{exported.height[2]}:{exported.height[2]}")
-    assert list(choose_plans(directory, manifest, ["vae_decoder_fp32"], ["vae_decoder_fp32"], profile=narrow, **here))
-    assert not choose_plans(directory, manifest, ["vae_decoder_fp32"], ["vae_decoder_fp32"], profile=wide, **here)
+    fallback = {"vae_decoder_fp32": "vae_decoder"}
+    assert list(choose_plans(directory, manifest, ["vae_decoder_fp32"], fallback, profile=narrow, **here))
+    assert not choose_plans(directory, manifest, ["vae_decoder_fp32"], fallback, profile=wide, **here)
+    tensorrt_build.build_engines(directory, components=["vae_decoder"])  # the export's whole profile
+    manifest = load_manifest(directory, verify_files=False)
+    assert list(choose_plans(directory, manifest, ["vae_decoder", "vae_decoder_fp32"], fallback, **here)) == ["vae_decoder"]
+    # what the run needs is refused outside the shapes asked for, never left out
+    beyond = exported.with_ranges(batch=f"1:1:{exported.batch[2] + 1}")
+    with pytest.raises(ProfileError, match="no unet engine"):
+        choose_plans(directory, manifest, ["unet", "vae_decoder_fp32"], fallback, profile=beyond, **here)
 
 
 def test_fp32_export_on_tensorrt_11_is_refused_before_any_build(tiny_engine_dir, tmp_path, monkeypatch):

@@ -151,7 +151,7 @@ def load_pipeline(
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled,
-                            optional=tuple(fallbacks.values()))
+                            optional={fp32: part for part, fp32 in fallbacks.items()})
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
@@ -166,6 +166,7 @@ def load_pipeline(
         profile=manifest.shape_profile,
         fallback_vae=engines.get(fallbacks["vae_decoder"]) if "vae_decoder" in fallbacks else None,
         fallback_encoder=engines.get(fallbacks["vae_encoder"]) if "vae_encoder" in fallbacks else None,
+        unplanned=frozenset(part for part, fp32 in fallbacks.items() if fp32 not in engines),
         upcast_vae="vae_decoder" in in_place.values(),
         lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in FP32_VAE
                           and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
@@ -390,7 +391,7 @@ def _load_engines(
     engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
     request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
     loras: list[LoraFile] | None = None, guess_mode: bool = False, pooled: tuple[str, ...] = (),
-    optional: tuple[str, ...] = (),
+    optional: dict[str, str] | None = None,
 ) -> dict[str, Engine]:
     """``pooled``: the directory's pooling ControlNets (``pooled_controlnets``, read once by the caller).
     ``optional``: components TensorRT leaves out where no plan serves (``load_tensorrt_engines``); the

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -553,23 +553,29 @@ def select_engine(
     return max(candidates, key=lambda e: str(e.get("built", "")))
 
 
-def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optional: Collection[str] = (), *,
-                 tensorrt_version: str, gpu_name: str, compute_capability: str, profile: ShapeProfile | None = None,
+def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optional: Mapping[str, str] | None = None,
+                 *, tensorrt_version: str, gpu_name: str, compute_capability: str, profile: ShapeProfile | None = None,
                  fp32: Collection[str] = ()) -> dict[str, dict[str, Any]]:
     """``select_engine`` for each of ``names``, every choice before any plan is read (one missing plan
-    is said first); an ``optional`` one without a plan that serves is left out with a note."""
-    entries = {}
-    for name in names:
+    is said first). ``optional`` maps a component that may be left out to the one whose shapes it
+    must serve (the fp32 rerun of an fp16 VAE part: that part's): one without a plan that covers
+    ``profile``, or where none is given that part's plan, is left out with a note."""
+    optional = optional or {}
+    entries: dict[str, dict[str, Any]] = {}
+    for name in sorted(names, key=lambda n: n in optional):  # the parts first: their plans' shapes count
+        covers = profile
+        if covers is None and optional.get(name) in entries:
+            covers = _entry_profile(manifest, entries[optional[name]])
         try:
             entries[name] = select_engine(engine_dir, manifest, name, tensorrt_version=tensorrt_version,
-                                          gpu_name=gpu_name, compute_capability=compute_capability, profile=profile,
+                                          gpu_name=gpu_name, compute_capability=compute_capability, profile=covers,
                                           fp32=name in fp32)
         except (EngineDirError, ProfileError) as exc:
             if name not in optional:
                 raise
             console.print(f"[yellow]note:[/] loading no {name} (the fp32 rerun of an fp16 overflow): "
                           f"{escape(one_line(exc))}")
-    return entries
+    return {name: entries[name] for name in names if name in entries}
 
 
 def _entry_profile(manifest: Manifest, entry: dict[str, Any]) -> ShapeProfile:
@@ -632,13 +638,14 @@ def load_tensorrt_engines(
     memory: SharedDeviceMemory | None = None,
     weights: dict[str, dict[str, Any]] | None = None,
     fp32: Collection[str] = (),
-    optional: Collection[str] = (),
+    optional: Mapping[str, str] | None = None,
 ) -> dict[str, TensorRTEngine]:
     """Load the plan for each component that matches this GPU and TensorRT version; ``weights``
     (per component, run-time LoRA) are refitted into refittable plans before any context exists.
     ``fp32``: components that must run in fp32 (``select_engine``). ``optional``: components left
-    out, with a note, where no plan here serves (the fp32 VAE parts that rerun an overflow: a build
-    with ``--components`` may have skipped them, and a run without them only loses the rerun).
+    out, with a note, where no plan here serves (``choose_plans``: the fp32 VAE parts that rerun an
+    overflow; a build with ``--components`` may have skipped them, and a run without them only loses
+    the rerun).
 
     All engines share one activation block and stream (sized here by the largest engine before any
     context is created). ``verify`` checks each chosen plan against its sha256 in the manifest; pass

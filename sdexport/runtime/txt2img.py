@@ -281,6 +281,7 @@ class Txt2ImgPipeline:
         upcast_vae: bool = False,
         fallback_encoder: Engine | None = None,
         lowered: frozenset[str] = frozenset(),
+        unplanned: frozenset[str] = frozenset(),
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
@@ -291,7 +292,8 @@ class Txt2ImgPipeline:
         ``vae_decoder``, ``vae_encoder`` where it overflows (``runtime.loading.vae_fallbacks``).
         ``lowered``: the VAE parts (``vae_decoder``, ``vae_encoder``) whose engine computes in fp16
         though the export is fp32, as ``sdexport build`` made it (``runtime.loading.runs_lowered``):
-        an overflow there is fp16's."""
+        an overflow there is fp16's. ``unplanned``: the VAE parts whose fp32 rerun the directory
+        has but the backend left out (TensorRT: no plan that serves, ``choose_plans``)."""
         if family == "sdxl" and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         self.engines = engines
@@ -307,6 +309,7 @@ class Txt2ImgPipeline:
         self.fallback_encoder = fallback_encoder
         self.upcast_vae = upcast_vae
         self.lowered = lowered
+        self.unplanned = unplanned
         self.info = info or {}
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
@@ -767,6 +770,8 @@ class Txt2ImgPipeline:
                 raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from it")
             if self.fallback_encoder is None and "vae_encoder" in self.lowered:
                 raise SdexportError(lowered_overflow(self.info, "vae_encoder"))
+            if self.fallback_encoder is None and "vae_encoder" in self.unplanned:
+                raise SdexportError(unplanned_overflow(self.info, "vae_encoder"))
             if self.fallback_encoder is None:
                 raise SdexportError(
                     "the VAE encoder produced NaN/Inf from the init image (fp16 overflow); refusing to start from it. "
@@ -812,6 +817,8 @@ class Txt2ImgPipeline:
                 )
             if self.fallback_vae is None and "vae_decoder" in self.lowered:
                 raise SdexportError(lowered_overflow(self.info, "vae_decoder"))
+            if self.fallback_vae is None and "vae_decoder" in self.unplanned:
+                raise SdexportError(unplanned_overflow(self.info, "vae_decoder"))
             if self.fallback_vae is None:
                 raise SdexportError(
                     "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
@@ -861,6 +868,16 @@ def lowered_overflow(info: dict[str, Any], part: str) -> str:
             f"this fp32 export's {what} graph to fp16); {refusal}. Build it fp32 (`sdexport build {where} --target "
             f"onnxruntime-cuda --fp32 --components {part}`, and again after each fp16 build) or run the portable "
             "graphs (--portable-graphs)")
+
+
+def unplanned_overflow(info: dict[str, Any], part: str) -> str:
+    """Why an fp16 VAE ``part`` that overflowed was not rerun in fp32, where the directory has the
+    fp32 graph but the run loaded no engine for it (TensorRT: no plan that serves these shapes)."""
+    what, refusal = (("decoder", "refusing to save a black image") if part == "vae_decoder"
+                     else ("encoder", "refusing to start from the init image"))
+    return (f"the VAE {what} produced NaN/Inf (fp16 overflow); {refusal}. Its fp32 rerun, {part}_fp32, has no "
+            f"TensorRT plan here that serves these shapes (the load said so): `sdexport build "
+            f"{info.get('engine_dir', 'DIR')} --components {part}_fp32` with the profile this run uses builds one")
 
 
 def guidance_factor(guidance: float | list[float], device: torch.device) -> float | torch.Tensor:
