@@ -768,16 +768,12 @@ class Txt2ImgPipeline:
         if not torch.isfinite(parameters).all():
             if self.info.get("vae_encoder") == "fp32" or self._runs_fp32("vae_encoder"):  # no fp16 to blame
                 raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from it")
-            if self.fallback_encoder is None and "vae_encoder" in self.lowered:
-                raise SdexportError(lowered_overflow(self.info, "vae_encoder"))
-            if self.fallback_encoder is None and "vae_encoder" in self.unplanned:
-                raise SdexportError(unplanned_overflow(self.info, "vae_encoder"))
             if self.fallback_encoder is None:
-                raise SdexportError(
+                raise self._no_rerun("vae_encoder", (
                     "the VAE encoder produced NaN/Inf from the init image (fp16 overflow); refusing to start from it. "
                     + ("sdexport's --dtype fp16 SDXL exports keep an fp32 VAE encoder for this (vae_encoder_fp32: "
                        "export it too); otherwise export in fp32" if self.family == "sdxl"
-                       else "Export in fp32 or with an fp16-safe VAE (--vae)"))
+                       else "Export in fp32 or with an fp16-safe VAE (--vae)")))
             console.print("[yellow]warning:[/] VAE encoder overflowed (NaN/Inf); encoding the init image again in fp32")
             parameters = self.fallback_encoder(feed)["latent_parameters"].float()
             fallback = True
@@ -815,16 +811,11 @@ class Txt2ImgPipeline:
                     "to save a black image" + (". Latents that far out of range come from the settings (a guidance "
                                                 "far above the usual 5 to 7.5, say)" if peak > 1e4 else "")
                 )
-            if self.fallback_vae is None and "vae_decoder" in self.lowered:
-                raise SdexportError(lowered_overflow(self.info, "vae_decoder"))
-            if self.fallback_vae is None and "vae_decoder" in self.unplanned:
-                raise SdexportError(unplanned_overflow(self.info, "vae_decoder"))
             if self.fallback_vae is None:
-                raise SdexportError(
+                raise self._no_rerun("vae_decoder", (
                     "the VAE decoder produced NaN/Inf (fp16 overflow); refusing to save a black image. "
                     "sdexport's --dtype fp16 exports keep an fp32 VAE decoder for this (vae_decoder_fp32); "
-                    "otherwise export in fp32 or with an fp16-safe VAE (--vae)"
-                )
+                    "otherwise export in fp32 or with an fp16-safe VAE (--vae)"))
             console.print("[yellow]warning:[/] VAE decoder overflowed (NaN/Inf); decoding again in fp32")
             image = self.fallback_vae(feed)["sample"]
             fallback = True
@@ -832,6 +823,16 @@ class Txt2ImgPipeline:
                 raise SdexportError("the fp32 VAE decoder also produced NaN/Inf; the latents are broken")
         pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
         return pixels, fallback
+
+    def _no_rerun(self, part: str, advice: str) -> SdexportError:
+        """The refusal of an fp16 overflow of VAE ``part`` with no fp32 engine to rerun it: a build
+        lowered an fp32 export's, or the backend left the rerun out, or else ``advice`` (the
+        directory has none)."""
+        if part in self.lowered:
+            return SdexportError(lowered_overflow(self.info, part))
+        if part in self.unplanned:
+            return SdexportError(unplanned_overflow(self.info, part))
+        return SdexportError(advice)
 
     def _runs_fp32(self, part: str) -> bool:
         """Whether the VAE ``part``'s engine is an fp32 export's, not lowered to fp16 by a build."""
