@@ -275,6 +275,10 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     with pytest.raises(ProfileError) as refused:
         select_engine(directory, manifest, "vae_decoder", fp32=True, profile=wide, **here)
     assert "1 plan(s) that do were built with the fp16 flag, which this VAE overflows" in " ".join(str(refused.value).split())
+    beyond = exported.with_ranges(batch=f"1:1:{exported.batch[2] + 1}")  # no plan at all covers: nothing to count
+    with pytest.raises(ProfileError) as refused:
+        select_engine(directory, manifest, "vae_decoder", fp32=True, profile=beyond, **here)
+    assert "fp16 flag" not in str(refused.value)
 
 
 def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):
