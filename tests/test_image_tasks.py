@@ -160,6 +160,33 @@ def test_api_refusals(engine_dirs):
         inpaint(GenerationRequest(**base, image=[picture(64, 64, 0)]))
 
 
+def test_an_inpainting_unet_s_masked_image_falls_back_like_the_init_image(engine_dirs, monkeypatch):
+    """An inpainting U-Net at strength 1 encodes only the masked image: an fp16 overflow there is
+    rerun on the fp32 encoder and recorded, as for an init image. (tiny-inpaint is an fp32 export
+    with no fp32 encoder beside it: the precision and the rerun are stood in for.)"""
+    pipeline = load_pipeline(engine_dirs["tiny-inpaint"], "onnxruntime-cpu", image_inputs=True)
+    request = GenerationRequest(prompt=["a red fox"], steps=2, height=64, width=64, seeds=[3],
+                                image=[picture(64, 64, 1)], mask=[box_mask(64, 64)])
+    want = pipeline(request)
+    encoder = pipeline.engines["vae_encoder"]
+    calls: list[int] = []
+
+    class Overflowing:
+        spec, profile, device = encoder.spec, encoder.profile, encoder.device
+
+        def __call__(self, feed):
+            calls.append(feed["sample"].shape[0])
+            return {"latent_parameters": torch.full((1, 8, 8, 8), float("nan"))}
+
+    monkeypatch.setitem(pipeline.info, "dtype", "fp16")
+    monkeypatch.setitem(pipeline.engines, "vae_encoder", Overflowing())
+    monkeypatch.setattr(pipeline, "fallback_encoder", encoder)
+    got = pipeline(request)
+    assert calls == [1] and got.encoder_fallback and got.info["vae_encoder"] == "fp32"
+    np.testing.assert_array_equal(got.pixels, want.pixels)  # the masked latents are the fp32 encoder's
+    pipeline.close()
+
+
 def test_a_directory_without_the_vae_encoder_is_named(tmp_path):
     out = tmp_path / "no-encoder"
     export("tiny", out, ExportOptions(components=["text_encoder", "unet", "vae_decoder"], verify="none"))
