@@ -167,7 +167,6 @@ def load_pipeline(
         fallback_vae=engines.get(fallbacks["vae_decoder"]) if "vae_decoder" in fallbacks else None,
         fallback_encoder=engines.get(fallbacks["vae_encoder"]) if "vae_encoder" in fallbacks else None,
         unplanned=frozenset(part for part, fp32 in fallbacks.items() if fp32 not in engines),
-        upcast_vae="vae_decoder" in in_place.values(),
         lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in FP32_VAE
                           and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
         info={"backend": backend, "engine_dir": str(engine_dir), "family": manifest.family,

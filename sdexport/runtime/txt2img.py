@@ -278,7 +278,6 @@ class Txt2ImgPipeline:
         tokenizer_2: Any = None,
         force_zeros_for_empty_prompt: bool = True,
         pooled_controlnets: tuple[str, ...] = (),
-        upcast_vae: bool = False,
         fallback_encoder: Engine | None = None,
         lowered: frozenset[str] = frozenset(),
         unplanned: frozenset[str] = frozenset(),
@@ -286,9 +285,9 @@ class Txt2ImgPipeline:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
         ``pooled_controlnets``: the ControlNets that pool their residuals (``global_pool_conditions``);
-        the first one doing so puts requests in guess mode, as in diffusers. ``upcast_vae``: the
-        ``vae_decoder`` engine is an fp16 export's fp32 decoder (``runtime.loading.vae_in_place``), so an
-        overflow is not fp16's. ``fallback_vae``, ``fallback_encoder``: fp32 engines that rerun the
+        the first one doing so puts requests in guess mode, as in diffusers. ``info`` records
+        ``"vae_decoder": "fp32"``, ``"vae_encoder": "fp32"`` where that engine is an fp16 export's
+        fp32 graph (``runtime.loading.vae_in_place``), so an overflow there is not fp16's. ``fallback_vae``, ``fallback_encoder``: fp32 engines that rerun the
         ``vae_decoder``, ``vae_encoder`` where it overflows (``runtime.loading.vae_fallbacks``).
         ``lowered``: the VAE parts (``vae_decoder``, ``vae_encoder``) whose engine computes in fp16
         though the export is fp32, as ``sdexport build`` made it (``runtime.loading.runs_lowered``):
@@ -307,7 +306,6 @@ class Txt2ImgPipeline:
         self.profile = profile
         self.fallback_vae = fallback_vae
         self.fallback_encoder = fallback_encoder
-        self.upcast_vae = upcast_vae
         self.lowered = lowered
         self.unplanned = unplanned
         self.info = info or {}
@@ -766,7 +764,7 @@ class Txt2ImgPipeline:
         parameters = self.engines["vae_encoder"](feed)["latent_parameters"].float()
         fallback = False
         if not torch.isfinite(parameters).all():
-            if self.info.get("vae_encoder") == "fp32" or self._runs_fp32("vae_encoder"):  # no fp16 to blame
+            if self._runs_fp32("vae_encoder"):  # no fp16 to blame
                 raise SdexportError("the fp32 VAE encoder produced NaN/Inf from the init image; refusing to start from it")
             if self.fallback_encoder is None:
                 raise self._no_rerun("vae_encoder", (
@@ -804,7 +802,7 @@ class Txt2ImgPipeline:
                     "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
                     f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
                 )
-            if self.fallback_vae is None and (self.upcast_vae or self._runs_fp32("vae_decoder")):  # no fp16 to blame
+            if self.fallback_vae is None and self._runs_fp32("vae_decoder"):  # no fp16 to blame
                 peak = float(latents.abs().max())
                 raise SdexportError(
                     f"the fp32 VAE decoder produced NaN/Inf from latents as large as {peak:.3g}{where}; refusing "
@@ -835,8 +833,14 @@ class Txt2ImgPipeline:
         return SdexportError(advice)
 
     def _runs_fp32(self, part: str) -> bool:
-        """Whether the VAE ``part``'s engine is an fp32 export's, not lowered to fp16 by a build."""
-        return self.info.get("dtype") == "fp32" and part not in self.lowered
+        """Whether the VAE ``part``'s engine computes in fp32: an fp16 export's fp32 graph in its place
+        (``info``), or an fp32 export's not lowered to fp16 by a build (``lowered``)."""
+        return self.info.get(part) == "fp32" or (self.info.get("dtype") == "fp32" and part not in self.lowered)
+
+    @property
+    def upcast_vae(self) -> bool:
+        """Whether the ``vae_decoder`` engine is an fp16 export's fp32 decoder, run from the start."""
+        return self.info.get("vae_decoder") == "fp32"
 
     # -- lifetime ---------------------------------------------------------------------------
 
