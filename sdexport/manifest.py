@@ -28,6 +28,7 @@ from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     ADAPTER,
     MAX_ADAPTERS,
+    SDXL_REFINER,
     ComponentSpec,
     ModelDims,
     adapter_names,
@@ -273,9 +274,10 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         manifest.shape_profile.validate(manifest.model_dims)
     except ProfileError as exc:
         raise EngineDirError(f"{where}: invalid manifest: profile {exc}") from None
-    if manifest.family == "sdxl" and min(manifest.dims.get("L1", 0), manifest.dims.get("L2", 0)) < 1:
-        raise EngineDirError(f"{where}: invalid manifest: dims.L1 and dims.L2 (the text encoders' layers) "
-                             "must be at least 1 for sdxl")
+    layers = {"sdxl": ("L1", "L2"), SDXL_REFINER: ("L2",)}.get(manifest.family, ())
+    if layers and min(manifest.dims.get(name, 0) for name in layers) < 1:
+        raise EngineDirError(f"{where}: invalid manifest: dims.{' and dims.'.join(layers)} (the text encoders' "
+                             f"layers) must be at least 1 for {manifest.family}")
     known = [s.name for s in manifest.component_specs()]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:
@@ -345,7 +347,9 @@ def strict_json(text: str) -> Any:
 
 
 def tokenizer_names(family: str) -> list[str]:
-    return ["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"]
+    """The tokenizers of the family's text encoders, as diffusers names them (the refiner keeps only
+    SDXL's second)."""
+    return {"sdxl": ["tokenizer", "tokenizer_2"], SDXL_REFINER: ["tokenizer_2"]}.get(family, ["tokenizer"])
 
 
 def read_scheduler_config(directory: Path) -> dict[str, Any]:

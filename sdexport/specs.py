@@ -17,7 +17,7 @@ Symbols:
     C        latent channels                             (static)
     U        U-Net input channels: C, or 2C + 1 for an inpainting U-Net, whose input is the
              latents, the mask and the masked image's latents side by side (static)
-    T        number of SDXL time ids (6)                 (static)
+    T        number of SDXL time ids (6; the refiner's 5)  (static)
     L1, L2   hidden layers of SDXL's two text encoders   (static; outputs one hidden state per layer)
     A        channels of a T2I-Adapter's image: 3, or 1 for a greyscale one (static)
     K        control images a union ControlNet takes per call, one per control mode (static)
@@ -777,12 +777,25 @@ T2I_ADAPTER = ComponentSpec(
 adapter scale) go to the U-Net at every step the adapter acts (diffusers' T2I-Adapter pipelines).
 The same graph serves SD and SDXL (only the features' sizes differ)."""
 
+SDXL_REFINER = "sdxl-refiner"
+"""The SDXL refiner (stabilityai's stable-diffusion-xl-refiner-1.0 and its fine-tunes): an SDXL
+U-Net conditioned on the second text encoder alone (E = E2, no ``text_encoder``), whose 5 time ids
+carry an aesthetic score where the base model's carry the target size (``model_index.json``'s
+``requires_aesthetics_score``). It refines an image (img2img, inpainting), never starts from noise."""
+SDXL_FAMILIES = ("sdxl", SDXL_REFINER)
 FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
     "sd": (TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32),
     "sdxl": (SDXL_TEXT_ENCODER, SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32,
              VAE_ENCODER_FP32),
+    SDXL_REFINER: (SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32, VAE_ENCODER_FP32),
 }
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
+
+
+def is_sdxl(family: str) -> bool:
+    """SDXL's architecture (two-encoder base or refiner): its U-Net takes pooled text embeddings and
+    time ids, its VAE may ask for fp32 (``force_upcast``)."""
+    return family in SDXL_FAMILIES
 FAMILY_CONTROLNET = {"sd": CONTROLNET, "sdxl": SDXL_CONTROLNET}
 MAX_CONTROLNETS = 8
 """More than a few ControlNets at once is a mistake, not a use (each adds a U-Net encoder per step)."""
@@ -843,6 +856,8 @@ def components_for(family: str, controlnets: int = 0, adapters: int = 0) -> tupl
         raise ValueError(f"unknown pipeline family {family!r} (known: {known})") from None
     if not controlnets and not adapters:
         return specs
+    if family not in FAMILY_CONTROLNET:
+        raise ValueError(f"the {family} family takes no ControlNets or T2I-Adapters")
     base = FAMILY_CONTROLNET[family]
     nets = tuple(replace(base, name=n, module=n) for n in controlnet_names(controlnets))
     added = tuple(replace(T2I_ADAPTER, name=n, module=n) for n in adapter_names(int(adapters)))

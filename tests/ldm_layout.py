@@ -47,7 +47,7 @@ def write_single_file_checkpoint(model: LoadedModel, path: Path) -> None:
     if set(modules) - {"unet", "vae", "text_encoder", "text_encoder_2"}:
         raise ValueError(f"only SD 1.x/2.x and SDXL layouts are written, not {sorted(modules)}")
     state = ldm_state_dict(
-        modules["unet"], modules["vae"], modules["text_encoder"], text_encoder_2=modules.get("text_encoder_2")
+        modules["unet"], modules["vae"], modules.get("text_encoder"), text_encoder_2=modules.get("text_encoder_2")
     )
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
 
@@ -55,7 +55,7 @@ def write_single_file_checkpoint(model: LoadedModel, path: Path) -> None:
 def ldm_state_dict(
     unet: torch.nn.Module,
     vae: torch.nn.Module,
-    text_encoder: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
     *,
     text_encoder_2: torch.nn.Module | None = None,
     position_ids: bool = True,
@@ -64,7 +64,8 @@ def ldm_state_dict(
 
     ``position_ids`` adds ``...embeddings.position_ids`` as real SD 1.x checkpoints carry it (int64 arange);
     transformers keeps it as a non-persistent buffer, so diffusers ignores it when loading.
-    With ``text_encoder_2`` the layout is SDXL's (see the module docstring).
+    With ``text_encoder_2`` the layout is SDXL's (see the module docstring); with it alone (no
+    ``text_encoder``) the SDXL refiner's, whose only embedder is the OpenCLIP one.
     """
     text_prefix = "conditioner.embedders.0.transformer." if text_encoder_2 is not None else "cond_stage_model.transformer."
     out: dict[str, torch.Tensor] = {}
@@ -72,6 +73,9 @@ def ldm_state_dict(
     for key, value in _renamed(vae.state_dict(), _vae_table(vae), "first_stage_model.").items():
         is_attention_matrix = ".attn_1." in key and key.endswith(".weight") and value.ndim == 2
         out[key] = value.reshape(*value.shape, 1, 1) if is_attention_matrix else value  # Linear → 1x1 conv
+    if text_encoder is None:
+        assert text_encoder_2 is not None, "a model without a text encoder"
+        return out | open_clip_state_dict(text_encoder_2, "conditioner.embedders.0.model.")
     for key, value in text_encoder.state_dict().items():
         # transformers >= 5.6 flattened CLIPTextModel (no ``text_model.`` level); LDM keys keep it.
         key = key if key.startswith("text_model.") else "text_model." + key

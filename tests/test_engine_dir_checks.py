@@ -86,7 +86,7 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(family="sd3"), "invalid manifest: family: 'sd3' is not one of ['sd', 'sdxl']"),
+    (lambda d: d.update(family="sd3"), "invalid manifest: family: 'sd3' is not one of ['sd', 'sdxl', 'sdxl-refiner']"),
     (lambda d: d["profile"].update(batch=[2, 1, 4]), "profile.batch [2, 1, 4] is not min <= opt <= max"),
     (lambda d: d["profile"].update(height=[64, 128]), "profile.height: [64, 128]"),
     (lambda d: d["profile"].update(width=[0, 64, 64]), "profile.width.0: 0 is less than the minimum of 1"),

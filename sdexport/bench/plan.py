@@ -17,6 +17,7 @@ from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.shapes import ImageGeometry, ShapeProfile, parse_range
+from sdexport.specs import SDXL_REFINER
 
 
 @dataclass
@@ -92,6 +93,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
                             "the scenario")
+    if outline.family == SDXL_REFINER and not scenario.image_inputs:
+        raise SdexportError(f"{scenario.model}: the SDXL refiner refines an image: set strength (img2img) or "
+                            "inpaint = true in the scenario")
     if outline.adapters and not scenario.adapter:
         named = ", ".join(f'"{p}"' for p in outline.adapters)
         raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory: name its adapter in the scenario "

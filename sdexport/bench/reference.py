@@ -25,7 +25,15 @@ from sdexport.runtime.request import MASKED_INIT
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
-from sdexport.specs import ADAPTER, adapter_index, adapters_among, controlnet_index, controlnets_among
+from sdexport.specs import (
+    ADAPTER,
+    SDXL_REFINER,
+    adapter_index,
+    adapters_among,
+    controlnet_index,
+    controlnets_among,
+    is_sdxl,
+)
 
 
 @dataclass
@@ -49,7 +57,7 @@ class DiffusersReference:
         self.model = model
         self.device = device or torch.device("cpu")
         self.dtype = dtype
-        sdxl = model.family == "sdxl"
+        sdxl = is_sdxl(model.family)
         nets = [model.modules[n] for n in controlnets_among(model.modules)]
         self.controlnets = len(nets)
         self.union = bool(model.dims.N)
@@ -64,12 +72,16 @@ class DiffusersReference:
         self.adapter = bool(adapters)
         if self.adapter:
             cls = diffusers.StableDiffusionXLAdapterPipeline if sdxl else diffusers.StableDiffusionAdapterPipeline
+        if model.family == SDXL_REFINER:  # its pipeline refines an image: img2img's is its first
+            cls = diffusers.StableDiffusionXLImg2ImgPipeline
         kwargs: dict[str, Any] = {n: m for n, m in model.modules.items()
                                   if controlnet_index(n) is None and adapter_index(n) is None}
         if nets:  # a list of several becomes diffusers' MultiControlNetModel
             kwargs["controlnet"] = nets[0] if len(nets) == 1 else nets
         if adapters:  # several are one MultiAdapter (the SDXL pipeline does not wrap a list itself)
             kwargs[ADAPTER] = adapters[0] if len(adapters) == 1 else diffusers.MultiAdapter(adapters)
+        if model.family == SDXL_REFINER:
+            kwargs.update(text_encoder=None, tokenizer=None)
         kwargs.update(model.tokenizers)
         kwargs["scheduler"] = make_scheduler("default", model.scheduler_config)
         if model.family == "sd":
@@ -145,10 +157,10 @@ class DiffusersReference:
         """The diffusers pipeline for ``task`` (txt2img, img2img, inpaint), sharing this one's modules."""
         import diffusers
 
-        if task == "txt2img":
+        if task == "txt2img" or (task == "img2img" and self.model.family == SDXL_REFINER):
             return self.pipe
         if task not in self._variants:
-            sdxl = self.model.family == "sdxl"
+            sdxl = is_sdxl(self.model.family)
             if self.union:
                 cls: Any = (diffusers.StableDiffusionXLControlNetUnionImg2ImgPipeline if task == "img2img"
                             else diffusers.StableDiffusionXLControlNetUnionInpaintPipeline)
@@ -253,19 +265,24 @@ class DiffusersReference:
             if len(set(factors)) > 1:
                 raise SdexportError("the diffusers reference takes one adapter factor for every prompt (its pipelines "
                                     "have no per-image settings): compare images with their own in calls of their own")
-            if self.model.family == "sdxl":
+            if is_sdxl(self.model.family):
                 extra["adapter_conditioning_factor"] = factor
             elif factor != 1.0:
                 raise SdexportError("diffusers' SD adapter pipeline has no adapter_conditioning_factor: nothing to "
                                     "compare an adapter factor with")
+        if is_sdxl(self.model.family):
+            extra |= {
+                "original_size": request.original_size,
+                "crops_coords_top_left": tuple(request.crops_coords_top_left),
+            }
         if self.model.family == "sdxl":
             extra |= {
                 "prompt_2": request.prompt_2,
                 "negative_prompt_2": request.negative_prompt_2,
-                "original_size": request.original_size,
-                "crops_coords_top_left": tuple(request.crops_coords_top_left),
                 "target_size": request.target_size,
             }
+        if self.model.family == SDXL_REFINER:
+            extra["aesthetic_score"], extra["negative_aesthetic_score"] = request.aesthetic_scores()
         start = time.perf_counter()
         with torch.inference_mode():
             images = pipe(

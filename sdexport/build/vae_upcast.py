@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sdexport.errors import EngineDirError, one_line
 from sdexport.manifest import Manifest, select_specs
-from sdexport.specs import VAE_DECODER_FP32, VAE_ENCODER_FP32, ComponentSpec
+from sdexport.specs import VAE_DECODER_FP32, VAE_ENCODER_FP32, ComponentSpec, is_sdxl
 
 FALLBACK_VAE = VAE_DECODER_FP32.name
 """The fp32 VAE decoder an fp16 export carries (``vae_decoder_fp32``)."""
@@ -37,7 +37,7 @@ def vae_upcast(engine_dir: Path, manifest: Manifest) -> bool:
     (``verify_for_backend`` hashes it): without one, nothing changes."""
     import json
 
-    rel = vae_config_file(manifest) if manifest.family == "sdxl" else None
+    rel = vae_config_file(manifest) if is_sdxl(manifest.family) else None
     if rel is None:
         return False
     path = engine_dir / rel

@@ -23,7 +23,7 @@ from sdexport.errors import SdexportError
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest, tokenizer_names
-from sdexport.models.outline import check_pipeline_options, family_profile, read_json
+from sdexport.models.outline import family_of_index, family_profile, read_json
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims, components_for
 
@@ -93,15 +93,16 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
             f"{directory}: a {pipeline}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
             "(StableDiffusion*Pipeline, StableDiffusionXL*Pipeline)"
         )
-    check_pipeline_options(index, directory)
+    family = family_of_index(family, index, directory)
     specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
     needed = [s.name for s in components_for(family) if not s.always_fp32 and s.name != "vae_encoder"]
     missing = [n for n in needed if n not in {s.name for s in specs}]
     if missing:
         raise SdexportError(f"{directory}: no {', '.join(f'{n}/{GRAPH}' for n in missing)}; "
                             "a txt2img pipeline needs them (export them too)")
+    known = {s.name for s in components_for(family)}
     configs = {part: read_json(directory / folder / "config.json") for part, folder in PARTS.items()
-               if part != "text_encoder_2" or family == "sdxl"}
+               if folder in known}
     lengths = {name: _tokenizer_length(directory / name) for name in tokenizer_names(family)}
     latent = configs["vae"].get("latent_channels", 4)
     if configs["unet"].get("in_channels") not in (latent, 2 * latent + 1):
@@ -297,8 +298,9 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
 
 
 def _exporter(directory: Path, plan: AdoptPlan) -> str:
+    text = plan.configs.get("text_encoder") or plan.configs["text_encoder_2"]  # (the refiner has only the second)
     versions = {k: v for k, v in (("diffusers", plan.index.get("_diffusers_version")),
-                                  ("transformers", plan.configs["text_encoder"].get("transformers_version"))) if v}
+                                  ("transformers", text.get("transformers_version"))) if v}
     made = ", ".join(f"{k} {v}" for k, v in versions.items())
     return f"adopted ONNX export ({made})" if made else "adopted ONNX export"
 

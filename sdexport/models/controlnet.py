@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
+from sdexport.specs import FAMILY_CONTROLNET
 
 if TYPE_CHECKING:
     import torch
@@ -168,6 +169,9 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     """Refuse a ControlNet that does not fit the base model; return the residual layout it shares
     with the U-Net. Its image encoder must also bring pixels down to latent size (the VAE's factor)."""
     kind = config.get("_class_name", CONTROLNET_CLASS)
+    if family not in FAMILY_CONTROLNET:
+        raise ModelLoadError(f"{what}: the {family} family takes no ControlNets or T2I-Adapters (none are made for "
+                             "the SDXL refiner's U-Net); give it to the SDXL base model")
     if kind == "T2IAdapter":
         raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as --adapter")
     if kind not in (CONTROLNET_CLASS, UNION_CLASS):

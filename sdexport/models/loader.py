@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from sdexport.errors import ModelLoadError, one_line
+from sdexport.manifest import tokenizer_names
 from sdexport.models.outline import (
+    FAMILY_PIPELINES,
     SINGLE_FILE_SUFFIXES,
-    SUPPORTED_PIPELINES,
     check_single_file,
     family_of_dir,
     family_profile,
@@ -34,6 +35,7 @@ from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     ADAPTER,
+    SDXL_REFINER,
     ModelDims,
     adapter_names,
     adapters_among,
@@ -42,12 +44,16 @@ from sdexport.specs import (
     controlnets_among,
 )
 
-SDXL_TIME_IDS = 6
-"""original size (h, w), crop top-left (y, x), target size (h, w)."""
-PIPELINE_OPTIONS = {"sdxl": {"force_zeros_for_empty_prompt": True}}
-"""Per family: model_index.json options the runtime honours, with diffusers' defaults."""
+SDXL_TIME_IDS = {"sdxl": 6, SDXL_REFINER: 5}
+"""original size (h, w), crop top-left (y, x), target size (h, w); the refiner's aesthetic score in
+the target size's place."""
+PIPELINE_OPTIONS = {"sdxl": {"force_zeros_for_empty_prompt": True},
+                    SDXL_REFINER: {"force_zeros_for_empty_prompt": True, "requires_aesthetics_score": True}}
+"""Per family: model_index.json options the runtime honours, with diffusers' defaults (the refiner's
+flag is what made it the refiner: kept so that its saved ``model_index.json`` says so too)."""
 CONTROLNET_PIPELINES = {"sd": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
-INPAINT_PIPELINES = {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline"}
+INPAINT_PIPELINES = {"sd": "StableDiffusionInpaintPipeline", "sdxl": "StableDiffusionXLInpaintPipeline",
+                     SDXL_REFINER: "StableDiffusionXLInpaintPipeline"}
 CONTROLNET_INPAINT_PIPELINES = {"sd": "StableDiffusionControlNetInpaintPipeline",
                                 "sdxl": "StableDiffusionXLControlNetInpaintPipeline"}
 """The diffusers pipeline class a directory of an inpainting U-Net is saved as (per family, with and
@@ -124,7 +130,7 @@ class LoadedModel:
         """The diffusers ``model_index.json`` of this model: its pipeline class and the library and
         class of each part (the VAE under ``vae``, as optimum's ONNX exports keep it)."""
         controlnets = controlnets_among(self.modules)
-        pipeline = next(k for k, v in SUPPORTED_PIPELINES.items() if v == self.family)
+        pipeline = FAMILY_PIPELINES[self.family]
         union = bool(self.dims.N)
         if union:
             pipeline = UNION_PIPELINES[self.dims.inpainting]
@@ -150,6 +156,8 @@ class LoadedModel:
         if self.family == "sd":
             index.update(safety_checker=[None, None], feature_extractor=[None, None],
                          requires_safety_checker=False)
+        if self.family == SDXL_REFINER:  # as stabilityai's: diffusers then loads it without them
+            index.update(text_encoder=[None, None], tokenizer=[None, None])
         index.update(self.pipeline_config)
         return index
 
@@ -180,10 +188,12 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
     both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
     encoder's projected pooled embedding (P = its projection_dim) plus T = 6 time ids, each
-    embedded in addition_time_embed_dim features; L1 and L2 count the encoders' layers.
+    embedded in addition_time_embed_dim features; L1 and L2 count the encoders' layers. The refiner
+    (``SDXL_REFINER``) has the second encoder alone (E = E2; E1 and L1 are 0) and T = 5.
     """
-    unet, vae, te = configs["unet"], configs["vae"], configs["text_encoder"]
-    sequence = lengths["tokenizer"]
+    unet, vae = configs["unet"], configs["vae"]
+    te = configs.get("text_encoder")  # (None: the refiner's)
+    sequence = lengths["tokenizer_2" if family == SDXL_REFINER else "tokenizer"]
     residuals: tuple[tuple[int, int], ...] = ()
     union: dict[str, int] = {}
     nets = [config for name, config in configs.items() if controlnet_index(name) is not None]
@@ -213,28 +223,31 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         "vae_scale_factor": vae_scale_factor,
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
     }
-    if family != "sdxl":
-        return ModelDims(P=int(te.hidden_size), **common)
+    if family not in SDXL_TIME_IDS:
+        return ModelDims(P=int(configs["text_encoder"].hidden_size), **common)
     te2 = configs["text_encoder_2"]
-    e1, e2, pooled = int(te.hidden_size), int(te2.hidden_size), int(te2.projection_dim)
+    e1, e2, pooled = int(te.hidden_size) if te else 0, int(te2.hidden_size), int(te2.projection_dim)
+    time_ids = SDXL_TIME_IDS[family]
     time_dim = int(getattr(unet, "addition_time_embed_dim", None) or 0)
     extra = int(getattr(unet, "projection_class_embeddings_input_dim", None) or 0) - pooled
     problems: list[str] = []
     if getattr(unet, "addition_embed_type", None) != "text_time":
         problems.append(f"unet addition_embed_type is {getattr(unet, 'addition_embed_type', None)!r}, not 'text_time'")
     if e1 + e2 != common["E"]:
-        problems.append(f"text encoder widths {e1} + {e2} != unet cross_attention_dim {common['E']}")
-    if not time_dim or extra != SDXL_TIME_IDS * time_dim:
+        widths = f"text encoder widths {e1} + {e2}" if te else f"text_encoder_2 width {e2} (the refiner's only one)"
+        problems.append(f"{widths} != unet cross_attention_dim {common['E']}")
+    if not time_dim or extra != time_ids * time_dim:
         problems.append(
             f"unet projection_class_embeddings_input_dim {getattr(unet, 'projection_class_embeddings_input_dim', None)} "
-            f"!= {SDXL_TIME_IDS} time ids x addition_time_embed_dim {time_dim} + pooled {pooled}"
+            f"!= {time_ids} time ids x addition_time_embed_dim {time_dim} + pooled {pooled}"
+            + (" (the refiner's: size, crop and an aesthetic score)" if family == SDXL_REFINER else "")
         )
     length_2 = lengths["tokenizer_2"]
     if length_2 != sequence:
         problems.append(f"tokenizer_2 length {length_2} != tokenizer length {sequence}")
     if problems:
-        raise ModelLoadError(f"{label}: inconsistent SDXL configs: {'; '.join(problems)}")
-    return ModelDims(P=pooled, E1=e1, E2=e2, T=SDXL_TIME_IDS, L1=int(te.num_hidden_layers),
+        raise ModelLoadError(f"{label}: inconsistent {family.upper()} configs: {'; '.join(problems)}")
+    return ModelDims(P=pooled, E1=e1, E2=e2, T=time_ids, L1=int(te.num_hidden_layers) if te else 0,
                      L2=int(te2.num_hidden_layers), **common)
 
 
@@ -418,8 +431,11 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
             return _as(build(), dtype)
         return built
 
-    builders = {"text_encoder": seeded(1, lambda: CLIPTextModel(CLIPTextConfig(**_clean(preset.text_encoder))))}
-    tokenizers = {"tokenizer": byte_level_clip_tokenizer()}
+    builders, tokenizers = {}, {}
+    if preset.text_encoder is not None:
+        text = CLIPTextConfig(**_clean(preset.text_encoder))
+        builders["text_encoder"] = seeded(1, lambda: CLIPTextModel(text))
+        tokenizers["tokenizer"] = byte_level_clip_tokenizer()
     if preset.text_encoder_2 is not None:
         text_2 = CLIPTextConfig(**_clean(preset.text_encoder_2))
         builders["text_encoder_2"] = seeded(2, lambda: CLIPTextModelWithProjection(text_2))
@@ -460,15 +476,11 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    loaders: dict[str, Any] = {
-        "unet": UNet2DConditionModel,
-        "vae": AutoencoderKL,
-        "text_encoder": CLIPTextModel,
-    }
-    tokenizer_names = ["tokenizer"]
-    if family == "sdxl":
+    loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
+    if family != SDXL_REFINER:
+        loaders["text_encoder"] = CLIPTextModel
+    if family != "sd":
         loaders["text_encoder_2"] = CLIPTextModelWithProjection
-        tokenizer_names.append("tokenizer_2")
     def reader(name: str, cls: Any) -> Callable[[], torch.nn.Module]:
         return lambda: _load_part(path, name, lambda p: _with_all_weights(p, cls, dtype))  # type: ignore[no-any-return]
 
@@ -478,7 +490,7 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: 
         skeletons = {name: _skeleton(_load_part(path, name, lambda p, c=cls: _config_only(p, c)), dtype)
                      for name, cls in loaders.items()}
     tokenizers = {
-        name: _load_part(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names
+        name: _load_part(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names(family)
     }
     return _assemble(
         builders, lazy, dtype, skeletons,
@@ -565,7 +577,7 @@ def load_single_file(
         skeletons, builders = plan_components(path, config_dir, family, dtype)
         tokenizers = {
             name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
-            for name in (["tokenizer", "tokenizer_2"] if family == "sdxl" else ["tokenizer"])
+            for name in tokenizer_names(family)
         }
     return _assemble(
         builders, lazy, dtype, skeletons,
@@ -586,34 +598,29 @@ def write_config_dir(preset: Preset, directory: Path) -> None:
     """A diffusers directory with configs, tokenizer and scheduler but no weights (for from_single_file)."""
     from sdexport.models.tokenizer import byte_level_clip_tokenizer
 
-    parts: dict[str, dict[str, Any]] = {
-        "unet": preset.unet,
-        "vae": preset.vae,
-        "text_encoder": {**preset.text_encoder, "architectures": ["CLIPTextModel"]},
-    }
+    parts: dict[str, dict[str, Any]] = {"unet": preset.unet, "vae": preset.vae}
     index: dict[str, Any] = {
-        "_class_name": next(k for k, v in SUPPORTED_PIPELINES.items() if v == preset.family),
+        "_class_name": FAMILY_PIPELINES[preset.family],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", preset.scheduler["_class_name"]],
     }
-    tokenizer_names = ["tokenizer"]
-    if preset.text_encoder_2 is not None:
-        parts["text_encoder_2"] = {
-            **preset.text_encoder_2, "architectures": ["CLIPTextModelWithProjection"]
-        }
-        index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-        index["tokenizer_2"] = ["transformers", "CLIPTokenizer"]
-        tokenizer_names.append("tokenizer_2")
-    else:
+    for name, config, cls in (("text_encoder", preset.text_encoder, "CLIPTextModel"),
+                              ("text_encoder_2", preset.text_encoder_2, "CLIPTextModelWithProjection")):
+        if config is not None:
+            parts[name] = {**config, "architectures": [cls]}
+            index[name] = ["transformers", cls]
+    if preset.text_encoder_2 is None:
         index.update(safety_checker=[None, None], feature_extractor=[None, None])
+    if preset.text_encoder is None:  # the refiner, as stabilityai saves it
+        index.update(text_encoder=[None, None], tokenizer=[None, None])
+    for name in tokenizer_names(preset.family):
+        index[name] = ["transformers", "CLIPTokenizer"]
     index.update(preset.pipeline_config)
     for name, cfg in {**parts, "scheduler": preset.scheduler}.items():
         (directory / name).mkdir(parents=True, exist_ok=True)
         filename = "scheduler_config.json" if name == "scheduler" else "config.json"
         (directory / name / filename).write_text(json.dumps(cfg, indent=2))
-    for name in tokenizer_names:
+    for name in tokenizer_names(preset.family):
         byte_level_clip_tokenizer().save_pretrained(directory / name)
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError
+from sdexport.specs import is_sdxl
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +127,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     import diffusers
 
     _refuse_variants(lora)
-    loader: Any = diffusers.StableDiffusionXLPipeline if family == "sdxl" else diffusers.StableDiffusionPipeline
+    loader: Any = diffusers.StableDiffusionXLPipeline if is_sdxl(family) else diffusers.StableDiffusionPipeline
     try:
         state, alphas, metadata = loader.lora_state_dict(str(lora.path), unet_config=unet_config,
                                                          return_lora_metadata=True)

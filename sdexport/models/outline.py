@@ -17,10 +17,13 @@ from typing import Any
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.presets import PRESETS, Preset, get_preset
 from sdexport.shapes import ShapeProfile
+from sdexport.specs import SDXL_REFINER, is_sdxl
 
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    # the SDXL refiner where model_index.json sets requires_aesthetics_score (SDXL_REFINER), else the base model
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
     "StableDiffusionInpaintPipeline": "sd",  # a 9-channel inpainting U-Net (ModelDims.U)
     # the base model, and its ControlNet(s) in controlnet/, controlnet_1/, ... (ModelOutline.controlnets)
     "StableDiffusionControlNetPipeline": "sd",
@@ -35,6 +38,12 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLAdapterPipeline": "sdxl",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
+                    SDXL_REFINER: "StableDiffusionXLImg2ImgPipeline"}
+"""The pipeline class a family's model is saved as (refiner: the one that runs it by default)."""
+REFINER_PIPELINES = ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline")
+"""The pipeline classes that honour ``requires_aesthetics_score`` and that sdexport runs (the
+refiner takes no ControlNet or T2I-Adapter here)."""
 
 
 @dataclass(frozen=True)
@@ -176,18 +185,28 @@ def looks_like_a_model(path: Path) -> bool:
 
 
 def family_profile(family: str) -> ShapeProfile:
-    """The default export profile of a checkpoint (presets carry their own): SDXL is made for 1024²."""
-    return PRESETS["sdxl"].profile if family == "sdxl" else ShapeProfile()
+    """The default export profile of a checkpoint (presets carry their own): SDXL (and its refiner)
+    is made for 1024²."""
+    return PRESETS["sdxl"].profile if is_sdxl(family) else ShapeProfile()
 
 
-def check_pipeline_options(index: dict[str, Any], path: Path) -> None:
-    """A ``model_index.json`` option that changes what the pipeline computes and that sdexport does not
-    honour is refused, not dropped: ``requires_aesthetics_score`` (set by the SDXL refiner's
-    pipelines: their time ids carry an aesthetic score where the base model's carry the target size,
-    and sdexport makes the base model's)."""
-    if index.get("requires_aesthetics_score"):
-        raise ModelLoadError(f"{path}: model_index.json sets requires_aesthetics_score (the SDXL refiner's time ids, "
-                             "an aesthetic score in place of the target size), which sdexport does not run")
+def family_of_index(family: str, index: dict[str, Any], path: Path) -> str:
+    """The family of a ``model_index.json`` (``family``: its pipeline class's, which sdexport runs).
+    Its ``requires_aesthetics_score`` makes an SDXL model the refiner (``SDXL_REFINER``: time ids
+    with an aesthetic score, the second text encoder alone); set where the refiner cannot run, or
+    with a first text encoder the refiner would not read, it is refused, not dropped. optimum's
+    ``ORT`` class names count as diffusers' own."""
+    if not index.get("requires_aesthetics_score"):
+        return family
+    pipeline = str(index.get("_class_name", "?")).removeprefix("ORT")
+    if pipeline not in REFINER_PIPELINES:
+        raise ModelLoadError(f"{path}: model_index.json sets requires_aesthetics_score (the SDXL refiner's time ids) "
+                             f"for a {pipeline}; sdexport runs the refiner as {' or '.join(REFINER_PIPELINES)}, "
+                             "without ControlNets or T2I-Adapters")
+    if (index.get("text_encoder") or [None])[0] is not None:
+        raise ModelLoadError(f"{path}: an SDXL refiner (requires_aesthetics_score) with a first text encoder; sdexport "
+                             "runs the refiner as stabilityai's, on text_encoder_2 alone (text_encoder: [null, null])")
+    return SDXL_REFINER
 
 
 def family_of_dir(path: Path) -> str:
@@ -205,19 +224,21 @@ def family_of_dir(path: Path) -> str:
             f"{path}: unsupported architecture {pipeline} ({kind}); sdexport supports "
             f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
         )
-    check_pipeline_options(index, path)
+    family = family_of_index(SUPPORTED_PIPELINES[pipeline], index, path)
     if (path / "unet" / "model.onnx").is_file():
         raise ModelLoadError(
             f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after "
             f"`sdexport adopt {path}`, or export the checkpoint it came from"
         )
-    parts = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if SUPPORTED_PIPELINES[pipeline] == "sdxl":
+    parts = ["unet", "vae", "scheduler"]
+    if family != SDXL_REFINER:
+        parts += ["text_encoder", "tokenizer"]
+    if family != "sd":
         parts += ["text_encoder_2", "tokenizer_2"]
     missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
-    return SUPPORTED_PIPELINES[pipeline]
+    return family
 
 
 def pipeline_controlnets(path: Path) -> tuple[Path, ...]:

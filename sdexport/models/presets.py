@@ -55,14 +55,16 @@ class Preset:
     family: str
     unet: dict[str, Any]
     vae: dict[str, Any]
-    text_encoder: dict[str, Any]
+    text_encoder: dict[str, Any] | None
+    """None for the SDXL refiner, which has only the second text encoder."""
     scheduler: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None
     profile: ShapeProfile = field(default_factory=ShapeProfile)
     """The default export profile: 256:512:1024 for SD 1.x/2.x (768 opt for 2.1), 512:1024:1536 for SDXL,
     small for tiny ones."""
     pipeline_config: dict[str, Any] = field(default_factory=dict)
-    """Pipeline-level options of model_index.json (SDXL: ``force_zeros_for_empty_prompt``)."""
+    """Pipeline-level options of model_index.json (SDXL: ``force_zeros_for_empty_prompt``; the
+    refiner's ``requires_aesthetics_score``)."""
 
 
 _TINY_UNET = {
@@ -199,6 +201,22 @@ _TINY_SDXL_TEXT_2 = {
 }
 
 _SDXL_PIPELINE = {"force_zeros_for_empty_prompt": True}
+_REFINER_PIPELINE = {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+"""As stabilityai's refiner saves them: its empty negative prompt is encoded, not zeros."""
+
+_SDXL_REFINER_UNET = {
+    **_SDXL_UNET,
+    "block_out_channels": [384, 768, 1536, 1536],
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "transformer_layers_per_block": 4,
+    "attention_head_dim": [6, 12, 24, 24],
+    "cross_attention_dim": 1280,  # the second text encoder's alone
+    "projection_class_embeddings_input_dim": 2560,  # 5 time ids x 256 + the 1280 pooled text embedding
+}
+
+# tiny-sdxl-refiner: E = E2 48, P 40, time ids 5 x 8 (the aesthetic score's place), as tiny-sdxl's.
+_TINY_REFINER_UNET = {**_TINY_SDXL_UNET, "cross_attention_dim": 48, "projection_class_embeddings_input_dim": 5 * 8 + 40}
 
 _TINY_SDXL = Preset(
     name="tiny-sdxl",
@@ -318,12 +336,33 @@ PRESETS: dict[str, Preset] = {
         profile=ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536)),
         pipeline_config=_SDXL_PIPELINE,
     ),
+    "sdxl-refiner": Preset(
+        name="sdxl-refiner",
+        description="Stable Diffusion XL refiner 1.0 architecture (2.3B U-Net, OpenCLIP ViT-bigG; refines images)",
+        family="sdxl-refiner",
+        unet=_SDXL_REFINER_UNET,
+        vae=_SDXL_VAE,
+        text_encoder=None,
+        text_encoder_2=_SDXL_TEXT_2,
+        scheduler=_SDXL_SCHEDULER,
+        profile=ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536)),
+        pipeline_config=_REFINER_PIPELINE,
+    ),
     "tiny-sdxl": _TINY_SDXL,
     "tiny-sdxl-inpaint": replace(
         _TINY_SDXL,
         name="tiny-sdxl-inpaint",
         description="tiny-sdxl, with an inpainting U-Net (9 input channels: latents, mask, masked-image latents)",
         unet={**_TINY_SDXL_UNET, "in_channels": 9},
+    ),
+    "tiny-sdxl-refiner": replace(
+        _TINY_SDXL,
+        name="tiny-sdxl-refiner",
+        description="a few-MB SDXL-refiner-shaped model (the second text encoder alone, aesthetic-score time ids)",
+        family="sdxl-refiner",
+        unet=_TINY_REFINER_UNET,
+        text_encoder=None,
+        pipeline_config=_REFINER_PIPELINE,
     ),
 }
 

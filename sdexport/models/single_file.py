@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from sdexport.errors import ModelLoadError, one_line
+from sdexport.specs import SDXL_REFINER
 
 Tensors = Mapping[str, torch.Tensor]
 Converter = Callable[[torch.nn.Module, Tensors], dict[str, torch.Tensor]]
@@ -73,11 +74,26 @@ def plan_components(
     parts = _parts(config_dir, family)
     stamp = _identity(path)
     layout = read_layout(path)
+    _check_sdxl_kind(path, layout, family)
     # loaded with the layout's meta tensors (keys and shapes checked, nothing read), each module
     # checked is its part's skeleton
     skeletons = {part.name: _load_part(path, part, layout).to(dtype).eval().requires_grad_(False) for part in parts}
     builders = {part.name: _builder(path, part, stamp, dtype) for part in parts}
     return skeletons, builders
+
+
+def _check_sdxl_kind(path: Path, layout: Mapping[str, Any], family: str) -> None:
+    """An SDXL base checkpoint and a refiner one differ in their embedders (the refiner's only one
+    is OpenCLIP's, at index 0); given the other's ``--config``, the U-Net's shapes would be refused
+    in a list of mismatches that does not say which config to give."""
+    refiner = any(k.startswith("conditioner.embedders.0.model.") for k in layout)
+    base = any(k.startswith("conditioner.embedders.1.model.") for k in layout)
+    if family == "sdxl" and refiner and not base:
+        raise ModelLoadError(f"{path}: an SDXL refiner checkpoint (one text encoder, OpenCLIP's), but the --config is "
+                             "an SDXL base model's: give --config sdxl-refiner or a refiner's diffusers directory")
+    if family == SDXL_REFINER and base:
+        raise ModelLoadError(f"{path}: an SDXL base checkpoint (two text encoders), but the --config is the SDXL "
+                             "refiner's: give --config sdxl or an SDXL diffusers directory")
 
 
 def _identity(path: Path) -> list[int]:
@@ -212,7 +228,8 @@ class _Reader:
 
 
 def _parts(config_dir: Path, family: str) -> list[Part]:
-    """The family's components (``unet``, ``vae``, ``text_encoder`` and, for SDXL, ``text_encoder_2``),
+    """The family's components (``unet``, ``vae``, ``text_encoder`` and, for SDXL, ``text_encoder_2``;
+    the refiner's ``text_encoder_2`` alone),
     with their configs read now (``config_dir`` may be a temporary folder)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
@@ -237,6 +254,8 @@ def _parts(config_dir: Path, family: str) -> list[Part]:
     if family == "sdxl":
         parts.append(text_part("text_encoder", CLIPTextModel, _clip("conditioner.embedders.0.transformer.")))
         parts.append(text_part("text_encoder_2", CLIPTextModelWithProjection, _open_clip("conditioner.embedders.1.model.")))
+    elif family == SDXL_REFINER:  # its only embedder is the OpenCLIP one (sd_xl_refiner_1.0.safetensors)
+        parts.append(text_part("text_encoder_2", CLIPTextModelWithProjection, _open_clip("conditioner.embedders.0.model.")))
     else:
         parts.append(text_part("text_encoder", CLIPTextModel, _sd_text_encoder))
     return parts

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.atomic import atomic_path
 from sdexport.errors import SdexportError
+from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:  # the output checks run before torch is imported
     from sdexport.runtime.request import GenerationRequest
@@ -112,7 +113,7 @@ def _adapters(request: GenerationRequest) -> int:
 
 
 def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
-    """The SDXL-only fields, where they were given."""
+    """The SDXL-only fields, where they were given (the refiner's aesthetic scores always)."""
     request = result.request
     params: dict[str, Any] = {}
     for name in ("prompt_2", "negative_prompt_2"):
@@ -124,6 +125,8 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
             params[name] = list(getattr(request, name))
     if request.crops_coords_top_left != (0, 0):
         params["crops_coords_top_left"] = list(request.crops_coords_top_left)
+    if result.family == SDXL_REFINER:  # what the time ids held, given or diffusers' default
+        params["aesthetic_score"], params["negative_aesthetic_score"] = request.aesthetic_scores()
     return params
 
 

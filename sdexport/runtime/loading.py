@@ -155,7 +155,7 @@ def load_pipeline(
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
-        tokenizer=tokenizers["tokenizer"],
+        tokenizer=tokenizers.get("tokenizer"),
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
         force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.shapes import ImageGeometry, ShapeProfile
+from sdexport.specs import SDXL_REFINER, is_sdxl
 
 MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
@@ -29,6 +30,7 @@ lowers it to 0.5)."""
 STRENGTH_DEFAULTS = {
     "sd": {"img2img": 0.8, "controlnet-img2img": 0.8, "inpaint": 1.0},
     "sdxl": {"img2img": 0.3, "controlnet-img2img": 0.8, "inpaint": 0.9999},
+    SDXL_REFINER: {"img2img": 0.3, "inpaint": 0.9999},
 }
 """``strength`` where none is given, per family and task, as diffusers' pipelines default it
 (``controlnet-img2img``: img2img with ControlNets, which SDXL's pipeline defaults otherwise; with
@@ -38,10 +40,15 @@ trace of it, where pure noise keeps none; and ``int(steps x 0.9999)`` runs one s
 GUIDANCE_DEFAULTS = {
     "sd": {"txt2img": 7.5, "img2img": 7.5, "inpaint": 7.5, "controlnet-inpaint": 7.5},
     "sdxl": {"txt2img": 5.0, "img2img": 5.0, "inpaint": 7.5, "controlnet-inpaint": 5.0},
+    SDXL_REFINER: {"img2img": 5.0, "inpaint": 7.5},
 }
 """``guidance_scale`` where none is given, per family and task, as diffusers' pipelines default it:
 7.5 for SD, 5.0 for SDXL except ``StableDiffusionXLInpaintPipeline`` (7.5; its ControlNet variant
-takes 5.0). With ControlNets, txt2img and img2img keep their task's value."""
+takes 5.0). With ControlNets, txt2img and img2img keep their task's value. The refiner's are its
+pipelines' (``StableDiffusionXLImg2ImgPipeline``, ``StableDiffusionXLInpaintPipeline``)."""
+AESTHETIC_SCORES = (6.0, 2.5)
+"""The SDXL refiner's ``aesthetic_score`` and ``negative_aesthetic_score`` where none is given, as
+diffusers' refiner pipelines default them (the LAION aesthetic rating its time ids were trained on)."""
 MASKED_INIT = "masked-init"
 """A control image made from the request itself: the init image with the mask's repaint region set
 to -1, which inpainting ControlNets (``control_v11p_sd15_inpaint``) read. No image file can hold -1,
@@ -85,7 +92,13 @@ class GenerationRequest:
     """Micro-conditioning: the size the image "was" before cropping; None: (height, width)."""
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
-    """None: (height, width)."""
+    """None: (height, width). Not the refiner's: its time ids carry an aesthetic score instead."""
+    # The SDXL refiner only (refused for other families).
+    aesthetic_score: float | None = None
+    """The aesthetic rating the refiner is conditioned on (the conditional half of a CFG batch);
+    None: diffusers' 6.0 (``AESTHETIC_SCORES``)."""
+    negative_aesthetic_score: float | None = None
+    """The rating of CFG's unconditional half, which guidance steers away from; None: diffusers' 2.5."""
     # Image inputs (img2img and inpainting), PIL images of the request's size.
     image: list[Any] | None = None
     """img2img's or inpainting's init image: one for every prompt, or one per prompt."""
@@ -223,6 +236,11 @@ class GenerationRequest:
         task = "controlnet-img2img" if self.task == "img2img" and self.control_image else self.task
         return STRENGTH_DEFAULTS[family][task]
 
+    def aesthetic_scores(self) -> tuple[float, float]:
+        """The refiner's (``aesthetic_score``, ``negative_aesthetic_score``): as given, or diffusers'."""
+        given = (self.aesthetic_score, self.negative_aesthetic_score)
+        return cast(tuple[float, float], tuple(d if g is None else g for g, d in zip(given, AESTHETIC_SCORES)))
+
     def effective_guidance(self, family: str) -> float | list[float]:
         """``guidance``, or the family's default for the task where it is None."""
         if self.guidance is not None:
@@ -294,13 +312,18 @@ def guidance_label(guidance: float | list[float]) -> str:
 
 
 SDXL_ONLY = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size")
+REFINER_ONLY = ("aesthetic_score", "negative_aesthetic_score")
+NOT_REFINER = ("prompt_2", "negative_prompt_2", "target_size")
+"""SDXL conditioning the refiner has no place for: it has one text encoder (diffusers' refiner
+pipeline would encode ``prompt`` and drop ``prompt_2`` unsaid), and an aesthetic score in place of
+the target size."""
 
 
 def forced_guess_mode(first_pools: bool, family: str, task: str) -> bool:
     """Whether diffusers runs in guess mode unasked: when the first ControlNet pools its conditions
     (``global_pool_conditions``, the shuffle ControlNets; a pooling one further down the list does
     not count), except in SDXL inpainting, whose pipeline does not read the flag."""
-    return first_pools and not (family == "sdxl" and task == "inpaint")
+    return first_pools and not (is_sdxl(family) and task == "inpaint")
 
 
 def pooling_note(pooled: list[str], controlnets: list[str], request: GenerationRequest, family: str) -> str | None:
@@ -618,6 +641,9 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
             raise SdexportError("--strength needs an init image (--init-image): it says how far that image is noised")
         if inpainting_unet:
             raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --init-image and --mask")
+        if family == SDXL_REFINER:
+            raise SdexportError("the SDXL refiner refines an image (img2img, inpainting): give --init-image, "
+                                "such as an SDXL base model's output")
         return
     if inpainting_unet and request.mask is None:
         raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --mask with the init image")
@@ -648,8 +674,25 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
         "original_size": request.original_size is not None,
         "crops_coords_top_left": tuple(request.crops_coords_top_left) != (0, 0),
         "target_size": request.target_size is not None,
+        "aesthetic_score": request.aesthetic_score is not None,
+        "negative_aesthetic_score": request.negative_aesthetic_score is not None,
     }
-    if family != "sdxl":
+    if family != SDXL_REFINER:
+        named = [name for name in REFINER_ONLY if given[name]]
+        if named:
+            raise SdexportError(f"{', '.join(named)}: the SDXL refiner's conditioning, but this is a {family} model")
+    else:
+        named = [name for name in NOT_REFINER if given[name]]
+        if named:
+            raise SdexportError(f"{', '.join(named)}: not the SDXL refiner's conditioning (it has one text encoder, "
+                                "read with prompt and negative_prompt, and an aesthetic score in place of the "
+                                "target size)")
+        for name in REFINER_ONLY:
+            value = getattr(request, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                      or not math.isfinite(value)):
+                raise SdexportError(f"{name} {value}: expected a number (a LAION aesthetic rating, 0 to 10)")
+    if not is_sdxl(family):
         named = [name for name in SDXL_ONLY if given[name]]
         if named:
             raise SdexportError(f"{', '.join(named)}: SDXL conditioning, but this is a {family} model")

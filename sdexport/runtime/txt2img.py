@@ -32,7 +32,7 @@ from sdexport.runtime.request import GenerationRequest, check_request, forced_gu
 from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, adapters_among, controlnets_among
+from sdexport.specs import SDXL_REFINER, ModelDims, adapters_among, controlnets_among, is_sdxl
 
 
 @dataclass
@@ -293,8 +293,10 @@ class Txt2ImgPipeline:
         though the export is fp32, as ``sdexport build`` made it (``runtime.loading.runs_lowered``):
         an overflow there is fp16's. ``unplanned``: the VAE parts whose fp32 rerun the directory
         has but the backend left out (TensorRT: no plan that serves, ``choose_plans``)."""
-        if family == "sdxl" and tokenizer_2 is None:
+        if is_sdxl(family) and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
+        if family != SDXL_REFINER and tokenizer is None:
+            raise SdexportError(f"a {family} pipeline needs tokenizer")
         self.engines = engines
         self.family = family
         self.tokenizer = tokenizer
@@ -473,7 +475,8 @@ class Txt2ImgPipeline:
         Tokenizers cut silently at ``dims.S`` tokens (77 for CLIP); the user should hear it, and the
         saved image should record the text that was used, not the text that was given.
         """
-        fields = [("prompt", self.tokenizer), ("negative_prompt", self.tokenizer)]
+        first = self.tokenizer_2 if self.family == SDXL_REFINER else self.tokenizer  # (its only one)
+        fields = [("prompt", first), ("negative_prompt", first)]
         if self.family == "sdxl":
             fields += [("prompt_2", self.tokenizer_2), ("negative_prompt_2", self.tokenizer_2)]
         found: dict[str, list[str | None]] = {}
@@ -513,7 +516,7 @@ class Txt2ImgPipeline:
 
     def encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """The U-Net's conditioning inputs by name; under CFG each is a 2B batch, negatives first."""
-        if self.family == "sdxl":
+        if is_sdxl(self.family):
             return self._encode_prompt_sdxl(request)
         prompts = list(request.prompt)
         if request.cfg:
@@ -524,8 +527,10 @@ class Txt2ImgPipeline:
 
     def _encode_prompt_sdxl(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """As ``StableDiffusionXLPipeline.encode_prompt``: both encoders' penultimate hidden states side
-        by side, the second encoder's projected pooled embedding, and the time ids."""
-        prompts_2 = request.prompt_2 or request.prompt
+        by side, the second encoder's projected pooled embedding, and the time ids. The refiner has
+        the second encoder alone, which reads ``prompt`` (``prompt_2`` is refused)."""
+        refiner = self.family == SDXL_REFINER
+        prompts_2 = request.prompt if refiner else (request.prompt_2 or request.prompt)
         zero_negatives = request.cfg and request.negative_prompt is None and self.force_zeros_for_empty_prompt
         if request.cfg and not zero_negatives:
             negatives = request.negative_prompt or [""] * request.batch
@@ -534,23 +539,34 @@ class Txt2ImgPipeline:
             second = list(request.negative_prompt_2 or negatives) + list(prompts_2)
         else:
             first, second = list(request.prompt), list(prompts_2)
-        out_1 = self.engines["text_encoder"]({"input_ids": self.tokenize(first)})
-        out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
         # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's.
-        penultimate_1, penultimate_2 = f"hidden_states.{self.dims.L1 - 1}", f"hidden_states.{self.dims.L2 - 1}"
-        hidden = torch.cat([out_1[penultimate_1], out_2[penultimate_2]], dim=-1)
+        penultimate = [] if refiner else [
+            self.engines["text_encoder"]({"input_ids": self.tokenize(first)})[f"hidden_states.{self.dims.L1 - 1}"]]
+        out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
+        hidden = torch.cat([*penultimate, out_2[f"hidden_states.{self.dims.L2 - 1}"]], dim=-1)
         pooled = out_2["text_embeds"]
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])
-        time_ids = self.time_ids(request).to(self.device).repeat(hidden.shape[0], 1)
-        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": time_ids}
+        rows = [self.time_ids(request)] * request.batch
+        if request.cfg:  # negatives first, as the hidden states
+            rows = [self.time_ids(request, negative=True)] * request.batch + rows
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled, "time_ids": torch.cat(rows).to(self.device)}
 
-    @staticmethod
-    def time_ids(request: GenerationRequest) -> torch.Tensor:
-        """SDXL micro-conditioning, (1, 6): original size, crop top-left and target size."""
+    def time_ids(self, request: GenerationRequest, negative: bool = False) -> torch.Tensor:
+        """SDXL micro-conditioning, (1, T): original size, crop top-left and target size. The base
+        model's negatives are its positives, as diffusers makes them where no ``negative_*`` size is
+        given. The refiner's (T = 5) end in an aesthetic score instead of the target size; for CFG's
+        unconditional half (``negative``) it is ``negative_aesthetic_score``, and the crop is diffusers'
+        ``negative_crops_coords_top_left`` default, (0, 0), whatever the request's crop."""
         size = (request.height, request.width)
-        values = [*(request.original_size or size), *request.crops_coords_top_left, *(request.target_size or size)]
+        crop: tuple[int, int] = tuple(request.crops_coords_top_left)  # type: ignore[assignment]
+        if self.family == SDXL_REFINER:
+            last: list[float] = [request.aesthetic_scores()[negative]]
+            crop = (0, 0) if negative else crop
+        else:
+            last = list(request.target_size or size)
+        values = [*(request.original_size or size), *crop, *last]
         return torch.tensor([values], dtype=torch.float32)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
@@ -770,7 +786,7 @@ class Txt2ImgPipeline:
                 raise self._no_rerun("vae_encoder", (
                     "the VAE encoder produced NaN/Inf from the init image (fp16 overflow); refusing to start from it. "
                     + ("sdexport's --dtype fp16 SDXL exports keep an fp32 VAE encoder for this (vae_encoder_fp32: "
-                       "export it too); otherwise export in fp32" if self.family == "sdxl"
+                       "export it too); otherwise export in fp32" if is_sdxl(self.family)
                        else "Export in fp32 or with an fp16-safe VAE (--vae)")))
             console.print("[yellow]warning:[/] VAE encoder overflowed (NaN/Inf); encoding the init image again in fp32")
             parameters = self.fallback_encoder(feed)["latent_parameters"].float()

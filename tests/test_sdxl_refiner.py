@@ -1,0 +1,282 @@
+"""The SDXL refiner (``sdxl-refiner``): the second text encoder alone and time ids that carry an
+aesthetic score, through the one loop. Parity with diffusers' refiner pipelines (same seeds, same
+latents), its directory, single-file and ONNX layouts, and the refusals a user can cause."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import ModelLoadError, SdexportError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.models.outline import outline_model
+from sdexport.models.presets import PRESETS
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest, check_request
+
+pytestmark = pytest.mark.usefixtures("without_gpu")
+
+PRESET = "tiny-sdxl-refiner"
+TOLERANCE = 1e-4
+"""rel-L2 of the final latents against diffusers in fp32 (as the other image tasks')."""
+
+
+def picture(height: int, width: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+
+def box_mask(height: int, width: int) -> Image.Image:
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.fixture(scope="module")
+def refiner_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("refiner") / "engines"
+    export(PRESET, out, ExportOptions(verify="quick"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference() -> DiffusersReference:
+    return DiffusersReference(load_model(PRESET))
+
+
+@pytest.fixture(scope="module")
+def pipeline(refiner_dir):
+    return load_pipeline(refiner_dir, "onnxruntime-cpu", image_inputs=True)
+
+
+def _request(**fields) -> GenerationRequest:
+    base = GenerationRequest(prompt=["a lighthouse", "a harbour"], steps=8, seeds=[3, 4], height=64, width=128,
+                             image=[picture(64, 128, 0)])
+    return dataclasses.replace(base, **fields)
+
+
+CASES = {
+    # diffusers' defaults: strength 0.3, guidance 5, aesthetic scores 6 and 2.5, the empty negative encoded
+    "img2img-defaults": _request(),
+    "img2img-given": _request(negative_prompt=["blurry", ""], strength=0.6, scheduler="euler_a",
+                              aesthetic_score=8.5, negative_aesthetic_score=1.0, original_size=(512, 256),
+                              crops_coords_top_left=(16, 32), image=[picture(64, 128, i) for i in range(2)]),
+    "img2img-no-cfg": _request(guidance=1.0, strength=0.8),
+    "inpaint-blended": _request(mask=[box_mask(64, 128)], scheduler="dpmpp_2m"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_diffusers(pipeline, reference, case):
+    """StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline with the refiner's
+    components (requires_aesthetics_score, text_encoder None)."""
+    request = CASES[case]
+    ours, theirs = pipeline(request), reference(request)
+    rel = float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents))
+    assert rel < TOLERANCE, rel
+    assert np.abs(ours.pixels - theirs.pixels).max() < 1e-3
+
+
+def test_torch_backend_runs_the_same_loop(refiner_dir, reference):
+    request = _request(prompt=["a lighthouse"], seeds=[7], steps=5, height=64, width=64, image=[picture(64, 64, 1)],
+                       aesthetic_score=3.0)
+    ours = load_pipeline(refiner_dir, "torch", image_inputs=True)(request)
+    theirs = reference(request)
+    assert float(torch.linalg.norm(ours.latents - theirs.latents) / torch.linalg.norm(theirs.latents)) < TOLERANCE
+
+
+def test_unet_takes_the_second_encoder_and_aesthetic_time_ids(pipeline):
+    """The hidden states are text_encoder_2's penultimate layer alone (E = E2 = 48), and CFG's
+    unconditional half carries the negative aesthetic score, and no crop (diffusers' default for
+    it), where the base model repeats its ids."""
+    fed = pipeline.encode_prompt(_request(aesthetic_score=7.0, crops_coords_top_left=(8, 16)))
+    assert fed["encoder_hidden_states"].shape == (4, 77, 48)
+    assert fed["text_embeds"].shape == (4, 40)
+    assert fed["time_ids"].tolist() == [[64, 128, 0, 0, 2.5]] * 2 + [[64, 128, 8, 16, 7.0]] * 2
+    assert "text_encoder" not in pipeline.engines
+    one = pipeline.encode_prompt(_request(guidance=1.0, negative_aesthetic_score=0.5))
+    assert one["time_ids"].tolist() == [[64, 128, 0, 0, 6.0]] * 2
+
+
+def test_manifest_and_model_index(refiner_dir):
+    manifest = load_manifest(refiner_dir)
+    assert manifest.family == "sdxl-refiner"
+    assert sorted(manifest.components) == ["text_encoder_2", "unet", "vae_decoder", "vae_encoder"]
+    dims = manifest.model_dims
+    assert (dims.T, dims.E, dims.E2, dims.E1, dims.L1, dims.P) == (5, 48, 48, 0, 0, 40)
+    assert not (refiner_dir / "tokenizer").exists() and (refiner_dir / "tokenizer_2").is_dir()
+    index = json.loads((refiner_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline"
+    assert index["requires_aesthetics_score"] is True and index["force_zeros_for_empty_prompt"] is False
+    assert index["text_encoder"] == [None, None] and index["tokenizer"] == [None, None]
+
+
+def test_diffusers_directory_and_single_file_round_trip(tmp_path):
+    """Saved as stabilityai's refiner is (diffusers loads it back as its refiner pipeline); read back
+    as a directory, and from one original-layout file whose only embedder is the OpenCLIP one."""
+    import diffusers
+    from safetensors import safe_open
+
+    from tests.ldm_layout import write_single_file_checkpoint
+
+    model = load_model(PRESET)
+    model.save_pretrained(tmp_path / "pipe")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(tmp_path / "pipe")
+    assert type(pipe).__name__ == "StableDiffusionXLImg2ImgPipeline" and pipe.text_encoder is None
+    assert pipe.config.requires_aesthetics_score
+    assert outline_model(str(tmp_path / "pipe")).family == "sdxl-refiner"
+    again = load_model(str(tmp_path / "pipe"))
+    assert again.family == "sdxl-refiner" and again.dims == model.dims and set(again.modules) == set(model.modules)
+    path = tmp_path / "refiner.safetensors"
+    write_single_file_checkpoint(model, path)
+    with safe_open(str(path), framework="pt") as handle:
+        assert not any(k.startswith("conditioner.embedders.1.") for k in handle.keys())
+    single = load_model(str(path), config=PRESET)
+    assert single.family == "sdxl-refiner" and set(single.modules) == set(model.modules)
+    for name, module in model.modules.items():
+        want, got = module.state_dict(), single.modules[name].state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+    # the other SDXL kind's config is named for what it is, before any weight is read
+    with pytest.raises(ModelLoadError, match="an SDXL refiner checkpoint .* give --config sdxl-refiner"):
+        load_model(str(path), config="tiny-sdxl")
+    write_single_file_checkpoint(load_model("tiny-sdxl"), tmp_path / "base.safetensors")
+    with pytest.raises(ModelLoadError, match="an SDXL base checkpoint .* give --config sdxl or"):
+        load_model(str(tmp_path / "base.safetensors"), config=PRESET)
+
+
+def test_adopt_an_onnx_export_of_the_refiner(refiner_dir, tmp_path):
+    """optimum's layout with the refiner's model_index.json (its ORT class name included)."""
+    foreign = tmp_path / "optimum-export"
+    shutil.copytree(refiner_dir, foreign)
+    (foreign / "manifest.json").unlink()
+    index = json.loads((foreign / "model_index.json").read_text())
+    (foreign / "model_index.json").write_text(json.dumps({**index, "_class_name": "ORTStableDiffusionXLImg2ImgPipeline"}))
+    assert run_cli("adopt", foreign) == 0
+    assert load_manifest(foreign).family == "sdxl-refiner"
+    request = _request(prompt=["x"], seeds=[5], steps=4, strength=0.5, height=64, width=64, image=[picture(64, 64, 2)])
+    pixels = [load_pipeline(d, "onnxruntime-cpu", image_inputs=True)(request).pixels for d in (foreign, refiner_dir)]
+    np.testing.assert_array_equal(*pixels)
+
+
+def test_cli_records_the_aesthetic_scores(refiner_dir, tmp_path, capsys):
+    picture(64, 64, 0).save(tmp_path / "init.png")
+    out = tmp_path / "refined.png"
+    assert run_cli("run", refiner_dir, "-p", "a cat", "--init-image", tmp_path / "init.png", "--steps", "4",
+                   "--aesthetic-score", "7.5", "-o", out) == 0
+    record = json.loads(Image.open(out).text["sdexport"])
+    assert (record["aesthetic_score"], record["negative_aesthetic_score"]) == (7.5, 2.5)
+    assert record["family"] == "sdxl-refiner" and record["strength"] == 0.3
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "the SDXL refiner refines an image (img2img, inpainting): give --init-image"),
+    (("--init-image", "{init}", "--prompt-2", "x"), "prompt_2: not the SDXL refiner's conditioning"),
+    (("--init-image", "{init}", "--target-size", "64x64"), "target_size: not the SDXL refiner's conditioning"),
+    (("--init-image", "{init}", "--aesthetic-score", "nan"), "aesthetic_score nan: expected a number"),
+])
+def test_cli_refusals(refiner_dir, tmp_path, capsys, args, message):
+    picture(64, 64, 0).save(tmp_path / "init.png")
+    args = tuple(str(a).format(init=tmp_path / "init.png") for a in args)
+    assert run_cli("run", refiner_dir, "-p", "a cat", *args, "-o", tmp_path / "out.png") == 2
+    err = capsys.readouterr().err.strip()
+    assert message in " ".join(err.split()) and len(err.splitlines()) <= 2, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_aesthetic_scores_are_the_refiners_alone():
+    for family in ("sd", "sdxl"):
+        request = GenerationRequest(prompt=["x"], height=64, width=64, aesthetic_score=6.0)
+        with pytest.raises(SdexportError, match=f"the SDXL refiner's conditioning, but this is a {family} model"):
+            check_request(request, family=family, dims=load_model("tiny").dims, profile=PRESETS["tiny"].profile)
+
+
+def test_what_the_refiner_does_not_run_is_refused_before_loading(tmp_path, capsys):
+    """ControlNets (none fit its U-Net), a refiner with a first text encoder, the flag on a pipeline
+    that does not honour it, and a U-Net whose time ids are not the refiner's."""
+    import diffusers
+
+    net = diffusers.ControlNetModel.from_unet(load_model(PRESET).modules["unet"])  # even one made from its U-Net
+    net.save_pretrained(tmp_path / "controlnet")
+    assert run_cli("export", PRESET, "--controlnet", tmp_path / "controlnet", "-o", tmp_path / "never") == 2
+    assert "the sdxl-refiner family takes no ControlNets or T2I-Adapters" in capsys.readouterr().err
+    load_model("tiny-sdxl").save_pretrained(tmp_path / "pipe")
+    index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
+    refusals = {
+        "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (requires_aesthetics_score) with a first text encoder",
+        "StableDiffusionXLControlNetPipeline": ("sets requires_aesthetics_score (the SDXL refiner's time ids) for a "
+                                                "StableDiffusionXLControlNetPipeline"),
+    }
+    for pipeline, message in refusals.items():
+        (tmp_path / "pipe" / "model_index.json").write_text(
+            json.dumps({**index, "_class_name": pipeline, "requires_aesthetics_score": True}))
+        assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "never") == 2
+        err = capsys.readouterr().err.strip()
+        assert message in " ".join(err.split()) and len(err.splitlines()) == 1, err
+    # the base model's 6-id U-Net beside the refiner's flag and its one text encoder
+    shutil.rmtree(tmp_path / "pipe" / "text_encoder")
+    shutil.rmtree(tmp_path / "pipe" / "tokenizer")
+    (tmp_path / "pipe" / "model_index.json").write_text(json.dumps(
+        {**index, "_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+         "text_encoder": [None, None], "tokenizer": [None, None]}))
+    assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "never") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    widths = "inconsistent SDXL-REFINER configs: text_encoder_2 width 48 (the refiner's only one) != unet cross"
+    assert widths in err and "5 time ids" in err, err
+    assert not (tmp_path / "never").exists()
+
+
+def test_served_refiner_refines_as_run_does(refiner_dir, tmp_path):
+    """``sdexport serve``: an init image gives the image ``run`` writes (the default aesthetic
+    scores); a row without one gets the refiner's one-line refusal, and the others their images."""
+    import io
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    picture(64, 64, 3).save(tmp_path / "init.png")
+    out = tmp_path / "cli.png"
+    assert run_cli("run", refiner_dir, "-p", "x", "--steps", "4", "--init-image", tmp_path / "init.png",
+                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+    png = (tmp_path / "init.png").read_bytes()
+    rows = {"prompt": np.array([[b"x"]], dtype=object), "steps": np.array([[4]], dtype=np.int32)}
+    model = ServedModel(ServeSettings(str(refiner_dir), backend="onnxruntime-cpu", max_steps=50), log=lambda _: None)
+    try:
+        refined, refused = model.generate([{**rows, "init_image": np.array([[png]], dtype=object)}, rows])
+    finally:
+        model.close()
+    assert not isinstance(refined, str)
+    np.testing.assert_array_equal(refined[0].pixels, np.asarray(Image.open(out).convert("RGB")))
+    record = json.loads(Image.open(io.BytesIO(refined[0].png)).text["sdexport"])
+    assert record["aesthetic_score"] == 6.0 and record["family"] == "sdxl-refiner"
+    assert isinstance(refused, str) and "the SDXL refiner refines an image" in refused
+
+
+@pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])
+def test_tensorrt_builds_the_refiners_components_with_its_shapes(refiner_dir, tmp_path, monkeypatch, version):
+    """The profiles come from the specs: the text encoder is text_encoder_2 alone, the U-Net's time
+    ids are 5 wide and its hidden states text_encoder_2's 48 (fake TensorRT of both majors)."""
+    from test_tensorrt_fakes import build_profiles
+
+    (text, unet) = build_profiles(monkeypatch, tmp_path, version, refiner_dir, ["text_encoder_2", "unet"])
+    assert text["path"].endswith("text_encoder_2/model.onnx")
+    profile = unet["profiles"][0]
+    assert (tuple(profile["time_ids"].min), tuple(profile["time_ids"].max)) == ((1, 5), (4, 5))
+    assert tuple(profile["encoder_hidden_states"].max) == (4, 77, 48)
+
+
+def test_bench_refuses_a_refiner_scenario_without_an_image(tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'model = "{PRESET}"\nheight = 64\nwidth = 64\nsteps = [2]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+    assert "the SDXL refiner refines an image: set strength (img2img) or inpaint = true" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
