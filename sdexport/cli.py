@@ -26,6 +26,7 @@ from sdexport.console import (
     verbosity,
 )
 from sdexport.errors import ProfileError, SdexportError
+from sdexport.models.presets import PRESETS
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -96,7 +97,7 @@ BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width 
 
 @app.command()
 def export(
-    model: Annotated[str, typer.Argument(help="Preset (tiny, tiny-v, tiny-sdxl, tiny-inpaint, tiny-sdxl-inpaint, sd15, sd21, sdxl), diffusers directory, or .safetensors/.ckpt file.")],
+    model: Annotated[str, typer.Argument(help=f"Preset ({', '.join(PRESETS)}), diffusers directory, or .safetensors/.ckpt file.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,

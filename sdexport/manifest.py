@@ -35,6 +35,7 @@ from sdexport.specs import (
     component,
     components_for,
     controlnets_among,
+    tokenizer_names,
 )
 
 MANIFEST_NAME = "manifest.json"
@@ -344,12 +345,6 @@ def strict_json(text: str) -> Any:
         return json.loads(text, parse_constant=no_constants)
     except RecursionError:
         raise ValueError("nested too deeply") from None
-
-
-def tokenizer_names(family: str) -> list[str]:
-    """The tokenizers of the family's text encoders, as diffusers names them (the refiner keeps only
-    SDXL's second)."""
-    return {"sdxl": ["tokenizer", "tokenizer_2"], SDXL_REFINER: ["tokenizer_2"]}.get(family, ["tokenizer"])
 
 
 def read_scheduler_config(directory: Path) -> dict[str, Any]:

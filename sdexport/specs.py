@@ -792,6 +792,22 @@ FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
 
 
+FAMILY_LABELS = {"sd": "SD", "sdxl": "SDXL", SDXL_REFINER: "SDXL refiner"}
+"""How messages name a family."""
+
+
+def text_encoders(family: str) -> list[str]:
+    """The family's text encoder components, in call order (the module, tokenizer and config folder
+    names follow them: ``text_encoder_2`` reads ``tokenizer_2``)."""
+    return [s.name for s in components_for(family) if s.inputs[0].values == "tokens"]
+
+
+def tokenizer_names(family: str) -> list[str]:
+    """The tokenizers of the family's text encoders, as diffusers names them (``text_encoder_2``
+    reads ``tokenizer_2``; the refiner keeps only that one)."""
+    return [name.replace("text_encoder", "tokenizer") for name in text_encoders(family)]
+
+
 def is_sdxl(family: str) -> bool:
     """SDXL's architecture (two-encoder base or refiner): its U-Net takes pooled text embeddings and
     time ids, its VAE may ask for fp32 (``force_upcast``)."""

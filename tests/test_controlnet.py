@@ -478,10 +478,13 @@ DEFAULT_CASES = [  # family, task, ControlNets?, the diffusers pipeline that doe
     ("sd", "inpaint", False, "StableDiffusionInpaintPipeline"),
     ("sdxl", "img2img", False, "StableDiffusionXLImg2ImgPipeline"),
     ("sdxl", "inpaint", False, "StableDiffusionXLInpaintPipeline"),
+    ("sdxl-refiner", "img2img", False, "StableDiffusionXLImg2ImgPipeline"),
+    ("sdxl-refiner", "inpaint", False, "StableDiffusionXLInpaintPipeline"),
 ]
 
 
-@pytest.mark.parametrize(("family", "task", "controlnet", "pipeline"), DEFAULT_CASES, ids=[c[3] for c in DEFAULT_CASES])
+@pytest.mark.parametrize(("family", "task", "controlnet", "pipeline"), DEFAULT_CASES,
+                         ids=[f"{c[3]}-refiner" if c[0] == "sdxl-refiner" else c[3] for c in DEFAULT_CASES])
 def test_the_default_scale_strength_and_guidance_are_diffusers_for_the_task(family, task, controlnet, pipeline):
     """Read from diffusers' own signatures: SDXL inpainting keeps the scale at 1.0 where SD lowers it
     to 0.5, and takes strength 0.9999 where SD takes 1; SDXL guides at 5.0, except its inpainting
@@ -502,6 +505,9 @@ def test_the_default_scale_strength_and_guidance_are_diffusers_for_the_task(fami
         assert request.effective_strength(family) == defaults["strength"].default
     assert request.effective_guidance(family) == defaults["guidance_scale"].default
     assert request.with_defaults(family).guidance == defaults["guidance_scale"].default
+    if family == "sdxl-refiner":  # the refiner's pipelines are SDXL's: their aesthetic scores
+        scores = (defaults["aesthetic_score"].default, defaults["negative_aesthetic_score"].default)
+        assert request.aesthetic_scores() == scores
 
 
 def test_specs_and_manifest_describe_the_residuals(engine_dirs):

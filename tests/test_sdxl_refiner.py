@@ -67,7 +67,8 @@ def _request(**fields) -> GenerationRequest:
 
 
 CASES = {
-    # diffusers' defaults: strength 0.3, guidance 5, aesthetic scores 6 and 2.5, the empty negative encoded
+    # the defaults (strength 0.3, guidance 5, aesthetic scores 6 and 2.5: diffusers', checked against its
+    # signatures in test_controlnet's DEFAULT_CASES), the empty negative encoded
     "img2img-defaults": _request(),
     "img2img-given": _request(negative_prompt=["blurry", ""], strength=0.6, scheduler="euler_a",
                               aesthetic_score=8.5, negative_aesthetic_score=1.0, original_size=(512, 256),
@@ -183,7 +184,7 @@ def test_cli_records_the_aesthetic_scores(refiner_dir, tmp_path, capsys):
     ((), "the SDXL refiner refines an image (img2img, inpainting): give --init-image"),
     (("--init-image", "{init}", "--prompt-2", "x"), "prompt_2: not the SDXL refiner's conditioning"),
     (("--init-image", "{init}", "--target-size", "64x64"), "target_size: not the SDXL refiner's conditioning"),
-    (("--init-image", "{init}", "--aesthetic-score", "nan"), "aesthetic_score nan: expected a number"),
+    (("--init-image", "{init}", "--aesthetic-score", "nan"), "aesthetic_score nan: expected a finite number"),
 ])
 def test_cli_refusals(refiner_dir, tmp_path, capsys, args, message):
     picture(64, 64, 0).save(tmp_path / "init.png")
@@ -231,7 +232,7 @@ def test_what_the_refiner_does_not_run_is_refused_before_loading(tmp_path, capsy
          "text_encoder": [None, None], "tokenizer": [None, None]}))
     assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "never") == 2
     err = " ".join(capsys.readouterr().err.split())
-    widths = "inconsistent SDXL-REFINER configs: text_encoder_2 width 48 (the refiner's only one) != unet cross"
+    widths = "inconsistent SDXL refiner configs: text_encoder_2 width 48 (the refiner's only one) != unet cross"
     assert widths in err and "5 time ids" in err, err
     assert not (tmp_path / "never").exists()
 
@@ -280,3 +281,30 @@ def test_bench_refuses_a_refiner_scenario_without_an_image(tmp_path, capsys):
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
     assert "the SDXL refiner refines an image: set strength (img2img) or inpaint = true" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_python_api_refusals_are_one_line_not_key_errors(refiner_dir):
+    """Without an init image, or with a control image: refused as the CLI refuses them, before a
+    default the refiner has no row for (txt2img, ControlNet img2img) is looked up. The pipeline
+    loads its VAE encoder unasked: its one task starts from an image."""
+    pipeline = load_pipeline(refiner_dir, "onnxruntime-cpu")
+    assert "vae_encoder" in pipeline.engines
+    with pytest.raises(SdexportError, match="the SDXL refiner refines an image"):
+        pipeline(GenerationRequest(prompt=["x"], height=64, width=64))
+    request = _request(prompt=["x"], seeds=[1], height=64, width=64, image=[picture(64, 64, 0)],
+                       control_image=[picture(64, 64, 1)])
+    with pytest.raises(SdexportError) as refused:
+        pipeline(request)
+    assert "ControlNet" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_adapters_and_partial_adoptions_are_refused(refiner_dir, tmp_path, capsys):
+    """A T2I-Adapter (even one shaped for its U-Net) as a ControlNet; an ONNX export without the VAE
+    encoder the refiner's one task needs."""
+    assert run_cli("export", PRESET, "--adapter", "tiny-adapter", "-o", tmp_path / "never") == 2
+    err = capsys.readouterr().err.strip()
+    assert "--adapter: the sdxl-refiner family takes no ControlNets or T2I-Adapters" in err and len(err.splitlines()) == 1
+    foreign = tmp_path / "optimum-export"
+    shutil.copytree(refiner_dir, foreign, ignore=shutil.ignore_patterns("vae_encoder", "manifest.json"))
+    assert run_cli("adopt", foreign) == 2
+    assert "no vae_encoder/model.onnx; the SDXL refiner (img2img) needs them" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from sdexport.atomic import atomic_path, write_atomic
 from sdexport.bench.scenario import SLOW_UNET_HOOK
 from sdexport.manifest import write_json_atomic
 from sdexport.output_dir import MARKER, OutputKind
+from sdexport.specs import FAMILY_LABELS
 
 MIN_REPEATS = 5
 """Fewer timed runs give no spread worth reporting. ``bench compare`` judges no change on them either:
@@ -314,7 +315,7 @@ def _image_task_words(scenario: dict[str, Any], family: str | None) -> str:
     strength = scenario.get("strength")
     if strength is None and family in STRENGTH_DEFAULTS:
         strength = STRENGTH_DEFAULTS[family]["inpaint"]
-        at = f"at strength {strength:g} (diffusers' default for {family.upper()} inpainting)"
+        at = f"at strength {strength:g} (diffusers' default for {FAMILY_LABELS[family]} inpainting)"
     else:
         at = f"at strength {strength}" if strength is not None else "at diffusers' default strength for the model"
     counted = " (int(steps x strength) denoising steps), "

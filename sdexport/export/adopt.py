@@ -22,10 +22,10 @@ from typing import Any
 from sdexport.errors import SdexportError
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO
-from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest, tokenizer_names
+from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
 from sdexport.models.outline import family_of_index, family_profile, read_json
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, ModelDims, components_for
+from sdexport.specs import SDXL_REFINER, ComponentSpec, ModelDims, components_for, tokenizer_names
 
 GRAPH = "model.onnx"
 PARTS = {"unet": "unet", "vae": "vae_decoder", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
@@ -95,11 +95,14 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
         )
     family = family_of_index(family, index, directory)
     specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
-    needed = [s.name for s in components_for(family) if not s.always_fp32 and s.name != "vae_encoder"]
+    # what txt2img runs; the refiner's one task starts from an image, which its encoder reads
+    needed = [s.name for s in components_for(family)
+              if not s.always_fp32 and (s.name != "vae_encoder" or family == SDXL_REFINER)]
     missing = [n for n in needed if n not in {s.name for s in specs}]
     if missing:
+        runs = "the SDXL refiner (img2img)" if family == SDXL_REFINER else "a txt2img pipeline"
         raise SdexportError(f"{directory}: no {', '.join(f'{n}/{GRAPH}' for n in missing)}; "
-                            "a txt2img pipeline needs them (export them too)")
+                            f"{runs} needs them (export them too)")
     known = {s.name for s in components_for(family)}
     configs = {part: read_json(directory / folder / "config.json") for part, folder in PARTS.items()
                if folder in known}

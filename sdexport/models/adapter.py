@@ -215,6 +215,9 @@ def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) 
     (empty without)."""
     if not arguments:
         return []
+    from sdexport.models.outline import check_takes_networks
+
+    check_takes_networks(outline, "--adapter")
     check_alone(controlnets)
     if outline.inpainting:
         raise ModelLoadError("--adapter: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "

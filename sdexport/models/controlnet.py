@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
-from sdexport.specs import FAMILY_CONTROLNET
 
 if TYPE_CHECKING:
     import torch
@@ -169,9 +168,6 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     """Refuse a ControlNet that does not fit the base model; return the residual layout it shares
     with the U-Net. Its image encoder must also bring pixels down to latent size (the VAE's factor)."""
     kind = config.get("_class_name", CONTROLNET_CLASS)
-    if family not in FAMILY_CONTROLNET:
-        raise ModelLoadError(f"{what}: the {family} family takes no ControlNets or T2I-Adapters (none are made for "
-                             "the SDXL refiner's U-Net); give it to the SDXL base model")
     if kind == "T2IAdapter":
         raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as --adapter")
     if kind not in (CONTROLNET_CLASS, UNION_CLASS):
@@ -261,6 +257,10 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
 
 def controlnets_for(outline: ModelOutline, arguments: list[str], union_images: int = 1) -> list[ControlNetSource]:
     """``--controlnet`` arguments resolved and checked to fit the model ``outline`` describes."""
+    if arguments:
+        from sdexport.models.outline import check_takes_networks
+
+        check_takes_networks(outline, "--controlnet")
     sources = [resolve_controlnet(a) for a in arguments]
     check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor,
                       union_images)

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from sdexport.errors import ModelLoadError, one_line
-from sdexport.manifest import tokenizer_names
 from sdexport.models.outline import (
     FAMILY_PIPELINES,
     SINGLE_FILE_SUFFIXES,
@@ -35,6 +34,7 @@ from sdexport.models.tokenizer import save_tokenizer
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     ADAPTER,
+    FAMILY_LABELS,
     SDXL_REFINER,
     ModelDims,
     adapter_names,
@@ -42,6 +42,9 @@ from sdexport.specs import (
     controlnet_index,
     controlnet_names,
     controlnets_among,
+    is_sdxl,
+    text_encoders,
+    tokenizer_names,
 )
 
 SDXL_TIME_IDS = {"sdxl": 6, SDXL_REFINER: 5}
@@ -223,7 +226,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         "vae_scale_factor": vae_scale_factor,
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
     }
-    if family not in SDXL_TIME_IDS:
+    if not is_sdxl(family):
         return ModelDims(P=int(configs["text_encoder"].hidden_size), **common)
     te2 = configs["text_encoder_2"]
     e1, e2, pooled = int(te.hidden_size) if te else 0, int(te2.hidden_size), int(te2.projection_dim)
@@ -246,7 +249,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     if length_2 != sequence:
         problems.append(f"tokenizer_2 length {length_2} != tokenizer length {sequence}")
     if problems:
-        raise ModelLoadError(f"{label}: inconsistent {family.upper()} configs: {'; '.join(problems)}")
+        raise ModelLoadError(f"{label}: inconsistent {FAMILY_LABELS[family]} configs: {'; '.join(problems)}")
     return ModelDims(P=pooled, E1=e1, E2=e2, T=time_ids, L1=int(te.num_hidden_layers) if te else 0,
                      L2=int(te2.num_hidden_layers), **common)
 
@@ -476,11 +479,9 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: 
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL}
-    if family != SDXL_REFINER:
-        loaders["text_encoder"] = CLIPTextModel
-    if family != "sd":
-        loaders["text_encoder_2"] = CLIPTextModelWithProjection
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+                               **{name: classes[name] for name in text_encoders(family)}}
     def reader(name: str, cls: Any) -> Callable[[], torch.nn.Module]:
         return lambda: _load_part(path, name, lambda p: _with_all_weights(p, cls, dtype))  # type: ignore[no-any-return]
 

@@ -17,7 +17,7 @@ from typing import Any
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.presets import PRESETS, Preset, get_preset
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import SDXL_REFINER, is_sdxl
+from sdexport.specs import FAMILY_CONTROLNET, SDXL_REFINER, is_sdxl, text_encoders, tokenizer_names
 
 SUPPORTED_PIPELINES = {
     "StableDiffusionPipeline": "sd",
@@ -190,6 +190,14 @@ def family_profile(family: str) -> ShapeProfile:
     return PRESETS["sdxl"].profile if is_sdxl(family) else ShapeProfile()
 
 
+def check_takes_networks(outline: ModelOutline, flag: str) -> None:
+    """ControlNets and T2I-Adapters are made for one family's U-Net: the SDXL refiner has none
+    (``FAMILY_CONTROLNET`` has no row for it), so its ``flag`` is refused before any is read."""
+    if outline.family not in FAMILY_CONTROLNET:
+        raise ModelLoadError(f"{flag}: the {outline.family} family takes no ControlNets or T2I-Adapters (none are made "
+                             "for the SDXL refiner's U-Net); give them to the SDXL base model")
+
+
 def family_of_index(family: str, index: dict[str, Any], path: Path) -> str:
     """The family of a ``model_index.json`` (``family``: its pipeline class's, which sdexport runs).
     Its ``requires_aesthetics_score`` makes an SDXL model the refiner (``SDXL_REFINER``: time ids
@@ -230,11 +238,7 @@ def family_of_dir(path: Path) -> str:
             f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after "
             f"`sdexport adopt {path}`, or export the checkpoint it came from"
         )
-    parts = ["unet", "vae", "scheduler"]
-    if family != SDXL_REFINER:
-        parts += ["text_encoder", "tokenizer"]
-    if family != "sd":
-        parts += ["text_encoder_2", "tokenizer_2"]
+    parts = ["unet", "vae", *text_encoders(family), *tokenizer_names(family), "scheduler"]
     missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
         raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")

@@ -126,7 +126,10 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
     if request.crops_coords_top_left != (0, 0):
         params["crops_coords_top_left"] = list(request.crops_coords_top_left)
     if result.family == SDXL_REFINER:  # what the time ids held, given or diffusers' default
-        params["aesthetic_score"], params["negative_aesthetic_score"] = request.aesthetic_scores()
+        score, negative = request.aesthetic_scores()
+        params["aesthetic_score"] = score
+        if request.cfg:  # (only CFG's unconditional half reads it)
+            params["negative_aesthetic_score"] = negative
     return params
 
 

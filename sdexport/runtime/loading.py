@@ -20,13 +20,12 @@ from sdexport.manifest import (
     check_files,
     load_manifest,
     read_scheduler_config,
-    tokenizer_names,
 )
 from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ModelDims, components_for
+from sdexport.specs import SDXL_REFINER, ModelDims, components_for, tokenizer_names
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
     import torch
@@ -126,7 +125,7 @@ def load_pipeline(
 ) -> Txt2ImgPipeline:
     """``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
     portable graphs, the Torch backend), no re-export. ``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
-    inpainting). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
+    inpainting); the SDXL refiner's pipeline always does (its one task). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
     (and CUDA-graph ONNX Runtime sessions are made for them at load). ``graphs`` (onnxruntime-cuda):
     "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
     ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through. ``guess_mode``:
@@ -136,6 +135,7 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
+    image_inputs = image_inputs or manifest.family == SDXL_REFINER
     upcast = upcast_parts(engine_dir, manifest)
     fallbacks = vae_fallbacks(manifest, upcast, image_inputs)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)

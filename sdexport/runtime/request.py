@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.shapes import ImageGeometry, ShapeProfile
-from sdexport.specs import SDXL_REFINER, is_sdxl
+from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, is_sdxl
 
 MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
@@ -232,9 +232,11 @@ class GenerationRequest:
             return self.strength
         if self.task == "txt2img":  # no image to start from: every step runs
             return 1.0
-        # StableDiffusionXLImg2ImgPipeline's default is 0.3, its ControlNet variant's 0.8
+        # StableDiffusionXLImg2ImgPipeline's default is 0.3, its ControlNet variant's 0.8 (a family
+        # without ControlNets, the refiner, has no such row: its request is refused for them later)
         task = "controlnet-img2img" if self.task == "img2img" and self.control_image else self.task
-        return STRENGTH_DEFAULTS[family][task]
+        defaults = STRENGTH_DEFAULTS[family]
+        return defaults.get(task, defaults[self.task])
 
     def aesthetic_scores(self) -> tuple[float, float]:
         """The refiner's (``aesthetic_score``, ``negative_aesthetic_score``): as given, or diffusers'."""
@@ -246,7 +248,8 @@ class GenerationRequest:
         if self.guidance is not None:
             return self.guidance
         task = "controlnet-inpaint" if self.task == "inpaint" and self.control_image else self.task
-        return GUIDANCE_DEFAULTS[family][task]
+        defaults = GUIDANCE_DEFAULTS[family]
+        return defaults.get(task, defaults[self.task])
 
     def guidance_scales(self, family: str) -> list[float]:
         """The guidance scale of each image, in order (a single value serves every image)."""
@@ -691,7 +694,7 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
             value = getattr(request, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                       or not math.isfinite(value)):
-                raise SdexportError(f"{name} {value}: expected a number (a LAION aesthetic rating, 0 to 10)")
+                raise SdexportError(f"{name} {value}: expected a finite number (LAION aesthetic ratings run 0 to 10)")
     if not is_sdxl(family):
         named = [name for name in SDXL_ONLY if given[name]]
         if named:
@@ -714,7 +717,7 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
     strength = request.effective_strength(family)
     if strength >= 1:
         return []
-    note = (f"{request.denoising_steps(family)} of {request.steps} steps: the default --strength of {family.upper()} "
+    note = (f"{request.denoising_steps(family)} of {request.steps} steps: the default --strength of {FAMILY_LABELS[family]} "
             f"inpainting is diffusers' {strength:g}, which starts from the init image noised to the first timestep "
             "(--strength 1: every step, from pure noise)")
     return [note]

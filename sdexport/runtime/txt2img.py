@@ -361,8 +361,8 @@ class Txt2ImgPipeline:
         ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
         a benchmark times end to end. The result's request has the family's defaults filled in
         (``GenerationRequest.with_defaults``): what ran."""
+        self.check(request)  # first: a task the family does not run has no defaults to fill in
         request = request.with_defaults(self.family)
-        self.check(request)
         guidance = guidance_factor(request.effective_guidance(self.family), self.device)
         clock = self.clock if stages else NO_CLOCK
         start = time.perf_counter()
