@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pictures import box_mask, picture
 from PIL import Image
 
 from conftest import run_cli
@@ -30,17 +31,6 @@ pytestmark = pytest.mark.usefixtures("without_gpu")
 PRESET = "tiny-sdxl-refiner"
 TOLERANCE = 1e-4
 """rel-L2 of the final latents against diffusers in fp32 (as the other image tasks')."""
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def box_mask(height: int, width: int) -> Image.Image:
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
-    return Image.fromarray(mask)
 
 
 @pytest.fixture(scope="module")
@@ -298,13 +288,27 @@ def test_python_api_refusals_are_one_line_not_key_errors(refiner_dir):
     assert "ControlNet" in str(refused.value) and "\n" not in str(refused.value)
 
 
-def test_adapters_and_partial_adoptions_are_refused(refiner_dir, tmp_path, capsys):
-    """A T2I-Adapter (even one shaped for its U-Net) as a ControlNet; an ONNX export without the VAE
-    encoder the refiner's one task needs."""
+def test_adapters_and_directories_without_an_encoder_are_refused(refiner_dir, tmp_path, capsys):
+    """A T2I-Adapter as a ControlNet, from the CLI and from ``load_model``; an ONNX export without
+    the VAE encoder the refiner's one task needs, to adopt, and an export without one, to serve
+    (refused before a server starts)."""
+    import diffusers
+
     assert run_cli("export", PRESET, "--adapter", "tiny-adapter", "-o", tmp_path / "never") == 2
     err = capsys.readouterr().err.strip()
     assert "--adapter: the sdxl-refiner family takes no ControlNets or T2I-Adapters" in err and len(err.splitlines()) == 1
+    diffusers.ControlNetModel.from_unet(load_model(PRESET).modules["unet"]).save_pretrained(tmp_path / "controlnet")
+    with pytest.raises(ModelLoadError, match="--controlnet: the sdxl-refiner family takes no ControlNets"):
+        load_model(PRESET, controlnets=[str(tmp_path / "controlnet")])
     foreign = tmp_path / "optimum-export"
     shutil.copytree(refiner_dir, foreign, ignore=shutil.ignore_patterns("vae_encoder", "manifest.json"))
     assert run_cli("adopt", foreign) == 2
-    assert "no vae_encoder/model.onnx; the SDXL refiner (img2img) needs them" in capsys.readouterr().err
+    assert "no vae_encoder/model.onnx; the SDXL refiner (img2img, inpainting) needs them" in capsys.readouterr().err
+    partial = tmp_path / "partial"
+    export(PRESET, partial, ExportOptions(verify="none", components=["text_encoder_2", "unet", "vae_decoder"]))
+    capsys.readouterr()
+    for command in (("serve", partial), ("triton-repo", partial, "-o", tmp_path / "repo")):
+        assert run_cli(*command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "the engine directory has no vae_encoder" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "repo").exists()

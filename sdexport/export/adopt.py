@@ -100,7 +100,7 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
               if not s.always_fp32 and (s.name != "vae_encoder" or family == SDXL_REFINER)]
     missing = [n for n in needed if n not in {s.name for s in specs}]
     if missing:
-        runs = "the SDXL refiner (img2img)" if family == SDXL_REFINER else "a txt2img pipeline"
+        runs = "the SDXL refiner (img2img, inpainting)" if family == SDXL_REFINER else "a txt2img pipeline"
         raise SdexportError(f"{directory}: no {', '.join(f'{n}/{GRAPH}' for n in missing)}; "
                             f"{runs} needs them (export them too)")
     known = {s.name for s in components_for(family)}

@@ -215,9 +215,6 @@ def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) 
     (empty without)."""
     if not arguments:
         return []
-    from sdexport.models.outline import check_takes_networks
-
-    check_takes_networks(outline, "--adapter")
     check_alone(controlnets)
     if outline.inpainting:
         raise ModelLoadError("--adapter: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "
@@ -240,6 +237,10 @@ def check_together(sources: list[AdapterSource], unet: dict[str, Any], family: s
     """Each adapter fits the base model (``check_adapter``), and they fit each other: several
     adapters' features add up feature by feature (diffusers' ``MultiAdapter``), so they must come in
     the same number, channels and sizes (each fitting the U-Net leaves only the count open)."""
+    from sdexport.models.outline import check_takes_networks
+
+    if sources:
+        check_takes_networks(family, "--adapter")
     layouts = [check_adapter(s, unet, family, base_preset, vae_scale_factor)[0] for s in sources]
     for source, layout in zip(sources[1:], layouts[1:]):
         if layout != layouts[0]:

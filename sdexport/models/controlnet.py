@@ -222,6 +222,9 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
         if union_images != 1:
             raise ModelLoadError("--union-images is for a union ControlNet (--controlnet); this export has none")
         return ()
+    from sdexport.models.outline import check_takes_networks
+
+    check_takes_networks(family, "--controlnet")
     if len(sources) > MAX_CONTROLNETS:
         raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
     layout: tuple[tuple[int, int], ...] = ()
@@ -257,10 +260,6 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
 
 def controlnets_for(outline: ModelOutline, arguments: list[str], union_images: int = 1) -> list[ControlNetSource]:
     """``--controlnet`` arguments resolved and checked to fit the model ``outline`` describes."""
-    if arguments:
-        from sdexport.models.outline import check_takes_networks
-
-        check_takes_networks(outline, "--controlnet")
     sources = [resolve_controlnet(a) for a in arguments]
     check_controlnets(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor,
                       union_images)

@@ -71,8 +71,15 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
 
 
 def takes_init_images(engine_dir: Path, manifest: Manifest) -> bool:
-    """Whether ``pipeline_components`` can load an encoder for img2img and inpainting."""
-    return _has_encoder(manifest, upcast_parts(engine_dir, manifest))
+    """Whether a served pipeline loads an encoder for img2img and inpainting: where
+    ``pipeline_components`` can, and always for an image-only family (``image_tasks_only``), whose
+    directory without one is then refused, with what to export, before a server starts."""
+    return image_tasks_only(manifest) or _has_encoder(manifest, upcast_parts(engine_dir, manifest))
+
+
+def image_tasks_only(manifest: Manifest) -> bool:
+    """The SDXL refiner: its one task starts from an image, so its pipelines always load an encoder."""
+    return manifest.family == SDXL_REFINER
 
 
 def _has_encoder(manifest: Manifest, upcast: dict[str, str]) -> bool:
@@ -135,7 +142,7 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
-    image_inputs = image_inputs or manifest.family == SDXL_REFINER
+    image_inputs = image_inputs or image_tasks_only(manifest)
     upcast = upcast_parts(engine_dir, manifest)
     fallbacks = vae_fallbacks(manifest, upcast, image_inputs)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
