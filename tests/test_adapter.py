@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from pictures import picture
 from PIL import Image
 from test_controlnet import (  # noqa: F401  (no_engines: a fixture)
     TOLERANCE,
@@ -37,11 +38,6 @@ from sdexport.runtime.request import GenerationRequest
 pytestmark = pytest.mark.usefixtures("without_gpu")
 
 MODELS = {"sd": "tiny", "sdxl": "tiny-sdxl"}
-
-
-def picture(height: int, width: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8)).convert(mode)
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from pictures import box_mask, picture
 from PIL import Image
-from test_image_tasks import box_mask
 
 from conftest import MadeOnFirstUse, run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -43,11 +43,6 @@ SLOW = pytest.mark.slow
 """On the cases of a combination whose parts the default run checks apart (SDXL ControlNets,
 9-channel U-Nets with one): left to ``-m slow``, with the export only they read."""
 TXT2IMG = [name for name in MODELS if "inpaint" not in name]
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
 
 
 @pytest.fixture(scope="module")

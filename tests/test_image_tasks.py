@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pictures import box_mask, picture
 from PIL import Image
 
 from conftest import run_cli
@@ -24,18 +25,6 @@ pytestmark = pytest.mark.usefixtures("without_gpu")
 
 TOLERANCE = 1e-4
 """rel-L2 of the final latents against diffusers in fp32 (measured: about 2e-6)."""
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    """Random pixels: nothing a wrong crop or channel order could still match."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
-
-
-def box_mask(height: int, width: int) -> Image.Image:
-    mask = np.zeros((height, width), np.uint8)
-    mask[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = 255
-    return Image.fromarray(mask)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from pictures import picture
 from PIL import Image
-from test_adapter import picture
 from test_controlnet import TOLERANCE, _agree, _rel, bench_agreeing, no_engines, watch  # noqa: F401  (no_engines: a fixture)
 
 from conftest import run_cli

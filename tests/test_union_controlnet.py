@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from pictures import box_mask, picture
 from PIL import Image
 from test_controlnet import TOLERANCE, _agree, _rel, bench_agreeing, no_engines, watch  # noqa: F401  (no_engines: a fixture)
-from test_image_tasks import box_mask
 
 from conftest import MadeOnFirstUse, run_cli
 from sdexport.bench.reference import DiffusersReference
@@ -42,11 +42,6 @@ with the export only they read. By default: the model index such a directory has
 pipeline-directory test below), and each net's image, modes and window as the loop hands them over
 (test_two_union_controlnets_each_get_their_own_image_modes_and_scales)."""
 NAMES = [pytest.param(name, marks=SLOW) if name == "two-nets" else name for name in MODELS]
-
-
-def picture(height: int, width: int, seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")
