@@ -168,6 +168,14 @@ def test_cli_records_the_aesthetic_scores(refiner_dir, tmp_path, capsys):
     record = json.loads(Image.open(out).text["sdexport"])
     assert (record["aesthetic_score"], record["negative_aesthetic_score"]) == (7.5, 2.5)
     assert record["family"] == "sdxl-refiner" and record["strength"] == 0.3
+    # without guidance the negative score has no half to act on: said, and not recorded
+    capsys.readouterr()
+    assert run_cli("run", refiner_dir, "-p", "a cat", "--init-image", tmp_path / "init.png", "--steps", "4",
+                   "--guidance", "1", "--negative-aesthetic-score", "1", "-o", out) == 0
+    assert "--negative-aesthetic-score ignored: --guidance 1 disables classifier-free guidance" in " ".join(
+        capsys.readouterr().err.split())
+    record = json.loads(Image.open(tmp_path / "refined.png").text["sdexport"])
+    assert record["aesthetic_score"] == 6.0 and "negative_aesthetic_score" not in record
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -192,8 +192,8 @@ def family_profile(family: str) -> ShapeProfile:
 
 def check_takes_networks(family: str, flag: str) -> None:
     """ControlNets and T2I-Adapters are made for one family's U-Net: the SDXL refiner has none
-    (``FAMILY_CONTROLNET`` has no row for it), so its ``flag`` is refused before any config is read
-    (``check_controlnets``, ``adapter.check_together``: export, bench and ``load_model`` alike)."""
+    (``FAMILY_CONTROLNET`` has no row for it), so its ``flag`` is refused before any is checked to
+    fit (``check_controlnets``, ``adapter.check_together``: export, bench and ``load_model`` alike)."""
     if family not in FAMILY_CONTROLNET:
         raise ModelLoadError(f"{flag}: the {family} family takes no ControlNets or T2I-Adapters (none are made "
                              "for the SDXL refiner's U-Net); give them to the SDXL base model")

@@ -728,10 +728,12 @@ def ignored_settings(request: GenerationRequest) -> list[str]:
     notes = []
     if not request.cfg and request.guidance is not None:  # (not cfg: a guidance was given)
         dropped = [flag for flag, value in (("--negative-prompt", request.negative_prompt),
-                                            ("--negative-prompt-2", request.negative_prompt_2)) if value]
+                                            ("--negative-prompt-2", request.negative_prompt_2),
+                                            ("--negative-aesthetic-score", request.negative_aesthetic_score))
+                   if value is not None and value != []]
         if dropped:
             notes.append(
                 f"{' and '.join(dropped)} ignored: --guidance {guidance_label(request.guidance)} disables classifier-free "
-                "guidance, which is where a negative prompt acts (use a guidance above 1)"
+                "guidance, which is where the negatives act (use a guidance above 1)"
             )
     return notes
