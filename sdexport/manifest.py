@@ -28,13 +28,13 @@ from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     ADAPTER,
     MAX_ADAPTERS,
-    SDXL_REFINER,
     ComponentSpec,
     ModelDims,
     adapter_names,
     component,
     components_for,
     controlnets_among,
+    text_encoders,
     tokenizer_names,
 )
 
@@ -275,7 +275,9 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         manifest.shape_profile.validate(manifest.model_dims)
     except ProfileError as exc:
         raise EngineDirError(f"{where}: invalid manifest: profile {exc}") from None
-    layers = {"sdxl": ("L1", "L2"), SDXL_REFINER: ("L2",)}.get(manifest.family, ())
+    # the layer counts the family's text encoders output one hidden state per (SDXL's L1 and L2)
+    layers = [t.repeat for name in text_encoders(manifest.family) for t in component(manifest.family, name).outputs
+              if t.repeat]
     if layers and min(manifest.dims.get(name, 0) for name in layers) < 1:
         raise EngineDirError(f"{where}: invalid manifest: dims.{' and dims.'.join(layers)} (the text encoders' "
                              f"layers) must be at least 1 for {manifest.family}")

@@ -560,10 +560,11 @@ class Txt2ImgPipeline:
         unconditional half (``negative``) it is ``negative_aesthetic_score``, and the crop is diffusers'
         ``negative_crops_coords_top_left`` default, (0, 0), whatever the request's crop."""
         size = (request.height, request.width)
-        crop: tuple[int, int] = tuple(request.crops_coords_top_left)  # type: ignore[assignment]
+        crop = request.crops_coords_top_left
         if self.family == SDXL_REFINER:
             last: list[float] = [request.aesthetic_scores()[negative]]
-            crop = (0, 0) if negative else crop
+            if negative:
+                crop = (0, 0)
         else:
             last = list(request.target_size or size)
         values = [*(request.original_size or size), *crop, *last]
