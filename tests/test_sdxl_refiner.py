@@ -236,8 +236,10 @@ def test_what_the_refiner_does_not_run_is_refused_before_loading(tmp_path, capsy
 
 
 def test_served_refiner_refines_as_run_does(refiner_dir, tmp_path):
-    """``sdexport serve``: an init image gives the image ``run`` writes (the default aesthetic
-    scores); a row without one gets the refiner's one-line refusal, and the others their images."""
+    """``sdexport serve``: an init image with the refiner's conditioning (aesthetic scores, size and
+    crop) gives the image ``run`` writes with the same flags; a row without an image gets the
+    refiner's one-line refusal, one with the base model's ``target_size`` its own, and the others
+    their images."""
     import io
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
@@ -245,19 +247,29 @@ def test_served_refiner_refines_as_run_does(refiner_dir, tmp_path):
     picture(64, 64, 3).save(tmp_path / "init.png")
     out = tmp_path / "cli.png"
     assert run_cli("run", refiner_dir, "-p", "x", "--steps", "4", "--init-image", tmp_path / "init.png",
-                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+                   "--aesthetic-score", "7.3", "--negative-aesthetic-score", "1.5", "--original-size", "96x80",
+                   "--crop-top-left", "8,4", "--backend", "onnxruntime-cpu", "-o", out) == 0
     png = (tmp_path / "init.png").read_bytes()
     rows = {"prompt": np.array([[b"x"]], dtype=object), "steps": np.array([[4]], dtype=np.int32)}
+    conditioning = {"aesthetic_score": np.array([[7.3]], dtype=np.float32),
+                    "negative_aesthetic_score": np.array([[1.5]], dtype=np.float32),
+                    "original_size": np.array([[96, 80]], dtype=np.int32),
+                    "crops_coords_top_left": np.array([[8, 4]], dtype=np.int32)}
+    init = {"init_image": np.array([[png]], dtype=object)}
     model = ServedModel(ServeSettings(str(refiner_dir), backend="onnxruntime-cpu", max_steps=50), log=lambda _: None)
     try:
-        refined, refused = model.generate([{**rows, "init_image": np.array([[png]], dtype=object)}, rows])
+        refined, refused, targeted = model.generate([{**rows, **init, **conditioning}, rows,
+                                                     {**rows, **init, "target_size": np.array([[64, 64]], dtype=np.int32)}])
     finally:
         model.close()
     assert not isinstance(refined, str)
     np.testing.assert_array_equal(refined[0].pixels, np.asarray(Image.open(out).convert("RGB")))
     record = json.loads(Image.open(io.BytesIO(refined[0].png)).text["sdexport"])
-    assert record["aesthetic_score"] == 6.0 and record["family"] == "sdxl-refiner"
+    written = json.loads(Image.open(out).text["sdexport"])
+    assert record["family"] == "sdxl-refiner" and record == {k: v for k, v in written.items() if k != "init_image"}
+    assert (record["aesthetic_score"], record["negative_aesthetic_score"], record["crops_coords_top_left"]) == (7.3, 1.5, [8, 4])
     assert isinstance(refused, str) and "the SDXL refiner refines an image" in refused
+    assert isinstance(targeted, str) and targeted.startswith("target_size: not the SDXL refiner's conditioning")
 
 
 @pytest.mark.parametrize("version", ["10.13.3.9", "11.4.0.1"], ids=["trt10", "trt11"])

@@ -146,6 +146,32 @@ def test_rows_of_different_guidance_share_a_call_unless_one_side_skips_the_uncon
     assert generation_request([rows[0], rows[4]]).guidance == 7.5  # one value where the rows agree
 
 
+def test_sdxl_conditioning_rows_are_decoded_as_run_reads_its_flags_and_kept_apart_by_value():
+    """SDXL's sizes and crop and the refiner's scores: a pair (or a number) per row, passed to the
+    call as ``run`` passes its flags; a call takes one of each (the U-Net's time ids), so rows that
+    differ in them are generated apart. Their ranges are checked with the request, in run's words."""
+    from sdexport.serving.requests import decode_rows, generation_request, group_rows
+
+    def pairs(*values: tuple[int, ...]) -> np.ndarray:
+        return np.array(values, dtype=np.int32)
+
+    inputs = _inputs(["a", "b", "c"], aesthetic_score=[7.3, 7.3, 7.3], negative_aesthetic_score=[2.0, 2.0, 1.5])
+    inputs.update(original_size=pairs((96, 80), (96, 80), (96, 80)), crops_coords_top_left=pairs((8, 4), (8, 4), (8, 4)))
+    rows = decode_rows(inputs, (64, 64))
+    calls = group_rows(list(enumerate(rows)), max_batch=4)
+    assert [[owner for owner, _ in call] for call in calls] == [[0, 1], [2]]
+    request = generation_request([row for _, row in calls[0]])
+    assert (request.original_size, request.crops_coords_top_left, request.target_size) == ((96, 80), (8, 4), None)
+    assert (request.aesthetic_score, request.negative_aesthetic_score) == (7.3, 2.0)  # float32 read as typed
+    [row] = decode_rows({**_inputs(["d"]), "target_size": pairs((128, 96))}, (64, 64))
+    assert generation_request([row]).target_size == (128, 96) and row.crops_coords_top_left == (0, 0)
+    assert len(group_rows([(0, row), (1, decode_rows(_inputs(["e"]), (64, 64))[0])], max_batch=4)) == 2
+    with pytest.raises(SdexportError, match=r"crops_coords_top_left: expected two values \(top, left\), got 3"):
+        decode_rows({**_inputs(["a"]), "crops_coords_top_left": pairs((1, 2, 3))}, (64, 64))
+    with pytest.raises(SdexportError, match="original_size 1.5: expected a whole number"):
+        decode_rows({**_inputs(["a"]), "original_size": np.array([[1.5, 2]], dtype=np.float32)}, (64, 64))
+
+
 def test_rows_of_different_controlnet_settings_share_a_call():
     """Scales and windows are per image: rows share a call whatever they are, and the call takes a
     list per place where its rows differ (one ControlNet here, so one place); a row that leaves the
@@ -236,6 +262,15 @@ def test_a_size_is_checked_before_an_init_image_is_resized_to_it(served, side):
     assert isinstance(result, str) and "outside the engines' profile" in result
 
 
+def test_sdxl_conditioning_is_refused_by_another_family_in_runs_words(served):
+    """The served SD model refuses SDXL's and the refiner's inputs as ``run`` refuses their flags;
+    a size out of range likewise."""
+    sizes = {"original_size": np.array([[96, 80]], dtype=np.int32)}
+    refused = served.generate([{**_inputs(["a"], steps=2), **sizes}, _inputs(["b"], steps=2, aesthetic_score=7.0)])
+    assert refused == ["original_size: SDXL conditioning, but this is a sd model",
+                       "aesthetic_score: the SDXL refiner's conditioning, but this is a sd model"]
+
+
 def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inputs():
     import tritonclient.http as http
 
@@ -271,6 +306,17 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert inputs["control_scale"].shape() == inputs["control_end"].shape() == [2, 2]
     with pytest.raises(ValueError, match="control_scale: every image needs as many values"):
         infer_inputs(["a", "b"], http, control_scale=[[0.5, 1.0], [0.7]])
+    # SDXL's sizes and crop: a pair for every image, or one per image
+    inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, original_size=(1024, 768),
+                                                 crops_coords_top_left=[(0, 0), (64, 32)], aesthetic_score=7.0)}
+    assert inputs["original_size"].shape() == inputs["crops_coords_top_left"].shape() == [2, 2]
+    assert inputs["aesthetic_score"].shape() == [2, 1]
+    with pytest.raises(ValueError, match="target_size: 3 pairs for 2 prompts"):
+        infer_inputs(["a", "b"], http, target_size=[(1, 2), (3, 4), (5, 6)])
+    with pytest.raises(ValueError, match="target_size: each is a pair"):
+        infer_inputs(["a"], http, target_size=(1, 2, 3))
+    with pytest.raises(ValueError, match="not a mix of both"):
+        infer_inputs(["a", "b"], http, target_size=[(1, 2), 3])
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):
@@ -443,6 +489,11 @@ def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, t
     np.testing.assert_array_equal(_png_pixels(png), np.asarray(Image.open(out).convert("RGB")))
     [pixels] = generate(server.url, ["a lighthouse"], steps=3, seed=[9], pixels=True)
     np.testing.assert_array_equal(pixels, np.asarray(Image.open(out).convert("RGB")))
+    # a pair input (SDXL's sizes) goes through Triton to the model's own checks, which refuse it here
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException, match="original_size: SDXL conditioning, but this is a sd model"):
+        generate(server.url, ["a lighthouse"], steps=3, original_size=(96, 80))
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_succeed(server):

@@ -34,7 +34,8 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     ControlNet. ``adapter_image``: bytes, or a
     tuple of bytes with several adapters (one each), for every image, or a list of those, one per
     image. ``seed``: one per prompt, or one number for the first image and +1 for each next (as
-    ``sdexport run --seed``). ``module``: ``tritonclient.http``
+    ``sdexport run --seed``). ``original_size``, ``crops_coords_top_left``, ``target_size``: a pair
+    (height, width; top, left) for every image, or a list of pairs, one per image. ``module``: ``tritonclient.http``
     (default) or ``tritonclient.grpc``."""
     import numpy as np
 
@@ -58,6 +59,8 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif name == "adapter_image":  # per image, each one image per adapter
             values[name] = _adapter_images(value, rows)
+        elif _SPECS[name].dims == (2,):  # SDXL's sizes and crop: a pair for every image, or one per image
+            values[name] = _pairs(value, rows, name)
         elif _SPECS[name].dims == (-1,) and isinstance(value, list | tuple) \
                 and any(isinstance(v, list | tuple) for v in value):  # one list per image
             values[name] = _per_image_lists(value, rows, name)
@@ -91,6 +94,21 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
     if len({len(i) for i in images}) > 1:
         raise ValueError("adapter_image: every image needs as many adapter images (one per adapter)")
     return images
+
+
+def _pairs(value: Any, rows: int, name: str) -> list[list[Any]]:
+    """A two-number input (``infer_inputs``): one pair for every image, or a list of pairs, one per image."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{name}: give a pair, e.g. (1024, 1024), or a list of pairs, one per prompt")
+    nested = [isinstance(v, list | tuple) for v in value]
+    if any(nested) and not all(nested):
+        raise ValueError(f"{name}: give one pair for every prompt, or a list of pairs, not a mix of both")
+    pairs = [list(v) for v in value] if any(nested) else [list(value)] * rows
+    if len(pairs) != rows:
+        raise ValueError(f"{name}: {len(pairs)} pairs for {rows} prompts; give one, or one per prompt")
+    if any(len(pair) != 2 for pair in pairs):
+        raise ValueError(f"{name}: each is a pair of numbers, e.g. (1024, 1024)")
+    return pairs
 
 
 def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:

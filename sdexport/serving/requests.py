@@ -46,6 +46,13 @@ class Row:
     negative_prompt: str | None = None
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float | None = None
+    negative_aesthetic_score: float | None = None
+    """SDXL's micro-conditioning and the refiner's scores, as ``GenerationRequest`` names them: a call
+    takes one of each (the U-Net's time ids), so rows that differ in them do not share it."""
     image: Any = None
     mask: Any = None
     strength: float | None = None
@@ -84,7 +91,13 @@ class Row:
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
-                self.control_scale is None, self.guess_mode, _count(self.adapter_image))
+                self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning())
+
+    def conditioning(self) -> tuple[Any, ...]:
+        """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one
+        of (the time ids): as given, None where left to the default."""
+        return (self.original_size, self.crops_coords_top_left, self.target_size, self.aesthetic_score,
+                self.negative_aesthetic_score)
 
     def control_settings(self) -> tuple[Any, ...]:
         """The ControlNet scale, start and end, as a key."""
@@ -164,10 +177,14 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         if has_no_text(text["prompt"] or "", text["prompt_2"]):
             raise SdexportError("prompt: empty; send the text to generate from (for SDXL, in prompt or prompt_2)")
         seed = _number(one("seed"), "seed", int)
+        original_size, crop, target_size = (_pair(many(name), name) for name in PAIRS)
         row = Row(
             prompt=text["prompt"] or "",
             negative_prompt=text["negative_prompt"], prompt_2=text["prompt_2"],
             negative_prompt_2=text["negative_prompt_2"],
+            original_size=original_size, crops_coords_top_left=crop or (0, 0), target_size=target_size,
+            aesthetic_score=_number(one("aesthetic_score"), "aesthetic_score", float),
+            negative_aesthetic_score=_number(one("negative_aesthetic_score"), "negative_aesthetic_score", float),
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
             guidance=_number(one("guidance"), "guidance", float),
@@ -197,6 +214,22 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         return row
     except SdexportError as exc:
         raise SdexportError(f"{exc}{where}") from None
+
+
+PAIRS = ("original_size", "crops_coords_top_left", "target_size")
+"""SDXL's micro-conditioning inputs: two whole numbers each (height and width; the crop's top and left)."""
+
+
+def _pair(values: list[Any] | None, name: str) -> tuple[int, int] | None:
+    """A two-number input as the request's tuple; None where not sent. Its range is checked with the
+    rest of the request (``check_request``), in ``run``'s words."""
+    if values is None:
+        return None
+    if len(values) != 2:
+        what = "top, left" if name == "crops_coords_top_left" else "height, width"
+        raise SdexportError(f"{name}: expected two values ({what}), got {len(values)}")
+    first, second = (_number(v, name, int) for v in values)
+    return first, second
 
 
 def _or(value: Any, default: Any) -> Any:
@@ -294,6 +327,9 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
     return GenerationRequest(
         prompt=[row.prompt for row in rows], negative_prompt=column("negative_prompt"),
         prompt_2=column("prompt_2"), negative_prompt_2=column("negative_prompt_2"),
+        original_size=first.original_size, crops_coords_top_left=first.crops_coords_top_left,
+        target_size=first.target_size, aesthetic_score=first.aesthetic_score,
+        negative_aesthetic_score=first.negative_aesthetic_score,
         steps=first.steps, scheduler=first.scheduler,
         guidance=one_or_each("guidance"),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
