@@ -1022,6 +1022,9 @@ def loadtest(
     width: Annotated[int | None, typer.Option(help="Image width (default: the model's).")] = None,
     guidance: Annotated[float | None, typer.Option(help="Guidance scale (default: the model's).")] = None,
     scheduler: Annotated[str | None, typer.Option(help="Scheduler (default: the model's).")] = None,
+    init_image: Annotated[str | None, typer.Option(help="img2img (and the SDXL refiner): a PNG/JPEG every request sends as its init image.")] = None,
+    mask: Annotated[str | None, typer.Option(help="Inpainting: a PNG/JPEG every request sends as its mask (white repaints).")] = None,
+    strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised (default: the model's).")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="Folder for loadtest.json and loadtest.md.")] = "loadtest-out",
 ) -> None:
     """Load-test a served model: concurrent clients, throughput, p50/p95/p99 latency and errors."""
@@ -1033,9 +1036,10 @@ def loadtest(
 
     check_serving_installed()
     params = {k: v for k, v in {"steps": steps, "height": height, "width": width, "guidance": guidance,
-                                "scheduler": scheduler}.items() if v is not None}
+                                "scheduler": scheduler, "strength": strength}.items() if v is not None}
+    images = {k: v for k, v in {"init_image": init_image, "mask": mask}.items() if v is not None}
     plan = LoadPlan(url=url, model=model, concurrency=concurrency, requests=requests, duration_s=duration,
-                    prompts_per_request=batch, params=params)
+                    prompts_per_request=batch, params=params, images=images)
     plan.check()
     target = _output_path(output)
     if target.exists() and not target.is_dir():

@@ -578,6 +578,21 @@ def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
     assert "| succeeded |" in (tmp_path / "load" / "loadtest.md").read_text()
 
 
+def test_loadtest_sends_an_init_image_and_mask(server, tmp_path):
+    """img2img and inpainting load (and the SDXL refiner's, which takes nothing else): every request
+    carries the files' bytes; the report names them."""
+    from pictures import box_mask, picture
+
+    picture(128, 128, 1).save(tmp_path / "init.png")
+    box_mask(128, 128).save(tmp_path / "mask.png")
+    assert run_cli("loadtest", "--url", server.url, "-c", "2", "-n", "2", "--steps", "4", "--init-image",
+                   tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--strength", "0.5",
+                   "-o", tmp_path / "load") == 0
+    report = json.loads((tmp_path / "load" / "loadtest.json").read_text())
+    assert report["succeeded"] == 2 and report["errors"] == {}, report["errors"]
+    assert report["params"]["init_image"] == str(tmp_path / "init.png") and report["params"]["strength"] == 0.5
+
+
 def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path):
     """The README's blocks that talk to a server (``docs-check: serve``: curl, tritonclient and
     loadtest), pasted against this one at its address: the curl and tritonclient recipes write the
@@ -749,6 +764,10 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (["loadtest", "--url", "127.0.0.1:1", "-n", "0"], "give --requests or --duration"),
     (["loadtest", "--url", "127.0.0.1:1", "-n", "1"], "no Triton server answers there"),
     (["loadtest", "--url", "http://127.0.0.1:1"], "without the scheme"),
+    (["loadtest", "--url", "127.0.0.1:1", "--mask", "{engines}/manifest.json"], "--mask needs --init-image"),
+    (["loadtest", "--url", "127.0.0.1:1", "--strength", "0.5"], "--strength needs --init-image"),
+    (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{missing}"], "no such file"),
+    (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{engines}/manifest.json"], "not a readable image"),
     (["serve", "{engines}", "--log-file", "{engines}/manifest.json/log.txt"], "no log can be written"),
 ])
 def test_bad_serving_input_gets_one_line_and_exit_2(args, message, tiny_engine_dir, tmp_path, capsys):

@@ -12,10 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sdexport.errors import SdexportError
 from sdexport.serving.protocol import MODEL_NAME
+
+IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
+"""The image inputs a load test can send, and the flags that name their files."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,9 @@ class LoadPlan:
     """Stop sending after this many seconds (0: no time limit)."""
     prompts_per_request: int = 1
     params: dict[str, Any] = field(default_factory=dict)
+    images: dict[str, str] = field(default_factory=dict)
+    """Image inputs sent with every request, input name → file: an init image (img2img, and the SDXL
+    refiner, which takes nothing else) and a mask (inpainting)."""
     timeout_s: float = 600.0
 
     def check(self) -> None:
@@ -42,6 +49,17 @@ class LoadPlan:
             raise SdexportError(f"--url {self.url}: host:port only, without the scheme (e.g. localhost:8000)")
         if self.prompts_per_request < 1:
             raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
+        if "init_image" not in self.images and ("mask" in self.images or "strength" in self.params):
+            flag = "--mask" if "mask" in self.images else "--strength"
+            raise SdexportError(f"{flag} needs --init-image: it says how the init image is repainted")
+        from sdexport.runtime.image_inputs import read_image
+
+        for name, path in self.images.items():  # readable before any request is sent
+            read_image(Path(path), IMAGE_FLAGS[name], mode="L" if name == "mask" else "RGB")
+
+    def files(self) -> dict[str, bytes]:
+        """The image inputs' bytes, as every request sends them."""
+        return {name: Path(path).read_bytes() for name, path in self.images.items()}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -88,7 +106,7 @@ def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
             issued += 1
             return True
 
-    inputs = infer_inputs(prompts, http, **plan.params)  # the same request every time, made once
+    inputs = infer_inputs(prompts, http, **plan.params, **plan.files())  # the same request every time, made once
 
     def client() -> None:
         with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
@@ -122,8 +140,8 @@ def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
     inferences = after["inferences"] - before["inferences"] if after else 0
     return {
         "url": plan.url, "model": plan.model, "concurrency": plan.concurrency,
-        "images_per_request": plan.prompts_per_request, "params": {k: v for k, v in plan.params.items()
-                                                                  if not isinstance(v, bytes | list)},
+        "images_per_request": plan.prompts_per_request,
+        "params": {**{k: v for k, v in plan.params.items() if not isinstance(v, bytes | list)}, **plan.images},
         "requests": done + sum(errors.values()), "succeeded": done, "errors": errors,
         "wall_s": wall,
         "requests_per_s": done / wall if wall else 0.0,
