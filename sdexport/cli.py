@@ -1057,6 +1057,10 @@ def loadtest(
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     write_atomic(target / "loadtest.md", text)
     _print_markdown(text)
+    if not report["succeeded"] and report["errors"]:
+        first = next(iter(report["errors"]))
+        raise SdexportError(f"no request succeeded ({sum(report['errors'].values())} failed), e.g.: {first} "
+                            f"(the report: {target / 'loadtest.json'})")
     print_result(str(target / "loadtest.json"))
 
 

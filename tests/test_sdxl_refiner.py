@@ -256,12 +256,19 @@ def test_served_refiner_refines_as_run_does(refiner_dir, tmp_path):
                     "original_size": np.array([[96, 80]], dtype=np.int32),
                     "crops_coords_top_left": np.array([[8, 4]], dtype=np.int32)}
     init = {"init_image": np.array([[png]], dtype=object)}
-    model = ServedModel(ServeSettings(str(refiner_dir), backend="onnxruntime-cpu", max_steps=50), log=lambda _: None)
+    logs: list[str] = []
+    model = ServedModel(ServeSettings(str(refiner_dir), backend="onnxruntime-cpu", max_steps=50), log=logs.append)
     try:
         refined, refused, targeted = model.generate([{**rows, **init, **conditioning}, rows,
                                                      {**rows, **init, "target_size": np.array([[64, 64]], dtype=np.int32)}])
+        # the defaults filled in, and a negative score that no CFG reads dropped: one call for both
+        unguided = {**rows, **init, "guidance": np.array([[1.0]], dtype=np.float32)}
+        same = model.generate([unguided, {**unguided, "aesthetic_score": np.array([[6.0]], dtype=np.float32),
+                                          "negative_aesthetic_score": np.array([[1.0]], dtype=np.float32)}])
     finally:
         model.close()
+    assert logs[-1].endswith("2 request(s), 2 image(s) in 1 call(s) of 2"), logs
+    assert not any(isinstance(images, str) for images in same)
     assert not isinstance(refined, str)
     np.testing.assert_array_equal(refined[0].pixels, np.asarray(Image.open(out).convert("RGB")))
     record = json.loads(Image.open(io.BytesIO(refined[0].png)).text["sdexport"])

@@ -317,6 +317,10 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
         infer_inputs(["a"], http, target_size=(1, 2, 3))
     with pytest.raises(ValueError, match="not a mix of both"):
         infer_inputs(["a", "b"], http, target_size=[(1, 2), 3])
+    for value in ((1024.7, 1024), (2**32 + 512, 512)):  # numpy would send 1024, or wrap to 512
+        with pytest.raises(ValueError, match="is not a whole number an INT32 holds"):
+            infer_inputs(["a"], http, original_size=value)
+    assert infer_inputs(["a", "b"], http, original_size=np.array([1024, 768]))[-1].shape() == [2, 2]
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):
@@ -591,6 +595,28 @@ def test_loadtest_sends_an_init_image_and_mask(server, tmp_path):
     report = json.loads((tmp_path / "load" / "loadtest.json").read_text())
     assert report["succeeded"] == 2 and report["errors"] == {}, report["errors"]
     assert report["params"]["init_image"] == str(tmp_path / "init.png") and report["params"]["strength"] == 0.5
+
+
+def test_loadtest_refuses_images_every_request_would_fail_on_and_says_when_none_succeeded(server, tmp_path, capsys):
+    """Images of another size than each other or the request's, and a strength out of range, are
+    refused before the first request (nothing is written); a run whose every request is refused
+    writes its report and exits non-zero, naming the server's reason."""
+    from pictures import box_mask, picture
+
+    picture(128, 128, 1).save(tmp_path / "init.png")
+    box_mask(64, 64).save(tmp_path / "small-mask.png")
+    image = ["--url", server.url, "-n", "2", "--init-image", tmp_path / "init.png"]
+    for extra, message in ((["--mask", tmp_path / "small-mask.png"], "--mask is 64x64 (HxW), --init-image 128x128"),
+                           (["--height", "64", "--width", "64"], "--height/--width 64x64, but --init-image is 128x128"),
+                           (["--strength", "5"], "--strength 5.0: need a number above 0 and at most 1")):
+        assert run_cli("loadtest", *image, *extra, "-o", tmp_path / "never") == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "never").exists()
+    assert run_cli("loadtest", "--url", server.url, "-c", "1", "-n", "2", "--steps", "1001", "-o", tmp_path / "load") == 2
+    err = capsys.readouterr().err.strip()
+    assert "no request succeeded (2 failed), e.g.: steps 1001: this server allows at most" in err, err
+    assert json.loads((tmp_path / "load" / "loadtest.json").read_text())["errors"]
 
 
 def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path):

@@ -97,7 +97,12 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
 
 
 def _pairs(value: Any, rows: int, name: str) -> list[list[Any]]:
-    """A two-number input (``infer_inputs``): one pair for every image, or a list of pairs, one per image."""
+    """A two-number input (``infer_inputs``): one pair for every image, or a list of pairs, one per
+    image. Each number must be whole and fit INT32: numpy would cast 1024.7 to 1024, or wrap 2**32 +
+    512 to 512, and the server would make an image of values never asked for."""
+    import numpy as np
+
+    value = value.tolist() if isinstance(value, np.ndarray) else value
     if not isinstance(value, list | tuple):
         raise ValueError(f"{name}: give a pair, e.g. (1024, 1024), or a list of pairs, one per prompt")
     nested = [isinstance(v, list | tuple) for v in value]
@@ -105,10 +110,15 @@ def _pairs(value: Any, rows: int, name: str) -> list[list[Any]]:
         raise ValueError(f"{name}: give one pair for every prompt, or a list of pairs, not a mix of both")
     pairs = [list(v) for v in value] if any(nested) else [list(value)] * rows
     if len(pairs) != rows:
-        raise ValueError(f"{name}: {len(pairs)} pairs for {rows} prompts; give one, or one per prompt")
+        raise ValueError(f"{name}: {len(pairs)} pairs for {rows} prompts; give one pair for every prompt, or "
+                         "a list of one per prompt")
     if any(len(pair) != 2 for pair in pairs):
         raise ValueError(f"{name}: each is a pair of numbers, e.g. (1024, 1024)")
-    return pairs
+    for number in (n for pair in pairs for n in pair):
+        if isinstance(number, bool) or not isinstance(number, int | float | np.integer | np.floating) \
+                or not float(number).is_integer() or not -2**31 <= number < 2**31:
+            raise ValueError(f"{name}: {number!r} is not a whole number an INT32 holds")
+    return [[int(n) for n in pair] for pair in pairs]
 
 
 def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:

@@ -9,6 +9,7 @@ own statistics, before and after). A benchmark, not a test: it reports numbers a
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,13 +50,34 @@ class LoadPlan:
             raise SdexportError(f"--url {self.url}: host:port only, without the scheme (e.g. localhost:8000)")
         if self.prompts_per_request < 1:
             raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
-        if "init_image" not in self.images and ("mask" in self.images or "strength" in self.params):
-            flag = "--mask" if "mask" in self.images else "--strength"
-            raise SdexportError(f"{flag} needs --init-image: it says how the init image is repainted")
+        if "init_image" not in self.images:
+            if "mask" in self.images:
+                raise SdexportError("--mask needs --init-image: the mask says where the init image is repainted")
+            if "strength" in self.params:
+                raise SdexportError("--strength needs --init-image: it says how far the init image is noised")
+            return
+        strength = self.params.get("strength")
+        if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
+            raise SdexportError(f"--strength {strength}: need a number above 0 and at most 1")
+        self._check_images()
+
+    def _check_images(self) -> None:
+        """The files readable and of one size, the request's, before any request is sent: the load
+        test sends them as they are (a server refuses an image of another size), so a mistake here
+        would fail every request of the run."""
         from sdexport.runtime.image_inputs import read_image
 
-        for name, path in self.images.items():  # readable before any request is sent
-            read_image(Path(path), IMAGE_FLAGS[name], mode="L" if name == "mask" else "RGB")
+        sizes = {name: read_image(Path(path), IMAGE_FLAGS[name], mode="L" if name == "mask" else "RGB").size
+                 for name, path in self.images.items()}
+        width, height = sizes["init_image"]
+        if sizes.get("mask", (width, height)) != (width, height):
+            mask_width, mask_height = sizes["mask"]
+            raise SdexportError(f"--mask is {mask_height}x{mask_width} (HxW), --init-image {height}x{width}: "
+                                "give a mask of the init image's size")
+        asked = (self.params.get("height", height), self.params.get("width", width))
+        if asked != (height, width):
+            raise SdexportError(f"--height/--width {asked[0]}x{asked[1]}, but --init-image is {height}x{width} "
+                                "(HxW): leave them out (the image's size is used), or give an image of that size")
 
     def files(self) -> dict[str, bytes]:
         """The image inputs' bytes, as every request sends them."""

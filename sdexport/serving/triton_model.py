@@ -29,6 +29,7 @@ from sdexport.serving.requests import (
     settings_apart,
     union_control_apart,
 )
+from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -134,9 +135,14 @@ class ServedModel:
                     # guidance or the ControlNet scale out shares a call with the rows that send one
                     # (each image takes its own)
                     checked = self.check(row)
-                    row.guidance = checked.guidance_scales(self.pipeline.family)[0]
+                    guidance = row.guidance = checked.guidance_scales(self.pipeline.family)[0]
                     if row.control_image is not None and row.control_scale is None:
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][checked.task]
+                    if self.pipeline.family == SDXL_REFINER:  # and the refiner's scores (one pair a
+                        # call), the negative only where CFG reads it: rows that differ in an unread one share it
+                        score, negative = checked.aesthetic_scores()
+                        row.aesthetic_score = score
+                        row.negative_aesthetic_score = negative if guidance > 1.0 else None
             except SdexportError as exc:
                 outcome.append(str(exc))
                 continue
