@@ -339,3 +339,37 @@ def test_adapters_and_directories_without_an_encoder_are_refused(refiner_dir, tm
         err = capsys.readouterr().err.strip()
         assert "the engine directory has no vae_encoder" in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "repo").exists()
+
+
+# -- the ensemble of experts: the base model's latents handed to the refiner ------------------------
+
+
+def rel_l2(ours: torch.Tensor, theirs: torch.Tensor) -> float:
+    return float(torch.linalg.norm(ours - theirs) / torch.linalg.norm(theirs))
+
+
+@pytest.fixture(scope="module")
+def base_reference() -> DiffusersReference:
+    return DiffusersReference(load_model("tiny-sdxl"))
+
+
+@pytest.mark.parametrize(("scheduler", "switch", "guidance"), [("default", 0.799, None), ("euler_a", 0.6, 1.0),
+                                                               ("dpmpp_2m", 0.729, 6.0)])
+def test_the_ensemble_of_experts_matches_diffusers(tiny_sdxl_engine_dir, pipeline, reference, base_reference,
+                                                   scheduler, switch, guidance):
+    """diffusers' "ensemble of experts": the base model stops at ``denoising_end`` and returns its
+    latents (``output_type="latent"``), the refiner starts from them at ``denoising_start``, noise
+    unadded. Each half against its pipeline, the refiner's from the same latents. The switches
+    cut at a timestep the schedule holds (201, 271), which the base model runs, not the refiner."""
+    base = load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu")
+    first = GenerationRequest(prompt=["a lighthouse", "a harbour"], steps=10, seeds=[3, 4], height=64, width=128,
+                              scheduler=scheduler, guidance=guidance, denoising_end=switch)
+    ours, theirs = base(first), base_reference(first)
+    assert rel_l2(ours.latents, theirs.latents) < TOLERANCE and ours.images == [] and len(ours.pixels) == 0
+    assert 0 < len(ours.timings.unet_steps) < 10
+    second = dataclasses.replace(first, denoising_end=None, denoising_start=switch, init_latents=theirs.latents)
+    refined, expected = pipeline(second), reference(second)
+    assert rel_l2(refined.latents, expected.latents) < TOLERANCE
+    assert np.abs(refined.pixels - expected.pixels).max() < 1e-3
+    assert len(ours.timings.unet_steps) + len(refined.timings.unet_steps) == 10
+

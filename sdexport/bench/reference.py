@@ -207,7 +207,9 @@ class DiffusersReference:
         pipe = self.pipeline_for(request.task)
         pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
         extra: dict[str, Any] = {"height": request.height, "width": request.width}
-        if request.task != "txt2img":
+        if request.init_latents is not None:  # the ensemble's second expert: a base model's latents
+            extra = {"image": request.init_latents, "denoising_start": float(request.denoising_start or 0)}
+        elif request.task != "txt2img":
             extra = {"image": request.image, "strength": request.effective_strength(self.model.family)}
             if request.task == "inpaint":
                 extra.update(mask_image=request.mask, height=request.height, width=request.width)
@@ -283,6 +285,9 @@ class DiffusersReference:
             }
         if self.model.family == SDXL_REFINER:
             extra["aesthetic_score"], extra["negative_aesthetic_score"] = request.aesthetic_scores()
+        latent = request.denoising_end is not None  # the ensemble's first expert: latents, not images
+        if latent:
+            extra["denoising_end"] = float(request.denoising_end or 0)
         start = time.perf_counter()
         with torch.inference_mode():
             images = pipe(
@@ -292,9 +297,9 @@ class DiffusersReference:
                 num_inference_steps=request.steps,
                 guidance_scale=request.effective_guidance(self.model.family),
                 generator=generators,
-                output_type="np",
+                output_type="latent" if latent else "np",
                 **callback,
             ).images
         total = time.perf_counter() - start  # output_type="np": the images reached the host
-        return ReferenceResult(captured["latents"].float().cpu(), np.asarray(images, dtype=np.float32),
-                               self._timings(total))
+        pixels = np.zeros((0, request.height, request.width, 3), np.float32) if latent else np.asarray(images, np.float32)
+        return ReferenceResult(captured["latents"].float().cpu(), pixels, self._timings(total))

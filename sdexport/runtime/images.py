@@ -234,7 +234,9 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         "width": request.width,
         **_sdxl_params(result, i),
         **({"task": request.task, "strength": request.effective_strength(result.family)}
-           if request.task != "txt2img" else {}),
+           if request.task != "txt2img" and request.denoising_start is None else {}),
+        **({"task": request.task, "denoising_start": request.denoising_start}  # from a base model's latents
+           if request.denoising_start is not None else {}),
         **({"truncated_from": cut} if cut else {}),
         **({"control": _control_params(request, result.family, i)} if request.control_image else {}),
         **({"guess_mode": True} if result.guess_mode else {}),

@@ -99,6 +99,17 @@ class GenerationRequest:
     None: diffusers' 6.0 (``AESTHETIC_SCORES``)."""
     negative_aesthetic_score: float | None = None
     """The rating of CFG's unconditional half, which guidance steers away from; None: diffusers' 2.5."""
+    # SDXL's ensemble of experts (the base model hands its latents to the refiner), as diffusers names it.
+    denoising_end: float | None = None
+    """Stop this fraction of the way through the schedule (0 < x < 1) and leave the rest to a
+    refiner: the result holds the latents, not decoded (diffusers' ``output_type="latent"``), to
+    be the refiner's ``init_latents``. None: every step, and images."""
+    denoising_start: float | None = None
+    """Start this fraction of the way through the schedule, from ``init_latents`` as they are (no
+    noise added): where a base model's ``denoising_end`` stopped. It takes the place of strength."""
+    init_latents: Any = None
+    """The latents to start from at ``denoising_start`` (a tensor, one row per prompt): a base
+    model's ``GenerationResult.latents``."""
     # Image inputs (img2img and inpainting), PIL images of the request's size.
     image: list[Any] | None = None
     """img2img's or inpainting's init image: one for every prompt, or one per prompt."""
@@ -205,7 +216,7 @@ class GenerationRequest:
             return values[start:start + size]
 
         per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask",
-                     "adapter_image", "guidance", "adapter_factor")
+                     "adapter_image", "guidance", "adapter_factor", "init_latents")
         parts = []
         for start in range(0, self.batch, size):
             fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
@@ -222,9 +233,10 @@ class GenerationRequest:
 
     @property
     def task(self) -> str:
-        """``txt2img``, ``img2img`` or ``inpaint``: what the loop does with the image inputs."""
+        """``txt2img``, ``img2img`` or ``inpaint``: what the loop does with the image inputs (a
+        refiner's ``init_latents``: img2img, as diffusers runs it)."""
         if self.image is None:
-            return "txt2img"
+            return "txt2img" if self.init_latents is None else "img2img"
         return "inpaint" if self.mask is not None else "img2img"
 
     def effective_strength(self, family: str) -> float:
@@ -266,7 +278,7 @@ class GenerationRequest:
     def denoising_steps(self, family: str) -> int:
         """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
         (diffusers' ``get_timesteps``)."""
-        if self.image is None:
+        if self.image is None:  # (a window of the schedule, denoising_start/end: the scheduler's to say)
             return self.steps
         return min(int(self.steps * self.effective_strength(family)), self.steps)
 
@@ -413,6 +425,7 @@ def check_request(
         if isinstance(value, bool) or not isinstance(value, int):
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
     profile.check_request(request.batch, request.height, request.width, dims)
+    _check_window(request, family)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)
     _check_adapter(request, int(adapters))
@@ -637,6 +650,8 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
     from sdexport.runtime.image_inputs import check_image
 
     inpainting_unet = bool(getattr(dims, "inpainting", False))
+    if request.image is None and request.init_latents is not None:  # a base model's latents (_check_window)
+        return
     if request.image is None:
         if request.mask is not None:
             raise SdexportError("a mask without an init image: inpainting needs both (--init-image and --mask)")
@@ -668,6 +683,37 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
             f"{request.effective_strength(family):g} with --steps {request.steps} runs no step "
             f"(int(steps x strength) = 0): raise the strength or the steps"
         )
+
+
+def _check_window(request: GenerationRequest, family: str) -> None:
+    """SDXL's ensemble of experts: a window of the schedule (``denoising_end``, ``denoising_start``)
+    and the latents the second expert starts from, as diffusers' SDXL pipelines take them. The
+    latents' shape is the pipeline's to check (``Txt2ImgPipeline.check``)."""
+    end, start = request.denoising_end, request.denoising_start
+    if end is None and start is None and request.init_latents is None:
+        return
+    if not is_sdxl(family):
+        raise SdexportError(f"denoising_end/denoising_start: SDXL's ensemble of experts (a base model handing its "
+                            f"latents to the refiner), but this is a {family} model")
+    for name, value in (("denoising_end", end), ("denoising_start", start)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                                  or not math.isfinite(value) or not 0 < value < 1):
+            raise SdexportError(f"{name} {value}: need a fraction of the schedule above 0 and below 1")
+    if (start is None) != (request.init_latents is None):
+        raise SdexportError("denoising_start and init_latents go together: the latents a base model's denoising_end "
+                            "left, and the point of the schedule they were left at")
+    if start is not None and end is not None and start >= end:
+        raise SdexportError(f"denoising_start {start} and denoising_end {end}: the window is empty (start below end)")
+    if start is not None and (request.image is not None or request.mask is not None):
+        raise SdexportError("init_latents take the place of an init image: give one or the other (an inpainting "
+                            "ensemble is not run yet)")
+    if start is not None and request.strength is not None:
+        raise SdexportError(f"--strength {request.strength} with denoising_start: where the window starts says how far "
+                            "the latents are noised; leave the strength out")
+    if end is not None and request.mask is not None:
+        raise SdexportError("denoising_end with a mask: an inpainting ensemble of experts is not run yet")
+    if request.control_image is not None or request.adapter_image is not None:
+        raise SdexportError("denoising_end/denoising_start with ControlNets or T2I-Adapters: not run yet")
 
 
 def _check_conditioning(request: GenerationRequest, family: str) -> None:

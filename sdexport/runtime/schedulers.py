@@ -7,9 +7,12 @@ compares against. Only the naming (and the Karras variant) is ours.
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
+
+if TYPE_CHECKING:
+    from sdexport.runtime.request import GenerationRequest
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
@@ -170,3 +173,42 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
         raise SdexportError(
             f"--steps {steps}: the {label} scheduler returns NaN with this many steps; use fewer (20-50 is usual)"
         )
+
+
+def schedule_window(scheduler: Any, request: GenerationRequest, family: str) -> Any:
+    """The timesteps the loop runs, the scheduler (its ``set_timesteps`` called) told where it starts.
+
+    All of them for txt2img; with an init image, the last ``int(steps * strength)`` (diffusers'
+    ``get_timesteps``); from ``denoising_start`` (SDXL's ensemble of experts), those below its
+    cut-off, as diffusers' SDXL img2img pipeline takes them (one more for a second-order scheduler
+    cut between its two evaluations). Then up to ``denoising_end``: those at or above its cut-off,
+    as diffusers' SDXL pipelines stop. A window with no step is refused (diffusers would hand its
+    starting latents back as they are). ``run`` calls it on a scheduler of its own before any
+    engine loads, the loop on the one it steps."""
+    timesteps = scheduler.timesteps
+    if request.denoising_start is not None or request.image is not None:
+        order = getattr(scheduler, "order", 1)
+        if request.denoising_start is not None:
+            runs = int((timesteps < _cutoff(scheduler, request.denoising_start)).sum().item())
+            runs += 1 if order == 2 and runs % 2 == 0 else 0
+            first = len(timesteps) - runs
+        else:
+            first = (request.steps - request.denoising_steps(family)) * order
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        timesteps = timesteps[first:]
+    if request.denoising_end is not None:
+        timesteps = timesteps[:int((timesteps >= _cutoff(scheduler, request.denoising_end)).sum().item())]
+    if not len(timesteps):
+        given = [f"denoising_{name} {value:g}" for name in ("start", "end")
+                 if (value := getattr(request, f"denoising_{name}")) is not None]
+        raise SdexportError(f"{' and '.join(given)} with --steps {request.steps} ({request.scheduler} scheduler) "
+                            "leave no step: move the window or raise the steps")
+    return timesteps
+
+
+def _cutoff(scheduler: Any, fraction: float) -> int:
+    """The training timestep ``fraction`` of the way through the schedule (diffusers'
+    ``discrete_timestep_cutoff``): the base model runs those at or above it, the refiner those below."""
+    trained = scheduler.config.num_train_timesteps
+    return int(round(trained - fraction * trained))

@@ -29,7 +29,13 @@ from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
-from sdexport.runtime.schedulers import a1111_sampler, check_steps, make_scheduler, scheduler_label
+from sdexport.runtime.schedulers import (
+    a1111_sampler,
+    check_steps,
+    make_scheduler,
+    schedule_window,
+    scheduler_label,
+)
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import SDXL_REFINER, ModelDims, adapters_among, controlnets_among, is_sdxl
@@ -337,6 +343,12 @@ class Txt2ImgPipeline:
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
+        if request.init_latents is not None:
+            shape = tuple(getattr(request.init_latents, "shape", ()))
+            wanted = self.latent_shape(request)
+            if shape[1:] != wanted[1:] or shape[0] not in (1, request.batch):
+                raise SdexportError(f"init_latents of shape {shape}: this model's at {request.height}x{request.width} "
+                                    f"are (1 or {request.batch}, {', '.join(map(str, wanted[1:]))})")
         if (request.scheduler, request.steps) not in self._steps_checked:  # a dry run: once, not per call
             check_steps(request.scheduler, self.scheduler_config, request.steps)
             self._steps_checked.add((request.scheduler, request.steps))
@@ -368,15 +380,20 @@ class Txt2ImgPipeline:
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
+        scheduler = make_scheduler(request.scheduler, self.scheduler_config)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        timesteps = schedule_window(scheduler, request, self.family)  # first: an empty one is refused before any engine runs
         truncated = self.truncations(request)
         text_start = clock.mark()
         conditioning = self.encode_prompt(request)
         text_end = clock.mark()
-        scheduler = make_scheduler(request.scheduler, self.scheduler_config)
-        scheduler.set_timesteps(request.steps, device=self.device)
-        timesteps = self.start_timesteps(scheduler, request)
         init = self.image_conditioning(request, generators, scheduler, timesteps) if request.image is not None else None
-        latents = init.latents if init is not None else self.initial_latents(request, generators, scheduler)
+        if init is not None:
+            latents = init.latents
+        elif request.init_latents is not None:  # a base model's, as they are (diffusers adds no noise)
+            latents = request.init_latents.to(device=self.device, dtype=torch.float32).expand(self.latent_shape(request))
+        else:
+            latents = self.initial_latents(request, generators, scheduler)
         extra: list[torch.Tensor] = []  # an inpainting U-Net's mask and masked-image latents, CFG-batched
         if init is not None and self.dims.inpainting:
             assert init.mask is not None and init.masked_latents is not None
@@ -426,7 +443,11 @@ class Txt2ImgPipeline:
                 on_step(i + 1, len(timesteps))
 
         decode_start = clock.mark()
-        pixels, fallback = self.decode(latents, request)  # ends with the copy to the host: the run is complete
+        if request.denoising_end is None:
+            pixels, fallback = self.decode(latents, request)  # ends with the copy to the host: the run is complete
+        else:  # the latents are the result, for the refiner (diffusers' output_type="latent")
+            pixels, fallback = np.zeros((0, request.height, request.width, 3), np.float32), False
+            latents = latents.float().cpu()
         decode_end = clock.mark()
         timings = Timings(
             text_encoder=clock.seconds(text_start, text_end),
@@ -584,17 +605,6 @@ class Txt2ImgPipeline:
 
     def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
         return self.noise(self.latent_shape(request), generators) * scheduler.init_noise_sigma
-
-    def start_timesteps(self, scheduler: Any, request: GenerationRequest) -> torch.Tensor:
-        """The timesteps the loop runs: all of them for txt2img; with an init image, the last
-        ``int(steps * strength)`` (diffusers' ``get_timesteps``), the scheduler told where it starts."""
-        if request.image is None:
-            return scheduler.timesteps  # type: ignore[no-any-return]
-        start = request.steps - request.denoising_steps(self.family)
-        order = getattr(scheduler, "order", 1)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start * order)
-        return scheduler.timesteps[start * order:]  # type: ignore[no-any-return]
 
     def image_conditioning(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any,
                            timesteps: torch.Tensor) -> ImageConditioning:
