@@ -361,6 +361,8 @@ def run(
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
     adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter, or that many per image, image by image (default 1).")] = None,
     adapter_factor: Annotated[list[float] | None, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor), one for all images or one per image (default 1).")] = None,
+    refiner: Annotated[Path | None, typer.Option(help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora stays with the base model.")] = None,
+    denoising_end: Annotated[float | None, typer.Option(help="With --refiner: the fraction of the schedule the base model runs, above 0 and below 1 (default 0.8, diffusers' example); the refiner runs the rest.")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
@@ -463,16 +465,22 @@ def run(
     if len(images) > 1:
         request.mask = [_fit(images[1], request, fit, f"--mask {mask}", notes)]
     scheduler_config = read_scheduler_config(engine_dir)
+    ensemble = _ensemble(engine_dir, manifest, refiner, denoising_end, request)
+    if ensemble is not None:
+        request = ensemble.base
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images)
-    parts = request.split(profile.batch[2])  # more images than the engines take at once: several calls
+    most = min(profile.batch[2], *([ensemble.manifest.shape_profile.batch[2]] if ensemble else []))
+    parts = request.split(most)  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
                           adapters=len(manifest.adapters), union_modes=manifest.model_dims.N,
                           union_images=manifest.model_dims.K or 1)
+        if ensemble is not None:
+            ensemble.check(ensemble.refine.split(most))
     except ProfileError as exc:
         if size_from_image and images:
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
@@ -500,13 +508,19 @@ def run(
     # a line each, on a terminal or in a log: loading torch and diffusers takes seconds before any engine
     with step("Checking the scheduler and the engine files"):
         check_steps(request.scheduler, scheduler_config, request.steps)
+        if ensemble is not None:  # each model's share of the schedule holds a step
+            ensemble.check_windows(scheduler_config)
         # hashes: the directory is what the manifest says
         verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
                            image_inputs=request.image is not None, lora=bool(loras))
+        if ensemble is not None:
+            verify_for_backend(ensemble.engine_dir, ensemble.manifest, resolved,
+                               "portable" if portable_graphs else "auto")
     from sdexport.runtime.loading import pooled_controlnets
 
     said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
-    for note in [*ignored_settings(request), *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
+    ignored = dict.fromkeys([*ignored_settings(request), *(ignored_settings(ensemble.refine) if ensemble else [])])
+    for note in [*ignored, *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:
         inputs["fit"] = fit
@@ -519,7 +533,92 @@ def run(
                       f"{seed + request.batch - 1}) {same}", soft_wrap=True)
     _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
-              inputs=inputs, per_image=per_image, loras=loras)
+              inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble)
+
+
+class _Ensemble:
+    """``run --refiner``: SDXL's ensemble of experts, checked before any engine loads. The base
+    model's request stops at ``denoising_end``; the refiner's starts there, from the base model's
+    latents, with the same prompts, seeds, steps, scheduler, size and guidance, and the refiner's
+    own conditioning (the aesthetic scores, taken off the base model's request)."""
+
+    def __init__(self, engine_dir: Path, base: GenerationRequest, end: float) -> None:
+        from dataclasses import replace
+
+        from sdexport.manifest import load_manifest
+
+        self.engine_dir = engine_dir
+        try:
+            self.manifest = load_manifest(engine_dir, verify_files=False)
+        except SdexportError as exc:
+            raise SdexportError(f"--refiner: {exc}") from None
+        self.end = end
+        self.base = replace(base, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
+        self.refine = replace(base, prompt_2=None, negative_prompt_2=None, target_size=None, image=None, mask=None,
+                              strength=None, denoising_start=end)
+
+    def check(self, parts: list[GenerationRequest]) -> None:
+        """The refiner's calls as ``run`` checks the base model's (its latents stand in by name)."""
+        from dataclasses import replace
+
+        from sdexport.manifest import read_scheduler_config
+        from sdexport.runtime.request import check_request
+
+        scheduler_config = read_scheduler_config(self.engine_dir)
+        for part in (parts[0], parts[-1]):
+            try:
+                check_request(replace(part, init_latents="the base model's latents"), family=self.manifest.family,
+                              dims=self.manifest.model_dims, profile=self.manifest.shape_profile,
+                              scheduler_config=scheduler_config)
+            except SdexportError as exc:
+                raise SdexportError(f"--refiner {self.engine_dir}: {exc}") from None
+
+    def check_windows(self, base_config: dict[str, Any]) -> None:
+        """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
+        from dataclasses import replace
+
+        from sdexport.manifest import read_scheduler_config
+        from sdexport.runtime.schedulers import make_scheduler, schedule_window
+
+        for config, request, family, which in (
+                (base_config, self.base, "sdxl", "base model's"),
+                (read_scheduler_config(self.engine_dir), self.refine, self.manifest.family, "refiner's")):
+            scheduler = make_scheduler(request.scheduler, config)
+            scheduler.set_timesteps(request.steps)
+            try:
+                schedule_window(scheduler, replace(request, init_latents="the base model's latents"), family)
+            except SdexportError:
+                raise SdexportError(f"--denoising-end {self.end:g} with --steps {request.steps}: the {which} share of "
+                                    "the schedule holds no step; move --denoising-end or raise --steps") from None
+
+
+def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_end: float | None,
+              request: GenerationRequest) -> _Ensemble | None:
+    """``run --refiner``'s two requests, or None without it; what cannot be run refused in one line."""
+    import math
+
+    from sdexport.specs import FAMILY_LABELS, SDXL_REFINER
+
+    if refiner is None:
+        if denoising_end is not None:
+            raise SdexportError("--denoising-end needs --refiner: the rest of the schedule is the refiner's")
+        return None
+    if manifest.family != "sdxl":
+        raise SdexportError(f"--refiner: an SDXL base model hands its latents to the refiner, and {engine_dir} is "
+                            f"{FAMILY_LABELS[manifest.family]}; give an SDXL base model's engine directory first")
+    if denoising_end is not None and not (math.isfinite(denoising_end) and 0 < denoising_end < 1):
+        raise SdexportError(f"--denoising-end {denoising_end}: need the base model's fraction of the schedule, "
+                            "above 0 and below 1")
+    ensemble = _Ensemble(refiner, request, 0.8 if denoising_end is None else denoising_end)
+    theirs = ensemble.manifest
+    if theirs.family != SDXL_REFINER:
+        raise SdexportError(f"--refiner {refiner}: not an SDXL refiner ({FAMILY_LABELS[theirs.family]}); give an "
+                            "sdxl-refiner engine directory")
+    ours, its = manifest.model_dims, theirs.model_dims
+    if (ours.C, ours.vae_scale_factor) != (its.C, its.vae_scale_factor):
+        raise SdexportError(f"--refiner {refiner}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of the "
+                            f"image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
+    return ensemble
 
 
 def _check_graph_flags(backend: str, cuda_graph: bool, portable_graphs: bool) -> None:
@@ -668,16 +767,16 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 def _generate(
     engine_dir: Path, backend: str, parts: list[GenerationRequest], output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
-    per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None,
+    per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None, ensemble: _Ensemble | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise each part of the
     request (one call of the engines each), save the images under one numbering. ``inputs``: what
-    every image records of the inputs; ``per_image``: what each records of its own, in order."""
-    from rich.progress import Progress
+    every image records of the inputs; ``per_image``: what each records of its own, in order.
+    ``ensemble``: each part's latents go on to the refiner, whose images are saved."""
+    from dataclasses import replace
 
     from sdexport.runtime.images import output_paths, save_images
     from sdexport.runtime.loading import load_pipeline
-    from sdexport.runtime.schedulers import extra_calls
     from sdexport.shapes import ShapeProfile
 
     first, sizes = parts[0], sorted({part.batch for part in parts})
@@ -687,36 +786,67 @@ def _generate(
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
                                  image_inputs=first.image is not None, loras=loras, guess_mode=first.guess_mode)
         # (hashed before the heavy imports)
+    refining = None
+    if ensemble is not None:
+        with step(f"Loading the refiner's engines ({backend})"):
+            refining = load_pipeline(ensemble.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
+                                     verify_files=False, graphs=graphs, provider_options=provider_options)
+        refine_parts = ensemble.refine.split(parts[0].batch)
     for part in parts:
         pipeline.check(part)
     paths = output_paths(output, sum(part.batch for part in parts))
     saved = 0
     for k, part in enumerate(parts):
-        with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
-            task = progress.add_task("Denoising", total=part.denoising_steps(pipeline.family))
-
-            def advance(calls: int, total: int, task: Any = task) -> None:
-                progress.update(task, completed=calls, total=total)
-
-            result = pipeline(part, on_step=advance)
-        save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
+        result = _denoise(pipeline, part, "Denoising")
+        prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
+        if refining is not None and ensemble is not None:
+            console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
+            base = {**result.info, "denoising_end": ensemble.end,  # what the refiner's images started from
+                    **{name: value for name in ("prompt_2", "negative_prompt_2", "target_size")
+                       if (value := getattr(part, name)) is not None}}
+            result = _denoise(refining, replace(refine_parts[k], init_latents=result.latents), "Refining")
+            prefix = f"{prefix}refiner: "
+            save_images(result, output, {**(inputs or {}), "base": base}, first=saved, count=len(paths),
+                        per_image=per_image)
+        else:
+            save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
         saved += part.batch
-        t = result.timings
-        calls = extra_calls(result.scheduler, part.denoising_steps(pipeline.family), len(t.unet_steps))
-        console.print(
-            (f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else "")
-            + f"text encoder {t.text_encoder * 1000:.1f} ms, "
-            + (f"T2I-Adapter {t.adapter * 1000:.1f} ms, " if pipeline.adapter else "")
-            + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
-            + f"U-Net {t.unet_total * 1000:.1f} ms "
-            f"({calls or f'{len(t.unet_steps)} steps'}; {t.iterations_per_second:.2f} it/s), VAE {t.vae_decoder * 1000:.1f} ms, "
-            f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s",
-            soft_wrap=True,
-        )
+        console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random weights: the images are noise-like by design")
     for path in paths:
         print_result(str(path))
+
+
+def _denoise(pipeline: Any, part: GenerationRequest, label: str) -> Any:
+    """One call of ``pipeline``, with a progress bar on a terminal."""
+    from rich.progress import Progress
+
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+        task = progress.add_task(label, total=part.denoising_steps(pipeline.family))
+
+        def advance(calls: int, total: int) -> None:
+            progress.update(task, completed=calls, total=total)
+
+        return pipeline(part, on_step=advance)
+
+
+def _timing_line(prefix: str, result: Any, pipeline: Any) -> str:
+    """Where a call's time went, as ``run`` prints it."""
+    from sdexport.runtime.schedulers import extra_calls
+
+    t, request = result.timings, result.request
+    if request.denoising_end is not None or request.denoising_start is not None:  # a window of the schedule
+        calls: str | None = f"{len(t.unet_steps)} of the {request.steps} steps"
+    else:
+        calls = extra_calls(result.scheduler, request.denoising_steps(pipeline.family), len(t.unet_steps))
+    return (prefix + f"text encoder {t.text_encoder * 1000:.1f} ms, "
+            + (f"T2I-Adapter {t.adapter * 1000:.1f} ms, " if pipeline.adapter else "")
+            + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
+            + f"U-Net {t.unet_total * 1000:.1f} ms "
+            f"({calls or f'{len(t.unet_steps)} steps'}; {t.iterations_per_second:.2f} it/s), "
+            + (f"VAE {t.vae_decoder * 1000:.1f} ms, " if request.denoising_end is None else "")
+            + f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s")
 
 
 class _BenchGroup(typer.core.TyperGroup):

@@ -373,3 +373,53 @@ def test_the_ensemble_of_experts_matches_diffusers(tiny_sdxl_engine_dir, pipelin
     assert np.abs(refined.pixels - expected.pixels).max() < 1e-3
     assert len(ours.timings.unet_steps) + len(refined.timings.unet_steps) == 10
 
+
+def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
+    """``run BASE --refiner DIR``: the base model's latents at --denoising-end, refined by the
+    refiner from there; the images are the Python API's two calls', and record both halves."""
+    out = tmp_path / "out.png"
+    assert run_cli("run", tiny_sdxl_engine_dir, "-p", "a lighthouse", "-p", "a harbour", "--steps", "6",
+                   "--seed", "3", "--refiner", refiner_dir, "--denoising-end", "0.7", "--aesthetic-score", "7",
+                   "--prompt-2", "at dusk", "--prompt-2", "at dawn", "--height", "64", "--width", "64",
+                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "base model: text encoder" in said and "(4 of the 6 steps;" in said and "(2 of the 6 steps;" in said
+    request = GenerationRequest(prompt=["a lighthouse", "a harbour"], prompt_2=["at dusk", "at dawn"], steps=6,
+                                seeds=[3, 4], height=64, width=64)
+    with load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu") as base:
+        latents = base(dataclasses.replace(request, denoising_end=0.7)).latents
+    with load_pipeline(refiner_dir, "onnxruntime-cpu") as refiner:
+        refined = refiner(dataclasses.replace(request, prompt_2=None, aesthetic_score=7.0, denoising_start=0.7,
+                                              init_latents=latents))
+    for i in range(2):
+        written = Image.open(tmp_path / f"out-{i}.png")
+        np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(refined.images[i]))
+        record = json.loads(written.text["sdexport"])
+        assert (record["family"], record["task"], record["denoising_start"], record["aesthetic_score"]) == (
+            "sdxl-refiner", "img2img", 0.7, 7.0)
+        assert record["base"]["family"] == "sdxl" and record["base"]["denoising_end"] == 0.7
+        assert record["base"]["prompt_2"] == ["at dusk", "at dawn"] and "strength" not in record
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["{base}", "--denoising-end", "0.7"], "--denoising-end needs --refiner"),
+    (["{sd}", "--refiner", "{refiner}"], "--refiner: an SDXL base model hands its latents to the refiner, and"),
+    (["{base}", "--refiner", "{base}"], "not an SDXL refiner (SDXL); give an sdxl-refiner engine directory"),
+    (["{base}", "--refiner", "{missing}"], "--refiner: {missing}: no such engine directory"),
+    (["{base}", "--refiner", "{refiner}", "--denoising-end", "1"], "--denoising-end 1.0: need the base model's fraction"),
+    (["{base}", "--refiner", "{refiner}", "--steps", "3", "--scheduler", "dpmpp_2m"],
+     "--denoising-end 0.8 with --steps 3: the refiner's share of the schedule holds no step"),
+    (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--mask", "{image}"],
+     "denoising_end with a mask: an inpainting ensemble of experts is not run yet"),
+])
+def test_run_refuses_an_ensemble_it_cannot_run_in_one_line(args, message, tiny_sdxl_engine_dir, tiny_engine_dir,
+                                                           refiner_dir, tmp_path, capsys):
+    picture(64, 64, 0).save(tmp_path / "image.png")
+    names = {"base": tiny_sdxl_engine_dir, "sd": tiny_engine_dir, "refiner": refiner_dir,
+             "missing": tmp_path / "nothing", "image": tmp_path / "image.png"}
+    filled = [a.format(**names) for a in args]
+    assert run_cli("run", filled[0], "-p", "x", *filled[1:], "--backend", "onnxruntime-cpu", "-o",
+                   tmp_path / "out.png") == 2
+    err = capsys.readouterr().err.strip()
+    assert message.format(**names) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out.png").exists()
