@@ -471,7 +471,7 @@ def run(
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images)
-    most = min(profile.batch[2], *([ensemble.manifest.shape_profile.batch[2]] if ensemble else []))
+    most = min([profile.batch[2], *([ensemble.manifest.shape_profile.batch[2]] if ensemble else [])])
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
