@@ -528,8 +528,8 @@ def run(
         same = ("as in one call" if request.task != "inpaint" or len(request.image or []) > 1 else
                 "but inpainting samples the one init image with each call's first seed, so images after the "
                 "first call differ from one call's")
-        console.print(f"[yellow]note:[/] {request.batch} images, {profile.batch[2]} at most per call (the "
-                      f"profile's batch): {len(parts)} calls, each image with its own seed ({seed} to "
+        limit = "the refiner's profile's batch" if most < profile.batch[2] else "the profile's batch"
+        console.print(f"[yellow]note:[/] {request.batch} images, {most} at most per call ({limit}): {len(parts)} calls, each image with its own seed ({seed} to "
                       f"{seed + request.batch - 1}) {same}", soft_wrap=True)
     _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
@@ -578,18 +578,23 @@ class _Ensemble:
         from dataclasses import replace
 
         from sdexport.manifest import read_scheduler_config
-        from sdexport.runtime.schedulers import make_scheduler, schedule_window
+        from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
 
-        for config, request, family, which in (
-                (base_config, self.base, "sdxl", "base model's"),
-                (read_scheduler_config(self.engine_dir), self.refine, self.manifest.family, "refiner's")):
+        refiner_config = read_scheduler_config(self.engine_dir)
+        check_steps(self.refine.scheduler, refiner_config, self.refine.steps)  # its own scheduler's dry run
+        for config, request, family, which in ((base_config, self.base, "sdxl", "base model's"),
+                                               (refiner_config, self.refine, self.manifest.family, "refiner's")):
             scheduler = make_scheduler(request.scheduler, config)
             scheduler.set_timesteps(request.steps)
             try:
                 schedule_window(scheduler, replace(request, init_latents="the base model's latents"), family)
             except SdexportError:
-                raise SdexportError(f"--denoising-end {self.end:g} with --steps {request.steps}: the {which} share of "
-                                    "the schedule holds no step; move --denoising-end or raise --steps") from None
+                strength = request.strength if request.image is not None else None  # an img2img base's
+                given = f"--strength {strength:g} of " if strength is not None else ""
+                raise SdexportError(f"the {which} share of the schedule ({given}--steps {request.steps}, cut at "
+                                    f"--denoising-end {self.end:g}) holds no step; "
+                                    + ("raise --strength or --steps, " if strength is not None else "raise --steps, ")
+                                    + "or move --denoising-end") from None
 
 
 def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_end: float | None,
@@ -775,7 +780,9 @@ def _generate(
     ``ensemble``: each part's latents go on to the refiner, whose images are saved."""
     from dataclasses import replace
 
-    from sdexport.runtime.images import output_paths, save_images
+    import torch
+
+    from sdexport.runtime.images import image_parameters, output_paths, save_images
     from sdexport.runtime.loading import load_pipeline
     from sdexport.shapes import ShapeProfile
 
@@ -790,8 +797,11 @@ def _generate(
     if ensemble is not None:
         with step(f"Loading the refiner's engines ({backend})"):
             refining = load_pipeline(ensemble.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
-                                     verify_files=False, graphs=graphs, provider_options=provider_options)
+                                     verify_files=False, graphs=graphs, provider_options=provider_options,
+                                     image_inputs=False)  # it starts from latents: no encoder
         refine_parts = ensemble.refine.split(parts[0].batch)
+        for refine_part in refine_parts:  # before the base model runs (its latents stood in by their shape)
+            refining.check(replace(refine_part, init_latents=torch.zeros(refining.latent_shape(refine_part))))
     for part in parts:
         pipeline.check(part)
     paths = output_paths(output, sum(part.batch for part in parts))
@@ -801,13 +811,13 @@ def _generate(
         prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
         if refining is not None and ensemble is not None:
             console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
-            base = {**result.info, "denoising_end": ensemble.end,  # what the refiner's images started from
-                    **{name: value for name in ("prompt_2", "negative_prompt_2", "target_size")
-                       if (value := getattr(part, name)) is not None}}
+            # each image records the base model's half as its own run would (its prompt_2, strength,
+            # truncations, the inputs: an init image is the base model's), under "base"
+            base = [None] * saved + [image_parameters(result, i, {**result.info, **(inputs or {})})[1]
+                                     for i in range(part.batch)]
             result = _denoise(refining, replace(refine_parts[k], init_latents=result.latents), "Refining")
             prefix = f"{prefix}refiner: "
-            save_images(result, output, {**(inputs or {}), "base": base}, first=saved, count=len(paths),
-                        per_image=per_image)
+            save_images(result, output, first=saved, count=len(paths), per_image={**(per_image or {}), "base": base})
         else:
             save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
         saved += part.batch
@@ -837,7 +847,7 @@ def _timing_line(prefix: str, result: Any, pipeline: Any) -> str:
 
     t, request = result.timings, result.request
     if request.denoising_end is not None or request.denoising_start is not None:  # a window of the schedule
-        calls: str | None = f"{len(t.unet_steps)} of the {request.steps} steps"
+        calls: str | None = f"{len(t.unet_steps)} U-Net calls in its share of the {request.steps} steps"
     else:
         calls = extra_calls(result.scheduler, request.denoising_steps(pipeline.family), len(t.unet_steps))
     return (prefix + f"text encoder {t.text_encoder * 1000:.1f} ms, "

@@ -375,30 +375,38 @@ def test_the_ensemble_of_experts_matches_diffusers(tiny_sdxl_engine_dir, pipelin
 
 
 def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
-    """``run BASE --refiner DIR``: the base model's latents at --denoising-end, refined by the
-    refiner from there; the images are the Python API's two calls', and record both halves."""
+    """``run BASE --refiner DIR``: the base model's latents at --denoising-end (here from an init
+    image), refined by the refiner from there; the images are the Python API's two calls', and
+    each records both halves, the base model's as its own run would (its prompt_2, strength and
+    init image). The refiner loads no encoder: it starts from latents."""
+    picture(64, 64, 5).save(tmp_path / "init.png")
     out = tmp_path / "out.png"
     assert run_cli("run", tiny_sdxl_engine_dir, "-p", "a lighthouse", "-p", "a harbour", "--steps", "6",
                    "--seed", "3", "--refiner", refiner_dir, "--denoising-end", "0.7", "--aesthetic-score", "7",
-                   "--prompt-2", "at dusk", "--prompt-2", "at dawn", "--height", "64", "--width", "64",
-                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+                   "--prompt-2", "at dusk", "--prompt-2", "at dawn", "--init-image", tmp_path / "init.png",
+                   "--strength", "0.9", "--backend", "onnxruntime-cpu", "-o", out) == 0
     said = " ".join(capsys.readouterr().err.split())
-    assert "base model: text encoder" in said and "(4 of the 6 steps;" in said and "(2 of the 6 steps;" in said
+    assert "base model: text encoder" in said and "(3 U-Net calls in its share of the 6 steps;" in said
+    assert "refiner: text encoder" in said and "(2 U-Net calls in its share of the 6 steps;" in said
     request = GenerationRequest(prompt=["a lighthouse", "a harbour"], prompt_2=["at dusk", "at dawn"], steps=6,
                                 seeds=[3, 4], height=64, width=64)
-    with load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu") as base:
-        latents = base(dataclasses.replace(request, denoising_end=0.7)).latents
-    with load_pipeline(refiner_dir, "onnxruntime-cpu") as refiner:
+    with load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu", image_inputs=True) as base:
+        latents = base(dataclasses.replace(request, denoising_end=0.7, image=[picture(64, 64, 5)],
+                                           strength=0.9)).latents
+    with load_pipeline(refiner_dir, "onnxruntime-cpu", image_inputs=False) as refiner:
+        assert "vae_encoder" not in refiner.engines
         refined = refiner(dataclasses.replace(request, prompt_2=None, aesthetic_score=7.0, denoising_start=0.7,
                                               init_latents=latents))
-    for i in range(2):
+    for i, prompt_2 in enumerate(("at dusk", "at dawn")):
         written = Image.open(tmp_path / f"out-{i}.png")
         np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(refined.images[i]))
         record = json.loads(written.text["sdexport"])
         assert (record["family"], record["task"], record["denoising_start"], record["aesthetic_score"]) == (
             "sdxl-refiner", "img2img", 0.7, 7.0)
-        assert record["base"]["family"] == "sdxl" and record["base"]["denoising_end"] == 0.7
-        assert record["base"]["prompt_2"] == ["at dusk", "at dawn"] and "strength" not in record
+        assert "strength" not in record and "init_image" not in record and "vae_encoder" not in record["graphs"]
+        base = record["base"]
+        assert (base["family"], base["denoising_end"], base["prompt_2"], base["seed"]) == ("sdxl", 0.7, prompt_2, 3 + i)
+        assert (base["task"], base["strength"], base["init_image"]) == ("img2img", 0.9, str(tmp_path / "init.png"))
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -408,7 +416,10 @@ def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, re
     (["{base}", "--refiner", "{missing}"], "--refiner: {missing}: no such engine directory"),
     (["{base}", "--refiner", "{refiner}", "--denoising-end", "1"], "--denoising-end 1.0: need the base model's fraction"),
     (["{base}", "--refiner", "{refiner}", "--steps", "3", "--scheduler", "dpmpp_2m"],
-     "--denoising-end 0.8 with --steps 3: the refiner's share of the schedule holds no step"),
+     "the refiner's share of the schedule (--steps 3, cut at --denoising-end 0.8) holds no step; raise --steps"),
+    (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--strength", "0.1", "--steps", "10"],
+     "the base model's share of the schedule (--strength 0.1 of --steps 10, cut at --denoising-end 0.8) holds "
+     "no step; raise --strength or --steps, or move --denoising-end"),
     (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--mask", "{image}"],
      "denoising_end with a mask: an inpainting ensemble of experts is not run yet"),
 ])

@@ -237,6 +237,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
            if request.task != "txt2img" and request.denoising_start is None else {}),
         **({"task": request.task, "denoising_start": request.denoising_start}  # from a base model's latents
            if request.denoising_start is not None else {}),
+        **({"denoising_end": request.denoising_end} if request.denoising_end is not None else {}),
         **({"truncated_from": cut} if cut else {}),
         **({"control": _control_params(request, result.family, i)} if request.control_image else {}),
         **({"guess_mode": True} if result.guess_mode else {}),

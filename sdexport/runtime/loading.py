@@ -126,13 +126,14 @@ def load_pipeline(
     request_profile: ShapeProfile | None = None,
     graphs: str = "auto",
     provider_options: dict[str, str] | None = None,
-    image_inputs: bool = False,
+    image_inputs: bool | None = None,
     loras: list[LoraFile] | None = None,
     guess_mode: bool = False,
 ) -> Txt2ImgPipeline:
     """``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
     portable graphs, the Torch backend), no re-export. ``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
-    inpainting); the SDXL refiner's pipeline always does (its one task). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
+    inpainting); None: the family's default, which for the SDXL refiner is to load it (its one task
+    starts from an image; not from a base model's latents, ``run --refiner``'s, which pass False). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
     (and CUDA-graph ONNX Runtime sessions are made for them at load). ``graphs`` (onnxruntime-cuda):
     "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
     ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through. ``guess_mode``:
@@ -142,7 +143,7 @@ def load_pipeline(
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
-    image_inputs = image_inputs or image_tasks_only(manifest)
+    image_inputs = image_tasks_only(manifest) if image_inputs is None else image_inputs
     upcast = upcast_parts(engine_dir, manifest)
     fallbacks = vae_fallbacks(manifest, upcast, image_inputs)
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast)

@@ -650,8 +650,6 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
     from sdexport.runtime.image_inputs import check_image
 
     inpainting_unet = bool(getattr(dims, "inpainting", False))
-    if request.image is None and request.init_latents is not None:  # a base model's latents (_check_window)
-        return
     if request.image is None:
         if request.mask is not None:
             raise SdexportError("a mask without an init image: inpainting needs both (--init-image and --mask)")
@@ -659,7 +657,7 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
             raise SdexportError("--strength needs an init image (--init-image): it says how far that image is noised")
         if inpainting_unet:
             raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --init-image and --mask")
-        if family == SDXL_REFINER:
+        if family == SDXL_REFINER and request.init_latents is None:  # (a base model's latents: _check_window)
             raise SdexportError("the SDXL refiner refines an image (img2img, inpainting): give --init-image, "
                                 "such as an SDXL base model's output")
         return
