@@ -701,7 +701,7 @@ def _check_window(request: GenerationRequest, family: str) -> None:
         raise SdexportError("denoising_start and init_latents go together: the latents a base model's denoising_end "
                             "left, and the point of the schedule they were left at")
     if start is not None and end is not None and start >= end:
-        raise SdexportError(f"denoising_start {start} and denoising_end {end}: the window is empty (start below end)")
+        raise SdexportError(f"denoising_start {start} and denoising_end {end}: the window is empty (the start must come before the end)")
     if start is not None and (request.image is not None or request.mask is not None):
         raise SdexportError("init_latents take the place of an init image: give one or the other (an inpainting "
                             "ensemble is not run yet)")
