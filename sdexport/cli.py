@@ -480,7 +480,7 @@ def run(
                           adapters=len(manifest.adapters), union_modes=manifest.model_dims.N,
                           union_images=manifest.model_dims.K or 1)
         if ensemble is not None:
-            ensemble.check(ensemble.refine.split(most))
+            ensemble.check(most)
     except ProfileError as exc:
         if size_from_image and images:
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
@@ -536,6 +536,10 @@ def run(
               inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble)
 
 
+_LATENTS_TO_COME = "the base model's latents"
+"""What stands for the refiner's ``init_latents`` in the checks made before the base model runs."""
+
+
 class _Ensemble:
     """``run --refiner``: SDXL's ensemble of experts, checked before any engine loads. The base
     model's request stops at ``denoising_end``; the refiner's starts there, from the base model's
@@ -545,31 +549,34 @@ class _Ensemble:
     def __init__(self, engine_dir: Path, base: GenerationRequest, end: float) -> None:
         from dataclasses import replace
 
-        from sdexport.manifest import load_manifest
+        from sdexport.manifest import load_manifest, read_scheduler_config
 
         self.engine_dir = engine_dir
         try:
             self.manifest = load_manifest(engine_dir, verify_files=False)
         except SdexportError as exc:
             raise SdexportError(f"--refiner: {exc}") from None
+        self.scheduler_config = read_scheduler_config(engine_dir)
         self.end = end
         self.base = replace(base, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
         self.refine = replace(base, prompt_2=None, negative_prompt_2=None, target_size=None, image=None, mask=None,
                               strength=None, denoising_start=end)
+        self.parts: list[GenerationRequest] = []
+        """The refiner's calls, one per call of the base model (``check`` splits them)."""
 
-    def check(self, parts: list[GenerationRequest]) -> None:
-        """The refiner's calls as ``run`` checks the base model's (its latents stand in by name)."""
+    def check(self, most: int) -> None:
+        """The refiner's calls, at most ``most`` images each as the base model's, checked as ``run``
+        checks the base model's (its latents stand in by name)."""
         from dataclasses import replace
 
-        from sdexport.manifest import read_scheduler_config
         from sdexport.runtime.request import check_request
 
-        scheduler_config = read_scheduler_config(self.engine_dir)
-        for part in (parts[0], parts[-1]):
+        self.parts = self.refine.split(most)
+        for part in (self.parts[0], self.parts[-1]):
             try:
-                check_request(replace(part, init_latents="the base model's latents"), family=self.manifest.family,
+                check_request(replace(part, init_latents=_LATENTS_TO_COME), family=self.manifest.family,
                               dims=self.manifest.model_dims, profile=self.manifest.shape_profile,
-                              scheduler_config=scheduler_config)
+                              scheduler_config=self.scheduler_config)
             except SdexportError as exc:
                 raise SdexportError(f"--refiner {self.engine_dir}: {exc}") from None
 
@@ -577,17 +584,15 @@ class _Ensemble:
         """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
         from dataclasses import replace
 
-        from sdexport.manifest import read_scheduler_config
         from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
 
-        refiner_config = read_scheduler_config(self.engine_dir)
-        check_steps(self.refine.scheduler, refiner_config, self.refine.steps)  # its own scheduler's dry run
+        check_steps(self.refine.scheduler, self.scheduler_config, self.refine.steps)  # its own scheduler's dry run
         for config, request, family, which in ((base_config, self.base, "sdxl", "base model's"),
-                                               (refiner_config, self.refine, self.manifest.family, "refiner's")):
+                                               (self.scheduler_config, self.refine, self.manifest.family, "refiner's")):
             scheduler = make_scheduler(request.scheduler, config)
             scheduler.set_timesteps(request.steps)
             try:
-                schedule_window(scheduler, replace(request, init_latents="the base model's latents"), family)
+                schedule_window(scheduler, replace(request, init_latents=_LATENTS_TO_COME), family)
             except SdexportError:
                 strength = request.strength if request.image is not None else None  # an img2img base's
                 given = f"--strength {strength:g} of " if strength is not None else ""
@@ -799,8 +804,7 @@ def _generate(
             refining = load_pipeline(ensemble.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                      verify_files=False, graphs=graphs, provider_options=provider_options,
                                      image_inputs=False)  # it starts from latents: no encoder
-        refine_parts = ensemble.refine.split(parts[0].batch)
-        for refine_part in refine_parts:  # before the base model runs (its latents stood in by their shape)
+        for refine_part in ensemble.parts:  # before the base model runs (its latents stood in by their shape)
             refining.check(replace(refine_part, init_latents=torch.zeros(refining.latent_shape(refine_part))))
     for part in parts:
         pipeline.check(part)
@@ -815,7 +819,7 @@ def _generate(
             # truncations, the inputs: an init image is the base model's), under "base"
             base = [None] * saved + [image_parameters(result, i, {**result.info, **(inputs or {})})[1]
                                      for i in range(part.batch)]
-            result = _denoise(refining, replace(refine_parts[k], init_latents=result.latents), "Refining")
+            result = _denoise(refining, replace(ensemble.parts[k], init_latents=result.latents), "Refining")
             prefix = f"{prefix}refiner: "
             save_images(result, output, first=saved, count=len(paths), per_image={**(per_image or {}), "base": base})
         else:
