@@ -421,9 +421,8 @@ INTERRUPTIBLE = SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda
 @pytest.fixture(scope="module")
 def tiny_engines(bench_run, tmp_path_factory) -> Path:
     """Engines for the tests that are not about the benchmark's own export (--engine-dir): a copy of
-    those the smoke run exported (the module's last test replaces that output), which are what
-    INTERRUPTIBLE's own export would be: the same model, sizes and batches, and no contender of
-    either exports more (an export costs a tenth of this module's time)."""
+    the smoke run's (the module's last test replaces that output). INTERRUPTIBLE's own export would
+    be the same: the same model, sizes and batches, and the same parts for its contenders."""
     code, out = bench_run
     assert code == 0
     engines = tmp_path_factory.mktemp("interruptible") / "tiny"
