@@ -1184,7 +1184,7 @@ def loadtest(
     images = {k: v for k, v in {"init_image": init_image, "mask": mask}.items() if v is not None}
     plan = LoadPlan(url=url, model=model, concurrency=concurrency, requests=requests, duration_s=duration,
                     prompts_per_request=batch, params=params, images=images)
-    plan.check()
+    files = plan.check()
     target = _output_path(output)
     if target.exists() and not target.is_dir():
         raise SdexportError(f"-o {output} is a file; give a folder for loadtest.json and loadtest.md")
@@ -1195,7 +1195,7 @@ def loadtest(
         if (target / name).exists() and not _load_report_beside(target, name):
             raise SdexportError(f"-o {output}: {target / name} exists and was not written by sdexport loadtest; "
                                 "choose another folder")
-    report = run_load(plan, prompt)
+    report = run_load(plan, prompt, files)
     target.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")

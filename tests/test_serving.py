@@ -767,6 +767,21 @@ def test_serve_and_triton_repo_allow_200_steps_unless_told(tiny_engine_dir, tmp_
     assert _max_steps(tmp_path / "repo" / "sdexport" / "config.pbtxt") == 200
 
 
+def test_loadtest_plan_returns_the_bytes_it_checked(tmp_path):
+    """The requests send the bytes the check decoded, read once (a file replaced after the check
+    cannot go out unchecked); a plan without images has none."""
+    from pictures import box_mask, picture
+
+    from sdexport.serving.loadtest import LoadPlan
+
+    picture(64, 64, 1).save(tmp_path / "init.png")
+    box_mask(64, 64).save(tmp_path / "mask.png")
+    plan = LoadPlan(images={"init_image": str(tmp_path / "init.png"), "mask": str(tmp_path / "mask.png")})
+    assert plan.check() == {"init_image": (tmp_path / "init.png").read_bytes(),
+                            "mask": (tmp_path / "mask.png").read_bytes()}
+    assert LoadPlan().check() == {}
+
+
 def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):
     repository = tmp_path / "repo"
     assert run_cli("triton-repo", tiny_engine_dir, "-o", repository) == 0

@@ -39,7 +39,10 @@ class LoadPlan:
     refiner, which takes nothing else) and a mask (inpainting)."""
     timeout_s: float = 600.0
 
-    def check(self) -> None:
+    def check(self) -> dict[str, bytes]:
+        """Refuse a plan no server could answer, before any request; return the image inputs' bytes
+        as checked. Each file is read once: the requests send the bytes that were checked, so a
+        file changed meanwhile cannot send what was not."""
         if self.concurrency < 1:
             raise SdexportError(f"--concurrency {self.concurrency}: need at least 1 client")
         if self.requests < 0 or self.duration_s < 0:
@@ -55,20 +58,23 @@ class LoadPlan:
                 raise SdexportError("--mask needs --init-image: the mask says where the init image is repainted")
             if "strength" in self.params:
                 raise SdexportError("--strength needs --init-image: it says how far the init image is noised")
-            return
+            return {}
         strength = self.params.get("strength")
         if strength is not None and not (math.isfinite(strength) and 0 < strength <= 1):
             raise SdexportError(f"--strength {strength}: need a number above 0 and at most 1")
-        self._check_images()
+        return self._check_images()
 
-    def _check_images(self) -> None:
+    def _check_images(self) -> dict[str, bytes]:
         """The files readable and of one size, the request's, before any request is sent: the load
         test sends them as they are (a server refuses an image of another size), so a mistake here
         would fail every request of the run."""
-        from sdexport.runtime.image_inputs import read_image
+        from sdexport.runtime.image_inputs import decode_image
 
-        sizes = {name: read_image(Path(path), IMAGE_FLAGS[name], mode="L" if name == "mask" else "RGB").size
-                 for name, path in self.images.items()}
+        paths = {name: Path(path) for name, path in self.images.items()}
+        files = {name: _read_file(path, IMAGE_FLAGS[name]) for name, path in paths.items()}
+        sizes = {name: decode_image(data, f"{IMAGE_FLAGS[name]} {paths[name]}",
+                                    mode="L" if name == "mask" else "RGB").size
+                 for name, data in files.items()}
         width, height = sizes["init_image"]
         if sizes.get("mask", (width, height)) != (width, height):
             mask_width, mask_height = sizes["mask"]
@@ -78,10 +84,17 @@ class LoadPlan:
         if asked != (height, width):
             raise SdexportError(f"--height/--width {asked[0]}x{asked[1]}, but --init-image is {height}x{width} "
                                 "(HxW): leave them out (the image's size is used), or give an image of that size")
+        return files
 
-    def files(self) -> dict[str, bytes]:
-        """The image inputs' bytes, as every request sends them."""
-        return {name: Path(path).read_bytes() for name, path in self.images.items()}
+
+def _read_file(path: Path, flag: str) -> bytes:
+    """A file's bytes, or one line saying why not."""
+    if not path.is_file():
+        raise SdexportError(f"{flag} {path}: no such file")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise SdexportError(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -95,13 +108,17 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q))
 
 
-def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
-    """Drive the load and return the report (see ``markdown`` for its fields in words)."""
+def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Drive the load and return the report (see ``markdown`` for its fields in words).
+
+    ``files``: what ``plan.check()`` returned, for a caller that checked the plan already (the CLI
+    does, before it claims its output folder); without it the plan is checked here."""
     import tritonclient.http as http
 
     from sdexport.serving.client import infer_inputs
 
-    plan.check()
+    if files is None:
+        files = plan.check()
     prompts = [prompt] * plan.prompts_per_request
     with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
         try:
@@ -128,7 +145,7 @@ def run_load(plan: LoadPlan, prompt: str) -> dict[str, Any]:
             issued += 1
             return True
 
-    inputs = infer_inputs(prompts, http, **plan.params, **plan.files())  # the same request every time, made once
+    inputs = infer_inputs(prompts, http, **plan.params, **files)  # the same request every time, made once
 
     def client() -> None:
         with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
