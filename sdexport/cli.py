@@ -29,6 +29,7 @@ from sdexport.errors import ProfileError, SdexportError
 from sdexport.models.presets import PRESETS
 
 if TYPE_CHECKING:
+    from sdexport.runtime.ensemble import Ensemble
     from sdexport.runtime.request import GenerationRequest
 
 _Default = TypeVar("_Default", bound=float | None)
@@ -471,7 +472,7 @@ def run(
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images)
-    most = min([profile.batch[2], *([ensemble.manifest.shape_profile.batch[2]] if ensemble else [])])
+    most = min([profile.batch[2], *([ensemble.refiner.manifest.shape_profile.batch[2]] if ensemble else [])])
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
@@ -514,7 +515,7 @@ def run(
         verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
                            image_inputs=request.image is not None, lora=bool(loras))
         if ensemble is not None:
-            verify_for_backend(ensemble.engine_dir, ensemble.manifest, resolved,
+            verify_for_backend(ensemble.refiner.engine_dir, ensemble.refiner.manifest, resolved,
                                "portable" if portable_graphs else "auto")
     from sdexport.runtime.loading import pooled_controlnets
 
@@ -536,99 +537,19 @@ def run(
               inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble)
 
 
-_LATENTS_TO_COME = "the base model's latents"
-"""What stands for the refiner's ``init_latents`` in the checks made before the base model runs."""
-
-
-class _Ensemble:
-    """``run --refiner``: SDXL's ensemble of experts, checked before any engine loads. The base
-    model's request stops at ``denoising_end``; the refiner's starts there, from the base model's
-    latents, with the same prompts, seeds, steps, scheduler, size and guidance, and the refiner's
-    own conditioning (the aesthetic scores, taken off the base model's request)."""
-
-    def __init__(self, engine_dir: Path, base: GenerationRequest, end: float) -> None:
-        from dataclasses import replace
-
-        from sdexport.manifest import load_manifest, read_scheduler_config
-
-        self.engine_dir = engine_dir
-        try:
-            self.manifest = load_manifest(engine_dir, verify_files=False)
-        except SdexportError as exc:
-            raise SdexportError(f"--refiner: {exc}") from None
-        self.scheduler_config = read_scheduler_config(engine_dir)
-        self.end = end
-        self.base = replace(base, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
-        self.refine = replace(base, prompt_2=None, negative_prompt_2=None, target_size=None, image=None, mask=None,
-                              strength=None, denoising_start=end)
-        self.parts: list[GenerationRequest] = []
-        """The refiner's calls, one per call of the base model (``check`` splits them)."""
-
-    def check(self, most: int) -> None:
-        """The refiner's calls, at most ``most`` images each as the base model's, checked as ``run``
-        checks the base model's (its latents stand in by name)."""
-        from dataclasses import replace
-
-        from sdexport.runtime.request import check_request
-
-        self.parts = self.refine.split(most)
-        for part in (self.parts[0], self.parts[-1]):
-            try:
-                check_request(replace(part, init_latents=_LATENTS_TO_COME), family=self.manifest.family,
-                              dims=self.manifest.model_dims, profile=self.manifest.shape_profile,
-                              scheduler_config=self.scheduler_config)
-            except SdexportError as exc:
-                raise SdexportError(f"--refiner {self.engine_dir}: {exc}") from None
-
-    def check_windows(self, base_config: dict[str, Any]) -> None:
-        """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
-        from dataclasses import replace
-
-        from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
-
-        check_steps(self.refine.scheduler, self.scheduler_config, self.refine.steps)  # its own scheduler's dry run
-        for config, request, family, which in ((base_config, self.base, "sdxl", "base model's"),
-                                               (self.scheduler_config, self.refine, self.manifest.family, "refiner's")):
-            scheduler = make_scheduler(request.scheduler, config)
-            scheduler.set_timesteps(request.steps)
-            try:
-                schedule_window(scheduler, replace(request, init_latents=_LATENTS_TO_COME), family)
-            except SdexportError:
-                strength = request.strength if request.image is not None else None  # an img2img base's
-                given = f"--strength {strength:g} of " if strength is not None else ""
-                raise SdexportError(f"the {which} share of the schedule ({given}--steps {request.steps}, cut at "
-                                    f"--denoising-end {self.end:g}) holds no step; "
-                                    + ("raise --strength or --steps, " if strength is not None else "raise --steps, ")
-                                    + "or move --denoising-end") from None
-
-
 def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_end: float | None,
-              request: GenerationRequest) -> _Ensemble | None:
+              request: GenerationRequest) -> Ensemble | None:
     """``run --refiner``'s two requests, or None without it; what cannot be run refused in one line."""
-    import math
-
-    from sdexport.specs import FAMILY_LABELS, SDXL_REFINER
+    from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, Refiner, check_denoising_end
 
     if refiner is None:
         if denoising_end is not None:
             raise SdexportError("--denoising-end needs --refiner: the rest of the schedule is the refiner's")
         return None
-    if manifest.family != "sdxl":
-        raise SdexportError(f"--refiner: an SDXL base model hands its latents to the refiner, and {engine_dir} is "
-                            f"{FAMILY_LABELS[manifest.family]}; give an SDXL base model's engine directory first")
-    if denoising_end is not None and not (math.isfinite(denoising_end) and 0 < denoising_end < 1):
-        raise SdexportError(f"--denoising-end {denoising_end}: need the base model's fraction of the schedule, "
-                            "above 0 and below 1")
-    ensemble = _Ensemble(refiner, request, 0.8 if denoising_end is None else denoising_end)
-    theirs = ensemble.manifest
-    if theirs.family != SDXL_REFINER:
-        raise SdexportError(f"--refiner {refiner}: not an SDXL refiner ({FAMILY_LABELS[theirs.family]}); give an "
-                            "sdxl-refiner engine directory")
-    ours, its = manifest.model_dims, theirs.model_dims
-    if (ours.C, ours.vae_scale_factor) != (its.C, its.vae_scale_factor):
-        raise SdexportError(f"--refiner {refiner}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of the "
-                            f"image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
-    return ensemble
+    if denoising_end is not None:
+        check_denoising_end(denoising_end)
+    return Refiner.open(refiner, engine_dir, manifest).ensemble(
+        request, DENOISING_END_DEFAULT if denoising_end is None else denoising_end)
 
 
 def _check_graph_flags(backend: str, cuda_graph: bool, portable_graphs: bool) -> None:
@@ -777,7 +698,7 @@ def _key_values(items: list[str] | None, flag: str) -> dict[str, str]:
 def _generate(
     engine_dir: Path, backend: str, parts: list[GenerationRequest], output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
-    per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None, ensemble: _Ensemble | None = None,
+    per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None, ensemble: Ensemble | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise each part of the
     request (one call of the engines each), save the images under one numbering. ``inputs``: what
@@ -801,7 +722,7 @@ def _generate(
     refining = None
     if ensemble is not None:
         with step(f"Loading the refiner's engines ({backend})"):
-            refining = load_pipeline(ensemble.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
+            refining = load_pipeline(ensemble.refiner.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                      verify_files=False, graphs=graphs, provider_options=provider_options,
                                      image_inputs=False)  # it starts from latents: no encoder
         for refine_part in ensemble.parts:  # before the base model runs (its latents stood in by their shape)
@@ -1009,11 +930,20 @@ _QUEUE_HELP = "Requests that may wait in the queue at all; over it, a request is
 _MAX_STEPS_HELP = "The most steps one request may ask for (a scheduler would accept up to the model's 1000)."
 
 
+_REFINER_HELP = ("SDXL's ensemble of experts: an sdxl-refiner engine directory that refines every image of this "
+                 "SDXL base model from its latents at --denoising-end, as `run --refiner` does.")
+_DENOISING_END_HELP = ("With --refiner: the base model's fraction of the schedule for a request that gives no "
+                       "denoising_end, above 0 and below 1 (diffusers' example: 0.8).")
+
+
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
-                    engine_path: str | None = None) -> Any:
-    """The served model's settings, with everything checked that can be before a server starts."""
+                    engine_path: str | None = None, refiner: Path | None = None, denoising_end: float | None = None,
+                    refiner_path: str | None = None) -> tuple[Any, Any, Any]:
+    """The served model's settings, its manifest and its refiner's (None without ``--refiner``), with
+    everything checked that can be before a server starts."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
+    from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, Refiner, check_denoising_end
     from sdexport.runtime.loading import (
         check_lowered_vae,
         check_runnable,
@@ -1028,16 +958,31 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     _check_graph_flags(backend, cuda_graph, portable_graphs)
     if max_steps < 1:
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
+    if refiner is None and (denoising_end is not None or refiner_path is not None):
+        raise SdexportError(f"{'--denoising-end' if denoising_end is not None else '--refiner-path'} needs --refiner: "
+                            "the rest of the schedule is the refiner's")
+    if denoising_end is not None:
+        check_denoising_end(denoising_end)
     manifest = load_manifest(engine_dir, verify_files=False)
-    check_runnable(engine_dir, manifest)
-    loaded = pipeline_components(manifest, takes_init_images(engine_dir, manifest),  # as ServedModel loads
-                                 upcast=upcast_parts(engine_dir, manifest))
+    ensemble = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
+    graphs = "portable" if portable_graphs else "auto"
     # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     resolved = resolve_backend(backend) if engine_path is None else backend
-    check_lowered_vae(engine_dir, manifest, loaded, resolved, "portable" if portable_graphs else "auto")
-    return manifest, ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend,
-                                   cuda_graph=cuda_graph, graphs="portable" if portable_graphs else "auto",
-                                   max_steps=max_steps)
+    for directory, read, image_inputs in ((engine_dir, manifest, takes_init_images(engine_dir, manifest)),
+                                          *([(refiner, ensemble.manifest, False)] if ensemble and refiner else [])):
+        check_runnable(directory, read)
+        loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
+        check_lowered_vae(directory, read, loaded, resolved, graphs)
+    settings = ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend, cuda_graph=cuda_graph,
+                             graphs=graphs, max_steps=max_steps,
+                             refiner=(refiner_path or str(refiner.resolve())) if refiner is not None else "",
+                             denoising_end=DENOISING_END_DEFAULT if denoising_end is None else denoising_end)
+    return manifest, ensemble.manifest if ensemble else None, settings
+
+
+def _served_batch(manifest: Any, refiner_manifest: Any) -> int:
+    """The most images a served call takes: the base model's profile's, or its refiner's if fewer."""
+    return min(m.shape_profile.batch[2] for m in (manifest, refiner_manifest) if m is not None)
 
 
 def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
@@ -1066,6 +1011,8 @@ def serve(
     drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")] = 30,
     startup_timeout: Annotated[int, typer.Option(help="Seconds to wait for the engines to load before giving up.")] = 600,
     log_file: Annotated[Path | None, typer.Option(help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit; with -v it is shown here instead).")] = None,
+    refiner: Annotated[Path | None, typer.Option(help=_REFINER_HELP)] = None,
+    denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
 ) -> None:
     """Serve an engine directory behind Triton Inference Server (KServe v2 HTTP/gRPC, metrics, dynamic batching)."""
     import shutil
@@ -1088,7 +1035,8 @@ def serve(
             raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
-    manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps)
+    manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
+                                                           refiner=refiner, denoising_end=denoising_end)
     from sdexport.runtime.loading import resolve_backend
     from sdexport.runtime.providers import require_backend
 
@@ -1102,21 +1050,25 @@ def serve(
 
     verify_for_backend(engine_dir, manifest, resolved, settings.graphs,
                        image_inputs=takes_init_images(engine_dir, manifest))
+    if refiner is not None:
+        verify_for_backend(refiner, refiner_manifest, resolved, settings.graphs)
     settings = replace(settings, verify=False)
     work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))
     repository = work / "repository"
     log = None if verbose else (log_file or work / "triton.log")
     try:
-        write_repository(repository, settings, manifest.shape_profile.batch[2], batching)
+        write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
         host = "localhost" if address in ("0.0.0.0", "::") else address
 
+        refined = f" refined by {escape(str(refiner))}" if refiner is not None else ""
+
         def ready() -> None:
-            console.print(f"serving {escape(str(engine_dir))} as model 'sdexport': http://{host}:{http_port} "
+            console.print(f"serving {escape(str(engine_dir))}{refined} as model 'sdexport': http://{host}:{http_port} "
                           f"(gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics); Ctrl-C stops"
                           + (f"; Triton's log: {escape(str(log))}" if log is not None else ""))
             print_result(f"http://{host}:{http_port}/v2/models/sdexport")
 
-        console.print(f"starting Triton and loading {escape(str(engine_dir))} ({backend})…")
+        console.print(f"starting Triton and loading {escape(str(engine_dir))}{refined} ({backend})…")
         run_server(repository, ports, startup_timeout_s=startup_timeout, drain_timeout_s=drain_timeout,
                    log_file=log, on_ready=ready)
     finally:
@@ -1135,20 +1087,27 @@ def triton_repo(
     max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
     force: Annotated[bool, typer.Option(help="Replace an existing repository that sdexport wrote.")] = False,
+    refiner: Annotated[Path | None, typer.Option(help=_REFINER_HELP)] = None,
+    denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
+    refiner_path: Annotated[str | None, typer.Option(help="With --refiner: its path as the server will see it (as --engine-path); default: its absolute path here.")] = None,
 ) -> None:
     """Write a Triton model repository serving an engine directory, for the stock tritonserver (NGC container)."""
     from sdexport.output_dir import claim
     from sdexport.serving.repository import REPOSITORY, write_repository
 
     batching = _batching(max_queue_delay_ms, max_queue_size)
-    if engine_path is not None and not engine_path.startswith("/"):
-        raise SdexportError(f"--engine-path {engine_path}: an absolute path, as the server sees it")
-    manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path)
+    for flag, path in (("--engine-path", engine_path), ("--refiner-path", refiner_path)):
+        if path is not None and not path.startswith("/"):
+            raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
+    manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
+                                                           engine_path, refiner, denoising_end, refiner_path)
     target = _output_path(output)
-    with claim(target, REPOSITORY, replace=force, protected=(engine_dir,)) as staging:
-        write_repository(staging, settings, manifest.shape_profile.batch[2], batching)
+    with claim(target, REPOSITORY, replace=force,
+               protected=(engine_dir, *([refiner] if refiner is not None else []))) as staging:
+        write_repository(staging, settings, _served_batch(manifest, refiner_manifest), batching)
+    refined = f", refined by {escape(settings.refiner)}" if settings.refiner else ""
     console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "
-                  f"{escape(settings.engine_dir)}); start it with: tritonserver --model-repository {escape(str(target.resolve()))}")
+                  f"{escape(settings.engine_dir)}{refined}); start it with: tritonserver --model-repository {escape(str(target.resolve()))}")
     print_result(str(target))
 
 
@@ -1169,6 +1128,7 @@ def loadtest(
     init_image: Annotated[str | None, typer.Option(help="img2img (and the SDXL refiner): a PNG/JPEG every request sends as its init image.")] = None,
     mask: Annotated[str | None, typer.Option(help="Inpainting: a PNG/JPEG every request sends as its mask (white repaints).")] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised (default: the model's).")] = None,
+    denoising_end: Annotated[float | None, typer.Option(help="A base model served with a refiner (serve --refiner): its share of the schedule (default: the server's).")] = None,
     output: Annotated[str, typer.Option("-o", "--output", help="Folder for loadtest.json and loadtest.md.")] = "loadtest-out",
 ) -> None:
     """Load-test a served model: concurrent clients, throughput, p50/p95/p99 latency and errors."""
@@ -1180,7 +1140,8 @@ def loadtest(
 
     check_serving_installed()
     params = {k: v for k, v in {"steps": steps, "height": height, "width": width, "guidance": guidance,
-                                "scheduler": scheduler, "strength": strength}.items() if v is not None}
+                                "scheduler": scheduler, "strength": strength,
+                                "denoising_end": denoising_end}.items() if v is not None}
     images = {k: v for k, v in {"init_image": init_image, "mask": mask}.items() if v is not None}
     plan = LoadPlan(url=url, model=model, concurrency=concurrency, requests=requests, duration_s=duration,
                     prompts_per_request=batch, params=params, images=images)

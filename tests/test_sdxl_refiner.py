@@ -436,3 +436,109 @@ def test_run_refuses_an_ensemble_it_cannot_run_in_one_line(args, message, tiny_s
     err = capsys.readouterr().err.strip()
     assert message.format(**names) in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "out.png").exists()
+
+
+def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refiner_dir, tmp_path):
+    """``serve BASE --refiner DIR``: a request gives the image ``run --refiner`` writes with the same
+    parameters, and records both halves as it does; ``denoising_end`` per request, else the
+    server's; rows that leave it out share a call with rows that send the server's. A request the
+    ensemble cannot run gets run's one-line refusal (an inpainting ensemble, a share of the
+    schedule without a step), the others their images."""
+    import io
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    out = tmp_path / "cli.png"
+    assert run_cli("run", tiny_sdxl_engine_dir, "-p", "x", "--prompt-2", "at dusk", "--steps", "6", "--seed", "5",
+                   "--refiner", refiner_dir, "--denoising-end", "0.7", "--aesthetic-score", "7",
+                   "--backend", "onnxruntime-cpu", "-o", out) == 0
+    rows = {"prompt": np.array([[b"x"]], dtype=object), "steps": np.array([[6]], dtype=np.int32),
+            "seed": np.array([[5]], dtype=np.uint64)}
+    asked = {**rows, "prompt_2": np.array([[b"at dusk"]], dtype=object),
+             "denoising_end": np.array([[0.7]], dtype=np.float32), "aesthetic_score": np.array([[7.0]], dtype=np.float32)}
+    picture(64, 64, 0).save(tmp_path / "image.png")
+    png = (tmp_path / "image.png").read_bytes()
+    inpaint = {**rows, "init_image": np.array([[png]], dtype=object), "mask": np.array([[png]], dtype=object)}
+    logs: list[str] = []
+    model = ServedModel(ServeSettings(str(tiny_sdxl_engine_dir), backend="onnxruntime-cpu", max_steps=50,
+                                      refiner=str(refiner_dir), denoising_end=0.6), log=logs.append)
+    try:
+        assert model.refining is not None and "vae_encoder" not in model.refining.engines
+        empty = {**rows, "steps": np.array([[3]], dtype=np.int32), "scheduler": np.array([[b"dpmpp_2m"]], dtype=object),
+                 "denoising_end": np.array([[0.8]], dtype=np.float32)}
+        served, inpainted, refused = model.generate([asked, inpaint, empty])
+        default, same = model.generate([rows, {**rows, "denoising_end": np.array([[0.6]], dtype=np.float32)}])
+    finally:
+        model.close()
+    assert "refined by" in logs[0] and "from 0.6" in logs[0], logs
+    assert not isinstance(served, str)
+    np.testing.assert_array_equal(served[0].pixels, np.asarray(Image.open(out).convert("RGB")))
+    record = json.loads(Image.open(io.BytesIO(served[0].png)).text["sdexport"])
+    written = json.loads(Image.open(out).text["sdexport"])
+    assert (record["family"], record["denoising_start"], record["aesthetic_score"]) == ("sdxl-refiner", 0.7, 7.0)
+    assert record == written, (record, written)
+    assert isinstance(inpainted, str) and "an inpainting ensemble of experts is not run yet" in inpainted
+    assert isinstance(refused, str) and refused.startswith(
+        "the refiner's share of the schedule (--steps 3, cut at --denoising-end 0.8) holds no step")
+    assert logs[-1].endswith("2 request(s), 2 image(s) in 1 call(s) of 2"), logs
+    assert not isinstance(default, str) and not isinstance(same, str)
+    np.testing.assert_array_equal(default[0].pixels, same[0].pixels)
+    assert json.loads(Image.open(io.BytesIO(default[0].png)).text["sdexport"])["denoising_start"] == 0.6
+
+
+def test_served_without_a_refiner_refuses_denoising_end(refiner_dir):
+    """A model served alone hands out images, not latents: a request that cuts its schedule is refused."""
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    model = ServedModel(ServeSettings(str(refiner_dir), backend="onnxruntime-cpu"), log=lambda *a: None)
+    try:
+        (refused,) = model.generate([{"prompt": np.array([[b"x"]], dtype=object),
+                                      "denoising_end": np.array([[0.5]], dtype=np.float32)}])
+    finally:
+        model.close()
+    assert refused == "denoising_end: this server runs no refiner after the model (sdexport serve --refiner)"
+
+
+def test_triton_repo_writes_the_refiner_beside_the_base_model(tiny_sdxl_engine_dir, refiner_dir, tmp_path):
+    """The repository's model loads both directories (as the server will see them) and takes the
+    smaller of their batches."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from sdexport.serving.triton_model import ServeSettings
+
+    assert run_cli("triton-repo", tiny_sdxl_engine_dir, "-o", tmp_path / "repo", "--refiner", refiner_dir,
+                   "--denoising-end", "0.75", "--engine-path", "/engines/base", "--refiner-path", "/engines/refiner") == 0
+    config = text_format.Parse((tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text(),
+                               model_config_pb2.ModelConfig())
+    settings = ServeSettings.from_parameters({k: v.string_value for k, v in config.parameters.items()})
+    assert (settings.engine_dir, settings.refiner, settings.denoising_end) == ("/engines/base", "/engines/refiner", 0.75)
+    batch = min(load_manifest(d, verify_files=False).shape_profile.batch[2] for d in (tiny_sdxl_engine_dir, refiner_dir))
+    assert config.max_batch_size == batch
+
+
+def test_serve_names_a_damaged_refiner_file_before_starting_triton(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
+    damaged = tmp_path / "refiner"
+    shutil.copytree(refiner_dir, damaged)
+    path = damaged / "unet" / "model.onnx"
+    path.write_bytes(path.read_bytes()[:1000])
+    assert run_cli("serve", tiny_sdxl_engine_dir, "--refiner", damaged, "--backend", "onnxruntime-cpu") == 2
+    assert "unet/model.onnx does not match its sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve", "{base}", "--denoising-end", "0.7"], "--denoising-end needs --refiner"),
+    (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner-path", "/r"], "--refiner-path needs --refiner"),
+    (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner", "{refiner}", "--refiner-path", "r"], "--refiner-path r: an absolute path"),
+    (["serve", "{sd}", "--refiner", "{refiner}"], "--refiner: an SDXL base model hands its latents to the refiner"),
+    (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner", "{base}"], "not an SDXL refiner (SDXL)"),
+    (["serve", "{base}", "--refiner", "{refiner}", "--denoising-end", "0"], "--denoising-end 0.0: need the base model's fraction"),
+    (["triton-repo", "{base}", "-o", "{refiner}", "--refiner", "{refiner}"], "would replace"),
+])
+def test_serving_refuses_an_ensemble_it_cannot_serve_in_one_line(args, message, tiny_sdxl_engine_dir, tiny_engine_dir,
+                                                                 refiner_dir, tmp_path, capsys):
+    names = {"base": tiny_sdxl_engine_dir, "sd": tiny_engine_dir, "refiner": refiner_dir, "tmp": tmp_path}
+    assert run_cli(*[a.format(**names) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()

@@ -154,14 +154,14 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | N
     return paths
 
 
-def png_bytes(result: GenerationResult, i: int) -> bytes:
+def png_bytes(result: GenerationResult, i: int, info: dict[str, Any] | None = None) -> bytes:
     """Image ``i`` as the PNG file ``save_images`` writes (what the Triton model returns), with
     ``result.info``: what ran for this image (the VAE parts' fallbacks, an encoder only where one
-    ran), not the pipeline's record."""
+    ran), not the pipeline's record; ``info`` adds to it (an ensemble's base model's half)."""
     import io
 
     buffer = io.BytesIO()
-    _save(result, i, result.info, buffer, "PNG")
+    _save(result, i, {**result.info, **(info or {})}, buffer, "PNG")
     return buffer.getvalue()
 
 

@@ -479,6 +479,8 @@ class Txt2ImgPipeline:
         that ran in fp32 (from the start, or as the fallback of an fp16 one that overflowed), and the
         encoder's only where it ran (a served pipeline loads it for every request)."""
         info = {k: v for k, v in self.info.items() if k != "vae_encoder" or request.image is not None}
+        if request.image is None and "vae_encoder" in info.get("graphs", {}):  # nor its graph
+            info["graphs"] = {k: v for k, v in info["graphs"].items() if k != "vae_encoder"}
         if vae_fallback:
             info["vae_decoder"] = "fp32"
         if encoder_fallback:

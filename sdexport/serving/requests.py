@@ -53,6 +53,9 @@ class Row:
     negative_aesthetic_score: float | None = None
     """SDXL's micro-conditioning and the refiner's scores, as ``GenerationRequest`` names them: a call
     takes one of each (the U-Net's time ids), so rows that differ in them do not share it."""
+    denoising_end: float | None = None
+    """Served with a refiner: the base model's share of the schedule (None: the server's). A call
+    takes one (both models' windows), so rows that differ in it do not share it."""
     image: Any = None
     mask: Any = None
     strength: float | None = None
@@ -91,7 +94,8 @@ class Row:
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
-                self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning())
+                self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning(),
+                self.denoising_end)
 
     def conditioning(self) -> tuple[Any, ...]:
         """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one
@@ -185,6 +189,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             original_size=original_size, crops_coords_top_left=crop or (0, 0), target_size=target_size,
             aesthetic_score=_number(one("aesthetic_score"), "aesthetic_score", float),
             negative_aesthetic_score=_number(one("negative_aesthetic_score"), "negative_aesthetic_score", float),
+            denoising_end=_number(one("denoising_end"), "denoising_end", float),
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
             guidance=_number(one("guidance"), "guidance", float),
@@ -311,7 +316,8 @@ def settings_apart(rows: list[tuple[tuple[int, int], Row]]) -> Callable[[tuple[i
 
 
 def generation_request(rows: list[Row]) -> GenerationRequest:
-    """The one call that generates ``rows`` (which share ``batch_key``)."""
+    """The one call that generates ``rows`` (which share ``batch_key``). A served ensemble's
+    ``denoising_end`` is not in it: ``ServedModel`` cuts the call in two there."""
     first = rows[0]
 
     def column(name: str) -> list[Any] | None:

@@ -4,6 +4,8 @@ Triton's dynamic batcher hands ``execute`` the requests that arrived within the 
 decoded into per-image rows and checked with the CLI's checks; a bad request gets its own error and
 the others go on. Rows of every request that share their settings are generated in one call (up to
 the engines' batch), the rest one call after another, and each request gets its images back.
+With a refiner (``serve --refiner``), each call is the base model's up to ``denoising_end`` and
+the refiner's from its latents, as ``run --refiner`` makes it (``runtime.ensemble``).
 
 ``ServedModel`` is plain Python over numpy inputs (``generate``), so it is tested without a server;
 ``TritonAdapter`` is the thin part that speaks ``triton_python_backend_utils``.
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
+from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
@@ -32,6 +35,7 @@ from sdexport.serving.requests import (
 from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:
+    from sdexport.runtime.ensemble import Ensemble
     from sdexport.runtime.request import GenerationRequest
 
 MAX_STEPS = 200
@@ -50,10 +54,15 @@ class ServeSettings:
     max_steps: int = MAX_STEPS
     verify: bool = True
     """Hash the files the backend reads once at load (``sdexport run`` does the same per run)."""
+    refiner: str = ""
+    """An sdxl-refiner engine directory that refines every image of this SDXL base model ("": none)."""
+    denoising_end: float = DENOISING_END_DEFAULT
+    """With ``refiner``: the base model's share of the schedule for a request that gives none."""
 
     def to_parameters(self) -> dict[str, str]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
-                "graphs": self.graphs, "max_steps": str(self.max_steps), "verify": str(self.verify).lower()}
+                "graphs": self.graphs, "max_steps": str(self.max_steps), "verify": str(self.verify).lower(),
+                **({"refiner": self.refiner, "denoising_end": repr(self.denoising_end)} if self.refiner else {})}
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
@@ -63,7 +72,9 @@ class ServeSettings:
         try:
             return cls(engine_dir=parameters["engine_dir"], backend=parameters.get("backend", cls.backend),
                        cuda_graph=flag[parameters.get("cuda_graph", "false")], graphs=parameters.get("graphs", "auto"),
-                       max_steps=int(parameters.get("max_steps", MAX_STEPS)), verify=flag[parameters.get("verify", "true")])
+                       max_steps=int(parameters.get("max_steps", MAX_STEPS)), verify=flag[parameters.get("verify", "true")],
+                       refiner=parameters.get("refiner", ""),
+                       denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)))
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
 
@@ -81,25 +92,39 @@ class ServedModel:
     """The engine directory's pipeline behind Triton's ``execute``."""
 
     def __init__(self, settings: ServeSettings, log: Any = print) -> None:
-        from sdexport.manifest import load_manifest
+        from sdexport.manifest import load_manifest, read_scheduler_config
+        from sdexport.runtime.ensemble import Refiner
         from sdexport.runtime.loading import load_pipeline, resolve_backend, takes_init_images
 
         self.settings = settings
         self.log = log
         engine_dir = Path(settings.engine_dir)
         manifest = load_manifest(engine_dir, verify_files=False)
+        self.refiner = Refiner.open(Path(settings.refiner), engine_dir, manifest) if settings.refiner else None
+        if self.refiner is not None:
+            check_denoising_end(settings.denoising_end)
+            self.base_scheduler_config = read_scheduler_config(engine_dir)
         self.image_inputs = takes_init_images(engine_dir, manifest)
         backend = resolve_backend(settings.backend)
         started = time.perf_counter()
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=settings.cuda_graph, verify_files=settings.verify,
                                       graphs=settings.graphs, image_inputs=self.image_inputs)
+        self.refining = None
+        if self.refiner is not None:
+            self.refining = load_pipeline(self.refiner.engine_dir, backend, cuda_graph=settings.cuda_graph,
+                                          verify_files=settings.verify, graphs=settings.graphs,
+                                          image_inputs=False)  # it starts from latents: no encoder
         profile = self.pipeline.profile
-        # The engines may serve less than the directory's profile (a TensorRT plan built narrower).
-        self.max_batch = min([profile.batch[2], *(e.profile.batch[2] for e in self.pipeline.engines.values())])
+        # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
+        # and a refiner less than the base model.
+        pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
+        self.max_batch = min(batch for p in pipelines for batch in (p.profile.batch[2],
+                                                                    *(e.profile.batch[2] for e in p.engines.values())))
         self.default_size = (profile.height[1], profile.width[1])
-        log(f"sdexport: loaded {engine_dir} ({manifest.family}, {backend}) in {time.perf_counter() - started:.1f} s; "
-            f"batch up to {self.max_batch}, sizes {profile.height[0]}-{profile.height[2]} x "
-            f"{profile.width[0]}-{profile.width[2]}")
+        refined = f" refined by {self.refiner.engine_dir} from {settings.denoising_end:g}" if self.refiner else ""
+        log(f"sdexport: loaded {engine_dir} ({manifest.family}, {backend}){refined} in "
+            f"{time.perf_counter() - started:.1f} s; batch up to {self.max_batch}, sizes "
+            f"{profile.height[0]}-{profile.height[2]} x {profile.width[0]}-{profile.width[2]}")
 
     def _check_size(self, height: int, width: int) -> None:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes)."""
@@ -111,11 +136,40 @@ class ServedModel:
         if isinstance(row.steps, int) and row.steps > self.settings.max_steps:
             raise SdexportError(f"steps {row.steps}: this server allows at most {self.settings.max_steps} steps "
                                 "(sdexport serve --max-steps)")
+        if row.denoising_end is not None and self.refiner is None:
+            raise SdexportError("denoising_end: this server runs no refiner after the model (sdexport serve --refiner)")
         request = generation_request([row])
         if request.image is not None and not self.image_inputs:
             raise SdexportError("init_image: this engine directory has no vae_encoder, so it serves txt2img only")
-        self.pipeline.check(request)
-        return request
+        if self.refiner is None:
+            self.pipeline.check(request)
+            return request
+        ensemble = self._ensemble(request, row.denoising_end)
+        ensemble.check_windows(self.base_scheduler_config)
+        self.pipeline.check(ensemble.base)
+        self._check_refine(ensemble.refine)
+        return ensemble.refine  # the images are the refiner's: its guidance and aesthetic scores
+
+    def _ensemble(self, request: GenerationRequest, end: float | None) -> Ensemble:
+        """The call's two halves, cut at the request's ``denoising_end`` or the server's."""
+        assert self.refiner is not None
+        if end is None:
+            end = self.settings.denoising_end
+        check_denoising_end(end, "denoising_end")
+        return self.refiner.ensemble(request, end)
+
+    def _check_refine(self, refine: GenerationRequest) -> None:
+        """The refiner's half against its engines, the base model's latents stood in by their shape;
+        its refusals say they are the refiner's (the client gave one set of parameters)."""
+        from dataclasses import replace
+
+        import torch
+
+        assert self.refining is not None
+        try:
+            self.refining.check(replace(refine, init_latents=torch.zeros(self.refining.latent_shape(refine))))
+        except SdexportError as exc:
+            raise SdexportError(f"the refiner: {exc}") from None
 
     def generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None = None) -> list[list[Generated] | str]:
         """Per request (input name → numpy array, batch first): its images, or the one-line error that
@@ -138,8 +192,10 @@ class ServedModel:
                     guidance = row.guidance = checked.guidance_scales(self.pipeline.family)[0]
                     if row.control_image is not None and row.control_scale is None:
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][checked.task]
-                    if self.pipeline.family == SDXL_REFINER:  # and the refiner's scores (one pair a
-                        # call), the negative only where CFG reads it: rows that differ in an unread one share it
+                    if self.refiner is not None:  # the base model's share, as given or the server's
+                        row.denoising_end = self.settings.denoising_end if row.denoising_end is None else row.denoising_end
+                    if self.pipeline.family == SDXL_REFINER or self.refiner is not None:  # and the refiner's scores (one
+                        # pair a call), the negative only where CFG reads it: rows that differ in an unread one share it
                         score, negative = checked.aesthetic_scores()
                         row.aesthetic_score = score
                         row.negative_aesthetic_score = negative if guidance > 1.0 else None
@@ -165,7 +221,7 @@ class ServedModel:
             if not members:
                 continue
             try:
-                result = self.pipeline(generation_request([row for _, row in members]))
+                result, base = self._call(generation_request([row for _, row in members]), members[0][1].denoising_end)
             except Exception as exc:  # this call's requests fail; the others, and the server, go on
                 owners = list(dict.fromkeys(r for (r, _), _row in members))
                 if len(owners) > 1:
@@ -185,7 +241,7 @@ class ServedModel:
                 slot = outcome[r]
                 if isinstance(slot, str):
                     continue
-                png = self._png(result, k) if wanted is None or "image" in wanted[r] else b""
+                png = self._png(result, k, base) if wanted is None or "image" in wanted[r] else b""
                 for note in row.notes:
                     self.log(f"sdexport: request {r + 1}: {note}")
                 slot[i] = Generated(png=png, pixels=np.asarray(result.images[k], dtype=np.uint8))
@@ -194,13 +250,29 @@ class ServedModel:
                      f"{', '.join(str(len(m)) for m in calls)}")
         return [slot if isinstance(slot, str) else [g for g in slot if g is not None] for slot in outcome]
 
-    def _png(self, result: Any, k: int) -> bytes:
-        from sdexport.runtime.images import png_bytes
+    def _call(self, request: GenerationRequest, end: float | None) -> tuple[Any, Any]:
+        """One call: the pipeline's result, or with a refiner the refiner's from the base model's
+        latents; and the base model's result (None without a refiner)."""
+        from dataclasses import replace
 
-        return png_bytes(result, k)  # (result.info: the pipeline's, as this run used it)
+        if self.refining is None:
+            return self.pipeline(request), None
+        ensemble = self._ensemble(request, end)
+        base = self.pipeline(ensemble.base)
+        return self.refining(replace(ensemble.refine, init_latents=base.latents)), base
+
+    def _png(self, result: Any, k: int, base: Any = None) -> bytes:
+        """The PNG ``run`` writes; with a refiner, the base model's half recorded under "base", as
+        ``run --refiner`` records it."""
+        from sdexport.runtime.images import image_parameters, png_bytes
+
+        extra = {"base": image_parameters(base, k, base.info)[1]} if base is not None else None
+        return png_bytes(result, k, extra)  # (result.info: the pipeline's, as this run used it)
 
     def close(self) -> None:
         self.pipeline.close()
+        if self.refining is not None:
+            self.refining.close()
 
 
 class TritonAdapter:

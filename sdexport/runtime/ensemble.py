@@ -1,0 +1,116 @@
+"""SDXL's ensemble of experts (diffusers' base + refiner), planned and checked before engines load.
+
+The base model runs the schedule up to ``denoising_end`` and hands its latents, not decoded, to the
+refiner, which runs the rest with the same prompts, seeds, steps, scheduler, size and guidance and
+its own conditioning (the aesthetic scores, taken off the base model's request). ``run --refiner``
+and ``serve --refiner`` both derive the two requests here, so what each model is given is written
+once; the loop itself is the one every engine directory runs, called twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from sdexport.errors import SdexportError
+from sdexport.runtime.request import GenerationRequest
+
+DENOISING_END_DEFAULT = 0.8
+"""The base model's fraction of the schedule when none is given (diffusers' example)."""
+
+LATENTS_TO_COME = "the base model's latents"
+"""What stands for the refiner's ``init_latents`` in the checks made before the base model runs."""
+
+
+def check_denoising_end(end: float, flag: str = "--denoising-end") -> None:
+    """The base model's fraction of the schedule: above 0 and below 1 (each model runs a share)."""
+    if not (math.isfinite(end) and 0 < end < 1):
+        raise SdexportError(f"{flag} {end}: need the base model's fraction of the schedule, above 0 and below 1")
+
+
+@dataclass(frozen=True)
+class Refiner:
+    """An sdxl-refiner engine directory read for an ensemble (its manifest and scheduler; no engines)."""
+
+    engine_dir: Path
+    manifest: Any
+    scheduler_config: dict[str, Any]
+
+    @classmethod
+    def open(cls, engine_dir: Path, base_dir: Path, base_manifest: Any) -> Refiner:
+        """The refiner at ``engine_dir`` for the base model at ``base_dir``; what cannot be an
+        ensemble (not an SDXL base, not a refiner, latents of another shape) refused in one line."""
+        from sdexport.manifest import load_manifest, read_scheduler_config
+        from sdexport.specs import FAMILY_LABELS, SDXL_REFINER
+
+        if base_manifest.family != "sdxl":
+            raise SdexportError(f"--refiner: an SDXL base model hands its latents to the refiner, and {base_dir} is "
+                                f"{FAMILY_LABELS[base_manifest.family]}; give an SDXL base model's engine directory first")
+        try:
+            manifest = load_manifest(engine_dir, verify_files=False)
+        except SdexportError as exc:
+            raise SdexportError(f"--refiner: {exc}") from None
+        if manifest.family != SDXL_REFINER:
+            raise SdexportError(f"--refiner {engine_dir}: not an SDXL refiner ({FAMILY_LABELS[manifest.family]}); "
+                                "give an sdxl-refiner engine directory")
+        ours, its = base_manifest.model_dims, manifest.model_dims
+        if (ours.C, ours.vae_scale_factor) != (its.C, its.vae_scale_factor):
+            raise SdexportError(f"--refiner {engine_dir}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of "
+                                f"the image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
+        return cls(engine_dir, manifest, read_scheduler_config(engine_dir))
+
+    def ensemble(self, request: GenerationRequest, end: float) -> Ensemble:
+        """``request`` (as the base model alone would take it) run by the two models, cut at ``end``."""
+        return Ensemble(self, request, end)
+
+
+class Ensemble:
+    """One request's two halves: ``base`` stops at ``end``; ``refine`` starts there, from the base
+    model's latents (``init_latents``, filled in once they exist)."""
+
+    def __init__(self, refiner: Refiner, request: GenerationRequest, end: float) -> None:
+        self.refiner = refiner
+        self.end = end
+        self.base = replace(request, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
+        self.refine = replace(request, prompt_2=None, negative_prompt_2=None, target_size=None, image=None,
+                              mask=None, strength=None, denoising_start=end)
+        self.parts: list[GenerationRequest] = []
+        """The refiner's calls, one per call of the base model (``check`` splits them)."""
+
+    def check(self, most: int) -> None:
+        """The refiner's calls, at most ``most`` images each as the base model's, checked as ``run``
+        checks the base model's (its latents stand in by name)."""
+        from sdexport.runtime.request import check_request
+
+        refiner = self.refiner
+        self.parts = self.refine.split(most)
+        for part in (self.parts[0], self.parts[-1]):
+            try:
+                check_request(replace(part, init_latents=LATENTS_TO_COME), family=refiner.manifest.family,
+                              dims=refiner.manifest.model_dims, profile=refiner.manifest.shape_profile,
+                              scheduler_config=refiner.scheduler_config)
+            except SdexportError as exc:
+                raise SdexportError(f"--refiner {refiner.engine_dir}: {exc}") from None
+
+    def check_windows(self, base_config: dict[str, Any]) -> None:
+        """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
+        from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
+
+        refiner = self.refiner
+        check_steps(self.refine.scheduler, refiner.scheduler_config, self.refine.steps)  # its own scheduler's dry run
+        for config, request, family, which in ((base_config, self.base, "sdxl", "base model's"),
+                                               (refiner.scheduler_config, self.refine, refiner.manifest.family,
+                                                "refiner's")):
+            scheduler = make_scheduler(request.scheduler, config)
+            scheduler.set_timesteps(request.steps)
+            try:
+                schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
+            except SdexportError:
+                strength = request.strength if request.image is not None else None  # an img2img base's
+                given = f"--strength {strength:g} of " if strength is not None else ""
+                raise SdexportError(f"the {which} share of the schedule ({given}--steps {request.steps}, cut at "
+                                    f"--denoising-end {self.end:g}) holds no step; "
+                                    + ("raise --strength or --steps, " if strength is not None else "raise --steps, ")
+                                    + "or move --denoising-end") from None
