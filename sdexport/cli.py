@@ -969,7 +969,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     resolved = resolve_backend(backend) if engine_path is None else backend
     for directory, read, image_inputs in ((engine_dir, manifest, takes_init_images(engine_dir, manifest)),
-                                          *([(refiner, ensemble.manifest, False)] if ensemble and refiner else [])):
+                                          *([(ensemble.engine_dir, ensemble.manifest, False)] if ensemble else [])):
         check_runnable(directory, read)
         loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
         check_lowered_vae(directory, read, loaded, resolved, graphs)

@@ -443,7 +443,7 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
     parameters, and records both halves as it does; ``denoising_end`` per request, else the
     server's; rows that leave it out share a call with rows that send the server's. A request the
     ensemble cannot run gets run's one-line refusal (an inpainting ensemble, a share of the
-    schedule without a step), the others their images."""
+    schedule without a step, no step at all), the others their images."""
     import io
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
@@ -466,7 +466,8 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
         assert model.refining is not None and "vae_encoder" not in model.refining.engines
         empty = {**rows, "steps": np.array([[3]], dtype=np.int32), "scheduler": np.array([[b"dpmpp_2m"]], dtype=object),
                  "denoising_end": np.array([[0.8]], dtype=np.float32)}
-        served, inpainted, refused = model.generate([asked, inpaint, empty])
+        served, inpainted, refused, none = model.generate([asked, inpaint, empty,
+                                                           {**rows, "steps": np.array([[0]], dtype=np.int32)}])
         default, same = model.generate([rows, {**rows, "denoising_end": np.array([[0.6]], dtype=np.float32)}])
     finally:
         model.close()
@@ -480,6 +481,7 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
     assert isinstance(inpainted, str) and "an inpainting ensemble of experts is not run yet" in inpainted
     assert isinstance(refused, str) and refused.startswith(
         "the refiner's share of the schedule (--steps 3, cut at --denoising-end 0.8) holds no step")
+    assert none == "--steps 0: need at least 1 step"  # the request's own checks first, as in run
     assert logs[-1].endswith("2 request(s), 2 image(s) in 1 call(s) of 2"), logs
     assert not isinstance(default, str) and not isinstance(same, str)
     np.testing.assert_array_equal(default[0].pixels, same[0].pixels)
@@ -515,6 +517,23 @@ def test_triton_repo_writes_the_refiner_beside_the_base_model(tiny_sdxl_engine_d
     assert (settings.engine_dir, settings.refiner, settings.denoising_end) == ("/engines/base", "/engines/refiner", 0.75)
     batch = min(load_manifest(d, verify_files=False).shape_profile.batch[2] for d in (tiny_sdxl_engine_dir, refiner_dir))
     assert config.max_batch_size == batch
+
+
+@pytest.mark.parametrize(("held", "said"), [({"U": 9}, "an inpainting U-Net"), ({"controlnets": ["controlnet"]}, "ControlNets"),
+                                             ({"adapters": ["adapter"]}, "T2I-Adapters")])
+def test_an_ensemble_refuses_a_base_whose_every_request_it_would_refuse(held, said, tiny_sdxl_engine_dir, refiner_dir):
+    """A base model that needs a mask, control or adapter images on every request (which a cut
+    schedule does not take yet) is refused when the pair is opened: before `serve` starts Triton,
+    not as every request's error."""
+    from types import SimpleNamespace
+
+    from sdexport.runtime.ensemble import Refiner
+
+    dims = load_manifest(tiny_sdxl_engine_dir, verify_files=False).model_dims
+    base = SimpleNamespace(family="sdxl", model_dims=dataclasses.replace(dims, U=held.get("U", dims.U)),
+                           controlnets=held.get("controlnets", []), adapters=held.get("adapters", []))
+    with pytest.raises(SdexportError, match=f"has {said}, which the ensemble of experts does not run yet"):
+        Refiner.open(refiner_dir, tiny_sdxl_engine_dir, base)
 
 
 def test_serve_names_a_damaged_refiner_file_before_starting_triton(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):

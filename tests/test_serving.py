@@ -808,6 +808,8 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (["loadtest", "--url", "127.0.0.1:1", "--mask", "{engines}/manifest.json"], "--mask needs --init-image"),
     (["loadtest", "--url", "127.0.0.1:1", "--strength", "0.5"], "--strength needs --init-image"),
     (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{missing}"], "no such file"),
+    (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{engines}"], "a directory; give an image file"),
+    (["loadtest", "--url", "127.0.0.1:1", "--denoising-end", "1.5"], "--denoising-end 1.5: need the base model's"),
     (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{engines}/manifest.json"], "not a readable image"),
     (["serve", "{engines}", "--log-file", "{engines}/manifest.json/log.txt"], "no log can be written"),
 ])

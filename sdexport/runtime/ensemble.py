@@ -48,6 +48,12 @@ class Refiner:
         if base_manifest.family != "sdxl":
             raise SdexportError(f"--refiner: an SDXL base model hands its latents to the refiner, and {base_dir} is "
                                 f"{FAMILY_LABELS[base_manifest.family]}; give an SDXL base model's engine directory first")
+        held = [what for what, has in (("an inpainting U-Net", base_manifest.model_dims.inpainting),
+                                       ("ControlNets", base_manifest.controlnets),
+                                       ("T2I-Adapters", base_manifest.adapters)) if has]
+        if held:  # every request of such a base needs a mask or control images, which an ensemble refuses
+            raise SdexportError(f"--refiner: {base_dir} has {' and '.join(held)}, which the ensemble of experts does "
+                                "not run yet; give the engine directory of an SDXL base model without them")
         try:
             manifest = load_manifest(engine_dir, verify_files=False)
         except SdexportError as exc:

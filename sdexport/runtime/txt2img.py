@@ -38,7 +38,15 @@ from sdexport.runtime.schedulers import (
 )
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import SDXL_REFINER, ModelDims, adapters_among, controlnets_among, is_sdxl
+from sdexport.specs import (
+    SDXL_REFINER,
+    VAE_ENCODER,
+    VAE_ENCODER_FP32,
+    ModelDims,
+    adapters_among,
+    controlnets_among,
+    is_sdxl,
+)
 
 
 @dataclass
@@ -479,8 +487,9 @@ class Txt2ImgPipeline:
         that ran in fp32 (from the start, or as the fallback of an fp16 one that overflowed), and the
         encoder's only where it ran (a served pipeline loads it for every request)."""
         info = {k: v for k, v in self.info.items() if k != "vae_encoder" or request.image is not None}
-        if request.image is None and "vae_encoder" in info.get("graphs", {}):  # nor its graph
-            info["graphs"] = {k: v for k, v in info["graphs"].items() if k != "vae_encoder"}
+        if request.image is None and info.get("graphs"):  # nor its graphs (an fp16 export's fp32 one too)
+            info["graphs"] = {k: v for k, v in info["graphs"].items()
+                              if k not in (VAE_ENCODER.name, VAE_ENCODER_FP32.name)}
         if vae_fallback:
             info["vae_decoder"] = "fp32"
         if encoder_fallback:

@@ -49,6 +49,10 @@ class LoadPlan:
             raise SdexportError("--requests and --duration cannot be negative")
         if not self.requests and not self.duration_s:
             raise SdexportError("give --requests or --duration (or both): a load test needs a bound")
+        if "denoising_end" in self.params:
+            from sdexport.runtime.ensemble import check_denoising_end
+
+            check_denoising_end(self.params["denoising_end"])
         if "://" in self.url:
             raise SdexportError(f"--url {self.url}: host:port only, without the scheme (e.g. localhost:8000)")
         if self.prompts_per_request < 1:
@@ -90,7 +94,7 @@ class LoadPlan:
 def _read_file(path: Path, flag: str) -> bytes:
     """A file's bytes, or one line saying why not."""
     if not path.is_file():
-        raise SdexportError(f"{flag} {path}: no such file")
+        raise SdexportError(f"{flag} {path}: " + ("a directory; give an image file" if path.is_dir() else "no such file"))
     try:
         return path.read_bytes()
     except OSError as exc:

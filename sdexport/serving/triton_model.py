@@ -111,9 +111,13 @@ class ServedModel:
                                       graphs=settings.graphs, image_inputs=self.image_inputs)
         self.refining = None
         if self.refiner is not None:
-            self.refining = load_pipeline(self.refiner.engine_dir, backend, cuda_graph=settings.cuda_graph,
-                                          verify_files=settings.verify, graphs=settings.graphs,
-                                          image_inputs=False)  # it starts from latents: no encoder
+            try:
+                self.refining = load_pipeline(self.refiner.engine_dir, backend, cuda_graph=settings.cuda_graph,
+                                              verify_files=settings.verify, graphs=settings.graphs,
+                                              image_inputs=False)  # it starts from latents: no encoder
+            except BaseException:
+                self.pipeline.close()
+                raise
         profile = self.pipeline.profile
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
         # and a refiner less than the base model.
@@ -145,16 +149,15 @@ class ServedModel:
             self.pipeline.check(request)
             return request
         ensemble = self._ensemble(request, row.denoising_end)
+        self.pipeline.check(ensemble.base)  # run's order: the request's own checks, then the windows
         ensemble.check_windows(self.base_scheduler_config)
-        self.pipeline.check(ensemble.base)
         self._check_refine(ensemble.refine)
         return ensemble.refine  # the images are the refiner's: its guidance and aesthetic scores
 
     def _ensemble(self, request: GenerationRequest, end: float | None) -> Ensemble:
         """The call's two halves, cut at the request's ``denoising_end`` or the server's."""
         assert self.refiner is not None
-        if end is None:
-            end = self.settings.denoising_end
+        end = self.settings.denoising_end if end is None else end
         check_denoising_end(end, "denoising_end")
         return self.refiner.ensemble(request, end)
 
@@ -193,7 +196,7 @@ class ServedModel:
                     if row.control_image is not None and row.control_scale is None:
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][checked.task]
                     if self.refiner is not None:  # the base model's share, as given or the server's
-                        row.denoising_end = self.settings.denoising_end if row.denoising_end is None else row.denoising_end
+                        row.denoising_end = checked.denoising_start
                     if self.pipeline.family == SDXL_REFINER or self.refiner is not None:  # and the refiner's scores (one
                         # pair a call), the negative only where CFG reads it: rows that differ in an unread one share it
                         score, negative = checked.aesthetic_scores()
