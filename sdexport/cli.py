@@ -964,12 +964,12 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     if denoising_end is not None:
         check_denoising_end(denoising_end)
     manifest = load_manifest(engine_dir, verify_files=False)
-    ensemble = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
+    paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
     graphs = "portable" if portable_graphs else "auto"
     # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     resolved = resolve_backend(backend) if engine_path is None else backend
     for directory, read, image_inputs in ((engine_dir, manifest, takes_init_images(engine_dir, manifest)),
-                                          *([(ensemble.engine_dir, ensemble.manifest, False)] if ensemble else [])):
+                                          *([(paired.engine_dir, paired.manifest, False)] if paired else [])):
         check_runnable(directory, read)
         loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
         check_lowered_vae(directory, read, loaded, resolved, graphs)
@@ -977,7 +977,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
                              graphs=graphs, max_steps=max_steps,
                              refiner=(refiner_path or str(refiner.resolve())) if refiner is not None else "",
                              denoising_end=DENOISING_END_DEFAULT if denoising_end is None else denoising_end)
-    return manifest, ensemble.manifest if ensemble else None, settings
+    return manifest, paired.manifest if paired else None, settings
 
 
 def _served_batch(manifest: Any, refiner_manifest: Any) -> int:
