@@ -536,6 +536,23 @@ def test_an_ensemble_refuses_a_base_whose_every_request_it_would_refuse(held, sa
         Refiner.open(refiner_dir, tiny_sdxl_engine_dir, base)
 
 
+def test_an_ensemble_refuses_profiles_without_a_size_in_common(tiny_sdxl_engine_dir, refiner_dir):
+    """No request could pass both models' profiles: refused when the pair is opened, with both ranges."""
+    from types import SimpleNamespace
+
+    from sdexport.runtime.ensemble import Refiner
+    from sdexport.shapes import ShapeProfile
+
+    real = load_manifest(tiny_sdxl_engine_dir, verify_files=False)
+    theirs = load_manifest(refiner_dir, verify_files=False).shape_profile
+    above = theirs.height[2] + 8
+    base = SimpleNamespace(family="sdxl", model_dims=real.model_dims, controlnets=[], adapters=[],
+                           shape_profile=ShapeProfile(real.shape_profile.batch, (above, above, above + 8),
+                                                      real.shape_profile.width))
+    with pytest.raises(SdexportError, match=f"and the base model's \\({above}-{above + 8} x .*\\) have none in common"):
+        Refiner.open(refiner_dir, tiny_sdxl_engine_dir, base)
+
+
 def test_serve_names_a_damaged_refiner_file_before_starting_triton(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
     damaged = tmp_path / "refiner"
     shutil.copytree(refiner_dir, damaged)

@@ -65,11 +65,28 @@ class Refiner:
         if (ours.C, ours.vae_scale_factor) != (its.C, its.vae_scale_factor):
             raise SdexportError(f"--refiner {engine_dir}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of "
                                 f"the image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
+        theirs = manifest.shape_profile
+        if common_sizes(base_manifest.shape_profile, theirs) is None:
+            ours = base_manifest.shape_profile
+            raise SdexportError(f"--refiner {engine_dir}: its profile's sizes ({_sizes(theirs.height, theirs.width)}) "
+                                f"and the base model's ({_sizes(ours.height, ours.width)}) have none in common; "
+                                "export the refiner with the base model's --height and --width ranges")
         return cls(engine_dir, manifest, read_scheduler_config(engine_dir))
 
     def ensemble(self, request: GenerationRequest, end: float) -> Ensemble:
         """``request`` (as the base model alone would take it) run by the two models, cut at ``end``."""
         return Ensemble(self, request, end)
+
+
+def common_sizes(ours: Any, theirs: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """The (lowest, highest) heights and widths both profiles take, or None where they share none."""
+    heights, widths = ((max(a[0], b[0]), min(a[2], b[2])) for a, b in ((ours.height, theirs.height),
+                                                                        (ours.width, theirs.width)))
+    return (heights, widths) if heights[0] <= heights[1] and widths[0] <= widths[1] else None
+
+
+def _sizes(heights: tuple[int, ...], widths: tuple[int, ...]) -> str:
+    return f"{heights[0]}-{heights[-1]} x {widths[0]}-{widths[-1]}"
 
 
 class Ensemble:

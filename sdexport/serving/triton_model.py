@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
-from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
+from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end, common_sizes
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
@@ -125,10 +125,14 @@ class ServedModel:
         self.max_batch = min(batch for p in pipelines for batch in (p.profile.batch[2],
                                                                     *(e.profile.batch[2] for e in p.engines.values())))
         self.default_size = (profile.height[1], profile.width[1])
-        refined = f" refined by {self.refiner.engine_dir} from {settings.denoising_end:g}" if self.refiner else ""
+        heights, widths = (profile.height[0], profile.height[2]), (profile.width[0], profile.width[2])
+        refined = ""
+        if self.refiner is not None:  # the sizes both profiles take (Refiner.open refused none in common)
+            heights, widths = common_sizes(profile, self.refiner.manifest.shape_profile) or (heights, widths)
+            refined = f" refined by {self.refiner.engine_dir} from {settings.denoising_end:g}"
         log(f"sdexport: loaded {engine_dir} ({manifest.family}, {backend}){refined} in "
             f"{time.perf_counter() - started:.1f} s; batch up to {self.max_batch}, sizes "
-            f"{profile.height[0]}-{profile.height[2]} x {profile.width[0]}-{profile.width[2]}")
+            f"{heights[0]}-{heights[1]} x {widths[0]}-{widths[1]}")
 
     def _check_size(self, height: int, width: int) -> None:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes)."""
