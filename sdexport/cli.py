@@ -540,16 +540,26 @@ def run(
 def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_end: float | None,
               request: GenerationRequest) -> Ensemble | None:
     """``run --refiner``'s two requests, or None without it; what cannot be run refused in one line."""
-    from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, Refiner, check_denoising_end
+    from sdexport.runtime.ensemble import Refiner
 
+    end = _refiner_cut(refiner, denoising_end)
     if refiner is None:
-        if denoising_end is not None:
-            raise SdexportError("--denoising-end needs --refiner: the rest of the schedule is the refiner's")
         return None
-    if denoising_end is not None:
-        check_denoising_end(denoising_end)
-    return Refiner.open(refiner, engine_dir, manifest).ensemble(
-        request, DENOISING_END_DEFAULT if denoising_end is None else denoising_end)
+    return Refiner.open(refiner, engine_dir, manifest).ensemble(request, end)
+
+
+def _refiner_cut(refiner: Path | None, denoising_end: float | None, refiner_path: str | None = None) -> float:
+    """``--denoising-end`` (and ``triton-repo --refiner-path``) only with ``--refiner``; the base
+    model's share of the schedule, checked, or the default (``run``, ``serve``, ``triton-repo``)."""
+    from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
+
+    if refiner is None and (denoising_end is not None or refiner_path is not None):
+        raise SdexportError(f"{'--denoising-end' if denoising_end is not None else '--refiner-path'} needs --refiner: "
+                            "the rest of the schedule is the refiner's")
+    if denoising_end is None:
+        return DENOISING_END_DEFAULT
+    check_denoising_end(denoising_end)
+    return denoising_end
 
 
 def _check_graph_flags(backend: str, cuda_graph: bool, portable_graphs: bool) -> None:
@@ -943,7 +953,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     everything checked that can be before a server starts."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, Refiner, check_denoising_end
+    from sdexport.runtime.ensemble import Refiner
     from sdexport.runtime.loading import (
         check_lowered_vae,
         check_runnable,
@@ -958,11 +968,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     _check_graph_flags(backend, cuda_graph, portable_graphs)
     if max_steps < 1:
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
-    if refiner is None and (denoising_end is not None or refiner_path is not None):
-        raise SdexportError(f"{'--denoising-end' if denoising_end is not None else '--refiner-path'} needs --refiner: "
-                            "the rest of the schedule is the refiner's")
-    if denoising_end is not None:
-        check_denoising_end(denoising_end)
+    end = _refiner_cut(refiner, denoising_end, refiner_path)
     manifest = load_manifest(engine_dir, verify_files=False)
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
     graphs = "portable" if portable_graphs else "auto"
@@ -976,7 +982,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     settings = ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend, cuda_graph=cuda_graph,
                              graphs=graphs, max_steps=max_steps,
                              refiner=(refiner_path or str(refiner.resolve())) if refiner is not None else "",
-                             denoising_end=DENOISING_END_DEFAULT if denoising_end is None else denoising_end)
+                             denoising_end=end)
     return manifest, paired.manifest if paired else None, settings
 
 

@@ -65,11 +65,10 @@ class Refiner:
         if (ours.C, ours.vae_scale_factor) != (its.C, its.vae_scale_factor):
             raise SdexportError(f"--refiner {engine_dir}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of "
                                 f"the image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
-        theirs = manifest.shape_profile
-        if common_sizes(base_manifest.shape_profile, theirs) is None:
-            ours = base_manifest.shape_profile
-            raise SdexportError(f"--refiner {engine_dir}: its profile's sizes ({_sizes(theirs.height, theirs.width)}) "
-                                f"and the base model's ({_sizes(ours.height, ours.width)}) have none in common; "
+        base_profile, profile = base_manifest.shape_profile, manifest.shape_profile
+        if common_sizes(base_profile, profile) is None:
+            raise SdexportError(f"--refiner {engine_dir}: its profile's sizes ({_sizes(profile.height, profile.width)}) "
+                                f"and the base model's ({_sizes(base_profile.height, base_profile.width)}) have none in common; "
                                 "export the refiner with the base model's --height and --width ranges")
         return cls(engine_dir, manifest, read_scheduler_config(engine_dir))
 

@@ -92,7 +92,7 @@ class ServedModel:
     """The engine directory's pipeline behind Triton's ``execute``."""
 
     def __init__(self, settings: ServeSettings, log: Any = print) -> None:
-        from sdexport.manifest import load_manifest, read_scheduler_config
+        from sdexport.manifest import load_manifest
         from sdexport.runtime.ensemble import Refiner
         from sdexport.runtime.loading import load_pipeline, resolve_backend, takes_init_images
 
@@ -103,7 +103,6 @@ class ServedModel:
         self.refiner = Refiner.open(Path(settings.refiner), engine_dir, manifest) if settings.refiner else None
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
-            self.base_scheduler_config = read_scheduler_config(engine_dir)
         self.image_inputs = takes_init_images(engine_dir, manifest)
         backend = resolve_backend(settings.backend)
         started = time.perf_counter()
@@ -154,7 +153,7 @@ class ServedModel:
             return request
         ensemble = self._ensemble(request, row.denoising_end)
         self.pipeline.check(ensemble.base)  # run's order: the request's own checks, then the windows
-        ensemble.check_windows(self.base_scheduler_config)
+        ensemble.check_windows(self.pipeline.scheduler_config)
         self._check_refine(ensemble.refine)
         return ensemble.refine  # the images are the refiner's: its guidance and aesthetic scores
 
