@@ -88,6 +88,37 @@ def _sizes(heights: tuple[int, ...], widths: tuple[int, ...]) -> str:
     return f"{heights[0]}-{heights[-1]} x {widths[0]}-{widths[-1]}"
 
 
+def halves(request: GenerationRequest, end: float) -> tuple[GenerationRequest, GenerationRequest]:
+    """``request`` (as the base model alone would take it) as the base model's share, up to ``end``,
+    and the refiner's, from there (its ``init_latents`` to be filled in with the base model's)."""
+    base = replace(request, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
+    refine = replace(request, prompt_2=None, negative_prompt_2=None, target_size=None, image=None, mask=None,
+                     strength=None, denoising_start=end)
+    return base, refine
+
+
+def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: GenerationRequest,
+                 refiner_config: dict[str, Any], end: float) -> None:
+    """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
+    from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
+    from sdexport.specs import SDXL_REFINER
+
+    check_steps(refine.scheduler, refiner_config, refine.steps)  # its own scheduler's dry run
+    for config, request, family, which in ((base_config, base, "sdxl", "base model's"),
+                                           (refiner_config, refine, SDXL_REFINER, "refiner's")):
+        scheduler = make_scheduler(request.scheduler, config)
+        scheduler.set_timesteps(request.steps)
+        try:
+            schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
+        except SdexportError:
+            strength = request.strength if request.image is not None else None  # an img2img base's
+            given = f"--strength {strength:g} of " if strength is not None else ""
+            raise SdexportError(f"the {which} share of the schedule ({given}--steps {request.steps}, cut at "
+                                f"--denoising-end {end:g}) holds no step; "
+                                + ("raise --strength or --steps, " if strength is not None else "raise --steps, ")
+                                + "or move --denoising-end") from None
+
+
 class Ensemble:
     """One request's two halves: ``base`` stops at ``end``; ``refine`` starts there, from the base
     model's latents (``init_latents``, filled in once they exist)."""
@@ -95,9 +126,7 @@ class Ensemble:
     def __init__(self, refiner: Refiner, request: GenerationRequest, end: float) -> None:
         self.refiner = refiner
         self.end = end
-        self.base = replace(request, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
-        self.refine = replace(request, prompt_2=None, negative_prompt_2=None, target_size=None, image=None,
-                              mask=None, strength=None, denoising_start=end)
+        self.base, self.refine = halves(request, end)
         self.parts: list[GenerationRequest] = []
         """The refiner's calls, one per call of the base model (``check`` splits them)."""
 
@@ -118,21 +147,4 @@ class Ensemble:
 
     def check_windows(self, base_config: dict[str, Any]) -> None:
         """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
-        from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
-
-        refiner = self.refiner
-        check_steps(self.refine.scheduler, refiner.scheduler_config, self.refine.steps)  # its own scheduler's dry run
-        for config, request, family, which in ((base_config, self.base, "sdxl", "base model's"),
-                                               (refiner.scheduler_config, self.refine, refiner.manifest.family,
-                                                "refiner's")):
-            scheduler = make_scheduler(request.scheduler, config)
-            scheduler.set_timesteps(request.steps)
-            try:
-                schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
-            except SdexportError:
-                strength = request.strength if request.image is not None else None  # an img2img base's
-                given = f"--strength {strength:g} of " if strength is not None else ""
-                raise SdexportError(f"the {which} share of the schedule ({given}--steps {request.steps}, cut at "
-                                    f"--denoising-end {self.end:g}) holds no step; "
-                                    + ("raise --strength or --steps, " if strength is not None else "raise --steps, ")
-                                    + "or move --denoising-end") from None
+        check_shares(self.base, base_config, self.refine, self.refiner.scheduler_config, self.end)
