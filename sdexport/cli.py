@@ -874,7 +874,8 @@ def bench(
 def bench_cache_key(
     scenario: Annotated[Path, typer.Argument(help="Scenario file.")],
 ) -> None:
-    """Print the name of the folder `--engine-cache` keeps this scenario's export in (SCENARIO-KEY).
+    """Print the name of the folder `--engine-cache` keeps this scenario's export in (SCENARIO-KEY;
+    with a refiner, a second line: its own, SCENARIO-refiner-KEY).
 
     The key covers the model's files, the profile, the precision, the components, the sdexport code
     that writes graphs and the tracing libraries' versions: use it as a CI cache key.
@@ -884,9 +885,9 @@ def bench_cache_key(
 
     loaded = load_scenario(scenario)
     plan = plan_bench(loaded, Options())
-    from sdexport.bench.harness import engine_cache_entry
+    from sdexport.bench.harness import engine_cache_entry, exports
 
-    print_result(engine_cache_entry(loaded, plan, Path(".")).name)
+    print_result("\n".join(engine_cache_entry(s, p, Path(".")).name for s, p in exports(loaded, plan)))
 
 
 @bench_app.command("compare")

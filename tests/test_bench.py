@@ -142,6 +142,13 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\nadapter = "tiny-adapter"\nadapter_scale = inf', "adapter_scale inf: need a finite number"),
     ('model = "tiny"\nadapter = "tiny-adapter"\ncontrolnets = ["tiny-controlnet"]', "adapter with controlnets"),
     ('model = "tiny"\nadapter = "tiny-adapter"\nstrength = 0.5', "adapter with an init image"),
+    ('model = "tiny-sdxl"\ndenoising_end = 0.5', "denoising_end is the base model's share before the refiner's"),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = 1', ("denoising_end: 1 is greater than or "
+     "equal to the maximum of 1")),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ninpaint = true', "refiner with inpaint: the ensemble"),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ncontrolnets = ["tiny-sdxl-controlnet"]',
+     "refiner with controlnets"),
+    ('model = "tiny-sdxl"\nrefiner = ""', "refiner: '' should be non-empty"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     path = tmp_path / "s.toml"
@@ -410,6 +417,128 @@ def test_an_img2img_scenario_that_runs_no_step_is_refused_before_loading(tmp_pat
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
     assert "runs no step" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- SDXL's ensemble of experts: a base model and its refiner as one contender ------------------------
+
+ENSEMBLE = """
+name = "ensemble"
+model = "tiny-sdxl"
+refiner = "tiny-sdxl-refiner"
+denoising_end = 0.6
+height = 64
+width = 64
+steps = [5]
+batch = [2]
+warmup = 0
+repeats = 1
+contenders = ["diffusers", "onnxruntime-cpu"]
+"""
+
+
+def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path):
+    """``refiner``: every contender runs the base model to ``denoising_end`` and the refiner from its
+    latents; the baseline is diffusers' two pipelines, which the runtime's pair matches. Both are
+    exported into the output (the refiner without a VAE encoder) and reused by the next run."""
+    from sdexport.manifest import load_manifest
+
+    scenario, out = tmp_path / "ensemble.toml", tmp_path / "out"
+    scenario.write_text(ENSEMBLE)
+    assert run_cli("bench", scenario, "-o", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    assert report["refiner"]["denoising_end"] == 0.6 and "tiny-sdxl-refiner" in report["refiner"]["model"]
+    assert report["refiner"]["engine_dir"] == str(out / "engines" / "ensemble-refiner")
+    assert report["scenario"]["refiner"] == "tiny-sdxl-refiner" and report["random_weights"]
+    measured = {r["contender"]: r for r in report["results"]}
+    assert [r["status"] for r in measured.values()] == ["measured", "measured"]
+    assert all(r["unet_calls"] == 5 for r in measured.values())  # the base model's 3 steps, the refiner's 2
+    assert measured["onnxruntime-cpu"]["agreement"]["latents_rel_l2"] < 1e-4
+    assert "- Refiner: preset tiny-sdxl-refiner" in (out / "results.md").read_text()
+    refiner = load_manifest(out / "engines" / "ensemble-refiner", verify_files=False)
+    assert refiner.family == "sdxl-refiner" and "vae_encoder" not in refiner.components
+    keys = {what: report["one_time"][what]["key"] for what in ("export", "refiner_export")}
+    assert run_cli("bench", scenario, "-o", out, "--contenders", "onnxruntime-cpu") == 0
+    again = json.loads((out / "results.json").read_text())["one_time"]
+    assert {what: (again[what]["status"], again[what]["key"]) for what in keys} == {
+        what: ("reused", key) for what, key in keys.items()}
+    assert sorted(p.name for p in (out / "engines").iterdir()) == ["ensemble", "ensemble-refiner"]
+
+
+def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, capsys):
+    """One cache entry per export, the names ``bench cache-key`` prints, one per line."""
+    scenario, cache = tmp_path / "ensemble.toml", tmp_path / "cache"
+    scenario.write_text(ENSEMBLE.replace('"diffusers", ', ""))
+    assert run_cli("bench", "cache-key", scenario) == 0
+    names = capsys.readouterr().out.split()
+    assert len(names) == 2 and names[0].startswith("ensemble-") and names[1].startswith("ensemble-refiner-")
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-cache", cache) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [report["one_time"][w]["status"] for w in ("export", "refiner_export")] == ["cached now"] * 2
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == names
+    assert report["refiner"]["engine_dir"] == str((cache / names[1]).resolve())
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ('model = "tiny"', "tiny: an SDXL base model hands its latents to the refiner, and this model is SD"),
+    ('refiner = "tiny-sdxl"', "refiner tiny-sdxl: not an SDXL refiner (SDXL)"),
+    ('refiner = "nowhere"', "refiner nowhere: no such file or directory, and not a preset"),
+    ("steps = [2]\ndenoising_end = 0.3", ("the base model's share of the schedule (--steps 2, cut at "
+     "--denoising-end 0.3) holds no step")),
+    ("--engine-dir", ("--engine-dir with refiner tiny-sdxl-refiner: the benchmark exports the base model and the "
+     "refiner itself")),
+])
+def test_a_refiner_scenario_that_cannot_run_is_refused_before_loading(tmp_path, capsys, change, message):
+    lines = ENSEMBLE.splitlines()
+    args = ["--engine-dir", tmp_path / "engines"] if change == "--engine-dir" else []
+    for line in [] if args else change.splitlines():
+        lines = [line if current.split(" =")[0] == line.split(" =")[0] else current for current in lines]
+    scenario, out = tmp_path / "s.toml", tmp_path / "out"
+    scenario.write_text("\n".join(lines) + "\n")
+    assert run_cli("bench", scenario, "-o", out, *args) == 2
+    err = capsys.readouterr().err
+    assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_the_ensemble_contender_hands_the_base_models_latents_to_the_refiner():
+    """The two calls' requests (``runtime.ensemble.halves``), the stages summed (the base model's
+    latents' copy to the host is not a decode), and both contenders closed though the first fails."""
+    import torch
+
+    from sdexport.bench.contenders import EnsembleContender, Output
+    from sdexport.runtime.request import GenerationRequest
+    from sdexport.runtime.txt2img import Timings
+
+    class Fake:
+        def __init__(self, name, timings, fail_close=False):
+            self.name, self.timings, self.fail_close, self.calls, self.closed = name, timings, fail_close, [], False
+
+        def __call__(self, request, *, stages=True):
+            self.calls.append((request, stages))
+            return Output(torch.full((1, 4, 8, 8), float(len(self.name))), np.zeros((0, 64, 64, 3)), self.timings)
+
+        def close(self):
+            self.closed = True
+            if self.fail_close:
+                raise RuntimeError("device gone")
+
+    base = Fake("base", Timings(text_encoder=0.1, unet_steps=[0.2, 0.2], vae_decoder=0.05, total=0.6), fail_close=True)
+    refiner = Fake("refiner-half", Timings(text_encoder=0.1, unet_steps=[0.3], vae_decoder=0.4, total=0.9))
+    ensemble = EnsembleContender(base, refiner, 0.7)
+    request = GenerationRequest(prompt=["a lighthouse"], prompt_2=["at dusk"], steps=3, seeds=[1], height=64, width=64,
+                                aesthetic_score=7.0)
+    result = ensemble(request, stages=False)
+    (first, stages), = base.calls
+    (second, _), = refiner.calls
+    assert (first.denoising_end, first.aesthetic_score, first.prompt_2, stages) == (0.7, None, ["at dusk"], False)
+    assert (second.denoising_start, second.aesthetic_score, second.prompt_2) == (0.7, 7.0, None)
+    assert torch.equal(second.init_latents, torch.full((1, 4, 8, 8), 4.0)) and float(result.latents.mean()) == 12.0
+    timings = result.timings
+    assert (timings.text_encoder, timings.unet_steps, timings.vae_decoder) == (0.2, [0.2, 0.2, 0.3], 0.4)
+    assert ensemble.name == "base"
+    with pytest.raises(RuntimeError, match="device gone"):
+        ensemble.close()
+    assert base.closed and refiner.closed
 
 
 # --- Stopped part-way (Ctrl-C, SIGTERM: a CI timeout, the GPU lease's budget) -----------------------

@@ -101,6 +101,40 @@ class RuntimeContender:
         self.pipeline.close()
 
 
+class EnsembleContender:
+    """SDXL's ensemble of experts as one contender: ``base`` (a baseline or a runtime contender) runs
+    each request to ``end`` and hands its latents, undecoded, to ``refiner`` of the same kind, as
+    ``run --refiner`` does. Timed end to end over both calls, the handoff included; the stages are
+    the two calls' together. The base model decodes nothing: the copy of its latents to the host,
+    which its call times where a decode would be, counts as loop overhead."""
+
+    def __init__(self, base: Contender, refiner: Contender, end: float) -> None:
+        self.name = base.name
+        self.base, self.refiner, self.end = base, refiner, end
+        self.per_shape = getattr(base, "per_shape", False) or getattr(refiner, "per_shape", False)
+
+    def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
+        from dataclasses import replace
+
+        from sdexport.runtime.ensemble import halves
+
+        first, then = halves(request, self.end)
+        start = time.perf_counter()
+        handed = self.base(first, stages=stages)
+        result = self.refiner(replace(then, init_latents=handed.latents), stages=stages)
+        total = time.perf_counter() - start
+        a, b = handed.timings, result.timings
+        timings = Timings(text_encoder=a.text_encoder + b.text_encoder, unet_steps=a.unet_steps + b.unet_steps,
+                          vae_decoder=b.vae_decoder, total=total, clock=b.clock)
+        return Output(result.latents, result.pixels, timings)
+
+    def close(self) -> None:
+        try:
+            self.base.close()
+        finally:
+            self.refiner.close()
+
+
 class SlowedEngine:
     """The test hook ``SDEXPORT_TEST_SLOW_UNET``: an engine that sleeps before every call (inside the
     runtime's timed span, so end-to-end and U-Net figures both show it); otherwise the engine itself."""
@@ -118,6 +152,9 @@ class SlowedEngine:
 
 
 def slow_down_unet(contender: Contender, seconds: float) -> None:
+    """Slow the (base model's) U-Net of a runtime contender."""
+    if isinstance(contender, EnsembleContender):
+        contender = contender.base
     assert isinstance(contender, RuntimeContender), "the hook is refused for baselines by plan_bench"
     engines = contender.pipeline.engines
     engines["unet"] = SlowedEngine(engines["unet"], seconds)

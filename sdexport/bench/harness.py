@@ -10,6 +10,7 @@ contender's, both measured in this run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -28,6 +29,7 @@ from sdexport import stopping
 from sdexport.bench.contenders import (
     BaselineContender,
     Contender,
+    EnsembleContender,
     Output,
     RuntimeContender,
     check_available,
@@ -78,10 +80,13 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
         check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
     needs_engines = _engines_wanted(plan.contenders, exporting=options.engine_dir is None)
-    cached = engine_cache_entry(scenario, plan, options.engine_cache) if options.engine_cache and needs_engines else None
+    cached = ([engine_cache_entry(s, p, options.engine_cache) for s, p in exports(scenario, plan)]
+              if options.engine_cache and needs_engines else [])
     with (_WritingShield() as shield,
           claim(output_dir, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, output_dir)) as staging,
-          in_use(cached) if cached is not None else contextlib.nullcontext()):
+          contextlib.ExitStack() as held):
+        for entry in cached:
+            held.enter_context(in_use(entry))
         report, reused = _run(scenario, output_dir, staging, options, plan, cached, shield, needs_engines)
         if not any(r["status"] == "measured" for r in report["results"]):
             shield.release()  # nothing to write: a signal may stop the clean-up (an export to discard)
@@ -89,9 +94,9 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
                 raise shield.pending
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
         paths = [output_dir / p.name for p in write_report(report, staging)]
-        if reused is not None:  # the previous output's engines go into the new one, only now
+        for engines in reused:  # the previous output's engines go into the new one, only now
             (staging / "engines").mkdir(exist_ok=True)
-            _link_tree(reused, staging / "engines" / reused.resolve().name)
+            _link_tree(engines, staging / "engines" / engines.resolve().name)
     if report.get("interrupted"):
         raise BenchmarkInterrupted(report, paths, f"{report['interrupted']['reason']}: the report holds what was "
                                                   "measured before it")
@@ -132,11 +137,12 @@ def _engines_wanted(contenders: list[str], *, exporting: bool) -> bool:
 
 
 def _run(
-    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan, cached: Path | None,
+    scenario: Scenario, output_dir: Path, staging: Path, options: Options, plan: BenchPlan, cached: list[Path],
     shield: _WritingShield, needs_engines: bool,
-) -> tuple[dict[str, Any], Path | None]:
-    """The measurements; also the previous output's engine directory when it was reused in place.
-    ``cached``: the engine cache entry to use (or fill), held for this run. ``shield`` is engaged
+) -> tuple[dict[str, Any], list[Path]]:
+    """The measurements; also the previous output's engine directories that were reused in place.
+    ``cached``: the engine cache entries to use (or fill), one per export (``exports``), held for
+    this run; empty without ``--engine-cache``. ``shield`` is engaged
     once the measuring is over, finished or interrupted. ``needs_engines``: whether a contender
     that can run here runs engines (``_engines_wanted``)."""
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
@@ -153,16 +159,24 @@ def _run(
     # (ControlNets excepted: they are read at once, lazy or not)
     with step(f"Reading {scenario.model}'s configs"):
         model = load_model(scenario.model, controlnets=scenario.controlnets, adapters=scenario.adapters, lazy=True)
+        refiner = load_model(scenario.refiner, lazy=True) if scenario.refiner is not None else None
     one_time["model"] = {"load_s": time.perf_counter() - start}
-    engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, None
+    engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, []
+    refiner_dir, recorded_refiner = None, None
     if engine_dir is not None and own_engines(engine_dir, output_dir):
-        reused, recorded_dir = engine_dir, output_dir / "engines" / engine_dir.resolve().name
-    elif cached is not None:
-        engine_dir = recorded_dir = _cached_export(scenario, plan, cached, one_time)
+        reused, recorded_dir = [engine_dir], output_dir / "engines" / engine_dir.resolve().name
+    elif cached:
+        made = [_cached_export(s, p, entry, one_time, what)
+                for (s, p), entry, what in zip(exports(scenario, plan), cached, EXPORTS)]
+        engine_dir, refiner_dir = _pair(made)
+        recorded_dir, recorded_refiner = engine_dir, refiner_dir
     elif needs_engines and engine_dir is None:
-        engine_dir = _export(scenario, plan, output_dir, staging, one_time)
-        reused = engine_dir if engine_dir.is_relative_to(output_dir) else None
-        recorded_dir = output_dir / "engines" / scenario.name  # where it is once the output is in place
+        made = [_export(s, p, output_dir, staging, one_time, what)
+                for (s, p), what in zip(exports(scenario, plan), EXPORTS)]
+        engine_dir, refiner_dir = _pair(made)
+        reused = [d for d in made if d.is_relative_to(output_dir)]
+        # where they are once the output is in place
+        recorded_dir, recorded_refiner = _pair([output_dir / "engines" / s.name for s, _ in exports(scenario, plan)])
 
     tally = _Tally(baseline)
     results = tally.results
@@ -184,12 +198,15 @@ def _run(
                 progress.update(task, description=f"{name}: loading")
                 try:
                     check_available(name)
-                    if name == "tensorrt" and engine_dir is not None:
-                        _build_tensorrt(engine_dir, scenario, one_time)
-                    if name == "onnxruntime-cuda-fused" and engine_dir is not None:
-                        _build_onnxruntime(engine_dir, one_time)
+                    for built, what in zip((engine_dir, refiner_dir), EXPORTS):
+                        if name == "tensorrt" and built is not None:
+                            _build_tensorrt(built, scenario, one_time, what)
+                        if name == "onnxruntime-cuda-fused" and built is not None:
+                            _build_onnxruntime(built, one_time, what)
                     loaded_at = time.perf_counter()
                     contender = _load(name, model, engine_dir, dtype, scenario)
+                    if refiner is not None and (name in BASELINES or engine_dir is not None):
+                        contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario)
                     try:
                         if name in plan.slow_unet:
                             slow_down_unet(contender, plan.slow_unet[name])
@@ -256,10 +273,12 @@ def _run(
         "baseline": baseline,
         "precision": dtype,
         "device": str(device()),
-        "random_weights": model.random_weights,
+        "random_weights": model.random_weights or bool(refiner and refiner.random_weights),
         "model": model.label,
         "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,
+        **({"refiner": {"model": refiner.label, "random_weights": refiner.random_weights, "denoising_end": scenario.cut,
+                        "engine_dir": str(recorded_refiner) if recorded_refiner else None}} if refiner else {}),
         "environment": env,
         "one_time": one_time,
         "test_hooks": {SLOW_UNET_HOOK: plan.slow_unet} if plan.slow_unet else {},
@@ -438,8 +457,28 @@ def _free_device() -> None:
         torch.cuda.empty_cache()
 
 
+EXPORTS = ("export", "refiner_export")
+"""The report's ``one_time`` records of the exports (``exports``): the model's, the refiner's."""
+
+
+def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPlan]]:
+    """What the benchmark exports, each as a scenario and plan of its own: the model, and a
+    refiner's (``Scenario.refiner``) as a model of its own with the same profile and precision,
+    in ``engines/<name>-refiner`` (or its own engine cache entry)."""
+    if scenario.refiner is None:
+        return [(scenario, plan)]
+    alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner, refiner=None,
+                                denoising_end=None, strength=None)  # it starts from latents: no VAE encoder
+    return [(scenario, plan), (alone, plan.refiner_plan())]
+
+
+def _pair(paths: list[Path]) -> tuple[Path, Path | None]:
+    """The model's engine directory and the refiner's (None without one), from ``exports``' order."""
+    return paths[0], (paths[1] if len(paths) > 1 else None)
+
+
 def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path,
-            one_time: dict[str, dict[str, float | str]]) -> Path:
+            one_time: dict[str, dict[str, float | str]], what: str = "export") -> Path:
     """Export once into the staging output, or use the previous output's engines in place when they
     were made for the same export (they move into the new output only when it is complete).
 
@@ -454,15 +493,15 @@ def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path
     key = _export_key(scenario, plan, by_content=False)
     previous = output_dir / "engines" / scenario.name
     target = staging / "engines" / scenario.name
-    if (previous / "manifest.json").is_file() and _previous_export_key(output_dir) == key:
+    if (previous / "manifest.json").is_file() and _previous_export_key(output_dir, what) == key:
         try:
             load_manifest(previous, verify_files=False)
-            one_time["export"] = {"status": "reused", "path": str(previous), "key": key}
+            one_time[what] = {"status": "reused", "path": str(previous), "key": key}
             return previous
         except EngineDirError:
             pass
     seconds = _export_to(target, scenario, plan.outline.family, precision(scenario), plan.export_profile)
-    one_time["export"] = {"export_s": seconds, "path": str(previous), "key": key}
+    one_time[what] = {"export_s": seconds, "path": str(previous), "key": key}
     return target
 
 
@@ -474,12 +513,12 @@ def _export_key(scenario: Scenario, plan: BenchPlan, *, by_content: bool = True)
                       export_components(scenario, plan.outline.family, dtype), by_content=by_content)
 
 
-def _previous_export_key(output_dir: Path) -> str | None:
-    """The export key the previous output's engines were made (or reused) under; None for an output
-    that does not record one (it exports again)."""
+def _previous_export_key(output_dir: Path, what: str = "export") -> str | None:
+    """The export key the previous output's engines (``what``: of ``EXPORTS``) were made (or reused)
+    under; None for an output that does not record one (it exports again)."""
     try:
         report = json.loads((output_dir / "results.json").read_text(encoding="utf-8"))
-        key = report["one_time"]["export"]["key"]
+        key = report["one_time"][what]["key"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return key if isinstance(key, str) else None
@@ -514,26 +553,28 @@ def engine_cache_entry(scenario: Scenario, plan: BenchPlan, cache: Path) -> Path
     return cache_entry(cache.resolve(), scenario, _export_key(scenario, plan))
 
 
-def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: dict[str, dict[str, float | str]]) -> Path:
+def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: dict[str, dict[str, float | str]],
+                   what: str = "export") -> Path:
     """The export from the engine cache, made there first when no run has made it yet (or when the
     one there is damaged: it is set aside first)."""
     from sdexport.bench.engine_cache import damage, mark_used, set_aside
 
     problem = damage(entry) if entry.exists() or entry.is_symlink() else "absent"
     if problem is None:
-        one_time["export"] = {"status": "cached", "path": str(entry)}
+        one_time[what] = {"status": "cached", "path": str(entry)}
     else:
         if problem != "absent":
             aside = set_aside(entry)
             console.print(f"[yellow]engine cache:[/] {escape(entry.name)} is damaged ({escape(problem)}); "
                           f"moved to {escape(aside.name)}, exporting again")
         seconds = _export_to(entry, scenario, plan.outline.family, precision(scenario), plan.export_profile)
-        one_time["export"] = {"export_s": seconds, "path": str(entry), "status": "cached now"}
+        one_time[what] = {"export_s": seconds, "path": str(entry), "status": "cached now"}
     mark_used(entry)
     return entry
 
 
-def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]]) -> None:
+def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]],
+                    what: str = "export") -> None:
     from sdexport.build.tensorrt_build import build_engines
 
     start = time.perf_counter()
@@ -543,21 +584,26 @@ def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, di
         optimization_level=scenario.build.get("optimization_level"),
         fp16=True,
     )
-    one_time["tensorrt_build"] = {
+    one_time[_built(what, "tensorrt_build")] = {
         "build_s": time.perf_counter() - start,
         "engines": ", ".join(f"{r.component}: {r.status}" for r in results),
     }
 
 
-def _build_onnxruntime(engine_dir: Path, one_time: dict[str, dict[str, float | str]]) -> None:
+def _build_onnxruntime(engine_dir: Path, one_time: dict[str, dict[str, float | str]], what: str = "export") -> None:
     from sdexport.build.onnxruntime_build import build_onnxruntime
 
     start = time.perf_counter()
     results = build_onnxruntime(engine_dir, fp16=True)
-    one_time["onnxruntime_build"] = {
+    one_time[_built(what, "onnxruntime_build")] = {
         "build_s": time.perf_counter() - start,
         "graphs": ", ".join(f"{r.component}: {r.status}" for r in results),
     }
+
+
+def _built(what: str, build: str) -> str:
+    """The ``one_time`` record of a build into the export ``what``: ``refiner_tensorrt_build`` for the refiner's."""
+    return build if what == EXPORTS[0] else f"refiner_{build}"
 
 
 def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: Scenario) -> Contender:
@@ -568,6 +614,25 @@ def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: 
     assert engine_dir is not None
     cuda_graph = name == "tensorrt" and bool(scenario.build.get("cuda_graph", False))
     return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph, image_inputs=scenario.image_inputs)
+
+
+def _with_refiner(base: Contender, name: str, refiner: Any, refiner_dir: Path | None, dtype: str,
+                  scenario: Scenario) -> Contender:
+    """``base`` and the refiner loaded as the same kind of contender, as one (``EnsembleContender``)."""
+    assert scenario.cut is not None
+    try:
+        if name in BASELINES:
+            for part in list(refiner.modules):
+                refiner.materialize(part)
+            second: Contender = BaselineContender(name, refiner, dtype)
+        else:
+            assert refiner_dir is not None
+            cuda_graph = name == "tensorrt" and bool(scenario.build.get("cuda_graph", False))
+            second = RuntimeContender(name, refiner_dir, cuda_graph=cuda_graph)
+    except BaseException:
+        base.close()
+        raise
+    return EnsembleContender(base, second, scenario.cut)
 
 
 def stage_runs(repeats: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,13 @@ class BenchPlan:
     """The scheduler config the runtime contenders will use (the engine directory's, if given)."""
     slow_unet: dict[str, float] = field(default_factory=dict)
     """The test hook ``SDEXPORT_TEST_SLOW_UNET`` (see ``slow_unet_hook``): contender → seconds."""
+    refiner: ModelOutline | None = None
+    """The scenario's SDXL refiner (``Scenario.refiner``), exported with the same profile."""
+
+    def refiner_plan(self) -> BenchPlan:
+        """This plan as the refiner's export sees it: its model, the same profile and precision."""
+        assert self.refiner is not None
+        return replace(self, outline=self.refiner, scheduler_config=self.refiner.scheduler_config, refiner=None)
 
 
 def slow_unet_hook(contenders: list[str]) -> dict[str, float]:
@@ -111,9 +118,11 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
                             "(they give the ControlNet the one-hot modes at the guidance batch), so the baseline "
                             "cannot run it; drop guess_mode, or set guidance = 1")
+    refiner = _refiner_outline(scenario, outline, options)
     export_profile = bench_export_profile(scenario)
-    export_profile.validate(outline)
-    export_profile.check_limits(outline.vae_width)
+    for model in (outline, *([refiner] if refiner else [])):
+        export_profile.validate(model)
+        export_profile.check_limits(model.vae_width)
     geometry: ImageGeometry = outline
     profile, scheduler_config = export_profile, outline.scheduler_config
     if options.engine_dir is not None:
@@ -160,9 +169,16 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         images = manifest.model_dims.K or 1
         scheduler_config = read_scheduler_config(options.engine_dir)
     for case in scenario.cases:
-        check_request(request_for(scenario, case), family=outline.family, dims=geometry, profile=profile,
+        request, refine = request_for(scenario, case), None
+        if scenario.cut is not None:  # the base model's share, then the refiner's
+            from sdexport.runtime.ensemble import halves
+
+            request, refine = halves(request, scenario.cut)
+        check_request(request, family=outline.family, dims=geometry, profile=profile,
                       scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
                       adapters=len(scenario.adapters), union_modes=modes, union_images=images)
+        if refine is not None and refiner is not None:
+            _check_refiner_share(scenario, request, refine, refiner, export_profile, scheduler_config)
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -171,7 +187,46 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         export_profile=export_profile,
         scheduler_config=scheduler_config,
         slow_unet=slow_unet_hook(contenders),
+        refiner=refiner,
     )
+
+
+def _refiner_outline(scenario: Scenario, outline: ModelOutline, options: Options) -> ModelOutline | None:
+    """The scenario's refiner read (configs only) and checked against its base model, or None."""
+    from sdexport.specs import FAMILY_LABELS
+
+    if scenario.refiner is None:
+        return None
+    if options.engine_dir is not None:
+        raise SdexportError(f"--engine-dir with refiner {scenario.refiner}: the benchmark exports the base model and "
+                            "the refiner itself (keep them between runs with --engine-cache)")
+    if outline.family != "sdxl":
+        raise SdexportError(f"{scenario.model}: an SDXL base model hands its latents to the refiner, and this model is "
+                            f"{FAMILY_LABELS[outline.family]}; name an SDXL base model with refiner")
+    try:
+        refiner = outline_model(scenario.refiner)
+    except SdexportError as exc:
+        raise SdexportError(f"refiner {exc}") from None
+    if refiner.family != SDXL_REFINER:
+        raise SdexportError(f"refiner {scenario.refiner}: not an SDXL refiner ({FAMILY_LABELS[refiner.family]})")
+    if refiner.vae_scale_factor != outline.vae_scale_factor:
+        raise SdexportError(f"refiner {scenario.refiner}: its latents are 1/{refiner.vae_scale_factor} of the image's "
+                            f"sides, the base model's 1/{outline.vae_scale_factor}")
+    return refiner
+
+
+def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: GenerationRequest,
+                         refiner: ModelOutline, profile: ShapeProfile, base_config: dict[str, Any]) -> None:
+    """The refiner's share of a case, checked as ``run --refiner`` checks it, and neither share empty."""
+    from sdexport.runtime.ensemble import LATENTS_TO_COME, check_shares
+
+    assert scenario.cut is not None
+    try:
+        check_request(replace(refine, init_latents=LATENTS_TO_COME), family=SDXL_REFINER, dims=refiner,
+                      profile=profile, scheduler_config=refiner.scheduler_config)
+    except SdexportError as exc:
+        raise SdexportError(f"refiner {scenario.refiner}: {exc}") from None
+    check_shares(base, base_config, refine, refiner.scheduler_config, scenario.cut)
 
 
 def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:
@@ -186,7 +241,7 @@ def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tupl
     """What the run reads, which the output folder may therefore not replace."""
     engines = () if options.engine_dir is None or own_engines(options.engine_dir, output_dir) else (options.engine_dir,)
     cache = () if options.engine_cache is None else (options.engine_cache,)
-    return (*plan.outline.sources, *engines, *cache)
+    return (*plan.outline.sources, *(plan.refiner.sources if plan.refiner else ()), *engines, *cache)
 
 
 def init_image(scenario: Scenario) -> Any:

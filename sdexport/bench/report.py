@@ -217,6 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"- Model: {report['model']}"
             + (_random_weights_words(report["model"]) if report["random_weights"] else "")
         ),
+        *([_refiner_words(report["refiner"])] if report.get("refiner") else []),
         f"- Device: {device}",
         f"- Versions: {versions}; git {env['git_revision'] or 'unknown'}",
         f"- Date: {env['date']}",
@@ -305,6 +306,13 @@ def markdown(report: dict[str, Any]) -> str:
 def _names(adapter: str | list[str]) -> str:
     """A scenario's ``adapter``: one name, or several joined (a MultiAdapter)."""
     return adapter if isinstance(adapter, str) else " + ".join(adapter)
+
+
+def _refiner_words(refiner: dict[str, Any]) -> str:
+    """The Model line's second half for SDXL's ensemble of experts."""
+    return (f"- Refiner: {refiner['model']}, from denoising_end {refiner['denoising_end']:g} (the ensemble of "
+            "experts: the base model's latents handed over undecoded; every contender, the baseline too, runs "
+            "both models, and the figures cover both)")
 
 
 def _image_task_words(scenario: dict[str, Any], family: str | None) -> str:

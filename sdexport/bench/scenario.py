@@ -89,6 +89,21 @@ class Scenario:
     adapter pipeline with the same adapter(s)."""
     adapter_scale: float = 1.0
     """``adapter_conditioning_scale``, given to every contender alike."""
+    refiner: str | None = None
+    """SDXL's ensemble of experts: an SDXL refiner preset, diffusers directory or checkpoint that
+    refines the (SDXL) model's latents from ``denoising_end`` on, as ``run --refiner`` does; the
+    baseline is diffusers' two pipelines, the base model's latents handed over undecoded."""
+    denoising_end: float | None = None
+    """With ``refiner``: the base model's fraction of the schedule (default 0.8, diffusers' example)."""
+
+    @property
+    def cut(self) -> float | None:
+        """Where the base model hands over to the refiner (None without one)."""
+        from sdexport.runtime.ensemble import DENOISING_END_DEFAULT
+
+        if self.refiner is None:
+            return None
+        return DENOISING_END_DEFAULT if self.denoising_end is None else self.denoising_end
 
     @property
     def adapters(self) -> list[str]:
@@ -108,7 +123,7 @@ class Scenario:
 
 WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
                    "strength", "inpaint", "controlnets", "control_mode", "control_scale", "guess_mode", "adapter",
-                   "adapter_scale",
+                   "adapter_scale", "refiner", "denoising_end",
                    "export", "build")
 """What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
 ``sdexport bench compare`` compares two reports only when these are equal."""
@@ -154,6 +169,8 @@ SCHEMA: dict[str, Any] = {
                               {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1,
                                "maxItems": 4}]},  # specs.MAX_ADAPTERS
         "adapter_scale": {"type": "number"},
+        "refiner": {"type": "string", "minLength": 1},
+        "denoising_end": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "export": {
             "type": "object",
             "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,
@@ -221,6 +238,13 @@ def load_scenario(path: Path) -> Scenario:
     if scenario.adapter and (scenario.controlnets or scenario.image_inputs):
         raise SdexportError(f"{path}: adapter with {'controlnets' if scenario.controlnets else 'an init image'}: "
                             "diffusers' adapter pipelines generate from text alone; benchmark one kind")
+    if scenario.denoising_end is not None and scenario.refiner is None:
+        raise SdexportError(f"{path}: denoising_end is the base model's share before the refiner's: add refiner, or "
+                            "drop it")
+    if scenario.refiner is not None and (scenario.inpaint or scenario.controlnets or scenario.adapter):
+        held = "inpaint" if scenario.inpaint else "controlnets" if scenario.controlnets else "adapter"
+        raise SdexportError(f"{path}: refiner with {held}: the ensemble of experts runs text to image and img2img "
+                            "(strength) only, as `sdexport run --refiner` does")
     try:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
