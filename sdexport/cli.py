@@ -878,7 +878,8 @@ def bench_cache_key(
     with a refiner, a second line: its own, SCENARIO-refiner-KEY).
 
     The key covers the model's files, the profile, the precision, the components, the sdexport code
-    that writes graphs and the tracing libraries' versions: use it as a CI cache key.
+    that writes graphs and the tracing libraries' versions: use it as a CI cache key (a refiner
+    scenario prints two lines: join them where a key must be one line).
     """
     from sdexport.bench.plan import Options, plan_bench
     from sdexport.bench.scenario import load_scenario

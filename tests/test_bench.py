@@ -425,7 +425,6 @@ ENSEMBLE = """
 name = "ensemble"
 model = "tiny-sdxl"
 refiner = "tiny-sdxl-refiner"
-denoising_end = 0.6
 height = 64
 width = 64
 steps = [5]
@@ -436,24 +435,27 @@ contenders = ["diffusers", "onnxruntime-cpu"]
 """
 
 
-def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path):
+def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path, capsys):
     """``refiner``: every contender runs the base model to ``denoising_end`` and the refiner from its
     latents; the baseline is diffusers' two pipelines, which the runtime's pair matches. Both are
-    exported into the output (the refiner without a VAE encoder) and reused by the next run."""
+    exported into the output (the refiner without a VAE encoder) and reused by the next run. The
+    report records the cut as run (the default here), so an explicit 0.8 compares as the same."""
     from sdexport.manifest import load_manifest
 
     scenario, out = tmp_path / "ensemble.toml", tmp_path / "out"
     scenario.write_text(ENSEMBLE)
     assert run_cli("bench", scenario, "-o", out) == 0
     report = json.loads((out / "results.json").read_text())
-    assert report["refiner"]["denoising_end"] == 0.6 and "tiny-sdxl-refiner" in report["refiner"]["model"]
+    assert report["refiner"]["denoising_end"] == report["scenario"]["denoising_end"] == 0.8
+    assert "tiny-sdxl-refiner" in report["refiner"]["model"]
     assert report["refiner"]["engine_dir"] == str(out / "engines" / "ensemble-refiner")
     assert report["scenario"]["refiner"] == "tiny-sdxl-refiner" and report["random_weights"]
     measured = {r["contender"]: r for r in report["results"]}
     assert [r["status"] for r in measured.values()] == ["measured", "measured"]
-    assert all(r["unet_calls"] == 5 for r in measured.values())  # the base model's 3 steps, the refiner's 2
+    assert all(r["unet_calls"] == 5 for r in measured.values())  # the base model's 4 steps, the refiner's 1
     assert measured["onnxruntime-cpu"]["agreement"]["latents_rel_l2"] < 1e-4
-    assert "- Refiner: preset tiny-sdxl-refiner" in (out / "results.md").read_text()
+    said = (out / "results.md").read_text()
+    assert "- Refiner: preset tiny-sdxl-refiner" in said and "U-Net per step is the mean over both models'" in said
     refiner = load_manifest(out / "engines" / "ensemble-refiner", verify_files=False)
     assert refiner.family == "sdxl-refiner" and "vae_encoder" not in refiner.components
     keys = {what: report["one_time"][what]["key"] for what in ("export", "refiner_export")}
@@ -462,8 +464,12 @@ def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path):
     assert {what: (again[what]["status"], again[what]["key"]) for what in keys} == {
         what: ("reused", key) for what, key in keys.items()}
     assert sorted(p.name for p in (out / "engines").iterdir()) == ["ensemble", "ensemble-refiner"]
+    capsys.readouterr()
+    assert run_cli("bench", "cache-key", scenario) == 0  # the engine cache's entries: one per export
+    assert [name.rsplit("-", 1)[0] for name in capsys.readouterr().out.split()] == ["ensemble", "ensemble-refiner"]
 
 
+@pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry
 def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, capsys):
     """One cache entry per export, the names ``bench cache-key`` prints, one per line."""
     scenario, cache = tmp_path / "ensemble.toml", tmp_path / "cache"
@@ -482,18 +488,22 @@ def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, cap
     ('model = "tiny"', "tiny: an SDXL base model hands its latents to the refiner, and this model is SD"),
     ('refiner = "tiny-sdxl"', "refiner tiny-sdxl: not an SDXL refiner (SDXL)"),
     ('refiner = "nowhere"', "refiner nowhere: no such file or directory, and not a preset"),
-    ("steps = [2]\ndenoising_end = 0.3", ("the base model's share of the schedule (--steps 2, cut at "
-     "--denoising-end 0.3) holds no step")),
+    ("steps = [2]\ndenoising_end = 0.3", ("the base model's share of the schedule (steps 2, cut at denoising_end "
+     "0.3) holds no step; raise steps, or move denoising_end")),
+    ('model = "tiny-sdxl-inpaint"', ("tiny-sdxl-inpaint: an inpainting model with refiner: the ensemble of experts runs "
+     "text to image and img2img (strength) only")),
+    ('model = "tiny-sdxl-refiner"', ("tiny-sdxl-refiner: an SDXL base model hands its latents to the refiner, and this "
+     "model is SDXL refiner")),
     ("--engine-dir", ("--engine-dir with refiner tiny-sdxl-refiner: the benchmark exports the base model and the "
      "refiner itself")),
 ])
 def test_a_refiner_scenario_that_cannot_run_is_refused_before_loading(tmp_path, capsys, change, message):
-    lines = ENSEMBLE.splitlines()
     args = ["--engine-dir", tmp_path / "engines"] if change == "--engine-dir" else []
-    for line in [] if args else change.splitlines():
-        lines = [line if current.split(" =")[0] == line.split(" =")[0] else current for current in lines]
+    changed = [] if args else change.splitlines()
+    keys = {line.split(" =")[0] for line in changed}
     scenario, out = tmp_path / "s.toml", tmp_path / "out"
-    scenario.write_text("\n".join(lines) + "\n")
+    scenario.write_text("\n".join([line for line in ENSEMBLE.splitlines() if line.split(" =")[0] not in keys]
+                                  + changed) + "\n")
     assert run_cli("bench", scenario, "-o", out, *args) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err

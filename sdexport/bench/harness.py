@@ -157,7 +157,7 @@ def _run(
     # lazy: configs and tokenizers now, weights only when a PyTorch baseline loads (_load), so the
     # export below, which loads the model again one part at a time, holds no second copy of them
     # (ControlNets excepted: they are read at once, lazy or not)
-    with step(f"Reading {scenario.model}'s configs"):
+    with step(f"Reading {scenario.model}'s configs" + (f" and {scenario.refiner}'s" if scenario.refiner else "")):
         model = load_model(scenario.model, controlnets=scenario.controlnets, adapters=scenario.adapters, lazy=True)
         refiner = load_model(scenario.refiner, lazy=True) if scenario.refiner is not None else None
     one_time["model"] = {"load_s": time.perf_counter() - start}
@@ -205,7 +205,7 @@ def _run(
                             _build_onnxruntime(built, one_time, what)
                     loaded_at = time.perf_counter()
                     contender = _load(name, model, engine_dir, dtype, scenario)
-                    if refiner is not None and (name in BASELINES or engine_dir is not None):
+                    if refiner is not None:
                         contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario)
                     try:
                         if name in plan.slow_unet:
@@ -269,11 +269,13 @@ def _run(
                 tally.interrupted = _interruption(exc, tally, contenders, scenario.cases, time.perf_counter() - start)
             _free_device()
     return {
-        "scenario": {**vars(scenario), "contenders": contenders, "warmup": warmup, "repeats": repeats},
+        # the cut as run (a default and an explicit 0.8 compare as the same workload)
+        "scenario": {**vars(scenario), "denoising_end": scenario.cut, "contenders": contenders, "warmup": warmup,
+                     "repeats": repeats},
         "baseline": baseline,
         "precision": dtype,
         "device": str(device()),
-        "random_weights": model.random_weights or bool(refiner and refiner.random_weights),
+        "random_weights": model.random_weights,
         "model": model.label,
         "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,

@@ -97,6 +97,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         check_cache_folder(options.engine_cache)
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     outline = outline_model(scenario.model)
+    refiner = _refiner_outline(scenario, outline, options)  # first: the checks below would ask for an init image
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
                             "the scenario")
@@ -118,7 +119,6 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
                             "(they give the ControlNet the one-hot modes at the guidance batch), so the baseline "
                             "cannot run it; drop guess_mode, or set guidance = 1")
-    refiner = _refiner_outline(scenario, outline, options)
     export_profile = bench_export_profile(scenario)
     for model in (outline, *([refiner] if refiner else [])):
         export_profile.validate(model)
@@ -203,6 +203,9 @@ def _refiner_outline(scenario: Scenario, outline: ModelOutline, options: Options
     if outline.family != "sdxl":
         raise SdexportError(f"{scenario.model}: an SDXL base model hands its latents to the refiner, and this model is "
                             f"{FAMILY_LABELS[outline.family]}; name an SDXL base model with refiner")
+    if outline.inpainting:
+        raise SdexportError(f"{scenario.model}: an inpainting model with refiner: the ensemble of experts runs text to "
+                            "image and img2img (strength) only, as `sdexport run --refiner` does")
     try:
         refiner = outline_model(scenario.refiner)
     except SdexportError as exc:
@@ -226,7 +229,7 @@ def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: Ge
                       profile=profile, scheduler_config=refiner.scheduler_config)
     except SdexportError as exc:
         raise SdexportError(f"refiner {scenario.refiner}: {exc}") from None
-    check_shares(base, base_config, refine, refiner.scheduler_config, scenario.cut)
+    check_shares(base, base_config, refine, refiner.scheduler_config, scenario.cut, named=str)  # the scenario's keys
 
 
 def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:

@@ -312,7 +312,8 @@ def _refiner_words(refiner: dict[str, Any]) -> str:
     """The Model line's second half for SDXL's ensemble of experts."""
     return (f"- Refiner: {refiner['model']}, from denoising_end {refiner['denoising_end']:g} (the ensemble of "
             "experts: the base model's latents handed over undecoded; every contender, the baseline too, runs "
-            "both models, and the figures cover both)")
+            "both models, and the figures cover both: U-Net per step is the mean over both models' steps, VAE the "
+            "refiner's decode)" + (_random_weights_words(refiner["model"]) if refiner["random_weights"] else ""))
 
 
 def _image_task_words(scenario: dict[str, Any], family: str | None) -> str:

@@ -10,6 +10,7 @@ once; the loop itself is the one every engine directory runs, called twice.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,15 @@ def halves(request: GenerationRequest, end: float) -> tuple[GenerationRequest, G
     return base, refine
 
 
+def flag(name: str) -> str:
+    """A request field as ``run``'s option names it (``denoising_end``: ``--denoising-end``)."""
+    return "--" + name.replace("_", "-")
+
+
 def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: GenerationRequest,
-                 refiner_config: dict[str, Any], end: float) -> None:
-    """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
+                 refiner_config: dict[str, Any], end: float, *, named: Callable[[str], str] = flag) -> None:
+    """The base model's steps and the refiner's, each on a scheduler of its own: neither empty.
+    ``named``: how a refusal names the settings to change (``run``'s options; a scenario's keys)."""
     from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
     from sdexport.specs import SDXL_REFINER
 
@@ -112,11 +119,12 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
             schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
         except SdexportError:
             strength = request.strength if request.image is not None else None  # an img2img base's
-            given = f"--strength {strength:g} of " if strength is not None else ""
-            raise SdexportError(f"the {which} share of the schedule ({given}--steps {request.steps}, cut at "
-                                f"--denoising-end {end:g}) holds no step; "
-                                + ("raise --strength or --steps, " if strength is not None else "raise --steps, ")
-                                + "or move --denoising-end") from None
+            strength_, steps, cut = named("strength"), named("steps"), named("denoising_end")
+            given = f"{strength_} {strength:g} of " if strength is not None else ""
+            raise SdexportError(f"the {which} share of the schedule ({given}{steps} {request.steps}, cut at "
+                                f"{cut} {end:g}) holds no step; "
+                                + (f"raise {strength_} or {steps}, " if strength is not None else f"raise {steps}, ")
+                                + f"or move {cut}") from None
 
 
 class Ensemble:
