@@ -158,8 +158,11 @@ def test_no_code_for_the_target_is_refused():
 # command leaves behind, and logs its arguments, while the rest (unpacking the archive, the
 # library paths) runs on the real interpreter.
 STAND_IN = r"""#!/usr/bin/env bash
-echo "$*" >> "$STAND_IN_LOG"
-[[ $1 == -m ]] && echo "  revision=${SDEXPORT_GIT_REVISION:-} path=${PYTHONPATH%%:*}" >> "$STAND_IN_LOG"
+# one write per command (its line and, for python -m, its environment's): steps that run side by
+# side (gpu-tests beside the export) append to the same log
+line="$*"
+[[ $1 == -m ]] && line+=$'\n'"  revision=${SDEXPORT_GIT_REVISION:-} path=${PYTHONPATH%%:*}"
+printf '%s\n' "$line" >> "$STAND_IN_LOG"
 out=""
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
 case "$1 $2 ${3:-}" in
