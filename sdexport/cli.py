@@ -839,6 +839,7 @@ def bench(
     repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
     engine_cache: Annotated[Path | None, typer.Option(help="Keep the export in this folder between runs, in a subfolder named by what it depends on (`sdexport bench cache-key`); a later run with the same key reuses it.")] = None,
+    refiner_engine_dir: Annotated[Path | None, typer.Option(help="A scenario with a refiner: use this sdxl-refiner engine directory (with --engine-dir, the base model's) instead of exporting one.")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process.
 
@@ -851,7 +852,7 @@ def bench(
 
     loaded = load_scenario(scenario)
     options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders"),
-                      repeats=repeats, warmup=warmup, engine_cache=engine_cache)
+                      repeats=repeats, warmup=warmup, engine_cache=engine_cache, refiner_engine_dir=refiner_engine_dir)
     target = _output_path(output)
     plan = plan_bench(loaded, options)  # refuses bad input before torch and the model load
     check_target(target, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, target))

@@ -467,6 +467,18 @@ def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path, caps
     capsys.readouterr()
     assert run_cli("bench", "cache-key", scenario) == 0  # the engine cache's entries: one per export
     assert [name.rsplit("-", 1)[0] for name in capsys.readouterr().out.split()] == ["ensemble", "ensemble-refiner"]
+    # engine directories given: read in place; the output's own are carried into the new one
+    base, refiner = out / "engines" / "ensemble", out / "engines" / "ensemble-refiner"
+    for target in (out, tmp_path / "elsewhere"):
+        assert run_cli("bench", scenario, "-o", target, "--contenders", "onnxruntime-cpu", "--engine-dir", base,
+                       "--refiner-engine-dir", refiner) == 0
+        report = json.loads((target / "results.json").read_text())
+        assert (report["engine_dir"], report["refiner"]["engine_dir"]) == (str(base), str(refiner))
+        assert report["command_line"]["--refiner-engine-dir"] == str(refiner) and "export" not in report["one_time"]
+    assert not (tmp_path / "elsewhere" / "engines").exists() and (refiner / "manifest.json").is_file()
+    capsys.readouterr()
+    assert run_cli("bench", scenario, "-o", tmp_path / "not", "--engine-dir", base, "--refiner-engine-dir", base) == 2
+    assert f"--refiner-engine-dir {base}: not an SDXL refiner (SDXL)" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry
@@ -484,27 +496,30 @@ def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, cap
     assert report["refiner"]["engine_dir"] == str((cache / names[1]).resolve())
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    ('model = "tiny"', "tiny: an SDXL base model hands its latents to the refiner, and this model is SD"),
-    ('refiner = "tiny-sdxl"', "refiner tiny-sdxl: not an SDXL refiner (SDXL)"),
-    ('refiner = "nowhere"', "refiner nowhere: no such file or directory, and not a preset"),
-    ("steps = [2]\ndenoising_end = 0.3", ("the base model's share of the schedule (steps 2, cut at denoising_end "
+@pytest.mark.parametrize(("change", "flags", "message"), [
+    ('model = "tiny"', [], "tiny: an SDXL base model hands its latents to the refiner, and this model is SD"),
+    ('refiner = "tiny-sdxl"', [], "refiner tiny-sdxl: not an SDXL refiner (SDXL)"),
+    ('refiner = "nowhere"', [], "refiner nowhere: no such file or directory, and not a preset"),
+    ("steps = [2]\ndenoising_end = 0.3", [], ("the base model's share of the schedule (steps 2, cut at denoising_end "
      "0.3) holds no step; raise steps, or move denoising_end")),
-    ('model = "tiny-sdxl-inpaint"', ("tiny-sdxl-inpaint: an inpainting model with refiner: the ensemble of experts runs "
-     "text to image and img2img (strength) only")),
-    ('model = "tiny-sdxl-refiner"', ("tiny-sdxl-refiner: an SDXL base model hands its latents to the refiner, and this "
-     "model is SDXL refiner")),
-    ("--engine-dir", ("--engine-dir with refiner tiny-sdxl-refiner: the benchmark exports the base model and the "
-     "refiner itself")),
+    ('model = "tiny-sdxl-inpaint"', [], ("tiny-sdxl-inpaint: an inpainting model with refiner: the ensemble of experts "
+     "runs text to image and img2img (strength) only")),
+    ('model = "tiny-sdxl-refiner"', [], ("tiny-sdxl-refiner: an SDXL base model hands its latents to the refiner, and "
+     "this model is SDXL refiner")),
+    ("", ["--engine-dir"], ("--engine-dir with refiner tiny-sdxl-refiner: give the refiner's engine directory too "
+     "(--refiner-engine-dir), or neither")),
+    ("", ["--refiner-engine-dir"], "give the base model's engine directory too (--engine-dir), or neither"),
+    ("refiner = None", ["--refiner-engine-dir"], "the scenario has no refiner; drop it, or add refiner to the scenario"),
 ])
-def test_a_refiner_scenario_that_cannot_run_is_refused_before_loading(tmp_path, capsys, change, message):
-    args = ["--engine-dir", tmp_path / "engines"] if change == "--engine-dir" else []
-    changed = [] if args else change.splitlines()
-    keys = {line.split(" =")[0] for line in changed}
+def test_a_refiner_scenario_that_cannot_run_is_refused_before_loading(tmp_path, capsys, change, flags, message):
+    """A scenario's lines replaced by ``change`` (``= None``: left out), run with ``flags`` (each
+    naming a folder that is not there: they are refused before it is read)."""
+    keys = {line.split(" =")[0] for line in change.splitlines()}
+    lines = [line for line in ENSEMBLE.splitlines() if line.split(" =")[0] not in keys]
+    lines += [line for line in change.splitlines() if not line.endswith("= None")]
     scenario, out = tmp_path / "s.toml", tmp_path / "out"
-    scenario.write_text("\n".join([line for line in ENSEMBLE.splitlines() if line.split(" =")[0] not in keys]
-                                  + changed) + "\n")
-    assert run_cli("bench", scenario, "-o", out, *args) == 2
+    scenario.write_text("\n".join(lines) + "\n")
+    assert run_cli("bench", scenario, "-o", out, *[a for flag in flags for a in (flag, tmp_path / "engines")]) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
     assert not out.exists()

@@ -161,10 +161,13 @@ def _run(
         model = load_model(scenario.model, controlnets=scenario.controlnets, adapters=scenario.adapters, lazy=True)
         refiner = load_model(scenario.refiner, lazy=True) if scenario.refiner is not None else None
     one_time["model"] = {"load_s": time.perf_counter() - start}
-    engine_dir, recorded_dir, reused = options.engine_dir, options.engine_dir, []
-    refiner_dir, recorded_refiner = None, None
-    if engine_dir is not None and own_engines(engine_dir, output_dir):
-        reused, recorded_dir = [engine_dir], output_dir / "engines" / engine_dir.resolve().name
+    engine_dir, refiner_dir = options.engine_dir, options.refiner_engine_dir
+    recorded_dir, recorded_refiner = engine_dir, refiner_dir
+    reused: list[Path] = []
+    if engine_dir is not None:  # read in place; the output's own are carried into the new one
+        reused = [d for d in (engine_dir, refiner_dir) if d is not None and own_engines(d, output_dir)]
+        recorded_dir, recorded_refiner = (output_dir / "engines" / d.resolve().name if d in reused else d
+                                          for d in (engine_dir, refiner_dir))
     elif cached:
         made = [_cached_export(s, p, entry, one_time, what)
                 for (s, p), entry, what in zip(exports(scenario, plan), cached, EXPORTS)]
@@ -439,7 +442,8 @@ def command_line(options: Options) -> dict[str, Any]:
     figure is read as the scenario file's alone)."""
     given = {"--contenders": ",".join(options.contenders) if options.contenders else None,
              "--repeats": options.repeats, "--warmup": options.warmup,
-             "--engine-dir": str(options.engine_dir) if options.engine_dir else None}
+             "--engine-dir": str(options.engine_dir) if options.engine_dir else None,
+             "--refiner-engine-dir": str(options.refiner_engine_dir) if options.refiner_engine_dir else None}
     return {flag: value for flag, value in given.items() if value is not None}
 
 

@@ -28,6 +28,8 @@ class Options:
     warmup: int | None = None
     engine_cache: Path | None = None
     """Keep the export in this folder, keyed by what it depends on (``sdexport.bench.engine_cache``)."""
+    refiner_engine_dir: Path | None = None
+    """With ``engine_dir``, for a scenario's refiner: its sdxl-refiner engine directory."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
     if options.warmup is not None and options.warmup < 0:
         raise SdexportError(f"--warmup {options.warmup}: need 0 or more warm-up runs")
+    if options.refiner_engine_dir is not None and scenario.refiner is None:
+        raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir}: the scenario has no refiner; drop it, "
+                            "or add refiner to the scenario")
     if options.engine_cache is not None:
         if options.engine_dir is not None:
             raise SdexportError("--engine-dir and --engine-cache: give one (an engine directory, or where to keep them)")
@@ -125,6 +130,10 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         export_profile.check_limits(model.vae_width)
     geometry: ImageGeometry = outline
     profile, scheduler_config = export_profile, outline.scheduler_config
+    # what the refiner's share of a case is checked against: its geometry, profile and scheduler config
+    refiner_checks: tuple[ImageGeometry, ShapeProfile, dict[str, Any]] | None = None
+    if refiner is not None:
+        refiner_checks = (refiner, export_profile, refiner.scheduler_config)
     if options.engine_dir is not None:
         from sdexport.manifest import load_manifest, read_scheduler_config
         from sdexport.runtime.loading import takes_init_images
@@ -168,6 +177,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         profile, geometry = manifest.shape_profile, manifest.model_dims
         images = manifest.model_dims.K or 1
         scheduler_config = read_scheduler_config(options.engine_dir)
+        if options.refiner_engine_dir is not None:
+            paired = _refiner_engines(options.refiner_engine_dir, options.engine_dir, manifest)
+            refiner_checks = (paired.manifest.model_dims, paired.manifest.shape_profile, paired.scheduler_config)
     for case in scenario.cases:
         request, refine = request_for(scenario, case), None
         if scenario.cut is not None:  # the base model's share, then the refiner's
@@ -177,8 +189,8 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         check_request(request, family=outline.family, dims=geometry, profile=profile,
                       scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
                       adapters=len(scenario.adapters), union_modes=modes, union_images=images)
-        if refine is not None and refiner is not None:
-            _check_refiner_share(scenario, request, refine, refiner, export_profile, scheduler_config)
+        if refine is not None and refiner_checks is not None:
+            _check_refiner_share(scenario, request, refine, *refiner_checks, scheduler_config)
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -197,9 +209,12 @@ def _refiner_outline(scenario: Scenario, outline: ModelOutline, options: Options
 
     if scenario.refiner is None:
         return None
-    if options.engine_dir is not None:
-        raise SdexportError(f"--engine-dir with refiner {scenario.refiner}: the benchmark exports the base model and "
-                            "the refiner itself (keep them between runs with --engine-cache)")
+    if options.engine_dir is not None and options.refiner_engine_dir is None:
+        raise SdexportError(f"--engine-dir with refiner {scenario.refiner}: give the refiner's engine directory too "
+                            "(--refiner-engine-dir), or neither (the benchmark exports both)")
+    if options.refiner_engine_dir is not None and options.engine_dir is None:
+        raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir}: give the base model's engine directory "
+                            "too (--engine-dir), or neither (the benchmark exports both)")
     if outline.family != "sdxl":
         raise SdexportError(f"{scenario.model}: an SDXL base model hands its latents to the refiner, and this model is "
                             f"{FAMILY_LABELS[outline.family]}; name an SDXL base model with refiner")
@@ -218,18 +233,32 @@ def _refiner_outline(scenario: Scenario, outline: ModelOutline, options: Options
     return refiner
 
 
+def _refiner_engines(engine_dir: Path, base_dir: Path, base_manifest: Any) -> Any:
+    """``--refiner-engine-dir``, read (its manifest and scheduler) and checked as ``run --refiner``
+    checks its refiner; fused LoRA refused as for ``--engine-dir``."""
+    from sdexport.runtime.ensemble import Refiner
+
+    paired = Refiner.open(engine_dir, base_dir, base_manifest, flag="--refiner-engine-dir")
+    if paired.manifest.model.get("loras"):
+        raise SdexportError(f"--refiner-engine-dir {engine_dir} has LoRA fused into its weights, the diffusers "
+                            "baseline has not: benchmark a plain export")
+    return paired
+
+
 def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: GenerationRequest,
-                         refiner: ModelOutline, profile: ShapeProfile, base_config: dict[str, Any]) -> None:
-    """The refiner's share of a case, checked as ``run --refiner`` checks it, and neither share empty."""
+                         dims: ImageGeometry, profile: ShapeProfile, refiner_config: dict[str, Any],
+                         base_config: dict[str, Any]) -> None:
+    """The refiner's share of a case, checked as ``run --refiner`` checks it (against the refiner's
+    geometry, profile and scheduler), and neither share empty."""
     from sdexport.runtime.ensemble import LATENTS_TO_COME, check_shares
 
     assert scenario.cut is not None
     try:
-        check_request(replace(refine, init_latents=LATENTS_TO_COME), family=SDXL_REFINER, dims=refiner,
-                      profile=profile, scheduler_config=refiner.scheduler_config)
+        check_request(replace(refine, init_latents=LATENTS_TO_COME), family=SDXL_REFINER, dims=dims,
+                      profile=profile, scheduler_config=refiner_config)
     except SdexportError as exc:
         raise SdexportError(f"refiner {scenario.refiner}: {exc}") from None
-    check_shares(base, base_config, refine, refiner.scheduler_config, scenario.cut, named=str)  # the scenario's keys
+    check_shares(base, base_config, refine, refiner_config, scenario.cut, named=str)  # the scenario's keys
 
 
 def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:
@@ -242,7 +271,8 @@ def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:
 
 def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tuple[Path, ...]:
     """What the run reads, which the output folder may therefore not replace."""
-    engines = () if options.engine_dir is None or own_engines(options.engine_dir, output_dir) else (options.engine_dir,)
+    engines = tuple(d for d in (options.engine_dir, options.refiner_engine_dir)
+                    if d is not None and not own_engines(d, output_dir))
     cache = () if options.engine_cache is None else (options.engine_cache,)
     return (*plan.outline.sources, *(plan.refiner.sources if plan.refiner else ()), *engines, *cache)
 

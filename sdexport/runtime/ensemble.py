@@ -40,35 +40,36 @@ class Refiner:
     scheduler_config: dict[str, Any]
 
     @classmethod
-    def open(cls, engine_dir: Path, base_dir: Path, base_manifest: Any) -> Refiner:
+    def open(cls, engine_dir: Path, base_dir: Path, base_manifest: Any, flag: str = "--refiner") -> Refiner:
         """The refiner at ``engine_dir`` for the base model at ``base_dir``; what cannot be an
-        ensemble (not an SDXL base, not a refiner, latents of another shape) refused in one line."""
+        ensemble (not an SDXL base, not a refiner, latents of another shape) refused in one line
+        that names the option that gave it, ``flag``."""
         from sdexport.manifest import load_manifest, read_scheduler_config
         from sdexport.specs import FAMILY_LABELS, SDXL_REFINER
 
         if base_manifest.family != "sdxl":
-            raise SdexportError(f"--refiner: an SDXL base model hands its latents to the refiner, and {base_dir} is "
+            raise SdexportError(f"{flag}: an SDXL base model hands its latents to the refiner, and {base_dir} is "
                                 f"{FAMILY_LABELS[base_manifest.family]}; give an SDXL base model's engine directory first")
         held = [what for what, has in (("an inpainting U-Net", base_manifest.model_dims.inpainting),
                                        ("ControlNets", base_manifest.controlnets),
                                        ("T2I-Adapters", base_manifest.adapters)) if has]
         if held:  # every request of such a base needs a mask or control images, which an ensemble refuses
-            raise SdexportError(f"--refiner: {base_dir} has {' and '.join(held)}, which the ensemble of experts does "
+            raise SdexportError(f"{flag}: {base_dir} has {' and '.join(held)}, which the ensemble of experts does "
                                 "not run yet; give the engine directory of an SDXL base model without them")
         try:
             manifest = load_manifest(engine_dir, verify_files=False)
         except SdexportError as exc:
-            raise SdexportError(f"--refiner: {exc}") from None
+            raise SdexportError(f"{flag}: {exc}") from None
         if manifest.family != SDXL_REFINER:
-            raise SdexportError(f"--refiner {engine_dir}: not an SDXL refiner ({FAMILY_LABELS[manifest.family]}); "
+            raise SdexportError(f"{flag} {engine_dir}: not an SDXL refiner ({FAMILY_LABELS[manifest.family]}); "
                                 "give an sdxl-refiner engine directory")
         ours, its = base_manifest.model_dims, manifest.model_dims
         if (ours.C, ours.vae_scale_factor) != (its.C, its.vae_scale_factor):
-            raise SdexportError(f"--refiner {engine_dir}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of "
+            raise SdexportError(f"{flag} {engine_dir}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of "
                                 f"the image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
         base_profile, profile = base_manifest.shape_profile, manifest.shape_profile
         if common_sizes(base_profile, profile) is None:
-            raise SdexportError(f"--refiner {engine_dir}: its profile's sizes ({_sizes(profile.height, profile.width)}) "
+            raise SdexportError(f"{flag} {engine_dir}: its profile's sizes ({_sizes(profile.height, profile.width)}) "
                                 f"and the base model's ({_sizes(base_profile.height, base_profile.width)}) have none in common; "
                                 "export the refiner with the base model's --height and --width ranges")
         return cls(engine_dir, manifest, read_scheduler_config(engine_dir))
