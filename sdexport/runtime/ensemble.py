@@ -120,12 +120,12 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
             schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
         except SdexportError:
             strength = request.strength if request.image is not None else None  # an img2img base's
-            strength_, steps, cut = named("strength"), named("steps"), named("denoising_end")
-            given = f"{strength_} {strength:g} of " if strength is not None else ""
-            raise SdexportError(f"the {which} share of the schedule ({given}{steps} {request.steps}, cut at "
-                                f"{cut} {end:g}) holds no step; "
-                                + (f"raise {strength_} or {steps}, " if strength is not None else f"raise {steps}, ")
-                                + f"or move {cut}") from None
+            by_strength, by_steps, by_cut = named("strength"), named("steps"), named("denoising_end")
+            given = f"{by_strength} {strength:g} of " if strength is not None else ""
+            raise SdexportError(f"the {which} share of the schedule ({given}{by_steps} {request.steps}, cut at "
+                                f"{by_cut} {end:g}) holds no step; "
+                                + (f"raise {by_strength} or {by_steps}, " if strength is not None else f"raise {by_steps}, ")
+                                + f"or move {by_cut}") from None
 
 
 class Ensemble:
