@@ -481,6 +481,19 @@ def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path, caps
     assert f"--refiner-engine-dir {base}: not an SDXL refiner (SDXL)" in " ".join(capsys.readouterr().err.split())
 
 
+@pytest.mark.slow  # the base model's img2img runs the loop every other base model's request does
+def test_a_refiner_scenario_from_an_init_image_matches_diffusers(tmp_path):
+    """With ``strength``, the base model starts from the synthetic image (diffusers' img2img
+    pipeline with ``denoising_end``) and the refiner from its latents, as in text to image."""
+    scenario, out = tmp_path / "ensemble.toml", tmp_path / "out"
+    scenario.write_text(ENSEMBLE.replace("batch = [2]", "batch = [1]") + "strength = 0.8\n")
+    assert run_cli("bench", scenario, "-o", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+    assert runtime["unet_calls"] == 4 and runtime["agreement"]["latents_rel_l2"] < 1e-4  # int(5 x 0.8) steps
+    assert "img2img from a synthetic image at strength 0.8" in (out / "results.md").read_text()
+
+
 @pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry
 def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, capsys):
     """One cache entry per export, the names ``bench cache-key`` prints, one per line."""
