@@ -8,7 +8,7 @@ all. The diffusers baseline and the sdexport runtime over each backend are conte
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from sdexport.errors import MissingDependencyError
+from sdexport.runtime.ensemble import halves
 from sdexport.runtime.txt2img import GenerationRequest, Timings
 
 
@@ -114,10 +115,6 @@ class EnsembleContender:
         self.per_shape = getattr(base, "per_shape", False) or getattr(refiner, "per_shape", False)
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
-        from dataclasses import replace
-
-        from sdexport.runtime.ensemble import halves
-
         first, then = halves(request, self.end)
         start = time.perf_counter()
         handed = self.base(first, stages=stages)

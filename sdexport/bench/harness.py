@@ -163,23 +163,22 @@ def _run(
     one_time["model"] = {"load_s": time.perf_counter() - start}
     engine_dir, refiner_dir = options.engine_dir, options.refiner_engine_dir
     recorded_dir, recorded_refiner = engine_dir, refiner_dir
+    made_by = exports(scenario, plan)
     reused: list[Path] = []
     if engine_dir is not None:  # read in place; the output's own are carried into the new one
         reused = [d for d in (engine_dir, refiner_dir) if d is not None and own_engines(d, output_dir)]
         recorded_dir, recorded_refiner = (output_dir / "engines" / d.resolve().name if d in reused else d
                                           for d in (engine_dir, refiner_dir))
     elif cached:
-        made = [_cached_export(s, p, entry, one_time, what)
-                for (s, p), entry, what in zip(exports(scenario, plan), cached, EXPORTS)]
+        made = [_cached_export(s, p, entry, one_time, what) for (s, p), entry, what in zip(made_by, cached, EXPORTS)]
         engine_dir, refiner_dir = _pair(made)
         recorded_dir, recorded_refiner = engine_dir, refiner_dir
     elif needs_engines and engine_dir is None:
-        made = [_export(s, p, output_dir, staging, one_time, what)
-                for (s, p), what in zip(exports(scenario, plan), EXPORTS)]
+        made = [_export(s, p, output_dir, staging, one_time, what) for (s, p), what in zip(made_by, EXPORTS)]
         engine_dir, refiner_dir = _pair(made)
         reused = [d for d in made if d.is_relative_to(output_dir)]
         # where they are once the output is in place
-        recorded_dir, recorded_refiner = _pair([output_dir / "engines" / s.name for s, _ in exports(scenario, plan)])
+        recorded_dir, recorded_refiner = _pair([output_dir / "engines" / s.name for s, _ in made_by])
 
     tally = _Tally(baseline)
     results = tally.results

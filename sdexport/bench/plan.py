@@ -139,11 +139,7 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
         from sdexport.runtime.loading import takes_init_images
 
         manifest = load_manifest(options.engine_dir, verify_files=False)
-        if manifest.model.get("loras"):
-            raise SdexportError(
-                f"--engine-dir {options.engine_dir} has LoRA fused into its weights, the diffusers baseline has "
-                "not: the agreement figures would compare different models; benchmark a plain export"
-            )
+        _refuse_fused_lora("--engine-dir", options.engine_dir, manifest)
         if manifest.family != outline.family:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "
@@ -239,10 +235,15 @@ def _refiner_engines(engine_dir: Path, base_dir: Path, base_manifest: Any) -> An
     from sdexport.runtime.ensemble import Refiner
 
     paired = Refiner.open(engine_dir, base_dir, base_manifest, flag="--refiner-engine-dir")
-    if paired.manifest.model.get("loras"):
-        raise SdexportError(f"--refiner-engine-dir {engine_dir} has LoRA fused into its weights, the diffusers "
-                            "baseline has not: benchmark a plain export")
+    _refuse_fused_lora("--refiner-engine-dir", engine_dir, paired.manifest)
     return paired
+
+
+def _refuse_fused_lora(flag: str, engine_dir: Path, manifest: Any) -> None:
+    """Engines with LoRA fused in, which the diffusers baseline does not have."""
+    if manifest.model.get("loras"):
+        raise SdexportError(f"{flag} {engine_dir} has LoRA fused into its weights, the diffusers baseline has not: "
+                            "the agreement figures would compare different models; benchmark a plain export")
 
 
 def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: GenerationRequest,
@@ -250,14 +251,11 @@ def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: Ge
                          base_config: dict[str, Any]) -> None:
     """The refiner's share of a case, checked as ``run --refiner`` checks it (against the refiner's
     geometry, profile and scheduler), and neither share empty."""
-    from sdexport.runtime.ensemble import LATENTS_TO_COME, check_shares
+    from sdexport.runtime.ensemble import check_refine, check_shares
 
     assert scenario.cut is not None
-    try:
-        check_request(replace(refine, init_latents=LATENTS_TO_COME), family=SDXL_REFINER, dims=dims,
-                      profile=profile, scheduler_config=refiner_config)
-    except SdexportError as exc:
-        raise SdexportError(f"refiner {scenario.refiner}: {exc}") from None
+    check_refine(refine, dims=dims, profile=profile, scheduler_config=refiner_config,
+                 who=f"refiner {scenario.refiner}")
     check_shares(base, base_config, refine, refiner_config, scenario.cut, named=str)  # the scenario's keys
 
 

@@ -128,6 +128,20 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
                                 + f"or move {by_cut}") from None
 
 
+def check_refine(refine: GenerationRequest, *, dims: Any, profile: Any, scheduler_config: dict[str, Any],
+                 who: str) -> None:
+    """The refiner's request checked as ``run`` checks any, before the base model has run (its
+    latents stand in by name); a refusal says whose it is, ``who``."""
+    from sdexport.runtime.request import check_request
+    from sdexport.specs import SDXL_REFINER
+
+    try:
+        check_request(replace(refine, init_latents=LATENTS_TO_COME), family=SDXL_REFINER, dims=dims, profile=profile,
+                      scheduler_config=scheduler_config)
+    except SdexportError as exc:
+        raise SdexportError(f"{who}: {exc}") from None
+
+
 class Ensemble:
     """One request's two halves: ``base`` stops at ``end``; ``refine`` starts there, from the base
     model's latents (``init_latents``, filled in once they exist)."""
@@ -142,17 +156,11 @@ class Ensemble:
     def check(self, most: int) -> None:
         """The refiner's calls, at most ``most`` images each as the base model's, checked as ``run``
         checks the base model's (its latents stand in by name)."""
-        from sdexport.runtime.request import check_request
-
         refiner = self.refiner
         self.parts = self.refine.split(most)
         for part in (self.parts[0], self.parts[-1]):
-            try:
-                check_request(replace(part, init_latents=LATENTS_TO_COME), family=refiner.manifest.family,
-                              dims=refiner.manifest.model_dims, profile=refiner.manifest.shape_profile,
-                              scheduler_config=refiner.scheduler_config)
-            except SdexportError as exc:
-                raise SdexportError(f"--refiner {refiner.engine_dir}: {exc}") from None
+            check_refine(part, dims=refiner.manifest.model_dims, profile=refiner.manifest.shape_profile,
+                         scheduler_config=refiner.scheduler_config, who=f"--refiner {refiner.engine_dir}")
 
     def check_windows(self, base_config: dict[str, Any]) -> None:
         """The base model's steps and the refiner's, each on a scheduler of its own: neither empty."""
