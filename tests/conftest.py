@@ -302,6 +302,15 @@ def tiny_sdxl_engine_dir(pytestconfig, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_inpaint_engine_dir(pytestconfig, tmp_path_factory) -> Path:
+    """An fp32 export of the tiny SDXL inpainting model (9-channel U-Net), shared like the others."""
+    from sdexport.export.exporter import ExportOptions
+
+    return _made_once_per_run(pytestconfig, tmp_path_factory, "sdxl-inpaint-fp32", ExportOptions(verify="quick"),
+                              "tiny-sdxl-inpaint")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_fp16_engine_dir(pytestconfig, tmp_path_factory) -> Path:
     """An fp16 export of the tiny SDXL model (quick verification), shared like the others."""
     from sdexport.export.exporter import ExportOptions

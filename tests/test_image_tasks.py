@@ -28,12 +28,10 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engine_dirs(tiny_engine_dir, tiny_sdxl_engine_dir, tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("image-tasks")
-    dirs = {"tiny": tiny_engine_dir, "tiny-sdxl": tiny_sdxl_engine_dir}
-    for preset in ("tiny-inpaint", "tiny-sdxl-inpaint"):
-        dirs[preset] = root / preset
-        export(preset, dirs[preset], ExportOptions(verify="quick"))
+def engine_dirs(tiny_engine_dir, tiny_sdxl_engine_dir, tiny_sdxl_inpaint_engine_dir, tmp_path_factory) -> dict[str, Path]:
+    dirs = {"tiny": tiny_engine_dir, "tiny-sdxl": tiny_sdxl_engine_dir, "tiny-sdxl-inpaint": tiny_sdxl_inpaint_engine_dir,
+            "tiny-inpaint": tmp_path_factory.mktemp("image-tasks") / "tiny-inpaint"}
+    export("tiny-inpaint", dirs["tiny-inpaint"], ExportOptions(verify="quick"))
     return dirs
 
 

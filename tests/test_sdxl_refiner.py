@@ -376,6 +376,35 @@ def test_the_ensemble_of_experts_matches_diffusers(tiny_sdxl_engine_dir, pipelin
     assert len(ours.timings.unet_steps) + len(refined.timings.unet_steps) == 10
 
 
+@pytest.mark.parametrize(("preset", "scheduler", "guidance"), [
+    # a standard U-Net blends the kept region back; the ancestral sampler draws after the refiner's noise
+    ("tiny-sdxl", "euler_a", None),
+    ("tiny-sdxl-inpaint", "default", 1.0),  # a 9-channel U-Net takes the mask; no CFG
+])
+def test_an_inpainting_ensemble_matches_diffusers(preset, scheduler, guidance, tiny_sdxl_engine_dir,
+                                                  tiny_sdxl_inpaint_engine_dir, pipeline, reference):
+    """diffusers' SDXL inpainting with a refiner: the base model's inpaint pipeline stops at
+    ``denoising_end`` (strength 0.9999: the init image noised to the first timestep), and the
+    refiner's inpaint pipeline takes its latents as the image, with the same mask: it draws noise
+    but adds none, and blends those latents back outside the mask after each step. Each half
+    against its pipeline, the refiner's from diffusers' latents."""
+    engine_dir = tiny_sdxl_inpaint_engine_dir if preset == "tiny-sdxl-inpaint" else tiny_sdxl_engine_dir
+    first = GenerationRequest(prompt=["a lighthouse", "a harbour"], steps=10, seeds=[3, 4], height=64, width=128,
+                              scheduler=scheduler, guidance=guidance, image=[picture(64, 128, 1)],
+                              mask=[box_mask(64, 128)], denoising_end=0.7)
+    with load_pipeline(engine_dir, "onnxruntime-cpu", image_inputs=True) as base:
+        ours = base(first)
+    theirs = DiffusersReference(load_model(preset))(first)
+    assert rel_l2(ours.latents, theirs.latents) < TOLERANCE
+    second = dataclasses.replace(first, image=None, denoising_end=None, denoising_start=0.7,
+                                 init_latents=theirs.latents)
+    assert second.task == "inpaint"
+    refined, expected = pipeline(second), reference(second)
+    assert rel_l2(refined.latents, expected.latents) < TOLERANCE
+    assert np.abs(refined.pixels - expected.pixels).max() < 1e-3
+    assert len(ours.timings.unet_steps) + len(refined.timings.unet_steps) == 9  # int(10 x 0.9999) in all
+
+
 def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
     """``run BASE --refiner DIR``: the base model's latents at --denoising-end (here from an init
     image), refined by the refiner from there; the images are the Python API's two calls', and
@@ -411,6 +440,31 @@ def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, re
         assert (base["task"], base["strength"], base["init_image"]) == ("img2img", 0.9, str(tmp_path / "init.png"))
 
 
+def test_run_with_a_refiner_inpaints_through_both_models(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
+    """``run BASE --refiner DIR --init-image I --mask M``: the mask goes to both halves (the init
+    image and strength to the base model alone), as the Python API's two calls take them; each
+    image records the mask for the refiner's half and the base model's."""
+    picture(64, 64, 5).save(tmp_path / "init.png")
+    box_mask(64, 64).save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert run_cli("run", tiny_sdxl_engine_dir, "-p", "a lighthouse", "--steps", "6", "--seed", "3", "--refiner",
+                   refiner_dir, "--denoising-end", "0.7", "--init-image", tmp_path / "init.png", "--mask",
+                   tmp_path / "mask.png", "--backend", "onnxruntime-cpu", "-o", out) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "5 of 6 steps: the default --strength of SDXL inpainting is diffusers' 0.9999" in said
+    request = GenerationRequest(prompt=["a lighthouse"], steps=6, seeds=[3], height=64, width=64, mask=[box_mask(64, 64)])
+    with load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu", image_inputs=True) as base:
+        latents = base(dataclasses.replace(request, image=[picture(64, 64, 5)], denoising_end=0.7)).latents
+    with load_pipeline(refiner_dir, "onnxruntime-cpu", image_inputs=False) as refiner:
+        refined = refiner(dataclasses.replace(request, denoising_start=0.7, init_latents=latents))
+    written = Image.open(out)
+    np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(refined.images[0]))
+    record = json.loads(written.text["sdexport"])
+    assert (record["task"], record["mask"], record["base"]["task"], record["base"]["mask"]) == (
+        "inpaint", str(tmp_path / "mask.png"), "inpaint", str(tmp_path / "mask.png"))
+    assert record["base"]["init_image"] == str(tmp_path / "init.png") and "init_image" not in record
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["{base}", "--denoising-end", "0.7"], "--denoising-end needs --refiner"),
     (["{sd}", "--refiner", "{refiner}"], "--refiner: an SDXL base model hands its latents to the refiner, and"),
@@ -422,8 +476,8 @@ def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, re
     (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--strength", "0.1", "--steps", "10"],
      ("the base model's share of the schedule (--strength 0.1 of --steps 10, cut at --denoising-end 0.8) holds "
       "no step; raise --strength or --steps, or move --denoising-end")),
-    (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--mask", "{image}"],
-     "denoising_end with a mask: an inpainting ensemble of experts is not run yet"),
+    (["{base}", "--refiner", "{refiner}", "--mask", "{image}"],
+     "--mask needs --init-image"),
 ])
 def test_run_refuses_an_ensemble_it_cannot_run_in_one_line(args, message, tiny_sdxl_engine_dir, tiny_engine_dir,
                                                            refiner_dir, tmp_path, capsys):
@@ -441,9 +495,10 @@ def test_run_refuses_an_ensemble_it_cannot_run_in_one_line(args, message, tiny_s
 def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refiner_dir, tmp_path):
     """``serve BASE --refiner DIR``: a request gives the image ``run --refiner`` writes with the same
     parameters, and records both halves as it does; ``denoising_end`` per request, else the
-    server's; rows that leave it out share a call with rows that send the server's. A request the
-    ensemble cannot run gets run's one-line refusal (an inpainting ensemble, a share of the
-    schedule without a step, no step at all), the others their images."""
+    server's; rows that leave it out share a call with rows that send the server's. An init image
+    and mask inpaint through both halves, as the Python API's two calls do. A request the ensemble
+    cannot run gets run's one-line refusal (a share of the schedule without a step, no step at
+    all), the others their images."""
     import io
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
@@ -469,6 +524,10 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
         served, inpainted, refused, none = model.generate([asked, inpaint, empty,
                                                            {**rows, "steps": np.array([[0]], dtype=np.int32)}])
         default, same = model.generate([rows, {**rows, "denoising_end": np.array([[0.6]], dtype=np.float32)}])
+        image = Image.open(tmp_path / "image.png")
+        asked_alone = GenerationRequest(prompt=["x"], steps=6, seeds=[5], height=64, width=64, mask=[image])
+        latents = model.pipeline(dataclasses.replace(asked_alone, image=[image], denoising_end=0.6)).latents
+        repainted = model.refining(dataclasses.replace(asked_alone, denoising_start=0.6, init_latents=latents))
     finally:
         model.close()
     assert "refined by" in logs[0] and "from 0.6" in logs[0], logs
@@ -478,7 +537,10 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
     written = json.loads(Image.open(out).text["sdexport"])
     assert (record["family"], record["denoising_start"], record["aesthetic_score"]) == ("sdxl-refiner", 0.7, 7.0)
     assert record == written, (record, written)
-    assert isinstance(inpainted, str) and "an inpainting ensemble of experts is not run yet" in inpainted
+    assert not isinstance(inpainted, str), inpainted
+    np.testing.assert_array_equal(inpainted[0].pixels, np.asarray(repainted.images[0]))
+    record = json.loads(Image.open(io.BytesIO(inpainted[0].png)).text["sdexport"])
+    assert (record["task"], record["base"]["task"], record["base"]["denoising_end"]) == ("inpaint", "inpaint", 0.6)
     assert isinstance(refused, str) and refused.startswith(
         "the refiner's share of the schedule (--steps 3, cut at --denoising-end 0.8) holds no step")
     assert none == "--steps 0: need at least 1 step"  # the request's own checks first, as in run
@@ -519,12 +581,12 @@ def test_triton_repo_writes_the_refiner_beside_the_base_model(tiny_sdxl_engine_d
     assert config.max_batch_size == batch
 
 
-@pytest.mark.parametrize(("held", "said"), [({"U": 9}, "an inpainting U-Net"), ({"controlnets": ["controlnet"]}, "ControlNets"),
+@pytest.mark.parametrize(("held", "said"), [({"controlnets": ["controlnet"]}, "ControlNets"),
                                              ({"adapters": ["adapter"]}, "T2I-Adapters")])
 def test_an_ensemble_refuses_a_base_whose_every_request_it_would_refuse(held, said, tiny_sdxl_engine_dir, refiner_dir):
-    """A base model that needs a mask, control or adapter images on every request (which a cut
-    schedule does not take yet) is refused when the pair is opened: before `serve` starts Triton,
-    not as every request's error."""
+    """A base model that needs control or adapter images on every request (which a cut schedule
+    does not take yet) is refused when the pair is opened: before `serve` starts Triton, not as
+    every request's error. (An inpainting base model's masks are taken.)"""
     from types import SimpleNamespace
 
     from sdexport.runtime.ensemble import Refiner

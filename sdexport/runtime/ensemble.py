@@ -2,7 +2,9 @@
 
 The base model runs the schedule up to ``denoising_end`` and hands its latents, not decoded, to the
 refiner, which runs the rest with the same prompts, seeds, steps, scheduler, size and guidance and
-its own conditioning (the aesthetic scores, taken off the base model's request). ``run --refiner``
+its own conditioning (the aesthetic scores, taken off the base model's request). An inpainting
+request's mask goes to both: each blends the image back outside it (the refiner, the base model's
+latents, as diffusers' inpaint pipeline does when given latents). ``run --refiner``
 and ``serve --refiner`` both derive the two requests here, so what each model is given is written
 once; the loop itself is the one every engine directory runs, called twice.
 """
@@ -50,10 +52,9 @@ class Refiner:
         if base_manifest.family != "sdxl":
             raise SdexportError(f"{flag}: an SDXL base model hands its latents to the refiner, and {base_dir} is "
                                 f"{FAMILY_LABELS[base_manifest.family]}; give an SDXL base model's engine directory first")
-        held = [what for what, has in (("an inpainting U-Net", base_manifest.model_dims.inpainting),
-                                       ("ControlNets", base_manifest.controlnets),
+        held = [what for what, has in (("ControlNets", base_manifest.controlnets),
                                        ("T2I-Adapters", base_manifest.adapters)) if has]
-        if held:  # every request of such a base needs a mask or control images, which an ensemble refuses
+        if held:  # every request of such a base needs control or adapter images, which an ensemble refuses
             raise SdexportError(f"{flag}: {base_dir} has {' and '.join(held)}, which the ensemble of experts does "
                                 "not run yet; give the engine directory of an SDXL base model without them")
         try:
@@ -92,9 +93,10 @@ def _sizes(heights: tuple[int, ...], widths: tuple[int, ...]) -> str:
 
 def halves(request: GenerationRequest, end: float) -> tuple[GenerationRequest, GenerationRequest]:
     """``request`` (as the base model alone would take it) as the base model's share, up to ``end``,
-    and the refiner's, from there (its ``init_latents`` to be filled in with the base model's)."""
+    and the refiner's, from there (its ``init_latents`` to be filled in with the base model's). The
+    init image and strength are the base model's alone; a mask is both models'."""
     base = replace(request, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
-    refine = replace(request, prompt_2=None, negative_prompt_2=None, target_size=None, image=None, mask=None,
+    refine = replace(request, prompt_2=None, negative_prompt_2=None, target_size=None, image=None,
                      strength=None, denoising_start=end)
     return base, refine
 

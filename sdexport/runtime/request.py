@@ -234,9 +234,10 @@ class GenerationRequest:
     @property
     def task(self) -> str:
         """``txt2img``, ``img2img`` or ``inpaint``: what the loop does with the image inputs (a
-        refiner's ``init_latents``: img2img, as diffusers runs it)."""
-        if self.image is None:
-            return "txt2img" if self.init_latents is None else "img2img"
+        refiner's share from a base model's latents, ``denoising_start``, even before they are given:
+        img2img, or inpaint with a mask, as diffusers runs it)."""
+        if self.image is None and self.init_latents is None and self.denoising_start is None:
+            return "txt2img"
         return "inpaint" if self.mask is not None else "img2img"
 
     def effective_strength(self, family: str) -> float:
@@ -647,11 +648,9 @@ def _check_control_modes(modes: Any, images: int, known: int) -> None:
 
 def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeometry) -> None:
     """img2img and inpainting: what is given fits together, the model and the request's size."""
-    from sdexport.runtime.image_inputs import check_image
-
     inpainting_unet = bool(getattr(dims, "inpainting", False))
     if request.image is None:
-        if request.mask is not None:
+        if request.mask is not None and request.init_latents is None:  # (with them: an inpainting ensemble's refiner)
             raise SdexportError("a mask without an init image: inpainting needs both (--init-image and --mask)")
         if request.strength is not None:
             raise SdexportError("--strength needs an init image (--init-image): it says how far that image is noised")
@@ -660,17 +659,11 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
         if family == SDXL_REFINER and request.init_latents is None:  # (a base model's latents: _check_window)
             raise SdexportError("the SDXL refiner refines an image (img2img, inpainting): give --init-image, "
                                 "such as an SDXL base model's output")
+        _check_images(request, ("mask", request.mask))  # an inpainting ensemble's refiner: the base model's mask
         return
     if inpainting_unet and request.mask is None:
         raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --mask with the init image")
-    for name, images in (("init image", request.image), ("mask", request.mask)):
-        if images is None:
-            continue
-        if not isinstance(images, list) or len(images) not in (1, request.batch):
-            count = len(images) if isinstance(images, list) else type(images).__name__
-            raise SdexportError(f"{count} {name}s for {request.batch} prompts: give one, or one per prompt")
-        for image in images:
-            check_image(image, request.height, request.width, name)
+    _check_images(request, ("init image", request.image), ("mask", request.mask))
     strength = request.strength
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
                                  or not math.isfinite(strength) or not 0 < strength <= 1):
@@ -681,6 +674,20 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
             f"{request.effective_strength(family):g} with --steps {request.steps} runs no step "
             f"(int(steps x strength) = 0): raise the strength or the steps"
         )
+
+
+def _check_images(request: GenerationRequest, *given: tuple[str, list[Any] | None]) -> None:
+    """Each (name, images) given: one for every prompt or one per prompt, of the request's size."""
+    from sdexport.runtime.image_inputs import check_image
+
+    for name, images in given:
+        if images is None:
+            continue
+        if not isinstance(images, list) or len(images) not in (1, request.batch):
+            count = len(images) if isinstance(images, list) else type(images).__name__
+            raise SdexportError(f"{count} {name}s for {request.batch} prompts: give one, or one per prompt")
+        for image in images:
+            check_image(image, request.height, request.width, name)
 
 
 def _check_window(request: GenerationRequest, family: str) -> None:
@@ -702,14 +709,12 @@ def _check_window(request: GenerationRequest, family: str) -> None:
                             "left, and the point of the schedule they were left at")
     if start is not None and end is not None and start >= end:
         raise SdexportError(f"denoising_start {start} and denoising_end {end}: the window is empty (the start must come before the end)")
-    if start is not None and (request.image is not None or request.mask is not None):
+    if start is not None and request.image is not None:
         raise SdexportError("init_latents take the place of an init image: give one or the other (an inpainting "
-                            "ensemble is not run yet)")
+                            "ensemble's refiner takes the base model's mask with its latents)")
     if start is not None and request.strength is not None:
         raise SdexportError(f"--strength {request.strength} with denoising_start: where the window starts says how far "
                             "the latents are noised; leave the strength out")
-    if end is not None and request.mask is not None:
-        raise SdexportError("denoising_end with a mask: an inpainting ensemble of experts is not run yet")
     if request.control_image is not None or request.adapter_image is not None:
         raise SdexportError("denoising_end/denoising_start with ControlNets or T2I-Adapters: not run yet")
 

@@ -400,6 +400,8 @@ class Txt2ImgPipeline:
             latents = init.latents
         elif request.init_latents is not None:  # a base model's, as they are (diffusers adds no noise)
             latents = request.init_latents.to(device=self.device, dtype=torch.float32).expand(self.latent_shape(request))
+            if request.mask is not None:  # an inpainting ensemble's refiner: blends back outside the mask
+                init = self.handed_conditioning(request, latents, generators)
         else:
             latents = self.initial_latents(request, generators, scheduler)
         extra: list[torch.Tensor] = []  # an inpainting U-Net's mask and masked-image latents, CFG-batched
@@ -622,8 +624,6 @@ class Txt2ImgPipeline:
         """Encode the init image (and the masked image) and pick the starting latents, drawing from
         each image's generator in the order diffusers' img2img and inpaint pipelines do: the image's
         latent sample, the noise, then the masked image's latent sample."""
-        import torch.nn.functional as F  # noqa: N812
-
         from sdexport.runtime.image_inputs import binary_mask, per_prompt, pixels
 
         batch, shape = request.batch, self.latent_shape(request)  # check() made sure of the VAE encoder
@@ -648,8 +648,7 @@ class Txt2ImgPipeline:
             latents = noise * scheduler.init_noise_sigma
         if not inpaint:
             return ImageConditioning(latents, noise, image_latents, encoder_fallback=fell_back)
-        masks = request.mask or []
-        mask = binary_mask(masks, len(masks))
+        mask = binary_mask(request.mask or [], len(request.mask or []))
         masked_image = pixels(images, len(images)) * (mask < 0.5)  # one of each broadcasts to the other
         distinct = masked_image.shape[0]
         if self.dims.inpainting:
@@ -658,8 +657,28 @@ class Txt2ImgPipeline:
         else:  # diffusers encodes it anyway and drops it: draw what its sampling would, to keep the seeds in step
             masked_latents = None
             self.noise((distinct, *shape[1:]), generators[:distinct])
-        latent_mask = per_prompt(F.interpolate(mask, size=shape[-2:]), batch).to(self.device)
-        return ImageConditioning(latents, noise, image_latents, latent_mask, masked_latents, fell_back)
+        return ImageConditioning(latents, noise, image_latents, self.latent_mask(mask, request), masked_latents, fell_back)
+
+    def handed_conditioning(self, request: GenerationRequest, latents: torch.Tensor,
+                            generators: list[torch.Generator]) -> ImageConditioning:
+        """The refiner's half of an inpainting ensemble of experts, as diffusers' inpaint pipeline
+        runs it when given latents for its image: it starts from the base model's latents as they
+        are and blends them back (noised to each next timestep) outside the mask after every step.
+        Its noise is drawn from each image's generator before the loop, as diffusers draws it even
+        though it adds none at the start: an ancestral sampler's draws follow it."""
+        from sdexport.runtime.image_inputs import binary_mask
+
+        noise = self.noise(tuple(latents.shape), generators)
+        mask = binary_mask(request.mask or [], len(request.mask or []))
+        return ImageConditioning(latents, noise, image_latents=latents, mask=self.latent_mask(mask, request))
+
+    def latent_mask(self, mask: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
+        """A ``binary_mask`` at latent size, one per prompt, on the device (1: repaint)."""
+        import torch.nn.functional as F  # noqa: N812
+
+        from sdexport.runtime.image_inputs import per_prompt
+
+        return per_prompt(F.interpolate(mask, size=self.latent_shape(request)[-2:]), request.batch).to(self.device)
 
     def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
         """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG;
