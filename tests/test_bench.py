@@ -145,7 +145,6 @@ def test_shipped_scenarios_parse():
     ('model = "tiny-sdxl"\ndenoising_end = 0.5', "denoising_end is the base model's share before the refiner's"),
     ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = 1', ("denoising_end: 1 is greater than or "
      "equal to the maximum of 1")),
-    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ninpaint = true', "refiner with inpaint: the ensemble"),
     ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ncontrolnets = ["tiny-sdxl-controlnet"]',
      "refiner with controlnets"),
     ('model = "tiny-sdxl"\nrefiner = ""', "refiner: '' should be non-empty"),
@@ -481,17 +480,27 @@ def test_a_refiner_scenario_times_both_models_for_every_contender(tmp_path, caps
     assert f"--refiner-engine-dir {base}: not an SDXL refiner (SDXL)" in " ".join(capsys.readouterr().err.split())
 
 
-@pytest.mark.slow  # the base model's img2img runs the loop every other base model's request does
-def test_a_refiner_scenario_from_an_init_image_matches_diffusers(tmp_path):
+@pytest.mark.slow  # each half's image task is checked against diffusers apart (test_sdxl_refiner)
+@pytest.mark.parametrize(("given", "calls", "words"), [
+    ("strength = 0.8", 4, "img2img from a synthetic image at strength 0.8"),  # int(5 x 0.8) steps
+    ("inpaint = true", 4, "inpainting the middle of a synthetic image at strength 0.9999"),  # int(5 x 0.9999)
+], ids=["img2img", "inpaint"])
+def test_a_refiner_scenario_from_an_init_image_matches_diffusers(tmp_path, given, calls, words):
     """With ``strength``, the base model starts from the synthetic image (diffusers' img2img
-    pipeline with ``denoising_end``) and the refiner from its latents, as in text to image."""
+    pipeline with ``denoising_end``) and the refiner from its latents, as in text to image. With
+    ``inpaint``, both take the mask (diffusers' inpaint pipelines); the refiner's export still has
+    no VAE encoder."""
+    from sdexport.manifest import load_manifest
+
     scenario, out = tmp_path / "ensemble.toml", tmp_path / "out"
-    scenario.write_text(ENSEMBLE.replace("batch = [2]", "batch = [1]") + "strength = 0.8\n")
+    scenario.write_text(ENSEMBLE.replace("batch = [2]", "batch = [1]") + given + "\n")
     assert run_cli("bench", scenario, "-o", out) == 0
     report = json.loads((out / "results.json").read_text())
     runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
-    assert runtime["unet_calls"] == 4 and runtime["agreement"]["latents_rel_l2"] < 1e-4  # int(5 x 0.8) steps
-    assert "img2img from a synthetic image at strength 0.8" in (out / "results.md").read_text()
+    assert runtime["unet_calls"] == calls and runtime["agreement"]["latents_rel_l2"] < 1e-4
+    assert words in (out / "results.md").read_text()
+    refiner = load_manifest(out / "engines" / "ensemble-refiner", verify_files=False)
+    assert "vae_encoder" not in refiner.components
 
 
 @pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry
@@ -515,8 +524,6 @@ def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, cap
     ('refiner = "nowhere"', [], "refiner nowhere: no such file or directory, and not a preset"),
     ("steps = [2]\ndenoising_end = 0.3", [], ("the base model's share of the schedule (steps 2, cut at denoising_end "
      "0.3) holds no step; raise steps, or move denoising_end")),
-    ('model = "tiny-sdxl-inpaint"', [], ("tiny-sdxl-inpaint: an inpainting model with refiner: the ensemble of experts "
-     "runs text to image and img2img (strength) only")),
     ('model = "tiny-sdxl-refiner"', [], ("tiny-sdxl-refiner: an SDXL base model hands its latents to the refiner, and "
      "this model is SDXL refiner")),
     ("", ["--engine-dir"], ("--engine-dir with refiner tiny-sdxl-refiner: give the refiner's engine directory too "

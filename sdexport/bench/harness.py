@@ -473,7 +473,7 @@ def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPl
     if scenario.refiner is None:
         return [(scenario, plan)]
     alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner, refiner=None,
-                                denoising_end=None, strength=None)  # it starts from latents: no VAE encoder
+                                denoising_end=None, strength=None, inpaint=False)  # it starts from latents: no VAE encoder
     return [(scenario, plan), (alone, plan.refiner_plan())]
 
 

@@ -214,9 +214,6 @@ def _refiner_outline(scenario: Scenario, outline: ModelOutline, options: Options
     if outline.family != "sdxl":
         raise SdexportError(f"{scenario.model}: an SDXL base model hands its latents to the refiner, and this model is "
                             f"{FAMILY_LABELS[outline.family]}; name an SDXL base model with refiner")
-    if outline.inpainting:
-        raise SdexportError(f"{scenario.model}: an inpainting model with refiner: the ensemble of experts runs text to "
-                            "image and img2img (strength) only, as `sdexport run --refiner` does")
     try:
         refiner = outline_model(scenario.refiner)
     except SdexportError as exc:

@@ -211,8 +211,8 @@ class DiffusersReference:
             extra = {"image": request.init_latents, "denoising_start": float(request.denoising_start or 0)}
         elif request.task != "txt2img":
             extra = {"image": request.image, "strength": request.effective_strength(self.model.family)}
-            if request.task == "inpaint":
-                extra.update(mask_image=request.mask, height=request.height, width=request.width)
+        if request.task == "inpaint":  # (the second expert's: the base model's mask, its latents' image)
+            extra.update(mask_image=request.mask, height=request.height, width=request.width)
         if self.controlnets:
             one = self.controlnets == 1
             images = [list(i) if isinstance(i, tuple) else i for i in request.control_image or []]  # diffusers: lists

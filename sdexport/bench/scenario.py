@@ -241,10 +241,10 @@ def load_scenario(path: Path) -> Scenario:
     if scenario.denoising_end is not None and scenario.refiner is None:
         raise SdexportError(f"{path}: denoising_end is the base model's share before the refiner's: add refiner, or "
                             "drop it")
-    if scenario.refiner is not None and (scenario.inpaint or scenario.controlnets or scenario.adapter):
-        held = "inpaint" if scenario.inpaint else "controlnets" if scenario.controlnets else "adapter"
-        raise SdexportError(f"{path}: refiner with {held}: the ensemble of experts runs text to image and img2img "
-                            "(strength) only, as `sdexport run --refiner` does")
+    if scenario.refiner is not None and (scenario.controlnets or scenario.adapter):
+        held = "controlnets" if scenario.controlnets else "adapter"
+        raise SdexportError(f"{path}: refiner with {held}: the ensemble of experts runs text to image, img2img "
+                            "(strength) and inpainting (inpaint) only, as `sdexport run --refiner` does")
     try:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
