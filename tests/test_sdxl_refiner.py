@@ -598,6 +598,18 @@ def test_an_ensemble_refuses_a_base_whose_every_request_it_would_refuse(held, sa
         Refiner.open(refiner_dir, tiny_sdxl_engine_dir, base)
 
 
+@pytest.mark.parametrize("mask", [True, False])
+def test_an_inpainting_unet_does_not_start_from_a_base_models_latents(tiny_sdxl_engine_dir, mask):
+    """A 9-channel U-Net needs the masked init image's latents, which handed latents do not give:
+    the refiner's half must be a standard U-Net (diffusers' pipeline fails on it deep inside)."""
+    manifest = load_manifest(tiny_sdxl_engine_dir, verify_files=False)
+    request = GenerationRequest(prompt=["x"], height=64, width=64, denoising_start=0.7,
+                                init_latents=torch.zeros(1, 4, 8, 8), mask=[box_mask(64, 64)] if mask else None)
+    with pytest.raises(SdexportError, match="init_latents: this is an inpainting model, whose U-Net takes the masked"):
+        check_request(request, family="sdxl", dims=dataclasses.replace(manifest.model_dims, U=9),
+                      profile=manifest.shape_profile, scheduler_config={})
+
+
 def test_an_ensemble_refuses_profiles_without_a_size_in_common(tiny_sdxl_engine_dir, refiner_dir):
     """No request could pass both models' profiles: refused when the pair is opened, with both ranges."""
     from types import SimpleNamespace

@@ -3,8 +3,9 @@
 The base model runs the schedule up to ``denoising_end`` and hands its latents, not decoded, to the
 refiner, which runs the rest with the same prompts, seeds, steps, scheduler, size and guidance and
 its own conditioning (the aesthetic scores, taken off the base model's request). An inpainting
-request's mask goes to both: each blends the image back outside it (the refiner, the base model's
-latents, as diffusers' inpaint pipeline does when given latents). ``run --refiner``
+request's mask goes to both: the base model inpaints as it would alone, and the refiner blends the
+base model's latents back outside the mask, as diffusers' inpaint pipeline does when given
+latents for its image. ``run --refiner``
 and ``serve --refiner`` both derive the two requests here, so what each model is given is written
 once; the loop itself is the one every engine directory runs, called twice.
 """

@@ -654,6 +654,10 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
             raise SdexportError("a mask without an init image: inpainting needs both (--init-image and --mask)")
         if request.strength is not None:
             raise SdexportError("--strength needs an init image (--init-image): it says how far that image is noised")
+        if inpainting_unet and request.init_latents is not None:
+            raise SdexportError("init_latents: this is an inpainting model, whose U-Net takes the masked init image's "
+                                "latents, which a base model's latents do not give; refine them with a standard "
+                                "U-Net (the SDXL refiner)")
         if inpainting_unet:
             raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --init-image and --mask")
         if family == SDXL_REFINER and request.init_latents is None:  # (a base model's latents: _check_window)

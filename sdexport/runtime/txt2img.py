@@ -100,13 +100,17 @@ class Timings:
 
 @dataclass
 class ImageConditioning:
-    """What an init image (and mask) contribute to one run, on the device, per image of the batch."""
+    """What an init image (and mask) contribute to one run, on the device, per image of the batch;
+    or, for an inpainting ensemble's refiner, a base model's latents and the mask
+    (``Txt2ImgPipeline.handed_conditioning``)."""
 
     latents: torch.Tensor
-    """Where the loop starts: the image's latents noised to the first timestep (or pure noise)."""
+    """Where the loop starts: the image's latents noised to the first timestep (or pure noise; or
+    the base model's latents as they are)."""
     noise: torch.Tensor
     image_latents: torch.Tensor | None = None
-    """The init image's latents, for blending the kept region back (standard U-Net inpainting)."""
+    """What the kept region is blended back to (standard U-Net inpainting): the init image's
+    latents, or the base model's."""
     mask: torch.Tensor | None = None
     """(B, 1, h, w), 1 = repaint: the mask at latent size."""
     masked_latents: torch.Tensor | None = None
@@ -657,7 +661,7 @@ class Txt2ImgPipeline:
         else:  # diffusers encodes it anyway and drops it: draw what its sampling would, to keep the seeds in step
             masked_latents = None
             self.noise((distinct, *shape[1:]), generators[:distinct])
-        return ImageConditioning(latents, noise, image_latents, self.latent_mask(mask, request), masked_latents, fell_back)
+        return ImageConditioning(latents, noise, image_latents, self.latent_mask(request, mask), masked_latents, fell_back)
 
     def handed_conditioning(self, request: GenerationRequest, latents: torch.Tensor,
                             generators: list[torch.Generator]) -> ImageConditioning:
@@ -666,18 +670,18 @@ class Txt2ImgPipeline:
         are and blends them back (noised to each next timestep) outside the mask after every step.
         Its noise is drawn from each image's generator before the loop, as diffusers draws it even
         though it adds none at the start: an ancestral sampler's draws follow it."""
-        from sdexport.runtime.image_inputs import binary_mask
-
         noise = self.noise(tuple(latents.shape), generators)
-        mask = binary_mask(request.mask or [], len(request.mask or []))
-        return ImageConditioning(latents, noise, image_latents=latents, mask=self.latent_mask(mask, request))
+        return ImageConditioning(latents, noise, image_latents=latents, mask=self.latent_mask(request))
 
-    def latent_mask(self, mask: torch.Tensor, request: GenerationRequest) -> torch.Tensor:
-        """A ``binary_mask`` at latent size, one per prompt, on the device (1: repaint)."""
+    def latent_mask(self, request: GenerationRequest, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The request's mask (``mask``: its ``binary_mask``, where the caller has made it) at latent
+        size, one per prompt, on the device (1: repaint)."""
         import torch.nn.functional as F  # noqa: N812
 
-        from sdexport.runtime.image_inputs import per_prompt
+        from sdexport.runtime.image_inputs import binary_mask, per_prompt
 
+        if mask is None:
+            mask = binary_mask(request.mask or [], len(request.mask or []))
         return per_prompt(F.interpolate(mask, size=self.latent_shape(request)[-2:]), request.batch).to(self.device)
 
     def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
