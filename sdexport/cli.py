@@ -716,8 +716,7 @@ def _generate(
     ``ensemble``: each part's latents go on to the refiner, whose images are saved."""
     from dataclasses import replace
 
-    import torch
-
+    from sdexport.runtime.ensemble import check_loaded
     from sdexport.runtime.images import image_parameters, output_paths, save_images
     from sdexport.runtime.loading import load_pipeline
     from sdexport.shapes import ShapeProfile
@@ -735,8 +734,8 @@ def _generate(
             refining = load_pipeline(ensemble.refiner.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                      verify_files=False, graphs=graphs, provider_options=provider_options,
                                      image_inputs=False)  # it starts from latents: no encoder
-        for refine_part in ensemble.parts:  # before the base model runs (its latents stood in by their shape)
-            refining.check(replace(refine_part, init_latents=torch.zeros(refining.latent_shape(refine_part))))
+        for refine_part in ensemble.parts:  # before the base model runs
+            check_loaded(refining, refine_part)
     for part in parts:
         pipeline.check(part)
     paths = output_paths(output, sum(part.batch for part in parts))

@@ -145,6 +145,14 @@ def check_refine(refine: GenerationRequest, *, dims: Any, profile: Any, schedule
         raise SdexportError(f"{who}: {exc}") from None
 
 
+def check_loaded(refining: Any, refine: GenerationRequest) -> None:
+    """The refiner's request against its loaded pipeline ``refining`` (the engines' own profiles
+    included) before the base model has run: its latents stood in by zeros of their shape."""
+    import torch
+
+    refining.check(replace(refine, init_latents=torch.zeros(refining.latent_shape(refine))))
+
+
 class Ensemble:
     """One request's two halves: ``base`` stops at ``end``; ``refine`` starts there, from the base
     model's latents (``init_latents``, filled in once they exist)."""

@@ -167,13 +167,11 @@ class ServedModel:
     def _check_refine(self, refine: GenerationRequest) -> None:
         """The refiner's half against its engines, the base model's latents stood in by their shape;
         its refusals say they are the refiner's (the client gave one set of parameters)."""
-        from dataclasses import replace
-
-        import torch
+        from sdexport.runtime.ensemble import check_loaded
 
         assert self.refining is not None
         try:
-            self.refining.check(replace(refine, init_latents=torch.zeros(self.refining.latent_shape(refine))))
+            check_loaded(self.refining, refine)
         except SdexportError as exc:
             raise SdexportError(f"the refiner: {exc}") from None
 
