@@ -550,6 +550,18 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
     assert json.loads(Image.open(io.BytesIO(default[0].png)).text["sdexport"])["denoising_start"] == 0.6
 
 
+def test_each_half_of_an_ensemble_defaults_to_the_same_guidance():
+    """A served row takes one guidance for both halves (the refiner's default where it gives none),
+    where ``run`` leaves each half its own: the same figure for every task an ensemble runs, so
+    the two give the same images. (A ControlNet inpainting base, 5.0, would part them.)"""
+    from sdexport.runtime.ensemble import halves
+
+    for image, mask in ((None, None), ([picture(64, 64, 0)], None), ([picture(64, 64, 0)], [box_mask(64, 64)])):
+        request = GenerationRequest(prompt=["x"], height=64, width=64, image=image, mask=mask)
+        base, refine = halves(request, 0.8)
+        assert base.effective_guidance("sdxl") == refine.effective_guidance("sdxl-refiner"), base.task
+
+
 def test_served_without_a_refiner_refuses_denoising_end(refiner_dir):
     """A model served alone hands out images, not latents: a request that cuts its schedule is refused."""
     from sdexport.serving.triton_model import ServedModel, ServeSettings

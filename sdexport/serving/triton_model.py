@@ -193,7 +193,10 @@ class ServedModel:
                     # guidance or the ControlNet scale out shares a call with the rows that send one
                     # (each image takes its own)
                     checked = self.check(row)
-                    guidance = row.guidance = checked.guidance_scales(self.pipeline.family)[0]
+                    # (with a refiner, its half's default, which the base model's equals for every
+                    # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
+                    family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
+                    guidance = row.guidance = checked.guidance_scales(family)[0]
                     if row.control_image is not None and row.control_scale is None:
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][checked.task]
                     if self.refiner is not None:  # the base model's share, as given or the server's
