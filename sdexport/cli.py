@@ -362,7 +362,7 @@ def run(
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
     adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter, or that many per image, image by image (default 1).")] = None,
     adapter_factor: Annotated[list[float] | None, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor), one for all images or one per image (default 1).")] = None,
-    refiner: Annotated[Path | None, typer.Option(help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora, --init-image and --strength stay with the base model; --mask goes to both.")] = None,
+    refiner: Annotated[Path | None, typer.Option(help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora, --init-image, --strength and the control and adapter images stay with the base model; --mask goes to both.")] = None,
     denoising_end: Annotated[float | None, typer.Option(help="With --refiner: the fraction of the schedule the base model runs, above 0 and below 1 (default 0.8, diffusers' example); the refiner runs the rest.")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
@@ -746,14 +746,17 @@ def _generate(
         if refining is not None and ensemble is not None:
             console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
             # each image records the base model's half as its own run would (its prompt_2, strength,
-            # truncations, the inputs: an init image is the base model's), under "base"
-            base = [None] * saved + [image_parameters(result, i, {**result.info, **(inputs or {})})[1]
-                                     for i in range(part.batch)]
+            # truncations, the inputs: an init image, control and adapter images are the base
+            # model's, those given per image too), under "base"
+            base = [None] * saved + [
+                image_parameters(result, i, {**result.info, **(inputs or {}),
+                                             **{key: each[saved + i] for key, each in (per_image or {}).items()}})[1]
+                for i in range(part.batch)]
             result = _denoise(refining, replace(ensemble.parts[k], init_latents=result.latents), "Refining")
             prefix = f"{prefix}refiner: "
             # the mask is the refiner's input too (it blends the base model's latents back outside it)
             own = {key: v for key, v in (inputs or {}).items() if key in ("mask", "fit")} if part.mask is not None else None
-            save_images(result, output, own, first=saved, count=len(paths), per_image={**(per_image or {}), "base": base})
+            save_images(result, output, own, first=saved, count=len(paths), per_image={"base": base})
         else:
             save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
         saved += part.batch

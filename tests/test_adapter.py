@@ -96,6 +96,33 @@ def test_pndm_matches_diffusers_at_every_call(engine_dirs, references, name):
     _agree(ours, references[name](request))
 
 
+def test_a_base_model_cut_for_a_refiner_gives_the_features_to_a_share_of_its_own_calls(engine_dirs, references,
+                                                                                        monkeypatch):
+    """SDXL's adapter pipeline with ``denoising_end`` (the base model of an ensemble): diffusers cuts
+    ``num_inference_steps`` to the calls it runs before it takes ``adapter_conditioning_factor`` of
+    them, so the features go to int(calls x factor) of the base model's calls, not of all steps."""
+    pipeline = load_pipeline(engine_dirs["sdxl"], "onnxruntime-cpu")
+    request = _request("sdxl", adapter_factor=0.7, denoising_end=0.6)
+    fed: list[bool] = []  # per U-Net call: were the features given (not zeros)?
+
+    class Watched:  # the U-Net engine, noting each call's features
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __call__(self, feed):
+            fed.append(any(bool(feed[name].abs().sum() > 0) for name in self.engine.spec.adapter_inputs))
+            return self.engine(feed)
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+    monkeypatch.setitem(pipeline.engines, "unet", Watched(pipeline.engines["unet"]))
+    ours = pipeline(request)
+    assert _rel(ours, references["sdxl"](request)) < TOLERANCE
+    calls = len(fed)
+    assert 3 <= calls < 6 and sum(fed) == int(calls * 0.7) < int(6 * 0.7)
+
+
 def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_dirs, references, monkeypatch):
     """A list of factors, one per prompt: each image's features stop after its own share of the U-Net
     calls, so each image comes out bit for bit as in a call where its factor serves every prompt

@@ -111,6 +111,18 @@ def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, ba
     assert _rel(other, ours) > 10 * TOLERANCE
 
 
+def test_a_base_model_cut_for_a_refiner_weighs_the_controlnet_over_the_whole_schedule(engine_dirs, references):
+    """SDXL's ControlNet pipeline with ``denoising_end`` (the base model of an ensemble): diffusers
+    weighs each ControlNet's [start, end] over the whole schedule, then cuts the timesteps. Here
+    the ControlNet ends at half of the 6 steps: it runs for 3 of the base model's calls, where
+    half of the cut schedule's would be fewer."""
+    request = _request("sdxl-one", control_start=0.0, control_end=0.5, denoising_end=0.6)
+    ours = load_pipeline(engine_dirs["sdxl-one"], "onnxruntime-cpu")(request)
+    assert _rel(ours, references["sdxl-one"](request)) < TOLERANCE
+    calls = len(ours.timings.unet_steps)
+    assert 3 <= calls < 6 and len(ours.timings.controlnet_steps) == 3 and int(calls * 0.5) < 3
+
+
 def test_control_images_per_prompt_match_diffusers(engine_dirs, references):
     """A list of control images, one per prompt, in one ControlNet's place beside another's shared
     image: diffusers given its nested list (a list per prompt) computes the same, and each image
@@ -273,6 +285,54 @@ def test_served_guess_mode_is_the_image_run_writes(engine_dirs, tmp_path):
         assert not np.array_equal(served[False], served[True])
     finally:
         model.close()
+
+
+def test_run_and_serve_refine_a_controlnet_base_models_images(engine_dirs, tmp_path, capsys):
+    """``run BASE --refiner DIR`` where the base model has a ControlNet: the control image and its
+    settings are the base model's (recorded under "base"), the refiner's half has none; the image
+    is the Python API's two calls', and ``serve --refiner`` gives it too. An init image with the
+    ControlNet is refused in one line before loading (diffusers' SDXL ControlNet img2img pipeline
+    takes no denoising_end)."""
+    import dataclasses
+
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    refiner = tmp_path / "refiner"
+    export("tiny-sdxl-refiner", refiner, ExportOptions(verify="none"))
+    picture(64, 64, 2).save(tmp_path / "edges.png")
+    out = tmp_path / "cli.png"
+    base_dir = engine_dirs["sdxl-one"]
+    assert run_cli("run", base_dir, "-p", "x", "--steps", "6", "--seed", "5", "--control-image", tmp_path / "edges.png",
+                   "--control-end", "0.5", "--refiner", refiner, "--denoising-end", "0.6", "--backend",
+                   "onnxruntime-cpu", "-o", out) == 0
+    record = json.loads(Image.open(out).text["sdexport"])
+    assert "control" not in record and "control_image" not in record
+    assert record["base"]["control_image"] == [str(tmp_path / "edges.png")]
+    assert record["base"]["control"][0]["end"] == 0.5
+    request = GenerationRequest(prompt=["x"], steps=6, seeds=[5], height=64, width=64)
+    with load_pipeline(base_dir, "onnxruntime-cpu") as base:
+        latents = base(dataclasses.replace(request, control_image=[Image.open(tmp_path / "edges.png")],
+                                           control_end=0.5, denoising_end=0.6)).latents
+    with load_pipeline(refiner, "onnxruntime-cpu", image_inputs=False) as refining:
+        refined = refining(dataclasses.replace(request, denoising_start=0.6, init_latents=latents))
+    np.testing.assert_array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(refined.images[0]))
+    model = ServedModel(ServeSettings(str(base_dir), backend="onnxruntime-cpu", refiner=str(refiner),
+                                      denoising_end=0.6), log=lambda *a: None)
+    try:
+        [served] = model.generate([_inputs(["x"], steps=6, seed=[5], control_end=0.5,
+                                           control_image=(tmp_path / "edges.png").read_bytes())])
+    finally:
+        model.close()
+    assert not isinstance(served, str), served
+    np.testing.assert_array_equal(_png_pixels(served[0].png), np.asarray(refined.images[0]))
+    capsys.readouterr()
+    assert run_cli("run", base_dir, "-p", "x", "--control-image", tmp_path / "edges.png", "--init-image",
+                   tmp_path / "edges.png", "--refiner", refiner, "--backend", "onnxruntime-cpu", "-o",
+                   tmp_path / "no.png") == 2
+    err = capsys.readouterr().err.strip()
+    assert "a ControlNet img2img ensemble of experts is not run yet" in err and len(err.splitlines()) == 1, err
 
 
 POOLED = {  # name: (preset, ControlNets before the pooling one, export verification)

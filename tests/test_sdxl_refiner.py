@@ -550,6 +550,30 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
     assert json.loads(Image.open(io.BytesIO(default[0].png)).text["sdexport"])["denoising_start"] == 0.6
 
 
+def test_the_halves_give_each_model_its_own_inputs(tiny_sdxl_engine_dir):
+    """The refiner's request leaves every base-only field at its default (the init image and
+    strength, ControlNets' and adapters' inputs and settings, the second prompt) and keeps the
+    mask; the base model's leaves the aesthetic scores out; and a request that starts from latents
+    refuses ControlNets (the refiner has none)."""
+    from sdexport.runtime.ensemble import BASE_ONLY, REFINER_ONLY, halves
+
+    request = GenerationRequest(prompt=["x"], prompt_2=["y"], height=64, width=64, image=[picture(64, 64, 0)],
+                                mask=[box_mask(64, 64)], strength=0.5, control_image=[picture(64, 64, 1)],
+                                control_end=0.5, control_scale=0.7, adapter_image=[picture(64, 64, 2)],
+                                adapter_factor=0.5, aesthetic_score=7.0)
+    base, refine = halves(request, 0.7)
+    plain = GenerationRequest(prompt=["x"])
+    assert all(getattr(refine, name) == getattr(plain, name) for name in BASE_ONLY)
+    assert all(getattr(base, name) == getattr(request, name) for name in BASE_ONLY)
+    assert all(getattr(base, name) is None for name in REFINER_ONLY) and refine.aesthetic_score == 7.0
+    assert base.mask is refine.mask is request.mask and (base.denoising_end, refine.denoising_start) == (0.7, 0.7)
+    manifest = load_manifest(tiny_sdxl_engine_dir, verify_files=False)
+    with pytest.raises(SdexportError, match="denoising_start with ControlNets or T2I-Adapters: the refiner's share"):
+        check_request(dataclasses.replace(refine, init_latents=torch.zeros(1, 4, 8, 8), mask=None, aesthetic_score=None,
+                                          control_image=[picture(64, 64, 1)]),
+                      family="sdxl", dims=manifest.model_dims, profile=manifest.shape_profile, scheduler_config={})
+
+
 def test_each_half_of_an_ensemble_defaults_to_the_same_guidance():
     """A served row takes one guidance for both halves (the refiner's default where it gives none),
     where ``run`` leaves each half its own: the same figure for every task an ensemble runs, so
@@ -591,23 +615,6 @@ def test_triton_repo_writes_the_refiner_beside_the_base_model(tiny_sdxl_engine_d
     assert (settings.engine_dir, settings.refiner, settings.denoising_end) == ("/engines/base", "/engines/refiner", 0.75)
     batch = min(load_manifest(d, verify_files=False).shape_profile.batch[2] for d in (tiny_sdxl_engine_dir, refiner_dir))
     assert config.max_batch_size == batch
-
-
-@pytest.mark.parametrize(("held", "said"), [({"controlnets": ["controlnet"]}, "ControlNets"),
-                                             ({"adapters": ["adapter"]}, "T2I-Adapters")])
-def test_an_ensemble_refuses_a_base_whose_every_request_it_would_refuse(held, said, tiny_sdxl_engine_dir, refiner_dir):
-    """A base model that needs control or adapter images on every request (which a cut schedule
-    does not take yet) is refused when the pair is opened: before `serve` starts Triton, not as
-    every request's error. (An inpainting base model's masks are taken.)"""
-    from types import SimpleNamespace
-
-    from sdexport.runtime.ensemble import Refiner
-
-    dims = load_manifest(tiny_sdxl_engine_dir, verify_files=False).model_dims
-    base = SimpleNamespace(family="sdxl", model_dims=dataclasses.replace(dims, U=held.get("U", dims.U)),
-                           controlnets=held.get("controlnets", []), adapters=held.get("adapters", []))
-    with pytest.raises(SdexportError, match=f"has {said}, which the ensemble of experts does not run yet"):
-        Refiner.open(refiner_dir, tiny_sdxl_engine_dir, base)
 
 
 @pytest.mark.parametrize("mask", [True, False])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,15 @@ from sdexport.runtime.request import GenerationRequest
 
 DENOISING_END_DEFAULT = 0.8
 """The base model's fraction of the schedule when none is given (diffusers' example)."""
+
+BASE_ONLY = ("prompt_2", "negative_prompt_2", "target_size", "image", "strength", "control_image", "control_mode",
+             "control_scale", "control_start", "control_end", "guess_mode", "adapter_image", "adapter_scale",
+             "adapter_factor")
+"""What the refiner's request leaves out (at their defaults): the base model's second prompt and
+target size, an init image and strength (it starts from latents; a mask goes to both), and the
+ControlNets' and T2I-Adapters' inputs and settings (the refiner has neither)."""
+REFINER_ONLY = ("aesthetic_score", "negative_aesthetic_score")
+"""What the base model's request leaves out: the refiner's conditioning."""
 
 LATENTS_TO_COME = "the base model's latents"
 """What stands for the refiner's ``init_latents`` in the checks made before the base model runs."""
@@ -53,11 +62,6 @@ class Refiner:
         if base_manifest.family != "sdxl":
             raise SdexportError(f"{flag}: an SDXL base model hands its latents to the refiner, and {base_dir} is "
                                 f"{FAMILY_LABELS[base_manifest.family]}; give an SDXL base model's engine directory first")
-        held = [what for what, has in (("ControlNets", base_manifest.controlnets),
-                                       ("T2I-Adapters", base_manifest.adapters)) if has]
-        if held:  # every request of such a base needs control or adapter images, which an ensemble refuses
-            raise SdexportError(f"{flag}: {base_dir} has {' and '.join(held)}, which the ensemble of experts does "
-                                "not run yet; give the engine directory of an SDXL base model without them")
         try:
             manifest = load_manifest(engine_dir, verify_files=False)
         except SdexportError as exc:
@@ -95,10 +99,11 @@ def _sizes(heights: tuple[int, ...], widths: tuple[int, ...]) -> str:
 def halves(request: GenerationRequest, end: float) -> tuple[GenerationRequest, GenerationRequest]:
     """``request`` (as the base model alone would take it) as the base model's share, up to ``end``,
     and the refiner's, from there (its ``init_latents`` to be filled in with the base model's). The
-    init image and strength are the base model's alone; a mask is both models'."""
-    base = replace(request, denoising_end=end, aesthetic_score=None, negative_aesthetic_score=None)
-    refine = replace(request, prompt_2=None, negative_prompt_2=None, target_size=None, image=None,
-                     strength=None, denoising_start=end)
+    init image, strength, ControlNets and T2I-Adapters are the base model's alone (``BASE_ONLY``);
+    a mask is both models'."""
+    defaults = {f.name: f.default for f in fields(GenerationRequest) if f.default is not MISSING}
+    base = replace(request, denoising_end=end, **{name: defaults[name] for name in REFINER_ONLY})
+    refine = replace(request, denoising_start=end, **{name: defaults[name] for name in BASE_ONLY})
     return base, refine
 
 

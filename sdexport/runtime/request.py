@@ -719,8 +719,15 @@ def _check_window(request: GenerationRequest, family: str) -> None:
     if start is not None and request.strength is not None:
         raise SdexportError(f"--strength {request.strength} with denoising_start: where the window starts says how far "
                             "the latents are noised; leave the strength out")
-    if request.control_image is not None or request.adapter_image is not None:
-        raise SdexportError("denoising_end/denoising_start with ControlNets or T2I-Adapters: not run yet")
+    if start is not None and (request.control_image is not None or request.adapter_image is not None):
+        raise SdexportError("denoising_start with ControlNets or T2I-Adapters: the refiner's share takes neither "
+                            "(they stay with the base model's)")
+    if end is not None and request.control_image is not None and request.image is not None:
+        # diffusers' SDXL ControlNet img2img pipelines take no denoising_end; its inpaint ones do, but
+        # default to another guidance than the refiner's, which one served row cannot give both
+        task = "inpainting" if request.mask is not None else "img2img"
+        raise SdexportError(f"denoising_end with ControlNets and an init image: a ControlNet {task} ensemble of "
+                            "experts is not run yet (ControlNets on the base model run text to image)")
 
 
 def _check_conditioning(request: GenerationRequest, family: str) -> None:

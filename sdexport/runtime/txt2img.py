@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -415,7 +415,7 @@ class Txt2ImgPipeline:
                      torch.cat([init.masked_latents] * 2) if request.cfg else init.masked_latents]
         blend = init is not None and init.mask is not None and not self.dims.inpainting
         step_kwargs = {"generator": generators} if _accepts_generator(scheduler) else {}
-        control = self.control_conditioning(request, len(timesteps)) if self.controlnets else None
+        control = self.control_conditioning(request, self.control_span(request, scheduler, timesteps)) if self.controlnets else None
         adapter: AdapterFeatures | None = None
         if self.adapter:
             adapter_start = clock.mark()
@@ -684,12 +684,20 @@ class Txt2ImgPipeline:
             mask = binary_mask(request.mask or [], len(request.mask or []))
         return per_prompt(F.interpolate(mask, size=self.latent_shape(request)[-2:]), request.batch).to(self.device)
 
+    def control_span(self, request: GenerationRequest, scheduler: Any, timesteps: torch.Tensor) -> int:
+        """The steps the ControlNets' [start, end] shares are fractions of: those the loop runs, or,
+        where ``denoising_end`` cuts the schedule, those it would run uncut (diffusers' SDXL
+        ControlNet pipelines weigh ``controlnet_keep`` before they cut the timesteps)."""
+        if request.denoising_end is None:
+            return len(timesteps)
+        return len(schedule_window(scheduler, replace(request, denoising_end=None), self.family))
+
     def control_conditioning(self, request: GenerationRequest, steps: int) -> ControlConditioning:
         """Each ControlNet's image on the device (batched as the U-Net's input: twice under CFG;
         images given one per prompt, and a masked init image, which has a row per init image or
         mask, are repeated as diffusers repeats a batch of control images) and its scale at every
         step: ``controlnet_conditioning_scale``, zero where the step lies outside its [start, end]
-        share of the steps (diffusers' ``controlnet_keep``, over the steps the loop runs). In guess
+        share of ``steps`` (diffusers' ``controlnet_keep``; ``control_span``). In guess
         mode with CFG the images are batched as the conditional half alone."""
         from sdexport.runtime.image_inputs import control_pixels, masked_control_pixels, per_prompt
         from sdexport.runtime.request import MASKED_INIT
@@ -778,7 +786,8 @@ class Txt2ImgPipeline:
         prompt, twice under CFG (the same features for both halves), given to the first
         ``int(steps x adapter_factor)`` of the loop's ``calls`` U-Net calls (diffusers' SDXL
         pipeline; its SD one, which has no factor, gives them to every call, PNDM's extra one too),
-        each prompt after its own factor where they differ.
+        each prompt after its own factor where they differ. Cut by ``denoising_end``, the steps are
+        the calls the loop runs, as diffusers' SDXL pipeline cuts its ``num_inference_steps``.
 
         The adapter runs at the prompts' batch, one image repeated to each prompt: the batch the
         engines were checked for (a TensorRT plan may not take a batch of one). That is what
@@ -807,7 +816,8 @@ class Txt2ImgPipeline:
                 summed[feature] = summed[feature] + value if feature in summed else value
         features = {n: torch.cat([v, v]) if request.cfg else v for n, v in summed.items()}
         factors = [request.adapter_factor_of(i) for i in range(request.batch)]
-        return AdapterFeatures(features, [calls if self.family == "sd" and factor == 1.0 else int(request.steps * factor)
+        steps = request.steps if request.denoising_end is None else calls
+        return AdapterFeatures(features, [calls if self.family == "sd" and factor == 1.0 else int(steps * factor)
                                           for factor in factors])
 
     def encode(self, image: torch.Tensor, generators: list[torch.Generator], samples: int | None = None) -> torch.Tensor:

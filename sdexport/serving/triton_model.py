@@ -137,9 +137,10 @@ class ServedModel:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes)."""
         self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
 
-    def check(self, row: Row) -> GenerationRequest:
+    def check(self, row: Row) -> tuple[GenerationRequest, GenerationRequest]:
         """Refuse what ``sdexport run`` would refuse, and what this server does not allow; the row's
-        request, as one call would make it."""
+        request as the (base) model runs it, and as the model whose images it returns runs it (the
+        refiner's half with a refiner, else the same request)."""
         if isinstance(row.steps, int) and row.steps > self.settings.max_steps:
             raise SdexportError(f"steps {row.steps}: this server allows at most {self.settings.max_steps} steps "
                                 "(sdexport serve --max-steps)")
@@ -150,12 +151,12 @@ class ServedModel:
             raise SdexportError("init_image: this engine directory has no vae_encoder, so it serves txt2img only")
         if self.refiner is None:
             self.pipeline.check(request)
-            return request
+            return request, request
         ensemble = self._ensemble(request, row.denoising_end)
         self.pipeline.check(ensemble.base)  # run's order: the request's own checks, then the windows
         ensemble.check_windows(self.pipeline.scheduler_config)
         self._check_refine(ensemble.refine)
-        return ensemble.refine  # the images are the refiner's: its guidance and aesthetic scores
+        return ensemble.base, ensemble.refine  # the images are the refiner's: its guidance and aesthetic scores
 
     def _ensemble(self, request: GenerationRequest, end: float | None) -> Ensemble:
         """The call's two halves, cut at the request's ``denoising_end`` or the server's."""
@@ -192,13 +193,13 @@ class ServedModel:
                     # the family's defaults for the row's task, filled in now: a row that leaves the
                     # guidance or the ControlNet scale out shares a call with the rows that send one
                     # (each image takes its own)
-                    checked = self.check(row)
+                    based, checked = self.check(row)
                     # (with a refiner, its half's default, which the base model's equals for every
                     # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
                     family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
                     guidance = row.guidance = checked.guidance_scales(family)[0]
-                    if row.control_image is not None and row.control_scale is None:
-                        row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][checked.task]
+                    if row.control_image is not None and row.control_scale is None:  # the base model's
+                        row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][based.task]
                     if self.refiner is not None:  # the base model's share, as given or the server's
                         row.denoising_end = checked.denoising_start
                     if self.pipeline.family == SDXL_REFINER or self.refiner is not None:  # and the refiner's scores (one
