@@ -145,8 +145,8 @@ def test_shipped_scenarios_parse():
     ('model = "tiny-sdxl"\ndenoising_end = 0.5', "denoising_end is the base model's share before the refiner's"),
     ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = 1', ("denoising_end: 1 is greater than or "
      "equal to the maximum of 1")),
-    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ncontrolnets = ["tiny-sdxl-controlnet"]',
-     "refiner with controlnets"),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ncontrolnets = ["tiny-sdxl-controlnet"]\nstrength = 0.5',
+     "refiner with controlnets and strength: ControlNets on the base model of an ensemble run text to image only"),
     ('model = "tiny-sdxl"\nrefiner = ""', "refiner: '' should be non-empty"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
@@ -501,6 +501,24 @@ def test_a_refiner_scenario_from_an_init_image_matches_diffusers(tmp_path, given
     assert words in (out / "results.md").read_text()
     refiner = load_manifest(out / "engines" / "ensemble-refiner", verify_files=False)
     assert "vae_encoder" not in refiner.components
+
+
+@pytest.mark.slow  # the base model's half with each is checked against diffusers by default (test_controlnet, test_adapter)
+@pytest.mark.parametrize("given", ['controlnets = ["tiny-controlnet"]\ncontrol_scale = 0.7',
+                                   'adapter = "tiny-adapter"\nadapter_scale = 0.8'], ids=["controlnet", "adapter"])
+def test_a_refiner_scenario_with_a_conditioned_base_model_matches_diffusers(tmp_path, given):
+    """A ControlNet or T2I-Adapter on the base model: diffusers' SDXL ControlNet or adapter pipeline
+    with ``denoising_end``, then the refiner's from its latents; the refiner's export has neither."""
+    from sdexport.manifest import load_manifest
+
+    scenario, out = tmp_path / "ensemble.toml", tmp_path / "out"
+    scenario.write_text(ENSEMBLE.replace("batch = [2]", "batch = [1]") + given + "\n")
+    assert run_cli("bench", scenario, "-o", out) == 0
+    report = json.loads((out / "results.json").read_text())
+    runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
+    assert runtime["unet_calls"] == 5 and runtime["agreement"]["latents_rel_l2"] < 1e-4
+    refiner = load_manifest(out / "engines" / "ensemble-refiner", verify_files=False)
+    assert not refiner.controlnets and not refiner.adapters
 
 
 @pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry

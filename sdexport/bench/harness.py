@@ -464,6 +464,10 @@ def _free_device() -> None:
 
 EXPORTS = ("export", "refiner_export")
 """The report's ``one_time`` records of the exports (``exports``): the model's, the refiner's."""
+BASE_MODEL_KEYS = ("refiner", "denoising_end", "strength", "inpaint", "controlnets", "control_mode", "control_scale",
+                   "guess_mode", "adapter", "adapter_scale")
+"""A refiner scenario's keys that are the base model's alone: the refiner's export (``exports``)
+leaves them at their defaults."""
 
 
 def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPlan]]:
@@ -472,8 +476,10 @@ def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPl
     in ``engines/<name>-refiner`` (or its own engine cache entry)."""
     if scenario.refiner is None:
         return [(scenario, plan)]
-    alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner, refiner=None,
-                                denoising_end=None, strength=None, inpaint=False)  # it starts from latents: no VAE encoder
+    # it starts from latents (no VAE encoder) and takes no ControlNet or T2I-Adapter: those are the base model's
+    defaults: dict[str, Any] = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(Scenario) if f.name in BASE_MODEL_KEYS}
+    alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner, **defaults)
     return [(scenario, plan), (alone, plan.refiner_plan())]
 
 

@@ -241,10 +241,10 @@ def load_scenario(path: Path) -> Scenario:
     if scenario.denoising_end is not None and scenario.refiner is None:
         raise SdexportError(f"{path}: denoising_end is the base model's share before the refiner's: add refiner, or "
                             "drop it")
-    if scenario.refiner is not None and (scenario.controlnets or scenario.adapter):
-        held = "controlnets" if scenario.controlnets else "adapter"
-        raise SdexportError(f"{path}: refiner with {held}: the ensemble of experts runs text to image, img2img "
-                            "(strength) and inpainting (inpaint) only, as `sdexport run --refiner` does")
+    if scenario.refiner is not None and scenario.controlnets and scenario.image_inputs:
+        raise SdexportError(f"{path}: refiner with controlnets and {'inpaint' if scenario.inpaint else 'strength'}: "
+                            "ControlNets on the base model of an ensemble run text to image only, as "
+                            "`sdexport run --refiner` runs them")
     try:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
