@@ -504,11 +504,13 @@ def test_a_refiner_scenario_from_an_init_image_matches_diffusers(tmp_path, given
 
 
 @pytest.mark.slow  # the base model's half with each is checked against diffusers by default (test_controlnet, test_adapter)
-@pytest.mark.parametrize("given", ['controlnets = ["tiny-controlnet"]\ncontrol_scale = 0.7',
-                                   'adapter = "tiny-adapter"\nadapter_scale = 0.8'], ids=["controlnet", "adapter"])
-def test_a_refiner_scenario_with_a_conditioned_base_model_matches_diffusers(tmp_path, given):
+@pytest.mark.parametrize(("given", "stage"), [('controlnets = ["tiny-controlnet"]\ncontrol_scale = 0.7', "controlnet_step_s"),
+                                             ('adapter = "tiny-adapter"\nadapter_scale = 0.8', "adapter_s")],
+                         ids=["controlnet", "adapter"])
+def test_a_refiner_scenario_with_a_conditioned_base_model_matches_diffusers(tmp_path, given, stage):
     """A ControlNet or T2I-Adapter on the base model: diffusers' SDXL ControlNet or adapter pipeline
-    with ``denoising_end``, then the refiner's from its latents; the refiner's export has neither."""
+    with ``denoising_end``, then the refiner's from its latents; its time is reported apart, and
+    the refiner's export has neither."""
     from sdexport.manifest import load_manifest
 
     scenario, out = tmp_path / "ensemble.toml", tmp_path / "out"
@@ -517,6 +519,7 @@ def test_a_refiner_scenario_with_a_conditioned_base_model_matches_diffusers(tmp_
     report = json.loads((out / "results.json").read_text())
     runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
     assert runtime["unet_calls"] == 5 and runtime["agreement"]["latents_rel_l2"] < 1e-4
+    assert all(r[stage]["median"] > 0 for r in report["results"])
     refiner = load_manifest(out / "engines" / "ensemble-refiner", verify_files=False)
     assert not refiner.controlnets and not refiner.adapters
 
@@ -585,7 +588,8 @@ def test_the_ensemble_contender_hands_the_base_models_latents_to_the_refiner():
             if self.fail_close:
                 raise RuntimeError("device gone")
 
-    base = Fake("base", Timings(text_encoder=0.1, unet_steps=[0.2, 0.2], vae_decoder=0.05, total=0.6), fail_close=True)
+    base = Fake("base", Timings(text_encoder=0.1, unet_steps=[0.2, 0.2], vae_decoder=0.05, total=0.6,
+                                controlnet_steps=[0.05], adapter=0.03), fail_close=True)
     refiner = Fake("refiner-half", Timings(text_encoder=0.1, unet_steps=[0.3], vae_decoder=0.4, total=0.9))
     ensemble = EnsembleContender(base, refiner, 0.7)
     request = GenerationRequest(prompt=["a lighthouse"], prompt_2=["at dusk"], steps=3, seeds=[1], height=64, width=64,
@@ -598,6 +602,7 @@ def test_the_ensemble_contender_hands_the_base_models_latents_to_the_refiner():
     assert torch.equal(second.init_latents, torch.full((1, 4, 8, 8), 4.0)) and float(result.latents.mean()) == 12.0
     timings = result.timings
     assert (timings.text_encoder, timings.unet_steps, timings.vae_decoder) == (0.2, [0.2, 0.2, 0.3], 0.4)
+    assert (timings.controlnet_steps, timings.adapter) == ([0.05], 0.03)  # the base model's, reported apart
     assert ensemble.name == "base"
     with pytest.raises(RuntimeError, match="device gone"):
         ensemble.close()

@@ -122,7 +122,9 @@ class EnsembleContender:
         total = time.perf_counter() - start
         a, b = handed.timings, result.timings
         timings = Timings(text_encoder=a.text_encoder + b.text_encoder, unet_steps=a.unet_steps + b.unet_steps,
-                          vae_decoder=b.vae_decoder, total=total, clock=b.clock)
+                          vae_decoder=b.vae_decoder, total=total, clock=b.clock,
+                          # the base model's ControlNets and adapters (the refiner has none, but summed alike)
+                          controlnet_steps=a.controlnet_steps + b.controlnet_steps, adapter=a.adapter + b.adapter)
         return Output(result.latents, result.pixels, timings)
 
     def close(self) -> None:
