@@ -466,8 +466,9 @@ EXPORTS = ("export", "refiner_export")
 """The report's ``one_time`` records of the exports (``exports``): the model's, the refiner's."""
 BASE_MODEL_KEYS = ("refiner", "denoising_end", "strength", "inpaint", "controlnets", "control_mode", "control_scale",
                    "guess_mode", "adapter", "adapter_scale")
-"""A refiner scenario's keys that are the base model's alone: the refiner's export (``exports``)
-leaves them at their defaults."""
+"""The keys of a refiner scenario that its refiner's export (``exports``) leaves at their
+defaults: the ensemble's own, and those of the base model alone (an init image, ControlNets,
+adapters)."""
 
 
 def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPlan]]:
@@ -477,9 +478,10 @@ def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPl
     if scenario.refiner is None:
         return [(scenario, plan)]
     # it starts from latents (no VAE encoder) and takes no ControlNet or T2I-Adapter: those are the base model's
-    defaults: dict[str, Any] = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-                for f in dataclasses.fields(Scenario) if f.name in BASE_MODEL_KEYS}
-    alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner, **defaults)
+    from sdexport.runtime.ensemble import field_defaults
+
+    alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner,
+                                **field_defaults(Scenario, BASE_MODEL_KEYS))
     return [(scenario, plan), (alone, plan.refiner_plan())]
 
 

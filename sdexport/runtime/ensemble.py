@@ -101,10 +101,18 @@ def halves(request: GenerationRequest, end: float) -> tuple[GenerationRequest, G
     and the refiner's, from there (its ``init_latents`` to be filled in with the base model's). The
     init image, strength, ControlNets and T2I-Adapters are the base model's alone (``BASE_ONLY``);
     a mask is both models'."""
-    defaults = {f.name: f.default for f in fields(GenerationRequest) if f.default is not MISSING}
-    base = replace(request, denoising_end=end, **{name: defaults[name] for name in REFINER_ONLY})
-    refine = replace(request, denoising_start=end, **{name: defaults[name] for name in BASE_ONLY})
+    base = replace(request, denoising_end=end, **field_defaults(GenerationRequest, REFINER_ONLY))
+    refine = replace(request, denoising_start=end, **field_defaults(GenerationRequest, BASE_ONLY))
     return base, refine
+
+
+def field_defaults(cls: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """The defaults of dataclass ``cls``'s fields ``names`` (fresh ones from a ``default_factory``):
+    what one half of an ensemble leaves out, read where the fields are declared."""
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in fields(cls) if f.name in names}
+    assert len(defaults) == len(names) and MISSING not in defaults.values(), (names, defaults)
+    return defaults
 
 
 def flag(name: str) -> str:
