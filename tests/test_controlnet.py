@@ -111,16 +111,18 @@ def test_matches_diffusers_controlnet_pipeline(engine_dirs, references, name, ba
     assert _rel(other, ours) > 10 * TOLERANCE
 
 
-def test_a_base_model_cut_for_a_refiner_weighs_the_controlnet_over_the_whole_schedule(engine_dirs, references):
+@pytest.mark.parametrize(("scheduler", "schedule"), [("euler_a", 6), ("pndm", 7)])  # PNDM: one call more
+def test_a_base_model_cut_for_a_refiner_weighs_the_controlnet_over_the_whole_schedule(engine_dirs, references,
+                                                                                     scheduler, schedule):
     """SDXL's ControlNet pipeline with ``denoising_end`` (the base model of an ensemble): diffusers
-    weighs each ControlNet's [start, end] over the whole schedule, then cuts the timesteps. Here
-    the ControlNet ends at half of the 6 steps: it runs for 3 of the base model's calls, where
-    half of the cut schedule's would be fewer."""
-    request = _request("sdxl-one", control_start=0.0, control_end=0.5, denoising_end=0.6)
+    weighs each ControlNet's [start, end] over the whole schedule (its timesteps, PNDM's extra one
+    included), then cuts the timesteps. Here the ControlNet ends at half of them: it runs for that
+    many of the base model's calls, where half of the cut schedule's would be fewer."""
+    request = _request("sdxl-one", control_start=0.0, control_end=0.5, denoising_end=0.6, scheduler=scheduler)
     ours = load_pipeline(engine_dirs["sdxl-one"], "onnxruntime-cpu")(request)
     assert _rel(ours, references["sdxl-one"](request)) < TOLERANCE
-    calls = len(ours.timings.unet_steps)
-    assert 3 <= calls < 6 and len(ours.timings.controlnet_steps) == 3 and int(calls * 0.5) < 3
+    calls, kept = len(ours.timings.unet_steps), int(schedule * 0.5)
+    assert kept <= calls < schedule and len(ours.timings.controlnet_steps) == kept and int(calls * 0.5) < kept
 
 
 def test_control_images_per_prompt_match_diffusers(engine_dirs, references):

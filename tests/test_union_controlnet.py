@@ -98,6 +98,14 @@ def test_matches_diffusers_union_pipeline(engine_dirs, references, name, backend
         _agree(pipeline(per_prompt), references[name](per_prompt))
 
 
+def test_a_base_model_cut_for_a_refiner_weighs_the_union_windows_over_the_whole_schedule(engine_dirs, references):
+    """diffusers' SDXL union pipeline with ``denoising_end``, as its plain one: each image's window
+    is a share of the whole schedule, weighed before the timesteps are cut."""
+    request = _request("one", control_start=0.0, control_end=0.5, denoising_end=0.6)
+    ours = load_pipeline(engine_dirs["one"], "onnxruntime-cpu")(request)
+    assert _rel(ours, references["one"](request)) < TOLERANCE and len(ours.timings.controlnet_steps) == 3
+
+
 def test_windows_per_image_and_the_steps_a_union_controlnet_runs(engine_dirs, references):
     """Each image has its own window. One union ControlNet taking several images runs at every step
     (diffusers scales those images' features inside it, so it adds residuals even where every
