@@ -477,9 +477,9 @@ def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPl
     in ``engines/<name>-refiner`` (or its own engine cache entry)."""
     if scenario.refiner is None:
         return [(scenario, plan)]
-    # it starts from latents (no VAE encoder) and takes no ControlNet or T2I-Adapter: those are the base model's
     from sdexport.runtime.ensemble import field_defaults
 
+    # it starts from latents (no VAE encoder) and takes no ControlNet or T2I-Adapter: those are the base model's
     alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner,
                                 **field_defaults(Scenario, BASE_MODEL_KEYS))
     return [(scenario, plan), (alone, plan.refiner_plan())]
