@@ -95,6 +95,8 @@ def test_the_api_checks_requests_too(pipeline):
         (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0, True], height=64, width=64),
          r"^guidance True \(image 2 of 2\): expected an int or a float, not bool$"),
         (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
+        (GenerationRequest(prompt=["x"], steps=51, scheduler="lcm", height=64, width=64),
+         r"^--steps 51: the lcm scheduler takes at most 50 steps \(its original_inference_steps\)"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
         (GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64),

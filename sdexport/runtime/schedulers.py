@@ -23,12 +23,14 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": ("LMSDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 DEFAULT = "default"
 """The scheduler class saved with the model."""
 A1111_SAMPLERS = {
     "ddim": "DDIM", "euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_karras": "DPM++ 2M Karras", "pndm": "PLMS", "lms": "LMS", "unipc": "UniPC",
+    "lcm": "LCM",
 }
 """The names A1111's "Sampler:" field uses (PNDM without its Runge-Kutta steps is PLMS)."""
 
@@ -145,6 +147,10 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     scheduler = make_scheduler(name, config)
     trained = int(scheduler.config.num_train_timesteps)
     label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
+    skipped = scheduler.config.get("original_inference_steps")  # LCM's: it picks its steps among these
+    if isinstance(skipped, int) and steps > skipped:
+        raise SdexportError(f"--steps {steps}: the {label} scheduler takes at most {skipped} steps (its "
+                            "original_inference_steps); latent consistency models need 1 to 8")
     try:
         scheduler.set_timesteps(steps)
     except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
