@@ -470,8 +470,10 @@ def run(
     if ensemble is not None:
         request = ensemble.base
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
+    embedded = bool(manifest.model_dims.G)  # a latent consistency model: its U-Net takes the guidance
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
-                    adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images)
+                    adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images,
+                    guidance_embedding=embedded)
     most = min([profile.batch[2], *([ensemble.refiner.manifest.shape_profile.batch[2]] if ensemble else [])])
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
@@ -479,7 +481,7 @@ def run(
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
                           adapters=len(manifest.adapters), union_modes=manifest.model_dims.N,
-                          union_images=manifest.model_dims.K or 1)
+                          union_images=manifest.model_dims.K or 1, guidance_embedding=embedded)
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
@@ -520,7 +522,8 @@ def run(
     from sdexport.runtime.loading import pooled_controlnets
 
     said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
-    ignored = dict.fromkeys([*ignored_settings(request), *(ignored_settings(ensemble.refine) if ensemble else [])])
+    ignored = dict.fromkeys([*ignored_settings(request, embedded),
+                             *(ignored_settings(ensemble.refine) if ensemble else [])])
     for note in [*ignored, *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes:

@@ -22,6 +22,8 @@ Symbols:
     A        channels of a T2I-Adapter's image: 3, or 1 for a greyscale one (static)
     K        control images a union ControlNet takes per call, one per control mode (static)
     N        control modes a union ControlNet knows (``num_control_type``: 6, or 8 for ProMax) (static)
+    G        size of the guidance embedding a latent consistency model's U-Net takes
+             (``time_cond_proj_dim``: 256 for LCM-distilled SD 1.5 and SDXL) (static)
     h/2, w/4 a latent side divided by 2, 4, ... : where a ControlNet's residuals (or an adapter's
              features) meet the U-Net's down blocks       (dynamic, derived from h and w)
     digits   a fixed size
@@ -57,6 +59,11 @@ for many kinds of control image) is a ControlNet whose inputs differ: ``K`` cont
 one-hot set of them (``control_type``), and one scale per image, under diffusers' argument names.
 ``for_model`` swaps them in for a model whose ControlNets are union ones (``ModelDims.N``); the
 residuals they return are every ControlNet's.
+
+A latent consistency model (LCM-distilled SD 1.5 or SDXL: a U-Net config with ``time_cond_proj_dim``)
+takes the guidance scale as an input of the U-Net rather than as a second, unconditional batch half:
+``timestep_cond`` (optimum's name, diffusers' argument), the scale's sinusoidal embedding, one row
+per image. ``for_model`` adds it after the U-Net's other inputs where ``ModelDims.G`` says so.
 """
 
 from __future__ import annotations
@@ -138,7 +145,8 @@ class ComponentSpec:
     wrapper: Callable[[torch.nn.Module], torch.nn.Module] = field(repr=False, compare=False)
     """Builds the module whose ``forward(*inputs)`` returns ``outputs`` in order."""
     cfg_batch: bool = False
-    """Called with the positive and negative halves batched together (2B) under CFG."""
+    """Called with the positive and negative halves batched together (2B) under CFG (never in a
+    latent consistency model: ``for_model``)."""
     always_fp32: bool = False
     """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE decoder, SDXL's
     upcast VAE encoder)."""
@@ -151,11 +159,19 @@ class ComponentSpec:
     takes_residuals: bool = False
     """A U-Net: in a model with ControlNets (``ModelDims.residuals``) it also takes their residuals,
     after its other inputs, and in one with a T2I-Adapter (``ModelDims.adapter_features``) the
-    adapter's features (``for_model`` adds them)."""
+    adapter's features (``for_model`` adds them); a latent consistency model's (``ModelDims.G``)
+    takes its guidance embedding before either."""
 
     def for_model(self, dims: ModelDims) -> ComponentSpec:
         """This spec with its repeated tensors expanded for one model's sizes (``dims``), and a
-        U-Net's ControlNet residual or adapter feature inputs added where the model has them."""
+        U-Net's guidance embedding, ControlNet residual or adapter feature inputs added where the
+        model has them. A latent consistency model's components (``dims.G``) see no CFG batch: its
+        U-Net takes the guidance embedded, and no unconditional half runs."""
+        if dims.G and self.cfg_batch:
+            self = replace(self, cfg_batch=False)
+        if self.takes_residuals and dims.G and GUIDANCE_EMBEDDING not in self.input_names:
+            self = replace(self, inputs=(*self.inputs, _GUIDANCE_EMBEDDING_INPUT),
+                           wrapper=_taking_guidance_embedding(self.wrapper))
         if self.takes_residuals and dims.residuals and not self.residual_inputs:
             self = replace(self, inputs=(*self.inputs, *_RESIDUAL_INPUTS))
         if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
@@ -222,6 +238,11 @@ class ComponentSpec:
         raise KeyError(f"{self.name} has no tensor named {name!r}")
 
     @property
+    def guidance_embedding(self) -> bool:
+        """A latent consistency model's U-Net: it takes the guidance scale embedded (``timestep_cond``)."""
+        return GUIDANCE_EMBEDDING in self.input_names
+
+    @property
     def residual_inputs(self) -> list[str]:
         """The ControlNet residuals this (U-Net) spec takes, down blocks' first (none without ControlNets)."""
         return [t.name for t in self.inputs if t.name.startswith(RESIDUAL_INPUT_PREFIXES)]
@@ -252,6 +273,11 @@ def _taking_adapter_features(wrapper: Callable[..., torch.nn.Module]) -> Callabl
     return functools.partial(wrapper, adapter=True)
 
 
+def _taking_guidance_embedding(wrapper: Callable[..., torch.nn.Module]) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A U-Net wrapper whose first extra input is a latent consistency model's ``timestep_cond``."""
+    return functools.partial(wrapper, guidance_embedding=True)
+
+
 DOWN_RESIDUALS = "down_residuals"
 MID_RESIDUAL = "mid_residual"
 ADAPTER_FEATURES = "adapter_features"
@@ -261,6 +287,7 @@ RESIDUAL_INPUT_PREFIXES = ("down_block_additional_residuals.", "mid_block_additi
 RESIDUAL_OUTPUT_PREFIXES = ("down_block_res_samples.", "mid_block_res_sample")
 ADAPTER_INPUT_PREFIX = "down_intrablock_additional_residuals."
 ADAPTER_OUTPUT_PREFIX = "adapter_state."
+GUIDANCE_EMBEDDING = "timestep_cond"
 
 
 def _residual(template: TensorSpec, index: int, channels: int, scale: int) -> TensorSpec:
@@ -307,6 +334,9 @@ class ModelDims:
     """With union ControlNets: the control images each takes per call (0 without)."""
     N: int = 0
     """With union ControlNets: the control modes they know (``num_control_type``; 0 without)."""
+    G: int = 0
+    """A latent consistency model's U-Net: the size of the guidance embedding it takes
+    (``time_cond_proj_dim``; 0 for every other U-Net, which is guided by a second batch half)."""
 
     def __post_init__(self) -> None:  # a manifest's JSON gives lists
         for name in ("residuals", "adapter_features"):
@@ -316,10 +346,10 @@ class ModelDims:
     def record(self) -> dict[str, Any]:
         """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets,
         the adapter's sizes only with one (each adapter's channels only with several), K and N only
-        with union ControlNets, so other directories stay readable by sdexport versions that predate
+        with union ControlNets, G only for a latent consistency model, so other directories stay readable by sdexport versions that predate
         them."""
         values: dict[str, Any] = dict(vars(self))
-        for name in ("U", "A", "K", "N"):
+        for name in ("U", "A", "K", "N", "G"):
             if not values[name]:
                 del values[name]
         if values["adapter_channels"]:
@@ -374,6 +404,7 @@ class ModelDims:
             "A": self.A,
             "K": self.K,
             "N": self.N,
+            "G": self.G,
         }
 
 
@@ -428,8 +459,17 @@ def _residual_kwargs(residuals: tuple[torch.Tensor, ...], adapter: bool) -> dict
     return {"down_block_additional_residuals": tuple(residuals[:-1]), "mid_block_additional_residual": residuals[-1]}
 
 
-def _unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.nn.Module:
-    """``adapter``: the extra inputs are a T2I-Adapter's features, not ControlNet residuals."""
+def _extra_kwargs(extra: tuple[torch.Tensor, ...], adapter: bool, guidance_embedding: bool) -> dict[str, Any]:
+    """A U-Net's inputs after its own, as its keyword arguments: a latent consistency model's
+    guidance embedding first, then a ControlNet's residuals or a T2I-Adapter's features."""
+    if guidance_embedding:
+        return {"timestep_cond": extra[0], **_residual_kwargs(extra[1:], adapter)}
+    return _residual_kwargs(extra, adapter)
+
+
+def _unet_wrapper(module: torch.nn.Module, adapter: bool = False, guidance_embedding: bool = False) -> torch.nn.Module:
+    """``adapter``: the extra inputs are a T2I-Adapter's features, not ControlNet residuals;
+    ``guidance_embedding``: the first of them is a latent consistency model's ``timestep_cond``."""
     import torch
 
     class UNet(torch.nn.Module):
@@ -439,15 +479,15 @@ def _unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.nn.Mo
 
         def forward(
             self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
-            *residuals: torch.Tensor,
+            *extra: torch.Tensor,
         ) -> torch.Tensor:
-            return self.model(sample, timestep, encoder_hidden_states, **_residual_kwargs(residuals, adapter),
-                              return_dict=False)[0]
+            return self.model(sample, timestep, encoder_hidden_states,
+                              **_extra_kwargs(extra, adapter, guidance_embedding), return_dict=False)[0]
 
     return UNet(module)
 
 
-def _sdxl_unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.nn.Module:
+def _sdxl_unet_wrapper(module: torch.nn.Module, adapter: bool = False, guidance_embedding: bool = False) -> torch.nn.Module:
     import torch
 
     class SDXLUNet(torch.nn.Module):
@@ -462,12 +502,12 @@ def _sdxl_unet_wrapper(module: torch.nn.Module, adapter: bool = False) -> torch.
             encoder_hidden_states: torch.Tensor,
             text_embeds: torch.Tensor,
             time_ids: torch.Tensor,
-            *residuals: torch.Tensor,
+            *extra: torch.Tensor,
         ) -> torch.Tensor:
             cond = {"text_embeds": text_embeds, "time_ids": time_ids}
             return self.model(
                 sample, timestep, encoder_hidden_states, added_cond_kwargs=cond,
-                **_residual_kwargs(residuals, adapter),
+                **_extra_kwargs(extra, adapter, guidance_embedding),
                 return_dict=False,
             )[0]
 
@@ -760,6 +800,10 @@ SDXL_CONTROLNET = replace(CONTROLNET, inputs=(
     TensorSpec("time_ids", ("B", "T"), "float32", "time_ids"),
     *_CONTROL_INPUTS,
 ))
+
+_GUIDANCE_EMBEDDING_INPUT = TensorSpec(GUIDANCE_EMBEDDING, ("B", "G"))
+"""A latent consistency model's guidance scale, embedded (``runtime.txt2img.guidance_embedding``):
+diffusers computes it in float32 and casts it to the latents' dtype, so it follows the export's."""
 
 _ADAPTER_INPUTS = (  # a T2I-Adapter's features; none for a model exported without one
     TensorSpec(ADAPTER_INPUT_PREFIX + "{i}", _RESIDUAL, repeat=ADAPTER_FEATURES),

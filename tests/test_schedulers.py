@@ -22,6 +22,7 @@ CONFIGS = {
     "sd15": PRESETS["sd15"].scheduler,
     "sd21-v": PRESETS["sd21"].scheduler,
     "sdxl": PRESETS["sdxl"].scheduler,
+    "lcm": PRESETS["tiny-lcm"].scheduler,
     # what diffusers' save_config writes: its version, and keys of other scheduler classes
     "saved-by-diffusers": {**PRESETS["sd15"].scheduler, "_diffusers_version": "0.42.1",
                            "use_karras_sigmas": False, "solver_order": 3, "rescale_betas_zero_snr": True},

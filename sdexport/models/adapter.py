@@ -50,7 +50,7 @@ ADAPTER_PRESETS = {
     p.name: p
     for p in (
         AdapterPreset("tiny-adapter", "a few-MB T2I-Adapter for the tiny presets (tests, the demo)",
-                      ("tiny", "tiny-v", "tiny-sdxl")),
+                      ("tiny", "tiny-v", "tiny-lcm", "tiny-sdxl", "tiny-sdxl-lcm")),
         AdapterPreset("sd15-adapter", "the SD 1.5 T2I-Adapter architecture (TencentARC's t2iadapter_*_sd15v2)",
                       ("sd15",)),
         AdapterPreset("sdxl-adapter", "the SDXL T2I-Adapter architecture (TencentARC's t2i-adapter-*-sdxl-1.0)",

@@ -59,7 +59,8 @@ CONTROLNET_PRESETS = {
     p.name: p
     for p in (
         ControlNetPreset("tiny-controlnet", "a few-MB ControlNet for the tiny presets (tests, the demo)",
-                         ("tiny", "tiny-v", "tiny-inpaint", "tiny-sdxl", "tiny-sdxl-inpaint"), (8, 16, 16, 32)),
+                         ("tiny", "tiny-v", "tiny-inpaint", "tiny-lcm", "tiny-sdxl", "tiny-sdxl-inpaint", "tiny-sdxl-lcm"),
+                         (8, 16, 16, 32)),
         ControlNetPreset("sd15-controlnet", "the SD 1.5 ControlNet architecture (lllyasviel's sd-controlnet-*)",
                          ("sd15",), (16, 32, 96, 256)),
         ControlNetPreset("tiny-union", "a few-MB union ControlNet for tiny-sdxl (tests)",

@@ -186,7 +186,8 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
     the parts, the residuals they pass the U-Net (``ModelDims.residuals``), and where they are union
     ones, their modes and the ``union_images`` each takes (``N``, ``K``); with T2I-Adapters, the
     features they pass the U-Net and their images' channels (``adapter_features``, ``A``, and each
-    one's ``adapter_channels`` where there are several).
+    one's ``adapter_channels`` where there are several); for a latent consistency model, the size of
+    the guidance embedding its U-Net takes (``G``).
 
     SD: E is the text encoder's width, P its pooled (un-projected) width. SDXL: the U-Net attends to
     both encoders' penultimate hidden states side by side (E = E1 + E2) and takes the second
@@ -225,7 +226,11 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label),
         "vae_scale_factor": vae_scale_factor,
         "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
+        "G": int(getattr(unet, "time_cond_proj_dim", None) or 0),  # a latent consistency model's
     }
+    if 0 < common["G"] < 4:  # sines and cosines over G // 2 frequencies, from 1 to 1/10000
+        raise ModelLoadError(f"{label}: unet time_cond_proj_dim {common['G']} is too small for a guidance "
+                             "embedding (at least 4)")
     if not is_sdxl(family):
         return ModelDims(P=int(configs["text_encoder"].hidden_size), **common)
     te2 = configs["text_encoder_2"]

@@ -26,6 +26,14 @@ _SD_SCHEDULER = {
     "timestep_spacing": "leading",
 }
 
+_LCM_SCHEDULER = {  # as latent consistency models ship it (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl)
+    **{k: v for k, v in _SD_SCHEDULER.items() if k != "skip_prk_steps"},
+    "_class_name": "LCMScheduler",
+    "set_alpha_to_one": True,
+    "original_inference_steps": 50,
+    "timestep_scaling": 10.0,
+}
+
 _SD_VAE = {
     "_class_name": "AutoencoderKL",
     "in_channels": 3,
@@ -231,6 +239,10 @@ _TINY_SDXL = Preset(
     pipeline_config=_SDXL_PIPELINE,
 )
 
+_TINY_GUIDANCE_EMBEDDING = 24
+"""A latent consistency model's ``time_cond_proj_dim`` in the tiny presets (256 in real ones): a size
+no other tiny tensor has."""
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         name="tiny",
@@ -260,6 +272,16 @@ PRESETS: dict[str, Preset] = {
         vae=_TINY_VAE,
         text_encoder=_TINY_TEXT,
         scheduler=_SD_SCHEDULER,
+        profile=_TINY_PROFILE,
+    ),
+    "tiny-lcm": Preset(
+        name="tiny-lcm",
+        description="tiny, as a latent consistency model (its U-Net takes the guidance embedded; LCM scheduler)",
+        family="sd",
+        unet={**_TINY_UNET, "time_cond_proj_dim": _TINY_GUIDANCE_EMBEDDING},
+        vae=_TINY_VAE,
+        text_encoder=_TINY_TEXT,
+        scheduler=_LCM_SCHEDULER,
         profile=_TINY_PROFILE,
     ),
     "sd15": Preset(
@@ -354,6 +376,13 @@ PRESETS: dict[str, Preset] = {
         name="tiny-sdxl-inpaint",
         description="tiny-sdxl, with an inpainting U-Net (9 input channels: latents, mask, masked-image latents)",
         unet={**_TINY_SDXL_UNET, "in_channels": 9},
+    ),
+    "tiny-sdxl-lcm": replace(
+        _TINY_SDXL,
+        name="tiny-sdxl-lcm",
+        description="tiny-sdxl, as a latent consistency model (its U-Net takes the guidance embedded; LCM scheduler)",
+        unet={**_TINY_SDXL_UNET, "time_cond_proj_dim": _TINY_GUIDANCE_EMBEDDING},
+        scheduler=_LCM_SCHEDULER,
     ),
     "tiny-sdxl-refiner": replace(
         _TINY_SDXL,

@@ -165,6 +165,11 @@ class GenerationRequest:
     adapter acts on (diffusers' SDXL adapter pipeline; its SD one always takes 1). One for every
     image, or a list of one per prompt (``guidance``'s layout): each image's features stop after its
     own share, so images that differ in it share a call. Several adapters share it, as in diffusers."""
+    # Not a user's setting: what the model does with the guidance, filled in by ``with_defaults``.
+    guidance_embedding: bool = False
+    """The U-Net takes the guidance scale as an input (a latent consistency model's ``timestep_cond``:
+    diffusers' ``time_cond_proj_dim``) instead of a second, unconditional batch half: ``cfg`` is off
+    whatever the scale, and the negative prompts are not read, as in diffusers' pipelines."""
 
     def __post_init__(self) -> None:
         if isinstance(self.guidance, tuple):  # one scale per prompt, held in a tuple: the loop takes a list
@@ -269,12 +274,14 @@ class GenerationRequest:
         guidance = self.effective_guidance(family)
         return list(guidance) if isinstance(guidance, list) else [guidance] * self.batch
 
-    def with_defaults(self, family: str) -> GenerationRequest:
-        """This request with the family's default guidance filled in (what runs, and what the saved
-        image records); itself when nothing is left to fill."""
+    def with_defaults(self, family: str, guidance_embedding: bool = False) -> GenerationRequest:
+        """This request with the family's default guidance filled in, and whether the model's U-Net
+        takes it embedded (what runs, and what the saved image records); itself when nothing changes."""
         from dataclasses import replace
 
-        return self if self.guidance is not None else replace(self, guidance=self.effective_guidance(family))
+        if self.guidance is not None and self.guidance_embedding == guidance_embedding:
+            return self
+        return replace(self, guidance=self.effective_guidance(family), guidance_embedding=guidance_embedding)
 
     def denoising_steps(self, family: str) -> int:
         """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
@@ -302,7 +309,10 @@ class GenerationRequest:
     @property
     def cfg(self) -> bool:
         """Guidance above 1 mixes in an unconditional prediction; at or below 1 it is skipped (every
-        family's default is above 1). Per-image values are all on one side (``check_request``)."""
+        family's default is above 1), and so it is where the U-Net takes the guidance embedded
+        (``guidance_embedding``). Per-image values are all on one side (``check_request``)."""
+        if self.guidance_embedding:
+            return False
         guidance = self.guidance
         if isinstance(guidance, list):
             return bool(guidance) and guidance[0] > 1.0
@@ -382,13 +392,15 @@ def check_request(
     adapters: int = 0,
     union_modes: int = 0,
     union_images: int = 1,
+    guidance_embedding: bool = False,
 ) -> None:
     """Refuse what the engines cannot do, with one line that says what can be done instead.
 
     ``scheduler_config`` (the engine directory's) lets the step count be checked against the
     model's training timesteps; ``controlnets``: how many ControlNets the directory has (union ones
     where ``union_modes``, their ``N``, is set, each taking ``union_images``, their ``K``);
-    ``adapters``: how many T2I-Adapters it has.
+    ``adapters``: how many T2I-Adapters it has; ``guidance_embedding``: its U-Net takes the
+    guidance embedded (a latent consistency model), so per-image scales need not share a side of 1.
     """
     from sdexport.runtime.schedulers import check_scheduler_name
 
@@ -419,7 +431,7 @@ def check_request(
             f"--steps {request.steps}: the model was trained on {trained} timesteps, so a scheduler can "
             f"take at most {trained} steps (20-50 is usual)"
         )
-    _check_guidance(request.guidance, request.batch)
+    _check_guidance(request.guidance, request.batch, sides=not guidance_embedding)
     check_scheduler_name(request.scheduler)
     for axis in ("height", "width"):
         value = getattr(request, axis)
@@ -433,20 +445,20 @@ def check_request(
 
 
 def check_per_image(request: GenerationRequest, *, family: str, controlnets: int = 0, adapters: int = 0,
-                    union_modes: int = 0, union_images: int = 1) -> None:
+                    union_modes: int = 0, union_images: int = 1, guidance_embedding: bool = False) -> None:
     """The fields that may differ image by image (guidance, control images, ControlNet settings,
     adapter images, scales and factors) over a whole request, before ``run`` splits it into calls
     (``split``), which ``check_request`` then sees one by one: a refusal numbers the images as the
     user counts them, and values no call takes together (guidance on both sides of 1) are refused
     even where a split would part them."""
-    _check_guidance(request.guidance, request.batch)
+    _check_guidance(request.guidance, request.batch, sides=not guidance_embedding)
     _check_control(request, controlnets, family, union_images, union_modes)
     _check_adapter(request, adapters)
 
 
-def _check_guidance(guidance: object, batch: int) -> None:
-    """One finite scale >= 0, or one per image, all above 1 or all at or below it: a call runs the
-    unconditional half of the batch for every image or for none."""
+def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
+    """One finite scale >= 0, or one per image, all above 1 or all at or below it (``sides``): a call
+    runs the unconditional half of the batch for every image or for none."""
     if guidance is None:
         return
     each = isinstance(guidance, list)
@@ -461,7 +473,7 @@ def _check_guidance(guidance: object, batch: int) -> None:
         if not math.isfinite(value) or value < 0:
             raise SdexportError(f"{which}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual)")
     numbers = cast(list[float], values)  # checked above
-    if len({value > 1 for value in numbers}) > 1:
+    if sides and len({value > 1 for value in numbers}) > 1:
         raise SdexportError(
             f"guidance {guidance_label(numbers)}: a call guides all its images or none (guidance at "
             "or below 1 skips the unconditional half of the batch); generate those above 1 and those at or below "
@@ -783,17 +795,19 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
     return [note]
 
 
-def ignored_settings(request: GenerationRequest) -> list[str]:
-    """Settings the request gives that will have no effect, to be said out loud rather than dropped."""
-    notes = []
-    if not request.cfg and request.guidance is not None:  # (not cfg: a guidance was given)
-        dropped = [flag for flag, value in (("--negative-prompt", request.negative_prompt),
-                                            ("--negative-prompt-2", request.negative_prompt_2),
-                                            ("--negative-aesthetic-score", request.negative_aesthetic_score))
-                   if value is not None and value != []]
-        if dropped:
-            notes.append(
-                f"{' and '.join(dropped)} ignored: --guidance {guidance_label(request.guidance)} disables classifier-free "
-                "guidance, which is where the negatives act (use a guidance above 1)"
-            )
-    return notes
+def ignored_settings(request: GenerationRequest, guidance_embedding: bool = False) -> list[str]:
+    """Settings the request gives that will have no effect, to be said out loud rather than dropped
+    (``guidance_embedding``: the model's U-Net takes the guidance embedded, with no unconditional half)."""
+    if guidance_embedding:
+        why = ("this latent consistency model takes the guidance as an input of its U-Net, with no "
+               "unconditional half for the negatives to act in")
+    elif not request.cfg and request.guidance is not None:  # (not cfg: a guidance was given)
+        why = (f"--guidance {guidance_label(request.guidance)} disables classifier-free guidance, which is "
+               "where the negatives act (use a guidance above 1)")
+    else:
+        return []
+    dropped = [flag for flag, value in (("--negative-prompt", request.negative_prompt),
+                                        ("--negative-prompt-2", request.negative_prompt_2),
+                                        ("--negative-aesthetic-score", request.negative_aesthetic_score))
+               if value is not None and value != []]
+    return [f"{' and '.join(dropped)} ignored: {why}"] if dropped else []

@@ -39,6 +39,7 @@ from sdexport.runtime.schedulers import (
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
+    GUIDANCE_EMBEDDING,
     SDXL_REFINER,
     VAE_ENCODER,
     VAE_ENCODER_FP32,
@@ -351,7 +352,8 @@ class Txt2ImgPipeline:
                                "does) or re-export with a wider --batch")
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
-                      adapters=len(self.adapters), union_modes=self.dims.N, union_images=self.dims.K or 1)
+                      adapters=len(self.adapters), union_modes=self.dims.N, union_images=self.dims.K or 1,
+                      guidance_embedding=bool(self.dims.G))
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
@@ -386,8 +388,10 @@ class Txt2ImgPipeline:
         a benchmark times end to end. The result's request has the family's defaults filled in
         (``GenerationRequest.with_defaults``): what ran."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
-        request = request.with_defaults(self.family)
+        request = request.with_defaults(self.family, guidance_embedding=bool(self.dims.G))
         guidance = guidance_factor(request.effective_guidance(self.family), self.device)
+        embedded = {GUIDANCE_EMBEDDING: guidance_embedding(request.guidance_scales(self.family), self.dims.G)
+                    .to(self.device)} if self.dims.G else {}  # a latent consistency model's U-Net input
         clock = self.clock if stages else NO_CLOCK
         start = time.perf_counter()
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
@@ -435,8 +439,8 @@ class Txt2ImgPipeline:
                     control_marks.append((before, clock.mark()))
             if extra:
                 model_input = torch.cat([model_input, *extra], dim=1)
-            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning, **residuals,
-                    **(adapter.at(i) if adapter is not None else {})}
+            feed = {"sample": model_input.float(), "timestep": engine_timesteps[i], **conditioning, **embedded,
+                    **residuals, **(adapter.at(i) if adapter is not None else {})}
             before = clock.mark()
             noise = self.engines["unet"](feed)["out_sample"]
             step_marks.append((before, clock.mark()))
@@ -962,6 +966,21 @@ def guidance_factor(guidance: float | list[float], device: torch.device) -> floa
     if not isinstance(guidance, list):
         return guidance
     return torch.tensor(guidance, dtype=torch.float32, device=device).reshape(-1, 1, 1, 1)
+
+
+def guidance_embedding(scales: list[float], size: int) -> torch.Tensor:
+    """A latent consistency model's ``timestep_cond``: each image's guidance scale ``w`` embedded
+    as its U-Net was distilled to read it, the sines then the cosines of ``1000 (w - 1)`` over
+    ``size // 2`` geometric frequencies from 1 down to 1/10000 (VDM's embedding, which diffusers'
+    pipelines compute in float32 as ``get_guidance_scale_embedding``; zero-padded to an odd size)."""
+    import torch
+
+    half = size // 2
+    shift = torch.log(torch.tensor(10000.0)) / (half - 1)
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -shift)
+    angles = torch.tensor([scale - 1.0 for scale in scales], dtype=torch.float32) * 1000.0
+    angles = angles[:, None] * frequencies[None, :]
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, size % 2))
 
 
 def guided(noise: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
