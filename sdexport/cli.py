@@ -332,7 +332,7 @@ def run(
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
     scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc, lcm.")] = "default",
-    guidance: Annotated[list[float] | None, typer.Option(help="Classifier-free guidance scale, one for all images or one per image (all above 1, or all at or below it); 1 disables CFG (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
+    guidance: Annotated[list[float] | None, typer.Option(help="Classifier-free guidance scale, one for all images or one per image (all above 1, or all at or below it); 1 disables CFG (a latent consistency model takes it as an input, with no CFG at any value) (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,
     height: Annotated[int | None, typer.Option(help="Image height (default: the profile's opt).")] = None,
@@ -473,7 +473,7 @@ def run(
     embedded = bool(manifest.model_dims.G)  # a latent consistency model: its U-Net takes the guidance
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images,
-                    guidance_embedding=embedded)
+                    guidance_embedding=embedded and ensemble is None)  # (a refiner guides by a batch half)
     most = min([profile.batch[2], *([ensemble.refiner.manifest.shape_profile.batch[2]] if ensemble else [])])
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
@@ -522,7 +522,7 @@ def run(
     from sdexport.runtime.loading import pooled_controlnets
 
     said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
-    ignored = dict.fromkeys([*ignored_settings(request, embedded),
+    ignored = dict.fromkeys([*ignored_settings(request, embedded and ensemble is None),  # (a refiner reads them)
                              *(ignored_settings(ensemble.refine) if ensemble else [])])
     for note in [*ignored, *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")

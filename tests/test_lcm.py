@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import MadeOnFirstUse, run_cli
 from sdexport.bench.reference import DiffusersReference
-from sdexport.errors import ModelLoadError
+from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.export.exporter import ExportOptions, export
 from sdexport.manifest import load_manifest
 from sdexport.models import load_model
@@ -78,6 +78,7 @@ CASES = [
     pytest.param("sd", "torch", {"guidance": 2.0}, id="sd-torch"),
     pytest.param("sdxl", "onnxruntime-cpu", {"guidance": 8.5}, id="sdxl"),
     pytest.param("sd", "onnxruntime-cpu", {"image": [picture(64, 96, 1)], "strength": 0.6}, id="sd-img2img"),
+    pytest.param("sdxl", "onnxruntime-cpu", {"image": [picture(64, 96, 1)], "strength": 0.6}, id="sdxl-img2img"),
     pytest.param("sd", "onnxruntime-cpu", {"image": [picture(64, 96, 1)], "mask": [box_mask(64, 96)]},
                  id="sd-inpaint-blended"),
     pytest.param("sd-controlnet", "onnxruntime-cpu", {"control_image": [picture(64, 96, 2)], "control_scale": 0.8},
@@ -200,4 +201,29 @@ def test_an_adopted_latent_consistency_export_runs_as_the_original(engine_dirs, 
     request = _request(guidance=3.0)
     ours = load_pipeline(foreign, "onnxruntime-cpu")(request)
     np.testing.assert_array_equal(ours.pixels, load_pipeline(engine_dirs["sd"], "onnxruntime-cpu")(request).pixels)
+
+
+def test_the_lcm_scheduler_alone_takes_at_most_its_original_steps():
+    """A saved LCM config's ``original_inference_steps`` limits the LCM scheduler, not another one
+    built from the same config (which carries the key unread)."""
+    from sdexport.runtime.schedulers import check_steps
+
+    config = PRESETS["tiny-lcm"].scheduler
+    with pytest.raises(SdexportError, match=r"^--steps 51: the default \(LCMScheduler\) scheduler takes at most 50"):
+        check_steps("default", config, 51)
+    check_steps("euler", config, 60)
+    check_steps("lcm", config, 50)
+
+
+def test_a_controlnet_with_an_init_image_is_refused_on_a_latent_consistency_model():
+    """diffusers' ControlNet img2img and inpaint pipelines guide such a U-Net by a batch half and
+    never give it the embedding (unlike their txt2img one): no behaviour to match."""
+    from sdexport.runtime.request import check_request
+
+    dims = load_model("tiny-lcm", controlnets=["tiny-controlnet"]).dims
+    request = _request(image=[picture(64, 96, 1)], control_image=[picture(64, 96, 2)])
+    profile = PRESETS["tiny-lcm"].profile
+    with pytest.raises(SdexportError, match="^ControlNets with an init image on a latent consistency model"):
+        check_request(request, family="sd", dims=dims, profile=profile, controlnets=1, guidance_embedding=True)
+    check_request(request, family="sd", dims=dims, profile=profile, controlnets=1)  # a model guided by a batch half
 

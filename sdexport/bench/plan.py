@@ -120,7 +120,8 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     nets = controlnets_for(outline, scenario.controlnets)
     adapters_for(outline, scenario.adapters, len(nets))
     modes, images = (union_modes(nets[0].config(outline.unet_config or {})) if nets else 0), 1
-    if modes and scenario.guess_mode and scenario.guidance > 1:
+    embedded = bool((outline.unet_config or {}).get("time_cond_proj_dim"))  # a latent consistency model: no CFG
+    if modes and scenario.guess_mode and scenario.guidance > 1 and not embedded:
         raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
                             "(they give the ControlNet the one-hot modes at the guidance batch), so the baseline "
                             "cannot run it; drop guess_mode, or set guidance = 1")

@@ -441,6 +441,11 @@ def check_request(
     _check_window(request, family)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)
+    if guidance_embedding and request.control_image is not None and request.image is not None:
+        raise SdexportError("ControlNets with an init image on a latent consistency model: diffusers' ControlNet "
+                            "img2img and inpaint pipelines do not give such a U-Net its guidance (they guide by a "
+                            "second batch half), so there is nothing to match; use the ControlNet from text (no "
+                            "--init-image), or the init image without it")
     _check_adapter(request, int(adapters))
 
 

@@ -147,8 +147,10 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     scheduler = make_scheduler(name, config)
     trained = int(scheduler.config.num_train_timesteps)
     label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
-    skipped = scheduler.config.get("original_inference_steps")  # LCM's: it picks its steps among these
-    if isinstance(skipped, int) and steps > skipped:
+    # LCM's: it picks its steps among these (other schedulers carry the key of a saved LCM config unread)
+    skipped = scheduler.config.get("original_inference_steps")
+    if isinstance(skipped, int) and steps > skipped and "original_inference_steps" in inspect.signature(
+            type(scheduler).__init__).parameters:
         raise SdexportError(f"--steps {steps}: the {label} scheduler takes at most {skipped} steps (its "
                             "original_inference_steps); latent consistency models need 1 to 8")
     try:
