@@ -396,5 +396,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+PRESETS["sd15-lcm"] = replace(
+    PRESETS["sd15"],
+    name="sd15-lcm",
+    description="an SD 1.5 latent consistency model's architecture (SimianLuo/LCM_Dreamshaper_v7: the U-Net takes "
+                "the guidance embedded; LCM scheduler)",
+    unet={**PRESETS["sd15"].unet, "time_cond_proj_dim": 256},
+    scheduler=_LCM_SCHEDULER,
+)
+
+
 def get_preset(name: str) -> Preset | None:
     return PRESETS.get(name)
