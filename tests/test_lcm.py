@@ -231,22 +231,24 @@ def test_a_controlnet_with_an_init_image_is_refused_on_a_latent_consistency_mode
 
 def test_served_rows_take_their_guidance_embedded_as_run_does(engine_dirs):
     """A served latent consistency model: each row's guidance goes into the embedding (rows on both
-    sides of 1 give the Python API's images), and a negative prompt changes nothing."""
+    sides of 1 share a call and give the Python API's images, which had no negative prompts)."""
     from test_serving import _inputs, _png_pixels
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
 
     want = load_pipeline(engine_dirs["sd"], "onnxruntime-cpu")(GenerationRequest(
         prompt=["a lighthouse"] * 2, steps=4, seeds=[5, 5], guidance=[1.0, 8.5], height=64, width=96))
+    logs: list[str] = []
     model = ServedModel(ServeSettings(str(engine_dirs["sd"]), backend="onnxruntime-cpu", max_steps=50),
-                        log=lambda *a: None)
+                        log=logs.append)
     try:
         answers = model.generate([
-            _inputs(["a lighthouse"], steps=4, seed=[5], guidance=1.0, height=64, width=96),
+            _inputs(["a lighthouse"], steps=4, seed=[5], guidance=1.0, height=64, width=96, negative_prompt="rain"),
             _inputs(["a lighthouse"], steps=4, seed=[5], guidance=8.5, height=64, width=96, negative_prompt="fog"),
         ])
     finally:
         model.close()
+    assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logs[-1]
     for i, answer in enumerate(answers):
         assert not isinstance(answer, str), answer
         np.testing.assert_array_equal(_png_pixels(answer[0].png), np.asarray(want.images[i]))

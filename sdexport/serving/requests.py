@@ -77,19 +77,22 @@ class Row:
     """One, or one per adapter: rows with different ones share a call."""
     adapter_factor: float = 1.0
     """Rows with different ones share a call (each image's features stop after its own share)."""
+    guidance_embedded: bool = False
+    """Served by a latent consistency model alone (no refiner): its U-Net takes each image's guidance
+    embedded and runs no unconditional half, so rows on both sides of 1 share a call."""
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (an image resized by ``fit``), for the server log."""
 
     def batch_key(self) -> tuple[Any, ...]:
         """What must be equal for rows to be generated in one call. Not the guidance scale, which the
         loop takes per image: only whether it is above 1 (the call runs the unconditional half of the
-        batch), and None (the family's default, still to be filled in) apart from either. Not the
+        batch; not even that for a latent consistency model, ``guidance_embedded``), and None (the family's default, still to be filled in) apart from either. Not the
         control images either, which the loop takes per image too: only where ``MASKED_INIT`` stands
         (made from each row's own init image and mask). Nor the ControlNet scales and windows, which
         it takes per image as well: only whether the scale is the task's default (None, filled in
         with the family's). A union ControlNet taking several images takes them per call
         (``union_control_apart``). Nor the adapter scale and factor, which it takes per image too."""
-        guided = None if self.guidance is None else self.guidance > 1.0
+        guided = None if self.guidance is None else self.guidance > 1.0 and not self.guidance_embedded
         masked = None if self.control_image is None else tuple(isinstance(c, str) for c in self.control_image)
         return (self.steps, guided, self.scheduler, self.height, self.width, self.strength,
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,

@@ -198,6 +198,7 @@ class ServedModel:
                     # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
                     family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
                     guidance = row.guidance = checked.guidance_scales(family)[0]
+                    row.guidance_embedded = self.refiner is None and bool(self.pipeline.dims.G)
                     if row.control_image is not None and row.control_scale is None:  # the base model's
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][based.task]
                     if self.refiner is not None:  # the base model's share, as given or the server's
