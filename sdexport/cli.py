@@ -471,9 +471,12 @@ def run(
         request = ensemble.base
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
     embedded = bool(manifest.model_dims.G)  # a latent consistency model: its U-Net takes the guidance
+    # the whole run's guidances and negatives reach a refiner too, which guides by a batch half; the
+    # base model's parts (check_request below) are its own
+    alone = embedded and ensemble is None
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images,
-                    guidance_embedding=embedded and ensemble is None)  # (a refiner guides by a batch half)
+                    guidance_embedding=alone)
     most = min([profile.batch[2], *([ensemble.refiner.manifest.shape_profile.batch[2]] if ensemble else [])])
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
@@ -522,7 +525,7 @@ def run(
     from sdexport.runtime.loading import pooled_controlnets
 
     said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
-    ignored = dict.fromkeys([*ignored_settings(request, embedded and ensemble is None),  # (a refiner reads them)
+    ignored = dict.fromkeys([*ignored_settings(request, alone),
                              *(ignored_settings(ensemble.refine) if ensemble else [])])
     for note in [*ignored, *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")

@@ -346,8 +346,8 @@ class ModelDims:
     def record(self) -> dict[str, Any]:
         """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets,
         the adapter's sizes only with one (each adapter's channels only with several), K and N only
-        with union ControlNets, G only for a latent consistency model, so other directories stay readable by sdexport versions that predate
-        them."""
+        with union ControlNets, G only for a latent consistency model, so other directories stay
+        readable by sdexport versions that predate them."""
         values: dict[str, Any] = dict(vars(self))
         for name in ("U", "A", "K", "N", "G"):
             if not values[name]:

@@ -228,10 +228,10 @@ def test_a_controlnet_with_an_init_image_is_refused_on_a_latent_consistency_mode
     check_request(request, family="sd", dims=dims, profile=profile, controlnets=1)  # a model guided by a batch half
 
 
-
 def test_served_rows_take_their_guidance_embedded_as_run_does(engine_dirs):
     """A served latent consistency model: each row's guidance goes into the embedding (rows on both
-    sides of 1 share a call and give the Python API's images, which had no negative prompts)."""
+    sides of 1, with and without a negative prompt, share a call and give the Python API's images,
+    made without negatives)."""
     from test_serving import _inputs, _png_pixels
 
     from sdexport.serving.triton_model import ServedModel, ServeSettings
@@ -243,7 +243,7 @@ def test_served_rows_take_their_guidance_embedded_as_run_does(engine_dirs):
                         log=logs.append)
     try:
         answers = model.generate([
-            _inputs(["a lighthouse"], steps=4, seed=[5], guidance=1.0, height=64, width=96, negative_prompt="rain"),
+            _inputs(["a lighthouse"], steps=4, seed=[5], guidance=1.0, height=64, width=96),
             _inputs(["a lighthouse"], steps=4, seed=[5], guidance=8.5, height=64, width=96, negative_prompt="fog"),
         ])
     finally:
@@ -252,3 +252,37 @@ def test_served_rows_take_their_guidance_embedded_as_run_does(engine_dirs):
     for i, answer in enumerate(answers):
         assert not isinstance(answer, str), answer
         np.testing.assert_array_equal(_png_pixels(answer[0].png), np.asarray(want.images[i]))
+
+
+def test_bench_plans_refuse_what_run_refuses_and_engines_of_the_other_kind(engine_dirs, tmp_path):
+    """Before any export or baseline: a ControlNet with an init image on such a model, and an
+    engine directory that is one where the scenario's model is not (the baseline would guide by
+    a batch half, the engines not)."""
+    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.scenario import load_scenario
+
+    scenario = tmp_path / "s.toml"
+    common = 'height = 64\nwidth = 64\ncontenders = ["diffusers", "onnxruntime-cpu"]\n'
+    scenario.write_text('model = "tiny-lcm"\ncontrolnets = ["tiny-controlnet"]\nstrength = 0.6\n' + common)
+    with pytest.raises(SdexportError, match="^ControlNets with an init image on a latent consistency model"):
+        plan_bench(load_scenario(scenario), Options())
+    scenario.write_text('model = "tiny"\n' + common)
+    with pytest.raises(SdexportError, match="holds a latent consistency model, the scenario's model tiny is a model "
+                                            "guided by a batch half"):
+        plan_bench(load_scenario(scenario), Options(engine_dir=engine_dirs["sd"]))
+    scenario.write_text('model = "tiny-lcm"\n' + common)
+    plan_bench(load_scenario(scenario), Options(engine_dir=engine_dirs["sd"]))
+
+
+def test_a_latent_consistency_pipeline_directory_exports(tmp_path):
+    """diffusers saves an LCM-distilled SD 1.5 (SimianLuo/LCM_Dreamshaper_v7) as a
+    LatentConsistencyModelPipeline: an SD directory whose U-Net takes the guidance."""
+    source = tmp_path / "lcm-dreamshaper"
+    load_model("tiny-lcm").save_pretrained(source)
+    index = json.loads((source / "model_index.json").read_text())
+    (source / "model_index.json").write_text(json.dumps({**index, "_class_name": "LatentConsistencyModelPipeline"}))
+    out = tmp_path / "engines"
+    assert run_cli("export", source, "-o", out, "--components", "text_encoder,unet", "--verify", "none") == 0
+    manifest = load_manifest(out)
+    assert (manifest.family, manifest.model_dims.G) == ("sd", 24)
+    assert GUIDANCE_EMBEDDING in manifest.spec("unet").input_names

@@ -166,6 +166,11 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} {has}, the scenario {' + '.join(scenario.adapters) or 'none'}: "
                 "the baseline and the engines must be the same model")
+        if bool(manifest.model_dims.G) != embedded:
+            kind = {True: "a latent consistency model", False: "a model guided by a batch half"}
+            raise SdexportError(
+                f"--engine-dir {options.engine_dir} holds {kind[bool(manifest.model_dims.G)]}, the scenario's model "
+                f"{scenario.model} is {kind[embedded]}: the baseline and the engines must be the same model")
         if manifest.model_dims.N != modes:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} has {'union' if manifest.model_dims.N else 'plain'} ControlNets, "
@@ -185,7 +190,8 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
             request, refine = halves(request, scenario.cut)
         check_request(request, family=outline.family, dims=geometry, profile=profile,
                       scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
-                      adapters=len(scenario.adapters), union_modes=modes, union_images=images)
+                      adapters=len(scenario.adapters), union_modes=modes, union_images=images,
+                      guidance_embedding=embedded)
         if refine is not None and refiner_checks is not None:
             _check_refiner_share(scenario, request, refine, *refiner_checks, scheduler_config)
     return BenchPlan(

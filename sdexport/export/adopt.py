@@ -144,14 +144,15 @@ def check_replaceable(directory: Path, replace: bool) -> None:
 
 
 def family_of_pipeline(pipeline: str) -> str | None:
-    """``StableDiffusionXL*Pipeline`` → sdxl; other ``StableDiffusion*Pipeline`` (not 3.x) → sd; also
-    with optimum's ``ORT`` prefix (``ORTDiffusionPipeline.save_pretrained`` writes its own class)."""
+    """``StableDiffusionXL*Pipeline`` → sdxl; other ``StableDiffusion*Pipeline`` (not 3.x) and
+    ``LatentConsistencyModel*Pipeline`` (an LCM-distilled SD 1.5) → sd; also with optimum's ``ORT``
+    prefix (``ORTDiffusionPipeline.save_pretrained`` writes its own class)."""
     pipeline = pipeline.removeprefix("ORT")
     if not pipeline.endswith("Pipeline"):
         return None
     if pipeline.startswith("StableDiffusionXL"):
         return "sdxl"
-    if pipeline.startswith("StableDiffusion") and not pipeline.startswith("StableDiffusion3"):
+    if pipeline.startswith(("StableDiffusion", "LatentConsistencyModel")) and not pipeline.startswith("StableDiffusion3"):
         return "sd"
     return None
 

@@ -36,6 +36,9 @@ SUPPORTED_PIPELINES = {
     # the base model, and its T2I-Adapter(s) in adapter/, adapter_1/, adapter_2/ ... (ModelOutline.adapters)
     "StableDiffusionAdapterPipeline": "sd",
     "StableDiffusionXLAdapterPipeline": "sdxl",
+    # an LCM-distilled SD 1.5 (SimianLuo/LCM_Dreamshaper_v7): its U-Net takes the guidance (ModelDims.G)
+    "LatentConsistencyModelPipeline": "sd",
+    "LatentConsistencyModelImg2ImgPipeline": "sd",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",

@@ -26,7 +26,7 @@ _SD_SCHEDULER = {
     "timestep_spacing": "leading",
 }
 
-_LCM_SCHEDULER = {  # as latent consistency models ship it (SimianLuo/LCM_Dreamshaper_v7, latent-consistency/lcm-sdxl)
+_LCM_SCHEDULER = {  # LCMScheduler on SD's noise schedule, otherwise at its own defaults
     **{k: v for k, v in _SD_SCHEDULER.items() if k != "skip_prk_steps"},
     "_class_name": "LCMScheduler",
     "set_alpha_to_one": True,

@@ -972,7 +972,7 @@ def guidance_embedding(scales: list[float], size: int) -> torch.Tensor:
     """A latent consistency model's ``timestep_cond``: each image's guidance scale ``w`` embedded
     as its U-Net was distilled to read it, the sines then the cosines of ``1000 (w - 1)`` over
     ``size // 2`` geometric frequencies from 1 down to 1/10000 (VDM's embedding, which diffusers'
-    pipelines compute in float32 as ``get_guidance_scale_embedding``; zero-padded to an odd size)."""
+    pipelines compute in float32 as ``get_guidance_scale_embedding``; an odd size ends in a zero)."""
     import torch
 
     half = size // 2

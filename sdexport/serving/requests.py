@@ -79,18 +79,20 @@ class Row:
     """Rows with different ones share a call (each image's features stop after its own share)."""
     guidance_embedded: bool = False
     """Served by a latent consistency model alone (no refiner): its U-Net takes each image's guidance
-    embedded and runs no unconditional half, so rows on both sides of 1 share a call."""
+    embedded and runs no unconditional half, so rows on both sides of 1 share a call (and rows with
+    and without negative prompts, which it does not read: ``ServedModel`` drops them)."""
     notes: list[str] = field(default_factory=list)
     """What was changed on the way (an image resized by ``fit``), for the server log."""
 
     def batch_key(self) -> tuple[Any, ...]:
         """What must be equal for rows to be generated in one call. Not the guidance scale, which the
-        loop takes per image: only whether it is above 1 (the call runs the unconditional half of the
-        batch; not even that for a latent consistency model, ``guidance_embedded``), and None (the family's default, still to be filled in) apart from either. Not the
-        control images either, which the loop takes per image too: only where ``MASKED_INIT`` stands
-        (made from each row's own init image and mask). Nor the ControlNet scales and windows, which
-        it takes per image as well: only whether the scale is the task's default (None, filled in
-        with the family's). A union ControlNet taking several images takes them per call
+        loop takes per image: only whether it is above 1 (the call runs the unconditional half of
+        the batch; not even that for a latent consistency model, ``guidance_embedded``), and None
+        (the family's default, still to be filled in) apart from either. Not the control images
+        either, which the loop takes per image too: only where ``MASKED_INIT`` stands (made from
+        each row's own init image and mask). Nor the ControlNet scales and windows, which it takes
+        per image as well: only whether the scale is the task's default (None, filled in with the
+        family's). A union ControlNet taking several images takes them per call
         (``union_control_apart``). Nor the adapter scale and factor, which it takes per image too."""
         guided = None if self.guidance is None else self.guidance > 1.0 and not self.guidance_embedded
         masked = None if self.control_image is None else tuple(isinstance(c, str) for c in self.control_image)

@@ -104,6 +104,8 @@ class ServedModel:
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
         self.image_inputs = takes_init_images(engine_dir, manifest)
+        self.guidance_embedded = self.refiner is None and bool(manifest.model_dims.G)
+        """A latent consistency model served alone: no unconditional half runs for any row."""
         backend = resolve_backend(settings.backend)
         started = time.perf_counter()
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=settings.cuda_graph, verify_files=settings.verify,
@@ -198,7 +200,8 @@ class ServedModel:
                     # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
                     family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
                     guidance = row.guidance = checked.guidance_scales(family)[0]
-                    row.guidance_embedded = self.refiner is None and bool(self.pipeline.dims.G)
+                    if self.guidance_embedded:  # rows share a call whatever their guidance and negatives
+                        row.guidance_embedded, row.negative_prompt, row.negative_prompt_2 = True, None, None
                     if row.control_image is not None and row.control_scale is None:  # the base model's
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][based.task]
                     if self.refiner is not None:  # the base model's share, as given or the server's
