@@ -238,11 +238,6 @@ class ComponentSpec:
         raise KeyError(f"{self.name} has no tensor named {name!r}")
 
     @property
-    def guidance_embedding(self) -> bool:
-        """A latent consistency model's U-Net: it takes the guidance scale embedded (``timestep_cond``)."""
-        return GUIDANCE_EMBEDDING in self.input_names
-
-    @property
     def residual_inputs(self) -> list[str]:
         """The ControlNet residuals this (U-Net) spec takes, down blocks' first (none without ControlNets)."""
         return [t.name for t in self.inputs if t.name.startswith(RESIDUAL_INPUT_PREFIXES)]

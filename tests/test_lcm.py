@@ -147,7 +147,7 @@ def test_the_spec_adds_the_guidance_embedding_before_residuals_and_features():
     specs = {s.name: s.for_model(dims) for s in components_for("sd", 1)}
     unet = specs["unet"]
     assert unet.input_names[:4] == ["sample", "timestep", "encoder_hidden_states", GUIDANCE_EMBEDDING]
-    assert unet.input_names[4:] == unet.residual_inputs and unet.guidance_embedding
+    assert unet.input_names[4:] == unet.residual_inputs
     assert unet.tensor(GUIDANCE_EMBEDDING).shape(dims.sizes(3, 64, 64)) == (3, 24)
     assert not any(s.cfg_batch for s in specs.values())
     profile = PRESETS["tiny-lcm"].profile  # batch 1:1:2, and so the U-Net's (a CFG model's: 1:2:4)
@@ -155,7 +155,7 @@ def test_the_spec_adds_the_guidance_embedding_before_residuals_and_features():
     assert unet.for_model(dims) == unet  # once
     plain = load_model("tiny").dims
     assert "G" not in plain.record() and dims.record()["G"] == 24
-    assert not components_for("sd")[1].for_model(plain).guidance_embedding
+    assert GUIDANCE_EMBEDDING not in components_for("sd")[1].for_model(plain).input_names
 
 
 def test_a_guidance_embedding_too_small_to_embed_is_refused():
