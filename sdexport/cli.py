@@ -1235,8 +1235,10 @@ def main() -> None:
     set_verbosity(NORMAL)  # per call: tests run several commands in one process
     _verbosity_given.clear()
     from sdexport import stopping
+    from sdexport.runtime.setting_names import run_option, settings_named
 
-    with stopping.listening():  # SIGTERM unwinds like Ctrl-C; a stop dropped on the way is not lost
+    # SIGTERM unwinds like Ctrl-C, a stop dropped on the way is not lost; refusals name run's options
+    with stopping.listening(), settings_named(run_option):
         code = _run_app()
     if code == 130:  # typer (0.29) returns Ctrl-C and SIGTERM inside a command as this code
         error_console.print("[red]interrupted[/]")

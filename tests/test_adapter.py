@@ -145,11 +145,11 @@ def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_d
     with pytest.raises(SdexportError, match="one adapter factor for every prompt"):
         references["sdxl"](request)
     pipeline = load_pipeline(engine_dirs["sdxl"], "onnxruntime-cpu")
-    with pytest.raises(SdexportError, match=r"--adapter-factor 2 \(image 2 of 2\): a fraction of the steps"):
+    with pytest.raises(SdexportError, match=r"adapter_factor 2 \(image 2 of 2\): a fraction of the steps"):
         pipeline(_request("sdxl", adapter_factor=[0.5, 2.0]))
-    with pytest.raises(SdexportError, match=r"--adapter-factor: 3 given for 2 images; give one, or one per image"):
+    with pytest.raises(SdexportError, match=r"adapter_factor: 3 given for 2 images; give one, or one per image"):
         pipeline(_request("sdxl", adapter_factor=[0.5, 1.0, 0.2]))
-    with pytest.raises(SdexportError, match=r"--adapter-factor nan \(image 1 of 2\): expected a finite number"):
+    with pytest.raises(SdexportError, match=r"adapter_factor nan \(image 1 of 2\): expected a finite number"):
         pipeline(_request("sdxl", adapter_factor=[float("nan"), 1.0]))
 
 
@@ -336,13 +336,13 @@ def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_pa
 def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     pipeline = load_pipeline(engine_dirs["sd"], "onnxruntime-cpu")
     calls = watch(pipeline)
-    with pytest.raises(SdexportError, match="give --adapter-image"):
+    with pytest.raises(SdexportError, match="give adapter_image"):
         pipeline(_request("sd", adapter_image=None))
     with pytest.raises(SdexportError, match="adapter image: expected a PIL image"):
         pipeline(_request("sd", adapter_image=[np.zeros((8, 8, 3))]))
     with pytest.raises(SdexportError, match="adapter_image: expected a list of PIL images"):
         pipeline(_request("sd", adapter_image=picture(64, 64, 0)))
-    with pytest.raises(SdexportError, match="--adapter-factor -0.1"):
+    with pytest.raises(SdexportError, match="adapter_factor -0.1"):
         pipeline(_request("sd", adapter_factor=-0.1))
     assert not calls
 
@@ -423,7 +423,7 @@ def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):
         assert json.loads(Image.open(io.BytesIO(together[0][0].png)).text["sdexport"])["adapter"]["factor"] == 0.5
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_factor=2.0,
                                             adapter_image=(tmp_path / "a2.png").read_bytes())])
-        assert refused == "--adapter-factor 2: a fraction of the steps, from 0 to 1"
+        assert refused == "adapter_factor 2: a fraction of the steps, from 0 to 1"
     finally:
         model.close()
 

@@ -677,15 +677,15 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
                                             r"list in each place \(control_image=\[\[image_1, image_2, ...\], ...\]\)"):
         pipeline(_request("sd-two", control_image=[image] * 4))
     # settings per prompt: the same layout
-    with pytest.raises(SdexportError, match=r"--control-scale: 3 values for 2 prompts \(control image 2 of 2\)"):
+    with pytest.raises(SdexportError, match=r"control_scale: 3 values for 2 prompts \(control image 2 of 2\)"):
         pipeline(_request("sd-two", control_scale=[1.0, [0.5, 0.6, 0.7]]))
-    with pytest.raises(SdexportError, match=r"--control-end: 4 values for 2 ControlNets: .*; with one per prompt, "
+    with pytest.raises(SdexportError, match=r"control_end: 4 values for 2 ControlNets: .*; with one per prompt, "
                                             r"give a list in each place"):
         pipeline(_request("sd-two", control_end=[0.8, 0.9, 1.0, 1.0]))
-    with pytest.raises(SdexportError, match=r"--control-start 0.9 is not before --control-end 0.8 \(control image 1, "
+    with pytest.raises(SdexportError, match=r"control_start 0.9 is not before control_end 0.8 \(control image 1, "
                                             r"image 2 of 2\)"):
         pipeline(_request("sd-two", control_start=[[0.1, 0.9], 0.0], control_end=0.8))
-    with pytest.raises(SdexportError, match=r"--control-start 1.5 \(control image 1 of 2, image 2 of 2\): a fraction"):
+    with pytest.raises(SdexportError, match=r"control_start 1.5 \(control image 1 of 2, image 2 of 2\): a fraction"):
         pipeline(_request("sd-two", control_start=[[0.1, 1.5], 0.0]))
     assert not calls
 

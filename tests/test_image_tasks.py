@@ -131,7 +131,9 @@ def test_api_refusals(engine_dirs):
         sd(GenerationRequest(**base, image=[np.zeros((64, 64, 3))]))
     with pytest.raises(SdexportError, match="a mask without an init image"):
         sd(GenerationRequest(**base, mask=[box_mask(64, 64)]))
-    with pytest.raises(SdexportError, match="--strength 1.5: need a number above 0 and at most 1"):
+    with pytest.raises(SdexportError, match=r"^strength needs an init image \(image\)"):  # the API's field names
+        sd(GenerationRequest(**base, strength=0.5))
+    with pytest.raises(SdexportError, match="strength 1.5: need a number above 0 and at most 1"):
         sd(GenerationRequest(**base, image=[picture(64, 64, 0)], strength=1.5))
     with pytest.raises(SdexportError, match=r"runs no step \(int\(steps x strength\) = 0\)"):
         sd(GenerationRequest(**base, image=[picture(64, 64, 0)], strength=0.2))
@@ -333,7 +335,7 @@ def test_only_a_default_inpainting_strength_below_1_is_noted():
     request = GenerationRequest(prompt=["x"], image=[picture(64, 64, 0)], mask=[box_mask(64, 64)])
     assert default_notes(request, "sd") == []  # 1.0: every step
     [note] = default_notes(request, "sdxl")
-    assert note.startswith("29 of 30 steps: the default --strength of SDXL inpainting is diffusers' 0.9999")
+    assert note.startswith("29 of 30 steps: the default strength of SDXL inpainting is diffusers' 0.9999")
     request.strength = 1.0
     assert default_notes(request, "sdxl") == []  # asked for
     img2img = GenerationRequest(prompt=["x"], image=[picture(64, 64, 0)])

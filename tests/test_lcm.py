@@ -209,7 +209,7 @@ def test_the_lcm_scheduler_alone_takes_at_most_its_original_steps():
     from sdexport.runtime.schedulers import check_steps
 
     config = PRESETS["tiny-lcm"].scheduler
-    with pytest.raises(SdexportError, match=r"^--steps 51: the default \(LCMScheduler\) scheduler takes at most 50"):
+    with pytest.raises(SdexportError, match=r"^steps 51: the default \(LCMScheduler\) scheduler takes at most 50"):
         check_steps("default", config, 51)
     check_steps("euler", config, 60)
     check_steps("lcm", config, 50)
@@ -254,7 +254,7 @@ def test_served_rows_take_their_guidance_embedded_as_run_does(engine_dirs):
         np.testing.assert_array_equal(_png_pixels(answer[0].png), np.asarray(want.images[i]))
 
 
-def test_bench_plans_refuse_what_run_refuses_and_engines_of_the_other_kind(engine_dirs, tmp_path):
+def test_bench_plans_refuse_what_run_refuses_and_engines_of_the_other_kind(engine_dirs, tmp_path, capsys):
     """Before any export or baseline: a ControlNet with an init image on such a model, and an
     engine directory that is one where the scenario's model is not (the baseline would guide by
     a batch half, the engines not)."""
@@ -272,6 +272,12 @@ def test_bench_plans_refuse_what_run_refuses_and_engines_of_the_other_kind(engin
         plan_bench(load_scenario(scenario), Options(engine_dir=engine_dirs["sd"]))
     scenario.write_text('model = "tiny-lcm"\n' + common)
     plan_bench(load_scenario(scenario), Options(engine_dir=engine_dirs["sd"]))
+    # the scheduler's own limit, checked as the run starts, names the scenario's key as the plan does
+    scenario.write_text('model = "tiny-lcm"\nscheduler = "lcm"\nsteps = [60]\n' + common)
+    capsys.readouterr()  # (the engines made for the test above)
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+    assert capsys.readouterr().err.startswith("error: steps 60: the lcm scheduler takes at most 50 steps")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_latent_consistency_pipeline_directory_exports(tmp_path):

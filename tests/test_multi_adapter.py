@@ -133,9 +133,9 @@ def test_adapter_scales_per_prompt_weigh_each_image(engine_dirs, references):
     assert _request("sd", adapter_scale=[[0.5, 0.3], 0.5]).adapter_scale_of(0, 2) == 0.5  # one number where equal
     with pytest.raises(SdexportError, match="no per-image settings"):
         references["sd"](request)
-    with pytest.raises(SdexportError, match=r"--adapter-scale: 3 values for 2 prompts \(adapter 1 of 2\)"):
+    with pytest.raises(SdexportError, match=r"adapter_scale: 3 values for 2 prompts \(adapter 1 of 2\)"):
         pipeline(_request("sd", adapter_scale=[[0.8, 0.3, 0.1], 0.5]))
-    with pytest.raises(SdexportError, match=r"--adapter-scale nan \(adapter 2 of 2, image 2 of 2\): expected a finite"):
+    with pytest.raises(SdexportError, match=r"adapter_scale nan \(adapter 2 of 2, image 2 of 2\): expected a finite"):
         pipeline(_request("sd", adapter_scale=[0.8, [0.3, float("nan")]]))
 
 
@@ -370,7 +370,7 @@ def test_served_rows_give_an_image_per_adapter(engine_dirs, tmp_path):
         assert json.loads(Image.open(io.BytesIO(together[1][0].png)).text["sdexport"])["adapter"]["scale"] == [0.7, 0.6]
         assert not np.array_equal(pair[0].pixels, pair[1].pixels)
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_image=files[2])])
-        assert refused == ("1 adapter image(s) for 2 T2I-Adapters: give --adapter-image 2 times (one each, in the "
+        assert refused == ("1 adapter image(s) for 2 T2I-Adapters: give adapter_image 2 times (one each, in the "
                            "order they were exported)")
     finally:
         model.close()

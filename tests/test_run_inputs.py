@@ -82,7 +82,7 @@ def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_en
 def test_the_api_checks_requests_too(pipeline):
     for request, message in [
         (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "seed -5"),
-        (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "--guidance nan"),
+        (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "guidance nan"),
         # one guidance per image: as many as images, each a number, all on one side of 1
         (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0], height=64, width=64),
          "^guidance: 1 given for 2 images; give one, or one per image$"),
@@ -96,7 +96,7 @@ def test_the_api_checks_requests_too(pipeline):
          r"^guidance True \(image 2 of 2\): expected an int or a float, not bool$"),
         (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
         (GenerationRequest(prompt=["x"], steps=51, scheduler="lcm", height=64, width=64),
-         r"^--steps 51: the lcm scheduler takes at most 50 steps \(its original_inference_steps\)"),
+         r"^steps 51: the lcm scheduler takes at most 50 steps \(its original_inference_steps\)"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
         (GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64),

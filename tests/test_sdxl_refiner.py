@@ -180,9 +180,9 @@ def test_cli_records_the_aesthetic_scores(refiner_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     ((), "the SDXL refiner refines an image (img2img, inpainting): give --init-image"),
-    (("--init-image", "{init}", "--prompt-2", "x"), "prompt_2: not the SDXL refiner's conditioning"),
-    (("--init-image", "{init}", "--target-size", "64x64"), "target_size: not the SDXL refiner's conditioning"),
-    (("--init-image", "{init}", "--aesthetic-score", "nan"), "aesthetic_score nan: expected a finite number"),
+    (("--init-image", "{init}", "--prompt-2", "x"), "--prompt-2: not the SDXL refiner's conditioning"),
+    (("--init-image", "{init}", "--target-size", "64x64"), "--target-size: not the SDXL refiner's conditioning"),
+    (("--init-image", "{init}", "--aesthetic-score", "nan"), "--aesthetic-score nan: expected a finite number"),
 ])
 def test_cli_refusals(refiner_dir, tmp_path, capsys, args, message):
     picture(64, 64, 0).save(tmp_path / "init.png")
@@ -542,8 +542,8 @@ def test_served_ensemble_gives_the_images_run_writes(tiny_sdxl_engine_dir, refin
     record = json.loads(Image.open(io.BytesIO(inpainted[0].png)).text["sdexport"])
     assert (record["task"], record["base"]["task"], record["base"]["denoising_end"]) == ("inpaint", "inpaint", 0.6)
     assert isinstance(refused, str) and refused.startswith(
-        "the refiner's share of the schedule (--steps 3, cut at --denoising-end 0.8) holds no step")
-    assert none == "--steps 0: need at least 1 step"  # the request's own checks first, as in run
+        "the refiner's share of the schedule (steps 3, cut at denoising_end 0.8) holds no step")
+    assert none == "steps 0: need at least 1 step"  # the request's own checks first, as in run
     assert logs[-1].endswith("2 request(s), 2 image(s) in 1 call(s) of 2"), logs
     assert not isinstance(default, str) and not isinstance(same, str)
     np.testing.assert_array_equal(default[0].pixels, same[0].pixels)

@@ -271,6 +271,43 @@ def test_sdxl_conditioning_is_refused_by_another_family_in_runs_words(served):
                        "aesthetic_score: the SDXL refiner's conditioning, but this is a sd model"]
 
 
+def _in_input_names(cli_message: str) -> str:
+    """``run``'s refusal as a served request should read it: each of ``run``'s options that is a
+    served input named as that input (``--init-image``: ``init_image``); other commands' options
+    (``exported with --controlnet``) as they are."""
+    import re
+
+    from sdexport.runtime.setting_names import run_option
+
+    inputs = {run_option(spec.name): spec.name for spec in INPUTS}
+    return re.sub(r"--[a-z0-9-]+", lambda flag: inputs.get(flag.group(0), flag.group(0)), cli_message)
+
+
+@pytest.mark.parametrize("flags, inputs", [
+    (["--strength", "0.5"], {"strength": 0.5}),
+    (["--guidance", "-1"], {"guidance": -1.0}),
+    (["--control-scale", "0.5"], {"control_scale": [0.5]}),
+    (["--adapter-factor", "0.5"], {"adapter_factor": 0.5}),
+    (["--init-image", "{init}", "--height", "64", "--width", "64"], {"init_image": "init", "height": 64, "width": 64}),
+    (["--init-image", "{init}", "--strength", "0.2"], {"init_image": "init", "strength": 0.2}),
+    (["--negative-aesthetic-score", "2"], {"negative_aesthetic_score": 2.0}),
+])
+def test_a_served_refusal_is_runs_in_the_names_of_the_inputs(served, tiny_engine_dir, tmp_path, capsys, flags,
+                                                            inputs):
+    """A Triton client never ran ``sdexport run``: what it is told to change is named as the input it
+    sends (``strength needs an init image (init_image)``), in the same sentence ``run`` says."""
+    init = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    (tmp_path / "init.png").write_bytes(_png_of(init))
+    args = [flag.format(init=tmp_path / "init.png") for flag in flags]
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "3", *args, "--backend", BACKEND,
+                   "-o", tmp_path / "out.png") == 2
+    # (run names the file it read, a request the input alone)
+    said = capsys.readouterr().err.strip().removeprefix("error: ").replace(f" {tmp_path / 'init.png'}", "")
+    sent = {name: _png_of(init) if value == "init" else value for name, value in {"steps": 3, **inputs}.items()}
+    [refused] = served.generate([_inputs(["x"], **sent)])
+    assert refused == _in_input_names(said) != said
+
+
 def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inputs():
     import tritonclient.http as http
 

@@ -436,14 +436,14 @@ def test_two_union_controlnets_each_get_their_own_image_modes_and_scales():
         assert inputs["controlnet_cond"].shape == (2, 1, 3, 64, 64)
     assert not torch.equal(first[2]["controlnet_cond"], second[2]["controlnet_cond"])
     assert [name for _, name, _, _ in control.active_nets(0)] == ["controlnet"]  # the second starts halfway
-    with pytest.raises(SdexportError, match="has 2 ControlNets: give --control-image"):
+    with pytest.raises(SdexportError, match="has 2 ControlNets: give control_image"):
         _check_control(GenerationRequest(prompt=["x"]), 2, "sdxl", union_modes=8)
 
 
 def test_a_control_mode_for_other_controlnets_is_refused(tiny_engine_dir, tmp_path, capsys):
     from sdexport.runtime.request import _check_control
 
-    with pytest.raises(SdexportError, match="--control-mode is for union ControlNets"):
+    with pytest.raises(SdexportError, match="control_mode is for union ControlNets"):
         _check_control(GenerationRequest(prompt=["x"], control_image=[picture(8, 8, 0)], control_mode=[1]), 1, "sd")
     assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-mode", "1") == 2
     assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
@@ -477,7 +477,7 @@ def test_served_union_requests_are_the_images_run_writes(engine_dirs, tmp_path):
         for (generated,), path in ((x, out.with_name("cli-0.png")), (y, out.with_name("cli-1.png"))):
             np.testing.assert_array_equal(_png_pixels(generated.png), np.asarray(Image.open(path).convert("RGB")))
         [refused] = model.generate([request(["x"], [5], mode=9)])
-        assert refused == "--control-mode 9: this union ControlNet knows modes 0 to 7"
+        assert refused == "control_mode 9: this union ControlNet knows modes 0 to 7"
     finally:
         model.close()
 
@@ -493,7 +493,7 @@ def test_scales_per_prompt_weigh_each_image_of_a_union_controlnet_taking_one(eng
         assert torch.equal(mixed.latents[row], pipeline(_request("one", control_scale=[scale])).latents[row])
     two = load_pipeline(engine_dirs["two-images"], "onnxruntime-cpu")
     calls = watch(two)
-    with pytest.raises(SdexportError, match=r"--control-end 1, 0.5 \(control image 2 of 2\): a union ControlNet "
+    with pytest.raises(SdexportError, match=r"control_end 1, 0.5 \(control image 2 of 2\): a union ControlNet "
                                             r"taking 2 images weighs them inside it"):
         two(_request("two-images", control_end=[1.0, [1.0, 0.5]]))
     assert not calls
@@ -536,11 +536,11 @@ def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
             'contenders = ["diffusers", "onnxruntime-cpu"]\n')
     scenario, out, _ = bench_agreeing(tmp_path, "un", base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
     assert "edge map at scale 1.0 as control mode(s) 3" in (out / "results.md").read_text()
-    for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need --control-mode"),
+    for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need control_mode"),
                           ('controlnets = ["tiny-union"]\ncontrol_mode = [3, 1]\n',
                            "control_mode: 2 modes for 1 ControlNet(s)"),
                           ('controlnets = ["tiny-controlnet"]\ncontrol_mode = [3]\n',
-                           "--control-mode is for union ControlNets"),
+                           "control_mode is for union ControlNets"),
                           ('controlnets = ["tiny-union"]\ncontrol_mode = [3]\nguess_mode = true\n',
                            "guess_mode with union ControlNets under guidance: diffusers' union pipelines fail")):
         scenario.write_text(base + text)

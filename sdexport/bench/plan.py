@@ -16,6 +16,7 @@ from sdexport.bench.scenario import BASELINES, CONTENDERS, SLOW_UNET_HOOK, Case,
 from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
+from sdexport.runtime.setting_names import input_name, settings_named
 from sdexport.shapes import ImageGeometry, ShapeProfile, parse_range
 from sdexport.specs import SDXL_REFINER
 
@@ -79,6 +80,7 @@ def slow_unet_hook(contenders: list[str]) -> dict[str, float]:
     return delays
 
 
+@settings_named(input_name)  # refusals name the scenario's keys (steps), not run's options
 def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     requested = options.contenders or scenario.contenders
     unknown = [c for c in requested if c not in CONTENDERS]
@@ -260,7 +262,7 @@ def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: Ge
     assert scenario.cut is not None
     check_refine(refine, dims=dims, profile=profile, scheduler_config=refiner_config,
                  who=f"refiner {scenario.refiner}")
-    check_shares(base, base_config, refine, refiner_config, scenario.cut, named=str)  # the scenario's keys
+    check_shares(base, base_config, refine, refiner_config, scenario.cut)
 
 
 def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:

@@ -13,13 +13,13 @@ once; the loop itself is the one every engine directory runs, called twice.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from sdexport.errors import SdexportError
 from sdexport.runtime.request import GenerationRequest
+from sdexport.runtime.setting_names import setting
 
 DENOISING_END_DEFAULT = 0.8
 """The base model's fraction of the schedule when none is given (diffusers' example)."""
@@ -37,10 +37,10 @@ LATENTS_TO_COME = "the base model's latents"
 """What stands for the refiner's ``init_latents`` in the checks made before the base model runs."""
 
 
-def check_denoising_end(end: float, flag: str = "--denoising-end") -> None:
+def check_denoising_end(end: float) -> None:
     """The base model's fraction of the schedule: above 0 and below 1 (each model runs a share)."""
     if not (math.isfinite(end) and 0 < end < 1):
-        raise SdexportError(f"{flag} {end}: need the base model's fraction of the schedule, above 0 and below 1")
+        raise SdexportError(f"{setting('denoising_end')} {end}: need the base model's fraction of the schedule, above 0 and below 1")
 
 
 @dataclass(frozen=True)
@@ -115,15 +115,10 @@ def field_defaults(cls: Any, names: tuple[str, ...]) -> dict[str, Any]:
     return defaults
 
 
-def flag(name: str) -> str:
-    """A request field as ``run``'s option names it (``denoising_end``: ``--denoising-end``)."""
-    return "--" + name.replace("_", "-")
-
-
 def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: GenerationRequest,
-                 refiner_config: dict[str, Any], end: float, *, named: Callable[[str], str] = flag) -> None:
+                 refiner_config: dict[str, Any], end: float) -> None:
     """The base model's steps and the refiner's, each on a scheduler of its own: neither empty.
-    ``named``: how a refusal names the settings to change (``run``'s options; a scenario's keys)."""
+    A refusal names the settings to change as the caller does (``setting``)."""
     from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
     from sdexport.specs import SDXL_REFINER
 
@@ -136,7 +131,7 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
             schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
         except SdexportError:
             strength = request.strength if request.image is not None else None  # an img2img base's
-            by_strength, by_steps, by_cut = named("strength"), named("steps"), named("denoising_end")
+            by_strength, by_steps, by_cut = setting("strength"), setting("steps"), setting("denoising_end")
             given = f"{by_strength} {strength:g} of " if strength is not None else ""
             raise SdexportError(f"the {which} share of the schedule ({given}{by_steps} {request.steps}, cut at "
                                 f"{by_cut} {end:g}) holds no step; "

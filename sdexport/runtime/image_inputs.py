@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
+from sdexport.runtime.setting_names import setting
 
 if TYPE_CHECKING:
     import torch
@@ -60,15 +61,16 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple
     from PIL import Image
 
     if fit not in FITS:
-        raise SdexportError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
+        raise SdexportError(f"{setting('fit')} {fit!r}: choose one of {', '.join(FITS)}")
     size = (width, height)
     if image.size == size:
         return image, None
     given = f"{image.size[1]}x{image.size[0]}"
     if fit == "exact":
         raise SdexportError(
-            f"{what} is {given} (HxW), the request {height}x{width}: pass --height {image.size[1]} --width "
-            f"{image.size[0]} (within the engines' profile), or --fit resize / --fit crop to make it fit"
+            f"{what} is {given} (HxW), the request {height}x{width}: pass {setting('height')} {image.size[1]} "
+            f"{setting('width')} {image.size[0]} (within the engines' profile), or {setting('fit')} resize / "
+            f"{setting('fit')} crop to make it fit"
         )
     if fit == "resize":
         return image.resize(size, Image.Resampling.LANCZOS), f"{what} resized from {given} to {height}x{width}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
+from sdexport.runtime.setting_names import setting
 from sdexport.shapes import ImageGeometry, ShapeProfile
 from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, is_sdxl
 
@@ -354,15 +355,15 @@ def forced_guess_mode(first_pools: bool, family: str, task: str) -> bool:
 
 def pooling_note(pooled: list[str], controlnets: list[str], request: GenerationRequest, family: str) -> str | None:
     """What ``run`` says about pooling ControlNets (``pooled``, among the directory's ``controlnets``)
-    when ``--guess-mode`` was not given: that guess mode is on anyway, or that it is not."""
+    when guess mode was not asked for: that guess mode is on anyway, or that it is not."""
     if not pooled or request.guess_mode:
         return None
     which = f"{' and '.join(pooled)} {'pools its' if len(pooled) == 1 else 'pool their'} conditions (global_pool_conditions)"
     if forced_guess_mode(controlnets[0] in pooled, family, request.task):
-        return f"guess mode: {which}, which diffusers runs in guess mode: this run does as --guess-mode"
+        return f"guess mode: {which}, which diffusers runs in guess mode: this run does as {setting('guess_mode')}"
     why = ("diffusers' SDXL inpainting pipeline does not read the flag" if controlnets[0] in pooled
            else "diffusers turns guess mode on only when the first ControlNet pools")
-    return f"{which}, but {why}: this run is not in guess mode either (--guess-mode turns it on)"
+    return f"{which}, but {why}: this run is not in guess mode either ({setting('guess_mode')} turns it on)"
 
 
 def has_no_text(prompt: object, prompt_2: object = None) -> bool:
@@ -405,7 +406,7 @@ def check_request(
     from sdexport.runtime.schedulers import check_scheduler_name
 
     if not request.prompt:
-        raise SdexportError("no prompt given: pass at least one --prompt")
+        raise SdexportError(f"no prompt given: pass at least one {setting('prompt')}")
     if not all(isinstance(p, str) for p in request.prompt):
         raise SdexportError("prompts must be text")
     if request.negative_prompt is not None and len(request.negative_prompt) != request.batch:
@@ -416,7 +417,7 @@ def check_request(
     for name in ("prompt_2", "negative_prompt_2"):
         given = getattr(request, name)
         if given is not None and len(given) != request.batch:
-            raise SdexportError(f"{name}: {len(given)} given for {request.batch} prompts; give one per prompt")
+            raise SdexportError(f"{setting(name)}: {len(given)} given for {request.batch} prompts; give one per prompt")
     if len(request.seeds) != request.batch:
         raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
     for seed in request.seeds:
@@ -424,11 +425,11 @@ def check_request(
             raise SdexportError(f"seed {seed}: seeds are integers from 0 to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
-        raise SdexportError(f"--steps {request.steps}: need at least 1 step")
+        raise SdexportError(f"{setting('steps')} {request.steps}: need at least 1 step")
     trained = int((scheduler_config or {}).get("num_train_timesteps") or 0)
     if trained and request.steps > trained:
         raise SdexportError(
-            f"--steps {request.steps}: the model was trained on {trained} timesteps, so a scheduler can "
+            f"{setting('steps')} {request.steps}: the model was trained on {trained} timesteps, so a scheduler can "
             f"take at most {trained} steps (20-50 is usual)"
         )
     _check_guidance(request.guidance, request.batch, sides=not guidance_embedding)
@@ -445,7 +446,7 @@ def check_request(
         raise SdexportError("ControlNets with an init image on a latent consistency model: diffusers' ControlNet "
                             "img2img and inpaint pipelines do not give such a U-Net its guidance (they guide by a "
                             "second batch half), so there is nothing to match; use the ControlNet from text (no "
-                            "--init-image), or the init image without it")
+                            f"{setting('init_image')}), or the init image without it")
     _check_adapter(request, int(adapters))
 
 
@@ -469,9 +470,9 @@ def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
     each = isinstance(guidance, list)
     values = guidance if isinstance(guidance, list) else [guidance]
     if each and len(values) != batch:
-        raise SdexportError(f"guidance: {len(values)} given for {batch} images; give one, or one per image")
+        raise SdexportError(f"{setting('guidance')}: {len(values)} given for {batch} images; give one, or one per image")
     for i, value in enumerate(values):
-        which = f"guidance {value} (image {i + 1} of {batch})" if each else f"--guidance {value}"
+        which = f"{setting('guidance')} {value}" + (f" (image {i + 1} of {batch})" if each else "")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SdexportError(f"{which}: expected an int or a float, not {type(value).__name__}"
                                 + ("" if each else ", or a list of one per image"))
@@ -480,7 +481,7 @@ def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
     numbers = cast(list[float], values)  # checked above
     if sides and len({value > 1 for value in numbers}) > 1:
         raise SdexportError(
-            f"guidance {guidance_label(numbers)}: a call guides all its images or none (guidance at "
+            f"{setting('guidance')} {guidance_label(numbers)}: a call guides all its images or none (guidance at "
             "or below 1 skips the unconditional half of the batch); generate those above 1 and those at or below "
             "it in calls of their own"
         )
@@ -494,18 +495,19 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     if not adapters:
         if (request.adapter_image is not None or request.adapter_factor not in (1.0, [1.0])
                 or request.adapter_scale not in (1.0, [1.0])):
-            raise SdexportError("--adapter-image and its settings (--adapter-scale, --adapter-factor) need an engine "
-                                "directory exported with --adapter (this one has no T2I-Adapter)")
+            raise SdexportError(f"{setting('adapter_image')} and its settings ({setting('adapter_scale')}, "
+                                f"{setting('adapter_factor')}) need an engine directory exported with --adapter "
+                                "(this one has no T2I-Adapter)")
         return
     entries = request.adapter_image
-    several = (f"{adapters} T2I-Adapters: give --adapter-image {adapters} times (one each, in the order they were "
+    several = (f"{adapters} T2I-Adapters: give {setting('adapter_image')} {adapters} times (one each, in the order they were "
                "exported)")
     if entries is None:
-        raise SdexportError("this engine directory has a T2I-Adapter: give --adapter-image (the sketch, edge, depth "
-                            "or pose map it reads)" if adapters == 1 else f"this engine directory has {several}")
+        raise SdexportError(f"this engine directory has a T2I-Adapter: give {setting('adapter_image')} (the sketch, "
+                            "edge, depth or pose map it reads)" if adapters == 1 else f"this engine directory has {several}")
     if request.image is not None:
         raise SdexportError("an init image with a T2I-Adapter: diffusers' adapter pipelines generate from text only "
-                            "(txt2img); drop --init-image")
+                            f"(txt2img); drop {setting('init_image')}")
     if not isinstance(entries, list):
         raise SdexportError(f"adapter_image: expected a list of PIL images (one, or one per prompt), got "
                             f"{type(entries).__name__}" + (" (several adapters: a list of tuples, one image per "
@@ -524,7 +526,7 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     for images in request.adapter_images(adapters):
         for image in images:
             check_image(image, None, None, "adapter image")
-    _check_setting("--adapter-scale", request.adapter_scale, request.batch, adapters,
+    _check_setting("adapter_scale", request.adapter_scale, request.batch, adapters,
                    f"{adapters} T2I-Adapter{'s' if adapters > 1 else ''}", "adapter")
     _check_adapter_factor(request.adapter_factor, request.batch)
 
@@ -534,14 +536,14 @@ def _check_adapter_factor(factor: object, batch: int) -> None:
     each = isinstance(factor, list | tuple)
     values = list(factor) if isinstance(factor, list | tuple) else [factor]
     if each and len(values) != batch:
-        raise SdexportError(f"--adapter-factor: {len(values)} given for {batch} image{'s' if batch > 1 else ''}; "
+        raise SdexportError(f"{setting('adapter_factor')}: {len(values)} given for {batch} image{'s' if batch > 1 else ''}; "
                             "give one, or one per image")
     for i, value in enumerate(values):
-        which = f"--adapter-factor {value!r}" + (f" (image {i + 1} of {batch})" if each else "")
+        which = f"{setting('adapter_factor')} {value!r}" + (f" (image {i + 1} of {batch})" if each else "")
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
             raise SdexportError(f"{which}: expected a finite number")
         if not 0 <= value <= 1:
-            which = f"--adapter-factor {value:g}" + (f" (image {i + 1} of {batch})" if each else "")
+            which = f"{setting('adapter_factor')} {value:g}" + (f" (image {i + 1} of {batch})" if each else "")
             raise SdexportError(f"{which}: a fraction of the steps, from 0 to 1")
 
 
@@ -555,22 +557,23 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
     defaults = (request.control_scale, request.control_start, request.control_end,
                 request.guess_mode) == (None, 0.0, 1.0, False)
     if not isinstance(request.guess_mode, bool):
-        raise SdexportError(f"guess_mode {request.guess_mode!r}: expected true or false")
+        raise SdexportError(f"{setting('guess_mode')} {request.guess_mode!r}: expected true or false")
     if not controlnets:
         if request.control_image is not None or request.control_mode is not None or not defaults:
-            raise SdexportError("--control-image and its settings (--control-mode, --control-scale/-start/-end, "
-                                "--guess-mode) need an engine directory exported with --controlnet (this one has "
-                                "no ControlNet)")
+            settings = ", ".join(setting(name) for name in ("control_mode", "control_scale", "control_start",
+                                                            "control_end", "guess_mode"))
+            raise SdexportError(f"{setting('control_image')} and its settings ({settings}) need an engine directory "
+                                "exported with --controlnet (this one has no ControlNet)")
         return
     images = request.control_image
     s = "" if controlnets == 1 else "s"
     per_net = max(union_images, 1)
     slots = controlnets * per_net
     if images is None:
-        raise SdexportError(f"this engine directory has {controlnets} ControlNet{s}: give --control-image (one per "
-                            "ControlNet, in the order they were exported)" if per_net == 1 else
+        raise SdexportError(f"this engine directory has {controlnets} ControlNet{s}: give {setting('control_image')} (one "
+                            "per ControlNet, in the order they were exported)" if per_net == 1 else
                             f"this engine directory has a union ControlNet taking {per_net} images: give "
-                            f"--control-image {per_net} times, and --control-mode for each")
+                            f"{setting('control_image')} {per_net} times, and {setting('control_mode')} for each")
     if not isinstance(images, list) or len(images) != slots:
         count = len(images) if isinstance(images, list) else type(images).__name__
         per_prompt = (f"; with one per prompt, give a list in each place (control_image=[[image_1, image_2, ...]"
@@ -584,7 +587,7 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
         if isinstance(entry, str) and entry == MASKED_INIT:
             if request.mask is None:
                 raise SdexportError(f"control image {MASKED_INIT} is the init image with the mask's region at -1 (for "
-                                    "inpainting ControlNets): it needs --init-image and --mask")
+                                    f"inpainting ControlNets): it needs {setting('init_image')} and {setting('mask')}")
             continue
         where = f" (control image {k + 1} of {slots})" if slots > 1 else ""
         if isinstance(entry, list | tuple):
@@ -596,28 +599,29 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
                                     f"place of the list{where}")
         for image in request.control_images(k):
             check_image(image, None, None, "control image")
-    for flag, value in (("--control-scale", request.control_scale), ("--control-start", request.control_start),
-                        ("--control-end", request.control_end)):
+    for name, value in (("control_scale", request.control_scale), ("control_start", request.control_start),
+                        ("control_end", request.control_end)):
         if value is not None:  # None: the scale's per-task default
-            _check_setting(flag, value, request.batch, slots, f"{slots} control images" if per_net > 1 else
-                           f"{controlnets} ControlNet{s}", "control image", fraction=flag != "--control-scale",
+            _check_setting(name, value, request.batch, slots, f"{slots} control images" if per_net > 1 else
+                           f"{controlnets} ControlNet{s}", "control image", fraction=name != "control_scale",
                            inside=per_net)
     for image in range(request.batch):
         for i, (_, start, end) in enumerate(request.control_settings(slots, family, image)):
             if start >= end:
                 which = [*([f"control image {i + 1}"] if slots > 1 else []),
                          *([f"image {image + 1} of {request.batch}"] if request.control_settings_per_image else [])]
-                raise SdexportError(f"--control-start {start:g} is not before --control-end {end:g}"
+                raise SdexportError(f"{setting('control_start')} {start:g} is not before {setting('control_end')} {end:g}"
                                     + (f" ({', '.join(which)})" if which else ""))
 
 
-def _check_setting(flag: str, value: Any, batch: int, count: int, noun: str, place: str, *, fraction: bool = False,
+def _check_setting(name: str, value: Any, batch: int, count: int, noun: str, place: str, *, fraction: bool = False,
                    inside: int = 1) -> None:
-    """A ControlNet or T2I-Adapter setting's places (one for all, or one for each of ``count``:
+    """A ControlNet or T2I-Adapter setting's (``name``, a served input's) places (one for all, or one for each of ``count``:
     ``noun`` says what they are, ``place`` what one is), each a finite number (``fraction``: of the
     steps, from 0 to 1) or a list of one per prompt. ``inside``: the images a union ControlNet
     takes per call, which it weighs inside it where it takes several, so the prompts of a call take
     the same value there."""
+    flag = setting(name)
     places = list(value) if isinstance(value, list | tuple) else [value]
     if len(places) not in (1, count):
         flat = batch > 1 and len(places) == count * batch and not any(isinstance(p, list | tuple) for p in places)
@@ -648,19 +652,19 @@ def _check_control_modes(modes: Any, images: int, known: int) -> None:
     """A union ControlNet's modes: one per control image, each below ``known`` (none for others)."""
     if not known:
         if modes is not None:
-            raise SdexportError("--control-mode is for union ControlNets (ControlNetUnionModel); this engine "
+            raise SdexportError(f"{setting('control_mode')} is for union ControlNets (ControlNetUnionModel); this engine "
                                 "directory's ControlNets take no mode")
         return
     if modes is None:
-        raise SdexportError(f"union ControlNets need --control-mode for each control image: which of their {known} "
+        raise SdexportError(f"union ControlNets need {setting('control_mode')} for each control image: which of their {known} "
                             "modes it is (e.g. xinsir's 0 openpose, 1 depth, 2 scribble/HED, 3 canny/lineart)")
     if not isinstance(modes, list) or len(modes) != images:
         count = len(modes) if isinstance(modes, list) else type(modes).__name__
         raise SdexportError(f"{count} control modes for {images} control image{'s' if images > 1 else ''}: give one "
-                            "--control-mode per --control-image")
+                            f"{setting('control_mode')} per {setting('control_image')}")
     for mode in modes:
         if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < known:
-            raise SdexportError(f"--control-mode {mode!r}: this union ControlNet knows modes 0 to {known - 1}")
+            raise SdexportError(f"{setting('control_mode')} {mode!r}: this union ControlNet knows modes 0 to {known - 1}")
 
 
 def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeometry) -> None:
@@ -668,31 +672,35 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
     inpainting_unet = bool(getattr(dims, "inpainting", False))
     if request.image is None:
         if request.mask is not None and request.init_latents is None:  # (with them: an inpainting ensemble's refiner)
-            raise SdexportError("a mask without an init image: inpainting needs both (--init-image and --mask)")
+            raise SdexportError(f"a mask without an init image: inpainting needs both ({setting('init_image')} and "
+                                f"{setting('mask')})")
         if request.strength is not None:
-            raise SdexportError("--strength needs an init image (--init-image): it says how far that image is noised")
+            raise SdexportError(f"{setting('strength')} needs an init image ({setting('init_image')}): it says how far "
+                                "that image is noised")
         if inpainting_unet and request.init_latents is not None:
             raise SdexportError("init_latents: this is an inpainting model, whose U-Net takes the masked init image's "
                                 "latents, which a base model's latents do not give; refine them with a standard "
                                 "U-Net (the SDXL refiner)")
         if inpainting_unet:
-            raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --init-image and --mask")
+            raise SdexportError(f"this is an inpainting model (its U-Net takes a mask): give {setting('init_image')} "
+                                f"and {setting('mask')}")
         if family == SDXL_REFINER and request.init_latents is None:  # (a base model's latents: _check_window)
-            raise SdexportError("the SDXL refiner refines an image (img2img, inpainting): give --init-image, "
+            raise SdexportError(f"the SDXL refiner refines an image (img2img, inpainting): give {setting('init_image')}, "
                                 "such as an SDXL base model's output")
         _check_images(request, ("mask", request.mask))  # an inpainting ensemble's refiner: the base model's mask
         return
     if inpainting_unet and request.mask is None:
-        raise SdexportError("this is an inpainting model (its U-Net takes a mask): give --mask with the init image")
+        raise SdexportError(f"this is an inpainting model (its U-Net takes a mask): give {setting('mask')} with the "
+                            "init image")
     _check_images(request, ("init image", request.image), ("mask", request.mask))
     strength = request.strength
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
                                  or not math.isfinite(strength) or not 0 < strength <= 1):
-        raise SdexportError(f"--strength {strength}: need a number above 0 and at most 1")
+        raise SdexportError(f"{setting('strength')} {strength}: need a number above 0 and at most 1")
     if request.denoising_steps(family) < 1:
         raise SdexportError(
-            f"{'--strength' if strength is not None else 'the default strength'} "
-            f"{request.effective_strength(family):g} with --steps {request.steps} runs no step "
+            f"{setting('strength') if strength is not None else 'the default strength'} "
+            f"{request.effective_strength(family):g} with {setting('steps')} {request.steps} runs no step "
             f"(int(steps x strength) = 0): raise the strength or the steps"
         )
 
@@ -734,7 +742,7 @@ def _check_window(request: GenerationRequest, family: str) -> None:
         raise SdexportError("init_latents take the place of an init image: give one or the other (an inpainting "
                             "ensemble's refiner takes the base model's mask with its latents)")
     if start is not None and request.strength is not None:
-        raise SdexportError(f"--strength {request.strength} with denoising_start: where the window starts says how far "
+        raise SdexportError(f"{setting('strength')} {request.strength} with denoising_start: where the window starts says how far "
                             "the latents are noised; leave the strength out")
     if start is not None and (request.control_image is not None or request.adapter_image is not None):
         raise SdexportError("denoising_start with ControlNets or T2I-Adapters: the refiner's share takes neither "
@@ -760,22 +768,22 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
     if family != SDXL_REFINER:
         named = [name for name in REFINER_ONLY if given[name]]
         if named:
-            raise SdexportError(f"{', '.join(named)}: the SDXL refiner's conditioning, but this is a {family} model")
+            raise SdexportError(f"{', '.join(map(setting, named))}: the SDXL refiner's conditioning, but this is a {family} model")
     else:
         named = [name for name in NOT_REFINER if given[name]]
         if named:
-            raise SdexportError(f"{', '.join(named)}: not the SDXL refiner's conditioning (it has one text encoder, "
-                                "read with prompt and negative_prompt, and an aesthetic score in place of the "
+            raise SdexportError(f"{', '.join(map(setting, named))}: not the SDXL refiner's conditioning (it has one "
+                                f"text encoder, read with {setting('prompt')} and {setting('negative_prompt')}, and an aesthetic score in place of the "
                                 "target size)")
         for name in REFINER_ONLY:
             value = getattr(request, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                       or not math.isfinite(value)):
-                raise SdexportError(f"{name} {value}: expected a finite number (LAION aesthetic ratings run 0 to 10)")
+                raise SdexportError(f"{setting(name)} {value}: expected a finite number (LAION aesthetic ratings run 0 to 10)")
     if not is_sdxl(family):
         named = [name for name in SDXL_ONLY if given[name]]
         if named:
-            raise SdexportError(f"{', '.join(named)}: SDXL conditioning, but this is a {family} model")
+            raise SdexportError(f"{', '.join(map(setting, named))}: SDXL conditioning, but this is a {family} model")
         return
     for name in ("original_size", "crops_coords_top_left", "target_size"):
         value = getattr(request, name)
@@ -783,20 +791,21 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
             len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_CONDITIONING
                                    for v in value)
         ):
-            raise SdexportError(f"{name} {value}: expected two pixel counts from 0 to {MAX_CONDITIONING}")
+            raise SdexportError(f"{setting(name)} {value}: expected two pixel counts from 0 to {MAX_CONDITIONING}")
 
 
 def default_notes(request: GenerationRequest, family: str) -> list[str]:
     """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
-    0.9999, diffusers') runs fewer steps than ``--steps``."""
+    0.9999, diffusers') runs fewer steps than asked for."""
     if request.task != "inpaint" or request.strength is not None:
         return []
     strength = request.effective_strength(family)
     if strength >= 1:
         return []
-    note = (f"{request.denoising_steps(family)} of {request.steps} steps: the default --strength of {FAMILY_LABELS[family]} "
+    note = (f"{request.denoising_steps(family)} of {request.steps} steps: the default {setting('strength')} of "
+            f"{FAMILY_LABELS[family]} "
             f"inpainting is diffusers' {strength:g}, which starts from the init image noised to the first timestep "
-            "(--strength 1: every step, from pure noise)")
+            f"({setting('strength')} 1: every step, from pure noise)")
     return [note]
 
 
@@ -807,12 +816,12 @@ def ignored_settings(request: GenerationRequest, guidance_embedding: bool = Fals
         why = ("this latent consistency model takes the guidance as an input of its U-Net, with no "
                "unconditional half for the negatives to act in")
     elif not request.cfg and request.guidance is not None:  # (not cfg: a guidance was given)
-        why = (f"--guidance {guidance_label(request.guidance)} disables classifier-free guidance, which is "
+        why = (f"{setting('guidance')} {guidance_label(request.guidance)} disables classifier-free guidance, which is "
                "where the negatives act (use a guidance above 1)")
     else:
         return []
-    dropped = [flag for flag, value in (("--negative-prompt", request.negative_prompt),
-                                        ("--negative-prompt-2", request.negative_prompt_2),
-                                        ("--negative-aesthetic-score", request.negative_aesthetic_score))
+    dropped = [setting(name) for name, value in (("negative_prompt", request.negative_prompt),
+                                                 ("negative_prompt_2", request.negative_prompt_2),
+                                                 ("negative_aesthetic_score", request.negative_aesthetic_score))
                if value is not None and value != []]
     return [f"{' and '.join(dropped)} ignored: {why}"] if dropped else []

@@ -10,6 +10,7 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
+from sdexport.runtime.setting_names import setting
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
@@ -91,7 +92,7 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
         raise SdexportError(
             f"scheduler config names {class_name!r}, which is not a diffusers scheduler; pick one with "
-            f"--scheduler ({', '.join(SCHEDULERS)}) or re-export"
+            f"{setting('scheduler')} ({', '.join(SCHEDULERS)}) or re-export"
         )
     try:
         scheduler = _from_config(cls, config, overrides)
@@ -151,16 +152,16 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     skipped = scheduler.config.get("original_inference_steps")
     if isinstance(skipped, int) and steps > skipped and "original_inference_steps" in inspect.signature(
             type(scheduler).__init__).parameters:
-        raise SdexportError(f"--steps {steps}: the {label} scheduler takes at most {skipped} steps (its "
+        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler takes at most {skipped} steps (its "
                             "original_inference_steps); latent consistency models need 1 to 8")
     try:
         scheduler.set_timesteps(steps)
     except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
-        raise SdexportError(f"--steps {steps}: the {label} scheduler refuses it ({one_line(exc, 300)})") from None
+        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler refuses it ({one_line(exc, 300)})") from None
     timesteps = scheduler.timesteps
     if len(timesteps) and (float(timesteps.max()) >= trained or float(timesteps.min()) < 0):
         raise SdexportError(
-            f"--steps {steps}: with the {label} scheduler this many steps reach timestep "
+            f"{setting('steps')} {steps}: with the {label} scheduler this many steps reach timestep "
             f"{float(timesteps.max()):g}, past the model's {trained} training timesteps; use fewer steps "
             "(20-50 is usual)"
         )
@@ -174,12 +175,12 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
         finite = bool(torch.isfinite(latents).all())
     except Exception as exc:  # IndexError, AssertionError, ... from inside the scheduler
         raise SdexportError(
-            f"--steps {steps}: the {label} scheduler fails with this many steps ({one_line(exc, 200) or 'no reason given'}); "
+            f"{setting('steps')} {steps}: the {label} scheduler fails with this many steps ({one_line(exc, 200) or 'no reason given'}); "
             "use fewer steps (20-50 is usual)"
         ) from None
     if not finite:
         raise SdexportError(
-            f"--steps {steps}: the {label} scheduler returns NaN with this many steps; use fewer (20-50 is usual)"
+            f"{setting('steps')} {steps}: the {label} scheduler returns NaN with this many steps; use fewer (20-50 is usual)"
         )
 
 
@@ -210,7 +211,7 @@ def schedule_window(scheduler: Any, request: GenerationRequest, family: str) -> 
     if not len(timesteps):
         given = [f"denoising_{name} {value:g}" for name in ("start", "end")
                  if (value := getattr(request, f"denoising_{name}")) is not None]
-        raise SdexportError(f"{' and '.join(given)} with --steps {request.steps} ({request.scheduler} scheduler) "
+        raise SdexportError(f"{' and '.join(given)} with {setting('steps')} {request.steps} ({request.scheduler} scheduler) "
                             "leave no step: move the window or raise the steps")
     return timesteps
 

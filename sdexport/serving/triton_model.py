@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sdexport.errors import SdexportError, one_line
 from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end, common_sizes
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
+from sdexport.runtime.setting_names import input_name, settings_named
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
     Row,
@@ -164,7 +165,7 @@ class ServedModel:
         """The call's two halves, cut at the request's ``denoising_end`` or the server's."""
         assert self.refiner is not None
         end = self.settings.denoising_end if end is None else end
-        check_denoising_end(end, "denoising_end")
+        check_denoising_end(end)
         return self.refiner.ensemble(request, end)
 
     def _check_refine(self, refine: GenerationRequest) -> None:
@@ -180,7 +181,12 @@ class ServedModel:
 
     def generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None = None) -> list[list[Generated] | str]:
         """Per request (input name → numpy array, batch first): its images, or the one-line error that
-        refused it. ``wanted``: the output names each request asked for (default: all)."""
+        refused it, naming the inputs the client sent (``init_image``, not ``run``'s ``--init-image``).
+        ``wanted``: the output names each request asked for (default: all)."""
+        with settings_named(input_name):
+            return self._generate(requests, wanted)
+
+    def _generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None) -> list[list[Generated] | str]:
         import numpy as np
 
         outcome: list[list[Generated | None] | str] = []

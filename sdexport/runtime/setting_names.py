@@ -1,0 +1,61 @@
+"""How a refusal names a request setting: as the Python API's field, ``run``'s option or the served input.
+
+The checks in ``runtime.request`` (and the scheduler and image checks they call) answer the
+Python API, ``run``, ``serve`` and the bench plan alike. A message that tells the user which
+setting to change names it through ``setting(name)``, ``name`` being the served input's name
+(``init_image``). By default that gives the ``GenerationRequest`` field (``image``); the CLI runs
+inside ``settings_named(run_option)`` (``--init-image``), and ``serve`` answers each request inside
+``settings_named(input_name)``, so a Triton client reads the names of the inputs it sent, not flags
+of a command it never ran.
+
+Options of other commands (``export --controlnet``, ``serve --max-steps``) are the operator's to
+change and stay spelled as flags in either place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+RUN_OPTION_EXCEPTIONS = {"crops_coords_top_left": "--crop-top-left"}
+"""Served inputs whose ``run`` option is not their name with dashes (diffusers' argument name is
+long for a flag); ``tests/test_setting_names.py`` checks every served input against ``run``."""
+
+API_FIELD_EXCEPTIONS = {"init_image": "image", "seed": "seeds"}
+"""Served inputs whose ``GenerationRequest`` field has another name (diffusers' ``image``; a list of
+seeds), checked against the dataclass likewise."""
+
+
+def api_field(name: str) -> str:
+    """The ``GenerationRequest`` field of the served input ``name`` (``init_image``: ``image``)."""
+    return API_FIELD_EXCEPTIONS.get(name, name)
+
+
+def run_option(name: str) -> str:
+    """``run``'s option for the served input ``name`` (``init_image``: ``--init-image``)."""
+    return RUN_OPTION_EXCEPTIONS.get(name) or "--" + name.replace("_", "-")
+
+
+def input_name(name: str) -> str:
+    """The served input itself (and the scenario key, the request field where they share a name)."""
+    return name
+
+
+_NAMING: ContextVar[Callable[[str], str]] = ContextVar("sdexport_setting_naming", default=api_field)
+
+
+def setting(name: str) -> str:
+    """How the caller being answered names the setting ``name`` (a served input's name): the API's
+    field unless ``settings_named`` says otherwise."""
+    return _NAMING.get()(name)
+
+
+@contextmanager
+def settings_named(naming: Callable[[str], str]) -> Iterator[None]:
+    """Refusals raised inside name settings by ``naming`` (``input_name``: as a served request does)."""
+    token = _NAMING.set(naming)
+    try:
+        yield
+    finally:
+        _NAMING.reset(token)
