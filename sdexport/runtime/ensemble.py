@@ -40,7 +40,8 @@ LATENTS_TO_COME = "the base model's latents"
 def check_denoising_end(end: float) -> None:
     """The base model's fraction of the schedule: above 0 and below 1 (each model runs a share)."""
     if not (math.isfinite(end) and 0 < end < 1):
-        raise SdexportError(f"{setting('denoising_end')} {end}: need the base model's fraction of the schedule, above 0 and below 1")
+        raise SdexportError(f"{setting('denoising_end')} {end}: need the base model's fraction of the schedule, "
+                            "above 0 and below 1")
 
 
 @dataclass(frozen=True)

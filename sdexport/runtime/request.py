@@ -616,9 +616,9 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
 
 def _check_setting(name: str, value: Any, batch: int, count: int, noun: str, place: str, *, fraction: bool = False,
                    inside: int = 1) -> None:
-    """A ControlNet or T2I-Adapter setting's (``name``, a served input's) places (one for all, or one for each of ``count``:
-    ``noun`` says what they are, ``place`` what one is), each a finite number (``fraction``: of the
-    steps, from 0 to 1) or a list of one per prompt. ``inside``: the images a union ControlNet
+    """A ControlNet or T2I-Adapter setting's places (``name``: the served input's; one for all, or
+    one for each of ``count``: ``noun`` says what they are, ``place`` what one is), each a finite
+    number (``fraction``: of the steps, from 0 to 1) or a list of one per prompt. ``inside``: the images a union ControlNet
     takes per call, which it weighs inside it where it takes several, so the prompts of a call take
     the same value there."""
     flag = setting(name)
@@ -768,13 +768,14 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
     if family != SDXL_REFINER:
         named = [name for name in REFINER_ONLY if given[name]]
         if named:
-            raise SdexportError(f"{', '.join(map(setting, named))}: the SDXL refiner's conditioning, but this is a {family} model")
+            raise SdexportError(f"{', '.join(map(setting, named))}: the SDXL refiner's conditioning, but this is a "
+                                f"{family} model")
     else:
         named = [name for name in NOT_REFINER if given[name]]
         if named:
             raise SdexportError(f"{', '.join(map(setting, named))}: not the SDXL refiner's conditioning (it has one "
-                                f"text encoder, read with {setting('prompt')} and {setting('negative_prompt')}, and an aesthetic score in place of the "
-                                "target size)")
+                                f"text encoder, read with {setting('prompt')} and {setting('negative_prompt')}, and an "
+                                "aesthetic score in place of the target size)")
         for name in REFINER_ONLY:
             value = getattr(request, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)

@@ -1,15 +1,15 @@
 """How a refusal names a request setting: as the Python API's field, ``run``'s option or the served input.
 
 The checks in ``runtime.request`` (and the scheduler and image checks they call) answer the
-Python API, ``run``, ``serve`` and the bench plan alike. A message that tells the user which
+Python API, ``run``, ``serve`` and ``bench`` alike. A message that tells the user which
 setting to change names it through ``setting(name)``, ``name`` being the served input's name
 (``init_image``). By default that gives the ``GenerationRequest`` field (``image``); the CLI runs
 inside ``settings_named(run_option)`` (``--init-image``), and ``serve`` answers each request inside
 ``settings_named(input_name)``, so a Triton client reads the names of the inputs it sent, not flags
-of a command it never ran.
+of a command it never ran (``bench`` likewise: its scenarios' keys share those names).
 
 Options of other commands (``export --controlnet``, ``serve --max-steps``) are the operator's to
-change and stay spelled as flags in either place.
+change and stay spelled as flags everywhere.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def run_option(name: str) -> str:
 
 
 def input_name(name: str) -> str:
-    """The served input itself (and the scenario key, the request field where they share a name)."""
+    """The served input itself (and a bench scenario's key, where a scenario has the setting)."""
     return name
 
 
