@@ -370,8 +370,8 @@ def test_served_rows_give_an_image_per_adapter(engine_dirs, tmp_path):
         assert json.loads(Image.open(io.BytesIO(together[1][0].png)).text["sdexport"])["adapter"]["scale"] == [0.7, 0.6]
         assert not np.array_equal(pair[0].pixels, pair[1].pixels)
         [refused] = model.generate([_inputs(["x"], steps=3, adapter_image=files[2])])
-        assert refused == ("1 adapter image(s) for 2 T2I-Adapters: give adapter_image 2 times (one each, in the "
-                           "order they were exported)")
+        assert refused == ("1 adapter image(s) for 2 T2I-Adapters: give 2 adapter images (adapter_image), one each, "
+                           "in the order they were exported")
     finally:
         model.close()
 

@@ -10,7 +10,14 @@ import pytest
 
 import sdexport
 from sdexport.errors import SdexportError
-from sdexport.runtime.setting_names import api_field, input_name, run_option, setting, settings_named
+from sdexport.runtime.setting_names import (
+    api_field,
+    assigned,
+    input_name,
+    run_option,
+    setting,
+    settings_named,
+)
 from sdexport.serving.protocol import INPUT_NAMES
 
 SHARED_CHECKS = ("runtime/request.py", "runtime/schedulers.py", "runtime/image_inputs.py", "runtime/ensemble.py")
@@ -55,6 +62,15 @@ def test_a_setting_is_named_as_the_apis_field_unless_the_caller_says_otherwise()
                 raise SdexportError(setting("init_image"))
         assert setting("steps") == "--steps"  # restored after the inner one raised
     assert setting("seed") == "seeds"
+
+
+def test_a_value_is_given_as_the_caller_writes_it():
+    assert assigned("height", 96) == "height=96"
+    with settings_named(run_option):
+        assert assigned("height", 96) == "--height 96"
+        assert assigned("crops_coords_top_left", "0 0") == "--crop-top-left 0 0"
+    with settings_named(input_name):
+        assert assigned("init_image", "x.png") == "init_image=x.png"
 
 
 def _message_texts(path: Path) -> list[tuple[int, str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
-from sdexport.runtime.setting_names import setting
+from sdexport.runtime.setting_names import assigned, setting
 
 if TYPE_CHECKING:
     import torch
@@ -68,9 +68,9 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple
     given = f"{image.size[1]}x{image.size[0]}"
     if fit == "exact":
         raise SdexportError(
-            f"{what} is {given} (HxW), the request {height}x{width}: pass {setting('height')} {image.size[1]} "
-            f"{setting('width')} {image.size[0]} (within the engines' profile), or {setting('fit')} resize / "
-            f"{setting('fit')} crop to make it fit"
+            f"{what} is {given} (HxW), the request {height}x{width}: pass {assigned('height', image.size[1])} "
+            f"{assigned('width', image.size[0])} (within the engines' profile), or {assigned('fit', 'resize')} / "
+            f"{assigned('fit', 'crop')} to make it fit"
         )
     if fit == "resize":
         return image.resize(size, Image.Resampling.LANCZOS), f"{what} resized from {given} to {height}x{width}"

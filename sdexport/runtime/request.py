@@ -500,8 +500,8 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
                                 "(this one has no T2I-Adapter)")
         return
     entries = request.adapter_image
-    several = (f"{adapters} T2I-Adapters: give {setting('adapter_image')} {adapters} times (one each, in the order they were "
-               "exported)")
+    several = (f"{adapters} T2I-Adapters: give {adapters} adapter images ({setting('adapter_image')}), one each, in the "
+               "order they were exported")
     if entries is None:
         raise SdexportError(f"this engine directory has a T2I-Adapter: give {setting('adapter_image')} (the sketch, "
                             "edge, depth or pose map it reads)" if adapters == 1 else f"this engine directory has {several}")
@@ -573,7 +573,8 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
         raise SdexportError(f"this engine directory has {controlnets} ControlNet{s}: give {setting('control_image')} (one "
                             "per ControlNet, in the order they were exported)" if per_net == 1 else
                             f"this engine directory has a union ControlNet taking {per_net} images: give "
-                            f"{setting('control_image')} {per_net} times, and {setting('control_mode')} for each")
+                            f"{per_net} control images ({setting('control_image')}) and a {setting('control_mode')} "
+                            "for each")
     if not isinstance(images, list) or len(images) != slots:
         count = len(images) if isinstance(images, list) else type(images).__name__
         per_prompt = (f"; with one per prompt, give a list in each place (control_image=[[image_1, image_2, ...]"
@@ -751,8 +752,9 @@ def _check_window(request: GenerationRequest, family: str) -> None:
         # diffusers' SDXL ControlNet img2img pipelines take no denoising_end; its inpaint ones do, but
         # default to another guidance than the refiner's, which one served row cannot give both
         task = "inpainting" if request.mask is not None else "img2img"
-        raise SdexportError(f"denoising_end with ControlNets and an init image: a ControlNet {task} ensemble of "
-                            "experts is not run yet (ControlNets on the base model run text to image)")
+        raise SdexportError(f"ControlNets and an init image with a refiner ({setting('denoising_end')} {end}): a "
+                            f"ControlNet {task} ensemble of experts is not run yet (ControlNets on the base model run "
+                            "text to image)")
 
 
 def _check_conditioning(request: GenerationRequest, family: str) -> None:

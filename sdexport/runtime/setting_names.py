@@ -51,6 +51,13 @@ def setting(name: str) -> str:
     return _NAMING.get()(name)
 
 
+def assigned(name: str, value: object) -> str:
+    """The setting ``name`` given ``value`` as the caller writes it: ``--height 64`` to ``run``,
+    ``height=64`` to the API or a served request (where a flag's spacing reads as two words)."""
+    naming = _NAMING.get()
+    return f"{naming(name)} {value}" if naming is run_option else f"{naming(name)}={value}"
+
+
 @contextmanager
 def settings_named(naming: Callable[[str], str]) -> Iterator[None]:
     """Refusals raised inside name settings by ``naming`` (``input_name``: as a served request does)."""
