@@ -599,6 +599,14 @@ def test_served_without_a_refiner_refuses_denoising_end(refiner_dir):
     assert refused == "denoising_end: this server runs no refiner after the model (sdexport serve --refiner)"
 
 
+def test_the_stock_servers_refiner_is_refused_as_its_config_names_it(tiny_sdxl_engine_dir):
+    """Loaded by Triton from config.pbtxt, not by ``serve --refiner``: the parameter its operator edits."""
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    with pytest.raises(SdexportError, match=r"^config.pbtxt parameter refiner .*: not an SDXL refiner \(SDXL\)"):
+        ServedModel(ServeSettings(str(tiny_sdxl_engine_dir), backend="onnxruntime-cpu", refiner=str(tiny_sdxl_engine_dir)))
+
+
 def test_triton_repo_writes_the_refiner_beside_the_base_model(tiny_sdxl_engine_dir, refiner_dir, tmp_path):
     """The repository's model loads both directories (as the server will see them) and takes the
     smaller of their batches."""

@@ -101,7 +101,10 @@ class ServedModel:
         self.log = log
         engine_dir = Path(settings.engine_dir)
         manifest = load_manifest(engine_dir, verify_files=False)
-        self.refiner = Refiner.open(Path(settings.refiner), engine_dir, manifest) if settings.refiner else None
+        # (serve and triton-repo open the pair under --refiner first: what fails here, the stock server
+        # read from config.pbtxt, and its operator edits the parameter there)
+        self.refiner = (Refiner.open(Path(settings.refiner), engine_dir, manifest, flag="config.pbtxt parameter refiner")
+                        if settings.refiner else None)
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
         self.image_inputs = takes_init_images(engine_dir, manifest)
