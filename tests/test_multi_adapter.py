@@ -234,7 +234,7 @@ def test_run_takes_an_image_and_a_scale_per_adapter(engine_dirs, tmp_path, capsy
 
 
 @pytest.mark.parametrize("args, message", [
-    ([], "this engine directory has 2 T2I-Adapters: give --adapter-image 2 times"),
+    ([], "this engine directory has 2 T2I-Adapters: give 2 adapter images (--adapter-image), one each"),
     (["--adapter-image", "{img}"], "1 --adapter-image for 2 T2I-Adapters and 1 prompt(s): give 2 (one per adapter"),
     (["--adapter-image", "{img}"] * 3 + ["-p", "y"], ("3 --adapter-image for 2 T2I-Adapters and 2 prompt(s): give 2 "
      "(one per adapter, in the order they were exported, for every prompt) or 4 (2 per prompt)")),
