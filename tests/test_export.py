@@ -229,8 +229,35 @@ def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path: Path, monkeyp
     from sdexport.models import load_model
 
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "tiny").mkdir()  # e.g. the engine directory of `sdexport export tiny -o tiny`
+    (tmp_path / "tiny").mkdir()
     assert load_model("tiny").source == {"kind": "preset", "name": "tiny", "seed": 0}
+
+
+def test_an_engine_directory_named_like_a_preset_does_not_shadow_it(tiny_engine_dir, tmp_path: Path, monkeypatch):
+    """`sdexport export tiny -o tiny`, then from that folder: export again, reload it for the Torch
+    backend, outline it for bench, take it as a single file's --config. An engine directory holds a
+    model_index.json (for optimum), but no checkpoint; a diffusers directory of that name still wins,
+    except where a manifest records the preset."""
+    import shutil
+
+    from sdexport.models import load_model
+    from sdexport.models.outline import looks_like_a_model, outline_model, single_file_config
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_engine_dir, "tiny")
+    assert not looks_like_a_model(Path("tiny"))
+    assert outline_model("tiny").preset == "tiny"
+    assert single_file_config(Path("model.safetensors"), "tiny")[0].name == "tiny"
+    assert run_cli("run", "tiny", "-p", "x", "--steps", "2", "--backend", "torch", "-o", "x.png") == 0
+    assert run_cli("export", "tiny", "-o", "tiny", "--force", "--components", "unet", "--verify", "none") == 0
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "model_index.json").write_text("{}")
+    monkeypatch.chdir(checkpoint.parent)
+    shutil.rmtree("tiny")
+    checkpoint.rename("tiny")
+    assert looks_like_a_model(Path("tiny"))  # a diffusers directory: what `export tiny` reads
+    assert load_model("tiny", kind="preset").source["kind"] == "preset"  # as a manifest records it
 
 
 def test_opset_range_is_torchs_exporter_range(tmp_path: Path):

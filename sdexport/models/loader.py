@@ -314,8 +314,12 @@ def load_model(
     adapters: list[Any] | None = None,
     lazy: bool = False,
     union_images: int = 1,
+    kind: str | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
+
+    ``kind``: "preset" as a manifest records it (the Torch backend reloading an export), which
+    decides without looking for a checkpoint of that name where the command runs.
 
     ``lazy``: presets, diffusers directories and single-file checkpoints are loaded as skeletons,
     each part's weights built or read when ``LoadedModel.materialize`` asks for them (a ``vae`` and
@@ -327,7 +331,7 @@ def load_model(
     ``adapters``: T2I-Adapter presets or directories (or ``AdapterSource``s) likewise (``add_adapters``).
     ``union_images``: with union ControlNets, the control images each takes per call.
     """
-    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy)
+    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype)
     if controlnets:
@@ -392,10 +396,13 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     model.source = {**model.source, "controlnets": records}
 
 
-def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype, lazy: bool = False) -> LoadedModel:
+def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype, lazy: bool = False,
+                kind: str | None = None) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
-    if preset is not None and not looks_like_a_model(path):
+    if kind == "preset" and preset is None:
+        raise ModelLoadError(f"preset {model!r} is not one of {', '.join(PRESETS)}")
+    if preset is not None and (kind == "preset" or not looks_like_a_model(path)):
         # e.g. `sdexport export tiny -o tiny`: the engine directory ./tiny is not the model "tiny"
         return load_preset(preset, seed=seed, dtype=dtype, lazy=lazy)
     if not path.exists():

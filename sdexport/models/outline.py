@@ -184,7 +184,14 @@ def vae_config_dir(path: Path) -> Path:
 
 
 def looks_like_a_model(path: Path) -> bool:
-    return (path / "model_index.json").is_file() or (path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES)
+    """A checkpoint that takes a preset's name's place: a diffusers directory or a single file. An
+    engine directory holds a model_index.json too (for optimum), but no checkpoint: ``sdexport
+    export tiny -o tiny`` and later ``export tiny -o tiny --force`` or ``run tiny --backend torch``
+    from that folder mean the preset (``part_sources._checkpoint_dir`` for ControlNets likewise)."""
+    if path.is_file():
+        return path.suffix in SINGLE_FILE_SUFFIXES
+    return ((path / "model_index.json").is_file() and not (path / "manifest.json").is_file()
+            and not (path / "unet" / "model.onnx").is_file())
 
 
 def family_profile(family: str) -> ShapeProfile:
@@ -314,7 +321,7 @@ def single_file_config(path: Path, config: str | None) -> tuple[Preset | None, P
             f"{path}: a single-file checkpoint needs --config: a local diffusers directory with the "
             f"same architecture, or a preset ({', '.join(PRESETS)})"
         )
-    preset = get_preset(config) if not Path(config).exists() else None
+    preset = get_preset(config) if not looks_like_a_model(Path(config)) else None
     if preset is not None:
         return preset, Path(config)
     if not Path(config).is_dir():

@@ -537,7 +537,8 @@ def _torch_engines(
     records = source.get("adapters") or ([source["adapter"]] if isinstance(source.get("adapter"), dict) else [])
     adapters = [_reload_part(record, "T2I-Adapter", resolve_adapter) for record in records]
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
-                       controlnets=controlnets, adapters=adapters, union_images=manifest.model_dims.K or 1)
+                       controlnets=controlnets, adapters=adapters, union_images=manifest.model_dims.K or 1,
+                       kind=source["kind"])
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
     _check_reloaded_adapters(model.dims, manifest.model_dims)
