@@ -158,6 +158,8 @@ def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     ("sd3", "a StableDiffusion3Pipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),
     ("no-vae", "no vae_decoder/model.onnx"),
     ("manifest", "already has a manifest.json"),
+    ("truncated", "unet/model.onnx is not a readable ONNX graph"),  # a partial copy or download
+    ("sample-size", "unet/config.json: sample_size 'x' is not a size in latents"),
 ])
 def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_export: Path, tiny_diffusers_dir: Path,
                                             tiny_engine_dir: Path, tmp_path: Path, capsys):
@@ -168,9 +170,26 @@ def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_exp
         (target / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     if case == "no-vae":
         shutil.rmtree(target / "vae_decoder")
+    if case == "truncated":
+        graph = (target / "unet" / "model.onnx").read_bytes()
+        (target / "unet" / "model.onnx").write_bytes(graph[:len(graph) // 2])
+    if case == "sample-size":
+        config = json.loads((target / "unet" / "config.json").read_text())
+        (target / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": "x"}))
     assert run_cli("adopt", target) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_sample_size_of_height_and_width_gives_each_its_own_range(foreign_export: Path):
+    """diffusers takes a U-Net's sample_size as [height, width] too: the profile is centred on each."""
+    from sdexport.manifest import load_manifest
+
+    config = json.loads((foreign_export / "unet" / "config.json").read_text())
+    (foreign_export / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": [8, 16]}))
+    assert run_cli("adopt", foreign_export) == 0
+    profile = load_manifest(foreign_export, verify_files=False).shape_profile
+    assert (tuple(profile.height), tuple(profile.width)) == ((32, 64, 128), (64, 128, 256))
 
 
 def test_force_replaces_only_a_manifest_adopt_wrote(foreign_export: Path, engine_copy: Path, capsys):

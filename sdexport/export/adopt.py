@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sdexport.errors import SdexportError
+from sdexport.errors import SdexportError, one_line
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
@@ -252,12 +252,20 @@ def default_profile(plan: AdoptPlan) -> ShapeProfile:
     """The family's profile where the U-Net's ``sample_size`` is the family's (SD 1.x 512, SDXL 1024);
     else (other checkpoints, tiny test models) half to twice its size, with the family's batches."""
     family = family_profile(plan.family)
-    side = int(plan.configs["unet"].get("sample_size") or 0) * plan.dims.vae_scale_factor
-    if not side or side == family.height[1]:
+    given = plan.configs["unet"].get("sample_size") or 0
+    sides = list(given) if isinstance(given, list) and len(given) == 2 else [given, given]  # int, or [h, w]
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= 0 for side in sides):
+        raise SdexportError(f"unet/config.json: sample_size {given!r} is not a size in latents (a whole number, "
+                            "or [height, width]), as diffusers reads it")
+    height, width = (side * plan.dims.vae_scale_factor for side in sides)
+    if not height or (height, width) == (family.height[1], family.width[1]):
         return family
     multiple = plan.dims.image_multiple
-    lo, hi = max(multiple, side // 2 // multiple * multiple), side * 2 // multiple * multiple
-    return ShapeProfile(batch=family.batch, height=(lo, side, hi), width=(lo, side, hi))
+
+    def around(side: int) -> tuple[int, int, int]:
+        return max(multiple, side // 2 // multiple * multiple), side, side * 2 // multiple * multiple
+
+    return ShapeProfile(batch=family.batch, height=around(height), width=around(width))
 
 
 @dataclass(frozen=True)
@@ -278,7 +286,11 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
 
     import onnx
 
-    model = onnx.load(str(directory / name / GRAPH), load_external_data=False)
+    try:
+        model = onnx.load(str(directory / name / GRAPH), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError, among others: a truncated copy or download
+        raise SdexportError(f"{directory}: {name}/{GRAPH} is not a readable ONNX graph ({one_line(exc, 200)}); "
+                            "copy or download it again") from None
     graph = model.graph
     count = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
     locations: list[str] = []
