@@ -469,6 +469,8 @@ def test_agreement_that_is_not_a_number_fails_the_floor_and_json_stays_strict(tm
     lambda r: r["results"][0].pop("contender"),
     lambda r: r["results"][0]["e2e_s"].update(samples=[]),
     lambda r: r["results"][0]["e2e_s"].update(samples=[0.0, 0.0]),
+    lambda r: r["results"][0]["case"].update(batch="1"),  # rows sort by it: a TypeError, exit 1, read as a regression
+    lambda r: r["results"][0]["case"].update(steps=1.5),  # else "not in the new run", silently
 ])
 def test_a_damaged_report_is_refused_in_one_line(tmp_path, capsys, damage):
     report = _report([_entry("torch", TIGHT)])

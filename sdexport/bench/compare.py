@@ -145,6 +145,7 @@ _TIMES = {"type": "object", "required": ["median", "samples"],
 _MEASURED_TIMES = {**_TIMES, "properties": {
     "median": {"type": "number", "exclusiveMinimum": 0},
     "samples": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}}}}
+_COUNT = {"type": "integer", "minimum": 1}
 REPORT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
@@ -157,7 +158,8 @@ REPORT_SCHEMA: dict[str, Any] = {
         "results": {"type": "array", "items": {
             "type": "object", "required": ["contender", "status"],
             "properties": {"contender": {"type": "string"}, "status": {"type": "string"},
-                           "case": {"type": "object", "required": ["batch", "steps"]}},
+                           "case": {"type": "object", "required": ["batch", "steps"],  # rows sort and pair by them
+                                    "properties": {"batch": _COUNT, "steps": _COUNT}}},
             "if": {"properties": {"status": {"const": "measured"}}},
             "then": {"required": ["case", "e2e_s"],
                      "properties": {"e2e_s": _MEASURED_TIMES, **{stage: _TIMES for stage, _ in STAGES},
