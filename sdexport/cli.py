@@ -25,7 +25,7 @@ from sdexport.console import (
     step,
     verbosity,
 )
-from sdexport.errors import ProfileError, SdexportError
+from sdexport.errors import ProfileError, SdexportError, pasteable
 from sdexport.models.presets import PRESETS
 
 if TYPE_CHECKING:
@@ -1126,7 +1126,7 @@ def triton_repo(
         write_repository(staging, settings, _served_batch(manifest, refiner_manifest), batching)
     refined = f", refined by {escape(settings.refiner)}" if settings.refiner else ""
     console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "
-                  f"{escape(settings.engine_dir)}{refined}); start it with: tritonserver --model-repository {escape(str(target.resolve()))}")
+                  f"{escape(settings.engine_dir)}{refined}); start it with: tritonserver --model-repository {escape(pasteable(target.resolve()))}")
     print_result(str(target))
 
 

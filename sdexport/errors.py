@@ -48,6 +48,14 @@ def interruption_name(exc: BaseException) -> str:
     return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
 
 
+def pasteable(path: object) -> str:
+    """A path as a command suggested in a message must spell it to work when pasted (quoted where
+    it has spaces or shell characters: ``'my models/tiny'``)."""
+    import shlex
+
+    return shlex.quote(str(path))
+
+
 def one_line(exc: BaseException, limit: int = 600) -> str:
     """An exception's whole message on one line.
 

@@ -32,7 +32,9 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         label, weights = label.replace("random weights", "[yellow]random weights[/]"), ""
     out.print(f"[bold]{escape(str(directory))}[/]  {label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
     out.print(
-        f"family {manifest.family}, {manifest.prediction_type} prediction"
+        f"family {manifest.family}, "
+        + (manifest.prediction_type.replace("_", "-") if manifest.prediction_type.endswith("_prediction")
+           else f"{manifest.prediction_type} prediction")  # v_prediction: "v-prediction", not "... prediction" twice
         + (" (a latent consistency model: its U-Net takes the guidance embedded)" if manifest.model_dims.G else "")
         + f", {manifest.dtype}, "
         f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "

@@ -119,6 +119,12 @@ def test_run_on_an_unadopted_export_says_to_adopt_it(foreign_export: Path, capsy
     assert "without an sdexport manifest" in err and f"sdexport adopt {foreign_export}" in err
 
 
+def test_a_command_a_message_suggests_works_when_pasted(foreign_export: Path, capsys):
+    spaced = foreign_export.rename(foreign_export.parent / "my export")
+    assert run_cli("inspect", spaced) == 2
+    assert f"sdexport adopt '{spaced}'" in " ".join(capsys.readouterr().err.split())
+
+
 def test_export_of_an_onnx_export_says_what_it_is(foreign_export: Path, tmp_path: Path, capsys):
     assert run_cli("export", foreign_export, "-o", tmp_path / "out") == 2
     assert "an ONNX export (unet/model.onnx), not a PyTorch checkpoint" in " ".join(capsys.readouterr().err.split())

@@ -85,6 +85,11 @@ def test_matches_diffusers_with_v_prediction(scheduler, tiny_v_engine_dir):
     assert relative_l2(got.latents, want.latents) < LATENT_REL_L2
 
 
+def test_inspect_names_the_prediction_once(tiny_v_engine_dir, capsys):
+    assert run_cli("inspect", tiny_v_engine_dir) == 0
+    assert "family sd, v-prediction, fp32" in capsys.readouterr().out
+
+
 def test_guidance_one_skips_the_unconditional_half(pipelines, reference, monkeypatch):
     request = GenerationRequest(prompt=["a cat"], guidance=1.0, steps=3, scheduler="ddim", seeds=[3], height=64, width=64)
     pipeline = pipelines["onnxruntime-cpu"]

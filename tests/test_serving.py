@@ -836,6 +836,10 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (repository / "notes.txt").write_text("mine")
     assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force") == 2
     assert "notes.txt" in capsys.readouterr().err and (repository / "notes.txt").read_text() == "mine"
+    spaced = tmp_path / "repo 2"
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", spaced) == 0
+    said = " ".join(capsys.readouterr().err.split())  # (the console wraps long lines)
+    assert f"start it with: tritonserver --model-repository '{spaced}'" in said  # as it pastes
 
 
 @pytest.mark.parametrize(("args", "message"), [

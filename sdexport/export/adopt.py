@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sdexport.errors import SdexportError, one_line
+from sdexport.errors import SdexportError, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
@@ -61,9 +61,9 @@ def adoption_hint(directory: Path) -> str:
     kind = identify(directory)
     if kind == "onnx":
         return (f"; it is an ONNX export of a diffusers pipeline (optimum's layout) without an sdexport "
-                f"manifest: check it and write one with `sdexport adopt {directory}`")
+                f"manifest: check it and write one with `sdexport adopt {pasteable(directory)}`")
     if kind == "diffusers":
-        return f"; it is a diffusers checkpoint (PyTorch weights): export it with `sdexport export {directory} -o DIR`"
+        return f"; it is a diffusers checkpoint (PyTorch weights): export it with `sdexport export {pasteable(directory)} -o DIR`"
     return ""
 
 
@@ -78,7 +78,7 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
     if kind == "diffusers":
         raise SdexportError(
             f"{directory}: a diffusers checkpoint (PyTorch weights, no unet/{GRAPH}), not an ONNX export; "
-            f"export it: sdexport export {directory} -o DIR"
+            f"export it: sdexport export {pasteable(directory)} -o DIR"
         )
     if kind is None:
         raise SdexportError(
@@ -130,7 +130,7 @@ def check_replaceable(directory: Path, replace: bool) -> None:
     if not replace:
         raise SdexportError(
             f"{directory}: already has a {MANIFEST_NAME}; it is an sdexport engine directory (or was adopted): "
-            f"inspect it with `sdexport inspect {directory}` (--force adopts it again, replacing an adopted "
+            f"inspect it with `sdexport inspect {pasteable(directory)}` (--force adopts it again, replacing an adopted "
             "directory's manifest)"
         )
     try:

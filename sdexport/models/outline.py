@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from sdexport.errors import ModelLoadError, one_line
+from sdexport.errors import ModelLoadError, one_line, pasteable
 from sdexport.models.presets import PRESETS, Preset, get_preset
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import FAMILY_CONTROLNET, SDXL_REFINER, is_sdxl, text_encoders, tokenizer_names
@@ -247,7 +247,7 @@ def family_of_dir(path: Path) -> str:
     if (path / "unet" / "model.onnx").is_file():
         raise ModelLoadError(
             f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after "
-            f"`sdexport adopt {path}`, or export the checkpoint it came from"
+            f"`sdexport adopt {pasteable(path)}`, or export the checkpoint it came from"
         )
     parts = ["unet", "vae", *text_encoders(family), *tokenizer_names(family), "scheduler"]
     missing = [d for d in parts if not (path / d).is_dir()]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.build.vae_upcast import FP32_VAE, kept_fp32, upcast_parts, vae_config_file
-from sdexport.errors import EngineDirError, SdexportError, one_line
+from sdexport.errors import EngineDirError, SdexportError, one_line, pasteable
 from sdexport.manifest import (
     Manifest,
     check_files,
@@ -212,7 +212,7 @@ def check_lowered_vae(engine_dir: Path, manifest: Manifest, loaded: list[str], b
         if name in loaded and _fused_in_fp16(manifest, name):
             raise EngineDirError(
                 f"{engine_dir}: {name}'s ONNX Runtime CUDA graph was fused in fp16, which this VAE overflows (its "
-                f"config sets force_upcast); run `sdexport build {engine_dir} --target onnxruntime-cuda` again (it "
+                f"config sets force_upcast); run `sdexport build {pasteable(engine_dir)} --target onnxruntime-cuda` again (it "
                 "now keeps it fp32), or run the portable graphs (--backend onnxruntime-cuda --portable-graphs)"
             )
 
@@ -227,10 +227,10 @@ def lowered_vae_notes(engine_dir: Path, manifest: Manifest) -> list[str]:
                       if isinstance(e.get("key"), dict) and e["key"].get("fp16") is True)
         if flagged:
             notes.append(f"{name}: {flagged} TensorRT plan(s) built with the fp16 flag are passed over, as the "
-                         f"VAE's config sets force_upcast; `sdexport build {engine_dir}` builds it fp32")
+                         f"VAE's config sets force_upcast; `sdexport build {pasteable(engine_dir)}` builds it fp32")
         if _fused_in_fp16(manifest, name):
             notes.append(f"{name}: its ONNX Runtime CUDA graph was fused in fp16, which onnxruntime-cuda refuses "
-                         f"(force_upcast); run `sdexport build {engine_dir} --target onnxruntime-cuda` again")
+                         f"(force_upcast); run `sdexport build {pasteable(engine_dir)} --target onnxruntime-cuda` again")
     return notes
 
 
@@ -517,7 +517,7 @@ def _torch_engines(
     if source["kind"] == "onnx":
         raise EngineDirError(
             "this directory was adopted from an ONNX export without its PyTorch model, which the Torch "
-            f"backend runs: adopt it again with the checkpoint (sdexport adopt {source.get('path', 'DIR')} "
+            f"backend runs: adopt it again with the checkpoint (sdexport adopt {pasteable(source['path']) if source.get('path') else 'DIR'} "
             "--model CHECKPOINT --force), or choose another backend"
         )
     reference = source.get("name") if source["kind"] == "preset" else source.get("path")

@@ -31,7 +31,7 @@ from rich.markup import escape
 from sdexport.build import tensorrt_build
 from sdexport.build.cache_key import EngineKey
 from sdexport.console import console
-from sdexport.errors import EngineDirError, ProfileError, SdexportError, one_line
+from sdexport.errors import EngineDirError, ProfileError, SdexportError, one_line, pasteable
 from sdexport.graph_io import GraphTensor, check_io
 from sdexport.manifest import Manifest, check_files
 from sdexport.runtime.engine import check_feed
@@ -127,7 +127,7 @@ def deserialize_plan(path: Path, runtime: trt.Runtime | None = None) -> trt.ICud
         why = getattr(_Logs.logger, "last_error", "") or "empty or unrecognized file"
         raise EngineDirError(
             f"{path}: TensorRT {trt.__version__} cannot load this plan ({why}); it is damaged or was "
-            f"built by another TensorRT version or GPU: rebuild it with `sdexport build {path.parent.parent} --force`"
+            f"built by another TensorRT version or GPU: rebuild it with `sdexport build {pasteable(path.parent.parent)} --force`"
         )
     return engine
 
@@ -529,12 +529,12 @@ def select_engine(
     if not candidates and flagged:
         raise EngineDirError(
             f"{component}'s TensorRT engines for {here} in {engine_dir} were built with the fp16 flag, which "
-            f"this VAE overflows (its config sets force_upcast); run `sdexport build {engine_dir}` again: it "
+            f"this VAE overflows (its config sets force_upcast); run `sdexport build {pasteable(engine_dir)}` again: it "
             "now builds it fp32"
         )
     if not candidates:
         raise EngineDirError(
-            f"no TensorRT engine for {here} in {engine_dir} for {component}; run `sdexport build {engine_dir}` "
+            f"no TensorRT engine for {here} in {engine_dir} for {component}; run `sdexport build {pasteable(engine_dir)}` "
             f"(it has: {_describe_engines(manifest, component)})"
         )
     if profile is not None:
@@ -547,7 +547,7 @@ def select_engine(
                 f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}"
                 + (f"; {passed_over} plan(s) that do were built with the fp16 flag, which this VAE overflows "
                    "(its config sets force_upcast), and are passed over" if passed_over else "")
-                + f"); rebuild with `sdexport build {engine_dir}` and that profile"
+                + f"); rebuild with `sdexport build {pasteable(engine_dir)}` and that profile"
             )
         candidates = fitting
     return max(candidates, key=lambda e: str(e.get("built", "")))
@@ -600,7 +600,7 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> Non
     if not getattr(engine, "refittable", False):
         raise EngineDirError(
             f"{source}: not a refittable engine, so --lora cannot change its weights: build with "
-            f"`sdexport build {source.parent.parent} --refittable --force`, or fuse the LoRA at export"
+            f"`sdexport build {pasteable(source.parent.parent)} --refittable --force`, or fuse the LoRA at export"
         )
     if _Logs.logger is None:
         _runtime()  # makes the logger TensorRT reports to

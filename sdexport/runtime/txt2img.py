@@ -26,7 +26,7 @@ import torch
 from rich.markup import escape
 
 from sdexport.console import console
-from sdexport.errors import ProfileError, SdexportError
+from sdexport.errors import ProfileError, SdexportError, pasteable
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
@@ -942,10 +942,10 @@ def lowered_overflow(info: dict[str, Any], part: str) -> str:
                      else ("encoder", "refusing to start from the init image"))
     if info.get("backend") == "tensorrt":
         return (f"the VAE {what} produced NaN/Inf (fp16 overflow: its TensorRT plan was built with the fp16 flag "
-                f"from this fp32 export); {refusal}. Build an fp32 plan for it (`sdexport build {where} --fp32 "
+                f"from this fp32 export); {refusal}. Build an fp32 plan for it (`sdexport build {pasteable(where)} --fp32 "
                 f"--components {part}`: runs pick the newest plan, so build it again after a later `--force` build)")
     return (f"the VAE {what} produced NaN/Inf (fp16 overflow: `sdexport build --target onnxruntime-cuda` converted "
-            f"this fp32 export's {what} graph to fp16); {refusal}. Build it fp32 (`sdexport build {where} --target "
+            f"this fp32 export's {what} graph to fp16); {refusal}. Build it fp32 (`sdexport build {pasteable(where)} --target "
             f"onnxruntime-cuda --fp32 --components {part}`, and again after each fp16 build) or run the portable "
             "graphs (--portable-graphs)")
 
