@@ -119,6 +119,15 @@ def test_run_on_an_unadopted_export_says_to_adopt_it(foreign_export: Path, capsy
     assert "without an sdexport manifest" in err and f"sdexport adopt {foreign_export}" in err
 
 
+def test_a_manifest_that_is_a_folder_is_named_as_one(engine_copy: Path, capsys):
+    """Not "no manifest: adopt it", which adopt answers with "already has a manifest.json: inspect it"."""
+    (engine_copy / "manifest.json").unlink()
+    (engine_copy / "manifest.json").mkdir()
+    for command in ("inspect", "run"):
+        assert run_cli(command, engine_copy, *(RUN if command == "run" else ())) == 2
+        assert "manifest.json is not a file (a folder?)" in capsys.readouterr().err
+
+
 def test_a_command_a_message_suggests_works_when_pasted(foreign_export: Path, capsys):
     spaced = foreign_export.rename(foreign_export.parent / "my export")
     assert run_cli("inspect", spaced) == 2
