@@ -183,6 +183,13 @@ def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path,
     assert Image.open(out).text["parameters"].startswith(params["prompt"] + "\n")
 
 
+def test_a_prompt_cut_inside_a_character_records_whole_characters(pipeline):
+    """Byte-level tokens cut é (two bytes) in two: the record keeps text that can be reused."""
+    result = pipeline(GenerationRequest(prompt=["é" * 200], steps=1, height=64, width=64))
+    [used] = result.truncated["prompt"]
+    assert used and "\ufffd" not in used and ("é" * 200).startswith(used)
+
+
 def test_a_short_prompt_is_recorded_as_given(pipeline):
     result = pipeline(GenerationRequest(prompt=["short"], steps=1, height=64, width=64))
     assert result.truncated == {}
