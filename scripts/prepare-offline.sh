@@ -9,7 +9,9 @@
 # --tensorrt also polygraphy, and TensorRT's wheels where they can be had (see below)
 # pytest comes along, so that scripts/gpu-tests.sh --wheels WHEELS_DIR can test the server.
 # torch is left out on purpose: GPU servers keep the CUDA build they have. The wheels are for
-# Linux x86-64 (manylinux); pip picks the newest versions that have wheels for that target.
+# Linux x86-64 (manylinux), at the versions constraints.txt pins (the set CI tested, as
+# scripts/setup.sh installs); SDEXPORT_CONSTRAINTS=other.txt takes another file, and
+# SDEXPORT_CONSTRAINTS= (empty) the newest versions that have wheels for that target.
 #
 # TensorRT cannot be collected from PyPI: its packages there (tensorrt, tensorrt-cu12/13 and their
 # -libs) are placeholders that fetch the real wheels from NVIDIA's own index at install time. With
@@ -31,6 +33,12 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
+constraints=${SDEXPORT_CONSTRAINTS-constraints.txt}
+pins=()
+if [[ -n "$constraints" ]]; then
+  [[ -f "$constraints" ]] || { echo "prepare-offline: no constraints file $constraints" >&2; exit 2; }
+  pins=(--constraint "$constraints")
+fi
 mkdir -p "$dest"
 # sdexport's own wheel, built from this checkout.
 python3 -m pip wheel --quiet --no-deps --wheel-dir "$dest" .
@@ -61,7 +69,7 @@ platforms=()
 for n in 17 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
 download() {
   python3 -m pip download --quiet --dest "$dest" --only-binary=:all: --python-version "$python_version" \
-    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 --platform any "$@"
+    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 --platform any ${pins[@]+"${pins[@]}"} "$@"
 }
 download "${deps[@]}"
 note=""
