@@ -186,9 +186,10 @@ def inspect(
 def adopt(
     directory: Annotated[Path, typer.Argument(help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, COMPONENT/model.onnx + config.json).")],
     model: Annotated[str | None, typer.Option(help="The checkpoint (or preset) it was exported from: each graph is then compared with PyTorch, and --backend torch can run it.")] = None,
+    config: Annotated[str | None, typer.Option(help="With a single-file --model (.safetensors/.ckpt): a diffusers directory of the same architecture, or a preset, as `sdexport export --config`.")] = None,
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
-    height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("the family's (SD 256:512:1024, SDXL 512:1024:1536)"))] = None,
-    width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("the family's"))] = None,
+    height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("the family's (SD 256:512:1024, SDXL 512:1024:1536), or half to twice the U-Net's sample_size where that is not the family's"))] = None,
+    width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("as --height"))] = None,
     force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten: build again).")] = False,
 ) -> None:
     """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
@@ -196,8 +197,10 @@ def adopt(
     from sdexport.export.adopt import adopt as run_adopt
     from sdexport.inspect_dir import print_summary
 
+    if config is not None and model is None:
+        raise SdexportError("--config goes with --model (a single-file checkpoint): the model to compare the graphs with")
     manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width}, model=model,
-                         force=force)
+                         config=config, force=force)
     print_summary(directory, manifest)
 
 

@@ -160,6 +160,25 @@ def test_adopt_with_the_model_proves_each_graph(foreign_export: Path):
     assert manifest.model["source"]["kind"] == "preset" and manifest.model["source"]["adopted_from"]
 
 
+def test_adopt_proves_graphs_against_a_single_file_checkpoint_with_its_config(foreign_export: Path, tiny_model,
+                                                                              tmp_path: Path, capsys):
+    from ldm_layout import write_single_file_checkpoint
+
+    from sdexport.manifest import load_manifest
+
+    checkpoint = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(tiny_model, checkpoint)
+    for args, message in [(["--model", checkpoint], "a single-file checkpoint needs --config"),
+                          (["--config", "tiny"], "--config goes with --model")]:
+        assert run_cli("adopt", foreign_export, *args) == 2
+        assert message in capsys.readouterr().err
+    assert not (foreign_export / "manifest.json").exists()
+    assert run_cli("adopt", foreign_export, "--model", checkpoint, "--config", "tiny") == 0
+    manifest = load_manifest(foreign_export)
+    assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
+    assert manifest.model["source"]["config"] == "tiny"  # so that --backend torch reloads it
+
+
 def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     assert run_cli("adopt", foreign_export, "--model", "tiny-sdxl") == 2
     assert "give the checkpoint this directory was exported from" in capsys.readouterr().err

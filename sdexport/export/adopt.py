@@ -166,9 +166,11 @@ def _tokenizer_length(folder: Path) -> int:
 
 
 def adopt(
-    directory: Path, *, ranges: dict[str, str | None] | None = None, model: str | None = None, force: bool = False,
+    directory: Path, *, ranges: dict[str, str | None] | None = None, model: str | None = None,
+    config: str | None = None, force: bool = False,
 ) -> Manifest:
-    """Check ``directory``'s graphs and write its manifest (``model``: prove them against PyTorch).
+    """Check ``directory``'s graphs and write its manifest (``model``: prove them against PyTorch;
+    ``config``: a single-file ``model``'s architecture, as ``export --config``).
 
     ``ranges``: ``min:opt:max`` texts per axis (batch, height, width) for the manifest's profile,
     which the builds and the runtime's request checks use (default: the family's); optimum's graphs
@@ -178,6 +180,10 @@ def adopt(
     from sdexport.output_dir import updating
 
     plan = plan_adopt(directory, replace=force)
+    if model is not None:  # a wrong --model or --config in one line now, not after the graphs are read
+        from sdexport.models.outline import outline_model
+
+        outline_model(model, config=config)
     profile = default_profile(plan).with_ranges(**(ranges or {}))
     profile.validate(plan.dims)
     from sdexport.export.exporter import tool_versions  # imports torch: after the one-line refusals
@@ -216,7 +222,7 @@ def adopt(
 
         check_runnable(directory, manifest)
         if model is not None:
-            _prove(directory, manifest, plan, model, graph_ios)
+            _prove(directory, manifest, plan, model, config, graph_ios)
         save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
     return manifest
 
@@ -321,7 +327,8 @@ def _exporter(directory: Path, plan: AdoptPlan) -> str:
     return f"adopted ONNX export ({made})" if made else "adopted ONNX export"
 
 
-def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str, graph_ios: dict[str, GraphIO]) -> None:
+def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str, config: str | None,
+           graph_ios: dict[str, GraphIO]) -> None:
     """Each graph's outputs against the PyTorch model's, at the profile's min (as ``export --verify
     quick``), fed as it takes its inputs (``graph_ios``, from ``check_graph``)."""
     from sdexport.console import step
@@ -330,7 +337,7 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
     from sdexport.models import load_model
 
     with step(f"Loading {model_ref}"):
-        model = load_model(model_ref)
+        model = load_model(model_ref, config=config)
     if model.family != plan.family or model.dims != plan.dims:
         raise SdexportError(
             f"--model {model_ref}: its sizes ({model.family}, {vars(model.dims)}) are not the export's "
