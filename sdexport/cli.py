@@ -492,8 +492,8 @@ def run(
             ensemble.check(most)
     except ProfileError as exc:
         if size_from_image and images:
-            raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width with --fit resize or "
-                               "--fit crop)") from None
+            raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width" + (
+                " with --fit resize or --fit crop)" if fit == "exact" else f": --fit {fit} fits the image to them)")) from None
         if size_from_image:
             flag = "--control-image" if sized is not adapters else "--adapter-image"
             raise ProfileError(f"{exc} (the size of the first {flag}; pass --height/--width: {flag[2:]}s are "

@@ -40,7 +40,8 @@ def parse_range(text: str, what: str) -> Range:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise ProfileError(f"--{what} {text!r}: expected integers as min:opt:max, e.g. 1:1:4") from None
+        example = "1:1:4" if what == "batch" else "256:512:1024"
+        raise ProfileError(f"--{what} {text!r}: expected integers as min:opt:max, e.g. {example}") from None
     if len(values) == 1:
         values *= 3
     if len(values) != 3:
