@@ -229,6 +229,9 @@ def build(
 
     if target not in BUILD_TARGETS:
         raise SdexportError(f"--target {target!r}: choose {' or '.join(BUILD_TARGETS)}")
+    # what the user typed before what the machine lacks: a missing directory, then the one line
+    # that says what to install (the manifest's hashes are checked by the build itself)
+    exported = load_manifest(engine_dir, verify_files=False).shape_profile
     if target == "onnxruntime-cuda":
         trt_only = {"--static": static, "--strongly-typed": strongly_typed, "--batch": batch, "--height": height,
                     "--width": width, "--timing-cache": timing_cache, "--optimization-level": optimization_level,
@@ -239,10 +242,9 @@ def build(
                                 "graphs keep the export's dynamic shapes (CUDA graphs fix them at load: run --cuda-graph)")
         _build_onnxruntime(engine_dir, components=_names(components, "--components"), fp16=fp16, force=force)
         return
-    require_tensorrt()  # before anything else: the one line that says what to install
+    require_tensorrt()
     profile = None
     if batch is not None or height is not None or width is not None:
-        exported = load_manifest(engine_dir, verify_files=False).shape_profile
         profile = exported.with_ranges(batch=batch, height=height, width=width)
     results = build_engines(
         engine_dir, components=_names(components, "--components"), profile=profile,

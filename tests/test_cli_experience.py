@@ -327,6 +327,7 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
         ["run", str(engine_copy), "-p", "x", "-o", str(tmp_path / "x.gif")],
         ["run", str(engine_copy), "-p", "x", "--height", "1000"],
         ["build", str(engine_copy), "--target", "nope"],
+        ["build", str(tmp_path / "nope")],
         ["adopt", str(tmp_path / "nope")],
         ["bench", "benchmarks/scenarios/tiny-cpu.toml", "--repeats", "0"],
         ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")],
@@ -335,6 +336,13 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
     ]
     loaded = dict(zip((" ".join(args) for args in quick), _loaded(*quick), strict=True))
     assert loaded == {" ".join(args): [] for args in quick}
+
+
+def test_build_names_a_missing_directory_before_a_missing_tensorrt(tmp_path, capsys):
+    """What the user typed first; on a machine without TensorRT, then, that it is missing."""
+    for target in ("tensorrt", "onnxruntime-cuda"):
+        assert run_cli("build", tmp_path / "nope", "--target", target) == 2
+        assert "no such engine directory" in capsys.readouterr().err
 
 
 def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path, capsys, monkeypatch):

@@ -223,8 +223,7 @@ def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
         (["--init-image", "{image}", "--height", "64", "--width", "64"],
          "is 64x128 (HxW), the request 64x64: pass --height 64 --width 128"),
         (["--init-image", "{wide}"], "(the size of --init-image; pass --height/--width with --fit"),
-        (["--init-image", "{wide}", "--fit", "crop"], "(the size of --init-image; pass --height/--width: --fit crop "
-                                                      "fits the image to them)"),
+        (["--init-image", "{wide}", "--fit", "crop"], "pass --height/--width: --fit crop fits the image to them)"),
         (["--init-image", "{image}", "--height", "64"], "give both --height and --width, or neither"),
         (["--mask", "{mask}"], "--mask needs --init-image"),
         (["--fit", "crop"], "--fit needs --init-image"),
