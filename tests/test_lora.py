@@ -126,7 +126,7 @@ def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
     out = tmp_path / "engines"
     export("tiny", out, ExportOptions(verify="quick", loras=[LoraFile(path, scale)]))
     reference = DiffusersReference(load_model("tiny"))
-    reference.pipe.load_lora_weights(str(path))
+    reference.pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # (diffusers 0.39 offline: by name)
     reference.pipe.fuse_lora(lora_scale=scale)
     ours = load_pipeline(out, "onnxruntime-cpu")(REQUEST)
     assert _rel(ours, reference(REQUEST)) < 1e-4
@@ -309,7 +309,7 @@ def test_sdxl_kohya_files_named_after_the_original_blocks(tmp_path):
                f"{module}.lora_up.weight": torch.randn(64, RANK, generator=generator),
                f"{module}.alpha": torch.tensor(2.0)}, str(path))
     reference = DiffusersReference(load_model("tiny-sdxl"))
-    reference.pipe.load_lora_weights(str(path))
+    reference.pipe.load_lora_weights(str(path.parent), weight_name=path.name)  # (diffusers 0.39 offline: by name)
     reference.pipe.fuse_lora(components=["unet"])
     theirs = {k.replace(".base_layer", ""): v for k, v in reference.pipe.unet.state_dict().items() if "lora_" not in k}
     ours = load_model("tiny-sdxl")

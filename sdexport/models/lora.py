@@ -129,8 +129,10 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     _refuse_variants(lora)
     loader: Any = diffusers.StableDiffusionXLPipeline if is_sdxl(family) else diffusers.StableDiffusionPipeline
     try:
-        state, alphas, metadata = loader.lora_state_dict(str(lora.path), unet_config=unet_config,
-                                                         return_lora_metadata=True)
+        # its folder and name, not the path: diffusers 0.39 (the floor) refuses a file path while
+        # HF_HUB_OFFLINE is set (sdexport sets it) unless weight_name is given
+        state, alphas, metadata = loader.lora_state_dict(str(lora.path.parent), weight_name=lora.path.name,
+                                                         unet_config=unet_config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
         raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({' '.join(str(exc).split())})") from None
     alphas, metadata = alphas or {}, metadata or {}

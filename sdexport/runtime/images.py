@@ -192,7 +192,9 @@ def _exif(text: str, record: dict[str, Any], version: str) -> Any:
     exif = Image.Exif()
     exif[_SOFTWARE] = f"sdexport {version}"
     exif[_DESCRIPTION] = json.dumps(record)  # ASCII (json escapes the rest), as EXIF wants
-    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")  # as A1111 writes it
+    ifd = exif.get_ifd(_EXIF_IFD)
+    ifd[_USER_COMMENT] = b"UNICODE\0" + text.encode("utf-16-be")  # as A1111 writes it
+    exif[_EXIF_IFD] = ifd  # Pillow 10.0 (the floor) hands out a new IFD it never writes; 13 stores it
     return exif
 
 
