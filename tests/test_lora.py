@@ -121,7 +121,8 @@ def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
         state = {k.removeprefix("unet."): v for k, v in load_file(str(lora_files["unet"])).items()}
         diffusers.StableDiffusionPipeline.save_lora_weights(
             tmp_path / "meta", unet_lora_layers=state,
-            unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 16, "target_modules": UNET_TARGETS})
+            unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 16, "target_modules": UNET_TARGETS,
+                                        "rank_pattern": {}, "alpha_pattern": {}})  # (diffusers 0.39 reads both)
         path = tmp_path / "meta" / "pytorch_lora_weights.safetensors"
     out = tmp_path / "engines"
     export("tiny", out, ExportOptions(verify="quick", loras=[LoraFile(path, scale)]))
