@@ -353,8 +353,8 @@ def run(
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
     aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the aesthetic rating (0-10, LAION's) the image is refined towards (default as diffusers: 6.0).")] = None,
     negative_aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the rating guidance steers away from (default as diffusers: 2.5).")] = None,
-    init_image: Annotated[Path | None, typer.Option(help="img2img / inpainting: start from this image (its size is the default --height/--width).")] = None,
-    mask: Annotated[Path | None, typer.Option(help="Inpainting: white repaints, black keeps; needs --init-image.")] = None,
+    init_image: Annotated[list[Path] | None, typer.Option(help="img2img / inpainting: start from this image (its size is the default --height/--width); one per run, every image of the batch starts from it.")] = None,
+    mask: Annotated[list[Path] | None, typer.Option(help="Inpainting: white repaints, black keeps; needs --init-image; one per run.")] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default as diffusers: img2img 0.8, SDXL img2img 0.3, inpainting 1.0, SDXL inpainting 0.9999); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
@@ -392,6 +392,7 @@ def run(
     if len(prompt) > 1 and batch != 1:
         raise SdexportError("--batch repeats a single --prompt; with several prompts, each makes one image")
     check_backend(backend)
+    init_path, mask_path = _once(init_image, "--init-image"), _once(mask, "--mask")
     from sdexport.models.lora import LoraFile
 
     loras = [LoraFile.parse(item) for item in lora or []]
@@ -412,7 +413,7 @@ def run(
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     if guidance and len(guidance) not in (1, len(prompts)):
         raise SdexportError(f"{len(guidance)} --guidance for {len(prompts)} images: give one, or one per image")
-    images, inputs = _image_inputs(init_image, mask, height, width, fit)
+    images, inputs = _image_inputs(init_path, mask_path, height, width, fit)
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
     adapter_entries = _per_prompt_adapter_images(adapters, len(manifest.adapters), len(prompts))
@@ -467,9 +468,9 @@ def run(
         elif paths:
             inputs[name] = paths
     if images:
-        request.image = [_fit(images[0], request, fit, f"--init-image {init_image}", notes)]
+        request.image = [_fit(images[0], request, fit, f"--init-image {init_path}", notes)]
     if len(images) > 1:
-        request.mask = [_fit(images[1], request, fit, f"--mask {mask}", notes)]
+        request.mask = [_fit(images[1], request, fit, f"--mask {mask_path}", notes)]
     scheduler_config = read_scheduler_config(engine_dir)
     ensemble = _ensemble(engine_dir, manifest, refiner, denoising_end, request)
     if ensemble is not None:
@@ -505,7 +506,7 @@ def run(
     check_image_output(image_path, request.batch)
     from sdexport.runtime.images import output_paths
 
-    for given in (init_image, mask, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str)),
+    for given in (init_path, mask_path, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str)),
                   *(Path(p) for p in adapter_image or [])):
         if given is not None and any(given.resolve() == p.resolve() for p in output_paths(image_path, request.batch)):
             raise SdexportError(f"-o {output}: that is the image this run reads ({given}); write to another name")
@@ -581,6 +582,15 @@ def _check_graph_flags(backend: str, cuda_graph: bool, portable_graphs: bool) ->
         raise SdexportError(f"--portable-graphs: for --backend onnxruntime-cuda, not {backend}")
 
 
+def _once(given: list[Path] | None, flag: str) -> Path | None:
+    """An option given at most once: a second --init-image would silently replace the first (each
+    call starts every image from the one init image; --control-image is the one given per image)."""
+    if given and len(given) > 1:
+        raise SdexportError(f"{flag} given {len(given)} times: one per run (every image of the batch starts from it); "
+                            "run once per image")
+    return given[0] if given else None
+
+
 def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None, width: int | None,
                   fit: str) -> tuple[list[Any], dict[str, Any]]:
     """The init image and mask (read now: a bad file is refused before anything loads), and what the
@@ -602,6 +612,10 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     if mask is not None:
         images.append(read_image(mask, "--mask", mode="L"))
         inputs["mask"] = str(mask)
+        if fit == "exact" and images[1].size != images[0].size:  # else each "fix" names the other
+            sizes = [f"{image.size[1]}x{image.size[0]}" for image in images]
+            raise SdexportError(f"--mask {mask} is {sizes[1]} (HxW), --init-image {init_image} {sizes[0]}: give a mask "
+                                "of the init image's size, or --fit resize / --fit crop to fit both to --height/--width")
     return images, inputs
 
 
