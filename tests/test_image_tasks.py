@@ -245,6 +245,18 @@ def test_cli_refuses_bad_image_inputs_in_one_line(engine_dirs, files, tmp_path, 
     assert not out.exists()
 
 
+def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
+    """A 30% grey 16-bit mask keeps everything (binarised at 50%), a 16-bit depth map keeps its levels."""
+    from sdexport.runtime.image_inputs import read_image
+
+    Image.fromarray(np.full((8, 8), 20000, np.uint16)).save(tmp_path / "mask.png")
+    Image.fromarray(np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)).save(tmp_path / "depth.png")
+    assert Image.open(tmp_path / "mask.png").mode.startswith("I")  # (what Pillow reads a 16-bit PNG as)
+    assert np.asarray(read_image(tmp_path / "mask.png", "--mask", mode="L")).max() == 78  # 20000 / 257
+    depth = np.asarray(read_image(tmp_path / "depth.png", "--control-image"))
+    assert depth.shape == (8, 8, 3) and (depth[0, 0, 0], depth[-1, -1, 0]) == (0, 255) and len(np.unique(depth)) == 64
+
+
 @pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-inpaint"])
 def test_cli_refuses_a_maskless_inpainting_model(engine_dirs, files, tmp_path, capsys, preset):
     assert run_cli("run", engine_dirs[preset], "-p", "x", "-o", tmp_path / "b.png") == 2

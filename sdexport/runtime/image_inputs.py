@@ -47,6 +47,8 @@ def _decode(source: Any, what: str, mode: str) -> Any:
         with Image.open(source) as image:
             image.load()
             upright = ImageOps.exif_transpose(image)
+            if upright.mode == "I" or upright.mode.startswith("I;16"):
+                upright = _eight_bit(upright)
             return upright.convert(mode)
     except Image.DecompressionBombError as exc:
         raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None
@@ -54,6 +56,17 @@ def _decode(source: Any, what: str, mode: str) -> Any:
         raise SdexportError(f"{what}: not a readable image (not PNG, JPEG or another format Pillow reads)") from None
     except (OSError, ValueError) as exc:
         raise SdexportError(f"{what}: not a readable image ({one_line(exc)})") from None
+
+
+def _eight_bit(image: Any) -> Any:
+    """A 16-bit greyscale image (a depth map, a mask from an editor) at 8 bits, scaled: Pillow's
+    ``convert`` clips it instead, so a 30% grey mask came out white (all repainted) and a depth
+    map nearly white. (Pillow reads 16-bit colour images at 8 bits already.)"""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
+    return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
 
 
 def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple[Any, str | None]:
