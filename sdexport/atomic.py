@@ -15,6 +15,18 @@ TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
 """``atomic_path``'s temporary names, ``.NAME.PID.tmp``: what a process killed mid-write leaves."""
 
 
+def longest_name(folder: Path) -> int:
+    """The longest file name ``atomic_path`` can write to in ``folder``: the file system's limit
+    (255 bytes on most) less what its temporary name adds (``.`` + ``.PID.tmp``, PIDs up to 7
+    digits), so a name that is too long is refused before the work, not after it."""
+    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("."))
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    return limit - len(f"..{'9' * 7}{TEMP_SUFFIX}")
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path``, renamed to ``path`` only when the block succeeds.

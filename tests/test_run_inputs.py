@@ -160,6 +160,19 @@ def test_an_output_the_user_owns_is_never_overwritten(tiny_engine_dir, tmp_path,
     assert expected in " ".join(err.split()) and mine.read_bytes() == before
 
 
+def test_a_file_name_too_long_for_the_temporary_name_is_refused_before_the_engines(tiny_engine_dir, tmp_path,
+                                                                                    no_engines, capsys):
+    """245 letters are a valid name, but not with ``.NAME.PID.tmp`` around it (nor ``-0`` in a batch)."""
+    from sdexport.atomic import longest_name
+
+    longest = longest_name(tmp_path)
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / ("a" * (longest - 3) + ".png")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"bytes; at most {longest} here); choose a shorter one" in err and ".tmp" not in err
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--batch", "2", "-o", tmp_path / ("a" * (longest - 5) + ".png")) == 2
+    assert "-0.png' is too long" in capsys.readouterr().err  # a batch's names: NAME-0.png, NAME-1.png
+
+
 def test_an_image_sdexport_wrote_is_replaced(tiny_engine_dir, tmp_path):
     out = tmp_path / "x.png"
     for seed in ("1", "2"):

@@ -9,6 +9,7 @@ the file name's suffix; other suffixes are refused before anything runs.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +66,13 @@ def check_image_output(output: Path, count: int, label: str | None = None) -> No
     from sdexport.output_dir import require_creatable
 
     require_creatable(output.parent, label, nothing="no image can be written")  # every image's folder
+    from sdexport.atomic import longest_name
+
+    longest = longest_name(output.parent)
     for path in output_paths(output, count):
+        if len(os.fsencode(path.name)) > longest:
+            raise SdexportError(f"{label}: the file name {path.name!r} is too long ({len(os.fsencode(path.name))} "
+                                f"bytes; at most {longest} here); choose a shorter one")
         if path.is_symlink() or path.is_dir():
             raise SdexportError(f"{label}: {path} is a directory or a link; choose another name")
         if path.exists() and not _written_by_sdexport(path):
