@@ -58,14 +58,23 @@ def check_ports(ports: Ports) -> None:
             raise SdexportError(f"port {number}: ports are 1-65535")
     if len(set(numbers)) != 3:
         raise SdexportError(f"--http-port, --grpc-port and --metrics-port must differ (got {numbers})")
+    import errno
     import socket
 
+    host = ports.address if ports.address != "0.0.0.0" else ""
+    try:  # the address first: a port is blamed only for what is the port's
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SdexportError(f"--address {ports.address}: not an address to listen on ({exc})") from None
     for flag, number in (("--http-port", ports.http), ("--grpc-port", ports.grpc), ("--metrics-port", ports.metrics)):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((ports.address if ports.address != "0.0.0.0" else "", number))
+                probe.bind((host, number))
             except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    raise SdexportError(f"--address {ports.address}: no network interface of this machine has that "
+                                        "address (0.0.0.0: all of them; 127.0.0.1: this machine only)") from None
                 raise SdexportError(f"{flag} {number}: cannot listen there ({exc.strerror}); is another server "
                                     "running? choose another port") from None
 
