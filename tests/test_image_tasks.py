@@ -245,6 +245,13 @@ def test_cli_refuses_bad_image_inputs_in_one_line(engine_dirs, files, tmp_path, 
     assert not out.exists()
 
 
+def test_a_crop_alone_is_not_called_a_scaling():
+    from sdexport.runtime.image_inputs import fit_image
+
+    image, note = fit_image(picture(128, 256, 0), 128, 128, "crop", "--init-image x.png")
+    assert image.size == (128, 128) and note == "--init-image x.png (128x256) cropped to 128x128 (centre)"
+
+
 def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     """A 30% grey 16-bit mask keeps everything (binarised at 50%), a 16-bit depth map keeps its levels."""
     from sdexport.runtime.image_inputs import read_image

@@ -89,11 +89,12 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple
         return image.resize(size, Image.Resampling.LANCZOS), f"{what} resized from {given} to {height}x{width}"
     scale = max(width / image.size[0], height / image.size[1])
     scaled = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
-    image = image.resize(scaled, Image.Resampling.LANCZOS)
+    # (one side already the request's and the other longer: a crop alone, said as one)
+    how = f"scaled from {given} to {scaled[1]}x{scaled[0]} and" if scaled != image.size else f"({given})"
+    if scaled != image.size:
+        image = image.resize(scaled, Image.Resampling.LANCZOS)
     left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-    return image.crop((left, top, left + width, top + height)), (
-        f"{what} scaled from {given} to {scaled[1]}x{scaled[0]} and cropped to {height}x{width} (centre)"
-    )
+    return image.crop((left, top, left + width, top + height)), f"{what} {how} cropped to {height}x{width} (centre)"
 
 
 def check_image(image: Any, height: int | None, width: int | None, what: str) -> None:

@@ -514,7 +514,8 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
                                                            "adapter each, e.g. [(depth, sketch)])"
                                                            if adapters > 1 else ""))
     if len(entries) not in (1, request.batch):
-        raise SdexportError(f"{len(entries)} adapter images for {request.batch} prompts: give one, or one per prompt"
+        raise SdexportError(f"{len(entries)} adapter images for {request.batch} prompt{'s' if request.batch > 1 else ''}: "
+                            "give one, or one per prompt"
                             if adapters == 1 else
                             f"adapter images for {len(entries)} prompts, not {request.batch}: give the {adapters} "
                             "images for every prompt, or for each prompt")
