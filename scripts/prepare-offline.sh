@@ -53,8 +53,12 @@ if sys.argv[2] == "1":  # polygraphy here; TensorRT itself separately (it may no
 for dep in wanted:
     if not dep.replace(" ", "").startswith("torch"):
         print(dep)
+PY
+)
 # torch's own pure-Python requirements (setuptools, sympy, ...): pip checks them even for a torch it
 # keeps, and servers whose torch came without them (trimmed images, --no-deps installs) need them.
+# At the versions this torch asks for, not constraints.txt's: an older torch may pin another sympy.
+mapfile -t torch_deps < <(python3 - <<'PY'
 try:
     from importlib.metadata import requires
     for req in requires("torch") or []:
@@ -67,11 +71,13 @@ PY
 )
 platforms=()
 for n in 17 27 28 31 34; do platforms+=(--platform "manylinux_2_${n}_x86_64"); done
-download() {
+unpinned() {
   python3 -m pip download --quiet --dest "$dest" --only-binary=:all: --python-version "$python_version" \
-    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 --platform any ${pins[@]+"${pins[@]}"} "$@"
+    --implementation cp "${platforms[@]}" --platform manylinux2014_x86_64 --platform any "$@"
 }
+download() { unpinned ${pins[@]+"${pins[@]}"} "$@"; }
 download "${deps[@]}"
+unpinned "${torch_deps[@]}"
 note=""
 if [[ $tensorrt == 1 ]]; then
   trt=$(python3 -c 'import tomllib; print(next(d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["tensorrt"] if d.startswith("tensorrt")))')

@@ -24,6 +24,8 @@ def longest_name(folder: Path) -> int:
         limit = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         limit = 255
+    if limit <= 0:  # -1: no limit set (some FUSE and network file systems)
+        limit = 255
     return limit - len(f"..{'9' * 7}{TEMP_SUFFIX}")
 
 

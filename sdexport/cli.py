@@ -1096,7 +1096,7 @@ def serve(
     log = None if verbose else (log_file or work / "triton.log")
     try:
         write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
-        host = "localhost" if address in ("0.0.0.0", "::") else address
+        host = "localhost" if address in ("0.0.0.0", "::") else f"[{address}]" if ":" in address else address
 
         refined = f" refined by {escape(str(refiner))}" if refiner is not None else ""
 

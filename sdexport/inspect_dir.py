@@ -86,7 +86,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         runs = " and ".join(f"{'decodes' if part == 'vae_decoder' else 'encodes'} with {fp32}" for part, fp32 in alone.items())
         out.print(f"[dim]{runs}: the export has no {' or '.join(alone)} to run in fp16[/]", soft_wrap=True)
     for note in lowered:
-        out.print(f"[yellow]warning:[/] {note}", soft_wrap=True)
+        out.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)  # (it holds a command to paste)
     _print_memory(manifest)
     fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()
              if "onnxruntime-cuda" in entry.optimized}

@@ -190,9 +190,9 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
             raise EngineDirError(f"{directory} is a file, not an engine directory{hint}")
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
-    if path.exists() and not path.is_file():  # adopt would call it a manifest it cannot replace: no circle
-        raise EngineDirError(f"{path} is not a file (a folder?): an engine directory's manifest is a JSON file; "
-                             "move it aside, then export again or adopt the directory")
+    if (path.exists() or path.is_symlink()) and not path.is_file():  # adopt calls it a manifest: no circle
+        raise EngineDirError(f"{path} is not a file (a folder, or a link to nothing?): an engine directory's "
+                             "manifest is a JSON file; move it aside, then export again or adopt the directory")
     if not path.is_file():
         from sdexport.export.adopt import adoption_hint
 

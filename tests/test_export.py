@@ -259,6 +259,7 @@ def test_an_engine_directory_named_like_a_preset_does_not_shadow_it(tiny_engine_
     checkpoint.rename("tiny")
     assert looks_like_a_model(Path("tiny"))  # a diffusers directory: what `export tiny` reads
     assert load_model("tiny", kind="preset").source["kind"] == "preset"  # as a manifest records it
+    assert single_file_config(Path("model.safetensors"), "tiny", recorded=True)[0].name == "tiny"  # likewise
 
 
 def test_opset_range_is_torchs_exporter_range(tmp_path: Path):

@@ -125,7 +125,11 @@ def test_a_manifest_that_is_a_folder_is_named_as_one(engine_copy: Path, capsys):
     (engine_copy / "manifest.json").mkdir()
     for command in ("inspect", "run"):
         assert run_cli(command, engine_copy, *(RUN if command == "run" else ())) == 2
-        assert "manifest.json is not a file (a folder?)" in capsys.readouterr().err
+        assert "manifest.json is not a file (a folder, or a link to nothing?)" in capsys.readouterr().err
+    (engine_copy / "manifest.json").rmdir()
+    (engine_copy / "manifest.json").symlink_to(engine_copy / "gone.json")
+    assert run_cli("inspect", engine_copy) == 2
+    assert "manifest.json is not a file (a folder, or a link to nothing?)" in capsys.readouterr().err
 
 
 def test_a_command_a_message_suggests_works_when_pasted(foreign_export: Path, capsys):
@@ -194,6 +198,7 @@ def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     ("manifest", "already has a manifest.json"),
     ("truncated", "unet/model.onnx is not a readable ONNX graph"),  # a partial copy or download
     ("sample-size", "unet/config.json: sample_size 'x' is not a size in latents"),
+    ("sample-sides", "unet/config.json: sample_size [8, 0] is not a size in latents"),
 ])
 def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_export: Path, tiny_diffusers_dir: Path,
                                             tiny_engine_dir: Path, tmp_path: Path, capsys):
@@ -207,9 +212,10 @@ def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_exp
     if case == "truncated":
         graph = (target / "unet" / "model.onnx").read_bytes()
         (target / "unet" / "model.onnx").write_bytes(graph[:len(graph) // 2])
-    if case == "sample-size":
+    if case.startswith("sample-"):
         config = json.loads((target / "unet" / "config.json").read_text())
-        (target / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": "x"}))
+        size = "x" if case == "sample-size" else [8, 0]
+        (target / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": size}))
     assert run_cli("adopt", target) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err and len(err.splitlines()) == 1

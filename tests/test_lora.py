@@ -213,7 +213,9 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     text.write_text("hello")
     ckpt = tmp_path / "lora.ckpt"
     ckpt.write_bytes(b"x")
-    return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt}
+    upper = tmp_path / "LORA.SAFETENSORS"
+    upper.write_bytes(shapes.read_bytes())
+    return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt, "upper": upper}
 
 
 @pytest.mark.parametrize(
@@ -226,6 +228,7 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
         ("run", "other", "tensors for no part of an SD pipeline"),
         ("run", "text", "not a readable safetensors file"),
         ("export", "ckpt", "LoRA files are read as .safetensors"),
+        ("run", "upper", "under a name ending in .safetensors (lower case): rename it"),
         ("run", "missing", "no such file"),
         ("run", "scale", "the scale after ':' must be a finite number"),
     ],

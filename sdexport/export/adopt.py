@@ -260,7 +260,8 @@ def default_profile(plan: AdoptPlan) -> ShapeProfile:
     family = family_profile(plan.family)
     given = plan.configs["unet"].get("sample_size") or 0
     sides = list(given) if isinstance(given, list) and len(given) == 2 else [given, given]  # int, or [h, w]
-    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= 0 for side in sides):
+    least = 1 if isinstance(given, list) else 0  # 0 (or none) says "no size" only as one number
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= least for side in sides):
         raise SdexportError(f"unet/config.json: sample_size {given!r} is not a size in latents (a whole number, "
                             "or [height, width]), as diffusers reads it")
     height, width = (side * plan.dims.vae_scale_factor for side in sides)

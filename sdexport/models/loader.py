@@ -318,8 +318,9 @@ def load_model(
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
 
-    ``kind``: "preset" as a manifest records it (the Torch backend reloading an export), which
-    decides without looking for a checkpoint of that name where the command runs.
+    ``kind``: the source kind a manifest records (the Torch backend reloading an export): "preset"
+    decides without looking for a checkpoint of that name where the command runs, and a recorded
+    single file's ``config`` name is a preset likewise.
 
     ``lazy``: presets, diffusers directories and single-file checkpoints are loaded as skeletons,
     each part's weights built or read when ``LoadedModel.materialize`` asks for them (a ``vae`` and
@@ -411,7 +412,7 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
     if path.is_dir():
         return load_diffusers_dir(path, dtype=dtype, lazy=lazy)
     if path.suffix in SINGLE_FILE_SUFFIXES:
-        return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy)
+        return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy, recorded=kind is not None)
     raise ModelLoadError(
         f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
     )
@@ -565,11 +566,13 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
 
 
 def load_single_file(
-    path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False
+    path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False,
+    recorded: bool = False,
 ) -> LoadedModel:
     """Load an original-layout SD checkpoint; its architecture comes from ``config``, offline.
 
-    ``config`` is a diffusers directory (only its configs and tokenizer are read) or a preset name.
+    ``config`` is a diffusers directory (only its configs and tokenizer are read) or a preset name
+    (``recorded``: as a manifest records it, where a name is always a preset).
     Every weight of every component must come from the file: all components are checked against the
     file's layout first, reading no weight (``single_file.plan_components``); then each one is read
     now, or (``lazy``) when ``LoadedModel.materialize`` asks for it.
@@ -578,7 +581,7 @@ def load_single_file(
 
     from sdexport.models.single_file import plan_components
 
-    preset, config_path = single_file_config(path, config)
+    preset, config_path = single_file_config(path, config, recorded=recorded)
     check_single_file(path)
     with tempfile.TemporaryDirectory(prefix="sdexport-config-") as tmp:
         config_dir = Path(tmp) if preset is not None else config_path

@@ -70,6 +70,9 @@ class LoraFile:
             raise SdexportError(f"{flag} {self.path}: no such file")
         if self.path.suffix.lower() != ".safetensors":
             raise SdexportError(f"{flag} {self.path}: LoRA files are read as .safetensors (convert .ckpt/.pt files first)")
+        if self.path.suffix != ".safetensors":  # diffusers picks the reader by the name, as written
+            raise SdexportError(f"{flag} {self.path}: diffusers reads a LoRA as safetensors only under a name ending "
+                                "in .safetensors (lower case): rename it, or link it under such a name")
         from safetensors import safe_open
 
         try:

@@ -314,14 +314,17 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def single_file_config(path: Path, config: str | None) -> tuple[Preset | None, Path]:
-    """``--config`` as a preset, or as a diffusers directory (checked to be one)."""
+def single_file_config(path: Path, config: str | None, *, recorded: bool = False) -> tuple[Preset | None, Path]:
+    """``--config`` as a preset, or as a diffusers directory (checked to be one). ``recorded``: read
+    from a manifest, which records a directory resolved and a preset by name, whatever the working
+    directory holds now."""
     if config is None:
         raise ModelLoadError(
             f"{path}: a single-file checkpoint needs --config: a local diffusers directory with the "
             f"same architecture, or a preset ({', '.join(PRESETS)})"
         )
-    preset = get_preset(config) if not looks_like_a_model(Path(config)) else None
+    by_name = recorded and not Path(config).is_absolute()
+    preset = get_preset(config) if by_name or not looks_like_a_model(Path(config)) else None
     if preset is not None:
         return preset, Path(config)
     if not Path(config).is_dir():

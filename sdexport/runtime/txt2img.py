@@ -546,7 +546,7 @@ class Txt2ImgPipeline:
         kept = tokenizer.convert_tokens_to_ids(tokens[:room])
         used = str(tokenizer.decode(kept, skip_special_tokens=True)).strip()
         if "\ufffd" not in text:  # CLIP's byte-level tokens can cut a character (é, an emoji) in two:
-            used = used.rstrip("\ufffd")  # its first bytes decode to U+FFFD, no text to record or reuse
+            used = used.rstrip("\ufffd").rstrip()  # its first bytes decode to U+FFFD, no text to record or reuse
         return used
 
     def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:

@@ -63,16 +63,19 @@ def check_ports(ports: Ports) -> None:
 
     host = ports.address if ports.address != "0.0.0.0" else ""
     try:  # the address first: a port is blamed only for what is the port's
-        family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0][0] if host else socket.AF_INET
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM) if host else []
     except (socket.gaierror, UnicodeError) as exc:
         raise SdexportError(f"--address {ports.address}: not an address to listen on ({exc})") from None
+    # each address a name gives (localhost: 127.0.0.1 and ::1 on some systems), or every IPv4 one
+    targets = list(dict.fromkeys((family, info[0]) for family, *_, info in found)) or [(socket.AF_INET, "")]
     for flag, number in (("--http-port", ports.http), ("--grpc-port", ports.grpc), ("--metrics-port", ports.metrics)):
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        for family, where in targets:
             try:
-                probe.bind((host, number))
+                with socket.socket(family, socket.SOCK_STREAM) as probe:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind((where, number))
             except OSError as exc:
-                if exc.errno == errno.EADDRNOTAVAIL:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
                     raise SdexportError(f"--address {ports.address}: no network interface of this machine has that "
                                         "address (0.0.0.0: all of them; 127.0.0.1: this machine only)") from None
                 raise SdexportError(f"{flag} {number}: cannot listen there ({exc.strerror}); is another server "
