@@ -70,9 +70,6 @@ class LoraFile:
             raise SdexportError(f"{flag} {self.path}: no such file")
         if self.path.suffix.lower() != ".safetensors":
             raise SdexportError(f"{flag} {self.path}: LoRA files are read as .safetensors (convert .ckpt/.pt files first)")
-        if self.path.suffix != ".safetensors":  # diffusers picks the reader by the name, as written
-            raise SdexportError(f"{flag} {self.path}: diffusers reads a LoRA as safetensors only under a name ending "
-                                "in .safetensors (lower case): rename it, or link it under such a name")
         from safetensors import safe_open
 
         try:
@@ -133,9 +130,12 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     loader: Any = diffusers.StableDiffusionXLPipeline if is_sdxl(family) else diffusers.StableDiffusionPipeline
     try:
         # its folder and name, not the path: diffusers 0.39 (the floor) refuses a file path while
-        # HF_HUB_OFFLINE is set (sdexport sets it) unless weight_name is given
-        state, alphas, metadata = loader.lora_state_dict(str(lora.path.parent), weight_name=lora.path.name,
-                                                         unet_config=unet_config, return_lora_metadata=True)
+        # HF_HUB_OFFLINE is set (sdexport sets it) unless weight_name is given. But diffusers picks
+        # the reader by weight_name's suffix as written: an upper-case .SAFETENSORS goes by its
+        # path (read as safetensors by newer diffusers; refused offline by 0.39)
+        where = ({"pretrained_model_name_or_path_or_dict": str(lora.path.parent), "weight_name": lora.path.name}
+                 if lora.path.suffix == ".safetensors" else {"pretrained_model_name_or_path_or_dict": str(lora.path)})
+        state, alphas, metadata = loader.lora_state_dict(**where, unet_config=unet_config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
         raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({' '.join(str(exc).split())})") from None
     alphas, metadata = alphas or {}, metadata or {}
