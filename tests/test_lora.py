@@ -360,7 +360,7 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
     plain = tmp_path / "PLAIN.SAFETENSORS"
     save_file({f"{module}.lora_down.weight": torch.zeros(RANK, 32), f"{module}.lora_up.weight": torch.zeros(32, RANK)},
               str(plain))
-    assert read_updates(LoraFile(plain), "sd")  # by its path: by name, diffusers reads .SAFETENSORS as a pickle
+    assert read_updates(LoraFile(plain), "sd")  # (by a lower-case link: diffusers took .SAFETENSORS for a pickle)
 
 
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):

@@ -21,7 +21,9 @@ refuses with every PEFT release on PyPI). The tests check the result against ``f
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -117,6 +119,19 @@ class LoraUpdate:
         return self.scale * torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
 
 
+@contextmanager
+def _lower_case_name(path: Path) -> Iterator[Path]:
+    """``path``, or a link to it named ``*.safetensors`` where its suffix is another case: diffusers
+    picks its reader by ``weight_name``'s suffix as written, and took ``.SAFETENSORS`` for a pickle."""
+    if path.suffix == ".safetensors":
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="sdexport-lora-") as folder:
+        link = Path(folder) / f"{path.stem}.safetensors"
+        link.symlink_to(path.resolve())
+        yield link
+
+
 def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[LoraUpdate]:
     """The file's updates under PEFT's module names, per component (not yet matched to a model).
 
@@ -129,13 +144,11 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     _refuse_variants(lora)
     loader: Any = diffusers.StableDiffusionXLPipeline if is_sdxl(family) else diffusers.StableDiffusionPipeline
     try:
-        # its folder and name, not the path: diffusers 0.39 (the floor) refuses a file path while
-        # HF_HUB_OFFLINE is set (sdexport sets it) unless weight_name is given. But diffusers picks
-        # the reader by weight_name's suffix as written: an upper-case .SAFETENSORS goes by its
-        # path (read as safetensors by newer diffusers; refused offline by 0.39)
-        where = ({"pretrained_model_name_or_path_or_dict": str(lora.path.parent), "weight_name": lora.path.name}
-                 if lora.path.suffix == ".safetensors" else {"pretrained_model_name_or_path_or_dict": str(lora.path)})
-        state, alphas, metadata = loader.lora_state_dict(**where, unet_config=unet_config, return_lora_metadata=True)
+        with _lower_case_name(lora.path) as path:
+            # its folder and name, not the path: diffusers 0.39 (the floor) refuses a file path
+            # while HF_HUB_OFFLINE is set (sdexport sets it) unless weight_name is given
+            state, alphas, metadata = loader.lora_state_dict(str(path.parent), weight_name=path.name,
+                                                             unet_config=unet_config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
         raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({' '.join(str(exc).split())})") from None
     alphas, metadata = alphas or {}, metadata or {}
