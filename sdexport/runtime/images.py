@@ -70,9 +70,10 @@ def check_image_output(output: Path, count: int, label: str | None = None) -> No
 
     longest = longest_name(output.parent)
     for path in output_paths(output, count):
-        if len(os.fsencode(path.name)) > longest:
-            raise SdexportError(f"{label}: the file name {path.name!r} is too long ({len(os.fsencode(path.name))} "
-                                f"bytes; at most {longest} here); choose a shorter one")
+        size = len(os.fsencode(path.name))
+        if size > longest:
+            raise SdexportError(f"{label}: the file name {path.name!r} is too long ({size} bytes; at most {longest} "
+                                "here); choose a shorter one")
         if path.is_symlink() or path.is_dir():
             raise SdexportError(f"{label}: {path} is a directory or a link; choose another name")
         if path.exists() and not _written_by_sdexport(path):
