@@ -549,6 +549,13 @@ def run(
               inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble)
 
 
+def _written(paths: list[Path], count: int) -> str:
+    """What a run stopped now leaves: the images written, the first and last of a long run."""
+    names = [str(p) for p in paths] if len(paths) <= 3 else [str(paths[0]), "…", str(paths[-1])]
+    whole = f" ({len(paths)} of {count} images)" if count > 1 else ""
+    return f"already written: {', '.join(names).replace(', …,', ' …')}{whole}"
+
+
 def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_end: float | None,
               request: GenerationRequest) -> Ensemble | None:
     """``run --refiner``'s two requests, or None without it; what cannot be run refused in one line."""
@@ -741,6 +748,7 @@ def _generate(
     ``ensemble``: each part's latents go on to the refiner, whose images are saved."""
     from dataclasses import replace
 
+    from sdexport import stopping
     from sdexport.runtime.ensemble import check_loaded
     from sdexport.runtime.images import image_parameters, output_paths, save_images
     from sdexport.runtime.loading import load_pipeline
@@ -785,6 +793,7 @@ def _generate(
         else:
             save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
         saved += part.batch
+        stopping.keep("images", _written(paths[:saved], len(paths)))
         console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random weights: the images are noise-like by design")
@@ -1259,9 +1268,16 @@ def main() -> None:
     # SIGTERM unwinds like Ctrl-C, a stop dropped on the way is not lost; refusals name run's options
     with stopping.listening(), settings_named(run_option):
         code = _run_app()
-    if code == 130:  # typer (0.29) returns Ctrl-C and SIGTERM inside a command as this code
-        error_console.print("[red]interrupted[/]")
+        if code == 130:  # typer (0.29) returns Ctrl-C and SIGTERM inside a command as this code
+            _say_interrupted()
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _say_interrupted() -> None:
+    """"interrupted", and what the command had finished before it was (``stopping.keep``)."""
+    from sdexport import stopping
+
+    error_console.print(escape("; ".join(["interrupted", *stopping.kept()])), style="red", soft_wrap=True)
 
 
 def _run_app() -> Any:
@@ -1271,7 +1287,7 @@ def _run_app() -> Any:
     except SdexportError as exc:
         _fail(str(exc), 2, exc)
     except (KeyboardInterrupt, typer.Abort):
-        error_console.print("[red]interrupted[/]")
+        _say_interrupted()
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

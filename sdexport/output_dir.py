@@ -328,6 +328,7 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
                 raise appeared
             os.rename(staging, target.path)
         (target.path / MARKER).unlink()
+        _in_place(target)
         return
     reason = target.kind.not_ours(target.path) if any(target.path.iterdir()) else None
     if reason is not None:  # changed since the check at the start
@@ -338,6 +339,7 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
     finally:  # whichever directory is at the target now is complete: it carries no marker
         (target.path / MARKER).unlink(missing_ok=True)
     if exchanged:
+        _in_place(target)
         _discard(staging)  # now holds the old directory
         return
     (target.path / MARKER).touch()
@@ -350,7 +352,14 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
         (target.path / MARKER).unlink()
         raise
     (target.path / MARKER).unlink()
+    _in_place(target)
     _discard(old)
+
+
+def _in_place(target: Target) -> None:
+    """Say, should the job be stopped from now on (while the old directory is deleted, or a record
+    written after), that its output is whole and in place: exit 130 alone would read as lost work."""
+    stopping.keep("output", f"already in place: {target.path}")
 
 
 def _discard(path: Path) -> None:

@@ -25,7 +25,9 @@ being handled).
 
 A stop dropped after the output went into place (while an export records that ``run`` can load
 it, in the hash records' write) still ends the command with 130, as one delivered then would: the
-output is whole.
+output is whole. What a stopped command had already finished (a directory swapped into place, the
+images of a run's first calls) is recorded with ``keep`` and said beside "interrupted", so that a
+user does not redo a 20-minute export that was whole, nor take a half-run batch for a whole one.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from sdexport.errors import Terminated
 
 _requested: int | None = None
 """The signal of a request not yet acted on (the first one), or None."""
+
+_kept: dict[str, str] | None = None
+"""What the command has finished so far, by topic (``keep``); None while not ``listening``."""
 
 
 def stop_for(number: int) -> KeyboardInterrupt:
@@ -65,11 +70,11 @@ def listening() -> Iterator[None]:
     has it: one that is ignored (a script's background job) stays ignored, and another program's
     handler (sdexport called as a library) stays that program's.
     """
-    global _requested
+    global _requested, _kept
     if not _in_main_thread():  # handlers are set in the main thread only, and record only there
         yield
         return
-    _requested = None
+    _requested, _kept = None, {}
     previous: dict[int, Any] = {}
     numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
     try:
@@ -81,7 +86,7 @@ def listening() -> Iterator[None]:
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        _requested = None
+        _requested, _kept = None, None
 
 
 def check() -> None:
@@ -109,3 +114,16 @@ def take() -> KeyboardInterrupt | None:
 
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+def keep(topic: str, done: str) -> None:
+    """Record what a stop now would leave finished (``done``, a phrase such as "already in place:
+    out/tiny"), replacing what ``topic`` said before; nothing outside ``listening`` (sdexport as a
+    library: its caller knows what it was given back)."""
+    if _kept is not None and _in_main_thread():
+        _kept[topic] = done
+
+
+def kept() -> list[str]:
+    """The phrases ``keep`` recorded in this command, in the order their topics were first kept."""
+    return list(_kept.values()) if _kept else []

@@ -166,6 +166,36 @@ def test_more_prompts_than_the_profile_takes_are_split_into_calls(tiny_engine_di
     assert difference.max() <= 1  # the same image, whichever call made it
 
 
+def test_a_run_stopped_between_calls_names_the_images_it_had_written(tiny_engine_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the second call of three images: the first two are whole on disk, and the line that
+    says "interrupted" names them, so that a user knows what they have (and that the third is not)."""
+    from sdexport import cli
+
+    real, calls = cli._denoise, []
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "_denoise", stopped_in_the_second)
+    out = tmp_path / "many.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "-p", "c", "--steps", "1", "-o", out) == 130
+    written = [tmp_path / f"many-{i}.png" for i in range(2)]
+    assert capsys.readouterr().err.strip().endswith(
+        f"interrupted; already written: {written[0]}, {written[1]} (2 of 3 images)")
+    assert sorted(tmp_path.iterdir()) == written
+
+
+def test_what_a_stopped_run_wrote_is_named_first_and_last_when_long():
+    from sdexport.cli import _written
+
+    paths = [Path(f"o-{i}.png") for i in range(5)]
+    assert _written(paths[:1], 1) == "already written: o-0.png"
+    assert _written(paths, 9) == "already written: o-0.png … o-4.png (5 of 9 images)"
+
+
 def test_paths_on_stdout_are_whole_lines_whatever_their_length_or_brackets(tiny_engine_dir, tmp_path, capsys):
     """A script reads them: rich broke them at 80 columns without a terminal and read `[draft]` as markup."""
     folder = tmp_path / ("a-folder-name-long-enough-to-pass-eighty-columns-" * 2) / "[draft]"

@@ -109,3 +109,38 @@ def test_an_export_whose_sigterm_was_dropped_stops_and_leaves_nothing(tmp_path: 
     assert not target.exists() and hidden_siblings(target) == []
     err = capsys.readouterr().err
     assert "Exporting" not in err and err.strip().endswith("interrupted")
+
+
+def test_a_stop_while_the_old_directory_is_deleted_says_the_new_one_is_in_place(tmp_path: Path, monkeypatch, capsys):
+    """``export --force``: the swap is done and Ctrl-C lands while the replaced directory is deleted.
+    The command still ends as an interrupted one, but says that its export is whole and in place
+    (the user would otherwise redo it); the old directory is gone all the same."""
+    from sdexport import output_dir
+
+    target = tmp_path / "tiny"
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 0
+    before = (target / "manifest.json").read_text()
+    real, calls = output_dir._discard, []
+
+    def stopped_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(path)
+
+    monkeypatch.setattr(output_dir, "_discard", stopped_once)
+    capsys.readouterr()
+    assert run_cli("export", "tiny", "-o", target, "--force", *QUICK) == 130
+    assert capsys.readouterr().err.strip().endswith(f"interrupted; already in place: {target}")
+    assert (target / "manifest.json").read_text() != before and hidden_siblings(target) == []
+
+
+def test_what_was_kept_is_recorded_while_listening_only():
+    stopping.keep("output", "already in place: x")
+    assert stopping.kept() == []  # a library call: its caller has what it was given
+    with stopping.listening():
+        stopping.keep("images", "already written: a")
+        stopping.keep("images", "already written: a, b")
+        assert stopping.kept() == ["already written: a, b"]
+    assert stopping.kept() == []
+
