@@ -892,13 +892,13 @@ def bench(
     options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders"),
                       repeats=repeats, warmup=warmup, engine_cache=engine_cache, refiner_engine_dir=refiner_engine_dir)
     target = _output_path(output)
-    plan = plan_bench(loaded, options)  # refuses bad input before torch and the model load
+    plan = plan_bench(loaded, options, scenario)  # refuses bad input before torch and the model load
     check_target(target, BENCH_OUTPUT, replace=True, protected=protected_paths(plan, options, target))
     from sdexport.bench.harness import BenchmarkInterrupted, run_benchmark
 
     stopped = None
     try:
-        _, paths = run_benchmark(loaded, target, options)
+        _, paths = run_benchmark(loaded, target, options, scenario)
     except BenchmarkInterrupted as exc:  # the report is in place: shown as any other, then the stop goes on
         stopped, paths = exc, exc.paths
     _print_markdown(paths[1].read_text())
@@ -924,7 +924,7 @@ def bench_cache_key(
     from sdexport.bench.scenario import load_scenario
 
     loaded = load_scenario(scenario)
-    plan = plan_bench(loaded, Options())
+    plan = plan_bench(loaded, Options(), scenario)
     from sdexport.bench.harness import engine_cache_entry, exports
 
     print_result("\n".join(engine_cache_entry(s, p, Path(".")).name for s, p in exports(loaded, plan)))

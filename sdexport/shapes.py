@@ -34,21 +34,23 @@ class ImageGeometry(Protocol):
     def image_multiple(self) -> int: ...
 
 
-def parse_range(text: str, what: str) -> Range:
-    """``"1:1:4"`` → (1, 1, 4); a single number means a static range."""
+def parse_range(text: str, what: str, label: str | None = None) -> Range:
+    """``"1:1:4"`` → (1, 1, 4); a single number means a static range. ``label``: how refusals name
+    the setting (``--batch``, the option, by default)."""
+    label = label or f"--{what}"
     parts = text.split(":")
     try:
         values = [int(p) for p in parts]
     except ValueError:
         example = "1:1:4" if what == "batch" else "256:512:1024"
-        raise ProfileError(f"--{what} {text!r}: expected integers as min:opt:max, e.g. {example}") from None
+        raise ProfileError(f"{label} {text!r}: expected integers as min:opt:max, e.g. {example}") from None
     if len(values) == 1:
         values *= 3
     if len(values) != 3:
-        raise ProfileError(f"--{what} {text!r}: expected min:opt:max (three numbers) or one number")
+        raise ProfileError(f"{label} {text!r}: expected min:opt:max (three numbers) or one number")
     lo, opt, hi = values
     if lo <= 0 or not lo <= opt <= hi:
-        raise ProfileError(f"--{what} {text!r}: need 0 < min <= opt <= max")
+        raise ProfileError(f"{label} {text!r}: need 0 < min <= opt <= max")
     return lo, opt, hi
 
 
@@ -105,13 +107,16 @@ class ShapeProfile:
         Past 2^31 elements it cannot be indexed by TensorRT or ONNX Runtime's CUDA kernels, whatever
         the GPU's memory; such a profile would only fail after a long export and build.
         """
+        from sdexport.runtime.setting_names import setting
+
         batch, height, width = self.batch[2], self.height[2], self.width[2]
         elements = vae_width * batch * height * width
         if elements > MAX_TENSOR_ELEMENTS:
             raise ProfileError(
                 f"profile maxima batch {batch} at {height}x{width} would need a VAE activation of "
                 f"{elements:,} values ({elements * 4 / 1e9:,.0f} GB in fp32), beyond the 2^31 elements "
-                "TensorRT and ONNX Runtime can index; lower the max of --batch, --height or --width"
+                f"TensorRT and ONNX Runtime can index; lower the max of {setting('batch')}, {setting('height')} or "
+                f"{setting('width')}"
             )
 
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry) -> None:

@@ -134,8 +134,10 @@ def test_shipped_scenarios_parse():
     ('model = 3', "model: 3 is not of type 'string'"),
     ('model = "tiny"\ncontenders = []', "contenders: []"),
     ('model = "tiny"\nstrength = 0', "strength: 0 is less than or equal to the minimum of 0"),
-    ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\ncontrol_scale = 0', "control_scale 0: need a finite, non-zero"),
-    ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite, non-zero number"),
+    ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\ncontrol_scale = 0', "control_scale 0: need a non-zero"),
+    ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite number"),
+    ('model = "tiny"\nstrength = nan', "strength nan: need a finite number"),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = -inf', "denoising_end -inf: need a finite"),
     ('model = "tiny"\nguess_mode = true', "guess_mode is a ControlNet setting: add controlnets"),
     ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\nguess_mode = 1', "guess_mode: 1 is not of type 'boolean'"),
     ('model = "tiny"\nadapter_scale = 0.5', "adapter_scale is a T2I-Adapter setting: add adapter"),
@@ -313,14 +315,20 @@ def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):
     ("steps = [3]", "steps = [999]\nscheduler = 'dpmpp_2m'", "past the model's 1000 training timesteps"),
     ("height = 64", "height = 72", "height min 72 is not a multiple of 16"),
     ("batch = [1, 2]", "batch = [100000]", "beyond the 2^31 elements"),
+    ("batch = [1, 2]", 'batch = [1]\nexport = { batch = "4:1:2" }', "export.batch '4:1:2': need 0 < min <= opt <= max"),
+    ("batch = [1, 2]", 'batch = [1]\ncontrolnets = ["nowhere"]', ("controlnets: nowhere: no such directory, and not a "
+                                                                  "ControlNet preset")),
+    ("batch = [1, 2]", 'batch = [1]\nadapter = ["tiny-adapter", "nowhere"]', "adapter: nowhere: no such directory"),
 ])
 def test_requests_a_scenario_cannot_make_are_refused_before_loading(tmp_path, capsys, old, new, message):
+    """Named after the scenario file, in its own keys (``controlnets``, not export's ``--controlnet``)."""
     scenario = tmp_path / "s.toml"
     scenario.write_text(SMOKE.replace(old, new).replace('scheduler = "euler"\n', "" if "scheduler" in new else 'scheduler = "euler"\n'))
     out = tmp_path / "out"
     assert run_cli("bench", scenario, "-o", out) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and "Loading" not in err and "Traceback" not in err
+    assert err.startswith(f"error: {scenario}: ") and "--" not in err
     assert not out.exists()
 
 
@@ -564,6 +572,7 @@ def test_a_refiner_scenario_that_cannot_run_is_refused_before_loading(tmp_path, 
     assert run_cli("bench", scenario, "-o", out, *[a for flag in flags for a in (flag, tmp_path / "engines")]) == 2
     err = capsys.readouterr().err
     assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: {scenario}: ") == (not flags)  # what the file states, or an option
     assert not out.exists()
 
 

@@ -276,7 +276,7 @@ def test_bench_plans_refuse_what_run_refuses_and_engines_of_the_other_kind(engin
     scenario.write_text('model = "tiny-lcm"\nscheduler = "lcm"\nsteps = [60]\n' + common)
     capsys.readouterr()  # (the engines made for the test above)
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
-    assert capsys.readouterr().err.startswith("error: steps 60: the lcm scheduler takes at most 50 steps")
+    assert capsys.readouterr().err.startswith(f"error: {scenario}: steps 60: the lcm scheduler takes at most 50 steps")
     assert not (tmp_path / "out").exists()
 
 

@@ -11,9 +11,11 @@ import pytest
 import sdexport
 from sdexport.errors import SdexportError
 from sdexport.runtime.setting_names import (
+    SCENARIO_KEYS,
     api_field,
     assigned,
     input_name,
+    option_given,
     run_option,
     setting,
     settings_named,
@@ -71,6 +73,18 @@ def test_a_value_is_given_as_the_caller_writes_it():
         assert assigned("crops_coords_top_left", "0 0") == "--crop-top-left 0 0"
     with settings_named(input_name):
         assert assigned("init_image", "x.png") == "init_image=x.png"
+
+
+def test_export_options_a_scenario_states_are_named_as_its_keys_there():
+    from dataclasses import fields
+
+    from sdexport.bench.scenario import Scenario
+
+    assert set(SCENARIO_KEYS.values()) <= {field.name for field in fields(Scenario)}
+    assert option_given("--controlnet", "x") == "--controlnet x"  # export, and run's checks of a manifest
+    with settings_named(input_name):
+        assert option_given("--controlnet", "x") == "controlnets: x"
+        assert option_given("--union-images", 2) == "--union-images 2"  # no scenario key: the option
 
 
 def _message_texts(path: Path) -> list[tuple[int, str]]:

@@ -47,6 +47,7 @@ from sdexport.bench.plan import (
     plan_bench,
     protected_paths,
     request_for,
+    stated_in,
 )
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
@@ -65,8 +66,10 @@ def precision(scenario: Scenario) -> str:
 
 
 @settings_named(input_name)  # as the plan: the contenders' refusals name the scenario's keys too
-def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tuple[dict[str, Any], list[Path]]:
+def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
+                  source: Path | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Run ``scenario`` and write its report into ``output_dir``; returns the report and its files.
+    ``source``: the scenario's file, named in refusals of what it states (``plan_bench``).
 
     The output folder appears only when at least one case was measured, whole: the work (and any
     engine export) happens in a hidden staging folder (``sdexport.output_dir``). A previous
@@ -78,9 +81,10 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options) -> tup
     measuring is over, a signal waits for the report to be in place (``_WritingShield``), then
     raises ``BenchmarkInterrupted`` too.
     """
-    plan = plan_bench(scenario, options)
-    for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
-        check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
+    plan = plan_bench(scenario, options, source)
+    with stated_in(source):
+        for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
+            check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
     needs_engines = _engines_wanted(plan.contenders, exporting=options.engine_dir is None)
     cached = ([engine_cache_entry(s, p, options.engine_cache) for s, p in exports(scenario, plan)]
               if options.engine_cache and needs_engines else [])

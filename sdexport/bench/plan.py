@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,10 @@ def slow_unet_hook(contenders: list[str]) -> dict[str, float]:
 
 
 @settings_named(input_name)  # refusals name the scenario's keys (steps), not run's options
-def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
+def plan_bench(scenario: Scenario, options: Options, source: Path | None = None) -> BenchPlan:
+    """What ``scenario`` under ``options`` runs, every refusal made from configs alone. ``source``:
+    the scenario's file, named before the refusals of what it states (its model, parts, sizes and
+    cases), as ``load_scenario`` names it before its own; those of an option name the option."""
     requested = options.contenders or scenario.contenders
     unknown = [c for c in requested if c not in CONTENDERS]
     if not requested or unknown:
@@ -96,6 +101,12 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     if options.refiner_engine_dir is not None and scenario.refiner is None:
         raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir}: the scenario has no refiner; drop it, "
                             "or add refiner to the scenario")
+    if scenario.refiner is not None and options.engine_dir is not None and options.refiner_engine_dir is None:
+        raise SdexportError(f"--engine-dir with refiner {scenario.refiner}: give the refiner's engine directory too "
+                            "(--refiner-engine-dir), or neither (the benchmark exports both)")
+    if options.refiner_engine_dir is not None and options.engine_dir is None:
+        raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir}: give the base model's engine directory "
+                            "too (--engine-dir), or neither (the benchmark exports both)")
     if options.engine_cache is not None:
         if options.engine_dir is not None:
             raise SdexportError("--engine-dir and --engine-cache: give one (an engine directory, or where to keep them)")
@@ -103,34 +114,9 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
 
         check_cache_folder(options.engine_cache)
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
-    outline = outline_model(scenario.model)
-    refiner = _refiner_outline(scenario, outline, options)  # first: the checks below would ask for an init image
-    if outline.inpainting and not scenario.inpaint:
-        raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
-                            "the scenario")
-    if outline.family == SDXL_REFINER and not scenario.image_inputs:
-        raise SdexportError(f"{scenario.model}: the SDXL refiner refines an image: set strength (img2img) or "
-                            "inpaint = true in the scenario")
-    if outline.adapters and not scenario.adapter:
-        named = ", ".join(f'"{p}"' for p in outline.adapters)
-        raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory: name its adapter in the scenario "
-                            f"(adapter = {named if len(outline.adapters) == 1 else f'[{named}]'}), so that every "
-                            "contender runs it")
-    from sdexport.models.adapter import adapters_for
-    from sdexport.models.controlnet import controlnets_for, union_modes
-
-    nets = controlnets_for(outline, scenario.controlnets)
-    adapters_for(outline, scenario.adapters, len(nets))
-    modes, images = (union_modes(nets[0].config(outline.unet_config or {})) if nets else 0), 1
-    embedded = bool((outline.unet_config or {}).get("time_cond_proj_dim"))  # a latent consistency model: no CFG
-    if modes and scenario.guess_mode and scenario.guidance > 1 and not embedded:
-        raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
-                            "(they give the ControlNet the one-hot modes at the guidance batch), so the baseline "
-                            "cannot run it; drop guess_mode, or set guidance = 1")
-    export_profile = bench_export_profile(scenario)
-    for model in (outline, *([refiner] if refiner else [])):
-        export_profile.validate(model)
-        export_profile.check_limits(model.vae_width)
+    with stated_in(source):
+        outline, refiner, modes, embedded, export_profile = _check_stated(scenario)
+    images = 1
     geometry: ImageGeometry = outline
     profile, scheduler_config = export_profile, outline.scheduler_config
     # what the refiner's share of a case is checked against: its geometry, profile and scheduler config
@@ -190,12 +176,13 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
             from sdexport.runtime.ensemble import halves
 
             request, refine = halves(request, scenario.cut)
-        check_request(request, family=outline.family, dims=geometry, profile=profile,
-                      scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
-                      adapters=len(scenario.adapters), union_modes=modes, union_images=images,
-                      guidance_embedding=embedded)
-        if refine is not None and refiner_checks is not None:
-            _check_refiner_share(scenario, request, refine, *refiner_checks, scheduler_config)
+        with stated_in(source):
+            check_request(request, family=outline.family, dims=geometry, profile=profile,
+                          scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
+                          adapters=len(scenario.adapters), union_modes=modes, union_images=images,
+                          guidance_embedding=embedded)
+            if refine is not None and refiner_checks is not None:
+                _check_refiner_share(scenario, request, refine, *refiner_checks, scheduler_config)
     return BenchPlan(
         contenders=contenders,
         repeats=options.repeats or scenario.repeats,
@@ -208,18 +195,58 @@ def plan_bench(scenario: Scenario, options: Options) -> BenchPlan:
     )
 
 
-def _refiner_outline(scenario: Scenario, outline: ModelOutline, options: Options) -> ModelOutline | None:
+@contextmanager
+def stated_in(source: Path | None) -> Iterator[None]:
+    """Refusals raised inside are of what the scenario file ``source`` states: named after it."""
+    try:
+        yield
+    except SdexportError as exc:
+        if source is None:
+            raise
+        raise type(exc)(f"{source}: {exc}") from None
+
+
+def _check_stated(scenario: Scenario) -> tuple[ModelOutline, ModelOutline | None, int, bool, ShapeProfile]:
+    """What the scenario states, checked from the models' configs: its model and refiner outlines,
+    its ControlNets' union modes (0: plain or none), whether the model embeds the guidance (a latent
+    consistency model), and the profile the benchmark exports with."""
+    outline = outline_model(scenario.model)
+    refiner = _refiner_outline(scenario, outline)  # first: the checks below would ask for an init image
+    if outline.inpainting and not scenario.inpaint:
+        raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
+                            "the scenario")
+    if outline.family == SDXL_REFINER and not scenario.image_inputs:
+        raise SdexportError(f"{scenario.model}: the SDXL refiner refines an image: set strength (img2img) or "
+                            "inpaint = true in the scenario")
+    if outline.adapters and not scenario.adapter:
+        named = ", ".join(f'"{p}"' for p in outline.adapters)
+        raise SdexportError(f"{scenario.model}: a T2I-Adapter pipeline directory: name its adapter in the scenario "
+                            f"(adapter = {named if len(outline.adapters) == 1 else f'[{named}]'}), so that every "
+                            "contender runs it")
+    from sdexport.models.adapter import adapters_for
+    from sdexport.models.controlnet import controlnets_for, union_modes
+
+    nets = controlnets_for(outline, scenario.controlnets)
+    adapters_for(outline, scenario.adapters, len(nets))
+    modes = union_modes(nets[0].config(outline.unet_config or {})) if nets else 0
+    embedded = bool((outline.unet_config or {}).get("time_cond_proj_dim"))  # a latent consistency model: no CFG
+    if modes and scenario.guess_mode and scenario.guidance > 1 and not embedded:
+        raise SdexportError("guess_mode with union ControlNets under guidance: diffusers' union pipelines fail there "
+                            "(they give the ControlNet the one-hot modes at the guidance batch), so the baseline "
+                            "cannot run it; drop guess_mode, or set guidance = 1")
+    export_profile = bench_export_profile(scenario)
+    for model in (outline, *([refiner] if refiner else [])):
+        export_profile.validate(model)
+        export_profile.check_limits(model.vae_width)
+    return outline, refiner, modes, embedded, export_profile
+
+
+def _refiner_outline(scenario: Scenario, outline: ModelOutline) -> ModelOutline | None:
     """The scenario's refiner read (configs only) and checked against its base model, or None."""
     from sdexport.specs import FAMILY_LABELS
 
     if scenario.refiner is None:
         return None
-    if options.engine_dir is not None and options.refiner_engine_dir is None:
-        raise SdexportError(f"--engine-dir with refiner {scenario.refiner}: give the refiner's engine directory too "
-                            "(--refiner-engine-dir), or neither (the benchmark exports both)")
-    if options.refiner_engine_dir is not None and options.engine_dir is None:
-        raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir}: give the base model's engine directory "
-                            "too (--engine-dir), or neither (the benchmark exports both)")
     if outline.family != "sdxl":
         raise SdexportError(f"{scenario.model}: an SDXL base model hands its latents to the refiner, and this model is "
                             f"{FAMILY_LABELS[outline.family]}; name an SDXL base model with refiner")
@@ -344,10 +371,10 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
 
 def bench_export_profile(scenario: Scenario) -> ShapeProfile:
     """The profile the bench exports with: the scenario's batches and size, or its ``[export]`` ranges."""
-    batches = scenario.batch
+    batches, ranges = scenario.batch, scenario.export
     return ShapeProfile(
-        parse_range(str(scenario.export["batch"]), "batch") if "batch" in scenario.export
+        parse_range(str(ranges["batch"]), "batch", "export.batch") if "batch" in ranges
         else (min(batches), max(batches), max(batches)),
-        parse_range(str(scenario.export.get("height", scenario.height)), "height"),
-        parse_range(str(scenario.export.get("width", scenario.width)), "width"),
+        parse_range(str(ranges.get("height", scenario.height)), "height", "export.height"),
+        parse_range(str(ranges.get("width", scenario.width)), "width", "export.width"),
     )

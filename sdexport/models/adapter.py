@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
+from sdexport.runtime.setting_names import option, option_given
 
 if TYPE_CHECKING:
     import torch
@@ -196,7 +197,7 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
 def check_adapter(source: AdapterSource, unet: dict[str, Any], family: str, base_preset: str | None,
                   vae_scale_factor: int) -> tuple[tuple[tuple[int, int], ...], int]:
     """An ``--adapter`` of an export, from configs alone: its feature layout and image channels."""
-    what = f"--adapter {source.argument}"
+    what = option_given("--adapter", source.argument)
     if source.preset is not None and base_preset not in source.preset.bases:
         raise ModelLoadError(f"{what}: this preset goes with the preset(s) {', '.join(source.preset.bases)}, "
                              f"not {base_preset or 'a checkpoint'}; pass a T2I-Adapter directory for this model")
@@ -207,7 +208,7 @@ def check_adapter(source: AdapterSource, unet: dict[str, Any], family: str, base
 def check_alone(controlnets: int) -> None:
     """An adapter goes without ControlNets: diffusers has no pipeline that runs both."""
     if controlnets:
-        raise ModelLoadError("--adapter with ControlNets: diffusers has no pipeline that runs both; use one kind")
+        raise ModelLoadError(f"{option('--adapter')} with ControlNets: diffusers has no pipeline that runs both; use one kind")
 
 
 def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) -> list[AdapterSource]:
@@ -217,7 +218,7 @@ def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) 
         return []
     check_alone(controlnets)
     if outline.inpainting:
-        raise ModelLoadError("--adapter: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "
+        raise ModelLoadError(f"{option('--adapter')}: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "
                              "only (txt2img)")
     check_count(len(arguments))
     sources = [resolve_adapter(a) for a in arguments]
@@ -229,7 +230,7 @@ def check_count(count: int) -> None:
     from sdexport.specs import MAX_ADAPTERS
 
     if count > MAX_ADAPTERS:
-        raise ModelLoadError(f"{count} --adapter: sdexport runs at most {MAX_ADAPTERS} T2I-Adapters at once")
+        raise ModelLoadError(f"{count} {option('--adapter')}: sdexport runs at most {MAX_ADAPTERS} T2I-Adapters at once")
 
 
 def check_together(sources: list[AdapterSource], unet: dict[str, Any], family: str, base_preset: str | None,
@@ -240,12 +241,12 @@ def check_together(sources: list[AdapterSource], unet: dict[str, Any], family: s
     from sdexport.models.outline import check_takes_networks
 
     if sources:
-        check_takes_networks(family, "--adapter")
+        check_takes_networks(family, option("--adapter"))
     layouts = [check_adapter(s, unet, family, base_preset, vae_scale_factor)[0] for s in sources]
     for source, layout in zip(sources[1:], layouts[1:]):
         if layout != layouts[0]:
-            raise ModelLoadError(f"--adapter {source.argument}: its features {list(layout)} differ from --adapter "
-                                 f"{sources[0].argument}'s {list(layouts[0])}; diffusers' MultiAdapter adds them "
+            raise ModelLoadError(f"{option_given('--adapter', source.argument)}: its features {list(layout)} differ "
+                                 f"from {sources[0].argument}'s {list(layouts[0])}; diffusers' MultiAdapter adds them "
                                  "feature by feature")
 
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
+from sdexport.runtime.setting_names import option, option_given
 
 if TYPE_CHECKING:
     import torch
@@ -170,7 +171,7 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     with the U-Net. Its image encoder must also bring pixels down to latent size (the VAE's factor)."""
     kind = config.get("_class_name", CONTROLNET_CLASS)
     if kind == "T2IAdapter":
-        raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as --adapter")
+        raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as {option('--adapter')}")
     if kind not in (CONTROLNET_CLASS, UNION_CLASS):
         raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL) "
                              f"and {UNION_CLASS}s (SDXL)")
@@ -225,13 +226,13 @@ def check_controlnets(sources: list[ControlNetSource], unet: dict[str, Any], fam
         return ()
     from sdexport.models.outline import check_takes_networks
 
-    check_takes_networks(family, "--controlnet")
+    check_takes_networks(family, option("--controlnet"))
     if len(sources) > MAX_CONTROLNETS:
         raise ModelLoadError(f"{len(sources)} ControlNets: sdexport exports at most {MAX_CONTROLNETS}")
     layout: tuple[tuple[int, int], ...] = ()
     modes = []
     for source in sources:
-        what = f"--controlnet {source.argument}"
+        what = option_given("--controlnet", source.argument)
         if source.preset is not None and base_preset not in source.preset.bases:
             raise ModelLoadError(f"{what}: this preset goes with the preset(s) {', '.join(source.preset.bases)}, "
                                  f"not {base_preset or 'a checkpoint'}; pass a ControlNet directory for this model")

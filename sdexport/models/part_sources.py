@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sdexport.errors import ModelLoadError
+from sdexport.runtime.setting_names import option_given
 
 Preset = TypeVar("Preset")
 
@@ -45,7 +46,7 @@ def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mappi
         if preset is None:
             raise ModelLoadError(f"{part.title} preset {argument!r} is not one of {', '.join(presets)}")
         return preset, None
-    what = f"{part.flag} {argument}"
+    what = option_given(part.flag, argument)
     if not argument.strip() or not path.is_dir():
         raise ModelLoadError(f"{what}: no such directory, and not a {part.title} preset ({', '.join(presets)})")
     if (path / "manifest.json").is_file() or (path / part.folder / "model.onnx").is_file():

@@ -9,7 +9,9 @@ inside ``settings_named(run_option)`` (``--init-image``), and ``serve`` answers 
 of a command it never ran (``bench`` likewise: its scenarios' keys share those names).
 
 Options of other commands (``export --controlnet``, ``serve --max-steps``) are the operator's to
-change and stay spelled as flags everywhere.
+change and stay spelled as flags, except where a bench scenario states the same thing as a key
+(its ``controlnets``, ``adapter``): ``option`` names those as the scenario's keys while refusals
+name scenario keys.
 """
 
 from __future__ import annotations
@@ -42,6 +44,11 @@ def input_name(name: str) -> str:
     return name
 
 
+SCENARIO_KEYS = {"--controlnet": "controlnets", "--adapter": "adapter"}
+"""Export options that a bench scenario states as keys of its own (``Scenario`` fields, checked in
+``tests/test_setting_names.py``)."""
+
+
 _NAMING: ContextVar[Callable[[str], str]] = ContextVar("sdexport_setting_naming", default=api_field)
 
 
@@ -56,6 +63,18 @@ def assigned(name: str, value: object) -> str:
     ``height=64`` to the API or a served request (where a flag's spacing reads as two words)."""
     naming = _NAMING.get()
     return f"{naming(name)} {value}" if naming is run_option else f"{naming(name)}={value}"
+
+
+def option(flag: str) -> str:
+    """The export option ``flag`` as the caller names it: the flag, or a bench scenario's key
+    (``controlnets`` for ``--controlnet``) while refusals name the scenario's keys."""
+    return SCENARIO_KEYS.get(flag, flag) if _NAMING.get() is input_name else flag
+
+
+def option_given(flag: str, argument: object) -> str:
+    """The export option ``flag`` given ``argument``: ``--controlnet x``, or a scenario's ``controlnets: x``."""
+    named = option(flag)
+    return f"{named} {argument}" if named == flag else f"{named}: {argument}"
 
 
 @contextmanager
