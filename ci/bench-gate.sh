@@ -40,21 +40,38 @@ export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 cache=${SDEXPORT_ENGINE_CACHE:-$HOME/.cache/sdexport/engines}
 marker="<!-- sdexport bench compare -->"
 
-# Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only files
-# this script's commands write are removed, anything else stops it.
-clear_previous() {
-  local dir=$1 names=$2
-  [[ -e $dir ]] || return 0
-  if [[ ! -d $dir || -n $(find "$dir" -mindepth 1 -maxdepth 1 ! -name "$names" -print -quit) ]]; then
-    echo "sdexport bench gate: $dir holds files this gate did not write; choose another OUT" >&2
-    exit 2
-  fi
-  rm -rf "$dir"
+refuse() {
+  echo "sdexport bench gate: $1" >&2
+  exit 2
 }
+# Bad input is refused before anything is removed or run: a benchmark takes the whole job.
+[[ -f $scenario ]] || refuse "$scenario: no such scenario file (see benchmarks/scenarios/)"
+"$PYTHON" -c 'import sys
+from sdexport.bench.compare import parse_gate
+from sdexport.errors import SdexportError
+try:
+    parse_gate(sys.argv[1], sys.argv[2] or None, names=("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR"))
+except SdexportError as exc:
+    sys.exit(f"sdexport bench gate: {exc}")' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" || exit 2
+
+# Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only files
+# this script's commands write are removed, anything else stops it (checked before any is removed).
+ours() {
+  local dir=$1 names=$2
+  [[ -e $dir || -L $dir ]] || return 0
+  if [[ -L $dir || ! -d $dir || -n $(find "$dir" -mindepth 1 -maxdepth 1 ! -name "$names" -print -quit) ]]; then
+    refuse "$dir holds files this gate did not write; choose another OUT"
+  fi
+}
+summary=$out/summary.md
+if [[ -e $summary || -L $summary ]] && [[ -L $summary || ! -f $summary || $(head -n 1 "$summary") != "$marker" ]]; then
+  refuse "$summary was not written by this gate (its first line is not $marker); choose another OUT"
+fi
+ours "$out/bench" 'results.*'
+ours "$out/compare" 'comparison.*'
 mkdir -p "$out"
-clear_previous "$out/bench" 'results.*'
-clear_previous "$out/compare" 'comparison.*'
-rm -f "$out/summary.md"
+rm -rf "$out/bench" "$out/compare"
+rm -f "$summary"
 
 if [[ ! -e $baseline && ${SDEXPORT_REQUIRE_BASELINE:-0} == 1 ]]; then
   printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=1 and the baseline is missing.\n' \
@@ -134,7 +151,7 @@ if [[ ! -e $baseline ]]; then
   exit 0
 fi
 
-gate=(--max-slowdown "${SDEXPORT_MAX_SLOWDOWN:-5%}")
+gate=(--max-slowdown "${SDEXPORT_MAX_SLOWDOWN:-5%}")  # checked at the start
 if [[ -n ${SDEXPORT_MIN_PSNR:-} ]]; then
   gate+=(--min-psnr "$SDEXPORT_MIN_PSNR")
 fi

@@ -944,22 +944,10 @@ def bench_compare(
     Prints the Markdown; exit status 1 when a case regressed (slower than --max-slowdown and beyond
     the noise of the repeats), a contender stopped working, or agreement fell under --min-psnr.
     """
-    import math
-
-    from sdexport.bench.compare import (
-        COMPARISON_OUTPUT,
-        Gate,
-        compare,
-        markdown,
-        parse_percent,
-        write_comparison,
-    )
+    from sdexport.bench.compare import COMPARISON_OUTPUT, compare, markdown, parse_gate, write_comparison
     from sdexport.output_dir import check_target, claim
 
-    if min_psnr is not None and not math.isfinite(min_psnr):
-        raise SdexportError(f"--min-psnr {min_psnr}: need a finite number of dB")
-    gate = Gate(max_slowdown=parse_percent(max_slowdown, "--max-slowdown"), min_psnr=min_psnr,
-                allow_mismatch=allow_mismatch)
+    gate = parse_gate(max_slowdown, min_psnr, allow_mismatch=allow_mismatch)
     target = _output_path(output) if output is not None else None
     if target is not None:
         check_target(target, COMPARISON_OUTPUT, replace=True)

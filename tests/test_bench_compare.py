@@ -520,6 +520,33 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     assert required.returncode == 2 and "no baseline" in required.stderr and not (tmp_path / "out2" / "bench").exists()
 
 
+@pytest.mark.parametrize(("setting", "words"), [
+    ({"SDEXPORT_MAX_SLOWDOWN": "0.05"}, "SDEXPORT_MAX_SLOWDOWN 0.05: a percentage; write 5%"),
+    ({"SDEXPORT_MIN_PSNR": "nan"}, "SDEXPORT_MIN_PSNR nan: need a finite number of dB"),
+    ({"SDEXPORT_MIN_PSNR": "high"}, "SDEXPORT_MIN_PSNR high: need a finite number of dB"),
+    ({"scenario": "missing"}, "gate.toml: no such scenario file"),
+    ({"summary": "my notes"}, "summary.md was not written by this gate"),
+])
+def test_the_gate_refuses_bad_settings_and_a_summary_it_did_not_write_before_anything_runs(tmp_path, setting, words):
+    """A benchmark takes the whole job: a setting that would only fail at the comparison, or an OUT
+    whose summary.md is the user's (the gate would overwrite it), is refused at the start, and
+    nothing in OUT is touched."""
+    out = tmp_path / "out"
+    (out / "bench").mkdir(parents=True)
+    (out / "bench" / "results.md").write_text("an earlier run's")
+    if "summary" in setting:
+        (out / "summary.md").write_text(setting.pop("summary"))
+    scenario = setting.pop("scenario", "gate.toml")
+    if scenario == "gate.toml":
+        (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    else:
+        (tmp_path / "gate.toml").unlink(missing_ok=True)
+    result = _gate(tmp_path, tmp_path / "none.json", "out", **setting)
+    assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert (out / "bench" / "results.md").read_text() == "an earlier run's"
+    assert sorted(p.name for p in out.iterdir()) == ["bench", *(["summary.md"] if "summary" in words else [])]
+
+
 def test_a_cache_entry_is_judged_by_its_export_and_leaves_plans_to_their_builders(tiny_engine_dir, tmp_path):
     import shutil
 

@@ -99,6 +99,21 @@ def _percent(value: float) -> str:
     return f"{value * 100:+.1f}%"
 
 
+def parse_gate(max_slowdown: str, min_psnr: str | float | None, *, allow_mismatch: bool = False,
+               names: tuple[str, str] = ("--max-slowdown", "--min-psnr")) -> Gate:
+    """The gate from the settings as given; refusals name them as ``names`` (``bench compare``'s
+    options, or the CI gate's environment variables, which it checks before the benchmark runs)."""
+    psnr = None
+    if min_psnr is not None:
+        try:
+            psnr = float(min_psnr)
+        except ValueError:
+            psnr = math.nan
+        if not math.isfinite(psnr):
+            raise SdexportError(f"{names[1]} {min_psnr}: need a finite number of dB")
+    return Gate(max_slowdown=parse_percent(max_slowdown, names[0]), min_psnr=psnr, allow_mismatch=allow_mismatch)
+
+
 def parse_percent(text: str, flag: str) -> float:
     """``5%`` or ``5``: five percent, as the fraction 0.05. A bare number under 1 (``0.05``) is
     refused: it reads as a fraction but would mean 0.05%."""
