@@ -463,6 +463,22 @@ def test_agreement_that_is_not_a_number_fails_the_floor_and_json_stays_strict(tm
     assert "| ∞ → – |" in paths[1].read_text()
 
 
+def test_identical_images_are_written_as_inf_in_strict_json_and_pass_the_floor(tmp_path, monkeypatch):
+    """results.json held a bare Infinity (no JSON parser but Python's reads it); written as "inf", it
+    still counts as infinite agreement, as an older report's Infinity does."""
+    from sdexport.bench import report as reports
+
+    monkeypatch.setattr(reports, "markdown", lambda report: "")  # (the synthetic report has no scenario text)
+    monkeypatch.setattr(reports, "plot", lambda report, path: None)
+    write_report = reports.write_report
+    report = _report([_entry("torch", TIGHT, psnr=float("inf"))])
+    path = write_report(report, tmp_path / "new")[0]
+    strict = json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+    assert strict["results"][0]["agreement"]["psnr_db"] == "inf"
+    comparison = compare(_write(tmp_path, "old", report), path, Gate(min_psnr=30))
+    assert _row(comparison, "torch")["status"] != "regression" and comparison["passed"]
+
+
 @pytest.mark.parametrize("damage", [
     lambda r: r.update(results={"torch": 1}),
     lambda r: r.update(environment=None),
@@ -471,6 +487,9 @@ def test_agreement_that_is_not_a_number_fails_the_floor_and_json_stays_strict(tm
     lambda r: r["results"][0]["e2e_s"].update(samples=[0.0, 0.0]),
     lambda r: r["results"][0]["case"].update(batch="1"),  # rows sort by it: a TypeError, exit 1, read as a regression
     lambda r: r["results"][0]["case"].update(steps=1.5),  # else "not in the new run", silently
+    lambda r: r["scenario"].update(repeats="five"),  # compared with MIN_REPEATS: a TypeError
+    lambda r: r["results"][0]["agreement"].update(latents_rel_l2="bad"),  # formatted as a number
+    lambda r: r["results"][0]["agreement"].update(psnr_db="high"),
 ])
 def test_a_damaged_report_is_refused_in_one_line(tmp_path, capsys, damage):
     report = _report([_entry("torch", TIGHT)])

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdexport.bench.report import MIN_REPEATS, test_hooks_text
+from sdexport.bench.report import MIN_REPEATS, decibels, json_ready, test_hooks_text
 from sdexport.bench.scenario import WORKLOAD_FIELDS, workload_value
 from sdexport.errors import SdexportError
 from sdexport.output_dir import OutputKind
@@ -161,11 +161,15 @@ _MEASURED_TIMES = {**_TIMES, "properties": {
     "median": {"type": "number", "exclusiveMinimum": 0},
     "samples": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}}}}
 _COUNT = {"type": "integer", "minimum": 1}
+_AGREEMENT = {"type": "object", "properties": {
+    "psnr_db": {"anyOf": [{"type": ["number", "null"]}, {"const": "inf"}]},  # "inf": identical images
+    "latents_rel_l2": {"type": ["number", "null"]}}}
 REPORT_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "precision": {"type": "string"},
-        "scenario": {"type": "object", "required": ["name", "model"], "properties": {"name": {"type": "string"}}},
+        "scenario": {"type": "object", "required": ["name", "model"],
+                     "properties": {"name": {"type": "string"}, "repeats": _COUNT}},
         "environment": {"type": "object", "required": ["host"], "properties": {
             "gpu": {"type": ["object", "null"], "required": ["name"]},
             "host": {"type": "object"},
@@ -178,7 +182,7 @@ REPORT_SCHEMA: dict[str, Any] = {
             "if": {"properties": {"status": {"const": "measured"}}},
             "then": {"required": ["case", "e2e_s"],
                      "properties": {"e2e_s": _MEASURED_TIMES, **{stage: _TIMES for stage, _ in STAGES},
-                                    "agreement": {"type": "object"}}},
+                                    "agreement": _AGREEMENT}},
         }},
     },
 }
@@ -276,7 +280,7 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
             row.agreement = {"psnr_db_baseline": old_agreement.get("psnr_db"), "psnr_db_new": new_agreement.get("psnr_db"),
                              "latents_rel_l2_baseline": old_agreement.get("latents_rel_l2"),
                              "latents_rel_l2_new": new_agreement.get("latents_rel_l2")}
-        psnr = new_agreement.get("psnr_db")
+        psnr = decibels(new_agreement.get("psnr_db"))  # "inf" (json_ready), or an older report's Infinity
         if gate.min_psnr is not None and new_agreement and not (isinstance(psnr, (int, float)) and psnr >= gate.min_psnr):
             row.status = "regression"
             row.reasons.append(f"PSNR {_db(psnr)} dB against {new_agreement.get('baseline')}, under the "
@@ -328,20 +332,8 @@ def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
         "versions_changed": {name: [old_versions.get(name), new_versions.get(name)]
                              for name in sorted(set(old_versions) | set(new_versions))
                              if old_versions.get(name) != new_versions.get(name)},
-        "rows": [_finite(asdict(r)) | {"failed": r.failed} for r in rows],
+        "rows": [json_ready(asdict(r)) | {"failed": r.failed} for r in rows],
     }
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no Infinity or NaN (JavaScript's JSON.parse refuses them): a PSNR of identical images
-    is written as the string "inf", anything not a number as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value == math.inf else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _rows(comparison: dict[str, Any]) -> list[Row]:

@@ -428,10 +428,28 @@ def not_a_bench_output(directory: Path) -> str | None:
 BENCH_OUTPUT = OutputKind("benchmark output", not_a_bench_output)
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` as strict JSON can hold it: JSON has no Infinity or NaN (JavaScript's JSON.parse and
+    strict readers refuse them), so a PSNR of identical images is written as the string "inf" (read
+    back by ``decibels``), anything else not a number as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value == math.inf else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    return value
+
+
+def decibels(value: Any) -> Any:
+    """A PSNR as a report holds it, as a number: "inf" (``json_ready``'s) is infinite."""
+    return math.inf if value == "inf" else value
+
+
 def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / name for name in RESULT_FILES]
-    write_json_atomic(paths[0], json.loads(json.dumps(report, default=str)))
+    write_json_atomic(paths[0], json_ready(json.loads(json.dumps(report, default=str))))
     write_atomic(paths[1], markdown(report))
     plot(report, paths[2])
     return paths
