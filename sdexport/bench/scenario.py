@@ -137,7 +137,8 @@ def workload_value(scenario: dict[str, Any], name: str) -> Any:
     return default.default_factory() if callable(default.default_factory) else default.default
 
 
-_COUNTS = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}
+_COUNTS = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1, "uniqueItems": True}
+"""``batch``, ``steps``: a case named twice would be measured twice and compared once."""
 _RANGE_TEXT = {"type": ["string", "integer"]}
 SCHEMA: dict[str, Any] = {
     "type": "object",
