@@ -1039,7 +1039,7 @@ def serve(
     http_port: Annotated[int, typer.Option(help="KServe v2 HTTP/REST port.")] = 8000,
     grpc_port: Annotated[int, typer.Option(help="KServe v2 gRPC port.")] = 8001,
     metrics_port: Annotated[int, typer.Option(help="Prometheus metrics port (/metrics).")] = 8002,
-    address: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only).")] = "0.0.0.0",
+    address: Annotated[str, typer.Option(help="IPv4 address or host name to listen on (0.0.0.0: every interface; 127.0.0.1: this machine only).")] = "0.0.0.0",
     max_queue_delay_ms: Annotated[float, typer.Option(help=_DELAY_HELP)] = 100.0,
     max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
@@ -1054,11 +1054,17 @@ def serve(
     import tempfile
 
     from sdexport.serving.repository import write_repository
-    from sdexport.serving.server import Ports, check_ports, check_serving_installed, run_server
+    from sdexport.serving.server import (
+        Ports,
+        check_ports,
+        check_serving_installed,
+        listen_address,
+        run_server,
+    )
 
     check_serving_installed()
     verbose = verbosity() >= VERBOSE  # -v: Triton's log here, not in a file
-    ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port, address=address)
+    ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port, address=listen_address(address))
     batching = _batching(max_queue_delay_ms, max_queue_size)
     if drain_timeout < 0 or startup_timeout < 1:
         raise SdexportError("--drain-timeout must be 0 or more, --startup-timeout 1 or more")
@@ -1091,9 +1097,11 @@ def serve(
     work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))
     repository = work / "repository"
     log = None if verbose else (log_file or work / "triton.log")
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
     try:
         write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
-        host = "localhost" if address in ("0.0.0.0", "::") else f"[{address}]" if ":" in address else address
+        host = "localhost" if ports.address == "0.0.0.0" else address  # (a name as given: it resolves the same)
 
         refined = f" refined by {escape(str(refiner))}" if refiner is not None else ""
 

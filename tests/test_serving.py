@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -811,6 +812,24 @@ def test_serve_and_triton_repo_allow_200_steps_unless_told(tiny_engine_dir, tmp_
     assert _max_steps(tmp_path / "repo" / "sdexport" / "config.pbtxt") == 200
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"duration_s": float("nan"), "requests": 0}, "--duration nan: need a finite number of seconds"),
+    ({"duration_s": float("inf"), "requests": 0}, "--duration inf: need a finite number of seconds"),
+    ({"requests": -1}, "--requests -1: cannot be negative"),
+    ({"url": "::1:8000"}, "--url ::1:8000: write an IPv6 address in brackets, e.g. [::1]:8000"),
+    ({"url": "localhost:http"}, "--url localhost:http: need host:port"),
+    ({"url": "localhost"}, "--url localhost: need host:port"),
+    ({"url": ":8000"}, "--url :8000: need host:port"),
+    ({"url": "http://localhost:8000"}, "without the scheme"),
+])
+def test_a_load_test_that_could_never_end_or_connect_is_refused_before_any_request(change, message):
+    from sdexport.serving.loadtest import LoadPlan
+
+    with pytest.raises(SdexportError, match=re.escape(message)):
+        LoadPlan(**change).check()
+    LoadPlan(url="[::1]:8000").check()  # tritonclient's form of an IPv6 address
+
+
 def test_loadtest_plan_returns_the_bytes_it_checked(tmp_path):
     """The requests send the bytes the check decoded, read once (a file replaced after the check
     cannot go out unchecked); a plan without images has none."""
@@ -848,6 +867,8 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (["serve", "{engines}", "--http-port", "8000", "--grpc-port", "8000"], "must differ"),
     (["serve", "{engines}", "--address", "a" * 64 + ".b"], ": not an address to listen on"),  # (no DNS asked)
     (["serve", "{engines}", "--address", "192.0.2.1"], "--address 192.0.2.1: no network interface of this machine"),
+    (["serve", "{engines}", "--address", "::1"], "--address ::1: an IPv6 address, which PyTriton cannot wait on"),
+    (["serve", "{engines}", "--address", "::"], "--address ::: an IPv6 address"),
     (["serve", "{engines}", "--max-queue-delay-ms", "-1"], "--max-queue-delay-ms -1"),
     (["serve", "{engines}", "--cuda-graph"], "--cuda-graph: for --backend tensorrt or onnxruntime-cuda"),
     (["triton-repo", "{engines}", "-o", "{engines}"], "would replace"),
@@ -868,6 +889,34 @@ def test_bad_serving_input_gets_one_line_and_exit_2(args, message, tiny_engine_d
     assert run_cli(*filled) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_serve_makes_the_folder_of_its_log_file(tiny_engine_dir, tmp_path, monkeypatch, capsys):
+    """A --log-file in a folder not made yet was accepted, and Triton then wrote no log there: the
+    ready line named a file that never appeared."""
+    from sdexport.serving import server as serving
+
+    seen = []
+
+    def started(repository, ports, *, log_file, on_ready, **settings):
+        seen.append(log_file.parent.is_dir())
+        on_ready()
+
+    monkeypatch.setattr(serving, "run_server", started)
+    log = tmp_path / "logs" / "today" / "triton.log"
+    ports = [str(p) for p in _free_ports(3)]
+    assert run_cli("serve", tiny_engine_dir, "--backend", BACKEND, "--address", "127.0.0.1", "--http-port", ports[0],
+                   "--grpc-port", ports[1], "--metrics-port", ports[2], "--log-file", log) == 0
+    assert seen == [True] and f"Triton's log: {log}" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_host_name_is_given_to_triton_as_its_ipv4_address():
+    """Triton's HTTP server reads its address as inet_addr does: given ``localhost`` it listened on
+    255.255.255.255, and the start ran into its timeout."""
+    from sdexport.serving.server import listen_address
+
+    assert listen_address("localhost") == "127.0.0.1"
+    assert listen_address("0.0.0.0") == "0.0.0.0" and listen_address("127.0.0.1") == "127.0.0.1"
 
 
 def test_serve_names_a_damaged_engine_file_before_starting_triton(engine_copy, capsys):

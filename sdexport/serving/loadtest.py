@@ -23,6 +23,24 @@ IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
 """The image inputs a load test can send, and the flags that name their files."""
 
 
+def check_url(url: str) -> None:
+    """``--url`` as tritonclient takes it: host:port, an IPv6 address in brackets. It fails on
+    anything else with a traceback of its own (on ``::1:8000``, an AttributeError from its
+    ``__del__``)."""
+    from urllib.parse import urlsplit
+
+    if "://" in url:
+        raise SdexportError(f"--url {url}: host:port only, without the scheme (e.g. localhost:8000)")
+    if url.count(":") > 1 and not url.startswith("["):
+        raise SdexportError(f"--url {url}: write an IPv6 address in brackets, e.g. [::1]:8000")
+    try:
+        port = urlsplit(f"//{url}").port
+    except ValueError:
+        port = None
+    if port is None or not urlsplit(f"//{url}").hostname:
+        raise SdexportError(f"--url {url}: need host:port, e.g. localhost:8000")
+
+
 @dataclass(frozen=True)
 class LoadPlan:
     url: str = "localhost:8000"
@@ -45,16 +63,17 @@ class LoadPlan:
         file changed meanwhile cannot send what was not."""
         if self.concurrency < 1:
             raise SdexportError(f"--concurrency {self.concurrency}: need at least 1 client")
-        if self.requests < 0 or self.duration_s < 0:
-            raise SdexportError("--requests and --duration cannot be negative")
+        if self.requests < 0:
+            raise SdexportError(f"--requests {self.requests}: cannot be negative")
+        if not (math.isfinite(self.duration_s) and self.duration_s >= 0):  # nan would never end the run
+            raise SdexportError(f"--duration {self.duration_s}: need a finite number of seconds, 0 or more")
         if not self.requests and not self.duration_s:
             raise SdexportError("give --requests or --duration (or both): a load test needs a bound")
         if "denoising_end" in self.params:
             from sdexport.runtime.ensemble import check_denoising_end
 
             check_denoising_end(self.params["denoising_end"])
-        if "://" in self.url:
-            raise SdexportError(f"--url {self.url}: host:port only, without the scheme (e.g. localhost:8000)")
+        check_url(self.url)
         if self.prompts_per_request < 1:
             raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
         if "init_image" not in self.images:

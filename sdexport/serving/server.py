@@ -51,7 +51,34 @@ def check_serving_installed() -> None:
                             "extra's pin; README, \"Serving with Triton\")")
 
 
+def listen_address(address: str) -> str:
+    """``--address`` as Triton can listen on it and PyTriton wait on it: a numeric IPv4 address.
+
+    Triton's HTTP server reads its address as ``inet_addr`` does: ``localhost`` became
+    255.255.255.255, nothing answered, and the start ran into its timeout with a log line for a
+    reason. So a name is resolved here (to its first IPv4 address). PyTriton polls the server at
+    ``http://ADDRESS:PORT``, which an IPv6 address breaks (``http://::1:8000``): refused."""
+    import ipaddress
+    import socket
+
+    try:
+        literal = ipaddress.ip_address(address)
+    except ValueError:
+        literal = None
+    four = "give an IPv4 address (127.0.0.1: this machine only; 0.0.0.0: all interfaces)"
+    if literal is not None and literal.version == 6:
+        raise SdexportError(f"--address {address}: an IPv6 address, which PyTriton cannot wait on; {four}")
+    if literal is not None:
+        return str(literal)
+    try:
+        found = socket.getaddrinfo(address, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SdexportError(f"--address {address}: not an address to listen on ({exc}); {four}") from None
+    return str(found[0][4][0])
+
+
 def check_ports(ports: Ports) -> None:
+    """Refuse ports that clash or cannot be listened on at ``ports.address`` (``listen_address``'s)."""
     numbers = (ports.http, ports.grpc, ports.metrics)
     for number in numbers:
         if not 1 <= number <= 65535:
@@ -61,25 +88,18 @@ def check_ports(ports: Ports) -> None:
     import errno
     import socket
 
-    host = ports.address if ports.address != "0.0.0.0" else ""
-    try:  # the address first: a port is blamed only for what is the port's
-        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM) if host else []
-    except (socket.gaierror, UnicodeError) as exc:
-        raise SdexportError(f"--address {ports.address}: not an address to listen on ({exc})") from None
-    # each address a name gives (localhost: 127.0.0.1 and ::1 on some systems), or every IPv4 one
-    targets = list(dict.fromkeys((family, info[0]) for family, *_, info in found)) or [(socket.AF_INET, "")]
+    where = "" if ports.address == "0.0.0.0" else ports.address  # (every IPv4 interface)
     for flag, number in (("--http-port", ports.http), ("--grpc-port", ports.grpc), ("--metrics-port", ports.metrics)):
-        for family, where in targets:
-            try:
-                with socket.socket(family, socket.SOCK_STREAM) as probe:
-                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                    probe.bind((where, number))
-            except OSError as exc:
-                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    raise SdexportError(f"--address {ports.address}: no network interface of this machine has that "
-                                        "address (0.0.0.0: all of them; 127.0.0.1: this machine only)") from None
-                raise SdexportError(f"{flag} {number}: cannot listen there ({exc.strerror}); is another server "
-                                    "running? choose another port") from None
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((where, number))
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:  # the address first: a port is blamed only for what is the port's
+                raise SdexportError(f"--address {ports.address}: no network interface of this machine has that "
+                                    "address (0.0.0.0: all of them; 127.0.0.1: this machine only)") from None
+            raise SdexportError(f"{flag} {number}: cannot listen there ({exc.strerror}); is another server "
+                                "running? choose another port") from None
 
 
 def stub_environment() -> None:
