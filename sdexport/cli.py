@@ -295,13 +295,13 @@ def _print_markdown(text: str) -> None:
     print_result(text.rstrip("\n"))
 
 
-def _names(text: str | None, flag: str) -> list[str] | None:
+def _names(text: str | None, flag: str, example: str = "unet,vae_decoder") -> list[str] | None:
     """A comma-separated list option; given but empty (``--components ''``) is an error, not "all"."""
     if text is None:
         return None
     names = [n.strip() for n in text.split(",")]
     if not all(names):
-        raise SdexportError(f"{flag} {text!r}: expected comma-separated names, e.g. unet,vae_decoder")
+        raise SdexportError(f"{flag} {text!r}: expected comma-separated names, e.g. {example}")
     return names
 
 
@@ -889,7 +889,7 @@ def bench(
     from sdexport.output_dir import check_target
 
     loaded = load_scenario(scenario)
-    options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders"),
+    options = Options(engine_dir=engine_dir, contenders=_names(contenders, "--contenders", "diffusers,torch"),
                       repeats=repeats, warmup=warmup, engine_cache=engine_cache, refiner_engine_dir=refiner_engine_dir)
     target = _output_path(output)
     plan = plan_bench(loaded, options, scenario)  # refuses bad input before torch and the model load

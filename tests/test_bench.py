@@ -137,6 +137,7 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\nstrength = 0', "strength: 0 is less than or equal to the minimum of 0"),
     ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\ncontrol_scale = 0', "control_scale 0: need a non-zero"),
     ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite number"),
+    ('model = "tiny"\ncontrol_scale = 2.0', "control_scale is a ControlNet setting: add controlnets"),
     ('model = "tiny"\nstrength = nan', "strength nan: need a finite number"),
     ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = -inf', "denoising_end -inf: need a finite"),
     ('model = "tiny"\nguess_mode = true', "guess_mode is a ControlNet setting: add controlnets"),
@@ -196,9 +197,9 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, tiny_engi
 @pytest.mark.parametrize("args, message", [
     (["--repeats", "0"], "--repeats 0: need at least 1 timed run"),
     (["--warmup", "-1"], "--warmup -1: need 0 or more warm-up runs"),
-    (["--contenders", "diffusers,openvino"], "unknown openvino"),
-    (["--contenders", ""], "--contenders '': expected comma-separated names"),
-    (["--contenders", "diffusers,torch,torch"], "contenders: torch named more than once"),
+    (["--contenders", "diffusers,openvino"], "--contenders: unknown openvino"),
+    (["--contenders", ""], "--contenders '': expected comma-separated names, e.g. diffusers,torch"),
+    (["--contenders", "diffusers,torch,torch"], "--contenders: torch named more than once"),
     (["--engine-dir", "nowhere"], "nowhere: no such engine directory"),
 ])
 def test_bad_overrides_are_refused_and_write_nothing(tmp_path, capsys, args, message):

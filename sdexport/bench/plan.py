@@ -88,12 +88,13 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
     the scenario's file, named before the refusals of what it states (its model, parts, sizes and
     cases), as ``load_scenario`` names it before its own; those of an option name the option."""
     requested = options.contenders or scenario.contenders
+    named = "--contenders" if options.contenders else f"{source}: contenders" if source else "contenders"
     unknown = [c for c in requested if c not in CONTENDERS]
     if not requested or unknown:
-        raise SdexportError(f"contenders: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
+        raise SdexportError(f"{named}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(CONTENDERS)}")
     twice = sorted({c for c in requested if requested.count(c) > 1})
     if twice:  # a report keys its figures by contender; one run of each, in one process
-        raise SdexportError(f"contenders: {', '.join(twice)} named more than once; each contender runs once per benchmark")
+        raise SdexportError(f"{named}: {', '.join(twice)} named more than once; each contender runs once per benchmark")
     if options.repeats is not None and options.repeats < 1:
         raise SdexportError(f"--repeats {options.repeats}: need at least 1 timed run")
     if options.warmup is not None and options.warmup < 0:

@@ -233,6 +233,8 @@ def load_scenario(path: Path) -> Scenario:
                             "ControlNet(s): union ControlNets take one each (plain ones none)")
     if scenario.guess_mode and not scenario.controlnets:
         raise SdexportError(f"{path}: guess_mode is a ControlNet setting: add controlnets, or drop it")
+    if "control_scale" in data and not scenario.controlnets:
+        raise SdexportError(f"{path}: control_scale is a ControlNet setting: add controlnets, or drop it")
     if "adapter_scale" in data and not scenario.adapter:
         raise SdexportError(f"{path}: adapter_scale is a T2I-Adapter setting: add adapter, or drop it")
     if scenario.adapter and (scenario.controlnets or scenario.image_inputs):
