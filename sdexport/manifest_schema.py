@@ -28,7 +28,6 @@ _PROFILE = {
     "properties": {"batch": _RANGE, "height": _RANGE, "width": _RANGE},
     "additionalProperties": False,
 }
-_POSITIVE = {"type": "integer", "minimum": 1}
 
 
 def _size(maximum: int, minimum: int = 1) -> dict[str, Any]:

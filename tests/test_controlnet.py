@@ -465,7 +465,7 @@ def test_cuda_graph_sessions_capture_the_controlnets_at_the_batch_they_run(poole
         manifest = load_manifest(directory)
         captured.clear()
         loading._load_engines(directory, manifest, [*manifest.controlnets, "unet"], "onnxruntime-cuda", cuda_graph=True,
-                              threads=0, request_profile=ShapeProfile.single(2, 64, 128), guess_mode=guess,
+                              request_profile=ShapeProfile.single(2, 64, 128), guess_mode=guess,
                               pooled=loading.pooled_controlnets(directory, manifest))
         assert captured == {**expected, "unet": 4}
 

@@ -24,7 +24,6 @@ MB = 1024**2
 TOO_LARGE = "too large for this machine's memory"
 """Why a verification point is skipped when its estimated working memory exceeds what is free."""
 _STATUS = Path("/proc/self/status")
-_CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
 def _status_kb(key: str) -> int | None:

@@ -121,7 +121,6 @@ def load_pipeline(
     backend: str = "onnxruntime",
     *,
     cuda_graph: bool = False,
-    threads: int = 0,
     verify_files: bool = True,
     request_profile: ShapeProfile | None = None,
     graphs: str = "auto",
@@ -156,7 +155,7 @@ def load_pipeline(
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     pooled = pooled_controlnets(engine_dir, manifest)
-    engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph, threads=threads,
+    engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled,
                             optional={fp32: part for part, fp32 in fallbacks.items()})
@@ -395,7 +394,7 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
 
 
 def _load_engines(
-    engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool, threads: int,
+    engine_dir: Path, manifest: Manifest, names: list[str], backend: str, *, cuda_graph: bool,
     request_profile: ShapeProfile | None, graphs: str = "auto", provider_options: dict[str, str] | None = None,
     loras: list[LoraFile] | None = None, guess_mode: bool = False, pooled: tuple[str, ...] = (),
     optional: dict[str, str] | None = None,
@@ -440,7 +439,7 @@ def _load_engines(
                 batch = request_profile.batch[1] if halved and n in nets else request_profile.component_batch(spec)[1]
                 sizes = dims.sizes(batch, request_profile.height[1], request_profile.width[1])
             engines[n] = OnnxRuntimeEngine(
-                spec, engine_dir / rel, dims=dims, profile=profile, device=device, threads=threads, stream=stream,
+                spec, engine_dir / rel, dims=dims, profile=profile, device=device, stream=stream,
                 fused=rel != manifest.components[n].onnx, cuda_graph=graphed, sizes=sizes,
                 provider_options=provider_options,
                 initializers=onnx_initializers(engine_dir, manifest, n, updates, rel) if updates else None,

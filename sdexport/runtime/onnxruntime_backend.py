@@ -117,7 +117,6 @@ class OnnxRuntimeEngine:
         dims: ModelDims,
         profile: ShapeProfile,
         device: str = "cpu",
-        threads: int = 0,
         stream: torch.cuda.Stream | None = None,
         fused: bool = False,
         cuda_graph: bool = False,
@@ -137,7 +136,7 @@ class OnnxRuntimeEngine:
         if cuda_graph and device != "cuda":
             raise SdexportError("--cuda-graph needs the CUDA provider (--backend onnxruntime-cuda)")
         self.spec, self.dims, self.profile, self.path = spec, dims, profile, path
-        self.threads, self.fused, self.cuda_graph = threads, fused, cuda_graph
+        self.fused, self.cuda_graph = fused, cuda_graph
         self.extra_options = dict(provider_options or {})
         # An OrtValue made from numpy borrows the array's memory, and the session reads it for as long
         # as it lives: both are kept here.
@@ -167,9 +166,7 @@ class OnnxRuntimeEngine:
 
         from sdexport.console import onnxruntime_session_options
 
-        options = onnxruntime_session_options(ort)
-        if self.threads:
-            options.intra_op_num_threads = self.threads
+        options = onnxruntime_session_options(ort)  # (its CPU threads: OMP_NUM_THREADS, where set)
         if sizes:
             for symbol in dict.fromkeys(d for t in (*self.spec.inputs, *self.spec.outputs) for d in t.dims):
                 if is_dynamic(symbol):  # h/2: a ControlNet residual's side

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdexport.atomic import write_atomic
-from sdexport.errors import SdexportError
 from sdexport.output_dir import OutputKind
 from sdexport.serving.protocol import INPUTS, MODEL_NAME, OUTPUTS, TensorSpec
 from sdexport.serving.triton_model import ServeSettings
@@ -126,8 +125,3 @@ def not_a_repository(path: Path) -> str | None:
 
 
 REPOSITORY = OutputKind("Triton model repository", not_a_repository)
-
-
-def check_model_name(name: str) -> None:
-    if not name or name.startswith(".") or "/" in name or not name.isprintable() or name.strip() != name:
-        raise SdexportError(f"--model-name {name!r}: a plain folder name, such as {MODEL_NAME}")
