@@ -441,3 +441,26 @@ def test_the_chart_puts_speedups_above_the_error_bars(tmp_path, monkeypatch):
           "baseline": "diffusers"}, tmp_path / "chart.png")
     # at the top of the error bar (max), lifted 4 points; a ratio the table marks ⚠ says so here too
     assert labels == [("1.10×\n(noisy)", 0.6, (0, 4)), ("1.25×", 0.41, (0, 4))]
+
+
+def test_the_command_lines_defaults_are_the_libraries():
+    """The CLI writes its defaults as literals (importing the modules that hold them would load numpy
+    on every `--help`); they must stay the values the Python API and the served model default to."""
+    import typer.main
+
+    from sdexport.cli import app
+    from sdexport.export.plan import DEFAULT_OPSET
+    from sdexport.serving.protocol import MODEL_NAME
+    from sdexport.serving.repository import Batching
+    from sdexport.serving.triton_model import MAX_STEPS
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+    def default(command: str, name: str):
+        return next(p.default for p in commands[command].params if p.name == name)
+
+    assert default("export", "opset") == DEFAULT_OPSET
+    for command in ("serve", "triton-repo"):
+        assert default(command, "max_steps") == MAX_STEPS
+        assert round(default(command, "max_queue_delay_ms") * 1000) == Batching().max_queue_delay_us
+    assert default("loadtest", "model") == MODEL_NAME

@@ -251,6 +251,8 @@ def load_scenario(path: Path) -> Scenario:
         check_scheduler_name(scenario.scheduler)
     except SdexportError as exc:
         raise SdexportError(f"{path}: {exc}") from None
-    if scenario.seed + max(scenario.batch) - 1 > 2**64 - 1:
+    from sdexport.runtime.request import MAX_SEED
+
+    if scenario.seed + max(scenario.batch) - 1 > MAX_SEED:
         raise SdexportError(f"{path}: seed {scenario.seed}: image seeds (seed + i) must stay below 2^64")
     return scenario

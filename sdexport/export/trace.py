@@ -9,10 +9,9 @@ import numpy as np
 import onnx
 import torch
 
+from sdexport.export.plan import DEFAULT_OPSET
 from sdexport.export.weight_store import WeightStore
 from sdexport.specs import ComponentSpec
-
-DEFAULT_OPSET = 17
 
 
 def trace_to_onnx(
