@@ -483,7 +483,7 @@ def run(
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images,
                     guidance_embedding=alone)
-    most = min([profile.batch[2], *([ensemble.refiner.manifest.shape_profile.batch[2]] if ensemble else [])])
+    most = _served_batch(manifest, ensemble.refiner.manifest if ensemble else None)  # one call's, as served
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
@@ -1016,7 +1016,8 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
 
 
 def _served_batch(manifest: Any, refiner_manifest: Any) -> int:
-    """The most images a served call takes: the base model's profile's, or its refiner's if fewer."""
+    """The most images one call takes (``run``'s and a served one): the base model's profile's, or
+    its refiner's if fewer."""
     return min(m.shape_profile.batch[2] for m in (manifest, refiner_manifest) if m is not None)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.errors import ModelLoadError, one_line, pasteable
-from sdexport.models.presets import PRESETS, Preset, get_preset
+from sdexport.models.presets import PRESETS, SDXL_PROFILE, Preset, get_preset
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import FAMILY_CONTROLNET, SDXL_REFINER, is_sdxl, text_encoders, tokenizer_names
 
@@ -197,7 +197,7 @@ def looks_like_a_model(path: Path) -> bool:
 def family_profile(family: str) -> ShapeProfile:
     """The default export profile of a checkpoint (presets carry their own): SDXL (and its refiner)
     is made for 1024²."""
-    return PRESETS["sdxl"].profile if is_sdxl(family) else ShapeProfile()
+    return SDXL_PROFILE if is_sdxl(family) else ShapeProfile()
 
 
 def check_takes_networks(family: str, flag: str) -> None:

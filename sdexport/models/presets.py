@@ -114,6 +114,8 @@ _TINY_TEXT = {
     "pad_token_id": 1,
 }
 
+SDXL_PROFILE = ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536))
+"""SDXL's default export profile (base and refiner, presets and checkpoints): made for 1024²."""
 _TINY_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
 
 # SDXL base 1.0 as it ships (unet/, vae/, text_encoder*/ and scheduler/ configs of
@@ -355,7 +357,7 @@ PRESETS: dict[str, Preset] = {
         text_encoder=_SDXL_TEXT,
         text_encoder_2=_SDXL_TEXT_2,
         scheduler=_SDXL_SCHEDULER,
-        profile=ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536)),
+        profile=SDXL_PROFILE,
         pipeline_config=_SDXL_PIPELINE,
     ),
     "sdxl-refiner": Preset(
@@ -367,7 +369,7 @@ PRESETS: dict[str, Preset] = {
         text_encoder=None,
         text_encoder_2=_SDXL_TEXT_2,
         scheduler=_SDXL_SCHEDULER,
-        profile=ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536)),
+        profile=SDXL_PROFILE,
         pipeline_config=_REFINER_PIPELINE,
     ),
     "tiny-sdxl": _TINY_SDXL,
