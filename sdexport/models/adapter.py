@@ -246,7 +246,7 @@ def check_together(sources: list[AdapterSource], unet: dict[str, Any], family: s
     for source, layout in zip(sources[1:], layouts[1:]):
         if layout != layouts[0]:
             raise ModelLoadError(f"{option_given('--adapter', source.argument)}: its features {list(layout)} differ "
-                                 f"from {sources[0].argument}'s {list(layouts[0])}; diffusers' MultiAdapter adds them "
+                                 f"from {option('--adapter')} {sources[0].argument}'s {list(layouts[0])}; diffusers' MultiAdapter adds them "
                                  "feature by feature")
 
 
