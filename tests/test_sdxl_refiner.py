@@ -196,8 +196,9 @@ def test_cli_refusals(refiner_dir, tmp_path, capsys, args, message):
 def test_aesthetic_scores_are_the_refiners_alone():
     for family in ("sd", "sdxl"):
         request = GenerationRequest(prompt=["x"], height=64, width=64, aesthetic_score=6.0)
-        with pytest.raises(SdexportError, match=f"the SDXL refiner's conditioning, but this is a {family} model"):
+        with pytest.raises(SdexportError, match=f"the SDXL refiner's conditioning, but this is a {family} model") as caught:
             check_request(request, family=family, dims=load_model("tiny").dims, profile=PRESETS["tiny"].profile)
+        assert ("with --refiner" in str(caught.value)) == (family == "sdxl")  # where it goes: the base model's refiner
 
 
 def test_what_the_refiner_does_not_run_is_refused_before_loading(tmp_path, capsys):

@@ -771,8 +771,9 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
     if family != SDXL_REFINER:
         named = [name for name in REFINER_ONLY if given[name]]
         if named:
+            handed = " (an SDXL base model hands it to a refiner: run or serve it with --refiner)" if family == "sdxl" else ""
             raise SdexportError(f"{', '.join(map(setting, named))}: the SDXL refiner's conditioning, but this is a "
-                                f"{family} model")
+                                f"{family} model{handed}")
     else:
         named = [name for name in NOT_REFINER if given[name]]
         if named:
