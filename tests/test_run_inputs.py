@@ -243,6 +243,8 @@ def test_nan_from_the_unet_is_not_blamed_on_the_vae(pipeline, monkeypatch):
         pipeline(GenerationRequest(prompt=["x"], steps=2, height=64, width=64))
     message = str(caught.value)
     assert "denoising loop produced NaN/Inf latents" in message and "VAE decoder" not in message
+    # an fp32 export's U-Net (a NaN LoRA, say) is not blamed on fp16
+    assert pipeline.info.get("dtype") == "fp32" and "fp16" not in message and "computes in fp32" in message
 
 
 def test_sdxl_size_conditioning_is_bounded():

@@ -876,10 +876,11 @@ class Txt2ImgPipeline:
             where = (f"; with {request.scheduler} for {request.steps} steps at guidance {guidance_label(request.effective_guidance(self.family))}"
                      if request is not None else "")
             if not torch.isfinite(latents).all():
-                raise SdexportError(
-                    "the denoising loop produced NaN/Inf latents (U-Net output or guidance), before the "
-                    f"VAE ran{where}. An fp16 U-Net can overflow: compare with an fp32 export or --backend torch"
-                )
+                cause = ("The U-Net computes in fp32: its weights (a LoRA's?) or the settings are the cause"
+                         if self._runs_fp32("unet") else
+                         "An fp16 U-Net can overflow: compare with an fp32 export or --backend torch")
+                raise SdexportError("the denoising loop produced NaN/Inf latents (U-Net output or guidance), before "
+                                    f"the VAE ran{where}. {cause}")
             if self.fallback_vae is None and self._runs_fp32("vae_decoder"):  # no fp16 to blame
                 peak = float(latents.abs().max())
                 raise SdexportError(
@@ -911,8 +912,8 @@ class Txt2ImgPipeline:
         return SdexportError(advice)
 
     def _runs_fp32(self, part: str) -> bool:
-        """Whether the VAE ``part``'s engine computes in fp32: an fp16 export's fp32 graph in its place
-        (``info``), or an fp32 export's not lowered to fp16 by a build (``lowered``)."""
+        """Whether ``part``'s engine computes in fp32: an fp16 export's fp32 graph in its place (``info``;
+        the VAE's), or an fp32 export's not lowered to fp16 by a build (``lowered``)."""
         return self.info.get(part) == "fp32" or (self.info.get("dtype") == "fp32" and part not in self.lowered)
 
     @property
