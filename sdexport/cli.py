@@ -27,6 +27,7 @@ from sdexport.console import (
 )
 from sdexport.errors import ProfileError, SdexportError, pasteable
 from sdexport.models.presets import PRESETS
+from sdexport.runtime.schedulers import scheduler_names
 
 if TYPE_CHECKING:
     from sdexport.runtime.ensemble import Ensemble
@@ -336,7 +337,7 @@ def run(
     output: Annotated[str, typer.Option("-o", "--output", help="Image path: .png, .jpg/.jpeg or .webp (each with the parameters in its metadata); several images write NAME-0.EXT, NAME-1.EXT, ...")] = "out.png",
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
-    scheduler: Annotated[str, typer.Option(help="default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc, lcm.")] = "default",
+    scheduler: Annotated[str, typer.Option(help=f"{', '.join(scheduler_names())}.")] = "default",
     guidance: Annotated[list[float] | None, typer.Option(help="Classifier-free guidance scale, one for all images or one per image (all above 1, or all at or below it); 1 disables CFG (a latent consistency model takes it as an input, with no CFG at any value) (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     batch: Annotated[int, typer.Option(help="Images per prompt when one prompt is given.")] = 1,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.errors import SdexportError
+from sdexport.export.plan import VERIFY_MODES
 
 BASELINES = ("diffusers", "diffusers-compile")
 RUNTIME_BACKENDS = ("onnxruntime-cpu", "onnxruntime-cuda", "onnxruntime-cuda-fused", "torch", "torch-compile",
@@ -174,7 +175,7 @@ SCHEMA: dict[str, Any] = {
         "denoising_end": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "export": {
             "type": "object",
-            "properties": {"verify": {"enum": ["full", "quick", "none"]}, "batch": _RANGE_TEXT,
+            "properties": {"verify": {"enum": list(VERIFY_MODES)}, "batch": _RANGE_TEXT,
                            "height": _RANGE_TEXT, "width": _RANGE_TEXT},
             "additionalProperties": False,
         },

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from sdexport.errors import SdexportError
 from sdexport.manifest import not_an_engine_dir
@@ -24,7 +24,7 @@ from sdexport.specs import ComponentSpec, adapter_index, components_for, control
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
-VERIFY_MODES = ("full", "quick", "none")
+VERIFY_MODES: tuple[VerifyMode, ...] = get_args(VerifyMode)
 DEFAULT_OPSET = 17
 MIN_OPSET = 14
 """Attention (``scaled_dot_product_attention``, in every U-Net and CLIP) exports from opset 14."""

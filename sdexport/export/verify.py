@@ -18,6 +18,7 @@ import torch
 from sdexport.errors import ParityError, one_line
 from sdexport.export.inputs import sample_inputs
 from sdexport.export.memory import TOO_LARGE, peak_of
+from sdexport.export.plan import VerifyMode
 from sdexport.graph_io import GraphIO
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims
@@ -25,7 +26,6 @@ from sdexport.specs import ComponentSpec, ModelDims
 TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 """Relative-L2 bound per export precision (fp16 is compared against the fp32 PyTorch module)."""
 
-VerifyMode = Literal["full", "quick", "none"]
 
 
 @dataclass

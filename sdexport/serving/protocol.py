@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sdexport.runtime.schedulers import scheduler_names
+
 MODEL_NAME = "sdexport"
 
 
@@ -46,7 +48,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("denoising_end", "FP32", (1,), "SDXL base + refiner served (`sdexport serve --refiner`): the base model's fraction of the schedule, above 0 and below 1 (default: the server's --denoising-end, 0.8)"),
     TensorSpec("steps", "INT32", (1,), "denoising steps (default 30)"),
     TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default as `sdexport run`: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets; 1 disables it; a latent consistency model takes it as an input, with no CFG at any value)"),
-    TensorSpec("scheduler", "BYTES", (1,), "default, ddim, euler, euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, unipc, lcm"),
+    TensorSpec("scheduler", "BYTES", (1,), ", ".join(scheduler_names())),
     TensorSpec("seed", "UINT64", (1,), "seed of this image (default: its row number in the request)"),
     TensorSpec("height", "INT32", (1,), "pixels (default: the first row's: its init, first control or adapter image's, else the profile's opt)"),
     TensorSpec("width", "INT32", (1,), "pixels (default: as height)"),
