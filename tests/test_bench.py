@@ -161,6 +161,19 @@ def test_bad_scenarios_are_refused(tmp_path, text, message):
         load_scenario(path)
 
 
+def test_a_file_name_that_is_no_scenario_name_asks_for_a_name(tmp_path):
+    """The name comes from the file unless the scenario sets one: the refusal says which."""
+    path = tmp_path / "my scenario.toml"
+    path.write_text('model = "tiny"\n')
+    with pytest.raises(SdexportError, match=r"name 'my scenario' \(from the file name\) must be letters"):
+        load_scenario(path)
+    path.write_text('model = "tiny"\nname = "my scenario"\n')
+    with pytest.raises(SdexportError, match="name: 'my scenario' does not match"):
+        load_scenario(path)
+    path.write_text('model = "tiny"\nname = "mine"\n')
+    assert load_scenario(path).name == "mine"
+
+
 def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, tiny_engines, monkeypatch):
     from sdexport.bench import harness
     from sdexport.errors import ProfileError

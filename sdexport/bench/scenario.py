@@ -203,6 +203,7 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: not valid TOML ({exc})") from None
     except RecursionError:
         raise SdexportError(f"{path}: not valid TOML (nested too deeply)") from None
+    named = "name" in data
     data.setdefault("name", path.stem)
     for key in ("batch", "steps"):
         if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
@@ -221,7 +222,7 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: {endless} {data[endless]}: need a finite number")
     problem = first_error(SCHEMA, data)
     if problem:
-        if problem.startswith("name:") and "name" not in tomllib.loads(path.read_text(encoding="utf-8")):
+        if problem.startswith("name:") and not named:
             problem = f"name {data['name']!r} (from the file name) must be letters, digits, '.', '_' or '-'; set name = \"...\""
         raise SdexportError(f"{path}: {problem}")
     scenario = Scenario(**data)
