@@ -25,6 +25,7 @@ directories that take minutes to make. What they promise:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import errno
 import fcntl
@@ -142,6 +143,7 @@ def claim(
     """
     checked = check_target(target, kind, replace=replace, protected=protected, force_flag=force_flag)
     checked.created_parents = _make_parents(checked.parent)
+    depth = _CLAIMS_OPEN.set(_CLAIMS_OPEN.get() + 1)
     try:
         with _locked(checked):
             _clean_leftovers(checked)
@@ -161,6 +163,12 @@ def claim(
             with contextlib.suppress(OSError):
                 parent.rmdir()
         raise
+    finally:
+        _CLAIMS_OPEN.reset(depth)
+
+
+_CLAIMS_OPEN: contextvars.ContextVar[int] = contextvars.ContextVar("sdexport_claims_open", default=0)
+"""How many ``claim`` blocks are open around this point: a bench's export is one inside the bench's."""
 
 
 @contextlib.contextmanager
@@ -358,8 +366,11 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
 
 def _in_place(target: Target) -> None:
     """Say, should the job be stopped from now on (while the old directory is deleted, or a record
-    written after), that its output is whole and in place: exit 130 alone would read as lost work."""
-    stopping.keep("output", f"already in place: {target.path}")
+    written after), that its output is whole and in place: exit 130 alone would read as lost work.
+    Only the command's own output: a claim inside another's (a bench's export, in its staging
+    folder or its engine cache) is part of the outer one, which a stop may still discard."""
+    if _CLAIMS_OPEN.get() == 1:
+        stopping.keep("output", f"already in place: {target.path}")
 
 
 def _discard(path: Path) -> None:

@@ -716,6 +716,24 @@ def test_a_sigterm_python_dropped_stops_the_case_as_one_that_arrived_would(tmp_p
     assert hidden_siblings(out) == []
 
 
+def test_a_stop_after_the_benchs_own_export_names_nothing_as_in_place(tmp_path, monkeypatch, capsys):
+    """The bench's export is a claim inside the bench output's staging folder: it went into place
+    there, and the stop then discarded the whole staging folder. "already in place" named it."""
+    from sdexport.bench import harness
+
+    def load(name, *args, **kwargs):
+        raise KeyboardInterrupt  # the first contender, after the export
+
+    monkeypatch.setattr(harness, "_load", load)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"onnxruntime-cpu"')
+                        .replace("batch = [1, 2]", "batch = [1]"))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0") == 130
+    err = capsys.readouterr().err
+    assert not out.exists() and hidden_siblings(out) == [] and err.strip().endswith("interrupted"), err[-500:]
+
+
 @pytest.mark.parametrize("stopped_in, kept", [("diffusers", False), ("onnxruntime-cpu", True)])
 def test_ctrl_c_while_loading_keeps_only_what_was_measured(tmp_path, tiny_engines, monkeypatch, capsys, stopped_in, kept):
     """Nothing measured yet: no output folder at all, as for any failed run. Later: the report, with
