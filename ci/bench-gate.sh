@@ -44,15 +44,6 @@ refuse() {
   echo "sdexport bench gate: $1" >&2
   exit 2
 }
-# Bad input is refused before anything is removed or run: a benchmark takes the whole job.
-[[ -f $scenario ]] || refuse "$scenario: no such scenario file (see benchmarks/scenarios/)"
-"$PYTHON" -c 'import sys
-from sdexport.bench.compare import parse_gate
-from sdexport.errors import SdexportError
-try:
-    parse_gate(sys.argv[1], sys.argv[2] or None, names=("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR"))
-except SdexportError as exc:
-    sys.exit(f"sdexport bench gate: {exc}")' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" || exit 2
 
 # Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only files
 # this script's commands write are removed, anything else stops it (checked before any is removed).
@@ -64,8 +55,9 @@ ours() {
   fi
 }
 summary=$out/summary.md
-if [[ -e $summary || -L $summary ]] && [[ -L $summary || ! -f $summary || $(head -n 1 "$summary") != "$marker" ]]; then
-  refuse "$summary was not written by this gate (its first line is not $marker); choose another OUT"
+if [[ -e $summary || -L $summary ]] &&
+  [[ -L $summary || ! -f $summary || $(head -n 1 "$summary" | tr -d '\0') != "$marker" ]]; then
+  refuse "$summary was not written by this gate (not a file that starts with $marker); choose another OUT"
 fi
 ours "$out/bench" 'results.*'
 ours "$out/compare" 'comparison.*'
@@ -73,11 +65,26 @@ mkdir -p "$out"
 rm -rf "$out/bench" "$out/compare"
 rm -f "$summary"
 
+# Bad input is refused before the benchmark (it takes the whole job), with a summary that says so.
+refuse_reported() {
+  printf '%s\n## sdexport bench: %s did not run\n\n%s\n' "$marker" "$scenario" "$1" > "$summary"
+  refuse "$1"
+}
+[[ -f $scenario ]] || refuse_reported "$scenario: no such scenario file (see benchmarks/scenarios/)"
+if ! problem=$("$PYTHON" -c 'import sys
+from sdexport.bench.compare import parse_gate
+from sdexport.errors import SdexportError
+try:
+    parse_gate(sys.argv[1], sys.argv[2] or None, names=("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR"))
+except SdexportError as exc:
+    sys.exit(str(exc))' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" 2>&1); then
+  problem=${problem##*$'\n'}  # the last line: the refusal (or a broken environment's error)
+  refuse_reported "${problem:-the gate settings could not be checked with $PYTHON}"
+fi
 if [[ ! -e $baseline && ${SDEXPORT_REQUIRE_BASELINE:-0} == 1 ]]; then
   printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=1 and the baseline is missing.\n' \
-    "$marker" "$baseline" > "$out/summary.md"
-  echo "sdexport bench gate: no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=1)" >&2
-  exit 2
+    "$marker" "$baseline" > "$summary"
+  refuse "no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=1)"
 fi
 
 extra=()

@@ -545,16 +545,19 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     ({"SDEXPORT_MIN_PSNR": "high"}, "SDEXPORT_MIN_PSNR high: need a finite number of dB"),
     ({"scenario": "missing"}, "gate.toml: no such scenario file"),
     ({"summary": "my notes"}, "summary.md was not written by this gate"),
+    ({"summary": "\0binary\n"}, "summary.md was not written by this gate"),
 ])
 def test_the_gate_refuses_bad_settings_and_a_summary_it_did_not_write_before_anything_runs(tmp_path, setting, words):
-    """A benchmark takes the whole job: a setting that would only fail at the comparison, or an OUT
-    whose summary.md is the user's (the gate would overwrite it), is refused at the start, and
-    nothing in OUT is touched."""
+    """A benchmark takes the whole job: a setting that would only fail at the comparison is refused
+    at the start, with a summary saying why (the earlier run's results cleared: a comment updated
+    from OUT must not show them as this run's). An OUT whose summary.md is the user's (the gate
+    would overwrite it) is refused with nothing in OUT touched."""
     out = tmp_path / "out"
     (out / "bench").mkdir(parents=True)
     (out / "bench" / "results.md").write_text("an earlier run's")
-    if "summary" in setting:
-        (out / "summary.md").write_text(setting.pop("summary"))
+    mine = setting.pop("summary", None)
+    if mine is not None:
+        (out / "summary.md").write_text(mine)
     scenario = setting.pop("scenario", "gate.toml")
     if scenario == "gate.toml":
         (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
@@ -562,8 +565,13 @@ def test_the_gate_refuses_bad_settings_and_a_summary_it_did_not_write_before_any
         (tmp_path / "gate.toml").unlink(missing_ok=True)
     result = _gate(tmp_path, tmp_path / "none.json", "out", **setting)
     assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert (out / "bench" / "results.md").read_text() == "an earlier run's"
-    assert sorted(p.name for p in out.iterdir()) == ["bench", *(["summary.md"] if "summary" in words else [])]
+    if "summary" in words:
+        assert (out / "bench" / "results.md").read_text() == "an earlier run's"
+        assert (out / "summary.md").read_text() == mine
+    else:
+        summary = (out / "summary.md").read_text()
+        assert summary.startswith(MARKER) and "did not run" in summary and words in summary
+        assert sorted(p.name for p in out.iterdir()) == ["summary.md"]
 
 
 def test_a_cache_entry_is_judged_by_its_export_and_leaves_plans_to_their_builders(tiny_engine_dir, tmp_path):
