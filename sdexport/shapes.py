@@ -107,7 +107,7 @@ class ShapeProfile:
         Past 2^31 elements it cannot be indexed by TensorRT or ONNX Runtime's CUDA kernels, whatever
         the GPU's memory; such a profile would only fail after a long export and build.
         """
-        from sdexport.runtime.setting_names import setting
+        from sdexport.runtime.setting_names import option
 
         batch, height, width = self.batch[2], self.height[2], self.width[2]
         elements = vae_width * batch * height * width
@@ -115,12 +115,15 @@ class ShapeProfile:
             raise ProfileError(
                 f"profile maxima batch {batch} at {height}x{width} would need a VAE activation of "
                 f"{elements:,} values ({elements * 4 / 1e9:,.0f} GB in fp32), beyond the 2^31 elements "
-                f"TensorRT and ONNX Runtime can index; lower the max of {setting('batch')}, {setting('height')} or "
-                f"{setting('width')}"
+                f"TensorRT and ONNX Runtime can index; lower the max of {option('--batch')}, {option('--height')} or "
+                f"{option('--width')}"
             )
 
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry) -> None:
-        """Refuse a request the engines cannot serve, saying what they can."""
+        """Refuse a request the engines cannot serve, saying what they can (and what widens them:
+        export's option, or a bench scenario's ``[export]`` range)."""
+        from sdexport.runtime.setting_names import option
+
         m = dims.image_multiple
         for axis, value, (lo, _, hi) in (
             ("batch", batch, self.batch),
@@ -128,10 +131,9 @@ class ShapeProfile:
             ("width", width, self.width),
         ):
             if not lo <= value <= hi:
-                raise ProfileError(
-                    f"{axis} {value} is outside the engines' profile: {axis} must be in "
-                    f"[{lo}, {hi}] (re-export or rebuild with a wider --{axis})"
-                )
+                wider = option(f"--{axis}")
+                how = f"re-export or rebuild with a wider {wider}" if wider.startswith("--") else f"widen {wider}"
+                raise ProfileError(f"{axis} {value} is outside the engines' profile: {axis} must be in [{lo}, {hi}] ({how})")
             if axis != "batch" and value % m:
                 raise ProfileError(f"{axis} {value} must be a multiple of {m}")
 

@@ -334,6 +334,9 @@ def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):
     ("batch = [1, 2]", 'batch = [1]\ncontrolnets = ["nowhere"]', ("controlnets: nowhere: no such directory, and not a "
                                                                   "ControlNet preset")),
     ("batch = [1, 2]", 'batch = [1]\nadapter = ["tiny-adapter", "nowhere"]', "adapter: nowhere: no such directory"),
+    ("batch = [1, 2]", 'batch = [4]\nexport = { batch = "1:1:2" }', ("batch 4 is outside the engines' profile: batch "
+                                                                    "must be in [1, 2] (widen export.batch)")),
+    ("batch = [1, 2]", 'batch = [1]\nexport = { batch = "1:1:100000" }', "lower the max of export.batch, export.height"),
 ])
 def test_requests_a_scenario_cannot_make_are_refused_before_loading(tmp_path, capsys, old, new, message):
     """Named after the scenario file, in its own keys (``controlnets``, not export's ``--controlnet``)."""
@@ -714,6 +717,15 @@ def test_a_sigterm_python_dropped_stops_the_case_as_one_that_arrived_would(tmp_p
     assert (report["interrupted"]["contender"], report["interrupted"]["case"]) == ("torch", {"batch": 2, "steps": 3})
     assert [r["status"] for r in report["results"]] == ["measured", "measured", "measured", "interrupted"]
     assert hidden_siblings(out) == []
+
+
+def test_a_case_beyond_a_given_engine_directory_points_to_exporting_it_again(tmp_path, tiny_engines, capsys):
+    """The scenario asks it (its file named); the engine directory is widened by export's --batch."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace("batch = [1, 2]", "batch = [4]"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", tiny_engines) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {scenario}: batch 4 is outside the engines' profile: batch must "
+                                               "be in [1, 2] (re-export or rebuild with a wider --batch)")
 
 
 def test_a_stop_after_the_benchs_own_export_names_nothing_as_in_place(tmp_path, monkeypatch, capsys):

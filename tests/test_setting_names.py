@@ -15,8 +15,10 @@ from sdexport.runtime.setting_names import (
     api_field,
     assigned,
     input_name,
+    option,
     option_given,
     run_option,
+    scenario_key,
     setting,
     settings_named,
 )
@@ -78,13 +80,16 @@ def test_a_value_is_given_as_the_caller_writes_it():
 def test_export_options_a_scenario_states_are_named_as_its_keys_there():
     from dataclasses import fields
 
-    from sdexport.bench.scenario import Scenario
+    from sdexport.bench.scenario import SCHEMA, Scenario
 
-    assert set(SCENARIO_KEYS.values()) <= {field.name for field in fields(Scenario)}
+    keys = {field.name for field in fields(Scenario)} | {f"export.{k}" for k in SCHEMA["properties"]["export"]["properties"]}
+    assert set(SCENARIO_KEYS.values()) <= keys
     assert option_given("--controlnet", "x") == "--controlnet x"  # export, and run's checks of a manifest
-    with settings_named(input_name):
-        assert option_given("--controlnet", "x") == "controlnets: x"
+    with settings_named(scenario_key):
+        assert option_given("--controlnet", "x") == "controlnets: x" and option("--batch") == "export.batch"
         assert option_given("--union-images", 2) == "--union-images 2"  # no scenario key: the option
+    with settings_named(input_name):  # a served request: the operator's export options stay flags
+        assert option("--batch") == "--batch"
 
 
 def _message_texts(path: Path) -> list[tuple[int, str]]:

@@ -55,7 +55,7 @@ from sdexport.console import console, step
 from sdexport.errors import SdexportError, interruption_name
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_steps
-from sdexport.runtime.setting_names import input_name, settings_named
+from sdexport.runtime.setting_names import scenario_key, settings_named
 from sdexport.shapes import ShapeProfile
 
 
@@ -65,7 +65,7 @@ def precision(scenario: Scenario) -> str:
     return "fp16" if torch.cuda.is_available() else "fp32"
 
 
-@settings_named(input_name)  # as the plan: the contenders' refusals name the scenario's keys too
+@settings_named(scenario_key)  # as the plan: the contenders' refusals name the scenario's keys too
 def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
                   source: Path | None = None) -> tuple[dict[str, Any], list[Path]]:
     """Run ``scenario`` and write its report into ``output_dir``; returns the report and its files.

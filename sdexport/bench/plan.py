@@ -18,7 +18,7 @@ from sdexport.bench.scenario import BASELINES, CONTENDERS, SLOW_UNET_HOOK, Case,
 from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
-from sdexport.runtime.setting_names import input_name, settings_named
+from sdexport.runtime.setting_names import input_name, scenario_key, settings_named
 from sdexport.shapes import ImageGeometry, ShapeProfile, parse_range
 from sdexport.specs import SDXL_REFINER
 
@@ -82,7 +82,7 @@ def slow_unet_hook(contenders: list[str]) -> dict[str, float]:
     return delays
 
 
-@settings_named(input_name)  # refusals name the scenario's keys (steps), not run's options
+@settings_named(scenario_key)  # refusals name the scenario's keys (steps), not run's options
 def plan_bench(scenario: Scenario, options: Options, source: Path | None = None) -> BenchPlan:
     """What ``scenario`` under ``options`` runs, every refusal made from configs alone. ``source``:
     the scenario's file, named before the refusals of what it states (its model, parts, sizes and
@@ -177,7 +177,9 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
             from sdexport.runtime.ensemble import halves
 
             request, refine = halves(request, scenario.cut)
-        with stated_in(source):
+        # a given engine directory's profile is widened by exporting it again: with export's flags
+        naming = input_name if options.engine_dir is not None else scenario_key
+        with stated_in(source), settings_named(naming):
             check_request(request, family=outline.family, dims=geometry, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(scenario.controlnets),
                           adapters=len(scenario.adapters), union_modes=modes, union_images=images,

@@ -95,9 +95,11 @@ def _the_one_adapter_of(pipeline: Path) -> Path:
 
     found = pipeline_adapters(pipeline)
     if len(found) > 1:
-        flags = " ".join(f"--adapter {p}" for p in found)
+        flag = option("--adapter")
+        each = (" ".join(f"{flag} {p}" for p in found) if flag.startswith("--") else  # a scenario's list
+                f"{flag} = [{', '.join(repr(str(p)) for p in found)}]")
         raise ModelLoadError(f"{pipeline}: a MultiAdapter ({', '.join(p.name + '/' for p in found)}); pass its "
-                             f"folders one each, in order ({flags}), or the pipeline directory as the model")
+                             f"folders one each, in order ({each}), or the pipeline directory as the model")
     return found[0] if found else pipeline
 
 

@@ -10,8 +10,8 @@ of a command it never ran (``bench`` likewise: its scenarios' keys share those n
 
 Options of other commands (``export --controlnet``, ``serve --max-steps``) are the operator's to
 change and stay spelled as flags, except where a bench scenario states the same thing as a key
-(its ``controlnets``, ``adapter``): ``option`` names those as the scenario's keys while refusals
-name scenario keys.
+(its ``controlnets``, ``adapter``, ``[export]`` ranges): ``option`` names those as the scenario's
+keys inside ``settings_named(scenario_key)``, which the bench plans and runs in.
 """
 
 from __future__ import annotations
@@ -40,13 +40,20 @@ def run_option(name: str) -> str:
 
 
 def input_name(name: str) -> str:
-    """The served input itself (and a bench scenario's key, where a scenario has the setting)."""
+    """The served input itself."""
     return name
 
 
-SCENARIO_KEYS = {"--controlnet": "controlnets", "--adapter": "adapter"}
-"""Export options that a bench scenario states as keys of its own (``Scenario`` fields, checked in
-``tests/test_setting_names.py``)."""
+def scenario_key(name: str) -> str:
+    """A bench scenario's key: the served input's name, where a scenario has the setting (``steps``).
+    A naming of its own, so that ``option`` names export options as the scenario's keys here only."""
+    return name
+
+
+SCENARIO_KEYS = {"--controlnet": "controlnets", "--adapter": "adapter", "--batch": "export.batch",
+                 "--height": "export.height", "--width": "export.width"}
+"""Export options that a bench scenario states as keys of its own (``Scenario`` fields and its
+``[export]`` table, checked in ``tests/test_setting_names.py``)."""
 
 
 _NAMING: ContextVar[Callable[[str], str]] = ContextVar("sdexport_setting_naming", default=api_field)
@@ -68,7 +75,7 @@ def assigned(name: str, value: object) -> str:
 def option(flag: str) -> str:
     """The export option ``flag`` as the caller names it: the flag, or a bench scenario's key
     (``controlnets`` for ``--controlnet``) while refusals name the scenario's keys."""
-    return SCENARIO_KEYS.get(flag, flag) if _NAMING.get() is input_name else flag
+    return SCENARIO_KEYS.get(flag, flag) if _NAMING.get() is scenario_key else flag
 
 
 def option_given(flag: str, argument: object) -> str:
