@@ -552,9 +552,9 @@ def run(
 
 def _written(paths: list[Path], count: int) -> str:
     """What a run stopped now leaves: the images written, the first and last of a long run."""
-    names = [str(p) for p in paths] if len(paths) <= 3 else [str(paths[0]), "…", str(paths[-1])]
+    names = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]}"
     whole = f" ({len(paths)} of {count} images)" if count > 1 else ""
-    return f"already written: {', '.join(names).replace(', …,', ' …')}{whole}"
+    return f"already written: {names}{whole}"
 
 
 def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_end: float | None,
@@ -1096,11 +1096,11 @@ def serve(
     if refiner is not None:
         verify_for_backend(refiner, refiner_manifest, resolved, settings.graphs)
     settings = replace(settings, verify=False)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
     work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))
     repository = work / "repository"
     log = None if verbose else (log_file or work / "triton.log")
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
     try:
         write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
         host = "localhost" if ports.address == "0.0.0.0" else address  # (a name as given: it resolves the same)

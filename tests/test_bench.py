@@ -139,7 +139,8 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\ncontrol_scale = nan', "control_scale nan: need a finite number"),
     ('model = "tiny"\ncontrol_scale = 2.0', "control_scale is a ControlNet setting: add controlnets"),
     ('model = "tiny"\nstrength = nan', "strength nan: need a finite number"),
-    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = -inf', "denoising_end -inf: need a finite"),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ndenoising_end = nan', "denoising_end nan: need a finite"),
+    ('model = "tiny"\nseed = inf', "seed: inf is not of type 'integer'"),  # the type first
     ('model = "tiny"\nguess_mode = true', "guess_mode is a ControlNet setting: add controlnets"),
     ('model = "tiny"\ncontrolnets = ["tiny-controlnet"]\nguess_mode = 1', "guess_mode: 1 is not of type 'boolean'"),
     ('model = "tiny"\nadapter_scale = 0.5', "adapter_scale is a T2I-Adapter setting: add adapter"),

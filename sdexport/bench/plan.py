@@ -200,13 +200,14 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
 
 @contextmanager
 def stated_in(source: Path | None) -> Iterator[None]:
-    """Refusals raised inside are of what the scenario file ``source`` states: named after it."""
+    """Refusals raised inside are of what the scenario file ``source`` states: named after it (the
+    same exception, its type, attributes and traceback kept, for ``SDEXPORT_TRACEBACK=1``)."""
     try:
         yield
     except SdexportError as exc:
-        if source is None:
-            raise
-        raise type(exc)(f"{source}: {exc}") from None
+        if source is not None and len(exc.args) == 1:  # (one with several arguments words itself)
+            exc.args = (f"{source}: {exc.args[0]}",)
+        raise
 
 
 def _check_stated(scenario: Scenario) -> tuple[ModelOutline, ModelOutline | None, int, bool, ShapeProfile]:

@@ -217,14 +217,14 @@ def load_scenario(path: Path) -> Scenario:
     bad = [c for c in data.get("contenders", []) if c not in CONTENDERS] if isinstance(data.get("contenders"), list) else []
     if bad:
         raise SdexportError(f"{path}: unknown contender(s) {', '.join(map(str, bad))}; choose from {', '.join(CONTENDERS)}")
-    endless = next((key for key, value in data.items() if isinstance(value, float) and not math.isfinite(value)), None)
-    if endless is not None:  # TOML has nan and inf; JSON Schema's ranges let nan through
-        raise SdexportError(f"{path}: {endless} {data[endless]}: need a finite number")
     problem = first_error(SCHEMA, data)
     if problem:
         if problem.startswith("name:") and not named:
             problem = f"name {data['name']!r} (from the file name) must be letters, digits, '.', '_' or '-'; set name = \"...\""
         raise SdexportError(f"{path}: {problem}")
+    endless = next((key for key, value in data.items() if isinstance(value, float) and not math.isfinite(value)), None)
+    if endless is not None:  # TOML has nan and inf; JSON Schema's ranges let nan through
+        raise SdexportError(f"{path}: {endless} {data[endless]}: need a finite number")
     scenario = Scenario(**data)
     if scenario.control_scale == 0:
         raise SdexportError(f"{path}: control_scale {scenario.control_scale}: need a non-zero number (at 0 "

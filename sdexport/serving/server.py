@@ -16,6 +16,7 @@ with numpy 2 in the environment tensors arrive garbled: refused up front.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sysconfig
 import threading
@@ -73,6 +74,10 @@ def listen_address(address: str) -> str:
     try:
         found = socket.getaddrinfo(address, None, family=socket.AF_INET, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
+        with contextlib.suppress(socket.gaierror, UnicodeError):
+            if socket.getaddrinfo(address, None, type=socket.SOCK_STREAM):  # (no DNS is asked for a bad name)
+                raise SdexportError(f"--address {address}: a name with IPv6 addresses only, which PyTriton "
+                                    f"cannot wait on; {four}") from None
         raise SdexportError(f"--address {address}: not an address to listen on ({exc}); {four}") from None
     return str(found[0][4][0])
 
