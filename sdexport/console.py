@@ -18,10 +18,12 @@ from rich.console import Console
 
 from sdexport import stopping
 
-console = Console(stderr=True, highlight=False, soft_wrap=True)
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 """Progress, notes and summaries (stderr); silent with ``-q``. Lines are never broken here: a
-terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole."""
-out = Console(highlight=False)
+terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole. No
+console here turns ``:fire:`` into an emoji: a path or prompt is printed as the user wrote it
+(``escape`` and ``markup=False`` do not stop that)."""
+out = Console(highlight=False, emoji=False)
 """Results a script may read (stdout): tables, paths, Markdown."""
 
 
@@ -31,7 +33,7 @@ def print_result(text: str) -> None:
     folder named ``[draft]``)."""
     out.print(text, soft_wrap=True, markup=False, highlight=False)
 
-error_console = Console(stderr=True, highlight=False)
+error_console = Console(stderr=True, highlight=False, emoji=False)
 """Errors: printed whatever the verbosity."""
 
 

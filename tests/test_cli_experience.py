@@ -188,6 +188,15 @@ def test_a_run_stopped_between_calls_names_the_images_it_had_written(tiny_engine
     assert sorted(tmp_path.iterdir()) == written
 
 
+def test_a_path_with_colons_is_printed_as_written_not_as_an_emoji(tiny_engine_dir, tmp_path, capsys):
+    """rich read ``:fire:`` in a file name as an emoji: stdout named a file that does not exist."""
+    out = tmp_path / "a:fire:b.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", out) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.is_file()
+    assert run_cli("export", "a:smile:b", "-o", tmp_path / "x") == 2
+    assert "a:smile:b" in capsys.readouterr().err
+
+
 def test_what_a_stopped_run_wrote_is_named_first_and_last_when_long():
     from sdexport.cli import _written
 
