@@ -73,6 +73,11 @@ def test_tiny_round_trip(tmp_path: Path) -> None:
     loaded = load_model(str(path), config="tiny")
     assert loaded.source["kind"] == "single_file"
     assert_same_weights(original, loaded)
+    shouting = path.rename(tmp_path / "My ckpt.SAFETENSORS")  # a suffix in another case is the same kind of file
+    from sdexport.models.outline import outline_model
+
+    assert outline_model(str(shouting), config="tiny").family == "sd"
+    assert_same_weights(original, load_model(str(shouting), config="tiny"))
 
 
 def test_deeper_architecture_round_trip(tmp_path: Path) -> None:
@@ -346,6 +351,8 @@ def test_ckpt_round_trip(tmp_path: Path, nested: bool) -> None:
         original.modules["unet"], original.modules["vae"], original.modules["text_encoder"]).items()}
     path = tmp_path / "tiny.ckpt"
     torch.save({"state_dict": state, "global_step": 7} if nested else state, path)
+    if nested:  # a suffix in another case is the same kind of file
+        path = path.rename(tmp_path / "tiny.CKPT")
     loaded = load_model(str(path), config="tiny", lazy=True)
     for part in PARTS:
         loaded.materialize(part)

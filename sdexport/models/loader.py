@@ -411,7 +411,7 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({known})")
     if path.is_dir():
         return load_diffusers_dir(path, dtype=dtype, lazy=lazy)
-    if path.suffix in SINGLE_FILE_SUFFIXES:
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy, recorded=kind is not None)
     raise ModelLoadError(
         f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"

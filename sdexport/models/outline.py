@@ -41,6 +41,7 @@ SUPPORTED_PIPELINES = {
     "LatentConsistencyModelImg2ImgPipeline": "sd",
 }
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+"""Single-file checkpoints, by the lower-cased suffix (``My ckpt.SAFETENSORS`` is one)."""
 FAMILY_PIPELINES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                     SDXL_REFINER: "StableDiffusionXLImg2ImgPipeline"}
 """The pipeline class a family's model is saved as (refiner: the one that runs it by default)."""
@@ -83,7 +84,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     """Resolve ``model`` like ``load_model`` does, reading configs only; the same one-line errors."""
     preset = get_preset(model)
     path = Path(model)
-    if config is not None and path.suffix not in SINGLE_FILE_SUFFIXES:
+    if config is not None and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
             f"--config {config}: only a single-file checkpoint (.safetensors/.ckpt) takes --config; "
             f"{model} brings its own configs"
@@ -98,7 +99,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
                            read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
         return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path))
-    if path.suffix not in SINGLE_FILE_SUFFIXES:
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
     check_single_file(path)
@@ -189,7 +190,7 @@ def looks_like_a_model(path: Path) -> bool:
     export tiny -o tiny`` and later ``export tiny -o tiny --force`` or ``run tiny --backend torch``
     from that folder mean the preset (``part_sources._checkpoint_dir`` for ControlNets likewise)."""
     if path.is_file():
-        return path.suffix in SINGLE_FILE_SUFFIXES
+        return path.suffix.lower() in SINGLE_FILE_SUFFIXES
     return ((path / "model_index.json").is_file() and not (path / "manifest.json").is_file()
             and not (path / "unet" / "model.onnx").is_file())
 
@@ -336,7 +337,7 @@ def single_file_config(path: Path, config: str | None, *, recorded: bool = False
 
 def check_single_file(path: Path) -> None:
     """Catch a truncated or foreign file before diffusers does, with a message naming it."""
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         return
     from safetensors import safe_open
 

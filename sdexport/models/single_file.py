@@ -109,7 +109,7 @@ def _identity(path: Path) -> list[int]:
 def read_layout(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint as a meta tensor of its shape: the safetensors header alone, or
     a ``.ckpt`` mapped into memory (torch's zip format; an old-style pickle is read whole once)."""
-    if path.suffix == ".safetensors":
+    if path.suffix.lower() == ".safetensors":
         from safetensors import safe_open
 
         try:
@@ -189,11 +189,11 @@ class _Reader:
         self._get: Callable[[str], torch.Tensor] | None = None
         self._keys: list[str] = []
         self._since_open = 0
-        self._remappable = path.suffix == ".safetensors" or zipfile.is_zipfile(path)
+        self._remappable = path.suffix.lower() == ".safetensors" or zipfile.is_zipfile(path)
 
     def _open(self) -> Callable[[str], torch.Tensor]:
         self.close()
-        if self._path.suffix == ".safetensors":
+        if self._path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
             try:
