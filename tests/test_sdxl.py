@@ -847,6 +847,15 @@ def test_replacement_vae(tmp_path):
     assert manifest.model["source"]["vae"] == str((tmp_path / "fixed-vae").resolve())
     with pytest.raises(ModelLoadError, match="not a diffusers AutoencoderKL directory"):
         load_model("tiny-sdxl", vae=str(tmp_path))
+    # a weight the files lack: one line naming it (it was left on "meta", and the export's build failed)
+    from safetensors.torch import load_file, save_file
+
+    weights = next((tmp_path / "fixed-vae").glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors.pop("decoder.conv_in.bias")
+    save_file(tensors, weights)
+    with pytest.raises(ModelLoadError, match=r"^--vae .*fixed-vae: the weight files lack 1 of the weights .*decoder\.conv_in\.bias"):
+        load_model("tiny-sdxl", vae=str(tmp_path / "fixed-vae"))
 
 
 def test_bench_runs_tiny_sdxl(tmp_path):

@@ -423,7 +423,10 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     from diffusers import AutoencoderKL
 
     path = vae_config_dir(path)
-    vae = _load_part(path.parent, path.name, lambda p: AutoencoderKL.from_pretrained(p, torch_dtype=dtype))
+    try:  # every weight from the files, as a model directory's parts (a missing one stayed on "meta")
+        vae = _load_part(path.parent, path.name, lambda p: _with_all_weights(p, AutoencoderKL, dtype))
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"--vae {exc}") from None
     channels, wanted = int(vae.config.latent_channels), int(model.config("unet").out_channels)
     if channels != wanted:
         raise ModelLoadError(f"--vae {path}: {channels} latent channels, but the U-Net takes {wanted}")
