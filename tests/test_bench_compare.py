@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -428,6 +429,13 @@ def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsy
     net = tmp_path / "my-controlnet"
     load_model("tiny", controlnets=["tiny-controlnet"]).module("controlnet").save_pretrained(net)
     assert entry(GATE_SCENARIO + f'controlnets = ["{net}"]\n') not in (base, one_controlnet)
+    # a model read from disk by its content, not by where it lies or how its path is spelt
+    model = tmp_path / "m1"
+    load_model("tiny").save_pretrained(model)
+    shutil.copytree(model, tmp_path / "m2")
+    on_disk = {entry(GATE_SCENARIO.replace('model = "tiny"', f'model = "{path}"'))
+               for path in (model, tmp_path / "m2", f"{tmp_path}/./m1")}
+    assert len(on_disk) == 1 and on_disk != {base}
     assert entry(GATE_SCENARIO + "strength = 0.5\n") != base
     assert entry(GATE_SCENARIO + "inpaint = true\n") != base  # the VAE encoder too
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)

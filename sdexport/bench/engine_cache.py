@@ -28,13 +28,15 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sdexport.bench.scenario import Scenario
 from sdexport.shapes import ShapeProfile
 from sdexport.versions import installed_version
 
-KEY_VERSION = 1
-"""Bumped when what goes into the key changes meaning."""
+KEY_VERSION = 2
+"""Bumped when what goes into the key changes meaning (2: a model read from disk by its content
+alone, no longer by its path too)."""
 
 GRAPH_LIBRARIES = ("torch", "onnx", "onnxscript", "diffusers", "transformers", "onnxruntime", "onnxruntime-gpu",
                    "onnx-graphsurgeon")
@@ -75,10 +77,15 @@ def _tree_stamp(root: Path) -> str:
     return digest.hexdigest()
 
 
-def _source_digest(name: str, sources: tuple[Path, ...], by_content: bool = True) -> dict[str, str]:
+def _source_digest(name: str, sources: tuple[Path, ...], by_content: bool = True) -> dict[str, Any]:
     """A preset by its name (its weights come from its seed and sdexport's code, both in the key);
-    anything read from disk by content, or (``by_content=False``) by its files' stamps."""
-    return {str(path): _tree_digest(path) if by_content else _tree_stamp(path) for path in sources} or {"preset": name}
+    anything read from disk by content alone, wherever it lies (a copy on another runner, a path
+    spelt otherwise: the same key), or (``by_content=False``) by its files' paths and stamps."""
+    if not sources:
+        return {"preset": name}
+    if by_content:
+        return {"content": [_tree_digest(path) for path in sources]}  # in order: the model, then its --vae
+    return {str(path): _tree_stamp(path) for path in sources}
 
 
 def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProfile, dtype: str,
