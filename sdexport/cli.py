@@ -191,7 +191,7 @@ def adopt(
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
     height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("the family's (SD 256:512:1024, SDXL 512:1024:1536), or half to twice the U-Net's sample_size where that is not the family's"))] = None,
     width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("as --height"))] = None,
-    force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten: build again).")] = False,
+    force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten and their files removed: build again).")] = False,
 ) -> None:
     """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
     so that `sdexport run`, `build` and `bench` use it. Adds manifest.json and nothing else."""

@@ -240,6 +240,20 @@ def test_force_replaces_only_a_manifest_adopt_wrote(foreign_export: Path, engine
     assert (engine_copy / "manifest.json").is_file()
 
 
+def test_building_again_after_a_forced_adoption_replaces_what_it_forgot(foreign_export: Path):
+    """--force forgets what was built since; its files (still as the old manifest hashed them) go
+    too, so the next build does not refuse them as files sdexport did not write."""
+    assert run_cli("adopt", foreign_export) == 0
+    build = ("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "vae_decoder")
+    assert run_cli(*build) == 0
+    fused = foreign_export / "vae_decoder" / "onnxruntime-cuda"
+    assert any(fused.iterdir())
+    (foreign_export / "vae_decoder" / "notes.txt").write_text("mine")  # unlisted: never the adoption's
+    assert run_cli("adopt", foreign_export, "--force") == 0
+    assert not fused.exists() and (foreign_export / "vae_decoder" / "notes.txt").read_text() == "mine"
+    assert run_cli(*build) == 0
+
+
 def test_a_failed_force_keeps_the_adopted_manifest(foreign_export: Path, capsys):
     """--force replaces the manifest at the end, atomically: a refused re-adoption leaves it as it was."""
     assert run_cli("adopt", foreign_export) == 0

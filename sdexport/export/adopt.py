@@ -190,6 +190,7 @@ def adopt(
 
     with updating(directory, ENGINE_DIR):
         check_replaceable(directory, force)  # again, under the lock: another adopt may have finished
+        listed_before = _listed_files(directory)  # (an adopted manifest's, under --force)
         graphs = {s.name: _read_graph(directory, s.name) for s in plan.specs}  # each parsed once here
         entries = {name: ComponentEntry(onnx=f"{name}/{GRAPH}", dtype=graph.dtype, parity=dict(_UNCHECKED))
                    for name, graph in graphs.items()}
@@ -224,7 +225,36 @@ def adopt(
         if model is not None:
             _prove(directory, manifest, plan, model, config, graph_ios)
         save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
+        _remove_forgotten(directory, listed_before, manifest.files)
     return manifest
+
+
+def _listed_files(directory: Path) -> dict[str, str]:
+    """The files a manifest already in ``directory`` lists, with their sha256 (none without one)."""
+    try:
+        files = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {str(rel): str(digest) for rel, digest in files.items()} if isinstance(files, dict) else {}
+
+
+def _remove_forgotten(directory: Path, before: dict[str, str], now: dict[str, str]) -> None:
+    """``adopt --force`` forgets what was built since (TensorRT plans, fused graphs: from the graphs
+    as they were): remove those files, so that building again does not find them unlisted and
+    refuse them as the user's. Only a file that still matches the sha256 the old manifest recorded
+    for it is ours; anything else stays where it is."""
+    from sdexport.manifest import sha256_file
+
+    root = directory.resolve()
+    for rel in sorted(set(before) - set(now)):
+        path = directory / rel
+        if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(root):
+            continue
+        if sha256_file(path) != before[rel]:
+            continue
+        path.unlink()
+        if path.parent.resolve() != root and not any(path.parent.iterdir()):  # a fused graphs' folder left empty
+            path.parent.rmdir()
 
 
 _UNCHECKED = {"status": "unchecked", "reason": "adopted without --model: graphs checked against the specs "
