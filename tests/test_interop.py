@@ -254,6 +254,15 @@ def test_building_again_after_a_forced_adoption_replaces_what_it_forgot(foreign_
     assert run_cli(*build) == 0
 
 
+def test_an_adopted_weight_map_is_hashed(foreign_export: Path, tiny_engine_dir: Path):
+    """Run-time LoRA reads a component's weights.json where there is one: adopt lists it."""
+    shutil.copy(tiny_engine_dir / "unet" / "weights.json", foreign_export / "unet" / "weights.json")
+    assert run_cli("adopt", foreign_export) == 0
+    from sdexport.manifest import load_manifest
+
+    assert "unet/weights.json" in load_manifest(foreign_export, verify_files=False).files
+
+
 def test_a_failed_force_keeps_the_adopted_manifest(foreign_export: Path, capsys):
     """--force replaces the manifest at the end, atomically: a refused re-adoption leaves it as it was."""
     assert run_cli("adopt", foreign_export) == 0

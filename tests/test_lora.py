@@ -296,6 +296,20 @@ def test_run_time_lora_hashes_what_it_reads(tiny_engine_dir, lora_files, tmp_pat
         load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])
 
 
+@pytest.mark.parametrize("damage, words", [
+    ("{garbage", "damaged, not valid JSON"),
+    ('{"conv_in.weight": {"initializer": 3}}', "not a weight map sdexport wrote"),
+])
+def test_a_damaged_weight_map_is_one_line(tiny_engine_dir, lora_files, tmp_path, damage, words):
+    """Where no hash guards it (a directory adopted with a weights.json an older adopt left unlisted),
+    a damaged weights.json was a JSONDecodeError or KeyError traceback."""
+    from sdexport.export.weight_names import read_weight_map
+
+    (tmp_path / "weights.json").write_text(damage)
+    with pytest.raises(EngineDirError, match=words):
+        read_weight_map(tmp_path)
+
+
 def test_sdxl_kohya_files_named_after_the_original_blocks(tmp_path):
     """SDXL kohya files often name the U-Net's original blocks (input_blocks_3_1): diffusers maps them
     with the U-Net's config; so does sdexport, at export and at run time."""

@@ -262,9 +262,11 @@ _UNCHECKED = {"status": "unchecked", "reason": "adopted without --model: graphs 
 
 
 def adopted_files(directory: Path, plan: AdoptPlan, graphs: dict[str, GraphFacts]) -> dict[str, str]:
-    """What sdexport reads, hashed: each component's graph, its external weight files and config,
-    the tokenizers, the scheduler config and model_index.json. Nothing else in the directory (a
-    README, a .git folder) is listed: it stays the user's, and changing it breaks no run."""
+    """What sdexport reads, hashed: each component's graph, its external weight files and config
+    (and its weights.json where there is one: run-time LoRA reads it), the tokenizers, the scheduler
+    config and model_index.json. Nothing else in the directory (a README, a .git folder) is listed:
+    it stays the user's, and changing it breaks no run."""
+    from sdexport.export.weight_names import WEIGHTS_FILE
     from sdexport.manifest import sha256_file
 
     rels = [MODEL_INDEX, SCHEDULER_CONFIG_FILE]
@@ -272,8 +274,7 @@ def adopted_files(directory: Path, plan: AdoptPlan, graphs: dict[str, GraphFacts
         rels += sorted(p.relative_to(directory).as_posix() for p in (directory / name).rglob("*") if p.is_file())
     for name, graph in graphs.items():
         rels.append(f"{name}/{GRAPH}")
-        if (directory / name / "config.json").is_file():
-            rels.append(f"{name}/config.json")
+        rels += [f"{name}/{file}" for file in ("config.json", WEIGHTS_FILE) if (directory / name / file).is_file()]
         rels += [f"{name}/{location}" for location in graph.weight_files]
     files = {}
     for rel in dict.fromkeys(rels):

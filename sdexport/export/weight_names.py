@@ -64,7 +64,19 @@ def write_weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, 
 
 
 def read_weight_map(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The weight map ``write_weight_map`` wrote (None without one); a damaged one in one line."""
+    from sdexport.errors import EngineDirError
+
     path = folder / WEIGHTS_FILE
     if not path.is_file():
         return None
-    return json.loads(path.read_text())  # type: ignore[no-any-return]
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EngineDirError(f"{path}: damaged, not valid JSON ({exc}); export again") from None
+    if not isinstance(names, dict) or not all(
+            isinstance(where, dict) and isinstance(where.get("initializer"), str)
+            and isinstance(where.get("transposed"), bool) for where in names.values()):
+        raise EngineDirError(f"{path}: not a weight map sdexport wrote (each weight's initializer and transposed); "
+                             "export again")
+    return names

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
-from sdexport.export.weight_names import LORA_COMPONENTS, read_weight_map
+from sdexport.export.weight_names import LORA_COMPONENTS, WEIGHTS_FILE, read_weight_map
 from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updates
 
 if TYPE_CHECKING:
@@ -98,6 +98,9 @@ def onnx_initializers(engine_dir: Path, manifest: Manifest, component: str, upda
     for update in mine:
         where = names[update.parameter]
         name = where["initializer"]
+        if name not in tensors:
+            raise EngineDirError(f"{onnx_path.parent / WEIGHTS_FILE}: names {name!r} for {update.parameter}, which "
+                                 f"{graph} does not hold; export again")
         if name not in changed:
             changed[name] = numpy_helper.to_array(tensors[name], base_dir=str(onnx_path.parent)).astype(np.float32)
         delta = update.delta().numpy()
