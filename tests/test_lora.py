@@ -183,7 +183,7 @@ def test_run_time_lora_matches_the_fused_export(tiny_engine_dir, fused_dir, lora
     assert _rel(load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST), plain) == 0
 
 
-def test_cli_export_and_run_with_lora(tiny_engine_dir, lora_files, tmp_path):
+def test_cli_export_and_run_with_lora(tiny_engine_dir, lora_files, tmp_path, capsys):
     out = tmp_path / "lora.png"
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "3", "--height", "64", "--width", "64",
                    "--lora", f"{lora_files['unet']}:0.7", "-o", out) == 0
@@ -196,6 +196,11 @@ def test_cli_export_and_run_with_lora(tiny_engine_dir, lora_files, tmp_path):
     assert run_cli("export", "tiny", "-o", engines, "--verify", "none", "--components", "text_encoder,unet,vae_decoder",
                    "--lora", str(lora_files["kohya"])) == 0
     assert load_manifest(engines).model["loras"][0]["scale"] == 1.0
+    # a LoRA of the text encoder alone, on an export without one: recorded as fused, it changed nothing
+    assert run_cli("export", "tiny", "-o", tmp_path / "unet-only", "--verify", "none", "--components", "unet",
+                   "--lora", str(lora_files["text"])) == 2
+    assert not (tmp_path / "unet-only").exists()
+    assert "it changes only text_encoder, which this export leaves out" in capsys.readouterr().err
 
 
 def _mismatched_files(tmp_path: Path) -> dict[str, Path]:

@@ -72,7 +72,7 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
             from sdexport.models.lora import add_updates, match_all
 
             with step(f"Matching {len(options.loras)} LoRA file(s) to the model"):
-                updates = match_all(model.modules, options.loras, model.family)
+                updates = match_all(model.modules, options.loras, model.family, exported={s.name for s in plan.specs})
                 loras = [lora.record() for lora in options.loras]
             # fused into each part's weights as they are built (all of them, if already built)
             fuse = lambda name, module: add_updates({name: module}, [u for u in updates if u.component == name])  # noqa: E731

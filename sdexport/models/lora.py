@@ -314,14 +314,23 @@ def fuse_into(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family
     add_updates(modules, match_all(modules, loras, family))
 
 
-def match_all(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str) -> list[LoraUpdate]:
+def match_all(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str,
+              exported: set[str] | None = None) -> list[LoraUpdate]:
     """Every LoRA's updates, matched to the modules' layers in order (refusing any that does not
     fit). Needs only names and shapes: the modules may be weightless skeletons (an export adds
-    each part's updates when it builds that part)."""
+    each part's updates when it builds that part). ``exported``: the components an export writes;
+    a LoRA that changes none of them is refused (it would be recorded as fused and change nothing)."""
     layers = torch_layers(modules)
     unet_config = getattr(modules.get("unet"), "config", None)
-    return [update for lora in loras
-            for update in match_updates(read_updates(lora, family, unet_config), layers, f"--lora {lora.path}")]
+    updates: list[LoraUpdate] = []
+    for lora in loras:
+        matched = match_updates(read_updates(lora, family, unet_config), layers, f"--lora {lora.path}")
+        changed = sorted({u.component for u in matched})
+        if exported is not None and changed and not set(changed) & exported:
+            raise SdexportError(f"--lora {lora.path}: it changes only {' and '.join(changed)}, which this export "
+                                 "leaves out (--components); export that too, or leave the LoRA out")
+        updates += matched
+    return updates
 
 
 def add_updates(modules: dict[str, torch.nn.Module], updates: list[LoraUpdate]) -> None:
