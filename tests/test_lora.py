@@ -380,6 +380,11 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
     save_file({f"{module}.lora_down.weight": torch.zeros(RANK, 32), f"{module}.lora_up.weight": torch.zeros(32, RANK)},
               str(plain))
     assert read_updates(LoraFile(plain), "sd")  # (by a lower-case link: diffusers took .SAFETENSORS for a pickle)
+    folder = tmp_path / "my-lora"  # diffusers' save_lora_weights writes a folder
+    folder.mkdir()
+    shutil.copy(plain, folder / "pytorch_lora_weights.safetensors")
+    with pytest.raises(SdexportError, match=f"a directory; pass the LoRA file in it \\({folder}/pytorch_lora_weights"):
+        LoraFile.parse(str(folder))
 
 
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):

@@ -68,6 +68,10 @@ class LoraFile:
 
     def check(self, flag: str = "--lora") -> None:
         """Refuse, in one line, a file that is not there or not a safetensors LoRA."""
+        if self.path.is_dir():  # a diffusers LoRA folder (pytorch_lora_weights.safetensors inside)
+            inside = sorted(p.name for p in self.path.glob("*") if p.suffix.lower() == ".safetensors")
+            raise SdexportError(f"{flag} {self.path}: a directory; pass the LoRA file in it"
+                                + (f" ({self.path / inside[0]})" if len(inside) == 1 else ""))
         if not self.path.is_file():
             raise SdexportError(f"{flag} {self.path}: no such file")
         if self.path.suffix.lower() != ".safetensors":
