@@ -254,6 +254,29 @@ def test_building_again_after_a_forced_adoption_replaces_what_it_forgot(foreign_
     assert run_cli(*build) == 0
 
 
+def test_a_forced_adoption_removes_only_what_sdexport_built(tmp_path: Path):
+    """The adopted files are the user's export: one the new manifest no longer lists (optimum's
+    older weights file, say) stays; only plans and fused graphs, as hashed, are removed."""
+    import json
+
+    from sdexport.export.adopt import _built_files, _remove_forgotten
+    from sdexport.manifest import sha256_file
+
+    files = {"unet/model.onnx_data": b"the user's weights", "unet/0123.plan": b"plan",
+             "unet/onnxruntime-cuda/model.onnx": b"fused"}
+    for rel, data in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "files": {rel: sha256_file(tmp_path / rel) for rel in files},
+        "components": {"unet": {"engines": {"k": {"path": "unet/0123.plan"}}, "optimized": {"onnxruntime-cuda": {}}}}}))
+    built = _built_files(tmp_path)
+    assert sorted(built) == ["unet/0123.plan", "unet/onnxruntime-cuda/model.onnx"]
+    _remove_forgotten(tmp_path, built, {})
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "manifest.json", "unet/model.onnx_data"]
+
+
 def test_an_adopted_weight_map_is_hashed(foreign_export: Path, tiny_engine_dir: Path):
     """Run-time LoRA reads a component's weights.json where there is one: adopt lists it."""
     shutil.copy(tiny_engine_dir / "unet" / "weights.json", foreign_export / "unet" / "weights.json")

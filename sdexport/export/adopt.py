@@ -190,7 +190,7 @@ def adopt(
 
     with updating(directory, ENGINE_DIR):
         check_replaceable(directory, force)  # again, under the lock: another adopt may have finished
-        listed_before = _listed_files(directory)  # (an adopted manifest's, under --force)
+        built_before = _built_files(directory)  # (an adopted manifest's, under --force)
         graphs = {s.name: _read_graph(directory, s.name) for s in plan.specs}  # each parsed once here
         entries = {name: ComponentEntry(onnx=f"{name}/{GRAPH}", dtype=graph.dtype, parity=dict(_UNCHECKED))
                    for name, graph in graphs.items()}
@@ -225,24 +225,30 @@ def adopt(
         if model is not None:
             _prove(directory, manifest, plan, model, config, graph_ios)
         save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
-        _remove_forgotten(directory, listed_before, manifest.files)
+        _remove_forgotten(directory, built_before, manifest.files)
     return manifest
 
 
-def _listed_files(directory: Path) -> dict[str, str]:
-    """The files a manifest already in ``directory`` lists, with their sha256 (none without one)."""
+def _built_files(directory: Path) -> dict[str, str]:
+    """What sdexport built into ``directory`` since its manifest was written, with the sha256 that
+    manifest lists (none without one): each component's TensorRT plans (``engines``) and the files
+    of its rewritten graphs (``optimized``: ``COMPONENT/TARGET/``). The adopted files are the
+    user's export, never counted here."""
     try:
-        files = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
+        files, components = data["files"], data["components"]
+        built = {str(e["path"]) for c in components.values() for e in c.get("engines", {}).values()}
+        folders = tuple(f"{name}/{target}/" for name, c in components.items() for target in c.get("optimized", {}))
+        return {str(rel): str(digest) for rel, digest in files.items() if rel in built or str(rel).startswith(folders)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
-    return {str(rel): str(digest) for rel, digest in files.items()} if isinstance(files, dict) else {}
 
 
 def _remove_forgotten(directory: Path, before: dict[str, str], now: dict[str, str]) -> None:
-    """``adopt --force`` forgets what was built since (TensorRT plans, fused graphs: from the graphs
-    as they were): remove those files, so that building again does not find them unlisted and
-    refuse them as the user's. Only a file that still matches the sha256 the old manifest recorded
-    for it is ours; anything else stays where it is."""
+    """``adopt --force`` forgets what was built since (``before``: TensorRT plans, fused graphs, from
+    the graphs as they were): remove those files, so that building again does not find them
+    unlisted and refuse them as the user's. Only a file that still matches the sha256 the old
+    manifest recorded for it is ours; anything else stays where it is."""
     from sdexport.manifest import sha256_file
 
     root = directory.resolve()
