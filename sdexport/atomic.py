@@ -15,13 +15,19 @@ TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
 """``atomic_path``'s temporary names, ``.NAME.PID.tmp``: what a process killed mid-write leaves."""
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` or its nearest parent that exists (what a write there would be decided by)."""
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def longest_name(folder: Path) -> int:
     """The longest file name ``atomic_path`` can write to in ``folder``: the file system's limit
     (255 bytes on most) less what its temporary name adds (``.`` + ``.PID.tmp``, PIDs up to 7
     digits), so a name that is too long is refused before the work, not after it."""
-    existing = next((p for p in (folder, *folder.parents) if p.is_dir()), Path("."))
     try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
+        limit = os.pathconf(existing_ancestor(folder), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         limit = 255
     if limit <= 0:  # -1: no limit set (some FUSE and network file systems)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdexport import stopping
-from sdexport.atomic import TEMP_NAME
+from sdexport.atomic import TEMP_NAME, existing_ancestor
 from sdexport.console import console
 from sdexport.errors import SdexportError
 
@@ -206,13 +206,6 @@ def unwritable(directory: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
-
-
-def existing_ancestor(path: Path) -> Path:
-    """``path`` or its nearest parent that exists (what a write there would be decided by)."""
-    while not path.exists() and not path.is_symlink() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def _make_parents(parent: Path) -> list[Path]:
