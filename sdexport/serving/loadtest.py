@@ -33,11 +33,12 @@ def check_url(url: str) -> None:
         raise SdexportError(f"--url {url}: host:port only, without the scheme (e.g. localhost:8000)")
     if url.count(":") > 1 and not url.startswith("["):
         raise SdexportError(f"--url {url}: write an IPv6 address in brackets, e.g. [::1]:8000")
+    parts = urlsplit(f"//{url}")
     try:
-        port = urlsplit(f"//{url}").port
-    except ValueError:
+        port = parts.port
+    except ValueError:  # not a number, or out of range
         port = None
-    if port is None or not urlsplit(f"//{url}").hostname:
+    if port is None or not parts.hostname:
         raise SdexportError(f"--url {url}: need host:port, e.g. localhost:8000")
 
 
