@@ -967,7 +967,7 @@ def test_review_findings_are_refused(tmp_path, capsys):
     for args, message in [
         ([*two, "--components", "text_encoder,controlnet_1,unet,vae_decoder"], "export every ControlNet or none"),
         ([*two, "--components", "text_encoder,unet,vae_decoder"], "export it with its ControlNets"),
-        (["--controlnet", empty], "no weights"),
+        (["--controlnet", empty], "no weight file (diffusion_pytorch_model.safetensors or"),
     ]:
         assert run_cli("export", "tiny", *args, "-o", tmp_path / "out") == 2
         assert message in capsys.readouterr().err

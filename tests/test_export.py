@@ -107,12 +107,22 @@ def _unet_dir(path: Path) -> Path:
     return path
 
 
+def _vae_dir(path: Path, config: dict, weights: str | None = None) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+    if weights:
+        (path / weights).write_bytes(b"")  # never read: refused by its name
+    return path
+
+
 def _broken_diffusers_dir(path: Path, case: str) -> Path:
     """A diffusers directory (configs only: it must be refused before any weight is read)."""
     from sdexport.models.loader import write_config_dir
     from sdexport.models.presets import PRESETS
 
     write_config_dir(PRESETS["tiny"], path)
+    if case == "no-weights":
+        return path
     part, change = {"nan-scaling": ("vae/config.json", {"scaling_factor": float("nan")}),
                     "bad-scheduler": ("scheduler/scheduler_config.json", {"num_train_timesteps": -5})}[case]
     config = json.loads((path / part).read_text())
@@ -153,6 +163,10 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("vae-is-a-unet", "a UNet2DConditionModel, not an AutoencoderKL"),
         ("nan-scaling", "scaling_factor nan is not a positive number"),
         ("bad-scheduler", "num_train_timesteps: -5 is less than the minimum of 1"),
+        ("no-weights", "text_encoder: no weight file (model.safetensors or pytorch_model.bin)"),
+        ("vae-is-a-text-encoder", "a CLIPTextModel, not an AutoencoderKL"),
+        ("vae-config-only", "no weight file (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"),
+        ("vae-variant-only", "a variant, which sdexport does not read: rename it to diffusion_pytorch_model.safetensors"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys):
@@ -179,6 +193,14 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         extra = ["--dtype", "int8"]
     elif case == "bad-component":
         extra = ["--components", "clip"]
+    elif case.startswith("vae-") and case != "vae-not-a-vae" and case != "vae-is-a-unet":
+        from sdexport.models.presets import PRESETS
+
+        config, weights = {"vae-is-a-text-encoder": ({"architectures": ["CLIPTextModel"],
+                                                      "model_type": "clip_text_model"}, None),
+                           "vae-config-only": (PRESETS["tiny"].vae, None),
+                           "vae-variant-only": (PRESETS["tiny"].vae, "diffusion_pytorch_model.fp16.safetensors")}[case]
+        extra = ["--vae", str(_vae_dir(tmp_path / "vae", config, weights))]
     else:
         extra = {
             "opset-low": ["--opset", "13"], "opset-high": ["--opset", "24"], "bad-seed": ["--seed", "-1"],
@@ -188,7 +210,7 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
             "not-a-number": ["--opset", "seventeen"], "empty-components": ["--components", ""],
             "empty-range": ["--batch", ""], "word-range": ["--height", "abc"], "vae-is-a-unet": ["--vae", str(_unet_dir(tmp_path / "u"))],
         }.get(case, [])
-        if case in ("nan-scaling", "bad-scheduler"):
+        if case in ("nan-scaling", "bad-scheduler", "no-weights"):
             model = str(_broken_diffusers_dir(tmp_path / "broken", case))
     started = time.perf_counter()
     code = run_cli("export", model, "-o", out, *extra)
@@ -270,3 +292,27 @@ def test_opset_range_is_torchs_exporter_range(tmp_path: Path):
     assert MAX_OPSET == constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET  # gone or moved: check the range again
     assert run_cli("export", "tiny", "-o", tmp_path / "e", "--opset", str(MIN_OPSET), "--components", "unet",
                    "--verify", "quick") == 0
+
+
+def test_weight_files_are_the_ones_from_pretrained_reads(tmp_path: Path):
+    """A sharded checkpoint is its index and every shard it names; a missing shard or a shard
+    outside the folder is refused, and safetensors come before .bin as the libraries look for them."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.outline import weight_files
+
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert weight_files(tmp_path, "transformers") == [tmp_path / "model.safetensors"]
+    unet = tmp_path / "unet"
+    unet.mkdir()
+    index = unet / "diffusion_pytorch_model.safetensors.index.json"
+    shards = ["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model-00002-of-00002.safetensors"]
+    index.write_text(json.dumps({"weight_map": {"a": shards[1], "b": shards[0], "c": shards[1]}}))
+    (unet / shards[0]).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="shard diffusion_pytorch_model-00002-of-00002.safetensors is missing"):
+        weight_files(unet, "diffusers")
+    (unet / shards[1]).write_bytes(b"")
+    assert weight_files(unet, "diffusers") == [index, *(unet / s for s in shards)]
+    index.write_text(json.dumps({"weight_map": {"a": "../model.safetensors"}}))
+    with pytest.raises(ModelLoadError, match="is not a file name beside it"):
+        weight_files(unet, "diffusers")

@@ -16,7 +16,7 @@ from sdexport.manifest import not_an_engine_dir
 from sdexport.models.adapter import AdapterSource, adapters_for
 from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
-from sdexport.models.outline import ModelOutline, outline_model
+from sdexport.models.outline import ModelOutline, check_part_weights, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.output_dir import OutputKind, check_target
 from sdexport.shapes import ShapeProfile
@@ -104,6 +104,7 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
+    check_part_weights(outline, (spec.module for spec in specs))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources)
     return plan

@@ -28,6 +28,7 @@ from sdexport.models.outline import (
     single_file_config,
     unet_extra_channels,
     vae_config_dir,
+    weight_files,
 )
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.models.tokenizer import save_tokenizer
@@ -551,8 +552,10 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
 
     diffusers and transformers compare the files' keys with the module's state-dict keys
     themselves (after their own key renaming) but only log what is missing; their report
-    (``output_loading_info``) is turned into an error here.
+    (``output_loading_info``) is turned into an error here. A folder without weight files is refused
+    first (``weight_files``), in one line of ours.
     """
+    weight_files(path, "transformers" if cls.__module__.startswith("transformers") else "diffusers")
     model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
     for problem in ("missing_keys", "mismatched_keys"):
         keys = sorted(str(k) for k in info.get(problem) or ())

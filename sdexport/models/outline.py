@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -125,11 +126,18 @@ def _outline(
         vae_path = vae_config_dir(Path(vae_dir))
         vae = read_json(vae_path / "config.json")
         sources = (*sources, vae_path)
-        if vae.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
-            raise ModelLoadError(f"--vae {vae_path}: a {vae.get('_class_name')}, not an AutoencoderKL")
+        architectures = vae.get("architectures")
+        found = (vae.get("_class_name") or (architectures[0] if isinstance(architectures, list) and architectures
+                                            else None) or vae.get("model_type"))
+        if (found or "AutoencoderKL") != "AutoencoderKL":  # transformers' configs name theirs otherwise
+            raise ModelLoadError(f"--vae {vae_path}: a {found}, not an AutoencoderKL")
         channels, wanted = vae.get("latent_channels", 4), unet.get("out_channels", 4)
         if channels != wanted:
             raise ModelLoadError(f"--vae {vae_path}: {channels} latent channels, but the U-Net takes {wanted}")
+        try:
+            weight_files(vae_path, "diffusers")
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"--vae {exc}") from None
     problem = first_error(SCHEDULER_CONFIG, scheduler)
     if problem:
         raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
@@ -297,6 +305,65 @@ def pipeline_adapters(path: Path) -> tuple[Path, ...]:
         raise ModelLoadError(f"{path}: a MultiAdapter of more than {MAX_ADAPTERS} T2I-Adapters; sdexport runs at most "
                              f"{MAX_ADAPTERS} at once")
     return tuple(found)
+
+
+WEIGHT_NAMES = {
+    "diffusers": ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
+                  "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin"),
+    "transformers": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json"),
+}
+"""The weight files ``from_pretrained`` reads from a model folder, by library, in the order it looks
+for them (no ``variant``: sdexport never asks for one)."""
+
+
+def library_of(part: str) -> str:
+    """Which library's ``from_pretrained`` reads a diffusers pipeline's sub-folder ``part``."""
+    return "transformers" if part.startswith("text_encoder") else "diffusers"
+
+
+def weight_files(folder: Path, library: str) -> list[Path]:
+    """The files ``from_pretrained`` would read ``folder``'s weights from (a sharded checkpoint's
+    index and its shards), so that a folder without them is refused in one line before anything
+    loads (diffusers would log an error of its own first), and so that they can be fingerprinted.
+
+    A folder holding only variant files (``diffusion_pytorch_model.fp16.safetensors``) is named as
+    such: ``from_pretrained`` reads them only when asked for that variant."""
+    names = WEIGHT_NAMES[library]
+    for name in names:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return [path]
+        weight_map = read_json(path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{path}: no weight_map naming the shards")
+        shards = sorted({str(v) for v in weight_map.values()})
+        unsafe = [s for s in shards if Path(s).name != s]
+        if unsafe:
+            raise ModelLoadError(f"{path}: shard {unsafe[0]!r} is not a file name beside it")
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ModelLoadError(f"{path}: shard {missing[0]} is missing ({len(missing)} of {len(shards)})")
+        return [path, *(folder / s for s in shards)]
+    stems = tuple(n.split(".")[0] for n in names)
+    variants = sorted(p.name for p in folder.glob("*.*") if p.name.startswith(stems) and p.name.count(".") == 2
+                      and "-of-" not in p.name) if folder.is_dir() else []  # one file, not a shard
+    hint = (f"; it holds {variants[0]}, a variant, which sdexport does not read: rename it to "
+            f"{variants[0].split('.')[0]}.{variants[0].rsplit('.', 1)[-1]}") if variants else ""
+    raise ModelLoadError(f"{folder}: no weight file ({names[1] if library == 'diffusers' else names[0]} "
+                         f"or {names[3] if library == 'diffusers' else names[2]}){hint}")
+
+
+def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
+    """A diffusers model directory holds weight files for each of ``modules`` (the parts an export
+    reads: ``unet``, ``vae``, ``text_encoder``...): refused before the first part is exported, not
+    after."""
+    if outline.preset is not None or not outline.sources or not outline.sources[0].is_dir():
+        return
+    for module in sorted(set(modules) & {"unet", "vae", *text_encoders(outline.family)}):
+        weight_files(outline.sources[0] / module, library_of(module))
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -56,8 +56,12 @@ def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mappi
         path = in_pipeline(path) if in_pipeline is not None else path / part.folder  # a pipeline's directory
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{what}: not a diffusers {part.class_name} directory (no config.json)")
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise ModelLoadError(f"{what}: {path} has a config.json but no weights (*.safetensors, *.bin)")
+    from sdexport.models.outline import weight_files
+
+    try:
+        weight_files(path, "diffusers")
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{what}: {exc}") from None
     return None, path
 
 
