@@ -95,7 +95,11 @@ SCHEMA: dict[str, Any] = {
                 "source": {
                     "type": "object",
                     "required": ["kind"],
-                    "properties": {"kind": {"enum": ["preset", "diffusers", "single_file", "onnx"]}},
+                    "properties": {
+                        "kind": {"enum": ["preset", "diffusers", "single_file", "onnx"]},
+                        # the weight files the export read, by absolute path (models.source_files)
+                        "files": {"type": "object", "additionalProperties": _SHA256},
+                    },
                 },
                 "random_weights": {"type": "boolean"},
                 "pipeline_config": {"type": "object"},

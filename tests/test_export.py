@@ -81,6 +81,53 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
     assert all(e.parity["status"] == "passed" for e in manifest.components.values())
 
 
+def test_the_torch_backend_refuses_weights_changed_since_the_export(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
+    """The export records the sha256 of each weight file it read; the Torch backend, which reloads
+    them, refuses a changed or missing one (the ONNX graphs still run), and runs again once restored."""
+    import shutil
+
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    out = tmp_path / "engines"
+    assert run_cli("export", model, "-o", out, "--batch", "1", "--height", "64", "--width", "64",
+                   "--components", "text_encoder,unet,vae_decoder", "--verify", "none") == 0
+    files = load_manifest(out).model["source"]["files"]
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    assert sorted(files) == sorted(str((model / p).resolve()) for p in (
+        "text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"))
+    run = ("run", out, "-p", "x", "--steps", "1", "--height", "64", "--width", "64", "-q")
+    assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "a.png") == 0
+    original = vae.read_bytes()
+    vae.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    capsys.readouterr()
+    assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "b.png") == 2
+    assert f"{vae.resolve()} changed since the export read it (its sha256 differs)" in capsys.readouterr().err
+    assert run_cli(*run, "-o", tmp_path / "c.png") == 0  # the graphs hold what they held
+    vae.write_bytes(original)
+    assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "d.png") == 0
+    (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "e.png") == 2
+    assert "which the export read and which is gone" in capsys.readouterr().err
+    assert not (tmp_path / "b.png").exists() and not (tmp_path / "e.png").exists()
+
+
+def test_the_weight_files_an_export_reads_follow_its_parts(tmp_path: Path):
+    """A single file whole; a replaced VAE's files instead of the model's; ControlNets and T2I-Adapters
+    read from directories; presets none."""
+    from sdexport.models.source_files import source_weight_files
+
+    for folder in ("vae", "net", "adapter"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    single = tmp_path / "m.safetensors"
+    assert source_weight_files({"kind": "single_file", "path": str(single)}, ["unet"]) == [single]
+    assert source_weight_files({"kind": "preset", "name": "tiny"}, ["unet", "vae"]) == []
+    source = {"kind": "preset", "name": "tiny", "vae": str(tmp_path / "vae"),
+              "controlnets": [{"kind": "preset", "name": "tiny-controlnet"}, {"kind": "diffusers", "path": str(tmp_path / "net")}],
+              "adapter": {"kind": "diffusers", "path": str(tmp_path / "adapter")}}
+    assert [p.parent.name for p in source_weight_files(source, ["vae", "unet"])] == ["vae", "net", "adapter"]
+    assert [p.parent.name for p in source_weight_files(source, ["unet"])] == ["net", "adapter"]
+
+
 def test_fp16_export_keeps_float32_io(tiny_fp16_engine_dir: Path):
     out = tiny_fp16_engine_dir
     manifest = load_manifest(out)

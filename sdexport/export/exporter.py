@@ -35,6 +35,7 @@ from sdexport.export.weight_names import LORA_COMPONENTS, write_weight_map
 from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.models import LoadedModel, load_model
+from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
@@ -67,6 +68,10 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
                                union_images=options.union_images)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
+        read = source_weight_files(model.source, {spec.module for spec in plan.specs})
+        if read:  # for the Torch backend's reload to prove it runs the same weights
+            with step(f"Hashing the {len(read)} weight file(s) the export reads"):
+                model.source = {**model.source, "files": fingerprint(read)}
         loras = []
         if options.loras:
             from sdexport.models.lora import add_updates, match_all

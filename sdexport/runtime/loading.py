@@ -528,6 +528,9 @@ def _torch_engines(
     seed = source.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
+    from sdexport.models.source_files import check_unchanged
+
+    check_unchanged(source.get("files") or {})  # the weights the graphs were made from
     from sdexport.models.adapter import resolve_adapter
     from sdexport.models.controlnet import resolve_controlnet
 
