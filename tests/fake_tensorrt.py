@@ -180,15 +180,22 @@ class FakeRefitter:
         return list(self.engine.weights)
 
     def set_named_weights(self, name: str, weights: Any) -> bool:
-        if name not in self.engine.weights or weights.array.shape != self.engine.weights[name].shape:
+        """As ``IRefitter::setNamedWeights``: ``trt.Weights`` carry a type and a count, no shape, and
+        either differing from the weight's prototype is refused (a transposed array of the same count
+        goes in)."""
+        prototype = self.engine.weights.get(name)
+        if prototype is None or weights.array.dtype != prototype.dtype or weights.array.size != prototype.size:
             return False
-        self.pending[name] = weights.array.copy()
+        self.pending[name] = weights.array.reshape(prototype.shape).copy()
         return True
 
     def get_missing_weights(self) -> list[str]:
-        return list(self.engine.refit_needs)
+        return [name for name in self.engine.refit_needs if name not in self.pending]
 
     def refit_cuda_engine(self) -> bool:
+        """False while weights are missing ("false if ... getMissingWeights() != 0 before the call")."""
+        if self.get_missing_weights():
+            return False
         self.engine.weights.update(self.pending)
         self.engine.refits += 1
         return True

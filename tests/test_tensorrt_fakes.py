@@ -623,7 +623,24 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
         refit(engine, {"folded": np.zeros((2, 2), np.float16)}, source)
     with pytest.raises(SdexportError, match="refused the new kept"):
         refit(engine, {"kept": np.zeros((3, 3), np.float16)}, source)
+    with pytest.raises(SdexportError, match=r"refused the new kept \(float32, \[2, 2\]\)"):
+        refit(engine, {"kept": np.zeros((2, 2), np.float32)}, source)  # TensorRT checks the type, not the shape
     engine.refit_needs = ["kept_bias"]
     with pytest.raises(SdexportError, match="needs 1 more weights to refit with these .e.g. kept_bias"):
         refit(engine, {"kept": np.zeros((2, 2), np.float16)}, source)
     assert engine.refits == 0
+
+
+def test_the_fake_refitter_keeps_tensorrts_rules(trt):
+    """What IRefitter does (NvInferRuntime.h): weights of another type or count are refused, a
+    refit with weights still missing returns False, and once they are given it refits."""
+    engine = _refittable(trt, {"w": (2, 3), "b": (3,)})
+    engine.refit_needs = ["b"]
+    refitter = trt.Refitter(engine, None)
+    assert not refitter.set_named_weights("w", trt.Weights(np.ones((2, 3), np.float32)))
+    assert not refitter.set_named_weights("w", trt.Weights(np.ones((2, 2), np.float16)))
+    assert refitter.set_named_weights("w", trt.Weights(np.ones((3, 2), np.float16)))  # no shape, only a count
+    assert refitter.get_missing_weights() == ["b"] and not refitter.refit_cuda_engine() and engine.refits == 0
+    assert refitter.set_named_weights("b", trt.Weights(np.ones(3, np.float16)))
+    assert refitter.get_missing_weights() == [] and refitter.refit_cuda_engine() and engine.refits == 1
+    assert engine.weights["w"].shape == (2, 3) and engine.weights["w"].all()
