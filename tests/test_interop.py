@@ -138,9 +138,20 @@ def test_a_command_a_message_suggests_works_when_pasted(foreign_export: Path, ca
     assert f"sdexport adopt '{spaced}'" in " ".join(capsys.readouterr().err.split())
 
 
-def test_export_of_an_onnx_export_says_what_it_is(foreign_export: Path, tmp_path: Path, capsys):
+def test_export_of_an_onnx_export_says_what_it_is(foreign_export: Path, tiny_engine_dir: Path, tmp_path: Path, capsys):
+    """Adopt it where it has no manifest; run it where it has one (sdexport's, or adopted); and as a
+    single file's --config it is no checkpoint's architecture."""
     assert run_cli("export", foreign_export, "-o", tmp_path / "out") == 2
-    assert "an ONNX export (unet/model.onnx), not a PyTorch checkpoint" in " ".join(capsys.readouterr().err.split())
+    err = " ".join(capsys.readouterr().err.split())
+    assert "an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after `sdexport adopt" in err
+    assert run_cli("export", tiny_engine_dir, "-o", tmp_path / "out") == 2
+    assert f"not a PyTorch checkpoint: `sdexport run {tiny_engine_dir}` runs it" in " ".join(capsys.readouterr().err.split())
+    single = tmp_path / "m.safetensors"
+    single.write_bytes(b"")
+    assert run_cli("export", single, "--config", tiny_engine_dir, "-o", tmp_path / "out") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--config {tiny_engine_dir}: an ONNX export, not the diffusers directory of a checkpoint" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_adopted_export_runs_and_generates_what_the_original_does(foreign_export: Path, tiny_engine_dir: Path):

@@ -254,10 +254,10 @@ def family_of_dir(path: Path) -> str:
         )
     family = family_of_index(SUPPORTED_PIPELINES[pipeline], index, path)
     if (path / "unet" / "model.onnx").is_file():
-        raise ModelLoadError(
-            f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after "
-            f"`sdexport adopt {pasteable(path)}`, or export the checkpoint it came from"
-        )
+        run = (f"`sdexport run {pasteable(path)}` runs it" if (path / "manifest.json").is_file()
+               else f"run it after `sdexport adopt {pasteable(path)}`")
+        raise ModelLoadError(f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: {run}, or "
+                             "export the checkpoint it came from")
     parts = ["unet", "vae", *text_encoders(family), *tokenizer_names(family), "scheduler"]
     missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
@@ -397,6 +397,9 @@ def single_file_config(path: Path, config: str | None, *, recorded: bool = False
         return preset, Path(config)
     if not Path(config).is_dir():
         raise ModelLoadError(f"--config {config}: not a diffusers directory or a preset ({', '.join(PRESETS)})")
+    if (Path(config) / "unet" / "model.onnx").is_file():
+        raise ModelLoadError(f"--config {config}: an ONNX export, not the diffusers directory of a checkpoint; give "
+                             f"one with the file's architecture, or a preset ({', '.join(PRESETS)})")
     family_of_dir(Path(config))
     return None, Path(config)
 
