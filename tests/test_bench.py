@@ -153,6 +153,8 @@ def test_shipped_scenarios_parse():
     ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ncontrolnets = ["tiny-sdxl-controlnet"]\nstrength = 0.5',
      "refiner with controlnets and strength: ControlNets on the base model of an ensemble run text to image only"),
     ('model = "tiny-sdxl"\nrefiner = ""', "refiner: '' should be non-empty|refiner: '' is too short"),
+    ('model = "tiny"\nconfig = ""', "config: '' should be non-empty|config: '' is too short"),
+    ('model = "tiny-sdxl"\nrefiner_config = "sdxl-refiner"', "refiner_config is a single-file refiner's architecture"),
 ])
 def test_bad_scenarios_are_refused(tmp_path, text, message):
     """``|``: jsonschema's own words, which moved after 4.18 (the floor)."""

@@ -105,6 +105,9 @@ def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProf
     record = {
         "key_version": KEY_VERSION,
         "model": source(scenario.model, sources),
+        # only for a single file (so that every other scenario keeps its key); a preset's by name, a
+        # directory's by content among the sources
+        **({"config": scenario.config} if scenario.config is not None else {}),
         "controlnets": [source(c, (Path(c),) if Path(c).exists() else ()) for c in scenario.controlnets],
         # only with adapters (one as before), so that every other scenario keeps its key
         **({"adapter": adapters[0]} if len(adapters) == 1 else {"adapters": adapters} if adapters else {}),

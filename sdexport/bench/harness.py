@@ -164,8 +164,10 @@ def _run(
     # export below, which loads the model again one part at a time, holds no second copy of them
     # (ControlNets excepted: they are read at once, lazy or not)
     with step(f"Reading {scenario.model}'s configs" + (f" and {scenario.refiner}'s" if scenario.refiner else "")):
-        model = load_model(scenario.model, controlnets=scenario.controlnets, adapters=scenario.adapters, lazy=True)
-        refiner = load_model(scenario.refiner, lazy=True) if scenario.refiner is not None else None
+        model = load_model(scenario.model, config=scenario.config, controlnets=scenario.controlnets,
+                           adapters=scenario.adapters, lazy=True)
+        refiner = (load_model(scenario.refiner, config=scenario.refiner_config, lazy=True)
+                   if scenario.refiner is not None else None)
     one_time["model"] = {"load_s": time.perf_counter() - start}
     engine_dir, refiner_dir = options.engine_dir, options.refiner_engine_dir
     recorded_dir, recorded_refiner = engine_dir, refiner_dir
@@ -470,7 +472,7 @@ def _free_device() -> None:
 
 EXPORTS = ("export", "refiner_export")
 """The report's ``one_time`` records of the exports (``exports``): the model's, the refiner's."""
-BASE_MODEL_KEYS = ("refiner", "denoising_end", "strength", "inpaint", "controlnets", "control_mode", "control_scale",
+BASE_MODEL_KEYS = ("refiner", "denoising_end", "refiner_config", "strength", "inpaint", "controlnets", "control_mode", "control_scale",
                    "guess_mode", "adapter", "adapter_scale")
 """The keys of a refiner scenario that its refiner's export (``exports``) leaves at their
 defaults: the ensemble's own, and those of the base model alone (an init image, ControlNets,
@@ -487,7 +489,7 @@ def exports(scenario: Scenario, plan: BenchPlan) -> list[tuple[Scenario, BenchPl
 
     # it starts from latents (no VAE encoder) and takes no ControlNet or T2I-Adapter: those are the base model's
     alone = dataclasses.replace(scenario, name=f"{scenario.name}-refiner", model=scenario.refiner,
-                                **field_defaults(Scenario, BASE_MODEL_KEYS))
+                                config=scenario.refiner_config, **field_defaults(Scenario, BASE_MODEL_KEYS))
     return [(scenario, plan), (alone, plan.refiner_plan())]
 
 
@@ -548,7 +550,7 @@ def _export_to(target: Path, scenario: Scenario, family: str, dtype: str, profil
     from sdexport.export.exporter import ExportOptions, export
 
     start = time.perf_counter()
-    export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype,
+    export(scenario.model, target, ExportOptions(profile=profile, dtype=dtype, config=scenario.config,
                                                  components=export_components(scenario, family, dtype),
                                                  verify=scenario.export.get("verify", "quick"), force=True,
                                                  controlnets=list(scenario.controlnets), adapters=scenario.adapters))

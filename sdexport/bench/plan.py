@@ -214,7 +214,7 @@ def _check_stated(scenario: Scenario) -> tuple[ModelOutline, ModelOutline | None
     """What the scenario states, checked from the models' configs: its model and refiner outlines,
     its ControlNets' union modes (0: plain or none), whether the model embeds the guidance (a latent
     consistency model), and the profile the benchmark exports with."""
-    outline = outline_model(scenario.model)
+    outline = outline_model(scenario.model, config=scenario.config)
     refiner = _refiner_outline(scenario, outline)  # first: the checks below would ask for an init image
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
@@ -255,7 +255,7 @@ def _refiner_outline(scenario: Scenario, outline: ModelOutline) -> ModelOutline 
         raise SdexportError(f"{scenario.model}: an SDXL base model hands its latents to the refiner, and this model is "
                             f"{FAMILY_LABELS[outline.family]}; name an SDXL base model with refiner")
     try:
-        refiner = outline_model(scenario.refiner)
+        refiner = outline_model(scenario.refiner, config=scenario.refiner_config)
     except SdexportError as exc:
         raise SdexportError(f"refiner {exc}") from None
     if refiner.family != SDXL_REFINER:

@@ -43,6 +43,8 @@ class Case:
 class Scenario:
     name: str
     model: str
+    config: str | None = None
+    """A single-file model's architecture, as ``export --config``: a preset or a diffusers directory."""
     description: str = ""
     prompt: str = "a photograph of an astronaut riding a horse"
     negative_prompt: str = ""
@@ -96,6 +98,8 @@ class Scenario:
     baseline is diffusers' two pipelines, the base model's latents handed over undecoded."""
     denoising_end: float | None = None
     """With ``refiner``: the base model's fraction of the schedule (default 0.8, diffusers' example)."""
+    refiner_config: str | None = None
+    """A single-file refiner's architecture (``sdxl-refiner``, or a refiner's diffusers directory)."""
 
     @property
     def cut(self) -> float | None:
@@ -122,9 +126,9 @@ class Scenario:
         return [Case(b, s) for b, s in itertools.product(self.batch, self.steps)]
 
 
-WORKLOAD_FIELDS = ("model", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
+WORKLOAD_FIELDS = ("model", "config", "prompt", "negative_prompt", "scheduler", "guidance", "seed", "height", "width", "dtype",
                    "strength", "inpaint", "controlnets", "control_mode", "control_scale", "guess_mode", "adapter",
-                   "adapter_scale", "refiner", "denoising_end",
+                   "adapter_scale", "refiner", "denoising_end", "refiner_config",
                    "export", "build")
 """What a scenario's figures depend on besides its cases (batch × steps) and how often it measures:
 ``sdexport bench compare`` compares two reports only when these are equal."""
@@ -147,6 +151,7 @@ SCHEMA: dict[str, Any] = {
     "properties": {
         "name": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]*$", "maxLength": 100},
         "model": {"type": "string", "minLength": 1},
+        "config": {"type": "string", "minLength": 1},
         "description": {"type": "string"},
         "prompt": {"type": "string"},
         "negative_prompt": {"type": "string"},
@@ -173,6 +178,7 @@ SCHEMA: dict[str, Any] = {
         "adapter_scale": {"type": "number"},
         "refiner": {"type": "string", "minLength": 1},
         "denoising_end": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+        "refiner_config": {"type": "string", "minLength": 1},
         "export": {
             "type": "object",
             "properties": {"verify": {"enum": list(VERIFY_MODES)}, "batch": _RANGE_TEXT,
@@ -242,6 +248,8 @@ def load_scenario(path: Path) -> Scenario:
     if scenario.adapter and (scenario.controlnets or scenario.image_inputs):
         raise SdexportError(f"{path}: adapter with {'controlnets' if scenario.controlnets else 'an init image'}: "
                             "diffusers' adapter pipelines generate from text alone; benchmark one kind")
+    if scenario.refiner_config is not None and scenario.refiner is None:
+        raise SdexportError(f"{path}: refiner_config is a single-file refiner's architecture: add refiner, or drop it")
     if scenario.denoising_end is not None and scenario.refiner is None:
         raise SdexportError(f"{path}: denoising_end is the base model's share before the refiner's: add refiner, or "
                             "drop it")

@@ -17,6 +17,7 @@ from typing import Any
 
 from sdexport.errors import ModelLoadError, one_line, pasteable
 from sdexport.models.presets import PRESETS, SDXL_PROFILE, Preset, get_preset
+from sdexport.runtime.setting_names import option, option_given
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import FAMILY_CONTROLNET, SDXL_REFINER, is_sdxl, text_encoders, tokenizer_names
 
@@ -87,7 +88,8 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     path = Path(model)
     if config is not None and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(
-            f"--config {config}: only a single-file checkpoint (.safetensors/.ckpt) takes --config; "
+            f"{option_given('--config', config)}: only a single-file checkpoint (.safetensors/.ckpt) takes "
+            f"{option('--config')}; "
             f"{model} brings its own configs"
         )
     if preset is not None and not looks_like_a_model(path):
@@ -388,7 +390,7 @@ def single_file_config(path: Path, config: str | None, *, recorded: bool = False
     directory holds now."""
     if config is None:
         raise ModelLoadError(
-            f"{path}: a single-file checkpoint needs --config: a local diffusers directory with the "
+            f"{path}: a single-file checkpoint needs {option('--config')}: a local diffusers directory with the "
             f"same architecture, or a preset ({', '.join(PRESETS)})"
         )
     by_name = recorded and not Path(config).is_absolute()
@@ -396,9 +398,11 @@ def single_file_config(path: Path, config: str | None, *, recorded: bool = False
     if preset is not None:
         return preset, Path(config)
     if not Path(config).is_dir():
-        raise ModelLoadError(f"--config {config}: not a diffusers directory or a preset ({', '.join(PRESETS)})")
+        raise ModelLoadError(f"{option_given('--config', config)}: not a diffusers directory or a preset "
+                             f"({', '.join(PRESETS)})")
     if (Path(config) / "unet" / "model.onnx").is_file():
-        raise ModelLoadError(f"--config {config}: an ONNX export, not the diffusers directory of a checkpoint; give "
+        raise ModelLoadError(f"{option_given('--config', config)}: an ONNX export, not the diffusers directory of a "
+                             "checkpoint; give "
                              f"one with the file's architecture, or a preset ({', '.join(PRESETS)})")
     family_of_dir(Path(config))
     return None, Path(config)

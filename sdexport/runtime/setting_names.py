@@ -50,7 +50,7 @@ def scenario_key(name: str) -> str:
     return name
 
 
-SCENARIO_KEYS = {"--controlnet": "controlnets", "--adapter": "adapter", "--batch": "export.batch",
+SCENARIO_KEYS = {"--config": "config", "--controlnet": "controlnets", "--adapter": "adapter", "--batch": "export.batch",
                  "--height": "export.height", "--width": "export.width"}
 """Export options that a bench scenario states as keys of its own (``Scenario`` fields and its
 ``[export]`` table, checked in ``tests/test_setting_names.py``)."""
