@@ -35,6 +35,14 @@ if TYPE_CHECKING:
 
 _Default = TypeVar("_Default", bound=float | None)
 
+def _path(value: str | Path) -> Path:
+    """A path argument or option as given: an empty one is refused, not read as the current
+    directory (``Path("")`` is ``Path(".")``: ``sdexport inspect ""`` would inspect ``.``)."""
+    if not str(value).strip():
+        raise typer.BadParameter("an empty path; name one")
+    return Path(value)
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -147,7 +155,7 @@ def export(
 
 @app.command()
 def inspect(
-    engine_dir: Annotated[Path, typer.Argument(help="An engine directory written by `sdexport export`.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="An engine directory written by `sdexport export`.")],
     check: Annotated[bool, typer.Option(help="Check every file against its sha256 (trusting the record of an earlier hash while a file is unchanged), every graph's inputs and outputs, and what `run` loads (tokenizers, scheduler).")] = True,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every file again and load the tokenizers and scheduler again, whatever earlier checks recorded.")] = False,
 ) -> None:
@@ -185,7 +193,7 @@ def inspect(
 
 @app.command()
 def adopt(
-    directory: Annotated[Path, typer.Argument(help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, COMPONENT/model.onnx + config.json).")],
+    directory: Annotated[Path, typer.Argument(parser=_path, help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, COMPONENT/model.onnx + config.json).")],
     model: Annotated[str | None, typer.Option(help="The checkpoint (or preset) it was exported from: each graph is then compared with PyTorch, and --backend torch can run it.")] = None,
     config: Annotated[str | None, typer.Option(help="With a single-file --model (.safetensors/.ckpt): a diffusers directory of the same architecture, or a preset, as `sdexport export --config`.")] = None,
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
@@ -207,7 +215,7 @@ def adopt(
 
 @app.command()
 def build(
-    engine_dir: Annotated[Path, typer.Argument(help="Engine directory from `sdexport export`.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory from `sdexport export`.")],
     target: Annotated[str, typer.Option(help="tensorrt: TensorRT plans. onnxruntime-cuda: graphs with ONNX Runtime's own Stable Diffusion fusions (contrib ops for its CUDA provider), written beside the portable graphs; runs on the CPU too.")] = "tensorrt",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fp32 VAE decoder and encoder stay fp32, and so do an fp32 SDXL export's VAE decoder and encoder where its config sets force_upcast.")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
@@ -215,7 +223,7 @@ def build(
     batch: BuildBatchOpt = None,
     height: BuildHeightOpt = None,
     width: BuildWidthOpt = None,
-    timing_cache: Annotated[Path | None, typer.Option(help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(parser=_path, help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
     optimization_level: Annotated[int | None, typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
     refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet.")] = None,
@@ -332,7 +340,7 @@ def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
 
 @app.command()
 def run(
-    engine_dir: Annotated[Path, typer.Argument(help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Image path: .png, .jpg/.jpeg or .webp (each with the parameters in its metadata); several images write NAME-0.EXT, NAME-1.EXT, ...")] = "out.png",
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
@@ -354,8 +362,8 @@ def run(
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
     aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the aesthetic rating (0-10, LAION's) the image is refined towards (default as diffusers: 6.0).")] = None,
     negative_aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the rating guidance steers away from (default as diffusers: 2.5).")] = None,
-    init_image: Annotated[list[Path] | None, typer.Option(help="img2img / inpainting: start from this image (its size is the default --height/--width); one per run, every image of the batch starts from it.")] = None,
-    mask: Annotated[list[Path] | None, typer.Option(help="Inpainting: white repaints, black keeps; needs --init-image; one per run.")] = None,
+    init_image: Annotated[list[Path] | None, typer.Option(parser=_path, help="img2img / inpainting: start from this image (its size is the default --height/--width); one per run, every image of the batch starts from it.")] = None,
+    mask: Annotated[list[Path] | None, typer.Option(parser=_path, help="Inpainting: white repaints, black keeps; needs --init-image; one per run.")] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default as diffusers: img2img 0.8, SDXL img2img 0.3, inpainting 1.0, SDXL inpainting 0.9999); runs int(steps x strength) steps.")] = None,
     fit: Annotated[str, typer.Option(help="An --init-image/--mask of another size than --height/--width: exact (refuse), resize (stretch), crop (scale to cover, centre crop).")] = "exact",
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: add a LoRA to the exported weights for this run, no re-export (onnxruntime's portable graphs, torch); repeatable.")] = None,
@@ -368,7 +376,7 @@ def run(
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
     adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter, or that many per image, image by image (default 1).")] = None,
     adapter_factor: Annotated[list[float] | None, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor), one for all images or one per image (default 1); with --refiner, of the base model's own steps, as diffusers counts them.")] = None,
-    refiner: Annotated[Path | None, typer.Option(help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora, --init-image, --strength and the control and adapter images stay with the base model; --mask goes to both.")] = None,
+    refiner: Annotated[Path | None, typer.Option(parser=_path, help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora, --init-image, --strength and the control and adapter images stay with the base model; --mask goes to both.")] = None,
     denoising_end: Annotated[float | None, typer.Option(help="With --refiner: the fraction of the schedule the base model runs, above 0 and below 1 (default 0.8, diffusers' example); the refiner runs the rest.")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
@@ -871,14 +879,14 @@ def _bench_options(quiet: QuietOpt = False, verbose: VerboseOpt = False, level: 
 
 @bench_app.command("run")
 def bench(
-    scenario: Annotated[Path, typer.Argument(help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
+    scenario: Annotated[Path, typer.Argument(parser=_path, help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = "bench-out",
     contenders: Annotated[str | None, typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda (portable graphs), onnxruntime-cuda-fused (ONNX Runtime's fusions + CUDA graphs), torch, torch-compile, torch-compile-max, tensorrt.")] = None,
-    engine_dir: Annotated[Path | None, typer.Option(help="Use this engine directory instead of exporting one.")] = None,
+    engine_dir: Annotated[Path | None, typer.Option(parser=_path, help="Use this engine directory instead of exporting one.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
-    engine_cache: Annotated[Path | None, typer.Option(help="Keep the export in this folder between runs, in a subfolder named by what it depends on (`sdexport bench cache-key`); a later run with the same key reuses it.")] = None,
-    refiner_engine_dir: Annotated[Path | None, typer.Option(help="A scenario with a refiner: use this sdxl-refiner engine directory (with --engine-dir, the base model's) instead of exporting one.")] = None,
+    engine_cache: Annotated[Path | None, typer.Option(parser=_path, help="Keep the export in this folder between runs, in a subfolder named by what it depends on (`sdexport bench cache-key`); a later run with the same key reuses it.")] = None,
+    refiner_engine_dir: Annotated[Path | None, typer.Option(parser=_path, help="A scenario with a refiner: use this sdxl-refiner engine directory (with --engine-dir, the base model's) instead of exporting one.")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process.
 
@@ -912,7 +920,7 @@ def bench(
 
 @bench_app.command("cache-key")
 def bench_cache_key(
-    scenario: Annotated[Path, typer.Argument(help="Scenario file.")],
+    scenario: Annotated[Path, typer.Argument(parser=_path, help="Scenario file.")],
 ) -> None:
     """Print the name of the folder `--engine-cache` keeps this scenario's export in (SCENARIO-KEY;
     with a refiner, a second line: its own, SCENARIO-refiner-KEY).
@@ -933,8 +941,8 @@ def bench_cache_key(
 
 @bench_app.command("compare")
 def bench_compare(
-    baseline: Annotated[Path, typer.Argument(help="The reference run: a results.json, or the bench output folder holding it.")],
-    new: Annotated[Path, typer.Argument(help="The run to judge, the same way.")],
+    baseline: Annotated[Path, typer.Argument(parser=_path, help="The reference run: a results.json, or the bench output folder holding it.")],
+    new: Annotated[Path, typer.Argument(parser=_path, help="The run to judge, the same way.")],
     max_slowdown: Annotated[str, typer.Option(help="Fail a case whose end-to-end median is this much slower (and beyond the noise), e.g. 5%.")] = "5%",
     min_psnr: Annotated[float | None, typer.Option(help="Also fail a contender whose image agrees less than this (dB) with its run's baseline contender.")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Compare runs from different devices, precisions or scenario definitions anyway.")] = False,
@@ -1034,7 +1042,7 @@ def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
 
 @app.command()
 def serve(
-    engine_dir: Annotated[Path, typer.Argument(help="Engine directory to serve.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory to serve.")],
     backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: replay CUDA graphs (as for `run`).")] = False,
     portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs, not the fused ones.")] = False,
@@ -1047,8 +1055,8 @@ def serve(
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
     drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish.")] = 30,
     startup_timeout: Annotated[int, typer.Option(help="Seconds to wait for the engines to load before giving up.")] = 600,
-    log_file: Annotated[Path | None, typer.Option(help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit; with -v it is shown here instead).")] = None,
-    refiner: Annotated[Path | None, typer.Option(help=_REFINER_HELP)] = None,
+    log_file: Annotated[Path | None, typer.Option(parser=_path, help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit; with -v it is shown here instead).")] = None,
+    refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
 ) -> None:
     """Serve an engine directory behind Triton Inference Server (KServe v2 HTTP/gRPC, metrics, dynamic batching)."""
@@ -1122,7 +1130,7 @@ def serve(
 
 @app.command("triton-repo")
 def triton_repo(
-    engine_dir: Annotated[Path, typer.Argument(help="Engine directory to serve.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory to serve.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Model repository folder to create (tritonserver --model-repository).")],
     backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: replay CUDA graphs.")] = False,
@@ -1132,7 +1140,7 @@ def triton_repo(
     max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
     force: Annotated[bool, typer.Option(help="Replace an existing repository that sdexport wrote.")] = False,
-    refiner: Annotated[Path | None, typer.Option(help=_REFINER_HELP)] = None,
+    refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
     refiner_path: Annotated[str | None, typer.Option(help="With --refiner: its path as the server will see it (as --engine-path); default: its absolute path here.")] = None,
 ) -> None:

@@ -338,3 +338,17 @@ def test_pseudo_filesystems_are_refused_before_work(capsys):
     assert run_cli("export", "tiny", "-o", "/proc/sdexport-test", *QUICK) == 2
     err = capsys.readouterr().err
     assert "cannot write in /proc" in err and "Loading" not in err
+
+
+@pytest.mark.parametrize("args", [
+    ["inspect", ""], ["build", ""], ["adopt", ""], ["run", "", "-p", "x", "-o", "x.png"],
+    ["run", "ENGINES", "-p", "x", "-o", "x.png", "--init-image", ""], ["bench", "run", ""],
+    ["bench", "run", "benchmarks/scenarios/tiny-cpu.toml", "-o", "x", "--engine-dir", " "],
+    ["bench", "compare", "", "x"], ["serve", ""],
+])
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tiny_engine_dir: Path, args: list[str], capsys):
+    """``Path("")`` is ``Path(".")``: an empty argument would name the current folder."""
+    args = [tiny_engine_dir if a == "ENGINES" else a for a in args]
+    assert run_cli(*args) == 2
+    err = capsys.readouterr().err
+    assert "an empty path; name one" in err and len(err.strip().splitlines()) == 1, err
