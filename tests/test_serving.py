@@ -1015,3 +1015,18 @@ def test_the_readme_lists_every_input_of_the_served_model():
     table = [line for line in section.splitlines() if line.startswith("| `")]
     named = [name for line in table for name in re.findall(r"`(\w+)`", line.split("|")[1])]
     assert sorted(named) == sorted(spec.name for spec in INPUTS)
+
+
+def test_the_triton_processs_output_goes_to_stderr(capsys):
+    """Under -v (no log file) Triton's log is its output, which PyTriton prints line by line: onto
+    stderr here, as every log, never onto stdout, which holds results."""
+    from pytriton.server.triton_server import TritonServer
+
+    from sdexport.serving.server import server_output_to_stderr
+
+    server_output_to_stderr()
+    server = TritonServer.__new__(TritonServer)  # only what _record_logs reads
+    server._verbose, server._tritonserver_logs = True, ""
+    server._record_logs(b"I1205 started GRPCInferenceService\n")
+    out, err = capsys.readouterr()
+    assert out == "" and err == "I1205 started GRPCInferenceService\n"

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import sysconfig
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdexport.errors import SdexportError
 
@@ -116,6 +118,20 @@ def stub_environment() -> None:
             os.environ["LD_LIBRARY_PATH"] = f"{libdir}:{current}" if current else libdir
 
 
+def server_output_to_stderr() -> None:
+    """Send what the Triton process writes (its whole log, under ``-v`` where no log file takes it)
+    to stderr: PyTriton reads it and hands each line to ``print``, onto stdout, which sdexport keeps
+    for results. Its module's ``print`` is replaced (a module global shadows the builtin); PyTriton
+    prints nothing else there."""
+    import pytriton.server.triton_server as server
+
+    server.print = _print_to_stderr  # type: ignore[attr-defined]
+
+
+def _print_to_stderr(*values: object, **options: Any) -> None:
+    print(*values, **{**options, "file": sys.stderr})  # sys.stderr as it is now (a test's capture too)
+
+
 def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
                log_file: Path | None, on_ready: Callable[[], None]) -> None:
     """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
@@ -125,6 +141,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
     stub_environment()
+    server_output_to_stderr()
     # PyTriton waits 120 s for the server to turn ready; loading large engines can take longer.
     pytriton.triton.DEFAULT_TRITON_STARTUP_TIMEOUT_S = startup_timeout_s  # type: ignore[attr-defined]
     config = TritonConfig(
