@@ -100,13 +100,13 @@ def test_the_torch_backend_refuses_weights_changed_since_the_export(tiny_diffuse
     vae.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     capsys.readouterr()
     assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "b.png") == 2
-    assert f"{vae.resolve()} changed since the export read it (its sha256 differs)" in capsys.readouterr().err
+    assert f"{vae.resolve()} changed since the manifest recorded it (its sha256 differs)" in capsys.readouterr().err
     assert run_cli(*run, "-o", tmp_path / "c.png") == 0  # the graphs hold what they held
     vae.write_bytes(original)
     assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "d.png") == 0
     (model / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     assert run_cli(*run, "--backend", "torch", "-o", tmp_path / "e.png") == 2
-    assert "which the export read and which is gone" in capsys.readouterr().err
+    assert "which the manifest records and which is gone" in capsys.readouterr().err
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "e.png").exists()
 
 

@@ -192,6 +192,11 @@ def test_adopt_proves_graphs_against_a_single_file_checkpoint_with_its_config(fo
     manifest = load_manifest(foreign_export)
     assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
     assert manifest.model["source"]["config"] == "tiny"  # so that --backend torch reloads it
+    assert list(manifest.model["source"]["files"]) == [str(checkpoint.resolve())]  # and proves it the same
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-1] + b" ")
+    run = ["run", foreign_export, "-p", "x", "--steps", "1", "--height", "64", "--width", "64", "-o", tmp_path / "x.png"]
+    assert run_cli(*run, "--backend", "torch") == 2
+    assert "changed since the manifest recorded it" in capsys.readouterr().err
 
 
 def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):

@@ -392,5 +392,9 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
         _print_report(report)
         require_parity(report)
         entry.parity = report.to_dict()
-    manifest.model["source"] = {**model.source, "adopted_from": str(directory.resolve())}
+    from sdexport.models.source_files import fingerprint, source_weight_files
+
+    read = source_weight_files(model.source, {spec.module for spec in plan.specs})  # for the Torch backend's reload
+    files = {"files": fingerprint(read)} if read else {}
+    manifest.model["source"] = {**model.source, **files, "adopted_from": str(directory.resolve())}
     manifest.model["random_weights"] = model.random_weights

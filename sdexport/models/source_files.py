@@ -55,10 +55,10 @@ def check_unchanged(fingerprints: Mapping[str, str]) -> None:
     for name, expected in fingerprints.items():
         path = Path(name)
         if not path.is_file():
-            raise EngineDirError(f"the Torch backend needs {path}, which the export read and which is gone")
+            raise EngineDirError(f"the Torch backend needs {path}, which the manifest records and which is gone")
         if _sha256(path, expected) != expected:
             raise EngineDirError(
-                f"{path} changed since the export read it (its sha256 differs): the Torch backend would run "
+                f"{path} changed since the manifest recorded it (its sha256 differs): the Torch backend would run "
                 "other weights than the graphs hold; export again from it, or choose another backend"
             )
 
