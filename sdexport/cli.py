@@ -801,13 +801,13 @@ def _generate(
             save_images(result, output, own, first=saved, count=len(paths), per_image={"base": base})
         else:
             save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
+        for path in paths[saved:saved + part.batch]:  # as they are written: a later call may fail
+            print_result(str(path))
         saved += part.batch
         stopping.keep("images", _written(paths[:saved], len(paths)))
         console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random weights: the images are noise-like by design")
-    for path in paths:
-        print_result(str(path))
 
 
 def _denoise(pipeline: Any, part: GenerationRequest, label: str) -> Any:
@@ -1314,9 +1314,12 @@ def _run_app() -> Any:
 def _fail(message: str, code: int, exc: BaseException) -> NoReturn:
     import os
 
+    from sdexport import stopping
+
     if os.environ.get("SDEXPORT_TRACEBACK"):
         raise exc
-    error_console.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    # what the command had finished before it failed (a run's first calls' images), as on a stop
+    error_console.print(f"[red]error:[/] {escape('; '.join([message, *stopping.kept()]))}", soft_wrap=True)
     sys.exit(code)
 
 

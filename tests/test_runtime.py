@@ -153,6 +153,7 @@ def test_timings_cover_every_stage(pipelines):
         ({"prompt": ["a"] * 3, "seeds": [0, 1, 2]}, ProfileError, r"3 images in one call: the engines. profile takes at most 2; split"),
         ({"scheduler": "heun9"}, SdexportError, "unknown scheduler 'heun9'"),
         ({"prompt": [], "seeds": []}, SdexportError, "no prompt given"),
+        ({"guidance": 1e300}, SdexportError, "guidance 1e.300: need a finite number >= 0 .*within float32's range"),
     ],
 )
 def test_bad_requests_are_refused_before_any_engine_runs(change, error, message, pipelines, monkeypatch):

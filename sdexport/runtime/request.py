@@ -462,6 +462,15 @@ def check_per_image(request: GenerationRequest, *, family: str, controlnets: int
     _check_adapter(request, adapters)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def finite32(value: float) -> bool:
+    """A number the engines can take: finite in float32, which every scale and score becomes (1e300
+    is finite to Python and infinite to the U-Net, whose NaN latents would be found only after the run)."""
+    return math.isfinite(value) and abs(value) <= FLOAT32_MAX
+
+
 def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
     """One finite scale >= 0, or one per image, all above 1 or all at or below it (``sides``): a call
     runs the unconditional half of the batch for every image or for none."""
@@ -476,8 +485,9 @@ def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SdexportError(f"{which}: expected an int or a float, not {type(value).__name__}"
                                 + ("" if each else ", or a list of one per image"))
-        if not math.isfinite(value) or value < 0:
-            raise SdexportError(f"{which}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual)")
+        if not finite32(value) or value < 0:
+            raise SdexportError(f"{which}: need a finite number >= 0 (1 disables guidance; 5 to 7.5 is usual), "
+                                "within float32's range")
     numbers = cast(list[float], values)  # checked above
     if sides and len({value > 1 for value in numbers}) > 1:
         raise SdexportError(
@@ -640,8 +650,8 @@ def _check_setting(name: str, value: Any, batch: int, count: int, noun: str, pla
             which = [*([f"{place} {k + 1} of {count}"] if len(places) > 1 else []),
                      *([f"image {i + 1} of {batch}"] if len(values) > 1 else [])]
             said = f" ({', '.join(which)})" if which else ""
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise SdexportError(f"{flag} {v!r}{said}: expected a finite number")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not finite32(v):
+                raise SdexportError(f"{flag} {v!r}{said}: expected a finite number (within float32's range)")
             if fraction and not 0 <= v <= 1:
                 raise SdexportError(f"{flag} {v:g}{said}: a fraction of the steps, from 0 to 1")
         if inside > 1 and len(set(values)) > 1:
@@ -783,7 +793,7 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
         for name in REFINER_ONLY:
             value = getattr(request, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
-                                      or not math.isfinite(value)):
+                                      or not finite32(value)):
                 raise SdexportError(f"{setting(name)} {value}: expected a finite number (LAION aesthetic ratings run 0 to 10)")
     if not is_sdxl(family):
         named = [name for name in SDXL_ONLY if given[name]]

@@ -462,7 +462,7 @@ class Txt2ImgPipeline:
 
         decode_start = clock.mark()
         if request.denoising_end is None:
-            pixels, fallback = self.decode(latents, request)  # ends with the copy to the host: the run is complete
+            pixels, fallback = self.decode(latents, request, scheduler_label(scheduler))  # ends with the copy to the host: the run is complete
         else:  # the latents are the result, for the refiner (diffusers' output_type="latent")
             pixels, fallback = np.zeros((0, request.height, request.width, 3), np.float32), False
             latents = latents.float().cpu()
@@ -863,8 +863,10 @@ class Txt2ImgPipeline:
 
         return per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0]), fallback
 
-    def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None) -> tuple[np.ndarray, bool]:
+    def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None,
+               scheduler: str | None = None) -> tuple[np.ndarray, bool]:
         """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
+        ``scheduler``: the name of the one that ran, for the report (the request may say "default").
 
         The check of the image is the run's one wait for the device before the copy to the host
         (nothing between the denoising loop and the VAE waits). Non-finite latents make a
@@ -873,7 +875,7 @@ class Txt2ImgPipeline:
         image = self.engines["vae_decoder"](feed)["sample"]
         fallback = False
         if not torch.isfinite(image).all():
-            where = (f"; with {request.scheduler} for {request.steps} steps at guidance {guidance_label(request.effective_guidance(self.family))}"
+            where = (f"; with {scheduler or request.scheduler} for {request.steps} steps at guidance {guidance_label(request.effective_guidance(self.family))}"
                      if request is not None else "")
             if not torch.isfinite(latents).all():
                 cause = ("The U-Net computes in fp32: its weights (a LoRA's?) or the settings are the cause"
