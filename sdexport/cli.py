@@ -6,6 +6,7 @@ not need torch or TensorRT never imports them.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -508,10 +509,13 @@ def run(
                 " with --fit resize or --fit crop)" if fit == "exact" else f": --fit {fit} fits the image to them)")) from None
         if size_from_image:
             flag = "--control-image" if sized is not adapters else "--adapter-image"
-            raise ProfileError(f"{exc} (the size of the first {flag}; pass --height/--width: {flag[2:]}s are "
-                               "resized to them)") from None
+            raise ProfileError(f"{exc} (the size of the first {flag}; pass --height/--width: "
+                               f"{flag[2:].replace('-', ' ')}s are resized to them)") from None
         raise
     image_path = _output_path(output)
+    if output.endswith(("/", os.sep)):  # Path() drops the separator: a file named like the folder would be written
+        raise SdexportError(f"-o {output}: a folder (it ends in a separator); give a file name such as "
+                            f"{pasteable(output + 'image.png')}")
     check_image_output(image_path, request.batch)
     from sdexport.runtime.images import output_paths
 
@@ -1312,8 +1316,6 @@ def _run_app() -> Any:
 
 
 def _fail(message: str, code: int, exc: BaseException) -> NoReturn:
-    import os
-
     from sdexport import stopping
 
     if os.environ.get("SDEXPORT_TRACEBACK"):

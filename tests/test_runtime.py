@@ -311,6 +311,11 @@ def test_cli_run_refuses_a_directory_as_output(tiny_engine_dir: Path, tmp_path: 
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", tmp_path) == 2
     assert "is a directory; give a file name" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    # a folder that does not exist yet, named as one: not a file called like it, nor -0.png files beside it
+    for batch in ("1", "2"):
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "--batch", batch, "-o", f"{tmp_path / 'new'}/") == 2
+        assert f"-o {tmp_path / 'new'}/: a folder (it ends in a separator); give a file name such as" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_torch_backend_keeps_an_fp16_export_and_its_fp32_fallback_apart(tmp_path):
