@@ -868,3 +868,20 @@ def test_bench_runs_tiny_sdxl(tmp_path):
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
     assert runtime["status"] == "measured" and runtime["agreement"]["latents_rel_l2"] < 1e-4
+
+
+def test_an_empty_negative_prompt_or_prompt_2_is_recorded_as_given(tiny_sdxl_engine_dir: Path, tmp_path: Path):
+    """On SDXL ``-n ""`` is not ``-n`` left out (that is zeros), nor ``--prompt-2 ""`` the prompt: the
+    images differ, so their records must too, or the record would not reproduce the image."""
+    from PIL import Image
+
+    from sdexport.runtime.images import read_parameters
+
+    records, images = {}, {}
+    for name, extra in {"plain": [], "negative": ["-n", ""], "second": ["--prompt-2", ""]}.items():
+        out = tmp_path / f"{name}.png"
+        assert run_cli("run", tiny_sdxl_engine_dir, "-p", "x", "--steps", "1", "-q", "-o", out, *extra) == 0
+        records[name] = {k: v for k, v in read_parameters(out).items() if k in ("negative_prompt", "prompt_2")}
+        images[name] = np.asarray(Image.open(out))
+    assert records == {"plain": {}, "negative": {"negative_prompt": ""}, "second": {"prompt_2": ""}}
+    assert not np.array_equal(images["plain"], images["negative"]) and not np.array_equal(images["plain"], images["second"])

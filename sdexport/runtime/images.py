@@ -224,18 +224,24 @@ def _record(image: Any) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+GIVEN_EMPTY = ("negative_prompt", "prompt_2", "negative_prompt_2")
+"""Texts recorded even when given empty: on SDXL an empty negative prompt is encoded, where none at
+all is zeros (``force_zeros_for_empty_prompt``), and an empty ``prompt_2`` is not ``prompt``."""
+
+
 def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The parameters that made image ``i``: the A1111-style text many image tools read, and the full
     record. The scheduler is the one that ran (``default`` resolved); empty fields are left out."""
     request = result.request
     prompt = _used(result, "prompt", i) or ""
-    negative = _used(result, "negative_prompt", i) or ""
+    negative_used = _used(result, "negative_prompt", i)
+    negative = negative_used or ""
     cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
     scheduler = result.scheduler or request.scheduler
     guidance = request.guidance_scales(result.family)[i]
     params = {
         "prompt": prompt,
-        "negative_prompt": negative,
+        "negative_prompt": negative_used,
         "seed": request.seeds[i],
         "steps": request.steps,
         "scheduler": scheduler,
@@ -255,7 +261,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
            if request.adapter_image else {}),
         **info,
     }
-    params = {k: v for k, v in params.items() if v not in ("", None, [], {})}
+    params = {k: v for k, v in params.items() if v not in ("", None, [], {}) or (v == "" and k in GIVEN_EMPTY)}
     text = "\n".join([
         prompt,
         *([f"Negative prompt: {negative}"] if negative else []),
