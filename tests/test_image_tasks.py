@@ -264,6 +264,25 @@ def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert depth.shape == (8, 8, 3) and (depth[0, 0, 0], depth[-1, -1, 0]) == (0, 255) and len(np.unique(depth)) == 64
 
 
+def test_a_floating_point_image_is_read_at_its_range_not_clipped(tmp_path):
+    """A 0/1 float mask (TIFF, as segmentation tools write) repaints where it is 1; 0 to 255 floats
+    keep their levels; another range is refused in one line, not guessed."""
+    from sdexport.errors import SdexportError
+    from sdexport.runtime.image_inputs import read_image
+
+    mask = np.zeros((8, 8), np.float32)
+    mask[2:6, 2:6] = 1.0
+    Image.fromarray(mask, "F").save(tmp_path / "mask.tiff")
+    assert Image.open(tmp_path / "mask.tiff").mode == "F"
+    read = np.asarray(read_image(tmp_path / "mask.tiff", "--mask", mode="L"))
+    assert read[3, 3] == 255 and read[0, 0] == 0
+    Image.fromarray(np.full((8, 8), 77.0, np.float32), "F").save(tmp_path / "levels.tiff")
+    assert np.asarray(read_image(tmp_path / "levels.tiff", "--mask", mode="L")).max() == 77
+    Image.fromarray(np.full((8, 8), -3.0, np.float32), "F").save(tmp_path / "depth.tiff")
+    with pytest.raises(SdexportError, match=r"--control-image .*depth.tiff: a floating-point image with values from -3 to -3"):
+        read_image(tmp_path / "depth.tiff", "--control-image")
+
+
 @pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-inpaint"])
 def test_cli_refuses_a_maskless_inpainting_model(engine_dirs, files, tmp_path, capsys, preset):
     assert run_cli("run", engine_dirs[preset], "-p", "x", "-o", tmp_path / "b.png") == 2

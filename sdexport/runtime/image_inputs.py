@@ -49,6 +49,8 @@ def _decode(source: Any, what: str, mode: str) -> Any:
             upright = ImageOps.exif_transpose(image)
             if upright.mode == "I" or upright.mode.startswith("I;16"):
                 upright = _eight_bit(upright)
+            elif upright.mode == "F":
+                upright = _from_float(upright, what)
             return upright.convert(mode)
     except Image.DecompressionBombError as exc:
         raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None
@@ -67,6 +69,24 @@ def _eight_bit(image: Any) -> Any:
 
     values = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
     return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+
+
+def _from_float(image: Any, what: str) -> Any:
+    """A floating-point greyscale image (a mask or depth map from a segmentation or depth tool, in
+    TIFF) at 8 bits: 0 to 1 scaled to 0 to 255, 0 to 255 kept. Pillow's ``convert`` clips instead,
+    so a 0/1 mask came out black (nothing repainted); any other range is refused, not guessed."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise SdexportError(f"{what}: a floating-point image with NaN or infinite values")
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low < 0 or high > 255:
+        raise SdexportError(f"{what}: a floating-point image with values from {low:g} to {high:g}; sdexport reads "
+                            "0 to 1 (or 0 to 255) as black to white: save it as an 8- or 16-bit PNG")
+    scale = 255 if high <= 1 else 1
+    return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
 
 
 def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple[Any, str | None]:
