@@ -725,7 +725,8 @@ def _place_setting(values: list[float] | None, default: _Default, places: int, i
     if len(values) != places * images:
         each = (f"{places} ({one}, in the order they were exported, for every image) or {places * images} "
                 f"({places} per image, image by image)" if places > 1 else f"{images} (one per image)")
-        raise SdexportError(f"{len(values)} {flag} for {images} images: give 1 (for every image), {each}")
+        raise SdexportError(f"{len(values)} {flag} for {images} images: give 1 (for every image)"
+                            f"{', ' if places > 1 else ' or '}{each}")
     return [list(values[k::places]) for k in range(places)]
 
 

@@ -611,7 +611,7 @@ def no_engines(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     ([], "has 1 ControlNet: give --control-image"),
-    (["--control-image", "{img}", "--control-image", "{img}"], "2 control images for 1 ControlNet"),
+    (["--control-image", "{img}", "--control-image", "{img}"], "2 control images (--control-image) for 1 ControlNet"),
     (["--control-image", "{bad}"], "--control-image {bad}: not a readable image"),
     (["--control-image", "{img}", "--height", "512", "--width", "512"], "height 512 is outside the engines' profile"),
     (["--control-image", "{big}"], "(the size of the first --control-image; pass --height/--width"),
@@ -628,7 +628,7 @@ def no_engines(monkeypatch):
      "--control-image masked-init: give it for every image or none"),
     # settings per image too
     (["-p", "y", "--control-image", "{img}", *[a for v in "123" for a in ("--control-scale", v)]],
-     "3 --control-scale for 2 images: give 1 (for every image), 2 (one per image)"),
+     "3 --control-scale for 2 images: give 1 (for every image) or 2 (one per image)"),
     (["-p", "y", "--control-image", "{img}", "--control-start", "0.5", "--control-start", "0.9", "--control-end",
       "0.8"], "--control-start 0.9 is not before --control-end 0.8 (image 2 of 2)"),
     # over the whole run, which the profile (at most 2 per call) splits: image 3 is in a call of its own
@@ -661,7 +661,7 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
 
     pipeline = load_pipeline(engine_dirs["sd-two"], "onnxruntime-cpu")
     calls = watch(pipeline)
-    with pytest.raises(SdexportError, match="1 control images for 2 ControlNets"):
+    with pytest.raises(SdexportError, match=r"1 control images \(control_image\) for 2 ControlNets"):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0)]))
     with pytest.raises(SdexportError, match="control image: expected a PIL image"):
         pipeline(_request("sd-two", control_image=[picture(64, 64, 0), np.zeros((8, 8, 3))]))
@@ -673,7 +673,7 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
         pipeline(_request("sd-two", control_image=[[image] * 3, image]))
     with pytest.raises(SdexportError, match="masked-init is made for each prompt from its init image and mask"):
         pipeline(_request("sd-two", control_image=[image, [image, MASKED_INIT]]))
-    with pytest.raises(SdexportError, match=r"4 control images for 2 ControlNets: .*; with one per prompt, give a "
+    with pytest.raises(SdexportError, match=r"4 control images \(control_image\) for 2 ControlNets: .*; with one per prompt, give a "
                                             r"list in each place \(control_image=\[\[image_1, image_2, ...\], ...\]\)"):
         pipeline(_request("sd-two", control_image=[image] * 4))
     # settings per prompt: the same layout

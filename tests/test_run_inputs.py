@@ -57,7 +57,7 @@ def no_engines(monkeypatch):
     (["--batch", "4", *[a for v in "7711" for a in ("--guidance", v)]], "guidance 7, 7, 1, 1: a call guides all"),
     (["--scheduler", "heun9"], "unknown scheduler 'heun9'"),
     (["--backend", "openvino"], "unknown backend 'openvino'"),
-    (["--original-size", "1024x1024"], "SDXL conditioning, but this is a sd model"),
+    (["--original-size", "1024x1024"], "SDXL conditioning, but this is an SD model"),
     (["-n", "a", "-n", "b", "-n", "c"], "--negative-prompt: give one value, or one per image (1)"),
     (["--steps", "abc"], "Invalid value for '--steps'"),
     (["--backend", "tensorrt"], "TensorRT is required"),

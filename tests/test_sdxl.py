@@ -668,7 +668,7 @@ class _FakeEngine:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"original_size": (512, 512)}, "original_size: SDXL conditioning, but this is a sd model"),
+        ({"original_size": (512, 512)}, "original_size: SDXL conditioning, but this is an SD model"),
         ({"prompt_2": ["x"]}, "prompt_2: SDXL conditioning"),
         ({"crops_coords_top_left": (0, 8)}, "crops_coords_top_left: SDXL conditioning"),
     ],

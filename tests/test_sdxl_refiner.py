@@ -194,9 +194,9 @@ def test_cli_refusals(refiner_dir, tmp_path, capsys, args, message):
 
 
 def test_aesthetic_scores_are_the_refiners_alone():
-    for family in ("sd", "sdxl"):
+    for family, label in (("sd", "SD"), ("sdxl", "SDXL")):
         request = GenerationRequest(prompt=["x"], height=64, width=64, aesthetic_score=6.0)
-        with pytest.raises(SdexportError, match=f"the SDXL refiner's conditioning, but this is a {family} model") as caught:
+        with pytest.raises(SdexportError, match=f"the SDXL refiner's conditioning, but this is an {label} model") as caught:
             check_request(request, family=family, dims=load_model("tiny").dims, profile=PRESETS["tiny"].profile)
         assert ("with --refiner" in str(caught.value)) == (family == "sdxl")  # where it goes: the base model's refiner
 

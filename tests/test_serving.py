@@ -268,8 +268,8 @@ def test_sdxl_conditioning_is_refused_by_another_family_in_runs_words(served):
     a size out of range likewise."""
     sizes = {"original_size": np.array([[96, 80]], dtype=np.int32)}
     refused = served.generate([{**_inputs(["a"], steps=2), **sizes}, _inputs(["b"], steps=2, aesthetic_score=7.0)])
-    assert refused == ["original_size: SDXL conditioning, but this is a sd model",
-                       "aesthetic_score: the SDXL refiner's conditioning, but this is a sd model"]
+    assert refused == ["original_size: SDXL conditioning, but this is an SD model",
+                       "aesthetic_score: the SDXL refiner's conditioning, but this is an SD model"]
 
 
 def _in_input_names(cli_message: str) -> str:
@@ -541,7 +541,7 @@ def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, t
     # a pair input (SDXL's sizes) goes through Triton to the model's own checks, which refuse it here
     from tritonclient.utils import InferenceServerException
 
-    with pytest.raises(InferenceServerException, match="original_size: SDXL conditioning, but this is a sd model"):
+    with pytest.raises(InferenceServerException, match="original_size: SDXL conditioning, but this is an SD model"):
         generate(server.url, ["a lighthouse"], steps=3, original_size=(96, 80))
 
 

@@ -26,6 +26,8 @@ def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
     """The PIL image at ``path`` as the viewer shows it (EXIF orientation applied, as diffusers'
     ``load_image`` does), converted to ``mode`` (RGB for images, L for masks) and fully decoded now:
     a truncated, huge or unconvertible file fails here, in one line, not mid-run."""
+    if path.is_dir():
+        raise SdexportError(f"{what} {path}: a directory; give an image file")
     if not path.is_file():
         raise SdexportError(f"{what} {path}: no such file")
     return _decode(path, f"{what} {path}", mode)

@@ -422,7 +422,7 @@ def check_request(
         raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
     for seed in request.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise SdexportError(f"seed {seed}: seeds are integers from 0 to 2^64-1 ({MAX_SEED})")
+            raise SdexportError(f"{setting('seed')} {seed}: seeds are integers from 0 to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
         raise SdexportError(f"{setting('steps')} {request.steps}: need at least 1 step")
@@ -590,7 +590,8 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
         count = len(images) if isinstance(images, list) else type(images).__name__
         per_prompt = (f"; with one per prompt, give a list in each place (control_image=[[image_1, image_2, ...]"
                       f"{', ...' if slots > 1 else ''}])" if request.batch > 1 and count == slots * request.batch else "")
-        raise SdexportError((f"{count} control images for {controlnets} ControlNet{s}: give one per ControlNet, in the "
+        raise SdexportError((f"{count} control images ({setting('control_image')}) for {controlnets} ControlNet{s}: "
+                             "give one per ControlNet, in the "
                              "order they were exported (controlnet, controlnet_1, ...)" if per_net == 1 else
                              f"{count} control images for a union ControlNet exported to take {per_net} "
                              "(--union-images): give that many") + per_prompt)
@@ -740,7 +741,7 @@ def _check_window(request: GenerationRequest, family: str) -> None:
         return
     if not is_sdxl(family):
         raise SdexportError(f"denoising_end/denoising_start: SDXL's ensemble of experts (a base model handing its "
-                            f"latents to the refiner), but this is a {family} model")
+                            f"latents to the refiner), but this is an {FAMILY_LABELS[family]} model")
     for name, value in (("denoising_end", end), ("denoising_start", start)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
                                   or not math.isfinite(value) or not 0 < value < 1):
@@ -782,8 +783,8 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
         named = [name for name in REFINER_ONLY if given[name]]
         if named:
             handed = " (an SDXL base model hands it to a refiner: run or serve it with --refiner)" if family == "sdxl" else ""
-            raise SdexportError(f"{', '.join(map(setting, named))}: the SDXL refiner's conditioning, but this is a "
-                                f"{family} model{handed}")
+            raise SdexportError(f"{', '.join(map(setting, named))}: the SDXL refiner's conditioning, but this is an "
+                                f"{FAMILY_LABELS[family]} model{handed}")
     else:
         named = [name for name in NOT_REFINER if given[name]]
         if named:
@@ -798,7 +799,8 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
     if not is_sdxl(family):
         named = [name for name in SDXL_ONLY if given[name]]
         if named:
-            raise SdexportError(f"{', '.join(map(setting, named))}: SDXL conditioning, but this is a {family} model")
+            raise SdexportError(f"{', '.join(map(setting, named))}: SDXL conditioning, but this is an "
+                                f"{FAMILY_LABELS[family]} model")
         return
     for name in ("original_size", "crops_coords_top_left", "target_size"):
         value = getattr(request, name)

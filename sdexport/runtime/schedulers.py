@@ -64,9 +64,10 @@ def extra_calls(name: str, steps: int, calls: int) -> str | None:
     """Why ``calls`` U-Net calls were made for ``steps`` steps, when they differ (None otherwise)."""
     if calls == steps:
         return None
+    counted = f"{calls} U-Net call{'s' if calls != 1 else ''} for {steps} step{'s' if steps != 1 else ''}"
     if name == "pndm" and calls == steps + 1:
-        return f"{calls} U-Net calls for {steps} steps: PNDM's first step takes two (its multistep warm-up)"
-    return f"{calls} U-Net calls for {steps} steps (the {name} scheduler)"
+        return f"{counted}: PNDM's first step takes two (its multistep warm-up)"
+    return f"{counted} (the {name} scheduler)"
 
 
 def scheduler_names() -> list[str]:

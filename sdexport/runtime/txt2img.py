@@ -875,7 +875,7 @@ class Txt2ImgPipeline:
         image = self.engines["vae_decoder"](feed)["sample"]
         fallback = False
         if not torch.isfinite(image).all():
-            where = (f"; with {scheduler or request.scheduler} for {request.steps} steps at guidance {guidance_label(request.effective_guidance(self.family))}"
+            where = (f"; with {scheduler or request.scheduler} for {request.steps} step{'s' if request.steps != 1 else ''} at guidance {guidance_label(request.effective_guidance(self.family))}"
                      if request is not None else "")
             if not torch.isfinite(latents).all():
                 cause = ("The U-Net computes in fp32: its weights (a LoRA's?) or the settings are the cause"
