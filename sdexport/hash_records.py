@@ -84,6 +84,13 @@ class HashRecords:
         entry = self.files.get(rel)
         return isinstance(entry, dict) and entry.get("sha256") == expected and entry.get("identity") == identity(stat)
 
+    def recorded(self, rel: str, stat: os.stat_result) -> str | None:
+        """``rel``'s recorded sha256 while the file has not changed since it was hashed, else None."""
+        entry = self.files.get(rel)
+        if isinstance(entry, dict) and entry.get("identity") == identity(stat) and isinstance(entry.get("sha256"), str):
+            return str(entry["sha256"])
+        return None
+
     def remember(self, rel: str, sha256: str, before: os.stat_result, after: os.stat_result) -> None:
         """Record ``rel``'s hash, unless it changed while hashed or is too fresh to trust its times."""
         recent = time.time() - RACY_SECONDS

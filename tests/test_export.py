@@ -110,6 +110,43 @@ def test_the_torch_backend_refuses_weights_changed_since_the_export(tiny_diffuse
     assert not (tmp_path / "b.png").exists() and not (tmp_path / "e.png").exists()
 
 
+def test_the_torch_backend_refuses_other_files_than_the_export_read(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
+    """A link pointed at other weights since, and a file the loader now prefers (a .safetensors beside
+    the .bin the export read), are other weights too, though every recorded file is unchanged."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    store = tmp_path / "store"
+    store.mkdir()
+    vae = model / "vae" / "diffusion_pytorch_model.safetensors"
+    shutil.move(vae, store / "a.safetensors")
+    original = (store / "a.safetensors").read_bytes()
+    (store / "b.safetensors").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    vae.symlink_to(store / "a.safetensors")
+    unet = model / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(unet), unet.with_suffix(".bin"))
+    shutil.move(unet, tmp_path / "unet.safetensors")
+    out = tmp_path / "engines"
+    assert run_cli("export", model, "-o", out, "--batch", "1", "--height", "64", "--width", "64",
+                   "--components", "text_encoder,unet,vae_decoder", "--verify", "none", "-q") == 0
+    assert {str(vae), str(unet.with_suffix(".bin"))} < set(load_manifest(out).model["source"]["files"])
+    run = ("run", out, "-p", "x", "--steps", "1", "--height", "64", "--width", "64", "-q", "--backend", "torch")
+    assert run_cli(*run, "-o", tmp_path / "a.png") == 0
+    vae.unlink()
+    vae.symlink_to(store / "b.safetensors")
+    capsys.readouterr()
+    assert run_cli(*run, "-o", tmp_path / "b.png") == 2
+    assert f"{vae} changed since the manifest recorded it" in capsys.readouterr().err
+    vae.unlink()
+    vae.symlink_to(store / "a.safetensors")
+    shutil.copy(tmp_path / "unet.safetensors", unet)  # preferred to the .bin by from_pretrained
+    assert run_cli(*run, "-o", tmp_path / "c.png") == 2
+    assert f"the Torch backend would now read {unet}, not the weight files the manifest records" in capsys.readouterr().err
+
+
 def test_the_weight_files_an_export_reads_follow_its_parts(tmp_path: Path):
     """A single file whole; a replaced VAE's files instead of the model's; ControlNets and T2I-Adapters
     read from directories; presets none."""
@@ -211,6 +248,9 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("nan-scaling", "scaling_factor nan is not a positive number"),
         ("bad-scheduler", "num_train_timesteps: -5 is less than the minimum of 1"),
         ("no-weights", "text_encoder: no weight file (model.safetensors or pytorch_model.bin)"),
+        ("empty-model", "'': an empty model; give a preset"),
+        ("empty-vae", "--vae '': an empty path; name one"),
+        ("empty-config", "--config '': an empty path; name one"),
         ("vae-is-a-text-encoder", "a CLIPTextModel, not an AutoencoderKL"),
         ("vae-config-only", "no weight file (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"),
         ("vae-variant-only", "a variant, which sdexport does not read: rename it to diffusion_pytorch_model.safetensors"),
@@ -240,6 +280,10 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         extra = ["--dtype", "int8"]
     elif case == "bad-component":
         extra = ["--components", "clip"]
+    elif case == "empty-model":
+        model = ""
+    elif case in ("empty-vae", "empty-config"):
+        model, extra = str(_corrupt_safetensors(tmp_path / "x.safetensors")), ["--" + case[6:], ""]
     elif case.startswith("vae-") and case != "vae-not-a-vae" and case != "vae-is-a-unet":
         from sdexport.models.presets import PRESETS
 
@@ -363,3 +407,22 @@ def test_weight_files_are_the_ones_from_pretrained_reads(tmp_path: Path):
     index.write_text(json.dumps({"weight_map": {"a": "../model.safetensors"}}))
     with pytest.raises(ModelLoadError, match="is not a file name beside it"):
         weight_files(unet, "diffusers")
+    vae = tmp_path / "vae"  # diffusers reads no sharded .bin: refused now, not after the parts before it
+    vae.mkdir()
+    (vae / "diffusion_pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": "x-00001-of-00001.bin"}}))
+    (vae / "x-00001-of-00001.bin").write_bytes(b"")
+    (vae / "diffusion_pytorch_model.bin.bak").write_bytes(b"")  # no variant: not named as one
+    with pytest.raises(ModelLoadError, match=r"vae: no weight file \(diffusion_pytorch_model.safetensors or "
+                                             r"diffusion_pytorch_model.bin\)$"):
+        weight_files(vae, "diffusers")
+
+
+def test_a_vae_replacement_needs_no_weights_in_the_models_own_vae_folder(tiny_diffusers_dir: Path, tmp_path: Path):
+    import shutil
+
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    shutil.move(model / "vae", tmp_path / "other-vae")
+    (model / "vae").mkdir()
+    shutil.copy(tmp_path / "other-vae" / "config.json", model / "vae")
+    assert run_cli("export", model, "--vae", tmp_path / "other-vae", "-o", tmp_path / "out", "--components", "vae_decoder",
+                   "--batch", "1", "--height", "64", "--width", "64", "--verify", "none", "-q") == 0

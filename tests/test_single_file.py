@@ -463,3 +463,23 @@ def test_a_bench_scenario_states_a_single_files_architecture(tiny_checkpoint, tm
     assert rows["onnxruntime-cpu"]["agreement"]["latents_rel_l2"] < 1e-4
     assert rows["torch"]["agreement"]["latents_rel_l2"] < 1e-4
     assert not (tmp_path / "refused").exists()
+
+
+def test_a_single_files_bench_cache_key_reads_its_config_by_content_or_preset_name(tiny_checkpoint, tmp_path: Path,
+                                                                                  monkeypatch):
+    """A config directory counts by content, however the scenario spells its path; a preset by name."""
+    from sdexport.bench.engine_cache import export_key
+    from sdexport.bench.scenario import Scenario
+    from sdexport.models.outline import outline_model
+
+    _, path = tiny_checkpoint
+    write_config_dir(PRESETS["tiny"], tmp_path / "config")
+    monkeypatch.chdir(tmp_path)
+
+    def key(config: str) -> str:
+        scenario = Scenario(name="s", model=str(path), config=config)
+        sources = outline_model(scenario.model, config=config).sources
+        return export_key(scenario, sources, PRESETS["tiny"].profile, "fp32", ["unet"])
+
+    assert key(str(tmp_path / "config")) == key("config") == key("./config/")
+    assert key("tiny") != key("tiny-v") and key("tiny") != key("config")

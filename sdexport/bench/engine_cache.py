@@ -88,6 +88,13 @@ def _source_digest(name: str, sources: tuple[Path, ...], by_content: bool = True
     return {str(path): _tree_stamp(path) for path in sources}
 
 
+def _config_preset(scenario: Scenario) -> bool:
+    """Whether the scenario's ``config`` names a preset (as ``export --config`` reads it)."""
+    from sdexport.models.outline import single_file_config
+
+    return scenario.config is not None and single_file_config(Path(scenario.model), scenario.config)[0] is not None
+
+
 def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProfile, dtype: str,
                components: list[str], *, by_content: bool = True) -> str:
     """A short hex digest of everything the scenario's export depends on (see the module's docstring).
@@ -105,9 +112,9 @@ def export_key(scenario: Scenario, sources: tuple[Path, ...], profile: ShapeProf
     record = {
         "key_version": KEY_VERSION,
         "model": source(scenario.model, sources),
-        # only for a single file (so that every other scenario keeps its key); a preset's by name, a
-        # directory's by content among the sources
-        **({"config": scenario.config} if scenario.config is not None else {}),
+        # a single file's preset config by name (only there, so that every other scenario keeps its
+        # key); a config directory is hashed among the sources, by content wherever it lies
+        **({"config": scenario.config} if _config_preset(scenario) else {}),
         "controlnets": [source(c, (Path(c),) if Path(c).exists() else ()) for c in scenario.controlnets],
         # only with adapters (one as before), so that every other scenario keeps its key
         **({"adapter": adapters[0]} if len(adapters) == 1 else {"adapters": adapters} if adapters else {}),

@@ -104,7 +104,8 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
-    check_part_weights(outline, (spec.module for spec in specs))
+    # (a --vae takes the model's own VAE's place: its folder need hold no weights)
+    check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources)
     return plan

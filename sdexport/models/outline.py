@@ -83,7 +83,14 @@ class ModelOutline:
 
 
 def outline_model(model: str, *, config: str | None = None, vae: str | None = None) -> ModelOutline:
-    """Resolve ``model`` like ``load_model`` does, reading configs only; the same one-line errors."""
+    """Resolve ``model`` like ``load_model`` does, reading configs only; the same one-line errors.
+    An empty name is refused: ``Path("")`` is the current folder, which would be read instead."""
+    if not model.strip():
+        raise ModelLoadError(f"{model!r}: an empty model; give a preset ({', '.join(PRESETS)}), a diffusers "
+                             "directory or a checkpoint file")
+    for flag, value in (("--config", config), ("--vae", vae)):
+        if value is not None and not value.strip():
+            raise ModelLoadError(f"{option_given(flag, repr(value))}: an empty path; name one")
     preset = get_preset(model)
     path = Path(model)
     if config is not None and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -310,8 +317,10 @@ def pipeline_adapters(path: Path) -> tuple[Path, ...]:
 
 
 WEIGHT_NAMES = {
+    # diffusers (0.42) looks for a sharded checkpoint's index only in safetensors (use_safetensors
+    # defaults to True where safetensors is installed, as it is with sdexport), then for one file
     "diffusers": ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.safetensors",
-                  "diffusion_pytorch_model.bin.index.json", "diffusion_pytorch_model.bin"),
+                  "diffusion_pytorch_model.bin"),
     "transformers": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                      "pytorch_model.bin.index.json"),
 }
@@ -351,11 +360,12 @@ def weight_files(folder: Path, library: str) -> list[Path]:
         return [path, *(folder / s for s in shards)]
     stems = tuple(n.split(".")[0] for n in names)
     variants = sorted(p.name for p in folder.glob("*.*") if p.name.startswith(stems) and p.name.count(".") == 2
-                      and "-of-" not in p.name) if folder.is_dir() else []  # one file, not a shard
+                      and p.suffix in (".safetensors", ".bin") and "-of-" not in p.name
+                      ) if folder.is_dir() else []  # one file (NAME.VARIANT.safetensors), not a shard
     hint = (f"; it holds {variants[0]}, a variant, which sdexport does not read: rename it to "
             f"{variants[0].split('.')[0]}.{variants[0].rsplit('.', 1)[-1]}") if variants else ""
-    raise ModelLoadError(f"{folder}: no weight file ({names[1] if library == 'diffusers' else names[0]} "
-                         f"or {names[3] if library == 'diffusers' else names[2]}){hint}")
+    whole = [n for n in names if not n.endswith(".index.json")]
+    raise ModelLoadError(f"{folder}: no weight file ({' or '.join(whole)}){hint}")
 
 
 def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:

@@ -1,12 +1,13 @@
 """The weight files an export read, fingerprinted, so that the Torch backend reloads those weights.
 
-An engine directory holds graphs, not PyTorch weights: ``--backend torch`` (and the bench's eager
+An engine directory holds graphs, not PyTorch weights: ``--backend torch`` (and the bench's Torch
 contenders) reload the model from the paths the manifest records. A checkpoint overwritten since
 the export (trained further, another download under the same name) would then run other weights
 than the graphs hold, and a benchmark would blame the engines for the difference. The export records
-the sha256 of every weight file it read (``model.source.files``, by absolute path); the reload checks
-them first, trusting a file's earlier hash while it is unchanged (``sdexport.hash_records``), so an
-unchanged multi-GB checkpoint is hashed once, at export. Presets have no files: their seed is their
+the sha256 of every weight file it read (``model.source.files``, by absolute path); the reload works
+out again which files it reads, refuses any other set, and checks each hash, trusting a file's
+earlier hash while it is unchanged (``sdexport.hash_records``), so an unchanged multi-GB checkpoint
+is hashed once, at its first export. Presets have no files: their seed is their
 weights. Manifests written before this record carry none, and are reloaded unchecked as before.
 """
 
@@ -46,16 +47,33 @@ def source_weight_files(source: Mapping[str, Any], modules: Iterable[str]) -> li
 
 
 def fingerprint(files: Iterable[Path]) -> dict[str, str]:
-    """``{absolute path: sha256}`` of ``files``, each hash recorded for the reload to trust."""
-    return {str(path.resolve()): _sha256(path.resolve()) for path in files}
+    """``{absolute path: sha256}`` of ``files``, by the paths the loader reads (a symbolic link is
+    hashed through, and a link pointed elsewhere later is another file's hash), each hash recorded
+    for the reload to trust."""
+    return {str(path.absolute()): _sha256(path.absolute()) for path in files}
 
 
-def check_unchanged(fingerprints: Mapping[str, str]) -> None:
-    """Every file the export read still has its sha256, else one error naming the first that does not."""
-    for name, expected in fingerprints.items():
+def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
+    """The reload of ``modules`` from ``source`` reads the very files the manifest records
+    (``source["files"]``), each with its sha256, else one error naming the first that differs. A
+    manifest without the record is trusted as before. The files are worked out again, not only the
+    recorded ones checked: a checkpoint that gained a file its loader prefers (a .safetensors beside
+    the .bin that was read) would otherwise be loaded unchecked."""
+    recorded: Mapping[str, str] = source.get("files") or {}
+    if not recorded:
+        return
+    for name in recorded:
+        if not Path(name).is_file():
+            raise EngineDirError(f"the Torch backend needs {name}, which the manifest records and which is gone")
+    now = {str(path.absolute()) for path in source_weight_files(source, modules)}
+    if now != set(recorded):
+        new = sorted(now - set(recorded))
+        raise EngineDirError(
+            f"the Torch backend would now read {new[0] if new else 'other files'}, not the weight files the manifest "
+            "records: the checkpoint changed since; export again from it, or choose another backend"
+        )
+    for name, expected in recorded.items():
         path = Path(name)
-        if not path.is_file():
-            raise EngineDirError(f"the Torch backend needs {path}, which the manifest records and which is gone")
         if _sha256(path, expected) != expected:
             raise EngineDirError(
                 f"{path} changed since the manifest recorded it (its sha256 differs): the Torch backend would run "
@@ -64,15 +82,16 @@ def check_unchanged(fingerprints: Mapping[str, str]) -> None:
 
 
 def _sha256(path: Path, expected: str | None = None) -> str:
-    """``path``'s sha256: ``expected`` where an earlier hash of the unchanged file said so, else hashed
-    now (and remembered when it matches or nothing was expected)."""
+    """``path``'s sha256: an earlier hash's while the file is unchanged since (``expected``, where
+    given, must be that hash), else hashed now and remembered (unless it differs from ``expected``)."""
     from sdexport.hash_records import HashRecords
     from sdexport.manifest import sha256_file
 
     records = HashRecords.of(path.parent)
     before = path.stat()
-    if expected is not None and records.trusted(path.name, expected, before):
-        return expected
+    known = records.recorded(path.name, before)
+    if known is not None and (expected is None or known == expected):
+        return known
     digest = sha256_file(path)
     if expected is None or digest == expected:
         records.remember(path.name, digest, before, path.stat())

@@ -530,7 +530,7 @@ def _torch_engines(
         raise EngineDirError(f"the manifest's model.source.seed {seed!r} is not an integer")
     from sdexport.models.source_files import check_unchanged
 
-    check_unchanged(source.get("files") or {})  # the weights the graphs were made from
+    check_unchanged(source, {manifest.spec(name).module for name in manifest.components})  # the graphs' weights
     from sdexport.models.adapter import resolve_adapter
     from sdexport.models.controlnet import resolve_controlnet
 
