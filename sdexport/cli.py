@@ -834,7 +834,8 @@ def _timing_line(prefix: str, result: Any, pipeline: Any) -> str:
 
     t, request = result.timings, result.request
     if request.denoising_end is not None or request.denoising_start is not None:  # a window of the schedule
-        calls: str | None = f"{len(t.unet_steps)} U-Net calls in its share of the {request.steps} steps"
+        n = len(t.unet_steps)
+        calls: str | None = f"{n} U-Net call{'s' if n != 1 else ''} in its share of the {request.steps} steps"
     else:
         calls = extra_calls(result.scheduler, request.denoising_steps(pipeline.family), len(t.unet_steps))
     return (prefix + f"text encoder {t.text_encoder * 1000:.1f} ms, "

@@ -122,7 +122,7 @@ class ShapeProfile:
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry) -> None:
         """Refuse a request the engines cannot serve, saying what they can (and what widens them:
         export's option, or a bench scenario's ``[export]`` range)."""
-        from sdexport.runtime.setting_names import option
+        from sdexport.runtime.setting_names import option, setting
 
         m = dims.image_multiple
         for axis, value, (lo, _, hi) in (
@@ -133,9 +133,10 @@ class ShapeProfile:
             if not lo <= value <= hi:
                 wider = option(f"--{axis}")
                 how = f"re-export or rebuild with a wider {wider}" if wider.startswith("--") else f"widen {wider}"
-                raise ProfileError(f"{axis} {value} is outside the engines' profile: {axis} must be in [{lo}, {hi}] ({how})")
+                raise ProfileError(f"{setting(axis)} {value} is outside the engines' profile: {axis} must be in "
+                                   f"[{lo}, {hi}] ({how})")
             if axis != "batch" and value % m:
-                raise ProfileError(f"{axis} {value} must be a multiple of {m}")
+                raise ProfileError(f"{setting(axis)} {value} must be a multiple of {m}")
 
     def points(self) -> Iterator[tuple[str, int, int, int]]:
         """Where verification runs: the three corners plus one mixed, uneven point."""
