@@ -138,6 +138,26 @@ class HashRecords:
 _said: set[Path] = set()
 
 
+def file_sha256(path: Path, expected: str | None = None) -> str:
+    """Any one file's sha256 (a checkpoint's, outside an engine directory): its recorded hash while it
+    has not changed since (``expected``, where given, must be that hash), else hashed now and
+    recorded (unless it differs from ``expected``), in the records of its folder."""
+    from sdexport.manifest import sha256_file
+
+    records = HashRecords.of(path.parent)
+    before = path.stat()
+    known = records.recorded(path.name, before)
+    if known is not None and (expected is None or known == expected):
+        return known
+    digest = sha256_file(path)
+    if expected is None or digest == expected:
+        records.remember(path.name, digest, before, path.stat())
+    else:
+        records.forget(path.name)
+    records.save()
+    return digest
+
+
 def _say_unwritable(folder: Path, exc: OSError) -> None:
     """Say once per folder that records cannot be kept: silently, every run would hash gigabytes again."""
     if folder in _said:

@@ -46,15 +46,19 @@ ENGINE_CODE = ("export", "models", "build", "specs.py", "shapes.py", "graph_io.p
 TensorRT plans and fused graphs built inside it (their own keys do not cover sdexport's code)."""
 
 
-def _tree_digest(root: Path, pattern: str = "*") -> str:
-    """One sha256 over a file or every file under a folder, by relative path and content."""
+def _tree_digest(root: Path, pattern: str = "*", *, recorded: bool = True) -> str:
+    """One sha256 over a file or every file under a folder, by relative path and content. ``recorded``:
+    each file's hash is trusted from its record while unchanged (``hash_records``: a re-run does not
+    read a checkpoint's gigabytes again); sdexport's own small source files are simply hashed."""
+    from sdexport.hash_records import file_sha256
     from sdexport.manifest import sha256_file
 
+    hashed = file_sha256 if recorded else sha256_file
     if root.is_file():
-        return sha256_file(root)
+        return hashed(root)
     digest = hashlib.sha256()
     for path in sorted(p for p in root.rglob(pattern) if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(f"{path.relative_to(root).as_posix()}\0{sha256_file(path)}\n".encode())
+        digest.update(f"{path.relative_to(root).as_posix()}\0{hashed(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -62,7 +66,7 @@ def engine_code_digest() -> str:
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for part in ENGINE_CODE:
-        digest.update(f"{part}\0{_tree_digest(package / part, '*.py')}\n".encode())
+        digest.update(f"{part}\0{_tree_digest(package / part, '*.py', recorded=False)}\n".encode())
     return digest.hexdigest()
 
 

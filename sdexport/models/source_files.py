@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.errors import EngineDirError
+from sdexport.hash_records import file_sha256
 from sdexport.models.outline import library_of, weight_files
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -50,7 +51,7 @@ def fingerprint(files: Iterable[Path]) -> dict[str, str]:
     """``{absolute path: sha256}`` of ``files``, by the paths the loader reads (a symbolic link is
     hashed through, and a link pointed elsewhere later is another file's hash), each hash recorded
     for the reload to trust."""
-    return {str(path.absolute()): _sha256(path.absolute()) for path in files}
+    return {str(path.absolute()): file_sha256(path.absolute()) for path in files}
 
 
 def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
@@ -74,28 +75,8 @@ def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
         )
     for name, expected in recorded.items():
         path = Path(name)
-        if _sha256(path, expected) != expected:
+        if file_sha256(path, expected) != expected:
             raise EngineDirError(
                 f"{path} changed since the manifest recorded it (its sha256 differs): the Torch backend would run "
                 "other weights than the graphs hold; export again from it, or choose another backend"
             )
-
-
-def _sha256(path: Path, expected: str | None = None) -> str:
-    """``path``'s sha256: an earlier hash's while the file is unchanged since (``expected``, where
-    given, must be that hash), else hashed now and remembered (unless it differs from ``expected``)."""
-    from sdexport.hash_records import HashRecords
-    from sdexport.manifest import sha256_file
-
-    records = HashRecords.of(path.parent)
-    before = path.stat()
-    known = records.recorded(path.name, before)
-    if known is not None and (expected is None or known == expected):
-        return known
-    digest = sha256_file(path)
-    if expected is None or digest == expected:
-        records.remember(path.name, digest, before, path.stat())
-    else:
-        records.forget(path.name)
-    records.save()
-    return digest
