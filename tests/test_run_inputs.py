@@ -81,7 +81,7 @@ def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_en
 
 def test_the_api_checks_requests_too(pipeline):
     for request, message in [
-        (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "seed -5"),
+        (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "^seeds -5: seeds are integers"),  # the API field
         (GenerationRequest(prompt=["x"], guidance=float("nan"), height=64, width=64), "guidance nan"),
         # one guidance per image: as many as images, each a number, all on one side of 1
         (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0], height=64, width=64),

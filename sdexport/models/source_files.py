@@ -67,12 +67,15 @@ def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
         if not Path(name).is_file():
             raise EngineDirError(f"the Torch backend needs {name}, which the manifest records and which is gone")
     now = {str(path.absolute()) for path in source_weight_files(source, modules)}
-    if now != set(recorded):
-        new = sorted(now - set(recorded))
+    new, dropped = sorted(now - set(recorded)), sorted(set(recorded) - now)
+    if new:
         raise EngineDirError(
-            f"the Torch backend would now read {new[0] if new else 'other files'}, not the weight files the manifest "
-            "records: the checkpoint changed since; export again from it, or choose another backend"
+            f"the Torch backend would now read {new[0]}, not the weight files the manifest records: the checkpoint "
+            "changed since; export again from it, or choose another backend"
         )
+    if dropped:
+        raise EngineDirError(f"the manifest records {dropped[0]} among the weight files the export read, but its "
+                             "model.source no longer names the part it belongs to: the manifest was edited")
     for name, expected in recorded.items():
         path = Path(name)
         if file_sha256(path, expected) != expected:
