@@ -166,49 +166,31 @@ def test_more_prompts_than_the_profile_takes_are_split_into_calls(tiny_engine_di
     assert difference.max() <= 1  # the same image, whichever call made it
 
 
-def test_a_run_stopped_between_calls_names_the_images_it_had_written(tiny_engine_dir, tmp_path, capsys, monkeypatch):
-    """Ctrl-C in the second call of three images: the first two are whole on disk, and the line that
-    says "interrupted" names them, so that a user knows what they have (and that the third is not)."""
+@pytest.mark.parametrize("how", ["interrupted", "failed"])
+def test_a_run_stopped_between_calls_names_the_images_it_had_written(tiny_engine_dir, tmp_path, capsys, monkeypatch,
+                                                                     how):
+    """Ctrl-C, or an error, in the second call of three images: the first two are whole on disk, the
+    line that says "interrupted" or "error" names them, so that a user knows what they have (and that
+    the third is not), and stdout has listed them as they were written."""
     from sdexport import cli
+    from sdexport.errors import SdexportError
 
     real, calls = cli._denoise, []
 
     def stopped_in_the_second(*args, **kwargs):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt if how == "interrupted" else SdexportError("the loop produced NaN/Inf latents")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cli, "_denoise", stopped_in_the_second)
     out = tmp_path / "many.png"
-    assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "-p", "c", "--steps", "1", "-o", out) == 130
+    code = run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "-p", "c", "--steps", "1", "-o", out)
+    assert code == (130 if how == "interrupted" else 2)
     written = [tmp_path / f"many-{i}.png" for i in range(2)]
     captured = capsys.readouterr()
-    assert captured.err.strip().endswith(f"interrupted; already written: {written[0]}, {written[1]} (2 of 3 images)")
-    assert captured.out.split() == [str(p) for p in written]  # stdout lists what was written, as it was
-    assert sorted(tmp_path.iterdir()) == written
-
-
-def test_a_run_failing_in_a_later_call_names_the_images_it_had_written(tiny_engine_dir, tmp_path, capsys, monkeypatch):
-    """The second of two calls fails: the error line says what the first wrote, and stdout lists it."""
-    from sdexport import cli
-    from sdexport.errors import SdexportError
-
-    real, calls = cli._denoise, []
-
-    def failing_in_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise SdexportError("the denoising loop produced NaN/Inf latents")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli, "_denoise", failing_in_the_second)
-    out = tmp_path / "two.png"
-    assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "-p", "c", "--steps", "1", "-o", out) == 2
-    written = [tmp_path / f"two-{i}.png" for i in range(2)]
-    captured = capsys.readouterr()
-    assert captured.err.strip().endswith(
-        f"error: the denoising loop produced NaN/Inf latents; already written: {written[0]}, {written[1]} (2 of 3 images)")
+    said = "interrupted" if how == "interrupted" else "error: the loop produced NaN/Inf latents"
+    assert captured.err.strip().endswith(f"{said}; already written: {written[0]}, {written[1]} (2 of 3 images)")
     assert captured.out.split() == [str(p) for p in written]
     assert sorted(tmp_path.iterdir()) == written
 
