@@ -548,7 +548,7 @@ def run(
                              *(ignored_settings(ensemble.refine) if ensemble else [])])
     for note in [*ignored, *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")
-    if notes:
+    if notes and request.image is not None:  # how the init image (and mask) was fitted; control images are resized
         inputs["fit"] = fit
     if len(parts) > 1:
         same = ("as in one call" if request.task != "inpaint" or len(request.image or []) > 1 else

@@ -265,6 +265,17 @@ def test_guess_mode_matches_diffusers(engine_dirs, references, name, backend, gu
     assert not plain.guess_mode and _rel(plain, ours) > 10 * TOLERANCE
 
 
+def test_a_resized_control_image_records_no_fit(engine_dirs, tmp_path, capsys):
+    """--fit is the init image's (and mask's): a text-to-image run whose control image was resized
+    records no fit it was never given (and could not be: --fit needs --init-image)."""
+    picture(80, 100, 2).save(tmp_path / "e.png")
+    out = tmp_path / "o.png"
+    assert run_cli("run", engine_dirs["sd-one"], "-p", "x", "--steps", "1", "--control-image", tmp_path / "e.png",
+                   "--height", "64", "--width", "128", "-o", out) == 0
+    assert "resized" in capsys.readouterr().err
+    assert "fit" not in json.loads(Image.open(out).text["sdexport"])
+
+
 def test_served_guess_mode_is_the_image_run_writes(engine_dirs, tmp_path):
     from test_serving import _inputs, _png_pixels
 
