@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 _Default = TypeVar("_Default", bound=float | None)
 
+
 def _path(value: str | Path) -> Path:
     """A path argument or option as given: an empty one is refused, not read as the current
     directory (``Path("")`` is ``Path(".")``: ``sdexport inspect ""`` would inspect ``.``)."""
