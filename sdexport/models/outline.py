@@ -328,6 +328,10 @@ WEIGHT_NAMES = {
 for them (no ``variant``: sdexport never asks for one)."""
 
 
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+"""The parts of a diffusers model directory whose weights sdexport reads, each from its own folder."""
+
+
 def library_of(part: str) -> str:
     """Which library's ``from_pretrained`` reads a diffusers pipeline's sub-folder ``part``."""
     return "transformers" if part.startswith("text_encoder") else "diffusers"
@@ -374,7 +378,7 @@ def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
     after."""
     if outline.preset is not None or not outline.sources or not outline.sources[0].is_dir():
         return
-    for module in sorted(set(modules) & {"unet", "vae", *text_encoders(outline.family)}):
+    for module in sorted(set(modules) & set(PIPELINE_PARTS)):  # (a family's specs name only its own parts)
         weight_files(outline.sources[0] / module, library_of(module))
 
 

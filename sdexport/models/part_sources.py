@@ -72,6 +72,13 @@ def _checkpoint_dir(path: Path, folder: str) -> bool:
         (path / "config.json").is_file() or (path / folder / "config.json").is_file())
 
 
+def adapter_records(source: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A manifest's ``model.source`` T2I-Adapter records, in order: one is recorded as ``adapter``,
+    several as ``adapters`` (``loader.add_adapters``)."""
+    one = source.get("adapter")
+    return list(source.get("adapters") or ([one] if isinstance(one, dict) else []))
+
+
 def part_record(preset_name: str | None, path: Path | None, seed: int) -> dict[str, Any]:
     """How the Torch backend finds a part again (``model.source`` in the manifest): a preset by name
     and seed, a directory by its absolute path."""

@@ -19,10 +19,8 @@ from typing import Any
 
 from sdexport.errors import EngineDirError
 from sdexport.hash_records import file_sha256
-from sdexport.models.outline import library_of, weight_files
-
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-"""The parts of a diffusers model directory that sdexport reads, each in its own folder."""
+from sdexport.models.outline import PIPELINE_PARTS, library_of, weight_files
+from sdexport.models.part_sources import adapter_records
 
 
 def source_weight_files(source: Mapping[str, Any], modules: Iterable[str]) -> list[Path]:
@@ -40,8 +38,7 @@ def source_weight_files(source: Mapping[str, Any], modules: Iterable[str]) -> li
                 files += weight_files(root / part, library_of(part))
     if source.get("vae") and "vae" in modules:
         files += weight_files(Path(source["vae"]), "diffusers")
-    adapters = source.get("adapters") or ([source["adapter"]] if isinstance(source.get("adapter"), dict) else [])
-    for record in [*(source.get("controlnets") or []), *adapters]:
+    for record in [*(source.get("controlnets") or []), *adapter_records(source)]:
         if record.get("kind") == "diffusers":
             files += weight_files(Path(record["path"]), "diffusers")
     return files

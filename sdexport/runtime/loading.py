@@ -533,11 +533,11 @@ def _torch_engines(
     check_unchanged(source, {manifest.spec(name).module for name in manifest.components})  # the graphs' weights
     from sdexport.models.adapter import resolve_adapter
     from sdexport.models.controlnet import resolve_controlnet
+    from sdexport.models.part_sources import adapter_records
 
     # as the export loaded them (presets: the same seed)
     controlnets = [_reload_part(record, "ControlNet", resolve_controlnet) for record in source.get("controlnets") or []]
-    records = source.get("adapters") or ([source["adapter"]] if isinstance(source.get("adapter"), dict) else [])
-    adapters = [_reload_part(record, "T2I-Adapter", resolve_adapter) for record in records]
+    adapters = [_reload_part(record, "T2I-Adapter", resolve_adapter) for record in adapter_records(source)]
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
                        controlnets=controlnets, adapters=adapters, union_images=manifest.model_dims.K or 1,
                        kind=source["kind"])
