@@ -79,11 +79,6 @@ class HashRecords:
             return cls(real, path)  # another format, or a hash collision of two paths: start afresh
         return cls(real, path, data["files"], data["checks"])
 
-    def trusted(self, rel: str, expected: str, stat: os.stat_result) -> bool:
-        """Whether ``rel`` was hashed to ``expected`` and has not changed since."""
-        entry = self.files.get(rel)
-        return isinstance(entry, dict) and entry.get("sha256") == expected and entry.get("identity") == identity(stat)
-
     def recorded(self, rel: str, stat: os.stat_result) -> str | None:
         """``rel``'s recorded sha256 while the file has not changed since it was hashed, else None."""
         entry = self.files.get(rel)
@@ -101,6 +96,23 @@ class HashRecords:
         if self.files.get(rel) != entry:
             self.files[rel] = entry
             self.changed = True
+
+    def sha256(self, rel: str, path: Path, expected: str | None = None, *, rehash: bool = False) -> tuple[str, bool]:
+        """``path``'s sha256 (recorded as ``rel``) and whether it was trusted from the record: the
+        recorded hash while the file is unchanged (``expected``, where given, must be that hash;
+        ``rehash``: never trusted), else hashed now and remembered, unless it differs from ``expected``."""
+        from sdexport.manifest import sha256_file
+
+        before = path.stat()
+        known = None if rehash else self.recorded(rel, before)
+        if known is not None and (expected is None or known == expected):
+            return known, True
+        digest = sha256_file(path)
+        if expected is None or digest == expected:
+            self.remember(rel, digest, before, path.stat())
+        else:
+            self.forget(rel)
+        return digest, False
 
     def forget(self, rel: str) -> None:
         if self.files.pop(rel, None) is not None:
@@ -142,20 +154,11 @@ def file_sha256(path: Path, expected: str | None = None) -> str:
     """Any one file's sha256 (a checkpoint's, outside an engine directory): its recorded hash while it
     has not changed since (``expected``, where given, must be that hash), else hashed now and
     recorded (unless it differs from ``expected``), in the records of its folder."""
-    from sdexport.manifest import sha256_file
-
     records = HashRecords.of(path.parent)
-    before = path.stat()
-    known = records.recorded(path.name, before)
-    if known is not None and (expected is None or known == expected):
-        return known
-    digest = sha256_file(path)
-    if expected is None or digest == expected:
-        records.remember(path.name, digest, before, path.stat())
-    else:
-        records.forget(path.name)
-    records.save()
-    return digest
+    try:
+        return records.sha256(path.name, path, expected)[0]
+    finally:
+        records.save()
 
 
 def _say_unwritable(folder: Path, exc: OSError) -> None:

@@ -429,18 +429,16 @@ def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False)
             if not file.is_file():
                 records.forget(rel)
                 raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing")
-            before = file.stat()
-            if not rehash and records.trusted(rel, expected, before):
-                done.trusted += 1
-                continue
-            if sha256_file(file) != expected:
-                records.forget(rel)
+            digest, trusted = records.sha256(rel, file, expected, rehash=rehash)
+            if digest != expected:
                 raise EngineDirError(
                     f"{directory}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
                     "re-export or rebuild it"
                 )
-            records.remember(rel, expected, before, file.stat())
-            done.hashed += 1
+            if trusted:
+                done.trusted += 1
+            else:
+                done.hashed += 1
     finally:
         records.save()
     return done
