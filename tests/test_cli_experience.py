@@ -426,6 +426,30 @@ def test_foreign_images_with_look_alike_metadata_and_huge_jpeg_records(tiny_engi
     assert record["truncated_from"] == "left out: longer than a JPEG's EXIF holds" and long.startswith(record["prompt"])
 
 
+def test_a_whitespace_padded_prompt_fits_a_jpeg_as_the_tokenizer_reads_it(tiny_engine_dir, tmp_path):
+    """Spaces fit in 77 tokens but not in a JPEG's 64 KB of EXIF: the record keeps the text with its
+    whitespace runs collapsed (the same tokens), not an error after the run, and still remakes the image."""
+    import numpy as np
+    from PIL import Image
+
+    from sdexport.runtime.images import _texts_read, read_parameters
+
+    padded = "a fox" + " " * 20_000 + "\n\t in the snow "
+    out, again = tmp_path / "padded.jpg", tmp_path / "again.jpg"
+    assert run_cli("run", tiny_engine_dir, "-p", padded, "-n", padded, "--steps", "1", "-o", out) == 0
+    record = read_parameters(out)
+    assert record["prompt"] == record["negative_prompt"] == "a fox in the snow" and "collapsed" in record["whitespace"]
+    assert run_cli("run", tiny_engine_dir, "-p", record["prompt"], "-n", record["negative_prompt"], "--steps", "1",
+                   "-o", again) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    assert "whitespace" not in read_parameters(again)
+    # an ensemble's image holds the base model's record too; a short record is left as it is
+    nested = _texts_read({"prompt": "a  b", "base": {"prompt_2": "c\n\nd", "truncated_from": {"prompt": "x"}}}, True)
+    assert nested["prompt"] == "a b" and nested["base"]["prompt_2"] == "c d"
+    assert nested["base"]["truncated_from"] == "left out: longer than a JPEG's EXIF holds"
+    assert _texts_read({"prompt": "a b"}, True) == {"prompt": "a b"}
+
+
 def test_split_inpainting_from_one_image_says_the_images_differ(tiny_engine_dir, tmp_path, capsys):
     from PIL import Image
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,10 @@ JPEG_QUALITY = 95
 JPEG_EXIF_LIMIT = 65_000
 """A JPEG's EXIF segment holds 64 KB (less its header)."""
 _SOFTWARE, _DESCRIPTION, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x010E, 0x8769, 0x9286
+_TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+_WHITESPACE = re.compile(r"[ \t\n\r]+")
+"""What every tokenizer here reads as one space (Python's ``\\s`` also takes control characters that
+transformers' slow CLIP tokenizer drops instead)."""
 
 
 def image_format(path: Path, label: str | None = None) -> str:
@@ -186,12 +191,41 @@ def _save(result: GenerationResult, i: int, info: dict[str, Any], target: Any, f
         result.images[i].save(target, format="PNG", pnginfo=meta)
         return
     exif = _exif(text, record, __version__)
-    if fmt == "JPEG" and len(exif.tobytes()) > JPEG_EXIF_LIMIT and "truncated_from" in record:
-        # JPEG keeps EXIF in one 64 KB segment: leave out the over-long texts the encoder did not read
-        exif = _exif(text, {**record, "truncated_from": "left out: longer than a JPEG's EXIF holds"}, __version__)
     if fmt == "JPEG" and len(exif.tobytes()) > JPEG_EXIF_LIMIT:
-        raise SdexportError("the image's parameters are too long for a JPEG's EXIF (64 KB); write .png or .webp")
+        exif = _shorter_jpeg_exif(result, i, record, __version__)
     result.images[i].save(target, format=fmt, exif=exif, quality=JPEG_QUALITY)
+
+
+def _shorter_jpeg_exif(result: GenerationResult, i: int, record: dict[str, Any], version: str) -> Any:
+    """A JPEG keeps EXIF in one 64 KB segment: record what the text encoders read, not every byte given.
+
+    First the over-long texts the encoder did not read are left out; then runs of spaces, tabs and
+    newlines in the texts become one space, which CLIP's tokenizers read as the same tokens (they
+    collapse whitespace themselves), so the record still remakes the image. A record too long even
+    then is refused -- after the run, but only paths thousands of characters long get there.
+    """
+    for shorter in (_texts_read(record, collapse=False), _texts_read(record, collapse=True)):
+        exif = _exif(_a1111_text(result, i, shorter), shorter, version)
+        if len(exif.tobytes()) <= JPEG_EXIF_LIMIT:
+            return exif
+    raise SdexportError("the image's parameters are too long for a JPEG's EXIF (64 KB); write .png or .webp")
+
+
+def _texts_read(record: dict[str, Any], collapse: bool) -> dict[str, Any]:
+    """``record`` (and an ensemble's base model's record in it) without the texts as given beyond
+    what the text encoder read and, with ``collapse``, with the texts' whitespace runs as one space."""
+    shorter = {**record}
+    if "truncated_from" in shorter:
+        shorter["truncated_from"] = "left out: longer than a JPEG's EXIF holds"
+    if collapse:
+        changed = {name: _WHITESPACE.sub(" ", shorter[name]).strip() for name in _TEXTS
+                   if isinstance(shorter.get(name), str)}
+        if any(shorter[name] != text for name, text in changed.items()):
+            shorter.update(changed, whitespace="runs collapsed to one space, as the text encoders read them: "
+                                               "the texts as given are longer than a JPEG's EXIF holds")
+    if isinstance(shorter.get("base"), dict):
+        shorter["base"] = _texts_read(shorter["base"], collapse)
+    return shorter
 
 
 def _exif(text: str, record: dict[str, Any], version: str) -> Any:
@@ -233,19 +267,14 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
     """The parameters that made image ``i``: the A1111-style text many image tools read, and the full
     record. The scheduler is the one that ran (``default`` resolved); empty fields are left out."""
     request = result.request
-    prompt = _used(result, "prompt", i) or ""
-    negative_used = _used(result, "negative_prompt", i)
-    negative = negative_used or ""
     cut = {name: getattr(request, name)[i] for name, kept in result.truncated.items() if kept[i] is not None}
-    scheduler = result.scheduler or request.scheduler
-    guidance = request.guidance_scales(result.family)[i]
     params = {
-        "prompt": prompt,
-        "negative_prompt": negative_used,
+        "prompt": _used(result, "prompt", i) or "",
+        "negative_prompt": _used(result, "negative_prompt", i),
         "seed": request.seeds[i],
         "steps": request.steps,
-        "scheduler": scheduler,
-        "guidance": guidance,
+        "scheduler": result.scheduler or request.scheduler,
+        "guidance": request.guidance_scales(result.family)[i],
         "height": request.height,
         "width": request.width,
         **_sdxl_params(result, i),
@@ -262,11 +291,16 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         **info,
     }
     params = {k: v for k, v in params.items() if v not in ("", None, [], {}) or (v == "" and k in GIVEN_EMPTY)}
-    text = "\n".join([
-        prompt,
-        *([f"Negative prompt: {negative}"] if negative else []),
-        f"Steps: {request.steps}, Sampler: {result.sampler or scheduler}, CFG scale: {guidance}, "
+    return _a1111_text(result, i, params), params
+
+
+def _a1111_text(result: GenerationResult, i: int, params: dict[str, Any]) -> str:
+    """The A1111-style "parameters" text of image ``i``, from its record ``params``."""
+    request = result.request
+    return "\n".join([
+        params.get("prompt", ""),
+        *([f"Negative prompt: {params['negative_prompt']}"] if params.get("negative_prompt") else []),
+        f"Steps: {request.steps}, Sampler: {result.sampler or params['scheduler']}, CFG scale: {params['guidance']}, "
         f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
         + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
     ])
-    return text, params
