@@ -473,7 +473,7 @@ def run(
     per_image: dict[str, list[Any]] = {}  # what each saved image records of its own inputs
     for name, files, each in (("control_image", control_image, slots), ("adapter_image", adapter_image,
                                                                         max(len(manifest.adapters), 1))):
-        paths = [str(p) for p in files or []]
+        paths = [os.path.abspath(p) for p in files or []]  # the record is read from anywhere
         if paths and len(prompts) > 1 and len(paths) == each * len(prompts):  # given prompt by prompt
             per_image[name] = [paths[i:i + each] for i in range(0, len(paths), each)]
         elif paths:
@@ -629,10 +629,10 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     if (height is None) != (width is None):
         raise SdexportError("with --init-image, give both --height and --width, or neither (the image's own size)")
     images = [read_image(init_image, "--init-image")]
-    inputs: dict[str, Any] = {"init_image": str(init_image)}
+    inputs: dict[str, Any] = {"init_image": os.path.abspath(init_image)}  # the record is read from anywhere
     if mask is not None:
         images.append(read_image(mask, "--mask", mode="L"))
-        inputs["mask"] = str(mask)
+        inputs["mask"] = os.path.abspath(mask)
         if fit == "exact" and images[1].size != images[0].size:  # else each "fix" names the other
             sizes = [f"{image.size[1]}x{image.size[0]}" for image in images]
             raise SdexportError(f"--mask {mask} is {sizes[1]} (HxW), --init-image {init_image} {sizes[0]}: give a mask "

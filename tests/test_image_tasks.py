@@ -4,6 +4,7 @@ latents), the inpainting U-Net's spec, and the refusals a user can cause."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export.exporter import ExportOptions, export
 from sdexport.manifest import load_manifest
 from sdexport.models import load_model
+from sdexport.runtime.images import read_parameters
 from sdexport.runtime.loading import load_pipeline
 from sdexport.runtime.request import GenerationRequest
 
@@ -204,6 +206,12 @@ def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
         record = json.loads(image.text["sdexport"])
         assert "Denoising strength: 0.5" in image.text["parameters"]
     assert record["task"] == "img2img" and record["strength"] == 0.5 and record["init_image"] == str(files["image"])
+    with pytest.MonkeyPatch.context() as patch:  # paths given relative are recorded absolute: read from anywhere
+        patch.chdir(files["image"].parent)
+        assert run_cli("run", os.path.relpath(engine_dirs["tiny"]), "-p", "a", "--init-image", files["image"].name,
+                       "--steps", "2", "-o", "relative.png") == 0
+    relative = read_parameters(tmp_path / "relative.png")
+    assert (relative["init_image"], relative["engine_dir"]) == (str(files["image"]), str(engine_dirs["tiny"]))
     out = tmp_path / "inpaint.png"
     assert run_cli("run", engine_dirs["tiny-inpaint"], "-p", "a lighthouse", "--init-image", files["wide"],
                    "--mask", files["wide"], "--height", "64", "--width", "128", "--fit", "crop", "--steps", "4",
