@@ -273,6 +273,35 @@ def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
 
 
+def test_a_cached_export_made_from_a_checkpoint_elsewhere_reloads_the_copy_here(tmp_path):
+    """Another runner shares the engine cache with its checkpoint at another path: the cache key is the
+    checkpoint's content, and the Torch contender reloads the copy the scenario names, proven the same
+    files by sha256, not the path the export read (gone here)."""
+    from sdexport.errors import EngineDirError
+    from sdexport.models import load_model
+    from sdexport.models.source_files import relocated
+
+    first, moved, cache = tmp_path / "runner-1" / "model", tmp_path / "runner-2" / "model", tmp_path / "cache"
+    load_model("tiny").save_pretrained(first)
+    for runner, model in (("runner-1", first), ("runner-2", moved)):
+        if runner == "runner-2":
+            moved.parent.mkdir()
+            first.rename(moved)
+        scenario = tmp_path / runner / "s.toml"
+        scenario.write_text(SMOKE.replace('model = "tiny"', f"model = {json.dumps(str(model))}").replace(
+            '"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"torch"').replace("[1, 2]", "[1]"))
+        assert run_cli("bench", scenario, "-o", tmp_path / runner / "out", "--engine-cache", cache) == 0
+    report = json.loads((tmp_path / "runner-2" / "out" / "results.json").read_text())
+    assert report["one_time"]["export"]["status"] == "cached"
+    assert [r["status"] for r in report["results"]] == ["measured"]
+    # other weights than the export's are refused, in one line
+    entry = Path(report["one_time"]["export"]["path"])
+    recorded = json.loads((entry / "manifest.json").read_text())["model"]["source"]
+    load_model("tiny", seed=1).save_pretrained(tmp_path / "other")
+    with pytest.raises(EngineDirError, match="other.* is not the checkpoint the engines were exported from"):
+        relocated(recorded, load_model(str(tmp_path / "other"), lazy=True).source, ["text_encoder", "unet", "vae"])
+
+
 def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, tiny_engines, monkeypatch):
     """A bug in one contender (on a rented GPU, say) is recorded with its reason; the others are measured."""
     from sdexport.bench import harness

@@ -81,9 +81,12 @@ class BaselineContender:
 class RuntimeContender:
     """The sdexport runtime over one backend, loaded from the engine directory like a server would."""
 
-    def __init__(self, name: str, engine_dir: Path, *, cuda_graph: bool = False, image_inputs: bool = False) -> None:
+    def __init__(self, name: str, engine_dir: Path, *, cuda_graph: bool = False, image_inputs: bool = False,
+                 model_source: dict[str, Any] | None = None) -> None:
         """``name``: a backend, or ``onnxruntime-cuda-fused`` (the ONNX Runtime CUDA graphs in CUDA
-        graphs); plain ``onnxruntime-cuda`` runs the portable graphs here, whatever the directory holds."""
+        graphs); plain ``onnxruntime-cuda`` runs the portable graphs here, whatever the directory holds.
+        ``model_source``: the Torch backends reload the scenario's checkpoint where it lies here (proven
+        the export's by sha256), not where the export read it (a cached export made on another runner)."""
         from sdexport.runtime.loading import load_pipeline
 
         self.name = name
@@ -92,7 +95,8 @@ class RuntimeContender:
         self.per_shape = cuda_graph or fused or "compile" in name
         """Specialises to the shapes of its first call (CUDA graphs, compilation): warm each case."""
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph or fused,
-                                      graphs="auto" if fused else "portable", image_inputs=image_inputs)
+                                      graphs="auto" if fused else "portable", image_inputs=image_inputs,
+                                      model_source=model_source)
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
         result = self.pipeline(request, stages=stages)

@@ -214,9 +214,12 @@ def _run(
                         if name == "onnxruntime-cuda-fused" and built is not None:
                             _build_onnxruntime(built, one_time, what)
                     loaded_at = time.perf_counter()
-                    contender = _load(name, model, engine_dir, dtype, scenario)
+                    # engines the run exported or the cache holds were made from the scenario's checkpoint:
+                    # the Torch contenders reload it where it lies here; given ones, from their manifests
+                    here = options.engine_dir is None
+                    contender = _load(name, model, engine_dir, dtype, scenario, here)
                     if refiner is not None:
-                        contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario)
+                        contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario, here)
                     try:
                         if name in plan.slow_unet:
                             slow_down_unet(contender, plan.slow_unet[name])
@@ -627,18 +630,22 @@ def _built(what: str, build: str) -> str:
     return build if what == EXPORTS[0] else f"refiner_{build}"
 
 
-def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: Scenario) -> Contender:
+def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: Scenario,
+          from_scenario: bool) -> Contender:
+    """``from_scenario``: ``engine_dir`` was exported from the scenario's model (by this run, or into
+    the engine cache, perhaps on another runner), which the Torch backends then reload where it is."""
     if name in BASELINES:
         for part in list(model.modules):
             model.materialize(part)  # the weights: its loading time is this contender's
         return BaselineContender(name, model, dtype)
     assert engine_dir is not None
     cuda_graph = name == "tensorrt" and bool(scenario.build.get("cuda_graph", False))
-    return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph, image_inputs=scenario.image_inputs)
+    return RuntimeContender(name, engine_dir, cuda_graph=cuda_graph, image_inputs=scenario.image_inputs,
+                            model_source=model.source if from_scenario else None)
 
 
 def _with_refiner(base: Contender, name: str, refiner: Any, refiner_dir: Path | None, dtype: str,
-                  scenario: Scenario) -> Contender:
+                  scenario: Scenario, from_scenario: bool) -> Contender:
     """``base`` and the refiner loaded as the same kind of contender, as one (``EnsembleContender``)."""
     assert scenario.cut is not None
     try:
@@ -649,7 +656,8 @@ def _with_refiner(base: Contender, name: str, refiner: Any, refiner_dir: Path | 
         else:
             assert refiner_dir is not None
             cuda_graph = name == "tensorrt" and bool(scenario.build.get("cuda_graph", False))
-            second = RuntimeContender(name, refiner_dir, cuda_graph=cuda_graph)
+            second = RuntimeContender(name, refiner_dir, cuda_graph=cuda_graph,
+                                      model_source=refiner.source if from_scenario else None)
     except BaseException:
         base.close()
         raise

@@ -80,3 +80,22 @@ def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
                 f"{path} changed since the manifest recorded it (its sha256 differs): the Torch backend would run "
                 "other weights than the graphs hold; export again from it, or choose another backend"
             )
+
+
+def relocated(recorded: Mapping[str, Any], here: Mapping[str, Any], modules: Iterable[str]) -> dict[str, Any]:
+    """The ``model.source`` to reload ``modules`` from: ``here`` (what loading the checkpoint where it
+    lies on this machine records: a bench scenario's copy of the checkpoint that a shared engine
+    cache's export was made from on another runner), once its weight files prove, by sha256, to be
+    the files the manifest's ``recorded`` source names; ``recorded`` itself where it records no
+    files (a preset; a manifest older than the record), as before. A checkpoint with other
+    content is refused in one line."""
+    theirs: Mapping[str, str] = recorded.get("files") or {}
+    if not theirs:
+        return dict(recorded)
+    files = fingerprint(source_weight_files(here, modules))
+    if sorted(files.values()) != sorted(theirs.values()):
+        where = here.get("path") or here.get("name")
+        raise EngineDirError(f"{where} is not the checkpoint the engines were exported from (its weight files' "
+                             "sha256 differ from the manifest's model.source.files): the Torch backend would run "
+                             "other weights than the graphs hold")
+    return {**here, "files": files}

@@ -128,6 +128,7 @@ def load_pipeline(
     image_inputs: bool | None = None,
     loras: list[LoraFile] | None = None,
     guess_mode: bool = False,
+    model_source: dict[str, Any] | None = None,
 ) -> Txt2ImgPipeline:
     """``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
     portable graphs, the Torch backend), no re-export. ``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
@@ -137,11 +138,18 @@ def load_pipeline(
     "auto" runs the ONNX Runtime CUDA graphs where the directory has them, "portable" never does.
     ``provider_options``: extra CUDA provider options for ONNX Runtime, passed through. ``guess_mode``:
     requests will ask for ControlNet guess mode, so CUDA-graph sessions capture the ControlNets at
-    the prompts' batch (as for a directory whose first ControlNet pools)."""
+    the prompts' batch (as for a directory whose first ControlNet pools). ``model_source``: where the
+    Torch backend reloads the model from instead of the manifest's ``model.source`` (``relocated``:
+    a copy of the same files, elsewhere)."""
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
     backend = resolve_backend(backend)
     manifest = load_manifest(engine_dir, verify_files=False)
+    if model_source is not None and backend.startswith("torch"):
+        from sdexport.models.source_files import relocated
+
+        modules = {manifest.spec(name).module for name in manifest.components}
+        manifest.model = {**manifest.model, "source": relocated(manifest.model["source"], model_source, modules)}
     image_inputs = image_tasks_only(manifest) if image_inputs is None else image_inputs
     upcast = upcast_parts(engine_dir, manifest)
     fallbacks = vae_fallbacks(manifest, upcast, image_inputs)
