@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -415,6 +416,33 @@ def test_weight_files_are_the_ones_from_pretrained_reads(tmp_path: Path):
     with pytest.raises(ModelLoadError, match=r"vae: no weight file \(diffusion_pytorch_model.safetensors or "
                                              r"diffusion_pytorch_model.bin\)$"):
         weight_files(vae, "diffusers")
+
+
+def test_a_text_encoder_config_naming_its_weight_file_is_read_as_transformers_reads_it(tiny_diffusers_dir: Path,
+                                                                                     tmp_path: Path):
+    """transformers 5 loads the file a config's ``transformers_weights`` names before the usual ones;
+    the weight files sdexport checks and fingerprints are that one, and a bad name is refused."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.outline import weight_files
+
+    folder = shutil.copytree(tiny_diffusers_dir / "text_encoder", tmp_path / "text_encoder")
+    (folder / "model.safetensors").rename(folder / "clip-l.safetensors")
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": "clip-l.safetensors"}))
+    assert weight_files(folder, "transformers") == [folder / "clip-l.safetensors"]
+    _, info = CLIPTextModel.from_pretrained(folder, output_loading_info=True)  # the library agrees
+    assert not info["missing_keys"]
+    for name, message in (("gone.safetensors", "transformers_weights names gone.safetensors, which is not there"),
+                          ("../x.safetensors", "is not the name of a .safetensors file or index beside it"),
+                          ("pytorch_model.bin", "is not the name of a .safetensors file or index beside it")):
+        (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": name}))
+        with pytest.raises(ModelLoadError, match=re.escape(message)):
+            weight_files(folder, "transformers")
 
 
 def test_a_vae_replacement_needs_no_weights_in_the_models_own_vae_folder(tiny_diffusers_dir: Path, tmp_path: Path):

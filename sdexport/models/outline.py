@@ -343,11 +343,15 @@ def weight_files(folder: Path, library: str) -> list[Path]:
     loads (diffusers would log an error of its own first), and so that they can be fingerprinted.
 
     A folder holding only variant files (``diffusion_pytorch_model.fp16.safetensors``) is named as
-    such: ``from_pretrained`` reads them only when asked for that variant."""
+    such: ``from_pretrained`` reads them only when asked for that variant. A transformers config's
+    ``transformers_weights`` names the file to read before any of the usual names (transformers 5)."""
     names = WEIGHT_NAMES[library]
-    for name in names:
+    explicit = _explicit_weights(folder) if library == "transformers" else None
+    for name in [explicit] if explicit is not None else names:
         path = folder / name
         if not path.is_file():
+            if explicit is not None:
+                raise ModelLoadError(f"{folder / 'config.json'}: transformers_weights names {explicit}, which is not there")
             continue
         if not name.endswith(".index.json"):
             return [path]
@@ -370,6 +374,21 @@ def weight_files(folder: Path, library: str) -> list[Path]:
             f"{variants[0].split('.')[0]}.{variants[0].rsplit('.', 1)[-1]}") if variants else ""
     whole = [n for n in names if not n.endswith(".index.json")]
     raise ModelLoadError(f"{folder}: no weight file ({' or '.join(whole)}){hint}")
+
+
+def _explicit_weights(folder: Path) -> str | None:
+    """The weight file a transformers model folder's config.json names as ``transformers_weights``
+    (transformers 5 reads that one: a safetensors file or index, or ``adapter_model.bin``),
+    checked to be a file name in the folder; None where it names none."""
+    config = folder / "config.json"
+    name = read_json(config).get("transformers_weights") if config.is_file() else None
+    if name is None:
+        return None
+    if (not isinstance(name, str) or Path(name).name != name
+            or not (name.endswith((".safetensors", ".safetensors.index.json")) or name == "adapter_model.bin")):
+        raise ModelLoadError(f"{config}: transformers_weights {name!r} is not the name of a .safetensors file or "
+                             "index beside it")
+    return name
 
 
 def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
