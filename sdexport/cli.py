@@ -1093,6 +1093,10 @@ def serve(
             raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
+        for flag, directory in (("engine directory", engine_dir), ("--refiner directory", refiner)):
+            if directory is not None and log_file.resolve().is_relative_to(directory.resolve()):
+                raise SdexportError(f"--log-file {log_file}: inside the {flag}, whose files Triton's log would "
+                                    "change; give a path outside it")
     manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
                                                            refiner=refiner, denoising_end=denoising_end)
     from sdexport.runtime.loading import resolve_backend
@@ -1117,6 +1121,9 @@ def serve(
     repository = work / "repository"
     log = None if verbose else (log_file or work / "triton.log")
     try:
+        from sdexport.serving.names import ascii_links
+
+        settings = ascii_links(settings, work / "links")
         write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
         host = "localhost" if ports.address == "0.0.0.0" else address  # (a name as given: it resolves the same)
 
@@ -1161,6 +1168,11 @@ def triton_repo(
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
     manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
                                                            engine_path, refiner, denoising_end, refiner_path)
+    from sdexport.serving.names import check_ascii
+
+    check_ascii(settings.engine_dir, "--engine-path")
+    if settings.refiner:
+        check_ascii(settings.refiner, "--refiner-path")
     target = _output_path(output)
     with claim(target, REPOSITORY, replace=force,
                protected=(engine_dir, *([refiner] if refiner is not None else []))) as staging:

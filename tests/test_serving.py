@@ -25,6 +25,7 @@ import pytest
 
 from conftest import run_cli
 from sdexport.errors import SdexportError
+from sdexport.runtime.images import read_parameters
 from sdexport.serving.protocol import INPUTS, OUTPUTS
 
 pytestmark = pytest.mark.usefixtures("without_gpu")
@@ -522,8 +523,14 @@ def server(_servers: list[Server], tiny_engine_dir, tmp_path_factory) -> Server:
         pytest.fail(f"the module's server exited with status {_servers[-1].process.returncode}:\n"
                     f"{_servers[-1].log.read_text()[-3000:]}")
     if not _servers or _servers[-1].ended_on_purpose:
-        _servers.append(_serve(tiny_engine_dir, tmp_path_factory.mktemp("serve") / "serve.log", "--max-steps", "1000"))
+        folder = tmp_path_factory.mktemp("serve")
+        shutil.copytree(tiny_engine_dir, folder / SERVED_NAME)  # a path Triton's Python model reads only through a link
+        _servers.append(_serve(folder / SERVED_NAME, folder / "serve.log", "--max-steps", "1000"))
     return _servers[-1]
+
+
+SERVED_NAME = "modèles ü"
+"""The module's server serves the tiny engines under this name: not ASCII (``serving.names``)."""
 
 
 def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, tiny_engine_dir, tmp_path):
@@ -536,6 +543,8 @@ def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, t
                    "-o", out) == 0
     [png] = generate(server.url, ["a lighthouse"], steps=3, seed=[9])
     np.testing.assert_array_equal(_png_pixels(png), np.asarray(Image.open(out).convert("RGB")))
+    (tmp_path / "served.png").write_bytes(png)  # the directory as served, not the link the server reads it by
+    assert Path(read_parameters(tmp_path / "served.png")["engine_dir"]).name == SERVED_NAME
     [pixels] = generate(server.url, ["a lighthouse"], steps=3, seed=[9], pixels=True)
     np.testing.assert_array_equal(pixels, np.asarray(Image.open(out).convert("RGB")))
     # a pair input (SDXL's sizes) goes through Triton to the model's own checks, which refuse it here
@@ -883,6 +892,10 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (["loadtest", "--url", "127.0.0.1:1", "--denoising-end", "1.5"], "--denoising-end 1.5: need the base model's"),
     (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{engines}/manifest.json"], "not a readable image"),
     (["serve", "{engines}", "--log-file", "{engines}/manifest.json/log.txt"], "no log can be written"),
+    (["serve", "{engines}", "--log-file", "{engines}/manifest.json"], "inside the engine directory, whose files"),
+    (["serve", "{engines}", "--log-file", "{engines}/triton.log"], "inside the engine directory, whose files"),
+    (["triton-repo", "{engines}", "-o", "{tmp}/r", "--engine-path", "/engines/modèles"],
+     "--engine-path /engines/modèles: Triton's Python model reads only ASCII file names"),
 ])
 def test_bad_serving_input_gets_one_line_and_exit_2(args, message, tiny_engine_dir, tmp_path, capsys):
     filled = [a.format(missing=tmp_path / "nothing", engines=tiny_engine_dir, tmp=tmp_path) for a in args]

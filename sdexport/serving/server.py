@@ -7,10 +7,11 @@ and stops it with SIGINT so that requests in flight finish (up to ``exit_timeout
 is not bound through PyTriton's ``bind`` (its errors fail a whole batch and arrive as tracebacks);
 it is a plain Python-backend model in the repository we hand it, which the stock server loads too.
 
-Two things PyTriton does not do, done here: the stub finds ``libpython`` through the loader's search
-path, and a Python built elsewhere (pyenv, a venv over it) must put its own library directory first
-or the stub loads the system's ``libpython`` of another patch release (seen here: "'_thread.RLock'
-object has no attribute '_recursion_count'"); and PyTriton's stub is built against numpy 1.x, so
+Three things PyTriton does not do, done here: the stub finds ``libpython`` through the loader's
+search path, and a Python built elsewhere (pyenv, a venv over it) must put its own library directory
+first or the stub loads the system's ``libpython`` of another patch release (seen here:
+"'_thread.RLock' object has no attribute '_recursion_count'"); the stub's Python decodes file names
+as ASCII unless told otherwise (``PYTHONUTF8``); and PyTriton's stub is built against numpy 1.x, so
 with numpy 2 in the environment tensors arrive garbled: refused up front.
 """
 
@@ -110,7 +111,10 @@ def check_ports(ports: Ports) -> None:
 
 
 def stub_environment() -> None:
-    """Put this Python's own libpython first on the loader's path, for the stub Triton starts."""
+    """Put this Python's own libpython first on the loader's path, for the stub Triton starts, and
+    make its Python read file names as UTF-8: the stub embeds Python, which then decodes paths as
+    ASCII under the server's C locale, so an engine directory named ``/srv/modèles`` is not found."""
+    os.environ.setdefault("PYTHONUTF8", "1")
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir and Path(libdir).is_dir():
         current = os.environ.get("LD_LIBRARY_PATH", "")

@@ -59,11 +59,18 @@ class ServeSettings:
     """An sdxl-refiner engine directory that refines every image of this SDXL base model ("": none)."""
     denoising_end: float = DENOISING_END_DEFAULT
     """With ``refiner``: the base model's share of the schedule for a request that gives none."""
+    engine_name: str = ""
+    """What the log and the images' records call ``engine_dir`` where that is a link to it
+    (``serving.names.ascii_links``); "": ``engine_dir`` itself."""
+    refiner_name: str = ""
+    """The same for ``refiner``."""
 
     def to_parameters(self) -> dict[str, str]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
                 "graphs": self.graphs, "max_steps": str(self.max_steps), "verify": str(self.verify).lower(),
-                **({"refiner": self.refiner, "denoising_end": repr(self.denoising_end)} if self.refiner else {})}
+                **({"refiner": self.refiner, "denoising_end": repr(self.denoising_end)} if self.refiner else {}),
+                **{name: value for name, value in (("engine_name", self.engine_name),
+                                                   ("refiner_name", self.refiner_name)) if value}}
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
@@ -75,7 +82,8 @@ class ServeSettings:
                        cuda_graph=flag[parameters.get("cuda_graph", "false")], graphs=parameters.get("graphs", "auto"),
                        max_steps=int(parameters.get("max_steps", MAX_STEPS)), verify=flag[parameters.get("verify", "true")],
                        refiner=parameters.get("refiner", ""),
-                       denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)))
+                       denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)),
+                       engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""))
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
 
@@ -131,11 +139,15 @@ class ServedModel:
                                                                     *(e.profile.batch[2] for e in p.engines.values())))
         self.default_size = (profile.height[1], profile.width[1])
         heights, widths = (profile.height[0], profile.height[2]), (profile.width[0], profile.width[2])
+        names = (settings.engine_name, settings.refiner_name)
+        for loaded, name in zip(pipelines, names):  # the images' records name a linked directory as given
+            if name:
+                loaded.info["engine_dir"] = name
         refined = ""
         if self.refiner is not None:  # the sizes both profiles take (Refiner.open refused none in common)
             heights, widths = common_sizes(profile, self.refiner.manifest.shape_profile) or (heights, widths)
-            refined = f" refined by {self.refiner.engine_dir} from {settings.denoising_end:g}"
-        log(f"sdexport: loaded {engine_dir} ({manifest.family}, {backend}){refined} in "
+            refined = f" refined by {names[1] or self.refiner.engine_dir} from {settings.denoising_end:g}"
+        log(f"sdexport: loaded {names[0] or engine_dir} ({manifest.family}, {backend}){refined} in "
             f"{time.perf_counter() - started:.1f} s; batch up to {self.max_batch}, sizes "
             f"{heights[0]}-{heights[1]} x {widths[0]}-{widths[1]}")
 

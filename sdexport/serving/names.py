@@ -1,0 +1,43 @@
+"""File names as Triton's Python model can read them.
+
+Triton's Python backend stub embeds Python isolated (it reads no ``PYTHONUTF8``) under the C locale,
+so the model's Python takes file names to be ASCII: an engine directory at ``/srv/modèles`` is "not
+found", and the surrogates that would name its bytes (PEP 383) are refused by ONNX Runtime and
+TensorRT. ``serve`` therefore hands the server a link with an ASCII name in its own temporary folder;
+a repository for the stock server (``triton-repo``) must name an ASCII path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sdexport.errors import SdexportError
+
+if TYPE_CHECKING:
+    from sdexport.serving.triton_model import ServeSettings
+
+
+def ascii_links(settings: ServeSettings, folder: Path) -> ServeSettings:
+    """``settings`` with an engine (or refiner) directory whose path is not ASCII served through a
+    link to it in ``folder`` (the server's temporary folder, removed with it), and named as given in
+    the log and the images' records."""
+    for field, name_field, link in (("engine_dir", "engine_name", "engines"), ("refiner", "refiner_name", "refiner")):
+        path = getattr(settings, field)
+        if path and not path.isascii():
+            if not str(folder).isascii():
+                raise SdexportError(f"{path}: Triton's Python model reads only ASCII file names, and the temporary "
+                                    f"folder {folder} is not one either: set TMPDIR to an ASCII path")
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / link).symlink_to(path, target_is_directory=True)
+            settings = replace(settings, **{field: str(folder / link), name_field: path})
+    return settings
+
+
+def check_ascii(path: str, flag: str) -> None:
+    """A repository for the stock server names the engine directory as the server will see it: refused
+    unless ASCII (``ascii_links`` does for ``serve`` what the operator must do there)."""
+    if not path.isascii():
+        raise SdexportError(f"{flag} {path}: Triton's Python model reads only ASCII file names; give the path the "
+                            f"server sees through a link or mount with an ASCII name ({flag} /engines/NAME)")
