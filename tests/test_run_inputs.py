@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -79,6 +80,16 @@ def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_en
     assert "reach timestep 1000, past the model's 1000 training timesteps" in " ".join(capsys.readouterr().err.split())
 
 
+def test_the_api_takes_a_path_as_text_and_refuses_a_closed_pipeline_or_a_missing_provider(tiny_engine_dir):
+    pipe = load_pipeline(str(tiny_engine_dir), "onnxruntime-cpu")  # a str, as a caller types it
+    pipe.close()
+    with pytest.raises(SdexportError, match="^this pipeline was closed"):
+        pipe(GenerationRequest(prompt="x", height=64, width=64))
+    if not torch.cuda.is_available():  # the provider named, not torch's "requires CUDA support" from a stream
+        with pytest.raises(SdexportError, match="CUDA"):
+            load_pipeline(tiny_engine_dir, "onnxruntime-cuda")
+
+
 def test_the_api_checks_requests_too(pipeline):
     for request, message in [
         (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "^seeds -5: seeds are integers"),  # the API field
@@ -98,12 +109,18 @@ def test_the_api_checks_requests_too(pipeline):
         (GenerationRequest(prompt=["x"], steps=51, scheduler="lcm", height=64, width=64),
          r"^steps 51: the lcm scheduler takes at most 50 steps \(its original_inference_steps\)"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
+        (GenerationRequest(prompt="a fox", seeds=5, height=64, width=64), r"^seeds 5: give a list of seeds, one per image$"),
+        (GenerationRequest(prompt=["x"], steps=2.0, height=64, width=64), r"^steps 2.0 \(float\): need a whole number of steps"),
+        (GenerationRequest(prompt=["x"], seeds=[np.int64(3)], height=64, width=64), r"^seeds (np.int64\()?3\)? \(int64\): seeds are Python integers"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
         (GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64),
          r"3 images in one call: the engines' profile takes at most 2; split the request \(request.split\(2\)"),
     ]:
         with pytest.raises(SdexportError, match=message):
             pipeline(request)
+    # one text (or image) where a list may go, as diffusers takes them: not a list of one-letter prompts
+    one = GenerationRequest(prompt="a fox", negative_prompt="blurry", image=Image.new("RGB", (64, 64)))
+    assert (one.prompt, one.negative_prompt, len(one.image), one.batch) == (["a fox"], ["blurry"], 1, 1)
     request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64, guidance=[3.0, 4.0, 5.0])
     assert [len(part.prompt) for part in request.split(2)] == [2, 1]
     assert [part.guidance for part in request.split(2)] == [[3.0, 4.0], [5.0]]

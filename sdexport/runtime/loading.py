@@ -117,7 +117,7 @@ def resolve_backend(backend: str) -> str:
 
 
 def load_pipeline(
-    engine_dir: Path,
+    engine_dir: Path | str,
     backend: str = "onnxruntime",
     *,
     cuda_graph: bool = False,
@@ -130,7 +130,14 @@ def load_pipeline(
     guess_mode: bool = False,
     model_source: dict[str, Any] | None = None,
 ) -> Txt2ImgPipeline:
-    """``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
+    """The engine directory's pipeline (a ``Txt2ImgPipeline``: call it with a ``GenerationRequest``)
+    over ``backend``: ``onnxruntime`` (CUDA where it can, else the CPU), ``onnxruntime-cpu``,
+    ``onnxruntime-cuda``, ``tensorrt``, or the PyTorch modules the directory was exported from
+    (``torch``, ``torch-compile``, ``torch-compile-max``). The files the backend reads are checked
+    against the manifest's sha256 first (``verify_files``); a backend that cannot run here, a damaged
+    directory or settings it cannot take raise ``SdexportError`` in one line before anything loads.
+
+    ``loras``: LoRA files added to the exported weights as the engines are made (ONNX Runtime's
     portable graphs, the Torch backend), no re-export. ``image_inputs``: also load the VAE encoder, for requests with an init image (img2img,
     inpainting); None: the family's default, which for the SDXL refiner is to load it (its one task
     starts from an image; not from a base model's latents, ``run --refiner``'s, which pass False). ``request_profile``: shapes that will be asked for, so TensorRT picks a plan that serves them
@@ -141,9 +148,12 @@ def load_pipeline(
     the prompts' batch (as for a directory whose first ControlNet pools). ``model_source``: where the
     Torch backend reloads the model from instead of the manifest's ``model.source`` (``relocated``:
     a copy of the same files, elsewhere)."""
+    from sdexport.runtime.providers import require_backend
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
+    engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
+    require_backend(backend)  # what to install, before any engine loads (as `run` says it)
     manifest = load_manifest(engine_dir, verify_files=False)
     if model_source is not None and backend.startswith("torch"):
         from sdexport.models.source_files import relocated

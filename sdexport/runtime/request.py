@@ -173,6 +173,15 @@ class GenerationRequest:
     whatever the scale, and the negative prompts are not read, as in diffusers' pipelines."""
 
     def __post_init__(self) -> None:
+        # diffusers' pipelines take one text or image where a list of them may go; so does this (a
+        # text is not a list of one-letter prompts)
+        for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        for name in ("image", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, list):
+                setattr(self, name, list(value) if isinstance(value, tuple) else [value])
         if isinstance(self.guidance, tuple):  # one scale per prompt, held in a tuple: the loop takes a list
             self.guidance = list(self.guidance)
 
@@ -418,13 +427,20 @@ def check_request(
         given = getattr(request, name)
         if given is not None and len(given) != request.batch:
             raise SdexportError(f"{setting(name)}: {len(given)} given for {request.batch} prompts; give one per prompt")
+    if not isinstance(request.seeds, list | tuple):
+        raise SdexportError(f"{setting('seed')} {request.seeds!r}: give a list of seeds, one per image")
     if len(request.seeds) != request.batch:
         raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
     for seed in request.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise SdexportError(f"{setting('seed')} {seed}: seeds are integers from 0 to 2^64-1 ({MAX_SEED})")
+            kind = "" if isinstance(seed, int) else f" ({type(seed).__name__})"
+            raise SdexportError(f"{setting('seed')} {seed!r}{kind}: seeds are {'Python ' if kind else ''}integers from 0 "
+                                f"to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
-    if isinstance(request.steps, bool) or not isinstance(request.steps, int) or request.steps < 1:
+    if isinstance(request.steps, bool) or not isinstance(request.steps, int):
+        raise SdexportError(f"{setting('steps')} {request.steps!r} ({type(request.steps).__name__}): need a whole "
+                            "number of steps (a Python int)")
+    if request.steps < 1:
         raise SdexportError(f"{setting('steps')} {request.steps}: need at least 1 step")
     trained = int((scheduler_config or {}).get("num_train_timesteps") or 0)
     if trained and request.steps > trained:
@@ -709,7 +725,7 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
     strength = request.strength
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
                                  or not math.isfinite(strength) or not 0 < strength <= 1):
-        raise SdexportError(f"{setting('strength')} {strength}: need a number above 0 and at most 1")
+        raise SdexportError(f"{setting('strength')} {strength!r}: need a number above 0 and at most 1")
     if request.denoising_steps(family) < 1:
         raise SdexportError(
             f"{setting('strength') if strength is not None else 'the default strength'} "

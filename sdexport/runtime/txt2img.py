@@ -282,6 +282,11 @@ class GenerationResult:
 
 
 class Txt2ImgPipeline:
+    """The one denoising loop over an engine directory's engines, whatever their backend: text to
+    image, img2img, inpainting, ControlNets, T2I-Adapters, run-time LoRA and SDXL's two experts are
+    all requests to it (``GenerationRequest``). Made by ``load_pipeline``; one pipeline serves many
+    requests of any size and scheduler its profile takes; ``close()`` (or ``with``) releases it."""
+
     def __init__(
         self,
         engines: dict[str, Engine],
@@ -330,6 +335,7 @@ class Txt2ImgPipeline:
         self.lowered = lowered
         self.unplanned = unplanned
         self.info = info or {}
+        self.closed = False
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
         self.adapters = adapters_among(engines)
@@ -345,6 +351,8 @@ class Txt2ImgPipeline:
 
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
+        if self.closed:
+            raise SdexportError("this pipeline was closed (its engines were released); load it again")
         largest = self.profile.batch[2]
         if isinstance(request.prompt, list) and len(request.prompt) > largest:  # `sdexport run` splits by itself; an API caller is told how
             raise ProfileError(f"{len(request.prompt)} images in one call: the engines' profile takes at most "
@@ -927,6 +935,7 @@ class Txt2ImgPipeline:
 
     def close(self) -> None:
         """Release every engine's device memory now (TensorRT contexts, ORT sessions, modules)."""
+        self.closed = True
         engines = (*self.engines.values(), self.fallback_vae, self.fallback_encoder)
         for engine in {id(e): e for e in engines if e is not None}.values():
             close = getattr(engine, "close", None)
