@@ -387,6 +387,7 @@ def run(
     from sdexport.runtime.loading import resolve_backend, verify_for_backend
     from sdexport.runtime.providers import require_backend
     from sdexport.runtime.request import (
+        MASKED_INIT,
         MAX_SEED,
         GenerationRequest,
         check_backend,
@@ -473,7 +474,8 @@ def run(
     per_image: dict[str, list[Any]] = {}  # what each saved image records of its own inputs
     for name, files, each in (("control_image", control_image, slots), ("adapter_image", adapter_image,
                                                                         max(len(manifest.adapters), 1))):
-        paths = [os.path.abspath(p) for p in files or []]  # the record is read from anywhere
+        # the record is read from anywhere: files by absolute path (``masked-init`` names no file)
+        paths = [p if p == MASKED_INIT else os.path.abspath(p) for p in files or []]
         if paths and len(prompts) > 1 and len(paths) == each * len(prompts):  # given prompt by prompt
             per_image[name] = [paths[i:i + each] for i in range(0, len(paths), each)]
         elif paths:
