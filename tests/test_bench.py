@@ -302,6 +302,34 @@ def test_a_cached_export_made_from_a_checkpoint_elsewhere_reloads_the_copy_here(
         relocated(recorded, load_model(str(tmp_path / "other"), lazy=True).source, ["text_encoder", "unet", "vae"])
 
 
+def test_given_engines_must_come_from_the_scenarios_model_and_set_its_precision(tmp_path, tiny_engines, capsys):
+    """--engine-dir made from another model, or in another precision than the scenario names, is
+    refused before anything loads (the report would name the scenario's model and precision); a
+    checkpoint copied elsewhere is the same model by its files' sha256."""
+    from sdexport.models import load_model
+
+    scenario = tmp_path / "s.toml"
+    for change, message in (('model = "tiny-v"', "was exported from preset tiny, not from the scenario's model tiny-v"),
+                            ('model = "tiny"\ndtype = "fp16"', "is an fp32 export, and the scenario's dtype is fp16")):
+        scenario.write_text(SMOKE.replace('model = "tiny"', change))
+        assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", tiny_engines) == 2
+        err = capsys.readouterr().err
+        assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
+    checkpoint, copy, other = tmp_path / "model", tmp_path / "copy", tmp_path / "other"
+    load_model("tiny").save_pretrained(checkpoint)
+    shutil.copytree(checkpoint, copy)
+    load_model("tiny", seed=3).save_pretrained(other)
+    engines = tmp_path / "engines"
+    assert run_cli("export", checkpoint, "-o", engines, "--batch", "1:1:2", "--height", "64", "--width", "64",
+                   "--verify", "none", "-q") == 0
+    for model, code in ((copy, 0), (other, 2)):
+        scenario.write_text(SMOKE.replace('model = "tiny"', f"model = {json.dumps(str(model))}").replace(
+            '"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"onnxruntime-cpu"').replace("[1, 2]", "[1]"))
+        assert run_cli("bench", scenario, "-o", tmp_path / f"out-{model.name}", "--engine-dir", engines,
+                       "--repeats", "1", "--warmup", "0") == code
+    assert f"was exported from {checkpoint}, not from the scenario's model {other}" in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, tiny_engines, monkeypatch):
     """A bug in one contender (on a rented GPU, say) is recorded with its reason; the others are measured."""
     from sdexport.bench import harness

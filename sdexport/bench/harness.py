@@ -153,7 +153,7 @@ def _run(
     that can run here runs engines (``_engines_wanted``)."""
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
-    dtype = precision(scenario)
+    dtype = plan.dtype or precision(scenario)  # a given engine directory's, else the scenario's
     env = environment()
     one_time: dict[str, dict[str, float | str]] = {}
 

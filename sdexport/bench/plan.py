@@ -50,6 +50,9 @@ class BenchPlan:
     """The test hook ``SDEXPORT_TEST_SLOW_UNET`` (see ``slow_unet_hook``): contender → seconds."""
     refiner: ModelOutline | None = None
     """The scenario's SDXL refiner (``Scenario.refiner``), exported with the same profile."""
+    dtype: str | None = None
+    """The given engine directory's precision, which the baselines run in too (None: the scenario's,
+    ``harness.precision``)."""
 
     def refiner_plan(self) -> BenchPlan:
         """This plan as the refiner's export sees it: its model, the same profile and precision."""
@@ -118,6 +121,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
     with stated_in(source):
         outline, refiner, modes, embedded, export_profile = _check_stated(scenario)
     images = 1
+    dtype: str | None = None
     geometry: ImageGeometry = outline
     profile, scheduler_config = export_profile, outline.scheduler_config
     # what the refiner's share of a case is checked against: its geometry, profile and scheduler config
@@ -165,11 +169,20 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
                 f"--engine-dir {options.engine_dir} has {'union' if manifest.model_dims.N else 'plain'} ControlNets, "
                 f"the scenario {'union' if modes else 'plain'} ones: the baseline and the engines must be the same "
                 "model")
+        _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline)  # (its kind first)
+        dtype = _engine_precision(options.engine_dir, manifest, scenario)
         profile, geometry = manifest.shape_profile, manifest.model_dims
         images = manifest.model_dims.K or 1
         scheduler_config = read_scheduler_config(options.engine_dir)
         if options.refiner_engine_dir is not None:
             paired = _refiner_engines(options.refiner_engine_dir, options.engine_dir, manifest)
+            assert refiner is not None and scenario.refiner is not None  # (refused above otherwise)
+            _check_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest, scenario.refiner,
+                             refiner)
+            if paired.manifest.dtype != dtype:
+                raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir} is an {paired.manifest.dtype} "
+                                    f"export, --engine-dir {options.engine_dir} an {dtype} one: give a pair of one "
+                                    "precision")
             refiner_checks = (paired.manifest.model_dims, paired.manifest.shape_profile, paired.scheduler_config)
     for case in scenario.cases:
         request, refine = request_for(scenario, case), None
@@ -195,7 +208,33 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         scheduler_config=scheduler_config,
         slow_unet=slow_unet_hook(contenders),
         refiner=refiner,
+        dtype=dtype,
     )
+
+
+def _check_made_from(flag: str, engine_dir: Path, manifest: Any, model: str, outline: ModelOutline) -> None:
+    """A given engine directory was exported from the scenario's model (the baseline runs that one,
+    and the report names it), else one line; an export that does not record its checkpoint's files
+    is taken on trust."""
+    from sdexport.models.source_files import made_from
+
+    source = manifest.model.get("source") or {}
+    modules = {manifest.spec(name).module for name in manifest.components}
+    if made_from(source, outline.preset, outline.sources[0] if outline.sources else None, modules) is False:
+        was = (f"preset {source.get('name')}" + (f" (seed {source['seed']})" if source.get("seed", 0) else "")
+               if source.get("kind") == "preset" else str(source.get("path")))
+        raise SdexportError(f"{flag} {engine_dir} was exported from {was}, not from the scenario's model {model}: "
+                            "the baseline and the engines must be the same model (its weight files' sha256 are "
+                            "compared where the paths differ)")
+
+
+def _engine_precision(engine_dir: Path, manifest: Any, scenario: Scenario) -> str:
+    """The precision a given engine directory runs in, which the baselines take too: the scenario's
+    ``dtype`` where it names one (refused if it differs), else the export's."""
+    if scenario.dtype not in ("auto", manifest.dtype):
+        raise SdexportError(f"--engine-dir {engine_dir} is an {manifest.dtype} export, and the scenario's dtype is "
+                            f"{scenario.dtype}: export it in {scenario.dtype}, or set dtype to auto or {manifest.dtype}")
+    return str(manifest.dtype)
 
 
 @contextmanager

@@ -99,3 +99,28 @@ def relocated(recorded: Mapping[str, Any], here: Mapping[str, Any], modules: Ite
                              "sha256 differ from the manifest's model.source.files): the Torch backend would run "
                              "other weights than the graphs hold")
     return {**here, "files": files}
+
+
+def made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None, modules: Iterable[str]) -> bool | None:
+    """Whether a manifest's ``model.source`` (``recorded``) is the checkpoint a benchmark names: a
+    preset by name (and its default seed), a checkpoint here by path, or by its weight files' sha256
+    where the paths differ (a copy elsewhere). None where the manifest cannot tell: an ONNX export
+    adopted without its checkpoint, or a checkpoint whose files it does not record."""
+    kind = recorded.get("kind")
+    if kind == "onnx":
+        return None
+    if preset is not None or kind == "preset":
+        return kind == "preset" and recorded.get("name") == preset and recorded.get("seed", 0) == 0
+    if path is None or not isinstance(recorded.get("path"), str):
+        return None
+    root, here = Path(recorded["path"]), path.resolve()
+    if (kind == "single_file") != here.is_file():
+        return False
+    if root.resolve() == here:
+        return True
+    theirs = [sha for name, sha in (recorded.get("files") or {}).items() if Path(name).is_relative_to(root)]
+    if not theirs:
+        return None
+    parts = set(modules) - ({"vae"} if recorded.get("vae") else set())  # a replaced VAE is not the checkpoint's
+    ours = fingerprint(source_weight_files({"kind": kind, "path": str(here)}, parts))
+    return sorted(ours.values()) == sorted(theirs)
