@@ -308,6 +308,8 @@ def test_a_failed_force_keeps_the_adopted_manifest(foreign_export: Path, capsys)
     before = (foreign_export / "manifest.json").read_bytes()
     assert run_cli("adopt", foreign_export, "--force", "--height", "65:128:256") == 2
     assert "height min 65 is not a multiple of 16" in capsys.readouterr().err
+    assert run_cli("adopt", foreign_export, "--force", "--height", "64:128:300000") == 2  # as export refuses it
+    assert "beyond the 2^31 elements" in capsys.readouterr().err
     assert (foreign_export / "manifest.json").read_bytes() == before
     assert run_cli("run", foreign_export, *RUN, "-o", foreign_export.parent / "x.png") == 0
 

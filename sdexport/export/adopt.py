@@ -186,6 +186,8 @@ def adopt(
         outline_model(model, config=config)
     profile = default_profile(plan).with_ranges(**(ranges or {}))
     profile.validate(plan.dims)
+    blocks = plan.configs["vae"].get("block_out_channels") or [128]  # its widest, full-size activations: as export
+    profile.check_limits(int(blocks[0]) if isinstance(blocks, list) and isinstance(blocks[0], int) else 128)
     from sdexport.export.exporter import tool_versions  # imports torch: after the one-line refusals
 
     with updating(directory, ENGINE_DIR):
