@@ -18,12 +18,20 @@ from rich.console import Console
 
 from sdexport import stopping
 
-console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+def _width(stderr: bool) -> int | None:
+    """A table to a file or a pipe is printed whole: rich draws one 80 columns wide without a terminal
+    (or ``COLUMNS``), and cuts cells to fit ("passed-cpu-vari…")."""
+    if os.environ.get("COLUMNS") or Console(stderr=stderr).is_terminal:
+        return None
+    return 1000
+
+
+console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, width=_width(stderr=True))
 """Progress, notes and summaries (stderr); silent with ``-q``. Lines are never broken here: a
 terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole. No
 console here turns ``:fire:`` into an emoji: a path or prompt is printed as the user wrote it
 (``escape`` and ``markup=False`` do not stop that)."""
-out = Console(highlight=False, emoji=False)
+out = Console(highlight=False, emoji=False, width=_width(stderr=False))
 """Results a script may read (stdout): tables, paths, Markdown."""
 
 
