@@ -18,6 +18,7 @@ from rich.console import Console
 
 from sdexport import stopping
 
+
 def _width(stderr: bool) -> int | None:
     """A table to a file or a pipe is printed whole: rich draws one 80 columns wide without a terminal
     (or ``COLUMNS``), and cuts cells to fit ("passed-cpu-vari…")."""

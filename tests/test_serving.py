@@ -364,8 +364,16 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     with pytest.raises(ValueError, match="not a mix of both"):
         infer_inputs(["a", "b"], http, target_size=[(1, 2), 3])
     for value in ((1024.7, 1024), (2**32 + 512, 512)):  # numpy would send 1024, or wrap to 512
-        with pytest.raises(ValueError, match="is not a whole number an INT32 holds"):
+        with pytest.raises(ValueError, match="is not a whole number INT32 holds"):
             infer_inputs(["a"], http, original_size=value)
+    # every number input alike: what numpy would cast, wrap or overflow is refused, not sent
+    for given, message in ((dict(seed=-1), "seed: -1 is not a whole number UINT64 holds"),
+                           (dict(steps=4.7), "steps: 4.7 is not a whole number INT32 holds"),
+                           (dict(height=2**32 + 128, width=128), "height: 4294967424 is not a whole number INT32"),
+                           (dict(guidance=1e300), r"guidance: 1e\+300 is beyond float32's range")):
+        with pytest.raises(ValueError, match=message):
+            infer_inputs(["a"], http, **given)
+    assert {i.name(): i for i in infer_inputs(["a"], http, steps=20.0)}["steps"].shape() == [1, 1]  # a whole float
     assert infer_inputs(["a", "b"], http, original_size=np.array([1024, 768]))[-1].shape() == [2, 2]
 
 
@@ -885,6 +893,9 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (["loadtest", "--url", "127.0.0.1:1", "-n", "0"], "give --requests or --duration"),
     (["loadtest", "--url", "127.0.0.1:1", "-n", "1"], "no Triton server answers there"),
     (["loadtest", "--url", "http://127.0.0.1:1"], "without the scheme"),
+    (["loadtest", "--url", "127.0.0.1:1", "--height", "128"], "--height and --width: give both, or neither"),
+    (["loadtest", "--url", "127.0.0.1:1", "--height", "4294967424", "--width", "128"],
+     "--height: 4294967424 is not a whole number INT32 holds"),
     (["loadtest", "--url", "127.0.0.1:1", "--mask", "{engines}/manifest.json"], "--mask needs --init-image"),
     (["loadtest", "--url", "127.0.0.1:1", "--strength", "0.5"], "--strength needs --init-image"),
     (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{missing}"], "no such file"),

@@ -75,13 +75,42 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     inputs = []
     for name, column in values.items():
         spec = _SPECS[name]
-        encoded = [[v.encode() if isinstance(v, str) else v for v in (c if isinstance(c, list) else [c])]
-                   for c in column]
+        encoded = [[v.encode() if isinstance(v, str) else _held(name, v, spec.dtype)
+                    for v in (c if isinstance(c, list) else [c])] for c in column]
         array = np.array(encoded, dtype=_NUMPY[spec.dtype])
         tensor = module.InferInput(name, list(array.shape), spec.dtype)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+_WHOLE = {"INT32": (-2**31, 2**31 - 1), "UINT64": (0, 2**64 - 1)}
+
+
+def _held(name: str, value: Any, dtype: str) -> Any:
+    """``value`` as the input's tensor holds it exactly, else ValueError: numpy would cast 4.7 steps to
+    4, wrap a seed of -1 to 2^64-1 and a height of 2^32 + 128 to 128, and the server would make an
+    image of values never asked for (a whole float, 20.0, is its int)."""
+    import numpy as np
+
+    if dtype in _WHOLE:
+        low, high = _WHOLE[dtype]
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not float(value).is_integer() or not low <= value <= high:
+            raise ValueError(f"{name}: {value!r} is not a whole number {dtype} holds ({low} to {high})")
+        return int(value)
+    if dtype == "FP32" and isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool) \
+            and np.isfinite(value) and not np.isfinite(np.float32(value)):
+        raise ValueError(f"{name}: {value!r} is beyond float32's range, which the FP32 input holds")
+    return value
+
+
+def check_numbers(params: dict[str, Any], named: Any = str) -> None:
+    """ValueError for a number among ``params`` (one value each) that its input's tensor cannot hold
+    (``_held``), naming the input by ``named(name)``."""
+    for name, value in params.items():
+        if name in _SPECS and not isinstance(value, str | bytes | list | tuple):
+            _held(named(name), value, _SPECS[name].dtype)
 
 
 def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
@@ -98,8 +127,7 @@ def _adapter_images(value: Any, rows: int) -> list[list[bytes]]:
 
 def _pairs(value: Any, rows: int, name: str) -> list[list[Any]]:
     """A two-number input (``infer_inputs``): one pair for every image, or a list of pairs, one per
-    image. Each number must be whole and fit INT32: numpy would cast 1024.7 to 1024, or wrap 2**32 +
-    512 to 512, and the server would make an image of values never asked for."""
+    image, each number whole and within INT32 (``_held``)."""
     import numpy as np
 
     value = value.tolist() if isinstance(value, np.ndarray) else value
@@ -114,11 +142,7 @@ def _pairs(value: Any, rows: int, name: str) -> list[list[Any]]:
                          "a list of one per prompt")
     if any(len(pair) != 2 for pair in pairs):
         raise ValueError(f"{name}: each is a pair of numbers, e.g. (1024, 1024)")
-    for number in (n for pair in pairs for n in pair):
-        if isinstance(number, bool) or not isinstance(number, int | float | np.integer | np.floating) \
-                or not float(number).is_integer() or not -2**31 <= number < 2**31:
-            raise ValueError(f"{name}: {number!r} is not a whole number an INT32 holds")
-    return [[int(n) for n in pair] for pair in pairs]
+    return [[_held(name, n, "INT32") for n in pair] for pair in pairs]
 
 
 def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:

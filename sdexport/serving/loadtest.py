@@ -77,6 +77,14 @@ class LoadPlan:
         check_url(self.url)
         if self.prompts_per_request < 1:
             raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
+        if ("height" in self.params) != ("width" in self.params):
+            raise SdexportError("--height and --width: give both, or neither (the model's size, or the init image's)")
+        from sdexport.serving.client import check_numbers
+
+        try:  # what the inputs' tensors cannot hold, refused before a request, in the options' names
+            check_numbers(self.params, lambda name: f"--{name.replace('_', '-')}")
+        except ValueError as exc:
+            raise SdexportError(str(exc)) from None
         if "init_image" not in self.images:
             if "mask" in self.images:
                 raise SdexportError("--mask needs --init-image: the mask says where the init image is repainted")
