@@ -1175,6 +1175,14 @@ def triton_repo(
     check_ascii(settings.engine_dir, "--engine-path")
     if settings.refiner:
         check_ascii(settings.refiner, "--refiner-path")
+    from sdexport.runtime.loading import takes_init_images, verify_for_backend
+
+    # the files the server's backend reads, hashed here as serve does (a stock server would only fail
+    # at load): "onnxruntime" is the server's to resolve, and its portable graphs are read either way
+    reads = "onnxruntime-cpu" if backend == "onnxruntime" else backend
+    verify_for_backend(engine_dir, manifest, reads, settings.graphs, image_inputs=takes_init_images(engine_dir, manifest))
+    if refiner is not None:
+        verify_for_backend(refiner, refiner_manifest, reads, settings.graphs)
     target = _output_path(output)
     with claim(target, REPOSITORY, replace=force,
                protected=(engine_dir, *([refiner] if refiner is not None else []))) as staging:

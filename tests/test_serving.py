@@ -876,6 +876,10 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     assert run_cli("triton-repo", tiny_engine_dir, "-o", spaced) == 0
     said = " ".join(capsys.readouterr().err.split())  # (the console wraps long lines)
     assert f"start it with: tritonserver --model-repository '{spaced}'" in said  # as it pastes
+    damaged = shutil.copytree(tiny_engine_dir, tmp_path / "damaged")  # refused here, not when the server loads it
+    (damaged / "unet" / "model.onnx").write_bytes(b"not a graph")
+    assert run_cli("triton-repo", damaged, "-o", tmp_path / "repo 3") == 2
+    assert "unet/model.onnx" in capsys.readouterr().err and not (tmp_path / "repo 3").exists()
 
 
 @pytest.mark.parametrize(("args", "message"), [
