@@ -153,7 +153,6 @@ def load_pipeline(
 
     engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
-    require_backend(backend)  # what to install, before any engine loads (as `run` says it)
     manifest = load_manifest(engine_dir, verify_files=False)
     if model_source is not None and backend.startswith("torch"):
         from sdexport.models.source_files import relocated
@@ -173,6 +172,7 @@ def load_pipeline(
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     pooled = pooled_controlnets(engine_dir, manifest)
+    require_backend(backend)  # what to install, in one line, before an engine fails to load without it
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled,
