@@ -166,10 +166,14 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 
 def first_error(schema: dict[str, Any], data: Any) -> str | None:
-    """The most relevant violation as ``field.path: message``, or None when ``data`` is valid."""
+    """The most relevant violation as ``field.path: message``, or None when ``data`` is valid. An
+    ``integer`` is an int here, not JSON Schema's any number with no fraction: a TOML or JSON ``2.0``
+    is refused where a count goes, not passed on to fail as a float deep inside the work."""
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema)
+    whole = jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool))
+    validator = jsonschema.validators.extend(jsonschema.Draft202012Validator, type_checker=whole)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(data))
     if error is None:
         return None

@@ -124,6 +124,8 @@ def test_shipped_scenarios_parse():
     ('model = "tiny"\nbatch = [1, 0]', "batch.1: 0 is less than the minimum of 1"),
     ('model = "tiny"\nsteps = [2, 3, 2]', "steps: [2, 3, 2] has non-unique elements"),
     ('model = "tiny"\nheight = 64.5', "height: 64.5 is not of type 'integer'"),
+    ('model = "tiny"\nrepeats = 2.0', "repeats: 2.0 is not of type 'integer'"),  # not a float to range() later
+    ('model = "tiny"\nsteps = [2.0]', "steps.0: 2.0 is not of type 'integer'"),
     ('model = "tiny"\nguidance = nan', "guidance nan: need a finite number"),
     ('model = "tiny"\nguidance = -1.0', "guidance: -1.0 is less than the minimum of 0"),
     ('model = "tiny"\nseed = -1', "seed: -1 is less than the minimum of 0"),
