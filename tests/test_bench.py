@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import cpu_only, drop_a_signal, hidden_siblings, run_cli
+from sdexport.bench.report import stage_mean
 from sdexport.bench.scenario import load_scenario
 from sdexport.errors import SdexportError
 
@@ -70,6 +71,7 @@ def test_bench_writes_json_markdown_and_png(bench_run):
             assert _finite_positive(r[stage]["median"]) and r[stage]["min"] <= r[stage]["median"] <= r[stage]["max"]
         assert r["e2e_s"]["n"] == 2 and r["unet_calls"] == 3
         assert _finite_positive(r["images_per_s"]) and _finite_positive(r["it_per_s"])
+        assert math.isclose(r["it_per_s"], 1 / stage_mean(r["unet_step_s"]))  # the U-Net column as a rate
         assert _finite_positive(r["memory"]["host_rss_peak_mb"])
         assert _finite_positive(r["first_call_s"])
         assert r["stage_clock"] == "host clock"  # on a GPU: "cuda events"
