@@ -208,6 +208,15 @@ def _broken_diffusers_dir(path: Path, case: str) -> Path:
     write_config_dir(PRESETS["tiny"], path)
     if case == "no-weights":
         return path
+    if case == "truncated-vae":  # headers that parse for the parts before it: the VAE's file is cut short
+        from safetensors.numpy import save_file
+
+        for part, name in (("text_encoder", "model"), ("unet", "diffusion_pytorch_model"),
+                           ("vae", "diffusion_pytorch_model")):
+            save_file({"w": np.zeros(256, np.float32)}, path / part / f"{name}.safetensors")
+        vae = path / "vae" / "diffusion_pytorch_model.safetensors"
+        vae.write_bytes(vae.read_bytes()[:-64])
+        return path
     part, change = {"nan-scaling": ("vae/config.json", {"scaling_factor": float("nan")}),
                     "bad-scheduler": ("scheduler/scheduler_config.json", {"num_train_timesteps": -5})}[case]
     config = json.loads((path / part).read_text())
@@ -249,6 +258,7 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("nan-scaling", "scaling_factor nan is not a positive number"),
         ("bad-scheduler", "num_train_timesteps: -5 is less than the minimum of 1"),
         ("no-weights", "text_encoder: no weight file (model.safetensors or pytorch_model.bin)"),
+        ("truncated-vae", "vae/diffusion_pytorch_model.safetensors: not a readable safetensors file"),
         ("empty-model", "'': an empty model; give a preset"),
         ("empty-vae", "--vae '': an empty path; name one"),
         ("empty-config", "--config '': an empty path; name one"),
@@ -302,7 +312,7 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
             "not-a-number": ["--opset", "seventeen"], "empty-components": ["--components", ""],
             "empty-range": ["--batch", ""], "word-range": ["--height", "abc"], "vae-is-a-unet": ["--vae", str(_unet_dir(tmp_path / "u"))],
         }.get(case, [])
-        if case in ("nan-scaling", "bad-scheduler", "no-weights"):
+        if case in ("nan-scaling", "bad-scheduler", "no-weights", "truncated-vae"):
             model = str(_broken_diffusers_dir(tmp_path / "broken", case))
     started = time.perf_counter()
     code = run_cli("export", model, "-o", out, *extra)

@@ -398,7 +398,9 @@ def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
     if outline.preset is not None or not outline.sources or not outline.sources[0].is_dir():
         return
     for module in sorted(set(modules) & set(PIPELINE_PARTS)):  # (a family's specs name only its own parts)
-        weight_files(outline.sources[0] / module, library_of(module))
+        for path in weight_files(outline.sources[0] / module, library_of(module)):
+            if path.suffix == ".safetensors":  # a truncated copy: refused now, not after the parts before it
+                safetensors_keys(path)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -442,17 +444,23 @@ def single_file_config(path: Path, config: str | None, *, recorded: bool = False
 
 
 
-def check_single_file(path: Path) -> None:
-    """Catch a truncated or foreign file before diffusers does, with a message naming it."""
-    if path.suffix.lower() != ".safetensors":
-        return
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names a safetensors file's header declares, once the header is read and its tensors
+    cover the file exactly (a truncated copy does not: refused in one line, no weight read)."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="numpy") as handle:  # "numpy": no torch import
-            keys = list(handle.keys())
+            return list(handle.keys())
     except Exception as exc:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
+
+
+def check_single_file(path: Path) -> None:
+    """Catch a truncated or foreign file before diffusers does, with a message naming it."""
+    if path.suffix.lower() != ".safetensors":
+        return
+    keys = safetensors_keys(path)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
         raise ModelLoadError(
             f"{path}: no 'model.diffusion_model.*' weights; not an original-layout Stable Diffusion "
