@@ -424,8 +424,21 @@ def test_weight_files_are_the_ones_from_pretrained_reads(tmp_path: Path):
     (vae / "x-00001-of-00001.bin").write_bytes(b"")
     (vae / "diffusion_pytorch_model.bin.bak").write_bytes(b"")  # no variant: not named as one
     with pytest.raises(ModelLoadError, match=r"vae: no weight file \(diffusion_pytorch_model.safetensors or "
-                                             r"diffusion_pytorch_model.bin\)$"):
+                                             r"diffusion_pytorch_model.bin\); it holds diffusion_pytorch_model.bin."
+                                             r"index.json, a sharded checkpoint that diffusers reads only as safetensors$"):
         weight_files(vae, "diffusers")
+    # a sharded variant, as diffusers saves one: its index, renamed, is read (its shards keep their names)
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    shard = "diffusion_pytorch_model.fp16-00001-of-00001.safetensors"
+    (variant / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+    (variant / shard).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=re.escape("a sharded variant, which sdexport does not read: rename that "
+                                                       "index to diffusion_pytorch_model.safetensors.index.json")):
+        weight_files(variant, "diffusers")
+    (variant / "diffusion_pytorch_model.safetensors.index.fp16.json").rename(
+        variant / "diffusion_pytorch_model.safetensors.index.json")
+    assert weight_files(variant, "diffusers")[1:] == [variant / shard]
 
 
 def test_a_text_encoder_config_naming_its_weight_file_is_read_as_transformers_reads_it(tiny_diffusers_dir: Path,

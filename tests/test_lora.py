@@ -370,8 +370,10 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
         read_updates(LoraFile(projection), "sd")
     with pytest.raises(SdexportError, match="a ':' but no scale after it"):
         LoraFile.parse(f"{dora}:")
+    with pytest.raises(SdexportError, match="'1_5' after ':' is not a scale"):
+        LoraFile.parse(f"{dora}:1_5")  # the file is there: what follows it was meant as its scale
     with pytest.raises(SdexportError, match="no such file"):
-        LoraFile.parse(f"{dora}:1_5")  # not a number: part of the name
+        LoraFile.parse(f"{tmp_path / 'gone.safetensors'}:1_5")  # neither the file nor a file of that name
     assert LoraFile.parse(f"{dora}:-0.5").scale == -0.5
     upper = tmp_path / "UPPER.SAFETENSORS"
     shutil.copy(dora, upper)

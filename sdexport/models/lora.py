@@ -58,6 +58,9 @@ class LoraFile:
             scale = float(tail)
         elif sep and path and not tail and not Path(text).exists():
             raise SdexportError(f"{flag} {text}: a ':' but no scale after it (e.g. file.safetensors:0.8)")
+        elif sep and path and Path(path).is_file() and not Path(text).exists():  # FILE:what is not a number
+            raise SdexportError(f"{flag} {text}: {tail!r} after ':' is not a scale (a number, e.g. "
+                                f"{Path(path).name}:0.8)")
         else:
             path = text  # no scale, or a ':' that belongs to the path
         if not math.isfinite(scale):

@@ -366,14 +366,32 @@ def weight_files(folder: Path, library: str) -> list[Path]:
         if missing:
             raise ModelLoadError(f"{path}: shard {missing[0]} is missing ({len(missing)} of {len(shards)})")
         return [path, *(folder / s for s in shards)]
-    stems = tuple(n.split(".")[0] for n in names)
-    variants = sorted(p.name for p in folder.glob("*.*") if p.name.startswith(stems) and p.name.count(".") == 2
-                      and p.suffix in (".safetensors", ".bin") and "-of-" not in p.name
-                      ) if folder.is_dir() else []  # one file (NAME.VARIANT.safetensors), not a shard
-    hint = (f"; it holds {variants[0]}, a variant, which sdexport does not read: rename it to "
-            f"{variants[0].split('.')[0]}.{variants[0].rsplit('.', 1)[-1]}") if variants else ""
     whole = [n for n in names if not n.endswith(".index.json")]
-    raise ModelLoadError(f"{folder}: no weight file ({' or '.join(whole)}){hint}")
+    raise ModelLoadError(f"{folder}: no weight file ({' or '.join(whole)}){_unread_hint(folder, names)}")
+
+
+def _unread_hint(folder: Path, names: tuple[str, ...]) -> str:
+    """What a folder without the weight files ``from_pretrained`` reads holds instead, and what to do:
+    a variant (one file or a sharded one's index, renamed to be read) or a sharded .bin diffusers
+    does not read."""
+    if not folder.is_dir():
+        return ""
+    stems = tuple(n.split(".")[0] for n in names)
+    found = sorted(p.name for p in folder.iterdir() if p.name.startswith(stems))
+    variants = [n for n in found if n.count(".") == 2 and n.endswith((".safetensors", ".bin"))
+                and "-of-" not in n]  # one file (NAME.VARIANT.safetensors), not a shard
+    if variants:
+        return (f"; it holds {variants[0]}, a variant, which sdexport does not read: rename it to "
+                f"{variants[0].split('.')[0]}.{variants[0].rsplit('.', 1)[-1]}")
+    indexes = [n for n in found if ".index." in n and n.endswith(".json") and not n.endswith(".index.json")]
+    if indexes:  # NAME.safetensors.index.VARIANT.json: its shards keep their names
+        read = indexes[0].split(".index.")[0] + ".index.json"
+        return (f"; it holds {indexes[0]}, a sharded variant, which sdexport does not read: rename that index "
+                f"to {read}")
+    unread = [n for n in found if n.endswith(".index.json") and n not in names]
+    if unread:
+        return f"; it holds {unread[0]}, a sharded checkpoint that diffusers reads only as safetensors"
+    return ""
 
 
 def _explicit_weights(folder: Path) -> str | None:
