@@ -308,6 +308,18 @@ def _make_staging(target: Target) -> Path:
     return staging
 
 
+def _keep_access(old: Path, new: Path) -> None:
+    """``new`` takes ``old``'s permissions (setgid included) and group, so that a folder the user made
+    private, or shared with a group, stays so once it is replaced; the group where the user may set it."""
+    import stat
+
+    was = old.stat()
+    os.chmod(new, stat.S_IMODE(was.st_mode))
+    if new.stat().st_gid != was.st_gid:
+        with contextlib.suppress(OSError):
+            os.chown(new, -1, was.st_gid)
+
+
 def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
     """Swap the finished staging folder in, so that a kill at any moment leaves either marked
     leftovers (removed by the next run) or a finished directory at the target.
@@ -334,6 +346,7 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
     reason = target.kind.not_ours(target.path) if any(target.path.iterdir()) else None
     if reason is not None:  # changed since the check at the start
         raise SdexportError(f"{target.path} changed while sdexport was writing it ({reason}); nothing was replaced")
+    _keep_access(target.path, staging)
     (target.path / MARKER).touch()  # the old directory is ours (checked): marked before it moves
     try:
         exchanged = _renameat2(staging, target.path, _RENAME_EXCHANGE)

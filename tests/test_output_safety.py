@@ -231,6 +231,18 @@ def test_an_old_directory_set_aside_by_a_killed_swap_is_restored(engine_copy: Pa
     assert _tree(engine_copy) == before and hidden_siblings(engine_copy) == []
 
 
+def test_a_replaced_directory_keeps_its_permissions(tmp_path: Path, engine_copy: Path):
+    """A folder made private (or group-shared) before the export into it stays so once replaced."""
+    import stat
+
+    for target, mode in ((tmp_path / "private", 0o700), (engine_copy, 0o2750)):
+        target.mkdir(exist_ok=True)
+        os.chmod(target, mode)
+        with claim(target, ENGINE_DIR, replace=True) as staging:
+            (staging / "manifest.json").write_text("{}")
+        assert stat.S_IMODE(target.stat().st_mode) == mode and (target / "manifest.json").is_file()
+
+
 def test_a_directory_that_appears_during_the_job_is_not_replaced(tmp_path: Path):
     target = tmp_path / "out"
     with pytest.raises(SdexportError, match="appeared while sdexport was writing it"), \
