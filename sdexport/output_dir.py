@@ -55,6 +55,8 @@ class OutputKind:
     not_ours: Callable[[Path], str | None]
     """Why ``path`` (an existing non-empty directory) is not one sdexport wrote; None when it is."""
     flag: str = "-o"
+    example: str = "out/NAME"
+    """A new path to suggest, as this kind is usually named."""
 
 
 @dataclass
@@ -72,6 +74,30 @@ class Target:
     @property
     def name(self) -> str:
         return self.path.name
+
+
+def refuse_if_held(target: Target) -> None:
+    """Refuse at once, before any heavy work, a target another sdexport process holds (``_locked``):
+    a probe that takes the lock only to let it go, and creates no lock file."""
+    path = target.parent / f".{target.name}{LOCK_SUFFIX}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return  # no lock file (or none of ours): the job itself says what is wrong when it takes it
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _held_by(target, fd) from None
+    finally:
+        os.close(fd)
+
+
+def _held_by(target: Target, fd: int) -> SdexportError:
+    """The refusal of a target whose lock file (open as ``fd``) another process holds, naming it."""
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
+    return SdexportError(f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
+                         f"finish or choose another {target.kind.flag}")
 
 
 def check_target(
@@ -98,7 +124,7 @@ def check_target(
     if path == cwd or cwd.is_relative_to(path):
         raise SdexportError(
             f"{flag} {target} is the current directory or contains it; give a new directory such as "
-            f"{flag} engines/NAME"
+            f"{flag} {kind.example}"
         )
     for source in protected:
         source = source.resolve()
@@ -245,12 +271,9 @@ def _locked(target: Target) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
+            held = _held_by(target, fd)
             os.close(fd)
-            raise SdexportError(
-                f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
-                f"finish or choose another {target.kind.flag}"
-            ) from None
+            raise held from None
         try:
             current = os.stat(path, follow_symlinks=False).st_ino
         except FileNotFoundError:

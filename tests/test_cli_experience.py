@@ -354,6 +354,14 @@ def _loaded(*commands: list[str]) -> list[list[str]]:
     return lines
 
 
+def test_an_export_to_a_target_another_process_holds_is_refused_before_torch_loads(tmp_path):
+    from sdexport.export.plan import ENGINE_DIR
+    from sdexport.output_dir import updating
+
+    with updating(tmp_path / "held", ENGINE_DIR):  # as a running export or build holds it
+        assert _loaded(["export", "tiny", "-o", str(tmp_path / "held")]) == [[]]
+
+
 def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
     """What makes --help, --version, inspect and every argument error answer at once: none of them
     imports torch, diffusers, transformers or onnxruntime (timings: benchmarks/startup.py)."""

@@ -18,7 +18,7 @@ from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, check_part_weights, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
-from sdexport.output_dir import OutputKind, check_target
+from sdexport.output_dir import OutputKind, check_target, refuse_if_held
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, adapter_index, components_for, controlnet_index
 
@@ -32,7 +32,7 @@ MAX_OPSET = 20
 """The newest opset torch's TorchScript exporter has symbolics for
 (``torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; a test keeps the two equal)."""
 
-ENGINE_DIR = OutputKind("engine directory", not_an_engine_dir)
+ENGINE_DIR = OutputKind("engine directory", not_an_engine_dir, example="engines/NAME")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     # (a --vae takes the model's own VAE's place: its folder need hold no weights)
     check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
-    check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources)
+    refuse_if_held(check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources))  # at once
     return plan
 
 

@@ -124,4 +124,4 @@ def not_a_repository(path: Path) -> str | None:
     return None
 
 
-REPOSITORY = OutputKind("Triton model repository", not_a_repository)
+REPOSITORY = OutputKind("Triton model repository", not_a_repository, example="triton-repo")
