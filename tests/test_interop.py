@@ -201,7 +201,11 @@ def test_adopt_proves_graphs_against_a_single_file_checkpoint_with_its_config(fo
 
 def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     assert run_cli("adopt", foreign_export, "--model", "tiny-sdxl") == 2
-    assert "give the checkpoint this directory was exported from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--model tiny-sdxl: an sdxl model, the export an sd one; give the checkpoint" in " ".join(err.split())
+    assert run_cli("adopt", foreign_export, "--model", "tiny-inpaint") == 2  # the same family: what differs
+    err = " ".join(capsys.readouterr().err.split())
+    assert "its sizes are not the export's" in err and len(err) < 400, err
     assert not (foreign_export / "manifest.json").exists()
 
 

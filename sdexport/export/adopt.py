@@ -378,11 +378,14 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
 
     with step(f"Loading {model_ref}"):
         model = load_model(model_ref, config=config)
-    if model.family != plan.family or model.dims != plan.dims:
-        raise SdexportError(
-            f"--model {model_ref}: its sizes ({model.family}, {vars(model.dims)}) are not the export's "
-            f"({plan.family}, {vars(plan.dims)}); give the checkpoint this directory was exported from"
-        )
+    if model.family != plan.family:
+        raise SdexportError(f"--model {model_ref}: an {model.family} model, the export an {plan.family} one; give the "
+                            "checkpoint this directory was exported from")
+    if model.dims != plan.dims:
+        ours, theirs = vars(model.dims), vars(plan.dims)
+        differ = [f"{k} {ours[k]} (the export's {theirs.get(k)})" for k in ours if ours[k] != theirs.get(k)][:3]
+        raise SdexportError(f"--model {model_ref}: its sizes are not the export's: {', '.join(differ)}; give the "
+                            "checkpoint this directory was exported from")
     for spec in plan.specs:
         entry = manifest.components[spec.name]
         with step(f"Verifying {spec.name} against PyTorch"):
