@@ -29,9 +29,13 @@ MODEL_PY = '''"""Triton Python-backend model written by `sdexport triton-repo`: 
 engine directory that config.pbtxt names. The Python running it needs sdexport (and its backend's
 packages) installed; the code lives in sdexport.serving.triton_model."""
 
+import os
+
 import triton_python_backend_utils as pb_utils
 
-from sdexport.serving.triton_model import TritonAdapter
+os.environ.setdefault("TTY_COMPATIBLE", "0")  # sdexport's notes as plain text: the server's log is no terminal
+
+from sdexport.serving.triton_model import TritonAdapter  # noqa: E402
 
 
 class TritonPythonModel:
