@@ -148,7 +148,6 @@ def load_pipeline(
     the prompts' batch (as for a directory whose first ControlNet pools). ``model_source``: where the
     Torch backend reloads the model from instead of the manifest's ``model.source`` (``relocated``:
     a copy of the same files, elsewhere)."""
-    from sdexport.runtime.providers import require_backend
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
     engine_dir = Path(engine_dir)
@@ -172,7 +171,6 @@ def load_pipeline(
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     pooled = pooled_controlnets(engine_dir, manifest)
-    require_backend(backend)  # what to install, in one line, before an engine fails to load without it
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled,
@@ -436,7 +434,9 @@ def _load_engines(
             )
     if backend.startswith("onnxruntime"):
         from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
+        from sdexport.runtime.providers import require_backend
 
+        require_backend(backend)  # what to install, in one line, before a CUDA stream is asked of torch
         device = backend.split("-")[1]
         stream = None
         if device == "cuda":  # one stream for the pipeline: its engines run one after another
