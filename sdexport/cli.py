@@ -1026,9 +1026,10 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         check_runnable(directory, read)
         loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
         check_lowered_vae(directory, read, loaded, resolved, graphs)
-    settings = ServeSettings(engine_dir=engine_path or str(engine_dir.resolve()), backend=backend, cuda_graph=cuda_graph,
+    # absolute, links kept (one with an ASCII name is how a directory named otherwise is served)
+    settings = ServeSettings(engine_dir=engine_path or os.path.abspath(engine_dir), backend=backend, cuda_graph=cuda_graph,
                              graphs=graphs, max_steps=max_steps,
-                             refiner=(refiner_path or str(refiner.resolve())) if refiner is not None else "",
+                             refiner=(refiner_path or os.path.abspath(refiner)) if refiner is not None else "",
                              denoising_end=end)
     return manifest, paired.manifest if paired else None, settings
 
@@ -1172,9 +1173,9 @@ def triton_repo(
                                                            engine_path, refiner, denoising_end, refiner_path)
     from sdexport.serving.names import check_ascii
 
-    check_ascii(settings.engine_dir, "--engine-path")
+    check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)
     if settings.refiner:
-        check_ascii(settings.refiner, "--refiner-path")
+        check_ascii(settings.refiner, "--refiner-path", refiner_path is not None)
     from sdexport.runtime.loading import takes_init_images, verify_for_backend
 
     # the files the server's backend reads, hashed here as serve does (a stock server would only fail

@@ -882,6 +882,15 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     assert "unet/model.onnx" in capsys.readouterr().err and not (tmp_path / "repo 3").exists()
 
 
+def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_engine_dir, tmp_path, capsys):
+    named = shutil.copytree(tiny_engine_dir, tmp_path / "modèles")
+    assert run_cli("triton-repo", named, "-o", tmp_path / "r1") == 2
+    assert "the engine directory's path " in capsys.readouterr().err
+    (tmp_path / "models").symlink_to(named)  # what the refusal asks for: the link is named, not resolved
+    assert run_cli("triton-repo", tmp_path / "models", "-o", tmp_path / "r2") == 0
+    assert f'"{tmp_path / "models"}"' in (tmp_path / "r2" / "sdexport" / "config.pbtxt").read_text()
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["serve", "{missing}"], "no such engine directory"),
     (["serve", "{engines}", "--backend", "warp"], "unknown backend 'warp'"),

@@ -35,9 +35,11 @@ def ascii_links(settings: ServeSettings, folder: Path) -> ServeSettings:
     return settings
 
 
-def check_ascii(path: str, flag: str) -> None:
-    """A repository for the stock server names the engine directory as the server will see it: refused
-    unless ASCII (``ascii_links`` does for ``serve`` what the operator must do there)."""
+def check_ascii(path: str, option: str, given: bool) -> None:
+    """A repository for the stock server names the engine directory as the server will see it
+    (``option``, where ``given``; else its absolute path here): refused unless ASCII (``ascii_links``
+    does for ``serve`` what the operator must do there)."""
     if not path.isascii():
-        raise SdexportError(f"{flag} {path}: Triton's Python model reads only ASCII file names; give the path the "
-                            f"server sees through a link or mount with an ASCII name ({flag} /engines/NAME)")
+        what = option if given else f"{'the refiner' if 'refiner' in option else 'the engine directory'}'s path"
+        raise SdexportError(f"{what} {path}: Triton's Python model reads only ASCII file names; reach it through a "
+                            f"link or mount with an ASCII name (as the server sees it: {option} /engines/NAME)")

@@ -33,7 +33,10 @@ import os
 
 import triton_python_backend_utils as pb_utils
 
-os.environ.setdefault("TTY_COMPATIBLE", "0")  # sdexport's notes as plain text: the server's log is no terminal
+# sdexport's notes as plain text, not escape codes: the server's log is no terminal (rich 14 reads
+# TTY_COMPATIBLE; older rich at least drops the colours for NO_COLOR)
+os.environ.setdefault("TTY_COMPATIBLE", "0")
+os.environ.setdefault("NO_COLOR", "1")
 
 from sdexport.serving.triton_model import TritonAdapter  # noqa: E402
 

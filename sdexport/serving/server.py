@@ -10,9 +10,10 @@ it is a plain Python-backend model in the repository we hand it, which the stock
 Three things PyTriton does not do, done here: the stub finds ``libpython`` through the loader's
 search path, and a Python built elsewhere (pyenv, a venv over it) must put its own library directory
 first or the stub loads the system's ``libpython`` of another patch release (seen here:
-"'_thread.RLock' object has no attribute '_recursion_count'"); the stub's Python decodes file names
-as ASCII unless told otherwise (``PYTHONUTF8``); and PyTriton's stub is built against numpy 1.x, so
-with numpy 2 in the environment tensors arrive garbled: refused up front.
+"'_thread.RLock' object has no attribute '_recursion_count'"); the stub's Python reads file names
+as ASCII, whatever the environment says (``serving.names`` links a directory named otherwise); and
+PyTriton's stub is built against numpy 1.x, so with numpy 2 in the environment tensors arrive
+garbled: refused up front.
 """
 
 from __future__ import annotations
@@ -111,10 +112,7 @@ def check_ports(ports: Ports) -> None:
 
 
 def stub_environment() -> None:
-    """Put this Python's own libpython first on the loader's path, for the stub Triton starts, and
-    make its Python read file names as UTF-8: the stub embeds Python, which then decodes paths as
-    ASCII under the server's C locale, so an engine directory named ``/srv/modèles`` is not found."""
-    os.environ.setdefault("PYTHONUTF8", "1")
+    """Put this Python's own libpython first on the loader's path, for the stub Triton starts."""
     libdir = sysconfig.get_config_var("LIBDIR")
     if libdir and Path(libdir).is_dir():
         current = os.environ.get("LD_LIBRARY_PATH", "")
