@@ -319,19 +319,21 @@ def test_given_engines_must_come_from_the_scenarios_model_and_set_its_precision(
         assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", tiny_engines) == 2
         err = capsys.readouterr().err
         assert message in " ".join(err.split()) and len(err.strip().splitlines()) == 1, err
-    checkpoint, copy, other = tmp_path / "model", tmp_path / "copy", tmp_path / "other"
+    checkpoint, moved, other = tmp_path / "model", tmp_path / "moved", tmp_path / "other"
     load_model("tiny").save_pretrained(checkpoint)
-    shutil.copytree(checkpoint, copy)
     load_model("tiny", seed=3).save_pretrained(other)
     engines = tmp_path / "engines"
     assert run_cli("export", checkpoint, "-o", engines, "--batch", "1:1:2", "--height", "64", "--width", "64",
                    "--verify", "none", "-q") == 0
-    for model, code in ((copy, 0), (other, 2)):
+    checkpoint.rename(moved)  # the Torch contender reloads the copy the scenario names, proven the same
+    for model, code in ((moved, 0), (other, 2)):
         scenario.write_text(SMOKE.replace('model = "tiny"', f"model = {json.dumps(str(model))}").replace(
-            '"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"onnxruntime-cpu"').replace("[1, 2]", "[1]"))
+            '"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"torch"').replace("[1, 2]", "[1]"))
         assert run_cli("bench", scenario, "-o", tmp_path / f"out-{model.name}", "--engine-dir", engines,
                        "--repeats", "1", "--warmup", "0") == code
     assert f"was exported from {checkpoint}, not from the scenario's model {other}" in " ".join(capsys.readouterr().err.split())
+    report = json.loads((tmp_path / "out-moved" / "results.json").read_text())
+    assert [r["status"] for r in report["results"]] == ["measured"]
 
 
 def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, tiny_engines, monkeypatch):

@@ -214,9 +214,9 @@ def _run(
                         if name == "onnxruntime-cuda-fused" and built is not None:
                             _build_onnxruntime(built, one_time, what)
                     loaded_at = time.perf_counter()
-                    # engines the run exported or the cache holds were made from the scenario's checkpoint:
-                    # the Torch contenders reload it where it lies here; given ones, from their manifests
-                    here = options.engine_dir is None
+                    # engines made from the scenario's checkpoint (exported, cached, or given and proven so):
+                    # the Torch contenders reload it where it lies here, else as their manifests say
+                    here = plan.from_scenario
                     contender = _load(name, model, engine_dir, dtype, scenario, here)
                     if refiner is not None:
                         contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario, here)
@@ -632,8 +632,9 @@ def _built(what: str, build: str) -> str:
 
 def _load(name: str, model: Any, engine_dir: Path | None, dtype: str, scenario: Scenario,
           from_scenario: bool) -> Contender:
-    """``from_scenario``: ``engine_dir`` was exported from the scenario's model (by this run, or into
-    the engine cache, perhaps on another runner), which the Torch backends then reload where it is."""
+    """``from_scenario``: ``engine_dir`` was exported from the scenario's model (by this run, into the
+    engine cache, perhaps on another runner, or given and proven so), which the Torch backends then
+    reload where it is."""
     if name in BASELINES:
         for part in list(model.modules):
             model.materialize(part)  # the weights: its loading time is this contender's

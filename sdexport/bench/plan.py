@@ -53,6 +53,10 @@ class BenchPlan:
     dtype: str | None = None
     """The given engine directory's precision, which the baselines run in too (None: the scenario's,
     ``harness.precision``)."""
+    from_scenario: bool = True
+    """The engines were made from the scenario's model (and refiner) as it lies here: exported by the
+    run, taken from the cache, or given and proven so (``_check_made_from``). The Torch contenders
+    then reload the scenario's checkpoint; otherwise the one their manifests name."""
 
     def refiner_plan(self) -> BenchPlan:
         """This plan as the refiner's export sees it: its model, the same profile and precision."""
@@ -122,6 +126,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         outline, refiner, modes, embedded, export_profile = _check_stated(scenario)
     images = 1
     dtype: str | None = None
+    proven = True
     geometry: ImageGeometry = outline
     profile, scheduler_config = export_profile, outline.scheduler_config
     # what the refiner's share of a case is checked against: its geometry, profile and scheduler config
@@ -169,7 +174,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
                 f"--engine-dir {options.engine_dir} has {'union' if manifest.model_dims.N else 'plain'} ControlNets, "
                 f"the scenario {'union' if modes else 'plain'} ones: the baseline and the engines must be the same "
                 "model")
-        _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline)  # (its kind first)
+        proven = _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline)  # (kind first)
         dtype = _engine_precision(options.engine_dir, manifest, scenario)
         profile, geometry = manifest.shape_profile, manifest.model_dims
         images = manifest.model_dims.K or 1
@@ -177,8 +182,8 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         if options.refiner_engine_dir is not None:
             paired = _refiner_engines(options.refiner_engine_dir, options.engine_dir, manifest)
             assert refiner is not None and scenario.refiner is not None  # (refused above otherwise)
-            _check_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest, scenario.refiner,
-                             refiner)
+            proven = _check_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest,
+                                      scenario.refiner, refiner) and proven
             if paired.manifest.dtype != dtype:
                 raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir} is an {paired.manifest.dtype} "
                                     f"export, --engine-dir {options.engine_dir} an {dtype} one: give a pair of one "
@@ -209,23 +214,26 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         slow_unet=slow_unet_hook(contenders),
         refiner=refiner,
         dtype=dtype,
+        from_scenario=proven,
     )
 
 
-def _check_made_from(flag: str, engine_dir: Path, manifest: Any, model: str, outline: ModelOutline) -> None:
+def _check_made_from(flag: str, engine_dir: Path, manifest: Any, model: str, outline: ModelOutline) -> bool:
     """A given engine directory was exported from the scenario's model (the baseline runs that one,
-    and the report names it), else one line; an export that does not record its checkpoint's files
-    is taken on trust."""
+    and the report names it), else one line. True where that is proven; False where the export does
+    not record its checkpoint's files, and is taken on trust."""
     from sdexport.models.source_files import made_from
 
     source = manifest.model.get("source") or {}
     modules = {manifest.spec(name).module for name in manifest.components}
-    if made_from(source, outline.preset, outline.sources[0] if outline.sources else None, modules) is False:
+    same = made_from(source, outline.preset, outline.sources[0] if outline.sources else None, modules)
+    if same is False:
         was = (f"preset {source.get('name')}" + (f" (seed {source['seed']})" if source.get("seed", 0) else "")
                if source.get("kind") == "preset" else str(source.get("path")))
         raise SdexportError(f"{flag} {engine_dir} was exported from {was}, not from the scenario's model {model}: "
                             "the baseline and the engines must be the same model (its weight files' sha256 are "
                             "compared where the paths differ)")
+    return bool(same)
 
 
 def _engine_precision(engine_dir: Path, manifest: Any, scenario: Scenario) -> str:
