@@ -21,10 +21,16 @@ from sdexport import stopping
 
 def _width(stderr: bool) -> int | None:
     """A table to a file or a pipe is printed whole: rich draws one 80 columns wide without a terminal
-    (or ``COLUMNS``), and cuts cells to fit ("passed-cpu-vari…")."""
-    if os.environ.get("COLUMNS") or Console(stderr=stderr).is_terminal:
-        return None
-    return 1000
+    (or ``COLUMNS``), and cuts cells to fit ("passed-cpu-vari…"). The stream itself is asked: CI
+    sets ``FORCE_COLOR``, which makes rich take a log for a terminal."""
+    import sys
+
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        terminal = bool(stream.isatty())
+    except (AttributeError, ValueError):  # no stream, or a closed one
+        terminal = False
+    return None if os.environ.get("COLUMNS") or terminal else 1000
 
 
 console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, width=_width(stderr=True))

@@ -177,6 +177,8 @@ def claim(
             check_target(target, kind, replace=replace, protected=protected, force_flag=force_flag)
             existed = checked.path.exists()
             staging = _make_staging(checked)
+            if existed:  # before anything is written in it: a setgid folder's group passes to its files
+                _keep_access(checked.path, staging)
             try:
                 yield staging
                 stopping.check()  # a stop whose KeyboardInterrupt was dropped: nothing goes in place
@@ -332,8 +334,10 @@ def _make_staging(target: Target) -> Path:
 
 
 def _keep_access(old: Path, new: Path) -> None:
-    """``new`` takes ``old``'s permissions (setgid included) and group, so that a folder the user made
-    private, or shared with a group, stays so once it is replaced; the group where the user may set it."""
+    """``new`` (the staging folder, still empty) takes ``old``'s permissions (setgid included) and
+    group, so that a folder the user made private, or shared with a group, stays so once it is
+    replaced: what is written in it then gets that group as in the old one (the file modes are the
+    umask's, as for anything the user writes there); the group where the user may set it."""
     import stat
 
     was = old.stat()
@@ -369,7 +373,6 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
     reason = target.kind.not_ours(target.path) if any(target.path.iterdir()) else None
     if reason is not None:  # changed since the check at the start
         raise SdexportError(f"{target.path} changed while sdexport was writing it ({reason}); nothing was replaced")
-    _keep_access(target.path, staging)
     (target.path / MARKER).touch()  # the old directory is ours (checked): marked before it moves
     try:
         exchanged = _renameat2(staging, target.path, _RENAME_EXCHANGE)

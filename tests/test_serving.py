@@ -909,6 +909,7 @@ def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_e
     (["loadtest", "--url", "127.0.0.1:1", "--height", "128"], "--height and --width: give both, or neither"),
     (["loadtest", "--url", "127.0.0.1:1", "--height", "4294967424", "--width", "128"],
      "--height: 4294967424 is not a whole number INT32 holds"),
+    (["loadtest", "--url", "127.0.0.1:1", "--steps", "1" + "0" * 400], "(401 digits) is not a whole number INT32"),
     (["loadtest", "--url", "127.0.0.1:1", "--mask", "{engines}/manifest.json"], "--mask needs --init-image"),
     (["loadtest", "--url", "127.0.0.1:1", "--strength", "0.5"], "--strength needs --init-image"),
     (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{missing}"], "no such file"),

@@ -7,6 +7,7 @@ test use. The tensors' names and types come from ``protocol``; nothing else here
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sdexport.serving.protocol import INPUTS, MODEL_NAME
@@ -93,16 +94,27 @@ def _held(name: str, value: Any, dtype: str) -> Any:
     image of values never asked for (a whole float, 20.0, is its int)."""
     import numpy as np
 
+    number = not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
     if dtype in _WHOLE:
         low, high = _WHOLE[dtype]
-        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                or not float(value).is_integer() or not low <= value <= high:
-            raise ValueError(f"{name}: {value!r} is not a whole number {dtype} holds ({low} to {high})")
+        whole = number and (isinstance(value, int | np.integer) or float(value).is_integer())
+        if not whole or not low <= int(value) <= high:  # (int() of a huge int is exact; float() overflows)
+            raise ValueError(f"{name}: {_shown(value)} is not a whole number {dtype} holds ({low} to {high})")
         return int(value)
-    if dtype == "FP32" and isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool) \
-            and np.isfinite(value) and not np.isfinite(np.float32(value)):
-        raise ValueError(f"{name}: {value!r} is beyond float32's range, which the FP32 input holds")
+    if dtype == "FP32" and number and (isinstance(value, int | np.integer) or math.isfinite(value)):
+        try:
+            magnitude = abs(float(value))
+        except OverflowError:  # an int past any float
+            magnitude = math.inf
+        if magnitude > float(np.finfo(np.float32).max):  # (nan and inf as given: the server's to refuse)
+            raise ValueError(f"{name}: {_shown(value)} is beyond float32's range, which the FP32 input holds")
     return value
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: a number of hundreds of digits cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} digits)"
 
 
 def check_numbers(params: dict[str, Any], named: Any = str) -> None:
