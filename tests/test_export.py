@@ -460,9 +460,13 @@ def test_a_text_encoder_config_naming_its_weight_file_is_read_as_transformers_re
     assert weight_files(folder, "transformers") == [folder / "clip-l.safetensors"]
     _, info = CLIPTextModel.from_pretrained(folder, output_loading_info=True)  # the library agrees
     assert not info["missing_keys"]
+    (folder / "sub").mkdir()  # a path inside the folder, as transformers takes it
+    (folder / "clip-l.safetensors").rename(folder / "sub" / "clip-l.safetensors")
+    (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": "sub/clip-l.safetensors"}))
+    assert weight_files(folder, "transformers") == [folder / "sub" / "clip-l.safetensors"]
     for name, message in (("gone.safetensors", "transformers_weights names gone.safetensors, which is not there"),
-                          ("../x.safetensors", "is not the name of a .safetensors file or index beside it"),
-                          ("pytorch_model.bin", "is not the name of a .safetensors file or index beside it")):
+                          ("../x.safetensors", "is not a .safetensors file or index in its folder"),
+                          ("pytorch_model.bin", "is not a .safetensors file or index in its folder")):
         (folder / "config.json").write_text(json.dumps({**config, "transformers_weights": name}))
         with pytest.raises(ModelLoadError, match=re.escape(message)):
             weight_files(folder, "transformers")

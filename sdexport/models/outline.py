@@ -396,16 +396,16 @@ def _unread_hint(folder: Path, names: tuple[str, ...]) -> str:
 
 def _explicit_weights(folder: Path) -> str | None:
     """The weight file a transformers model folder's config.json names as ``transformers_weights``
-    (transformers 5 reads that one: a safetensors file or index, or ``adapter_model.bin``),
-    checked to be a file name in the folder; None where it names none."""
+    (transformers 5 reads that one: a safetensors file or index, or ``adapter_model.bin``), checked
+    to be a path inside the folder; None where it names none."""
     config = folder / "config.json"
     name = read_json(config).get("transformers_weights") if config.is_file() else None
     if name is None:
         return None
-    if (not isinstance(name, str) or Path(name).name != name
+    if (not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts
             or not (name.endswith((".safetensors", ".safetensors.index.json")) or name == "adapter_model.bin")):
-        raise ModelLoadError(f"{config}: transformers_weights {name!r} is not the name of a .safetensors file or "
-                             "index beside it")
+        raise ModelLoadError(f"{config}: transformers_weights {name!r} is not a .safetensors file or index in its "
+                             "folder")
     return name
 
 

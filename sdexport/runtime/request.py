@@ -174,10 +174,14 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         # diffusers' pipelines take one text or image where a list of them may go; so does this (a
-        # text is not a list of one-letter prompts)
-        for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"):
+        # text is not a list of one-letter prompts), one negative or second text for every prompt
+        if isinstance(self.prompt, str):
+            self.prompt = [self.prompt]
+        for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
             if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
+                setattr(self, name, [getattr(self, name)] * max(1, len(self.prompt or [])))
+        if isinstance(self.seeds, range | tuple):  # a sequence of seeds, held as the list the loop takes
+            self.seeds = list(self.seeds)
         for name in ("image", "mask"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, list):
@@ -420,13 +424,14 @@ def check_request(
         raise SdexportError("prompts must be text")
     if request.negative_prompt is not None and len(request.negative_prompt) != request.batch:
         raise SdexportError(
-            f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one "
-            "negative prompt, or one per prompt"
+            f"{len(request.negative_prompt)} negative prompts for {request.batch} prompts; give one per prompt, "
+            "or one text for all"
         )
     for name in ("prompt_2", "negative_prompt_2"):
         given = getattr(request, name)
         if given is not None and len(given) != request.batch:
-            raise SdexportError(f"{setting(name)}: {len(given)} given for {request.batch} prompts; give one per prompt")
+            raise SdexportError(f"{setting(name)}: {len(given)} given for {request.batch} prompts; give one per prompt, "
+                                "or one text for all")
     if not isinstance(request.seeds, list | tuple):
         raise SdexportError(f"{setting('seed')} {request.seeds!r}: give a list of seeds, one per image")
     if len(request.seeds) != request.batch:
