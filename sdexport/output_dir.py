@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,20 @@ def refuse_if_held(target: Target) -> None:
             raise _held_by(target, fd) from None
     finally:
         os.close(fd)
+
+
+def _lock_now(fd: int, tries: int = 20) -> None:
+    """An exclusive lock on ``fd`` now, else BlockingIOError. A lock file that names no holder is held
+    for an instant only (``refuse_if_held``'s probe, or a job between creating and claiming it): it is
+    tried again for up to a second, so that a probe never turns a job away."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if attempt == tries - 1 or os.pread(fd, 64, 0).strip():  # a holder named: a job is running
+                raise
+            time.sleep(0.05)
 
 
 def _held_by(target: Target, fd: int) -> SdexportError:
@@ -271,7 +286,7 @@ def _locked(target: Target) -> Iterator[None]:
             os.close(fd)
             raise SdexportError(f"{path} exists and is not sdexport's lock file; move it away or choose another {target.kind.flag}")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _lock_now(fd)
         except BlockingIOError:
             held = _held_by(target, fd)
             os.close(fd)
