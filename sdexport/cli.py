@@ -475,7 +475,7 @@ def run(
     for name, files, each in (("control_image", control_image, slots), ("adapter_image", adapter_image,
                                                                         max(len(manifest.adapters), 1))):
         # the record is read from anywhere: files by absolute path (``masked-init`` names no file)
-        paths = [p if p == MASKED_INIT else os.path.abspath(p) for p in files or []]
+        paths = [p if p == MASKED_INIT else str(Path(p).absolute()) for p in files or []]
         if paths and len(prompts) > 1 and len(paths) == each * len(prompts):  # given prompt by prompt
             per_image[name] = [paths[i:i + each] for i in range(0, len(paths), each)]
         elif paths:
@@ -631,10 +631,10 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     if (height is None) != (width is None):
         raise SdexportError("with --init-image, give both --height and --width, or neither (the image's own size)")
     images = [read_image(init_image, "--init-image")]
-    inputs: dict[str, Any] = {"init_image": os.path.abspath(init_image)}  # the record is read from anywhere
+    inputs: dict[str, Any] = {"init_image": str(Path(init_image).absolute())}  # the record is read from anywhere
     if mask is not None:
         images.append(read_image(mask, "--mask", mode="L"))
-        inputs["mask"] = os.path.abspath(mask)
+        inputs["mask"] = str(Path(mask).absolute())
         if fit == "exact" and images[1].size != images[0].size:  # else each "fix" names the other
             sizes = [f"{image.size[1]}x{image.size[0]}" for image in images]
             raise SdexportError(f"--mask {mask} is {sizes[1]} (HxW), --init-image {init_image} {sizes[0]}: give a mask "
@@ -1026,10 +1026,11 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         check_runnable(directory, read)
         loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
         check_lowered_vae(directory, read, loaded, resolved, graphs)
-    # absolute, links kept (one with an ASCII name is how a directory named otherwise is served)
-    settings = ServeSettings(engine_dir=engine_path or os.path.abspath(engine_dir), backend=backend, cuda_graph=cuda_graph,
+    # absolute, links and '..' kept as the filesystem reads them (a link with an ASCII name is how a
+    # directory named otherwise is served; os.path.abspath would cut 'link/..' by text)
+    settings = ServeSettings(engine_dir=engine_path or str(Path(engine_dir).absolute()), backend=backend, cuda_graph=cuda_graph,
                              graphs=graphs, max_steps=max_steps,
-                             refiner=(refiner_path or os.path.abspath(refiner)) if refiner is not None else "",
+                             refiner=(refiner_path or str(Path(refiner).absolute())) if refiner is not None else "",
                              denoising_end=end)
     return manifest, paired.manifest if paired else None, settings
 

@@ -95,17 +95,32 @@ def refuse_if_held(target: Target) -> None:
 
 
 def _lock_now(fd: int, tries: int = 20) -> None:
-    """An exclusive lock on ``fd`` now, else BlockingIOError. A lock file that names no holder is held
-    for an instant only (``refuse_if_held``'s probe, or a job between creating and claiming it): it is
-    tried again for up to a second, so that a probe never turns a job away."""
+    """An exclusive lock on ``fd`` now, else BlockingIOError. A lock held while the file names no
+    running holder is held for an instant only (``refuse_if_held``'s probe, a job between creating
+    and claiming it, or a probe of a killed job's leftover file): it is tried again for up to a
+    second, so that a probe never turns a job away."""
     for attempt in range(tries):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if attempt == tries - 1 or os.pread(fd, 64, 0).strip():  # a holder named: a job is running
+            if attempt == tries - 1 or _running(os.pread(fd, 64, 0)):  # a job holds it
                 raise
             time.sleep(0.05)
+
+
+def _running(text: bytes) -> bool:
+    """Whether a lock file's ``sdexport pid N`` names a process that is alive."""
+    found = re.match(rb"sdexport pid (\d+)", text)
+    if found is None:
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or no such number
+        return True
+    return True
 
 
 def _held_by(target: Target, fd: int) -> SdexportError:
@@ -192,9 +207,9 @@ def claim(
             check_target(target, kind, replace=replace, protected=protected, force_flag=force_flag)
             existed = checked.path.exists()
             staging = _make_staging(checked)
-            if existed:  # before anything is written in it: a setgid folder's group passes to its files
-                _keep_access(checked.path, staging)
             try:
+                if existed:  # before anything is written in it: a setgid folder's group passes to its files
+                    _keep_access(checked.path, staging)
                 yield staging
                 stopping.check()  # a stop whose KeyboardInterrupt was dropped: nothing goes in place
                 _move_into_place(staging, checked, existed=existed)

@@ -354,6 +354,28 @@ def _loaded(*commands: list[str]) -> list[list[str]]:
     return lines
 
 
+def test_tables_to_a_pipe_are_drawn_whole_even_where_ci_forces_colour(monkeypatch):
+    """rich draws 80 columns without a terminal, cutting cells; the stream itself decides, not rich's
+    is_terminal, which CI's FORCE_COLOR turns on."""
+    import io
+    import sys
+
+    from sdexport.console import _width
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert _width(stderr=False) == 1000
+    monkeypatch.setattr(sys, "stdout", Tty())
+    assert _width(stderr=False) is None  # a terminal wraps as it is wide
+    monkeypatch.setattr(sys, "stderr", None)
+    assert _width(stderr=True) == 1000
+
+
 def test_an_export_to_a_target_another_process_holds_is_refused_before_torch_loads(tmp_path):
     from sdexport.export.plan import ENGINE_DIR
     from sdexport.output_dir import updating

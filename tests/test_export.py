@@ -166,6 +166,32 @@ def test_the_weight_files_an_export_reads_follow_its_parts(tmp_path: Path):
     assert [p.parent.name for p in source_weight_files(source, ["unet"])] == ["net", "adapter"]
 
 
+def test_a_moved_checkpoint_is_reloaded_where_it_lies_with_what_the_export_kept(tiny_diffusers_dir: Path,
+                                                                                  tmp_path: Path):
+    """``relocated``: the manifest's source with the checkpoint's (and each part's) new place; a
+    replaced VAE, its config and seed kept; other content refused."""
+    import shutil
+
+    from sdexport.errors import EngineDirError
+    from sdexport.models.source_files import fingerprint, relocated, source_weight_files
+
+    first, vae = shutil.copytree(tiny_diffusers_dir, tmp_path / "a"), shutil.copytree(tiny_diffusers_dir / "vae", tmp_path / "vae")
+    net = shutil.copytree(tiny_diffusers_dir / "unet", tmp_path / "net")  # (any diffusers folder stands for one)
+    parts = ["text_encoder", "unet", "vae"]
+    source = {"kind": "diffusers", "path": str(first), "vae": str(vae), "argument": "a",
+              "adapter": {"kind": "diffusers", "path": str(net)}}
+    recorded = {**source, "files": fingerprint(source_weight_files(source, parts))}
+    moved_net = net.rename(tmp_path / "net-moved")
+    here = {"kind": "diffusers", "path": str(first.rename(tmp_path / "b")), "adapter": {"kind": "diffusers", "path": str(moved_net)}}
+    again = relocated(recorded, here, parts)
+    assert (again["path"], again["vae"], again["argument"], again["adapter"]["path"]) == (
+        str(tmp_path / "b"), str(vae), "a", str(moved_net))
+    assert sorted(again["files"].values()) == sorted(recorded["files"].values())
+    (tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"other")
+    with pytest.raises(EngineDirError, match="is not the checkpoint the engines were exported from"):
+        relocated(recorded, here, parts)
+
+
 def test_fp16_export_keeps_float32_io(tiny_fp16_engine_dir: Path):
     out = tiny_fp16_engine_dir
     manifest = load_manifest(out)

@@ -250,6 +250,24 @@ def test_a_replaced_directory_keeps_its_permissions(tmp_path: Path, engine_copy:
         assert {(target / name).stat().st_gid for name in (".", "manifest.json", "unet")} == {group}
 
 
+@pytest.mark.parametrize("left", [b"", b"sdexport pid 99999999\n"], ids=["new", "killed-job"])
+def test_a_probe_of_the_lock_never_turns_a_job_away(tmp_path: Path, left: bytes):
+    """``refuse_if_held``'s shared lock, held for an instant on a lock file that names no running job
+    (one just made, or a killed job's leftover), makes a job wait, not fail."""
+    import fcntl
+    import threading
+
+    target = tmp_path / "out"
+    lock = tmp_path / ".out.sdexport-lock"
+    lock.write_bytes(left)
+    fd = os.open(lock, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    threading.Timer(0.3, os.close, [fd]).start()  # the probe lets go
+    with claim(target, ENGINE_DIR, replace=False) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (target / "manifest.json").is_file()
+
+
 def test_a_directory_that_appears_during_the_job_is_not_replaced(tmp_path: Path):
     target = tmp_path / "out"
     with pytest.raises(SdexportError, match="appeared while sdexport was writing it"), \

@@ -83,22 +83,34 @@ def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
 
 
 def relocated(recorded: Mapping[str, Any], here: Mapping[str, Any], modules: Iterable[str]) -> dict[str, Any]:
-    """The ``model.source`` to reload ``modules`` from: ``here`` (what loading the checkpoint where it
-    lies on this machine records: a bench scenario's copy of the checkpoint that a shared engine
-    cache's export was made from on another runner), once its weight files prove, by sha256, to be
-    the files the manifest's ``recorded`` source names; ``recorded`` itself where it records no
-    files (a preset; a manifest older than the record), as before. A checkpoint with other
-    content is refused in one line."""
+    """The ``model.source`` to reload ``modules`` from: the manifest's ``recorded`` one (its ``--vae``,
+    ``config`` and seed kept) with the checkpoint, ControlNets and adapters read where ``here`` has
+    them (what loading the same checkpoint on this machine records: a bench scenario's copy of the
+    one an engine cache's export was made from on another runner), once those files prove, by
+    sha256, to be the files ``recorded`` names; ``recorded`` itself where it records no files (a
+    preset alone; a manifest older than the record), as before. Other content is refused in one line."""
     theirs: Mapping[str, str] = recorded.get("files") or {}
     if not theirs:
         return dict(recorded)
-    files = fingerprint(source_weight_files(here, modules))
+    moved = {**recorded, **({"path": here["path"]} if "path" in here else {})}
+    for key in ("controlnets", "adapters"):  # each part where this machine has it, in the export's order
+        ours, mine = recorded.get(key), here.get(key)
+        if isinstance(ours, list) and isinstance(mine, list) and len(ours) == len(mine):
+            moved[key] = [_moved_part(o, m) for o, m in zip(ours, mine)]
+    if isinstance(recorded.get("adapter"), dict) and isinstance(here.get("adapter"), dict):
+        moved["adapter"] = _moved_part(recorded["adapter"], here["adapter"])
+    files = fingerprint(source_weight_files(moved, modules))
     if sorted(files.values()) != sorted(theirs.values()):
         where = here.get("path") or here.get("name")
         raise EngineDirError(f"{where} is not the checkpoint the engines were exported from (its weight files' "
                              "sha256 differ from the manifest's model.source.files): the Torch backend would run "
                              "other weights than the graphs hold")
-    return {**here, "files": files}
+    return {**moved, "files": files}
+
+
+def _moved_part(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> dict[str, Any]:
+    """A ControlNet's or adapter's record, read where ``here`` has it (a preset's stays as it was)."""
+    return {**recorded, **({"path": here["path"]} if "path" in here else {})}
 
 
 def made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None, modules: Iterable[str]) -> bool | None:

@@ -86,6 +86,9 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
 
 
 _WHOLE = {"INT32": (-2**31, 2**31 - 1), "UINT64": (0, 2**64 - 1)}
+_FLOAT32_OVERFLOW = (2 - 2**-24) * 2.0**127
+"""Where rounding to float32 gives inf: its largest value plus half a unit in the last place (the
+largest as numpy prints it, 3.4028235e+38, is just under and is held)."""
 
 
 def _held(name: str, value: Any, dtype: str) -> Any:
@@ -106,7 +109,7 @@ def _held(name: str, value: Any, dtype: str) -> Any:
             magnitude = abs(float(value))
         except OverflowError:  # an int past any float
             magnitude = math.inf
-        if magnitude > float(np.finfo(np.float32).max):  # (nan and inf as given: the server's to refuse)
+        if magnitude >= _FLOAT32_OVERFLOW:  # (nan and inf as given: the server's to refuse)
             raise ValueError(f"{name}: {_shown(value)} is beyond float32's range, which the FP32 input holds")
     return value
 
