@@ -468,7 +468,8 @@ def test_cuda_graph_sessions_capture_the_controlnets_at_the_batch_they_run(poole
             captured[spec.name] = options["sizes"]["B"] if options["cuda_graph"] else 0
 
     monkeypatch.setattr(onnxruntime_backend, "OnnxRuntimeEngine", Recording)
-    monkeypatch.setattr(torch.cuda, "Stream", lambda *a, **k: None)
+    # a class, as torch's is: diffusers, imported later in a run of this test alone, writes `Stream | None`
+    monkeypatch.setattr(torch.cuda, "Stream", type("Stream", (), {"__init__": lambda self, *a, **k: None}))
     for directory, guess, expected in [(engine_dirs["sd-two"], False, {"controlnet": 4, "controlnet_1": 4}),
                                        (engine_dirs["sd-two"], True, {"controlnet": 2, "controlnet_1": 2}),
                                        (pooled["sd-pooled"][0], False, {"controlnet": 2}),

@@ -171,6 +171,10 @@ def load_pipeline(
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     pooled = pooled_controlnets(engine_dir, manifest)
+    if backend.startswith("onnxruntime"):  # what to install, in one line, before torch is asked for a CUDA stream
+        from sdexport.runtime.providers import require_backend  # (TensorRT's loader says so itself)
+
+        require_backend(backend)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled,
@@ -434,9 +438,7 @@ def _load_engines(
             )
     if backend.startswith("onnxruntime"):
         from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
-        from sdexport.runtime.providers import require_backend
 
-        require_backend(backend)  # what to install, in one line, before a CUDA stream is asked of torch
         device = backend.split("-")[1]
         stream = None
         if device == "cuda":  # one stream for the pipeline: its engines run one after another
