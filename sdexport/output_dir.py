@@ -116,10 +116,10 @@ def _running(text: bytes) -> bool:
         return False
     try:
         os.kill(int(found.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OverflowError, ValueError):  # another user's process, or no such number
+    except PermissionError:  # another user's process: alive
         return True
+    except (ProcessLookupError, OverflowError, ValueError):  # none of that number, or no process number at all
+        return False
     return True
 
 
