@@ -480,10 +480,11 @@ def run(
             per_image[name] = [paths[i:i + each] for i in range(0, len(paths), each)]
         elif paths:
             inputs[name] = paths
+    multiple = manifest.model_dims.image_multiple
     if images:
-        request.image = [_fit(images[0], request, fit, f"--init-image {init_path}", notes)]
+        request.image = [_fit(images[0], request, fit, f"--init-image {init_path}", notes, multiple)]
     if len(images) > 1:
-        request.mask = [_fit(images[1], request, fit, f"--mask {mask_path}", notes)]
+        request.mask = [_fit(images[1], request, fit, f"--mask {mask_path}", notes, multiple)]
     scheduler_config = read_scheduler_config(engine_dir)
     ensemble = _ensemble(engine_dir, manifest, refiner, denoising_end, request)
     if ensemble is not None:
@@ -733,11 +734,11 @@ def _place_setting(values: list[float] | None, default: _Default, places: int, i
     return [list(values[k::places]) for k in range(places)]
 
 
-def _fit(image: Any, request: Any, fit: str, what: str, notes: list[str]) -> Any:
+def _fit(image: Any, request: Any, fit: str, what: str, notes: list[str], multiple: int) -> Any:
     """``image`` at the request's size (``--fit``); a change is noted, to be said before generating."""
     from sdexport.runtime.image_inputs import fit_image
 
-    fitted, note = fit_image(image, request.height, request.width, fit, what)
+    fitted, note = fit_image(image, request.height, request.width, fit, what, multiple)
     if note:
         notes.append(note)
     return fitted

@@ -91,8 +91,11 @@ def _from_float(image: Any, what: str) -> Any:
     return Image.fromarray(np.clip(np.round(values * scale), 0, 255).astype(np.uint8), "L")
 
 
-def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple[Any, str | None]:
-    """``image`` at (height, width), and a note saying how it was changed (None: it already was)."""
+def fit_image(image: Any, height: int, width: int, fit: str, what: str,
+              multiple: int | None = None) -> tuple[Any, str | None]:
+    """``image`` at (height, width), and a note saying how it was changed (None: it already was).
+    ``multiple``: what the model's image sides must be multiples of, so that a refusal suggests the
+    image's own size only where the engines could make it."""
     from PIL import Image
 
     if fit not in FITS:
@@ -102,10 +105,13 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str) -> tuple
         return image, None
     given = f"{image.size[1]}x{image.size[0]}"
     if fit == "exact":
+        fits = f"{assigned('fit', 'resize')} / {assigned('fit', 'crop')} to make it fit"
+        if multiple and (image.size[0] % multiple or image.size[1] % multiple):  # its own size cannot be asked for
+            raise SdexportError(f"{what} is {given} (HxW), the request {height}x{width}: pass {fits} (its own size is "
+                                f"no multiple of {multiple}, as the model's sides must be)")
         raise SdexportError(
             f"{what} is {given} (HxW), the request {height}x{width}: pass {assigned('height', image.size[1])} "
-            f"{assigned('width', image.size[0])} (within the engines' profile), or {assigned('fit', 'resize')} / "
-            f"{assigned('fit', 'crop')} to make it fit"
+            f"{assigned('width', image.size[0])} (within the engines' profile), or {fits}"
         )
     if fit == "resize":
         return image.resize(size, Image.Resampling.LANCZOS), f"{what} resized from {given} to {height}x{width}"
