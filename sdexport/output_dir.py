@@ -80,7 +80,7 @@ class Target:
 def refuse_if_held(target: Target) -> None:
     """Refuse at once, before any heavy work, a target another sdexport process holds (``_locked``):
     a probe that takes the lock only to let it go, and creates no lock file."""
-    path = target.parent / f".{target.name}{LOCK_SUFFIX}"
+    path = _lock_path(target)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -121,6 +121,11 @@ def _running(text: bytes) -> bool:
     except (ProcessLookupError, OverflowError, ValueError):  # none of that number, or no process number at all
         return False
     return True
+
+
+def _lock_path(target: Target) -> Path:
+    """The lock file of ``target``, beside it (``_locked`` takes it; ``refuse_if_held`` probes it)."""
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
 
 def _held_by(target: Target, fd: int) -> SdexportError:
@@ -289,7 +294,7 @@ def _locked(target: Target) -> Iterator[None]:
     or removed. The lock file is removed on release; a process that opened it just before that
     re-opens it (its inode no longer matches the path), so two processes never both hold it.
     """
-    path = target.parent / f".{target.name}{LOCK_SUFFIX}"
+    path = _lock_path(target)
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)

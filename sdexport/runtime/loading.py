@@ -196,7 +196,7 @@ def load_pipeline(
         unplanned=frozenset(part for part, fp32 in fallbacks.items() if fp32 not in engines),
         lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in FP32_VAE
                           and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
-        info={"backend": backend, "engine_dir": str(Path(engine_dir).absolute()), "family": manifest.family,
+        info={"backend": backend, "engine_dir": str(engine_dir.absolute()), "family": manifest.family,
               "random_weights": manifest.random_weights, **{part: "fp32" for part in in_place.values()},
               **({"loras": [{"path": str(Path(lora.path).absolute()), "scale": lora.scale} for lora in loras]} if loras else {}),
               "model": manifest.model["label"], "dtype": manifest.dtype,
