@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,6 +395,9 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
     assert _loaded(["inspect", str(engine_copy)]) != [[]]  # the first inspect loads the tokenizers and scheduler...
     time.sleep(hash_records.RACY_SECONDS + 0.1)  # (files hashed while fresh are hashed again)
     _loaded(["inspect", str(engine_copy)])
+    foreign = tmp_path / "optimum-export"  # an export to adopt: ours less its manifest
+    shutil.copytree(engine_copy, foreign)
+    (foreign / "manifest.json").unlink()
     quick = [
         ["--help"], ["--version"], ["run", "--help"], ["bench", "--help"],
         ["inspect", str(engine_copy)],  # ...later ones trust what it recorded
@@ -405,6 +409,8 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
         ["build", str(engine_copy), "--target", "nope"],
         ["build", str(tmp_path / "nope")],
         ["adopt", str(tmp_path / "nope")],
+        ["adopt", str(foreign), "--batch", "0"],  # (its sizes read from its configs)
+        ["adopt", str(foreign), "--model", "nope"],
         ["bench", "benchmarks/scenarios/tiny-cpu.toml", "--repeats", "0"],
         ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")],
         ["serve", str(engine_copy), "--http-port", "0"],

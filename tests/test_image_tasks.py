@@ -397,7 +397,7 @@ def test_only_a_default_inpainting_strength_below_1_is_noted():
 
 def test_any_inpainting_unet_is_taken_and_other_channel_counts_refused_before_export():
     from sdexport.errors import ModelLoadError
-    from sdexport.models.loader import unet_extra_channels
+    from sdexport.models.outline import unet_extra_channels
 
     assert unet_extra_channels(9, 4, "x") == 9 and unet_extra_channels(4, 4, "x") == 0
     with pytest.raises(ModelLoadError, match="sdexport runs U-Nets that take the latents"):

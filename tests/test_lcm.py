@@ -161,7 +161,7 @@ def test_the_spec_adds_the_guidance_embedding_before_residuals_and_features():
 def test_a_guidance_embedding_too_small_to_embed_is_refused():
     from types import SimpleNamespace
 
-    from sdexport.models.loader import model_dims
+    from sdexport.models.dims import model_dims
 
     unet = {"cross_attention_dim": 32, "out_channels": 4, "in_channels": 4, "down_block_types": ["a", "b"],
             "time_cond_proj_dim": 2}

@@ -113,7 +113,7 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
             f"{directory}: the U-Net takes {configs['unet'].get('in_channels')} channels and the VAE makes "
             f"{latent}: a conditioned U-Net other than inpainting ({2 * latent + 1}), which sdexport does not run"
         )
-    from sdexport.models.loader import model_dims
+    from sdexport.models.dims import model_dims
 
     try:
         dims = model_dims(family, {k: SimpleNamespace(**v) for k, v in configs.items()}, lengths, str(directory))
@@ -200,14 +200,14 @@ def adopt(
         if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not scaling > 0:
             raise SdexportError(f"{directory}: vae_decoder/config.json scaling_factor {scaling!r} is not a positive number")
         scheduler = read_json(directory / SCHEDULER_CONFIG_FILE)
-        from sdexport.models.loader import _pipeline_config
+        from sdexport.models.dims import pipeline_config
 
-        pipeline_config = _pipeline_config(plan.family, plan.index)
+        pipeline_options = pipeline_config(plan.family, plan.index)
         manifest = Manifest(
             family=plan.family,
             model={"label": f"{directory.name} (ONNX export adopted by sdexport)",
                    "source": {"kind": "onnx", "path": str(directory.resolve()), "pipeline": plan.pipeline},
-                   "random_weights": False, **({"pipeline_config": pipeline_config} if pipeline_config else {})},
+                   "random_weights": False, **({"pipeline_config": pipeline_options} if pipeline_options else {})},
             prediction_type=str(scheduler.get("prediction_type", "epsilon")),
             vae_scaling_factor=float(scaling),
             dims=plan.dims.record(),
