@@ -134,6 +134,22 @@ def _print_to_stderr(*values: object, **options: Any) -> None:
     print(*values, **{**options, "file": sys.stderr})  # sys.stderr as it is now (a test's capture too)
 
 
+def nvml_starts() -> bool:
+    """Whether NVIDIA's management library starts here: what Triton's GPU metrics (DCGM) need. Where
+    it does not (no GPU or no driver), asking for them only prints "Error: Failed to initialize
+    NVML" on the console at every start, outside the log: they are asked for only where they work."""
+    import ctypes
+
+    try:
+        nvml = ctypes.CDLL("libnvidia-ml.so.1")
+        started = nvml.nvmlInit_v2() == 0  # NVML_SUCCESS
+    except (OSError, AttributeError):  # no driver library, or one without the call
+        return False
+    if started:
+        nvml.nvmlShutdown()
+    return started
+
+
 def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
                log_file: Path | None, on_ready: Callable[[], None]) -> None:
     """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
@@ -150,6 +166,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
         model_repository=repository, http_port=ports.http, grpc_port=ports.grpc, metrics_port=ports.metrics,
         http_address=ports.address, grpc_address=ports.address, metrics_address=ports.address,
         exit_timeout_secs=drain_timeout_s, strict_readiness=True, log_file=log_file,
+        allow_gpu_metrics=nvml_starts(),
     )
     # PyTriton guards the endpoints that change or expose the server with a random token; statistics
     # (read-only, what `sdexport loadtest` reports batching from) are opened like the metrics port.
