@@ -60,3 +60,37 @@ def test_the_gpu_wheel_list_pins_what_constraints_pins():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             assert pins.get(_name(name)) == version.strip(), line
+
+
+def test_the_gpu_wheel_list_names_what_its_wheels_need():
+    """The list is installed with --no-deps on Python 3.12: whatever a listed package needs there is
+    listed too or comes with a package the image has (as its header names them; their needs read from
+    this environment's metadata). importlib_metadata needs lazy-importer below Python 3.15."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    text = (ROOT / "scripts" / "gpu-wheels.txt").read_text()
+    listed = {_name(line) for line in text.splitlines() if line.strip() and not line.startswith("#")}
+    header = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    image = re.search(r"image \(([^)]*)\)", header)
+    assert image, "the header names what the image has"
+    python_312 = {"python_version": "3.12", "python_full_version": "3.12.3", "extra": ""}
+
+    def needs(name: str) -> set[str]:
+        try:
+            requirements = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:  # not installed here: its needs unknown
+            return set()
+        return {_name(str(r)) for r in map(Requirement, requirements)
+                if r.marker is None or r.marker.evaluate(python_312)}
+
+    has = set()
+    todo = [_name(n) for n in image.group(1).replace(",", " ").split()] + ["ml-dtypes", "onnxruntime-gpu"]
+    while todo:
+        name = todo.pop()
+        if name not in has:
+            has.add(name)
+            todo.extend(needs(name))
+    for name in sorted(listed):
+        assert needs(name) <= listed | has, f"{name} needs {sorted(needs(name) - listed - has)}, not in scripts/gpu-wheels.txt"
