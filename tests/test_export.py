@@ -33,6 +33,28 @@ def test_export_writes_a_complete_verified_directory(tiny_engine_dir: Path):
     assert not list(tiny_engine_dir.parent.glob(".tiny.partial-*"))
 
 
+def test_the_manifest_names_the_onnxruntime_that_imports_where_two_are_installed(tmp_path, monkeypatch):
+    """As on the GPU lease: the image's onnxruntime beside an onnxruntime-gpu put ahead on the path.
+    Both packages' metadata is visible; the export used (and records) the one that imports."""
+    import sys
+
+    from sdexport.export.exporter import tool_versions
+
+    for site, name, version in (("gpu", "onnxruntime_gpu", "1.31.1"), ("cpu", "onnxruntime", "1.30.0")):
+        (tmp_path / site / "onnxruntime").mkdir(parents=True)
+        (tmp_path / site / "onnxruntime" / "__init__.py").write_text("")
+        info = tmp_path / site / f"{name}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)  # (found where it was imported from)
+    monkeypatch.setattr(sys, "path", [str(tmp_path / "gpu"), str(tmp_path / "cpu"), *sys.path])
+    tools = tool_versions()
+    assert tools["onnxruntime-gpu"] == "1.31.1" and "onnxruntime" not in tools
+    monkeypatch.setattr(sys, "path", sys.path[1:])  # the CPU package alone
+    tools = tool_versions()
+    assert tools["onnxruntime"] == "1.30.0" and "onnxruntime-gpu" not in tools
+
+
 def test_unet_graph_has_dynamic_batch_and_size(tiny_engine_dir: Path):
     model = onnx.load(str(tiny_engine_dir / "unet" / "model.onnx"))
     dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]

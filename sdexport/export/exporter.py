@@ -39,7 +39,7 @@ from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
-from sdexport.versions import installed_versions
+from sdexport.versions import importing_distribution, installed_versions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -49,9 +49,12 @@ __all__ = ["ExportOptions", "export", "export_component"]
 
 
 def tool_versions() -> dict[str, str]:
-    """The installed tools an export depends on (those not installed are left out)."""
-    found = installed_versions(("sdexport", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
-                                "onnxruntime-gpu", "onnx-graphsurgeon"))
+    """The installed tools an export depends on (those not installed are left out); of onnxruntime and
+    onnxruntime-gpu, the one that imports."""
+    found = installed_versions(("sdexport", "torch", "diffusers", "transformers", "onnx", "onnx-graphsurgeon"))
+    builds = ("onnxruntime", "onnxruntime-gpu")
+    runtime = importing_distribution("onnxruntime", builds)
+    found |= dict([runtime]) if runtime else installed_versions(builds)
     return {package: v for package, v in found.items() if v is not None}
 
 
