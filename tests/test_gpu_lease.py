@@ -161,7 +161,7 @@ STAND_IN = r"""#!/usr/bin/env bash
 # one write per command (its line and, for python -m, its environment's): steps that run side by
 # side (gpu-tests beside the export) append to the same log
 line="$*"
-[[ $1 == -m ]] && line+=$'\n'"  revision=${SDEXPORT_GIT_REVISION:-} path=${PYTHONPATH%%:*}"
+[[ $1 == -m ]] && line+=$'\n'"  revision=${SDEXPORT_GIT_REVISION:-} path=${PYTHONPATH%%:*} threads=${OMP_NUM_THREADS:-}"
 printf '%s\n' "$line" >> "$STAND_IN_LOG"
 out=""
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
@@ -249,16 +249,19 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
         "diffusers,torch,onnxruntime-cuda", "diffusers,diffusers-compile,tensorrt", "diffusers,onnxruntime-cuda-fused"]
     assert all(f"--engine-dir {engines}" in b and "benchmarks/scenarios/sd15-512-b1.toml" in b for b in benches)
     assert any(c.startswith("-m pytest -m gpu") and c.endswith("-m gpu and not slow") for c in commands)
-    # every command runs with the installed site first on the path and the commit it measures
-    environments = {after for command, after in zip(commands, commands[1:])
+    # every command runs with the installed site first on the path and the commit it measures; the
+    # export and the tests, side by side, split the cores
+    environments = {command.split()[2]: after for command, after in zip(commands, commands[1:])
                     if command.startswith(("-m sdexport", "-m pytest"))}
-    assert environments == {f"  revision=0123abc path={tmp_path / 'site'}"}, environments
+    assert environments == {command: f"  revision=0123abc path={tmp_path / 'site'} threads={threads}" for command, threads
+                            in (("export", 12), ("-m", 4), ("build", ""), ("bench", ""))}, environments
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
         names = tar.getnames()
         assert tar.extractfile("./REVISION").read() == b"0123abc\n"
     assert {"./pip-list-image.txt", "./bench-fused/results.json", "./gpu-tests/environment.json"} <= set(names)
     assert not any("/engines" in name for name in names)  # gigabytes on a GPU: they stay there
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lease-results.tar.gz", "lease.log"]
+    assert "lease done: " in (tmp_path / "out" / "lease.log").read_text()  # the log whole, its last line too
 
     asked = _lease(tmp_path, carried, 600, LEASE_COMPILE_MAX="1")  # the warm machine, asked for more
     assert "bench-runtime: done in an earlier call" in asked.stdout
@@ -268,11 +271,11 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
 
 def _resuming(tmp_path: Path) -> None:
     carried = _carried(tmp_path)
-    # scaled down 20 times: the tests may take 9 s, the runtime benchmark needs 5 s, the fused
+    # scaled down 20 times: the tests may take 12 s, the runtime benchmark needs 5 s, the fused
     # build 10 to 20 s
     first = _lease(tmp_path, carried, 16, LEASE_TIME_SCALE="20", STAND_IN_PYTEST_S="30")
     assert first.returncode == 0, first.stdout + first.stderr
-    assert _steps(tmp_path)["gpu-tests"] == "rc 124, over its own limit of 9 s", first.stdout
+    assert _steps(tmp_path)["gpu-tests"] == "rc 124, over its own limit of 12 s", first.stdout
 
     # the second call on the warm machine carries nothing: the revision is the first call's
     sleeper = f"299.{os.getpid()}"
@@ -280,7 +283,7 @@ def _resuming(tmp_path: Path) -> None:
     nothing.mkdir()
     second = _lease(tmp_path, nothing, 19, LEASE_TIME_SCALE="20", STAND_IN_BUILD_S=sleeper)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "gpu-tests: failed in an earlier call (rc 124, over its own limit of 9 s): not repeated" in second.stdout
+    assert "gpu-tests: failed in an earlier call (rc 124, over its own limit of 12 s): not repeated" in second.stdout
     steps = _steps(tmp_path)
     assert steps["bench-runtime"] == steps["bench-compile"] == "rc 0"
     assert steps["build-fused"] == "cut at the budget" and steps["bench-fused"] == "skipped", second.stdout
