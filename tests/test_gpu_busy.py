@@ -16,6 +16,24 @@ def test_union_counts_overlaps_once() -> None:
     assert union_length([(0, 1), (1, 2)]) == 2  # touching
 
 
+def test_the_raw_intervals_are_the_profilers_events() -> None:
+    """kernel_intervals reads the profiler's raw records (fast); on the CPU, where this runs, they
+    cover what its parsed events do."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from sdexport.bench.gpu_busy import kernel_intervals
+
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        for _ in range(50):
+            torch.ones(64, 64) @ torch.ones(64, 64)
+    raw = kernel_intervals(profiler, DeviceType.CPU)
+    parsed = [(e.time_range.start, e.time_range.end) for e in profiler.events()
+              if e.device_type == DeviceType.CPU and e.time_range.end > e.time_range.start]
+    assert len(raw) >= 50 and len(raw) == len(parsed)
+    assert union_length(raw) == pytest.approx(union_length(parsed), rel=1e-3)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
 def test_without_cuda_says_why() -> None:
     assert measure_gpu_busy(lambda: None) == {"error": "no CUDA device"}
