@@ -253,16 +253,24 @@ class _Scalarish:
 
 @contextlib.contextmanager
 def numpy_scalar_compat() -> Iterator[None]:
-    """Patch onnxruntime's two ``num_heads`` readers for the duration of a fusion pass, only where this
-    numpy needs it; the methods themselves run unchanged, reading constants that ``int()`` accepts."""
+    """Patch onnxruntime's two ``num_heads`` readers for the duration of a fusion pass, where this
+    numpy refuses or deprecates ``int()`` of a one-element array (1.25 and later: CI's numpy runs the
+    patched readers too, as the GPU image's numpy 2.5 must); the methods themselves run unchanged,
+    reading constants that ``int()`` accepts."""
+    import warnings
+
     import numpy as np
 
-    try:
-        int(np.ones(1))
-        yield  # an older numpy: nothing to do
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        try:
+            int(np.ones(1))
+            refused = False  # numpy before 1.25: nothing to do
+        except (TypeError, DeprecationWarning):
+            refused = True
+    if not refused:
+        yield
         return
-    except TypeError:
-        pass
     from onnxruntime.transformers import onnx_model_unet, onnx_model_vae
 
     patched = [
