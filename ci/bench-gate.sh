@@ -22,7 +22,7 @@
 #
 # Exit status: 0 passed (or no baseline yet), 1 a regression, 2 the runs could not be compared,
 # 3 the benchmark itself failed, or was interrupted (summary.md then shows what it measured).
-set -euo pipefail
+set -Eeuo pipefail
 if [[ $# -ne 3 ]]; then
   echo "usage: $0 SCENARIO BASELINE OUT" >&2
   exit 2
@@ -37,13 +37,31 @@ PYTHON=${PYTHON:-$default_python}
 # The checkout's sdexport is what is measured, even where the environment holds an installed one
 # (the wheel folder of an air-gapped install brings its own).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-cache=${SDEXPORT_ENGINE_CACHE:-$HOME/.cache/sdexport/engines}
 marker="<!-- sdexport bench compare -->"
 
 refuse() {
   echo "sdexport bench gate: $1" >&2
   exit 2
 }
+# Exit 1 means a regression: a command of this script that fails unexpectedly says where, and exits 2.
+trap 'echo "sdexport bench gate: failed at line $LINENO of $0" >&2; exit 2' ERR
+[[ -n ${SDEXPORT_ENGINE_CACHE:-} || -n ${HOME:-} ]] || refuse "neither SDEXPORT_ENGINE_CACHE nor HOME is set: name the engine cache"
+cache=${SDEXPORT_ENGINE_CACHE:-$HOME/.cache/sdexport/engines}
+case ${SDEXPORT_REQUIRE_BASELINE:-0} in
+  1 | [Tt]rue | TRUE | [Yy]es | YES | [Oo]n | ON) require_baseline=1 ;;
+  0 | [Ff]alse | FALSE | [Nn]o | NO | [Oo]ff | OFF | "") require_baseline=0 ;;
+  *) refuse "SDEXPORT_REQUIRE_BASELINE=$SDEXPORT_REQUIRE_BASELINE: use 1 (or true) or 0 (or false)" ;;
+esac
+if [[ -L $baseline && ! -e $baseline ]]; then
+  refuse "$baseline is a link to nothing ($(readlink -- "$baseline")): a moved baseline would leave the runs ungated"
+fi
+# The folders below are replaced: a baseline inside them would be deleted, then the run compared with itself.
+for replaced in "$out/bench" "$out/compare"; do
+  inside=$(realpath -m -- "$replaced")
+  case $(realpath -m -- "$baseline") in
+    "$inside" | "$inside"/*) refuse "$baseline lies in $replaced, which this run replaces: copy it out of $out first" ;;
+  esac
+done
 
 # Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only files
 # this script's commands write are removed, anything else stops it (checked before any is removed).
@@ -61,7 +79,7 @@ if [[ -e $summary || -L $summary ]] &&
 fi
 ours "$out/bench" 'results.*'
 ours "$out/compare" 'comparison.*'
-mkdir -p "$out"
+mkdir -p -- "$out" 2>/dev/null || refuse "$out: cannot make the folder (a file is there, or no permission); choose another OUT"
 rm -rf "$out/bench" "$out/compare"
 rm -f "$summary"
 
@@ -81,10 +99,10 @@ except SdexportError as exc:
   problem=${problem##*$'\n'}  # the last line: the refusal (or a broken environment's error)
   refuse_reported "${problem:-the gate settings could not be checked with $PYTHON}"
 fi
-if [[ ! -e $baseline && ${SDEXPORT_REQUIRE_BASELINE:-0} == 1 ]]; then
-  printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=1 and the baseline is missing.\n' \
-    "$marker" "$baseline" > "$summary"
-  refuse "no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=1)"
+if [[ ! -e $baseline && $require_baseline == 1 ]]; then
+  printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=%s and the baseline is missing.\n' \
+    "$marker" "$baseline" "$SDEXPORT_REQUIRE_BASELINE" > "$summary"
+  refuse "no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=$SDEXPORT_REQUIRE_BASELINE)"
 fi
 
 extra=()
@@ -136,6 +154,10 @@ except Exception:
       echo
       cat "$out/bench/results.md"
     } > "$out/summary.md"
+  elif [[ $rc == 2 && -z $stopped ]]; then  # sdexport's one-line refusal of its input, before measuring
+    printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark refused its input (the scenario or SDEXPORT_BENCH_ARGS); its one-line reason is in the job output.\n' \
+      "$marker" "$scenario" > "$out/summary.md"
+    exit 2
   elif [[ -n $stopped || $rc == 130 ]]; then
     printf '%s\n## sdexport bench: %s did not finish\n\nThe benchmark was interrupted%s and wrote no report (nothing was measured yet, or it was killed before it could write).\n' \
       "$marker" "$scenario" "${stopped:+ ($stopped)}" > "$out/summary.md"

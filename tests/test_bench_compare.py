@@ -118,6 +118,33 @@ def test_a_contender_that_stopped_working_fails_and_a_new_one_does_not(tmp_path)
     assert ort_row["status"] == "new" and not ort_row["failed"]
 
 
+def test_a_contender_that_failed_in_the_baseline_is_shown_not_dropped(tmp_path, capsys):
+    """TensorRT failed in the committed baseline: it is not gated, and the comparison says so (and
+    says why once it runs) rather than leaving it out."""
+    failed = {"contender": "tensorrt", "status": "failed", "reason": "loading: no TensorRT"}
+    baseline = _report([_entry("torch", TIGHT), failed])
+    both = _compare(tmp_path, baseline, _report([_entry("torch", TIGHT), dict(failed, reason="loading: gone")]))
+    row = _row(both, "tensorrt")
+    assert row["status"] == "unmeasured" and not row["failed"] and both["passed"]
+    assert row["reasons"] == ["measured in neither run", "baseline: loading: no TensorRT", "new run: loading: gone"]
+    assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json") == 0
+    assert "| tensorrt | – | – | – | ⚠️ not measured: measured in neither run; baseline: loading: no TensorRT" in \
+        capsys.readouterr().out
+    ran = _compare(tmp_path, baseline, _report([_entry("torch", TIGHT), _entry("tensorrt", TIGHT)]))
+    assert _row(ran, "tensorrt")["reasons"] == ["not measured in the baseline (loading: no TensorRT)"]
+
+
+@pytest.mark.parametrize("results", [[], [{"contender": "torch", "status": "failed", "reason": "boom"}]])
+def test_a_baseline_that_measured_nothing_is_refused(results, tmp_path, capsys):
+    """Every run would pass against it: the gate would gate nothing."""
+    baseline = _report([_entry("torch", TIGHT)])
+    baseline["results"] = results
+    _write(tmp_path, "baseline", baseline)
+    _write(tmp_path, "new", _report([_entry("torch", TIGHT)]))
+    assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json") == 2
+    assert "measured nothing (every contender failed or none ran)" in capsys.readouterr().err
+
+
 def test_the_psnr_floor_fails_a_contender_that_draws_something_else(tmp_path):
     baseline, new = _report([_entry("torch", TIGHT, psnr=45.0)]), _report([_entry("torch", TIGHT, psnr=12.0)])
     assert _compare(tmp_path, baseline, new)["passed"]
@@ -580,6 +607,47 @@ def test_the_gate_refuses_bad_settings_and_a_summary_it_did_not_write_before_any
         summary = (out / "summary.md").read_text()
         assert summary.startswith(MARKER) and "did not run" in summary and words in summary
         assert sorted(p.name for p in out.iterdir()) == ["summary.md"]
+
+
+@pytest.mark.parametrize(("case", "words"), [
+    ("inside", "lies in"),  # the last run's results as the baseline: deleted, then the run compared with itself
+    ("dangling", "is a link to nothing"),  # a moved baseline: not "no baseline yet", which passes
+    ("require-true", "no baseline at"),  # a CI variable's natural spelling
+    ("require-bad", "SDEXPORT_REQUIRE_BASELINE=sometimes: use 1"),
+    ("no-home", "neither SDEXPORT_ENGINE_CACHE nor HOME is set"),
+    ("out-a-file", "cannot make the folder"),  # a setup error, not exit 1 (a regression)
+])
+def test_the_gate_refuses_a_baseline_it_would_lose_or_miss_and_setup_errors_with_2(tmp_path, case, words):
+    (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    out, env = "out", {}
+    baseline = tmp_path / "baseline.json"
+    if case == "inside":
+        baseline = tmp_path / "out" / "bench" / "results.json"
+        baseline.parent.mkdir(parents=True)
+        baseline.write_text("{}")
+    elif case == "dangling":
+        baseline.symlink_to(tmp_path / "moved.json")
+    elif case.startswith("require"):
+        env["SDEXPORT_REQUIRE_BASELINE"] = "true" if case == "require-true" else "sometimes"
+    elif case == "no-home":
+        env = {"SDEXPORT_ENGINE_CACHE": "", "HOME": ""}
+    else:
+        (tmp_path / "taken").write_text("mine")
+        out = "taken"
+    result = _gate(tmp_path, baseline, out, **env)
+    assert result.returncode == 2 and words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / out / "summary.md").exists() or case == "require-true"  # nothing ran
+    if case == "inside":
+        assert baseline.read_text() == "{}"
+    if case == "out-a-file":
+        assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_bench_arguments_the_benchmark_refuses_are_bad_input_not_a_failed_benchmark(tmp_path):
+    (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    result = _gate(tmp_path, tmp_path / "none.json", "out", SDEXPORT_BENCH_ARGS="--repeats 0")
+    assert result.returncode == 2 and "--repeats" in result.stderr, result.stderr
+    assert "refused its input" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_a_cache_entry_is_judged_by_its_export_and_leaves_plans_to_their_builders(tiny_engine_dir, tmp_path):

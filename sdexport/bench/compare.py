@@ -80,7 +80,8 @@ class Row:
     steps: int | None
     status: str
     """"regression", "improvement", "no change", "missing" (measured in the baseline, not in the new
-    run), "new" (only in the new run)."""
+    run), "new" (only in the new run), "unmeasured" (in neither run: it failed or was skipped, so
+    nothing gates it)."""
     reasons: list[str] = field(default_factory=list)
     e2e: Change | None = None
     stages: list[Change] = field(default_factory=list)
@@ -251,6 +252,7 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
     base_measured = {_key(e): e for e in baseline["results"] if e["status"] == "measured"}
     new_measured = {_key(e): e for e in new["results"] if e["status"] == "measured"}
     new_reasons = {_key(e): e.get("reason", e["status"]) for e in new["results"] if e["status"] != "measured"}
+    base_reasons = {_key(e): e.get("reason", e["status"]) for e in baseline["results"] if e["status"] != "measured"}
     rows = []
     for key, old in base_measured.items():
         contender, batch, steps = key
@@ -287,7 +289,17 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
                                f"{gate.min_psnr:g} dB floor")
         rows.append(row)
     for key in new_measured.keys() - base_measured.keys():
-        rows.append(Row(*key, "new", ["not measured in the baseline"]))
+        reason = base_reasons.get(key) or base_reasons.get((key[0], None, None))
+        rows.append(Row(*key, "new", ["not measured in the baseline" + (f" ({reason})" if reason else "")]))
+    # What neither run measured is shown, not dropped: a contender that failed in the baseline is
+    # gated by nothing until a run measures it (a case of a contender either run measured has its row).
+    measured = {contender for contender, _, _ in (*base_measured, *new_measured)}
+    for key in sorted(base_reasons.keys() | new_reasons.keys(), key=str):
+        if key in base_measured or key in new_measured or (key[1] is None and key[0] in measured):
+            continue
+        said = [f"{which}: {reasons[key]}" for which, reasons in (("baseline", base_reasons), ("new run", new_reasons))
+                if key in reasons]
+        rows.append(Row(*key, "unmeasured", ["measured in neither run", *said]))
     return sorted(rows, key=lambda r: (r.batch or 0, r.steps or 0, r.contender))
 
 
@@ -307,6 +319,9 @@ def _interrupted_reason(report: dict[str, Any]) -> str | None:
 def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     """The comparison as one JSON-ready dict; refuses (SdexportError) reports that do not compare."""
     baseline, new = load_report(baseline_path, "BASELINE"), load_report(new_path, "NEW")
+    if not any(e["status"] == "measured" for e in baseline["results"]):
+        raise SdexportError(f"BASELINE {baseline_path} measured nothing (every contender failed or none ran), "
+                            "so every run would pass; use a run that measured as the baseline")
     unfinished = _interrupted_reason(baseline)
     if unfinished and not gate.allow_mismatch:  # what it never reached would pass unchecked
         raise SdexportError(f"BASELINE {baseline_path} did not finish ({unfinished}), so what it "
@@ -357,7 +372,7 @@ def _db(value: float | str | None) -> str:
 
 
 _SYMBOL = {"regression": "❌ regression", "missing": "❌ missing", "improvement": "✅ faster",
-           "no change": "✅ no change", "new": "🆕 new"}
+           "no change": "✅ no change", "new": "🆕 new", "unmeasured": "⚠️ not measured"}
 
 
 def markdown(comparison: dict[str, Any]) -> str:
@@ -450,7 +465,7 @@ def junit_xml(comparison: dict[str, Any]) -> str:
         if row.failed:
             counts["failures"] += 1
             ET.SubElement(case, "failure", message="; ".join(row.reasons), type=row.status).text = summary
-        elif row.status == "new":
+        elif row.status in ("new", "unmeasured"):
             counts["skipped"] += 1
             ET.SubElement(case, "skipped", message="; ".join(row.reasons))
         ET.SubElement(case, "system-out").text = "\n".join(
