@@ -232,12 +232,14 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
         ("run", "text", "not a readable safetensors file"),
         ("export", "ckpt", "LoRA files are read as .safetensors"),
         ("run", "missing", "no such file"),
-        ("run", "scale", "the scale after ':' must be a finite number"),
+        ("run", "scale", "the scale after ':' is not a finite number"),
+        ("export", "huge", "the scale after ':' is not a finite number within float32's range"),  # 1e39: inf to the U-Net
     ],
 )
 def test_loras_that_do_not_fit_are_refused_in_one_line(tiny_engine_dir, tmp_path, capsys, command, file, message):
     files = _mismatched_files(tmp_path)
-    argument = {"missing": str(tmp_path / "nope.safetensors"), "scale": f"{files['shapes']}:nan"}.get(file) or str(files[file])
+    argument = {"missing": str(tmp_path / "nope.safetensors"), "scale": f"{files['shapes']}:nan",
+                "huge": f"{files['shapes']}:1e39"}.get(file) or str(files[file])
     out = tmp_path / "out"
     args = (["run", tiny_engine_dir, "-p", "x", "--steps", "2", "--height", "64", "--width", "64", "-o", out / "x.png"]
             if command == "run" else ["export", "tiny", "-o", out, "--verify", "none"])
@@ -387,6 +389,19 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
     shutil.copy(plain, folder / "pytorch_lora_weights.safetensors")
     with pytest.raises(SdexportError, match=f"a directory; pass the LoRA file in it \\({folder}/pytorch_lora_weights"):
         LoraFile.parse(str(folder))
+
+
+def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir, lora_files, tmp_path):
+    """LoraFile made in Python: a text path works, a scale the engines cannot take and a missing file
+    are one line before anything loads (not NaN latents after the run, nor a FileNotFoundError)."""
+    from sdexport.runtime.loading import load_pipeline
+
+    assert LoraFile(str(lora_files["unet"]), 0.5).path == lora_files["unet"]
+    for scale in (float("nan"), float("inf"), 1e39, "0.8", True):
+        with pytest.raises(SdexportError, match="is not a finite number within float32's range"):
+            LoraFile(lora_files["unet"], scale)
+    with pytest.raises(SdexportError, match=f"^LoRA {tmp_path / 'nope.safetensors'}: no such file$"):
+        load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=[LoraFile(tmp_path / "nope.safetensors")])
 
 
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):

@@ -43,10 +43,17 @@ MAX_NAMED = 3
 
 @dataclass(frozen=True)
 class LoraFile:
-    """One ``--lora FILE[:SCALE]``."""
+    """One ``--lora FILE[:SCALE]``. Made in Python, its path may be text; a scale that is not a number
+    the engines can take (finite in float32) is refused here, before anything loads, as the CLI
+    refuses it (a NaN would show only as NaN latents after the whole run)."""
 
     path: Path
     scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        if problem := _scale_problem(self.scale):
+            raise SdexportError(f"LoRA {self.path}: scale {self.scale!r} {problem}")
 
     @classmethod
     def parse(cls, text: str, flag: str = "--lora") -> LoraFile:
@@ -63,8 +70,8 @@ class LoraFile:
                                 f"{Path(path).name}:0.8)")
         else:
             path = text  # no scale, or a ':' that belongs to the path
-        if not math.isfinite(scale):
-            raise SdexportError(f"{flag} {text}: the scale after ':' must be a finite number (e.g. file.safetensors:0.8)")
+        if problem := _scale_problem(scale):
+            raise SdexportError(f"{flag} {text}: the scale after ':' {problem}")
         lora = cls(Path(path), scale)
         lora.check(flag)
         return lora
@@ -94,6 +101,15 @@ class LoraFile:
         from sdexport.manifest import sha256_file
 
         return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path), "scale": self.scale}
+
+
+def _scale_problem(scale: object) -> str | None:
+    """Why ``scale`` is not a LoRA scale (None: it is one)."""
+    from sdexport.runtime.request import finite32
+
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not finite32(float(scale)):
+        return "is not a finite number within float32's range, as the engines read it (e.g. 0.8)"
+    return None
 
 
 @dataclass

@@ -152,6 +152,8 @@ def load_pipeline(
 
     engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
+    for lora in loras or []:  # (the CLI checked its own; in Python, a missing file is one line too)
+        lora.check("LoRA")
     manifest = load_manifest(engine_dir, verify_files=False)
     if model_source is not None and backend.startswith("torch"):
         from sdexport.models.source_files import relocated
