@@ -121,6 +121,10 @@ def test_the_api_checks_requests_too(pipeline):
     # one text (or image) where a list may go, as diffusers takes them: not a list of one-letter prompts
     one = GenerationRequest(prompt="a fox", negative_prompt="blurry", image=Image.new("RGB", (64, 64)))
     assert (one.prompt, one.negative_prompt, len(one.image), one.batch) == (["a fox"], ["blurry"], 1, 1)
+    edges = Image.new("RGB", (64, 64))
+    single = GenerationRequest(prompt="a fox", control_image=edges, adapter_image=edges)  # the one ControlNet's, adapter's
+    assert (single.control_image, single.adapter_image) == ([edges], [edges])
+    assert single.control_images(0) == [edges]
     two = GenerationRequest(prompt=["a", "b"], negative_prompt="blurry", prompt_2="sharp", seeds=range(2))
     assert (two.negative_prompt, two.prompt_2, two.seeds) == (["blurry"] * 2, ["sharp"] * 2, [0, 1])
     request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64, guidance=[3.0, 4.0, 5.0])

@@ -186,6 +186,11 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, list):
                 setattr(self, name, list(value) if isinstance(value, tuple) else [value])
+        # one image (or MASKED_INIT) for the one ControlNet or adapter, for every prompt, as diffusers takes it
+        for name in ("control_image", "adapter_image"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, list | tuple):
+                setattr(self, name, [value])
         if isinstance(self.guidance, tuple):  # one scale per prompt, held in a tuple: the loop takes a list
             self.guidance = list(self.guidance)
 
