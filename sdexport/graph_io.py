@@ -11,6 +11,7 @@ in one line naming the tensor, not as an ONNX Runtime error in the middle of the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -161,3 +162,17 @@ def onnxruntime_tensors(args: Any) -> list[GraphTensor]:
     ``tensor(float16)``)."""
     return [GraphTensor(a.name, _ORT_TYPES.get(a.type, str(a.type).removeprefix("tensor(").removesuffix(")")),
                         len(a.shape), tuple(d if isinstance(d, int) else None for d in a.shape)) for a in args]
+
+
+def graph_precision(graph: Any) -> str:
+    """"fp16" or "fp32": what most of an ``onnx.GraphProto``'s float weights are (the proto says so
+    without its external data loaded); a graph without float weights, by its inputs and outputs."""
+    counts = {1: 0, 10: 0}  # TensorProto.FLOAT, FLOAT16: elements of each
+    for init in graph.initializer:
+        if init.data_type in counts:
+            counts[init.data_type] += math.prod(init.dims)
+    if any(counts.values()):
+        return "fp16" if counts[10] > counts[1] else "fp32"
+    edges = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
+    return "fp16" if 10 in edges else "fp32"
+

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdexport.atomic import write_atomic
 from sdexport.errors import EngineDirError, ProfileError, SdexportError
-from sdexport.graph_io import GraphIO, check_io, onnx_tensors
+from sdexport.graph_io import GraphIO, check_io, graph_precision, onnx_tensors
 from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
@@ -497,6 +497,11 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
                 "manifest lists beside the graph; refusing to read it"
             )
     spec = manifest.spec(name)
+    precision = graph_precision(graph)
+    if precision != manifest.components[name].dtype:  # what the builds act on (TensorRT's typing, the fusions)
+        raise EngineDirError(f"{directory}: {rel}: its weights are {precision}, but the manifest's "
+                             f"components.{name}.dtype is {manifest.components[name].dtype}; the manifest "
+                             "does not describe this graph")
     weights = {init.name for init in graph.initializer}
     inputs = [v for v in graph.input if v.name not in weights]
     io = check_io(spec, onnx_tensors(inputs), onnx_tensors(graph.output), f"{directory}: {rel}",

@@ -214,6 +214,15 @@ def test_dims_that_do_not_describe_the_graphs_are_refused_by_inspect(engine_copy
     assert "where the manifest's dims give E = 48" in capsys.readouterr().err
 
 
+def test_a_precision_that_does_not_describe_a_graph_is_refused_by_inspect(engine_copy: Path, capsys):
+    """The builds act on a component's dtype (TensorRT's typing, the fusions' fp16): an fp32 graph
+    called fp16 would be built as one."""
+    _edit(engine_copy, lambda d: d["components"]["unet"].update(dtype="fp16"))
+    assert run_cli("inspect", engine_copy) == 2
+    assert "unet/model.onnx: its weights are fp32, but the manifest's components.unet.dtype is fp16" in \
+        capsys.readouterr().err
+
+
 def test_a_valid_directory_passes(tiny_engine_dir: Path):
     from sdexport.runtime.loading import check_runnable
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from sdexport.errors import SdexportError, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
-from sdexport.graph_io import GraphIO
+from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
 from sdexport.models.outline import family_of_index, family_profile, read_json
 from sdexport.shapes import ShapeProfile
@@ -328,8 +328,6 @@ class GraphFacts:
 
 def _read_graph(directory: Path, name: str) -> GraphFacts:
     """One graph's facts; refuses a weight file that is not beside the graph before anything reads it."""
-    import math
-
     import onnx
 
     try:
@@ -338,11 +336,8 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
         raise SdexportError(f"{directory}: {name}/{GRAPH} is not a readable ONNX graph ({one_line(exc, 200)}); "
                             "copy or download it again") from None
     graph = model.graph
-    count = {onnx.TensorProto.FLOAT: 0, onnx.TensorProto.FLOAT16: 0}
     locations: list[str] = []
     for init in graph.initializer:
-        if init.data_type in count:
-            count[init.data_type] += math.prod(init.dims)
         location = next((e.value for e in init.external_data if e.key == "location"), None)
         if location is None:
             continue
@@ -350,11 +345,7 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
             raise SdexportError(f"{directory}: {name}/{GRAPH} keeps weights in {location!r}, not a file "
                                 "beside it; refusing to read it")
         locations.append(location)
-    if any(count.values()):
-        dtype = "fp16" if count[onnx.TensorProto.FLOAT16] > count[onnx.TensorProto.FLOAT] else "fp32"
-    else:
-        edges = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
-        dtype = "fp16" if onnx.TensorProto.FLOAT16 in edges else "fp32"
+    dtype = graph_precision(graph)
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
