@@ -13,8 +13,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SDEXPORT_VENV:-.venv-bench}
-if [[ ! -x $venv/bin/python ]]; then
-  python3 -m venv --system-site-packages "$venv"
+# A virtualenv whose pip does not run was cut short while it was made (a cancelled job): made again.
+if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
+  if [[ -e $venv && ! -f $venv/pyvenv.cfg && -n $(find "$venv" -mindepth 1 -maxdepth 1 -print -quit 2>/dev/null) ]]; then
+    echo "ci/install: $venv holds files and is not a virtualenv; set SDEXPORT_VENV to another folder" >&2
+    exit 2
+  fi
+  python3 -m venv --clear --system-site-packages "$venv"
 fi
 if [[ -n ${SDEXPORT_WHEELS:-} ]]; then
   PYTHON=$venv/bin/python bash scripts/offline-install.sh "$SDEXPORT_WHEELS"

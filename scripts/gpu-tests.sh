@@ -23,20 +23,23 @@
 # install it beforehand, or put its wheels in DIR. Without a GPU, every test skips with its reason
 # and the script exits 0.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
-wheels="" site=".gpu-site" out="" strict=0 install=1
+# Folders given relative to where the script was called from; the default site is the checkout's.
+from_caller() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
+wheels="" site="" out="" strict=0 install=1
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --wheels) wheels=$2; shift 2 ;;
-    --site) site=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --wheels) wheels=$(from_caller "$2"); shift 2 ;;
+    --site) site=$(from_caller "$2"); shift 2 ;;
+    --out) out=$(from_caller "$2"); shift 2 ;;
     --strict) strict=1; shift ;;
     --no-install) install=0; shift ;;
     --) shift; break ;;
     *) break ;;
   esac
 done
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+site=${site:-.gpu-site}
 say() { echo "gpu-tests: $*" >&2; }
 mkdir -p "$site"
 site=$(cd "$site" && pwd)

@@ -12,10 +12,11 @@
 # SDEXPORT_INTEROP_CASES=sd-fp32,sdxl-fp16 checks those cases only, and SDEXPORT_INTEROP_OPTIMIZE=cpu,float16
 # runs those of the optimizer's variants (cuda, float16, cpu): the default test run's choice.
 set -euo pipefail
+# WORK_DIR and SDEXPORT_INTEROP_VENV relative to where the script was called from (a .pth needs the latter absolute)
+WORK=$(realpath -m -- "${1:-$(mktemp -d -t sdexport-interop.XXXXXX)}")
+VENV=$(realpath -m -- "${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}")
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-WORK=${1:-$(mktemp -d -t sdexport-interop.XXXXXX)}
-VENV=$(realpath -m "${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}")  # a .pth needs it absolute
 STAMP="$VENV/.constraints.sha256"
 TORCH=${SDEXPORT_TORCH:-torch==2.13.0}
 

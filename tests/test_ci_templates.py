@@ -5,6 +5,7 @@ scripts they call; and the merge-request note poster talks the GitLab API it tar
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -137,3 +138,42 @@ def test_the_gitlab_note_is_added_once_then_updated_in_place(tmp_path):
     quiet = subprocess.run([sys.executable, str(ROOT / "ci" / "gitlab" / "post_note.py"), str(summary)],
                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)
     assert quiet.returncode == 0 and "not posting" in quiet.stdout
+
+
+_RECORDING_PYTHON = """#!/usr/bin/env bash
+# a Python that has torch and a CPU onnxruntime, and records every call (pip installs nothing)
+printf '%s\\n' "$*" >> "$RECORD"
+case "$1 ${2:-}" in
+  "-c import onnxruntime"*) exit 1 ;;
+esac
+exit 0
+"""
+
+
+def test_setup_checks_its_options_before_installing_and_reads_paths_from_the_callers_folder(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(_RECORDING_PYTHON)
+    python.chmod(0o755)
+    (tmp_path / "mine.txt").write_text("")
+    record = tmp_path / "calls.log"
+
+    def setup(*args: str, **env: str) -> subprocess.CompletedProcess:
+        record.write_text("")
+        return subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=60, env={**os.environ, "PYTHON": str(python), "RECORD": str(record), **env})
+
+    typo = setup("--devv")
+    assert typo.returncode == 2 and "unknown option --devv" in typo.stderr and record.read_text() == ""
+    both = setup("--gpu", "--serve", SDEXPORT_CONSTRAINTS="mine.txt")
+    assert both.returncode == 0, both.stderr
+    assert f"--constraint {tmp_path / 'mine.txt'} -e .[gpu,serve]" in record.read_text()
+
+
+def test_gpu_tests_write_their_results_where_they_are_called_from(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--out", "results", "--",
+                           "tests/test_gpu_busy.py", "--collect-only", "-q"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "results" / "environment.json").is_file() and (tmp_path / "results" / "pytest.log").is_file()
+    assert not (ROOT / "results").exists()
