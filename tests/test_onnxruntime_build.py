@@ -236,6 +236,20 @@ def test_tensorrt_only_settings_are_refused_for_onnxruntime(tiny_fp16_engine_dir
     assert "TensorRT build settings" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_graph_whose_recorded_precision_is_wrong_is_refused_before_it_is_fused(tiny_fp16_engine_dir: Path,
+                                                                                 tmp_path: Path, capsys):
+    """The build widens an fp16 graph by its recorded dtype: an fp16 graph recorded as fp32 was fused
+    as one (onnxruntime failed inside, with a traceback)."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, copy)
+    data = json.loads((copy / "manifest.json").read_text())
+    data["components"]["vae_decoder"]["dtype"] = "fp32"
+    (copy / "manifest.json").write_text(json.dumps(data))
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "vae_decoder") == 2
+    assert "its weights are fp16, but the manifest's components.vae_decoder.dtype is fp32" in capsys.readouterr().err
+    assert not (copy / "vae_decoder" / ob.TARGET).exists()
+
+
 def test_an_unknown_target_is_one_line(tiny_fp16_engine_dir: Path, capsys):
     assert run_cli("build", tiny_fp16_engine_dir, "--target", "openvino") == 2
     assert "--target 'openvino'" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.graph_io import check_io, onnxruntime_tensors
-from sdexport.manifest import Manifest, check_files, load_manifest, save_manifest, sha256_file
+from sdexport.manifest import Manifest, check_files, check_graph, load_manifest, save_manifest, sha256_file
 from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
@@ -466,6 +466,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
                                           str(done.get("parity", {}).get("status", ""))))
             continue
         check_files(engine_dir, onnx_files(manifest.files, entry.onnx))  # built from what the manifest says
+        check_graph(engine_dir, manifest, spec.name)  # and is what it says: its I/O, sizes and precision
         start = time.perf_counter()
         with step(f"Fusing {spec.name} for ONNX Runtime CUDA ({spec.fusion_model}, {dtype})"):
             record = _build_one(engine_dir, manifest, spec, dtype, on_cuda)
