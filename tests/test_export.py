@@ -34,25 +34,33 @@ def test_export_writes_a_complete_verified_directory(tiny_engine_dir: Path):
 
 
 def test_the_manifest_names_the_onnxruntime_that_imports_where_two_are_installed(tmp_path, monkeypatch):
-    """As on the GPU lease: the image's onnxruntime beside an onnxruntime-gpu put ahead on the path.
-    Both packages' metadata is visible; the export used (and records) the one that imports."""
+    """As on the GPU lease: the image's onnxruntime beside an onnxruntime-gpu put ahead on the path;
+    or one installed over the other in one folder. Both packages' metadata is visible; the export
+    used (and records) the one that imports: the one whose RECORD holds the module's file as it is."""
+    import base64
+    import hashlib
     import sys
 
     from sdexport.export.exporter import tool_versions
 
-    for site, name, version in (("gpu", "onnxruntime_gpu", "1.31.1"), ("cpu", "onnxruntime", "1.30.0")):
-        (tmp_path / site / "onnxruntime").mkdir(parents=True)
-        (tmp_path / site / "onnxruntime" / "__init__.py").write_text("")
-        info = tmp_path / site / f"{name}-{version}.dist-info"
+    def install(site: Path, name: str, version: str, code: str) -> None:
+        (site / "onnxruntime").mkdir(parents=True, exist_ok=True)
+        (site / "onnxruntime" / "__init__.py").write_text(code)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(code.encode()).digest()).rstrip(b"=").decode()
+        info = site / f"{name}-{version}.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "RECORD").write_text(f"onnxruntime/__init__.py,sha256={digest},{len(code)}\n{info.name}/RECORD,,\n")
+
+    install(tmp_path / "gpu", "onnxruntime_gpu", "1.31.1", "# the GPU build\n")
+    install(tmp_path / "cpu", "onnxruntime", "1.30.0", "# the CPU build\n")
     monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)  # (found where it was imported from)
-    monkeypatch.setattr(sys, "path", [str(tmp_path / "gpu"), str(tmp_path / "cpu"), *sys.path])
-    tools = tool_versions()
-    assert tools["onnxruntime-gpu"] == "1.31.1" and "onnxruntime" not in tools
-    monkeypatch.setattr(sys, "path", sys.path[1:])  # the CPU package alone
-    tools = tool_versions()
-    assert tools["onnxruntime"] == "1.30.0" and "onnxruntime-gpu" not in tools
+    path = sys.path.copy()
+    for first, expected in ((["gpu", "cpu"], {"onnxruntime-gpu": "1.31.1"}), (["cpu"], {"onnxruntime": "1.30.0"})):
+        monkeypatch.setattr(sys, "path", [str(tmp_path / site) for site in first] + path)
+        assert {k: v for k, v in tool_versions().items() if k.startswith("onnxruntime")} == expected
+    install(tmp_path / "cpu", "onnxruntime_gpu", "1.31.1", "# the GPU build\n")  # over the CPU one, one folder
+    assert {k: v for k, v in tool_versions().items() if k.startswith("onnxruntime")} == {"onnxruntime-gpu": "1.31.1"}
 
 
 def test_unet_graph_has_dynamic_batch_and_size(tiny_engine_dir: Path):
