@@ -394,14 +394,23 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
 def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir, lora_files, tmp_path):
     """LoraFile made in Python: a text path works, a scale the engines cannot take and a missing file
     are one line before anything loads (not NaN latents after the run, nor a FileNotFoundError)."""
+    import numpy as np
+
+    from sdexport.export.exporter import ExportOptions, export
     from sdexport.runtime.loading import load_pipeline
 
     assert LoraFile(str(lora_files["unet"]), 0.5).path == lora_files["unet"]
-    for scale in (float("nan"), float("inf"), 1e39, "0.8", True):
+    for scale in (np.float32(0.5), np.int64(1), 2):  # numbers as numpy gives them: held as floats
+        assert type(LoraFile(lora_files["unet"], scale).scale) is float
+    for scale in (float("nan"), float("inf"), 1e39, 10**400, "0.8", True):
         with pytest.raises(SdexportError, match="is not a finite number within float32's range"):
             LoraFile(lora_files["unet"], scale)
-    with pytest.raises(SdexportError, match=f"^LoRA {tmp_path / 'nope.safetensors'}: no such file$"):
-        load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=[LoraFile(tmp_path / "nope.safetensors")])
+    missing = LoraFile(tmp_path / "nope.safetensors")
+    with pytest.raises(SdexportError, match=f"^LoRA {missing.path}: no such file$"):
+        load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=[missing])
+    with pytest.raises(SdexportError, match=f"^LoRA {missing.path}: no such file$"):
+        export("tiny", tmp_path / "out", ExportOptions(loras=[missing]))
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):

@@ -93,6 +93,8 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
         )
     if isinstance(options.seed, bool) or not 0 <= options.seed <= MAX_PRESET_SEED:
         raise SdexportError(f"--seed {options.seed}: preset weight seeds go from 0 to {MAX_PRESET_SEED}")
+    for lora in options.loras:  # (the CLI checked its own; ExportOptions made in Python, here)
+        lora.check("LoRA")
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
     # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
     controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets],

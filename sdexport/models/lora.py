@@ -54,6 +54,7 @@ class LoraFile:
         object.__setattr__(self, "path", Path(self.path))
         if problem := _scale_problem(self.scale):
             raise SdexportError(f"LoRA {self.path}: scale {self.scale!r} {problem}")
+        object.__setattr__(self, "scale", float(self.scale))  # (a numpy number too: the manifest is JSON)
 
     @classmethod
     def parse(cls, text: str, flag: str = "--lora") -> LoraFile:
@@ -104,12 +105,18 @@ class LoraFile:
 
 
 def _scale_problem(scale: object) -> str | None:
-    """Why ``scale`` is not a LoRA scale (None: it is one)."""
+    """Why ``scale`` is not a LoRA scale (None: it is one): a real number (numpy's too, not a bool)
+    that float32 holds."""
+    import numbers
+
     from sdexport.runtime.request import finite32
 
-    if isinstance(scale, bool) or not isinstance(scale, int | float) or not finite32(float(scale)):
-        return "is not a finite number within float32's range, as the engines read it (e.g. 0.8)"
-    return None
+    try:
+        if not isinstance(scale, bool) and isinstance(scale, numbers.Real) and finite32(float(scale)):
+            return None
+    except OverflowError:  # an int beyond any float
+        pass
+    return "is not a finite number within float32's range, as the engines read it (e.g. 0.8)"
 
 
 @dataclass
