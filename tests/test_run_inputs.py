@@ -125,6 +125,9 @@ def test_the_api_checks_requests_too(pipeline):
     single = GenerationRequest(prompt="a fox", control_image=edges, adapter_image=edges)  # the one ControlNet's, adapter's
     assert (single.control_image, single.adapter_image) == ([edges], [edges])
     assert single.control_images(0) == [edges]
+    held = GenerationRequest(prompt="a fox", control_image=(edges, edges), adapter_image=(edges, edges))
+    assert held.control_image == [edges, edges]  # one per ControlNet
+    assert held.adapter_image == [(edges, edges)] and held.adapter_images(2) == [[edges], [edges]]  # one per adapter
     two = GenerationRequest(prompt=["a", "b"], negative_prompt="blurry", prompt_2="sharp", seeds=range(2))
     assert (two.negative_prompt, two.prompt_2, two.seeds) == (["blurry"] * 2, ["sharp"] * 2, [0, 1])
     request = GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64, guidance=[3.0, 4.0, 5.0])

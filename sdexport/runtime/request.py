@@ -186,11 +186,13 @@ class GenerationRequest:
             value = getattr(self, name)
             if value is not None and not isinstance(value, list):
                 setattr(self, name, list(value) if isinstance(value, tuple) else [value])
-        # one image (or MASKED_INIT) for the one ControlNet or adapter, for every prompt, as diffusers takes it
-        for name in ("control_image", "adapter_image"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, list | tuple):
-                setattr(self, name, [value])
+        # one image (or MASKED_INIT) for the one ControlNet or adapter, for every prompt, as diffusers
+        # takes it; the ControlNets' entries held in a tuple; one image per adapter (a tuple) for every prompt
+        if self.control_image is not None and not isinstance(self.control_image, list):
+            self.control_image = (list(self.control_image) if isinstance(self.control_image, tuple)
+                                  else [self.control_image])
+        if self.adapter_image is not None and not isinstance(self.adapter_image, list):
+            self.adapter_image = [self.adapter_image]
         if isinstance(self.guidance, tuple):  # one scale per prompt, held in a tuple: the loop takes a list
             self.guidance = list(self.guidance)
 
