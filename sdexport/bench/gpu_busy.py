@@ -40,7 +40,10 @@ def kernel_intervals(profiler: Any, device: Any = None) -> list[tuple[float, flo
     return [
         (e.start_ns() / 1e3, e.end_ns() / 1e3)
         for e in profiler.profiler.kineto_results.events()
+        # not the ranges of user annotations (record_function, torch.compile's regions), which on
+        # the device span the gaps between their kernels; nor what the parsed events hide
         if e.device_type() == device and e.end_ns() > e.start_ns()
+        and not e.is_user_annotation() and not e.is_hidden_event()
     ]
 
 
