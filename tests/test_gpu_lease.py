@@ -185,6 +185,9 @@ case "$1 $2 ${3:-}" in
     cat > /dev/null; [[ -n ${2:-} ]] && mkdir -p "$2" && echo '{}' > "$2/environment.json" ;;
   *)
     if [[ $1 == -c && $2 == *torch* ]]; then exit 1; fi  # "is there a CUDA GPU": no
+    if [[ $1 == -c && $2 == *get_available_providers* && -n ${STAND_IN_LEFT_BEHIND:-} ]]; then
+      setsid sleep "$STAND_IN_LEFT_BEHIND" &  # a process left behind on the lease's own output
+    fi
     exec "$REAL_PYTHON" "$@" ;;
 esac
 """
@@ -268,6 +271,22 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
     assert "bench-runtime: done in an earlier call" in asked.stdout
     assert _steps(tmp_path)["bench-compile-max"] == "rc 0"
     assert "--contenders diffusers,torch-compile-max" in (tmp_path / "commands.log").read_text()
+
+
+def test_a_process_a_step_left_behind_does_not_hold_the_lease_open(tmp_path: Path, carried: Path):
+    """The output goes through tee, which lasts while anything holds its pipe: the lease waits a few
+    seconds for it, packs the log, and returns, rather than wait out the leftover (or the call's limit)."""
+    import time
+
+    leftover = f"41.{os.getpid()}"
+    began = time.monotonic()
+    try:
+        done = _lease(tmp_path, carried, 600, STAND_IN_LEFT_BEHIND=leftover)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert time.monotonic() - began < 30
+        assert "lease done: " in (tmp_path / "out" / "lease.log").read_text()
+    finally:
+        subprocess.run(["pkill", "-f", f"sleep {leftover}"])
 
 
 def _resuming(tmp_path: Path) -> None:

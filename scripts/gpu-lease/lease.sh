@@ -60,12 +60,15 @@ export PYTHONUNBUFFERED=1 SDEXPORT_TRACEBACK=1
 # The image's own pytest plugins were built for its pytest, not the pinned one put ahead of it.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
 mkdir -p "$LEASE/done" "$LEASE/failed"
-exec 3>&1 4>&2 > >(tee -a "$LEASE/lease.log") 2>&1
+exec > >(tee -a "$LEASE/lease.log") 2>&1
 TEE=$!
-# finish STATUS: the log whole (tee ends once nothing writes to it), packed, and exit
+# finish STATUS: the log whole (tee ends once nothing writes to it: up to 5 s, as a process a step
+# left behind may hold the pipe), packed, and exit
 finish() {
-  exec 1>&3 2>&4 3>&- 4>&-
-  wait "$TEE" 2>/dev/null
+  local waited=0
+  exec >/dev/null 2>&1  # (tee still writes the call's output; this shell says nothing more)
+  while kill -0 "$TEE" 2>/dev/null && (( waited < 50 )); do sleep 0.1; waited=$((waited + 1)); done
+  kill "$TEE" 2>/dev/null  # (what such a process still writes is its own)
   pack
   exit "$1"
 }
