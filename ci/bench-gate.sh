@@ -154,10 +154,9 @@ except Exception:
       echo
       cat "$out/bench/results.md"
     } > "$out/summary.md"
-  elif [[ $rc == 2 && -z $stopped ]]; then  # sdexport's one-line refusal of its input, before measuring
-    printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark refused its input (the scenario or SDEXPORT_BENCH_ARGS); its one-line reason is in the job output.\n' \
+  elif [[ $rc == 2 && -z $stopped ]]; then  # sdexport's one-line refusal, before it measured anything
+    printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark refused to run: its scenario or SDEXPORT_BENCH_ARGS, or no contender could run on this runner; its one-line reason is in the job output.\n' \
       "$marker" "$scenario" > "$out/summary.md"
-    exit 2
   elif [[ -n $stopped || $rc == 130 ]]; then
     printf '%s\n## sdexport bench: %s did not finish\n\nThe benchmark was interrupted%s and wrote no report (nothing was measured yet, or it was killed before it could write).\n' \
       "$marker" "$scenario" "${stopped:+ ($stopped)}" > "$out/summary.md"

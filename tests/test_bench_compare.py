@@ -643,11 +643,13 @@ def test_the_gate_refuses_a_baseline_it_would_lose_or_miss_and_setup_errors_with
         assert (tmp_path / "taken").read_text() == "mine"
 
 
-def test_bench_arguments_the_benchmark_refuses_are_bad_input_not_a_failed_benchmark(tmp_path):
+def test_bench_arguments_the_benchmark_refuses_are_said_to_be_refused(tmp_path):
+    """Exit 3 as any benchmark that did not run (sdexport's exit 2 is also 'no contender could run
+    here', a broken runner, not bad input); the summary says it refused, not that it failed."""
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
     result = _gate(tmp_path, tmp_path / "none.json", "out", SDEXPORT_BENCH_ARGS="--repeats 0")
-    assert result.returncode == 2 and "--repeats" in result.stderr, result.stderr
-    assert "refused its input" in (tmp_path / "out" / "summary.md").read_text()
+    assert result.returncode == 3 and "--repeats" in result.stderr, result.stderr
+    assert "The benchmark refused to run" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_a_cache_entry_is_judged_by_its_export_and_leaves_plans_to_their_builders(tiny_engine_dir, tmp_path):
