@@ -31,7 +31,7 @@ def test_the_raw_intervals_are_the_profilers_events() -> None:
     parsed = [(e.time_range.start, e.time_range.end) for e in profiler.events()
               if e.device_type == DeviceType.CPU and e.time_range.end > e.time_range.start]
     assert len(raw) >= 50 and len(raw) == len(parsed)
-    assert union_length(raw) == pytest.approx(union_length(parsed), rel=1e-3)
+    assert union_length(raw) == pytest.approx(union_length(parsed), rel=1e-2)  # (the parsed are in rounded µs)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
