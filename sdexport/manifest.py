@@ -339,11 +339,15 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
         raise EngineDirError(f"{directory}: {SCHEDULER_CONFIG_FILE} is not listed in the manifest; re-export")
 
 
-def strict_json(text: str) -> Any:
+def strict_json(text: str, *, infinity: bool = False) -> Any:
     """``json.loads`` for files sdexport wrote: NaN and Infinity (which Python's json accepts but JSON
-    does not have) and nesting deep enough to exhaust the stack are errors (ValueError), not values."""
+    does not have) and nesting deep enough to exhaust the stack are errors (ValueError), not values.
+    ``infinity``: ``Infinity`` and ``-Infinity`` are floats (diffusers writes them in scheduler configs:
+    DPMSolverMultistepScheduler's ``lambda_min_clipped`` defaults to -inf); NaN stays an error."""
 
     def no_constants(name: str) -> Any:
+        if infinity and name in ("Infinity", "-Infinity"):
+            return float(name.replace("Infinity", "inf"))
         raise ValueError(f"{name} is not a JSON number")
 
     try:
@@ -357,7 +361,7 @@ def read_scheduler_config(directory: Path) -> dict[str, Any]:
     path = directory / SCHEDULER_CONFIG_FILE
     _require_inside(directory, SCHEDULER_CONFIG_FILE)
     try:
-        config = strict_json(path.read_text(encoding="utf-8"))
+        config = strict_json(path.read_text(encoding="utf-8"), infinity=True)  # as diffusers saves it
     except FileNotFoundError:
         raise EngineDirError(f"{path}: missing; re-export") from None
     except ValueError as exc:

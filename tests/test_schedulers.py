@@ -68,3 +68,50 @@ def test_building_a_scheduler_imports_no_other_scheduler_module() -> None:
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["diffusers.schedulers.scheduling_pndm", "diffusers.schedulers.scheduling_utils", "False"]
+
+
+def test_dpmpp_2m_is_dpm_plus_plus_2m_whatever_variant_the_model_saved() -> None:
+    """A model saved with the SDE variant and Karras sigmas: ``dpmpp_2m`` is neither; the model's own
+    (``default``) is recorded by its class, not as a name that would replay another sampler."""
+    from sdexport.runtime.schedulers import a1111_sampler, scheduler_label
+
+    saved = {**PRESETS["sd15"].scheduler, "_class_name": "DPMSolverMultistepScheduler",
+             "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
+    plain, karras, own = (make_scheduler(name, dict(saved)) for name in ("dpmpp_2m", "dpmpp_2m_karras", DEFAULT))
+    assert (plain.config.algorithm_type, plain.config.use_karras_sigmas) == ("dpmsolver++", False)
+    assert (karras.config.algorithm_type, karras.config.use_karras_sigmas) == ("dpmsolver++", True)
+    assert [scheduler_label(s) for s in (plain, karras, own)] == ["dpmpp_2m", "dpmpp_2m_karras",
+                                                                  "DPMSolverMultistepScheduler"]
+    assert a1111_sampler(plain) == "DPM++ 2M" and a1111_sampler(own) == "DPMSolverMultistepScheduler"
+
+
+def test_a_scheduler_diffusers_saves_exports_and_runs_as_diffusers_loads_it(tiny_diffusers_dir, tmp_path, capsys):
+    """diffusers writes DPMSolverMultistepScheduler's lambda_min_clipped as -Infinity, and builds the
+    scheduler of the class model_index.json names (here over a config of another class): the export
+    keeps both, and run samples with that scheduler. A config naming no diffusers scheduler is refused
+    before any graph is made."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    config = json.loads((model / "scheduler" / "scheduler_config.json").read_text())
+    (model / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**config, "lambda_min_clipped": float("-inf")}))  # (json writes -Infinity, as diffusers)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "DPMSolverMultistepScheduler"]}))
+    assert run_cli("export", model, "-o", tmp_path / "e", "--verify", "none") == 0
+    saved = json.loads((tmp_path / "e" / "scheduler" / "scheduler_config.json").read_text())
+    assert saved["_class_name"] == "DPMSolverMultistepScheduler" and saved["lambda_min_clipped"] == float("-inf")
+    assert run_cli("run", tmp_path / "e", "-p", "a fox", "--steps", "2", "--height", "256", "--width", "256",
+                   "-o", tmp_path / "a.png") == 0
+    capsys.readouterr()
+
+    index["scheduler"] = ["diffusers", "MyScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    assert run_cli("export", model, "-o", tmp_path / "bad", "--verify", "none") == 2
+    err = capsys.readouterr().err
+    assert "names 'MyScheduler', which is not a diffusers scheduler; fix" in err and "--scheduler" not in err
+    assert not (tmp_path / "bad").exists()

@@ -37,6 +37,7 @@ from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.models import LoadedModel, load_model
 from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
+from sdexport.runtime.schedulers import check_model_scheduler
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
 from sdexport.versions import importing_distribution, installed_versions
@@ -71,6 +72,7 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
                                union_images=options.union_images)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
+        check_model_scheduler(model.scheduler_config, model_ref)  # what run would refuse, before the graphs
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})
         if read:  # for the Torch backend's reload to prove it runs the same weights
             with step(f"Hashing the {len(read)} weight file(s) the export reads"):

@@ -26,6 +26,7 @@ from sdexport.models.outline import (
     family_profile,
     looks_like_a_model,
     read_json,
+    scheduler_config,
     single_file_config,
     vae_config_dir,
     weight_files,
@@ -425,7 +426,7 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: 
         family=family,
         label=f"diffusers directory {path}",
         tokenizers=tokenizers,
-        scheduler_config=read_json(path / "scheduler" / "scheduler_config.json"),
+        scheduler_config=scheduler_config(path),
         random_weights=False,
         source={"kind": "diffusers", "path": str(path.resolve())},
         default_profile=family_profile(family),
@@ -500,7 +501,7 @@ def load_single_file(
             write_config_dir(preset, config_dir)
         family = family_of_dir(config_dir)
         options = pipeline_config(family, read_json(config_dir / "model_index.json"))
-        scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
+        scheduler = scheduler_config(config_dir)
         skeletons, builders = plan_components(path, config_dir, family, dtype)
         tokenizers = {
             name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
@@ -511,7 +512,7 @@ def load_single_file(
         family=family,
         label=f"single-file checkpoint {path} (config {config})",
         tokenizers=tokenizers,
-        scheduler_config=scheduler_config,
+        scheduler_config=scheduler,
         random_weights=False,
         # An absolute config path, so the Torch backend can reload the model from anywhere.
         source={"kind": "single_file", "path": str(path.resolve()),

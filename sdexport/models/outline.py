@@ -107,7 +107,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     if path.is_dir():
         family = family_of_dir(path)
         outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
-                           read_json(path / "scheduler" / "scheduler_config.json"), family_profile(family), (path,), vae)
+                           scheduler_config(path), family_profile(family), (path,), vae)
         return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
@@ -119,7 +119,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     family = family_of_dir(config_path)
     return _outline(family, read_json(config_path / "unet" / "config.json"),
                     read_json(config_path / "vae" / "config.json"),
-                    read_json(config_path / "scheduler" / "scheduler_config.json"), family_profile(family),
+                    scheduler_config(config_path), family_profile(family),
                     (path, config_path), vae)
 
 
@@ -419,6 +419,18 @@ def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
         for path in weight_files(outline.sources[0] / module, library_of(module)):
             if path.suffix == ".safetensors":  # a truncated copy: refused now, not after the parts before it
                 safetensors_keys(path)
+
+
+def scheduler_config(directory: Path) -> dict[str, Any]:
+    """A diffusers directory's scheduler config, of the class its ``model_index.json`` names where it
+    names one: diffusers builds each part with the index's class (from that config), so a pipeline
+    saved with another scheduler than its config's ``_class_name`` samples with the index's."""
+    config = read_json(directory / "scheduler" / "scheduler_config.json")
+    index = read_json(directory / "model_index.json") if (directory / "model_index.json").is_file() else {}
+    entry = index.get("scheduler")
+    if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]:
+        config["_class_name"] = entry[1]
+    return config
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -19,8 +19,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    # DPM++ 2M itself, whatever variant the model saved (Karras sigmas, the SDE algorithm)
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": ("LMSDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
@@ -42,8 +43,7 @@ def scheduler_label(scheduler: Any) -> str:
     scheduler none of ours matches."""
     config = scheduler.config
     for name, (class_name, overrides) in SCHEDULERS.items():
-        if type(scheduler).__name__ == class_name and all(config.get(k) == v for k, v in overrides.items()) \
-                and not (name == "dpmpp_2m" and config.get("use_karras_sigmas")):
+        if type(scheduler).__name__ == class_name and all(config.get(k) == v for k, v in overrides.items()):
             return name
     return type(scheduler).__name__
 
@@ -79,11 +79,12 @@ def check_scheduler_name(name: str) -> None:
         raise SdexportError(f"unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
 
 
-def make_scheduler(name: str, config: dict[str, Any]) -> Any:
+def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None) -> Any:
     """A fresh scheduler (they hold per-run state) of ``name``, configured like the model's own.
 
     The saved config's own class must be one of diffusers' schedulers: a config naming anything else
-    (or not a scheduler at all) is refused with one line, never imported blindly.
+    (or not a scheduler at all) is refused with one line, never imported blindly. ``fix``: what the
+    refusal tells the user to do (default: the runtime's, another scheduler or a new export).
     """
     import diffusers
 
@@ -92,21 +93,38 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     cls = getattr(diffusers, str(class_name), None) if isinstance(class_name, str) else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
         raise SdexportError(
-            f"scheduler config names {class_name!r}, which is not a diffusers scheduler; pick one with "
-            f"{setting('scheduler')} ({', '.join(SCHEDULERS)}) or re-export"
+            f"scheduler config names {class_name!r}, which is not a diffusers scheduler; "
+            + (fix or f"pick one with {setting('scheduler')} ({', '.join(SCHEDULERS)}) or re-export")
         )
     try:
         scheduler = _from_config(cls, config, overrides)
     except Exception as exc:  # diffusers validates configs with assorted exception types
-        raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({one_line(exc, 300)})") from None
+        raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({one_line(exc, 300)})"
+                            + (f"; {fix}" if fix else "")) from None
     trained = int(scheduler.config.num_train_timesteps)
     table = getattr(scheduler, "alphas_cumprod", None)
     if table is not None and len(table) != trained:  # e.g. trained_betas of another length
         raise SdexportError(
             f"the saved scheduler config is inconsistent: {len(table)} noise levels (trained_betas) for "
-            f"num_train_timesteps {trained}; re-export"
+            f"num_train_timesteps {trained}; {fix or 're-export'}"
         )
     return scheduler
+
+
+def check_model_scheduler(config: dict[str, Any], where: str) -> None:
+    """The scheduler config a model brings, refused in one line where the export would write one the
+    runtime cannot use: not a diffusers scheduler's, or holding a NaN (diffusers' own -Infinity is
+    kept). Run once the model is loaded (diffusers is then imported), before any graph is made."""
+    import json
+
+    from sdexport.manifest import strict_json
+
+    fix = f"fix {where}'s scheduler config (scheduler/scheduler_config.json, model_index.json's scheduler)"
+    try:
+        strict_json(json.dumps(config), infinity=True)
+    except ValueError as exc:
+        raise SdexportError(f"{where}: its scheduler config holds {exc}: {fix}") from None
+    make_scheduler(DEFAULT, config, fix=fix)
 
 
 def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) -> Any:
