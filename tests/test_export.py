@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -278,6 +279,17 @@ def _broken_diffusers_dir(path: Path, case: str) -> Path:
     config = json.loads((path / part).read_text())
     (path / part).write_text(json.dumps({**config, **change}))
     return path
+
+
+@pytest.mark.parametrize("pipeline", ["StableDiffusionImg2ImgPipeline", "StableDiffusionControlNetImg2ImgPipeline"])
+def test_a_model_saved_from_an_img2img_pipeline_is_the_same_model(pipeline, tiny_diffusers_dir, tmp_path):
+    from sdexport.models.outline import outline_model
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    assert outline_model(str(model)).family == "sd"
 
 
 def _corrupt_safetensors(path: Path) -> Path:

@@ -26,15 +26,19 @@ SUPPORTED_PIPELINES = {
     "StableDiffusionXLPipeline": "sdxl",
     # the SDXL refiner where model_index.json sets requires_aesthetics_score (SDXL_REFINER), else the base model
     "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusionImg2ImgPipeline": "sd",  # the txt2img parts: a pipeline saved from img2img is the same model
     "StableDiffusionInpaintPipeline": "sd",  # a 9-channel inpainting U-Net (ModelDims.U)
     # the base model, and its ControlNet(s) in controlnet/, controlnet_1/, ... (ModelOutline.controlnets)
     "StableDiffusionControlNetPipeline": "sd",
     "StableDiffusionXLControlNetPipeline": "sdxl",
+    "StableDiffusionControlNetImg2ImgPipeline": "sd",
+    "StableDiffusionXLControlNetImg2ImgPipeline": "sdxl",
     "StableDiffusionControlNetInpaintPipeline": "sd",  # either U-Net (4 or 9 channels), with its ControlNet(s)
     "StableDiffusionXLInpaintPipeline": "sdxl",  # either U-Net (4 channels: the base model, or 9)
     "StableDiffusionXLControlNetInpaintPipeline": "sdxl",
     "StableDiffusionXLControlNetUnionPipeline": "sdxl",  # union ControlNet(s), in the same folders
     "StableDiffusionXLControlNetUnionInpaintPipeline": "sdxl",
+    "StableDiffusionXLControlNetUnionImg2ImgPipeline": "sdxl",
     # the base model, and its T2I-Adapter(s) in adapter/, adapter_1/, adapter_2/ ... (ModelOutline.adapters)
     "StableDiffusionAdapterPipeline": "sd",
     "StableDiffusionXLAdapterPipeline": "sdxl",
