@@ -313,6 +313,10 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("opset-low", "--opset 13: sdexport exports opsets 14 to 20"),
         ("opset-high", "--opset 24: sdexport exports opsets 14 to 20"),
         ("bad-seed", "--seed -1: preset weight seeds go from 0 to"),
+        ("seed-for-weights", "--seed 5: only a preset's random weights take a seed"),
+        ("missing-with-config", "no such file or directory, and not a preset"),
+        ("pt-with-config", "not a diffusers directory or a .safetensors/.ckpt checkpoint"),
+        ("partial-named-like-a-preset", "tiny: a folder named like the preset, with a unet/ but no model_index.json"),
         ("zero-height", "--height '0': need 0 < min <= opt <= max"),
         ("huge-batch", "would need a VAE activation of"),
         ("huge-side", "beyond the 2^31 elements"),
@@ -335,7 +339,7 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("vae-variant-only", "a variant, which sdexport does not read: rename it to diffusion_pytorch_model.safetensors"),
     ],
 )
-def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys):
+def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys, monkeypatch):
     out = tmp_path / "out"
     model, extra = "tiny", []
     if case == "missing":
@@ -382,6 +386,15 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         }.get(case, [])
         if case in ("nan-scaling", "bad-scheduler", "no-weights", "truncated-vae"):
             model = str(_broken_diffusers_dir(tmp_path / "broken", case))
+        if case in ("missing-with-config", "pt-with-config"):
+            model, extra = str(tmp_path / "model.pt"), ["--config", "tiny"]
+            if case == "pt-with-config":
+                (tmp_path / "model.pt").write_bytes(b"\0")
+        if case == "partial-named-like-a-preset":  # a download without its model_index.json, in the working folder
+            (tmp_path / "tiny" / "unet").mkdir(parents=True)
+            monkeypatch.chdir(tmp_path)
+        if case == "seed-for-weights":  # (a directory whose weights are never reached)
+            model, extra = str(_broken_diffusers_dir(tmp_path / "broken", "no-weights")), ["--seed", "5"]
     started = time.perf_counter()
     code = run_cli("export", model, "-o", out, *extra)
     seconds = time.perf_counter() - started

@@ -97,17 +97,25 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
             raise ModelLoadError(f"{option_given(flag, repr(value))}: an empty path; name one")
     preset = get_preset(model)
     path = Path(model)
+    if preset is None and not path.exists():  # (whatever else was given with it)
+        raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     if config is not None and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        if path.is_file():  # a .pt, say: what it is not matters more than the --config it cannot take
+            raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
         raise ModelLoadError(
             f"{option_given('--config', config)}: only a single-file checkpoint (.safetensors/.ckpt) takes "
             f"{option('--config')}; "
             f"{model} brings its own configs"
         )
+    if preset is not None and path.is_dir() and (path / "unet").is_dir() and not looks_like_a_model(path) \
+            and not (path / "manifest.json").exists() and not (path / "unet" / "model.onnx").exists():
+        raise ModelLoadError(  # a partial download, say: not the preset's random weights in its place
+            f"{model}: a folder named like the preset, with a unet/ but no model_index.json, so neither a "
+            f"diffusers directory nor the preset; complete it (model_index.json), or run from another folder "
+            f"for the preset")
     if preset is not None and not looks_like_a_model(path):
         outline = _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
         return replace(outline, preset=preset.name)
-    if not path.exists():
-        raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     if path.is_dir():
         family = family_of_dir(path)
         outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
