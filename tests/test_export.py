@@ -292,6 +292,21 @@ def test_a_model_saved_from_an_img2img_pipeline_is_the_same_model(pipeline, tiny
     assert outline_model(str(model)).family == "sd"
 
 
+def test_weights_whose_own_output_is_nan_are_blamed_not_the_export(tiny_diffusers_dir, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    save_file(state, str(weights))
+    assert run_cli("export", model, "-o", tmp_path / "e", "--verify", "quick", "--components", "unet") == 2
+    err = capsys.readouterr().err
+    assert "unet: PyTorch's own out_sample is not finite (NaN or Inf) at the min point: the model's weights" in err
+    assert not (tmp_path / "e").exists()
+
+
 def _corrupt_safetensors(path: Path) -> Path:
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     return path
