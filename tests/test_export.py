@@ -352,6 +352,9 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("vae-is-a-text-encoder", "a CLIPTextModel, not an AutoencoderKL"),
         ("vae-config-only", "no weight file (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"),
         ("vae-variant-only", "a variant, which sdexport does not read: rename it to diffusion_pytorch_model.safetensors"),
+        ("vae-truncated", "diffusion_pytorch_model.safetensors: not a readable safetensors file"),
+        ("vae-missing", "--vae {tmp}/nowhere: no such directory"),
+        ("vae-a-file", "a file; name the AutoencoderKL's directory"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys, monkeypatch):
@@ -388,8 +391,16 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         config, weights = {"vae-is-a-text-encoder": ({"architectures": ["CLIPTextModel"],
                                                       "model_type": "clip_text_model"}, None),
                            "vae-config-only": (PRESETS["tiny"].vae, None),
-                           "vae-variant-only": (PRESETS["tiny"].vae, "diffusion_pytorch_model.fp16.safetensors")}[case]
-        extra = ["--vae", str(_vae_dir(tmp_path / "vae", config, weights))]
+                           "vae-variant-only": (PRESETS["tiny"].vae, "diffusion_pytorch_model.fp16.safetensors"),
+                           "vae-truncated": (PRESETS["tiny"].vae, "diffusion_pytorch_model.safetensors"),
+                           "vae-missing": (None, None), "vae-a-file": (None, None)}[case]
+        if case == "vae-missing":
+            extra = ["--vae", str(tmp_path / "nowhere")]
+        elif case == "vae-a-file":
+            (tmp_path / "vae.safetensors").write_bytes(b"x")
+            extra = ["--vae", str(tmp_path / "vae.safetensors")]
+        else:
+            extra = ["--vae", str(_vae_dir(tmp_path / "vae", config, weights))]
     else:
         extra = {
             "opset-low": ["--opset", "13"], "opset-high": ["--opset", "24"], "bad-seed": ["--seed", "-1"],
@@ -415,7 +426,7 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
     seconds = time.perf_counter() - started
     err = capsys.readouterr().err
     assert code == 2
-    assert message in err, err
+    assert message.format(tmp=tmp_path) in err, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in err
     assert not out.exists()

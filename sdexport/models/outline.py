@@ -156,7 +156,9 @@ def _outline(
         if channels != wanted:
             raise ModelLoadError(f"--vae {vae_path}: {channels} latent channels, but the U-Net takes {wanted}")
         try:
-            weight_files(vae_path, "diffusers")
+            for weights in weight_files(vae_path, "diffusers"):
+                if weights.suffix == ".safetensors":  # a truncated copy: refused now, not when the VAE loads
+                    safetensors_keys(weights)
         except ModelLoadError as exc:
             raise ModelLoadError(f"--vae {exc}") from None
     problem = first_error(SCHEDULER_CONFIG, scheduler)
@@ -206,6 +208,9 @@ def unet_extra_channels(in_channels: int, latent_channels: int, label: str = "")
 
 def vae_config_dir(path: Path) -> Path:
     """``--vae``: an AutoencoderKL directory, or a pipeline directory holding one in ``vae/``."""
+    if not path.is_dir():
+        raise ModelLoadError(f"--vae {path}: " + ("a file; name the AutoencoderKL's directory (its config.json and "
+                                                  "weights)" if path.exists() else "no such directory"))
     if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "vae"
     if not (path / "config.json").is_file():
