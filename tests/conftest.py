@@ -234,6 +234,18 @@ def without_gpu() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(autouse=True)
+def normal_verbosity() -> Iterator[None]:
+    """Each test starts at the normal verbosity: a CLI call with -q (run_cli) leaves the console
+    quiet, as the process it stands for would end, and a later test of the Python API that reads
+    the console's notes (capsys) would find none, depending on which tests shared its worker."""
+    from sdexport import console
+
+    if console.verbosity() != console.NORMAL:
+        console.set_verbosity(console.NORMAL)
+    yield
+
+
 @pytest.fixture(scope="session", autouse=True)
 def user_cache_of_this_session(tmp_path_factory) -> Iterator[None]:
     """sdexport's user cache (hash records, timing caches) in a folder of the test session, for this
