@@ -219,6 +219,8 @@ def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     ("truncated", "unet/model.onnx is not a readable ONNX graph"),  # a partial copy or download
     ("sample-size", "unet/config.json: sample_size 'x' is not a size in latents"),
     ("sample-sides", "unet/config.json: sample_size [8, 0] is not a size in latents"),
+    ("scheduler-classes", ("model_index.json names the scheduler EulerDiscreteScheduler, "
+                           "scheduler/scheduler_config.json 'PNDMScheduler'; make them agree")),
 ])
 def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_export: Path, tiny_diffusers_dir: Path,
                                             tiny_engine_dir: Path, tmp_path: Path, capsys):
@@ -229,6 +231,9 @@ def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_exp
         (target / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
     if case == "no-vae":
         shutil.rmtree(target / "vae_decoder")
+    if case == "scheduler-classes":  # diffusers would sample with the index's, the runtime with the config's
+        index = json.loads((target / "model_index.json").read_text())
+        (target / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))
     if case == "truncated":
         graph = (target / "unet" / "model.onnx").read_bytes()
         (target / "unet" / "model.onnx").write_bytes(graph[:len(graph) // 2])

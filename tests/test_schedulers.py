@@ -75,14 +75,18 @@ def test_dpmpp_2m_is_dpm_plus_plus_2m_whatever_variant_the_model_saved() -> None
     (``default``) is recorded by its class, not as a name that would replay another sampler."""
     from sdexport.runtime.schedulers import a1111_sampler, scheduler_label
 
-    saved = {**PRESETS["sd15"].scheduler, "_class_name": "DPMSolverMultistepScheduler",
-             "algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
-    plain, karras, own = (make_scheduler(name, dict(saved)) for name in ("dpmpp_2m", "dpmpp_2m_karras", DEFAULT))
-    assert (plain.config.algorithm_type, plain.config.use_karras_sigmas) == ("dpmsolver++", False)
-    assert (karras.config.algorithm_type, karras.config.use_karras_sigmas) == ("dpmsolver++", True)
-    assert [scheduler_label(s) for s in (plain, karras, own)] == ["dpmpp_2m", "dpmpp_2m_karras",
-                                                                  "DPMSolverMultistepScheduler"]
-    assert a1111_sampler(plain) == "DPM++ 2M" and a1111_sampler(own) == "DPMSolverMultistepScheduler"
+    dpm = {**PRESETS["sd15"].scheduler, "_class_name": "DPMSolverMultistepScheduler"}
+    for variant in ({"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}, {"solver_order": 3},
+                    {"use_exponential_sigmas": True}, {"use_beta_sigmas": True}, {"use_lu_lambdas": True}):
+        saved = {**dpm, **variant}
+        plain, karras, own = (make_scheduler(name, dict(saved)) for name in ("dpmpp_2m", "dpmpp_2m_karras", DEFAULT))
+        for scheduler, sigmas in ((plain, False), (karras, True)):
+            config = scheduler.config
+            assert (config.algorithm_type, config.solver_order, config.use_karras_sigmas) == ("dpmsolver++", 2, sigmas)
+            assert not (config.use_exponential_sigmas or config.use_beta_sigmas or config.use_lu_lambdas)
+        assert [scheduler_label(s) for s in (plain, karras, own)] == ["dpmpp_2m", "dpmpp_2m_karras",
+                                                                      "DPMSolverMultistepScheduler"], variant
+        assert a1111_sampler(plain) == "DPM++ 2M" and a1111_sampler(own) == "DPMSolverMultistepScheduler"
 
 
 def test_a_scheduler_diffusers_saves_exports_and_runs_as_diffusers_loads_it(tiny_diffusers_dir, tmp_path, capsys):
@@ -113,5 +117,15 @@ def test_a_scheduler_diffusers_saves_exports_and_runs_as_diffusers_loads_it(tiny
     (model / "model_index.json").write_text(json.dumps(index))
     assert run_cli("export", model, "-o", tmp_path / "bad", "--verify", "none") == 2
     err = capsys.readouterr().err
-    assert "names 'MyScheduler', which is not a diffusers scheduler; fix" in err and "--scheduler" not in err
+    assert f"names 'MyScheduler', which is not a diffusers scheduler; fix {model}'s" in err and "--scheduler" not in err
     assert not (tmp_path / "bad").exists()
+    # a single file takes its scheduler from --config's directory: that is what to fix
+    from ldm_layout import write_single_file_checkpoint
+
+    from sdexport.models import load_model
+
+    single = tmp_path / "model.safetensors"
+    write_single_file_checkpoint(load_model("tiny"), single)
+    assert run_cli("export", single, "--config", model, "-o", tmp_path / "bad", "--verify", "none") == 2
+    assert f"fix {model}'s scheduler config" in capsys.readouterr().err
+    assert run_cli("export", model, "-o", tmp_path / "unet", "--verify", "none", "--components", "unet") == 0  # runs nothing

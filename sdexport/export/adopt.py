@@ -94,6 +94,11 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
             "(StableDiffusion*Pipeline, StableDiffusionXL*Pipeline)"
         )
     family = family_of_index(family, index, directory)
+    named, saved = index.get("scheduler"), read_json(directory / SCHEDULER_CONFIG_FILE).get("_class_name")
+    if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str) and named[1] != saved:
+        # diffusers (and optimum) would build the index's class; the runtime reads the config's
+        raise SdexportError(f"{directory}: {MODEL_INDEX} names the scheduler {named[1]}, {SCHEDULER_CONFIG_FILE} "
+                            f"{saved!r}; make them agree (diffusers builds the one {MODEL_INDEX} names)")
     specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
     # what txt2img runs; the refiner's one task starts from an image, which its encoder reads
     needed = [s.name for s in components_for(family)

@@ -72,7 +72,9 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
                                union_images=options.union_images)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
-        check_model_scheduler(model.scheduler_config, model_ref)  # what run would refuse, before the graphs
+        if options.components is None:  # what run would refuse, before the graphs (a subset runs nothing)
+            config_dir = options.config if options.config and Path(options.config).is_dir() else None
+            check_model_scheduler(model.scheduler_config, config_dir or model_ref)  # where it was read
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})
         if read:  # for the Torch backend's reload to prove it runs the same weights
             with step(f"Hashing the {len(read)} weight file(s) the export reads"):

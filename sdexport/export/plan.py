@@ -102,9 +102,9 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     # So does an adapter pipeline directory its adapter(s), unless ControlNets or other adapters are named.
     own_adapters = [str(p) for p in outline.adapters] if not options.controlnets else []
     adapters = adapters_for(outline, options.adapters or own_adapters, len(controlnets))
-    if options.seed and outline.preset is None and not any(part.preset for part in (*controlnets, *adapters)):
+    if options.seed and outline.preset is None:  # (preset ControlNets and adapters go with a preset alone)
         raise SdexportError(f"--seed {options.seed}: only a preset's random weights take a seed; {model_ref} "
-                            "brings its own weights (and so do its ControlNets and adapters)")
+                            "brings its own weights")
     profile = (options.profile or outline.default_profile).with_ranges(**options.ranges)
     profile.validate(outline)
     profile.check_limits(outline.vae_width)

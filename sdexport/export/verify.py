@@ -199,14 +199,14 @@ def compare_with_onnx(
             options = onnxruntime_session_options(ort)
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             run_options = shrinking_run_options(ort) if options.enable_cpu_mem_arena else None
-        broken = [name for name, want in zip(spec.output_names, ref.outputs) if not np.isfinite(want).all()]
-        if broken:  # the graph cannot be judged against it, and no export would fix it
-            raise ParityError(f"{spec.name}: PyTorch's own {broken[0]} is not finite (NaN or Inf) at the {ref.label} "
-                              "point: the model's weights (or a LoRA fused into them) are the cause, not the export")
         why = _over_budget(ref.need_mb, budget_mb)
         if why:
             points.append(PointResult(ref.label, "skipped", reason=why))
             continue
+        broken = [name for name, want in zip(spec.output_names, ref.outputs) if not np.isfinite(want).all()]
+        if broken:  # the graph cannot be judged against it, and no export would fix it
+            raise ParityError(f"{spec.name}: PyTorch's own {broken[0]} is not finite (NaN or Inf) at the {ref.label} "
+                              "point: the model's weights (or a LoRA fused into them) are the cause, not the export")
         try:
             feed = ref.feed if graph_io is None else graph_io.numpy_feed(ref.feed)
             with peak_of() as peak:

@@ -15,13 +15,17 @@ from sdexport.runtime.setting_names import setting
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest
 
+_DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_exponential_sigmas": False,
+           "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False}
+"""DPM++ 2M itself, whatever variant a model saved (the SDE algorithm, third order, other sigmas):
+every DPMSolverMultistepScheduler setting that makes another sampler, at DPM++ 2M's value (all in
+diffusers 0.39, the oldest sdexport takes)."""
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    # DPM++ 2M itself, whatever variant the model saved (Karras sigmas, the SDE algorithm)
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {**_DPM_2M, "use_karras_sigmas": False}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {**_DPM_2M, "use_karras_sigmas": True}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lms": ("LMSDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
