@@ -175,4 +175,3 @@ def graph_precision(graph: Any) -> str:
         return "fp16" if counts[10] > counts[1] else "fp32"
     edges = {v.type.tensor_type.elem_type for v in (*graph.input, *graph.output)}
     return "fp16" if 10 in edges else "fp32"
-

@@ -127,7 +127,7 @@ def check_model_scheduler(config: dict[str, Any], where: str) -> None:
     try:
         strict_json(json.dumps(config), infinity=True)
     except ValueError as exc:
-        raise SdexportError(f"{where}: its scheduler config holds {exc}: {fix}") from None
+        raise SdexportError(f"{where}: its scheduler config has a value JSON cannot hold ({exc}); {fix}") from None
     make_scheduler(DEFAULT, config, fix=fix)
 
 
