@@ -23,7 +23,7 @@ from sdexport.errors import SdexportError, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
-from sdexport.models.outline import family_of_index, family_profile, read_json
+from sdexport.models.outline import family_of_index, family_profile, index_scheduler_class, read_json
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import SDXL_REFINER, ComponentSpec, ModelDims, components_for, tokenizer_names
 
@@ -94,10 +94,10 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
             "(StableDiffusion*Pipeline, StableDiffusionXL*Pipeline)"
         )
     family = family_of_index(family, index, directory)
-    named, saved = index.get("scheduler"), read_json(directory / SCHEDULER_CONFIG_FILE).get("_class_name")
-    if isinstance(named, list) and len(named) == 2 and isinstance(named[1], str) and named[1] != saved:
+    named, saved = index_scheduler_class(index), read_json(directory / SCHEDULER_CONFIG_FILE).get("_class_name")
+    if named is not None and named != saved:
         # diffusers (and optimum) would build the index's class; the runtime reads the config's
-        raise SdexportError(f"{directory}: {MODEL_INDEX} names the scheduler {named[1]}, {SCHEDULER_CONFIG_FILE} "
+        raise SdexportError(f"{directory}: {MODEL_INDEX} names the scheduler {named}, {SCHEDULER_CONFIG_FILE} "
                             f"{saved!r}; make them agree (diffusers builds the one {MODEL_INDEX} names)")
     specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
     # what txt2img runs; the refiner's one task starts from an image, which its encoder reads

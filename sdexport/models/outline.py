@@ -107,8 +107,8 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
             f"{option('--config')}; "
             f"{model} brings its own configs"
         )
-    if preset is not None and path.is_dir() and (path / "unet").is_dir() and not looks_like_a_model(path) \
-            and not (path / "manifest.json").exists() and not (path / "unet" / "model.onnx").exists():
+    if preset is not None and (path / "unet").is_dir() \
+            and not any((path / name).exists() for name in ("model_index.json", "manifest.json", "unet/model.onnx")):
         raise ModelLoadError(  # a partial download, say: not the preset's random weights in its place
             f"{model}: a folder named like the preset, with a unet/ but no model_index.json, so neither a "
             f"diffusers directory nor the preset; complete it (model_index.json), or run from another folder "
@@ -156,9 +156,7 @@ def _outline(
         if channels != wanted:
             raise ModelLoadError(f"--vae {vae_path}: {channels} latent channels, but the U-Net takes {wanted}")
         try:
-            for weights in weight_files(vae_path, "diffusers"):
-                if weights.suffix == ".safetensors":  # a truncated copy: refused now, not when the VAE loads
-                    safetensors_keys(weights)
+            readable_weight_files(vae_path, "diffusers")  # a truncated copy: refused now, not when the VAE loads
         except ModelLoadError as exc:
             raise ModelLoadError(f"--vae {exc}") from None
     problem = first_error(SCHEDULER_CONFIG, scheduler)
@@ -433,9 +431,17 @@ def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
     if outline.preset is not None or not outline.sources or not outline.sources[0].is_dir():
         return
     for module in sorted(set(modules) & set(PIPELINE_PARTS)):  # (a family's specs name only its own parts)
-        for path in weight_files(outline.sources[0] / module, library_of(module)):
-            if path.suffix == ".safetensors":  # a truncated copy: refused now, not after the parts before it
-                safetensors_keys(path)
+        readable_weight_files(outline.sources[0] / module, library_of(module))  # not after the parts before it
+
+
+def readable_weight_files(folder: Path, library: str) -> list[Path]:
+    """``weight_files``, each safetensors file's header read: a truncated copy is refused in one line
+    now, not when its part loads."""
+    files = weight_files(folder, library)
+    for path in files:
+        if path.suffix == ".safetensors":
+            safetensors_keys(path)
+    return files
 
 
 def scheduler_config(directory: Path) -> dict[str, Any]:
@@ -444,10 +450,18 @@ def scheduler_config(directory: Path) -> dict[str, Any]:
     saved with another scheduler than its config's ``_class_name`` samples with the index's."""
     config = read_json(directory / "scheduler" / "scheduler_config.json")
     index = read_json(directory / "model_index.json") if (directory / "model_index.json").is_file() else {}
+    named = index_scheduler_class(index)
+    if named is not None:
+        config["_class_name"] = named
+    return config
+
+
+def index_scheduler_class(index: dict[str, Any]) -> str | None:
+    """The scheduler class a ``model_index.json`` names (``"scheduler": ["diffusers", CLASS]``), if any."""
     entry = index.get("scheduler")
     if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) and entry[1]:
-        config["_class_name"] = entry[1]
-    return config
+        return entry[1]
+    return None
 
 
 def read_json(path: Path) -> dict[str, Any]:

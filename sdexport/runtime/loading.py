@@ -200,7 +200,7 @@ def load_pipeline(
                           and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
         info={"backend": backend, "engine_dir": str(engine_dir.absolute()), "family": manifest.family,
               "random_weights": manifest.random_weights, **{part: "fp32" for part in in_place.values()},
-              **({"loras": [{"path": str(Path(lora.path).absolute()), "scale": lora.scale} for lora in loras]} if loras else {}),
+              **({"loras": [{"path": str(lora.path.absolute()), "scale": lora.scale} for lora in loras]} if loras else {}),
               "model": manifest.model["label"], "dtype": manifest.dtype,
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
               if backend.startswith("onnxruntime") else {}},
