@@ -588,3 +588,23 @@ def test_a_vae_replacement_needs_no_weights_in_the_models_own_vae_folder(tiny_di
     shutil.copy(tmp_path / "other-vae" / "config.json", model / "vae")
     assert run_cli("export", model, "--vae", tmp_path / "other-vae", "-o", tmp_path / "out", "--components", "vae_decoder",
                    "--batch", "1", "--height", "64", "--width", "64", "--verify", "none", "-q") == 0
+
+
+def test_a_vae_replacement_needs_no_vae_folder_at_all(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
+    """diffusers' ``from_pretrained(path, vae=...)`` reads no ``vae/``: neither does ``--vae``; without
+    one the message says what else would do."""
+    import shutil
+
+    from sdexport.models.loader import load_model
+
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    shutil.move(model / "vae", tmp_path / "other-vae")
+    assert run_cli("export", model, "-o", tmp_path / "refused", "--components", "vae_decoder") == 2
+    assert "missing vae/; or give --vae to replace its VAE" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert run_cli("export", model, "--vae", tmp_path / "other-vae", "-o", tmp_path / "out", "--components", "unet,vae_decoder",
+                   "--batch", "1", "--height", "64", "--width", "64", "--verify", "none", "-q") == 0
+    for lazy in (False, True):  # as the Torch backend reloads it
+        loaded = load_model(str(model), vae=str(tmp_path / "other-vae"), lazy=lazy)
+        assert loaded.materialize("vae").config.latent_channels == 4
+        assert str(tmp_path / "other-vae") in loaded.source["vae"]

@@ -244,7 +244,7 @@ def load_model(
     ``adapters``: T2I-Adapter presets or directories (or ``AdapterSource``s) likewise (``add_adapters``).
     ``union_images``: with union ControlNets, the control images each takes per call.
     """
-    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind)
+    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind, vae_replaced=vae is not None)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype)
     if controlnets:
@@ -310,7 +310,7 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
 
 
 def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype, lazy: bool = False,
-                kind: str | None = None) -> LoadedModel:
+                kind: str | None = None, vae_replaced: bool = False) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
     if kind == "preset" and preset is None:
@@ -322,7 +322,7 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
         known = ", ".join(PRESETS)
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({known})")
     if path.is_dir():
-        return load_diffusers_dir(path, dtype=dtype, lazy=lazy)
+        return load_diffusers_dir(path, dtype=dtype, lazy=lazy, vae_replaced=vae_replaced)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy, recorded=kind is not None)
     raise ModelLoadError(
@@ -401,14 +401,17 @@ def _clean(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_") and k != "architectures"}
 
 
-def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
-    family = family_of_dir(path)
+def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: bool = False,
+                      vae_replaced: bool = False) -> LoadedModel:
+    """``vae_replaced``: ``--vae`` replaces the directory's VAE (``replace_vae``), so its own ``vae/``
+    is neither needed nor read."""
+    family = family_of_dir(path, vae_replaced=vae_replaced)
     options = pipeline_config(family, read_json(path / "model_index.json"))
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
-    loaders: dict[str, Any] = {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+    loaders: dict[str, Any] = {"unet": UNet2DConditionModel, **({} if vae_replaced else {"vae": AutoencoderKL}),
                                **{name: classes[name] for name in text_encoders(family)}}
     def reader(name: str, cls: Any) -> Callable[[], torch.nn.Module]:
         return lambda: _load_part(path, name, lambda p: _with_all_weights(p, cls, dtype))  # type: ignore[no-any-return]

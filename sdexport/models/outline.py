@@ -117,8 +117,9 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         outline = _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
         return replace(outline, preset=preset.name)
     if path.is_dir():
-        family = family_of_dir(path)
-        outline = _outline(family, read_json(path / "unet" / "config.json"), read_json(path / "vae" / "config.json"),
+        family = family_of_dir(path, vae_replaced=vae is not None)
+        outline = _outline(family, read_json(path / "unet" / "config.json"),
+                           {} if vae is not None else read_json(path / "vae" / "config.json"),  # --vae's is read
                            scheduler_config(path), family_profile(family), (path,), vae)
         return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
@@ -261,7 +262,10 @@ def family_of_index(family: str, index: dict[str, Any], path: Path) -> str:
     return SDXL_REFINER
 
 
-def family_of_dir(path: Path) -> str:
+def family_of_dir(path: Path, *, vae_replaced: bool = False) -> str:
+    """The family of diffusers directory ``path``, once it holds every part sdexport reads: its own
+    ``vae/`` may be left out where ``--vae`` replaces it (``vae_replaced``), as diffusers'
+    ``from_pretrained(path, vae=...)`` reads none then."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise ModelLoadError(
@@ -282,10 +286,11 @@ def family_of_dir(path: Path) -> str:
                else f"run it after `sdexport adopt {pasteable(path)}`")
         raise ModelLoadError(f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: {run}, or "
                              "export the checkpoint it came from")
-    parts = ["unet", "vae", *text_encoders(family), *tokenizer_names(family), "scheduler"]
+    parts = ["unet", *([] if vae_replaced else ["vae"]), *text_encoders(family), *tokenizer_names(family), "scheduler"]
     missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
-        raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/")
+        hint = "; or give --vae to replace its VAE" if missing == ["vae"] else ""
+        raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/{hint}")
     return family
 
 
