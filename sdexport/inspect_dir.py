@@ -10,7 +10,7 @@ from rich.table import Table
 from sdexport.build.vae_upcast import upcast_parts
 from sdexport.console import out
 from sdexport.errors import EngineDirError
-from sdexport.export.memory import TOO_LARGE
+from sdexport.export.memory import STAGES, TOO_LARGE
 from sdexport.manifest import Manifest
 
 
@@ -102,10 +102,6 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
                           ", ".join(f"{op} {n}" for op, n in sorted(record.get("fusions", {}).items())) or "none",
                           f"[{colour}]{status}[/]", str(parity.get("variant", "-")))
         out.print(table)
-
-
-STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
-"""An export's stages per component, in order (``export.exporter.export_component``)."""
 
 
 def _print_memory(manifest: Manifest) -> None:

@@ -23,6 +23,9 @@ from pathlib import Path
 MB = 1024**2
 TOO_LARGE = "too large for this machine's memory"
 """Why a verification point is skipped when its estimated working memory exceeds what is free."""
+STAGES = ("load", "trace", "pytorch", "graph passes", "save", "verify")
+"""An export's stages per component, in order (``export.exporter.export_component``): the columns
+``inspect`` shows their peaks in; ``ExportMemory.stage`` takes no other."""
 _STATUS = Path("/proc/self/status")
 
 
@@ -78,7 +81,10 @@ class MemoryLog:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Measure the block as stage ``name`` (``component/step``, e.g. ``unet/trace``)."""
+        """Measure the block as stage ``name`` (``component/step``, e.g. ``unet/trace``; the model's
+        own loading is ``load``), ``step`` one of ``STAGES``."""
+        if name.rpartition("/")[2] not in STAGES:
+            raise ValueError(f"export stage {name!r}: its step is not one of {STAGES}")
         self.method = self.method or ("sampled every 5 ms; exact (VmHWM) where a stage set the process's peak"
                                       if _status_kb("VmHWM") is not None else "sampled every 5 ms")
         peak: Peak | None = None  # stays None if measuring could not start: that error is the one to see
