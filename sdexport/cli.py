@@ -395,6 +395,7 @@ def run(
         check_prompt_text,
         check_request,
         default_notes,
+        first_picture,
         ignored_settings,
         pooling_note,
     )
@@ -433,10 +434,10 @@ def run(
     slots = len(manifest.controlnets) * union_images  # control images per image
     per_control = "one per ControlNet" if union_images == 1 else "one per control image"
     control_entries = _per_prompt_control_images(controls, slots, len(prompts), union_images)
-    sized = images or [c for c in controls if not isinstance(c, str)] or adapters  # not masked-init
-    size_from_image = bool(sized) and height is None
-    if size_from_image:  # the init image's own size, else the first control (or adapter) image's
-        width, height = sized[0].size
+    picture = first_picture([images, controls, adapters])  # the init image, else the first control (or adapter) image
+    size_from_image = picture is not None and height is None
+    if size_from_image:
+        width, height = picture.size
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=_one_or_each(guidance, None),
         scheduler=scheduler,
@@ -512,7 +513,7 @@ def run(
             raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width" + (
                 " with --fit resize or --fit crop)" if fit == "exact" else f": --fit {fit} fits the image to them)")) from None
         if size_from_image:
-            flag = "--control-image" if sized is not adapters else "--adapter-image"
+            flag = "--control-image" if any(picture is c for c in controls) else "--adapter-image"
             raise ProfileError(f"{exc} (the size of the first {flag}; pass --height/--width: "
                                f"{flag[2:].replace('-', ' ')}s are resized to them)") from None
         raise
@@ -773,7 +774,8 @@ def _generate(
     from sdexport.shapes import ShapeProfile
 
     first, sizes = parts[0], sorted({part.batch for part in parts})
-    wanted = ShapeProfile((sizes[0], sizes[-1], sizes[-1]), (first.height,) * 3, (first.width,) * 3)  # every call's batch
+    height, width = first.size
+    wanted = ShapeProfile((sizes[0], sizes[-1], sizes[-1]), (height,) * 3, (width,) * 3)  # every call's batch
     with step(f"Loading engines ({backend})"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,

@@ -351,3 +351,20 @@ def test_onnxruntime_sessions_take_the_cpu_threads_omp_num_threads_gives(monkeyp
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", value)
     assert onnxruntime_session_options(ort).intra_op_num_threads == threads
+
+
+def test_a_request_without_a_size_takes_its_images_or_the_profiles_opt(tiny_engine_dir):
+    """As `sdexport run` and diffusers' pipelines: the init image's (or init latents', or first
+    control or adapter image's) size, else the size the engines are made for; not a fixed 512."""
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True)
+    opt = (pipeline.profile.height[1], pipeline.profile.width[1])
+    result = pipeline(GenerationRequest(prompt=["a cat"], steps=2))
+    assert result.request.size == opt and result.images[0].size == opt[::-1]
+    result = pipeline(GenerationRequest(prompt=["a cat"], steps=2, image=Image.new("RGB", (192, 64)), height=None))
+    assert result.request.size == (64, 192) and result.images[0].size == (192, 64)
+    latents = pipeline(GenerationRequest(prompt=["a cat"], steps=2, height=64, width=128)).latents
+    request = GenerationRequest(prompt=["a cat"], init_latents=latents, denoising_start=0.5)
+    assert pipeline.sized(request).size == (64, 128)
+    assert pipeline.sized(GenerationRequest(prompt=["a cat"], width=64)).size == (opt[0], 64)
+    with pytest.raises(SdexportError, match="height or width is not set yet"):
+        GenerationRequest(prompt=["a cat"]).size

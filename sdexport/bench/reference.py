@@ -301,5 +301,5 @@ class DiffusersReference:
                 **callback,
             ).images
         total = time.perf_counter() - start  # output_type="np": the images reached the host
-        pixels = np.zeros((0, request.height, request.width, 3), np.float32) if latent else np.asarray(images, np.float32)
+        pixels = np.zeros((0, *request.size, 3), np.float32) if latent else np.asarray(images, np.float32)
         return ReferenceResult(captured["latents"].float().cpu(), pixels, self._timings(total))

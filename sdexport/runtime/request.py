@@ -82,8 +82,12 @@ class GenerationRequest:
     above 1, or all at or below it, as a call runs the unconditional half for all its images or none."""
     scheduler: str = "default"
     seeds: list[int] = field(default_factory=lambda: [0])
-    height: int = 512
-    width: int = 512
+    height: int | None = None
+    width: int | None = None
+    """Image sides in pixels. None: as ``sdexport run`` chooses (``sized``): the size of the init
+    latents, the init image, or the first control (then adapter) image, else the engines' profile's
+    opt (the size the model is made for: SD 1.x 512, SD 2.1 768, SDXL 1024), as diffusers' pipelines
+    take theirs from the image or the U-Net's sample size."""
     # SDXL only (refused for other families), as diffusers names them; sizes are (height, width).
     prompt_2: list[str] | None = None
     """For the second text encoder; None: ``prompt``."""
@@ -199,6 +203,31 @@ class GenerationRequest:
     @property
     def batch(self) -> int:
         return len(self.prompt)
+
+    def sized(self, opt: tuple[int, int], vae_scale_factor: int) -> GenerationRequest:
+        """This request with an unset ``height``/``width`` filled in: from ``init_latents`` (their
+        sides times ``vae_scale_factor``), the init image, the first control image, then the first
+        adapter image (PIL's ``size`` is (width, height)), else ``opt``, the profile's (height, width);
+        itself when both are set. What the loop and the checks read: every side is a number then."""
+        if self.height is not None and self.width is not None:
+            return self
+        from dataclasses import replace
+
+        shape = tuple(getattr(self.init_latents, "shape", ()))
+        if len(shape) == 4:
+            size = (int(shape[2]) * vae_scale_factor, int(shape[3]) * vae_scale_factor)
+        else:
+            picture = first_picture([self.image, self.control_image, self.adapter_image])
+            size = (picture.size[1], picture.size[0]) if picture is not None else opt
+        return replace(self, height=size[0] if self.height is None else self.height,
+                       width=size[1] if self.width is None else self.width)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width), once ``sized``."""
+        if self.height is None or self.width is None:
+            raise SdexportError("the request's height or width is not set yet: the pipeline sets it (sized)")
+        return self.height, self.width
 
     def adapter_images(self, adapters: int) -> list[list[Any]]:
         """Each adapter's images, one for every prompt or one per prompt (as ``adapter_image`` gives
@@ -402,6 +431,21 @@ def check_prompt_text(prompts: list[str], prompts_2: list[str] | None = None) ->
             raise SdexportError(f"{which} empty; give the text to generate from")
 
 
+def first_picture(values: Any) -> Any:
+    """The first image (an object with a (width, height) ``size``) among nested lists and tuples of
+    them, in order; None where there is none (``MASKED_INIT`` is a name, not an image). Given the
+    init image(s), control images and adapter images, in that order: the image whose size a
+    request without one takes (``GenerationRequest.sized``, ``sdexport run``, ``serve``)."""
+    if isinstance(values, list | tuple):
+        for value in values:
+            found = first_picture(value)
+            if found is not None:
+                return found
+        return None
+    size = getattr(values, "size", None)
+    return values if isinstance(size, tuple) and len(size) == 2 else None
+
+
 def check_request(
     request: GenerationRequest,
     *,
@@ -464,9 +508,10 @@ def check_request(
     check_scheduler_name(request.scheduler)
     for axis in ("height", "width"):
         value = getattr(request, axis)
-        if isinstance(value, bool) or not isinstance(value, int):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
-    profile.check_request(request.batch, request.height, request.width, dims)
+    request = request.sized((profile.height[1], profile.width[1]), dims.vae_scale_factor)
+    profile.check_request(request.batch, *request.size, dims)
     _check_window(request, family)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)

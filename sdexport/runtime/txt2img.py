@@ -349,6 +349,11 @@ class Txt2ImgPipeline:
 
     # -- checks -----------------------------------------------------------------------------
 
+    def sized(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its unset height and width filled in for these engines: the size of its
+        init latents or first image, else the profile's opt (``GenerationRequest.sized``)."""
+        return request.sized((self.profile.height[1], self.profile.width[1]), self.dims.vae_scale_factor)
+
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
         if self.closed:
@@ -362,6 +367,7 @@ class Txt2ImgPipeline:
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
                       adapters=len(self.adapters), union_modes=self.dims.N, union_images=self.dims.K or 1,
                       guidance_embedding=bool(self.dims.G))
+        request = self.sized(request)
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
@@ -377,7 +383,7 @@ class Txt2ImgPipeline:
         for engine in self.engines.values():
             if engine.profile != self.profile:
                 try:
-                    engine.profile.check_request(request.batch, request.height, request.width, self.dims)
+                    engine.profile.check_request(request.batch, *request.size, self.dims)
                 except ProfileError as exc:
                     raise ProfileError(f"{engine.spec.name} engine: {exc}") from None
 
@@ -393,10 +399,10 @@ class Txt2ImgPipeline:
         """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1).
 
         ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
-        a benchmark times end to end. The result's request has the family's defaults filled in
-        (``GenerationRequest.with_defaults``): what ran."""
+        a benchmark times end to end. The result's request has its size and the family's defaults
+        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
-        request = request.with_defaults(self.family, guidance_embedding=bool(self.dims.G))
+        request = self.sized(request).with_defaults(self.family, guidance_embedding=bool(self.dims.G))
         guidance = guidance_factor(request.effective_guidance(self.family), self.device)
         embedded = {GUIDANCE_EMBEDDING: guidance_embedding(request.guidance_scales(self.family), self.dims.G)
                     .to(self.device)} if self.dims.G else {}  # a latent consistency model's U-Net input
@@ -472,7 +478,7 @@ class Txt2ImgPipeline:
         if request.denoising_end is None:
             pixels, fallback = self.decode(latents, request, scheduler_label(scheduler))  # ends with the copy to the host: the run is complete
         else:  # the latents are the result, for the refiner (diffusers' output_type="latent")
-            pixels, fallback = np.zeros((0, request.height, request.width, 3), np.float32), False
+            pixels, fallback = np.zeros((0, *request.size, 3), np.float32), False
             latents = latents.float().cpu()
         decode_end = clock.mark()
         timings = Timings(
@@ -612,7 +618,7 @@ class Txt2ImgPipeline:
         given. The refiner's (T = 5) end in an aesthetic score instead of the target size; for CFG's
         unconditional half (``negative``) it is ``negative_aesthetic_score``, and the crop is diffusers'
         ``negative_crops_coords_top_left`` default, (0, 0), whatever the request's crop."""
-        size = (request.height, request.width)
+        size = request.size
         crop = request.crops_coords_top_left
         if self.family == SDXL_REFINER:
             last: list[float] = [request.aesthetic_scores()[negative]]
@@ -624,7 +630,7 @@ class Txt2ImgPipeline:
         return torch.tensor([values], dtype=torch.float32)
 
     def latent_shape(self, request: GenerationRequest) -> tuple[int, ...]:
-        sizes = self.dims.sizes(request.batch, request.height, request.width)
+        sizes = self.dims.sizes(request.batch, *request.size)
         return self.engines["unet"].spec.tensor("out_sample").shape(sizes)
 
     def noise(self, shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -729,7 +735,7 @@ class Txt2ImgPipeline:
             if isinstance(given[0], str) and given[0] == MASKED_INIT:  # check() saw the init image and mask
                 pixels = masked_control_pixels(request.image or [], request.mask or [])
             else:  # one image, or one per prompt
-                pixels = torch.cat([control_pixels(image, request.height, request.width) for image in given])
+                pixels = torch.cat([control_pixels(image, *request.size) for image in given])
             per_image.append(per_prompt(pixels, batch).to(self.device))
             rows = []
             for scale, start, end in (own[slot] for own in settings):
@@ -824,7 +830,7 @@ class Txt2ImgPipeline:
             if len(set(scales)) > 1:
                 scale = torch.tensor(scales, dtype=torch.float32, device=self.device).reshape(-1, 1, 1, 1)
             engine = self.engines[name]
-            pixels = torch.cat([control_pixels(image, request.height, request.width, depth) for image in images])
+            pixels = torch.cat([control_pixels(image, *request.size, depth) for image in images])
             out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})
             for output, feature in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
                 value = out[output].float() * scale

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from sdexport.errors import SdexportError
-from sdexport.runtime.request import MASKED_INIT, GenerationRequest, has_no_text, setting_places
+from sdexport.runtime.request import (
+    MASKED_INIT,
+    GenerationRequest,
+    first_picture,
+    has_no_text,
+    setting_places,
+)
 from sdexport.serving.protocol import INPUT_NAMES
 
 DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact", "adapter_scale": 1.0,
@@ -179,7 +185,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         if height is None and first_size is not None:
             height, width = first_size
         elif height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
-            first = init or next((c for c in controls if not isinstance(c, str)), None) or next(iter(adapter_images), None)  # not masked-init
+            first = first_picture([init, controls, adapter_images])
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
         assert height is not None and width is not None
         if check_size is not None:
