@@ -3,7 +3,8 @@
 #   bash scripts/interop-check.sh [WORK_DIR]       (default: a new temporary directory)
 # Run it in sdexport's environment (scripts/setup.sh). optimum-onnx pins transformers < 4.58, so it
 # gets a virtualenv of its own, built from scripts/interop/constraints.txt on first use and reused
-# after (SDEXPORT_INTEROP_VENV, default ~/.cache/sdexport/interop-venv; delete it to rebuild).
+# after (SDEXPORT_INTEROP_VENV, default ~/.cache/sdexport/interop-venv; delete it to rebuild). A
+# folder there that it did not make is refused, never emptied.
 # It exports the tiny presets (SD and SDXL, fp32 and fp16) with sdexport and checks that optimum's
 # ORTDiffusionPipeline generates the image sdexport does from them and that ONNX Runtime's
 # optimize_pipeline accepts them; then exports the same checkpoints with optimum, adopts them with
@@ -17,7 +18,8 @@ WORK=$(realpath -m -- "${1:-$(mktemp -d -t sdexport-interop.XXXXXX)}")
 VENV=$(realpath -m -- "${SDEXPORT_INTEROP_VENV:-$HOME/.cache/sdexport/interop-venv}")
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-STAMP="$VENV/.constraints.sha256"
+STAMP="$VENV/.constraints.sha256"  # written once the environment is complete
+MARK="$VENV/.sdexport-interop"  # written first: proof that a half-built folder is this script's to remove
 TORCH=${SDEXPORT_TORCH:-torch==2.13.0}
 
 "$PYTHON" -c "import sdexport" 2>/dev/null || { echo "interop-check: run it where sdexport is installed (bash scripts/setup.sh)" >&2; exit 2; }
@@ -37,9 +39,15 @@ if [[ -n $shared ]]; then
 fi
 want="$(sha256sum scripts/interop/constraints.txt | cut -d' ' -f1) ${shared:-own $TORCH}"
 if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; then
+  if [[ -e $VENV && ! -e $STAMP && ! -e $MARK && -n "$(ls -A "$VENV" 2>/dev/null || echo unreadable)" ]]; then
+    echo "interop-check: $VENV holds files this script did not make; it removes only its own environment" \
+         "there: delete the folder yourself, or set SDEXPORT_INTEROP_VENV to another" >&2
+    exit 2
+  fi
   echo "interop-check: building the optimum environment in $VENV" >&2
   rm -rf "$VENV"  # links inside it are removed, never what they point to
   "$PYTHON" -m venv "$VENV"
+  : > "$MARK"
   # --no-compile: no bytecode for the thousands of modules never imported (half the build's time);
   # Python writes it for those the check imports, on first use
   pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "$@"; }

@@ -540,6 +540,21 @@ def test_the_interop_check_refuses_an_unknown_case_or_variant_before_building_an
     assert not (tmp_path / "venv").exists() and not (tmp_path / "work").exists()
 
 
+def test_the_interop_check_removes_no_folder_it_did_not_make(tmp_path: Path):
+    """SDEXPORT_INTEROP_VENV naming the user's own folder (a project, another virtualenv, ``.``) is
+    refused, not emptied to build optimum's environment in."""
+    mine = tmp_path / "mine"
+    (mine / "src").mkdir(parents=True)
+    (mine / "src" / "main.py").write_text("my code\n")
+    run = subprocess.run(["bash", str(REPO / "scripts" / "interop-check.sh"), str(tmp_path / "work")],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHON": sys.executable, "SDEXPORT_INTEROP_VENV": str(mine),
+                              "SDEXPORT_INTEROP_CASES": "sd-fp32", "SDEXPORT_INTEROP_OPTIMIZE": ""})
+    assert run.returncode == 2, run.stderr
+    assert f"{mine} holds files this script did not make" in run.stderr
+    assert (mine / "src" / "main.py").read_text() == "my code\n"
+
+
 def test_the_optimum_environment_shares_torch_only_when_the_pin_is_the_installed_version():
     """interop-check.sh links sdexport's torch into optimum's virtualenv (instead of installing 900 MB
     again) only when SDEXPORT_TORCH pins exactly the installed version; only torch's own entries."""
