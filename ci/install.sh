@@ -13,13 +13,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${SDEXPORT_VENV:-.venv-bench}
-# A virtualenv whose pip does not run was cut short while it was made (a cancelled job): made again.
+# A virtualenv whose pip does not run, made by this script (its mark, written before anything
+# else), was cut short while it was made (a cancelled job): made again. Any other folder there
+# that holds files (a virtualenv without pip, as uv makes them; a project) is the user's: refused.
+mark=$venv/.sdexport-ci-venv
 if ! "$venv/bin/python" -m pip --version >/dev/null 2>&1; then
-  if [[ -e $venv && ! -f $venv/pyvenv.cfg && -n $(find "$venv" -mindepth 1 -maxdepth 1 -print -quit 2>/dev/null) ]]; then
-    echo "ci/install: $venv holds files and is not a virtualenv; set SDEXPORT_VENV to another folder" >&2
-    exit 2
+  if [[ -e $venv || -L $venv ]] && [[ -L $venv || ! -d $venv || -n $(ls -A -- "$venv" 2>/dev/null || echo unreadable) ]]; then
+    if [[ -L $venv || ! -f $mark ]]; then
+      echo "ci/install: $venv is not a virtualenv with pip that this script made; set SDEXPORT_VENV to another" \
+           "folder, or delete it" >&2
+      exit 2
+    fi
+    rm -rf -- "$venv"
   fi
-  python3 -m venv --clear --system-site-packages "$venv"
+  mkdir -p -- "$venv"
+  : > "$mark"
+  python3 -m venv --system-site-packages "$venv"
 fi
 if [[ -n ${SDEXPORT_WHEELS:-} ]]; then
   PYTHON=$venv/bin/python bash scripts/offline-install.sh "$SDEXPORT_WHEELS"

@@ -77,6 +77,36 @@ def test_both_templates_run_the_same_gate_on_a_scenario_that_exists():
         assert (ROOT / path).is_file()
 
 
+def test_ci_install_remakes_only_a_virtualenv_it_made(tmp_path: Path):
+    """ci/install.sh makes SDEXPORT_VENV again where its own making was cut short (its mark is there),
+    and refuses a folder it did not make whose pip does not run (uv's virtualenvs have none): that
+    one is the user's, never emptied. ``python3`` here makes a stand-in virtualenv whose python
+    succeeds at everything (setup.sh's installs included), so nothing is downloaded."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\nfor last; do :; done\nmkdir -p "$last/bin" && touch "$last/pyvenv.cfg" && '
+                                  'printf "#!/bin/sh\\nexit 0\\n" > "$last/bin/python" && chmod +x "$last/bin/python"\n')
+    (fake / "python3").chmod(0o755)
+
+    def install(venv: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "ci" / "install.sh")], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SDEXPORT_VENV": str(venv)})
+
+    theirs = tmp_path / "uv-venv"
+    (theirs / "lib").mkdir(parents=True)
+    (theirs / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    refused = install(theirs)
+    assert refused.returncode == 2 and "is not a virtualenv with pip that this script made" in refused.stderr
+    assert (theirs / "pyvenv.cfg").read_text() == "home = /usr/bin\n" and (theirs / "lib").is_dir()
+    ours = tmp_path / "ci-venv"
+    assert install(ours).returncode == 0 and (ours / ".sdexport-ci-venv").is_file()
+    (ours / "bin" / "python").unlink()  # a job cancelled while the virtualenv was made
+    (ours / "half-written").write_text("x")
+    made = install(ours)
+    assert made.returncode == 0, made.stderr
+    assert (ours / "bin" / "python").is_file() and not (ours / "half-written").exists()
+
+
 class _FakeGitLab(BaseHTTPRequestHandler):
     notes: list[dict] = []
     seen: list[tuple[str, str, str | None]] = []
