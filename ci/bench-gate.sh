@@ -63,22 +63,30 @@ for replaced in "$out/bench" "$out/compare"; do
   esac
 done
 
-# Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only files
-# this script's commands write are removed, anything else stops it (checked before any is removed).
+# Results of an earlier run in OUT go first, so nothing stale is uploaded or reported; only what
+# this script's commands wrote is removed, proved as `sdexport bench` and `bench compare` prove
+# their outputs before replacing them (their reports, nothing else), and anything else stops it
+# (checked before any is removed). An empty folder is removed too.
 ours() {
-  local dir=$1 names=$2
+  local dir=$1 kind=$2 why
   [[ -e $dir || -L $dir ]] || return 0
-  if [[ -L $dir || ! -d $dir || -n $(find "$dir" -mindepth 1 -maxdepth 1 ! -name "$names" -print -quit) ]]; then
-    refuse "$dir holds files this gate did not write; choose another OUT"
-  fi
+  if [[ ! -L $dir && -d $dir && -z $(ls -A -- "$dir") ]]; then return 0; fi
+  why=$("$PYTHON" -c 'import sys
+from pathlib import Path
+from sdexport.bench.compare import not_a_comparison_output
+from sdexport.bench.report import not_a_bench_output
+path = Path(sys.argv[2])
+reason = ("not a folder" if path.is_symlink() or not path.is_dir()
+          else {"bench": not_a_bench_output, "compare": not_a_comparison_output}[sys.argv[1]](path))
+sys.exit(reason)' "$kind" "$dir" 2>&1) || refuse "$dir is not a $kind output this gate wrote (${why##*$'\n'}); choose another OUT"
 }
 summary=$out/summary.md
 if [[ -e $summary || -L $summary ]] &&
   [[ -L $summary || ! -f $summary || $(head -n 1 "$summary" | tr -d '\0') != "$marker" ]]; then
   refuse "$summary was not written by this gate (not a file that starts with $marker); choose another OUT"
 fi
-ours "$out/bench" 'results.*'
-ours "$out/compare" 'comparison.*'
+ours "$out/bench" bench
+ours "$out/compare" compare
 mkdir -p -- "$out" 2>/dev/null || refuse "$out: cannot make the folder (a file is there, or no permission); choose another OUT"
 rm -rf "$out/bench" "$out/compare"
 rm -f "$summary"

@@ -293,14 +293,15 @@ def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another
     weights = next(entries[0].glob("unet/*.onnx*"))
     weights.write_bytes(weights.read_bytes()[:-1])
     # +1 s on well under 0.1 s, judged at 200% (see the module docstring); the unslowed diffusers stays within it.
-    slowed = _gate(tmp_path, baseline, "run3", SDEXPORT_TEST_SLOW_UNET="torch=0.25", SDEXPORT_MAX_SLOWDOWN="200%")
+    # Into run2 again: the gate replaces its own earlier outputs (proved to be bench's and compare's).
+    slowed = _gate(tmp_path, baseline, "run2", SDEXPORT_TEST_SLOW_UNET="torch=0.25", SDEXPORT_MAX_SLOWDOWN="200%")
     assert slowed.returncode == 1, slowed.stdout[-3000:] + slowed.stderr[-3000:]
     assert "is damaged" in slowed.stdout + slowed.stderr
     assert len([p for p in (tmp_path / "cache").iterdir() if ".damaged-" in p.name]) == 1
-    assert json.loads((tmp_path / "run3" / "bench" / "results.json").read_text())["one_time"]["export"]["status"] == "cached now"
-    summary = (tmp_path / "run3" / "summary.md").read_text()
+    assert json.loads((tmp_path / "run2" / "bench" / "results.json").read_text())["one_time"]["export"]["status"] == "cached now"
+    summary = (tmp_path / "run2" / "summary.md").read_text()
     assert "❌ 1 regression" in summary and "slowed on purpose" in summary
-    root = ET.parse(tmp_path / "run3" / "compare" / "comparison.xml").getroot()
+    root = ET.parse(tmp_path / "run2" / "compare" / "comparison.xml").getroot()
     failed = [c.get("classname") for c in root.iter("testcase") if c.find("failure") is not None]
     assert failed == ["sdexport-bench.gate.torch"]
 
@@ -570,6 +571,13 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     result = _gate(tmp_path, tmp_path / "none.json", "out")
     assert result.returncode == 2 and "did not write" in result.stderr
     assert (tmp_path / "out" / "compare" / "notes.txt").read_text() == "mine"
+    archive = tmp_path / "out3" / "bench" / "results.2025-archive"  # named like a result, not one
+    archive.mkdir(parents=True)
+    (archive / "notes.txt").write_text("precious")
+    result = _gate(tmp_path, tmp_path / "none.json", "out3")
+    assert result.returncode == 2, result.stderr
+    assert "out3/bench is not a bench output this gate wrote (it has no readable results.json)" in result.stderr
+    assert (archive / "notes.txt").read_text() == "precious"
     required = _gate(tmp_path, tmp_path / "none.json", "out2", SDEXPORT_REQUIRE_BASELINE="1")  # before benchmarking
     assert required.returncode == 2 and "no baseline" in required.stderr and not (tmp_path / "out2" / "bench").exists()
 
