@@ -338,6 +338,11 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Pat
     assert not_an_engine_dir(copy) is None
     assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
     assert not leftover.exists()
+    mine = copy / "unet" / ".onnxruntime-cuda.my-experiment.tmp"  # named like one, not one: the user's
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
+    assert (mine / "notes.txt").read_text() == "mine"
 
 
 def test_shape_inference_sees_no_weights_and_types_the_same(tiny_engine_dir: Path, monkeypatch):

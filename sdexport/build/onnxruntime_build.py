@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from sdexport.atomic import TEMP_NAME
 from sdexport.build.cache_key import onnx_files, onnx_sha256
 from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
@@ -447,7 +448,9 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
                       "CPU variant (the same fusions minus the CUDA-only ones) against the fp32 reference")
     for name in manifest.components:  # staging folders of an interrupted build (this one holds the lock)
         for leftover in (engine_dir / name).glob(f".{TARGET}.*.tmp"):
-            _discard(leftover)
+            temp = TEMP_NAME.match(leftover.name)  # .onnxruntime-cuda.PID.tmp: what unlisted_files counts as ours
+            if temp and temp.group("name") == TARGET:
+                _discard(leftover)
     wanted = {spec.name: {"source_sha256": onnx_sha256(manifest.files, manifest.components[spec.name].onnx),
                           "dtype": "fp32" if spec.always_fp32 or not fp16 else "fp16", "onnxruntime": ort.__version__}
               for spec in specs}
