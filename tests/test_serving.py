@@ -874,6 +874,20 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     (repository / "notes.txt").write_text("mine")
     assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force") == 2
     assert "notes.txt" in capsys.readouterr().err and (repository / "notes.txt").read_text() == "mine"
+    (repository / "notes.txt").unlink()
+    (repository / "sdexport" / "1" / "__pycache__").mkdir()  # what Triton's Python backend writes: ours
+    (repository / "sdexport" / "1" / "__pycache__" / "model.cpython-312.pyc").write_bytes(b"bytecode")
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force") == 0
+    capsys.readouterr()
+    for mine in ("old__pycache__backup.txt", "sdexport/1/__pycache__/NOTES.txt"):  # not Triton's bytecode
+        (repository / mine).parent.mkdir(exist_ok=True)
+        (repository / mine).write_text("mine")
+        assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force") == 2, mine
+        assert mine in capsys.readouterr().err and (repository / mine).read_text() == "mine"
+        (repository / mine).unlink()
+    (repository / "drafts").mkdir()  # an empty folder is the user's too
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--force") == 2
+    assert "drafts" in capsys.readouterr().err and (repository / "drafts").is_dir()
     spaced = tmp_path / "repo 2"
     assert run_cli("triton-repo", tiny_engine_dir, "-o", spaced) == 0
     said = " ".join(capsys.readouterr().err.split())  # (the console wraps long lines)

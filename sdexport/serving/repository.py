@@ -124,11 +124,22 @@ def not_a_repository(path: Path) -> str | None:
         listed = set(record["files"]) | {RECORD}
     except (OSError, ValueError, KeyError, TypeError):
         return f"it has no readable {RECORD}"
-    found = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()}
-    extra = sorted(f for f in found - listed if "__pycache__" not in f)
+    needed = {parent.as_posix() for rel in listed for parent in Path(rel).parents}
+    extra = sorted(rel for rel, p in ((p.relative_to(path).as_posix(), p) for p in path.rglob("*"))
+                   if not (rel in listed or (rel in needed and p.is_dir() and not p.is_symlink())
+                           or _bytecode_of_listed(Path(rel), p, listed)))
     if extra:
         return f"it holds files sdexport did not write: {', '.join(extra[:3])}"
     return None
+
+
+def _bytecode_of_listed(rel: Path, path: Path, listed: set[str]) -> bool:
+    """Whether ``rel`` is the ``__pycache__`` folder beside a listed ``model.py``, or a ``.pyc`` file
+    in it: Triton's Python backend writes them when it imports the model; nothing else is ours."""
+    folder = rel if rel.name == "__pycache__" else rel.parent
+    if path.is_symlink() or folder.name != "__pycache__" or (folder.parent / "model.py").as_posix() not in listed:
+        return False
+    return path.is_dir() if rel == folder else (rel.suffix == ".pyc" and rel.parent == folder and path.is_file())
 
 
 REPOSITORY = OutputKind("Triton model repository", not_a_repository, example="triton-repo")
