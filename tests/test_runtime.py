@@ -367,4 +367,4 @@ def test_a_request_without_a_size_takes_its_images_or_the_profiles_opt(tiny_engi
     assert pipeline.sized(request).size == (64, 128)
     assert pipeline.sized(GenerationRequest(prompt=["a cat"], width=64)).size == (opt[0], 64)
     with pytest.raises(SdexportError, match="height or width is not set yet"):
-        GenerationRequest(prompt=["a cat"]).size
+        _ = GenerationRequest(prompt=["a cat"]).size
