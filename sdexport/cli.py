@@ -225,7 +225,7 @@ def build(
     batch: BuildBatchOpt = None,
     height: BuildHeightOpt = None,
     width: BuildWidthOpt = None,
-    timing_cache: Annotated[Path | None, typer.Option(parser=_path, help="Timing cache file (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(parser=_path, help="Timing cache file, read and then replaced with the updated cache, outside the engine directory (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
     optimization_level: Annotated[int | None, typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
     refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet.")] = None,
@@ -235,7 +235,12 @@ def build(
     (reusing what was built before from the same graphs with the same settings)."""
     from rich.table import Table
 
-    from sdexport.build.tensorrt_build import build_engines, default_timing_cache, require_tensorrt
+    from sdexport.build.tensorrt_build import (
+        build_engines,
+        check_timing_cache,
+        default_timing_cache,
+        require_tensorrt,
+    )
     from sdexport.manifest import load_manifest
 
     if target not in BUILD_TARGETS:
@@ -253,6 +258,8 @@ def build(
                                 "graphs keep the export's dynamic shapes (CUDA graphs fix them at load: run --cuda-graph)")
         _build_onnxruntime(engine_dir, components=_names(components, "--components"), fp16=fp16, force=force)
         return
+    if timing_cache is not None:
+        check_timing_cache(timing_cache, engine_dir)
     require_tensorrt()
     profile = None
     if batch is not None or height is not None or width is not None:

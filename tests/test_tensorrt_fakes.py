@@ -117,6 +117,8 @@ class Recorder:
         if config["fp16"] and network["strongly_typed"]:
             raise PolygraphyException("precision flags are not allowed on strongly typed networks")
         self.builds.append({**network, **config})
+        if save_timing_cache is not None:  # polygraphy writes the updated cache (a path, or an open file)
+            save_timing_cache.write(b"timing cache after " + network["path"].encode())
         return b"plan for " + network["path"].encode()
 
 
@@ -644,3 +646,42 @@ def test_the_fake_refitter_keeps_tensorrts_rules(trt):
     assert refitter.set_named_weights("b", trt.Weights(np.ones(3, np.float16)))
     assert refitter.get_missing_weights() == [] and refitter.refit_cuda_engine() and engine.refits == 1
     assert engine.weights["w"].shape == (2, 3) and engine.weights["w"].all()
+
+
+def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directory(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    """polygraphy writes a timing cache path in place (a stopped or failed build truncated it) and
+    makes FILE.lock beside it: it is given open files instead, and the cache is replaced once the
+    build succeeds. A folder, or a file in the engine directory (a graph, the manifest), is refused
+    before anything builds."""
+    import polygraphy.backend.trt as backend
+    from polygraphy.exception import PolygraphyException
+
+    from conftest import run_cli
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    cache = tmp_path / "caches" / "timing.cache"
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache)
+    before = cache.read_bytes()
+    assert before.startswith(b"timing cache after ") and recorder.builds[-1]["load_timing_cache"] is None
+
+    def failing(network: dict[str, Any], config: dict[str, Any], save_timing_cache: Any = None) -> bytes:
+        save_timing_cache.write(b"half a cache")
+        raise PolygraphyException("out of memory")
+
+    monkeypatch.setattr(backend, "engine_bytes_from_network", failing)
+    with pytest.raises(SdexportError, match="could not build unet"):
+        tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache, force=True)
+    assert cache.read_bytes() == before and [p.name for p in cache.parent.iterdir()] == ["timing.cache"]
+    recorder.install(monkeypatch)
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache, force=True)
+    assert recorder.builds[-1]["load_timing_cache"].name == str(cache)  # read from the cache the first build saved
+    assert [p.name for p in cache.parent.iterdir()] == ["timing.cache"]
+    graph = (directory / "unet" / "model.onnx").read_bytes()
+    for bad, words in ((cache.parent, "a folder; name the cache file"),
+                       (directory / "unet" / "model.onnx", "inside the engine directory")):
+        assert run_cli("build", directory, "--timing-cache", bad) == 2
+        assert words in capsys.readouterr().err
+    assert (directory / "unet" / "model.onnx").read_bytes() == graph

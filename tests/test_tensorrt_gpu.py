@@ -53,7 +53,7 @@ def built(tiny_fp16_engine_dir: Path, tmp_path_factory):
     from sdexport.build.tensorrt_build import build_engines
 
     directory = _copy(tiny_fp16_engine_dir, tmp_path_factory, "trt-dynamic")
-    results = build_engines(directory, timing_cache=directory / "timing.cache")
+    results = build_engines(directory, timing_cache=directory.parent / "timing.cache")
     return directory, results
 
 
@@ -108,7 +108,7 @@ def test_first_build_builds_every_component(built):
         assert result.key.strongly_typed or result.component == "vae_decoder_fp32"
         assert not result.key.fp16
     assert all(r.path.is_file() and r.path.parent.parent == directory for r in results)
-    assert (directory / "timing.cache").is_file()
+    assert (directory.parent / "timing.cache").is_file()
 
 
 def test_dynamic_engines_match_onnxruntime(built):
@@ -148,7 +148,7 @@ def test_second_build_is_cached(built):
     from sdexport.build.tensorrt_build import build_engines
 
     directory, first = built
-    again = build_engines(directory, timing_cache=directory / "timing.cache")
+    again = build_engines(directory, timing_cache=directory.parent / "timing.cache")
     assert [r.status for r in again] == ["cached"] * len(first)
     assert [r.path for r in again] == [r.path for r in first]
 

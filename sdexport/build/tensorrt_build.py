@@ -165,6 +165,40 @@ def gpu_identity(device: int | None = None) -> tuple[str, str]:
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
 
+def check_timing_cache(timing_cache: Path, engine_dir: Path) -> None:
+    """``--timing-cache FILE`` is read, then replaced with the updated cache: refused, before anything
+    builds, where it is a folder, or lies in the engine directory (whose files its manifest lists:
+    a plan or graph there would be overwritten, and any other file makes it no longer provably
+    sdexport's)."""
+    if timing_cache.is_dir():
+        raise SdexportError(f"--timing-cache {timing_cache}: a folder; name the cache file (it is read, then "
+                            "replaced with the updated cache)")
+    if timing_cache.resolve().is_relative_to(engine_dir.resolve()):
+        raise SdexportError(f"--timing-cache {timing_cache}: inside the engine directory {engine_dir}, whose files "
+                            "its manifest lists; keep the cache outside it (the default is one per GPU and "
+                            "TensorRT version in sdexport's user cache)")
+
+
+@contextlib.contextmanager
+def _timing_cache_files(timing_cache: Path | None) -> Any:
+    """(what polygraphy loads the timing cache from, what it saves the updated one to): open files,
+    so that the cache is replaced whole once the build succeeds (``atomic_path``), never truncated
+    by a build stopped while polygraphy writes it in place, and no ``FILE.lock`` is made beside it
+    (polygraphy locks paths, not open files; two builds at once each replace it whole). (None, None)
+    without a cache."""
+    if timing_cache is None:
+        yield None, None
+        return
+    with contextlib.ExitStack() as files, atomic_path(timing_cache) as staged:
+        cache_in = files.enter_context(open(timing_cache, "rb")) if timing_cache.is_file() else None
+        cache_out = files.enter_context(open(staged, "wb+"))
+        yield cache_in, cache_out
+        if not cache_out.tell() and cache_in is not None:  # TensorRT gave no cache to save: keep the old one
+            cache_in.seek(0)
+            cache_out.write(cache_in.read())
+        files.close()
+
+
 def default_timing_cache() -> Path:
     """Where ``sdexport build`` keeps its tactic timing cache by default: in the user's cache folder
     (``sdexport.user_cache``: ``~/.cache/sdexport`` by default), one per GPU and TensorRT version (a cache is only valid for the
@@ -217,6 +251,8 @@ def build_engines(
     the key records the flag and the typing mode actually used. ``timing_cache`` is loaded when it
     exists and updated after each build, which makes rebuilds much faster.
     """
+    if timing_cache is not None:
+        check_timing_cache(timing_cache, engine_dir)
     trt = require_tensorrt()
     require_polygraphy()
     load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
@@ -381,24 +417,22 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
     trt_profile = Profile()
     for name, (lo, opt, hi) in profile_shapes(key.ranges, graph_io).items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
-    cache = str(timing_cache) if timing_cache is not None else None
-    if timing_cache is not None:
-        timing_cache.parent.mkdir(parents=True, exist_ok=True)
     try:
         # polygraphy prints TensorRT's warnings to stdout, which is kept for results: send them to stderr.
         from sdexport.console import QUIET, VERBOSE, verbosity
 
         level = {QUIET: G_LOGGER.ERROR, VERBOSE: G_LOGGER.INFO}.get(verbosity(), G_LOGGER.WARNING)
-        with G_LOGGER.verbosity(level), contextlib.redirect_stdout(sys.stderr):
+        with G_LOGGER.verbosity(level), contextlib.redirect_stdout(sys.stderr), \
+                _timing_cache_files(timing_cache) as (cache_in, cache_out):
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
             config = CreateConfig(
                 fp16=key.fp16,
                 profiles=[trt_profile],
-                load_timing_cache=cache,
+                load_timing_cache=cache_in,
                 refittable=key.refittable,
                 builder_optimization_level=key.optimization_level,
             )
-            plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache)
+            plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
     except PolygraphyException as exc:
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}") from None
     if not plan:
