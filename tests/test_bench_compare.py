@@ -569,7 +569,7 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     (tmp_path / "out" / "compare").mkdir(parents=True)
     (tmp_path / "out" / "compare" / "notes.txt").write_text("mine")
     result = _gate(tmp_path, tmp_path / "none.json", "out")
-    assert result.returncode == 2 and "did not write" in result.stderr
+    assert result.returncode == 2 and "out/compare is not a compare output this gate wrote" in result.stderr
     assert (tmp_path / "out" / "compare" / "notes.txt").read_text() == "mine"
     archive = tmp_path / "out3" / "bench" / "results.2025-archive"  # named like a result, not one
     archive.mkdir(parents=True)
@@ -596,7 +596,8 @@ def test_the_gate_refuses_bad_settings_and_a_summary_it_did_not_write_before_any
     from OUT must not show them as this run's). An OUT whose summary.md is the user's (the gate
     would overwrite it) is refused with nothing in OUT touched."""
     out = tmp_path / "out"
-    (out / "bench").mkdir(parents=True)
+    (out / "bench").mkdir(parents=True)  # an earlier run's report (what proves it is one)
+    (out / "bench" / "results.json").write_text(json.dumps({"scenario": {}, "results": [], "environment": {}}))
     (out / "bench" / "results.md").write_text("an earlier run's")
     mine = setting.pop("summary", None)
     if mine is not None:
