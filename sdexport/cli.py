@@ -529,6 +529,7 @@ def run(
         raise SdexportError(f"-o {output}: a folder (it ends in a separator); give a file name such as "
                             f"{pasteable(output + 'image.png')}")
     check_image_output(image_path, request.batch)
+    _outside_engine_dirs(image_path, f"-o {output}", engine_dir, refiner)
     from sdexport.runtime.images import output_paths
 
     for given in (init_path, mask_path, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str)),
@@ -621,6 +622,16 @@ def _once(given: list[Path] | None, flag: str) -> Path | None:
         raise SdexportError(f"{flag} given {len(given)} times: one per run (every image of the batch starts from it); "
                             "run once per image")
     return given[0] if given else None
+
+
+def _outside_engine_dirs(path: Path, label: str, engine_dir: Path, refiner: Path | None) -> None:
+    """A file a command writes (an image, Triton's log) goes outside the engine directories it reads:
+    their manifests list every file in them, so one more makes a directory no longer provably
+    sdexport's (``export --force`` and the builds refuse it), and a listed one would change."""
+    for flag, directory in (("engine directory", engine_dir), ("--refiner directory", refiner)):
+        if directory is not None and path.resolve().is_relative_to(directory.resolve()):
+            raise SdexportError(f"{label}: inside the {flag} {directory}, whose manifest lists every file in it; "
+                                "give a path outside it")
 
 
 def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None, width: int | None,
@@ -1107,10 +1118,7 @@ def serve(
             raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
-        for flag, directory in (("engine directory", engine_dir), ("--refiner directory", refiner)):
-            if directory is not None and log_file.resolve().is_relative_to(directory.resolve()):
-                raise SdexportError(f"--log-file {log_file}: inside the {flag}, whose files Triton's log would "
-                                    "change; give a path outside it")
+        _outside_engine_dirs(log_file, f"--log-file {log_file}", engine_dir, refiner)
     manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
                                                            refiner=refiner, denoising_end=denoising_end)
     from sdexport.runtime.loading import resolve_backend

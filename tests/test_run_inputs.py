@@ -174,6 +174,14 @@ def test_a_file_given_as_engine_directory_is_called_a_file(tiny_engine_dir, tmp_
     assert ("(the folder that holds it is" in err) == (path == "manifest.json")
 
 
+def test_an_image_is_never_written_into_an_engine_directory(tiny_engine_dir, no_engines, capsys):
+    """One more file makes the directory no longer provably sdexport's (export --force, the builds)."""
+    for inside in ("unet/x.png", "x.webp"):
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tiny_engine_dir / inside) == 2
+        assert "whose manifest lists every file in it; give a path outside it" in " ".join(capsys.readouterr().err.split())
+        assert not (tiny_engine_dir / inside).exists()
+
+
 @pytest.mark.parametrize("case", ["user file", "inside a file"])
 def test_an_output_the_user_owns_is_never_overwritten(tiny_engine_dir, tmp_path, no_engines, capsys, case):
     mine = tmp_path / "photo.png"

@@ -933,8 +933,8 @@ def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_e
     (["loadtest", "--url", "127.0.0.1:1", "--denoising-end", "1.5"], "--denoising-end 1.5: need the base model's"),
     (["loadtest", "--url", "127.0.0.1:1", "--init-image", "{engines}/manifest.json"], "not a readable image"),
     (["serve", "{engines}", "--log-file", "{engines}/manifest.json/log.txt"], "no log can be written"),
-    (["serve", "{engines}", "--log-file", "{engines}/manifest.json"], "inside the engine directory, whose files"),
-    (["serve", "{engines}", "--log-file", "{engines}/triton.log"], "inside the engine directory, whose files"),
+    (["serve", "{engines}", "--log-file", "{engines}/manifest.json"], "whose manifest lists every file in it; give a path outside it"),
+    (["serve", "{engines}", "--log-file", "{engines}/triton.log"], "whose manifest lists every file in it; give a path outside it"),
     (["triton-repo", "{engines}", "-o", "{tmp}/r", "--engine-path", "/engines/modèles"],
      "--engine-path /engines/modèles: Triton's Python model reads only ASCII file names"),
 ])
