@@ -608,3 +608,21 @@ def test_a_vae_replacement_needs_no_vae_folder_at_all(tiny_diffusers_dir: Path, 
         loaded = load_model(str(model), vae=str(tmp_path / "other-vae"), lazy=lazy)
         assert loaded.materialize("vae").config.latent_channels == 4
         assert str(tmp_path / "other-vae") in loaded.source["vae"]
+
+
+def test_a_checkpoints_default_profile_is_made_for_its_unets_size(tiny_diffusers_dir: Path, tmp_path: Path):
+    """What diffusers' pipelines default to (``sample_size`` latents times the VAE's factor), as adopt
+    reads it: an SD 2.x 768 checkpoint gets the sd21 preset's 256:768:1024, not SD 1.x's 512 opt; a
+    tiny one half to twice its 128."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.outline import outline_model
+
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    assert outline_model(str(model)).default_profile.height == (64, 128, 256)
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 96}))
+    assert outline_model(str(model)).default_profile.height == outline_model("sd21").default_profile.height \
+        == (256, 768, 1024)
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": "x"}))
+    with pytest.raises(ModelLoadError, match="sample_size 'x' is not a size in latents"):
+        outline_model(str(model))

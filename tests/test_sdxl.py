@@ -20,6 +20,7 @@ from sdexport.bench.reference import DiffusersReference
 from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.manifest import load_manifest
 from sdexport.models import LoadedModel, load_model
+from sdexport.models.outline import outline_model
 from sdexport.models.loader import _clean, write_config_dir
 from sdexport.models.presets import PRESETS
 from sdexport.runtime.loading import load_pipeline
@@ -107,7 +108,7 @@ def _meta_model(name: str) -> LoadedModel:
         }
     tokenizer = byte_level_clip_tokenizer()
     return LoadedModel(preset.family, name, modules, {"tokenizer": tokenizer, "tokenizer_2": tokenizer},
-                       dict(preset.scheduler), True, {}, preset.profile, dict(preset.pipeline_config))
+                       dict(preset.scheduler), True, {}, pipeline_config=dict(preset.pipeline_config))
 
 
 def test_sdxl_preset_is_the_real_architecture():
@@ -124,8 +125,9 @@ def test_sdxl_preset_is_the_real_architecture():
     assert model.modules["vae"].config.scaling_factor == 0.13025
     assert model.scheduler_config["_class_name"] == "EulerDiscreteScheduler"
     assert model.pipeline_config == {"force_zeros_for_empty_prompt": True}
-    model.default_profile.validate(dims)
-    assert model.default_profile == ShapeProfile((1, 1, 4), (512, 1024, 1536), (512, 1024, 1536))
+    profile = outline_model("sdxl").default_profile
+    profile.validate(dims)
+    assert profile == ShapeProfile((1, 1, 4), (512, 1024, 1536), (512, 1024, 1536))
 
 
 def test_tiny_sdxl_sizes(sdxl_model):
@@ -748,7 +750,8 @@ def test_diffusers_directory_round_trip(sdxl_model, tmp_path):
     assert loaded.family == "sdxl" and loaded.source["kind"] == "diffusers" and not loaded.random_weights
     assert set(loaded.tokenizers) == {"tokenizer", "tokenizer_2"}
     assert loaded.dims == sdxl_model.dims
-    assert loaded.default_profile == PRESETS["sdxl"].profile
+    # made for its U-Net's size (16 latents: 128 px), as diffusers' pipeline defaults to
+    assert outline_model(str(path)).default_profile == ShapeProfile((1, 1, 4), (64, 128, 256), (64, 128, 256))
     _assert_same_weights(sdxl_model, loaded)
     # diffusers' own loader reads the same directory (the baseline benchmarks use)
     import diffusers

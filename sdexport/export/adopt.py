@@ -23,7 +23,7 @@ from sdexport.errors import SdexportError, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
-from sdexport.models.outline import family_of_index, family_profile, index_scheduler_class, read_json
+from sdexport.models.outline import checkpoint_profile, family_of_index, index_scheduler_class, read_json
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import SDXL_REFINER, ComponentSpec, ModelDims, components_for, tokenizer_names
 
@@ -299,24 +299,8 @@ def adopted_files(directory: Path, plan: AdoptPlan, graphs: dict[str, GraphFacts
 
 
 def default_profile(plan: AdoptPlan) -> ShapeProfile:
-    """The family's profile where the U-Net's ``sample_size`` is the family's (SD 1.x 512, SDXL 1024);
-    else (other checkpoints, tiny test models) half to twice its size, with the family's batches."""
-    family = family_profile(plan.family)
-    given = plan.configs["unet"].get("sample_size") or 0
-    sides = list(given) if isinstance(given, list) and len(given) == 2 else [given, given]  # int, or [h, w]
-    least = 1 if isinstance(given, list) else 0  # 0 (or none) says "no size" only as one number
-    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= least for side in sides):
-        raise SdexportError(f"unet/config.json: sample_size {given!r} is not a size in latents (a whole number, "
-                            "or [height, width]), as diffusers reads it")
-    height, width = (side * plan.dims.vae_scale_factor for side in sides)
-    if not height or (height, width) == (family.height[1], family.width[1]):
-        return family
-    multiple = plan.dims.image_multiple
-
-    def around(side: int) -> tuple[int, int, int]:
-        return max(multiple, side // 2 // multiple * multiple), side, side * 2 // multiple * multiple
-
-    return ShapeProfile(batch=family.batch, height=around(height), width=around(width))
+    """The profile ``sdexport export`` would give the checkpoint (``checkpoint_profile``)."""
+    return checkpoint_profile(plan.family, plan.configs["unet"], plan.dims.vae_scale_factor, plan.dims.image_multiple)
 
 
 @dataclass(frozen=True)

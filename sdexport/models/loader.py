@@ -23,7 +23,6 @@ from sdexport.models.outline import (
     SINGLE_FILE_SUFFIXES,
     check_single_file,
     family_of_dir,
-    family_profile,
     looks_like_a_model,
     read_json,
     scheduler_config,
@@ -33,7 +32,6 @@ from sdexport.models.outline import (
 )
 from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
 from sdexport.models.tokenizer import save_tokenizer
-from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     ADAPTER,
     SDXL_REFINER,
@@ -68,7 +66,6 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     random_weights: bool
     source: dict[str, Any]
-    default_profile: ShapeProfile = field(default_factory=ShapeProfile)
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     """Pipeline options from model_index.json that change results (SDXL: force_zeros_for_empty_prompt)."""
     builders: dict[str, Callable[[], torch.nn.Module]] = field(default_factory=dict)
@@ -381,7 +378,6 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
         scheduler_config=dict(preset.scheduler),
         random_weights=True,
         source={"kind": "preset", "name": preset.name, "seed": seed},
-        default_profile=preset.profile,
         pipeline_config=dict(preset.pipeline_config),
     )
 
@@ -432,7 +428,6 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: 
         scheduler_config=scheduler_config(path),
         random_weights=False,
         source={"kind": "diffusers", "path": str(path.resolve())},
-        default_profile=family_profile(family),
         pipeline_config=options,
     )
 
@@ -520,7 +515,6 @@ def load_single_file(
         # An absolute config path, so the Torch backend can reload the model from anywhere.
         source={"kind": "single_file", "path": str(path.resolve()),
                 "config": config if preset is not None else str(config_path.resolve())},
-        default_profile=preset.profile if preset is not None else family_profile(family),
         pipeline_config=options,
     )
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -120,7 +120,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         family = family_of_dir(path, vae_replaced=vae is not None)
         outline = _outline(family, read_json(path / "unet" / "config.json"),
                            {} if vae is not None else read_json(path / "vae" / "config.json"),  # --vae's is read
-                           scheduler_config(path), family_profile(family), (path,), vae)
+                           scheduler_config(path), None, (path,), vae)
         return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
@@ -132,16 +132,17 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     family = family_of_dir(config_path)
     return _outline(family, read_json(config_path / "unet" / "config.json"),
                     read_json(config_path / "vae" / "config.json"),
-                    scheduler_config(config_path), family_profile(family),
+                    scheduler_config(config_path), None,
                     (path, config_path), vae)
 
 
 def _outline(
-    family: str, unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any], profile: ShapeProfile,
+    family: str, unet: dict[str, Any], vae: dict[str, Any], scheduler: dict[str, Any], profile: ShapeProfile | None,
     sources: tuple[Path, ...], vae_dir: str | None,
 ) -> ModelOutline:
     """The outline, refusing configs whose values would only fail after loading (or be written into a
-    manifest that the runtime then refuses): the same rules the engine directory's manifest obeys."""
+    manifest that the runtime then refuses): the same rules the engine directory's manifest obeys.
+    ``profile``: a preset's; None: a checkpoint's, from its U-Net's size (``checkpoint_profile``)."""
     from sdexport.manifest_schema import SCHEDULER_CONFIG, first_error
 
     if vae_dir is not None:
@@ -168,12 +169,13 @@ def _outline(
         raise ModelLoadError(f"the VAE config's scaling_factor {scaling!r} is not a positive number")
     try:
         blocks = list(vae["block_out_channels"])
+        factor, downsample = 2 ** (len(blocks) - 1), 2 ** (len(unet["down_block_types"]) - 1)
         return ModelOutline(
             family=family,
-            default_profile=profile,
+            default_profile=profile or checkpoint_profile(family, unet, factor, factor * downsample),
             sources=sources,
-            vae_scale_factor=2 ** (len(blocks) - 1),
-            unet_downsample=2 ** (len(unet["down_block_types"]) - 1),
+            vae_scale_factor=factor,
+            unet_downsample=downsample,
             vae_width=int(blocks[0]),
             scheduler_config=dict(scheduler),
             inpainting=_inpainting(unet, vae),
@@ -229,9 +231,38 @@ def looks_like_a_model(path: Path) -> bool:
 
 
 def family_profile(family: str) -> ShapeProfile:
-    """The default export profile of a checkpoint (presets carry their own): SDXL (and its refiner)
-    is made for 1024²."""
+    """The family's export profile: SD 1.x/2.x 256:512:1024, SDXL (and its refiner) 512:1024:1536."""
     return SDXL_PROFILE if is_sdxl(family) else ShapeProfile()
+
+
+def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: int, image_multiple: int,
+                       where: str = "unet/config.json") -> ShapeProfile:
+    """The default export profile of a checkpoint (presets carry their own), for export and adopt
+    alike: opt at the size its U-Net was made for (``sample_size`` latents times the VAE's factor,
+    what diffusers' pipelines default to); each side bounded by the family's where it lies within
+    them (SD 2.x 768: 256:768:1024, as the sd21 preset), else half to twice it (tiny test models);
+    the family's batches. Without a ``sample_size``, the family's profile. ``where`` names the
+    config in a refusal."""
+    family_sides = family_profile(family)
+    given = unet.get("sample_size") or 0
+    sides = list(given) if isinstance(given, list) and len(given) == 2 else [given, given]  # int, or [h, w]
+    least = 1 if isinstance(given, list) else 0  # 0 (or none) says "no size" only as one number
+    if not all(isinstance(side, int) and not isinstance(side, bool) and side >= least for side in sides):
+        raise ModelLoadError(f"{where}: sample_size {given!r} is not a size in latents (a whole number, or "
+                             "[height, width]), as diffusers reads it")
+    height, width = (side * vae_scale_factor for side in sides)
+    if not height:
+        return family_sides
+
+    def around(side: int, family_range: tuple[int, int, int]) -> tuple[int, int, int]:
+        low, _, high = family_range
+        if low <= side <= high:
+            return low, side, high
+        return (max(image_multiple, side // 2 // image_multiple * image_multiple), side,
+                side * 2 // image_multiple * image_multiple)
+
+    return ShapeProfile(batch=family_sides.batch, height=around(height, family_sides.height),
+                        width=around(width, family_sides.width))
 
 
 def check_takes_networks(family: str, flag: str) -> None:
