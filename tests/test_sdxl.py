@@ -20,8 +20,8 @@ from sdexport.bench.reference import DiffusersReference
 from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.manifest import load_manifest
 from sdexport.models import LoadedModel, load_model
-from sdexport.models.outline import outline_model
 from sdexport.models.loader import _clean, write_config_dir
+from sdexport.models.outline import outline_model
 from sdexport.models.presets import PRESETS
 from sdexport.runtime.loading import load_pipeline
 from sdexport.runtime.txt2img import GenerationRequest, Txt2ImgPipeline
