@@ -22,7 +22,7 @@ from sdexport.manifest import (
     read_scheduler_config,
 )
 from sdexport.models.lora import LoraFile
-from sdexport.runtime.request import check_backend
+from sdexport.runtime.request import check_backend, forced_guess_mode
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import SDXL_REFINER, ModelDims, components_for, tokenizer_names
@@ -449,9 +449,11 @@ def _load_engines(
             stream = torch.cuda.Stream()
         engines: dict[str, Engine] = {}
         nets = manifest.controlnets
-        # In guess mode (asked for, or the first ControlNet pools: see Txt2ImgPipeline.guess_mode) the
+        # In guess mode (asked for, or where diffusers turns it on: Txt2ImgPipeline.guess_mode) the
         # ControlNets run on the conditional half of a CFG batch: capture them at the prompts' batch.
-        halved = bool(cuda_graph and nets and (guess_mode or nets[0] in pooled))
+        # (An inpainting U-Net's every request inpaints; others' tasks are known per request only.)
+        task = "inpaint" if manifest.model_dims.inpainting else "txt2img"
+        halved = bool(cuda_graph and nets and (guess_mode or forced_guess_mode(nets[0] in pooled, manifest.family, task)))
         for n in names:
             rel = graph_for(manifest, n, backend, graphs)
             spec = manifest.spec(n)
