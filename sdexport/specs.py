@@ -829,6 +829,8 @@ FAMILY_COMPONENTS: dict[str, tuple[ComponentSpec, ...]] = {
     SDXL_REFINER: (SDXL_TEXT_ENCODER_2, SDXL_UNET, VAE_DECODER, VAE_ENCODER, VAE_DECODER_FP32, VAE_ENCODER_FP32),
 }
 """Components per pipeline family, in the order the runtime calls them (encoder last: img2img)."""
+LORA_COMPONENTS = (UNET.name, SDXL_TEXT_ENCODER.name, SDXL_TEXT_ENCODER_2.name)
+"""The components LoRA files update: a LoRA state dict's prefixes name them, as diffusers' do."""
 
 
 FAMILY_LABELS = {"sd": "SD", "sdxl": "SDXL", SDXL_REFINER: "SDXL refiner"}

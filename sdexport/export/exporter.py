@@ -31,7 +31,7 @@ from sdexport.export.verify import (
     require_parity,
     torch_references,
 )
-from sdexport.export.weight_names import LORA_COMPONENTS, write_weight_map
+from sdexport.export.weight_names import write_weight_map
 from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.models import LoadedModel, load_model
@@ -39,7 +39,7 @@ from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_model_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec
+from sdexport.specs import LORA_COMPONENTS, ComponentSpec
 from sdexport.versions import importing_distribution, installed_versions
 
 if TYPE_CHECKING:

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     import torch
 
 WEIGHTS_FILE = "weights.json"
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-"""The components LoRA files update."""
 
 
 def _key(array: Any) -> tuple[tuple[int, ...], str, str]:

@@ -29,13 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError
-from sdexport.specs import is_sdxl
+from sdexport.specs import LORA_COMPONENTS, is_sdxl
 
 if TYPE_CHECKING:
     import torch
 
-LORA_COMPONENTS = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
-"""The state dict's prefixes, and the modules (components) they update."""
 
 MAX_NAMED = 3
 """Mismatches named in an error; the count says how many there were."""

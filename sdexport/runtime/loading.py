@@ -302,7 +302,8 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     with run-time ``lora`` (not the Torch backend's), each LoRA-able component's ``weights.json`` and
     the portable graph its new weights are read from."""
     from sdexport.build.cache_key import onnx_files
-    from sdexport.export.weight_names import LORA_COMPONENTS, WEIGHTS_FILE
+    from sdexport.export.weight_names import WEIGHTS_FILE
+    from sdexport.specs import LORA_COMPONENTS
 
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast_parts(engine_dir, manifest))
     folders = tuple(f"{name}/" for name in manifest.components)

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
-from sdexport.export.weight_names import LORA_COMPONENTS, WEIGHTS_FILE, read_weight_map
+from sdexport.export.weight_names import WEIGHTS_FILE, read_weight_map
 from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updates
+from sdexport.specs import LORA_COMPONENTS
 
 if TYPE_CHECKING:
     import numpy as np
