@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdexport.build.profiles import build_profile, component_ranges, input_ranges, is_static, static_profile
+from sdexport.build.profiles import build_profile, input_ranges, static_profile
 from sdexport.errors import ProfileError
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import SDXL_UNET, TEXT_ENCODER, UNET, VAE_DECODER, ModelDims
@@ -71,12 +71,11 @@ def test_static_uses_opt_everywhere():
     profile = build_profile(EXPORTED, None, DIMS, static=True)
     assert profile == ShapeProfile(batch=(1, 1, 1), height=(128, 128, 128), width=(128, 128, 128))
     assert profile.is_static and static_profile(profile) == profile
-    vae = component_ranges(VAE_DECODER, EXPORTED, None, DIMS, static=True)
-    assert vae["latent_sample"] == ((1, 4, 16, 16),) * 3 and is_static(vae)
+    vae = input_ranges(VAE_DECODER, profile, DIMS)
+    assert vae["latent_sample"] == ((1, 4, 16, 16),) * 3
     # Under CFG the U-Net still sees batch 1 (guidance 1) and 2, so it is not fully static.
-    unet = component_ranges(UNET, EXPORTED, None, DIMS, static=True)
+    unet = input_ranges(UNET, profile, DIMS)
     assert unet["sample"] == ((1, 4, 16, 16), (2, 4, 16, 16), (2, 4, 16, 16))
-    assert not is_static(unet)
 
 
 def test_explicit_single_numbers_are_static_and_checked():

@@ -58,20 +58,3 @@ def build_profile(
 def input_ranges(spec: ComponentSpec, profile: ShapeProfile, dims: ModelDims) -> dict[str, ShapeRange]:
     """min/opt/max shape of every input of ``spec`` under ``profile``, in the spec's input order."""
     return dict(profile.tensor_ranges(spec, dims))
-
-
-def component_ranges(
-    spec: ComponentSpec,
-    exported: ShapeProfile,
-    requested: ShapeProfile | None,
-    dims: ModelDims,
-    *,
-    static: bool = False,
-) -> dict[str, ShapeRange]:
-    """One call for the builder: check the build profile, then resolve it for one component."""
-    return input_ranges(spec, build_profile(exported, requested, dims, static=static), dims)
-
-
-def is_static(ranges: dict[str, ShapeRange]) -> bool:
-    """Whether every input has a single shape (min = opt = max): CUDA graphs can be replayed as is."""
-    return all(lo == opt == hi for lo, opt, hi in ranges.values())
