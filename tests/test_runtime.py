@@ -368,3 +368,7 @@ def test_a_request_without_a_size_takes_its_images_or_the_profiles_opt(tiny_engi
     assert pipeline.sized(GenerationRequest(prompt=["a cat"], width=64)).size == (opt[0], 64)
     with pytest.raises(SdexportError, match="height or width is not set yet"):
         _ = GenerationRequest(prompt=["a cat"]).size
+    # split, each part with its own control image: every part takes the whole request's size
+    maps = [Image.new("RGB", (128, 128)), Image.new("RGB", (192, 256))]
+    parts = GenerationRequest(prompt=["a", "b"], seeds=[0, 1], control_image=[maps]).split(1)
+    assert [(p.height, p.width) for p in parts] == [(128, 128)] * 2

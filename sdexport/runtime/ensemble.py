@@ -101,7 +101,8 @@ def halves(request: GenerationRequest, end: float) -> tuple[GenerationRequest, G
     """``request`` (as the base model alone would take it) as the base model's share, up to ``end``,
     and the refiner's, from there (its ``init_latents`` to be filled in with the base model's). The
     init image, strength, ControlNets and T2I-Adapters are the base model's alone (``BASE_ONLY``);
-    a mask is both models'."""
+    a mask is both models'. Both take the base model's image's size where none is set."""
+    request = request.with_image_size()
     base = replace(request, denoising_end=end, **field_defaults(GenerationRequest, REFINER_ONLY))
     refine = replace(request, denoising_start=end, **field_defaults(GenerationRequest, BASE_ONLY))
     return base, refine
@@ -159,6 +160,7 @@ def check_loaded(refining: Any, refine: GenerationRequest) -> None:
     included) before the base model has run: its latents stood in by zeros of their shape."""
     import torch
 
+    refine = refining.sized(refine)
     refining.check(replace(refine, init_latents=torch.zeros(refining.latent_shape(refine))))
 
 

@@ -209,16 +209,24 @@ class GenerationRequest:
         sides times ``vae_scale_factor``), the init image, the first control image, then the first
         adapter image (PIL's ``size`` is (width, height)), else ``opt``, the profile's (height, width);
         itself when both are set. What the loop and the checks read: every side is a number then."""
+        shape = tuple(getattr(self.init_latents, "shape", ()))
+        if len(shape) == 4:
+            return self._filled((int(shape[2]) * vae_scale_factor, int(shape[3]) * vae_scale_factor))
+        return self.with_image_size()._filled(opt)
+
+    def with_image_size(self) -> GenerationRequest:
+        """This request with an unset side taken from its first image (init, control, then adapter
+        image), as ``sized`` takes it; itself where it has none. ``split`` and an ensemble's halves
+        take it first, so that every part, each with its own images, has the whole request's size."""
+        picture = first_picture([self.image, self.control_image, self.adapter_image])
+        return self._filled((picture.size[1], picture.size[0])) if picture is not None else self
+
+    def _filled(self, size: tuple[int, int]) -> GenerationRequest:
+        """Unset sides from ``size`` (height, width); itself when both are set."""
         if self.height is not None and self.width is not None:
             return self
         from dataclasses import replace
 
-        shape = tuple(getattr(self.init_latents, "shape", ()))
-        if len(shape) == 4:
-            size = (int(shape[2]) * vae_scale_factor, int(shape[3]) * vae_scale_factor)
-        else:
-            picture = first_picture([self.image, self.control_image, self.adapter_image])
-            size = (picture.size[1], picture.size[0]) if picture is not None else opt
         return replace(self, height=size[0] if self.height is None else self.height,
                        width=size[1] if self.width is None else self.width)
 
@@ -272,6 +280,7 @@ class GenerationRequest:
 
         per_image = ("prompt", "negative_prompt", "seeds", "prompt_2", "negative_prompt_2", "image", "mask",
                      "adapter_image", "guidance", "adapter_factor", "init_latents")
+        whole = self.with_image_size()  # each part with its own images: the whole request's size
         parts = []
         for start in range(0, self.batch, size):
             fields: dict[str, Any] = {name: cut(getattr(self, name), start) for name in per_image}
@@ -283,7 +292,7 @@ class GenerationRequest:
                 if isinstance(places, list | tuple):
                     fields[name] = [cut(place, start) if isinstance(place, list | tuple) else place
                                     for place in places]
-            parts.append(replace(self, **fields))
+            parts.append(replace(whole, **fields))
         return parts
 
     @property
