@@ -679,6 +679,10 @@ def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directo
     tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache, force=True)
     assert recorder.builds[-1]["load_timing_cache"].name == str(cache)  # read from the cache the first build saved
     assert [p.name for p in cache.parent.iterdir()] == ["timing.cache"]
+    link = tmp_path / "linked.cache"  # a link to a shared cache: that cache is updated, the link kept
+    link.symlink_to(cache)
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=link, force=True)
+    assert link.is_symlink() and link.resolve() == cache and recorder.builds[-1]["load_timing_cache"].name == str(cache)
     graph = (directory / "unet" / "model.onnx").read_bytes()
     for bad, words in ((cache.parent, "a folder; name the cache file"),
                        (directory / "unet" / "model.onnx", "inside the engine directory")):

@@ -184,11 +184,13 @@ def _timing_cache_files(timing_cache: Path | None) -> Any:
     """(what polygraphy loads the timing cache from, what it saves the updated one to): open files,
     so that the cache is replaced whole once the build succeeds (``atomic_path``), never truncated
     by a build stopped while polygraphy writes it in place, and no ``FILE.lock`` is made beside it
-    (polygraphy locks paths, not open files; two builds at once each replace it whole). (None, None)
-    without a cache."""
+    (polygraphy locks paths, not open files; of two builds at once, the last to finish keeps its
+    cache). A link is followed: the file it names is replaced, the link kept. (None, None) without a
+    cache."""
     if timing_cache is None:
         yield None, None
         return
+    timing_cache = timing_cache.resolve()
     with contextlib.ExitStack() as files, atomic_path(timing_cache) as staged:
         cache_in = files.enter_context(open(timing_cache, "rb")) if timing_cache.is_file() else None
         cache_out = files.enter_context(open(staged, "wb+"))
