@@ -46,8 +46,9 @@ if [[ ! -x "$VENV/bin/python" || "$(cat "$STAMP" 2>/dev/null)" != "$want" ]]; th
   fi
   echo "interop-check: building the optimum environment in $VENV" >&2
   rm -rf "$VENV"  # links inside it are removed, never what they point to
+  mkdir -p "$VENV"
+  : > "$MARK"  # before the environment: a venv cut short (or failing: no ensurepip) is still this script's
   "$PYTHON" -m venv "$VENV"
-  : > "$MARK"
   # --no-compile: no bytecode for the thousands of modules never imported (half the build's time);
   # Python writes it for those the check imports, on first use
   pip_install() { "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-compile "$@"; }
