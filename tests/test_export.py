@@ -600,7 +600,7 @@ def test_a_vae_replacement_needs_no_vae_folder_at_all(tiny_diffusers_dir: Path, 
     model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
     shutil.move(model / "vae", tmp_path / "other-vae")
     assert run_cli("export", model, "-o", tmp_path / "refused", "--components", "vae_decoder") == 2
-    assert "missing vae/; or give --vae to replace its VAE" in capsys.readouterr().err
+    assert "missing vae/ (`sdexport export --vae DIR` can replace the VAE)" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
     assert run_cli("export", model, "--vae", tmp_path / "other-vae", "-o", tmp_path / "out", "--components", "unet,vae_decoder",
                    "--batch", "1", "--height", "64", "--width", "64", "--verify", "none", "-q") == 0

@@ -320,7 +320,7 @@ def family_of_dir(path: Path, *, vae_replaced: bool = False) -> str:
     parts = ["unet", *([] if vae_replaced else ["vae"]), *text_encoders(family), *tokenizer_names(family), "scheduler"]
     missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
-        hint = "; or give --vae to replace its VAE" if missing == ["vae"] else ""
+        hint = " (`sdexport export --vae DIR` can replace the VAE)" if missing == ["vae"] else ""
         raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/{hint}")
     return family
 
