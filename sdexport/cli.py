@@ -199,7 +199,7 @@ def adopt(
     model: Annotated[str | None, typer.Option(help="The checkpoint (or preset) it was exported from: each graph is then compared with PyTorch, and --backend torch can run it.")] = None,
     config: Annotated[str | None, typer.Option(help="With a single-file --model (.safetensors/.ckpt): a diffusers directory of the same architecture, or a preset, as `sdexport export --config`.")] = None,
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
-    height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("as export gives the checkpoint: opt at the U-Net's sample_size, within the family's sides (SD 256:1024, SDXL 512:1536) or else half to twice it"))] = None,
+    height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("as export gives the checkpoint: opt at the U-Net's sample_size, within the family's sides (SD 256:1024, SDXL 512:1536), half to twice it below them, else the family's"))] = None,
     width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("as --height"))] = None,
     force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten and their files removed: build again).")] = False,
 ) -> None:

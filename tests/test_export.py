@@ -623,6 +623,9 @@ def test_a_checkpoints_default_profile_is_made_for_its_unets_size(tiny_diffusers
     (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": 96}))
     assert outline_model(str(model)).default_profile.height == outline_model("sd21").default_profile.height \
         == (256, 768, 1024)
+    for size in (101, 256):  # 808 px (no image side: not a multiple of 16), 2048 (past the family's sides)
+        (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": size}))
+        assert outline_model(str(model)).default_profile.height == (256, 512, 1024)  # exports without flags
     (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": "x"}))
     with pytest.raises(ModelLoadError, match="sample_size 'x' is not a size in latents"):
         outline_model(str(model))

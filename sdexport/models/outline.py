@@ -240,9 +240,11 @@ def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: i
     """The default export profile of a checkpoint (presets carry their own), for export and adopt
     alike: opt at the size its U-Net was made for (``sample_size`` latents times the VAE's factor,
     what diffusers' pipelines default to); each side bounded by the family's where it lies within
-    them (SD 2.x 768: 256:768:1024, as the sd21 preset), else half to twice it (tiny test models);
-    the family's batches. Without a ``sample_size``, the family's profile. ``where`` names the
-    config in a refusal."""
+    them (SD 2.x 768: 256:768:1024, as the sd21 preset), half to twice it below them (tiny test
+    models); the family's batches. Without a ``sample_size``, with one no image side can be (not a
+    multiple of ``image_multiple``), or above the family's sides (whose maxima could pass what an
+    engine can index, ``ShapeProfile.check_limits``), the family's sides: the default must export
+    without flags (``--height``/``--width`` set others). ``where`` names the config in a refusal."""
     family_sides = family_profile(family)
     given = unet.get("sample_size") or 0
     sides = list(given) if isinstance(given, list) and len(given) == 2 else [given, given]  # int, or [h, w]
@@ -256,10 +258,11 @@ def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: i
 
     def around(side: int, family_range: tuple[int, int, int]) -> tuple[int, int, int]:
         low, _, high = family_range
-        if low <= side <= high:
+        if side % image_multiple or side > high:
+            return family_range
+        if side >= low:
             return low, side, high
-        return (max(image_multiple, side // 2 // image_multiple * image_multiple), side,
-                side * 2 // image_multiple * image_multiple)
+        return max(image_multiple, side // 2 // image_multiple * image_multiple), side, side * 2
 
     return ShapeProfile(batch=family_sides.batch, height=around(height, family_sides.height),
                         width=around(width, family_sides.width))
