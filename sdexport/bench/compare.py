@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdexport.bench.report import MIN_REPEATS, decibels, json_ready, test_hooks_text
+from sdexport.bench.report import MIN_REPEATS, STAGES, decibels, json_ready, test_hooks_text
 from sdexport.bench.scenario import WORKLOAD_FIELDS, workload_value
 from sdexport.errors import SdexportError
 from sdexport.output_dir import OutputKind
@@ -38,9 +38,6 @@ MARKER = "<!-- sdexport bench compare -->"
 """First line of the Markdown: a bot updating its merge-request comment finds its own by it."""
 FORMAT = 1
 COMPARISON_FILES = ("comparison.json", "comparison.md", "comparison.xml")
-
-STAGES = (("text_encoder_s", "text enc."), ("adapter_s", "adapter"), ("controlnet_step_s", "ControlNet/step"),
-          ("unet_step_s", "U-Net/step"), ("vae_decoder_s", "VAE"), ("loop_overhead_s", "overhead"))
 
 
 @dataclass(frozen=True)

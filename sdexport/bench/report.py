@@ -60,7 +60,10 @@ def _range_ms(stats: dict[str, Any]) -> str:
             + (f" ±{cv * 100:.0f}%" if cv is not None else ""))
 
 
-STAGE_KEYS = ("text_encoder_s", "adapter_s", "controlnet_step_s", "unet_step_s", "vae_decoder_s", "loop_overhead_s")
+STAGES = (("text_encoder_s", "text enc."), ("adapter_s", "adapter"), ("controlnet_step_s", "ControlNet/step"),
+          ("unet_step_s", "U-Net/step"), ("vae_decoder_s", "VAE"), ("loop_overhead_s", "overhead"))
+"""A measured entry's stage keys, in the loop's order, with the short label a table column gives each."""
+STAGE_KEYS = tuple(key for key, _ in STAGES)
 
 
 def stages_sum(entry: dict[str, Any]) -> float:
