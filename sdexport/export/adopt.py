@@ -24,7 +24,6 @@ from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
 from sdexport.models.outline import checkpoint_profile, family_of_index, index_scheduler_class, read_json
-from sdexport.shapes import ShapeProfile
 from sdexport.specs import SDXL_REFINER, ComponentSpec, ModelDims, components_for, tokenizer_names
 
 GRAPH = "model.onnx"
@@ -189,7 +188,8 @@ def adopt(
         from sdexport.models.outline import outline_model
 
         outline_model(model, config=config)
-    profile = default_profile(plan).with_ranges(**(ranges or {}))
+    profile = checkpoint_profile(plan.family, plan.configs["unet"], plan.dims.vae_scale_factor,  # as export's
+                                 plan.dims.image_multiple).with_ranges(**(ranges or {}))
     profile.validate(plan.dims)
     blocks = plan.configs["vae"].get("block_out_channels") or [128]  # its widest, full-size activations: as export
     profile.check_limits(int(blocks[0]) if isinstance(blocks, list) and isinstance(blocks[0], int) else 128)
@@ -296,11 +296,6 @@ def adopted_files(directory: Path, plan: AdoptPlan, graphs: dict[str, GraphFacts
             raise SdexportError(f"{directory}: {rel} is missing (a graph's external weights, or a file the runtime reads)")
         files[rel] = sha256_file(path)
     return files
-
-
-def default_profile(plan: AdoptPlan) -> ShapeProfile:
-    """The profile ``sdexport export`` would give the checkpoint (``checkpoint_profile``)."""
-    return checkpoint_profile(plan.family, plan.configs["unet"], plan.dims.vae_scale_factor, plan.dims.image_multiple)
 
 
 @dataclass(frozen=True)

@@ -235,8 +235,7 @@ def family_profile(family: str) -> ShapeProfile:
     return SDXL_PROFILE if is_sdxl(family) else ShapeProfile()
 
 
-def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: int, image_multiple: int,
-                       where: str = "unet/config.json") -> ShapeProfile:
+def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: int, image_multiple: int) -> ShapeProfile:
     """The default export profile of a checkpoint (presets carry their own), for export and adopt
     alike: opt at the size its U-Net was made for (``sample_size`` latents times the VAE's factor,
     what diffusers' pipelines default to); each side bounded by the family's where it lies within
@@ -244,13 +243,13 @@ def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: i
     models); the family's batches. Without a ``sample_size``, with one no image side can be (not a
     multiple of ``image_multiple``), or above the family's sides (whose maxima could pass what an
     engine can index, ``ShapeProfile.check_limits``), the family's sides: the default must export
-    without flags (``--height``/``--width`` set others). ``where`` names the config in a refusal."""
+    without flags (``--height``/``--width`` set others)."""
     family_sides = family_profile(family)
     given = unet.get("sample_size") or 0
     sides = list(given) if isinstance(given, list) and len(given) == 2 else [given, given]  # int, or [h, w]
     least = 1 if isinstance(given, list) else 0  # 0 (or none) says "no size" only as one number
     if not all(isinstance(side, int) and not isinstance(side, bool) and side >= least for side in sides):
-        raise ModelLoadError(f"{where}: sample_size {given!r} is not a size in latents (a whole number, or "
+        raise ModelLoadError(f"unet/config.json: sample_size {given!r} is not a size in latents (a whole number, or "
                              "[height, width]), as diffusers reads it")
     height, width = (side * vae_scale_factor for side in sides)
     if not height:
