@@ -1318,7 +1318,7 @@ def main() -> None:
     set_verbosity(NORMAL)  # per call: tests run several commands in one process
     _verbosity_given.clear()
     from sdexport import stopping
-    from sdexport.runtime.setting_names import run_option, settings_named
+    from sdexport.setting_names import run_option, settings_named
 
     # SIGTERM unwinds like Ctrl-C, a stop dropped on the way is not lost; refusals name run's options
     with stopping.listening(), settings_named(run_option):

@@ -107,7 +107,7 @@ class ShapeProfile:
         Past 2^31 elements it cannot be indexed by TensorRT or ONNX Runtime's CUDA kernels, whatever
         the GPU's memory; such a profile would only fail after a long export and build.
         """
-        from sdexport.runtime.setting_names import option
+        from sdexport.setting_names import option
 
         batch, height, width = self.batch[2], self.height[2], self.width[2]
         elements = vae_width * batch * height * width
@@ -122,7 +122,7 @@ class ShapeProfile:
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry) -> None:
         """Refuse a request the engines cannot serve, saying what they can (and what widens them:
         export's option, or a bench scenario's ``[export]`` range)."""
-        from sdexport.runtime.setting_names import option, setting
+        from sdexport.setting_names import option, setting
 
         m = dims.image_multiple
         for axis, value, (lo, _, hi) in (

@@ -279,7 +279,7 @@ def _in_input_names(cli_message: str) -> str:
     (``exported with --controlnet``) as they are."""
     import re
 
-    from sdexport.runtime.setting_names import run_option
+    from sdexport.setting_names import run_option
 
     inputs = {run_option(spec.name): spec.name for spec in INPUTS}
     return re.sub(r"--[a-z0-9-]+", lambda flag: inputs.get(flag.group(0), flag.group(0)), cli_message)

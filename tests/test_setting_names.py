@@ -10,7 +10,8 @@ import pytest
 
 import sdexport
 from sdexport.errors import SdexportError
-from sdexport.runtime.setting_names import (
+from sdexport.serving.protocol import INPUT_NAMES
+from sdexport.setting_names import (
     SCENARIO_KEYS,
     api_field,
     assigned,
@@ -22,7 +23,6 @@ from sdexport.runtime.setting_names import (
     setting,
     settings_named,
 )
-from sdexport.serving.protocol import INPUT_NAMES
 
 SHARED_CHECKS = ("runtime/request.py", "runtime/schedulers.py", "runtime/image_inputs.py", "runtime/ensemble.py")
 """The checks the Python API, ``run``, ``serve`` and the bench share."""

@@ -55,7 +55,7 @@ from sdexport.console import console, step
 from sdexport.errors import SdexportError, interruption_name
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_steps
-from sdexport.runtime.setting_names import scenario_key, settings_named
+from sdexport.setting_names import scenario_key, settings_named
 from sdexport.shapes import ShapeProfile
 
 

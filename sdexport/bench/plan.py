@@ -18,7 +18,7 @@ from sdexport.bench.scenario import BASELINES, CONTENDERS, SLOW_UNET_HOOK, Case,
 from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
-from sdexport.runtime.setting_names import input_name, scenario_key, settings_named
+from sdexport.setting_names import input_name, scenario_key, settings_named
 from sdexport.shapes import ImageGeometry, ShapeProfile, parse_range
 from sdexport.specs import SDXL_REFINER
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
-from sdexport.runtime.setting_names import option, option_given
+from sdexport.setting_names import option, option_given
 
 if TYPE_CHECKING:
     import torch

@@ -17,7 +17,7 @@ from typing import Any
 
 from sdexport.errors import ModelLoadError, one_line, pasteable
 from sdexport.models.presets import PRESETS, SDXL_PROFILE, Preset, get_preset
-from sdexport.runtime.setting_names import option, option_given
+from sdexport.setting_names import option, option_given
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import FAMILY_CONTROLNET, SDXL_REFINER, is_sdxl, text_encoders, tokenizer_names
 

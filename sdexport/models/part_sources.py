@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sdexport.errors import ModelLoadError
-from sdexport.runtime.setting_names import option_given
+from sdexport.setting_names import option_given
 
 Preset = TypeVar("Preset")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from sdexport.errors import SdexportError
 from sdexport.runtime.request import GenerationRequest
-from sdexport.runtime.setting_names import setting
+from sdexport.setting_names import setting
 
 DENOISING_END_DEFAULT = 0.8
 """The base model's fraction of the schedule when none is given (diffusers' example)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
-from sdexport.runtime.setting_names import assigned, setting
+from sdexport.setting_names import assigned, setting
 
 if TYPE_CHECKING:
     import torch

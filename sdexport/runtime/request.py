@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
-from sdexport.runtime.setting_names import setting
+from sdexport.setting_names import setting
 from sdexport.shapes import ImageGeometry, ShapeProfile
 from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, is_sdxl
 

@@ -10,7 +10,7 @@ import inspect
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
-from sdexport.runtime.setting_names import setting
+from sdexport.setting_names import setting
 
 if TYPE_CHECKING:
     from sdexport.runtime.request import GenerationRequest

@@ -9,7 +9,7 @@ scales and factors are not among those settings: a call takes one of each per im
 
 Nothing here needs torch or a model: rows are checked with ``check_request`` against the manifest's
 profile, so a bad request is refused with the sentence ``run`` would say, naming the inputs it
-sent (``runtime.setting_names``), before it joins a batch.
+sent (``sdexport.setting_names``), before it joins a batch.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 from sdexport.errors import SdexportError, one_line
 from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end, common_sizes
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
-from sdexport.runtime.setting_names import input_name, settings_named
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
     Row,
@@ -33,6 +32,7 @@ from sdexport.serving.requests import (
     settings_apart,
     union_control_apart,
 )
+from sdexport.setting_names import input_name, settings_named
 from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:
