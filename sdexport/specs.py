@@ -922,6 +922,12 @@ def components_for(family: str, controlnets: int = 0, adapters: int = 0) -> tupl
     return (*specs[:at], *nets, *added, *specs[at:])
 
 
+def txt2img_specs(family: str, controlnets: int = 0, adapters: int = 0) -> list[ComponentSpec]:
+    """What a txt2img call runs, in call order: ``components_for`` less the VAE encoders (img2img's)
+    and the fp32 fallbacks (``always_fp32``), which run only in the fp16 ones' places."""
+    return [s for s in components_for(family, controlnets, adapters) if s.name not in VAE_ENCODERS and not s.always_fp32]
+
+
 def component(family: str, name: str) -> ComponentSpec:
     index, adapter = controlnet_index(name), adapter_index(name)
     for spec in components_for(family, 0 if index is None else index + 1, 0 if adapter is None else adapter + 1):

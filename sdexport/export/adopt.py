@@ -24,7 +24,14 @@ from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
 from sdexport.models.outline import checkpoint_profile, family_of_index, index_scheduler_class, read_json
-from sdexport.specs import SDXL_REFINER, ComponentSpec, ModelDims, components_for, tokenizer_names
+from sdexport.specs import (
+    SDXL_REFINER,
+    ComponentSpec,
+    ModelDims,
+    components_for,
+    tokenizer_names,
+    txt2img_specs,
+)
 
 GRAPH = "model.onnx"
 PARTS = {"unet": "unet", "vae": "vae_decoder", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
@@ -100,8 +107,7 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
                             f"{saved!r}; make them agree (diffusers builds the one {MODEL_INDEX} names)")
     specs = [s for s in components_for(family) if not s.always_fp32 and (directory / s.name / GRAPH).is_file()]
     # what txt2img runs; the refiner's one task starts from an image, which its encoder reads
-    needed = [s.name for s in components_for(family)
-              if not s.always_fp32 and (s.name != "vae_encoder" or family == SDXL_REFINER)]
+    needed = [s.name for s in txt2img_specs(family)] + (["vae_encoder"] if family == SDXL_REFINER else [])
     missing = [n for n in needed if n not in {s.name for s in specs}]
     if missing:
         runs = "the SDXL refiner (img2img, inpainting)" if family == SDXL_REFINER else "a txt2img pipeline"

@@ -25,7 +25,7 @@ from sdexport.models.lora import LoraFile
 from sdexport.runtime.request import check_backend, forced_guess_mode
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import SDXL_REFINER, ModelDims, components_for, tokenizer_names
+from sdexport.specs import SDXL_REFINER, ModelDims, tokenizer_names, txt2img_specs
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
     import torch
@@ -41,8 +41,7 @@ def txt2img_components(manifest: Manifest, upcast: dict[str, str] | None = None)
     where the export has only the fp32 one (``vae_in_place``)."""
     controlnets = len(manifest.controlnets) or (1 if manifest.model_dims.residuals else 0)
     in_place = vae_in_place(manifest, upcast or {})
-    names = [in_place.get(s.name, s.name) for s in components_for(manifest.family, controlnets, len(manifest.adapters))
-             if s.name != "vae_encoder" and not s.always_fp32]
+    names = [in_place.get(s.name, s.name) for s in txt2img_specs(manifest.family, controlnets, len(manifest.adapters))]
     missing = [n for n in names if n not in manifest.components]
     if missing:
         raise EngineDirError(
