@@ -92,7 +92,7 @@ def relocated(recorded: Mapping[str, Any], here: Mapping[str, Any], modules: Ite
     theirs: Mapping[str, str] = recorded.get("files") or {}
     if not theirs:
         return dict(recorded)
-    moved = {**recorded, **({"path": here["path"]} if "path" in here else {})}
+    moved = _moved_part(recorded, here)
     for key in ("controlnets", "adapters"):  # each part where this machine has it, in the export's order
         ours, mine = recorded.get(key), here.get(key)
         if isinstance(ours, list) and isinstance(mine, list) and len(ours) == len(mine):
@@ -109,7 +109,8 @@ def relocated(recorded: Mapping[str, Any], here: Mapping[str, Any], modules: Ite
 
 
 def _moved_part(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> dict[str, Any]:
-    """A ControlNet's or adapter's record, read where ``here`` has it (a preset's stays as it was)."""
+    """A source's record (the checkpoint's, a ControlNet's or an adapter's), read where ``here`` has it
+    (a preset's stays as it was)."""
     return {**recorded, **({"path": here["path"]} if "path" in here else {})}
 
 
