@@ -36,6 +36,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         + (manifest.prediction_type.replace("_", "-") if manifest.prediction_type.endswith("_prediction")
            else f"{manifest.prediction_type} prediction")  # v_prediction: "v-prediction", not "... prediction" twice
         + (" (a latent consistency model: its U-Net takes the guidance embedded)" if manifest.model_dims.G else "")
+        + (f", clip skip {manifest.model_dims.clip_skip}" if manifest.model_dims.clip_skip else "")
         + f", {manifest.dtype}, "
         f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
         f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}",

@@ -140,6 +140,7 @@ SCHEMA: dict[str, Any] = {
                 "K": _size(8, 0),  # with union ControlNets: images per call (specs.MAX_UNION_IMAGES)
                 "N": _size(64, 0),  # and the control modes they know
                 "G": _size(65536, 4),  # a latent consistency model: its guidance embedding's size
+                "clip_skip": _size(1023),  # export --clip-skip (below the text encoders' layers, L1/L2's bound)
             },
             "additionalProperties": False,
         },

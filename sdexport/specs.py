@@ -172,6 +172,8 @@ class ComponentSpec:
         if self.takes_residuals and dims.G and GUIDANCE_EMBEDDING not in self.input_names:
             self = replace(self, inputs=(*self.inputs, _GUIDANCE_EMBEDDING_INPUT),
                            wrapper=_taking_guidance_embedding(self.wrapper))
+        if dims.clip_skip and self.wrapper is _text_encoder_wrapper:  # SD's (SDXL's export every layer)
+            self = replace(self, wrapper=functools.partial(_text_encoder_wrapper, clip_skip=dims.clip_skip))
         if self.takes_residuals and dims.residuals and not self.residual_inputs:
             self = replace(self, inputs=(*self.inputs, *_RESIDUAL_INPUTS))
         if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
@@ -332,6 +334,13 @@ class ModelDims:
     G: int = 0
     """A latent consistency model's U-Net: the size of the guidance embedding it takes
     (``time_cond_proj_dim``; 0 for every other U-Net, which is guided by a second batch half)."""
+    clip_skip: int = 0
+    """The text encoder layers the prompt is read past, counted back from the last (diffusers'
+    ``clip_skip``; A1111's "Clip skip" is one more): ``export --clip-skip``'s, 0 without. Not read
+    from configs but chosen for the model, as checkpoints trained on an earlier layer's output need.
+    SD's text encoder graph then returns that layer's hidden state through the final layer norm as
+    its ``last_hidden_state`` (baked in); SDXL's export every layer's, so there it is the runtime's
+    default, which a request may change."""
 
     def __post_init__(self) -> None:  # a manifest's JSON gives lists
         for name in ("residuals", "adapter_features"):
@@ -341,10 +350,10 @@ class ModelDims:
     def record(self) -> dict[str, Any]:
         """The manifest's ``dims``: U only for an inpainting U-Net, residuals only with ControlNets,
         the adapter's sizes only with one (each adapter's channels only with several), K and N only
-        with union ControlNets, G only for a latent consistency model, so other directories stay
-        readable by sdexport versions that predate them."""
+        with union ControlNets, G only for a latent consistency model, clip_skip only where set, so
+        other directories stay readable by sdexport versions that predate them."""
         values: dict[str, Any] = dict(vars(self))
-        for name in ("U", "A", "K", "N", "G"):
+        for name in ("U", "A", "K", "N", "G", "clip_skip"):
             if not values[name]:
                 del values[name]
         if values["adapter_channels"]:
@@ -408,7 +417,10 @@ class ModelDims:
 # ---------------------------------------------------------------------------------------------
 
 
-def _text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
+def _text_encoder_wrapper(module: torch.nn.Module, clip_skip: int = 0) -> torch.nn.Module:
+    """``clip_skip`` (``ModelDims.clip_skip``): ``last_hidden_state`` is that many layers before the
+    last one's, through the final layer norm, as diffusers' SD pipelines compute ``clip_skip``. The
+    skipped layers stay in the graph (``pooler_output`` reads them), so LoRA files still find them."""
     import torch
 
     class TextEncoder(torch.nn.Module):
@@ -417,8 +429,15 @@ def _text_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
             self.model = model
 
         def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            out = self.model(input_ids, return_dict=True)
-            return out.last_hidden_state, out.pooler_output
+            if not clip_skip:
+                out = self.model(input_ids, return_dict=True)
+                return out.last_hidden_state, out.pooler_output
+            out = self.model(input_ids, output_hidden_states=True, return_dict=True)
+            # transformers 5.6 moved CLIPTextModel's layers up from its text_model (diffusers' SD
+            # pipelines still read text_model.final_layer_norm there, and fail: diffusers#14124)
+            root: Any = getattr(self.model, "text_model", self.model)
+            norm = root.final_layer_norm
+            return norm(out.hidden_states[-(clip_skip + 1)]), out.pooler_output
 
     return TextEncoder(module)
 

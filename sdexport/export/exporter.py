@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,7 +121,7 @@ def _export_into(
     loras: list[dict[str, Any]] | None = None,
     memory: MemoryLog | None = None,
 ) -> Manifest:
-    dims = model.dims
+    dims = replace(model.dims, clip_skip=options.clip_skip)  # (the model's configs know nothing of it)
     memory = memory or MemoryLog()
     entries: dict[str, ComponentEntry] = {}
     expanded = [s.for_model(dims) for s in specs]

@@ -20,7 +20,7 @@ from sdexport.models.outline import ModelOutline, check_part_weights, outline_mo
 from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.output_dir import OutputKind, check_target, refuse_if_held
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, adapter_index, components_for, controlnet_index
+from sdexport.specs import ComponentSpec, adapter_index, components_for, controlnet_index, text_encoders
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -61,6 +61,8 @@ class ExportOptions:
     union_images: int = 1
     """The control images a union ControlNet takes per call (``--union-images``): each has its
     control mode, and all of them shape one set of residuals."""
+    clip_skip: int = 0
+    """Text encoder layers the prompt is read past (``--clip-skip``; ``ModelDims.clip_skip``)."""
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,30 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
+    check_clip_skip(options.clip_skip, outline, specs)
     # (a --vae takes the model's own VAE's place: its folder need hold no weights)
     check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     refuse_if_held(check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources))  # at once
     return plan
+
+
+def check_clip_skip(clip_skip: object, outline: ModelOutline, specs: list[ComponentSpec]) -> None:
+    """Fewer layers than every text encoder has, and a text encoder exported for it to change."""
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0:
+        raise SdexportError(f"--clip-skip {clip_skip!r}: expected a whole number of layers, 0 or more (diffusers' "
+                            "clip_skip: 1 reads the penultimate layer, A1111's \"Clip skip: 2\")")
+    if not clip_skip:
+        return
+    if not any(s.name in text_encoders(outline.family) for s in specs):
+        raise SdexportError(f"--clip-skip {clip_skip}: it changes how the text encoder reads the prompt, which "
+                            "--components leaves out")
+    if not outline.text_layers:
+        raise SdexportError(f"--clip-skip {clip_skip}: the model's text encoder configs cannot be read for their "
+                            "number of layers")
+    from sdexport.runtime.request import check_skipped_layers
+
+    check_skipped_layers("--clip-skip", clip_skip, list(outline.text_layers))
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,

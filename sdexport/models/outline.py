@@ -80,6 +80,8 @@ class ModelOutline:
     adapters: tuple[Path, ...] = ()
     """A T2I-Adapter pipeline directory's adapter(s) (``adapter/``, a ``MultiAdapter``'s
     ``adapter_1/``, ``adapter_2/``, ...)."""
+    text_layers: tuple[int, ...] = ()
+    """Hidden layers of each of the family's text encoders, in order: ``--clip-skip`` skips fewer."""
 
     @property
     def image_multiple(self) -> int:
@@ -115,25 +117,53 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
             f"for the preset")
     if preset is not None and not looks_like_a_model(path):
         outline = _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
-        return replace(outline, preset=preset.name)
+        return replace(outline, preset=preset.name, text_layers=_preset_text_layers(preset))
     if path.is_dir():
         family = family_of_dir(path, vae_replaced=vae is not None)
         outline = _outline(family, read_json(path / "unet" / "config.json"),
                            {} if vae is not None else read_json(path / "vae" / "config.json"),  # --vae's is read
                            scheduler_config(path), None, (path,), vae)
-        return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path))
+        return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path),
+                       text_layers=_text_layers(path, family))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
     check_single_file(path)
     if config_preset is not None:
-        return _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.scheduler,
-                        config_preset.profile, (path,), vae)
+        outline = _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.scheduler,
+                           config_preset.profile, (path,), vae)
+        return replace(outline, text_layers=_preset_text_layers(config_preset))
     family = family_of_dir(config_path)
-    return _outline(family, read_json(config_path / "unet" / "config.json"),
-                    read_json(config_path / "vae" / "config.json"),
-                    scheduler_config(config_path), None,
-                    (path, config_path), vae)
+    outline = _outline(family, read_json(config_path / "unet" / "config.json"),
+                       read_json(config_path / "vae" / "config.json"),
+                       scheduler_config(config_path), None,
+                       (path, config_path), vae)
+    return replace(outline, text_layers=_text_layers(config_path, family))
+
+
+CLIP_LAYERS = 12
+"""transformers' ``CLIPTextConfig.num_hidden_layers`` where a config leaves it out."""
+
+
+def _layers(config: Mapping[str, Any], where: str) -> int:
+    layers = config.get("num_hidden_layers", CLIP_LAYERS)
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ModelLoadError(f"{where}: num_hidden_layers {layers!r} is not a number of layers")
+    return layers
+
+
+def _text_layers(directory: Path, family: str) -> tuple[int, ...]:
+    """Empty where a text encoder's config cannot be read: that refuses ``--clip-skip`` alone (an
+    export of the U-Net only never reads them)."""
+    try:
+        return tuple(_layers(read_json(directory / name / "config.json"), f"{name}/config.json")
+                     for name in text_encoders(family))
+    except ModelLoadError:
+        return ()
+
+
+def _preset_text_layers(preset: Preset) -> tuple[int, ...]:
+    return tuple(_layers(config, preset.name) for config in (preset.text_encoder, preset.text_encoder_2) if config)
 
 
 def _outline(
