@@ -126,6 +126,7 @@ def export(
     controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel or ControlNetUnionModel directory (or preset: tiny-controlnet, sd15-controlnet, tiny-union, sdxl-union) exported beside the model; repeatable for several (run then takes one --control-image each, in this order, and --control-mode for union ones).")] = None,
     union_images: Annotated[int, typer.Option(help="Union ControlNet: control images it takes per call, each with its --control-mode (1 to 8; one each for several union ControlNets).")] = 1,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="A diffusers T2IAdapter directory (or preset: tiny-adapter, sd15-adapter, sdxl-adapter) exported beside the model (run then takes --adapter-image); repeatable for several (diffusers' MultiAdapter: one --adapter-image each, in this order).")] = None,
+    clip_skip: Annotated[int, typer.Option(help="Read the prompt this many text encoder layers before the last, as checkpoints trained that way need (diffusers' clip_skip; A1111's \"Clip skip\" is one more: its 2 is 1 here). SD: built into the text encoder graph. SDXL: the default of run and serve, which a request may change.")] = 0,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.plan import ExportOptions, plan_export
@@ -145,6 +146,7 @@ def export(
         controlnets=list(controlnet or []),
         adapters=list(adapter or []),
         union_images=union_images,
+        clip_skip=clip_skip,
     )
     target = _output_path(output)
     plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads
@@ -371,6 +373,7 @@ def run(
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
     aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the aesthetic rating (0-10, LAION's) the image is refined towards (default as diffusers: 6.0).")] = None,
     negative_aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the rating guidance steers away from (default as diffusers: 2.5).")] = None,
+    clip_skip: Annotated[int | None, typer.Option(help="Read the prompts this many text encoder layers before the last (diffusers' clip_skip; A1111's \"Clip skip\" is one more), the negatives too. Default: the export's (export --clip-skip), which an SD export takes alone; SDXL takes any.")] = None,
     init_image: Annotated[list[Path] | None, typer.Option(parser=_path, help="img2img / inpainting: start from this image (its size is the default --height/--width); one per run, every image of the batch starts from it.")] = None,
     mask: Annotated[list[Path] | None, typer.Option(parser=_path, help="Inpainting: white repaints, black keeps; needs --init-image; one per run.")] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default as diffusers: img2img 0.8, SDXL img2img 0.3, inpainting 1.0, SDXL inpainting 0.9999); runs int(steps x strength) steps.")] = None,
@@ -458,6 +461,7 @@ def run(
         target_size=_pair(target_size, "x", "--target-size"),
         aesthetic_score=aesthetic_score,
         negative_aesthetic_score=negative_aesthetic_score,
+        clip_skip=clip_skip,
         strength=strength,
         control_image=control_entries,
         control_mode=list(control_mode) if control_mode else None,

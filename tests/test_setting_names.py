@@ -27,7 +27,8 @@ from sdexport.setting_names import (
 SHARED_CHECKS = ("runtime/request.py", "runtime/schedulers.py", "runtime/image_inputs.py", "runtime/ensemble.py")
 """The checks the Python API, ``run``, ``serve`` and the bench share."""
 
-OPERATOR_ADVICE = {"export the refiner with the base model's --height and --width ranges"}
+OPERATOR_ADVICE = {"export the refiner with the base model's --height and --width ranges",
+                   "export the model again with --clip-skip"}
 """Literals of the shared checks that name another command's options (``export --height``), which
 share a name with ``run``'s."""
 

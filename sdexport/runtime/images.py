@@ -277,6 +277,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         "guidance": request.guidance_scales(result.family)[i],
         "height": request.height,
         "width": request.width,
+        **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
         **_sdxl_params(result, i),
         **({"task": request.task, "strength": request.effective_strength(result.family)}
            if request.task != "txt2img" and request.denoising_start is None else {}),
@@ -302,5 +303,6 @@ def _a1111_text(result: GenerationResult, i: int, params: dict[str, Any]) -> str
         *([f"Negative prompt: {params['negative_prompt']}"] if params.get("negative_prompt") else []),
         f"Steps: {request.steps}, Sampler: {result.sampler or params['scheduler']}, CFG scale: {params['guidance']}, "
         f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
-        + (f", Denoising strength: {params['strength']}" if "strength" in params else ""),
+        + (f", Denoising strength: {params['strength']}" if "strength" in params else "")
+        + (f", Clip skip: {params['clip_skip'] + 1}" if "clip_skip" in params else ""),  # (A1111 counts from 1)
     ])

@@ -88,6 +88,13 @@ class GenerationRequest:
     latents, the init image, or the first control (then adapter) image, else the engines' profile's
     opt (the size the model is made for: SD 1.x 512, SD 2.1 768, SDXL 1024), as diffusers' pipelines
     take theirs from the image or the U-Net's sample size."""
+    clip_skip: int | None = None
+    """Text encoder layers the prompts are read past, counted back from the last (diffusers'
+    ``clip_skip``; A1111's "Clip skip" is one more). None: the engine directory's (``export
+    --clip-skip``, else 0). SD builds it into its text encoder graph, so an SD directory takes its
+    own only; SDXL's graphs give every layer. The negative prompts are read from the same layer:
+    diffusers reads theirs from the last (SDXL: the penultimate) whatever ``clip_skip``, so guidance
+    compares two layers' readings (and its SD pipelines fail on transformers 5.6 and later)."""
     # SDXL only (refused for other families), as diffusers names them; sizes are (height, width).
     prompt_2: list[str] | None = None
     """For the second text encoder; None: ``prompt``."""
@@ -333,14 +340,16 @@ class GenerationRequest:
         guidance = self.effective_guidance(family)
         return list(guidance) if isinstance(guidance, list) else [guidance] * self.batch
 
-    def with_defaults(self, family: str, guidance_embedding: bool = False) -> GenerationRequest:
-        """This request with the family's default guidance filled in, and whether the model's U-Net
-        takes it embedded (what runs, and what the saved image records); itself when nothing changes."""
+    def with_defaults(self, family: str, guidance_embedding: bool = False, clip_skip: int = 0) -> GenerationRequest:
+        """This request with the family's default guidance and the directory's ``clip_skip`` filled
+        in, and whether the model's U-Net takes the guidance embedded (what runs, and what the saved
+        image records); itself when nothing changes."""
         from dataclasses import replace
 
-        if self.guidance is not None and self.guidance_embedding == guidance_embedding:
+        if self.guidance is not None and self.guidance_embedding == guidance_embedding and self.clip_skip is not None:
             return self
-        return replace(self, guidance=self.effective_guidance(family), guidance_embedding=guidance_embedding)
+        return replace(self, guidance=self.effective_guidance(family), guidance_embedding=guidance_embedding,
+                       clip_skip=clip_skip if self.clip_skip is None else self.clip_skip)
 
     def denoising_steps(self, family: str) -> int:
         """Steps the loop runs: all for txt2img, the last ``int(steps * strength)`` for an init image
@@ -502,6 +511,7 @@ def check_request(
             raise SdexportError(f"{setting('seed')} {seed!r}{kind}: seeds are {'Python ' if kind else ''}integers from 0 "
                                 f"to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
+    check_clip_skip(request.clip_skip, family, dims)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int):
         raise SdexportError(f"{setting('steps')} {request.steps!r} ({type(request.steps).__name__}): need a whole "
                             "number of steps (a Python int)")
@@ -891,6 +901,31 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
                                    for v in value)
         ):
             raise SdexportError(f"{setting(name)} {value}: expected two pixel counts from 0 to {MAX_CONDITIONING}")
+
+
+def check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
+    """A whole number of layers that the directory's text encoders can read past: its own for SD
+    (built into the graph at export), fewer than the encoders' layers for SDXL (``dims``: a
+    manifest's ``ModelDims``; bench plans from an outline, which knows no layers)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SdexportError(f"{setting('clip_skip')} {value!r}: expected a whole number of layers, 0 or more")
+    exported = int(getattr(dims, "clip_skip", 0))
+    if not is_sdxl(family):
+        if value != exported:
+            raise SdexportError(f"{setting('clip_skip')} {value}: this {FAMILY_LABELS[family]} export's text encoder has "
+                                f"clip skip {exported} built in; export the model again with --clip-skip {value} for "
+                                "another (SDXL's text encoders give every layer, SD's their last)")
+        return
+    check_skipped_layers(setting("clip_skip"), value, [n for n in (getattr(dims, "L1", 0), getattr(dims, "L2", 0)) if n])
+
+
+def check_skipped_layers(label: str, value: int, layers: list[int]) -> None:
+    """Fewer layers skipped than every text encoder has (``layers``; none known: unchecked)."""
+    if layers and value >= min(layers):
+        raise SdexportError(f"{label} {value}: the text encoder{'s have' if len(layers) > 1 else ' has'} "
+                            f"{' and '.join(map(str, layers))} layers; skip at most {min(layers) - 1}")
 
 
 def default_notes(request: GenerationRequest, family: str) -> list[str]:

@@ -402,7 +402,8 @@ class Txt2ImgPipeline:
         a benchmark times end to end. The result's request has its size and the family's defaults
         filled in (``sized``, ``GenerationRequest.with_defaults``): what ran."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
-        request = self.sized(request).with_defaults(self.family, guidance_embedding=bool(self.dims.G))
+        request = self.sized(request).with_defaults(self.family, guidance_embedding=bool(self.dims.G),
+                                                    clip_skip=self.dims.clip_skip)
         guidance = guidance_factor(request.effective_guidance(self.family), self.device)
         embedded = {GUIDANCE_EMBEDDING: guidance_embedding(request.guidance_scales(self.family), self.dims.G)
                     .to(self.device)} if self.dims.G else {}  # a latent consistency model's U-Net input
@@ -598,11 +599,13 @@ class Txt2ImgPipeline:
             second = list(request.negative_prompt_2 or negatives) + list(prompts_2)
         else:
             first, second = list(request.prompt), list(prompts_2)
-        # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's.
-        penultimate = [] if refiner else [
-            self.engines["text_encoder"]({"input_ids": self.tokenize(first)})[f"hidden_states.{self.dims.L1 - 1}"]]
+        # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's,
+        # and its hidden_states[-(clip_skip + 2)] layer L - 1 - clip_skip's (the negatives' too, here)
+        skip = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
+        penultimate = [] if refiner else [self.engines["text_encoder"]({"input_ids": self.tokenize(first)})[
+            f"hidden_states.{self.dims.L1 - 1 - skip}"]]
         out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
-        hidden = torch.cat([*penultimate, out_2[f"hidden_states.{self.dims.L2 - 1}"]], dim=-1)
+        hidden = torch.cat([*penultimate, out_2[f"hidden_states.{self.dims.L2 - 1 - skip}"]], dim=-1)
         pooled = out_2["text_embeds"]
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])

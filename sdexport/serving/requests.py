@@ -63,6 +63,9 @@ class Row:
     denoising_end: float | None = None
     """Served with a refiner: the base model's share of the schedule (None: the server's). A call
     takes one (both models' windows), so rows that differ in it do not share it."""
+    clip_skip: int | None = None
+    """None: the engine directory's. A call reads one text encoder layer, so rows that differ in it
+    do not share it."""
     image: Any = None
     mask: Any = None
     strength: float | None = None
@@ -107,7 +110,7 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
                 self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning(),
-                self.denoising_end)
+                self.denoising_end, self.clip_skip)
 
     def conditioning(self) -> tuple[Any, ...]:
         """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one
@@ -202,6 +205,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             aesthetic_score=_number(one("aesthetic_score"), "aesthetic_score", float),
             negative_aesthetic_score=_number(one("negative_aesthetic_score"), "negative_aesthetic_score", float),
             denoising_end=_number(one("denoising_end"), "denoising_end", float),
+            clip_skip=_number(one("clip_skip"), "clip_skip", int),
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
             guidance=_number(one("guidance"), "guidance", float),
@@ -347,7 +351,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         prompt_2=column("prompt_2"), negative_prompt_2=column("negative_prompt_2"),
         original_size=first.original_size, crops_coords_top_left=first.crops_coords_top_left,
         target_size=first.target_size, aesthetic_score=first.aesthetic_score,
-        negative_aesthetic_score=first.negative_aesthetic_score,
+        negative_aesthetic_score=first.negative_aesthetic_score, clip_skip=first.clip_skip,
         steps=first.steps, scheduler=first.scheduler,
         guidance=one_or_each("guidance"),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
