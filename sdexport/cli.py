@@ -373,7 +373,7 @@ def run(
     target_size: Annotated[str | None, typer.Option(help="SDXL micro-conditioning, HxW (default: the image size).")] = None,
     aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the aesthetic rating (0-10, LAION's) the image is refined towards (default as diffusers: 6.0).")] = None,
     negative_aesthetic_score: Annotated[float | None, typer.Option(help="SDXL refiner: the rating guidance steers away from (default as diffusers: 2.5).")] = None,
-    clip_skip: Annotated[int | None, typer.Option(help="Read the prompts this many text encoder layers before the last (diffusers' clip_skip; A1111's \"Clip skip\" is one more), the negatives too. Default: the export's (export --clip-skip), which an SD export takes alone; SDXL takes any.")] = None,
+    clip_skip: Annotated[int | None, typer.Option(help="Read the prompts this many text encoder layers before the last (diffusers' clip_skip; A1111's \"Clip skip\" is one more), the negatives too. Default: the export's (export --clip-skip), which an SD export takes alone; SDXL takes any below its text encoders' layer count.")] = None,
     init_image: Annotated[list[Path] | None, typer.Option(parser=_path, help="img2img / inpainting: start from this image (its size is the default --height/--width); one per run, every image of the batch starts from it.")] = None,
     mask: Annotated[list[Path] | None, typer.Option(parser=_path, help="Inpainting: white repaints, black keeps; needs --init-image; one per run.")] = None,
     strength: Annotated[float | None, typer.Option(help="With --init-image: how far it is noised, 0-1 (default as diffusers: img2img 0.8, SDXL img2img 0.3, inpainting 1.0, SDXL inpainting 0.9999); runs int(steps x strength) steps.")] = None,

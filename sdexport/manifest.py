@@ -284,6 +284,10 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if layers and min(manifest.dims.get(name, 0) for name in layers) < 1:
         raise EngineDirError(f"{where}: invalid manifest: dims.{' and dims.'.join(layers)} (the text encoders' "
                              f"layers) must be at least 1 for {manifest.family}")
+    skip = manifest.dims.get("clip_skip", 0)
+    if layers and skip >= min(manifest.dims[name] for name in layers):  # (the layer the runtime reads by default)
+        raise EngineDirError(f"{where}: invalid manifest: dims.clip_skip {skip} is not below "
+                             f"dims.{' and dims.'.join(layers)} (the text encoders' layers)")
     known = [s.name for s in manifest.component_specs()]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:

@@ -203,3 +203,39 @@ def test_loras_still_find_the_skipped_layers(skipping_dir, tmp_path):
         onnx = load_pipeline(skipping_dir, "onnxruntime-cpu", loras=loras)(REQUEST)
         reloaded = load_pipeline(skipping_dir, "torch", loras=loras)(REQUEST)
     assert np.abs(onnx.pixels - reloaded.pixels).max() < 1e-4
+
+
+def test_bench_refuses_a_directory_that_skips(skipping_dir, tmp_path, capsys):
+    """The diffusers baseline reads the last layer (and fails with clip_skip on transformers 5.6+)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", skipping_dir) == 2
+    assert "reads the prompt with clip skip 1 (export --clip-skip), the diffusers baseline without" in \
+        " ".join(capsys.readouterr().err.split())
+
+
+def test_a_manifest_skipping_past_the_encoders_layers_is_refused(tiny_sdxl_engine_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["dims"]["clip_skip"] = 2  # (L1 2, L2 3)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", copy) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "invalid manifest: dims.clip_skip 2 is not below dims.L1 and dims.L2 (the text encoders' layers)" in err
+    assert "Traceback" not in err
+
+
+def test_a_zero_that_overrides_the_default_is_recorded(tmp_path):
+    out = tmp_path / "sdxl"
+    export("tiny-sdxl", out, ExportOptions(verify="none", clip_skip=1))
+    pipeline = load_pipeline(out, "onnxruntime-cpu")
+    request = dataclasses.replace(REQUEST, steps=1, prompt=["a"], negative_prompt=None, seeds=[1])
+    defaulted, overridden = pipeline(request), pipeline(dataclasses.replace(request, clip_skip=0))
+    assert defaulted.request.clip_skip == 1 and defaulted.info["clip_skip"] == 1
+    assert overridden.info["clip_skip"] == 0
+    overridden.save(tmp_path / "zero.png")
+    image = Image.open(tmp_path / "zero.png")
+    assert json.loads(image.text["sdexport"])["clip_skip"] == 0 and image.text["parameters"].endswith("Clip skip: 1")

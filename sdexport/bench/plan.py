@@ -138,7 +138,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         from sdexport.runtime.loading import takes_init_images
 
         manifest = load_manifest(options.engine_dir, verify_files=False)
-        _refuse_fused_lora("--engine-dir", options.engine_dir, manifest)
+        _refuse_another_reading("--engine-dir", options.engine_dir, manifest)
         if manifest.family != outline.family:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "
@@ -319,15 +319,20 @@ def _refiner_engines(engine_dir: Path, base_dir: Path, base_manifest: Any) -> An
     from sdexport.runtime.ensemble import Refiner
 
     paired = Refiner.open(engine_dir, base_dir, base_manifest, flag="--refiner-engine-dir")
-    _refuse_fused_lora("--refiner-engine-dir", engine_dir, paired.manifest)
+    _refuse_another_reading("--refiner-engine-dir", engine_dir, paired.manifest)
     return paired
 
 
-def _refuse_fused_lora(flag: str, engine_dir: Path, manifest: Any) -> None:
-    """Engines with LoRA fused in, which the diffusers baseline does not have."""
+def _refuse_another_reading(flag: str, engine_dir: Path, manifest: Any) -> None:
+    """Engines that compute otherwise than the diffusers baseline: LoRA fused in, or a clip skip
+    (which the baseline's pipelines read otherwise, or not at all: diffusers#14124)."""
     if manifest.model.get("loras"):
         raise SdexportError(f"{flag} {engine_dir} has LoRA fused into its weights, the diffusers baseline has not: "
                             "the agreement figures would compare different models; benchmark a plain export")
+    if manifest.model_dims.clip_skip:
+        raise SdexportError(f"{flag} {engine_dir} reads the prompt with clip skip {manifest.model_dims.clip_skip} "
+                            "(export --clip-skip), the diffusers baseline without: the agreement figures would "
+                            "compare different readings; benchmark an export without it")
 
 
 def _check_refiner_share(scenario: Scenario, base: GenerationRequest, refine: GenerationRequest,

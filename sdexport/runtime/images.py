@@ -277,7 +277,6 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         "guidance": request.guidance_scales(result.family)[i],
         "height": request.height,
         "width": request.width,
-        **({"clip_skip": request.clip_skip} if request.clip_skip else {}),
         **_sdxl_params(result, i),
         **({"task": request.task, "strength": request.effective_strength(result.family)}
            if request.task != "txt2img" and request.denoising_start is None else {}),

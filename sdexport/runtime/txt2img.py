@@ -509,8 +509,9 @@ class Txt2ImgPipeline:
 
     def run_info(self, request: GenerationRequest, vae_fallback: bool, encoder_fallback: bool) -> dict[str, Any]:
         """The pipeline's ``info`` as one run's images record it: the precision of each VAE part
-        that ran in fp32 (from the start, or as the fallback of an fp16 one that overflowed), and the
-        encoder's only where it ran (a served pipeline loads it for every request)."""
+        that ran in fp32 (from the start, or as the fallback of an fp16 one that overflowed), the
+        encoder's only where it ran (a served pipeline loads it for every request), and the clip skip
+        where one ran or the directory's default is one (a 0 that ran is then said)."""
         info = {k: v for k, v in self.info.items() if k != "vae_encoder" or request.image is not None}
         if request.image is None and info.get("graphs"):  # nor its graphs (an fp16 export's fp32 one too)
             info["graphs"] = {k: v for k, v in info["graphs"].items()
@@ -519,6 +520,8 @@ class Txt2ImgPipeline:
             info["vae_decoder"] = "fp32"
         if encoder_fallback:
             info["vae_encoder"] = "fp32"
+        if request.clip_skip or self.dims.clip_skip:
+            info["clip_skip"] = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
         return info
 
     def guess_mode(self, request: GenerationRequest) -> bool:
