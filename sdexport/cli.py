@@ -126,11 +126,13 @@ def export(
     controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel or ControlNetUnionModel directory (or preset: tiny-controlnet, sd15-controlnet, tiny-union, sdxl-union) exported beside the model; repeatable for several (run then takes one --control-image each, in this order, and --control-mode for union ones).")] = None,
     union_images: Annotated[int, typer.Option(help="Union ControlNet: control images it takes per call, each with its --control-mode (1 to 8; one each for several union ControlNets).")] = 1,
     adapter: Annotated[list[str] | None, typer.Option("--adapter", help="A diffusers T2IAdapter directory (or preset: tiny-adapter, sd15-adapter, sdxl-adapter) exported beside the model (run then takes --adapter-image); repeatable for several (diffusers' MultiAdapter: one --adapter-image each, in this order).")] = None,
+    textual_inversion: Annotated[list[str] | None, typer.Option("--textual-inversion", help="FILE[:TOKEN]: add a textual inversion embedding (.safetensors: one tensor for SD 1.x/2.x, clip_l and clip_g for SDXL) as a new word, the file's name unless TOKEN is given (as A1111 names them; e.g. EasyNegative), then write it in prompts; repeatable.")] = None,
     clip_skip: Annotated[int, typer.Option(help="Read the prompt this many text encoder layers before the last, as checkpoints trained that way need (diffusers' clip_skip; A1111's \"Clip skip\" is one more: its 2 is 1 here). SD: built into the text encoder graph. SDXL: the default of run and serve, which a request may change.")] = 0,
 ) -> None:
     """Export a checkpoint's text encoder(s), U-Net and VAE to ONNX and prove each against PyTorch."""
     from sdexport.export.plan import ExportOptions, plan_export
     from sdexport.models.lora import LoraFile
+    from sdexport.models.textual_inversion import Embedding
 
     options = ExportOptions(
         ranges={"batch": batch, "height": height, "width": width},
@@ -147,6 +149,7 @@ def export(
         adapters=list(adapter or []),
         union_images=union_images,
         clip_skip=clip_skip,
+        embeddings=[Embedding.parse(item) for item in textual_inversion or []],
     )
     target = _output_path(output)
     plan_export(model, target, options)  # refuses bad input in well under a second, before torch loads

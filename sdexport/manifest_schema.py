@@ -111,6 +111,15 @@ SCHEMA: dict[str, Any] = {
                         "properties": {"path": {"type": "string"}, "sha256": _SHA256, "scale": {"type": "number"}},
                     },
                 },
+                "embeddings": {  # textual inversion, added at export (--textual-inversion), in order
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["path", "sha256", "token"],
+                        "properties": {"path": {"type": "string"}, "sha256": _SHA256,
+                                       "token": {"type": "string", "pattern": "^[^\\s:]+$"}},
+                    },
+                },
             },
         },
         "prediction_type": {"enum": ["epsilon", "v_prediction", "sample"]},

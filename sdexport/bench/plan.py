@@ -324,11 +324,15 @@ def _refiner_engines(engine_dir: Path, base_dir: Path, base_manifest: Any) -> An
 
 
 def _refuse_another_reading(flag: str, engine_dir: Path, manifest: Any) -> None:
-    """Engines that compute otherwise than the diffusers baseline: LoRA fused in, or a clip skip
-    (which the baseline's pipelines read otherwise, or not at all: diffusers#14124)."""
+    """Engines that compute otherwise than the diffusers baseline: LoRA fused in, embeddings added,
+    or a clip skip (which the baseline's pipelines read otherwise, or not at all: diffusers#14124)."""
     if manifest.model.get("loras"):
         raise SdexportError(f"{flag} {engine_dir} has LoRA fused into its weights, the diffusers baseline has not: "
                             "the agreement figures would compare different models; benchmark a plain export")
+    if manifest.model.get("embeddings"):
+        raise SdexportError(f"{flag} {engine_dir} has textual inversion embeddings added to its text encoders, the "
+                            "diffusers baseline has not: the agreement figures would compare different models; "
+                            "benchmark a plain export")
     if manifest.model_dims.clip_skip:
         raise SdexportError(f"{flag} {engine_dir} reads the prompt with clip skip {manifest.model_dims.clip_skip} "
                             "(export --clip-skip), the diffusers baseline without: the agreement figures would "

@@ -94,7 +94,15 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                     fuse(name, model.modules[name])
             model.on_materialize.append(fuse)
             model.label += " + LoRA " + ", ".join(f"{lora.path.name}:{lora.scale:g}" for lora in options.loras)
-        manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras, memory)
+        embeddings = []
+        if options.embeddings:
+            from sdexport.models import textual_inversion
+
+            with step(f"Adding {len(options.embeddings)} textual inversion embedding(s) to the text encoders"):
+                embeddings = [e.record() for e in options.embeddings]  # (the files as read next)
+                textual_inversion.apply(model, options.embeddings)
+            model.label += " + embeddings " + ", ".join(e.token for e in options.embeddings)
+        manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras, memory, embeddings)
     _record_runnable(out_dir, manifest)
     return manifest
 
@@ -120,6 +128,7 @@ def _export_into(
     options: ExportOptions,
     loras: list[dict[str, Any]] | None = None,
     memory: MemoryLog | None = None,
+    embeddings: list[dict[str, Any]] | None = None,
 ) -> Manifest:
     dims = replace(model.dims, clip_skip=options.clip_skip)  # (the model's configs know nothing of it)
     memory = memory or MemoryLog()
@@ -151,7 +160,8 @@ def _export_into(
             model={"label": model.label, "source": _portable_source(model, model_ref),
                    "random_weights": model.random_weights,
                    **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {}),
-                   **({"loras": loras} if loras else {})},
+                   **({"loras": loras} if loras else {}),
+                   **({"embeddings": embeddings} if embeddings else {})},
             prediction_type=model.prediction_type,
             vae_scaling_factor=model.vae_scaling_factor,
             dims=dims.record(),

@@ -22,6 +22,7 @@ from sdexport.manifest import (
     read_scheduler_config,
 )
 from sdexport.models.lora import LoraFile
+from sdexport.models.textual_inversion import Embedding
 from sdexport.runtime.request import check_backend, forced_guess_mode
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
@@ -509,18 +510,28 @@ def _check_reloaded_adapters(reloaded: ModelDims, recorded: ModelDims) -> None:
 def exported_loras(manifest: Manifest) -> list[LoraFile]:
     """The LoRA files fused at export, for the Torch backend to fuse again into the weights it
     reloads; each must still be the file the export read (its sha256)."""
+    return [LoraFile(_file_read_at_export(record, "LoRA file", "fused"), float(record["scale"]))
+            for record in manifest.model.get("loras") or []]
+
+
+def exported_embeddings(manifest: Manifest) -> list[Embedding]:
+    """The textual inversion embeddings added at export, for the Torch backend to add again, in
+    the same order (so that their words get the ids the exported tokenizer gave them)."""
+    return [Embedding(_file_read_at_export(record, "embedding", "added"), record["token"])
+            for record in manifest.model.get("embeddings") or []]
+
+
+def _file_read_at_export(record: dict[str, Any], what: str, done: str) -> Path:
+    """The file a manifest ``record`` names, still the one the export read (its sha256)."""
     from sdexport.manifest import sha256_file
 
-    files = []
-    for record in manifest.model.get("loras") or []:
-        path = Path(record["path"])
-        if not path.is_file():
-            raise EngineDirError(f"the Torch backend needs the LoRA file fused at export, {path}, which is gone")
-        if sha256_file(path) != record["sha256"]:
-            raise EngineDirError(f"{path} changed since it was fused at export (its sha256 differs); the Torch "
-                                 "backend would not run what the graphs hold")
-        files.append(LoraFile(path, float(record["scale"])))
-    return files
+    path = Path(record["path"])
+    if not path.is_file():
+        raise EngineDirError(f"the Torch backend needs the {what} {done} at export, {path}, which is gone")
+    if sha256_file(path) != record["sha256"]:
+        raise EngineDirError(f"{path} changed since it was {done} at export (its sha256 differs); the Torch "
+                             "backend would not run what the graphs hold")
+    return path
 
 
 def _torch_engines(
@@ -569,6 +580,9 @@ def _torch_engines(
 
     _check_reloaded_adapters(model.dims, manifest.model_dims)
     fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did
+    from sdexport.models import textual_inversion
+
+    textual_inversion.apply(model, exported_embeddings(manifest))
     if loras:
         from sdexport.runtime.lora_runtime import updates_for
 

@@ -557,7 +557,7 @@ class Txt2ImgPipeline:
 
     def _read_text(self, text: str, tokenizer: Any) -> str | None:
         """The part of ``text`` the encoder sees, or None when all of it fits."""
-        tokens = tokenizer.tokenize(text)
+        tokens = tokenizer.tokenize(spelled_out([text], tokenizer)[0])
         room = self.dims.S - 2  # the start and end tokens take two places
         if len(tokens) <= room:
             return None
@@ -568,8 +568,9 @@ class Txt2ImgPipeline:
         return used
 
     def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
-        ids = (tokenizer or self.tokenizer)(
-            prompts,
+        tokenizer = tokenizer or self.tokenizer
+        ids = tokenizer(
+            spelled_out(prompts, tokenizer),
             padding="max_length",
             max_length=self.dims.S,
             truncation=True,
@@ -1031,3 +1032,16 @@ def to_pil(pixels: np.ndarray) -> list[Any]:
     from PIL import Image
 
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
+
+
+def spelled_out(texts: list[str], tokenizer: Any) -> list[str]:
+    """``texts`` with the word of each multi-vector textual inversion embedding the tokenizer holds
+    spelled out as its tokens (``TOKEN TOKEN_1 ...``), by diffusers' own ``maybe_convert_prompt``, as
+    its pipelines do; as given where the tokenizer holds no such word (diffusers' loaders take a
+    second to import)."""
+    added = tokenizer.added_tokens_encoder
+    if not any(f"{token}_1" in added for token in added):
+        return list(texts)
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    return list(TextualInversionLoaderMixin().maybe_convert_prompt(list(texts), tokenizer))

@@ -1,0 +1,171 @@
+"""Textual inversion embeddings: new words for the text encoders, added at export.
+
+An embedding file holds one or more vectors that stand for a word the tokenizer did not know (a
+style, a character, "EasyNegative"). As diffusers' ``load_textual_inversion`` does, each vector
+becomes a token of its own (``TOKEN``, ``TOKEN_1``, ``TOKEN_2``, ... for several), added to the
+tokenizer, and the text encoder's token embedding matrix grows by those rows. The exported graph
+then holds them and the engine directory's tokenizer knows the tokens; at run time a prompt's
+``TOKEN`` is spelled out as ``TOKEN TOKEN_1 ...`` by diffusers' own ``maybe_convert_prompt``
+(``runtime.txt2img``).
+
+Files are read as ``.safetensors`` only (pickled ``.pt`` files can run code), in the layouts that
+circulate: one tensor (diffusers' ``{token: vectors}``, A1111's ``emb_params``) for SD's one text
+encoder, and ``clip_l`` + ``clip_g`` for SDXL's two (the refiner's one encoder takes ``clip_g``).
+The word is the file's name, as A1111 names embeddings (``EasyNegative.safetensors`` is
+``EasyNegative``), unless ``FILE:TOKEN`` gives another.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sdexport.errors import SdexportError
+from sdexport.specs import SDXL_REFINER, is_sdxl, text_encoders
+
+if TYPE_CHECKING:
+    import torch
+
+FLAG = "--textual-inversion"
+SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+"""The tensors of an SDXL embedding file, by the text encoder that reads them."""
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """One ``--textual-inversion FILE[:TOKEN]``."""
+
+    path: Path
+    token: str
+
+    @classmethod
+    def parse(cls, text: str, flag: str = FLAG) -> Embedding:
+        """``FILE`` (the word is the file's name) or ``FILE:TOKEN``; a ':' that belongs to an
+        existing path stays in it."""
+        path, sep, token = text.rpartition(":")
+        if not sep or not path or Path(text).exists():
+            path, token = text, Path(text).stem
+        embedding = cls(Path(path), token)
+        embedding.check(flag)
+        return embedding
+
+    def check(self, flag: str = FLAG) -> None:
+        """Refuse, in one line, a file that is not a safetensors embedding or a word that is none."""
+        if not re.fullmatch(r"[^\s:]+", self.token):
+            raise SdexportError(f"{flag} {self.path}:{self.token}: the word must be one token of text, no spaces or "
+                                "':' (e.g. FILE:my-style)")
+        if self.path.is_dir():
+            raise SdexportError(f"{flag} {self.path}: a directory; pass the embedding file in it")
+        if not self.path.is_file():
+            raise SdexportError(f"{flag} {self.path}: no such file")
+        if self.path.suffix.lower() != ".safetensors":
+            raise SdexportError(f"{flag} {self.path}: embeddings are read as .safetensors (a pickled .pt or .bin "
+                                "file can run code; convert it first)")
+        self.tensors()
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise SdexportError(f"{FLAG} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+        if not tensors:
+            raise SdexportError(f"{FLAG} {self.path}: holds no tensors")
+        for name, tensor in tensors.items():
+            if tensor.dim() not in (1, 2) or not tensor.numel() or not tensor.is_floating_point():
+                raise SdexportError(f"{FLAG} {self.path}: {name} of shape {list(tensor.shape)} is not a list of "
+                                    "embedding vectors")
+        return tensors
+
+    def vectors(self, family: str) -> dict[str, torch.Tensor]:
+        """Per text encoder of ``family``, the (count, width) vectors the file gives it."""
+        tensors = self.tensors()
+        encoders = text_encoders(family)
+        if set(tensors) == set(SDXL_KEYS.values()):
+            if not is_sdxl(family):
+                raise SdexportError(f"{FLAG} {self.path}: an SDXL embedding (clip_l and clip_g), but this model has "
+                                    "one text encoder (SD 1.x/2.x); use an embedding made for it")
+            chosen = {name: tensors[SDXL_KEYS[name]] for name in encoders}
+        elif len(tensors) == 1:
+            if is_sdxl(family):
+                which = "its one text encoder (clip_g)" if family == SDXL_REFINER else "both text encoders"
+                raise SdexportError(f"{FLAG} {self.path}: one tensor ({next(iter(tensors))}), an SD 1.x/2.x "
+                                    f"embedding; SDXL's hold clip_l and clip_g, for {which}")
+            chosen = {encoders[0]: next(iter(tensors.values()))}
+        else:
+            raise SdexportError(f"{FLAG} {self.path}: tensors {', '.join(sorted(tensors))}; an embedding holds one "
+                                "(SD 1.x/2.x) or clip_l and clip_g (SDXL)")
+        return {name: (v if v.dim() == 2 else v[None]).float() for name, v in chosen.items()}
+
+    def record(self) -> dict[str, Any]:
+        """What a manifest keeps: where the file was, its sha256 and its word."""
+        from sdexport.manifest import sha256_file
+
+        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path), "token": self.token}
+
+
+def token_names(token: str, count: int) -> list[str]:
+    """The tokens of ``count`` vectors, as diffusers names them (and ``maybe_convert_prompt`` reads)."""
+    return [token] + [f"{token}_{i}" for i in range(1, count)]
+
+
+Rows = dict[str, list[tuple[int, "torch.Tensor"]]]
+"""Per text encoder, the token ids added and the vector each stands for."""
+
+
+def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
+    """Add each embedding's tokens to ``model``'s tokenizers, in order, and return the rows the text
+    encoders' token embedding matrices gain (``grow``). Refuses a word the tokenizer knows already
+    (it would stand for two things), and vectors of another width than the text encoder's."""
+    rows: Rows = {}
+    for embedding in embeddings:
+        for encoder, vectors in embedding.vectors(model.family).items():
+            tokenizer = model.tokenizers[encoder.replace("text_encoder", "tokenizer")]
+            width = int(model.config(encoder).hidden_size)
+            if vectors.shape[1] != width:
+                raise SdexportError(f"{FLAG} {embedding.path}: vectors of width {vectors.shape[1]}, but {encoder} reads "
+                                    f"{width} (an embedding made for another model)")
+            names = token_names(embedding.token, vectors.shape[0])
+            known = [name for name in names if name in tokenizer.get_vocab()]
+            if known:
+                raise SdexportError(f"{FLAG} {embedding.path}: {known[0]!r} is a word the tokenizer knows already; "
+                                    f"give the embedding another ({embedding.path.name}:ANOTHER)")
+            tokenizer.add_tokens(names)
+            ids = tokenizer.convert_tokens_to_ids(names)
+            rows.setdefault(encoder, []).extend(zip(ids, vectors))
+    return rows
+
+
+def grow(rows: Rows) -> Callable[[str, Any], None]:
+    """A hook that writes ``rows`` into a text encoder as its weights are built (``LoadedModel.on_materialize``)."""
+    def write(name: str, module: Any) -> None:
+        added = rows.get(name)
+        if not added:
+            return
+        import torch
+
+        module.resize_token_embeddings(max(i for i, _ in added) + 1)
+        with torch.no_grad():
+            table = module.get_input_embeddings().weight
+            for token_id, vector in added:
+                table[token_id] = vector.to(dtype=table.dtype, device=table.device)
+
+    return write
+
+
+def apply(model: Any, embeddings: list[Embedding]) -> None:
+    """Add ``embeddings`` to ``model``: its tokenizers now, each text encoder's rows now if its
+    weights are built, else when they are (an export's lazy parts)."""
+    if not embeddings:
+        return
+    from sdexport.models.loader import is_skeleton
+
+    write = grow(add_tokens(model, embeddings))
+    for name, module in model.modules.items():
+        if not is_skeleton(module):
+            write(name, module)
+    model.on_materialize.append(write)

@@ -1,0 +1,183 @@
+"""Textual inversion embeddings added at export, against diffusers' ``load_textual_inversion``.
+
+The embeddings here are random vectors of the tiny models' widths, in the layouts that circulate:
+A1111's one ``emb_params`` tensor (several vectors, so the word spells out as several tokens) for
+SD, ``clip_l`` + ``clip_g`` for SDXL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import cpu_only, run_cli
+from sdexport.bench.reference import DiffusersReference
+from sdexport.errors import EngineDirError, SdexportError
+from sdexport.export.exporter import ExportOptions, export
+from sdexport.export.plan import plan_export
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.models.textual_inversion import Embedding
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.request import GenerationRequest
+
+REQUEST = GenerationRequest(prompt=["a my-style lighthouse", "a harbour"], negative_prompt=["my-style", "fog"],
+                            steps=3, seeds=[5, 6], height=64, width=64, scheduler="euler")
+LATENT_REL_L2 = 1e-4
+
+
+def _save(path: Path, **tensors: torch.Tensor) -> Path:
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("embeddings")
+    g = torch.Generator().manual_seed(0)
+    return {
+        "sd": _save(root / "my-style.safetensors", emb_params=torch.randn(3, 32, generator=g)),
+        "sdxl": _save(root / "xl.safetensors", clip_l=torch.randn(2, 32, generator=g), clip_g=torch.randn(2, 48, generator=g)),
+        "one": _save(root / "one.safetensors", **{"<cat-toy>": torch.randn(32, generator=g)}),  # diffusers' layout
+    }
+
+
+@pytest.fixture(scope="module")
+def sd_dir(files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ti") / "tiny"
+    export("tiny", out, ExportOptions(verify="quick", embeddings=[Embedding(files["sd"], "my-style"),
+                                                                  Embedding(files["one"], "cat-toy")]))
+    return out
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def test_sd_images_match_diffusers_with_the_same_embeddings(sd_dir, files):
+    """Several vectors under one word (spelled out as my-style my-style_1 my-style_2), and a
+    diffusers-layout file under a word of its own, in prompts and negatives alike."""
+    reference = DiffusersReference(load_model("tiny"))
+    reference.pipe.load_textual_inversion(str(files["sd"]), token="my-style")
+    reference.pipe.load_textual_inversion(str(files["one"]), token="cat-toy")
+    request = dataclasses.replace(REQUEST, prompt=["a my-style lighthouse", "a cat-toy on a my-style shelf"])
+    want = reference(request)
+    with cpu_only():
+        for backend in ("onnxruntime-cpu", "torch"):
+            got = load_pipeline(sd_dir, backend)(request)
+            assert _rel(got.latents, want.latents) < LATENT_REL_L2, backend
+    plain = DiffusersReference(load_model("tiny"))(request)
+    assert _rel(plain.latents, want.latents) > 1e-2  # the embeddings change the images: the test can tell
+
+
+def test_sdxl_images_match_diffusers_with_the_same_embeddings(files, tmp_path):
+    out = tmp_path / "sdxl"
+    export("tiny-sdxl", out, ExportOptions(verify="quick", embeddings=[Embedding.parse(f"{files['sdxl']}:xl-style")]))
+    reference = DiffusersReference(load_model("tiny-sdxl"))
+    pipe = reference.pipe
+    from safetensors.torch import load_file
+
+    state = load_file(str(files["sdxl"]))
+    pipe.load_textual_inversion(state["clip_l"], token="xl-style", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(state["clip_g"], token="xl-style", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    request = dataclasses.replace(REQUEST, prompt=["a xl-style lighthouse", "a harbour"], negative_prompt=None)
+    want = reference(request)
+    got = load_pipeline(out, "onnxruntime-cpu")(request)
+    assert _rel(got.latents, want.latents) < LATENT_REL_L2
+    manifest = load_manifest(out)
+    assert [e["token"] for e in manifest.model["embeddings"]] == ["xl-style"]
+    assert "+ embeddings xl-style" in manifest.model["label"]
+
+
+def test_the_directory_keeps_the_words_and_the_manifest_the_files(sd_dir, files):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(sd_dir / "tokenizer"))
+    assert tokenizer.convert_tokens_to_ids(["my-style", "my-style_1", "my-style_2", "cat-toy"]) == [514, 515, 516, 517]
+    assert json.loads((sd_dir / "text_encoder" / "config.json").read_text())["vocab_size"] == 518
+    records = load_manifest(sd_dir).model["embeddings"]
+    assert [(Path(r["path"]).name, r["token"]) for r in records] == [("my-style.safetensors", "my-style"),
+                                                                     ("one.safetensors", "cat-toy")]
+
+
+def test_the_torch_backend_refuses_a_changed_file(sd_dir, files, tmp_path):
+    changed = tmp_path / "my-style.safetensors"
+    shutil.copy(files["sd"], changed)
+    out = tmp_path / "e"
+    export("tiny", out, ExportOptions(verify="none", embeddings=[Embedding(changed, "my-style")]))
+    _save(changed, emb_params=torch.zeros(3, 32))
+    with cpu_only(), pytest.raises(EngineDirError, match="changed since it was added at export"):
+        load_pipeline(out, "torch")
+    load_pipeline(out, "onnxruntime-cpu")  # the graphs hold the vectors: they need no file
+
+
+@pytest.mark.parametrize(("name", "tensors", "token", "message"), [
+    ("x.pt", None, None, "embeddings are read as .safetensors (a pickled .pt or .bin file can run code"),
+    ("gone.safetensors", None, None, "no such file"),
+    ("two.safetensors", {"a": torch.ones(32), "b": torch.ones(32)}, None,
+     "tensors a, b; an embedding holds one (SD 1.x/2.x) or clip_l and clip_g (SDXL)"),
+    ("xl.safetensors", {"clip_l": torch.ones(1, 32), "clip_g": torch.ones(1, 48)}, None,
+     "an SDXL embedding (clip_l and clip_g), but this model has one text encoder"),
+    ("cube.safetensors", {"emb_params": torch.ones(2, 2, 32)}, None, "is not a list of embedding vectors"),
+    ("style.safetensors", {"emb_params": torch.ones(32)}, "two words", "the word must be one token of text"),
+])
+def test_files_and_words_that_cannot_be_added_are_refused_before_loading(name, tensors, token, message, tmp_path):
+    path = tmp_path / name
+    if tensors is not None:
+        _save(path, **tensors)
+    elif name.endswith(".pt"):
+        path.write_bytes(b"pickle")
+    with pytest.raises(SdexportError, match=re.escape(message)):
+        plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(path, token or path.stem)]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_takes_file_and_word_and_refuses_in_one_line(files, tmp_path, capsys):
+    assert run_cli("export", "tiny-sdxl", "-o", str(tmp_path / "x"), "--textual-inversion", str(files["sd"])) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --textual-inversion {files['sd']}: one tensor (emb_params), an SD 1.x/2.x embedding; "
+                   "SDXL's hold clip_l and clip_g, for both text encoders")
+    assert run_cli("export", "tiny", "-o", str(tmp_path / "y"), "--textual-inversion", f"{files['sd']}:s",
+                   "--textual-inversion", f"{files['one']}:s") == 2
+    assert "the word 's' is given twice" in capsys.readouterr().err
+    assert run_cli("export", "tiny", "-o", str(tmp_path / "z"), "--textual-inversion", str(files["sd"]),
+                   "--components", "unet") == 2
+    assert "which --components leaves out" in capsys.readouterr().err
+    assert Embedding.parse(str(files["sd"])).token == "my-style"  # the file's name, as A1111 names embeddings
+
+
+def test_a_word_the_tokenizer_knows_or_another_width_is_refused(files, tmp_path, capsys):
+    wide = _save(tmp_path / "wide.safetensors", emb_params=torch.ones(1, 768))
+    known = "'a' is a word the tokenizer knows already; give the embedding another (my-style.safetensors:ANOTHER)"
+    for argument, message in ((f"{files['sd']}:a", known),
+                              (str(wide), "vectors of width 768, but text_encoder reads 32")):
+        assert run_cli("export", "tiny", "-o", str(tmp_path / "out"), "--textual-inversion", argument) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # (after the step that loaded the tokenizer)
+        assert message in err[-1] and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
+        assert not (tmp_path / "out").exists()
+
+
+def test_bench_refuses_a_directory_with_embeddings(sd_dir, tmp_path, capsys):
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", sd_dir) == 2
+    assert "has textual inversion embeddings added to its text encoders" in capsys.readouterr().err
+
+
+def test_a_long_prompt_counts_the_spelled_out_tokens(sd_dir, capsys):
+    """The word takes three of the 75 places: the truncation warning counts them."""
+    pipeline = load_pipeline(sd_dir, "onnxruntime-cpu")
+    words = " ".join(["a"] * 73)
+    request = GenerationRequest(prompt=[f"my-style {words}"], steps=1, seeds=[0], height=64, width=64)
+    cut = pipeline.truncations(request)
+    assert cut["prompt"][0] is not None and cut["prompt"][0].count("a") < 73
+    assert np.all(np.isfinite(pipeline(request).pixels))
