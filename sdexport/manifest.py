@@ -22,7 +22,15 @@ from typing import Any
 from sdexport.atomic import write_atomic
 from sdexport.errors import EngineDirError, ProfileError, SdexportError
 from sdexport.graph_io import GraphIO, check_io, graph_precision, onnx_tensors
-from sdexport.manifest_schema import FORMAT, FORMAT_VERSION, SCHEDULER_CONFIG, SCHEMA, first_error
+from sdexport.manifest_schema import (
+    EMBEDDINGS_FORMAT_VERSION,
+    FORMAT,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS,
+    SCHEDULER_CONFIG,
+    SCHEMA,
+    first_error,
+)
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
@@ -208,7 +216,7 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise EngineDirError(f"{path}: not an sdexport manifest (format {found!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") not in FORMAT_VERSIONS:
         raise EngineDirError(_format_refusal(directory, data))
     problem = first_error(SCHEMA, data)
     if problem:
@@ -228,7 +236,8 @@ def _format_refusal(directory: Path, data: dict[str, Any]) -> str:
         return (f"{where}: written by an older sdexport (format 1), whose graphs use tensor names optimum and "
                 f"this sdexport do not (VAE latent/image, SDXL's text encoders); re-export it: "
                 f"{reexport_command(directory, data)}")
-    return f"{where}: manifest format {found!r} is not supported by this sdexport (expects {FORMAT_VERSION}); re-export"
+    return (f"{where}: manifest format {found!r} is not supported by this sdexport (expects "
+            f"{' or '.join(map(str, FORMAT_VERSIONS))}); re-export")
 
 
 def reexport_command(directory: Path, data: dict[str, Any]) -> str:
@@ -284,6 +293,9 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if layers and min(manifest.dims.get(name, 0) for name in layers) < 1:
         raise EngineDirError(f"{where}: invalid manifest: dims.{' and dims.'.join(layers)} (the text encoders' "
                              f"layers) must be at least 1 for {manifest.family}")
+    if bool(manifest.model.get("embeddings")) != (manifest.format_version == EMBEDDINGS_FORMAT_VERSION):
+        raise EngineDirError(f"{where}: invalid manifest: format {EMBEDDINGS_FORMAT_VERSION} goes with "
+                             "model.embeddings (textual inversion), and only with them")
     skip = manifest.dims.get("clip_skip", 0)
     if layers and skip >= min(manifest.dims[name] for name in layers):  # (the layer the runtime reads by default)
         raise EngineDirError(f"{where}: invalid manifest: dims.clip_skip {skip} is not below "

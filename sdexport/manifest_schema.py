@@ -17,6 +17,12 @@ FORMAT_VERSION = 2
 """2: optimum's tensor names (VAE ``latent_sample``/``sample``, SDXL text encoders' ``hidden_states.{i}``),
 ``model_index.json`` and per-component ``config.json``. Version 1 directories are refused with the
 command that re-exports them (``manifest.load_manifest``)."""
+EMBEDDINGS_FORMAT_VERSION = 3
+"""3: as 2, with textual inversion embeddings added to the text encoders (``model.embeddings``),
+whose words the runtime spells out as several tokens. Written only for such a directory, so that
+an sdexport that predates them refuses it, rather than read each word as its first vector (or fail
+on the Torch backend, which adds them again)."""
+FORMAT_VERSIONS = (FORMAT_VERSION, EMBEDDINGS_FORMAT_VERSION)
 
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
@@ -85,7 +91,7 @@ SCHEMA: dict[str, Any] = {
     ],
     "properties": {
         "format": {"const": FORMAT},
-        "format_version": {"const": FORMAT_VERSION},
+        "format_version": {"enum": list(FORMAT_VERSIONS)},
         "family": {"enum": sorted(FAMILY_COMPONENTS)},
         "model": {
             "type": "object",

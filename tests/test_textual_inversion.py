@@ -129,6 +129,9 @@ def test_the_torch_backend_refuses_a_changed_file(sd_dir, files, tmp_path):
      "an SDXL embedding (clip_l and clip_g), but this model has one text encoder"),
     ("cube.safetensors", {"emb_params": torch.ones(2, 2, 32)}, None, "is not a list of embedding vectors"),
     ("style.safetensors", {"emb_params": torch.ones(32)}, "two words", "the word must be one token of text"),
+    ("nan.safetensors", {"emb_params": torch.full((2, 32), float("nan"))}, None, "emb_params holds NaN or infinite values"),
+    ("wide.safetensors", {"emb_params": torch.ones(1, 768)}, None,
+     "vectors of width 768, but text_encoder reads 32 (an embedding made for another model)"),
 ])
 def test_files_and_words_that_cannot_be_added_are_refused_before_loading(name, tensors, token, message, tmp_path):
     path = tmp_path / name
@@ -155,15 +158,12 @@ def test_the_cli_takes_file_and_word_and_refuses_in_one_line(files, tmp_path, ca
     assert Embedding.parse(str(files["sd"])).token == "my-style"  # the file's name, as A1111 names embeddings
 
 
-def test_a_word_the_tokenizer_knows_or_another_width_is_refused(files, tmp_path, capsys):
-    wide = _save(tmp_path / "wide.safetensors", emb_params=torch.ones(1, 768))
+def test_a_word_the_tokenizer_knows_is_refused(files, tmp_path, capsys):
     known = "'a' is a word the tokenizer knows already; give the embedding another (my-style.safetensors:ANOTHER)"
-    for argument, message in ((f"{files['sd']}:a", known),
-                              (str(wide), "vectors of width 768, but text_encoder reads 32")):
-        assert run_cli("export", "tiny", "-o", str(tmp_path / "out"), "--textual-inversion", argument) == 2
-        err = capsys.readouterr().err.strip().splitlines()  # (after the step that loaded the tokenizer)
-        assert message in err[-1] and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
-        assert not (tmp_path / "out").exists()
+    assert run_cli("export", "tiny", "-o", str(tmp_path / "out"), "--textual-inversion", f"{files['sd']}:a") == 2
+    err = capsys.readouterr().err.strip().splitlines()  # (after the step that loaded the tokenizer)
+    assert known in err[-1] and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_bench_refuses_a_directory_with_embeddings(sd_dir, tmp_path, capsys):
@@ -181,3 +181,58 @@ def test_a_long_prompt_counts_the_spelled_out_tokens(sd_dir, capsys):
     cut = pipeline.truncations(request)
     assert cut["prompt"][0] is not None and cut["prompt"][0].count("a") < 73
     assert np.all(np.isfinite(pipeline(request).pixels))
+    spelled = pipeline.tokenize([f"my-style {words}"])
+    assert torch.equal(pipeline.tokenize([cut["prompt"][0]])[:, :-1], spelled[:, :-1])  # the record reads the same
+
+
+def test_a_word_with_capitals_spells_out_in_any_case(files, tmp_path):
+    """transformers 5's CLIP tokenizers give an added word's text in lower case, so diffusers'
+    maybe_convert_prompt keeps only the first vector of "EasyNegative"; sdexport matches the word
+    as the tokenizer does. The same images as diffusers with the word registered in lower case."""
+    path = shutil.copy(files["sd"], tmp_path / "EasyNegative.safetensors")
+    out = tmp_path / "e"
+    export("tiny", out, ExportOptions(verify="none", embeddings=[Embedding.parse(str(path))]))
+    pipeline = load_pipeline(out, "onnxruntime-cpu")
+    ids = pipeline.tokenize(["a EasyNegative", "a easynegative", "a EASYNEGATIVE"])
+    assert ids[0, 2:5].tolist() == [514, 515, 516] and torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+    reference = DiffusersReference(load_model("tiny"))
+    reference.pipe.load_textual_inversion(str(path), token="easynegative")
+    request = dataclasses.replace(REQUEST, prompt=["a lighthouse", "a harbour"], negative_prompt=["EasyNegative"] * 2)
+    want = reference(dataclasses.replace(request, negative_prompt=["easynegative"] * 2))
+    assert _rel(pipeline(request).latents, want.latents) < LATENT_REL_L2
+
+
+def test_added_words_decode_apart_from_the_next():
+    from sdexport.runtime.txt2img import _decoded
+
+    model = load_model("tiny", lazy=True)
+    tokenizer = model.tokenizers["tokenizer"]
+    tokenizer.add_tokens(["cat-toy"])
+    ids = tokenizer("a cat-toy b", add_special_tokens=False).input_ids
+    assert _decoded(ids, tokenizer) == "a cat-toy b"
+    assert tokenizer(_decoded(ids, tokenizer), add_special_tokens=False).input_ids == ids
+
+
+def test_a_text_encoder_wider_than_its_tokenizer_keeps_its_rows(files, tmp_path):
+    """The new words take the tokenizer's next ids, rows the table has already: it is not cut to them."""
+    model = load_model("tiny")
+    model.modules["text_encoder"].resize_token_embeddings(600)
+    model.save_pretrained(tmp_path / "wide")
+    out = tmp_path / "e"
+    export(str(tmp_path / "wide"), out, ExportOptions(verify="quick", embeddings=[Embedding(files["sd"], "my-style")]))
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["vocab_size"] == 600
+    assert np.all(np.isfinite(load_pipeline(out, "onnxruntime-cpu")(dataclasses.replace(REQUEST, steps=1)).pixels))
+
+
+def test_the_format_says_an_older_sdexport_cannot_read_it(sd_dir, tiny_engine_dir, tmp_path, capsys):
+    """Format 3: an sdexport before embeddings refuses the directory, rather than read each word as
+    its first vector; plain directories stay format 2."""
+    assert load_manifest(sd_dir).format_version == 3 and load_manifest(tiny_engine_dir).format_version == 2
+    copy = tmp_path / "e"
+    shutil.copytree(sd_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", copy) == 2
+    assert "invalid manifest: format 3 goes with model.embeddings (textual inversion), and only with them" in \
+        " ".join(capsys.readouterr().err.split())

@@ -35,6 +35,7 @@ from sdexport.export.verify import (
 from sdexport.export.weight_names import write_weight_map
 from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
+from sdexport.manifest_schema import EMBEDDINGS_FORMAT_VERSION, FORMAT_VERSION
 from sdexport.models import LoadedModel, load_model
 from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
@@ -156,6 +157,7 @@ def _export_into(
     write_pipeline_files(staging, model, specs)
     with step("Hashing artifacts and writing the manifest"):
         manifest = Manifest(
+            format_version=EMBEDDINGS_FORMAT_VERSION if embeddings else FORMAT_VERSION,
             family=model.family,
             model={"label": model.label, "source": _portable_source(model, model_ref),
                    "random_weights": model.random_weights,

@@ -18,7 +18,7 @@ from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, check_part_weights, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
-from sdexport.models.textual_inversion import Embedding
+from sdexport.models.textual_inversion import Embedding, check_widths
 from sdexport.output_dir import OutputKind, check_target, refuse_if_held
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, adapter_index, components_for, controlnet_index, text_encoders
@@ -115,7 +115,7 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     profile.check_limits(outline.vae_width)
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
     check_clip_skip(options.clip_skip, outline, specs)
-    check_embeddings(options.embeddings, outline.family, specs)
+    check_embeddings(options.embeddings, outline, specs)
     # (a --vae takes the model's own VAE's place: its folder need hold no weights)
     check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
@@ -141,17 +141,19 @@ def check_clip_skip(clip_skip: object, outline: ModelOutline, specs: list[Compon
     check_skipped_layers("--clip-skip", clip_skip, list(outline.text_layers))
 
 
-def check_embeddings(embeddings: list[Embedding], family: str, specs: list[ComponentSpec]) -> None:
-    """Files of the family's layout, words given once, and a text encoder exported to hold them
-    (their widths are checked against its config as the export adds them)."""
+def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: list[ComponentSpec]) -> None:
+    """Files of the family's layout and the text encoders' widths, words given once, and a text
+    encoder exported to hold them (whether the tokenizer knows a word is found as they are added)."""
     if not embeddings:
         return
-    if not any(s.name in text_encoders(family) for s in specs):
+    if not any(s.name in text_encoders(outline.family) for s in specs):
         raise SdexportError("--textual-inversion: it adds words to the text encoder, which --components leaves out")
+    if not outline.text_widths:
+        raise SdexportError("--textual-inversion: the model's text encoder configs cannot be read for their widths")
     seen: set[str] = set()
     for embedding in embeddings:  # (the CLI checked its own; ExportOptions made in Python, here)
         embedding.check()
-        embedding.vectors(family)
+        check_widths(embedding, outline.family, outline.text_widths)
         if embedding.token in seen:
             raise SdexportError(f"--textual-inversion {embedding.path}: the word {embedding.token!r} is given twice; "
                                 f"name one of them (FILE:ANOTHER)")

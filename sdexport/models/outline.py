@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,8 @@ class ModelOutline:
     ``adapter_1/``, ``adapter_2/``, ...)."""
     text_layers: tuple[int, ...] = ()
     """Hidden layers of each of the family's text encoders, in order: ``--clip-skip`` skips fewer."""
+    text_widths: Mapping[str, int] = field(default_factory=dict)
+    """Each text encoder's width, by name: a ``--textual-inversion`` file's vectors must have it."""
 
     @property
     def image_multiple(self) -> int:
@@ -117,14 +119,14 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
             f"for the preset")
     if preset is not None and not looks_like_a_model(path):
         outline = _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
-        return replace(outline, preset=preset.name, text_layers=_preset_text_layers(preset))
+        return replace(outline, preset=preset.name, **_preset_text_sizes(preset))
     if path.is_dir():
         family = family_of_dir(path, vae_replaced=vae is not None)
         outline = _outline(family, read_json(path / "unet" / "config.json"),
                            {} if vae is not None else read_json(path / "vae" / "config.json"),  # --vae's is read
                            scheduler_config(path), None, (path,), vae)
         return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path),
-                       text_layers=_text_layers(path, family))
+                       **_read_text_sizes(path, family))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     config_preset, config_path = single_file_config(path, config)
@@ -132,38 +134,46 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     if config_preset is not None:
         outline = _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.scheduler,
                            config_preset.profile, (path,), vae)
-        return replace(outline, text_layers=_preset_text_layers(config_preset))
+        return replace(outline, **_preset_text_sizes(config_preset))
     family = family_of_dir(config_path)
     outline = _outline(family, read_json(config_path / "unet" / "config.json"),
                        read_json(config_path / "vae" / "config.json"),
                        scheduler_config(config_path), None,
                        (path, config_path), vae)
-    return replace(outline, text_layers=_text_layers(config_path, family))
+    return replace(outline, **_read_text_sizes(config_path, family))
 
 
-CLIP_LAYERS = 12
-"""transformers' ``CLIPTextConfig.num_hidden_layers`` where a config leaves it out."""
+CLIP_SIZES = {"num_hidden_layers": 12, "hidden_size": 512}
+"""transformers' ``CLIPTextConfig`` defaults, where a config leaves a size out."""
 
 
-def _layers(config: Mapping[str, Any], where: str) -> int:
-    layers = config.get("num_hidden_layers", CLIP_LAYERS)
-    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
-        raise ModelLoadError(f"{where}: num_hidden_layers {layers!r} is not a number of layers")
-    return layers
+def _size(config: Mapping[str, Any], key: str, where: str) -> int:
+    value = config.get(key, CLIP_SIZES[key])
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelLoadError(f"{where}: {key} {value!r} is not a size")
+    return value
 
 
-def _text_layers(directory: Path, family: str) -> tuple[int, ...]:
-    """Empty where a text encoder's config cannot be read: that refuses ``--clip-skip`` alone (an
-    export of the U-Net only never reads them)."""
+def _text_sizes(configs: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, Any]:
+    """The outline's ``text_layers`` and ``text_widths`` from the text encoders' configs, by name."""
+    return {"text_layers": tuple(_size(c, "num_hidden_layers", f"{where}{n}") for n, c in configs.items()),
+            "text_widths": {n: _size(c, "hidden_size", f"{where}{n}") for n, c in configs.items()}}
+
+
+def _read_text_sizes(directory: Path, family: str) -> dict[str, Any]:
+    """Unknown (empty) where a text encoder's config cannot be read: that refuses ``--clip-skip``
+    and ``--textual-inversion`` alone (an export of the U-Net only never reads them)."""
     try:
-        return tuple(_layers(read_json(directory / name / "config.json"), f"{name}/config.json")
-                     for name in text_encoders(family))
+        return _text_sizes({name: read_json(directory / name / "config.json") for name in text_encoders(family)},
+                           f"{directory}/")
     except ModelLoadError:
-        return ()
+        return {}
 
 
-def _preset_text_layers(preset: Preset) -> tuple[int, ...]:
-    return tuple(_layers(config, preset.name) for config in (preset.text_encoder, preset.text_encoder_2) if config)
+def _preset_text_sizes(preset: Preset) -> dict[str, Any]:
+    return _text_sizes({name: config for name, config in (("text_encoder", preset.text_encoder),
+                                                           ("text_encoder_2", preset.text_encoder_2)) if config},
+                       f"preset {preset.name}: ")
 
 
 def _outline(

@@ -5,8 +5,10 @@ style, a character, "EasyNegative"). As diffusers' ``load_textual_inversion`` do
 becomes a token of its own (``TOKEN``, ``TOKEN_1``, ``TOKEN_2``, ... for several), added to the
 tokenizer, and the text encoder's token embedding matrix grows by those rows. The exported graph
 then holds them and the engine directory's tokenizer knows the tokens; at run time a prompt's
-``TOKEN`` is spelled out as ``TOKEN TOKEN_1 ...`` by diffusers' own ``maybe_convert_prompt``
-(``runtime.txt2img``).
+``TOKEN`` is spelled out as ``TOKEN TOKEN_1 ...`` (``spell_out``). diffusers' ``maybe_convert_prompt``
+does that by the token's text, which transformers 5's CLIP tokenizers give in lower case: a word
+with a capital (``EasyNegative``) then keeps only its first vector. ``spell_out`` matches words
+as the tokenizer does, whatever their case.
 
 Files are read as ``.safetensors`` only (pickled ``.pt`` files can run code), in the layouts that
 circulate: one tensor (diffusers' ``{token: vectors}``, A1111's ``emb_params``) for SD's one text
@@ -18,7 +20,7 @@ The word is the file's name, as A1111 names embeddings (``EasyNegative.safetenso
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +81,8 @@ class Embedding:
             if tensor.dim() not in (1, 2) or not tensor.numel() or not tensor.is_floating_point():
                 raise SdexportError(f"{FLAG} {self.path}: {name} of shape {list(tensor.shape)} is not a list of "
                                     "embedding vectors")
+            if not tensor.float().isfinite().all():  # (the graphs' checks never reach the rows it adds)
+                raise SdexportError(f"{FLAG} {self.path}: {name} holds NaN or infinite values")
         return tensors
 
     def vectors(self, family: str) -> dict[str, torch.Tensor]:
@@ -117,18 +121,24 @@ Rows = dict[str, list[tuple[int, "torch.Tensor"]]]
 """Per text encoder, the token ids added and the vector each stands for."""
 
 
+def check_widths(embedding: Embedding, family: str, widths: Mapping[str, int]) -> None:
+    """Vectors as wide as each text encoder's (``widths``, by encoder) embeddings."""
+    for encoder, vectors in embedding.vectors(family).items():
+        if encoder in widths and vectors.shape[1] != widths[encoder]:
+            raise SdexportError(f"{FLAG} {embedding.path}: vectors of width {vectors.shape[1]}, but {encoder} reads "
+                                f"{widths[encoder]} (an embedding made for another model)")
+
+
 def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
     """Add each embedding's tokens to ``model``'s tokenizers, in order, and return the rows the text
     encoders' token embedding matrices gain (``grow``). Refuses a word the tokenizer knows already
-    (it would stand for two things), and vectors of another width than the text encoder's."""
+    (it would stand for two things)."""
     rows: Rows = {}
     for embedding in embeddings:
+        check_widths(embedding, model.family, {name: int(model.config(name).hidden_size)
+                                               for name in text_encoders(model.family)})
         for encoder, vectors in embedding.vectors(model.family).items():
             tokenizer = model.tokenizers[encoder.replace("text_encoder", "tokenizer")]
-            width = int(model.config(encoder).hidden_size)
-            if vectors.shape[1] != width:
-                raise SdexportError(f"{FLAG} {embedding.path}: vectors of width {vectors.shape[1]}, but {encoder} reads "
-                                    f"{width} (an embedding made for another model)")
             names = token_names(embedding.token, vectors.shape[0])
             known = [name for name in names if name in tokenizer.get_vocab()]
             if known:
@@ -148,7 +158,8 @@ def grow(rows: Rows) -> Callable[[str, Any], None]:
             return
         import torch
 
-        module.resize_token_embeddings(max(i for i, _ in added) + 1)
+        rows_now = module.get_input_embeddings().num_embeddings  # (a table wider than the tokenizer stays so)
+        module.resize_token_embeddings(max(rows_now, max(i for i, _ in added) + 1))
         with torch.no_grad():
             table = module.get_input_embeddings().weight
             for token_id, vector in added:
@@ -169,3 +180,34 @@ def apply(model: Any, embeddings: list[Embedding]) -> None:
         if not is_skeleton(module):
             write(name, module)
     model.on_materialize.append(write)
+
+
+def multi_vector_words(tokenizer: Any) -> dict[str, list[str]]:
+    """The tokenizer's words of several vectors, in lower case, each with its tokens in order
+    (``token_names``): what a prompt's word is spelled out as."""
+    added = tokenizer.added_tokens_encoder
+    words: dict[str, list[str]] = {}
+    for token in added:
+        count = 1
+        while f"{token}_{count}" in added:
+            count += 1
+        if count > 1:
+            words[token.lower()] = token_names(token, count)
+    return words
+
+
+def spell_out(texts: list[str], tokenizer: Any) -> list[str]:
+    """``texts`` with each word of several vectors written as its tokens (``STYLE`` as ``STYLE
+    STYLE_1 STYLE_2``), matched anywhere and in any case, as the tokenizer matches added tokens
+    (its normalizer lowers the case); as given where the tokenizer holds no such word."""
+    words = multi_vector_words(tokenizer)
+    if not words:
+        return list(texts)
+    pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
+    return [pattern.sub(lambda m: " ".join(words[m.group(0).lower()]), text) for text in texts]
+
+
+def tokens_taken(tokenizer: Any) -> dict[int, int]:
+    """Per token id of a word of several vectors, the tokens it takes once spelled out (the rest
+    count one): what fits in the text encoder's sequence."""
+    return {int(tokenizer.convert_tokens_to_ids(names[0])): len(names) for names in multi_vector_words(tokenizer).values()}

@@ -571,6 +571,7 @@ def _torch_engines(
     from sdexport.models.part_sources import adapter_records
 
     # as the export loaded them (presets: the same seed)
+    fused, embeddings = exported_loras(manifest), exported_embeddings(manifest)  # (their files, before the weights load)
     controlnets = [_reload_part(record, "ControlNet", resolve_controlnet) for record in source.get("controlnets") or []]
     adapters = [_reload_part(record, "T2I-Adapter", resolve_adapter) for record in adapter_records(source)]
     model = load_model(reference, config=source.get("config"), seed=seed, vae=source.get("vae"),
@@ -579,10 +580,10 @@ def _torch_engines(
     from sdexport.models.lora import add_updates, fuse_into, torch_layers
 
     _check_reloaded_adapters(model.dims, manifest.model_dims)
-    fuse_into(model.modules, exported_loras(manifest), manifest.family)  # as the export did
+    fuse_into(model.modules, fused, manifest.family)  # as the export did
     from sdexport.models import textual_inversion
 
-    textual_inversion.apply(model, exported_embeddings(manifest))
+    textual_inversion.apply(model, embeddings)
     if loras:
         from sdexport.runtime.lora_runtime import updates_for
 

@@ -556,21 +556,33 @@ class Txt2ImgPipeline:
         return found
 
     def _read_text(self, text: str, tokenizer: Any) -> str | None:
-        """The part of ``text`` the encoder sees, or None when all of it fits."""
-        tokens = tokenizer.tokenize(spelled_out([text], tokenizer)[0])
+        """The part of ``text`` the encoder sees, or None when all of it fits. A textual inversion
+        word of several vectors takes as many places (``tokens_taken``); one the limit cuts is left
+        out of the text (the encoder reads its first vectors, which no text spells alone)."""
+        from sdexport.models.textual_inversion import tokens_taken
+
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        taken = tokens_taken(tokenizer)
         room = self.dims.S - 2  # the start and end tokens take two places
-        if len(tokens) <= room:
+        kept: list[int] = []
+        for token in ids:
+            room -= taken.get(token, 1)
+            if room < 0:
+                break
+            kept.append(token)
+        if len(kept) == len(ids):
             return None
-        kept = tokenizer.convert_tokens_to_ids(tokens[:room])
-        used = str(tokenizer.decode(kept, skip_special_tokens=True)).strip()
+        used = _decoded(kept, tokenizer)
         if "\ufffd" not in text:  # CLIP's byte-level tokens can cut a character (é, an emoji) in two:
             used = used.rstrip("\ufffd").rstrip()  # its first bytes decode to U+FFFD, no text to record or reuse
         return used
 
     def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
         tokenizer = tokenizer or self.tokenizer
+        from sdexport.models.textual_inversion import spell_out
+
         ids = tokenizer(
-            spelled_out(prompts, tokenizer),
+            spell_out(prompts, tokenizer),
             padding="max_length",
             max_length=self.dims.S,
             truncation=True,
@@ -1034,14 +1046,16 @@ def to_pil(pixels: np.ndarray) -> list[Any]:
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
 
 
-def spelled_out(texts: list[str], tokenizer: Any) -> list[str]:
-    """``texts`` with the word of each multi-vector textual inversion embedding the tokenizer holds
-    spelled out as its tokens (``TOKEN TOKEN_1 ...``), by diffusers' own ``maybe_convert_prompt``, as
-    its pipelines do; as given where the tokenizer holds no such word (diffusers' loaders take a
-    second to import)."""
-    added = tokenizer.added_tokens_encoder
-    if not any(f"{token}_1" in added for token in added):
-        return list(texts)
-    from diffusers.loaders import TextualInversionLoaderMixin
-
-    return list(TextualInversionLoaderMixin().maybe_convert_prompt(list(texts), tokenizer))
+def _decoded(ids: list[int], tokenizer: Any) -> str:
+    """``ids`` as text the tokenizer reads as them again. Words added to it (textual inversion) are
+    decoded apart, with a space after them: decoded together, CLIP's tokenizers run an added word
+    into the next (they end words with ``</w>``, which added words lack)."""
+    added = set(tokenizer.added_tokens_decoder)
+    runs: list[list[int]] = []
+    for token in ids:
+        if token in added or not runs or runs[-1][-1] in added:
+            runs.append([token])
+        else:
+            runs[-1].append(token)
+    texts = (str(tokenizer.decode(run, skip_special_tokens=True)).strip() for run in runs)
+    return " ".join(text for text in texts if text)
