@@ -150,17 +150,18 @@ def test_the_cli_takes_file_and_word_and_refuses_in_one_line(files, tmp_path, ca
     assert err == (f"error: --textual-inversion {files['sd']}: one tensor (emb_params), an SD 1.x/2.x embedding; "
                    "SDXL's hold clip_l and clip_g, for both text encoders")
     assert run_cli("export", "tiny", "-o", str(tmp_path / "y"), "--textual-inversion", f"{files['sd']}:s",
-                   "--textual-inversion", f"{files['one']}:s") == 2
-    assert "the word 's' is given twice" in capsys.readouterr().err
+                   "--textual-inversion", f"{files['one']}:S") == 2
+    assert "the word 'S' is given twice" in capsys.readouterr().err
     assert run_cli("export", "tiny", "-o", str(tmp_path / "z"), "--textual-inversion", str(files["sd"]),
                    "--components", "unet") == 2
     assert "which --components leaves out" in capsys.readouterr().err
     assert Embedding.parse(str(files["sd"])).token == "my-style"  # the file's name, as A1111 names embeddings
 
 
-def test_a_word_the_tokenizer_knows_is_refused(files, tmp_path, capsys):
-    known = "'a' is a word the tokenizer knows already; give the embedding another (my-style.safetensors:ANOTHER)"
-    assert run_cli("export", "tiny", "-o", str(tmp_path / "out"), "--textual-inversion", f"{files['sd']}:a") == 2
+@pytest.mark.parametrize("word", ["a", "A"])  # (the tokenizer matches added words in any case)
+def test_a_word_the_tokenizer_knows_is_refused(word, files, tmp_path, capsys):
+    known = f"'{word}' is a word the tokenizer knows already; give the embedding another (my-style.safetensors:ANOTHER)"
+    assert run_cli("export", "tiny", "-o", str(tmp_path / "out"), "--textual-inversion", f"{files['sd']}:{word}") == 2
     err = capsys.readouterr().err.strip().splitlines()  # (after the step that loaded the tokenizer)
     assert known in err[-1] and err[-1].startswith("error: ") and "Traceback" not in "".join(err)
     assert not (tmp_path / "out").exists()

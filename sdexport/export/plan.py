@@ -154,10 +154,10 @@ def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: 
     for embedding in embeddings:  # (the CLI checked its own; ExportOptions made in Python, here)
         embedding.check()
         check_widths(embedding, outline.family, outline.text_widths)
-        if embedding.token in seen:
+        if embedding.token.lower() in seen:  # (the tokenizer matches words in any case)
             raise SdexportError(f"--textual-inversion {embedding.path}: the word {embedding.token!r} is given twice; "
                                 f"name one of them (FILE:ANOTHER)")
-        seen.add(embedding.token)
+        seen.add(embedding.token.lower())
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,

@@ -131,16 +131,18 @@ def check_widths(embedding: Embedding, family: str, widths: Mapping[str, int]) -
 
 def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
     """Add each embedding's tokens to ``model``'s tokenizers, in order, and return the rows the text
-    encoders' token embedding matrices gain (``grow``). Refuses a word the tokenizer knows already
-    (it would stand for two things)."""
+    encoders' token embedding matrices gain (``grow``; the export checked their widths). Refuses a
+    token the tokenizer knows already, as diffusers does, in lower case too: the tokenizer matches
+    added words whatever their case. (A whole word, ``anime``, is CLIP's ``anime</w>``: naming an
+    embedding after one takes its place in prompts, as A1111 and diffusers let it.)"""
     rows: Rows = {}
     for embedding in embeddings:
-        check_widths(embedding, model.family, {name: int(model.config(name).hidden_size)
-                                               for name in text_encoders(model.family)})
         for encoder, vectors in embedding.vectors(model.family).items():
             tokenizer = model.tokenizers[encoder.replace("text_encoder", "tokenizer")]
             names = token_names(embedding.token, vectors.shape[0])
-            known = [name for name in names if name in tokenizer.get_vocab()]
+            vocab = tokenizer.get_vocab()
+            known = [name for name in names
+                     if name in vocab or name.lower() in vocab]
             if known:
                 raise SdexportError(f"{FLAG} {embedding.path}: {known[0]!r} is a word the tokenizer knows already; "
                                     f"give the embedding another ({embedding.path.name}:ANOTHER)")
