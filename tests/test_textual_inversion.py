@@ -204,7 +204,7 @@ def test_a_word_with_capitals_spells_out_in_any_case(files, tmp_path):
 
 
 def test_added_words_decode_apart_from_the_next():
-    from sdexport.runtime.txt2img import _decoded
+    from sdexport.runtime.prompt_text import _decoded
 
     model = load_model("tiny", lazy=True)
     tokenizer = model.tokenizers["tokenizer"]
@@ -237,3 +237,15 @@ def test_the_format_says_an_older_sdexport_cannot_read_it(sd_dir, tiny_engine_di
     assert run_cli("inspect", copy) == 2
     assert "invalid manifest: format 3 goes with model.embeddings (textual inversion), and only with them" in \
         " ".join(capsys.readouterr().err.split())
+
+
+def test_words_are_found_where_the_tokenizer_finds_them():
+    """Not inside another added word (negv2), nor in a follow-up token typed out (neg_1): diffusers'
+    text replacement breaks both; case and the text around it do not matter."""
+    from sdexport.runtime.prompt_text import spell_out
+
+    tokenizer = load_model("tiny", lazy=True).tokenizers["tokenizer"]
+    tokenizer.add_tokens(["neg", "neg_1", "negv2"])
+    ids = tokenizer(spell_out(["negv2, neg_1 and NEGx"], tokenizer), add_special_tokens=False).input_ids[0]
+    x = tokenizer("x", add_special_tokens=False).input_ids
+    assert ids[:2] == [516, 269] and ids[2] == 515 and ids[-3:] == [514, 515, *x]

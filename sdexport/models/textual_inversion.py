@@ -5,10 +5,7 @@ style, a character, "EasyNegative"). As diffusers' ``load_textual_inversion`` do
 becomes a token of its own (``TOKEN``, ``TOKEN_1``, ``TOKEN_2``, ... for several), added to the
 tokenizer, and the text encoder's token embedding matrix grows by those rows. The exported graph
 then holds them and the engine directory's tokenizer knows the tokens; at run time a prompt's
-``TOKEN`` is spelled out as ``TOKEN TOKEN_1 ...`` (``spell_out``). diffusers' ``maybe_convert_prompt``
-does that by the token's text, which transformers 5's CLIP tokenizers give in lower case: a word
-with a capital (``EasyNegative``) then keeps only its first vector. ``spell_out`` matches words
-as the tokenizer does, whatever their case.
+``TOKEN`` is spelled out as ``TOKEN TOKEN_1 ...`` (``runtime.prompt_text``).
 
 Files are read as ``.safetensors`` only (pickled ``.pt`` files can run code), in the layouts that
 circulate: one tensor (diffusers' ``{token: vectors}``, A1111's ``emb_params``) for SD's one text
@@ -112,9 +109,15 @@ class Embedding:
         return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path), "token": self.token}
 
 
-def token_names(token: str, count: int) -> list[str]:
-    """The tokens of ``count`` vectors, as diffusers names them (and ``maybe_convert_prompt`` reads)."""
-    return [token] + [f"{token}_{i}" for i in range(1, count)]
+def token_name(word: str, index: int) -> str:
+    """The token of a word's vector ``index``, as diffusers names them: ``WORD``, ``WORD_1``, ...
+    (what the runtime's ``prompt_text`` looks for)."""
+    return f"{word}_{index}" if index else word
+
+
+def token_names(word: str, count: int) -> list[str]:
+    """The tokens of a word's ``count`` vectors."""
+    return [token_name(word, i) for i in range(count)]
 
 
 Rows = dict[str, list[tuple[int, "torch.Tensor"]]]
@@ -182,34 +185,3 @@ def apply(model: Any, embeddings: list[Embedding]) -> None:
         if not is_skeleton(module):
             write(name, module)
     model.on_materialize.append(write)
-
-
-def multi_vector_words(tokenizer: Any) -> dict[str, list[str]]:
-    """The tokenizer's words of several vectors, in lower case, each with its tokens in order
-    (``token_names``): what a prompt's word is spelled out as."""
-    added = tokenizer.added_tokens_encoder
-    words: dict[str, list[str]] = {}
-    for token in added:
-        count = 1
-        while f"{token}_{count}" in added:
-            count += 1
-        if count > 1:
-            words[token.lower()] = token_names(token, count)
-    return words
-
-
-def spell_out(texts: list[str], tokenizer: Any) -> list[str]:
-    """``texts`` with each word of several vectors written as its tokens (``STYLE`` as ``STYLE
-    STYLE_1 STYLE_2``), matched anywhere and in any case, as the tokenizer matches added tokens
-    (its normalizer lowers the case); as given where the tokenizer holds no such word."""
-    words = multi_vector_words(tokenizer)
-    if not words:
-        return list(texts)
-    pattern = re.compile("|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)), re.IGNORECASE)
-    return [pattern.sub(lambda m: " ".join(words[m.group(0).lower()]), text) for text in texts]
-
-
-def tokens_taken(tokenizer: Any) -> dict[int, int]:
-    """Per token id of a word of several vectors, the tokens it takes once spelled out (the rest
-    count one): what fits in the text encoder's sequence."""
-    return {int(tokenizer.convert_tokens_to_ids(names[0])): len(names) for names in multi_vector_words(tokenizer).values()}

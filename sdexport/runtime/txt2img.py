@@ -28,6 +28,7 @@ from rich.markup import escape
 from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError, pasteable
 from sdexport.runtime.engine import Engine
+from sdexport.runtime.prompt_text import kept_text, spell_out
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
     a1111_sampler,
@@ -520,8 +521,8 @@ class Txt2ImgPipeline:
             info["vae_decoder"] = "fp32"
         if encoder_fallback:
             info["vae_encoder"] = "fp32"
-        if request.clip_skip or self.dims.clip_skip:
-            info["clip_skip"] = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
+        if request.clip_skip or self.dims.clip_skip:  # (the request's, filled in by with_defaults)
+            info["clip_skip"] = request.clip_skip
         return info
 
     def guess_mode(self, request: GenerationRequest) -> bool:
@@ -556,31 +557,12 @@ class Txt2ImgPipeline:
         return found
 
     def _read_text(self, text: str, tokenizer: Any) -> str | None:
-        """The part of ``text`` the encoder sees, or None when all of it fits. A textual inversion
-        word of several vectors takes as many places (``tokens_taken``); one the limit cuts is left
-        out of the text (the encoder reads its first vectors, which no text spells alone)."""
-        from sdexport.models.textual_inversion import tokens_taken
-
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        taken = tokens_taken(tokenizer)
-        room = self.dims.S - 2  # the start and end tokens take two places
-        kept: list[int] = []
-        for token in ids:
-            room -= taken.get(token, 1)
-            if room < 0:
-                break
-            kept.append(token)
-        if len(kept) == len(ids):
-            return None
-        used = _decoded(kept, tokenizer)
-        if "\ufffd" not in text:  # CLIP's byte-level tokens can cut a character (é, an emoji) in two:
-            used = used.rstrip("\ufffd").rstrip()  # its first bytes decode to U+FFFD, no text to record or reuse
-        return used
+        """The part of ``text`` the encoder sees, or None when all of it fits."""
+        return kept_text(text, tokenizer, self.dims.S)
 
     def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
+        """Token ids, textual inversion words spelled out (``prompt_text.spell_out``)."""
         tokenizer = tokenizer or self.tokenizer
-        from sdexport.models.textual_inversion import spell_out
-
         ids = tokenizer(
             spell_out(prompts, tokenizer),
             padding="max_length",
@@ -1044,18 +1026,3 @@ def to_pil(pixels: np.ndarray) -> list[Any]:
     from PIL import Image
 
     return [Image.fromarray((p * 255).round().astype(np.uint8)) for p in pixels]
-
-
-def _decoded(ids: list[int], tokenizer: Any) -> str:
-    """``ids`` as text the tokenizer reads as them again. Words added to it (textual inversion) are
-    decoded apart, with a space after them: decoded together, CLIP's tokenizers run an added word
-    into the next (they end words with ``</w>``, which added words lack)."""
-    added = set(tokenizer.added_tokens_decoder)
-    runs: list[list[int]] = []
-    for token in ids:
-        if token in added or not runs or runs[-1][-1] in added:
-            runs.append([token])
-        else:
-            runs[-1].append(token)
-    texts = (str(tokenizer.decode(run, skip_special_tokens=True)).strip() for run in runs)
-    return " ".join(text for text in texts if text)
