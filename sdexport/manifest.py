@@ -30,6 +30,7 @@ from sdexport.manifest_schema import (
     SCHEDULER_CONFIG,
     SCHEMA,
     first_error,
+    format_version_for,
 )
 from sdexport.output_dir import MARKER, unlisted_files
 from sdexport.shapes import ShapeProfile
@@ -39,6 +40,7 @@ from sdexport.specs import (
     ComponentSpec,
     ModelDims,
     adapter_names,
+    check_clip_skip,
     component,
     components_for,
     controlnets_among,
@@ -272,6 +274,19 @@ def reexport_command(directory: Path, data: dict[str, Any]) -> str:
     return shlex.join(words)
 
 
+def _text_encoder_layers(directory: Path, manifest: Manifest) -> list[int]:
+    """SD's text encoder's layers, from its ``config.json`` (what a built-in clip skip must stay
+    below; the file's hash is checked later, with the graphs'): none where unreadable."""
+    entry = manifest.components.get("text_encoder")
+    if entry is None or not manifest.model_dims.clip_skip:
+        return []
+    try:
+        layers = json.loads((directory / entry.onnx).parent.joinpath("config.json").read_text()).get("num_hidden_layers")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [layers] if isinstance(layers, int) and not isinstance(layers, bool) else []
+
+
 def check_layout(directory: Path, manifest: Manifest) -> None:
     """What the schema cannot say: ranges in order, the family's components, a closed set of paths,
     and the tokenizer and scheduler files the runtime needs besides the graphs."""
@@ -293,13 +308,14 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if layers and min(manifest.dims.get(name, 0) for name in layers) < 1:
         raise EngineDirError(f"{where}: invalid manifest: dims.{' and dims.'.join(layers)} (the text encoders' "
                              f"layers) must be at least 1 for {manifest.family}")
-    if bool(manifest.model.get("embeddings")) != (manifest.format_version == EMBEDDINGS_FORMAT_VERSION):
+    if manifest.format_version != format_version_for(manifest.model):
         raise EngineDirError(f"{where}: invalid manifest: format {EMBEDDINGS_FORMAT_VERSION} goes with "
                              "model.embeddings (textual inversion), and only with them")
-    skip = manifest.dims.get("clip_skip", 0)
-    if layers and skip >= min(manifest.dims[name] for name in layers):  # (the layer the runtime reads by default)
-        raise EngineDirError(f"{where}: invalid manifest: dims.clip_skip {skip} is not below "
-                             f"dims.{' and dims.'.join(layers)} (the text encoders' layers)")
+    try:
+        check_clip_skip(f"{where}: invalid manifest: dims.clip_skip", manifest.model_dims.clip_skip,
+                        [manifest.dims[name] for name in layers] or _text_encoder_layers(directory, manifest))
+    except SdexportError as exc:
+        raise EngineDirError(str(exc)) from None
     known = [s.name for s in manifest.component_specs()]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:

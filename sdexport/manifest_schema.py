@@ -24,6 +24,11 @@ an sdexport that predates them refuses it, rather than read each word as its fir
 on the Torch backend, which adds them again)."""
 FORMAT_VERSIONS = (FORMAT_VERSION, EMBEDDINGS_FORMAT_VERSION)
 
+
+def format_version_for(model: dict[str, Any]) -> int:
+    """The format a manifest's ``model`` record is written in (and must be read in)."""
+    return EMBEDDINGS_FORMAT_VERSION if model.get("embeddings") else FORMAT_VERSION
+
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 _PATH = {"type": "string", "minLength": 1, "maxLength": 4096}
 """A path relative to the engine directory; what it may point at is checked in code."""

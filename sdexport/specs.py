@@ -74,6 +74,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from sdexport.errors import SdexportError
+
 if TYPE_CHECKING:  # torch is heavy; the runtime reads specs without needing it
     import torch
 
@@ -161,6 +163,9 @@ class ComponentSpec:
     after its other inputs, and in one with a T2I-Adapter (``ModelDims.adapter_features``) the
     adapter's features (``for_model`` adds them); a latent consistency model's (``ModelDims.G``)
     takes its guidance embedding before either."""
+    builds_in_clip_skip: bool = False
+    """SD's text encoder: a model's ``ModelDims.clip_skip`` is built into its graph (``for_model``
+    hands it to the wrapper). SDXL's give every layer's hidden state, and the runtime picks."""
 
     def for_model(self, dims: ModelDims) -> ComponentSpec:
         """This spec with its repeated tensors expanded for one model's sizes (``dims``), and a
@@ -172,8 +177,8 @@ class ComponentSpec:
         if self.takes_residuals and dims.G and GUIDANCE_EMBEDDING not in self.input_names:
             self = replace(self, inputs=(*self.inputs, _GUIDANCE_EMBEDDING_INPUT),
                            wrapper=_taking_guidance_embedding(self.wrapper))
-        if dims.clip_skip and self.wrapper is _text_encoder_wrapper:  # SD's (SDXL's export every layer)
-            self = replace(self, wrapper=functools.partial(_text_encoder_wrapper, clip_skip=dims.clip_skip))
+        if dims.clip_skip and self.builds_in_clip_skip:
+            self = replace(self, wrapper=functools.partial(self.wrapper, clip_skip=dims.clip_skip))
         if self.takes_residuals and dims.residuals and not self.residual_inputs:
             self = replace(self, inputs=(*self.inputs, *_RESIDUAL_INPUTS))
         if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
@@ -411,6 +416,18 @@ class ModelDims:
             "G": self.G,
         }
 
+
+
+def check_clip_skip(label: str, value: object, layers: Iterable[int] = ()) -> None:
+    """A clip skip (``ModelDims.clip_skip``), one rule for exports, requests and manifests: a whole
+    number of layers, fewer than every text encoder has (``layers``; none given: unchecked)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SdexportError(f"{label} {value!r}: expected a whole number of layers, 0 or more (diffusers' clip_skip: "
+                            "1 reads the penultimate layer, A1111's \"Clip skip: 2\")")
+    counts = [n for n in layers if n]
+    if counts and value >= min(counts):
+        raise SdexportError(f"{label} {value}: the text encoder{'s have' if len(counts) > 1 else ' has'} "
+                            f"{' and '.join(map(str, counts))} layers; skip at most {min(counts) - 1}")
 
 # ---------------------------------------------------------------------------------------------
 # Export wrappers: small modules with positional inputs and tuple outputs, in spec order.
@@ -679,6 +696,7 @@ TEXT_ENCODER = ComponentSpec(
     wrapper=_text_encoder_wrapper,
     cfg_batch=True,
     fusion_model="clip",
+    builds_in_clip_skip=True,
 )
 
 _RESIDUAL_INPUTS = (  # a ControlNet's residuals; none for a model exported without ControlNets

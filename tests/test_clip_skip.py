@@ -98,7 +98,7 @@ def test_run_records_it_and_an_sd_export_takes_its_own_only(skipping_dir, tmp_pa
     assert run_cli("run", str(skipping_dir), "-p", "a lighthouse", "--clip-skip", "0", "-o", str(tmp_path / "x.png")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --clip-skip 0: this SD export's text encoder has clip skip 1 built in; "
-                          "export the model again with --clip-skip 0")
+                          "export the model again without --clip-skip")
     assert "\n" not in err and not (tmp_path / "x.png").exists()
 
 
@@ -144,7 +144,7 @@ def test_sdxl_takes_any_layer_its_encoders_have_and_the_export_sets_the_default(
 
 
 @pytest.mark.parametrize(("value", "message"), [
-    (-1, "--clip-skip -1: expected a whole number of layers, 0 or more"),
+    (-1, "--clip-skip -1: expected a whole number of layers, 0 or more (diffusers' clip_skip: 1 reads"),
     (True, "--clip-skip True: expected a whole number of layers"),
     (2, "--clip-skip 2: the text encoder has 2 layers; skip at most 1"),
 ])
@@ -224,7 +224,7 @@ def test_a_manifest_skipping_past_the_encoders_layers_is_refused(tiny_sdxl_engin
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert run_cli("inspect", copy) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "invalid manifest: dims.clip_skip 2 is not below dims.L1 and dims.L2 (the text encoders' layers)" in err
+    assert "invalid manifest: dims.clip_skip 2: the text encoders have 2 and 3 layers; skip at most 1" in err
     assert "Traceback" not in err
 
 
@@ -239,3 +239,17 @@ def test_a_zero_that_overrides_the_default_is_recorded(tmp_path):
     overridden.save(tmp_path / "zero.png")
     image = Image.open(tmp_path / "zero.png")
     assert json.loads(image.text["sdexport"])["clip_skip"] == 0 and image.text["parameters"].endswith("Clip skip: 1")
+
+
+def test_a_hand_edited_sd_clip_skip_past_the_layers_is_refused(skipping_dir, tmp_path, capsys):
+    """SD's is bounded by its text encoder's config.json (no dims hold its layers)."""
+    import shutil
+
+    copy = tmp_path / "sd"
+    shutil.copytree(skipping_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["dims"]["clip_skip"] = 5
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("inspect", copy) == 2
+    assert "invalid manifest: dims.clip_skip 5: the text encoder has 2 layers; skip at most 1" in \
+        " ".join(capsys.readouterr().err.split())

@@ -28,7 +28,7 @@ SHARED_CHECKS = ("runtime/request.py", "runtime/schedulers.py", "runtime/image_i
 """The checks the Python API, ``run``, ``serve`` and the bench share."""
 
 OPERATOR_ADVICE = {"export the refiner with the base model's --height and --width ranges",
-                   "export the model again with --clip-skip"}
+                   "with --clip-skip", "without --clip-skip"}
 """Literals of the shared checks that name another command's options (``export --height``), which
 share a name with ``run``'s."""
 

@@ -35,7 +35,7 @@ from sdexport.export.verify import (
 from sdexport.export.weight_names import write_weight_map
 from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
-from sdexport.manifest_schema import EMBEDDINGS_FORMAT_VERSION, FORMAT_VERSION
+from sdexport.manifest_schema import format_version_for
 from sdexport.models import LoadedModel, load_model
 from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
@@ -156,14 +156,15 @@ def _export_into(
         )
     write_pipeline_files(staging, model, specs)
     with step("Hashing artifacts and writing the manifest"):
+        record = {"label": model.label, "source": _portable_source(model, model_ref),
+                  "random_weights": model.random_weights,
+                  **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {}),
+                  **({"loras": loras} if loras else {}),
+                  **({"embeddings": embeddings} if embeddings else {})}
         manifest = Manifest(
-            format_version=EMBEDDINGS_FORMAT_VERSION if embeddings else FORMAT_VERSION,
+            format_version=format_version_for(record),
             family=model.family,
-            model={"label": model.label, "source": _portable_source(model, model_ref),
-                   "random_weights": model.random_weights,
-                   **({"pipeline_config": model.pipeline_config} if model.pipeline_config else {}),
-                   **({"loras": loras} if loras else {}),
-                   **({"embeddings": embeddings} if embeddings else {})},
+            model=record,
             prediction_type=model.prediction_type,
             vae_scaling_factor=model.vae_scaling_factor,
             dims=dims.record(),

@@ -21,7 +21,14 @@ from sdexport.models.presets import MAX_PRESET_SEED
 from sdexport.models.textual_inversion import Embedding, check_widths
 from sdexport.output_dir import OutputKind, check_target, refuse_if_held
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec, adapter_index, components_for, controlnet_index, text_encoders
+from sdexport.specs import (
+    ComponentSpec,
+    adapter_index,
+    check_clip_skip,
+    components_for,
+    controlnet_index,
+    text_encoders,
+)
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -114,7 +121,7 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     profile.validate(outline)
     profile.check_limits(outline.vae_width)
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
-    check_clip_skip(options.clip_skip, outline, specs)
+    check_export_clip_skip(options.clip_skip, outline, specs)
     check_embeddings(options.embeddings, outline, specs)
     # (a --vae takes the model's own VAE's place: its folder need hold no weights)
     check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
@@ -123,11 +130,9 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     return plan
 
 
-def check_clip_skip(clip_skip: object, outline: ModelOutline, specs: list[ComponentSpec]) -> None:
+def check_export_clip_skip(clip_skip: object, outline: ModelOutline, specs: list[ComponentSpec]) -> None:
     """Fewer layers than every text encoder has, and a text encoder exported for it to change."""
-    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0:
-        raise SdexportError(f"--clip-skip {clip_skip!r}: expected a whole number of layers, 0 or more (diffusers' "
-                            "clip_skip: 1 reads the penultimate layer, A1111's \"Clip skip: 2\")")
+    check_clip_skip("--clip-skip", clip_skip)
     if not clip_skip:
         return
     if not any(s.name in text_encoders(outline.family) for s in specs):
@@ -136,9 +141,7 @@ def check_clip_skip(clip_skip: object, outline: ModelOutline, specs: list[Compon
     if not outline.text_layers:
         raise SdexportError(f"--clip-skip {clip_skip}: the model's text encoder configs cannot be read for their "
                             "number of layers")
-    from sdexport.runtime.request import check_skipped_layers
-
-    check_skipped_layers("--clip-skip", clip_skip, list(outline.text_layers))
+    check_clip_skip("--clip-skip", clip_skip, outline.text_layers)
 
 
 def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: list[ComponentSpec]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, cast
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.setting_names import setting
 from sdexport.shapes import ImageGeometry, ShapeProfile
-from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, is_sdxl
+from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, check_clip_skip, is_sdxl
 
 MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
@@ -511,7 +511,7 @@ def check_request(
             raise SdexportError(f"{setting('seed')} {seed!r}{kind}: seeds are {'Python ' if kind else ''}integers from 0 "
                                 f"to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
-    check_clip_skip(request.clip_skip, family, dims)
+    _check_clip_skip(request.clip_skip, family, dims)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int):
         raise SdexportError(f"{setting('steps')} {request.steps!r} ({type(request.steps).__name__}): need a whole "
                             "number of steps (a Python int)")
@@ -903,29 +903,22 @@ def _check_conditioning(request: GenerationRequest, family: str) -> None:
             raise SdexportError(f"{setting(name)} {value}: expected two pixel counts from 0 to {MAX_CONDITIONING}")
 
 
-def check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
-    """A whole number of layers that the directory's text encoders can read past: its own for SD
-    (built into the graph at export), fewer than the encoders' layers for SDXL (``dims``: a
-    manifest's ``ModelDims``; bench plans from an outline, which knows no layers)."""
+def _check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
+    """A clip skip the directory's text encoders can read: an SD export's own (built into its graph),
+    any below SDXL's encoders' layers. ``dims``: a manifest's ``ModelDims`` (an outline's, in a bench
+    plan, has no clip skip, and bench requests give none)."""
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise SdexportError(f"{setting('clip_skip')} {value!r}: expected a whole number of layers, 0 or more")
+    check_clip_skip(setting("clip_skip"), value)
     exported = int(getattr(dims, "clip_skip", 0))
     if not is_sdxl(family):
         if value != exported:
+            again = f"with --clip-skip {value}" if value else "without --clip-skip"
             raise SdexportError(f"{setting('clip_skip')} {value}: this {FAMILY_LABELS[family]} export's text encoder has "
-                                f"clip skip {exported} built in; export the model again with --clip-skip {value} for "
-                                "another (SDXL's text encoders give every layer, SD's their last)")
+                                f"clip skip {exported} built in; export the model again {again} for another "
+                                "(SDXL's text encoders give every layer, SD's their last)")
         return
-    check_skipped_layers(setting("clip_skip"), value, [n for n in (getattr(dims, "L1", 0), getattr(dims, "L2", 0)) if n])
-
-
-def check_skipped_layers(label: str, value: int, layers: list[int]) -> None:
-    """Fewer layers skipped than every text encoder has (``layers``; none known: unchecked)."""
-    if layers and value >= min(layers):
-        raise SdexportError(f"{label} {value}: the text encoder{'s have' if len(layers) > 1 else ' has'} "
-                            f"{' and '.join(map(str, layers))} layers; skip at most {min(layers) - 1}")
+    check_clip_skip(setting("clip_skip"), value, (getattr(dims, "L1", 0), getattr(dims, "L2", 0)))
 
 
 def default_notes(request: GenerationRequest, family: str) -> list[str]:
