@@ -23,6 +23,8 @@ whose words the runtime spells out as several tokens. Written only for such a di
 an sdexport that predates them refuses it, rather than read each word as its first vector (or fail
 on the Torch backend, which adds them again)."""
 FORMAT_VERSIONS = (FORMAT_VERSION, EMBEDDINGS_FORMAT_VERSION)
+WORD = r"[^\s:]+"
+"""A textual inversion embedding's word: one token of text, as ``FILE:WORD`` can give it."""
 
 
 def format_version_for(model: dict[str, Any]) -> int:
@@ -126,9 +128,9 @@ SCHEMA: dict[str, Any] = {
                     "type": "array",
                     "items": {
                         "type": "object",
-                        "required": ["path", "sha256", "token"],
+                        "required": ["path", "sha256", "word"],
                         "properties": {"path": {"type": "string"}, "sha256": _SHA256,
-                                       "token": {"type": "string", "pattern": "^[^\\s:]+$"}},
+                                       "word": {"type": "string", "pattern": f"^{WORD}$"}},
                     },
                 },
             },

@@ -178,7 +178,7 @@ class ComponentSpec:
             self = replace(self, inputs=(*self.inputs, _GUIDANCE_EMBEDDING_INPUT),
                            wrapper=_taking_guidance_embedding(self.wrapper))
         if dims.clip_skip and self.builds_in_clip_skip:
-            self = replace(self, wrapper=functools.partial(self.wrapper, clip_skip=dims.clip_skip))
+            self = replace(self, wrapper=_reading_clip_skip(self.wrapper, dims.clip_skip))
         if self.takes_residuals and dims.residuals and not self.residual_inputs:
             self = replace(self, inputs=(*self.inputs, *_RESIDUAL_INPUTS))
         if self.takes_residuals and dims.adapter_features and not self.adapter_inputs:
@@ -273,6 +273,11 @@ class ComponentSpec:
 def _taking_adapter_features(wrapper: Callable[..., torch.nn.Module]) -> Callable[[torch.nn.Module], torch.nn.Module]:
     """A U-Net wrapper whose extra inputs are a T2I-Adapter's features, not ControlNet residuals."""
     return functools.partial(wrapper, adapter=True)
+
+
+def _reading_clip_skip(wrapper: Callable[..., torch.nn.Module], clip_skip: int) -> Callable[[torch.nn.Module], torch.nn.Module]:
+    """A text encoder wrapper whose output is ``clip_skip`` layers before the last (``_text_encoder_wrapper``)."""
+    return functools.partial(wrapper, clip_skip=clip_skip)
 
 
 def _taking_guidance_embedding(wrapper: Callable[..., torch.nn.Module]) -> Callable[[torch.nn.Module], torch.nn.Module]:

@@ -94,7 +94,7 @@ def test_sdxl_images_match_diffusers_with_the_same_embeddings(files, tmp_path):
     got = load_pipeline(out, "onnxruntime-cpu")(request)
     assert _rel(got.latents, want.latents) < LATENT_REL_L2
     manifest = load_manifest(out)
-    assert [e["token"] for e in manifest.model["embeddings"]] == ["xl-style"]
+    assert [e["word"] for e in manifest.model["embeddings"]] == ["xl-style"]
     assert "+ embeddings xl-style" in manifest.model["label"]
 
 
@@ -105,7 +105,7 @@ def test_the_directory_keeps_the_words_and_the_manifest_the_files(sd_dir, files)
     assert tokenizer.convert_tokens_to_ids(["my-style", "my-style_1", "my-style_2", "cat-toy"]) == [514, 515, 516, 517]
     assert json.loads((sd_dir / "text_encoder" / "config.json").read_text())["vocab_size"] == 518
     records = load_manifest(sd_dir).model["embeddings"]
-    assert [(Path(r["path"]).name, r["token"]) for r in records] == [("my-style.safetensors", "my-style"),
+    assert [(Path(r["path"]).name, r["word"]) for r in records] == [("my-style.safetensors", "my-style"),
                                                                      ("one.safetensors", "cat-toy")]
 
 
@@ -155,7 +155,7 @@ def test_the_cli_takes_file_and_word_and_refuses_in_one_line(files, tmp_path, ca
     assert run_cli("export", "tiny", "-o", str(tmp_path / "z"), "--textual-inversion", str(files["sd"]),
                    "--components", "unet") == 2
     assert "which --components leaves out" in capsys.readouterr().err
-    assert Embedding.parse(str(files["sd"])).token == "my-style"  # the file's name, as A1111 names embeddings
+    assert Embedding.parse(str(files["sd"])).word == "my-style"  # the file's name, as A1111 names embeddings
 
 
 @pytest.mark.parametrize("word", ["a", "A"])  # (the tokenizer matches added words in any case)
@@ -249,3 +249,20 @@ def test_words_are_found_where_the_tokenizer_finds_them():
     ids = tokenizer(spell_out(["negv2, neg_1 and NEGx"], tokenizer), add_special_tokens=False).input_ids[0]
     x = tokenizer("x", add_special_tokens=False).input_ids
     assert ids[:2] == [516, 269] and ids[2] == 515 and ids[-3:] == [514, 515, *x]
+
+
+def test_a_refiner_without_the_base_models_words_is_said(files, tmp_path, capsys):
+    from sdexport.runtime.ensemble import Refiner
+
+    base, refiner = tmp_path / "base", tmp_path / "refiner"
+    export("tiny-sdxl", base, ExportOptions(verify="none", embeddings=[Embedding(files["sdxl"], "XL-style")]))
+    export("tiny-sdxl-refiner", refiner, ExportOptions(verify="none"))
+    capsys.readouterr()
+    Refiner.open(refiner, base, load_manifest(base))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "lacks the base model's textual inversion word(s) XL-style: it reads them as plain text" in said
+    shutil.rmtree(refiner)
+    export("tiny-sdxl-refiner", refiner, ExportOptions(verify="none", embeddings=[Embedding(files["sdxl"], "xl-STYLE")]))
+    capsys.readouterr()
+    Refiner.open(refiner, base, load_manifest(base))  # the same word, as the tokenizer matches it
+    assert "lacks" not in capsys.readouterr().err

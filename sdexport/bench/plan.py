@@ -138,7 +138,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         from sdexport.runtime.loading import takes_init_images
 
         manifest = load_manifest(options.engine_dir, verify_files=False)
-        _refuse_another_reading("--engine-dir", options.engine_dir, manifest)
+        _refuse_unlike_baseline("--engine-dir", options.engine_dir, manifest)
         if manifest.family != outline.family:
             raise SdexportError(
                 f"--engine-dir {options.engine_dir} holds a {manifest.family} model, but the scenario's model "
@@ -319,11 +319,11 @@ def _refiner_engines(engine_dir: Path, base_dir: Path, base_manifest: Any) -> An
     from sdexport.runtime.ensemble import Refiner
 
     paired = Refiner.open(engine_dir, base_dir, base_manifest, flag="--refiner-engine-dir")
-    _refuse_another_reading("--refiner-engine-dir", engine_dir, paired.manifest)
+    _refuse_unlike_baseline("--refiner-engine-dir", engine_dir, paired.manifest)
     return paired
 
 
-def _refuse_another_reading(flag: str, engine_dir: Path, manifest: Any) -> None:
+def _refuse_unlike_baseline(flag: str, engine_dir: Path, manifest: Any) -> None:
     """Engines that compute otherwise than the diffusers baseline: LoRA fused in, embeddings added,
     or a clip skip (which the baseline's pipelines read otherwise, or not at all: diffusers#14124)."""
     if manifest.model.get("loras"):

@@ -100,9 +100,9 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
             from sdexport.models import textual_inversion
 
             with step(f"Adding {len(options.embeddings)} textual inversion embedding(s) to the text encoders"):
-                embeddings = [e.record() for e in options.embeddings]  # (the files as read next)
+                embeddings = [e.record() for e in options.embeddings]  # (each file's bytes, read once)
                 textual_inversion.apply(model, options.embeddings)
-            model.label += " + embeddings " + ", ".join(e.token for e in options.embeddings)
+            model.label += " + embeddings " + ", ".join(e.word for e in options.embeddings)
         manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras, memory, embeddings)
     _record_runnable(out_dir, manifest)
     return manifest

@@ -139,8 +139,7 @@ def check_export_clip_skip(clip_skip: object, outline: ModelOutline, specs: list
         raise SdexportError(f"--clip-skip {clip_skip}: it changes how the text encoder reads the prompt, which "
                             "--components leaves out")
     if not outline.text_layers:
-        raise SdexportError(f"--clip-skip {clip_skip}: the model's text encoder configs cannot be read for their "
-                            "number of layers")
+        raise SdexportError(f"--clip-skip {clip_skip}: the text encoders' layers are unknown ({outline.text_problem})")
     check_clip_skip("--clip-skip", clip_skip, outline.text_layers)
 
 
@@ -152,15 +151,15 @@ def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: 
     if not any(s.name in text_encoders(outline.family) for s in specs):
         raise SdexportError("--textual-inversion: it adds words to the text encoder, which --components leaves out")
     if not outline.text_widths:
-        raise SdexportError("--textual-inversion: the model's text encoder configs cannot be read for their widths")
+        raise SdexportError(f"--textual-inversion: the text encoders' widths are unknown ({outline.text_problem})")
     seen: set[str] = set()
     for embedding in embeddings:  # (the CLI checked its own; ExportOptions made in Python, here)
         embedding.check()
         check_widths(embedding, outline.family, outline.text_widths)
-        if embedding.token.lower() in seen:  # (the tokenizer matches words in any case)
-            raise SdexportError(f"--textual-inversion {embedding.path}: the word {embedding.token!r} is given twice; "
+        if embedding.word.lower() in seen:  # (the tokenizer matches words in any case)
+            raise SdexportError(f"--textual-inversion {embedding.path}: the word {embedding.word!r} is given twice; "
                                 f"name one of them (FILE:ANOTHER)")
-        seen.add(embedding.token.lower())
+        seen.add(embedding.word.lower())
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,

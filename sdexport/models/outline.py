@@ -84,6 +84,8 @@ class ModelOutline:
     """Hidden layers of each of the family's text encoders, in order: ``--clip-skip`` skips fewer."""
     text_widths: Mapping[str, int] = field(default_factory=dict)
     """Each text encoder's width, by name: a ``--textual-inversion`` file's vectors must have it."""
+    text_problem: str = ""
+    """Why ``text_layers`` and ``text_widths`` are empty: a text encoder config that cannot be read."""
 
     @property
     def image_multiple(self) -> int:
@@ -166,8 +168,8 @@ def _read_text_sizes(directory: Path, family: str) -> dict[str, Any]:
     try:
         return _text_sizes({name: read_json(directory / name / "config.json") for name in text_encoders(family)},
                            f"{directory}/")
-    except ModelLoadError:
-        return {}
+    except ModelLoadError as exc:
+        return {"text_problem": str(exc)}
 
 
 def _preset_text_sizes(preset: Preset) -> dict[str, Any]:

@@ -16,6 +16,7 @@ The word is the file's name, as A1111 names embeddings (``EasyNegative.safetenso
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError
+from sdexport.manifest_schema import WORD
 from sdexport.specs import SDXL_REFINER, is_sdxl, text_encoders
 
 if TYPE_CHECKING:
@@ -35,43 +37,53 @@ SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 
 @dataclass(frozen=True)
 class Embedding:
-    """One ``--textual-inversion FILE[:TOKEN]``."""
+    """One ``--textual-inversion FILE[:WORD]``. The file is read once (``_content``): its tensors
+    and the sha256 the manifest records are of the same bytes."""
 
     path: Path
-    token: str
+    word: str
 
     @classmethod
-    def parse(cls, text: str, flag: str = FLAG) -> Embedding:
-        """``FILE`` (the word is the file's name) or ``FILE:TOKEN``; a ':' that belongs to an
+    def parse(cls, text: str) -> Embedding:
+        """``FILE`` (the word is the file's name) or ``FILE:WORD``; a ':' that belongs to an
         existing path stays in it."""
-        path, sep, token = text.rpartition(":")
+        path, sep, word = text.rpartition(":")
         if not sep or not path or Path(text).exists():
-            path, token = text, Path(text).stem
-        embedding = cls(Path(path), token)
-        embedding.check(flag)
+            path, word = text, Path(text).stem
+        embedding = cls(Path(path), word)
+        embedding.check()
         return embedding
 
-    def check(self, flag: str = FLAG) -> None:
+    def check(self) -> None:
         """Refuse, in one line, a file that is not a safetensors embedding or a word that is none."""
-        if not re.fullmatch(r"[^\s:]+", self.token):
-            raise SdexportError(f"{flag} {self.path}:{self.token}: the word must be one token of text, no spaces or "
+        if not re.fullmatch(WORD, self.word):
+            raise SdexportError(f"{FLAG} {self.path}:{self.word}: the word must be one token of text, no spaces or "
                                 "':' (e.g. FILE:my-style)")
         if self.path.is_dir():
-            raise SdexportError(f"{flag} {self.path}: a directory; pass the embedding file in it")
+            raise SdexportError(f"{FLAG} {self.path}: a directory; pass the embedding file in it")
         if not self.path.is_file():
-            raise SdexportError(f"{flag} {self.path}: no such file")
+            raise SdexportError(f"{FLAG} {self.path}: no such file")
         if self.path.suffix.lower() != ".safetensors":
-            raise SdexportError(f"{flag} {self.path}: embeddings are read as .safetensors (a pickled .pt or .bin "
+            raise SdexportError(f"{FLAG} {self.path}: embeddings are read as .safetensors (a pickled .pt or .bin "
                                 "file can run code; convert it first)")
         self.tensors()
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+    @functools.cached_property
+    def _content(self) -> tuple[str, dict[str, torch.Tensor]]:
+        import hashlib
+
+        from safetensors.torch import load
 
         try:
-            tensors = load_file(str(self.path))
+            data = self.path.read_bytes()
+            return hashlib.sha256(data).hexdigest(), load(data)
+        except OSError as exc:
+            raise SdexportError(f"{FLAG} {self.path}: cannot read it ({exc.strerror})") from None
         except Exception as exc:  # safetensors raises its own error types
             raise SdexportError(f"{FLAG} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self._content[1]
         if not tensors:
             raise SdexportError(f"{FLAG} {self.path}: holds no tensors")
         for name, tensor in tensors.items():
@@ -104,9 +116,7 @@ class Embedding:
 
     def record(self) -> dict[str, Any]:
         """What a manifest keeps: where the file was, its sha256 and its word."""
-        from sdexport.manifest import sha256_file
-
-        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path), "token": self.token}
+        return {"path": str(self.path.resolve()), "sha256": self._content[0], "word": self.word}
 
 
 def token_name(word: str, index: int) -> str:
@@ -142,7 +152,7 @@ def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
     for embedding in embeddings:
         for encoder, vectors in embedding.vectors(model.family).items():
             tokenizer = model.tokenizers[encoder.replace("text_encoder", "tokenizer")]
-            names = token_names(embedding.token, vectors.shape[0])
+            names = token_names(embedding.word, vectors.shape[0])
             vocab = tokenizer.get_vocab()
             known = [name for name in names
                      if name in vocab or name.lower() in vocab]
@@ -164,7 +174,7 @@ def grow(rows: Rows) -> Callable[[str, Any], None]:
         import torch
 
         rows_now = module.get_input_embeddings().num_embeddings  # (a table wider than the tokenizer stays so)
-        module.resize_token_embeddings(max(rows_now, max(i for i, _ in added) + 1))
+        module.resize_token_embeddings(max(rows_now, max(i for i, _ in added) + 1), mean_resizing=False)
         with torch.no_grad():
             table = module.get_input_embeddings().weight
             for token_id, vector in added:

@@ -79,11 +79,25 @@ class Refiner:
             raise SdexportError(f"{flag} {engine_dir}: its profile's sizes ({_sizes(profile.height, profile.width)}) "
                                 f"and the base model's ({_sizes(base_profile.height, base_profile.width)}) have none in common; "
                                 "export the refiner with the base model's --height and --width ranges")
+        missing = [word for word in _words(base_manifest) if word.lower() not in map(str.lower, _words(manifest))]
+        if missing:  # (as diffusers' two pipelines would read them: a warning, not a refusal)
+            from rich.markup import escape
+
+            from sdexport.console import console
+
+            console.print(f"[yellow]warning:[/] {escape(flag)} {escape(str(engine_dir))} lacks the base model's textual "
+                          f"inversion word(s) {escape(', '.join(missing))}: it reads them as plain text (export it "
+                          "with the same --textual-inversion files)")
         return cls(engine_dir, manifest, read_scheduler_config(engine_dir))
 
     def ensemble(self, request: GenerationRequest, end: float) -> Ensemble:
         """``request`` (as the base model alone would take it) run by the two models, cut at ``end``."""
         return Ensemble(self, request, end)
+
+
+def _words(manifest: Any) -> list[str]:
+    """The textual inversion words added to a directory's text encoders."""
+    return [record["word"] for record in manifest.model.get("embeddings") or []]
 
 
 def common_sizes(ours: Any, theirs: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:

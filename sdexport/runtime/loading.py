@@ -517,7 +517,7 @@ def exported_loras(manifest: Manifest) -> list[LoraFile]:
 def exported_embeddings(manifest: Manifest) -> list[Embedding]:
     """The textual inversion embeddings added at export, for the Torch backend to add again, in
     the same order (so that their words get the ids the exported tokenizer gave them)."""
-    return [Embedding(_file_read_at_export(record, "embedding", "added"), record["token"])
+    return [Embedding(_file_read_at_export(record, "embedding", "added"), record["word"])
             for record in manifest.model.get("embeddings") or []]
 
 

@@ -21,7 +21,7 @@ def follow_ups(tokenizer: Any) -> dict[int, list[str]]:
     added = tokenizer.added_tokens_encoder
     words: dict[int, list[str]] = {}
     for word, token in added.items():
-        names = []
+        names: list[str] = []
         while token_name(word, len(names) + 1) in added:
             names.append(token_name(word, len(names) + 1))
         if names:

@@ -600,10 +600,10 @@ class Txt2ImgPipeline:
         # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's,
         # and its hidden_states[-(clip_skip + 2)] layer L - 1 - clip_skip's (the negatives' too, here)
         skip = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
-        penultimate = [] if refiner else [self.engines["text_encoder"]({"input_ids": self.tokenize(first)})[
+        read_1 = [] if refiner else [self.engines["text_encoder"]({"input_ids": self.tokenize(first)})[
             f"hidden_states.{self.dims.L1 - 1 - skip}"]]
         out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
-        hidden = torch.cat([*penultimate, out_2[f"hidden_states.{self.dims.L2 - 1 - skip}"]], dim=-1)
+        hidden = torch.cat([*read_1, out_2[f"hidden_states.{self.dims.L2 - 1 - skip}"]], dim=-1)
         pooled = out_2["text_embeds"]
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
