@@ -210,6 +210,15 @@ def run_cli(*args: str) -> int:
     return 0
 
 
+def bench_refusal(engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """What ``bench`` says, in one line, refusing a tiny scenario over ``engine_dir`` (exit 2)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+    capsys.readouterr()
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", engine_dir) == 2
+    return " ".join(capsys.readouterr().err.split())
+
+
 @contextlib.contextmanager
 def cpu_only() -> Iterator[None]:
     """Run as on a machine without a GPU, whatever this one has (no CUDA for torch, no CUDA provider

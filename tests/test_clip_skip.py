@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cpu_only, run_cli
+from conftest import bench_refusal, cpu_only, run_cli
 from sdexport.errors import SdexportError
 from sdexport.export.exporter import ExportOptions, export
 from sdexport.export.plan import plan_export
@@ -207,11 +207,8 @@ def test_loras_still_find_the_skipped_layers(skipping_dir, tmp_path):
 
 def test_bench_refuses_a_directory_that_skips(skipping_dir, tmp_path, capsys):
     """The diffusers baseline reads the last layer (and fails with clip_skip on transformers 5.6+)."""
-    scenario = tmp_path / "s.toml"
-    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
-    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", skipping_dir) == 2
     assert "reads the prompt with clip skip 1 (export --clip-skip), the diffusers baseline without" in \
-        " ".join(capsys.readouterr().err.split())
+        bench_refusal(skipping_dir, tmp_path, capsys)
 
 
 def test_a_manifest_skipping_past_the_encoders_layers_is_refused(tiny_sdxl_engine_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import run_cli
+from conftest import bench_refusal, run_cli
 from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export.exporter import ExportOptions, export
 from sdexport.manifest import load_manifest
@@ -414,7 +414,4 @@ def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir,
 
 
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):
-    scenario = tmp_path / "s.toml"
-    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
-    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", fused_dir) == 2
-    assert "has LoRA fused into its weights" in capsys.readouterr().err
+    assert "has LoRA fused into its weights" in bench_refusal(fused_dir, tmp_path, capsys)
