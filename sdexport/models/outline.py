@@ -163,8 +163,8 @@ def _text_sizes(configs: Mapping[str, Mapping[str, Any]], where: str) -> dict[st
 
 
 def _read_text_sizes(directory: Path, family: str) -> dict[str, Any]:
-    """Unknown (empty) where a text encoder's config cannot be read: that refuses ``--clip-skip``
-    and ``--textual-inversion`` alone (an export of the U-Net only never reads them)."""
+    """Unknown where a text encoder's config cannot be read (``text_problem`` says why): that
+    refuses ``--clip-skip`` and ``--textual-inversion`` alone (a U-Net-only export never reads them)."""
     try:
         return _text_sizes({name: read_json(directory / name / "config.json") for name in text_encoders(family)},
                            f"{directory}/")

@@ -2,16 +2,16 @@
 
 An embedding file holds one or more vectors that stand for a word the tokenizer did not know (a
 style, a character, "EasyNegative"). As diffusers' ``load_textual_inversion`` does, each vector
-becomes a token of its own (``TOKEN``, ``TOKEN_1``, ``TOKEN_2``, ... for several), added to the
+becomes a token of its own (``WORD``, ``WORD_1``, ``WORD_2``, ... for several), added to the
 tokenizer, and the text encoder's token embedding matrix grows by those rows. The exported graph
 then holds them and the engine directory's tokenizer knows the tokens; at run time a prompt's
-``TOKEN`` is spelled out as ``TOKEN TOKEN_1 ...`` (``runtime.prompt_text``).
+``WORD`` is spelled out as ``WORD WORD_1 ...`` (``runtime.prompt_text``).
 
 Files are read as ``.safetensors`` only (pickled ``.pt`` files can run code), in the layouts that
 circulate: one tensor (diffusers' ``{token: vectors}``, A1111's ``emb_params``) for SD's one text
 encoder, and ``clip_l`` + ``clip_g`` for SDXL's two (the refiner's one encoder takes ``clip_g``).
 The word is the file's name, as A1111 names embeddings (``EasyNegative.safetensors`` is
-``EasyNegative``), unless ``FILE:TOKEN`` gives another.
+``EasyNegative``), unless ``FILE:WORD`` gives another.
 """
 
 from __future__ import annotations
@@ -154,8 +154,7 @@ def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
             tokenizer = model.tokenizers[encoder.replace("text_encoder", "tokenizer")]
             names = token_names(embedding.word, vectors.shape[0])
             vocab = tokenizer.get_vocab()
-            known = [name for name in names
-                     if name in vocab or name.lower() in vocab]
+            known = [name for name in names if name in vocab or name.lower() in vocab]
             if known:
                 raise SdexportError(f"{FLAG} {embedding.path}: {known[0]!r} is a word the tokenizer knows already; "
                                     f"give the embedding another ({embedding.path.name}:ANOTHER)")
