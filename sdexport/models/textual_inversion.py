@@ -70,20 +70,18 @@ class Embedding:
 
     @functools.cached_property
     def _content(self) -> tuple[str, dict[str, torch.Tensor]]:
+        """The file's sha256 and its tensors, read and checked once."""
         import hashlib
 
         from safetensors.torch import load
 
         try:
             data = self.path.read_bytes()
-            return hashlib.sha256(data).hexdigest(), load(data)
+            tensors = load(data)
         except OSError as exc:
             raise SdexportError(f"{FLAG} {self.path}: cannot read it ({exc.strerror})") from None
         except Exception as exc:  # safetensors raises its own error types
             raise SdexportError(f"{FLAG} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        tensors = self._content[1]
         if not tensors:
             raise SdexportError(f"{FLAG} {self.path}: holds no tensors")
         for name, tensor in tensors.items():
@@ -92,7 +90,10 @@ class Embedding:
                                     "embedding vectors")
             if not tensor.float().isfinite().all():  # (the graphs' checks never reach the rows it adds)
                 raise SdexportError(f"{FLAG} {self.path}: {name} holds NaN or infinite values")
-        return tensors
+        return hashlib.sha256(data).hexdigest(), tensors
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self._content[1]
 
     def vectors(self, family: str) -> dict[str, torch.Tensor]:
         """Per text encoder of ``family``, the (count, width) vectors the file gives it."""

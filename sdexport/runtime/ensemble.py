@@ -79,7 +79,8 @@ class Refiner:
             raise SdexportError(f"{flag} {engine_dir}: its profile's sizes ({_sizes(profile.height, profile.width)}) "
                                 f"and the base model's ({_sizes(base_profile.height, base_profile.width)}) have none in common; "
                                 "export the refiner with the base model's --height and --width ranges")
-        missing = [word for word in _words(base_manifest) if word.lower() not in map(str.lower, _words(manifest))]
+        known = {word.lower() for word in _words(manifest)}  # (the tokenizer matches words in any case)
+        missing = [word for word in _words(base_manifest) if word.lower() not in known]
         if missing:  # (as diffusers' two pipelines would read them: a warning, not a refusal)
             from rich.markup import escape
 

@@ -545,7 +545,7 @@ class Txt2ImgPipeline:
             texts = getattr(request, name)
             if not texts or (name.startswith("negative") and not request.cfg):
                 continue
-            kept = [self._read_text(text, tokenizer) for text in texts]
+            kept = [kept_text(text, tokenizer, self.dims.S) for text in texts]
             for i, used in enumerate(kept):
                 if used is not None:
                     console.print(
@@ -555,10 +555,6 @@ class Txt2ImgPipeline:
             if any(k is not None for k in kept):
                 found[name] = kept
         return found
-
-    def _read_text(self, text: str, tokenizer: Any) -> str | None:
-        """The part of ``text`` the encoder sees, or None when all of it fits."""
-        return kept_text(text, tokenizer, self.dims.S)
 
     def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
         """Token ids, textual inversion words spelled out (``prompt_text.spell_out``)."""
