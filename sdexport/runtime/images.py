@@ -277,6 +277,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         "guidance": request.guidance_scales(result.family)[i],
         "height": request.height,
         "width": request.width,
+        **({"emphasis": request.emphasis} if request.emphasis != "none" else {}),
         **_sdxl_params(result, i),
         **({"task": request.task, "strength": request.effective_strength(result.family)}
            if request.task != "txt2img" and request.denoising_start is None else {}),
@@ -303,5 +304,16 @@ def _a1111_text(result: GenerationResult, i: int, params: dict[str, Any]) -> str
         f"Steps: {request.steps}, Sampler: {result.sampler or params['scheduler']}, CFG scale: {params['guidance']}, "
         f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
         + (f", Denoising strength: {params['strength']}" if "strength" in params else "")
-        + (f", Clip skip: {params['clip_skip'] + 1}" if "clip_skip" in params else ""),  # (A1111 counts from 1)
+        + (f", Clip skip: {params['clip_skip'] + 1}" if "clip_skip" in params else "")  # (A1111 counts from 1)
+        + _a1111_emphasis(request.emphasis, params),
     ])
+
+
+def _a1111_emphasis(emphasis: str, params: dict[str, Any]) -> str:
+    """A1111's "Emphasis" parameter: written, as A1111 writes it, where a text has a bracket and the
+    mode is not A1111's default (``original``), which a reader of the text would otherwise apply."""
+    from sdexport.runtime.emphasis import A1111_NAMES, has_brackets
+
+    if emphasis == "original" or not has_brackets([params.get("prompt"), params.get("negative_prompt")]):
+        return ""
+    return f", Emphasis: {A1111_NAMES[emphasis]}"

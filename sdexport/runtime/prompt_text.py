@@ -1,4 +1,5 @@
-"""Prompts as the text encoders read them: textual inversion words spelled out, and what fits.
+"""Prompts as the text encoders read them: textual inversion words spelled out, A1111's emphasis
+weighed (``runtime.emphasis``), and what fits.
 
 A textual inversion word of several vectors (``models.textual_inversion``) is one added token to
 the tokenizer, ``STYLE``, followed by ``STYLE_1``, ``STYLE_2``...; a prompt names the word once
@@ -11,9 +12,13 @@ came from), whatever its case and whatever other words the tokenizer knows.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdexport.models.textual_inversion import token_name
+from sdexport.runtime.emphasis import BREAK, parse, written
+
+if TYPE_CHECKING:
+    import torch
 
 
 def follow_ups(tokenizer: Any) -> dict[int, list[str]]:
@@ -47,21 +52,88 @@ def spell_out(texts: list[str], tokenizer: Any) -> list[str]:
     return spelled
 
 
-def kept_text(text: str, tokenizer: Any, length: int) -> str | None:
+def token_ids(texts: list[str], tokenizer: Any, length: int,
+              emphasis: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``texts`` as the text encoder's ``input_ids`` (B × ``length``), and each token's weight where
+    ``emphasis`` weighs any (else None: the hidden states are used as they come).
+
+    Weighed, each run of one weight is tokenized apart, as A1111 does (``(red)fox`` is ``red`` and
+    ``fox``, not ``redfox``), and the runs' tokens are cut together at ``length``; the start, end
+    and padding tokens weigh 1. Text after ``BREAK`` lies beyond the window (``runtime.emphasis``)."""
+    import torch
+
+    if emphasis == "none":
+        ids = tokenizer(spell_out(texts, tokenizer), padding="max_length", max_length=length, truncation=True,
+                        return_tensors="pt").input_ids
+        return ids, None
+    rows, weights = [], []
+    for text in texts:
+        pieces = _read_pieces(text)
+        found = tokenizer(spell_out([piece for piece, _ in pieces], tokenizer), add_special_tokens=False).input_ids
+        row = [token for tokens in found for token in tokens][:length - 2]
+        row_weights = [weight for tokens, (_, weight) in zip(found, pieces) for _ in tokens][:length - 2]
+        padding = length - 2 - len(row)
+        rows.append([tokenizer.bos_token_id, *row, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        weights.append([1.0, *row_weights, 1.0] + [1.0] * padding)
+    multipliers = torch.tensor(weights) if any(w != 1.0 for row_weights in weights for w in row_weights) else None
+    return torch.tensor(rows), multipliers
+
+
+def _read_pieces(text: str) -> list[tuple[str, float]]:
+    """The runs of ``text`` the window reads: those before the first ``BREAK``."""
+    pieces = []
+    for piece, weight in parse(text):
+        if piece is BREAK:
+            break
+        pieces.append((piece, weight))
+    return pieces
+
+
+def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none") -> str | None:
     """The part of ``text`` a text encoder of ``length`` tokens reads, or None when all of it fits.
     A word of several vectors takes as many places; one the limit cuts is left out of the text (the
-    encoder reads its first vectors, which no text spells alone)."""
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    encoder reads its first vectors, which no text spells alone). Weighed (``emphasis``), the part is
+    written back in A1111's syntax with each run's exact weight, and text after ``BREAK`` is cut
+    where it has any tokens."""
+    if emphasis == "none":
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        kept = _fitting(ids, follow_ups(tokenizer), length - 2)
+        return None if len(kept) == len(ids) else _cut_text(kept, tokenizer, text)
+    pieces = parse(text)
+    found = tokenizer([piece or "" for piece, _ in pieces], add_special_tokens=False).input_ids
     words = follow_ups(tokenizer)
     room = length - 2  # the start and end tokens take two places
+    read: list[tuple[str, float]] = []
+    for n, ((piece, weight), ids) in enumerate(zip(pieces, found)):
+        if piece is BREAK:
+            if any(found[n + 1:]):
+                return written(read)
+            continue
+        kept = _fitting(ids, words, room)
+        if len(kept) < len(ids):
+            return written([*read, (_cut_text(kept, tokenizer, piece), weight)])
+        room -= _places(ids, words)
+        read.append((piece, weight))
+    return None
+
+
+def _fitting(ids: list[int], words: dict[int, list[str]], room: int) -> list[int]:
+    """The first of ``ids`` that take at most ``room`` places (a word of several vectors, as many)."""
     kept: list[int] = []
     for token in ids:
-        room -= 1 + len(words.get(token, ()))
+        room -= _places([token], words)
         if room < 0:
             break
         kept.append(token)
-    if len(kept) == len(ids):
-        return None
+    return kept
+
+
+def _places(ids: list[int], words: dict[int, list[str]]) -> int:
+    return sum(1 + len(words.get(token, ())) for token in ids)
+
+
+def _cut_text(kept: list[int], tokenizer: Any, text: str) -> str:
+    """The text of the ``kept`` tokens of ``text``."""
     used = _decoded(kept, tokenizer)
     if "\ufffd" not in text:  # CLIP's byte-level tokens can cut a character (é, an emoji) in two:
         used = used.rstrip("\ufffd").rstrip()  # its first bytes decode to U+FFFD, no text to record or reuse

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
-from sdexport.setting_names import setting
+from sdexport.setting_names import assigned, setting
 from sdexport.shapes import ImageGeometry, ShapeProfile
 from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, check_clip_skip, is_sdxl
 
@@ -95,6 +95,10 @@ class GenerationRequest:
     own only; SDXL's graphs give every layer. The negative prompts are read from the same layer:
     diffusers reads theirs from the last (SDXL: the penultimate) whatever ``clip_skip``, so guidance
     compares two layers' readings (and its SD pipelines fail on transformers 5.6 and later)."""
+    emphasis: str = "none"
+    """How brackets in the texts are read (``runtime.emphasis``): ``none`` as text, as diffusers
+    reads them; ``original`` weighs ``(word:1.2)``, ``(word)`` and ``[word]`` as A1111 does by
+    default; ``no-norm`` as its "No norm". The negatives and SDXL's second texts alike."""
     # SDXL only (refused for other families), as diffusers names them; sizes are (height, width).
     prompt_2: list[str] | None = None
     """For the second text encoder; None: ``prompt``."""
@@ -512,6 +516,7 @@ def check_request(
                                 f"to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
     _check_clip_skip(request.clip_skip, family, dims)
+    _check_emphasis(request)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int):
         raise SdexportError(f"{setting('steps')} {request.steps!r} ({type(request.steps).__name__}): need a whole "
                             "number of steps (a Python int)")
@@ -921,19 +926,47 @@ def _check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
     check_clip_skip(setting("clip_skip"), value, (getattr(dims, "L1", 0), getattr(dims, "L2", 0)))
 
 
+TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+"""The request's texts, which the text encoders read."""
+
+
+def _check_emphasis(request: GenerationRequest) -> None:
+    """A mode of ``runtime.emphasis``; weighed, texts whose weights A1111 cannot read either, or
+    that the engines cannot take (beyond float32's range, as every scale)."""
+    from sdexport.runtime.emphasis import EMPHASIS, EmphasisError, parse
+
+    if request.emphasis not in EMPHASIS:
+        raise SdexportError(f"{setting('emphasis')} {request.emphasis!r}: choose one of {', '.join(EMPHASIS)}")
+    if request.emphasis == "none":
+        return
+    for name in TEXTS:
+        for i, text in enumerate(getattr(request, name) or []):
+            try:
+                weights = [weight for _, weight in parse(text)]
+            except EmphasisError as error:
+                raise SdexportError(f"{setting(name)} {i + 1}: {error}") from None
+            if not all(finite32(weight) for weight in weights):
+                raise SdexportError(f"{setting(name)} {i + 1}: its brackets weigh a part "
+                                    f"{max(weights, key=abs):g}, beyond float32's range")
+
+
 def default_notes(request: GenerationRequest, family: str) -> list[str]:
     """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
-    0.9999, diffusers') runs fewer steps than asked for."""
-    if request.task != "inpaint" or request.strength is not None:
-        return []
-    strength = request.effective_strength(family)
-    if strength >= 1:
-        return []
-    note = (f"{request.denoising_steps(family)} of {request.steps} steps: the default {setting('strength')} of "
-            f"{FAMILY_LABELS[family]} "
-            f"inpainting is diffusers' {strength:g}, which starts from the init image noised to the first timestep "
-            f"({setting('strength')} 1: every step, from pure noise)")
-    return [note]
+    0.9999, diffusers') runs fewer steps than asked for; brackets A1111 would weigh, read as text."""
+    from sdexport.runtime.emphasis import is_weighted
+
+    notes = []
+    strength = request.effective_strength(family) if request.task == "inpaint" and request.strength is None else 1
+    if strength < 1:
+        notes.append(f"{request.denoising_steps(family)} of {request.steps} steps: the default {setting('strength')} "
+                     f"of {FAMILY_LABELS[family]} inpainting is diffusers' {strength:g}, which starts from the init "
+                     f"image noised to the first timestep ({setting('strength')} 1: every step, from pure noise)")
+    if request.emphasis == "none":
+        read = [name for name in TEXTS if any(is_weighted(text) for text in getattr(request, name) or [])]
+        if read:
+            notes.append(f"{' and '.join(setting(name) for name in read)}: brackets read as text, as diffusers reads "
+                         f"them; {assigned('emphasis', 'original')} weighs them as A1111 does")
+    return notes
 
 
 def ignored_settings(request: GenerationRequest, guidance_embedding: bool = False) -> list[str]:

@@ -27,8 +27,9 @@ from rich.markup import escape
 
 from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError, pasteable
+from sdexport.runtime.emphasis import weigh
 from sdexport.runtime.engine import Engine
-from sdexport.runtime.prompt_text import kept_text, spell_out
+from sdexport.runtime.prompt_text import kept_text, token_ids
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
     a1111_sampler,
@@ -545,7 +546,7 @@ class Txt2ImgPipeline:
             texts = getattr(request, name)
             if not texts or (name.startswith("negative") and not request.cfg):
                 continue
-            kept = [kept_text(text, tokenizer, self.dims.S) for text in texts]
+            kept = [kept_text(text, tokenizer, self.dims.S, request.emphasis) for text in texts]
             for i, used in enumerate(kept):
                 if used is not None:
                     console.print(
@@ -556,17 +557,20 @@ class Txt2ImgPipeline:
                 found[name] = kept
         return found
 
-    def tokenize(self, prompts: list[str], tokenizer: Any = None) -> torch.Tensor:
-        """Token ids, textual inversion words spelled out (``prompt_text.spell_out``)."""
-        tokenizer = tokenizer or self.tokenizer
-        ids = tokenizer(
-            spell_out(prompts, tokenizer),
-            padding="max_length",
-            max_length=self.dims.S,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(device=self.device, dtype=torch.int32)
+    def tokenize(self, prompts: list[str], tokenizer: Any = None,
+                 emphasis: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids, textual inversion words spelled out, and their weights where ``emphasis`` weighs
+        any (``prompt_text.token_ids``)."""
+        ids, weights = token_ids(prompts, tokenizer or self.tokenizer, self.dims.S, emphasis)
+        return ids.to(device=self.device, dtype=torch.int32), weights
+
+    def read_text(self, part: str, texts: list[str], tokenizer: Any, emphasis: str,
+                  layer: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The text encoder ``part``'s hidden states ``layer`` for ``texts``, weighed as ``emphasis``
+        says, and all its outputs as they came."""
+        ids, weights = self.tokenize(texts, tokenizer, emphasis)
+        out = self.engines[part]({"input_ids": ids})
+        return (out[layer] if weights is None else weigh(out[layer], weights, emphasis)), out
 
     def encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """The U-Net's conditioning inputs by name; under CFG each is a 2B batch, negatives first."""
@@ -576,8 +580,8 @@ class Txt2ImgPipeline:
         if request.cfg:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
-        hidden = self.engines["text_encoder"]({"input_ids": self.tokenize(prompts)})
-        return {"encoder_hidden_states": hidden["last_hidden_state"]}
+        hidden, _ = self.read_text("text_encoder", prompts, self.tokenizer, request.emphasis, "last_hidden_state")
+        return {"encoder_hidden_states": hidden}
 
     def _encode_prompt_sdxl(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """As ``StableDiffusionXLPipeline.encode_prompt``: both encoders' penultimate hidden states side
@@ -596,11 +600,12 @@ class Txt2ImgPipeline:
         # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's,
         # and its hidden_states[-(clip_skip + 2)] layer L - 1 - clip_skip's (the negatives' too, here)
         skip = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
-        read_1 = [] if refiner else [self.engines["text_encoder"]({"input_ids": self.tokenize(first)})[
-            f"hidden_states.{self.dims.L1 - 1 - skip}"]]
-        out_2 = self.engines["text_encoder_2"]({"input_ids": self.tokenize(second, self.tokenizer_2)})
-        hidden = torch.cat([*read_1, out_2[f"hidden_states.{self.dims.L2 - 1 - skip}"]], dim=-1)
-        pooled = out_2["text_embeds"]
+        read_1 = [] if refiner else [self.read_text("text_encoder", first, self.tokenizer, request.emphasis,
+                                                    f"hidden_states.{self.dims.L1 - 1 - skip}")[0]]
+        read_2, out_2 = self.read_text("text_encoder_2", second, self.tokenizer_2, request.emphasis,
+                                       f"hidden_states.{self.dims.L2 - 1 - skip}")
+        hidden = torch.cat([*read_1, read_2], dim=-1)
+        pooled = out_2["text_embeds"]  # (unweighed, as A1111's)
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
             pooled = torch.cat([torch.zeros_like(pooled), pooled])

@@ -46,6 +46,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("aesthetic_score", "FP32", (1,), "SDXL refiner: the aesthetic rating (LAION's, 0-10) refined towards (default 6.0)"),
     TensorSpec("negative_aesthetic_score", "FP32", (1,), "SDXL refiner: the rating guidance steers away from (default 2.5)"),
     TensorSpec("denoising_end", "FP32", (1,), "SDXL base + refiner served (`sdexport serve --refiner`): the base model's fraction of the schedule, above 0 and below 1 (default: the server's --denoising-end, 0.8)"),
+    TensorSpec("emphasis", "BYTES", (1,), "how brackets in the texts are read: none (as text, as diffusers; the default), original (A1111's (word:1.2) weights, its default), no-norm (A1111's No norm)"),
     TensorSpec("clip_skip", "INT32", (1,), "text encoder layers the prompt is read past, as diffusers' clip_skip (A1111's Clip skip is one more); default: the export's (`export --clip-skip`), which an SD export takes alone"),
     TensorSpec("steps", "INT32", (1,), "denoising steps (default 30)"),
     TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default as `sdexport run`: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets; 1 disables it; a latent consistency model takes it as an input, with no CFG at any value)"),

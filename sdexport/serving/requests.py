@@ -34,7 +34,7 @@ from sdexport.runtime.request import (
 from sdexport.serving.protocol import INPUT_NAMES
 
 DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact", "adapter_scale": 1.0,
-                            "adapter_factor": 1.0}
+                            "adapter_factor": 1.0, "emphasis": "none"}
 """What ``sdexport run`` uses when a flag is not given (guidance: the family's, as ``run``)."""
 
 
@@ -66,6 +66,8 @@ class Row:
     clip_skip: int | None = None
     """None: the engine directory's. A call reads one text encoder layer, so rows that differ in it
     do not share it."""
+    emphasis: str = DEFAULTS["emphasis"]
+    """How brackets in the texts are read (``runtime.emphasis``); one per call, as ``clip_skip``."""
     image: Any = None
     mask: Any = None
     strength: float | None = None
@@ -110,7 +112,7 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
                 self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning(),
-                self.denoising_end, self.clip_skip)
+                self.denoising_end, self.clip_skip, self.emphasis)
 
     def conditioning(self) -> tuple[Any, ...]:
         """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one
@@ -171,7 +173,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
     where = f" (image {i + 1} of the request)" if len(inputs["prompt"]) > 1 else ""
     try:
         text = {name: _text(one(name), name) for name in ("prompt", "negative_prompt", "prompt_2",
-                                                           "negative_prompt_2", "scheduler", "fit")}
+                                                           "negative_prompt_2", "scheduler", "fit", "emphasis")}
         fit = text["fit"] or DEFAULTS["fit"]
         image = one("init_image")
         mask = one("mask")
@@ -206,6 +208,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             negative_aesthetic_score=_number(one("negative_aesthetic_score"), "negative_aesthetic_score", float),
             denoising_end=_number(one("denoising_end"), "denoising_end", float),
             clip_skip=_number(one("clip_skip"), "clip_skip", int),
+            emphasis=text["emphasis"] or DEFAULTS["emphasis"],
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
             guidance=_number(one("guidance"), "guidance", float),
@@ -352,6 +355,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         original_size=first.original_size, crops_coords_top_left=first.crops_coords_top_left,
         target_size=first.target_size, aesthetic_score=first.aesthetic_score,
         negative_aesthetic_score=first.negative_aesthetic_score, clip_skip=first.clip_skip,
+        emphasis=first.emphasis,
         steps=first.steps, scheduler=first.scheduler,
         guidance=one_or_each("guidance"),
         seeds=[row.seed for row in rows], height=first.height, width=first.width,

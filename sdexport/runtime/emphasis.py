@@ -1,0 +1,161 @@
+"""A1111's emphasis: ``(word)``, ``[word]`` and ``(word:1.3)`` weigh parts of a prompt.
+
+Prompts shared for Stable Diffusion checkpoints are mostly written for AUTOMATIC1111's web UI, which
+reads brackets as weights: ``(word)`` multiplies the text encoder's output for those tokens by 1.1,
+``[word]`` divides it by 1.1, ``(word:1.3)`` multiplies it by 1.3, brackets nest (their factors
+multiply), a bracket left open closes at the end, and ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are the
+characters themselves. ``BREAK`` ends A1111's 75-token chunk: the text after it is in the next one.
+
+diffusers reads such a prompt as plain text (the brackets are tokens), and so does sdexport by
+default (``none``, A1111's "None"): the images match diffusers'. ``original`` weighs as A1111 does by
+default: the hidden states are multiplied token by token, then scaled back to their mean before
+weighing; ``no-norm`` (A1111's "No norm") leaves out the rescaling. A1111 takes the mean over every
+prompt encoded in one call; here it is each prompt's own, so that an image does not depend on the
+others beside it in a call (for one prompt, or a batch of the same, the two agree).
+
+The engines read one window of ``dims.S`` tokens (77 for CLIP), A1111's first chunk: what follows
+``BREAK`` lies beyond it, as text past the 75th token does, and is cut with the same warning.
+This module parses and writes the syntax and weighs hidden states; ``prompt_text`` tokenizes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+EMPHASIS = ("none", "original", "no-norm")
+"""``GenerationRequest.emphasis`` values: brackets read as text (diffusers, the default), weighed as
+A1111 does by default, weighed without the rescaling."""
+
+A1111_NAMES = {"none": "None", "original": "Original", "no-norm": "No norm"}
+"""A1111's names of the modes, as its "Emphasis" parameter writes them."""
+
+UP = 1.1
+"""The factor of a pair of round brackets (its inverse: square ones)."""
+
+BREAK = None
+"""The piece ``parse`` gives for ``BREAK``: the end of what the engines' one window reads."""
+
+_WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_ESCAPED = "()[]\\"
+_SPECIAL = re.compile(r"[\\()\[\]:]")
+Piece = tuple[str | None, float]
+"""A run of text and its weight; the text is ``BREAK`` (None) where A1111 starts a new chunk."""
+
+
+class EmphasisError(ValueError):
+    """A weight A1111 cannot read either: ``(word:1.2.3)``."""
+
+
+def parse(text: str) -> list[Piece]:
+    """``text``'s runs of equal weight, in order, as A1111's ``parse_prompt_attention`` reads them
+    (its docstring's examples are this module's tests). Raises ``EmphasisError`` for a weight that
+    A1111 fails on too (``(word:1.2.3)``)."""
+    pieces: list[list] = []
+    rounds: list[int] = []
+    squares: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    def literal(run: str) -> None:
+        for n, part in enumerate(_BREAK.split(run)):
+            if n:
+                pieces.append([BREAK, 1.0])
+            pieces.append([part, 1.0])
+
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":  # an escaped bracket or backslash is itself; a lone backslash is dropped
+            if text[i + 1:i + 2] and text[i + 1] in _ESCAPED:
+                pieces.append([text[i + 1], 1.0])
+                i += 1
+        elif char == "(":
+            rounds.append(len(pieces))
+        elif char == "[":
+            squares.append(len(pieces))
+        elif char == ")" and rounds:
+            scale(rounds.pop(), UP)
+        elif char == "]" and squares:
+            scale(squares.pop(), 1 / UP)
+        elif char == ":" and (found := _WEIGHT.match(text, i)):
+            if rounds:
+                scale(rounds.pop(), _weight(found[1], found[0]))
+            else:  # no bracket open: text
+                literal(found[0])
+            i = found.end()
+            continue
+        else:
+            end = _SPECIAL.search(text, i + 1)
+            stop = end.start() if end else len(text)
+            literal(text[i:stop])
+            i = stop
+            continue
+        i += 1
+    for start in rounds:
+        scale(start, UP)
+    for start in squares:
+        scale(start, 1 / UP)
+    merged: list[list] = []
+    for piece in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == piece[1] and piece[0] is not BREAK and merged[-1][0] is not BREAK:
+            merged[-1][0] += piece[0]
+        else:
+            merged.append(piece)
+    return [(piece, weight) for piece, weight in merged]
+
+
+def _weight(number: str, written: str) -> float:
+    try:
+        return float(number)
+    except ValueError:
+        raise EmphasisError(f"{written!r} is no weight: A1111's is a number, as in (word:1.2)") from None
+
+
+def is_weighted(text: str) -> bool:
+    """Whether A1111 would weigh anything in ``text``: a bracket it reads (``original`` would change
+    the image), a ``BREAK``, or a weight it fails on."""
+    try:
+        return any(piece is BREAK or weight != 1.0 for piece, weight in parse(text))
+    except EmphasisError:
+        return True
+
+
+def has_brackets(texts: Iterable[str | None]) -> bool:
+    """A1111's test for writing its "Emphasis" parameter: a round or square bracket in any text."""
+    return any(text and ("(" in text or "[" in text) for text in texts)
+
+
+def written(pieces: list[tuple[str, float]]) -> str:
+    """Text that ``parse`` reads as ``pieces``: brackets and backslashes escaped, each weight other
+    than 1 written out exactly (the shortest decimals that read back as the same float, never an
+    exponent, which A1111's syntax lacks)."""
+    import numpy as np
+
+    out = []
+    for text, weight in pieces:
+        if not text:
+            continue
+        escaped = "".join("\\" + c if c in _ESCAPED else c for c in text)
+        out.append(escaped if weight == 1.0 else f"({escaped}:{np.format_float_positional(weight, trim='-')})")
+    return "".join(out)
+
+
+def weigh(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: str) -> torch.Tensor:
+    """``hidden`` (B, S, C) with each token's vector multiplied by its weight (``multipliers``, B × S);
+    ``original`` then scales each prompt's back to its mean before weighing. Computed in float32
+    (an fp16 engine's output too) and given back in ``hidden``'s dtype."""
+    import torch
+
+    read = hidden.float()
+    out = read * multipliers.to(read.device, torch.float32)[..., None]
+    if emphasis == "original":
+        out = out * (read.mean(dim=(1, 2), keepdim=True) / out.mean(dim=(1, 2), keepdim=True))
+    return out.to(hidden.dtype)

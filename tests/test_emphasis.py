@@ -1,0 +1,268 @@
+"""A1111's emphasis, ``(word:1.2)``: parsed as A1111 parses it, weighed as A1111 weighs it.
+
+The parser's cases are the examples A1111's ``parse_prompt_attention`` documents. The references
+for the hidden states are computed here from transformers' text encoders and token ids built by
+hand from the runs (not from ``runtime.emphasis``), with A1111's ``EmphasisOriginal``: each token's
+vector times its weight, then scaled back to the mean before weighing (here per prompt).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from sdexport.errors import SdexportError
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.runtime.emphasis import BREAK, parse, written
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.prompt_text import kept_text, token_ids
+from sdexport.runtime.request import GenerationRequest, check_request
+
+REQUEST = GenerationRequest(prompt=["a (red:1.5) fox [tail]"], steps=2, seeds=[3], height=64, width=64,
+                            scheduler="euler", guidance=1.0, emphasis="original")
+RUNS = [("a ", 1.0), ("red", 1.5), (" fox ", 1.0), ("tail", 1 / 1.1)]
+"""REQUEST's prompt as A1111 reads it, written out by hand."""
+
+
+@pytest.mark.parametrize(("text", "runs"), [
+    ("normal text", [("normal text", 1.0)]),
+    ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+    ("(unbalanced", [("unbalanced", 1.1)]),
+    ("\\(literal\\]", [("(literal]", 1.0)]),
+    ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+    ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.1 * 1.1 * 1.3), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+      (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]),
+])
+def test_it_parses_as_a1111_documents(text, runs):
+    got = parse(text)
+    assert [piece for piece, _ in got] == [piece for piece, _ in runs]
+    assert [weight for _, weight in got] == pytest.approx([weight for _, weight in runs], rel=1e-12)
+
+
+@pytest.mark.parametrize(("text", "runs"), [
+    ("a: 1.2) b", [("a: 1.2) b", 1.0)]),  # a weight with no bracket open is text
+    ("(y : 0.5 )", [("y ", 0.5)]),  # spaces around the number, as A1111 takes them
+    ("]a)", [("]a)", 1.0)]),  # closing brackets with none open are text
+    ("a\\b \\\\", [("ab \\", 1.0)]),  # a lone backslash is dropped; an escaped one kept
+    ("(x:-1)", [("x", -1.0)]),
+    ("", [("", 1.0)]),
+])
+def test_text_that_weighs_nothing_stays_text(text, runs):
+    assert parse(text) == runs
+
+
+def test_break_ends_the_window():
+    assert parse("a cat BREAK (a hat)") == [("a cat", 1.0), (BREAK, 1.0), ("", 1.0), ("a hat", 1.1)]  # as A1111's
+    assert parse("BREAKFAST") == [("BREAKFAST", 1.0)]
+
+
+@pytest.mark.parametrize("text", ["a (((house:1.3)) [on] \\(x\\) (hill:0.00001)", "x (y:1.23456789012345)",
+                                  "\\\\ [[a]] (b:-0.5) c:1.2\\)"])
+def test_written_text_parses_to_the_same_weights(text):
+    runs = parse(text)
+    again = written([(piece or "", weight) for piece, weight in runs])
+    assert "e-" not in again and parse(again) == runs  # exact: the record remakes the image
+
+
+def _hand_ids(tokenizer, runs: list[tuple[str, float]], length: int = 77) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, weights = [tokenizer.bos_token_id], [1.0]
+    for text, weight in runs:
+        found = tokenizer(text, add_special_tokens=False).input_ids
+        ids += found
+        weights += [weight] * len(found)
+    ids, weights = ids + [tokenizer.eos_token_id], weights + [1.0]
+    pad = length - len(ids)
+    return torch.tensor([ids + [tokenizer.pad_token_id] * pad]), torch.tensor([weights + [1.0] * pad])
+
+
+def _a1111(hidden: torch.Tensor, weights: torch.Tensor, norm: bool = True) -> torch.Tensor:
+    weighed = hidden * weights[..., None]
+    return weighed * (hidden.mean() / weighed.mean()) if norm else weighed
+
+
+@pytest.mark.parametrize("tokenizer", ["tokenizer", "tokenizer_2"])
+def test_text_without_brackets_reads_as_it_does_without_emphasis(tokenizer):
+    """The same ids, and no weights (the hidden states untouched): SD's padding and SDXL's second
+    tokenizer's ("!", not the end token)."""
+    tok = load_model("tiny-sdxl").tokenizers[tokenizer]
+    texts = ["a red fox, in snow", "x " * 90]
+    plain, none = token_ids(texts, tok, 77)
+    weighed, weights = token_ids(texts, tok, 77, "original")
+    assert none is None and weights is None and torch.equal(plain, weighed)
+
+
+def test_runs_are_tokenized_apart_and_weighed_token_by_token():
+    tok = load_model("tiny").tokenizers["tokenizer"]
+    ids, weights = token_ids(REQUEST.prompt, tok, 77, "original")
+    want_ids, want_weights = _hand_ids(tok, RUNS)
+    assert torch.equal(ids, want_ids) and torch.allclose(weights, want_weights)
+    ids, _ = token_ids(["(red)fox"], tok, 77, "original")
+    apart = sum(tok(["red", "fox"], add_special_tokens=False).input_ids, [])
+    assert ids[0, 1:len(apart) + 1].tolist() == apart != tok("redfox", add_special_tokens=False).input_ids
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+def test_sd_weighs_the_hidden_states_as_a1111(tiny_engine_dir, backend):
+    """No norm against transformers' hidden states. Original's rescaling is checked on the engine's
+    own reading: the random tiny model's final layer norm (weight 1, bias 0) centres every vector,
+    so its mean is about 0, a ratio of rounding errors (a trained encoder's norm has a bias)."""
+    model = load_model("tiny")
+    ids, weights = _hand_ids(model.tokenizers["tokenizer"], RUNS)
+    with torch.no_grad():
+        hidden = model.modules["text_encoder"](ids).last_hidden_state
+    pipeline = load_pipeline(tiny_engine_dir, backend)
+    got = pipeline.encode_prompt(dataclasses.replace(REQUEST, emphasis="no-norm"))["encoder_hidden_states"]
+    assert torch.allclose(got.cpu(), _a1111(hidden, weights, norm=False), atol=1e-5)
+    assert not torch.allclose(got.cpu(), hidden, atol=1e-3)  # the weights change it: the test can tell
+    read = pipeline.engines["text_encoder"]({"input_ids": ids.int().to(pipeline.device)})["last_hidden_state"]
+    got = pipeline.encode_prompt(REQUEST)["encoder_hidden_states"]
+    assert torch.allclose(got, _a1111(read, weights.to(read.device)), rtol=1e-5, atol=1e-6)
+
+
+def test_sdxl_weighs_each_encoder_apart_and_leaves_the_pooled(tiny_sdxl_engine_dir):
+    """A1111 weighs each encoder's reading on its own (its own mean); the pooled embedding is the
+    second encoder's as it came."""
+    model = load_model("tiny-sdxl")
+    pipeline = load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu")
+    got = pipeline.encode_prompt(REQUEST)
+    want = []
+    with torch.no_grad():
+        for name, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+            ids, weights = _hand_ids(model.tokenizers[tokenizer], RUNS)
+            out = model.modules[name](ids, output_hidden_states=True)
+            want.append(_a1111(out.hidden_states[-2], weights))
+        pooled = out.text_embeds
+    assert torch.allclose(got["encoder_hidden_states"], torch.cat(want, dim=-1), atol=1e-5)
+    assert torch.allclose(got["text_embeds"], pooled, atol=1e-5)
+
+
+def test_each_prompt_is_weighed_by_its_own_mean(tiny_engine_dir):
+    """An image does not depend on the prompts beside it in a call (A1111 takes one mean per call)."""
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    alone = pipeline.encode_prompt(REQUEST)["encoder_hidden_states"]
+    beside = pipeline.encode_prompt(dataclasses.replace(REQUEST, prompt=[*REQUEST.prompt, "((((a dog))))"],
+                                                        seeds=[3, 4]))["encoder_hidden_states"]
+    assert torch.allclose(beside[:1], alone, atol=1e-6)
+
+
+def test_images_change_with_weights_only(tiny_engine_dir):
+    """Text without brackets makes the image it makes without emphasis; a weight in the negative
+    prompt changes it."""
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    plain = dataclasses.replace(REQUEST, prompt=["a red fox"], guidance=7.5, negative_prompt=["blurry"])
+    weighed = pipeline(plain).pixels
+    assert np.array_equal(weighed, pipeline(dataclasses.replace(plain, emphasis="none")).pixels)
+    assert not np.array_equal(weighed, pipeline(dataclasses.replace(plain, negative_prompt=["(blurry:1.3)"])).pixels)
+
+
+def test_a_long_weighed_prompt_is_cut_and_recorded_in_the_syntax(tiny_engine_dir, capsys):
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    text = "a (" + "a " * 40 + ":1.3) [b " + "a " * 40 + "]"  # (one token each in the tiny vocabulary)
+    request = dataclasses.replace(REQUEST, prompt=[text])
+    kept = pipeline.truncations(request)["prompt"][0]
+    assert "is longer than the 77 tokens" in capsys.readouterr().err
+    assert kept.startswith("a (a a a") and ":1.3)" in kept and kept.endswith(":0.9090909090909091)")
+    tok = pipeline.tokenizer
+    whole, whole_weights = token_ids([text], tok, 77, "original")
+    again, again_weights = token_ids([kept], tok, 77, "original")
+    assert torch.equal(whole, again) and torch.equal(whole_weights, again_weights)  # the record remakes the image
+    assert kept_text("a (cat) BREAK", tok, 77, "original") is None  # nothing after it: nothing cut
+    assert kept_text("a (cat) BREAK a hat", tok, 77, "original") == "a (cat:1.1)"
+    assert kept_text("a (cat) BREAK a hat", tok, 77) is None  # as text, BREAK is a word
+
+
+def test_the_record_and_a1111_text_say_it(tiny_engine_dir, tmp_path):
+    out = tmp_path / "fox.png"
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.5) fox", "--steps", "1", "--emphasis", "original",
+                   "-o", str(out)) == 0
+    image = Image.open(out)
+    assert json.loads(image.text["sdexport"])["emphasis"] == "original"
+    assert "Emphasis" not in image.text["parameters"]  # A1111's default: its reader weighs the same
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.5) fox", "--steps", "1", "-o", str(out)) == 0
+    image = Image.open(out)
+    assert "emphasis" not in json.loads(image.text["sdexport"])
+    assert image.text["parameters"].endswith(", Emphasis: None")  # A1111 would weigh it otherwise
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a red fox", "--steps", "1", "--emphasis", "no-norm",
+                   "-o", str(out)) == 0
+    assert "Emphasis" not in Image.open(out).text["parameters"]  # no bracket: nothing to read otherwise
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a fox", "-n", "[blurry]", "--steps", "1",
+                   "--emphasis", "no-norm", "-o", str(out)) == 0
+    assert Image.open(out).text["parameters"].endswith(", Emphasis: No norm")
+
+
+def test_run_says_when_brackets_are_read_as_text(tiny_engine_dir, tmp_path, capsys):
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.5) fox", "-n", "(blurry)", "--steps", "1",
+                   "-o", str(tmp_path / "a.png")) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert ("--prompt and --negative-prompt: brackets read as text, as diffusers reads them; --emphasis original "
+            "weighs them as A1111 does") in said
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a red fox (2019)", "--steps", "1",
+                   "-o", str(tmp_path / "b.png")) == 0
+    assert "brackets read as text" in capsys.readouterr().err  # (2019) is 1.1 to A1111
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a red fox", "--steps", "1", "-o", str(tmp_path / "c.png")) == 0
+    assert "brackets" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("emphasis", "a1111", "emphasis 'a1111': choose one of none, original, no-norm"),
+    ("prompt", ["a (cat:1.2.3)"], "prompt 1: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
+    ("negative_prompt", ["(x:" + "9" * 40 + ")"],
+     "negative_prompt 1: its brackets weigh a part 1e+40, beyond float32's range"),
+])
+def test_bad_weights_are_refused_in_one_line(tiny_engine_dir, field, value, message):
+    manifest = load_manifest(tiny_engine_dir)
+    with pytest.raises(SdexportError) as refused:
+        check_request(dataclasses.replace(REQUEST, **{field: value}), family="sd", dims=manifest.model_dims,
+                      profile=manifest.shape_profile)
+    assert str(refused.value) == message
+
+
+def test_as_text_any_bracket_is_fine(tiny_engine_dir):
+    manifest = load_manifest(tiny_engine_dir)
+    check_request(dataclasses.replace(REQUEST, prompt=["a (cat:1.2.3)"], emphasis="none"), family="sd",
+                  dims=manifest.model_dims, profile=manifest.shape_profile)
+
+
+def test_the_cli_refuses_an_unknown_mode_before_loading(tiny_engine_dir, tmp_path, capsys):
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a", "--emphasis", "compel", "-o", str(tmp_path / "x.png")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --emphasis 'compel': choose one of none, original, no-norm"
+
+
+def test_served_rows_carry_it_and_share_a_call_only_with_equal_ones():
+    from sdexport.serving.requests import decode_rows, generation_request, group_rows
+
+    inputs = {"prompt": np.array([[b"(a)"], [b"b"], [b"c"]], dtype=object),
+              "emphasis": np.array([[b"original"], [b"original"], [b""]], dtype=object)}
+    rows = decode_rows(inputs, (64, 64))
+    assert [r.emphasis for r in rows] == ["original", "original", "none"]
+    calls = group_rows(list(enumerate(rows)), max_batch=4)
+    assert sorted(len(call) for call in calls) == [1, 2]
+    assert generation_request([rows[0], rows[1]]).emphasis == "original"
+
+
+def test_textual_inversion_words_take_their_run_s_weight(tmp_path):
+    """A word of several vectors inside brackets: every vector takes the run's weight (as A1111's)."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.models.textual_inversion import Embedding
+
+    path = tmp_path / "my-style.safetensors"
+    save_file({"emb_params": torch.randn(3, 32)}, str(path))
+    out = tmp_path / "e"
+    export("tiny", out, ExportOptions(verify="none", components=["text_encoder"],
+                                      embeddings=[Embedding.parse(str(path))]))
+    tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
+    ids, weights = token_ids(["a (my-style:1.4) cat"], tok, 77, "original")
+    assert ids[0, 2:5].tolist() == [tok.convert_tokens_to_ids(w) for w in ("my-style", "my-style_1", "my-style_2")]
+    assert weights[0, :6].tolist() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.4, 1.0])
