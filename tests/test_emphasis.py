@@ -51,7 +51,8 @@ def test_it_parses_as_a1111_documents(text, runs):
     ("a: 1.2) b", [("a: 1.2) b", 1.0)]),  # a weight with no bracket open is text
     ("(y : 0.5 )", [("y ", 0.5)]),  # spaces around the number, as A1111 takes them
     ("]a)", [("]a)", 1.0)]),  # closing brackets with none open are text
-    ("a\\b \\\\", [("ab \\", 1.0)]),  # a lone backslash is dropped; an escaped one kept
+    ("a\\b \\\\", [("ab \\", 1.0)]),  # a lone backslash is an empty run; an escaped one kept
+    ("red(\\:1.2)fox", [("red", 1.0), ("", 1.2), ("fox", 1.0)]),  # (so "red" and "fox" are tokenized apart)
     ("(x:-1)", [("x", -1.0)]),
     ("", [("", 1.0)]),
 ])
@@ -62,10 +63,12 @@ def test_text_that_weighs_nothing_stays_text(text, runs):
 def test_break_ends_the_window():
     assert parse("a cat BREAK (a hat)") == [("a cat", 1.0), (BREAK, 1.0), ("", 1.0), ("a hat", 1.1)]  # as A1111's
     assert parse("BREAKFAST") == [("BREAKFAST", 1.0)]
+    # inside brackets A1111 scales its mark, and then reads the word "BREAK" (weighing minus the factor)
+    assert parse("a (b BREAK c) d") == [("a ", 1.0), ("b", 1.1), ("BREAK", -1.1), ("c", 1.1), (" d", 1.0)]
 
 
 @pytest.mark.parametrize("text", ["a (((house:1.3)) [on] \\(x\\) (hill:0.00001)", "x (y:1.23456789012345)",
-                                  "\\\\ [[a]] (b:-0.5) c:1.2\\)"])
+                                  "\\\\ [[a]] (b:-0.5) c:1.2\\)", "(BRE\\AK) and (b BREAK c)"])
 def test_written_text_parses_to_the_same_weights(text):
     runs = parse(text)
     again = written([(piece or "", weight) for piece, weight in runs])
@@ -202,25 +205,29 @@ def test_run_says_when_brackets_are_read_as_text(tiny_engine_dir, tmp_path, caps
     assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.5) fox", "-n", "(blurry)", "--steps", "1",
                    "-o", str(tmp_path / "a.png")) == 0
     said = " ".join(capsys.readouterr().err.split())
-    assert ("--prompt and --negative-prompt: brackets read as text, as diffusers reads them; --emphasis original "
-            "weighs them as A1111 does") in said
-    assert run_cli("run", str(tiny_engine_dir), "-p", "a red fox (2019)", "--steps", "1",
-                   "-o", str(tmp_path / "b.png")) == 0
-    assert "brackets read as text" in capsys.readouterr().err  # (2019) is 1.1 to A1111
+    assert ("--prompt and --negative-prompt: A1111's emphasis syntax (brackets, escapes, BREAK) read as text, as "
+            "diffusers reads it; --emphasis original reads it as A1111 does") in said
+    for prompt in ("a red fox (2019)", "a fox BREAK a hat", "a \\(fox\\)"):  # (2019) weighs 1.1 to A1111
+        assert run_cli("run", str(tiny_engine_dir), "-p", prompt, "--steps", "1", "-o", str(tmp_path / "b.png")) == 0
+        assert "emphasis syntax" in capsys.readouterr().err
     assert run_cli("run", str(tiny_engine_dir), "-p", "a red fox", "--steps", "1", "-o", str(tmp_path / "c.png")) == 0
-    assert "brackets" not in capsys.readouterr().err
+    assert "emphasis" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("emphasis", "a1111", "emphasis 'a1111': choose one of none, original, no-norm"),
-    ("prompt", ["a (cat:1.2.3)"], "prompt 1: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
-    ("negative_prompt", ["(x:" + "9" * 40 + ")"],
-     "negative_prompt 1: its brackets weigh a part 1e+40, beyond float32's range"),
+@pytest.mark.parametrize(("given", "message"), [
+    ({"emphasis": "a1111"}, "emphasis 'a1111': choose one of none, original, no-norm"),
+    ({"prompt": ["a (cat:1.2.3)"]}, "prompt: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
+    ({"negative_prompt": ["(x:" + "9" * 40 + ")"]},
+     "negative_prompt: its brackets weigh a part 1e+40, beyond float32's range"),
+    ({"prompt": ["a", "(b:1.2.3)"], "seeds": [3, 4]},
+     "prompt 2: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
+    ({"prompt": ["a" * 20_001]},
+     "prompt: 20,001 characters; read with emphasis a text has at most 20,000 (the text encoder reads 75 tokens)"),
 ])
-def test_bad_weights_are_refused_in_one_line(tiny_engine_dir, field, value, message):
+def test_bad_weights_are_refused_in_one_line(tiny_engine_dir, given, message):
     manifest = load_manifest(tiny_engine_dir)
     with pytest.raises(SdexportError) as refused:
-        check_request(dataclasses.replace(REQUEST, **{field: value}), family="sd", dims=manifest.model_dims,
+        check_request(dataclasses.replace(REQUEST, **given), family="sd", dims=manifest.model_dims,
                       profile=manifest.shape_profile)
     assert str(refused.value) == message
 
@@ -229,6 +236,14 @@ def test_as_text_any_bracket_is_fine(tiny_engine_dir):
     manifest = load_manifest(tiny_engine_dir)
     check_request(dataclasses.replace(REQUEST, prompt=["a (cat:1.2.3)"], emphasis="none"), family="sd",
                   dims=manifest.model_dims, profile=manifest.shape_profile)
+
+
+def test_weights_that_overflow_the_reading_are_refused(tiny_engine_dir):
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    huge = dataclasses.replace(REQUEST, prompt=["((a:" + "9" * 38 + "):3)"], emphasis="no-norm")  # 3e38: in range
+    with pytest.raises(SdexportError, match="^the texts' emphasis weights overflow text_encoder's reading in "
+                                            "float32: give smaller weights"):
+        pipeline(huge)
 
 
 def test_the_cli_refuses_an_unknown_mode_before_loading(tiny_engine_dir, tmp_path, capsys):

@@ -309,6 +309,14 @@ def test_a_served_refusal_is_runs_in_the_names_of_the_inputs(served, tiny_engine
     assert refused == _in_input_names(said) != said
 
 
+def test_a_row_refused_by_the_checks_is_named_in_a_request_of_several(served):
+    """Rows are checked one by one; a request of several says which image, as decoding does."""
+    [refused] = served.generate([_inputs(["fine", "a (cat:1.2.3)"], steps=2, emphasis="original")])
+    assert refused == "prompt: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2) (image 2 of the request)"
+    [alone] = served.generate([_inputs(["a (cat:1.2.3)"], steps=2, emphasis="original")])
+    assert alone == "prompt: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"
+
+
 def test_a_served_refusal_gives_a_value_as_an_input_takes_it(served):
     """``run`` says ``pass --height 96 --width 128``; a client sets inputs, ``height=96``."""
     init = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)

@@ -40,10 +40,22 @@ UP = 1.1
 BREAK = None
 """The piece ``parse`` gives for ``BREAK``: the end of what the engines' one window reads."""
 
+_BREAK_WEIGHT = -1.0
+"""A1111 marks a ``BREAK`` as the text "BREAK" weighing -1, and breaks where that holds after the
+brackets' factors: inside brackets the mark is scaled, and so read as the word "BREAK" (weighing
+minus the brackets' factor, as A1111 reads it)."""
+
+MAX_TEXT = 20_000
+"""The longest text read with emphasis, in characters: the engines read 75 tokens (a few hundred
+characters), and parsing nested brackets takes time that grows as the square of their count (as
+A1111's): a served request must not hold a worker for seconds."""
+
 _WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _ESCAPED = "()[]\\"
 _SPECIAL = re.compile(r"[\\()\[\]:]")
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+
 Piece = tuple[str | None, float]
 """A run of text and its weight; the text is ``BREAK`` (None) where A1111 starts a new chunk."""
 
@@ -67,16 +79,16 @@ def parse(text: str) -> list[Piece]:
     def literal(run: str) -> None:
         for n, part in enumerate(_BREAK.split(run)):
             if n:
-                pieces.append([BREAK, 1.0])
+                pieces.append(["BREAK", _BREAK_WEIGHT])
             pieces.append([part, 1.0])
 
     i = 0
     while i < len(text):
         char = text[i]
-        if char == "\\":  # an escaped bracket or backslash is itself; a lone backslash is dropped
-            if text[i + 1:i + 2] and text[i + 1] in _ESCAPED:
-                pieces.append([text[i + 1], 1.0])
-                i += 1
+        if char == "\\":  # an escaped bracket or backslash is itself; a lone backslash an empty run
+            escaped = text[i + 1:i + 2] in tuple(_ESCAPED)
+            pieces.append([text[i + 1] if escaped else "", 1.0])
+            i += escaped
         elif char == "(":
             rounds.append(len(pieces))
         elif char == "[":
@@ -105,11 +117,12 @@ def parse(text: str) -> list[Piece]:
         scale(start, 1 / UP)
     merged: list[list] = []
     for piece in pieces or [["", 1.0]]:
-        if merged and merged[-1][1] == piece[1] and piece[0] is not BREAK and merged[-1][0] is not BREAK:
+        if merged and merged[-1][1] == piece[1]:
             merged[-1][0] += piece[0]
         else:
             merged.append(piece)
-    return [(piece, weight) for piece, weight in merged]
+    return [(BREAK, 1.0) if (piece, weight) == ("BREAK", _BREAK_WEIGHT) else (piece, weight)
+            for piece, weight in merged]
 
 
 def _weight(number: str, written: str) -> float:
@@ -119,11 +132,13 @@ def _weight(number: str, written: str) -> float:
         raise EmphasisError(f"{written!r} is no weight: A1111's is a number, as in (word:1.2)") from None
 
 
-def is_weighted(text: str) -> bool:
-    """Whether A1111 would weigh anything in ``text``: a bracket it reads (``original`` would change
-    the image), a ``BREAK``, or a weight it fails on."""
+def uses_syntax(text: str) -> bool:
+    """Whether A1111 reads ``text`` otherwise than as plain text: a bracket that weighs, an escape,
+    a ``BREAK``, or a weight it fails on."""
+    if len(text) > MAX_TEXT:
+        return False
     try:
-        return any(piece is BREAK or weight != 1.0 for piece, weight in parse(text))
+        return parse(text) != [(text, 1.0)]
     except EmphasisError:
         return True
 
@@ -134,7 +149,8 @@ def has_brackets(texts: Iterable[str | None]) -> bool:
 
 
 def written(pieces: list[tuple[str, float]]) -> str:
-    """Text that ``parse`` reads as ``pieces``: brackets and backslashes escaped, each weight other
+    """Text that ``parse`` reads as ``pieces``: brackets and backslashes escaped, the word "BREAK"
+    split by a lone backslash (A1111's empty run: no break, the same text), each weight other
     than 1 written out exactly (the shortest decimals that read back as the same float, never an
     exponent, which A1111's syntax lacks)."""
     import numpy as np
@@ -143,7 +159,7 @@ def written(pieces: list[tuple[str, float]]) -> str:
     for text, weight in pieces:
         if not text:
             continue
-        escaped = "".join("\\" + c if c in _ESCAPED else c for c in text)
+        escaped = _BREAK_WORD.sub("BRE\\\\AK", "".join("\\" + c if c in _ESCAPED else c for c in text))
         out.append(escaped if weight == 1.0 else f"({escaped}:{np.format_float_positional(weight, trim='-')})")
     return "".join(out)
 

@@ -933,27 +933,32 @@ TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
 def _check_emphasis(request: GenerationRequest) -> None:
     """A mode of ``runtime.emphasis``; weighed, texts whose weights A1111 cannot read either, or
     that the engines cannot take (beyond float32's range, as every scale)."""
-    from sdexport.runtime.emphasis import EMPHASIS, EmphasisError, parse
+    from sdexport.runtime.emphasis import EMPHASIS, MAX_TEXT, EmphasisError, parse
 
     if request.emphasis not in EMPHASIS:
         raise SdexportError(f"{setting('emphasis')} {request.emphasis!r}: choose one of {', '.join(EMPHASIS)}")
     if request.emphasis == "none":
         return
     for name in TEXTS:
-        for i, text in enumerate(getattr(request, name) or []):
+        texts = getattr(request, name) or []
+        for i, text in enumerate(texts):
+            label = setting(name) + (f" {i + 1}" if len(texts) > 1 else "")
+            if len(text) > MAX_TEXT:
+                raise SdexportError(f"{label}: {len(text):,} characters; read with {setting('emphasis')} a text "
+                                    f"has at most {MAX_TEXT:,} (the text encoder reads 75 tokens)")
             try:
                 weights = [weight for _, weight in parse(text)]
             except EmphasisError as error:
-                raise SdexportError(f"{setting(name)} {i + 1}: {error}") from None
+                raise SdexportError(f"{label}: {error}") from None
             if not all(finite32(weight) for weight in weights):
-                raise SdexportError(f"{setting(name)} {i + 1}: its brackets weigh a part "
-                                    f"{max(weights, key=abs):g}, beyond float32's range")
+                raise SdexportError(f"{label}: its brackets weigh a part {max(weights, key=abs):g}, beyond "
+                                    "float32's range")
 
 
 def default_notes(request: GenerationRequest, family: str) -> list[str]:
     """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
-    0.9999, diffusers') runs fewer steps than asked for; brackets A1111 would weigh, read as text."""
-    from sdexport.runtime.emphasis import is_weighted
+    0.9999, diffusers') runs fewer steps than asked for; A1111's emphasis syntax, read as text."""
+    from sdexport.runtime.emphasis import uses_syntax
 
     notes = []
     strength = request.effective_strength(family) if request.task == "inpaint" and request.strength is None else 1
@@ -962,10 +967,11 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
                      f"of {FAMILY_LABELS[family]} inpainting is diffusers' {strength:g}, which starts from the init "
                      f"image noised to the first timestep ({setting('strength')} 1: every step, from pure noise)")
     if request.emphasis == "none":
-        read = [name for name in TEXTS if any(is_weighted(text) for text in getattr(request, name) or [])]
+        read = [name for name in TEXTS if any(uses_syntax(text) for text in getattr(request, name) or [])]
         if read:
-            notes.append(f"{' and '.join(setting(name) for name in read)}: brackets read as text, as diffusers reads "
-                         f"them; {assigned('emphasis', 'original')} weighs them as A1111 does")
+            notes.append(f"{' and '.join(setting(name) for name in read)}: A1111's emphasis syntax (brackets, "
+                         f"escapes, BREAK) read as text, as diffusers reads it; {assigned('emphasis', 'original')} "
+                         "reads it as A1111 does")
     return notes
 
 

@@ -570,7 +570,14 @@ class Txt2ImgPipeline:
         says, and all its outputs as they came."""
         ids, weights = self.tokenize(texts, tokenizer, emphasis)
         out = self.engines[part]({"input_ids": ids})
-        return (out[layer] if weights is None else weigh(out[layer], weights, emphasis)), out
+        if weights is None:
+            return out[layer], out
+        hidden = weigh(out[layer], weights, emphasis)
+        if not bool(torch.isfinite(hidden).all()):  # (waits for the device once, before the loop, and only here)
+            raise SdexportError(f"the texts' emphasis weights overflow {part}'s reading in "
+                                f"{str(hidden.dtype).removeprefix('torch.')}: give smaller weights (A1111's are "
+                                "mostly 0.5 to 1.5)")
+        return hidden, out
 
     def encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """The U-Net's conditioning inputs by name; under CFG each is a 2B batch, negatives first."""

@@ -212,11 +212,15 @@ class ServedModel:
                 if len({(row.height, row.width) for row in decoded}) > 1:
                     raise SdexportError("the images of one request must share height and width (their pixels "
                                         "are one tensor): send images of other sizes in requests of their own")
-                for row in decoded:
+                for n, row in enumerate(decoded):
                     # the family's defaults for the row's task, filled in now: a row that leaves the
                     # guidance or the ControlNet scale out shares a call with the rows that send one
                     # (each image takes its own)
-                    based, checked = self.check(row)
+                    try:
+                        based, checked = self.check(row)
+                    except SdexportError as exc:  # (checked alone: the row says which image, as decoding does)
+                        raise SdexportError(f"{exc} (image {n + 1} of the request)" if len(decoded) > 1 else str(exc)) \
+                            from None
                     # (with a refiner, its half's default, which the base model's equals for every
                     # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
                     family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
