@@ -68,7 +68,8 @@ def test_break_ends_the_window():
 
 
 @pytest.mark.parametrize("text", ["a (((house:1.3)) [on] \\(x\\) (hill:0.00001)", "x (y:1.23456789012345)",
-                                  "\\\\ [[a]] (b:-0.5) c:1.2\\)", "(BRE\\AK) and (b BREAK c)"])
+                                  "\\\\ [[a]] (b:-0.5) c:1.2\\)", "(BRE\\AK) and (b BREAK c)",
+                                  "red(\\:1.2)fox"])
 def test_written_text_parses_to_the_same_weights(text):
     runs = parse(text)
     again = written([(piece or "", weight) for piece, weight in runs])

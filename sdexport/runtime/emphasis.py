@@ -152,14 +152,15 @@ def written(pieces: list[tuple[str, float]]) -> str:
     """Text that ``parse`` reads as ``pieces``: brackets and backslashes escaped, the word "BREAK"
     split by a lone backslash (A1111's empty run: no break, the same text), each weight other
     than 1 written out exactly (the shortest decimals that read back as the same float, never an
-    exponent, which A1111's syntax lacks)."""
+    exponent, which A1111's syntax lacks). An empty run weighing other than 1 is a lone backslash
+    in brackets: it parts runs of one weight, which are then tokenized apart."""
     import numpy as np
 
     out = []
     for text, weight in pieces:
-        if not text:
+        if not text and weight == 1.0:
             continue
-        escaped = _BREAK_WORD.sub("BRE\\\\AK", "".join("\\" + c if c in _ESCAPED else c for c in text))
+        escaped = _BREAK_WORD.sub("BRE\\\\AK", "".join("\\" + c if c in _ESCAPED else c for c in text)) or "\\"
         out.append(escaped if weight == 1.0 else f"({escaped}:{np.format_float_positional(weight, trim='-')})")
     return "".join(out)
 
