@@ -242,8 +242,7 @@ def test_as_text_any_bracket_is_fine(tiny_engine_dir):
 def test_weights_that_overflow_the_reading_are_refused(tiny_engine_dir):
     pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
     huge = dataclasses.replace(REQUEST, prompt=["((a:" + "9" * 38 + "):3)"], emphasis="no-norm")  # 3e38: in range
-    with pytest.raises(SdexportError, match="^the texts' emphasis weights overflow text_encoder's reading in "
-                                            "float32: give smaller weights"):
+    with pytest.raises(SdexportError, match="^the texts' emphasis weights take text_encoder's reading past 65504"):
         pipeline(huge)
 
 
@@ -282,3 +281,14 @@ def test_textual_inversion_words_take_their_run_s_weight(tmp_path):
     ids, weights = token_ids(["a (my-style:1.4) cat"], tok, 77, "original")
     assert ids[0, 2:5].tolist() == [tok.convert_tokens_to_ids(w) for w in ("my-style", "my-style_1", "my-style_2")]
     assert weights[0, :6].tolist() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.4, 1.0])
+
+
+def test_a_reading_fp16_cannot_hold_is_refused_before_the_loop(tiny_fp16_engine_dir):
+    """The engines take float32, which an fp16 U-Net casts to fp16: a weighed reading past 65504 is
+    refused before the loop, not found as NaN latents after it (as it would be here)."""
+    pipeline = load_pipeline(tiny_fp16_engine_dir, "onnxruntime-cpu")
+    plain = pipeline.encode_prompt(dataclasses.replace(REQUEST, emphasis="none"))["encoder_hidden_states"]
+    assert pipeline.encode_prompt(REQUEST)["encoder_hidden_states"].dtype == plain.dtype
+    with pytest.raises(SdexportError, match="^the texts' emphasis weights take text_encoder's reading past 65504, "
+                                            "fp16's range"):
+        pipeline(dataclasses.replace(REQUEST, prompt=["(a:100000) lighthouse"], emphasis="no-norm"))

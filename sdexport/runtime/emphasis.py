@@ -167,8 +167,8 @@ def written(pieces: list[tuple[str, float]]) -> str:
 
 def weigh(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: str) -> torch.Tensor:
     """``hidden`` (B, S, C) with each token's vector multiplied by its weight (``multipliers``, B × S);
-    ``original`` then scales each prompt's back to its mean before weighing. Computed in float32
-    (an fp16 engine's output too) and given back in ``hidden``'s dtype."""
+    ``original`` then scales each prompt's back to its mean before weighing. Computed in float32,
+    whatever the engine gave, and given back in its dtype."""
     import torch
 
     read = hidden.float()

@@ -573,10 +573,11 @@ class Txt2ImgPipeline:
         if weights is None:
             return out[layer], out
         hidden = weigh(out[layer], weights, emphasis)
-        if not bool(torch.isfinite(hidden).all()):  # (waits for the device once, before the loop, and only here)
-            raise SdexportError(f"the texts' emphasis weights overflow {part}'s reading in "
-                                f"{str(hidden.dtype).removeprefix('torch.')}: give smaller weights (A1111's are "
-                                "mostly 0.5 to 1.5)")
+        # (waits for the device once, before the loop, and only for weighed texts)
+        if not bool((hidden.abs() <= FP16_MAX).all()):
+            raise SdexportError(f"the texts' emphasis weights take {part}'s reading past {FP16_MAX:g}, fp16's range, "
+                                "which a U-Net computing in fp16 (an fp16 export, a TensorRT or fused build) cannot "
+                                "hold: give smaller weights (A1111's are mostly 0.5 to 1.5)")
         return hidden, out
 
     def encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
@@ -988,6 +989,10 @@ def unplanned_overflow(info: dict[str, Any], part: str) -> str:
     return (f"the VAE {what} produced NaN/Inf (fp16 overflow); {refusal}. Its fp32 rerun, {part}_fp32, has no "
             f"TensorRT plan here that serves these shapes (the load said so): `sdexport build "
             f"{info.get('engine_dir', 'DIR')} --components {part}_fp32` with the profile this run uses builds one")
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+"""65504: engines take float32 inputs, and those computing in fp16 cast them to it."""
 
 
 def guidance_factor(guidance: float | list[float], device: torch.device) -> float | torch.Tensor:
