@@ -215,6 +215,21 @@ def test_run_says_when_brackets_are_read_as_text(tiny_engine_dir, tmp_path, caps
     assert "emphasis" not in capsys.readouterr().err
 
 
+def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_path, capsys):
+    """Prompt editing, alternation and AND change the text per step or add prompts: read as
+    emphasis and words here, which is said."""
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a [cat:dog:0.5] AND a [red|blue] hat", "-n", "[blur:3]",
+                   "--emphasis", "original", "--steps", "1", "-o", str(tmp_path / "a.png")) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    editing = ("--prompt and --negative-prompt: A1111's prompt editing ([from:to:when]) is not read as A1111 reads "
+               "it: sdexport reads its brackets as emphasis and the rest as text")
+    for note in (editing, "--prompt: A1111's alternation ([a|b]) is not read", "--prompt: A1111's AND (composable prompts)"):
+        assert note in said
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.2) [fox]", "--emphasis", "original", "--steps", "1",
+                   "-o", str(tmp_path / "b.png")) == 0
+    assert "A1111" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("given", "message"), [
     ({"emphasis": "a1111"}, "emphasis 'a1111': choose one of none, original, no-norm"),
     ({"prompt": ["a (cat:1.2.3)"]}, "prompt: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),

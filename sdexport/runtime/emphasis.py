@@ -143,6 +143,21 @@ def uses_syntax(text: str) -> bool:
         return True
 
 
+_UNREAD = {
+    "prompt editing ([from:to:when])": re.compile(r"\[[^\[\]]*:\s*[\d.]+\s*\]"),
+    "alternation ([a|b])": re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"),
+    "AND (composable prompts)": re.compile(r"\bAND\b"),
+}
+"""A1111's syntax beyond emphasis, which changes the text per step or adds prompts: sdexport reads
+such text as emphasis and words, and says so (``request.default_notes``)."""
+
+
+def unread_syntax(text: str) -> list[str]:
+    """The names of A1111's features beyond emphasis that ``text`` seems to use (a bracket holding
+    ``:NUMBER`` or ``|``, the word ``AND``): what sdexport reads otherwise than A1111."""
+    return [name for name, found in _UNREAD.items() if found.search(text)]
+
+
 def has_brackets(texts: Iterable[str | None]) -> bool:
     """A1111's test for writing its "Emphasis" parameter: a round or square bracket in any text."""
     return any(text and ("(" in text or "[" in text) for text in texts)

@@ -957,8 +957,9 @@ def _check_emphasis(request: GenerationRequest) -> None:
 
 def default_notes(request: GenerationRequest, family: str) -> list[str]:
     """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
-    0.9999, diffusers') runs fewer steps than asked for; A1111's emphasis syntax, read as text."""
-    from sdexport.runtime.emphasis import uses_syntax
+    0.9999, diffusers') runs fewer steps than asked for; A1111's emphasis syntax, read as text, and
+    its syntax beyond emphasis (prompt editing, alternation, AND), which no mode reads as A1111 does."""
+    from sdexport.runtime.emphasis import unread_syntax, uses_syntax
 
     notes = []
     strength = request.effective_strength(family) if request.task == "inpaint" and request.strength is None else 1
@@ -972,6 +973,13 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
             notes.append(f"{' and '.join(setting(name) for name in read)}: A1111's emphasis syntax (brackets, "
                          f"escapes, BREAK) read as text, as diffusers reads it; {assigned('emphasis', 'original')} "
                          "reads it as A1111 does")
+    else:
+        unread: dict[str, list[str]] = {}  # A1111's syntax beyond emphasis → the texts that use it
+        for name in TEXTS:
+            for feature in dict.fromkeys(f for text in getattr(request, name) or [] for f in unread_syntax(text)):
+                unread.setdefault(feature, []).append(name)
+        notes += [f"{' and '.join(setting(name) for name in names)}: A1111's {feature} is not read as A1111 reads "
+                  "it: sdexport reads its brackets as emphasis and the rest as text" for feature, names in unread.items()]
     return notes
 
 
