@@ -57,14 +57,14 @@ def test_it_parses_as_a1111_documents(text, runs):
     ("", [("", 1.0)]),
 ])
 def test_text_that_weighs_nothing_stays_text(text, runs):
-    assert parse(text) == runs
+    assert list(parse(text)) == runs
 
 
 def test_break_ends_the_window():
-    assert parse("a cat BREAK (a hat)") == [("a cat", 1.0), (BREAK, 1.0), ("", 1.0), ("a hat", 1.1)]  # as A1111's
-    assert parse("BREAKFAST") == [("BREAKFAST", 1.0)]
+    assert list(parse("a cat BREAK (a hat)")) == [("a cat", 1.0), (BREAK, 1.0), ("", 1.0), ("a hat", 1.1)]  # A1111's
+    assert list(parse("BREAKFAST")) == [("BREAKFAST", 1.0)]
     # inside brackets A1111 scales its mark, and then reads the word "BREAK" (weighing minus the factor)
-    assert parse("a (b BREAK c) d") == [("a ", 1.0), ("b", 1.1), ("BREAK", -1.1), ("c", 1.1), (" d", 1.0)]
+    assert list(parse("a (b BREAK c) d")) == [("a ", 1.0), ("b", 1.1), ("BREAK", -1.1), ("c", 1.1), (" d", 1.0)]
 
 
 @pytest.mark.parametrize("text", ["a (((house:1.3)) [on] \\(x\\) (hill:0.00001)", "x (y:1.23456789012345)",
@@ -179,6 +179,7 @@ def test_a_long_weighed_prompt_is_cut_and_recorded_in_the_syntax(tiny_engine_dir
     again, again_weights = token_ids([kept], tok, 77, "original")
     assert torch.equal(whole, again) and torch.equal(whole_weights, again_weights)  # the record remakes the image
     assert kept_text("a (cat) BREAK", tok, 77, "original") is None  # nothing after it: nothing cut
+    assert kept_text("a " * 75 + "(b c)", tok, 77, "original") == "a " * 75  # no empty run where the cut falls
     assert kept_text("a (cat) BREAK a hat", tok, 77, "original") == "a (cat:1.1)"
     assert kept_text("a (cat) BREAK a hat", tok, 77) is None  # as text, BREAK is a word
 
@@ -211,6 +212,9 @@ def test_run_says_when_brackets_are_read_as_text(tiny_engine_dir, tmp_path, caps
     for prompt in ("a red fox (2019)", "a fox BREAK a hat", "a \\(fox\\)"):  # (2019) weighs 1.1 to A1111
         assert run_cli("run", str(tiny_engine_dir), "-p", prompt, "--steps", "1", "-o", str(tmp_path / "b.png")) == 0
         assert "emphasis syntax" in capsys.readouterr().err
+    assert run_cli("run", str(tiny_engine_dir), "-p", "a fox", "-n", "(blurry)", "--guidance", "1", "--steps", "1",
+                   "-o", str(tmp_path / "b.png")) == 0
+    assert "emphasis syntax" not in capsys.readouterr().err  # negatives no call reads
     assert run_cli("run", str(tiny_engine_dir), "-p", "a red fox", "--steps", "1", "-o", str(tmp_path / "c.png")) == 0
     assert "emphasis" not in capsys.readouterr().err
 
@@ -223,7 +227,8 @@ def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_p
     said = " ".join(capsys.readouterr().err.split())
     editing = ("--prompt and --negative-prompt: A1111's prompt editing ([from:to:when]) is not read as A1111 reads "
                "it: sdexport reads its brackets as emphasis and the rest as text")
-    for note in (editing, "--prompt: A1111's alternation ([a|b]) is not read", "--prompt: A1111's AND (composable prompts)"):
+    for note in (editing, "--prompt: A1111's alternation ([a|b]) is not read",
+                 "--prompt: A1111's AND (composable prompts) is not read as A1111 reads it: sdexport reads AND as a word"):
         assert note in said
     assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.2) [fox]", "--emphasis", "original", "--steps", "1",
                    "-o", str(tmp_path / "b.png")) == 0
@@ -233,12 +238,12 @@ def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_p
 @pytest.mark.parametrize(("given", "message"), [
     ({"emphasis": "a1111"}, "emphasis 'a1111': choose one of none, original, no-norm"),
     ({"prompt": ["a (cat:1.2.3)"]}, "prompt: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
-    ({"negative_prompt": ["(x:" + "9" * 40 + ")"]},
+    ({"negative_prompt": ["(x:" + "9" * 40 + ")"], "guidance": 7.5},
      "negative_prompt: its brackets weigh a part 1e+40, beyond float32's range"),
     ({"prompt": ["a", "(b:1.2.3)"], "seeds": [3, 4]},
      "prompt 2: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
-    ({"prompt": ["a" * 20_001]},
-     "prompt: 20,001 characters; read with emphasis a text has at most 20,000 (the text encoder reads 75 tokens)"),
+    ({"prompt": ["a" * 10_001]},
+     "prompt: 10,001 characters; read with emphasis a text has at most 10,000 (the text encoder reads 75 tokens)"),
 ])
 def test_bad_weights_are_refused_in_one_line(tiny_engine_dir, given, message):
     manifest = load_manifest(tiny_engine_dir)
@@ -254,11 +259,34 @@ def test_as_text_any_bracket_is_fine(tiny_engine_dir):
                   dims=manifest.model_dims, profile=manifest.shape_profile)
 
 
-def test_weights_that_overflow_the_reading_are_refused(tiny_engine_dir):
+class _Counted:
+    """An engine that counts its calls."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.calls = engine, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
+
+    def __call__(self, feed):
+        self.calls += 1
+        return self.engine(feed)
+
+
+def _unet_calls(pipeline) -> _Counted:
+    pipeline.engines["unet"] = _Counted(pipeline.engines["unet"])
+    return pipeline.engines["unet"]
+
+
+def test_a_reading_float32_cannot_hold_is_refused_before_the_loop(tiny_engine_dir):
     pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    calls = _unet_calls(pipeline)
     huge = dataclasses.replace(REQUEST, prompt=["((a:" + "9" * 38 + "):3)"], emphasis="no-norm")  # 3e38: in range
-    with pytest.raises(SdexportError, match="^the texts' emphasis weights take text_encoder's reading past 65504"):
+    with pytest.raises(SdexportError, match="^the texts' emphasis weights take text encoding past "
+                                            "3.40282e\\+38, the range of the U-Net's float32: give smaller weights"):
         pipeline(huge)
+    assert calls.calls == 0
+    assert np.isfinite(pipeline(dataclasses.replace(huge, prompt=["(a:100000) lighthouse"])).pixels).all()
 
 
 def test_the_cli_refuses_an_unknown_mode_before_loading(tiny_engine_dir, tmp_path, capsys):
@@ -300,10 +328,11 @@ def test_textual_inversion_words_take_their_run_s_weight(tmp_path):
 
 def test_a_reading_fp16_cannot_hold_is_refused_before_the_loop(tiny_fp16_engine_dir):
     """The engines take float32, which an fp16 U-Net casts to fp16: a weighed reading past 65504 is
-    refused before the loop, not found as NaN latents after it (as it would be here)."""
+    refused before the loop, not found as NaN latents after it (as it would be here); the fp32
+    export runs the same request (above)."""
     pipeline = load_pipeline(tiny_fp16_engine_dir, "onnxruntime-cpu")
-    plain = pipeline.encode_prompt(dataclasses.replace(REQUEST, emphasis="none"))["encoder_hidden_states"]
-    assert pipeline.encode_prompt(REQUEST)["encoder_hidden_states"].dtype == plain.dtype
-    with pytest.raises(SdexportError, match="^the texts' emphasis weights take text_encoder's reading past 65504, "
-                                            "fp16's range"):
+    calls = _unet_calls(pipeline)
+    with pytest.raises(SdexportError, match="^the texts' emphasis weights take text encoding past 65504, "
+                                            "the range of the U-Net's fp16"):
         pipeline(dataclasses.replace(REQUEST, prompt=["(a:100000) lighthouse"], emphasis="no-norm"))
+    assert calls.calls == 0

@@ -349,6 +349,24 @@ def rel_l2(ours: torch.Tensor, theirs: torch.Tensor) -> float:
     return float(torch.linalg.norm(ours - theirs) / torch.linalg.norm(theirs))
 
 
+def test_emphasis_weighs_the_refiner_s_encoder_and_a_refusal_names_it(pipeline, monkeypatch):
+    """The refiner reads the prompt with its one encoder (SDXL's second), weighed as A1111 weighs it;
+    a reading it cannot hold is refused naming the refiner (its half runs after the base model's)."""
+    from test_emphasis import RUNS, _a1111, _hand_ids
+
+    model = load_model(PRESET)
+    request = GenerationRequest(prompt=["a (red:1.5) fox [tail]"], steps=2, seeds=[3], height=64, width=128,
+                                guidance=1.0, emphasis="original")
+    ids, weights = _hand_ids(model.tokenizers["tokenizer_2"], RUNS)
+    with torch.no_grad():
+        want = _a1111(model.modules["text_encoder_2"](ids, output_hidden_states=True).hidden_states[-2], weights)
+    assert torch.allclose(pipeline.encode_prompt(request)["encoder_hidden_states"], want, atol=1e-5)
+    monkeypatch.setattr(pipeline, "_runs_fp32", lambda part: False)  # as an fp16 refiner
+    with pytest.raises(SdexportError, match="^the texts' emphasis weights take the refiner's text encoding past "
+                                            "65504, the range of the U-Net's fp16"):
+        pipeline.encode_prompt(dataclasses.replace(request, prompt=["(a red fox lighthouse:100000)"], emphasis="no-norm"))
+
+
 @pytest.fixture(scope="module")
 def base_reference() -> DiffusersReference:
     return DiffusersReference(load_model("tiny-sdxl"))

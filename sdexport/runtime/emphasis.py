@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -45,10 +46,11 @@ _BREAK_WEIGHT = -1.0
 brackets' factors: inside brackets the mark is scaled, and so read as the word "BREAK" (weighing
 minus the brackets' factor, as A1111 reads it)."""
 
-MAX_TEXT = 20_000
+MAX_TEXT = 10_000
 """The longest text read with emphasis, in characters: the engines read 75 tokens (a few hundred
 characters), and parsing nested brackets takes time that grows as the square of their count (as
-A1111's): a served request must not hold a worker for seconds."""
+A1111's; a quarter of a second at this length): a served request must not hold a worker for long.
+A text is parsed once (``parse`` keeps its recent results) for its check, its cut and its tokens."""
 
 _WEIGHT = re.compile(r":\s*([+-]?[.\d]+)\s*\)")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
@@ -64,7 +66,8 @@ class EmphasisError(ValueError):
     """A weight A1111 cannot read either: ``(word:1.2.3)``."""
 
 
-def parse(text: str) -> list[Piece]:
+@lru_cache(maxsize=256)
+def parse(text: str) -> tuple[Piece, ...]:
     """``text``'s runs of equal weight, in order, as A1111's ``parse_prompt_attention`` reads them
     (its docstring's examples are this module's tests). Raises ``EmphasisError`` for a weight that
     A1111 fails on too (``(word:1.2.3)``)."""
@@ -121,8 +124,8 @@ def parse(text: str) -> list[Piece]:
             merged[-1][0] += piece[0]
         else:
             merged.append(piece)
-    return [(BREAK, 1.0) if (piece, weight) == ("BREAK", _BREAK_WEIGHT) else (piece, weight)
-            for piece, weight in merged]
+    return tuple((BREAK, 1.0) if (piece, weight) == ("BREAK", _BREAK_WEIGHT) else (piece, weight)
+                 for piece, weight in merged)
 
 
 def _weight(number: str, written: str) -> float:
@@ -134,28 +137,28 @@ def _weight(number: str, written: str) -> float:
 
 def uses_syntax(text: str) -> bool:
     """Whether A1111 reads ``text`` otherwise than as plain text: a bracket that weighs, an escape,
-    a ``BREAK``, or a weight it fails on."""
-    if len(text) > MAX_TEXT:
-        return False
+    a ``BREAK``, or a weight it fails on (in its first ``MAX_TEXT`` characters)."""
+    head = text[:MAX_TEXT]
     try:
-        return parse(text) != [(text, 1.0)]
+        return parse(head) != ((head, 1.0),)
     except EmphasisError:
         return True
 
 
 _UNREAD = {
-    "prompt editing ([from:to:when])": re.compile(r"\[[^\[\]]*:\s*[\d.]+\s*\]"),
-    "alternation ([a|b])": re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"),
-    "AND (composable prompts)": re.compile(r"\bAND\b"),
+    "prompt editing ([from:to:when])": (re.compile(r"\[[^\[\]]*:\s*[\d.]+\s*\]"),
+                                        "its brackets as emphasis and the rest as text"),
+    "alternation ([a|b])": (re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"), "its brackets as emphasis and the rest as text"),
+    "AND (composable prompts)": (re.compile(r"\bAND\b"), "AND as a word"),
 }
-"""A1111's syntax beyond emphasis, which changes the text per step or adds prompts: sdexport reads
-such text as emphasis and words, and says so (``request.default_notes``)."""
+"""A1111's syntax beyond emphasis, which changes the text per step or adds prompts, and how
+sdexport reads it instead (``request.default_notes`` says so)."""
 
 
-def unread_syntax(text: str) -> list[str]:
-    """The names of A1111's features beyond emphasis that ``text`` seems to use (a bracket holding
-    ``:NUMBER`` or ``|``, the word ``AND``): what sdexport reads otherwise than A1111."""
-    return [name for name, found in _UNREAD.items() if found.search(text)]
+def unread_syntax(text: str) -> dict[str, str]:
+    """A1111's features beyond emphasis that ``text`` seems to use (a bracket holding ``:NUMBER`` or
+    ``|``, the word ``AND``), each with how sdexport reads it instead."""
+    return {name: how for name, (found, how) in _UNREAD.items() if found.search(text)}
 
 
 def has_brackets(texts: Iterable[str | None]) -> bool:
@@ -163,7 +166,7 @@ def has_brackets(texts: Iterable[str | None]) -> bool:
     return any(text and ("(" in text or "[" in text) for text in texts)
 
 
-def written(pieces: list[tuple[str, float]]) -> str:
+def written(pieces: Iterable[tuple[str, float]]) -> str:
     """Text that ``parse`` reads as ``pieces``: brackets and backslashes escaped, the word "BREAK"
     split by a lone backslash (A1111's empty run: no break, the same text), each weight other
     than 1 written out exactly (the shortest decimals that read back as the same float, never an
@@ -181,13 +184,25 @@ def written(pieces: list[tuple[str, float]]) -> str:
 
 
 def weigh(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: str) -> torch.Tensor:
-    """``hidden`` (B, S, C) with each token's vector multiplied by its weight (``multipliers``, B × S);
-    ``original`` then scales each prompt's back to its mean before weighing. Computed in float32,
-    whatever the engine gave, and given back in its dtype."""
+    """``hidden`` (B, S, C, float32 as every engine gives it) with each token's vector multiplied by
+    its weight (``multipliers``, B × S); ``original`` then scales each prompt's back to its mean
+    before weighing."""
+    out = hidden * multipliers.to(hidden.device, hidden.dtype)[..., None]
+    if emphasis == "original":
+        out = out * (hidden.mean(dim=(1, 2), keepdim=True) / out.mean(dim=(1, 2), keepdim=True))
+    return out
+
+
+def check_reading(hidden: torch.Tensor, fp16: bool, whose: str = "") -> None:
+    """Refuse a weighed reading the U-Net cannot hold: past fp16's range where it computes in fp16
+    (it takes float32 and casts: an inf there gives NaN latents after the whole loop), past
+    float32's otherwise. One wait for the device, before the loop."""
     import torch
 
-    read = hidden.float()
-    out = read * multipliers.to(read.device, torch.float32)[..., None]
-    if emphasis == "original":
-        out = out * (read.mean(dim=(1, 2), keepdim=True) / out.mean(dim=(1, 2), keepdim=True))
-    return out.to(hidden.dtype)
+    from sdexport.errors import SdexportError
+
+    limit = torch.finfo(torch.float16 if fp16 else torch.float32).max
+    if not bool((hidden.abs() <= limit).all()):  # (NaN too)
+        raise SdexportError(f"the texts' emphasis weights take {whose}text encoding past {limit:g}, the "
+                            f"range of the U-Net's {'fp16' if fp16 else 'float32'}: give smaller weights (A1111's "
+                            "are mostly 0.5 to 1.5)")

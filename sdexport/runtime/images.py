@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdexport.atomic import atomic_path
 from sdexport.errors import SdexportError
+from sdexport.runtime.request import TEXTS
 from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:  # the output checks run before torch is imported
@@ -29,7 +30,6 @@ JPEG_QUALITY = 95
 JPEG_EXIF_LIMIT = 65_000
 """A JPEG's EXIF segment holds 64 KB (less its header)."""
 _SOFTWARE, _DESCRIPTION, _EXIF_IFD, _USER_COMMENT = 0x0131, 0x010E, 0x8769, 0x9286
-_TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
 _WHITESPACE = re.compile(r"[ \t\n\r]+")
 """What every tokenizer here reads as one space (Python's ``\\s`` also takes control characters that
 transformers' slow CLIP tokenizer drops instead)."""
@@ -218,7 +218,7 @@ def _texts_read(record: dict[str, Any], collapse: bool) -> dict[str, Any]:
     if "truncated_from" in shorter:
         shorter["truncated_from"] = "left out: longer than a JPEG's EXIF holds"
     if collapse:
-        changed = {name: _WHITESPACE.sub(" ", shorter[name]).strip() for name in _TEXTS
+        changed = {name: _WHITESPACE.sub(" ", shorter[name]).strip() for name in TEXTS
                    if isinstance(shorter.get(name), str)}
         if any(shorter[name] != text for name, text in changed.items()):
             shorter.update(changed, whitespace="runs collapsed to one space, as the text encoders read them: "

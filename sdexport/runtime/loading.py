@@ -26,7 +26,7 @@ from sdexport.models.textual_inversion import Embedding
 from sdexport.runtime.request import check_backend, forced_guess_mode
 from sdexport.runtime.schedulers import make_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import SDXL_REFINER, ModelDims, tokenizer_names, txt2img_specs
+from sdexport.specs import SDXL_REFINER, UNET, ModelDims, tokenizer_names, txt2img_specs
 
 if TYPE_CHECKING:  # torch is imported where engines are made: the checks above it stay light
     import torch
@@ -196,7 +196,7 @@ def load_pipeline(
         fallback_vae=engines.get(fallbacks["vae_decoder"]) if "vae_decoder" in fallbacks else None,
         fallback_encoder=engines.get(fallbacks["vae_encoder"]) if "vae_encoder" in fallbacks else None,
         unplanned=frozenset(part for part, fp32 in fallbacks.items() if fp32 not in engines),
-        lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in FP32_VAE
+        lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in (*FP32_VAE, UNET.name)
                           and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
         info={"backend": backend, "engine_dir": str(engine_dir.absolute()), "family": manifest.family,
               "random_weights": manifest.random_weights, **{part: "fp32" for part in in_place.values()},

@@ -99,22 +99,18 @@ def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none") ->
         ids = tokenizer(text, add_special_tokens=False).input_ids
         kept = _fitting(ids, follow_ups(tokenizer), length - 2)
         return None if len(kept) == len(ids) else _cut_text(kept, tokenizer, text)
-    pieces = parse(text)
+    pieces, read = parse(text), _read_pieces(text)
     found = tokenizer([piece or "" for piece, _ in pieces], add_special_tokens=False).input_ids
     words = follow_ups(tokenizer)
     room = length - 2  # the start and end tokens take two places
-    read: list[tuple[str, float]] = []
-    for n, ((piece, weight), ids) in enumerate(zip(pieces, found)):
-        if piece is BREAK:
-            if any(found[n + 1:]):
-                return written(read)
-            continue
+    kept_runs: list[tuple[str, float]] = []
+    for (piece, weight), ids in zip(read, found):  # (the runs read are the first of the runs)
         kept = _fitting(ids, words, room)
         if len(kept) < len(ids):
-            return written([*read, (_cut_text(kept, tokenizer, piece), weight)])
+            return written([*kept_runs, *([(_cut_text(kept, tokenizer, piece), weight)] if kept else [])])
         room -= _places(ids, words)
-        read.append((piece, weight))
-    return None
+        kept_runs.append((piece, weight))
+    return written(kept_runs) if any(found[len(read):]) else None  # (what follows BREAK, where it has tokens)
 
 
 def _fitting(ids: list[int], words: dict[int, list[str]], room: int) -> list[int]:

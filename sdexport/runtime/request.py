@@ -63,6 +63,9 @@ def check_backend(backend: str) -> None:
         raise SdexportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+"""The request's texts, which the text encoders read."""
+
 PlaceSetting = float | list[float | list[float]]
 """A ControlNet setting (scale, start, end) or a T2I-Adapter's scale: one value for every place and
 image, or one per place (a ControlNet, a union one's control image, an adapter), each a value for
@@ -389,6 +392,11 @@ class GenerationRequest:
         if isinstance(guidance, list):
             return bool(guidance) and guidance[0] > 1.0
         return guidance is None or guidance > 1.0
+
+    def texts_read(self) -> list[str]:
+        """The texts (``TEXTS``) given that the text encoders read: the negatives only under
+        classifier-free guidance, whose unconditional half reads them."""
+        return [name for name in TEXTS if getattr(self, name) and (self.cfg or not name.startswith("negative"))]
 
 
 def setting_places(value: Any, count: int) -> list[Any]:
@@ -926,10 +934,6 @@ def _check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
     check_clip_skip(setting("clip_skip"), value, (getattr(dims, "L1", 0), getattr(dims, "L2", 0)))
 
 
-TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
-"""The request's texts, which the text encoders read."""
-
-
 def _check_emphasis(request: GenerationRequest) -> None:
     """A mode of ``runtime.emphasis``; weighed, texts whose weights A1111 cannot read either, or
     that the engines cannot take (beyond float32's range, as every scale)."""
@@ -939,8 +943,8 @@ def _check_emphasis(request: GenerationRequest) -> None:
         raise SdexportError(f"{setting('emphasis')} {request.emphasis!r}: choose one of {', '.join(EMPHASIS)}")
     if request.emphasis == "none":
         return
-    for name in TEXTS:
-        texts = getattr(request, name) or []
+    for name in request.texts_read():  # (negatives that no call reads are left as they are)
+        texts = getattr(request, name)
         for i, text in enumerate(texts):
             label = setting(name) + (f" {i + 1}" if len(texts) > 1 else "")
             if len(text) > MAX_TEXT:
@@ -967,19 +971,20 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
         notes.append(f"{request.denoising_steps(family)} of {request.steps} steps: the default {setting('strength')} "
                      f"of {FAMILY_LABELS[family]} inpainting is diffusers' {strength:g}, which starts from the init "
                      f"image noised to the first timestep ({setting('strength')} 1: every step, from pure noise)")
+    names = request.texts_read()
     if request.emphasis == "none":
-        read = [name for name in TEXTS if any(uses_syntax(text) for text in getattr(request, name) or [])]
+        read = [name for name in names if any(uses_syntax(text) for text in getattr(request, name))]
         if read:
             notes.append(f"{' and '.join(setting(name) for name in read)}: A1111's emphasis syntax (brackets, "
                          f"escapes, BREAK) read as text, as diffusers reads it; {assigned('emphasis', 'original')} "
                          "reads it as A1111 does")
     else:
-        unread: dict[str, list[str]] = {}  # A1111's syntax beyond emphasis → the texts that use it
-        for name in TEXTS:
-            for feature in dict.fromkeys(f for text in getattr(request, name) or [] for f in unread_syntax(text)):
+        unread: dict[tuple[str, str], list[str]] = {}  # A1111's syntax beyond emphasis → the texts that use it
+        for name in names:
+            for feature in {f: None for text in getattr(request, name) for f in unread_syntax(text).items()}:
                 unread.setdefault(feature, []).append(name)
-        notes += [f"{' and '.join(setting(name) for name in names)}: A1111's {feature} is not read as A1111 reads "
-                  "it: sdexport reads its brackets as emphasis and the rest as text" for feature, names in unread.items()]
+        notes += [f"{' and '.join(setting(name) for name in users)}: A1111's {feature} is not read as A1111 reads "
+                  f"it: sdexport reads {how}" for (feature, how), users in unread.items()]
     return notes
 
 

@@ -27,7 +27,7 @@ from rich.markup import escape
 
 from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError, pasteable
-from sdexport.runtime.emphasis import weigh
+from sdexport.runtime.emphasis import check_reading, weigh
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.prompt_text import kept_text, token_ids
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
@@ -315,9 +315,9 @@ class Txt2ImgPipeline:
         ``"vae_decoder": "fp32"``, ``"vae_encoder": "fp32"`` where that engine is an fp16 export's
         fp32 graph (``runtime.loading.vae_in_place``), so an overflow there is not fp16's. ``fallback_vae``, ``fallback_encoder``: fp32 engines that rerun the
         ``vae_decoder``, ``vae_encoder`` where it overflows (``runtime.loading.vae_fallbacks``).
-        ``lowered``: the VAE parts (``vae_decoder``, ``vae_encoder``) whose engine computes in fp16
-        though the export is fp32, as ``sdexport build`` made it (``runtime.loading.runs_lowered``):
-        an overflow there is fp16's. ``unplanned``: the VAE parts whose fp32 rerun the directory
+        ``lowered``: the VAE parts (``vae_decoder``, ``vae_encoder``) and the U-Net where its engine
+        computes in fp16 though the export is fp32, as ``sdexport build`` made it
+        (``runtime.loading.runs_lowered``): an overflow there is fp16's. ``unplanned``: the VAE parts whose fp32 rerun the directory
         has but the backend left out (TensorRT: no plan that serves, ``choose_plans``)."""
         if is_sdxl(family) and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
@@ -538,14 +538,11 @@ class Txt2ImgPipeline:
         saved image should record the text that was used, not the text that was given.
         """
         first = self.tokenizer_2 if self.family == SDXL_REFINER else self.tokenizer  # (its only one)
-        fields = [("prompt", first), ("negative_prompt", first)]
-        if self.family == "sdxl":
-            fields += [("prompt_2", self.tokenizer_2), ("negative_prompt_2", self.tokenizer_2)]
+        tokenizers = {"prompt": first, "negative_prompt": first, "prompt_2": self.tokenizer_2,
+                      "negative_prompt_2": self.tokenizer_2}  # (the second texts are SDXL's: check_request)
         found: dict[str, list[str | None]] = {}
-        for name, tokenizer in fields:
-            texts = getattr(request, name)
-            if not texts or (name.startswith("negative") and not request.cfg):
-                continue
+        for name in request.texts_read():
+            texts, tokenizer = getattr(request, name), tokenizers[name]
             kept = [kept_text(text, tokenizer, self.dims.S, request.emphasis) for text in texts]
             for i, used in enumerate(kept):
                 if used is not None:
@@ -570,15 +567,14 @@ class Txt2ImgPipeline:
         says, and all its outputs as they came."""
         ids, weights = self.tokenize(texts, tokenizer, emphasis)
         out = self.engines[part]({"input_ids": ids})
-        if weights is None:
-            return out[layer], out
-        hidden = weigh(out[layer], weights, emphasis)
-        # (waits for the device once, before the loop, and only for weighed texts)
-        if not bool((hidden.abs() <= FP16_MAX).all()):
-            raise SdexportError(f"the texts' emphasis weights take {part}'s reading past {FP16_MAX:g}, fp16's range, "
-                                "which a U-Net computing in fp16 (an fp16 export, a TensorRT or fused build) cannot "
-                                "hold: give smaller weights (A1111's are mostly 0.5 to 1.5)")
-        return hidden, out
+        return (out[layer] if weights is None else weigh(out[layer], weights, emphasis)), out
+
+    def check_reading(self, hidden: torch.Tensor, request: GenerationRequest) -> None:
+        """A weighed reading (``emphasis``) the U-Net can hold: fp16's range where it computes in
+        fp16 (an fp16 export, or an fp32 one that a build lowered), else float32's."""
+        if request.emphasis != "none":
+            check_reading(hidden, fp16=not self._runs_fp32("unet"),
+                          whose="the refiner's " if self.family == SDXL_REFINER else "")
 
     def encode_prompt(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
         """The U-Net's conditioning inputs by name; under CFG each is a 2B batch, negatives first."""
@@ -589,6 +585,7 @@ class Txt2ImgPipeline:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
         hidden, _ = self.read_text("text_encoder", prompts, self.tokenizer, request.emphasis, "last_hidden_state")
+        self.check_reading(hidden, request)
         return {"encoder_hidden_states": hidden}
 
     def _encode_prompt_sdxl(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
@@ -613,6 +610,7 @@ class Txt2ImgPipeline:
         read_2, out_2 = self.read_text("text_encoder_2", second, self.tokenizer_2, request.emphasis,
                                        f"hidden_states.{self.dims.L2 - 1 - skip}")
         hidden = torch.cat([*read_1, read_2], dim=-1)
+        self.check_reading(hidden, request)
         pooled = out_2["text_embeds"]  # (unweighed, as A1111's)
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
@@ -989,10 +987,6 @@ def unplanned_overflow(info: dict[str, Any], part: str) -> str:
     return (f"the VAE {what} produced NaN/Inf (fp16 overflow); {refusal}. Its fp32 rerun, {part}_fp32, has no "
             f"TensorRT plan here that serves these shapes (the load said so): `sdexport build "
             f"{info.get('engine_dir', 'DIR')} --components {part}_fp32` with the profile this run uses builds one")
-
-
-FP16_MAX = float(torch.finfo(torch.float16).max)
-"""65504: engines take float32 inputs, and those computing in fp16 cast them to it."""
 
 
 def guidance_factor(guidance: float | list[float], device: torch.device) -> float | torch.Tensor:
