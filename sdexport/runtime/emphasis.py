@@ -25,6 +25,8 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+from sdexport.errors import SdexportError
+
 if TYPE_CHECKING:
     import torch
 
@@ -198,8 +200,6 @@ def check_reading(hidden: torch.Tensor, fp16: bool, whose: str = "") -> None:
     (it takes float32 and casts: an inf there gives NaN latents after the whole loop), past
     float32's otherwise. One wait for the device, before the loop."""
     import torch
-
-    from sdexport.errors import SdexportError
 
     limit = torch.finfo(torch.float16 if fp16 else torch.float32).max
     if not bool((hidden.abs() <= limit).all()):  # (NaN too)
