@@ -326,6 +326,17 @@ def test_textual_inversion_words_take_their_run_s_weight(tmp_path):
     assert weights[0, :6].tolist() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.4, 1.0])
 
 
+def test_a_u_net_a_build_lowered_to_fp16_is_held_to_fp16_s_range(tiny_engine_dir, monkeypatch):
+    """An fp32 export whose U-Net engine computes in fp16 (a TensorRT plan with the fp16 flag, a fused
+    graph converted to fp16: ``runtime.loading.runs_lowered``) takes fp16's range."""
+    from sdexport.runtime import loading
+
+    monkeypatch.setattr(loading, "runs_lowered", lambda engine_dir, manifest, name, *args: name == "unet")
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    with pytest.raises(SdexportError, match="past 65504, the range of the U-Net's fp16"):
+        pipeline(dataclasses.replace(REQUEST, prompt=["(a:100000) lighthouse"], emphasis="no-norm"))
+
+
 def test_a_reading_fp16_cannot_hold_is_refused_before_the_loop(tiny_fp16_engine_dir):
     """The engines take float32, which an fp16 U-Net casts to fp16: a weighed reading past 65504 is
     refused before the loop, not found as NaN latents after it (as it would be here); the fp32

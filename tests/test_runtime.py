@@ -244,7 +244,7 @@ def test_an_overflow_of_a_vae_part_a_build_lowered_names_the_fp32_build(pipeline
         monkeypatch.setattr(img2img, "lowered", frozenset({"vae_encoder"}))
         with pytest.raises(SdexportError, match="VAE encoder produced NaN/Inf .*fp16 overflow.*--fp32 --components vae_encoder"):
             img2img.encode(torch.zeros(1, 3, 64, 64), [torch.Generator().manual_seed(0)])
-    # load_pipeline asks runs_lowered of the VAE parts it runs, and of nothing else
+    # load_pipeline asks runs_lowered of the VAE parts it runs and of the U-Net (emphasis's range), of nothing else
     asked: list[str] = []
 
     def lowered(engine_dir, manifest, name, *args):
@@ -253,7 +253,7 @@ def test_an_overflow_of_a_vae_part_a_build_lowered_names_the_fp32_build(pipeline
 
     monkeypatch.setattr(loading, "runs_lowered", lowered)
     with load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True) as loaded:
-        assert loaded.lowered == {"vae_encoder"} and sorted(asked) == ["vae_decoder", "vae_encoder"]
+        assert loaded.lowered == {"vae_encoder"} and sorted(asked) == ["unet", "vae_decoder", "vae_encoder"]
 
 
 def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tiny_fp16_engine_dir: Path, reference):
