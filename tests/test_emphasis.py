@@ -242,6 +242,7 @@ def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_p
      "negative_prompt: its brackets weigh a part 1e+40, beyond float32's range"),
     ({"prompt": ["a", "(b:1.2.3)"], "seeds": [3, 4]},
      "prompt 2: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),
+    ({"negative_prompt": [3], "guidance": 7.5}, "negative_prompt: must be text"),
     ({"prompt": ["a" * 10_001]},
      "prompt: 10,001 characters; read with emphasis a text has at most 10,000 (the text encoder reads 75 tokens)"),
 ])

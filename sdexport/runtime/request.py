@@ -513,6 +513,9 @@ def check_request(
         if given is not None and len(given) != request.batch:
             raise SdexportError(f"{setting(name)}: {len(given)} given for {request.batch} prompts; give one per prompt, "
                                 "or one text for all")
+    for name in TEXTS[1:]:  # (the prompts' own check is above)
+        if not all(isinstance(text, str) for text in getattr(request, name) or []):
+            raise SdexportError(f"{setting(name)}: must be text")
     if not isinstance(request.seeds, list | tuple):
         raise SdexportError(f"{setting('seed')} {request.seeds!r}: give a list of seeds, one per image")
     if len(request.seeds) != request.batch:
