@@ -153,6 +153,12 @@ def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
     return rows
 
 
+def image_of_request(i: int, images: int) -> str:
+    """What a refusal of row ``i`` ends with in a request of ``images`` rows: which image it was
+    (nothing where there is one), whether decoding or the checks refused it."""
+    return f" (image {i + 1} of the request)" if images > 1 else ""
+
+
 def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
                 check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None) -> Row:
     from sdexport.runtime.image_inputs import decode_image, fit_image
@@ -170,7 +176,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         value = inputs.get(name)
         return None if value is None else list(value[i])
 
-    where = f" (image {i + 1} of the request)" if len(inputs["prompt"]) > 1 else ""
+    where = image_of_request(i, len(inputs["prompt"]))
     try:
         text = {name: _text(one(name), name) for name in ("prompt", "negative_prompt", "prompt_2",
                                                            "negative_prompt_2", "scheduler", "fit", "emphasis")}

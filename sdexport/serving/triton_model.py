@@ -29,6 +29,7 @@ from sdexport.serving.requests import (
     decode_rows,
     generation_request,
     group_rows,
+    image_of_request,
     settings_apart,
     union_control_apart,
 )
@@ -219,8 +220,7 @@ class ServedModel:
                     try:
                         based, checked = self.check(row)
                     except SdexportError as exc:  # (checked alone: the row says which image, as decoding does)
-                        raise SdexportError(f"{exc} (image {n + 1} of the request)" if len(decoded) > 1 else str(exc)) \
-                            from None
+                        raise SdexportError(f"{exc}{image_of_request(n, len(decoded))}") from None
                     # (with a refiner, its half's default, which the base model's equals for every
                     # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
                     family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
