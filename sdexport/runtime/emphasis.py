@@ -147,10 +147,10 @@ def uses_syntax(text: str) -> bool:
         return True
 
 
+_AS_EMPHASIS = "its brackets as emphasis and the rest as text"
 _UNREAD = {
-    "prompt editing ([from:to:when])": (re.compile(r"\[[^\[\]]*:\s*[\d.]+\s*\]"),
-                                        "its brackets as emphasis and the rest as text"),
-    "alternation ([a|b])": (re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"), "its brackets as emphasis and the rest as text"),
+    "prompt editing ([from:to:when])": (re.compile(r"\[[^\[\]]*:\s*[\d.]+\s*\]"), _AS_EMPHASIS),
+    "alternation ([a|b])": (re.compile(r"\[[^\[\]]*\|[^\[\]]*\]"), _AS_EMPHASIS),
     "AND (composable prompts)": (re.compile(r"\bAND\b"), "AND as a word"),
 }
 """A1111's syntax beyond emphasis, which changes the text per step or adds prompts, and how

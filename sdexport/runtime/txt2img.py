@@ -562,17 +562,20 @@ class Txt2ImgPipeline:
         return ids.to(device=self.device, dtype=torch.int32), weights
 
     def read_text(self, part: str, texts: list[str], tokenizer: Any, emphasis: str,
-                  layer: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                  layer: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
         """The text encoder ``part``'s hidden states ``layer`` for ``texts``, weighed as ``emphasis``
-        says, and all its outputs as they came."""
+        says, all its outputs as they came, and whether any weight applied."""
         ids, weights = self.tokenize(texts, tokenizer, emphasis)
         out = self.engines[part]({"input_ids": ids})
-        return (out[layer] if weights is None else weigh(out[layer], weights, emphasis)), out
+        if weights is None:
+            return out[layer], out, False
+        return weigh(out[layer], weights, emphasis), out, True
 
-    def check_reading(self, hidden: torch.Tensor, request: GenerationRequest) -> None:
+    def check_reading(self, hidden: torch.Tensor, weighed: bool) -> None:
         """A weighed reading (``emphasis``) the U-Net can hold: fp16's range where it computes in
-        fp16 (an fp16 export, or an fp32 one that a build lowered), else float32's."""
-        if request.emphasis != "none":
+        fp16 (an fp16 export, or an fp32 one that a build lowered), else float32's. An unweighed one
+        is the encoder's as it came: nothing to check, no wait for the device."""
+        if weighed:
             check_reading(hidden, fp16=not self._runs_fp32("unet"),
                           whose="the refiner's " if self.family == SDXL_REFINER else "")
 
@@ -584,8 +587,9 @@ class Txt2ImgPipeline:
         if request.cfg:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
-        hidden, _ = self.read_text("text_encoder", prompts, self.tokenizer, request.emphasis, "last_hidden_state")
-        self.check_reading(hidden, request)
+        hidden, _, weighed = self.read_text("text_encoder", prompts, self.tokenizer, request.emphasis,
+                                            "last_hidden_state")
+        self.check_reading(hidden, weighed)
         return {"encoder_hidden_states": hidden}
 
     def _encode_prompt_sdxl(self, request: GenerationRequest) -> dict[str, torch.Tensor]:
@@ -605,12 +609,12 @@ class Txt2ImgPipeline:
         # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's,
         # and its hidden_states[-(clip_skip + 2)] layer L - 1 - clip_skip's (the negatives' too, here)
         skip = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
-        read_1 = [] if refiner else [self.read_text("text_encoder", first, self.tokenizer, request.emphasis,
-                                                    f"hidden_states.{self.dims.L1 - 1 - skip}")[0]]
-        read_2, out_2 = self.read_text("text_encoder_2", second, self.tokenizer_2, request.emphasis,
-                                       f"hidden_states.{self.dims.L2 - 1 - skip}")
-        hidden = torch.cat([*read_1, read_2], dim=-1)
-        self.check_reading(hidden, request)
+        read_1, _, weighed_1 = (None, None, False) if refiner else self.read_text(
+            "text_encoder", first, self.tokenizer, request.emphasis, f"hidden_states.{self.dims.L1 - 1 - skip}")
+        read_2, out_2, weighed_2 = self.read_text("text_encoder_2", second, self.tokenizer_2, request.emphasis,
+                                                  f"hidden_states.{self.dims.L2 - 1 - skip}")
+        hidden = read_2 if read_1 is None else torch.cat([read_1, read_2], dim=-1)
+        self.check_reading(hidden, weighed_1 or weighed_2)  # (both encoders' in one wait)
         pooled = out_2["text_embeds"]  # (unweighed, as A1111's)
         if zero_negatives:
             hidden = torch.cat([torch.zeros_like(hidden), hidden])
