@@ -102,6 +102,8 @@ _BUILD_DEFAULT = "the exported profile; must lie inside it"
 BatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_EXPORT_DEFAULT))]
 HeightOpt = Annotated[str | None, typer.Option("--height", help="Image height in pixels " + _RANGE.format(_EXPORT_DEFAULT))]
 WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pixels " + _RANGE.format(_EXPORT_DEFAULT))]
+PromptChunksOpt = Annotated[str | None, typer.Option("--prompt-chunks", help="Prompt chunks of 75 tokens the U-Net reads at once, as A1111 reads long prompts (longer ones are cut, with a warning) " + _RANGE.format("1:1:3 (tiny presets 1:1:2)"))]
+BuildPromptChunksOpt = Annotated[str | None, typer.Option("--prompt-chunks", help="Prompt chunks of 75 tokens " + _RANGE.format(_BUILD_DEFAULT))]
 BuildBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_BUILD_DEFAULT))]
 BuildHeightOpt = Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format(_BUILD_DEFAULT))]
 BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format(_BUILD_DEFAULT))]
@@ -113,6 +115,7 @@ def export(
     output: Annotated[str, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,
+    prompt_chunks: PromptChunksOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
     dtype: Annotated[str, typer.Option(help="fp32 or fp16 (fp16 weights and compute, float32 inputs/outputs).")] = "fp32",
@@ -135,7 +138,7 @@ def export(
     from sdexport.models.textual_inversion import Embedding
 
     options = ExportOptions(
-        ranges={"batch": batch, "height": height, "width": width},
+        ranges={"batch": batch, "height": height, "width": width, "chunks": prompt_chunks},
         dtype=dtype,
         opset=opset,
         components=_names(components, "--components"),
@@ -230,6 +233,7 @@ def build(
     batch: BuildBatchOpt = None,
     height: BuildHeightOpt = None,
     width: BuildWidthOpt = None,
+    prompt_chunks: BuildPromptChunksOpt = None,
     timing_cache: Annotated[Path | None, typer.Option(parser=_path, help="Timing cache file, read and then replaced with the updated cache, outside the engine directory (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
     optimization_level: Annotated[int | None, typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
     refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
@@ -255,7 +259,7 @@ def build(
     exported = load_manifest(engine_dir, verify_files=False).shape_profile
     if target == "onnxruntime-cuda":
         trt_only = {"--static": static, "--strongly-typed": strongly_typed, "--batch": batch, "--height": height,
-                    "--width": width, "--timing-cache": timing_cache, "--optimization-level": optimization_level,
+                    "--width": width, "--prompt-chunks": prompt_chunks, "--timing-cache": timing_cache, "--optimization-level": optimization_level,
                     "--refittable": refittable}
         given = [flag for flag, value in trt_only.items() if value not in (None, False)]
         if given:
@@ -267,8 +271,8 @@ def build(
         check_timing_cache(timing_cache, engine_dir)
     require_tensorrt()
     profile = None
-    if batch is not None or height is not None or width is not None:
-        profile = exported.with_ranges(batch=batch, height=height, width=width)
+    if any(given is not None for given in (batch, height, width, prompt_chunks)):
+        profile = exported.with_ranges(batch=batch, height=height, width=width, chunks=prompt_chunks)
     results = build_engines(
         engine_dir, components=_names(components, "--components"), profile=profile,
         static=static, fp16=fp16, strongly_typed=strongly_typed,

@@ -38,7 +38,7 @@ _RANGE = {"type": "array", "items": {"type": "integer", "minimum": 1, "maximum":
 _PROFILE = {
     "type": "object",
     "required": ["batch", "height", "width"],
-    "properties": {"batch": _RANGE, "height": _RANGE, "width": _RANGE},
+    "properties": {"batch": _RANGE, "height": _RANGE, "width": _RANGE, "chunks": _RANGE},
     "additionalProperties": False,
 }
 

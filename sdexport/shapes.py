@@ -1,4 +1,4 @@
-"""Shape profiles: the range of batch sizes and image sizes an export or engine must serve.
+"""Shape profiles: the range of batch sizes, image sizes and prompt lengths an export or engine must serve.
 
 A profile is stated in the user's terms (images per call, pixels) and turned into concrete tensor
 shapes by resolving a ComponentSpec's symbols, so that ONNX verification points, TensorRT
@@ -54,11 +54,29 @@ def parse_range(text: str, what: str, label: str | None = None) -> Range:
     return lo, opt, hi
 
 
+AXIS_OPTIONS = {"chunks": "--prompt-chunks"}
+"""Axes whose option is not ``--`` and their name."""
+
+PROMPT_CHUNKS = (1, 1, 3)
+"""What exports read by default: a prompt of up to three chunks (225 tokens) read whole, the opt
+shape the short prompt's (``ShapeProfile.chunks``)."""
+
+
+def axis_option(axis: str) -> str:
+    """The export and build option that sets a profile axis (``--batch``, ``--prompt-chunks``)."""
+    return AXIS_OPTIONS.get(axis, f"--{axis}")
+
+
 @dataclass(frozen=True)
 class ShapeProfile:
     batch: Range = (1, 1, 4)
     height: Range = (256, 512, 1024)
     width: Range = (256, 512, 1024)
+    chunks: Range = (1, 1, 1)
+    """Prompt chunks: how many windows of ``S`` tokens (75 of text, as A1111 reads a long prompt)
+    the U-Net attends to at once, its ``X``. (1, 1, 1), a profile's default and what directories
+    written before the axis hold, reads one window, as diffusers does; exports default to
+    ``PROMPT_CHUNKS``."""
 
     @classmethod
     def parse(cls, batch: str, height: str, width: str) -> ShapeProfile:
@@ -66,24 +84,35 @@ class ShapeProfile:
 
     @classmethod
     def single(cls, batch: int, height: int, width: int) -> ShapeProfile:
-        """The one shape of a request."""
+        """The one image shape of a request (its prompts' chunks are known once they are tokenized)."""
         return cls((batch, batch, batch), (height, height, height), (width, width, width))
 
     @classmethod
     def from_dict(cls, data: dict[str, list[int]]) -> ShapeProfile:
-        return cls(*(tuple(int(v) for v in data[k]) for k in ("batch", "height", "width")))  # type: ignore[arg-type]
+        ranges = {k: tuple(int(v) for v in data[k]) for k in ("batch", "height", "width", "chunks") if k in data}
+        return cls(**ranges)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, list[int]]:
-        return {k: list(v) for k, v in asdict(self).items()}
+        """The manifest's profile: ``chunks`` only where more than one window is read, so other
+        directories stay readable by sdexport versions that predate the axis."""
+        data = {k: list(v) for k, v in asdict(self).items()}
+        if self.chunks == (1, 1, 1):
+            del data["chunks"]
+        return data
 
     def with_ranges(self, **texts: str | None) -> ShapeProfile:
         """This profile with some axes replaced by ``min:opt:max`` texts (``None`` keeps an axis)."""
-        values = {axis: parse_range(text, axis) for axis, text in texts.items() if text is not None}
+        values = {axis: parse_range(text, axis, axis_option(axis)) for axis, text in texts.items() if text is not None}
         return replace(self, **values)
 
     @property
+    def axes(self) -> tuple[tuple[str, Range], ...]:
+        """(axis, range) of every axis, in the order refusals and records name them."""
+        return (("batch", self.batch), ("height", self.height), ("width", self.width), ("chunks", self.chunks))
+
+    @property
     def is_static(self) -> bool:
-        return all(lo == hi for lo, _, hi in (self.batch, self.height, self.width))
+        return all(lo == hi for _, (lo, _, hi) in self.axes)
 
     def validate(self, dims: ImageGeometry) -> None:
         """Every image side must map to a latent the U-Net can down- and up-sample exactly."""
@@ -138,14 +167,15 @@ class ShapeProfile:
             if axis != "batch" and value % m:
                 raise ProfileError(f"{setting(axis)} {value} must be a multiple of {m}")
 
-    def points(self) -> Iterator[tuple[str, int, int, int]]:
-        """Where verification runs: the three corners plus one mixed, uneven point."""
-        yield "min", self.batch[0], self.height[0], self.width[0]
-        yield "opt", self.batch[1], self.height[1], self.width[1]
-        yield "max", self.batch[2], self.height[2], self.width[2]
-        odd = ("odd", self.batch[2], self.height[0], self.width[2])
-        if odd[1:] not in {(self.batch[i], self.height[i], self.width[i]) for i in range(3)}:
-            yield odd
+    def points(self) -> Iterator[tuple[str, int, int, int, int]]:
+        """Where verification runs, as (label, batch, height, width, chunks): the three corners plus
+        one mixed, uneven point."""
+        corners = [(self.batch[i], self.height[i], self.width[i], self.chunks[i]) for i in range(3)]
+        for label, corner in zip(("min", "opt", "max"), corners):
+            yield (label, *corner)
+        odd = (self.batch[2], self.height[0], self.width[2], self.chunks[2])
+        if odd not in corners:
+            yield ("odd", *odd)
 
     def component_batch(self, spec: ComponentSpec) -> Range:
         """The batch range one component sees: CFG doubles the batch at opt and max."""
@@ -158,8 +188,8 @@ class ShapeProfile:
         """min/opt/max shape of every input of ``spec`` (a TensorRT optimization profile)."""
         batches = self.component_batch(spec)
         corners = [
-            dims.sizes(b, h, w)
-            for b, h, w in zip(batches, self.height, self.width)
+            dims.sizes(b, h, w, n)
+            for b, h, w, n in zip(batches, self.height, self.width, self.chunks)
         ]
         return {
             t.name: (t.shape(corners[0]), t.shape(corners[1]), t.shape(corners[2]))
@@ -169,8 +199,7 @@ class ShapeProfile:
     def within(self, outer: ShapeProfile) -> list[str]:
         """Ways this profile reaches outside ``outer`` (empty when it fits)."""
         problems = []
-        for axis in ("batch", "height", "width"):
-            lo, _, hi = getattr(self, axis)
+        for axis, (lo, _, hi) in self.axes:
             olo, _, ohi = getattr(outer, axis)
             if lo < olo or hi > ohi:
                 problems.append(f"{axis} [{lo}, {hi}] is not inside [{olo}, {ohi}]")

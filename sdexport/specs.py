@@ -11,6 +11,9 @@ Symbols:
     H, W     image height and width in pixels            (dynamic)
     h, w     latent height and width, H/f and W/f        (dynamic)
     S        tokenizer sequence length (77 for CLIP)     (static, from the model)
+    X        text tokens the U-Net (and a ControlNet) attends to: S per prompt chunk, as A1111 reads
+             a long prompt in chunks of S - 2 tokens, each encoded on its own (dynamic: the
+             profile's ``chunks``)
     E        text hidden size the U-Net attends to      (static, from the model)
     E1, E2   hidden sizes of SDXL's two text encoders    (static)
     P        pooled text embedding size                  (static)
@@ -93,7 +96,7 @@ conditioning scale, so that verification never multiplies the outputs by almost 
 ``modes``: indices below ``N``, as a union ControlNet's control modes; ``one_hot``: rows of 0s
 with a 1, as its ``control_type``)."""
 
-DYNAMIC_SYMBOLS = ("B", "H", "W", "h", "w")
+DYNAMIC_SYMBOLS = ("B", "H", "W", "h", "w", "X")
 _DIM = re.compile(r"(\d*)([A-Za-z]\w*)?(?:/(\d+))?")
 
 
@@ -396,8 +399,8 @@ class ModelDims:
         """Image sides must be multiples of this."""
         return self.vae_scale_factor * self.unet_downsample
 
-    def sizes(self, batch: int, height: int, width: int) -> dict[str, int]:
-        """All symbol values for one concrete call."""
+    def sizes(self, batch: int, height: int, width: int, chunks: int = 1) -> dict[str, int]:
+        """All symbol values for one concrete call (``chunks``: the prompt chunks each text is read in)."""
         f = self.vae_scale_factor
         return {
             "B": batch,
@@ -406,6 +409,7 @@ class ModelDims:
             "h": height // f,
             "w": width // f,
             "S": self.S,
+            "X": self.S * chunks,
             "E": self.E,
             "E1": self.E1,
             "E2": self.E2,
@@ -731,7 +735,7 @@ UNET = ComponentSpec(
     inputs=(
         TensorSpec("sample", _UNET_INPUT),
         TensorSpec("timestep", (), "float32", "timestep"),
-        TensorSpec("encoder_hidden_states", ("B", "S", "E")),
+        TensorSpec("encoder_hidden_states", ("B", "X", "E")),
     ),
     outputs=(TensorSpec("out_sample", _LATENT),),
     wrapper=_unet_wrapper,
@@ -802,7 +806,7 @@ SDXL_UNET = ComponentSpec(
     inputs=(
         TensorSpec("sample", _UNET_INPUT),
         TensorSpec("timestep", (), "float32", "timestep"),
-        TensorSpec("encoder_hidden_states", ("B", "S", "E")),
+        TensorSpec("encoder_hidden_states", ("B", "X", "E")),
         TensorSpec("text_embeds", ("B", "P")),
         TensorSpec("time_ids", ("B", "T"), "float32", "time_ids"),
     ),
@@ -819,7 +823,7 @@ CONTROLNET = ComponentSpec(
     inputs=(
         TensorSpec("sample", _LATENT),
         TensorSpec("timestep", (), "float32", "timestep"),
-        TensorSpec("encoder_hidden_states", ("B", "S", "E")),
+        TensorSpec("encoder_hidden_states", ("B", "X", "E")),
         *_CONTROL_INPUTS,
     ),
     outputs=_RESIDUAL_OUTPUTS,

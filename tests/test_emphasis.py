@@ -107,10 +107,10 @@ def test_runs_are_tokenized_apart_and_weighed_token_by_token():
     tok = load_model("tiny").tokenizers["tokenizer"]
     ids, weights = token_ids(REQUEST.prompt, tok, 77, "original")
     want_ids, want_weights = _hand_ids(tok, RUNS)
-    assert torch.equal(ids, want_ids) and torch.allclose(weights, want_weights)
+    assert torch.equal(ids[:, 0], want_ids) and torch.allclose(weights[:, 0], want_weights)
     ids, _ = token_ids(["(red)fox"], tok, 77, "original")
     apart = sum(tok(["red", "fox"], add_special_tokens=False).input_ids, [])
-    assert ids[0, 1:len(apart) + 1].tolist() == apart != tok("redfox", add_special_tokens=False).input_ids
+    assert ids[0, 0, 1:len(apart) + 1].tolist() == apart != tok("redfox", add_special_tokens=False).input_ids
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
@@ -169,15 +169,16 @@ def test_images_change_with_weights_only(tiny_engine_dir):
 
 def test_a_long_weighed_prompt_is_cut_and_recorded_in_the_syntax(tiny_engine_dir, capsys):
     pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
-    text = "a (" + "a " * 40 + ":1.3) [b " + "a " * 40 + "]"  # (one token each in the tiny vocabulary)
+    text = "a (" + "a " * 80 + ":1.3) [b " + "a " * 80 + "]"  # (one token each in the tiny vocabulary)
     request = dataclasses.replace(REQUEST, prompt=[text])
     kept = pipeline.truncations(request)["prompt"][0]
-    assert "is longer than the 77 tokens" in capsys.readouterr().err
+    assert "is longer than the 2 chunks of 75 tokens the engines read" in " ".join(capsys.readouterr().err.split())
     assert kept.startswith("a (a a a") and ":1.3)" in kept and kept.endswith(":0.9090909090909091)")
     tok = pipeline.tokenizer
-    whole, whole_weights = token_ids([text], tok, 77, "original")
-    again, again_weights = token_ids([kept], tok, 77, "original")
+    whole, whole_weights = token_ids([text], tok, 77, "original", limit=2)
+    again, again_weights = token_ids([kept], tok, 77, "original", limit=2)
     assert torch.equal(whole, again) and torch.equal(whole_weights, again_weights)  # the record remakes the image
+    assert kept_text("a (cat) BREAK a hat", tok, 77, "original", limit=2) is None  # the next chunk reads it
     assert kept_text("a (cat) BREAK", tok, 77, "original") is None  # nothing after it: nothing cut
     assert kept_text("a " * 75 + "(b c)", tok, 77, "original") == "a " * 75  # no empty run where the cut falls
     assert kept_text("a (cat) BREAK a hat", tok, 77, "original") == "a (cat:1.1)"
@@ -323,8 +324,8 @@ def test_textual_inversion_words_take_their_run_s_weight(tmp_path):
                                       embeddings=[Embedding.parse(str(path))]))
     tok = CLIPTokenizer.from_pretrained(str(out / "tokenizer"))
     ids, weights = token_ids(["a (my-style:1.4) cat"], tok, 77, "original")
-    assert ids[0, 2:5].tolist() == [tok.convert_tokens_to_ids(w) for w in ("my-style", "my-style_1", "my-style_2")]
-    assert weights[0, :6].tolist() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.4, 1.0])
+    assert ids[0, 0, 2:5].tolist() == [tok.convert_tokens_to_ids(w) for w in ("my-style", "my-style_1", "my-style_2")]
+    assert weights[0, 0, :6].tolist() == pytest.approx([1.0, 1.0, 1.4, 1.4, 1.4, 1.0])
 
 
 def test_a_u_net_a_build_lowered_to_fp16_is_held_to_fp16_s_range(tiny_engine_dir, monkeypatch):

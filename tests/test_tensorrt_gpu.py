@@ -125,7 +125,7 @@ def test_dynamic_engines_match_onnxruntime(built):
     assert shared.nbytes >= max(e.engine.device_memory_size_v2 for e in engines.values())
     dims = manifest.model_dims
     for name, engine in engines.items():
-        for _, batch, height, width in manifest.shape_profile.points():
+        for _, batch, height, width, _ in manifest.shape_profile.points():
             b = 2 * batch if engine.spec.cfg_batch else batch
             _check(engine, directory, manifest, name, dims.sizes(b, height, width))
 
@@ -163,7 +163,7 @@ def test_static_engines_match_onnxruntime(static_built, cuda_graph):
     assert all(r.key.static for r in results)
     engines = load_tensorrt_engines(directory, manifest, ["unet", "vae_decoder"], cuda_graph=cuda_graph)
     dims = manifest.model_dims
-    _, batch, height, width = next(p for p in manifest.shape_profile.points() if p[0] == "opt")
+    _, batch, height, width, _ = next(p for p in manifest.shape_profile.points() if p[0] == "opt")
     for name, engine in engines.items():
         if cuda_graph:  # static engines capture at load: the first call already replays
             assert len(engine._graphs) == 1

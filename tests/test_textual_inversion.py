@@ -27,6 +27,7 @@ from sdexport.manifest import load_manifest
 from sdexport.models import load_model
 from sdexport.models.textual_inversion import Embedding
 from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.prompt_text import token_ids
 from sdexport.runtime.request import GenerationRequest
 
 REQUEST = GenerationRequest(prompt=["a my-style lighthouse", "a harbour"], negative_prompt=["my-style", "fog"],
@@ -172,15 +173,19 @@ def test_bench_refuses_a_directory_with_embeddings(sd_dir, tmp_path, capsys):
 
 
 def test_a_long_prompt_counts_the_spelled_out_tokens(sd_dir, capsys):
-    """The word takes three of the 75 places: the truncation warning counts them."""
+    """The word takes three of a chunk's 75 places: one that does not fit starts the next chunk
+    whole, as A1111 moves an embedding; the truncation warning counts them."""
     pipeline = load_pipeline(sd_dir, "onnxruntime-cpu")
     words = " ".join(["a"] * 73)
-    request = GenerationRequest(prompt=[f"my-style {words}"], steps=1, seeds=[0], height=64, width=64)
+    request = GenerationRequest(prompt=[f"{words} my-style {words}"], steps=1, seeds=[0], height=64, width=64)
     cut = pipeline.truncations(request)
-    assert cut["prompt"][0] is not None and cut["prompt"][0].count("a") < 73
+    assert cut["prompt"][0] is not None and cut["prompt"][0].count("a") < 2 * 73
     assert np.all(np.isfinite(pipeline(request).pixels))
-    spelled, _ = pipeline.tokenize([f"my-style {words}"])
-    assert torch.equal(pipeline.tokenize([cut["prompt"][0]])[0][:, :-1], spelled[:, :-1])  # the record reads the same
+    tok = pipeline.tokenizer
+    spelled, _ = token_ids(request.prompt, tok, 77, limit=2)
+    word = [tok.convert_tokens_to_ids(w) for w in ("my-style", "my-style_1", "my-style_2")]
+    assert spelled[0, 0, 74:].tolist() == [tok.eos_token_id] * 3 and spelled[0, 1, 1:4].tolist() == word
+    assert torch.equal(token_ids(cut["prompt"], tok, 77, limit=2)[0], spelled)  # the record reads the same
 
 
 def test_a_word_with_capitals_spells_out_in_any_case(files, tmp_path):
@@ -191,8 +196,8 @@ def test_a_word_with_capitals_spells_out_in_any_case(files, tmp_path):
     out = tmp_path / "e"
     export("tiny", out, ExportOptions(verify="none", embeddings=[Embedding.parse(str(path))]))
     pipeline = load_pipeline(out, "onnxruntime-cpu")
-    ids, _ = pipeline.tokenize(["a EasyNegative", "a easynegative", "a EASYNEGATIVE"])
-    assert ids[0, 2:5].tolist() == [514, 515, 516] and torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+    ids, _ = token_ids(["a EasyNegative", "a easynegative", "a EASYNEGATIVE"], pipeline.tokenizer, 77)
+    assert ids[0, 0, 2:5].tolist() == [514, 515, 516] and torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
     reference = DiffusersReference(load_model("tiny"))
     reference.pipe.load_textual_inversion(str(path), token="easynegative")
     request = dataclasses.replace(REQUEST, prompt=["a lighthouse", "a harbour"], negative_prompt=["EasyNegative"] * 2)
@@ -239,11 +244,11 @@ def test_the_format_says_an_older_sdexport_cannot_read_it(sd_dir, tiny_engine_di
 def test_words_are_found_where_the_tokenizer_finds_them():
     """Not inside another added word (negv2), nor in a follow-up token typed out (neg_1): diffusers'
     text replacement breaks both; case and the text around it do not matter."""
-    from sdexport.runtime.prompt_text import spell_out
+    from sdexport.runtime.prompt_text import units
 
     tokenizer = load_model("tiny", lazy=True).tokenizers["tokenizer"]
     tokenizer.add_tokens(["neg", "neg_1", "negv2"])
-    ids = tokenizer(spell_out(["negv2, neg_1 and NEGx"], tokenizer), add_special_tokens=False).input_ids[0]
+    ids = [token for unit in units(["negv2, neg_1 and NEGx"], tokenizer)[0] for token in unit]
     x = tokenizer("x", add_special_tokens=False).input_ids
     assert ids[:2] == [516, 269] and ids[2] == 515 and ids[-3:] == [514, 515, *x]
 

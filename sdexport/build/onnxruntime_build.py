@@ -338,9 +338,9 @@ def parity(
     tolerance = TOLERANCE[dtype]
     profile, dims = manifest.shape_profile, manifest.model_dims
     lo, opt, _ = profile.component_batch(spec)
-    points = [("min", lo, profile.height[0], profile.width[0])]
+    points = [("min", lo, profile.height[0], profile.width[0], profile.chunks[0])]
     if provider == "CUDAExecutionProvider":
-        points.append(("opt", opt, profile.height[1], profile.width[1]))
+        points.append(("opt", opt, profile.height[1], profile.width[1], profile.chunks[1]))
     from sdexport.console import onnxruntime_session_options
     from sdexport.runtime.onnxruntime_backend import cuda_provider_options, require_cuda_session
 
@@ -360,8 +360,8 @@ def parity(
     want_io, got_io = (check_io(spec, onnxruntime_tensors(s.get_inputs()), onnxruntime_tensors(s.get_outputs()),
                                 str(path)) for s, path in ((want_session, reference), (got_session, candidate)))
     results = []
-    for i, (label, batch, height, width) in enumerate(points):
-        feed = sample_inputs(spec, dims.sizes(batch, height, width), vocab_size=SAMPLE_VOCAB, seed=i)
+    for i, (label, batch, height, width, chunks) in enumerate(points):
+        feed = sample_inputs(spec, dims.sizes(batch, height, width, chunks), vocab_size=SAMPLE_VOCAB, seed=i)
         want = want_session.run(spec.output_names, want_io.numpy_feed(feed))
         got = got_session.run(spec.output_names, got_io.numpy_feed(feed))
         outputs = {n: vars(compare(g, w)) for n, g, w in zip(spec.output_names, got, want)}

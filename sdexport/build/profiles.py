@@ -11,7 +11,7 @@ is never spelled a second time (and CFG components get their doubled batch from 
 from __future__ import annotations
 
 from sdexport.errors import ProfileError
-from sdexport.shapes import ShapeProfile
+from sdexport.shapes import ShapeProfile, axis_option
 from sdexport.specs import ComponentSpec, ModelDims
 
 Shape = tuple[int, ...]
@@ -26,7 +26,7 @@ def static_profile(profile: ShapeProfile) -> ShapeProfile:
     the runtime replay a CUDA graph. CFG components still see batch B and 2B (see
     ``ShapeProfile.component_batch``): a guidance scale of 1 runs them without the negative half.
     """
-    return ShapeProfile(*((opt, opt, opt) for _, opt, _ in (profile.batch, profile.height, profile.width)))
+    return ShapeProfile(*((opt, opt, opt) for _, (_, opt, _) in profile.axes))
 
 
 def build_profile(
@@ -47,7 +47,7 @@ def build_profile(
     profile.validate(dims)
     problems = profile.within(exported)
     if problems:
-        axes = ", ".join(f"--{p.split(' ', 1)[0]}" for p in problems)
+        axes = ", ".join(axis_option(p.split(' ', 1)[0]) for p in problems)
         raise ProfileError(
             "build profile reaches outside the exported ONNX profile: " + "; ".join(problems)
             + f" (build inside it, or re-export with a wider {axes})"

@@ -13,7 +13,7 @@ directory stays what optimum and ONNX Runtime's tools read.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -194,8 +194,9 @@ def adopt(
         from sdexport.models.outline import outline_model
 
         outline_model(model, config=config)
-    profile = checkpoint_profile(plan.family, plan.configs["unet"], plan.dims.vae_scale_factor,  # as export's
-                                 plan.dims.image_multiple).with_ranges(**(ranges or {}))
+    # as export's, but one prompt chunk: another exporter's U-Net may fix its text length at S
+    profile = replace(checkpoint_profile(plan.family, plan.configs["unet"], plan.dims.vae_scale_factor,
+                                         plan.dims.image_multiple), chunks=(1, 1, 1)).with_ranges(**(ranges or {}))
     profile.validate(plan.dims)
     blocks = plan.configs["vae"].get("block_out_channels") or [128]  # its widest, full-size activations: as export
     profile.check_limits(int(blocks[0]) if isinstance(blocks, list) and isinstance(blocks[0], int) else 128)

@@ -209,7 +209,8 @@ def export_component(
     memory = memory or MemoryLog()
     dims, vocab = model.dims, _vocab_size(model)
     batch = max(2, profile.component_batch(spec)[0])
-    example = sample_inputs(spec, dims.sizes(batch, profile.height[0], profile.width[0]), vocab_size=vocab)
+    example = sample_inputs(spec, dims.sizes(batch, profile.height[0], profile.width[0], profile.chunks[0]),
+                            vocab_size=vocab)
     workdir = path.parent / ".trace"
     try:
         with memory.stage(f"{spec.name}/load"):

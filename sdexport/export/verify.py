@@ -84,9 +84,9 @@ def verification_points(
     lo, opt, hi = profile.component_batch(spec)
     batch_at = {"min": lo, "opt": opt, "max": hi, "odd": hi}
     points = []
-    for label, _, height, width in profile.points():
+    for label, _, height, width, chunks in profile.points():
         run = mode == "full" or (mode == "quick" and label == "min")
-        points.append((label, dims.sizes(batch_at[label], height, width) if run else None))
+        points.append((label, dims.sizes(batch_at[label], height, width, chunks) if run else None))
     return points
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from sdexport.errors import ModelLoadError, one_line, pasteable
 from sdexport.models.presets import PRESETS, SDXL_PROFILE, Preset, get_preset
 from sdexport.setting_names import option, option_given
-from sdexport.shapes import ShapeProfile
+from sdexport.shapes import PROMPT_CHUNKS, ShapeProfile
 from sdexport.specs import FAMILY_CONTROLNET, SDXL_REFINER, is_sdxl, text_encoders, tokenizer_names
 
 SUPPORTED_PIPELINES = {
@@ -273,8 +273,9 @@ def looks_like_a_model(path: Path) -> bool:
 
 
 def family_profile(family: str) -> ShapeProfile:
-    """The family's export profile: SD 1.x/2.x 256:512:1024, SDXL (and its refiner) 512:1024:1536."""
-    return SDXL_PROFILE if is_sdxl(family) else ShapeProfile()
+    """The family's export profile: SD 1.x/2.x 256:512:1024, SDXL (and its refiner) 512:1024:1536;
+    prompts of up to ``PROMPT_CHUNKS`` chunks."""
+    return SDXL_PROFILE if is_sdxl(family) else ShapeProfile(chunks=PROMPT_CHUNKS)
 
 
 def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: int, image_multiple: int) -> ShapeProfile:
@@ -306,7 +307,7 @@ def checkpoint_profile(family: str, unet: Mapping[str, Any], vae_scale_factor: i
         return max(image_multiple, side // 2 // image_multiple * image_multiple), side, side * 2
 
     return ShapeProfile(batch=family_sides.batch, height=around(height, family_sides.height),
-                        width=around(width, family_sides.width))
+                        width=around(width, family_sides.width), chunks=family_sides.chunks)
 
 
 def check_takes_networks(family: str, flag: str) -> None:

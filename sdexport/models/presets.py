@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sdexport.shapes import ShapeProfile
+from sdexport.shapes import PROMPT_CHUNKS, ShapeProfile
 
 _SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -67,9 +67,9 @@ class Preset:
     """None for the SDXL refiner, which has only the second text encoder."""
     scheduler: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None
-    profile: ShapeProfile = field(default_factory=ShapeProfile)
+    profile: ShapeProfile = field(default_factory=lambda: ShapeProfile(chunks=PROMPT_CHUNKS))
     """The default export profile: 256:512:1024 for SD 1.x/2.x (768 opt for 2.1), 512:1024:1536 for SDXL,
-    small for tiny ones."""
+    small for tiny ones; prompts of up to ``PROMPT_CHUNKS`` chunks (two for tiny ones)."""
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     """Pipeline-level options of model_index.json (SDXL: ``force_zeros_for_empty_prompt``; the
     refiner's ``requires_aesthetics_score``)."""
@@ -114,9 +114,9 @@ _TINY_TEXT = {
     "pad_token_id": 1,
 }
 
-SDXL_PROFILE = ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536))
+SDXL_PROFILE = ShapeProfile(batch=(1, 1, 4), height=(512, 1024, 1536), width=(512, 1024, 1536), chunks=PROMPT_CHUNKS)
 """SDXL's default export profile (base and refiner, presets and checkpoints): made for 1024²."""
-_TINY_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
+_TINY_PROFILE = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256), chunks=(1, 1, 2))
 
 # SDXL base 1.0 as it ships (unet/, vae/, text_encoder*/ and scheduler/ configs of
 # stabilityai/stable-diffusion-xl-base-1.0), with sdexport's token ids (see above).
@@ -346,7 +346,7 @@ PRESETS: dict[str, Preset] = {
             "hidden_act": "gelu",
         },
         scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
-        profile=ShapeProfile(batch=(1, 1, 4), height=(256, 768, 1024), width=(256, 768, 1024)),
+        profile=ShapeProfile(batch=(1, 1, 4), height=(256, 768, 1024), width=(256, 768, 1024), chunks=PROMPT_CHUNKS),
     ),
     "sdxl": Preset(
         name="sdxl",

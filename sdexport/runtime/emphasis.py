@@ -168,9 +168,9 @@ def has_brackets(texts: Iterable[str | None]) -> bool:
     return any(text and ("(" in text or "[" in text) for text in texts)
 
 
-def written(pieces: Iterable[tuple[str, float]]) -> str:
-    """Text that ``parse`` reads as ``pieces``: brackets and backslashes escaped, the word "BREAK"
-    split by a lone backslash (A1111's empty run: no break, the same text), each weight other
+def written(pieces: Iterable[tuple[str | None, float]]) -> str:
+    """Text that ``parse`` reads as ``pieces``: a ``BREAK`` as itself, brackets and backslashes escaped,
+    the word "BREAK" split by a lone backslash (A1111's empty run: no break, the same text), each weight other
     than 1 written out exactly (the shortest decimals that read back as the same float, never an
     exponent, which A1111's syntax lacks). An empty run weighing other than 1 is a lone backslash
     in brackets: it parts runs of one weight, which are then tokenized apart."""
@@ -178,6 +178,9 @@ def written(pieces: Iterable[tuple[str, float]]) -> str:
 
     out = []
     for text, weight in pieces:
+        if text is BREAK:
+            out.append(" BREAK ")
+            continue
         if not text and weight == 1.0:
             continue
         escaped = _BREAK_WORD.sub("BRE\\\\AK", "".join("\\" + c if c in _ESCAPED else c for c in text)) or "\\"

@@ -47,7 +47,7 @@ def sizes_from_inputs(spec: ComponentSpec, feed: dict[str, torch.Tensor], dims: 
     f = dims.vae_scale_factor
     height = found.get("H", found.get("h", 0) * f)
     width = found.get("W", found.get("w", 0) * f)
-    return dims.sizes(found.get("B", 1), height, width)
+    return dims.sizes(found.get("B", 1), height, width, found.get("X", dims.S) // dims.S)
 
 
 def output_shapes(spec: ComponentSpec, feed: dict[str, torch.Tensor], dims: ModelDims) -> dict[str, tuple[int, ...]]:

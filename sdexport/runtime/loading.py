@@ -462,7 +462,7 @@ def _load_engines(
             graphed = cuda_graph and spec.per_step  # the U-Net: see OnnxRuntimeEngine
             if graphed and request_profile is not None and request_profile.is_static:
                 batch = request_profile.batch[1] if halved and n in nets else request_profile.component_batch(spec)[1]
-                sizes = dims.sizes(batch, request_profile.height[1], request_profile.width[1])
+                sizes = dims.sizes(batch, request_profile.height[1], request_profile.width[1], request_profile.chunks[1])
             engines[n] = OnnxRuntimeEngine(
                 spec, engine_dir / rel, dims=dims, profile=profile, device=device, stream=stream,
                 fused=rel != manifest.components[n].onnx, cuda_graph=graphed, sizes=sizes,

@@ -34,98 +34,137 @@ def follow_ups(tokenizer: Any) -> dict[int, list[str]]:
     return words
 
 
-def spell_out(texts: list[str], tokenizer: Any) -> list[str]:
-    """``texts`` with each word of several vectors followed by its other tokens; as given where the
-    tokenizer holds no such word (the common case: no second tokenization)."""
-    words = follow_ups(tokenizer)
-    if not words:
-        return list(texts)
-    spelled = []
-    for text in texts:
-        found = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        pieces, last = [], 0
-        for token, (_, end) in zip(found.input_ids, found["offset_mapping"]):
-            if token in words:
-                pieces += [text[last:end], " ", " ".join(words[token]), " "]
-                last = end
-        spelled.append("".join(pieces) + text[last:])
-    return spelled
+Unit = tuple[int, ...]
+"""A token as the encoder reads it: one id, or a word of several vectors with its follow-ups."""
+
+COMMA_BACKTRACK = 20
+"""A1111's "Prompt word wrap length limit" (``comma_padding_backtrack``, 20 by default): a chunk that
+fills up moves the words after its last comma, when there are at most this many, to the next."""
 
 
-def token_ids(texts: list[str], tokenizer: Any, length: int,
-              emphasis: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``texts`` as the text encoder's ``input_ids`` (B × ``length``), and each token's weight where
-    ``emphasis`` weighs any (else None: the hidden states are used as they come).
+def units(texts: list[str], tokenizer: Any) -> list[list[Unit]]:
+    """Each text's tokens, a word of several vectors with its follow-ups (``STYLE``, ``STYLE_1``, ...)
+    as one unit: they go into one chunk together, as A1111 keeps an embedding's vectors."""
+    words = {token: tuple(tokenizer.convert_tokens_to_ids(names)) for token, names in follow_ups(tokenizer).items()}
+    found = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+    return [[(token, *words.get(token, ())) for token in ids] for ids in found]
 
-    Weighed, each run of one weight is tokenized apart, as A1111 does (``(red)fox`` is ``red`` and
-    ``fox``, not ``redfox``), and the runs' tokens are cut together at ``length``; the start, end
-    and padding tokens weigh 1. Text after ``BREAK`` lies beyond the window (``runtime.emphasis``)."""
+
+def _runs(text: str, tokenizer: Any, emphasis: str) -> list[tuple[str | None, float, list[Unit]]]:
+    """``text``'s runs, as (text, weight, units): one run of weight 1 unread (``none``), A1111's runs
+    weighed, each tokenized apart (``(red)fox`` is ``red`` and ``fox``, not ``redfox``), and a
+    ``BREAK`` as the run (``BREAK``, -1, no units)."""
+    if emphasis == "none":
+        return [(text, 1.0, units([text], tokenizer)[0])]
+    pieces = parse(text)
+    found = iter(units([piece for piece, _ in pieces if piece is not BREAK], tokenizer))
+    return [(piece, weight, [] if piece is BREAK else next(found)) for piece, weight in pieces]
+
+
+Chunk = list[tuple[Unit, float]]
+
+
+def _chunked(runs: list[tuple[str | None, float, list[Unit]]], room: int, comma: int | None) -> list[Chunk]:
+    """The runs' units in A1111's chunks of ``room`` tokens (``tokenize_line``): a chunk ends when it
+    is full, before a word of several vectors that does not fit, and at ``BREAK``; a full chunk
+    gives the words after its last comma (within ``COMMA_BACKTRACK``) to the next. Units stay in
+    order, so the first chunks read a prefix of the text."""
+    chunks: list[Chunk] = []
+    chunk: Chunk = []
+    last_comma = -1
+
+    def size(part: Chunk) -> int:
+        return sum(len(unit) for unit, _ in part)
+
+    for piece, weight, found in runs:
+        if piece is BREAK and not found:
+            chunks.append(chunk)
+            chunk, last_comma = [], -1
+            continue
+        for unit in found:
+            if unit == (comma,):
+                last_comma = len(chunk)
+            elif size(chunk) == room and last_comma != -1 and size(chunk[last_comma:]) <= COMMA_BACKTRACK:
+                chunks.append(chunk[:last_comma + 1])
+                chunk, last_comma = chunk[last_comma + 1:], -1
+            if size(chunk) + len(unit) > room and chunk:
+                chunks.append(chunk)
+                chunk, last_comma = [], -1
+            chunk.append((unit[:room], weight))  # (a word of more vectors than a chunk holds: its first)
+    if chunk or not chunks:
+        chunks.append(chunk)
+    return chunks
+
+
+def _comma(tokenizer: Any) -> int | None:
+    ids = tokenizer(",", add_special_tokens=False).input_ids
+    return ids[0] if len(ids) == 1 else None
+
+
+def text_chunks(texts: list[str], tokenizer: Any, length: int, emphasis: str = "none",
+                limit: int = 1) -> list[list[Chunk]]:
+    """Each text's chunks as the encoder reads them, at most ``limit`` (what follows is cut:
+    ``kept_text`` says what is read)."""
+    comma = _comma(tokenizer)
+    return [_chunked(_runs(text, tokenizer, emphasis), length - 2, comma)[:limit] for text in texts]
+
+
+def chunk_tensors(chunked: list[list[Chunk]], tokenizer: Any, length: int,
+                  count: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``chunked`` (``text_chunks``) as the encoder's ``input_ids``, B × n × ``length`` with n the
+    most chunks of a text (or ``count``, if more), and each token's weight (None where all weigh 1).
+    Each chunk is the start token, its tokens, the end token and padding, as diffusers tokenizes
+    one window; a text of fewer chunks is padded with empty ones, as A1111 pads a batch (the
+    start and end tokens and the padding weigh 1)."""
     import torch
 
-    if emphasis == "none":
-        ids = tokenizer(spell_out(texts, tokenizer), padding="max_length", max_length=length, truncation=True,
-                        return_tensors="pt").input_ids
-        return ids, None
+    n = max([count, *map(len, chunked)])
     rows, weights = [], []
-    for text in texts:
-        pieces = _read_pieces(text)
-        found = tokenizer(spell_out([piece for piece, _ in pieces], tokenizer), add_special_tokens=False).input_ids
-        row = [token for tokens in found for token in tokens][:length - 2]
-        row_weights = [weight for tokens, (_, weight) in zip(found, pieces) for _ in tokens][:length - 2]
-        padding = length - 2 - len(row)
-        rows.append([tokenizer.bos_token_id, *row, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
-        weights.append([1.0, *row_weights, 1.0] + [1.0] * padding)
-    multipliers = torch.tensor(weights) if any(w != 1.0 for row_weights in weights for w in row_weights) else None
-    return torch.tensor(rows), multipliers
+    for chunks in chunked:
+        text_rows, text_weights = [], []
+        for chunk in chunks + [[]] * (n - len(chunks)):
+            ids = [token for unit, _ in chunk for token in unit]
+            padding = length - 2 - len(ids)
+            text_rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+            text_weights.append([1.0, *(w for unit, w in chunk for _ in unit), 1.0] + [1.0] * padding)
+        rows.append(text_rows)
+        weights.append(text_weights)
+    weighed = any(w != 1.0 for text in weights for row in text for w in row)
+    return torch.tensor(rows), torch.tensor(weights) if weighed else None
 
 
-def _read_pieces(text: str) -> list[tuple[str, float]]:
-    """The runs of ``text`` the window reads: those before the first ``BREAK``."""
-    pieces = []
-    for piece, weight in parse(text):
-        if piece is BREAK:
-            break
-        pieces.append((piece, weight))
-    return pieces
+def token_ids(texts: list[str], tokenizer: Any, length: int, emphasis: str = "none",
+              limit: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``texts`` as the text encoder's ``input_ids`` in at most ``limit`` chunks each (B × n ×
+    ``length``), and each token's weight where ``emphasis`` weighs any (else None: the hidden
+    states are used as they come)."""
+    return chunk_tensors(text_chunks(texts, tokenizer, length, emphasis, limit), tokenizer, length)
 
 
-def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none") -> str | None:
-    """The part of ``text`` a text encoder of ``length`` tokens reads, or None when all of it fits.
-    A word of several vectors takes as many places; one the limit cuts is left out of the text (the
-    encoder reads its first vectors, which no text spells alone). Weighed (``emphasis``), the part is
-    written back in A1111's syntax with each run's exact weight, and text after ``BREAK`` is cut
-    where it has any tokens."""
+def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none", limit: int = 1) -> str | None:
+    """The part of ``text`` that ``limit`` chunks of ``length`` tokens read, or None when all of it
+    fits. A word of several vectors is read whole or not at all. Weighed (``emphasis``), the part
+    is written back in A1111's syntax with each run's exact weight (and its ``BREAK``s)."""
+    runs = _runs(text, tokenizer, emphasis)
+    room = sum(len(chunk) for chunk in _chunked(runs, length - 2, _comma(tokenizer))[:limit])
+    if room == sum(len(found) for _, _, found in runs):
+        return None
     if emphasis == "none":
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        kept = _fitting(ids, follow_ups(tokenizer), length - 2)
-        return None if len(kept) == len(ids) else _cut_text(kept, tokenizer, text)
-    pieces, read = parse(text), _read_pieces(text)
-    found = tokenizer([piece or "" for piece, _ in pieces], add_special_tokens=False).input_ids
-    words = follow_ups(tokenizer)
-    room = length - 2  # the start and end tokens take two places
-    kept_runs: list[tuple[str, float]] = []
-    for (piece, weight), ids in zip(read, found):  # (the runs read are the first of the runs)
-        kept = _fitting(ids, words, room)
-        if len(kept) < len(ids):
-            return written([*kept_runs, *([(_cut_text(kept, tokenizer, piece), weight)] if kept else [])])
-        room -= _places(ids, words)
-        kept_runs.append((piece, weight))
-    return written(kept_runs) if any(found[len(read):]) else None  # (what follows BREAK, where it has tokens)
-
-
-def _fitting(ids: list[int], words: dict[int, list[str]], room: int) -> list[int]:
-    """The first of ``ids`` that take at most ``room`` places (a word of several vectors, as many)."""
-    kept: list[int] = []
-    for token in ids:
-        room -= _places([token], words)
-        if room < 0:
+        return _cut_text([unit[0] for unit in runs[0][2][:room]], tokenizer, text)
+    kept: list[tuple[str | None, float]] = []
+    waiting: list[tuple[str | None, float]] = []  # BREAKs and empty runs: kept where text follows
+    for piece, weight, found in runs:
+        if room < len(found):
+            if room:
+                kept += [*waiting, (_cut_text([unit[0] for unit in found[:room]], tokenizer, piece or ""), weight)]
             break
-        kept.append(token)
-    return kept
-
-
-def _places(ids: list[int], words: dict[int, list[str]]) -> int:
-    return sum(1 + len(words.get(token, ())) for token in ids)
+        if found:
+            kept += [*waiting, (piece, weight)]
+            waiting = []
+        else:
+            waiting.append((piece, weight))
+        room -= len(found)
+    return written(kept)
 
 
 def _cut_text(kept: list[int], tokenizer: Any, text: str) -> str:

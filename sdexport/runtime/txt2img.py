@@ -29,7 +29,7 @@ from sdexport.console import console
 from sdexport.errors import ProfileError, SdexportError, pasteable
 from sdexport.runtime.emphasis import check_reading, weigh
 from sdexport.runtime.engine import Engine
-from sdexport.runtime.prompt_text import kept_text, token_ids
+from sdexport.runtime.prompt_text import Chunk, chunk_tensors, kept_text, text_chunks
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
     a1111_sampler,
@@ -39,6 +39,7 @@ from sdexport.runtime.schedulers import (
     scheduler_label,
 )
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
+from sdexport.setting_names import option
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     GUIDANCE_EMBEDDING,
@@ -343,6 +344,10 @@ class Txt2ImgPipeline:
         self.adapters = adapters_among(engines)
         self.adapter = bool(self.adapters)
         self.pooled_controlnets = tuple(n for n in self.controlnets if n in pooled_controlnets)
+        self.prompt_chunks = min(engine.profile.chunks[2] for engine in engines.values()
+                                 if "encoder_hidden_states" in engine.spec.input_names)
+        """The most prompt chunks a text is read in: what the U-Net's (and ControlNets') engines
+        take (``ShapeProfile.chunks``); what follows is cut, with a warning."""
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
@@ -532,44 +537,65 @@ class Txt2ImgPipeline:
         return request.guess_mode or forced_guess_mode(first_pools, self.family, request.task)
 
     def truncations(self, request: GenerationRequest) -> dict[str, list[str | None]]:
-        """Texts longer than the text encoder reads: warn, and say what it will read instead.
+        """Texts longer than the engines read: warn, and say what they will read instead.
 
-        Tokenizers cut silently at ``dims.S`` tokens (77 for CLIP); the user should hear it, and the
-        saved image should record the text that was used, not the text that was given.
+        Tokenizers cut silently at ``dims.S`` tokens (77 for CLIP), and the engines read at most
+        ``prompt_chunks`` chunks of S - 2; the user should hear it, and the saved image should record
+        the text that was used, not the text that was given.
         """
-        first = self.tokenizer_2 if self.family == SDXL_REFINER else self.tokenizer  # (its only one)
-        tokenizers = {"prompt": first, "negative_prompt": first, "prompt_2": self.tokenizer_2,
-                      "negative_prompt_2": self.tokenizer_2}  # (the second texts are SDXL's: check_request)
+        tokenizers = self.text_tokenizers()
         found: dict[str, list[str | None]] = {}
         for name in request.texts_read():
             texts, tokenizer = getattr(request, name), tokenizers[name]
-            kept = [kept_text(text, tokenizer, self.dims.S, request.emphasis) for text in texts]
+            kept = [kept_text(text, tokenizer, self.dims.S, request.emphasis, self.prompt_chunks) for text in texts]
             for i, used in enumerate(kept):
                 if used is not None:
-                    console.print(
-                        f"[yellow]warning:[/] {name.replace('_', ' ')} {i + 1} is longer than the "
-                        f"{self.dims.S} tokens the text encoder reads; it reads only: {escape(repr(used))}"
-                    )
+                    console.print(f"[yellow]warning:[/] {name.replace('_', ' ')} {i + 1} is longer than {self.reads}; "
+                                  f"{'they read' if self.prompt_chunks > 1 else 'it reads'} only: {escape(repr(used))}")
             if any(k is not None for k in kept):
                 found[name] = kept
         return found
 
-    def tokenize(self, prompts: list[str], tokenizer: Any = None,
-                 emphasis: str = "none") -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token ids, textual inversion words spelled out, and their weights where ``emphasis`` weighs
-        any (``prompt_text.token_ids``)."""
-        ids, weights = token_ids(prompts, tokenizer or self.tokenizer, self.dims.S, emphasis)
-        return ids.to(device=self.device, dtype=torch.int32), weights
+    @property
+    def reads(self) -> str:
+        """How much text the engines read, as the warnings say it."""
+        if self.prompt_chunks == 1:
+            return f"the {self.dims.S} tokens the text encoder reads"
+        return (f"the {self.prompt_chunks} chunks of {self.dims.S - 2} tokens the engines read (export "
+                f"{option('--prompt-chunks')} reads more)")
 
-    def read_text(self, part: str, texts: list[str], tokenizer: Any, emphasis: str,
-                  layer: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
-        """The text encoder ``part``'s hidden states ``layer`` for ``texts``, weighed as ``emphasis``
-        says, all its outputs as they came, and whether any weight applied."""
-        ids, weights = self.tokenize(texts, tokenizer, emphasis)
-        out = self.engines[part]({"input_ids": ids})
-        if weights is None:
-            return out[layer], out, False
-        return weigh(out[layer], weights, emphasis), out, True
+    def chunks(self, texts: list[str], tokenizer: Any, emphasis: str) -> list[list[Chunk]]:
+        """Each text in the chunks the engines read (``prompt_text.text_chunks``)."""
+        return text_chunks(texts, tokenizer, self.dims.S, emphasis, self.prompt_chunks)
+
+    def chunk_count(self, request: GenerationRequest) -> int:
+        """The prompt chunks the U-Net attends to for ``request``: its longest text's (the texts
+        of a call are padded to it). Served rows of different counts are generated apart."""
+        tokenizers = self.text_tokenizers()
+        return max(len(chunks) for name in request.texts_read()
+                   for chunks in self.chunks(list(getattr(request, name)), tokenizers[name], request.emphasis))
+
+    def text_tokenizers(self) -> dict[str, Any]:
+        """The tokenizer of each text a request may give (the second texts are SDXL's: check_request)."""
+        first = self.tokenizer_2 if self.family == SDXL_REFINER else self.tokenizer  # (its only one)
+        return {"prompt": first, "negative_prompt": first, "prompt_2": self.tokenizer_2,
+                "negative_prompt_2": self.tokenizer_2}
+
+    def read_text(self, part: str, chunked: list[list[Chunk]], tokenizer: Any, emphasis: str, layer: str,
+                  count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+        """The text encoder ``part``'s hidden states ``layer`` for texts in their chunks (``chunks``;
+        padded to ``count``), chunk after chunk side by side, each weighed on its own as A1111 does
+        (``emphasis``); the first chunk's outputs as they came (SDXL's pooled embedding is the first
+        chunk's, as A1111's); and whether any weight applied."""
+        ids, weights = chunk_tensors(chunked, tokenizer, self.dims.S, count)
+        ids = ids.to(device=self.device, dtype=torch.int32)
+        hidden, first = [], None
+        for i in range(ids.shape[1]):  # the encoder's batch is the texts': its profile's
+            out = self.engines[part]({"input_ids": ids[:, i].contiguous()})
+            first = out if first is None else first
+            hidden.append(out[layer] if weights is None else weigh(out[layer], weights[:, i], emphasis))
+        assert first is not None
+        return torch.cat(hidden, dim=1), first, weights is not None
 
     def check_reading(self, hidden: torch.Tensor, weighed: bool) -> None:
         """A weighed reading (``emphasis``) the U-Net can hold: fp16's range where it computes in
@@ -587,8 +613,8 @@ class Txt2ImgPipeline:
         if request.cfg:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
-        hidden, _, weighed = self.read_text("text_encoder", prompts, self.tokenizer, request.emphasis,
-                                            "last_hidden_state")
+        hidden, _, weighed = self.read_text("text_encoder", self.chunks(prompts, self.tokenizer, request.emphasis),
+                                            self.tokenizer, request.emphasis, "last_hidden_state")
         self.check_reading(hidden, weighed)
         return {"encoder_hidden_states": hidden}
 
@@ -609,10 +635,15 @@ class Txt2ImgPipeline:
         # hidden_states.{L} is the last layer's output: diffusers' hidden_states[-2] is layer L - 1's,
         # and its hidden_states[-(clip_skip + 2)] layer L - 1 - clip_skip's (the negatives' too, here)
         skip = self.dims.clip_skip if request.clip_skip is None else request.clip_skip
+        # each encoder reads its own texts; both read as many chunks, to lie side by side
+        chunked_1 = [] if refiner else self.chunks(first, self.tokenizer, request.emphasis)
+        chunked_2 = self.chunks(second, self.tokenizer_2, request.emphasis)
+        count = max(len(chunks) for chunks in (*chunked_1, *chunked_2))
         read_1, _, weighed_1 = (None, None, False) if refiner else self.read_text(
-            "text_encoder", first, self.tokenizer, request.emphasis, f"hidden_states.{self.dims.L1 - 1 - skip}")
-        read_2, out_2, weighed_2 = self.read_text("text_encoder_2", second, self.tokenizer_2, request.emphasis,
-                                                  f"hidden_states.{self.dims.L2 - 1 - skip}")
+            "text_encoder", chunked_1, self.tokenizer, request.emphasis, f"hidden_states.{self.dims.L1 - 1 - skip}",
+            count)
+        read_2, out_2, weighed_2 = self.read_text("text_encoder_2", chunked_2, self.tokenizer_2, request.emphasis,
+                                                  f"hidden_states.{self.dims.L2 - 1 - skip}", count)
         hidden = read_2 if read_1 is None else torch.cat([read_1, read_2], dim=-1)
         self.check_reading(hidden, weighed_1 or weighed_2)  # (both encoders' in one wait)
         pooled = out_2["text_embeds"]  # (unweighed, as A1111's)
