@@ -39,7 +39,8 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         + (f", clip skip {manifest.model_dims.clip_skip}" if manifest.model_dims.clip_skip else "")
         + f", {manifest.dtype}, "
         f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
-        f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}",
+        f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}"
+        + (f", prompt chunks {':'.join(map(str, profile.chunks))}" if profile.chunks != (1, 1, 1) else ""),
         soft_wrap=True,
     )
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter", "export_memory"))

@@ -109,7 +109,8 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
     assert code == 0
     manifest = load_manifest(out)
     assert manifest.model["source"]["kind"] == "diffusers" and not manifest.random_weights
-    assert manifest.profile == {"batch": [1, 1, 2], "height": [64, 64, 128], "width": [64, 128, 128]}
+    assert manifest.profile == {"batch": [1, 1, 2], "height": [64, 64, 128], "width": [64, 128, 128],
+                                "chunks": [1, 1, 3]}  # (a checkpoint's default: the family's prompt chunks)
     assert all(e.parity["status"] == "passed" for e in manifest.components.values())
 
 

@@ -215,12 +215,13 @@ def test_an_image_sdexport_wrote_is_replaced(tiny_engine_dir, tmp_path):
 
 
 def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path, capsys):
-    long = "a very long prompt " * 10  # the byte-level tiny tokenizer: one token per character
+    long = "a very long prompt " * 20  # the byte-level tiny tokenizer: one token per character
     out = tmp_path / "long.png"
     assert run_cli("run", tiny_engine_dir, "-p", long, "--steps", "1", "-o", out) == 0
     raw = capsys.readouterr().err
     err = " ".join(raw.split())
-    assert "warning: prompt 1 is longer than the 77 tokens the text encoder reads; it reads only:" in err
+    assert ("warning: prompt 1 is longer than the 2 chunks of 75 tokens the engines read (export --prompt-chunks "
+            "reads more); they read only:") in err
     params = json.loads(Image.open(out).text["sdexport"])
     # one line, however narrow the log: the quoted prompt can be copied as it is
     assert any(line.startswith("warning: prompt 1 is longer") and repr(params["prompt"]) in line

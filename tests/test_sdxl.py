@@ -127,7 +127,7 @@ def test_sdxl_preset_is_the_real_architecture():
     assert model.pipeline_config == {"force_zeros_for_empty_prompt": True}
     profile = outline_model("sdxl").default_profile
     profile.validate(dims)
-    assert profile == ShapeProfile((1, 1, 4), (512, 1024, 1536), (512, 1024, 1536))
+    assert profile == ShapeProfile((1, 1, 4), (512, 1024, 1536), (512, 1024, 1536), (1, 1, 3))
 
 
 def test_tiny_sdxl_sizes(sdxl_model):
@@ -165,7 +165,7 @@ def test_export_verifies_every_sdxl_component(sdxl_engine_dir):
     assert "tokenizer_2/tokenizer.json" in manifest.files
     unet = onnx.load(str(sdxl_engine_dir / "unet" / "model.onnx"))
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in unet.graph.input}
-    assert inputs == {"sample": ["B", 4, "h", "w"], "timestep": [], "encoder_hidden_states": ["B", 77, 80],
+    assert inputs == {"sample": ["B", 4, "h", "w"], "timestep": [], "encoder_hidden_states": ["B", "X", 80],
                       "text_embeds": ["B", 40], "time_ids": ["B", 6]}
     encoder_2 = onnx.load(str(sdxl_engine_dir / "text_encoder_2" / "model.onnx"))
     # As optimum exports SDXL's encoders: the projection first, then every hidden state.
@@ -751,7 +751,7 @@ def test_diffusers_directory_round_trip(sdxl_model, tmp_path):
     assert set(loaded.tokenizers) == {"tokenizer", "tokenizer_2"}
     assert loaded.dims == sdxl_model.dims
     # made for its U-Net's size (16 latents: 128 px), as diffusers' pipeline defaults to
-    assert outline_model(str(path)).default_profile == ShapeProfile((1, 1, 4), (64, 128, 256), (64, 128, 256))
+    assert outline_model(str(path)).default_profile == ShapeProfile((1, 1, 4), (64, 128, 256), (64, 128, 256), (1, 1, 3))
     _assert_same_weights(sdxl_model, loaded)
     # diffusers' own loader reads the same directory (the baseline benchmarks use)
     import diffusers

@@ -290,7 +290,8 @@ def test_tensorrt_builds_the_refiners_components_with_its_shapes(refiner_dir, tm
     assert text["path"].endswith("text_encoder_2/model.onnx")
     profile = unet["profiles"][0]
     assert (tuple(profile["time_ids"].min), tuple(profile["time_ids"].max)) == ((1, 5), (4, 5))
-    assert tuple(profile["encoder_hidden_states"].max) == (4, 77, 48)
+    assert tuple(profile["encoder_hidden_states"].max) == (4, 2 * 77, 48)  # (the tiny presets' two prompt chunks)
+    assert text["profiles"][0]["input_ids"].max[1] == 77  # the text encoder reads a chunk a call
 
 
 def test_bench_refuses_a_refiner_scenario_without_an_image(tmp_path, capsys):

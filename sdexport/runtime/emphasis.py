@@ -13,9 +13,8 @@ weighing; ``no-norm`` (A1111's "No norm") leaves out the rescaling. A1111 takes 
 prompt encoded in one call; here it is each prompt's own, so that an image does not depend on the
 others beside it in a call (for one prompt, or a batch of the same, the two agree).
 
-The engines read one window of ``dims.S`` tokens (77 for CLIP), A1111's first chunk: what follows
-``BREAK`` lies beyond it, as text past the 75th token does, and is cut with the same warning.
-This module parses and writes the syntax and weighs hidden states; ``prompt_text`` tokenizes.
+``BREAK`` starts a new chunk of the ones a long prompt is read in (``prompt_text``, which tokenizes;
+this module parses and writes the syntax and weighs hidden states, a chunk at a time).
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ UP = 1.1
 """The factor of a pair of round brackets (its inverse: square ones)."""
 
 BREAK = None
-"""The piece ``parse`` gives for ``BREAK``: the end of what the engines' one window reads."""
+"""The piece ``parse`` gives for ``BREAK``: where a new chunk starts."""
 
 _BREAK_WEIGHT = -1.0
 """A1111 marks a ``BREAK`` as the text "BREAK" weighing -1, and breaks where that holds after the
@@ -49,8 +48,8 @@ brackets' factors: inside brackets the mark is scaled, and so read as the word "
 minus the brackets' factor, as A1111 reads it)."""
 
 MAX_TEXT = 10_000
-"""The longest text read with emphasis, in characters: the engines read 75 tokens (a few hundred
-characters), and parsing nested brackets takes time that grows as the square of their count (as
+"""The longest text read with emphasis, in characters: the engines read a few chunks of 75 tokens
+(a few hundred characters each), and parsing nested brackets takes time that grows as the square of their count (as
 A1111's; a quarter of a second at this length): a served request must not hold a worker for long.
 A text is parsed once (``parse`` keeps its recent results) for its check, its cut and its tokens."""
 
@@ -189,9 +188,9 @@ def written(pieces: Iterable[tuple[str | None, float]]) -> str:
 
 
 def weigh(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: str) -> torch.Tensor:
-    """``hidden`` (B, S, C, float32 as every engine gives it) with each token's vector multiplied by
-    its weight (``multipliers``, B × S); ``original`` then scales each prompt's back to its mean
-    before weighing."""
+    """``hidden`` (B, S, C: one chunk, float32 as every engine gives it) with each token's vector
+    multiplied by its weight (``multipliers``, B × S); ``original`` then scales each prompt's back to
+    its mean before weighing (A1111 weighs each chunk on its own too)."""
     out = hidden * multipliers.to(hidden.device, hidden.dtype)[..., None]
     if emphasis == "original":
         out = out * (hidden.mean(dim=(1, 2), keepdim=True) / out.mean(dim=(1, 2), keepdim=True))

@@ -589,7 +589,8 @@ def _span(values: tuple[int, int, int]) -> str:
 
 
 def _profile_text(profile: ShapeProfile) -> str:
-    return f"batch {_span(profile.batch)}, height {_span(profile.height)}, width {_span(profile.width)}"
+    return (f"batch {_span(profile.batch)}, height {_span(profile.height)}, width {_span(profile.width)}"
+            + (f", prompt chunks {_span(profile.chunks)}" if profile.chunks != (1, 1, 1) else ""))
 
 
 def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> None:

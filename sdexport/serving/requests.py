@@ -68,6 +68,10 @@ class Row:
     do not share it."""
     emphasis: str = DEFAULTS["emphasis"]
     """How brackets in the texts are read (``runtime.emphasis``); one per call, as ``clip_skip``."""
+    chunks: int = 1
+    """The prompt chunks the row's texts are read in (``Txt2ImgPipeline.chunk_count``): a call pads
+    every text to its longest's, so rows that differ do not share it (an image never depends on
+    another request's texts)."""
     image: Any = None
     mask: Any = None
     strength: float | None = None
@@ -112,7 +116,7 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
                 self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning(),
-                self.denoising_end, self.clip_skip, self.emphasis)
+                self.denoising_end, self.clip_skip, self.emphasis, self.chunks)
 
     def conditioning(self) -> tuple[Any, ...]:
         """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one

@@ -1,0 +1,170 @@
+"""Long prompts: A1111's chunks of 75 tokens, read side by side by a U-Net whose text length is an
+axis of the profile (``ShapeProfile.chunks``, ``export --prompt-chunks``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import run_cli
+from sdexport.build.profiles import build_profile
+from sdexport.errors import ProfileError
+from sdexport.manifest import load_manifest
+from sdexport.models import load_model
+from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.prompt_text import COMMA_BACKTRACK, kept_text, text_chunks, token_ids
+from sdexport.runtime.request import GenerationRequest
+from sdexport.serving.requests import Row
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import UNET
+
+LONG = ", ".join(["a red fox"] * 12)
+"""Past one chunk (about 130 tokens in the tiny byte-level vocabulary), within two."""
+REQUEST = GenerationRequest(prompt=[LONG], steps=2, seeds=[3], height=64, width=64)
+
+
+def _tokens(text: str, tokenizer) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def _chunk_sizes(text: str, tokenizer, emphasis: str = "none", limit: int = 9) -> list[int]:
+    return [sum(len(unit) for unit, _ in chunk) for chunk in text_chunks([text], tokenizer, 77, emphasis, limit)[0]]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_model("tiny", lazy=True).tokenizers["tokenizer"]
+
+
+def test_a_chunk_holds_75_tokens_and_a_full_one_wraps_after_its_last_comma(tok):
+    """A1111's ``tokenize_line``: 75 fit, the 76th starts a chunk; a chunk that fills up gives the
+    words after its last comma to the next when there are at most ``COMMA_BACKTRACK`` tokens."""
+    assert len(_tokens("a " * 75, tok)) == 75
+    assert _chunk_sizes("a " * 75, tok) == [75] and _chunk_sizes("a " * 76, tok) == [75, 1]
+    wrapped = "a " * 70 + ", " + "a " * 10  # the comma is the 71st token: 5 words after it move
+    assert _chunk_sizes(wrapped, tok) == [71, 10]
+    far = "a " * 40 + ", " + "a " * (COMMA_BACKTRACK + 40)  # the comma is too far back: no wrap
+    assert _chunk_sizes(far, tok)[0] == 75
+    assert _chunk_sizes("", tok) == [0]  # an empty text is one (empty) chunk, as A1111's
+
+
+def test_break_starts_a_chunk_where_emphasis_reads_the_syntax(tok):
+    assert _chunk_sizes("a cat BREAK a hat", tok, "original") == [len(_tokens("a cat", tok)), len(_tokens("a hat", tok))]
+    assert _chunk_sizes("a cat BREAK", tok, "original") == [len(_tokens("a cat", tok))]  # nothing after it
+    assert _chunk_sizes("BREAK BREAK a", tok, "original") == [0, 0, 1]  # A1111 pads empty chunks too
+    assert len(_chunk_sizes("a cat BREAK a hat", tok)) == 1  # as text, BREAK is a word
+
+
+def test_texts_of_fewer_chunks_are_padded_with_empty_ones(tok):
+    ids, weights = token_ids(["a " * 80, "a cat"], tok, 77, limit=2)
+    empty, _ = token_ids([""], tok, 77)
+    assert ids.shape == (2, 2, 77) and weights is None
+    assert torch.equal(ids[1, 1], empty[0, 0])
+    assert ids[0, 0].tolist() == [tok.bos_token_id, *[_tokens("a", tok)[0]] * 75, tok.eos_token_id]
+
+
+def test_what_the_chunks_cannot_hold_is_cut_and_the_record_reads_the_same(tok):
+    text = "a (" + "a " * 100 + ":1.3) [b " + "a " * 100 + "]"
+    kept = kept_text(text, tok, 77, "original", limit=2)
+    assert kept is not None and kept.endswith(":0.9090909090909091)")
+    assert kept_text(kept, tok, 77, "original", limit=2) is None
+    whole = token_ids([text], tok, 77, "original", limit=2)
+    again = token_ids([kept], tok, 77, "original", limit=2)
+    assert all(torch.equal(a, b) for a, b in zip(whole, again))
+    assert kept_text("a " * 140, tok, 77, limit=2) is None and kept_text("a " * 160, tok, 77, limit=2) == "a " * 149 + "a"
+
+
+def test_the_profile_records_chunks_only_where_more_than_one_is_read():
+    old = {"batch": [1, 1, 4], "height": [256, 512, 1024], "width": [256, 512, 1024]}
+    assert ShapeProfile.from_dict(old).chunks == (1, 1, 1) and ShapeProfile.from_dict(old).to_dict() == old
+    wide = ShapeProfile(chunks=(1, 1, 3))
+    assert ShapeProfile.from_dict(wide.to_dict()) == wide
+    dims = load_model("tiny", lazy=True).dims
+    ranges = wide.tensor_ranges(UNET.for_model(dims), dims)["encoder_hidden_states"]
+    assert [shape[1] for shape in ranges] == [dims.S, dims.S, 3 * dims.S]
+
+
+def test_a_build_reaching_past_the_exported_chunks_is_refused_naming_the_option():
+    dims = load_model("tiny", lazy=True).dims
+    exported = ShapeProfile((1, 1, 2), (64, 128, 256), (64, 128, 256), (1, 1, 2))
+    with pytest.raises(ProfileError, match=r"chunks \[1, 4\] is not inside \[1, 2\].*--prompt-chunks"):
+        build_profile(exported, exported.with_ranges(chunks="1:1:4"), dims)
+    assert build_profile(exported, None, dims, static=True).chunks == (1, 1, 1)  # the opt shape
+
+
+def test_export_refuses_a_bad_range_in_one_line(tmp_path, capsys):
+    assert run_cli("export", "tiny", "-o", tmp_path / "out", "--prompt-chunks", "0:1:2") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --prompt-chunks '0:1:2': need 0 < min <= opt <= max"] and not (tmp_path / "out").exists()
+
+
+def _hidden(model, text_chunks_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' reading of each chunk, side by side (A1111's ``torch.hstack``)."""
+    with torch.no_grad():
+        return torch.cat([model.modules["text_encoder"](text_chunks_ids[:, i]).last_hidden_state
+                          for i in range(text_chunks_ids.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
+def test_a_long_prompt_is_read_whole_and_the_u_net_attends_to_every_chunk(tiny_engine_dir, backend, capsys):
+    """The engines' image is diffusers' U-Net's given the chunks' hidden states side by side (the
+    negative, one empty chunk, padded with another to the prompt's two)."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdexport.runtime.schedulers import make_scheduler
+
+    model = load_model("tiny")
+    pipeline = load_pipeline(tiny_engine_dir, backend)
+    assert pipeline.prompt_chunks == 2 and pipeline.chunk_count(REQUEST) == 2
+    assert pipeline.truncations(REQUEST) == {} and "longer" not in capsys.readouterr().err
+    ids, _ = token_ids([LONG, ""], model.tokenizers["tokenizer"], 77, limit=2)
+    hidden = _hidden(model, ids)
+    got = pipeline.encode_prompt(REQUEST)["encoder_hidden_states"]
+    assert got.shape[1] == 2 * 77 and torch.allclose(got.cpu(), torch.cat([hidden[1:], hidden[:1]]), atol=1e-5)
+    pipe = StableDiffusionPipeline(**{k: model.modules.get(k) for k in ("unet", "vae", "text_encoder")},
+                                   tokenizer=model.tokenizers["tokenizer"],
+                                   scheduler=make_scheduler(REQUEST.scheduler, model.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    want = pipe(prompt_embeds=hidden[:1], negative_prompt_embeds=hidden[1:], num_inference_steps=2, height=64,
+                width=64, generator=[torch.Generator("cpu").manual_seed(3)], output_type="latent").images
+    ours = pipeline(REQUEST).latents.cpu()
+    assert float((ours - want).norm() / want.norm()) < 1e-4
+
+
+def test_a_directory_written_before_the_axis_reads_one_chunk(tiny_engine_dir, tmp_path, capsys):
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["profile"]["chunks"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_manifest(copy).shape_profile.chunks == (1, 1, 1)
+    pipeline = load_pipeline(copy, "onnxruntime-cpu")
+    assert pipeline.prompt_chunks == 1 and pipeline.chunk_count(REQUEST) == 1
+    cut = pipeline.truncations(REQUEST)["prompt"][0]
+    assert "longer than the 77 tokens the text encoder reads" in " ".join(capsys.readouterr().err.split())
+    assert pipeline.encode_prompt(dataclasses.replace(REQUEST, prompt=[cut]))["encoder_hidden_states"].shape[1] == 77
+
+
+def test_sdxl_reads_both_encoders_in_as_many_chunks(tiny_sdxl_engine_dir):
+    """A short ``prompt_2`` beside a long prompt: the second encoder's reading is padded with an
+    empty chunk, so the two lie side by side; the pooled embedding is the first chunk's."""
+    pipeline = load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu")
+    request = dataclasses.replace(REQUEST, prompt_2=["a cat"], guidance=1.0)
+    got = pipeline.encode_prompt(request)
+    assert got["encoder_hidden_states"].shape[1] == 2 * 77
+    whole = pipeline.encode_prompt(dataclasses.replace(request, prompt_2=None))
+    first_chunk = kept_text(LONG, pipeline.tokenizer_2, 77, limit=1)
+    alone = pipeline.encode_prompt(dataclasses.replace(request, prompt=[first_chunk], prompt_2=None))
+    assert alone["encoder_hidden_states"].shape[1] == 77
+    assert torch.allclose(whole["text_embeds"], alone["text_embeds"], atol=1e-5)
+
+
+def test_served_rows_of_different_chunk_counts_are_generated_apart():
+    def row(prompt: str, chunks: int = 1) -> Row:
+        return Row(prompt=prompt, seed=0, steps=2, guidance=None, scheduler="pndm", height=64, width=64, chunks=chunks)
+
+    assert row("a cat").batch_key() != row(LONG, 2).batch_key() and row("a dog").batch_key() == row("a cat").batch_key()
