@@ -25,6 +25,7 @@ from sdexport.models import load_model
 from sdexport.models.controlnet import residual_layout
 from sdexport.models.presets import PRESETS
 from sdexport.runtime.loading import load_pipeline
+from sdexport.runtime.prompt_text import kept_text
 from sdexport.runtime.request import GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("without_gpu")
@@ -1010,3 +1011,17 @@ def test_a_manifest_with_other_residual_sides_is_refused(engine_dirs, tmp_path, 
     assert run_cli("inspect", directory) != 0
     assert "the manifest does not describe this graph" in capsys.readouterr().err
 
+
+
+def test_a_long_prompt_reaches_the_controlnet_in_every_chunk(engine_dirs):
+    """The ControlNet attends to the U-Net's text, two chunks of it: ONNX Runtime's graph and the
+    PyTorch module agree there (the quick export verified one chunk only), and the second chunk
+    changes the image."""
+    long = ", ".join(["a lighthouse on a cliff"] * 6)  # two chunks in the tiny vocabulary
+    request = _request("sd-one", prompt=[long, "a harbour"])
+    onnx, eager = (load_pipeline(engine_dirs["sd-one"], backend) for backend in ("onnxruntime-cpu", "torch"))
+    assert onnx.chunk_count(request) == 2
+    ours = onnx(request)
+    assert _rel(ours, eager(request)) < TOLERANCE
+    first = kept_text(long, onnx.tokenizer, 77, limit=1)  # the first chunk alone
+    assert _rel(onnx(_request("sd-one", prompt=[first, "a harbour"])), ours) > 10 * TOLERANCE

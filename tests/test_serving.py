@@ -242,6 +242,23 @@ def test_a_bad_request_gets_its_own_error_and_the_others_their_images(served):
     assert served.logs[-1].endswith("3 image(s) in 2 call(s) of 2, 1")
 
 
+def test_a_long_prompt_is_generated_apart_from_short_ones_and_as_run_makes_it(served, tiny_engine_dir, tmp_path):
+    """A call pads its texts to its longest's chunks: rows of two chunks and of one never share one,
+    so a short prompt's image is the same whoever else sent a long one."""
+    from PIL import Image
+
+    long = ", ".join(["a red boat"] * 12)  # two chunks in the tiny vocabulary
+    served.logs.clear()
+    [alone] = served.generate([_inputs(["a cat"], steps=2)])
+    results = served.generate([_inputs(["a cat"], steps=2), _inputs([long], steps=2), _inputs(["a dog"], steps=2)])
+    assert served.logs[-1].endswith("3 image(s) in 2 call(s) of 2, 1")
+    assert not isinstance(alone, str) and not isinstance(results[0], str) and not isinstance(results[1], str)
+    np.testing.assert_array_equal(results[0][0].pixels, alone[0].pixels)
+    out = tmp_path / "long.png"
+    assert run_cli("run", tiny_engine_dir, "-p", long, "--steps", "2", "--backend", BACKEND, "-o", out) == 0
+    np.testing.assert_array_equal(results[1][0].pixels, np.asarray(Image.open(out).convert("RGB")))
+
+
 def test_img2img_and_the_cli_agree_on_an_init_image_served_as_bytes(served, tiny_engine_dir, tmp_path):
     from PIL import Image
 

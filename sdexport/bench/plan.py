@@ -19,7 +19,7 @@ from sdexport.errors import SdexportError
 from sdexport.models.outline import ModelOutline, outline_model
 from sdexport.runtime.request import GenerationRequest, check_request
 from sdexport.setting_names import input_name, scenario_key, settings_named
-from sdexport.shapes import PROMPT_CHUNKS, ImageGeometry, ShapeProfile, parse_range
+from sdexport.shapes import ImageGeometry, ShapeProfile, parse_range
 from sdexport.specs import SDXL_REFINER
 
 
@@ -431,12 +431,12 @@ def request_for(scenario: Scenario, case: Case) -> GenerationRequest:
 
 def bench_export_profile(scenario: Scenario) -> ShapeProfile:
     """The profile the bench exports with: the scenario's batches and size, or its ``[export]`` ranges;
-    prompts of up to ``PROMPT_CHUNKS`` chunks, as exports read by default."""
+    one prompt chunk, the window diffusers' pipelines (the baseline) read: a longer prompt is cut
+    alike on both sides, and the images stay comparable."""
     batches, ranges = scenario.batch, scenario.export
     return ShapeProfile(
         parse_range(str(ranges["batch"]), "batch", "export.batch") if "batch" in ranges
         else (min(batches), max(batches), max(batches)),
         parse_range(str(ranges.get("height", scenario.height)), "height", "export.height"),
         parse_range(str(ranges.get("width", scenario.width)), "width", "export.width"),
-        PROMPT_CHUNKS,
     )

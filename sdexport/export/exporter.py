@@ -198,7 +198,7 @@ def export_component(
     memory: MemoryLog | None = None,
     release: bool = True,
 ) -> list[Reference]:
-    """Trace at a small in-profile shape (batch 2: see DESIGN.md), run PyTorch at the points to
+    """Trace at a small in-profile shape (batch 2: see DESIGN.md; two prompt chunks where it has them), run PyTorch at the points to
     verify, free the module (``release``), then clean, convert, save and check the graph. Returns
     PyTorch's outputs for ``compare_with_onnx``.
 
@@ -209,8 +209,10 @@ def export_component(
     memory = memory or MemoryLog()
     dims, vocab = model.dims, _vocab_size(model)
     batch = max(2, profile.component_batch(spec)[0])
-    example = sample_inputs(spec, dims.sizes(batch, profile.height[0], profile.width[0], profile.chunks[0]),
-                            vocab_size=vocab)
+    # two prompt chunks where the profile has them: a text length the trace baked in as a constant
+    # then fails verification at one chunk, which even --verify quick checks
+    chunks = max(profile.chunks[0], min(2, profile.chunks[2]))
+    example = sample_inputs(spec, dims.sizes(batch, profile.height[0], profile.width[0], chunks), vocab_size=vocab)
     workdir = path.parent / ".trace"
     try:
         with memory.stage(f"{spec.name}/load"):
