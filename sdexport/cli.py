@@ -115,9 +115,9 @@ def export(
     output: Annotated[str, typer.Option("-o", "--output", help="Engine directory to create.")],
     config: Annotated[str | None, typer.Option(help="For a single-file checkpoint: a diffusers directory or preset giving its architecture.")] = None,
     batch: BatchOpt = None,
-    prompt_chunks: PromptChunksOpt = None,
     height: HeightOpt = None,
     width: WidthOpt = None,
+    prompt_chunks: PromptChunksOpt = None,
     dtype: Annotated[str, typer.Option(help="fp32 or fp16 (fp16 weights and compute, float32 inputs/outputs).")] = "fp32",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 17,
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet,vae_decoder.")] = None,
@@ -810,14 +810,16 @@ def _generate(
     with step(f"Loading engines ({backend})"):
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
-                                 image_inputs=first.image is not None, loras=loras, guess_mode=first.guess_mode)
+                                 image_inputs=first.image is not None, loras=loras, guess_mode=first.guess_mode,
+                                 requests=parts)
         # (hashed before the heavy imports)
     refining = None
     if ensemble is not None:
         with step(f"Loading the refiner's engines ({backend})"):
             refining = load_pipeline(ensemble.refiner.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                      verify_files=False, graphs=graphs, provider_options=provider_options,
-                                     image_inputs=False)  # it starts from latents: no encoder
+                                     image_inputs=False,  # it starts from latents: no encoder
+                                     requests=ensemble.parts)
         for refine_part in ensemble.parts:  # before the base model runs
             check_loaded(refining, refine_part)
     for part in parts:

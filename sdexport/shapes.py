@@ -196,10 +196,11 @@ class ShapeProfile:
             for t in spec.inputs
         }
 
-    def within(self, outer: ShapeProfile) -> list[str]:
-        """Ways this profile reaches outside ``outer`` (empty when it fits)."""
+    def within(self, outer: ShapeProfile, *, chunks: bool = True) -> list[str]:
+        """Ways this profile reaches outside ``outer`` (empty when it fits); without ``chunks``, in
+        batch and image sides alone."""
         problems = []
-        for axis, (lo, _, hi) in self.axes:
+        for axis, (lo, _, hi) in self.axes[:None if chunks else 3]:
             olo, _, ohi = getattr(outer, axis)
             if lo < olo or hi > ohi:
                 problems.append(f"{axis} [{lo}, {hi}] is not inside [{olo}, {ohi}]")

@@ -252,3 +252,28 @@ def test_runtime_picks_the_engine_for_this_platform(engine_copy, fake_tensorrt):
     wide = ShapeProfile((1, 1, 2), (64, 128, 256), (64, 128, 256))
     with pytest.raises(ProfileError, match="covers batch 1-2"):
         select_engine(engine_copy, manifest, "unet", tensorrt_version="10.8.0.43", profile=wide, **here)
+
+
+def test_the_runtime_prefers_a_plan_that_reads_the_prompts_whole(engine_copy, fake_tensorrt):
+    """A newer static plan reads one prompt chunk; a request of two takes the older dynamic plan,
+    which reads both (a request of more than any plan reads still runs, cut: the newest plan)."""
+    from dataclasses import replace
+
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    (dynamic,) = build_engines(engine_copy, components=["unet"])
+    (static,) = build_engines(engine_copy, components=["unet"], static=True)
+    data = json.loads((engine_copy / "manifest.json").read_text())
+    for entry in data["components"]["unet"]["engines"].values():  # built a second apart, oldest first
+        entry["built"] = "2026-12-05T10:00:0" + ("1" if entry["path"].endswith(static.key.plan_name) else "0")
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    manifest = load_manifest(engine_copy)
+    assert manifest.components["unet"].engines  # (the edit kept them)
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+    one = ShapeProfile.single(1, 128, 128)
+    chosen = {n: select_engine(engine_copy, manifest, "unet", profile=replace(one, chunks=(n, n, n)), **here)["path"]
+              for n in (1, 2, 3)}
+    assert chosen == {1: f"unet/{static.key.plan_name}", 2: f"unet/{dynamic.key.plan_name}",
+                      3: f"unet/{static.key.plan_name}"}

@@ -168,3 +168,70 @@ def test_served_rows_of_different_chunk_counts_are_generated_apart():
         return Row(prompt=prompt, seed=0, steps=2, guidance=None, scheduler="pndm", height=64, width=64, chunks=chunks)
 
     assert row("a cat").batch_key() != row(LONG, 2).batch_key() and row("a dog").batch_key() == row("a cat").batch_key()
+
+
+class _BufferedEngine:
+    """An engine whose outputs live in its own buffers, overwritten by its next call, as a TensorRT
+    engine's do (``TensorRTEngine.__call__``)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.spec, self.device, self.profile = engine, engine.spec, engine.device, engine.profile
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def __call__(self, feed):
+        for name, value in self.engine(feed).items():
+            self.buffers.setdefault(name, torch.empty_like(value)).copy_(value)
+        return dict(self.buffers)
+
+
+@pytest.mark.parametrize("preset", ["sd", "sdxl"])
+def test_each_chunk_is_kept_before_the_encoder_runs_again(tiny_engine_dir, tiny_sdxl_engine_dir, preset):
+    """The first chunk's hidden states (and SDXL's pooled embedding) survive the second chunk's call
+    on an engine that reuses its output buffers."""
+    pipeline = load_pipeline(tiny_engine_dir if preset == "sd" else tiny_sdxl_engine_dir, "onnxruntime-cpu")
+    want = pipeline.encode_prompt(REQUEST)
+    for name in [n for n in pipeline.engines if n.startswith("text_encoder")]:
+        pipeline.engines[name] = _BufferedEngine(pipeline.engines[name])
+    got = pipeline.encode_prompt(REQUEST)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_engines_of_two_chunks_at_least_pad_a_short_prompt(tiny_engine_dir, tmp_path):
+    """A profile whose fewest chunks are two (a plan built ``--static`` at two): a one-chunk prompt
+    is read with an empty chunk after it."""
+    copy = tmp_path / "two"
+    shutil.copytree(tiny_engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["profile"]["chunks"] = [2, 2, 2]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    pipeline = load_pipeline(copy, "onnxruntime-cpu")
+    short = dataclasses.replace(REQUEST, prompt=["a cat"], guidance=1.0)
+    assert pipeline.least_chunks == 2 and pipeline.chunk_count(short) == 2
+    hidden = pipeline.encode_prompt(short)["encoder_hidden_states"]
+    empty = pipeline.encode_prompt(dataclasses.replace(short, prompt=[""]))["encoder_hidden_states"]
+    assert hidden.shape[1] == 2 * 77 and torch.equal(hidden[:, 77:], empty[:, 77:])
+    assert torch.isfinite(pipeline(short).latents).all()
+
+
+def test_breaks_that_start_read_chunks_are_recorded(tok):
+    """``a BREAK BREAK b`` in two chunks reads ``a`` and an empty chunk: the record keeps the BREAKs
+    that make it, and reads as the same two chunks."""
+    for limit, want in ((2, "a BREAK BREAK "), (1, "a")):
+        kept = kept_text("a BREAK BREAK b", tok, 77, "original", limit=limit)
+        assert kept == want
+        assert [len(c) for c in text_chunks([kept], tok, 77, "original", limit)[0]] == [1, 0][:limit]
+
+
+def test_run_loads_engines_for_its_prompts_chunks(tiny_engine_dir, monkeypatch):
+    """``load_pipeline(requests=...)`` reads the texts once the tokenizers load, so TensorRT prefers
+    a plan that reads them whole (and CUDA-graph sessions capture their length)."""
+    from sdexport.runtime import loading
+
+    seen = []
+    real = loading._load_engines
+    monkeypatch.setattr(loading, "_load_engines", lambda *a, **k: seen.append(k["request_profile"]) or real(*a, **k))
+    wanted = ShapeProfile.single(1, 64, 64)
+    load_pipeline(tiny_engine_dir, "onnxruntime-cpu", request_profile=wanted, requests=[REQUEST])
+    load_pipeline(tiny_engine_dir, "onnxruntime-cpu", request_profile=wanted,
+                  requests=[dataclasses.replace(REQUEST, prompt=["a cat"])])
+    assert [p.chunks for p in seen] == [(2, 2, 2), (1, 1, 1)]

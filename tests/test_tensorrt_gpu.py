@@ -125,9 +125,9 @@ def test_dynamic_engines_match_onnxruntime(built):
     assert shared.nbytes >= max(e.engine.device_memory_size_v2 for e in engines.values())
     dims = manifest.model_dims
     for name, engine in engines.items():
-        for _, batch, height, width, _ in manifest.shape_profile.points():
+        for _, batch, height, width, chunks in manifest.shape_profile.points():  # (the U-Net's text too)
             b = 2 * batch if engine.spec.cfg_batch else batch
-            _check(engine, directory, manifest, name, dims.sizes(b, height, width))
+            _check(engine, directory, manifest, name, dims.sizes(b, height, width, chunks))
 
 
 def test_out_of_profile_shape_is_refused_with_the_range(built):

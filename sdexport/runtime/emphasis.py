@@ -11,7 +11,8 @@ default (``none``, A1111's "None"): the images match diffusers'. ``original`` we
 default: the hidden states are multiplied token by token, then scaled back to their mean before
 weighing; ``no-norm`` (A1111's "No norm") leaves out the rescaling. A1111 takes the mean over every
 prompt encoded in one call; here it is each prompt's own, so that an image does not depend on the
-others beside it in a call (for one prompt, or a batch of the same, the two agree).
+others beside it in a call (for one prompt, or a batch of the same, the two agree), as long as they
+are read in as many chunks (a call pads its texts to its longest's: ``prompt_text``).
 
 ``BREAK`` starts a new chunk of the ones a long prompt is read in (``prompt_text``, which tokenizes;
 this module parses and writes the syntax and weighs hidden states, a chunk at a time).
@@ -178,7 +179,7 @@ def written(pieces: Iterable[tuple[str | None, float]]) -> str:
     out = []
     for text, weight in pieces:
         if text is BREAK:
-            out.append(" BREAK ")
+            out.append("BREAK " if out and out[-1].endswith(" ") else " BREAK ")
             continue
         if not text and weight == 1.0:
             continue

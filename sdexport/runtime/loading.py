@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported where engines are made: the checks above 
     import torch
 
     from sdexport.runtime.engine import Engine
+    from sdexport.runtime.request import GenerationRequest
     from sdexport.runtime.txt2img import Txt2ImgPipeline
 
 
@@ -129,6 +131,7 @@ def load_pipeline(
     loras: list[LoraFile] | None = None,
     guess_mode: bool = False,
     model_source: dict[str, Any] | None = None,
+    requests: Sequence[GenerationRequest] = (),
 ) -> Txt2ImgPipeline:
     """The engine directory's pipeline (a ``Txt2ImgPipeline``: call it with a ``GenerationRequest``)
     over ``backend``: ``onnxruntime`` (CUDA where it can, else the CPU), ``onnxruntime-cpu``,
@@ -147,8 +150,11 @@ def load_pipeline(
     requests will ask for ControlNet guess mode, so CUDA-graph sessions capture the ControlNets at
     the prompts' batch (as for a directory whose first ControlNet pools). ``model_source``: where the
     Torch backend reloads the model from instead of the manifest's ``model.source`` (``relocated``:
-    a copy of the same files, elsewhere)."""
-    from sdexport.runtime.txt2img import Txt2ImgPipeline
+    a copy of the same files, elsewhere). ``requests``: those that will be asked for, whose texts
+    give ``request_profile`` its prompt chunks (read once the tokenizers load), so TensorRT prefers
+    a plan that reads them whole and CUDA-graph sessions capture their text length."""
+    from sdexport.runtime.prompt_text import longest_chunks
+    from sdexport.runtime.txt2img import Txt2ImgPipeline, text_tokenizers
 
     engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
@@ -172,6 +178,10 @@ def load_pipeline(
         verify_for_backend(engine_dir, manifest, backend, graphs, image_inputs=image_inputs, lora=bool(loras))
     # The small files first: a bad tokenizer or scheduler config is refused before any engine loads.
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
+    if request_profile is not None and requests:
+        named = text_tokenizers(manifest.family, tokenizers.get("tokenizer"), tokenizers.get("tokenizer_2"))
+        most = max(longest_chunks(r, named, manifest.model_dims.S, manifest.shape_profile.chunks[2]) for r in requests)
+        request_profile = replace(request_profile, chunks=(most, most, most))
     pooled = pooled_controlnets(engine_dir, manifest)
     if backend.startswith("onnxruntime"):  # what to install, in one line, before torch is asked for a CUDA stream
         from sdexport.runtime.providers import require_backend  # (TensorRT's loader says so itself)

@@ -12,6 +12,7 @@ came from), whatever its case and whatever other words the tokenizer knows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from sdexport.models.textual_inversion import token_name
@@ -19,6 +20,8 @@ from sdexport.runtime.emphasis import BREAK, parse, written
 
 if TYPE_CHECKING:
     import torch
+
+    from sdexport.runtime.request import GenerationRequest
 
 
 def follow_ups(tokenizer: Any) -> dict[int, list[str]]:
@@ -133,6 +136,13 @@ def chunk_tensors(chunked: list[list[Chunk]], tokenizer: Any, length: int,
     return torch.tensor(rows), torch.tensor(weights) if weighed else None
 
 
+def longest_chunks(request: GenerationRequest, tokenizers: Mapping[str, Any], length: int, limit: int) -> int:
+    """The most chunks (at most ``limit``) any text of ``request`` that a call reads is read in;
+    ``tokenizers``: each text's (``txt2img.text_tokenizers``)."""
+    return max(len(chunks) for name in request.texts_read()
+               for chunks in text_chunks(list(getattr(request, name)), tokenizers[name], length, request.emphasis, limit))
+
+
 def token_ids(texts: list[str], tokenizer: Any, length: int, emphasis: str = "none",
               limit: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``texts`` as the text encoder's ``input_ids`` in at most ``limit`` chunks each (B × n ×
@@ -145,8 +155,9 @@ def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none", li
     """The part of ``text`` that ``limit`` chunks of ``length`` tokens read, or None when all of it
     fits. A word of several vectors is read whole or not at all. Weighed (``emphasis``), the part
     is written back in A1111's syntax with each run's exact weight (and its ``BREAK``s)."""
-    runs = _runs(text, tokenizer, emphasis)
-    room = sum(len(chunk) for chunk in _chunked(runs, length - 2, _comma(tokenizer))[:limit])
+    runs, comma = _runs(text, tokenizer, emphasis), _comma(tokenizer)
+    read = _chunked(runs, length - 2, comma)[:limit]
+    room = sum(map(len, read))
     if room == sum(len(found) for _, _, found in runs):
         return None
     if emphasis == "none":
@@ -157,6 +168,10 @@ def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none", li
         if room < len(found):
             if room:
                 kept += [*waiting, (_cut_text([unit[0] for unit in found[:room]], tokenizer, piece or ""), weight)]
+            else:  # BREAKs at the cut: as many as start the (empty) chunks that are read
+                marks = [mark for mark in waiting if mark[0] is BREAK]
+                while marks and len(_chunked(_runs(written(kept), tokenizer, emphasis), length - 2, comma)) < len(read):
+                    kept.append(marks.pop(0))
             break
         if found:
             kept += [*waiting, (piece, weight)]

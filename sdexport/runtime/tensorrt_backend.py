@@ -380,10 +380,11 @@ class TensorRTEngine:
                 if not low <= value <= high:
                     symbol = symbols[axis] if axis < len(symbols) else str(axis)
                     allowed = f"{low}" if low == high else f"in [{low}, {high}]"
+                    wider = "--prompt-chunks" if symbol == "X" else "--batch/--height/--width"
                     raise ProfileError(
                         f"{self.spec.name}.{name}: axis {axis} ({symbol}) is {value}, but this TensorRT "
                         f"engine was built for {symbol} {allowed} (shape {list(lo)} to {list(hi)}); "
-                        "rebuild with `sdexport build` and a wider --batch/--height/--width"
+                        f"rebuild with `sdexport build` and a wider {wider}"
                     )
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -507,8 +508,10 @@ def select_engine(
 
     Picks among plans built by this TensorRT version for this GPU; with ``fp32`` (the component runs
     in fp32: ``build.vae_upcast.kept_fp32``), only those built without the fp16 flag, which a build
-    before that rule set; with ``profile``, only those whose build profile covers it; then the most
-    recently built. Raises EngineDirError saying what there is.
+    before that rule set; with ``profile``, only those whose build profile covers its batch and
+    sides, and of those the ones that also cover its prompt chunks where any does (a plan of fewer
+    reads the prompt cut, with the runtime's warning); then the most recently built. Raises
+    EngineDirError saying what there is.
     """
     if component not in manifest.components:
         raise EngineDirError(f"{engine_dir}: no component {component!r} (has {', '.join(manifest.components)})")
@@ -538,10 +541,10 @@ def select_engine(
             f"(it has: {_describe_engines(manifest, component)})"
         )
     if profile is not None:
-        fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e))]
+        fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e), chunks=False)]
         if not fitting:
             have = "; ".join(_profile_text(_entry_profile(manifest, e)) for e in candidates)
-            passed_over = sum(1 for e in flagged if not profile.within(_entry_profile(manifest, e)))
+            passed_over = sum(1 for e in flagged if not profile.within(_entry_profile(manifest, e), chunks=False))
             raise ProfileError(
                 f"no {component} engine for {here} covers batch {_span(profile.batch)}, height "
                 f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}"
@@ -549,7 +552,7 @@ def select_engine(
                    "(its config sets force_upcast), and are passed over" if passed_over else "")
                 + f"); rebuild with `sdexport build {pasteable(engine_dir)}` and that profile"
             )
-        candidates = fitting
+        candidates = [e for e in fitting if not profile.within(_entry_profile(manifest, e))] or fitting
     return max(candidates, key=lambda e: str(e.get("built", "")))
 
 

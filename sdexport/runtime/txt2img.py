@@ -26,10 +26,10 @@ import torch
 from rich.markup import escape
 
 from sdexport.console import console
-from sdexport.errors import ProfileError, SdexportError, pasteable
+from sdexport.errors import EngineDirError, ProfileError, SdexportError, pasteable
 from sdexport.runtime.emphasis import check_reading, weigh
 from sdexport.runtime.engine import Engine
-from sdexport.runtime.prompt_text import Chunk, chunk_tensors, kept_text, text_chunks
+from sdexport.runtime.prompt_text import Chunk, chunk_tensors, kept_text, longest_chunks, text_chunks
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
     a1111_sampler,
@@ -284,6 +284,13 @@ class GenerationResult:
         return save_images(self, Path(path), label=str(path))  # errors name the path, not a CLI flag
 
 
+def text_tokenizers(family: str, tokenizer: Any, tokenizer_2: Any) -> dict[str, Any]:
+    """The tokenizer of each text a request may give: the refiner's only one reads its prompts (the
+    second texts are SDXL's: ``check_request``)."""
+    first = tokenizer_2 if family == SDXL_REFINER else tokenizer
+    return {"prompt": first, "negative_prompt": first, "prompt_2": tokenizer_2, "negative_prompt_2": tokenizer_2}
+
+
 class Txt2ImgPipeline:
     """The one denoising loop over an engine directory's engines, whatever their backend: text to
     image, img2img, inpainting, ControlNets, T2I-Adapters, run-time LoRA and SDXL's two experts are
@@ -344,10 +351,17 @@ class Txt2ImgPipeline:
         self.adapters = adapters_among(engines)
         self.adapter = bool(self.adapters)
         self.pooled_controlnets = tuple(n for n in self.controlnets if n in pooled_controlnets)
-        self.prompt_chunks = min(engine.profile.chunks[2] for engine in engines.values()
-                                 if "encoder_hidden_states" in engine.spec.input_names)
+        taking = [engine.profile.chunks for engine in engines.values() if "encoder_hidden_states" in engine.spec.input_names]
+        self.prompt_chunks = min(most for _, _, most in taking)
         """The most prompt chunks a text is read in: what the U-Net's (and ControlNets') engines
         take (``ShapeProfile.chunks``); what follows is cut, with a warning."""
+        self.least_chunks = max(least for least, _, _ in taking)
+        """The fewest the engines take (a plan built ``--static`` at two chunks: two): fewer are
+        padded with empty chunks."""
+        if self.least_chunks > self.prompt_chunks:
+            raise EngineDirError(f"the engines that read the text take no common number of prompt chunks "
+                                 f"({', '.join(f'{lo}-{hi}' for lo, _, hi in taking)}): build them with one "
+                                 f"{option('--prompt-chunks')}")
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
@@ -559,10 +573,12 @@ class Txt2ImgPipeline:
     @property
     def reads(self) -> str:
         """How much text the engines read, as the warnings say it."""
-        if self.prompt_chunks == 1:
+        if self.profile.chunks[2] == 1:  # (a directory exported before the axis, or with one chunk)
             return f"the {self.dims.S} tokens the text encoder reads"
-        return (f"the {self.prompt_chunks} chunks of {self.dims.S - 2} tokens the engines read (export "
-                f"{option('--prompt-chunks')} reads more)")
+        what = f"the {self.dims.S} tokens" if self.prompt_chunks == 1 else \
+            f"the {self.prompt_chunks} chunks of {self.dims.S - 2} tokens"
+        wider = "build" if self.profile.chunks[2] > self.prompt_chunks else "export"  # (a plan built narrower)
+        return f"{what} the engines read ({wider} {option('--prompt-chunks')} reads more)"
 
     def chunks(self, texts: list[str], tokenizer: Any, emphasis: str) -> list[list[Chunk]]:
         """Each text in the chunks the engines read (``prompt_text.text_chunks``)."""
@@ -570,16 +586,12 @@ class Txt2ImgPipeline:
 
     def chunk_count(self, request: GenerationRequest) -> int:
         """The prompt chunks the U-Net attends to for ``request``: its longest text's (the texts
-        of a call are padded to it). Served rows of different counts are generated apart."""
-        tokenizers = self.text_tokenizers()
-        return max(len(chunks) for name in request.texts_read()
-                   for chunks in self.chunks(list(getattr(request, name)), tokenizers[name], request.emphasis))
+        of a call are padded to it), at least ``least_chunks``. Served rows of different counts are
+        generated apart."""
+        return max(self.least_chunks, longest_chunks(request, self.text_tokenizers(), self.dims.S, self.prompt_chunks))
 
     def text_tokenizers(self) -> dict[str, Any]:
-        """The tokenizer of each text a request may give (the second texts are SDXL's: check_request)."""
-        first = self.tokenizer_2 if self.family == SDXL_REFINER else self.tokenizer  # (its only one)
-        return {"prompt": first, "negative_prompt": first, "prompt_2": self.tokenizer_2,
-                "negative_prompt_2": self.tokenizer_2}
+        return text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
 
     def read_text(self, part: str, chunked: list[list[Chunk]], tokenizer: Any, emphasis: str, layer: str,
                   count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
@@ -590,8 +602,12 @@ class Txt2ImgPipeline:
         ids, weights = chunk_tensors(chunked, tokenizer, self.dims.S, count)
         ids = ids.to(device=self.device, dtype=torch.int32)
         hidden, first = [], None
+        last = ids.shape[1] - 1
         for i in range(ids.shape[1]):  # the encoder's batch is the texts': its profile's
             out = self.engines[part]({"input_ids": ids[:, i].contiguous()})
+            if i < last:  # a TensorRT engine's outputs are its buffers, which its next call overwrites:
+                # keep what is read (the first chunk's every output, the others' hidden states)
+                out = {name: value.clone() for name, value in out.items() if i == 0 or name == layer}
             first = out if first is None else first
             hidden.append(out[layer] if weights is None else weigh(out[layer], weights[:, i], emphasis))
         assert first is not None
@@ -614,7 +630,7 @@ class Txt2ImgPipeline:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
         hidden, _, weighed = self.read_text("text_encoder", self.chunks(prompts, self.tokenizer, request.emphasis),
-                                            self.tokenizer, request.emphasis, "last_hidden_state")
+                                            self.tokenizer, request.emphasis, "last_hidden_state", self.least_chunks)
         self.check_reading(hidden, weighed)
         return {"encoder_hidden_states": hidden}
 
@@ -638,7 +654,7 @@ class Txt2ImgPipeline:
         # each encoder reads its own texts; both read as many chunks, to lie side by side
         chunked_1 = [] if refiner else self.chunks(first, self.tokenizer, request.emphasis)
         chunked_2 = self.chunks(second, self.tokenizer_2, request.emphasis)
-        count = max(len(chunks) for chunks in (*chunked_1, *chunked_2))
+        count = max(self.least_chunks, *(len(chunks) for chunks in (*chunked_1, *chunked_2)))
         read_1, _, weighed_1 = (None, None, False) if refiner else self.read_text(
             "text_encoder", chunked_1, self.tokenizer, request.emphasis, f"hidden_states.{self.dims.L1 - 1 - skip}",
             count)
