@@ -176,7 +176,7 @@ def written(pieces: Iterable[tuple[str | None, float]]) -> str:
     in brackets: it parts runs of one weight, which are then tokenized apart."""
     import numpy as np
 
-    out = []
+    out: list[str] = []
     for text, weight in pieces:
         if text is BREAK:
             out.append("BREAK " if out and out[-1].endswith(" ") else " BREAK ")
