@@ -319,3 +319,20 @@ def test_torch_compile_max_matches_eager(tiny_engine_dir: Path):
         again = fast(REQUEST)
     assert _rel_l2(a.latents, b.latents) < 1e-2
     assert _rel_l2(again.latents, a.latents) < 1e-4  # replays compute what the first call did
+
+
+@needs_ort_cuda
+def test_a_cuda_graph_pipeline_follows_a_change_of_prompt_chunks(fused_dir: Path):
+    """A prompt of two chunks after one of one: the captured U-Net's text length changes, its session
+    is made again, and it still matches the portable graphs."""
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.shapes import ShapeProfile
+
+    long = dataclasses.replace(REQUEST, prompt=[", ".join(["a lighthouse on a cliff"] * 6)] * REQUEST.batch)
+    wanted = ShapeProfile.single(REQUEST.batch, REQUEST.height, REQUEST.width)
+    with load_pipeline(fused_dir, "onnxruntime-cuda", cuda_graph=True, request_profile=wanted) as fused, \
+            load_pipeline(fused_dir, "onnxruntime-cuda", graphs="portable") as portable:
+        assert fused.chunk_count(long) == 2
+        fused(REQUEST)
+        a, b = fused(long), portable(long)
+    assert _rel_l2(a.latents, b.latents) < 3e-2
