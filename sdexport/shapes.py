@@ -55,11 +55,11 @@ def parse_range(text: str, what: str, label: str | None = None) -> Range:
 
 
 AXIS_OPTIONS = {"chunks": "--prompt-chunks"}
-"""Axes whose option is not ``--`` and their name."""
+"""The export and build options of axes whose option is not ``--`` and the axis's name."""
 
 PROMPT_CHUNKS = (1, 1, 3)
-"""What exports read by default: a prompt of up to three chunks (225 tokens) read whole, the opt
-shape the short prompt's (``ShapeProfile.chunks``)."""
+"""What exports read by default (``ShapeProfile.chunks``): a prompt of up to three chunks (225
+tokens) read whole; opt one chunk, the short prompt's, which TensorRT tunes its kernels for."""
 
 
 def axis_option(axis: str) -> str:
@@ -200,7 +200,9 @@ class ShapeProfile:
         """Ways this profile reaches outside ``outer`` (empty when it fits); without ``chunks``, in
         batch and image sides alone."""
         problems = []
-        for axis, (lo, _, hi) in self.axes[:None if chunks else 3]:
+        for axis, (lo, _, hi) in self.axes:
+            if axis == "chunks" and not chunks:
+                continue
             olo, _, ohi = getattr(outer, axis)
             if lo < olo or hi > ohi:
                 problems.append(f"{axis} [{lo}, {hi}] is not inside [{olo}, {ohi}]")

@@ -195,6 +195,15 @@ def drop_a_signal(number: int) -> None:
     assert dropped and dropped[0] is not None and issubclass(dropped[0], KeyboardInterrupt), dropped
 
 
+def token_ids(texts: list[str], tokenizer, length: int, emphasis: str = "none", limit: int = 1):
+    """``texts`` as a text encoder's ``input_ids`` in at most ``limit`` chunks each (B x n x
+    ``length``), and each token's weight where ``emphasis`` weighs any (else None): the runtime's
+    ``text_chunks`` and ``chunk_tensors`` in one call."""
+    from sdexport.runtime.prompt_text import chunk_tensors, text_chunks
+
+    return chunk_tensors(text_chunks(texts, tokenizer, length, emphasis, limit), tokenizer, length)
+
+
 def run_cli(*args: str) -> int:
     """Run the CLI in-process (the same ``main`` as the console script) and return its exit code."""
     from sdexport.cli import main

@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, token_ids
 from sdexport.errors import SdexportError
 from sdexport.manifest import load_manifest
 from sdexport.models import load_model
 from sdexport.runtime.emphasis import BREAK, parse, written
 from sdexport.runtime.loading import load_pipeline
-from sdexport.runtime.prompt_text import kept_text, token_ids
+from sdexport.runtime.prompt_text import kept_text
 from sdexport.runtime.request import GenerationRequest, check_request
 
 REQUEST = GenerationRequest(prompt=["a (red:1.5) fox [tail]"], steps=2, seeds=[3], height=64, width=64,

@@ -10,13 +10,13 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, token_ids
 from sdexport.build.profiles import build_profile
 from sdexport.errors import ProfileError
 from sdexport.manifest import load_manifest
 from sdexport.models import load_model
 from sdexport.runtime.loading import load_pipeline
-from sdexport.runtime.prompt_text import COMMA_BACKTRACK, kept_text, text_chunks, token_ids
+from sdexport.runtime.prompt_text import COMMA_BACKTRACK, kept_text, text_chunks
 from sdexport.runtime.request import GenerationRequest
 from sdexport.serving.requests import Row
 from sdexport.shapes import ShapeProfile

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import bench_refusal, cpu_only, run_cli
+from conftest import bench_refusal, cpu_only, run_cli, token_ids
 from sdexport.bench.reference import DiffusersReference
 from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export.exporter import ExportOptions, export
@@ -27,7 +27,6 @@ from sdexport.manifest import load_manifest
 from sdexport.models import load_model
 from sdexport.models.textual_inversion import Embedding
 from sdexport.runtime.loading import load_pipeline
-from sdexport.runtime.prompt_text import token_ids
 from sdexport.runtime.request import GenerationRequest
 
 REQUEST = GenerationRequest(prompt=["a my-style lighthouse", "a harbour"], negative_prompt=["my-style", "fog"],

@@ -1,13 +1,18 @@
 """Prompts as the text encoders read them: textual inversion words spelled out, A1111's emphasis
-weighed (``runtime.emphasis``), and what fits.
+weighed (``runtime.emphasis``), in A1111's chunks of 75 tokens, and what fits.
+
+A long prompt is read as A1111 reads it (``tokenize_line``): in chunks of ``S`` - 2 tokens, each
+encoded on its own with its start and end tokens, side by side for the U-Net (its ``X``); the
+engines take at most the profile's ``chunks`` of them, and the texts of a call are padded with
+empty chunks to its longest.
 
 A textual inversion word of several vectors (``models.textual_inversion``) is one added token to
 the tokenizer, ``STYLE``, followed by ``STYLE_1``, ``STYLE_2``...; a prompt names the word once
 and is read with all of them, as diffusers' ``maybe_convert_prompt`` spells it out. That function
 looks the word up by the text the tokenizer gives for it, which transformers 5's CLIP tokenizers
 give in lower case, and replaces it wherever it occurs in the prompt, inside other added words
-too. Here the word is found where the tokenizer finds it (its token id and the characters it
-came from), whatever its case and whatever other words the tokenizer knows.
+too. Here the word is found where the tokenizer finds it (its token id), whatever its case and
+whatever other words the tokenizer knows, and its vectors stay in one chunk.
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def _chunked(runs: list[tuple[str | None, float, list[Unit]]], room: int, comma:
         return sum(len(unit) for unit, _ in part)
 
     for piece, weight, found in runs:
-        if piece is BREAK and not found:
+        if piece is BREAK:
             chunks.append(chunk)
             chunk, last_comma = [], -1
             continue
@@ -141,14 +146,6 @@ def longest_chunks(request: GenerationRequest, tokenizers: Mapping[str, Any], le
     ``tokenizers``: each text's (``txt2img.text_tokenizers``)."""
     return max(len(chunks) for name in request.texts_read()
                for chunks in text_chunks(list(getattr(request, name)), tokenizers[name], length, request.emphasis, limit))
-
-
-def token_ids(texts: list[str], tokenizer: Any, length: int, emphasis: str = "none",
-              limit: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``texts`` as the text encoder's ``input_ids`` in at most ``limit`` chunks each (B × n ×
-    ``length``), and each token's weight where ``emphasis`` weighs any (else None: the hidden
-    states are used as they come)."""
-    return chunk_tensors(text_chunks(texts, tokenizer, length, emphasis, limit), tokenizer, length)
 
 
 def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none", limit: int = 1) -> str | None:

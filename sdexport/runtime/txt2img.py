@@ -557,7 +557,7 @@ class Txt2ImgPipeline:
         ``prompt_chunks`` chunks of S - 2; the user should hear it, and the saved image should record
         the text that was used, not the text that was given.
         """
-        tokenizers = self.text_tokenizers()
+        tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
         found: dict[str, list[str | None]] = {}
         for name in request.texts_read():
             texts, tokenizer = getattr(request, name), tokenizers[name]
@@ -588,10 +588,8 @@ class Txt2ImgPipeline:
         """The prompt chunks the U-Net attends to for ``request``: its longest text's (the texts
         of a call are padded to it), at least ``least_chunks``. Served rows of different counts are
         generated apart."""
-        return max(self.least_chunks, longest_chunks(request, self.text_tokenizers(), self.dims.S, self.prompt_chunks))
-
-    def text_tokenizers(self) -> dict[str, Any]:
-        return text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
+        tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
+        return max(self.least_chunks, longest_chunks(request, tokenizers, self.dims.S, self.prompt_chunks))
 
     def read_text(self, part: str, chunked: list[list[Chunk]], tokenizer: Any, emphasis: str, layer: str,
                   count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
