@@ -135,12 +135,18 @@ def test_a_long_prompt_is_read_whole_and_the_u_net_attends_to_every_chunk(tiny_e
     assert float((ours - want).norm() / want.norm()) < 1e-4
 
 
-def test_a_directory_written_before_the_axis_reads_one_chunk(tiny_engine_dir, tmp_path, capsys):
-    copy = tmp_path / "old"
-    shutil.copytree(tiny_engine_dir, copy)
+def _with_chunks(engine_dir, copy, chunks: list[int] | None):
+    """A copy of ``engine_dir`` whose manifest's profile has ``chunks`` (None: none, as before the axis)."""
+    shutil.copytree(engine_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    del manifest["profile"]["chunks"]
+    manifest["profile"].pop("chunks")
+    manifest["profile"].update({"chunks": chunks} if chunks else {})
     (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_a_directory_written_before_the_axis_reads_one_chunk(tiny_engine_dir, tmp_path, capsys):
+    copy = _with_chunks(tiny_engine_dir, tmp_path / "old", None)
     assert load_manifest(copy).shape_profile.chunks == (1, 1, 1)
     pipeline = load_pipeline(copy, "onnxruntime-cpu")
     assert pipeline.prompt_chunks == 1 and pipeline.chunk_count(REQUEST) == 1
@@ -199,12 +205,7 @@ def test_each_chunk_is_kept_before_the_encoder_runs_again(tiny_engine_dir, tiny_
 def test_engines_of_two_chunks_at_least_pad_a_short_prompt(tiny_engine_dir, tmp_path):
     """A profile whose fewest chunks are two (a plan built ``--static`` at two): a one-chunk prompt
     is read with an empty chunk after it."""
-    copy = tmp_path / "two"
-    shutil.copytree(tiny_engine_dir, copy)
-    manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["profile"]["chunks"] = [2, 2, 2]
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    pipeline = load_pipeline(copy, "onnxruntime-cpu")
+    pipeline = load_pipeline(_with_chunks(tiny_engine_dir, tmp_path / "two", [2, 2, 2]), "onnxruntime-cpu")
     short = dataclasses.replace(REQUEST, prompt=["a cat"], guidance=1.0)
     assert pipeline.least_chunks == 2 and pipeline.chunk_count(short) == 2
     hidden = pipeline.encode_prompt(short)["encoder_hidden_states"]
