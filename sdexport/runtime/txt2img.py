@@ -594,10 +594,10 @@ class Txt2ImgPipeline:
     def read_text(self, part: str, chunked: list[list[Chunk]], tokenizer: Any, emphasis: str, layer: str,
                   count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
         """The text encoder ``part``'s hidden states ``layer`` for texts in their chunks (``chunks``;
-        padded to ``count``), chunk after chunk side by side, each weighed on its own as A1111 does
-        (``emphasis``); the first chunk's outputs as they came (SDXL's pooled embedding is the first
-        chunk's, as A1111's); and whether any weight applied."""
-        ids, weights = chunk_tensors(chunked, tokenizer, self.dims.S, count)
+        padded to ``count`` and to ``least_chunks``), chunk after chunk side by side, each weighed on
+        its own as A1111 does (``emphasis``); the first chunk's outputs as they came (SDXL's pooled
+        embedding is the first chunk's, as A1111's); and whether any weight applied."""
+        ids, weights = chunk_tensors(chunked, tokenizer, self.dims.S, max(count, self.least_chunks))
         ids = ids.to(device=self.device, dtype=torch.int32)
         hidden, first = [], None
         last = ids.shape[1] - 1
@@ -628,7 +628,7 @@ class Txt2ImgPipeline:
             negatives = request.negative_prompt or [""] * request.batch
             prompts = list(negatives) + prompts
         hidden, _, weighed = self.read_text("text_encoder", self.chunks(prompts, self.tokenizer, request.emphasis),
-                                            self.tokenizer, request.emphasis, "last_hidden_state", self.least_chunks)
+                                            self.tokenizer, request.emphasis, "last_hidden_state")
         self.check_reading(hidden, weighed)
         return {"encoder_hidden_states": hidden}
 
@@ -652,7 +652,7 @@ class Txt2ImgPipeline:
         # each encoder reads its own texts; both read as many chunks, to lie side by side
         chunked_1 = [] if refiner else self.chunks(first, self.tokenizer, request.emphasis)
         chunked_2 = self.chunks(second, self.tokenizer_2, request.emphasis)
-        count = max(self.least_chunks, *(len(chunks) for chunks in (*chunked_1, *chunked_2)))
+        count = max(len(chunks) for chunks in (*chunked_1, *chunked_2))
         read_1, _, weighed_1 = (None, None, False) if refiner else self.read_text(
             "text_encoder", chunked_1, self.tokenizer, request.emphasis, f"hidden_states.{self.dims.L1 - 1 - skip}",
             count)
