@@ -952,7 +952,7 @@ def _check_emphasis(request: GenerationRequest) -> None:
             label = setting(name) + (f" {i + 1}" if len(texts) > 1 else "")
             if len(text) > MAX_TEXT:
                 raise SdexportError(f"{label}: {len(text):,} characters; read with {setting('emphasis')} a text "
-                                    f"has at most {MAX_TEXT:,} (the text encoder reads 75 tokens)")
+                                    f"has at most {MAX_TEXT:,} (the engines read a few chunks of 75 tokens)")
             try:
                 weights = [weight for _, weight in parse(text)]
             except EmphasisError as error:
