@@ -258,7 +258,7 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
                     if command.startswith(("-m sdexport", "-m pytest"))}
     unset = os.environ.get("OMP_NUM_THREADS", "")  # (what the test process has: 1 in an xdist worker)
     assert environments == {command: f"  revision=0123abc path={tmp_path / 'site'} threads={threads}" for command, threads
-                            in (("export", 12), ("-m", 4), ("build", unset), ("bench", unset))}, environments
+                            in (("export", 10), ("-m", 4), ("build", unset), ("bench", unset))}, environments
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
         names = tar.getnames()
         assert tar.extractfile("./REVISION").read() == b"0123abc\n"
@@ -271,6 +271,42 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
     assert "bench-runtime: done in an earlier call" in asked.stdout
     assert _steps(tmp_path)["bench-compile-max"] == "rc 0"
     assert "--contenders diffusers,torch-compile-max" in (tmp_path / "commands.log").read_text()
+
+
+def test_the_lease_split_into_three_calls_brings_back_each_part_and_goes_on_where_it_ended(tmp_path: Path, carried: Path):
+    """The recipe in lease.sh's header: the facts alone (only REVISION carried), then the install,
+    export and tests, then the benchmarks; each call's archive holds all done so far."""
+    only_revision = tmp_path / "only-revision"
+    only_revision.mkdir()
+    shutil.copy(carried / "REVISION", only_revision / "REVISION")
+    first = _lease(tmp_path, only_revision, 60, LEASE_UNTIL="facts")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert _steps(tmp_path) == {"facts": "rc 0"}
+    assert "call ends after facts (LEASE_UNTIL)" in (tmp_path / "out" / "lease.log").read_text()
+
+    second = _lease(tmp_path, carried, 380, LEASE_UNTIL="export")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "facts: done in an earlier call" in second.stdout
+    assert _steps(tmp_path) == {"facts": "rc 0", "install": "rc 0", "export": "rc 0", "gpu-tests": "rc 0"}
+    assert "sdexport bench" not in (tmp_path / "commands.log").read_text()
+
+    nothing = tmp_path / "nothing-carried"
+    nothing.mkdir()
+    third = _lease(tmp_path, nothing, 300)
+    assert third.returncode == 0, third.stdout + third.stderr
+    steps = _steps(tmp_path)
+    assert list(steps)[4:] == ["bench-runtime", "bench-compile", "build-fused", "bench-fused"]
+    assert set(steps.values()) == {"rc 0"}, steps
+    assert (tmp_path / "commands.log").read_text().count("sdexport export") == 1  # not again
+
+
+def test_a_lease_asked_to_end_after_no_step_of_its_own_is_refused_before_it_starts(tmp_path: Path, carried: Path):
+    refused = _lease(tmp_path, carried, 60, LEASE_UNTIL="bench")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        ("lease.sh: LEASE_UNTIL=bench: name one of facts install export bench-runtime bench-compile build-fused "
+         "bench-fused (the call ends after it), or leave it unset")]
+    assert not (tmp_path / "lease").exists() and not list((tmp_path / "out").iterdir())
 
 
 def test_a_process_a_step_left_behind_does_not_hold_the_lease_open(tmp_path: Path, carried: Path):

@@ -2,19 +2,28 @@
 # The GPU lease (issue 11): the machine's facts, the GPU tests, and the SD 1.5 benchmarks against
 # eager diffusers, most important first, inside a time budget.
 #
-# Prepare here (network), commit, then make the call at once:
+# Prepare here (network), commit, then make the calls, each one at once after the last (within the
+# machine's 30-s warm window, or what the earlier calls carried and built is gone):
 #   bash scripts/gpu-lease/prepare.sh          # .lease/site.tar.xz, checked to fit; .lease/REVISION
-#   device run: command "bash scripts/gpu-lease/lease.sh", carry [".lease"], timeout_s 600
-# If device time is left, a second call right away (within the machine's 30-s warm window): what
-# the first carried is still there, so it carries nothing (or just ".lease/REVISION" after a new
-# commit and `prepare.sh --revision`), with a budget of the device time left less about 90 s:
-#   device run: command "LEASE_BUDGET_S=<seconds> bash scripts/gpu-lease/lease.sh", timeout_s <budget + 40>
+#   1. carry [".lease/REVISION"], command "LEASE_UNTIL=facts bash scripts/gpu-lease/lease.sh",
+#      timeout_s 60: the machine's facts, in seconds (the issue's first evidence)
+#   2. carry [".lease"], command "LEASE_UNTIL=export LEASE_BUDGET_S=380 bash scripts/gpu-lease/lease.sh",
+#      timeout_s 420: the install, then the export beside the GPU tests
+#   3. carry nothing, command "LEASE_BUDGET_S=<device time left less 90> bash scripts/gpu-lease/lease.sh",
+#      timeout_s <budget + 40>: the benchmarks, most important first; the same again while time is left
+# LEASE_UNTIL ends a call after the step it names; the next call goes on from there. Why three
+# calls, where one (carry [".lease"], "bash scripts/gpu-lease/lease.sh", timeout_s 600) would do:
+# a call whose machine stops answering brings back nothing, not even the steps it finished. The
+# first lease (2026-12-05, one call) lost its device time so: the call spent 699 s of it, start
+# included, before the machine stopped answering, and no file came back. Split, each call brings
+# back all done so far.
+# After a new commit, `prepare.sh --revision` and carry just ".lease/REVISION" in a later call.
 # Then, here: python3 scripts/gpu-lease/collect.py <files_at>/lease-results.tar.gz
 #   (benchmarks/results/<date>-<gpu>/ with a README.md, and the table for the project README)
 #
 # A call carries at most 64 MiB, a later call must come within 30 s or all an earlier one carried
 # and built is gone, and the session's device time (15 min) counts the start, every call and every
-# idle second. So everything travels in the first call (pack-site.py) and the script plans its own
+# idle second. So the wheels travel in one call (pack-site.py) and the script plans its own
 # time: each step has the least time it needs and the most it may take, a step that no longer fits
 # is skipped and said so, and LEASE_BUDGET_S (default 560 s) leaves the call's 600-s timeout room
 # for a step's kill grace (15 s) and the last pack. Every step packs the results so far into
@@ -37,7 +46,7 @@
 #
 # Overrides, for a different lease or a dry run of the plumbing on a CPU machine:
 #   LEASE_BUDGET_S  seconds this call may spend on steps (default 560)
-#   LEASE_SKIP, LEASE_COMPILE_MAX  (above)
+#   LEASE_SKIP, LEASE_COMPILE_MAX, LEASE_UNTIL (a step's name: facts, install, export, ...)  (above)
 #   LEASE_MODEL, LEASE_SIZE, LEASE_DTYPE, LEASE_SCENARIO  (default sd15, 512, fp16,
 #                   benchmarks/scenarios/sd15-512-b1.toml)
 #   LEASE_DIR       where results collect (default /tmp/lease); LEASE_SITE the install (/tmp/site)
@@ -55,7 +64,12 @@ SCENARIO=${LEASE_SCENARIO:-benchmarks/scenarios/sd15-512-b1.toml}
 LEASE=${LEASE_DIR:-/tmp/lease}
 SITE=${LEASE_SITE:-/tmp/site}
 CARRIED=${LEASE_CARRIED:-.lease}
+UNTIL=${LEASE_UNTIL:-}
 ENGINES=$LEASE/engines/$MODEL-$SIZE
+STEPS="facts install export bench-runtime bench-compile build-fused bench-fused"
+if [[ -n $UNTIL && " $STEPS " != *" $UNTIL "* ]]; then
+  echo "lease.sh: LEASE_UNTIL=$UNTIL: name one of $STEPS (the call ends after it), or leave it unset" >&2; exit 2
+fi
 export PYTHONUNBUFFERED=1 SDEXPORT_TRACEBACK=1
 # The image's own pytest plugins were built for its pytest, not the pinned one put ahead of it.
 export PYTEST_DISABLE_PLUGIN_AUTOLOAD=1
@@ -71,6 +85,12 @@ finish() {
   kill "$TEE" 2>/dev/null  # (what such a process still writes is its own)
   pack
   exit "$1"
+}
+# end_call_after NAME: end this call here when LEASE_UNTIL names NAME (a later call goes on from the next step)
+end_call_after() {
+  [[ $UNTIL == "$1" ]] || return 0
+  mark "call ends after $1 (LEASE_UNTIL): the next call on this machine goes on from there"
+  finish 0
 }
 T0=$(date +%s)
 elapsed() { echo $(( $(date +%s) - T0 )); }
@@ -241,23 +261,30 @@ SDEXPORT_GIT_REVISION=$revision; export SDEXPORT_GIT_REVISION
 record call "revision $revision" 0 "budget $BUDGET s"
 mark "lease: $revision; $MODEL ${SIZE}² $DTYPE, budget ${BUDGET}s"
 step facts 5 30 facts
+end_call_after facts
 # (a failed install is tried again by the next call: the archive may have been carried anew)
 step install 10 60 install_site || { rm -f "$LEASE/failed/install"; mark "nothing installed: the GPU paths cannot run"; finish 1; }
 use_site
+end_call_after install
 # The export beside the GPU tests (the machine has 16 cores), so that no benchmark shares the
 # machine with other work. They split the cores rather than each start 16 threads: the export is
-# CPU work throughout; the tests mostly wait on the GPU.
-OMP_NUM_THREADS=12 step export 60 330 export_engines &
+# CPU work throughout; the tests mostly wait on the GPU. Two cores stay with the machine itself
+# (what answers the device calls runs there too).
+OMP_NUM_THREADS=10 step export 60 330 export_engines &
 exporting=$!
 OMP_NUM_THREADS=4 step gpu-tests 30 240 gpu_tests
 wait "$exporting"
 tail -5 "$LEASE/export.log" 2>/dev/null
+end_call_after export
 # Most important first (see the header). Without an export, only what needs none is measured: a
 # runtime contender without --engine-dir would make the benchmark export on its own.
 if [[ -e $LEASE/done/export ]]; then
   step bench-runtime 90 240 bench runtime diffusers,torch,onnxruntime-cuda
+  end_call_after bench-runtime
   step bench-compile 120 300 bench compile diffusers,diffusers-compile,tensorrt
+  end_call_after bench-compile
   step build-fused 200 400 build_fused
+  end_call_after build-fused
   if [[ -e $LEASE/done/build-fused ]]; then
     step bench-fused 60 180 bench fused diffusers,onnxruntime-cuda-fused
   elif [[ ! -e $LEASE/done/bench-fused ]]; then

@@ -8,8 +8,8 @@
 # 3.12, CUDA 13) with the workplace's ../shared/gpu/prepare-wheels.sh, checks them, packs them into
 # .lease/site.tar.xz with pack-site.py (which fails when the archive and the working tree would not
 # fit one call), and writes the commit the call will run into .lease/REVISION (the tree travels
-# without .git). Then: device run, command "bash scripts/gpu-lease/lease.sh", carry [".lease"],
-# timeout_s 600. Commit first: REVISION names HEAD, and "-dirty" when the tree has changes.
+# without .git). Then the device calls, as lease.sh's header gives them (three, one right after
+# another). Commit first: REVISION names HEAD, and "-dirty" when the tree has changes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 revision() {
@@ -40,4 +40,4 @@ sha256sum --quiet -c .gpu/ort.sha256   # names the joined wheel under /tmp
 python3 scripts/gpu-lease/pack-site.py --ort "$ort" --small .gpu/small --out .lease
 rm -f "$ort"
 revision
-echo "now: device run, command \"bash scripts/gpu-lease/lease.sh\", carry [\".lease\"], timeout_s 600"
+echo "now: the three device calls in scripts/gpu-lease/lease.sh's header, one right after another"
