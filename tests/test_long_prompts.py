@@ -155,6 +155,22 @@ def test_a_directory_written_before_the_axis_reads_one_chunk(tiny_engine_dir, tm
     assert pipeline.encode_prompt(dataclasses.replace(REQUEST, prompt=[cut]))["encoder_hidden_states"].shape[1] == 77
 
 
+def test_the_benchmark_reads_one_chunk_as_its_baseline_does(tiny_engine_dir, capsys):
+    """diffusers' pipelines cut a text at 77 tokens: over engines that read two chunks, the bench's
+    runtime contenders read one too (the same work, comparable images), and say why they cut."""
+    from sdexport.bench.contenders import BASELINE_READS, RuntimeContender
+
+    contender = RuntimeContender("onnxruntime-cpu", tiny_engine_dir)
+    pipeline = contender.pipeline
+    assert pipeline.prompt_chunks == 1 and pipeline.chunk_count(REQUEST) == 1
+    cut = pipeline.truncations(REQUEST)["prompt"][0]
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"longer than the 77 tokens read here ({BASELINE_READS})" in said
+    read = contender(REQUEST, stages=False).latents
+    assert torch.equal(read, contender(dataclasses.replace(REQUEST, prompt=[cut]), stages=False).latents)
+    contender.close()
+
+
 def test_sdxl_reads_both_encoders_in_as_many_chunks(tiny_sdxl_engine_dir):
     """A short ``prompt_2`` beside a long prompt: the second encoder's reading is padded with an
     empty chunk, so the two lie side by side; the pooled embedding is the first chunk's."""

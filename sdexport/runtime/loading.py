@@ -132,6 +132,7 @@ def load_pipeline(
     guess_mode: bool = False,
     model_source: dict[str, Any] | None = None,
     requests: Sequence[GenerationRequest] = (),
+    read_chunks: tuple[int, str] | None = None,
 ) -> Txt2ImgPipeline:
     """The engine directory's pipeline (a ``Txt2ImgPipeline``: call it with a ``GenerationRequest``)
     over ``backend``: ``onnxruntime`` (CUDA where it can, else the CPU), ``onnxruntime-cpu``,
@@ -152,7 +153,9 @@ def load_pipeline(
     Torch backend reloads the model from instead of the manifest's ``model.source`` (``relocated``:
     a copy of the same files, elsewhere). ``requests``: those that will be asked for, whose texts
     give ``request_profile`` its prompt chunks (read once the tokenizers load), so TensorRT prefers
-    a plan that reads them whole and CUDA-graph sessions capture their text length."""
+    a plan that reads them whole and CUDA-graph sessions capture their text length. ``read_chunks``:
+    (count, why) to read at most ``count`` prompt chunks though the engines take more, ``why`` said
+    when a text is cut (``Txt2ImgPipeline``)."""
     from sdexport.runtime.prompt_text import longest_chunks
     from sdexport.runtime.txt2img import Txt2ImgPipeline, text_tokenizers
 
@@ -206,6 +209,7 @@ def load_pipeline(
         fallback_vae=engines.get(fallbacks["vae_decoder"]) if "vae_decoder" in fallbacks else None,
         fallback_encoder=engines.get(fallbacks["vae_encoder"]) if "vae_encoder" in fallbacks else None,
         unplanned=frozenset(part for part, fp32 in fallbacks.items() if fp32 not in engines),
+        read_chunks=read_chunks,
         lowered=frozenset(in_place.get(n, n) for n in names if in_place.get(n, n) in (*FP32_VAE, UNET.name)
                           and runs_lowered(engine_dir, manifest, n, backend, graphs, engines[n])),
         info={"backend": backend, "engine_dir": str(engine_dir.absolute()), "family": manifest.family,

@@ -315,6 +315,7 @@ class Txt2ImgPipeline:
         fallback_encoder: Engine | None = None,
         lowered: frozenset[str] = frozenset(),
         unplanned: frozenset[str] = frozenset(),
+        read_chunks: tuple[int, str] | None = None,
     ) -> None:
         """``force_zeros_for_empty_prompt`` (SDXL, as in diffusers): with no negative prompt at all,
         the unconditional embeddings are zeros instead of the encoded empty prompt.
@@ -326,7 +327,9 @@ class Txt2ImgPipeline:
         ``lowered``: the VAE parts (``vae_decoder``, ``vae_encoder``) and the U-Net where its engine
         computes in fp16 though the export is fp32, as ``sdexport build`` made it
         (``runtime.loading.runs_lowered``): an overflow there is fp16's. ``unplanned``: the VAE parts whose fp32 rerun the directory
-        has but the backend left out (TensorRT: no plan that serves, ``choose_plans``)."""
+        has but the backend left out (TensorRT: no plan that serves, ``choose_plans``). ``read_chunks``:
+        (count, why) to read at most ``count`` prompt chunks though the engines take more, ``why``
+        said in the warning of a text cut (the benchmark reads one chunk, as its baseline does)."""
         if is_sdxl(family) and tokenizer_2 is None:
             raise SdexportError("an SDXL pipeline needs tokenizer_2")
         if family != SDXL_REFINER and tokenizer is None:
@@ -362,6 +365,11 @@ class Txt2ImgPipeline:
             raise EngineDirError(f"the engines that read the text take no common number of prompt chunks "
                                  f"({', '.join(f'{lo}-{hi}' for lo, _, hi in taking)}): build them with one "
                                  f"{option('--prompt-chunks')}")
+        self.read_chunks = read_chunks if read_chunks is not None and read_chunks[0] < self.prompt_chunks else None
+        """(count, why) where the pipeline reads fewer chunks than the engines take; a plan that takes
+        at least more pads the texts' chunks to that, as ever."""
+        if self.read_chunks is not None:
+            self.prompt_chunks = self.read_chunks[0]
         self.clock: StageClock = clock_for(self.device)
         self._steps_checked: set[tuple[str, int]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
@@ -577,6 +585,8 @@ class Txt2ImgPipeline:
             return f"the {self.dims.S} tokens the text encoder reads"
         what = f"the {self.dims.S} tokens" if self.prompt_chunks == 1 else \
             f"the {self.prompt_chunks} chunks of {self.dims.S - 2} tokens"
+        if self.read_chunks is not None:
+            return f"{what} read here ({self.read_chunks[1]})"
         wider = "build" if self.profile.chunks[2] > self.prompt_chunks else "export"  # (a plan built narrower)
         return f"{what} the engines read ({wider} {option('--prompt-chunks')} reads more)"
 
