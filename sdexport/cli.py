@@ -209,6 +209,7 @@ def adopt(
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
     height: Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format("as export gives the checkpoint: opt at the U-Net's sample_size, within the family's sides (SD 256:1024, SDXL 512:1536), half to twice it below them, else the family's"))] = None,
     width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("as --height"))] = None,
+    prompt_chunks: Annotated[str | None, typer.Option("--prompt-chunks", help="Prompt chunks of 75 tokens the U-Net reads at once, as A1111 reads long prompts, where its graph takes any text length (optimum's do) " + _RANGE.format("1:1:1: another exporter's U-Net may fix 77 tokens"))] = None,
     force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten and their files removed: build again).")] = False,
 ) -> None:
     """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
@@ -218,8 +219,8 @@ def adopt(
 
     if config is not None and model is None:
         raise SdexportError("--config goes with --model (a single-file checkpoint): the model to compare the graphs with")
-    manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width}, model=model,
-                         config=config, force=force)
+    manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width, "chunks": prompt_chunks},
+                         model=model, config=config, force=force)
     print_summary(directory, manifest)
 
 

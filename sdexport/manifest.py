@@ -44,6 +44,8 @@ from sdexport.specs import (
     component,
     components_for,
     controlnets_among,
+    is_dynamic,
+    resolve_dim,
     text_encoders,
     tokenizer_names,
 )
@@ -542,9 +544,11 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     inputs = [v for v in graph.input if v.name not in weights]
     io = check_io(spec, onnx_tensors(inputs), onnx_tensors(graph.output), f"{directory}: {rel}",
                   manifest.model_dims.sizes(1, 0, 0))
+    corners = manifest.shape_profile.corners(spec, manifest.model_dims)
     for value in [*inputs, *graph.output]:
         declared = spec.tensor(value.name).dims
-        params = [d.dim_param if d.HasField("dim_param") else None for d in value.type.tensor_type.shape.dim]
+        shape = value.type.tensor_type.shape.dim
+        params = [d.dim_param if d.HasField("dim_param") else None for d in shape]
         for symbol, param in zip(declared, params):  # check_io checked the ranks and fixed sizes
             if "/" in symbol and param and "/" in param and param != symbol:  # sdexport's own divided sides
                 raise EngineDirError(
@@ -552,4 +556,32 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
                     f"{'adapter_features' if 'adapter' in value.name or 'intrablock' in value.name else 'residuals'} give "
                     f"{symbol}; the manifest does not describe this graph"
                 )
+        fixed = [d.dim_value if d.HasField("dim_value") else None for d in shape]
+        for symbol, size in zip(declared, fixed):
+            if size is not None and is_dynamic(symbol):
+                _check_fixed_axis(f"{directory}: {rel}", value.name, symbol, size, corners, spec.cfg_batch)
     return io
+
+
+_SYMBOL_AXES = {"B": ("batch", "its batch"), "H": ("height", "its height"), "h": ("height", "its height"),
+                "W": ("width", "its width"), "w": ("width", "its width"), "X": ("chunks", "its text length")}
+"""The profile axis each dynamic symbol follows (``specs.DYNAMIC_SYMBOLS``), and how a refusal names it."""
+
+
+def _check_fixed_axis(where: str, tensor: str, symbol: str, size: int, corners: list[dict[str, int]],
+                      cfg_batch: bool) -> None:
+    """A size the graph fixes where the spec's axis is dynamic (a tracer specialised it, or another
+    exporter fixed it: a U-Net's text length at 77) must be what every call of the profile gives
+    there, else the engines fail at the first call of another size, long after the directory loaded."""
+    from sdexport.setting_names import option
+    from sdexport.shapes import axis_option
+
+    given = sorted({resolve_dim(symbol, corner) for corner in corners})
+    if given != [size]:
+        axis, named = _SYMBOL_AXES[symbol.split("/", 1)[0]]
+        under_cfg = " (twice the images, under CFG)" if axis == "batch" and cfg_batch else ""
+        raise ProfileError(
+            f"{where}: {tensor} fixes {named} ({symbol}) at {size}, but the profile's calls give "
+            f"{given[0]} to {given[-1]}{under_cfg}; export the graph with that axis dynamic (or narrow "
+            f"{option(axis_option(axis))} to what it takes)"
+        )

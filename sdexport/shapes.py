@@ -182,15 +182,17 @@ class ShapeProfile:
         lo, opt, hi = self.batch
         return (lo, 2 * opt, 2 * hi) if spec.cfg_batch else (lo, opt, hi)
 
+    def corners(self, spec: ComponentSpec, dims: ModelDims) -> list[dict[str, int]]:
+        """The symbol sizes of ``spec``'s min, opt and max calls (``ModelDims.sizes``; its batch as
+        ``component_batch``)."""
+        return [dims.sizes(b, h, w, n)
+                for b, h, w, n in zip(self.component_batch(spec), self.height, self.width, self.chunks)]
+
     def tensor_ranges(
         self, spec: ComponentSpec, dims: ModelDims
     ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
         """min/opt/max shape of every input of ``spec`` (a TensorRT optimization profile)."""
-        batches = self.component_batch(spec)
-        corners = [
-            dims.sizes(b, h, w, n)
-            for b, h, w, n in zip(batches, self.height, self.width, self.chunks)
-        ]
+        corners = self.corners(spec, dims)
         return {
             t.name: (t.shape(corners[0]), t.shape(corners[1]), t.shape(corners[2]))
             for t in spec.inputs

@@ -257,6 +257,48 @@ def test_a_sample_size_of_height_and_width_gives_each_its_own_range(foreign_expo
     assert (tuple(profile.height), tuple(profile.width)) == ((32, 64, 128), (64, 128, 256))
 
 
+def test_adopt_prompt_chunks_reads_long_prompts_whole_where_the_u_net_takes_any_text_length(
+        foreign_export: Path, tiny_engine_dir: Path):
+    """optimum's U-Net takes any sequence length, as ours: adopted with --prompt-chunks, it reads a
+    long prompt in A1111's chunks, and draws what the export it came from draws."""
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.runtime.request import GenerationRequest
+
+    assert run_cli("adopt", foreign_export, "--prompt-chunks", "1:1:2") == 0
+    request = GenerationRequest(prompt=[", ".join(["a red fox"] * 12)], steps=2, seeds=[3], height=64, width=64)
+    adopted, ours = load_pipeline(foreign_export, "onnxruntime-cpu"), load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    assert adopted.prompt_chunks == 2 and adopted.chunk_count(request) == 2
+    np.testing.assert_array_equal(adopted(request).pixels, ours(request).pixels)
+
+
+def _fix_axis(name: str, axis: int, size: int):
+    def edit(graph) -> None:
+        dim = next(v for v in graph.input if v.name == name).type.tensor_type.shape.dim[axis]
+        dim.dim_value = size  # (replaces its dim_param)
+    return edit
+
+
+@pytest.mark.parametrize("edit, options, option", [
+    (_fix_axis("encoder_hidden_states", 1, 77), ["--prompt-chunks", "1:1:2"], "--prompt-chunks"),  # optimum's fixed text
+    (_fix_axis("sample", 0, 2), [], "--batch"),  # a batch the default 1:1:4 (2 to 8 under CFG) passes
+])
+def test_a_graph_that_fixes_an_axis_the_profile_ranges_over_is_refused_naming_the_option(
+        edit, options: list[str], option: str, foreign_export: Path, capsys):
+    _edit_graph(foreign_export / "unet" / "model.onnx", edit)
+    assert run_cli("adopt", foreign_export, *options) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unet/model.onnx:" in err and f"(or narrow {option} to what it takes)" in err and len(err.splitlines()) == 1
+    assert not (foreign_export / "manifest.json").exists()
+
+
+def test_a_u_net_fixed_at_one_chunk_is_adopted_reading_one(foreign_export: Path):
+    from sdexport.manifest import load_manifest
+
+    _edit_graph(foreign_export / "unet" / "model.onnx", _fix_axis("encoder_hidden_states", 1, 77))
+    assert run_cli("adopt", foreign_export) == 0
+    assert load_manifest(foreign_export, verify_files=False).shape_profile.chunks == (1, 1, 1)
+
+
 def test_force_replaces_only_a_manifest_adopt_wrote(foreign_export: Path, engine_copy: Path, capsys):
     assert run_cli("adopt", foreign_export) == 0
     assert run_cli("adopt", foreign_export, "--force") == 0

@@ -182,9 +182,10 @@ def adopt(
     """Check ``directory``'s graphs and write its manifest (``model``: prove them against PyTorch;
     ``config``: a single-file ``model``'s architecture, as ``export --config``).
 
-    ``ranges``: ``min:opt:max`` texts per axis (batch, height, width) for the manifest's profile,
-    which the builds and the runtime's request checks use (default: the family's); optimum's graphs
-    themselves take any batch and size."""
+    ``ranges``: ``min:opt:max`` texts per axis (batch, height, width, chunks) for the manifest's
+    profile, which the builds and the runtime's request checks use (default: the family's, and one
+    prompt chunk); optimum's graphs themselves take any batch, size and text length. A graph that
+    fixes an axis the profile ranges over is refused (``manifest.check_graph``)."""
     from sdexport.export.plan import ENGINE_DIR
     from sdexport.manifest import check_graph, check_layout, save_manifest
     from sdexport.output_dir import updating
