@@ -1028,15 +1028,19 @@ _REFINER_HELP = ("SDXL's ensemble of experts: an sdxl-refiner engine directory t
                  "SDXL base model from its latents at --denoising-end, as `run --refiner` does.")
 _DENOISING_END_HELP = ("With --refiner: the base model's fraction of the schedule for a request that gives no "
                        "denoising_end, above 0 and below 1 (diffusers' example: 0.8).")
+_SERVE_EMPHASIS_HELP = ("How brackets are read in a request that sends no emphasis: none (as text, as diffusers), "
+                        "original (A1111's weights, as its UI does by default), no-norm (A1111's \"No norm\"), as "
+                        "`run --emphasis`.")
 
 
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
                     engine_path: str | None = None, refiner: Path | None = None, denoising_end: float | None = None,
-                    refiner_path: str | None = None) -> tuple[Any, Any, Any]:
+                    refiner_path: str | None = None, emphasis: str = "none") -> tuple[Any, Any, Any]:
     """The served model's settings, its manifest and its refiner's (None without ``--refiner``), with
     everything checked that can be before a server starts."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
+    from sdexport.runtime.emphasis import EMPHASIS
     from sdexport.runtime.ensemble import Refiner
     from sdexport.runtime.loading import (
         check_lowered_vae,
@@ -1052,6 +1056,8 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     _check_graph_flags(backend, cuda_graph, portable_graphs)
     if max_steps < 1:
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
+    if emphasis not in EMPHASIS:
+        raise SdexportError(f"--emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS)}")
     end = _refiner_cut(refiner, denoising_end, refiner_path)
     manifest = load_manifest(engine_dir, verify_files=False)
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
@@ -1068,7 +1074,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     settings = ServeSettings(engine_dir=engine_path or str(Path(engine_dir).absolute()), backend=backend, cuda_graph=cuda_graph,
                              graphs=graphs, max_steps=max_steps,
                              refiner=(refiner_path or str(Path(refiner).absolute())) if refiner is not None else "",
-                             denoising_end=end)
+                             denoising_end=end, emphasis=emphasis)
     return manifest, paired.manifest if paired else None, settings
 
 
@@ -1106,6 +1112,7 @@ def serve(
     log_file: Annotated[Path | None, typer.Option(parser=_path, help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit; with -v it is shown here instead).")] = None,
     refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
+    emphasis: Annotated[str, typer.Option(help=_SERVE_EMPHASIS_HELP)] = "none",
 ) -> None:
     """Serve an engine directory behind Triton Inference Server (KServe v2 HTTP/gRPC, metrics, dynamic batching)."""
     import shutil
@@ -1136,7 +1143,8 @@ def serve(
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
         _outside_engine_dirs(log_file, f"--log-file {log_file}", engine_dir, refiner)
     manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
-                                                           refiner=refiner, denoising_end=denoising_end)
+                                                           refiner=refiner, denoising_end=denoising_end,
+                                                           emphasis=emphasis)
     from sdexport.runtime.loading import resolve_backend
     from sdexport.runtime.providers import require_backend
 
@@ -1195,6 +1203,7 @@ def triton_repo(
     refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
     refiner_path: Annotated[str | None, typer.Option(help="With --refiner: its path as the server will see it (as --engine-path); default: its absolute path here.")] = None,
+    emphasis: Annotated[str, typer.Option(help=_SERVE_EMPHASIS_HELP)] = "none",
 ) -> None:
     """Write a Triton model repository serving an engine directory, for the stock tritonserver (NGC container)."""
     from sdexport.output_dir import claim
@@ -1205,7 +1214,7 @@ def triton_repo(
         if path is not None and not path.startswith("/"):
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
     manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
-                                                           engine_path, refiner, denoising_end, refiner_path)
+                                                           engine_path, refiner, denoising_end, refiner_path, emphasis)
     from sdexport.serving.names import check_ascii
 
     check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)

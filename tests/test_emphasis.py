@@ -309,6 +309,24 @@ def test_served_rows_carry_it_and_share_a_call_only_with_equal_ones():
     assert generation_request([rows[0], rows[1]]).emphasis == "original"
 
 
+def test_a_server_s_default_reads_rows_that_send_no_mode(tiny_engine_dir, tmp_path):
+    """`triton-repo --emphasis original` (and serve's): written to config.pbtxt, read back by the
+    served model, which gives it to the rows that send no emphasis; a row's own mode still wins."""
+    from sdexport.serving.requests import decode_rows
+    from sdexport.serving.triton_model import ServeSettings
+
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo", "--emphasis", "original") == 0
+    config = (tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text()
+    assert 'key: "emphasis"' in config and 'string_value: "original"' in config
+    settings = ServeSettings.from_parameters(ServeSettings(str(tiny_engine_dir), emphasis="original").to_parameters())
+    assert settings.emphasis == "original"
+    assert "emphasis" not in ServeSettings(str(tiny_engine_dir)).to_parameters()  # the default: as before
+    inputs = {"prompt": np.array([[b"(a)"], [b"b"]], dtype=object), "emphasis": np.array([[b""], [b"none"]], dtype=object)}
+    assert [r.emphasis for r in decode_rows(inputs, (64, 64), emphasis=settings.emphasis)] == ["original", "none"]
+    with pytest.raises(SdexportError, match="is not a valid value"):
+        ServeSettings.from_parameters({"engine_dir": str(tiny_engine_dir), "emphasis": "compel"})
+
+
 def test_textual_inversion_words_take_their_run_s_weight(tmp_path):
     """A word of several vectors inside brackets: every vector takes the run's weight (as A1111's)."""
     from safetensors.torch import save_file

@@ -139,11 +139,13 @@ def _count(images: Any) -> int:
 
 
 def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
-                check_size: Callable[[int, int], None] | None = None) -> list[Row]:
+                check_size: Callable[[int, int], None] | None = None, *,
+                emphasis: str = DEFAULTS["emphasis"]) -> list[Row]:
     """The rows of one request. ``inputs``: input name → numpy array with the batch dimension first
     (absent inputs missing or None); ``default_size``: (height, width) when neither the request nor an
     image gives one; ``check_size(height, width)`` refuses a size the engines cannot serve, before an
-    init image is resized to it. Malformed values are refused with one line naming the input."""
+    init image is resized to it; ``emphasis``: the server's reading of brackets for a row that sends
+    none (``serve --emphasis``). Malformed values are refused with one line naming the input."""
     unknown = sorted(set(inputs) - set(INPUT_NAMES))
     if unknown:
         raise SdexportError(f"unknown inputs {', '.join(unknown)}; this model takes {', '.join(INPUT_NAMES)}")
@@ -153,7 +155,8 @@ def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
     rows: list[Row] = []
     for i in range(len(prompts)):
         # as `run`, whose images all take the first one's size: a row that gives none takes the first row's
-        rows.append(_decode_row(inputs, i, default_size, check_size, (rows[0].height, rows[0].width) if rows else None))
+        rows.append(_decode_row(inputs, i, default_size, check_size, (rows[0].height, rows[0].width) if rows else None,
+                                emphasis))
     return rows
 
 
@@ -164,7 +167,8 @@ def image_of_request(i: int, images: int) -> str:
 
 
 def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
-                check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None) -> Row:
+                check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None,
+                emphasis: str = DEFAULTS["emphasis"]) -> Row:
     from sdexport.runtime.image_inputs import decode_image, fit_image
 
     def one(name: str) -> Any:
@@ -218,7 +222,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             negative_aesthetic_score=_number(one("negative_aesthetic_score"), "negative_aesthetic_score", float),
             denoising_end=_number(one("denoising_end"), "denoising_end", float),
             clip_skip=_number(one("clip_skip"), "clip_skip", int),
-            emphasis=text["emphasis"] or DEFAULTS["emphasis"],
+            emphasis=text["emphasis"] or emphasis,
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
             guidance=_number(one("guidance"), "guidance", float),

@@ -25,6 +25,7 @@ from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
+    DEFAULTS,
     Row,
     decode_rows,
     generation_request,
@@ -65,13 +66,16 @@ class ServeSettings:
     (``serving.names.ascii_links``); "": ``engine_dir`` itself."""
     refiner_name: str = ""
     """The same for ``refiner``."""
+    emphasis: str = DEFAULTS["emphasis"]
+    """How brackets are read in a request that sends no ``emphasis`` (``serve --emphasis``)."""
 
     def to_parameters(self) -> dict[str, str]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
                 "graphs": self.graphs, "max_steps": str(self.max_steps), "verify": str(self.verify).lower(),
                 **({"refiner": self.refiner, "denoising_end": repr(self.denoising_end)} if self.refiner else {}),
                 **{name: value for name, value in (("engine_name", self.engine_name),
-                                                   ("refiner_name", self.refiner_name)) if value}}
+                                                   ("refiner_name", self.refiner_name)) if value},
+                **({"emphasis": self.emphasis} if self.emphasis != DEFAULTS["emphasis"] else {})}
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
@@ -84,9 +88,19 @@ class ServeSettings:
                        max_steps=int(parameters.get("max_steps", MAX_STEPS)), verify=flag[parameters.get("verify", "true")],
                        refiner=parameters.get("refiner", ""),
                        denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)),
-                       engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""))
+                       engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""),
+                       emphasis=_emphasis(parameters.get("emphasis", DEFAULTS["emphasis"])))
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
+
+
+def _emphasis(mode: str) -> str:
+    """config.pbtxt's ``emphasis``, one of ``runtime.emphasis.EMPHASIS`` (a ValueError otherwise)."""
+    from sdexport.runtime.emphasis import EMPHASIS
+
+    if mode not in EMPHASIS:
+        raise ValueError(repr(mode))
+    return mode
 
 
 @dataclass
@@ -209,7 +223,7 @@ class ServedModel:
         rows: list[tuple[tuple[int, int], Row]] = []
         for index, inputs in enumerate(requests):
             try:
-                decoded = decode_rows(inputs, self.default_size, self._check_size)
+                decoded = decode_rows(inputs, self.default_size, self._check_size, emphasis=self.settings.emphasis)
                 if len({(row.height, row.width) for row in decoded}) > 1:
                     raise SdexportError("the images of one request must share height and width (their pixels "
                                         "are one tensor): send images of other sizes in requests of their own")
