@@ -273,6 +273,27 @@ def test_fp16_export_runs_and_keeps_an_fp32_fallback_vae(tiny_fp16_engine_dir: P
     assert rel < 5e-2 and not got.vae_fallback
 
 
+def test_the_torch_backends_fp32_vae_parts_keep_the_weights_as_loaded_beside_fp16_ones(tiny_fp16_engine_dir: Path):
+    """On a GPU an fp16 export's Torch modules run in fp16, while the VAE decoder's fp32 fallback
+    shares their module: each dtype gets its own copy, taken before any engine converts the module
+    in place (a copy taken after held fp16-rounded weights). The GPU's dtype choice, asked for on
+    the CPU."""
+    from sdexport.build.vae_upcast import upcast_parts
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.loading import _torch_engines, pipeline_components
+
+    manifest = load_manifest(tiny_fp16_engine_dir, verify_files=False)
+    names = pipeline_components(manifest, True, upcast=upcast_parts(tiny_fp16_engine_dir, manifest))
+    assert names.index("vae_decoder") < names.index("vae_decoder_fp32")  # the fp16 part converts first
+    engines = _torch_engines(manifest, names, compile=False, device=torch.device("cpu"), dtype=torch.float16)
+    source = manifest.model["source"]
+    loaded = dict(load_model(source["name"], seed=source.get("seed", 0)).modules["vae"].named_parameters())
+    kept = dict(engines["vae_decoder_fp32"].module.model.named_parameters())
+    assert all(p.dtype == torch.float32 and torch.equal(p, loaded[k]) for k, p in kept.items())
+    for fp16 in ("vae_decoder", "vae_encoder"):  # (the encoder shares the fp16 module)
+        assert next(engines[fp16].module.model.parameters()).dtype == torch.float16
+
+
 def test_runtime_does_not_hash_plans_for_other_gpus(engine_copy: Path, monkeypatch):
     """A plan is checked only by the TensorRT loader that picks it, never by every backend's load."""
     from sdexport.manifest import load_manifest, save_manifest

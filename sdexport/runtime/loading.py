@@ -608,23 +608,19 @@ def _torch_engines(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" and manifest.dtype == "fp16" else torch.float32
-    engines: dict[str, Engine] = {}
-    placed: dict[int, torch.dtype] = {}
+    wanted = {name: torch.float32 if manifest.spec(name).always_fp32 else dtype for name in names}  # the fp32 VAE parts
+    shared = {name: model.module(manifest.spec(name).module) for name in names}
+    # The fp16 decoder and its fp32 fallback share the VAE, and moving a module to a dtype converts
+    # it in place: each dtype but a module's first gets a copy of its own (one for the decoder and
+    # the encoder), all taken before any engine converts the module, so that every copy holds the
+    # weights as loaded (a copy of the fp16 module would hold fp16-rounded "fp32" weights).
+    first: dict[int, torch.dtype] = {}
     copies: dict[tuple[int, torch.dtype], Any] = {}
     for name in names:
-        spec = manifest.spec(name)
-        module = model.module(spec.module)
-        wanted = torch.float32 if spec.always_fp32 else dtype  # the fp32 VAE decoder and encoder
-        if placed.get(id(module), wanted) != wanted:
-            # The fp16 decoder and its fp32 fallback share the VAE, and moving a module to a dtype
-            # converts it in place: the fp32 parts get a copy of their own, one for both.
-            key = (id(module), wanted)
-            if key not in copies:
-                copies[key] = copy.deepcopy(module)
-            module = copies[key]
-        placed[id(module)] = wanted
-        engines[name] = TorchEngine(
-            spec, module, profile=manifest.shape_profile, device=device, dtype=wanted, compile=compile,
-            recipe=recipe,
-        )
-    return engines
+        key = (id(shared[name]), wanted[name])
+        if first.setdefault(key[0], wanted[name]) != wanted[name] and key not in copies:
+            copies[key] = copy.deepcopy(shared[name])
+    return {name: TorchEngine(manifest.spec(name), copies.get((id(shared[name]), wanted[name]), shared[name]),
+                              profile=manifest.shape_profile, device=device, dtype=wanted[name], compile=compile,
+                              recipe=recipe)
+            for name in names}
