@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdexport.bench.gpu_busy import measure_gpu_busy, union_length
+from sdexport.bench.gpu_busy import measure_gpu_busy, start_before_cuda_graphs, union_length
 
 
 def test_union_counts_overlaps_once() -> None:
@@ -39,6 +39,28 @@ def test_the_raw_intervals_are_the_profilers_events() -> None:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
 def test_without_cuda_says_why() -> None:
     assert measure_gpu_busy(lambda: None) == {"error": "no CUDA device"}
+    start_before_cuda_graphs()  # (nothing to start, nothing said)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_replayed_from_a_cuda_graph_captured_after_the_start_are_seen() -> None:
+    """The bench starts tracing before any contender captures a graph (pytorch/pytorch#75504); a
+    replay is then measured like launched kernels."""
+    start_before_cuda_graphs()
+    a = torch.randn(2048, 2048, device="cuda", dtype=torch.float16)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        a @ a  # (warm the library's handles outside the capture)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(10):
+            b = a @ a
+    result = measure_gpu_busy(graph.replay)
+    assert "fraction" in result, result
+    assert result["kernels"] >= 10 and 0 < result["fraction"] <= 1
+    del b
 
 
 @pytest.mark.gpu

@@ -192,6 +192,9 @@ facts() {
   python3 -m pip list --disable-pip-version-check > "$LEASE/pip-list-image.txt" 2>&1
   { python3 -c 'import tensorrt; print(tensorrt.__version__)'; echo "import tensorrt: rc $?"; } > "$LEASE/import-tensorrt.txt" 2>&1
   cat "$LEASE/import-tensorrt.txt"
+  # torch.compile's Triton kernels build a small launcher with the host's C compiler
+  for compiler in cc gcc clang nvcc; do echo "$compiler: $(command -v "$compiler" || echo none)"; done > "$LEASE/compilers.txt"
+  cat "$LEASE/compilers.txt"
   cp "$CARRIED/site.txt" "$LEASE/" 2>/dev/null
   return 0
 }

@@ -47,6 +47,25 @@ def kernel_intervals(profiler: Any, device: Any = None) -> list[tuple[float, flo
     ]
 
 
+def start_before_cuda_graphs() -> None:
+    """Start the profiler's CUDA tracing (CUPTI) once, before any contender captures a CUDA graph
+    (ONNX Runtime's, TensorRT's, torch.compile's): tracing first started after a capture may misread
+    the kernels replayed from it (pytorch/pytorch#75504; PyTorch's own workaround,
+    ``torch.profiler._utils._init_for_cuda_graphs``, is this empty session). Nothing without CUDA;
+    a profiler that cannot start here costs nothing either (``measure_gpu_busy`` says so later)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]):
+            pass
+    except Exception:  # noqa: BLE001, S110 - the figure's own run reports a profiler that fails
+        pass
+
+
 def measure_gpu_busy(call: Callable[[], object]) -> dict[str, Any]:
     """Run ``call`` once under the profiler; ``{"fraction", "kernel_s", "wall_s", "kernels"}``, or
     ``{"error": ...}`` where profiling is not possible (no CUDA, CUPTI refused)."""

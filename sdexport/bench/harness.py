@@ -38,7 +38,7 @@ from sdexport.bench.contenders import (
 )
 from sdexport.bench.engine_cache import in_use
 from sdexport.bench.environment import environment
-from sdexport.bench.gpu_busy import measure_gpu_busy
+from sdexport.bench.gpu_busy import measure_gpu_busy, start_before_cuda_graphs
 from sdexport.bench.measure import MemorySampler, Stats, psnr
 from sdexport.bench.plan import (
     BenchPlan,
@@ -153,6 +153,7 @@ def _run(
     that can run here runs engines (``_engines_wanted``)."""
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
+    start_before_cuda_graphs()  # before any contender loads: the GPU-busy runs trace CUDA-graph replays
     dtype = plan.dtype or precision(scenario)  # a given engine directory's, else the scenario's
     env = environment()
     one_time: dict[str, dict[str, float | str]] = {}
