@@ -27,6 +27,10 @@ from sdexport.manifest import load_manifest
 from sdexport.models.loader import is_skeleton, load_model
 from sdexport.specs import component
 
+RUNNABLE_IR = 9
+"""The IR version of the graphs these tests build and run in ONNX Runtime: onnx 1.23 writes 14 by
+default, which onnxruntime before 1.32 (the GPU image's onnxruntime-gpu 1.31) refuses to load."""
+
 
 def _traced(name: str, workdir: Path, preset: str = "tiny") -> tuple[onnx.ModelProto, WeightStore, Any, Any]:
     model = load_model(preset)
@@ -160,7 +164,7 @@ def test_fold_follows_chains_in_one_pass_and_keeps_the_rest_in_order(tmp_path: P
     model = helper.make_model(helper.make_graph(
         nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
-        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 17)])
+        [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 17)], ir_version=RUNNABLE_IR)
     x = rng.standard_normal((2, 32)).astype(np.float32)
     (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
 
@@ -183,7 +187,7 @@ def _chain(nodes: list[tuple[str, list[str], str]], outputs: list[str]) -> onnx.
         [helper.make_node(op, inputs, [output]) for op, inputs, output in nodes], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in outputs],
-        [helper.make_tensor("flat", TensorProto.INT64, [1], [-1])]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor("flat", TensorProto.INT64, [1], [-1])]), opset_imports=[helper.make_opsetid("", 17)], ir_version=RUNNABLE_IR)
 
 
 def test_peak_live_bytes_holds_each_tensor_until_its_last_reader():
@@ -227,7 +231,7 @@ def test_peak_live_bytes_holds_what_a_subgraph_reads_until_its_node():
          helper.make_node("If", ["cond"], ["o"], then_branch=branch("Add"), else_branch=branch("Mul")),
          helper.make_node("Relu", ["o"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]), opset_imports=[helper.make_opsetid("", 17)], ir_version=RUNNABLE_IR)
     live = graph.peak_live_bytes(model, {"x": (1000,), "cond": ()})
     assert live is not None and live.peak == 3 * 4000  # a, b and o while If runs
 
@@ -259,7 +263,7 @@ def test_the_estimate_covers_onnx_runtimes_arena_on_a_residual_block():
         [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["a"], ["b"]),
          helper.make_node("Conv", ["b", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["a", "c"], ["y"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, "h", "w"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight]), opset_imports=[helper.make_opsetid("", 17)], ir_version=RUNNABLE_IR)
     tensor = channels * side * side * 4
     live = graph.peak_live_bytes(model, {"x": (1, channels, side, side)}, ["w"])
     assert live == (3 * tensor, tensor)
@@ -289,7 +293,7 @@ def _incomplete() -> onnx.ModelProto:
     return helper.make_model(helper.make_graph(
         [helper.make_node("Mystery", ["x"], ["z"], domain="com.example"), helper.make_node("Relu", ["z"], ["r"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])], [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)]),
-        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+        opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=RUNNABLE_IR)
 
 
 def test_an_incomplete_shape_inference_writes_nothing_where_the_user_is(tmp_path: Path, monkeypatch):
@@ -420,7 +424,7 @@ def test_onnx_runtime_hands_its_arena_back_after_each_point(tmp_path: Path):
          helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0)],
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
-        [helper.make_tensor("repeats", TensorProto.INT64, [1], [copies])]), opset_imports=[helper.make_opsetid("", 17)])
+        [helper.make_tensor("repeats", TensorProto.INT64, [1], [copies])]), opset_imports=[helper.make_opsetid("", 17)], ir_version=RUNNABLE_IR)
     onnx.save(model, str(tmp_path / "g.onnx"))
 
     def point(label: str, size: int) -> Reference:
