@@ -507,15 +507,16 @@ def not_an_engine_dir(directory: Path) -> str | None:
     return None
 
 
-def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
+def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:
     """Component ``name``'s ONNX graph is the spec's and stays inside the directory; how its I/O is fed.
 
     Parsed without its weights. A hash only proves that a graph is the one the manifest lists; this
     proves that it is a graph of the right component: its inputs (a tracer may drop an unused one)
     and outputs are the spec's (names, dtypes and ranks: ``graph_io.check_io``), its fixed sizes are
-    the manifest's ``dims``, and every external weight file it refers to is a file the manifest
-    lists beside it (TensorRT's parser, unlike ONNX Runtime, follows such references wherever they
-    point).
+    the manifest's ``dims``, a size it fixes on an axis the spec leaves dynamic is what every call
+    of ``profile`` gives there (default: the manifest's; a build's own, narrower), and every
+    external weight file it refers to is a file the manifest lists beside it (TensorRT's parser,
+    unlike ONNX Runtime, follows such references wherever they point).
     """
     import onnx
 
@@ -544,7 +545,7 @@ def check_graph(directory: Path, manifest: Manifest, name: str) -> GraphIO:
     inputs = [v for v in graph.input if v.name not in weights]
     io = check_io(spec, onnx_tensors(inputs), onnx_tensors(graph.output), f"{directory}: {rel}",
                   manifest.model_dims.sizes(1, 0, 0))
-    corners = manifest.shape_profile.corners(spec, manifest.model_dims)
+    corners = (profile or manifest.shape_profile).corners(spec, manifest.model_dims)
     for value in [*inputs, *graph.output]:
         declared = spec.tensor(value.name).dims
         shape = value.type.tensor_type.shape.dim
@@ -572,16 +573,23 @@ def _check_fixed_axis(where: str, tensor: str, symbol: str, size: int, corners: 
                       cfg_batch: bool) -> None:
     """A size the graph fixes where the spec's axis is dynamic (a tracer specialised it, or another
     exporter fixed it: a U-Net's text length at 77) must be what every call of the profile gives
-    there, else the engines fail at the first call of another size, long after the directory loaded."""
+    there, else the engines fail at the first call of another size, long after the directory loaded.
+
+    A component that runs twice the images under CFG (``cfg_batch``) is held to its CFG calls (the
+    opt and max corners): a U-Net fixed at batch 2 serves one image with guidance, as other
+    exporters' static U-Nets do, and fails only a call without guidance, at the engine."""
     from sdexport.setting_names import option
     from sdexport.shapes import axis_option
 
-    given = sorted({resolve_dim(symbol, corner) for corner in corners})
+    axis, named = _SYMBOL_AXES[symbol.split("/", 1)[0]]
+    under_cfg = axis == "batch" and cfg_batch
+    given = sorted({resolve_dim(symbol, corner) for corner in (corners[1:] if under_cfg else corners)})
     if given != [size]:
-        axis, named = _SYMBOL_AXES[symbol.split("/", 1)[0]]
-        under_cfg = " (twice the images, under CFG)" if axis == "batch" and cfg_batch else ""
+        calls = f"{given[0]} to {given[-1]}" if len(given) > 1 else f"{given[0]}"
+        narrow = (f"{option('--batch')} to half of it: twice the images run under CFG" if under_cfg
+                  else f"{option(axis_option(axis))} to what it takes")
         raise ProfileError(
-            f"{where}: {tensor} fixes {named} ({symbol}) at {size}, but the profile's calls give "
-            f"{given[0]} to {given[-1]}{under_cfg}; export the graph with that axis dynamic (or narrow "
-            f"{option(axis_option(axis))} to what it takes)"
+            f"{where}: {tensor} fixes {named} ({symbol}) at {size}, but the profile's calls "
+            f"{'under CFG ' if under_cfg else ''}give {calls}; export the graph with that axis dynamic "
+            f"(or narrow {narrow})"
         )

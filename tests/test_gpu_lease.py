@@ -279,6 +279,7 @@ def test_the_lease_split_into_three_calls_brings_back_each_part_and_goes_on_wher
     only_revision = tmp_path / "only-revision"
     only_revision.mkdir()
     shutil.copy(carried / "REVISION", only_revision / "REVISION")
+    (carried / "site.txt").write_text("what the archive holds\n")  # (prepare.sh writes it beside the archive)
     first = _lease(tmp_path, only_revision, 60, LEASE_UNTIL="facts")
     assert first.returncode == 0, first.stdout + first.stderr
     assert _steps(tmp_path) == {"facts": "rc 0"}
@@ -289,6 +290,8 @@ def test_the_lease_split_into_three_calls_brings_back_each_part_and_goes_on_wher
     assert "facts: done in an earlier call" in second.stdout
     assert _steps(tmp_path) == {"facts": "rc 0", "install": "rc 0", "export": "rc 0", "gpu-tests": "rc 0"}
     assert "sdexport bench" not in (tmp_path / "commands.log").read_text()
+    with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:  # recorded by the install, not the facts
+        assert tar.extractfile("./site.txt").read() == b"what the archive holds\n"
 
     nothing = tmp_path / "nothing-carried"
     nothing.mkdir()

@@ -281,14 +281,27 @@ def _fix_axis(name: str, axis: int, size: int):
 @pytest.mark.parametrize("edit, options, option", [
     (_fix_axis("encoder_hidden_states", 1, 77), ["--prompt-chunks", "1:1:2"], "--prompt-chunks"),  # optimum's fixed text
     (_fix_axis("sample", 0, 2), [], "--batch"),  # a batch the default 1:1:4 (2 to 8 under CFG) passes
+    (_fix_axis("sample", 2, 8), [], "--height"),  # 64 pixels high, where the profile reaches 64 to 256
 ])
 def test_a_graph_that_fixes_an_axis_the_profile_ranges_over_is_refused_naming_the_option(
         edit, options: list[str], option: str, foreign_export: Path, capsys):
     _edit_graph(foreign_export / "unet" / "model.onnx", edit)
     assert run_cli("adopt", foreign_export, *options) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "unet/model.onnx:" in err and f"(or narrow {option} to what it takes)" in err and len(err.splitlines()) == 1
+    assert "unet/model.onnx:" in err and f"(or narrow {option} to" in err and len(err.splitlines()) == 1
     assert not (foreign_export / "manifest.json").exists()
+
+
+def test_a_u_net_fixed_at_one_image_under_cfg_is_adopted_with_batch_one_and_runs(foreign_export: Path):
+    """Other exporters' static U-Nets take batch 2: one image with guidance. Held to its CFG calls,
+    it is adopted with --batch 1:1:1 (and refused with more, whose CFG calls are larger)."""
+    from sdexport.manifest import load_manifest
+
+    _edit_graph(foreign_export / "unet" / "model.onnx", _fix_axis("sample", 0, 2))
+    assert run_cli("adopt", foreign_export, "--batch", "2:2:2") == 2  # (its CFG calls are 4)
+    assert run_cli("adopt", foreign_export, "--batch", "1:1:1") == 0
+    assert load_manifest(foreign_export, verify_files=False).shape_profile.batch == (1, 1, 1)
+    assert _pixels(foreign_export).shape == (1, 64, 64, 3)
 
 
 def test_a_u_net_fixed_at_one_chunk_is_adopted_reading_one(foreign_export: Path):

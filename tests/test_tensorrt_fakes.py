@@ -283,6 +283,29 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     assert "fp16 flag" not in str(refused.value)
 
 
+def test_a_graph_fixing_the_batch_builds_with_a_build_batch_it_takes(trt, engine_copy, monkeypatch, capsys):
+    """A decoder fixed at batch 1 (another exporter's, adopted before sdexport checked fixed sizes):
+    the build's own --batch, not the export's wider profile, is what its fixed sizes must hold."""
+    import onnx
+
+    from conftest import run_cli
+    from sdexport.manifest import sha256_file
+
+    Recorder(trt).install(monkeypatch)
+    graph = engine_copy / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(graph))
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(graph))
+    data = json.loads((engine_copy / "manifest.json").read_text())
+    data["files"]["vae_decoder/model.onnx"] = sha256_file(graph)
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    assert run_cli("build", engine_copy, "--components", "vae_decoder", "--fp32") == 2
+    assert "latent_sample fixes its batch (B) at 1, but the profile's calls give 1 to 2" in \
+        " ".join(capsys.readouterr().err.split())
+    assert run_cli("build", engine_copy, "--components", "vae_decoder", "--fp32", "--batch", "1:1:1") == 0
+
+
 def test_fp32_export_on_tensorrt_10_uses_the_fp16_flag(tiny_engine_dir, tmp_path, monkeypatch):
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)

@@ -195,7 +195,6 @@ facts() {
   # torch.compile's Triton kernels build a small launcher with the host's C compiler
   for compiler in cc gcc clang nvcc; do echo "$compiler: $(command -v "$compiler" || echo none)"; done > "$LEASE/compilers.txt"
   cat "$LEASE/compilers.txt"
-  cp "$CARRIED/site.txt" "$LEASE/" 2>/dev/null
   return 0
 }
 
@@ -204,7 +203,7 @@ install_site() {  # the archive pack-site.py made: checked, then unpacked ahead 
   (cd "$CARRIED" && sha256sum -c site.sha256) || { echo "$CARRIED/site.tar.xz does not match site.sha256"; return 1; }
   mkdir -p "$SITE"
   python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="data")' "$CARRIED/site.tar.xz" "$SITE" \
-    && cp "$CARRIED/site.sha256" "$LEASE/site.sha256"
+    && cp "$CARRIED/site.sha256" "$LEASE/site.sha256" && { cp "$CARRIED/site.txt" "$LEASE/" 2>/dev/null; true; }
 }
 
 use_site() {

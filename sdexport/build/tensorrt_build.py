@@ -326,7 +326,7 @@ def _build_locked(
             continue
         start = time.perf_counter()
         with step(f"Building {spec.name} ({_describe(key, precision.label(entry.dtype))})"):
-            graph_io = check_graph(engine_dir, manifest, spec.name)
+            graph_io = check_graph(engine_dir, manifest, spec.name, target)  # (the build's profile)
             plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, graph_io)
         seconds = time.perf_counter() - start
         # The manifest lists the plan before the plan takes its name: a build killed in between
