@@ -366,8 +366,8 @@ class Txt2ImgPipeline:
                                  f"({', '.join(f'{lo}-{hi}' for lo, _, hi in taking)}): build them with one "
                                  f"{option('--prompt-chunks')}")
         self.read_chunks = read_chunks if read_chunks is not None and read_chunks[0] < self.prompt_chunks else None
-        """(count, why) where the pipeline reads fewer chunks than the engines take; a plan that takes
-        at least more pads the texts' chunks to that, as ever."""
+        """(count, why) where the pipeline reads fewer chunks than the engines take. A plan whose
+        fewest chunks (``least_chunks``) is more still has the texts padded to those."""
         if self.read_chunks is not None:
             self.prompt_chunks = self.read_chunks[0]
         self.clock: StageClock = clock_for(self.device)
