@@ -208,4 +208,4 @@ def test_gpu_tests_write_their_results_where_they_are_called_from(tmp_path):
     assert (tmp_path / "results" / "environment.json").is_file() and (tmp_path / "results" / "pytest.log").is_file()
     assert not (ROOT / "results").exists()
     log = (tmp_path / "results" / "pytest.log").read_text()
-    assert "tests/test_gpu_busy.py: 1" in log and log in done.stdout  # shown whole, as written
+    assert "tests/test_gpu_busy.py: 2" in log and log in done.stdout  # its two GPU tests; shown whole, as written
