@@ -1040,7 +1040,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     everything checked that can be before a server starts."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.emphasis import EMPHASIS
+    from sdexport.runtime.emphasis import check_mode
     from sdexport.runtime.ensemble import Refiner
     from sdexport.runtime.loading import (
         check_lowered_vae,
@@ -1056,8 +1056,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     _check_graph_flags(backend, cuda_graph, portable_graphs)
     if max_steps < 1:
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
-    if emphasis not in EMPHASIS:
-        raise SdexportError(f"--emphasis {emphasis!r}: choose one of {', '.join(EMPHASIS)}")
+    check_mode(emphasis, "--emphasis")
     end = _refiner_cut(refiner, denoising_end, refiner_path)
     manifest = load_manifest(engine_dir, verify_files=False)
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None

@@ -33,7 +33,7 @@ from sdexport.manifest_schema import (
     format_version_for,
 )
 from sdexport.output_dir import MARKER, unlisted_files
-from sdexport.shapes import ShapeProfile
+from sdexport.shapes import ShapeProfile, axis_option
 from sdexport.specs import (
     ADAPTER,
     MAX_ADAPTERS,
@@ -579,7 +579,6 @@ def _check_fixed_axis(where: str, tensor: str, symbol: str, size: int, corners: 
     opt and max corners): a U-Net fixed at batch 2 serves one image with guidance, as other
     exporters' static U-Nets do, and fails only a call without guidance, at the engine."""
     from sdexport.setting_names import option
-    from sdexport.shapes import axis_option
 
     axis, named = _SYMBOL_AXES[symbol.split("/", 1)[0]]
     under_cfg = axis == "batch" and cfg_batch

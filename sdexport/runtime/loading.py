@@ -183,8 +183,9 @@ def load_pipeline(
     scheduler_config, tokenizers = check_runnable(engine_dir, manifest)
     if request_profile is not None and requests:
         named = text_tokenizers(manifest.family, tokenizers.get("tokenizer"), tokenizers.get("tokenizer_2"))
-        limit = manifest.shape_profile.chunks[2] if read_chunks is None else min(manifest.shape_profile.chunks[2],
-                                                                                 read_chunks[0])  # (what is read)
+        limit = manifest.shape_profile.chunks[2]
+        if read_chunks is not None:  # (what is read)
+            limit = min(limit, read_chunks[0])
         most = max(longest_chunks(r, named, manifest.model_dims.S, limit) for r in requests)
         request_profile = replace(request_profile, chunks=(most, most, most))
     pooled = pooled_controlnets(engine_dir, manifest)

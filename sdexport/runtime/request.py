@@ -940,10 +940,9 @@ def _check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
 def _check_emphasis(request: GenerationRequest) -> None:
     """A mode of ``runtime.emphasis``; weighed, texts whose weights A1111 cannot read either, or
     that the engines cannot take (beyond float32's range, as every scale)."""
-    from sdexport.runtime.emphasis import EMPHASIS, MAX_TEXT, EmphasisError, parse
+    from sdexport.runtime.emphasis import MAX_TEXT, EmphasisError, check_mode, parse
 
-    if request.emphasis not in EMPHASIS:
-        raise SdexportError(f"{setting('emphasis')} {request.emphasis!r}: choose one of {', '.join(EMPHASIS)}")
+    check_mode(request.emphasis, setting("emphasis"))
     if request.emphasis == "none":
         return
     for name in request.texts_read():  # (negatives that no call reads are left as they are)
