@@ -303,6 +303,16 @@ def test_the_lease_split_into_three_calls_brings_back_each_part_and_goes_on_wher
     assert (tmp_path / "commands.log").read_text().count("sdexport export") == 1  # not again
 
 
+def test_a_call_asked_to_end_after_the_runtime_benchmark_ends_there_also_without_an_export(tmp_path: Path, carried: Path):
+    """Without an export there is no runtime benchmark to run, and the call still ends where it
+    was asked to, not after the torch.compile benchmark the next call was meant to run."""
+    ended = _lease(tmp_path, carried, 300, LEASE_SKIP="export", LEASE_UNTIL="bench-runtime")
+    assert ended.returncode == 0, ended.stdout + ended.stderr
+    assert "call ends after bench-runtime (LEASE_UNTIL)" in ended.stdout
+    assert "bench-runtime" not in _steps(tmp_path) and "bench-compile" not in _steps(tmp_path)
+    assert "sdexport bench" not in (tmp_path / "commands.log").read_text()
+
+
 def test_a_lease_asked_to_end_after_no_step_of_its_own_is_refused_before_it_starts(tmp_path: Path, carried: Path):
     refused = _lease(tmp_path, carried, 60, LEASE_UNTIL="bench")
     assert refused.returncode == 2

@@ -297,6 +297,7 @@ if [[ -e $LEASE/done/export ]]; then
   fi
 else
   mark "no export: only the contenders that need none are measured"
+  end_call_after bench-runtime  # (its place in the order: a call asked to end there ends before the rest)
   step bench-compile 120 300 bench compile diffusers,diffusers-compile
 fi
 mark "lease done: $(awk -F'\t' '{printf "%s: %s; ", $1, $2}' "$LEASE/steps.tsv")"
