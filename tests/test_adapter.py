@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from pictures import picture
+from pictures import box_mask, picture
 from PIL import Image
 from test_controlnet import (  # noqa: F401  (no_engines: a fixture)
     TOLERANCE,
@@ -151,6 +151,67 @@ def test_adapter_factors_per_prompt_stop_each_image_after_its_own_share(engine_d
         pipeline(_request("sdxl", adapter_factor=[0.5, 1.0, 0.2]))
     with pytest.raises(SdexportError, match=r"adapter_factor nan \(image 1 of 2\): expected a finite number"):
         pipeline(_request("sdxl", adapter_factor=[float("nan"), 1.0]))
+
+
+@pytest.fixture(scope="module")
+def inpaint_dir(tmp_path_factory) -> Path:
+    """A 9-channel inpainting U-Net with an adapter beside it."""
+    out = tmp_path_factory.mktemp("adapter-inpaint") / "tiny-inpaint"
+    export("tiny-inpaint", out, ExportOptions(verify="quick", adapters=["tiny-adapter"]))
+    return out
+
+
+def _with_features(preset: str, adapter, request: GenerationRequest, monkeypatch) -> tuple[object, list[bool]]:
+    """diffusers' own img2img or inpainting pipeline for ``request``, its U-Net given the adapter's
+    features as diffusers' adapter pipelines give them (``adapter_state``: the adapter on images
+    diffusers preprocesses, times the scale, twice under CFG; cloned for each call) at the first
+    int(calls x factor) of the calls it runs, SD's factor 1 at every call; and which calls had
+    them. diffusers has no adapter pipeline that starts from an image: this is the one it would
+    be, on its own image loops."""
+    from diffusers.pipelines.t2i_adapter.pipeline_stable_diffusion_adapter import _preprocess_adapter_image
+
+    reference = DiffusersReference(load_model(preset))  # (the same seeded U-Net as with the adapter)
+    pixels = torch.cat([_preprocess_adapter_image(image, request.height, request.width)
+                        for image in request.adapter_image])
+    with torch.no_grad():
+        states = [state * request.adapter_scale for state in adapter(pixels)]
+    states = [torch.cat([state] * 2) if request.cfg else state for state in states]
+    unet = reference.pipeline_for(request.task).unet
+    forward, fed = unet.forward, []
+    total = int(request.steps * request.effective_strength(reference.model.family))  # the calls img2img runs (Euler)
+
+    def given(*args, **kwargs):
+        fed.append(len(fed) < int(total * request.adapter_factor))
+        if fed[-1]:
+            kwargs["down_intrablock_additional_residuals"] = [state.clone() for state in states]
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", given)
+    return reference(request), fed
+
+
+@pytest.mark.parametrize(("name", "task"), [("sd", "img2img"), ("sd", "inpaint"), ("sd-inpaint", "inpaint"),
+                                            ("sdxl", "img2img")])
+def test_from_an_init_image_the_features_go_to_a_share_of_the_calls_it_runs(engine_dirs, references, inpaint_dir,
+                                                                           monkeypatch, name, task):
+    """img2img and inpainting (a standard U-Net blending the kept region back, and a 9-channel one)
+    with an adapter: diffusers' image pipelines with the adapter's features added as its adapter
+    pipelines add them, at the first int(calls x factor) of the U-Net calls the strength leaves
+    (the ControlNets' windows are shares of those calls too)."""
+    preset, directory = {"sd": ("tiny", engine_dirs["sd"]), "sd-inpaint": ("tiny-inpaint", inpaint_dir),
+                         "sdxl": ("tiny-sdxl", engine_dirs["sdxl"])}[name]
+    factor = 0.5 if name == "sdxl" else 1.0
+    request = _request(name, image=[picture(64, 128, 30), picture(64, 128, 31)], strength=0.7, adapter_factor=factor,
+                       mask=[box_mask(64, 128)] if task == "inpaint" else None)
+    pipeline = load_pipeline(directory, "onnxruntime-cpu", image_inputs=True)
+    ours = pipeline(request)
+    assert ours.request.task == task
+    adapter = references["sd" if name.startswith("sd-") else name].model.modules["adapter"]
+    theirs, fed = _with_features(preset, adapter, request, monkeypatch)
+    _agree(ours, theirs)
+    assert len(ours.timings.unet_steps) == len(fed) == 4 and sum(fed) == int(4 * factor)  # int(6 x 0.7) calls
+    quiet = pipeline(_request(name, image=request.image, strength=0.7, mask=request.mask, adapter_scale=0.0))
+    assert _rel(quiet, ours) > 10 * TOLERANCE  # the adapter acts
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -308,7 +369,6 @@ def test_tensorrt_profiles_cover_the_features(engine_dirs, tmp_path, monkeypatch
     (["--adapter-image", "{img}", "--batch", "2", "--adapter-factor", "0.5", "--adapter-factor", "1",
       "--adapter-factor", "1"], "--adapter-factor: 3 given for 2 images; give one, or one per image"),
     (["--adapter-image", "{img}", "--adapter-scale", "nan"], "--adapter-scale nan: expected a finite number"),
-    (["--adapter-image", "{img}", "--init-image", "{img}"], "an init image with a T2I-Adapter"),
     (["--adapter-image", "{img}", "--height", "64"], "with --adapter-image, give both --height and --width"),
 ])
 @pytest.mark.usefixtures("no_engines")
@@ -349,7 +409,6 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
 
 @pytest.mark.parametrize(("base", "args", "message"), [
     ("tiny", ["--adapter", "tiny-adapter", "--controlnet", "tiny-controlnet"], "--adapter with ControlNets"),
-    ("tiny-inpaint", ["--adapter", "tiny-adapter"], "--adapter: an inpainting U-Net"),
     ("tiny", ["--adapter", "sd15-adapter"], "this preset goes with the preset(s) sd15, not tiny"),
     ("tiny", ["--adapter", "no-such-adapter"], "no such directory, and not a T2I-Adapter preset"),
     ("tiny", ["--adapter", "tiny-adapter", "--components", "unet,vae_decoder"], "export them together (unet,adapter) or none of them"),

@@ -51,7 +51,7 @@ ADAPTER_PRESETS = {
     p.name: p
     for p in (
         AdapterPreset("tiny-adapter", "a few-MB T2I-Adapter for the tiny presets (tests, the demo)",
-                      ("tiny", "tiny-v", "tiny-lcm", "tiny-sdxl", "tiny-sdxl-lcm")),
+                      ("tiny", "tiny-v", "tiny-inpaint", "tiny-lcm", "tiny-sdxl", "tiny-sdxl-inpaint", "tiny-sdxl-lcm")),
         AdapterPreset("sd15-adapter", "the SD 1.5 T2I-Adapter architecture (TencentARC's t2iadapter_*_sd15v2)",
                       ("sd15",)),
         AdapterPreset("sdxl-adapter", "the SDXL T2I-Adapter architecture (TencentARC's t2i-adapter-*-sdxl-1.0)",
@@ -219,9 +219,6 @@ def adapters_for(outline: ModelOutline, arguments: list[str], controlnets: int) 
     if not arguments:
         return []
     check_alone(controlnets)
-    if outline.inpainting:
-        raise ModelLoadError(f"{option('--adapter')}: an inpainting U-Net; diffusers' T2I-Adapter pipelines generate from text "
-                             "only (txt2img)")
     check_count(len(arguments))
     sources = [resolve_adapter(a) for a in arguments]
     check_together(sources, outline.unet_config or {}, outline.family, outline.preset, outline.vae_scale_factor)

@@ -623,9 +623,6 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     if entries is None:
         raise SdexportError(f"this engine directory has a T2I-Adapter: give {setting('adapter_image')} (the sketch, "
                             "edge, depth or pose map it reads)" if adapters == 1 else f"this engine directory has {several}")
-    if request.image is not None:
-        raise SdexportError("an init image with a T2I-Adapter: diffusers' adapter pipelines generate from text only "
-                            f"(txt2img); drop {setting('init_image')}")
     if not isinstance(entries, list):
         raise SdexportError(f"adapter_image: expected a list of PIL images (one, or one per prompt), got "
                             f"{type(entries).__name__}" + (" (several adapters: a list of tuples, one image per "
