@@ -787,6 +787,36 @@ def test_sigterm_lets_the_request_in_flight_finish(server: Server):
         running.stop()
 
 
+def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(tiny_engine_dir, tmp_path):
+    """Triton exits with a failure when its exit timeout runs out with a request in flight; PyTriton
+    only logs a warning, and `serve` used to exit 0 as after a clean stop."""
+    from sdexport.serving.client import generate
+
+    running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--max-steps", "5000", "--drain-timeout", "1")
+    try:
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            try:
+                result["images"] = generate(running.url, ["in flight"], steps=5000)
+            except Exception as exc:
+                result["error"] = exc
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        time.sleep(1.0)
+        assert thread.is_alive(), "the request should still be generating"
+        running.process.send_signal(signal.SIGTERM)
+        thread.join(120)
+        assert "error" in result, result  # dropped: no image
+        assert running.process.wait(90) not in (0, 130)
+        errors = [line for line in running.log.read_text().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "requests still in flight when it stopped were dropped" in errors[0], errors
+        assert "the --drain-timeout of 1 s ran out" in errors[0]
+    finally:
+        running.stop()
+
+
 def _bare_tritonserver(repository: Path, ports: list[int], work: Path) -> tuple[list[str], dict[str, str]]:
     """The tritonserver binary PyTriton ships, run by hand with this Python's backend stub (what the
     stock server does with its own Python), with none of sdexport's or PyTriton's Python around it."""

@@ -173,6 +173,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     guarded = [e for e in pytriton.triton.DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=guarded))
     watch = _StartWatch(triton)
+    served = False
     try:
         try:
             try:
@@ -186,9 +187,16 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
                 raise
             raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file)}") from None
         on_ready()
+        served = True
         triton.serve()
     finally:
         triton.stop()
+        status = _exit_status(triton)
+        if served and status:  # (raised over a Ctrl-C or SIGTERM too: that stop lost requests)
+            raise SdexportError(
+                f"Triton exited with status {status}, so requests still in flight when it stopped were "
+                f"dropped, their clients given no image: the --drain-timeout of {drain_timeout_s} s ran out before "
+                "they finished, or the server failed (its log says which)")
 
 
 #: How often the start-up watch looks at the server process (seconds); tests shorten it.
@@ -275,6 +283,15 @@ def _server_exited(triton: object) -> bool:
         return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # reaped between the two looks
         return True
+
+
+def _exit_status(triton: object) -> int | None:
+    """The ``tritonserver`` process's exit status once it has ended (None: not started, or not
+    ended). Triton exits non-zero where its exit timeout ran out with requests in flight: PyTriton
+    only logs a warning then, and ``Triton.stop`` returns as after a clean stop."""
+    command = getattr(getattr(triton, "_triton_server", None), "_tritonserver_running_cmd", None)
+    status = getattr(getattr(command, "process", None), "exit_code", None)
+    return status if isinstance(status, int) else None
 
 
 def _reason(triton: object, exc: BaseException, log_file: Path | None) -> str:
