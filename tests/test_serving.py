@@ -242,6 +242,37 @@ def test_a_bad_request_gets_its_own_error_and_the_others_their_images(served):
     assert served.logs[-1].endswith("3 image(s) in 2 call(s) of 2, 1")
 
 
+def test_a_failure_of_the_server_is_answered_as_an_internal_error_not_a_bad_request(served, monkeypatch):
+    """A generation that raises what no check foresaw (out of device memory, a broken engine) is
+    the server's fault: Triton's INTERNAL (HTTP 500), so clients retry and alerts fire; a refused
+    request stays INVALID_ARG (400), and a request its client gave up on CANCELLED."""
+    from sdexport.serving.triton_model import Cancelled, ServerFault, TritonAdapter
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(served, "_call", out_of_memory)
+    [failed, refused] = served.generate([_inputs(["fine"], steps=2), _inputs(["bad"], steps=2, scheduler="warp")])
+    assert isinstance(failed, ServerFault) and failed == "generation failed: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert isinstance(refused, str) and not isinstance(refused, ServerFault)
+
+    class TritonError:  # triton_python_backend_utils' error, as far as the adapter reads it
+        INVALID_ARG, INTERNAL, CANCELLED = "INVALID_ARG", "INTERNAL", "CANCELLED"
+
+        def __init__(self, message, code=None):
+            self.message, self.code = message, code
+
+    class Response:
+        def __init__(self, output_tensors, error=None):
+            self.error = error
+
+    pb = type("pb_utils", (), {"TritonError": TritonError, "InferenceResponse": Response})
+    adapter = TritonAdapter(pb)
+    codes = [adapter._response(result, {"image"}).error.code
+             for result in (failed, refused, Cancelled("cancelled by the client"))]
+    assert codes == ["INTERNAL", "INVALID_ARG", "CANCELLED"]
+
+
 def test_a_long_prompt_is_generated_apart_from_short_ones_and_as_run_makes_it(served, tiny_engine_dir, tmp_path):
     """A call pads its texts to its longest's chunks: rows of two chunks and of one never share one,
     so a short prompt's image is the same whoever else sent a long one."""

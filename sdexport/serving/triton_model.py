@@ -103,6 +103,21 @@ def _emphasis(mode: str) -> str:
     return mode
 
 
+class ServerFault(str):
+    """A request's outcome that is the server's failure, not the request's (a generation that raised
+    what no check foresaw, out of device memory say): answered as Triton's INTERNAL (HTTP 500, gRPC
+    INTERNAL), not as a bad argument, so that clients may retry and alerts on server errors fire."""
+
+
+class Cancelled(str):
+    """The outcome of a request its client gave up on before it was generated (Triton's CANCELLED)."""
+
+
+ERROR_CODES = {ServerFault: "INTERNAL", Cancelled: "CANCELLED"}
+"""``pb_utils.TritonError``'s code for each kind of outcome; any other text refused the request
+(INVALID_ARG: HTTP 400)."""
+
+
 @dataclass
 class Generated:
     """One image of a response."""
@@ -211,7 +226,8 @@ class ServedModel:
 
     def generate(self, requests: list[dict[str, Any]], wanted: list[set[str]] | None = None) -> list[list[Generated] | str]:
         """Per request (input name → numpy array, batch first): its images, or the one-line error that
-        refused it, naming the inputs the client sent (``init_image``, not ``run``'s ``--init-image``).
+        refused it, naming the inputs the client sent (``init_image``, not ``run``'s ``--init-image``),
+        a ``ServerFault`` where the server failed it.
         ``wanted``: the output names each request asked for (default: all)."""
         with settings_named(input_name):
             return self._generate(requests, wanted)
@@ -257,7 +273,7 @@ class ServedModel:
                 continue
             except Exception as exc:  # a value no check foresaw: this request fails, not the batch
                 self.log(f"sdexport: {traceback.format_exc()}")
-                outcome.append(f"could not read this request: {one_line(exc)}")
+                outcome.append(ServerFault(f"could not read this request: {one_line(exc)}"))
                 continue
             outcome.append([None] * len(decoded))
             rows += [((index, i), row) for i, row in enumerate(decoded)]
@@ -284,7 +300,7 @@ class ServedModel:
                              f"({one_line(exc)}); each again on its own")
                     pending[0:0] = [[m for m in members if m[0][0] == r] for r in owners]
                     continue
-                message = str(exc) if isinstance(exc, SdexportError) else f"generation failed: {one_line(exc)}"
+                message = str(exc) if isinstance(exc, SdexportError) else ServerFault(f"generation failed: {one_line(exc)}")
                 if not isinstance(exc, SdexportError):
                     self.log(f"sdexport: {traceback.format_exc()}")
                 for (r, _), _row in members:
@@ -362,14 +378,14 @@ class TritonAdapter:
         live = [i for i, c in enumerate(cancelled) if not c]
         results = self.model.generate([inputs[i] for i in live], [wanted[i] for i in live])
         by_index: dict[int, Any] = dict(zip(live, results))
-        return [self._response(by_index.get(i, "cancelled by the client"), wanted[i]) for i in range(len(requests))]
+        return [self._response(by_index.get(i, Cancelled("cancelled by the client")), wanted[i]) for i in range(len(requests))]
 
     def _response(self, result: list[Generated] | str, wanted: set[str]) -> Any:
         import numpy as np
 
         pb = self.pb
-        if isinstance(result, str):
-            code = getattr(pb.TritonError, "INVALID_ARG", None)
+        if isinstance(result, str):  # (an older Triton without the code: its default, INTERNAL)
+            code = getattr(pb.TritonError, ERROR_CODES.get(type(result), "INVALID_ARG"), None)
             error = pb.TritonError(result, code) if code is not None else pb.TritonError(result)
             return pb.InferenceResponse(output_tensors=[], error=error)
         tensors = []
