@@ -312,6 +312,62 @@ def test_a_size_is_checked_before_an_init_image_is_resized_to_it(served, side):
     assert isinstance(result, str) and "outside the engines' profile" in result
 
 
+def _declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels, its data a few bytes: all a
+    client needs to send to make a server that decodes first allocate gigabytes."""
+    import struct
+    import zlib
+
+    png = bytearray(_png_of(np.zeros((8, 8), np.uint8)))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(png[24:29])  # (depth, colour, ...: as they were)
+    png[12:29] = header
+    png[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(png)
+
+
+def test_images_are_checked_before_any_is_decoded(served, monkeypatch):
+    """Images the model does not read, and images that declare more pixels than the server reads,
+    are refused from their headers: nothing is decoded (a request of a few kilobytes declared
+    81 million pixels six times over, and the server decoded them all before it refused them)."""
+    from sdexport.runtime import image_inputs
+
+    decoded: list[str] = []
+    real = image_inputs._decode
+    monkeypatch.setattr(image_inputs, "_decode", lambda source, what, mode: decoded.append(what) or real(source, what, mode))
+    huge = _declaring(9000, 9000)
+    controls = {**_inputs(["x"], steps=2), "control_image": np.array([[huge] * 6], dtype=object)}
+    largest = served.pipeline.profile.height[2] * served.pipeline.profile.width[2]
+    results = served.generate([controls, _inputs(["x"], steps=2, init_image=huge),
+                               _inputs(["x"], steps=2, adapter_image=huge)])
+    assert results[0].startswith("control_image and its settings") and "exported with --controlnet" in results[0]
+    assert results[1] == (f"init_image: 9000x9000 pixels, more than this server reads in one image "
+                          f"({16 * largest / 1e6:.1f} megapixels, 16 times its engines' largest); send it smaller")
+    assert results[2].startswith("adapter_image and its settings") and "exported with --adapter" in results[2]
+    assert decoded == []
+    fits = _png_of(np.zeros((64, 64, 3), np.uint8))  # within the limit: decoded as before
+    assert not isinstance(served.generate([_inputs(["x"], steps=2, init_image=fits)])[0], str)
+    assert decoded == ["init_image"]
+
+
+def test_image_limits_count_what_a_row_sends_against_what_the_model_reads():
+    from sdexport.runtime.request import MASKED_INIT
+    from sdexport.serving.requests import ImageLimits
+
+    one = _png_of(np.zeros((8, 8, 3), np.uint8))
+    limits = ImageLimits(init=False, controls=2, adapters=0, pixels=64)
+    limits.check({"control_image": [one, MASKED_INIT.encode()]})  # the marker is counted, not read
+    for images, message in (({"control_image": [one] * 3}, "control_image: 3 sent for one image; this model reads at most 2"),
+                            ({"init_image": [one]}, "init_image: this engine directory has no vae_encoder"),
+                            ({"mask": [one]}, "mask: this engine directory has no vae_encoder"),
+                            ({"adapter_image": [one]}, "need an engine directory exported with --adapter")):
+        with pytest.raises(SdexportError, match=re.escape(message)):
+            limits.check(images)
+    with pytest.raises(SdexportError, match=re.escape("control_image: 9x8 pixels, more than this server reads")):
+        limits.check({"control_image": [_png_of(np.zeros((8, 9, 3), np.uint8))]})
+    with pytest.raises(SdexportError, match="control_image: not a readable image"):
+        limits.check({"control_image": [b"not a png"]})
+
+
 def test_sdxl_conditioning_is_refused_by_another_family_in_runs_words(served):
     """The served SD model refuses SDXL's and the refiner's inputs as ``run`` refuses their flags;
     a size out of range likewise."""

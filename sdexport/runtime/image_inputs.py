@@ -9,6 +9,8 @@ as greyscale and binarised at 50% (white = repaint), as ``VaeImageProcessor`` do
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,25 +37,47 @@ def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
 
 def decode_image(data: bytes, what: str, mode: str = "RGB") -> Any:
     """``read_image`` for an image's bytes (a served request's PNG or JPEG)."""
+    return _decode(_in_memory(data, what), what, mode)
+
+
+def image_size(data: bytes, what: str) -> tuple[int, int]:
+    """The (width, height) an image's bytes declare, read from its header alone: what decoding it
+    would allocate is known before it is decoded (``decode_image``)."""
+    with _opened(_in_memory(data, what), what) as image:
+        width, height = image.size
+        return width, height
+
+
+def _in_memory(data: bytes, what: str) -> Any:
     import io
 
     if not data:
         raise SdexportError(f"{what}: empty (expected the bytes of a PNG or JPEG file)")
-    return _decode(io.BytesIO(data), what, mode)
+    return io.BytesIO(data)
 
 
 def _decode(source: Any, what: str, mode: str) -> Any:
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import ImageOps
+
+    with _opened(source, what) as image:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode == "I" or upright.mode.startswith("I;16"):
+            upright = _eight_bit(upright)
+        elif upright.mode == "F":
+            upright = _from_float(upright, what)
+        return upright.convert(mode)
+
+
+@contextlib.contextmanager
+def _opened(source: Any, what: str) -> Iterator[Any]:
+    """The image Pillow opens at ``source`` (its header read, its pixels not yet), what fails while
+    it is read or converted said in one line that names ``what``."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(source) as image:
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            if upright.mode == "I" or upright.mode.startswith("I;16"):
-                upright = _eight_bit(upright)
-            elif upright.mode == "F":
-                upright = _from_float(upright, what)
-            return upright.convert(mode)
+            yield image
     except Image.DecompressionBombError as exc:
         raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None
     except UnidentifiedImageError:

@@ -605,6 +605,22 @@ def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
         )
 
 
+def no_adapter() -> SdexportError:
+    """The refusal of adapter inputs where there is no T2I-Adapter (a served request's too, before
+    its images are decoded)."""
+    return SdexportError(f"{setting('adapter_image')} and its settings ({setting('adapter_scale')}, "
+                         f"{setting('adapter_factor')}) need an engine directory exported with --adapter "
+                         "(this one has no T2I-Adapter)")
+
+
+def no_controlnet() -> SdexportError:
+    """The refusal of ControlNet inputs where there is no ControlNet (``no_adapter``'s sibling)."""
+    settings = ", ".join(setting(name) for name in ("control_mode", "control_scale", "control_start",
+                                                    "control_end", "guess_mode"))
+    return SdexportError(f"{setting('control_image')} and its settings ({settings}) need an engine directory "
+                         "exported with --controlnet (this one has no ControlNet)")
+
+
 def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     """T2I-Adapter inputs: an image per adapter (for every prompt, or per prompt), settings diffusers
     would accept."""
@@ -613,9 +629,7 @@ def _check_adapter(request: GenerationRequest, adapters: int) -> None:
     if not adapters:
         if (request.adapter_image is not None or request.adapter_factor not in (1.0, [1.0])
                 or request.adapter_scale not in (1.0, [1.0])):
-            raise SdexportError(f"{setting('adapter_image')} and its settings ({setting('adapter_scale')}, "
-                                f"{setting('adapter_factor')}) need an engine directory exported with --adapter "
-                                "(this one has no T2I-Adapter)")
+            raise no_adapter()
         return
     entries = request.adapter_image
     several = (f"{adapters} T2I-Adapters: give {adapters} adapter images ({setting('adapter_image')}), one each, in the "
@@ -676,10 +690,7 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
         raise SdexportError(f"{setting('guess_mode')} {request.guess_mode!r}: expected true or false")
     if not controlnets:
         if request.control_image is not None or request.control_mode is not None or not defaults:
-            settings = ", ".join(setting(name) for name in ("control_mode", "control_scale", "control_start",
-                                                            "control_end", "guess_mode"))
-            raise SdexportError(f"{setting('control_image')} and its settings ({settings}) need an engine directory "
-                                "exported with --controlnet (this one has no ControlNet)")
+            raise no_controlnet()
         return
     images = request.control_image
     s = "" if controlnets == 1 else "s"

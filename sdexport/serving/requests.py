@@ -138,14 +138,67 @@ def _count(images: Any) -> int:
     return 0 if images is None else len(images) if isinstance(images, tuple) else 1
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """The images a served model reads in one row, checked before any is decoded: a few hundred
+    kilobytes of PNG can declare gigabytes of pixels, and a request may send many images."""
+
+    init: bool
+    """An init image (and mask): only with a VAE encoder."""
+    controls: int
+    """Control images: one per ControlNet (a union one's: as many as it takes)."""
+    adapters: int
+    """Adapter images: one per T2I-Adapter."""
+    pixels: int
+    """The most pixels one image may declare."""
+
+    @classmethod
+    def for_profile(cls, init: bool, controls: int, adapters: int, height: int, width: int) -> ImageLimits:
+        """``pixels``: 16 times the largest image the engines make (``height`` x ``width``, their
+        profile's maxima): a photo four times their side, resized on the server, but no more."""
+        return cls(init, controls, adapters, PIXELS_PER_IMAGE * height * width)
+
+    def check(self, images: Mapping[str, list[bytes]]) -> None:
+        """Refuse images this model does not read, more of them than it reads, or one that declares
+        more than ``pixels`` (read from its header); ``images``: input name → the row's images
+        (a control image may be ``MASKED_INIT``'s bytes: counted, not an image)."""
+        from sdexport.runtime.image_inputs import image_size
+        from sdexport.runtime.request import no_adapter, no_controlnet
+
+        takes = {"init_image": int(self.init), "mask": int(self.init), "control_image": self.controls,
+                 "adapter_image": self.adapters}
+        for name, found in images.items():
+            if len(found) <= takes[name]:
+                continue
+            if name in ("init_image", "mask"):  # (one a row at most: sent where the model reads none)
+                raise SdexportError(f"{name}: this engine directory has no vae_encoder, so it serves txt2img only")
+            if not takes[name]:
+                raise no_controlnet() if name == "control_image" else no_adapter()
+            raise SdexportError(f"{name}: {len(found)} sent for one image; this model reads at most {takes[name]}")
+        for name, found in images.items():
+            for data in found:
+                if data == MASKED_INIT.encode():
+                    continue
+                width, height = image_size(data, name)
+                if width * height > self.pixels:
+                    raise SdexportError(f"{name}: {width}x{height} pixels, more than this server reads in one image "
+                                        f"({self.pixels / 1e6:.1f} megapixels, {PIXELS_PER_IMAGE} times its engines' "
+                                        "largest); send it smaller")
+
+
+PIXELS_PER_IMAGE = 16
+"""``ImageLimits.pixels``: how many times the engines' largest image one sent image may hold."""
+
+
 def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
                 check_size: Callable[[int, int], None] | None = None, *,
-                emphasis: str = DEFAULTS["emphasis"]) -> list[Row]:
+                emphasis: str = DEFAULTS["emphasis"], limits: ImageLimits | None = None) -> list[Row]:
     """The rows of one request. ``inputs``: input name → numpy array with the batch dimension first
     (absent inputs missing or None); ``default_size``: (height, width) when neither the request nor an
     image gives one; ``check_size(height, width)`` refuses a size the engines cannot serve, before an
     init image is resized to it; ``emphasis``: the server's reading of brackets for a row that sends
-    none (``serve --emphasis``). Malformed values are refused with one line naming the input."""
+    none (``serve --emphasis``); ``limits``: the images a row may send, checked before any is
+    decoded. Malformed values are refused with one line naming the input."""
     unknown = sorted(set(inputs) - set(INPUT_NAMES))
     if unknown:
         raise SdexportError(f"unknown inputs {', '.join(unknown)}; this model takes {', '.join(INPUT_NAMES)}")
@@ -156,7 +209,7 @@ def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
     for i in range(len(prompts)):
         # as `run`, whose images all take the first one's size: a row that gives none takes the first row's
         rows.append(_decode_row(inputs, i, default_size, check_size, (rows[0].height, rows[0].width) if rows else None,
-                                emphasis))
+                                emphasis, limits))
     return rows
 
 
@@ -168,7 +221,7 @@ def image_of_request(i: int, images: int) -> str:
 
 def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
                 check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None,
-                emphasis: str = DEFAULTS["emphasis"]) -> Row:
+                emphasis: str = DEFAULTS["emphasis"], limits: ImageLimits | None = None) -> Row:
     from sdexport.runtime.image_inputs import decode_image, fit_image
 
     def one(name: str) -> Any:
@@ -191,12 +244,17 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         fit = text["fit"] or DEFAULTS["fit"]
         image = one("init_image")
         mask = one("mask")
+        control_bytes = [bytes(b) for b in many("control_image") or []]
+        adapter_bytes = [bytes(b) for b in many("adapter_image") or []]
+        if limits is not None:
+            limits.check({"init_image": [bytes(image)] if image is not None else [],
+                          "mask": [bytes(mask)] if mask is not None else [],
+                          "control_image": control_bytes, "adapter_image": adapter_bytes})
         init = decode_image(bytes(image), "init_image") if image is not None else None
         masked = decode_image(bytes(mask), "mask", mode="L") if mask is not None else None
-        control_bytes = [bytes(b) for b in many("control_image") or []]
         controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode() else decode_image(b, "control_image")
                                for b in control_bytes]
-        adapter_images = [decode_image(bytes(b), "adapter_image") for b in many("adapter_image") or []]
+        adapter_images = [decode_image(b, "adapter_image") for b in adapter_bytes]
         adapter = adapter_images[0] if len(adapter_images) == 1 else tuple(adapter_images) or None
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):

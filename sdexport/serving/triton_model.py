@@ -26,6 +26,7 @@ from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
     DEFAULTS,
+    ImageLimits,
     Row,
     decode_rows,
     generation_request,
@@ -168,6 +169,9 @@ class ServedModel:
         self.max_batch = min(batch for p in pipelines for batch in (p.profile.batch[2],
                                                                     *(e.profile.batch[2] for e in p.engines.values())))
         self.default_size = (profile.height[1], profile.width[1])
+        self.image_limits = ImageLimits.for_profile(
+            self.image_inputs, len(self.pipeline.controlnets) * (self.pipeline.dims.K or 1), len(self.pipeline.adapters),
+            profile.height[2], profile.width[2])
         heights, widths = (profile.height[0], profile.height[2]), (profile.width[0], profile.width[2])
         names = (settings.engine_name, settings.refiner_name)
         for loaded, name in zip(pipelines, names):  # the images' records name a linked directory as given
@@ -194,9 +198,7 @@ class ServedModel:
                                 "(sdexport serve --max-steps)")
         if row.denoising_end is not None and self.refiner is None:
             raise SdexportError("denoising_end: this server runs no refiner after the model (sdexport serve --refiner)")
-        request = generation_request([row])
-        if request.image is not None and not self.image_inputs:
-            raise SdexportError("init_image: this engine directory has no vae_encoder, so it serves txt2img only")
+        request = generation_request([row])  # (images this model does not read: refused as decoded, ImageLimits)
         if self.refiner is None:
             self.pipeline.check(request)
             return request, request
@@ -239,7 +241,8 @@ class ServedModel:
         rows: list[tuple[tuple[int, int], Row]] = []
         for index, inputs in enumerate(requests):
             try:
-                decoded = decode_rows(inputs, self.default_size, self._check_size, emphasis=self.settings.emphasis)
+                decoded = decode_rows(inputs, self.default_size, self._check_size, emphasis=self.settings.emphasis,
+                                      limits=self.image_limits)
                 if len({(row.height, row.width) for row in decoded}) > 1:
                     raise SdexportError("the images of one request must share height and width (their pixels "
                                         "are one tensor): send images of other sizes in requests of their own")
