@@ -1237,13 +1237,17 @@ def triton_repo(
     print_result(str(target))
 
 
+LOAD_REQUESTS = 16
+"""``loadtest``'s request count where neither ``--requests`` nor ``--duration`` is given."""
+
+
 @app.command()
 def loadtest(
     url: Annotated[str, typer.Option(help="The server's HTTP address, host:port.")] = "localhost:8000",
     model: Annotated[str, typer.Option(help="Model name in the repository.")] = "sdexport",
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Prompt of every request.")] = "a lighthouse at dusk",
     concurrency: Annotated[int, typer.Option("--concurrency", "-c", help="Concurrent clients, each with one request in flight.")] = 4,
-    requests: Annotated[int, typer.Option("--requests", "-n", help="Requests in all (0: until --duration).")] = 16,
+    requests: Annotated[int | None, typer.Option("--requests", "-n", help="Requests in all (default 16; with --duration, no count: until it ends; 0: until --duration).")] = None,
     duration: Annotated[float, typer.Option(help="Stop sending after this many seconds (0: until --requests).")] = 0.0,
     batch: Annotated[int, typer.Option(help="Images per request.")] = 1,
     steps: Annotated[int | None, typer.Option(help="Steps per image (default: the model's).")] = None,
@@ -1269,6 +1273,8 @@ def loadtest(
                                 "scheduler": scheduler, "strength": strength,
                                 "denoising_end": denoising_end}.items() if v is not None}
     images = {k: v for k, v in {"init_image": init_image, "mask": mask}.items() if v is not None}
+    if requests is None:  # a duration alone bounds the run by time, not by the count's default too
+        requests = 0 if duration else LOAD_REQUESTS
     plan = LoadPlan(url=url, model=model, concurrency=concurrency, requests=requests, duration_s=duration,
                     prompts_per_request=batch, params=params, images=images)
     files = plan.check()

@@ -758,6 +758,22 @@ def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
     assert "| succeeded |" in (tmp_path / "load" / "loadtest.md").read_text()
 
 
+def test_loadtest_given_a_duration_alone_runs_until_it_ends(monkeypatch, tmp_path):
+    """Not until the request count's default (16) either: `--duration 20` stopped after 16 requests."""
+    from sdexport.serving import loadtest
+
+    plans: list[object] = []
+
+    def planned(plan, prompt, files):
+        plans.append(plan)
+        raise SdexportError("planned")
+
+    monkeypatch.setattr(loadtest, "run_load", planned)
+    for extra in (["--duration", "20"], [], ["--duration", "20", "-n", "5"], ["-n", "0", "--duration", "3"]):
+        assert run_cli("loadtest", *extra, "-o", tmp_path / "out") == 2
+    assert [(p.requests, p.duration_s) for p in plans] == [(0, 20.0), (16, 0.0), (5, 20.0), (0, 3.0)]
+
+
 def test_loadtest_sends_an_init_image_and_mask(server, tmp_path):
     """img2img and inpainting load (and the SDXL refiner's, which takes nothing else): every request
     carries the files' bytes; the report names them."""
