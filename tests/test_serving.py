@@ -438,6 +438,10 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert sorted(inputs) == ["prompt", "scheduler", "seed", "steps"]  # guidance: the family's, by the server
     assert inputs["seed"].shape() == [2, 1]
     assert "guidance" in {i.name() for i in infer_inputs(["a"], http, guidance=3.0)}
+    # a string is one prompt, not one per character; seeds per prompt are as many as the prompts
+    assert {i.name(): i for i in infer_inputs("ab", http)}["prompt"].shape() == [1, 1]
+    with pytest.raises(ValueError, match="seed: 1 values for 2 prompts"):
+        infer_inputs(["a", "b"], http, seed=[1])
     # one value for every image, or one per image (as the adapter images of a batch are)
     inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, adapter_image=[b"png-a", b"png-b"], steps=[2, 3])}
     assert inputs["adapter_image"].shape() == inputs["steps"].shape() == [2, 1]

@@ -22,8 +22,8 @@ so every request from this client carries at least these. Not ``guidance``: its 
 model family's, which the server knows and a client need not."""
 
 
-def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[Any]:
-    """``tritonclient`` inputs for ``prompts`` (one image each). ``params``: any other input of the
+def infer_inputs(prompts: list[str] | str, module: Any = None, **params: Any) -> list[Any]:
+    """``tritonclient`` inputs for ``prompts`` (one image each; a string is one prompt). ``params``: any other input of the
     model by name, one value for every image or a list of one per image (for the per-ControlNet and
     per-adapter inputs, a list is one value: their values for every image, and a list of lists
     gives each image its own, as for ``control_image``); bytes for the image inputs.
@@ -49,6 +49,8 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
     unknown = sorted(set(params) - set(_SPECS))
     if unknown:
         raise ValueError(f"unknown inputs {unknown}; the model takes {sorted(_SPECS)}")
+    if isinstance(prompts, str):  # (iterated, a string would be one prompt per character)
+        prompts = [prompts]
     rows = len(prompts)
     if not rows:
         raise ValueError("no prompts: give one per image")
@@ -57,6 +59,9 @@ def infer_inputs(prompts: list[str], module: Any = None, **params: Any) -> list[
               **{k: v for k, v in params.items() if v is not None}}
     for name, value in params.items():
         if name == "seed":
+            if isinstance(value, list | tuple) and len(value) != rows:
+                raise ValueError(f"seed: {len(value)} values for {rows} prompts; give one (the first image's, "
+                                 "+1 for each next) or one per prompt")
             values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
         elif name == "adapter_image":  # per image, each one image per adapter
             values[name] = _adapter_images(value, rows)
@@ -173,7 +178,7 @@ def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:
     return [list(v) for v in value]
 
 
-def generate(url: str, prompts: list[str], *, model: str = MODEL_NAME, timeout_s: float = 600.0,
+def generate(url: str, prompts: list[str] | str, *, model: str = MODEL_NAME, timeout_s: float = 600.0,
              pixels: bool = False, **params: Any) -> list[Any]:
     """The PNG bytes of each prompt's image (``pixels=True``: the uint8 arrays instead), over HTTP."""
     import tritonclient.http as http
