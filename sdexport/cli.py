@@ -408,6 +408,7 @@ def run(
     from sdexport.runtime.request import (
         MASKED_INIT,
         MAX_SEED,
+        NOISE_SEEDS,
         GenerationRequest,
         check_backend,
         check_per_image,
@@ -442,6 +443,11 @@ def run(
         raise SdexportError(f"--seed {seed}: image {MAX_SEED - seed + 2} of {len(prompts)} would need seed "
                             f"{MAX_SEED + 1}, past the largest (2^64-1); pass --seed {MAX_SEED - len(prompts) + 1} "
                             "or less")
+    last = seed + len(prompts) - 1
+    if NOISE_SEEDS <= last <= MAX_SEED:  # (a note, not a refusal: the same image as diffusers' for that seed)
+        console.print(f"[yellow]note:[/] --seed {seed}: seeds from 2^32 on draw the noise of their low 32 bits "
+                      f"(PyTorch's CPU generator reads those alone, as in diffusers): seed {last} draws seed "
+                      f"{last % NOISE_SEEDS}'s")
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     if guidance and len(guidance) not in (1, len(prompts)):
         raise SdexportError(f"{len(guidance)} --guidance for {len(prompts)} images: give one, or one per image")

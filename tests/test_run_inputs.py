@@ -73,6 +73,19 @@ def test_bad_requests_are_refused_before_engines_load(tiny_engine_dir: Path, tmp
     assert not out.exists()
 
 
+def test_a_seed_past_2_to_the_32_says_it_draws_its_low_bits_noise(tiny_engine_dir, tmp_path, capsys):
+    """PyTorch's CPU generator reads a seed's low 32 bits alone (as diffusers' pipelines use it):
+    the image is seed 1's, and run says so rather than let two seeds silently give one image."""
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "2", "--seed", "1", "-o", tmp_path / "one.png") == 0
+    assert "low 32 bits" not in capsys.readouterr().err
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "2", "--seed", str(2**32 + 1),
+                   "-o", tmp_path / "high.png") == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"--seed {2**32 + 1}: seeds from 2^32 on draw the noise of their low 32 bits" in said
+    assert f"seed {2**32 + 1} draws seed 1's" in said
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "high.png")))
+
+
 def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_engine_dir, tmp_path, no_engines, capsys):
     """DPM++ 2M with 999 steps reaches timestep 1000 (past the 1000 trained ones) and returns NaN."""
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "999", "--scheduler", "dpmpp_2m",

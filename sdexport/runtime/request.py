@@ -19,6 +19,9 @@ from sdexport.specs import FAMILY_LABELS, SDXL_REFINER, check_clip_skip, is_sdxl
 
 MAX_SEED = 2**64 - 1
 """torch.Generator seeds are unsigned 64-bit integers."""
+NOISE_SEEDS = 2**32
+"""How many seeds draw different noise: PyTorch's CPU generator (a Mersenne Twister) is seeded with
+the seed's low 32 bits, so seed 2^32 + 1 draws seed 1's noise, in diffusers' pipelines too."""
 MAX_CONDITIONING = 65536
 """SDXL's size and crop conditioning are pixel counts; far beyond any image they are noise to the U-Net."""
 CONTROL_SCALE_DEFAULTS = {
