@@ -533,6 +533,8 @@ def test_a_request_that_fails_a_shared_call_fails_alone(served):
     assert not isinstance(alone, str)
     np.testing.assert_array_equal(results[0][0].pixels, alone[0].pixels)
     assert any("a call of requests 1, 2 failed" in line and "each again on its own" in line for line in served.logs)
+    # the calls that ran, the retries too: the shared one and each request's own (the second failed again)
+    assert served.logs[-2].endswith("2 request(s), 2 image(s) in 3 call(s) of 2, 1, 1, 2 of them failed"), served.logs
 
 
 def test_rows_of_one_request_must_share_a_size(served):

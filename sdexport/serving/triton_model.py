@@ -288,13 +288,17 @@ class ServedModel:
 
         calls = group_rows(rows, self.max_batch, apart)
         pending = list(calls)
+        ran: list[int] = []  # each call's images, retries included, for the log
+        failed = 0
         while pending:
             members = [(o, row) for o, row in pending.pop(0) if not isinstance(outcome[o[0]], str)]  # not failed yet
             if not members:
                 continue
+            ran.append(len(members))
             try:
                 result, base = self._call(generation_request([row for _, row in members]), members[0][1].denoising_end)
             except Exception as exc:  # this call's requests fail; the others, and the server, go on
+                failed += 1
                 owners = list(dict.fromkeys(r for (r, _), _row in members))
                 if len(owners) > 1:
                     # one request's rows (a guidance that overflows, say) may have failed a call it
@@ -317,9 +321,9 @@ class ServedModel:
                 for note in row.notes:
                     self.log(f"sdexport: request {r + 1}: {note}")
                 slot[i] = Generated(png=png, pixels=np.asarray(result.images[k], dtype=np.uint8))
-        if calls:
-            self.log(f"sdexport: {len(requests)} request(s), {len(rows)} image(s) in {len(calls)} call(s) of "
-                     f"{', '.join(str(len(m)) for m in calls)}")
+        if ran:
+            self.log(f"sdexport: {len(requests)} request(s), {len(rows)} image(s) in {len(ran)} call(s) of "
+                     f"{', '.join(map(str, ran))}" + (f", {failed} of them failed" if failed else ""))
         return [slot if isinstance(slot, str) else [g for g in slot if g is not None] for slot in outcome]
 
     def _call(self, request: GenerationRequest, end: float | None) -> tuple[Any, Any]:
