@@ -549,7 +549,9 @@ def run(
         raise SdexportError(f"-o {output}: a folder (it ends in a separator); give a file name such as "
                             f"{pasteable(output + 'image.png')}")
     check_image_output(image_path, request.batch)
-    _outside_engine_dirs(image_path, f"-o {output}", engine_dir, refiner)
+    from sdexport.output_dir import refuse_inside_engine_dir
+
+    refuse_inside_engine_dir(image_path, f"-o {output}")
     from sdexport.runtime.images import output_paths
 
     for given in (init_path, mask_path, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str)),
@@ -642,16 +644,6 @@ def _once(given: list[Path] | None, flag: str) -> Path | None:
         raise SdexportError(f"{flag} given {len(given)} times: one per run (every image of the batch starts from it); "
                             "run once per image")
     return given[0] if given else None
-
-
-def _outside_engine_dirs(path: Path, label: str, engine_dir: Path, refiner: Path | None) -> None:
-    """A file a command writes (an image, Triton's log) goes outside the engine directories it reads:
-    their manifests list every file in them, so one more makes a directory no longer provably
-    sdexport's (``export --force`` and the builds refuse it), and a listed one would change."""
-    for flag, directory in (("engine directory", engine_dir), ("--refiner directory", refiner)):
-        if directory is not None and path.resolve().is_relative_to(directory.resolve()):
-            raise SdexportError(f"{label}: inside the {flag} {directory}, whose manifest lists every file in it; "
-                                "give a path outside it")
 
 
 def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None, width: int | None,
@@ -1140,13 +1132,13 @@ def serve(
         raise SdexportError("--drain-timeout must be 0 or more, --startup-timeout 1 or more")
     check_ports(ports)  # the cheap refusals first; the engine directory's checks load libraries
     if log_file is not None:
-        from sdexport.output_dir import require_creatable
+        from sdexport.output_dir import refuse_inside_engine_dir, require_creatable
 
         if log_file.is_dir() or verbose:
             raise SdexportError(f"--log-file {log_file}: " + ("a directory; give a file name" if log_file.is_dir()
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
-        _outside_engine_dirs(log_file, f"--log-file {log_file}", engine_dir, refiner)
+        refuse_inside_engine_dir(log_file, f"--log-file {log_file}")
     manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
                                                            refiner=refiner, denoising_end=denoising_end,
                                                            emphasis=emphasis)
@@ -1287,9 +1279,10 @@ def loadtest(
     target = _output_path(output)
     if target.exists() and not target.is_dir():
         raise SdexportError(f"-o {output} is a file; give a folder for loadtest.json and loadtest.md")
-    from sdexport.output_dir import require_creatable
+    from sdexport.output_dir import refuse_inside_engine_dir, require_creatable
 
     require_creatable(target, f"-o {output}")
+    refuse_inside_engine_dir(target, f"-o {output}")
     for name in ("loadtest.json", "loadtest.md"):
         if (target / name).exists() and not _load_report_beside(target, name):
             raise SdexportError(f"-o {output}: {target / name} exists and was not written by sdexport loadtest; "

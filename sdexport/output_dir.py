@@ -161,6 +161,7 @@ def check_target(
             f"{flag} {target} is the current directory or contains it; give a new directory such as "
             f"{flag} {kind.example}"
         )
+    refuse_inside_engine_dir(path, f"{flag} {target}")
     for source in protected:
         source = source.resolve()
         if source == path or source.is_relative_to(path):
@@ -241,6 +242,36 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
     real = directory.resolve()  # a link to it and the directory itself take the same lock
     with _locked(Target(real.parent / real.name, kind)):
         yield
+
+
+def refuse_inside_engine_dir(path: Path, label: str) -> None:
+    """Refuse a path a command would write (a directory, an image, a log) inside an sdexport engine
+    directory: its manifest lists every file in it, so one more makes it no longer provably
+    sdexport's (``export --force`` and the builds refuse it then), and a listed one would change."""
+    inside = engine_dir_above(path)
+    if inside is not None:
+        raise SdexportError(f"{label}: inside the engine directory {inside}, whose manifest lists every file in it; "
+                            "give a path outside it")
+
+
+def engine_dir_above(path: Path) -> Path | None:
+    """The sdexport engine directory that ``path`` lies in (the nearest folder above it whose
+    manifest is sdexport's format: another project's ``manifest.json`` is not one), or None."""
+    import json
+
+    from sdexport.manifest_schema import FORMAT
+
+    for folder in path.resolve().parents:
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            continue
+        try:
+            data = json.loads(manifest.read_bytes()[:1_000_000] or b"null")
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return folder
+    return None
 
 
 def require_creatable(parent: Path, label: str, *, nothing: str = "nothing can be created") -> None:

@@ -389,3 +389,26 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tiny_engine_dir
     assert run_cli(*args) == 2
     err = capsys.readouterr().err
     assert "an empty path; name one" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_nothing_is_written_inside_an_engine_directory(engine_copy: Path, tmp_path: Path, capsys):
+    """Its manifest lists every file in it: one folder more (an export, a model repository, a
+    comparison, a load test's report) and it is no longer provably sdexport's, so `export --force`
+    and the builds would refuse it. `run` refused its images there already; the others wrote."""
+    before = _tree(engine_copy)
+    for command in (["export", "tiny", "-o", engine_copy / "nested", *QUICK],
+                    ["triton-repo", engine_copy, "-o", engine_copy / "unet" / "repo"],
+                    ["bench", "compare", tmp_path / "a.json", tmp_path / "b.json", "-o", engine_copy / "cmp"],
+                    ["loadtest", "--url", "127.0.0.1:1", "-o", engine_copy / "load"]):
+        assert run_cli(*command) == 2, command
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"inside the engine directory {engine_copy}, whose manifest lists every file in it" in err, err
+        assert err.count("error:") == 1
+    assert _tree(engine_copy) == before
+
+
+def test_another_projects_manifest_above_the_output_is_not_an_engine_directory(tmp_path: Path):
+    """A web app's or an extension's manifest.json in a folder above is not sdexport's."""
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "manifest.json").write_text('{"name": "my app", "format": 3}')
+    assert run_cli("export", "tiny", "-o", tmp_path / "app" / "engines", *QUICK) == 0
