@@ -1,3 +1,3 @@
-from sdexport.cli import main
+from sdexport.cli import entry
 
-main()
+entry()

@@ -1357,6 +1357,18 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def entry() -> None:
+    """The console script (and ``python -m sdexport``): ``main``, whose outcome a stop during the
+    interpreter's teardown no longer changes (``stopping.finished``)."""
+    from sdexport import stopping
+
+    try:
+        main()
+    except SystemExit as exc:
+        stopping.finished(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+        raise
+
+
 def _say_interrupted() -> None:
     """"interrupted", and what the command had finished before it was (``stopping.keep``)."""
     from sdexport import stopping

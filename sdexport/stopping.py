@@ -89,6 +89,29 @@ def listening() -> Iterator[None]:
         _requested, _kept = None, None
 
 
+def finished(code: int) -> None:
+    """The command is over and ``code`` is its exit status: from now on Ctrl-C or SIGTERM end the
+    process at once with that status. Python's teardown after torch and ONNX Runtime have loaded
+    takes most of a second, and a stop delivered in it ended a run whose images were all written
+    as killed (143) or interrupted (130), with nothing said. For the console script alone
+    (``cli.entry``): a program that calls ``main`` goes on after it, with its own handlers.
+    SIGINT is taken only from Python's own handler, as ``listening`` takes it."""
+    import os
+
+    if not _in_main_thread():
+        return
+
+    def done(number: int, frame: object) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(number, done)
+
+
 def check() -> None:
     """Raise the stop that was asked for and not yet acted on (its KeyboardInterrupt was dropped on
     the way, or this is the first place that looks); nothing otherwise. Nothing either while a

@@ -144,3 +144,34 @@ def test_what_was_kept_is_recorded_while_listening_only():
         assert stopping.kept() == ["already written: a, b"]
     assert stopping.kept() == []
 
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_during_the_teardown_after_the_command_keeps_its_exit_status(number):
+    """The console script's command is over (here a refusal, status 2) and Python tears down; a
+    stop then (here from an atexit hook, the teardown's own code) ended the process as killed
+    (143) or as interrupted (130), with nothing said, though the command had finished."""
+    import subprocess
+    import sys
+
+    code = ("import atexit, os, sys, time\n"
+            f"atexit.register(lambda: (os.kill(os.getpid(), {int(number)}), time.sleep(10)))\n"
+            "sys.argv = ['sdexport', 'inspect', '/no/such/engines']\n"
+            "from sdexport.cli import entry\n"
+            "entry()\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("error:") == 1 and "interrupted" not in done.stderr
+
+
+def test_the_teardown_guard_leaves_an_ignored_sigint_ignored_and_others_handlers_alone():
+    previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        mine = lambda number, frame: None  # noqa: E731  (a program's own handler)
+        signal.signal(signal.SIGTERM, mine)
+        stopping.finished(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for n, handler in previous.items():
+            signal.signal(n, handler)
