@@ -346,6 +346,30 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Pat
     assert (mine / "notes.txt").read_text() == "mine"
 
 
+def test_a_stopped_build_says_which_components_it_had_built(tiny_fp16_engine_dir: Path, tmp_path: Path,
+                                                              monkeypatch, capsys):
+    """Those are listed and in place, and the next build reuses them: the user should hear so rather
+    than take the stop for a loss of everything (it said only "interrupted")."""
+    from sdexport.build import onnxruntime_build
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, copy)
+    real = onnxruntime_build._build_one
+
+    def stopped_at_the_unet(engine_dir, manifest, spec, dtype, on_cuda):
+        if spec.name == "unet":
+            raise KeyboardInterrupt
+        return real(engine_dir, manifest, spec, dtype, on_cuda)
+
+    monkeypatch.setattr(onnxruntime_build, "_build_one", stopped_at_the_unet)
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder,unet") == 130
+    said = " ".join(capsys.readouterr().err.split())
+    assert "interrupted; already built: text_encoder (a build run again reuses them)" in said
+    monkeypatch.setattr(onnxruntime_build, "_build_one", real)
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
+    assert "✓ text_encoder: cached" in capsys.readouterr().err
+
+
 def test_shape_inference_sees_no_weights_and_types_the_same(tiny_engine_dir: Path, monkeypatch):
     """onnxruntime's symbolic shape inference copies the model it is given: it gets a weightless
     copy (for an SD 1.5 U-Net the difference is 3.4 GB per inference), with the same result."""

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from sdexport.atomic import TEMP_NAME
+from sdexport.build import keep_built
 from sdexport.build.cache_key import onnx_files, onnx_sha256
 from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
@@ -478,6 +479,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
         _install(engine_dir, manifest, spec.name, record)
         results.append(OrtBuildResult(spec.name, "built", engine_dir / rel, record["build_seconds"],
                                       record["fusions"], record["parity"]["status"], reasons[spec.name]))
+        keep_built(results)
     return results
 
 

@@ -24,6 +24,7 @@ from types import ModuleType
 from typing import Any, Literal
 
 from sdexport.atomic import atomic_path
+from sdexport.build import keep_built
 from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.build.vae_upcast import specs_to_build
@@ -344,6 +345,7 @@ def _build_locked(
             manifest.files[rel] = sha256_file(tmp)
             save_manifest(engine_dir, manifest)
         results.append(BuildResult(spec.name, "built", engine_dir / rel, key, seconds, reasons))
+        keep_built(results)
     return results
 
 
