@@ -183,6 +183,16 @@ def test_run_time_lora_matches_the_fused_export(tiny_engine_dir, fused_dir, lora
     assert _rel(load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST), plain) == 0
 
 
+def test_a_lora_fused_at_export_and_added_again_at_run_time_is_noted(fused_dir, lora_files, capsys):
+    """Its scales add up (0.8 fused + 1.0 added): maybe meant, so a note rather than a refusal."""
+    load_pipeline(fused_dir, "onnxruntime-cpu", loras=[LoraFile(lora_files["both"], 1.0)])
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"note: LoRA {lora_files['both']} was fused into this directory at export (scale 0.8); added again "
+            "at run time it applies twice (0.8 + 1)") in said
+    load_pipeline(fused_dir, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"], 1.0)])  # another file: no note
+    assert "was fused into this directory" not in capsys.readouterr().err
+
+
 def test_cli_export_and_run_with_lora(tiny_engine_dir, lora_files, tmp_path, capsys):
     out = tmp_path / "lora.png"
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "3", "--height", "64", "--width", "64",

@@ -164,6 +164,7 @@ def load_pipeline(
     for lora in loras or []:  # (the CLI checked its own; in Python, a missing file is one line too)
         lora.check("LoRA")
     manifest = load_manifest(engine_dir, verify_files=False)
+    note_fused_again(manifest, loras or [])
     if model_source is not None and backend.startswith("torch"):
         from sdexport.models.source_files import relocated
 
@@ -522,6 +523,21 @@ def _check_reloaded_adapters(reloaded: ModelDims, recorded: ModelDims) -> None:
                              f"{list(reloaded.adapter_image_channels)}-channel images from the manifest's model.source, "
                              f"but its dims describe {list(recorded.adapter_image_channels)}: the manifest was edited "
                              "or its sources changed")
+
+
+def note_fused_again(manifest: Manifest, loras: list[LoraFile]) -> None:
+    """Note a run-time LoRA that the export already fused into the weights (the same file): it
+    is then applied twice, its two scales added. Maybe meant (a stronger LoRA), so not refused."""
+    from rich.markup import escape
+
+    from sdexport.console import console
+
+    fused = {Path(record["path"]).resolve(): record["scale"] for record in manifest.model.get("loras") or []}
+    for lora in loras:
+        if lora.path.resolve() in fused:
+            console.print(f"[yellow]note:[/] LoRA {escape(str(lora.path))} was fused into this directory at export "
+                          f"(scale {fused[lora.path.resolve()]:g}); added again at run time it applies twice "
+                          f"({fused[lora.path.resolve()]:g} + {lora.scale:g})")
 
 
 def exported_loras(manifest: Manifest) -> list[LoraFile]:
