@@ -97,11 +97,13 @@ def _main_options(
     _apply_verbosity(quiet, verbose, level)
 
 _RANGE = "as min:opt:max or one number; default: {}."
-_EXPORT_DEFAULT = "the model's profile (SD 1.x: batch 1:1:4, sides 256:512:1024; sd21 768 opt; SDXL 512:1024:1536; tiny presets 1:1:2, 64:128:256; a checkpoint: opt at its U-Net's sample_size)"
+_EXPORT_BATCH = "the model's profile (1:1:4; tiny presets 1:1:2)"
+_EXPORT_SIDES = ("the model's profile (SD 1.x 256:512:1024; sd21 768 opt; SDXL 512:1024:1536; tiny presets 64:128:256; "
+                 "a checkpoint: opt at its U-Net's sample_size)")
 _BUILD_DEFAULT = "the exported profile; must lie inside it"
-BatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_EXPORT_DEFAULT))]
-HeightOpt = Annotated[str | None, typer.Option("--height", help="Image height in pixels " + _RANGE.format(_EXPORT_DEFAULT))]
-WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pixels " + _RANGE.format(_EXPORT_DEFAULT))]
+BatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_EXPORT_BATCH))]
+HeightOpt = Annotated[str | None, typer.Option("--height", help="Image height in pixels " + _RANGE.format(_EXPORT_SIDES))]
+WidthOpt = Annotated[str | None, typer.Option("--width", help="Image width in pixels " + _RANGE.format(_EXPORT_SIDES))]
 PromptChunksOpt = Annotated[str | None, typer.Option("--prompt-chunks", help="Prompt chunks of 75 tokens the U-Net reads at once, as A1111 reads long prompts (longer ones are cut, with a warning) " + _RANGE.format("1:1:3 (tiny presets 1:1:2)"))]
 BuildPromptChunksOpt = Annotated[str | None, typer.Option("--prompt-chunks", help="Prompt chunks of 75 tokens " + _RANGE.format(_BUILD_DEFAULT))]
 BuildBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_BUILD_DEFAULT))]
@@ -450,7 +452,8 @@ def run(
                       f"{last % NOISE_SEEDS}'s")
     negatives = _per_image(negative_prompt, len(prompts), "--negative-prompt")
     if guidance and len(guidance) not in (1, len(prompts)):
-        raise SdexportError(f"{len(guidance)} --guidance for {len(prompts)} images: give one, or one per image")
+        raise SdexportError(f"{len(guidance)} --guidance for {len(prompts)} image{'s' if len(prompts) > 1 else ''}: "
+                            "give one, or one per image")
     images, inputs = _image_inputs(init_path, mask_path, height, width, fit)
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
@@ -957,8 +960,10 @@ def bench(
     _print_markdown(paths[1].read_text())
     for path in paths:
         print_result(str(path))
-    if stopped is not None:
-        error_console.print(f"[yellow]{escape(str(stopped))}[/]", soft_wrap=True)
+    if stopped is not None:  # said once, with what is in place, on the line that ends the command
+        from sdexport import stopping
+
+        stopping.keep("report", str(stopped))
         raise stopped
 
 

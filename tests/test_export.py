@@ -319,6 +319,7 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("missing", "no such file or directory, and not a preset"),
         ("unknown-preset", "not a preset (tiny"),
         ("empty-dir", "not a diffusers model directory"),
+        ("checkpoint-dir", "to export the single-file checkpoint in it, pass the file ({tmp}/downloads/model.safetensors)"),
         ("dit", "unsupported architecture PixArtAlphaPipeline"),
         ("corrupt", "not a readable safetensors file"),
         ("no-config", "needs --config"),
@@ -368,6 +369,10 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
     elif case == "empty-dir":
         (tmp_path / "empty").mkdir()
         model = str(tmp_path / "empty")
+    elif case == "checkpoint-dir":  # a folder a checkpoint was downloaded into, given for the checkpoint
+        (tmp_path / "downloads").mkdir()
+        (tmp_path / "downloads" / "model.safetensors").write_bytes(b"")
+        model = str(tmp_path / "downloads")
     elif case == "dit":
         model = str(_dit_dir(tmp_path / "pixart"))
     elif case == "corrupt":

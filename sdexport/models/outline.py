@@ -344,9 +344,13 @@ def family_of_dir(path: Path, *, vae_replaced: bool = False) -> str:
     ``from_pretrained(path, vae=...)`` reads none then."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
+        checkpoints = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES) \
+            if path.is_dir() else []
+        hint = (f"; to export the single-file checkpoint in it, pass the file ({path / checkpoints[0]})"
+                + (f", one of {len(checkpoints)}" if len(checkpoints) > 1 else "") if checkpoints else "")
         raise ModelLoadError(
             f"{path}: not a diffusers model directory (no model_index.json); expected "
-            "model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/"
+            f"model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/{hint}"
         )
     index = read_json(index_file)
     pipeline = index.get("_class_name", "?")
