@@ -995,17 +995,19 @@ def bench_compare(
     max_slowdown: Annotated[str, typer.Option(help="Fail a case whose end-to-end median is this much slower (and beyond the noise), e.g. 5%.")] = "5%",
     min_psnr: Annotated[float | None, typer.Option(help="Also fail a contender whose image agrees less than this (dB) with its run's baseline contender.")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Compare runs from different devices, precisions or scenario definitions anyway.")] = False,
+    fail_unjudged: Annotated[bool, typer.Option(help="Fail a case with too few repeats (under 5) to tell a change beyond --max-slowdown from noise, rather than show it as not judged (the CI gate does).")] = False,
     output: Annotated[str | None, typer.Option("-o", "--output", help="Directory for comparison.json, comparison.md (for a merge-request comment) and comparison.xml (JUnit).")] = None,
 ) -> None:
     """Compare two benchmark runs: change of every median with a bootstrap interval, and a verdict.
 
     Prints the Markdown; exit status 1 when a case regressed (slower than --max-slowdown and beyond
-    the noise of the repeats), a contender stopped working, or agreement fell under --min-psnr.
+    the noise of the repeats), a contender stopped working, agreement fell under --min-psnr, or
+    (--fail-unjudged) a case had too few repeats to judge.
     """
     from sdexport.bench.compare import COMPARISON_OUTPUT, compare, markdown, parse_gate, write_comparison
     from sdexport.output_dir import check_target, claim
 
-    gate = parse_gate(max_slowdown, min_psnr, allow_mismatch=allow_mismatch)
+    gate = parse_gate(max_slowdown, min_psnr, allow_mismatch=allow_mismatch, fail_unjudged=fail_unjudged)
     target = _output_path(output) if output is not None else None
     if target is not None:
         check_target(target, COMPARISON_OUTPUT, replace=True)

@@ -474,15 +474,51 @@ def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsy
     assert "give one" in capsys.readouterr().err
 
 
-def test_too_few_repeats_are_shown_but_never_fail(tmp_path, capsys):
-    comparison = _compare(tmp_path, _report([_entry("torch", [1.0, 1.01])]), _report([_entry("torch", [1.5, 1.51])]))
-    row = _row(comparison, "torch")
-    assert row["e2e"]["verdict"] == "too few repeats" and row["status"] == "no change" and comparison["passed"]
-    assert "at least 5" in row["reasons"][0]
-    from sdexport.bench.compare import markdown
+def test_too_few_repeats_are_not_judged_and_fail_only_a_gate_that_must_judge(tmp_path, capsys):
+    """Shown as not judged (in the JSON and the JUnit file too, not as "no change"); the CI gate
+    fails them (--fail-unjudged), or a merge request that lowers the repeats passes any slowdown."""
+    from sdexport.bench.compare import junit_xml, markdown
 
+    baseline, new = _report([_entry("torch", [1.0, 1.01])]), _report([_entry("torch", [1.5, 1.51])])
+    comparison = _compare(tmp_path, baseline, new)
+    row = _row(comparison, "torch")
+    assert row["e2e"]["verdict"] == "too few repeats" and row["status"] == "not judged" and comparison["passed"]
+    assert "at least 5" in row["reasons"][0]
     text = markdown(comparison)
     assert "⚠️ 1 case not judged (too few repeats)" in text and "Fewer than 5 repeats" in text
+    assert "| ⚠️ not judged: 2 repeats" in text
+    assert 'failures="0" skipped="1"' in junit_xml(comparison)
+    gated = _compare(tmp_path, baseline, new, Gate(fail_unjudged=True))
+    assert _row(gated, "torch")["failed"] and not gated["passed"]
+    text = markdown(gated)
+    assert "❌ 1 not judged (too few repeats)" in text and "fails the gate (--fail-unjudged)" in text
+    assert 'failures="1"' in junit_xml(gated)
+    assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json", "--fail-unjudged") == 1
+
+
+def test_a_failing_row_with_too_few_repeats_shows_as_failing(tmp_path):
+    """It showed as "not judged" under a title that counted it as a regression."""
+    from sdexport.bench.compare import markdown
+
+    comparison = _compare(tmp_path, _report([_entry("torch", [1.0, 1.01])]),
+                          _report([_entry("torch", [2.0, 2.01], psnr=10.0)]), Gate(min_psnr=40))
+    assert _row(comparison, "torch")["status"] == "regression" and not comparison["passed"]
+    assert "| ❌ regression |" in markdown(comparison)
+
+
+def test_the_psnr_floor_holds_for_a_contender_new_in_the_run(tmp_path):
+    """One that failed in the baseline and now runs, drawing garbage, is what the floor is for."""
+    baseline = _report([_entry("diffusers", TIGHT, psnr=None),
+                        {"contender": "torch", "status": "failed", "reason": "loading: RuntimeError: boom"}])
+    new = _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT, psnr=5.0)])
+    comparison = _compare(tmp_path, baseline, new, Gate(min_psnr=30))
+    row = _row(comparison, "torch")
+    assert row["status"] == "regression" and row["failed"] and not comparison["passed"]
+    assert "PSNR 5.0 dB against diffusers, under the 30 dB floor" in row["reasons"]
+    assert row["agreement"]["psnr_db_new"] == 5.0
+    fine = _compare(tmp_path, baseline, _report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT)]),
+                    Gate(min_psnr=30))
+    assert _row(fine, "torch")["status"] == "new" and fine["passed"]
 
 
 def test_agreement_that_is_not_a_number_fails_the_floor_and_json_stays_strict(tmp_path):

@@ -48,6 +48,9 @@ class Gate:
     """dB: fails a contender whose image agrees less than this with its run's baseline contender."""
     allow_mismatch: bool = False
     """Compare runs from different devices, precisions or scenario definitions anyway."""
+    fail_unjudged: bool = False
+    """Fail a case with too few repeats to judge (``--fail-unjudged``; the CI gate's), rather than
+    show it as not judged: otherwise a merge request that lowers the repeats passes any slowdown."""
 
 
 @dataclass
@@ -76,17 +79,20 @@ class Row:
     batch: int | None
     steps: int | None
     status: str
-    """"regression", "improvement", "no change", "missing" (measured in the baseline, not in the new
-    run), "new" (only in the new run), "unmeasured" (in neither run: it failed or was skipped, so
-    nothing gates it)."""
+    """"regression", "improvement", "no change", "not judged" (a change beyond the threshold, but too
+    few repeats to tell it from noise), "missing" (measured in the baseline, not in the new run),
+    "new" (only in the new run), "unmeasured" (in neither run: it failed or was skipped, so nothing
+    gates it)."""
     reasons: list[str] = field(default_factory=list)
     e2e: Change | None = None
     stages: list[Change] = field(default_factory=list)
     agreement: dict[str, float | None] = field(default_factory=dict)
+    must_judge: bool = False
+    """A "not judged" row fails (``Gate.fail_unjudged``)."""
 
     @property
     def failed(self) -> bool:
-        return self.status in ("regression", "missing")
+        return self.status in ("regression", "missing") or (self.status == "not judged" and self.must_judge)
 
     @property
     def case(self) -> str:
@@ -98,7 +104,7 @@ def _percent(value: float) -> str:
 
 
 def parse_gate(max_slowdown: str, min_psnr: str | float | None, *, allow_mismatch: bool = False,
-               names: tuple[str, str] = ("--max-slowdown", "--min-psnr")) -> Gate:
+               fail_unjudged: bool = False, names: tuple[str, str] = ("--max-slowdown", "--min-psnr")) -> Gate:
     """The gate from the settings as given; refusals name them as ``names`` (``bench compare``'s
     options, or the CI gate's environment variables, which it checks before the benchmark runs)."""
     psnr = None
@@ -109,7 +115,8 @@ def parse_gate(max_slowdown: str, min_psnr: str | float | None, *, allow_mismatc
             psnr = math.nan
         if not math.isfinite(psnr):
             raise SdexportError(f"{names[1]} {min_psnr}: need a finite number of dB")
-    return Gate(max_slowdown=parse_percent(max_slowdown, names[0]), min_psnr=psnr, allow_mismatch=allow_mismatch)
+    return Gate(max_slowdown=parse_percent(max_slowdown, names[0]), min_psnr=psnr, allow_mismatch=allow_mismatch,
+                fail_unjudged=fail_unjudged)
 
 
 def parse_percent(text: str, flag: str) -> float:
@@ -266,6 +273,7 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
         if row.e2e is None:  # load_report refuses such timings; a guard, not a verdict
             raise SdexportError(f"{contender}, {row.case}: end-to-end timings are not positive numbers")
         if row.e2e.verdict == "too few repeats":
+            row.status, row.must_judge = "not judged", gate.fail_unjudged
             row.reasons.append(f"{min(len(old['e2e_s']['samples']), len(now['e2e_s']['samples']))} repeats: "
                                f"at least {MIN_REPEATS} are needed to tell a change from noise (--repeats)")
         if row.e2e.verdict == "slower":
@@ -274,20 +282,13 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
                                "and beyond the noise")
         elif row.e2e.verdict == "faster":
             row.status = "improvement"
-        old_agreement, new_agreement = old.get("agreement") or {}, now.get("agreement") or {}
-        if new_agreement or old_agreement:
-            row.agreement = {"psnr_db_baseline": old_agreement.get("psnr_db"), "psnr_db_new": new_agreement.get("psnr_db"),
-                             "latents_rel_l2_baseline": old_agreement.get("latents_rel_l2"),
-                             "latents_rel_l2_new": new_agreement.get("latents_rel_l2")}
-        psnr = decibels(new_agreement.get("psnr_db"))  # "inf" (json_ready), or an older report's Infinity
-        if gate.min_psnr is not None and new_agreement and not (isinstance(psnr, (int, float)) and psnr >= gate.min_psnr):
-            row.status = "regression"
-            row.reasons.append(f"PSNR {_db(psnr)} dB against {new_agreement.get('baseline')}, under the "
-                               f"{gate.min_psnr:g} dB floor")
+        _agreement(row, old.get("agreement") or {}, now.get("agreement") or {}, gate)
         rows.append(row)
     for key in new_measured.keys() - base_measured.keys():
         reason = base_reasons.get(key) or base_reasons.get((key[0], None, None))
-        rows.append(Row(*key, "new", ["not measured in the baseline" + (f" ({reason})" if reason else "")]))
+        row = Row(*key, "new", ["not measured in the baseline" + (f" ({reason})" if reason else "")])
+        _agreement(row, {}, new_measured[key].get("agreement") or {}, gate)  # new to the gate, not to its floor
+        rows.append(row)
     # What neither run measured is shown, not dropped: a contender that failed in the baseline is
     # gated by nothing until a run measures it (a case of a contender either run measured has its row).
     measured = {contender for contender, _, _ in (*base_measured, *new_measured)}
@@ -298,6 +299,19 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
                 if key in reasons]
         rows.append(Row(*key, "unmeasured", ["measured in neither run", *said]))
     return sorted(rows, key=lambda r: (r.batch or 0, r.steps or 0, r.contender))
+
+
+def _agreement(row: Row, old: dict[str, Any], new: dict[str, Any], gate: Gate) -> None:
+    """``row``'s image agreement, baseline → new, and the PSNR floor on the new run's (a contender
+    new in it included: one that a merge request fixed, drawing garbage, is what the floor is for)."""
+    if new or old:
+        row.agreement = {"psnr_db_baseline": old.get("psnr_db"), "psnr_db_new": new.get("psnr_db"),
+                         "latents_rel_l2_baseline": old.get("latents_rel_l2"),
+                         "latents_rel_l2_new": new.get("latents_rel_l2")}
+    psnr = decibels(new.get("psnr_db"))  # "inf" (json_ready), or an older report's Infinity
+    if gate.min_psnr is not None and new and not (isinstance(psnr, (int, float)) and psnr >= gate.min_psnr):
+        row.status = "regression"
+        row.reasons.append(f"PSNR {_db(psnr)} dB against {new.get('baseline')}, under the {gate.min_psnr:g} dB floor")
 
 
 def _run_summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -369,7 +383,7 @@ def _db(value: float | str | None) -> str:
 
 
 _SYMBOL = {"regression": "❌ regression", "missing": "❌ missing", "improvement": "✅ faster",
-           "no change": "✅ no change", "new": "🆕 new", "unmeasured": "⚠️ not measured"}
+           "no change": "✅ no change", "not judged": "⚠️ not judged", "new": "🆕 new", "unmeasured": "⚠️ not measured"}
 
 
 def markdown(comparison: dict[str, Any]) -> str:
@@ -377,8 +391,10 @@ def markdown(comparison: dict[str, Any]) -> str:
     base, new, gate = comparison["baseline"], comparison["new"], comparison["gate"]
     slower = sum(r.status == "regression" for r in rows)
     missing = sum(r.status == "missing" for r in rows)
-    unjudged = sum(1 for r in rows if r.e2e is not None and r.e2e.verdict == "too few repeats")
-    counts = [f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
+    unjudged = sum(r.status == "not judged" for r in rows)
+    failing_unjudged = sum(r.status == "not judged" and r.failed for r in rows)
+    counts = ([f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
+              + [f"{failing_unjudged} not judged (too few repeats)"] * bool(failing_unjudged))
     title = ("❌ " + ", ".join(counts) if counts
              else f"⚠️ {unjudged} case{'s' * (unjudged != 1)} not judged (too few repeats)" if unjudged
              else "✅ no regression")
@@ -408,8 +424,10 @@ def markdown(comparison: dict[str, Any]) -> str:
     if comparison["mismatches"]:
         lines.append("- **Compared across a mismatch (--allow-mismatch)**: " + "; ".join(comparison["mismatches"]))
     if min(base["repeats"] or 0, new["repeats"] or 0) < MIN_REPEATS:
-        lines.append(f"- **Fewer than {MIN_REPEATS} repeats**: a change beyond the threshold is shown but cannot fail "
-                     "the gate, since so few runs say nothing about the noise; raise --repeats")
+        lines.append(f"- **Fewer than {MIN_REPEATS} repeats**: so few runs say nothing about the noise, so a change "
+                     "beyond the threshold is not judged" + (", and fails the gate (--fail-unjudged)"
+                                                           if gate.get("fail_unjudged") else "")
+                     + "; raise --repeats")
     lines += [
         "",
         "| contender | case | end-to-end ms, baseline → new | change (interval) | verdict |",
@@ -418,8 +436,7 @@ def markdown(comparison: dict[str, Any]) -> str:
     for row in rows:
         timing = f"{_ms(row.e2e.baseline_s)} → {_ms(row.e2e.new_s)}" if row.e2e else "–"
         change = f"{row.e2e.text()}, {row.e2e.verdict}" if row.e2e else "–"
-        symbol = "⚠️ not judged" if row.e2e is not None and row.e2e.verdict == "too few repeats" else _SYMBOL[row.status]
-        verdict = symbol + (": " + "; ".join(row.reasons) if row.reasons and row.status != "regression" else "")
+        verdict = _SYMBOL[row.status] + (": " + "; ".join(row.reasons) if row.reasons and row.status != "regression" else "")
         lines.append(f"| {row.contender} | {row.case} | {timing} | {change} | {verdict} |")
     staged = [r for r in rows if r.stages]
     if staged:
@@ -462,7 +479,7 @@ def junit_xml(comparison: dict[str, Any]) -> str:
         if row.failed:
             counts["failures"] += 1
             ET.SubElement(case, "failure", message="; ".join(row.reasons), type=row.status).text = summary
-        elif row.status in ("new", "unmeasured"):
+        elif row.status in ("new", "unmeasured", "not judged"):
             counts["skipped"] += 1
             ET.SubElement(case, "skipped", message="; ".join(row.reasons))
         ET.SubElement(case, "system-out").text = "\n".join(
