@@ -745,3 +745,34 @@ def test_cpu_only_runs_with_other_thread_counts_are_not_compared():
     assert device_label(one) == "CPU only: Test CPU, 2 cores"
     assert device_label(other) == "CPU only: Test CPU, 2 cores, OMP_NUM_THREADS=1"
     assert mismatches(one, other) == ["device: CPU only: Test CPU, 2 cores vs CPU only: Test CPU, 2 cores, OMP_NUM_THREADS=1"]
+
+
+def test_edited_reports_neither_break_the_comparison_nor_pass_a_slowdown(tmp_path, capsys):
+    """A NaN median (JSON readers take NaN) ended in a traceback; two entries of one case had the
+    last stand silently for both. The medians shown are the samples' own; a case twice is refused."""
+    good = _report([_entry("torch", TIGHT)])
+    _write(tmp_path, "new", good)
+    nan = json.dumps(good).replace('"median": 1.0,', '"median": NaN,', 1)
+    (tmp_path / "nan.json").write_text(nan)
+    assert run_cli("bench", "compare", tmp_path / "nan.json", tmp_path / "new.json") == 0
+    assert "| torch | batch 1, 10 steps | 1000.0 → 1000.0 |" in capsys.readouterr().out
+    twice = _report([_entry("torch", [3 * s for s in TIGHT]), _entry("torch", TIGHT)])
+    _write(tmp_path, "twice", twice)
+    assert run_cli("bench", "compare", tmp_path / "new.json", tmp_path / "twice.json") == 2
+    assert "torch, batch 1, 10 steps is measured twice" in capsys.readouterr().err
+
+
+def test_the_medians_shown_are_the_samples_own(tmp_path):
+    """A recorded median that disagrees with its samples (an edited file) is not shown beside a
+    change computed from the samples."""
+    slower = _entry("torch", [1.5 * s for s in TIGHT])
+    slower["e2e_s"]["median"] = 1.0  # as the baseline's: the table read 1000.0 → 1000.0, +50%
+    row = _row(_compare(tmp_path, _report([_entry("torch", TIGHT)]), _report([slower])), "torch")
+    assert row["e2e"]["baseline_s"] == 1.0 and row["e2e"]["new_s"] == 1.5 and row["status"] == "regression"
+
+
+def test_a_driver_or_cuda_change_is_listed_with_the_versions(tmp_path):
+    baseline, new = _report([_entry("torch", TIGHT)], gpu="H100"), _report([_entry("torch", TIGHT)], gpu="H100")
+    baseline["environment"]["gpu"].update(driver="580.159.04", cuda="13.0")
+    new["environment"]["gpu"].update(driver="590.10.01", cuda="13.0")
+    assert _compare(tmp_path, baseline, new)["versions_changed"] == {"GPU driver": ["580.159.04", "590.10.01"]}

@@ -157,6 +157,12 @@ def load_report(path: Path, label: str) -> dict[str, Any]:
     problem = first_error(REPORT_SCHEMA, report)
     if problem:
         raise SdexportError(f"{label} {file}: not a benchmark report sdexport can compare ({problem})")
+    keys = [_key(e) for e in measured]
+    twice = sorted({key for key in keys if keys.count(key) > 1}, key=str)
+    if twice:  # one would silently stand for both
+        contender, batch, steps = twice[0]
+        raise SdexportError(f"{label} {file}: {contender}, batch {batch}, {steps} steps is measured twice; "
+                            "not a report sdexport wrote (edit it back, or run the benchmark again)")
     return report
 
 
@@ -232,7 +238,11 @@ def relative_change(baseline: list[float], new: list[float], seed: int = 0) -> t
 
 
 def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], threshold: float) -> Change | None:
-    """The change of one median (None when either median is not a positive time: nothing to compare)."""
+    """The change of one median (None when either median is not a positive time: nothing to compare).
+    The medians are the samples' own, not the recorded ``median``: the figure shown is the one judged
+    (a recorded one that disagrees, or is NaN, in an edited file, changes nothing)."""
+    import statistics
+
     if not all(math.isfinite(v) and v > 0 for v in (*baseline["samples"], *new["samples"])):
         return None
     point, low, high = relative_change(baseline["samples"], new["samples"])
@@ -244,7 +254,8 @@ def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], thresh
         verdict = "slower" if low > 0 else "within noise"
     else:
         verdict = "faster" if high < 0 else "within noise"
-    return Change(metric, baseline["median"], new["median"], point, low, high, verdict)
+    return Change(metric, statistics.median(baseline["samples"]), statistics.median(new["samples"]), point, low, high,
+                  verdict)
 
 
 def _key(entry: dict[str, Any]) -> tuple[str, int | None, int | None]:
@@ -314,6 +325,13 @@ def _agreement(row: Row, old: dict[str, Any], new: dict[str, Any], gate: Gate) -
         row.reasons.append(f"PSNR {_db(psnr)} dB against {new.get('baseline')}, under the {gate.min_psnr:g} dB floor")
 
 
+def _versions(report: dict[str, Any]) -> dict[str, Any]:
+    """The libraries' versions, and the GPU's driver and CUDA: a driver update moves timings too."""
+    gpu = report["environment"].get("gpu") or {}
+    return {**report["environment"].get("versions", {}),
+            **{f"GPU {name}": gpu[name] for name in ("driver", "cuda") if gpu.get(name)}}
+
+
 def _run_summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
     env = report["environment"]
     return {"path": str(path), "git": env.get("git_revision"), "date": env.get("date"), "device": device_label(report),
@@ -346,7 +364,7 @@ def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
         raise SdexportError(f"--min-psnr {gate.min_psnr:g}: NEW {new_path} has no agreement figures to check "
                             "(no baseline contender such as diffusers ran in it)")
     rows = compare_rows(baseline, new, gate)
-    old_versions, new_versions = baseline["environment"].get("versions", {}), new["environment"].get("versions", {})
+    old_versions, new_versions = _versions(baseline), _versions(new)
     return {
         "format": FORMAT,
         "passed": not any(r.failed for r in rows),
@@ -402,7 +420,8 @@ def markdown(comparison: dict[str, Any]) -> str:
         MARKER,
         f"## sdexport bench: {new['scenario']} — {title}",
         "",
-        f"- Baseline: git {base['git'] or 'unknown'}, {base['date'] or 'date unknown'} ({base['path']})",
+        f"- Baseline: git {base['git'] or 'unknown'}, {base['date'] or 'date unknown'} ({base['path']})"
+        + (f", scenario {base['scenario']}" if base["scenario"] != new["scenario"] else ""),
         f"- New: git {new['git'] or 'unknown'}, {new['date'] or 'date unknown'} ({new['path']})",
         f"- Device: {new['device']}, precision {new['precision']}; repeats {base['repeats']} → {new['repeats']}",
         (f"- Gate: a case fails when its end-to-end median is more than {gate['max_slowdown'] * 100:g}% slower and "
@@ -483,7 +502,7 @@ def junit_xml(comparison: dict[str, Any]) -> str:
             counts["skipped"] += 1
             ET.SubElement(case, "skipped", message="; ".join(row.reasons))
         ET.SubElement(case, "system-out").text = "\n".join(
-            [summary, *(f"{c.metric}: {_ms(c.baseline_s)} ms → {_ms(c.new_s)} ms, {c.text()}" for c in row.stages)])
+            [summary, *(f"{c.metric}, median: {_ms(c.baseline_s)} ms → {_ms(c.new_s)} ms, {c.text()}" for c in row.stages)])
     for element in (root, suite):
         for name, value in counts.items():
             element.set(name, str(value))

@@ -695,15 +695,18 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         if i == 0:
             first_call = time.perf_counter() - start
         advance()
-    outputs: list[Output] = []
+    first: Output | None = None
+    totals: list[float] = []
     with MemorySampler() as memory:  # end to end: runs with no marks and no synchronisation inside
         for _ in range(repeats):
-            outputs.append(contender(request, stages=False))
+            output = contender(request, stages=False)
+            totals.append(output.timings.total)
+            first = first or output  # (only the first is kept: the peak is a run's, not every image's)
+            del output
             advance()
     # Stage figures from separate runs marked with the device's clock (CUDA events on a GPU).
     staged = [contender(request) for _ in range(stage_runs(repeats))]
     busy = measure_gpu_busy(lambda: contender(request, stages=False)) if torch.cuda.is_available() else None
-    totals = [o.timings.total for o in outputs]
     steps = [s for o in staged for s in o.timings.unet_steps]
     e2e = Stats.of(totals)
     return {
@@ -728,7 +731,7 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "marked_e2e_s": Stats.of([o.timings.total for o in staged]).to_dict(),
         "memory": memory.to_dict(),
         "gpu_busy": busy,
-        "_output": outputs[0],
+        "_output": first,
     }
 
 
