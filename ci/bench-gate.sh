@@ -38,6 +38,10 @@ PYTHON=${PYTHON:-$default_python}
 # (the wheel folder of an air-gapped install brings its own).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 marker="<!-- sdexport bench compare -->"
+# Every summary starts with the marker (what proves it this gate's) and then names its scenario:
+# the merge-request comment bots update the comment that starts with both lines, so the gates of
+# two scenarios keep a comment each rather than overwrite one.
+header="$marker"$'\n'"<!-- sdexport bench scenario: $scenario -->"
 
 refuse() {
   echo "sdexport bench gate: $1" >&2
@@ -93,7 +97,7 @@ rm -f "$summary"
 
 # Bad input is refused before the benchmark (it takes the whole job), with a summary that says so.
 refuse_reported() {
-  printf '%s\n## sdexport bench: %s did not run\n\n%s\n' "$marker" "$scenario" "$1" > "$summary"
+  printf '%s\n## sdexport bench: %s did not run\n\n%s\n' "$header" "$scenario" "$1" > "$summary"
   refuse "$1"
 }
 [[ -f $scenario ]] || refuse_reported "$scenario: no such scenario file (see benchmarks/scenarios/)"
@@ -109,7 +113,7 @@ except SdexportError as exc:
 fi
 if [[ ! -e $baseline && $require_baseline == 1 ]]; then
   printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=%s and the baseline is missing.\n' \
-    "$marker" "$baseline" "$SDEXPORT_REQUIRE_BASELINE" > "$summary"
+    "$header" "$baseline" "$SDEXPORT_REQUIRE_BASELINE" > "$summary"
   refuse "no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=$SDEXPORT_REQUIRE_BASELINE)"
 fi
 
@@ -147,7 +151,7 @@ try:
 except Exception:
     print("unknown")' "$out/bench/results.json" 2>/dev/null) || state=unknown
     {
-      printf '%s\n## sdexport bench: %s did not finish\n\n' "$marker" "$scenario"
+      printf '%s\n## sdexport bench: %s did not finish\n\n' "$header" "$scenario"
       case $state in
         interrupted)
           echo "The benchmark was interrupted${stopped:+ ($stopped)}, so nothing was gated. What it measured before"
@@ -164,20 +168,20 @@ except Exception:
     } > "$out/summary.md"
   elif [[ $rc == 2 && -z $stopped ]]; then  # sdexport's one-line refusal, before it measured anything
     printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark refused to run: its scenario or SDEXPORT_BENCH_ARGS, or no contender could run on this runner; its one-line reason is in the job output.\n' \
-      "$marker" "$scenario" > "$out/summary.md"
+      "$header" "$scenario" > "$out/summary.md"
   elif [[ -n $stopped || $rc == 130 ]]; then
     printf '%s\n## sdexport bench: %s did not finish\n\nThe benchmark was interrupted%s and wrote no report (nothing was measured yet, or it was killed before it could write).\n' \
-      "$marker" "$scenario" "${stopped:+ ($stopped)}" > "$out/summary.md"
+      "$header" "$scenario" "${stopped:+ ($stopped)}" > "$out/summary.md"
   else
     printf '%s\n## sdexport bench: %s did not run\n\nThe benchmark failed; its log is in the job output.\n' \
-      "$marker" "$scenario" > "$out/summary.md"
+      "$header" "$scenario" > "$out/summary.md"
   fi
   exit 3
 fi
 
 if [[ ! -e $baseline ]]; then
   {
-    printf '%s\n## sdexport bench: no baseline yet for %s\n\n' "$marker" "$scenario"
+    printf '%s\n## sdexport bench: no baseline yet for %s\n\n' "$header" "$scenario"
     echo "Nothing was gated. To gate later changes, commit this run as the baseline: copy \`bench/results.json\`"
     echo "from the artifacts of this job to \`$baseline\`."
     echo
@@ -198,11 +202,11 @@ status=0
 # 1 is a regression only when the comparison was written (every sdexport command exits 1 when the
 # filesystem refuses, too); anything else that is not 0 means the runs could not be compared.
 if [[ $status -le 1 && -f $out/compare/comparison.md ]]; then
-  cp "$out/compare/comparison.md" "$out/summary.md"
+  { printf '%s\n' "$header"; tail -n +2 "$out/compare/comparison.md"; } > "$out/summary.md"
 else
   status=2
   printf '%s\n## sdexport bench: %s could not be compared with %s\n\nSee the job log for the reason.\n' \
-    "$marker" "$scenario" "$baseline" > "$out/summary.md"
+    "$header" "$scenario" "$baseline" > "$out/summary.md"
 fi
 if [[ -n $stopped ]]; then  # signalled once the benchmark had finished: said, with whatever came of it
   printf '\n_The job was signalled (%s) while the summary was being made._\n' "$stopped" >> "$out/summary.md"

@@ -283,7 +283,10 @@ def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another
 
     second = _gate(tmp_path, baseline, "run2")  # the same code again: no change, engines from the cache
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert "✅ no regression" in (tmp_path / "run2" / "summary.md").read_text()
+    summary = (tmp_path / "run2" / "summary.md").read_text()
+    assert "✅ no regression" in summary
+    # the comment bots' key: the marker, then the scenario (a comment per scenario's gate)
+    assert summary.splitlines()[:2] == [MARKER, f"<!-- sdexport bench scenario: {tmp_path / 'gate.toml'} -->"]
     rerun = json.loads((tmp_path / "run2" / "bench" / "results.json").read_text())
     assert rerun["one_time"]["export"] == {"status": "cached", "path": report["one_time"]["export"]["path"]}
     entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]

@@ -164,6 +164,20 @@ def test_the_gitlab_note_is_added_once_then_updated_in_place(tmp_path):
     assert methods == ["GET", "POST", "GET", "PUT"]
     assert all(token == "secret" for _, _, token in _FakeGitLab.seen)
     assert _FakeGitLab.seen[0][1] == "/api/v4/projects/group%2Fproject/merge_requests/12/notes"
+    # Two scenarios' gates keep a note each; each one's next summary updates its own.
+    _FakeGitLab.notes, _FakeGitLab.seen = [], []
+    server = HTTPServer(("127.0.0.1", 0), _FakeGitLab)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env["CI_API_V4_URL"] = f"http://127.0.0.1:{server.server_port}/api/v4"
+    try:
+        for scenario, text in (("a.toml", "one"), ("b.toml", "two"), ("a.toml", "three")):
+            summary.write_text(f"<!-- sdexport bench compare -->\n<!-- sdexport bench scenario: {scenario} -->\n{text}")
+            result = subprocess.run([sys.executable, str(ROOT / "ci" / "gitlab" / "post_note.py"), str(summary)],
+                                    capture_output=True, text=True, env=env, timeout=60)
+            assert result.returncode == 0, result.stderr
+    finally:
+        server.shutdown()
+    assert [n["body"].rsplit("\n", 1)[1] for n in _FakeGitLab.notes] == ["three", "two"]
     # Outside a merge-request pipeline it says why and does nothing.
     quiet = subprocess.run([sys.executable, str(ROOT / "ci" / "gitlab" / "post_note.py"), str(summary)],
                            capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"}, timeout=60)

@@ -2,8 +2,9 @@
 
     python3 ci/gitlab/post_note.py bench-ci/summary.md
 
-The summary's first line is a marker (``<!-- sdexport bench compare -->``): the note that starts with
-it is updated in place, so a merge request carries one comparison, the latest. Needs
+The summary's first line is a marker (``<!-- sdexport bench compare -->``), its second names the
+scenario: the note that starts with both is updated in place, so a merge request carries one
+comparison per scenario, the latest. Needs
 SDEXPORT_GITLAB_TOKEN (a project access token with the api scope; CI_JOB_TOKEN cannot write notes)
 and GitLab's merge-request pipeline variables; without them it says why and does nothing. Standard
 library only: it runs in ``after_script``, whatever the job installed.
@@ -28,12 +29,29 @@ def _request(method: str, url: str, token: str, body: str | None = None) -> Any:
         return json.load(response)
 
 
+PAGES = 10
+"""How many pages of 100 notes are searched for the one to update (a busy merge request's)."""
+
+
+def key_of(summary: str) -> str:
+    """What this tool's note for the same scenario starts with: the marker line, and the scenario's
+    line after it where there is one (summaries written before it had the marker alone)."""
+    lines = summary.split("\n", 2)
+    if len(lines) > 1 and lines[1].startswith("<!-- sdexport bench scenario:"):
+        return "\n".join(lines[:2])
+    return lines[0]
+
+
 def post(summary: str, api: str, project: str, merge_request: str, token: str) -> str:
     """Update this tool's note on the merge request, or add one; returns what was done."""
     notes_url = f"{api}/projects/{urllib.parse.quote(project, safe='')}/merge_requests/{merge_request}/notes"
-    marker = summary.split("\n", 1)[0]
-    notes = _request("GET", f"{notes_url}?per_page=100&sort=desc&order_by=updated_at", token)
-    previous = next((n for n in notes if str(n.get("body", "")).startswith(marker)), None)
+    marker = key_of(summary)
+    previous = None
+    for page in range(1, PAGES + 1):  # the most recently updated first: the bot's own is near the top
+        notes = _request("GET", f"{notes_url}?per_page=100&page={page}&sort=desc&order_by=updated_at", token)
+        previous = next((n for n in notes if str(n.get("body", "")).startswith(marker)), None)
+        if previous is not None or len(notes) < 100:
+            break
     if previous is not None:
         _request("PUT", f"{notes_url}/{previous['id']}", token, summary)
         return f"updated note {previous['id']}"
