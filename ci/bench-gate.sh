@@ -18,6 +18,8 @@
 #                          (default ~/.cache/sdexport/engines); TensorRT plans are built inside them
 #   SDEXPORT_MAX_SLOWDOWN  the gate: fail a case this much slower and beyond the noise (default 5%)
 #   SDEXPORT_MIN_PSNR      optional: fail a contender whose image agrees less (dB) with diffusers'
+#   SDEXPORT_RELATIVE_TO   optional: judge each contender's time as a ratio to this one's in the same
+#                          run (e.g. diffusers), so that drift of a shared runner between the runs cancels
 #   SDEXPORT_BENCH_ARGS    more arguments for `sdexport bench`, e.g. "--repeats 10"
 #
 # Exit status: 0 passed (or no baseline yet), 1 a regression, 2 the runs could not be compared,
@@ -105,9 +107,10 @@ if ! problem=$("$PYTHON" -c 'import sys
 from sdexport.bench.compare import parse_gate
 from sdexport.errors import SdexportError
 try:
-    parse_gate(sys.argv[1], sys.argv[2] or None, names=("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR"))
+    parse_gate(sys.argv[1], sys.argv[2] or None, relative_to=sys.argv[3] or None,
+               names=("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR", "SDEXPORT_RELATIVE_TO"))
 except SdexportError as exc:
-    sys.exit(str(exc))' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" 2>&1); then
+    sys.exit(str(exc))' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" "${SDEXPORT_RELATIVE_TO:-}" 2>&1); then
   problem=${problem##*$'\n'}  # the last line: the refusal (or a broken environment's error)
   refuse_reported "${problem:-the gate settings could not be checked with $PYTHON}"
 fi
@@ -196,6 +199,9 @@ fi
 gate=(--max-slowdown "${SDEXPORT_MAX_SLOWDOWN:-5%}" --fail-unjudged)
 if [[ -n ${SDEXPORT_MIN_PSNR:-} ]]; then
   gate+=(--min-psnr "$SDEXPORT_MIN_PSNR")
+fi
+if [[ -n ${SDEXPORT_RELATIVE_TO:-} ]]; then
+  gate+=(--relative-to "$SDEXPORT_RELATIVE_TO")
 fi
 status=0
 "$PYTHON" -m sdexport bench compare "$baseline" "$out/bench" -o "$out/compare" "${gate[@]}" || status=$?

@@ -996,6 +996,7 @@ def bench_compare(
     min_psnr: Annotated[float | None, typer.Option(help="Also fail a contender whose image agrees less than this (dB) with its run's baseline contender.")] = None,
     allow_mismatch: Annotated[bool, typer.Option(help="Compare runs from different devices, precisions or scenario definitions anyway.")] = False,
     fail_unjudged: Annotated[bool, typer.Option(help="Fail a case with too few repeats (under 5) to tell a change beyond --max-slowdown from noise, rather than show it as not judged (the CI gate does).")] = False,
+    relative_to: Annotated[str | None, typer.Option(help="Judge each contender's time as a ratio to this contender's in the same run (e.g. diffusers): drift of the machine between the runs cancels.")] = None,
     output: Annotated[str | None, typer.Option("-o", "--output", help="Directory for comparison.json, comparison.md (for a merge-request comment) and comparison.xml (JUnit).")] = None,
 ) -> None:
     """Compare two benchmark runs: change of every median with a bootstrap interval, and a verdict.
@@ -1007,7 +1008,8 @@ def bench_compare(
     from sdexport.bench.compare import COMPARISON_OUTPUT, compare, markdown, parse_gate, write_comparison
     from sdexport.output_dir import check_target, claim
 
-    gate = parse_gate(max_slowdown, min_psnr, allow_mismatch=allow_mismatch, fail_unjudged=fail_unjudged)
+    gate = parse_gate(max_slowdown, min_psnr, allow_mismatch=allow_mismatch, fail_unjudged=fail_unjudged,
+                      relative_to=relative_to)
     target = _output_path(output) if output is not None else None
     if target is not None:
         check_target(target, COMPARISON_OUTPUT, replace=True)

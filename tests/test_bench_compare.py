@@ -625,6 +625,7 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     ({"SDEXPORT_MAX_SLOWDOWN": "0.05"}, "SDEXPORT_MAX_SLOWDOWN 0.05: a percentage; write 5%"),
     ({"SDEXPORT_MIN_PSNR": "nan"}, "SDEXPORT_MIN_PSNR nan: need a finite number of dB"),
     ({"SDEXPORT_MIN_PSNR": "high"}, "SDEXPORT_MIN_PSNR high: need a finite number of dB"),
+    ({"SDEXPORT_RELATIVE_TO": "difusers"}, "SDEXPORT_RELATIVE_TO 'difusers': not a contender"),
     ({"scenario": "missing"}, "gate.toml: no such scenario file"),
     ({"summary": "my notes"}, "summary.md was not written by this gate"),
     ({"summary": "\0binary\n"}, "summary.md was not written by this gate"),
@@ -779,3 +780,32 @@ def test_a_driver_or_cuda_change_is_listed_with_the_versions(tmp_path):
     baseline["environment"]["gpu"].update(driver="580.159.04", cuda="13.0")
     new["environment"]["gpu"].update(driver="590.10.01", cuda="13.0")
     assert _compare(tmp_path, baseline, new)["versions_changed"] == {"GPU driver": ["580.159.04", "590.10.01"]}
+
+
+def test_relative_to_a_reference_cancels_drift_of_the_machine_and_catches_a_contender_of_its_own(tmp_path, capsys):
+    """A shared runner 50% slower in the new run: absolute medians call every contender slower;
+    as ratios to diffusers' time in the same run, nothing changed. A contender slower on its own is
+    still caught, and the reference itself is shown, not judged."""
+    from sdexport.bench.compare import markdown
+
+    baseline = _report([_entry("diffusers", [2 * s for s in TIGHT]), _entry("torch", TIGHT)])
+    drifted = _report([_entry("diffusers", [3 * s for s in TIGHT]), _entry("torch", [1.5 * s for s in TIGHT])])
+    assert not _compare(tmp_path, baseline, drifted)["passed"]  # absolute: drift reads as a regression
+    relative = _compare(tmp_path, baseline, drifted, Gate(relative_to="diffusers"))
+    assert relative["passed"] and _row(relative, "torch")["status"] == "no change"
+    assert _row(relative, "diffusers")["status"] == "reference" and not _row(relative, "diffusers")["failed"]
+    assert abs(_row(relative, "torch")["e2e"]["change"]) < 1e-9
+    text = markdown(relative)
+    assert "judged as a ratio to the time of diffusers in the same run" in text
+    assert "| 📏 reference: the reference the others are judged against" in text
+    assert "+0.0% vs diffusers" in text
+    own = _report([_entry("diffusers", [3 * s for s in TIGHT]), _entry("torch", [2.25 * s for s in TIGHT])])
+    slower = _compare(tmp_path, baseline, own, Gate(relative_to="diffusers"))
+    assert _row(slower, "torch")["status"] == "regression" and not slower["passed"]
+    assert "end-to-end +50.0% vs diffusers" in _row(slower, "torch")["reasons"][0]
+    _write(tmp_path, "baseline", baseline)
+    _write(tmp_path, "new", _report([_entry("torch", TIGHT)]))
+    assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json", "--relative-to", "diffusers") == 2
+    assert f"--relative-to diffusers: NEW {tmp_path / 'new.json'} did not measure diffusers" in capsys.readouterr().err
+    assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json", "--relative-to", "difusers") == 2
+    assert "--relative-to 'difusers': not a contender" in capsys.readouterr().err

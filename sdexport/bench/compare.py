@@ -14,8 +14,11 @@ is missing or broken in the new run fails the gate too, and ``min_psnr`` adds a 
 agreement with each run's baseline contender (diffusers).
 
 The repeats of one run share the machine's state, so the interval covers run-to-run noise only
-partly; the threshold is there for the rest (clock boosts, a neighbour on the host). Comparing runs
-from different devices, precisions or scenario definitions is refused unless asked for.
+partly; the threshold is there for the rest (clock boosts, a neighbour on the host). Where the
+machine itself drifts between runs (a shared CPU runner), ``relative_to`` judges each contender's
+time as a ratio to a reference contender measured in the same run (diffusers): the drift both
+share cancels, at the cost of the reference's noise added to the interval. Comparing runs from
+different devices, precisions or scenario definitions is refused unless asked for.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.bench.report import MIN_REPEATS, STAGES, decibels, json_ready, test_hooks_text
-from sdexport.bench.scenario import WORKLOAD_FIELDS, workload_value
+from sdexport.bench.scenario import CONTENDERS, WORKLOAD_FIELDS, workload_value
 from sdexport.errors import SdexportError
 from sdexport.output_dir import OutputKind
 
@@ -48,6 +51,10 @@ class Gate:
     """dB: fails a contender whose image agrees less than this with its run's baseline contender."""
     allow_mismatch: bool = False
     """Compare runs from different devices, precisions or scenario definitions anyway."""
+    relative_to: str | None = None
+    """Judge each contender's end-to-end time as a ratio to this contender's in the same run and
+    case (``--relative-to``): machine drift between the runs cancels. The reference is shown, not
+    judged."""
     fail_unjudged: bool = False
     """Fail a case with too few repeats to judge (``--fail-unjudged``; the CI gate's), rather than
     show it as not judged: otherwise a merge request that lowers the repeats passes any slowdown."""
@@ -66,9 +73,13 @@ class Change:
     verdict: str
     """"slower" / "faster" (beyond the threshold and the noise), "within noise" (beyond the threshold,
     but the interval reaches zero), "within threshold"."""
+    relative_to: str | None = None
+    """The change is of the ratio to this contender's time (``Gate.relative_to``); the medians shown
+    are still the contender's own."""
 
     def text(self) -> str:
-        return f"{_percent(self.change)} ({_percent(self.low)} to {_percent(self.high)})"
+        relative = f" vs {self.relative_to}" if self.relative_to else ""
+        return f"{_percent(self.change)}{relative} ({_percent(self.low)} to {_percent(self.high)})"
 
 
 @dataclass
@@ -80,7 +91,8 @@ class Row:
     steps: int | None
     status: str
     """"regression", "improvement", "no change", "not judged" (a change beyond the threshold, but too
-    few repeats to tell it from noise), "missing" (measured in the baseline, not in the new run),
+    few repeats to tell it from noise), "reference" (``Gate.relative_to``'s own: shown, not judged),
+    "missing" (measured in the baseline, not in the new run),
     "new" (only in the new run), "unmeasured" (in neither run: it failed or was skipped, so nothing
     gates it)."""
     reasons: list[str] = field(default_factory=list)
@@ -104,7 +116,8 @@ def _percent(value: float) -> str:
 
 
 def parse_gate(max_slowdown: str, min_psnr: str | float | None, *, allow_mismatch: bool = False,
-               fail_unjudged: bool = False, names: tuple[str, str] = ("--max-slowdown", "--min-psnr")) -> Gate:
+               fail_unjudged: bool = False, relative_to: str | None = None,
+               names: tuple[str, str, str] = ("--max-slowdown", "--min-psnr", "--relative-to")) -> Gate:
     """The gate from the settings as given; refusals name them as ``names`` (``bench compare``'s
     options, or the CI gate's environment variables, which it checks before the benchmark runs)."""
     psnr = None
@@ -115,8 +128,11 @@ def parse_gate(max_slowdown: str, min_psnr: str | float | None, *, allow_mismatc
             psnr = math.nan
         if not math.isfinite(psnr):
             raise SdexportError(f"{names[1]} {min_psnr}: need a finite number of dB")
+    if relative_to is not None and relative_to not in CONTENDERS:
+        raise SdexportError(f"{names[2]} {relative_to!r}: not a contender; choose one of {', '.join(CONTENDERS)} "
+                            "(usually diffusers, the baseline every run measures)")
     return Gate(max_slowdown=parse_percent(max_slowdown, names[0]), min_psnr=psnr, allow_mismatch=allow_mismatch,
-                fail_unjudged=fail_unjudged)
+                fail_unjudged=fail_unjudged, relative_to=relative_to)
 
 
 def parse_percent(text: str, flag: str) -> float:
@@ -223,39 +239,49 @@ def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return found
 
 
-def relative_change(baseline: list[float], new: list[float], seed: int = 0) -> tuple[float, float, float]:
-    """new median / baseline median - 1, and a percentile-bootstrap interval for it."""
+def relative_change(baseline: list[float], new: list[float], seed: int = 0,
+                    references: tuple[list[float], list[float]] | None = None) -> tuple[float, float, float]:
+    """new median / baseline median - 1, and a percentile-bootstrap interval for it. With
+    ``references`` (the reference contender's samples in the baseline and in the new run), of the
+    ratio to the reference's median in each run instead; every sample set is resampled on its own."""
     import numpy as np
 
-    base_values, new_values = np.asarray(baseline, np.float64), np.asarray(new, np.float64)
-    point = float(np.median(new_values) / np.median(base_values) - 1)
     rng = np.random.default_rng(seed)
-    base_medians = np.median(base_values[rng.integers(0, len(base_values), (RESAMPLES, len(base_values)))], axis=1)
-    new_medians = np.median(new_values[rng.integers(0, len(new_values), (RESAMPLES, len(new_values)))], axis=1)
+    values = [np.asarray(samples, np.float64) for samples in (baseline, new, *(references or ()))]
+    medians = [float(np.median(v)) for v in values]
+    booted = [np.median(v[rng.integers(0, len(v), (RESAMPLES, len(v)))], axis=1) for v in values]
+    if references is None:
+        point, spread = medians[1] / medians[0] - 1, booted[1] / booted[0] - 1
+    else:
+        point = (medians[1] / medians[3]) / (medians[0] / medians[2]) - 1
+        spread = (booted[1] / booted[3]) / (booted[0] / booted[2]) - 1
     tail = (1 - CONFIDENCE) / 2
-    low, high = np.quantile(new_medians / base_medians - 1, [tail, 1 - tail])
-    return point, float(min(low, point)), float(max(high, point))
+    low, high = np.quantile(spread, [tail, 1 - tail])
+    return float(point), float(min(low, point)), float(max(high, point))
 
 
-def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], threshold: float) -> Change | None:
+def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], threshold: float,
+              reference: tuple[str, dict[str, Any], dict[str, Any]] | None = None) -> Change | None:
     """The change of one median (None when either median is not a positive time: nothing to compare).
     The medians are the samples' own, not the recorded ``median``: the figure shown is the one judged
-    (a recorded one that disagrees, or is NaN, in an edited file, changes nothing)."""
+    (a recorded one that disagrees, or is NaN, in an edited file, changes nothing). ``reference``:
+    (name, its baseline timings, its new ones) to judge the ratio to (``Gate.relative_to``)."""
     import statistics
 
-    if not all(math.isfinite(v) and v > 0 for v in (*baseline["samples"], *new["samples"])):
+    sets = [baseline["samples"], new["samples"], *([reference[1]["samples"], reference[2]["samples"]] if reference else [])]
+    if not all(math.isfinite(v) and v > 0 for samples in sets for v in samples):
         return None
-    point, low, high = relative_change(baseline["samples"], new["samples"])
+    point, low, high = relative_change(sets[0], sets[1], references=(sets[2], sets[3]) if reference else None)
     if abs(point) <= threshold:
         verdict = "within threshold"
-    elif min(len(baseline["samples"]), len(new["samples"])) < MIN_REPEATS:
+    elif min(map(len, sets)) < MIN_REPEATS:
         verdict = "too few repeats"
     elif point > threshold:
         verdict = "slower" if low > 0 else "within noise"
     else:
         verdict = "faster" if high < 0 else "within noise"
-    return Change(metric, statistics.median(baseline["samples"]), statistics.median(new["samples"]), point, low, high,
-                  verdict)
+    return Change(metric, statistics.median(sets[0]), statistics.median(sets[1]), point, low, high, verdict,
+                  reference[0] if reference else None)
 
 
 def _key(entry: dict[str, Any]) -> tuple[str, int | None, int | None]:
@@ -276,18 +302,30 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
             reason = new_reasons.get(key) or new_reasons.get((contender, None, None)) or "not in the new run"
             rows.append(Row(contender, batch, steps, "missing", [f"measured in the baseline; new run: {reason}"]))
             continue
-        row = Row(contender, batch, steps, "no change")
-        row.e2e = change_of("end-to-end", old["e2e_s"], now["e2e_s"], gate.max_slowdown)
+        row = Row(contender, batch, steps, "reference" if contender == gate.relative_to else "no change")
+        against = None
+        if gate.relative_to is not None and contender != gate.relative_to:
+            pair = (base_measured.get((gate.relative_to, batch, steps)), new_measured.get((gate.relative_to, batch, steps)))
+            if pair[0] is None or pair[1] is None:  # (compare refuses runs where the reference measured nothing)
+                which = "baseline" if pair[0] is None else "new run"
+                rows.append(Row(contender, batch, steps, "not judged",
+                                [f"{gate.relative_to} was not measured in this case in the {which} (--relative-to)"],
+                                must_judge=gate.fail_unjudged))
+                continue
+            against = (gate.relative_to, pair[0]["e2e_s"], pair[1]["e2e_s"])
+        row.e2e = change_of("end-to-end", old["e2e_s"], now["e2e_s"], gate.max_slowdown, against)
         stages = [change_of(label, old[stage], now[stage], gate.max_slowdown) for stage, label in STAGES
                   if old.get(stage, {}).get("samples") and now.get(stage, {}).get("samples")]
         row.stages = [c for c in stages if c is not None]
         if row.e2e is None:  # load_report refuses such timings; a guard, not a verdict
             raise SdexportError(f"{contender}, {row.case}: end-to-end timings are not positive numbers")
-        if row.e2e.verdict == "too few repeats":
+        if row.status == "reference":
+            row.reasons.append("the reference the others are judged against (--relative-to): shown, not judged")
+        elif row.e2e.verdict == "too few repeats":
             row.status, row.must_judge = "not judged", gate.fail_unjudged
             row.reasons.append(f"{min(len(old['e2e_s']['samples']), len(now['e2e_s']['samples']))} repeats: "
                                f"at least {MIN_REPEATS} are needed to tell a change from noise (--repeats)")
-        if row.e2e.verdict == "slower":
+        elif row.e2e.verdict == "slower":
             row.status = "regression"
             row.reasons.append(f"end-to-end {row.e2e.text()} slower, over the {gate.max_slowdown * 100:g}% gate "
                                "and beyond the noise")
@@ -360,6 +398,11 @@ def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     if found and not gate.allow_mismatch:
         raise SdexportError(f"the runs do not measure the same thing ({'; '.join(found)}); "
                             "pass --allow-mismatch to compare them anyway")
+    for label, path, report in (("BASELINE", baseline_path, baseline), ("NEW", new_path, new)):
+        if gate.relative_to is not None and not any(e["contender"] == gate.relative_to and e["status"] == "measured"
+                                                    for e in report["results"]):
+            raise SdexportError(f"--relative-to {gate.relative_to}: {label} {path} did not measure {gate.relative_to}, "
+                                "so nothing in it can be judged against it")
     if gate.min_psnr is not None and not any(e.get("agreement") for e in new["results"] if e["status"] == "measured"):
         raise SdexportError(f"--min-psnr {gate.min_psnr:g}: NEW {new_path} has no agreement figures to check "
                             "(no baseline contender such as diffusers ran in it)")
@@ -401,7 +444,8 @@ def _db(value: float | str | None) -> str:
 
 
 _SYMBOL = {"regression": "❌ regression", "missing": "❌ missing", "improvement": "✅ faster",
-           "no change": "✅ no change", "not judged": "⚠️ not judged", "new": "🆕 new", "unmeasured": "⚠️ not measured"}
+           "no change": "✅ no change", "not judged": "⚠️ not judged", "reference": "📏 reference", "new": "🆕 new",
+           "unmeasured": "⚠️ not measured"}
 
 
 def markdown(comparison: dict[str, Any]) -> str:
@@ -427,6 +471,8 @@ def markdown(comparison: dict[str, Any]) -> str:
         (f"- Gate: a case fails when its end-to-end median is more than {gate['max_slowdown'] * 100:g}% slower and "
          f"the whole {comparison['confidence'] * 100:g}% bootstrap interval of the change lies above zero; a "
          "contender measured in the baseline must still run"
+         + (f"; each contender's time is judged as a ratio to the time of {gate['relative_to']} in the same run, so "
+            "drift of the machine between the runs cancels" if gate.get("relative_to") else "")
          + (f"; PSNR against the run's baseline contender at least {gate['min_psnr']:g} dB" if gate["min_psnr"] is not None
             else "")),
     ]
