@@ -46,6 +46,69 @@ class AllocationStrategy(enum.Enum):
     USER_MANAGED = 2
 
 
+class Dims:
+    """``trt.Dims``: indexed and sized, not a tuple (the runtime reads it with ``len`` and ``[]``)."""
+
+    def __init__(self, values: tuple[int, ...]) -> None:
+        self._values = tuple(values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, index: int) -> int:
+        return self._values[index]
+
+    def __eq__(self, other: object) -> bool:  # (tests compare with tuples)
+        return tuple(self) == tuple(other) if isinstance(other, Dims | tuple) else NotImplemented
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._values)
+
+
+class ILogger:
+    """``trt.ILogger``: subclassed with ``log(severity, msg)``, which TensorRT calls."""
+
+    class Severity(enum.Enum):
+        INTERNAL_ERROR = 0
+        ERROR = 1
+        WARNING = 2
+        INFO = 3
+        VERBOSE = 4
+
+    def __init__(self) -> None:
+        pass
+
+
+PLAN_MAGIC = b"fake-plan:"
+"""A fake plan's bytes: this, then the JSON of the engine's ranges (``plan_bytes``)."""
+
+
+def plan_bytes(ranges: dict[str, tuple[tuple[int, ...], ...]]) -> bytes:
+    import json
+
+    return PLAN_MAGIC + json.dumps(ranges).encode()
+
+
+class Runtime:
+    """``trt.Runtime(logger)``: deserializes a fake plan; anything else comes back as None after an
+    error is logged, as TensorRT reports a damaged or foreign-version plan."""
+
+    def __init__(self, logger: ILogger) -> None:
+        self.logger = logger
+        self.trt: Any = None  # (set by make_tensorrt's module)
+
+    def deserialize_cuda_engine(self, data: bytes) -> FakeEngine | None:
+        import json
+
+        if not bytes(data).startswith(PLAN_MAGIC):
+            self.logger.log(ILogger.Severity.ERROR, "IRuntime::deserializeCudaEngine: Error Code 1: Serialization "
+                            "(Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)\n")
+            return None
+        ranges = {name: tuple(tuple(shape) for shape in shapes)
+                  for name, shapes in json.loads(bytes(data)[len(PLAN_MAGIC):]).items()}
+        return FakeEngine(self.trt, ranges)
+
+
 class Capture:
     """The CUDA-graph capture in progress, if any (set by the fake ``torch.cuda.graph``)."""
 
@@ -86,19 +149,19 @@ class FakeEngine:
     def get_tensor_dtype(self, name: str) -> DataType:
         return DataType.FLOAT
 
-    def get_tensor_profile_shape(self, name: str, profile: int) -> tuple[tuple[int, ...], ...]:
+    def get_tensor_profile_shape(self, name: str, profile: int) -> list[Dims]:
         assert profile == 0
-        return self.ranges[name]
+        return [Dims(shape) for shape in self.ranges[name]]
 
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+    def get_tensor_shape(self, name: str) -> Dims:
         """As built: -1 where the profile lets an axis vary (an input missing from ``ranges`` is a
         static scalar: the timestep)."""
         if name == "out_sample":
             name = "sample"
         if name not in self.ranges:
-            return ()
+            return Dims(())
         lo, _, hi = self.ranges[name]
-        return tuple(a if a == b else -1 for a, b in zip(lo, hi))
+        return Dims(tuple(a if a == b else -1 for a, b in zip(lo, hi)))
 
     def create_execution_context(self, strategy: AllocationStrategy) -> FakeContext:
         assert strategy == AllocationStrategy.USER_MANAGED
@@ -123,17 +186,17 @@ class FakeContext:
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
         if name not in self.engine.ranges:  # static
-            return tuple(shape) == self.engine.get_tensor_shape(name)
+            return tuple(shape) == tuple(self.engine.get_tensor_shape(name))
         lo, _, hi = self.engine.ranges[name]
         if len(shape) != len(lo) or not all(a <= s <= b for a, s, b in zip(lo, shape, hi)):
             return False
         self.shapes[name] = tuple(shape)
         return True
 
-    def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+    def get_tensor_shape(self, name: str) -> Dims:
         if name == "out_sample":
-            return self.shapes["sample"]
-        return self.shapes.get(name, self.engine.get_tensor_shape(name))
+            return Dims(self.shapes["sample"])
+        return Dims(self.shapes.get(name, tuple(self.engine.get_tensor_shape(name))))
 
     def set_tensor_address(self, name: str, address: int) -> bool:
         if name not in dict(self.engine.io):
@@ -217,6 +280,14 @@ def make_tensorrt(version: str) -> types.ModuleType:
     trt.BuilderFlag = types.SimpleNamespace(**flags)  # type: ignore[attr-defined]
     trt.Builder = object  # type: ignore[attr-defined]
     trt.Refitter, trt.Weights = FakeRefitter, FakeWeights  # type: ignore[attr-defined]
+    trt.ILogger, trt.Dims = ILogger, Dims  # type: ignore[attr-defined]
+
+    class BoundRuntime(Runtime):  # engines it makes have this module's version
+        def __init__(self, logger: ILogger) -> None:
+            super().__init__(logger)
+            self.trt = trt
+
+    trt.Runtime = BoundRuntime  # type: ignore[attr-defined]
     trt.TensorIOMode = TensorIOMode  # type: ignore[attr-defined]
     trt.ExecutionContextAllocationStrategy = AllocationStrategy  # type: ignore[attr-defined]
     trt.float32, trt.float16, trt.int32 = DataType.FLOAT, DataType.HALF, DataType.INT32  # type: ignore[attr-defined]

@@ -712,3 +712,30 @@ def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directo
         assert run_cli("build", directory, "--timing-cache", bad) == 2
         assert words in capsys.readouterr().err
     assert (directory / "unet" / "model.onnx").read_bytes() == graph
+
+
+def test_a_plan_tensorrt_cannot_load_is_one_line_with_its_own_reason(trt, tmp_path, monkeypatch, capsys):
+    """The process's logger and runtime (``_runtime``), against a fake runtime that, as TensorRT,
+    returns None for a damaged or foreign plan after logging why; a warning it logs is shown."""
+    from sdexport.runtime import tensorrt_backend
+
+    monkeypatch.setattr(tensorrt_backend._Logs, "runtime", None)
+    monkeypatch.setattr(tensorrt_backend._Logs, "logger", None)
+    folder = tmp_path / "engines" / "unet"
+    folder.mkdir(parents=True)
+    good, damaged, empty = folder / "good.plan", folder / "damaged.plan", folder / "empty.plan"
+    good.write_bytes(fake_tensorrt.plan_bytes(RANGES))
+    damaged.write_bytes(b"\x00" * 64)
+    empty.write_bytes(b"")
+    engine = tensorrt_backend.deserialize_plan(good)
+    assert tuple(engine.get_tensor_shape("sample")) == (-1, 4, -1, -1)  # read as trt.Dims
+    with pytest.raises(EngineDirError) as refused:
+        tensorrt_backend.deserialize_plan(damaged)
+    assert str(refused.value).startswith(
+        f"{damaged}: TensorRT {trt.__version__} cannot load this plan (IRuntime::deserializeCudaEngine: Error Code 1: "
+        "Serialization (Serialization assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)); it is "
+        "damaged or was built by another TensorRT version or GPU: rebuild it with `sdexport build")
+    with pytest.raises(EngineDirError, match=r"cannot load this plan \(empty or unrecognized file\)"):
+        tensorrt_backend.deserialize_plan(empty)  # (the last error does not linger)
+    tensorrt_backend._Logs.logger.log(trt.ILogger.Severity.WARNING, "Using an engine plan file across devices")
+    assert "TensorRT: Using an engine plan file across devices" in " ".join(capsys.readouterr().err.split())

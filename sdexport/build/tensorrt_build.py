@@ -439,6 +439,6 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
             plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
     except PolygraphyException as exc:
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}") from None
-    if not plan:
+    if plan is None:  # (polygraphy raises where the build returns None; IHostMemory has no length to test)
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path} (see its log above)")
     return memoryview(plan)
