@@ -105,6 +105,20 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers).*")
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)
+    fetching = logging.getLogger("diffusers.models.modeling_utils")
+    if loud:
+        fetching.removeFilter(_safetensors_first)
+    elif _safetensors_first not in fetching.filters:
+        fetching.addFilter(_safetensors_first)
+
+
+def _safetensors_first(record: logging.LogRecord) -> bool:
+    """Drop diffusers' "An error occurred while trying to fetch DIR: Error no file named
+    diffusion_pytorch_model.safetensors", logged at error level as it looks for safetensors first in
+    a folder of ``.bin`` weights, which it then reads: no error of the user's (a folder with neither
+    is refused by sdexport in its own words)."""
+    return not (record.levelno == logging.ERROR and str(record.msg).startswith("An error occurred while trying to fetch")
+                and "no file named" in record.getMessage())
 
 
 def onnxruntime_logging(ort: Any) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -320,6 +321,8 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("unknown-preset", "not a preset (tiny"),
         ("empty-dir", "not a diffusers model directory"),
         ("checkpoint-dir", "to export the single-file checkpoint in it, pass the file ({tmp}/downloads/model.safetensors)"),
+        ("component-dir", "unet/ is one part of the diffusers directory {tmp}/model: pass that"),
+        ("optimum-dir", "an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after `sdexport adopt"),
         ("dit", "unsupported architecture PixArtAlphaPipeline"),
         ("corrupt", "not a readable safetensors file"),
         ("no-config", "needs --config"),
@@ -373,6 +376,14 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         (tmp_path / "downloads").mkdir()
         (tmp_path / "downloads" / "model.safetensors").write_bytes(b"")
         model = str(tmp_path / "downloads")
+    elif case in ("component-dir", "optimum-dir"):  # a pipeline's unet/ given for it; optimum's own class name
+        (tmp_path / "model" / "unet").mkdir(parents=True)
+        (tmp_path / "model" / "unet" / "config.json").write_text("{}")
+        (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+        (tmp_path / "model" / "model_index.json").write_text('{"_class_name": "ORTStableDiffusionPipeline"}')
+        if case == "optimum-dir":
+            (tmp_path / "model" / "unet" / "model.onnx").write_bytes(b"")
+        model = str(tmp_path / "model" / ("unet" if case == "component-dir" else ""))
     elif case == "dit":
         model = str(_dit_dir(tmp_path / "pixart"))
     elif case == "corrupt":
@@ -635,3 +646,56 @@ def test_a_checkpoints_default_profile_is_made_for_its_unets_size(tiny_diffusers
     (model / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": "x"}))
     with pytest.raises(ModelLoadError, match="sample_size 'x' is not a size in latents"):
         outline_model(str(model))
+
+
+@pytest.mark.parametrize("case", ["text-encoder-width", "vae-channels", "scheduler-with-unet"])
+def test_a_model_whose_parts_do_not_fit_together_is_refused_before_any_graph(tiny_diffusers_dir, tmp_path, capsys, case):
+    """Each exported to a directory that `run` then refused (a text encoder of another width than the
+    U-Net attends to), or failed mid-export in a traceback (a VAE of 8 latent channels), or went
+    into place before the export failed (an unknown scheduler class with --components)."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    extra: list[str] = []
+    if case == "text-encoder-width":
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        config = CLIPTextConfig.from_pretrained(model / "text_encoder")
+        config.hidden_size, config.intermediate_size = 48, 96
+        shutil.rmtree(model / "text_encoder")
+        CLIPTextModel(config).save_pretrained(model / "text_encoder")
+        words = "inconsistent SD configs: text encoder width 48 != unet cross_attention_dim 32"
+    elif case == "vae-channels":
+        config = json.loads((model / "vae" / "config.json").read_text())
+        (model / "vae" / "config.json").write_text(json.dumps({**config, "latent_channels": 8}))
+        words = "the model's VAE: 8 latent channels, but the U-Net takes 4"
+    else:
+        index = json.loads((model / "model_index.json").read_text())
+        (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "FooBarScheduler"]}))
+        extra = ["--components", "text_encoder,unet,vae_decoder"]
+        words = "scheduler config names 'FooBarScheduler', which is not a diffusers scheduler"
+    assert run_cli("export", model, "-o", tmp_path / "out", "--verify", "none", *extra) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and err.count("error:") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bin_weights_export_without_diffusers_safetensors_first_error(tiny_diffusers_dir, tmp_path):
+    """diffusers looks for safetensors first and logs a failure at error level before it reads the
+    .bin weights: with -q a user saw an "error occurred" line for a folder that exports fine."""
+    from diffusers import AutoencoderKL
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    vae = AutoencoderKL.from_pretrained(model / "vae")
+    shutil.rmtree(model / "vae")
+    vae.save_pretrained(model / "vae", safe_serialization=False)
+    assert (model / "vae" / "diffusion_pytorch_model.bin").is_file()
+    import subprocess
+    import sys
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("DIFFUSERS_", "TRANSFORMERS_"))}
+    done = subprocess.run([sys.executable, "-m", "sdexport", "-q", "export", str(model), "-o", str(tmp_path / "out"),
+                           "--components", "vae_decoder", "--verify", "none"], capture_output=True, text=True,
+                          env=environment, timeout=300)  # (a process of its own: as a user's, its first import)
+    assert done.returncode == 0, done.stderr
+    assert "An error occurred" not in done.stderr and "no file named" not in done.stderr, done.stderr

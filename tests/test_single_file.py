@@ -326,6 +326,22 @@ def test_a_checkpoint_without_vae_weights_is_refused_by_name(tiny_checkpoint, re
     assert reads == []
 
 
+def test_a_checkpoint_without_vae_weights_exports_with_another_vae(tiny_checkpoint, tiny_diffusers_dir, tmp_path,
+                                                                     capsys):
+    """--vae replaces the checkpoint's VAE, so the file need not hold one (as diffusers'
+    ``from_single_file(..., vae=...)`` takes such a file): it was refused by name all the same."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import run_cli
+
+    _, path = tiny_checkpoint
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("first_stage_model.")}, str(path))
+    out = tmp_path / "engines"
+    assert run_cli("export", path, "--config", "tiny", "--vae", tiny_diffusers_dir / "vae", "-o", out,
+                   "--verify", "none") == 0, capsys.readouterr().err
+    assert (out / "vae_decoder" / "model.onnx").is_file()
+
+
 def test_a_checkpoint_changed_after_the_check_is_not_read(tiny_checkpoint):
     """A part built later must come from the file that was checked, not from its replacement."""
     from sdexport.errors import ModelLoadError

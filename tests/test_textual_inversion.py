@@ -267,3 +267,20 @@ def test_a_refiner_without_the_base_models_words_is_said(files, tmp_path, capsys
     capsys.readouterr()
     Refiner.open(refiner, base, load_manifest(base))  # the same word, as the tokenizer matches it
     assert "lacks" not in capsys.readouterr().err
+
+
+def test_adopt_with_the_model_refuses_an_export_whose_tokenizer_has_words_the_model_lacks(sd_dir, tmp_path, capsys):
+    """Its graphs passed parity (verification feeds ids the model knows), and the Torch backend,
+    which reloads the model, then indexed past its embedding table in a traceback."""
+    import shutil
+
+    from conftest import run_cli
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(sd_dir, foreign)
+    (foreign / "manifest.json").unlink()
+    assert run_cli("adopt", foreign, "--model", "tiny") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--model tiny: {foreign / 'tokenizer'} has 4 word(s) its tokenizer lacks" in err, err
+    assert "textual inversion, which adopt does not carry" in err and err.count("error:") == 1
+    assert not (foreign / "manifest.json").exists()

@@ -342,6 +342,21 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
 
+def _check_same_words(directory: Path, model: Any, model_ref: str) -> None:
+    """The directory's tokenizers read no word the model's lack: textual inversion words (the
+    export's added tokens) are embeddings the PyTorch model has no rows for, so the Torch backend,
+    which reloads the model, would index past its table. The graphs passed parity all the same:
+    verification feeds ids the model knows."""
+    from transformers import CLIPTokenizer
+
+    for name, theirs in model.tokenizers.items():
+        added = sorted(set(CLIPTokenizer.from_pretrained(str(directory / name)).get_vocab()) - set(theirs.get_vocab()))
+        if added:
+            raise SdexportError(f"--model {model_ref}: {directory / name} has {len(added)} word(s) its tokenizer lacks "
+                                f"(e.g. {added[0]!r}: textual inversion, which adopt does not carry); export the "
+                                "checkpoint with sdexport export --textual-inversion instead, or adopt without --model")
+
+
 def _exporter(directory: Path, plan: AdoptPlan) -> str:
     text = plan.configs.get("text_encoder") or plan.configs["text_encoder_2"]  # (the refiner has only the second)
     versions = {k: v for k, v in (("diffusers", plan.index.get("_diffusers_version")),
@@ -364,6 +379,7 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
     if model.family != plan.family:
         raise SdexportError(f"--model {model_ref}: an {model.family} model, the export an {plan.family} one; give the "
                             "checkpoint this directory was exported from")
+    _check_same_words(directory, model, model_ref)
     if model.dims != plan.dims:
         ours, theirs = vars(model.dims), vars(plan.dims)
         differ = [f"{k} {ours[k]} (the export's {theirs.get(k)})" for k in ours if ours[k] != theirs.get(k)][:3]

@@ -41,7 +41,7 @@ from sdexport.models.source_files import fingerprint, source_weight_files
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_model_scheduler
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import LORA_COMPONENTS, ComponentSpec
+from sdexport.specs import LORA_COMPONENTS, ComponentSpec, txt2img_specs
 from sdexport.versions import importing_distribution, installed_versions
 
 if TYPE_CHECKING:
@@ -74,7 +74,8 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
                                union_images=options.union_images)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
-        if options.components is None:  # what run would refuse, before the graphs (a subset runs nothing)
+        runs = {s.name for s in txt2img_specs(model.family)} <= {s.name for s in plan.specs}
+        if runs:  # what run would refuse, before the graphs (a subset that runs nothing needs no scheduler)
             config_dir = options.config if options.config and Path(options.config).is_dir() else None
             check_model_scheduler(model.scheduler_config, config_dir or model_ref)  # where it was read
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})

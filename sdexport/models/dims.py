@@ -81,7 +81,11 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         raise ModelLoadError(f"{label}: unet time_cond_proj_dim {common['G']} is too small for a guidance "
                              "embedding (at least 4)")
     if not is_sdxl(family):
-        return ModelDims(P=int(configs["text_encoder"].hidden_size), **common)
+        width = int(configs["text_encoder"].hidden_size)
+        if width != common["E"]:  # (a graph of another width exported, and run refused the directory)
+            raise ModelLoadError(f"{label}: inconsistent {FAMILY_LABELS[family]} configs: text encoder width {width} "
+                                 f"!= unet cross_attention_dim {common['E']}")
+        return ModelDims(P=width, **common)
     te2 = configs["text_encoder_2"]
     e1, e2, pooled = int(te.hidden_size) if te else 0, int(te2.hidden_size), int(te2.projection_dim)
     time_ids = SDXL_TIME_IDS[family]

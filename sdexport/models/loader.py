@@ -321,7 +321,8 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
     if path.is_dir():
         return load_diffusers_dir(path, dtype=dtype, lazy=lazy, vae_replaced=vae_replaced)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy, recorded=kind is not None)
+        return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy, recorded=kind is not None,
+                                vae_replaced=vae_replaced)
     raise ModelLoadError(
         f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
     )
@@ -477,7 +478,7 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
 
 def load_single_file(
     path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False,
-    recorded: bool = False,
+    recorded: bool = False, vae_replaced: bool = False,
 ) -> LoadedModel:
     """Load an original-layout SD checkpoint; its architecture comes from ``config``, offline.
 
@@ -485,7 +486,8 @@ def load_single_file(
     (``recorded``: as a manifest records it, where a name is always a preset).
     Every weight of every component must come from the file: all components are checked against the
     file's layout first, reading no weight (``single_file.plan_components``); then each one is read
-    now, or (``lazy``) when ``LoadedModel.materialize`` asks for it.
+    now, or (``lazy``) when ``LoadedModel.materialize`` asks for it. ``vae_replaced``: ``--vae``
+    replaces the checkpoint's VAE, which then need not be in the file (``load_diffusers_dir``'s).
     """
     from transformers import CLIPTokenizer
 
@@ -500,7 +502,8 @@ def load_single_file(
         family = family_of_dir(config_dir)
         options = pipeline_config(family, read_json(config_dir / "model_index.json"))
         scheduler = scheduler_config(config_dir)
-        skeletons, builders = plan_components(path, config_dir, family, dtype)
+        skeletons, builders = plan_components(path, config_dir, family, dtype,
+                                              leave_out=("vae",) if vae_replaced else ())
         tokenizers = {
             name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
             for name in tokenizer_names(family)

@@ -196,13 +196,14 @@ def _outline(
                                             else None) or vae.get("model_type"))
         if (found or "AutoencoderKL") != "AutoencoderKL":  # transformers' configs name theirs otherwise
             raise ModelLoadError(f"--vae {vae_path}: a {found}, not an AutoencoderKL")
-        channels, wanted = vae.get("latent_channels", 4), unet.get("out_channels", 4)
-        if channels != wanted:
-            raise ModelLoadError(f"--vae {vae_path}: {channels} latent channels, but the U-Net takes {wanted}")
         try:
             readable_weight_files(vae_path, "diffusers")  # a truncated copy: refused now, not when the VAE loads
         except ModelLoadError as exc:
             raise ModelLoadError(f"--vae {exc}") from None
+    channels, wanted = vae.get("latent_channels", 4), unet.get("out_channels", 4)
+    if channels != wanted:  # (the model's own VAE too: it failed mid-export, after the first graphs)
+        whose = f"--vae {vae_config_dir(Path(vae_dir))}" if vae_dir is not None else "the model's VAE"
+        raise ModelLoadError(f"{whose}: {channels} latent channels, but the U-Net takes {wanted}")
     problem = first_error(SCHEDULER_CONFIG, scheduler)
     if problem:
         raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
@@ -344,16 +345,17 @@ def family_of_dir(path: Path, *, vae_replaced: bool = False) -> str:
     ``from_pretrained(path, vae=...)`` reads none then."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        checkpoints = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES) \
-            if path.is_dir() else []
-        hint = (f"; to export the single-file checkpoint in it, pass the file ({path / checkpoints[0]})"
-                + (f", one of {len(checkpoints)}" if len(checkpoints) > 1 else "") if checkpoints else "")
         raise ModelLoadError(
             f"{path}: not a diffusers model directory (no model_index.json); expected "
-            f"model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/{hint}"
+            f"model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/{_what_it_holds(path)}"
         )
     index = read_json(index_file)
     pipeline = index.get("_class_name", "?")
+    if (path / "unet" / "model.onnx").is_file():  # (before the class: optimum names its ORTStableDiffusion...)
+        run = (f"`sdexport run {pasteable(path)}` runs it" if (path / "manifest.json").is_file()
+               else f"run it after `sdexport adopt {pasteable(path)}`")
+        raise ModelLoadError(f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: {run}, or "
+                             "export the checkpoint it came from")
     if pipeline not in SUPPORTED_PIPELINES:
         kind = "a transformer (DiT) denoiser" if "transformer" in index else "another architecture"
         raise ModelLoadError(
@@ -361,17 +363,28 @@ def family_of_dir(path: Path, *, vae_replaced: bool = False) -> str:
             f"{', '.join(SUPPORTED_PIPELINES)} (U-Net based Stable Diffusion 1.x, 2.x and XL)"
         )
     family = family_of_index(SUPPORTED_PIPELINES[pipeline], index, path)
-    if (path / "unet" / "model.onnx").is_file():
-        run = (f"`sdexport run {pasteable(path)}` runs it" if (path / "manifest.json").is_file()
-               else f"run it after `sdexport adopt {pasteable(path)}`")
-        raise ModelLoadError(f"{path}: an ONNX export (unet/model.onnx), not a PyTorch checkpoint: {run}, or "
-                             "export the checkpoint it came from")
     parts = ["unet", *([] if vae_replaced else ["vae"]), *text_encoders(family), *tokenizer_names(family), "scheduler"]
     missing = [d for d in parts if not (path / d).is_dir()]
     if missing:
         hint = " (`sdexport export --vae DIR` can replace the VAE)" if missing == ["vae"] else ""
         raise ModelLoadError(f"{path}: incomplete diffusers directory, missing {', '.join(missing)}/{hint}")
     return family
+
+
+def _what_it_holds(path: Path) -> str:
+    """What a folder without model_index.json may be instead, as a hint: one part of a diffusers
+    directory (its config.json: the pipeline directory is the one above), or a folder a single-file
+    checkpoint was saved in."""
+    if not path.is_dir():
+        return ""
+    if (path / "config.json").is_file():  # a model's folder: its weights are no single-file checkpoint
+        above = path.parent / "model_index.json"
+        return f"; {path.name}/ is one part of the diffusers directory {path.parent}: pass that" if above.is_file() else ""
+    checkpoints = sorted(p.name for p in path.iterdir() if p.suffix.lower() in SINGLE_FILE_SUFFIXES)
+    if not checkpoints:
+        return ""
+    return (f"; to export the single-file checkpoint in it, pass the file ({path / checkpoints[0]})"
+            + (f", one of {len(checkpoints)}" if len(checkpoints) > 1 else ""))
 
 
 def pipeline_controlnets(path: Path) -> tuple[Path, ...]:

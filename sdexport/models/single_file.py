@@ -26,7 +26,7 @@ copy).
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +67,13 @@ class Part:
 
 
 def plan_components(
-    path: Path, config_dir: Path, family: str, dtype: torch.dtype
+    path: Path, config_dir: Path, family: str, dtype: torch.dtype, *, leave_out: Collection[str] = ()
 ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
     """Check every component against the file's layout, reading no weight; return each one's
-    skeleton (meta device, ``dtype``) and a builder that reads, converts and loads its weights."""
-    parts = _parts(config_dir, family)
+    skeleton (meta device, ``dtype``) and a builder that reads, converts and loads its weights.
+    ``leave_out``: parts that come from elsewhere (``vae``: ``--vae``), neither checked nor read, as
+    diffusers' ``from_single_file(..., vae=...)`` takes a checkpoint without VAE weights."""
+    parts = [part for part in _parts(config_dir, family) if part.name not in leave_out]
     stamp = _identity(path)
     layout = read_layout(path)
     _check_sdxl_kind(path, layout, family)

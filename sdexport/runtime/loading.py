@@ -347,7 +347,9 @@ def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any]
     the txt2img components, the scheduler config (built into a scheduler) and the tokenizers."""
     txt2img_components(manifest)
     scheduler_config = read_scheduler_config(engine_dir)
-    make_scheduler("default", scheduler_config)
+    # (every run checks the directory's own: another --scheduler does not get past it)
+    make_scheduler("default", scheduler_config, fix=f"{engine_dir}/scheduler/scheduler_config.json cannot be used; "
+                   "export the directory again from a model whose scheduler config names one")
     return scheduler_config, load_tokenizers(engine_dir, manifest)
 
 
