@@ -19,6 +19,10 @@ Range = tuple[int, int, int]
 
 MAX_TENSOR_ELEMENTS = 2**31 - 1
 """TensorRT, and many ONNX Runtime CUDA kernels, index a tensor's elements with 32-bit integers."""
+MAX_PROMPT_CHUNKS = 32
+"""The most prompt chunks a profile may take: 2,400 tokens of text, far past what CLIP was trained
+on and what A1111's users write, while a TensorRT plan reserves its activations for the max and
+verification runs it (a million chunks were accepted, to fail much later)."""
 
 
 class ImageGeometry(Protocol):
@@ -138,6 +142,9 @@ class ShapeProfile:
         """
         from sdexport.setting_names import option
 
+        if self.chunks[2] > MAX_PROMPT_CHUNKS:
+            raise ProfileError(f"{option('--prompt-chunks')} max {self.chunks[2]}: at most {MAX_PROMPT_CHUNKS} chunks "
+                               f"({MAX_PROMPT_CHUNKS * 75:,} tokens of text)")
         batch, height, width = self.batch[2], self.height[2], self.width[2]
         elements = vae_width * batch * height * width
         if elements > MAX_TENSOR_ELEMENTS:

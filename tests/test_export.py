@@ -340,6 +340,7 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("zero-height", "--height '0': need 0 < min <= opt <= max"),
         ("huge-batch", "would need a VAE activation of"),
         ("huge-side", "beyond the 2^31 elements"),
+        ("huge-chunks", "--prompt-chunks max 1000000: at most 32 chunks (2,400 tokens of text)"),
         ("bad-verify", "--verify sometimes: choose full, quick or none"),
         ("vae-not-a-vae", "--vae"),
         ("not-a-number", "Invalid value for '--opset'"),
@@ -390,6 +391,8 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         model, extra = str(_corrupt_safetensors(tmp_path / "x.safetensors")), ["--config", "tiny"]
     elif case == "no-config":
         model = str(_corrupt_safetensors(tmp_path / "x.safetensors"))
+    elif case == "huge-chunks":
+        extra = ["--prompt-chunks", "1:1:1000000"]
     elif case == "bad-profile":
         extra = ["--height", "100:128:256"]
     elif case == "bad-range":
