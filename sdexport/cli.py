@@ -213,6 +213,7 @@ def adopt(
     width: Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format("as --height"))] = None,
     prompt_chunks: Annotated[str | None, typer.Option("--prompt-chunks", help="Prompt chunks of 75 tokens the U-Net reads at once, as A1111 reads long prompts, where its graph takes any text length (optimum's do) " + _RANGE.format("1:1:1: another exporter's U-Net may fix 77 tokens"))] = None,
     force: Annotated[bool, typer.Option(help="Adopt again, replacing a manifest that `sdexport adopt` wrote (engines built since are forgotten and their files removed: build again).")] = False,
+    clip_skip: Annotated[int, typer.Option(help="The text encoder layer the export reads, as `export --clip-skip` gives it (SD: the layer its graph was exported to read, which --model then checks; SDXL: the default of run and serve).")] = 0,
 ) -> None:
     """Check another tool's ONNX export (optimum's) against sdexport's specs and write its manifest,
     so that `sdexport run`, `build` and `bench` use it. Adds manifest.json and nothing else."""
@@ -222,7 +223,7 @@ def adopt(
     if config is not None and model is None:
         raise SdexportError("--config goes with --model (a single-file checkpoint): the model to compare the graphs with")
     manifest = run_adopt(directory, ranges={"batch": batch, "height": height, "width": width, "chunks": prompt_chunks},
-                         model=model, config=config, force=force)
+                         model=model, config=config, force=force, clip_skip=clip_skip)
     print_summary(directory, manifest)
 
 

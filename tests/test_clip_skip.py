@@ -250,3 +250,21 @@ def test_a_hand_edited_sd_clip_skip_past_the_layers_is_refused(skipping_dir, tmp
     assert run_cli("inspect", copy) == 2
     assert "invalid manifest: dims.clip_skip 5: the text encoder has 2 layers; skip at most 1" in \
         " ".join(capsys.readouterr().err.split())
+
+
+def test_adopt_takes_the_clip_skip_an_export_was_made_with(skipping_dir, tmp_path, capsys):
+    """An SD graph that reads the penultimate layer: adopted with --model, it failed parity against
+    the last layer's reading with no way to say which layer it reads; --clip-skip says it."""
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(skipping_dir, foreign)
+    (foreign / "manifest.json").unlink()
+    assert run_cli("adopt", foreign, "--model", "tiny") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "text_encoder" in err and "adopt --clip-skip" in err, err
+    assert run_cli("adopt", foreign, "--model", "tiny", "--clip-skip", "1") == 0
+    manifest = load_manifest(foreign)
+    assert manifest.model_dims.clip_skip == 1 and manifest.components["text_encoder"].parity["status"] == "passed"
+    assert run_cli("adopt", foreign, "--clip-skip", "2", "--force") == 2
+    assert "--clip-skip 2" in capsys.readouterr().err  # past the tiny encoder's two layers

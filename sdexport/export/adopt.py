@@ -12,6 +12,7 @@ directory stays what optimum and ONNX Runtime's tools read.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from sdexport.specs import (
     SDXL_REFINER,
     ComponentSpec,
     ModelDims,
+    check_clip_skip,
     components_for,
     tokenizer_names,
     txt2img_specs,
@@ -73,10 +75,12 @@ def adoption_hint(directory: Path) -> str:
     return ""
 
 
-def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
+def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) -> AdoptPlan:
     """Everything about an adoption that small files tell: what the directory is, its family, its
     components and the model's sizes. One clear line for anything else. ``replace`` (``--force``):
-    a manifest that ``adopt`` wrote may be there (it is replaced at the end, never removed first)."""
+    a manifest that ``adopt`` wrote may be there (it is replaced at the end, never removed first).
+    ``clip_skip`` (``--clip-skip``): the layer an SD text encoder graph was exported to read (as
+    ``export --clip-skip`` builds it in), or an SDXL directory's default; checked as export's."""
     if not directory.is_dir():
         raise SdexportError(f"{directory}: no such directory")
     check_replaceable(directory, replace)
@@ -129,6 +133,10 @@ def plan_adopt(directory: Path, *, replace: bool = False) -> AdoptPlan:
         dims = model_dims(family, {k: SimpleNamespace(**v) for k, v in configs.items()}, lengths, str(directory))
     except (AttributeError, TypeError, ValueError) as exc:
         raise SdexportError(f"{directory}: a component's config.json lacks a size sdexport needs ({exc})") from None
+    if clip_skip:
+        check_clip_skip("--clip-skip", clip_skip, [int(configs[name].get("num_hidden_layers", 12))
+                                                   for name in ("text_encoder", "text_encoder_2") if name in configs])
+        dims = dataclasses.replace(dims, clip_skip=clip_skip)  # (``replace`` here is --force)
     return AdoptPlan(family, pipeline, [s.for_model(dims) for s in specs], dims, configs, index)
 
 
@@ -177,7 +185,7 @@ def _tokenizer_length(folder: Path) -> int:
 
 def adopt(
     directory: Path, *, ranges: dict[str, str | None] | None = None, model: str | None = None,
-    config: str | None = None, force: bool = False,
+    config: str | None = None, force: bool = False, clip_skip: int = 0,
 ) -> Manifest:
     """Check ``directory``'s graphs and write its manifest (``model``: prove them against PyTorch;
     ``config``: a single-file ``model``'s architecture, as ``export --config``).
@@ -190,7 +198,7 @@ def adopt(
     from sdexport.manifest import check_graph, check_layout, save_manifest
     from sdexport.output_dir import updating
 
-    plan = plan_adopt(directory, replace=force)
+    plan = plan_adopt(directory, replace=force, clip_skip=clip_skip)
     if model is not None:  # a wrong --model or --config in one line now, not after the graphs are read
         from sdexport.models.outline import outline_model
 
@@ -370,6 +378,7 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
     """Each graph's outputs against the PyTorch model's, at the profile's min (as ``export --verify
     quick``), fed as it takes its inputs (``graph_ios``, from ``check_graph``)."""
     from sdexport.console import step
+    from sdexport.errors import ParityError
     from sdexport.export.exporter import _print_report, _vocab_size
     from sdexport.export.verify import require_parity, verify_component
     from sdexport.models import load_model
@@ -380,7 +389,7 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
         raise SdexportError(f"--model {model_ref}: an {model.family} model, the export an {plan.family} one; give the "
                             "checkpoint this directory was exported from")
     _check_same_words(directory, model, model_ref)
-    if model.dims != plan.dims:
+    if dataclasses.replace(model.dims, clip_skip=plan.dims.clip_skip) != plan.dims:  # (the skip: --clip-skip's)
         ours, theirs = vars(model.dims), vars(plan.dims)
         differ = [f"{k} {ours[k]} (the export's {theirs.get(k)})" for k in ours if ours[k] != theirs.get(k)][:3]
         raise SdexportError(f"--model {model_ref}: its sizes are not the export's: {', '.join(differ)}; give the "
@@ -394,7 +403,16 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
                 graph_io=graph_ios[spec.name],
             )
         _print_report(report)
-        require_parity(report)
+        try:
+            require_parity(report)
+        except ParityError as exc:
+            if spec.name != "text_encoder" or plan.family != "sd":
+                raise
+            # an SD text encoder graph reads one layer, built in: a checkpoint exported with a clip
+            # skip disagrees with the last layer's reading
+            layer = f"layer {plan.dims.clip_skip} before the last" if plan.dims.clip_skip else "last layer"
+            raise ParityError(f"{exc} (the graph was compared reading the {layer}: one exported with another "
+                              "clip skip is adopted with adopt --clip-skip N)") from None
         entry.parity = report.to_dict()
     from sdexport.models.source_files import fingerprint, source_weight_files
 
