@@ -323,7 +323,8 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
             row.reasons.append("the reference the others are judged against (--relative-to): shown, not judged")
         elif row.e2e.verdict == "too few repeats":
             row.status, row.must_judge = "not judged", gate.fail_unjudged
-            row.reasons.append(f"{min(len(old['e2e_s']['samples']), len(now['e2e_s']['samples']))} repeats: "
+            timed = [old["e2e_s"], now["e2e_s"], *(against[1:] if against else ())]  # (the reference's count too)
+            row.reasons.append(f"{min(len(t['samples']) for t in timed)} repeats: "
                                f"at least {MIN_REPEATS} are needed to tell a change from noise (--repeats)")
         elif row.e2e.verdict == "slower":
             row.status = "regression"
