@@ -95,7 +95,9 @@ def finished(code: int) -> None:
     takes most of a second, and a stop delivered in it ended a run whose images were all written
     as killed (143) or interrupted (130), with nothing said. For the console script alone
     (``cli.entry``): a program that calls ``main`` goes on after it, with its own handlers.
-    SIGINT is taken only from Python's own handler, as ``listening`` takes it."""
+    SIGINT is taken only from Python's own handler, as ``listening`` takes it. The price: a Python
+    handler runs between bytecodes, so a teardown hung inside C code (a library's destructor) no
+    longer ends at SIGTERM; SIGKILL, which CI sends after its grace, still ends it."""
     import os
 
     if not _in_main_thread():

@@ -809,3 +809,17 @@ def test_relative_to_a_reference_cancels_drift_of_the_machine_and_catches_a_cont
     assert f"--relative-to diffusers: NEW {tmp_path / 'new.json'} did not measure diffusers" in capsys.readouterr().err
     assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json", "--relative-to", "difusers") == 2
     assert "--relative-to 'difusers': not a contender" in capsys.readouterr().err
+
+
+def test_a_case_not_judged_for_want_of_the_reference_is_not_called_too_few_repeats(tmp_path):
+    from sdexport.bench.compare import markdown
+
+    baseline = _report([_entry("diffusers", TIGHT), _entry("torch", TIGHT), _entry("torch", TIGHT, batch=2)])
+    new = _report([_entry("diffusers", TIGHT), _entry("torch", TIGHT), _entry("torch", TIGHT, batch=2)])
+    new["results"] = new["results"][:2] + [_entry("torch", TIGHT, batch=2)]
+    baseline["results"].append(_entry("diffusers", TIGHT, batch=2))  # measured in the baseline only
+    comparison = _compare(tmp_path, baseline, new, Gate(relative_to="diffusers"))
+    text = markdown(comparison)
+    row = next(r for r in comparison["rows"] if r["contender"] == "torch" and r["batch"] == 2)
+    assert row["status"] == "not judged" and "diffusers was not measured in this case in the new run" in row["reasons"][0]
+    assert "not judged (too few repeats)" not in text and "not judged" in text

@@ -651,7 +651,7 @@ def test_a_checkpoints_default_profile_is_made_for_its_unets_size(tiny_diffusers
         outline_model(str(model))
 
 
-@pytest.mark.parametrize("case", ["text-encoder-width", "vae-channels", "scheduler-with-unet"])
+@pytest.mark.parametrize("case", ["text-encoder-width", "vae-channels", "scheduler-with-unet", "scheduler-fp32-vae"])
 def test_a_model_whose_parts_do_not_fit_together_is_refused_before_any_graph(tiny_diffusers_dir, tmp_path, capsys, case):
     """Each exported to a directory that `run` then refused (a text encoder of another width than the
     U-Net attends to), or failed mid-export in a traceback (a VAE of 8 latent channels), or went
@@ -675,6 +675,8 @@ def test_a_model_whose_parts_do_not_fit_together_is_refused_before_any_graph(tin
         index = json.loads((model / "model_index.json").read_text())
         (model / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "FooBarScheduler"]}))
         extra = ["--components", "text_encoder,unet,vae_decoder"]
+        if case == "scheduler-fp32-vae":  # the fp32 decoder alone runs in the fp16 one's place
+            extra = ["--dtype", "fp16", "--components", "text_encoder,unet,vae_decoder_fp32"]
         words = "scheduler config names 'FooBarScheduler', which is not a diffusers scheduler"
     assert run_cli("export", model, "-o", tmp_path / "out", "--verify", "none", *extra) == 2
     err = " ".join(capsys.readouterr().err.split())

@@ -396,13 +396,17 @@ def test_nothing_is_written_inside_an_engine_directory(engine_copy: Path, tmp_pa
     comparison, a load test's report) and it is no longer provably sdexport's, so `export --force`
     and the builds would refuse it. `run` refused its images there already; the others wrote."""
     before = _tree(engine_copy)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers"]\n')
     for command in (["export", "tiny", "-o", engine_copy / "nested", *QUICK],
                     ["triton-repo", engine_copy, "-o", engine_copy / "unet" / "repo"],
                     ["bench", "compare", tmp_path / "a.json", tmp_path / "b.json", "-o", engine_copy / "cmp"],
-                    ["loadtest", "--url", "127.0.0.1:1", "-o", engine_copy / "load"]):
+                    ["loadtest", "--url", "127.0.0.1:1", "-o", engine_copy / "load"],
+                    ["bench", scenario, "--engine-cache", engine_copy / "cache", "-o", tmp_path / "bench"]):
         assert run_cli(*command) == 2, command
         err = " ".join(capsys.readouterr().err.split())
         assert f"inside the engine directory {engine_copy}, whose manifest lists every file in it" in err, err
+        assert "-o" in err or "--engine-cache" in err
         assert err.count("error:") == 1
     assert _tree(engine_copy) == before
 

@@ -162,6 +162,7 @@ def test_a_stop_during_the_teardown_after_the_command_keeps_its_exit_status(numb
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "interrupted" not in done.stderr
+    assert "Exception ignored" not in done.stderr  # (SIGINT: the KeyboardInterrupt Python would print there)
 
 
 def test_the_teardown_guard_leaves_an_ignored_sigint_ignored_and_others_handlers_alone():

@@ -708,7 +708,8 @@ def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directo
     assert link.is_symlink() and link.resolve() == cache and recorder.builds[-1]["load_timing_cache"].name == str(cache)
     graph = (directory / "unet" / "model.onnx").read_bytes()
     for bad, words in ((cache.parent, "a folder; name the cache file"),
-                       (directory / "unet" / "model.onnx", "inside the engine directory")):
+                       (directory / "unet" / "model.onnx", "inside the engine directory"),
+                       (tiny_fp16_engine_dir / "shared.cache", f"inside the engine directory {tiny_fp16_engine_dir}")):
         assert run_cli("build", directory, "--timing-cache", bad) == 2
         assert words in capsys.readouterr().err
     assert (directory / "unet" / "model.onnx").read_bytes() == graph

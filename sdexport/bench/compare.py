@@ -456,10 +456,12 @@ def markdown(comparison: dict[str, Any]) -> str:
     missing = sum(r.status == "missing" for r in rows)
     unjudged = sum(r.status == "not judged" for r in rows)
     failing_unjudged = sum(r.status == "not judged" and r.failed for r in rows)
+    why = " (too few repeats)" if all(r.e2e is not None for r in rows if r.status == "not judged") else ""  # (else
+    # the reference was missing in a case: --relative-to; the rows say which)
     counts = ([f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
-              + [f"{failing_unjudged} not judged (too few repeats)"] * bool(failing_unjudged))
+              + [f"{failing_unjudged} not judged{why}"] * bool(failing_unjudged))
     title = ("❌ " + ", ".join(counts) if counts
-             else f"⚠️ {unjudged} case{'s' * (unjudged != 1)} not judged (too few repeats)" if unjudged
+             else f"⚠️ {unjudged} case{'s' * (unjudged != 1)} not judged{why}" if unjudged
              else "✅ no regression")
     lines = [
         MARKER,

@@ -139,11 +139,12 @@ def cache_entry(cache: Path, scenario: Scenario, key: str) -> Path:
 def check_cache_folder(cache: Path) -> None:
     """Refuse, before anything loads, a cache folder that cannot be used."""
     from sdexport.errors import SdexportError
-    from sdexport.output_dir import require_creatable
+    from sdexport.output_dir import refuse_inside_engine_dir, require_creatable
 
     if cache.exists() and not cache.is_dir():
         raise SdexportError(f"--engine-cache {cache} is a file; give a folder to keep engines in")
     require_creatable(cache, f"--engine-cache {cache}")
+    refuse_inside_engine_dir(cache, f"--engine-cache {cache}")
 
 
 def damage(entry: Path) -> str | None:

@@ -16,7 +16,8 @@ from sdexport.specs import FAMILY_LABELS
 MIN_REPEATS = 5
 """Fewer timed runs give no spread worth reporting. ``bench compare`` judges no change on them either:
 with identical code and 5% noise, a bootstrap over 1-3 repeats calls 4-19% of cases slower, so such a
-case beyond the threshold is "too few repeats": shown, and not failed."""
+case beyond the threshold is "not judged": shown, and failed only by a gate that must judge every
+case (``--fail-unjudged``, which the CI gate passes)."""
 NOISY_CV = 0.10
 """A contender whose end-to-end runs vary more than this (coefficient of variation: standard
 deviation / mean) gives a ratio that is not to be trusted: the report says so."""

@@ -178,6 +178,9 @@ def check_timing_cache(timing_cache: Path, engine_dir: Path) -> None:
         raise SdexportError(f"--timing-cache {timing_cache}: inside the engine directory {engine_dir}, whose files "
                             "its manifest lists; keep the cache outside it (the default is one per GPU and "
                             "TensorRT version in sdexport's user cache)")
+    from sdexport.output_dir import refuse_inside_engine_dir
+
+    refuse_inside_engine_dir(timing_cache, f"--timing-cache {timing_cache}")  # (another engine directory)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sdexport.build.vae_upcast import FP32_VAE
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
 from sdexport.export import graph
@@ -74,8 +75,9 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
                                union_images=options.union_images)
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
-        runs = {s.name for s in txt2img_specs(model.family)} <= {s.name for s in plan.specs}
-        if runs:  # what run would refuse, before the graphs (a subset that runs nothing needs no scheduler)
+        exported = {s.name for s in plan.specs}  # (an fp16 export's fp32 VAE decoder alone runs in its place)
+        if all(s.name in exported or FP32_VAE.get(s.name) in exported for s in txt2img_specs(model.family)):
+            # what run would refuse, before the graphs (a subset that runs nothing needs no scheduler)
             config_dir = options.config if options.config and Path(options.config).is_dir() else None
             check_model_scheduler(model.scheduler_config, config_dir or model_ref)  # where it was read
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})

@@ -875,9 +875,10 @@ class Txt2ImgPipeline:
         ``int(steps x adapter_factor)`` of the loop's ``calls`` U-Net calls (diffusers' SDXL
         pipeline; its SD one, which has no factor, gives them to every call, PNDM's extra one too),
         each prompt after its own factor where they differ. Cut by ``denoising_end``, the steps are
-        the calls the loop runs, as diffusers' SDXL pipeline cuts its ``num_inference_steps``; and
-        so they are from an init image (img2img, inpainting: the steps ``strength`` leaves), as the
-        ControlNets' windows are shares of them there (diffusers has no adapter pipeline for that).
+        the calls the loop runs, as diffusers' SDXL pipeline cuts its ``num_inference_steps``. From
+        an init image (img2img, inpainting), they are the steps ``strength`` leaves
+        (``denoising_steps``: PNDM's extra first call not counted, as in text to image), so a factor
+        is a share of the denoising that runs; diffusers has no adapter pipeline for that.
 
         The adapter runs at the prompts' batch, one image repeated to each prompt: the batch the
         engines were checked for (a TensorRT plan may not take a batch of one). That is what
@@ -906,7 +907,7 @@ class Txt2ImgPipeline:
                 summed[feature] = summed[feature] + value if feature in summed else value
         features = {n: torch.cat([v, v]) if request.cfg else v for n, v in summed.items()}
         factors = [request.adapter_factor_of(i) for i in range(request.batch)]
-        steps = request.steps if request.denoising_end is None and request.image is None else calls
+        steps = calls if request.denoising_end is not None else request.denoising_steps(self.family)
         return AdapterFeatures(features, [calls if self.family == "sd" and factor == 1.0 else int(steps * factor)
                                           for factor in factors])
 
