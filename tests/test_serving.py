@@ -869,26 +869,33 @@ def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
     assert 2 <= short.reads
 
 
-def test_sigterm_lets_the_request_in_flight_finish(server: Server):
+def _sigterm_with_a_request_in_flight(running: Server, steps: int) -> dict[str, object]:
+    """SIGTERM to the sdexport process alone (as `kill` or a container stop) a second into a request
+    of ``steps`` steps; what the request got: its "images", or an "error"."""
     from sdexport.serving.client import generate
 
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            result["images"] = generate(running.url, ["in flight"], steps=steps)
+        except Exception as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(1.0)
+    assert thread.is_alive(), "the request should still be generating"
+    running.process.send_signal(signal.SIGTERM)
+    thread.join(120)
+    return result
+
+
+def test_sigterm_lets_the_request_in_flight_finish(server: Server):
     running = server
     running.ended_on_purpose = True  # a later test gets a new one
     try:
-        result: dict[str, object] = {}
-
-        def call() -> None:
-            try:
-                result["images"] = generate(running.url, ["in flight"], steps=400)
-            except Exception as exc:
-                result["error"] = exc
-
-        thread = threading.Thread(target=call)
-        thread.start()
-        time.sleep(1.0)
-        assert thread.is_alive(), "the request should still be generating"
-        running.process.send_signal(signal.SIGTERM)  # the sdexport process only, as `kill` or a container stop
-        thread.join(120)
+        result = _sigterm_with_a_request_in_flight(running, 400)
         assert "images" in result, result
         assert running.process.wait(90) in (0, 130)
         assert "Waiting for in-flight requests to complete" in running.log.read_text()
@@ -899,24 +906,9 @@ def test_sigterm_lets_the_request_in_flight_finish(server: Server):
 def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(tiny_engine_dir, tmp_path):
     """Triton exits with a failure when its exit timeout runs out with a request in flight; PyTriton
     only logs a warning, and `serve` used to exit 0 as after a clean stop."""
-    from sdexport.serving.client import generate
-
     running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--max-steps", "5000", "--drain-timeout", "1")
     try:
-        result: dict[str, object] = {}
-
-        def call() -> None:
-            try:
-                result["images"] = generate(running.url, ["in flight"], steps=5000)
-            except Exception as exc:
-                result["error"] = exc
-
-        thread = threading.Thread(target=call)
-        thread.start()
-        time.sleep(1.0)
-        assert thread.is_alive(), "the request should still be generating"
-        running.process.send_signal(signal.SIGTERM)
-        thread.join(120)
+        result = _sigterm_with_a_request_in_flight(running, 5000)
         assert "error" in result, result  # dropped: no image
         assert running.process.wait(90) not in (0, 130)
         errors = [line for line in running.log.read_text().splitlines() if line.startswith("error:")]
