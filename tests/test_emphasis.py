@@ -367,3 +367,14 @@ def test_a_reading_fp16_cannot_hold_is_refused_before_the_loop(tiny_fp16_engine_
                                             "the range of the U-Net's fp16"):
         pipeline(dataclasses.replace(REQUEST, prompt=["(a:100000) lighthouse"], emphasis="no-norm"))
     assert calls.calls == 0
+
+
+def test_a_text_is_parsed_once_for_its_check_its_cut_and_its_tokens():
+    """``parse`` keeps its recent results (``MAX_TEXT``: nested brackets parse in quadratic time);
+    a helper inserted above it once took its cache."""
+    from sdexport.runtime import emphasis
+
+    emphasis.parse.cache_clear()
+    text = "a ((red)) fox:1.2 [tail]"
+    assert emphasis.parse(text) is emphasis.parse(text)
+    assert emphasis.parse.cache_info().hits == 1

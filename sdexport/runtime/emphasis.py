@@ -68,13 +68,13 @@ class EmphasisError(ValueError):
     """A weight A1111 cannot read either: ``(word:1.2.3)``."""
 
 
-@lru_cache(maxsize=256)
 def check_mode(mode: str, named: str) -> None:
     """``mode`` is one of ``EMPHASIS``; else one line, the setting ``named`` as the caller names it."""
     if mode not in EMPHASIS:
         raise SdexportError(f"{named} {mode!r}: choose one of {', '.join(EMPHASIS)}")
 
 
+@lru_cache(maxsize=256)
 def parse(text: str) -> tuple[Piece, ...]:
     """``text``'s runs of equal weight, in order, as A1111's ``parse_prompt_attention`` reads them
     (its docstring's examples are this module's tests). Raises ``EmphasisError`` for a weight that
