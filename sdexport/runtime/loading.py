@@ -536,10 +536,10 @@ def note_fused_again(manifest: Manifest, loras: list[LoraFile]) -> None:
 
     fused = {Path(record["path"]).resolve(): record["scale"] for record in manifest.model.get("loras") or []}
     for lora in loras:
-        if lora.path.resolve() in fused:
+        scale = fused.get(lora.path.resolve())
+        if scale is not None:
             console.print(f"[yellow]note:[/] LoRA {escape(str(lora.path))} was fused into this directory at export "
-                          f"(scale {fused[lora.path.resolve()]:g}); added again at run time it applies twice "
-                          f"({fused[lora.path.resolve()]:g} + {lora.scale:g})")
+                          f"(scale {scale:g}); added again at run time it applies twice ({scale:g} + {lora.scale:g})")
 
 
 def exported_loras(manifest: Manifest) -> list[LoraFile]:
