@@ -9,7 +9,9 @@ have ``set_device_memory``, ``set_tensor_address`` (returns False for an unknown
 
 The fake engine is a U-Net-shaped plan computing ``out_sample = 2 * sample + timestep`` from the
 memory at the addresses bound to it (CPU tensors' real addresses), so a test sees exactly what a
-plan would read: stale, misplaced or freed inputs give wrong numbers.
+plan would read: stale, misplaced or freed inputs give wrong numbers. Its I/O is float32 unless a
+test gives other types (an optimum fp16 export's plan takes and returns float16), and it reads
+and writes each tensor in its own type, as a plan does.
 """
 
 from __future__ import annotations
@@ -29,9 +31,21 @@ DESTROYED: list[str] = []
 
 
 class DataType(enum.Enum):
+    """``trt.DataType`` (TensorRT's numbering); ``trt.float32`` and the like are its members."""
+
     FLOAT = 0
     HALF = 1
+    INT8 = 2
     INT32 = 3
+    BOOL = 4
+    UINT8 = 5
+    FP8 = 6
+    BF16 = 7
+    INT64 = 8
+
+
+_NUMPY = {DataType.FLOAT: np.float32, DataType.HALF: np.float16}
+"""The I/O types the fake plan computes in (a U-Net's floats)."""
 
 
 class TensorIOMode(enum.Enum):
@@ -118,9 +132,12 @@ class Capture:
 class FakeEngine:
     """sample (B,4,h,w), timestep (), encoder_hidden_states (B,S,E) → out_sample (B,4,h,w)."""
 
-    def __init__(self, trt: Any, ranges: dict[str, tuple[tuple[int, ...], ...]], *, workspace: int = 4096) -> None:
+    def __init__(self, trt: Any, ranges: dict[str, tuple[tuple[int, ...], ...]], *, workspace: int = 4096,
+                 dtypes: dict[str, DataType] | None = None) -> None:
         self.trt = trt
         self.ranges = ranges
+        self.dtypes = dtypes or {}
+        """I/O types by name, where not FLOAT."""
         self.io = [("sample", TensorIOMode.INPUT), ("timestep", TensorIOMode.INPUT),
                    ("encoder_hidden_states", TensorIOMode.INPUT), ("out_sample", TensorIOMode.OUTPUT)]
         self.num_io_tensors = len(self.io)
@@ -147,7 +164,7 @@ class FakeEngine:
         return dict(self.io)[name]
 
     def get_tensor_dtype(self, name: str) -> DataType:
-        return DataType.FLOAT
+        return self.dtypes.get(name, DataType.FLOAT)
 
     def get_tensor_profile_shape(self, name: str, profile: int) -> list[Dims]:
         assert profile == 0
@@ -214,9 +231,11 @@ class FakeContext:
             # A replayed capture still reads what its context holds *now* (as TensorRT's
             # shape-dependent parameters do): a context moved to other shapes corrupts old graphs.
             shape = self.shapes["sample"]
-            sample = _view(addresses["sample"], shape)
-            timestep = _view(addresses["timestep"], (1,))
-            _view(addresses["out_sample"], shape)[...] = 2 * sample + timestep[0]
+
+            def tensor(name: str, shape: tuple[int, ...]) -> np.ndarray:
+                return _view(addresses[name], shape, self.engine.get_tensor_dtype(name))
+
+            tensor("out_sample", shape)[...] = 2 * tensor("sample", shape) + tensor("timestep", (1,))[0]
             self.engine.executions += 1
 
         if Capture.active is not None:
@@ -226,10 +245,13 @@ class FakeContext:
         return True
 
 
-def _view(address: int, shape: tuple[int, ...]) -> np.ndarray:
+def _view(address: int, shape: tuple[int, ...], dtype: DataType = DataType.FLOAT) -> np.ndarray:
+    """The memory at ``address`` as an array of ``dtype``, as a plan reads it (whatever the caller
+    meant to put there)."""
     count = int(np.prod(shape)) if shape else 1
-    buffer = (ctypes.c_float * count).from_address(address)
-    return np.frombuffer(buffer, dtype=np.float32, count=count).reshape(shape)
+    numpy_dtype = np.dtype(_NUMPY[dtype])
+    buffer = (ctypes.c_byte * (count * numpy_dtype.itemsize)).from_address(address)
+    return np.frombuffer(buffer, dtype=numpy_dtype, count=count).reshape(shape)
 
 
 class FakeRefitter:
@@ -290,9 +312,11 @@ def make_tensorrt(version: str) -> types.ModuleType:
     trt.Runtime = BoundRuntime  # type: ignore[attr-defined]
     trt.TensorIOMode = TensorIOMode  # type: ignore[attr-defined]
     trt.ExecutionContextAllocationStrategy = AllocationStrategy  # type: ignore[attr-defined]
-    trt.float32, trt.float16, trt.int32 = DataType.FLOAT, DataType.HALF, DataType.INT32  # type: ignore[attr-defined]
-    for name in ("bfloat16", "int64", "int8", "uint8", "bool"):
-        setattr(trt, name, object())
+    trt.DataType = DataType  # type: ignore[attr-defined]
+    for name, member in {"float32": DataType.FLOAT, "float16": DataType.HALF, "bfloat16": DataType.BF16,
+                         "int8": DataType.INT8, "int32": DataType.INT32, "int64": DataType.INT64,
+                         "uint8": DataType.UINT8, "bool": DataType.BOOL, "fp8": DataType.FP8}.items():
+        setattr(trt, name, member)
     return trt
 
 

@@ -436,10 +436,10 @@ def engine_factory(trt, monkeypatch):
     fake_tensorrt.fake_cuda(monkeypatch)
     made: list[Any] = []
 
-    def make(*, cuda_graph: bool = False, ranges=RANGES, memory=None) -> TensorRTEngine:
+    def make(*, cuda_graph: bool = False, ranges=RANGES, memory=None, dtypes=None) -> TensorRTEngine:
         memory = memory or SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
-        engine = TensorRTEngine(UNET, fake_tensorrt.FakeEngine(trt, ranges), profile=PROFILE, memory=memory,
-                                cuda_graph=cuda_graph)
+        engine = TensorRTEngine(UNET, fake_tensorrt.FakeEngine(trt, ranges, dtypes=dtypes), profile=PROFILE,
+                                memory=memory, cuda_graph=cuda_graph)
         made.append(engine)
         return engine
 
@@ -478,6 +478,33 @@ def test_a_plan_with_a_vector_timestep_is_fed_the_scalar_reshaped(engine_factory
     assert engine.io.reshaped == {"timestep"}
     feed = _feed()
     assert torch.equal(engine(feed)["out_sample"], 2 * feed["sample"] + torch.tensor(979.6))
+
+
+def test_a_plan_with_float16_io_is_fed_and_read_through_casts(engine_factory, trt):
+    """An optimum fp16 export's plan takes and returns float16 (its timestep stays float32): the
+    runtime stages the float32 feed into float16 buffers and returns float32, as graph_io bridges
+    ONNX Runtime's."""
+    half = trt.DataType.HALF
+    engine = engine_factory(dtypes={"sample": half, "encoder_hidden_states": half, "out_sample": half})
+    assert engine.inputs["sample"].dtype == torch.float16 and engine.inputs["timestep"].dtype == torch.float32
+    assert engine.outputs["out_sample"].dtype == torch.float16
+    feed = _feed()
+    out = engine(feed)["out_sample"]
+    assert out.dtype == torch.float32
+    expected = (2 * feed["sample"].half().numpy() + np.float32(979.6)).astype(np.float16)  # the plan's own math
+    assert torch.equal(out, torch.from_numpy(expected).float())
+    assert not torch.equal(out, 2 * feed["sample"] + torch.tensor(979.6))  # float16 it was
+
+
+@pytest.mark.parametrize(("dtype", "refusal"), [
+    ("BF16", r"sample is bfloat16, but a unet graph's sample is float32 or float16"),
+    ("FP8", r"sample is TensorRT's DataType.FP8, which sdexport cannot feed or read"),
+])
+def test_a_plan_with_io_types_sdexport_does_not_make_is_refused_at_load_in_one_line(engine_factory, trt, dtype,
+                                                                                  refusal):
+    with pytest.raises(EngineDirError, match=refusal) as info:
+        engine_factory(dtypes={"sample": getattr(trt.DataType, dtype)})
+    assert "\n" not in str(info.value)
 
 
 def test_a_plan_of_another_component_is_refused_at_load(trt, monkeypatch):

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 Shape = tuple[int, ...]
 
 
-def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
+def _torch_dtype(dtype: trt.DataType, tensor: str, where: str) -> torch.dtype:
+    """The torch dtype of a plan's I/O tensor, or EngineDirError naming the plan and the tensor
+    (an FP8 or INT4 I/O plan is no graph sdexport made or adopts)."""
     import tensorrt as trt
 
     table = {
@@ -58,7 +60,8 @@ def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
         trt.bool: torch.bool,
     }
     if dtype not in table:
-        raise EngineDirError(f"TensorRT I/O type {dtype} has no torch equivalent")
+        raise EngineDirError(f"{where}: {tensor} is TensorRT's {dtype}, which sdexport cannot feed or read; "
+                             f"this is not a plan of a graph sdexport made or adopts")
     return table[dtype]
 
 
@@ -257,7 +260,7 @@ class TensorRTEngine:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n)) for n in names}
+        self.dtypes = {n: _torch_dtype(engine.get_tensor_dtype(n), n, f"{source or spec.name}") for n in names}
         self.ranges: dict[str, tuple[Shape, Shape, Shape]] = {}
         for name in self.input_names:
             declared = _dims(engine.get_tensor_shape(name))
