@@ -375,11 +375,11 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
 
     with pytest.raises(SdexportError, match="a DoRA"):
         read_updates(LoraFile(dora), "sd")
-    projection = tmp_path / "projection.safetensors"
+    projection = tmp_path / "projection.safetensors"  # (SD's text encoder has none: matching refuses it)
     save_file({"lora_te_text_projection.lora_down.weight": torch.zeros(RANK, 32),
                "lora_te_text_projection.lora_up.weight": torch.zeros(32, RANK)}, str(projection))
-    with pytest.raises(SdexportError, match="cannot (read|convert)"):
-        read_updates(LoraFile(projection), "sd")
+    assert [(u.component, u.module) for u in read_updates(LoraFile(projection), "sd")] == [
+        ("text_encoder", "text_projection")]
     with pytest.raises(SdexportError, match="a ':' but no scale after it"):
         LoraFile.parse(f"{dora}:")
     with pytest.raises(SdexportError, match="'1_5' after ':' is not a scale"):
@@ -399,6 +399,72 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
     shutil.copy(plain, folder / "pytorch_lora_weights.safetensors")
     with pytest.raises(SdexportError, match=f"a directory; pass the LoRA file in it \\({folder}/pytorch_lora_weights"):
         LoraFile.parse(str(folder))
+
+
+def _kohya_text_encoder_state(alpha: float) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """kohya's text encoder names for attention without ``out_proj`` and for the MLPs: diffusers
+    converts the first to its older layout and the second to its newer one, in one part."""
+    generator = torch.Generator().manual_seed(7)
+    modules = {f"text_model.encoder.layers.{i}.{name}" for i in (0, 1)
+               for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")}
+    state = {}
+    for module in modules:
+        out_features = 37 if module.endswith("fc1") else 32  # (the tiny text encoder's MLP width)
+        key = "lora_te_" + module.replace(".", "_")
+        state[f"{key}.lora_down.weight"] = torch.randn(RANK, 32, generator=generator)
+        state[f"{key}.lora_up.weight"] = torch.randn(out_features, RANK, generator=generator)
+        state[f"{key}.alpha"] = torch.tensor(alpha)
+    return state, modules
+
+
+@pytest.mark.parametrize(("alpha", "scale"), [(2.0, 0.5), (0.0, 1.0)], ids=["alpha", "alpha-0-is-none"])
+def test_every_update_of_a_mixed_layout_part_is_read_at_its_alphas_scale(tmp_path, alpha, scale):
+    """All of a kohya text encoder LoRA's updates (before: attention's six of ten were dropped
+    without a word), at alpha / rank; an alpha of 0 means none, as kohya and A1111 read it."""
+    from sdexport.models.lora import read_updates
+
+    state, modules = _kohya_text_encoder_state(alpha)
+    path = tmp_path / "te.safetensors"
+    save_file(state, str(path))
+    updates = read_updates(LoraFile(path, 0.5), "sd")
+    assert {u.module.removeprefix("text_model.") for u in updates} == {m.removeprefix("text_model.") for m in modules}
+    assert {u.scale for u in updates} == {0.5 * scale}
+    model = load_model("tiny")
+    from sdexport.models.lora import match_updates, torch_layers
+
+    assert len(match_updates(updates, torch_layers(model.modules), "--lora te")) == len(modules)
+
+
+@pytest.mark.parametrize("names", ["peft", "diffusers"])
+def test_an_alpha_beside_diffusers_or_peft_names_scales_its_module(tmp_path, names):
+    """``<module>.alpha`` beside ``lora_A``/``lora.down`` (kohya files converted by hand): diffusers
+    refuses them; sdexport reads the alpha as kohya does (before: the update went in at scale 1)."""
+    from sdexport.models.lora import read_updates
+
+    generator = torch.Generator().manual_seed(8)
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    down, up = ("lora_A", "lora_B") if names == "peft" else ("lora.down", "lora.up")
+    path = tmp_path / "alpha.safetensors"
+    save_file({f"{module}.{down}.weight": torch.randn(RANK, 32, generator=generator),
+               f"{module}.{up}.weight": torch.randn(32, RANK, generator=generator),
+               f"{module}.alpha": torch.tensor(1.0)}, str(path))
+    assert [u.scale for u in read_updates(LoraFile(path), "sd")] == [1.0 / RANK]
+
+
+@pytest.mark.parametrize(("tensors", "refusal"), [
+    (["lora_B"], r"unet.down_blocks.0.attentions.0.proj_in has lora_B but no lora_A"),
+    (["lora_A", "lora_B", "lora_mid"], (r"1 tensors of its unet part are in no LoRA layout sdexport reads \(e.g. "
+                                        r"unet.down_blocks.0.attentions.0.proj_in.lora_mid.weight\)")),
+])
+def test_tensors_that_would_be_left_over_are_refused_in_one_line(tmp_path, tensors, refusal):
+    from sdexport.models.lora import read_updates
+
+    module = "unet.down_blocks.0.attentions.0.proj_in"
+    path = tmp_path / "odd.safetensors"
+    save_file({f"{module}.{t}.weight": torch.zeros(RANK, RANK) for t in tensors}, str(path))
+    with pytest.raises(SdexportError, match=refusal) as info:
+        read_updates(LoraFile(path), "sd")
+    assert "\n" not in str(info.value)
 
 
 def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir, lora_files, tmp_path):

@@ -166,7 +166,12 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     ``unet_config`` (attribute access: ``layers_per_block``) lets diffusers map the SDXL kohya files
     named after the original blocks (``input_blocks_4_1``) to its own. Each update's alpha comes, in
     this order, from the file's PEFT metadata (``lora_alpha``, ``alpha_pattern``, as diffusers saves
-    them), kohya's per-module alphas, or the rank (a scale of 1, the diffusers/PEFT convention)."""
+    them), the file's per-module alphas (kohya's, or ``<module>.alpha`` beside diffusers or PEFT
+    names, which diffusers itself refuses), or the rank (a scale of 1, the diffusers/PEFT
+    convention); a per-module alpha of 0 counts as none, as kohya and A1111 read it.
+
+    Every tensor the file holds becomes part of an update or is refused: one the converters leave
+    in no LoRA layout would otherwise be dropped without a word."""
     import diffusers
 
     _refuse_variants(lora)
@@ -193,23 +198,24 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
         part = {k.removeprefix(f"{prefix}."): v for k, v in state.items() if k.startswith(f"{prefix}.")}
         if not part:
             continue
+        # diffusers/PEFT names with kohya's alpha beside them: each "<module>.alpha" is the module's
+        alphas = {**alphas, **{f"{prefix}.{k}": float(part.pop(k)) for k in [k for k in part if k.endswith(".alpha")]}}
         try:
             peft = _to_peft(prefix, part)
             module_alphas = _alphas_by_module(prefix, alphas)
         except (ValueError, KeyError) as exc:
             raise SdexportError(f"--lora {lora.path}: diffusers cannot convert its {prefix} part "
                                 f"({' '.join(str(exc).split())})") from None
+        _refuse_leftovers(lora, prefix, peft)
         config = _metadata(metadata, prefix)
         for key, down in peft.items():
             if ".lora_A." not in key:
                 continue
             module = key.split(".lora_A.")[0]
-            up = peft.get(f"{module}.lora_B.weight")
-            if up is None:
-                raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has lora_A but no lora_B")
+            up = peft[f"{module}.lora_B.weight"]
             rank = down.shape[0]
             known = resolve_name(module_alphas, module)
-            alpha = module_alphas[known] if known is not None else None
+            alpha = (module_alphas[known] or None) if known is not None else None  # kohya: 0 is no alpha
             if config:  # PEFT's LoraConfig, as diffusers saved it: it decides, as it would for PEFT
                 rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
                 alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
@@ -219,6 +225,20 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     if not updates:
         raise SdexportError(f"--lora {lora.path}: no LoRA updates for a U-Net or text encoder in it")
     return updates
+
+
+def _refuse_leftovers(lora: LoraFile, prefix: str, peft: dict[str, Any]) -> None:
+    """Refuse, in one line, the tensors of a converted part that are not a ``lora_A``/``lora_B`` pair
+    (applying the rest would change the model less than the file says)."""
+    odd = [key for key in peft if not key.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if odd:
+        raise SdexportError(f"--lora {lora.path}: {len(odd)} tensors of its {prefix} part are in no LoRA layout "
+                            f"sdexport reads (e.g. {', '.join(f'{prefix}.{key}' for key in odd[:MAX_NAMED])})")
+    for module in dict.fromkeys(key.rsplit(".lora_", 1)[0] for key in peft):
+        halves = [half for half in ("A", "B") if f"{module}.lora_{half}.weight" not in peft]
+        if halves:
+            have = "B" if halves == ["A"] else "A"
+            raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has lora_{have} but no lora_{halves[0]}")
 
 
 def _refuse_variants(lora: LoraFile) -> None:
@@ -257,13 +277,13 @@ def _to_peft(prefix: str, part: dict[str, Any]) -> dict[str, Any]:
         convert_unet_state_dict_to_peft,
     )
 
-    if any(".lora_A." in k for k in part):
-        return part
     if prefix == "unet":
         return dict(convert_unet_state_dict_to_peft(part))
-    if not any("lora_linear_layer" in k for k in part):
-        part = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
-    return dict(convert_state_dict_to_peft(part))
+    # Each key by its own layout, not the part's guessed one: kohya's text encoder files come out of
+    # lora_state_dict with attention in the older names and the MLPs in the newer (a guess by the
+    # part dropped one of them). Either conversion passes the keys it has no rule for through.
+    part = convert_state_dict_to_diffusers(part, original_type=StateDictType.DIFFUSERS_OLD)
+    return dict(convert_state_dict_to_peft(part, original_type=StateDictType.DIFFUSERS))
 
 
 def _alphas_by_module(prefix: str, alphas: dict[str, float]) -> dict[str, float]:
