@@ -144,6 +144,29 @@ def test_files_and_words_that_cannot_be_added_are_refused_before_loading(name, t
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
+def test_an_sdxl_embedding_giving_its_encoders_unlike_counts_is_refused(family, tmp_path):
+    """A1111 gives both encoders as many tokens; with 2 and 3 their positions would part after the word."""
+    path = _save(tmp_path / "xl.safetensors", clip_l=torch.ones(2, 32), clip_g=torch.ones(3, 48))
+    with pytest.raises(SdexportError, match=re.escape("3 vectors for clip_g and 2 vectors for clip_l")) as info:
+        Embedding(path, "xl").vectors(family)
+    assert "an SDXL embedding gives both text encoders as many vectors" in str(info.value)
+
+
+def test_a_diffusers_layout_file_notes_the_word_its_key_would_give(tmp_path, capsys):
+    """diffusers takes ``{"<cat-toy>": vectors}``'s key as the word; sdexport, as A1111, the file's
+    name: the export says so, and how to have the key's word."""
+    path = _save(tmp_path / "learned_embeds.safetensors", **{"<cat-toy>": torch.randn(1, 32)})
+    assert run_cli("export", "tiny", "-o", str(tmp_path / "out"), "--verify", "none",
+                   "--textual-inversion", str(path)) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("note: learned_embeds.safetensors holds one tensor named '<cat-toy>', the word diffusers would give it; "
+            "here its word is 'learned_embeds', the file's name, as A1111 names embeddings "
+            "(learned_embeds.safetensors:<cat-toy> gives '<cat-toy>')") in err
+    assert Embedding(path, "<cat-toy>").named_otherwise() is None
+    assert Embedding(_save(tmp_path / "a1111.safetensors", emb_params=torch.randn(1, 32)), "a1111").named_otherwise() is None
+
+
 def test_the_cli_takes_file_and_word_and_refuses_in_one_line(files, tmp_path, capsys):
     assert run_cli("export", "tiny-sdxl", "-o", str(tmp_path / "x"), "--textual-inversion", str(files["sd"])) == 2
     err = capsys.readouterr().err.strip()

@@ -17,6 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
+
 from sdexport.build.vae_upcast import FP32_VAE
 from sdexport.console import console, step
 from sdexport.errors import SdexportError
@@ -105,6 +107,8 @@ def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
             with step(f"Adding {len(options.embeddings)} textual inversion embedding(s) to the text encoders"):
                 embeddings = [e.record() for e in options.embeddings]  # (each file's bytes, read once)
                 textual_inversion.apply(model, options.embeddings)
+            for note in filter(None, (e.named_otherwise() for e in options.embeddings)):
+                console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
             model.label += " + embeddings " + ", ".join(e.word for e in options.embeddings)
         manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras, memory, embeddings)
     _record_runnable(out_dir, manifest)

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 FLAG = "--textual-inversion"
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 """The tensors of an SDXL embedding file, by the text encoder that reads them."""
+A1111_KEYS = frozenset({"emb_params", "string_to_param.*", "*"})
+"""Names of an SD embedding's one tensor that are no word: A1111's, as converters to safetensors
+keep them."""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,10 @@ class Embedding:
             if not is_sdxl(family):
                 raise SdexportError(f"{FLAG} {self.path}: an SDXL embedding (clip_l and clip_g), but this model has "
                                     "one text encoder (SD 1.x/2.x); use an embedding made for it")
+            counts = {key: tensors[key].shape[0] if tensors[key].dim() == 2 else 1 for key in sorted(tensors)}
+            if len(set(counts.values())) > 1:  # the two encoders' token positions would part after the word
+                raise SdexportError(f"{FLAG} {self.path}: " + " and ".join(f"{n} vectors for {k}" for k, n in counts.items())
+                                    + "; an SDXL embedding gives both text encoders as many vectors")
             chosen = {name: tensors[SDXL_KEYS[name]] for name in encoders}
         elif len(tensors) == 1:
             if is_sdxl(family):
@@ -114,6 +121,17 @@ class Embedding:
             raise SdexportError(f"{FLAG} {self.path}: tensors {', '.join(sorted(tensors))}; an embedding holds one "
                                 "(SD 1.x/2.x) or clip_l and clip_g (SDXL)")
         return {name: (v if v.dim() == 2 else v[None]).float() for name, v in chosen.items()}
+
+    def named_otherwise(self) -> str | None:
+        """A note where the file's one tensor is named like a word other than the one it gets here
+        (diffusers' ``{"<cat-toy>": vectors}``, whose key diffusers would take as the word); None
+        for A1111's ``emb_params`` and the like, and where the word was given."""
+        tensors = self.tensors()
+        key = next(iter(tensors)) if len(tensors) == 1 else ""
+        if not re.fullmatch(WORD, key) or key == self.word or key in A1111_KEYS or self.word != self.path.stem:
+            return None
+        return (f"{self.path.name} holds one tensor named {key!r}, the word diffusers would give it; here its word "
+                f"is {self.word!r}, the file's name, as A1111 names embeddings ({self.path.name}:{key} gives {key!r})")
 
     def record(self) -> dict[str, Any]:
         """What a manifest keeps: where the file was, its sha256 and its word."""
