@@ -453,8 +453,8 @@ def test_an_alpha_beside_diffusers_or_peft_names_scales_its_module(tmp_path, nam
 
 @pytest.mark.parametrize(("tensors", "refusal"), [
     (["lora_B"], r"unet.down_blocks.0.attentions.0.proj_in has lora_B but no lora_A"),
-    (["lora_A", "lora_B", "lora_mid"], (r"1 tensors of its unet part are in no LoRA layout sdexport reads \(e.g. "
-                                        r"unet.down_blocks.0.attentions.0.proj_in.lora_mid.weight\)")),
+    (["lora_A", "lora_B", "lora_C"], (r"1 tensors of its unet part are in no LoRA layout sdexport reads \(e.g. "
+                                        r"unet.down_blocks.0.attentions.0.proj_in.lora_C.weight\)")),
 ])
 def test_tensors_that_would_be_left_over_are_refused_in_one_line(tmp_path, tensors, refusal):
     from sdexport.models.lora import read_updates
@@ -465,6 +465,40 @@ def test_tensors_that_would_be_left_over_are_refused_in_one_line(tmp_path, tenso
     with pytest.raises(SdexportError, match=refusal) as info:
         read_updates(LoraFile(path), "sd")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("tails", "kind"), [
+    (["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"], "a LyCORIS LoHa"),
+    (["lokr_w1", "lokr_w2", "alpha"], "a LyCORIS LoKr"),
+    (["lora_down.weight", "lora_mid.weight", "lora_up.weight", "alpha"], "a LyCORIS LoCon with Tucker decomposition"),
+    (["diff", "diff_b"], "a LyCORIS full-weight difference"),
+    (["on_input", "weight"], "a LyCORIS (IA)^3"),
+    (["w_norm", "b_norm"], "a LyCORIS norm-layer update"),
+])
+def test_lycoris_files_are_refused_by_their_kind_in_one_short_line(tmp_path, tails, kind):
+    """Before: diffusers' refusal, listing every key it could not rename (18,000 characters for a
+    tiny LoHa) and never naming what the file was."""
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "lycoris.safetensors"
+    plain = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"  # the rest may be plain
+    save_file({**{f"lora_unet_down_blocks_0_resnets_0_conv1.{tail}": torch.ones(2, 2) for tail in tails},
+               f"{plain}.lora_down.weight": torch.zeros(RANK, 32), f"{plain}.lora_up.weight": torch.zeros(32, RANK)},
+              str(path))
+    with pytest.raises(SdexportError) as info:
+        read_updates(LoraFile(path), "sd")
+    assert str(info.value) == (f"--lora {path}: {kind} ({info.value.args[0].split(f'{kind} (')[1].split(')')[0]}), "
+                               "which sdexport does not apply (plain low-rank LoRAs only, LoCon's convolutions included)")
+
+
+def test_an_upstream_refusal_is_cut_to_a_readable_line(tmp_path):
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "odd.safetensors"
+    save_file({f"lora_unet_down_blocks_0_resnets_0_conv1.odd_{i}.weight": torch.zeros(2) for i in range(200)}, str(path))
+    with pytest.raises(SdexportError, match=r"diffusers cannot .*\.\.\. \(\d+ characters\)\)$") as info:
+        read_updates(LoraFile(path), "sd")
+    assert len(str(info.value)) < 600 and "\n" not in str(info.value)
 
 
 def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir, lora_files, tmp_path):

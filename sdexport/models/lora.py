@@ -183,7 +183,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             state, alphas, metadata = loader.lora_state_dict(str(path.parent), weight_name=path.name,
                                                              unet_config=unet_config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
-        raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({' '.join(str(exc).split())})") from None
+        raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({_shortened(exc)})") from None
     alphas, metadata = alphas or {}, metadata or {}
     unsupported = sorted({k.split(".")[-2] for k in state if "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k})
     if unsupported or any(k.endswith(".bias") and "lora_B" in k for k in state) or _metadata(metadata, "unet").get("use_dora"):
@@ -205,7 +205,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             module_alphas = _alphas_by_module(prefix, alphas)
         except (ValueError, KeyError) as exc:
             raise SdexportError(f"--lora {lora.path}: diffusers cannot convert its {prefix} part "
-                                f"({' '.join(str(exc).split())})") from None
+                                f"({_shortened(exc)})") from None
         _refuse_leftovers(lora, prefix, peft)
         config = _metadata(metadata, prefix)
         for key, down in peft.items():
@@ -241,15 +241,39 @@ def _refuse_leftovers(lora: LoraFile, prefix: str, peft: dict[str, Any]) -> None
             raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has lora_{have} but no lora_{halves[0]}")
 
 
+LYCORIS_KINDS = {
+    "dora_scale": "a DoRA (dora_scale)",
+    "hada_w1_a": "a LyCORIS LoHa (hada_w1_a, ...)",
+    "lokr_w1": "a LyCORIS LoKr (lokr_w1, ...)",
+    "lokr_w1_a": "a LyCORIS LoKr (lokr_w1_a, ...)",
+    "lora_mid.weight": "a LyCORIS LoCon with Tucker decomposition (lora_mid)",
+    "diff": "a LyCORIS full-weight difference (diff)",
+    "on_input": "a LyCORIS (IA)^3 (on_input)",
+    "w_norm": "a LyCORIS norm-layer update (w_norm)",
+}
+"""The tensor names (their last parts) of the variants sdexport does not apply, with what to call
+them: the raw keys tell, before diffusers either drops them (DoRA's ``dora_scale``, with a log
+line) or refuses them in a line listing every key it could not rename."""
+
+
 def _refuse_variants(lora: LoraFile) -> None:
-    """kohya DoRA files: diffusers drops their ``dora_scale`` with a log line and would load them as
-    plain LoRAs; the raw keys tell."""
+    """Refuse a file holding a variant of LoRA (``LYCORIS_KINDS``) in one line that names it."""
     from safetensors import safe_open
 
     with safe_open(str(lora.path), "pt") as handle:
-        if any(k.endswith("dora_scale") for k in handle.keys()):  # noqa: SIM118 - a safetensors handle
-            raise SdexportError(f"--lora {lora.path}: a DoRA (dora_scale), which sdexport does not apply "
-                                "(plain low-rank LoRAs only)")
+        keys = list(handle.keys())  # noqa: SIM118 - a safetensors handle
+    kinds = dict.fromkeys(kind for key in keys for tail, kind in LYCORIS_KINDS.items()
+                          if key == tail or key.endswith(f".{tail}"))
+    if kinds:
+        raise SdexportError(f"--lora {lora.path}: {' and '.join(kinds)}, which sdexport does not apply "
+                            "(plain low-rank LoRAs only, LoCon's convolutions included)")
+
+
+def _shortened(exc: Exception, limit: int = 400) -> str:
+    """An upstream error on one line, cut where it runs on (diffusers lists every key it could not
+    rename: thousands of characters for a whole model's file)."""
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _metadata(metadata: dict[str, Any], prefix: str) -> dict[str, Any]:
