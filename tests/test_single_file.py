@@ -375,12 +375,28 @@ def test_ckpt_round_trip(tmp_path: Path, nested: bool) -> None:
     assert_same_weights(original, loaded)
 
 
-def test_an_unreadable_ckpt_is_one_clear_line(tmp_path: Path) -> None:
+class Callback:
+    """What a training run pickles beside the weights (PyTorch Lightning's callbacks, in old .ckpt files)."""
+
+
+@pytest.mark.parametrize(("content", "reason"), [
+    ("text", r"not a torch checkpoint: torch cannot unpickle it \(.+\)"),
+    ("truncated", r"truncated or damaged: torch cannot read its zip archive \(.*central directory\)"),
+    ("objects", (r"it pickles Python objects besides tensors \(test_single_file.Callback\), which sdexport does not "
+                r"unpickle \(they can run code\); convert it to .safetensors with a tool you trust")),
+])
+def test_an_unreadable_ckpt_is_one_line_with_its_reason(tmp_path: Path, content: str, reason: str) -> None:
+    """diffusers says "Unable to load weights" whatever the reason; torch's own lies below it."""
     from sdexport.errors import ModelLoadError
 
     path = tmp_path / "broken.ckpt"
-    path.write_bytes(b"not a pickle")
-    with pytest.raises(ModelLoadError, match=r"broken\.ckpt: cannot read the checkpoint") as caught:
+    if content == "text":
+        path.write_bytes(b"not a pickle")
+    else:
+        torch.save({"state_dict": {"w": torch.zeros(64)}, "callbacks": Callback()}, path)
+        if content == "truncated":
+            path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ModelLoadError, match=rf"broken\.ckpt: cannot read the checkpoint \({reason}\)$") as caught:
         load_model(str(path), config="tiny")
     assert "\n" not in str(caught.value)
 

@@ -148,10 +148,34 @@ def _read_ckpt(path: Path) -> dict[str, torch.Tensor]:
     try:
         checkpoint = load_single_file_checkpoint(str(path), local_files_only=True)
     except Exception as exc:  # pickle and zip errors of every kind
-        raise ModelLoadError(f"{path}: cannot read the checkpoint ({one_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: cannot read the checkpoint ({_ckpt_reason(exc)})") from exc
     if not isinstance(checkpoint, dict):
         raise ModelLoadError(f"{path}: the checkpoint holds no tensors")
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def _ckpt_reason(exc: BaseException) -> str:
+    """Why torch could not read a ``.ckpt``, from the error diffusers raised: its own says only
+    "Unable to load weights" for every reason, and torch's lies below it (diffusers then tried
+    the file as a Git LFS pointer, so torch's is that error's context)."""
+    import pickle
+
+    chain: list[BaseException] = []
+    error: BaseException | None = exc
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    for error in reversed(chain):  # the innermost first: torch's own words
+        text = one_line(error)
+        if isinstance(error, RuntimeError) and "zip archive" in text:
+            return "truncated or damaged: torch cannot read its zip archive (" + text.split(". ")[0] + ")"
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
+            found = text.split("GLOBAL ", 1)[1].split(" ", 1)[0]
+            return (f"it pickles Python objects besides tensors ({found}), which sdexport does not unpickle (they "
+                    "can run code); convert it to .safetensors with a tool you trust")
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" not in text:
+            return f"not a torch checkpoint: torch cannot unpickle it ({text})"
+    return one_line(exc)
 
 
 class _LookupTensors(Mapping[str, torch.Tensor]):
