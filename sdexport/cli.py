@@ -567,11 +567,13 @@ def run(
     if provider_options and resolved != "onnxruntime-cuda":
         raise SdexportError(f"--ort-option: for --backend onnxruntime-cuda, not {resolved}")
     require_backend(resolved)
-    from sdexport.runtime.schedulers import check_steps  # diffusers: needed to run anyway
+    from sdexport.runtime.schedulers import check_steps, config_as_loaded  # diffusers: needed to run anyway
 
     # a line each, on a terminal or in a log: loading torch and diffusers takes seconds before any engine
     with step("Checking the scheduler and the engine files"):
-        check_steps(request.scheduler, scheduler_config, request.steps)
+        check_steps(request.scheduler, config_as_loaded(scheduler_config, request.scheduler, family=manifest.family,
+                                                        dims=manifest.model_dims, inpainting=request.mask is not None),
+                    request.steps)
         if ensemble is not None:  # each model's share of the schedule holds a step
             ensemble.check_windows(scheduler_config)
         # hashes: the directory is what the manifest says

@@ -129,3 +129,50 @@ def test_a_scheduler_diffusers_saves_exports_and_runs_as_diffusers_loads_it(tiny
     assert run_cli("export", single, "--config", model, "-o", tmp_path / "bad", "--verify", "none") == 2
     assert f"fix {model}'s scheduler config" in capsys.readouterr().err
     assert run_cli("export", model, "-o", tmp_path / "unet", "--verify", "none", "--components", "unet") == 0  # runs nothing
+
+
+OUTDATED = {  # saved scheduler configs diffusers' SD pipelines rewrite as they load
+    "ddim-old": {"_class_name": "DDIMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012},  # no steps_offset (0), no clip_sample (True)
+    "pndm-prk": {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                 "beta_end": 0.012, "steps_offset": 0, "skip_prk_steps": False, "clip_sample": True},
+    "euler-offset-0": {**PRESETS["sd15"].scheduler, "_class_name": "EulerDiscreteScheduler", "steps_offset": 0},
+}
+PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+             "inpaint": "StableDiffusionInpaintPipeline"}
+
+
+@pytest.mark.parametrize("task", list(PIPELINES))
+@pytest.mark.parametrize("config_name", list(OUTDATED))
+def test_an_outdated_config_samples_as_diffusers_sd_pipelines_load_it(tiny_model, config_name, task):
+    """steps_offset to 1 and clip_sample to False (inpainting: skip_prk_steps to True), as each SD
+    pipeline's __init__ rewrites them; a named scheduler from the pipeline's config as
+    ``X.from_config(pipe.scheduler.config)`` gives it (the file's keys rewritten, the others the
+    class's defaults). Before, the saved config was used as it was: 0.94 rel-L2 for DDIM's clipping."""
+    from sdexport.runtime.schedulers import config_as_loaded
+
+    saved = OUTDATED[config_name]
+    modules = tiny_model.modules
+    pipe = getattr(diffusers, PIPELINES[task])(
+        vae=modules["vae"], text_encoder=modules["text_encoder"], unet=modules["unet"],
+        tokenizer=tiny_model.tokenizers["tokenizer"], scheduler=_from_config(DEFAULT, saved),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    keys = ("steps_offset", "clip_sample", "skip_prk_steps")
+    for name in (DEFAULT, "ddim", "euler", "pndm", "lcm"):
+        ours = make_scheduler(name, config_as_loaded(saved, name, family="sd", dims=tiny_model.dims,
+                                                     inpainting=task == "inpaint")).config
+        theirs = (pipe.scheduler if name == DEFAULT else _from_config(name, pipe.scheduler.config)).config
+        assert {k: ours.get(k) for k in keys} == {k: theirs.get(k) for k in keys}, name
+
+
+def test_pipelines_that_rewrite_nothing_sample_the_config_as_saved(tiny_model):
+    """SDXL's, the ControlNet, T2I-Adapter and latent consistency pipelines keep an outdated config."""
+    from dataclasses import replace
+
+    from sdexport.runtime.schedulers import config_as_loaded
+
+    saved, dims = OUTDATED["ddim-old"], tiny_model.dims
+    for family, variant in (("sdxl", dims), ("sd", replace(dims, residuals=((32, 8),))),
+                            ("sd", replace(dims, adapter_features=((32, 8),))), ("sd", replace(dims, G=256))):
+        assert config_as_loaded(saved, DEFAULT, family=family, dims=variant, inpainting=False) is saved
+    assert config_as_loaded(saved, DEFAULT, family="sd", dims=dims, inpainting=False) != saved

@@ -22,7 +22,7 @@ import torch
 from sdexport.errors import SdexportError
 from sdexport.models import LoadedModel
 from sdexport.runtime.request import MASKED_INIT
-from sdexport.runtime.schedulers import make_scheduler
+from sdexport.runtime.schedulers import config_as_loaded, make_scheduler
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.runtime.txt2img import GenerationRequest, Timings
 from sdexport.specs import (
@@ -60,7 +60,8 @@ class DiffusersReference:
         sdxl = is_sdxl(model.family)
         nets = [model.modules[n] for n in controlnets_among(model.modules)]
         self.controlnets = len(nets)
-        self.union = bool(model.dims.N)
+        self.model_dims = model.dims  # (worked out from the configs: once)
+        self.union = bool(self.model_dims.N)
         """Union ControlNets: diffusers' union pipelines, which take each image's control mode."""
         cls: Any = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
         if nets:
@@ -205,7 +206,9 @@ class DiffusersReference:
 
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         pipe = self.pipeline_for(request.task)
-        pipe.scheduler = make_scheduler(request.scheduler, self.model.scheduler_config)
+        pipe.scheduler = make_scheduler(request.scheduler, config_as_loaded(  # as the pipeline's __init__ left it
+            self.model.scheduler_config, request.scheduler, family=self.model.family, dims=self.model_dims,
+            inpainting=request.task == "inpaint"))
         extra: dict[str, Any] = {"height": request.height, "width": request.width}
         if request.init_latents is not None:  # the ensemble's second expert: a base model's latents
             extra = {"image": request.init_latents, "denoising_start": float(request.denoising_start or 0)}
