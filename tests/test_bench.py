@@ -393,7 +393,7 @@ def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):
 
 @pytest.mark.parametrize("old, new, message", [
     ("steps = [3]", "steps = [5000]", "the model was trained on 1000 timesteps"),
-    ("steps = [3]", "steps = [999]\nscheduler = 'dpmpp_2m'", "past the model's 1000 training timesteps"),
+    ("steps = [3]", "steps = [999]\nscheduler = 'dpmpp_2m'", "outside the model's 1000 training timesteps"),
     ("height = 64", "height = 72", "height min 72 is not a multiple of 16"),
     ("batch = [1, 2]", "batch = [100000]", "beyond the 2^31 elements"),
     ("batch = [1, 2]", 'batch = [1]\nexport = { batch = "4:1:2" }', "export.batch '4:1:2': need 0 < min <= opt <= max"),

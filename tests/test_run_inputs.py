@@ -90,7 +90,7 @@ def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_en
     """DPM++ 2M with 999 steps reaches timestep 1000 (past the 1000 trained ones) and returns NaN."""
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "999", "--scheduler", "dpmpp_2m",
                    "-o", tmp_path / "x.png") == 2
-    assert "reach timestep 1000, past the model's 1000 training timesteps" in " ".join(capsys.readouterr().err.split())
+    assert "reach timestep 1000, outside the model's 1000 training timesteps (0 to 999)" in " ".join(capsys.readouterr().err.split())
 
 
 def test_the_api_takes_a_path_as_text_and_refuses_a_closed_pipeline_or_a_missing_provider(tiny_engine_dir):
@@ -118,7 +118,7 @@ def test_the_api_checks_requests_too(pipeline):
          r"^guidance -2.0 \(image 1 of 2\): need a finite number >= 0"),
         (GenerationRequest(prompt=["a", "b"], seeds=[0, 1], guidance=[7.0, True], height=64, width=64),
          r"^guidance True \(image 2 of 2\): expected an int or a float, not bool$"),
-        (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "past the model's"),
+        (GenerationRequest(prompt=["x"], steps=999, scheduler="unipc", height=64, width=64), "outside the model's"),
         (GenerationRequest(prompt=["x"], steps=51, scheduler="lcm", height=64, width=64),
          r"^steps 51: the lcm scheduler takes at most 50 steps \(its original_inference_steps\)"),
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),

@@ -176,3 +176,19 @@ def test_pipelines_that_rewrite_nothing_sample_the_config_as_saved(tiny_model):
                             ("sd", replace(dims, adapter_features=((32, 8),))), ("sd", replace(dims, G=256))):
         assert config_as_loaded(saved, DEFAULT, family=family, dims=variant, inpainting=False) is saved
     assert config_as_loaded(saved, DEFAULT, family="sd", dims=dims, inpainting=False) != saved
+
+
+@pytest.mark.parametrize("config", [
+    {"_class_name": "EDMEulerScheduler", "sigma_data": 0.5, "prediction_type": "epsilon"},
+    {"_class_name": "EDMDPMSolverMultistepScheduler"},
+    {**PRESETS["sdxl"].scheduler, "_class_name": "EulerDiscreteScheduler", "timestep_type": "continuous",
+     "prediction_type": "v_prediction", "sigma_max": 120.0, "sigma_min": 0.002, "use_karras_sigmas": True},
+], ids=["edm-euler", "edm-dpm", "euler-continuous"])
+def test_schedulers_of_continuous_timesteps_take_usual_step_counts(config):
+    """They hand the U-Net noise levels (EDM's 0.25 log sigma ends negative), not training indices:
+    every step count was refused before, naming the largest timestep though the smallest failed."""
+    from sdexport.runtime.schedulers import check_steps, continuous_timesteps
+
+    assert continuous_timesteps(make_scheduler(DEFAULT, config))
+    for steps in (1, 20, 50):
+        check_steps(DEFAULT, config, steps)

@@ -210,11 +210,12 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
         raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler refuses it ({one_line(exc, 300)})") from None
     timesteps = scheduler.timesteps
-    if len(timesteps) and (float(timesteps.max()) >= trained or float(timesteps.min()) < 0):
+    outside = [float(t) for t in (timesteps.max(), timesteps.min()) if not 0 <= float(t) < trained] if len(timesteps) else []
+    if outside and not continuous_timesteps(scheduler):
         raise SdexportError(
             f"{setting('steps')} {steps}: with the {label} scheduler this many steps reach timestep "
-            f"{float(timesteps.max()):g}, past the model's {trained} training timesteps; use fewer steps "
-            "(20-50 is usual)"
+            f"{outside[0]:g}, outside the model's {trained} training timesteps (0 to {trained - 1}); use fewer "
+            "steps (20-50 is usual)"
         )
     generator = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn((1, 1, 2, 2), generator=generator) * scheduler.init_noise_sigma
@@ -233,6 +234,13 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
         raise SdexportError(
             f"{setting('steps')} {steps}: the {label} scheduler returns NaN with this many steps; use fewer (20-50 is usual)"
         )
+
+
+def continuous_timesteps(scheduler: Any) -> bool:
+    """Whether the scheduler hands the U-Net a noise level rather than one of the training timesteps:
+    diffusers' EDM schedulers (``0.25 log sigma``, negative at the end) and Euler with
+    ``timestep_type`` "continuous" (CosXL, Playground v2.5), which no range of indices bounds."""
+    return type(scheduler).__name__.startswith("EDM") or scheduler.config.get("timestep_type") == "continuous"
 
 
 def schedule_window(scheduler: Any, request: GenerationRequest, family: str) -> Any:
