@@ -740,6 +740,23 @@ def _assert_same_weights(want: LoadedModel, got: LoadedModel) -> None:
         assert not differ, (part, differ[:5])
 
 
+def test_a_vae_with_latents_mean_and_std_is_refused_before_anything_loads(sdxl_model, tmp_path, capsys):
+    """Playground v2.5's VAE config: diffusers' SDXL pipelines scale the latents by them around the
+    VAE; sdexport ignored them and decoded wrong (0.79 off in pixels)."""
+    from conftest import run_cli
+
+    path = tmp_path / "playground-like"
+    sdxl_model.save_pretrained(path)
+    config = json.loads((path / "vae" / "config.json").read_text())
+    (path / "vae" / "config.json").write_text(json.dumps({**config, "latents_mean": [0.0] * 4, "latents_std": [0.5] * 4}))
+    assert run_cli("export", str(path), "-o", str(tmp_path / "out")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: the model's VAE: its config gives latents_mean/latents_std (as Playground v2.5's does), "
+                   "which diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images would "
+                   "decode wrong")
+    assert not (tmp_path / "out").exists()
+
+
 def test_diffusers_directory_round_trip(sdxl_model, tmp_path):
     path = tmp_path / "tiny-sdxl"
     sdxl_model.save_pretrained(path)
