@@ -28,6 +28,9 @@ class Output:
     latents: torch.Tensor
     pixels: np.ndarray
     timings: Timings
+    vae_reruns: int = 0
+    """VAE parts run again in fp32 after an fp16 overflow (NaN/Inf), inside the call's time: the
+    baseline does no such thing (it returns the NaN image), so a report marks the runs."""
 
 
 class Contender(Protocol):
@@ -105,7 +108,7 @@ class RuntimeContender:
 
     def __call__(self, request: GenerationRequest, *, stages: bool = True) -> Output:
         result = self.pipeline(request, stages=stages)
-        return Output(result.latents, result.pixels, result.timings)
+        return Output(result.latents, result.pixels, result.timings, result.vae_fallback + result.encoder_fallback)
 
     def close(self) -> None:
         self.pipeline.close()
@@ -134,7 +137,7 @@ class EnsembleContender:
                           vae_decoder=b.vae_decoder, total=total, clock=b.clock,
                           # the base model's ControlNets and adapters (the refiner has none, but summed alike)
                           controlnet_steps=a.controlnet_steps + b.controlnet_steps, adapter=a.adapter + b.adapter)
-        return Output(result.latents, result.pixels, timings)
+        return Output(result.latents, result.pixels, timings, handed.vae_reruns + result.vae_reruns)
 
     def close(self) -> None:
         try:

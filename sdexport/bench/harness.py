@@ -39,7 +39,7 @@ from sdexport.bench.contenders import (
 from sdexport.bench.engine_cache import in_use
 from sdexport.bench.environment import environment
 from sdexport.bench.gpu_busy import measure_gpu_busy, start_before_cuda_graphs
-from sdexport.bench.measure import MemorySampler, Stats, psnr
+from sdexport.bench.measure import MemorySampler, Stats, device_floor, psnr
 from sdexport.bench.plan import (
     BenchPlan,
     Options,
@@ -154,6 +154,7 @@ def _run(
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
     start_before_cuda_graphs()  # before any contender loads: the GPU-busy runs trace CUDA-graph replays
+    floor = device_floor()  # (likewise: the peaks are given above it)
     dtype = plan.dtype or precision(scenario)  # a given engine directory's, else the scenario's
     env = environment()
     one_time: dict[str, dict[str, float | str]] = {}
@@ -247,7 +248,7 @@ def _run(
                         tally.case = case
                         progress.update(task, description=f"{name}: {case.label}")
                         try:
-                            entry = _measure(contender, scenario, case, warmup, repeats, advance)
+                            entry = _measure(contender, scenario, case, warmup, repeats, advance, floor)
                         except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
                             console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
                             results.append({"contender": name, "status": "failed", "case": vars(case),
@@ -684,7 +685,10 @@ def _capture_graphs(contender: Contender, scenario: Scenario) -> None:
 
 
 def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, repeats: int,
-             advance: Any) -> dict[str, Any]:
+             advance: Any, floor: int | None = None) -> dict[str, Any]:
+    """One case's figures: the timed runs end to end, then separate runs for the stages, the peak
+    memory (``MemorySampler``, whose thread would slow a timed run) and the GPU's busy share.
+    ``floor``: the device memory in use before any contender loaded (``device_floor``)."""
     request = request_for(scenario, case)
     first_call = None
     if warmup == 0 and getattr(contender, "per_shape", False):
@@ -697,15 +701,18 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         advance()
     first: Output | None = None
     totals: list[float] = []
-    with MemorySampler() as memory:  # end to end: runs with no marks and no synchronisation inside
-        for _ in range(repeats):
-            output = contender(request, stages=False)
-            totals.append(output.timings.total)
-            first = first or output  # (only the first is kept: the peak is a run's, not every image's)
-            del output
-            advance()
+    reruns = 0
+    for _ in range(repeats):  # end to end: runs with no marks and no synchronisation inside
+        output = contender(request, stages=False)
+        totals.append(output.timings.total)
+        reruns += output.vae_reruns
+        first = first or output  # (only the first is kept)
+        del output
+        advance()
     # Stage figures from separate runs marked with the device's clock (CUDA events on a GPU).
     staged = [contender(request) for _ in range(stage_runs(repeats))]
+    with MemorySampler(floor=floor) as memory:  # its thread would have slowed a timed run
+        contender(request, stages=False)
     busy = measure_gpu_busy(lambda: contender(request, stages=False)) if torch.cuda.is_available() else None
     steps = [s for o in staged for s in o.timings.unet_steps]
     e2e = Stats.of(totals)
@@ -731,6 +738,7 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         "marked_e2e_s": Stats.of([o.timings.total for o in staged]).to_dict(),
         "memory": memory.to_dict(),
         "gpu_busy": busy,
+        **({"vae_reruns": reruns} if reruns else {}),
         "_output": first,
     }
 

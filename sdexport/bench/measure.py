@@ -5,7 +5,11 @@ PyTorch's own peak counter would miss them: host RSS from /proc, and on CUDA the
 memory from NVML, both every few milliseconds while a contender runs. NVML, not cudaMemGetInfo:
 the sampler is a second thread, and a CUDA call from it while the measured thread captures a CUDA
 graph can break the capture (torch captures in "global" mode). Without NVML (``pip install
-nvidia-ml-py``) device memory is not sampled, and the report says so.
+nvidia-ml-py``) device memory is not sampled, and the report says so. The sampler runs in a run of
+its own, never in a timed one: its thread takes Python's lock every few milliseconds, which slows
+most the contenders that launch kernels from Python (eager PyTorch, the baseline). NVML's figure
+is the whole device's: the floor (``device_floor``), read before the first contender loads, is
+what this process's CUDA context and other processes held, and the report gives the peak above it.
 """
 
 from __future__ import annotations
@@ -69,11 +73,24 @@ def nvml_memory_reader(index: int | None = None) -> Callable[[], int] | None:
     return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
-class MemorySampler:
-    """Peak host RSS and device memory in use while the block runs."""
+def device_floor() -> int | None:
+    """The device memory in use (bytes, NVML) with this process's CUDA context made and nothing of
+    its own allocated: what a contender's peak is measured above. None without CUDA or NVML."""
+    if not torch.cuda.is_available():
+        return None
+    torch.empty(0, device="cuda")  # the context, which every contender pays for alike, and no block
+    torch.cuda.synchronize()
+    reader = nvml_memory_reader()
+    return reader() if reader is not None else None
 
-    def __init__(self, interval: float = 0.005) -> None:
+
+class MemorySampler:
+    """Peak host RSS and device memory in use while the block runs. ``floor``: ``device_floor``'s
+    reading, kept with the figures."""
+
+    def __init__(self, interval: float = 0.005, floor: int | None = None) -> None:
         self.interval = interval
+        self.floor = floor
         self.cuda = torch.cuda.is_available()
         self.device_used = nvml_memory_reader() if self.cuda else None
         self.host_peak = 0
@@ -112,6 +129,7 @@ class MemorySampler:
             "host_rss_before_mb": self.host_before / mb,
             "device_used_peak_mb": self.device_peak / mb if sampled else None,
             "device_used_before_mb": self.device_before / mb if sampled else None,
+            "device_floor_mb": self.floor / mb if sampled and self.floor is not None else None,
         }
         if self.cuda and not sampled:
             data["device_note"] = "not sampled: NVML unavailable (pip install nvidia-ml-py)"

@@ -92,6 +92,22 @@ def ratio_untrusted(entry: dict[str, Any], measured: list[dict[str, Any]], basel
                                for r in measured)
 
 
+WAITS_PER_STEP = frozenset({"onnxruntime-cuda-fused"})
+"""Contenders whose engines make the host wait inside the loop (``runtime.onnxruntime_backend``)."""
+
+
+def vae_rerun_note(entry: dict[str, Any]) -> str | None:
+    """Where a runtime contender's fp16 VAE overflowed in its timed runs and ran again in fp32
+    (random weights can do this): those runs hold a second decode the baseline does not make (it
+    returns the overflowed image), so the ratio compares unlike work. None where it never did."""
+    reruns = entry.get("vae_reruns")
+    if not reruns:
+        return None
+    return (f"an fp16 VAE part overflowed and ran again in fp32 {reruns} time(s) in its "
+            f"{repeats(entry['e2e_s'])} timed runs, inside their time; the baseline returns the overflowed image "
+            "instead, so this contender's runs did more work than the baseline's")
+
+
 def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line: dict[str, Any] | None = None) -> list[str]:
     """What a reader must know before trusting a case's table: too few repeats for a spread, a
     spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why).
@@ -122,13 +138,19 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
             notes.append(
                 f"**{r['contender']}: the stages add up to {total * 1000:.1f} ms, end-to-end is {e2e * 1000:.1f} ms** "
                 f"({(total - e2e) / e2e:+.0%}): " + why.format(runs=r.get("stage_runs", "a few")) + ".")
+    notes += [f"**{r['contender']}**: {note}." for r in rows if (note := vae_rerun_note(r))]
     return [f"> ⚠ {note}" for note in notes]
 
 
 def _memory(entry: dict[str, Any]) -> str:
+    """The device's peak above the floor read before any contender loaded, where there is one (a
+    report before that floor: the device-wide peak, said so); else the host's RSS."""
     memory = entry["memory"]
     if memory.get("device_used_peak_mb") is not None:
-        return f"{memory['device_used_peak_mb']:,.0f} MB GPU"
+        floor = memory.get("device_floor_mb")
+        if floor is None:
+            return f"{memory['device_used_peak_mb']:,.0f} MB GPU (device-wide)"
+        return f"{memory['device_used_peak_mb'] - floor:,.0f} MB GPU"
     return f"{memory['host_rss_peak_mb']:,.0f} MB RSS"
 
 
@@ -247,10 +269,13 @@ def markdown(report: dict[str, Any]) -> str:
     phrases = {"cuda events": "CUDA events", "host clock": "the host clock"}
     clocks = sorted({phrases.get(r.get("stage_clock", ""), str(r.get("stage_clock"))) for r in measured})
     busy = any(_busy_fraction(r) is not None for r in measured)  # a column only where a GPU was measured
+    waiting = sorted({r["contender"] for r in measured if r["contender"] in WAITS_PER_STEP})
     lines += [
         (
             "- Timing: end-to-end is the host's wall clock around each whole call, in runs with no "
-            "stage marks and nothing that waits for the device inside the denoising loop; per-stage "
+            "stage marks and nothing of sdexport's that waits for the device inside the denoising loop"
+            + (f" ({', '.join(waiting)}: ONNX Runtime's CUDA-graph replay waits for its stream after every "
+               "U-Net call, which its released versions do unconditionally)" if waiting else "") + "; per-stage "
             f"times (text encoder, T2I-Adapter, ControlNet, U-Net, VAE) come from {' and '.join(clocks) or 'no runs'} in up to "
             f"{max((r.get('stage_runs', 0) for r in measured), default=0)} separate marked runs per case, "
             "and overhead is those runs' end-to-end time outside the stages (with an init image, the VAE "
@@ -258,7 +283,10 @@ def markdown(report: dict[str, Any]) -> str:
             "over those runs, so they (U-Net and ControlNet per call, times the calls) add up to the marked "
             "runs' mean time; where that is more than "
             f"{STAGES_APART:.0%} away from the end-to-end median, a note under the table says so. ± is the "
-            "end-to-end runs' variation (standard deviation / mean); ⚠ marks a ratio not to be trusted."
+            "end-to-end runs' variation (standard deviation / mean); ⚠ marks a ratio not to be trusted. "
+            "Peak memory is sampled in one more run, not a timed one: on a GPU the device's memory in use at "
+            "its peak less what was in use before the first contender loaded (this process's CUDA context, "
+            "other processes); on a CPU the process's RSS."
             + (" GPU busy is the share of one more run's wall time in which a kernel ran (PyTorch's profiler, "
                "every kernel of the process; tracing slows the host, so it is a lower bound)." if busy else "")
         ),
@@ -293,7 +321,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- {name}: {', '.join(parts)}")
         first = [r for r in measured if r.get("first_call_s")]
         if first:
-            lines.append("- first (warm-up) call, includes any compilation: " + ", ".join(
+            lines.append("- first warm-up call (lazy initialisation; compiling and CUDA-graph capture are in the "
+                         "load times above): " + ", ".join(
                 f"{r['contender']} (batch {r['case']['batch']}, {r['case']['steps']} steps) {r['first_call_s']:.2f} s"
                 for r in first))
         lines.append("")
