@@ -457,7 +457,8 @@ def _times(median: float, spread: float = 0.01) -> dict:
 
 
 def _bench_report(entries: list[dict], **extra) -> dict:
-    return {"scenario": {"name": "sd15-512-b1", "model": "sd15", "height": 512, "width": 512}, "baseline": "diffusers",
+    return {"scenario": {"name": "sd15-512-b1", "model": "sd15", "height": 512, "width": 512, "warmup": 1, "repeats": 5},
+            "baseline": "diffusers", "command_line": {"--warmup": 1, "--engine-dir": "/tmp/lease/engines/sd15-512"},
             "precision": "fp16",
             "model": "preset sd15 (random weights, seed 0)", "random_weights": True,
             "environment": {"gpu": {"name": "NVIDIA H200", "memory_gb": 139.8, "cuda": "13.0", "driver": "580.1"},
@@ -486,7 +487,8 @@ def _lease_results(tmp_path: Path) -> Path:
     (lease / "steps.tsv").write_text("call\trevision 0123abc\t0\tbudget 560 s\nfacts\trc 0\t1\tlimit 30 s\n"
                                      "bench-runtime\trc 0\t200\tlimit 240 s\nbench-compile\tcut at the budget\t90\tlimit 90 s\n")
     (lease / "bench-runtime" / "results.json").write_text(json.dumps(_bench_report(
-        [_measured("diffusers", 1.5), _measured("onnxruntime-cuda", 0.75, 2.0)])))
+        [_measured("diffusers", 1.5), _measured("onnxruntime-cuda", 0.75, 2.0), {**_measured("torch", 1.0, 1.5),
+                                                                                   "vae_reruns": 5}])))
     (lease / "bench-compile" / "results.json").write_text(json.dumps(_bench_report(
         [_measured("diffusers", 1.5, spread=0.2), _measured("diffusers-compile", 1.2, 1.25),
          {"contender": "tensorrt", "status": "not run", "reason": "not run: the benchmark was interrupted by SIGTERM before it"}],
@@ -507,20 +509,28 @@ def test_collect_makes_a_results_folder_whose_figures_are_the_reports(tmp_path: 
     target = tmp_path / "results" / "2026-12-02-h200"
     assert collect.main([str(archive.parent), "-o", str(target)]) == 0
     printed = capsys.readouterr().out
-    assert "| runtime | batch 1, 50 steps | onnxruntime-cuda | 750.0 | 2.00× | 12.5 | 66.67 | 87% |" in printed
+    assert "| runtime | batch 1, 50 steps | onnxruntime-cuda | 750.0 ±2% | 2.00× | 12.5 | 66.67 | 87% |" in printed
     # the baseline of that run spread ±14%: its ratio is marked, as results.md marks it
-    assert "| compile (interrupted) | batch 1, 50 steps | diffusers-compile | 1200.0 | 1.25× ⚠ |" in printed
+    assert "| compile (interrupted) | batch 1, 50 steps | diffusers-compile | 1200.0 ±2% | 1.25× ⚠ |" in printed
     assert "⚠: the end-to-end runs of the contender or of its baseline vary by more than 10%" in printed
-    # the device, versions and date the README table needs beside it
-    provenance = "- runtime, compile: NVIDIA H200 (139.8 GB, CUDA 13.0, driver 580.1); sdexport 0.1.0, torch 2.11.0+cu130;"
-    assert f"{provenance} git 0123abc; 2026-12-02" in printed
+    # a contender whose fp16 VAE ran twice in its timed runs: marked, and said what it means
+    assert "| runtime | batch 1, 50 steps | torch | 1000.0 ±2% | 1.50× † |" in printed
+    assert ("† runtime, torch (batch 1, 50 steps): an fp16 VAE part overflowed and ran again in fp32 5 time(s) in its "
+            "5 timed runs") in printed
+    # the device, versions, date, runs and the flags that replaced the scenario's, beside the table
+    provenance = "NVIDIA H200 (139.8 GB, CUDA 13.0, driver 580.1); sdexport 0.1.0, torch 2.11.0+cu130;"
+    assert f"- compile: {provenance} git 0123abc; 2026-12-02" in printed
+    assert ("precision fp16, warm-up 1, 5 timed runs per case (command line: --warmup 1, --engine-dir "
+            "/tmp/lease/engines/sd15-512);") in printed
+    assert "speed does not depend on weight values but where † marks" in printed
     page = (target / "README.md").read_text()
     assert printed.strip() in page and "- name: NVIDIA H200" in page
     assert "41 passed, 3 skipped in 80.2s" in page and "import tensorrt: rc 1" in page
     assert "| bench-compile | cut at the budget | 90 | limit 90 s |" in page
     assert "- compile: tensorrt: not run: the benchmark was interrupted by SIGTERM before it" in page
     weights = "preset sd15 (random weights, seed 0): speed does not depend on weight values"
-    assert f"scenario sd15-512-b1, 512×512, precision fp16; {weights}" in page
+    assert f"scenario sd15-512-b1, 512×512, precision fp16, warm-up 1, 5 timed runs per case (command line: " in page
+    assert f"; {weights}" in page
     assert (target / "bench-runtime" / "results.json").is_file() and not (target / "done").exists()
     assert not (target / ".bench-fused.partial-99").exists() and not (target / "bench-runtime" / "elsewhere").exists()
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no staging left
@@ -580,3 +590,17 @@ def test_the_whole_lease_on_the_tiny_model_and_the_cpu(tmp_path: Path, carried: 
     page = (tmp_path / "results" / "README.md").read_text()
     assert "| runtime | batch 1, 10 steps | diffusers | " in page and "| runtime | batch 1, 10 steps | torch | " in page
     assert "onnxruntime-cuda: onnxruntime-gpu is required" in page or "onnxruntime-cuda: " in page
+
+
+def test_a_revision_whose_code_changed_since_prepare_is_marked(tmp_path: Path, carried: Path):
+    """prepare.sh writes the code's fingerprint under the commit; a call whose tree differs (a commit
+    since, without `prepare.sh --revision`) runs as "<commit>-changed", and the reports say so."""
+    here = subprocess.run(["bash", str(LEASE / "fingerprint.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(here) == 16
+    for fingerprint, revision in ((here, "0123abc"), ("0" * 16, "0123abc-changed")):
+        (carried / "REVISION").write_text(f"0123abc\n{fingerprint}\n")
+        done = _lease(tmp_path, carried, 60, LEASE_UNTIL="facts")
+        assert done.returncode == 0, done.stdout + done.stderr
+        with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
+            assert tar.extractfile("./REVISION").read().decode() == f"{revision}\n"
+        assert ("the code here is not REVISION's" in done.stdout) == revision.endswith("-changed")

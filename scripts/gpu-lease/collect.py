@@ -32,7 +32,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from sdexport.bench.report import NOISY_CV, case_key, ratio_untrusted, stage_mean  # noqa: E402 - the checkout's sdexport
+from sdexport.bench.report import (  # noqa: E402 - the checkout's sdexport
+    NOISY_CV,
+    case_key,
+    ratio_untrusted,
+    stage_mean,
+    vae_rerun_note,
+    variation,
+)
 
 MARKERS = ("done", "failed")
 """lease.sh's own bookkeeping (one file per finished or failed step): steps.tsv says the same."""
@@ -168,11 +175,13 @@ def _ms(seconds: float | None) -> str:
 
 
 def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """One row per measured contender and case of every report: end-to-end median, the ratio to that
-    report's own baseline (same process), U-Net per step (the mean over the marked runs, as results.md
-    gives it), it/s and GPU busy. ⚠ marks a ratio whose runs (the contender's or the baseline's)
-    spread more than the report itself trusts, as results.md marks it."""
-    lines = ["| run | case | contender | end-to-end ms (median) | vs baseline, same run | U-Net ms/step | it/s | GPU busy |",
+    """One row per measured contender and case of every report: end-to-end median and its runs'
+    variation, the ratio to that report's own baseline (same process), U-Net per step (the mean over
+    the marked runs, as results.md gives it), it/s and GPU busy. ⚠ marks a ratio whose runs (the
+    contender's or the baseline's) spread more than the report itself trusts, as results.md marks it;
+    † one whose runs decoded twice (``vae_rerun_note``)."""
+    lines = [("| run | case | contender | end-to-end ms (median ±variation) | vs baseline, same run | U-Net ms/step | it/s "
+             "| GPU busy |"),
              "|---|---|---|---|---|---|---|---|"]
     for run, report in reports:
         measured = [r for r in report["results"] if r.get("status") == "measured"]
@@ -185,11 +194,14 @@ def table(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
                 ratio = f"{r['speedup_vs_baseline']:.2f}×" + (" ⚠" if ratio_untrusted(r, measured, baseline) else "")
             else:
                 ratio = "–"
+            ratio += " †" if vae_rerun_note(r) else ""
+            spread = variation(r["e2e_s"])
             profiled = r.get("gpu_busy") if isinstance(r.get("gpu_busy"), dict) else {}
             busy = profiled.get("fraction") if isinstance(profiled.get("fraction"), (int, float)) else None
             it_per_s = r.get("it_per_s")
             lines.append(f"| {run}{' (interrupted)' if report.get('interrupted') else ''} | batch {key[0]}, {key[1]} steps | "
-                         f"{r['contender']} | {_ms(r['e2e_s']['median'])} | {ratio} | "
+                         f"{r['contender']} | {_ms(r['e2e_s']['median'])}"
+                         f"{'' if spread is None else f' ±{spread * 100:.0f}%'} | {ratio} | "
                          f"{_ms(stage_mean(r['unet_step_s']) if r.get('unet_step_s') else None)} | "
                          f"{f'{it_per_s:.2f}' if isinstance(it_per_s, (int, float)) else '–'} | "
                          f"{'–' if busy is None else f'{busy * 100:.0f}%'} |")
@@ -202,6 +214,10 @@ def summary(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
     if any("⚠" in line for line in lines[2:]):
         lines += ["", (f"⚠: the end-to-end runs of the contender or of its baseline vary by more than {NOISY_CV:.0%} "
                       "of their mean; that ratio is not to be trusted.")]
+    reruns = [f"† {run}, {r['contender']} (batch {case_key(r)[0]}, {case_key(r)[1]} steps): {note}."
+              for run, report in reports for r in report["results"]
+              if r.get("status") == "measured" and (note := vae_rerun_note(r))]
+    lines += ["", *reruns] if reruns else []
     return [*lines, "", *provenance(reports)]
 
 
@@ -228,13 +244,20 @@ def provenance(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
                   if gpu else "no GPU")
         label = str(report.get("model"))
         if report.get("random_weights"):
-            weights = ("" if "random weights" in label else ", random weights") + ": speed does not depend on weight values"
+            weights = (("" if "random weights" in label else ", random weights") + ": speed does not depend on weight values"
+                       + (" but where † marks an fp16 VAE that overflowed and decoded twice"
+                          if any(vae_rerun_note(r) for r in report["results"] if r.get("status") == "measured") else ""))
         else:
             weights = ", trained weights"
         scenario = report["scenario"]
         size = f", {scenario['height']}×{scenario['width']}" if scenario.get("height") and scenario.get("width") else ""
+        runs = (f", warm-up {scenario['warmup']}, {scenario['repeats']} timed runs per case"
+                if "warmup" in scenario and "repeats" in scenario else "")
+        flags = report.get("command_line") or {}
+        given = f" (command line: {', '.join(f'{k} {v}' for k, v in flags.items())})" if flags else ""
         text = (f"{device}; {versions}; git {env.get('git_revision') or 'unknown'}; {str(env.get('date'))[:10]}; "
-                f"scenario {scenario.get('name')}{size}, precision {report.get('precision')}; {label}{weights}")
+                f"scenario {scenario.get('name')}{size}, precision {report.get('precision')}{runs}{given}; "
+                f"{label}{weights}")
         seen.setdefault(text, []).append(run)
     return [f"- {', '.join(runs)}: {text}" for text, runs in seen.items()]
 

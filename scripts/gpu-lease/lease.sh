@@ -247,8 +247,15 @@ export -f facts install_site gpu_tests export_engines build_fused bench
 export LEASE SITE CARRIED ENGINES MODEL SIZE DTYPE SCENARIO
 
 # The commit this call runs (the tree comes without .git): the carried REVISION, else the last
-# call's. Markers from another revision do not count: its steps ran other code.
-revision=$(cat "$CARRIED/REVISION" 2>/dev/null || cat "$LEASE/REVISION" 2>/dev/null || echo unknown)
+# call's; "-changed" where the code here is not what prepare.sh fingerprinted under it (a commit
+# since, without `prepare.sh --revision`). Markers from another revision do not count: its steps
+# ran other code.
+revision=$(head -n1 "$CARRIED/REVISION" 2>/dev/null || head -n1 "$LEASE/REVISION" 2>/dev/null || echo unknown)
+fingerprint=$(sed -n 2p "$CARRIED/REVISION" 2>/dev/null || true)
+if [[ -n $fingerprint && $(bash scripts/gpu-lease/fingerprint.sh) != "$fingerprint" ]]; then
+  revision=$revision-changed
+  mark "the code here is not REVISION's (fingerprint $fingerprint): run prepare.sh --revision after a commit"
+fi
 if [[ -f $LEASE/REVISION && $(cat "$LEASE/REVISION") != "$revision" ]]; then
   mark "revision $revision after $(cat "$LEASE/REVISION"): every step runs again"
   find "$LEASE/done" -type f ! -name install -delete

@@ -14,9 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 revision() {
   mkdir -p .lease
-  # the full commit, "-dirty" when tracked files differ from it (the reports name what they measured)
-  echo "$(git rev-parse HEAD)$(git diff --quiet HEAD -- || echo -dirty)" > .lease/REVISION
-  echo "REVISION $(cat .lease/REVISION)"
+  # the full commit, "-dirty" when files differ from it, untracked ones too (the reports name what
+  # they measured); then the code's fingerprint, which lease.sh checks the tree it runs against
+  local dirty=""
+  git diff --quiet HEAD -- && [[ -z $(git status --porcelain --untracked-files=normal) ]] || dirty=-dirty
+  printf '%s\n%s\n' "$(git rev-parse HEAD)$dirty" "$(bash scripts/gpu-lease/fingerprint.sh)" > .lease/REVISION
+  echo "REVISION $(head -n1 .lease/REVISION) (code $(sed -n 2p .lease/REVISION))"
 }
 if [[ ${1:-} == --revision ]]; then
   revision
