@@ -142,6 +142,7 @@ PIPELINES = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionIm
              "inpaint": "StableDiffusionInpaintPipeline"}
 
 
+@pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")  # (what it is about)
 @pytest.mark.parametrize("task", list(PIPELINES))
 @pytest.mark.parametrize("config_name", list(OUTDATED))
 def test_an_outdated_config_samples_as_diffusers_sd_pipelines_load_it(tiny_model, config_name, task):
