@@ -95,6 +95,22 @@ def test_pipeline_stages_come_from_the_clock_without_host_sync(tiny_engine_dir: 
     pipeline.close()
 
 
+def test_the_vae_span_ends_where_the_baselines_does(tiny_engine_dir: Path, monkeypatch):
+    """The baseline marks ``vae.decode`` alone; the image's way to the host is overhead on both sides
+    (before, the runtime's VAE column also held it). The run's total is read before the marks are."""
+    import time
+
+    from sdexport.runtime import txt2img
+    from sdexport.runtime.loading import load_pipeline
+
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    copy = txt2img.host_pixels
+    monkeypatch.setattr(txt2img, "host_pixels", lambda image: (time.sleep(0.3), copy(image))[1])
+    timings = pipeline(GenerationRequest(prompt=["a fox"], steps=2, height=64, width=64, seeds=[1])).timings
+    assert timings.vae_decoder < 0.3 < timings.total
+    pipeline.close()
+
+
 @pytest.mark.parametrize("scheduler", ["euler_a", "pndm", "dpmpp_2m", "unipc"])
 def test_the_loop_makes_no_tensor_from_python_values(tiny_engine_dir: Path, monkeypatch, scheduler):
     """sdexport's own code makes no tensor from Python numbers inside the loop: on a GPU that is a

@@ -514,16 +514,19 @@ class Txt2ImgPipeline:
 
         decode_start = clock.mark()
         if request.denoising_end is None:
-            pixels, fallback = self.decode(latents, request, scheduler_label(scheduler))  # ends with the copy to the host: the run is complete
+            image, fallback = self.decode(latents, request, scheduler_label(scheduler))
+            decode_end = clock.mark()  # (as the baseline's VAE span ends: the image to the host is overhead)
+            pixels = host_pixels(image)  # the run is complete
         else:  # the latents are the result, for the refiner (diffusers' output_type="latent")
             pixels, fallback = np.zeros((0, *request.size, 3), np.float32), False
             latents = latents.float().cpu()
-        decode_end = clock.mark()
+            decode_end = clock.mark()
+        total = time.perf_counter() - start  # before the marks are read (each a device query)
         timings = Timings(
             text_encoder=clock.seconds(text_start, text_end),
             unet_steps=[clock.seconds(a, b) for a, b in step_marks],
             vae_decoder=clock.seconds(decode_start, decode_end),
-            total=time.perf_counter() - start,
+            total=total,
             clock=clock.kind,
             controlnet_steps=[clock.seconds(a, b) for a, b in control_marks],
             adapter=clock.seconds(*adapter_span) if adapter is not None else 0.0,
@@ -956,9 +959,11 @@ class Txt2ImgPipeline:
         return per_prompt((mean + std * draws) * self.vae_scaling_factor, parameters.shape[0]), fallback
 
     def decode(self, latents: torch.Tensor, request: GenerationRequest | None = None,
-               scheduler: str | None = None) -> tuple[np.ndarray, bool]:
-        """VAE decode; an fp16 overflow (NaN/Inf) is reported and retried on an fp32 decoder.
-        ``scheduler``: the name of the one that ran, for the report (the request may say "default").
+               scheduler: str | None = None) -> tuple[torch.Tensor, bool]:
+        """VAE decode to the image on the device (in [-1, 1]; ``host_pixels`` makes it the
+        result's), and whether it ran again in fp32: an fp16 overflow (NaN/Inf) is reported and
+        retried on an fp32 decoder. ``scheduler``: the name of the one that ran, for the report
+        (the request may say "default").
 
         The check of the image is the run's one wait for the device before the copy to the host
         (nothing between the denoising loop and the VAE waits). Non-finite latents make a
@@ -992,8 +997,7 @@ class Txt2ImgPipeline:
             fallback = True
             if not torch.isfinite(image).all():
                 raise SdexportError("the fp32 VAE decoder also produced NaN/Inf; the latents are broken")
-        pixels = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-        return pixels, fallback
+        return image, fallback
 
     def _no_rerun(self, part: str, advice: str) -> SdexportError:
         """The refusal of an fp16 overflow of VAE ``part`` with no fp32 engine to rerun it: a build
@@ -1101,6 +1105,12 @@ def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str,
 
     taken = inspect.signature(scheduler.step).parameters
     return {**({"generator": generators} if "generator" in taken else {}), **({"eta": 0.0} if "eta" in taken else {})}
+
+
+def host_pixels(image: torch.Tensor) -> np.ndarray:
+    """A decoded image batch (NCHW in [-1, 1], on the device) as the result's pixels: float32 NHWC in
+    [0, 1] on the host, as diffusers' ``output_type="np"`` gives them."""
+    return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def to_pil(pixels: np.ndarray) -> list[Any]:
