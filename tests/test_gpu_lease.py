@@ -529,7 +529,7 @@ def test_collect_makes_a_results_folder_whose_figures_are_the_reports(tmp_path: 
     assert "| bench-compile | cut at the budget | 90 | limit 90 s |" in page
     assert "- compile: tensorrt: not run: the benchmark was interrupted by SIGTERM before it" in page
     weights = "preset sd15 (random weights, seed 0): speed does not depend on weight values"
-    assert f"scenario sd15-512-b1, 512×512, precision fp16, warm-up 1, 5 timed runs per case (command line: " in page
+    assert "scenario sd15-512-b1, 512×512, precision fp16, warm-up 1, 5 timed runs per case (command line: " in page
     assert f"; {weights}" in page
     assert (target / "bench-runtime" / "results.json").is_file() and not (target / "done").exists()
     assert not (target / ".bench-fused.partial-99").exists() and not (target / "bench-runtime" / "elsewhere").exists()
