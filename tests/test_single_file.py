@@ -375,6 +375,22 @@ def test_ckpt_round_trip(tmp_path: Path, nested: bool) -> None:
     assert_same_weights(original, loaded)
 
 
+def test_a_comfyui_scaled_fp8_checkpoint_is_refused_saying_what_it_is(tiny_checkpoint, tmp_path: Path) -> None:
+    """Its weights are fp8 divided by a per-tensor ``scale_weight``: before, the refusal listed those
+    as weights the architecture lacks, without saying what the file was."""
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    _, path = tiny_checkpoint
+    state = load_file(str(path))
+    key = "model.diffusion_model.input_blocks.0.0.scale_weight"
+    save_file({**state, "scaled_fp8": torch.zeros(0), key: torch.ones(1)}, str(tmp_path / "scaled.safetensors"))
+    with pytest.raises(ModelLoadError, match=rf"a ComfyUI scaled-fp8 checkpoint \({key}, 2 scale tensors\): its fp8 "
+                                             "weights are stored divided by scales sdexport does not apply"):
+        load_model(str(tmp_path / "scaled.safetensors"), config="tiny")
+
+
 class Callback:
     """What a training run pickles beside the weights (PyTorch Lightning's callbacks, in old .ckpt files)."""
 

@@ -125,6 +125,11 @@ def read_layout(path: Path) -> dict[str, torch.Tensor]:
         layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _read_ckpt(path).items()}
     if not layout:
         raise ModelLoadError(f"{path}: the checkpoint holds no tensors")
+    scales = [k for k in layout if k == "scaled_fp8" or k.endswith(".scale_weight")]
+    if scales:  # (else: refused as weights the architecture lacks, without saying what they are)
+        raise ModelLoadError(f"{path}: a ComfyUI scaled-fp8 checkpoint ({scales[0]}, {len(scales)} scale tensors): its "
+                             "fp8 weights are stored divided by scales sdexport does not apply; use an fp16, bf16 "
+                             "or fp32 checkpoint")
     return layout
 
 
