@@ -571,9 +571,9 @@ def run(
 
     # a line each, on a terminal or in a log: loading torch and diffusers takes seconds before any engine
     with step("Checking the scheduler and the engine files"):
-        check_steps(request.scheduler, config_as_loaded(scheduler_config, request.scheduler, family=manifest.family,
-                                                        dims=manifest.model_dims, inpainting=request.mask is not None),
-                    request.steps)
+        check_steps(request.scheduler, config_as_loaded(
+            scheduler_config, request.scheduler, family=manifest.family, conditioned=manifest.model_dims.conditioned,
+            inpainting=request.mask is not None), request.steps)
         if ensemble is not None:  # each model's share of the schedule holds a step
             ensemble.check_windows(scheduler_config)
         # hashes: the directory is what the manifest says

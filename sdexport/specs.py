@@ -390,6 +390,13 @@ class ModelDims:
         return self.U or self.C
 
     @property
+    def conditioned(self) -> bool:
+        """The U-Net takes more than the text: ControlNet residuals, T2I-Adapter features or the
+        guidance (a latent consistency model's embedding), which diffusers runs with pipelines of
+        their own rather than its SD ones."""
+        return bool(self.residuals or self.adapter_features or self.G)
+
+    @property
     def inpainting(self) -> bool:
         """The U-Net also takes a mask and the masked image's latents (diffusers' 9-channel U-Nets)."""
         return self.unet_channels == 2 * self.C + 1

@@ -416,6 +416,23 @@ def test_requests_a_scenario_cannot_make_are_refused_before_loading(tmp_path, ca
     assert not out.exists()
 
 
+def test_step_counts_are_checked_on_the_config_as_the_runtime_will_sample_it(tiny_diffusers_dir, tmp_path, capsys):
+    """An outdated config (no steps_offset) samples with steps_offset 1, as diffusers' SD pipeline
+    rewrites it: 1000 PNDM steps then reach timestep 1000. The raw config passed the plan's check,
+    and the runtime contenders were refused after the export."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    (model / "scheduler" / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+         "skip_prk_steps": True}))
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('model = "tiny"', f'model = "{model}"').replace("steps = [3]", "steps = [1000]")
+                        .replace('scheduler = "euler"', 'scheduler = "default"'))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "reach timestep 1000, outside the model's 1000 training timesteps" in err and "Loading" not in err
+
+
 def test_engines_of_the_output_itself_can_be_named_with_engine_dir(bench_run):
     """--engine-dir OUT/engines/NAME -o OUT: the engines are read in place and carried into the new
     output (by hard links), not refused as "read by this command"."""

@@ -417,10 +417,11 @@ def _kohya_text_encoder_state(alpha: float) -> tuple[dict[str, torch.Tensor], se
     return state, modules
 
 
-@pytest.mark.parametrize(("alpha", "scale"), [(2.0, 0.5), (0.0, 1.0)], ids=["alpha", "alpha-0-is-none"])
+@pytest.mark.parametrize(("alpha", "scale"), [(2.0, 0.5), (0.0, 0.0)], ids=["alpha", "alpha-0"])
 def test_every_update_of_a_mixed_layout_part_is_read_at_its_alphas_scale(tmp_path, alpha, scale):
     """All of a kohya text encoder LoRA's updates (before: attention's six of ten were dropped
-    without a word), at alpha / rank; an alpha of 0 means none, as kohya and A1111 read it."""
+    without a word), at alpha / rank; an alpha of 0 zeroes them, as A1111, ComfyUI and diffusers
+    apply it (kohya's trainer never saves one: it stores the rank in its place)."""
     from sdexport.models.lora import read_updates
 
     state, modules = _kohya_text_encoder_state(alpha)
@@ -496,7 +497,7 @@ def test_an_upstream_refusal_is_cut_to_a_readable_line(tmp_path):
 
     path = tmp_path / "odd.safetensors"
     save_file({f"lora_unet_down_blocks_0_resnets_0_conv1.odd_{i}.weight": torch.zeros(2) for i in range(200)}, str(path))
-    with pytest.raises(SdexportError, match=r"diffusers cannot .*\.\.\. \(\d+ characters\)\)$") as info:
+    with pytest.raises(SdexportError, match=r"diffusers cannot .*\.\.\.\)$") as info:
         read_updates(LoraFile(path), "sd")
     assert len(str(info.value)) < 600 and "\n" not in str(info.value)
 

@@ -160,7 +160,7 @@ def test_an_outdated_config_samples_as_diffusers_sd_pipelines_load_it(tiny_model
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     keys = ("steps_offset", "clip_sample", "skip_prk_steps")
     for name in (DEFAULT, "ddim", "euler", "pndm", "lcm"):
-        ours = make_scheduler(name, config_as_loaded(saved, name, family="sd", dims=tiny_model.dims,
+        ours = make_scheduler(name, config_as_loaded(saved, name, family="sd", conditioned=tiny_model.dims.conditioned,
                                                      inpainting=task == "inpaint")).config
         theirs = (pipe.scheduler if name == DEFAULT else _from_config(name, pipe.scheduler.config)).config
         assert {k: ours.get(k) for k in keys} == {k: theirs.get(k) for k in keys}, name
@@ -175,8 +175,9 @@ def test_pipelines_that_rewrite_nothing_sample_the_config_as_saved(tiny_model):
     saved, dims = OUTDATED["ddim-old"], tiny_model.dims
     for family, variant in (("sdxl", dims), ("sd", replace(dims, residuals=((32, 8),))),
                             ("sd", replace(dims, adapter_features=((32, 8),))), ("sd", replace(dims, G=256))):
-        assert config_as_loaded(saved, DEFAULT, family=family, dims=variant, inpainting=False) is saved
-    assert config_as_loaded(saved, DEFAULT, family="sd", dims=dims, inpainting=False) != saved
+        assert variant.conditioned or family == "sdxl"
+        assert config_as_loaded(saved, DEFAULT, family=family, conditioned=variant.conditioned, inpainting=False) is saved
+    assert config_as_loaded(saved, DEFAULT, family="sd", conditioned=dims.conditioned, inpainting=False) != saved
 
 
 @pytest.mark.parametrize("config", [

@@ -144,13 +144,14 @@ def test_files_and_words_that_cannot_be_added_are_refused_before_loading(name, t
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner"])
-def test_an_sdxl_embedding_giving_its_encoders_unlike_counts_is_refused(family, tmp_path):
-    """A1111 gives both encoders as many tokens; with 2 and 3 their positions would part after the word."""
+def test_an_sdxl_embedding_giving_its_encoders_unlike_counts_is_refused_where_both_read_it(tmp_path):
+    """A1111 gives both encoders as many tokens; with 2 and 3 their positions would part after the
+    word. The refiner reads clip_g alone: it takes the file, as before."""
     path = _save(tmp_path / "xl.safetensors", clip_l=torch.ones(2, 32), clip_g=torch.ones(3, 48))
     with pytest.raises(SdexportError, match=re.escape("3 vectors for clip_g and 2 vectors for clip_l")) as info:
-        Embedding(path, "xl").vectors(family)
+        Embedding(path, "xl").vectors("sdxl")
     assert "an SDXL embedding gives both text encoders as many vectors" in str(info.value)
+    assert Embedding(path, "xl").vectors("sdxl-refiner")["text_encoder_2"].shape == (3, 48)
 
 
 def test_a_diffusers_layout_file_notes_the_word_its_key_would_give(tmp_path, capsys):

@@ -54,7 +54,7 @@ from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
 from sdexport.console import console, step
 from sdexport.errors import SdexportError, interruption_name
 from sdexport.output_dir import claim
-from sdexport.runtime.schedulers import check_steps
+from sdexport.runtime.schedulers import check_steps, config_as_loaded
 from sdexport.setting_names import scenario_key, settings_named
 from sdexport.shapes import ShapeProfile
 
@@ -83,8 +83,14 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
     """
     plan = plan_bench(scenario, options, source)
     with stated_in(source):
+        # as the runtime will sample (its SD pipeline's rewrite of an outdated config: the model's
+        # dims are not read yet, so what conditions its U-Net comes from the scenario and the config)
+        conditioned = bool(scenario.controlnets or scenario.adapter
+                           or (plan.outline.unet_config or {}).get("time_cond_proj_dim"))
+        config = config_as_loaded(plan.scheduler_config, scenario.scheduler, family=plan.outline.family,
+                                  conditioned=conditioned, inpainting=scenario.inpaint)
         for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
-            check_steps(scenario.scheduler, plan.scheduler_config, case.steps)
+            check_steps(scenario.scheduler, config, case.steps)
     needs_engines = _engines_wanted(plan.contenders, exporting=options.engine_dir is None)
     cached = ([engine_cache_entry(s, p, options.engine_cache) for s, p in exports(scenario, plan)]
               if options.engine_cache and needs_engines else [])

@@ -207,7 +207,8 @@ class DiffusersReference:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         pipe = self.pipeline_for(request.task)
         pipe.scheduler = make_scheduler(request.scheduler, config_as_loaded(  # as the pipeline's __init__ left it
-            self.model.scheduler_config, request.scheduler, family=self.model.family, dims=self.model_dims,
+            self.model.scheduler_config, request.scheduler, family=self.model.family,
+            conditioned=self.model_dims.conditioned,
             inpainting=request.task == "inpaint"))
         extra: dict[str, Any] = {"height": request.height, "width": request.width}
         if request.init_latents is not None:  # the ensemble's second expert: a base model's latents

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import SdexportError
+from sdexport.errors import SdexportError, one_line
 from sdexport.specs import LORA_COMPONENTS, is_sdxl
 
 if TYPE_CHECKING:
@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 MAX_NAMED = 3
 """Mismatches named in an error; the count says how many there were."""
+UPSTREAM_LIMIT = 400
+"""Characters of an upstream refusal kept (diffusers lists every key it could not rename:
+thousands of characters for a whole model's file)."""
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     this order, from the file's PEFT metadata (``lora_alpha``, ``alpha_pattern``, as diffusers saves
     them), the file's per-module alphas (kohya's, or ``<module>.alpha`` beside diffusers or PEFT
     names, which diffusers itself refuses), or the rank (a scale of 1, the diffusers/PEFT
-    convention); a per-module alpha of 0 counts as none, as kohya and A1111 read it.
+    convention). An alpha of 0 zeroes the update, as A1111, ComfyUI and diffusers apply it.
 
     Every tensor the file holds becomes part of an update or is refused: one the converters leave
     in no LoRA layout would otherwise be dropped without a word."""
@@ -183,11 +186,12 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             state, alphas, metadata = loader.lora_state_dict(str(path.parent), weight_name=path.name,
                                                              unet_config=unet_config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... for layouts it does not know
-        raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({_shortened(exc)})") from None
+        raise SdexportError(f"--lora {lora.path}: diffusers cannot read it as a LoRA ({one_line(exc, UPSTREAM_LIMIT)})") from None
     alphas, metadata = alphas or {}, metadata or {}
-    unsupported = sorted({k.split(".")[-2] for k in state if "lora_magnitude_vector" in k or ".hada_" in k or ".lokr_" in k})
-    if unsupported or any(k.endswith(".bias") and "lora_B" in k for k in state) or _metadata(metadata, "unet").get("use_dora"):
-        raise SdexportError(f"--lora {lora.path}: a DoRA/LoHa/LoKr or biased LoRA, which sdexport does not apply "
+    # (LyCORIS's kinds were refused by their raw keys: _refuse_variants)
+    if any("lora_magnitude_vector" in k or k.endswith(".bias") and "lora_B" in k for k in state) \
+            or _metadata(metadata, "unet").get("use_dora"):
+        raise SdexportError(f"--lora {lora.path}: a DoRA or biased LoRA, which sdexport does not apply "
                             "(plain low-rank LoRAs only)")
     updates: list[LoraUpdate] = []
     unknown = [k for k in state if k.split(".", 1)[0] not in LORA_COMPONENTS]
@@ -205,7 +209,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             module_alphas = _alphas_by_module(prefix, alphas)
         except (ValueError, KeyError) as exc:
             raise SdexportError(f"--lora {lora.path}: diffusers cannot convert its {prefix} part "
-                                f"({_shortened(exc)})") from None
+                                f"({one_line(exc, UPSTREAM_LIMIT)})") from None
         _refuse_leftovers(lora, prefix, peft)
         config = _metadata(metadata, prefix)
         for key, down in peft.items():
@@ -215,7 +219,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             up = peft[f"{module}.lora_B.weight"]
             rank = down.shape[0]
             known = resolve_name(module_alphas, module)
-            alpha = (module_alphas[known] or None) if known is not None else None  # kohya: 0 is no alpha
+            alpha = module_alphas[known] if known is not None else None
             if config:  # PEFT's LoraConfig, as diffusers saved it: it decides, as it would for PEFT
                 rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
                 alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
@@ -267,13 +271,6 @@ def _refuse_variants(lora: LoraFile) -> None:
     if kinds:
         raise SdexportError(f"--lora {lora.path}: {' and '.join(kinds)}, which sdexport does not apply "
                             "(plain low-rank LoRAs only, LoCon's convolutions included)")
-
-
-def _shortened(exc: Exception, limit: int = 400) -> str:
-    """An upstream error on one line, cut where it runs on (diffusers lists every key it could not
-    rename: thousands of characters for a whole model's file)."""
-    text = " ".join(str(exc).split())
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _metadata(metadata: dict[str, Any], prefix: str) -> dict[str, Any]:

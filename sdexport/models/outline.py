@@ -207,7 +207,7 @@ def _outline(
     problem = first_error(SCHEDULER_CONFIG, scheduler)
     if problem:
         raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
-    if is_sdxl(family) and (vae.get("latents_mean") is not None or vae.get("latents_std") is not None):
+    if is_sdxl(family) and vae.get("latents_mean") is not None and vae.get("latents_std") is not None:  # (diffusers' rule)
         whose = f"--vae {vae_config_dir(Path(vae_dir))}" if vae_dir is not None else "the model's VAE"
         raise ModelLoadError(f"{whose}: its config gives latents_mean/latents_std (as Playground v2.5's does), which "
                              "diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images "

@@ -106,11 +106,12 @@ class Embedding:
             if not is_sdxl(family):
                 raise SdexportError(f"{FLAG} {self.path}: an SDXL embedding (clip_l and clip_g), but this model has "
                                     "one text encoder (SD 1.x/2.x); use an embedding made for it")
-            counts = {key: tensors[key].shape[0] if tensors[key].dim() == 2 else 1 for key in sorted(tensors)}
-            if len(set(counts.values())) > 1:  # the two encoders' token positions would part after the word
-                raise SdexportError(f"{FLAG} {self.path}: " + " and ".join(f"{n} vectors for {k}" for k, n in counts.items())
-                                    + "; an SDXL embedding gives both text encoders as many vectors")
             chosen = {name: tensors[SDXL_KEYS[name]] for name in encoders}
+            counts = {SDXL_KEYS[name]: len(v) if v.dim() == 2 else 1 for name, v in chosen.items()}
+            if len(set(counts.values())) > 1:  # (base only) the encoders' token positions would part after the word
+                raise SdexportError(f"{FLAG} {self.path}: " + " and ".join(f"{n} vectors for {key}" for key, n
+                                                                          in sorted(counts.items()))
+                                    + "; an SDXL embedding gives both text encoders as many vectors")
         elif len(tensors) == 1:
             if is_sdxl(family):
                 which = "its one text encoder (clip_g)" if family == SDXL_REFINER else "both text encoders"
