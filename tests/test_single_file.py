@@ -375,6 +375,22 @@ def test_ckpt_round_trip(tmp_path: Path, nested: bool) -> None:
     assert_same_weights(original, loaded)
 
 
+def test_a_plain_fp8_checkpoint_loads_its_weights_as_they_were_cast(tiny_checkpoint, tmp_path: Path) -> None:
+    """The README's "plain fp8 weights are read as they were cast": e4m3 U-Net weights come out as
+    those values, in the model's dtype."""
+    from safetensors.torch import load_file, save_file
+
+    _, path = tiny_checkpoint
+    state = load_file(str(path))
+    fp8 = {k: v.to(torch.float8_e4m3fn) if k.startswith("model.diffusion_model.") and v.dim() > 1 else v
+           for k, v in state.items()}
+    save_file(fp8, str(tmp_path / "fp8.safetensors"))
+    loaded = load_model(str(tmp_path / "fp8.safetensors"), config="tiny")
+    weight = loaded.modules["unet"].state_dict()["down_blocks.0.resnets.0.conv1.weight"]
+    assert weight.dtype == torch.float32
+    assert torch.equal(weight, fp8["model.diffusion_model.input_blocks.1.0.in_layers.2.weight"].float())
+
+
 def test_a_comfyui_scaled_fp8_checkpoint_is_refused_saying_what_it_is(tiny_checkpoint, tmp_path: Path) -> None:
     """Its weights are fp8 divided by a per-tensor ``scale_weight``: before, the refusal listed those
     as weights the architecture lacks, without saying what the file was."""
