@@ -1025,3 +1025,23 @@ def test_a_long_prompt_reaches_the_controlnet_in_every_chunk(engine_dirs):
     assert _rel(ours, eager(request)) < TOLERANCE
     first = kept_text(long, onnx.tokenizer, 77, limit=1)  # the first chunk alone
     assert _rel(onnx(_request("sd-one", prompt=[first, "a harbour"])), ours) > 10 * TOLERANCE
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "1", "RGBA"])
+def test_a_control_image_is_resized_in_its_own_mode_then_made_rgb_as_diffusers_does(mode):
+    """diffusers' control image processor resizes first: PIL resizes a palette or 1-bit image by
+    the nearest pixel and an RGBA one premultiplied. Converting to RGB first gave other pixels (a
+    1-bit map: latents 0.17 rel-L2 off diffusers' ControlNet pipeline, measured once)."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sdexport.runtime.image_inputs import control_pixels
+
+    image = picture(80, 100, 10, "RGBA" if mode == "RGBA" else "RGB")
+    if mode == "RGBA":  # an alpha ramp: pixels of every transparency
+        array = np.array(image)
+        array[..., 3] = (np.arange(100)[None, :] * 2.55).astype(np.uint8)
+        image = Image.fromarray(array, "RGBA")
+    image = image.convert(mode)
+    theirs = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False).preprocess(
+        image, height=64, width=128)
+    assert torch.allclose(control_pixels(image, 64, 128), theirs, atol=1e-6)
