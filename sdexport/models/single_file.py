@@ -164,6 +164,7 @@ def _ckpt_reason(exc: BaseException) -> str:
     "Unable to load weights" for every reason, and torch's lies below it (diffusers then tried
     the file as a Git LFS pointer, so torch's is that error's context)."""
     import pickle
+    import re
 
     chain: list[BaseException] = []
     error: BaseException | None = exc
@@ -175,9 +176,9 @@ def _ckpt_reason(exc: BaseException) -> str:
         if isinstance(error, RuntimeError) and "zip archive" in text:
             return "truncated or damaged: torch cannot read its zip archive (" + text.split(". ")[0] + ")"
         if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
-            found = text.split("GLOBAL ", 1)[1].split(" ", 1)[0]
-            return (f"it pickles Python objects besides tensors ({found}), which sdexport does not unpickle (they "
-                    "can run code); convert it to .safetensors with a tool you trust")
+            found = re.search(r"GLOBAL (\S+)", text)
+            return (f"it pickles Python objects besides tensors ({found[1] if found else text}), which sdexport does "
+                    "not unpickle (they can run code); convert it to .safetensors with a tool you trust")
         if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" not in text:
             return f"not a torch checkpoint: torch cannot unpickle it ({text})"
     return one_line(exc)

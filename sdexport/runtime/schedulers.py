@@ -123,9 +123,9 @@ def config_as_loaded(config: dict[str, Any], name: str, *, family: str, conditio
     ``steps_offset`` to 1 and ``clip_sample`` to False; the inpainting pipeline ``steps_offset``
     to 1 and ``skip_prk_steps`` to True. Configs saved by older diffusers (no ``steps_offset``; a
     DDIM config without ``clip_sample``, which then clips) sample otherwise as saved: DDIM's
-    clipping alone moved the latents 0.94 rel-L2 (measured once, tiny model). SDXL's, the ControlNet, T2I-Adapter and
-    latent consistency pipelines rewrite nothing, and so neither does this for them (``conditioned``:
-    ``ModelDims.conditioned``).
+    clipping alone moved the latents 0.94 rel-L2 (measured once, tiny model). SDXL's, the
+    ControlNet, T2I-Adapter and latent consistency pipelines rewrite nothing, and so neither does
+    this for them (``conditioned``: ``ModelDims.conditioned``).
 
     The default scheduler (``name``) is judged by its values, the class's defaults where the file
     says nothing, as the pipeline judges it; a named one by the keys the file holds, as

@@ -1100,7 +1100,8 @@ def guided(noise: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
     """What diffusers' pipelines pass to ``scheduler.step`` besides the latents
     (``prepare_extra_step_kwargs``): the generators, and an ``eta`` of 0, where it takes them. TCD's
-    own default eta is 0.3: leaving it out gave other images (0.27 rel-L2, measured once on the tiny model)."""
+    own default eta is 0.3: leaving it out gave other images (0.27 rel-L2, measured once on the
+    tiny model)."""
     import inspect
 
     taken = inspect.signature(scheduler.step).parameters
