@@ -109,6 +109,10 @@ BuildPromptChunksOpt = Annotated[str | None, typer.Option("--prompt-chunks", hel
 BuildBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_BUILD_DEFAULT))]
 BuildHeightOpt = Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format(_BUILD_DEFAULT))]
 BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format(_BUILD_DEFAULT))]
+_SERVE_DEFAULT = "the engine directory's profile; must lie inside it. TensorRT loads a plan that covers these shapes, not the newest; requests outside are refused"
+ServeBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call (requests' images batched together), min 1, " + _RANGE.format(_SERVE_DEFAULT))]
+ServeHeightOpt = Annotated[str | None, typer.Option("--height", help="Image heights served (opt: a request's that sends none) " + _RANGE.format(_SERVE_DEFAULT))]
+ServeWidthOpt = Annotated[str | None, typer.Option("--width", help="Image widths served (opt: a request's that sends none) " + _RANGE.format(_SERVE_DEFAULT))]
 
 
 @app.command()
@@ -529,7 +533,7 @@ def run(
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images,
                     guidance_embedding=alone)
-    most = _served_batch(manifest, ensemble.refiner.manifest if ensemble else None)  # one call's, as served
+    most = _served_batch(profile, ensemble.refiner.manifest if ensemble else None)  # one call's, as served
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
@@ -1045,9 +1049,11 @@ _SERVE_EMPHASIS_HELP = ("How brackets are read in a request that sends no emphas
 
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
                     engine_path: str | None = None, refiner: Path | None = None, denoising_end: float | None = None,
-                    refiner_path: str | None = None, emphasis: str = "none") -> tuple[Any, Any, Any]:
-    """The served model's settings, its manifest and its refiner's (None without ``--refiner``), with
-    everything checked that can be before a server starts."""
+                    refiner_path: str | None = None, emphasis: str = "none",
+                    shapes: dict[str, str | None] | None = None) -> tuple[Any, Any, Any, int]:
+    """The served model's manifest, its refiner's (None without ``--refiner``), its settings and the
+    most images one call takes, with everything checked that can be before a server starts.
+    ``shapes``: ``--batch``, ``--height``, ``--width`` as given (None: not given)."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
     from sdexport.runtime.emphasis import check_mode
@@ -1066,7 +1072,10 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     _check_graph_flags(backend, cuda_graph, portable_graphs)
     if max_steps < 1:
         raise SdexportError(f"--max-steps {max_steps}: need at least 1")
+    from sdexport.shapes import parse_range
+
     check_mode(emphasis, "--emphasis")
+    narrowed = tuple((axis, parse_range(text, axis)) for axis, text in (shapes or {}).items() if text is not None)
     end = _refiner_cut(refiner, denoising_end, refiner_path)
     manifest = load_manifest(engine_dir, verify_files=False)
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
@@ -1083,14 +1092,16 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     settings = ServeSettings(engine_dir=engine_path or str(Path(engine_dir).absolute()), backend=backend, cuda_graph=cuda_graph,
                              graphs=graphs, max_steps=max_steps,
                              refiner=(refiner_path or str(Path(refiner).absolute())) if refiner is not None else "",
-                             denoising_end=end, emphasis=emphasis)
-    return manifest, paired.manifest if paired else None, settings
+                             denoising_end=end, emphasis=emphasis, shapes=narrowed)
+    refiner_manifest = paired.manifest if paired else None
+    served = settings.served_profile(manifest, refiner_manifest)  # refused here, not in Triton's log
+    return manifest, refiner_manifest, settings, _served_batch(served, refiner_manifest)
 
 
-def _served_batch(manifest: Any, refiner_manifest: Any) -> int:
-    """The most images one call takes (``run``'s and a served one): the base model's profile's, or
-    its refiner's if fewer."""
-    return min(m.shape_profile.batch[2] for m in (manifest, refiner_manifest) if m is not None)
+def _served_batch(profile: Any, refiner_manifest: Any) -> int:
+    """The most images one call takes (``run``'s and a served one): ``profile``'s (the base model's,
+    or the shapes served), or the refiner's profile's if fewer."""
+    return min(p.batch[2] for p in (profile, refiner_manifest.shape_profile if refiner_manifest else None) if p)
 
 
 def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
@@ -1122,6 +1133,9 @@ def serve(
     refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
     emphasis: Annotated[str, typer.Option(help=_SERVE_EMPHASIS_HELP)] = "none",
+    batch: ServeBatchOpt = None,
+    height: ServeHeightOpt = None,
+    width: ServeWidthOpt = None,
 ) -> None:
     """Serve an engine directory behind Triton Inference Server (KServe v2 HTTP/gRPC, metrics, dynamic batching)."""
     import shutil
@@ -1151,9 +1165,9 @@ def serve(
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
         refuse_inside_engine_dir(log_file, f"--log-file {log_file}")
-    manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
-                                                           refiner=refiner, denoising_end=denoising_end,
-                                                           emphasis=emphasis)
+    manifest, refiner_manifest, settings, most = _serve_settings(
+        engine_dir, backend, cuda_graph, portable_graphs, max_steps, refiner=refiner, denoising_end=denoising_end,
+        emphasis=emphasis, shapes={"batch": batch, "height": height, "width": width})
     from sdexport.runtime.loading import resolve_backend
     from sdexport.runtime.providers import require_backend
 
@@ -1179,7 +1193,7 @@ def serve(
         from sdexport.serving.names import ascii_links
 
         settings = ascii_links(settings, work / "links")
-        write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
+        write_repository(repository, settings, most, batching)
         host = "localhost" if ports.address == "0.0.0.0" else address  # (a name as given: it resolves the same)
 
         refined = f" refined by {escape(str(refiner))}" if refiner is not None else ""
@@ -1213,6 +1227,9 @@ def triton_repo(
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
     refiner_path: Annotated[str | None, typer.Option(help="With --refiner: its path as the server will see it (as --engine-path); default: its absolute path here.")] = None,
     emphasis: Annotated[str, typer.Option(help=_SERVE_EMPHASIS_HELP)] = "none",
+    batch: ServeBatchOpt = None,
+    height: ServeHeightOpt = None,
+    width: ServeWidthOpt = None,
 ) -> None:
     """Write a Triton model repository serving an engine directory, for the stock tritonserver (NGC container)."""
     from sdexport.output_dir import claim
@@ -1222,8 +1239,9 @@ def triton_repo(
     for flag, path in (("--engine-path", engine_path), ("--refiner-path", refiner_path)):
         if path is not None and not path.startswith("/"):
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
-    manifest, refiner_manifest, settings = _serve_settings(engine_dir, backend, cuda_graph, portable_graphs, max_steps,
-                                                           engine_path, refiner, denoising_end, refiner_path, emphasis)
+    manifest, refiner_manifest, settings, most = _serve_settings(
+        engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path, refiner, denoising_end, refiner_path,
+        emphasis, shapes={"batch": batch, "height": height, "width": width})
     from sdexport.serving.names import check_ascii
 
     check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)
@@ -1240,7 +1258,7 @@ def triton_repo(
     target = _output_path(output)
     with claim(target, REPOSITORY, replace=force,
                protected=(engine_dir, *([refiner] if refiner is not None else []))) as staging:
-        write_repository(staging, settings, _served_batch(manifest, refiner_manifest), batching)
+        write_repository(staging, settings, most, batching)
     refined = f", refined by {escape(settings.refiner)}" if settings.refiner else ""
     console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "
                   f"{escape(settings.engine_dir)}{refined}); start it with: tritonserver --model-repository {escape(pasteable(target.resolve()))}")

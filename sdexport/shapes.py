@@ -155,9 +155,11 @@ class ShapeProfile:
                 f"{option('--width')}"
             )
 
-    def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry) -> None:
+    def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry, *,
+                      served_by: str | None = None) -> None:
         """Refuse a request the engines cannot serve, saying what they can (and what widens them:
-        export's option, or a bench scenario's ``[export]`` range)."""
+        export's option, or a bench scenario's ``[export]`` range). ``served_by``: the command whose
+        options narrowed this profile (``sdexport serve``), named instead."""
         from sdexport.setting_names import option, setting
 
         m = dims.image_multiple
@@ -169,8 +171,9 @@ class ShapeProfile:
             if not lo <= value <= hi:
                 wider = option(f"--{axis}")
                 how = f"re-export or rebuild with a wider {wider}" if wider.startswith("--") else f"widen {wider}"
-                raise ProfileError(f"{setting(axis)} {value} is outside the engines' profile: {axis} must be in "
-                                   f"[{lo}, {hi}] ({how})")
+                whose = "the engines' profile" if served_by is None else "this server's profile"
+                raise ProfileError(f"{setting(axis)} {value} is outside {whose}: {axis} must be in [{lo}, {hi}] "
+                                   f"({how if served_by is None else f'{served_by} --{axis}'})")
             if axis != "batch" and value % m:
                 raise ProfileError(f"{setting(axis)} {value} must be a multiple of {m}")
 
@@ -204,6 +207,14 @@ class ShapeProfile:
             t.name: (t.shape(corners[0]), t.shape(corners[1]), t.shape(corners[2]))
             for t in spec.inputs
         }
+
+    def check_inside(self, outer: ShapeProfile, what: str, remedy: str) -> None:
+        """Refuse this profile where it reaches outside ``outer``: ``what``, each axis and its allowed
+        range, then ``remedy`` and the options that widen ``outer``."""
+        problems = self.within(outer)
+        if problems:
+            axes = ", ".join(axis_option(p.split(" ", 1)[0]) for p in problems)
+            raise ProfileError(f"{what}: " + "; ".join(problems) + f" ({remedy} {axes})")
 
     def within(self, outer: ShapeProfile, *, chunks: bool = True) -> list[str]:
         """Ways this profile reaches outside ``outer`` (empty when it fits); without ``chunks``, in

@@ -312,6 +312,88 @@ def test_a_size_is_checked_before_an_init_image_is_resized_to_it(served, side):
     assert isinstance(result, str) and "outside the engines' profile" in result
 
 
+def test_served_shapes_round_trip_through_config_pbtxt_and_a_bad_one_is_refused_in_one_line():
+    from sdexport.serving.triton_model import ServeSettings
+
+    settings = ServeSettings("/e", shapes=(("height", (64, 64, 128)), ("batch", (1, 1, 1))))
+    parameters = settings.to_parameters()
+    assert (parameters["height"], parameters["batch"]) == ("64:64:128", "1:1:1") and "width" not in parameters
+    assert ServeSettings.from_parameters(parameters).shapes == (("batch", (1, 1, 1)), ("height", (64, 64, 128)))
+    assert "height" not in ServeSettings("/e").to_parameters()
+    with pytest.raises(SdexportError, match=r"^config.pbtxt parameter height '64:x': expected integers as min:opt:max"):
+        ServeSettings.from_parameters({**parameters, "height": "64:x"})
+
+
+@pytest.mark.parametrize(("shapes", "message"), [
+    ({"height": "64:64:512"}, ("the served shapes reach outside the engine directory's profile: height [64, 512] is "
+                              "not inside [64, 256] (serve inside it, or re-export with a wider --height)")),
+    ({"batch": "2:2:2"}, "served batch min 2: a served call may hold a single image, so the batch starts at 1 (e.g. 1:2:2)"),
+    ({"width": "60:64:64"}, "width min 60 is not a multiple of"),
+])
+def test_served_shapes_outside_the_engines_are_refused_before_a_server_starts(shapes, message, tiny_engine_dir,
+                                                                             tmp_path, capsys):
+    flags = [text for axis, value in shapes.items() for text in (f"--{axis}", value)]
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo", *flags) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and not (tmp_path / "repo").exists(), err
+
+
+def test_served_shapes_must_lie_inside_the_refiners_profile_too():
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from sdexport.errors import ProfileError
+    from sdexport.serving.triton_model import ServeSettings
+    from sdexport.shapes import ShapeProfile
+
+    dims = SimpleNamespace(image_multiple=8)  # (what the profile's check reads of the model)
+    base = SimpleNamespace(shape_profile=ShapeProfile((1, 1, 4), (512, 1024, 1536), (512, 1024, 1536)), model_dims=dims)
+    refiner = SimpleNamespace(shape_profile=ShapeProfile((1, 1, 2), (512, 1024, 1024), (512, 1024, 1024)), model_dims=dims)
+    settings = ServeSettings("/e", shapes=(("height", (1024, 1024, 1536)),))
+    assert settings.served_profile(base) == replace(base.shape_profile, height=(1024, 1024, 1536))
+    narrowed = ServeSettings("/e", shapes=(("height", (512, 768, 1024)),)).served_profile(base, refiner)
+    assert narrowed == ShapeProfile((1, 1, 2), (512, 768, 1024), (512, 1024, 1024))  # the rest as both take them
+    with pytest.raises(ProfileError, match=r"reach outside the refiner's profile: height \[1024, 1536\] is not "
+                                           r"inside \[512, 1024\] \(serve inside it, or re-export with a wider "
+                                           r"--height\)$"):
+        settings.served_profile(base, refiner)
+    assert ServeSettings("/e").served_profile(base, refiner) is base.shape_profile  # (nothing narrowed)
+
+
+def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(tiny_engine_dir, tmp_path, monkeypatch):
+    """``serve --height``: the opt is a request's size where it sends none, a size the engines take
+    but the server was not told is refused naming serve's option, the batch limit is the served
+    one, and the pipeline is loaded for those shapes (TensorRT picks its plan by them)."""
+    from sdexport.runtime import loading
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+    from sdexport.shapes import ShapeProfile
+
+    asked: list[object] = []
+    real = loading.load_pipeline
+    monkeypatch.setattr(loading, "load_pipeline", lambda *a, **k: asked.append(k["request_profile"]) or real(*a, **k))
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo", "--batch", "1", "--height", "64:64:128",
+                   "--width", "96") == 0
+    config = (tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text()
+    assert "\nmax_batch_size: 1\n" in config
+    assert '"height" value: { string_value: "64:64:128" }' in config and '"width" value: { string_value: "96:96:96" }' in config
+    logs: list[str] = []
+    shapes = (("batch", (1, 1, 1)), ("height", (64, 64, 128)), ("width", (96, 96, 96)))
+    model = ServedModel(ServeSettings(str(tiny_engine_dir), backend=BACKEND, shapes=shapes), log=logs.append)
+    try:
+        exported = model.pipeline.profile
+        assert asked == [ShapeProfile((1, 1, 1), (64, 64, 128), (96, 96, 96), exported.chunks)]
+        assert model.max_batch == 1 and "batch up to 1, sizes 64-128 x 96-96" in logs[-1]
+        results = model.generate([_inputs(["a"], steps=2), _inputs(["b"], steps=2, height=128, width=128),
+                                  _inputs(["c", "d"], steps=2, height=128, width=96)])
+        assert not isinstance(results[0], str) and results[0][0].pixels.shape == (64, 96, 3)  # the served opt
+        assert results[1] == ("width 128 is outside this server's profile: width must be in [96, 96] "
+                              "(sdexport serve --width)")
+        assert not isinstance(results[2], str) and len(results[2]) == 2  # in two calls of one
+        assert logs[-1].endswith("3 image(s) in 3 call(s) of 1, 1, 1")
+    finally:
+        model.close()
+
+
 def _declaring(width: int, height: int) -> bytes:
     """A PNG whose header declares ``width`` x ``height`` pixels, its data a few bytes: all a
     client needs to send to make a server that decodes first allocate gigabytes."""

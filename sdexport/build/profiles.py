@@ -10,8 +10,7 @@ is never spelled a second time (and CFG components get their doubled batch from 
 
 from __future__ import annotations
 
-from sdexport.errors import ProfileError
-from sdexport.shapes import ShapeProfile, axis_option
+from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec, ModelDims
 
 Shape = tuple[int, ...]
@@ -45,13 +44,8 @@ def build_profile(
     if static:
         profile = static_profile(profile)
     profile.validate(dims)
-    problems = profile.within(exported)
-    if problems:
-        axes = ", ".join(axis_option(p.split(' ', 1)[0]) for p in problems)
-        raise ProfileError(
-            "build profile reaches outside the exported ONNX profile: " + "; ".join(problems)
-            + f" (build inside it, or re-export with a wider {axes})"
-        )
+    profile.check_inside(exported, "build profile reaches outside the exported ONNX profile",
+                         "build inside it, or re-export with a wider")
     return profile
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import SdexportError, one_line
+from sdexport.errors import ProfileError, SdexportError, one_line
 from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end, common_sizes
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
@@ -36,11 +36,17 @@ from sdexport.serving.requests import (
     union_control_apart,
 )
 from sdexport.setting_names import input_name, settings_named
+from sdexport.shapes import Range, ShapeProfile, parse_range
 from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:
+    from sdexport.manifest import Manifest
     from sdexport.runtime.ensemble import Ensemble
     from sdexport.runtime.request import GenerationRequest
+
+SERVED_AXES = ("batch", "height", "width")
+"""The profile axes ``serve --batch/--height/--width`` narrow. Prompt chunks stay the engines' (a
+served text of any length up to theirs is read whole)."""
 
 MAX_STEPS = 200
 """A served request's step limit by default: far above the usual 20-50, far below the 1000 a
@@ -69,6 +75,10 @@ class ServeSettings:
     """The same for ``refiner``."""
     emphasis: str = DEFAULTS["emphasis"]
     """How brackets are read in a request that sends no ``emphasis`` (``serve --emphasis``)."""
+    shapes: tuple[tuple[str, Range], ...] = ()
+    """(axis, min:opt:max) of the ``SERVED_AXES`` the server is told to take (``serve --height``):
+    TensorRT loads a plan that covers them, not the newest, and requests outside are refused.
+    Empty: whatever the engines take."""
 
     def to_parameters(self) -> dict[str, str]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
@@ -76,7 +86,8 @@ class ServeSettings:
                 **({"refiner": self.refiner, "denoising_end": repr(self.denoising_end)} if self.refiner else {}),
                 **{name: value for name, value in (("engine_name", self.engine_name),
                                                    ("refiner_name", self.refiner_name)) if value},
-                **({"emphasis": self.emphasis} if self.emphasis != DEFAULTS["emphasis"] else {})}
+                **({"emphasis": self.emphasis} if self.emphasis != DEFAULTS["emphasis"] else {}),
+                **{axis: ":".join(map(str, values)) for axis, values in self.shapes}}
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
@@ -90,9 +101,40 @@ class ServeSettings:
                        refiner=parameters.get("refiner", ""),
                        denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)),
                        engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""),
-                       emphasis=_emphasis(parameters.get("emphasis", DEFAULTS["emphasis"])))
+                       emphasis=_emphasis(parameters.get("emphasis", DEFAULTS["emphasis"])),
+                       shapes=tuple((axis, parse_range(parameters[axis], axis, f"config.pbtxt parameter {axis}"))
+                                    for axis in SERVED_AXES if axis in parameters))
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
+
+    def served_profile(self, manifest: Manifest, refiner: Manifest | None = None) -> ShapeProfile:
+        """The shapes this server takes: the engine directory's profile with the axes of ``shapes``
+        narrowed (the others, with a ``refiner``, as both profiles take them). Refused in one line
+        where they reach outside either profile, are not multiples the U-Net takes, or leave out
+        calls of one image (the batcher makes them)."""
+        exported = manifest.shape_profile
+        if not self.shapes:
+            return exported
+        common = exported
+        if refiner is not None:
+            common = replace(exported, **{axis: _overlap(ours, getattr(refiner.shape_profile, axis))
+                                          for axis, ours in exported.axes if axis in SERVED_AXES})
+        profile = replace(common, **dict(self.shapes))
+        if profile.batch[0] != 1:
+            raise ProfileError(f"served batch min {profile.batch[0]}: a served call may hold a single image, "
+                               f"so the batch starts at 1 (e.g. 1:{profile.batch[1]}:{profile.batch[2]})")
+        profile.validate(manifest.model_dims)
+        for read, whose in ((manifest, "the engine directory's"), *([(refiner, "the refiner's")] if refiner else [])):
+            profile.check_inside(read.shape_profile, f"the served shapes reach outside {whose} profile",
+                                 "serve inside it, or re-export with a wider")
+        return profile
+
+
+def _overlap(ours: Range, theirs: Range) -> Range:
+    """The part of a profile's axis another's takes too, its opt moved inside (``Refiner.open``
+    refused a pair whose sizes do not overlap)."""
+    lo, hi = max(ours[0], theirs[0]), min(ours[2], theirs[2])
+    return lo, min(max(ours[1], lo), hi), hi
 
 
 def _emphasis(mode: str) -> str:
@@ -146,27 +188,31 @@ class ServedModel:
                         if settings.refiner else None)
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
+        self.served = settings.served_profile(manifest, self.refiner.manifest if self.refiner is not None else None)
+        """The shapes requests may ask for: the profile's, or those ``serve --height`` (etc.) named."""
+        wanted = self.served if settings.shapes else None  # (None: TensorRT loads each part's newest plan)
         self.image_inputs = takes_init_images(engine_dir, manifest)
         self.guidance_embedded = self.refiner is None and bool(manifest.model_dims.G)
         """A latent consistency model served alone: no unconditional half runs for any row."""
         backend = resolve_backend(settings.backend)
         started = time.perf_counter()
         self.pipeline = load_pipeline(engine_dir, backend, cuda_graph=settings.cuda_graph, verify_files=settings.verify,
-                                      graphs=settings.graphs, image_inputs=self.image_inputs)
+                                      graphs=settings.graphs, image_inputs=self.image_inputs, request_profile=wanted)
         self.refining = None
         if self.refiner is not None:
             try:
                 self.refining = load_pipeline(self.refiner.engine_dir, backend, cuda_graph=settings.cuda_graph,
                                               verify_files=settings.verify, graphs=settings.graphs,
-                                              image_inputs=False)  # it starts from latents: no encoder
+                                              image_inputs=False,  # it starts from latents: no encoder
+                                              request_profile=wanted)
             except BaseException:
                 self.pipeline.close()
                 raise
-        profile = self.pipeline.profile
+        profile = self.served
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
         # and a refiner less than the base model.
         pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
-        self.max_batch = min(batch for p in pipelines for batch in (p.profile.batch[2],
+        self.max_batch = min(batch for p in pipelines for batch in (profile.batch[2], p.profile.batch[2],
                                                                     *(e.profile.batch[2] for e in p.engines.values())))
         self.default_size = (profile.height[1], profile.width[1])
         self.image_limits = ImageLimits.for_profile(
@@ -186,8 +232,11 @@ class ServedModel:
             f"{heights[0]}-{heights[1]} x {widths[0]}-{widths[1]}")
 
     def _check_size(self, height: int, width: int) -> None:
-        """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes)."""
+        """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes):
+        the engines' profile, then the shapes ``serve`` narrowed it to."""
         self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
+        if self.settings.shapes:
+            self.served.check_request(1, height, width, self.pipeline.dims, served_by="sdexport serve")
 
     def check(self, row: Row) -> tuple[GenerationRequest, GenerationRequest]:
         """Refuse what ``sdexport run`` would refuse, and what this server does not allow; the row's
