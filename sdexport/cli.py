@@ -533,7 +533,7 @@ def run(
     check_per_image(request, family=manifest.family, controlnets=len(manifest.controlnets),  # the whole run
                     adapters=len(manifest.adapters), union_modes=manifest.model_dims.N, union_images=union_images,
                     guidance_embedding=alone)
-    most = _served_batch(profile, ensemble.refiner.manifest if ensemble else None)  # one call's, as served
+    most = _served_batch(manifest, ensemble.refiner.manifest if ensemble else None)  # one call's, as served
     parts = request.split(most)  # more images than the engines take at once: several calls
     try:
         for part in (parts[0], parts[-1]):  # the batch sizes that occur (what differs per image: checked above)
@@ -1050,10 +1050,10 @@ _SERVE_EMPHASIS_HELP = ("How brackets are read in a request that sends no emphas
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
                     engine_path: str | None = None, refiner: Path | None = None, denoising_end: float | None = None,
                     refiner_path: str | None = None, emphasis: str = "none",
-                    shapes: dict[str, str | None] | None = None) -> tuple[Any, Any, Any, int]:
+                    shapes: dict[str, str | None] | None = None) -> tuple[Any, Any, Any, Any]:
     """The served model's manifest, its refiner's (None without ``--refiner``), its settings and the
-    most images one call takes, with everything checked that can be before a server starts.
-    ``shapes``: ``--batch``, ``--height``, ``--width`` as given (None: not given)."""
+    shapes it serves (``ServeSettings.served_profile``), with everything checked that can be before
+    a server starts. ``shapes``: ``--batch``, ``--height``, ``--width`` as given (None: not given)."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
     from sdexport.runtime.emphasis import check_mode
@@ -1095,13 +1095,13 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
                              denoising_end=end, emphasis=emphasis, shapes=narrowed)
     refiner_manifest = paired.manifest if paired else None
     served = settings.served_profile(manifest, refiner_manifest)  # refused here, not in Triton's log
-    return manifest, refiner_manifest, settings, _served_batch(served, refiner_manifest)
+    return manifest, refiner_manifest, settings, served
 
 
-def _served_batch(profile: Any, refiner_manifest: Any) -> int:
-    """The most images one call takes (``run``'s and a served one): ``profile``'s (the base model's,
-    or the shapes served), or the refiner's profile's if fewer."""
-    return min(p.batch[2] for p in (profile, refiner_manifest.shape_profile if refiner_manifest else None) if p)
+def _served_batch(manifest: Any, refiner_manifest: Any) -> int:
+    """The most images one call takes (``run``'s; a served request's, which ``serve --batch`` may
+    split into smaller calls): the base model's profile's, or its refiner's if fewer."""
+    return min(m.shape_profile.batch[2] for m in (manifest, refiner_manifest) if m is not None)
 
 
 def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
@@ -1165,7 +1165,7 @@ def serve(
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
         refuse_inside_engine_dir(log_file, f"--log-file {log_file}")
-    manifest, refiner_manifest, settings, most = _serve_settings(
+    manifest, refiner_manifest, settings, served = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, refiner=refiner, denoising_end=denoising_end,
         emphasis=emphasis, shapes={"batch": batch, "height": height, "width": width})
     from sdexport.runtime.loading import resolve_backend
@@ -1183,6 +1183,14 @@ def serve(
                        image_inputs=takes_init_images(engine_dir, manifest))
     if refiner is not None:
         verify_for_backend(refiner, refiner_manifest, resolved, settings.graphs)
+    if resolved == "tensorrt":  # a plan for this GPU (and the shapes served) for every part the model loads
+        from sdexport.runtime.loading import check_tensorrt_plans
+
+        wanted = settings.plan_profile(served)  # (as ServedModel loads)
+        check_tensorrt_plans(engine_dir, manifest, image_inputs=takes_init_images(engine_dir, manifest),
+                             request_profile=wanted)
+        if refiner is not None:
+            check_tensorrt_plans(refiner, refiner_manifest, image_inputs=False, request_profile=wanted)
     settings = replace(settings, verify=False)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
@@ -1193,7 +1201,7 @@ def serve(
         from sdexport.serving.names import ascii_links
 
         settings = ascii_links(settings, work / "links")
-        write_repository(repository, settings, most, batching)
+        write_repository(repository, settings, _served_batch(manifest, refiner_manifest), batching)
         host = "localhost" if ports.address == "0.0.0.0" else address  # (a name as given: it resolves the same)
 
         refined = f" refined by {escape(str(refiner))}" if refiner is not None else ""
@@ -1239,7 +1247,7 @@ def triton_repo(
     for flag, path in (("--engine-path", engine_path), ("--refiner-path", refiner_path)):
         if path is not None and not path.startswith("/"):
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
-    manifest, refiner_manifest, settings, most = _serve_settings(
+    manifest, refiner_manifest, settings, served = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path, refiner, denoising_end, refiner_path,
         emphasis, shapes={"batch": batch, "height": height, "width": width})
     from sdexport.serving.names import check_ascii
@@ -1258,7 +1266,7 @@ def triton_repo(
     target = _output_path(output)
     with claim(target, REPOSITORY, replace=force,
                protected=(engine_dir, *([refiner] if refiner is not None else []))) as staging:
-        write_repository(staging, settings, most, batching)
+        write_repository(staging, settings, _served_batch(manifest, refiner_manifest), batching)
     refined = f", refined by {escape(settings.refiner)}" if settings.refiner else ""
     console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "
                   f"{escape(settings.engine_dir)}{refined}); start it with: tritonserver --model-repository {escape(pasteable(target.resolve()))}")

@@ -7,7 +7,7 @@ optimization profiles and runtime request checks all come from one place.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -156,10 +156,10 @@ class ShapeProfile:
             )
 
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry, *,
-                      served_by: str | None = None) -> None:
+                      served: Collection[str] = ()) -> None:
         """Refuse a request the engines cannot serve, saying what they can (and what widens them:
-        export's option, or a bench scenario's ``[export]`` range). ``served_by``: the command whose
-        options narrowed this profile (``sdexport serve``), named instead."""
+        export's option, or a bench scenario's ``[export]`` range). ``served``: the axes ``sdexport
+        serve`` was told to take (``--height``), whose refusals name its option instead."""
         from sdexport.setting_names import option, setting
 
         m = dims.image_multiple
@@ -171,9 +171,11 @@ class ShapeProfile:
             if not lo <= value <= hi:
                 wider = option(f"--{axis}")
                 how = f"re-export or rebuild with a wider {wider}" if wider.startswith("--") else f"widen {wider}"
-                whose = "the engines' profile" if served_by is None else "this server's profile"
-                raise ProfileError(f"{setting(axis)} {value} is outside {whose}: {axis} must be in [{lo}, {hi}] "
-                                   f"({how if served_by is None else f'{served_by} --{axis}'})")
+                if axis in served:
+                    raise ProfileError(f"{setting(axis)} {value} is outside this server's profile: {axis} must be "
+                                       f"in [{lo}, {hi}] (sdexport serve --{axis})")
+                raise ProfileError(f"{setting(axis)} {value} is outside the engines' profile: {axis} must be in "
+                                   f"[{lo}, {hi}] ({how})")
             if axis != "batch" and value % m:
                 raise ProfileError(f"{setting(axis)} {value} must be a multiple of {m}")
 
@@ -208,10 +210,11 @@ class ShapeProfile:
             for t in spec.inputs
         }
 
-    def check_inside(self, outer: ShapeProfile, what: str, remedy: str) -> None:
+    def check_inside(self, outer: ShapeProfile, what: str, remedy: str, *, chunks: bool = True) -> None:
         """Refuse this profile where it reaches outside ``outer``: ``what``, each axis and its allowed
-        range, then ``remedy`` and the options that widen ``outer``."""
-        problems = self.within(outer)
+        range, then ``remedy`` and the options that widen ``outer``. Without ``chunks``, in batch and
+        image sides alone (``within``)."""
+        problems = self.within(outer, chunks=chunks)
         if problems:
             axes = ", ".join(axis_option(p.split(" ", 1)[0]) for p in problems)
             raise ProfileError(f"{what}: " + "; ".join(problems) + f" ({remedy} {axes})")

@@ -277,3 +277,75 @@ def test_the_runtime_prefers_a_plan_that_reads_the_prompts_whole(engine_copy, fa
               for n in (1, 2, 3)}
     assert chosen == {1: f"unet/{static.key.plan_name}", 2: f"unet/{dynamic.key.plan_name}",
                       3: f"unet/{static.key.plan_name}"}
+
+
+def test_a_plan_serves_every_size_of_an_axis_its_inputs_do_not_read(engine_copy, fake_tensorrt):
+    """The text encoder's plan built under the profile's upper sizes is the plan of every size (its
+    key, and so a later build's "cached", holds its inputs' shapes alone): chosen for a small image,
+    where the U-Net's, which reads the size, is not."""
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.errors import ProfileError
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    exported = load_manifest(engine_copy).shape_profile
+    lo, opt, hi = exported.height
+    upper = build_engines(engine_copy, components=["text_encoder", "unet"],
+                          profile=exported.with_ranges(height=f"{opt}:{opt}:{hi}"))
+    again = build_engines(engine_copy, components=["text_encoder"])  # the export's profile: the same key
+    assert [r.status for r in again] == ["cached"] and again[0].key == upper[0].key
+    manifest = load_manifest(engine_copy)
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+    small = ShapeProfile.single(1, lo, lo)
+    assert select_engine(engine_copy, manifest, "text_encoder", profile=small, **here)["path"].endswith(
+        upper[0].key.plan_name)
+    with pytest.raises(ProfileError, match=f"no unet engine .* covers batch 1, height {lo}, width {lo}"):
+        select_engine(engine_copy, manifest, "unet", profile=small, **here)
+
+
+def test_serve_knows_before_triton_starts_whether_a_plan_covers_its_shapes(engine_copy, fake_tensorrt, monkeypatch,
+                                                                           capsys):
+    """A size no plan covers is refused in one line before Triton starts; where each part's newest
+    plan is static at the profile's opt, ``serve --height`` of another size takes older plans."""
+    from test_serving import _free_ports
+
+    from conftest import run_cli
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.serving import server as serving
+
+    started: list[str] = []
+    monkeypatch.setattr(serving, "run_server", lambda repository, *a, **k: started.append(
+        (repository / "sdexport" / "config.pbtxt").read_text()))
+
+    def serve(*flags: str) -> int:
+        ports = [str(p) for p in _free_ports(3)]
+        return run_cli("serve", engine_copy, "--backend", "tensorrt", "--http-port", ports[0], "--grpc-port",
+                       ports[1], "--metrics-port", ports[2], *flags)
+
+    exported = ShapeProfile.from_dict(json.loads((engine_copy / "manifest.json").read_text())["profile"])
+    lo, opt, hi = exported.height
+    build_engines(engine_copy, profile=exported.with_ranges(height=f"{opt}:{opt}:{hi}"))  # the upper sizes alone
+    capsys.readouterr()
+    assert serve("--height", str(lo), "--batch", "1") == 2 and not started
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"covers batch 1, height {lo}, width" in err, err
+    assert f"engine for Fake GPU (sm 8.0) / TensorRT {fake_tensorrt['version']}" in err
+    build_engines(engine_copy)
+    (static,) = build_engines(engine_copy, components=["unet"], static=True)  # the newest, one prompt chunk
+    assert serve("--height", str(lo), "--batch", "1") == 0 and len(started) == 1
+    assert f'"height" value: {{ string_value: "{lo}:{lo}:{lo}" }}' in started[0]
+    # told the static plan's shapes, the server loads it, though it reads fewer chunks than the export
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.serving.triton_model import ServeSettings
+
+    data = json.loads((engine_copy / "manifest.json").read_text())  # built a second after the others
+    data["components"]["unet"]["engines"][static.key.digest()]["built"] = "9999-12-31T00:00:00+00:00"
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    manifest = load_manifest(engine_copy, verify_files=False)
+    assert manifest.shape_profile.chunks[2] > 1
+    settings = ServeSettings(str(engine_copy), shapes=(("batch", (1, 1, 1)), ("height", (opt,) * 3),
+                                                       ("width", (exported.width[1],) * 3)))
+    wanted = settings.plan_profile(settings.served_profile(manifest))
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+    assert select_engine(engine_copy, manifest, "unet", profile=wanted, **here)["path"].endswith(static.key.plan_name)

@@ -357,13 +357,20 @@ def test_served_shapes_must_lie_inside_the_refiners_profile_too():
                                            r"inside \[512, 1024\] \(serve inside it, or re-export with a wider "
                                            r"--height\)$"):
         settings.served_profile(base, refiner)
-    assert ServeSettings("/e").served_profile(base, refiner) is base.shape_profile  # (nothing narrowed)
+    both = ShapeProfile((1, 1, 2), (512, 1024, 1024), (512, 1024, 1024))
+    assert ServeSettings("/e").served_profile(base, refiner) == both  # (nothing narrowed: a request fits both)
+    assert ServeSettings("/e").served_profile(base) is base.shape_profile
+    # the texts' chunks are each model's own: a refiner that reads fewer takes the same served sizes
+    longer = SimpleNamespace(shape_profile=replace(base.shape_profile, chunks=(1, 1, 3)), model_dims=dims)
+    assert narrowed == ServeSettings("/e", shapes=(("height", (512, 768, 1024)),)).served_profile(
+        longer, refiner).with_ranges(chunks="1")
 
 
 def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(tiny_engine_dir, tmp_path, monkeypatch):
-    """``serve --height``: the opt is a request's size where it sends none, a size the engines take
-    but the server was not told is refused naming serve's option, the batch limit is the served
-    one, and the pipeline is loaded for those shapes (TensorRT picks its plan by them)."""
+    """``serve --height``: the opt is a request's size where it sends none (nor an image), a size
+    the server was not told is refused naming serve's option, one taken from an image says so, a
+    call holds at most the served batch (a request, the engines'), and the pipeline is loaded for
+    those shapes at the fewest prompt chunks (TensorRT: the newest plan that covers them)."""
     from sdexport.runtime import loading
     from sdexport.serving.triton_model import ServedModel, ServeSettings
     from sdexport.shapes import ShapeProfile
@@ -374,24 +381,37 @@ def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(
     assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo", "--batch", "1", "--height", "64:64:128",
                    "--width", "96") == 0
     config = (tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text()
-    assert "\nmax_batch_size: 1\n" in config
+    assert "\nmax_batch_size: 2\n" in config  # (the engines' batch: a request's images, served in calls of one)
     assert '"height" value: { string_value: "64:64:128" }' in config and '"width" value: { string_value: "96:96:96" }' in config
     logs: list[str] = []
     shapes = (("batch", (1, 1, 1)), ("height", (64, 64, 128)), ("width", (96, 96, 96)))
     model = ServedModel(ServeSettings(str(tiny_engine_dir), backend=BACKEND, shapes=shapes), log=logs.append)
     try:
         exported = model.pipeline.profile
-        assert asked == [ShapeProfile((1, 1, 1), (64, 64, 128), (96, 96, 96), exported.chunks)]
+        fewest = (exported.chunks[0],) * 3
+        assert asked == [ShapeProfile((1, 1, 1), (64, 64, 128), (96, 96, 96), fewest)]
         assert model.max_batch == 1 and "batch up to 1, sizes 64-128 x 96-96" in logs[-1]
         results = model.generate([_inputs(["a"], steps=2), _inputs(["b"], steps=2, height=128, width=128),
-                                  _inputs(["c", "d"], steps=2, height=128, width=96)])
+                                  _inputs(["c", "d"], steps=2, height=128, width=96),
+                                  _inputs(["e"], steps=2, height=512, width=96),
+                                  _inputs(["f"], steps=2, init_image=_png_of(np.zeros((128, 128, 3), np.uint8)))])
         assert not isinstance(results[0], str) and results[0][0].pixels.shape == (64, 96, 3)  # the served opt
         assert results[1] == ("width 128 is outside this server's profile: width must be in [96, 96] "
                               "(sdexport serve --width)")
+        assert results[3].startswith("height 512 is outside this server's profile: height must be in [64, 128]")
+        assert results[4] == ("width 128 is outside this server's profile: width must be in [96, 96] (sdexport serve "
+                              "--width) (the size of init_image; send height and width with fit resize or fit crop)")
         assert not isinstance(results[2], str) and len(results[2]) == 2  # in two calls of one
         assert logs[-1].endswith("3 image(s) in 3 call(s) of 1, 1, 1")
     finally:
         model.close()
+
+
+def test_a_size_taken_from_an_image_says_so_when_refused(served):
+    big = _png_of(np.zeros((512, 512, 3), np.uint8))  # above the tiny engines' largest side
+    [init] = served.generate([_inputs(["x"], steps=2, init_image=big, fit="resize")])
+    assert isinstance(init, str) and init.endswith(
+        "(the size of init_image; send height and width: fit resize fits the image to them)"), init
 
 
 def _declaring(width: int, height: int) -> bytes:

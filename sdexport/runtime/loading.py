@@ -171,9 +171,7 @@ def load_pipeline(
         modules = {manifest.spec(name).module for name in manifest.components}
         manifest.model = {**manifest.model, "source": relocated(manifest.model["source"], model_source, modules)}
     image_inputs = image_tasks_only(manifest) if image_inputs is None else image_inputs
-    upcast = upcast_parts(engine_dir, manifest)
-    fallbacks = vae_fallbacks(manifest, upcast, image_inputs)
-    loaded = pipeline_components(manifest, image_inputs, upcast=upcast)
+    upcast, fallbacks, loaded = _parts(engine_dir, manifest, image_inputs)
     in_place = {fp32: part for part, fp32 in vae_in_place(manifest, upcast).items()
                 if fp32 in loaded}  # fp32 graph → the part it runs as
     names = [n for n in loaded if n not in fallbacks.values()]
@@ -196,8 +194,7 @@ def load_pipeline(
         require_backend(backend)
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
-                            loras=loras or [], guess_mode=guess_mode, pooled=pooled,
-                            optional={fp32: part for part, fp32 in fallbacks.items()})
+                            loras=loras or [], guess_mode=guess_mode, pooled=pooled, optional=_optional(fallbacks))
     pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
@@ -223,6 +220,31 @@ def load_pipeline(
               "graphs": {n: graph_for(manifest, n, backend, graphs) for n in loaded}
               if backend.startswith("onnxruntime") else {}},
     )
+
+
+def _parts(engine_dir: Path, manifest: Manifest,
+           image_inputs: bool) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(``upcast_parts``, ``vae_fallbacks``, ``pipeline_components``): which parts a pipeline loads."""
+    upcast = upcast_parts(engine_dir, manifest)
+    return upcast, vae_fallbacks(manifest, upcast, image_inputs), pipeline_components(manifest, image_inputs,
+                                                                                      upcast=upcast)
+
+
+def _optional(fallbacks: dict[str, str]) -> dict[str, str]:
+    """The fp32 parts that rerun an overflow, each to the part whose shapes it serves: left out,
+    with a note, where no TensorRT plan serves (``choose_plans``)."""
+    return {fp32: part for part, fp32 in fallbacks.items()}
+
+
+def check_tensorrt_plans(engine_dir: Path, manifest: Manifest, *, image_inputs: bool,
+                         request_profile: ShapeProfile | None) -> None:
+    """Refuse, before anything loads, where ``load_pipeline`` over TensorRT would find no plan here
+    for a part it loads (for ``request_profile``, where given): ``serve`` asks before Triton starts."""
+    from sdexport.runtime.tensorrt_backend import plans_here
+
+    _, fallbacks, loaded = _parts(engine_dir, manifest, image_inputs)
+    plans_here(engine_dir, manifest, loaded, _optional(fallbacks), profile=request_profile,
+               fp32=kept_fp32(engine_dir, manifest))
 
 
 def runs_lowered(engine_dir: Path, manifest: Manifest, name: str, backend: str, graphs: str, engine: Engine) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -544,10 +545,10 @@ def select_engine(
             f"(it has: {_describe_engines(manifest, component)})"
         )
     if profile is not None:
-        fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e), chunks=False)]
+        fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e, component), chunks=False)]
         if not fitting:
-            have = "; ".join(_profile_text(_entry_profile(manifest, e)) for e in candidates)
-            passed_over = sum(1 for e in flagged if not profile.within(_entry_profile(manifest, e), chunks=False))
+            have = "; ".join(_profile_text(_entry_profile(manifest, e, component)) for e in candidates)
+            passed_over = sum(1 for e in flagged if not profile.within(_entry_profile(manifest, e, component), chunks=False))
             raise ProfileError(
                 f"no {component} engine for {here} covers batch {_span(profile.batch)}, height "
                 f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}"
@@ -555,7 +556,7 @@ def select_engine(
                    "(its config sets force_upcast), and are passed over" if passed_over else "")
                 + f"); rebuild with `sdexport build {pasteable(engine_dir)}` and that profile"
             )
-        candidates = [e for e in fitting if not profile.within(_entry_profile(manifest, e))] or fitting
+        candidates = [e for e in fitting if not profile.within(_entry_profile(manifest, e, component))] or fitting
     return max(candidates, key=lambda e: str(e.get("built", "")))
 
 
@@ -571,7 +572,7 @@ def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optiona
     for name in sorted(names, key=lambda n: n in optional):  # the parts first: their plans' shapes count
         covers = profile
         if covers is None and optional.get(name) in entries:
-            covers = _entry_profile(manifest, entries[optional[name]])
+            covers = _entry_profile(manifest, entries[optional[name]], optional[name])
         try:
             entries[name] = select_engine(engine_dir, manifest, name, tensorrt_version=tensorrt_version,
                                           gpu_name=gpu_name, compute_capability=compute_capability, profile=covers,
@@ -584,9 +585,33 @@ def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optiona
     return {name: entries[name] for name in names if name in entries}
 
 
-def _entry_profile(manifest: Manifest, entry: dict[str, Any]) -> ShapeProfile:
+def plans_here(engine_dir: Path, manifest: Manifest, names: list[str], optional: Mapping[str, str] | None = None,
+               *, profile: ShapeProfile | None = None, fp32: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+    """``choose_plans`` for this machine's GPU and TensorRT (refused in one line where either is
+    missing): what ``load_tensorrt_engines`` loads, known before any plan is read (``serve`` asks
+    before Triton starts)."""
+    trt = tensorrt_build.require_tensorrt()
+    gpu_name, capability = tensorrt_build.gpu_identity()
+    return choose_plans(engine_dir, manifest, names, optional, tensorrt_version=str(trt.__version__),
+                        gpu_name=gpu_name, compute_capability=capability, profile=profile, fp32=fp32)
+
+
+def _entry_profile(manifest: Manifest, entry: dict[str, Any], component: str) -> ShapeProfile:
+    """The shapes ``component``'s plan ``entry`` serves: its build profile, but as wide as the
+    export's on each axis its inputs' shapes do not depend on (the text encoder's image size, the
+    VAE's prompt chunks). A plan's cache key holds its inputs' shapes alone, so a build under a
+    profile that differs only there reuses an earlier plan, and its record, built under another."""
     data = entry.get("profile")
-    return ShapeProfile.from_dict(data) if data else manifest.shape_profile
+    if not data:
+        return manifest.shape_profile
+    built = ShapeProfile.from_dict(data)
+    spec, dims = manifest.spec(component), manifest.model_dims
+    shapes = built.tensor_ranges(spec, dims)
+    for axis, exported in manifest.shape_profile.axes:
+        widened = replace(built, **{axis: exported})
+        if widened.tensor_ranges(spec, dims) == shapes:
+            built = widened
+    return built
 
 
 def _span(values: tuple[int, int, int]) -> str:
@@ -659,14 +684,8 @@ def load_tensorrt_engines(
     False when ``load_manifest`` already verified the component's files. ``profile`` (the shapes the
     caller will request) narrows the choice to plans built for it.
     """
-    tensorrt_build.require_tensorrt()
-    gpu_name, capability = tensorrt_build.gpu_identity()
-    import tensorrt as trt
-
-    version = str(trt.__version__)
     names = components if components is not None else list(manifest.components)
-    entries = choose_plans(engine_dir, manifest, names, optional, tensorrt_version=version, gpu_name=gpu_name,
-                           compute_capability=capability, profile=profile, fp32=fp32)
+    entries = plans_here(engine_dir, manifest, names, optional, profile=profile, fp32=fp32)
     runtime = _runtime()
     chosen: dict[str, tuple[dict[str, Any], trt.ICudaEngine]] = {}
     for name, entry in entries.items():
@@ -683,7 +702,7 @@ def load_tensorrt_engines(
     engines = {}
     for name, (entry, engine) in chosen.items():
         engines[name] = TensorRTEngine(
-            manifest.spec(name), engine, profile=_entry_profile(manifest, entry), memory=memory,
+            manifest.spec(name), engine, profile=_entry_profile(manifest, entry, name), memory=memory,
             cuda_graph=cuda_graph, source=engine_dir / entry["path"],
         )
     for trt_engine in engines.values():

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from sdexport.errors import SdexportError
+from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.request import (
     MASKED_INIT,
     GenerationRequest,
@@ -219,6 +219,14 @@ def image_of_request(i: int, images: int) -> str:
     return f" (image {i + 1} of the request)" if images > 1 else ""
 
 
+def _sized_by(name: str, fit: str) -> str:
+    """What a refusal of a size a request took from its image ``name`` adds, as ``run`` says it."""
+    if name == "init_image":
+        return "the size of init_image; send height and width" + (
+            " with fit resize or fit crop" if fit == "exact" else f": fit {fit} fits the image to them")
+    return f"the size of the first {name}; send height and width: {name.replace('_', ' ')}s are resized to them"
+
+
 def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
                 check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None,
                 emphasis: str = DEFAULTS["emphasis"], limits: ImageLimits | None = None) -> Row:
@@ -259,14 +267,22 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):
             raise SdexportError("give both height and width, or neither")
+        sized_by = None  # the input whose image gave the size
         if height is None and first_size is not None:
             height, width = first_size
         elif height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
             first = first_picture([init, controls, adapter_images])
             height, width = (first.size[1], first.size[0]) if first is not None else default_size
+            sized_by = (None if first is None else "init_image" if first is init
+                        else "control_image" if any(first is c for c in controls) else "adapter_image")
         assert height is not None and width is not None
         if check_size is not None:
-            check_size(height, width)
+            try:
+                check_size(height, width)
+            except ProfileError as exc:
+                if sized_by is None:
+                    raise
+                raise ProfileError(f"{exc} ({_sized_by(sized_by, fit)})") from None
         if has_no_text(text["prompt"] or "", text["prompt_2"]):
             raise SdexportError("prompt: empty; send the text to generate from (for SDXL, in prompt or prompt_2)")
         seed = _number(one("seed"), "seed", int)

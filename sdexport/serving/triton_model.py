@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ProfileError, SdexportError, one_line
-from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end, common_sizes
+from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
 from sdexport.serving.requests import (
@@ -108,26 +108,37 @@ class ServeSettings:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
 
     def served_profile(self, manifest: Manifest, refiner: Manifest | None = None) -> ShapeProfile:
-        """The shapes this server takes: the engine directory's profile with the axes of ``shapes``
-        narrowed (the others, with a ``refiner``, as both profiles take them). Refused in one line
-        where they reach outside either profile, are not multiples the U-Net takes, or leave out
-        calls of one image (the batcher makes them)."""
+        """The shapes this server takes: the engine directory's profile (with a ``refiner``, the
+        batches and sizes both profiles take), the axes of ``shapes`` narrowed. Refused in one line
+        where those reach outside either profile, are not multiples the U-Net takes, or leave out
+        calls of one image (the batcher makes them). Prompt chunks are the engine directory's: each
+        pipeline reads a text as far as its engines read."""
         exported = manifest.shape_profile
-        if not self.shapes:
-            return exported
         common = exported
         if refiner is not None:
             common = replace(exported, **{axis: _overlap(ours, getattr(refiner.shape_profile, axis))
                                           for axis, ours in exported.axes if axis in SERVED_AXES})
+        if not self.shapes:
+            return common
         profile = replace(common, **dict(self.shapes))
-        if profile.batch[0] != 1:
+        if "batch" in dict(self.shapes) and profile.batch[0] != 1:
             raise ProfileError(f"served batch min {profile.batch[0]}: a served call may hold a single image, "
                                f"so the batch starts at 1 (e.g. 1:{profile.batch[1]}:{profile.batch[2]})")
         profile.validate(manifest.model_dims)
         for read, whose in ((manifest, "the engine directory's"), *([(refiner, "the refiner's")] if refiner else [])):
             profile.check_inside(read.shape_profile, f"the served shapes reach outside {whose} profile",
-                                 "serve inside it, or re-export with a wider")
+                                 "serve inside it, or re-export with a wider", chunks=False)
         return profile
+
+    def plan_profile(self, served: ShapeProfile) -> ShapeProfile | None:
+        """What the engines are loaded for (``load_pipeline``'s ``request_profile``): the ``served``
+        shapes at the fewest prompt chunks, so that TensorRT loads the newest plan that covers the
+        batch and sizes (a plan that reads fewer chunks than the export cuts a longer text, with the
+        warning, as a plan does where none were given). None where no shapes were: the newest plan."""
+        if not self.shapes:
+            return None
+        fewest = served.chunks[0]
+        return replace(served, chunks=(fewest, fewest, fewest))
 
 
 def _overlap(ours: Range, theirs: Range) -> Range:
@@ -190,7 +201,7 @@ class ServedModel:
             check_denoising_end(settings.denoising_end)
         self.served = settings.served_profile(manifest, self.refiner.manifest if self.refiner is not None else None)
         """The shapes requests may ask for: the profile's, or those ``serve --height`` (etc.) named."""
-        wanted = self.served if settings.shapes else None  # (None: TensorRT loads each part's newest plan)
+        wanted = settings.plan_profile(self.served)
         self.image_inputs = takes_init_images(engine_dir, manifest)
         self.guidance_embedded = self.refiner is None and bool(manifest.model_dims.G)
         """A latent consistency model served alone: no unconditional half runs for any row."""
@@ -208,35 +219,37 @@ class ServedModel:
             except BaseException:
                 self.pipeline.close()
                 raise
-        profile = self.served
+        served = self.served
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
-        # and a refiner less than the base model.
+        # and a refiner less than the base model (served: both profiles' batches and sizes).
         pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
-        self.max_batch = min(batch for p in pipelines for batch in (profile.batch[2], p.profile.batch[2],
+        self.max_batch = min(batch for p in pipelines for batch in (served.batch[2], p.profile.batch[2],
                                                                     *(e.profile.batch[2] for e in p.engines.values())))
-        self.default_size = (profile.height[1], profile.width[1])
+        self.default_size = (served.height[1], served.width[1])
+        engines = self.pipeline.profile  # (what the limit's refusal names: 16 times the engines' largest image)
         self.image_limits = ImageLimits.for_profile(
             self.image_inputs, len(self.pipeline.controlnets) * (self.pipeline.dims.K or 1), len(self.pipeline.adapters),
-            profile.height[2], profile.width[2])
-        heights, widths = (profile.height[0], profile.height[2]), (profile.width[0], profile.width[2])
+            engines.height[2], engines.width[2])
         names = (settings.engine_name, settings.refiner_name)
         for loaded, name in zip(pipelines, names):  # the images' records name a linked directory as given
             if name:
                 loaded.info["engine_dir"] = name
         refined = ""
-        if self.refiner is not None:  # the sizes both profiles take (Refiner.open refused none in common)
-            heights, widths = common_sizes(profile, self.refiner.manifest.shape_profile) or (heights, widths)
+        if self.refiner is not None:
             refined = f" refined by {names[1] or self.refiner.engine_dir} from {settings.denoising_end:g}"
         log(f"sdexport: loaded {names[0] or engine_dir} ({manifest.family}, {backend}){refined} in "
             f"{time.perf_counter() - started:.1f} s; batch up to {self.max_batch}, sizes "
-            f"{heights[0]}-{heights[1]} x {widths[0]}-{widths[1]}")
+            f"{served.height[0]}-{served.height[2]} x {served.width[0]}-{served.width[2]}")
 
     def _check_size(self, height: int, width: int) -> None:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes):
-        the engines' profile, then the shapes ``serve`` narrowed it to."""
-        self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
-        if self.settings.shapes:
-            self.served.check_request(1, height, width, self.pipeline.dims, served_by="sdexport serve")
+        the engines' profile, narrowed where ``serve`` was told its shapes (a refusal on one of those
+        names its option)."""
+        if self.settings.shapes:  # (inside the engines' profile)
+            self.served.check_request(1, height, width, self.pipeline.dims,
+                                       served=[axis for axis, _ in self.settings.shapes])
+        else:
+            self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
 
     def check(self, row: Row) -> tuple[GenerationRequest, GenerationRequest]:
         """Refuse what ``sdexport run`` would refuse, and what this server does not allow; the row's
