@@ -322,6 +322,13 @@ def test_served_shapes_round_trip_through_config_pbtxt_and_a_bad_one_is_refused_
     assert "height" not in ServeSettings("/e").to_parameters()
     with pytest.raises(SdexportError, match=r"^config.pbtxt parameter height '64:x': expected integers as min:opt:max"):
         ServeSettings.from_parameters({**parameters, "height": "64:x"})
+    every = ServeSettings("/e", backend="tensorrt", cuda_graph=True, graphs="portable", max_steps=9, verify=False,
+                          refiner="/r", denoising_end=0.7, engine_name="e", refiner_name="r", emphasis="original",
+                          shapes=(("batch", (1, 1, 1)), ("height", (64, 64, 128))))
+    assert ServeSettings.unread(every.to_parameters()) == []  # (every key sdexport writes, it reads)
+    assert ServeSettings.from_parameters(every.to_parameters()) == every
+    assert ServeSettings.unread({**parameters, "Height": "64", "EXECUTION_ENV_PATH": "/env.tar.gz"}) == [
+        "Height", "EXECUTION_ENV_PATH"]
 
 
 @pytest.mark.parametrize(("shapes", "message"), [

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +106,14 @@ class ServeSettings:
                                     for axis in SERVED_AXES if axis in parameters))
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
+
+    @classmethod
+    def unread(cls, parameters: dict[str, str]) -> list[str]:
+        """The keys of ``parameters`` sdexport does not read: an operator's misspelling (``Height``)
+        that would change nothing, said in the log. Not refused: Triton's Python backend reads keys
+        of its own there (``EXECUTION_ENV_PATH``)."""
+        read = {f.name for f in fields(cls) if f.name != "shapes"} | set(SERVED_AXES)
+        return [key for key in parameters if key not in read]
 
     def served_profile(self, manifest: Manifest, refiner: Manifest | None = None) -> ShapeProfile:
         """The shapes this server takes: the engine directory's profile (with a ``refiner``, the
@@ -425,6 +433,9 @@ class TritonAdapter:
         parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         logger = getattr(self.pb, "Logger", None)
         log = logger.log_info if logger is not None else print
+        for key in ServeSettings.unread(parameters):
+            log(f"sdexport: config.pbtxt parameter {key!r} is not one sdexport reads, so it changes nothing "
+                "(a misspelling? sdexport's are lower case, e.g. max_steps)")
         try:
             self.model = ServedModel(ServeSettings.from_parameters(parameters), log=log)
         except SdexportError as exc:  # Triton shows the message as the reason the model did not load
