@@ -109,10 +109,10 @@ BuildPromptChunksOpt = Annotated[str | None, typer.Option("--prompt-chunks", hel
 BuildBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format(_BUILD_DEFAULT))]
 BuildHeightOpt = Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format(_BUILD_DEFAULT))]
 BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format(_BUILD_DEFAULT))]
-_SERVE_DEFAULT = "the engine directory's profile; must lie inside it. TensorRT loads a plan that covers these shapes, not the newest; requests outside are refused"
+_SERVE_DEFAULT = "the engine directory's profile; must lie inside it. TensorRT loads the newest plan that covers these shapes; requests outside are refused"
 ServeBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call (requests' images batched together), min 1, " + _RANGE.format(_SERVE_DEFAULT))]
-ServeHeightOpt = Annotated[str | None, typer.Option("--height", help="Image heights served (opt: a request's that sends none) " + _RANGE.format(_SERVE_DEFAULT))]
-ServeWidthOpt = Annotated[str | None, typer.Option("--width", help="Image widths served (opt: a request's that sends none) " + _RANGE.format(_SERVE_DEFAULT))]
+ServeHeightOpt = Annotated[str | None, typer.Option("--height", help="Image heights served (opt: a request's that sends neither a size nor an image) " + _RANGE.format(_SERVE_DEFAULT))]
+ServeWidthOpt = Annotated[str | None, typer.Option("--width", help="Image widths served (opt: a request's that sends neither a size nor an image) " + _RANGE.format(_SERVE_DEFAULT))]
 
 
 @app.command()

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 SERVED_AXES = ("batch", "height", "width")
 """The profile axes ``serve --batch/--height/--width`` narrow. Prompt chunks stay the engines' (a
-served text of any length up to theirs is read whole)."""
+plan reads a text as far as it reads, cutting the rest with the warning)."""
 
 MAX_STEPS = 200
 """A served request's step limit by default: far above the usual 20-50, far below the 1000 a
