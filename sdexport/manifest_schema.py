@@ -55,6 +55,7 @@ _ENGINE = {
         "key": {"type": "object"},
         "build_seconds": {"type": "number", "minimum": 0},
         "built": {"type": "string"},
+        "chosen": {"type": "string"},
         "profile": _PROFILE,
     },
 }

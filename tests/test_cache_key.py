@@ -279,6 +279,42 @@ def test_the_runtime_prefers_a_plan_that_reads_the_prompts_whole(engine_copy, fa
                       3: f"unet/{static.key.plan_name}"}
 
 
+def test_the_last_builds_plan_is_loaded_whether_built_or_cached(engine_copy, fake_tensorrt):
+    """Of the plans that serve a run, the one a build chose last: a build within the same second as
+    the one before it (records' ``built`` is to the second), and one that found its plan cached,
+    which had left the other plan loaded."""
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+
+    def loaded() -> str:
+        return select_engine(engine_copy, load_manifest(engine_copy, verify_files=False), "unet", **here)["path"]
+
+    (dynamic,) = build_engines(engine_copy, components=["unet"])
+    (static,) = build_engines(engine_copy, components=["unet"], static=True)  # (within the second, here)
+    assert loaded() == f"unet/{static.key.plan_name}"
+    (again,) = build_engines(engine_copy, components=["unet"])
+    assert again.status == "cached" and loaded() == f"unet/{dynamic.key.plan_name}"
+
+
+def test_run_time_lora_loads_a_refittable_plan_where_one_serves(engine_copy, fake_tensorrt):
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    (refittable,) = build_engines(engine_copy, components=["unet"], refittable=True)
+    (static,) = build_engines(engine_copy, components=["unet"], static=True)  # chosen last, not refittable
+    manifest = load_manifest(engine_copy, verify_files=False)
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+    at_opt = ShapeProfile.single(manifest.shape_profile.batch[1], manifest.shape_profile.height[1],
+                                 manifest.shape_profile.width[1])
+    assert select_engine(engine_copy, manifest, "unet", profile=at_opt, **here)["path"].endswith(static.key.plan_name)
+    assert select_engine(engine_copy, manifest, "unet", profile=at_opt, refit=True, **here)["path"].endswith(
+        refittable.key.plan_name)
+
+
 def test_a_plan_serves_every_size_of_an_axis_its_inputs_do_not_read(engine_copy, fake_tensorrt):
     """The text encoder's plan built under the profile's upper sizes is the plan of every size (its
     key, and so a later build's "cached", holds its inputs' shapes alone): chosen for a small image,
@@ -339,9 +375,6 @@ def test_serve_knows_before_triton_starts_whether_a_plan_covers_its_shapes(engin
     from sdexport.runtime.tensorrt_backend import select_engine
     from sdexport.serving.triton_model import ServeSettings
 
-    data = json.loads((engine_copy / "manifest.json").read_text())  # built a second after the others
-    data["components"]["unet"]["engines"][static.key.digest()]["built"] = "9999-12-31T00:00:00+00:00"
-    (engine_copy / "manifest.json").write_text(json.dumps(data))
     manifest = load_manifest(engine_copy, verify_files=False)
     assert manifest.shape_profile.chunks[2] > 1
     settings = ServeSettings(str(engine_copy), shapes=(("batch", (1, 1, 1)), ("height", (opt,) * 3),

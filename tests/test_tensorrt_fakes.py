@@ -258,8 +258,12 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     assert f"run `sdexport build {directory}` again" in message
     (kept,) = tensorrt_build.build_engines(directory, components=["vae_decoder"])  # the rebuild asked for
     assert not kept.key.fp16 and kept.key != flagged.key
-    data = json.loads((directory / "manifest.json").read_text())  # the flagged plan built last
-    data["components"]["vae_decoder"]["engines"][flagged.key.digest()]["built"] = "9999-12-31T00:00:00+00:00"
+    capsys.readouterr()
+    assert run_cli("inspect", directory, "--no-check") == 0  # the decoder has nothing left to build; the encoder has
+    said = " ".join(capsys.readouterr().out.split())
+    assert "vae_decoder: 1 TensorRT plan(s)" not in said and "vae_encoder: 1 TensorRT plan(s)" in said
+    data = json.loads((directory / "manifest.json").read_text())  # the flagged plan chosen last
+    data["components"]["vae_decoder"]["engines"][flagged.key.digest()]["chosen"] = "9999-12-31T00:00:00+00:00"
     (directory / "manifest.json").write_text(json.dumps(data))
     manifest = load_manifest(directory, verify_files=False)
     assert select_engine(directory, manifest, "vae_decoder", fp32=True, **here)["path"].endswith(kept.path.name)
@@ -668,7 +672,7 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
 
     source = tmp_path / "engines" / "unet" / "plan"
     plain = fake_tensorrt.FakeEngine(trt, RANGES)
-    with pytest.raises(EngineDirError, match="not a refittable engine.*--refittable --force"):
+    with pytest.raises(EngineDirError, match=r"not a refittable engine.*--refittable` \(and the shapes of this run\)"):
         refit(plain, {"w": np.zeros(2, np.float16)}, source)
     engine = _refittable(trt, {"kept": (2, 2)})
     with pytest.raises(SdexportError, match="merged 1 of the weights --lora changes into others .e.g. folded"):

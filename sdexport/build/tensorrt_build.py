@@ -326,6 +326,8 @@ def _build_locked(
         reasons = _rebuild_reasons(engine_dir, manifest, spec.name, key, force)
         if not reasons:
             console.print(f"[green]✓[/] {spec.name}: cached engine {rel}")
+            entry.engines[key.digest()]["chosen"] = _now()  # this build's plan, loaded before older choices
+            save_manifest(engine_dir, manifest)
             results.append(BuildResult(spec.name, "cached", engine_dir / rel, key, 0.0))
             continue
         start = time.perf_counter()
@@ -343,6 +345,7 @@ def _build_locked(
                 "key": key.to_dict(),
                 "build_seconds": round(seconds, 2),
                 "built": datetime.now(UTC).isoformat(timespec="seconds"),
+                "chosen": _now(),
                 "profile": target.to_dict(),
             }
             manifest.files[rel] = sha256_file(tmp)
@@ -350,6 +353,13 @@ def _build_locked(
         results.append(BuildResult(spec.name, "built", engine_dir / rel, key, seconds, reasons))
         keep_built(results)
     return results
+
+
+def _now() -> str:
+    """An engine record's ``chosen``: when a build last built the plan or found it cached. Of the
+    plans that serve a run, the loader takes the one chosen last, so the last build's settings rule
+    (its ``built``, to the second, could not order two builds in one second, nor see a reuse)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def _verify_onnx(engine_dir: Path, manifest: Manifest, onnx: str) -> None:

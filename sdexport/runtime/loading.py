@@ -281,11 +281,17 @@ def check_lowered_vae(engine_dir: Path, manifest: Manifest, loaded: list[str], b
 def lowered_vae_notes(engine_dir: Path, manifest: Manifest) -> list[str]:
     """What ``sdexport inspect`` says of engines an older sdexport lowered to fp16 for a VAE component
     that runs in fp32 (``kept_fp32``): they stay listed (nothing of the user's is deleted), but no run
-    uses them."""
+    uses them. Said for the platforms (TensorRT version and GPU) that have no plan of it without the
+    flag: where one has, a run uses that one and a build has nothing to do."""
     notes = []
     for name in kept_fp32(engine_dir, manifest):
-        flagged = sum(1 for e in manifest.components[name].engines.values()
-                      if isinstance(e.get("key"), dict) and e["key"].get("fp16") is True)
+        keys = [e["key"] for e in manifest.components[name].engines.values() if isinstance(e.get("key"), dict)]
+
+        def platform(key: dict[str, Any]) -> tuple[Any, ...]:
+            return key.get("tensorrt_version"), key.get("gpu_name"), key.get("compute_capability")
+
+        served = {platform(key) for key in keys if key.get("fp16") is not True}
+        flagged = sum(1 for key in keys if key.get("fp16") is True and platform(key) not in served)
         if flagged:
             notes.append(f"{name}: {flagged} TensorRT plan(s) built with the fp16 flag are passed over, as the "
                          f"VAE's config sets force_upcast; `sdexport build {pasteable(engine_dir)}` builds it fp32")

@@ -507,6 +507,7 @@ def select_engine(
     compute_capability: str,
     profile: ShapeProfile | None = None,
     fp32: bool = False,
+    refit: bool = False,
 ) -> dict[str, Any]:
     """The manifest's engine entry for ``component`` that runs here (pure: no TensorRT needed).
 
@@ -514,7 +515,8 @@ def select_engine(
     in fp32: ``build.vae_upcast.kept_fp32``), only those built without the fp16 flag, which a build
     before that rule set; with ``profile``, only those whose build profile covers its batch and
     sides, and of those the ones that also cover its prompt chunks where any does (a plan of fewer
-    reads the prompt cut, with the runtime's warning); then the most recently built. Raises
+    reads the prompt cut, with the runtime's warning); with ``refit`` (run-time LoRA), refittable
+    ones where any is left; then the one a build chose last (``tensorrt_build._now``). Raises
     EngineDirError saying what there is.
     """
     if component not in manifest.components:
@@ -557,12 +559,14 @@ def select_engine(
                 + f"); rebuild with `sdexport build {pasteable(engine_dir)}` and that profile"
             )
         candidates = [e for e in fitting if not profile.within(_entry_profile(manifest, e, component))] or fitting
-    return max(candidates, key=lambda e: str(e.get("built", "")))
+    if refit:  # (none: ``refit`` says what to build)
+        candidates = [e for e in candidates if e["key"].get("refittable")] or candidates
+    return max(candidates, key=lambda e: str(e.get("chosen") or e.get("built", "")))  # (older records: built)
 
 
 def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optional: Mapping[str, str] | None = None,
                  *, tensorrt_version: str, gpu_name: str, compute_capability: str, profile: ShapeProfile | None = None,
-                 fp32: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+                 fp32: Collection[str] = (), refit: Collection[str] = ()) -> dict[str, dict[str, Any]]:
     """``select_engine`` for each of ``names``, every choice before any plan is read (one missing plan
     is said first). ``optional`` maps a component that may be left out to the one whose shapes it
     must serve (the fp32 rerun of an fp16 VAE part: that part's): one without a plan that covers
@@ -576,7 +580,7 @@ def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optiona
         try:
             entries[name] = select_engine(engine_dir, manifest, name, tensorrt_version=tensorrt_version,
                                           gpu_name=gpu_name, compute_capability=compute_capability, profile=covers,
-                                          fp32=name in fp32)
+                                          fp32=name in fp32, refit=name in refit)
         except (EngineDirError, ProfileError) as exc:
             if name not in optional:
                 raise
@@ -586,14 +590,15 @@ def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optiona
 
 
 def plans_here(engine_dir: Path, manifest: Manifest, names: list[str], optional: Mapping[str, str] | None = None,
-               *, profile: ShapeProfile | None = None, fp32: Collection[str] = ()) -> dict[str, dict[str, Any]]:
+               *, profile: ShapeProfile | None = None, fp32: Collection[str] = (),
+               refit: Collection[str] = ()) -> dict[str, dict[str, Any]]:
     """``choose_plans`` for this machine's GPU and TensorRT (refused in one line where either is
     missing): what ``load_tensorrt_engines`` loads, known before any plan is read (``serve`` asks
     before Triton starts)."""
     trt = tensorrt_build.require_tensorrt()
     gpu_name, capability = tensorrt_build.gpu_identity()
     return choose_plans(engine_dir, manifest, names, optional, tensorrt_version=str(trt.__version__),
-                        gpu_name=gpu_name, compute_capability=capability, profile=profile, fp32=fp32)
+                        gpu_name=gpu_name, compute_capability=capability, profile=profile, fp32=fp32, refit=refit)
 
 
 def _entry_profile(manifest: Manifest, entry: dict[str, Any], component: str) -> ShapeProfile:
@@ -632,7 +637,8 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> Non
     if not getattr(engine, "refittable", False):
         raise EngineDirError(
             f"{source}: not a refittable engine, so --lora cannot change its weights: build with "
-            f"`sdexport build {pasteable(source.parent.parent)} --refittable --force`, or fuse the LoRA at export"
+            f"`sdexport build {pasteable(source.parent.parent)} --refittable` (and the shapes of this run), or "
+            "fuse the LoRA at export"
         )
     if _Logs.logger is None:
         _runtime()  # makes the logger TensorRT reports to
@@ -685,7 +691,8 @@ def load_tensorrt_engines(
     caller will request) narrows the choice to plans built for it.
     """
     names = components if components is not None else list(manifest.components)
-    entries = plans_here(engine_dir, manifest, names, optional, profile=profile, fp32=fp32)
+    entries = plans_here(engine_dir, manifest, names, optional, profile=profile, fp32=fp32,
+                         refit=[name for name, changed in (weights or {}).items() if changed])
     runtime = _runtime()
     chosen: dict[str, tuple[dict[str, Any], trt.ICudaEngine]] = {}
     for name, entry in entries.items():
