@@ -373,6 +373,26 @@ def test_served_shapes_must_lie_inside_the_refiners_profile_too():
         longer, refiner).with_ranges(chunks="1")
 
 
+def test_a_server_takes_the_sizes_every_loaded_engine_takes():
+    """Without shapes, the newest TensorRT plans may take less than the directory's profile (a
+    static U-Net built last): the default size and the refusals follow what all of them take."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from sdexport.errors import ProfileError
+    from sdexport.serving.triton_model import taken_by_all
+    from sdexport.shapes import ShapeProfile
+
+    exported = ShapeProfile((1, 1, 4), (256, 512, 1024), (256, 512, 1024))
+    static = ShapeProfile((1, 1, 1), (768, 768, 768), (768, 768, 768))
+    engines = {"text_encoder": SimpleNamespace(profile=exported), "unet": SimpleNamespace(profile=static)}
+    assert taken_by_all(exported, [SimpleNamespace(engines=engines)]) == replace(static, chunks=exported.chunks)
+    other = {"vae_decoder": SimpleNamespace(profile=ShapeProfile((1, 1, 1), (512, 512, 512), (512, 512, 512)))}
+    with pytest.raises(ProfileError, match=r"^the loaded engines share no height: vae_decoder's plan takes 512-512, "
+                                           r"the others 768-768; build every part for one profile"):
+        taken_by_all(exported, [SimpleNamespace(engines=engines), SimpleNamespace(engines=other)])
+
+
 def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(tiny_engine_dir, tmp_path, monkeypatch):
     """``serve --height``: the opt is a request's size where it sends none (nor an image), a size
     the server was not told is refused naming serve's option, one taken from an image says so, a

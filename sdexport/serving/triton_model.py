@@ -156,6 +156,25 @@ def _overlap(ours: Range, theirs: Range) -> Range:
     return lo, min(max(ours[1], lo), hi), hi
 
 
+def taken_by_all(served: ShapeProfile, pipelines: list[Any]) -> ShapeProfile:
+    """``served``, its batches and sizes narrowed to what every engine of ``pipelines`` takes (a
+    TensorRT plan may take less than the directory's profile: a static one built last, say).
+    Refused in one line where two engines share none."""
+    profile = served
+    for pipeline in pipelines:
+        for name, engine in pipeline.engines.items():
+            narrowed = {axis: _overlap(getattr(profile, axis), getattr(engine.profile, axis)) for axis in SERVED_AXES}
+            for axis, (lo, _, hi) in narrowed.items():
+                if lo > hi:
+                    ours, theirs = getattr(profile, axis), getattr(engine.profile, axis)
+                    raise ProfileError(
+                        f"the loaded engines share no {axis}: {name}'s plan takes {theirs[0]}-{theirs[2]}, the "
+                        f"others {ours[0]}-{ours[2]}; build every part for one profile (sdexport build --{axis} "
+                        f"{ours[1]}) or serve shapes every part's plans take (sdexport serve --{axis})")
+            profile = replace(profile, **narrowed)
+    return profile
+
+
 def _emphasis(mode: str) -> str:
     """config.pbtxt's ``emphasis``, one of ``runtime.emphasis.EMPHASIS`` (a ValueError otherwise)."""
     from sdexport.runtime.emphasis import EMPHASIS
@@ -227,12 +246,11 @@ class ServedModel:
             except BaseException:
                 self.pipeline.close()
                 raise
-        served = self.served
+        pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
         # and a refiner less than the base model (served: both profiles' batches and sizes).
-        pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
-        self.max_batch = min(batch for p in pipelines for batch in (served.batch[2], p.profile.batch[2],
-                                                                    *(e.profile.batch[2] for e in p.engines.values())))
+        self.served = served = taken_by_all(self.served, pipelines)
+        self.max_batch = served.batch[2]
         self.default_size = (served.height[1], served.width[1])
         engines = self.pipeline.profile  # (what the limit's refusal names: 16 times the engines' largest image)
         self.image_limits = ImageLimits.for_profile(
@@ -251,13 +269,9 @@ class ServedModel:
 
     def _check_size(self, height: int, width: int) -> None:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes):
-        the engines' profile, narrowed where ``serve`` was told its shapes (a refusal on one of those
-        names its option)."""
-        if self.settings.shapes:  # (inside the engines' profile)
-            self.served.check_request(1, height, width, self.pipeline.dims,
-                                       served=[axis for axis, _ in self.settings.shapes])
-        else:
-            self.pipeline.profile.check_request(1, height, width, self.pipeline.dims)
+        what every loaded engine takes, narrowed where ``serve`` was told its shapes (a refusal on
+        one of those names its option)."""
+        self.served.check_request(1, height, width, self.pipeline.dims, served=[axis for axis, _ in self.settings.shapes])
 
     def check(self, row: Row) -> tuple[GenerationRequest, GenerationRequest]:
         """Refuse what ``sdexport run`` would refuse, and what this server does not allow; the row's
