@@ -110,7 +110,7 @@ BuildBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per c
 BuildHeightOpt = Annotated[str | None, typer.Option("--height", help="Image height " + _RANGE.format(_BUILD_DEFAULT))]
 BuildWidthOpt = Annotated[str | None, typer.Option("--width", help="Image width " + _RANGE.format(_BUILD_DEFAULT))]
 _SERVE_DEFAULT = "the engine directory's profile; must lie inside it. TensorRT loads the newest plan that covers these shapes; requests outside are refused"
-ServeBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per call (requests' images batched together), min 1, " + _RANGE.format(_SERVE_DEFAULT))]
+ServeBatchOpt = Annotated[str | None, typer.Option("--batch", help="Images per generation call, as 1:opt:max or 1 (a request of more images is made in several calls); default: the engine directory's profile; must lie inside it. TensorRT loads the newest plan that covers these shapes.")]
 ServeHeightOpt = Annotated[str | None, typer.Option("--height", help="Image heights served (opt: a request's that sends neither a size nor an image) " + _RANGE.format(_SERVE_DEFAULT))]
 ServeWidthOpt = Annotated[str | None, typer.Option("--width", help="Image widths served (opt: a request's that sends neither a size nor an image) " + _RANGE.format(_SERVE_DEFAULT))]
 
@@ -1183,14 +1183,16 @@ def serve(
                        image_inputs=takes_init_images(engine_dir, manifest))
     if refiner is not None:
         verify_for_backend(refiner, refiner_manifest, resolved, settings.graphs)
-    if resolved == "tensorrt":  # a plan for this GPU (and the shapes served) for every part the model loads
-        from sdexport.runtime.loading import check_tensorrt_plans
+    if resolved == "tensorrt":  # a plan for this GPU (and the shapes served) for every part the model loads,
+        from sdexport.runtime.loading import check_tensorrt_plans  # and a size all of them take
+        from sdexport.serving.triton_model import taken_by_all
 
         wanted = settings.plan_profile(served)  # (as ServedModel loads)
-        check_tensorrt_plans(engine_dir, manifest, image_inputs=takes_init_images(engine_dir, manifest),
-                             request_profile=wanted)
+        plans = check_tensorrt_plans(engine_dir, manifest, image_inputs=takes_init_images(engine_dir, manifest),
+                                     request_profile=wanted)
         if refiner is not None:
-            check_tensorrt_plans(refiner, refiner_manifest, image_inputs=False, request_profile=wanted)
+            plans += check_tensorrt_plans(refiner, refiner_manifest, image_inputs=False, request_profile=wanted)
+        taken_by_all(served, plans)
     settings = replace(settings, verify=False)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
@@ -1247,7 +1249,7 @@ def triton_repo(
     for flag, path in (("--engine-path", engine_path), ("--refiner-path", refiner_path)):
         if path is not None and not path.startswith("/"):
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
-    manifest, refiner_manifest, settings, served = _serve_settings(
+    manifest, refiner_manifest, settings, _ = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path, refiner, denoising_end, refiner_path,
         emphasis, shapes={"batch": batch, "height": height, "width": width})
     from sdexport.serving.names import check_ascii

@@ -66,6 +66,13 @@ PROMPT_CHUNKS = (1, 1, 3)
 tokens) read whole; opt one chunk, the short prompt's, which TensorRT tunes its kernels for."""
 
 
+def overlap(ours: Range, theirs: Range) -> Range | None:
+    """The part of ``ours`` that ``theirs`` takes too, its opt moved inside; None where they share
+    no value."""
+    lo, hi = max(ours[0], theirs[0]), min(ours[2], theirs[2])
+    return (lo, min(max(ours[1], lo), hi), hi) if lo <= hi else None
+
+
 def axis_option(axis: str) -> str:
     """The export and build option that sets a profile axis (``--batch``, ``--prompt-chunks``)."""
     return AXIS_OPTIONS.get(axis, f"--{axis}")

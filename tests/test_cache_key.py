@@ -264,13 +264,8 @@ def test_the_runtime_prefers_a_plan_that_reads_the_prompts_whole(engine_copy, fa
     from sdexport.runtime.tensorrt_backend import select_engine
 
     (dynamic,) = build_engines(engine_copy, components=["unet"])
-    (static,) = build_engines(engine_copy, components=["unet"], static=True)
-    data = json.loads((engine_copy / "manifest.json").read_text())
-    for entry in data["components"]["unet"]["engines"].values():  # built a second apart, oldest first
-        entry["built"] = "2026-12-05T10:00:0" + ("1" if entry["path"].endswith(static.key.plan_name) else "0")
-    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    (static,) = build_engines(engine_copy, components=["unet"], static=True)  # chosen last
     manifest = load_manifest(engine_copy)
-    assert manifest.components["unet"].engines  # (the edit kept them)
     here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
     one = ShapeProfile.single(1, 128, 128)
     chosen = {n: select_engine(engine_copy, manifest, "unet", profile=replace(one, chunks=(n, n, n)), **here)["path"]
@@ -313,6 +308,26 @@ def test_run_time_lora_loads_a_refittable_plan_where_one_serves(engine_copy, fak
     assert select_engine(engine_copy, manifest, "unet", profile=at_opt, **here)["path"].endswith(static.key.plan_name)
     assert select_engine(engine_copy, manifest, "unet", profile=at_opt, refit=True, **here)["path"].endswith(
         refittable.key.plan_name)
+
+
+def test_run_time_lora_takes_a_refittable_plan_that_cuts_a_long_text_over_one_that_cannot_refit(engine_copy,
+                                                                                                 fake_tensorrt):
+    """A refittable static plan reads one prompt chunk; a run of a longer text with --lora still takes
+    it over a newer plan that reads the text whole but cannot take the LoRA."""
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import select_engine
+
+    (one_chunk,) = build_engines(engine_copy, components=["unet"], refittable=True, static=True)
+    (whole,) = build_engines(engine_copy, components=["unet"])  # chosen last, not refittable
+    manifest = load_manifest(engine_copy, verify_files=False)
+    assert manifest.shape_profile.chunks[2] >= 2
+    exported = manifest.shape_profile
+    long = ShapeProfile((exported.batch[1],) * 3, (exported.height[1],) * 3, (exported.width[1],) * 3, (2, 2, 2))
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+    assert select_engine(engine_copy, manifest, "unet", profile=long, **here)["path"].endswith(whole.key.plan_name)
+    assert select_engine(engine_copy, manifest, "unet", profile=long, refit=True, **here)["path"].endswith(
+        one_chunk.key.plan_name)
 
 
 def test_a_plan_serves_every_size_of_an_axis_its_inputs_do_not_read(engine_copy, fake_tensorrt):
@@ -366,6 +381,11 @@ def test_serve_knows_before_triton_starts_whether_a_plan_covers_its_shapes(engin
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"covers batch 1, height {lo}, width" in err, err
     assert f"engine for Fake GPU (sm 8.0) / TensorRT {fake_tensorrt['version']}" in err
+    build_engines(engine_copy, components=["unet"], profile=exported.with_ranges(height=str(lo)), static=True)
+    capsys.readouterr()  # the U-Net's newest plan at the smallest height, the VAE's at the upper half:
+    assert serve() == 2 and not started  # no height both take
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the engines share no height: " in err, err
     build_engines(engine_copy)
     (static,) = build_engines(engine_copy, components=["unet"], static=True)  # the newest, one prompt chunk
     assert serve("--height", str(lo), "--batch", "1") == 0 and len(started) == 1

@@ -327,8 +327,7 @@ def test_served_shapes_round_trip_through_config_pbtxt_and_a_bad_one_is_refused_
                           shapes=(("batch", (1, 1, 1)), ("height", (64, 64, 128))))
     assert ServeSettings.unread(every.to_parameters()) == []  # (every key sdexport writes, it reads)
     assert ServeSettings.from_parameters(every.to_parameters()) == every
-    assert ServeSettings.unread({**parameters, "Height": "64", "EXECUTION_ENV_PATH": "/env.tar.gz"}) == [
-        "Height", "EXECUTION_ENV_PATH"]
+    assert ServeSettings.unread({**parameters, "Height": "64", "EXECUTION_ENV_PATH": "/env.tar.gz"}) == ["Height"]
 
 
 @pytest.mark.parametrize(("shapes", "message"), [
@@ -380,17 +379,18 @@ def test_a_server_takes_the_sizes_every_loaded_engine_takes():
     from types import SimpleNamespace
 
     from sdexport.errors import ProfileError
-    from sdexport.serving.triton_model import taken_by_all
+    from sdexport.serving.triton_model import loaded_profiles, taken_by_all
     from sdexport.shapes import ShapeProfile
 
     exported = ShapeProfile((1, 1, 4), (256, 512, 1024), (256, 512, 1024))
     static = ShapeProfile((1, 1, 1), (768, 768, 768), (768, 768, 768))
     engines = {"text_encoder": SimpleNamespace(profile=exported), "unet": SimpleNamespace(profile=static)}
-    assert taken_by_all(exported, [SimpleNamespace(engines=engines)]) == replace(static, chunks=exported.chunks)
+    base = loaded_profiles([SimpleNamespace(engines=engines)])
+    assert taken_by_all(exported, base) == replace(static, chunks=exported.chunks)
     other = {"vae_decoder": SimpleNamespace(profile=ShapeProfile((1, 1, 1), (512, 512, 512), (512, 512, 512)))}
-    with pytest.raises(ProfileError, match=r"^the loaded engines share no height: vae_decoder's plan takes 512-512, "
-                                           r"the others 768-768; build every part for one profile"):
-        taken_by_all(exported, [SimpleNamespace(engines=engines), SimpleNamespace(engines=other)])
+    with pytest.raises(ProfileError, match=r"^the engines share no height: vae_decoder takes 512-512, the rest "
+                                           r"768-768; build every part for one profile"):
+        taken_by_all(exported, loaded_profiles([SimpleNamespace(engines=engines), SimpleNamespace(engines=other)]))
 
 
 def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(tiny_engine_dir, tmp_path, monkeypatch):

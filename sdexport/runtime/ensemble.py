@@ -20,6 +20,7 @@ from typing import Any
 from sdexport.errors import SdexportError
 from sdexport.runtime.request import GenerationRequest
 from sdexport.setting_names import setting
+from sdexport.shapes import overlap
 
 DENOISING_END_DEFAULT = 0.8
 """The base model's fraction of the schedule when none is given (diffusers' example)."""
@@ -75,7 +76,7 @@ class Refiner:
             raise SdexportError(f"{flag} {engine_dir}: its latents ({its.C} channels, 1/{its.vae_scale_factor} of "
                                 f"the image's sides) are not the base model's ({ours.C}, 1/{ours.vae_scale_factor})")
         base_profile, profile = base_manifest.shape_profile, manifest.shape_profile
-        if common_sizes(base_profile, profile) is None:
+        if overlap(base_profile.height, profile.height) is None or overlap(base_profile.width, profile.width) is None:
             raise SdexportError(f"{flag} {engine_dir}: its profile's sizes ({_sizes(profile.height, profile.width)}) "
                                 f"and the base model's ({_sizes(base_profile.height, base_profile.width)}) have none in common; "
                                 "export the refiner with the base model's --height and --width ranges")
@@ -99,13 +100,6 @@ class Refiner:
 def _words(manifest: Any) -> list[str]:
     """The textual inversion words added to a directory's text encoders."""
     return [record["word"] for record in manifest.model.get("embeddings") or []]
-
-
-def common_sizes(ours: Any, theirs: Any) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """The (lowest, highest) heights and widths both profiles take, or None where they share none."""
-    heights, widths = ((max(a[0], b[0]), min(a[2], b[2])) for a, b in ((ours.height, theirs.height),
-                                                                        (ours.width, theirs.width)))
-    return (heights, widths) if heights[0] <= heights[1] and widths[0] <= widths[1] else None
 
 
 def _sizes(heights: tuple[int, ...], widths: tuple[int, ...]) -> str:

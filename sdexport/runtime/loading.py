@@ -237,14 +237,17 @@ def _optional(fallbacks: dict[str, str]) -> dict[str, str]:
 
 
 def check_tensorrt_plans(engine_dir: Path, manifest: Manifest, *, image_inputs: bool,
-                         request_profile: ShapeProfile | None) -> None:
+                         request_profile: ShapeProfile | None) -> list[tuple[str, ShapeProfile]]:
     """Refuse, before anything loads, where ``load_pipeline`` over TensorRT would find no plan here
-    for a part it loads (for ``request_profile``, where given): ``serve`` asks before Triton starts."""
-    from sdexport.runtime.tensorrt_backend import plans_here
+    for a part it loads (for ``request_profile``, where given): ``serve`` asks before Triton starts.
+    (name, the shapes its plan takes) of each part the pipeline runs (not the fp32 reruns)."""
+    from sdexport.runtime.tensorrt_backend import entry_profile, plans_here
 
     _, fallbacks, loaded = _parts(engine_dir, manifest, image_inputs)
-    plans_here(engine_dir, manifest, loaded, _optional(fallbacks), profile=request_profile,
-               fp32=kept_fp32(engine_dir, manifest))
+    entries = plans_here(engine_dir, manifest, loaded, _optional(fallbacks), profile=request_profile,
+                         fp32=kept_fp32(engine_dir, manifest))
+    return [(name, entry_profile(manifest, entry, name)) for name, entry in entries.items()
+            if name not in fallbacks.values()]
 
 
 def runs_lowered(engine_dir: Path, manifest: Manifest, name: str, backend: str, graphs: str, engine: Engine) -> bool:

@@ -515,9 +515,9 @@ def select_engine(
     in fp32: ``build.vae_upcast.kept_fp32``), only those built without the fp16 flag, which a build
     before that rule set; with ``profile``, only those whose build profile covers its batch and
     sides, and of those the ones that also cover its prompt chunks where any does (a plan of fewer
-    reads the prompt cut, with the runtime's warning); with ``refit`` (run-time LoRA), refittable
-    ones where any is left; then the one a build chose last (``tensorrt_build._now``). Raises
-    EngineDirError saying what there is.
+    reads the prompt cut, with the runtime's warning), refittable ones first with ``refit`` (run-time
+    LoRA, which no other plan runs); then the one a build chose last (``tensorrt_build._now``).
+    Raises EngineDirError saying what there is.
     """
     if component not in manifest.components:
         raise EngineDirError(f"{engine_dir}: no component {component!r} (has {', '.join(manifest.components)})")
@@ -547,10 +547,10 @@ def select_engine(
             f"(it has: {_describe_engines(manifest, component)})"
         )
     if profile is not None:
-        fitting = [e for e in candidates if not profile.within(_entry_profile(manifest, e, component), chunks=False)]
+        fitting = [e for e in candidates if not profile.within(entry_profile(manifest, e, component), chunks=False)]
         if not fitting:
-            have = "; ".join(_profile_text(_entry_profile(manifest, e, component)) for e in candidates)
-            passed_over = sum(1 for e in flagged if not profile.within(_entry_profile(manifest, e, component), chunks=False))
+            have = "; ".join(_profile_text(entry_profile(manifest, e, component)) for e in candidates)
+            passed_over = sum(1 for e in flagged if not profile.within(entry_profile(manifest, e, component), chunks=False))
             raise ProfileError(
                 f"no {component} engine for {here} covers batch {_span(profile.batch)}, height "
                 f"{_span(profile.height)}, width {_span(profile.width)} (built: {have}"
@@ -558,9 +558,11 @@ def select_engine(
                    "(its config sets force_upcast), and are passed over" if passed_over else "")
                 + f"); rebuild with `sdexport build {pasteable(engine_dir)}` and that profile"
             )
-        candidates = [e for e in fitting if not profile.within(_entry_profile(manifest, e, component))] or fitting
-    if refit:  # (none: ``refit`` says what to build)
-        candidates = [e for e in candidates if e["key"].get("refittable")] or candidates
+        candidates = fitting
+    if refit:  # before the chunks: a plan that cuts a long text still runs; one not refittable does not
+        candidates = [e for e in candidates if e["key"].get("refittable")] or candidates  # (none: refit says so)
+    if profile is not None:
+        candidates = [e for e in candidates if not profile.within(entry_profile(manifest, e, component))] or candidates
     return max(candidates, key=lambda e: str(e.get("chosen") or e.get("built", "")))  # (older records: built)
 
 
@@ -576,7 +578,7 @@ def choose_plans(engine_dir: Path, manifest: Manifest, names: list[str], optiona
     for name in sorted(names, key=lambda n: n in optional):  # the parts first: their plans' shapes count
         covers = profile
         if covers is None and optional.get(name) in entries:
-            covers = _entry_profile(manifest, entries[optional[name]], optional[name])
+            covers = entry_profile(manifest, entries[optional[name]], optional[name])
         try:
             entries[name] = select_engine(engine_dir, manifest, name, tensorrt_version=tensorrt_version,
                                           gpu_name=gpu_name, compute_capability=compute_capability, profile=covers,
@@ -601,7 +603,7 @@ def plans_here(engine_dir: Path, manifest: Manifest, names: list[str], optional:
                         gpu_name=gpu_name, compute_capability=capability, profile=profile, fp32=fp32, refit=refit)
 
 
-def _entry_profile(manifest: Manifest, entry: dict[str, Any], component: str) -> ShapeProfile:
+def entry_profile(manifest: Manifest, entry: dict[str, Any], component: str) -> ShapeProfile:
     """The shapes ``component``'s plan ``entry`` serves: its build profile, but as wide as the
     export's on each axis its inputs' shapes do not depend on (the text encoder's image size, the
     VAE's prompt chunks). A plan's cache key holds its inputs' shapes alone, so a build under a
@@ -709,7 +711,7 @@ def load_tensorrt_engines(
     engines = {}
     for name, (entry, engine) in chosen.items():
         engines[name] = TensorRTEngine(
-            manifest.spec(name), engine, profile=_entry_profile(manifest, entry, name), memory=memory,
+            manifest.spec(name), engine, profile=entry_profile(manifest, entry, name), memory=memory,
             cuda_graph=cuda_graph, source=engine_dir / entry["path"],
         )
     for trt_engine in engines.values():

@@ -36,7 +36,7 @@ from sdexport.serving.requests import (
     union_control_apart,
 )
 from sdexport.setting_names import input_name, settings_named
-from sdexport.shapes import Range, ShapeProfile, parse_range
+from sdexport.shapes import Range, ShapeProfile, overlap, parse_range
 from sdexport.specs import SDXL_REFINER
 
 if TYPE_CHECKING:
@@ -109,11 +109,11 @@ class ServeSettings:
 
     @classmethod
     def unread(cls, parameters: dict[str, str]) -> list[str]:
-        """The keys of ``parameters`` sdexport does not read: an operator's misspelling (``Height``)
-        that would change nothing, said in the log. Not refused: Triton's Python backend reads keys
-        of its own there (``EXECUTION_ENV_PATH``)."""
+        """The keys of ``parameters`` no one reads: an operator's misspelling (``Height``) that would
+        change nothing, said in the log. Upper-case keys are Triton's Python backend's
+        (``EXECUTION_ENV_PATH``), not sdexport's."""
         read = {f.name for f in fields(cls) if f.name != "shapes"} | set(SERVED_AXES)
-        return [key for key in parameters if key not in read]
+        return [key for key in parameters if key not in read and not key.isupper()]
 
     def served_profile(self, manifest: Manifest, refiner: Manifest | None = None) -> ShapeProfile:
         """The shapes this server takes: the engine directory's profile (with a ``refiner``, the
@@ -124,8 +124,7 @@ class ServeSettings:
         exported = manifest.shape_profile
         common = exported
         if refiner is not None:
-            common = replace(exported, **{axis: _overlap(ours, getattr(refiner.shape_profile, axis))
-                                          for axis, ours in exported.axes if axis in SERVED_AXES})
+            common = taken_by_all(exported, [("the refiner", refiner.shape_profile)])
         if not self.shapes:
             return common
         profile = replace(common, **dict(self.shapes))
@@ -149,30 +148,29 @@ class ServeSettings:
         return replace(served, chunks=(fewest, fewest, fewest))
 
 
-def _overlap(ours: Range, theirs: Range) -> Range:
-    """The part of a profile's axis another's takes too, its opt moved inside (``Refiner.open``
-    refused a pair whose sizes do not overlap)."""
-    lo, hi = max(ours[0], theirs[0]), min(ours[2], theirs[2])
-    return lo, min(max(ours[1], lo), hi), hi
-
-
-def taken_by_all(served: ShapeProfile, pipelines: list[Any]) -> ShapeProfile:
-    """``served``, its batches and sizes narrowed to what every engine of ``pipelines`` takes (a
-    TensorRT plan may take less than the directory's profile: a static one built last, say).
-    Refused in one line where two engines share none."""
+def taken_by_all(served: ShapeProfile, parts: list[tuple[str, ShapeProfile]]) -> ShapeProfile:
+    """``served``, its batches and sizes narrowed to what each of ``parts`` (a name, the shapes it
+    takes) takes too: a TensorRT plan may take less than the directory's profile (a static one
+    built last, say), a refiner less than the base model. Refused in one line where they share none."""
     profile = served
-    for pipeline in pipelines:
-        for name, engine in pipeline.engines.items():
-            narrowed = {axis: _overlap(getattr(profile, axis), getattr(engine.profile, axis)) for axis in SERVED_AXES}
-            for axis, (lo, _, hi) in narrowed.items():
-                if lo > hi:
-                    ours, theirs = getattr(profile, axis), getattr(engine.profile, axis)
-                    raise ProfileError(
-                        f"the loaded engines share no {axis}: {name}'s plan takes {theirs[0]}-{theirs[2]}, the "
-                        f"others {ours[0]}-{ours[2]}; build every part for one profile (sdexport build --{axis} "
-                        f"{ours[1]}) or serve shapes every part's plans take (sdexport serve --{axis})")
-            profile = replace(profile, **narrowed)
+    for name, theirs in parts:
+        narrowed: dict[str, Range] = {}
+        for axis in SERVED_AXES:
+            ours, its = getattr(profile, axis), getattr(theirs, axis)
+            both = overlap(ours, its)
+            if both is None:
+                raise ProfileError(
+                    f"the engines share no {axis}: {name} takes {its[0]}-{its[2]}, the rest {ours[0]}-{ours[2]}; "
+                    f"build every part for one profile (sdexport build with one --{axis} range), or serve a "
+                    f"{axis} all of them take (sdexport serve --{axis})")
+            narrowed[axis] = both
+        profile = replace(profile, **narrowed)
     return profile
+
+
+def loaded_profiles(pipelines: list[Any]) -> list[tuple[str, ShapeProfile]]:
+    """(name, profile) of every engine of ``pipelines``, as ``taken_by_all`` reads them."""
+    return [(name, engine.profile) for pipeline in pipelines for name, engine in pipeline.engines.items()]
 
 
 def _emphasis(mode: str) -> str:
@@ -249,7 +247,7 @@ class ServedModel:
         pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
         # and a refiner less than the base model (served: both profiles' batches and sizes).
-        self.served = served = taken_by_all(self.served, pipelines)
+        self.served = served = taken_by_all(self.served, loaded_profiles(pipelines))
         self.max_batch = served.batch[2]
         self.default_size = (served.height[1], served.width[1])
         engines = self.pipeline.profile  # (what the limit's refusal names: 16 times the engines' largest image)
@@ -448,8 +446,8 @@ class TritonAdapter:
         logger = getattr(self.pb, "Logger", None)
         log = logger.log_info if logger is not None else print
         for key in ServeSettings.unread(parameters):
-            log(f"sdexport: config.pbtxt parameter {key!r} is not one sdexport reads, so it changes nothing "
-                "(a misspelling? sdexport's are lower case, e.g. max_steps)")
+            log(f"sdexport: config.pbtxt parameter {key!r} is neither sdexport's nor Triton's (upper case), so it "
+                "changes nothing: a misspelling? (sdexport's are lower case, e.g. max_steps)")
         try:
             self.model = ServedModel(ServeSettings.from_parameters(parameters), log=log)
         except SdexportError as exc:  # Triton shows the message as the reason the model did not load
