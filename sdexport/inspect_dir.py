@@ -9,7 +9,7 @@ from rich.table import Table
 
 from sdexport.build.vae_upcast import upcast_parts
 from sdexport.console import out
-from sdexport.errors import EngineDirError
+from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export.memory import STAGES, TOO_LARGE
 from sdexport.manifest import Manifest
 
@@ -90,6 +90,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
     for note in lowered:
         out.print(f"[yellow]warning:[/] {escape(note)}", soft_wrap=True)  # (it holds a command to paste)
     _print_memory(manifest)
+    _print_plans(directory, manifest)
     fused = {name: entry.optimized["onnxruntime-cuda"] for name, entry in manifest.components.items()
              if "onnxruntime-cuda" in entry.optimized}
     if fused:
@@ -104,6 +105,47 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
                           ", ".join(f"{op} {n}" for op, n in sorted(record.get("fusions", {}).items())) or "none",
                           f"[{colour}]{status}[/]", str(parity.get("variant", "-")))
         out.print(table)
+
+
+def _print_plans(directory: Path, manifest: Manifest) -> None:
+    """Each TensorRT plan: the GPU and TensorRT it runs on, the shapes it serves, how it was built,
+    and whether a run there loads it where its request fits (``plan_choice.select_engine``: the
+    plan a build chose last; a run or server whose shapes it does not cover takes another)."""
+    from sdexport.build.cache_key import EngineKey
+    from sdexport.build.vae_upcast import kept_fp32
+    from sdexport.runtime.plan_choice import entry_profile, profile_text, select_engine
+
+    records = [(name, record) for name, entry in manifest.components.items() for record in entry.engines.values()]
+    if not records:
+        return
+    try:
+        fp32 = kept_fp32(directory, manifest)
+    except EngineDirError:  # (a damaged VAE config: the file check's to report)
+        fp32 = ()
+    table = Table(title="TensorRT plans", title_justify="left", caption_justify="left",
+                  caption="loads: the plan a run on that GPU and TensorRT loads where it covers the request "
+                          "(the one a build chose last)")
+    for column in ("component", "plan", "for", "shapes", "build", "built", "loads"):
+        table.add_column(column)
+    for name, record in records:
+        try:
+            key = EngineKey.from_dict(record["key"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        try:
+            loaded = select_engine(directory, manifest, name, tensorrt_version=key.tensorrt_version,
+                                   gpu_name=key.gpu_name, compute_capability=key.compute_capability,
+                                   fp32=name in fp32)["path"] == record["path"]
+        except SdexportError:  # (every plan of that platform passed over: the note above says so)
+            loaded = False
+        build = ["fp16 flag" if key.fp16 else "strongly typed" if key.strongly_typed else "fp32",
+                 *(flag for flag, on in (("static", key.static), ("refittable", key.refittable)) if on),
+                 *([f"opt level {key.optimization_level}"] if key.optimization_level is not None else [])]
+        table.add_row(name, Path(record["path"]).name, f"{key.gpu_name} (sm {key.compute_capability}), TensorRT "
+                      f"{key.tensorrt_version}", profile_text(entry_profile(manifest, record, name)), ", ".join(build),
+                      str(record.get("built", "?")).replace("T", " ")[:16],
+                      "[green]yes[/]" if loaded else ("passed over (fp16 flag)" if name in fp32 and key.fp16 else ""))
+    out.print(table)
 
 
 def _print_memory(manifest: Manifest) -> None:

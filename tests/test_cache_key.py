@@ -228,7 +228,7 @@ def test_runtime_picks_the_engine_for_this_platform(engine_copy, fake_tensorrt):
     from sdexport.build.tensorrt_build import build_engines
     from sdexport.errors import EngineDirError, ProfileError
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     (old,) = build_engines(engine_copy, components=["unet"])
     fake_tensorrt["version"] = "10.8.0.43"
@@ -261,7 +261,7 @@ def test_the_runtime_prefers_a_plan_that_reads_the_prompts_whole(engine_copy, fa
 
     from sdexport.build.tensorrt_build import build_engines
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     (dynamic,) = build_engines(engine_copy, components=["unet"])
     (static,) = build_engines(engine_copy, components=["unet"], static=True)  # chosen last
@@ -280,7 +280,7 @@ def test_the_last_builds_plan_is_loaded_whether_built_or_cached(engine_copy, fak
     which had left the other plan loaded."""
     from sdexport.build.tensorrt_build import build_engines
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
 
@@ -294,10 +294,33 @@ def test_the_last_builds_plan_is_loaded_whether_built_or_cached(engine_copy, fak
     assert again.status == "cached" and loaded() == f"unet/{dynamic.key.plan_name}"
 
 
+def test_inspect_lists_each_plan_and_the_one_a_run_loads(engine_copy, fake_tensorrt, capsys, monkeypatch):
+    from conftest import run_cli
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.console import out
+
+    monkeypatch.setattr(out, "_width", 250)  # a row a line, whatever the worker's terminal
+
+    (dynamic,) = build_engines(engine_copy, components=["unet"])
+    (static,) = build_engines(engine_copy, components=["unet"], static=True, refittable=True)
+    fake_tensorrt["gpu"] = ("Other GPU", "9.0")
+    (elsewhere,) = build_engines(engine_copy, components=["unet"])
+    capsys.readouterr()
+    assert run_cli("inspect", engine_copy, "--no-check") == 0
+    shown = capsys.readouterr().out
+    rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+            for line in shown.splitlines() if line.count("│") >= 8 and ".plan" in line}
+    assert set(rows) == {r.key.plan_name for r in (dynamic, static, elsewhere)}
+    loads = {plan: row[-1] for plan, row in rows.items()}
+    assert loads == {dynamic.key.plan_name: "", static.key.plan_name: "yes", elsewhere.key.plan_name: "yes"}
+    assert "static, refittable" in rows[static.key.plan_name][4]
+    assert rows[elsewhere.key.plan_name][2].startswith("Other GPU (sm 9.0), TensorRT")
+
+
 def test_run_time_lora_loads_a_refittable_plan_where_one_serves(engine_copy, fake_tensorrt):
     from sdexport.build.tensorrt_build import build_engines
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     (refittable,) = build_engines(engine_copy, components=["unet"], refittable=True)
     (static,) = build_engines(engine_copy, components=["unet"], static=True)  # chosen last, not refittable
@@ -316,7 +339,7 @@ def test_run_time_lora_takes_a_refittable_plan_that_cuts_a_long_text_over_one_th
     it over a newer plan that reads the text whole but cannot take the LoRA."""
     from sdexport.build.tensorrt_build import build_engines
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     (one_chunk,) = build_engines(engine_copy, components=["unet"], refittable=True, static=True)
     (whole,) = build_engines(engine_copy, components=["unet"])  # chosen last, not refittable
@@ -337,7 +360,7 @@ def test_a_plan_serves_every_size_of_an_axis_its_inputs_do_not_read(engine_copy,
     from sdexport.build.tensorrt_build import build_engines
     from sdexport.errors import ProfileError
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     exported = load_manifest(engine_copy).shape_profile
     lo, opt, hi = exported.height
@@ -392,7 +415,7 @@ def test_serve_knows_before_triton_starts_whether_a_plan_covers_its_shapes(engin
     assert f'"height" value: {{ string_value: "{lo}:{lo}:{lo}" }}' in started[0]
     # told the static plan's shapes, the server loads it, though it reads fewer chunks than the export
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
     from sdexport.serving.triton_model import ServeSettings
 
     manifest = load_manifest(engine_copy, verify_files=False)

@@ -229,7 +229,7 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     from sdexport.build import vae_upcast
     from sdexport.manifest import load_manifest
     from sdexport.runtime.loading import load_pipeline
-    from sdexport.runtime.tensorrt_backend import select_engine
+    from sdexport.runtime.plan_choice import select_engine
 
     trt = fake_tensorrt.make_tensorrt("10.13.3.9")
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
@@ -358,7 +358,7 @@ def test_a_fallback_vae_without_a_plan_is_left_out_with_a_note(trt, tiny_fp16_en
     --components may have skipped it, and a run without it only loses the rerun. What the run needs
     is not: its missing plan is refused, before any plan is read."""
     from sdexport.manifest import load_manifest
-    from sdexport.runtime.tensorrt_backend import choose_plans
+    from sdexport.runtime.plan_choice import choose_plans
 
     Recorder(trt).install(monkeypatch)
     directory = _copy(tiny_fp16_engine_dir, tmp_path)

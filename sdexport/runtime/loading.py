@@ -241,7 +241,7 @@ def check_tensorrt_plans(engine_dir: Path, manifest: Manifest, *, image_inputs: 
     """Refuse, before anything loads, where ``load_pipeline`` over TensorRT would find no plan here
     for a part it loads (for ``request_profile``, where given): ``serve`` asks before Triton starts.
     (name, the shapes its plan takes) of each part the pipeline runs (not the fp32 reruns)."""
-    from sdexport.runtime.tensorrt_backend import entry_profile, plans_here
+    from sdexport.runtime.plan_choice import entry_profile, plans_here
 
     _, fallbacks, loaded = _parts(engine_dir, manifest, image_inputs)
     entries = plans_here(engine_dir, manifest, loaded, _optional(fallbacks), profile=request_profile,
