@@ -144,8 +144,9 @@ def plans_here(engine_dir: Path, manifest: Manifest, names: list[str], optional:
 def entry_profile(manifest: Manifest, entry: dict[str, Any], component: str) -> ShapeProfile:
     """The shapes ``component``'s plan ``entry`` serves: its build profile, but as wide as the
     export's on each axis its inputs' shapes do not depend on (the text encoder's image size, the
-    VAE's prompt chunks). A plan's cache key holds its inputs' shapes alone, so a build under a
-    profile that differs only there reuses an earlier plan, and its record, built under another."""
+    VAE's prompt chunks). A plan's cache key holds its inputs' shapes, not the profile they came
+    from, so a build under a profile that differs only there reuses an earlier plan, and its record,
+    built under another."""
     data = entry.get("profile")
     if not data:
         return manifest.shape_profile
