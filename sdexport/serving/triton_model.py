@@ -77,8 +77,8 @@ class ServeSettings:
     """How brackets are read in a request that sends no ``emphasis`` (``serve --emphasis``)."""
     shapes: tuple[tuple[str, Range], ...] = ()
     """(axis, min:opt:max) of the ``SERVED_AXES`` the server is told to take (``serve --height``):
-    TensorRT loads a plan that covers them, not the newest, and requests outside are refused.
-    Empty: whatever the engines take."""
+    TensorRT loads the newest plan that covers them, and requests outside are refused. Empty:
+    whatever the loaded engines take."""
 
     def to_parameters(self) -> dict[str, str]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
@@ -225,7 +225,8 @@ class ServedModel:
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
         self.served = settings.served_profile(manifest, self.refiner.manifest if self.refiner is not None else None)
-        """The shapes requests may ask for: the profile's, or those ``serve --height`` (etc.) named."""
+        """The shapes requests may ask for: the profile's, or those ``serve --height`` (etc.) named,
+        and once the engines load, only what all of them take (``taken_by_all``)."""
         wanted = settings.plan_profile(self.served)
         self.image_inputs = takes_init_images(engine_dir, manifest)
         self.guidance_embedded = self.refiner is None and bool(manifest.model_dims.G)
@@ -247,7 +248,11 @@ class ServedModel:
         pipelines = [self.pipeline, *([self.refining] if self.refining is not None else [])]
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
         # and a refiner less than the base model (served: both profiles' batches and sizes).
-        self.served = served = taken_by_all(self.served, loaded_profiles(pipelines))
+        try:
+            self.served = served = taken_by_all(self.served, loaded_profiles(pipelines))
+        except ProfileError:
+            self.close()
+            raise
         self.max_batch = served.batch[2]
         self.default_size = (served.height[1], served.width[1])
         engines = self.pipeline.profile  # (what the limit's refusal names: 16 times the engines' largest image)
