@@ -1074,10 +1074,15 @@ def _bare_tritonserver(repository: Path, ports: list[int], work: Path) -> tuple[
 
 
 def test_the_generated_repository_loads_in_tritonserver_and_answers(tiny_engine_dir, tmp_path):
+    """The stock server hands the model the shapes triton-repo wrote: its default size is their opt,
+    and a size outside them is refused in the model's words."""
+    from tritonclient.utils import InferenceServerException
+
     from sdexport.serving.client import generate
 
     repository = tmp_path / "repo"
-    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--backend", BACKEND) == 0
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", repository, "--backend", BACKEND, "--height", "64:64:128",
+                   "--width", "96") == 0
     assert sorted(p.relative_to(repository).as_posix() for p in repository.rglob("*") if p.is_file()) == [
         "sdexport-repository.json", "sdexport/1/model.py", "sdexport/config.pbtxt"]
     ports = _free_ports(3)
@@ -1085,7 +1090,9 @@ def test_the_generated_repository_loads_in_tritonserver_and_answers(tiny_engine_
     running = Server(command, ports, tmp_path / "tritonserver.log", env=env)
     try:
         [png] = generate(running.url, ["from the repository"], steps=2)
-        assert _png_pixels(png).shape == (128, 128, 3)
+        assert _png_pixels(png).shape == (64, 96, 3)
+        with pytest.raises(InferenceServerException, match="width 128 is outside this server's profile"):
+            generate(running.url, ["too wide"], steps=2, height=64, width=128)
     finally:
         running.stop()
 
