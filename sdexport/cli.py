@@ -1179,20 +1179,18 @@ def serve(
 
     from sdexport.runtime.loading import takes_init_images, verify_for_backend
 
-    verify_for_backend(engine_dir, manifest, resolved, settings.graphs,
-                       image_inputs=takes_init_images(engine_dir, manifest))
-    if refiner is not None:
-        verify_for_backend(refiner, refiner_manifest, resolved, settings.graphs)
+    # (the refiner starts from the base model's latents: no encoder)
+    pairs = [(engine_dir, manifest, takes_init_images(engine_dir, manifest)),
+             *([(refiner, refiner_manifest, False)] if refiner is not None else [])]
+    for directory, read, image_inputs in pairs:
+        verify_for_backend(directory, read, resolved, settings.graphs, image_inputs=image_inputs)
     if resolved == "tensorrt":  # a plan for this GPU (and the shapes served) for every part the model loads,
         from sdexport.runtime.loading import check_tensorrt_plans  # and a size all of them take
         from sdexport.serving.triton_model import taken_by_all
 
         wanted = settings.plan_profile(served)  # (as ServedModel loads)
-        plans = check_tensorrt_plans(engine_dir, manifest, image_inputs=takes_init_images(engine_dir, manifest),
-                                     request_profile=wanted)
-        if refiner is not None:
-            plans += check_tensorrt_plans(refiner, refiner_manifest, image_inputs=False, request_profile=wanted)
-        taken_by_all(served, plans)
+        taken_by_all(served, [plan for directory, read, image_inputs in pairs for plan in check_tensorrt_plans(
+            directory, read, image_inputs=image_inputs, request_profile=wanted)])
     settings = replace(settings, verify=False)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there

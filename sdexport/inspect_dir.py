@@ -127,17 +127,21 @@ def _print_plans(directory: Path, manifest: Manifest) -> None:
                           "(the one a build chose last)")
     for column in ("component", "plan", "for", "shapes", "build", "built", "loads"):
         table.add_column(column)
+    chosen: dict[tuple[str, str, str, str], str | None] = {}  # (part, platform) → the plan a run loads
     for name, record in records:
         try:
             key = EngineKey.from_dict(record["key"])
         except (KeyError, TypeError, ValueError):
             continue
-        try:
-            loaded = select_engine(directory, manifest, name, tensorrt_version=key.tensorrt_version,
-                                   gpu_name=key.gpu_name, compute_capability=key.compute_capability,
-                                   fp32=name in fp32)["path"] == record["path"]
-        except SdexportError:  # (every plan of that platform passed over: the note above says so)
-            loaded = False
+        here = (name, key.tensorrt_version, key.gpu_name, key.compute_capability)
+        if here not in chosen:
+            try:
+                chosen[here] = select_engine(directory, manifest, name, tensorrt_version=key.tensorrt_version,
+                                             gpu_name=key.gpu_name, compute_capability=key.compute_capability,
+                                             fp32=name in fp32)["path"]
+            except SdexportError:  # (every plan of that platform passed over: the note above says so)
+                chosen[here] = None
+        loaded = chosen[here] == record["path"]
         build = ["fp16 flag" if key.fp16 else "strongly typed" if key.strongly_typed else "fp32",
                  *(flag for flag, on in (("static", key.static), ("refittable", key.refittable)) if on),
                  *([f"opt level {key.optimization_level}"] if key.optimization_level is not None else [])]
