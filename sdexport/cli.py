@@ -1050,10 +1050,11 @@ _SERVE_EMPHASIS_HELP = ("How brackets are read in a request that sends no emphas
 def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_graphs: bool, max_steps: int,
                     engine_path: str | None = None, refiner: Path | None = None, denoising_end: float | None = None,
                     refiner_path: str | None = None, emphasis: str = "none",
-                    shapes: dict[str, str | None] | None = None) -> tuple[Any, Any, Any, Any]:
+                    shapes: dict[str, str | None] | None = None, *, command: str) -> tuple[Any, Any, Any, Any]:
     """The served model's manifest, its refiner's (None without ``--refiner``), its settings and the
     shapes it serves (``ServeSettings.served_profile``), with everything checked that can be before
-    a server starts. ``shapes``: ``--batch``, ``--height``, ``--width`` as given (None: not given)."""
+    a server starts. ``shapes``: ``--batch``, ``--height``, ``--width`` as given (None: not given);
+    ``command``: ``serve`` or ``triton-repo``, whose options the refusals name."""
     from sdexport.build.vae_upcast import upcast_parts
     from sdexport.manifest import load_manifest
     from sdexport.runtime.emphasis import check_mode
@@ -1092,7 +1093,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     settings = ServeSettings(engine_dir=engine_path or str(Path(engine_dir).absolute()), backend=backend, cuda_graph=cuda_graph,
                              graphs=graphs, max_steps=max_steps,
                              refiner=(refiner_path or str(Path(refiner).absolute())) if refiner is not None else "",
-                             denoising_end=end, emphasis=emphasis, shapes=narrowed)
+                             denoising_end=end, emphasis=emphasis, shapes=narrowed, set_by=command)
     refiner_manifest = paired.manifest if paired else None
     served = settings.served_profile(manifest, refiner_manifest)  # refused here, not in Triton's log
     return manifest, refiner_manifest, settings, served
@@ -1167,7 +1168,7 @@ def serve(
         refuse_inside_engine_dir(log_file, f"--log-file {log_file}")
     manifest, refiner_manifest, settings, served = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, refiner=refiner, denoising_end=denoising_end,
-        emphasis=emphasis, shapes={"batch": batch, "height": height, "width": width})
+        emphasis=emphasis, shapes={"batch": batch, "height": height, "width": width}, command="serve")
     from sdexport.runtime.loading import resolve_backend
     from sdexport.runtime.providers import require_backend
 
@@ -1190,7 +1191,7 @@ def serve(
 
         wanted = settings.plan_profile(served)  # (as ServedModel loads)
         taken_by_all(served, [plan for directory, read, image_inputs in pairs for plan in check_tensorrt_plans(
-            directory, read, image_inputs=image_inputs, request_profile=wanted)])
+            directory, read, image_inputs=image_inputs, request_profile=wanted)], settings.option)
     settings = replace(settings, verify=False)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
@@ -1249,7 +1250,7 @@ def triton_repo(
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
     manifest, refiner_manifest, settings, _ = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path, refiner, denoising_end, refiner_path,
-        emphasis, shapes={"batch": batch, "height": height, "width": width})
+        emphasis, shapes={"batch": batch, "height": height, "width": width}, command="triton-repo")
     from sdexport.serving.names import check_ascii
 
     check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)

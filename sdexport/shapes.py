@@ -7,7 +7,7 @@ optimization profiles and runtime request checks all come from one place.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Protocol
 
@@ -163,10 +163,11 @@ class ShapeProfile:
             )
 
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry, *,
-                      served: Collection[str] = ()) -> None:
+                      served: Mapping[str, str] | None = None) -> None:
         """Refuse a request the engines cannot serve, saying what they can (and what widens them:
-        export's option, or a bench scenario's ``[export]`` range). ``served``: the axes ``sdexport
-        serve`` was told to take (``--height``), whose refusals name its option instead."""
+        export's option, or a bench scenario's ``[export]`` range). ``served``: the axes a server
+        was told to take, each with the setting that told it (``sdexport serve --height``, or
+        config.pbtxt's ``height``), which their refusals name instead."""
         from sdexport.setting_names import option, setting
 
         m = dims.image_multiple
@@ -178,9 +179,9 @@ class ShapeProfile:
             if not lo <= value <= hi:
                 wider = option(f"--{axis}")
                 how = f"re-export or rebuild with a wider {wider}" if wider.startswith("--") else f"widen {wider}"
-                if axis in served:
+                if served and axis in served:
                     raise ProfileError(f"{setting(axis)} {value} is outside this server's profile: {axis} must be "
-                                       f"in [{lo}, {hi}] (sdexport serve --{axis})")
+                                       f"in [{lo}, {hi}] ({served[axis]})")
                 raise ProfileError(f"{setting(axis)} {value} is outside the engines' profile: {axis} must be in "
                                    f"[{lo}, {hi}] ({how})")
             if axis != "batch" and value % m:

@@ -616,7 +616,7 @@ def test_served_without_a_refiner_refuses_denoising_end(refiner_dir):
                                       "denoising_end": np.array([[0.5]], dtype=np.float32)}])
     finally:
         model.close()
-    assert refused == "denoising_end: this server runs no refiner after the model (sdexport serve --refiner)"
+    assert refused == "denoising_end: this server runs no refiner after the model (config.pbtxt parameter refiner)"
 
 
 def test_the_stock_servers_refiner_is_refused_as_its_config_names_it(tiny_sdxl_engine_dir):

@@ -236,7 +236,7 @@ def test_a_bad_request_gets_its_own_error_and_the_others_their_images(served):
     ])
     assert [len(r) if not isinstance(r, str) else r.split(";")[0] for r in results[:2]] == [1, "unknown scheduler 'warp'"]
     assert len(results[2]) == 2
-    assert results[3] == "steps 51: this server allows at most 50 steps (sdexport serve --max-steps)"
+    assert results[3] == "steps 51: this server allows at most 50 steps (config.pbtxt parameter max_steps)"
     assert "width 4096 is outside the engines' profile" in results[4]
     # the three good images (same settings) went through one call of two and one of one (batch limit 2)
     assert served.logs[-1].endswith("3 image(s) in 2 call(s) of 2, 1")
@@ -330,6 +330,22 @@ def test_served_shapes_round_trip_through_config_pbtxt_and_a_bad_one_is_refused_
     assert ServeSettings.unread({**parameters, "Height": "64", "EXECUTION_ENV_PATH": "/env.tar.gz"}) == ["Height"]
 
 
+def test_a_servers_refusals_name_the_lever_its_operator_has():
+    """``serve`` writes a temporary repository: its options. ``triton-repo`` writes one for the
+    stock server, whose operator edits config.pbtxt: its options while it writes, the parameters
+    once the server reads them."""
+    from sdexport.serving.triton_model import ServeSettings
+
+    served = ServeSettings("/e", set_by="serve")
+    assert ServeSettings.from_parameters(served.to_parameters()).option("max_steps") == "sdexport serve --max-steps"
+    written = ServeSettings("/e", set_by="triton-repo")
+    assert written.option("width") == "sdexport triton-repo --width"
+    assert "set_by" not in written.to_parameters()
+    assert ServeSettings.from_parameters(written.to_parameters()).option("max_steps") == "config.pbtxt parameter max_steps"
+    with pytest.raises(SdexportError, match="is not a valid value"):
+        ServeSettings.from_parameters({"engine_dir": "/e", "set_by": "triton-repo"})
+
+
 @pytest.mark.parametrize(("shapes", "message"), [
     ({"height": "64:64:512"}, ("the served shapes reach outside the engine directory's profile: height [64, 512] is "
                               "not inside [64, 256] (serve inside it, or re-export with a wider --height)")),
@@ -379,18 +395,19 @@ def test_a_server_takes_the_sizes_every_loaded_engine_takes():
     from types import SimpleNamespace
 
     from sdexport.errors import ProfileError
-    from sdexport.serving.triton_model import loaded_profiles, taken_by_all
+    from sdexport.serving.triton_model import ServeSettings, loaded_profiles, taken_by_all
     from sdexport.shapes import ShapeProfile
 
     exported = ShapeProfile((1, 1, 4), (256, 512, 1024), (256, 512, 1024))
     static = ShapeProfile((1, 1, 1), (768, 768, 768), (768, 768, 768))
     engines = {"text_encoder": SimpleNamespace(profile=exported), "unet": SimpleNamespace(profile=static)}
     base = loaded_profiles([SimpleNamespace(engines=engines)])
-    assert taken_by_all(exported, base) == replace(static, chunks=exported.chunks)
+    named = ServeSettings("/e", set_by="serve").option
+    assert taken_by_all(exported, base, named) == replace(static, chunks=exported.chunks)
     other = {"vae_decoder": SimpleNamespace(profile=ShapeProfile((1, 1, 1), (512, 512, 512), (512, 512, 512)))}
     with pytest.raises(ProfileError, match=r"^the engines share no height: vae_decoder takes 512-512, the rest "
-                                           r"768-768; build every part for one profile"):
-        taken_by_all(exported, loaded_profiles([SimpleNamespace(engines=engines), SimpleNamespace(engines=other)]))
+                                           r"768-768; build every part for one profile.*\(sdexport serve --height\)$"):
+        taken_by_all(exported, loaded_profiles([SimpleNamespace(engines=engines), SimpleNamespace(engines=other)]), named)
 
 
 def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(tiny_engine_dir, tmp_path, monkeypatch):
@@ -412,7 +429,8 @@ def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(
     assert '"height" value: { string_value: "64:64:128" }' in config and '"width" value: { string_value: "96:96:96" }' in config
     logs: list[str] = []
     shapes = (("batch", (1, 1, 1)), ("height", (64, 64, 128)), ("width", (96, 96, 96)))
-    model = ServedModel(ServeSettings(str(tiny_engine_dir), backend=BACKEND, shapes=shapes), log=logs.append)
+    model = ServedModel(ServeSettings(str(tiny_engine_dir), backend=BACKEND, shapes=shapes, set_by="serve"),
+                        log=logs.append)
     try:
         exported = model.pipeline.profile
         fewest = (exported.chunks[0],) * 3
@@ -844,7 +862,7 @@ def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_su
             except Exception as exc:
                 results[name] = exc
         assert results["good-1"].shape == results["good-2"].shape == (1, 1)  # type: ignore[union-attr]
-        assert "steps 1001: this server allows at most 1000 steps" in str(results["bad"])  # serve --max-steps 1000
+        assert "steps 1001: this server allows at most 1000 steps (sdexport serve --max-steps)" in str(results["bad"])
         # Triton counts a request after its response has gone out, so the last one may still be on its way.
         deadline = time.monotonic() + 10
         while (after := stats(client))[1] - inferences < 3 and time.monotonic() < deadline:
@@ -1091,7 +1109,8 @@ def test_the_generated_repository_loads_in_tritonserver_and_answers(tiny_engine_
     try:
         [png] = generate(running.url, ["from the repository"], steps=2)
         assert _png_pixels(png).shape == (64, 96, 3)
-        with pytest.raises(InferenceServerException, match="width 128 is outside this server's profile"):
+        with pytest.raises(InferenceServerException, match=r"width 128 is outside this server's profile: width must "
+                           r"be in \[96, 96\] \(config.pbtxt parameter width\)"):
             generate(running.url, ["too wide"], steps=2, height=64, width=128)
     finally:
         running.stop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +80,17 @@ class ServeSettings:
     """(axis, min:opt:max) of the ``SERVED_AXES`` the server is told to take (``serve --height``):
     TensorRT loads the newest plan that covers them, and requests outside are refused. Empty:
     whatever the loaded engines take."""
+    set_by: str = "config.pbtxt"
+    """Where this server's operator sets the settings above, so that a refusal names the lever:
+    ``serve`` (its options: the repository it writes is a temporary one), ``triton-repo`` (its
+    options, while it writes the repository), or ``config.pbtxt`` (the repository's parameters,
+    which the stock server reads and its operator edits)."""
+
+    def option(self, name: str) -> str:
+        """This server's setting ``name`` (``max_steps``) as its operator changes it."""
+        if self.set_by == "config.pbtxt":
+            return f"config.pbtxt parameter {name}"
+        return f"sdexport {self.set_by} --{name.replace('_', '-')}"
 
     def to_parameters(self) -> dict[str, str]:
         return {"engine_dir": self.engine_dir, "backend": self.backend, "cuda_graph": str(self.cuda_graph).lower(),
@@ -87,7 +99,8 @@ class ServeSettings:
                 **{name: value for name, value in (("engine_name", self.engine_name),
                                                    ("refiner_name", self.refiner_name)) if value},
                 **({"emphasis": self.emphasis} if self.emphasis != DEFAULTS["emphasis"] else {}),
-                **{axis: ":".join(map(str, values)) for axis, values in self.shapes}}
+                **{axis: ":".join(map(str, values)) for axis, values in self.shapes},
+                **({"set_by": "serve"} if self.set_by == "serve" else {})}  # (triton-repo's: config.pbtxt now)
 
     @classmethod
     def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
@@ -103,7 +116,8 @@ class ServeSettings:
                        engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""),
                        emphasis=_emphasis(parameters.get("emphasis", DEFAULTS["emphasis"])),
                        shapes=tuple((axis, parse_range(parameters[axis], axis, f"config.pbtxt parameter {axis}"))
-                                    for axis in SERVED_AXES if axis in parameters))
+                                    for axis in SERVED_AXES if axis in parameters),
+                       set_by={"serve": "serve", "config.pbtxt": "config.pbtxt"}[parameters.get("set_by", "config.pbtxt")])
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
 
@@ -124,7 +138,7 @@ class ServeSettings:
         exported = manifest.shape_profile
         common = exported
         if refiner is not None:
-            common = taken_by_all(exported, [("the refiner", refiner.shape_profile)])
+            common = taken_by_all(exported, [("the refiner", refiner.shape_profile)], self.option)
         if not self.shapes:
             return common
         profile = replace(common, **dict(self.shapes))
@@ -148,10 +162,12 @@ class ServeSettings:
         return replace(served, chunks=(fewest, fewest, fewest))
 
 
-def taken_by_all(served: ShapeProfile, parts: list[tuple[str, ShapeProfile]]) -> ShapeProfile:
+def taken_by_all(served: ShapeProfile, parts: list[tuple[str, ShapeProfile]],
+                 option: Callable[[str], str]) -> ShapeProfile:
     """``served``, its batches and sizes narrowed to what each of ``parts`` (a name, the shapes it
     takes) takes too: a TensorRT plan may take less than the directory's profile (a static one
-    built last, say), a refiner less than the base model. Refused in one line where they share none."""
+    built last, say), a refiner less than the base model. Refused in one line where they share none,
+    naming the server's setting of that axis as ``option`` (``ServeSettings.option``) gives it."""
     profile = served
     for name, theirs in parts:
         narrowed: dict[str, Range] = {}
@@ -162,7 +178,7 @@ def taken_by_all(served: ShapeProfile, parts: list[tuple[str, ShapeProfile]]) ->
                 raise ProfileError(
                     f"the engines share no {axis}: {name} takes {its[0]}-{its[2]}, the rest {ours[0]}-{ours[2]}; "
                     f"build every part for one profile (sdexport build with one --{axis} range), or serve a "
-                    f"{axis} all of them take (sdexport serve --{axis})")
+                    f"{axis} all of them take ({option(axis)})")
             narrowed[axis] = both
         profile = replace(profile, **narrowed)
     return profile
@@ -249,7 +265,7 @@ class ServedModel:
         # The engines may serve less than the directory's profile (a TensorRT plan built narrower),
         # and a refiner less than the base model (served: both profiles' batches and sizes).
         try:
-            self.served = served = taken_by_all(self.served, loaded_profiles(pipelines))
+            self.served = served = taken_by_all(self.served, loaded_profiles(pipelines), settings.option)
         except ProfileError:
             self.close()
             raise
@@ -274,7 +290,8 @@ class ServedModel:
         """Sizes first, before an init image is resized to one (a huge size would allocate gigabytes):
         what every loaded engine takes, narrowed where ``serve`` was told its shapes (a refusal on
         one of those names its option)."""
-        self.served.check_request(1, height, width, self.pipeline.dims, served=[axis for axis, _ in self.settings.shapes])
+        self.served.check_request(1, height, width, self.pipeline.dims,
+                                  served={axis: self.settings.option(axis) for axis, _ in self.settings.shapes})
 
     def check(self, row: Row) -> tuple[GenerationRequest, GenerationRequest]:
         """Refuse what ``sdexport run`` would refuse, and what this server does not allow; the row's
@@ -282,9 +299,10 @@ class ServedModel:
         refiner's half with a refiner, else the same request)."""
         if isinstance(row.steps, int) and row.steps > self.settings.max_steps:
             raise SdexportError(f"steps {row.steps}: this server allows at most {self.settings.max_steps} steps "
-                                "(sdexport serve --max-steps)")
+                                f"({self.settings.option('max_steps')})")
         if row.denoising_end is not None and self.refiner is None:
-            raise SdexportError("denoising_end: this server runs no refiner after the model (sdexport serve --refiner)")
+            raise SdexportError("denoising_end: this server runs no refiner after the model "
+                                f"({self.settings.option('refiner')})")
         request = generation_request([row])  # (images this model does not read: refused as decoded, ImageLimits)
         if self.refiner is None:
             self.pipeline.check(request)
