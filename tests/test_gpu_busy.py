@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import pytest
 import torch
 
@@ -36,6 +39,21 @@ def test_the_raw_intervals_are_the_profilers_events() -> None:
     assert union_length(raw) == pytest.approx(union_length(parsed), abs=len(raw))
 
 
+@pytest.mark.parametrize(("cuda", "kept"), [("12.4", True), ("12.6", False), ("13.0", False), (None, True)])
+def test_cupti_stays_up_between_sessions_where_its_restart_after_a_capture_crashes(monkeypatch, cuda, kept) -> None:
+    """Before CUDA 12.6, as PyTorch does for its own graphs (torch.compile's), for any contender's."""
+    from torch import profiler
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(profiler, "profile", lambda **kwargs: contextlib.nullcontext())
+    names = ("TEARDOWN_CUPTI", "DISABLE_CUPTI_LAZY_REINIT")  # (a copy: what is set here stays here)
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in names})
+    start_before_cuda_graphs()
+    assert (os.environ.get("TEARDOWN_CUPTI"), os.environ.get("DISABLE_CUPTI_LAZY_REINIT")) == (
+        ("0", "1") if kept else (None, None))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
 def test_without_cuda_says_why() -> None:
     assert measure_gpu_busy(lambda: None) == {"error": "no CUDA device"}
@@ -58,6 +76,8 @@ def test_kernels_replayed_from_a_cuda_graph_captured_after_the_start_are_seen() 
         for _ in range(10):
             b = a @ a
     result = measure_gpu_busy(graph.replay)
+    again = measure_gpu_busy(graph.replay)  # (a second session after a capture: the bench makes one per case)
+    assert "fraction" in again, again
     assert "fraction" in result, result
     assert result["kernels"] >= 10 and 0 < result["fraction"] <= 1
     del b

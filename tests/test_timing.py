@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import sys
+import time
 import types
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -181,6 +182,31 @@ def test_device_memory_is_sampled_through_nvml_not_cuda(monkeypatch):
     data = sampler.to_dict()
     assert data["device_used_before_mb"] == 100 and data["device_used_peak_mb"] == 300
     assert "device_note" not in data
+
+
+def test_an_nvml_failure_mid_run_leaves_out_the_device_figures_not_the_run(monkeypatch):
+    """A transient NVMLError in the sampler thread used to kill the thread silently, then raise out
+    of the block at its last sample, failing the contender whose timed runs were already done."""
+    from sdexport.bench import measure
+
+    nvml = _fake_nvml(monkeypatch, [100 << 20])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    calls = []
+
+    def flaky(handle):
+        calls.append(handle)
+        if len(calls) > 1:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+        return types.SimpleNamespace(used=100 << 20)
+
+    nvml.nvmlDeviceGetMemoryInfo = flaky  # type: ignore[attr-defined]
+    with measure.MemorySampler(interval=0.001) as sampler:
+        time.sleep(0.01)
+    data = sampler.to_dict()
+    assert len(calls) == 2  # no more calls once it failed
+    assert data["device_used_peak_mb"] is None and data["host_rss_peak_mb"] > 0
+    assert data["device_note"] == "not sampled: NVML failed during the run (RuntimeError: NVML_ERROR_GPU_IS_LOST)"
 
 
 def test_without_nvml_device_memory_is_reported_as_not_sampled(monkeypatch):

@@ -52,13 +52,24 @@ def start_before_cuda_graphs() -> None:
     (ONNX Runtime's, TensorRT's, torch.compile's): tracing first started after a capture may misread
     the kernels replayed from it (pytorch/pytorch#75504; PyTorch's own workaround,
     ``torch.profiler._utils._init_for_cuda_graphs``, is this empty session). Nothing without CUDA;
-    a profiler that cannot start here costs nothing either (``measure_gpu_busy`` says so later)."""
+    a profiler that cannot start here costs nothing either (``measure_gpu_busy`` says so later).
+
+    Each figure is a session of its own, so CUPTI is torn down and started again between them, in a
+    process that has captured graphs; before CUDA 12.6 that crashes. PyTorch keeps CUPTI up there
+    (``TEARDOWN_CUPTI=0``), but only for graphs it knows of (torch.compile's), not ONNX Runtime's or
+    TensorRT's: the same here, under the same condition, before the first session."""
+    import os
+
     import torch
 
     if not torch.cuda.is_available():
         return
     from torch.profiler import ProfilerActivity, profile
+    from torch.torch_version import TorchVersion
 
+    if TorchVersion(torch.version.cuda or "0.0") < "12.6":
+        os.environ.setdefault("DISABLE_CUPTI_LAZY_REINIT", "1")
+        os.environ.setdefault("TEARDOWN_CUPTI", "0")
     try:
         with profile(activities=[ProfilerActivity.CUDA]):
             pass

@@ -97,13 +97,25 @@ class MemorySampler:
         self.device_peak = 0
         self.host_before = 0
         self.device_before = 0
+        self.device_error: str | None = None
+        """Why NVML stopped answering mid-run (a transient NVMLError, a GPU lost): the device figures
+        are then left out, not an under-count, and the run's own figures stand."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _device(self) -> int:
+        """NVML's reading, or 0 once it failed (recorded in ``device_error``; no more calls)."""
+        if self.device_used is None or self.device_error is not None:
+            return 0
+        try:
+            return self.device_used()
+        except Exception as exc:  # pynvml.NVMLError: not worth the contender's timed figures
+            self.device_error = f"{type(exc).__name__}: {exc}"
+            return 0
+
     def _sample(self) -> None:
         self.host_peak = max(self.host_peak, _rss_bytes())
-        if self.device_used is not None:
-            self.device_peak = max(self.device_peak, self.device_used())
+        self.device_peak = max(self.device_peak, self._device())
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -112,7 +124,7 @@ class MemorySampler:
 
     def __enter__(self) -> Self:
         self.host_before = _rss_bytes()
-        self.device_before = self.device_used() if self.device_used is not None else 0
+        self.device_before = self._device()
         self._thread.start()
         return self
 
@@ -123,7 +135,7 @@ class MemorySampler:
 
     def to_dict(self) -> dict[str, float | str | None]:
         mb = 1024**2
-        sampled = self.device_used is not None
+        sampled = self.device_used is not None and self.device_error is None
         data: dict[str, float | str | None] = {
             "host_rss_peak_mb": self.host_peak / mb,
             "host_rss_before_mb": self.host_before / mb,
@@ -131,7 +143,9 @@ class MemorySampler:
             "device_used_before_mb": self.device_before / mb if sampled else None,
             "device_floor_mb": self.floor / mb if sampled and self.floor is not None else None,
         }
-        if self.cuda and not sampled:
+        if self.device_error is not None:
+            data["device_note"] = f"not sampled: NVML failed during the run ({self.device_error})"
+        elif self.cuda and not sampled:
             data["device_note"] = "not sampled: NVML unavailable (pip install nvidia-ml-py)"
         return data
 
