@@ -336,3 +336,29 @@ def test_a_cuda_graph_pipeline_follows_a_change_of_prompt_chunks(fused_dir: Path
         fused(REQUEST)
         a, b = fused(long), portable(long)
     assert _rel_l2(a.latents, b.latents) < 3e-2
+
+
+def test_the_bench_measures_on_the_gpu_as_the_lease_will(tmp_path):
+    """The harness's CUDA paths, in seconds on the tiny model, before the lease's benchmarks spend
+    minutes on them: CUDA-event stages, the GPU-busy run, NVML's device memory, the fp16 baseline
+    and the ratio to it (the bench's own tests run it on the CPU)."""
+    import importlib.util
+    import json
+
+    from conftest import run_cli
+
+    contenders = ["diffusers", "torch", *([] if _ort_cuda_missing() else ["onnxruntime-cuda"])]
+    scenario = tmp_path / "gpu.toml"
+    scenario.write_text(f'model = "tiny"\nheight = 64\nwidth = 64\nscheduler = "euler"\nsteps = [3]\nbatch = [1]\n'
+                        f"warmup = 1\nrepeats = 2\ncontenders = {json.dumps(contenders)}\n")
+    assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    results = {r["contender"]: r for r in report["results"]}
+    assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(contenders, "measured")
+    for name, r in results.items():
+        assert r["stage_clock"] == "cuda events", name
+        assert "fraction" in r["gpu_busy"], (name, r["gpu_busy"])
+        if importlib.util.find_spec("pynvml") is not None:
+            assert r["memory"]["device_used_peak_mb"] is not None, (name, r["memory"])
+        if name != "diffusers":
+            assert r["speedup_vs_baseline"] > 0 and "psnr_db" in r["agreement"], (name, r)

@@ -200,20 +200,22 @@ def _run(
     results = tally.results
     total_runs = len(contenders) * len(scenario.cases) * (warmup + repeats)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal) as progress:
+                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal,
+                  auto_refresh=False) as progress:  # (no redraw thread taking Python's lock in a timed run)
         task = progress.add_task("benchmark", total=total_runs)
 
         def advance() -> None:
             """One timed run is done; also where a Ctrl-C or SIGTERM whose KeyboardInterrupt was
             dropped on the way (``sdexport.stopping``) stops the case, as one that arrived would."""
             progress.advance(task)
+            progress.refresh()  # between runs, never inside one
             stopping.check()
 
         try:
             for name in contenders:
                 began = time.perf_counter()
                 tally.start(name)
-                progress.update(task, description=f"{name}: loading")
+                progress.update(task, description=f"{name}: loading", refresh=True)
                 try:
                     check_available(name)
                     for built, what in zip((engine_dir, refiner_dir), EXPORTS):
@@ -252,7 +254,7 @@ def _run(
                 try:
                     for case in scenario.cases:
                         tally.case = case
-                        progress.update(task, description=f"{name}: {case.label}")
+                        progress.update(task, description=f"{name}: {case.label}", refresh=True)
                         try:
                             entry = _measure(contender, scenario, case, warmup, repeats, advance, floor)
                         except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
