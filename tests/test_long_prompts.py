@@ -52,6 +52,16 @@ def test_a_chunk_holds_75_tokens_and_a_full_one_wraps_after_its_last_comma(tok):
     assert _chunk_sizes("", tok) == [0]  # an empty text is one (empty) chunk, as A1111's
 
 
+def test_the_last_chunk_read_keeps_the_words_after_its_comma_as_diffusers_reads_them(tok):
+    """Read in one chunk (the bench, whose baseline is diffusers; an adopted 77-token export), a
+    text is diffusers' first 75 tokens: the wrap would hand up to 20 of them to a chunk that is cut."""
+    assert _chunk_sizes(LONG, tok, limit=1) == [75]
+    diffusers = tok(LONG, padding="max_length", max_length=77, truncation=True).input_ids
+    assert token_ids([LONG], tok, 77)[0][0, 0].tolist() == diffusers
+    wrapped = _chunk_sizes(LONG, tok, limit=2)  # (a chunk before the last read still wraps)
+    assert wrapped[0] < 75 and wrapped == _chunk_sizes(LONG, tok, limit=9)
+
+
 def test_break_starts_a_chunk_where_emphasis_reads_the_syntax(tok):
     assert _chunk_sizes("a cat BREAK a hat", tok, "original") == [len(_tokens("a cat", tok)), len(_tokens("a hat", tok))]
     assert _chunk_sizes("a cat BREAK", tok, "original") == [len(_tokens("a cat", tok))]  # nothing after it
@@ -162,12 +172,14 @@ def test_the_benchmark_reads_one_chunk_as_its_baseline_does(tiny_engine_dir, cap
 
     contender = RuntimeContender("onnxruntime-cpu", tiny_engine_dir)
     pipeline = contender.pipeline
-    assert pipeline.prompt_chunks == 1 and pipeline.chunk_count(REQUEST) == 1
-    cut = pipeline.truncations(REQUEST)["prompt"][0]
+    # (cut between words, at token 75: a word cut in two is recorded as text that reads otherwise)
+    request = dataclasses.replace(REQUEST, prompt=[", ".join(["a"] * 60)])
+    assert pipeline.prompt_chunks == 1 and pipeline.chunk_count(request) == 1
+    cut = pipeline.truncations(request)["prompt"][0]
     said = " ".join(capsys.readouterr().err.split())
     assert f"longer than the 77 tokens read here ({BASELINE_READS})" in said
-    read = contender(REQUEST, stages=False).latents
-    assert torch.equal(read, contender(dataclasses.replace(REQUEST, prompt=[cut]), stages=False).latents)
+    read = contender(request, stages=False).latents
+    assert torch.equal(read, contender(dataclasses.replace(request, prompt=[cut]), stages=False).latents)
     contender.close()
 
 
@@ -179,7 +191,9 @@ def test_sdxl_reads_both_encoders_in_as_many_chunks(tiny_sdxl_engine_dir):
     got = pipeline.encode_prompt(request)
     assert got["encoder_hidden_states"].shape[1] == 2 * 77
     whole = pipeline.encode_prompt(dataclasses.replace(request, prompt_2=None))
-    first_chunk = kept_text(LONG, pipeline.tokenizer_2, 77, limit=1)
+    [[first, _]] = text_chunks([LONG], pipeline.tokenizer_2, 77, limit=2)  # (it ends at a comma: the wrap)
+    first_chunk = ", ".join(["a red fox"] * [unit for unit, _ in first].count(tuple(_tokens(",", pipeline.tokenizer_2)))) + ","
+    assert [unit for unit, _ in first] == [(token,) for token in _tokens(first_chunk, pipeline.tokenizer_2)]
     alone = pipeline.encode_prompt(dataclasses.replace(request, prompt=[first_chunk], prompt_2=None))
     assert alone["encoder_hidden_states"].shape[1] == 77
     assert torch.allclose(whole["text_embeds"], alone["text_embeds"], atol=1e-5)

@@ -72,10 +72,13 @@ def _runs(text: str, tokenizer: Any, emphasis: str) -> list[tuple[str | None, fl
 Chunk = list[tuple[Unit, float]]
 
 
-def _chunked(runs: list[tuple[str | None, float, list[Unit]]], room: int, comma: int | None) -> list[Chunk]:
+def _chunked(runs: list[tuple[str | None, float, list[Unit]]], room: int, comma: int | None,
+             limit: int | None = None) -> list[Chunk]:
     """The runs' units in A1111's chunks of ``room`` tokens (``tokenize_line``): a chunk ends when it
     is full, before a word of several vectors that does not fit, and at ``BREAK``; a full chunk
-    gives the words after its last comma (within ``COMMA_BACKTRACK``) to the next. Units stay in
+    gives the words after its last comma (within ``COMMA_BACKTRACK``) to the next, unless it is the
+    ``limit``-th, the last one read: its words would move into a chunk that is cut (one chunk read
+    is then diffusers' 75 tokens, where the wrap would cut at the comma). Units stay in
     order, so the first chunks read a prefix of the text."""
     chunks: list[Chunk] = []
     chunk: Chunk = []
@@ -92,7 +95,8 @@ def _chunked(runs: list[tuple[str | None, float, list[Unit]]], room: int, comma:
         for unit in found:
             if unit == (comma,):
                 last_comma = len(chunk)
-            elif size(chunk) == room and last_comma != -1 and size(chunk[last_comma:]) <= COMMA_BACKTRACK:
+            elif (size(chunk) == room and last_comma != -1 and size(chunk[last_comma:]) <= COMMA_BACKTRACK
+                  and (limit is None or len(chunks) < limit - 1)):  # the last chunk read keeps its words
                 chunks.append(chunk[:last_comma + 1])
                 chunk, last_comma = chunk[last_comma + 1:], -1
             if size(chunk) + len(unit) > room and chunk:
@@ -114,7 +118,7 @@ def text_chunks(texts: list[str], tokenizer: Any, length: int, emphasis: str = "
     """Each text's chunks as the encoder reads them, at most ``limit`` (what follows is cut:
     ``kept_text`` says what is read)."""
     comma = _comma(tokenizer)
-    return [_chunked(_runs(text, tokenizer, emphasis), length - 2, comma)[:limit] for text in texts]
+    return [_chunked(_runs(text, tokenizer, emphasis), length - 2, comma, limit)[:limit] for text in texts]
 
 
 def chunk_tensors(chunked: list[list[Chunk]], tokenizer: Any, length: int,
@@ -153,7 +157,7 @@ def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none", li
     fits. A word of several vectors is read whole or not at all. Weighed (``emphasis``), the part
     is written back in A1111's syntax with each run's exact weight (and its ``BREAK``s)."""
     runs, comma = _runs(text, tokenizer, emphasis), _comma(tokenizer)
-    read = _chunked(runs, length - 2, comma)[:limit]
+    read = _chunked(runs, length - 2, comma, limit)[:limit]
     room = sum(map(len, read))
     if room == sum(len(found) for _, _, found in runs):
         return None
@@ -167,7 +171,7 @@ def kept_text(text: str, tokenizer: Any, length: int, emphasis: str = "none", li
                 kept += [*waiting, (_cut_text([unit[0] for unit in found[:room]], tokenizer, piece or ""), weight)]
             else:  # BREAKs at the cut: as many as start the (empty) chunks that are read
                 marks = [mark for mark in waiting if mark[0] is BREAK]
-                while marks and len(_chunked(_runs(written(kept), tokenizer, emphasis), length - 2, comma)) < len(read):
+                while marks and len(_chunked(_runs(written(kept), tokenizer, emphasis), length - 2, comma, limit)) < len(read):
                     kept.append(marks.pop(0))
             break
         if found:
