@@ -97,6 +97,10 @@ def test_progress_says_each_step_once_and_each_contender_without_a_terminal(benc
     assert err.count("Loading tiny") == 1 and err.count("Reading tiny's configs") == 1
     assert "✓ diffusers: 2 of 2 case(s) measured" in err
     assert "✓ onnxruntime-cpu: 2 of 2 case(s) measured" in err
+    report = json.loads((out / "results.json").read_text())
+    medians = [f"batch {r['case']['batch']}, 3 steps {r['e2e_s']['median']:.3f} s" for r in report["results"]
+               if r["contender"] == "diffusers" and r["status"] == "measured"]
+    assert re.search(r"✓ diffusers: 2 of 2 case\(s\) measured \(\d+\.\d s\): " + re.escape("; ".join(medians)), err)
     assert "\x1b[" not in err
 
 

@@ -29,7 +29,9 @@
 # for a step's kill grace (15 s) and the last pack. Every step packs the results so far into
 # $OUT/lease-results.tar.gz, so a call cut short still brings back what it measured. A benchmark
 # the budget cuts short writes the report of what it measured on SIGTERM (its contenders finished
-# before it, marked as interrupted); its step waits the grace for that before packing.
+# before it, marked as interrupted); its step waits the grace for that before packing. One killed
+# before it wrote that (a native call that outlasted the grace) leaves each finished contender's
+# medians in lease.log, the bench's line per contender.
 #
 # The order, most valuable first: the export (SD 1.5 fp16 took 256 s on this project's 2-core CI
 # machine; it runs on the CPU there too) beside the GPU tests; the baseline against the runtime

@@ -272,10 +272,12 @@ def _run(
                     contender.close()
                     del contender
                     _free_device()
-                # a line per contender: the bar above is for terminals; a CI log sees these
+                # a line per contender: the bar above is for terminals; a CI log sees these, with each
+                # case's median (a run killed before its report is written still leaves them in its log)
                 mark = "[green]✓[/]" if tally.measured else "[yellow]✗[/]"
+                medians = "; ".join(f"{case.label} {entry['e2e_s']['median']:.3f} s" for case, entry in tally.measured)
                 console.print(f"{mark} {name}: {len(tally.measured)} of {len(scenario.cases)} case(s) measured "
-                              f"[dim]({time.perf_counter() - began:.1f} s)[/]")
+                              f"[dim]({time.perf_counter() - began:.1f} s)[/]" + (f": {medians}" if medians else ""))
                 tally.settle()
             tally.stage = "finished"
             shield.engage()
