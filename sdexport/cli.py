@@ -544,14 +544,13 @@ def run(
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
-        if size_from_image and images:
-            raise ProfileError(f"{exc} (the size of --init-image; pass --height/--width" + (
-                " with --fit resize or --fit crop)" if fit == "exact" else f": --fit {fit} fits the image to them)")) from None
-        if size_from_image:
-            flag = "--control-image" if any(picture is c for c in controls) else "--adapter-image"
-            raise ProfileError(f"{exc} (the size of the first {flag}; pass --height/--width: "
-                               f"{flag[2:].replace('-', ' ')}s are resized to them)") from None
-        raise
+        if not size_from_image:
+            raise
+        from sdexport.runtime.image_inputs import sized_by
+
+        taken_from = ("init_image" if images else "control_image" if any(picture is c for c in controls)
+                      else "adapter_image")
+        raise ProfileError(f"{exc} ({sized_by(taken_from, fit)})") from None
     image_path = _output_path(output)
     if output.endswith(("/", os.sep)):  # Path() drops the separator: a file named like the folder would be written
         raise SdexportError(f"-o {output}: a folder (it ends in a separator); give a file name such as "

@@ -366,7 +366,7 @@ def test_tensorrt_profiles_cover_the_features(engine_dirs, tmp_path, monkeypatch
     (["--adapter-image", "{img}", "--adapter-image", "{img}", "--adapter-image", "{img}", "-p", "y"],
      "3 adapter images for 2 prompts"),
     (["--adapter-image", "{bad}"], "--adapter-image {bad}: not a readable image"),
-    (["--adapter-image", "{big}"], "(the size of the first --adapter-image; pass --height/--width"),
+    (["--adapter-image", "{big}"], "(the size of the first --adapter-image; give --height and --width"),
     (["--adapter-image", "{img}", "--adapter-factor", "1.5"], "--adapter-factor 1.5: a fraction of the steps"),
     (["--adapter-image", "{img}", "--batch", "2", "--adapter-factor", "0.5", "--adapter-factor", "2"],
      "--adapter-factor 2 (image 2 of 2): a fraction of the steps"),

@@ -627,7 +627,7 @@ def no_engines(monkeypatch):
     (["--control-image", "{img}", "--control-image", "{img}"], "2 control images (--control-image) for 1 ControlNet"),
     (["--control-image", "{bad}"], "--control-image {bad}: not a readable image"),
     (["--control-image", "{img}", "--height", "512", "--width", "512"], "height 512 is outside the engines' profile"),
-    (["--control-image", "{big}"], "(the size of the first --control-image; pass --height/--width"),
+    (["--control-image", "{big}"], "(the size of the first --control-image; give --height and --width"),
     (["--control-image", "{img}", "--control-start", "0.6", "--control-end", "0.5"], "--control-start 0.6 is not before"),
     (["--control-image", "{img}", "--control-end", "1.5"], "--control-end 1.5: a fraction of the steps"),
     (["--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"], "--control-scale: 2 values for 1"),

@@ -231,10 +231,10 @@ def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
         (["--init-image", "{missing}"], "no such file"),
         (["--init-image", "{image}", "--height", "64", "--width", "64"],
          "is 64x128 (HxW), the request 64x64: pass --height 64 --width 128"),
-        (["--init-image", "{wide}"], "(the size of --init-image; pass --height/--width with --fit"),
+        (["--init-image", "{wide}"], "(the size of --init-image; give --height and --width with --fit"),
         (["--init-image", "{wide}", "--height", "64", "--width", "64"],  # its own size is not suggested
          "is 96x200 (HxW), the request 64x64: pass --fit resize / --fit crop to make it fit (its own size is no multiple"),
-        (["--init-image", "{wide}", "--fit", "crop"], "pass --height/--width: --fit crop fits the image to them)"),
+        (["--init-image", "{wide}", "--fit", "crop"], "give --height and --width: --fit crop fits the image to them)"),
         (["--init-image", "{image}", "--height", "64"], "give both --height and --width, or neither"),
         (["--mask", "{mask}"], "--mask needs --init-image"),
         (["--init-image", "{image}", "--init-image", "{image}"], "--init-image given 2 times: one per run"),

@@ -445,7 +445,7 @@ def test_a_server_told_its_shapes_takes_those_alone_and_sizes_a_request_by_them(
                               "(sdexport serve --width)")
         assert results[3].startswith("height 512 is outside this server's profile: height must be in [64, 128]")
         assert results[4] == ("width 128 is outside this server's profile: width must be in [96, 96] (sdexport serve "
-                              "--width) (the size of init_image; send height and width with fit resize or fit crop)")
+                              "--width) (the size of init_image; give height and width with fit=resize or fit=crop)")
         assert not isinstance(results[2], str) and len(results[2]) == 2  # in two calls of one
         assert logs[-1].endswith("3 image(s) in 3 call(s) of 1, 1, 1")
     finally:
@@ -456,7 +456,7 @@ def test_a_size_taken_from_an_image_says_so_when_refused(served):
     big = _png_of(np.zeros((512, 512, 3), np.uint8))  # above the tiny engines' largest side
     [init] = served.generate([_inputs(["x"], steps=2, init_image=big, fit="resize")])
     assert isinstance(init, str) and init.endswith(
-        "(the size of init_image; send height and width: fit resize fits the image to them)"), init
+        "(the size of init_image; give height and width: fit=resize fits the image to them)"), init
 
 
 def _declaring(width: int, height: int) -> bytes:

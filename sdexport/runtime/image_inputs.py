@@ -227,3 +227,15 @@ def per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     if tensor.shape[0] == batch:
         return tensor
     return tensor.repeat(batch // tensor.shape[0], 1, 1, 1)
+
+
+def sized_by(name: str, fit: str) -> str:
+    """What a refusal of a size taken from the image of the input ``name`` (``init_image``, else the
+    first ``control_image`` or ``adapter_image``) adds: whose size it was, and how to give one, named
+    as the caller names settings (``run``'s options, a served request's inputs)."""
+    sides = f"{setting('height')} and {setting('width')}"
+    if name == "init_image":
+        how = (f" with {assigned('fit', 'resize')} or {assigned('fit', 'crop')}" if fit == "exact"
+               else f": {assigned('fit', fit)} fits the image to them")
+        return f"the size of {setting(name)}; give {sides}{how}"
+    return f"the size of the first {setting(name)}; give {sides}: {name.replace('_', ' ')}s are resized to them"

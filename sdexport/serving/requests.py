@@ -219,18 +219,11 @@ def image_of_request(i: int, images: int) -> str:
     return f" (image {i + 1} of the request)" if images > 1 else ""
 
 
-def _sized_by(name: str, fit: str) -> str:
-    """What a refusal of a size a request took from its image ``name`` adds, as ``run`` says it."""
-    if name == "init_image":
-        return "the size of init_image; send height and width" + (
-            " with fit resize or fit crop" if fit == "exact" else f": fit {fit} fits the image to them")
-    return f"the size of the first {name}; send height and width: {name.replace('_', ' ')}s are resized to them"
-
-
 def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int],
                 check_size: Callable[[int, int], None] | None, first_size: tuple[int, int] | None = None,
                 emphasis: str = DEFAULTS["emphasis"], limits: ImageLimits | None = None) -> Row:
     from sdexport.runtime.image_inputs import decode_image, fit_image
+    from sdexport.runtime.image_inputs import sized_by as sized_by_image
 
     def one(name: str) -> Any:
         value = inputs.get(name)
@@ -282,7 +275,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             except ProfileError as exc:
                 if sized_by is None:
                     raise
-                raise ProfileError(f"{exc} ({_sized_by(sized_by, fit)})") from None
+                raise ProfileError(f"{exc} ({sized_by_image(sized_by, fit)})") from None
         if has_no_text(text["prompt"] or "", text["prompt_2"]):
             raise SdexportError("prompt: empty; send the text to generate from (for SDXL, in prompt or prompt_2)")
         seed = _number(one("seed"), "seed", int)
