@@ -143,7 +143,8 @@ def _print_plans(directory: Path, manifest: Manifest) -> None:
                 chosen[here] = None
         loaded = chosen[here] == record["path"]
         build = ["fp16 flag" if key.fp16 else "strongly typed" if key.strongly_typed else "fp32",
-                 *(flag for flag, on in (("static", key.static), ("refittable", key.refittable)) if on),
+                 *(flag for flag, on in (("TF32", key.tf32), ("static", key.static),
+                                         ("refittable", key.refittable)) if on),
                  *([f"opt level {key.optimization_level}"] if key.optimization_level is not None else [])]
         table.add_row(name, Path(record["path"]).name, f"{key.gpu_name} (sm {key.compute_capability}), TensorRT "
                       f"{key.tensorrt_version}", profile_text(entry_profile(manifest, record, name)), ", ".join(build),

@@ -82,7 +82,7 @@ def test_notes_for_requests_read_differently():
     assert "fp16" in resolve_precision(fp16=False, strongly_typed=False, onnx_dtype="fp16",
                                        always_fp32=False, weak_typing=True).note
     forced = resolve_precision(fp16=True, strongly_typed=True, onnx_dtype="fp32", always_fp32=False, weak_typing=True)
-    assert forced == Precision(False, True, forced.note) and "fp32" in forced.note
+    assert forced == Precision(False, True, note=forced.note) and "fp32" in forced.note
 
 
 # -- build: what polygraphy is asked for ------------------------------------------------------
@@ -137,6 +137,7 @@ def build_profiles(monkeypatch, tmp_path: Path, version: str, engine_dir: Path, 
     directory = tmp_path / "d"
     shutil.copytree(engine_dir, directory)
     tensorrt_build.build_engines(directory, fp16=False, components=components, timing_cache=tmp_path / "timing.cache")
+    assert not any(b["tf32"] for b in recorder.builds)  # asked for fp32: exact fp32
     return recorder.builds
 
 
@@ -159,6 +160,7 @@ def test_fp16_export_builds_strongly_typed_on_both_majors(trt, tiny_fp16_engine_
     for result, build in zip(results, recorder.builds):
         fallback = result.component == "vae_decoder_fp32"  # an fp32 graph: weakly typed fp32 on 10
         assert result.key.strongly_typed == build["strongly_typed"] == (not (fallback and weak))
+        assert result.key.tf32 == build["tf32"] == fallback  # fp32 for range, at tensor-core speed
         assert not result.key.fp16
         assert result.key.tensorrt_version == trt.__version__
         assert result.path.read_bytes().startswith(b"plan for ")
@@ -180,6 +182,7 @@ def test_sdxl_fp16_build_leaves_out_the_vae_parts_the_runtime_does_not_load(trt,
     built = ["text_encoder", "text_encoder_2", "unet", "vae_decoder_fp32", "vae_encoder_fp32"]
     assert [r.component for r in results] == built
     assert [r.key.fp16 for r in results[3:]] == [False, False]
+    assert [r.key.tf32 for r in results] == [False, False, False, True, True]  # the VAE's fp32, with TF32
     assert ("not building vae_decoder (vae_decoder_fp32 runs) and vae_encoder (vae_encoder_fp32 runs)"
             in " ".join(capsys.readouterr().err.split()))
     manifest = load_manifest(directory)  # what load_pipeline hands the TensorRT loader: the plans built
@@ -200,6 +203,7 @@ def test_sdxl_fp32_build_keeps_the_vae_decoder_fp32_under_the_fp16_flag(tiny_sdx
     results = tensorrt_build.build_engines(_copy(tiny_sdxl_engine_dir, tmp_path), components=["unet", "vae_decoder"])
     assert [(r.component, r.key.fp16) for r in results] == [("unet", True), ("vae_decoder", False)]
     assert [b["fp16"] for b in recorder.builds] == [True, False]
+    assert [b["tf32"] for b in recorder.builds] == [False, True]
     assert "keeping vae_decoder fp32: the VAE's config sets force_upcast" in " ".join(capsys.readouterr().err.split())
 
 

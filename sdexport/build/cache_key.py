@@ -18,9 +18,10 @@ from typing import Any
 
 from sdexport.build.profiles import ShapeRange
 
-KEY_VERSION = 2
+KEY_VERSION = 3
 """Bumped when the meaning of a field changes, so that older plans stop matching. 2: ``fp16`` and
-``strongly_typed`` record the builder flag and typing mode actually used, not the ones requested."""
+``strongly_typed`` record the builder flag and typing mode actually used, not the ones requested.
+3: ``tf32`` (before, polygraphy built every plan without TF32, which the key did not say)."""
 
 DIGEST_LENGTH = 16
 """Hex characters of the sha256 kept in file names: 64 bits, plenty for a handful of plans."""
@@ -73,6 +74,8 @@ class EngineKey:
     """The fp16 builder flag was set (weak typing, TensorRT 10 only)."""
     strongly_typed: bool = False
     """Precisions came from the graph (always on TensorRT 11; for fp16 graphs on 10)."""
+    tf32: bool = False
+    """fp32 layers may use TF32 (``tensorrt_build.Precision.tf32``)."""
     refittable: bool = False
     optimization_level: int | None = None
     """TensorRT's builder optimization level (0-5); None: TensorRT's default (3)."""
@@ -91,6 +94,7 @@ class EngineKey:
         compute_capability: str,
         fp16: bool = True,
         strongly_typed: bool = False,
+        tf32: bool = False,
         refittable: bool = False,
         optimization_level: int | None = None,
         static: bool = False,
@@ -108,6 +112,7 @@ class EngineKey:
             compute_capability=compute_capability,
             fp16=fp16,
             strongly_typed=strongly_typed,
+            tf32=tf32,
             refittable=refittable,
             optimization_level=optimization_level,
             static=static,
@@ -175,6 +180,7 @@ class EngineKey:
         for flag, label in (
             ("fp16", "fp16 builder flag"),
             ("strongly_typed", "strongly typed"),
+            ("tf32", "TF32"),
             ("refittable", "refittable"),
             ("static", "static shapes"),
         ):

@@ -99,6 +99,10 @@ class Precision:
 
     fp16_flag: bool
     strongly_typed: bool
+    tf32: bool = False
+    """fp32 layers may use TF32 tensor cores (fp32's range, a 10-bit mantissa in matrix products):
+    for the parts an fp16 build keeps fp32 for range, the VAE's, as NVIDIA's diffusion demo builds
+    its VAE. polygraphy otherwise clears TensorRT's TF32 flag, which is on by default."""
     note: str = ""
     """Why the request was read differently (printed once by the build)."""
 
@@ -119,13 +123,14 @@ def resolve_precision(
     * An fp32 graph with ``fp16`` on TensorRT 10: weak typing and the fp16 flag (TensorRT picks fp16
       kernels where it likes). On TensorRT 11 there is no such flag: refused, saying to export fp16.
     * ``strongly_typed`` forces strong typing on TensorRT 10 too: an fp32 graph gives fp32 engines.
-    * ``always_fp32`` (the fallback VAE decoder) stays fp32 whatever is asked.
+    * ``always_fp32`` (the fallback VAE decoder) stays fp32 whatever is asked; in an fp16 build it
+      computes with TF32 (``Precision.tf32``), not in a build asked for fp32 (``--fp32``: exact fp32).
     """
     if onnx_dtype == "fp16":
         note = "" if fp16 else "the ONNX graph is fp16, so its engine is fp16 too (--fp32 needs an fp32 export)"
         return Precision(fp16_flag=False, strongly_typed=True, note=note)
     if always_fp32 or not fp16:
-        return Precision(fp16_flag=False, strongly_typed=strongly_typed or not weak_typing)
+        return Precision(fp16_flag=False, strongly_typed=strongly_typed or not weak_typing, tf32=fp16)
     if not weak_typing:
         raise SdexportError(
             "this TensorRT has no fp16 builder flag (TensorRT 11 builds every network strongly typed, "
@@ -318,6 +323,7 @@ def _build_locked(
             compute_capability=capability,
             fp16=precision.fp16_flag,
             strongly_typed=precision.strongly_typed,
+            tf32=precision.tf32,
             refittable=refittable,
             optimization_level=optimization_level,
             static=static or target.is_static,
@@ -400,7 +406,8 @@ def _describe(key: EngineKey, precision: str) -> str:
     first = key.inputs[0]
     lo, opt, hi = first[1]
     shapes = f"{first[0]} {list(lo)}" if lo == hi else f"{first[0]} {list(lo)}..{list(hi)} opt {list(opt)}"
-    flags = [precision, *(f for f, on in (("strongly typed", key.strongly_typed), ("refittable", key.refittable)) if on)]
+    flags = [precision, *(f for f, on in (("strongly typed", key.strongly_typed), ("TF32", key.tf32),
+                                          ("refittable", key.refittable)) if on)]
     if key.optimization_level is not None:
         flags.append(f"opt level {key.optimization_level}")
     return ", ".join([shapes, *flags])
@@ -444,6 +451,7 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
             config = CreateConfig(
                 fp16=key.fp16,
+                tf32=key.tf32,
                 profiles=[trt_profile],
                 load_timing_cache=cache_in,
                 refittable=key.refittable,
