@@ -691,6 +691,22 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
     assert engine.refits == 0
 
 
+def test_weights_tensorrt_fused_with_a_changed_one_are_given_again_as_exported(trt, logger, tmp_path):
+    """IRefitter's missing weights (a bias folded into its matrix product): read from the graph by
+    name, as NVIDIA's diffusion demo refits; one the graph does not hold, or of another type, refused."""
+    from sdexport.errors import SdexportError
+    from sdexport.runtime.tensorrt_backend import refit
+
+    source = tmp_path / "engines" / "unet" / "plan"
+    engine = _refittable(trt, {"w": (2, 3), "b": (3,)})
+    engine.refit_needs = ["b"]
+    exported = {"b": np.arange(3, dtype=np.float16)}
+    with pytest.raises(SdexportError, match=r"refused b as exported \(float32, \[3\]\)"):
+        refit(engine, {"w": np.ones((2, 3), np.float16)}, source, lambda name: exported[name].astype(np.float32))
+    refit(engine, {"w": np.ones((2, 3), np.float16)}, source, exported.get)
+    assert engine.refits == 1 and engine.weights["w"].all() and np.array_equal(engine.weights["b"], exported["b"])
+
+
 def test_the_fake_refitter_keeps_tensorrts_rules(trt):
     """What IRefitter does (NvInferRuntime.h): weights of another type or count are refused, a
     refit with weights still missing returns False, and once they are given it refits."""

@@ -20,6 +20,8 @@ from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updat
 from sdexport.specs import LORA_COMPONENTS
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import numpy as np
 
     from sdexport.manifest import Manifest
@@ -51,6 +53,23 @@ def _initializers(path: Path) -> dict[str, Any]:
 
     model = onnx.load(str(path), load_external_data=False)
     return {t.name: t for t in model.graph.initializer}
+
+
+def initializer_reader(onnx_path: Path) -> Callable[[str], np.ndarray | None]:
+    """A lookup of the graph's initializers by name, as exported (None: no such initializer),
+    reading the graph's structure once, at the first call, and each tensor's data when asked: the
+    unchanged weights TensorRT asks for beside the ones a LoRA changes (``tensorrt_backend.refit``)."""
+    tensors: dict[str, Any] = {}
+
+    def read(name: str) -> np.ndarray | None:
+        from onnx import numpy_helper
+
+        if not tensors:
+            tensors.update(_initializers(onnx_path))
+        tensor = tensors.get(name)
+        return None if tensor is None else numpy_helper.to_array(tensor, base_dir=str(onnx_path.parent))
+
+    return read
 
 
 def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tuple[int, ...]]]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -483,9 +483,13 @@ def _numel(shape: Shape) -> int:
     return n
 
 
-def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> None:
+def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
+          unchanged: Callable[[str], Any] = lambda name: None) -> None:
     """Replace named weights of a refittable engine in place (run-time LoRA): ``weights`` maps the
-    ONNX initializer names TensorRT keeps as weight names to arrays of the weight's own dtype."""
+    ONNX initializer names TensorRT keeps as weight names to arrays of the weight's own dtype.
+    TensorRT may ask for more than those, weights it fused with a changed one (a bias folded into
+    its matrix product): ``unchanged`` gives each by name as exported (``lora_runtime.
+    initializer_reader``; None where the graph has none), as NVIDIA's diffusion demo refits."""
     import tensorrt as trt
 
     if not getattr(engine, "refittable", False):
@@ -510,10 +514,18 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path) -> Non
     for name, value in kept.items():
         if not refitter.set_named_weights(name, trt.Weights(value)):
             raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})")
-    missing = list(refitter.get_missing_weights())
-    if missing:  # e.g. a weight TensorRT fused with another that must be given with it
-        raise SdexportError(f"{source}: TensorRT needs {len(missing)} more weights to refit with these (e.g. "
-                            f"{missing[0]}); fuse the LoRA at export and build again")
+    lacking = []
+    for name in refitter.get_missing_weights():  # fused with a changed one: given again as exported
+        value = unchanged(name)
+        if value is None:
+            lacking.append(name)
+            continue
+        kept[name] = value = np.ascontiguousarray(value)
+        if not refitter.set_named_weights(name, trt.Weights(value)):
+            raise SdexportError(f"{source}: TensorRT refused {name} as exported ({value.dtype}, {list(value.shape)})")
+    if lacking:  # names the graph does not hold
+        raise SdexportError(f"{source}: TensorRT needs {len(lacking)} more weights to refit with these (e.g. "
+                            f"{lacking[0]}); fuse the LoRA at export and build again")
     if not refitter.refit_cuda_engine():
         why = getattr(_Logs.logger, "last_error", "") or "see TensorRT's log"
         raise SdexportError(f"{source}: TensorRT could not refit the engine ({why})")
@@ -557,7 +569,9 @@ def load_tensorrt_engines(
             raise EngineDirError(f"{engine_dir}: {entry['path']} is listed in the manifest but missing")
         chosen[name] = (entry, deserialize_plan(path, runtime))
         if weights and weights.get(name):
-            refit(chosen[name][1], weights[name], path)
+            from sdexport.runtime.lora_runtime import initializer_reader
+
+            refit(chosen[name][1], weights[name], path, initializer_reader(engine_dir / manifest.components[name].onnx))
     memory = memory if memory is not None else SharedDeviceMemory()
     memory.reserve(max((e.device_memory_size_v2 for _, e in chosen.values()), default=0))
     engines = {}
