@@ -443,9 +443,9 @@ def test_fp16_fused_sdxl_vae_graphs_from_before_the_rule_are_refused_at_load(
     # serve: the backend as this machine resolves it (here made to have CUDA); what the message says works
     monkeypatch.setattr(providers, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     with pytest.raises(EngineDirError, match="vae_decoder's ONNX Runtime CUDA graph was fused in fp16"):
-        _serve_settings(fp32, "onnxruntime", False, False, 50)
-    _serve_settings(fp32, "onnxruntime-cuda", False, True, 50)
-    _serve_settings(fp32, "onnxruntime", False, False, 50, "/models/fp32")  # a repository for another server
+        _serve_settings(fp32, "onnxruntime", False, False, 50, command="serve")
+    _serve_settings(fp32, "onnxruntime-cuda", False, True, 50, command="serve")
+    _serve_settings(fp32, "onnxruntime", False, False, 50, "/models/fp32", command="triton-repo")  # a repository for another server
     capsys.readouterr()
     assert run_cli("inspect", fp32, "--no-check") == 0
     said = " ".join(capsys.readouterr().out.split())
