@@ -69,6 +69,7 @@ _OPTIMIZED = {
         "onnxruntime": {"type": "string"},
         "fusion_model": {"enum": ["clip", "unet", "vae"]},
         "fusions": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+        "left_out": {"type": "object", "additionalProperties": {"type": "string"}},
         "parity": {"type": "object"},
         "build_seconds": {"type": "number", "minimum": 0},
         "built": {"type": "string"},

@@ -399,10 +399,47 @@ def test_the_built_directory_fuses_what_the_architecture_has(built_dir: Path, ti
     unet = manifest.components["unet"].optimized[ob.TARGET]["fusions"]
     modules = list(tiny_model.module("unet").modules())
     assert unet["MultiHeadAttention"] + unet.get("Attention", 0) == sum(isinstance(m, Attention) for m in modules)
-    assert unet["BiasSplitGelu"] == sum(isinstance(m, GEGLU) for m in modules)
+    assert sum(isinstance(m, GEGLU) for m in modules) and not unet.get("BiasSplitGelu")  # (the tiny widths: below)
     layers = tiny_model.module("text_encoder").config.num_hidden_layers
     clip = manifest.components["text_encoder"].optimized[ob.TARGET]["fusions"]
     assert clip["QuickGelu"] == layers and clip["SkipLayerNormalization"] == 2 * layers
+
+
+def test_fusions_whose_cuda_kernels_refuse_the_models_sizes_are_left_out(built_dir: Path, tiny_engine_dir: Path):
+    """onnxruntime's BiasSplitGelu and BiasAdd CUDA kernels take Stable Diffusion's widths only (the
+    tiny model's GEGLU of 256, its 32 channels: refused at run time on a GPU, where the CPU variant a
+    build without CUDA checks has none of them): the build fuses again without them and records
+    why; the rest stays fused, GroupNorm among it (the tiny model's groups hold even channels)."""
+    fused, _ = ob.fuse(onnx.load(str(tiny_engine_dir / "unet" / "model.onnx")), "unet", fp16=False)
+    limits = ob.kernel_limits(fused)
+    assert limits == {"enable_bias_splitgelu": "BiasSplitGelu of hidden size 256 (the kernel takes 2560, 5120, 10240)",
+                      "enable_bias_add": "BiasAdd of 32 channels (the kernel takes 320, 640, 1280)"}
+    manifest = load_manifest(built_dir, verify_files=False)
+    for name, entry in manifest.components.items():
+        record = entry.optimized[ob.TARGET]
+        graph_here = onnx.load(str(built_dir / record["onnx"]), load_external_data=False)
+        assert ob.kernel_limits(graph_here) == {}, name
+        assert set(record.get("left_out", {})) <= set(ob.GPU_ONLY_FUSIONS)
+    unet = manifest.components["unet"].optimized[ob.TARGET]
+    assert set(unet["left_out"]) == set(limits) and unet["fusions"]["NhwcConv"] > 0 and unet["fusions"]["GroupNorm"] > 0
+
+
+def test_sd_sizes_pass_the_kernel_limits():
+    """What the limits take: SD's widths (320, 640, 1280 channels in 32 groups; a GEGLU of 4 × 2 × 320)."""
+    from onnx import TensorProto, helper
+
+    def node(op: str, width: int, **attrs: int) -> onnx.ModelProto:
+        bias = helper.make_tensor("w", TensorProto.FLOAT, [width], [0.0] * width)
+        made = helper.make_node(op, ["x", "w"], ["y"], domain=ob.CONTRIB_DOMAIN, **attrs)
+        return helper.make_model(helper.make_graph([made], "g", [], [], initializer=[bias]))
+
+    assert all(ob.kernel_limits(node("GroupNorm", c, groups=32)) == {} for c in (320, 640, 960, 1280, 1920, 2560))
+    assert ob.kernel_limits(node("GroupNorm", 96, groups=32)) == {"enable_group_norm": (
+        "GroupNorm of 96 channels in 32 groups (the kernel takes an even number of channels per group, at most 512)")}
+    assert ob.kernel_limits(node("GroupNorm", 64 * 1024, groups=32))  # more than a block holds
+    assert all(ob.kernel_limits(node("BiasSplitGelu", h)) == {} for h in (2560, 5120, 10240))
+    assert all(ob.kernel_limits(node("BiasAdd", c)) == {} for c in (320, 640, 1280))
+    assert ob.kernel_limits(node("BiasAdd", 384)) == {"enable_bias_add": "BiasAdd of 384 channels (the kernel takes 320, 640, 1280)"}
 
 
 def test_an_fp32_sdxl_vae_decoder_stays_fp32_in_an_fp16_build(tiny_sdxl_engine_dir: Path, tmp_path: Path):

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,22 +70,23 @@ def artifact_path(component: str) -> str:
 # Fusing one graph
 
 
-def fusion_options(model_type: str, *, fp16: bool, gpu: bool = True) -> Any:
+def fusion_options(model_type: str, *, fp16: bool, gpu: bool = True, off: Collection[str] = ()) -> Any:
     """onnxruntime's defaults for the model type, as its SD tool sets them: packed QKV/KV only for fp16
     graphs (their fused kernels are fp16); ``gpu=False`` turns off the fusions whose operators have
-    no CPU kernel, for a variant that can be run and compared on any machine."""
+    no CPU kernel, for a variant that can be run and compared on any machine; ``off``: FusionOptions
+    flags turned off besides (``kernel_limits``)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
 
     options = FusionOptions(model_type)
     if model_type == "unet" and not fp16:
         options.enable_packed_qkv = options.enable_packed_kv = False
-    if not gpu:
-        for flag in GPU_ONLY_FUSIONS:
-            setattr(options, flag, False)
+    for flag in [*(GPU_ONLY_FUSIONS if not gpu else ()), *off]:
+        setattr(options, flag, False)
     return options
 
 
-def fuse(model: onnx.ModelProto, model_type: str, *, fp16: bool, gpu: bool = True) -> tuple[onnx.ModelProto, dict[str, int]]:
+def fuse(model: onnx.ModelProto, model_type: str, *, fp16: bool, gpu: bool = True,
+         off: Collection[str] = ()) -> tuple[onnx.ModelProto, dict[str, int]]:
     """Run onnxruntime's fusions on an fp32 graph (no session: ``opt_level=0``), returning the fused
     graph and the fused-operator counts. The graph is changed in place."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -93,7 +94,7 @@ def fuse(model: onnx.ModelProto, model_type: str, *, fp16: bool, gpu: bool = Tru
     with _quiet(), numpy_scalar_compat(), weightless_shape_inference():
         optimized = optimize_model(
             model, model_type=model_type, num_heads=0, hidden_size=0, opt_level=0,
-            optimization_options=fusion_options(model_type, fp16=fp16, gpu=gpu), use_gpu=gpu,
+            optimization_options=fusion_options(model_type, fp16=fp16, gpu=gpu, off=off), use_gpu=gpu,
         )
         statistics = {k: int(v) for k, v in optimized.get_fused_operator_statistics().items()}
     fused = optimized.model
@@ -103,6 +104,49 @@ def fuse(model: onnx.ModelProto, model_type: str, *, fp16: bool, gpu: bool = Tru
     ):
         fused.opset_import.add(domain=CONTRIB_DOMAIN, version=1)
     return fused, statistics
+
+
+BIAS_SPLIT_GELU_SIZES = (2560, 5120, 10240)
+"""The hidden sizes onnxruntime's BiasSplitGelu CUDA kernel takes (``bias_split_gelu.cc``): Stable
+Diffusion's feed-forward widths (4 × 2 × 320, 640, 1280)."""
+
+BIAS_ADD_CHANNELS = (320, 640, 1280)
+"""The channel counts onnxruntime's BiasAdd CUDA kernel takes (``bias_add.cc``)."""
+
+GROUP_NORM_MAX_CHANNELS_PER_GROUP = 512
+"""onnxruntime's GroupNorm CUDA kernel reads two channels a thread and a group within one block of
+at most 512 channels (``group_norm_common_base.h``): a group's channels even, and at most this."""
+
+
+def kernel_limits(fused: onnx.ModelProto) -> dict[str, str]:
+    """The GPU-only fusions of ``fused`` whose CUDA kernels refuse the sizes it hands them, as
+    {FusionOptions flag: why}. Those kernels serve Stable Diffusion's widths only, and refuse others
+    at run time ("GroupNorm in CUDA does not support the input"): a model of other widths (a
+    distilled one; the tests' tiny one) is fused again without them. The CPU variant, which a build
+    without CUDA runs, has none of them, so nothing else would notice before a GPU did."""
+    sizes = {t.name: list(t.dims) for t in fused.graph.initializer}
+    limits: dict[str, str] = {}
+    for node in fused.graph.node:
+        if node.domain != CONTRIB_DOMAIN:
+            continue
+        width = (sizes.get(node.input[1]) or [None])[0] if len(node.input) > 1 else None
+        if width is None:
+            continue  # (not a constant: the kernel's own check is all there is)
+        if node.op_type in ("GroupNorm", "SkipGroupNorm"):
+            groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
+            per_group = width // groups if groups and width % groups == 0 else 0
+            if not per_group or per_group % 2 or per_group > GROUP_NORM_MAX_CHANNELS_PER_GROUP:
+                flag = "enable_group_norm" if node.op_type == "GroupNorm" else "enable_skip_group_norm"
+                limits.setdefault(flag, f"{node.op_type} of {width} channels in {groups} groups (the kernel takes "
+                                        f"an even number of channels per group, at most "
+                                        f"{GROUP_NORM_MAX_CHANNELS_PER_GROUP})")
+        elif node.op_type == "BiasSplitGelu" and width not in BIAS_SPLIT_GELU_SIZES:
+            limits.setdefault("enable_bias_splitgelu", f"BiasSplitGelu of hidden size {width} (the kernel takes "
+                                                       f"{', '.join(map(str, BIAS_SPLIT_GELU_SIZES))})")
+        elif node.op_type == "BiasAdd" and width not in BIAS_ADD_CHANNELS:
+            limits.setdefault("enable_bias_add", f"BiasAdd of {width} channels (the kernel takes "
+                                                 f"{', '.join(map(str, BIAS_ADD_CHANNELS))})")
+    return limits
 
 
 def to_fp16_fused(model: onnx.ModelProto, keep_fp32: list[str]) -> onnx.ModelProto:
@@ -513,6 +557,13 @@ def _build_one(engine_dir: Path, manifest: Manifest, spec: ComponentSpec, dtype:
             keep_fp32 = [t.name for t in spec.inputs if t.dtype == "float32"]
             fused, statistics = fuse(model, spec.fusion_model, fp16=dtype == "fp16")
             del model
+            left_out = kernel_limits(fused)
+            if left_out:  # fused again without them (the graph above was changed in place)
+                del fused
+                console.print(f"[yellow]note:[/] {spec.name}: fused without {', '.join(left_out.values())}: "
+                              "onnxruntime's CUDA kernels for them take Stable Diffusion's sizes only")
+                fused, statistics = fuse(onnx.load(str(reference)), spec.fusion_model, fp16=dtype == "fp16",
+                                         off=left_out)
             if dtype == "fp16":
                 fused = to_fp16_fused(fused, keep_fp32)
             path = staging / "model.onnx"
@@ -534,7 +585,8 @@ def _build_one(engine_dir: Path, manifest: Manifest, spec: ComponentSpec, dtype:
         _discard(staging)
         raise
     return {"onnx": artifact_path(spec.name), "dtype": dtype, "fusion_model": spec.fusion_model,
-            "fusions": {k: v for k, v in statistics.items() if v}, "parity": report, "_staging": str(staging)}
+            "fusions": {k: v for k, v in statistics.items() if v}, "parity": report, "_staging": str(staging),
+            **({"left_out": left_out} if left_out else {})}
 
 
 def _check_saved(path: Path) -> None:

@@ -86,7 +86,9 @@ _TINY_UNET = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
     "cross_attention_dim": 32,
     "attention_head_dim": 8,
-    "norm_num_groups": 32,
+    # 16 groups: an even number of channels per group (2, 4, 6 where a skip joins), as every SD width
+    # has, which onnxruntime's GroupNorm CUDA kernel needs (its fused graphs then keep GroupNorm)
+    "norm_num_groups": 16,
 }
 
 _TINY_VAE = {
@@ -94,6 +96,7 @@ _TINY_VAE = {
     "block_out_channels": [32, 32, 64, 64],
     "layers_per_block": 1,
     "sample_size": 128,
+    "norm_num_groups": 16,  # (as the tiny U-Net's)
 }
 
 # Token ids follow sdexport's byte-level tokenizer (BOS 0, EOS = PAD 1) in every preset, so that the
