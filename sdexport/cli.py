@@ -1165,6 +1165,9 @@ def serve(
                                                               else "not with -v, which shows the log here"))
         require_creatable(log_file.parent, f"--log-file {log_file}", nothing="no log can be written")
         refuse_inside_engine_dir(log_file, f"--log-file {log_file}")
+        from sdexport.serving.server import check_log_file
+
+        check_log_file(log_file)
     manifest, refiner_manifest, settings, served = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, refiner=refiner, denoising_end=denoising_end,
         emphasis=emphasis, shapes={"batch": batch, "height": height, "width": width}, command="serve")

@@ -1259,6 +1259,33 @@ def test_bad_serving_input_gets_one_line_and_exit_2(args, message, tiny_engine_d
     assert message in err and len(err.splitlines()) == 1, err
 
 
+def test_serve_adds_to_a_triton_log_and_refuses_any_other_file(tiny_engine_dir, tmp_path, monkeypatch, capsys):
+    """Triton adds its log to an existing --log-file: an earlier serve's log is taken (restarts keep
+    one log), anything else (an image, say) is refused before it is written to, and a start that
+    fails reads only this run's part of the log for its reason."""
+    from sdexport.serving import server as serving
+
+    picture = tmp_path / "cat.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    ports = [str(p) for p in _free_ports(3)]
+    options = ["--backend", BACKEND, "--address", "127.0.0.1", "--http-port", ports[0], "--grpc-port", ports[1],
+               "--metrics-port", ports[2]]
+    assert run_cli("serve", tiny_engine_dir, *options, "--log-file", picture) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --log-file {picture}: exists and is not a Triton log (Triton would add its log to the end "
+                   "of it); give a new file name, or the log of an earlier serve")
+    assert picture.read_bytes() == b"\x89PNG\r\n\x1a\n" + bytes(64)
+    log = tmp_path / "triton.log"
+    log.write_text("E1206 02:06:25.123456 77 model.py:1] failed to load 'sdexport': an earlier run's failure\n")
+    seen = []
+    monkeypatch.setattr(serving, "run_server", lambda repository, ports, *, log_file, on_ready, **_: seen.append(log_file))
+    assert run_cli("serve", tiny_engine_dir, *options, "--log-file", log) == 0 and seen == [log]
+    earlier = log.stat().st_size
+    with log.open("a") as handle:
+        handle.write("I1206 02:10:00.000001 78 server.cc:1] failed to load 'sdexport': this run's\n")
+    assert "this run's" in serving._reason(object(), RuntimeError("x"), log, earlier)
+
+
 def test_serve_makes_the_folder_of_its_log_file(tiny_engine_dir, tmp_path, monkeypatch, capsys):
     """A --log-file in a folder not made yet was accepted, and Triton then wrote no log there: the
     ready line named a file that never appeared."""

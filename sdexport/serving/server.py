@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import sysconfig
 import threading
@@ -150,6 +151,26 @@ def nvml_starts() -> bool:
     return started
 
 
+TRITON_LOG_LINE = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
+"""How each line of Triton's log begins (glog's: severity, month and day, time)."""
+
+
+def check_log_file(path: Path) -> None:
+    """Refuse a ``--log-file`` that holds something else: Triton adds its log to an existing file,
+    which is right for the log of an earlier ``serve`` (restarts keep one log) and would damage any
+    other file (an image, a config). Empty, missing, or starting with a line of Triton's log: taken."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(64)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise SdexportError(f"--log-file {path}: cannot be read ({exc.strerror}); give another file") from None
+    if head and not TRITON_LOG_LINE.match(head):
+        raise SdexportError(f"--log-file {path}: exists and is not a Triton log (Triton would add its log to "
+                            "the end of it); give a new file name, or the log of an earlier serve")
+
+
 def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
                log_file: Path | None, on_ready: Callable[[], None]) -> None:
     """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
@@ -173,6 +194,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     guarded = [e for e in pytriton.triton.DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
     triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=guarded))
     watch = _StartWatch(triton)
+    earlier = log_file.stat().st_size if log_file is not None and log_file.is_file() else 0  # an earlier run's
     served = False
     try:
         try:
@@ -185,7 +207,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
         except (Exception, KeyboardInterrupt) as exc:  # the server exited or never turned ready: its log says why
             if isinstance(exc, KeyboardInterrupt) and not watch.exited:
                 raise
-            raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file)}") from None
+            raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file, earlier)}") from None
         on_ready()
         served = True
         triton.serve()
@@ -294,12 +316,15 @@ def _exit_status(triton: object) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _reason(triton: object, exc: BaseException, log_file: Path | None) -> str:
-    """The log line saying why the model did not load, else the server's first error, else the exception."""
+def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: int = 0) -> str:
+    """The log line saying why the model did not load, else the server's first error, else the
+    exception. ``earlier``: the bytes of ``log_file`` an earlier run wrote, not read for this one's."""
     server = getattr(triton, "_triton_server", None)
     log = getattr(server, "_tritonserver_logs", "") or ""
     if log_file is not None and log_file.is_file():
-        log += log_file.read_text(errors="replace")
+        with log_file.open("rb") as handle:
+            handle.seek(earlier)
+            log += handle.read().decode(errors="replace")
     lines = [" ".join(line.split()) for line in log.splitlines()]
     noise = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory", "CUDA driver")
     for wanted in ("failed to load '", "sdexport:", "failed to load", "error:"):
