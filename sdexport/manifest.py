@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -507,6 +508,36 @@ def not_an_engine_dir(directory: Path) -> str | None:
     return None
 
 
+def short_weight_files(graph: Any, folder: Path) -> list[str]:
+    """The external weight files of ``graph`` (beside it in ``folder``) that end before the weights
+    it reads from them: a copy or download cut short, which a hash made of that copy does not
+    catch (``adopt`` hashes what it finds) and ONNX Runtime meets only when a run loads it. Each
+    as "NAME (N bytes, the weights need M)"; a missing file is the caller's to name."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    needed: dict[str, int] = {}
+    for init in graph.initializer:
+        data = {e.key: e.value for e in init.external_data}
+        if "location" not in data:
+            continue
+        try:
+            length = int(data["length"]) if "length" in data else (
+                tensor_dtype_to_np_dtype(init.data_type).itemsize * math.prod(init.dims))
+            end = int(data.get("offset", 0)) + length
+        except (ValueError, TypeError, KeyError):
+            continue  # (an entry onnx itself would refuse: its own error says so)
+        needed[data["location"]] = max(needed.get(data["location"], 0), end)
+    short = []
+    for location, end in needed.items():
+        try:
+            size = (folder / location).stat().st_size
+        except OSError:
+            continue
+        if size < end:
+            short.append(f"{location} ({size:,} bytes, the weights need {end:,})")
+    return short
+
+
 def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:
     """Component ``name``'s ONNX graph is the spec's and stays inside the directory; how its I/O is fed.
 
@@ -535,6 +566,10 @@ def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapePr
                 f"{directory}: {rel}: weight {init.name!r} refers to {location!r}, which is not a file the "
                 "manifest lists beside the graph; refusing to read it"
             )
+    short = short_weight_files(graph, directory / folder)
+    if short:
+        raise EngineDirError(f"{directory}: {rel}: its weight file {short[0]} is cut short; copy it again, or "
+                             "re-export")
     spec = manifest.spec(name)
     precision = graph_precision(graph)
     if precision != manifest.components[name].dtype:  # what the builds act on (TensorRT's typing, the fusions)

@@ -415,6 +415,34 @@ def test_adopt_reads_no_weight_file_outside_a_graphs_folder(foreign_export: Path
     assert not (foreign_export / "manifest.json").exists()
 
 
+def test_a_weight_file_cut_short_is_refused_by_adopt_and_by_inspect(foreign_export: Path, capsys):
+    """A hash made of a truncated copy matches it: adopt and inspect compare the weight file's size
+    with what the graph reads from it, which only a run would have met (ONNX Runtime's own error)."""
+    import onnx
+
+    from sdexport.manifest import sha256_file
+
+    path = foreign_export / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0)
+    data = path.parent / "model.onnx_data"
+    whole = data.read_bytes()
+    data.write_bytes(whole[:100_000])
+    assert run_cli("adopt", foreign_export) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"unet/model.onnx: its weight file {data.name} (100,000 bytes, the weights need" in err
+    assert "is cut short; copy or download it again" in err and not (foreign_export / "manifest.json").exists()
+    data.write_bytes(whole)
+    assert run_cli("adopt", foreign_export) == 0
+    data.write_bytes(whole[:100_000])  # a manifest that hashed the cut copy (an older adopt's): its hash matches
+    manifest = json.loads((foreign_export / "manifest.json").read_text())
+    manifest["files"]["unet/model.onnx_data"] = sha256_file(data)
+    (foreign_export / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert run_cli("inspect", foreign_export) == 2
+    assert "unet/model.onnx: its weight file model.onnx_data (100,000 bytes" in " ".join(capsys.readouterr().err.split())
+
+
 def test_optimums_own_save_pretrained_class_names_are_adopted(foreign_export: Path):
     """ORTDiffusionPipeline.save_pretrained writes ORTStableDiffusionPipeline into model_index.json."""
     index = json.loads((foreign_export / "model_index.json").read_text())

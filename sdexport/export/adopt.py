@@ -345,6 +345,12 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
             raise SdexportError(f"{directory}: {name}/{GRAPH} keeps weights in {location!r}, not a file "
                                 "beside it; refusing to read it")
         locations.append(location)
+    from sdexport.manifest import short_weight_files
+
+    short = short_weight_files(graph, directory / name)
+    if short:
+        raise SdexportError(f"{directory}: {name}/{GRAPH}: its weight file {short[0]} is cut short; copy or "
+                            "download it again")
     dtype = graph_precision(graph)
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
