@@ -389,6 +389,18 @@ def test_shape_inference_sees_no_weights_and_types_the_same(tiny_engine_dir: Pat
     assert _ops(refused) == _ops(fused)  # the fusion passes' own inferences ran weightless too
 
 
+def test_every_graph_is_checked_before_the_first_is_fused(tiny_engine_dir: Path, tmp_path: Path, capsys):
+    """A damaged U-Net graph was found only when its turn came, after the text encoder's fusing
+    (minutes on SD) had been spent and written."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_engine_dir, copy)
+    with (copy / "unet" / "model.onnx").open("r+b") as handle:
+        handle.truncate(1000)
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda") == 2
+    assert "unet/model.onnx does not match its sha256" in capsys.readouterr().err
+    assert not any(copy.glob(f"*/{ob.TARGET}"))
+
+
 def test_the_built_directory_fuses_what_the_architecture_has(built_dir: Path, tiny_model):
     """The counts the build recorded for the fp16 export (widened, fused, converted): the same as the
     architecture's, for the U-Net and for CLIP (one QuickGelu and two SkipLayerNorms per layer)."""

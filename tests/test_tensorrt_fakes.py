@@ -166,6 +166,19 @@ def test_fp16_export_builds_strongly_typed_on_both_majors(trt, tiny_fp16_engine_
         assert result.path.read_bytes().startswith(b"plan for ")
 
 
+def test_every_graph_is_hashed_before_the_first_plan_is_built(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
+    from sdexport.errors import EngineDirError
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    with (directory / "vae_decoder" / "model.onnx").open("r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(EngineDirError, match="vae_decoder/model.onnx does not match its sha256"):
+        tensorrt_build.build_engines(directory, components=TXT2IMG, timing_cache=tmp_path / "timing.cache")
+    assert recorder.builds == []  # not the text encoder's and the U-Net's first
+
+
 def test_sdxl_fp16_build_leaves_out_the_vae_parts_the_runtime_does_not_load(trt, tiny_sdxl_fp16_engine_dir, tmp_path,
                                                                             monkeypatch, capsys):
     """SDXL's VAE sets force_upcast: the runtime decodes with vae_decoder_fp32 and encodes with

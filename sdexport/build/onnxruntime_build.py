@@ -502,6 +502,9 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     reasons = {spec.name: _rebuild_reasons(engine_dir, manifest, spec.name, wanted[spec.name], force) for spec in specs}
     for name in [name for name, why in reasons.items() if why]:  # before any is built: minutes each on SD
         _refuse_stray_files(engine_dir, manifest, name)
+        onnx = manifest.components[name].onnx
+        check_files(engine_dir, onnx_files(manifest.files, onnx))  # built from what the manifest says
+        check_graph(engine_dir, manifest, name)  # and is what it says: its I/O, sizes and precision
     results = []
     for spec in specs:
         entry = manifest.components[spec.name]
@@ -513,8 +516,6 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
             results.append(OrtBuildResult(spec.name, "cached", engine_dir / rel, 0.0, dict(done.get("fusions", {})),
                                           str(done.get("parity", {}).get("status", ""))))
             continue
-        check_files(engine_dir, onnx_files(manifest.files, entry.onnx))  # built from what the manifest says
-        check_graph(engine_dir, manifest, spec.name)  # and is what it says: its I/O, sizes and precision
         start = time.perf_counter()
         with step(f"Fusing {spec.name} for ONNX Runtime CUDA ({spec.fusion_model}, {dtype})"):
             record = _build_one(engine_dir, manifest, spec, dtype, on_cuda)

@@ -309,11 +309,12 @@ def _build_locked(
     }
     for note in dict.fromkeys(p.note for p in precisions.values() if p.note):
         console.print(f"[yellow]note:[/] {note}")
+    for spec in specs:  # every graph's files, before the first build (minutes each on SD) is spent
+        _verify_onnx(engine_dir, manifest, manifest.components[spec.name].onnx)
     results = []
     for spec in specs:
         entry = manifest.components[spec.name]
         precision = precisions[spec.name]
-        _verify_onnx(engine_dir, manifest, entry.onnx)
         key = EngineKey.create(
             spec.name,
             onnx_sha256(manifest.files, entry.onnx),
