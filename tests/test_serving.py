@@ -674,8 +674,8 @@ def test_a_request_that_fails_a_shared_call_fails_alone(served):
     served.logs.clear()
     results = served.generate([_inputs(["a"], steps=2, seed=[4]), _inputs(["b"], steps=2, seed=[4], guidance=3e38)])
     assert not isinstance(results[0], str) and isinstance(results[1], str), results
-    assert results[1].startswith("the fp32 VAE decoder produced NaN/Inf from latents as large as")
-    assert "at guidance 3e+38; refusing to save a black image. Latents that far out of range come from" in results[1]
+    # (where the overflow shows, the loop or the VAE, depends on the model's weights)
+    assert "produced NaN/Inf" in results[1] and "at guidance 3e+38" in results[1], results[1]
     [alone] = served.generate([_inputs(["a"], steps=2, seed=[4])])
     assert not isinstance(alone, str)
     np.testing.assert_array_equal(results[0][0].pixels, alone[0].pixels)
