@@ -20,7 +20,7 @@ import pytest
 
 from conftest import run_cli
 from sdexport.build import onnxruntime_build as ob
-from sdexport.errors import EngineDirError
+from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
 from sdexport.manifest import load_manifest, sha256_file
@@ -387,6 +387,25 @@ def test_shape_inference_sees_no_weights_and_types_the_same(tiny_engine_dir: Pat
     assert [(n.op_type, list(n.input)) for n in stripped.graph.node] == [(n.op_type, list(n.input)) for n in normal.graph.node]
     refused, _ = ob.fuse(onnx.load(str(tiny_engine_dir / "unet" / "model.onnx")), "unet", fp16=True)
     assert _ops(refused) == _ops(fused)  # the fusion passes' own inferences ran weightless too
+
+
+def test_sessions_on_cuda_are_made_without_onnxruntimes_silent_cpu_fallback(tiny_engine_dir: Path, monkeypatch):
+    """ORT's Python layer catches a CUDA provider that throws while the session is made, prints a
+    banner to stdout and makes a CPU session; the parity check asks it not to, and says the cause."""
+    made = []
+
+    class Session:
+        def __init__(self, path, options, providers, **kwargs):
+            if any("CUDA" in str(p) for p in providers):
+                made.append(kwargs)
+                raise RuntimeError("bad provider option")
+
+    monkeypatch.setattr(ort, "InferenceSession", Session)
+    graph_path = tiny_engine_dir / "unet" / "model.onnx"
+    with pytest.raises(SdexportError, match=r"cannot load the graphs to compare them \(bad provider option\)"):
+        ob.parity(component("sd", "unet"), graph_path, graph_path, manifest=load_manifest(tiny_engine_dir, verify_files=False),
+                  provider="CUDAExecutionProvider", dtype="fp32", variant="the fused graph")
+    assert made == [{"enable_fallback": 0}]
 
 
 def test_every_graph_is_checked_before_the_first_is_fused(tiny_engine_dir: Path, tmp_path: Path, capsys):

@@ -183,7 +183,10 @@ class OnnxRuntimeEngine:
                                          cuda_graph=self.cuda_graph, extra=self.extra_options)
             providers = [(PROVIDERS["cuda"], cuda), PROVIDERS["cpu"]]
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=providers)
+            # enable_fallback=0: where the CUDA provider throws while the session is made (a bad
+            # --ort-option, a library that fails to load), ORT's Python layer would print a banner
+            # to stdout and make a CPU session instead, hiding the cause behind a later one
+            session = ort.InferenceSession(str(self.path), options, providers=providers, enable_fallback=0)
         except Exception as exc:  # onnxruntime raises its own exception types
             hint = ""
             if self.extra_options:
