@@ -115,6 +115,21 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
     assert all(e.parity["status"] == "passed" for e in manifest.components.values())
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"block_out_channels": [32]}, "unet/config.json: Must provide the same number of `block_out_channels`"),
+    ({"in_channels": "four"}, "the U-Net or VAE config has a value sdexport cannot read (invalid literal for int()"),
+])
+def test_a_config_diffusers_refuses_is_one_line_naming_it(tiny_diffusers_dir: Path, tmp_path: Path, capsys, change,
+                                                           message):
+    """diffusers' own checks of a config (at model construction) ended in a traceback."""
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    config = model / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), **change}))
+    assert run_cli("export", model, "-o", tmp_path / "out") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message.lower() in err.lower() and "Traceback" not in err, err
+
+
 def test_the_torch_backend_refuses_weights_changed_since_the_export(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
     """The export records the sha256 of each weight file it read; the Torch backend, which reloads
     them, refuses a changed or missing one (the ONNX graphs still run), and runs again once restored."""

@@ -437,7 +437,14 @@ def _config_only(path: Path, cls: Any) -> Callable[[], torch.nn.Module]:
     """A builder of ``cls`` from ``path``'s config (run on the meta device: no weights)."""
     if hasattr(cls, "load_config"):  # diffusers
         config = cls.load_config(str(path))
-        return lambda: cls.from_config(config)
+
+        def build() -> torch.nn.Module:
+            try:
+                return cls.from_config(config)
+            except (ValueError, TypeError, KeyError, IndexError) as exc:  # diffusers' checks of the config
+                raise ModelLoadError(f"{path / 'config.json'}: {one_line(exc)}") from None
+
+        return build
     config = cls.config_class.from_pretrained(str(path))  # transformers
     return lambda: cls(config)
 

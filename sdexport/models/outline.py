@@ -230,7 +230,8 @@ def _outline(
             unet_config=dict(unet),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
-        raise ModelLoadError(f"the U-Net or VAE config lacks a usable {one_line(exc)}") from None
+        what = f"lacks a usable {one_line(exc)}" if isinstance(exc, KeyError) else f"has a value sdexport cannot read ({one_line(exc)})"
+        raise ModelLoadError(f"the U-Net or VAE config {what}") from None
 
 
 def _inpainting(unet: dict[str, Any], vae: dict[str, Any]) -> bool:
