@@ -1250,6 +1250,11 @@ def triton_repo(
     for flag, path in (("--engine-path", engine_path), ("--refiner-path", refiner_path)):
         if path is not None and not path.startswith("/"):
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
+    from sdexport.output_dir import check_target
+
+    target = _output_path(output)
+    protected = (engine_dir, *([refiner] if refiner is not None else []))
+    check_target(target, REPOSITORY, replace=force, protected=protected)  # before the engines' checks load libraries
     manifest, refiner_manifest, settings, _ = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path, refiner, denoising_end, refiner_path,
         emphasis, shapes={"batch": batch, "height": height, "width": width}, command="triton-repo")
@@ -1266,9 +1271,7 @@ def triton_repo(
     verify_for_backend(engine_dir, manifest, reads, settings.graphs, image_inputs=takes_init_images(engine_dir, manifest))
     if refiner is not None:
         verify_for_backend(refiner, refiner_manifest, reads, settings.graphs)
-    target = _output_path(output)
-    with claim(target, REPOSITORY, replace=force,
-               protected=(engine_dir, *([refiner] if refiner is not None else []))) as staging:
+    with claim(target, REPOSITORY, replace=force, protected=protected) as staging:
         write_repository(staging, settings, _served_batch(manifest, refiner_manifest), batching)
     refined = f", refined by {escape(settings.refiner)}" if settings.refiner else ""
     console.print(f"wrote the Triton model repository {escape(str(target))} (model 'sdexport' over "

@@ -1175,6 +1175,21 @@ def test_loadtest_plan_returns_the_bytes_it_checked(tmp_path):
     assert LoadPlan().check() == {}
 
 
+def test_triton_repo_refuses_its_output_before_the_engines_are_checked(tiny_engine_dir, tmp_path, capsys, monkeypatch):
+    """An -o that is a file, or a folder of the user's, is refused at once: the engine directory's
+    checks import diffusers and hash the graphs (seconds) before the repository is written."""
+    from sdexport import cli
+
+    monkeypatch.setattr(cli, "_serve_settings", lambda *a, **k: pytest.fail("the engines were checked first"))
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.txt").write_text("mine")
+    for output in ("notes.txt", "mine"):
+        assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / output) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert (tmp_path / "notes.txt").read_text() == (tmp_path / "mine" / "a.txt").read_text() == "mine"
+
+
 def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):
     repository = tmp_path / "repo"
     assert run_cli("triton-repo", tiny_engine_dir, "-o", repository) == 0
