@@ -521,7 +521,7 @@ def run(
         request.image = [_fit(images[0], request, fit, f"--init-image {init_path}", notes, multiple)]
     if len(images) > 1:
         request.mask = [_fit(images[1], request, fit, f"--mask {mask_path}", notes, multiple)]
-    scheduler_config = read_scheduler_config(engine_dir)
+    scheduler_config = read_scheduler_config(engine_dir, manifest)
     ensemble = _ensemble(engine_dir, manifest, refiner, denoising_end, request)
     if ensemble is not None:
         request = ensemble.base

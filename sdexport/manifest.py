@@ -391,10 +391,14 @@ def strict_json(text: str, *, infinity: bool = False) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def read_scheduler_config(directory: Path) -> dict[str, Any]:
-    """The saved scheduler config, refused with one line when it is missing, not JSON or not a scheduler's."""
+def read_scheduler_config(directory: Path, manifest: Manifest | None = None) -> dict[str, Any]:
+    """The saved scheduler config, refused with one line when it is missing, not JSON or not a scheduler's.
+    With the directory's ``manifest``, its hash is checked first (a few hundred bytes): an edited
+    config is named as changed, not judged (an unknown scheduler class) with advice that cannot help."""
     path = directory / SCHEDULER_CONFIG_FILE
     _require_inside(directory, SCHEDULER_CONFIG_FILE)
+    if manifest is not None and SCHEDULER_CONFIG_FILE in manifest.files:
+        check_files(directory, {SCHEDULER_CONFIG_FILE: manifest.files[SCHEDULER_CONFIG_FILE]})
     try:
         config = strict_json(path.read_text(encoding="utf-8"), infinity=True)  # as diffusers saves it
     except FileNotFoundError:

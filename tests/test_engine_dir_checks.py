@@ -154,6 +154,14 @@ def test_bad_scheduler_configs_are_refused_up_front(engine_copy: Path, config: b
     _refused_everywhere(engine_copy, message, capsys)
 
 
+def test_an_edited_scheduler_config_is_named_as_changed_before_it_is_judged(engine_copy: Path, capsys):
+    """Its scheduler class judged first, the refusal said "pick one with --scheduler", which only led
+    to the hash's refusal."""
+    path = engine_copy / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({"_class_name": "NopeScheduler"}))
+    _refused_everywhere(engine_copy, "scheduler/scheduler_config.json does not match its sha256", capsys)
+
+
 def test_inspect_fails_for_a_directory_run_cannot_use(tmp_path: Path, capsys):
     target = tmp_path / "unet-only"
     assert run_cli("export", "tiny", "-o", target, "--components", "unet", "--verify", "none") == 0

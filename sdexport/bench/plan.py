@@ -178,7 +178,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         dtype = _engine_precision(options.engine_dir, manifest, scenario)
         profile, geometry = manifest.shape_profile, manifest.model_dims
         images = manifest.model_dims.K or 1
-        scheduler_config = read_scheduler_config(options.engine_dir)
+        scheduler_config = read_scheduler_config(options.engine_dir, manifest)
         if options.refiner_engine_dir is not None:
             paired = _refiner_engines(options.refiner_engine_dir, options.engine_dir, manifest)
             assert refiner is not None and scenario.refiner is not None  # (refused above otherwise)

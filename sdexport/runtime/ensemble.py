@@ -90,7 +90,7 @@ class Refiner:
             console.print(f"[yellow]warning:[/] {escape(flag)} {escape(str(engine_dir))} lacks the base model's textual "
                           f"inversion word(s) {escape(', '.join(missing))}: it reads them as plain text (export it "
                           "with the same --textual-inversion files)")
-        return cls(engine_dir, manifest, read_scheduler_config(engine_dir))
+        return cls(engine_dir, manifest, read_scheduler_config(engine_dir, manifest))
 
     def ensemble(self, request: GenerationRequest, end: float) -> Ensemble:
         """``request`` (as the base model alone would take it) run by the two models, cut at ``end``."""

@@ -377,7 +377,7 @@ def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any]
     """Everything ``load_pipeline`` refuses short of loading engines (``sdexport inspect`` runs it too):
     the txt2img components, the scheduler config (built into a scheduler) and the tokenizers."""
     txt2img_components(manifest)
-    scheduler_config = read_scheduler_config(engine_dir)
+    scheduler_config = read_scheduler_config(engine_dir, manifest)
     # (every run checks the directory's own: another --scheduler does not get past it)
     make_scheduler("default", scheduler_config, fix=f"{engine_dir}/scheduler/scheduler_config.json cannot be used; "
                    "export the directory again from a model whose scheduler config names one")
