@@ -526,3 +526,26 @@ def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir,
 
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):
     assert "has LoRA fused into its weights" in bench_refusal(fused_dir, tmp_path, capsys)
+
+
+def test_a_file_that_may_not_be_read_is_said_so_not_missing(lora_files, monkeypatch):
+    """safetensors reports a file it may not open as "No such file or directory"."""
+    from pathlib import Path
+
+    from sdexport.errors import SdexportError
+    from sdexport.models.lora import LoraFile
+    from sdexport.models.outline import safetensors_keys
+
+    path = Path(lora_files["both"])
+    real = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(SdexportError, match=r"^--lora .*: cannot read it \(Permission denied\)$"):
+        LoraFile(path).check()
+    with pytest.raises(SdexportError, match=r": cannot read it \(Permission denied\)$"):
+        safetensors_keys(path)

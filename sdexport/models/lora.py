@@ -91,6 +91,11 @@ class LoraFile:
         from safetensors import safe_open
 
         try:
+            with self.path.open("rb"):  # (safetensors reports a file it may not read as one that is not there)
+                pass
+        except OSError as exc:
+            raise SdexportError(f"{flag} {self.path}: cannot read it ({exc.strerror})") from None
+        try:
             with safe_open(str(self.path), "pt") as handle:
                 empty = not list(handle.keys())
         except Exception as exc:  # safetensors raises its own error types

@@ -615,6 +615,11 @@ def safetensors_keys(path: Path) -> list[str]:
     from safetensors import safe_open
 
     try:
+        with path.open("rb"):  # (safetensors reports a file it may not read as one that is not there)
+            pass
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
+    try:
         with safe_open(str(path), framework="numpy") as handle:  # "numpy": no torch import
             return list(handle.keys())
     except Exception as exc:
