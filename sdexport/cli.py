@@ -1469,7 +1469,7 @@ def _describe_os_error(exc: OSError) -> str:
         errno.ENOSPC: "; free some space or write elsewhere",
         errno.EDQUOT: "; free some space or write elsewhere",
         errno.EROFS: "; write elsewhere",
-        errno.EACCES: "; check the permissions or write elsewhere",
-        errno.EPERM: "; check the permissions or write elsewhere",
+        errno.EACCES: "; check the permissions (or, for an output, write elsewhere)",
+        errno.EPERM: "; check the permissions (or, for an output, write elsewhere)",
     }.get(exc.errno or 0, "")
     return f"{where}{what}{advice}"

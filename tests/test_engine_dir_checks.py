@@ -104,7 +104,9 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
     (lambda d: d["components"].update(controlnet_2=d["components"]["unet"]), "component(s) controlnet_2 do not exist"),
     (lambda d: d["components"].update(controlnet=d["components"]["unet"]), "ControlNet components but no dims.residuals"),
     (lambda d: d["dims"].update(residuals=[[32, 3], [32, 1]]), "dims.residuals.0.1: 3 is not one of"),
-    (lambda d: d.update(format_version=4), "manifest format 4 is not supported"),
+    (lambda d: d.update(format_version=4), ("manifest format 4, written by a newer sdexport than this one (which "
+                                           "reads 2 or 3); upgrade sdexport to use it")),
+    (lambda d: d.update(format_version="3"), "manifest format '3' is not supported by this sdexport"),
     (lambda d: d["model"].update(random_weights="yes"), "model.random_weights: 'yes' is not of type 'boolean'"),
     (lambda d: d["dims"].update(S=10**30), "dims.S: 1000000000000000000000000000000 is greater than the maximum"),
     (lambda d: d["dims"].update(unet_downsample=3), "profile height min 64 is not a multiple of 24"),
