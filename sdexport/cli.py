@@ -275,6 +275,8 @@ def build(
                                 "graphs keep the export's dynamic shapes (CUDA graphs fix them at load: run --cuda-graph)")
         _build_onnxruntime(engine_dir, components=_names(components, "--components"), fp16=fp16, force=force)
         return
+    if optimization_level is not None and not 0 <= optimization_level <= 5:
+        raise SdexportError(f"--optimization-level {optimization_level}: TensorRT's levels are 0 to 5 (default 3)")
     if timing_cache is not None:
         check_timing_cache(timing_cache, engine_dir)
     require_tensorrt()

@@ -427,6 +427,13 @@ def test_build_names_a_missing_directory_before_a_missing_tensorrt(tmp_path, cap
         assert "no such engine directory" in capsys.readouterr().err
 
 
+def test_build_refuses_an_optimization_level_tensorrt_has_not_before_asking_for_it(engine_copy, capsys):
+    """Levels above 5 act as 5 but keyed apart (a second plan for the same build); below 0 TensorRT refuses."""
+    for level in ("6", "-1"):
+        assert run_cli("build", engine_copy, "--optimization-level", level) == 2
+        assert f"--optimization-level {level}: TensorRT's levels are 0 to 5" in capsys.readouterr().err
+
+
 def test_verbosity_flags_anywhere_conflicts_refused_and_reset_per_call(tmp_path, capsys, monkeypatch):
     from sdexport import console
 
