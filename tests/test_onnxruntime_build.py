@@ -455,6 +455,23 @@ def test_fusions_whose_cuda_kernels_refuse_the_models_sizes_are_left_out(built_d
     assert set(unet["left_out"]) == set(limits) and unet["fusions"]["NhwcConv"] > 0 and unet["fusions"]["GroupNorm"] > 0
 
 
+def test_a_graph_fused_before_the_kernel_limits_is_built_again(tiny_fp16_engine_dir: Path, tmp_path: Path,
+                                                                 monkeypatch, capsys):
+    """A cached fused graph is checked against the limits too: one built before them (here: with
+    the check turned off) would fail on the first GPU, so the next build replaces it."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, copy)
+    real = ob.kernel_limits
+    monkeypatch.setattr(ob, "kernel_limits", lambda model: {})
+    ob.build_onnxruntime(copy, components=["unet", "text_encoder"])
+    monkeypatch.setattr(ob, "kernel_limits", real)
+    results = {r.component: r for r in ob.build_onnxruntime(copy, components=["unet", "text_encoder"])}
+    unet, clip = results["unet"], results["text_encoder"]
+    assert (unet.status, clip.status) == ("built", "cached")
+    assert "BiasSplitGelu of hidden size 256" in " ".join(unet.reasons) and "onnxruntime's CUDA kernel refuses" in " ".join(unet.reasons)
+    assert real(onnx.load(str(copy / ob.artifact_path("unet")), load_external_data=False)) == {}
+
+
 def test_sd_sizes_pass_the_kernel_limits():
     """What the limits take: SD's widths (320, 640, 1280 channels in 32 groups; a GEGLU of 4 × 2 × 320)."""
     from onnx import TensorProto, helper
@@ -465,8 +482,9 @@ def test_sd_sizes_pass_the_kernel_limits():
         return helper.make_model(helper.make_graph([made], "g", [], [], initializer=[bias]))
 
     assert all(ob.kernel_limits(node("GroupNorm", c, groups=32)) == {} for c in (320, 640, 960, 1280, 1920, 2560))
-    assert ob.kernel_limits(node("GroupNorm", 96, groups=32)) == {"enable_group_norm": (
-        "GroupNorm of 96 channels in 32 groups (the kernel takes an even number of channels per group, at most 512)")}
+    why = "GroupNorm of 96 channels in 32 groups (the kernel takes an even number of channels per group, at most 512)"
+    # (one kernel for both: without the skip fusion, the same norm would be fused as a GroupNorm)
+    assert ob.kernel_limits(node("GroupNorm", 96, groups=32)) == {"enable_group_norm": why, "enable_skip_group_norm": why}
     assert ob.kernel_limits(node("GroupNorm", 64 * 1024, groups=32))  # more than a block holds
     assert all(ob.kernel_limits(node("BiasSplitGelu", h)) == {} for h in (2560, 5120, 10240))
     assert all(ob.kernel_limits(node("BiasAdd", c)) == {} for c in (320, 640, 1280))

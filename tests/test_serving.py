@@ -1301,6 +1301,22 @@ def test_serve_adds_to_a_triton_log_and_refuses_any_other_file(tiny_engine_dir, 
     assert "this run's" in serving._reason(object(), RuntimeError("x"), log, earlier)
 
 
+def test_a_log_file_that_is_not_a_regular_file_is_not_opened_to_look(tmp_path):
+    """A FIFO (a log collector's) or /dev/stdout under a pipe: opening one to read its head waited
+    for a writer forever; Triton writes to it as given."""
+    import os
+    import threading
+
+    from sdexport.serving.server import check_log_file
+
+    fifo = tmp_path / "log.fifo"
+    os.mkfifo(fifo)
+    checked = threading.Thread(target=check_log_file, args=(fifo,), daemon=True)
+    checked.start()
+    checked.join(5)
+    assert not checked.is_alive()
+
+
 def test_serve_makes_the_folder_of_its_log_file(tiny_engine_dir, tmp_path, monkeypatch, capsys):
     """A --log-file in a folder not made yet was accepted, and Triton then wrote no log there: the
     ready line named a file that never appeared."""

@@ -112,7 +112,8 @@ def _cuda_provider_status() -> str:
         from sdexport.console import onnxruntime_session_options
 
         session = ort.InferenceSession(model.SerializeToString(), onnxruntime_session_options(ort),
-                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+                                       providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                       enable_fallback=0)  # (no banner on stdout: the cause, raised)
     except Exception as exc:  # onnxruntime's own exception types
         return f"fails to start: {' '.join(str(exc).split())[:300]}"
     used = session.get_providers()

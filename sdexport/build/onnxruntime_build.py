@@ -136,10 +136,10 @@ def kernel_limits(fused: onnx.ModelProto) -> dict[str, str]:
             groups = next((a.i for a in node.attribute if a.name == "groups"), 0)
             per_group = width // groups if groups and width % groups == 0 else 0
             if not per_group or per_group % 2 or per_group > GROUP_NORM_MAX_CHANNELS_PER_GROUP:
-                flag = "enable_group_norm" if node.op_type == "GroupNorm" else "enable_skip_group_norm"
-                limits.setdefault(flag, f"{node.op_type} of {width} channels in {groups} groups (the kernel takes "
-                                        f"an even number of channels per group, at most "
-                                        f"{GROUP_NORM_MAX_CHANNELS_PER_GROUP})")
+                why = (f"{node.op_type} of {width} channels in {groups} groups (the kernel takes an even number of "
+                       f"channels per group, at most {GROUP_NORM_MAX_CHANNELS_PER_GROUP})")
+                for flag in ("enable_group_norm", "enable_skip_group_norm"):  # one kernel: without the skip
+                    limits.setdefault(flag, why)  # fusion, the same norm would be fused as a GroupNorm
         elif node.op_type == "BiasSplitGelu" and width not in BIAS_SPLIT_GELU_SIZES:
             limits.setdefault("enable_bias_splitgelu", f"BiasSplitGelu of hidden size {width} (the kernel takes "
                                                        f"{', '.join(map(str, BIAS_SPLIT_GELU_SIZES))})")
@@ -565,13 +565,15 @@ def _build_one(engine_dir: Path, manifest: Manifest, spec: ComponentSpec, dtype:
             keep_fp32 = [t.name for t in spec.inputs if t.dtype == "float32"]
             fused, statistics = fuse(model, spec.fusion_model, fp16=dtype == "fp16")
             del model
-            left_out = kernel_limits(fused)
-            if left_out:  # fused again without them (the graph above was changed in place)
-                del fused
-                console.print(f"[yellow]note:[/] {spec.name}: fused without {', '.join(left_out.values())}: "
-                              "onnxruntime's CUDA kernels for them take Stable Diffusion's sizes only")
+            left_out: dict[str, str] = {}
+            while more := {k: v for k, v in kernel_limits(fused).items() if k not in left_out}:
+                left_out |= more  # fused again without them (the graph above was changed in place), until
+                del fused  # what is left is what the kernels take (each pass turns fusions off: it ends)
                 fused, statistics = fuse(onnx.load(str(reference)), spec.fusion_model, fp16=dtype == "fp16",
                                          off=left_out)
+            if left_out:
+                console.print(f"[yellow]note:[/] {spec.name}: fused without {', '.join(dict.fromkeys(left_out.values()))}: "
+                              "onnxruntime's CUDA kernels for them take Stable Diffusion's sizes only")
             if dtype == "fp16":
                 fused = to_fp16_fused(fused, keep_fp32)
             path = staging / "model.onnx"
@@ -674,4 +676,10 @@ def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, wante
             return [f"{rel} is missing"]
         if sha256_file(file) != sha:
             return [f"{rel} does not match its sha256 (damaged)"]
+    import onnx
+
+    # (fused before kernel_limits: it would fail on the first GPU; graphs of SD's widths stay cached)
+    refused = kernel_limits(onnx.load(str(engine_dir / existing["onnx"]), load_external_data=False))
+    if refused:
+        return [f"fused with {next(iter(refused.values()))}, which onnxruntime's CUDA kernel refuses"]
     return []

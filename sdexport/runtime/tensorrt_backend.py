@@ -514,15 +514,17 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
     for name, value in kept.items():
         if not refitter.set_named_weights(name, trt.Weights(value)):
             raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})")
-    lacking = []
-    for name in refitter.get_missing_weights():  # fused with a changed one: given again as exported
-        value = unchanged(name)
-        if value is None:
-            lacking.append(name)
-            continue
-        kept[name] = value = np.ascontiguousarray(value)
-        if not refitter.set_named_weights(name, trt.Weights(value)):
-            raise SdexportError(f"{source}: TensorRT refused {name} as exported ({value.dtype}, {list(value.shape)})")
+    lacking: list[str] = []
+    # fused with a changed one: given again as exported, until TensorRT asks for none it was not refused
+    while missing := [name for name in refitter.get_missing_weights() if name not in kept and name not in lacking]:
+        for name in missing:
+            value = unchanged(name)
+            if value is None:
+                lacking.append(name)
+                continue
+            kept[name] = value = np.ascontiguousarray(value)
+            if not refitter.set_named_weights(name, trt.Weights(value)):
+                raise SdexportError(f"{source}: TensorRT refused {name} as exported ({value.dtype}, {list(value.shape)})")
     if lacking:  # names the graph does not hold
         raise SdexportError(f"{source}: TensorRT needs {len(lacking)} more weights to refit with these (e.g. "
                             f"{lacking[0]}); fuse the LoRA at export and build again")

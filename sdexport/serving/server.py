@@ -158,8 +158,14 @@ TRITON_LOG_LINE = re.compile(rb"[IWEF]\d{4} \d\d:\d\d:\d\d\.\d+ ")
 def check_log_file(path: Path) -> None:
     """Refuse a ``--log-file`` that holds something else: Triton adds its log to an existing file,
     which is right for the log of an earlier ``serve`` (restarts keep one log) and would damage any
-    other file (an image, a config). Empty, missing, or starting with a line of Triton's log: taken."""
+    other file (an image, a config). Empty, missing, or starting with a line of Triton's log: taken;
+    so is what is not a regular file (``/dev/stdout``, a FIFO a collector reads), never read here:
+    opening one to look could wait forever."""
+    import stat
+
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            return
         with path.open("rb") as handle:
             head = handle.read(64)
     except FileNotFoundError:
