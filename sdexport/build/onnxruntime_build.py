@@ -118,16 +118,49 @@ GROUP_NORM_MAX_CHANNELS_PER_GROUP = 512
 at most 512 channels (``group_norm_common_base.h``): a group's channels even, and at most this."""
 
 
+PACKED_ATTENTION_HEAD_SIZES = "a multiple of 8, at most 256"
+"""The head sizes onnxruntime's MultiHeadAttention runs packed Q/K/V in (``attention_prepare_qkv.cu``:
+packed inputs need its flash or memory-efficient kernels, which take these; its unfused kernel,
+any head size, reads them apart). SD's heads are 40, 64, 80 or 160 wide."""
+
+
+def _packed_head_size(node: Any, shapes: dict[str, list[int]], producers: dict[str, Any]) -> tuple[str, int] | None:
+    """("enable_packed_qkv" or "enable_packed_kv", head size) of a MultiHeadAttention that reads Q, K
+    and V packed in one input (or K and V in one), from the Reshape onnxruntime's fusion puts in
+    front of it (to ``[0, 0, heads, 3 or 2, head size]``); None where it reads them apart."""
+    packed = [name for name in node.input[:2] if name]
+    for name in packed:
+        reshape = producers.get(name)
+        shape = shapes.get(reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" else None
+        if shape is not None and len(shape) == 5 and shape[3] in (2, 3):
+            return ("enable_packed_qkv" if shape[3] == 3 else "enable_packed_kv"), int(shape[4])
+    return None
+
+
 def kernel_limits(fused: onnx.ModelProto) -> dict[str, str]:
     """The GPU-only fusions of ``fused`` whose CUDA kernels refuse the sizes it hands them, as
     {FusionOptions flag: why}. Those kernels serve Stable Diffusion's widths only, and refuse others
     at run time ("GroupNorm in CUDA does not support the input"): a model of other widths (a
     distilled one; the tests' tiny one) is fused again without them. The CPU variant, which a build
     without CUDA runs, has none of them, so nothing else would notice before a GPU did."""
+    from onnx import TensorProto, numpy_helper
+
     sizes = {t.name: list(t.dims) for t in fused.graph.initializer}
+    # the values of small integer constants (Reshape targets), read without touching the weights
+    shapes = {t.name: [int(v) for v in numpy_helper.to_array(t).ravel()] for t in fused.graph.initializer
+              if t.data_type == TensorProto.INT64 and len(t.dims) == 1 and t.dims[0] <= 8
+              and t.data_location != TensorProto.EXTERNAL}
+    producers = {out: n for n in fused.graph.node for out in n.output}
     limits: dict[str, str] = {}
     for node in fused.graph.node:
         if node.domain != CONTRIB_DOMAIN:
+            continue
+        if node.op_type == "MultiHeadAttention" and (packed := _packed_head_size(node, shapes, producers)):
+            flag, head = packed
+            if head % 8 or head > 256:
+                limits.setdefault(flag, f"MultiHeadAttention reading {'Q, K and V' if flag.endswith('qkv') else 'K and V'} "
+                                        f"packed, of head size {head} (its kernels for that take "
+                                        f"{PACKED_ATTENTION_HEAD_SIZES})")
             continue
         width = (sizes.get(node.input[1]) or [None])[0] if len(node.input) > 1 else None
         if width is None:
