@@ -118,10 +118,10 @@ GROUP_NORM_MAX_CHANNELS_PER_GROUP = 512
 at most 512 channels (``group_norm_common_base.h``): a group's channels even, and at most this."""
 
 
-PACKED_ATTENTION_HEAD_SIZES = "a multiple of 8, at most 256"
-"""The head sizes onnxruntime's MultiHeadAttention runs packed Q/K/V in (``attention_prepare_qkv.cu``:
-packed inputs need its flash or memory-efficient kernels, which take these; its unfused kernel,
-any head size, reads them apart). SD's heads are 40, 64, 80 or 160 wide."""
+PACKED_HEAD_MULTIPLE, PACKED_HEAD_MAX = 8, 256
+"""The head sizes onnxruntime's MultiHeadAttention reads packed Q/K/V at (``attention_prepare_qkv.cu``:
+packed inputs need its flash or memory-efficient kernels, which take multiples of 8, flash's up
+to 256; its unfused kernel, any head size, reads them apart). SD's heads are 40, 64, 80 or 160 wide."""
 
 
 def _packed_head_size(node: Any, shapes: dict[str, list[int]], producers: dict[str, Any]) -> tuple[str, int] | None:
@@ -157,10 +157,10 @@ def kernel_limits(fused: onnx.ModelProto) -> dict[str, str]:
             continue
         if node.op_type == "MultiHeadAttention" and (packed := _packed_head_size(node, shapes, producers)):
             flag, head = packed
-            if head % 8 or head > 256:
+            if head % PACKED_HEAD_MULTIPLE or head > PACKED_HEAD_MAX:
                 limits.setdefault(flag, f"MultiHeadAttention reading {'Q, K and V' if flag.endswith('qkv') else 'K and V'} "
-                                        f"packed, of head size {head} (its kernels for that take "
-                                        f"{PACKED_ATTENTION_HEAD_SIZES})")
+                                        f"packed, of head size {head} (its kernels for that take a multiple of "
+                                        f"{PACKED_HEAD_MULTIPLE}, at most {PACKED_HEAD_MAX})")
             continue
         width = (sizes.get(node.input[1]) or [None])[0] if len(node.input) > 1 else None
         if width is None:
@@ -542,8 +542,8 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     reasons = {spec.name: _rebuild_reasons(engine_dir, manifest, spec.name, wanted[spec.name], force) for spec in specs}
     for name in [name for name, why in reasons.items() if why]:  # before any is built: minutes each on SD
         _refuse_stray_files(engine_dir, manifest, name)
-        onnx = manifest.components[name].onnx
-        check_files(engine_dir, onnx_files(manifest.files, onnx))  # built from what the manifest says
+        graph_rel = manifest.components[name].onnx
+        check_files(engine_dir, onnx_files(manifest.files, graph_rel))  # built from what the manifest says
         check_graph(engine_dir, manifest, name)  # and is what it says: its I/O, sizes and precision
     results = []
     for spec in specs:
