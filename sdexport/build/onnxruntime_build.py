@@ -119,9 +119,11 @@ at most 512 channels (``group_norm_common_base.h``): a group's channels even, an
 
 
 PACKED_HEAD_MULTIPLE, PACKED_HEAD_MAX = 8, 256
-"""The head sizes onnxruntime's MultiHeadAttention reads packed Q/K/V at (``attention_prepare_qkv.cu``:
-packed inputs need its flash or memory-efficient kernels, which take multiples of 8, flash's up
-to 256; its unfused kernel, any head size, reads them apart). SD's heads are 40, 64, 80 or 160 wide."""
+"""The head sizes onnxruntime's MultiHeadAttention surely reads packed Q/K/V at: earlier releases
+refuse packed inputs outside its flash and memory-efficient kernels (``attention_prepare_qkv.cu``:
+"packed QKV format is not implemented"), which take multiples of 8, flash's up to 256; later ones
+unpack them for the unfused kernel (seen in 1.31's library, not run). Other heads are fused
+unpacked, which costs nothing SD has: its heads are 40, 64, 80 or 160 wide."""
 
 
 def _packed_head_size(node: Any, shapes: dict[str, list[int]], producers: dict[str, Any]) -> tuple[str, int] | None:
