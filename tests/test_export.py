@@ -130,6 +130,27 @@ def test_a_config_diffusers_refuses_is_one_line_naming_it(tiny_diffusers_dir: Pa
     assert message.lower() in err.lower() and "Traceback" not in err, err
 
 
+def test_a_preset_changed_since_the_export_is_not_taken_for_it(engine_copy: Path, tmp_path: Path, capsys):
+    """A preset is recorded by name, seed and a digest of its configs: the Torch backend, which
+    rebuilds it, and the bench, which reuses engines of the model it names, refuse one rebuilt from
+    other configs (the tiny presets' groups changed once); a record without the digest is trusted."""
+    from sdexport.models.source_files import made_from
+
+    source = load_manifest(engine_copy).model["source"]
+    assert source["kind"] == "preset" and len(source["config_sha256"]) == 64
+    assert made_from(source, source["name"], None, ["unet"]) is True
+    data = json.loads((engine_copy / "manifest.json").read_text())
+    data["model"]["source"]["config_sha256"] = "0" * 64
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    assert made_from(data["model"]["source"], source["name"], None, ["unet"]) is False
+    run = ("run", engine_copy, "-p", "x", "--steps", "1", "--backend", "torch", "-o", tmp_path / "a.png")
+    assert run_cli(*run) == 2
+    assert f"the preset {source['name']}'s configs changed since this export" in " ".join(capsys.readouterr().err.split())
+    del data["model"]["source"]["config_sha256"]  # an export from before the digest
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    assert run_cli(*run) == 0
+
+
 def test_the_torch_backend_refuses_weights_changed_since_the_export(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
     """The export records the sha256 of each weight file it read; the Torch backend, which reloads
     them, refuses a changed or missing one (the ONNX graphs still run), and runs again once restored."""
@@ -497,7 +518,8 @@ def test_a_folder_named_like_a_preset_does_not_shadow_it(tmp_path: Path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
-    assert load_model("tiny").source == {"kind": "preset", "name": "tiny", "seed": 0}
+    source = load_model("tiny").source
+    assert {k: v for k, v in source.items() if k != "config_sha256"} == {"kind": "preset", "name": "tiny", "seed": 0}
 
 
 def test_an_engine_directory_named_like_a_preset_does_not_shadow_it(tiny_engine_dir, tmp_path: Path, monkeypatch):

@@ -30,7 +30,7 @@ from sdexport.models.outline import (
     vae_config_dir,
     weight_files,
 )
-from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, get_preset
+from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, config_digest, get_preset
 from sdexport.models.tokenizer import save_tokenizer
 from sdexport.specs import (
     ADAPTER,
@@ -378,7 +378,7 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
         tokenizers=tokenizers,
         scheduler_config=dict(preset.scheduler),
         random_weights=True,
-        source={"kind": "preset", "name": preset.name, "seed": seed},
+        source={"kind": "preset", "name": preset.name, "seed": seed, "config_sha256": config_digest(preset)},
         pipeline_config=dict(preset.pipeline_config),
     )
 

@@ -413,3 +413,16 @@ PRESETS["sd15-lcm"] = replace(
 
 def get_preset(name: str) -> Preset | None:
     return PRESETS.get(name)
+
+
+def config_digest(preset: Preset) -> str:
+    """A digest of what builds ``preset``'s model (its components' and scheduler's configs): an
+    export records it, so that a model rebuilt from the preset's name after sdexport changed the
+    preset (the tiny ones' groups, 2026-12-06) is known to be another model than the graphs hold."""
+    import hashlib
+    import json
+
+    parts = {"unet": preset.unet, "vae": preset.vae, "text_encoder": preset.text_encoder,
+             "text_encoder_2": preset.text_encoder_2, "scheduler": preset.scheduler,
+             "pipeline_config": preset.pipeline_config}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

@@ -57,6 +57,10 @@ def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
     manifest without the record is trusted as before. The files are worked out again, not only the
     recorded ones checked: a checkpoint that gained a file its loader prefers (a .safetensors beside
     the .bin that was read) would otherwise be loaded unchecked."""
+    if source.get("kind") == "preset" and not preset_unchanged(source):  # (its parts' files are checked below)
+        raise EngineDirError(
+            f"the preset {source.get('name')}'s configs changed since this export (another sdexport): the Torch "
+            "backend would build another model than the graphs hold; export it again, or choose another backend")
     recorded: Mapping[str, str] = source.get("files") or {}
     if not recorded:
         return
@@ -114,6 +118,15 @@ def _moved_part(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> dict[st
     return {**recorded, **({"path": here["path"]} if "path" in here else {})}
 
 
+def preset_unchanged(source: Mapping[str, Any]) -> bool:
+    """A preset's record (``config_sha256``) matches the preset as this sdexport builds it; a record
+    from before the digest is trusted, as a checkpoint's without file hashes is."""
+    from sdexport.models.presets import config_digest, get_preset
+
+    recorded, preset = source.get("config_sha256"), get_preset(str(source.get("name")))
+    return recorded is None or (preset is not None and config_digest(preset) == recorded)
+
+
 def made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None, modules: Iterable[str]) -> bool | None:
     """Whether a manifest's ``model.source`` (``recorded``) is the checkpoint a benchmark names: a
     preset by name (and its default seed), a checkpoint here by path, or by its weight files' sha256
@@ -123,7 +136,8 @@ def made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None
     if kind == "onnx":
         return None
     if preset is not None or kind == "preset":
-        return kind == "preset" and recorded.get("name") == preset and recorded.get("seed", 0) == 0
+        return (kind == "preset" and recorded.get("name") == preset and recorded.get("seed", 0) == 0
+                and preset_unchanged(recorded))
     if path is None or not isinstance(recorded.get("path"), str):
         return None
     root, here = Path(recorded["path"]), path.resolve()
