@@ -424,9 +424,9 @@ def run(
         check_prompt_text,
         check_request,
         default_notes,
-        first_picture,
         ignored_settings,
         pooling_note,
+        sizing_image,
     )
 
     if batch < 1:
@@ -469,10 +469,11 @@ def run(
     slots = len(manifest.controlnets) * union_images  # control images per image
     per_control = "one per ControlNet" if union_images == 1 else "one per control image"
     control_entries = _per_prompt_control_images(controls, slots, len(prompts), union_images)
-    picture = first_picture([images, controls, adapters])  # the init image, else the first control (or adapter) image
-    size_from_image = picture is not None and height is None
-    if size_from_image:
-        width, height = picture.size
+    # the image whose size a run without --height/--width takes: the init image, else the first control
+    # (or adapter) image, and its input
+    sized = sizing_image(images, controls, adapters) if height is None else None
+    if sized is not None:
+        width, height = sized[0].size
     request = GenerationRequest(
         prompt=prompts, negative_prompt=negatives, steps=steps, guidance=_one_or_each(guidance, None),
         scheduler=scheduler,
@@ -546,13 +547,11 @@ def run(
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
-        if not size_from_image:
+        if sized is None:
             raise
         from sdexport.runtime.image_inputs import sized_by
 
-        taken_from = ("init_image" if images else "control_image" if any(picture is c for c in controls)
-                      else "adapter_image")
-        raise ProfileError(f"{exc} ({sized_by(taken_from, fit)})") from None
+        raise ProfileError(f"{exc} ({sized_by(sized[1], fit)})") from None
     image_path = _output_path(output)
     if output.endswith(("/", os.sep)):  # Path() drops the separator: a file named like the folder would be written
         raise SdexportError(f"-o {output}: a folder (it ends in a separator); give a file name such as "

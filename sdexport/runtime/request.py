@@ -479,6 +479,17 @@ def first_picture(values: Any) -> Any:
     return values if isinstance(size, tuple) and len(size) == 2 else None
 
 
+def sizing_image(init: Any, controls: Any, adapters: Any) -> tuple[Any, str] | None:
+    """``first_picture`` of the init image(s), control images and adapter images, with the input it
+    came from (``init_image``, ``control_image`` or ``adapter_image``, as a refusal of its size
+    names it: ``image_inputs.sized_by``); None where none holds an image."""
+    for name, group in (("init_image", init), ("control_image", controls), ("adapter_image", adapters)):
+        found = first_picture(group)
+        if found is not None:
+            return found, name
+    return None
+
+
 def check_request(
     request: GenerationRequest,
     *,

@@ -27,9 +27,9 @@ from sdexport.errors import ProfileError, SdexportError
 from sdexport.runtime.request import (
     MASKED_INIT,
     GenerationRequest,
-    first_picture,
     has_no_text,
     setting_places,
+    sizing_image,
 )
 from sdexport.serving.protocol import INPUT_NAMES
 
@@ -264,10 +264,9 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         if height is None and first_size is not None:
             height, width = first_size
         elif height is None:  # as `run`: the init image's own size, else the first control (or adapter) image's
-            first = first_picture([init, controls, adapter_images])
-            height, width = (first.size[1], first.size[0]) if first is not None else default_size
-            sized_by = (None if first is None else "init_image" if first is init
-                        else "control_image" if any(first is c for c in controls) else "adapter_image")
+            sizing = sizing_image(init, controls, adapter_images)
+            height, width = (sizing[0].size[1], sizing[0].size[0]) if sizing is not None else default_size
+            sized_by = sizing[1] if sizing is not None else None
         assert height is not None and width is not None
         if check_size is not None:
             try:
