@@ -191,10 +191,10 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, tiny_engi
 
     real = harness._measure
 
-    def failing_for_batch_2(contender, scenario, case, *args):
+    def failing_for_batch_2(contender, scenario, case, *args, **kwargs):
         if contender.name == "onnxruntime-cpu" and case.batch == 2:
             raise ProfileError("batch 2 is outside the engines' profile")
-        return real(contender, scenario, case, *args)
+        return real(contender, scenario, case, *args, **kwargs)
 
     monkeypatch.setattr(harness, "_measure", failing_for_batch_2)
     from sdexport.bench import contenders
@@ -738,7 +738,7 @@ def test_memory_is_sampled_in_a_run_of_its_own_and_vae_reruns_are_counted(monkey
     sampling: list[bool] = [False]
 
     class Sampler:
-        def __init__(self, floor=None):
+        def __init__(self, floor=None, left_over=None, device=None):
             self.floor = floor
 
         def __enter__(self):
@@ -783,6 +783,51 @@ def test_peak_device_memory_is_given_above_the_floor():
     assert _memory({"memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0}}) == "900 MB RSS"
 
 
+def test_each_contender_is_measured_above_what_was_in_use_as_it_began(tmp_path, tiny_engines, monkeypatch):
+    """The floor was read once, before the first contender: device memory an earlier contender did
+    not give back counted in every later one's peak, so a figure depended on the order. Now each is
+    measured from its own start, the left-over beside it; one on the CPU samples the host only."""
+    from sdexport.bench import harness
+
+    readings = iter([1000 << 20, 1000 << 20, 1400 << 20])  # the start, diffusers', torch's
+    monkeypatch.setattr(harness, "device_floor", lambda: next(readings))
+    monkeypatch.setattr(harness, "on_gpu", lambda name: name != "onnxruntime-cpu")
+    real, given = harness._measure, {}
+
+    def measure(contender, *args, floor, left_over, gpu):
+        given[contender.name] = (floor and floor >> 20, left_over and left_over >> 20, gpu)
+        return real(contender, *args, floor=floor, left_over=left_over, gpu=False)  # (no GPU here to sample)
+
+    monkeypatch.setattr(harness, "_measure", measure)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                                      '"diffusers", "onnxruntime-cpu", "torch"').replace("batch = [1, 2]", "batch = [1]"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", tiny_engines,
+                   "--warmup", "0", "--repeats", "1") == 0
+    assert given == {"diffusers": (1000, 0, True), "onnxruntime-cpu": (None, None, False), "torch": (1400, 400, True)}
+
+
+def test_a_contender_that_began_with_others_left_overs_is_said_to(monkeypatch):
+    from sdexport.bench import measure
+    from sdexport.bench.report import case_warnings
+
+    monkeypatch.setattr(measure.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(measure, "nvml_memory_reader", lambda: lambda: 900 << 20)
+    with measure.MemorySampler(interval=0.001, floor=600 << 20, left_over=300 << 20) as sampler:
+        pass
+    memory = sampler.to_dict()
+    assert memory["device_floor_mb"] == 600 and memory["device_left_over_mb"] == 300
+    row = {"contender": "torch", "e2e_s": {"median": 1.0, "samples": [1.0] * 5}, "memory": memory,
+           "unet_step_s": {"median": 1.0, "samples": [1.0]}, "unet_calls": 1}
+    [note] = case_warnings([row], "diffusers")
+    assert note.startswith("> ⚠ **torch** began with 300 MB more in use on the device than the first contender")
+    assert case_warnings([{**row, "memory": {**memory, "device_left_over_mb": 100.0}}], "diffusers") == []
+    with measure.MemorySampler(interval=0.001, floor=600 << 20, device=False) as on_the_host:
+        pass
+    host = on_the_host.to_dict()  # onnxruntime-cpu on a GPU machine: neither its figure nor "not sampled"
+    assert host["device_used_peak_mb"] is None and "device_note" not in host and host["host_rss_peak_mb"] > 0
+
+
 # --- Stopped part-way (Ctrl-C, SIGTERM: a CI timeout, the GPU lease's budget) -----------------------
 
 INTERRUPTIBLE = SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
@@ -810,10 +855,10 @@ def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(
 
     real = harness._measure
 
-    def stopped_in_torch_batch_2(contender, scenario, case, *args):
+    def stopped_in_torch_batch_2(contender, scenario, case, *args, **kwargs):
         if contender.name == "torch" and case.batch == 2:
             raise Terminated
-        return real(contender, scenario, case, *args)
+        return real(contender, scenario, case, *args, **kwargs)
 
     monkeypatch.setattr(harness, "_measure", stopped_in_torch_batch_2)
     scenario = tmp_path / "s.toml"
@@ -849,10 +894,10 @@ def test_a_sigterm_python_dropped_stops_the_case_as_one_that_arrived_would(tmp_p
 
     real = harness._measure
 
-    def measure(contender, scenario, case, *args):
+    def measure(contender, scenario, case, *args, **kwargs):
         if contender.name == "torch" and case.batch == 2:
             drop_a_signal(signal.SIGTERM)
-        return real(contender, scenario, case, *args)
+        return real(contender, scenario, case, *args, **kwargs)
 
     monkeypatch.setattr(harness, "_measure", measure)
     scenario = tmp_path / "s.toml"
@@ -969,10 +1014,10 @@ def test_signals_while_the_report_is_written_wait_for_it(tmp_path, tiny_engines,
 
     real_measure, real_write = harness._measure, harness.write_report
 
-    def measure(contender, scenario, case, *args):
+    def measure(contender, scenario, case, *args, **kwargs):
         if first == "interrupted" and contender.name == "torch":
             raise Terminated
-        return real_measure(contender, scenario, case, *args)
+        return real_measure(contender, scenario, case, *args, **kwargs)
 
     def write_report(report, directory):
         os.kill(os.getpid(), signal.SIGINT)

@@ -347,7 +347,7 @@ def test_the_bench_measures_on_the_gpu_as_the_lease_will(tmp_path):
 
     from conftest import run_cli
 
-    contenders = ["diffusers", "torch", *([] if _ort_cuda_missing() else ["onnxruntime-cuda"])]
+    contenders = ["diffusers", "torch", *([] if _ort_cuda_missing() else ["onnxruntime-cuda"]), "onnxruntime-cpu"]
     scenario = tmp_path / "gpu.toml"
     scenario.write_text(f'model = "tiny"\nheight = 64\nwidth = 64\nscheduler = "euler"\nsteps = [3]\nbatch = [1]\n'
                         f"warmup = 1\nrepeats = 2\ncontenders = {json.dumps(contenders)}\n")
@@ -355,6 +355,9 @@ def test_the_bench_measures_on_the_gpu_as_the_lease_will(tmp_path):
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     results = {r["contender"]: r for r in report["results"]}
     assert {name: r["status"] for name, r in results.items()} == dict.fromkeys(contenders, "measured")
+    cpu = results.pop("onnxruntime-cpu")  # on the host: its memory is the host's, and no GPU-busy run
+    assert cpu["stage_clock"] == "host clock" and cpu["gpu_busy"] is None, cpu
+    assert cpu["memory"]["device_used_peak_mb"] is None and "device_note" not in cpu["memory"], cpu["memory"]
     for name, r in results.items():
         assert r["stage_clock"] == "cuda events", name
         assert "fraction" in r["gpu_busy"], (name, r["gpu_busy"])

@@ -47,6 +47,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def on_gpu(name: str) -> bool:
+    """Whether contender ``name`` runs on the GPU here: all do where there is one, but for
+    ``onnxruntime-cpu`` (whose memory and busy share are then the host's, not the device's)."""
+    return torch.cuda.is_available() and name != "onnxruntime-cpu"
+
+
 def check_available(name: str) -> None:
     """Raise MissingDependencyError naming what to install, before anything is loaded."""
     if name.startswith("onnxruntime-cuda"):

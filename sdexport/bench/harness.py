@@ -34,6 +34,7 @@ from sdexport.bench.contenders import (
     RuntimeContender,
     check_available,
     device,
+    on_gpu,
     slow_down_unet,
 )
 from sdexport.bench.engine_cache import in_use
@@ -160,7 +161,7 @@ def _run(
     contenders, repeats, warmup = plan.contenders, plan.repeats, plan.warmup
     baseline = contenders[0] if contenders[0] in BASELINES else None
     start_before_cuda_graphs()  # before any contender loads: the GPU-busy runs trace CUDA-graph replays
-    floor = device_floor()  # (likewise: the peaks are given above it)
+    start_floor = device_floor()  # (likewise: what the contenders leave behind is measured from it)
     dtype = plan.dtype or precision(scenario)  # a given engine directory's, else the scenario's
     env = environment()
     one_time: dict[str, dict[str, float | str]] = {}
@@ -216,6 +217,10 @@ def _run(
                 began = time.perf_counter()
                 tally.start(name)
                 progress.update(task, description=f"{name}: loading", refresh=True)
+                # its peaks are given above what was in use as it began, the one before it freed
+                gpu = on_gpu(name)
+                floor = device_floor() if gpu else None
+                left_over = floor - start_floor if floor is not None and start_floor is not None else None
                 try:
                     check_available(name)
                     for built, what in zip((engine_dir, refiner_dir), EXPORTS):
@@ -256,7 +261,8 @@ def _run(
                         tally.case = case
                         progress.update(task, description=f"{name}: {case.label}", refresh=True)
                         try:
-                            entry = _measure(contender, scenario, case, warmup, repeats, advance, floor)
+                            entry = _measure(contender, scenario, case, warmup, repeats, advance,
+                                             floor=floor, left_over=left_over, gpu=gpu)
                         except SdexportError as exc:  # e.g. a shape outside a static TensorRT engine
                             console.print(f"[yellow]{name}, {case.label}: not measured:[/] {escape(str(exc))}")
                             results.append({"contender": name, "status": "failed", "case": vars(case),
@@ -695,10 +701,13 @@ def _capture_graphs(contender: Contender, scenario: Scenario) -> None:
 
 
 def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, repeats: int,
-             advance: Any, floor: int | None = None) -> dict[str, Any]:
+             advance: Any, *, floor: int | None = None, left_over: int | None = None,
+             gpu: bool | None = None) -> dict[str, Any]:
     """One case's figures: the timed runs end to end, then separate runs for the stages, the peak
     memory (``MemorySampler``, whose thread would slow a timed run) and the GPU's busy share.
-    ``floor``: the device memory in use before any contender loaded (``device_floor``)."""
+    ``floor``: the device memory in use before this contender loaded (``device_floor``), of which
+    ``left_over`` the contenders before it left; ``gpu``: whether it runs on the GPU (``on_gpu``;
+    default: whether there is one), else its memory is the host's and no busy share is measured."""
     request = request_for(scenario, case)
     first_call = None
     if warmup == 0 and getattr(contender, "per_shape", False):
@@ -721,9 +730,10 @@ def _measure(contender: Contender, scenario: Scenario, case: Case, warmup: int, 
         advance()
     # Stage figures from separate runs marked with the device's clock (CUDA events on a GPU).
     staged = [contender(request) for _ in range(stage_runs(repeats))]
-    with MemorySampler(floor=floor) as memory:  # its thread would have slowed a timed run
+    gpu = torch.cuda.is_available() if gpu is None else gpu
+    with MemorySampler(floor=floor, left_over=left_over, device=gpu) as memory:  # its thread would slow a timed run
         contender(request, stages=False)
-    busy = measure_gpu_busy(lambda: contender(request, stages=False)) if torch.cuda.is_available() else None
+    busy = measure_gpu_busy(lambda: contender(request, stages=False)) if gpu else None
     steps = [s for o in staged for s in o.timings.unet_steps]
     e2e = Stats.of(totals)
     return {

@@ -8,8 +8,12 @@ graph can break the capture (torch captures in "global" mode). Without NVML (``p
 nvidia-ml-py``) device memory is not sampled, and the report says so. The sampler runs in a run of
 its own, never in a timed one: its thread takes Python's lock every few milliseconds, which slows
 most the contenders that launch kernels from Python (eager PyTorch, the baseline). NVML's figure
-is the whole device's: the floor (``device_floor``), read before the first contender loads, is
-what this process's CUDA context and other processes held, and the report gives the peak above it.
+is the whole device's: the floor (``device_floor``), read before each contender loads (the one
+before it freed), is what this process's CUDA context, other processes and whatever the contenders
+before it did not give back held; the report gives the peak above it, and the left-over (the
+floor less the one read before the first contender) beside it, so that a contender's figure does
+not carry what another left behind. A contender that runs on the CPU of a GPU machine
+(``onnxruntime-cpu``) is not sampled on the device: its figure is the host's.
 """
 
 from __future__ import annotations
@@ -74,8 +78,8 @@ def nvml_memory_reader(index: int | None = None) -> Callable[[], int] | None:
 
 
 def device_floor() -> int | None:
-    """The device memory in use (bytes, NVML) with this process's CUDA context made and nothing of
-    its own allocated: what a contender's peak is measured above. None without CUDA or NVML."""
+    """The device memory in use now (bytes, NVML), this process's CUDA context made: read before a
+    contender loads, what its peak is measured above. None without CUDA or NVML."""
     if not torch.cuda.is_available():
         return None
     torch.empty(0, device="cuda")  # the context, which every contender pays for alike, and no block
@@ -86,12 +90,16 @@ def device_floor() -> int | None:
 
 class MemorySampler:
     """Peak host RSS and device memory in use while the block runs. ``floor``: ``device_floor``'s
-    reading, kept with the figures."""
+    reading before the contender loaded, and ``left_over``: how much of it the contenders before
+    had left behind (bytes), both kept with the figures. ``device``: whether to sample the device
+    (default: whether there is one); not for a contender that runs on the CPU."""
 
-    def __init__(self, interval: float = 0.005, floor: int | None = None) -> None:
+    def __init__(self, interval: float = 0.005, floor: int | None = None, left_over: int | None = None,
+                 device: bool | None = None) -> None:
         self.interval = interval
         self.floor = floor
-        self.cuda = torch.cuda.is_available()
+        self.left_over = left_over
+        self.cuda = torch.cuda.is_available() if device is None else device
         self.device_used = nvml_memory_reader() if self.cuda else None
         self.host_peak = 0
         self.device_peak = 0
@@ -142,6 +150,7 @@ class MemorySampler:
             "device_used_peak_mb": self.device_peak / mb if sampled else None,
             "device_used_before_mb": self.device_before / mb if sampled else None,
             "device_floor_mb": self.floor / mb if sampled and self.floor is not None else None,
+            "device_left_over_mb": self.left_over / mb if sampled and self.left_over is not None else None,
         }
         if self.device_error is not None:
             data["device_note"] = f"not sampled: NVML failed during the run ({self.device_error})"

@@ -23,6 +23,9 @@ NOISY_CV = 0.10
 deviation / mean) gives a ratio that is not to be trusted: the report says so."""
 STAGES_APART = 0.10
 """Stage figures whose sum differs from the end-to-end median by more than this get a note saying why."""
+LEFT_OVER_NOTE_MB = 256
+"""Device memory the contenders before one left behind (``device_left_over_mb``) from which a note
+says so: less is CUDA's and the libraries' per-process share (kernels loaded once, workspaces)."""
 
 
 def _ms(stats: dict[str, float]) -> str:
@@ -139,11 +142,15 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
                 f"**{r['contender']}: the stages add up to {total * 1000:.1f} ms, end-to-end is {e2e * 1000:.1f} ms** "
                 f"({(total - e2e) / e2e:+.0%}): " + why.format(runs=r.get("stage_runs", "a few")) + ".")
     notes += [f"**{r['contender']}**: {note}." for r in rows if (note := vae_rerun_note(r))]
+    notes += [f"**{r['contender']}** began with {left:,.0f} MB more in use on the device than the first contender: "
+              "what the contenders before it did not give back (kernels CUDA loaded once, library workspaces, caches). "
+              "Its memory figure is its peak above that, so what it reused of it is not counted."
+              for r in rows if (left := r["memory"].get("device_left_over_mb") or 0) >= LEFT_OVER_NOTE_MB]
     return [f"> ⚠ {note}" for note in notes]
 
 
 def _memory(entry: dict[str, Any]) -> str:
-    """The device's peak above the floor read before any contender loaded, where there is one (a
+    """The device's peak above the floor read before the contender loaded, where there is one (a
     report before that floor: the device-wide peak, said so); else the host's RSS."""
     memory = entry["memory"]
     if memory.get("device_used_peak_mb") is not None:
