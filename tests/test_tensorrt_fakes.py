@@ -45,6 +45,16 @@ def test_tensorrt_before_10_1_is_refused(monkeypatch, version):
         tensorrt_build.require_tensorrt()
 
 
+def test_refittable_builds_are_refused_on_the_tensorrt_whose_refit_drops_biases(monkeypatch, tiny_fp16_engine_dir):
+    """TensorRT 11.3.0's refit page: BuilderFlag.REFIT "may produce incorrect numerical output ... A
+    GEMM bias can be dropped and treated as zero", even with no refit done."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_tensorrt("11.3.0.4"))
+    with pytest.raises(SdexportError, match=r"^--refittable: TensorRT 11.3.0.4's refittable engines may drop"):
+        tensorrt_build.build_engines(tiny_fp16_engine_dir, refittable=True)
+    tensorrt_build.check_refittable("11.4.0.1")
+    tensorrt_build.check_refittable("10.13.3.9")
+
+
 def test_both_majors_are_accepted(trt):
     assert tensorrt_build.require_tensorrt() is trt
     assert tensorrt_build.has_weak_typing(trt) == trt.__version__.startswith("10.")
@@ -630,6 +640,33 @@ def test_close_destroys_context_before_engine_and_leaves_no_cycle(engine_factory
     assert len(memory._engines) == 0
 
 
+def test_a_failed_run_gives_tensorrts_reason_which_its_logger_records_not_prints(engine_factory, monkeypatch, capsys):
+    """The runtime's logger records TensorRT's errors for the one line a refusal makes; that line
+    said "see the TensorRT messages above", above which nothing was printed. A reason is given once:
+    a later failure without one does not repeat it."""
+    from sdexport.runtime import tensorrt_backend
+
+    engine = engine_factory()
+    tensorrt_backend._runtime()  # (the logger the runtime's plans report to)
+    logger = tensorrt_backend._Logs.logger
+
+    def failing(self, stream):
+        logger.log(fake_tensorrt.ILogger.Severity.ERROR, "IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
+                   "(an illegal memory access was encountered)\nmore detail")
+        return False
+
+    monkeypatch.setattr(fake_tensorrt.FakeContext, "execute_async_v3", failing)
+    with pytest.raises(RuntimeError) as failed:
+        engine(_feed())
+    assert str(failed.value) == ("TensorRT failed to run unet (IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
+                                 "(an illegal memory access was encountered))")
+    assert "illegal" not in capsys.readouterr().out
+    monkeypatch.setattr(fake_tensorrt.FakeContext, "execute_async_v3", lambda self, stream: False)
+    with pytest.raises(RuntimeError, match=r"^TensorRT failed to run unet$"):
+        engine(_feed())
+    engine.close()
+
+
 def test_an_unclosed_engine_is_freed_by_reference_counting(engine_factory, trt):
     from sdexport.runtime.tensorrt_backend import SharedDeviceMemory, TensorRTEngine
 
@@ -733,6 +770,32 @@ def test_the_fake_refitter_keeps_tensorrts_rules(trt):
     assert refitter.set_named_weights("b", trt.Weights(np.ones(3, np.float16)))
     assert refitter.get_missing_weights() == [] and refitter.refit_cuda_engine() and engine.refits == 1
     assert engine.weights["w"].shape == (2, 3) and engine.weights["w"].all()
+
+
+def test_a_failed_build_says_tensorrts_first_error_and_its_log_goes_to_stderr(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """polygraphy's exception says only "Invalid Engine"; TensorRT's reason is a line of its log,
+    which a failure recorded away from the terminal (the bench's report) never held."""
+    import polygraphy.backend.trt as backend
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+
+    def failing(network: dict[str, Any], config: dict[str, Any], save_timing_cache: Any = None) -> bytes:
+        G_LOGGER.warning("a warning first")
+        G_LOGGER.error("10: Could not find any implementation for node /down/conv.")
+        G_LOGGER.error("2: [builder.cpp::buildSerializedNetwork::751] Error Code 2: Internal Error (engine == nullptr)")
+        raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
+
+    monkeypatch.setattr(backend, "engine_bytes_from_network", failing)
+    with pytest.raises(SdexportError) as failed:
+        tensorrt_build.build_engines(directory, components=["unet"], timing_cache=tmp_path / "timing.cache")
+    assert str(failed.value).endswith("Invalid Engine. Please ensure the engine was built correctly "
+                                      "(TensorRT: 10: Could not find any implementation for node /down/conv.)")
+    captured = capsys.readouterr()
+    assert "a warning first" in captured.err and "Error Code 2" in captured.err and captured.out == ""
 
 
 def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directory(trt, tiny_fp16_engine_dir, tmp_path,

@@ -14,6 +14,7 @@ line that says what to install.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import sys
 import time
@@ -239,6 +240,22 @@ class BuildResult:
     """Why it was built rather than reused: "no engine yet", "--force", or key differences."""
 
 
+REFIT_DROPS_BIASES = ("11.3.",)
+"""TensorRT releases whose documentation ("Refitting an engine", 11.3.0) warns that BuilderFlag.REFIT
+may drop a GEMM's bias, unexposed to refitting, so that a refittable engine draws wrong images
+with or without a refit (a known issue of 11.3.0; 11.4's page no longer says so)."""
+
+
+def check_refittable(version: str) -> None:
+    """Refuse ``--refittable`` on a TensorRT whose refittable engines may compute wrongly."""
+    if version.startswith(REFIT_DROPS_BIASES):
+        raise SdexportError(
+            f"--refittable: TensorRT {version}'s refittable engines may drop a matrix product's bias and draw "
+            "wrong images (its documented known issue); build them with TensorRT 11.4 or later (or 10.x), or "
+            "build without --refittable and fuse LoRAs at export (`sdexport export --lora`)"
+        )
+
+
 def build_engines(
     engine_dir: Path,
     *,
@@ -265,6 +282,8 @@ def build_engines(
     if timing_cache is not None:
         check_timing_cache(timing_cache, engine_dir)
     trt = require_tensorrt()
+    if refittable:
+        check_refittable(str(trt.__version__))
     require_polygraphy()
     load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
     from sdexport.export.plan import ENGINE_DIR
@@ -425,6 +444,35 @@ def profile_shapes(ranges: dict[str, ShapeRange], graph_io: GraphIO) -> dict[str
     }
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _ErrorTee(io.TextIOBase):
+    """polygraphy's log, on its way to ``target``, with the first error it holds kept: polygraphy's
+    exception says only that the parse or build failed ("Invalid Engine"), TensorRT's reason is a
+    line of its log (``[E] ...``), and a failure recorded away from the terminal (the bench's
+    report) would otherwise hold none."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.first_error: str | None = None
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.target.write(text)
+        if self.first_error is None:
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                plain = _ANSI.sub("", line).strip()
+                if plain.startswith("[E]"):
+                    self.first_error = plain.removeprefix("[E]").strip()
+                    break
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
 def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, graph_io: GraphIO) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
@@ -442,12 +490,13 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
     trt_profile = Profile()
     for name, (lo, opt, hi) in profile_shapes(key.ranges, graph_io).items():
         trt_profile.add(name, min=lo, opt=opt, max=hi)
+    # polygraphy prints TensorRT's warnings and errors to stdout, which is kept for results: to stderr
+    log = _ErrorTee(sys.stderr)
     try:
-        # polygraphy prints TensorRT's warnings to stdout, which is kept for results: send them to stderr.
         from sdexport.console import QUIET, VERBOSE, verbosity
 
         level = {QUIET: G_LOGGER.ERROR, VERBOSE: G_LOGGER.INFO}.get(verbosity(), G_LOGGER.WARNING)
-        with G_LOGGER.verbosity(level), contextlib.redirect_stdout(sys.stderr), \
+        with G_LOGGER.verbosity(level), contextlib.redirect_stdout(log), \
                 _timing_cache_files(timing_cache) as (cache_in, cache_out):
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
             config = CreateConfig(
@@ -460,7 +509,9 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
             )
             plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
     except PolygraphyException as exc:
-        raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}") from None
+        said = f" (TensorRT: {log.first_error})" if log.first_error else ""
+        raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}{said}") from None
     if plan is None:  # (polygraphy raises where the build returns None; IHostMemory has no length to test)
-        raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path} (see its log above)")
+        said = f": {log.first_error}" if log.first_error else " (see its log above)"
+        raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}{said}")
     return memoryview(plan)

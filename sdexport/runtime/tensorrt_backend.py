@@ -73,10 +73,13 @@ def _dims(dims: trt.Dims) -> Shape:
 
 
 class _Logs:
-    """The process's one TensorRT logger and runtime (TensorRT keeps the first logger it is given).
+    """The runtime's TensorRT logger and runtime, one each per process. TensorRT reports what the
+    runtime, its engines and contexts, and a refitter made with this logger do to it (since 8.2 each
+    Runtime, Builder and Refitter has its own; the builds' go to polygraphy's).
 
-    The logger remembers the last error, so that a refused plan can be explained in one line; the
-    runtime lives as long as the process, hence longer than every engine it deserializes.
+    The logger records the last error, not prints it, so that each refusal says TensorRT's reason in
+    its own one line (``_reason``); the runtime lives as long as the process, hence longer than
+    every engine it deserializes.
     """
 
     logger: Any = None
@@ -109,6 +112,17 @@ def _runtime() -> trt.Runtime:
     return _Logs.runtime
 
 
+def _reason(default: str = "") -> str:
+    """`` (why)``: the first line of the last error TensorRT reported to the runtime's logger, which
+    it then forgets (so that a later refusal does not give this one's reason), else ``default``;
+    nothing where neither is."""
+    said = getattr(_Logs.logger, "last_error", "")
+    if said:
+        _Logs.logger.last_error = ""
+    why = said or default
+    return f" ({why})" if why else ""
+
+
 def deserialize_plan(path: Path, runtime: trt.Runtime | None = None) -> trt.ICudaEngine:
     """Read and deserialize one plan, refusing an unreadable, damaged or foreign-version file.
 
@@ -122,13 +136,12 @@ def deserialize_plan(path: Path, runtime: trt.Runtime | None = None) -> trt.ICud
         data = path.read_bytes()
     except OSError as exc:
         raise EngineDirError(f"{path}: cannot read the TensorRT plan ({exc.strerror})") from None
-    if _Logs.logger is not None:
-        _Logs.logger.last_error = ""
+    _reason()  # (one from before is not this plan's)
     engine = runtime.deserialize_cuda_engine(data) if data else None
     if engine is None:
-        why = getattr(_Logs.logger, "last_error", "") or "empty or unrecognized file"
         raise EngineDirError(
-            f"{path}: TensorRT {trt.__version__} cannot load this plan ({why}); it is damaged or was "
+            f"{path}: TensorRT {trt.__version__} cannot load this plan{_reason('empty or unrecognized file')}; "
+            "it is damaged or was "
             f"built by another TensorRT version or GPU: rebuild it with `sdexport build {pasteable(path.parent.parent)} --force`"
         )
     return engine
@@ -291,7 +304,8 @@ class TensorRTEngine:
         }
         for name in self.input_names:
             if not self.context.set_input_shape(name, self.ranges[name][2]):
-                raise EngineDirError(f"{source or spec.name}: TensorRT refused the profile's largest {name} shape")
+                raise EngineDirError(f"{source or spec.name}: TensorRT refused the profile's largest {name} shape"
+                                     f"{_reason()}")
         self.outputs: dict[str, torch.Tensor] = {}
         for name in self.output_names:
             numel = _numel(_dims(self.context.get_tensor_shape(name)))
@@ -351,7 +365,8 @@ class TensorRTEngine:
 
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
-            raise EngineDirError(f"{self.source or self.spec.name}: TensorRT could not create an execution context")
+            raise EngineDirError(f"{self.source or self.spec.name}: TensorRT could not create an execution context"
+                                 f"{_reason()}")
         return context
 
     def _bind_all(self, context: trt.IExecutionContext) -> None:
@@ -363,7 +378,7 @@ class TensorRTEngine:
             if not context.set_tensor_address(name, address):
                 raise EngineDirError(
                     f"{self.source or self.spec.name}: TensorRT refused the address of {name!r} "
-                    "(not an input or output of this plan)"
+                    f"{_reason('not an input or output of this plan')}"
                 )
 
     # ------------------------------------------------------------------------------------------
@@ -437,7 +452,7 @@ class TensorRTEngine:
             return
         for name, shape in zip(self.input_names, shapes):
             if not context.set_input_shape(name, shape):
-                raise ProfileError(f"{self.spec.name}.{name}: TensorRT refused shape {list(shape)}")
+                raise ProfileError(f"{self.spec.name}.{name}: TensorRT refused shape {list(shape)}{_reason()}")
         if context is self.context:
             self._bound_shapes = shapes
         if shapes not in self._output_shapes:
@@ -445,7 +460,7 @@ class TensorRTEngine:
 
     def _execute(self, context: trt.IExecutionContext) -> None:
         if not context.execute_async_v3(self.memory.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run {self.spec.name} (see the TensorRT messages above)")
+            raise RuntimeError(f"TensorRT failed to run {self.spec.name}{_reason()}")
 
     def _run_and_capture(self, shapes: tuple[Shape, ...]) -> None:
         """First call with ``shapes`` under CUDA graphs: run it (the warm-up TensorRT wants before a
@@ -500,6 +515,7 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
         )
     if _Logs.logger is None:
         _runtime()  # makes the logger TensorRT reports to
+    _reason()  # (one from before is not this refit's)
     refitter = trt.Refitter(engine, _Logs.logger)
     known = set(refitter.get_all_weights())
     folded = [name for name in weights if name not in known]
@@ -513,7 +529,8 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
     kept = {name: np.ascontiguousarray(value) for name, value in weights.items()}  # alive until the refit copies them
     for name, value in kept.items():
         if not refitter.set_named_weights(name, trt.Weights(value)):
-            raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})")
+            raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})"
+                                f"{_reason()}")
     lacking: list[str] = []
     # fused with a changed one: given again as exported, until TensorRT asks for none it was not refused
     while missing := [name for name in refitter.get_missing_weights() if name not in kept and name not in lacking]:
@@ -524,13 +541,13 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
                 continue
             kept[name] = value = np.ascontiguousarray(value)
             if not refitter.set_named_weights(name, trt.Weights(value)):
-                raise SdexportError(f"{source}: TensorRT refused {name} as exported ({value.dtype}, {list(value.shape)})")
+                raise SdexportError(f"{source}: TensorRT refused {name} as exported ({value.dtype}, "
+                                    f"{list(value.shape)}){_reason()}")
     if lacking:  # names the graph does not hold
         raise SdexportError(f"{source}: TensorRT needs {len(lacking)} more weights to refit with these (e.g. "
                             f"{lacking[0]}); fuse the LoRA at export and build again")
     if not refitter.refit_cuda_engine():
-        why = getattr(_Logs.logger, "last_error", "") or "see TensorRT's log"
-        raise SdexportError(f"{source}: TensorRT could not refit the engine ({why})")
+        raise SdexportError(f"{source}: TensorRT could not refit the engine{_reason()}")
 
 
 def load_tensorrt_engines(
