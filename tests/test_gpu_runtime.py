@@ -100,16 +100,24 @@ def count_syncs(run) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
+@pytest.mark.parametrize("scheduler", ["euler", "pndm", "ddim", "dpmpp_2m_karras", "lms", "unipc", "euler_a"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime-cuda", marks=needs_ort_cuda)])
-def test_no_step_of_the_loop_waits_for_the_device(tiny_engine_dir: Path, backend):
-    """Waits that do not grow with the step count: none of them is inside the denoising loop."""
+def test_no_step_of_the_loop_waits_for_the_device(tiny_engine_dir: Path, backend, scheduler):
+    """Waits that do not grow with the step count: none of them is inside the denoising loop. The
+    schedule lives on the host (``set_schedule``): PNDM, SD 1.5's default, and DDIM waited three to
+    six times a step indexing their noise table with a device timestep, UniPC four times copying
+    its sigmas. Two waits a step are diffusers' own and stay: UniPC's corrector solves on the
+    device (``torch.linalg.solve`` checks its result on the host), Euler a draws each step's noise
+    with the CPU generators and copies it over."""
     from sdexport.runtime.loading import load_pipeline
 
-    short, long = REQUEST, dataclasses.replace(REQUEST, steps=12)
+    short = dataclasses.replace(REQUEST, scheduler=scheduler)
+    long = dataclasses.replace(short, steps=12)
     with load_pipeline(tiny_engine_dir, backend) as pipeline:
         pipeline(short)
         pipeline(long)  # warm-up both
-        assert count_syncs(lambda: pipeline(long)) == count_syncs(lambda: pipeline(short))
+        grown = count_syncs(lambda: pipeline(long)) - count_syncs(lambda: pipeline(short))
+    assert grown <= (long.steps - short.steps if scheduler in ("unipc", "euler_a") else 0), grown
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime-cuda", marks=needs_ort_cuda)])

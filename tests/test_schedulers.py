@@ -210,3 +210,22 @@ def test_each_step_gets_what_diffusers_pipelines_pass_it(class_name):
     theirs = diffusers.StableDiffusionPipeline.prepare_extra_step_kwargs(
         types.SimpleNamespace(scheduler=scheduler), generators, 0.0)
     assert _step_kwargs(scheduler, generators) == theirs
+
+
+def test_the_schedule_stays_on_the_host_but_unipcs_sigmas_go_to_the_device():
+    """diffusers' pipelines put the timesteps on the GPU, where PNDM and DDIM index their host-side
+    table with them (a wait for the device each); UniPC copies each sigma it reads to the latents'
+    device (a blocking copy each). The GPU test counts the waits; here, where each part lies."""
+    from sdexport.runtime.schedulers import set_schedule
+
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    device = torch.device("meta")  # (stands for a GPU: any device but the CPU)
+    for name in ("pndm", "ddim", "euler", "dpmpp_2m_karras", "unipc"):
+        scheduler = make_scheduler(name, {"_class_name": "PNDMScheduler", **config})
+        set_schedule(scheduler, 5, device)
+        assert scheduler.timesteps.device.type == "cpu", name
+        if name == "unipc":
+            assert scheduler.sigmas.device == device
+    cpu = make_scheduler("unipc", {"_class_name": "PNDMScheduler", **config})
+    set_schedule(cpu, 5, torch.device("cpu"))
+    assert cpu.sigmas.device.type == "cpu"

@@ -115,6 +115,22 @@ def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None)
     return scheduler
 
 
+def set_schedule(scheduler: Any, steps: int, device: Any) -> None:
+    """``scheduler.set_timesteps(steps)``, its schedule kept where its step reads it without making
+    the host wait for a GPU (``device``, the latents').
+
+    On the host: diffusers' pipelines put the timesteps on the GPU, where PNDM (SD 1.5's default)
+    and DDIM index their host-side noise table with them (a wait for the device each, three to six
+    per step) and every scheduler's ``t`` is a device tensor; a CPU number in a GPU operation needs
+    no wait. Euler and DPM++ keep their sigmas on the host already. UniPC alone copies each sigma it
+    reads to the latents' device (a blocking copy, four per step): its sigmas go there once (its
+    arithmetic is then diffusers' own on the GPU; its second-order corrector still waits once a step,
+    in ``torch.linalg.solve``'s check)."""
+    scheduler.set_timesteps(steps)
+    if type(scheduler).__name__ == "UniPCMultistepScheduler" and getattr(device, "type", "cpu") != "cpu":
+        scheduler.sigmas = scheduler.sigmas.to(device)
+
+
 def config_as_loaded(config: dict[str, Any], name: str, *, family: str, conditioned: bool,
                      inpainting: bool) -> dict[str, Any]:
     """The saved scheduler config as diffusers' Stable Diffusion pipelines run it.

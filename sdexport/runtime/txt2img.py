@@ -38,6 +38,7 @@ from sdexport.runtime.schedulers import (
     make_scheduler,
     schedule_window,
     scheduler_label,
+    set_schedule,
 )
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
 from sdexport.setting_names import option
@@ -449,8 +450,10 @@ class Txt2ImgPipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
         scheduler = make_scheduler(request.scheduler, self.scheduler_config_for(request))
-        scheduler.set_timesteps(request.steps, device=self.device)
+        set_schedule(scheduler, request.steps, self.device)  # (on the host: no step waits for the device)
         timesteps = schedule_window(scheduler, request, self.family)  # first: an empty one is refused before any engine runs
+        # the engines' copy, made while the device has nothing queued to wait for
+        engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
         truncated = self.truncations(request)
         text_start = clock.mark()
         conditioning = self.encode_prompt(request)
@@ -479,7 +482,6 @@ class Txt2ImgPipeline:
             adapter_span = (adapter_start, clock.mark())
 
         step_marks, control_marks = [], []
-        engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if request.cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -714,10 +716,14 @@ class Txt2ImgPipeline:
     def noise(self, shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
         """Normal noise, one draw per image from its own generator, on the device. CPU generators:
         the same seed draws the same noise on every backend and device (and as diffusers does with
-        CPU generators)."""
+        CPU generators). To a GPU from pinned memory without waiting: a plain copy would wait for
+        the text encoder queued before it, while the host could be queuing the loop."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        return randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32).to(self.device)
+        drawn = randn_tensor(shape, generator=generators, device=torch.device("cpu"), dtype=torch.float32)
+        if self.device.type != "cuda":
+            return drawn.to(self.device)
+        return drawn.pin_memory().to(self.device, non_blocking=True)  # (the pinned block outlives the copy)
 
     def initial_latents(self, request: GenerationRequest, generators: list[torch.Generator], scheduler: Any) -> torch.Tensor:
         return self.noise(self.latent_shape(request), generators) * scheduler.init_noise_sigma
