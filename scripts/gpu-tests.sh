@@ -11,7 +11,8 @@
 # --no-install  use the environment as it is (e.g. after scripts/offline-install.sh).
 #               Without either: the dependencies are installed from PyPI into the environment
 #               (scripts/setup.sh --dev, at the pinned versions), and onnxruntime-gpu and
-#               nvidia-ml-py are downloaded into a local folder and installed from there.
+#               nvidia-ml-py, at their pins too, are downloaded into a local folder and installed
+#               from there.
 # --site DIR    where those wheels go (default .gpu-site), put first on PYTHONPATH: the
 #               environment's own CPU onnxruntime stays installed and is shadowed, so nothing is
 #               uninstalled before the GPU wheel is known to work.
@@ -37,7 +38,12 @@ while [[ $# -gt 0 ]]; do
     *) break ;;
   esac
 done
+# The pins setup.sh installs by (SDEXPORT_CONSTRAINTS, relative to the caller; empty: none) also
+# choose the onnxruntime-gpu and nvidia-ml-py this script downloads (the newest might be built for
+# another CUDA than the machine's torch, and every ONNX Runtime test would skip).
+if [[ -n ${SDEXPORT_CONSTRAINTS:-} ]]; then export SDEXPORT_CONSTRAINTS; SDEXPORT_CONSTRAINTS=$(from_caller "$SDEXPORT_CONSTRAINTS"); fi
 cd "$(dirname "$0")/.."
+constraints=${SDEXPORT_CONSTRAINTS-$PWD/constraints.txt}
 PYTHON=${PYTHON:-python3}
 site=${site:-.gpu-site}
 say() { echo "gpu-tests: $*" >&2; }
@@ -73,7 +79,7 @@ elif [[ -n "$wheels" ]]; then
 elif [[ $install == 1 ]]; then
   download=$(mktemp -d); trap 'rm -rf "$download"' EXIT
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
-    --dest "$download" onnxruntime-gpu nvidia-ml-py
+    ${constraints:+--constraint "$constraints"} --dest "$download" onnxruntime-gpu nvidia-ml-py
   "$PYTHON" -m pip download --quiet --disable-pip-version-check --only-binary=:all: --no-deps \
     --dest "$download" "tensorrt>=10.1" 2>/dev/null \
     || say "TensorRT has no wheels on PyPI for this machine (placeholder packages): its tests will skip"

@@ -86,7 +86,9 @@ def _onnxruntime_version() -> str | None:
 
 def _cuda_provider_status() -> str:
     """"available" only when a session really runs on CUDA: onnxruntime-gpu lists its CUDA provider
-    even when the CUDA or cuDNN libraries it needs are missing, and then falls back to the CPU."""
+    even when the CUDA or cuDNN libraries it needs are missing, and then falls back to the CPU. The
+    probe runs one convolution: onnxruntime loads cuDNN only when a kernel first needs it, so a
+    missing or mismatched cuDNN would otherwise pass here and fail at the first U-Net."""
     try:
         import onnxruntime as ort
     except ImportError as exc:
@@ -102,9 +104,10 @@ def _cuda_provider_status() -> str:
     preload_cuda_libraries(ort)  # as the engines do before their sessions
 
     graph = helper.make_graph(
-        [helper.make_node("Identity", ["x"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [1, 1, 1, 1], [1.0])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = min(model.ir_version, 9)
@@ -117,7 +120,15 @@ def _cuda_provider_status() -> str:
     except Exception as exc:  # onnxruntime's own exception types
         return f"fails to start: {' '.join(str(exc).split())[:300]}"
     used = session.get_providers()
-    return "available" if used and used[0] == "CUDAExecutionProvider" else f"falls back to {used}"
+    if not used or used[0] != "CUDAExecutionProvider":
+        return f"falls back to {used}"
+    import numpy as np
+
+    try:
+        session.run(None, {"x": np.ones((1, 1, 4, 4), np.float32)})
+    except Exception as exc:  # noqa: BLE001 - e.g. cuDNN missing: the reason is the status
+        return f"fails to run a convolution (cuDNN?): {' '.join(str(exc).split())[:300]}"
+    return "available"
 
 
 def _tensorrt_status() -> dict[str, Any]:

@@ -204,7 +204,8 @@ class OnnxRuntimeEngine:
 
     def _specialize(self, sizes: dict[str, int]) -> None:
         """(CUDA graph) a session and fixed buffers for these shapes, captured now: two runs on zeros
-        (ORT runs the first normally and captures on the next), so no caller's call captures."""
+        (current onnxruntime runs normally and captures within the first call, older releases on the
+        second; the second is then a replay), so no caller's call captures."""
         if self._fixed is not None and self.stream is not None:
             # The old graph may still be running on its buffers: let it finish before they go
             # (a change of shapes, rare: one host wait).
