@@ -100,6 +100,36 @@ def count_syncs(run) -> int:
     return sum("synchronizing" in str(w.message) for w in caught)
 
 
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpy2D")
+"""The CUDA runtime's calls that make the host wait for the device (``cudaMemcpy`` without Async)."""
+
+
+def count_runtime_waits(run) -> int:
+    """How many of ``HOST_WAITS`` ``run()`` made, from any library in the process: torch's sync
+    debug mode (``count_syncs``) sees only torch's own, not onnxruntime's or TensorRT's. Read from
+    the profiler's CUDA runtime records (CUPTI traces every caller of the runtime)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        run()
+    return sum(event.name() in HOST_WAITS for event in profiler.profiler.kineto_results.events())
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime-cuda", marks=needs_ort_cuda)])
+def test_no_library_waits_for_the_device_inside_the_loop(tiny_engine_dir: Path, backend):
+    """As ``test_no_step_of_the_loop_waits_for_the_device``, counting the runtime's waits whoever
+    makes them: an onnxruntime session that synchronised its stream or copied through the host
+    inside each run (a Memcpy node, its end-of-run synchronisation) would pass torch's count."""
+    from sdexport.runtime.loading import load_pipeline
+
+    short, long = REQUEST, dataclasses.replace(REQUEST, steps=12)
+    with load_pipeline(tiny_engine_dir, backend) as pipeline:
+        pipeline(short)
+        pipeline(long)  # warm-up both
+        waits = count_runtime_waits(lambda: pipeline(short)), count_runtime_waits(lambda: pipeline(long))
+    assert waits[1] == waits[0], waits
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "pndm", "ddim", "dpmpp_2m_karras", "lms", "unipc", "euler_a"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("onnxruntime-cuda", marks=needs_ort_cuda)])
 def test_no_step_of_the_loop_waits_for_the_device(tiny_engine_dir: Path, backend, scheduler):
