@@ -812,7 +812,7 @@ def test_a_contender_that_began_with_others_left_overs_is_said_to(monkeypatch):
     from sdexport.bench.report import case_warnings
 
     monkeypatch.setattr(measure.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(measure, "nvml_memory_reader", lambda: lambda: 900 << 20)
+    monkeypatch.setattr(measure, "nvml_reader_or_reason", lambda: lambda: 900 << 20)
     with measure.MemorySampler(interval=0.001, floor=600 << 20, left_over=300 << 20) as sampler:
         pass
     memory = sampler.to_dict()

@@ -209,6 +209,29 @@ def test_an_nvml_failure_mid_run_leaves_out_the_device_figures_not_the_run(monke
     assert data["device_note"] == "not sampled: NVML failed during the run (RuntimeError: NVML_ERROR_GPU_IS_LOST)"
 
 
+def test_an_nvml_that_does_not_answer_for_the_device_is_said_so_not_asked_to_be_installed(monkeypatch):
+    """nvidia-ml-py installed, but no answer for this device (a MIG slice or CUDA_VISIBLE_DEVICES torch
+    cannot map, no driver access in a container): the note said "pip install nvidia-ml-py"."""
+    from sdexport.bench import measure
+
+    nvml = _fake_nvml(monkeypatch, [100 << 20])
+
+    def refused(index):
+        raise RuntimeError("NVML_ERROR_INVALID_ARGUMENT")
+
+    nvml.nvmlDeviceGetHandleByIndex = refused  # type: ignore[attr-defined]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "_get_nvml_device_index", lambda index: index, raising=False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-1a2b")
+    with measure.MemorySampler(interval=0.001) as sampler:
+        pass
+    data = sampler.to_dict()
+    assert data["device_used_peak_mb"] is None
+    assert data["device_note"] == ("not sampled: NVML did not answer for CUDA device 0 (RuntimeError: "
+                                   "NVML_ERROR_INVALID_ARGUMENT; CUDA_VISIBLE_DEVICES=MIG-1a2b)")
+
+
 def test_without_nvml_device_memory_is_reported_as_not_sampled(monkeypatch):
     from sdexport.bench import measure
 

@@ -55,10 +55,21 @@ def _rss_bytes() -> int:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+NO_NVML = "NVML unavailable (pip install nvidia-ml-py)"
+
+
 def nvml_memory_reader(index: int | None = None) -> Callable[[], int] | None:
     """A function returning the device memory in use (bytes) through NVML for CUDA device ``index``
-    (default: the current one), or None without NVML. Every CUDA query happens here, on the calling
-    thread; the returned function makes NVML calls only.
+    (default: the current one), or None without a usable NVML (``nvml_reader_or_reason`` says why)."""
+    reader = nvml_reader_or_reason(index)
+    return None if isinstance(reader, str) else reader
+
+
+def nvml_reader_or_reason(index: int | None = None) -> Callable[[], int] | str:
+    """``nvml_memory_reader``'s function, or why there is none: NVML missing (``NO_NVML``), or there
+    but not answering for this device (no driver access in a container; a MIG slice or a
+    CUDA_VISIBLE_DEVICES torch cannot map to NVML's numbering). Every CUDA query happens here, on
+    the calling thread; the returned function makes NVML calls only.
 
     CUDA_VISIBLE_DEVICES renumbers CUDA devices but not NVML's: the NVML index comes from the
     mapping ``torch.cuda.device_memory_used`` itself uses (a private helper; without it, the CUDA
@@ -66,14 +77,16 @@ def nvml_memory_reader(index: int | None = None) -> Callable[[], int] | None:
     try:
         import pynvml  # nvidia-ml-py
     except ImportError:
-        return None
+        return NO_NVML
     index = torch.cuda.current_device() if index is None else index
     to_nvml = getattr(torch.cuda, "_get_nvml_device_index", None)
     try:
         pynvml.nvmlInit()
         handle = pynvml.nvmlDeviceGetHandleByIndex(to_nvml(index) if to_nvml is not None else index)
-    except Exception:  # pynvml.NVMLError and friends: no usable NVML
-        return None
+    except Exception as exc:  # pynvml.NVMLError and friends: no usable NVML
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (f"NVML did not answer for CUDA device {index} ({type(exc).__name__}: {exc}"
+                + (f"; CUDA_VISIBLE_DEVICES={visible}" if visible is not None else "") + ")")
     return lambda: int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
 
 
@@ -100,7 +113,10 @@ class MemorySampler:
         self.floor = floor
         self.left_over = left_over
         self.cuda = torch.cuda.is_available() if device is None else device
-        self.device_used = nvml_memory_reader() if self.cuda else None
+        reader = nvml_reader_or_reason() if self.cuda else None
+        self.device_used = None if isinstance(reader, str) else reader
+        self.device_unread = reader if isinstance(reader, str) else None
+        """Why the device is not sampled, where it is a GPU's: ``nvml_reader_or_reason``'s reason."""
         self.host_peak = 0
         self.device_peak = 0
         self.host_before = 0
@@ -155,7 +171,7 @@ class MemorySampler:
         if self.device_error is not None:
             data["device_note"] = f"not sampled: NVML failed during the run ({self.device_error})"
         elif self.cuda and not sampled:
-            data["device_note"] = "not sampled: NVML unavailable (pip install nvidia-ml-py)"
+            data["device_note"] = f"not sampled: {self.device_unread or NO_NVML}"
         return data
 
 
