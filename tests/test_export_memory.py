@@ -380,7 +380,7 @@ def test_a_point_too_large_for_free_memory_is_skipped_and_said(tmp_path: Path, m
     assert parity["status"] == "passed"
     assert [p["status"] for p in parity["points"]] == ["passed", "skipped", "skipped", "skipped"]
     assert all(p["reason"].startswith("too large for this machine's memory: needs about ")
-               and "GB, 0.0 GB to spare" in p["reason"] for p in parity["points"][1:]), parity["points"]
+               and "GiB, 0.0 GiB to spare" in p["reason"] for p in parity["points"][1:]), parity["points"]
     captured = capsys.readouterr()
     skipped = [line for line in captured.err.splitlines() if "skipped:" in line]
     assert skipped and all("(too large for this machine's memory: needs about" in line for line in skipped)

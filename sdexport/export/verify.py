@@ -153,12 +153,13 @@ def _over_budget(need: float | None, budget_mb: Callable[[], float | None] | Non
     if need is None or budget is None or need <= budget:
         return None
     return (f"{TOO_LARGE}: needs about {_gb(need)}, {_gb(max(budget, 0))} to spare (verification keeps the "
-            "export within two thirds of the machine's memory, and 1 GB free)")
+            "export within two thirds of the machine's memory, and 1 GiB free)")
 
 
 def _gb(mb: float) -> str:
+    """``mb`` MiB in GiB (the figures are binary: MiB from bytes / 2**20)."""
     gb = mb / 1024
-    return f"{gb:.1f} GB" if gb >= 1 or gb == 0 else f"{gb:.2g} GB"
+    return f"{gb:.1f} GiB" if gb >= 1 or gb == 0 else f"{gb:.2g} GiB"
 
 
 def _cannot_run(spec: ComponentSpec, label: str, feed: dict[str, np.ndarray], exc: BaseException) -> ParityError:
@@ -228,7 +229,7 @@ def shrinking_run_options(ort: Any) -> Any:
 
     The arena keeps what a run allocated for the session's life, so each later point was judged
     against memory the arena held: sd15's VAE decoder skipped its uneven point after the max point,
-    "0.0 GB to spare". Turning the arena off instead costs a third longer runs of the largest VAE
+    "0.0 GiB to spare". Turning the arena off instead costs a third longer runs of the largest VAE
     points (page faults on fresh memory) and leaves mid-sized tensors in the C heap: the tiny VAE
     decoder's max point kept 0.4 GB, against 0.05 GB with the arena (2026-12-02, onnxruntime 1.32).
     The region holding a run's outputs is still in use when the arena shrinks and stays until the

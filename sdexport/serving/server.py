@@ -54,7 +54,7 @@ def check_serving_installed() -> None:
     if int(version("numpy").split(".")[0]) >= 2:
         raise SdexportError(f"numpy {version('numpy')} is installed, but PyTriton's Triton stub is built against "
                             "numpy 1.x and garbles tensors under numpy 2: pip install 'numpy<2' (the serve "
-                            "extra's pin; README, \"Serving with Triton\")")
+                            "extra's pin; README, \"Serve: Triton Inference Server\")")
 
 
 def listen_address(address: str) -> str:
