@@ -1309,9 +1309,9 @@ def loadtest(
 
     from sdexport.atomic import write_atomic
     from sdexport.serving.loadtest import LoadPlan, markdown, run_load
-    from sdexport.serving.server import check_serving_installed
+    from sdexport.serving.server import check_client_installed
 
-    check_serving_installed()
+    check_client_installed()
     params = {k: v for k, v in {"steps": steps, "height": height, "width": width, "guidance": guidance,
                                 "scheduler": scheduler, "strength": strength,
                                 "denoising_end": denoising_end}.items() if v is not None}

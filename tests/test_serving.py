@@ -273,6 +273,23 @@ def test_a_failure_of_the_server_is_answered_as_an_internal_error_not_a_bad_requ
     assert codes == ["INTERNAL", "INVALID_ARG", "CANCELLED"]
 
 
+def test_a_kind_gpu_instance_loads_on_the_gpu_triton_gave_it(monkeypatch):
+    """With instance_group KIND_GPU Triton starts one instance per GPU and tells each its device;
+    the backends take the current device, so each loaded its whole pipeline onto GPU 0."""
+    import torch
+
+    from sdexport.serving import triton_model
+
+    devices, loaded = [], []
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(triton_model, "ServedModel", lambda settings, log: loaded.append(settings))
+    config = json.dumps({"parameters": {"engine_dir": {"string_value": "/engines/sd15"}}})
+    adapter = triton_model.TritonAdapter(type("pb_utils", (), {}))
+    adapter.initialize({"model_config": config, "model_instance_kind": "GPU", "model_instance_device_id": "3"})
+    adapter.initialize({"model_config": config, "model_instance_kind": "CPU", "model_instance_device_id": "0"})
+    assert devices == [3] and len(loaded) == 2
+
+
 def test_a_long_prompt_is_generated_apart_from_short_ones_and_as_run_makes_it(served, tiny_engine_dir, tmp_path):
     """A call pads its texts to its longest's chunks: rows of two chunks and of one never share one,
     so a short prompt's image is the same whoever else sent a long one."""
@@ -912,8 +929,16 @@ def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
 
 
 def test_loadtest_given_a_duration_alone_runs_until_it_ends(monkeypatch, tmp_path):
-    """Not until the request count's default (16) either: `--duration 20` stopped after 16 requests."""
+    """Not until the request count's default (16) either: `--duration 20` stopped after 16 requests.
+    A client needs tritonclient alone: not PyTriton, nor numpy 1.x (a client machine of a stock server)."""
+    import importlib.metadata
+    import importlib.util
+
     from sdexport.serving import loadtest
+
+    real_spec, real_version = importlib.util.find_spec, importlib.metadata.version
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pytriton" else real_spec(name, *a))
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.4.6" if name == "numpy" else real_version(name))
 
     plans: list[object] = []
 
@@ -1048,6 +1073,21 @@ def test_sigterm_lets_the_request_in_flight_finish(server: Server):
         assert "Waiting for in-flight requests to complete" in running.log.read_text()
     finally:
         running.stop()
+
+
+def test_pytriton_waits_for_the_drain_before_it_kills_the_server(monkeypatch):
+    """PyTriton's stop sends SIGINT, waits its SERVER_OUTPUT_TIMEOUT_SECS (30 s), then kills the
+    server: a --drain-timeout over about 30 s was cut short, its requests dropped."""
+    import pytriton.server.triton_server as triton_server
+    import pytriton.triton
+
+    from sdexport.serving.server import EXIT_MARGIN_S, pytriton_waits
+
+    monkeypatch.setattr(triton_server, "SERVER_OUTPUT_TIMEOUT_SECS", triton_server.SERVER_OUTPUT_TIMEOUT_SECS)
+    monkeypatch.setattr(pytriton.triton, "DEFAULT_TRITON_STARTUP_TIMEOUT_S", pytriton.triton.DEFAULT_TRITON_STARTUP_TIMEOUT_S)
+    pytriton_waits(900, 300)
+    assert triton_server.SERVER_OUTPUT_TIMEOUT_SECS == 300 + EXIT_MARGIN_S
+    assert pytriton.triton.DEFAULT_TRITON_STARTUP_TIMEOUT_S == 900
 
 
 def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(tiny_engine_dir, tmp_path):

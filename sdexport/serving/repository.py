@@ -95,7 +95,8 @@ input [
 output [
 {outputs}
 ]
-# One instance: it runs on the GPU the backend picks. Scale out with replicas of the server.
+# One instance, on the current GPU (CUDA_VISIBLE_DEVICES picks it). For one per GPU of the machine,
+# each on its own: kind: KIND_GPU (each instance is a process holding the whole pipeline).
 instance_group [ {{ count: 1 kind: KIND_CPU }} ]
 {parameters}
 """

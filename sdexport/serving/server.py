@@ -57,6 +57,16 @@ def check_serving_installed() -> None:
                             "extra's pin; README, \"Serve: Triton Inference Server\")")
 
 
+def check_client_installed() -> None:
+    """tritonclient, all a client of a served model needs (``loadtest`` against any Triton server):
+    not PyTriton, nor the numpy 1.x its stub needs."""
+    import importlib.util
+
+    if importlib.util.find_spec("tritonclient") is None:
+        raise SdexportError("tritonclient not installed: a client of a served model needs it "
+                            "(pip install 'tritonclient[http]', or the serve extra)")
+
+
 def listen_address(address: str) -> str:
     """``--address`` as Triton can listen on it and PyTriton wait on it: a numeric IPv4 address.
 
@@ -177,6 +187,22 @@ def check_log_file(path: Path) -> None:
                             "the end of it); give a new file name, or the log of an earlier serve")
 
 
+EXIT_MARGIN_S = 60
+"""What Triton may take past its drain to unload the model (its engines leave the device) and exit."""
+
+
+def pytriton_waits(startup_timeout_s: int, drain_timeout_s: int) -> None:
+    """PyTriton's own waits, set to the server's: it waits 120 s for the server to turn ready
+    (loading large engines can take longer), and after its SIGINT 30 s for the server to exit
+    before it kills it (``SERVER_OUTPUT_TIMEOUT_SECS``, read when it stops), which cut every
+    ``--drain-timeout`` over about 30 s short, dropping the requests it was to let finish."""
+    import pytriton.server.triton_server
+    import pytriton.triton
+
+    pytriton.triton.DEFAULT_TRITON_STARTUP_TIMEOUT_S = startup_timeout_s  # type: ignore[attr-defined]
+    pytriton.server.triton_server.SERVER_OUTPUT_TIMEOUT_SECS = drain_timeout_s + EXIT_MARGIN_S
+
+
 def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
                log_file: Path | None, on_ready: Callable[[], None]) -> None:
     """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
@@ -187,8 +213,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
 
     stub_environment()
     server_output_to_stderr()
-    # PyTriton waits 120 s for the server to turn ready; loading large engines can take longer.
-    pytriton.triton.DEFAULT_TRITON_STARTUP_TIMEOUT_S = startup_timeout_s  # type: ignore[attr-defined]
+    pytriton_waits(startup_timeout_s, drain_timeout_s)
     config = TritonConfig(
         model_repository=repository, http_port=ports.http, grpc_port=ports.grpc, metrics_port=ports.metrics,
         http_address=ports.address, grpc_address=ports.address, metrics_address=ports.address,

@@ -464,6 +464,13 @@ class TritonAdapter:
         self.model: ServedModel | None = None
 
     def initialize(self, args: dict[str, Any]) -> None:
+        """Load the model. Where config.pbtxt's instance_group is ``KIND_GPU`` (one instance per GPU,
+        each a process of its own), on the GPU Triton gave this instance, before anything touches
+        CUDA: the backends take the current device, which would be GPU 0 for every instance."""
+        if args.get("model_instance_kind") == "GPU" and args.get("model_instance_device_id") is not None:
+            import torch
+
+            torch.cuda.set_device(int(args["model_instance_device_id"]))
         config = json.loads(args["model_config"])
         parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         logger = getattr(self.pb, "Logger", None)
