@@ -212,20 +212,26 @@ def test_each_step_gets_what_diffusers_pipelines_pass_it(class_name):
     assert _step_kwargs(scheduler, generators) == theirs
 
 
-def test_the_schedule_stays_on_the_host_but_unipcs_sigmas_go_to_the_device():
-    """diffusers' pipelines put the timesteps on the GPU, where PNDM and DDIM index their host-side
-    table with them (a wait for the device each); UniPC copies each sigma it reads to the latents'
-    device (a blocking copy each). The GPU test counts the waits; here, where each part lies."""
+def test_each_schedule_lies_where_its_steps_read_it_without_waiting():
+    """diffusers' pipelines put the timesteps on the GPU, where PNDM, DDIM and LCM index their
+    host-side table with them (a wait for the device each): theirs stay on the host. The sigma-based
+    ones read them only to start and in add_noise (inpainting's blend, every step), which copies
+    them to the device: theirs go there; UniPC copies each sigma it reads to the device (a blocking
+    copy each): its sigmas go there. The GPU test counts the waits; here, where each part lies."""
     from sdexport.runtime.schedulers import set_schedule
 
     config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     device = torch.device("meta")  # (stands for a GPU: any device but the CPU)
-    for name in ("pndm", "ddim", "euler", "dpmpp_2m_karras", "unipc"):
+    for name in SCHEDULERS:
         scheduler = make_scheduler(name, {"_class_name": "PNDMScheduler", **config})
+        asked: list[object] = []
+        real = scheduler.set_timesteps
+        scheduler.set_timesteps = lambda steps, device=None, real=real, asked=asked: (asked.append(device), real(steps))
         set_schedule(scheduler, 5, device)
-        assert scheduler.timesteps.device.type == "cpu", name
-        if name == "unipc":
-            assert scheduler.sigmas.device == device
+        host = name in ("pndm", "ddim", "lcm")
+        assert asked == [None if host else device], name
+        if not host:  # (the sigma-based: diffusers keeps their sigmas on the host, but UniPC's)
+            assert scheduler.sigmas.device.type == ("meta" if name == "unipc" else "cpu"), name
     cpu = make_scheduler("unipc", {"_class_name": "PNDMScheduler", **config})
     set_schedule(cpu, 5, torch.device("cpu"))
     assert cpu.sigmas.device.type == "cpu"

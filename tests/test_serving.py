@@ -1461,6 +1461,15 @@ def test_the_start_up_watcher_sees_an_exit_without_reaping_the_process():
     assert _server_exited(running)  # reaped by its owner before sh set exit_code
 
 
+def test_a_client_without_tritonclients_http_part_is_told_what_to_install(monkeypatch, tmp_path, capsys):
+    """`pip install tritonclient` without its [http] extra installs the package, whose http module
+    then raises on import: the check imports what loadtest uses."""
+    monkeypatch.setitem(sys.modules, "tritonclient.http", None)
+    assert run_cli("loadtest", "-o", tmp_path / "out") == 2
+    assert "tritonclient's HTTP client is not installed" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_numpy_2_is_refused_before_serving(monkeypatch):
     import importlib.metadata
 

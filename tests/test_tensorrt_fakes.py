@@ -48,9 +48,14 @@ def test_tensorrt_before_10_1_is_refused(monkeypatch, version):
 def test_refittable_builds_are_refused_on_the_tensorrt_whose_refit_drops_biases(monkeypatch, tiny_fp16_engine_dir):
     """TensorRT 11.3.0's refit page: BuilderFlag.REFIT "may produce incorrect numerical output ... A
     GEMM bias can be dropped and treated as zero", even with no refit done."""
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_tensorrt("11.3.0.4"))
+    from sdexport.runtime.tensorrt_backend import refit
+
+    trt = fake_tensorrt.make_tensorrt("11.3.0.4")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
     with pytest.raises(SdexportError, match=r"^--refittable: TensorRT 11.3.0.4's refittable engines may drop"):
         tensorrt_build.build_engines(tiny_fp16_engine_dir, refittable=True)
+    with pytest.raises(SdexportError, match=r"^unet/plan: run-time LoRA: TensorRT 11.3.0.4's refittable engines"):
+        refit(_refittable(trt, {"w": (2, 2)}), {"w": np.zeros((2, 2), np.float16)}, Path("unet/plan"))
     tensorrt_build.check_refittable("11.4.0.1")
     tensorrt_build.check_refittable("10.13.3.9")
 
@@ -642,8 +647,8 @@ def test_close_destroys_context_before_engine_and_leaves_no_cycle(engine_factory
 
 def test_a_failed_run_gives_tensorrts_reason_which_its_logger_records_not_prints(engine_factory, monkeypatch, capsys):
     """The runtime's logger records TensorRT's errors for the one line a refusal makes; that line
-    said "see the TensorRT messages above", above which nothing was printed. A reason is given once:
-    a later failure without one does not repeat it."""
+    said "see the TensorRT messages above", above which nothing was printed. A reason is its own
+    call's: an error reported before the call (an unchecked call's) is not given for its failure."""
     from sdexport.runtime import tensorrt_backend
 
     engine = engine_factory()
@@ -660,7 +665,9 @@ def test_a_failed_run_gives_tensorrts_reason_which_its_logger_records_not_prints
         engine(_feed())
     assert str(failed.value) == ("TensorRT failed to run unet (IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
                                  "(an illegal memory access was encountered))")
-    assert "illegal" not in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "illegal" not in captured.out + captured.err
+    logger.log(fake_tensorrt.ILogger.Severity.ERROR, "IExecutionContext::setDeviceMemory: an earlier, unchecked call")
     monkeypatch.setattr(fake_tensorrt.FakeContext, "execute_async_v3", lambda self, stream: False)
     with pytest.raises(RuntimeError, match=r"^TensorRT failed to run unet$"):
         engine(_feed())

@@ -292,10 +292,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{STAGES_APART:.0%} away from the end-to-end median, a note under the table says so. ± is the "
             "end-to-end runs' variation (standard deviation / mean); ⚠ marks a ratio not to be trusted. "
             "Peak memory is sampled in one more run, not a timed one: on a GPU the device's memory in use at "
-            "its peak less what was in use before the first contender loaded (this process's CUDA context, "
-            "other processes); on a CPU the process's RSS."
-            + (" GPU busy is the share of one more run's wall time in which a kernel ran (PyTorch's profiler, "
-               "every kernel of the process; tracing slows the host, so it is a lower bound)." if busy else "")
+            "its peak less what was in use as the contender began loading, the one before it freed (this "
+            "process's CUDA context, other processes, what earlier contenders left); on a CPU, and for a "
+            "contender that runs on it, the process's RSS."
+            + (" GPU busy is the share of one more run's wall time in which a kernel (or a copy) ran (PyTorch's "
+               "profiler, every kernel of the process; tracing slows the host, so it is a lower bound)." if busy else "")
         ),
         "",
     ]

@@ -246,14 +246,20 @@ may drop a GEMM's bias, unexposed to refitting, so that a refittable engine draw
 with or without a refit (a known issue of 11.3.0; 11.4's page no longer says so)."""
 
 
-def check_refittable(version: str) -> None:
-    """Refuse ``--refittable`` on a TensorRT whose refittable engines may compute wrongly."""
-    if version.startswith(REFIT_DROPS_BIASES):
-        raise SdexportError(
-            f"--refittable: TensorRT {version}'s refittable engines may drop a matrix product's bias and draw "
-            "wrong images (its documented known issue); build them with TensorRT 11.4 or later (or 10.x), or "
-            "build without --refittable and fuse LoRAs at export (`sdexport export --lora`)"
-        )
+def refit_drops_biases(version: str) -> str | None:
+    """Why a refittable engine of this TensorRT may compute wrongly, or None."""
+    if not version.startswith(REFIT_DROPS_BIASES):
+        return None
+    return (f"TensorRT {version}'s refittable engines may drop a matrix product's bias and draw wrong images "
+            "(its documented known issue); build them with TensorRT 11.4 or later (or 10.x), or build without "
+            "--refittable and fuse LoRAs at export (`sdexport export --lora`)")
+
+
+def check_refittable(version: str, what: str = "--refittable") -> None:
+    """Refuse ``what`` (a refittable build; a refit) on a TensorRT whose refittable engines may
+    compute wrongly."""
+    if (why := refit_drops_biases(version)) is not None:
+        raise SdexportError(f"{what}: {why}")
 
 
 def build_engines(

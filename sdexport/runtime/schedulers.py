@@ -119,14 +119,18 @@ def set_schedule(scheduler: Any, steps: int, device: Any) -> None:
     """``scheduler.set_timesteps(steps)``, its schedule kept where its step reads it without making
     the host wait for a GPU (``device``, the latents').
 
-    On the host: diffusers' pipelines put the timesteps on the GPU, where PNDM (SD 1.5's default)
-    and DDIM index their host-side noise table with them (a wait for the device each, three to six
-    per step) and every scheduler's ``t`` is a device tensor; a CPU number in a GPU operation needs
-    no wait. Euler and DPM++ keep their sigmas on the host already. UniPC alone copies each sigma it
-    reads to the latents' device (a blocking copy, four per step): its sigmas go there once (its
-    arithmetic is then diffusers' own on the GPU; its second-order corrector still waits once a step,
-    in ``torch.linalg.solve``'s check)."""
-    scheduler.set_timesteps(steps)
+    diffusers' pipelines put the timesteps on the GPU. Where a scheduler indexes its noise table
+    with the timestep (PNDM, SD 1.5's default, DDIM, LCM: no ``sigmas``), each such read of a device
+    timestep waits for the device, three to six per step: theirs stay on the host (a CPU number in
+    a GPU operation needs no wait). The sigma-based ones read their host-side sigmas by step index
+    and the timesteps only to find their first step (once a run) and in ``add_noise``, which copies
+    the whole schedule to the latents' device at every call (inpainting's blend, every step): theirs
+    go to the device, as diffusers puts them. UniPC alone copies each sigma it reads to the latents'
+    device (a blocking copy, four per step): its sigmas go there once (its arithmetic is then
+    diffusers' own on the GPU; its second-order corrector still waits once a step, in
+    ``torch.linalg.solve``'s check)."""
+    sigma_based = hasattr(scheduler, "sigmas")
+    scheduler.set_timesteps(steps, device=device if sigma_based else None)
     if type(scheduler).__name__ == "UniPCMultistepScheduler" and getattr(device, "type", "cpu") != "cpu":
         scheduler.sigmas = scheduler.sigmas.to(device)
 

@@ -112,10 +112,16 @@ def _runtime() -> trt.Runtime:
     return _Logs.runtime
 
 
+def _forget() -> None:
+    """Forget what TensorRT reported before the checked call that follows (an unchecked call's error,
+    or one a caller handled), so that its refusal's ``_reason`` is its own."""
+    if getattr(_Logs.logger, "last_error", ""):
+        _Logs.logger.last_error = ""
+
+
 def _reason(default: str = "") -> str:
-    """`` (why)``: the first line of the last error TensorRT reported to the runtime's logger, which
-    it then forgets (so that a later refusal does not give this one's reason), else ``default``;
-    nothing where neither is."""
+    """`` (why)``: the first line of the last error TensorRT reported to the runtime's logger since
+    ``_forget``, which it then forgets too, else ``default``; nothing where neither is."""
     said = getattr(_Logs.logger, "last_error", "")
     if said:
         _Logs.logger.last_error = ""
@@ -136,7 +142,7 @@ def deserialize_plan(path: Path, runtime: trt.Runtime | None = None) -> trt.ICud
         data = path.read_bytes()
     except OSError as exc:
         raise EngineDirError(f"{path}: cannot read the TensorRT plan ({exc.strerror})") from None
-    _reason()  # (one from before is not this plan's)
+    _forget()
     engine = runtime.deserialize_cuda_engine(data) if data else None
     if engine is None:
         raise EngineDirError(
@@ -302,6 +308,7 @@ class TensorRTEngine:
             name: aligned_empty(_numel(self.ranges[name][2]), self.dtypes[name], self.device)
             for name in self.input_names
         }
+        _forget()
         for name in self.input_names:
             if not self.context.set_input_shape(name, self.ranges[name][2]):
                 raise EngineDirError(f"{source or spec.name}: TensorRT refused the profile's largest {name} shape"
@@ -363,6 +370,7 @@ class TensorRTEngine:
     def _create_context(self) -> trt.IExecutionContext:
         import tensorrt as trt
 
+        _forget()
         context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
         if context is None:
             raise EngineDirError(f"{self.source or self.spec.name}: TensorRT could not create an execution context"
@@ -371,6 +379,7 @@ class TensorRTEngine:
 
     def _bind_all(self, context: trt.IExecutionContext) -> None:
         """Bind every input and output buffer to ``context``, checking each address and binding."""
+        _forget()
         for name, buffer in (*self.inputs.items(), *self.outputs.items()):
             address = int(buffer.data_ptr())
             if address % ALIGNMENT:
@@ -450,6 +459,7 @@ class TensorRTEngine:
     def _set_shapes(self, context: trt.IExecutionContext, shapes: tuple[Shape, ...]) -> None:
         if context is self.context and shapes == self._bound_shapes:
             return
+        _forget()
         for name, shape in zip(self.input_names, shapes):
             if not context.set_input_shape(name, shape):
                 raise ProfileError(f"{self.spec.name}.{name}: TensorRT refused shape {list(shape)}{_reason()}")
@@ -459,6 +469,7 @@ class TensorRTEngine:
             self._output_shapes[shapes] = {name: _dims(context.get_tensor_shape(name)) for name in self.output_names}
 
     def _execute(self, context: trt.IExecutionContext) -> None:
+        _forget()
         if not context.execute_async_v3(self.memory.stream.cuda_stream):
             raise RuntimeError(f"TensorRT failed to run {self.spec.name}{_reason()}")
 
@@ -482,6 +493,7 @@ class TensorRTEngine:
         except RuntimeError as exc:  # e.g. a plan with data-dependent shapes: run without graphs
             from sdexport.console import console
 
+            _forget()  # (what TensorRT said of it is not a later refusal's reason)
             console.print(f"[yellow]note:[/] {self.spec.name}: CUDA graph capture failed ({escape(str(exc))}); running without")
             self.cuda_graph = False
             self._drop_graphs()
@@ -507,6 +519,7 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
     initializer_reader``; None where the graph has none), as NVIDIA's diffusion demo refits."""
     import tensorrt as trt
 
+    tensorrt_build.check_refittable(str(trt.__version__), f"{source}: run-time LoRA")
     if not getattr(engine, "refittable", False):
         raise EngineDirError(
             f"{source}: not a refittable engine, so --lora cannot change its weights: build with "
@@ -515,7 +528,7 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
         )
     if _Logs.logger is None:
         _runtime()  # makes the logger TensorRT reports to
-    _reason()  # (one from before is not this refit's)
+    _forget()
     refitter = trt.Refitter(engine, _Logs.logger)
     known = set(refitter.get_all_weights())
     folded = [name for name in weights if name not in known]
@@ -579,6 +592,11 @@ def load_tensorrt_engines(
     entries = plans_here(engine_dir, manifest, names, optional, profile=profile, fp32=fp32,
                          refit=[name for name, changed in (weights or {}).items() if changed])
     runtime = _runtime()
+    import tensorrt as trt
+
+    from sdexport.console import console
+
+    version = str(trt.__version__)
     chosen: dict[str, tuple[dict[str, Any], trt.ICudaEngine]] = {}
     for name, entry in entries.items():
         path = engine_dir / entry["path"]
@@ -587,6 +605,8 @@ def load_tensorrt_engines(
         elif not path.is_file():
             raise EngineDirError(f"{engine_dir}: {entry['path']} is listed in the manifest but missing")
         chosen[name] = (entry, deserialize_plan(path, runtime))
+        if getattr(chosen[name][1], "refittable", False) and (why := tensorrt_build.refit_drops_biases(version)):
+            console.print(f"[yellow]warning:[/] {escape(str(path))} is refittable: {why}")
         if weights and weights.get(name):
             from sdexport.runtime.lora_runtime import initializer_reader
 

@@ -450,7 +450,7 @@ class Txt2ImgPipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
 
         scheduler = make_scheduler(request.scheduler, self.scheduler_config_for(request))
-        set_schedule(scheduler, request.steps, self.device)  # (on the host: no step waits for the device)
+        set_schedule(scheduler, request.steps, self.device)  # (where no step waits for the device to read it)
         timesteps = schedule_window(scheduler, request, self.family)  # first: an empty one is refused before any engine runs
         # the engines' copy, made while the device has nothing queued to wait for
         engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)

@@ -60,11 +60,11 @@ def check_serving_installed() -> None:
 def check_client_installed() -> None:
     """tritonclient, all a client of a served model needs (``loadtest`` against any Triton server):
     not PyTriton, nor the numpy 1.x its stub needs."""
-    import importlib.util
-
-    if importlib.util.find_spec("tritonclient") is None:
-        raise SdexportError("tritonclient not installed: a client of a served model needs it "
-                            "(pip install 'tritonclient[http]', or the serve extra)")
+    try:
+        import tritonclient.http  # noqa: F401 - raises without its http extra's packages
+    except Exception:  # noqa: BLE001 - ImportError, or tritonclient's own RuntimeError naming the extra
+        raise SdexportError("tritonclient's HTTP client is not installed: a client of a served model needs it "
+                            "(pip install 'tritonclient[http]', or the serve extra)") from None
 
 
 def listen_address(address: str) -> str:
