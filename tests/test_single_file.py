@@ -547,3 +547,27 @@ def test_a_single_files_bench_cache_key_reads_its_config_by_content_or_preset_na
 
     assert key(str(tmp_path / "config")) == key("config") == key("./config/")
     assert key("tiny") != key("tiny-v") and key("tiny") != key("config")
+
+
+def test_a_full_size_preset_reads_prompts_with_clips_own_tokenizer(tmp_path: Path) -> None:
+    """A single file read with a full-size preset (`export model.safetensors --config sd15`) has a
+    text encoder trained on CLIP's vocabulary: it was given the tiny presets' byte-level tokenizer,
+    every prompt silently read as other words. CLIP's ids for "a photo of a cat" are well known;
+    OpenCLIP's tokenizers (SD 2.x, SDXL's second) pad with "!" (id 0), OpenAI's with the end token."""
+    from transformers import CLIPTokenizer
+
+    from sdexport.models.tokenizer import preset_tokenizer
+
+    cat = [49406, 320, 1125, 539, 320, 2368, 49407]
+    write_config_dir(PRESETS["sdxl"], tmp_path / "sdxl")
+    for name, pad in (("tokenizer", 49407), ("tokenizer_2", 0)):
+        saved = CLIPTokenizer.from_pretrained(tmp_path / "sdxl" / name)
+        assert saved("a photo of a cat").input_ids == cat, name
+        assert len(saved) == 49408 and saved.pad_token_id == pad, name
+    assert preset_tokenizer(PRESETS["sd21"], "tokenizer").pad_token_id == 0
+    assert preset_tokenizer(PRESETS["sd15"], "tokenizer")("A Lighthouse, at DUSK!").input_ids == \
+        preset_tokenizer(PRESETS["sd15"], "tokenizer")("a lighthouse , at dusk !").input_ids
+    # the pooled output at the highest id, CLIP's end token, as the checkpoints' configs have it
+    assert {PRESETS[n].text_encoder["eos_token_id"] for n in ("sd15", "sd21", "sdxl")} == {2}
+    assert PRESETS["sdxl"].text_encoder_2["eos_token_id"] == 2
+    assert len(preset_tokenizer(PRESETS["tiny"], "tokenizer")) == 514  # (the tiny ones' byte-level vocabulary)

@@ -352,7 +352,7 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdexport.models.tokenizer import byte_level_clip_tokenizer
+    from sdexport.models.tokenizer import preset_tokenizer
 
     def seeded(offset: int, build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
         def built() -> torch.nn.Module:
@@ -364,11 +364,11 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
     if preset.text_encoder is not None:
         text = CLIPTextConfig(**_clean(preset.text_encoder))
         builders["text_encoder"] = seeded(1, lambda: CLIPTextModel(text))
-        tokenizers["tokenizer"] = byte_level_clip_tokenizer()
+        tokenizers["tokenizer"] = preset_tokenizer(preset, "tokenizer")
     if preset.text_encoder_2 is not None:
         text_2 = CLIPTextConfig(**_clean(preset.text_encoder_2))
         builders["text_encoder_2"] = seeded(2, lambda: CLIPTextModelWithProjection(text_2))
-        tokenizers["tokenizer_2"] = byte_level_clip_tokenizer()
+        tokenizers["tokenizer_2"] = preset_tokenizer(preset, "tokenizer_2")
     builders["unet"] = seeded(3, lambda: UNet2DConditionModel.from_config(_clean(preset.unet)))
     builders["vae"] = seeded(4, lambda: AutoencoderKL.from_config(_clean(preset.vae)))
     return _assemble(
@@ -531,7 +531,7 @@ def load_single_file(
 
 def write_config_dir(preset: Preset, directory: Path) -> None:
     """A diffusers directory with configs, tokenizer and scheduler but no weights (for from_single_file)."""
-    from sdexport.models.tokenizer import byte_level_clip_tokenizer
+    from sdexport.models.tokenizer import preset_tokenizer
 
     parts: dict[str, dict[str, Any]] = {"unet": preset.unet, "vae": preset.vae}
     index: dict[str, Any] = {
@@ -557,5 +557,5 @@ def write_config_dir(preset: Preset, directory: Path) -> None:
         filename = "scheduler_config.json" if name == "scheduler" else "config.json"
         (directory / name / filename).write_text(json.dumps(cfg, indent=2))
     for name in tokenizer_names(preset.family):
-        byte_level_clip_tokenizer().save_pretrained(directory / name)
+        preset_tokenizer(preset, name).save_pretrained(directory / name)
     (directory / "model_index.json").write_text(json.dumps(index, indent=2))

@@ -12,6 +12,11 @@ from typing import Any
 
 from sdexport.shapes import PROMPT_CHUNKS, ShapeProfile
 
+EOS = "<|endoftext|>"
+"""CLIP's end token: OpenAI's CLIP (SD 1.x, SDXL's first encoder) pads with it too."""
+OPEN_CLIP_PAD = "!"
+"""The padding of OpenCLIP's text encoders' tokenizers (SD 2.x's; SDXL's second), id 0."""
+
 _SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_start": 0.00085,
@@ -73,6 +78,10 @@ class Preset:
     pipeline_config: dict[str, Any] = field(default_factory=dict)
     """Pipeline-level options of model_index.json (SDXL: ``force_zeros_for_empty_prompt``; the
     refiner's ``requires_aesthetics_score``)."""
+    tokenizer_pads: dict[str, str] | None = None
+    """CLIP's real tokenizer for each of these tokenizers, padding with the token given (the
+    full-size presets, also the architecture a single-file checkpoint is read with); None: the
+    byte-level tokenizer whose ids fit the tiny presets' 514-word text encoders."""
 
 
 _TINY_UNET = {
@@ -99,7 +108,7 @@ _TINY_VAE = {
     "norm_num_groups": 16,  # (as the tiny U-Net's)
 }
 
-# Token ids follow sdexport's byte-level tokenizer (BOS 0, EOS = PAD 1) in every preset, so that the
+# The tiny presets' token ids follow sdexport's byte-level tokenizer (BOS 0, EOS = PAD 1), so that the
 # pooled output is taken at the real end-of-text position.
 _TINY_TEXT = {
     "architectures": ["CLIPTextModel"],
@@ -163,8 +172,17 @@ _SDXL_UNET = {
 
 _SDXL_VAE = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 
+# The full-size presets read CLIP's vocabulary (models.tokenizer.clip_tokenizer), with the token ids
+# their checkpoints' configs ship: eos_token_id 2 makes transformers take the pooled output at the
+# highest id, CLIP's end token (49407), as for every SD checkpoint diffusers loads.
+_CLIP_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+_CLIP_PADS = {"tokenizer": EOS}
+_OPEN_CLIP_PADS = {"tokenizer": OPEN_CLIP_PAD}  # SD 2.x's encoder is OpenCLIP's
+_SDXL_PADS = {"tokenizer": EOS, "tokenizer_2": OPEN_CLIP_PAD}
+
 _SDXL_TEXT = {  # CLIP ViT-L/14, as SD 1.x, but SDXL reads its penultimate layer
     **_TINY_TEXT,
+    **_CLIP_IDS,
     "vocab_size": 49408,
     "hidden_size": 768,
     "intermediate_size": 3072,
@@ -175,6 +193,7 @@ _SDXL_TEXT = {  # CLIP ViT-L/14, as SD 1.x, but SDXL reads its penultimate layer
 
 _SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14, with its text projection
     **_TINY_TEXT,
+    **_CLIP_IDS,
     "architectures": ["CLIPTextModelWithProjection"],
     "vocab_size": 49408,
     "hidden_size": 1280,
@@ -309,6 +328,7 @@ PRESETS: dict[str, Preset] = {
         vae=_SD_VAE,
         text_encoder={
             **_TINY_TEXT,
+            **_CLIP_IDS,
             "vocab_size": 49408,
             "hidden_size": 768,
             "intermediate_size": 3072,
@@ -317,6 +337,7 @@ PRESETS: dict[str, Preset] = {
             "projection_dim": 768,
         },
         scheduler=_SD_SCHEDULER,
+        tokenizer_pads=_CLIP_PADS,
     ),
     "sd21": Preset(
         name="sd21",
@@ -340,6 +361,7 @@ PRESETS: dict[str, Preset] = {
         vae={**_SD_VAE, "sample_size": 768},
         text_encoder={
             **_TINY_TEXT,
+            **_CLIP_IDS,
             "vocab_size": 49408,
             "hidden_size": 1024,
             "intermediate_size": 4096,
@@ -350,6 +372,7 @@ PRESETS: dict[str, Preset] = {
         },
         scheduler={**_SD_SCHEDULER, "prediction_type": "v_prediction"},
         profile=ShapeProfile(batch=(1, 1, 4), height=(256, 768, 1024), width=(256, 768, 1024), chunks=PROMPT_CHUNKS),
+        tokenizer_pads=_OPEN_CLIP_PADS,
     ),
     "sdxl": Preset(
         name="sdxl",
@@ -362,6 +385,7 @@ PRESETS: dict[str, Preset] = {
         scheduler=_SDXL_SCHEDULER,
         profile=SDXL_PROFILE,
         pipeline_config=_SDXL_PIPELINE,
+        tokenizer_pads=_SDXL_PADS,
     ),
     "sdxl-refiner": Preset(
         name="sdxl-refiner",
@@ -374,6 +398,7 @@ PRESETS: dict[str, Preset] = {
         scheduler=_SDXL_SCHEDULER,
         profile=SDXL_PROFILE,
         pipeline_config=_REFINER_PIPELINE,
+        tokenizer_pads={"tokenizer_2": OPEN_CLIP_PAD},
     ),
     "tiny-sdxl": _TINY_SDXL,
     "tiny-sdxl-inpaint": replace(
@@ -425,4 +450,6 @@ def config_digest(preset: Preset) -> str:
     parts = {"unet": preset.unet, "vae": preset.vae, "text_encoder": preset.text_encoder,
              "text_encoder_2": preset.text_encoder_2, "scheduler": preset.scheduler,
              "pipeline_config": preset.pipeline_config}
+    if preset.tokenizer_pads is not None:  # (CLIP's tokenizer: the byte-level one left digests as they were)
+        parts["tokenizer_pads"] = preset.tokenizer_pads
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
