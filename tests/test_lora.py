@@ -211,6 +211,11 @@ def test_cli_export_and_run_with_lora(tiny_engine_dir, lora_files, tmp_path, cap
                    "--lora", str(lora_files["text"])) == 2
     assert not (tmp_path / "unet-only").exists()
     assert "it changes only text_encoder, which this export leaves out" in capsys.readouterr().err
+    # a LoRA of both, on an export of one: fused where it can be, and the part left out said so
+    assert run_cli("export", "tiny", "-o", tmp_path / "unet-only", "--verify", "none", "--components", "unet",
+                   "--lora", str(lora_files["both"])) == 0
+    assert (f"note: --lora {lora_files['both']}: its text_encoder part is not fused: this export leaves it out "
+            "(--components); unet gets the rest") in " ".join(capsys.readouterr().err.split())
 
 
 def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
@@ -490,6 +495,22 @@ def test_lycoris_files_are_refused_by_their_kind_in_one_short_line(tmp_path, tai
         read_updates(LoraFile(path), "sd")
     assert str(info.value) == (f"--lora {path}: {kind} ({info.value.args[0].split(f'{kind} (')[1].split(')')[0]}), "
                                "which sdexport does not apply (plain low-rank LoRAs only, LoCon's convolutions included)")
+
+
+def test_a_file_naming_blocks_in_both_layouts_is_refused_not_half_applied(tmp_path):
+    """A merge of a kohya SDXL file (original block names) and a diffusers-named one: diffusers'
+    converter drops every key of the first kind without a word when both are there."""
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "merged.safetensors"
+    state = {}
+    for module in ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+                   "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_k"):
+        state |= {f"{module}.lora_down.weight": torch.zeros(RANK, 32), f"{module}.lora_up.weight": torch.zeros(32, RANK)}
+    save_file(state, str(path))
+    with pytest.raises(SdexportError, match=r"its U-Net keys name blocks both as the original layout does "
+                                            r"\(lora_unet_input_blocks_4_1.*and as diffusers does \(lora_unet_down_blocks_1"):
+        read_updates(LoraFile(path), "sdxl")
 
 
 def test_an_upstream_refusal_is_cut_to_a_readable_line(tmp_path):

@@ -265,8 +265,14 @@ them: the raw keys tell, before diffusers either drops them (DoRA's ``dora_scale
 line) or refuses them in a line listing every key it could not rename."""
 
 
+ORIGINAL_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+DIFFUSERS_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+
+
 def _refuse_variants(lora: LoraFile) -> None:
-    """Refuse a file holding a variant of LoRA (``LYCORIS_KINDS``) in one line that names it."""
+    """Refuse, in one line that names it, a file holding a variant of LoRA (``LYCORIS_KINDS``), or
+    one whose U-Net keys name blocks in both layouts (``ORIGINAL_BLOCKS``, ``DIFFUSERS_BLOCKS``: a
+    merge of two files), of which diffusers' converter drops the original ones without a word."""
     from safetensors import safe_open
 
     with safe_open(str(lora.path), "pt") as handle:
@@ -276,6 +282,14 @@ def _refuse_variants(lora: LoraFile) -> None:
     if kinds:
         raise SdexportError(f"--lora {lora.path}: {' and '.join(kinds)}, which sdexport does not apply "
                             "(plain low-rank LoRAs only, LoCon's convolutions included)")
+    original = next((k for k in keys if any(block in k for block in ORIGINAL_BLOCKS)), None)
+    renamed = next((k for k in keys if not any(block in k for block in ORIGINAL_BLOCKS)
+                    and any(block in k for block in DIFFUSERS_BLOCKS)), None)
+    if original is not None and renamed is not None:
+        raise SdexportError(f"--lora {lora.path}: its U-Net keys name blocks both as the original layout does "
+                            f"({original}) and as diffusers does ({renamed}), as a merge of two files can; diffusers "
+                            "would drop the first kind without a word. Apply the files it was merged from, each "
+                            "its own --lora")
 
 
 def _metadata(metadata: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -403,6 +417,15 @@ def match_all(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family
         if exported is not None and changed and not set(changed) & exported:
             raise SdexportError(f"--lora {lora.path}: it changes only {' and '.join(changed)}, which this export "
                                  "leaves out (--components); export that too, or leave the LoRA out")
+        if exported is not None and (left := [c for c in changed if c not in exported]):
+            from rich.markup import escape
+
+            from sdexport.console import console
+
+            console.print(f"[yellow]note:[/] --lora {escape(str(lora.path))}: its {' and '.join(left)} part is not "
+                          f"fused: this export leaves {'it' if len(left) == 1 else 'them'} out (--components); "
+                          f"{' and '.join(c for c in changed if c in exported)} get{'s' if len(changed) - len(left) == 1 else ''} "
+                          "the rest")
         updates += matched
     return updates
 
