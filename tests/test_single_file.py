@@ -321,7 +321,8 @@ def test_a_checkpoint_without_vae_weights_is_refused_by_name(tiny_checkpoint, re
 
     _, path = tiny_checkpoint
     save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("first_stage_model.")}, str(path))
-    with pytest.raises(ModelLoadError, match=r"no VAE weights \(first_stage_model\.\* or vae\.\*\)"):
+    with pytest.raises(ModelLoadError, match=r"no VAE weights \(first_stage_model\.\* or vae\.\*\) in the checkpoint; "
+                                             r"give --vae DIR"):
         load_model(str(path), config="tiny", lazy=True)
     assert reads == []
 
@@ -571,3 +572,24 @@ def test_a_full_size_preset_reads_prompts_with_clips_own_tokenizer(tmp_path: Pat
     assert {PRESETS[n].text_encoder["eos_token_id"] for n in ("sd15", "sd21", "sdxl")} == {2}
     assert PRESETS["sdxl"].text_encoder_2["eos_token_id"] == 2
     assert len(preset_tokenizer(PRESETS["tiny"], "tokenizer")) == 514  # (the tiny ones' byte-level vocabulary)
+
+
+def test_sd2_base_models_have_a_config_of_their_own_and_sd21_says_what_it_predicts(monkeypatch, tmp_path, capsys):
+    """SD 2.x's base models share the 768-v model's shapes, and sd21 was the only SD 2 preset: a
+    base model's file was exported as v-prediction, silently."""
+    from sdexport.models import loader
+
+    base, v = PRESETS["sd21-base"], PRESETS["sd21"]
+    assert base.scheduler["prediction_type"] == "epsilon" and v.scheduler["prediction_type"] == "v_prediction"
+    assert (base.unet["sample_size"], base.vae["sample_size"], base.profile.height[1]) == (64, 512, 512)
+    assert {k: val for k, val in base.unet.items() if k != "sample_size"} == {k: val for k, val in v.unet.items()
+                                                                             if k != "sample_size"}
+    # the note, as the file is read (everything after the config is written stubbed: no SD 2 weights here)
+    monkeypatch.setattr(loader, "check_single_file", lambda path: None)
+    monkeypatch.setattr("sdexport.models.single_file.plan_components", lambda *a, **k: ({}, {}))
+    monkeypatch.setattr(loader, "_load_part", lambda *a: None)
+    monkeypatch.setattr(loader, "_assemble", lambda *a, **k: None)
+    for config in ("sd21", "sd21-base"):
+        loader.load_single_file(tmp_path / "model.safetensors", config=config)
+    notes = capsys.readouterr().err
+    assert notes.count("is read as SD 2.1 768-v, which predicts v;") == 1 and "--config sd21-base" in notes

@@ -511,6 +511,14 @@ def load_single_file(
         scheduler = scheduler_config(config_dir)
         skeletons, builders = plan_components(path, config_dir, family, dtype,
                                               leave_out=("vae",) if vae_replaced else ())
+        if preset is not None and preset.name == "sd21" and not recorded:
+            from rich.markup import escape
+
+            from sdexport.console import console
+
+            # SD 2.x's base models have the 768-v model's shapes: nothing in the file tells them apart
+            console.print(f"[yellow]note:[/] {escape(str(path))} is read as SD 2.1 768-v, which predicts v; an SD 2.x "
+                          "base model or a fine-tune that predicts noise needs --config sd21-base")
         tokenizers = {
             name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
             for name in tokenizer_names(family)

@@ -436,6 +436,20 @@ PRESETS["sd15-lcm"] = replace(
 )
 
 
+PRESETS["sd21-base"] = replace(
+    PRESETS["sd21"],
+    name="sd21-base",
+    description="Stable Diffusion 2.1 base (512, epsilon) architecture (OpenCLIP ViT-H text encoder): also SD 2.0 "
+                "base and the SD 2.x fine-tunes that predict noise",
+    unet={**PRESETS["sd21"].unet, "sample_size": 64},
+    vae={**_SD_VAE, "sample_size": 512},
+    scheduler=_SD_SCHEDULER,
+    profile=ShapeProfile(chunks=PROMPT_CHUNKS),
+)
+"""SD 2.x's base models share the 768-v model's weight shapes: the file cannot tell them apart, only
+the prediction type (which ``sd21`` gives as v) and the size they were trained at."""
+
+
 def get_preset(name: str) -> Preset | None:
     return PRESETS.get(name)
 

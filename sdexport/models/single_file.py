@@ -363,9 +363,17 @@ def _take(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: Part,
     return module
 
 
+WITHOUT_PART = {
+    "VAE": "give --vae DIR (a diffusers VAE folder) to take it from there",
+    "text encoder": "the file alone cannot be exported without one: export a diffusers directory of the model",
+}
+"""What to do about a part a pruned checkpoint lacks."""
+
+
 def _require_prefix(tensors: Tensors, prefixes: tuple[str, ...], what: str) -> None:
     if not any(k.startswith(prefixes) for k in tensors):
-        raise ModelLoadError(f"no {what} weights ({' or '.join(p + '*' for p in prefixes)}) in the checkpoint")
+        raise ModelLoadError(f"no {what} weights ({' or '.join(p + '*' for p in prefixes)}) in the checkpoint"
+                             + (f"; {WITHOUT_PART[what]}" if what in WITHOUT_PART else ""))
 
 
 def _clip(prefix: str) -> Converter:
