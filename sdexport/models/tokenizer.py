@@ -57,8 +57,8 @@ def clip_tokenizer(pad: str = EOS, max_length: int = 77) -> CLIPTokenizer:
     """CLIP's tokenizer (BOS 49406, EOS 49407), padding with ``pad``: ``EOS`` as OpenAI's CLIP
     (SD 1.x, SDXL's first encoder), ``presets.OPEN_CLIP_PAD`` as OpenCLIP's (SD 2.x, SDXL's second)."""
     vocab, merges = _clip_bpe()
-    return CLIPTokenizer(vocab=dict(vocab), merges=[tuple(merge.split(" ")) for merge in merges],
-                         model_max_length=max_length, pad_token=pad)
+    pairs: Any = [tuple(merge.split(" ")) for merge in merges]  # (tokenizers' BPE takes pairs; transformers says str)
+    return CLIPTokenizer(vocab=dict(vocab), merges=pairs, model_max_length=max_length, pad_token=pad)
 
 
 def byte_level_clip_tokenizer(max_length: int = 77) -> CLIPTokenizer:
