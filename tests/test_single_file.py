@@ -408,6 +408,29 @@ def test_a_comfyui_scaled_fp8_checkpoint_is_refused_saying_what_it_is(tiny_check
         load_model(str(tmp_path / "scaled.safetensors"), config="tiny")
 
 
+@pytest.mark.parametrize(("markers", "words"), [
+    (("v_pred",), (r"a checkpoint that predicts v \(its v_pred key\), but the --config's scheduler predicts epsilon: "
+                  r"give a diffusers directory of the model as --config, its scheduler config with prediction_type "
+                  r"v_prediction$")),
+    (("v_pred", "ztsnr"), (r"prediction_type v_prediction with rescale_betas_zero_snr and trailing timestep_spacing "
+                          r"\(its ztsnr key\)$")),
+    (("edm_mean", "edm_std"), r"a Playground v2.5-style checkpoint \(edm_mean/edm_std"),
+])
+def test_a_file_that_says_it_is_sampled_otherwise_is_not_read_as_plain(tiny_checkpoint, tmp_path, markers, words):
+    """Top-level keys no converter reads (ComfyUI's convention, diffusers' model-type inference reads
+    them too): a v-prediction SDXL file, or Playground v2.5's, loaded as plain epsilon SDXL."""
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    _, path = tiny_checkpoint
+    save_file({**load_file(str(path)), **{key: torch.zeros(0) for key in markers}}, str(tmp_path / "marked.safetensors"))
+    with pytest.raises(ModelLoadError, match=words):
+        load_model(str(tmp_path / "marked.safetensors"), config="tiny")
+    if markers == ("v_pred",):  # with a config that predicts v, as it says
+        assert load_model(str(tmp_path / "marked.safetensors"), config="tiny-v", lazy=True).family == "sd"
+
+
 class Callback:
     """What a training run pickles beside the weights (PyTorch Lightning's callbacks, in old .ckpt files)."""
 

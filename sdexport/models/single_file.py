@@ -77,11 +77,34 @@ def plan_components(
     stamp = _identity(path)
     layout = read_layout(path)
     _check_sdxl_kind(path, layout, family)
+    _check_markers(path, layout, config_dir)
     # loaded with the layout's meta tensors (keys and shapes checked, nothing read), each module
     # checked is its part's skeleton
     skeletons = {part.name: _load_part(path, part, layout).to(dtype).eval().requires_grad_(False) for part in parts}
     builders = {part.name: _builder(path, part, stamp, dtype) for part in parts}
     return skeletons, builders
+
+
+def _check_markers(path: Path, layout: Mapping[str, Any], config_dir: Path) -> None:
+    """The top-level keys by which a file says how it is sampled (ComfyUI's convention, which
+    diffusers' ``infer_diffusers_model_type`` reads too): no converter reads them, so a file that
+    predicts v (``v_pred``, with ``ztsnr``: zero terminal SNR) read with an epsilon config, or a
+    Playground v2.5 one (``edm_mean``: latents normalised around the VAE) loaded as plain SDXL,
+    drawing wrong images without a word."""
+    import json
+
+    if "edm_mean" in layout or "edm_std" in layout:
+        raise ModelLoadError(f"{path}: a Playground v2.5-style checkpoint (edm_mean/edm_std: its latents are "
+                             "normalised around the VAE, as diffusers' SDXL pipelines apply from latents_mean/"
+                             "latents_std), which sdexport does not yet: its images would decode wrong")
+    if "v_pred" in layout:
+        scheduler = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        predicts = scheduler.get("prediction_type", "epsilon")
+        if predicts != "v_prediction":
+            zero_snr = " with rescale_betas_zero_snr and trailing timestep_spacing (its ztsnr key)" if "ztsnr" in layout else ""
+            raise ModelLoadError(f"{path}: a checkpoint that predicts v (its v_pred key), but the --config's scheduler "
+                                 f"predicts {predicts}: give a diffusers directory of the model as --config, its "
+                                 f"scheduler config with prediction_type v_prediction{zero_snr}")
 
 
 def _check_sdxl_kind(path: Path, layout: Mapping[str, Any], family: str) -> None:
