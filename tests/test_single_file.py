@@ -431,6 +431,26 @@ def test_a_file_that_says_it_is_sampled_otherwise_is_not_read_as_plain(tiny_chec
         assert load_model(str(tmp_path / "marked.safetensors"), config="tiny-v", lazy=True).family == "sd"
 
 
+def test_a_unet_of_another_model_is_refused_naming_the_config_to_give(tmp_path) -> None:
+    """An inpainting file (9 input channels) read with sd15, or an SDXL file with sd15: torch's list of
+    size mismatches, cut at 600 characters, never said which config to give."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.single_file import UNET_PREFIX, _check_unet_inputs
+
+    inpaint = tmp_path / "inpaint.safetensors"
+    write_single_file_checkpoint(load_model("tiny-inpaint"), inpaint)
+    with pytest.raises(ModelLoadError, match=r"an inpainting model's U-Net, taking 9 input channels, but the --config's "
+                                             r"takes 4: give an inpainting config: sd15-inpaint, sd2-inpaint or sdxl-inpaint"):
+        load_model(str(inpaint), config="tiny")
+    assert load_model(str(inpaint), config="tiny-inpaint", lazy=True).modules["unet"].config.in_channels == 9
+    write_config_dir(PRESETS["sd15"], tmp_path / "sd15")
+    layout = {f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": torch.empty(320, 2048, device="meta")}
+    with pytest.raises(ModelLoadError, match=r"attending to text 2048 wide, as SDXL \(--config sdxl\), but the --config's "
+                                             r"attends to 768"):
+        _check_unet_inputs(tmp_path / "sdxl.safetensors", layout, tmp_path / "sd15")
+    assert PRESETS["sd2-inpaint"].scheduler["prediction_type"] == "epsilon" and PRESETS["sdxl-inpaint"].family == "sdxl"
+
+
 class Callback:
     """What a training run pickles beside the weights (PyTorch Lightning's callbacks, in old .ckpt files)."""
 

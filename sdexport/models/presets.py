@@ -450,6 +450,16 @@ PRESETS["sd21-base"] = replace(
 the prediction type (which ``sd21`` gives as v) and the size they were trained at."""
 
 
+# Inpainting models: the same U-Net taking 9 channels (latents, mask, masked-image latents), as
+# runwayml's SD 1.5, stabilityai's SD 2 (from 2.0 base: 512, epsilon) and diffusers' SDXL 0.1 ones
+for _base, _name, _model in (("sd15", "sd15-inpaint", "Stable Diffusion 1.5 inpainting"),
+                             ("sd21-base", "sd2-inpaint", "Stable Diffusion 2 inpainting"),
+                             ("sdxl", "sdxl-inpaint", "Stable Diffusion XL 1.0 inpainting 0.1")):
+    PRESETS[_name] = replace(PRESETS[_base], name=_name, description=f"{_model} architecture (a {_base} U-Net taking 9 "
+                             "input channels: latents, mask, masked-image latents)",
+                             unet={**PRESETS[_base].unet, "in_channels": 9})
+
+
 def get_preset(name: str) -> Preset | None:
     return PRESETS.get(name)
 

@@ -78,11 +78,42 @@ def plan_components(
     layout = read_layout(path)
     _check_sdxl_kind(path, layout, family)
     _check_markers(path, layout, config_dir)
+    if "unet" not in leave_out:
+        _check_unet_inputs(path, layout, config_dir)
     # loaded with the layout's meta tensors (keys and shapes checked, nothing read), each module
     # checked is its part's skeleton
     skeletons = {part.name: _load_part(path, part, layout).to(dtype).eval().requires_grad_(False) for part in parts}
     builders = {part.name: _builder(path, part, stamp, dtype) for part in parts}
     return skeletons, builders
+
+
+CONTEXT_WIDTHS = {768: "SD 1.x (--config sd15)", 1024: "SD 2.x (--config sd21 or sd21-base)",
+                  2048: "SDXL (--config sdxl)", 1280: "the SDXL refiner (--config sdxl-refiner)"}
+"""The models a U-Net's text-context width (cross_attention_dim) says a file is, with their config."""
+
+
+def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) -> None:
+    """A U-Net of another model than the --config's, named with the config to give, where torch's
+    size-mismatch list would not say it: by its input channels (9: an inpainting model) and by
+    the width of the text it attends to (which tells SD 1.x, SD 2.x, SDXL and its refiner apart)."""
+    import json
+
+    config = json.loads((config_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+    conv_in = layout.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
+    if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != config.get("in_channels", 4):
+        takes, wanted = conv_in.shape[1], config.get("in_channels", 4)
+        what = "an inpainting model's" if takes == 9 else "a U-Net"
+        fix = ("an inpainting config: sd15-inpaint, sd2-inpaint or sdxl-inpaint, or a diffusers directory of the model"
+               if takes == 9 else "the config of the model it was trained as (sd15, sd21, sd21-base, sdxl), or a diffusers "
+               "directory of it")
+        raise ModelLoadError(f"{path}: {what} U-Net, taking {takes} input channels, but the --config's takes {wanted}: "
+                             f"give {fix}")
+    width = next((t.shape[1] for k, t in layout.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")
+                  and t.ndim == 2), None)
+    wanted = config.get("cross_attention_dim")
+    if width is not None and isinstance(wanted, int) and width != wanted and width in CONTEXT_WIDTHS:
+        raise ModelLoadError(f"{path}: a U-Net attending to text {width} wide, as {CONTEXT_WIDTHS[width]}, but the "
+                             f"--config's attends to {wanted}: give that config, or a diffusers directory of the model")
 
 
 def _check_markers(path: Path, layout: Mapping[str, Any], config_dir: Path) -> None:
