@@ -62,6 +62,19 @@ def test_the_last_chunk_read_keeps_the_words_after_its_comma_as_diffusers_reads_
     assert wrapped[0] < 75 and wrapped == _chunk_sizes(LONG, tok, limit=9)
 
 
+def test_a_text_cut_for_an_open_clip_tokenizer_keeps_its_exclamation_marks():
+    """OpenCLIP's tokenizers (SD 2.x's, SDXL's second) pad with "!", a special token: the text
+    recorded as read dropped every "!", and read again gave other tokens than were read."""
+    from sdexport.models.presets import OPEN_CLIP_PAD
+    from sdexport.models.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer(OPEN_CLIP_PAD)
+    text = "wow! a cat! " + "very " * 80 + "end"
+    kept = kept_text(text, tokenizer, 77)
+    assert kept is not None and kept.startswith("wow ! a cat ! very")
+    assert _tokens(kept, tokenizer) == _tokens(text, tokenizer)[:75]
+
+
 def test_break_starts_a_chunk_where_emphasis_reads_the_syntax(tok):
     assert _chunk_sizes("a cat BREAK a hat", tok, "original") == [len(_tokens("a cat", tok)), len(_tokens("a hat", tok))]
     assert _chunk_sizes("a cat BREAK", tok, "original") == [len(_tokens("a cat", tok))]  # nothing after it

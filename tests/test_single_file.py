@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -625,8 +626,9 @@ def test_sd2_base_models_have_a_config_of_their_own_and_sd21_says_what_it_predic
     base, v = PRESETS["sd21-base"], PRESETS["sd21"]
     assert base.scheduler["prediction_type"] == "epsilon" and v.scheduler["prediction_type"] == "v_prediction"
     assert (base.unet["sample_size"], base.vae["sample_size"], base.profile.height[1]) == (64, 512, 512)
-    assert {k: val for k, val in base.unet.items() if k != "sample_size"} == {k: val for k, val in v.unet.items()
-                                                                             if k != "sample_size"}
+    numerics = ("sample_size", "upcast_attention")  # (the weights' shapes are the same)
+    assert {k: val for k, val in base.unet.items() if k not in numerics} == {k: val for k, val in v.unet.items()
+                                                                             if k not in numerics}
     # the note, as the file is read (everything after the config is written stubbed: no SD 2 weights here)
     monkeypatch.setattr(loader, "check_single_file", lambda path: None)
     monkeypatch.setattr("sdexport.models.single_file.plan_components", lambda *a, **k: ({}, {}))
@@ -636,3 +638,33 @@ def test_sd2_base_models_have_a_config_of_their_own_and_sd21_says_what_it_predic
         loader.load_single_file(tmp_path / "model.safetensors", config=config)
     notes = capsys.readouterr().err
     assert notes.count("is read as SD 2.1 768-v, which predicts v;") == 1 and "--config sd21-base" in notes
+
+
+def test_an_export_that_gave_a_checkpoint_the_byte_level_tokenizer_is_refused_at_load(engine_copy, capsys) -> None:
+    """Before 2026-12-06 a single file read with a full-size preset got the tiny presets' byte-level
+    tokenizer: its engines read every prompt as other words. Such a directory is named, not run."""
+    from conftest import run_cli
+
+    data = json.loads((engine_copy / "manifest.json").read_text())
+    data["model"]["source"] = {"kind": "single_file", "path": "/models/model.safetensors", "config": "sd15"}
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    assert run_cli("run", engine_copy, "-p", "a cat", "--steps", "1", "-o", engine_copy.parent / "x.png") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("a checkpoint exported with --config sd15 by an sdexport that gave it the tiny presets' byte-level "
+            "tokenizer (514 ids, not CLIP's)") in err and not (engine_copy.parent / "x.png").exists()
+
+
+def test_a_single_file_read_with_a_preset_records_its_digest_and_a_changed_one_is_refused() -> None:
+    """The Torch backend rebuilds a single file's model from its --config: a preset changed since
+    (the full-size text configs' token ids, 2026-12-06) would pool SDXL's text embedding elsewhere
+    than the graphs do."""
+    from sdexport.errors import EngineDirError
+    from sdexport.models.presets import config_digest
+    from sdexport.models.source_files import check_unchanged, preset_unchanged
+
+    source = {"kind": "single_file", "path": "/m.safetensors", "config": "sdxl", "config_sha256": config_digest(PRESETS["sdxl"])}
+    assert preset_unchanged(source)
+    with pytest.raises(EngineDirError, match="the preset sdxl's configs changed since this export"):
+        check_unchanged({**source, "config_sha256": "0" * 64}, ["unet"])
+    assert preset_unchanged({"kind": "single_file", "path": "/m.safetensors", "config": "sdxl"})  # (older: trusted)
+    assert preset_unchanged({"kind": "single_file", "path": "/m.safetensors", "config": "/configs/sdxl"})

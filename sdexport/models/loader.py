@@ -532,7 +532,8 @@ def load_single_file(
         random_weights=False,
         # An absolute config path, so the Torch backend can reload the model from anywhere.
         source={"kind": "single_file", "path": str(path.resolve()),
-                "config": config if preset is not None else str(config_path.resolve())},
+                **({"config": config, "config_sha256": config_digest(preset)} if preset is not None
+                   else {"config": str(config_path.resolve())})},
         pipeline_config=options,
     )
 

@@ -422,8 +422,10 @@ def match_all(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family
 
             from sdexport.console import console
 
-            console.print(f"[yellow]note:[/] --lora {escape(str(lora.path))}: its {' and '.join(left)} part is not "
-                          f"fused: this export leaves {'it' if len(left) == 1 else 'them'} out (--components); "
+            one = len(left) == 1
+            console.print(f"[yellow]note:[/] --lora {escape(str(lora.path))}: its {' and '.join(left)} "
+                          f"{'part is' if one else 'parts are'} not fused: this export leaves {'it' if one else 'them'} "
+                          "out (--components); "
                           f"{' and '.join(c for c in changed if c in exported)} get{'s' if len(changed) - len(left) == 1 else ''} "
                           "the rest")
         updates += matched

@@ -174,7 +174,8 @@ _SDXL_VAE = {**_SD_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_u
 
 # The full-size presets read CLIP's vocabulary (models.tokenizer.clip_tokenizer), with the token ids
 # their checkpoints' configs ship: eos_token_id 2 makes transformers take the pooled output at the
-# highest id, CLIP's end token (49407), as for every SD checkpoint diffusers loads.
+# highest id, CLIP's end token (49407), as for every SD checkpoint diffusers loads; a textual
+# inversion word's ids are higher (49408 on), so a prompt holding one pools there, as diffusers does.
 _CLIP_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 _CLIP_PADS = {"tokenizer": EOS}
 _OPEN_CLIP_PADS = {"tokenizer": OPEN_CLIP_PAD}  # SD 2.x's encoder is OpenCLIP's
@@ -441,7 +442,7 @@ PRESETS["sd21-base"] = replace(
     name="sd21-base",
     description="Stable Diffusion 2.1 base (512, epsilon) architecture (OpenCLIP ViT-H text encoder): also SD 2.0 "
                 "base and the SD 2.x fine-tunes that predict noise",
-    unet={**PRESETS["sd21"].unet, "sample_size": 64},
+    unet={**PRESETS["sd21"].unet, "sample_size": 64, "upcast_attention": False},  # (diffusers' converter upcasts 768-v's alone)
     vae={**_SD_VAE, "sample_size": 512},
     scheduler=_SD_SCHEDULER,
     profile=ShapeProfile(chunks=PROMPT_CHUNKS),

@@ -57,9 +57,9 @@ def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
     manifest without the record is trusted as before. The files are worked out again, not only the
     recorded ones checked: a checkpoint that gained a file its loader prefers (a .safetensors beside
     the .bin that was read) would otherwise be loaded unchecked."""
-    if source.get("kind") == "preset" and not preset_unchanged(source):  # (its parts' files are checked below)
+    if not preset_unchanged(source):  # (its parts' files are checked below)
         raise EngineDirError(
-            f"the preset {source.get('name')}'s configs changed since this export (another sdexport): the Torch "
+            f"the preset {preset_name(source)}'s configs changed since this export (another sdexport): the Torch "
             "backend would build another model than the graphs hold; export it again, or choose another backend")
     recorded: Mapping[str, str] = source.get("files") or {}
     if not recorded:
@@ -118,13 +118,26 @@ def _moved_part(recorded: Mapping[str, Any], here: Mapping[str, Any]) -> dict[st
     return {**recorded, **({"path": here["path"]} if "path" in here else {})}
 
 
+def preset_name(source: Mapping[str, Any]) -> str | None:
+    """The preset a model's record builds from: a preset's own, or a single file's ``--config`` given
+    as a preset name (which its record holds with the digest, ``config_sha256``); else None."""
+    kind = source.get("kind")
+    if kind == "preset":
+        return str(source.get("name"))
+    return str(source["config"]) if kind == "single_file" and "config_sha256" in source else None
+
+
 def preset_unchanged(source: Mapping[str, Any]) -> bool:
-    """A preset's record (``config_sha256``) matches the preset as this sdexport builds it; a record
-    from before the digest is trusted, as a checkpoint's without file hashes is."""
+    """A preset's record (``config_sha256``: a preset's, or a single file's read with one) matches
+    the preset as this sdexport builds it; a record from before the digest is trusted, as a
+    checkpoint's without file hashes is (and any other source: nothing to compare)."""
     from sdexport.models.presets import config_digest, get_preset
 
-    recorded, preset = source.get("config_sha256"), get_preset(str(source.get("name")))
-    return recorded is None or (preset is not None and config_digest(preset) == recorded)
+    name, recorded = preset_name(source), source.get("config_sha256")
+    if name is None or recorded is None:
+        return True
+    preset = get_preset(name)
+    return preset is not None and config_digest(preset) == recorded
 
 
 def made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None, modules: Iterable[str]) -> bool | None:

@@ -194,7 +194,9 @@ def _cut_text(kept: list[int], tokenizer: Any, text: str) -> str:
 def _decoded(ids: list[int], tokenizer: Any) -> str:
     """``ids`` as text the tokenizer reads as them again. Words added to it (textual inversion) are
     decoded apart, with a space after them: decoded together, CLIP's tokenizers run an added word
-    into the next (they end words with ``</w>``, which added words lack)."""
+    into the next (they end words with ``</w>``, which added words lack). Its special tokens are
+    added words too, kept: OpenCLIP's tokenizers (SD 2.x's, SDXL's second) pad with "!", which a
+    text holds as any other word (``ids`` hold no start or end token)."""
     added = set(tokenizer.added_tokens_decoder)
     runs: list[list[int]] = []
     for token in ids:
@@ -202,5 +204,5 @@ def _decoded(ids: list[int], tokenizer: Any) -> str:
             runs.append([token])
         else:
             runs[-1].append(token)
-    texts = (str(tokenizer.decode(run, skip_special_tokens=True)).strip() for run in runs)
+    texts = (str(tokenizer.decode(run, skip_special_tokens=False)).strip() for run in runs)
     return " ".join(text for text in texts if text)
