@@ -5,8 +5,8 @@ One extra call per case runs under PyTorch's profiler (CUPTI), which records eve
 process — PyTorch's, ONNX Runtime's, TensorRT's, also those replayed from CUDA graphs — and every
 copy and memset on the device, which the busy time counts too (the device is doing the run's work;
 they are a sliver of an SD run's). The busy time is the union of those intervals (overlaps on
-several streams count once) over the call's wall clock. Tracing adds host work per launch, so the figure is a lower bound for the untraced runs;
-it comes from its own run, never from the timed ones.
+several streams count once) over the call's wall clock. Tracing adds host work per launch, so the
+figure is a lower bound for the untraced runs; it comes from its own run, never from the timed ones.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ def union_length(intervals: Iterable[tuple[float, float]]) -> float:
 
 def kernel_intervals(profiler: Any, device: Any = None) -> list[tuple[float, float]]:
     """(start, end) in microseconds of every event on ``device`` (default: CUDA) the profiler
-    recorded: kernels, copies, memsets. Read from the profiler's raw results: ``profiler.events()`` makes a Python event (and
-    its place in a tree) of each record, seconds for the 10^5 kernels of a 50-step run."""
+    recorded: kernels, copies, memsets. Read from the profiler's raw results: ``profiler.events()``
+    makes a Python event (and its place in a tree) of each record, seconds for the 10^5 kernels of
+    a 50-step run."""
     from torch.autograd import DeviceType
 
     device = DeviceType.CUDA if device is None else device

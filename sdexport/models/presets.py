@@ -108,12 +108,16 @@ _TINY_VAE = {
     "norm_num_groups": 16,  # (as the tiny U-Net's)
 }
 
+BYTE_LEVEL_VOCAB = 514
+"""The tiny presets' vocabulary: sdexport's byte-level tokenizer's (``models.tokenizer``: the start
+and end tokens, the 256 byte symbols alone and at a word's end)."""
+
 # The tiny presets' token ids follow sdexport's byte-level tokenizer (BOS 0, EOS = PAD 1), so that the
 # pooled output is taken at the real end-of-text position.
 _TINY_TEXT = {
     "architectures": ["CLIPTextModel"],
     "model_type": "clip_text_model",
-    "vocab_size": 514,
+    "vocab_size": BYTE_LEVEL_VOCAB,
     "hidden_size": 32,
     "intermediate_size": 37,
     "num_attention_heads": 4,

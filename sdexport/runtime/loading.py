@@ -438,11 +438,6 @@ def _content_or_identity(path: Path) -> str:
     return f"{link} {identity(target)} {target.st_mode}"
 
 
-BYTE_LEVEL_IDS = 514
-"""The byte-level tokenizer's vocabulary (``models.tokenizer.byte_level_clip_tokenizer``; textual
-inversion words are added beside it): a tokenizer whose vocabulary is no larger is not CLIP's."""
-
-
 def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """The directory's tokenizers, refused when they would not tokenize like the export's.
 
@@ -453,7 +448,7 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
     """
     from transformers import CLIPTokenizer
 
-    from sdexport.models.presets import get_preset
+    from sdexport.models.presets import BYTE_LEVEL_VOCAB, get_preset
 
     source = manifest.model.get("source") or {}
     config = source.get("config") if source.get("kind") == "single_file" else None
@@ -467,7 +462,7 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
             raise EngineDirError(f"{engine_dir / name}: cannot load the tokenizer ({first})") from None
         if len(tokenizer) <= 2:
             raise EngineDirError(f"{engine_dir / name}: the tokenizer has no vocabulary ({len(tokenizer)} ids); re-export")
-        if real and tokenizer.vocab_size <= BYTE_LEVEL_IDS:  # (before 2026-12-06, such exports had the tiny ones')
+        if real and tokenizer.vocab_size <= BYTE_LEVEL_VOCAB:  # (before 2026-12-06, such exports had the tiny ones')
             raise EngineDirError(
                 f"{engine_dir / name}: a checkpoint exported with --config {config} by an sdexport that gave it the "
                 f"tiny presets' byte-level tokenizer ({tokenizer.vocab_size} ids, not CLIP's): every prompt would reach its "
