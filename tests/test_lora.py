@@ -513,6 +513,20 @@ def test_a_file_naming_blocks_in_both_layouts_is_refused_not_half_applied(tmp_pa
         read_updates(LoraFile(path), "sdxl")
 
 
+def test_a_lora_bundling_embeddings_is_refused_naming_them_and_what_to_do(tmp_path):
+    """diffusers reads kohya keys only when every key is one: its refusal called the LoRA's own
+    tensors foreign, beside the A1111 bundled embeddings that were the cause."""
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "bundled.safetensors"
+    module = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{module}.lora_down.weight": torch.zeros(RANK, 32), f"{module}.lora_up.weight": torch.zeros(32, RANK),
+               "bundle_emb.mystyle.string_to_param.*": torch.zeros(2, 32)}, str(path))
+    with pytest.raises(SdexportError, match=r"it bundles textual inversion embeddings \(mystyle: bundle_emb\.\*, as "
+                                            r"A1111 saves them\).*give each with --textual-inversion"):
+        read_updates(LoraFile(path), "sd")
+
+
 def test_an_upstream_refusal_is_cut_to_a_readable_line(tmp_path):
     from sdexport.models.lora import read_updates
 

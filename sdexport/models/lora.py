@@ -282,6 +282,11 @@ def _refuse_variants(lora: LoraFile) -> None:
     if kinds:
         raise SdexportError(f"--lora {lora.path}: {' and '.join(kinds)}, which sdexport does not apply "
                             "(plain low-rank LoRAs only, LoCon's convolutions included)")
+    bundled = sorted({key.split(".")[1] for key in keys if key.startswith("bundle_emb.") and key.count(".") > 1})
+    if bundled:  # (diffusers' refusal called the file's every key foreign)
+        raise SdexportError(f"--lora {lora.path}: it bundles textual inversion embeddings ({', '.join(bundled[:MAX_NAMED])}: "
+                            "bundle_emb.*, as A1111 saves them), which sdexport does not read from a LoRA file: give "
+                            "each with --textual-inversion as a file of its own, and the LoRA without them")
     original = next((k for k in keys if any(block in k for block in ORIGINAL_BLOCKS)), None)
     renamed = next((k for k in keys if not any(block in k for block in ORIGINAL_BLOCKS)
                     and any(block in k for block in DIFFUSERS_BLOCKS)), None)
