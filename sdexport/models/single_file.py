@@ -129,8 +129,11 @@ def _check_markers(path: Path, layout: Mapping[str, Any], config_dir: Path) -> N
                              "normalised around the VAE, as diffusers' SDXL pipelines apply from latents_mean/"
                              "latents_std), which sdexport does not yet: its images would decode wrong")
     if "v_pred" in layout:
-        scheduler = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-        predicts = scheduler.get("prediction_type", "epsilon")
+        try:
+            scheduler = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # (a config folder without one: the scheduler's default, epsilon)
+            scheduler = {}
+        predicts = scheduler.get("prediction_type", "epsilon") if isinstance(scheduler, dict) else "epsilon"
         if predicts != "v_prediction":
             zero_snr = " with rescale_betas_zero_snr and trailing timestep_spacing (its ztsnr key)" if "ztsnr" in layout else ""
             raise ModelLoadError(f"{path}: a checkpoint that predicts v (its v_pred key), but the --config's scheduler "
