@@ -605,12 +605,14 @@ def load_tensorrt_engines(
         elif not path.is_file():
             raise EngineDirError(f"{engine_dir}: {entry['path']} is listed in the manifest but missing")
         chosen[name] = (entry, deserialize_plan(path, runtime))
-        if getattr(chosen[name][1], "refittable", False) and (why := tensorrt_build.refit_drops_biases(version)):
+        changed = (weights or {}).get(name)  # (refit refuses an 11.3 plan itself, with the same reason)
+        if not changed and getattr(chosen[name][1], "refittable", False) and (
+                why := tensorrt_build.refit_drops_biases(version)):
             console.print(f"[yellow]warning:[/] {escape(str(path))} is refittable: {why}")
-        if weights and weights.get(name):
+        if changed:
             from sdexport.runtime.lora_runtime import initializer_reader
 
-            refit(chosen[name][1], weights[name], path, initializer_reader(engine_dir / manifest.components[name].onnx))
+            refit(chosen[name][1], changed, path, initializer_reader(engine_dir / manifest.components[name].onnx))
     memory = memory if memory is not None else SharedDeviceMemory()
     memory.reserve(max((e.device_memory_size_v2 for _, e in chosen.values()), default=0))
     engines = {}
