@@ -142,10 +142,7 @@ def _print_plans(directory: Path, manifest: Manifest) -> None:
             except SdexportError:  # (every plan of that platform passed over: the note above says so)
                 chosen[here] = None
         loaded = chosen[here] == record["path"]
-        build = ["fp16 flag" if key.fp16 else "strongly typed" if key.strongly_typed else "fp32",
-                 *(flag for flag, on in (("TF32", key.tf32), ("static", key.static),
-                                         ("refittable", key.refittable)) if on),
-                 *([f"opt level {key.optimization_level}"] if key.optimization_level is not None else [])]
+        build = key.build_flags() if key.fp16 or key.strongly_typed else ["fp32", *key.build_flags()]
         table.add_row(name, Path(record["path"]).name, f"{key.gpu_name} (sm {key.compute_capability}), TensorRT "
                       f"{key.tensorrt_version}", profile_text(entry_profile(manifest, record, name)), ", ".join(build),
                       str(record.get("built", "?")).replace("T", " ")[:16],

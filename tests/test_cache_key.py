@@ -314,7 +314,7 @@ def test_inspect_lists_each_plan_and_the_one_a_run_loads(engine_copy, fake_tenso
     assert set(rows) == {r.key.plan_name for r in (dynamic, static, elsewhere)}
     loads = {plan: row[-1] for plan, row in rows.items()}
     assert loads == {dynamic.key.plan_name: "", static.key.plan_name: "yes", elsewhere.key.plan_name: "yes"}
-    assert "static, refittable" in rows[static.key.plan_name][4]
+    assert "refittable, static shapes" in rows[static.key.plan_name][4]
     assert rows[elsewhere.key.plan_name][2].startswith("Other GPU (sm 9.0), TensorRT")
 
 

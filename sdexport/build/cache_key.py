@@ -58,6 +58,16 @@ def onnx_sha256(files: dict[str, str], onnx_path: str) -> str:
     return digest.hexdigest()
 
 
+FLAG_LABELS = {
+    "fp16": "fp16 builder flag",
+    "strongly_typed": "strongly typed",
+    "tf32": "TF32",
+    "refittable": "refittable",
+    "static": "static shapes",
+}
+"""The key's build flags in words, for the reasons a plan is rebuilt and every listing of a plan."""
+
+
 @dataclass(frozen=True)
 class EngineKey:
     """What one TensorRT plan was built from and for; equal keys mean interchangeable plans."""
@@ -162,6 +172,14 @@ class EngineKey:
             reasons.append(f"compute capability {self.compute_capability} != {compute_capability}")
         return reasons
 
+    def build_flags(self) -> list[str]:
+        """How the plan was built, in the words every listing of it uses (the build's step line,
+        ``inspect``'s table): the flags set, then the optimization level where one was asked."""
+        flags = [label for flag, label in FLAG_LABELS.items() if getattr(self, flag)]
+        if self.optimization_level is not None:
+            flags.append(f"opt level {self.optimization_level}")
+        return flags
+
     def diff(self, other: EngineKey) -> list[str]:
         """Readable reasons why a plan built for ``self`` is not one for ``other`` (empty: same key).
 
@@ -177,13 +195,7 @@ class EngineKey:
                 f"ONNX graph differs (sha256 {self.onnx_sha256[:12]} != {other.onnx_sha256[:12]}): re-exported"
             )
         reasons += self.platform_reasons(other.tensorrt_version, other.gpu_name, other.compute_capability)
-        for flag, label in (
-            ("fp16", "fp16 builder flag"),
-            ("strongly_typed", "strongly typed"),
-            ("tf32", "TF32"),
-            ("refittable", "refittable"),
-            ("static", "static shapes"),
-        ):
+        for flag, label in FLAG_LABELS.items():
             if getattr(self, flag) != getattr(other, flag):
                 reasons.append(f"{label} {_on(getattr(self, flag))} != {_on(getattr(other, flag))}")
         if self.optimization_level != other.optimization_level:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from sdexport.atomic import atomic_path
 from sdexport.build import keep_built
-from sdexport.build.cache_key import EngineKey, onnx_files, onnx_sha256
+from sdexport.build.cache_key import FLAG_LABELS, EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
 from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
@@ -432,11 +432,8 @@ def _describe(key: EngineKey, precision: str) -> str:
     first = key.inputs[0]
     lo, opt, hi = first[1]
     shapes = f"{first[0]} {list(lo)}" if lo == hi else f"{first[0]} {list(lo)}..{list(hi)} opt {list(opt)}"
-    flags = [precision, *(f for f, on in (("strongly typed", key.strongly_typed), ("TF32", key.tf32),
-                                          ("refittable", key.refittable)) if on)]
-    if key.optimization_level is not None:
-        flags.append(f"opt level {key.optimization_level}")
-    return ", ".join([shapes, *flags])
+    flags = [flag for flag in key.build_flags() if flag != FLAG_LABELS["fp16"]]  # (the precision says it)
+    return ", ".join([shapes, precision, *flags])
 
 
 def profile_shapes(ranges: dict[str, ShapeRange], graph_io: GraphIO) -> dict[str, ShapeRange]:
