@@ -584,3 +584,29 @@ def test_a_file_that_may_not_be_read_is_said_so_not_missing(lora_files, monkeypa
         LoraFile(path).check()
     with pytest.raises(SdexportError, match=r": cannot read it \(Permission denied\)$"):
         safetensors_keys(path)
+
+
+@pytest.mark.parametrize("stored", ["linear", "1x1"])
+def test_a_linear_update_fits_a_1x1_convolution_and_back(tmp_path, stored):
+    """SD 1.x's transformer projections are 1x1 convolutions, SD 2.x's and SDXL's linear layers: a
+    LoRA made for one is reshaped to the other's weight (as A1111 and ComfyUI apply it), not refused."""
+    from sdexport.models.lora import fuse_into
+
+    model, name = ("tiny", "down_blocks.0.attentions.0.proj_in") if stored == "linear" else (
+        "tiny-sdxl", "down_blocks.1.attentions.0.proj_in")
+    module = "lora_unet_" + name.replace(".", "_")
+    base = load_model(model)
+    layer = base.modules["unet"].get_submodule(name)
+    assert layer.weight.dim() == (4 if stored == "linear" else 2)  # (the other form than the file's)
+    out_ch, in_ch = layer.weight.shape[:2]
+    generator = torch.Generator().manual_seed(0)
+    down, up = torch.randn(RANK, in_ch, generator=generator), torch.randn(out_ch, RANK, generator=generator)
+    if stored == "1x1":
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    path = tmp_path / "reshaped.safetensors"
+    save_file({f"{module}.lora_down.weight": down, f"{module}.lora_up.weight": up,
+               f"{module}.alpha": torch.tensor(float(RANK))}, str(path))
+    before = layer.weight.detach().clone()
+    fuse_into(base.modules, [LoraFile(path, 0.5)], base.family)
+    expected = before + 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(before.shape)
+    assert torch.allclose(layer.weight, expected, atol=1e-5)

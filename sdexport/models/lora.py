@@ -390,6 +390,8 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
             shape: tuple[int, ...] | None = tuple(update.delta().shape)
         except RuntimeError:
             shape = None
+        if shape is not None and shape != known[name] and _as_pointwise(update, known[name]):
+            shape = known[name]
         if shape != known[name]:
             problems.append(f"{where} (LoRA makes {list(shape) if shape else 'mismatched A/B'}, the layer has "
                             f"{list(known[name])})")
@@ -400,6 +402,24 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
         raise SdexportError(f"{label} does not fit this model: {len(problems)} mismatches, first "
                             + "; ".join(problems[:MAX_NAMED]))
     return matched
+
+
+def _as_pointwise(update: LoraUpdate, layer: tuple[int, ...]) -> bool:
+    """Reshape ``update`` in place where it and its layer differ only as a linear layer and a 1x1
+    convolution do (the same product): SD 1.x's transformer projections are 1x1 convolutions and
+    SD 2.x's/SDXL's linear layers, and LoRAs trained or converted for one reach the other (A1111
+    and ComfyUI reshape the update to the weight's shape). True when it did."""
+    down, up = update.down, update.up
+    if len(layer) == 4 and layer[2:] == (1, 1) and down.dim() == up.dim() == 2:
+        update.down, update.up = down[:, :, None, None], up[:, :, None, None]
+    elif len(layer) == 2 and down.dim() == up.dim() == 4 and down.shape[2:] == up.shape[2:] == (1, 1):
+        update.down, update.up = down.flatten(1), up.flatten(1)
+    else:
+        return False
+    if tuple(update.delta().shape) == layer:
+        return True
+    update.down, update.up = down, up
+    return False
 
 
 def fuse_into(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family: str) -> None:
