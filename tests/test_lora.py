@@ -480,6 +480,9 @@ def test_tensors_that_would_be_left_over_are_refused_in_one_line(tmp_path, tenso
     (["diff", "diff_b"], "a LyCORIS full-weight difference"),
     (["on_input", "weight"], "a LyCORIS (IA)^3"),
     (["w_norm", "b_norm"], "a LyCORIS norm-layer update"),
+    (["oft_blocks", "alpha"], "an OFT"),
+    (["oft_diag"], "a LyCORIS OFT"),
+    (["a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"], "a LyCORIS GLoRA"),
 ])
 def test_lycoris_files_are_refused_by_their_kind_in_one_short_line(tmp_path, tails, kind):
     """Before: diffusers' refusal, listing every key it could not rename (18,000 characters for a

@@ -259,6 +259,9 @@ LYCORIS_KINDS = {
     "diff": "a LyCORIS full-weight difference (diff)",
     "on_input": "a LyCORIS (IA)^3 (on_input)",
     "w_norm": "a LyCORIS norm-layer update (w_norm)",
+    "oft_blocks": "an OFT (oft_blocks)",
+    "oft_diag": "a LyCORIS OFT (oft_diag)",
+    "a1.weight": "a LyCORIS GLoRA (a1.weight, ...)",
 }
 """The tensor names (their last parts) of the variants sdexport does not apply, with what to call
 them: the raw keys tell, before diffusers either drops them (DoRA's ``dora_scale``, with a log
