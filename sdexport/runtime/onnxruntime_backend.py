@@ -16,7 +16,10 @@ the shape arithmetic that would otherwise run on the CPU) and binds buffers it o
 their inputs in and get views of its outputs back, valid until the engine's next call (as with
 TensorRT). A call with other shapes makes the session again for them (seconds): keep the shapes of
 a CUDA-graph pipeline fixed. ORT's replay waits for its stream after each launch (released
-versions do so unconditionally), so with CUDA graphs the host waits once per U-Net step.
+versions do so unconditionally), so with CUDA graphs the host waits once per U-Net step. ORT keeps
+captured graphs per thread (the CUDA provider's per-thread context): called from another thread than
+the one that loaded it (``serve``'s handler), its first call there captures again (as slow as the
+load's capture; results are the same).
 """
 
 from __future__ import annotations
