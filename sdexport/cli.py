@@ -372,7 +372,7 @@ def run(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Image path: .png, .jpg/.jpeg or .webp (each with the parameters in its metadata); several images write NAME-0.EXT, NAME-1.EXT, ...")] = "out.png",
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 30,
+    steps: Annotated[int, typer.Option(help="Denoising steps (diffusers' pipelines default to 50).")] = 30,
     scheduler: Annotated[str, typer.Option(help=f"{', '.join(scheduler_names())}.")] = "default",
     guidance: Annotated[list[float] | None, typer.Option(help="Classifier-free guidance scale, one for all images or one per image (all above 1, or all at or below it); 1 disables CFG (a latent consistency model takes it as an input, with no CFG at any value) (default as diffusers: 7.5; SDXL 5.0, SDXL inpainting without ControlNets 7.5).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
