@@ -276,6 +276,25 @@ def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(tiny_engine_di
     assert "Negative prompt" not in image.text["parameters"]
 
 
+def test_guidance_rescale_is_recorded_refused_out_of_range_and_said_ignored_without_guidance(tiny_engine_dir, tmp_path,
+                                                                                           capsys):
+    out = tmp_path / "x.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--guidance-rescale", "0.7", "--steps", "1", "-o", out) == 0
+    assert json.loads(Image.open(out).text["sdexport"])["guidance_rescale"] == 0.7
+    capsys.readouterr()
+    for bad in ("1.5", "-0.1", "nan"):
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "--guidance-rescale", bad, "-o", out) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [(f"error: --guidance-rescale {float(bad)}: need a number from 0 (off) to 1 "
+                                            "(0.7 is suggested for models trained for zero terminal SNR)")], err
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-n", "y", "--guidance", "1", "--guidance-rescale", "0.7",
+                   "--steps", "1", "-o", out) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("--negative-prompt and --guidance-rescale ignored: --guidance 1 disables classifier-free guidance, which "
+            "is where the negatives and the rescale act") in err
+    assert "guidance_rescale" not in json.loads(Image.open(out).text["sdexport"])
+
+
 def test_nan_from_the_unet_is_not_blamed_on_the_vae(pipeline, monkeypatch):
     unet = pipeline.engines["unet"]
 

@@ -100,6 +100,17 @@ def test_guidance_one_skips_the_unconditional_half(pipelines, reference, monkeyp
     assert relative_l2(got.latents, reference(request).latents) < LATENT_REL_L2
 
 
+def test_guidance_rescale_matches_diffusers(pipelines, reference):
+    """diffusers' guidance_rescale, on both backends; and it changes the image (the check is not idle)."""
+    request = GenerationRequest(prompt=["a cat", "a dog"], negative_prompt=["blurry", ""], steps=4, scheduler="euler",
+                                seeds=[1, 2], height=64, width=64, guidance=9.0, guidance_rescale=0.7)
+    want = reference(request)
+    plain = reference(GenerationRequest(**{**vars(request), "guidance_rescale": 0.0}))
+    assert relative_l2(plain.latents, want.latents) > 100 * LATENT_REL_L2
+    for backend, pipeline in pipelines.items():
+        assert relative_l2(pipeline(request).latents, want.latents) < LATENT_REL_L2, backend
+
+
 def test_the_images_of_one_call_each_take_their_own_guidance(pipelines):
     """One guidance per image (how a served batch takes requests of different guidance): each image
     is, bit for bit, the image of a call at its own scale, and records that scale."""

@@ -88,6 +88,12 @@ def pipelines(sdxl_engine_dir):
         return {b: load_pipeline(sdxl_engine_dir, b) for b in ("onnxruntime-cpu", "torch")}
 
 
+def test_guidance_rescale_matches_diffusers(pipelines, reference):
+    request = GenerationRequest(prompt=["a cat"], steps=3, scheduler="euler_a", seeds=[4], height=64, width=64,
+                                guidance=8.0, guidance_rescale=0.5)
+    assert relative_l2(pipelines["onnxruntime-cpu"](request).latents, reference(request).latents) < 1e-4
+
+
 # -- presets and sizes ------------------------------------------------------------------------
 
 

@@ -148,6 +148,17 @@ def test_rows_of_different_guidance_share_a_call_unless_one_side_skips_the_uncon
     assert generation_request([rows[0], rows[4]]).guidance == 7.5  # one value where the rows agree
 
 
+def test_rows_of_different_guidance_rescale_are_generated_apart():
+    from sdexport.serving.requests import decode_rows, generation_request, group_rows
+
+    rows = decode_rows(_inputs(["a", "b", "c"], steps=4, guidance_rescale=[0.7, 0.0, 0.7]), (128, 128))
+    calls = group_rows(list(enumerate(rows)), max_batch=4)
+    assert [[owner for owner, _ in call] for call in calls] == [[0, 2], [1]]
+    assert [generation_request([row for _, row in call]).guidance_rescale for call in calls] == [
+        pytest.approx(0.7), 0.0]
+    assert decode_rows(_inputs(["d"]), (128, 128))[0].guidance_rescale == 0.0
+
+
 def test_sdxl_conditioning_rows_are_decoded_as_run_reads_its_flags_and_kept_apart_by_value():
     """SDXL's sizes and crop and the refiner's scores: a pair (or a number) per row, passed to the
     call as ``run`` passes its flags; a call takes one of each (the U-Net's time ids), so rows that

@@ -11,6 +11,7 @@ synchronisation), so the pipeline itself runs unmodified and as fast as it would
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -289,6 +290,11 @@ class DiffusersReference:
             }
         if self.model.family == SDXL_REFINER:
             extra["aesthetic_score"], extra["negative_aesthetic_score"] = request.aesthetic_scores()
+        if request.guidance_rescale:
+            if "guidance_rescale" not in inspect.signature(pipe.__call__).parameters:
+                raise SdexportError(f"diffusers' {type(pipe).__name__} has no guidance_rescale: nothing to compare a "
+                                    "rescaled guidance with")
+            extra["guidance_rescale"] = request.guidance_rescale
         latent = request.denoising_end is not None  # the ensemble's first expert: latents, not images
         if latent:
             extra["denoising_end"] = float(request.denoising_end or 0)

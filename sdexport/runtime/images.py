@@ -275,6 +275,7 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
         "steps": request.steps,
         "scheduler": result.scheduler or request.scheduler,
         "guidance": request.guidance_scales(result.family)[i],
+        **({"guidance_rescale": request.guidance_rescale} if request.guidance_rescale and request.cfg else {}),
         "height": request.height,
         "width": request.width,
         **({"emphasis": request.emphasis} if request.emphasis != "none" else {}),

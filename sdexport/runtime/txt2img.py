@@ -499,7 +499,7 @@ class Txt2ImgPipeline:
             noise = self.engines["unet"](feed)["out_sample"]
             step_marks.append((before, clock.mark()))
             if request.cfg:
-                noise = guided(noise, guidance)
+                noise = guided(noise, guidance, request.guidance_rescale)
             else:
                 # Engines may return a buffer they overwrite on the next call (TensorRT does), and
                 # multistep schedulers (PNDM, DPM++, UniPC) keep past model outputs.
@@ -1092,7 +1092,7 @@ def guidance_embedding(scales: list[float], size: int) -> torch.Tensor:
     return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, size % 2))
 
 
-def guided(noise: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
+def guided(noise: torch.Tensor, guidance: float | torch.Tensor, rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance on a CFG batch's U-Net output (unconditional half first).
 
     With a column of scales the product is taken in float32 and rounded once to the output's dtype,
@@ -1100,7 +1100,14 @@ def guided(noise: torch.Tensor, guidance: float | torch.Tensor) -> torch.Tensor:
     (float32 arithmetic inside). So each image comes out as at its own scale in the same call, and a
     served image does not depend on the guidance of the requests it was batched with."""
     uncond, text = noise.chunk(2)
-    return uncond + (guidance * (text - uncond)).to(uncond.dtype)
+    mixed = uncond + (guidance * (text - uncond)).to(uncond.dtype)
+    if not rescale:
+        return mixed
+    # diffusers' rescale_noise_cfg (its pipeline modules load model code the runtime does without):
+    # towards the prompted prediction's spread, per image
+    axes = list(range(1, mixed.ndim))
+    rescaled = mixed * (text.std(dim=axes, keepdim=True) / mixed.std(dim=axes, keepdim=True))
+    return rescale * rescaled + (1 - rescale) * mixed
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:

@@ -50,6 +50,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("emphasis", "BYTES", (1,), "how brackets in the texts are read: none (as text, as diffusers; the default), original (A1111's (word:1.2) weights, its default), no-norm (A1111's No norm)"),
     TensorSpec("steps", "INT32", (1,), "denoising steps (default 30)"),
     TensorSpec("guidance", "FP32", (1,), "classifier-free guidance scale (default as `sdexport run`: 7.5, SDXL 5.0 but 7.5 for inpainting without ControlNets; 1 disables it; a latent consistency model takes it as an input, with no CFG at any value)"),
+    TensorSpec("guidance_rescale", "FP32", (1,), "diffusers' guidance_rescale, 0 (off; the default) to 1: each step's guided prediction is scaled towards the prompted one's spread by this share, against over-exposure (0.7 for models trained for zero terminal SNR); with guidance above 1 only"),
     TensorSpec("scheduler", "BYTES", (1,), ", ".join(scheduler_names())),
     TensorSpec("seed", "UINT64", (1,), "seed of this image (default: its row number in the request)"),
     TensorSpec("height", "INT32", (1,), "pixels (default: the first row's: its init, first control or adapter image's, else the profile's opt)"),

@@ -51,6 +51,8 @@ class Row:
     height: int
     width: int
     negative_prompt: str | None = None
+    guidance_rescale: float = 0.0
+    """One per call (the loop rescales a call's images alike), so rows that differ in it do not share it."""
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
     original_size: tuple[int, int] | None = None
@@ -116,7 +118,7 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
                 self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning(),
-                self.denoising_end, self.clip_skip, self.emphasis, self.chunks)
+                self.denoising_end, self.clip_skip, self.emphasis, self.chunks, self.guidance_rescale)
 
     def conditioning(self) -> tuple[Any, ...]:
         """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one
@@ -292,6 +294,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
             seed=i if seed is None else seed,
             steps=_or(_number(one("steps"), "steps", int), DEFAULTS["steps"]),
             guidance=_number(one("guidance"), "guidance", float),
+            guidance_rescale=_or(_number(one("guidance_rescale"), "guidance_rescale", float), 0.0),
             scheduler=text["scheduler"] or DEFAULTS["scheduler"],
             height=height, width=width,
             strength=_number(one("strength"), "strength", float),
@@ -437,7 +440,7 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         negative_aesthetic_score=first.negative_aesthetic_score, clip_skip=first.clip_skip,
         emphasis=first.emphasis,
         steps=first.steps, scheduler=first.scheduler,
-        guidance=one_or_each("guidance"),
+        guidance=one_or_each("guidance"), guidance_rescale=first.guidance_rescale,
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
         image=column("image"), mask=column("mask"), strength=first.strength,
         control_image=_call_control_images(rows), control_mode=first.control_mode,
