@@ -572,21 +572,21 @@ def run(
     if provider_options and resolved != "onnxruntime-cuda":
         raise SdexportError(f"--ort-option: for --backend onnxruntime-cuda, not {resolved}")
     require_backend(resolved)
-    from sdexport.runtime.schedulers import check_steps, config_as_loaded  # diffusers: needed to run anyway
-
     # a line each, on a terminal or in a log: loading torch and diffusers takes seconds before any engine
-    with step("Checking the scheduler and the engine files"):
-        check_steps(request.scheduler, config_as_loaded(
-            scheduler_config, request.scheduler, family=manifest.family, conditioned=manifest.model_dims.conditioned,
-            inpainting=request.mask is not None), request.steps)
-        if ensemble is not None:  # each model's share of the schedule holds a step
-            ensemble.check_windows(scheduler_config)
-        # hashes: the directory is what the manifest says
+    with step("Checking the engine files and the scheduler"):
+        # hashes first (no torch or diffusers needed): the directory is what the manifest says
         verify_for_backend(engine_dir, manifest, resolved, "portable" if portable_graphs else "auto",
                            image_inputs=request.image is not None, lora=bool(loras))
         if ensemble is not None:
             verify_for_backend(ensemble.refiner.engine_dir, ensemble.refiner.manifest, resolved,
                                "portable" if portable_graphs else "auto")
+        from sdexport.runtime.schedulers import check_steps, config_as_loaded  # diffusers: needed to run anyway
+
+        check_steps(request.scheduler, config_as_loaded(
+            scheduler_config, request.scheduler, family=manifest.family, conditioned=manifest.model_dims.conditioned,
+            inpainting=request.mask is not None), request.steps)
+        if ensemble is not None:  # each model's share of the schedule holds a step
+            ensemble.check_windows(scheduler_config)
     from sdexport.runtime.loading import pooled_controlnets
 
     said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
@@ -1083,12 +1083,6 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
     graphs = "portable" if portable_graphs else "auto"
     # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
-    resolved = resolve_backend(backend) if engine_path is None else backend
-    for directory, read, image_inputs in ((engine_dir, manifest, takes_init_images(engine_dir, manifest)),
-                                          *([(paired.engine_dir, paired.manifest, False)] if paired else [])):
-        check_runnable(directory, read)
-        loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
-        check_lowered_vae(directory, read, loaded, resolved, graphs)
     # absolute, links and '..' kept as the filesystem reads them (a link with an ASCII name is how a
     # directory named otherwise is served; os.path.abspath would cut 'link/..' by text)
     settings = ServeSettings(engine_dir=engine_path or str(Path(engine_dir).absolute()), backend=backend, cuda_graph=cuda_graph,
@@ -1096,7 +1090,20 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
                              refiner=(refiner_path or str(Path(refiner).absolute())) if refiner is not None else "",
                              denoising_end=end, emphasis=emphasis, shapes=narrowed, set_by=command)
     refiner_manifest = paired.manifest if paired else None
-    served = settings.served_profile(manifest, refiner_manifest)  # refused here, not in Triton's log
+    # refused here, not in Triton's log; and first, before the checks below load diffusers
+    served = settings.served_profile(manifest, refiner_manifest)
+    if command == "triton-repo":  # the paths the stock server will read (serve links them: ascii_links)
+        from sdexport.serving.names import check_ascii
+
+        check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)
+        if settings.refiner:
+            check_ascii(settings.refiner, "--refiner-path", refiner_path is not None)
+    resolved = resolve_backend(backend) if engine_path is None else backend
+    for directory, read, image_inputs in ((engine_dir, manifest, takes_init_images(engine_dir, manifest)),
+                                          *([(paired.engine_dir, paired.manifest, False)] if paired else [])):
+        check_runnable(directory, read)
+        loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
+        check_lowered_vae(directory, read, loaded, resolved, graphs)
     return manifest, refiner_manifest, settings, served
 
 
@@ -1260,11 +1267,6 @@ def triton_repo(
     manifest, refiner_manifest, settings, _ = _serve_settings(
         engine_dir, backend, cuda_graph, portable_graphs, max_steps, engine_path, refiner, denoising_end, refiner_path,
         emphasis, shapes={"batch": batch, "height": height, "width": width}, command="triton-repo")
-    from sdexport.serving.names import check_ascii
-
-    check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)
-    if settings.refiner:
-        check_ascii(settings.refiner, "--refiner-path", refiner_path is not None)
     from sdexport.runtime.loading import takes_init_images, verify_for_backend
 
     # the files the server's backend reads, hashed here as serve does (a stock server would only fail

@@ -110,7 +110,7 @@ def test_run_names_the_scheduler_that_ran_and_leaves_out_empty_fields(tiny_engin
     assert err.count("random weights") == 1
     # where the seconds before the first step go, a line each even without a terminal (a log)
     assert [line.split(" (")[0] for line in raw.splitlines() if line.startswith("✓")] == [
-        "✓ Checking the scheduler and the engine files", "✓ Loading engines"]
+        "✓ Checking the engine files and the scheduler", "✓ Loading engines"]
     image = Image.open(out)
     record = json.loads(image.text["sdexport"])
     assert record["scheduler"] == "pndm" and "negative_prompt" not in record
@@ -398,6 +398,10 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
     foreign = tmp_path / "optimum-export"  # an export to adopt: ours less its manifest
     shutil.copytree(engine_copy, foreign)
     (foreign / "manifest.json").unlink()
+    damaged = tmp_path / "damaged"  # a download cut short: run hashes the files before loading diffusers
+    shutil.copytree(engine_copy, damaged)
+    with (damaged / "unet" / "model.onnx").open("r+b") as graph:
+        graph.truncate(100)
     quick = [
         ["--help"], ["--version"], ["run", "--help"], ["bench", "--help"],
         ["inspect", str(engine_copy)],  # ...later ones trust what it recorded
@@ -415,9 +419,14 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
         ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")],
         ["serve", str(engine_copy), "--http-port", "0"],
         ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--max-steps", "0"],
+        ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--height", "100"],  # (not a multiple)
+        ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--engine-path", "/srv/modèles"],
+        ["serve", str(engine_copy), "--width", "4096"],
     ]
     loaded = dict(zip((" ".join(args) for args in quick), _loaded(*quick), strict=True))
     assert loaded == {" ".join(args): [] for args in quick}
+    # run reads onnxruntime to resolve its backend (which provider), not torch or diffusers
+    assert _loaded(["run", str(damaged), "-p", "x", "-o", str(tmp_path / "y.png")]) == [["onnxruntime"]]
 
 
 def test_build_names_a_missing_directory_before_a_missing_tensorrt(tmp_path, capsys):
