@@ -580,7 +580,8 @@ def run(
         if ensemble is not None:
             verify_for_backend(ensemble.refiner.engine_dir, ensemble.refiner.manifest, resolved,
                                "portable" if portable_graphs else "auto")
-        from sdexport.runtime.schedulers import check_steps, config_as_loaded  # diffusers: needed to run anyway
+        # (diffusers, loaded here: needed to run anyway)
+        from sdexport.runtime.schedulers import check_steps, config_as_loaded
 
         check_steps(request.scheduler, config_as_loaded(
             scheduler_config, request.scheduler, family=manifest.family, conditioned=manifest.model_dims.conditioned,
@@ -1451,8 +1452,9 @@ def _run_app() -> Any:
 
 def _fail(message: str, code: int, exc: BaseException) -> NoReturn:
     from sdexport import stopping
+    from sdexport.console import env_switch
 
-    if os.environ.get("SDEXPORT_TRACEBACK"):
+    if env_switch("SDEXPORT_TRACEBACK", default=False):
         raise exc
     # what the command had finished before it failed (a run's first calls' images), as on a stop
     error_console.print(f"[red]error:[/] {escape('; '.join([message, *stopping.kept()]))}", soft_wrap=True)

@@ -144,6 +144,13 @@ def onnxruntime_session_options(ort: Any) -> Any:
     return options
 
 
+def env_switch(name: str, default: bool) -> bool:
+    """An on/off environment variable: unset or empty gives ``default``; 0, false, no and off (any
+    case) are off, anything else on (``SDEXPORT_TRACEBACK=0`` once turned tracebacks on)."""
+    value = os.environ.get(name, "").strip().lower()
+    return default if not value else value not in ("0", "false", "no", "off")
+
+
 def cpu_threads_asked() -> int:
     """The CPU threads ``OMP_NUM_THREADS`` asks for (0: not set, or not a count).
 

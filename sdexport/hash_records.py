@@ -37,7 +37,9 @@ ENVIRONMENT = "SDEXPORT_HASH_RECORDS"
 
 
 def enabled() -> bool:
-    return os.environ.get(ENVIRONMENT, "1").strip().lower() not in ("0", "false", "no", "off")
+    from sdexport.console import env_switch
+
+    return env_switch(ENVIRONMENT, default=True)
 
 
 def records_folder() -> Path | None:

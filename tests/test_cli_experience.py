@@ -429,6 +429,19 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
     assert _loaded(["run", str(damaged), "-p", "x", "-o", str(tmp_path / "y.png")]) == [["onnxruntime"]]
 
 
+@pytest.mark.parametrize(("value", "traceback"), [("0", False), ("off", False), ("", False), ("1", True), ("yes", True)])
+def test_sdexport_traceback_reads_0_and_off_as_off(value, traceback, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SDEXPORT_TRACEBACK", value)
+    if traceback:
+        from sdexport.errors import SdexportError
+
+        with pytest.raises(SdexportError):
+            run_cli("export", "nope", "-o", tmp_path / "x")
+    else:
+        assert run_cli("export", "nope", "-o", tmp_path / "x") == 2
+        assert capsys.readouterr().err.startswith("error: ")
+
+
 def test_build_names_a_missing_directory_before_a_missing_tensorrt(tmp_path, capsys):
     """What the user typed first; on a machine without TensorRT, then, that it is missing."""
     for target in ("tensorrt", "onnxruntime-cuda"):
