@@ -22,17 +22,20 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
-def longest_name(folder: Path) -> int:
-    """The longest file name ``atomic_path`` can write to in ``folder``: the file system's limit
-    (255 bytes on most) less what its temporary name adds (``.`` + ``.PID.tmp``, PIDs up to 7
-    digits), so a name that is too long is refused before the work, not after it."""
+def name_limit(folder: Path) -> int:
+    """The longest file name, in bytes, the file system of ``folder`` takes (255 on most)."""
     try:
         limit = os.pathconf(existing_ancestor(folder), "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
         limit = 255
-    if limit <= 0:  # -1: no limit set (some FUSE and network file systems)
-        limit = 255
-    return limit - len(f"..{'9' * 7}{TEMP_SUFFIX}")
+    return limit if limit > 0 else 255  # -1: no limit set (some FUSE and network file systems)
+
+
+def longest_name(folder: Path) -> int:
+    """The longest file name ``atomic_path`` can write to in ``folder``: the file system's limit
+    less what its temporary name adds (``.`` + ``.PID.tmp``, PIDs up to 7 digits), so a name that
+    is too long is refused before the work, not after it."""
+    return name_limit(folder) - len(f"..{'9' * 7}{TEMP_SUFFIX}")
 
 
 @contextmanager

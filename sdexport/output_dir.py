@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdexport import stopping
-from sdexport.atomic import TEMP_NAME, existing_ancestor
+from sdexport.atomic import TEMP_NAME, existing_ancestor, name_limit
 from sdexport.console import console
 from sdexport.errors import SdexportError
 
@@ -67,6 +67,8 @@ class Target:
     path: Path
     kind: OutputKind
     created_parents: list[Path] = field(default_factory=list)
+    in_place: bool = False
+    """Changed where it is (``updating``: a build), not written anew to a path the user chose."""
 
     @property
     def parent(self) -> Path:
@@ -131,8 +133,9 @@ def _lock_path(target: Target) -> Path:
 def _held_by(target: Target, fd: int) -> SdexportError:
     """The refusal of a target whose lock file (open as ``fd``) another process holds, naming it."""
     holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
+    other = "" if target.in_place else f" or choose another {target.kind.flag}"
     return SdexportError(f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
-                         f"finish or choose another {target.kind.flag}")
+                         f"finish{other}")
 
 
 def check_target(
@@ -153,6 +156,10 @@ def check_target(
             f"links: pass the real directory or a new path"
         )
     require_creatable(target.parent, f"{flag} {target}")
+    size, longest = len(os.fsencode(target.name)), name_limit(target.parent) - len(f"..partial-{'9' * 7}")
+    if size > longest:  # (its hidden siblings, the staging folder and the lock, add to the name)
+        raise SdexportError(f"{flag} {target}: the name {target.name!r} is too long ({size} bytes; at most {longest} "
+                            "here); choose a shorter one")
     # The parent resolved (links in it are the user's business), the last part as given.
     path = target.resolve() if target.name in ("", "..") else target.parent.resolve() / target.name
     cwd = Path.cwd().resolve()
@@ -240,7 +247,7 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
     """Hold ``directory``'s lock while changing it in place (``sdexport build`` adding plans), so that
     an export replacing the same directory cannot run at the same time."""
     real = directory.resolve()  # a link to it and the directory itself take the same lock
-    with _locked(Target(real.parent / real.name, kind)):
+    with _locked(Target(real.parent / real.name, kind, in_place=True)):
         yield
 
 

@@ -170,6 +170,25 @@ def test_an_export_to_a_target_another_process_holds_is_refused(tmp_path: Path):
     assert not target.exists() and hidden_siblings(target) == []
 
 
+def test_a_build_held_by_another_process_is_told_to_wait_not_to_choose_another_output(engine_copy: Path, capsys):
+    from sdexport.output_dir import updating
+
+    with updating(engine_copy, ENGINE_DIR):  # another build of the same directory
+        assert run_cli("build", engine_copy, "--target", "onnxruntime-cuda") == 2
+    err = capsys.readouterr().err
+    assert "is writing" in err and "wait for it to finish" in err and "choose another" not in err
+
+
+def test_an_overlong_output_name_is_refused_before_anything_loads(tmp_path: Path, capsys):
+    """Its hidden siblings (.NAME.partial-PID, the lock) add to the name: refused up front, naming -o,
+    not after the model has loaded, naming a hidden file."""
+    long = tmp_path / ("e" * 250)
+    assert run_cli("export", "tiny", "-o", long) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: -o {long}: the name 'eee") and "is too long (250 bytes; at most 238 here)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_build_and_export_share_one_lock_through_a_link(engine_copy: Path, tmp_path: Path, capsys):
     from sdexport.output_dir import updating
 
