@@ -920,6 +920,31 @@ def test_a_case_beyond_a_given_engine_directory_points_to_exporting_it_again(tmp
                                                "be in [1, 2] (re-export or rebuild with a wider --batch)")
 
 
+def test_a_given_engine_directory_its_contenders_cannot_run_is_refused_before_the_baseline(tmp_path, tiny_engines,
+                                                                                           capsys):
+    """A part left out, or a damaged graph an ONNX Runtime contender reads: refused as the bench plans,
+    not found as that contender loads, after the baseline had been measured (the bench then ended,
+    status 0, with a report of the baseline alone)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_engines, damaged)
+    with (damaged / "unet" / "model.onnx").open("r+b") as graph:
+        graph.truncate(100)
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", damaged) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {damaged}: unet/model.onnx does not match its sha256 in the "
+                                               "manifest (damaged or replaced); re-export or rebuild it")
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_engines, partial)
+    manifest = json.loads((partial / "manifest.json").read_text())
+    del manifest["components"]["text_encoder"]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", partial) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --engine-dir {partial}: the engine directory has no text_encoder"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_stop_after_the_benchs_own_export_names_nothing_as_in_place(tmp_path, monkeypatch, capsys):
     """The bench's export is a claim inside the bench output's staging folder: it went into place
     there, and the stop then discarded the whole staging folder. "already in place" named it."""

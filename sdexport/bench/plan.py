@@ -175,6 +175,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
                 f"the scenario {'union' if modes else 'plain'} ones: the baseline and the engines must be the same "
                 "model")
         proven = _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline)  # (kind first)
+        _check_engine_files("--engine-dir", options.engine_dir, manifest, contenders, scenario.image_inputs)
         dtype = _engine_precision(options.engine_dir, manifest, scenario)
         profile, geometry = manifest.shape_profile, manifest.model_dims
         images = manifest.model_dims.K or 1
@@ -189,6 +190,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
                                     f"export, --engine-dir {options.engine_dir} an {dtype} one: give a pair of one "
                                     "precision")
             refiner_checks = (paired.manifest.model_dims, paired.manifest.shape_profile, paired.scheduler_config)
+            _check_engine_files("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest, contenders, False)
     for case in scenario.cases:
         request, refine = request_for(scenario, case), None
         if scenario.cut is not None:  # the base model's share, then the refiner's
@@ -321,6 +323,23 @@ def _refiner_engines(engine_dir: Path, base_dir: Path, base_manifest: Any) -> An
     paired = Refiner.open(engine_dir, base_dir, base_manifest, flag="--refiner-engine-dir")
     _refuse_unlike_baseline("--refiner-engine-dir", engine_dir, paired.manifest)
     return paired
+
+
+def _check_engine_files(flag: str, engine_dir: Path, manifest: Any, contenders: list[str], image_inputs: bool) -> None:
+    """What each sdexport contender will read from a given engine directory: its components, and the
+    files hashed as its load hashes them (a damaged graph was found only as that contender loaded,
+    after the baseline had been measured, and the bench ended with a report of the baseline alone)."""
+    from sdexport.errors import EngineDirError
+    from sdexport.runtime.loading import txt2img_components, verify_for_backend
+
+    try:
+        txt2img_components(manifest)
+    except EngineDirError as exc:
+        raise SdexportError(f"{flag} {engine_dir}: {exc}") from None
+    for name in (c for c in contenders if c not in BASELINES):  # (their refusals name the directory)
+        fused = name == "onnxruntime-cuda-fused"  # (as RuntimeContender loads each)
+        verify_for_backend(engine_dir, manifest, "onnxruntime-cuda" if fused else name,
+                           "auto" if fused else "portable", image_inputs=image_inputs)
 
 
 def _refuse_unlike_baseline(flag: str, engine_dir: Path, manifest: Any) -> None:
