@@ -24,6 +24,7 @@ def test_export_writes_a_complete_verified_directory(tiny_engine_dir: Path):
     assert manifest.random_weights and "random weights" in manifest.model["label"]
     for name, entry in manifest.components.items():
         assert entry.parity["status"] == "passed", name
+        assert entry.parity["tolerance"] == 1e-3, name  # fp32's bound, not fp16's 3e-2
         assert [p["label"] for p in entry.parity["points"]] == ["min", "opt", "max", "odd"]
         for point in entry.parity["points"]:
             for err in point["outputs"].values():

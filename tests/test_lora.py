@@ -102,7 +102,8 @@ def _rel(a, b) -> float:
     return float(torch.linalg.norm(a.latents - b.latents) / torch.linalg.norm(b.latents))
 
 
-@pytest.mark.parametrize(("file", "scale"), [("unet", 0.8), ("kohya-unet", 1.0), ("metadata", 0.25)])
+@pytest.mark.parametrize(("file", "scale"), [("unet", 0.8), ("kohya-unet", 1.0), ("metadata", 0.25),
+                                             ("metadata-rslora", 0.25)])
 def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
     """A U-Net LoRA, fused at export, against diffusers' load_lora_weights + fuse_lora (diffusers'
     text-encoder loading goes through transformers' PEFT integration, which refuses every PEFT on PyPI
@@ -114,7 +115,7 @@ def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
     if file == "kohya-unet":  # alpha 8 at rank 4: a scale of 2 on every kind of layer
         path = tmp_path / "kohya-unet.safetensors"
         save_file({k: v for k, v in _kohya_state(3, alpha=8.0).items() if k.startswith("lora_unet")}, str(path))
-    if file == "metadata":  # diffusers' own save with the PEFT config: lora_alpha 16 at rank 4
+    if file.startswith("metadata"):  # diffusers' own save with the PEFT config: lora_alpha 16 at rank 4
         import diffusers
         from safetensors.torch import load_file
 
@@ -122,7 +123,8 @@ def test_export_fuses_as_diffusers_does(lora_files, tmp_path, file, scale):
         diffusers.StableDiffusionPipeline.save_lora_weights(
             tmp_path / "meta", unet_lora_layers=state,
             unet_lora_adapter_metadata={"r": RANK, "lora_alpha": 16, "target_modules": UNET_TARGETS,
-                                        "rank_pattern": {}, "alpha_pattern": {}})  # (diffusers 0.39 reads both)
+                                        "rank_pattern": {}, "alpha_pattern": {},  # (diffusers 0.39 reads both)
+                                        "use_rslora": file == "metadata-rslora"})  # (alpha / sqrt(rank))
         path = tmp_path / "meta" / "pytorch_lora_weights.safetensors"
     out = tmp_path / "engines"
     export("tiny", out, ExportOptions(verify="quick", loras=[LoraFile(path, scale)]))

@@ -276,6 +276,13 @@ def test_a_negative_prompt_without_guidance_is_said_to_be_ignored(tiny_engine_di
     assert "Negative prompt" not in image.text["parameters"]
 
 
+def test_the_largest_seed_runs(tiny_engine_dir, tmp_path):
+    """2^64 - 1 is a seed (only past it is refused); the image records it."""
+    out = tmp_path / "x.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--seed", str(2**64 - 1), "--steps", "1", "-o", out) == 0
+    assert json.loads(Image.open(out).text["sdexport"])["seed"] == 2**64 - 1
+
+
 def test_guidance_rescale_is_recorded_refused_out_of_range_and_said_ignored_without_guidance(tiny_engine_dir, tmp_path,
                                                                                            capsys):
     out = tmp_path / "x.png"

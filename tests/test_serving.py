@@ -148,6 +148,23 @@ def test_rows_of_different_guidance_share_a_call_unless_one_side_skips_the_uncon
     assert generation_request([rows[0], rows[4]]).guidance == 7.5  # one value where the rows agree
 
 
+def test_rows_of_different_strength_scheduler_or_steps_are_generated_apart():
+    """A call takes one of each (the loop's schedule): rows asking for others share no call, which
+    would run them at the first row's."""
+    from sdexport.serving.requests import decode_rows, generation_request, group_rows
+
+    for name, values in (("strength", [0.3, 0.8, 0.3]), ("scheduler", ["euler", "ddim", "euler"]),
+                         ("steps", [4, 5, 4])):
+        inputs = _inputs(["a", "b", "c"], **({} if name == "scheduler" else {name: values}))
+        if name == "scheduler":  # (BYTES, one per row)
+            inputs[name] = np.array([[v.encode()] for v in values], dtype=object)
+        rows = decode_rows(inputs, (128, 128))
+        calls = group_rows(list(enumerate(rows)), max_batch=4)
+        assert [[owner for owner, _ in call] for call in calls] == [[0, 2], [1]], name
+        assert [getattr(generation_request([row for _, row in call]), name) for call in calls] == [
+            pytest.approx(values[0]), values[1]], name
+
+
 def test_rows_of_different_guidance_rescale_are_generated_apart():
     from sdexport.serving.requests import decode_rows, generation_request, group_rows
 
