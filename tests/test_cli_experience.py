@@ -442,6 +442,23 @@ def test_sdexport_traceback_reads_0_and_off_as_off(value, traceback, tmp_path, m
         assert capsys.readouterr().err.startswith("error: ")
 
 
+def test_a_damaged_tokenizer_file_or_a_foreign_ckpt_is_refused_before_torch_loads(tiny_diffusers_dir, tmp_path,
+                                                                                  capsys):
+    """Both were found only as transformers or torch read them, after the heavy imports."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    (model / "tokenizer" / "tokenizer_config.json").write_text("{bad")
+    page = tmp_path / "model.ckpt"
+    page.write_text("<html>Not Found</html>")  # a download that saved the server's error page
+    commands = [["export", str(model), "-o", str(tmp_path / "a")],
+                ["export", str(page), "--config", "tiny", "-o", str(tmp_path / "b")]]
+    assert _loaded(*commands) == [[], []]
+    for command, said in zip(commands, ("tokenizer_config.json: not valid JSON", "not a torch checkpoint")):
+        assert run_cli(*command) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+
+
 def test_build_names_a_missing_directory_before_a_missing_tensorrt(tmp_path, capsys):
     """What the user typed first; on a machine without TensorRT, then, that it is missing."""
     for target in ("tensorrt", "onnxruntime-cuda"):

@@ -124,6 +124,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         return replace(outline, preset=preset.name, **_preset_text_sizes(preset))
     if path.is_dir():
         family = family_of_dir(path, vae_replaced=vae is not None)
+        _check_tokenizer_files(path, family)
         outline = _outline(family, read_json(path / "unet" / "config.json"),
                            {} if vae is not None else read_json(path / "vae" / "config.json"),  # --vae's is read
                            scheduler_config(path), None, (path,), vae)
@@ -138,11 +139,21 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
                            config_preset.profile, (path,), vae)
         return replace(outline, **_preset_text_sizes(config_preset))
     family = family_of_dir(config_path)
+    _check_tokenizer_files(config_path, family)
     outline = _outline(family, read_json(config_path / "unet" / "config.json"),
                        read_json(config_path / "vae" / "config.json"),
                        scheduler_config(config_path), None,
                        (path, config_path), vae)
     return replace(outline, **_read_text_sizes(config_path, family))
+
+
+def _check_tokenizer_files(directory: Path, family: str) -> None:
+    """The tokenizers' JSON files (every export loads them), read as the other configs are: a damaged
+    one was found only as transformers loaded it, after torch and diffusers."""
+    for name in tokenizer_names(family):
+        folder = directory / name
+        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            read_json(path)
 
 
 CLIP_SIZES = {"num_hidden_layers": 12, "hidden_size": 512}
@@ -626,9 +637,22 @@ def safetensors_keys(path: Path) -> list[str]:
         raise ModelLoadError(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
 
 
+CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80")
+"""How a ``.ckpt`` starts: torch.save's zip archive (PyTorch 1.6 and later), or the pickle of older ones."""
+
+
 def check_single_file(path: Path) -> None:
     """Catch a truncated or foreign file before diffusers does, with a message naming it."""
     if path.suffix.lower() != ".safetensors":
+        try:
+            with path.open("rb") as handle:
+                head = handle.read(4)
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
+        if not head.startswith(CHECKPOINT_STARTS):
+            raise ModelLoadError(f"{path}: cannot read the checkpoint (not a torch checkpoint: it starts {head!r}, "
+                                 "neither torch.save's zip archive nor a pickle; a download that saved an error "
+                                 "page?)")
         return
     keys = safetensors_keys(path)
     if not any(k.startswith("model.diffusion_model.") for k in keys):
