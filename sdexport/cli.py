@@ -252,12 +252,8 @@ def build(
     (reusing what was built before from the same graphs with the same settings)."""
     from rich.table import Table
 
-    from sdexport.build.tensorrt_build import (
-        build_engines,
-        check_timing_cache,
-        default_timing_cache,
-        require_tensorrt,
-    )
+    from sdexport.build.tensorrt_build import build_engines, default_timing_cache, require_tensorrt
+    from sdexport.build.timing_cache import check_timing_cache
     from sdexport.manifest import load_manifest
 
     if target not in BUILD_TARGETS:

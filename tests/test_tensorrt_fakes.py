@@ -849,6 +849,31 @@ def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directo
     assert (directory / "unet" / "model.onnx").read_bytes() == graph
 
 
+def test_a_timing_cache_file_sdexport_did_not_write_is_read_never_replaced(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """A file named by mistake (TensorRT reads what it cannot parse as no cache, and the build then
+    saved its cache over it), a cache another tool wrote, or one sdexport wrote and something changed
+    since: read, left as it is, and said so once. One sdexport wrote is replaced, as before."""
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=notes)
+    assert notes.read_text() == "my notes" and recorder.builds[-1]["load_timing_cache"].name == str(notes)
+    assert "--timing-cache " + str(notes) + " was not written by sdexport: read, not replaced" in " ".join(
+        capsys.readouterr().err.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([directory.name, "notes.txt"])
+    ours = tmp_path / "ours.cache"
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=ours, force=True)
+    written = ours.stat().st_ino
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=ours, force=True)
+    assert ours.stat().st_ino != written and "not written by sdexport" not in capsys.readouterr().err  # replaced
+    ours.write_bytes(b"changed since")
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=ours, force=True)
+    assert ours.read_bytes() == b"changed since" and "not written by sdexport" in capsys.readouterr().err
+
+
 def test_a_plan_tensorrt_cannot_load_is_one_line_with_its_own_reason(trt, tmp_path, monkeypatch, capsys):
     """The process's logger and runtime (``_runtime``), against a fake runtime that, as TensorRT,
     returns None for a damaged or foreign plan after logging why; a warning it logs is shown."""

@@ -28,6 +28,7 @@ from sdexport.atomic import atomic_path
 from sdexport.build import keep_built
 from sdexport.build.cache_key import FLAG_LABELS, EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
+from sdexport.build.timing_cache import check_timing_cache, is_ours, timing_cache_files, timing_folder
 from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
@@ -172,45 +173,6 @@ def gpu_identity(device: int | None = None) -> tuple[str, str]:
     return torch.cuda.get_device_name(index), f"{major}.{minor}"
 
 
-def check_timing_cache(timing_cache: Path, engine_dir: Path) -> None:
-    """``--timing-cache FILE`` is read, then replaced with the updated cache: refused, before anything
-    builds, where it is a folder, or lies in the engine directory (whose files its manifest lists:
-    a plan or graph there would be overwritten, and any other file makes it no longer provably
-    sdexport's)."""
-    if timing_cache.is_dir():
-        raise SdexportError(f"--timing-cache {timing_cache}: a folder; name the cache file (it is read, then "
-                            "replaced with the updated cache)")
-    if timing_cache.resolve().is_relative_to(engine_dir.resolve()):
-        raise SdexportError(f"--timing-cache {timing_cache}: inside the engine directory {engine_dir}, whose files "
-                            "its manifest lists; keep the cache outside it (the default is one per GPU and "
-                            "TensorRT version in sdexport's user cache)")
-    from sdexport.output_dir import refuse_inside_engine_dir
-
-    refuse_inside_engine_dir(timing_cache, f"--timing-cache {timing_cache}")  # (another engine directory)
-
-
-@contextlib.contextmanager
-def _timing_cache_files(timing_cache: Path | None) -> Any:
-    """(what polygraphy loads the timing cache from, what it saves the updated one to): open files,
-    so that the cache is replaced whole once the build succeeds (``atomic_path``), never truncated
-    by a build stopped while polygraphy writes it in place, and no ``FILE.lock`` is made beside it
-    (polygraphy locks paths, not open files; of two builds at once, the last to finish keeps its
-    cache). A link is followed: the file it names is replaced, the link kept. (None, None) without a
-    cache."""
-    if timing_cache is None:
-        yield None, None
-        return
-    timing_cache = timing_cache.resolve()
-    with contextlib.ExitStack() as files, atomic_path(timing_cache) as staged:
-        cache_in = files.enter_context(open(timing_cache, "rb")) if timing_cache.is_file() else None
-        cache_out = files.enter_context(open(staged, "wb+"))
-        yield cache_in, cache_out
-        if not cache_out.tell() and cache_in is not None:  # TensorRT gave no cache to save: keep the old one
-            cache_in.seek(0)
-            cache_out.write(cache_in.read())
-        files.close()
-
-
 def default_timing_cache() -> Path:
     """Where ``sdexport build`` keeps its tactic timing cache by default: in the user's cache folder
     (``sdexport.user_cache``: ``~/.cache/sdexport`` by default), one per GPU and TensorRT version (a cache is only valid for the
@@ -218,12 +180,10 @@ def default_timing_cache() -> Path:
     similar models build several times faster, and it keeps engine directories free of it."""
     name, capability = gpu_identity()
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-").lower()
-    from sdexport.user_cache import user_cache
-
-    root = user_cache()
-    if root is None:
+    folder = timing_folder()
+    if folder is None:
         raise SdexportError("no home folder for the default timing cache; pass --timing-cache FILE")
-    return root / "timing" / f"{slug}-sm{capability}-trt{tensorrt_version()}.cache"
+    return folder / f"{slug}-sm{capability}-trt{tensorrt_version()}.cache"
 
 
 @dataclass
@@ -288,6 +248,10 @@ def build_engines(
     if timing_cache is not None:
         check_timing_cache(timing_cache, engine_dir)
     trt = require_tensorrt()
+    replace_cache = timing_cache is not None and is_ours(timing_cache)
+    if timing_cache is not None and not replace_cache:
+        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} was not written by sdexport: read, not replaced "
+                      "(sdexport replaces only files it wrote); to keep the updated cache, name a new file")
     if refittable:
         check_refittable(str(trt.__version__))
     require_polygraphy()
@@ -298,8 +262,8 @@ def build_engines(
     with updating(engine_dir, ENGINE_DIR):
         return _build_locked(
             engine_dir, trt, components=components, profile=profile, static=static, fp16=fp16,
-            strongly_typed=strongly_typed, timing_cache=timing_cache, optimization_level=optimization_level,
-            refittable=refittable, force=force,
+            strongly_typed=strongly_typed, timing_cache=timing_cache, replace_cache=replace_cache,
+            optimization_level=optimization_level, refittable=refittable, force=force,
         )
 
 
@@ -313,6 +277,7 @@ def _build_locked(
     fp16: bool,
     strongly_typed: bool,
     timing_cache: Path | None,
+    replace_cache: bool,
     optimization_level: int | None,
     refittable: bool,
     force: bool,
@@ -365,7 +330,7 @@ def _build_locked(
         start = time.perf_counter()
         with step(f"Building {spec.name} ({_describe(key, precision.label(entry.dtype))})"):
             graph_io = check_graph(engine_dir, manifest, spec.name, target)  # (the build's profile)
-            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, graph_io)
+            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, replace_cache, graph_io)
         seconds = time.perf_counter() - start
         # The manifest lists the plan before the plan takes its name: a build killed in between
         # leaves a listed plan that is missing (rebuilt next time) and a temporary file of a listed
@@ -476,7 +441,8 @@ class _ErrorTee(io.TextIOBase):
         self.target.flush()
 
 
-def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, graph_io: GraphIO) -> memoryview:
+def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, replace_cache: bool,
+                graph_io: GraphIO) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
     ``graph_io``: the graph's real inputs (``manifest.check_graph``: a tracer may drop one; the
@@ -500,7 +466,7 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, grap
 
         level = {QUIET: G_LOGGER.ERROR, VERBOSE: G_LOGGER.INFO}.get(verbosity(), G_LOGGER.WARNING)
         with G_LOGGER.verbosity(level), contextlib.redirect_stdout(log), \
-                _timing_cache_files(timing_cache) as (cache_in, cache_out):
+                timing_cache_files(timing_cache, replace_cache) as (cache_in, cache_out):
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
             config = CreateConfig(
                 fp16=key.fp16,
