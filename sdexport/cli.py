@@ -242,7 +242,7 @@ def build(
     height: BuildHeightOpt = None,
     width: BuildWidthOpt = None,
     prompt_chunks: BuildPromptChunksOpt = None,
-    timing_cache: Annotated[Path | None, typer.Option(parser=_path, help="Timing cache file, read and then replaced with the updated cache, outside the engine directory (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
+    timing_cache: Annotated[Path | None, typer.Option(parser=_path, help="Timing cache file, read and then replaced with the updated cache where sdexport wrote it (another is read only), outside the engine directory (default: one per GPU and TensorRT version under ~/.cache/sdexport).")] = None,
     optimization_level: Annotated[int | None, typer.Option(help="Builder optimization level 0-5 (TensorRT's default: 3).")] = None,
     refittable: Annotated[bool, typer.Option(help="Refittable engines (swap weights without a rebuild).")] = False,
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet.")] = None,

@@ -248,14 +248,14 @@ def build_engines(
     if timing_cache is not None:
         check_timing_cache(timing_cache, engine_dir)
     trt = require_tensorrt()
-    replace_cache = timing_cache is not None and is_ours(timing_cache)
-    if timing_cache is not None and not replace_cache:
-        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} was not written by sdexport: read, not replaced "
-                      "(sdexport replaces only files it wrote); to keep the updated cache, name a new file")
     if refittable:
         check_refittable(str(trt.__version__))
     require_polygraphy()
     load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
+    replace_cache = timing_cache is not None and is_ours(timing_cache)
+    if timing_cache is not None and not replace_cache:
+        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} was not written by sdexport: read, not replaced "
+                      "(sdexport replaces only files it wrote); to keep the updated cache, name a new file")
     from sdexport.export.plan import ENGINE_DIR
     from sdexport.output_dir import updating
 

@@ -11,7 +11,10 @@ a build would then have overwritten) is read but never replaced; the build says 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -22,6 +25,8 @@ from sdexport.user_cache import user_cache
 
 WRITTEN = "written.json"
 """Beside sdexport's own timing caches: {absolute path: sha256} of each cache file sdexport wrote."""
+LOCK = ".written.lock"
+"""Held while ``WRITTEN`` is read and rewritten."""
 
 
 def check_timing_cache(timing_cache: Path, engine_dir: Path) -> None:
@@ -30,7 +35,7 @@ def check_timing_cache(timing_cache: Path, engine_dir: Path) -> None:
     it no longer provably sdexport's)."""
     if timing_cache.is_dir():
         raise SdexportError(f"--timing-cache {timing_cache}: a folder; name the cache file (it is read, then "
-                            "replaced with the updated cache)")
+                            "replaced with the updated cache where sdexport wrote it)")
     if timing_cache.resolve().is_relative_to(engine_dir.resolve()):
         raise SdexportError(f"--timing-cache {timing_cache}: inside the engine directory {engine_dir}, whose files "
                             "its manifest lists; keep the cache outside it (the default is one per GPU and "
@@ -47,16 +52,22 @@ def timing_folder() -> Path | None:
 
 
 def is_ours(timing_cache: Path) -> bool:
-    """Whether the cache file (links followed) may be replaced: see the module's docstring."""
-    from sdexport.manifest import sha256_file
-
+    """Whether the cache file (links followed) may be replaced: see the module's docstring. Anything
+    but a regular file (a FIFO, ``/dev/null``) is not."""
     path = timing_cache.resolve()
+    if not path.exists():
+        return True
+    if not path.is_file() or path.name in (WRITTEN, LOCK):
+        return False
     folder = timing_folder()
-    if not path.is_file() or path.stat().st_size == 0:
+    if path.stat().st_size == 0 or (folder is not None and path.parent == folder.resolve()):
         return True
-    if folder is not None and path.parent == folder.resolve():
-        return True
-    return _written().get(str(path)) == sha256_file(path)
+    recorded = _written().get(str(path))  # (looked up first: a large file named by mistake is not hashed)
+    return recorded is not None and recorded == _sha256(path.read_bytes())
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def _written() -> dict[str, str]:
@@ -68,18 +79,23 @@ def _written() -> dict[str, str]:
     return {k: v for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else {}
 
 
-def _remember(path: Path) -> None:
-    """Record what sdexport wrote at ``path`` (outside its own folder), so a later build may replace it."""
-    from sdexport.manifest import sha256_file
-
+def _remember(path: Path, digest: str) -> None:
+    """Record what sdexport wrote at ``path`` (outside its own folder), so a later build may replace
+    it; under a lock, so that builds finishing at once each keep their entry."""
     folder = timing_folder()
     if folder is None or path.parent == folder.resolve():
         return
-    record = {**_written(), str(path): sha256_file(path)}
     with contextlib.suppress(OSError):  # (a read-only cache folder: the next build reads it, and leaves it)
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / WRITTEN) as staged:
-            staged.write_text(json.dumps(record, indent=1, sort_keys=True))
+        with open(folder / LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            record = {**_written(), str(path): digest}
+            with atomic_path(folder / WRITTEN) as staged:
+                staged.write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+class _ChangedMeanwhile(Exception):
+    """The cache file changed while the build ran, and not by sdexport: it is left as it is."""
 
 
 @contextlib.contextmanager
@@ -89,7 +105,8 @@ def timing_cache_files(timing_cache: Path | None, replace: bool) -> Iterator[tup
     by a build stopped while polygraphy writes it in place, and no ``FILE.lock`` is made beside it
     (polygraphy locks paths, not open files; of two builds at once, the last to finish keeps its
     cache). A link is followed: the file it names is replaced, the link kept. Not ``replace``
-    (``is_ours``): read only. (None, None) without a cache."""
+    (``is_ours``): read only; nor where the file changed during the build, other than by sdexport.
+    (None, None) without a cache."""
     if timing_cache is None:
         yield None, None
         return
@@ -98,12 +115,29 @@ def timing_cache_files(timing_cache: Path | None, replace: bool) -> Iterator[tup
         with open(timing_cache, "rb") as read_only:
             yield read_only, None
         return
-    with contextlib.ExitStack() as files, atomic_path(timing_cache) as staged:
-        cache_in = files.enter_context(open(timing_cache, "rb")) if timing_cache.is_file() else None
-        cache_out = files.enter_context(open(staged, "wb+"))
-        yield cache_in, cache_out
-        if not cache_out.tell() and cache_in is not None:  # TensorRT gave no cache to save: keep the old one
-            cache_in.seek(0)
-            cache_out.write(cache_in.read())
-        files.close()
-    _remember(timing_cache)
+    try:
+        with contextlib.ExitStack() as files, atomic_path(timing_cache) as staged:
+            cache_in = files.enter_context(open(timing_cache, "rb")) if timing_cache.is_file() else None
+            opened = _identity(os.fstat(cache_in.fileno())) if cache_in is not None else None
+            cache_out = files.enter_context(open(staged, "wb+"))
+            yield cache_in, cache_out
+            if not cache_out.tell() and cache_in is not None:  # TensorRT gave no cache to save: keep the old one
+                cache_in.seek(0)
+                cache_out.write(cache_in.read())
+            cache_out.seek(0)
+            digest = _sha256(cache_out.read())
+            files.close()
+            now = _identity(os.stat(timing_cache)) if timing_cache.exists() else None
+            if now != opened and not is_ours(timing_cache):
+                raise _ChangedMeanwhile
+    except _ChangedMeanwhile:
+        from sdexport.console import console
+
+        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} changed while the build ran (not by sdexport): "
+                      "left as it is, without this build's entries")
+        return
+    _remember(timing_cache, digest)
+
+
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns

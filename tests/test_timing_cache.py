@@ -1,0 +1,75 @@
+"""build --timing-cache: which files sdexport may replace (those it wrote), and its record of them."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sdexport.build import timing_cache
+from sdexport.build.timing_cache import is_ours, timing_cache_files
+
+
+def test_only_a_new_empty_or_recorded_regular_file_is_ours(tmp_path: Path):
+    assert is_ours(tmp_path / "new.cache")
+    (tmp_path / "empty.cache").touch()
+    assert is_ours(tmp_path / "empty.cache")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert not is_ours(fifo) and not is_ours(Path("/dev/null"))  # (never renamed over)
+    other = tmp_path / "notes.txt"
+    other.write_text("my notes")
+    assert not is_ours(other)
+    with timing_cache_files(tmp_path / "new.cache", replace=True) as (_, out):
+        assert out is not None
+        out.write(b"entries")
+    assert is_ours(tmp_path / "new.cache")  # recorded as written
+    (tmp_path / "new.cache").write_bytes(b"changed")
+    assert not is_ours(tmp_path / "new.cache")
+    folder = timing_cache.timing_folder()
+    assert folder is not None and not is_ours(folder / timing_cache.WRITTEN)  # (the record itself)
+
+
+def test_builds_finishing_at_once_each_keep_their_record(tmp_path: Path, monkeypatch):
+    read = timing_cache._written
+
+    def slow() -> dict[str, str]:  # every reader reads before any writes, but for the lock
+        record = read()
+        time.sleep(0.2)
+        return record
+
+    monkeypatch.setattr(timing_cache, "_written", slow)
+    paths = [tmp_path / f"{i}.cache" for i in range(3)]
+    threads = [threading.Thread(target=timing_cache._remember, args=(p, "ab" * 32)) for p in paths]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert {str(p) for p in paths} <= set(read())
+
+
+def test_a_cache_changed_meanwhile_by_another_tool_is_left_as_it_is(tmp_path: Path, capsys):
+    cache = tmp_path / "shared.cache"
+    with timing_cache_files(cache, replace=True) as (_, out):
+        assert out is not None
+        out.write(b"first")
+    with timing_cache_files(cache, replace=True) as (_, out):
+        assert out is not None
+        out.write(b"second")
+        cache.write_bytes(b"another tool's")  # while the build runs
+    assert cache.read_bytes() == b"another tool's"
+    assert "changed while the build ran (not by sdexport): left as it is" in " ".join(capsys.readouterr().err.split())
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.cache"]
+
+
+def test_a_failed_build_leaves_the_cache_and_no_temporary(tmp_path: Path):
+    cache = tmp_path / "x.cache"
+    cache.write_bytes(b"")
+    with pytest.raises(RuntimeError), timing_cache_files(cache, replace=True) as (_, out):
+        assert out is not None
+        out.write(b"half")
+        raise RuntimeError("failed")
+    assert cache.read_bytes() == b"" and [p.name for p in tmp_path.iterdir()] == ["x.cache"]
