@@ -111,7 +111,7 @@ def _print_plans(directory: Path, manifest: Manifest) -> None:
     """Each TensorRT plan: the GPU and TensorRT it runs on, the shapes it serves, how it was built,
     and whether a run there loads it where its request fits (``plan_choice.select_engine``: the
     plan a build chose last; a run or server whose shapes it does not cover takes another)."""
-    from sdexport.build.cache_key import EngineKey
+    from sdexport.build.cache_key import FLAG_LABELS, EngineKey
     from sdexport.build.vae_upcast import kept_fp32
     from sdexport.runtime.plan_choice import entry_profile, profile_text, select_engine
 
@@ -146,7 +146,7 @@ def _print_plans(directory: Path, manifest: Manifest) -> None:
         table.add_row(name, Path(record["path"]).name, f"{key.gpu_name} (sm {key.compute_capability}), TensorRT "
                       f"{key.tensorrt_version}", profile_text(entry_profile(manifest, record, name)), ", ".join(build),
                       str(record.get("built", "?")).replace("T", " ")[:16],
-                      "[green]yes[/]" if loaded else ("passed over (fp16 flag)" if name in fp32 and key.fp16 else ""))
+                      "[green]yes[/]" if loaded else (f"passed over ({FLAG_LABELS['fp16']})" if name in fp32 and key.fp16 else ""))
     out.print(table)
 
 

@@ -75,6 +75,11 @@ class Target:
         return self.path.parent
 
     @property
+    def or_another(self) -> str:
+        """The end of a refusal that lets the user pick another path: none for a build's in place."""
+        return "" if self.in_place else f" or choose another {self.kind.flag}"
+
+    @property
     def name(self) -> str:
         return self.path.name
 
@@ -133,9 +138,8 @@ def _lock_path(target: Target) -> Path:
 def _held_by(target: Target, fd: int) -> SdexportError:
     """The refusal of a target whose lock file (open as ``fd``) another process holds, naming it."""
     holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
-    other = "" if target.in_place else f" or choose another {target.kind.flag}"
     return SdexportError(f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
-                         f"finish{other}")
+                         f"finish{target.or_another}")
 
 
 def check_target(
@@ -342,7 +346,7 @@ def _locked(target: Target) -> Iterator[None]:
             raise
         if not _LOCK_TEXT.match(os.pread(fd, 64, 0)):
             os.close(fd)
-            raise SdexportError(f"{path} exists and is not sdexport's lock file; move it away or choose another {target.kind.flag}")
+            raise SdexportError(f"{path} exists and is not sdexport's lock file; move it away{target.or_another}")
         try:
             _lock_now(fd)
         except BlockingIOError:

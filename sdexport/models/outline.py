@@ -147,13 +147,18 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     return replace(outline, **_read_text_sizes(config_path, family))
 
 
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                  "added_tokens.json")
+"""The JSON files transformers' CLIP tokenizers read (each a JSON object), where a folder has them."""
+
+
 def _check_tokenizer_files(directory: Path, family: str) -> None:
     """The tokenizers' JSON files (every export loads them), read as the other configs are: a damaged
     one was found only as transformers loaded it, after torch and diffusers."""
     for name in tokenizer_names(family):
-        folder = directory / name
-        for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
-            read_json(path)
+        for file in TOKENIZER_JSON:
+            if (directory / name / file).is_file():
+                read_json(directory / name / file)
 
 
 CLIP_SIZES = {"num_hidden_layers": 12, "hidden_size": 512}
