@@ -235,3 +235,21 @@ def test_each_schedule_lies_where_its_steps_read_it_without_waiting():
     cpu = make_scheduler("unipc", {"_class_name": "PNDMScheduler", **config})
     set_schedule(cpu, 5, torch.device("cpu"))
     assert cpu.sigmas.device.type == "cpu"
+
+
+@pytest.mark.parametrize("class_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "EulerDiscreteScheduler"])
+def test_an_init_image_starts_where_diffusers_img2img_starts_for_schedulers_of_any_order(class_name: str) -> None:
+    """diffusers' ``get_timesteps`` skips ``(steps - int(steps x strength)) x order`` entries: a
+    second-order scheduler a model saved (Heun, KDPM2) lists each step's timestep twice."""
+    from PIL import Image
+
+    from sdexport.runtime.request import GenerationRequest
+    from sdexport.runtime.schedulers import schedule_window, set_schedule
+
+    config = {**PRESETS["tiny"].scheduler, "_class_name": class_name}
+    scheduler = make_scheduler(DEFAULT, config)
+    set_schedule(scheduler, 10, torch.device("cpu"))
+    request = GenerationRequest(prompt=["x"], steps=10, image=[Image.new("RGB", (64, 64))], strength=0.5)
+    expected = scheduler.timesteps[(10 - 5) * scheduler.order:]
+    assert scheduler.order == (1 if class_name == "EulerDiscreteScheduler" else 2)
+    assert torch.equal(schedule_window(scheduler, request, "sd"), expected)
