@@ -776,11 +776,20 @@ def test_memory_is_sampled_in_a_run_of_its_own_and_vae_reruns_are_counted(monkey
 
 
 def test_peak_device_memory_is_given_above_the_floor():
-    from sdexport.bench.report import _memory
+    from sdexport.bench.report import _memory, case_warnings
 
     assert _memory({"memory": {"device_used_peak_mb": 5000.0, "device_floor_mb": 600.0}}) == "4,400 MB GPU"
     assert _memory({"memory": {"device_used_peak_mb": 5000.0}}) == "5,000 MB GPU (device-wide)"  # an older report
-    assert _memory({"memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0}}) == "900 MB RSS"
+    assert _memory({"memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0}}) == "900 MB process RSS"
+    # a GPU contender whose device memory NVML did not give: not its host RSS in the GPU figure's place
+    unread = {"contender": "tensorrt", "memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0,
+                                                  "device_note": "not sampled: NVML is not installed"}}
+    assert _memory(unread) == "GPU not sampled"
+    staged = {key: {"median": 0.2, "samples": [0.2] * 5} for key in ("text_encoder_s", "unet_step_s",
+                                                                         "vae_decoder_s", "loop_overhead_s")}
+    staged["e2e_s"] = {"median": 0.6, "samples": [0.6] * 5}  # (the three stages' sum: no note of theirs)
+    assert case_warnings([{**unread, **staged, "unet_calls": 0}], "diffusers") == [
+        "> ⚠ **tensorrt**: device memory not sampled: NVML is not installed."]
 
 
 def test_each_contender_is_measured_above_what_was_in_use_as_it_began(tmp_path, tiny_engines, monkeypatch):

@@ -61,7 +61,7 @@ def variation(stats: dict[str, Any]) -> float | None:
 def _range_ms(stats: dict[str, Any]) -> str:
     cv = variation(stats)
     return (f"{stats['median'] * 1000:.1f} ({stats['min'] * 1000:.1f}–{stats['max'] * 1000:.1f})"
-            + (f" ±{cv * 100:.0f}%" if cv is not None else ""))
+            + (f" ±{cv * 100:.1f}%" if cv is not None else ""))  # (a steady GPU run is under 1%)
 
 
 STAGES = (("text_encoder_s", "text enc."), ("adapter_s", "adapter"), ("controlnet_step_s", "ControlNet/step"),
@@ -142,6 +142,7 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
                 f"**{r['contender']}: the stages add up to {total * 1000:.1f} ms, end-to-end is {e2e * 1000:.1f} ms** "
                 f"({(total - e2e) / e2e:+.0%}): " + why.format(runs=r.get("stage_runs", "a few")) + ".")
     notes += [f"**{r['contender']}**: {note}." for r in rows if (note := vae_rerun_note(r))]
+    notes += [f"**{r['contender']}**: device memory {note}." for r in rows if (note := r["memory"].get("device_note"))]
     notes += [f"**{r['contender']}** began with {left:,.0f} MB more in use on the device than the first contender: "
               "what the contenders before it did not give back (kernels CUDA loaded once, library workspaces, caches). "
               "Its memory figure is its peak above that, so what it reused of it is not counted."
@@ -151,14 +152,18 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
 
 def _memory(entry: dict[str, Any]) -> str:
     """The device's peak above the floor read before the contender loaded, where there is one (a
-    report before that floor: the device-wide peak, said so); else the host's RSS."""
+    report before that floor: the device-wide peak, said so); "not sampled" for a GPU contender
+    whose device memory could not be read (a note under the table says why: the process's RSS in
+    its place read as the contender's GPU figure); else the process's RSS."""
     memory = entry["memory"]
+    if memory.get("device_note"):
+        return "GPU not sampled"
     if memory.get("device_used_peak_mb") is not None:
         floor = memory.get("device_floor_mb")
         if floor is None:
             return f"{memory['device_used_peak_mb']:,.0f} MB GPU (device-wide)"
         return f"{memory['device_used_peak_mb'] - floor:,.0f} MB GPU"
-    return f"{memory['host_rss_peak_mb']:,.0f} MB RSS"
+    return f"{memory['host_rss_peak_mb']:,.0f} MB process RSS"
 
 
 def _busy_fraction(entry: dict[str, Any]) -> float | None:
@@ -294,7 +299,10 @@ def markdown(report: dict[str, Any]) -> str:
             "Peak memory is sampled in one more run, not a timed one: on a GPU the device's memory in use at "
             "its peak less what was in use as the contender began loading, the one before it freed (this "
             "process's CUDA context, other processes, what earlier contenders left); on a CPU, and for a "
-            "contender that runs on it, the process's RSS."
+            "contender that runs on it, the whole process's RSS (imports and what earlier contenders left "
+            "included). it/s is U-Net calls per second of U-Net time (its mean per call inverted), not loop "
+            "iterations per second of wall time; each case's heading counts the U-Net calls of one image "
+            "batch (PNDM makes one more than its steps; an init image, int(steps x strength))."
             + (" GPU busy is the share of one more run's wall time in which a kernel (or a copy) ran (PyTorch's "
                "profiler, every kernel of the process; tracing slows the host, so it is a lower bound)." if busy else "")
         ),
@@ -304,8 +312,9 @@ def markdown(report: dict[str, Any]) -> str:
         rows = [r for r in measured if case_key(r) == case]
         controlnet = any("controlnet_step_s" in r for r in rows)
         adapter = any("adapter_s" in r for r in rows)
+        calls = sorted({r["unet_calls"] for r in rows if "unet_calls" in r})
         lines += [
-            f"## Batch {case[0]}, {case[1]} steps",
+            f"## Batch {case[0]}, {case[1]} steps" + (f" ({' or '.join(map(str, calls))} U-Net calls)" if calls else ""),
             "",
             (
                 "| contender | end-to-end ms, median (min–max) ±variation | images/s | speedup | text enc. ms "
