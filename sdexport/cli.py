@@ -1079,7 +1079,6 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     manifest = load_manifest(engine_dir, verify_files=False)
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
     graphs = "portable" if portable_graphs else "auto"
-    # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     # absolute, links and '..' kept as the filesystem reads them (a link with an ASCII name is how a
     # directory named otherwise is served; os.path.abspath would cut 'link/..' by text)
     settings = ServeSettings(engine_dir=engine_path or str(Path(engine_dir).absolute()), backend=backend, cuda_graph=cuda_graph,
@@ -1095,6 +1094,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         check_ascii(settings.engine_dir, "--engine-path", engine_path is not None)
         if settings.refiner:
             check_ascii(settings.refiner, "--refiner-path", refiner_path is not None)
+    # (a repository for another machine's server, engine_path, resolves "onnxruntime" there)
     resolved = resolve_backend(backend) if engine_path is None else backend
     for directory, read, image_inputs in ((engine_dir, manifest, takes_init_images(engine_dir, manifest)),
                                           *([(paired.engine_dir, paired.manifest, False)] if paired else [])):

@@ -20,6 +20,8 @@ def test_only_a_new_empty_or_recorded_regular_file_is_ours(tmp_path: Path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     assert not is_ours(fifo) and not is_ours(Path("/dev/null"))  # (never renamed over)
+    with timing_cache_files(fifo, replace=False) as files:  # (nor opened: that would wait for a writer)
+        assert files == (None, None)
     other = tmp_path / "notes.txt"
     other.write_text("my notes")
     assert not is_ours(other)

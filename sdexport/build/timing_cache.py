@@ -112,6 +112,9 @@ def timing_cache_files(timing_cache: Path | None, replace: bool) -> Iterator[tup
         return
     timing_cache = timing_cache.resolve()
     if not replace:
+        if not timing_cache.is_file():  # (a FIFO would block the open; /dev/null holds nothing)
+            yield None, None
+            return
         with open(timing_cache, "rb") as read_only:
             yield read_only, None
         return
