@@ -303,7 +303,7 @@ def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
     }
     text = markdown(report)
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
-    assert "1.11× ⚠" in rows["torch"] and "±25%" in rows["torch"]
+    assert "1.11× ⚠" in rows["torch"] and "±24.8%" in rows["torch"]
     assert "1.25×" in rows["onnxruntime-cpu"] and "⚠" not in rows["onnxruntime-cpu"].split(" | ")[3]
     assert "**Too few repeats**: 3 timed runs per contender; at least 5" in text
     assert "(raise `repeats` in the scenario, or pass `--repeats`)" in text and "- Command line:" not in text
