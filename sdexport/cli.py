@@ -673,7 +673,7 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     images = [read_image(init_image, "--init-image")]
     inputs: dict[str, Any] = {"init_image": str(Path(init_image).absolute())}  # the record is read from anywhere
     if mask is not None:
-        images.append(read_image(mask, "--mask", mode="L"))
+        images.append(read_image(mask, "--mask", mode=None))  # (resized, if at all, before it is made greyscale)
         inputs["mask"] = str(Path(mask).absolute())
         if fit == "exact" and images[1].size != images[0].size:  # else each "fix" names the other
             sizes = [f"{image.size[1]}x{image.size[0]}" for image in images]

@@ -476,3 +476,23 @@ def test_bench_refuses_an_inpainting_model_without_inpaint(engine_dirs, tmp_path
     assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", without_encoder) == 2
     assert "has no vae_encoder, which the scenario's init image needs" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mask_fitted_to_the_request_is_made_greyscale_after_its_resize_as_diffusers_makes_it(tmp_path):
+    """diffusers' mask processor resizes a mask, then makes it greyscale and binarizes it; made
+    greyscale first (as run read masks), a coloured, anti-aliased one came out otherwise at the edge."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from sdexport.runtime.image_inputs import binary_mask, fit_image, read_image
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)  # every pixel near some threshold
+    path = tmp_path / "mask.png"
+    Image.fromarray(colours).save(path)
+    fitted, _ = fit_image(read_image(path, "--mask", mode=None), 64, 64, "resize", "--mask")
+    ours = binary_mask([fitted], 1)
+    processor = VaeImageProcessor(vae_scale_factor=8, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+    theirs = processor.preprocess(Image.open(path), height=64, width=64)
+    assert torch.equal(ours, theirs)
+    early, _ = fit_image(read_image(path, "--mask", mode="L"), 64, 64, "resize", "--mask")  # (the old order)
+    assert not torch.equal(binary_mask([early], 1), theirs)

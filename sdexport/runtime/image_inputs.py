@@ -24,10 +24,12 @@ FITS = ("exact", "resize", "crop")
 """How an image of another size is made the request's size: refused, stretched, or scaled and cropped."""
 
 
-def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
+def read_image(path: Path, what: str, mode: str | None = "RGB") -> Any:
     """The PIL image at ``path`` as the viewer shows it (EXIF orientation applied, as diffusers'
-    ``load_image`` does), converted to ``mode`` (RGB for images, L for masks) and fully decoded now:
-    a truncated, huge or unconvertible file fails here, in one line, not mid-run."""
+    ``load_image`` does), converted to ``mode`` (RGB for images; None, for masks: as it is, in 8 bits,
+    for diffusers' mask processor resizes a mask before it makes it greyscale, and the loop makes it
+    so, ``binary_mask``) and fully decoded now: a truncated, huge or unconvertible file fails here, in
+    one line, not mid-run."""
     if path.is_dir():
         raise SdexportError(f"{what} {path}: a directory; give an image file")
     if not path.is_file():
@@ -35,7 +37,7 @@ def read_image(path: Path, what: str, mode: str = "RGB") -> Any:
     return _decode(path, f"{what} {path}", mode)
 
 
-def decode_image(data: bytes, what: str, mode: str = "RGB") -> Any:
+def decode_image(data: bytes, what: str, mode: str | None = "RGB") -> Any:
     """``read_image`` for an image's bytes (a served request's PNG or JPEG)."""
     return _decode(_in_memory(data, what), what, mode)
 
@@ -56,7 +58,7 @@ def _in_memory(data: bytes, what: str) -> Any:
     return io.BytesIO(data)
 
 
-def _decode(source: Any, what: str, mode: str) -> Any:
+def _decode(source: Any, what: str, mode: str | None) -> Any:
     from PIL import ImageOps
 
     with _opened(source, what) as image:
@@ -66,7 +68,7 @@ def _decode(source: Any, what: str, mode: str) -> Any:
             upright = _eight_bit(upright)
         elif upright.mode == "F":
             upright = _from_float(upright, what)
-        return upright.convert(mode)
+        return upright if mode is None else upright.convert(mode)
 
 
 @contextlib.contextmanager

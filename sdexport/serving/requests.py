@@ -254,7 +254,7 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
                           "mask": [bytes(mask)] if mask is not None else [],
                           "control_image": control_bytes, "adapter_image": adapter_bytes})
         init = decode_image(bytes(image), "init_image") if image is not None else None
-        masked = decode_image(bytes(mask), "mask", mode="L") if mask is not None else None
+        masked = decode_image(bytes(mask), "mask", mode=None) if mask is not None else None  # (as run reads it)
         controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode() else decode_image(b, "control_image")
                                for b in control_bytes]
         adapter_images = [decode_image(b, "adapter_image") for b in adapter_bytes]
