@@ -509,7 +509,7 @@ def load_single_file(
         family = family_of_dir(config_dir)
         options = pipeline_config(family, read_json(config_dir / "model_index.json"))
         scheduler = scheduler_config(config_dir)
-        skeletons, builders = plan_components(path, config_dir, family, dtype,
+        skeletons, builders = plan_components(path, config_dir, family, dtype, scheduler,
                                               leave_out=("vae",) if vae_replaced else ())
         if preset is not None and preset.name == "sd21" and not recorded:
             from rich.markup import escape

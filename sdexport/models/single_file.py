@@ -67,17 +67,20 @@ class Part:
 
 
 def plan_components(
-    path: Path, config_dir: Path, family: str, dtype: torch.dtype, *, leave_out: Collection[str] = ()
+    path: Path, config_dir: Path, family: str, dtype: torch.dtype, scheduler: Mapping[str, Any], *,
+    leave_out: Collection[str] = ()
 ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
     """Check every component against the file's layout, reading no weight; return each one's
     skeleton (meta device, ``dtype``) and a builder that reads, converts and loads its weights.
-    ``leave_out``: parts that come from elsewhere (``vae``: ``--vae``), neither checked nor read, as
-    diffusers' ``from_single_file(..., vae=...)`` takes a checkpoint without VAE weights."""
+    ``scheduler``: the config folder's scheduler config (``outline.scheduler_config``), which the
+    file's markers are checked against. ``leave_out``: parts that come from elsewhere (``vae``:
+    ``--vae``), neither checked nor read, as diffusers' ``from_single_file(..., vae=...)`` takes a
+    checkpoint without VAE weights."""
     parts = [part for part in _parts(config_dir, family) if part.name not in leave_out]
     stamp = _identity(path)
     layout = read_layout(path)
     _check_sdxl_kind(path, layout, family)
-    _check_markers(path, layout, config_dir)
+    _check_markers(path, layout, scheduler)
     if "unet" not in leave_out:
         _check_unet_inputs(path, layout, config_dir)
     # loaded with the layout's meta tensors (keys and shapes checked, nothing read), each module
@@ -96,9 +99,9 @@ def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) 
     """A U-Net of another model than the --config's, named with the config to give, where torch's
     size-mismatch list would not say it: by its input channels (9: an inpainting model) and by
     the width of the text it attends to (which tells SD 1.x, SD 2.x, SDXL and its refiner apart)."""
-    import json
+    from sdexport.models.outline import read_json
 
-    config = json.loads((config_dir / "unet" / "config.json").read_text(encoding="utf-8"))
+    config = read_json(config_dir / "unet" / "config.json")
     conv_in = layout.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
     if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != config.get("in_channels", 4):
         takes, wanted = conv_in.shape[1], config.get("in_channels", 4)
@@ -116,24 +119,18 @@ def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) 
                              f"--config's attends to {wanted}: give that config, or a diffusers directory of the model")
 
 
-def _check_markers(path: Path, layout: Mapping[str, Any], config_dir: Path) -> None:
+def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
     """The top-level keys by which a file says how it is sampled (ComfyUI's convention, which
     diffusers' ``infer_diffusers_model_type`` reads too): no converter reads them, so a file that
     predicts v (``v_pred``, with ``ztsnr``: zero terminal SNR) read with an epsilon config, or a
     Playground v2.5 one (``edm_mean``: latents normalised around the VAE) loaded as plain SDXL,
     drawing wrong images without a word."""
-    import json
-
     if "edm_mean" in layout or "edm_std" in layout:
         raise ModelLoadError(f"{path}: a Playground v2.5-style checkpoint (edm_mean/edm_std: its latents are "
                              "normalised around the VAE, as diffusers' SDXL pipelines apply from latents_mean/"
                              "latents_std), which sdexport does not yet: its images would decode wrong")
     if "v_pred" in layout:
-        try:
-            scheduler = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):  # (a config folder without one: the scheduler's default, epsilon)
-            scheduler = {}
-        predicts = scheduler.get("prediction_type", "epsilon") if isinstance(scheduler, dict) else "epsilon"
+        predicts = scheduler.get("prediction_type", "epsilon")
         if predicts != "v_prediction":
             zero_snr = " with rescale_betas_zero_snr and trailing timestep_spacing (its ztsnr key)" if "ztsnr" in layout else ""
             raise ModelLoadError(f"{path}: a checkpoint that predicts v (its v_pred key), but the --config's scheduler "
