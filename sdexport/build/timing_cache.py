@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ from typing import IO
 
 from sdexport.atomic import atomic_path
 from sdexport.errors import SdexportError
+from sdexport.manifest import sha256_file
 from sdexport.user_cache import user_cache
 
 WRITTEN = "written.json"
@@ -63,11 +63,7 @@ def is_ours(timing_cache: Path) -> bool:
     if path.stat().st_size == 0 or (folder is not None and path.parent == folder.resolve()):
         return True
     recorded = _written().get(str(path))  # (looked up first: a large file named by mistake is not hashed)
-    return recorded is not None and recorded == _sha256(path.read_bytes())
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return recorded is not None and recorded == sha256_file(path)
 
 
 def _written() -> dict[str, str]:
@@ -127,9 +123,8 @@ def timing_cache_files(timing_cache: Path | None, replace: bool) -> Iterator[tup
             if not cache_out.tell() and cache_in is not None:  # TensorRT gave no cache to save: keep the old one
                 cache_in.seek(0)
                 cache_out.write(cache_in.read())
-            cache_out.seek(0)
-            digest = _sha256(cache_out.read())
             files.close()
+            digest = sha256_file(staged)
             now = _identity(os.stat(timing_cache)) if timing_cache.exists() else None
             if now != opened and not is_ours(timing_cache):
                 raise _ChangedMeanwhile
