@@ -111,6 +111,33 @@ def test_guidance_rescale_matches_diffusers(pipelines, reference):
         assert relative_l2(pipeline(request).latents, want.latents) < LATENT_REL_L2, backend
 
 
+CONTINUOUS = {  # noise levels, not training indices, reach the U-Net: fractions, and EDM's end negative
+    "euler-continuous": {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                         "beta_end": 0.012, "timestep_type": "continuous", "use_karras_sigmas": True},
+    "edm-euler": {"_class_name": "EDMEulerScheduler", "sigma_data": 0.5, "prediction_type": "epsilon"},
+}
+
+
+@pytest.mark.parametrize("name", list(CONTINUOUS))
+def test_fractional_timesteps_reach_the_unet_as_diffusers_passes_them(name, tiny_model, pipelines, monkeypatch):
+    """Schedulers of continuous timesteps (CosXL, Playground v2.5, EDM) through the whole loop: the
+    U-Net is fed each timestep whole, not rounded to an index, on both backends, as diffusers feeds it."""
+    from dataclasses import replace
+
+    config = CONTINUOUS[name]
+    request = GenerationRequest(prompt=["a cat"], steps=4, seeds=[5], height=64, width=64)
+    want = DiffusersReference(replace(tiny_model, scheduler_config=config))(request)
+    for backend, pipeline in pipelines.items():
+        monkeypatch.setattr(pipeline, "scheduler_config", config)
+        fed: list[float] = []
+        spy = SpyEngine(pipeline.engines["unet"])
+        spy.replace = lambda feed, spy=spy, fed=fed: (fed.append(float(feed["timestep"])), spy.engine(feed))[1]
+        monkeypatch.setitem(pipeline.engines, "unet", spy)
+        got = pipeline(request)
+        assert any(t != round(t) for t in fed), (backend, fed)
+        assert relative_l2(got.latents, want.latents) < LATENT_REL_L2, backend
+
+
 def test_the_images_of_one_call_each_take_their_own_guidance(pipelines):
     """One guidance per image (how a served batch takes requests of different guidance): each image
     is, bit for bit, the image of a call at its own scale, and records that scale."""
