@@ -452,8 +452,67 @@ def test_a_unet_of_another_model_is_refused_naming_the_config_to_give(tmp_path) 
     assert PRESETS["sd2-inpaint"].scheduler["prediction_type"] == "epsilon" and PRESETS["sdxl-inpaint"].family == "sdxl"
 
 
+@pytest.mark.parametrize(("channels", "kind"), [(8, "an instruct-pix2pix model"), (5, "a depth-to-image model"),
+                                               (7, "the x4 upscaler"), (6, "a model of another kind")])
+def test_a_unet_taking_other_inputs_is_refused_by_kind_not_sent_to_a_config(tmp_path, channels, kind) -> None:
+    """No config of sdexport's runs these; the refusal used to tell the user to give one ("a U-Net U-Net")."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.single_file import UNET_PREFIX, _check_unet_inputs
+
+    write_config_dir(PRESETS["tiny"], tmp_path / "tiny")
+    layout = {f"{UNET_PREFIX}input_blocks.0.0.weight": torch.empty(32, channels, 3, 3, device="meta")}
+    with pytest.raises(ModelLoadError, match=rf"^{tmp_path}/m.safetensors: {kind}\b.*: the U-Net takes {channels} input "
+                                             r"channels for 4 latent channels; sdexport runs U-Nets that take the "
+                                             r"latents \(4\) or inpainting ones \(9\)$"):
+        _check_unet_inputs(tmp_path / "m.safetensors", layout, tmp_path / "tiny")
+
+
+@pytest.mark.parametrize(("keys", "holds"), [
+    (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], ("a LoRA, not a model: give it to export or run "
+                                                                        "as --lora FILE")),
+    (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "a LoRA, not a model"),
+    (["control_model.input_hint_block.0.weight"], ("a ControlNet in the original layout, not a model: export takes a "
+                                                  "diffusers ControlNet directory as --controlnet")),
+    (["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"], ("a VAE alone, not a model: --vae takes "
+                                                                                 "a diffusers AutoencoderKL directory")),
+    (["emb_params"], "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"),
+    (["clip_l", "clip_g"], "a textual inversion embedding"),
+    (["weight"], r"not an original-layout Stable Diffusion checkpoint \(for a diffusers directory, pass the directory\)"),
+])
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_file_downloaded_beside_a_model_is_refused_saying_what_it_holds(tmp_path, keys, holds, suffix) -> None:
+    """LoRAs, ControlNets, VAEs and embeddings are single files too: each is named, with where it goes."""
+    from safetensors.torch import save_file
+
+    from sdexport.errors import ModelLoadError
+
+    path = tmp_path / f"file{suffix}"
+    tensors = {key: torch.zeros(2, 2) for key in keys}
+    save_file(tensors, path) if suffix == ".safetensors" else torch.save({"state_dict": tensors}, path)
+    with pytest.raises(ModelLoadError, match=rf"^{path}: no 'model.diffusion_model.\*' weights; {holds}"):
+        load_model(str(path), config="tiny")
+
+
+def test_a_safetensors_file_named_ckpt_is_told_to_be_renamed(tiny_checkpoint, tmp_path) -> None:
+    from sdexport.errors import ModelLoadError
+
+    renamed = tmp_path / "model.ckpt"
+    renamed.write_bytes(tiny_checkpoint[1].read_bytes())
+    with pytest.raises(ModelLoadError, match=rf"^{renamed}: a safetensors file by its content: name it .safetensors$"):
+        load_model(str(renamed), config="tiny")
+
+
 class Callback:
     """What a training run pickles beside the weights (PyTorch Lightning's callbacks, in old .ckpt files)."""
+
+
+class Command:
+    """What a malicious file pickles: a call of os.system (torch words its refusal otherwise than for a class)."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
 
 
 @pytest.mark.parametrize(("content", "reason"), [
@@ -461,6 +520,7 @@ class Callback:
     ("truncated", r"truncated or damaged: torch cannot read its zip archive \(.*central directory\)"),
     ("objects", (r"it pickles Python objects besides tensors \(test_single_file.Callback\), which sdexport does not "
                 r"unpickle \(they can run code\); convert it to .safetensors with a tool you trust")),
+    ("a blocked module's", r"it pickles Python objects besides tensors \((posix|nt).system\), which sdexport does not .+"),
 ])
 def test_an_unreadable_ckpt_is_one_line_with_its_reason(tmp_path: Path, content: str, reason: str) -> None:
     """diffusers says "Unable to load weights" whatever the reason; torch's own lies below it."""
@@ -470,7 +530,8 @@ def test_an_unreadable_ckpt_is_one_line_with_its_reason(tmp_path: Path, content:
     if content == "text":
         path.write_bytes(b"not a pickle")
     else:
-        torch.save({"state_dict": {"w": torch.zeros(64)}, "callbacks": Callback()}, path)
+        torch.save({"state_dict": {"w": torch.zeros(64)},
+                    "callbacks": Command() if content == "a blocked module's" else Callback()}, path)
         if content == "truncated":
             path.write_bytes(path.read_bytes()[:-200])
     with pytest.raises(ModelLoadError, match=rf"broken\.ckpt: cannot read the checkpoint \({reason}\)$") as caught:

@@ -645,23 +645,44 @@ def safetensors_keys(path: Path) -> list[str]:
 CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80")
 """How a ``.ckpt`` starts: torch.save's zip archive (PyTorch 1.6 and later), or the pickle of older ones."""
 
+VAE_ALONE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.")
+
+
+def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
+    """A file without the original layout's U-Net, refused saying what it holds where that is one of
+    the other files a model's users download beside it (each taken elsewhere, or converted first)."""
+    keys = list(keys)
+    if any(k.startswith("model.diffusion_model.") for k in keys):
+        return
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        holds = "a LoRA, not a model: give it to export or run as --lora FILE"
+    elif any(k.startswith("control_model.") for k in keys):
+        holds = ("a ControlNet in the original layout, not a model: export takes a diffusers ControlNet directory as "
+                 "--controlnet (diffusers' ControlNetModel.from_single_file, then save_pretrained, converts it)")
+    elif keys and all(k.startswith(VAE_ALONE) for k in keys):
+        holds = ("a VAE alone, not a model: --vae takes a diffusers AutoencoderKL directory (diffusers' "
+                 "AutoencoderKL.from_single_file, then save_pretrained, converts it)")
+    elif keys and set(keys) <= {"emb_params", "clip_l", "clip_g"} | {k for k in keys if k.startswith("string_to_param")}:
+        holds = "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"
+    else:
+        holds = ("not an original-layout Stable Diffusion checkpoint (for a diffusers directory, pass the "
+                 "directory)")
+    raise ModelLoadError(f"{path}: no 'model.diffusion_model.*' weights; {holds}")
+
 
 def check_single_file(path: Path) -> None:
     """Catch a truncated or foreign file before diffusers does, with a message naming it."""
     if path.suffix.lower() != ".safetensors":
         try:
             with path.open("rb") as handle:
-                head = handle.read(4)
+                head = handle.read(9)
         except OSError as exc:
             raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
+        if head[8:9] == b"{":  # a header's length, then its JSON (byte 8 of torch's formats is never "{")
+            raise ModelLoadError(f"{path}: a safetensors file by its content: name it .safetensors")
         if not head.startswith(CHECKPOINT_STARTS):
-            raise ModelLoadError(f"{path}: cannot read the checkpoint (not a torch checkpoint: it starts {head!r}, "
+            raise ModelLoadError(f"{path}: cannot read the checkpoint (not a torch checkpoint: it starts {head[:4]!r}, "
                                  "neither torch.save's zip archive nor a pickle; a download that saved an error "
                                  "page?)")
         return
-    keys = safetensors_keys(path)
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise ModelLoadError(
-            f"{path}: no 'model.diffusion_model.*' weights; not an original-layout Stable Diffusion "
-            "checkpoint (for a diffusers directory, pass the directory)"
-        )
+    check_holds_a_unet(path, safetensors_keys(path))

@@ -77,8 +77,11 @@ def plan_components(
     ``--vae``), neither checked nor read, as diffusers' ``from_single_file(..., vae=...)`` takes a
     checkpoint without VAE weights."""
     parts = [part for part in _parts(config_dir, family) if part.name not in leave_out]
+    from sdexport.models.outline import check_holds_a_unet
+
     stamp = _identity(path)
     layout = read_layout(path)
+    check_holds_a_unet(path, layout)
     _check_sdxl_kind(path, layout, family)
     _check_markers(path, layout, scheduler)
     if "unet" not in leave_out:
@@ -95,20 +98,29 @@ CONTEXT_WIDTHS = {768: "SD 1.x (--config sd15)", 1024: "SD 2.x (--config sd21 or
 """The models a U-Net's text-context width (cross_attention_dim) says a file is, with their config."""
 
 
+OTHER_INPUTS = {8: "an instruct-pix2pix model (the latents and an image's)", 5: "a depth-to-image model (the latents "
+                "and a depth map)", 7: "the x4 upscaler (the latents and a low-resolution image)"}
+"""Models whose U-Net takes other inputs beside the latents, by their input channel count (as diffusers'
+``infer_diffusers_model_type`` tells them apart): sdexport runs none of them."""
+
+
 def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) -> None:
     """A U-Net of another model than the --config's, named with the config to give, where torch's
     size-mismatch list would not say it: by its input channels (9: an inpainting model) and by
     the width of the text it attends to (which tells SD 1.x, SD 2.x, SDXL and its refiner apart)."""
-    from sdexport.models.outline import read_json
+    from sdexport.models.outline import read_json, unet_extra_channels
 
     config = read_json(config_dir / "unet" / "config.json")
     conv_in = layout.get(f"{UNET_PREFIX}input_blocks.0.0.weight")
     if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] != config.get("in_channels", 4):
         takes, wanted = conv_in.shape[1], config.get("in_channels", 4)
-        what = "an inpainting model's" if takes == 9 else "a U-Net"
-        fix = ("an inpainting config: sd15-inpaint, sd2-inpaint or sdxl-inpaint, or a diffusers directory of the model"
-               if takes == 9 else "the config of the model it was trained as (sd15, sd21, sd21-base, sdxl), or a diffusers "
-               "directory of it")
+        latent = int(config.get("out_channels", 4))
+        if takes not in (latent, 2 * latent + 1):  # no config of sdexport's would run it
+            unet_extra_channels(takes, latent, f"{path}: {OTHER_INPUTS.get(takes, 'a model of another kind')}")
+        what, fix = (("an inpainting model's", ("an inpainting config: sd15-inpaint, sd2-inpaint or sdxl-inpaint, or a "
+                      "diffusers directory of the model")) if takes == 2 * latent + 1 else
+                     ("a text-to-image", ("the config of the model it was trained as (sd15, sd21, sd21-base, sdxl), or a "
+                      "diffusers directory of it")))
         raise ModelLoadError(f"{path}: {what} U-Net, taking {takes} input channels, but the --config's takes {wanted}: "
                              f"give {fix}")
     width = next((t.shape[1] for k, t in layout.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")
@@ -120,8 +132,8 @@ def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) 
 
 
 def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
-    """The top-level keys by which a file says how it is sampled (ComfyUI's convention, which
-    diffusers' ``infer_diffusers_model_type`` reads too): no converter reads them, so a file that
+    """The top-level keys by which a file says how it is sampled (ComfyUI's convention; diffusers'
+    ``infer_diffusers_model_type`` reads ``edm_mean`` alone): no converter reads them, so a file that
     predicts v (``v_pred``, with ``ztsnr``: zero terminal SNR) read with an epsilon config, or a
     Playground v2.5 one (``edm_mean``: latents normalised around the VAE) loaded as plain SDXL,
     drawing wrong images without a word."""
@@ -229,7 +241,7 @@ def _ckpt_reason(exc: BaseException) -> str:
         text = one_line(error)
         if isinstance(error, RuntimeError) and "zip archive" in text:
             return "truncated or damaged: torch cannot read its zip archive (" + text.split(". ")[0] + ")"
-        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in text:
+        if isinstance(error, pickle.UnpicklingError) and "unsupported global" in text.lower():
             found = re.search(r"GLOBAL (\S+)", text)
             return (f"it pickles Python objects besides tensors ({found[1] if found else text}), which sdexport does "
                     "not unpickle (they can run code); convert it to .safetensors with a tool you trust")
