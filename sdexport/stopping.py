@@ -68,7 +68,9 @@ def listening() -> Iterator[None]:
     SIGTERM unwinds like Ctrl-C, so staging folders and half-written files are removed on the way out
     rather than left for the next run to clean. SIGINT is taken over only where Python's own handler
     has it: one that is ignored (a script's background job) stays ignored, and another program's
-    handler (sdexport called as a library) stays that program's.
+    handler (sdexport called as a library) stays that program's. A stop that Python drops (raised in
+    a ``__del__``) is recorded, so its "Exception ignored in" traceback is not printed: the command
+    ends in its one "interrupted" line (``_quiet_dropped_stops``).
     """
     global _requested, _kept
     if not _in_main_thread():  # handlers are set in the main thread only, and record only there
@@ -77,16 +79,28 @@ def listening() -> Iterator[None]:
     _requested, _kept = None, {}
     previous: dict[int, Any] = {}
     numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
+    hook = sys.unraisablehook
     try:
         for number in numbers:
             if number == signal.SIGINT and signal.getsignal(number) is not signal.default_int_handler:
                 continue
             previous[number] = signal.signal(number, _record_and_raise)
+        sys.unraisablehook = _quiet_dropped_stops(hook)
         yield
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        sys.unraisablehook = hook
         _requested, _kept = None, None
+
+
+def _quiet_dropped_stops(hook: Any) -> Any:
+    """``sys.unraisablehook`` that says nothing of a stop Python dropped (``_record_and_raise`` has
+    recorded it, and ``check`` raises it again); every other unraisable error goes to ``hook``."""
+    def unraisable(info: Any) -> None:
+        if not (isinstance(info.exc_value, KeyboardInterrupt) and _requested is not None):
+            hook(info)
+    return unraisable
 
 
 def finished(code: int) -> None:

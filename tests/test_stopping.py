@@ -38,6 +38,38 @@ def test_a_dropped_stop_is_raised_by_the_next_check_once(number, raised):
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_a_dropped_stop_is_not_printed_as_a_traceback(monkeypatch):
+    """Python prints a stop raised in a ``__del__`` as "Exception ignored in ... KeyboardInterrupt"
+    (3 Ctrl-Cs in 13 on an export): recorded, it is said once, as "interrupted"; other errors raised
+    in a ``__del__`` still reach the hook there was, which listening gives back."""
+    import sys
+    import threading
+
+    seen: list[type[BaseException] | None] = []
+
+    def recorder(unraisable):
+        seen.append(unraisable.exc_type)
+
+    monkeypatch.setattr(sys, "unraisablehook", recorder)
+
+    class Finalized:
+        def __del__(self) -> None:
+            signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
+
+    class Broken:
+        def __del__(self) -> None:
+            raise ValueError("a library's own error")
+
+    with stopping.listening():
+        Finalized()
+        assert seen == []
+        with pytest.raises(Terminated):
+            stopping.check()
+        Broken()
+        assert seen == [ValueError]
+    assert sys.unraisablehook is recorder
+
+
 def test_the_clean_up_after_a_stop_is_not_stopped_again():
     """The KeyboardInterrupt arrived and unwinds: a step or an atomic write in a ``finally`` on its
     way out runs to its end (the request is still recorded, and is the same stop)."""
