@@ -346,6 +346,25 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Pat
     assert (mine / "notes.txt").read_text() == "mine"
 
 
+def test_the_scratch_folder_is_inside_the_staging_folder(built_dir: Path, tmp_path: Path, monkeypatch):
+    """The fp32 reference (a whole U-Net) is written in a scratch folder: in /tmp, a build killed
+    there left it for good; in the staging folder, the next build removes it with the rest."""
+    from sdexport.build import onnxruntime_build
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    real, seen = onnxruntime_build.parity, []
+
+    def parity(*args, **kwargs):
+        seen.append(Path.cwd())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime_build, "parity", parity)
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder", "--force") == 0
+    assert len(seen) == 1 and seen[0].parent.name.startswith(".onnxruntime-cuda.")
+    assert seen[0].parent.parent == (copy / "text_encoder").resolve() and not seen[0].parent.exists()
+
+
 def test_a_stopped_build_says_which_components_it_had_built(tiny_fp16_engine_dir: Path, tmp_path: Path,
                                                               monkeypatch, capsys):
     """Those are listed and in place, and the next build reuses them: the user should hear so rather

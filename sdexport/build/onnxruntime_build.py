@@ -585,8 +585,10 @@ def _build_one(engine_dir: Path, manifest: Manifest, spec: ComponentSpec, dtype:
     staging.mkdir()
     try:
         # onnxruntime's symbolic shape inference saves its model into the working directory when it
-        # cannot finish: let that land in the scratch folder, never in the user's.
-        with tempfile.TemporaryDirectory(prefix="sdexport-ort-") as scratch, contextlib.chdir(scratch):
+        # cannot finish: let that land in the scratch folder, never in the user's. The scratch folder
+        # (the fp32 reference: a whole U-Net) is in the staging folder, which the next build removes
+        # should this one be killed, on the engine directory's disk (not a /tmp that may be memory).
+        with tempfile.TemporaryDirectory(prefix="scratch-", dir=staging) as scratch, contextlib.chdir(scratch):
             # The fp32 reference: the portable graph itself, or the fp16 export widened exactly.
             reference = Path(scratch) / "reference.onnx"
             model = onnx.load(str(engine_dir / entry.onnx))
