@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,18 @@ def longest_name(folder: Path) -> int:
     less what its temporary name adds (``.`` + ``.PID.tmp``, PIDs up to 7 digits), so a name that
     is too long is refused before the work, not after it."""
     return name_limit(folder) - len(f"..{'9' * 7}{TEMP_SUFFIX}")
+
+
+def read_regular(path: Path) -> bytes:
+    """The content of ``path`` where it is a regular file (or a link to one); OSError for anything
+    else. What an output's name already holds is read to judge whether sdexport wrote it: a FIFO
+    there would block an ordinary open until some writer came (the command hung before any work), a
+    device would be read without end. Opened without blocking, it is refused by its type."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return handle.read()
 
 
 @contextmanager

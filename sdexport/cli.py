@@ -1349,9 +1349,11 @@ def _load_report_beside(folder: Path, name: str) -> bool:
     """Whether ``folder/name`` may be replaced: the folder holds an earlier ``loadtest.json``."""
     import json
 
+    from sdexport.atomic import read_regular
+
     path = folder / "loadtest.json"
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
+        report = json.loads(read_regular(path).decode("utf-8"))
     except (OSError, ValueError):
         return False
     return isinstance(report, dict) and {"latency_s", "concurrency", "server"} <= set(report) and (folder / name).is_file()

@@ -435,3 +435,46 @@ def test_another_projects_manifest_above_the_output_is_not_an_engine_directory(t
     (tmp_path / "app").mkdir()
     (tmp_path / "app" / "manifest.json").write_text('{"name": "my app", "format": 3}')
     assert run_cli("export", "tiny", "-o", tmp_path / "app" / "engines", *QUICK) == 0
+
+
+def test_a_fifo_where_an_output_is_judged_is_not_ours_and_never_blocks(tmp_path: Path):
+    """What an output's name already holds is read to judge whether sdexport wrote it: a named pipe
+    there blocked the open until a writer came (run -o, triton-repo, bench, compare and loadtest hung
+    before any work). Judged by its type, it is not ours."""
+    import os
+
+    from sdexport.bench.compare import not_a_comparison_output
+    from sdexport.bench.report import not_a_bench_output
+    from sdexport.cli import _load_report_beside
+    from sdexport.runtime.images import _written_by_sdexport
+    from sdexport.serving.repository import not_a_repository
+
+    class Blocked(BaseException):
+        """Not an OSError, which the checks take for an unreadable file."""
+
+    def alarm(signum, frame):
+        raise Blocked
+
+    os.mkfifo(tmp_path / "image.png")
+    for name in ("sdexport-repository.json", "results.json", "comparison.json", "loadtest.json"):
+        os.mkfifo(tmp_path / name)
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(10)
+    try:
+        assert not _written_by_sdexport(tmp_path / "image.png")
+        assert "no readable sdexport-repository.json" in not_a_repository(tmp_path)
+        assert "no readable results.json" in not_a_bench_output(tmp_path)
+        assert "no readable comparison.json" in not_a_comparison_output(tmp_path)
+        assert not _load_report_beside(tmp_path, "loadtest.md")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_repository_with_the_marker_a_kill_left_is_still_ours(tmp_path: Path, tiny_engine_dir: Path, capsys):
+    """A kill between a job's rename into place and its marker's removal left ``.sdexport-partial`` in
+    a finished Triton repository, which --force then refused as a file sdexport did not write."""
+    target = tmp_path / "repo"
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", target) == 0
+    (target / MARKER).touch()
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", target, "--force") == 0, capsys.readouterr().err

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sdexport.atomic import read_regular
 from sdexport.bench.report import MIN_REPEATS, STAGES, decibels, json_ready, test_hooks_text
 from sdexport.bench.scenario import CONTENDERS, WORKLOAD_FIELDS, workload_value
 from sdexport.errors import SdexportError
@@ -564,7 +565,7 @@ def not_a_comparison_output(directory: Path) -> str | None:
     from sdexport.output_dir import MARKER as STAGING_MARKER
 
     try:
-        data = json.loads((directory / COMPARISON_FILES[0]).read_text(encoding="utf-8"))
+        data = json.loads(read_regular(directory / COMPARISON_FILES[0]).decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return f"it has no readable {COMPARISON_FILES[0]}"
     if not isinstance(data, dict) or data.get("format") != FORMAT or "rows" not in data:

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sdexport.atomic import atomic_path, write_atomic
+from sdexport.atomic import atomic_path, read_regular, write_atomic
 from sdexport.bench.scenario import SLOW_UNET_HOOK
 from sdexport.manifest import write_json_atomic
 from sdexport.output_dir import MARKER, OutputKind
@@ -457,7 +457,7 @@ def not_a_bench_output(directory: Path) -> str | None:
     from sdexport.manifest import not_an_engine_dir
 
     try:
-        data = json.loads((directory / RESULT_FILES[0]).read_text(encoding="utf-8"))
+        data = json.loads(read_regular(directory / RESULT_FILES[0]).decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return f"it has no readable {RESULT_FILES[0]}"
     if not isinstance(data, dict) or not {"scenario", "results", "environment"} <= set(data):

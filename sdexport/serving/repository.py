@@ -18,8 +18,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdexport.atomic import write_atomic
-from sdexport.output_dir import OutputKind
+from sdexport.atomic import read_regular, write_atomic
+from sdexport.output_dir import MARKER, OutputKind
 from sdexport.serving.protocol import INPUTS, MODEL_NAME, OUTPUTS, TensorSpec
 from sdexport.serving.triton_model import ServeSettings
 
@@ -121,8 +121,8 @@ def write_repository(directory: Path, settings: ServeSettings, max_batch_size: i
 def not_a_repository(path: Path) -> str | None:
     """Why ``path`` is not a repository sdexport wrote (None: it is, so it may be replaced)."""
     try:
-        record = json.loads((path / RECORD).read_text(encoding="utf-8"))
-        listed = set(record["files"]) | {RECORD}
+        record = json.loads(read_regular(path / RECORD).decode("utf-8"))
+        listed = set(record["files"]) | {RECORD, MARKER}  # (the marker: a kill right after the job's rename)
     except (OSError, ValueError, KeyError, TypeError):
         return f"it has no readable {RECORD}"
     needed = {parent.as_posix() for rel in listed for parent in Path(rel).parents}
