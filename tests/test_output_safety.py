@@ -478,3 +478,19 @@ def test_a_repository_with_the_marker_a_kill_left_is_still_ours(tmp_path: Path, 
     assert run_cli("triton-repo", tiny_engine_dir, "-o", target) == 0
     (target / MARKER).touch()
     assert run_cli("triton-repo", tiny_engine_dir, "-o", target, "--force") == 0, capsys.readouterr().err
+
+
+def test_a_repository_whose_config_was_tuned_by_hand_is_not_replaced(tmp_path: Path, tiny_engine_dir: Path, capsys):
+    """--force trusted the names its record listed: a config.pbtxt edited after triton-repo wrote it
+    (instance groups, batching: the user's work) was replaced without a word."""
+    target = tmp_path / "repo"
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", target) == 0
+    config = target / "sdexport" / "config.pbtxt"
+    tuned = config.read_text() + "# two instances on the GPU\n"
+    config.write_text(tuned)
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", target, "--force") == 2
+    assert "its sdexport/config.pbtxt was changed since sdexport wrote it" in capsys.readouterr().err
+    assert config.read_text() == tuned
+    (target / "sdexport" / "1" / "model.py").unlink()  # a file that is gone loses nothing
+    config.write_text(tuned[:-len("# two instances on the GPU\n")])
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", target, "--force") == 0

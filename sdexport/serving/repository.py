@@ -113,18 +113,39 @@ def write_repository(directory: Path, settings: ServeSettings, max_batch_size: i
     }
     for relative, text in files.items():
         write_atomic(directory / relative, text)
-    record = {"format": 1, "model": model_name, "engine_dir": settings.engine_dir, "files": sorted(files)}
+    record = {"format": 1, "model": model_name, "engine_dir": settings.engine_dir, "files": sorted(files),
+              "sha256": {relative: _sha256(text.encode()) for relative, text in files.items()}}
     write_atomic(directory / RECORD, json.dumps(record, indent=2) + "\n")
     return [directory / relative for relative in files]
 
 
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
 def not_a_repository(path: Path) -> str | None:
-    """Why ``path`` is not a repository sdexport wrote (None: it is, so it may be replaced)."""
+    """Why ``path`` is not a repository sdexport wrote (None: it is, so it may be replaced).
+
+    Ours: the files its record lists, each as sdexport wrote it. A ``config.pbtxt`` tuned by hand
+    (instance groups, batching) is the user's work, which a ``--force`` would have lost. Records
+    written before their hashes were kept (no ``sha256``) prove the names alone."""
     try:
         record = json.loads(read_regular(path / RECORD).decode("utf-8"))
         listed = set(record["files"]) | {RECORD, MARKER}  # (the marker: a kill right after the job's rename)
+        written = dict(record.get("sha256") or {})
     except (OSError, ValueError, KeyError, TypeError):
         return f"it has no readable {RECORD}"
+    for rel, digest in sorted(written.items()):
+        try:
+            now = _sha256(read_regular(path / rel))
+        except FileNotFoundError:
+            continue  # nothing there to lose
+        except OSError:
+            return f"its {rel} is not the file sdexport wrote"
+        if now != digest:
+            return f"its {rel} was changed since sdexport wrote it (edited by hand?)"
     needed = {parent.as_posix() for rel in listed for parent in Path(rel).parents}
     extra = sorted(rel for rel, p in ((p.relative_to(path).as_posix(), p) for p in path.rglob("*"))
                    if not (rel in listed or (rel in needed and p.is_dir() and not p.is_symlink())
