@@ -977,20 +977,21 @@ def _check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
 
 
 def _check_emphasis(request: GenerationRequest) -> None:
-    """A mode of ``runtime.emphasis``; weighed, texts whose weights A1111 cannot read either, or
-    that the engines cannot take (beyond float32's range, as every scale)."""
+    """A mode of ``runtime.emphasis``; texts longer than ``MAX_TEXT`` (tokenizing a served 30 MB prompt
+    held the server's one instance for ten minutes); weighed, texts whose weights A1111 cannot read
+    either, or that the engines cannot take (beyond float32's range, as every scale)."""
     from sdexport.runtime.emphasis import MAX_TEXT, EmphasisError, check_mode, parse
 
     check_mode(request.emphasis, setting("emphasis"))
-    if request.emphasis == "none":
-        return
     for name in request.texts_read():  # (negatives that no call reads are left as they are)
         texts = getattr(request, name)
         for i, text in enumerate(texts):
             label = setting(name) + (f" {i + 1}" if len(texts) > 1 else "")
             if len(text) > MAX_TEXT:
-                raise SdexportError(f"{label}: {len(text):,} characters; read with {setting('emphasis')} a text "
-                                    f"has at most {MAX_TEXT:,} (the engines read a few chunks of 75 tokens)")
+                raise SdexportError(f"{label}: {len(text):,} characters; a text has at most {MAX_TEXT:,} (the "
+                                    "engines read a few chunks of 75 tokens)")
+            if request.emphasis == "none":
+                continue
             try:
                 weights = [weight for _, weight in parse(text)]
             except EmphasisError as error:
