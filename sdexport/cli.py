@@ -1222,8 +1222,15 @@ def serve(
             print_result(f"http://{host}:{http_port}/v2/models/sdexport")
 
         console.print(f"starting Triton and loading {escape(str(engine_dir))}{refined} ({backend})…")
-        run_server(repository, ports, startup_timeout_s=startup_timeout, drain_timeout_s=drain_timeout,
-                   log_file=log, on_ready=ready)
+        try:
+            run_server(repository, ports, startup_timeout_s=startup_timeout, drain_timeout_s=drain_timeout,
+                       log_file=log, on_ready=ready)
+        except SdexportError as exc:  # the log says more: named, and kept where the temporary folder goes
+            if log is None or not log.is_file():
+                raise
+            if log_file is None:
+                log = Path(shutil.move(log, work.with_name(f"{work.name}-triton.log")))
+            raise SdexportError(f"{exc}; Triton's log: {log}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

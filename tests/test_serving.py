@@ -65,6 +65,14 @@ def _inputs(prompts: list[str], **params: object) -> dict[str, np.ndarray]:
 # -- the tensors, the config, the rows ---------------------------------------------------------
 
 
+def _png(height: int, width: int) -> bytes:
+    from pictures import box_mask
+
+    buffer = io.BytesIO()
+    box_mask(height, width).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_config_pbtxt_is_a_valid_triton_model_config():
     """Parsed with Triton's own schema (tritonclient ships model_config.proto), every tensor as declared."""
     from google.protobuf import text_format
@@ -103,6 +111,7 @@ def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
     ({"colour": 1.0}, "unknown inputs colour"),
     ({"prompt": np.array([[b"  "]], dtype=object)}, "prompt: empty"),
     ({"guess_mode": np.array([[0.5]], dtype=np.float32)}, "guess_mode 0.5: expected true or false"),
+    ({"mask": _png(64, 64)}, "^mask needs init_image: inpainting repaints part of a given image"),  # not its size first
 ])
 def test_malformed_rows_are_refused_in_one_line(params, message):
     from sdexport.serving.requests import decode_rows
@@ -389,6 +398,9 @@ def test_a_servers_refusals_name_the_lever_its_operator_has():
     assert ServeSettings.from_parameters(written.to_parameters()).option("max_steps") == "config.pbtxt parameter max_steps"
     with pytest.raises(SdexportError, match="is not a valid value"):
         ServeSettings.from_parameters({"engine_dir": "/e", "set_by": "triton-repo"})
+    for steps in ("0", "-3"):  # every request would be refused: refused as the server loads
+        with pytest.raises(SdexportError, match=f"max_steps '{steps}' is not a valid value"):
+            ServeSettings.from_parameters({"engine_dir": "/e", "max_steps": steps})
 
 
 @pytest.mark.parametrize(("shapes", "message"), [
@@ -1292,6 +1304,24 @@ def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path,
     assert "unet/model.onnx" in capsys.readouterr().err and not (tmp_path / "repo 3").exists()
 
 
+def test_a_directory_whose_name_is_not_utf8_is_served_through_its_link_and_named_escaped(tmp_path):
+    """The name went into config.pbtxt as it was (a surrogate for the byte): `serve` crashed writing
+    it, with a traceback, where the link alone would have served."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from sdexport.serving.names import ascii_links
+    from sdexport.serving.repository import Batching, config_pbtxt
+    from sdexport.serving.triton_model import ServeSettings
+
+    named = os.fsdecode(os.fsencode(str(tmp_path)) + b"/eng\xff")
+    settings = ascii_links(ServeSettings(named), tmp_path / "links")
+    assert settings.engine_dir == str(tmp_path / "links" / "engines")
+    assert settings.engine_name == f"{tmp_path}/eng\\xff"
+    config = text_format.Parse(config_pbtxt(settings, 1, Batching()), model_config_pb2.ModelConfig())
+    assert config.parameters["engine_name"].string_value == settings.engine_name
+
+
 def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_engine_dir, tmp_path, capsys):
     named = shutil.copytree(tiny_engine_dir, tmp_path / "modèles")
     assert run_cli("triton-repo", named, "-o", tmp_path / "r1") == 2
@@ -1402,6 +1432,28 @@ def test_serve_makes_the_folder_of_its_log_file(tiny_engine_dir, tmp_path, monke
     assert run_cli("serve", tiny_engine_dir, "--backend", BACKEND, "--address", "127.0.0.1", "--http-port", ports[0],
                    "--grpc-port", ports[1], "--metrics-port", ports[2], "--log-file", log) == 0
     assert seen == [True] and f"Triton's log: {log}" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_server_that_failed_names_its_log_and_keeps_it(tiny_engine_dir, tmp_path, monkeypatch, capsys):
+    """The error said "its log says which" of a log in the temporary folder it had just removed (a
+    --drain-timeout that ran out): the log is now kept beside that folder, and named."""
+    from sdexport.serving import server as serving
+
+    def failed(repository, ports, *, log_file, on_ready, **settings):
+        on_ready()
+        log_file.write_text("E1206 Timeout 2: Found 1 live models and 1 in-flight non-inference requests\n")
+        raise SdexportError("Triton exited with status 1, so requests still in flight when it stopped were dropped")
+
+    monkeypatch.setattr(serving, "run_server", failed)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    ports = [str(p) for p in _free_ports(3)]
+    assert run_cli("serve", tiny_engine_dir, "--backend", BACKEND, "--address", "127.0.0.1", "--http-port", ports[0],
+                   "--grpc-port", ports[1], "--metrics-port", ports[2]) == 2
+    said = " ".join(capsys.readouterr().err.split())
+    [kept] = tmp_path.glob("sdexport-serve-*-triton.log")
+    assert f"were dropped; Triton's log: {kept}" in said and "Found 1 live models" in kept.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == [kept.name]  # the temporary folder itself is gone
 
 
 def test_a_host_name_is_given_to_triton_as_its_ipv4_address():

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 def ascii_links(settings: ServeSettings, folder: Path) -> ServeSettings:
     """``settings`` with an engine (or refiner) directory whose path is not ASCII served through a
     link to it in ``folder`` (the server's temporary folder, removed with it), and named as given in
-    the log and the images' records."""
+    the log and the images' records (bytes that are not UTF-8 written as ``\\xff``: the name goes in
+    config.pbtxt, which is UTF-8 text)."""
     for field, name_field, link in (("engine_dir", "engine_name", "engines"), ("refiner", "refiner_name", "refiner")):
         path = getattr(settings, field)
         if path and not path.isascii():
@@ -31,7 +32,8 @@ def ascii_links(settings: ServeSettings, folder: Path) -> ServeSettings:
                                     f"folder {folder} is not one either: set TMPDIR to an ASCII path")
             folder.mkdir(parents=True, exist_ok=True)
             (folder / link).symlink_to(path, target_is_directory=True)
-            settings = replace(settings, **{field: str(folder / link), name_field: path})
+            shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            settings = replace(settings, **{field: str(folder / link), name_field: shown})
     return settings
 
 

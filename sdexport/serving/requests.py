@@ -247,6 +247,8 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         fit = text["fit"] or DEFAULTS["fit"]
         image = one("init_image")
         mask = one("mask")
+        if mask is not None and image is None:  # (before the mask is fitted to a size it would be refused for)
+            raise SdexportError("mask needs init_image: inpainting repaints part of a given image")
         control_bytes = [bytes(b) for b in many("control_image") or []]
         adapter_bytes = [bytes(b) for b in many("adapter_image") or []]
         if limits is not None:

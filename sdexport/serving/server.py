@@ -249,7 +249,7 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
             raise SdexportError(
                 f"Triton exited with status {status}, so requests still in flight when it stopped were "
                 f"dropped, their clients given no image: the --drain-timeout of {drain_timeout_s} s ran out before "
-                "they finished, or the server failed (its log says which)")
+                "they finished, or the server failed (Triton's log says which)")
 
 
 #: How often the start-up watch looks at the server process (seconds); tests shorten it.

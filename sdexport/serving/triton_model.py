@@ -110,7 +110,8 @@ class ServeSettings:
         try:
             return cls(engine_dir=parameters["engine_dir"], backend=parameters.get("backend", cls.backend),
                        cuda_graph=flag[parameters.get("cuda_graph", "false")], graphs=parameters.get("graphs", "auto"),
-                       max_steps=int(parameters.get("max_steps", MAX_STEPS)), verify=flag[parameters.get("verify", "true")],
+                       max_steps=_at_least_one(parameters.get("max_steps", str(MAX_STEPS)), "max_steps"),
+                       verify=flag[parameters.get("verify", "true")],
                        refiner=parameters.get("refiner", ""),
                        denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)),
                        engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""),
@@ -187,6 +188,14 @@ def taken_by_all(served: ShapeProfile, parts: list[tuple[str, ShapeProfile]],
 def loaded_profiles(pipelines: list[Any]) -> list[tuple[str, ShapeProfile]]:
     """(name, profile) of every engine of ``pipelines``, as ``taken_by_all`` reads them."""
     return [(name, engine.profile) for pipeline in pipelines for name, engine in pipeline.engines.items()]
+
+
+def _at_least_one(text: str, name: str) -> int:
+    """config.pbtxt's whole number ``name`` (``max_steps``), 1 or more: 0 would refuse every request
+    (a ValueError otherwise, as ``--max-steps`` refuses it)."""
+    if int(text) < 1:
+        raise ValueError(f"{name} {text!r}")
+    return int(text)
 
 
 def _emphasis(mode: str) -> str:
