@@ -449,6 +449,29 @@ def test_image_files_are_read_as_shown_and_refused_in_one_line(engine_dirs, tmp_
     assert "too large to read safely" in err and len(err.splitlines()) == 1
 
 
+def test_an_eps_file_is_never_handed_to_ghostscript(monkeypatch):
+    """Pillow opens EPS through Ghostscript, a program a served request's bytes must not reach; the
+    formats read are a list of image formats (``IMAGE_FORMATS``), each opened as before."""
+    import io
+
+    from PIL import EpsImagePlugin
+
+    from sdexport.errors import SdexportError
+    from sdexport.runtime.image_inputs import IMAGE_FORMATS, decode_image
+
+    ran = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *args, **kwargs: ran.append(args))
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", "gs")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n"
+    with pytest.raises(SdexportError, match=r"^init_image: not a readable image \(not PNG, JPEG, WebP or another"):
+        decode_image(eps, "init_image")
+    assert ran == []
+    for name in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF"):
+        data = io.BytesIO()
+        picture(8, 8, 0).save(data, format=name)
+        assert name in IMAGE_FORMATS and decode_image(data.getvalue(), "init_image").size == (8, 8)
+
+
 def test_the_output_may_not_be_the_init_image(engine_dirs, tmp_path, capsys):
     first = tmp_path / "first.png"
     assert run_cli("run", engine_dirs["tiny"], "-p", "x", "--steps", "2", "--height", "64", "--width", "64",

@@ -71,6 +71,13 @@ def _decode(source: Any, what: str, mode: str | None) -> Any:
         return upright if mode is None else upright.convert(mode)
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "PSD", "QOI",
+                 "JPEG2000")
+"""The formats an input image is read in (Pillow's names; a camera's MPO opens as JPEG). Not every
+format Pillow reads: an EPS file is handed to Ghostscript, a program a served request's bytes
+must never reach, and the scientific and legacy ones are no one's input images."""
+
+
 @contextlib.contextmanager
 def _opened(source: Any, what: str) -> Iterator[Any]:
     """The image Pillow opens at ``source`` (its header read, its pixels not yet), what fails while
@@ -78,12 +85,13 @@ def _opened(source: Any, what: str) -> Iterator[Any]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
             yield image
     except Image.DecompressionBombError as exc:
         raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None
     except UnidentifiedImageError:
-        raise SdexportError(f"{what}: not a readable image (not PNG, JPEG or another format Pillow reads)") from None
+        raise SdexportError(f"{what}: not a readable image (not PNG, JPEG, WebP or another format sdexport reads: "
+                            f"{', '.join(IMAGE_FORMATS[3:])})") from None
     except (OSError, ValueError) as exc:
         raise SdexportError(f"{what}: not a readable image ({one_line(exc)})") from None
 
