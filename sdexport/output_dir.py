@@ -522,6 +522,25 @@ STAGED_FOLDERS = ("onnxruntime-cuda",)
 """Folders ``sdexport build`` stages beside their final place (``build.onnxruntime_build.TARGET``)."""
 
 
+def remove_interrupted_writes(directory: Path, listed: set[str]) -> None:
+    """Remove what writes killed mid-way left in ``directory``, the leftovers ``unlisted_files`` counts
+    as sdexport's: ``atomic_path``'s temporary files of listed files (a TensorRT plan's: gigabytes)
+    and builds' staging folders (``STAGED_FOLDERS``). For a build, which holds the directory's lock
+    (``updating``): no live sdexport process writes there meanwhile."""
+    for folder in sorted({Path(rel).parent for rel in listed}):
+        here = directory / folder
+        if here.is_symlink() or not here.is_dir():
+            continue
+        for entry in sorted(here.iterdir()):
+            temp = TEMP_NAME.match(entry.name)
+            if temp is None or entry.is_symlink():
+                continue
+            if entry.is_file() and (folder / temp.group("name")).as_posix() in listed:
+                entry.unlink()
+            elif entry.is_dir() and temp.group("name") in STAGED_FOLDERS and len(folder.parts) == 1:
+                _discard(entry)
+
+
 def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
     """What under ``directory`` is not in ``listed``: files, links, and folders holding no listed file.
 

@@ -181,6 +181,21 @@ def test_fp16_export_builds_strongly_typed_on_both_majors(trt, tiny_fp16_engine_
         assert result.path.read_bytes().startswith(b"plan for ")
 
 
+def test_a_plan_half_written_by_a_killed_build_is_removed_by_the_next(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
+    """A build killed while it wrote a plan left ``.NAME.plan.PID.tmp`` (gigabytes on SD) for good: the
+    next build, holding the directory's lock, removes it; a look-alike of the user's stays."""
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    (built,) = tensorrt_build.build_engines(directory, components=["text_encoder"])
+    half = built.path.with_name(f".{built.path.name}.4242.tmp")
+    half.write_bytes(b"half a plan")
+    mine = built.path.with_name(f".{built.path.name}.mine.tmp")
+    mine.write_bytes(b"the user's")
+    (again,) = tensorrt_build.build_engines(directory, components=["text_encoder"])
+    assert again.status == "cached" and not half.exists() and mine.read_bytes() == b"the user's"
+
+
 def test_every_graph_is_hashed_before_the_first_plan_is_built(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
     from sdexport.errors import EngineDirError
 

@@ -30,14 +30,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from sdexport.atomic import TEMP_NAME
 from sdexport.build import keep_built
 from sdexport.build.cache_key import onnx_files, onnx_sha256
 from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.graph_io import check_io, onnxruntime_tensors
-from sdexport.manifest import Manifest, check_files, check_graph, load_manifest, save_manifest, sha256_file
+from sdexport.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    check_files,
+    check_graph,
+    load_manifest,
+    save_manifest,
+    sha256_file,
+)
+from sdexport.output_dir import remove_interrupted_writes
 from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
@@ -533,11 +541,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     if not on_cuda:
         console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "
                       "CPU variant (the same fusions minus the CUDA-only ones) against the fp32 reference")
-    for name in manifest.components:  # staging folders of an interrupted build (this one holds the lock)
-        for leftover in (engine_dir / name).glob(f".{TARGET}.*.tmp"):
-            temp = TEMP_NAME.match(leftover.name)  # .onnxruntime-cuda.PID.tmp: what unlisted_files counts as ours
-            if temp and temp.group("name") == TARGET:
-                _discard(leftover)
+    remove_interrupted_writes(engine_dir, {*manifest.files, MANIFEST_NAME})  # (this build holds the lock)
     wanted = {spec.name: {"source_sha256": onnx_sha256(manifest.files, manifest.components[spec.name].onnx),
                           "dtype": "fp32" if spec.always_fp32 or not fp16 else "fp16", "onnxruntime": ort.__version__}
               for spec in specs}
