@@ -914,3 +914,25 @@ def test_a_plan_tensorrt_cannot_load_is_one_line_with_its_own_reason(trt, tmp_pa
         tensorrt_backend.deserialize_plan(empty)  # (the last error does not linger)
     tensorrt_backend._Logs.logger.log(trt.ILogger.Severity.WARNING, "Using an engine plan file across devices")
     assert "TensorRT: Using an engine plan file across devices" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_timing_cache_in_a_read_only_folder_is_read_and_the_build_goes_on(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                            monkeypatch, capsys):
+    """The default cache lies in the user cache, which may be a read-only mount: the build failed on
+    the temporary file beside it. It reads the cache, says it cannot update it, and builds."""
+    from sdexport import output_dir
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    cache = tmp_path / "mounted" / "timing.cache"
+    tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache)
+    before = cache.read_bytes()
+    real = output_dir.unwritable
+    monkeypatch.setattr(output_dir, "unwritable",  # (tests run as root, which any folder lets write)
+                        lambda folder: "Read-only file system" if folder == cache.parent else real(folder))
+    (result,) = tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache, force=True)
+    assert result.status == "built" and recorder.builds[-1]["load_timing_cache"].name == str(cache)
+    assert cache.read_bytes() == before and sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]
+    assert (f"--timing-cache {cache} cannot be replaced (Read-only file system): read, not updated"
+            in " ".join(capsys.readouterr().err.split()))

@@ -28,7 +28,13 @@ from sdexport.atomic import atomic_path
 from sdexport.build import keep_built
 from sdexport.build.cache_key import FLAG_LABELS, EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
-from sdexport.build.timing_cache import check_timing_cache, is_ours, timing_cache_files, timing_folder
+from sdexport.build.timing_cache import (
+    cannot_replace,
+    check_timing_cache,
+    is_ours,
+    timing_cache_files,
+    timing_folder,
+)
 from sdexport.build.vae_upcast import specs_to_build
 from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
@@ -257,6 +263,10 @@ def build_engines(
     if timing_cache is not None and not replace_cache:
         console.print(f"[yellow]note:[/] --timing-cache {timing_cache} was not written by sdexport: read, not replaced "
                       "(sdexport replaces only files it wrote); to keep the updated cache, name a new file")
+    cannot = cannot_replace(timing_cache) if timing_cache is not None and replace_cache else None
+    if cannot is not None:  # (a read-only cache folder: read, as hash records are, rather than fail the build)
+        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} cannot be replaced ({cannot}): read, not updated")
+        replace_cache = False
     from sdexport.export.plan import ENGINE_DIR
     from sdexport.output_dir import updating
 

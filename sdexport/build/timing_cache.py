@@ -66,6 +66,16 @@ def is_ours(timing_cache: Path) -> bool:
     return recorded is not None and recorded == sha256_file(path)
 
 
+def cannot_replace(timing_cache: Path) -> str | None:
+    """Why the updated cache could not be written where ``timing_cache`` is (None: it can), asked
+    before the build: its folder read-only (a shared or mounted user cache), or not creatable."""
+    from sdexport.atomic import existing_ancestor
+    from sdexport.output_dir import unwritable
+
+    folder = existing_ancestor(timing_cache.resolve().parent)
+    return unwritable(folder) if folder.is_dir() else f"{folder} is a file"
+
+
 def _written() -> dict[str, str]:
     folder = timing_folder()
     try:
