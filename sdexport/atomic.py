@@ -58,7 +58,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     The name ends in ``.tmp``, so writers that pick a format from the suffix must be told the format.
     It is created with the process's normal permissions (unlike ``mkstemp``'s owner-only mode), so
-    the finished file is readable like any other the user writes.
+    the finished file is readable like any other the user writes. A write that fails for want of
+    space (or past ``ulimit -f``) raises an OSError naming no file: it is raised again naming ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -66,6 +67,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp
         stopping.check()  # a stop whose KeyboardInterrupt was dropped: the new file does not go in place
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

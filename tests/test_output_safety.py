@@ -494,3 +494,18 @@ def test_a_repository_whose_config_was_tuned_by_hand_is_not_replaced(tmp_path: P
     (target / "sdexport" / "1" / "model.py").unlink()  # a file that is gone loses nothing
     config.write_text(tuned[:-len("# two instances on the GPU\n")])
     assert run_cli("triton-repo", tiny_engine_dir, "-o", target, "--force") == 0
+
+
+def test_a_write_that_runs_out_of_space_names_the_file(tmp_path: Path):
+    """write() past the disk's end or ``ulimit -f`` raises an OSError naming no file: "error: No space
+    left on device" alone did not say which output it was."""
+    import errno
+
+    from sdexport.atomic import atomic_path
+
+    target = tmp_path / "results.png"
+    with pytest.raises(OSError) as raised, atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(target))
+    assert list(tmp_path.iterdir()) == []
