@@ -1183,3 +1183,23 @@ def test_the_shield_takes_a_stop_python_dropped_before_it_engaged():
             shield.engage()
             assert isinstance(shield.pending, Terminated)
         stopping.check()  # taken by the shield: not raised again
+
+
+def test_a_chart_that_cannot_be_drawn_leaves_the_measurements_in_place(tiny_engines, tmp_path, monkeypatch, capsys):
+    """Under a file-size limit the chart failed after every case was measured, and the whole report
+    went with the staging folder: the JSON and the table are written, the chart is said to be missing."""
+    import errno
+
+    from sdexport.bench import report as reports
+
+    def failing(report, path):
+        raise OSError(errno.EFBIG, "File too large", str(path))
+
+    monkeypatch.setattr(reports, "plot", failing)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"diffusers", "onnxruntime-cpu"'))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 0
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
+    assert "results.png not drawn (" in " ".join(captured.err.split()) and "results.png" not in captured.out

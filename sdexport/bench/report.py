@@ -497,9 +497,20 @@ def decibels(value: Any) -> Any:
 
 
 def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
+    """The report's files; the chart where it can be drawn. A chart that fails (a file-size limit,
+    a broken font cache) would otherwise discard, with the staging folder, the measurements of a
+    whole benchmark, which the JSON and the table hold: said, and left out."""
+    from sdexport.console import console
+    from sdexport.errors import one_line
+
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / name for name in RESULT_FILES]
     write_json_atomic(paths[0], json_ready(json.loads(json.dumps(report, default=str))))
     write_atomic(paths[1], markdown(report))
-    plot(report, paths[2])
+    try:
+        plot(report, paths[2])
+    except Exception as exc:  # matplotlib's errors are of many kinds; the figures are written already
+        console.print(f"[yellow]note:[/] {RESULT_FILES[2]} not drawn ({one_line(exc, 200)}): the results are in "
+                      f"{RESULT_FILES[0]} and {RESULT_FILES[1]}")
+        return paths[:2]
     return paths
