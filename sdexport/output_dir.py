@@ -289,6 +289,9 @@ def require_creatable(parent: Path, label: str, *, nothing: str = "nothing can b
     """Refuse (``label: ...``) when nothing can be created at ``parent``: its nearest existing
     ancestor is a file, or cannot be written (``unwritable``). Parents that do not exist yet are fine."""
     ancestor = existing_ancestor(parent)
+    if ancestor.is_symlink() and not ancestor.exists():  # (a loop, or a link to what is not there)
+        raise SdexportError(f"{label}: {ancestor} is a link that leads nowhere (a loop, or to a path that does "
+                            f"not exist), so {nothing} inside it")
     if not ancestor.is_dir():
         raise SdexportError(f"{label}: {ancestor} is a file, so {nothing} inside it")
     problem = unwritable(ancestor)

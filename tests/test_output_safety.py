@@ -112,13 +112,16 @@ def test_a_symlink_as_output_is_refused_deliberately(engine_copy: Path, tmp_path
     ("file", "is a file"),
     ("inside a file", "is a file, so nothing can be created inside it"),
     ("read-only", "cannot write in"),
+    ("inside a link loop", "loop is a link that leads nowhere (a loop, or to a path that does not exist), so nothing"),
 ])
 def test_unwritable_outputs_are_refused_before_loading(tmp_path: Path, monkeypatch, case, message, capsys):
     from sdexport import output_dir
 
     blocker = tmp_path / "blocker"
     blocker.write_text("user data")
-    target = {"file": blocker, "inside a file": blocker / "engines" / "tiny"}.get(case, tmp_path / "ro" / "tiny")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")  # (it was "a file")
+    target = {"file": blocker, "inside a file": blocker / "engines" / "tiny",
+              "inside a link loop": tmp_path / "loop" / "tiny"}.get(case, tmp_path / "ro" / "tiny")
     if case == "read-only":  # root ignores permission bits, so stand in for a read-only mount
         real = os.access
         monkeypatch.setattr(output_dir.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
