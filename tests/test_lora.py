@@ -615,3 +615,14 @@ def test_a_linear_update_fits_a_1x1_convolution_and_back(tmp_path, stored):
     fuse_into(base.modules, [LoraFile(path, 0.5)], base.family)
     expected = before + 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(before.shape)
     assert torch.allclose(layer.weight, expected, atol=1e-5)
+
+
+def test_peft_patterns_match_a_whole_trailing_module_name():
+    """PEFT's rank_pattern/alpha_pattern keys match the end of a module's name, whole: a key naming a
+    block does not reach the layers inside it."""
+    from sdexport.models.lora import _pattern
+
+    assert _pattern("down_blocks.0.attentions.0.proj_in", {"down_blocks.0": 99}, 4) == 4
+    assert _pattern("down_blocks.0.attentions.0.to_q", {"to_q": 8}, 4) == 8
+    assert _pattern("down_blocks.0.attentions.0.to_q", {"attentions.0.to_q": 8}, 4) == 8
+    assert _pattern("down_blocks.0.attentions.0.xto_q", {"to_q": 8}, 4) == 4

@@ -346,6 +346,23 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Pat
     assert (mine / "notes.txt").read_text() == "mine"
 
 
+def test_fp32_builds_an_fp32_fused_graph_and_says_why_it_rebuilt(built_dir: Path, tmp_path: Path):
+    """``build --fp32`` on an fp16 export: the fused graph stays fp32 (no build tested fp16=False)."""
+    import onnx
+
+    from sdexport.build.onnxruntime_build import build_onnxruntime
+    from sdexport.manifest import load_manifest
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    (result,) = build_onnxruntime(copy, components=["text_encoder"], fp16=False)
+    assert result.status == "built" and "dtype fp16 != fp32" in result.reasons
+    record = load_manifest(copy).components["text_encoder"].optimized["onnxruntime-cuda"]
+    assert record["dtype"] == "fp32"
+    graph = onnx.load(str(copy / record["onnx"]))
+    assert not [t.name for t in graph.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+
+
 def test_the_scratch_folder_is_inside_the_staging_folder(built_dir: Path, tmp_path: Path, monkeypatch):
     """The fp32 reference (a whole U-Net) is written in a scratch folder: in /tmp, a build killed
     there left it for good; in the staging folder, the next build removes it with the rest."""

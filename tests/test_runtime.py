@@ -431,3 +431,11 @@ def test_a_request_without_a_size_takes_its_images_or_the_profiles_opt(tiny_engi
     maps = [Image.new("RGB", (128, 128)), Image.new("RGB", (192, 256))]
     parts = GenerationRequest(prompt=["a", "b"], seeds=[0, 1], control_image=[maps]).split(1)
     assert [(p.height, p.width) for p in parts] == [(128, 128)] * 2
+
+
+def test_pixels_are_rounded_to_eight_bits_as_diffusers_rounds_them():
+    """diffusers' numpy_to_pil rounds; truncating instead darkens every pixel by half a level on average."""
+    from sdexport.runtime.txt2img import to_pil
+
+    [image] = to_pil(np.array([[[[0.999, 0.5, 0.0021]]]], dtype=np.float32))
+    assert image.getpixel((0, 0)) == (255, 128, 1)

@@ -610,6 +610,10 @@ REQUESTS = {
                                   prompt_2=["oil painting", "photo"], steps=4, scheduler="dpmpp_2m",
                                   seeds=[3, 4], height=64, width=64, original_size=(512, 256),
                                   crops_coords_top_left=(16, 32), target_size=(64, 64)),
+    # The second encoder's own negatives (read as the first's where not given: a mutant went unseen).
+    "negative_prompt_2": GenerationRequest(prompt=["a cat", "a dog"], negative_prompt=["blurry", "ugly hands"],
+                                           negative_prompt_2=["watercolor", ""], steps=3, scheduler="euler",
+                                           seeds=[5, 6], height=64, width=64),
 }
 
 

@@ -48,12 +48,33 @@ def test_request_outside_profile_says_what_is_allowed():
         profile.check_request(1, 2048, 512, DIMS)
     with pytest.raises(ProfileError, match="multiple of 64"):
         profile.check_request(1, 520, 512, DIMS)
+    with pytest.raises(ProfileError, match="width 520 must be a multiple of 64"):
+        profile.check_request(1, 512, 520, DIMS)
     profile.check_request(4, 1024, 256, DIMS)
+
+
+def test_the_limits_hold_at_their_bounds_exactly():
+    """32 prompt chunks and 2^31 - 1 VAE values are taken; one more of either is refused."""
+    from sdexport.shapes import MAX_PROMPT_CHUNKS, MAX_TENSOR_ELEMENTS
+
+    ShapeProfile(chunks=(1, 1, MAX_PROMPT_CHUNKS)).check_limits(128)
+    with pytest.raises(ProfileError, match="at most 32 chunks"):
+        ShapeProfile(chunks=(1, 1, MAX_PROMPT_CHUNKS + 1)).check_limits(128)
+    assert MAX_TENSOR_ELEMENTS == 2**31 - 1  # (one channel, one row: the count is the width)
+    ShapeProfile(batch=(1, 1, 1), height=(64, 64, 1), width=(64, 64, MAX_TENSOR_ELEMENTS)).check_limits(1)
+    with pytest.raises(ProfileError, match="beyond the 2\\^31 elements"):
+        ShapeProfile(batch=(1, 1, 1), height=(64, 64, 1), width=(64, 64, MAX_TENSOR_ELEMENTS + 1)).check_limits(1)
 
 
 def test_verification_points_include_an_uneven_mix():
     labels = [p[0] for p in ShapeProfile().points()]
     assert labels == ["min", "opt", "max", "odd"]
+    from sdexport.export.verify import verification_points
+
+    points = dict(verification_points(UNET, ShapeProfile(batch=(1, 1, 3), height=(256, 512, 768),
+                                                         width=(256, 512, 768)), DIMS, "full"))
+    odd = points["odd"]  # the largest batch (doubled for guidance) at the least height and the largest width
+    assert odd is not None and (odd["B"], odd["h"], odd["w"]) == (6, 32, 96)
 
 
 def test_with_ranges_replaces_only_the_given_axes():

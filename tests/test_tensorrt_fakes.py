@@ -936,3 +936,21 @@ def test_a_timing_cache_in_a_read_only_folder_is_read_and_the_build_goes_on(trt,
     assert cache.read_bytes() == before and sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]
     assert (f"--timing-cache {cache} cannot be replaced (Read-only file system): read, not updated"
             in " ".join(capsys.readouterr().err.split()))
+
+
+def test_a_profile_of_one_shape_is_keyed_static_as_static_builds_are(tiny_engine_dir, tmp_path, monkeypatch):
+    """``--profile`` collapsed to one point builds what ``--static`` builds: the key says static either
+    way, so the second is reused (and ``inspect`` labels it static shapes), not rebuilt."""
+    from sdexport.build.profiles import static_profile
+    from sdexport.manifest import load_manifest
+
+    trt = fake_tensorrt.make_tensorrt("10.13.3.9")
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_engine_dir, tmp_path)
+    one_point = static_profile(load_manifest(directory).shape_profile)
+    (first,) = tensorrt_build.build_engines(directory, components=["unet"], profile=one_point)
+    assert first.status == "built" and first.key.static
+    (again,) = tensorrt_build.build_engines(directory, components=["unet"], static=True)
+    assert again.status == "cached" and len(recorder.builds) == 1
