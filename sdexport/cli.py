@@ -129,7 +129,7 @@ def export(
     components: Annotated[str | None, typer.Option(help="Comma-separated subset, e.g. unet,vae_decoder.")] = None,
     verify: Annotated[str, typer.Option(help="full (min, opt, max, odd), quick (min only) or none.")] = "full",
     seed: Annotated[int, typer.Option(help="Seed of a preset's random weights.")] = 0,
-    vae: Annotated[str | None, typer.Option(help="Replace the model's VAE: an AutoencoderKL directory (e.g. an fp16-safe VAE) or a pipeline directory with vae/.")] = None,
+    vae: Annotated[str | None, typer.Option(help="Replace the model's VAE: an AutoencoderKL directory (e.g. an fp16-safe VAE), a pipeline directory with vae/, or a VAE file in the original layout (.safetensors/.ckpt, e.g. vae-ft-mse-840000-ema-pruned), read with the model's own VAE config.")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing output directory.")] = False,
     lora: Annotated[list[str] | None, typer.Option("--lora", help="FILE[:SCALE]: fuse a LoRA (.safetensors; diffusers/PEFT or kohya/A1111 layout) into the weights first; repeatable, applied in order.")] = None,
     controlnet: Annotated[list[str] | None, typer.Option("--controlnet", help="A diffusers ControlNetModel or ControlNetUnionModel directory (or preset: tiny-controlnet, sd15-controlnet, tiny-union, sdxl-union) exported beside the model; repeatable for several (run then takes one --control-image each, in this order, and --control-mode for union ones).")] = None,

@@ -396,8 +396,9 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("vae-config-only", "no weight file (diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin)"),
         ("vae-variant-only", "a variant, which sdexport does not read: rename it to diffusion_pytorch_model.safetensors"),
         ("vae-truncated", "diffusion_pytorch_model.safetensors: not a readable safetensors file"),
-        ("vae-missing", "--vae {tmp}/nowhere: no such directory"),
-        ("vae-a-file", "a file; name the AutoencoderKL's directory"),
+        ("vae-missing", "--vae {tmp}/nowhere: no such file or directory"),
+        ("vae-a-file", "--vae {tmp}/vae.safetensors: not a readable safetensors file"),
+        ("vae-another-file", "--vae {tmp}/vae.pt: a file, not a .safetensors/.ckpt VAE file; name one, or an AutoencoderKL"),
     ],
 )
 def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: Path, capsys, monkeypatch):
@@ -450,12 +451,13 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
                            "vae-config-only": (PRESETS["tiny"].vae, None),
                            "vae-variant-only": (PRESETS["tiny"].vae, "diffusion_pytorch_model.fp16.safetensors"),
                            "vae-truncated": (PRESETS["tiny"].vae, "diffusion_pytorch_model.safetensors"),
-                           "vae-missing": (None, None), "vae-a-file": (None, None)}[case]
+                           "vae-missing": (None, None), "vae-a-file": (None, None), "vae-another-file": (None, None)}[case]
         if case == "vae-missing":
             extra = ["--vae", str(tmp_path / "nowhere")]
-        elif case == "vae-a-file":
-            (tmp_path / "vae.safetensors").write_bytes(b"x")
-            extra = ["--vae", str(tmp_path / "vae.safetensors")]
+        elif case in ("vae-a-file", "vae-another-file"):
+            name = "vae.safetensors" if case == "vae-a-file" else "vae.pt"
+            (tmp_path / name).write_bytes(b"x")
+            extra = ["--vae", str(tmp_path / name)]
         else:
             extra = ["--vae", str(_vae_dir(tmp_path / "vae", config, weights))]
     else:

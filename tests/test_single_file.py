@@ -323,7 +323,7 @@ def test_a_checkpoint_without_vae_weights_is_refused_by_name(tiny_checkpoint, re
     _, path = tiny_checkpoint
     save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith("first_stage_model.")}, str(path))
     with pytest.raises(ModelLoadError, match=r"no VAE weights \(first_stage_model\.\* or vae\.\*\) in the checkpoint; "
-                                             r"give --vae DIR"):
+                                             r"give --vae FILE \(a VAE file, .safetensors or .ckpt\) or --vae DIR"):
         load_model(str(path), config="tiny", lazy=True)
     assert reads == []
 
@@ -342,6 +342,63 @@ def test_a_checkpoint_without_vae_weights_exports_with_another_vae(tiny_checkpoi
     assert run_cli("export", path, "--config", "tiny", "--vae", tiny_diffusers_dir / "vae", "-o", out,
                    "--verify", "none") == 0, capsys.readouterr().err
     assert (out / "vae_decoder" / "model.onnx").is_file()
+
+
+def _vae_alone(checkpoint: Path, suffix: str, tmp_path: Path) -> Path:
+    """The checkpoint's VAE as a file of its own, as vae-ft-mse-840000-ema-pruned ships: no prefix."""
+    from safetensors.torch import load_file, save_file
+
+    vae = {k.removeprefix("first_stage_model."): v for k, v in load_file(str(checkpoint)).items()
+           if k.startswith("first_stage_model.")}
+    path = tmp_path / f"vae-alone{suffix}"
+    save_file(vae, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": vae}, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_a_vae_file_is_read_with_the_models_own_vae_config_as_diffusers_reads_it(tiny_checkpoint, tiny_diffusers_dir,
+                                                                                  tmp_path, suffix):
+    """A VAE alone in the original layout (the common way VAEs are shared) was refused by --vae, which
+    took directories only; it is converted for the model's VAE architecture, weight for weight what
+    diffusers' AutoencoderKL.from_single_file gives with that config, for a preset, a diffusers
+    directory and a single file (whose own VAE weights it need not hold)."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    model, checkpoint = tiny_checkpoint
+    vae = _vae_alone(checkpoint, suffix, tmp_path)
+    want = AutoencoderKL.from_single_file(str(vae), config=str(tiny_diffusers_dir), subfolder="vae").state_dict()
+    pruned = tmp_path / "pruned.safetensors"
+    save_file({k: v for k, v in load_file(str(checkpoint)).items() if not k.startswith("first_stage_model.")},
+              str(pruned))
+    for loaded in (load_model("tiny", vae=str(vae), seed=1), load_model(str(tiny_diffusers_dir), vae=str(vae)),
+                   load_model(str(pruned), config="tiny", vae=str(vae), lazy=True)):
+        got = loaded.module("vae").state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), loaded.label
+        assert loaded.source["vae"] == str(vae.resolve()) and loaded.label.endswith(f"VAE from {vae}")
+
+
+def test_a_vae_file_that_cannot_be_one_is_refused_before_anything_loads(tiny_checkpoint, tiny_diffusers_dir, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from conftest import run_cli
+
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
+    no_vae_config = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    (no_vae_config / "vae" / "config.json").unlink()
+    vae = _vae_alone(tiny_checkpoint[1], ".safetensors", tmp_path)
+    for model, given, said in (
+            ("tiny", lora, f"--vae {lora}: no VAE weights (encoder.*, decoder.*, first_stage_model.*, vae.*) in it"),
+            ("tiny", tmp_path / "gone.safetensors", f"--vae {tmp_path / 'gone.safetensors'}: no such file"),
+            (no_vae_config, vae, (f"--vae {vae}: a VAE file is read with the model's own VAE config, and "
+                                 f"{no_vae_config} has no vae/config.json"))):
+        assert run_cli("export", model, "--vae", given, "-o", tmp_path / "out", "--verify", "none") == 2
+        assert said in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_changed_after_the_check_is_not_read(tiny_checkpoint):
@@ -473,8 +530,7 @@ def test_a_unet_taking_other_inputs_is_refused_by_kind_not_sent_to_a_config(tmp_
     (["unet.down_blocks.0.attentions.0.proj_in.lora_A.weight"], "a LoRA, not a model"),
     (["control_model.input_hint_block.0.weight"], ("a ControlNet in the original layout, not a model: export takes a "
                                                   "diffusers ControlNet directory as --controlnet")),
-    (["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"], ("a VAE alone, not a model: --vae takes "
-                                                                                 "a diffusers AutoencoderKL directory")),
+    (["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"], "a VAE alone, not a model: give it as --vae FILE beside the model"),
     (["emb_params"], "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"),
     (["clip_l", "clip_g"], "a textual inversion embedding"),
     (["weight"], r"not an original-layout Stable Diffusion checkpoint \(for a diffusers directory, pass the directory\)"),

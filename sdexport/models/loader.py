@@ -23,7 +23,9 @@ from sdexport.models.outline import (
     SINGLE_FILE_SUFFIXES,
     check_single_file,
     family_of_dir,
+    is_vae_file,
     looks_like_a_model,
+    own_vae_config,
     read_json,
     scheduler_config,
     single_file_config,
@@ -241,9 +243,10 @@ def load_model(
     ``adapters``: T2I-Adapter presets or directories (or ``AdapterSource``s) likewise (``add_adapters``).
     ``union_images``: with union ControlNets, the control images each takes per call.
     """
+    architecture = _vae_architecture(model, config, kind, vae) if vae is not None and is_vae_file(Path(vae)) else None
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind, vae_replaced=vae is not None)
     if vae is not None:
-        replace_vae(loaded, Path(vae), dtype=dtype)
+        replace_vae(loaded, Path(vae), dtype=dtype, architecture=architecture)
     if controlnets:
         add_controlnets(loaded, controlnets, seed=seed, dtype=dtype, union_images=union_images)
     if adapters:
@@ -306,6 +309,19 @@ def add_controlnets(model: LoadedModel, arguments: list[Any], *, seed: int = 0,
     model.source = {**model.source, "controlnets": records}
 
 
+def _vae_architecture(model: str, config: str | None, kind: str | None, vae: str) -> dict[str, Any]:
+    """The model's own VAE config (resolved as ``_load_model`` resolves the model), which a ``--vae``
+    file is read with: a VAE file carries weights, not an architecture."""
+    preset = get_preset(model)
+    path = Path(model)
+    if preset is not None and (kind == "preset" or not looks_like_a_model(path)):
+        return dict(preset.vae)
+    if path.is_dir():
+        return own_vae_config(path, vae)
+    config_preset, config_path = single_file_config(path, config, recorded=kind is not None)
+    return dict(config_preset.vae) if config_preset is not None else own_vae_config(config_path, vae)
+
+
 def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype, lazy: bool = False,
                 kind: str | None = None, vae_replaced: bool = False) -> LoadedModel:
     preset = get_preset(model)
@@ -328,13 +344,22 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
     )
 
 
-def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.float32) -> None:
-    """Swap in another AutoencoderKL (recorded in the label and in ``source["vae"]`` for reloading)."""
+def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.float32,
+                architecture: dict[str, Any] | None = None) -> None:
+    """Swap in another AutoencoderKL (recorded in the label and in ``source["vae"]`` for reloading):
+    a diffusers directory's, or a VAE file's (``is_vae_file``) read with ``architecture``, the
+    model's own VAE config (``_vae_architecture``)."""
     from diffusers import AutoencoderKL
 
-    path = vae_config_dir(path)
-    try:  # every weight from the files, as a model directory's parts (a missing one stayed on "meta")
-        vae = _load_part(path.parent, path.name, lambda p: _with_all_weights(p, AutoencoderKL, dtype))
+    vae: Any
+    try:
+        if architecture is not None:
+            from sdexport.models.single_file import load_vae_file
+
+            vae = load_vae_file(path, architecture, dtype)
+        else:  # every weight from the files, as a model directory's parts (a missing one stayed on "meta")
+            path = vae_config_dir(path)
+            vae = _load_part(path.parent, path.name, lambda p: _with_all_weights(p, AutoencoderKL, dtype))
     except ModelLoadError as exc:
         raise ModelLoadError(f"--vae {exc}") from None
     channels, wanted = int(vae.config.latent_channels), int(model.config("unet").out_channels)

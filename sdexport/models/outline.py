@@ -123,10 +123,11 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         outline = _outline(preset.family, preset.unet, preset.vae, preset.scheduler, preset.profile, (), vae)
         return replace(outline, preset=preset.name, **_preset_text_sizes(preset))
     if path.is_dir():
-        family = family_of_dir(path, vae_replaced=vae is not None)
+        replaced = vae is not None and not is_vae_file(Path(vae))  # a directory's config replaces the model's
+        family = family_of_dir(path, vae_replaced=replaced)
         _check_tokenizer_files(path, family)
         outline = _outline(family, read_json(path / "unet" / "config.json"),
-                           {} if vae is not None else read_json(path / "vae" / "config.json"),  # --vae's is read
+                           {} if replaced else own_vae_config(path, vae),  # --vae's is read
                            scheduler_config(path), None, (path,), vae)
         return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path),
                        **_read_text_sizes(path, family))
@@ -203,7 +204,11 @@ def _outline(
     ``profile``: a preset's; None: a checkpoint's, from its U-Net's size (``checkpoint_profile``)."""
     from sdexport.manifest_schema import SCHEDULER_CONFIG, first_error
 
-    if vae_dir is not None:
+    if vae_dir is not None and is_vae_file(Path(vae_dir)):  # read with the model's own VAE config
+        vae_path = Path(vae_dir)
+        check_vae_file(vae_path)
+        sources = (*sources, vae_path)
+    elif vae_dir is not None:
         vae_path = vae_config_dir(Path(vae_dir))
         vae = read_json(vae_path / "config.json")
         sources = (*sources, vae_path)
@@ -218,13 +223,13 @@ def _outline(
             raise ModelLoadError(f"--vae {exc}") from None
     channels, wanted = vae.get("latent_channels", 4), unet.get("out_channels", 4)
     if channels != wanted:  # (the model's own VAE too: it failed mid-export, after the first graphs)
-        whose = f"--vae {vae_config_dir(Path(vae_dir))}" if vae_dir is not None else "the model's VAE"
+        whose = f"--vae {vae_path}" if vae_dir is not None else "the model's VAE"
         raise ModelLoadError(f"{whose}: {channels} latent channels, but the U-Net takes {wanted}")
     problem = first_error(SCHEDULER_CONFIG, scheduler)
     if problem:
         raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
     if is_sdxl(family) and vae.get("latents_mean") is not None and vae.get("latents_std") is not None:  # (diffusers' rule)
-        whose = f"--vae {vae_config_dir(Path(vae_dir))}" if vae_dir is not None else "the model's VAE"
+        whose = f"--vae {vae_path}" if vae_dir is not None else "the model's VAE"
         raise ModelLoadError(f"{whose}: its config gives latents_mean/latents_std (as Playground v2.5's does), which "
                              "diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images "
                              "would decode wrong")
@@ -273,15 +278,57 @@ def unet_extra_channels(in_channels: int, latent_channels: int, label: str = "")
 
 
 def vae_config_dir(path: Path) -> Path:
-    """``--vae``: an AutoencoderKL directory, or a pipeline directory holding one in ``vae/``."""
+    """``--vae``: an AutoencoderKL directory, or a pipeline directory holding one in ``vae/``
+    (``is_vae_file``: a VAE file instead)."""
     if not path.is_dir():
-        raise ModelLoadError(f"--vae {path}: " + ("a file; name the AutoencoderKL's directory (its config.json and "
-                                                  "weights)" if path.exists() else "no such directory"))
+        raise ModelLoadError(f"--vae {path}: " + (f"a file, not a {'/'.join(SINGLE_FILE_SUFFIXES)} VAE file; name "
+                                                  "one, or an AutoencoderKL's directory (its config.json and "
+                                                  "weights)" if path.exists() else "no such file or directory"))
     if (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
         path = path / "vae"
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"--vae {path}: not a diffusers AutoencoderKL directory (no config.json)")
     return path
+
+
+def is_vae_file(path: Path) -> bool:
+    """``--vae`` names a VAE file in the original layout (``vae-ft-mse-840000-ema-pruned.safetensors``,
+    ``sdxl_vae.safetensors``, or a whole checkpoint whose VAE is taken), read with the model's own
+    VAE config, as diffusers' ``AutoencoderKL.from_single_file`` reads one with a config given."""
+    return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir()
+
+
+VAE_FILE_PREFIXES = ("encoder.", "decoder.", "first_stage_model.", "vae.")
+"""The keys of a VAE alone (``VAE_ALONE`` less its convolutions), or of a checkpoint's VAE (diffusers'
+``LDM_VAE_KEYS``): what diffusers' converter reads."""
+
+
+def check_vae_file(path: Path) -> None:
+    """A ``--vae`` file that can be read as a VAE, refused in one line before anything loads: missing,
+    unreadable, or holding no VAE weights (a LoRA, say). A ``.ckpt`` is looked at as a model's is."""
+    if not path.is_file():
+        raise ModelLoadError(f"--vae {path}: no such file")
+    if path.suffix.lower() != ".safetensors":
+        try:
+            check_single_file(path)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"--vae {exc}") from None
+        return
+    try:
+        keys = safetensors_keys(path)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"--vae {exc}") from None
+    if not any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
+        raise ModelLoadError(f"--vae {path}: no VAE weights ({', '.join(p + '*' for p in VAE_FILE_PREFIXES)}) in it")
+
+
+def own_vae_config(directory: Path, vae: str | None) -> dict[str, Any]:
+    """A diffusers directory's own VAE config, which a ``--vae`` file is read with."""
+    file = directory / "vae" / "config.json"
+    if vae is not None and not file.is_file():
+        raise ModelLoadError(f"--vae {vae}: a VAE file is read with the model's own VAE config, and {directory} has "
+                             "no vae/config.json; give --vae a diffusers AutoencoderKL directory instead")
+    return read_json(file)
 
 
 def looks_like_a_model(path: Path) -> bool:
@@ -660,8 +707,7 @@ def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
         holds = ("a ControlNet in the original layout, not a model: export takes a diffusers ControlNet directory as "
                  "--controlnet (diffusers' ControlNetModel.from_single_file, then save_pretrained, converts it)")
     elif keys and all(k.startswith(VAE_ALONE) for k in keys):
-        holds = ("a VAE alone, not a model: --vae takes a diffusers AutoencoderKL directory (diffusers' "
-                 "AutoencoderKL.from_single_file, then save_pretrained, converts it)")
+        holds = "a VAE alone, not a model: give it as --vae FILE beside the model"
     elif keys and set(keys) <= {"emb_params", "clip_l", "clip_g"} | {k for k in keys if k.startswith("string_to_param")}:
         holds = "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"
     else:

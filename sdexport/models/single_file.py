@@ -359,6 +359,21 @@ def _parts(config_dir: Path, family: str) -> list[Part]:
     return parts
 
 
+def load_vae_file(path: Path, architecture: Mapping[str, Any], dtype: torch.dtype) -> torch.nn.Module:
+    """A VAE file in the original layout (a VAE alone, or a whole checkpoint's) as the AutoencoderKL
+    of ``architecture`` (the model's own VAE config), through diffusers' converter: every weight
+    checked against the module's keys and shapes before one is read, as a checkpoint's parts are."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    config = dict(architecture)
+    part = Part("vae", lambda: AutoencoderKL.from_config(config),
+                lambda module, tensors: dict(convert_ldm_vae_checkpoint(tensors, module.config)))
+    stamp = _identity(path)
+    _load_part(path, part, read_layout(path))  # keys and shapes, no weight read
+    return _builder(path, part, stamp, dtype)()
+
+
 def check_unchanged(path: Path, stamp: list[int]) -> None:
     """Refuse a file whose identity is no longer ``stamp``: an export must not mix parts of two files."""
     if _identity(path) != stamp:
@@ -430,7 +445,7 @@ def _take(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: Part,
 
 
 WITHOUT_PART = {
-    "VAE": "give --vae DIR (a diffusers VAE folder) to take it from there",
+    "VAE": "give --vae FILE (a VAE file, .safetensors or .ckpt) or --vae DIR (a diffusers VAE folder) to take it from there",
     "text encoder": "the file alone cannot be exported without one: export a diffusers directory of the model",
 }
 """What to do about a part a pruned checkpoint lacks."""

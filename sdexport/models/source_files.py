@@ -19,7 +19,7 @@ from typing import Any
 
 from sdexport.errors import EngineDirError
 from sdexport.hash_records import file_sha256
-from sdexport.models.outline import PIPELINE_PARTS, library_of, weight_files
+from sdexport.models.outline import PIPELINE_PARTS, is_vae_file, library_of, weight_files
 from sdexport.models.part_sources import adapter_records
 
 
@@ -37,7 +37,8 @@ def source_weight_files(source: Mapping[str, Any], modules: Iterable[str]) -> li
             if part in modules and not (part == "vae" and source.get("vae")):
                 files += weight_files(root / part, library_of(part))
     if source.get("vae") and "vae" in modules:
-        files += weight_files(Path(source["vae"]), "diffusers")
+        vae = Path(source["vae"])
+        files += [vae] if is_vae_file(vae) else weight_files(vae, "diffusers")
     for record in [*(source.get("controlnets") or []), *adapter_records(source)]:
         if record.get("kind") == "diffusers":
             files += weight_files(Path(record["path"]), "diffusers")
