@@ -478,8 +478,9 @@ class Txt2ImgPipeline:
         control = self.control_conditioning(request, self.control_span(request, scheduler, timesteps)) if self.controlnets else None
         adapter: AdapterFeatures | None = None
         if self.adapter:
+            adapter_inputs = self.adapter_pixels(request)  # (outside the span: the baseline times the adapter's forward)
             adapter_start = clock.mark()
-            adapter = self.adapter_features(request, len(timesteps))
+            adapter = self.adapter_features(request, adapter_inputs, len(timesteps))
             adapter_span = (adapter_start, clock.mark())
 
         step_marks, control_marks = [], []
@@ -902,7 +903,15 @@ class Txt2ImgPipeline:
             summed = [torch.zeros(unet.tensor(n).shape(sizes), device=self.device) for n in unet.residual_inputs]
         return dict(zip(unet.residual_inputs, summed))
 
-    def adapter_features(self, request: GenerationRequest, calls: int) -> AdapterFeatures:
+    def adapter_pixels(self, request: GenerationRequest) -> list[torch.Tensor]:
+        """Each T2I-Adapter's images at the request's size, in its channels (``control_pixels``), one
+        row per image given: what ``adapter_features`` runs the adapters on."""
+        from sdexport.runtime.image_inputs import control_pixels
+
+        return [torch.cat([control_pixels(image, *request.size, depth) for image in images])
+                for images, depth in zip(request.adapter_images(len(self.adapters)), self.dims.adapter_image_channels)]
+
+    def adapter_features(self, request: GenerationRequest, pixels: list[torch.Tensor], calls: int) -> AdapterFeatures:
         """Run each T2I-Adapter once, before the loop, as diffusers' adapter pipelines do: features
         times ``adapter_scale``, added up over several adapters (``MultiAdapter``), one row per
         prompt, twice under CFG (the same features for both halves), given to the first
@@ -923,19 +932,17 @@ class Txt2ImgPipeline:
         Scales given per prompt multiply each prompt's row by its own, as a float32 column: the
         product torch takes with one Python number (float32 arithmetic inside), so an image comes
         out bit for bit as in a call where its scale serves every prompt."""
-        from sdexport.runtime.image_inputs import control_pixels, per_prompt
+        from sdexport.runtime.image_inputs import per_prompt
 
         count = len(self.adapters)
         summed: dict[str, torch.Tensor] = {}
         per_image = list(zip(*(request.adapter_scales(count, i) for i in range(request.batch))))  # [adapter][prompt]
-        for name, images, scales, depth in zip(self.adapters, request.adapter_images(count), per_image,
-                                               self.dims.adapter_image_channels):
+        for name, images, scales in zip(self.adapters, pixels, per_image):
             scale: float | torch.Tensor = scales[0]
             if len(set(scales)) > 1:
                 scale = torch.tensor(scales, dtype=torch.float32, device=self.device).reshape(-1, 1, 1, 1)
             engine = self.engines[name]
-            pixels = torch.cat([control_pixels(image, *request.size, depth) for image in images])
-            out = engine({"image": per_prompt(pixels, request.batch).to(self.device)})
+            out = engine({"image": per_prompt(images, request.batch).to(self.device)})
             for output, feature in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
                 value = out[output].float() * scale
                 summed[feature] = summed[feature] + value if feature in summed else value
