@@ -540,7 +540,8 @@ def check_request(
     if not isinstance(request.seeds, list | tuple):
         raise SdexportError(f"{setting('seed')} {request.seeds!r}: give a list of seeds, one per image")
     if len(request.seeds) != request.batch:
-        raise SdexportError(f"{len(request.seeds)} seeds for {request.batch} images")
+        raise SdexportError(f"{setting('seed')}: {len(request.seeds)} for {request.batch} images; give one per image "
+                            f"(e.g. seeds=range({request.batch}))")
     for seed in request.seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
             kind = "" if isinstance(seed, int) else f" ({type(seed).__name__})"
