@@ -12,6 +12,9 @@ from pathlib import Path
 
 from sdexport import stopping
 
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""A write's errors for want of space (a disk, a quota, ``ulimit -f``), which name no file."""
+
 TEMP_SUFFIX = ".tmp"
 TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
 """``atomic_path``'s temporary names, ``.NAME.PID.tmp``: what a process killed mid-write leaves."""
@@ -69,7 +72,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        if exc.filename is None and exc.errno is not None:
+        if exc.filename is None and exc.errno in FULL:  # (another error in the block is not this file's)
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except BaseException:
