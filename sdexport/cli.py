@@ -1229,7 +1229,10 @@ def serve(
             if log is None or not log.is_file():
                 raise
             if log_file is None:
-                log = Path(shutil.move(log, work.with_name(f"{work.name}-triton.log")))
+                try:
+                    log = Path(shutil.move(log, work.with_name(f"{work.name}-triton.log")))
+                except OSError:  # (the temporary folder's parent not writable now): the error as it was
+                    raise exc from None
             raise SdexportError(f"{exc}; Triton's log: {log}") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)

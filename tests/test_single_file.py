@@ -392,7 +392,8 @@ def test_a_vae_file_that_cannot_be_one_is_refused_before_anything_loads(tiny_che
     (no_vae_config / "vae" / "config.json").unlink()
     vae = _vae_alone(tiny_checkpoint[1], ".safetensors", tmp_path)
     for model, given, said in (
-            ("tiny", lora, f"--vae {lora}: no VAE weights (encoder.*, decoder.*, first_stage_model.*, vae.*) in it"),
+            ("tiny", lora, (f"--vae {lora}: no VAE weights (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*, "
+                                   "first_stage_model.*, vae.*) in it")),
             ("tiny", tmp_path / "gone.safetensors", f"--vae {tmp_path / 'gone.safetensors'}: no such file"),
             (no_vae_config, vae, (f"--vae {vae}: a VAE file is read with the model's own VAE config, and "
                                  f"{no_vae_config} has no vae/config.json"))):

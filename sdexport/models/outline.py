@@ -298,9 +298,9 @@ def is_vae_file(path: Path) -> bool:
     return path.suffix.lower() in SINGLE_FILE_SUFFIXES and not path.is_dir()
 
 
-VAE_FILE_PREFIXES = ("encoder.", "decoder.", "first_stage_model.", "vae.")
-"""The keys of a VAE alone (``VAE_ALONE`` less its convolutions), or of a checkpoint's VAE (diffusers'
-``LDM_VAE_KEYS``): what diffusers' converter reads."""
+VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.", "vae.")
+"""How a VAE's keys start in the original layout: alone (a VAE file), or in a checkpoint (diffusers'
+``LDM_VAE_KEYS``); what diffusers' converter reads."""
 
 
 def check_vae_file(path: Path) -> None:
@@ -318,8 +318,8 @@ def check_vae_file(path: Path) -> None:
         keys = safetensors_keys(path)
     except ModelLoadError as exc:
         raise ModelLoadError(f"--vae {exc}") from None
-    if not any(k.startswith(VAE_FILE_PREFIXES) for k in keys):
-        raise ModelLoadError(f"--vae {path}: no VAE weights ({', '.join(p + '*' for p in VAE_FILE_PREFIXES)}) in it")
+    if not any(k.startswith(VAE_KEYS) for k in keys):
+        raise ModelLoadError(f"--vae {path}: no VAE weights ({', '.join(p + '*' for p in VAE_KEYS)}) in it")
 
 
 def own_vae_config(directory: Path, vae: str | None) -> dict[str, Any]:
@@ -692,8 +692,6 @@ def safetensors_keys(path: Path) -> list[str]:
 CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80")
 """How a ``.ckpt`` starts: torch.save's zip archive (PyTorch 1.6 and later), or the pickle of older ones."""
 
-VAE_ALONE = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_stage_model.")
-
 
 def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
     """A file without the original layout's U-Net, refused saying what it holds where that is one of
@@ -706,7 +704,7 @@ def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
     elif any(k.startswith("control_model.") for k in keys):
         holds = ("a ControlNet in the original layout, not a model: export takes a diffusers ControlNet directory as "
                  "--controlnet (diffusers' ControlNetModel.from_single_file, then save_pretrained, converts it)")
-    elif keys and all(k.startswith(VAE_ALONE) for k in keys):
+    elif keys and all(k.startswith(VAE_KEYS) for k in keys):
         holds = "a VAE alone, not a model: give it as --vae FILE beside the model"
     elif keys and set(keys) <= {"emb_params", "clip_l", "clip_g"} | {k for k in keys if k.startswith("string_to_param")}:
         holds = "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"

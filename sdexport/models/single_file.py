@@ -76,9 +76,9 @@ def plan_components(
     file's markers are checked against. ``leave_out``: parts that come from elsewhere (``vae``:
     ``--vae``), neither checked nor read, as diffusers' ``from_single_file(..., vae=...)`` takes a
     checkpoint without VAE weights."""
-    parts = [part for part in _parts(config_dir, family) if part.name not in leave_out]
     from sdexport.models.outline import check_holds_a_unet
 
+    parts = [part for part in _parts(config_dir, family) if part.name not in leave_out]
     stamp = _identity(path)
     layout = read_layout(path)
     check_holds_a_unet(path, layout)
