@@ -8,6 +8,7 @@ right thing is for the GPU tests (tests/test_tensorrt_gpu.py).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import sys
 import weakref
@@ -194,6 +195,27 @@ def test_a_plan_half_written_by_a_killed_build_is_removed_by_the_next(trt, tiny_
     mine.write_bytes(b"the user's")
     (again,) = tensorrt_build.build_engines(directory, components=["text_encoder"])
     assert again.status == "cached" and not half.exists() and mine.read_bytes() == b"the user's"
+
+
+def test_a_plan_is_listed_before_a_byte_of_it_is_written(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
+    """A first build killed while it writes a plan (gigabytes) must leave the temporary file of a
+    listed name, which the next build removes and --force counts as sdexport's: the manifest on disk
+    lists the plan, with the hash of what is being written, before the write starts."""
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    real, seen = Path.write_bytes, []
+
+    def write_bytes(self, data):
+        if self.name.endswith(".tmp") and ".plan." in self.name:
+            listed = json.loads((directory / "manifest.json").read_text())["files"]
+            rel = self.relative_to(directory).parent / self.name.removeprefix(".").rsplit(".", 2)[0]
+            seen.append(listed.get(rel.as_posix()) == hashlib.sha256(data).hexdigest())
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    tensorrt_build.build_engines(directory, components=["text_encoder"])
+    assert seen == [True]
 
 
 def test_every_graph_is_hashed_before_the_first_plan_is_built(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
@@ -934,7 +956,7 @@ def test_a_timing_cache_in_a_read_only_folder_is_read_and_the_build_goes_on(trt,
     (result,) = tensorrt_build.build_engines(directory, components=["unet"], timing_cache=cache, force=True)
     assert result.status == "built" and recorder.builds[-1]["load_timing_cache"].name == str(cache)
     assert cache.read_bytes() == before and sorted(p.name for p in cache.parent.iterdir()) == ["timing.cache"]
-    assert (f"--timing-cache {cache} cannot be replaced (Read-only file system): read, not updated"
+    assert (f"--timing-cache {cache} cannot be written (Read-only file system): read where it exists, not updated"
             in " ".join(capsys.readouterr().err.split()))
 
 

@@ -14,6 +14,7 @@ line that says what to install.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import re
 import sys
@@ -265,7 +266,8 @@ def build_engines(
                       "(sdexport replaces only files it wrote); to keep the updated cache, name a new file")
     cannot = cannot_replace(timing_cache) if timing_cache is not None and replace_cache else None
     if cannot is not None:  # (a read-only cache folder: read, as hash records are, rather than fail the build)
-        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} cannot be replaced ({cannot}): read, not updated")
+        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} cannot be written ({cannot}): read where it "
+                      "exists, not updated")
         replace_cache = False
     from sdexport.export.plan import ENGINE_DIR
     from sdexport.output_dir import updating
@@ -346,11 +348,11 @@ def _build_locked(
             graph_io = check_graph(engine_dir, manifest, spec.name, target)  # (the build's profile)
             plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, replace_cache, graph_io)
         seconds = time.perf_counter() - start
-        # The manifest lists the plan before the plan takes its name: a build killed in between
-        # leaves a listed plan that is missing (rebuilt next time) and a temporary file of a listed
-        # name, never an unlisted file that --force could not prove to be ours.
+        # The manifest lists the plan before a byte of it is written: a build killed while it writes
+        # (gigabytes) leaves a listed plan that is missing (rebuilt next time) and a temporary file of
+        # a listed name (removed by the next build), never an unlisted file that --force could not
+        # prove to be ours.
         with atomic_path(engine_dir / rel) as tmp:
-            tmp.write_bytes(plan)
             entry.engines[key.digest()] = {
                 "path": rel,
                 "key": key.to_dict(),
@@ -359,8 +361,9 @@ def _build_locked(
                 "chosen": _now(),
                 "profile": target.to_dict(),
             }
-            manifest.files[rel] = sha256_file(tmp)
+            manifest.files[rel] = hashlib.sha256(plan).hexdigest()
             save_manifest(engine_dir, manifest)
+            tmp.write_bytes(plan)
         results.append(BuildResult(spec.name, "built", engine_dir / rel, key, seconds, reasons))
         keep_built(results)
     return results
