@@ -501,22 +501,24 @@ def test_foreign_images_with_look_alike_metadata_and_huge_jpeg_records(tiny_engi
     Image.new("RGB", (8, 8), "red").save(lookalike, exif=exif)
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", lookalike) == 2
     assert "was not written by sdexport" in capsys.readouterr().err
-    long = "雪の中の狐 " * 2400  # far past CLIP's 77 tokens; its JSON is over a JPEG's 64 KB of EXIF
-    out = tmp_path / "long.jpg"
-    assert run_cli("run", tiny_engine_dir, "-p", long, "--steps", "1", "-o", out) == 0
+    long = "雪の中の狐 " * 1650  # far past CLIP's 77 tokens, within 10,000 characters; with its negative, over a
+    out = tmp_path / "long.jpg"  # JPEG's 64 KB of EXIF (json writes each of these characters in six bytes)
+    assert run_cli("run", tiny_engine_dir, "-p", long, "-n", long, "--steps", "1", "-o", out) == 0
     record = read_parameters(out)
     assert record["truncated_from"] == "left out: longer than a JPEG's EXIF holds" and long.startswith(record["prompt"])
 
 
 def test_a_whitespace_padded_prompt_fits_a_jpeg_as_the_tokenizer_reads_it(tiny_engine_dir, tmp_path):
-    """Spaces fit in 77 tokens but not in a JPEG's 64 KB of EXIF: the record keeps the text with its
-    whitespace runs collapsed (the same tokens), not an error after the run, and still remakes the image."""
+    """Whitespace fits in 77 tokens but not in a JPEG's 64 KB of EXIF (tabs and newlines: two bytes
+    each in its JSON and two in A1111's text; a text has at most 10,000 characters): the record keeps
+    the text with its whitespace runs collapsed (the same tokens), not an error after the run, and
+    still remakes the image."""
     import numpy as np
     from PIL import Image
 
     from sdexport.runtime.images import _texts_read, read_parameters
 
-    padded = "a fox" + " " * 20_000 + "\n\t in the snow "
+    padded = "a fox" + "\t\n" * 4_950 + " in the snow "
     out, again = tmp_path / "padded.jpg", tmp_path / "again.jpg"
     assert run_cli("run", tiny_engine_dir, "-p", padded, "-n", padded, "--steps", "1", "-o", out) == 0
     record = read_parameters(out)
