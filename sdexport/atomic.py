@@ -9,6 +9,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from sdexport import stopping
 
@@ -43,15 +44,25 @@ def longest_name(folder: Path) -> int:
     return name_limit(folder) - len(f"..{'9' * 7}{TEMP_SUFFIX}")
 
 
-def read_regular(path: Path) -> bytes:
-    """The content of ``path`` where it is a regular file (or a link to one); OSError for anything
+@contextmanager
+def open_regular(path: Path) -> Iterator[BinaryIO]:
+    """``path`` open for reading where it is a regular file (or a link to one); OSError for anything
     else. What an output's name already holds is read to judge whether sdexport wrote it: a FIFO
     there would block an ordinary open until some writer came (the command hung before any work), a
-    device would be read without end. Opened without blocking, it is refused by its type."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    device would be read without end, a terminal's open has effects of its own. Its type is asked
+    first, and what is opened (without blocking, never as a controlling terminal) is asked again."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     with open(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # (replaced between the two)
             raise OSError(errno.EINVAL, "not a regular file", str(path))
+        yield handle
+
+
+def read_regular(path: Path) -> bytes:
+    """The content of ``path`` where it is a regular file (``open_regular``)."""
+    with open_regular(path) as handle:
         return handle.read()
 
 
@@ -83,6 +94,6 @@ def atomic_path(path: Path) -> Iterator[Path]:
 def write_atomic(path: Path, data: bytes | str) -> None:
     with atomic_path(path) as tmp:
         if isinstance(data, str):
-            tmp.write_text(data)
+            tmp.write_text(data, encoding="utf-8")
         else:
             tmp.write_bytes(data)

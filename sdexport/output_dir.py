@@ -538,10 +538,13 @@ def remove_interrupted_writes(directory: Path, listed: set[str]) -> None:
             temp = TEMP_NAME.match(entry.name)
             if temp is None or entry.is_symlink():
                 continue
-            if entry.is_file() and (folder / temp.group("name")).as_posix() in listed:
-                entry.unlink()
-            elif entry.is_dir() and temp.group("name") in STAGED_FOLDERS and len(folder.parts) == 1:
-                _discard(entry)
+            try:  # (one that cannot be removed, an NFS silly-rename say, fails no build: the next one tries)
+                if entry.is_file() and (folder / temp.group("name")).as_posix() in listed:
+                    entry.unlink()
+                elif entry.is_dir() and temp.group("name") in STAGED_FOLDERS and len(folder.parts) == 1:
+                    _discard(entry)
+            except OSError:
+                continue
 
 
 def unlisted_files(directory: Path, listed: set[str]) -> list[str]:

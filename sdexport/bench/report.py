@@ -440,10 +440,12 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"{report['scenario']['name']}: {report['model'].split(' (')[0]}, {weights}, {device}, "
                  f"{env['date'][:10]}" + (f" (interrupted by {report['interrupted']['by']})"
                                           if report.get("interrupted") else ""), fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:  # (a chart that fails is survived: its figure must not stay open)
+        plt.close(fig)
 
 
 RESULT_FILES = ("results.json", "results.md", "results.png")

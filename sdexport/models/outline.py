@@ -124,7 +124,7 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         return replace(outline, preset=preset.name, **_preset_text_sizes(preset))
     if path.is_dir():
         replaced = vae is not None and not is_vae_file(Path(vae))  # a directory's config replaces the model's
-        family = family_of_dir(path, vae_replaced=replaced)
+        family = family_of_dir(path, vae_replaced=vae is not None)  # (a file's: own_vae_config says what is missing)
         _check_tokenizer_files(path, family)
         outline = _outline(family, read_json(path / "unet" / "config.json"),
                            {} if replaced else own_vae_config(path, vae),  # --vae's is read

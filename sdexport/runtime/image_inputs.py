@@ -84,8 +84,9 @@ def _opened(source: Any, what: str) -> Iterator[Any]:
     it is read or converted said in one line that names ``what``."""
     from PIL import Image, UnidentifiedImageError
 
+    Image.init()  # (a Pillow without a reader of one of them, AVIF before 11.2, reads the others)
     try:
-        with Image.open(source, formats=IMAGE_FORMATS) as image:
+        with Image.open(source, formats=[name for name in IMAGE_FORMATS if name in Image.OPEN]) as image:
             yield image
     except Image.DecompressionBombError as exc:
         raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None

@@ -88,14 +88,12 @@ def check_image_output(output: Path, count: int, label: str | None = None) -> No
 
 
 def _written_by_sdexport(path: Path) -> bool:
-    import io
-
     from PIL import Image
 
-    from sdexport.atomic import read_regular
+    from sdexport.atomic import open_regular
 
     try:
-        with Image.open(io.BytesIO(read_regular(path))) as image:
+        with open_regular(path) as handle, Image.open(handle) as image:  # (its header, not the whole file)
             if image.format == "PNG":
                 return "sdexport" in getattr(image, "text", {})
             if not str(image.getexif().get(_SOFTWARE, "")).startswith("sdexport "):

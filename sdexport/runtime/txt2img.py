@@ -905,10 +905,11 @@ class Txt2ImgPipeline:
 
     def adapter_pixels(self, request: GenerationRequest) -> list[torch.Tensor]:
         """Each T2I-Adapter's images at the request's size, in its channels (``control_pixels``), one
-        row per image given: what ``adapter_features`` runs the adapters on."""
-        from sdexport.runtime.image_inputs import control_pixels
+        row per prompt, on the device: what ``adapter_features`` runs the adapters on."""
+        from sdexport.runtime.image_inputs import control_pixels, per_prompt
 
-        return [torch.cat([control_pixels(image, *request.size, depth) for image in images])
+        return [per_prompt(torch.cat([control_pixels(image, *request.size, depth) for image in images]),
+                           request.batch).to(self.device)
                 for images, depth in zip(request.adapter_images(len(self.adapters)), self.dims.adapter_image_channels)]
 
     def adapter_features(self, request: GenerationRequest, pixels: list[torch.Tensor], calls: int) -> AdapterFeatures:
@@ -932,8 +933,6 @@ class Txt2ImgPipeline:
         Scales given per prompt multiply each prompt's row by its own, as a float32 column: the
         product torch takes with one Python number (float32 arithmetic inside), so an image comes
         out bit for bit as in a call where its scale serves every prompt."""
-        from sdexport.runtime.image_inputs import per_prompt
-
         count = len(self.adapters)
         summed: dict[str, torch.Tensor] = {}
         per_image = list(zip(*(request.adapter_scales(count, i) for i in range(request.batch))))  # [adapter][prompt]
@@ -942,7 +941,7 @@ class Txt2ImgPipeline:
             if len(set(scales)) > 1:
                 scale = torch.tensor(scales, dtype=torch.float32, device=self.device).reshape(-1, 1, 1, 1)
             engine = self.engines[name]
-            out = engine({"image": per_prompt(images, request.batch).to(self.device)})
+            out = engine({"image": images})
             for output, feature in zip(engine.spec.adapter_outputs, self.engines["unet"].spec.adapter_inputs):
                 value = out[output].float() * scale
                 summed[feature] = summed[feature] + value if feature in summed else value

@@ -349,7 +349,7 @@ def _exit_status(triton: object) -> int | None:
 
 def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: int = 0) -> str:
     """The log line saying why the model did not load, else the server's first error, else the
-    exception. ``earlier``: the bytes of ``log_file`` an earlier run wrote, not read for this one's."""
+    exception (``serve`` then names the log, which it keeps). ``earlier``: the bytes of ``log_file`` an earlier run wrote, not read for this one's."""
     server = getattr(triton, "_triton_server", None)
     log = getattr(server, "_tritonserver_logs", "") or ""
     if log_file is not None and log_file.is_file():
@@ -362,7 +362,7 @@ def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: 
         for line in lines:
             if wanted.lower() in line.lower() and not any(n in line for n in noise):
                 return _model_error(line)[-600:]
-    return f"{str(exc) or type(exc).__name__} (run with -v to see Triton's log)"
+    return str(exc) or type(exc).__name__  # (serve names the log it kept; under -v it was shown)
 
 
 def _model_error(line: str) -> str:
