@@ -454,7 +454,7 @@ def test_an_eps_file_is_never_handed_to_ghostscript(monkeypatch):
     formats read are a list of image formats (``IMAGE_FORMATS``), each opened as before."""
     import io
 
-    from PIL import EpsImagePlugin
+    from PIL import EpsImagePlugin, Image
 
     from sdexport.errors import SdexportError
     from sdexport.runtime.image_inputs import IMAGE_FORMATS, decode_image
@@ -470,6 +470,10 @@ def test_an_eps_file_is_never_handed_to_ghostscript(monkeypatch):
         data = io.BytesIO()
         picture(8, 8, 0).save(data, format=name)
         assert name in IMAGE_FORMATS and decode_image(data.getvalue(), "init_image").size == (8, 8)
+    # a Pillow that has no reader of a listed format (AVIF before 11.2) reads the others
+    monkeypatch.delitem(Image.OPEN, "AVIF")
+    monkeypatch.setattr(Image, "init", lambda: True)
+    assert decode_image(data.getvalue(), "init_image").size == (8, 8)
 
 
 def test_the_output_may_not_be_the_init_image(engine_dirs, tmp_path, capsys):

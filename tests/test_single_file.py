@@ -389,7 +389,7 @@ def test_a_vae_file_that_cannot_be_one_is_refused_before_anything_loads(tiny_che
     lora = tmp_path / "lora.safetensors"
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(lora))
     no_vae_config = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
-    (no_vae_config / "vae" / "config.json").unlink()
+    shutil.rmtree(no_vae_config / "vae")  # (it was refused as a model missing vae/ that --vae could replace)
     vae = _vae_alone(tiny_checkpoint[1], ".safetensors", tmp_path)
     for model, given, said in (
             ("tiny", lora, (f"--vae {lora}: no VAE weights (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*, "
