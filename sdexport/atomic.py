@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,9 @@ FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 """A write's errors for want of space (a disk, a quota, ``ulimit -f``), which name no file."""
 
 TEMP_SUFFIX = ".tmp"
-TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+\.tmp$")
-"""``atomic_path``'s temporary names, ``.NAME.PID.tmp``: what a process killed mid-write leaves."""
+TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.\d+(?:-[0-9a-f]{8})?\.tmp$")
+"""``atomic_path``'s temporary names, ``.NAME.PID-RANDOM.tmp`` (``.NAME.PID.tmp`` before, and a build's
+staging folders): what a process killed mid-write leaves."""
 
 
 def existing_ancestor(path: Path) -> Path:
@@ -39,9 +41,9 @@ def name_limit(folder: Path) -> int:
 
 def longest_name(folder: Path) -> int:
     """The longest file name ``atomic_path`` can write to in ``folder``: the file system's limit
-    less what its temporary name adds (``.`` + ``.PID.tmp``, PIDs up to 7 digits), so a name that
-    is too long is refused before the work, not after it."""
-    return name_limit(folder) - len(f"..{'9' * 7}{TEMP_SUFFIX}")
+    less what its temporary name adds (``.`` + ``.PID-RANDOM.tmp``, PIDs up to 7 digits), so a name
+    that is too long is refused before the work, not after it."""
+    return name_limit(folder) - len(f"..{'9' * 7}-{'f' * 8}{TEMP_SUFFIX}")
 
 
 @contextmanager
@@ -71,12 +73,14 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary name beside ``path``, renamed to ``path`` only when the block succeeds.
 
     The name ends in ``.tmp``, so writers that pick a format from the suffix must be told the format.
+    It holds the process id and a random part: containers sharing a cache volume each run sdexport
+    as the same PID (often 1), and two writers of one temporary name would put a torn file in place.
     It is created with the process's normal permissions (unlike ``mkstemp``'s owner-only mode), so
     the finished file is readable like any other the user writes. A write that fails for want of
     space (or past ``ulimit -f``) raises an OSError naming no file: it is raised again naming ``path``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{TEMP_SUFFIX}")
     try:
         yield tmp
         stopping.check()  # a stop whose KeyboardInterrupt was dropped: the new file does not go in place

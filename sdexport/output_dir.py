@@ -550,7 +550,7 @@ def remove_interrupted_writes(directory: Path, listed: set[str]) -> None:
 def unlisted_files(directory: Path, listed: set[str]) -> list[str]:
     """What under ``directory`` is not in ``listed``: files, links, and folders holding no listed file.
 
-    A temporary file of ``sdexport.atomic`` (``.NAME.PID.tmp``) counts as listed when ``NAME`` is:
+    A temporary file of ``sdexport.atomic`` (``.NAME.PID-RANDOM.tmp``) counts as listed when ``NAME`` is:
     a process killed mid-write leaves one beside the file it was replacing. So does a build's
     staging folder of the same form whose ``NAME`` is a folder builds write (``STAGED_FOLDERS``).
     """

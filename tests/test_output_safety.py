@@ -512,3 +512,22 @@ def test_a_write_that_runs_out_of_space_names_the_file(tmp_path: Path):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(target))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writers_of_one_file_with_the_same_pid_never_share_a_temporary_name(tmp_path: Path, monkeypatch):
+    """Containers sharing a cache volume each run sdexport as the same PID (often 1): two writes of
+    one file (a shared timing cache, hash records) wrote one temporary name, and a torn file could go
+    in place. The name has a random part too, and still counts as sdexport's where its file is listed."""
+    from sdexport import atomic
+    from sdexport.atomic import TEMP_NAME, atomic_path
+    from sdexport.output_dir import unlisted_files
+
+    monkeypatch.setattr(atomic.os, "getpid", lambda: 1)
+    target = tmp_path / "timing.cache"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second and TEMP_NAME.match(first.name)["name"] == "timing.cache"
+        first.write_bytes(b"first whole cache")
+        second.write_bytes(b"second whole cache")
+        assert unlisted_files(tmp_path, {"timing.cache"}) == []
+    assert target.read_bytes() in (b"first whole cache", b"second whole cache")
+    assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
