@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from sdexport.manifest_schema import (
     first_error,
     format_version_for,
 )
-from sdexport.output_dir import MARKER, unlisted_files
+from sdexport.output_dir import MARKER, remove_interrupted_writes, unlisted_files
 from sdexport.shapes import ShapeProfile, axis_option
 from sdexport.specs import (
     ADAPTER,
@@ -490,6 +491,18 @@ def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False)
     return done
 
 
+def _listed(files: Iterable[str]) -> set[str]:
+    """What an engine directory holds as sdexport's: the files its manifest lists, the manifest, and a
+    staging marker a kill right after a job's rename left."""
+    return {*files, MANIFEST_NAME, MARKER}
+
+
+def remove_leftovers(directory: Path, manifest: Manifest) -> None:
+    """What writes killed mid-way left beside the directory's listed files (``remove_interrupted_writes``):
+    for a build, which holds the directory's lock."""
+    remove_interrupted_writes(directory, _listed(manifest.files))
+
+
 def not_an_engine_dir(directory: Path) -> str | None:
     """Why ``directory`` is not (entirely) an engine directory sdexport wrote; None when it is.
 
@@ -508,7 +521,7 @@ def not_an_engine_dir(directory: Path) -> str | None:
     source = (data.get("model") or {}).get("source") if isinstance(data.get("model"), dict) else None
     if isinstance(source, dict) and (source.get("kind") == "onnx" or "adopted_from" in source):
         return "it is another tool's ONNX export that `sdexport adopt` gave a manifest: its files are not sdexport's"
-    extra = unlisted_files(directory, {*data["files"], MANIFEST_NAME, MARKER})
+    extra = unlisted_files(directory, _listed(data["files"]))
     if extra:
         more = f" and {len(extra) - 3} more" if len(extra) > 3 else ""
         return f"it holds files its manifest does not list: {', '.join(extra[:3])}{more}"

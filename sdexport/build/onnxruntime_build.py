@@ -37,15 +37,14 @@ from sdexport.console import console, step
 from sdexport.errors import EngineDirError, SdexportError, one_line
 from sdexport.graph_io import check_io, onnxruntime_tensors
 from sdexport.manifest import (
-    MANIFEST_NAME,
     Manifest,
     check_files,
     check_graph,
     load_manifest,
+    remove_leftovers,
     save_manifest,
     sha256_file,
 )
-from sdexport.output_dir import remove_interrupted_writes
 from sdexport.specs import ComponentSpec
 
 if TYPE_CHECKING:
@@ -541,7 +540,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     if not on_cuda:
         console.print("[yellow]note:[/] no CUDA provider here: each fused graph is checked by running its "
                       "CPU variant (the same fusions minus the CUDA-only ones) against the fp32 reference")
-    remove_interrupted_writes(engine_dir, {*manifest.files, MANIFEST_NAME})  # (this build holds the lock)
+    remove_leftovers(engine_dir, manifest)  # (this build holds the lock)
     wanted = {spec.name: {"source_sha256": onnx_sha256(manifest.files, manifest.components[spec.name].onnx),
                           "dtype": "fp32" if spec.always_fp32 or not fp16 else "fp16", "onnxruntime": ort.__version__}
               for spec in specs}

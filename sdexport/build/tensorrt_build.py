@@ -41,11 +41,11 @@ from sdexport.console import console, step
 from sdexport.errors import MissingDependencyError, SdexportError
 from sdexport.graph_io import GraphIO
 from sdexport.manifest import (
-    MANIFEST_NAME,
     Manifest,
     check_files,
     check_graph,
     load_manifest,
+    remove_leftovers,
     save_manifest,
     sha256_file,
 )
@@ -295,10 +295,8 @@ def _build_locked(
     refittable: bool,
     force: bool,
 ) -> list[BuildResult]:
-    from sdexport.output_dir import remove_interrupted_writes
-
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
-    remove_interrupted_writes(engine_dir, {*manifest.files, MANIFEST_NAME})  # a killed build's half plans
+    remove_leftovers(engine_dir, manifest)  # a killed build's half plans
     weak = has_weak_typing(trt)
     # (the fp16 flag lowers fp32 graphs only on TensorRT 10, and not under --strongly-typed)
     specs = specs_to_build(engine_dir, manifest, components, fp16=fp16 and weak and not strongly_typed)
