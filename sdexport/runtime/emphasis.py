@@ -50,8 +50,7 @@ minus the brackets' factor, as A1111 reads it)."""
 
 MAX_TEXT = 10_000
 """The longest text read, in characters (with emphasis or without): the engines read a few chunks of
-75 tokens (a few hundred characters each); tokenizing takes time that grows with the length (18 s
-for a megabyte), and parsing nested brackets time that grows as the square of their count (as
+75 tokens (a few hundred characters each); tokenizing takes time that grows with the length, and parsing nested brackets time that grows as the square of their count (as
 A1111's; a quarter of a second at this length): a served request must not hold a worker for long.
 A text is parsed once (``parse`` keeps its recent results) for its check, its cut and its tokens."""
 
