@@ -98,6 +98,24 @@ def test_onnxruntime_warnings_only_with_verbose(tmp_path, capfd):
     assert "text_encoder" in outputs["quiet"].out  # results still on stdout
 
 
+def test_graphsurgeon_logs_at_the_verbosity():
+    """onnx-graphsurgeon's own logger (not ``logging``) follows -v: its warnings show only then."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from sdexport import console
+    from sdexport.export.graph import cleanup
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    model = onnx.helper.make_model(onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "g", [x], [onnx.helper.make_tensor_value_info(
+            "y", onnx.TensorProto.FLOAT, [1])]))
+    for level, severity in ((console.VERBOSE, gs.logger.G_LOGGER.INFO), (console.NORMAL, gs.logger.G_LOGGER.ERROR)):
+        console.set_verbosity(level)
+        cleanup(model)
+        assert gs.logger.G_LOGGER.severity == severity
+
+
 def test_run_names_the_scheduler_that_ran_and_leaves_out_empty_fields(tiny_engine_dir, tmp_path, capsys):
     """The tiny model's default is PNDM: its extra U-Net call is explained, and the image says pndm."""
     from PIL import Image

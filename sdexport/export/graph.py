@@ -9,6 +9,7 @@ and its checker proves every saved graph valid.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -30,35 +31,28 @@ def model_size(model: onnx.ModelProto) -> int:
         if tensor.HasField("raw_data"):
             total += len(tensor.raw_data)
         else:
-            total += onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * max(
-                1, int(_prod(tensor.dims))
-            )
+            total += onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * max(1, math.prod(tensor.dims))
     return total
 
 
-def _prod(dims: object) -> int:
-    result = 1
-    for d in dims:  # type: ignore[attr-defined]
-        result *= int(d)
-    return result
-
-
-def cleanup(model: onnx.ModelProto, *, fold: bool = True) -> onnx.ModelProto:
+def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """Remove dead nodes, fold constant subgraphs and sort, as TensorRT's parser prefers."""
     import onnx_graphsurgeon as gs
 
-    logging.getLogger("onnx_graphsurgeon").setLevel(logging.ERROR)
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
+    from sdexport.console import VERBOSE, verbosity
+
+    # onnx-graphsurgeon logs through a logger of its own, which ``console.quiet_libraries`` does not
+    # reach: its warnings (folding skipped, a node it cannot evaluate) show with ``-v`` only.
+    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.INFO if verbosity() >= VERBOSE else gs.logger.G_LOGGER.ERROR
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
-    if fold:
-        # Folding evaluates constant subgraphs with onnxruntime; big weights stay as they are.
-        import onnxruntime
+    # Folding evaluates constant subgraphs with onnxruntime; big weights stay as they are.
+    import onnxruntime
 
-        from sdexport.console import onnxruntime_logging
+    from sdexport.console import onnxruntime_logging
 
-        onnxruntime_logging(onnxruntime)  # its session logs at our verbosity, not ONNX Runtime's
-        graph.fold_constants(size_threshold=64 * 1024**2).cleanup()
+    onnxruntime_logging(onnxruntime)  # its session logs at our verbosity, not ONNX Runtime's
+    graph.fold_constants(size_threshold=64 * 1024**2).cleanup()
     cleaned = gs.export_onnx(graph)
     cleaned.opset_import.clear()
     cleaned.opset_import.extend(model.opset_import)
@@ -368,7 +362,7 @@ def _bytes(value: onnx.ValueInfoProto) -> int:
     dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor_type.shape.dim]
     if tensor_type.elem_type == onnx.TensorProto.UNDEFINED or not all(dims):
         return 0
-    return onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize * _prod(dims)
+    return onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize * math.prod(dims)
 
 
 def symbolic_shapes(model: onnx.ModelProto, *, auto_merge: bool) -> onnx.ModelProto | None:
