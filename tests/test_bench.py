@@ -215,7 +215,9 @@ def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, tiny_engi
     assert [(r["contender"], r["case"]["batch"]) for r in failed] == [("onnxruntime-cpu", 2)]
     assert len([r for r in report["results"] if r["status"] == "measured"]) == 5
     assert report["scenario"]["warmup"] == 0 and report["scenario"]["repeats"] == 1
-    assert "onnxruntime-cpu (batch 2, 3 steps): batch 2 is outside" in (tmp_path / "out" / "results.md").read_text()
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "onnxruntime-cpu (batch 2, 3 steps): batch 2 is outside" in markdown
+    assert "**No warm-up run** (`--warmup 0`): each contender's first timed run is its first call" in markdown
     assert closed == ["diffusers", "onnxruntime-cpu", "torch"]  # each freed before the next loads
 
 

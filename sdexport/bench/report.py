@@ -111,11 +111,19 @@ def vae_rerun_note(entry: dict[str, Any]) -> str | None:
             "instead, so this contender's runs did more work than the baseline's")
 
 
-def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line: dict[str, Any] | None = None) -> list[str]:
+def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line: dict[str, Any] | None = None,
+                  warmup: int | None = None) -> list[str]:
     """What a reader must know before trusting a case's table: too few repeats for a spread, a
-    spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why).
+    spread too wide for the ratio, stage figures that do not add up to the end-to-end one (and why),
+    timed runs that include a first call (``warmup`` 0).
     ``command_line``: the flags that replaced scenario values (the advice names the one that set it)."""
     notes = []
+    if warmup == 0 and rows:
+        where = "`--warmup 0`" if "--warmup" in (command_line or {}) else "`warmup = 0` in the scenario"
+        notes.append(f"**No warm-up run** ({where}): each contender's first timed run is its first call at these "
+                     "shapes, with the one-time work that call does (lazy initialisation, cuDNN's algorithm search, "
+                     "TensorRT's first enqueue; compiled and CUDA-graph contenders settle untimed first), so these "
+                     "are not steady-state figures and the speedups compare first calls as much as steps.")
     few = sorted({repeats(r["e2e_s"]) for r in rows if repeats(r["e2e_s"]) < MIN_REPEATS})
     if few:
         where = ("`--repeats` on the command line" if "--repeats" in (command_line or {})
@@ -327,7 +335,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines += [_row(r, rows, report["baseline"], controlnet, busy, adapter) for r in rows]
         lines.append("")
-        warnings = case_warnings(rows, report["baseline"], report.get("command_line"))
+        warnings = case_warnings(rows, report["baseline"], report.get("command_line"), report["scenario"].get("warmup"))
         if warnings:
             lines += [*[w for note in warnings for w in (note, ">")][:-1], ""]
     one_time = report["one_time"]
