@@ -644,6 +644,44 @@ def test_each_graph_has_its_own_context(engine_factory):
         assert context.device_memory == engine.context.device_memory
 
 
+@pytest.fixture
+def syncs_and_frees(monkeypatch):
+    """The order in which the fake stream was synchronised and fake contexts were destroyed."""
+    fake_tensorrt.DESTROYED.clear()
+    monkeypatch.setattr(fake_tensorrt.FakeStream, "synchronize", lambda self: fake_tensorrt.DESTROYED.append("sync"))
+    return fake_tensorrt.DESTROYED
+
+
+def test_an_evicted_graphs_context_is_freed_after_the_stream_is_done(engine_factory, monkeypatch, syncs_and_frees):
+    """The least recently used graph goes when a new one exceeds MAX_GRAPHS; a replay of it still
+    queued on the stream reads its context, so the context is freed only after the stream is done."""
+    from sdexport.runtime import tensorrt_backend
+
+    monkeypatch.setattr(tensorrt_backend, "MAX_GRAPHS", 1)
+    engine = engine_factory(cuda_graph=True)
+    engine(_feed())
+    syncs_and_frees.clear()
+    engine(_feed(batch=4, side=16))
+    assert len(engine._graphs) == 1
+    assert syncs_and_frees == ["sync", "context"], syncs_and_frees
+
+
+def test_a_failed_capture_frees_its_context_after_the_stream_is_done(engine_factory, monkeypatch, capsys,
+                                                                    syncs_and_frees):
+    """The warm-up run before a capture is queued on the context made for it: a capture that fails
+    drops that context only after the stream has run it."""
+    def failing(graph, stream=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    engine = engine_factory(cuda_graph=True)
+    monkeypatch.setattr(torch.cuda, "graph", failing)
+    syncs_and_frees.clear()
+    feed = _feed()
+    torch.testing.assert_close(engine(feed)["out_sample"], 2 * feed["sample"] + feed["timestep"])
+    assert not engine.cuda_graph and "CUDA graph capture failed" in capsys.readouterr().err
+    assert syncs_and_frees == ["sync", "context"], syncs_and_frees
+
+
 def test_capture_ahead_of_the_first_call(engine_factory):
     engine = engine_factory(cuda_graph=True)
     engine.capture({"sample": (2, 4, 8, 8), "timestep": (), "encoder_hidden_states": (2, 8, 16)})

@@ -363,6 +363,9 @@ class TensorRTEngine:
         self._drop_graphs()
 
     def _drop_graphs(self) -> None:
+        """Free every captured graph and its context, once the stream's work is done: a replay (or,
+        after a failed capture, the warm-up run) still queued reads the context's state."""
+        self.memory.stream.synchronize()
         while self._graphs:
             _, entry = self._graphs.popitem(last=False)
             entry.release()
@@ -499,8 +502,10 @@ class TensorRTEngine:
             self._drop_graphs()
             return
         self._graphs[shapes] = _Graph(captured, context)
-        while len(self._graphs) > MAX_GRAPHS:
-            self._graphs.popitem(last=False)[1].release()
+        if len(self._graphs) > MAX_GRAPHS:
+            self.memory.stream.synchronize()  # a replay still queued reads the context it would free
+            while len(self._graphs) > MAX_GRAPHS:
+                self._graphs.popitem(last=False)[1].release()
 
 
 def _numel(shape: Shape) -> int:
