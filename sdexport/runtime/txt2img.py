@@ -474,6 +474,10 @@ class Txt2ImgPipeline:
             extra = [torch.cat([init.mask] * 2) if request.cfg else init.mask,
                      torch.cat([init.masked_latents] * 2) if request.cfg else init.masked_latents]
         blend = init is not None and init.mask is not None and not self.dims.inpainting
+        # The blend's noise levels on the latents' device, copied now: PNDM, DDIM and LCM keep their
+        # timesteps on the host (``set_schedule``), and ``add_noise`` would copy one over every step,
+        # a copy that waits for the device.
+        blend_timesteps = timesteps.to(self.device) if blend else timesteps
         step_kwargs = _step_kwargs(scheduler, generators)
         control = self.control_conditioning(request, self.control_span(request, scheduler, timesteps)) if self.controlnets else None
         adapter: AdapterFeatures | None = None
@@ -511,7 +515,7 @@ class Txt2ImgPipeline:
                 assert init is not None and init.image_latents is not None and init.mask is not None
                 kept = init.image_latents
                 if i < len(timesteps) - 1:
-                    kept = scheduler.add_noise(kept, init.noise, timesteps[i + 1:i + 2])
+                    kept = scheduler.add_noise(kept, init.noise, blend_timesteps[i + 1:i + 2])
                 latents = (1 - init.mask) * kept + init.mask * latents
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
