@@ -61,22 +61,27 @@ class AllocationStrategy(enum.Enum):
 
 
 class Dims:
-    """``trt.Dims``: indexed and sized, not a tuple (the runtime reads it with ``len`` and ``[]``)."""
+    """``trt.Dims``: indexed and sized, not a tuple (the runtime reads it with ``len`` and ``[]``).
+    ``Dims(None)`` is what TensorRT returns for a name that is no I/O tensor (``nbDims`` -1), whose
+    length Python cannot take."""
 
-    def __init__(self, values: tuple[int, ...]) -> None:
-        self._values = tuple(values)
+    def __init__(self, values: tuple[int, ...] | None) -> None:
+        self._values = None if values is None else tuple(values)
 
     def __len__(self) -> int:
+        if self._values is None:
+            raise ValueError("__len__() should return >= 0")
         return len(self._values)
 
     def __getitem__(self, index: int) -> int:
-        return self._values[index]
+        return tuple(self)[index]
 
     def __eq__(self, other: object) -> bool:  # (tests compare with tuples)
         return tuple(self) == tuple(other) if isinstance(other, Dims | tuple) else NotImplemented
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._values)
+        len(self)  # (TensorRT's own raises for nbDims -1 too)
+        return iter(self._values or ())
 
 
 class ILogger:
@@ -161,7 +166,7 @@ class FakeEngine:
         return self.io[index][0]
 
     def get_tensor_mode(self, name: str) -> TensorIOMode:
-        return dict(self.io)[name]
+        return dict(self.io).get(name, TensorIOMode.NONE)
 
     def get_tensor_dtype(self, name: str) -> DataType:
         return self.dtypes.get(name, DataType.FLOAT)
@@ -173,6 +178,8 @@ class FakeEngine:
     def get_tensor_shape(self, name: str) -> Dims:
         """As built: -1 where the profile lets an axis vary (an input missing from ``ranges`` is a
         static scalar: the timestep)."""
+        if name not in dict(self.io):
+            return Dims(None)
         if name == "out_sample":
             name = "sample"
         if name not in self.ranges:
@@ -202,6 +209,8 @@ class FakeContext:
         self.device_memory = (address, size)
 
     def set_input_shape(self, name: str, shape: tuple[int, ...]) -> bool:
+        if self.engine.get_tensor_mode(name) != TensorIOMode.INPUT:
+            return False
         if name not in self.engine.ranges:  # static
             return tuple(shape) == tuple(self.engine.get_tensor_shape(name))
         lo, _, hi = self.engine.ranges[name]

@@ -854,10 +854,20 @@ def test_the_fake_refitter_keeps_tensorrts_rules(trt):
     assert engine.weights["w"].shape == (2, 3) and engine.weights["w"].all()
 
 
+CACHE_ERRORS = [
+    "1: [stdArchiveReader.cpp::StdArchiveReaderInitCommon::47] Error Code 1: Serialization (Serialization "
+    "assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)",
+    "4: The timing cache will not be used!",
+]
+"""What TensorRT logs as errors for a timing cache it cannot read, before building without it."""
+
+
+@pytest.mark.parametrize("cache_errors", [[], CACHE_ERRORS], ids=["plain", "after-an-unreadable-timing-cache"])
 def test_a_failed_build_says_tensorrts_first_error_and_its_log_goes_to_stderr(trt, tiny_fp16_engine_dir, tmp_path,
-                                                                               monkeypatch, capsys):
+                                                                               monkeypatch, capsys, cache_errors):
     """polygraphy's exception says only "Invalid Engine"; TensorRT's reason is a line of its log,
-    which a failure recorded away from the terminal (the bench's report) never held."""
+    which a failure recorded away from the terminal (the bench's report) never held. Errors about
+    a timing cache TensorRT could not read come first and are not the reason: it builds without it."""
     import polygraphy.backend.trt as backend
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
@@ -867,6 +877,8 @@ def test_a_failed_build_says_tensorrts_first_error_and_its_log_goes_to_stderr(tr
 
     def failing(network: dict[str, Any], config: dict[str, Any], save_timing_cache: Any = None) -> bytes:
         G_LOGGER.warning("a warning first")
+        for line in cache_errors:
+            G_LOGGER.error(line)
         G_LOGGER.error("10: Could not find any implementation for node /down/conv.")
         G_LOGGER.error("2: [builder.cpp::buildSerializedNetwork::751] Error Code 2: Internal Error (engine == nullptr)")
         raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
@@ -878,6 +890,25 @@ def test_a_failed_build_says_tensorrts_first_error_and_its_log_goes_to_stderr(tr
                                       "(TensorRT: 10: Could not find any implementation for node /down/conv.)")
     captured = capsys.readouterr()
     assert "a warning first" in captured.err and "Error Code 2" in captured.err and captured.out == ""
+
+
+def test_a_build_that_fails_after_only_timing_cache_errors_gives_those(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                       monkeypatch):
+    import polygraphy.backend.trt as backend
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+
+    def failing(network: dict[str, Any], config: dict[str, Any], save_timing_cache: Any = None) -> bytes:
+        for line in CACHE_ERRORS:
+            G_LOGGER.error(line)
+        raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")
+
+    monkeypatch.setattr(backend, "engine_bytes_from_network", failing)
+    with pytest.raises(SdexportError, match=r"\(TensorRT: 1: \[stdArchiveReader.cpp::.*Magic tag does not match\)\)$"):
+        tensorrt_build.build_engines(directory, components=["unet"])
 
 
 def test_the_timing_cache_is_replaced_whole_and_never_kept_in_the_engine_directory(trt, tiny_fp16_engine_dir, tmp_path,

@@ -428,17 +428,24 @@ def profile_shapes(ranges: dict[str, ShapeRange], graph_io: GraphIO) -> dict[str
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CACHE_ERROR = re.compile(r"timing cache|Serialization", re.IGNORECASE)
+"""TensorRT's errors on a timing cache it cannot read ("Serialization assertion ... Magic tag does
+not match", "The timing cache will not be used!"): logged as errors, after which the build goes on
+without the cache, so they are not the reason a build then fails (a ``--timing-cache`` file may
+come from another TensorRT)."""
 
 
 class _ErrorTee(io.TextIOBase):
     """polygraphy's log, on its way to ``target``, with the first error it holds kept: polygraphy's
     exception says only that the parse or build failed ("Invalid Engine"), TensorRT's reason is a
     line of its log (``[E] ...``), and a failure recorded away from the terminal (the bench's
-    report) would otherwise hold none."""
+    report) would otherwise hold none. An error about the timing cache is kept only where no other
+    follows (``_CACHE_ERROR``)."""
 
     def __init__(self, target: Any) -> None:
         self.target = target
         self.first_error: str | None = None
+        self._cache_error: str | None = None
         self._partial = ""
 
     def write(self, text: str) -> int:
@@ -447,10 +454,19 @@ class _ErrorTee(io.TextIOBase):
             *lines, self._partial = (self._partial + text).split("\n")
             for line in lines:
                 plain = _ANSI.sub("", line).strip()
-                if plain.startswith("[E]"):
-                    self.first_error = plain.removeprefix("[E]").strip()
+                if not plain.startswith("[E]"):
+                    continue
+                error = plain.removeprefix("[E]").strip()
+                if not _CACHE_ERROR.search(error):
+                    self.first_error = error
                     break
+                self._cache_error = self._cache_error or error
         return len(text)
+
+    @property
+    def reason(self) -> str | None:
+        """TensorRT's first error, else its first about the timing cache, else None."""
+        return self.first_error or self._cache_error
 
     def flush(self) -> None:
         self.target.flush()
@@ -493,9 +509,9 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, repl
             )
             plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
     except PolygraphyException as exc:
-        said = f" (TensorRT: {log.first_error})" if log.first_error else ""
+        said = f" (TensorRT: {log.reason})" if log.reason else ""
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}{said}") from None
     if plan is None:  # (polygraphy raises where the build returns None; IHostMemory has no length to test)
-        said = f": {log.first_error}" if log.first_error else " (see its log above)"
+        said = f": {log.reason}" if log.reason else " (see its log above)"
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}{said}")
     return memoryview(plan)
