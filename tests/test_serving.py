@@ -147,6 +147,62 @@ def test_rows_with_the_same_settings_share_a_call_up_to_the_batch_limit():
     assert len(group_rows([(0, same[0]), (1, guessing[0])], max_batch=2)) == 2
 
 
+SHARING = {
+    # field: (a value other than the base row's, whether rows that differ so still share a call)
+    "prompt": ("b", True), "seed": (2, True), "guidance": (3.0, True), "steps": (20, False),
+    "scheduler": ("euler", False), "height": (256, False), "width": (256, False),
+    "negative_prompt": ("fog", False), "guidance_rescale": (0.7, False), "prompt_2": ("b", False),
+    "negative_prompt_2": ("fog", False), "original_size": ((1024, 1024), False),
+    "crops_coords_top_left": ((8, 8), False), "target_size": ((1024, 1024), False),
+    "aesthetic_score": (6.0, False), "negative_aesthetic_score": (2.5, False), "denoising_end": (0.8, False),
+    "clip_skip": (2, False), "emphasis": ("original", False), "chunks": (2, False), "image": ("init", False),
+    "mask": ("mask", False), "strength": (0.5, False), "control_image": (["edges"], False),
+    "control_mode": ([3], False), "control_scale": (0.5, False), "control_start": (0.2, True),
+    "control_end": (0.8, True), "guess_mode": (True, False), "control_digests": (("d1",), True),
+    "adapter_image": ("sketch", False), "adapter_scale": (0.5, True), "adapter_factor": (0.5, True),
+    "guidance_embedded": (True, False), "notes": (["resized"], True),
+}
+
+
+def test_every_row_field_is_either_in_the_batch_key_or_taken_per_image():
+    """A parameter added to ``Row`` but left out of ``batch_key`` would put rows that must run apart
+    into one call, silently: each field is listed here with whether rows that differ in it share a
+    call, so a new one fails here until it is decided."""
+    import dataclasses
+
+    from sdexport.serving.requests import Row
+
+    assert sorted(f.name for f in dataclasses.fields(Row)) == sorted(SHARING)
+    base = Row(prompt="a", seed=1, steps=30, guidance=7.5, scheduler="default", height=512, width=512)
+    for name, (value, shared) in SHARING.items():
+        assert (dataclasses.replace(base, **{name: value}).batch_key() == base.batch_key()) is shared, name
+
+
+def test_served_defaults_are_runs():
+    """The served model fills in what a request leaves out as ``sdexport run`` does: the same
+    defaults, written once (``GenerationRequest``'s), and the same step limit as ``serve``'s."""
+    import dataclasses
+    import inspect
+
+    from sdexport import cli
+    from sdexport.runtime.request import GenerationRequest
+    from sdexport.serving.requests import DEFAULTS, Row
+    from sdexport.serving.triton_model import MAX_STEPS
+
+    run = inspect.signature(cli.run).parameters
+    request = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+    for name in ("steps", "scheduler", "emphasis", "fit"):
+        assert DEFAULTS[name] == run[name].default, name
+    for name, default in DEFAULTS.items():
+        assert name == "fit" or default == request[name], name
+    for f in dataclasses.fields(Row):  # a row's defaults are the request's where it has the field
+        if f.name in request and f.default is not dataclasses.MISSING:
+            assert f.default == request[f.name], f.name
+    assert run["guidance_rescale"].default == request["guidance_rescale"]
+    for command in (cli.serve, cli.triton_repo):
+        assert inspect.signature(command).parameters["max_steps"].default == MAX_STEPS
+
+
 def test_rows_of_different_guidance_share_a_call_unless_one_side_skips_the_unconditional_half():
     from sdexport.serving.requests import decode_rows, generation_request, group_rows
 

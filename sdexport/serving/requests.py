@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from sdexport.errors import ProfileError, SdexportError
+from sdexport.runtime.ensemble import field_defaults
 from sdexport.runtime.request import (
     MASKED_INIT,
     GenerationRequest,
@@ -33,9 +34,12 @@ from sdexport.runtime.request import (
 )
 from sdexport.serving.protocol import INPUT_NAMES
 
-DEFAULTS: dict[str, Any] = {"steps": 30, "scheduler": "default", "fit": "exact", "adapter_scale": 1.0,
-                            "adapter_factor": 1.0, "emphasis": "none"}
-"""What ``sdexport run`` uses when a flag is not given (guidance: the family's, as ``run``)."""
+DEFAULTS: dict[str, Any] = {
+    **field_defaults(GenerationRequest, ("steps", "scheduler", "adapter_scale", "adapter_factor", "emphasis")),
+    "fit": "exact",
+}
+"""What ``sdexport run`` uses when a flag is not given (guidance: the family's, as ``run``): the
+request's own defaults, and ``run``'s ``--fit`` (a test holds ``run``'s flags to these)."""
 
 
 @dataclass
