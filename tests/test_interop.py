@@ -214,6 +214,7 @@ def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     ("empty", "not an ONNX export of a diffusers pipeline"),
     ("diffusers", "a diffusers checkpoint (PyTorch weights, no unet/model.onnx), not an ONNX export; export it"),
     ("sd3", "a StableDiffusion3Pipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),
+    ("pag", "a StableDiffusionPAGPipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),  # guidance it has not
     ("no-vae", "no vae_decoder/model.onnx"),
     ("manifest", "already has a manifest.json"),
     ("truncated", "unet/model.onnx is not a readable ONNX graph"),  # a partial copy or download
@@ -226,9 +227,10 @@ def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_exp
                                             tiny_engine_dir: Path, tmp_path: Path, capsys):
     target = {"missing": tmp_path / "nothing", "empty": tmp_path, "diffusers": tiny_diffusers_dir,
               "manifest": tiny_engine_dir}.get(case, foreign_export)
-    if case == "sd3":
+    if case in ("sd3", "pag"):
         index = json.loads((target / "model_index.json").read_text())
-        (target / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusion3Pipeline"}))
+        pipeline = {"sd3": "StableDiffusion3Pipeline", "pag": "StableDiffusionPAGPipeline"}[case]
+        (target / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
     if case == "no-vae":
         shutil.rmtree(target / "vae_decoder")
     if case == "scheduler-classes":  # diffusers would sample with the index's, the runtime with the config's

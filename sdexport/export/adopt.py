@@ -24,7 +24,13 @@ from sdexport.errors import SdexportError, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
-from sdexport.models.outline import checkpoint_profile, family_of_index, index_scheduler_class, read_json
+from sdexport.models.outline import (
+    SUPPORTED_PIPELINES,
+    checkpoint_profile,
+    family_of_index,
+    index_scheduler_class,
+    read_json,
+)
 from sdexport.specs import (
     SDXL_REFINER,
     ComponentSpec,
@@ -101,7 +107,7 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
     if family is None:
         raise SdexportError(
             f"{directory}: a {pipeline}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
-            "(StableDiffusion*Pipeline, StableDiffusionXL*Pipeline)"
+            f"({', '.join(SUPPORTED_PIPELINES)})"
         )
     family = family_of_index(family, index, directory)
     named, saved = index_scheduler_class(index), read_json(directory / SCHEDULER_CONFIG_FILE).get("_class_name")
@@ -162,17 +168,11 @@ def check_replaceable(directory: Path, replace: bool) -> None:
 
 
 def family_of_pipeline(pipeline: str) -> str | None:
-    """``StableDiffusionXL*Pipeline`` → sdxl; other ``StableDiffusion*Pipeline`` (not 3.x) and
-    ``LatentConsistencyModel*Pipeline`` (an LCM-distilled SD 1.5) → sd; also with optimum's ``ORT``
-    prefix (``ORTDiffusionPipeline.save_pretrained`` writes its own class)."""
-    pipeline = pipeline.removeprefix("ORT")
-    if not pipeline.endswith("Pipeline"):
-        return None
-    if pipeline.startswith("StableDiffusionXL"):
-        return "sdxl"
-    if pipeline.startswith(("StableDiffusion", "LatentConsistencyModel")) and not pipeline.startswith("StableDiffusion3"):
-        return "sd"
-    return None
+    """The family of a pipeline ``export`` takes (``SUPPORTED_PIPELINES``), also with optimum's
+    ``ORT`` prefix (``ORTDiffusionPipeline.save_pretrained`` writes its own class); None for any
+    other, such as the upscaler, depth-to-image, instruct-pix2pix, PAG or GLIGEN pipelines, whose
+    models or guidance the runtime does not have."""
+    return SUPPORTED_PIPELINES.get(pipeline.removeprefix("ORT"))
 
 
 def _tokenizer_length(folder: Path) -> int:
