@@ -191,12 +191,12 @@ def save_manifest(directory: Path, manifest: Manifest) -> None:
     write_atomic(directory / MANIFEST_NAME, text + "\n")
 
 
-def load_manifest(directory: Path, *, verify_files: bool = True, components: list[str] | None = None,
-                  rehash: bool = False) -> Manifest:
-    """Read and check an engine directory; ``components`` limits the hash check to what will be used.
+def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
+    """Read and check an engine directory.
 
     Schema, paths and required files are checked on every call (cheap); hashes only with
-    ``verify_files`` (from the hash records where a file has not changed, unless ``rehash``).
+    ``verify_files`` (from the hash records where a file has not changed). The runtime checks the
+    files it will read itself (``loading``), the TensorRT plan it picks among several.
     """
     if not directory.is_dir():
         if directory.exists():
@@ -230,7 +230,7 @@ def load_manifest(directory: Path, *, verify_files: bool = True, components: lis
     manifest = Manifest.from_dict(data)
     check_layout(directory, manifest)
     if verify_files:
-        verify_files_of(directory, manifest, components, rehash=rehash)
+        verify_files_of(directory, manifest)
     return manifest
 
 
@@ -436,20 +436,10 @@ def _require_inside(directory: Path, rel: str) -> None:
         )
 
 
-def verify_files_of(
-    directory: Path, manifest: Manifest, components: list[str] | None = None, *, plans: bool = True,
-    rehash: bool = False,
-) -> FilesChecked:
-    """Check the directory's files against their hashes, limited to ``components`` if given.
-
-    The runtime passes ``plans=False``: a directory may hold TensorRT plans for several GPUs, and
-    the TensorRT loader checks only the one it picks.
-    """
-    skipped = tuple(f"{c}/" for c in manifest.components if components is not None and c not in components)
-    return check_files(directory, {
-        rel: digest for rel, digest in manifest.files.items()
-        if (plans or not rel.endswith(".plan")) and not (skipped and rel.startswith(skipped))
-    }, rehash=rehash)
+def verify_files_of(directory: Path, manifest: Manifest, *, rehash: bool = False) -> FilesChecked:
+    """Check every file the manifest lists against its hash (``inspect``'s check: TensorRT plans for
+    other GPUs too); ``rehash`` (``--verify``): read each again even where a hash record vouches for it."""
+    return check_files(directory, dict(manifest.files), rehash=rehash)
 
 
 @dataclass

@@ -855,8 +855,8 @@ def test_the_fake_refitter_keeps_tensorrts_rules(trt):
 
 
 CACHE_ERRORS = [
-    "1: [stdArchiveReader.cpp::StdArchiveReaderInitCommon::47] Error Code 1: Serialization (Serialization "
-    "assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)",
+    ("1: [stdArchiveReader.cpp::StdArchiveReaderInitCommon::47] Error Code 1: Serialization (Serialization "
+    "assertion magicTagRead == kMAGIC_TAG failed.Magic tag does not match)"),
     "4: The timing cache will not be used!",
 ]
 """What TensorRT logs as errors for a timing cache it cannot read, before building without it."""

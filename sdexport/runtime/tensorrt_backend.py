@@ -576,7 +576,6 @@ def load_tensorrt_engines(
     *,
     profile: ShapeProfile | None = None,
     verify: bool = True,
-    memory: SharedDeviceMemory | None = None,
     weights: dict[str, dict[str, Any]] | None = None,
     fp32: Collection[str] = (),
     optional: Mapping[str, str] | None = None,
@@ -618,7 +617,7 @@ def load_tensorrt_engines(
             from sdexport.runtime.lora_runtime import initializer_reader
 
             refit(chosen[name][1], changed, path, initializer_reader(engine_dir / manifest.components[name].onnx))
-    memory = memory if memory is not None else SharedDeviceMemory()
+    memory = SharedDeviceMemory()
     memory.reserve(max((e.device_memory_size_v2 for _, e in chosen.values()), default=0))
     engines = {}
     for name, (entry, engine) in chosen.items():
