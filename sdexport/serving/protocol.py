@@ -27,6 +27,7 @@ class TensorSpec:
     dims: tuple[int, ...]
     """Per row (Triton adds the batch dimension); -1 is any length."""
     doc: str
+    """For readers of this table; the README's table of inputs is the users' (a test holds its names to these)."""
     optional: bool = True
 
     @property
@@ -55,17 +56,17 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("seed", "UINT64", (1,), "seed of this image (default: its row number in the request)"),
     TensorSpec("height", "INT32", (1,), "pixels (default: the first row's: its init, first control or adapter image's, else the profile's opt)"),
     TensorSpec("width", "INT32", (1,), "pixels (default: as height)"),
-    TensorSpec("init_image", "BYTES", (1,), "img2img / inpainting: a PNG or JPEG file's bytes"),
-    TensorSpec("mask", "BYTES", (1,), "inpainting: PNG/JPEG bytes, white repaints"),
+    TensorSpec("init_image", "BYTES", (1,), "img2img / inpainting: an image file's bytes (PNG, JPEG, WebP, ...: image_inputs.IMAGE_FORMATS)"),
+    TensorSpec("mask", "BYTES", (1,), "inpainting: an image file's bytes, white repaints"),
     TensorSpec("strength", "FP32", (1,), "with init_image: how far it is noised (default as `sdexport run`)"),
     TensorSpec("fit", "BYTES", (1,), "init image/mask of another size: exact (refuse), resize or crop"),
-    TensorSpec("control_image", "BYTES", (-1,), "ControlNet: this image's PNG/JPEG, one per ControlNet in export order, or masked-init"),
+    TensorSpec("control_image", "BYTES", (-1,), "ControlNet: this image's image file, one per ControlNet in export order, or masked-init"),
     TensorSpec("control_mode", "INT32", (-1,), "union ControlNet: the control mode of each control image, in order (e.g. xinsir's 0 openpose, 1 depth, 3 canny)"),
     TensorSpec("control_scale", "FP32", (-1,), "ControlNet: one scale, or one per ControlNet (default: txt2img 1, img2img 0.8, inpainting SD 0.5, SDXL 1)"),
     TensorSpec("control_start", "FP32", (-1,), "ControlNet: fraction of the steps to start at (default 0)"),
     TensorSpec("control_end", "FP32", (-1,), "ControlNet: fraction of the steps to stop at (default 1)"),
     TensorSpec("guess_mode", "BOOL", (1,), "ControlNet: guess mode, as `sdexport run --guess-mode` (default false)"),
-    TensorSpec("adapter_image", "BYTES", (-1,), "T2I-Adapter: this image's PNG/JPEG (a sketch, edge, depth or pose map); one per adapter, in export order"),
+    TensorSpec("adapter_image", "BYTES", (-1,), "T2I-Adapter: this image's image file (a sketch, edge, depth or pose map); one per adapter, in export order"),
     TensorSpec("adapter_scale", "FP32", (-1,), "T2I-Adapter: conditioning scale, one or one per adapter (default 1)"),
     TensorSpec("adapter_factor", "FP32", (1,), "T2I-Adapter: share of the steps, the first ones, it acts on (default 1)"),
 )
