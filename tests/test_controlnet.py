@@ -629,6 +629,9 @@ def no_engines(monkeypatch):
     (["--control-image", "{img}", "--height", "512", "--width", "512"], "height 512 is outside the engines' profile"),
     (["--control-image", "{big}"], "(the size of the first --control-image; give --height and --width"),
     (["--control-image", "{img}", "--control-start", "0.6", "--control-end", "0.5"], "--control-start 0.6 is not before"),
+    # an empty window: the ControlNet would act at no step (diffusers refuses start >= end too)
+    (["--control-image", "{img}", "--control-start", "0.5", "--control-end", "0.5"],
+     "--control-start 0.5 is not before --control-end 0.5"),
     (["--control-image", "{img}", "--control-end", "1.5"], "--control-end 1.5: a fraction of the steps"),
     (["--control-image", "{img}", "--control-scale", "1", "--control-scale", "2"], "--control-scale: 2 values for 1"),
     (["--control-image", "{img}", "--control-scale", "nan"], "--control-scale nan: expected a finite number"),

@@ -523,3 +523,14 @@ def test_a_mask_fitted_to_the_request_is_made_greyscale_after_its_resize_as_diff
     assert torch.equal(ours, theirs)
     early, _ = fit_image(read_image(path, "--mask", mode="L"), 64, 64, "resize", "--mask")  # (the old order)
     assert not torch.equal(binary_mask([early], 1), theirs)
+
+
+def test_an_init_image_starting_on_a_repeated_timestep_starts_at_its_own_step(engine_dirs, references):
+    """DPM++ 2M Karras at 50 steps lists timestep 1 twice (entries 47 and 48); strength 0.07 starts
+    on the first. diffusers tells the scheduler where the window begins (``set_begin_index``): found
+    by the timestep's value instead, the start is the second entry, another noise level."""
+    pipeline = load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", image_inputs=True)
+    request = GenerationRequest(prompt=["a lighthouse"], steps=50, seeds=[3], height=64, width=64,
+                                scheduler="dpmpp_2m_karras", image=[picture(64, 64, 0)], strength=0.07)
+    assert request.denoising_steps("sd") == 3
+    _agree(pipeline(request), references["tiny"](request))

@@ -660,3 +660,17 @@ def test_the_optimum_environment_shares_torch_only_when_the_pin_is_the_installed
     for other in (f"torch=={public}.post9", f"torch=={public}+other", f"torch>={public}", "torch",
                   "https://example.com/torch.whl", f"numpy=={public}", f"torch=={public},<3"):
         assert shared_torch(other) == "", other
+
+
+def test_export_force_never_replaces_a_directory_adopted_with_its_model(foreign_export: Path, capsys):
+    """``adopt --model`` proves another tool's graphs against the model and records it as the source
+    (``adopted_from``), not as ``onnx``: the files are still that tool's, and ``export --force`` refuses them."""
+    from sdexport.manifest import load_manifest
+
+    assert run_cli("adopt", foreign_export, "--model", "tiny") == 0
+    manifest = (foreign_export / "manifest.json").read_bytes()
+    capsys.readouterr()
+    assert run_cli("export", "tiny", "-o", foreign_export, "--force") == 2
+    assert "`sdexport adopt` gave a manifest: its files are not sdexport's" in " ".join(capsys.readouterr().err.split())
+    assert (foreign_export / "manifest.json").read_bytes() == manifest
+    assert load_manifest(foreign_export).model["source"]["adopted_from"]

@@ -600,3 +600,15 @@ def test_only_a_component_level_staging_folder_counts_as_ours(built_dir: Path, t
     deep.mkdir()
     (deep / "mine.txt").write_text("mine")
     assert not_an_engine_dir(copy) is not None
+
+
+def test_a_build_keeps_a_users_folder_named_like_a_staging_folder_below_a_component(built_dir: Path, tmp_path: Path):
+    """Builds stage ``<component>/.onnxruntime-cuda.PID.tmp`` and remove what a killed one left there;
+    a folder of that name one level deeper is not theirs (``unlisted_files`` agrees) and stays."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    deep = copy / "unet" / "onnxruntime-cuda" / ".onnxruntime-cuda.1.tmp"
+    deep.mkdir()
+    (deep / "mine.txt").write_text("mine")
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
+    assert (deep / "mine.txt").read_text() == "mine"

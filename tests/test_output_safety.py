@@ -531,3 +531,35 @@ def test_writers_of_one_file_with_the_same_pid_never_share_a_temporary_name(tmp_
         assert unlisted_files(tmp_path, {"timing.cache"}) == []
     assert target.read_bytes() in (b"first whole cache", b"second whole cache")
     assert [p.name for p in tmp_path.iterdir()] == ["timing.cache"]
+
+
+def test_an_engine_directory_with_the_marker_a_kill_left_is_still_ours(engine_copy: Path, capsys):
+    """A kill between an export's rename into place and its marker's removal leaves ``.sdexport-partial``
+    in a finished engine directory (the Triton repository's case above): --force still replaces it."""
+    (engine_copy / MARKER).touch()
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 0, capsys.readouterr().err
+    assert not (engine_copy / MARKER).exists() and hidden_siblings(engine_copy) == []
+
+
+def test_force_refuses_an_engine_directory_whose_manifest_is_a_link(engine_copy: Path, tiny_engine_dir: Path,
+                                                                      capsys):
+    """sdexport writes its manifest as a file: one reached through a link proves nothing about the
+    folder holding it (a user's copy of the files, with the manifest linked from the original)."""
+    (engine_copy / "manifest.json").unlink()
+    (engine_copy / "manifest.json").symlink_to(tiny_engine_dir / "manifest.json")
+    before = _tree(engine_copy)
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 2
+    assert "it has no manifest.json" in capsys.readouterr().err
+    assert _tree(engine_copy) == before and (engine_copy / "manifest.json").is_symlink()
+
+
+def test_force_refuses_an_engine_directory_holding_a_users_link_to_a_folder(engine_copy: Path, tmp_path: Path,
+                                                                              capsys):
+    """A link is the user's, a link to a folder too (which the walk does not enter): listed as not ours."""
+    loras = tmp_path / "my-loras"
+    loras.mkdir()
+    (loras / "style.safetensors").write_bytes(b"the user's")
+    (engine_copy / "unet" / "loras").symlink_to(loras, target_is_directory=True)
+    assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 2
+    assert "files its manifest does not list: unet/loras" in capsys.readouterr().err
+    assert (engine_copy / "unet" / "loras").is_symlink() and (loras / "style.safetensors").exists()

@@ -331,3 +331,10 @@ def test_sdxl_size_conditioning_is_bounded():
         request = GenerationRequest(prompt=["x"], height=64, width=64, **{field: (99999999999999999999, 1)})
         with pytest.raises(SdexportError, match=f"{field} .*pixel counts from 0 to 65536"):
             check_request(request, family="sdxl", dims=dims, profile=PRESETS["tiny-sdxl"].profile)
+
+
+def test_the_api_refuses_more_seeds_than_images(pipeline):
+    """One seed per image: a second seed for one prompt was taken and never used (the image was the
+    first seed's), where diffusers refuses a generator list longer than the batch."""
+    with pytest.raises(SdexportError, match=r"^seeds: 2 for 1 images; give one per image"):
+        pipeline(GenerationRequest(prompt=["x"], seeds=[3, 4], height=64, width=64))

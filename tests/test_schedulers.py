@@ -253,3 +253,42 @@ def test_an_init_image_starts_where_diffusers_img2img_starts_for_schedulers_of_a
     expected = scheduler.timesteps[(10 - 5) * scheduler.order:]
     assert scheduler.order == (1 if class_name == "EulerDiscreteScheduler" else 2)
     assert torch.equal(schedule_window(scheduler, request, "sd"), expected)
+
+
+@pytest.mark.parametrize("class_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("start", [0.5, 0.7, 0.799])
+def test_a_refiner_starts_where_diffusers_sdxl_img2img_starts_for_schedulers_of_any_order(class_name, start):
+    """``denoising_start``: diffusers' SDXL img2img ``get_timesteps`` takes the timesteps below the
+    cut-off, one more where a second-order scheduler (Heun, KDPM2: each step's timestep listed twice)
+    would be cut between its two evaluations."""
+    import types
+
+    from sdexport.runtime.request import GenerationRequest
+    from sdexport.runtime.schedulers import schedule_window, set_schedule
+
+    config = {**PRESETS["tiny-sdxl-refiner"].scheduler, "_class_name": class_name}
+    ours, theirs = make_scheduler(DEFAULT, config), make_scheduler(DEFAULT, config)
+    set_schedule(ours, 10, torch.device("cpu"))
+    theirs.set_timesteps(10)
+    request = GenerationRequest(prompt=["x"], steps=10, denoising_start=start, init_latents=torch.zeros(1, 4, 8, 8))
+    expected, _ = diffusers.StableDiffusionXLImg2ImgPipeline.get_timesteps(
+        types.SimpleNamespace(scheduler=theirs), 10, 0.3, "cpu", denoising_start=start)
+    assert torch.equal(schedule_window(ours, request, "sdxl-refiner"), expected)
+    assert ours.begin_index == theirs.begin_index
+
+
+def test_the_experts_split_the_schedule_where_diffusers_rounds_the_cut_off():
+    """diffusers' ``discrete_timestep_cutoff`` is ``int(round(1000 - fraction x 1000))``: at 0.7984
+    that is 202 (1000 - 798.4 = 201.6), so SDXL's timestep 201 is the refiner's, not the base model's
+    (truncated, the cut-off would be 201 and the base model would run it)."""
+    from sdexport.runtime.request import GenerationRequest
+    from sdexport.runtime.schedulers import schedule_window, set_schedule
+
+    def window(**fields) -> list[float]:
+        scheduler = make_scheduler(DEFAULT, PRESETS["tiny-sdxl"].scheduler)
+        set_schedule(scheduler, 10, torch.device("cpu"))
+        return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
+
+    base = window(denoising_end=0.7984)
+    refined = window(denoising_start=0.7984, init_latents=torch.zeros(1, 4, 8, 8))
+    assert base == [901, 801, 701, 601, 501, 401, 301] and refined == [201, 101, 1]

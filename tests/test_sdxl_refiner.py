@@ -699,3 +699,21 @@ def test_serving_refuses_an_ensemble_it_cannot_serve_in_one_line(args, message, 
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("end", [1.0, 1])
+def test_the_python_api_refuses_a_denoising_end_of_the_whole_schedule(end):
+    """``denoising_end`` 1 (the CLI refuses it in check_denoising_end) ran every step and handed back
+    undecoded latents and no image: the API refuses it with the same sentence as 0 or 1.5."""
+    request = GenerationRequest(prompt=["x"], height=64, width=64, denoising_end=end)
+    with pytest.raises(SdexportError, match=f"^denoising_end {end}: need a fraction of the schedule above 0 and below 1"):
+        check_request(request, family="sdxl", dims=load_model("tiny-sdxl").dims, profile=PRESETS["tiny-sdxl"].profile)
+
+
+def test_a_window_that_starts_where_it_ends_is_refused_for_any_scheduler():
+    """start == end: empty for a first-order scheduler; a second-order one (Heun, saved by a model)
+    would add the timestep before the cut-off and run half a step."""
+    request = GenerationRequest(prompt=["x"], height=64, width=64, denoising_start=0.5, denoising_end=0.5,
+                                init_latents=torch.zeros(1, 4, 8, 8))
+    with pytest.raises(SdexportError, match="^denoising_start 0.5 and denoising_end 0.5: the window is empty"):
+        check_request(request, family="sdxl-refiner", dims=load_model(PRESET).dims, profile=PRESETS[PRESET].profile)

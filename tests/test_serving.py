@@ -1641,3 +1641,16 @@ def test_the_triton_processs_output_goes_to_stderr(capsys):
     server._record_logs(b"I1205 started GRPCInferenceService\n")
     out, err = capsys.readouterr()
     assert out == "" and err == "I1205 started GRPCInferenceService\n"
+
+
+def test_rows_without_a_size_take_the_first_rows_as_run_takes_the_first_image_s():
+    """``run`` makes every image the first one's size; so does a served request: its second init
+    image, of another size, is fitted to the first's (here resized), not generated apart at its own."""
+    from sdexport.serving.requests import decode_rows
+
+    inputs = {**_inputs(["a", "b"], steps=2, fit="resize"),
+              "init_image": np.array([[_png_of(np.zeros((64, 128, 3), np.uint8))],
+                                      [_png_of(np.zeros((128, 64, 3), np.uint8))]], dtype=object)}
+    rows = decode_rows(inputs, (128, 128))
+    assert [(row.height, row.width) for row in rows] == [(64, 128), (64, 128)]
+    assert rows[1].image.size == (128, 64) and rows[1].notes == ["init_image resized from 128x64 to 64x128"]
