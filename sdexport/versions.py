@@ -11,7 +11,13 @@ from pathlib import Path
 
 
 def installed_version(package: str) -> str | None:
-    """``package``'s installed version, or None when it is not installed."""
+    """``package``'s installed version, or None when it is not installed. sdexport's own is the
+    running code's (``sdexport.__version__``): run from a checkout on PYTHONPATH (the GPU lease, a
+    worktree) it has no metadata, or another checkout's install's."""
+    if package == "sdexport":
+        from sdexport import __version__
+
+        return __version__
     try:
         return version(package)
     except PackageNotFoundError:

@@ -98,6 +98,20 @@ def test_onnxruntime_warnings_only_with_verbose(tmp_path, capfd):
     assert "text_encoder" in outputs["quiet"].out  # results still on stdout
 
 
+def test_sdexports_version_is_the_running_codes(monkeypatch):
+    """Exports, images and benchmarks record sdexport's version: the code's own, also where it runs
+    from a checkout with no installed metadata (the GPU lease puts it on PYTHONPATH)."""
+    import importlib.metadata
+
+    from sdexport import __version__, versions
+
+    def not_installed(package):
+        raise importlib.metadata.PackageNotFoundError(package)
+
+    monkeypatch.setattr(versions, "version", not_installed)
+    assert versions.installed_versions(["sdexport", "torch"]) == {"sdexport": __version__, "torch": None}
+
+
 def test_graphsurgeon_logs_at_the_verbosity():
     """onnx-graphsurgeon's own logger (not ``logging``) follows -v: its warnings show only then."""
     import onnx
