@@ -156,8 +156,8 @@ class ComponentSpec:
     """Exported in fp32 whatever the export precision (the fp16-overflow fallback VAE decoder, SDXL's
     upcast VAE encoder)."""
     per_step: bool = False
-    """Called once per denoising step (the U-Net): where a CUDA graph's saved launches add up, and
-    the one component ONNX Runtime captures (its text encoders have CPU-only operators)."""
+    """Called once per denoising step (the U-Net, the ControlNets): where a CUDA graph's saved launches
+    add up, and what ONNX Runtime captures (its text encoders have CPU-only operators)."""
     fusion_model: FusionModel = "unet"
     """The model type onnxruntime's transformer optimizer fuses this graph as (``sdexport build
     --target onnxruntime-cuda``): its attention, GroupNorm and convolution patterns differ by type."""
