@@ -275,6 +275,28 @@ def test_a_16_bit_image_is_scaled_to_8_bits_not_clipped(tmp_path):
     assert depth.shape == (8, 8, 3) and (depth[0, 0, 0], depth[-1, -1, 0]) == (0, 255) and len(np.unique(depth)) == 64
 
 
+def test_the_python_apis_16_bit_and_float_images_are_read_as_files_are(tmp_path):
+    """A PIL image given to the Python API is scaled as the same file read by ``run`` (Pillow's
+    ``convert`` would clip a 30% grey 16-bit mask to white, repainting everything, and a 0/1 float
+    mask to black, repainting nothing)."""
+    from sdexport.runtime.image_inputs import binary_mask, control_pixels, pixels, read_image
+
+    grey = np.full((8, 8), 20000, np.uint16)  # 30% grey: kept
+    grey[:, :2] = 65535  # white: repainted
+    ones = np.zeros((8, 8), np.float32)
+    ones[2:6, 2:6] = 1.0
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(ones, "F").save(tmp_path / "ones.tiff")
+    for name in ("grey.png", "ones.tiff"):
+        given = Image.open(tmp_path / name)
+        read = read_image(tmp_path / name, "--mask", mode=None)
+        assert given.mode != read.mode
+        assert torch.equal(binary_mask([given], 1), binary_mask([read], 1))
+        assert torch.equal(pixels([given], 1), pixels([read], 1))
+        assert torch.equal(control_pixels(given, 8, 8), control_pixels(read, 8, 8))
+    assert binary_mask([Image.open(tmp_path / "grey.png")], 1).mean() == 0.25
+
+
 def test_a_floating_point_image_is_read_at_its_range_not_clipped(tmp_path):
     """A 0/1 float mask (TIFF, as segmentation tools write) repaints where it is 1; 0 to 255 floats
     keep their levels; another range is refused in one line, not guessed."""

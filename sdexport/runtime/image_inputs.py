@@ -63,12 +63,20 @@ def _decode(source: Any, what: str, mode: str | None) -> Any:
 
     with _opened(source, what) as image:
         image.load()
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode == "I" or upright.mode.startswith("I;16"):
-            upright = _eight_bit(upright)
-        elif upright.mode == "F":
-            upright = _from_float(upright, what)
+        upright = eight_bits(ImageOps.exif_transpose(image), what)
         return upright if mode is None else upright.convert(mode)
+
+
+def eight_bits(image: Any, what: str) -> Any:
+    """``image`` in one of Pillow's 8-bit modes where it is greyscale of more bits (``_eight_bit``)
+    or floating point (``_from_float``), else as it is: files are read so (``_decode``), and so are
+    the Python API's PIL images, so that a 16-bit mask repaints the same pixels either way (Pillow's
+    own ``convert`` would clip it)."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return _eight_bit(image)
+    if image.mode == "F":
+        return _from_float(image, what)
+    return image
 
 
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "PSD", "QOI",
@@ -180,7 +188,7 @@ def pixels(images: list[Any], batch: int) -> torch.Tensor:
     import numpy as np
     import torch
 
-    arrays = [np.asarray(i.convert("RGB"), dtype=np.float32) / 255.0 for i in images]
+    arrays = [np.asarray(eight_bits(i, "image").convert("RGB"), dtype=np.float32) / 255.0 for i in images]
     tensor = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return per_prompt(tensor * 2.0 - 1.0, batch)
 
@@ -202,6 +210,7 @@ def control_pixels(image: Any, height: int, width: int, channels: int = 3) -> to
     import torch
     from PIL import Image
 
+    image = eight_bits(image, "control image")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     image = image.convert(image_mode(channels))
@@ -228,7 +237,7 @@ def binary_mask(masks: list[Any], batch: int) -> torch.Tensor:
     import numpy as np
     import torch
 
-    arrays = [np.asarray(m.convert("L"), dtype=np.float32) / 255.0 for m in masks]
+    arrays = [np.asarray(eight_bits(m, "mask").convert("L"), dtype=np.float32) / 255.0 for m in masks]
     tensor = torch.from_numpy(np.stack(arrays))[:, None]
     return per_prompt((tensor >= 0.5).float(), batch)
 
