@@ -124,6 +124,9 @@ def test_the_api_checks_requests_too(pipeline):
         (GenerationRequest(prompt=[], seeds=[]), "no prompt given"),
         (GenerationRequest(prompt="a fox", seeds=5, height=64, width=64), r"^seeds 5: give a list of seeds, one per image$"),
         (GenerationRequest(prompt=["x"], steps=2.0, height=64, width=64), r"^steps 2.0 \(float\): need a whole number of steps"),
+        # a number as text: said as such, not a TypeError from comparing it (the emphasis check reads cfg)
+        (GenerationRequest(prompt=["x"], guidance="7", height=64, width=64), r"^guidance '7': expected an int or a float, not str, or a list of one per image$"),
+        (GenerationRequest(prompt=["x"], height=np.int64(64), width=64), r"^height (np.int64\()?64\)? \(int64\): expected a whole number of pixels \(a Python int\)$"),
         (GenerationRequest(prompt=["x"], seeds=[np.int64(3)], height=64, width=64), r"^seeds (np.int64\()?3\)? \(int64\): seeds are Python integers"),
         # more images than the profile takes at once: the API says how to split them (the CLI splits)
         (GenerationRequest(prompt=["a", "b", "c"], seeds=[0, 1, 2], height=64, width=64),

@@ -549,6 +549,7 @@ def check_request(
                                 f"to 2^64-1 ({MAX_SEED})")
     _check_conditioning(request, family)
     _check_clip_skip(request.clip_skip, family, dims)
+    _check_guidance(request.guidance, request.batch, sides=not guidance_embedding)  # (the emphasis check reads cfg)
     _check_emphasis(request)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int):
         raise SdexportError(f"{setting('steps')} {request.steps!r} ({type(request.steps).__name__}): need a whole "
@@ -561,13 +562,13 @@ def check_request(
             f"{setting('steps')} {request.steps}: the model was trained on {trained} timesteps, so a scheduler can "
             f"take at most {trained} steps (20-50 is usual)"
         )
-    _check_guidance(request.guidance, request.batch, sides=not guidance_embedding)
     _check_guidance_rescale(request.guidance_rescale)
     check_scheduler_name(request.scheduler)
     for axis in ("height", "width"):
         value = getattr(request, axis)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ProfileError(f"{axis} {value!r}: expected a whole number of pixels")
+            raise ProfileError(f"{axis} {value!r} ({type(value).__name__}): expected a whole number of pixels (a "
+                               "Python int)")
     request = request.sized((profile.height[1], profile.width[1]), dims.vae_scale_factor)
     profile.check_request(request.batch, *request.size, dims)
     _check_window(request, family)
@@ -612,7 +613,7 @@ def _check_guidance(guidance: object, batch: int, sides: bool = True) -> None:
     if each and len(values) != batch:
         raise SdexportError(f"{setting('guidance')}: {len(values)} given for {batch} images; give one, or one per image")
     for i, value in enumerate(values):
-        which = f"{setting('guidance')} {value}" + (f" (image {i + 1} of {batch})" if each else "")
+        which = f"{setting('guidance')} {value!r}" + (f" (image {i + 1} of {batch})" if each else "")
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SdexportError(f"{which}: expected an int or a float, not {type(value).__name__}"
                                 + ("" if each else ", or a list of one per image"))
