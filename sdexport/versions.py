@@ -1,4 +1,5 @@
-"""Installed package versions, read from package metadata (nothing is imported to learn them)."""
+"""Installed package versions, read from package metadata (nothing is imported to learn them), but
+sdexport's own: the running code's ``__version__``."""
 
 from __future__ import annotations
 

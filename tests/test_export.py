@@ -650,6 +650,20 @@ def test_a_vae_replacement_needs_no_weights_in_the_models_own_vae_folder(tiny_di
                    "--batch", "1", "--height", "64", "--width", "64", "--verify", "none", "-q") == 0
 
 
+def test_the_python_api_takes_paths_and_names_a_missing_vae_once(tmp_path: Path):
+    """export() takes the model and the output folder as paths or text, as load_pipeline does; a
+    missing --vae is named once (it was "--vae --vae PATH" from load_model)."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.export.exporter import ExportOptions, export
+    from sdexport.models import load_model
+
+    with pytest.raises(ModelLoadError, match=r"^--vae \S*nowhere: "):
+        load_model("tiny", vae=str(tmp_path / "nowhere"))
+    out = str(tmp_path / "engines")  # text, as a caller types it
+    manifest = export(Path("tiny"), out, ExportOptions(components=["text_encoder"], verify="none"))
+    assert manifest.components.keys() == {"text_encoder"} and (tmp_path / "engines" / MANIFEST_NAME).is_file()
+
+
 def test_a_vae_replacement_needs_no_vae_folder_at_all(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
     """diffusers' ``from_pretrained(path, vae=...)`` reads no ``vae/``: neither does ``--vae``; without
     one the message says what else would do."""

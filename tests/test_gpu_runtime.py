@@ -153,7 +153,7 @@ def test_no_step_of_the_loop_waits_for_the_device(tiny_engine_dir: Path, backend
     if task == "inpaint":  # (strength 1: the steps asked for are the steps run)
         short = dataclasses.replace(short, image=[picture(64, 64, 1)], mask=[box_mask(64, 64)], strength=1.0)
     long = dataclasses.replace(short, steps=12)
-    with load_pipeline(tiny_engine_dir, backend) as pipeline:
+    with load_pipeline(tiny_engine_dir, backend, image_inputs=task == "inpaint") as pipeline:
         pipeline(short)
         pipeline(long)  # warm-up both
         grown = count_syncs(lambda: pipeline(long)) - count_syncs(lambda: pipeline(short))

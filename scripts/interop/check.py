@@ -98,6 +98,11 @@ def versions(*packages: str) -> dict[str, str]:
 
     found = {"python": sys.version.split()[0]}
     for package in packages:
+        if package == "sdexport":  # the running checkout's, as sdexport records its own (versions.installed_version)
+            from sdexport import __version__
+
+            found[package] = __version__
+            continue
         try:
             found[package] = version(package)
         except PackageNotFoundError:

@@ -428,11 +428,11 @@ def profile_shapes(ranges: dict[str, ShapeRange], graph_io: GraphIO) -> dict[str
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_CACHE_ERROR = re.compile(r"timing cache|Serialization", re.IGNORECASE)
-"""TensorRT's errors on a timing cache it cannot read ("Serialization assertion ... Magic tag does
-not match", "The timing cache will not be used!"): logged as errors, after which the build goes on
-without the cache, so they are not the reason a build then fails (a ``--timing-cache`` file may
-come from another TensorRT)."""
+_CACHE_ERROR = re.compile(r"timing cache will not be used|stdArchiveReader", re.IGNORECASE)
+"""TensorRT's errors on a timing cache it cannot read ("[stdArchiveReader.cpp::...] ... Magic tag
+does not match", "The timing cache will not be used!"): logged as errors, after which the build goes
+on without the cache, so they are not the reason a build then fails (a ``--timing-cache`` file may
+come from another TensorRT). Set aside only where a cache was loaded (``_ErrorTee.cache_loaded``)."""
 
 
 class _ErrorTee(io.TextIOBase):
@@ -445,6 +445,7 @@ class _ErrorTee(io.TextIOBase):
     def __init__(self, target: Any) -> None:
         self.target = target
         self.first_error: str | None = None
+        self.cache_loaded = False
         self._cache_error: str | None = None
         self._partial = ""
 
@@ -457,7 +458,7 @@ class _ErrorTee(io.TextIOBase):
                 if not plain.startswith("[E]"):
                     continue
                 error = plain.removeprefix("[E]").strip()
-                if not _CACHE_ERROR.search(error):
+                if not (self.cache_loaded and _CACHE_ERROR.search(error)):
                     self.first_error = error
                     break
                 self._cache_error = self._cache_error or error
@@ -498,6 +499,7 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, repl
         level = {QUIET: G_LOGGER.ERROR, VERBOSE: G_LOGGER.INFO}.get(verbosity(), G_LOGGER.WARNING)
         with G_LOGGER.verbosity(level), contextlib.redirect_stdout(log), \
                 timing_cache_files(timing_cache, replace_cache) as (cache_in, cache_out):
+            log.cache_loaded = cache_in is not None
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
             config = CreateConfig(
                 fp16=key.fp16,

@@ -107,7 +107,7 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
     if family is None:
         raise SdexportError(
             f"{directory}: a {pipeline}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
-            f"({', '.join(SUPPORTED_PIPELINES)})"
+            f"({', '.join(SUPPORTED_PIPELINES)}; also with optimum's ORT prefix)"
         )
     family = family_of_index(family, index, directory)
     named, saved = index_scheduler_class(index), read_json(directory / SCHEDULER_CONFIG_FILE).get("_class_name")

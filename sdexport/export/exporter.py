@@ -8,6 +8,7 @@ and never replaces a directory that is not an sdexport engine directory.
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -64,7 +65,10 @@ def tool_versions() -> dict[str, str]:
     return {package: v for package, v in found.items() if v is not None}
 
 
-def export(model_ref: str, out_dir: Path, options: ExportOptions) -> Manifest:
+def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], options: ExportOptions) -> Manifest:
+    """Export ``model_ref`` (a preset name, a diffusers directory, a single file) into the engine
+    directory ``out_dir`` as ``sdexport export`` does; either may be a path or its text."""
+    model_ref, out_dir = os.fspath(model_ref), Path(out_dir)
     plan = plan_export(model_ref, out_dir, options)
     from sdexport.runtime.onnxruntime_backend import require_provider
 

@@ -361,7 +361,8 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
             path = vae_config_dir(path)
             vae = _load_part(path.parent, path.name, lambda p: _with_all_weights(p, AutoencoderKL, dtype))
     except ModelLoadError as exc:
-        raise ModelLoadError(f"--vae {exc}") from None
+        said = str(exc)  # (vae_config_dir's own refusals name --vae already)
+        raise ModelLoadError(said if said.startswith("--vae ") else f"--vae {said}") from None
     channels, wanted = int(vae.config.latent_channels), int(model.config("unet").out_channels)
     if channels != wanted:
         raise ModelLoadError(f"--vae {path}: {channels} latent channels, but the U-Net takes {wanted}")

@@ -363,8 +363,8 @@ class TensorRTEngine:
         self._drop_graphs()
 
     def _drop_graphs(self) -> None:
-        """Free every captured graph and its context, once the stream's work is done: a replay (or,
-        after a failed capture, the warm-up run) still queued reads the context's state."""
+        """Free every captured graph and its context, once the stream's work is done: a replay still
+        queued reads its context's state."""
         self.memory.stream.synchronize()
         while self._graphs:
             _, entry = self._graphs.popitem(last=False)
