@@ -664,6 +664,24 @@ def test_the_python_api_takes_paths_and_names_a_missing_vae_once(tmp_path: Path)
     assert manifest.components.keys() == {"text_encoder"} and (tmp_path / "engines" / MANIFEST_NAME).is_file()
 
 
+def test_load_model_refuses_what_the_cli_refuses(tiny_diffusers_dir: Path, tmp_path: Path, monkeypatch):
+    """The Python API's loader checks a name as the CLI does before reading weights: a partial
+    download in a folder named like a preset is not the preset's random weights, and a directory
+    takes no config (it was silently ignored)."""
+    from sdexport.errors import ModelLoadError
+    from sdexport.models import load_model
+
+    (tmp_path / "tiny" / "unet").mkdir(parents=True)
+    (tmp_path / "tiny" / "unet" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelLoadError, match="^tiny: a folder named like the preset, with a unet/ but no model_index"):
+        load_model("tiny")
+    with pytest.raises(ModelLoadError, match="only a single-file checkpoint .* takes --config"):
+        load_model(str(tiny_diffusers_dir), config="tiny")
+    with pytest.raises(ModelLoadError, match="an empty model"):
+        load_model("")
+
+
 def test_a_vae_replacement_needs_no_vae_folder_at_all(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
     """diffusers' ``from_pretrained(path, vae=...)`` reads no ``vae/``: neither does ``--vae``; without
     one the message says what else would do."""

@@ -242,7 +242,16 @@ def load_model(
     (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``);
     ``adapters``: T2I-Adapter presets or directories (or ``AdapterSource``s) likewise (``add_adapters``).
     ``union_images``: with union ControlNets, the control images each takes per call.
+
+    A name as a user gives it (no ``kind``) is first checked as the CLI checks it, from its configs
+    and headers alone (``outline_model``): the Python API gets the same one-line refusals (a partial
+    download named like a preset, a ``config`` a directory cannot take, an empty name, a config the
+    runtime could not use) before any weight is read.
     """
+    if kind is None:
+        from sdexport.models.outline import outline_model
+
+        outline_model(model, config=config, vae=vae)
     architecture = _vae_architecture(model, config, kind, vae) if vae is not None and is_vae_file(Path(vae)) else None
     loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind, vae_replaced=vae is not None)
     if vae is not None:
