@@ -98,10 +98,10 @@ def versions(*packages: str) -> dict[str, str]:
 
     found = {"python": sys.version.split()[0]}
     for package in packages:
-        if package == "sdexport":  # the running checkout's, as sdexport records its own (versions.installed_version)
-            from sdexport import __version__
+        if package == "sdexport":  # the running checkout's, as sdexport records its own
+            from sdexport.versions import installed_version
 
-            found[package] = __version__
+            found[package] = str(installed_version(package))
             continue
         try:
             found[package] = version(package)

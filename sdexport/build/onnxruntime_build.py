@@ -64,6 +64,7 @@ CONTRIB_DOMAIN = "com.microsoft"
 SAMPLE_VOCAB = 256
 """Token ids of parity inputs are drawn below this: the byte tokens every CLIP vocabulary has."""
 
+
 def artifact_path(component: str) -> str:
     """Where a component's fused graph lives, relative to the engine directory."""
     return f"{component}/{TARGET}/model.onnx"

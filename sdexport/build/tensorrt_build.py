@@ -439,8 +439,8 @@ class _ErrorTee(io.TextIOBase):
     """polygraphy's log, on its way to ``target``, with the first error it holds kept: polygraphy's
     exception says only that the parse or build failed ("Invalid Engine"), TensorRT's reason is a
     line of its log (``[E] ...``), and a failure recorded away from the terminal (the bench's
-    report) would otherwise hold none. An error about the timing cache is kept only where no other
-    follows (``_CACHE_ERROR``)."""
+    report) would otherwise hold none. Where a timing cache was loaded, TensorRT's errors about it
+    count only where no other follows (``_CACHE_ERROR``)."""
 
     def __init__(self, target: Any) -> None:
         self.target = target
