@@ -672,7 +672,7 @@ def _vae_decoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     class VAEDecoder(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
-            self.model = model
+            self.model: Any = model  # an AutoencoderKL: decode() is not torch.nn.Module's
 
         def forward(self, latent_sample: torch.Tensor) -> torch.Tensor:
             return self.model.decode(latent_sample, return_dict=False)[0]
@@ -687,7 +687,7 @@ def _vae_encoder_wrapper(module: torch.nn.Module) -> torch.nn.Module:
     class VAEEncoder(torch.nn.Module):
         def __init__(self, model: torch.nn.Module) -> None:
             super().__init__()
-            self.model = model
+            self.model: Any = model  # an AutoencoderKL: encode() is not torch.nn.Module's
 
         def forward(self, sample: torch.Tensor) -> torch.Tensor:
             return self.model.encode(sample, return_dict=False)[0].parameters

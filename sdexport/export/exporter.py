@@ -16,7 +16,7 @@ from contextlib import nullcontext
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from rich.markup import escape
 
@@ -282,7 +282,7 @@ def _working_memory(skeleton: onnx.ModelProto, weights: WeightStore) -> Callable
 
 def _vocab_size(model: LoadedModel) -> int:
     """Sample token ids must be valid for every text encoder (SDXL has two)."""
-    return min(int(m.config.vocab_size) for n, m in model.modules.items() if n.startswith("text_encoder"))
+    return min(int(cast(Any, m).config.vocab_size) for n, m in model.modules.items() if n.startswith("text_encoder"))
 
 
 def _print_report(report: ParityReport) -> None:
