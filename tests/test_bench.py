@@ -1206,3 +1206,28 @@ def test_a_chart_that_cannot_be_drawn_leaves_the_measurements_in_place(tiny_engi
     captured = capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
     assert "results.png not drawn (" in " ".join(captured.err.split()) and "results.png" not in captured.out
+
+
+def test_the_commit_recorded_is_sdexports_own_not_an_enclosing_repositorys(tmp_path, monkeypatch):
+    """An installed sdexport whose virtualenv sits in some project's repository: that project's
+    commit is not the one measured (recorded as unknown), while a checkout's is recorded."""
+    import subprocess
+
+    from sdexport.bench.environment import _git_revision
+
+    monkeypatch.delenv("SDEXPORT_GIT_REVISION", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "app.py").write_text("")
+    subprocess.run([*git, "add", "app.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a project"], check=True)
+    installed = tmp_path / "venv" / "site-packages" / "sdexport" / "bench" / "environment.py"
+    installed.parent.mkdir(parents=True)
+    installed.write_text("")
+    assert _git_revision(installed) is None
+    subprocess.run([*git, "add", "-f", str(installed)], check=True)
+    subprocess.run([*git, "commit", "-qm", "tracked"], check=True)
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert _git_revision(installed) == head
+    installed.write_text("changed = True\n")
+    assert _git_revision(installed) == head + "-dirty"

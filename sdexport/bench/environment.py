@@ -25,22 +25,27 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_revision() -> str | None:
+def _git_revision(module: Path = Path(__file__)) -> str | None:
     """The commit measured; ``SDEXPORT_GIT_REVISION`` names it where the tree was copied without its
-    ``.git`` (a GPU server given a snapshot of the working tree)."""
+    ``.git`` (a GPU server given a snapshot of the working tree). None for an installed sdexport,
+    also one whose environment sits inside some other repository (a virtualenv in a project's
+    folder): the repository must track ``module``, this file, or its commit is not the one measured."""
     if os.environ.get("SDEXPORT_GIT_REVISION"):
         return os.environ["SDEXPORT_GIT_REVISION"]
+    folder = module.resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=folder)
+
     try:
-        result = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
+        if git("ls-files", "--error-unmatch", "--", module.name).returncode != 0:
+            return None
+        result = git("rev-parse", "--short", "HEAD")
+        if result.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    if result.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, timeout=5, cwd=Path(__file__).resolve().parent).stdout.strip()
     return result.stdout.strip() + ("-dirty" if dirty else "")
 
 
