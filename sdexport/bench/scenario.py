@@ -202,7 +202,8 @@ def load_scenario(path: Path) -> Scenario:
     from sdexport.runtime.schedulers import check_scheduler_name
 
     if not path.is_file():
-        raise SdexportError(f"{path}: no such scenario file (see benchmarks/scenarios/)")
+        raise SdexportError(f"{path}: no such scenario file (examples: benchmarks/scenarios/ in sdexport's "
+                            "repository; the keys: README, Benchmarks)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
