@@ -823,3 +823,21 @@ def test_a_case_not_judged_for_want_of_the_reference_is_not_called_too_few_repea
     row = next(r for r in comparison["rows"] if r["contender"] == "torch" and r["batch"] == 2)
     assert row["status"] == "not judged" and "diffusers was not measured in this case in the new run" in row["reasons"][0]
     assert "not judged (too few repeats)" not in text and "not judged" in text
+
+
+def test_a_reference_contender_with_too_few_repeats_is_not_judged():
+    """``--relative-to``: the reference's repeats count as the contender's do (noise would fail the gate)."""
+    from sdexport.bench.compare import change_of
+
+    tight = [1.00, 1.01, 0.99, 1.00, 1.02, 0.98, 1.00]
+    change = change_of("end-to-end", {"samples": tight}, {"samples": [2 * s for s in tight]}, 0.05,
+                       ("diffusers", {"samples": [2.0, 2.0]}, {"samples": [2.0, 2.0]}))
+    assert change.verdict == "too few repeats"
+
+
+def test_agreement_exactly_at_the_floor_passes():
+    from sdexport.bench.compare import Row, _agreement
+
+    row = Row("x", 1, 10, "no change")
+    _agreement(row, {}, {"psnr_db": 30.0, "baseline": "diffusers"}, Gate(min_psnr=30.0))
+    assert row.status == "no change"

@@ -426,3 +426,18 @@ def test_serve_knows_before_triton_starts_whether_a_plan_covers_its_shapes(engin
     wanted = settings.plan_profile(settings.served_profile(manifest))
     here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
     assert select_engine(engine_copy, manifest, "unet", profile=wanted, **here)["path"].endswith(static.key.plan_name)
+
+
+def test_a_key_of_an_older_format_reads_as_one_and_says_so():
+    """Plans keyed by an older format are rebuilt with that reason, not taken as current."""
+    key = EngineKey.create("unet", "a" * 64, {"x": ((1,), (2,), (3,))}, tensorrt_version="10", gpu_name="g",
+                           compute_capability="8.0")
+    old = EngineKey.from_dict({**key.to_dict(), "key_version": 2})
+    assert old.key_version == 2 and old.diff(key) == [f"cache key format 2 != {key.key_version}"]
+
+
+def test_an_input_only_the_second_key_has_is_named():
+    key = EngineKey.create("unet", "a" * 64, {"x": ((1,), (2,), (3,)), "y": ((1,), (1,), (1,))},
+                           tensorrt_version="10", gpu_name="g", compute_capability="8.0")
+    fewer = dataclasses.replace(key, inputs=key.inputs[:1])
+    assert fewer.diff(key) == ["input y is only in the second key"]

@@ -380,3 +380,21 @@ def test_a_text_is_parsed_once_for_its_check_its_cut_and_its_tokens():
     text = "a ((red)) fox:1.2 [tail]"
     assert emphasis.parse(text) is emphasis.parse(text)
     assert emphasis.parse.cache_info().hits == 1
+
+
+def test_nested_unclosed_brackets_each_weigh_as_a1111_reads_them():
+    ((text, weight),) = parse("((a")
+    assert text == "a" and weight == pytest.approx(1.21)
+
+
+def test_a_weight_inside_square_brackets_is_text():
+    """``[a:1.2)``: no round bracket is open, so ``:1.2)`` is words (a served request crashed on it)."""
+    ((text, weight),) = parse("[a:1.2)")
+    assert text == "a:1.2)" and weight == pytest.approx(1 / 1.1)
+
+
+def test_a_nan_reading_is_refused():
+    from sdexport.runtime.emphasis import check_reading
+
+    with pytest.raises(SdexportError):
+        check_reading(torch.tensor([[[float("nan")]]]), fp16=False)

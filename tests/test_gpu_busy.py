@@ -90,3 +90,16 @@ def test_kernels_of_a_matmul_are_seen() -> None:
     result = measure_gpu_busy(lambda: [a @ a for _ in range(20)])
     assert "fraction" in result, result
     assert result["kernels"] >= 20 and 0 < result["fraction"] <= 1
+
+
+def test_the_busy_fraction_is_at_most_one(monkeypatch) -> None:
+    """Kernels that run past the measured window (queued before it ended) do not make it exceed 100 %."""
+    from torch import profiler
+
+    from sdexport.bench import gpu_busy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(profiler, "profile", lambda **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(gpu_busy, "kernel_intervals", lambda profile: [(0.0, 10e6)])
+    assert measure_gpu_busy(lambda: None)["fraction"] == 1.0

@@ -135,3 +135,41 @@ def test_a_cache_that_cannot_be_written_is_said_once(tmp_path: Path, engine_copy
     err = " ".join(capsys.readouterr().err.split())
     assert err.count(f"note: cannot keep hash records in {blocker / 'hashes'}") == 1
     assert "so every check hashes the engine files again; set SDEXPORT_CACHE_DIR to a writable folder" in err
+
+
+def test_a_file_changed_while_it_was_hashed_is_not_recorded(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", 0.0)
+    file = tmp_path / "x"
+    file.write_bytes(b"a")
+    real = manifest.sha256_file
+
+    def while_written(path, *args, **kwargs):
+        digest = real(path, *args, **kwargs)
+        path.write_bytes(b"bb")
+        return digest
+
+    monkeypatch.setattr(manifest, "sha256_file", while_written)
+    records = hash_records.HashRecords("d", None)
+    records.sha256("x", file)
+    assert "x" not in records.files
+
+
+def test_a_file_copied_with_its_old_mtime_is_as_fresh_as_its_ctime(tmp_path: Path, monkeypatch):
+    """``cp -p`` keeps an old mtime; the fresh ctime still says the file was just written."""
+    import time
+
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", 60.0)
+    file = tmp_path / "x"
+    file.write_bytes(b"a")
+    os.utime(file, (time.time() - 7200,) * 2)
+    records = hash_records.HashRecords("d", None)
+    records.sha256("x", file)
+    assert "x" not in records.files
+
+
+def test_the_cache_is_a_folder_of_its_own_in_xdg_cache_home(tmp_path: Path, monkeypatch):
+    from sdexport import user_cache
+
+    monkeypatch.delenv(user_cache.ENVIRONMENT, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert user_cache.user_cache() == tmp_path / "sdexport"

@@ -626,3 +626,14 @@ def test_peft_patterns_match_a_whole_trailing_module_name():
     assert _pattern("down_blocks.0.attentions.0.to_q", {"to_q": 8}, 4) == 8
     assert _pattern("down_blocks.0.attentions.0.to_q", {"attentions.0.to_q": 8}, 4) == 8
     assert _pattern("down_blocks.0.attentions.0.xto_q", {"to_q": 8}, 4) == 4
+
+
+def test_a_weight_two_initializers_could_be_is_left_unmapped():
+    """Two equal weights: guessing one would patch the wrong tensor at run time."""
+    from sdexport.export.weight_names import weight_map
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(3, 4))
+    with torch.no_grad():
+        module[1].weight.copy_(module[0].weight)
+    weight = module[0].weight.detach().numpy()
+    assert weight_map(module, [("a", weight.T.copy()), ("b", weight.T.copy())]) == {}

@@ -81,3 +81,24 @@ def test_with_ranges_replaces_only_the_given_axes():
     tiny = ShapeProfile(batch=(1, 1, 2), height=(64, 128, 256), width=(64, 128, 256))
     assert tiny.with_ranges(height="64:64:128", batch=None) == ShapeProfile(
         batch=(1, 1, 2), height=(64, 64, 128), width=(64, 128, 256))
+
+
+def test_a_profile_of_one_size_is_not_static_where_the_prompt_chunks_vary():
+    """The chunks axis counts too: such plans are not keyed and labelled static (mutation round 4)."""
+    assert not ShapeProfile((1, 1, 1), (512,) * 3, (512,) * 3, (1, 1, 3)).is_static
+
+
+def test_a_request_outside_an_axis_the_server_was_not_told_names_the_engines_profile():
+    """``serve --height`` alone: a batch out of range is refused in the engines' words, not a KeyError."""
+    with pytest.raises(ProfileError, match="outside the engines' profile"):
+        ShapeProfile().check_request(8, 512, 512, DIMS, served={"height": "sdexport serve --height"})
+
+
+def test_the_hint_for_a_side_below_the_image_multiple_is_the_multiple_alone():
+    """Rounding 8 down gives 0, which is no size: the hint names 64 only."""
+    with pytest.raises(ProfileError, match=r"try 64$"):
+        ShapeProfile(height=(8, 512, 1024)).validate(DIMS)
+
+
+def test_the_odd_verification_point_reads_the_most_chunks():
+    assert list(ShapeProfile(chunks=(1, 1, 3)).points())[-1] == ("odd", 4, 256, 1024, 3)

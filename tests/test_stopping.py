@@ -208,3 +208,13 @@ def test_the_teardown_guard_leaves_an_ignored_sigint_ignored_and_others_handlers
     finally:
         for n, handler in previous.items():
             signal.signal(n, handler)
+
+
+def test_the_first_of_two_stops_is_the_one_taken():
+    """SIGINT then SIGTERM: the user's Ctrl-C is what the command answers (a plain KeyboardInterrupt)."""
+    with stopping.listening():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            with pytest.raises(KeyboardInterrupt):
+                stopping._record_and_raise(number, None)
+        stop = stopping.take()
+    assert type(stop) is KeyboardInterrupt

@@ -308,3 +308,19 @@ def test_adopt_with_the_model_refuses_an_export_whose_tokenizer_has_words_the_mo
     assert f"--model tiny: {foreign / 'tokenizer'} has 4 word(s) its tokenizer lacks" in err, err
     assert "textual inversion, which adopt does not carry" in err and err.count("error:") == 1
     assert not (foreign / "manifest.json").exists()
+
+
+def test_a_colon_in_the_files_folder_is_part_of_its_path(tmp_path: Path):
+    """``run:1/style.safetensors`` exists: it is the file, not FILE:WORD."""
+    folder = tmp_path / "run:1"
+    folder.mkdir()
+    save_file({"emb_params": torch.ones(1, 32)}, str(folder / "style.safetensors"))
+    embedding = Embedding.parse(str(folder / "style.safetensors"))
+    assert embedding.path == folder / "style.safetensors" and embedding.word == "style"
+
+
+def test_a_word_the_user_gave_gets_no_note(tmp_path: Path):
+    """The note on a word other than the file's own is for the file-name default alone."""
+    path = tmp_path / "learned.safetensors"
+    save_file({"<cat-toy>": torch.ones(1, 32)}, str(path))
+    assert Embedding(path, "kitty").named_otherwise() is None

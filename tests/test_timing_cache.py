@@ -75,3 +75,34 @@ def test_a_failed_build_leaves_the_cache_and_no_temporary(tmp_path: Path):
         out.write(b"half")
         raise RuntimeError("failed")
     assert cache.read_bytes() == b"" and [p.name for p in tmp_path.iterdir()] == ["x.cache"]
+
+
+def test_a_build_that_saves_no_entries_leaves_the_cache_as_it_was(tmp_path: Path):
+    cache = tmp_path / "t.cache"
+    cache.write_bytes(b"old entries")
+    with timing_cache_files(cache, replace=True):
+        pass
+    assert cache.read_bytes() == b"old entries"
+
+
+def test_a_cache_another_sdexport_build_replaced_meanwhile_is_replaced_again(tmp_path: Path):
+    """Two builds finishing one after the other: the later one's entries are kept (the earlier
+    build's file is sdexport's, recorded), not set aside as a user's."""
+    cache = tmp_path / "shared.cache"
+    with timing_cache_files(cache, replace=True) as (_, out):
+        out.write(b"first")
+    with timing_cache_files(cache, replace=True) as (_, out):
+        out.write(b"second")
+        with timing_cache_files(cache, replace=True) as (_, other):
+            other.write(b"another sdexport build")
+    assert cache.read_bytes() == b"second"
+
+
+def test_a_damaged_record_of_written_caches_claims_nothing(tmp_path: Path):
+    folder = timing_cache.timing_folder()
+    assert folder is not None
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / timing_cache.WRITTEN).write_text("[]")
+    user = tmp_path / "x.cache"
+    user.write_bytes(b"x")
+    assert not is_ours(user)
