@@ -295,6 +295,31 @@ def test_the_last_builds_plan_is_loaded_whether_built_or_cached(engine_copy, fak
     assert again.status == "cached" and loaded() == f"unet/{dynamic.key.plan_name}"
 
 
+def test_a_plan_is_chosen_without_a_refittable_one_or_a_recorded_profile(engine_copy, fake_tensorrt):
+    """``refit`` (run-time LoRA) with no refittable plan still chooses one, whose refit check then
+    refuses in words (not a crash on an empty choice); a record without a build profile (older
+    sdexport) serves the export's."""
+    import json
+
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.plan_choice import select_engine
+
+    here = {"gpu_name": "Fake GPU", "compute_capability": "8.0", "tensorrt_version": fake_tensorrt["version"]}
+    (plan,) = build_engines(engine_copy, components=["unet"])
+    assert not plan.key.refittable
+    manifest = load_manifest(engine_copy)
+    assert select_engine(engine_copy, manifest, "unet", refit=True, **here)["path"] == f"unet/{plan.key.plan_name}"
+    data = json.loads((engine_copy / "manifest.json").read_text())
+    for entry in data["components"]["unet"]["engines"].values():
+        del entry["profile"]
+    (engine_copy / "manifest.json").write_text(json.dumps(data))
+    low = manifest.shape_profile.height[0]
+    chosen = select_engine(engine_copy, load_manifest(engine_copy, verify_files=False), "unet",
+                           profile=ShapeProfile.single(1, low, low), **here)
+    assert chosen["path"] == f"unet/{plan.key.plan_name}"
+
+
 def test_inspect_lists_each_plan_and_the_one_a_run_loads(engine_copy, fake_tensorrt, capsys, monkeypatch):
     from conftest import run_cli
     from sdexport.build.tensorrt_build import build_engines

@@ -132,6 +132,12 @@ def test_missing_tokenizer_files_are_refused_up_front(engine_copy: Path, capsys)
     _refused_everywhere(engine_copy, "tokenizer/ lacks its tokenizer files", capsys)
 
 
+def test_a_scheduler_config_the_manifest_does_not_hash_is_refused(engine_copy: Path, capsys):
+    """Its file is still there, but nothing proves it is the export's: not read."""
+    _edit(engine_copy, lambda data: data["files"].pop("scheduler/scheduler_config.json"))
+    _refused_everywhere(engine_copy, "scheduler/scheduler_config.json is not listed in the manifest", capsys)
+
+
 def test_a_tokenizer_without_vocabulary_is_refused(engine_copy: Path, capsys):
     path = engine_copy / "tokenizer" / "tokenizer.json"
     data = json.loads(path.read_text())

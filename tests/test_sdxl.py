@@ -915,3 +915,19 @@ def test_an_empty_negative_prompt_or_prompt_2_is_recorded_as_given(tiny_sdxl_eng
         images[name] = np.asarray(Image.open(out))
     assert records == {"plain": {}, "negative": {"negative_prompt": ""}, "second": {"prompt_2": ""}}
     assert not np.array_equal(images["plain"], images["negative"]) and not np.array_equal(images["plain"], images["second"])
+
+
+def test_an_sdxl_vae_config_without_force_upcast_upcasts_as_diffusers_defaults(tiny_sdxl_fp16_engine_dir, tmp_path):
+    """AutoencoderKL's ``force_upcast`` defaults to true: an older config without the key must not
+    run its SDXL VAE in fp16, which overflows."""
+    from sdexport.build.vae_upcast import vae_config_file, vae_upcast
+
+    manifest = load_manifest(tiny_sdxl_fp16_engine_dir, verify_files=False)
+    rel = vae_config_file(manifest)
+    assert rel is not None
+    config = json.loads((tiny_sdxl_fp16_engine_dir / rel).read_text())
+    (tmp_path / rel).parent.mkdir(parents=True)
+    for value, upcasts in ((False, False), (None, True)):
+        (tmp_path / rel).write_text(json.dumps({**{k: v for k, v in config.items() if k != "force_upcast"},
+                                                **({} if value is None else {"force_upcast": value})}))
+        assert vae_upcast(tmp_path, manifest) is upcasts

@@ -191,6 +191,20 @@ def test_a_word_the_tokenizer_knows_is_refused(word, files, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_capitalised_word_the_tokenizer_knows_in_lower_case_is_refused(files):
+    """CLIP's vocabulary has ``scare`` but not ``Scare``; its tokenizer matches added words in any
+    case, so ``Scare`` would take the word's place (the tiny tokenizer has every letter both ways)."""
+    from types import SimpleNamespace
+
+    from sdexport.models.textual_inversion import add_tokens
+    from sdexport.models.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    assert "scare" in tokenizer.get_vocab() and "Scare" not in tokenizer.get_vocab()
+    with pytest.raises(SdexportError, match="'Scare' is a word the tokenizer knows already"):
+        add_tokens(SimpleNamespace(family="sd", tokenizers={"tokenizer": tokenizer}), [Embedding(files["one"], "Scare")])
+
+
 def test_bench_refuses_a_directory_with_embeddings(sd_dir, tmp_path, capsys):
     assert "has textual inversion embeddings added to its text encoders" in bench_refusal(sd_dir, tmp_path, capsys)
 
