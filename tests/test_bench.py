@@ -1215,7 +1215,11 @@ def test_the_commit_recorded_is_sdexports_own_not_an_enclosing_repositorys(tmp_p
 
     from sdexport.bench.environment import _git_revision
 
+    if shutil.which("git") is None:
+        pytest.skip("no git")
     monkeypatch.delenv("SDEXPORT_GIT_REVISION", raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", "/dev/null")  # (no signing or hooks of the machine's)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run([*git, "init", "-q"], check=True)
     (tmp_path / "app.py").write_text("")

@@ -296,8 +296,8 @@ def test_the_last_builds_plan_is_loaded_whether_built_or_cached(engine_copy, fak
 
 
 def test_a_plan_is_chosen_without_a_refittable_one_or_a_recorded_profile(engine_copy, fake_tensorrt):
-    """``refit`` (run-time LoRA) with no refittable plan still chooses one, whose refit check then
-    refuses in words (not a crash on an empty choice); a record without a build profile (older
+    """``refit`` (run-time LoRA) with no refittable plan still chooses one (for the refit check to
+    refuse in words, not a crash on an empty choice); a record without a build profile (older
     sdexport) serves the export's."""
     import json
 
@@ -454,7 +454,8 @@ def test_serve_knows_before_triton_starts_whether_a_plan_covers_its_shapes(engin
 
 
 def test_a_key_of_an_older_format_reads_as_one_and_says_so():
-    """Plans keyed by an older format are rebuilt with that reason, not taken as current."""
+    """A plan keyed by an older format keeps that format when read, and the difference says so
+    (the build's reason to rebuild it), rather than passing for current."""
     key = EngineKey.create("unet", "a" * 64, {"x": ((1,), (2,), (3,))}, tensorrt_version="10", gpu_name="g",
                            compute_capability="8.0")
     old = EngineKey.from_dict({**key.to_dict(), "key_version": 2})

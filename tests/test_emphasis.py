@@ -388,7 +388,7 @@ def test_nested_unclosed_brackets_each_weigh_as_a1111_reads_them():
 
 
 def test_a_weight_inside_square_brackets_is_text():
-    """``[a:1.2)``: no round bracket is open, so ``:1.2)`` is words (a served request crashed on it)."""
+    """``[a:1.2)``: no round bracket is open, so ``:1.2)`` is words (read as weighted, it raised IndexError)."""
     ((text, weight),) = parse("[a:1.2)")
     assert text == "a:1.2)" and weight == pytest.approx(1 / 1.1)
 

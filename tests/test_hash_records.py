@@ -138,6 +138,7 @@ def test_a_cache_that_cannot_be_written_is_said_once(tmp_path: Path, engine_copy
 
 
 def test_a_file_changed_while_it_was_hashed_is_not_recorded(tmp_path: Path, monkeypatch):
+    """The digest may be of neither version: a record of it would vouch for the file as it is now."""
     monkeypatch.setattr(hash_records, "RACY_SECONDS", 0.0)
     file = tmp_path / "x"
     file.write_bytes(b"a")
@@ -168,6 +169,7 @@ def test_a_file_copied_with_its_old_mtime_is_as_fresh_as_its_ctime(tmp_path: Pat
 
 
 def test_the_cache_is_a_folder_of_its_own_in_xdg_cache_home(tmp_path: Path, monkeypatch):
+    """Where the hash records (and timing caches) live without SDEXPORT_CACHE_DIR: not loose in the cache home."""
     from sdexport import user_cache
 
     monkeypatch.delenv(user_cache.ENVIRONMENT, raising=False)

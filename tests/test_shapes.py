@@ -91,7 +91,7 @@ def test_a_profile_of_one_size_is_not_static_where_the_prompt_chunks_vary():
 def test_a_request_outside_an_axis_the_server_was_not_told_names_the_engines_profile():
     """``serve --height`` alone: a batch out of range is refused in the engines' words, not a KeyError."""
     with pytest.raises(ProfileError, match="outside the engines' profile"):
-        ShapeProfile().check_request(8, 512, 512, DIMS, served={"height": "sdexport serve --height"})
+        ShapeProfile((1, 1, 4), (256, 512, 1024), (256, 512, 1024)).check_request(8, 512, 512, DIMS, served={"height": "sdexport serve --height"})
 
 
 def test_the_hint_for_a_side_below_the_image_multiple_is_the_multiple_alone():
@@ -101,4 +101,5 @@ def test_the_hint_for_a_side_below_the_image_multiple_is_the_multiple_alone():
 
 
 def test_the_odd_verification_point_reads_the_most_chunks():
-    assert list(ShapeProfile(chunks=(1, 1, 3)).points())[-1] == ("odd", 4, 256, 1024, 3)
+    profile = ShapeProfile((1, 1, 4), (256, 512, 1024), (256, 512, 1024), (1, 1, 3))
+    assert list(profile.points())[-1] == ("odd", 4, 256, 1024, 3)

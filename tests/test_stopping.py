@@ -210,11 +210,16 @@ def test_the_teardown_guard_leaves_an_ignored_sigint_ignored_and_others_handlers
             signal.signal(n, handler)
 
 
-def test_the_first_of_two_stops_is_the_one_taken():
-    """SIGINT then SIGTERM: the user's Ctrl-C is what the command answers (a plain KeyboardInterrupt)."""
-    with stopping.listening():
-        for number in (signal.SIGINT, signal.SIGTERM):
-            with pytest.raises(KeyboardInterrupt):
-                stopping._record_and_raise(number, None)
-        stop = stopping.take()
-    assert type(stop) is KeyboardInterrupt
+def test_the_first_of_two_dropped_stops_is_the_one_raised():
+    """A Ctrl-C, then a SIGTERM, both dropped: the next check raises the first (a plain
+    KeyboardInterrupt, not Terminated)."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stopping.listening():
+            drop_a_signal(signal.SIGINT)
+            drop_a_signal(signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt) as caught:
+                stopping.check()
+            assert type(caught.value) is KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, inherited)

@@ -98,7 +98,8 @@ def test_a_cache_another_sdexport_build_replaced_meanwhile_is_replaced_again(tmp
     assert cache.read_bytes() == b"second"
 
 
-def test_a_damaged_record_of_written_caches_claims_nothing(tmp_path: Path):
+def test_a_damaged_record_of_written_caches_claims_nothing(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("SDEXPORT_CACHE_DIR", str(tmp_path / "cache"))  # (not the session's record)
     folder = timing_cache.timing_folder()
     assert folder is not None
     folder.mkdir(parents=True, exist_ok=True)

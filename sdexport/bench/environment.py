@@ -32,10 +32,10 @@ def _git_revision(module: Path = Path(__file__)) -> str | None:
     folder): the repository must track ``module``, this file, or its commit is not the one measured."""
     if os.environ.get("SDEXPORT_GIT_REVISION"):
         return os.environ["SDEXPORT_GIT_REVISION"]
-    folder = module.resolve().parent
+    module = module.resolve()
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=folder)
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=module.parent)
 
     try:
         if git("ls-files", "--error-unmatch", "--", module.name).returncode != 0:
