@@ -69,7 +69,7 @@ def test_options_named_in_sdexport_source_exist():
 
     others = {"--help", "--serve",  # click's own; scripts/setup.sh's
               "--model-repository", "--model-name",  # tritonserver's
-              "--porcelain", "--short", "--untracked-files"}  # git's
+              "--porcelain", "--short", "--untracked-files", "--error-unmatch"}  # git's
     options: set[str] = set()
     commands = [typer.main.get_command(app)]
     while commands:
