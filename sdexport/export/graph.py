@@ -38,8 +38,9 @@ def model_size(model: onnx.ModelProto) -> int:
 def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     """Remove dead nodes, fold constant subgraphs and sort, as TensorRT's parser prefers."""
     import onnx_graphsurgeon as gs
+    import onnxruntime
 
-    from sdexport.console import VERBOSE, verbosity
+    from sdexport.console import VERBOSE, onnxruntime_logging, verbosity
 
     # onnx-graphsurgeon logs through a logger of its own, which ``console.quiet_libraries`` does not
     # reach: its warnings (folding skipped, a node it cannot evaluate) show with ``-v`` only.
@@ -47,10 +48,6 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
     # Folding evaluates constant subgraphs with onnxruntime; big weights stay as they are.
-    import onnxruntime
-
-    from sdexport.console import onnxruntime_logging
-
     onnxruntime_logging(onnxruntime)  # its session logs at our verbosity, not ONNX Runtime's
     graph.fold_constants(size_threshold=64 * 1024**2).cleanup()
     cleaned = gs.export_onnx(graph)
