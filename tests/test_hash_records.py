@@ -115,7 +115,9 @@ def test_records_are_skipped_without_a_cache_and_odd_paths_work(tmp_path: Path, 
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
     assert user_cache.user_cache() is None and hash_records.HashRecords.of(engine_copy).path is None
     verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))  # hashes, records nothing
-    monkeypatch.setenv(user_cache.ENVIRONMENT, str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(user_cache.ENVIRONMENT, "cache")  # relative: made absolute, so a later chdir keeps it
+    assert user_cache.user_cache() == tmp_path / "cache"
     odd = tmp_path / os.fsdecode(b"odd-\xff")
     engine_copy.rename(odd)
     verify_files_of(odd, load_manifest(odd, verify_files=False))

@@ -323,6 +323,7 @@ def test_run_time_lora_hashes_what_it_reads(tiny_engine_dir, lora_files, tmp_pat
 @pytest.mark.parametrize("damage, words", [
     ("{garbage", "damaged, not valid JSON"),
     ('{"conv_in.weight": {"initializer": 3}}', "not a weight map sdexport wrote"),
+    ('{"conv_in.weight": {"initializer": "w", "transposed": "no"}}', "not a weight map sdexport wrote"),
 ])
 def test_a_damaged_weight_map_is_one_line(tiny_engine_dir, lora_files, tmp_path, damage, words):
     """Where no hash guards it (a directory adopted with a weights.json an older adopt left unlisted),

@@ -41,7 +41,8 @@ def test_a_dropped_stop_is_raised_by_the_next_check_once(number, raised):
 def test_a_dropped_stop_is_not_printed_as_a_traceback(monkeypatch):
     """Python prints a stop raised in a ``__del__`` as "Exception ignored in ... KeyboardInterrupt"
     (3 Ctrl-Cs in 13 on an export): recorded, it is said once, as "interrupted"; other errors raised
-    in a ``__del__`` still reach the hook there was, which listening gives back."""
+    in a ``__del__``, and a KeyboardInterrupt no signal recorded, still reach the hook there was,
+    which listening gives back."""
     import sys
     import threading
 
@@ -60,13 +61,18 @@ def test_a_dropped_stop_is_not_printed_as_a_traceback(monkeypatch):
         def __del__(self) -> None:
             raise ValueError("a library's own error")
 
+    class Interrupting:
+        def __del__(self) -> None:
+            raise KeyboardInterrupt  # no signal recorded it: not a stop listening knows of
+
     with stopping.listening():
         Finalized()
         assert seen == []
         with pytest.raises(Terminated):
             stopping.check()
         Broken()
-        assert seen == [ValueError]
+        Interrupting()  # (after check took the recorded stop)
+        assert seen == [ValueError, KeyboardInterrupt]
     assert sys.unraisablehook is recorder
 
 

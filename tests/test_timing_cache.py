@@ -33,6 +33,8 @@ def test_only_a_new_empty_or_recorded_regular_file_is_ours(tmp_path: Path):
     assert not is_ours(tmp_path / "new.cache")
     folder = timing_cache.timing_folder()
     assert folder is not None and not is_ours(folder / timing_cache.WRITTEN)  # (the record itself)
+    folder.joinpath(timing_cache.LOCK).touch()  # (its lock, in the folder whose caches are all ours)
+    assert not is_ours(folder / timing_cache.LOCK)
 
 
 def test_builds_finishing_at_once_each_keep_their_record(tmp_path: Path, monkeypatch):

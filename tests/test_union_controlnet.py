@@ -221,13 +221,17 @@ def test_specs_and_manifest_describe_the_union_inputs(engine_dirs):
     assert "K" not in load_manifest(engine_dirs["one"]).spec("unet").input_names
 
 
-def test_a_manifest_with_half_the_union_dims_is_refused(engine_dirs, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["no N", "K above N"])
+def test_a_manifest_with_half_the_union_dims_is_refused(engine_dirs, tmp_path, capsys, damage):
     import shutil
 
     directory = tmp_path / "d"
     shutil.copytree(engine_dirs["one"], directory)
     data = json.loads((directory / "manifest.json").read_text())
-    del data["dims"]["N"]
+    if damage == "no N":
+        del data["dims"]["N"]
+    else:  # (more images per call than the modes they could each have)
+        data["dims"].update(N=2, K=3)
     (directory / "manifest.json").write_text(json.dumps(data))
     assert run_cli("inspect", directory) == 2
     assert "union ControlNets need dims.residuals, dims.N" in capsys.readouterr().err
