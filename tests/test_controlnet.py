@@ -732,8 +732,8 @@ def tensors_made_in_the_loop(pipeline, request: GenerationRequest, monkeypatch) 
     ``image_conditioning``, then ``control_conditioning``, ``adapter_features``) to the VAE decode.
 
     It sees that one call, made in an sdexport module: not ``as_tensor``, ``.item()`` or ``.to``,
-    and not what diffusers' schedulers do when sdexport calls them (``add_noise`` copies its sigmas
-    to the device: docs/design-notes.md)."""
+    and not what diffusers' schedulers do when sdexport calls them (their per-step copies:
+    docs/design-notes.md)."""
     made: list[str] = []
     state = {"loop": False, "setting_up": 0}  # set-up methods may call one another
     real = torch.tensor

@@ -143,8 +143,8 @@ def test_no_step_of_the_loop_waits_for_the_device(tiny_engine_dir: Path, backend
     times copying its sigmas. A wait a step is diffusers' own and stays: UniPC's corrector solves
     on the device (``torch.linalg.solve`` checks its result on the host), Euler a and LCM draw each
     step's noise with the CPU generators and copy it over. Inpainting with a standard U-Net blends
-    the image's own noised latents back every step (``add_noise``), with noise levels copied to the
-    device before the loop."""
+    the image's own noised latents back every step, ``add_noise``'s factors asked on the host
+    (``HostSchedule``)."""
     from pictures import box_mask, picture
 
     from sdexport.runtime.loading import load_pipeline

@@ -216,8 +216,9 @@ def test_each_schedule_lies_where_its_steps_read_it_without_waiting():
     """diffusers' pipelines put the timesteps on the GPU, where PNDM, DDIM and LCM index their
     host-side table with them (a wait for the device each): theirs stay on the host. The sigma-based
     ones read them only to start and in add_noise (inpainting's blend, every step), which copies
-    them to the device: theirs go there; UniPC copies each sigma it reads to the device (a blocking
-    copy each): its sigmas go there. The GPU test counts the waits; here, where each part lies."""
+    them to the device: theirs go there (the blend asks on host copies: ``HostSchedule``); UniPC
+    copies each sigma it reads to the device (a blocking copy each): its sigmas go there. The GPU
+    test counts the waits; here, where each part lies."""
     from sdexport.runtime.schedulers import set_schedule
 
     config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -235,6 +236,37 @@ def test_each_schedule_lies_where_its_steps_read_it_without_waiting():
     cpu = make_scheduler("unipc", {"_class_name": "PNDMScheduler", **config})
     set_schedule(cpu, 5, torch.device("cpu"))
     assert cpu.sigmas.device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_the_blend_s_noise_levels_are_add_noise_s_own_asked_on_the_host(name):
+    """Inpainting's blend (a standard U-Net) calls add_noise at every step, which copies the sigmas
+    or the noise table to the latents' device, a wait each on a GPU: its two factors are asked on
+    host copies of the schedule instead. The same latents, bit for bit, at the step the loop is on;
+    the schedule on the device (meta here, standing for a GPU) is neither read nor replaced."""
+    from sdexport.runtime.schedulers import HostSchedule, set_schedule
+    from sdexport.runtime.txt2img import _step_kwargs
+
+    config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+    scheduler = make_scheduler(name, {"_class_name": "PNDMScheduler", **config})
+    set_schedule(scheduler, 6, torch.device("cpu"))
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(1)  # (an image task starts into the schedule)
+    generator = torch.Generator().manual_seed(0)
+    latents, noise, image = (torch.randn(1, 4, 8, 8, generator=generator) for _ in range(3))
+    timesteps = scheduler.timesteps[1:]
+    scheduler.scale_model_input(latents, timesteps[0])  # (as the loop: LMS warns without it)
+    latents = scheduler.step(torch.randn(1, 4, 8, 8, generator=generator), timesteps[0], latents,
+                             **_step_kwargs(scheduler, [generator]), return_dict=False)[0]
+    expected = scheduler.add_noise(image, noise, timesteps[1:2])
+    host = HostSchedule(scheduler)
+    on_device = {name: getattr(scheduler, name).to("meta") for name in host.tensors}
+    for attribute, value in on_device.items():
+        setattr(scheduler, attribute, value)
+    image_level, noise_level = host.noise_levels(scheduler, timesteps[1:2])
+    assert torch.equal(image_level * image + noise_level * noise, expected)
+    assert all(getattr(scheduler, attribute) is value for attribute, value in on_device.items())
+    assert getattr(scheduler, "alphas_cumprod", torch.zeros(())).device.type == "cpu"  # (not moved either)
 
 
 @pytest.mark.parametrize("class_name", ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "EulerDiscreteScheduler"])

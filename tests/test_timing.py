@@ -118,7 +118,7 @@ def test_the_loop_makes_no_tensor_from_python_values(tiny_engine_dir: Path, monk
     copy that waits for the device (torch's blocking copy). Guidance per image, img2img and
     inpainting (the latents blended back at each step) over schedulers of each kind; the ControlNet
     and adapter tests check their per-image settings the same way. What diffusers' schedulers copy
-    when called (``add_noise``'s sigmas, Euler a's noise) is theirs: docs/design-notes.md."""
+    when called (Euler a's noise) is theirs: docs/design-notes.md."""
     from PIL import Image
     from test_controlnet import tensors_made_in_the_loop
 

@@ -13,6 +13,8 @@ from sdexport.errors import SdexportError, one_line
 from sdexport.setting_names import setting
 
 if TYPE_CHECKING:
+    import torch
+
     from sdexport.runtime.request import GenerationRequest
 
 _DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_exponential_sigmas": False,
@@ -123,9 +125,8 @@ def set_schedule(scheduler: Any, steps: int, device: Any) -> None:
     with the timestep (PNDM, SD 1.5's default, DDIM, LCM: no ``sigmas``), each such read of a device
     timestep waits for the device, three to six per step: theirs stay on the host (a CPU number in
     a GPU operation needs no wait). The sigma-based ones read their host-side sigmas by step index
-    and the timesteps only to find their first step (once a run) and in ``add_noise``, which copies
-    the whole schedule to the latents' device at every call (inpainting's blend, every step): theirs
-    go to the device, as diffusers puts them. UniPC alone copies each sigma it reads to the latents'
+    and the timesteps only to find their first step (once a run): theirs go to the device, as
+    diffusers puts them (inpainting's blend asks ``add_noise`` on host copies: ``HostSchedule``). UniPC alone copies each sigma it reads to the latents'
     device (a blocking copy, four per step): its sigmas go there once (its arithmetic is then
     diffusers' own on the GPU; its second-order corrector still waits once a step, in
     ``torch.linalg.solve``'s check)."""
@@ -133,6 +134,41 @@ def set_schedule(scheduler: Any, steps: int, device: Any) -> None:
     scheduler.set_timesteps(steps, device=device if sigma_based else None)
     if type(scheduler).__name__ == "UniPCMultistepScheduler" and getattr(device, "type", "cpu") != "cpu":
         scheduler.sigmas = scheduler.sigmas.to(device)
+
+
+class HostSchedule:
+    """Inpainting's blend (a standard U-Net keeps the region outside the mask on the image's own
+    path: ``add_noise`` at every step), asked of the scheduler on the host.
+
+    ``add_noise`` on the latents copies what it reads to their device at every call: the sigmas,
+    which diffusers keeps on the host for the sigma-based schedulers, PNDM's and DDIM's noise
+    table, an index list; on a GPU each is a blocking copy, which waits for the steps queued before
+    it. ``add_noise(x, n, t)`` is ``a * x + b * n`` for every diffusers scheduler (``x + sigma * n``,
+    ``alpha * x + sigma * n``), so ``noise_levels`` asks it for ``a`` and ``b`` on the host (of the
+    2x2 identity's rows), at the same step and with the same step index as the loop's call would,
+    with host copies of the schedule made once before the loop swapped in for the call; a CPU
+    number in a device operation needs no copy. ``a * x + b * n`` is the very sum ``add_noise``
+    computes (its factor of ``x`` is exactly 1 where it has none), so the latents are the same."""
+
+    def __init__(self, scheduler: Any) -> None:
+        import torch
+
+        self.tensors = {name: value.cpu() for name in ("timesteps", "sigmas")
+                        if isinstance(value := getattr(scheduler, name, None), torch.Tensor)}
+        self.unit = torch.eye(2)
+
+    def noise_levels(self, scheduler: Any, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` and ``b`` of ``scheduler.add_noise(x, n, timestep)`` now, as 0-d host tensors
+        (``timestep``: a host tensor of one); the scheduler's own schedule is back in place after."""
+        kept = {name: getattr(scheduler, name) for name in self.tensors}
+        try:
+            for name, value in self.tensors.items():
+                setattr(scheduler, name, value)
+            levels = scheduler.add_noise(self.unit[0], self.unit[1], timestep)
+        finally:
+            for name, value in kept.items():
+                setattr(scheduler, name, value)
+        return levels[0], levels[1]
 
 
 def config_as_loaded(config: dict[str, Any], name: str, *, family: str, conditioned: bool,

@@ -32,6 +32,7 @@ from sdexport.runtime.engine import Engine
 from sdexport.runtime.prompt_text import Chunk, chunk_tensors, kept_text, longest_chunks, text_chunks
 from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
+    HostSchedule,
     a1111_sampler,
     check_steps,
     config_as_loaded,
@@ -454,6 +455,8 @@ class Txt2ImgPipeline:
         timesteps = schedule_window(scheduler, request, self.family)  # first: an empty one is refused before any engine runs
         # the engines' copy, made while the device has nothing queued to wait for
         engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
+        # and inpainting's blend's, on the host (``HostSchedule``)
+        host_schedule, host_timesteps = (HostSchedule(scheduler), timesteps.cpu()) if request.mask is not None else (None, None)
         truncated = self.truncations(request)
         read_prompts = self.prompt_reader(request)  # the texts tokenized: host work, outside the encoders' span
         text_start = clock.mark()
@@ -474,10 +477,6 @@ class Txt2ImgPipeline:
             extra = [torch.cat([init.mask] * 2) if request.cfg else init.mask,
                      torch.cat([init.masked_latents] * 2) if request.cfg else init.masked_latents]
         blend = init is not None and init.mask is not None and not self.dims.inpainting
-        # The blend's noise levels on the latents' device, copied now: PNDM, DDIM and LCM keep their
-        # timesteps on the host (``set_schedule``), and ``add_noise`` would copy one over every step,
-        # a copy that waits for the device.
-        blend_timesteps = timesteps.to(self.device) if blend else timesteps
         step_kwargs = _step_kwargs(scheduler, generators)
         control = self.control_conditioning(request, self.control_span(request, scheduler, timesteps)) if self.controlnets else None
         adapter: AdapterFeatures | None = None
@@ -513,10 +512,12 @@ class Txt2ImgPipeline:
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if blend:  # a standard U-Net inpaints by keeping the unmasked region on the image's own path
                 assert init is not None and init.image_latents is not None and init.mask is not None
+                assert host_schedule is not None and host_timesteps is not None
                 kept = init.image_latents
-                if i < len(timesteps) - 1:
-                    kept = scheduler.add_noise(kept, init.noise, blend_timesteps[i + 1:i + 2])
-                latents = (1 - init.mask) * kept + init.mask * latents
+                if i < len(timesteps) - 1:  # scheduler.add_noise(kept, init.noise, the next timestep)
+                    image_level, noise_level = host_schedule.noise_levels(scheduler, host_timesteps[i + 1:i + 2])
+                    kept = image_level * kept + noise_level * init.noise
+                latents = torch.lerp(kept, latents, init.mask)  # (the mask is 0 or 1: exactly one of them)
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
 
