@@ -26,6 +26,7 @@ import pytest
 
 from conftest import run_cli
 from sdexport.bench.compare import MARKER, Gate, compare, relative_change
+from sdexport.manifest_schema import FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -605,6 +606,13 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     assert run_cli("bench", tmp_path / "gate.toml", "--engine-cache", tmp_path / "file" / "c") == 2
     captured = capsys.readouterr()
     assert "--engine-cache" in captured.err and "Loading" not in captured.out + captured.err
+    engines = tmp_path / "engines"  # an engine directory named as the cache: nothing written in it
+    engines.mkdir()
+    (engines / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    assert run_cli("bench", tmp_path / "gate.toml", "--engine-cache", engines) == 2
+    captured = capsys.readouterr()
+    assert f"--engine-cache {engines}: inside the engine directory {engines}" in captured.err
+    assert "Loading" not in captured.out + captured.err and sorted(p.name for p in engines.iterdir()) == ["manifest.json"]
     (tmp_path / "out" / "compare").mkdir(parents=True)
     (tmp_path / "out" / "compare" / "notes.txt").write_text("mine")
     result = _gate(tmp_path, tmp_path / "none.json", "out")
