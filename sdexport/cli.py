@@ -45,6 +45,20 @@ def _path(value: str | Path) -> Path:
     return Path(value)
 
 
+def _engine_path(value: str | Path) -> Path:
+    """An engine directory argument (``_path``), refused where the ONNX tools cannot open its files
+    (``require_text_path``), before anything loads."""
+    from sdexport.errors import SdexportError
+    from sdexport.output_dir import require_text_path
+
+    path = _path(value)
+    try:
+        require_text_path(path, str(path))
+    except SdexportError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return path
+
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -171,7 +185,7 @@ def export(
 
 @app.command()
 def inspect(
-    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="An engine directory written by `sdexport export`.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_engine_path, help="An engine directory written by `sdexport export`.")],
     check: Annotated[bool, typer.Option(help="Check every file against its sha256 (trusting the record of an earlier hash while a file is unchanged), every graph's inputs and outputs, and what `run` loads (tokenizers, scheduler).")] = True,
     verify: Annotated[bool, typer.Option("--verify", help="Hash every file again and load the tokenizers and scheduler again, whatever earlier checks recorded.")] = False,
 ) -> None:
@@ -209,7 +223,7 @@ def inspect(
 
 @app.command()
 def adopt(
-    directory: Annotated[Path, typer.Argument(parser=_path, help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, COMPONENT/model.onnx + config.json).")],
+    directory: Annotated[Path, typer.Argument(parser=_engine_path, help="An ONNX export of a diffusers pipeline in optimum's layout (model_index.json, COMPONENT/model.onnx + config.json).")],
     model: Annotated[str | None, typer.Option(help="The checkpoint (or preset) it was exported from: each graph is then compared with PyTorch, and --backend torch can run it.")] = None,
     config: Annotated[str | None, typer.Option(help="With a single-file --model (.safetensors/.ckpt): a diffusers directory of the same architecture, or a preset, as `sdexport export --config`.")] = None,
     batch: Annotated[str | None, typer.Option("--batch", help="Images per call " + _RANGE.format("the family's (SD 1:1:4, SDXL 1:1:4)"))] = None,
@@ -233,7 +247,7 @@ def adopt(
 
 @app.command()
 def build(
-    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory from `sdexport export`.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_engine_path, help="Engine directory from `sdexport export`.")],
     target: Annotated[str, typer.Option(help="tensorrt: TensorRT plans. onnxruntime-cuda: graphs with ONNX Runtime's own Stable Diffusion fusions (contrib ops for its CUDA provider), written beside the portable graphs; runs on the CPU too.")] = "tensorrt",
     fp16: Annotated[bool, typer.Option("--fp16/--fp32", help="fp16 engines. An fp16 export is built as its graph says (strongly typed); an fp32 export gets TensorRT 10's fp16 flag (TensorRT 11 has none: export with --dtype fp16). The fp32 VAE decoder and encoder stay fp32, and so do an fp32 SDXL export's VAE decoder and encoder where its config sets force_upcast.")] = True,
     static: Annotated[bool, typer.Option(help="One static shape (the profile's opt): fastest engines, CUDA graphs.")] = False,
@@ -364,7 +378,7 @@ def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
 
 @app.command()
 def run(
-    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_engine_path, help="Engine directory (from `sdexport export`, optionally `sdexport build`).")],
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt; repeat for several images.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Image path: .png, .jpg/.jpeg or .webp (each with the parameters in its metadata); several images write NAME-0.EXT, NAME-1.EXT, ...")] = "out.png",
     negative_prompt: Annotated[list[str] | None, typer.Option("--negative-prompt", "-n", help="One for all prompts, or one per prompt.")] = None,
@@ -403,7 +417,7 @@ def run(
     adapter_image: Annotated[list[str] | None, typer.Option("--adapter-image", help="T2I-Adapter: the conditioning image (a sketch, edge, depth or pose map), one for all prompts or one per prompt; resized to --height/--width (default: its own size) and read in the adapter's channels. Several adapters: one each, in export order (or that many per prompt, prompt by prompt).")] = None,
     adapter_scale: Annotated[list[float] | None, typer.Option("--adapter-scale", help="T2I-Adapter: conditioning scale, the features' factor; one for all or one per adapter, or that many per image, image by image (default 1).")] = None,
     adapter_factor: Annotated[list[float] | None, typer.Option(help="T2I-Adapter: the share of the steps, the first ones, it acts on (0-1; diffusers' SDXL adapter_conditioning_factor), one for all images or one per image (default 1); with --refiner, of the base model's own steps, as diffusers counts them.")] = None,
-    refiner: Annotated[Path | None, typer.Option(parser=_path, help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora, --init-image, --strength and the control and adapter images stay with the base model; --mask goes to both.")] = None,
+    refiner: Annotated[Path | None, typer.Option(parser=_engine_path, help="SDXL's ensemble of experts (diffusers' base + refiner): an sdxl-refiner engine directory that takes the base model's latents at --denoising-end, not decoded, and runs the rest of the schedule with the same prompts, seeds, steps and scheduler; the images are the refiner's. --aesthetic-score goes to it; --lora, --init-image, --strength and the control and adapter images stay with the base model; --mask goes to both.")] = None,
     denoising_end: Annotated[float | None, typer.Option(help="With --refiner: the fraction of the schedule the base model runs, above 0 and below 1 (default 0.8, diffusers' example); the refiner runs the rest.")] = None,
 ) -> None:
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
@@ -934,11 +948,11 @@ def bench(
     scenario: Annotated[Path, typer.Argument(parser=_path, help="Scenario file, e.g. benchmarks/scenarios/tiny-cpu.toml.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Directory for results.json, results.md, results.png.")] = "bench-out",
     contenders: Annotated[str | None, typer.Option(help="Comma-separated override: diffusers, diffusers-compile, onnxruntime-cpu, onnxruntime-cuda (portable graphs), onnxruntime-cuda-fused (ONNX Runtime's fusions + CUDA graphs), torch, torch-compile, torch-compile-max, tensorrt.")] = None,
-    engine_dir: Annotated[Path | None, typer.Option(parser=_path, help="Use this engine directory instead of exporting one.")] = None,
+    engine_dir: Annotated[Path | None, typer.Option(parser=_engine_path, help="Use this engine directory instead of exporting one.")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed runs per case (overrides the scenario).")] = None,
     warmup: Annotated[int | None, typer.Option(help="Warm-up runs per case (overrides the scenario).")] = None,
-    engine_cache: Annotated[Path | None, typer.Option(parser=_path, help="Keep the export in this folder between runs, in a subfolder named by what it depends on (`sdexport bench cache-key`); a later run with the same key reuses it.")] = None,
-    refiner_engine_dir: Annotated[Path | None, typer.Option(parser=_path, help="A scenario with a refiner: use this sdxl-refiner engine directory (with --engine-dir, the base model's) instead of exporting one.")] = None,
+    engine_cache: Annotated[Path | None, typer.Option(parser=_engine_path, help="Keep the export in this folder between runs, in a subfolder named by what it depends on (`sdexport bench cache-key`); a later run with the same key reuses it.")] = None,
+    refiner_engine_dir: Annotated[Path | None, typer.Option(parser=_engine_path, help="A scenario with a refiner: use this sdxl-refiner engine directory (with --engine-dir, the base model's) instead of exporting one.")] = None,
 ) -> None:
     """Benchmark the runtime's backends against eager diffusers on one scenario, in one process.
 
@@ -1122,7 +1136,7 @@ def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
 
 @app.command()
 def serve(
-    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory to serve.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_engine_path, help="Engine directory to serve.")],
     backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: replay CUDA graphs (as for `run`).")] = False,
     portable_graphs: Annotated[bool, typer.Option(help="onnxruntime-cuda: run the portable graphs, not the fused ones.")] = False,
@@ -1136,7 +1150,7 @@ def serve(
     drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish (serve exits non-zero where some did not).")] = 30,
     startup_timeout: Annotated[int, typer.Option(help="Seconds to wait for the engines to load before giving up.")] = 600,
     log_file: Annotated[Path | None, typer.Option(parser=_path, help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit, kept and named if the server failed; with -v it is shown here instead).")] = None,
-    refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
+    refiner: Annotated[Path | None, typer.Option(parser=_engine_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
     emphasis: Annotated[str, typer.Option(help=_SERVE_EMPHASIS_HELP)] = "none",
     batch: ServeBatchOpt = None,
@@ -1240,7 +1254,7 @@ def serve(
 
 @app.command("triton-repo")
 def triton_repo(
-    engine_dir: Annotated[Path, typer.Argument(parser=_path, help="Engine directory to serve.")],
+    engine_dir: Annotated[Path, typer.Argument(parser=_engine_path, help="Engine directory to serve.")],
     output: Annotated[str, typer.Option("-o", "--output", help="Model repository folder to create (tritonserver --model-repository).")],
     backend: Annotated[str, typer.Option(help=_BACKEND_HELP)] = "onnxruntime",
     cuda_graph: Annotated[bool, typer.Option(help="tensorrt, onnxruntime-cuda: replay CUDA graphs.")] = False,
@@ -1250,7 +1264,7 @@ def triton_repo(
     max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
     force: Annotated[bool, typer.Option(help="Replace an existing repository that sdexport wrote.")] = False,
-    refiner: Annotated[Path | None, typer.Option(parser=_path, help=_REFINER_HELP)] = None,
+    refiner: Annotated[Path | None, typer.Option(parser=_engine_path, help=_REFINER_HELP)] = None,
     denoising_end: Annotated[float | None, typer.Option(help=_DENOISING_END_HELP)] = None,
     refiner_path: Annotated[str | None, typer.Option(help="With --refiner: its path as the server will see it (as --engine-path); default: its absolute path here.")] = None,
     emphasis: Annotated[str, typer.Option(help=_SERVE_EMPHASIS_HELP)] = "none",
@@ -1416,9 +1430,12 @@ def main() -> None:
 
 def entry() -> None:
     """The console script (and ``python -m sdexport``): ``main``, whose outcome a stop during the
-    interpreter's teardown no longer changes (``stopping.finished``)."""
+    interpreter's teardown no longer changes (``stopping.finished``), printing any path
+    (``printable_streams``)."""
     from sdexport import stopping
+    from sdexport.console import printable_streams
 
+    printable_streams()
     try:
         main()
     except SystemExit as exc:

@@ -51,6 +51,39 @@ def print_result(text: str) -> None:
 error_console = Console(stderr=True, highlight=False, emoji=False)
 """Errors: printed whatever the verbosity."""
 
+_PRINTABLE = "sdexport.printable"
+"""The error handler ``printable_streams`` sets: ``_bytes_or_escape``."""
+
+
+def printable_streams() -> None:
+    """Let stdout and stderr print any path and any text. A path whose name holds bytes that are
+    not UTF-8 (Python keeps them as surrogates), or text the streams' encoding lacks (``é`` under
+    ``PYTHONIOENCODING=ascii``), stopped ``run`` with a traceback and exit 1 after its images were
+    written. Now such a path is printed as its own bytes, as the shell spells it, and other text
+    with a backslash escape. For the console script alone (``cli.entry``): a program calling
+    sdexport keeps its streams as it set them."""
+    import codecs
+    import contextlib
+    import sys
+
+    codecs.register_error(_PRINTABLE, _bytes_or_escape)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (no stream, a closed one, or not a text file)
+            stream.reconfigure(errors=_PRINTABLE)  # type: ignore[union-attr]  # (a TextIOWrapper)
+
+
+def _bytes_or_escape(error: UnicodeError) -> tuple[str | bytes, int]:
+    """A file name's undecodable bytes (``os.fsdecode``'s surrogates) as those bytes; anything else
+    the encoding cannot hold as ``\\xe9``, ``\\u2713``."""
+    import codecs
+
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    chunk = error.object[error.start:error.end]
+    if all(0xDC80 <= ord(character) <= 0xDCFF for character in chunk):
+        return bytes(ord(character) - 0xDC00 for character in chunk), error.end
+    return codecs.backslashreplace_errors(error)
+
 
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 VERBOSITY = {"quiet": QUIET, "normal": NORMAL, "verbose": VERBOSE}

@@ -58,6 +58,8 @@ class OutputKind:
     flag: str = "-o"
     example: str = "out/NAME"
     """A new path to suggest, as this kind is usually named."""
+    holds_engines: bool = False
+    """ONNX graphs are written or read in it (``require_text_path``)."""
 
 
 @dataclass
@@ -160,6 +162,8 @@ def check_target(
             f"links: pass the real directory or a new path"
         )
     require_creatable(target.parent, f"{flag} {target}")
+    if kind.holds_engines:
+        require_text_path(target, f"{flag} {target}")
     size, longest = len(os.fsencode(target.name)), name_limit(target.parent) - len(f"..partial-{'9' * 7}")
     if size > longest:  # (its hidden siblings, the staging folder and the lock, add to the name)
         raise SdexportError(f"{flag} {target}: the name {target.name!r} is too long ({size} bytes; at most {longest} "
@@ -283,6 +287,17 @@ def engine_dir_above(path: Path) -> Path | None:
         if isinstance(data, dict) and data.get("format") == FORMAT:
             return folder
     return None
+
+
+def require_text_path(path: Path, label: str) -> None:
+    """Refuse a path that holds bytes UTF-8 does not read (Python keeps them as surrogates): torch's
+    ONNX exporter, ONNX Runtime and TensorRT take paths through bindings that accept UTF-8 text
+    alone, and failed on one (a wall of a traceback, after the model had loaded and traced)."""
+    try:
+        str(path.absolute()).encode("utf-8")
+    except UnicodeEncodeError:
+        raise SdexportError(f"{label}: its path holds bytes that are not UTF-8 text, which the ONNX tools cannot "
+                            "open (torch's exporter, ONNX Runtime, TensorRT); rename it, or use another path") from None
 
 
 def require_creatable(parent: Path, label: str, *, nothing: str = "nothing can be created") -> None:

@@ -108,6 +108,32 @@ def test_a_symlink_as_output_is_refused_deliberately(engine_copy: Path, tmp_path
     assert link.is_symlink() and _tree(engine_copy) == before
 
 
+def test_a_path_the_onnx_tools_cannot_open_is_refused_before_loading(tmp_path: Path, engine_copy: Path):
+    """A folder named with bytes that are not UTF-8 (a Latin-1 disk): torch's ONNX exporter failed in
+    it with a 174 KB traceback after the model had loaded and traced, and ONNX Runtime could not open
+    an engine directory there (after its files were hashed; inspect passed it). The console script,
+    as a user runs it: its streams print such a path as its bytes."""
+    def sdexport(*args: object) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([sys.executable, "-m", "sdexport", *map(str, args)], capture_output=True,
+                              env={**os.environ, "PYTHONIOENCODING": "ascii"}, timeout=300)
+
+    odd = tmp_path / os.fsdecode(b"caf\xe9")
+    odd.mkdir()
+    refused = sdexport("export", "tiny", "-o", odd / "engines", *QUICK)
+    assert refused.returncode == 2 and b"/caf\xe9/engines: its path holds bytes that are not UTF-8 text" in refused.stderr
+    assert b"Loading" not in refused.stderr and list(odd.iterdir()) == []
+    shutil.copytree(engine_copy, odd / "copy")
+    for command in (("inspect", odd / "copy"), ("run", odd / "copy", "-p", "x", "-o", tmp_path / "x.png")):
+        refused = sdexport(*command)
+        assert refused.returncode == 2 and b"holds bytes that are not UTF-8 text" in refused.stderr, refused.stderr
+    assert not (tmp_path / "x.png").exists()
+    # An image is no graph: written there, and its path printed as its bytes (text the streams'
+    # encoding lacks, escaped), where printing it ended the run in a traceback after the image was written.
+    ran = sdexport("run", engine_copy, "-p", "x", "--steps", "1", "-o", odd / "\u00e9.png")
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout == os.fsencode(odd) + b"/\\xe9.png\n" and (odd / "\u00e9.png").is_file()
+
+
 @pytest.mark.parametrize("case, message", [
     ("file", "is a file"),
     ("inside a file", "is a file, so nothing can be created inside it"),

@@ -485,7 +485,7 @@ def not_a_bench_output(directory: Path) -> str | None:
     return None
 
 
-BENCH_OUTPUT = OutputKind("benchmark output", not_a_bench_output)
+BENCH_OUTPUT = OutputKind("benchmark output", not_a_bench_output, holds_engines=True)  # (engines/: its exports)
 
 
 def json_ready(value: Any) -> Any:

@@ -40,7 +40,7 @@ MAX_OPSET = 20
 """The newest opset torch's TorchScript exporter has symbolics for
 (``torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; a test keeps the two equal)."""
 
-ENGINE_DIR = OutputKind("engine directory", not_an_engine_dir, example="engines/NAME")
+ENGINE_DIR = OutputKind("engine directory", not_an_engine_dir, example="engines/NAME", holds_engines=True)
 
 
 @dataclass

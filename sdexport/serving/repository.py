@@ -164,4 +164,4 @@ def _bytecode_of_listed(rel: Path, path: Path, listed: set[str]) -> bool:
     return path.is_dir() if rel == folder else (rel.suffix == ".pyc" and rel.parent == folder and path.is_file())
 
 
-REPOSITORY = OutputKind("Triton model repository", not_a_repository, example="triton-repo")
+REPOSITORY = OutputKind("Triton model repository", not_a_repository, example="triton-repo", holds_engines=True)
