@@ -191,9 +191,21 @@ def cpu_threads_asked() -> int:
     while they wait. Beside other busy processes (a CI job's test workers, a server's model
     instances) those threads only contend: two processes each running the tiny model on 2 cores
     took 6.8 to 7.2 s with ONNX Runtime's default, 4.9 to 5.0 s with one thread each. One setting,
-    then, for all of sdexport's CPU work."""
+    then, for all of sdexport's CPU work.
+
+    At most the CPUs this process may run on, as torch takes it: ONNX Runtime starts every thread
+    it is given, and ``OMP_NUM_THREADS=100000`` (a typo, a setting meant for another machine) made
+    a run start 17,000 threads and take 17 GB before its first step."""
     value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": OpenMP's nested levels
-    return int(value) if value.isascii() and value.isdigit() else 0
+    asked = int(value) if value.isascii() and value.isdigit() else 0
+    return min(asked, _usable_cpus())
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @contextmanager

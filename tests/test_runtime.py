@@ -397,13 +397,18 @@ def test_torch_backend_keeps_an_fp16_export_and_its_fp32_fallback_apart(tmp_path
     assert torch.allclose(half, full, atol=5e-2)
 
 
-@pytest.mark.parametrize(("value", "threads"), [("3", 3), ("1", 1), ("4 ", 4), ("2,1", 2), (None, 0), ("", 0), ("0", 0), ("two", 0), ("²", 0)])
+@pytest.mark.parametrize(("value", "threads"), [("3", 3), ("1", 1), ("4 ", 4), ("2,1", 2), (None, 0), ("", 0), ("0", 0),
+                                                ("two", 0), ("²", 0), ("100000", 8)])
 def test_onnxruntime_sessions_take_the_cpu_threads_omp_num_threads_gives(monkeypatch, value, threads):
     """One setting for sdexport's CPU threads: torch reads OMP_NUM_THREADS, ONNX Runtime's sessions
-    are given it (0: ONNX Runtime's own default, a thread per core)."""
+    are given it (0: ONNX Runtime's own default, a thread per core), at most the CPUs there are
+    (8 here): 100000 started 17,000 threads."""
     import onnxruntime as ort
 
+    from sdexport import console
     from sdexport.console import onnxruntime_session_options
+
+    monkeypatch.setattr(console, "_usable_cpus", lambda: 8)
 
     if value is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
