@@ -129,6 +129,10 @@ def test_the_torch_backend_refuses_a_changed_file(sd_dir, files, tmp_path):
      "an SDXL embedding (clip_l and clip_g), but this model has one text encoder"),
     ("cube.safetensors", {"emb_params": torch.ones(2, 2, 32)}, None, "is not a list of embedding vectors"),
     ("style.safetensors", {"emb_params": torch.ones(32)}, "two words", "the word must be one token of text"),
+    # (run --emphasis original read these as a break and as weights: the embedding was silently unused)
+    ("style.safetensors", {"emb_params": torch.ones(32)}, "BREAK", "the word reads as A1111's emphasis syntax"),
+    ("style.safetensors", {"emb_params": torch.ones(32)}, "(style)", "the word reads as A1111's emphasis syntax"),
+    ("style.safetensors", {"emb_params": torch.ones(32)}, "back\\slash", "the word reads as A1111's emphasis syntax"),
     ("nan.safetensors", {"emb_params": torch.full((2, 32), float("nan"))}, None, "emb_params holds NaN or infinite values"),
     ("wide.safetensors", {"emb_params": torch.ones(1, 768)}, None,
      "vectors of width 768, but text_encoder reads 32 (an embedding made for another model)"),

@@ -62,6 +62,12 @@ class Embedding:
         if not re.fullmatch(WORD, self.word):
             raise SdexportError(f"{FLAG} {self.path}:{self.word}: the word must be one token of text, no spaces or "
                                 "':' (e.g. FILE:my-style)")
+        from sdexport.runtime.emphasis import uses_syntax
+
+        if uses_syntax(self.word):  # (else run --emphasis original reads weights or a break, never the word)
+            raise SdexportError(f"{FLAG} {self.path}:{self.word}: the word reads as A1111's emphasis syntax (a bracket, "
+                                "a backslash or BREAK), which run --emphasis original takes as weights, not as the "
+                                "word; choose another (e.g. FILE:my-style)")
         if self.path.is_dir():
             raise SdexportError(f"{FLAG} {self.path}: a directory; pass the embedding file in it")
         if not self.path.is_file():
