@@ -768,6 +768,14 @@ def test_edited_reports_neither_break_the_comparison_nor_pass_a_slowdown(tmp_pat
     (tmp_path / "nan.json").write_text(nan)
     assert run_cli("bench", "compare", tmp_path / "nan.json", tmp_path / "new.json") == 0
     assert "| torch | batch 1, 10 steps | 1000.0 → 1000.0 |" in capsys.readouterr().out
+    tiny = _report([_entry("torch", [1e-320] * len(TIGHT))])  # (a ratio to it overflowed: a traceback)
+    _write(tmp_path, "tiny", tiny)
+    assert run_cli("bench", "compare", tmp_path / "tiny.json", tmp_path / "new.json") == 2
+    assert ": 1e-320 is less than the minimum of 1e-09" in capsys.readouterr().err
+    tiny["results"][0]["e2e_s"] = good["results"][0]["e2e_s"]  # a stage's, then: left out, as a NaN one
+    _write(tmp_path, "tiny", tiny)
+    assert run_cli("bench", "compare", tmp_path / "tiny.json", tmp_path / "new.json") == 0
+    assert "| torch | batch 1, 10 steps | 1000.0 → 1000.0 |" in capsys.readouterr().out
     twice = _report([_entry("torch", [3 * s for s in TIGHT]), _entry("torch", TIGHT)])
     _write(tmp_path, "twice", twice)
     assert run_cli("bench", "compare", tmp_path / "new.json", tmp_path / "twice.json") == 2

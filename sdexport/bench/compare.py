@@ -187,7 +187,8 @@ _TIMES = {"type": "object", "required": ["median", "samples"],
           "properties": {"median": {"type": "number"}, "samples": {"type": "array", "items": {"type": "number"}}}}
 _MEASURED_TIMES = {**_TIMES, "properties": {
     "median": {"type": "number", "exclusiveMinimum": 0},
-    "samples": {"type": "array", "minItems": 1, "items": {"type": "number", "exclusiveMinimum": 0}}}}
+    # (a nanosecond to a million seconds: a ratio to a denormal 1e-320 overflowed to a traceback)
+    "samples": {"type": "array", "minItems": 1, "items": {"type": "number", "minimum": 1e-9, "maximum": 1e6}}}}
 _COUNT = {"type": "integer", "minimum": 1}
 _AGREEMENT = {"type": "object", "properties": {
     "psnr_db": {"anyOf": [{"type": ["number", "null"]}, {"const": "inf"}]},  # "inf": identical images
@@ -263,7 +264,8 @@ def relative_change(baseline: list[float], new: list[float], seed: int = 0,
 
 def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], threshold: float,
               reference: tuple[str, dict[str, Any], dict[str, Any]] | None = None) -> Change | None:
-    """The change of one median (None when either median is not a positive time: nothing to compare).
+    """The change of one median (None when either median is not a positive time, or their ratio
+    overflows: nothing to compare).
     The medians are the samples' own, not the recorded ``median``: the figure shown is the one judged
     (a recorded one that disagrees, or is NaN, in an edited file, changes nothing). ``reference``:
     (name, its baseline timings, its new ones) to judge the ratio to (``Gate.relative_to``)."""
@@ -273,6 +275,8 @@ def change_of(metric: str, baseline: dict[str, Any], new: dict[str, Any], thresh
     if not all(math.isfinite(v) and v > 0 for samples in sets for v in samples):
         return None
     point, low, high = relative_change(sets[0], sets[1], references=(sets[2], sets[3]) if reference else None)
+    if not all(math.isfinite(value) for value in (point, low, high)):  # (1e-320 s in an edited file: no time either)
+        return None
     if abs(point) <= threshold:
         verdict = "within threshold"
     elif min(map(len, sets)) < MIN_REPEATS:
