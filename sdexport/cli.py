@@ -6,6 +6,7 @@ not need torch or TensorRT never imports them.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -1461,8 +1462,8 @@ def _run_app() -> Any:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except OSError as exc:
-        _fail(_describe_os_error(exc), 1, exc)
+    except OSError as exc:  # (a name too long is the input's: a usage error, as other bad input)
+        _fail(_describe_os_error(exc), 2 if exc.errno == errno.ENAMETOOLONG else 1, exc)
     except MemoryError as exc:
         _fail("out of memory; lower the profile's maxima (--batch, --height, --width) or use a larger machine", 1, exc)
     except Exception as exc:
@@ -1492,8 +1493,6 @@ def _is_usage_error(exc: BaseException) -> bool:
 
 
 def _describe_os_error(exc: OSError) -> str:
-    import errno
-
     where = f"{exc.filename}: " if exc.filename else ""
     what = exc.strerror or str(exc)
     advice = {
@@ -1502,5 +1501,6 @@ def _describe_os_error(exc: OSError) -> str:
         errno.EROFS: "; write elsewhere",
         errno.EACCES: "; check the permissions (or, for an output, write elsewhere)",
         errno.EPERM: "; check the permissions (or, for an output, write elsewhere)",
+        errno.ENAMETOOLONG: "; choose a shorter name",
     }.get(exc.errno or 0, "")
     return f"{where}{what}{advice}"

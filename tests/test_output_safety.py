@@ -157,6 +157,15 @@ def test_unwritable_outputs_are_refused_before_loading(tmp_path: Path, monkeypat
     assert "Loading" not in err and blocker.read_text() == "user data"
 
 
+def test_a_name_too_long_is_bad_input(engine_copy: Path, tmp_path: Path, capsys):
+    """The filesystem's refusal of a name longer than it holds (255 bytes): the input's fault, so a
+    usage error (2, where it was 1, which says the filesystem failed), before anything loads."""
+    assert run_cli("run", engine_copy, "-p", "a", "-o", tmp_path / ("a" * 300 + ".png")) == 2
+    err = capsys.readouterr().err
+    assert "File name too long; choose a shorter name" in err and "Loading" not in err
+    assert [path.name for path in tmp_path.iterdir()] == [engine_copy.name]
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch, capsys):
     from sdexport.export.weight_store import WeightStore
 
