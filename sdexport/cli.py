@@ -204,6 +204,11 @@ def inspect(
         raise SdexportError("--verify and --no-check: --verify is the thorough check; drop one")
     manifest = load_manifest(engine_dir, verify_files=False)
     print_summary(engine_dir, manifest)
+    from sdexport.manifest import not_an_engine_dir
+
+    foreign = not_an_engine_dir(engine_dir)  # (run ignores files it does not list; --force needs the proof)
+    if foreign:
+        console.print(f"note: `export --force` will not replace this directory: {escape(foreign)}", soft_wrap=True)
     if not check:
         return
     from sdexport.manifest import check_graph

@@ -217,6 +217,17 @@ def test_a_graph_of_another_component_is_refused(engine_copy: Path, monkeypatch,
     _refused_everywhere(engine_copy, "unet/model.onnx takes ['latent_sample'] and returns ['sample'], but a unet graph takes", capsys)
 
 
+def test_inspect_says_when_export_force_would_not_replace_the_directory(engine_copy: Path, capsys):
+    """A file of the user's in an engine directory (an image saved there from the Python API): run
+    ignores it, but export --force refuses the directory; inspect reported it clean."""
+    assert run_cli("inspect", engine_copy) == 0
+    assert "export --force" not in capsys.readouterr().err
+    (engine_copy / "my picture.png").write_bytes(b"png")
+    assert run_cli("inspect", engine_copy) == 0
+    assert ("note: `export --force` will not replace this directory: it holds files its manifest does not list: "
+            "my picture.png") in capsys.readouterr().err
+
+
 def test_a_graph_that_is_not_onnx_is_refused_by_inspect(engine_copy: Path, capsys):
     (engine_copy / "vae_encoder" / "model.onnx").write_bytes(b"\x08random bytes")
     _rehash(engine_copy, "vae_encoder/model.onnx")
