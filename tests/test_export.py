@@ -355,6 +355,7 @@ def _corrupt_safetensors(path: Path) -> Path:
     "case, message",
     [
         ("missing", "no such file or directory, and not a preset"),
+        ("fifo", "fifo.safetensors: not a regular file or a directory"),  # (was read: waited for a writer)
         ("unknown-preset", "not a preset (tiny"),
         ("empty-dir", "not a diffusers model directory"),
         ("checkpoint-dir", "to export the single-file checkpoint in it, pass the file ({tmp}/downloads/model.safetensors)"),
@@ -406,6 +407,9 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
     model, extra = "tiny", []
     if case == "missing":
         model = str(tmp_path / "nowhere")
+    elif case == "fifo":
+        os.mkfifo(tmp_path / "fifo.safetensors")
+        model = str(tmp_path / "fifo.safetensors")
     elif case == "unknown-preset":
         model = "sd99"
     elif case == "empty-dir":

@@ -105,6 +105,9 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     path = Path(model)
     if preset is None and not path.exists():  # (whatever else was given with it)
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
+    if preset is None and not (path.is_dir() or path.is_file()):  # (a pipe's reader waits for a writer)
+        raise ModelLoadError(f"{model}: not a regular file or a directory; give a diffusers directory or a "
+                             f"{'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     if config is not None and path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         if path.is_file():  # a .pt, say: what it is not matters more than the --config it cannot take
             raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")

@@ -32,8 +32,9 @@ def read_image(path: Path, what: str, mode: str | None = "RGB") -> Any:
     one line, not mid-run."""
     if path.is_dir():
         raise SdexportError(f"{what} {path}: a directory; give an image file")
-    if not path.is_file():
-        raise SdexportError(f"{what} {path}: no such file")
+    if not path.is_file():  # (a device such as /dev/zero, or a pipe, would be read without end)
+        raise SdexportError(f"{what} {path}: " + ("not a regular file; give an image file" if path.exists()
+                                                  else "no such file"))
     return _decode(path, f"{what} {path}", mode)
 
 
