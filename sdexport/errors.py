@@ -48,6 +48,13 @@ def interruption_name(exc: BaseException) -> str:
     return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
 
 
+def a_class(name: object) -> str:
+    """``name`` (a class name a config gives) with its article: "an AutoencoderKL", "a UNet2DModel"
+    (a U as in "you")."""
+    text = str(name)
+    return f"{'an' if text[:1] in tuple('AEIOaeio') else 'a'} {text}"
+
+
 def pasteable(path: object) -> str:
     """A path as a command suggested in a message must spell it to work when pasted (quoted where
     it has spaces or shell characters: ``'my models/tiny'``)."""

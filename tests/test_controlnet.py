@@ -6,6 +6,7 @@ refusals a user can cause."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -796,6 +797,7 @@ def test_a_controlnet_directory_exports_and_runs(tmp_path):
     ("tiny", "{missing}", "no such directory, and not a ControlNet preset"),
     ("tiny", "{sdxl_net}", "an SDXL ControlNet for an sd model"),
     ("tiny", "{other_class}", "a ControlNetXSAdapter; sdexport runs diffusers ControlNetModels"),
+    ("tiny", "{a_vae}", "an AutoencoderKL; sdexport runs diffusers ControlNetModels"),
 ])
 def test_export_refuses_a_controlnet_that_does_not_fit(tmp_path, capsys, monkeypatch, base, net, message):
     from sdexport.models import loader
@@ -805,7 +807,11 @@ def test_export_refuses_a_controlnet_that_does_not_fit(tmp_path, capsys, monkeyp
     other.mkdir()
     (other / "config.json").write_text(json.dumps({"_class_name": "ControlNetXSAdapter"}))
     (other / "diffusion_pytorch_model.safetensors").write_bytes(b"")
-    paths = {"missing": tmp_path / "missing", "sdxl_net": _controlnet_dir(tmp_path, "tiny-sdxl"), "other_class": other}
+    vae = tmp_path / "vae"
+    shutil.copytree(other, vae)
+    (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    paths = {"missing": tmp_path / "missing", "sdxl_net": _controlnet_dir(tmp_path, "tiny-sdxl"), "other_class": other,
+             "a_vae": vae}
     assert run_cli("export", base, "--controlnet", net.format(**paths), "-o", tmp_path / "out") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from sdexport.errors import SdexportError, one_line, pasteable
+from sdexport.errors import SdexportError, a_class, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
 from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
@@ -106,7 +106,7 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
     family = family_of_pipeline(pipeline)
     if family is None:
         raise SdexportError(
-            f"{directory}: a {pipeline}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
+            f"{directory}: {a_class(pipeline)}; sdexport runs Stable Diffusion 1.x/2.x and XL pipelines "
             f"({', '.join(SUPPORTED_PIPELINES)}; also with optimum's ORT prefix)"
         )
     family = family_of_index(family, index, directory)

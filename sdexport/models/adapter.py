@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import ModelLoadError, one_line
+from sdexport.errors import ModelLoadError, a_class, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
 from sdexport.setting_names import option, option_given
 
@@ -176,7 +176,7 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     block, drop it silently)."""
     kind = config.get("_class_name", ADAPTER_CLASS)
     if kind != ADAPTER_CLASS:
-        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {ADAPTER_CLASS}s (SD and SDXL)")
+        raise ModelLoadError(f"{what}: {a_class(kind)}; sdexport runs diffusers {ADAPTER_CLASS}s (SD and SDXL)")
     try:
         features = feature_layout(config, vae_scale_factor)
         places = intrablock_layout(unet)

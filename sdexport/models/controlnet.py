@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import ModelLoadError, one_line
+from sdexport.errors import ModelLoadError, a_class, one_line
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
 from sdexport.setting_names import option, option_given
 
@@ -173,7 +173,7 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     if kind == "T2IAdapter":
         raise ModelLoadError(f"{what}: a T2I-Adapter, not a ControlNet: pass it as {option('--adapter')}")
     if kind not in (CONTROLNET_CLASS, UNION_CLASS):
-        raise ModelLoadError(f"{what}: a {kind}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL) "
+        raise ModelLoadError(f"{what}: {a_class(kind)}; sdexport runs diffusers {CONTROLNET_CLASS}s (SD 1.x/2.x and SDXL) "
                              f"and {UNION_CLASS}s (SDXL)")
     if kind == UNION_CLASS and family != "sdxl":
         raise ModelLoadError(f"{what}: a union ControlNet, which diffusers runs with SDXL models only, not {family}")

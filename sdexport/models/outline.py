@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sdexport.errors import ModelLoadError, one_line, pasteable
+from sdexport.errors import ModelLoadError, a_class, one_line, pasteable
 from sdexport.models.presets import PRESETS, SDXL_PROFILE, Preset, get_preset
 from sdexport.setting_names import option, option_given
 from sdexport.shapes import PROMPT_CHUNKS, ShapeProfile
@@ -219,7 +219,7 @@ def _outline(
         found = (vae.get("_class_name") or (architectures[0] if isinstance(architectures, list) and architectures
                                             else None) or vae.get("model_type"))
         if (found or "AutoencoderKL") != "AutoencoderKL":  # transformers' configs name theirs otherwise
-            raise ModelLoadError(f"--vae {vae_path}: a {found}, not an AutoencoderKL")
+            raise ModelLoadError(f"--vae {vae_path}: {a_class(found)}, not an AutoencoderKL")
         try:
             readable_weight_files(vae_path, "diffusers")  # a truncated copy: refused now, not when the VAE loads
         except ModelLoadError as exc:
