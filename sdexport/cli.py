@@ -714,6 +714,8 @@ def _condition_images(values: list[str] | None, height: int | None, width: int |
         raise SdexportError(f"with {flag}, give both --height and --width, or neither (the image's own size)")
     controls: list[Any] = []
     for value in values or []:
+        if not value.strip():  # (Path("") is the current folder: "--control-image .: a directory")
+            raise SdexportError(f"{flag} {value!r}: an empty path; name an image file")
         if value != MASKED_INIT or not masked_init:
             controls.append(read_image(Path(value), flag))
         elif Path(value).exists():

@@ -627,6 +627,7 @@ def no_engines(monkeypatch):
     ([], "has 1 ControlNet: give --control-image"),
     (["--control-image", "{img}", "--control-image", "{img}"], "2 control images (--control-image) for 1 ControlNet"),
     (["--control-image", "{bad}"], "--control-image {bad}: not a readable image"),
+    (["--control-image", ""], "--control-image '': an empty path; name an image file"),  # (was ".: a directory")
     (["--control-image", "{img}", "--height", "512", "--width", "512"], "height 512 is outside the engines' profile"),
     (["--control-image", "{big}"], "(the size of the first --control-image; give --height and --width"),
     (["--control-image", "{img}", "--control-start", "0.6", "--control-end", "0.5"], "--control-start 0.6 is not before"),
