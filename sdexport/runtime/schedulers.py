@@ -159,7 +159,9 @@ class HostSchedule:
 
     def noise_levels(self, scheduler: Any, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``a`` and ``b`` of ``scheduler.add_noise(x, n, timestep)`` now, as 0-d host tensors
-        (``timestep``: a host tensor of one); the scheduler's own schedule is back in place after."""
+        (``timestep``: a host tensor of one). The scheduler's timesteps and sigmas are back in place
+        after; PNDM's, DDIM's and LCM's ``add_noise`` moves their noise table to the samples' device
+        itself, here the host, where ``set_schedule`` keeps what their steps read."""
         kept = {name: getattr(scheduler, name) for name in self.tensors}
         try:
             for name, value in self.tensors.items():
