@@ -527,3 +527,15 @@ def test_a_manifest_without_the_adapter_dims_is_refused(engine_dirs, tmp_path, c
     (directory / "manifest.json").write_text(json.dumps(manifest))
     assert run_cli("inspect", directory) != 0
     assert "a T2I-Adapter needs both dims.adapter_features" in capsys.readouterr().err
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_an_adapter_factor_of_zero_is_a_share():
+    """0 is a share of the steps (the adapter acts on none), as diffusers takes it; below it is not."""
+    from sdexport.runtime.request import _check_adapter_factor
+
+    _check_adapter_factor(0.0, 1)
+    _check_adapter_factor([0.0, 1.0], 2)
+    with pytest.raises(SdexportError, match="a fraction of the steps, from 0 to 1"):
+        _check_adapter_factor(-0.1, 1)

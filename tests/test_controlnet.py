@@ -1055,3 +1055,37 @@ def test_a_control_image_is_resized_in_its_own_mode_then_made_rgb_as_diffusers_d
     theirs = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False).preprocess(
         image, height=64, width=128)
     assert torch.allclose(control_pixels(image, 64, 128), theirs, atol=1e-6)
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_a_per_prompt_list_of_one_serves_every_prompt():
+    """A place's list of one value (``control_scale=[[0.5]]``, which the checks take for any
+    batch) gives that value to every image, as one number would, not an IndexError for the second."""
+    request = GenerationRequest(prompt=["a", "b"], seeds=[0, 1], control_scale=[[0.5]], control_end=[[0.8]],
+                                adapter_scale=[[0.25]])
+    assert request.control_settings(1, "sd", image=1) == [(0.5, 0.0, 0.8)]
+    assert request.adapter_scales(1, image=1) == [0.25]
+
+
+def test_with_defaults_fills_in_the_directorys_clip_skip_whatever_else_is_given():
+    """A request that gives its guidance still takes the directory's clip skip (what ran, and
+    what its image records), not None."""
+    given = GenerationRequest(prompt=["x"], guidance=7.5).with_defaults("sd", clip_skip=1)
+    assert (given.guidance, given.clip_skip) == (7.5, 1)
+    own = GenerationRequest(prompt=["x"], guidance=7.5, clip_skip=0).with_defaults("sd", clip_skip=1)
+    assert own.clip_skip == 0
+
+
+# From mutation testing round 5 (image checks): each seen to fail with the change it guards against.
+
+def test_an_empty_control_image_is_refused_in_one_line():
+    """An image with a side of 0 is refused where no size is asked of it (control and adapter
+    images, which are resized), not left to fail in the resize."""
+    from PIL import Image
+
+    from sdexport.runtime.image_inputs import check_image
+
+    for size in ((0, 64), (64, 0)):
+        with pytest.raises(SdexportError, match=r"^control image is empty"):
+            check_image(Image.new("RGB", size), None, None, "control image")

@@ -780,3 +780,27 @@ def test_bin_weights_export_without_diffusers_safetensors_first_error(tiny_diffu
                           env=environment, timeout=300)  # (a process of its own: as a user's, its first import)
     assert done.returncode == 0, done.stderr
     assert "An error occurred" not in done.stderr and "no file named" not in done.stderr, done.stderr
+
+
+# From mutation testing round 5 (verification): each seen to fail with the change it guards against.
+
+def test_a_report_of_skipped_points_alone_is_skipped_not_passed():
+    """A component none of whose points ran (``--verify none``, or every point too large) is
+    reported skipped, never passed; one failed point fails it."""
+    from sdexport.export.verify import OutputError, ParityReport, PointResult
+
+    skipped = PointResult("all", "skipped", reason="verification off")
+    assert ParityReport("unet", "fp32", 1e-3, [skipped]).status == "skipped"
+    passed = PointResult("min", "passed", outputs={"out_sample": OutputError(0.0, 1e-6)})
+    assert ParityReport("unet", "fp32", 1e-3, [passed, skipped]).status == "passed"
+    failed = PointResult("max", "failed", outputs={"out_sample": OutputError(1.0, 0.5)})
+    assert ParityReport("unet", "fp32", 1e-3, [passed, failed]).status == "failed"
+
+
+def test_an_output_that_should_be_zero_is_compared_by_its_absolute_error():
+    """Where PyTorch's output is all zeros (a ControlNet's zero convolutions), the relative
+    error has no scale: the graph's absolute error is the measure, so a graph giving ones fails."""
+    from sdexport.export.verify import compare
+
+    assert compare(np.ones(4, np.float32), np.zeros(4, np.float32)).rel_l2 == pytest.approx(2.0)
+    assert compare(np.zeros(4, np.float32), np.zeros(4, np.float32)).rel_l2 == 0.0

@@ -557,3 +557,66 @@ def test_an_init_image_starting_on_a_repeated_timestep_starts_at_its_own_step(en
                                 scheduler="dpmpp_2m_karras", image=[picture(64, 64, 0)], strength=0.07)
     assert request.denoising_steps("sd") == 3
     _agree(pipeline(request), references["tiny"](request))
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_sixteen_bit_levels_are_scaled_by_257():
+    """65535 is 255, and each 16-bit level 257 k is 8-bit level k (a depth map keeps its levels;
+    a mask pixel just below half stays kept)."""
+    from PIL import Image
+
+    from sdexport.runtime.image_inputs import eight_bits
+
+    levels = np.arange(256, dtype=np.uint16) * 257
+    image = Image.fromarray(levels.reshape(16, 16))  # (Pillow reads uint16 as I;16)
+    assert image.mode.startswith("I")
+    assert np.array_equal(np.asarray(eight_bits(image, "depth map")).reshape(-1), np.arange(256))
+
+
+def test_a_directory_given_as_an_image_is_called_a_directory(tmp_path):
+    """``--init-image DIR`` is refused as a directory, not as a file that does not exist."""
+    from sdexport.runtime.image_inputs import read_image
+
+    with pytest.raises(SdexportError, match=r"a directory; give an image file$"):
+        read_image(tmp_path, "--init-image")
+
+
+def test_a_crop_keeps_the_centre():
+    """``fit crop`` cuts the overflow equally from both sides: a 64x192 image cropped to 64x64
+    keeps its middle third."""
+    from PIL import Image
+
+    from sdexport.runtime.image_inputs import fit_image
+
+    thirds = np.concatenate([np.full((64, 64, 3), v, np.uint8) for v in (0, 128, 255)], axis=1)
+    image, _ = fit_image(Image.fromarray(thirds), 64, 64, "crop", "init image")
+    assert np.unique(np.asarray(image)).tolist() == [128]
+
+
+def test_an_exact_fit_suggests_the_images_own_size_only_where_the_engines_could_take_it():
+    """An image whose height is no multiple of the model's is not offered as a size to ask for."""
+    from PIL import Image
+
+    from sdexport.runtime.image_inputs import fit_image
+
+    with pytest.raises(SdexportError, match=r"its own size is no multiple of 16"):
+        fit_image(Image.new("RGB", (64, 100)), 64, 64, "exact", "init image", multiple=16)
+    with pytest.raises(SdexportError, match=r"pass height=96 width=64 "):
+        fit_image(Image.new("RGB", (64, 96)), 64, 64, "exact", "init image", multiple=16)
+
+
+# From mutation testing round 5 (what a result records): each seen to fail with the change it guards against.
+
+def test_a_text_to_image_result_records_no_encoder_graph(tiny_engine_dir):
+    """A pipeline loaded for image inputs has the VAE encoder; an image made from text alone
+    does not record its graph (it did not run), one made from an init image does."""
+    from PIL import Image
+
+    from sdexport.runtime.loading import load_pipeline
+
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True)
+    assert "vae_encoder" in pipeline.info["graphs"]
+    text = pipeline.run_info(GenerationRequest(prompt=["x"]), False, False)
+    image = pipeline.run_info(GenerationRequest(prompt=["x"], image=Image.new("RGB", (64, 64))), False, False)
+    assert "vae_encoder" not in text["graphs"] and "vae_encoder" in image["graphs"]

@@ -638,3 +638,73 @@ def test_a_weight_two_initializers_could_be_is_left_unmapped():
         module[1].weight.copy_(module[0].weight)
     weight = module[0].weight.detach().numpy()
     assert weight_map(module, [("a", weight.T.copy()), ("b", weight.T.copy())]) == {}
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_a_peft_alpha_pattern_scales_the_modules_it_names(tmp_path):
+    """A diffusers-saved LoRA whose PEFT config gives some modules an alpha of their own
+    (``alpha_pattern``) has those updates scaled by it, the others by ``lora_alpha``, as PEFT loads it."""
+    import diffusers
+
+    from sdexport.models.lora import LoraFile, read_updates
+
+    block = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    generator = torch.Generator().manual_seed(0)
+    state = {f"{block}.{name}.lora_{half}.weight": torch.randn(shape, generator=generator)
+             for name in ("to_q", "to_k") for half, shape in (("A", (4, 32)), ("B", (32, 4)))}
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=state,
+        unet_lora_adapter_metadata={"r": 4, "lora_alpha": 16, "target_modules": ["to_q", "to_k"],
+                                    "rank_pattern": {}, "alpha_pattern": {"to_q": 8}, "use_rslora": False})
+    updates = read_updates(LoraFile(tmp_path / "pytorch_lora_weights.safetensors", 0.5), "sd")
+    assert {u.module.rsplit(".", 1)[1]: u.scale for u in updates} == {"to_q": 0.5 * 8 / 4, "to_k": 0.5 * 16 / 4}
+
+
+def test_module_names_are_matched_across_the_text_model_level_both_ways():
+    """CLIP's ``text_model.`` level is in transformers 4's names and not in 5's; a LoRA's names
+    reach the model's whichever side has it."""
+    from sdexport.models.lora import resolve_name
+
+    with_level = {"text_model.encoder.layers.0.self_attn.q_proj": (32, 32)}
+    without = {"encoder.layers.0.self_attn.q_proj": (32, 32)}
+    assert resolve_name(with_level, "encoder.layers.0.self_attn.q_proj") == "text_model.encoder.layers.0.self_attn.q_proj"
+    assert resolve_name(without, "text_model.encoder.layers.0.self_attn.q_proj") == "encoder.layers.0.self_attn.q_proj"
+    assert resolve_name(without, "encoder.layers.1.self_attn.q_proj") is None
+
+
+def test_a_weight_map_without_shapes_gives_the_pytorch_shapes_from_the_graph(engine_copy):
+    """A weights.json written before it held each weight's shape (an older export): the shapes
+    are read from the graph, a transposed initializer's turned back to PyTorch's, as the map with
+    shapes gives them (a LoRA matched against them fits)."""
+    import json
+
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.lora_runtime import onnx_layers
+
+    manifest = load_manifest(engine_copy)
+    expected = onnx_layers(engine_copy, manifest)
+    for component in expected:
+        path = (engine_copy / manifest.components[component].onnx).parent / "weights.json"
+        names = json.loads(path.read_text())
+        path.write_text(json.dumps({p: {k: v for k, v in where.items() if k != "shape"} for p, where in names.items()}))
+    assert onnx_layers(engine_copy, manifest) == expected
+    assert any(len(set(shape)) > 1 and len(shape) == 2 for shape in expected["unet"].values())  # (non-square ones)
+
+
+def test_run_time_lora_initializers_keep_the_graphs_dtype(tiny_fp16_engine_dir, tmp_path):
+    """The changed initializers of an fp16 graph are fp16, as TensorRT's refit takes them (the
+    weight's own dtype), not the float32 they are summed in."""
+    from safetensors.torch import save_file
+
+    from sdexport.manifest import load_manifest
+    from sdexport.models.lora import LoraFile
+    from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, updates_for
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    path = tmp_path / "lora.safetensors"
+    save_file({f"{module}.lora_A.weight": torch.ones(4, 32), f"{module}.lora_B.weight": torch.ones(32, 4)}, str(path))
+    manifest = load_manifest(tiny_fp16_engine_dir)
+    updates = updates_for(manifest, [LoraFile(path)], onnx_layers(tiny_fp16_engine_dir, manifest))
+    changed = onnx_initializers(tiny_fp16_engine_dir, manifest, "unet", updates, manifest.components["unet"].onnx)
+    assert len(changed) == 1 and all(value.dtype == np.float16 for value in changed.values())

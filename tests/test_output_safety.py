@@ -598,3 +598,93 @@ def test_force_refuses_an_engine_directory_holding_a_users_link_to_a_folder(engi
     assert run_cli("export", "tiny", "-o", engine_copy, "--force", *QUICK) == 2
     assert "files its manifest does not list: unet/loras" in capsys.readouterr().err
     assert (engine_copy / "unet" / "loras").is_symlink() and (loras / "style.safetensors").exists()
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_a_lock_held_under_a_pid_not_running_here_still_turns_the_job_away(tmp_path):
+    """A lock file naming a pid this process cannot see (another container's job on a shared
+    volume) whose lock is held: after its second of tries the job is refused, never let in unlocked."""
+    import fcntl
+
+    from sdexport.export.plan import ENGINE_DIR
+    from sdexport.output_dir import claim
+
+    lock = tmp_path / ".out.sdexport-lock"
+    lock.write_bytes(b"sdexport pid 999999999\n")
+    holder = os.open(lock, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(SdexportError, match=r"another sdexport process \(pid 999999999\) is writing"), \
+                claim(tmp_path / "out", ENGINE_DIR, replace=False):
+            pytest.fail("the job ran without the lock")
+    finally:
+        os.close(holder)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_marked_old_directory_beside_a_finished_target_is_discarded(tmp_path):
+    """A kill after the new directory went in place but before the old one was deleted leaves
+    a marked .NAME.old-PID beside a complete target: the next run deletes it, and does not put the
+    old one back over the new one (nor fail on it)."""
+    from conftest import hidden_siblings
+    from sdexport.output_dir import MARKER, OutputKind, claim
+
+    ours = OutputKind("test output", lambda path: None)  # every folder is ours
+    target = tmp_path / "out"
+    with claim(target, ours, replace=False) as staging:
+        (staging / "manifest.json").write_text('{"new": true}')
+    old = tmp_path / ".out.old-999999"
+    old.mkdir()
+    (old / "manifest.json").write_text('{"old": true}')
+    (old / MARKER).touch()
+    with pytest.raises(RuntimeError, match="stop"), claim(target, ours, replace=True):
+        raise RuntimeError("stop")
+    assert (target / "manifest.json").read_text() == '{"new": true}' and hidden_siblings(target) == []
+
+
+def test_an_empty_staging_folder_a_kill_left_is_removed(tmp_path):
+    """A kill between making the staging folder and marking it leaves it empty: the next run on
+    the target removes it too."""
+    from conftest import hidden_siblings
+    from sdexport.export.plan import ENGINE_DIR
+    from sdexport.output_dir import claim
+
+    (tmp_path / ".out.partial-999999").mkdir()
+    with claim(tmp_path / "out", ENGINE_DIR, replace=False) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert hidden_siblings(tmp_path / "out") == []
+
+
+def test_a_file_system_without_a_name_limit_takes_the_usual_255(tmp_path, monkeypatch):
+    """Pathconf answers -1 where no limit is set (some FUSE and network file systems): names
+    are held to 255 bytes there, not refused whatever their length."""
+    from sdexport import atomic
+
+    monkeypatch.setattr(atomic.os, "pathconf", lambda path, name: -1)
+    assert atomic.name_limit(tmp_path) == 255
+    assert atomic.longest_name(tmp_path) > 200
+
+
+def test_the_longest_name_allowed_is_written_by_a_seven_digit_pid(tmp_path, monkeypatch):
+    """``longest_name`` leaves room for the temporary name of any PID (up to 7 digits): a file
+    of the longest name it allows is written, not refused by the file system after the work."""
+    from sdexport import atomic
+
+    monkeypatch.setattr(atomic.os, "getpid", lambda: 4194304)
+    path = tmp_path / ("a" * atomic.longest_name(tmp_path))
+    atomic.write_atomic(path, b"x")
+    assert path.read_bytes() == b"x"
+
+
+def test_a_full_disk_error_that_names_its_own_file_keeps_its_name(tmp_path):
+    """Only a write error naming no file is said to be the output's; one raised in the block for
+    another file (a cache written beside it, say) keeps that file's name."""
+    import errno
+
+    from sdexport.atomic import atomic_path
+
+    with pytest.raises(OSError) as raised, atomic_path(tmp_path / "out.png"):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "cache.bin"))
+    assert raised.value.filename == str(tmp_path / "cache.bin")
+    assert list(tmp_path.iterdir()) == []

@@ -341,3 +341,98 @@ def test_the_api_refuses_more_seeds_than_images(pipeline):
     first seed's), where diffusers refuses a generator list longer than the batch."""
     with pytest.raises(SdexportError, match=r"^seeds: 2 for 1 images; give one per image"):
         pipeline(GenerationRequest(prompt=["x"], seeds=[3, 4], height=64, width=64))
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_a_bool_is_not_a_seed(pipeline):
+    """``True`` is an int to Python; a seed given as one is refused, not run as seed 1."""
+    with pytest.raises(SdexportError, match=r"^seeds True: seeds are integers from 0"):
+        pipeline.check(GenerationRequest(prompt=["x"], seeds=[True], height=64, width=64))
+
+
+def test_negative_prompts_must_be_one_per_prompt(pipeline):
+    """A list of negatives of another length than the prompts is refused in one line, before any
+    engine runs (the text encoder would read three texts for a CFG batch of four)."""
+    with pytest.raises(SdexportError, match=r"^1 negative prompts for 2 prompts; give one per prompt"):
+        pipeline.check(GenerationRequest(prompt=["a", "b"], seeds=[0, 1], negative_prompt=["n"], height=64, width=64))
+
+
+def test_a_request_from_a_base_models_latents_takes_their_size():
+    """No height or width given: a refiner's request is the size of the latents it starts from
+    (their sides times the VAE's factor), not the profile's opt."""
+    request = GenerationRequest(prompt=["x"], denoising_start=0.5, init_latents=torch.zeros(1, 4, 12, 8))
+    assert request.sized((64, 64), 8).size == (96, 64)
+    assert GenerationRequest(prompt=["x"]).sized((64, 80), 8).size == (64, 80)
+
+
+def test_the_edges_of_the_ranges_are_taken(pipeline):
+    """The bounds the refusals name are inside the ranges: guidance 0 (SDXL-Turbo's,
+    no guidance), guidance_rescale 1, and as many steps as the model's training timesteps (with a
+    scheduler that takes them: DPM++ 2M Karras)."""
+    for request in (GenerationRequest(prompt=["x"], guidance=0.0, height=64, width=64),
+                    GenerationRequest(prompt=["x"], guidance=[0.0], height=64, width=64),
+                    GenerationRequest(prompt=["x"], guidance_rescale=1.0, height=64, width=64),
+                    GenerationRequest(prompt=["x"], steps=1000, scheduler="dpmpp_2m_karras", height=64, width=64)):
+        pipeline.check(request)
+
+
+# From mutation testing round 5 (saved images): each seen to fail with the change it guards against.
+
+def test_a_batch_written_to_a_name_without_a_suffix_gets_png_names():
+    """``-o out`` for several images writes out-0.png, out-1.png (PNG, as one image's ``out``)."""
+    from pathlib import Path
+
+    from sdexport.runtime.images import output_paths
+
+    assert output_paths(Path("out"), 2) == [Path("out-0.png"), Path("out-1.png")]
+    assert output_paths(Path("out.jpg"), 2) == [Path("out-0.jpg"), Path("out-1.jpg")]
+
+
+def test_the_longest_name_allowed_is_taken_and_one_byte_more_is_not(tmp_path):
+    """The limit ``check_image_output`` names is the longest name it takes."""
+    from sdexport.atomic import longest_name
+    from sdexport.runtime.images import check_image_output
+
+    longest = longest_name(tmp_path)
+    check_image_output(tmp_path / ("a" * (longest - 4) + ".png"), 1)
+    with pytest.raises(SdexportError, match=f"is too long \\({longest + 1} bytes; at most {longest} here\\)"):
+        check_image_output(tmp_path / ("a" * (longest - 3) + ".png"), 1)
+
+
+def test_an_a1111_png_or_a_jpeg_tagged_sdexport_without_its_record_is_not_replaced(tmp_path):
+    """An image is sdexport's only with sdexport's record: not an A1111 PNG (its own
+    ``parameters`` text), nor a JPEG whose Software tag says sdexport but whose description is the
+    user's (edited since)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from sdexport.runtime.images import check_image_output
+
+    a1111 = tmp_path / "a1111.png"
+    info = PngInfo()
+    info.add_text("parameters", "a fox\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 1, Size: 512x512")
+    Image.new("RGB", (8, 8)).save(a1111, pnginfo=info)
+    edited = tmp_path / "edited.jpg"
+    exif = Image.Exif()
+    exif[0x0131] = "sdexport 1.0"
+    exif[0x010E] = "my holiday photo"
+    Image.new("RGB", (8, 8)).save(edited, exif=exif)
+    for path in (a1111, edited):
+        with pytest.raises(SdexportError, match="exists and was not written by sdexport"):
+            check_image_output(path, 1)
+
+
+def test_the_a1111_text_gives_the_size_as_width_x_height():
+    """A1111's "Size:" is width x height (its PNG Info sends it back so): a 64-high, 96-wide
+    image says 96x64."""
+    from PIL import Image
+
+    from sdexport.runtime.images import image_parameters
+    from sdexport.runtime.txt2img import GenerationResult, Timings
+
+    request = GenerationRequest(prompt=["x"], height=64, width=96, guidance=7.5, steps=2)
+    result = GenerationResult(images=[Image.new("RGB", (96, 64))], latents=torch.zeros(1), pixels=np.zeros((1, 64, 96, 3)),
+                              timings=Timings(), request=request, family="sd", scheduler="pndm", sampler="PLMS")
+    text, record = image_parameters(result, 0, {})
+    assert "Size: 96x64" in text and (record["height"], record["width"]) == (64, 96)

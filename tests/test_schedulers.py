@@ -16,6 +16,7 @@ import torch
 
 from sdexport.errors import SdexportError
 from sdexport.models.presets import PRESETS
+from sdexport.runtime.request import GenerationRequest
 from sdexport.runtime.schedulers import DEFAULT, SCHEDULERS, make_scheduler
 
 CONFIGS = {
@@ -324,3 +325,32 @@ def test_the_experts_split_the_schedule_where_diffusers_rounds_the_cut_off():
     base = window(denoising_end=0.7984)
     refined = window(denoising_start=0.7984, init_latents=torch.zeros(1, 4, 8, 8))
     assert base == [901, 801, 701, 601, 501, 401, 301] and refined == [201, 101, 1]
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_the_a1111_sampler_says_karras_once():
+    """DPM++ 2M Karras is recorded as A1111 names it, not "DPM++ 2M Karras Karras"; a saved
+    Euler config with Karras sigmas is A1111's "Euler Karras"."""
+    from sdexport.runtime.schedulers import a1111_sampler
+
+    dpm = {**PRESETS["sd15"].scheduler, "_class_name": "DPMSolverMultistepScheduler"}
+    assert a1111_sampler(make_scheduler("dpmpp_2m_karras", dict(dpm))) == "DPM++ 2M Karras"
+    euler = {**PRESETS["sd15"].scheduler, "_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}
+    assert a1111_sampler(make_scheduler(DEFAULT, euler)) == "Euler Karras"
+
+
+def test_a_timestep_at_the_cut_off_is_the_base_models():
+    """Diffusers' base model runs the timesteps at or above ``discrete_timestep_cutoff``, the
+    refiner those below: a timestep equal to it (801 at denoising_end 0.199) is the base model's,
+    and no timestep falls between the two."""
+    from sdexport.runtime.schedulers import schedule_window, set_schedule
+
+    def window(**fields) -> list[float]:
+        scheduler = make_scheduler(DEFAULT, PRESETS["tiny-sdxl"].scheduler)
+        set_schedule(scheduler, 10, torch.device("cpu"))
+        return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
+
+    base = window(denoising_end=0.199)
+    refined = window(denoising_start=0.199, init_latents=torch.zeros(1, 4, 8, 8))
+    assert base == [901, 801] and refined == [701, 601, 501, 401, 301, 201, 101, 1]

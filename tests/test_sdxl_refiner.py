@@ -717,3 +717,21 @@ def test_a_window_that_starts_where_it_ends_is_refused_for_any_scheduler():
                                 init_latents=torch.zeros(1, 4, 8, 8))
     with pytest.raises(SdexportError, match="^denoising_start 0.5 and denoising_end 0.5: the window is empty"):
         check_request(request, family="sdxl-refiner", dims=load_model(PRESET).dims, profile=PRESETS[PRESET].profile)
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_sdxl_engine_dir):
+    """A base model's latents are one row, or one per prompt: three rows for two prompts are
+    refused in one line by the check, not left to a RuntimeError in the loop."""
+    import dataclasses
+
+    from sdexport.runtime.loading import load_pipeline
+
+    pipeline = load_pipeline(tiny_sdxl_engine_dir, "onnxruntime-cpu")
+    request = GenerationRequest(prompt=["a", "b"], seeds=[0, 1], height=64, width=64, denoising_start=0.5)
+    shape = pipeline.latent_shape(pipeline.sized(request))
+    with pytest.raises(SdexportError, match=r"^init_latents of shape \(3, "):
+        pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(3, *shape[1:])))
+    for rows in (1, 2):
+        pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(rows, *shape[1:])))

@@ -1654,3 +1654,36 @@ def test_rows_without_a_size_take_the_first_rows_as_run_takes_the_first_image_s(
     rows = decode_rows(inputs, (128, 128))
     assert [(row.height, row.width) for row in rows] == [(64, 128), (64, 128)]
     assert rows[1].image.size == (128, 64) and rows[1].notes == ["init_image resized from 128x64 to 64x128"]
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_a_row_without_a_size_takes_its_init_images_before_its_control_images():
+    """As ``run``, the init image gives the size, then the first control image (which is resized
+    to it), whichever comes first in the request."""
+    from sdexport.serving.requests import decode_rows
+
+    init, control = _png_of(np.zeros((64, 96, 3), np.uint8)), _png_of(np.zeros((128, 128, 3), np.uint8))
+    inputs = {**_inputs(["x"]), "init_image": np.array([[init]], dtype=object),
+              "control_image": np.array([[control]], dtype=object)}
+    [row] = decode_rows(inputs, (256, 256))
+    assert (row.height, row.width) == (64, 96)
+
+
+def test_a_flag_sent_as_a_number_other_than_0_or_1_is_refused():
+    """A client sending guess_mode as a number: 0 and 1 are read as false and true, 2 is refused."""
+    from sdexport.serving.requests import decode_rows
+
+    for sent, read in ((0, False), (1, True)):
+        [row] = decode_rows({**_inputs(["x"]), "guess_mode": np.array([[sent]], dtype=np.int32)}, (64, 64))
+        assert row.guess_mode is read
+    with pytest.raises(SdexportError, match=r"^guess_mode 2: expected true or false"):
+        decode_rows({**_inputs(["x"]), "guess_mode": np.array([[2]], dtype=np.int32)}, (64, 64))
+
+
+def test_a_row_sending_two_values_for_one_setting_is_refused():
+    """One value per image: a row of two steps is refused, not read as its first."""
+    from sdexport.serving.requests import decode_rows
+
+    with pytest.raises(SdexportError, match=r"^steps: expected one value per image, got 2"):
+        decode_rows({**_inputs(["x"]), "steps": np.array([[20, 30]], dtype=np.int32)}, (64, 64))

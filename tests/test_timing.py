@@ -308,3 +308,16 @@ def test_a_summary_takes_the_median_of_its_timings():
 
     stats = Stats.of([1.0, 1.0, 10.0])
     assert (stats.median, stats.min, stats.max, stats.n) == (1.0, 1.0, 10.0, 3)
+
+
+# From mutation testing round 5: each seen to fail with the change it guards against.
+
+def test_the_loop_overhead_is_what_no_engine_span_holds():
+    """The adapter's span is an engine's, like the encoders', ControlNets', U-Net's and VAE's:
+    not counted as the loop's overhead."""
+    from sdexport.runtime.txt2img import Timings
+
+    timings = Timings(text_encoder=1.0, unet_steps=[2.0, 2.0], vae_decoder=1.0, total=10.0,
+                      controlnet_steps=[0.5, 0.5], adapter=1.5)
+    assert timings.loop_overhead == pytest.approx(1.5)
+    assert timings.to_dict()["loop_overhead"] == pytest.approx(1.5)
