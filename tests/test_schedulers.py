@@ -310,20 +310,21 @@ def test_a_refiner_starts_where_diffusers_sdxl_img2img_starts_for_schedulers_of_
     assert ours.begin_index == theirs.begin_index
 
 
+def _sdxl_window(**fields) -> list[float]:
+    """The timesteps SDXL's default scheduler runs at 10 steps for a request with ``fields``."""
+    from sdexport.runtime.schedulers import schedule_window, set_schedule
+
+    scheduler = make_scheduler(DEFAULT, PRESETS["tiny-sdxl"].scheduler)
+    set_schedule(scheduler, 10, torch.device("cpu"))
+    return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
+
+
 def test_the_experts_split_the_schedule_where_diffusers_rounds_the_cut_off():
     """diffusers' ``discrete_timestep_cutoff`` is ``int(round(1000 - fraction x 1000))``: at 0.7984
     that is 202 (1000 - 798.4 = 201.6), so SDXL's timestep 201 is the refiner's, not the base model's
     (truncated, the cut-off would be 201 and the base model would run it)."""
-    from sdexport.runtime.request import GenerationRequest
-    from sdexport.runtime.schedulers import schedule_window, set_schedule
-
-    def window(**fields) -> list[float]:
-        scheduler = make_scheduler(DEFAULT, PRESETS["tiny-sdxl"].scheduler)
-        set_schedule(scheduler, 10, torch.device("cpu"))
-        return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
-
-    base = window(denoising_end=0.7984)
-    refined = window(denoising_start=0.7984, init_latents=torch.zeros(1, 4, 8, 8))
+    base = _sdxl_window(denoising_end=0.7984)
+    refined = _sdxl_window(denoising_start=0.7984, init_latents=torch.zeros(1, 4, 8, 8))
     assert base == [901, 801, 701, 601, 501, 401, 301] and refined == [201, 101, 1]
 
 
@@ -344,13 +345,6 @@ def test_a_timestep_at_the_cut_off_is_the_base_models():
     """Diffusers' base model runs the timesteps at or above ``discrete_timestep_cutoff``, the
     refiner those below: a timestep equal to it (801 at denoising_end 0.199) is the base model's,
     and no timestep falls between the two."""
-    from sdexport.runtime.schedulers import schedule_window, set_schedule
-
-    def window(**fields) -> list[float]:
-        scheduler = make_scheduler(DEFAULT, PRESETS["tiny-sdxl"].scheduler)
-        set_schedule(scheduler, 10, torch.device("cpu"))
-        return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
-
-    base = window(denoising_end=0.199)
-    refined = window(denoising_start=0.199, init_latents=torch.zeros(1, 4, 8, 8))
+    base = _sdxl_window(denoising_end=0.199)
+    refined = _sdxl_window(denoising_start=0.199, init_latents=torch.zeros(1, 4, 8, 8))
     assert base == [901, 801] and refined == [701, 601, 501, 401, 301, 201, 101, 1]
