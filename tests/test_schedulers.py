@@ -260,11 +260,11 @@ def test_the_blend_s_noise_levels_are_add_noise_s_own_asked_on_the_host(name):
     latents = scheduler.step(torch.randn(1, 4, 8, 8, generator=generator), timesteps[0], latents,
                              **_step_kwargs(scheduler, [generator]), return_dict=False)[0]
     expected = scheduler.add_noise(image, noise, timesteps[1:2])
-    host = HostSchedule(scheduler)
+    host = HostSchedule(scheduler, timesteps)
     on_device = {name: getattr(scheduler, name).to("meta") for name in host.tensors}
     for attribute, value in on_device.items():
         setattr(scheduler, attribute, value)
-    image_level, noise_level = host.noise_levels(scheduler, timesteps[1:2])
+    image_level, noise_level = host.noise_levels(scheduler, 1)
     assert torch.equal(image_level * image + noise_level * noise, expected)
     assert all(getattr(scheduler, attribute) is value for attribute, value in on_device.items())
     assert getattr(scheduler, "alphas_cumprod", torch.zeros(())).device.type == "cpu"  # (not moved either)

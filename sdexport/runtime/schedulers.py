@@ -150,23 +150,25 @@ class HostSchedule:
     number in a device operation needs no copy. ``a * x + b * n`` is the very sum ``add_noise``
     computes (its factor of ``x`` is exactly 1 where it has none), so the latents are the same."""
 
-    def __init__(self, scheduler: Any) -> None:
+    def __init__(self, scheduler: Any, window: torch.Tensor) -> None:
+        """``window``: the timesteps the loop runs (``schedule_window``), wherever they lie."""
         import torch
 
         self.tensors = {name: value.cpu() for name in ("timesteps", "sigmas")
                         if isinstance(value := getattr(scheduler, name, None), torch.Tensor)}
+        self.window = window.cpu()
         self.unit = torch.eye(2)
 
-    def noise_levels(self, scheduler: Any, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``a`` and ``b`` of ``scheduler.add_noise(x, n, timestep)`` now, as 0-d host tensors
-        (``timestep``: a host tensor of one). The scheduler's timesteps and sigmas are back in place
+    def noise_levels(self, scheduler: Any, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` and ``b`` of ``scheduler.add_noise(x, n, window[step])`` now, as 0-d host tensors.
+        The scheduler's timesteps and sigmas are back in place
         after; PNDM's, DDIM's and LCM's ``add_noise`` moves their noise table to the samples' device
         itself, here the host, where ``set_schedule`` keeps what their steps read."""
         kept = {name: getattr(scheduler, name) for name in self.tensors}
         try:
             for name, value in self.tensors.items():
                 setattr(scheduler, name, value)
-            levels = scheduler.add_noise(self.unit[0], self.unit[1], timestep)
+            levels = scheduler.add_noise(self.unit[0], self.unit[1], self.window[step:step + 1])
         finally:
             for name, value in kept.items():
                 setattr(scheduler, name, value)

@@ -456,7 +456,7 @@ class Txt2ImgPipeline:
         # the engines' copy, made while the device has nothing queued to wait for
         engine_timesteps = timesteps.to(device=self.device, dtype=torch.float32).reshape(-1)
         # and inpainting's blend's, on the host (``HostSchedule``)
-        host_schedule, host_timesteps = (HostSchedule(scheduler), timesteps.cpu()) if request.mask is not None else (None, None)
+        host_schedule = HostSchedule(scheduler, timesteps) if request.mask is not None else None
         truncated = self.truncations(request)
         read_prompts = self.prompt_reader(request)  # the texts tokenized: host work, outside the encoders' span
         text_start = clock.mark()
@@ -512,10 +512,10 @@ class Txt2ImgPipeline:
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             if blend:  # a standard U-Net inpaints by keeping the unmasked region on the image's own path
                 assert init is not None and init.image_latents is not None and init.mask is not None
-                assert host_schedule is not None and host_timesteps is not None
+                assert host_schedule is not None
                 kept = init.image_latents
                 if i < len(timesteps) - 1:  # scheduler.add_noise(kept, init.noise, the next timestep)
-                    image_level, noise_level = host_schedule.noise_levels(scheduler, host_timesteps[i + 1:i + 2])
+                    image_level, noise_level = host_schedule.noise_levels(scheduler, i + 1)
                     kept = image_level * kept + noise_level * init.noise
                 latents = torch.lerp(kept, latents, init.mask)  # (the mask is 0 or 1: exactly one of them)
             if on_step is not None:
