@@ -1235,3 +1235,16 @@ def test_the_commit_recorded_is_sdexports_own_not_an_enclosing_repositorys(tmp_p
     assert _git_revision(installed) == head
     installed.write_text("changed = True\n")
     assert _git_revision(installed) == head + "-dirty"
+
+    # a `git status` that times out (a slow network file system) keeps the commit, said unverified
+    import sdexport.bench.environment as environment
+
+    real_run = subprocess.run
+
+    def status_times_out(args, **kwargs):
+        if "status" in args:
+            raise subprocess.TimeoutExpired(args, kwargs.get("timeout", 0))
+        return real_run(args, **kwargs)
+
+    monkeypatch.setattr(environment.subprocess, "run", status_times_out)
+    assert _git_revision(installed) == head + " (changes unknown)"

@@ -29,7 +29,9 @@ def _git_revision(module: Path = Path(__file__)) -> str | None:
     """The commit measured; ``SDEXPORT_GIT_REVISION`` names it where the tree was copied without its
     ``.git`` (a GPU server given a snapshot of the working tree). None for an installed sdexport,
     also one whose environment sits inside some other repository (a virtualenv in a project's
-    folder): the repository must track ``module``, this file, or its commit is not the one measured."""
+    folder): the repository must track ``module``, this file, or its commit is not the one measured.
+    A ``git status`` that fails or times out (a slow network file system) keeps the commit, marked
+    "(changes unknown)": the commit is known, only whether the tree matched it is not."""
     if os.environ.get("SDEXPORT_GIT_REVISION"):
         return os.environ["SDEXPORT_GIT_REVISION"]
     module = module.resolve()
@@ -43,10 +45,16 @@ def _git_revision(module: Path = Path(__file__)) -> str | None:
         result = git("rev-parse", "--short", "HEAD")
         if result.returncode != 0:
             return None
-        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() + ("-dirty" if dirty else "")
+    revision = result.stdout.strip()
+    try:
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return revision + " (changes unknown)"
+    if status.returncode != 0:
+        return revision + " (changes unknown)"
+    return revision + ("-dirty" if status.stdout.strip() else "")
 
 
 def _gpu() -> dict[str, Any] | None:
