@@ -442,6 +442,8 @@ def run(
         check_request,
         default_notes,
         ignored_settings,
+        no_adapter,
+        no_controlnet,
         pooling_note,
         sizing_image,
     )
@@ -462,6 +464,12 @@ def run(
     # Everything below up to the engines reads small files only: a bad request is refused at once.
     manifest = load_manifest(engine_dir, verify_files=False)
     profile = manifest.shape_profile
+    # a flag given is a flag meant: one naming its default (--adapter-scale 1) is refused where nothing
+    # reads it too, as the request alone cannot tell it from no flag
+    if not manifest.controlnets and (control_mode or control_scale or control_start or control_end):
+        raise no_controlnet()
+    if not manifest.adapters and (adapter_scale or adapter_factor):
+        raise no_adapter()
     if len(prompt) * batch > MAX_IMAGES_PER_RUN:  # before making a list of that many prompts
         raise SdexportError(f"{len(prompt) * batch} images in one run: at most {MAX_IMAGES_PER_RUN}; run several times")
     prompts = list(prompt) * batch if len(prompt) == 1 else list(prompt)

@@ -392,7 +392,8 @@ def test_adapter_settings_without_an_adapter_are_refused(tiny_engine_dir, tmp_pa
     picture(64, 64, 0).save(tmp_path / "sketch.png")
     for setting in (["--adapter-image", tmp_path / "sketch.png"], ["--adapter-scale", "0.5"], ["--adapter-factor", "0"],
                     ["--adapter-scale", "1", "--adapter-scale", "1"],  # values at the default, but more than one
-                    ["-p", "y", "--adapter-factor", "1", "--adapter-factor", "1"]):
+                    ["-p", "y", "--adapter-factor", "1", "--adapter-factor", "1"],
+                    ["--adapter-scale", "1"], ["--adapter-factor", "1"]):  # the default, given: meant all the same
         assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2
         assert "need an engine directory exported with --adapter" in capsys.readouterr().err
 

@@ -669,7 +669,8 @@ def test_control_image_without_controlnets_is_refused(tiny_engine_dir, tmp_path,
     assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", "--control-image",
                    tmp_path / "edges.png") == 2
     assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
-    for setting in (["--control-scale", "1"], ["--guess-mode"]):  # a setting alone, said too
+    for setting in (["--control-scale", "1"], ["--guess-mode"],  # a setting alone, said too
+                    ["--control-start", "0"], ["--control-end", "1"]):  # its default, given: meant all the same
         assert run_cli("run", tiny_engine_dir, "-p", "x", "-o", tmp_path / "o.png", *setting) == 2
         assert "need an engine directory exported with --controlnet" in capsys.readouterr().err
 
