@@ -173,6 +173,15 @@ def test_bad_scenarios_are_refused(tmp_path, text, message):
         load_scenario(path)
 
 
+def test_a_scenario_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """Windows editors save UTF-8 with a byte order mark, which TOML's parser refuses as a character
+    before the first key: the mark is not the user's text, so it is skipped (one in a value stays)."""
+    path = tmp_path / "s.toml"
+    path.write_bytes('\ufeffmodel = "tiny"\ndescription = "\ufeffa \u00e9"\n'.encode())
+    scenario = load_scenario(path)
+    assert scenario.model == "tiny" and scenario.description == "\ufeffa \u00e9"
+
+
 def test_a_file_name_that_is_no_scenario_name_asks_for_a_name(tmp_path):
     """The name comes from the file unless the scenario sets one: the refusal says which."""
     path = tmp_path / "my scenario.toml"

@@ -205,7 +205,7 @@ def load_scenario(path: Path) -> Scenario:
         raise SdexportError(f"{path}: no such scenario file (examples: benchmarks/scenarios/ in sdexport's "
                             "repository; the keys: README, Benchmarks)")
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # (Windows editors start files with a BOM)
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SdexportError(f"{path}: not valid TOML ({exc})") from None
     except RecursionError:
