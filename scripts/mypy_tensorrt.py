@@ -55,15 +55,15 @@ def prepare_stubs(target: Path = STUBS) -> Path:
         out = target / package
         out.mkdir(parents=True, exist_ok=True)
         for stub in sorted(folder.glob("*.pyi")):
-            text = stub.read_text()
+            text = stub.read_text(encoding="utf-8")
             for pattern, replacement in _FIXES:
                 text = pattern.sub(replacement, text)
             try:
                 ast.parse(text, filename=str(stub))
             except SyntaxError as exc:
                 raise SyntaxError(f"{stub}:{exc.lineno}: still not valid Python after repair: {exc.msg}") from None
-            if not (out / stub.name).is_file() or (out / stub.name).read_text() != text:
-                (out / stub.name).write_text(text)
+            if not (out / stub.name).is_file() or (out / stub.name).read_text(encoding="utf-8") != text:
+                (out / stub.name).write_text(text, encoding="utf-8")
     return target
 
 

@@ -992,7 +992,7 @@ def bench(
         _, paths = run_benchmark(loaded, target, options, scenario)
     except BenchmarkInterrupted as exc:  # the report is in place: shown as any other, then the stop goes on
         stopped, paths = exc, exc.paths
-    _print_markdown(paths[1].read_text())
+    _print_markdown(paths[1].read_text(encoding="utf-8"))  # (as written, whatever the locale)
     for path in paths:
         print_result(str(path))
     if stopped is not None:  # said once, with what is in place, on the line that ends the command

@@ -288,7 +288,7 @@ def _text_encoder_layers(directory: Path, manifest: Manifest) -> list[int]:
     if entry is None or not manifest.model_dims.clip_skip:
         return []
     try:
-        layers = json.loads((directory / entry.onnx).parent.joinpath("config.json").read_text()).get("num_hidden_layers")
+        layers = json.loads((directory / entry.onnx).parent.joinpath("config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
     except (OSError, ValueError, AttributeError):
         return []
     return [layers] if isinstance(layers, int) and not isinstance(layers, bool) else []

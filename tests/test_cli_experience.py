@@ -620,3 +620,31 @@ def test_the_command_lines_defaults_are_the_libraries():
         assert default(command, "max_steps") == MAX_STEPS
         assert round(default(command, "max_queue_delay_ms") * 1000) == Batching().max_queue_delay_us
     assert default("loadtest", "model") == MODEL_NAME
+
+
+def test_every_text_file_is_read_and_written_as_utf8():
+    """sdexport writes its text files as UTF-8 (results.md holds a "×"), and reads those and the
+    configs it is given as UTF-8: a read in the locale's encoding failed under an ASCII locale
+    (``LC_ALL=C`` without UTF-8 mode) after the whole benchmark had run. So every ``open``,
+    ``read_text`` and ``write_text`` in text mode in sdexport and its scripts names its encoding."""
+    import ast
+
+    root = Path(__file__).parent.parent
+    unnamed = []
+    for path in sorted([*(root / "sdexport").rglob("*.py"), *(root / "scripts").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call) or any(k.arg == "encoding" for k in node.keywords):
+                continue
+            call = node.func
+            if isinstance(call, ast.Name) and call.id == "open":
+                mode = node.args[1] if len(node.args) > 1 else None
+            elif (isinstance(call, ast.Attribute) and call.attr in ("open", "read_text", "write_text")
+                  and not (isinstance(call.value, ast.Name)  # a class's or a module's own open
+                           and (call.value.id[0].isupper() or call.value.id in ("self", "os", "tarfile")))):
+                mode = node.args[0] if call.attr == "open" and node.args else None
+            else:
+                continue
+            mode = next((k.value for k in node.keywords if k.arg == "mode"), mode)
+            if not (isinstance(mode, ast.Constant) and "b" in str(mode.value)):
+                unnamed.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not unnamed, f"text opened without an encoding (the locale's, then): {unnamed}"

@@ -274,8 +274,8 @@ def gpu_tests_line(folder: Path) -> str:
 
 def page(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> str:
     facts = gpu_facts(folder)
-    tensorrt = (folder / "import-tensorrt.txt").read_text(errors="replace").strip() if (folder / "import-tensorrt.txt").is_file() else "not recorded"
-    revision = (folder / "REVISION").read_text().strip() if (folder / "REVISION").is_file() else "unknown"
+    tensorrt = (folder / "import-tensorrt.txt").read_text(errors="replace", encoding="utf-8").strip() if (folder / "import-tensorrt.txt").is_file() else "not recorded"
+    revision = (folder / "REVISION").read_text(encoding="utf-8").strip() if (folder / "REVISION").is_file() else "unknown"
     lines = [f"# GPU lease results: {gpu_name(folder, reports) or 'unknown GPU'}", "",
              (f"Collected by `scripts/gpu-lease/collect.py` from the lease's `lease-results.tar.gz` (revision {revision}): "
               "the machine from `nvidia-smi.csv`, the steps from `steps.tsv`, and every benchmark figure from a "

@@ -110,7 +110,7 @@ def normalized(name: str) -> str:
 def listed_wheels(wheel_list: Path) -> dict[str, str]:
     """NAME==VERSION lines of scripts/gpu-wheels.txt, as {normalized name: version}."""
     listed = {}
-    for line in wheel_list.read_text().splitlines():
+    for line in wheel_list.read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
             listed[normalized(name)] = version.strip()
@@ -132,7 +132,7 @@ def checked_small_wheels(folder: Path, wheel_list: Path) -> dict[Path, str]:
     if not sums_file.is_file():
         raise SystemExit(f"{folder}: no SHA256SUMS beside the wheels")
     sums = {line.split()[1].removeprefix("./"): line.split()[0]
-            for line in sums_file.read_text().splitlines() if line.strip()}
+            for line in sums_file.read_text(encoding="utf-8").splitlines() if line.strip()}
     checked = {}
     for wheel in wheels:
         if sums.get(wheel.name) != (digest := sha256_of(wheel)):
@@ -226,8 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     partial = args.out / "site.tar.xz.partial"
     partial.write_bytes(blob)
     partial.replace(args.out / "site.tar.xz")
-    (args.out / "site.sha256").write_text(f"{hashlib.sha256(blob).hexdigest()}  site.tar.xz\n")
-    (args.out / "site.txt").write_text("\n".join([f"sm_{args.arch}; {budget}", *notes]) + "\n")
+    (args.out / "site.sha256").write_text(f"{hashlib.sha256(blob).hexdigest()}  site.tar.xz\n", encoding="utf-8")
+    (args.out / "site.txt").write_text("\n".join([f"sm_{args.arch}; {budget}", *notes]) + "\n", encoding="utf-8")
     print(f"{args.out / 'site.tar.xz'}: {budget} (limit {args.limit_mib:g} MiB per call)")
 
 

@@ -112,9 +112,9 @@ def versions(*packages: str) -> dict[str, str]:
 
 def record(work: Path, stage: str, data: dict[str, Any]) -> None:
     path = work / "stages.json"
-    stages = json.loads(path.read_text()) if path.is_file() else {}
+    stages = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     stages[stage] = data
-    path.write_text(json.dumps(stages, indent=2))
+    path.write_text(json.dumps(stages, indent=2), encoding="utf-8")
 
 
 # -- sdexport's side ----------------------------------------------------------------------------
@@ -171,7 +171,7 @@ def adopt_side(work: Path) -> int:
         sdexport_image(target, work / "images" / f"optimum-{preset}.adopted.npy")
     pairs = [(f"{case}: optimum on sdexport's directory", f"{case}.sdexport", f"{case}.optimum", dtype)
              for case, (_, dtype) in CASES.items()]
-    stages = json.loads((work / "stages.json").read_text())
+    stages = json.loads((work / "stages.json").read_text(encoding="utf-8"))
     optimized = stages["optimum"]["optimize_pipeline"]
     cpu = ALL_VARIANTS["cpu"][0]  # compared when the optimum stage ran it now, not for an image a reused WORK kept
     pairs += [(f"{case}: optimum on ONNX Runtime's optimize_pipeline output", f"{case}.sdexport",
@@ -193,7 +193,7 @@ def adopt_side(work: Path) -> int:
                            "seed": SEED, "side": SIDE},
               "environments": {"sdexport": stages["prepare"], "optimum": stages["optimum"]["versions"]},
               "optimize_pipeline": optimized, "comparisons": results}
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    (work / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     refused = [c for c, r in optimized.items() if not r["accepted"]]
     for case in refused:
         print(f"FAIL {case}: optimize_pipeline refused sdexport's directory")

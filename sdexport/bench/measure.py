@@ -51,7 +51,7 @@ class Stats:
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm") as handle:
+    with open("/proc/self/statm", encoding="utf-8") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 

@@ -79,7 +79,7 @@ def cannot_replace(timing_cache: Path) -> str | None:
 def _written() -> dict[str, str]:
     folder = timing_folder()
     try:
-        record = json.loads((folder / WRITTEN).read_text()) if folder is not None else {}
+        record = json.loads((folder / WRITTEN).read_text(encoding="utf-8")) if folder is not None else {}
     except (OSError, ValueError):  # none yet, or unreadable: nothing is proven ours by it
         return {}
     return {k: v for k, v in record.items() if isinstance(v, str)} if isinstance(record, dict) else {}
@@ -93,11 +93,11 @@ def _remember(path: Path, digest: str) -> None:
         return
     with contextlib.suppress(OSError):  # (a read-only cache folder: the next build reads it, and leaves it)
         folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / LOCK, "a") as lock:
+        with open(folder / LOCK, "a", encoding="utf-8") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             record = {**_written(), str(path): digest}
             with atomic_path(folder / WRITTEN) as staged:
-                staged.write_text(json.dumps(record, indent=1, sort_keys=True))
+                staged.write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
 
 
 class _ChangedMeanwhile(Exception):

@@ -44,7 +44,7 @@ def vae_upcast(engine_dir: Path, manifest: Manifest) -> bool:
     if not path.is_file():
         return False  # listed but missing: the file check says so
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         from sdexport.manifest import check_files
 

@@ -31,7 +31,7 @@ _STATUS = Path("/proc/self/status")
 
 def _status_kb(key: str) -> int | None:
     try:
-        match = re.search(rf"^{key}:\s+(\d+) kB", _STATUS.read_text(), re.MULTILINE)
+        match = re.search(rf"^{key}:\s+(\d+) kB", _STATUS.read_text(encoding="utf-8"), re.MULTILINE)
     except OSError:
         return None
     return int(match.group(1)) if match else None
@@ -195,8 +195,8 @@ def _cgroup_memory() -> tuple[float | None, float | None]:
     """A cgroup v2 container's memory limit and use (MB); (None, None) without a limit."""
     root = Path("/sys/fs/cgroup")
     try:
-        limit = (root / "memory.max").read_text().strip()
-        used = float((root / "memory.current").read_text()) / MB
+        limit = (root / "memory.max").read_text(encoding="utf-8").strip()
+        used = float((root / "memory.current").read_text(encoding="utf-8")) / MB
     except (OSError, ValueError):
         return None, None
     return (None, None) if limit == "max" else (float(limit) / MB, used)
@@ -213,7 +213,7 @@ def machine_memory_mb() -> float | None:
 def available_memory_mb() -> float | None:
     """Memory the kernel could give this process now without swapping (``MemAvailable``)."""
     try:
-        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
+        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(encoding="utf-8"), re.MULTILINE)
     except OSError:
         match = None
     if match:

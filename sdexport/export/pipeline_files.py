@@ -34,8 +34,8 @@ def write_pipeline_files(directory: Path, model: LoadedModel, specs: list[Compon
         save_tokenizer(tokenizer, directory / name)
     scheduler_dir = directory / "scheduler"
     scheduler_dir.mkdir(exist_ok=True)
-    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2))
-    (directory / MODEL_INDEX).write_text(json.dumps(model.pipeline_index(), indent=2) + "\n")
+    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(model.scheduler_config, indent=2), encoding="utf-8")
+    (directory / MODEL_INDEX).write_text(json.dumps(model.pipeline_index(), indent=2) + "\n", encoding="utf-8")
 
 
 def _save_config(module: Any, folder: Path) -> None:

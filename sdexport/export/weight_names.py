@@ -57,7 +57,7 @@ def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]])
 def write_weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]], folder: Path) -> Path:
     path = folder / WEIGHTS_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(weight_map(module, initializers), indent=1, sort_keys=True) + "\n")
+    path.write_text(json.dumps(weight_map(module, initializers), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 

@@ -166,8 +166,8 @@ class LoadedModel:
             save_tokenizer(tok, directory / name)  # readable by transformers 4 (optimum) too
         scheduler_dir = directory / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
-        (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2))
-        (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2))
+        (scheduler_dir / "scheduler_config.json").write_text(json.dumps(self.scheduler_config, indent=2), encoding="utf-8")
+        (directory / "model_index.json").write_text(json.dumps(self.pipeline_index(), indent=2), encoding="utf-8")
 
 
 def _prefix_clip_text_weights(module: torch.nn.Module, folder: Path) -> None:
@@ -599,7 +599,7 @@ def write_config_dir(preset: Preset, directory: Path) -> None:
     for name, cfg in {**parts, "scheduler": preset.scheduler}.items():
         (directory / name).mkdir(parents=True, exist_ok=True)
         filename = "scheduler_config.json" if name == "scheduler" else "config.json"
-        (directory / name / filename).write_text(json.dumps(cfg, indent=2))
+        (directory / name / filename).write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     for name in tokenizer_names(preset.family):
         preset_tokenizer(preset, name).save_pretrained(directory / name)
-    (directory / "model_index.json").write_text(json.dumps(index, indent=2))
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")

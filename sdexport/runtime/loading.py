@@ -323,7 +323,7 @@ def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
     for name in manifest.controlnets:
         path = (engine_dir / manifest.components[name].onnx).parent / "config.json"
         try:
-            config = json.loads(path.read_text()) if path.is_file() else {}
+            config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, ValueError) as exc:
             raise EngineDirError(f"{path}: unreadable ControlNet config ({one_line(exc)})") from None
         if isinstance(config, dict) and pools(config):

@@ -45,7 +45,7 @@ def unet_config(engine_dir: Path, manifest: Manifest) -> Any:
     path = (engine_dir / manifest.components["unet"].onnx).parent / "config.json" if "unet" in manifest.components else None
     if path is None or not path.is_file():
         return None
-    return SimpleNamespace(**json.loads(path.read_text()))
+    return SimpleNamespace(**json.loads(path.read_text(encoding="utf-8")))
 
 
 def _initializers(path: Path) -> dict[str, Any]:
