@@ -1084,7 +1084,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     a server starts. ``shapes``: ``--batch``, ``--height``, ``--width`` as given (None: not given);
     ``command``: ``serve`` or ``triton-repo``, whose options the refusals name."""
     from sdexport.build.vae_upcast import upcast_parts
-    from sdexport.manifest import load_manifest
+    from sdexport.manifest import load_manifest, read_scheduler_config
     from sdexport.runtime.emphasis import check_mode
     from sdexport.runtime.ensemble import Refiner
     from sdexport.runtime.loading import (
@@ -1107,6 +1107,10 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     narrowed = tuple((axis, parse_range(text, axis)) for axis, text in (shapes or {}).items() if text is not None)
     end = _refiner_cut(refiner, denoising_end, refiner_path)
     manifest = load_manifest(engine_dir, verify_files=False)
+    trained = int(read_scheduler_config(engine_dir, manifest).get("num_train_timesteps") or 0)
+    if trained and max_steps > trained:  # a limit no request can reach (the model refuses more): said now
+        raise SdexportError(f"--max-steps {max_steps}: the model was trained on {trained} timesteps, so no request "
+                            f"can take more than {trained} steps; pass --max-steps {trained} or less")
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
     graphs = "portable" if portable_graphs else "auto"
     # absolute, links and '..' kept as the filesystem reads them (a link with an ASCII name is how a

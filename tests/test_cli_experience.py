@@ -451,6 +451,7 @@ def test_quick_answers_import_no_heavy_library(engine_copy, tmp_path):
         ["bench", "compare", str(tmp_path / "a"), str(tmp_path / "b")],
         ["serve", str(engine_copy), "--http-port", "0"],
         ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--max-steps", "0"],
+        ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--max-steps", "100000"],  # (1000 trained)
         ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--height", "100"],  # (not a multiple)
         ["triton-repo", str(engine_copy), "-o", str(tmp_path / "repo"), "--engine-path", "/srv/modèles"],
         ["serve", str(engine_copy), "--width", "4096"],

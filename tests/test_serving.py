@@ -1189,9 +1189,9 @@ def test_pytriton_waits_for_the_drain_before_it_kills_the_server(monkeypatch):
 def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(tiny_engine_dir, tmp_path):
     """Triton exits with a failure when its exit timeout runs out with a request in flight; PyTriton
     only logs a warning, and `serve` used to exit 0 as after a clean stop."""
-    running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--max-steps", "5000", "--drain-timeout", "1")
+    running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--drain-timeout", "1", "--max-steps", "1000")
     try:
-        result = _sigterm_with_a_request_in_flight(running, 5000)
+        result = _sigterm_with_a_request_in_flight(running, 1000)  # (the most the model takes: seconds here)
         assert "error" in result, result  # dropped: no image
         assert running.process.wait(90) not in (0, 130)
         errors = [line for line in running.log.read_text().splitlines() if line.startswith("error:")]
@@ -1324,6 +1324,17 @@ def test_triton_repo_refuses_its_output_before_the_engines_are_checked(tiny_engi
         assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / output) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert (tmp_path / "notes.txt").read_text() == (tmp_path / "mine" / "a.txt").read_text() == "mine"
+
+
+def test_a_step_limit_past_what_the_model_takes_is_refused(tiny_engine_dir, tmp_path, capsys):
+    """The model refuses more steps than its training timesteps (the tiny one's 1000) whatever the
+    server allows: a larger --max-steps is a limit no request can reach (a typo), said before serving."""
+    for command in (["serve"], ["triton-repo", "-o", tmp_path / "repo"]):
+        assert run_cli(command[0], tiny_engine_dir, *command[1:], "--max-steps", "1001") == 2
+        assert capsys.readouterr().err.strip() == (
+            "error: --max-steps 1001: the model was trained on 1000 timesteps, so no request can take more than "
+            "1000 steps; pass --max-steps 1000 or less")
+    assert not (tmp_path / "repo").exists()
 
 
 def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):
