@@ -1517,6 +1517,8 @@ def _describe_os_error(exc: OSError) -> str:
     advice = {
         errno.ENOSPC: "; free some space or write elsewhere",
         errno.EDQUOT: "; free some space or write elsewhere",
+        errno.EFBIG: ("; a file outgrew the shell's file-size limit (ulimit -f) or the largest file this file system "
+                      "holds: raise the limit or write elsewhere"),  # (said by writers that name no file)
         errno.EROFS: "; write elsewhere",
         errno.EACCES: "; check the permissions (or, for an output, write elsewhere)",
         errno.EPERM: "; check the permissions (or, for an output, write elsewhere)",

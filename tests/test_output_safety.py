@@ -180,6 +180,21 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch,
     assert list(tmp_path.iterdir()) == []  # no staging folder, no lock file, no half-made parent
 
 
+def test_a_file_size_limit_is_said_as_such(tmp_path: Path, monkeypatch, capsys):
+    """Past ``ulimit -f`` a write fails with EFBIG, "File too large", and torch's ONNX export names no
+    file: the line says which limit a file outgrew, as that word alone did not."""
+    from sdexport.export.weight_store import WeightStore
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(WeightStore, "save", too_large)
+    assert run_cli("export", "tiny", "-o", tmp_path / "engines" / "tiny", *QUICK) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: File too large; a file outgrew the shell's file-size limit (ulimit -f)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _export_process(target: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "sdexport", "export", "tiny", "-o", str(target), *QUICK, *extra],
