@@ -235,7 +235,11 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     text.write_text("hello")
     ckpt = tmp_path / "lora.ckpt"
     ckpt.write_bytes(b"x")
-    return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt}
+    nan = tmp_path / "nan.safetensors"  # (it fits: only its values are wrong)
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight":
+                   torch.full((32, 4), float("nan"), dtype=torch.float16)}, str(nan))
+    return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
 
 
 @pytest.mark.parametrize(
@@ -248,6 +252,8 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
         ("run", "other", "tensors for no part of an SD pipeline"),
         ("run", "text", "not a readable safetensors file"),
         ("export", "ckpt", "LoRA files are read as .safetensors"),
+        ("run", "nan", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q holds NaN or infinite values"),
+        ("export", "nan", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q holds NaN or infinite"),
         ("run", "missing", "no such file"),
         ("run", "scale", "the scale after ':' is not a finite number"),
         ("export", "huge", "the scale after ':' is not a finite number within float32's range"),  # 1e39: inf to the U-Net
