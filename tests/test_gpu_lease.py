@@ -162,6 +162,7 @@ STAND_IN = r"""#!/usr/bin/env bash
 # side (gpu-tests beside the export) append to the same log
 line="$*"
 [[ $1 == -m ]] && line+=$'\n'"  revision=${SDEXPORT_GIT_REVISION:-} path=${PYTHONPATH%%:*} threads=${OMP_NUM_THREADS:-}"
+[[ $1 == -m ]] && line+=" cpus=$(awk '/^Cpus_allowed_list/ {print $2}' /proc/$$/status) compile=${TORCHINDUCTOR_COMPILE_THREADS:-}"
 printf '%s\n' "$line" >> "$STAND_IN_LOG"
 out=""
 for ((i = 1; i <= $#; i++)); do [[ ${!i} == -o ]] && { j=$((i + 1)); out=${!j}; }; done
@@ -235,7 +236,12 @@ def _steps(tmp_path: Path) -> dict[str, str]:
 
 
 def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path: Path, carried: Path):
-    done = _lease(tmp_path, carried, 600, STAND_IN_EXPORT_S="1")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("one core: none to leave to the machine")
+    # all cores but the last left to the machine: every step runs on that one (on the GPU server,
+    # all but two), torch.compile's workers counted by it
+    done = _lease(tmp_path, carried, 600, STAND_IN_EXPORT_S="1", LEASE_KEEP_CPUS=str(len(cores) - 1))
     assert done.returncode == 0, done.stdout + done.stderr
     steps = _steps(tmp_path)
     assert set(steps.values()) == {"rc 0"}, steps
@@ -257,8 +263,10 @@ def test_the_lease_runs_every_step_in_order_with_the_commands_it_means(tmp_path:
     environments = {command.split()[2]: after for command, after in zip(commands, commands[1:])
                     if command.startswith(("-m sdexport", "-m pytest"))}
     unset = os.environ.get("OMP_NUM_THREADS", "")  # (what the test process has: 1 in an xdist worker)
-    assert environments == {command: f"  revision=0123abc path={tmp_path / 'site'} threads={threads}" for command, threads
+    assert environments == {command: f"  revision=0123abc path={tmp_path / 'site'} threads={threads} cpus={cores[-1]} "
+                                     "compile=1" for command, threads
                             in (("export", 10), ("-m", 4), ("build", unset), ("bench", unset))}, environments
+    assert f"steps on cores {cores[-1]}" in done.stdout
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:
         names = tar.getnames()
         assert tar.extractfile("./REVISION").read() == b"0123abc\n"
@@ -293,14 +301,23 @@ def test_the_lease_split_into_three_calls_brings_back_each_part_and_goes_on_wher
     with tarfile.open(tmp_path / "out" / "lease-results.tar.gz") as tar:  # recorded by the install, not the facts
         assert tar.extractfile("./site.txt").read() == b"what the archive holds\n"
 
-    nothing = tmp_path / "nothing-carried"
-    nothing.mkdir()
-    third = _lease(tmp_path, nothing, 300)
+    third = _lease(tmp_path, carried, 300, LEASE_SKIP="export gpu-tests")  # (call 3 as the header writes it)
     assert third.returncode == 0, third.stdout + third.stderr
     steps = _steps(tmp_path)
     assert list(steps)[4:] == ["bench-runtime", "bench-compile", "build-fused", "bench-fused"]
     assert set(steps.values()) == {"rc 0"}, steps
+    assert "install: done in an earlier call" in third.stdout
     assert (tmp_path / "commands.log").read_text().count("sdexport export") == 1  # not again
+
+    # the same call on a machine that went back meanwhile (a fresh one): installed again, and the
+    # baseline measured against torch.compile, which needs no export, rather than a second export
+    fresh = _lease(tmp_path, carried, 300, LEASE_SKIP="export gpu-tests", LEASE_DIR=str(tmp_path / "fresh"),
+                   LEASE_SITE=str(tmp_path / "fresh-site"))
+    assert fresh.returncode == 0, fresh.stdout + fresh.stderr
+    assert _steps(tmp_path) == {"facts": "rc 0", "install": "rc 0", "export": "left out", "gpu-tests": "left out",
+                                "bench-compile": "rc 0"}
+    assert (tmp_path / "commands.log").read_text().count("sdexport export") == 1
+    assert "--contenders diffusers,diffusers-compile " in (tmp_path / "commands.log").read_text()
 
 
 def test_a_call_asked_to_end_after_the_runtime_benchmark_ends_there_also_without_an_export(tmp_path: Path, carried: Path):

@@ -9,8 +9,13 @@
 #      timeout_s 60: the machine's facts, in seconds (the issue's first evidence)
 #   2. carry [".lease"], command "LEASE_UNTIL=export LEASE_BUDGET_S=380 bash scripts/gpu-lease/lease.sh",
 #      timeout_s 420: the install, then the export beside the GPU tests
-#   3. carry nothing, command "LEASE_BUDGET_S=<device time left less 90> bash scripts/gpu-lease/lease.sh",
-#      timeout_s <budget + 40>: the benchmarks, most important first; the same again while time is left
+#   3. carry [".lease"], command "LEASE_SKIP='export gpu-tests' LEASE_BUDGET_S=<device time left less 90>
+#      bash scripts/gpu-lease/lease.sh", timeout_s <budget + 40>: the benchmarks, most important first;
+#      the same again while time is left. The time left is in call 2's reply (lease.budget_left_s):
+#      no status call between. Carried again and told to leave out what call 2 did: on the warm
+#      machine those steps are done (said so, not repeated); on one that went back meanwhile (a
+#      call later than 30 s) it installs again and measures the baseline against torch.compile,
+#      which needs no export, where it would have found nothing installed and measured nothing.
 # LEASE_UNTIL ends a call after the step it names; the next call goes on from there. Why three
 # calls, where one (carry [".lease"], "bash scripts/gpu-lease/lease.sh", timeout_s 600) would do:
 # a call whose machine stops answering brings back nothing, not even the steps it finished. The
@@ -54,6 +59,7 @@
 #   LEASE_DIR       where results collect (default /tmp/lease); LEASE_SITE the install (/tmp/site)
 #   LEASE_CARRIED   the carried folder with site.tar.xz, site.sha256, REVISION (default .lease)
 #   LEASE_TIME_SCALE  divides every step's least and most seconds (default 1; tests of the runner)
+#   LEASE_KEEP_CPUS   cores no step runs on, left to the machine itself (default 2; 0: none)
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 : "${OUT:?run through the device tool: \$OUT is where files come back}"
@@ -136,6 +142,18 @@ finish_group() {
   done
 }
 
+# Cores left to the machine itself (what answers the device calls runs there too; the first lease's
+# machine stopped answering, cause unknown): every step runs on the others, where at least one is
+# left and taskset works, and torch.compile starts a compile worker per core it may use, not per
+# core of the machine (16 processes beside the benchmark otherwise).
+PIN=()
+spare=$(python3 -c 'import os, sys; c = sorted(os.sched_getaffinity(0)); k = int(sys.argv[1])
+print(",".join(map(str, c[k:])) if 0 < k < len(c) else "")' "${LEASE_KEEP_CPUS:-2}" 2>/dev/null)
+if [[ -n $spare ]] && taskset -c "$spare" true 2>/dev/null; then
+  PIN=(taskset -c "$spare")
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(awk -F, '{print NF}' <<< "$spare")}
+fi
+
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >> "$LEASE/steps.tsv"; }
 
 # step NAME LEAST MOST COMMAND...: run COMMAND under a timeout of MOST seconds or what is left of
@@ -161,7 +179,7 @@ step() {
   began=$(date +%s)
   # the steps are shell functions (exported below): a child bash runs them under the timeout,
   # which signals its whole process group (its own: timeout leads it)
-  timeout --signal=TERM --kill-after="$GRACE" "$limit" bash -c '"$@"' "$name" "$@" &
+  timeout --signal=TERM --kill-after="$GRACE" "$limit" ${PIN[@]+"${PIN[@]}"} bash -c '"$@"' "$name" "$@" &
   local group=$!
   wait "$group"
   rc=$?
@@ -270,7 +288,7 @@ fi
 echo "$revision" > "$LEASE/REVISION"
 SDEXPORT_GIT_REVISION=$revision; export SDEXPORT_GIT_REVISION
 record call "revision $revision" 0 "budget $BUDGET s"
-mark "lease: $revision; $MODEL ${SIZE}² $DTYPE, budget ${BUDGET}s"
+mark "lease: $revision; $MODEL ${SIZE}² $DTYPE, budget ${BUDGET}s; steps on cores ${PIN[2]:-all}"
 step facts 5 30 facts
 end_call_after facts
 # (a failed install is tried again by the next call: the archive may have been carried anew)
