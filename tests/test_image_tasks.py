@@ -620,3 +620,26 @@ def test_a_text_to_image_result_records_no_encoder_graph(tiny_engine_dir):
     text = pipeline.run_info(GenerationRequest(prompt=["x"]), False, False)
     image = pipeline.run_info(GenerationRequest(prompt=["x"], image=Image.new("RGB", (64, 64))), False, False)
     assert "vae_encoder" not in text["graphs"] and "vae_encoder" in image["graphs"]
+
+
+def test_a_crop_scales_only_what_it_keeps(monkeypatch):
+    """A 1x16000 strip cropped to 128x128 was scaled whole to 2048000x128 first (0.8 GB, from a
+    131-byte PNG; a served request's too): only the kept box is scaled, to the request's size, and
+    the pixels are those of scaling the whole then cropping, to rounding."""
+    import numpy as np
+    from PIL import Image
+
+    from sdexport.runtime.image_inputs import fit_image
+
+    strip = Image.new("RGB", (16000, 1), (200, 10, 10))
+    sizes = []
+    resize = Image.Image.resize
+    monkeypatch.setattr(Image.Image, "resize", lambda self, size, *a, **k: sizes.append(size) or resize(self, size, *a, **k))
+    image, note = fit_image(strip, 128, 128, "crop", "init image")
+    assert image.size == (128, 128) and sizes == [(128, 128)]
+    assert note == "init image scaled from 1x16000 to 128x2048000 and cropped to 128x128 (centre)"
+    assert np.asarray(image)[0, 0].tolist() == [200, 10, 10]
+    wide = picture(96, 200, 0)
+    whole = resize(wide, (133, 64), Image.Resampling.LANCZOS).crop((2, 0, 130, 64))
+    cropped, _ = fit_image(wide, 64, 128, "crop", "init image")
+    assert np.abs(np.asarray(cropped, dtype=int) - np.asarray(whole, dtype=int)).max() <= 1

@@ -163,10 +163,16 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str,
     scaled = (max(width, round(image.size[0] * scale)), max(height, round(image.size[1] * scale)))
     # (one side already the request's and the other longer: a crop alone, said as one)
     how = f"scaled from {given} to {scaled[1]}x{scaled[0]} and" if scaled != image.size else f"({given})"
-    if scaled != image.size:
-        image = image.resize(scaled, Image.Resampling.LANCZOS)
     left, top = (scaled[0] - width) // 2, (scaled[1] - height) // 2
-    return image.crop((left, top, left + width, top + height)), f"{what} {how} cropped to {height}x{width} (centre)"
+    note = f"{what} {how} cropped to {height}x{width} (centre)"
+    if scaled == image.size:
+        return image.crop((left, top, left + width, top + height)), note
+    # the crop's box in the image's own pixels, scaled alone (the same pixels, to rounding): the whole
+    # image scaled first takes memory as its long side times the request's short one, gigabytes for
+    # a thin strip of a few hundred bytes (a served request's too)
+    x, y = scaled[0] / image.size[0], scaled[1] / image.size[1]
+    box = (left / x, top / y, (left + width) / x, (top + height) / y)
+    return image.resize(size, Image.Resampling.LANCZOS, box=box), note
 
 
 def check_image(image: Any, height: int | None, width: int | None, what: str) -> None:
