@@ -138,6 +138,17 @@ def test_a_scheduler_config_the_manifest_does_not_hash_is_refused(engine_copy: P
     _refused_everywhere(engine_copy, "scheduler/scheduler_config.json is not listed in the manifest", capsys)
 
 
+@pytest.mark.parametrize("name, text", [("special_tokens_map.json", '{"pad_token": "a", "bos_token": "c"}'),
+                                        ("added_tokens.json", '{"a cat": 5, "cat": 7}')])
+def test_a_tokenizer_file_the_manifest_does_not_list_is_refused(engine_copy: Path, capsys, name, text):
+    """transformers reads every tokenizer file it knows in the folder, listed or not: a special-token
+    map copied in changed the ids (other images, every check passing), added tokens made ids past
+    the text encoder's table (an ONNX Runtime traceback in the loop). A hidden file is not read."""
+    (engine_copy / "tokenizer" / ".DS_Store").write_bytes(b"\0")
+    (engine_copy / "tokenizer" / name).write_text(text)
+    _refused_everywhere(engine_copy, f"{name} not in the manifest: transformers would read it with the tokenizer", capsys)
+
+
 def test_a_tokenizer_without_vocabulary_is_refused(engine_copy: Path, capsys):
     path = engine_copy / "tokenizer" / "tokenizer.json"
     data = json.loads(path.read_text())

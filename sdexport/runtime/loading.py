@@ -444,7 +444,10 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
     transformers can build a tokenizer from a folder that lacks its vocabulary without complaint;
     a tokenizer with almost no vocabulary, or one whose length is not the text encoder's sequence
     length, would turn every prompt into the wrong ids. ``load_manifest`` already checked that the
-    files are listed; this checks what they load into.
+    files are listed; transformers also reads every other tokenizer file it knows in the folder (a
+    ``special_tokens_map.json`` or ``added_tokens.json`` copied in from a hub folder changed the ids,
+    or made ids past the text encoder's table), so a file the manifest does not list is refused.
+    Then this checks what they load into.
     """
     from transformers import CLIPTokenizer
 
@@ -455,6 +458,10 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
     real = isinstance(config, str) and (preset := get_preset(config)) is not None and preset.tokenizer_pads is not None
     tokenizers = {}
     for name in tokenizer_names(manifest.family):
+        unlisted = sorted(path.name for path in (engine_dir / name).glob("[!.]*") if f"{name}/{path.name}" not in manifest.files)
+        if unlisted:
+            raise EngineDirError(f"{engine_dir / name}: {', '.join(unlisted)} not in the manifest: transformers would read "
+                                 "it with the tokenizer and change how prompts are read; remove it (or re-export)")
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / name))
         except Exception as exc:  # transformers raises OSError, ValueError, JSON errors, ...
