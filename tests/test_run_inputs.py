@@ -103,6 +103,31 @@ def test_the_api_takes_a_path_as_text_and_refuses_a_closed_pipeline_or_a_missing
             load_pipeline(tiny_engine_dir, "onnxruntime-cuda")
 
 
+def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
+    """A server or GUI closing its pipeline at shutdown while a request runs: the call in flight
+    ended with an AttributeError (its ONNX Runtime session released under it; a TensorRT context's
+    memory would be freed while it ran). ``close`` waits for it; a call after it is refused; a
+    close from inside a call (its on_step) is refused rather than waiting for itself."""
+    import threading
+
+    pipe = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    started, results = threading.Event(), []
+    request = GenerationRequest(prompt="x", height=64, width=64, steps=12)
+    worker = threading.Thread(target=lambda: results.append(pipe(request, on_step=lambda done, total: started.set())))
+    worker.start()
+    assert started.wait(60)
+    pipe.close()  # while the call is at its first steps
+    worker.join(60)
+    assert len(results) == 1 and results[0].latents.shape == (1, 4, 8, 8)
+    with pytest.raises(SdexportError, match="^this pipeline was closed"):
+        pipe(request)
+    inner = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    with pytest.raises(SdexportError, match=r"^close\(\) inside a call of this pipeline"):
+        inner(request, on_step=lambda done, total: inner.close())
+    assert not inner.closed  # (still usable: the refusal closed nothing)
+    inner.close()
+
+
 def test_the_api_checks_requests_too(pipeline):
     for request, message in [
         (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "^seeds -5: seeds are integers"),  # the API field

@@ -15,7 +15,9 @@ text encoders, a pooled embedding and six "time ids"); the denoising loop and th
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -294,6 +296,9 @@ def text_tokenizers(family: str, tokenizer: Any, tokenizer_2: Any) -> dict[str, 
     return {"prompt": first, "negative_prompt": first, "prompt_2": tokenizer_2, "negative_prompt_2": tokenizer_2}
 
 
+CLOSED = "this pipeline was closed (its engines were released); load it again"
+
+
 class Txt2ImgPipeline:
     """The one denoising loop over an engine directory's engines, whatever their backend: text to
     image, img2img, inpainting, ControlNets, T2I-Adapters, run-time LoRA and SDXL's two experts are
@@ -352,6 +357,9 @@ class Txt2ImgPipeline:
         self.unplanned = unplanned
         self.info = info or {}
         self.closed = False
+        self._calls: Counter[int] = Counter()
+        """The threads inside a call now (one each time it is in one): ``close`` waits for them."""
+        self._settled = threading.Condition()
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
         self.adapters = adapters_among(engines)
@@ -395,7 +403,7 @@ class Txt2ImgPipeline:
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
         if self.closed:
-            raise SdexportError("this pipeline was closed (its engines were released); load it again")
+            raise SdexportError(CLOSED)
         largest = self.profile.batch[2]
         if isinstance(request.prompt, list) and len(request.prompt) > largest:  # `sdexport run` splits by itself; an API caller is told how
             raise ProfileError(f"{len(request.prompt)} images in one call: the engines' profile takes at most "
@@ -439,7 +447,25 @@ class Txt2ImgPipeline:
 
         ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
         a benchmark times end to end. The result's request has its size and the family's defaults
-        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran."""
+        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran. Calls from several
+        threads may overlap; ``close`` waits for them to end."""
+        thread = threading.get_ident()
+        with self._settled:
+            if self.closed:
+                raise SdexportError(CLOSED)
+            self._calls[thread] += 1
+        try:
+            return self._generate(request, on_step, stages)
+        finally:
+            with self._settled:
+                self._calls[thread] -= 1
+                if not self._calls[thread]:
+                    del self._calls[thread]
+                self._settled.notify_all()
+
+    def _generate(self, request: GenerationRequest, on_step: Callable[[int, int], None] | None,
+                  stages: bool) -> GenerationResult:
+        """``__call__``'s work, the call counted."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
         request = self.sized(request).with_defaults(self.family, guidance_embedding=bool(self.dims.G),
                                                     clip_skip=self.dims.clip_skip)
@@ -1056,8 +1082,16 @@ class Txt2ImgPipeline:
     # -- lifetime ---------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release every engine's device memory now (TensorRT contexts, ORT sessions, modules)."""
-        self.closed = True
+        """Release every engine's device memory now (TensorRT contexts, ORT sessions, modules), once
+        the calls in flight in other threads have ended: one released under a running call failed it
+        with an AttributeError (ONNX Runtime), and would free device memory a TensorRT context was
+        still running on. A call made after ``close`` is refused."""
+        with self._settled:
+            if threading.get_ident() in self._calls:  # (it would wait for itself)
+                raise SdexportError("close() inside a call of this pipeline (an on_step callback?): close it after "
+                                    "the call returns")
+            self.closed = True
+            self._settled.wait_for(lambda: not self._calls)
         engines = (*self.engines.values(), self.fallback_vae, self.fallback_encoder)
         for engine in {id(e): e for e in engines if e is not None}.values():
             close = getattr(engine, "close", None)
