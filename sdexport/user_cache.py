@@ -2,7 +2,9 @@
 
 ``$SDEXPORT_CACHE_DIR`` when set; else ``$XDG_CACHE_HOME/sdexport`` (an absolute path only, as the XDG
 spec says: a relative one is ignored); else ``~/.cache/sdexport``. None when there is no home to put
-it in (a service account without one): callers then do without a cache.
+it in (a service account without one): callers then do without a cache. A cache folder inside an
+sdexport engine directory is refused: its records would be files the manifest does not list (and
+``export --force`` then refuses the directory as no longer provably sdexport's).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ ENVIRONMENT = "SDEXPORT_CACHE_DIR"
 def user_cache() -> Path | None:
     own = os.environ.get(ENVIRONMENT)
     if own:
+        from sdexport.output_dir import refuse_inside_engine_dir
+
+        refuse_inside_engine_dir(Path(own) / "hashes", f"{ENVIRONMENT}={own}")  # (the directory itself too)
         return Path(own).absolute()
     xdg = os.environ.get("XDG_CACHE_HOME")
     if xdg and os.path.isabs(xdg):
