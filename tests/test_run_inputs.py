@@ -128,6 +128,22 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
     inner.close()
 
 
+def test_the_api_refuses_arguments_of_the_wrong_kind_in_one_line(tiny_engine_dir):
+    """Each gave a raw AttributeError, TypeError or ValueError; split(-1) gave no part at all (a
+    caller looping over the parts generated nothing)."""
+    for loras, shown in ((["x.safetensors"], "str 'x.safetensors'"), ("x.safetensors", "str 'x.safetensors'")):
+        with pytest.raises(SdexportError, match=f"^loras: expected (a list of )?LoraFile entries, got {shown}"):
+            load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=loras)
+    request = GenerationRequest(prompt=["a", "b"], seeds=[0, 1], height=64, width=64)
+    for size in (0, -1, 1.5, True):
+        with pytest.raises(SdexportError, match=r"^split\(.*\): need a whole number of images per part, at least 1"):
+            request.split(size)
+    assert [part.prompt for part in request.split(1)] == [["a"], ["b"]]
+    with pytest.raises(SdexportError, match="^prompt: expected a text or a list of texts, got int 5"):
+        GenerationRequest(prompt=5)
+    assert GenerationRequest(prompt=("a", "b")).prompt == ["a", "b"]
+
+
 def test_the_api_checks_requests_too(pipeline):
     for request, message in [
         (GenerationRequest(prompt=["x"], seeds=[-5], height=64, width=64), "^seeds -5: seeds are integers"),  # the API field

@@ -735,3 +735,8 @@ def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_s
         pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(3, *shape[1:])))
     for rows in (1, 2):
         pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(rows, *shape[1:])))
+    # a numpy array (an AttributeError in the loop); NaN latents (the whole loop ran, then blamed the weights)
+    with pytest.raises(SdexportError, match="^init_latents: expected a torch tensor .*, got ndarray"):
+        pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(shape).numpy()))
+    with pytest.raises(SdexportError, match="^init_latents hold NaN or infinite values"):
+        pipeline.check(dataclasses.replace(request, init_latents=torch.full(shape, float("nan"))))

@@ -205,6 +205,11 @@ class GenerationRequest:
         # text is not a list of one-letter prompts), one negative or second text for every prompt
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
+        elif isinstance(self.prompt, tuple):
+            self.prompt = list(self.prompt)
+        if not isinstance(self.prompt, list):  # (everything below reads its length)
+            raise SdexportError(f"prompt: expected a text or a list of texts, got {type(self.prompt).__name__} "
+                                f"{self.prompt!r}")
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)] * max(1, len(self.prompt or [])))
@@ -296,6 +301,9 @@ class GenerationRequest:
         mask, control image, ControlNet setting or adapter scale or factor per prompt) are cut; the rest is
         shared."""
         from dataclasses import replace
+
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # (0 failed in range(); -1 gave no part)
+            raise SdexportError(f"split({size!r}): need a whole number of images per part, at least 1")
 
         def cut(values: Any, start: int) -> Any:
             if values is None or isinstance(values, int | float) or len(values) != self.batch:  # one for all

@@ -418,11 +418,18 @@ class Txt2ImgPipeline:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
                                 "(the directory must have a vae_encoder)")
         if request.init_latents is not None:
-            shape = tuple(getattr(request.init_latents, "shape", ()))
+            if not isinstance(request.init_latents, torch.Tensor):
+                raise SdexportError(f"init_latents: expected a torch tensor (a result's latents), got "
+                                    f"{type(request.init_latents).__name__}")
+            shape = tuple(request.init_latents.shape)
             wanted = self.latent_shape(request)
             if shape[1:] != wanted[1:] or shape[0] not in (1, request.batch):
+                rows = "1" if request.batch == 1 else f"1 or {request.batch}"
                 raise SdexportError(f"init_latents of shape {shape}: this model's at {request.height}x{request.width} "
-                                    f"are (1 or {request.batch}, {', '.join(map(str, wanted[1:]))})")
+                                    f"are ({rows}, {', '.join(map(str, wanted[1:]))})")
+            if not bool(torch.isfinite(request.init_latents).all()):  # (the loop would run, then blame the weights)
+                raise SdexportError("init_latents hold NaN or infinite values: the base model's run that made them "
+                                    "failed")
         checked = (request.scheduler, request.steps, request.mask is not None)
         if checked not in self._steps_checked:  # a dry run: once, not per call
             check_steps(request.scheduler, self.scheduler_config_for(request), request.steps)
