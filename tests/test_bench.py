@@ -390,6 +390,15 @@ def test_bench_replaces_its_own_output_and_refuses_a_users_folder(bench_run, tmp
     from sdexport.bench.report import not_a_bench_output
 
     assert not_a_bench_output(previous) is None  # the fixture's output is one sdexport may replace
+    # the table annotated by hand, or the chart replaced: no longer provably ours (a copy is judged)
+    written = json.loads((previous / "results.json").read_text())["written"]
+    assert sorted(written) == ["results.md", "results.png"]
+    for name, change in (("results.md", "\nMeasured on the lab's box.\n"), ("results.png", "x")):
+        copy = tmp_path / f"copy-{name}"
+        shutil.copytree(previous, copy)
+        with (copy / name).open("a", encoding="latin-1") as file:
+            file.write(change)
+        assert not_a_bench_output(copy) == f"its {name} was changed since sdexport wrote it (edited by hand?)"
 
 
 def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):

@@ -9,7 +9,7 @@ from typing import Any
 
 from sdexport.atomic import atomic_path, read_regular, write_atomic
 from sdexport.bench.scenario import SLOW_UNET_HOOK
-from sdexport.manifest import write_json_atomic
+from sdexport.manifest import sha256_file, write_json_atomic
 from sdexport.output_dir import MARKER, OutputKind
 from sdexport.specs import FAMILY_LABELS
 
@@ -462,7 +462,10 @@ RESULT_FILES = ("results.json", "results.md", "results.png")
 def not_a_bench_output(directory: Path) -> str | None:
     """Why ``directory`` is not a benchmark output sdexport wrote (None when it is), before it is replaced.
 
-    Ours: the result files, an ``engines/`` folder of sdexport engine directories, nothing else.
+    Ours: the result files, an ``engines/`` folder of sdexport engine directories, nothing else;
+    the table and the chart as written (their hashes, in the report's ``written``: a table annotated
+    by hand before a commit was replaced without a word). Reports from before that record are
+    judged by their names, as they were.
     """
     from sdexport.manifest import not_an_engine_dir
 
@@ -475,6 +478,12 @@ def not_a_bench_output(directory: Path) -> str | None:
     extra = sorted(p.name for p in directory.iterdir() if p.name not in (*RESULT_FILES, "engines", MARKER))
     if extra:
         return f"it holds other files: {', '.join(extra[:3])}"
+    written = data.get("written")
+    for name in RESULT_FILES[1:] if isinstance(written, dict) else ():
+        path = directory / name
+        if (path.exists() or path.is_symlink()) and (not path.is_file() or path.is_symlink()
+                                                     or written.get(name) != sha256_file(path)):
+            return f"its {name} was changed since sdexport wrote it (edited by hand?)"
     engines = directory / "engines"
     if engines.is_symlink() or engines.is_file():
         return "its engines is not a folder of engine directories"
@@ -509,7 +518,9 @@ def decibels(value: Any) -> Any:
 def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
     """The report's files; the chart where it can be drawn. A chart that fails (a file-size limit,
     a broken font cache) would otherwise discard, with the staging folder, the measurements of a
-    whole benchmark, which the JSON and the table hold: said, and left out."""
+    whole benchmark, which the JSON and the table hold: said, and left out. The JSON comes first (it
+    holds everything: a run killed meanwhile keeps it) and again last, with the hashes of the other
+    two (``not_a_bench_output`` reads them)."""
     from sdexport.console import console
     from sdexport.errors import one_line
 
@@ -519,8 +530,10 @@ def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
     write_atomic(paths[1], markdown(report))
     try:
         plot(report, paths[2])
-    except Exception as exc:  # matplotlib's errors are of many kinds; the figures are written already
+    except Exception as exc:  # matplotlib's errors are of many kinds; the table is written already
         console.print(f"[yellow]note:[/] {RESULT_FILES[2]} not drawn ({one_line(exc, 200)}): the results are in "
                       f"{RESULT_FILES[0]} and {RESULT_FILES[1]}")
-        return paths[:2]
+        paths = paths[:2]
+    written = {path.name: sha256_file(path) for path in paths[1:]}
+    write_json_atomic(paths[0], json_ready(json.loads(json.dumps({**report, "written": written}, default=str))))
     return paths
