@@ -213,6 +213,7 @@ def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     ("missing", "no such directory"),
     ("empty", "not an ONNX export of a diffusers pipeline"),
     ("diffusers", "a diffusers checkpoint (PyTorch weights, no unet/model.onnx), not an ONNX export; export it"),
+    ("graph-folder", "not an ONNX export of a diffusers pipeline"),  # (not said to be a checkpoint either)
     ("sd3", "a StableDiffusion3Pipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),
     ("pag", "a StableDiffusionPAGPipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),  # guidance it has not
     ("no-vae", "no vae_decoder/model.onnx"),
@@ -233,6 +234,9 @@ def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_exp
         (target / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
     if case == "no-vae":
         shutil.rmtree(target / "vae_decoder")
+    if case == "graph-folder":  # unet/model.onnx a folder, beside the PyTorch weights of a half-made copy
+        shutil.copytree(tiny_diffusers_dir, target := tmp_path / "odd")
+        (target / "unet" / "model.onnx").mkdir()
     if case == "scheduler-classes":  # diffusers would sample with the index's, the runtime with the config's
         index = json.loads((target / "model_index.json").read_text())
         (target / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", "EulerDiscreteScheduler"]}))

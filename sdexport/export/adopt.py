@@ -63,10 +63,11 @@ def identify(directory: Path) -> str | None:
     to do; None when it does not look like a pipeline at all."""
     if not (directory / MODEL_INDEX).is_file():
         return None
-    if (directory / "unet" / GRAPH).is_file():
+    unet = directory / "unet"
+    if (unet / GRAPH).is_file():
         return "onnx"
-    if (directory / "unet").is_dir():
-        return "diffusers"
+    if unet.is_dir() and not (unet / GRAPH).exists() and any(unet.glob("diffusion_pytorch_model*")):
+        return "diffusers"  # (its weights seen: a folder named model.onnx, or nothing, is neither)
     return None
 
 
