@@ -378,8 +378,8 @@ def _pair(text: str | None, sep: str, flag: str) -> tuple[int, int] | None:
             raise ValueError
         return int(parts[0]), int(parts[1])
     except ValueError:
-        example = "1024x1024" if sep == "x" else "0,0"
-        raise SdexportError(f"{flag} {text!r}: expected two integers like {example}") from None
+        example = "1024x1024 (height x width, as diffusers' sizes)" if sep == "x" else "0,0 (top,left, as diffusers' crop)"
+        raise SdexportError(f"{flag} {text!r}: expected two integers joined by {sep!r}, like {example}") from None
 
 
 @app.command()

@@ -735,7 +735,11 @@ def test_cli_sdxl_conditioning_flags_reach_the_png(sdxl_engine_dir, tmp_path, ca
     assert params["prompt_2"] == "oil painting" and params["original_size"] == [128, 96]
     assert params["crops_coords_top_left"] == [8, 0] and params["target_size"] == [64, 64]
     assert run_cli("run", sdxl_engine_dir, "-p", "x", "--original-size", "big", "-o", out) == 2
-    assert "--original-size 'big': expected two integers like 1024x1024" in capsys.readouterr().err
+    assert "--original-size 'big': expected two integers joined by 'x', like 1024x1024" in capsys.readouterr().err
+    # two integers, but with the other option's separator: the message says which one this takes
+    assert run_cli("run", sdxl_engine_dir, "-p", "x", "--crop-top-left", "0x0", "-o", out) == 2
+    assert "--crop-top-left '0x0': expected two integers joined by ',', like 0,0 (top,left" in " ".join(
+        capsys.readouterr().err.split())
 
 
 # -- loading: diffusers directory, single file, replacement VAE --------------------------------
