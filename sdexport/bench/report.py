@@ -479,11 +479,13 @@ def not_a_bench_output(directory: Path) -> str | None:
     if extra:
         return f"it holds other files: {', '.join(extra[:3])}"
     written = data.get("written")
-    for name in RESULT_FILES[1:] if isinstance(written, dict) else ():
-        path = directory / name
-        if (path.exists() or path.is_symlink()) and (not path.is_file() or path.is_symlink()
-                                                     or written.get(name) != sha256_file(path)):
-            return f"its {name} was changed since sdexport wrote it (edited by hand?)"
+    if isinstance(written, dict):
+        for name in RESULT_FILES[1:]:
+            path = directory / name
+            if not (path.exists() or path.is_symlink()):
+                continue  # (a chart that was not drawn)
+            if path.is_symlink() or not path.is_file() or written.get(name) != sha256_file(path):
+                return f"its {name} was changed since sdexport wrote it (edited by hand?)"
     engines = directory / "engines"
     if engines.is_symlink() or engines.is_file():
         return "its engines is not a folder of engine directories"
