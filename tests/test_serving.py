@@ -1048,6 +1048,24 @@ def test_loadtest_given_a_duration_alone_runs_until_it_ends(monkeypatch, tmp_pat
     assert [(p.requests, p.duration_s) for p in plans] == [(0, 20.0), (16, 0.0), (5, 20.0), (0, 3.0)]
 
 
+def test_loadtest_refuses_what_no_model_takes_before_it_asks_a_server(monkeypatch, tmp_path, tiny_engine_dir, capsys):
+    """With no server there, these were "no Triton server answers there"; against one, a load of
+    failed requests (or 100000 client threads for 16 requests). An engine directory as -o took the
+    report into it (files its manifest does not list)."""
+    from sdexport.serving import loadtest
+
+    monkeypatch.setattr(loadtest, "run_load", lambda *a, **k: pytest.fail("a server was asked"))
+    for extra, message in ((["-c", "100000"], "--concurrency 100000: at most 1024 clients"),
+                           (["--steps", "0"], "--steps 0: need at least 1 step"),
+                           (["--guidance", "nan"], "--guidance nan: need a finite number, 0 or more"),
+                           (["--guidance", "-1"], "--guidance -1.0: need a finite number, 0 or more"),
+                           (["-o", tiny_engine_dir], f"inside the engine directory {tiny_engine_dir}")):
+        args = ["-o", tmp_path / "out", *extra] if "-o" not in extra else extra
+        assert run_cli("loadtest", "--url", "localhost:9", *args) == 2
+        assert message in " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "out").exists() and not (tiny_engine_dir / "loadtest.json").exists()
+
+
 def test_loadtest_sends_an_init_image_and_mask(server, tmp_path):
     """img2img and inpainting load (and the SDXL refiner's, which takes nothing else): every request
     carries the files' bytes; the report names them."""

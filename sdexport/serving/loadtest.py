@@ -20,6 +20,8 @@ from sdexport.errors import SdexportError
 from sdexport.serving.protocol import MODEL_NAME
 
 IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
+MAX_CLIENTS = 1024
+"""The most concurrent clients one load test starts (``--concurrency``)."""
 """The image inputs a load test can send, and the flags that name their files."""
 
 
@@ -64,6 +66,9 @@ class LoadPlan:
         file changed meanwhile cannot send what was not."""
         if self.concurrency < 1:
             raise SdexportError(f"--concurrency {self.concurrency}: need at least 1 client")
+        if self.concurrency > MAX_CLIENTS:  # (a thread and a connection each)
+            raise SdexportError(f"--concurrency {self.concurrency}: at most {MAX_CLIENTS} clients (each a thread with "
+                                "its own connection); run several load tests for more")
         if self.requests < 0:
             raise SdexportError(f"--requests {self.requests}: cannot be negative")
         if not (math.isfinite(self.duration_s) and self.duration_s >= 0):  # nan would never end the run
@@ -85,6 +90,12 @@ class LoadPlan:
             check_numbers(self.params, lambda name: f"--{name.replace('_', '-')}")
         except ValueError as exc:
             raise SdexportError(str(exc)) from None
+        # what no model takes, said here rather than after the server is asked (or found absent)
+        if self.params.get("steps", 1) < 1:
+            raise SdexportError(f"--steps {self.params['steps']}: need at least 1 step")
+        guidance = self.params.get("guidance", 0.0)
+        if not (math.isfinite(guidance) and guidance >= 0):
+            raise SdexportError(f"--guidance {guidance}: need a finite number, 0 or more")
         if "init_image" not in self.images:
             if "mask" in self.images:
                 raise SdexportError("--mask needs --init-image: the mask says where the init image is repainted")
@@ -194,7 +205,9 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                 with lock:
                     latencies.append(time.perf_counter() - sent)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(plan.concurrency)]
+    # (no more clients than requests: the rest would only open a connection and find none left)
+    clients = min(plan.concurrency, plan.requests) if plan.requests and not plan.duration_s else plan.concurrency
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -210,7 +223,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     executions = after["executions"] - before["executions"] if after else 0
     inferences = after["inferences"] - before["inferences"] if after else 0
     return {
-        "url": plan.url, "model": plan.model, "concurrency": plan.concurrency,
+        "url": plan.url, "model": plan.model, "concurrency": clients,
         "images_per_request": plan.prompts_per_request,
         "params": {**{k: v for k, v in plan.params.items() if not isinstance(v, bytes | list)}, **plan.images},
         "requests": done + sum(errors.values()), "succeeded": done, "errors": errors,
