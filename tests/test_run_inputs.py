@@ -286,6 +286,12 @@ def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path,
     assert params["truncated_from"] == {"prompt": long}
     assert long.startswith(params["prompt"]) and 20 < len(params["prompt"]) < len(long)
     assert Image.open(out).text["parameters"].startswith(params["prompt"] + "\n")
+    # one text for 6 images in 3 calls (the profile takes 2 at most): said once, naming the images, each recorded
+    assert run_cli("run", tiny_engine_dir, "-p", long, "--batch", "6", "--steps", "1", "-o", out) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count(" longer than ") == 1 and "warning: prompts 1, 2 (the same text) are longer than" in err
+    assert all(json.loads(Image.open(tmp_path / f"long-{i}.png").text["sdexport"])["truncated_from"] == {"prompt": long}
+               for i in range(6))
 
 
 def test_a_prompt_cut_inside_a_character_records_whole_characters(pipeline):

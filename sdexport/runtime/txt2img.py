@@ -297,6 +297,8 @@ def text_tokenizers(family: str, tokenizer: Any, tokenizer_2: Any) -> dict[str, 
 
 
 CLOSED = "this pipeline was closed (its engines were released); load it again"
+MAX_WARNED = 256
+"""The most long texts a pipeline remembers having warned of (``Txt2ImgPipeline.truncations``)."""
 
 
 class Txt2ImgPipeline:
@@ -360,6 +362,8 @@ class Txt2ImgPipeline:
         self._calls: Counter[int] = Counter()
         """The threads inside a call now (one each time it is in one): ``close`` waits for them."""
         self._settled = threading.Condition()
+        self._warned: set[tuple[str, str]] = set()
+        """(field, text) of the long texts already warned of (``truncations``): said once, not per call."""
         self.device = engines["unet"].device
         self.controlnets = controlnets_among(engines)
         self.adapters = adapters_among(engines)
@@ -616,17 +620,29 @@ class Txt2ImgPipeline:
 
         Tokenizers cut silently at ``dims.S`` tokens (77 for CLIP), and the engines read at most
         ``prompt_chunks`` chunks of S - 2; the user should hear it, and the saved image should record
-        the text that was used, not the text that was given.
+        the text that was used, not the text that was given. One text given for several images (a
+        batch, or the parts ``sdexport run`` splits it into) is warned of once.
         """
         tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
         found: dict[str, list[str | None]] = {}
         for name in request.texts_read():
             texts, tokenizer = getattr(request, name), tokenizers[name]
             kept = [kept_text(text, tokenizer, self.dims.S, request.emphasis, self.prompt_chunks) for text in texts]
+            images: dict[str, list[int]] = {}  # each long text: the images it is given for
             for i, used in enumerate(kept):
                 if used is not None:
-                    console.print(f"[yellow]warning:[/] {name.replace('_', ' ')} {i + 1} is longer than {self.reads}; "
-                                  f"{'they read' if self.prompt_chunks > 1 else 'it reads'} only: {escape(repr(used))}")
+                    images.setdefault(texts[i], []).append(i + 1)
+            for text, numbers in images.items():
+                if (name, text) in self._warned:
+                    continue
+                if len(self._warned) >= MAX_WARNED:  # (a server's texts: kept few)
+                    self._warned.clear()
+                self._warned.add((name, text))
+                which = (f"{name.replace('_', ' ')} {numbers[0]} is" if len(numbers) == 1 else
+                         f"{name.replace('_', ' ')}s {', '.join(map(str, numbers))} (the same text) are")
+                used = kept[numbers[0] - 1]
+                console.print(f"[yellow]warning:[/] {which} longer than {self.reads}; "
+                              f"{'they read' if self.prompt_chunks > 1 else 'it reads'} only: {escape(repr(used))}")
             if any(k is not None for k in kept):
                 found[name] = kept
         return found
