@@ -458,8 +458,9 @@ class Txt2ImgPipeline:
 
         ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
         a benchmark times end to end. The result's request has its size and the family's defaults
-        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran. Calls from several
-        threads may overlap; ``close`` waits for them to end."""
+        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran. A ``close`` from
+        another thread waits for the call to end. (Overlapping calls are not made safe here: the
+        TensorRT engines run on buffers of their own, one set each.)"""
         thread = threading.get_ident()
         with self._settled:
             if self.closed:
