@@ -141,7 +141,7 @@ def test_the_api_refuses_arguments_of_the_wrong_kind_in_one_line(tiny_engine_dir
     assert [part.prompt for part in request.split(1)] == [["a"], ["b"]]
     with pytest.raises(SdexportError, match="^prompt: expected a text or a list of texts, got int 5"):
         GenerationRequest(prompt=5)
-    assert GenerationRequest(prompt=("a", "b")).prompt == ["a", "b"]
+    assert GenerationRequest(prompt=("a", "b")).batch == 2
 
 
 def test_the_api_checks_requests_too(pipeline):

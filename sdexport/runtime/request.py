@@ -205,9 +205,7 @@ class GenerationRequest:
         # text is not a list of one-letter prompts), one negative or second text for every prompt
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
-        elif isinstance(self.prompt, tuple):
-            self.prompt = list(self.prompt)
-        if not isinstance(self.prompt, list):  # (everything below reads its length)
+        if not isinstance(self.prompt, list | tuple):  # (everything below reads its length)
             raise SdexportError(f"prompt: expected a text or a list of texts, got {type(self.prompt).__name__} "
                                 f"{self.prompt!r}")
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
