@@ -536,6 +536,6 @@ def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
         console.print(f"[yellow]note:[/] {RESULT_FILES[2]} not drawn ({one_line(exc, 200)}): the results are in "
                       f"{RESULT_FILES[0]} and {RESULT_FILES[1]}")
         paths = paths[:2]
-    written = {path.name: sha256_file(path) for path in paths[1:]}
+    written = {path.name: sha256_file(path) for path in paths[1:] if path.is_file()}
     write_json_atomic(paths[0], json_ready(json.loads(json.dumps({**report, "written": written}, default=str))))
     return paths
