@@ -1266,3 +1266,134 @@ def test_the_commit_recorded_is_sdexports_own_not_an_enclosing_repositorys(tmp_p
 
     monkeypatch.setattr(environment.subprocess, "run", status_times_out)
     assert _git_revision(installed) == head + " (changes unknown)"
+
+# From mutation testing round 6
+
+
+@pytest.mark.parametrize("text, message", [
+    ('model = "tiny"\nbuild = { optimization_level = 6 }', "build.optimization_level: 6 is greater than the maximum of 5"),
+    ('model = "tiny"\ncontrolnets = ["tiny-controlnet", "tiny-controlnet"]\ncontrol_mode = [3]',
+     "control_mode: 1 modes for 2 ControlNet(s)"),
+    ('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\ncontrolnets = ["tiny-sdxl-controlnet"]\ninpaint = true',
+     "refiner with controlnets and inpaint: ControlNets on the base model of an ensemble run text to image only"),
+    ('model = "tiny"\nadapter_scale = 1.0', "adapter_scale is a T2I-Adapter setting: add adapter"),
+])
+def test_a_scenario_is_refused_for_what_its_keys_state_not_for_their_values(tmp_path, text, message):
+    """A setting is refused for being there, not for differing from its default (an adapter_scale of
+    1.0 without an adapter is a mistake all the same); fewer union modes than ControlNets would give
+    the others none; an ensemble's ControlNets run text to image only, inpainting as much as
+    img2img; and TensorRT's optimization levels stop at 5."""
+    path = tmp_path / "s.toml"
+    path.write_text(text)
+    with pytest.raises(SdexportError, match=re.escape(message)):
+        load_scenario(path)
+
+
+def test_a_scenario_at_the_edges_of_its_ranges_is_taken(tmp_path):
+    """strength 1 (all noise: an init image's full range) and the largest seed with one image per
+    call are valid, as ``run`` takes them."""
+    from sdexport.runtime.request import MAX_SEED
+
+    path = tmp_path / "s.toml"
+    path.write_text(f'model = "tiny"\nstrength = 1.0\nseed = {MAX_SEED}\nbatch = [1]\n')
+    scenario = load_scenario(path)
+    assert (scenario.strength, scenario.seed) == (1.0, MAX_SEED)
+
+
+def test_the_warmup_and_repeats_given_on_the_command_line_are_the_plans(tmp_path):
+    """``--warmup`` and ``--repeats`` override the scenario's, 0 warm-up runs included (the first
+    timed run is then the first call): each value the options allow is planned as given."""
+    from sdexport.bench.plan import Options, plan_bench
+
+    path = tmp_path / "s.toml"
+    path.write_text('model = "tiny"\nheight = 64\nwidth = 64\nwarmup = 1\nrepeats = 5\n')
+    scenario = load_scenario(path)
+    plan = plan_bench(scenario, Options())
+    assert (plan.warmup, plan.repeats) == (1, 5)
+    for warmup, repeats in ((0, 1), (2, 3)):
+        plan = plan_bench(scenario, Options(warmup=warmup, repeats=repeats))
+        assert (plan.warmup, plan.repeats) == (warmup, repeats)
+
+
+def test_given_engines_without_the_scenarios_controlnet_are_refused(tmp_path, tiny_engine_dir):
+    """The baseline runs diffusers' ControlNet pipeline; engines without the ControlNet would run
+    plain text to image and be compared with it as if they did the same work."""
+    from sdexport.bench.plan import Options, plan_bench
+
+    path = tmp_path / "s.toml"
+    path.write_text('model = "tiny"\nheight = 64\nwidth = 64\ncontrolnets = ["tiny-controlnet"]\n'
+                    'contenders = ["diffusers", "onnxruntime-cpu"]\n')
+    with pytest.raises(SdexportError, match=re.escape("has 0 ControlNet(s), the scenario 1: the baseline and the "
+                                                      "engines must be the same model")):
+        plan_bench(load_scenario(path), Options(engine_dir=tiny_engine_dir))
+
+
+def test_what_a_bench_reads_is_protected_from_its_output_but_its_own_engines_are_not(tmp_path, monkeypatch):
+    """The output folder may replace nothing the run reads: the refiner's checkpoint, the engine
+    cache and given engine directories count as much as the model; engines inside the output being
+    replaced are carried over instead, also when ``-o`` is a relative path."""
+    import dataclasses
+
+    from sdexport.bench.plan import Options, own_engines, plan_bench, protected_paths
+
+    path = tmp_path / "s.toml"
+    path.write_text('model = "tiny"\nheight = 64\nwidth = 64\n')
+    plan = plan_bench(load_scenario(path), Options())
+    refiner = dataclasses.replace(plan.outline, sources=(tmp_path / "refiner",))
+    plan = dataclasses.replace(plan, refiner=refiner)
+    options = Options(engine_dir=tmp_path / "base", refiner_engine_dir=tmp_path / "ref", engine_cache=tmp_path / "cache")
+    protected = protected_paths(plan, options, tmp_path / "out")
+    assert {tmp_path / "refiner", tmp_path / "base", tmp_path / "ref", tmp_path / "cache"} <= set(protected)
+    monkeypatch.chdir(tmp_path)
+    assert own_engines(tmp_path / "out" / "engines" / "tiny", Path("out"))
+    assert not own_engines(tmp_path / "elsewhere" / "engines" / "tiny", Path("out"))
+    own = Options(engine_dir=tmp_path / "out" / "engines" / "tiny")
+    assert tmp_path / "out" / "engines" / "tiny" not in protected_paths(plan, own, Path("out"))
+
+
+def test_each_image_of_a_case_has_its_own_seed():
+    """A case of batch N draws images seed, seed + 1, ... (as ``run --seed`` numbers them, and as the
+    scenario's seed range is checked): N copies of one seed would time a batch of one image."""
+    from sdexport.bench.plan import request_for
+    from sdexport.bench.scenario import Case, Scenario
+
+    request = request_for(Scenario(name="s", model="tiny", seed=7, height=64, width=64), Case(3, 2))
+    assert request.seeds == [7, 8, 9] and request.steps == 2 and len(request.prompt) == 3
+
+
+def test_the_bench_exports_for_the_scenarios_batches_and_size_or_its_export_ranges():
+    """The export spans the scenario's batches, no smaller (a wider profile is another export, and
+    another engine cache entry, than the scenario needs), or the ranges its [export] table gives."""
+    from sdexport.bench.plan import bench_export_profile
+    from sdexport.bench.scenario import Scenario
+    from sdexport.shapes import ShapeProfile
+
+    scenario = Scenario(name="s", model="tiny", batch=[2, 4], height=64, width=128)
+    assert bench_export_profile(scenario) == ShapeProfile((2, 4, 4), (64, 64, 64), (128, 128, 128))
+    scenario.export = {"batch": "1:2:4", "height": "64:64:128"}
+    assert bench_export_profile(scenario) == ShapeProfile((1, 2, 4), (64, 64, 128), (128, 128, 128))
+
+
+def test_given_fp16_engines_are_refused_for_a_scenario_that_names_fp32(tmp_path, tiny_fp16_engine_dir):
+    """The baselines run in the precision the engines were exported in: a scenario that names fp32
+    would have its fp32 figures reported for an fp16 run, whichever precision it names."""
+    from sdexport.bench.plan import Options, plan_bench
+
+    path = tmp_path / "s.toml"
+    path.write_text('model = "tiny"\nheight = 64\nwidth = 64\ndtype = "fp32"\ncontenders = ["diffusers"]\n')
+    with pytest.raises(SdexportError, match="is an fp16 export, and the scenario's dtype is fp32"):
+        plan_bench(load_scenario(path), Options(engine_dir=tiny_fp16_engine_dir))
+    path.write_text('model = "tiny"\nheight = 64\nwidth = 64\ndtype = "fp16"\ncontenders = ["diffusers"]\n')
+    assert plan_bench(load_scenario(path), Options(engine_dir=tiny_fp16_engine_dir)).dtype == "fp16"
+
+
+def test_the_slow_unet_hook_takes_zero_seconds_and_names_only_runtime_contenders(monkeypatch):
+    """0 is in the hook's range (a gate's control run, slowed by nothing); a baseline is not slowed
+    (its U-Net is diffusers', not sdexport's)."""
+    from sdexport.bench.plan import slow_unet_hook
+
+    monkeypatch.setenv("SDEXPORT_TEST_SLOW_UNET", "torch=0, onnxruntime-cpu=60")
+    assert slow_unet_hook(["diffusers", "torch", "onnxruntime-cpu"]) == {"torch": 0.0, "onnxruntime-cpu": 60.0}
+    monkeypatch.setenv("SDEXPORT_TEST_SLOW_UNET", "diffusers=0.1")
+    with pytest.raises(SdexportError, match="'diffusers' is not a runtime contender of this benchmark"):
+        slow_unet_hook(["diffusers", "torch"])

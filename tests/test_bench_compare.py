@@ -857,3 +857,17 @@ def test_agreement_exactly_at_the_floor_passes():
     row = Row("x", 1, 10, "no change")
     _agreement(row, {}, {"psnr_db": 30.0, "baseline": "diffusers"}, Gate(min_psnr=30.0))
     assert row.status == "no change"
+
+
+# From mutation testing round 6
+
+
+def test_every_setting_a_scenario_states_besides_its_cases_and_counts_is_a_workload_field():
+    """``bench compare`` refuses reports whose workloads differ, field by field: a scenario key left
+    out of ``WORKLOAD_FIELDS`` (a refiner's denoising_end, say) would let it compare runs that did
+    different work as if one had become slower or faster."""
+    from sdexport.bench.scenario import WORKLOAD_FIELDS, Scenario
+
+    measuring = {"name", "description", "batch", "steps", "warmup", "repeats", "contenders"}
+    assert set(WORKLOAD_FIELDS) == set(Scenario.__dataclass_fields__) - measuring
+    assert len(WORKLOAD_FIELDS) == len(set(WORKLOAD_FIELDS))

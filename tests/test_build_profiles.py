@@ -89,3 +89,16 @@ def test_static_of_a_request_outside_the_export_is_refused():
     requested = ShapeProfile(batch=(1, 1, 4), height=(64, 512, 512), width=(64, 128, 256))
     with pytest.raises(ProfileError, match="height"):
         build_profile(EXPORTED, requested, DIMS, static=True)
+
+
+# From mutation testing round 6
+
+
+def test_static_collapses_a_requested_profile_to_its_opt_point():
+    """``--static`` with ``--batch``/``--height``/``--width``/``--prompt-chunks`` builds the one shape
+    the user asked for as opt, on every axis: a dynamic plan keyed as static would be reused where a
+    static one was meant, and one chunk would cut the prompts the user asked to read whole."""
+    exported = ShapeProfile(batch=(1, 1, 4), height=(64, 128, 256), width=(64, 128, 256), chunks=(1, 1, 3))
+    requested = ShapeProfile(batch=(1, 2, 4), height=(64, 192, 256), width=(64, 128, 256), chunks=(1, 2, 3))
+    assert build_profile(exported, requested, DIMS, static=True) == ShapeProfile(
+        batch=(2, 2, 2), height=(192, 192, 192), width=(128, 128, 128), chunks=(2, 2, 2))

@@ -296,3 +296,46 @@ def test_inconsistent_scheduler_configs_are_refused(engine_copy: Path, change, m
     path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
     _rehash(engine_copy, "scheduler/scheduler_config.json")
     _refused_everywhere(engine_copy, message, capsys)
+
+
+# From mutation testing round 6
+
+
+def test_a_windows_path_in_the_manifest_is_refused_as_not_plain(engine_copy: Path, outside: Path, capsys):
+    """A backslash is a separator on Windows: ``unet\\..\\..\\x`` would leave the directory there,
+    so it is refused on every system, as ``..`` is (a manifest travels with its directory)."""
+    rel = "unet\\..\\..\\outside\\secret.onnx"
+
+    def point_outside(data: dict[str, Any]) -> None:
+        data["components"]["unet"]["onnx"] = rel
+        data["files"][rel] = sha256_file(outside)
+
+    _edit(engine_copy, point_outside)
+    _refused_everywhere(engine_copy, "not a plain path inside the engine directory", capsys)
+
+
+def test_a_component_the_directory_lacks_is_refused_by_name(tiny_engine_dir: Path):
+    """``build --components unet,unte`` says which name it does not know, and builds nothing: left
+    out silently, a typo would leave a part unbuilt and the run to find it missing."""
+    from sdexport.errors import SdexportError
+    from sdexport.manifest import select_specs
+
+    manifest = load_manifest(tiny_engine_dir, verify_files=False)
+    assert [s.name for s in select_specs(manifest, ["vae_decoder", "unet"])] == ["unet", "vae_decoder"]
+    with pytest.raises(SdexportError, match="unknown or unexported component\\(s\\) unte, controlnet_0; this directory has"):
+        select_specs(manifest, ["unet", "unte", "controlnet_0"])
+
+
+def test_a_scheduler_config_may_hold_either_infinity_but_a_manifest_neither():
+    """diffusers saves scheduler configs with Python's json, which writes an infinite float as
+    ``Infinity`` or ``-Infinity``: both read as floats there (NaN never), and in no other file
+    sdexport reads."""
+    import math
+
+    from sdexport.manifest import strict_json
+
+    config = strict_json('{"upper": Infinity, "lambda_min_clipped": -Infinity}', infinity=True)
+    assert config == {"upper": math.inf, "lambda_min_clipped": -math.inf}
+    for text, infinity in (('{"a": NaN}', True), ('{"a": Infinity}', False), ('{"a": -Infinity}', False)):
+        with pytest.raises(ValueError, match="is not a JSON number"):
+            strict_json(text, infinity=infinity)

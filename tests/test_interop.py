@@ -678,3 +678,127 @@ def test_export_force_never_replaces_a_directory_adopted_with_its_model(foreign_
     assert "`sdexport adopt` gave a manifest: its files are not sdexport's" in " ".join(capsys.readouterr().err.split())
     assert (foreign_export / "manifest.json").read_bytes() == manifest
     assert load_manifest(foreign_export).model["source"]["adopted_from"]
+
+
+# From mutation testing round 6
+
+
+def test_the_reexport_command_names_everything_the_manifest_recorded():
+    """The command a format-1 refusal gives writes the same directory again: the source as the user
+    named it, every axis of the profile (a missing --width re-exports the default sizes), the
+    architecture, VAE and seed of the weights, and the components it had."""
+    from sdexport.manifest import reexport_command
+
+    data = {"model": {"source": {"argument": "my model", "name": "tiny", "path": "/elsewhere", "config": "sd15",
+                                 "vae": "vae-dir", "seed": 3}},
+            "dtype": "fp16", "profile": {"batch": [1, 1, 2], "height": [64, 128, 256], "width": [64, 96, 128]},
+            "components": {"text_encoder": {}, "unet": {}, "vae_decoder": {}}}
+    assert reexport_command(Path("/engines/sd"), data) == (
+        "sdexport export 'my model' -o /engines/sd --force --dtype fp16 --batch 1:1:2 --height 64:128:256 "
+        "--width 64:96:128 --config sd15 --vae vae-dir --seed 3 --components text_encoder,unet,vae_decoder")
+
+
+def test_adopt_refuses_a_directory_whose_manifest_is_a_dangling_link(foreign_export: Path, tmp_path: Path, capsys):
+    """A manifest.json that is a link to nothing is still someone's manifest (a directory being
+    copied, a moved target): adopt refuses it as any manifest, and leaves the link as it was."""
+    (foreign_export / "manifest.json").symlink_to(tmp_path / "gone.json")
+    assert run_cli("adopt", foreign_export) == 2
+    assert "already has a manifest.json" in " ".join(capsys.readouterr().err.split())
+    assert (foreign_export / "manifest.json").is_symlink() and not (tmp_path / "gone.json").exists()
+
+
+def test_adopt_force_replaces_a_manifest_adopt_wrote_with_the_model_but_never_through_a_link(
+        foreign_export: Path, tmp_path: Path, capsys):
+    """``adopt --model`` records the model as the source (``adopted_from`` beside it, not ``onnx``):
+    still adopt's own manifest, which ``--force`` replaces. A manifest.json that links to an adopted
+    manifest elsewhere is not this directory's, and is refused."""
+    assert run_cli("adopt", foreign_export, "--model", "tiny") == 0
+    assert run_cli("adopt", foreign_export, "--force") == 0
+    elsewhere = tmp_path / "adopted.json"
+    (foreign_export / "manifest.json").rename(elsewhere)
+    (foreign_export / "manifest.json").symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    capsys.readouterr()
+    assert run_cli("adopt", foreign_export, "--force") == 2
+    assert "not a manifest `sdexport adopt` wrote; refusing to replace it" in capsys.readouterr().err
+    assert (foreign_export / "manifest.json").is_symlink() and elsewhere.read_bytes() == before
+
+
+def test_adopt_takes_a_model_index_that_names_no_scheduler(foreign_export: Path):
+    """The scheduler class is compared only where model_index.json names one: without it, the
+    saved scheduler config is what both diffusers and the runtime read."""
+    index = json.loads((foreign_export / "model_index.json").read_text())
+    del index["scheduler"]
+    (foreign_export / "model_index.json").write_text(json.dumps(index))
+    assert run_cli("adopt", foreign_export) == 0
+
+
+def test_adopt_refuses_a_u_net_conditioned_on_more_than_the_latents_other_than_inpainting(
+        foreign_export: Path, capsys):
+    """A U-Net of twice the latent channels (instruct-pix2pix's image conditioning) is neither text
+    to image nor inpainting (2 × 4 + 1): refused for what it is, before any graph is read."""
+    config = json.loads((foreign_export / "unet" / "config.json").read_text())
+    (foreign_export / "unet" / "config.json").write_text(json.dumps({**config, "in_channels": 8}))
+    assert run_cli("adopt", foreign_export) == 2
+    assert ("the U-Net takes 8 channels and the VAE makes 4: a conditioned U-Net other than inpainting (9)"
+            in " ".join(capsys.readouterr().err.split()))
+
+
+@pytest.mark.parametrize(("file", "key", "words"), [
+    ("tokenizer/tokenizer_config.json", "model_max_length", "model_max_length True is not a sequence length"),
+    ("vae_decoder/config.json", "scaling_factor", "scaling_factor True is not a positive number"),
+])
+def test_adopt_refuses_a_true_where_a_config_needs_a_number(foreign_export: Path, capsys, file: str, key: str,
+                                                            words: str):
+    """JSON's true is Python's 1: read as a number it would give a text length of one token, or a
+    latent scale of 1, and the graphs would pass their checks with it."""
+    config = json.loads((foreign_export / file).read_text())
+    (foreign_export / file).write_text(json.dumps({**config, key: True}))
+    assert run_cli("adopt", foreign_export) == 2
+    assert words in " ".join(capsys.readouterr().err.split())
+    assert not (foreign_export / "manifest.json").exists()
+
+
+def test_an_adopted_v_prediction_model_keeps_its_prediction_type(foreign_export: Path):
+    """SD 2.x's 768 models predict v: the scheduler config says so, and the manifest the runtime
+    samples by must too (read as epsilon, every image is noise)."""
+    from sdexport.manifest import load_manifest
+
+    path = foreign_export / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "prediction_type": "v_prediction"}))
+    assert run_cli("adopt", foreign_export) == 0
+    assert load_manifest(foreign_export).prediction_type == "v_prediction"
+
+
+def test_a_forced_adoption_keeps_a_built_file_changed_since(tmp_path: Path):
+    """Only a file that still matches the sha256 the old manifest recorded is sdexport's to remove:
+    one replaced since (the user's own plan, a copy) stays."""
+    from sdexport.export.adopt import _built_files, _remove_forgotten
+    from sdexport.manifest import sha256_file
+
+    plan = tmp_path / "unet" / "0123.plan"
+    plan.parent.mkdir()
+    plan.write_bytes(b"plan")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "files": {"unet/0123.plan": sha256_file(plan)},
+        "components": {"unet": {"engines": {"k": {"path": "unet/0123.plan"}}}}}))
+    built = _built_files(tmp_path)
+    plan.write_bytes(b"the user's own plan")
+    _remove_forgotten(tmp_path, built, {})
+    assert plan.read_bytes() == b"the user's own plan"
+
+
+def test_adopt_reads_no_weight_file_named_through_a_windows_path(foreign_export: Path, capsys):
+    """``..\\secret`` is a file beside the graph here and the folder's parent's file on Windows,
+    where the directory may be adopted too: refused as any location that is not a plain name."""
+    def outside(graph) -> None:
+        init = graph.initializer[0]
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        entry = init.external_data.add()
+        entry.key, entry.value = "location", "..\\secret"
+
+    _edit_graph(foreign_export / "unet" / "model.onnx", outside)
+    assert run_cli("adopt", foreign_export) == 2
+    assert "keeps weights in '..\\\\secret', not a file beside it" in capsys.readouterr().err
+    assert not (foreign_export / "manifest.json").exists()

@@ -281,3 +281,59 @@ def test_run_loads_engines_for_its_prompts_chunks(tiny_engine_dir, monkeypatch):
     load_pipeline(tiny_engine_dir, "onnxruntime-cpu", request_profile=wanted, requests=[REQUEST],
                   read_chunks=(1, "asked to read one"))  # (the long prompt, read cut: the engines need one)
     assert [p.chunks for p in seen] == [(2, 2, 2), (1, 1, 1), (1, 1, 1)]
+
+
+# From mutation testing round 6
+
+
+def test_a_full_chunk_wraps_at_a_comma_exactly_the_backtrack_limit_back(tok):
+    """A1111 moves the words after the last comma when the comma and they are at most
+    ``COMMA_BACKTRACK`` tokens: at exactly that many they move, one more and they stay."""
+    at_limit = "a " * (75 - COMMA_BACKTRACK) + ", " + "a " * (COMMA_BACKTRACK + 1)  # 20 from the comma on
+    assert _chunk_sizes(at_limit, tok) == [76 - COMMA_BACKTRACK, COMMA_BACKTRACK + 1]
+    beyond = "a " * (74 - COMMA_BACKTRACK) + ", " + "a " * (COMMA_BACKTRACK + 2)  # 21 from the comma on
+    assert _chunk_sizes(beyond, tok) == [75, 2]
+
+
+def test_a_comma_before_break_does_not_wrap_the_chunk_after_it(tok):
+    """``BREAK`` starts a chunk with no comma in it: a comma of the chunk before would wrap the
+    next one at a place it does not have, moving words to a third chunk."""
+    text = "a " * 60 + ", a BREAK " + "a " * 76
+    assert _chunk_sizes(text, tok, "original") == [62, 75, 1]
+
+
+def test_a_word_of_more_vectors_than_a_chunk_holds_is_read_from_its_first_75(tok):
+    """A textual inversion word of more vectors than one chunk holds keeps its first 75 there (A1111
+    cuts it as well): no chunk holds more than the encoder reads, and none is left empty before it."""
+    import copy
+
+    words = copy.deepcopy(tok)
+    words.add_tokens(["longword", *(f"longword_{i}" for i in range(1, 80))])
+    assert _chunk_sizes("longword", words) == [75]
+    assert _chunk_sizes("a longword", words) == [1, 75]
+
+
+def test_the_engines_read_as_many_chunks_as_the_longest_text_a_call_reads(tok):
+    """Engines are loaded for the request's longest text, a negative prompt under guidance included:
+    sized for a shorter one, they would cut the longer text. Negatives a call does not read (no
+    guidance) do not count."""
+    from sdexport.runtime.prompt_text import longest_chunks
+
+    tokenizers = {"prompt": tok, "negative_prompt": tok}
+    request = GenerationRequest(prompt=["a cat", "a " * 100], steps=2, seeds=[3, 4], height=64, width=64)
+    assert longest_chunks(request, tokenizers, 77, limit=3) == 2
+    negative = dataclasses.replace(request, prompt=["a cat"], seeds=[3], negative_prompt=["a " * 160])
+    assert longest_chunks(negative, tokenizers, 77, limit=3) == 3
+    assert longest_chunks(negative, tokenizers, 77, limit=2) == 2
+    assert longest_chunks(dataclasses.replace(negative, guidance=1.0), tokenizers, 77, limit=3) == 1
+
+
+def test_a_break_between_runs_read_whole_is_kept_in_the_text_recorded(tok):
+    """The text recorded as read (``kept_text``) reads the same chunks again: a ``BREAK`` before a
+    run kept whole stays in it, else the record would run that run into the chunk before."""
+    text = "a BREAK b (" + "c " * 100 + ")"
+    kept = kept_text(text, tok, 77, "original", limit=2)
+    assert kept is not None and kept.startswith("a BREAK b")
+    whole = token_ids([text], tok, 77, "original", limit=2)
+    again = token_ids([kept], tok, 77, "original", limit=2)
+    assert all(torch.equal(a, b) for a, b in zip(whole, again))

@@ -740,3 +740,19 @@ def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_s
         pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(shape).numpy()))
     with pytest.raises(SdexportError, match="^init_latents hold NaN or infinite values"):
         pipeline.check(dataclasses.replace(request, init_latents=torch.full(shape, float("nan"))))
+
+
+# From mutation testing round 6
+
+
+def test_adopt_refuses_a_refiner_export_without_its_vae_encoder(refiner_dir, tmp_path, capsys):
+    """The refiner's one task starts from an image: an export of it without the VAE encoder adopts
+    as a directory nothing can run, found only when the first run loads it."""
+    foreign = tmp_path / "optimum-export"
+    shutil.copytree(refiner_dir, foreign)
+    (foreign / "manifest.json").unlink()
+    shutil.rmtree(foreign / "vae_encoder")
+    assert run_cli("adopt", foreign) == 2
+    assert ("no vae_encoder/model.onnx; the SDXL refiner (img2img, inpainting) needs them"
+            in " ".join(capsys.readouterr().err.split()))
+    assert not (foreign / "manifest.json").exists()

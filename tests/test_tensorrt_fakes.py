@@ -1051,3 +1051,29 @@ def test_a_profile_of_one_shape_is_keyed_static_as_static_builds_are(tiny_engine
     assert first.status == "built" and first.key.static
     (again,) = tensorrt_build.build_engines(directory, components=["unet"], static=True)
     assert again.status == "cached" and len(recorder.builds) == 1
+
+
+# From mutation testing round 6
+
+
+def test_the_fallback_vae_is_held_to_its_parts_plan_whatever_order_the_names_come_in(trt, tiny_fp16_engine_dir,
+                                                                                     tmp_path, monkeypatch):
+    """The fp32 rerun of an fp16 overflow must serve every shape its part's plan serves: chosen
+    before that part (the names in another order), it would be chosen for no shapes at all and
+    fail the first call its narrower plan does not cover."""
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.plan_choice import choose_plans
+
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    exported = load_manifest(directory, verify_files=False).shape_profile
+    low = exported.height[0]
+    tensorrt_build.build_engines(directory, components=["vae_decoder_fp32"],
+                                 profile=exported.with_ranges(height=f"{low}:{low}:{low}"))
+    (built,) = tensorrt_build.build_engines(directory, components=["vae_decoder"])  # the export's whole profile
+    manifest = load_manifest(directory, verify_files=False)
+    here = {"tensorrt_version": built.key.tensorrt_version, "gpu_name": built.key.gpu_name,
+            "compute_capability": built.key.compute_capability}
+    fallback = {"vae_decoder_fp32": "vae_decoder"}
+    for names in (["vae_decoder", "vae_decoder_fp32"], ["vae_decoder_fp32", "vae_decoder"]):
+        assert list(choose_plans(directory, manifest, names, fallback, **here)) == ["vae_decoder"], names
