@@ -242,6 +242,20 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
 
 
+def test_a_float8_lora_is_read(tiny_engine_dir, tmp_path):
+    """A LoRA saved in float8 runs as before the check for NaN values (torch has no isfinite for
+    float8_e4m3fn: it is asked of the float32 values)."""
+    fp8 = tmp_path / "fp8.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight":
+               torch.randn(4, 32).to(torch.float8_e4m3fn),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight":
+               torch.randn(32, 4).to(torch.float8_e4m3fn)}, str(fp8))
+    from sdexport.models.lora import read_updates
+
+    assert [u.module for u in read_updates(LoraFile(fp8), "sd")] == [
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+
+
 @pytest.mark.parametrize(
     ("command", "file", "message"),
     [

@@ -230,8 +230,8 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
                 alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
             alpha = float(rank if alpha is None else alpha)
             scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-            if not (math.isfinite(scaling) and bool(down.isfinite().all()) and bool(up.isfinite().all())):
-                # (checked here, in the file's own dtype: the NaN images were found after the whole run)
+            # (checked here, as float32: torch has no isfinite for float8 files; NaN images came after the whole run)
+            if not (math.isfinite(scaling) and bool(down.float().isfinite().all()) and bool(up.float().isfinite().all())):
                 raise SdexportError(f"--lora {lora.path}: {prefix}.{module} holds NaN or infinite values (a damaged "
                                     "file, or a training that diverged)")
             updates.append(LoraUpdate(prefix, module, down, up, lora.scale * scaling))
