@@ -1095,7 +1095,7 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         takes_init_images,
     )
     from sdexport.runtime.request import check_backend
-    from sdexport.serving.triton_model import ServeSettings
+    from sdexport.serving.triton_model import MAX_STEPS, ServeSettings
 
     check_backend(backend)
     _check_graph_flags(backend, cuda_graph, portable_graphs)
@@ -1109,8 +1109,10 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
     manifest = load_manifest(engine_dir, verify_files=False)
     trained = int(read_scheduler_config(engine_dir, manifest).get("num_train_timesteps") or 0)
     if trained and max_steps > trained:  # a limit no request can reach (the model refuses more): said now
-        raise SdexportError(f"--max-steps {max_steps}: the model was trained on {trained} timesteps, so no request "
-                            f"can take more than {trained} steps; pass --max-steps {trained} or less")
+        if max_steps != MAX_STEPS:  # (the default, for a model trained on fewer timesteps: theirs)
+            raise SdexportError(f"--max-steps {max_steps}: the model was trained on {trained} timesteps, so no "
+                                f"request can take more steps than that; pass --max-steps {trained} or less")
+        max_steps = trained
     paired = Refiner.open(refiner, engine_dir, manifest) if refiner is not None else None
     graphs = "portable" if portable_graphs else "auto"
     # absolute, links and '..' kept as the filesystem reads them (a link with an ASCII name is how a

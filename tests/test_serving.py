@@ -1209,8 +1209,10 @@ def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(t
     only logs a warning, and `serve` used to exit 0 as after a clean stop."""
     running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--drain-timeout", "1", "--max-steps", "1000")
     try:
-        result = _sigterm_with_a_request_in_flight(running, 1000)  # (the most the model takes: seconds here)
-        assert "error" in result, result  # dropped: no image
+        # 999: what the model takes at most (1000 reach timestep 1000 with its steps_offset, refused
+        # at once); seconds here
+        result = _sigterm_with_a_request_in_flight(running, 999)
+        assert "error" in result and "steps 999" not in str(result["error"]), result  # dropped: no image
         assert running.process.wait(90) not in (0, 130)
         errors = [line for line in running.log.read_text().splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "requests still in flight when it stopped were dropped" in errors[0], errors
@@ -1344,15 +1346,22 @@ def test_triton_repo_refuses_its_output_before_the_engines_are_checked(tiny_engi
     assert (tmp_path / "notes.txt").read_text() == (tmp_path / "mine" / "a.txt").read_text() == "mine"
 
 
-def test_a_step_limit_past_what_the_model_takes_is_refused(tiny_engine_dir, tmp_path, capsys):
+def test_a_step_limit_past_what_the_model_takes_is_refused(tiny_engine_dir, tmp_path, capsys, monkeypatch):
     """The model refuses more steps than its training timesteps (the tiny one's 1000) whatever the
     server allows: a larger --max-steps is a limit no request can reach (a typo), said before serving."""
     for command in (["serve"], ["triton-repo", "-o", tmp_path / "repo"]):
         assert run_cli(command[0], tiny_engine_dir, *command[1:], "--max-steps", "1001") == 2
         assert capsys.readouterr().err.strip() == (
-            "error: --max-steps 1001: the model was trained on 1000 timesteps, so no request can take more than "
-            "1000 steps; pass --max-steps 1000 or less")
+            "error: --max-steps 1001: the model was trained on 1000 timesteps, so no request can take more steps "
+            "than that; pass --max-steps 1000 or less")
     assert not (tmp_path / "repo").exists()
+    # the default (200), for a model trained on fewer timesteps, is theirs rather than refused
+    from sdexport import manifest
+
+    real = manifest.read_scheduler_config
+    monkeypatch.setattr(manifest, "read_scheduler_config", lambda *a: {**real(*a), "num_train_timesteps": 100})
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo") == 0
+    assert 'key: "max_steps" value: { string_value: "100" }' in (tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text()
 
 
 def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):
