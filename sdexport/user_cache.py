@@ -16,16 +16,17 @@ ENVIRONMENT = "SDEXPORT_CACHE_DIR"
 
 
 def user_cache() -> Path | None:
-    own = os.environ.get(ENVIRONMENT)
-    if own:
-        from sdexport.output_dir import refuse_inside_engine_dir
+    from sdexport.output_dir import refuse_inside_engine_dir
 
-        refuse_inside_engine_dir(Path(own) / "hashes", f"{ENVIRONMENT}={own}")  # (the directory itself too)
-        return Path(own).absolute()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    if xdg and os.path.isabs(xdg):
-        return Path(xdg) / "sdexport"
-    try:
-        return Path.home() / ".cache" / "sdexport"
-    except RuntimeError:  # no HOME and no passwd entry
-        return None
+    own, xdg = os.environ.get(ENVIRONMENT), os.environ.get("XDG_CACHE_HOME")
+    if own:
+        root, said = Path(own).absolute(), f"{ENVIRONMENT}={own}"
+    elif xdg and os.path.isabs(xdg):
+        root, said = Path(xdg) / "sdexport", f"XDG_CACHE_HOME={xdg} (sdexport's cache: {Path(xdg) / 'sdexport'})"
+    else:
+        try:
+            root, said = Path.home() / ".cache" / "sdexport", "the cache folder ~/.cache/sdexport"
+        except RuntimeError:  # no HOME and no passwd entry
+            return None
+    refuse_inside_engine_dir(root / "hashes", said)  # (the directory itself too)
+    return root

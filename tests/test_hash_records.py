@@ -139,18 +139,19 @@ def test_a_cache_that_cannot_be_written_is_said_once(tmp_path: Path, engine_copy
     assert "so every check hashes the engine files again; set SDEXPORT_CACHE_DIR to a writable folder" in err
 
 
-@pytest.mark.parametrize("inside", ["", "unet"])
-def test_a_cache_inside_an_engine_directory_is_refused(engine_copy: Path, monkeypatch, capsys, inside):
+@pytest.mark.parametrize("variable, inside", [("SDEXPORT_CACHE_DIR", ""), ("SDEXPORT_CACHE_DIR", "unet"),
+                                             ("XDG_CACHE_HOME", "unet")])
+def test_a_cache_inside_an_engine_directory_is_refused(engine_copy: Path, monkeypatch, capsys, variable, inside):
     """The records would be files its manifest does not list, written into it by a run (and
-    ``export --force`` then refuses it): refused in one line, nothing written."""
-    from sdexport import user_cache
-
+    ``export --force`` then refuses it): refused in one line, nothing written, whichever variable
+    put the cache there."""
     before = sorted(engine_copy.rglob("*"))
-    monkeypatch.setenv(user_cache.ENVIRONMENT, str(engine_copy / inside))
+    monkeypatch.delenv("SDEXPORT_CACHE_DIR", raising=False)
+    monkeypatch.setenv(variable, str(engine_copy / inside))
     assert run_cli("inspect", engine_copy) == 2
     err = capsys.readouterr().err
-    assert f"error: SDEXPORT_CACHE_DIR={engine_copy / inside}: inside the engine directory {engine_copy}" in " ".join(
-        err.split()) and len(err.strip().splitlines()) == 1
+    assert f"error: {variable}={engine_copy / inside}" in " ".join(err.split()) and len(err.strip().splitlines()) == 1
+    assert f"inside the engine directory {engine_copy}" in " ".join(err.split())
     assert sorted(engine_copy.rglob("*")) == before
 
 
