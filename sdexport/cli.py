@@ -630,7 +630,7 @@ def run(
                       f"{seed + request.batch - 1}) {same}", soft_wrap=True)
     _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
-              inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble)
+              inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble, whole=request)
 
 
 def _written(paths: list[Path], count: int) -> str:
@@ -828,11 +828,13 @@ def _generate(
     engine_dir: Path, backend: str, parts: list[GenerationRequest], output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
     per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None, ensemble: Ensemble | None = None,
+    whole: GenerationRequest | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise each part of the
     request (one call of the engines each), save the images under one numbering. ``inputs``: what
     every image records of the inputs; ``per_image``: what each records of its own, in order.
-    ``ensemble``: each part's latents go on to the refiner, whose images are saved."""
+    ``ensemble``: each part's latents go on to the refiner, whose images are saved. ``whole``: the
+    request the parts were cut from, whose long texts are warned of first, by the run's numbers."""
     from dataclasses import replace
 
     from sdexport import stopping
@@ -861,6 +863,8 @@ def _generate(
             check_loaded(refining, refine_part)
     for part in parts:
         pipeline.check(part)
+    if whole is not None and len(parts) > 1:
+        pipeline.truncations(whole)  # (the parts' own warnings then say nothing more)
     paths = output_paths(output, sum(part.batch for part in parts))
     saved = 0
     for k, part in enumerate(parts):

@@ -289,7 +289,10 @@ def test_a_truncated_prompt_is_announced_and_recorded(tiny_engine_dir, tmp_path,
     # one text for 6 images in 3 calls (the profile takes 2 at most): said once, naming the images, each recorded
     assert run_cli("run", tiny_engine_dir, "-p", long, "--batch", "6", "--steps", "1", "-o", out) == 0
     err = " ".join(capsys.readouterr().err.split())
-    assert err.count(" longer than ") == 1 and "warning: prompts 1, 2 (the same text) are longer than" in err
+    assert err.count(" longer than ") == 1 and "warning: prompts 1-6 (the same text) are longer than" in err
+    from sdexport.runtime.txt2img import spans
+
+    assert spans([1, 2, 3, 5, 7, 8]) == "1-3, 5, 7, 8" and spans([4]) == "4"
     assert all(json.loads(Image.open(tmp_path / f"long-{i}.png").text["sdexport"])["truncated_from"] == {"prompt": long}
                for i in range(6))
 

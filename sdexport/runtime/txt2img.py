@@ -621,8 +621,10 @@ class Txt2ImgPipeline:
 
         Tokenizers cut silently at ``dims.S`` tokens (77 for CLIP), and the engines read at most
         ``prompt_chunks`` chunks of S - 2; the user should hear it, and the saved image should record
-        the text that was used, not the text that was given. One text given for several images (a
-        batch, or the parts ``sdexport run`` splits it into) is warned of once.
+        the text that was used, not the text that was given. One text given for several images is
+        warned of once, naming them; once warned of, not again by this pipeline (``sdexport run``
+        asks of the whole run first, so the images are named by the run's numbers, then calls the
+        engines in parts).
         """
         tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
         found: dict[str, list[str | None]] = {}
@@ -640,7 +642,7 @@ class Txt2ImgPipeline:
                     self._warned.clear()
                 self._warned.add((name, text))
                 which = (f"{name.replace('_', ' ')} {numbers[0]} is" if len(numbers) == 1 else
-                         f"{name.replace('_', ' ')}s {', '.join(map(str, numbers))} (the same text) are")
+                         f"{name.replace('_', ' ')}s {spans(numbers)} (the same text) are")
                 used = kept[numbers[0] - 1]
                 console.print(f"[yellow]warning:[/] {which} longer than {self.reads}; "
                               f"{'they read' if self.prompt_chunks > 1 else 'it reads'} only: {escape(repr(used))}")
@@ -1127,6 +1129,17 @@ class Txt2ImgPipeline:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def spans(numbers: list[int]) -> str:
+    """Ascending whole numbers as runs, as a reader counts them: [1, 2, 3, 5] is "1-3, 5"."""
+    runs: list[list[int]] = []
+    for number in numbers:
+        if runs and number == runs[-1][-1] + 1:
+            runs[-1].append(number)
+        else:
+            runs.append([number])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)) for run in runs)
 
 
 def lowered_overflow(info: dict[str, Any], part: str) -> str:
