@@ -125,6 +125,16 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
     with pytest.raises(SdexportError, match=r"^close\(\) inside a call of this pipeline"):
         inner(request, on_step=lambda done, total: inner.close())
     assert not inner.closed  # (still usable: the refusal closed nothing)
+    # a bounded wait: a call held up (here by its on_step) outlasts it, and the engines are kept
+    held, release = threading.Event(), threading.Event()
+    worker = threading.Thread(target=lambda: inner(request, on_step=lambda done, total: held.set() or release.wait(60)))
+    worker.start()
+    assert held.wait(60)
+    with pytest.raises(SdexportError, match=r"^close\(\): a call of this pipeline still runs after 0.2 s; its engines"):
+        inner.close(timeout=0.2)
+    release.set()
+    worker.join(60)
+    inner.close()  # now released, once; again: nothing more to do
     inner.close()
 
 

@@ -362,6 +362,8 @@ class Txt2ImgPipeline:
         self._calls: Counter[int] = Counter()
         """The threads inside a call now (one each time it is in one): ``close`` waits for them."""
         self._settled = threading.Condition()
+        self._released = False
+        """The engines were released (by the first ``close`` to get there: two closers release once)."""
         self._warned: set[tuple[str, str]] = set()
         """(field, text) of the long texts already warned of (``truncations``): said once, not per call."""
         self.device = engines["unet"].device
@@ -1107,17 +1109,24 @@ class Txt2ImgPipeline:
 
     # -- lifetime ---------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         """Release every engine's device memory now (TensorRT contexts, ORT sessions, modules), once
         the calls in flight in other threads have ended: one released under a running call failed it
         with an AttributeError (ONNX Runtime), and would free device memory a TensorRT context was
-        still running on. A call made after ``close`` is refused."""
+        still running on. A call made after ``close`` is refused. ``timeout``: the seconds to wait
+        for those calls (None: as long as they take; an ``on_step`` that waits on the closing thread
+        would never end), after which the engines are kept and this says so."""
         with self._settled:
             if threading.get_ident() in self._calls:  # (it would wait for itself)
                 raise SdexportError("close() inside a call of this pipeline (an on_step callback?): close it after "
                                     "the call returns")
             self.closed = True
-            self._settled.wait_for(lambda: not self._calls)
+            if not self._settled.wait_for(lambda: not self._calls, timeout):
+                raise SdexportError(f"close(): a call of this pipeline still runs after {timeout:g} s; its engines are "
+                                    "kept (close again once it has returned)")
+            if self._released:
+                return
+            self._released = True
         engines = (*self.engines.values(), self.fallback_vae, self.fallback_encoder)
         for engine in {id(e): e for e in engines if e is not None}.values():
             close = getattr(engine, "close", None)
