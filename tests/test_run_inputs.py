@@ -141,7 +141,13 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
 def test_the_api_refuses_arguments_of_the_wrong_kind_in_one_line(tiny_engine_dir):
     """Each gave a raw AttributeError, TypeError or ValueError; split(-1) gave no part at all (a
     caller looping over the parts generated nothing)."""
-    for loras, shown in ((["x.safetensors"], "str 'x.safetensors'"), ("x.safetensors", "str 'x.safetensors'")):
+    from sdexport.models.lora import LoraFile
+
+    one = LoraFile.__new__(LoraFile)  # (a LoraFile without a file behind it: refused before it is read)
+    object.__setattr__(one, "path", Path("x.safetensors"))
+    object.__setattr__(one, "scale", 1.0)
+    for loras, shown in ((["x.safetensors"], "str 'x.safetensors'"), ("x.safetensors", "str 'x.safetensors'"),
+                         (one, "LoraFile")):
         with pytest.raises(SdexportError, match=f"^loras: expected (a list of )?LoraFile entries, got {shown}"):
             load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=loras)
     request = GenerationRequest(prompt=["a", "b"], seeds=[0, 1], height=64, width=64)
@@ -149,6 +155,7 @@ def test_the_api_refuses_arguments_of_the_wrong_kind_in_one_line(tiny_engine_dir
         with pytest.raises(SdexportError, match=r"^split\(.*\): need a whole number of images per part, at least 1"):
             request.split(size)
     assert [part.prompt for part in request.split(1)] == [["a"], ["b"]]
+    assert len(request.split(np.int64(1))) == 2  # (a numpy integer is a whole number)
     with pytest.raises(SdexportError, match="^prompt: expected a text or a list of texts, got int 5"):
         GenerationRequest(prompt=5)
     assert GenerationRequest(prompt=("a", "b")).batch == 2

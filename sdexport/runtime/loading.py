@@ -161,9 +161,9 @@ def load_pipeline(
 
     engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
-    if isinstance(loras, str | Path):
+    if isinstance(loras, str | Path | LoraFile):
         raise SdexportError(f"loras: expected a list of LoraFile entries, got {type(loras).__name__} {str(loras)!r} "
-                            "(LoraFile.parse('file.safetensors:0.8') reads the CLI's form)")
+                            "(LoraFile.parse('file.safetensors:0.8') reads the CLI's form; one file: a list of one)")
     for lora in loras or []:  # (the CLI checked its own; in Python, a missing file is one line too)
         if not isinstance(lora, LoraFile):
             raise SdexportError(f"loras: expected LoraFile entries, got {type(lora).__name__} {lora!r} (LoraFile.parse("

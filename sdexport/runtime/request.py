@@ -298,10 +298,16 @@ class GenerationRequest:
         profile's largest batch allows per call. Per-image fields (prompts, seeds, one init image,
         mask, control image, ControlNet setting or adapter scale or factor per prompt) are cut; the rest is
         shared."""
+        import operator
         from dataclasses import replace
 
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:  # (0 failed in range(); -1 gave no part)
+        try:
+            count: int | None = operator.index(size)  # (a numpy integer too)
+        except TypeError:
+            count = None
+        if isinstance(size, bool) or count is None or count < 1:  # (0 failed in range(); -1 gave no part)
             raise SdexportError(f"split({size!r}): need a whole number of images per part, at least 1")
+        size = count
 
         def cut(values: Any, start: int) -> Any:
             if values is None or isinstance(values, int | float) or len(values) != self.batch:  # one for all

@@ -434,8 +434,8 @@ class Txt2ImgPipeline:
                 raise SdexportError(f"init_latents of shape {shape}: this model's at {request.height}x{request.width} "
                                     f"are ({rows}, {', '.join(map(str, wanted[1:]))})")
             if not bool(torch.isfinite(request.init_latents).all()):  # (the loop would run, then blame the weights)
-                raise SdexportError("init_latents hold NaN or infinite values: the base model's run that made them "
-                                    "failed")
+                raise SdexportError("init_latents hold NaN or infinite values (a base model's run that failed, or "
+                                    "latents given so): no image can come from them")
         checked = (request.scheduler, request.steps, request.mask is not None)
         if checked not in self._steps_checked:  # a dry run: once, not per call
             check_steps(request.scheduler, self.scheduler_config_for(request), request.steps)
