@@ -117,6 +117,9 @@ if strict and missing:
 PY
 if [[ $probe == 3 ]]; then
   exit 1  # (--strict: said above)
+elif [[ $probe != 0 && $strict == 1 ]]; then
+  say "the environment probe failed (exit $probe): --strict stops here (a crash loading a GPU path is one missing)"
+  exit 1
 elif [[ $probe != 0 ]]; then
   say "the environment probe failed (exit $probe): running the tests anyway"
 fi

@@ -227,7 +227,8 @@ def test_gpu_tests_write_their_results_where_they_are_called_from(tmp_path):
 
 def test_gpu_tests_run_even_when_the_environment_probe_dies(tmp_path):
     """A probe that crashes (a native abort as ONNX Runtime loads its CUDA provider) left no GPU
-    test run at all under ``set -e``: the tests run, and say what they can."""
+    test run at all under ``set -e``: the tests run, and say what they can; ``--strict``, which asks
+    for every GPU path, stops there."""
     python = tmp_path / "python"
     python.write_text(f'#!/usr/bin/env bash\n[[ $1 == - ]] && {{ cat > /dev/null; exit 134; }}\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
@@ -238,3 +239,8 @@ def test_gpu_tests_run_even_when_the_environment_probe_dies(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the environment probe failed (exit 134): running the tests anyway" in done.stderr
     assert "tests/test_gpu_busy.py: 2" in done.stdout
+    strict = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--strict", "--",
+                             "tests/test_gpu_busy.py", "--collect-only", "-qqq"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHON": str(python), "CUDA_VISIBLE_DEVICES": ""})
+    assert strict.returncode == 1 and "--strict stops here" in strict.stderr and "test_gpu_busy" not in strict.stdout
