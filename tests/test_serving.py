@@ -1022,6 +1022,13 @@ def test_loadtest_reports_throughput_latency_and_batching(server, tmp_path):
     assert 0 < report["latency_s"]["p50"] <= report["latency_s"]["p95"] <= report["latency_s"]["p99"]
     assert report["server"]["inferences"] == 6
     assert "| succeeded |" in (tmp_path / "load" / "loadtest.md").read_text()
+    assert (report["concurrency"], report["clients"]) == (3, 3)
+    # more clients asked than requests (a duration too): as many as the requests start, both recorded
+    assert run_cli("loadtest", "--url", server.url, "-c", "8", "-n", "2", "--duration", "60", "--steps", "2",
+                   "-o", tmp_path / "few") == 0
+    few = json.loads((tmp_path / "few" / "loadtest.json").read_text())
+    assert (few["concurrency"], few["clients"], few["succeeded"]) == (8, 2, 2)
+    assert "2 concurrent clients (8 asked: no more than the requests)" in (tmp_path / "few" / "loadtest.md").read_text()
 
 
 def test_loadtest_given_a_duration_alone_runs_until_it_ends(monkeypatch, tmp_path):

@@ -20,9 +20,9 @@ from sdexport.errors import SdexportError
 from sdexport.serving.protocol import MODEL_NAME
 
 IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
+"""The image inputs a load test can send, and the flags that name their files."""
 MAX_CLIENTS = 1024
 """The most concurrent clients one load test starts (``--concurrency``)."""
-"""The image inputs a load test can send, and the flags that name their files."""
 
 
 def check_url(url: str) -> None:
@@ -206,7 +206,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                     latencies.append(time.perf_counter() - sent)
 
     # (no more clients than requests: the rest would only open a connection and find none left)
-    clients = min(plan.concurrency, plan.requests) if plan.requests and not plan.duration_s else plan.concurrency
+    clients = min(plan.concurrency, plan.requests) if plan.requests else plan.concurrency  # (a count bounds both)
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
@@ -223,7 +223,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     executions = after["executions"] - before["executions"] if after else 0
     inferences = after["inferences"] - before["inferences"] if after else 0
     return {
-        "url": plan.url, "model": plan.model, "concurrency": clients,
+        "url": plan.url, "model": plan.model, "concurrency": plan.concurrency, "clients": clients,
         "images_per_request": plan.prompts_per_request,
         "params": {**{k: v for k, v in plan.params.items() if not isinstance(v, bytes | list)}, **plan.images},
         "requests": done + sum(errors.values()), "succeeded": done, "errors": errors,
@@ -280,7 +280,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Load test: {report['model']} at {report['url']}",
         "",
-        f"{report['concurrency']} concurrent clients, {report['images_per_request']} image(s) per request, "
+        f"{report['clients']} concurrent clients"
+        + (f" ({report['concurrency']} asked: no more than the requests)" if report["clients"] != report["concurrency"] else "")
+        + f", {report['images_per_request']} image(s) per request, "
         f"{report['requests']} requests in {report['wall_s']:.1f} s; settings: "
         + (", ".join(f"{k}={v}" for k, v in report["params"].items()) or "the model's defaults") + ".",
         "",
