@@ -145,8 +145,10 @@ def test_a_tokenizer_file_the_manifest_does_not_list_is_refused(engine_copy: Pat
     map copied in changed the ids (other images, every check passing), added tokens made ids past
     the text encoder's table (an ONNX Runtime traceback in the loop). A hidden file is not read."""
     (engine_copy / "tokenizer" / ".DS_Store").write_bytes(b"\0")
+    (engine_copy / "tokenizer" / "empty").mkdir()  # (a folder is not read either)
     (engine_copy / "tokenizer" / name).write_text(text)
-    _refused_everywhere(engine_copy, f"{name} not in the manifest: transformers would read it with the tokenizer", capsys)
+    _refused_everywhere(engine_copy, f"{name} not in the manifest: transformers reads the tokenizer files it knows",
+                        capsys)
 
 
 def test_a_tokenizer_without_vocabulary_is_refused(engine_copy: Path, capsys):

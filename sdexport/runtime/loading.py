@@ -464,10 +464,12 @@ def load_tokenizers(engine_dir: Path, manifest: Manifest) -> dict[str, Any]:
     real = isinstance(config, str) and (preset := get_preset(config)) is not None and preset.tokenizer_pads is not None
     tokenizers = {}
     for name in tokenizer_names(manifest.family):
-        unlisted = sorted(path.name for path in (engine_dir / name).glob("[!.]*") if f"{name}/{path.name}" not in manifest.files)
+        unlisted = sorted(path.name for path in (engine_dir / name).glob("[!.]*")
+                          if path.is_file() and f"{name}/{path.name}" not in manifest.files)
         if unlisted:
-            raise EngineDirError(f"{engine_dir / name}: {', '.join(unlisted)} not in the manifest: transformers would read "
-                                 "it with the tokenizer and change how prompts are read; remove it (or re-export)")
+            raise EngineDirError(f"{engine_dir / name}: {', '.join(unlisted)} not in the manifest: transformers reads "
+                                 "the tokenizer files it knows in the folder, so a file the export did not write may "
+                                 "change how prompts are read; remove it (or re-export)")
         try:
             tokenizer = CLIPTokenizer.from_pretrained(str(engine_dir / name))
         except Exception as exc:  # transformers raises OSError, ValueError, JSON errors, ...
