@@ -205,8 +205,9 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                 with lock:
                     latencies.append(time.perf_counter() - sent)
 
-    # (no more clients than requests: the rest would only open a connection and find none left)
-    clients = min(plan.concurrency, plan.requests) if plan.requests else plan.concurrency  # (a count bounds both)
+    # no more clients than requests (a count bounds a duration's run too): the rest would only open a
+    # connection and find none left
+    clients = min(plan.concurrency, plan.requests) if plan.requests else plan.concurrency
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
