@@ -1377,7 +1377,7 @@ def loadtest(
     from sdexport.output_dir import refuse_inside_engine_dir, require_creatable
 
     require_creatable(target, f"-o {output}")
-    refuse_inside_engine_dir(target / "loadtest.json", f"-o {output}")  # (the engine directory itself too)
+    refuse_inside_engine_dir(target, f"-o {output}", itself=True)
     for name in ("loadtest.json", "loadtest.md"):
         if (target / name).exists() and not _load_report_beside(target, name):
             raise SdexportError(f"-o {output}: {target / name} exists and was not written by sdexport loadtest; "

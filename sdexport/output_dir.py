@@ -259,24 +259,28 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
         yield
 
 
-def refuse_inside_engine_dir(path: Path, label: str) -> None:
+def refuse_inside_engine_dir(path: Path, label: str, *, itself: bool = False) -> None:
     """Refuse a path a command would write (a directory, an image, a log) inside an sdexport engine
     directory: its manifest lists every file in it, so one more makes it no longer provably
-    sdexport's (``export --force`` and the builds refuse it then), and a listed one would change."""
-    inside = engine_dir_above(path)
+    sdexport's (``export --force`` and the builds refuse it then), and a listed one would change.
+    ``itself``: ``path`` is a folder the command writes files into, so an engine directory there
+    is refused too (an output that replaces one whole, ``check_target``'s, is not)."""
+    inside = engine_dir_above(path, itself=itself)
     if inside is not None:
         raise SdexportError(f"{label}: inside the engine directory {inside}, whose manifest lists every file in it; "
                             "give a path outside it")
 
 
-def engine_dir_above(path: Path) -> Path | None:
+def engine_dir_above(path: Path, *, itself: bool = False) -> Path | None:
     """The sdexport engine directory that ``path`` lies in (the nearest folder above it whose
-    manifest is sdexport's format: another project's ``manifest.json`` is not one), or None."""
+    manifest is sdexport's format: another project's ``manifest.json`` is not one), or None.
+    ``itself``: ``path`` counts too, as the nearest."""
     import json
 
     from sdexport.manifest_schema import FORMAT
 
-    for folder in path.resolve().parents:
+    resolved = path.resolve()
+    for folder in (resolved, *resolved.parents) if itself else resolved.parents:
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             continue

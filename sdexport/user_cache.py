@@ -28,5 +28,5 @@ def user_cache() -> Path | None:
             root, said = Path.home() / ".cache" / "sdexport", "the cache folder ~/.cache/sdexport"
         except RuntimeError:  # no HOME and no passwd entry
             return None
-    refuse_inside_engine_dir(root / "hashes", said)  # (the directory itself too)
+    refuse_inside_engine_dir(root, said, itself=True)
     return root

@@ -145,7 +145,7 @@ def check_cache_folder(cache: Path) -> None:
         raise SdexportError(f"--engine-cache {cache} is a file; give a folder to keep engines in")
     require_creatable(cache, f"--engine-cache {cache}")
     # (the entries go in it: an engine directory itself is refused too, before its in-use mark is written)
-    refuse_inside_engine_dir(cache / "entry", f"--engine-cache {cache}")
+    refuse_inside_engine_dir(cache, f"--engine-cache {cache}", itself=True)
 
 
 def damage(entry: Path) -> str | None:
