@@ -528,7 +528,8 @@ def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = [output_dir / name for name in RESULT_FILES]
-    write_json_atomic(paths[0], json_ready(json.loads(json.dumps(report, default=str))))
+    ready = json_ready(json.loads(json.dumps(report, default=str)))
+    write_json_atomic(paths[0], ready)
     write_atomic(paths[1], markdown(report))
     try:
         plot(report, paths[2])
@@ -537,5 +538,5 @@ def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
                       f"{RESULT_FILES[0]} and {RESULT_FILES[1]}")
         paths = paths[:2]
     written = {path.name: sha256_file(path) for path in paths[1:] if path.is_file()}
-    write_json_atomic(paths[0], json_ready(json.loads(json.dumps({**report, "written": written}, default=str))))
+    write_json_atomic(paths[0], {**ready, "written": written})
     return paths
