@@ -49,10 +49,10 @@ def _git_revision(module: Path = Path(__file__)) -> str | None:
         return None
     revision = result.stdout.strip()
     try:
-        status = git("status", "--porcelain", "--untracked-files=no")
+        status: subprocess.CompletedProcess[str] | None = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return revision + " (changes unknown)"
-    if status.returncode != 0:
+        status = None
+    if status is None or status.returncode != 0:
         return revision + " (changes unknown)"
     return revision + ("-dirty" if status.stdout.strip() else "")
 
