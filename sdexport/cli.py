@@ -27,7 +27,7 @@ from sdexport.console import (
     step,
     verbosity,
 )
-from sdexport.errors import ProfileError, SdexportError, pasteable
+from sdexport.errors import EngineRunError, ProfileError, SdexportError, pasteable
 from sdexport.models.presets import PRESETS
 from sdexport.runtime.schedulers import scheduler_names
 
@@ -1491,6 +1491,8 @@ def _run_app() -> Any:
         _fail(_describe_os_error(exc), 2 if exc.errno == errno.ENAMETOOLONG else 1, exc)
     except MemoryError as exc:
         _fail("out of memory; lower the profile's maxima (--batch, --height, --width) or use a larger machine", 1, exc)
+    except EngineRunError as exc:  # the engine's failure, not the input's: exit 1, as other failures
+        _fail(str(exc), 1, exc)
     except Exception as exc:
         if not _is_usage_error(exc):
             raise

@@ -177,6 +177,15 @@ def onnxruntime_session_options(ort: Any) -> Any:
     return options
 
 
+def onnxruntime_run_options(ort: Any) -> Any:
+    """``ort.RunOptions`` whose run logs nothing below fatal, except with ``-v``: a node that fails
+    is raised with the same words (``EngineRunError`` then says them in sdexport's one line), and
+    ONNX Runtime's own raw ANSI copy on stderr would only come first."""
+    options = ort.RunOptions()
+    options.log_severity_level = 2 if _verbosity >= VERBOSE else 4  # 2: warning, 4: fatal
+    return options
+
+
 def env_switch(name: str, default: bool) -> bool:
     """An on/off environment variable: unset or empty gives ``default``; 0, false, no and off (any
     case) are off, anything else on (``SDEXPORT_TRACEBACK=0`` once turned tracebacks on)."""

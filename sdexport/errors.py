@@ -36,6 +36,19 @@ class MissingDependencyError(SdexportError):
         self.package = package
 
 
+class EngineRunError(RuntimeError):
+    """An engine that loaded failed while it ran: out of memory, a node its runtime cannot execute, a
+    device error. The run's failure, not the request's, so not a ``SdexportError``: ``serve`` answers
+    it as the server's fault (Triton's INTERNAL), the CLI exits 1, both in one line that names the
+    engine and keeps the runtime's own words."""
+
+    def __init__(self, engine: object, runtime: str, exc: BaseException | str) -> None:
+        why = one_line(exc) if isinstance(exc, BaseException) else exc
+        memory = any(word in why.lower() for word in ("out of memory", "failed to allocate", "bad_alloc"))
+        advice = "; a smaller batch or image needs less memory" if memory or isinstance(exc, MemoryError) else ""
+        super().__init__(f"{engine}: {runtime} failed while it ran ({why}){advice}")
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a CI timeout, ``kill``, a container stop), raised where Ctrl-C raises KeyboardInterrupt.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from sdexport.models import load_model
 from sdexport.runtime.loading import load_pipeline
 from sdexport.runtime.schedulers import SCHEDULERS
 from sdexport.runtime.txt2img import GenerationRequest
+from sdexport.shapes import ShapeProfile
+from sdexport.specs import UNET
 
 LATENT_REL_L2 = 1e-4
 PIXEL_MAX_ABS = 1e-4  # pixels in [0, 1]; both backends run fp32, so only float rounding differs
@@ -213,6 +216,52 @@ def test_damaged_engine_directory_is_refused(engine_copy: Path):
     (engine_copy / "manifest.json").unlink()
     with pytest.raises(EngineDirError, match="no manifest.json"):
         load_pipeline(engine_copy)
+
+
+def test_an_engine_that_fails_while_it_runs_ends_in_one_line_not_a_traceback(engine_copy: Path, tmp_path: Path,
+                                                                            monkeypatch, capfd):
+    """A graph that loads and then fails in a node (here a reshape no image size divides; in the field,
+    out of memory) is the run's failure, not the input's: one line naming the engine with ONNX
+    Runtime's own words, exit 1, nothing written; ONNX Runtime's raw copy of the error is not printed
+    first (it shows with -v). The torch backend says the same of its module."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from sdexport.errors import EngineRunError
+    from sdexport.manifest import sha256_file
+    from sdexport.runtime import torch_backend
+
+    path = engine_copy / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    output = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{o}_before" if o == output else o for o in node.output]
+    graph.initializer.append(helper.make_tensor("by_sevens", TensorProto.INT64, [2], [-1, 7]))
+    graph.node.extend([helper.make_node("Shape", [f"{output}_before"], ["its_shape"]),
+                       helper.make_node("Reshape", [f"{output}_before", "by_sevens"], ["sevens"]),
+                       helper.make_node("Reshape", ["sevens", "its_shape"], [output])])
+    onnx.save(model, str(path))
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["files"]["vae_decoder/model.onnx"] = sha256_file(path)
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "x.png"
+    assert run_cli("run", engine_copy, "-p", "x", "--steps", "2", "-o", out) == 1
+    err = capfd.readouterr().err
+    assert f"error: {path}: onnxruntime failed while it ran (" in err and "cannot be reshaped" in err
+    assert "Traceback" not in err and "[E:onnxruntime" not in err
+    assert not out.exists()
+
+    class OutOfMemory(torch.nn.Module):
+        def forward(self, *inputs):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    spec = dataclasses.replace(UNET, wrapper=lambda module: OutOfMemory())
+    with torch_backend.TorchEngine(spec, torch.nn.Identity(), profile=ShapeProfile.single(1, 64, 64),
+                                   device=torch.device("cpu")) as engine, \
+            pytest.raises(EngineRunError, match=r"^unet: torch failed while it ran \(CUDA out of memory\. Tried to "
+                                                r"allocate 2\.00 GiB\); a smaller batch or image needs less memory$"):
+        engine({t.name: torch.zeros(1) for t in UNET.inputs})
 
 
 def test_cli_run_writes_pngs_with_parameters(tiny_engine_dir: Path, tmp_path: Path, capsys):

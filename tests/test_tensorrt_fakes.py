@@ -22,7 +22,13 @@ import torch
 
 from sdexport.build import tensorrt_build
 from sdexport.build.tensorrt_build import Precision, resolve_precision
-from sdexport.errors import EngineDirError, MissingDependencyError, ProfileError, SdexportError
+from sdexport.errors import (
+    EngineDirError,
+    EngineRunError,
+    MissingDependencyError,
+    ProfileError,
+    SdexportError,
+)
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import UNET
 
@@ -737,15 +743,15 @@ def test_a_failed_run_gives_tensorrts_reason_which_its_logger_records_not_prints
         return False
 
     monkeypatch.setattr(fake_tensorrt.FakeContext, "execute_async_v3", failing)
-    with pytest.raises(RuntimeError) as failed:
+    with pytest.raises(EngineRunError) as failed:  # (the run's failure: the CLI's one line, exit 1)
         engine(_feed())
-    assert str(failed.value) == ("TensorRT failed to run unet (IExecutionContext::enqueueV3: Error Code 1: Cuda Runtime "
-                                 "(an illegal memory access was encountered))")
+    assert str(failed.value) == ("unet: TensorRT failed while it ran (IExecutionContext::enqueueV3: Error Code 1: Cuda "
+                                 "Runtime (an illegal memory access was encountered))")
     captured = capsys.readouterr()
     assert "illegal" not in captured.out + captured.err
     logger.log(fake_tensorrt.ILogger.Severity.ERROR, "IExecutionContext::setDeviceMemory: an earlier, unchecked call")
     monkeypatch.setattr(fake_tensorrt.FakeContext, "execute_async_v3", lambda self, stream: False)
-    with pytest.raises(RuntimeError, match=r"^TensorRT failed to run unet$"):
+    with pytest.raises(EngineRunError, match=r"^unet: TensorRT failed while it ran \(execute_async_v3 returned false\)$"):
         engine(_feed())
     engine.close()
 

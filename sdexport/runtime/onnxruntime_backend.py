@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sdexport.errors import EngineDirError, SdexportError, one_line
+from sdexport.errors import EngineDirError, EngineRunError, SdexportError, one_line
 from sdexport.graph_io import GraphIO, check_io, onnxruntime_tensors
 from sdexport.runtime.engine import check_feed, output_shapes, sizes_from_inputs
 from sdexport.runtime.providers import (
@@ -153,7 +153,9 @@ class OnnxRuntimeEngine:
             preload_cuda_libraries(ort)
         else:
             self.device = torch.device("cpu")
-        self.run_options = ort.RunOptions()
+        from sdexport.console import onnxruntime_run_options
+
+        self.run_options = onnxruntime_run_options(ort)
         # The end-of-run cudaStreamSynchronize: callers wait on the stream instead (ORT >= 1.14).
         self.run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self._fixed: _FixedBuffers | None = None
@@ -238,13 +240,18 @@ class OnnxRuntimeEngine:
 
     def __call__(self, feed: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feed(self.spec, feed)
-        if self.stream is None:
-            arrays = {n: self.io.to_graph(n, feed[n]).contiguous().numpy() for n in self.input_names}
-            results = self.session.run(self.spec.output_names, arrays)
-            return {n: self.io.from_graph(n, torch.from_numpy(r)) for n, r in zip(self.spec.output_names, results)}
-        if self.cuda_graph:
-            return self._run_graph(feed, self.stream)
-        return self._run_bound(feed, self.stream)
+        try:
+            if self.stream is None:
+                arrays = {n: self.io.to_graph(n, feed[n]).contiguous().numpy() for n in self.input_names}
+                results = self.session.run(self.spec.output_names, arrays, self.run_options)
+                return {n: self.io.from_graph(n, torch.from_numpy(r)) for n, r in zip(self.spec.output_names, results)}
+            if self.cuda_graph:
+                return self._run_graph(feed, self.stream)
+            return self._run_bound(feed, self.stream)
+        except SdexportError:  # (a CUDA graph that cannot be captured for new shapes: said already)
+            raise
+        except Exception as exc:  # onnxruntime's own types: out of memory, a node that fails on these shapes
+            raise EngineRunError(self.path, "onnxruntime", exc) from exc
 
     def _run_graph(self, feed: dict[str, torch.Tensor], stream: torch.cuda.Stream) -> dict[str, torch.Tensor]:
         """Copy the inputs into the captured graph's buffers and replay it on ``stream``."""

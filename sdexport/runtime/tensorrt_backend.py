@@ -29,7 +29,7 @@ import torch
 from rich.markup import escape
 
 from sdexport.build import tensorrt_build
-from sdexport.errors import EngineDirError, ProfileError, SdexportError, pasteable
+from sdexport.errors import EngineDirError, EngineRunError, ProfileError, SdexportError, pasteable
 from sdexport.graph_io import GraphTensor, check_io
 from sdexport.manifest import Manifest, check_files
 from sdexport.runtime.engine import check_feed
@@ -119,13 +119,18 @@ def _forget() -> None:
         _Logs.logger.last_error = ""
 
 
-def _reason(default: str = "") -> str:
-    """`` (why)``: the first line of the last error TensorRT reported to the runtime's logger since
-    ``_forget``, which it then forgets too, else ``default``; nothing where neither is."""
+def _last_error(default: str = "") -> str:
+    """The first line of the last error TensorRT reported to the runtime's logger since ``_forget``,
+    which it then forgets too, else ``default``."""
     said = getattr(_Logs.logger, "last_error", "")
     if said:
         _Logs.logger.last_error = ""
-    why = said or default
+    return said or default
+
+
+def _reason(default: str = "") -> str:
+    """`` (why)``, from ``_last_error``; nothing where TensorRT said nothing and there is no default."""
+    why = _last_error(default)
     return f" ({why})" if why else ""
 
 
@@ -474,7 +479,7 @@ class TensorRTEngine:
     def _execute(self, context: trt.IExecutionContext) -> None:
         _forget()
         if not context.execute_async_v3(self.memory.stream.cuda_stream):
-            raise RuntimeError(f"TensorRT failed to run {self.spec.name}{_reason()}")
+            raise EngineRunError(self.source or self.spec.name, "TensorRT", _last_error("execute_async_v3 returned false"))
 
     def _run_and_capture(self, shapes: tuple[Shape, ...]) -> None:
         """First call with ``shapes`` under CUDA graphs: run it (the warm-up TensorRT wants before a

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from sdexport.errors import EngineRunError
 from sdexport.runtime.engine import check_feed
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import ComponentSpec
@@ -85,10 +86,13 @@ class TorchEngine:
         args = [
             feed[t.name].to(self.dtype) if t.dtype == "float" else feed[t.name] for t in self.spec.inputs
         ]
-        with torch.inference_mode(), _inductor_patch(self.settings):
-            if self.graphs:  # a new CUDA-graph step: the last call's outputs were copied out below
-                torch.compiler.cudagraph_mark_step_begin()
-            results = self.module(*args)
+        try:
+            with torch.inference_mode(), _inductor_patch(self.settings):
+                if self.graphs:  # a new CUDA-graph step: the last call's outputs were copied out below
+                    torch.compiler.cudagraph_mark_step_begin()
+                results = self.module(*args)
+        except Exception as exc:  # out of device memory, a torch.compile that fails on these shapes
+            raise EngineRunError(self.spec.name, "torch", exc) from exc
         results = results if isinstance(results, tuple) else (results,)
         # With CUDA graphs the outputs live in the graph's memory, which the next replay overwrites.
         return {n: r.clone() if self.graphs and r.dtype == torch.float32 else r.float()
