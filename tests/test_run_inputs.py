@@ -138,6 +138,52 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
     inner.close()
 
 
+def test_calls_from_several_threads_take_turns_and_a_call_inside_a_call_is_refused(tiny_engine_dir):
+    """Two threads sharing one pipeline ran their denoising loops at once: on TensorRT (one set of
+    buffers per engine, outputs that are views into them) the images would mix without an error.
+    Calls now run one at a time, each giving the image it gives alone; a call from inside a call
+    (its on_step) is refused, where it would overwrite the outer call's buffers."""
+    import threading
+    import time
+
+    pipe = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    unet = pipe.engines["unet"]
+    inside, most = [0], [0]
+
+    class Slow:  # the U-Net, slowed so that two unguarded loops would overlap
+        def __init__(self, engine):
+            self.engine = engine
+
+        def __getattr__(self, name):
+            return getattr(self.engine, name)
+
+        def __call__(self, feed):
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+            time.sleep(0.02)
+            try:
+                return self.engine(feed)
+            finally:
+                inside[0] -= 1
+
+    pipe.engines["unet"] = Slow(unet)
+    requests = [GenerationRequest(prompt=text, height=64, width=64, steps=4, seeds=[seed])
+                for text, seed in (("a lighthouse", 1), ("a red fox", 2))]
+    alone = [pipe(r).latents for r in requests]
+    results: dict[int, torch.Tensor] = {}
+    threads = [threading.Thread(target=lambda i=i: results.update({i: pipe(requests[i]).latents})) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert most[0] == 1
+    assert all(torch.equal(results[i], alone[i]) for i in range(2))
+    with pytest.raises(SdexportError, match=r"^a call of this pipeline inside another \(an on_step callback\?\)"):
+        pipe(requests[0], on_step=lambda done, total: pipe(requests[1]))
+    assert torch.equal(pipe(requests[0]).latents, alone[0])  # (the refusal left it usable)
+    pipe.close()
+
+
 def test_the_api_refuses_arguments_of_the_wrong_kind_in_one_line(tiny_engine_dir):
     """Each gave a raw AttributeError, TypeError or ValueError; split(-1) gave no part at all (a
     caller looping over the parts generated nothing)."""

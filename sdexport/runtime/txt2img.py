@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -359,9 +358,13 @@ class Txt2ImgPipeline:
         self.unplanned = unplanned
         self.info = info or {}
         self.closed = False
-        self._calls: Counter[int] = Counter()
-        """The threads inside a call now (one each time it is in one): ``close`` waits for them."""
+        self._calls: set[int] = set()
+        """The threads inside a call now, running or waiting their turn: ``close`` waits for them."""
         self._settled = threading.Condition()
+        self._turn = threading.Lock()
+        """Held by the one call that runs: another thread's call waits for it. The TensorRT engines
+        (and ONNX Runtime's CUDA graphs) run on one set of buffers each, and a U-Net call's outputs
+        are views into them until its next call: two calls at once would mix their images silently."""
         self._released = False
         """The engines were released (by the first ``close`` to get there: two closers release once)."""
         self._warned: set[tuple[str, str]] = set()
@@ -460,21 +463,26 @@ class Txt2ImgPipeline:
 
         ``stages=False`` places no marks at all (``Timings.clock`` "none", stage times 0): the run
         a benchmark times end to end. The result's request has its size and the family's defaults
-        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran. A ``close`` from
-        another thread waits for the call to end. (Overlapping calls are not made safe here: the
-        TensorRT engines run on buffers of their own, one set each.)"""
+        filled in (``sized``, ``GenerationRequest.with_defaults``): what ran. Calls from several
+        threads run one at a time (``_turn``); a call from inside another (its ``on_step``) is refused,
+        as it would overwrite the buffers the outer call is using. A ``close`` from another thread
+        waits for the running call to end; calls still waiting their turn are then refused."""
         thread = threading.get_ident()
         with self._settled:
             if self.closed:
                 raise SdexportError(CLOSED)
-            self._calls[thread] += 1
+            if thread in self._calls:
+                raise SdexportError("a call of this pipeline inside another (an on_step callback?): make it after the "
+                                    "call returns, or load a second pipeline")
+            self._calls.add(thread)
         try:
-            return self._generate(request, on_step, stages)
+            with self._turn:
+                if self.closed:  # closed while this call waited for the one before it
+                    raise SdexportError(CLOSED)
+                return self._generate(request, on_step, stages)
         finally:
             with self._settled:
-                self._calls[thread] -= 1
-                if not self._calls[thread]:
-                    del self._calls[thread]
+                self._calls.discard(thread)
                 self._settled.notify_all()
 
     def _generate(self, request: GenerationRequest, on_step: Callable[[int, int], None] | None,
