@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, a_class, one_line
+from sdexport.models.outline import halvings
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
 from sdexport.setting_names import option, option_given
 
@@ -193,8 +194,8 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
         elif sdxl_net and config.get("projection_class_embeddings_input_dim") != unet.get("projection_class_embeddings_input_dim"):
             problems.append("projection_class_embeddings_input_dim differs from the U-Net's")
         embedding = config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
-        if 2 ** (len(embedding) - 1) != vae_scale_factor:
-            problems.append(f"its image encoder shrinks images {2 ** (len(embedding) - 1)}x, the VAE "
+        if halvings(embedding) != vae_scale_factor:
+            problems.append(f"its image encoder shrinks images {halvings(embedding)}x, the VAE "
                             f"{vae_scale_factor}x (conditioning_embedding_out_channels {list(embedding)})")
         if config.get("conditioning_channels", 3) != 3:
             problems.append(f"it reads {config.get('conditioning_channels')}-channel images (sdexport passes RGB)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sdexport.errors import ModelLoadError
-from sdexport.models.outline import unet_extra_channels
+from sdexport.models.outline import halvings, unet_extra_channels
 from sdexport.specs import (
     FAMILY_LABELS,
     SDXL_REFINER,
@@ -56,7 +56,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         residuals = residual_layout(dict(unet) if hasattr(unet, "keys") else vars(unet))
         modes = union_modes(dict(nets[0]) if hasattr(nets[0], "keys") else vars(nets[0]))
         union = {"N": modes, "K": union_images} if modes else {}
-    vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+    vae_scale_factor = halvings(vae.block_out_channels)
     adapter: dict[str, Any] = {}
     adapters = [dict(c) if hasattr(c, "keys") else vars(c) for c in (configs[n] for n in adapters_among(configs))]
     if adapters:
@@ -74,7 +74,7 @@ def model_dims(family: str, configs: dict[str, Any], lengths: dict[str, int], la
         "C": int(unet.out_channels),
         "U": unet_extra_channels(int(unet.in_channels), int(unet.out_channels), label),
         "vae_scale_factor": vae_scale_factor,
-        "unet_downsample": 2 ** (len(unet.down_block_types) - 1),
+        "unet_downsample": halvings(unet.down_block_types),
         "G": int(getattr(unet, "time_cond_proj_dim", None) or 0),  # a latent consistency model's
     }
     if 0 < common["G"] < 4:  # sines and cosines over G // 2 frequencies, from 1 to 1/10000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -241,7 +241,7 @@ def _outline(
         raise ModelLoadError(f"the VAE config's scaling_factor {scaling!r} is not a positive number")
     try:
         blocks = list(vae["block_out_channels"])
-        factor, downsample = 2 ** (len(blocks) - 1), 2 ** (len(unet["down_block_types"]) - 1)
+        factor, downsample = halvings(blocks), halvings(unet["down_block_types"])
         return ModelOutline(
             family=family,
             default_profile=profile or checkpoint_profile(family, unet, factor, factor * downsample),
@@ -262,6 +262,14 @@ def _inpainting(unet: dict[str, Any], vae: dict[str, Any]) -> bool:
     """The U-Net's input channels say it (``unet_extra_channels``)."""
     latent = int(unet.get("out_channels", vae.get("latent_channels", 4)))
     return unet_extra_channels(int(unet.get("in_channels", latent)), latent) != 0
+
+
+def halvings(blocks: Sequence[Any]) -> int:
+    """The factor a stack of ``blocks`` shrinks an image by per side: each block but the last halves
+    it. A VAE's ``block_out_channels`` give its scale factor (pixels per latent, diffusers'
+    ``vae_scale_factor``), a U-Net's ``down_block_types`` its downsampling, a ControlNet's
+    ``conditioning_embedding_out_channels`` its image encoder's: one rule, read once."""
+    return 2 ** (len(blocks) - 1)
 
 
 def unet_extra_channels(in_channels: int, latent_channels: int, label: str = "") -> int:
