@@ -219,6 +219,45 @@ def test_diffusers_directory_missing_a_weight_is_refused(tiny_diffusers_dir: Pat
         shutil.copy(tiny_diffusers_dir / part, broken / part)
 
 
+def test_diffusers_directory_with_weights_its_config_has_no_place_for_is_refused(tiny_diffusers_dir: Path,
+                                                                               tmp_path: Path):
+    """diffusers and transformers drop weights the config has no module for, and only log it: a
+    depth-2 U-Net under a depth-1 config, or a text encoder config with fewer layers, exported and
+    verified (against the same cut-down module) and drew other images. A weight that a shard's index
+    names and the shard lacks stayed on the meta device, and failed deep in the trace."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_diffusers_dir, broken)
+    part = "unet/diffusion_pytorch_model.safetensors"
+    weights = load_file(str(broken / part))
+    save_file({**weights, "bogus.weight": torch.zeros(2)}, str(broken / part))
+    with pytest.raises(ModelLoadError, match=r"unet: the weight files hold 1 weights its config.json has no place for "
+                                             r"\(a config for a smaller architecture\?\), e.g. bogus.weight$"):
+        load_model(str(broken))
+    shutil.copy(tiny_diffusers_dir / part, broken / part)
+    config = broken / "text_encoder" / "config.json"
+    settings = json.loads(config.read_text())
+    config.write_text(json.dumps({**settings, "num_hidden_layers": settings["num_hidden_layers"] - 1}))
+    with pytest.raises(ModelLoadError, match=r"text_encoder: the weight files hold 16 weights its config.json has no "
+                                             r"place for .*encoder\.layers\.\d\."):
+        load_model(str(broken))
+    shutil.copy(tiny_diffusers_dir / "text_encoder" / "config.json", config)
+    (broken / part).unlink()
+    load_model("tiny").module("unet").save_pretrained(broken / "unet", max_shard_size="20KB")
+    index = json.loads((broken / "unet" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shard = broken / "unet" / index["weight_map"]["conv_in.bias"]
+    save_file({k: v for k, v in load_file(str(shard)).items() if k != "conv_in.bias"}, str(shard))
+    with pytest.raises(ModelLoadError, match=r"unet: the weight files lack 1 of the weights its config.json describes "
+                                             r"\(a shard without the weights its index names\?\), e.g. conv_in.bias$"):
+        load_model(str(broken))
+
+
 def test_single_file_exports_through_the_cli(tmp_path, capsys):
     from conftest import run_cli
     from sdexport.manifest import load_manifest

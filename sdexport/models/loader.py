@@ -495,26 +495,35 @@ def _load_part(root: Path, name: str, load: Any) -> Any:
 
 
 def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Module:
-    """``cls.from_pretrained``, refusing weights the files lack instead of keeping random ones.
+    """``cls.from_pretrained``, refusing weights the files lack instead of keeping random ones, and
+    weights they hold that the config has no place for instead of dropping them.
 
     diffusers and transformers compare the files' keys with the module's state-dict keys
-    themselves (after their own key renaming) but only log what is missing; their report
-    (``output_loading_info``) is turned into an error here. A folder without weight files is refused
-    first (``weight_files``), in one line of ours.
+    themselves (after their own key renaming, and leaving out keys they know to be harmless, such
+    as old CLIP files' ``position_ids``) but only log what does not match; their report
+    (``output_loading_info``) is turned into an error here. Unused weights mean a config that
+    describes less than was trained (``transformer_layers_per_block`` 1 for a depth-2 U-Net, fewer
+    text encoder layers): the export would run, verify against the same cut-down module, and draw
+    other images. A weight a shard's index promises and the shard lacks is in neither list: it is
+    left on the meta device, and refused here too. A folder without weight files is refused first
+    (``weight_files``), in one line of ours.
     """
     weight_files(path, "transformers" if cls.__module__.startswith("transformers") else "diffusers")
     model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
-    for problem in ("missing_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(problem) or ())
+    for problem, what in (("missing_keys", "lack {n} of the weights its config.json describes"),
+                          ("mismatched_keys", "have wrongly shaped {n} of the weights its config.json describes"),
+                          ("unexpected_keys", "hold {n} weights its config.json has no place for (a config for a "
+                                              "smaller architecture?)")):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(problem) or ())
         if keys:
-            what = "lack" if problem == "missing_keys" else "have wrongly shaped"
-            raise ModelLoadError(
-                f"{path}: the weight files {what} {len(keys)} of the weights its config.json describes, "
-                f"e.g. {', '.join(keys[:3])}"
-            )
+            raise ModelLoadError(f"{path}: the weight files {what.format(n=len(keys))}, e.g. {', '.join(keys[:3])}")
     errors = [str(e) for e in info.get("error_msgs") or ()]
     if errors:
         raise ModelLoadError(f"{path}: cannot load its weights ({' '.join(' '.join(errors).split())[:600]})")
+    unread = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if unread:
+        raise ModelLoadError(f"{path}: the weight files lack {len(unread)} of the weights its config.json describes "
+                             f"(a shard without the weights its index names?), e.g. {', '.join(unread[:3])}")
     return model
 
 
