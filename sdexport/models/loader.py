@@ -512,8 +512,8 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
     model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
     for problem, what in (("missing_keys", "lack {n} of the weights its config.json describes"),
                           ("mismatched_keys", "have wrongly shaped {n} of the weights its config.json describes"),
-                          ("unexpected_keys", "hold {n} weights its config.json has no place for (a config for a "
-                                              "smaller architecture?)")):
+                          ("unexpected_keys", ("hold {n} weights its config.json has no place for (a config for "
+                                               "a smaller architecture?)"))):
         keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(problem) or ())
         if keys:
             raise ModelLoadError(f"{path}: the weight files {what.format(n=len(keys))}, e.g. {', '.join(keys[:3])}")
