@@ -224,27 +224,16 @@ def test_an_engine_that_fails_while_it_runs_ends_in_one_line_not_a_traceback(eng
     out of memory) is the run's failure, not the input's: one line naming the engine with ONNX
     Runtime's own words, exit 1, nothing written; ONNX Runtime's raw copy of the error is not printed
     first (it shows with -v). The torch backend says the same of its module."""
-    import onnx
     from onnx import TensorProto, helper
 
     from sdexport.errors import EngineRunError
-    from sdexport.manifest import sha256_file
     from sdexport.runtime import torch_backend
 
-    path = engine_copy / "vae_decoder" / "model.onnx"
-    model = onnx.load(str(path))
-    graph = model.graph
-    output = graph.output[0].name
-    for node in graph.node:
-        node.output[:] = [f"{o}_before" if o == output else o for o in node.output]
-    graph.initializer.append(helper.make_tensor("by_sevens", TensorProto.INT64, [2], [-1, 7]))
-    graph.node.extend([helper.make_node("Shape", [f"{output}_before"], ["its_shape"]),
-                       helper.make_node("Reshape", [f"{output}_before", "by_sevens"], ["sevens"]),
-                       helper.make_node("Reshape", ["sevens", "its_shape"], [output])])
-    onnx.save(model, str(path))
-    manifest = json.loads((engine_copy / "manifest.json").read_text())
-    manifest["files"]["vae_decoder/model.onnx"] = sha256_file(path)
-    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    path = _end_the_decoder_with(engine_copy, [
+        helper.make_node("Shape", ["before"], ["its_shape"]),
+        helper.make_node("Reshape", ["before", "by_sevens"], ["sevens"]),
+        helper.make_node("Reshape", ["sevens", "its_shape"], ["after"])],
+        helper.make_tensor("by_sevens", TensorProto.INT64, [2], [-1, 7]))
     out = tmp_path / "x.png"
     assert run_cli("run", engine_copy, "-p", "x", "--steps", "2", "-o", out) == 1
     err = capfd.readouterr().err
@@ -262,6 +251,48 @@ def test_an_engine_that_fails_while_it_runs_ends_in_one_line_not_a_traceback(eng
             pytest.raises(EngineRunError, match=r"^unet: torch failed while it ran \(CUDA out of memory\. Tried to "
                                                 r"allocate 2\.00 GiB\); a smaller batch or image needs less memory$"):
         engine({t.name: torch.zeros(1) for t in UNET.inputs})
+
+
+def _end_the_decoder_with(engine_dir: Path, nodes: list, *initializers) -> Path:
+    """Put ``nodes`` (from "before", the decoder's output, to "after", what it returns now) at the
+    end of the VAE decoder's graph, and record its new hash, as a hand-edited or foreign graph."""
+    import onnx
+
+    from sdexport.manifest import sha256_file
+
+    path = engine_dir / "vae_decoder" / "model.onnx"
+    model = onnx.load(str(path))
+    graph = model.graph
+    output = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = ["before" if o == output else o for o in node.output]
+    for node in nodes:
+        node.output[:] = [output if o == "after" else o for o in node.output]
+    graph.initializer.extend(initializers)
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    manifest["files"]["vae_decoder/model.onnx"] = sha256_file(path)
+    (engine_dir / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_a_graph_whose_outputs_have_other_sizes_than_the_call_needs_is_refused(engine_copy: Path, tmp_path: Path,
+                                                                               capsys):
+    """Load checks a graph's names, dtypes and ranks. A decoder returning half-size images made `run`
+    save a 64x64 PNG recorded as 128x128 (and serve answer 200 with it); one returning a single image
+    for a batch of two listed two files and wrote one. Each call's outputs are held to the spec's
+    sizes: one line, exit 1, nothing written."""
+    from onnx import helper
+
+    path = _end_the_decoder_with(engine_copy, [helper.make_node("MaxPool", ["before"], ["after"], kernel_shape=[2, 2],
+                                                                strides=[2, 2])])
+    out = tmp_path / "x.png"
+    assert run_cli("run", engine_copy, "-p", "x", "--steps", "2", "--height", "128", "--width", "128", "-o", out) == 1
+    assert (f"error: {path}: onnxruntime failed while it ran (it returned vae_decoder.sample of shape [1, 3, 64, 64] "
+            "where this call needs [1, 3, 128, 128]: the graph does not compute what a vae_decoder does)"
+            in capsys.readouterr().err)
+    assert not out.exists()
 
 
 def test_cli_run_writes_pngs_with_parameters(tiny_engine_dir: Path, tmp_path: Path, capsys):

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from sdexport.errors import ProfileError
+from sdexport.errors import EngineRunError, ProfileError
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import DYNAMIC_SYMBOLS, ComponentSpec, ModelDims
 
@@ -54,6 +54,23 @@ def output_shapes(spec: ComponentSpec, feed: dict[str, torch.Tensor], dims: Mode
     """Output shapes of one call, so backends can allocate outputs before running."""
     sizes = sizes_from_inputs(spec, feed, dims)
     return {t.name: t.shape(sizes) for t in spec.outputs}
+
+
+def check_outputs(spec: ComponentSpec, feed: dict[str, torch.Tensor], dims: ModelDims,
+                  outputs: dict[str, torch.Tensor], engine: object, runtime: str) -> dict[str, torch.Tensor]:
+    """``outputs``, where each has the shape the spec gives it for ``feed``; else ``EngineRunError``.
+
+    Load checks a graph's names, dtypes and ranks, not the sizes it computes: a graph that returns
+    half-size or single-image outputs (hand-edited, or adopted from another tool) made ``run`` save
+    a 64x64 image recorded as 128x128, list images it never wrote, or fail in the loop with a torch
+    traceback. Backends whose outputs the graph sizes (ONNX Runtime on the CPU, TensorRT) call this;
+    those that allocate the outputs from the spec first are held to it by their runtime."""
+    for name, want in output_shapes(spec, feed, dims).items():
+        got = tuple(outputs[name].shape)
+        if got != want:
+            raise EngineRunError(engine, runtime, f"it returned {spec.name}.{name} of shape {list(got)} where this "
+                                 f"call needs {list(want)}: the graph does not compute what a {spec.name} does")
+    return outputs
 
 
 def check_feed(spec: ComponentSpec, feed: dict[str, torch.Tensor]) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from sdexport.errors import EngineDirError, EngineRunError, SdexportError, one_line
 from sdexport.graph_io import GraphIO, check_io, onnxruntime_tensors
-from sdexport.runtime.engine import check_feed, output_shapes, sizes_from_inputs
+from sdexport.runtime.engine import check_feed, check_outputs, output_shapes, sizes_from_inputs
 from sdexport.runtime.providers import (
     PROVIDERS,
     available_providers,
@@ -244,12 +244,13 @@ class OnnxRuntimeEngine:
             if self.stream is None:
                 arrays = {n: self.io.to_graph(n, feed[n]).contiguous().numpy() for n in self.input_names}
                 results = self.session.run(self.spec.output_names, arrays, self.run_options)
-                return {n: self.io.from_graph(n, torch.from_numpy(r)) for n, r in zip(self.spec.output_names, results)}
+                return check_outputs(self.spec, feed, self.dims, {n: self.io.from_graph(n, torch.from_numpy(r))
+                                     for n, r in zip(self.spec.output_names, results)}, self.path, "onnxruntime")
             if self.cuda_graph:
                 return self._run_graph(feed, self.stream)
             return self._run_bound(feed, self.stream)
-        except SdexportError:  # (a CUDA graph that cannot be captured for new shapes: said already)
-            raise
+        except (SdexportError, EngineRunError):  # (a CUDA graph that cannot be captured for new shapes; a
+            raise  # graph's outputs of the wrong size: said already)
         except Exception as exc:  # onnxruntime's own types: out of memory, a node that fails on these shapes
             raise EngineRunError(self.path, "onnxruntime", exc) from exc
 

@@ -32,10 +32,10 @@ from sdexport.build import tensorrt_build
 from sdexport.errors import EngineDirError, EngineRunError, ProfileError, SdexportError, pasteable
 from sdexport.graph_io import GraphTensor, check_io
 from sdexport.manifest import Manifest, check_files
-from sdexport.runtime.engine import check_feed
+from sdexport.runtime.engine import check_feed, check_outputs
 from sdexport.runtime.plan_choice import entry_profile, plans_here
 from sdexport.shapes import ShapeProfile
-from sdexport.specs import ComponentSpec
+from sdexport.specs import ComponentSpec, ModelDims
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -267,8 +267,10 @@ class TensorRTEngine:
         memory: SharedDeviceMemory | None = None,
         cuda_graph: bool = False,
         source: Path | None = None,
+        dims: ModelDims | None = None,
     ) -> None:
-        """Wrap a deserialized engine; ``memory`` shares activations and the stream with other engines."""
+        """Wrap a deserialized engine; ``memory`` shares activations and the stream with other engines.
+        ``dims``: the model's, to hold each call's outputs to the sizes the spec gives them."""
         tensorrt_build.require_tensorrt()
         import tensorrt as trt
 
@@ -278,6 +280,7 @@ class TensorRTEngine:
         self.device = self.memory.device
         self.cuda_graph = cuda_graph
         self.source = source
+        self.dims = dims
         self.engine = engine
         self.closed = False
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
@@ -426,6 +429,7 @@ class TensorRTEngine:
         if self.closed:
             raise EngineDirError(f"{self.spec.name}: this TensorRT engine was closed")
         check_feed(self.spec, feed)
+        given = feed
         feed = {name: self.io.to_graph(name, feed[name]) for name in self.input_names}
         shapes = tuple(tuple(feed[name].shape) for name in self.input_names)
         self.check_shapes(dict(zip(self.input_names, shapes)))
@@ -433,10 +437,13 @@ class TensorRTEngine:
             self.inputs[name][: _numel(shape)].view(shape).copy_(feed[name])
         self._launch(shapes)
         out_shapes = self._output_shapes[shapes]
-        return {
+        outputs = {
             name: self.io.from_graph(name, self.outputs[name][: _numel(out_shapes[name])].view(out_shapes[name]))
             for name in self.output_names
         }
+        if self.dims is None:
+            return outputs
+        return check_outputs(self.spec, given, self.dims, outputs, self.source or self.spec.name, "TensorRT")
 
     def capture(self, shapes: dict[str, Shape]) -> None:
         """Run once at ``shapes`` on the current input buffers and capture its CUDA graph now (at
@@ -628,7 +635,7 @@ def load_tensorrt_engines(
     for name, (entry, engine) in chosen.items():
         engines[name] = TensorRTEngine(
             manifest.spec(name), engine, profile=entry_profile(manifest, entry, name), memory=memory,
-            cuda_graph=cuda_graph, source=engine_dir / entry["path"],
+            cuda_graph=cuda_graph, source=engine_dir / entry["path"], dims=manifest.model_dims,
         )
     for trt_engine in engines.values():
         static = all(lo == hi for lo, _, hi in trt_engine.ranges.values())
