@@ -429,6 +429,31 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
         LoraFile.parse(str(folder))
 
 
+@pytest.mark.parametrize(("tensors", "metadata", "refusal"), [
+    ({"lora_A": (0, 32), "lora_B": (32, 0)}, None, "has rank 0 and alpha 0; a LoRA's rank is a positive number"),
+    ({}, {"unet.r": 0, "unet.lora_alpha": 4}, "has rank 0 and alpha 4; a LoRA's rank is a positive number"),
+    ({}, {"unet.r": 4, "unet.lora_alpha": "x"}, "has rank 4 and alpha 'x'; a LoRA's rank is a positive number, its alpha"),
+    ({}, {"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"(": 3}},
+     "its metadata's pattern '(' is not a regular expression"),
+    ({"alpha": (2,)}, None, "to_q.alpha holds 2 values where an alpha is one number"),
+])
+def test_a_rank_or_alpha_that_gives_no_scale_is_refused_in_one_line(tmp_path, tensors, metadata, refusal):
+    """Each raised ZeroDivisionError, ValueError or re.error from the middle of read_updates."""
+    import json
+    import re
+
+    from sdexport.models.lora import read_updates
+
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    shapes = {"lora_A": (RANK, 32), "lora_B": (32, RANK), **tensors}
+    path = tmp_path / "odd.safetensors"
+    save_file({f"{module}.{name}" + (".weight" if name.startswith("lora") else ""): torch.ones(shape)
+               for name, shape in shapes.items()}, str(path),
+              metadata={"lora_adapter_metadata": json.dumps(metadata)} if metadata else None)
+    with pytest.raises(SdexportError, match=f"^--lora {path}: .*{re.escape(refusal)}"):
+        read_updates(LoraFile(path), "sd")
+
+
 def _kohya_text_encoder_state(alpha: float) -> tuple[dict[str, torch.Tensor], set[str]]:
     """kohya's text encoder names for attention without ``out_proj`` and for the MLPs: diffusers
     converts the first to its older layout and the second to its newer one, in one part."""

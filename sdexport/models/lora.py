@@ -208,7 +208,8 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
         if not part:
             continue
         # diffusers/PEFT names with kohya's alpha beside them: each "<module>.alpha" is the module's
-        alphas = {**alphas, **{f"{prefix}.{k}": float(part.pop(k)) for k in [k for k in part if k.endswith(".alpha")]}}
+        alphas = {**alphas, **{f"{prefix}.{k}": _alpha(lora, f"{prefix}.{k}", part.pop(k))
+                               for k in [k for k in part if k.endswith(".alpha")]}}
         try:
             peft = _to_peft(prefix, part)
             module_alphas = _alphas_by_module(prefix, alphas)
@@ -226,10 +227,16 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             known = resolve_name(module_alphas, module)
             alpha = module_alphas[known] if known is not None else None
             if config:  # PEFT's LoraConfig, as diffusers saved it: it decides, as it would for PEFT
-                rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
-                alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
-            alpha = float(rank if alpha is None else alpha)
-            scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+                try:
+                    rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
+                    alpha = _pattern(module, config.get("alpha_pattern"), config.get("lora_alpha", rank))
+                except ValueError as exc:
+                    raise SdexportError(f"--lora {lora.path}: {exc}") from None
+            alpha = rank if alpha is None else alpha
+            if not (_number(rank) and rank > 0 and _number(alpha)):  # (a rank of 0 divided by zero)
+                raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has rank {rank!r} and alpha {alpha!r}; "
+                                    "a LoRA's rank is a positive number, its alpha a number")
+            scaling = float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
             # (checked here, as float32: torch has no isfinite for float8 files; NaN images came after the whole run)
             if not (math.isfinite(scaling) and bool(down.float().isfinite().all()) and bool(up.float().isfinite().all())):
                 raise SdexportError(f"--lora {lora.path}: {prefix}.{module} holds NaN or infinite values (a damaged "
@@ -309,13 +316,30 @@ def _metadata(metadata: dict[str, Any], prefix: str) -> dict[str, Any]:
 
 
 def _pattern(module: str, patterns: dict[str, Any] | None, default: Any) -> Any:
-    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: a key matches a module name that ends with it."""
+    """PEFT's rule for ``rank_pattern``/``alpha_pattern``: a key matches a module name that ends with it.
+    A key that is no regular expression: ValueError."""
     import re
 
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
+        try:
+            if re.match(rf"(.*\.)?({key})$", module):
+                return value
+        except re.error as exc:
+            raise ValueError(f"its metadata's pattern {key!r} is not a regular expression ({exc})") from None
     return default
+
+
+def _number(value: Any) -> bool:
+    """An int or float (not a bool, not text): what a rank or an alpha must be (NaN is refused with
+    the weights' NaN, as the scale it makes)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _alpha(lora: LoraFile, key: str, tensor: Any) -> float:
+    """A kohya ``<module>.alpha``: one number."""
+    if tensor.numel() != 1:
+        raise SdexportError(f"--lora {lora.path}: {key} holds {tensor.numel()} values where an alpha is one number")
+    return float(tensor.float())
 
 
 def _to_peft(prefix: str, part: dict[str, Any]) -> dict[str, Any]:
