@@ -492,6 +492,27 @@ def test_a_damaged_tokenizer_file_or_a_foreign_ckpt_is_refused_before_torch_load
         assert said in err and err.count("\n") == 1, err
 
 
+def test_a_tokenizer_without_its_length_is_refused_before_torch_loads(tiny_diffusers_dir, tmp_path, capsys):
+    """Without tokenizer_config.json (or its model_max_length) transformers' tokenizer gives 10^30
+    tokens, which the export took for the text encoder's length: a ValueError after every weight
+    was loaded."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    config = model / "tokenizer" / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    config.unlink()
+    command = ["export", str(model), "-o", str(tmp_path / "out")]
+    assert _loaded(command) == [[]]
+    assert run_cli(*command) == 2
+    assert (f"error: {model / 'tokenizer'}: no tokenizer_config.json, whose model_max_length gives the prompt's length "
+            "in tokens (77 for CLIP)" in capsys.readouterr().err)
+    del settings["model_max_length"]
+    config.write_text(json.dumps(settings))
+    assert run_cli(*command) == 2
+    assert f"error: {config}: model_max_length None is not a sequence length" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_build_names_a_missing_directory_before_a_missing_tensorrt(tmp_path, capsys):
     """What the user typed first; on a machine without TensorRT, then, that it is missing."""
     for target in ("tensorrt", "onnxruntime-cuda"):

@@ -30,6 +30,7 @@ from sdexport.models.outline import (
     family_of_index,
     index_scheduler_class,
     read_json,
+    tokenizer_length,
 )
 from sdexport.specs import (
     SDXL_REFINER,
@@ -127,7 +128,7 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
     known = {s.name for s in components_for(family)}
     configs = {part: read_json(directory / folder / "config.json") for part, folder in PARTS.items()
                if folder in known}
-    lengths = {name: _tokenizer_length(directory / name) for name in tokenizer_names(family)}
+    lengths = {name: tokenizer_length(directory / name) for name in tokenizer_names(family)}
     latent = configs["vae"].get("latent_channels", 4)
     if configs["unet"].get("in_channels") not in (latent, 2 * latent + 1):
         raise SdexportError(
@@ -174,14 +175,6 @@ def family_of_pipeline(pipeline: str) -> str | None:
     other, such as the upscaler, depth-to-image, instruct-pix2pix, PAG or GLIGEN pipelines, whose
     models or guidance the runtime does not have."""
     return SUPPORTED_PIPELINES.get(pipeline.removeprefix("ORT"))
-
-
-def _tokenizer_length(folder: Path) -> int:
-    config = read_json(folder / "tokenizer_config.json")
-    length = config.get("model_max_length")
-    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 4096:
-        raise SdexportError(f"{folder}/tokenizer_config.json: model_max_length {length!r} is not a sequence length")
-    return length
 
 
 def adopt(

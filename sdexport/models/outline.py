@@ -158,11 +158,27 @@ TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map
 
 def _check_tokenizer_files(directory: Path, family: str) -> None:
     """The tokenizers' JSON files (every export loads them), read as the other configs are: a damaged
-    one was found only as transformers loaded it, after torch and diffusers."""
+    one was found only as transformers loaded it, after torch and diffusers. Each must give its
+    length (``tokenizer_length``)."""
     for name in tokenizer_names(family):
         for file in TOKENIZER_JSON:
             if (directory / name / file).is_file():
                 read_json(directory / name / file)
+        tokenizer_length(directory / name)
+
+
+def tokenizer_length(folder: Path) -> int:
+    """The tokens a prompt is read in: ``tokenizer_config.json``'s ``model_max_length``. Without the
+    file (or the key), transformers' tokenizer says 10^30, which the export took as the text
+    encoder's sequence length and failed on with a ValueError after loading every weight."""
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        raise ModelLoadError(f"{folder}: no tokenizer_config.json, whose model_max_length gives the prompt's length in "
+                             "tokens (77 for CLIP): copy it from the model this tokenizer came with")
+    length = read_json(config).get("model_max_length")
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 4096:
+        raise ModelLoadError(f"{config}: model_max_length {length!r} is not a sequence length (77 for CLIP)")
+    return length
 
 
 CLIP_SIZES = {"num_hidden_layers": 12, "hidden_size": 512}
