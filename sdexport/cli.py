@@ -1155,8 +1155,8 @@ def _batching(max_queue_delay_ms: float, max_queue_size: int) -> Any:
 
     if not 0 <= max_queue_delay_ms <= 60_000:
         raise SdexportError(f"--max-queue-delay-ms {max_queue_delay_ms:g}: from 0 to 60000")
-    if max_queue_size < 0:
-        raise SdexportError(f"--max-queue-size {max_queue_size}: 0 (no bound) or more")
+    if not 0 <= max_queue_size <= 2**32 - 1:  # (config.pbtxt's uint32: Triton cannot read a larger one)
+        raise SdexportError(f"--max-queue-size {max_queue_size}: 0 (no bound) to {2**32 - 1}")
     return Batching(max_queue_delay_us=round(max_queue_delay_ms * 1000), max_queue_size=max_queue_size)
 
 
@@ -1200,8 +1200,8 @@ def serve(
     verbose = verbosity() >= VERBOSE  # -v: Triton's log here, not in a file
     ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port, address=listen_address(address))
     batching = _batching(max_queue_delay_ms, max_queue_size)
-    if drain_timeout < 0 or startup_timeout < 1:
-        raise SdexportError("--drain-timeout must be 0 or more, --startup-timeout 1 or more")
+    if not 0 <= drain_timeout <= 2**31 - 1 or startup_timeout < 1:  # (Triton's --exit-timeout-secs is an int32)
+        raise SdexportError(f"--drain-timeout must be 0 to {2**31 - 1}, --startup-timeout 1 or more")
     check_ports(ports)  # the cheap refusals first; the engine directory's checks load libraries
     if log_file is not None:
         from sdexport.output_dir import refuse_inside_engine_dir, require_creatable

@@ -1371,6 +1371,20 @@ def test_a_step_limit_past_what_the_model_takes_is_refused(tiny_engine_dir, tmp_
     assert 'key: "max_steps" value: { string_value: "100" }' in (tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text()
 
 
+def test_values_past_what_triton_reads_are_refused_before_it_starts(tiny_engine_dir, tmp_path, capsys):
+    """config.pbtxt's max_queue_size is a uint32 and Triton's --exit-timeout-secs an int32:
+    triton-repo wrote a repository the server could not parse and said it was done; serve
+    failed after loading with no reason given, or printed Triton's 400-line usage."""
+    for command in (["serve"], ["triton-repo", "-o", tmp_path / "repo"]):
+        assert run_cli(command[0], tiny_engine_dir, *command[1:], "--max-queue-size", str(2**32)) == 2
+        assert capsys.readouterr().err.strip() == "error: --max-queue-size 4294967296: 0 (no bound) to 4294967295"
+    assert run_cli("serve", tiny_engine_dir, "--drain-timeout", str(2**31)) == 2
+    assert "--drain-timeout must be 0 to 2147483647" in capsys.readouterr().err
+    assert not (tmp_path / "repo").exists()
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo", "--max-queue-size", str(2**32 - 1)) == 0
+    assert "max_queue_size: 4294967295" in (tmp_path / "repo" / "sdexport" / "config.pbtxt").read_text()
+
+
 def test_triton_repo_replaces_only_its_own_repository(tiny_engine_dir, tmp_path, capsys):
     repository = tmp_path / "repo"
     assert run_cli("triton-repo", tiny_engine_dir, "-o", repository) == 0
