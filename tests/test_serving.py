@@ -1139,6 +1139,58 @@ def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path)
             assert report["errors"] == {} and report["succeeded"] == int(args[args.index("-n") + 1])
 
 
+def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
+    """A server (or a proxy before it) answering 200 with no image output, or too few images, was
+    counted a success, and its throughput reported. With --duration a request waits at most a minute
+    past its end (a server that never answered held `--duration 3` for 600 s)."""
+    import numpy as np
+    import tritonclient.http
+
+    from sdexport.serving import loadtest
+
+    answers = iter([None, np.array([[b"png"]], dtype=object), np.array([[b""], [b"png"]], dtype=object),
+                    np.array([[b"png"], [b"png"]], dtype=object), np.array([[b"png"]], dtype=object)])
+    timeouts = []
+
+    class Answer:
+        def __init__(self, images):
+            self.images = images
+
+        def as_numpy(self, name):
+            return self.images if name == "image" else None
+
+    class Server:
+        def __init__(self, *args, **kwargs):
+            timeouts.append(kwargs.get("network_timeout"))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def is_model_ready(self, model):
+            return True
+
+        def get_inference_statistics(self, model):
+            return {"model_stats": [{"execution_count": 0, "inference_count": 0}]}
+
+        def infer(self, model, inputs, outputs):
+            return Answer(next(answers))
+
+    monkeypatch.setattr(tritonclient.http, "InferenceServerClient", Server)
+    monkeypatch.setattr(loadtest, "STATS_SETTLE_S", 0.0)
+    plan = loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=4, prompts_per_request=2)
+    report = loadtest.run_load(plan, "a lighthouse")
+    assert report["succeeded"] == 1 and report["requests"] == 4
+    assert report["errors"] == {"answered without an image output": 1, "answered 1 image(s) for 2 prompt(s)": 1,
+                                "answered an empty image": 1}
+    assert 600.0 in timeouts
+    timeouts.clear()
+    loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=1, duration_s=3), "a lighthouse")
+    assert 63.0 in timeouts and 600.0 not in timeouts
+
+
 def test_loadtest_waits_for_triton_to_count_the_last_batch(monkeypatch):
     """Triton answers a batch before it counts it: the counters are read again until they cover
     every image answered, and taken as they are once the moment allowed has passed."""

@@ -23,6 +23,9 @@ IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
 """The image inputs a load test can send, and the flags that name their files."""
 MAX_CLIENTS = 1024
 """The most concurrent clients one load test starts (``--concurrency``)."""
+LATE_S = 60.0
+"""With ``--duration``, how long after its end a request may still go unanswered before it counts as
+timed out (without one, ``LoadPlan.timeout_s``)."""
 
 
 def check_url(url: str) -> None:
@@ -59,6 +62,7 @@ class LoadPlan:
     """Image inputs sent with every request, input name → file: an init image (img2img, and the SDXL
     refiner, which takes nothing else) and a mask (inpainting)."""
     timeout_s: float = 600.0
+    """How long a request may go unanswered; with ``duration_s``, at most ``LATE_S`` past its end."""
 
     def check(self) -> dict[str, bytes]:
         """Refuse a plan no server could answer, before any request; return the image inputs' bytes
@@ -151,6 +155,18 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q))
 
 
+def _missing_images(images: Any, wanted: int) -> str | None:
+    """Why an answer is not the request's images (None where it is): a server or proxy answering 200
+    without them was counted a success, and its throughput reported."""
+    if images is None:
+        return "answered without an image output"
+    if len(images) != wanted:
+        return f"answered {len(images)} image(s) for {wanted} prompt(s)"
+    if not all(len(row) and len(row[0]) for row in images):
+        return "answered an empty image"
+    return None
+
+
 def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Drive the load and return the report (see ``markdown`` for its fields in words).
 
@@ -189,16 +205,20 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
             return True
 
     inputs = infer_inputs(prompts, http, **plan.params, **files)  # the same request every time, made once
+    # a server that takes requests and never answers held `--duration 3` for the whole 600 s
+    timeout = min(plan.timeout_s, plan.duration_s + LATE_S) if plan.duration_s else plan.timeout_s
 
     def client() -> None:
-        with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
-                                        network_timeout=plan.timeout_s) as connection:
+        with http.InferenceServerClient(plan.url, connection_timeout=timeout, network_timeout=timeout) as connection:
             while take():
                 sent = time.perf_counter()
                 try:
-                    connection.infer(plan.model, inputs, outputs=[http.InferRequestedOutput("image", binary_data=True)])
+                    result = connection.infer(plan.model, inputs,
+                                              outputs=[http.InferRequestedOutput("image", binary_data=True)])
+                    message = _missing_images(result.as_numpy("image"), plan.prompts_per_request)
                 except Exception as exc:  # the server's message, counted, and the client goes on
                     message = _message(exc)
+                if message is not None:
                     with lock:
                         errors[message] = errors.get(message, 0) + 1
                     continue
