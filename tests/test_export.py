@@ -119,6 +119,9 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"block_out_channels": [32]}, "unet/config.json: Must provide the same number of `block_out_channels`"),
     ({"in_channels": "four"}, "the U-Net or VAE config has a value sdexport cannot read (invalid literal for int()"),
+    # what diffusers does not check: each gave a traceback (ZeroDivisionError, torch's RuntimeError)
+    ({"attention_head_dim": 0}, "unet/config.json: a value in it cannot build the model (ZeroDivisionError"),
+    ({"block_out_channels": [-32, -64]}, "a value in it cannot build the model (RuntimeError: Trying to create tensor"),
 ])
 def test_a_config_diffusers_refuses_is_one_line_naming_it(tiny_diffusers_dir: Path, tmp_path: Path, capsys, change,
                                                            message):

@@ -476,12 +476,29 @@ def _config_only(path: Path, cls: Any) -> Callable[[], torch.nn.Module]:
         def build() -> torch.nn.Module:
             try:
                 return cls.from_config(config)
-            except (ValueError, TypeError, KeyError, IndexError) as exc:  # diffusers' checks of the config
-                raise ModelLoadError(f"{path / 'config.json'}: {one_line(exc)}") from None
+            except Exception as exc:  # diffusers' checks of the config, or what a size of 0 or -1 breaks
+                raise ModelLoadError(f"{path / 'config.json'}: {_config_fault(exc)}") from None
 
         return build
     config = cls.config_class.from_pretrained(str(path))  # transformers
-    return lambda: cls(config)
+
+    def build_transformers() -> torch.nn.Module:
+        try:
+            return cls(config)
+        except Exception as exc:
+            raise ModelLoadError(f"{path / 'config.json'}: {_config_fault(exc)}") from None
+
+    return build_transformers
+
+
+def _config_fault(exc: Exception) -> str:
+    """What a module built from a config alone (no weight read) raised: the config's fault, whatever
+    the type (``attention_head_dim`` 0 divides by zero, a negative size makes torch refuse a tensor,
+    a VAE's ``layers_per_block`` 0 trips an assert)."""
+    why = one_line(exc)
+    if isinstance(exc, ValueError | TypeError | KeyError | IndexError):  # (diffusers' own words, as they were)
+        return why
+    return f"a value in it cannot build the model ({type(exc).__name__}: {why})"
 
 
 def _load_part(root: Path, name: str, load: Any) -> Any:
