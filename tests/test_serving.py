@@ -1564,6 +1564,12 @@ def test_serve_adds_to_a_triton_log_and_refuses_any_other_file(tiny_engine_dir, 
     with log.open("a") as handle:
         handle.write("I1206 02:10:00.000001 78 server.cc:1] failed to load 'sdexport': this run's\n")
     assert "this run's" in serving._reason(object(), RuntimeError("x"), log, earlier)
+    # a port taken after serve's check: the model's progress line is not the reason
+    log.write_text('I1206 12:00:00.000001 78 model_lifecycle.cc:472] "loading: sdexport:1"\n'
+                   "E1206 12:00:01.000001 78 main.cc:1] failed to start GRPC service: Unavailable - Socket "
+                   "'127.0.0.1:18061' already in use\n")
+    assert serving._reason(object(), RuntimeError("x"), log).endswith(
+        "failed to start GRPC service: Unavailable - Socket '127.0.0.1:18061' already in use")
 
 
 def test_a_log_file_that_is_not_a_regular_file_is_not_opened_to_look(tmp_path):

@@ -357,8 +357,10 @@ def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: 
             handle.seek(earlier)
             log += handle.read().decode(errors="replace")
     lines = [" ".join(line.split()) for line in log.splitlines()]
-    noise = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory", "CUDA driver")
-    for wanted in ("failed to load '", "sdexport:", "failed to load", "error:"):
+    # (a model's progress, '"loading: sdexport:1"', named the model and was taken for the reason
+    # where a port taken meanwhile had stopped the server: "failed to start GRPC service")
+    noise = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory", "CUDA driver", '"loading: ', "successfully loaded")
+    for wanted in ("failed to load '", "failed to start", "sdexport:", "failed to load", "error:"):
         for line in lines:
             if wanted.lower() in line.lower() and not any(n in line for n in noise):
                 return _model_error(line)[-600:]
