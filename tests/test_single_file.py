@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -392,6 +393,39 @@ def _vae_alone(checkpoint: Path, suffix: str, tmp_path: Path) -> Path:
     path = tmp_path / f"vae-alone{suffix}"
     save_file(vae, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": vae}, path)
     return path
+
+
+def test_weights_diffusers_converters_would_drop_are_refused_and_a_vae_trainings_loss_is_not(tiny_checkpoint,
+                                                                                             tmp_path):
+    """diffusers' U-Net and VAE converters copy every key under their prefix and keep those they
+    know: an unCLIP-like label_emb, a deeper U-Net's blocks or a stray VAE tensor were dropped, and
+    the export drew other images than the file (an audit's files). The VAE's reshaped attention
+    weights are not counted as dropped, nor is a VAE training checkpoint's loss network."""
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    _, checkpoint = tiny_checkpoint
+    weights = load_file(str(checkpoint))
+    width = weights["model.diffusion_model.time_embed.0.weight"].shape[0]
+    for extra, refusal in (({"model.diffusion_model.label_emb.0.0.weight": torch.zeros(width, 8)},
+                            "has 1 unet weights the --config architecture does not, e.g. model.diffusion_model.label_emb"),
+                           ({"first_stage_model.decoder.extra.weight": torch.zeros(4)},
+                            "has 1 vae weights the --config architecture does not, e.g. first_stage_model.decoder.extra")):
+        path = tmp_path / "more.safetensors"
+        save_file({**weights, **extra}, str(path))
+        with pytest.raises(ModelLoadError, match=re.escape(refusal)):
+            load_model(str(path), config="tiny", lazy=True)
+    trained = tmp_path / "trained.safetensors"
+    save_file({**weights, "first_stage_model.loss.discriminator.main.0.weight": torch.zeros(8, 3, 4, 4),
+               "first_stage_model.loss.logvar": torch.zeros(())}, str(trained))
+    load_model(str(trained), config="tiny", lazy=True)
+    vae = _vae_alone(trained, ".safetensors", tmp_path)  # (with its loss.*: no prefix, as a VAE file ships)
+    load_model("tiny", vae=str(vae))
+    save_file({**load_file(str(vae)), "decoder.extra.weight": torch.zeros(4)}, str(vae))
+    with pytest.raises(ModelLoadError, match=r"^--vae .*vae-alone.safetensors: the checkpoint has 1 vae weights the "
+                                             r"--config architecture does not, e.g. decoder.extra.weight;"):
+        load_model("tiny", vae=str(vae))
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])

@@ -64,6 +64,9 @@ class Part:
     name: str
     build: Callable[[], torch.nn.Module]
     convert: Converter
+    prefixes: tuple[str, ...] = ()
+    """Where its tensors are in the file, for diffusers' converters (``unused_weights``); the text
+    encoders' are matched key by key by their own converters."""
 
 
 def plan_components(
@@ -339,7 +342,7 @@ def _parts(config_dir: Path, family: str) -> list[Part]:
         def converted(module: torch.nn.Module, tensors: Tensors) -> dict[str, torch.Tensor]:
             _require_prefix(tensors, prefixes, what)
             return dict(convert(tensors, module.config))
-        return Part(name, lambda: cls.from_config(config), converted)
+        return Part(name, lambda: cls.from_config(config), converted, prefixes)
 
     def text_part(name: str, cls: Any, convert: Converter) -> Part:
         config = cls.config_class.from_pretrained(str(config_dir / name))
@@ -367,10 +370,13 @@ def load_vae_file(path: Path, architecture: Mapping[str, Any], dtype: torch.dtyp
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     config = dict(architecture)
-    part = Part("vae", lambda: AutoencoderKL.from_config(config),
-                lambda module, tensors: dict(convert_ldm_vae_checkpoint(tensors, module.config)))
     stamp = _identity(path)
-    _load_part(path, part, read_layout(path))  # keys and shapes, no weight read
+    layout = read_layout(path)
+    # (a whole checkpoint's VAE is under its prefix; a VAE file's tensors are all the VAE's, as diffusers reads them)
+    prefixes = VAE_PREFIXES if any(k.startswith(VAE_PREFIXES) for k in layout) else ("",)
+    part = Part("vae", lambda: AutoencoderKL.from_config(config),
+                lambda module, tensors: dict(convert_ldm_vae_checkpoint(tensors, module.config)), prefixes)
+    _load_part(path, part, layout)  # keys and shapes, no weight read
     return _builder(path, part, stamp, dtype)()
 
 
@@ -416,6 +422,8 @@ def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
             f"--config architecture, e.g. {', '.join(missing[:3])}; is --config the right model?"
         )
     extra = [k for k in weights.keys() - expected if not k.endswith(_HARMLESS_EXTRA)]
+    if not extra and isinstance(tensors, dict):  # the layout's check (its tensors are the file's, by identity)
+        extra = unused_weights(tensors, part.prefixes, weights)
     if extra:
         raise ModelLoadError(
             f"{path}: the checkpoint has {len(extra)} {name} weights the --config architecture does not, "
@@ -423,6 +431,44 @@ def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
         )
     weights = {k: v for k, v in weights.items() if k in expected}
     return _take(module, weights, part, path)
+
+
+def unused_weights(layout: Mapping[str, torch.Tensor], prefixes: tuple[str, ...],
+                   weights: Mapping[str, torch.Tensor]) -> list[str]:
+    """The file's tensors under ``prefixes`` that diffusers' converter left out of ``weights``.
+
+    The converters copy every key under their prefix, then pick the ones they know: a key they do
+    not (an unCLIP model's ``label_emb``, blocks of a deeper U-Net) is dropped without a word, and
+    the export draws other images than the file would. Converted from the layout (meta tensors),
+    ``weights`` holds the file's own tensor objects where a key was renamed, and new ones where it
+    was reshaped (the VAE's attention, 1x1 convolutions made linear): each of those accounts for a
+    tensor not taken as it is of as many values; what is left was dropped. Only prefixes the
+    converter took from count (a file's second VAE copy under another prefix is another matter)."""
+    from collections import Counter
+
+    taken = {id(t) for t in weights.values()}
+    ours = {k: t for k, t in layout.items() if k.startswith(prefixes)}
+    used = tuple(p for p in prefixes if any(k.startswith(p) and id(t) in taken for k, t in ours.items()))
+    mine = {id(t) for t in layout.values()}
+    reshaped = Counter(t.numel() for t in weights.values() if id(t) not in mine)
+    dropped = []
+    for key, tensor in sorted(ours.items()):
+        if not key.startswith(used) or id(tensor) in taken or _training_only(key, used):
+            continue
+        if reshaped[tensor.numel()]:
+            reshaped[tensor.numel()] -= 1
+        else:
+            dropped.append(key)
+    return dropped
+
+
+TRAINING_ONLY = ("loss.",)
+"""What a VAE's training checkpoint keeps beside the model (its discriminator, LPIPS network and
+log-variance): no part of the autoencoder, and rightly left by the converter."""
+
+
+def _training_only(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key.startswith(prefix) and key[len(prefix):].startswith(TRAINING_ONLY) for prefix in prefixes)
 
 
 def _take(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: Part, path: Path) -> torch.nn.Module:
