@@ -336,15 +336,19 @@ def test_inspect_lists_each_plan_and_the_one_a_run_loads(engine_copy, fake_tenso
     (static,) = build_engines(engine_copy, components=["unet"], static=True, refittable=True)
     fake_tensorrt["gpu"] = ("Other GPU", "9.0")
     (elsewhere,) = build_engines(engine_copy, components=["unet"])
+    fake_tensorrt["gpu"] = ("Third GPU", "9.0")
+    (exact,) = build_engines(engine_copy, components=["unet"], fp16=False)  # no fp16 flag: said to be fp32
     capsys.readouterr()
     assert run_cli("inspect", engine_copy, "--no-check") == 0
     shown = capsys.readouterr().out
     rows = {line.split("│")[2].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
             for line in shown.splitlines() if line.count("│") >= 8 and ".plan" in line}
-    assert set(rows) == {r.key.plan_name for r in (dynamic, static, elsewhere)}
+    assert set(rows) == {r.key.plan_name for r in (dynamic, static, elsewhere, exact)}
     loads = {plan: row[-1] for plan, row in rows.items()}
-    assert loads == {dynamic.key.plan_name: "", static.key.plan_name: "yes", elsewhere.key.plan_name: "yes"}
+    assert loads == {dynamic.key.plan_name: "", static.key.plan_name: "yes", elsewhere.key.plan_name: "yes",
+                     exact.key.plan_name: "yes"}
     assert "refittable, static shapes" in rows[static.key.plan_name][4]
+    assert rows[exact.key.plan_name][4].startswith("fp32") and not rows[static.key.plan_name][4].startswith("fp32")
     assert rows[elsewhere.key.plan_name][2].startswith("Other GPU (sm 9.0), TensorRT")
 
 

@@ -276,6 +276,16 @@ def test_quick_verification_is_counted_in_words(tmp_path, capsys):
     assert "skipped: opt, max, odd (quick verification)" in captured.err
 
 
+def test_verification_turned_off_is_said_so_not_counted():
+    """An export with ``--verify none`` skipped every point: the summary says verification was off,
+    not "0 points checked, 4 skipped by request"; a record without points says nothing."""
+    from sdexport.inspect_dir import points_words
+
+    assert points_words({"status": "skipped", "points": [{"label": n, "status": "skipped"} for n in "abcd"]}) == \
+        "off by request"
+    assert points_words({"status": "skipped"}) == ""
+
+
 def _bench_entry(name: str, e2e: list[float], stage_runs: list[tuple[float, list[float], float]]) -> dict:
     """A measured report entry: unmarked end-to-end samples, and marked runs (text, U-Net calls, VAE)
     whose overhead is the remainder of a total of 1.1 x their stages, as the harness records them."""

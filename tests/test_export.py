@@ -507,6 +507,30 @@ def test_inspect_prints_parity(tiny_engine_dir: Path, capsys):
     assert text.count("random weights") == 1 and "unet" in text and "verification, each component: 4 points checked" in " ".join(text.split())
 
 
+def test_inspect_shows_each_components_worst_error_and_its_whole_size(engine_copy: Path, capsys, monkeypatch):
+    """The table's max-abs and rel-L2 are the worst over the points checked (not the best), and a
+    graph's size counts its external weights file (``model.onnx.data``, which exports over 2 GB write)."""
+    from sdexport.console import out
+    from sdexport.inspect_dir import print_summary
+
+    monkeypatch.setattr(out, "_width", 250)  # a row a line
+    manifest = load_manifest(engine_copy)
+    (engine_copy / "unet" / "model.onnx.data").write_bytes(bytes(3 * 1024**2))
+    capsys.readouterr()
+    print_summary(engine_copy, manifest)
+    rows: dict[str, list[str]] = {}
+    for line in capsys.readouterr().out.splitlines():  # the components table's rows (the memory table's follow)
+        if line.count("│") == 8:
+            cells = [cell.strip() for cell in line.split("│")[1:-1]]
+            rows.setdefault(cells[0], cells)
+    for name, entry in manifest.components.items():
+        errors = [e for p in entry.parity["points"] for e in p.get("outputs", {}).values()]
+        assert len({e["max_abs"] for e in errors}) > 1, name  # (points that differ: the worst is one of them)
+        assert rows[name][3:5] == [f"{max(e['max_abs'] for e in errors):.2e}", f"{max(e['rel_l2'] for e in errors):.2e}"]
+    unet = (engine_copy / "unet" / "model.onnx").stat().st_size + 3 * 1024**2
+    assert rows["unet"][1] == f"{unet / 1024**2:,.1f} MB"
+
+
 def test_inspect_refuses_damaged_directory(engine_copy: Path, capsys):
     (engine_copy / "vae_decoder" / "model.onnx").write_bytes(b"garbage")
     assert run_cli("inspect", engine_copy) == 2

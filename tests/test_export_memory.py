@@ -7,6 +7,7 @@ The real sizes (SDXL in 16 GB) are measured by ``benchmarks/export_memory.py`` a
 from __future__ import annotations
 
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -294,6 +295,42 @@ def _incomplete() -> onnx.ModelProto:
         [helper.make_node("Mystery", ["x"], ["z"], domain="com.example"), helper.make_node("Relu", ["z"], ["r"])], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])], [helper.make_tensor_value_info("r", TensorProto.FLOAT, None)]),
         opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)], ir_version=RUNNABLE_IR)
+
+
+def test_a_graph_saved_with_external_weights_gives_them_the_graphs_own_mode(tmp_path: Path, monkeypatch):
+    """onnx writes the ``.data`` file of a graph over 2 GB owner-only: it is given the graph file's
+    mode, so that a server running as another user reads the weights as it reads the graph."""
+    import stat
+
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], initializer=[weight]))
+    monkeypatch.setattr(graph, "fits_in_protobuf", lambda model: False)  # as a U-Net over 2 GB
+    old = os.umask(0o022)
+    try:
+        saved = graph.save(model, tmp_path / "unet" / "model.onnx")
+    finally:
+        os.umask(old)
+    assert [p.name for p in saved] == ["model.onnx", "model.onnx.data"]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in saved}
+    assert modes["model.onnx.data"] == modes["model.onnx"] == 0o644
+
+
+def test_peak_live_bytes_of_tensors_of_data_dependent_sizes_only_is_unknown_not_zero():
+    """Where every tensor the graph makes has a size inference leaves symbolic (NonZero's count), the
+    estimate is None (cannot tell), not a peak of 0 bytes that a memory check would take as fitting."""
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["where"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
+        [helper.make_tensor_value_info("where", TensorProto.INT64, None)]), opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=RUNNABLE_IR)
+    assert graph.symbolic_shapes(model, auto_merge=False) is not None  # (inference itself is complete)
+    assert graph.peak_live_bytes(model, {"x": (1000,)}) is None
 
 
 def test_an_incomplete_shape_inference_writes_nothing_where_the_user_is(tmp_path: Path, monkeypatch):

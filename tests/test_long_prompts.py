@@ -280,7 +280,9 @@ def test_run_loads_engines_for_its_prompts_chunks(tiny_engine_dir, monkeypatch):
                   requests=[dataclasses.replace(REQUEST, prompt=["a cat"])])
     load_pipeline(tiny_engine_dir, "onnxruntime-cpu", request_profile=wanted, requests=[REQUEST],
                   read_chunks=(1, "asked to read one"))  # (the long prompt, read cut: the engines need one)
-    assert [p.chunks for p in seen] == [(2, 2, 2), (1, 1, 1), (1, 1, 1)]
+    load_pipeline(tiny_engine_dir, "onnxruntime-cpu", request_profile=wanted,  # the longest of several
+                  requests=[dataclasses.replace(REQUEST, prompt=["a cat"]), REQUEST])
+    assert [p.chunks for p in seen] == [(2, 2, 2), (1, 1, 1), (1, 1, 1), (2, 2, 2)]
 
 
 # From mutation testing round 6

@@ -610,6 +610,18 @@ def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir,
     assert not (tmp_path / "out").exists()
 
 
+def test_the_python_api_refuses_one_lora_given_without_a_list_in_one_line(tmp_path):
+    """``loras`` takes a list: one LoraFile, a path or the CLI's "file:scale" text given alone is
+    refused in one line saying so, before the directory is read (not a TypeError from iterating a
+    LoraFile or a path, nor a refusal of the text's first letter)."""
+    from sdexport.runtime.loading import load_pipeline
+
+    one = LoraFile(tmp_path / "style.safetensors", 0.8)
+    for given in (one, one.path, f"{one.path}:0.8"):
+        with pytest.raises(SdexportError, match="^loras: expected a list of LoraFile entries"):
+            load_pipeline(tmp_path / "not-read", "onnxruntime-cpu", loras=given)
+
+
 def test_bench_refuses_an_engine_dir_with_fused_lora(fused_dir, tmp_path, capsys):
     assert "has LoRA fused into its weights" in bench_refusal(fused_dir, tmp_path, capsys)
 

@@ -87,3 +87,20 @@ def test_an_unsorted_graph_is_refused_in_one_line(tiny_engine_dir: Path, tmp_pat
     with pytest.raises(SdexportError, match="not valid ONNX.*topologically sorted") as info:
         graph.check(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_graph_whose_types_do_not_infer_is_refused_in_one_line(tmp_path: Path):
+    """The full check's strict shape inference fails with its own error type (a float added to an
+    int64): refused as an invalid export in one line, as the checker's own errors are."""
+    from onnx import TensorProto, helper
+
+    add = helper.make_node("Add", ["x", "n"], ["y"])
+    model = helper.make_model(helper.make_graph(
+        [add], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                     helper.make_tensor_value_info("n", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])]), opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "model.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(SdexportError, match=rf"^{path}: the exported graph is not valid ONNX \(.*\); nothing was kept") as info:
+        graph.check(path)
+    assert "\n" not in str(info.value)

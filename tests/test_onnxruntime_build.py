@@ -152,7 +152,7 @@ def test_no_graph_rounds_the_timestep_to_fp16(built_dir: Path, where: str):
     assert not [n for n in uses if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16]
 
 
-def test_the_build_records_artifacts_fusions_and_parity(tiny_fp16_engine_dir: Path, built_dir: Path):
+def test_the_build_records_artifacts_fusions_and_parity(tiny_fp16_engine_dir: Path, built_dir: Path, capsys, monkeypatch):
     manifest = load_manifest(built_dir)  # every hash checks, the layout is closed
     before = load_manifest(tiny_fp16_engine_dir)
     for name, entry in manifest.components.items():
@@ -167,7 +167,15 @@ def test_the_build_records_artifacts_fusions_and_parity(tiny_fp16_engine_dir: Pa
         # the portable graph is untouched
         assert manifest.files[entry.onnx] == before.files[entry.onnx] == sha256_file(built_dir / entry.onnx)
     assert manifest.components["unet"].optimized[ob.TARGET]["fusions"]["MultiHeadAttention"] > 0
+    from sdexport.console import out
+
+    monkeypatch.setattr(out, "_width", 250)  # a row a line
+    capsys.readouterr()
     assert run_cli("inspect", built_dir) == 0
+    shown = capsys.readouterr().out  # a table of the fused graphs: what each fused and how it was checked
+    assert "ONNX Runtime CUDA graphs (sdexport build --target onnxruntime-cuda)" in shown
+    *_, unet = (line for line in shown.splitlines() if line.count("│") >= 6 and line.split("│")[1].strip() == "unet")
+    assert "MultiHeadAttention" in unet and "passed-cpu-variant" in unet and "CPU variant" in unet
 
 
 def test_a_second_build_reuses_and_force_rebuilds(built_dir: Path, tmp_path: Path, capsys):
@@ -296,6 +304,16 @@ def test_cuda_provider_options():
     assert all(isinstance(v, str) for v in fused.values())
 
 
+def test_provider_options_sdexport_sets_itself_are_refused_from_the_python_api_too():
+    """``load_pipeline(provider_options=...)`` reaches the sessions without the CLI's check: an option
+    that would undo the pipeline's stream or CUDA graphs is refused where the options are made."""
+    from sdexport.runtime.onnxruntime_backend import cuda_provider_options
+
+    for option in ("user_compute_stream", "enable_cuda_graph", "device_id"):
+        with pytest.raises(SdexportError, match=f"^--ort-option {option}: set by sdexport itself"):
+            cuda_provider_options(0, 1234, extra={option: "0"})
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--backend", "onnxruntime-cpu", "--cuda-graph"], "--cuda-graph: for --backend tensorrt or onnxruntime-cuda"),
     (["--backend", "onnxruntime-cpu", "--portable-graphs"], "--portable-graphs: for --backend onnxruntime-cuda"),
@@ -324,6 +342,57 @@ def test_the_manifest_schema_knows_the_record(built_dir: Path):
     from sdexport.manifest_schema import SCHEMA, first_error
 
     assert "tensorrt" in (first_error(SCHEMA, data) or "")
+
+
+def test_a_fused_graph_that_disagrees_with_the_reference_is_not_kept(tiny_fp16_engine_dir: Path, tmp_path: Path,
+                                                                      monkeypatch):
+    """Parity beyond the tolerance refuses the build, naming the component, the point and the error,
+    and leaves the directory as it was: no fused graph, no record of one for the runtime to pick."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, copy)
+    real = ob.parity
+
+    def disagreeing(*args, **kwargs):
+        report = real(*args, **kwargs)
+        point = report["points"][0]
+        output = next(iter(point["outputs"]))
+        point["outputs"][output]["rel_l2"] = 1.0
+        point["status"] = report["status"] = "failed"
+        return report
+
+    monkeypatch.setattr(ob, "parity", disagreeing)
+    with pytest.raises(SdexportError, match=r"^text_encoder: the fused graph disagrees with the fp32 reference .*"
+                                            r"min: \w+ rel-L2 1\.00e\+00.*nothing was kept"):
+        ob.build_onnxruntime(copy, components=["text_encoder"])
+    assert not load_manifest(copy).components["text_encoder"].optimized
+    assert not (copy / "text_encoder" / ob.TARGET).exists() and not list((copy / "text_encoder").glob(".*.tmp"))
+
+
+def test_parity_fails_where_any_output_is_off_though_the_others_agree(tiny_engine_dir: Path, tmp_path: Path):
+    """Every output of a point is held to the tolerance: a candidate whose pooled output alone is off
+    (its hidden states exact) fails the point and the check, naming that output."""
+    from onnx import helper
+
+    reference = tiny_engine_dir / "text_encoder" / "model.onnx"
+    model = onnx.load(str(reference))
+    pooled = next(o for o in model.graph.output if o.name == "pooler_output")
+    for node in model.graph.node:  # the pooled output, doubled on its way out
+        node.output[:] = ["pooled_raw" if name == pooled.name else name for name in node.output]
+        node.input[:] = ["pooled_raw" if name == pooled.name else name for name in node.input]
+    two = helper.make_tensor("two", onnx.TensorProto.FLOAT, [], [2.0])
+    model.graph.initializer.append(two)
+    model.graph.node.append(helper.make_node("Mul", ["pooled_raw", "two"], [pooled.name]))
+    candidate = tmp_path / "model.onnx"
+    onnx.save(model, str(candidate))
+    report = ob.parity(component("sd", "text_encoder"), reference, candidate,
+                       manifest=load_manifest(tiny_engine_dir, verify_files=False), provider="CPUExecutionProvider",
+                       dtype="fp32", variant="a candidate")
+    (point,) = report["points"]
+    assert point["outputs"]["last_hidden_state"]["rel_l2"] == 0 and point["outputs"]["pooler_output"]["rel_l2"] > 0.5
+    assert point["status"] == report["status"] == "failed"
+    with pytest.raises(SdexportError, match=r"min: pooler_output rel-L2") as info:
+        ob._require_parity("text_encoder", report)
+    assert "last_hidden_state" not in str(info.value)
 
 
 def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Path, tmp_path: Path):
@@ -530,6 +599,34 @@ def test_sd_sizes_pass_the_kernel_limits():
     assert all(ob.kernel_limits(node("BiasSplitGelu", h)) == {} for h in (2560, 5120, 10240))
     assert all(ob.kernel_limits(node("BiasAdd", c)) == {} for c in (320, 640, 1280))
     assert ob.kernel_limits(node("BiasAdd", 384)) == {"enable_bias_add": "BiasAdd of 384 channels (the kernel takes 320, 640, 1280)"}
+
+
+def test_packed_attention_heads_up_to_256_wide_pass_the_kernel_limits():
+    """Packed Q, K and V are taken at head sizes that are multiples of 8 up to 256 (flash's widest),
+    256 itself included; one multiple of 8 past it is fused unpacked."""
+    from onnx import TensorProto, helper
+
+    def packed(head: int) -> onnx.ModelProto:
+        shape = helper.make_tensor("shape", TensorProto.INT64, [5], [0, 0, 2, 3, head])
+        reshape = helper.make_node("Reshape", ["qkv", "shape"], ["packed"])
+        attention = helper.make_node("MultiHeadAttention", ["packed"], ["y"], domain=ob.CONTRIB_DOMAIN, num_heads=2)
+        return helper.make_model(helper.make_graph([reshape, attention], "g", [], [], initializer=[shape]))
+
+    assert ob.kernel_limits(packed(256)) == {} and ob.kernel_limits(packed(64)) == {}
+    assert set(ob.kernel_limits(packed(264))) == {"enable_packed_qkv"}
+
+
+def test_group_norms_of_up_to_512_channels_a_group_pass_the_kernel_limits():
+    """The GroupNorm kernel's block holds 512 channels of a group: 512 itself is taken, 514 is not."""
+    from onnx import TensorProto, helper
+
+    def norm(channels: int) -> onnx.ModelProto:
+        gamma = helper.make_tensor("gamma", TensorProto.FLOAT, [channels], [1.0] * channels)
+        node = helper.make_node("GroupNorm", ["x", "gamma"], ["y"], domain=ob.CONTRIB_DOMAIN, groups=2)
+        return helper.make_model(helper.make_graph([node], "g", [], [], initializer=[gamma]))
+
+    assert ob.kernel_limits(norm(2 * 512)) == {}
+    assert set(ob.kernel_limits(norm(2 * 514))) == {"enable_group_norm", "enable_skip_group_norm"}
 
 
 def test_an_fp32_sdxl_vae_decoder_stays_fp32_in_an_fp16_build(tiny_sdxl_engine_dir: Path, tmp_path: Path):

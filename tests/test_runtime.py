@@ -412,6 +412,23 @@ def test_the_torch_backends_fp32_vae_parts_keep_the_weights_as_loaded_beside_fp1
         assert next(engines[fp16].module.model.parameters()).dtype == torch.float16
 
 
+def test_closing_an_onnxruntime_engine_releases_its_session(tiny_engine_dir: Path):
+    """``close`` lets the session (and its memory arena) go at once, not whenever the engine itself is
+    collected: a server that replaces its model gets the memory back."""
+    import gc
+    import weakref
+
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.onnxruntime_backend import OnnxRuntimeEngine
+
+    manifest = load_manifest(tiny_engine_dir)
+    with OnnxRuntimeEngine(manifest.spec("text_encoder"), tiny_engine_dir / manifest.components["text_encoder"].onnx,
+                           dims=manifest.model_dims, profile=manifest.shape_profile) as engine:
+        session = weakref.ref(engine.session)
+    gc.collect()
+    assert engine.session is None and session() is None
+
+
 def test_runtime_does_not_hash_plans_for_other_gpus(engine_copy: Path, monkeypatch):
     """A plan is checked only by the TensorRT loader that picks it, never by every backend's load."""
     from sdexport.manifest import load_manifest, save_manifest

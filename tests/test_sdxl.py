@@ -249,7 +249,9 @@ def test_fp16_sdxl_decodes_in_fp32_as_diffusers_upcasts(tiny_sdxl_fp16_engine_di
     (png,) = result.save(tmp_path / "fox.png")
     assert json.loads(Image.open(png).text["sdexport"])["vae_decoder"] == "fp32"
     assert run_cli("inspect", directory) == 0
-    assert "runs decode with vae_decoder_fp32, not vae_decoder" in " ".join(capsys.readouterr().out.split())
+    said = " ".join(capsys.readouterr().out.split())
+    assert "runs decode with vae_decoder_fp32, not vae_decoder" in said
+    assert "the export has no" not in said  # (it has the fp16 decoder: the config, not its absence, upcasts)
     with cpu_only():
         torch_pipeline = load_pipeline(directory, "torch")
     assert torch_pipeline.engines["vae_decoder"].dtype == torch.float32 and torch_pipeline.fallback_vae is None
@@ -665,6 +667,26 @@ def test_guidance_one_and_empty_prompt_without_force_zeros(sdxl_model, pipelines
     got = pipeline(request)
     assert spy.feeds[-1]["text_embeds"][0].any()
     assert relative_l2(got.latents, DiffusersReference(plain)(request).latents) < LATENT_REL_L2
+
+
+def test_a_manifest_without_a_pipeline_config_zeroes_empty_prompts_as_diffusers_defaults(tiny_sdxl_engine_dir, tmp_path):
+    """A directory whose manifest records no ``pipeline_config`` (adopted, or from an sdexport before it
+    did) takes diffusers' default for SDXL, ``force_zeros_for_empty_prompt`` on; one that records it
+    off keeps it off."""
+    import shutil
+
+    directory = tmp_path / "sdxl"
+    shutil.copytree(tiny_sdxl_engine_dir, directory)
+    path = directory / "manifest.json"
+    data = json.loads(path.read_text())
+    for config, want in ((None, True), ({"force_zeros_for_empty_prompt": False}, False)):
+        data["model"].pop("pipeline_config", None)
+        if config is not None:
+            data["model"]["pipeline_config"] = config
+        path.write_text(json.dumps(data))
+        pipeline = load_pipeline(directory, "onnxruntime-cpu")
+        assert pipeline.force_zeros_for_empty_prompt is want
+        pipeline.close()
 
 
 class _FakeEngine:

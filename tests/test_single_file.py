@@ -193,6 +193,25 @@ def test_checkpoint_with_a_wrongly_shaped_weight_keeps_the_whole_explanation(tmp
     assert "size mismatch" in message and "fc1.weight" in message and "\n" not in message
 
 
+def test_a_checkpoint_with_weights_the_config_lacks_is_refused(tmp_path):
+    """A deeper text encoder than the --config's (a layer more): its extra weights are named and the
+    file refused, not dropped so that the layers the config has load as though nothing were amiss."""
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    path = tmp_path / "tiny.safetensors"
+    write_single_file_checkpoint(load_model("tiny"), path)
+    weights = load_file(str(path))
+    layers = PRESETS["tiny"].text_encoder["num_hidden_layers"]
+    prefix = "cond_stage_model.transformer.text_model.encoder.layers."
+    extra = {k.replace(f"{prefix}0.", f"{prefix}{layers}."): v.clone() for k, v in weights.items() if k.startswith(f"{prefix}0.")}
+    save_file({**weights, **extra}, str(path))
+    with pytest.raises(ModelLoadError, match=rf"has {len(extra)} text_encoder weights the --config architecture does "
+                                             rf"not, e\.g\. (text_model\.)?encoder\.layers\.{layers}\."):
+        load_model(str(path), config="tiny")
+
+
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     from sdexport.errors import ModelLoadError
 
@@ -508,6 +527,18 @@ def test_ckpt_round_trip(tmp_path: Path, nested: bool) -> None:
     assert_same_weights(original, loaded)
 
 
+def test_a_ckpt_holding_other_values_beside_its_tensors_is_read_for_its_tensors(tmp_path: Path) -> None:
+    """Training scripts save counters beside the weights (``global_step``, ``epoch``): the layout
+    leaves them out rather than take them for tensors (and fail on an int's shape)."""
+    from sdexport.models.single_file import read_layout
+
+    path = tmp_path / "model.ckpt"
+    torch.save({"model.diffusion_model.conv_in.weight": torch.zeros(2, 3), "global_step": 1234, "epoch": 7}, path)
+    layout = read_layout(path)
+    assert list(layout) == ["model.diffusion_model.conv_in.weight"]
+    assert layout["model.diffusion_model.conv_in.weight"].shape == (2, 3)
+
+
 def test_a_plain_fp8_checkpoint_loads_its_weights_as_they_were_cast(tiny_checkpoint, tmp_path: Path) -> None:
     """The README's "plain fp8 weights are read as they were cast": e4m3 U-Net weights come out as
     those values, in the model's dtype."""
@@ -730,6 +761,31 @@ def test_a_checkpoint_replaced_while_a_part_is_read_is_refused(tiny_checkpoint, 
     with pytest.raises(ModelLoadError, match="changed after sdexport checked it") as caught:
         loaded.materialize("unet")
     assert len(opened) == 2 and str(caught.value).count(str(path)) == 1
+
+
+def test_a_checkpoint_written_to_while_a_part_is_read_is_refused(tiny_checkpoint, monkeypatch) -> None:
+    """A file changed in place (same inode, new times) after it was opened: the part read from it
+    may hold tensors of both versions, so it is refused once read, not kept."""
+    import os
+
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.loader import is_skeleton
+    from sdexport.models.single_file import _Reader
+
+    _, path = tiny_checkpoint
+    loaded = load_model(str(path), config="tiny", lazy=True)
+    read = _Reader.read
+
+    def read_then_write(self: _Reader, key: str) -> torch.Tensor:
+        tensor = read(self, key)
+        stat = path.stat()  # (as a write to the file would leave it)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+        return tensor
+
+    monkeypatch.setattr(_Reader, "read", read_then_write)
+    with pytest.raises(ModelLoadError, match="changed after sdexport checked it"):
+        loaded.materialize("unet")
+    assert is_skeleton(loaded.modules["unet"])
 
 
 def test_each_text_encoder_tensor_is_read_once(tiny_checkpoint, reads) -> None:

@@ -52,6 +52,12 @@ def test_tensorrt_before_10_1_is_refused(monkeypatch, version):
         tensorrt_build.require_tensorrt()
 
 
+def test_tensorrt_10_1_itself_is_accepted(monkeypatch):
+    """10.1 is the floor (``device_memory_size_v2`` and ``set_device_memory`` arrived in it), not below it."""
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_tensorrt("10.1.0.27"))
+    assert tensorrt_build.require_tensorrt().__version__ == "10.1.0.27"
+
+
 def test_refittable_builds_are_refused_on_the_tensorrt_whose_refit_drops_biases(monkeypatch, tiny_fp16_engine_dir):
     """TensorRT 11.3.0's refit page: BuilderFlag.REFIT "may produce incorrect numerical output ... A
     GEMM bias can be dropped and treated as zero", even with no refit done."""
@@ -343,6 +349,15 @@ def test_the_runtime_passes_over_an_fp16_flag_plan_of_an_fp32_sdxl_vae_decoder(t
     manifest = load_manifest(directory, verify_files=False)
     assert select_engine(directory, manifest, "vae_decoder", fp32=True, **here)["path"].endswith(kept.path.name)
     assert select_engine(directory, manifest, "vae_decoder", **here)["path"].endswith(flagged.path.name)
+    # inspect's table says the same: the fp32 plan is the one a run loads, the newer flagged one passed over
+    from sdexport.console import out
+
+    monkeypatch.setattr(out, "_width", 250)  # a row a line
+    capsys.readouterr()
+    assert run_cli("inspect", directory, "--no-check") == 0
+    rows = {cells[1]: cells for line in capsys.readouterr().out.splitlines() if line.count("│") >= 8 and ".plan" in line
+            for cells in [[cell.strip() for cell in line.split("│")[1:-1]]]}
+    assert rows[kept.path.name][-1] == "yes" and rows[flagged.path.name][-1] == "passed over (fp16 builder flag)"
     # asked for shapes only the passed-over plan covers, the refusal says why that one does not count
     exported = manifest.shape_profile
     narrow = exported.with_ranges(height=f"{exported.height[0]}:{exported.height[0]}:{exported.height[0]}")
@@ -620,6 +635,15 @@ def test_shapes_outside_the_plan_are_refused_before_running(engine_factory):
     assert engine.engine.executions == 0
 
 
+def test_shapes_below_the_plan_are_refused_before_running_too(engine_factory):
+    """The lower end of the plan's range is checked as its upper end is: a batch below the profile's
+    minimum is refused in sdexport's words, naming the range, before anything is copied or run."""
+    engine = engine_factory()
+    with pytest.raises(ProfileError, match=r"axis 0 \(B\) is 1, but this TensorRT engine was built for B in \[2, 4\]"):
+        engine(_feed(batch=1))
+    assert engine.engine.executions == 0
+
+
 def test_cuda_graph_is_captured_on_first_use_and_replayed(engine_factory):
     engine = engine_factory(cuda_graph=True)
     plan = engine.engine
@@ -689,6 +713,22 @@ def test_a_failed_capture_frees_its_context_after_the_stream_is_done(engine_fact
     assert syncs_and_frees == ["sync", "context"], syncs_and_frees
 
 
+def test_the_least_recently_used_graph_is_the_one_evicted(engine_factory, monkeypatch):
+    """Past MAX_GRAPHS the graph dropped is the one replayed longest ago, not the one captured first:
+    a pipeline alternating between its usual shapes and occasional others keeps its usual graph."""
+    from sdexport.runtime import tensorrt_backend
+
+    monkeypatch.setattr(tensorrt_backend, "MAX_GRAPHS", 2)
+    engine = engine_factory(cuda_graph=True)
+    usual, other, third = _feed(), _feed(batch=4, side=16), _feed(batch=3, side=12)
+    engine(usual)
+    engine(other)
+    engine(usual)  # replayed: now the most recently used
+    engine(third)  # a third set of shapes: ``other`` goes
+    sample = engine.input_names.index("sample")
+    assert [shapes[sample] for shapes in engine._graphs] == [(2, 4, 8, 8), (3, 4, 12, 12)]
+
+
 def test_capture_ahead_of_the_first_call(engine_factory):
     engine = engine_factory(cuda_graph=True)
     engine.capture({"sample": (2, 4, 8, 8), "timestep": (), "encoder_hidden_states": (2, 8, 16)})
@@ -712,6 +752,22 @@ def test_shared_memory_serves_every_engine_and_repoints_on_growth(engine_factory
     assert small.context.device_memory == big.context.device_memory == (memory.address, memory.nbytes)
     assert not small._graphs  # captured against the old block: dropped
     big.close()
+
+
+def test_binding_an_engine_the_block_already_fits_keeps_the_block_and_the_graphs(engine_factory):
+    """The block grows only for a larger engine: one that needs no more than it holds (every engine
+    but the largest, after ``load_tensorrt_engines`` reserved for that one) binds to it as it is, so
+    the graphs other engines captured on it stay valid."""
+    from sdexport.runtime.tensorrt_backend import SharedDeviceMemory
+
+    memory = SharedDeviceMemory(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream())
+    first = engine_factory(memory=memory, cuda_graph=True)
+    first(_feed())
+    size = memory.nbytes
+    engine_factory(memory=memory)  # the same plan: as much memory as the block holds
+    memory.reserve(size)
+    assert memory.nbytes == size and first._graphs
+    assert first.context.device_memory == (memory.address, size)
 
 
 def test_close_destroys_context_before_engine_and_leaves_no_cycle(engine_factory):
@@ -828,6 +884,19 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
     with pytest.raises(SdexportError, match="needs 1 more weights to refit with these .e.g. kept_bias"):
         refit(engine, {"kept": np.zeros((2, 2), np.float16)}, source)
     assert engine.refits == 0
+
+
+def test_a_refit_tensorrt_fails_is_refused_not_run_with_the_old_weights(trt, logger, tmp_path, monkeypatch):
+    """Every weight accepted, TensorRT's refit itself may still fail: the run stops there, rather than
+    draw with the engine's old weights as though the LoRA were applied."""
+    from sdexport.errors import SdexportError
+    from sdexport.runtime.tensorrt_backend import refit
+
+    monkeypatch.setattr(fake_tensorrt.FakeRefitter, "refit_cuda_engine", lambda self: False)
+    engine = _refittable(trt, {"w": (2, 2)})
+    with pytest.raises(SdexportError, match=r"unet/plan: TensorRT could not refit the engine"):
+        refit(engine, {"w": np.ones((2, 2), np.float16)}, tmp_path / "engines" / "unet" / "plan")
+    assert engine.refits == 0 and not engine.weights["w"].any()
 
 
 def test_weights_tensorrt_fused_with_a_changed_one_are_given_again_as_exported(trt, logger, tmp_path):
@@ -990,6 +1059,72 @@ def test_a_timing_cache_file_sdexport_did_not_write_is_read_never_replaced(trt, 
     ours.write_bytes(b"changed since")
     tensorrt_build.build_engines(directory, components=["unet"], timing_cache=ours, force=True)
     assert ours.read_bytes() == b"changed since" and "not written by sdexport" in capsys.readouterr().err
+
+
+def _loadable_unet_plan(engine_dir: Path, tmp_path: Path, monkeypatch, version: str) -> tuple[Path, Any]:
+    """A copy of ``engine_dir`` with a U-Net plan the fake runtime can load (``plan_bytes``), built
+    against a fake TensorRT ``version``; the loader's device memory on the CPU."""
+    from sdexport.runtime import tensorrt_backend
+
+    trt = fake_tensorrt.make_tensorrt(version)
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    fake_tensorrt.fake_cuda(monkeypatch)
+    Recorder(trt).install(monkeypatch)
+    monkeypatch.setattr(tensorrt_build, "_build_plan", lambda *args: memoryview(fake_tensorrt.plan_bytes(RANGES)))
+    real = tensorrt_backend.SharedDeviceMemory
+    monkeypatch.setattr(tensorrt_backend, "SharedDeviceMemory",
+                        lambda *args, **kwargs: real(device=torch.device("cpu"), stream=fake_tensorrt.FakeStream()))
+    directory = _copy(engine_dir, tmp_path)
+    (built,) = tensorrt_build.build_engines(directory, components=["unet"], fp16=False)
+    return directory, built
+
+
+def test_the_tensorrt_loader_refuses_a_plan_that_is_not_the_one_built(tiny_engine_dir, tmp_path, monkeypatch):
+    """The plan a run picks is checked against its sha256 before TensorRT reads it: one replaced or
+    damaged since the build (here by a plan TensorRT could load) is refused, naming it, not run."""
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.tensorrt_backend import load_tensorrt_engines
+
+    directory, built = _loadable_unet_plan(tiny_engine_dir, tmp_path, monkeypatch, "10.13.3.9")
+    manifest = load_manifest(directory, verify_files=False)
+    (engine,) = load_tensorrt_engines(directory, manifest, ["unet"]).values()
+    assert engine.source == built.path
+    engine.close()
+    other = {name: tuple(tuple(2 * d for d in shape) for shape in shapes) for name, shapes in RANGES.items()}
+    built.path.write_bytes(fake_tensorrt.plan_bytes(other))
+    with pytest.raises(EngineDirError, match=f"{built.path.parent.name}/{built.path.name}.*does not match its sha256"):
+        load_tensorrt_engines(directory, manifest, ["unet"])
+
+
+def test_a_refittable_plan_is_loaded_with_a_warning_on_the_tensorrt_whose_refit_drops_biases(
+        tiny_engine_dir, tmp_path, monkeypatch, capsys):
+    """TensorRT 11.3's refittable engines may compute wrongly with no refit at all: a run that loads
+    one (a plan built elsewhere, or before sdexport refused such builds) says so; other plans, and
+    other TensorRT versions, load without a word."""
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime import tensorrt_backend
+
+    real = tensorrt_backend.deserialize_plan
+
+    def refittable(path: Path, runtime: Any = None) -> Any:
+        engine = real(path, runtime)
+        engine.refittable = True
+        return engine
+
+    for version, warned in (("11.3.0.4", True), ("11.4.0.1", False)):
+        directory, _ = _loadable_unet_plan(tiny_engine_dir, tmp_path / version, monkeypatch, version)
+        manifest = load_manifest(directory, verify_files=False)
+        with monkeypatch.context() as patch:
+            patch.setattr(tensorrt_backend, "deserialize_plan", refittable)
+            capsys.readouterr()
+            (engine,) = tensorrt_backend.load_tensorrt_engines(directory, manifest, ["unet"]).values()
+        engine.close()
+        said = " ".join(capsys.readouterr().err.split())
+        assert (f"is refittable: TensorRT {version}'s refittable engines may drop a matrix product's bias" in said) is warned
+    capsys.readouterr()
+    (engine,) = tensorrt_backend.load_tensorrt_engines(directory, manifest, ["unet"]).values()  # not refittable
+    engine.close()
+    assert "refittable" not in capsys.readouterr().err
 
 
 def test_a_plan_tensorrt_cannot_load_is_one_line_with_its_own_reason(trt, tmp_path, monkeypatch, capsys):
