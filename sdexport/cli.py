@@ -1380,13 +1380,19 @@ def loadtest(
     refuse_inside_engine_dir(target, f"-o {output}", itself=True)
     for name in ("loadtest.json", "loadtest.md"):
         if (target / name).exists() and not _load_report_beside(target, name):
-            raise SdexportError(f"-o {output}: {target / name} exists and was not written by sdexport loadtest; "
+            raise SdexportError(f"-o {output}: {target / name} exists and is not as sdexport loadtest wrote it; "
                                 "choose another folder")
     report = run_load(plan, prompt, files)
     target.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
+    from sdexport.manifest import sha256_file
+
+    # the JSON first (it holds everything), the table, then the JSON again with the table's hash:
+    # a table annotated by hand is not replaced by the next run (``_load_report_beside``)
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     write_atomic(target / "loadtest.md", text)
+    report["written"] = {"loadtest.md": sha256_file(target / "loadtest.md")}
+    write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     _print_markdown(text)
     if not report["succeeded"] and report["errors"]:
         first = next(iter(report["errors"]))
@@ -1396,17 +1402,25 @@ def loadtest(
 
 
 def _load_report_beside(folder: Path, name: str) -> bool:
-    """Whether ``folder/name`` may be replaced: the folder holds an earlier ``loadtest.json``."""
+    """Whether ``folder/name`` may be replaced: the folder holds an earlier ``loadtest.json``, and the
+    table is as that run wrote it (its hash, in the report's ``written``; reports from before that
+    record are judged by the names, as they were)."""
     import json
 
     from sdexport.atomic import read_regular
+    from sdexport.manifest import sha256_file
 
     path = folder / "loadtest.json"
     try:
         report = json.loads(read_regular(path).decode("utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and {"latency_s", "concurrency", "server"} <= set(report) and (folder / name).is_file()
+    if not (isinstance(report, dict) and {"latency_s", "concurrency", "server"} <= set(report)):
+        return False
+    if not (folder / name).is_file() or (folder / name).is_symlink():
+        return False
+    written = report.get("written")
+    return name == "loadtest.json" or not isinstance(written, dict) or written.get(name) == sha256_file(folder / name)
 
 
 def _with_verbosity_options(command: Any) -> Any:

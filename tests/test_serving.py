@@ -1139,18 +1139,14 @@ def test_the_readme_requests_work_when_pasted(server, tiny_engine_dir, tmp_path)
             assert report["errors"] == {} and report["succeeded"] == int(args[args.index("-n") + 1])
 
 
-def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
-    """A server (or a proxy before it) answering 200 with no image output, or too few images, was
-    counted a success, and its throughput reported. With --duration a request waits at most a minute
-    past its end (a server that never answered held `--duration 3` for 600 s)."""
-    import numpy as np
+def _fake_triton(monkeypatch, answers: list) -> list:
+    """tritonclient's HTTP client answering each request with the next of ``answers`` (its image
+    output, or None for none); returns the request timeouts its clients were given."""
     import tritonclient.http
 
     from sdexport.serving import loadtest
 
-    answers = iter([None, np.array([[b"png"]], dtype=object), np.array([[b""], [b"png"]], dtype=object),
-                    np.array([[b"png"], [b"png"]], dtype=object), np.array([[b"png"]], dtype=object)])
-    timeouts = []
+    pending, timeouts = iter(answers), []
 
     class Answer:
         def __init__(self, images):
@@ -1176,10 +1172,41 @@ def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
             return {"model_stats": [{"execution_count": 0, "inference_count": 0}]}
 
         def infer(self, model, inputs, outputs):
-            return Answer(next(answers))
+            return Answer(next(pending))
 
     monkeypatch.setattr(tritonclient.http, "InferenceServerClient", Server)
     monkeypatch.setattr(loadtest, "STATS_SETTLE_S", 0.0)
+    return timeouts
+
+
+def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypatch, tmp_path, capsys):
+    """A loadtest.md annotated by hand beside the run's loadtest.json was replaced by the next run
+    (an audit's finding): the report records the table's hash, and an edited table is refused."""
+    import numpy as np
+
+    _fake_triton(monkeypatch, [np.array([[b"png"]], dtype=object)] * 4)
+    out = tmp_path / "load"
+    for _ in range(2):  # the second run replaces the first's report
+        assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 0
+    table = out / "loadtest.md"
+    table.write_text(table.read_text() + "\nmy analysis\n")
+    capsys.readouterr()
+    assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 2
+    assert f"{table} exists and is not as sdexport loadtest wrote it" in capsys.readouterr().err
+    assert table.read_text().endswith("my analysis\n")
+
+
+def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
+    """A server (or a proxy before it) answering 200 with no image output, or too few images, was
+    counted a success, and its throughput reported. With --duration a request waits at most a minute
+    past its end (a server that never answered held `--duration 3` for 600 s)."""
+    import numpy as np
+
+    from sdexport.serving import loadtest
+
+    timeouts = _fake_triton(monkeypatch, [None, np.array([[b"png"]], dtype=object),
+                                          np.array([[b""], [b"png"]], dtype=object),
+                                          np.array([[b"png"], [b"png"]], dtype=object), np.array([[b"png"]], dtype=object)])
     plan = loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=4, prompts_per_request=2)
     report = loadtest.run_load(plan, "a lighthouse")
     assert report["succeeded"] == 1 and report["requests"] == 4
