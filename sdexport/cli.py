@@ -1200,7 +1200,7 @@ def serve(
     verbose = verbosity() >= VERBOSE  # -v: Triton's log here, not in a file
     ports = Ports(http=http_port, grpc=grpc_port, metrics=metrics_port, address=listen_address(address))
     batching = _batching(max_queue_delay_ms, max_queue_size)
-    if not 0 <= drain_timeout <= 2**31 - 1 or startup_timeout < 1:  # (Triton's --exit-timeout-secs is an int32)
+    if not 0 <= drain_timeout <= 2**31 - 1 or startup_timeout < 1:  # (Triton's exit timeout, an int32)
         raise SdexportError(f"--drain-timeout must be 0 to {2**31 - 1}, --startup-timeout 1 or more")
     check_ports(ports)  # the cheap refusals first; the engine directory's checks load libraries
     if log_file is not None:
