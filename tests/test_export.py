@@ -122,6 +122,8 @@ def test_diffusers_directory_exports(tiny_diffusers_dir: Path, tmp_path: Path):
     # what diffusers does not check: each gave a traceback (ZeroDivisionError, torch's RuntimeError)
     ({"attention_head_dim": 0}, "unet/config.json: a value in it cannot build the model (ZeroDivisionError"),
     ({"block_out_channels": [-32, -64]}, "a value in it cannot build the model (RuntimeError: Trying to create tensor"),
+    # one block type as a string: its letters were counted as blocks ("not a multiple of 4194304")
+    ({"down_block_types": "CrossAttnDownBlock2D"}, "cannot read (expected a list of blocks, got 'CrossAttnDownBlock2D')"),
 ])
 def test_a_config_diffusers_refuses_is_one_line_naming_it(tiny_diffusers_dir: Path, tmp_path: Path, capsys, change,
                                                            message):

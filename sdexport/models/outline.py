@@ -284,7 +284,11 @@ def halvings(blocks: Sequence[Any]) -> int:
     """The factor a stack of ``blocks`` shrinks an image by per side: each block but the last halves
     it. A VAE's ``block_out_channels`` give its scale factor (pixels per latent, diffusers'
     ``vae_scale_factor``), a U-Net's ``down_block_types`` its downsampling, a ControlNet's
-    ``conditioning_embedding_out_channels`` its image encoder's: one rule, read once."""
+    ``conditioning_embedding_out_channels`` its image encoder's: one rule, read once. Anything but a
+    non-empty list is a TypeError (a block type given as one string counted its letters: "height min
+    256 is not a multiple of 4194304")."""
+    if isinstance(blocks, str | bytes) or not isinstance(blocks, Sequence) or not blocks:
+        raise TypeError(f"expected a list of blocks, got {blocks!r}")
     return 2 ** (len(blocks) - 1)
 
 
