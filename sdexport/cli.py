@@ -867,6 +867,12 @@ def _generate(
         pipeline.truncations(whole)  # (the parts' own warnings then say nothing more)
     paths = output_paths(output, sum(part.batch for part in parts))
     saved = 0
+
+    def wrote(path: Path) -> None:
+        """Each image as it goes in place: a later one (or call) may fail, on a full disk say."""
+        print_result(str(path))
+        stopping.keep("images", _written(paths[:paths.index(path) + 1], len(paths)))
+
     for k, part in enumerate(parts):
         result = _denoise(pipeline, part, "Denoising")
         prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
@@ -883,13 +889,10 @@ def _generate(
             prefix = f"{prefix}refiner: "
             # the mask is the refiner's input too (it blends the base model's latents back outside it)
             own = {key: v for key, v in (inputs or {}).items() if key in ("mask", "fit")} if part.mask is not None else None
-            save_images(result, output, own, first=saved, count=len(paths), per_image={"base": base})
+            save_images(result, output, own, first=saved, count=len(paths), per_image={"base": base}, on_written=wrote)
         else:
-            save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image)
-        for path in paths[saved:saved + part.batch]:  # as they are written: a later call may fail
-            print_result(str(path))
+            save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image, on_written=wrote)
         saved += part.batch
-        stopping.keep("images", _written(paths[:saved], len(paths)))
         console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random weights: the images are noise-like by design")

@@ -228,6 +228,33 @@ def test_a_run_stopped_between_calls_names_the_images_it_had_written(tiny_engine
     assert sorted(tmp_path.iterdir()) == written
 
 
+def test_a_full_disk_in_the_middle_of_a_calls_images_names_those_written(tiny_engine_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """One call of two images, the disk full at the second: the first was whole on disk but neither
+    listed on stdout nor named by the error (an audit's tmpfs). Each image is listed as it goes in."""
+    import errno
+
+    from sdexport.runtime import images
+
+    real, saves = images._save, []
+
+    def full_at_the_second(*args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(images, "_save", full_at_the_second)
+    out = tmp_path / "b.png"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--batch", "2", "--steps", "1", "-o", out) == 1
+    captured = capsys.readouterr()
+    first = tmp_path / "b-0.png"
+    assert captured.out.split() == [str(first)]
+    assert captured.err.strip().endswith(f"No space left on device; free some space or write elsewhere; already "
+                                         f"written: {first} (1 of 2 images)")
+    assert sorted(tmp_path.iterdir()) == [first]
+
+
 def test_a_path_with_colons_is_printed_as_written_not_as_an_emoji(tiny_engine_dir, tmp_path, capsys):
     """rich read ``:fire:`` in a file name as an emoji: stdout named a file that does not exist."""
     out = tmp_path / "a:fire:b.png"

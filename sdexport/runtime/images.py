@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,12 +151,14 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
 
 def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | None = None, *,
                 first: int = 0, count: int | None = None, label: str | None = None,
-                per_image: dict[str, list[Any]] | None = None) -> list[Path]:
+                per_image: dict[str, list[Any]] | None = None,
+                on_written: Callable[[Path], None] | None = None) -> list[Path]:
     """Write ``result``'s images to ``output`` (``NAME-0.EXT``, ... for several) in the format of its
     suffix, each with the parameters that made it; ``info`` adds to (and overrides) ``result.info``,
     and ``per_image`` adds each image's own value of a key (a list over all ``count`` images, such
     as the control image files given one per image). ``first`` and ``count``: the images are
-    numbers ``first``... of ``count`` written in several calls.
+    numbers ``first``... of ``count`` written in several calls. ``on_written(path)``: after each
+    image is in place (a later one may fail: the caller can say which are written).
 
     Refuses to replace a file sdexport did not write; each file appears whole or not at all.
     """
@@ -166,6 +169,8 @@ def save_images(result: GenerationResult, output: Path, info: dict[str, Any] | N
         with atomic_path(path) as tmp:
             own = {name: values[first + i] for name, values in (per_image or {}).items()}
             _save(result, i, {**result.info, **(info or {}), **own}, tmp, image_format(path))
+        if on_written is not None:
+            on_written(path)
     return paths
 
 
