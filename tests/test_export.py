@@ -157,6 +157,31 @@ def test_a_preset_changed_since_the_export_is_not_taken_for_it(engine_copy: Path
     assert run_cli(*run) == 0
 
 
+def test_a_weight_file_replaced_after_it_was_hashed_is_refused_not_recorded(tiny_diffusers_dir: Path, tmp_path: Path,
+                                                                            monkeypatch, capsys):
+    """A diffusers folder's files are hashed first and each part read later: a U-Net file replaced in
+    between (`mv` of a new one) gave a manifest recording the old file's hash beside graphs of the
+    new weights, which the Torch backend then refused, or ran, wrongly (an audit's race)."""
+    from sdexport.export import exporter
+
+    model = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    real = exporter.fingerprint
+
+    def then_replaced(files):
+        hashed = real(files)
+        shutil.copy(weights, tmp_path / "new.safetensors")
+        os.replace(tmp_path / "new.safetensors", weights)  # the same bytes, another file: as a `mv` leaves it
+        return hashed
+
+    monkeypatch.setattr(exporter, "fingerprint", then_replaced)
+    out = tmp_path / "out"
+    assert run_cli("export", model, "-o", out, "--verify", "none") == 2
+    assert (f"error: {weights.absolute()}: the file changed while the export read it (its size, times or inode)"
+            in capsys.readouterr().err)
+    assert not out.exists()
+
+
 def test_the_torch_backend_refuses_weights_changed_since_the_export(tiny_diffusers_dir: Path, tmp_path: Path, capsys):
     """The export records the sha256 of each weight file it read; the Torch backend, which reloads
     them, refuses a changed or missing one (the ONNX graphs still run), and runs again once restored."""

@@ -41,7 +41,7 @@ from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.manifest_schema import format_version_for
 from sdexport.models import LoadedModel, load_model
-from sdexport.models.source_files import fingerprint, source_weight_files
+from sdexport.models.source_files import check_stamps, fingerprint, source_weight_files, stamps
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_model_scheduler
 from sdexport.shapes import ShapeProfile
@@ -87,6 +87,7 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
             config_dir = options.config if options.config and Path(options.config).is_dir() else None
             check_model_scheduler(model.scheduler_config, config_dir or model_ref)  # where it was read
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})
+        taken = stamps(read)  # (before the hashes: a file replaced meanwhile is caught at the end)
         if read:  # for the Torch backend's reload to prove it runs the same weights
             with step(f"Hashing the {len(read)} weight file(s) the export reads"):
                 model.source = {**model.source, "files": fingerprint(read)}
@@ -115,6 +116,7 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
                 console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
             model.label += " + embeddings " + ", ".join(e.word for e in options.embeddings)
         manifest = _export_into(staging, model, model_ref, plan.specs, plan.profile, options, loras, memory, embeddings)
+        check_stamps(taken)  # every part was read from the files hashed (else the staging folder goes)
     _record_runnable(out_dir, manifest)
     return manifest
 

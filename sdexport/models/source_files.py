@@ -17,8 +17,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sdexport.errors import EngineDirError
-from sdexport.hash_records import file_sha256
+from sdexport.errors import EngineDirError, ModelLoadError
+from sdexport.hash_records import file_sha256, identity
 from sdexport.models.outline import PIPELINE_PARTS, is_vae_file, library_of, weight_files
 from sdexport.models.part_sources import adapter_records
 
@@ -50,6 +50,26 @@ def fingerprint(files: Iterable[Path]) -> dict[str, str]:
     hashed through, and a link pointed elsewhere later is another file's hash), each hash recorded
     for the reload to trust."""
     return {str(path.absolute()): file_sha256(path.absolute()) for path in files}
+
+
+def stamps(files: Iterable[Path]) -> dict[Path, list[int]]:
+    """Each file's identity (size, times, inode, device) now, for ``check_stamps`` once it was read."""
+    return {path: identity(path.stat()) for path in files}
+
+
+def check_stamps(taken: Mapping[Path, list[int]]) -> None:
+    """Refuse a file that is no longer the one stamped. A diffusers folder's weights are hashed before
+    the export reads them, one part at a time: a file replaced in between gave a manifest recording
+    the old file's hash beside graphs of the new one's weights (an audit's race; a single file is
+    stamped on its own, ``single_file.check_unchanged``)."""
+    for path, stamp in taken.items():
+        try:
+            now = identity(path.stat())
+        except OSError:
+            now = None
+        if now != stamp:
+            raise ModelLoadError(f"{path}: the file changed while the export read it (its size, times or inode), so the "
+                                 "graphs and the recorded hash may be of two files; run again once it is in its final state")
 
 
 def check_unchanged(source: Mapping[str, Any], modules: Iterable[str]) -> None:
