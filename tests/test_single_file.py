@@ -435,9 +435,10 @@ def test_weights_diffusers_converters_would_drop_are_refused_and_a_vae_trainings
         save_file({**weights, **extra}, str(path))
         with pytest.raises(ModelLoadError, match=re.escape(refusal)):
             load_model(str(path), config="tiny", lazy=True)
-    trained = tmp_path / "trained.safetensors"
+    trained = tmp_path / "trained.safetensors"  # (its EMA's counters too, as vae-ft-mse-840000-ema-pruned has)
     save_file({**weights, "first_stage_model.loss.discriminator.main.0.weight": torch.zeros(8, 3, 4, 4),
-               "first_stage_model.loss.logvar": torch.zeros(())}, str(trained))
+               "first_stage_model.loss.logvar": torch.zeros(()), "first_stage_model.model_ema.decay": torch.zeros(()),
+               "first_stage_model.model_ema.num_updates": torch.zeros((), dtype=torch.int32)}, str(trained))
     load_model(str(trained), config="tiny", lazy=True)
     vae = _vae_alone(trained, ".safetensors", tmp_path)  # (with its loss.*: no prefix, as a VAE file ships)
     load_model("tiny", vae=str(vae))

@@ -462,9 +462,10 @@ def unused_weights(layout: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]
     return dropped
 
 
-TRAINING_ONLY = ("loss.",)
-"""What a VAE's training checkpoint keeps beside the model (its discriminator, LPIPS network and
-log-variance): no part of the autoencoder, and rightly left by the converter."""
+TRAINING_ONLY = ("loss.", "model_ema.decay", "model_ema.num_updates")
+"""What a VAE's training checkpoint keeps beside the model: its loss networks (discriminator, LPIPS,
+log-variance) and the EMA's two counters (vae-ft-mse-840000-ema-pruned has them; A1111 drops the same
+keys). No part of the autoencoder, and rightly left by the converter."""
 
 
 def _training_only(key: str, prefixes: tuple[str, ...]) -> bool:
