@@ -24,8 +24,9 @@ IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
 MAX_CLIENTS = 1024
 """The most concurrent clients one load test starts (``--concurrency``)."""
 LATE_S = 60.0
-"""With ``--duration``, how long after its end a request may still go unanswered before it counts as
-timed out (without one, ``LoadPlan.timeout_s``)."""
+"""With ``--duration``, how long after its end the run waits for requests still unanswered; those
+are then counted apart ("unanswered ... after --duration ended"), where a server that never answered
+held ``--duration 3`` for the whole request timeout."""
 
 
 def check_url(url: str) -> None:
@@ -62,7 +63,8 @@ class LoadPlan:
     """Image inputs sent with every request, input name → file: an init image (img2img, and the SDXL
     refiner, which takes nothing else) and a mask (inpainting)."""
     timeout_s: float = 600.0
-    """How long a request may go unanswered; with ``duration_s``, at most ``LATE_S`` past its end."""
+    """How long a request may go unanswered (a timeout error); with ``duration_s`` the run itself
+    waits at most ``LATE_S`` past its end."""
 
     def check(self) -> dict[str, bytes]:
         """Refuse a plan no server could answer, before any request; return the image inputs' bytes
@@ -192,12 +194,13 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     latencies: list[float] = []
     errors: dict[str, int] = {}
     issued = 0
+    ended = False  # (the report is made: a straggler answering later records nothing)
     started = time.perf_counter()
 
     def take() -> bool:
         nonlocal issued
         with lock:
-            if plan.requests and issued >= plan.requests:
+            if ended or plan.requests and issued >= plan.requests:
                 return False
             if plan.duration_s and time.perf_counter() - started >= plan.duration_s:
                 return False
@@ -205,11 +208,10 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
             return True
 
     inputs = infer_inputs(prompts, http, **plan.params, **files)  # the same request every time, made once
-    # a server that takes requests and never answers held `--duration 3` for the whole 600 s
-    timeout = min(plan.timeout_s, plan.duration_s + LATE_S) if plan.duration_s else plan.timeout_s
 
     def client() -> None:
-        with http.InferenceServerClient(plan.url, connection_timeout=timeout, network_timeout=timeout) as connection:
+        with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
+                                        network_timeout=plan.timeout_s) as connection:
             while take():
                 sent = time.perf_counter()
                 try:
@@ -218,12 +220,13 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                     message = _missing_images(result.as_numpy("image"), plan.prompts_per_request)
                 except Exception as exc:  # the server's message, counted, and the client goes on
                     message = _message(exc)
-                if message is not None:
-                    with lock:
-                        errors[message] = errors.get(message, 0) + 1
-                    continue
                 with lock:
-                    latencies.append(time.perf_counter() - sent)
+                    if ended:
+                        return
+                    if message is not None:
+                        errors[message] = errors.get(message, 0) + 1
+                    else:
+                        latencies.append(time.perf_counter() - sent)
 
     # no more clients than requests (a count bounds a duration's run too): the rest would only open a
     # connection and find none left
@@ -231,8 +234,14 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     for thread in threads:
         thread.start()
+    deadline = started + plan.duration_s + LATE_S if plan.duration_s else None
     for thread in threads:
-        thread.join()
+        thread.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+    with lock:  # what was answered by now; requests still out are counted apart, and their clients left
+        ended = True
+        late = issued - len(latencies) - sum(errors.values())
+        if late:
+            errors[f"unanswered {LATE_S:g} s after --duration ended"] = late
     wall = time.perf_counter() - started
     done = len(latencies)
     try:
