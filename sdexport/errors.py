@@ -46,7 +46,9 @@ class EngineRunError(RuntimeError):
         why = one_line(exc) if isinstance(exc, BaseException) else exc
         memory = any(word in why.lower() for word in ("out of memory", "failed to allocate", "bad_alloc"))
         advice = "; a smaller batch or image needs less memory" if memory or isinstance(exc, MemoryError) else ""
-        super().__init__(f"{engine}: {runtime} failed while it ran ({why}){advice}")
+        self.without_path = f"{runtime} failed while it ran ({why}){advice}"
+        """The message without the engine's file: what a server tells its clients (its log has the path)."""
+        super().__init__(f"{engine}: {self.without_path}")
 
 
 class Terminated(KeyboardInterrupt):

@@ -339,6 +339,7 @@ def test_a_failure_of_the_server_is_answered_as_an_internal_error_not_a_bad_requ
     """A generation that raises what no check foresaw (out of device memory, a broken engine) is
     the server's fault: Triton's INTERNAL (HTTP 500), so clients retry and alerts fire; a refused
     request stays INVALID_ARG (400), and a request its client gave up on CANCELLED."""
+    from sdexport.errors import EngineRunError
     from sdexport.serving.triton_model import Cancelled, ServerFault, TritonAdapter
 
     def out_of_memory(*args, **kwargs):
@@ -348,6 +349,13 @@ def test_a_failure_of_the_server_is_answered_as_an_internal_error_not_a_bad_requ
     [failed, refused] = served.generate([_inputs(["fine"], steps=2), _inputs(["bad"], steps=2, scheduler="warp")])
     assert isinstance(failed, ServerFault) and failed == "generation failed: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert isinstance(refused, str) and not isinstance(refused, ServerFault)
+
+    def engine_failed(*args, **kwargs):  # (the engine's file is the server's business: its log has it)
+        raise EngineRunError("/srv/engines/sd15/unet/model.onnx", "onnxruntime", "a node failed")
+
+    monkeypatch.setattr(served, "_call", engine_failed)
+    [failed] = served.generate([_inputs(["fine"], steps=2)])
+    assert isinstance(failed, ServerFault) and failed == "generation failed: onnxruntime failed while it ran (a node failed)"
 
     class TritonError:  # triton_python_backend_utils' error, as far as the adapter reads it
         INVALID_ARG, INTERNAL, CANCELLED = "INVALID_ARG", "INTERNAL", "CANCELLED"

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import ProfileError, SdexportError, one_line
+from sdexport.errors import EngineRunError, ProfileError, SdexportError, one_line
 from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
@@ -421,7 +421,8 @@ class ServedModel:
                              f"({one_line(exc)}); each again on its own")
                     pending[0:0] = [[m for m in members if m[0][0] == r] for r in owners]
                     continue
-                message = str(exc) if isinstance(exc, SdexportError) else ServerFault(f"generation failed: {one_line(exc)}")
+                said = exc.without_path if isinstance(exc, EngineRunError) else one_line(exc)  # (the log has the path)
+                message = str(exc) if isinstance(exc, SdexportError) else ServerFault(f"generation failed: {said}")
                 if not isinstance(exc, SdexportError):
                     self.log(f"sdexport: {traceback.format_exc()}")
                 for (r, _), _row in members:
