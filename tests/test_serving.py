@@ -1291,6 +1291,26 @@ def test_sigterm_lets_the_request_in_flight_finish(server: Server):
         running.stop()
 
 
+def test_the_server_started_by_a_background_serve_stops_on_sigint():
+    """A script's background job ignores SIGINT, and tritonserver inherited that until its handler
+    went in after the load: PyTriton's stop (SIGINT) did nothing, and a SIGTERM 1 s into the load
+    ended serve a drain and a minute later (an audit's finding). Started inside stoppable_children,
+    a child takes SIGINT's default; this process still ignores it."""
+    from sdexport.serving.server import stoppable_children
+
+    ask = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"]
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert subprocess.run(ask, capture_output=True, text=True).stdout.strip() == "True"
+        with stoppable_children():
+            assert subprocess.run(ask, capture_output=True, text=True).stdout.strip() == "False"
+            os.kill(os.getpid(), signal.SIGINT)  # (ignored here still: no KeyboardInterrupt)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_pytriton_waits_for_the_drain_before_it_kills_the_server(monkeypatch):
     """PyTriton's stop sends SIGINT, waits its SERVER_OUTPUT_TIMEOUT_SECS (30 s), then kills the
     server: a --drain-timeout over about 30 s was cut short, its requests dropped."""

@@ -25,7 +25,7 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,6 +203,31 @@ def pytriton_waits(startup_timeout_s: int, drain_timeout_s: int) -> None:
     pytriton.server.triton_server.SERVER_OUTPUT_TIMEOUT_SECS = drain_timeout_s + EXIT_MARGIN_S
 
 
+@contextlib.contextmanager
+def stoppable_children() -> Iterator[None]:
+    """Children started inside stop on SIGINT, where this process ignores it (a script's background
+    job): ``tritonserver`` inherits an ignored SIGINT until it installs its own handler, after the
+    model has loaded, so PyTriton's stop (a SIGINT) did nothing during the load and it waited the
+    drain plus a minute before it killed the server (an audit: SIGTERM 1 s into the load ended
+    ``serve`` after 68 s). A handler that does nothing here instead: this process still ignores
+    SIGINT, and ``exec`` gives a handled signal back its default in the child. (Only the main thread
+    may set handlers: elsewhere nothing changes.)"""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.signal(signal.SIGINT, _ignored)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _ignored(number: int, frame: object) -> None:
+    """SIGINT, ignored by this process as its parent asked (see ``stoppable_children``)."""
+
+
 def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
                log_file: Path | None, on_ready: Callable[[], None]) -> None:
     """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
@@ -230,7 +255,8 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     try:
         try:
             try:
-                triton.run()
+                with stoppable_children():  # (the server is started here)
+                    triton.run()
             finally:
                 watch.done()
             if watch.exited:  # the wake-up was withdrawn before it was raised (see _StartWatch.done)
