@@ -268,6 +268,17 @@ def test_diffusers_directory_with_weights_its_config_has_no_place_for_is_refused
                                              r"place for .*encoder\.layers\.\d\."):
         load_model(str(broken))
     shutil.copy(tiny_diffusers_dir / "text_encoder" / "config.json", config)
+    # a wrongly shaped weight: transformers raised "For details look at the above report!", a report
+    # never shown; the weight and both shapes are named
+    encoder = broken / "text_encoder" / "model.safetensors"
+    weights = load_file(str(encoder))
+    name = "text_model.final_layer_norm.bias"
+    save_file({**weights, name: torch.zeros(weights[name].shape[0] + 1)}, str(encoder))
+    with pytest.raises(ModelLoadError, match=rf"text_encoder: the weight files have wrongly shaped 1 of the weights .*"
+                                             rf"final_layer_norm.bias \(\[{weights[name].shape[0] + 1}\] in the file, "
+                                             rf"\[{weights[name].shape[0]}\] by the config\)$"):
+        load_model(str(broken))
+    shutil.copy(tiny_diffusers_dir / "text_encoder" / "model.safetensors", encoder)
     (broken / part).unlink()
     load_model("tiny").module("unet").save_pretrained(broken / "unet", max_shard_size="20KB")
     index = json.loads((broken / "unet" / "diffusion_pytorch_model.safetensors.index.json").read_text())

@@ -525,13 +525,18 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
     left on the meta device, and refused here too. A folder without weight files is refused first
     (``weight_files``), in one line of ours.
     """
-    weight_files(path, "transformers" if cls.__module__.startswith("transformers") else "diffusers")
-    model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True)
+    library = "transformers" if cls.__module__.startswith("transformers") else "diffusers"
+    weight_files(path, library)
+    # transformers raises on a wrongly shaped weight with "For details look at the above report!", a
+    # report its quietened logging never shows: told to go on, it lists them in its loading info
+    # (diffusers would need its slow loading path for the same, and names the weight itself)
+    kwargs = {"ignore_mismatched_sizes": True} if library == "transformers" else {}
+    model, info = cls.from_pretrained(path, torch_dtype=dtype, output_loading_info=True, **kwargs)
     for problem, what in (("missing_keys", "lack {n} of the weights its config.json describes"),
                           ("mismatched_keys", "have wrongly shaped {n} of the weights its config.json describes"),
                           ("unexpected_keys", ("hold {n} weights its config.json has no place for (a config for "
                                                "a smaller architecture?)"))):
-        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(problem) or ())
+        keys = sorted(_weight_named(k) for k in info.get(problem) or ())
         if keys:
             raise ModelLoadError(f"{path}: the weight files {what.format(n=len(keys))}, e.g. {', '.join(keys[:3])}")
     errors = [str(e) for e in info.get("error_msgs") or ()]
@@ -542,6 +547,14 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
         raise ModelLoadError(f"{path}: the weight files lack {len(unread)} of the weights its config.json describes "
                              f"(a shard without the weights its index names?), e.g. {', '.join(unread[:3])}")
     return model
+
+
+def _weight_named(entry: Any) -> str:
+    """A loading report's entry: a weight's name, or (name, the file's shape, the config's shape)."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, theirs, ours = entry
+        return f"{name} ({list(theirs)} in the file, {list(ours)} by the config)"
+    return str(entry[0] if isinstance(entry, tuple) else entry)
 
 
 def load_single_file(
