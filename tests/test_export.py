@@ -386,6 +386,7 @@ def _corrupt_safetensors(path: Path) -> Path:
     [
         ("missing", "no such file or directory, and not a preset"),
         ("fifo", "fifo.safetensors: not a regular file or a directory"),  # (was read: waited for a writer)
+        ("link-loop", "loop.safetensors: a link that leads nowhere (a loop, or to a path that does not exist)"),
         ("unknown-preset", "not a preset (tiny"),
         ("empty-dir", "not a diffusers model directory"),
         ("checkpoint-dir", "to export the single-file checkpoint in it, pass the file ({tmp}/downloads/model.safetensors)"),
@@ -440,6 +441,9 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
     elif case == "fifo":
         os.mkfifo(tmp_path / "fifo.safetensors")
         model = str(tmp_path / "fifo.safetensors")
+    elif case == "link-loop":  # (said to be missing: "no such file or directory")
+        (tmp_path / "loop.safetensors").symlink_to(tmp_path / "loop.safetensors")
+        model = str(tmp_path / "loop.safetensors")
     elif case == "unknown-preset":
         model = "sd99"
     elif case == "empty-dir":

@@ -104,6 +104,8 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
     preset = get_preset(model)
     path = Path(model)
     if preset is None and not path.exists():  # (whatever else was given with it)
+        if path.is_symlink():
+            raise ModelLoadError(f"{model}: a link that leads nowhere (a loop, or to a path that does not exist)")
         raise ModelLoadError(f"{model}: no such file or directory, and not a preset ({', '.join(PRESETS)})")
     if preset is None and not (path.is_dir() or path.is_file()):  # (a pipe's reader waits for a writer)
         raise ModelLoadError(f"{model}: not a regular file or a directory; give a diffusers directory or a "
