@@ -430,7 +430,8 @@ def test_weights_diffusers_converters_would_drop_are_refused_and_a_vae_trainings
     """diffusers' U-Net and VAE converters copy every key under their prefix and keep those they
     know: an unCLIP-like label_emb, a deeper U-Net's blocks or a stray VAE tensor were dropped, and
     the export drew other images than the file (an audit's files). The VAE's reshaped attention
-    weights are not counted as dropped, nor is a VAE training checkpoint's loss network."""
+    weights are not counted as dropped, nor is a VAE training checkpoint's loss network. Whole numbers
+    where the model has floating-point weights are refused as such, not as shapes that do not fit."""
     from safetensors.torch import load_file, save_file
 
     from sdexport.errors import ModelLoadError
@@ -446,6 +447,12 @@ def test_weights_diffusers_converters_would_drop_are_refused_and_a_vae_trainings
         save_file({**weights, **extra}, str(path))
         with pytest.raises(ModelLoadError, match=re.escape(refusal)):
             load_model(str(path), config="tiny", lazy=True)
+    # integers where the model's weights are floating point: torch said the shapes did not fit, naming two equal ones
+    whole = tmp_path / "whole.safetensors"
+    save_file({**weights, "model.diffusion_model.out.2.bias": torch.zeros(4, dtype=torch.int32)}, str(whole))
+    with pytest.raises(ModelLoadError, match=r"stores 1 unet weights as whole numbers or booleans \(conv_out.bias is "
+                                             r"int32\), where the model's are floating point"):
+        load_model(str(whole), config="tiny", lazy=True)
     trained = tmp_path / "trained.safetensors"  # (its EMA's counters too, as vae-ft-mse-840000-ema-pruned has)
     save_file({**weights, "first_stage_model.loss.discriminator.main.0.weight": torch.zeros(8, 3, 4, 4),
                "first_stage_model.loss.logvar": torch.zeros(()), "first_stage_model.model_ema.decay": torch.zeros(()),

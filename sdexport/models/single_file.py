@@ -51,9 +51,11 @@ take every tensor of the file as the VAE's, so that case is refused by name firs
 _SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
-"""Header type names → torch dtypes, for the layout's meta tensors (whose shapes, not types, are checked;
-a type missing here, e.g. an fp8 one, is laid out as float32)."""
+"""Header type names → torch dtypes, for the layout's meta tensors (whose shapes are checked, and whose
+types must be floating point where the module's are; a type missing here, e.g. an fp8 one, is laid
+out as float32)."""
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,8 @@ def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
         ) from exc
     except Exception as exc:
         raise ModelLoadError(f"{path}: cannot convert the {name} weights ({one_line(exc)})") from exc
-    expected = module.state_dict().keys()
+    state = module.state_dict()
+    expected = state.keys()
     missing = sorted(expected - weights.keys())
     if missing:
         raise ModelLoadError(
@@ -430,6 +433,12 @@ def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
             f"e.g. {', '.join(sorted(extra)[:3])}; is --config the right model?"
         )
     weights = {k: v for k, v in weights.items() if k in expected}
+    integral = sorted(k for k, v in weights.items() if state[k].is_floating_point() and not v.is_floating_point())
+    if integral:  # (torch's refusal said the shapes did not fit, listing two equal shapes)
+        first = integral[0]
+        raise ModelLoadError(f"{path}: the checkpoint stores {len(integral)} {name} weights as whole numbers or "
+                             f"booleans ({first} is {str(weights[first].dtype).removeprefix('torch.')}), where the "
+                             "model's are floating point: not a model's trained weights")
     return _take(module, weights, part, path)
 
 
