@@ -361,19 +361,34 @@ def test_a_model_saved_from_an_img2img_pipeline_is_the_same_model(pipeline, tiny
     assert outline_model(str(model)).family == "sd"
 
 
-def test_weights_whose_own_output_is_nan_are_blamed_not_the_export(tiny_diffusers_dir, tmp_path, capsys):
+def test_weights_that_are_not_finite_are_blamed_not_the_export(tiny_diffusers_dir, tiny_engine_dir, tmp_path, capsys):
+    """A NaN weight is named as the export reads it, also where no verification point reaches it
+    (one word's row of the token embedding exported as verified, and `run` blamed the U-Net); a
+    module whose own output is not finite at a point is still blamed, not the export."""
+    import numpy as np
     from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ParityError
+    from sdexport.export.verify import Reference, compare_with_onnx
+    from sdexport.specs import UNET
 
     model = tmp_path / "model"
     shutil.copytree(tiny_diffusers_dir, model)
-    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
-    state = load_file(str(weights))
-    state["conv_in.weight"][0, 0, 0, 0] = float("nan")
-    save_file(state, str(weights))
-    assert run_cli("export", model, "-o", tmp_path / "e", "--verify", "quick", "--components", "unet") == 2
-    err = capsys.readouterr().err
-    assert "unet: PyTorch's own out_sample is not finite (NaN or Inf) at the min point: the model's weights" in err
-    assert not (tmp_path / "e").exists()
+    for part, name, named in (("unet/diffusion_pytorch_model.safetensors", "conv_in.weight", "conv_in.weight"),
+                              ("text_encoder/model.safetensors", "text_model.embeddings.token_embedding.weight",
+                               "embeddings.token_embedding.weight")):  # (as the text model names it)
+        weights = model / part
+        state = load_file(str(weights))
+        state[name][-1, 0] = float("nan")  # (the token embedding's last row: a word no point's ids reach)
+        save_file(state, str(weights))
+        assert run_cli("export", model, "-o", tmp_path / "e", "--verify", "quick", "--components", part.split("/")[0]) == 2
+        assert f"the model's weight {named} holds NaN or infinite values" in capsys.readouterr().err
+        assert not (tmp_path / "e").exists()
+        shutil.copy(tiny_diffusers_dir / part, weights)
+    # finite weights whose own output is not (an overflow): blamed at the point, not the export
+    overflowed = Reference("min", {"sample": np.zeros(1, np.float32)}, outputs=[np.array([np.inf], np.float32)])
+    with pytest.raises(ParityError, match="^unet: PyTorch's own out_sample is not finite .* at the min point: the model's"):
+        compare_with_onnx(UNET, tiny_engine_dir / "unet" / "model.onnx", [overflowed], dtype="fp32")
 
 
 def _corrupt_safetensors(path: Path) -> Path:

@@ -33,6 +33,7 @@ from sdexport.export.verify import (
     ParityReport,
     Reference,
     compare_with_onnx,
+    require_finite_weights,
     require_parity,
     torch_references,
 )
@@ -230,6 +231,7 @@ def export_component(
     try:
         with memory.stage(f"{spec.name}/load"):
             module = model.materialize(spec.module)
+            require_finite_weights(spec.module, module)  # (with any LoRA fused: materialize applies it)
         with memory.stage(f"{spec.name}/trace"):
             skeleton, weights = trace_to_onnx(spec, module, example, workdir, opset=opset)
         with memory.stage(f"{spec.name}/pytorch"):

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from sdexport.errors import ParityError, one_line
+from sdexport.errors import ModelLoadError, ParityError, one_line
 from sdexport.export.inputs import sample_inputs
 from sdexport.export.memory import TOO_LARGE, peak_of
 from sdexport.export.plan import VerifyMode
@@ -160,6 +160,17 @@ def _gb(mb: float) -> str:
     """``mb`` MiB in GiB (the figures are binary: MiB from bytes / 2**20)."""
     gb = mb / 1024
     return f"{gb:.1f} GiB" if gb >= 1 or gb == 0 else f"{gb:.2g} GiB"
+
+
+def require_finite_weights(name: str, module: torch.nn.Module) -> None:
+    """Refuse a module holding a NaN or infinite weight, naming it. The points verification runs see
+    only what their inputs reach: a NaN row of the token embedding (one word's) exported as verified,
+    and ``run`` then blamed the U-Net or the guidance for the prompts that held the word (an audit's
+    file). One pass over the weights, a second or two for SDXL's U-Net on a CPU."""
+    for key, tensor in (*module.named_parameters(), *module.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelLoadError(f"{name}: the model's weight {key} holds NaN or infinite values (a damaged checkpoint, "
+                                 "or a training or LoRA that diverged); its images would be noise or black")
 
 
 def _cannot_run(spec: ComponentSpec, label: str, feed: dict[str, np.ndarray], exc: BaseException) -> ParityError:
