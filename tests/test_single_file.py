@@ -260,6 +260,11 @@ def test_diffusers_directory_with_weights_its_config_has_no_place_for_is_refused
     with pytest.raises(ModelLoadError, match=r"unet: the weight files hold 1 weights its config.json has no place for "
                                              r"\(a config for a smaller architecture\?\), e.g. bogus.weight$"):
         load_model(str(broken))
+    # whole numbers where the model's weights are floating point: diffusers cast them, and the export went on
+    save_file({**weights, "conv_in.bias": weights["conv_in.bias"].to(torch.int32)}, str(broken / part))
+    with pytest.raises(ModelLoadError, match=r"unet: the weight files store conv_in.bias as I32 \(whole numbers or "
+                                             r"booleans\), where the model's weights are floating point"):
+        load_model(str(broken))
     shutil.copy(tiny_diffusers_dir / part, broken / part)
     config = broken / "text_encoder" / "config.json"
     settings = json.loads(config.read_text())

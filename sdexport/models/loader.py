@@ -526,7 +526,7 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
     (``weight_files``), in one line of ours.
     """
     library = "transformers" if cls.__module__.startswith("transformers") else "diffusers"
-    weight_files(path, library)
+    files = weight_files(path, library)
     # transformers raises on a wrongly shaped weight with "For details look at the above report!", a
     # report its quietened logging never shows: told to go on, it lists them in its loading info
     # (diffusers would need its slow loading path for the same, and names the weight itself)
@@ -546,7 +546,28 @@ def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Modu
     if unread:
         raise ModelLoadError(f"{path}: the weight files lack {len(unread)} of the weights its config.json describes "
                              f"(a shard without the weights its index names?), e.g. {', '.join(unread[:3])}")
+    _refuse_whole_numbers(path, files, model)
     return model
+
+
+def _refuse_whole_numbers(path: Path, files: list[Path], model: torch.nn.Module) -> None:
+    """Refuse weights a safetensors file stores as whole numbers or booleans where the module's are
+    floating point: the libraries cast them and the export went on with them (a single file's are
+    refused as its layout is checked). The files' headers say the types; pickled ``.bin`` files are
+    not read twice for it."""
+    from safetensors import safe_open
+
+    floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
+    for file in (f for f in files if f.suffix == ".safetensors"):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                kind = handle.get_slice(key).get_dtype()
+                # (transformers 5's CLIP text model names its weights without the files' "text_model.")
+                if key in floating or key.removeprefix("text_model.") in floating:
+                    if kind in ("BOOL",) or kind[0] in "IU":  # (I8..I64, U8..U64)
+                        raise ModelLoadError(f"{path}: the weight files store {key} as {kind} (whole numbers or "
+                                             "booleans), where the model's weights are floating point: not a model's "
+                                             "trained weights")
 
 
 def _weight_named(entry: Any) -> str:
