@@ -476,9 +476,7 @@ class Txt2ImgPipeline:
                                     "call returns, or load a second pipeline")
             self._calls.add(thread)
         try:
-            with self._turn:
-                if self.closed:  # closed while this call waited for the one before it
-                    raise SdexportError(CLOSED)
+            with self._turn:  # (closed while it waited for the call before it: check() refuses it first)
                 return self._generate(request, on_step, stages)
         finally:
             with self._settled:
