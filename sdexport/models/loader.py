@@ -557,14 +557,17 @@ def _refuse_whole_numbers(path: Path, files: list[Path], model: torch.nn.Module)
     not read twice for it."""
     from safetensors import safe_open
 
+    from sdexport.models.single_file import SAFETENSORS_DTYPES
+
     floating = {name for name, tensor in model.state_dict().items() if tensor.is_floating_point()}
     for file in (f for f in files if f.suffix == ".safetensors"):
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():
                 kind = handle.get_slice(key).get_dtype()
+                stored = SAFETENSORS_DTYPES.get(kind)  # (None: fp8 and other floating types)
                 # (transformers 5's CLIP text model names its weights without the files' "text_model.")
                 if key in floating or key.removeprefix("text_model.") in floating:
-                    if kind in ("BOOL",) or kind[0] in "IU":  # (I8..I64, U8..U64)
+                    if stored is not None and not stored.is_floating_point:
                         raise ModelLoadError(f"{path}: the weight files store {key} as {kind} (whole numbers or "
                                              "booleans), where the model's weights are floating point: not a model's "
                                              "trained weights")

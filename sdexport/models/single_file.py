@@ -48,14 +48,14 @@ VAE_PREFIXES = ("first_stage_model.", "vae.")
 """diffusers' ``LDM_UNET_KEY`` and ``LDM_VAE_KEYS``: with none of the VAE's, diffusers' converter would
 take every tensor of the file as the VAE's, so that case is refused by name first."""
 
-_SAFETENSORS_DTYPES = {
+SAFETENSORS_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
     "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
     "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
 }
 """Header type names → torch dtypes, for the layout's meta tensors (whose shapes are checked, and whose
 types must be floating point where the module's are; a type missing here, e.g. an fp8 one, is laid
-out as float32)."""
+out as float32); a diffusers folder's files are held to the same table (``loader._refuse_whole_numbers``)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +188,7 @@ def read_layout(path: Path) -> dict[str, torch.Tensor]:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 shapes = {k: handle.get_slice(k) for k in handle.keys()}
-                layout = {k: torch.empty(s.get_shape(), dtype=_SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32),
+                layout = {k: torch.empty(s.get_shape(), dtype=SAFETENSORS_DTYPES.get(s.get_dtype(), torch.float32),
                                          device="meta") for k, s in shapes.items()}
         except Exception as exc:  # safetensors raises its own error types
             raise ModelLoadError(f"{path}: cannot read the checkpoint ({one_line(exc)})") from exc
