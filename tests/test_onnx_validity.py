@@ -77,6 +77,20 @@ def test_fp32_cone_stops_at_the_first_weighted_layer(tiny_engine_dir: Path):
     assert graph.fp32_cone(model, []) == []
 
 
+def test_fp32_cone_ends_at_a_weighted_layer_without_a_cast_before_it():
+    """The exports' cone ends at diffusers' cast to the model's dtype; a graph without that cast (a
+    float32 timestep straight into a Gemm) ends at the layer itself, not at the end of the network."""
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Sin", ["t"], ["s"], name="sin"), helper.make_node("Gemm", ["s", "w"], ["h"], name="gemm"),
+         helper.make_node("Relu", ["h"], ["y"], name="relu")],
+        "cone", [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 4], [0.0] * 16)]))
+    assert graph.fp32_cone(model, ["t"]) == ["sin"]
+
+
 def test_an_unsorted_graph_is_refused_in_one_line(tiny_engine_dir: Path, tmp_path: Path):
     model = onnx.load(str(tiny_engine_dir / "vae_decoder" / "model.onnx"))
     nodes = list(model.graph.node)

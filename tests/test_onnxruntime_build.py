@@ -77,6 +77,31 @@ def test_widening_an_fp16_graph_gives_the_fp32_graph_back(tiny_engine_dir: Path,
         assert _rel(g, w) < 1e-2  # the same weights, computed in fp32 instead of fp16
 
 
+def test_widening_reaches_fp16_graph_io_and_constant_nodes(tmp_path):
+    """An adopted fp16 graph (optimum's) has fp16 inputs and outputs and Constant nodes that sdexport's
+    own exports fold away: widened, each is float32, with the values the fp16 graph computes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = np.array([[0.5, -1.25], [2.0, 0.375]], dtype=np.float16)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w")),
+         helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "adopted", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 2])]), opset_imports=[helper.make_opsetid("", 17)])
+    x = np.array([[1.5, -3.0]], dtype=np.float16)
+    graph.save(model, tmp_path / "fp16.onnx")
+    want = _run(tmp_path / "fp16.onnx", {"x": x}, ["y"])[0]
+
+    widened = graph.to_fp32(model)
+    assert [v.type.tensor_type.elem_type for v in (*widened.graph.input, *widened.graph.output)] == [TensorProto.FLOAT] * 2
+    assert widened.graph.node[0].attribute[0].t.data_type == TensorProto.FLOAT
+    onnx.checker.check_model(widened, full_check=True)
+    graph.save(widened, tmp_path / "fp32.onnx")
+    got = _run(tmp_path / "fp32.onnx", {"x": x.astype(np.float32)}, ["y"])[0]
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))  # (values exact in fp16)
+
+
 def test_unet_fusions_match_the_architecture(tiny_engine_dir: Path, tiny_model):
     """One MultiHeadAttention per attention module (self and cross in every transformer block), one
     NhwcConv per convolution, one BiasSplitGelu per GEGLU: a pattern hidden by the export's constant
