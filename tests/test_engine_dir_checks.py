@@ -341,3 +341,17 @@ def test_a_scheduler_config_may_hold_either_infinity_but_a_manifest_neither():
     for text, infinity in (('{"a": NaN}', True), ('{"a": Infinity}', False), ('{"a": -Infinity}', False)):
         with pytest.raises(ValueError, match="is not a JSON number"):
             strict_json(text, infinity=infinity)
+
+
+@pytest.mark.parametrize("damaged", ["unet/weights.json", "unet/model.onnx"])
+def test_tensorrt_with_run_time_lora_hashes_the_portable_graph_it_reads(engine_copy: Path, damaged: str):
+    """The TensorRT loader hashes only the plan it picks; run-time LoRA also reads the portable
+    graph's weights (their names in weights.json, their values in the graph), which must be the
+    export's, or the refit would write other weights into the plan."""
+    from sdexport.runtime.loading import verify_for_backend
+
+    manifest = load_manifest(engine_copy, verify_files=False)
+    (engine_copy / damaged).write_bytes(b"damaged")
+    verify_for_backend(engine_copy, manifest, "tensorrt")  # (without LoRA the plan alone is read)
+    with pytest.raises(EngineDirError, match=damaged):
+        verify_for_backend(engine_copy, manifest, "tensorrt", lora=True)
