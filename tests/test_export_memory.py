@@ -377,8 +377,8 @@ def test_lazy_diffusers_directory_reads_weights_only_when_asked(tiny_diffusers_d
     from sdexport.models import loader
 
     reads: list[str] = []
-    real = loader._with_all_weights
-    monkeypatch.setattr(loader, "_with_all_weights", lambda path, cls, dtype: reads.append(path.name) or real(path, cls, dtype))
+    real = loader.with_all_weights
+    monkeypatch.setattr(loader, "with_all_weights", lambda path, cls, dtype: reads.append(path.name) or real(path, cls, dtype))
     model = load_model(str(tiny_diffusers_dir), lazy=True)
     assert reads == [] and model.dims.E == 32
     unet = model.materialize("unet")

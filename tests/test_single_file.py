@@ -903,7 +903,7 @@ def test_sd2_base_models_have_a_config_of_their_own_and_sd21_says_what_it_predic
     # the note, as the file is read (everything after the config is written stubbed: no SD 2 weights here)
     monkeypatch.setattr(loader, "check_single_file", lambda path: None)
     monkeypatch.setattr("sdexport.models.single_file.plan_components", lambda *a, **k: ({}, {}))
-    monkeypatch.setattr(loader, "_load_part", lambda *a: None)
+    monkeypatch.setattr(loader, "load_subfolder", lambda *a: None)
     monkeypatch.setattr(loader, "_assemble", lambda *a, **k: None)
     for config in ("sd21", "sd21-base"):
         loader.load_single_file(tmp_path / "model.safetensors", config=config)

@@ -197,7 +197,7 @@ def to_fp16_fused(model: onnx.ModelProto, keep_fp32: list[str]) -> onnx.ModelPro
     from onnxruntime.transformers.float16 import convert_float_to_float16
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    from sdexport.export.graph import _skip_edge_round_trip, fp32_cone
+    from sdexport.export.graph import fp32_cone, skip_edge_round_trip
 
     blocked = fp32_cone(model, keep_fp32)
     types = _inferred_types(model)
@@ -210,7 +210,7 @@ def to_fp16_fused(model: onnx.ModelProto, keep_fp32: list[str]) -> onnx.ModelPro
     with _quiet(), weightless_shape_inference():
         wrapped.remove_cascaded_cast_nodes()
         wrapped.remove_useless_cast_nodes()
-    _skip_edge_round_trip(wrapped.model, keep_fp32)
+    skip_edge_round_trip(wrapped.model, keep_fp32)
     OnnxModel.graph_topological_sort(wrapped.model.graph, is_deterministic=True)
     return wrapped.model
 

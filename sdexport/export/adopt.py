@@ -379,7 +379,7 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
     quick``), fed as it takes its inputs (``graph_ios``, from ``check_graph``)."""
     from sdexport.console import step
     from sdexport.errors import ParityError
-    from sdexport.export.exporter import _print_report, _vocab_size
+    from sdexport.export.exporter import print_parity_report, vocab_size_of
     from sdexport.export.verify import require_parity, verify_component
     from sdexport.models import load_model
 
@@ -399,10 +399,10 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
         with step(f"Verifying {spec.name} against PyTorch"):
             report = verify_component(
                 spec, directory / entry.onnx, model.module(spec.module), profile=manifest.shape_profile,
-                dims=plan.dims, dtype=entry.dtype, vocab_size=_vocab_size(model), mode="quick",
+                dims=plan.dims, dtype=entry.dtype, vocab_size=vocab_size_of(model), mode="quick",
                 graph_io=graph_ios[spec.name],
             )
-        _print_report(report)
+        print_parity_report(report)
         try:
             require_parity(report)
         except ParityError as exc:

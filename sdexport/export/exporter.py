@@ -161,7 +161,7 @@ def _export_into(
               else nullcontext()), memory.stage(f"{spec.name}/verify"):
             report = compare_with_onnx(spec, path, references, dtype=dtype, budget_mb=verification_budget_mb)
         give_back_freed_memory()  # ONNX Runtime's session and arena, before the next part loads
-        _print_report(report)
+        print_parity_report(report)
         require_parity(report)
         entries[spec.name] = ComponentEntry(
             onnx=path.relative_to(staging).as_posix(),
@@ -221,7 +221,7 @@ def export_component(
     wait on disk or in a ``WeightStore``, and ``save`` writes them one tensor at a time.
     """
     memory = memory or MemoryLog()
-    dims, vocab = model.dims, _vocab_size(model)
+    dims, vocab = model.dims, vocab_size_of(model)
     batch = max(2, profile.component_batch(spec)[0])
     # two prompt chunks where the profile has them: a text length the trace baked in as a constant
     # then fails verification at one chunk, which even --verify quick checks
@@ -284,12 +284,12 @@ def _working_memory(skeleton: onnx.ModelProto, weights: WeightStore) -> Callable
     return need
 
 
-def _vocab_size(model: LoadedModel) -> int:
+def vocab_size_of(model: LoadedModel) -> int:
     """Sample token ids must be valid for every text encoder (SDXL has two)."""
     return min(int(cast(Any, m).config.vocab_size) for n, m in model.modules.items() if n.startswith("text_encoder"))
 
 
-def _print_report(report: ParityReport) -> None:
+def print_parity_report(report: ParityReport) -> None:
     """One line per checked point, and one for the points skipped by request (none at all when
     verification is off: the summary table says so)."""
     skipped = [p for p in report.points if p.status == "skipped"]

@@ -119,7 +119,7 @@ def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.Model
         )
     finally:
         float16.make_value_info_from_tensor = real
-    _skip_edge_round_trip(converted, list(keep_fp32))
+    skip_edge_round_trip(converted, list(keep_fp32))
     OnnxModel.graph_topological_sort(converted.graph, is_deterministic=True)
     return converted
 
@@ -128,7 +128,7 @@ def _value_info_from_dims(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
     return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
 
-def _skip_edge_round_trip(model: onnx.ModelProto, inputs: list[str]) -> None:
+def skip_edge_round_trip(model: onnx.ModelProto, inputs: list[str]) -> None:
     """The converter casts every float input to fp16 at the graph's edge, then back to float32 for
     the nodes it keeps in float32: the timestep would be rounded to fp16 (979.6 to 979.5) on its way
     into the float32 projection. Those nodes read the float32 input itself instead."""

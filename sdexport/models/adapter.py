@@ -266,8 +266,8 @@ def load_adapter(source: AdapterSource, unet: torch.nn.Module, vae_scale_factor:
         if dtype != torch.float32:  # diffusers warns on every .to of a T2IAdapter
             module = module.to(dtype)
         return module.eval().requires_grad_(False)  # type: ignore[no-any-return]
-    from sdexport.models.loader import _load_part, _with_all_weights
+    from sdexport.models.loader import load_subfolder, with_all_weights
 
     assert source.path is not None
-    module = _load_part(source.path.parent, source.path.name, lambda p: _with_all_weights(p, T2IAdapter, dtype))
+    module = load_subfolder(source.path.parent, source.path.name, lambda p: with_all_weights(p, T2IAdapter, dtype))
     return module.eval().requires_grad_(False)  # type: ignore[no-any-return]

@@ -303,11 +303,11 @@ def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: in
                 fan_in = conv.weight[0].numel()
                 torch.nn.init.normal_(conv.weight, std=IMAGE_ENCODER_GAIN / fan_in ** 0.5)
         return module.to(dtype).eval().requires_grad_(False)  # type: ignore[no-any-return]
-    from sdexport.models.loader import _load_part, _with_all_weights
+    from sdexport.models.loader import load_subfolder, with_all_weights
 
     assert source.path is not None
     from sdexport.models.outline import read_json
 
     kind = ControlNetUnionModel if union_modes(read_json(source.path / "config.json")) else ControlNetModel
-    module = _load_part(source.path.parent, source.path.name, lambda p: _with_all_weights(p, kind, dtype))
+    module = load_subfolder(source.path.parent, source.path.name, lambda p: with_all_weights(p, kind, dtype))
     return module.eval().requires_grad_(False)  # type: ignore[no-any-return]

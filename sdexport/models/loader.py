@@ -368,7 +368,7 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
             vae = load_vae_file(path, architecture, dtype)
         else:  # every weight from the files, as a model directory's parts (a missing one stayed on "meta")
             path = vae_config_dir(path)
-            vae = _load_part(path.parent, path.name, lambda p: _with_all_weights(p, AutoencoderKL, dtype))
+            vae = load_subfolder(path.parent, path.name, lambda p: with_all_weights(p, AutoencoderKL, dtype))
     except ModelLoadError as exc:
         said = str(exc)  # (vae_config_dir's own refusals name --vae already)
         raise ModelLoadError(said if said.startswith("--vae ") else f"--vae {said}") from None
@@ -446,15 +446,15 @@ def load_diffusers_dir(path: Path, *, dtype: torch.dtype = torch.float32, lazy: 
     loaders: dict[str, Any] = {"unet": UNet2DConditionModel, **({} if vae_replaced else {"vae": AutoencoderKL}),
                                **{name: classes[name] for name in text_encoders(family)}}
     def reader(name: str, cls: Any) -> Callable[[], torch.nn.Module]:
-        return lambda: _load_part(path, name, lambda p: _with_all_weights(p, cls, dtype))  # type: ignore[no-any-return]
+        return lambda: load_subfolder(path, name, lambda p: with_all_weights(p, cls, dtype))  # type: ignore[no-any-return]
 
     builders = {name: reader(name, cls) for name, cls in loaders.items()}
     skeletons = None
     if lazy:  # built from each config alone; materialize reads the weights
-        skeletons = {name: _skeleton(_load_part(path, name, lambda p, c=cls: _config_only(p, c)), dtype)
+        skeletons = {name: _skeleton(load_subfolder(path, name, lambda p, c=cls: _config_only(p, c)), dtype)
                      for name, cls in loaders.items()}
     tokenizers = {
-        name: _load_part(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names(family)
+        name: load_subfolder(path, name, CLIPTokenizer.from_pretrained) for name in tokenizer_names(family)
     }
     return _assemble(
         builders, lazy, dtype, skeletons,
@@ -501,7 +501,7 @@ def _config_fault(exc: Exception) -> str:
     return f"a value in it cannot build the model ({type(exc).__name__}: {why})"
 
 
-def _load_part(root: Path, name: str, load: Any) -> Any:
+def load_subfolder(root: Path, name: str, load: Any) -> Any:
     """Load one sub-folder, naming it when its files are damaged."""
     try:
         return load(root / name)
@@ -511,7 +511,7 @@ def _load_part(root: Path, name: str, load: Any) -> Any:
         raise ModelLoadError(f"{root / name}: cannot load ({one_line(exc)})") from exc
 
 
-def _with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Module:
+def with_all_weights(path: Path, cls: Any, dtype: torch.dtype) -> torch.nn.Module:
     """``cls.from_pretrained``, refusing weights the files lack instead of keeping random ones, and
     weights they hold that the config has no place for instead of dropping them.
 
@@ -618,7 +618,7 @@ def load_single_file(
             console.print(f"[yellow]note:[/] {escape(str(path))} is read as SD 2.1 768-v, which predicts v; an SD 2.x "
                           "base model or a fine-tune that predicts noise needs --config sd21-base")
         tokenizers = {
-            name: _load_part(config_dir, name, CLIPTokenizer.from_pretrained)
+            name: load_subfolder(config_dir, name, CLIPTokenizer.from_pretrained)
             for name in tokenizer_names(family)
         }
     return _assemble(
