@@ -4,6 +4,7 @@ the runtime changes or ignores is said out loud; NaN is blamed on what produced 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -270,6 +271,22 @@ def test_blank_prompts_are_refused_by_run_and_accepted_by_the_api(pipeline):
     with pytest.raises(SdexportError, match="^prompt 2 of 2 is empty"):
         check_prompt_text(["x", ""], ["y", " "])
     assert pipeline(GenerationRequest(prompt=[""], steps=1, height=64, width=64)).images
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_before_the_engines_load(tiny_engine_dir, tmp_path, capsys, monkeypatch,
+                                                                        pipeline):
+    """A Latin-1 byte in the command line (Python's surrogate escape) or a lone surrogate from the
+    API: one line naming it, where the tokenizer raised a TypeError after loading the engines."""
+    from sdexport.runtime import loading
+
+    monkeypatch.setattr(loading, "_load_engines", lambda *a, **k: pytest.fail("engines were loaded"))
+    latin1 = os.fsdecode(b"caf\xe9")
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "-n", latin1, "-o", tmp_path / "x.png") == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: --negative-prompt: not UTF-8 text (the byte 0xe9 at character 4); give the text in UTF-8"
+    with pytest.raises(SdexportError, match=r"^prompt: not UTF-8 text \(a lone surrogate U\+D800 at character 2\)"):
+        pipeline(GenerationRequest(prompt=["a\ud800b"], steps=1, height=64, width=64))
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_the_api_names_the_path_it_was_given_not_a_cli_flag(pipeline, tmp_path):

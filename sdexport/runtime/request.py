@@ -483,6 +483,19 @@ def check_prompt_text(prompts: list[str], prompts_2: list[str] | None = None) ->
             raise SdexportError(f"{which} empty; give the text to generate from")
 
 
+def _not_utf8(text: str) -> str | None:
+    """Where ``text`` cannot be UTF-8, else None. A byte that is not UTF-8 in a command line reaches
+    Python as a surrogate (``surrogateescape``), which the tokenizer refused with a TypeError after
+    the engines had loaded; serve refuses such a body as it decodes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"the byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"a lone surrogate U+{code:04X}"
+        return f"{what} at character {exc.start + 1}"
+    return None
+
+
 def first_picture(values: Any) -> Any:
     """The first image (an object with a (width, height) ``size``) among nested lists and tuples of
     them, in order; None where there is none (``MASKED_INIT`` is a name, not an image). Given the
@@ -549,6 +562,11 @@ def check_request(
     for name in TEXTS[1:]:  # (the prompts' own check is above)
         if not all(isinstance(text, str) for text in getattr(request, name) or []):
             raise SdexportError(f"{setting(name)}: must be text")
+    for name in TEXTS:
+        for text in getattr(request, name) or []:
+            where = _not_utf8(text)
+            if where is not None:
+                raise SdexportError(f"{setting(name)}: not UTF-8 text ({where}); give the text in UTF-8")
     if not isinstance(request.seeds, list | tuple):
         raise SdexportError(f"{setting('seed')} {request.seeds!r}: give a list of seeds, one per image")
     if len(request.seeds) != request.batch:
