@@ -209,6 +209,41 @@ def test_a_capitalised_word_the_tokenizer_knows_in_lower_case_is_refused(files):
         add_tokens(SimpleNamespace(family="sd", tokenizers={"tokenizer": tokenizer}), [Embedding(files["one"], "Scare")])
 
 
+@pytest.mark.parametrize(("first", "second"), [("style", "style_1"), ("style_1", "style"), ("neg", "NEG_3"),
+                                               ("Caps", "caps_1")])
+def test_a_word_named_like_another_words_vector_is_refused(first, second, tmp_path):
+    """A word's vectors after its first are the tokens WORD_1, WORD_2, ...: an embedding named
+    ``style_1`` beside ``style`` was read as style's second vector, or took one of its places."""
+    one = _save(tmp_path / "one.safetensors", emb_params=torch.ones(2, 32))
+    two = _save(tmp_path / "two.safetensors", emb_params=torch.ones(1, 32))
+    named = (second, "two.safetensors") if second.lower() != "style" else (first, "one.safetensors")
+    with pytest.raises(SdexportError, match=re.escape(f"the word {named[0]!r} is named like a vector of")) as info:
+        plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(one, first), Embedding(two, second)]))
+    assert f"name it otherwise ({named[1]}:ANOTHER)" in str(info.value)
+    plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(one, "style"), Embedding(two, "styles_1")]))
+
+
+def test_a_word_the_tokenizer_holds_with_capitals_is_refused_and_so_are_more_vectors_than_a_chunk_holds(tmp_path):
+    """A tokenizer that came with an added ``MyWord`` matches ``myword`` too; an embedding of 76
+    vectors had its first 75 read and the rest dropped unsaid."""
+    from types import SimpleNamespace
+
+    from sdexport.models.textual_inversion import add_tokens
+    from sdexport.models.tokenizer import clip_tokenizer
+
+    tokenizer = clip_tokenizer()
+    tokenizer.add_tokens(["MyWord"])
+    model = SimpleNamespace(family="sd", tokenizers={"tokenizer": tokenizer})
+    path = _save(tmp_path / "w.safetensors", emb_params=torch.ones(1, 32))
+    with pytest.raises(SdexportError, match="'myword' is a word the tokenizer knows already"):
+        add_tokens(model, [Embedding(path, "myword")])
+    long = _save(tmp_path / "long.safetensors", emb_params=torch.ones(76, 32))
+    with pytest.raises(SdexportError, match=re.escape("long.safetensors: 76 vectors, but a prompt's chunk holds 75 "
+                                                      "tokens and a word's vectors are read in one chunk")):
+        add_tokens(model, [Embedding(long, "long")])
+    assert add_tokens(model, [Embedding(_save(tmp_path / "full.safetensors", emb_params=torch.ones(75, 32)), "my-75")])
+
+
 def test_bench_refuses_a_directory_with_embeddings(sd_dir, tmp_path, capsys):
     assert "has textual inversion embeddings added to its text encoders" in bench_refusal(sd_dir, tmp_path, capsys)
 

@@ -7,6 +7,7 @@ torch is imported or a checkpoint read (that takes seconds to minutes for real m
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -160,6 +161,14 @@ def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: 
             raise SdexportError(f"--textual-inversion {embedding.path}: the word {embedding.word!r} is given twice; "
                                 f"name one of them (FILE:ANOTHER)")
         seen.add(embedding.word.lower())
+    for embedding in embeddings:
+        for other in embeddings:
+            if re.fullmatch(rf"{re.escape(other.word)}_\d+", embedding.word, re.IGNORECASE):
+                raise SdexportError(
+                    f"--textual-inversion {embedding.path}: the word {embedding.word!r} is named like a vector of "
+                    f"{other.word!r} ({other.path.name}), whose vectors after the first are the tokens "
+                    f"{other.word}_1, {other.word}_2, ...; prompts would read the two as one; name it otherwise "
+                    f"({embedding.path.name}:ANOTHER)")
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,

@@ -171,16 +171,22 @@ def check_widths(embedding: Embedding, family: str, widths: Mapping[str, int]) -
 def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
     """Add each embedding's tokens to ``model``'s tokenizers, in order, and return the rows the text
     encoders' token embedding matrices gain (``grow``; the export checked their widths). Refuses a
-    token the tokenizer knows already, as diffusers does, in lower case too: the tokenizer matches
-    added words whatever their case. (A whole word, ``anime``, is CLIP's ``anime</w>``: naming an
+    token the tokenizer knows already, as diffusers does, in any case: the tokenizer matches added
+    words whatever their case (an earlier embedding's ``Caps_1`` made a later ``caps_1`` unreachable);
+    and more vectors than a prompt's chunk holds (its first 75 were read, the rest dropped unsaid). (A whole word, ``anime``, is CLIP's ``anime</w>``: naming an
     embedding after one takes its place in prompts, as A1111 and diffusers let it.)"""
     rows: Rows = {}
     for embedding in embeddings:
         for encoder, vectors in embedding.vectors(model.family).items():
             tokenizer = model.tokenizers[encoder.replace("text_encoder", "tokenizer")]
             names = token_names(embedding.word, vectors.shape[0])
-            vocab = tokenizer.get_vocab()
-            known = [name for name in names if name in vocab or name.lower() in vocab]
+            room = tokenizer.model_max_length - 2  # (a prompt's chunk, without its start and end tokens)
+            if len(names) > room:
+                raise SdexportError(f"{FLAG} {embedding.path}: {len(names)} vectors, but a prompt's chunk holds "
+                                    f"{room} tokens and a word's vectors are read in one chunk; use an embedding of "
+                                    f"at most {room} vectors")
+            vocab = {token.lower() for token in tokenizer.get_vocab()}  # (added words with capitals too)
+            known = [name for name in names if name.lower() in vocab]
             if known:
                 raise SdexportError(f"{FLAG} {embedding.path}: {known[0]!r} is a word the tokenizer knows already; "
                                     f"give the embedding another ({embedding.path.name}:ANOTHER)")
