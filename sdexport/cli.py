@@ -429,7 +429,7 @@ def run(
     """Generate images from prompts (and an init image, and a mask) with the engines in an engine directory."""
     from sdexport.manifest import load_manifest, read_scheduler_config
     from sdexport.runtime.images import check_image_output
-    from sdexport.runtime.loading import resolve_backend, verify_for_backend
+    from sdexport.runtime.loading import resolve_backend, verify_for_backend, zeroes_negatives
     from sdexport.runtime.providers import require_backend
     from sdexport.runtime.request import (
         MASKED_INIT,
@@ -554,6 +554,7 @@ def run(
     if ensemble is not None:
         request = ensemble.base
     check_prompt_text(request.prompt, request.prompt_2)  # the whole list: numbers as the user counts
+    zeroed = zeroes_negatives(manifest)
     embedded = bool(manifest.model_dims.G)  # a latent consistency model: its U-Net takes the guidance
     # the whole run's guidances and negatives reach a refiner too, which guides by a batch half; the
     # base model's parts (check_request below) are its own
@@ -568,7 +569,8 @@ def run(
             check_request(part, family=manifest.family, dims=manifest.model_dims, profile=profile,
                           scheduler_config=scheduler_config, controlnets=len(manifest.controlnets),
                           adapters=len(manifest.adapters), union_modes=manifest.model_dims.N,
-                          union_images=manifest.model_dims.K or 1, guidance_embedding=embedded)
+                          union_images=manifest.model_dims.K or 1, guidance_embedding=embedded,
+                          zeroed_negatives=zeroed)
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
@@ -615,9 +617,9 @@ def run(
     from sdexport.runtime.loading import pooled_controlnets
 
     said = pooling_note(list(pooled_controlnets(engine_dir, manifest)), manifest.controlnets, request, manifest.family)
-    ignored = dict.fromkeys([*ignored_settings(request, alone),
+    ignored = dict.fromkeys([*ignored_settings(request, alone, zeroed),
                              *(ignored_settings(ensemble.refine) if ensemble else [])])
-    for note in [*ignored, *default_notes(request, manifest.family), *notes, *([said] if said else [])]:
+    for note in [*ignored, *default_notes(request, manifest.family, zeroed), *notes, *([said] if said else [])]:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if notes and request.image is not None:  # how the init image (and mask) was fitted; control images are resized
         inputs["fit"] = fit

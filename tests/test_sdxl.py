@@ -669,6 +669,35 @@ def test_guidance_one_and_empty_prompt_without_force_zeros(sdxl_model, pipelines
     assert relative_l2(got.latents, DiffusersReference(plain)(request).latents) < LATENT_REL_L2
 
 
+def test_a_second_negative_prompt_alone_is_unread_and_said_to_be(pipelines, sdxl_engine_dir, tmp_path, capsys):
+    """Without a negative prompt the unconditional half is zeros, so diffusers' pipeline reads no
+    negative_prompt_2 then: it was warned of as cut, recorded, held to the emphasis syntax and
+    counted in the chunks, as if read. Now it is said to be ignored, and an empty negative prompt
+    beside it has it read."""
+    from sdexport.runtime.request import ignored_settings
+
+    pipeline = pipelines["onnxruntime-cpu"]
+    unread = "blurry " * 100 + "(x:1.2.3)"  # (syntax A1111 cannot read, a text longer than the engines read)
+    request = GenerationRequest(prompt=["a cat"], negative_prompt_2=[unread], emphasis="original", steps=2,
+                                scheduler="euler", seeds=[5], height=64, width=64)
+    plain = dataclasses.replace(request, negative_prompt_2=None)
+    got = pipeline(request)
+    assert got.request.negative_prompt_2 is None and not got.truncated
+    assert torch.equal(got.latents, pipeline(plain).latents)
+    assert pipeline.chunk_count(request) == pipeline.chunk_count(plain)
+    assert ignored_settings(request, zeroed_negatives=True) == [
+        ("negative_prompt_2 ignored: without negative_prompt, this SDXL model's unconditional half is zeros (its "
+        "force_zeros_for_empty_prompt, as in diffusers' pipeline); give negative_prompt too (an empty one to have "
+        "negative_prompt_2 alone read)")]
+    read = dataclasses.replace(request, negative_prompt=[""], emphasis="none")
+    assert ignored_settings(read, zeroed_negatives=True) == [] and "negative_prompt_2" in read.texts_read(True)
+    assert run_cli("run", sdxl_engine_dir, "-p", "a cat", "--negative-prompt-2", "blurry " * 100, "--steps", "1",
+                   "-o", tmp_path / "x.png") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "note: --negative-prompt-2 ignored: without --negative-prompt, this SDXL model's unconditional" in err
+    assert "longer than" not in err
+
+
 def test_a_manifest_without_a_pipeline_config_zeroes_empty_prompts_as_diffusers_defaults(tiny_sdxl_engine_dir, tmp_path):
     """A directory whose manifest records no ``pipeline_config`` (adopted, or from an sdexport before it
     did) takes diffusers' default for SDXL, ``force_zeros_for_empty_prompt`` on; one that records it

@@ -201,13 +201,12 @@ def load_pipeline(
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled, optional=_optional(fallbacks))
-    pipeline_config: dict[str, Any] = manifest.model.get("pipeline_config") or {}
     return Txt2ImgPipeline(
         {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
         tokenizer=tokenizers.get("tokenizer"),
         tokenizer_2=tokenizers.get("tokenizer_2"),
         family=manifest.family,
-        force_zeros_for_empty_prompt=bool(pipeline_config.get("force_zeros_for_empty_prompt", True)),
+        force_zeros_for_empty_prompt=zeroes_negatives(manifest),
         pooled_controlnets=pooled,
         scheduler_config=scheduler_config,
         dims=manifest.model_dims,
@@ -335,6 +334,16 @@ def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
         if isinstance(config, dict) and pools(config):
             pooled.append(name)
     return tuple(pooled)
+
+
+def zeroes_negatives(manifest: Manifest) -> bool:
+    """An SDXL export whose ``force_zeros_for_empty_prompt`` (model_index.json's; diffusers' default,
+    on, where the manifest records none) makes the unconditional half zeros without a negative
+    prompt (``Txt2ImgPipeline.zeroes_negatives``; other families never read the flag)."""
+    from sdexport.specs import is_sdxl
+
+    return is_sdxl(manifest.family) and bool((manifest.model.get("pipeline_config") or {})
+                                             .get("force_zeros_for_empty_prompt", True))
 
 
 def graph_for(manifest: Manifest, name: str, backend: str, graphs: str = "auto") -> str:

@@ -145,10 +145,12 @@ def chunk_tensors(chunked: list[list[Chunk]], tokenizer: Any, length: int,
     return torch.tensor(rows), torch.tensor(weights) if weighed else None
 
 
-def longest_chunks(request: GenerationRequest, tokenizers: Mapping[str, Any], length: int, limit: int) -> int:
+def longest_chunks(request: GenerationRequest, tokenizers: Mapping[str, Any], length: int, limit: int,
+                   zeroed_negatives: bool = False) -> int:
     """The most chunks (at most ``limit``) any text of ``request`` that a call reads is read in;
-    ``tokenizers``: each text's (``txt2img.text_tokenizers``)."""
-    return max(len(chunks) for name in request.texts_read()
+    ``tokenizers``: each text's (``txt2img.text_tokenizers``); ``zeroed_negatives``: as
+    ``GenerationRequest.texts_read``'s."""
+    return max(len(chunks) for name in request.texts_read(zeroed_negatives)
                for chunks in text_chunks(list(getattr(request, name)), tokenizers[name], length, request.emphasis, limit))
 
 

@@ -415,10 +415,13 @@ class GenerationRequest:
             return bool(guidance) and guidance[0] > 1.0
         return guidance is None or guidance > 1.0
 
-    def texts_read(self) -> list[str]:
+    def texts_read(self, zeroed: bool = False) -> list[str]:
         """The texts (``TEXTS``) given that the text encoders read: the negatives only under
-        classifier-free guidance, whose unconditional half reads them."""
-        return [name for name in TEXTS if getattr(self, name) and (self.cfg or not name.startswith("negative"))]
+        classifier-free guidance, whose unconditional half reads them; ``negative_prompt_2`` only
+        beside a ``negative_prompt`` where the model ``zeroed`` that half without one (SDXL's
+        ``force_zeros_for_empty_prompt``, ``Txt2ImgPipeline.zeroes_negatives``), as diffusers' pipeline."""
+        return [name for name in TEXTS if getattr(self, name) and (self.cfg or not name.startswith("negative"))
+                and not (name == "negative_prompt_2" and zeroed and self.negative_prompt is None)]
 
 
 def setting_places(value: Any, count: int) -> list[Any]:
@@ -534,6 +537,7 @@ def check_request(
     union_modes: int = 0,
     union_images: int = 1,
     guidance_embedding: bool = False,
+    zeroed_negatives: bool = False,
 ) -> None:
     """Refuse what the engines cannot do, with one line that says what can be done instead.
 
@@ -541,7 +545,9 @@ def check_request(
     model's training timesteps; ``controlnets``: how many ControlNets the directory has (union ones
     where ``union_modes``, their ``N``, is set, each taking ``union_images``, their ``K``);
     ``adapters``: how many T2I-Adapters it has; ``guidance_embedding``: its U-Net takes the
-    guidance embedded (a latent consistency model), so per-image scales need not share a side of 1.
+    guidance embedded (a latent consistency model), so per-image scales need not share a side of 1;
+    ``zeroed_negatives``: its unconditional half is zeros without a negative prompt, so a second
+    negative prompt alone is not read (``GenerationRequest.texts_read``), nor checked.
     """
     from sdexport.runtime.schedulers import check_scheduler_name
 
@@ -580,7 +586,7 @@ def check_request(
     _check_conditioning(request, family)
     _check_clip_skip(request.clip_skip, family, dims)
     _check_guidance(request.guidance, request.batch, sides=not guidance_embedding)  # (the emphasis check reads cfg)
-    _check_emphasis(request)
+    _check_emphasis(request, zeroed_negatives)
     if isinstance(request.steps, bool) or not isinstance(request.steps, int):
         raise SdexportError(f"{setting('steps')} {request.steps!r} ({type(request.steps).__name__}): need a whole "
                             "number of steps (a Python int)")
@@ -1008,14 +1014,14 @@ def _check_clip_skip(value: object, family: str, dims: ImageGeometry) -> None:
     check_clip_skip(setting("clip_skip"), value, (getattr(dims, "L1", 0), getattr(dims, "L2", 0)))
 
 
-def _check_emphasis(request: GenerationRequest) -> None:
+def _check_emphasis(request: GenerationRequest, zeroed_negatives: bool) -> None:
     """A mode of ``runtime.emphasis``; texts longer than ``MAX_TEXT`` (tokenizing a served 30 MB prompt
     held the server's one instance for ten minutes); weighed, texts whose weights A1111 cannot read
     either, or that the engines cannot take (beyond float32's range, as every scale)."""
     from sdexport.runtime.emphasis import MAX_TEXT, EmphasisError, check_mode, parse
 
     check_mode(request.emphasis, setting("emphasis"))
-    for name in request.texts_read():  # (negatives that no call reads are left as they are)
+    for name in request.texts_read(zeroed_negatives):  # (negatives that no call reads are left as they are)
         texts = getattr(request, name)
         for i, text in enumerate(texts):
             label = setting(name) + (f" {i + 1}" if len(texts) > 1 else "")
@@ -1033,7 +1039,7 @@ def _check_emphasis(request: GenerationRequest) -> None:
                                     "float32's range")
 
 
-def default_notes(request: GenerationRequest, family: str) -> list[str]:
+def default_notes(request: GenerationRequest, family: str, zeroed_negatives: bool = False) -> list[str]:
     """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
     0.9999, diffusers') runs fewer steps than asked for; A1111's emphasis syntax, read as text, and
     its syntax beyond emphasis (prompt editing, alternation, AND), which no mode reads as A1111 does."""
@@ -1045,7 +1051,7 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
         notes.append(f"{request.denoising_steps(family)} of {request.steps} steps: the default {setting('strength')} "
                      f"of {FAMILY_LABELS[family]} inpainting is diffusers' {strength:g}, which starts from the init "
                      f"image noised to the first timestep ({setting('strength')} 1: every step, from pure noise)")
-    names = request.texts_read()
+    names = request.texts_read(zeroed_negatives)
     if request.emphasis == "none":
         read = [name for name in names if any(uses_syntax(text) for text in getattr(request, name))]
         if read:
@@ -1062,10 +1068,16 @@ def default_notes(request: GenerationRequest, family: str) -> list[str]:
     return notes
 
 
-def ignored_settings(request: GenerationRequest, guidance_embedding: bool = False) -> list[str]:
+def ignored_settings(request: GenerationRequest, guidance_embedding: bool = False,
+                     zeroed_negatives: bool = False) -> list[str]:
     """Settings the request gives that will have no effect, to be said out loud rather than dropped
-    (``guidance_embedding``: the model's U-Net takes the guidance embedded, with no unconditional half)."""
+    (``guidance_embedding``: the model's U-Net takes the guidance embedded, with no unconditional half;
+    ``zeroed_negatives``: that half is zeros without a negative prompt, ``GenerationRequest.texts_read``)."""
     if not guidance_embedding and (request.cfg or request.guidance is None):  # (not cfg: a guidance was given)
+        if request.cfg and "negative_prompt_2" not in request.texts_read(zeroed_negatives) and request.negative_prompt_2:
+            return [(f"{setting('negative_prompt_2')} ignored: without {setting('negative_prompt')}, this SDXL model's "
+                     "unconditional half is zeros (its force_zeros_for_empty_prompt, as in diffusers' pipeline); give "
+                     f"{setting('negative_prompt')} too (an empty one to have {setting('negative_prompt_2')} alone read)")]
         return []
     given = [name for name, value in (("negative_prompt", request.negative_prompt),
                                       ("negative_prompt_2", request.negative_prompt_2),

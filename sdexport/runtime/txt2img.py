@@ -421,7 +421,7 @@ class Txt2ImgPipeline:
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
                       adapters=len(self.adapters), union_modes=self.dims.N, union_images=self.dims.K or 1,
-                      guidance_embedding=bool(self.dims.G))
+                      guidance_embedding=bool(self.dims.G), zeroed_negatives=self.zeroes_negatives)
         request = self.sized(request)
         if request.image is not None and "vae_encoder" not in self.engines:
             raise SdexportError("an init image needs the VAE encoder: load the pipeline with image_inputs=True "
@@ -489,6 +489,8 @@ class Txt2ImgPipeline:
         self.check(request)  # first: a task the family does not run has no defaults to fill in
         request = self.sized(request).with_defaults(self.family, guidance_embedding=bool(self.dims.G),
                                                     clip_skip=self.dims.clip_skip)
+        if "negative_prompt_2" not in request.texts_read(self.zeroes_negatives):  # (what ran: not recorded)
+            request = replace(request, negative_prompt_2=None)
         guidance = guidance_factor(request.effective_guidance(self.family), self.device)
         embedded = {GUIDANCE_EMBEDDING: guidance_embedding(request.guidance_scales(self.family), self.dims.G)
                     .to(self.device)} if self.dims.G else {}  # a latent consistency model's U-Net input
@@ -636,7 +638,7 @@ class Txt2ImgPipeline:
         """
         tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
         found: dict[str, list[str | None]] = {}
-        for name in request.texts_read():
+        for name in request.texts_read(self.zeroes_negatives):
             texts, tokenizer = getattr(request, name), tokenizers[name]
             kept = [kept_text(text, tokenizer, self.dims.S, request.emphasis, self.prompt_chunks) for text in texts]
             images: dict[str, list[int]] = {}  # each long text: the images it is given for
@@ -674,12 +676,19 @@ class Txt2ImgPipeline:
         """Each text in the chunks the engines read (``prompt_text.text_chunks``)."""
         return text_chunks(texts, tokenizer, self.dims.S, emphasis, self.prompt_chunks)
 
+    @property
+    def zeroes_negatives(self) -> bool:
+        """SDXL's unconditional half is zeros where no negative prompt is given
+        (``force_zeros_for_empty_prompt``): a second negative prompt alone is then not read."""
+        return is_sdxl(self.family) and self.force_zeros_for_empty_prompt
+
     def chunk_count(self, request: GenerationRequest) -> int:
         """The prompt chunks the U-Net attends to for ``request``: its longest text's (the texts
         of a call are padded to it), at least ``least_chunks``. Served rows of different counts are
         generated apart."""
         tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
-        return max(self.least_chunks, longest_chunks(request, tokenizers, self.dims.S, self.prompt_chunks))
+        return max(self.least_chunks, longest_chunks(request, tokenizers, self.dims.S, self.prompt_chunks,
+                                                     self.zeroes_negatives))
 
     def read_text(self, part: str, chunked: list[list[Chunk]], tokenizer: Any, emphasis: str, layer: str,
                   count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
@@ -739,7 +748,7 @@ class Txt2ImgPipeline:
         the second encoder alone, which reads ``prompt`` (``prompt_2`` is refused)."""
         refiner = self.family == SDXL_REFINER
         prompts_2 = request.prompt if refiner else (request.prompt_2 or request.prompt)
-        zero_negatives = request.cfg and request.negative_prompt is None and self.force_zeros_for_empty_prompt
+        zero_negatives = request.cfg and request.negative_prompt is None and self.zeroes_negatives
         if request.cfg and not zero_negatives:
             negatives = request.negative_prompt or [""] * request.batch
             # The negatives and the prompts share one encoder call per encoder (a 2B batch).
