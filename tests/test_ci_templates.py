@@ -77,6 +77,21 @@ def test_both_templates_run_the_same_gate_on_a_scenario_that_exists():
         assert (ROOT / path).is_file()
 
 
+def test_both_templates_pass_on_every_setting_the_gate_reads():
+    """A GitHub repository variable reaches the job only through the workflow's env: block, so a
+    setting the gate reads and the template leaves out is dropped unsaid (SDEXPORT_RELATIVE_TO was)."""
+    import re
+
+    read = {name for path in ("ci/bench-gate.sh", "ci/install.sh")
+            for name in re.findall(r"SDEXPORT_[A-Z_]+", (ROOT / path).read_text())}
+    github = yaml.safe_load(WORKFLOW.read_text())["env"]
+    gitlab = yaml.safe_load(GITLAB.read_text())["sdexport-bench"]["variables"]
+    assert read <= set(github) and read <= set(gitlab), (read - set(github), read - set(gitlab))
+    assert all(github[name].startswith(f"${{{{ vars.{name}") for name in read)
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert all(f"`{name}`" in readme for name in read)
+
+
 def test_ci_install_remakes_only_a_virtualenv_it_made(tmp_path: Path):
     """ci/install.sh makes SDEXPORT_VENV again where its own making was cut short (its mark is there),
     and refuses a folder it did not make whose pip does not run (uv's virtualenvs have none): that
@@ -125,11 +140,11 @@ class _FakeGitLab(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's names
         self.seen.append(("GET", urlparse(self.path).path, self.headers.get("PRIVATE-TOKEN")))
-        self._reply(self.notes)
+        self._reply({"id": 99, "username": "project_bot"} if self.path.endswith("/user") else self.notes)
 
     def do_POST(self) -> None:  # noqa: N802
         self.seen.append(("POST", self.path, self.headers.get("PRIVATE-TOKEN")))
-        note = {"id": 7 + len(self.notes), "body": self._body()}
+        note = {"id": 7 + len(self.notes), "body": self._body(), "author": {"id": 99}}
         self.notes.append(note)
         self._reply(note)
 
@@ -147,7 +162,9 @@ class _FakeGitLab(BaseHTTPRequestHandler):
 def test_the_gitlab_note_is_added_once_then_updated_in_place(tmp_path):
     server = HTTPServer(("127.0.0.1", 0), _FakeGitLab)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    _FakeGitLab.notes = [{"id": 1, "body": "a human's comment"}]
+    # a human's comments, one quoting an earlier summary: the token's user did not write them
+    _FakeGitLab.notes = [{"id": 1, "body": "a human's comment", "author": {"id": 5}},
+                         {"id": 2, "body": "<!-- sdexport bench compare -->\nquoted", "author": {"id": 5}}]
     summary = tmp_path / "summary.md"
     env = {"PATH": "/usr/bin:/bin", "SDEXPORT_GITLAB_TOKEN": "secret", "CI_PROJECT_ID": "group/project",
            "CI_API_V4_URL": f"http://127.0.0.1:{server.server_port}/api/v4", "CI_MERGE_REQUEST_IID": "12"}
@@ -159,11 +176,13 @@ def test_the_gitlab_note_is_added_once_then_updated_in_place(tmp_path):
             assert result.returncode == 0, result.stderr
     finally:
         server.shutdown()
-    assert [n["body"] for n in _FakeGitLab.notes] == ["a human's comment", "<!-- sdexport bench compare -->\nsecond"]
+    assert [n["body"] for n in _FakeGitLab.notes] == ["a human's comment", "<!-- sdexport bench compare -->\nquoted",
+                                                      "<!-- sdexport bench compare -->\nsecond"]
     methods = [m for m, _, _ in _FakeGitLab.seen]
-    assert methods == ["GET", "POST", "GET", "PUT"]
+    assert methods == ["GET", "GET", "POST", "GET", "GET", "PUT"]
     assert all(token == "secret" for _, _, token in _FakeGitLab.seen)
-    assert _FakeGitLab.seen[0][1] == "/api/v4/projects/group%2Fproject/merge_requests/12/notes"
+    assert [path for _, path, _ in _FakeGitLab.seen[:2]] == ["/api/v4/user",
+                                                             "/api/v4/projects/group%2Fproject/merge_requests/12/notes"]
     # Two scenarios' gates keep a note each; each one's next summary updates its own.
     _FakeGitLab.notes, _FakeGitLab.seen = [], []
     server = HTTPServer(("127.0.0.1", 0), _FakeGitLab)

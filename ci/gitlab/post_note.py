@@ -3,8 +3,9 @@
     python3 ci/gitlab/post_note.py bench-ci/summary.md
 
 The summary's first line is a marker (``<!-- sdexport bench compare -->``), its second names the
-scenario: the note that starts with both is updated in place, so a merge request carries one
-comparison per scenario, the latest. Needs
+scenario: the note of the token's own user that starts with both is updated in place, so a merge
+request carries one comparison per scenario, the latest (a note someone else wrote, quoting the
+summary, is left alone: the token could not edit it anyway). Needs
 SDEXPORT_GITLAB_TOKEN (a project access token with the api scope; CI_JOB_TOKEN cannot write notes)
 and GitLab's merge-request pipeline variables; without them it says why and does nothing. Standard
 library only: it runs in ``after_script``, whatever the job installed.
@@ -46,10 +47,12 @@ def post(summary: str, api: str, project: str, merge_request: str, token: str) -
     """Update this tool's note on the merge request, or add one; returns what was done."""
     notes_url = f"{api}/projects/{urllib.parse.quote(project, safe='')}/merge_requests/{merge_request}/notes"
     marker = key_of(summary)
+    me = _request("GET", f"{api}/user", token).get("id")  # (a project access token is a bot user)
     previous = None
     for page in range(1, PAGES + 1):  # the most recently updated first: the bot's own is near the top
         notes = _request("GET", f"{notes_url}?per_page=100&page={page}&sort=desc&order_by=updated_at", token)
-        previous = next((n for n in notes if str(n.get("body", "")).startswith(marker)), None)
+        previous = next((n for n in notes if str(n.get("body", "")).startswith(marker)
+                         and (n.get("author") or {}).get("id") == me), None)
         if previous is not None or len(notes) < 100:
             break
     if previous is not None:
