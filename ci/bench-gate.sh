@@ -122,6 +122,14 @@ fi
 
 extra=()
 read -ra extra <<< "${SDEXPORT_BENCH_ARGS:-}"
+for arg in ${extra[@]+"${extra[@]}"}; do  # the gate's own: elsewhere, the run would be gated as missing
+  case $arg in
+    -o*|--output|--output=*|--engine-cache|--engine-cache=*)
+      refuse_reported "SDEXPORT_BENCH_ARGS: $arg is the gate's own (it benchmarks into OUT/bench, with --engine-cache from SDEXPORT_ENGINE_CACHE)" ;;
+    -h|--help|--version)
+      refuse_reported "SDEXPORT_BENCH_ARGS: $arg prints and benchmarks nothing" ;;
+  esac
+done
 # A CI timeout or a cancelled job signals this script (GitHub Actions: SIGINT, then SIGTERM 7.5 s
 # later, then SIGKILL 2.5 s after that, to the step's own process: run the gate with `exec`), or the
 # whole job. The benchmark runs in the background so that a trapped signal is acted on at once:

@@ -1383,21 +1383,21 @@ def loadtest(
 
     require_creatable(target, f"-o {output}")
     refuse_inside_engine_dir(target, f"-o {output}", itself=True)
-    for name in ("loadtest.json", "loadtest.md"):
-        if (target / name).exists() and not _load_report_beside(target, name):
-            raise SdexportError(f"-o {output}: {target / name} exists and is not as sdexport loadtest wrote it; "
-                                "choose another folder")
+    changed = _not_as_loadtest_wrote(target)
+    if changed is not None:
+        raise SdexportError(f"-o {output}: {target / changed} exists and is not as sdexport loadtest wrote it; "
+                            "choose another folder")
     report = run_load(plan, prompt, files)
     target.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
-    from sdexport.manifest import sha256_file
+    from sdexport.written_reports import with_record
 
-    # the JSON first (it holds everything), the table, then the JSON again with the table's hash:
-    # a table annotated by hand is not replaced by the next run (``_load_report_beside``)
+    # the JSON first (it holds everything), the table, then the JSON again with the table's hash
+    # and its own: a report edited by hand is not replaced by the next run (``_not_as_loadtest_wrote``)
     write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
     write_atomic(target / "loadtest.md", text)
-    report["written"] = {"loadtest.md": sha256_file(target / "loadtest.md")}
-    write_atomic(target / "loadtest.json", json.dumps(report, indent=2) + "\n")
+    recorded = with_record(report, "loadtest.json", [target / "loadtest.md"])
+    write_atomic(target / "loadtest.json", json.dumps(recorded, indent=2) + "\n")
     _print_markdown(text)
     if not report["succeeded"] and report["errors"]:
         first = next(iter(report["errors"]))
@@ -1406,26 +1406,24 @@ def loadtest(
     print_result(str(target / "loadtest.json"))
 
 
-def _load_report_beside(folder: Path, name: str) -> bool:
-    """Whether ``folder/name`` may be replaced: the folder holds an earlier ``loadtest.json``, and the
-    table is as that run wrote it (its hash, in the report's ``written``; reports from before that
-    record are judged by the names, as they were)."""
+def _not_as_loadtest_wrote(folder: Path) -> str | None:
+    """Which of ``folder``'s loadtest.json and loadtest.md may not be replaced (None: both may, or
+    neither is there): each must be a file an earlier run wrote, as it wrote it (``written_reports``)."""
     import json
 
     from sdexport.atomic import read_regular
-    from sdexport.manifest import sha256_file
+    from sdexport.written_reports import changed_file
 
-    path = folder / "loadtest.json"
+    there = [name for name in ("loadtest.json", "loadtest.md") if (folder / name).exists() or (folder / name).is_symlink()]
+    if not there:
+        return None
     try:
-        report = json.loads(read_regular(path).decode("utf-8"))
-    except (OSError, ValueError):
-        return False
+        report = json.loads(read_regular(folder / "loadtest.json").decode("utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return there[0]
     if not (isinstance(report, dict) and {"latency_s", "concurrency", "server"} <= set(report)):
-        return False
-    if not (folder / name).is_file() or (folder / name).is_symlink():
-        return False
-    written = report.get("written")
-    return name == "loadtest.json" or not isinstance(written, dict) or written.get(name) == sha256_file(folder / name)
+        return there[0]
+    return changed_file(folder, "loadtest.json", report, ["loadtest.md"])
 
 
 def _with_verbosity_options(command: Any) -> Any:

@@ -207,10 +207,10 @@ def cpu_threads_asked() -> int:
     a run start 17,000 threads and take 17 GB before its first step."""
     value = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()  # "4,2": OpenMP's nested levels
     asked = int(value) if value.isascii() and value.isdigit() else 0
-    return min(asked, _usable_cpus())
+    return min(asked, usable_cpus())
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity, where the system has one)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))

@@ -61,6 +61,8 @@ def test_bench_writes_json_markdown_and_png(bench_run):
     assert code == 0
     report = json.loads((out / "results.json").read_text())
     assert report["random_weights"] is True and report["baseline"] == "diffusers"
+    manifest = json.loads((out / "engines" / "smoke" / "manifest.json").read_text())  # what bench compare holds equal
+    assert report["engines"] == {"dtype": manifest["dtype"], "profile": manifest["profile"]}
     env = report["environment"]
     assert env["versions"]["torch"] and env["versions"]["onnxruntime"] and env["date"]
     measured = [r for r in report["results"] if r["status"] == "measured"]
@@ -274,7 +276,7 @@ def test_engines_no_contender_here_can_run_are_not_exported(tmp_path, capsys):
     assert "not exporting: tensorrt cannot run here" in err and "Exporting" not in err
     report = json.loads((out / "results.json").read_text())
     assert [(r["contender"], r["status"]) for r in report["results"]] == [("diffusers", "measured"), ("tensorrt", "unavailable")]
-    assert report["engine_dir"] is None and not (out / "engines").exists()
+    assert report["engine_dir"] is None and not (out / "engines").exists() and "engines" not in report
 
 
 def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch, capsys):
@@ -392,13 +394,21 @@ def test_bench_replaces_its_own_output_and_refuses_a_users_folder(bench_run, tmp
     assert not_a_bench_output(previous) is None  # the fixture's output is one sdexport may replace
     # the table annotated by hand, or the chart replaced: no longer provably ours (a copy is judged)
     written = json.loads((previous / "results.json").read_text())["written"]
-    assert sorted(written) == ["results.md", "results.png"]
+    assert sorted(written) == ["results.json", "results.md", "results.png"]
     for name, change in (("results.md", "\nMeasured on the lab's box.\n"), ("results.png", "x")):
         copy = tmp_path / f"copy-{name}"
         shutil.copytree(previous, copy)
         with (copy / name).open("a", encoding="latin-1") as file:
             file.write(change)
         assert not_a_bench_output(copy) == f"its {name} was changed since sdexport wrote it (edited by hand?)"
+    # the report itself given a note (as an audit did): refused; indented otherwise, the same report
+    copy = tmp_path / "copy-json"
+    shutil.copytree(previous, copy)
+    data = json.loads((copy / "results.json").read_text())
+    (copy / "results.json").write_text(json.dumps(data))
+    assert not_a_bench_output(copy) is None
+    (copy / "results.json").write_text(json.dumps({**data, "note": "the lab's box, fans at full speed"}))
+    assert not_a_bench_output(copy) == "its results.json was changed since sdexport wrote it (edited by hand?)"
 
 
 def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):

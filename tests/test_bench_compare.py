@@ -215,7 +215,7 @@ def test_markdown_json_and_junit_say_the_same(tmp_path, capsys):
     assert failure is not None and "+50.0%" in failure.get("message") and "over the 5% gate" in failure.get("message")
     assert cases["sdexport-bench.synthetic.diffusers"].find("failure") is None
     # Its own output is replaced on the next comparison; a folder of the user's is not.
-    assert run_cli("bench", "compare", baseline, baseline, "-o", out) == 0
+    assert run_cli("bench", "compare", baseline, _write(tmp_path, "a2", json.loads(baseline.read_text())), "-o", out) == 0
     assert json.loads((out / "comparison.json").read_text())["passed"] is True
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -224,6 +224,20 @@ def test_markdown_json_and_junit_say_the_same(tmp_path, capsys):
     assert run_cli("bench", "compare", baseline, new, "-o", mine) == 2
     assert "not an sdexport comparison output" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "keep"
+    # nor is its own output once a file in it was edited (an audit's note, appended, was replaced)
+    for name in ("comparison.md", "comparison.xml", "comparison.json"):
+        with (out / name).open("a", encoding="utf-8") as file:
+            file.write("\n<!-- checked by hand -->\n" if name != "comparison.json" else " ")
+        if name == "comparison.json":  # (whitespace is not an edit of the report; a note is)
+            assert run_cli("bench", "compare", baseline, new, "-o", out) == 1
+            data = json.loads((out / name).read_text())
+            (out / name).write_text(json.dumps({**data, "note": "accepted: the new scheduler"}))
+        capsys.readouterr()
+        assert run_cli("bench", "compare", baseline, new, "-o", out) == 2
+        assert f"its {name} was changed since sdexport wrote it" in capsys.readouterr().err
+        assert run_cli("bench", "compare", baseline, new, "-o", tmp_path / f"again-{name}") == 1
+        shutil.rmtree(out)
+        shutil.copytree(tmp_path / f"again-{name}", out)
 
 
 def test_bench_keeps_running_scenarios_beside_its_new_subcommands(capsys):
@@ -634,6 +648,10 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     ({"SDEXPORT_MIN_PSNR": "nan"}, "SDEXPORT_MIN_PSNR nan: need a finite number of dB"),
     ({"SDEXPORT_MIN_PSNR": "high"}, "SDEXPORT_MIN_PSNR high: need a finite number of dB"),
     ({"SDEXPORT_RELATIVE_TO": "difusers"}, "SDEXPORT_RELATIVE_TO 'difusers': not a contender"),
+    # the run would go elsewhere (the gate then said to commit OUT/bench/results.json, which was not there)
+    ({"SDEXPORT_BENCH_ARGS": "--repeats 5 -o /tmp/elsewhere"}, "SDEXPORT_BENCH_ARGS: -o is the gate's own"),
+    ({"SDEXPORT_BENCH_ARGS": "--engine-cache=/tmp/c"}, "SDEXPORT_BENCH_ARGS: --engine-cache=/tmp/c is the gate's own"),
+    ({"SDEXPORT_BENCH_ARGS": "--help"}, "SDEXPORT_BENCH_ARGS: --help prints and benchmarks nothing"),
     ({"scenario": "missing"}, "gate.toml: no such scenario file"),
     ({"summary": "my notes"}, "summary.md was not written by this gate"),
     ({"summary": "\0binary\n"}, "summary.md was not written by this gate"),
@@ -730,12 +748,13 @@ def test_a_cache_entry_is_judged_by_its_export_and_leaves_plans_to_their_builder
 
 def test_the_gate_settings_refuse_what_would_check_nothing_or_mean_something_else(tmp_path, capsys):
     baseline = _write(tmp_path, "a", _report([_entry("torch", TIGHT, psnr=None)]))
+    again = _write(tmp_path, "b", _report([_entry("torch", TIGHT, psnr=None)]))
     for args, words in ((("--max-slowdown", "0.05"), "write 5%"), (("--max-slowdown", "1001"), "from 0 to 1000"),
                         (("--min-psnr", "30"), "no agreement figures")):
         capsys.readouterr()
-        assert run_cli("bench", "compare", baseline, baseline, *args) == 2
+        assert run_cli("bench", "compare", baseline, again, *args) == 2
         assert words in capsys.readouterr().err
-    assert run_cli("bench", "compare", baseline, baseline, "--max-slowdown", "0.5%") == 0
+    assert run_cli("bench", "compare", baseline, again, "--max-slowdown", "0.5%") == 0
 
 
 def test_the_title_names_missing_contenders_apart_from_regressions(tmp_path):
@@ -757,6 +776,61 @@ def test_cpu_only_runs_with_other_thread_counts_are_not_compared():
     assert device_label(one) == "CPU only: Test CPU, 2 cores"
     assert device_label(other) == "CPU only: Test CPU, 2 cores, OMP_NUM_THREADS=1"
     assert mismatches(one, other) == ["device: CPU only: Test CPU, 2 cores vs CPU only: Test CPU, 2 cores, OMP_NUM_THREADS=1"]
+
+
+def test_runs_of_engines_exported_for_other_shapes_are_not_compared():
+    """--engine-dir times engines the scenario's export settings do not describe (an audit's wide
+    profile compared as the same workload); reports from before the record are not held to it."""
+    from sdexport.bench.compare import mismatches
+
+    one = _report([_entry("torch", TIGHT)])
+    profile = {"batch": [1, 1, 4], "height": [256, 512, 1024], "width": [256, 512, 1024], "chunks": [1, 1, 2]}
+    ours, wide = copy.deepcopy(one), copy.deepcopy(one)
+    ours["engines"] = {"dtype": "fp16", "profile": profile}
+    wide["engines"] = {"dtype": "fp16", "profile": {**profile, "height": [64, 256, 512]}}
+    assert mismatches(ours, wide) == [("engines: fp16, batch 1-4, 256-1024 x 256-1024, 1-2 prompt chunks vs "
+                                      "fp16, batch 1-4, 64-512 x 256-1024, 1-2 prompt chunks (--engine-dir?)")]
+    assert mismatches(one, wide) == [] and mismatches(ours, copy.deepcopy(ours)) == []
+
+
+def test_a_run_pinned_to_fewer_cores_is_another_device():
+    """os.cpu_count() is the machine's; a run under taskset or a container's cpuset ran on fewer (an
+    audit's one-core run, its U-Net steps +139%, compared as the same device). Reports from before
+    the field, and runs that could use every core, keep the machine's count alone."""
+    import os
+
+    from sdexport.bench.compare import device_label, mismatches
+    from sdexport.bench.environment import environment
+
+    one = _report([_entry("torch", TIGHT)])
+    pinned, whole = copy.deepcopy(one), copy.deepcopy(one)
+    pinned["environment"]["host"]["usable_cores"] = 1
+    whole["environment"]["host"]["usable_cores"] = 2
+    assert device_label(pinned) == "CPU only: Test CPU, 1 of 2 cores"
+    assert device_label(whole) == device_label(one) == "CPU only: Test CPU, 2 cores"
+    assert mismatches(one, pinned) == ["device: CPU only: Test CPU, 2 cores vs CPU only: Test CPU, 1 of 2 cores"]
+    assert environment()["host"]["usable_cores"] == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(("edit", "problem"), [
+    ({"test_hooks": ["slow"]}, "test_hooks"), ({"test_hooks": {"SDEXPORT_TEST_SLOW_UNET": "x"}}, "test_hooks"),
+    ({"interrupted": "yes"}, "interrupted")])
+def test_a_report_with_malformed_hooks_or_interruption_is_refused_in_one_line(edit, problem, tmp_path, capsys):
+    """compare reads both in its words: a list was a traceback (exit 1, the gate's "regression"), and
+    a string read as a finished run."""
+    good = _write(tmp_path, "good", _report([_entry("torch", TIGHT)]))
+    bad = _write(tmp_path, "bad", {**_report([_entry("torch", TIGHT)]), **edit})
+    assert run_cli("bench", "compare", good, bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: NEW {bad}: not a benchmark report sdexport can compare (") and problem in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_a_report_compared_with_itself_is_refused(tmp_path, capsys):
+    """A gate given one path twice passed whatever it measured."""
+    path = _write(tmp_path, "results", _report([_entry("torch", TIGHT)]))
+    assert run_cli("bench", "compare", tmp_path, path) == 2
+    assert "BASELINE and NEW are the same report" in capsys.readouterr().err
 
 
 def test_edited_reports_neither_break_the_comparison_nor_pass_a_slowdown(tmp_path, capsys):

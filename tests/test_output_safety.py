@@ -498,7 +498,7 @@ def test_a_fifo_where_an_output_is_judged_is_not_ours_and_never_blocks(tmp_path:
 
     from sdexport.bench.compare import not_a_comparison_output
     from sdexport.bench.report import not_a_bench_output
-    from sdexport.cli import _load_report_beside
+    from sdexport.cli import _not_as_loadtest_wrote
     from sdexport.runtime.images import _written_by_sdexport
     from sdexport.serving.repository import not_a_repository
 
@@ -518,7 +518,7 @@ def test_a_fifo_where_an_output_is_judged_is_not_ours_and_never_blocks(tmp_path:
         assert "no readable sdexport-repository.json" in not_a_repository(tmp_path)
         assert "no readable results.json" in not_a_bench_output(tmp_path)
         assert "no readable comparison.json" in not_a_comparison_output(tmp_path)
-        assert not _load_report_beside(tmp_path, "loadtest.md")
+        assert _not_as_loadtest_wrote(tmp_path) == "loadtest.json"
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)

@@ -505,7 +505,7 @@ def test_onnxruntime_sessions_take_the_cpu_threads_omp_num_threads_gives(monkeyp
     from sdexport import console
     from sdexport.console import onnxruntime_session_options
 
-    monkeypatch.setattr(console, "_usable_cpus", lambda: 8)
+    monkeypatch.setattr(console, "usable_cpus", lambda: 8)
 
     if value is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)

@@ -1205,6 +1205,11 @@ def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypat
     assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 2
     assert f"{table} exists and is not as sdexport loadtest wrote it" in capsys.readouterr().err
     assert table.read_text().endswith("my analysis\n")
+    table.unlink()  # (a report whose table is gone is replaced; one given a note is not)
+    report = out / "loadtest.json"
+    report.write_text(json.dumps({**json.loads(report.read_text()), "note": "before the kernel update"}))
+    assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 2
+    assert f"{report} exists and is not as sdexport loadtest wrote it" in capsys.readouterr().err
 
 
 def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):

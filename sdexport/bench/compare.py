@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.atomic import read_regular
-from sdexport.bench.report import MIN_REPEATS, STAGES, decibels, json_ready, test_hooks_text
+from sdexport.bench.report import MIN_REPEATS, STAGES, cores_label, decibels, json_ready, test_hooks_text
 from sdexport.bench.scenario import CONTENDERS, WORKLOAD_FIELDS, workload_value
 from sdexport.errors import SdexportError
 from sdexport.output_dir import OutputKind
+from sdexport.written_reports import changed_file, with_record
 
 RESAMPLES = 4000
 CONFIDENCE = 0.95
@@ -203,6 +204,10 @@ REPORT_SCHEMA: dict[str, Any] = {
             "gpu": {"type": ["object", "null"], "required": ["name"]},
             "host": {"type": "object"},
             "versions": {"type": "object"}}},
+        # (read by the report's words: a list or a string here was a traceback, exit 1 as a regression)
+        "test_hooks": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": {"type": "number"}}},
+        "interrupted": {"type": ["object", "null"], "required": ["reason"], "properties": {"reason": {"type": "string"}}},
         "results": {"type": "array", "items": {
             "type": "object", "required": ["contender", "status"],
             "properties": {"contender": {"type": "string"}, "status": {"type": "string"},
@@ -224,7 +229,7 @@ def device_label(report: dict[str, Any]) -> str:
         return str(env["gpu"]["name"])
     host = env.get("host", {})
     threads = f", OMP_NUM_THREADS={host['cpu_threads']}" if host.get("cpu_threads") else ""  # the CPU timings follow it
-    return f"CPU only: {host.get('cpu', 'unknown')}, {host.get('cores', '?')} cores{threads}"
+    return f"CPU only: {host.get('cpu', 'unknown')}, {cores_label(host)}{threads}"
 
 
 def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -238,7 +243,23 @@ def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
         old, now = workload_value(baseline["scenario"], name), workload_value(new["scenario"], name)
         if old != now:
             found.append(f"scenario {name}: {old!r} vs {now!r}")
+    engines = baseline.get("engines"), new.get("engines")  # (reports from before the record: not compared)
+    if None not in engines and engines[0] != engines[1]:
+        found.append(f"engines: {_engines_words(engines[0])} vs {_engines_words(engines[1])} (--engine-dir?)")
     return found
+
+
+def _engines_words(engines: Any) -> str:
+    """``fp16, batch 1-4, 256-1024 x 256-1024, 1-2 prompt chunks``: a report's ``engines``."""
+    if not isinstance(engines, dict) or not isinstance(engines.get("profile"), dict):
+        return repr(engines)
+    profile = engines["profile"]
+
+    def span(name: str) -> str:
+        values = profile.get(name) or ["?"]
+        return f"{values[0]}-{values[-1]}" if values[0] != values[-1] else str(values[0])
+    return (f"{engines.get('dtype')}, batch {span('batch')}, {span('height')} x {span('width')}, "
+            f"{span('chunks')} prompt chunks")
 
 
 def relative_change(baseline: list[float], new: list[float], seed: int = 0,
@@ -392,6 +413,10 @@ def _interrupted_reason(report: dict[str, Any]) -> str | None:
 def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     """The comparison as one JSON-ready dict; refuses (SdexportError) reports that do not compare."""
     baseline, new = load_report(baseline_path, "BASELINE"), load_report(new_path, "NEW")
+    files = [(p / "results.json" if p.is_dir() else p).resolve() for p in (baseline_path, new_path)]
+    if files[0] == files[1]:  # (a gate given one path twice would pass whatever it measured)
+        raise SdexportError(f"BASELINE and NEW are the same report ({files[0]}): a run compared with itself always "
+                            "passes; give the baseline run and the new one")
     if not any(e["status"] == "measured" for e in baseline["results"]):
         raise SdexportError(f"BASELINE {baseline_path} measured nothing (every contender failed or none ran), "
                             "so every run would pass; use a run that measured as the baseline")
@@ -575,14 +600,18 @@ def not_a_comparison_output(directory: Path) -> str | None:
     if not isinstance(data, dict) or data.get("format") != FORMAT or "rows" not in data:
         return f"its {COMPARISON_FILES[0]} is not an sdexport comparison"
     extra = sorted(p.name for p in directory.iterdir() if p.name not in (*COMPARISON_FILES, STAGING_MARKER))
-    return f"it holds other files: {', '.join(extra[:3])}" if extra else None
+    if extra:
+        return f"it holds other files: {', '.join(extra[:3])}"
+    changed = changed_file(directory, COMPARISON_FILES[0], data, COMPARISON_FILES[1:])
+    return f"its {changed} was changed since sdexport wrote it (edited by hand?)" if changed else None
 
 
 COMPARISON_OUTPUT = OutputKind("comparison output", not_a_comparison_output)
 
 
 def write_comparison(comparison: dict[str, Any], directory: Path) -> list[Path]:
-    """comparison.json, .md and .xml (JUnit) into ``directory`` (a staging folder)."""
+    """comparison.json, .md and .xml (JUnit) into ``directory`` (a staging folder); the JSON again
+    last, with the others' hashes and its own (``written_reports``: not replaced once edited)."""
     from sdexport.atomic import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -590,4 +619,6 @@ def write_comparison(comparison: dict[str, Any], directory: Path) -> list[Path]:
     write_atomic(paths[0], json.dumps(comparison, indent=2, allow_nan=False) + "\n")
     write_atomic(paths[1], markdown(comparison))
     write_atomic(paths[2], junit_xml(comparison))
+    recorded = with_record(comparison, paths[0].name, paths[1:])
+    write_atomic(paths[0], json.dumps(recorded, indent=2, allow_nan=False) + "\n")
     return paths

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sdexport.console import cpu_threads_asked
+from sdexport.console import cpu_threads_asked, usable_cpus
 from sdexport.versions import installed_version
 
 
@@ -191,6 +191,8 @@ def environment() -> dict[str, Any]:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+                 # (fewer where the run was pinned: taskset, a container's cpuset; report.cores_label)
+                 "usable_cores": usable_cpus(),
                  "python": platform.python_version(),
                  # ONNX Runtime's CPU sessions and torch run on these (sdexport.console.cpu_threads_asked)
                  "cpu_threads": cpu_threads_asked() or None},

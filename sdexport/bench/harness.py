@@ -310,6 +310,7 @@ def _run(
         "model": model.label,
         "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,
+        **({"engines": engines_workload(engine_dir)} if engine_dir is not None else {}),
         **({"refiner": {"model": refiner.label, "random_weights": refiner.random_weights, "denoising_end": scenario.cut,
                         "engine_dir": str(recorded_refiner) if recorded_refiner else None}} if refiner else {}),
         "environment": env,
@@ -319,6 +320,16 @@ def _run(
         **({"interrupted": tally.interrupted} if tally.interrupted else {}),
         "results": results,
     }, reused
+
+
+def engines_workload(engine_dir: Path) -> dict[str, Any]:
+    """What the timed engines were exported for (their precision and shape profile): part of what a
+    report measures, exported by the run or given with ``--engine-dir`` (where the scenario's
+    ``export`` settings say nothing of them), which ``bench compare`` holds equal."""
+    from sdexport.manifest import load_manifest
+
+    manifest = load_manifest(engine_dir, verify_files=False)
+    return {"dtype": manifest.dtype, "profile": manifest.profile}
 
 
 class BenchmarkInterrupted(KeyboardInterrupt):

@@ -9,9 +9,10 @@ from typing import Any
 
 from sdexport.atomic import atomic_path, read_regular, write_atomic
 from sdexport.bench.scenario import SLOW_UNET_HOOK
-from sdexport.manifest import sha256_file, write_json_atomic
+from sdexport.manifest import write_json_atomic
 from sdexport.output_dir import MARKER, OutputKind
 from sdexport.specs import FAMILY_LABELS
+from sdexport.written_reports import changed_file, with_record
 
 MIN_REPEATS = 5
 """Fewer timed runs give no spread worth reporting. ``bench compare`` judges no change on them either:
@@ -247,12 +248,20 @@ def _command_line_words(flags: dict[str, Any]) -> str:
     return f"- Command line: {given} (in place of the scenario's values)"
 
 
+def cores_label(host: dict[str, Any]) -> str:
+    """``2 cores``, or ``1 of 2 cores`` where the run could use fewer than the machine has (its CPU
+    affinity): a run pinned to fewer cores is another device, which ``bench compare`` refuses to
+    judge against. Reports from before the field say the machine's count alone."""
+    cores, usable = host.get("cores", "?"), host.get("usable_cores")
+    return f"{cores} cores" if usable in (None, cores) else f"{usable} of {cores} cores"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     scenario = report["scenario"]
     gpu = env["gpu"]
     device = (f"{gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']}, driver {gpu['driver'] or 'unknown'})"
-              if gpu else f"CPU only: {env['host']['cpu']}, {env['host']['cores']} cores")
+              if gpu else f"CPU only: {env['host']['cpu']}, {cores_label(env['host'])}")
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     lines = [
         f"# Benchmark: {scenario['name']}",
@@ -443,7 +452,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax_parts.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
     ax_parts.tick_params(axis="x", rotation=20)
     env = report["environment"]
-    device = env["gpu"]["name"] if env["gpu"] else f"CPU ({env['host']['cores']} cores)"
+    device = env["gpu"]["name"] if env["gpu"] else f"CPU ({cores_label(env['host'])})"
     weights = "random weights" if report["random_weights"] else "trained weights"
     fig.suptitle(f"{report['scenario']['name']}: {report['model'].split(' (')[0]}, {weights}, {device}, "
                  f"{env['date'][:10]}" + (f" (interrupted by {report['interrupted']['by']})"
@@ -463,9 +472,8 @@ def not_a_bench_output(directory: Path) -> str | None:
     """Why ``directory`` is not a benchmark output sdexport wrote (None when it is), before it is replaced.
 
     Ours: the result files, an ``engines/`` folder of sdexport engine directories, nothing else;
-    the table and the chart as written (their hashes, in the report's ``written``: a table annotated
-    by hand before a commit was replaced without a word). Reports from before that record are
-    judged by their names, as they were.
+    the report, the table and the chart as written (``written_reports``: a table annotated by hand
+    before a commit was replaced without a word).
     """
     from sdexport.manifest import not_an_engine_dir
 
@@ -478,14 +486,9 @@ def not_a_bench_output(directory: Path) -> str | None:
     extra = sorted(p.name for p in directory.iterdir() if p.name not in (*RESULT_FILES, "engines", MARKER))
     if extra:
         return f"it holds other files: {', '.join(extra[:3])}"
-    written = data.get("written")
-    if isinstance(written, dict):
-        for name in RESULT_FILES[1:]:
-            path = directory / name
-            if not (path.exists() or path.is_symlink()):
-                continue  # (a chart that was not drawn)
-            if path.is_symlink() or not path.is_file() or written.get(name) != sha256_file(path):
-                return f"its {name} was changed since sdexport wrote it (edited by hand?)"
+    changed = changed_file(directory, RESULT_FILES[0], data, RESULT_FILES[1:])
+    if changed:
+        return f"its {changed} was changed since sdexport wrote it (edited by hand?)"
     engines = directory / "engines"
     if engines.is_symlink() or engines.is_file():
         return "its engines is not a folder of engine directories"
@@ -522,7 +525,7 @@ def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
     a broken font cache) would otherwise discard, with the staging folder, the measurements of a
     whole benchmark, which the JSON and the table hold: said, and left out. The JSON comes first (it
     holds everything: a run killed meanwhile keeps it) and again last, with the hashes of the other
-    two (``not_a_bench_output`` reads them)."""
+    two and its own (``written_reports``; ``not_a_bench_output`` reads them)."""
     from sdexport.console import console
     from sdexport.errors import one_line
 
@@ -537,6 +540,5 @@ def write_report(report: dict[str, Any], output_dir: Path) -> list[Path]:
         console.print(f"[yellow]note:[/] {RESULT_FILES[2]} not drawn ({one_line(exc, 200)}): the results are in "
                       f"{RESULT_FILES[0]} and {RESULT_FILES[1]}")
         paths = paths[:2]
-    written = {path.name: sha256_file(path) for path in paths[1:] if path.is_file()}
-    write_json_atomic(paths[0], {**ready, "written": written})
+    write_json_atomic(paths[0], with_record(ready, paths[0].name, paths[1:]))
     return paths
