@@ -124,7 +124,7 @@ extra=()
 read -ra extra <<< "${SDEXPORT_BENCH_ARGS:-}"
 for arg in ${extra[@]+"${extra[@]}"}; do  # the gate's own: elsewhere, the run would be gated as missing
   case $arg in
-    -o*|--output|--output=*|--engine-cache|--engine-cache=*)
+    -o*|-[!-]*o*|--output|--output=*|--engine-cache|--engine-cache=*)  # (-qo DIR: bundled short flags)
       refuse_reported "SDEXPORT_BENCH_ARGS: $arg is the gate's own (it benchmarks into OUT/bench, with --engine-cache from SDEXPORT_ENGINE_CACHE)" ;;
     -h|--help|--version)
       refuse_reported "SDEXPORT_BENCH_ARGS: $arg prints and benchmarks nothing" ;;

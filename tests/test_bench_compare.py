@@ -651,6 +651,7 @@ def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs
     # the run would go elsewhere (the gate then said to commit OUT/bench/results.json, which was not there)
     ({"SDEXPORT_BENCH_ARGS": "--repeats 5 -o /tmp/elsewhere"}, "SDEXPORT_BENCH_ARGS: -o is the gate's own"),
     ({"SDEXPORT_BENCH_ARGS": "--engine-cache=/tmp/c"}, "SDEXPORT_BENCH_ARGS: --engine-cache=/tmp/c is the gate's own"),
+    ({"SDEXPORT_BENCH_ARGS": "-qo /tmp/elsewhere"}, "SDEXPORT_BENCH_ARGS: -qo is the gate's own"),  # (bundled)
     ({"SDEXPORT_BENCH_ARGS": "--help"}, "SDEXPORT_BENCH_ARGS: --help prints and benchmarks nothing"),
     ({"scenario": "missing"}, "gate.toml: no such scenario file"),
     ({"summary": "my notes"}, "summary.md was not written by this gate"),
@@ -795,8 +796,9 @@ def test_runs_of_engines_exported_for_other_shapes_are_not_compared():
 
 def test_a_run_pinned_to_fewer_cores_is_another_device():
     """os.cpu_count() is the machine's; a run under taskset or a container's cpuset ran on fewer (an
-    audit's one-core run, its U-Net steps +139%, compared as the same device). Reports from before
-    the field, and runs that could use every core, keep the machine's count alone."""
+    audit's one-core run, its U-Net steps +139%, compared as the same device). Runs that could use
+    every core keep the machine's count alone; a report from before the field is compared by the
+    machine's count (a runner in a cpuset keeps the baseline it committed)."""
     import os
 
     from sdexport.bench.compare import device_label, mismatches
@@ -808,7 +810,8 @@ def test_a_run_pinned_to_fewer_cores_is_another_device():
     whole["environment"]["host"]["usable_cores"] = 2
     assert device_label(pinned) == "CPU only: Test CPU, 1 of 2 cores"
     assert device_label(whole) == device_label(one) == "CPU only: Test CPU, 2 cores"
-    assert mismatches(one, pinned) == ["device: CPU only: Test CPU, 2 cores vs CPU only: Test CPU, 1 of 2 cores"]
+    assert mismatches(whole, pinned) == ["device: CPU only: Test CPU, 2 cores vs CPU only: Test CPU, 1 of 2 cores"]
+    assert mismatches(one, pinned) == []
     assert environment()["host"]["usable_cores"] == len(os.sched_getaffinity(0))
 
 

@@ -684,18 +684,39 @@ def test_a_second_negative_prompt_alone_is_unread_and_said_to_be(pipelines, sdxl
     got = pipeline(request)
     assert got.request.negative_prompt_2 is None and not got.truncated
     assert torch.equal(got.latents, pipeline(plain).latents)
-    assert pipeline.chunk_count(request) == pipeline.chunk_count(plain)
+    from sdexport.runtime.prompt_text import longest_chunks
+    from sdexport.runtime.txt2img import text_tokenizers
+
+    tokenizers = text_tokenizers("sdxl", pipeline.tokenizer, pipeline.tokenizer_2)
+    read = dataclasses.replace(request, emphasis="none")  # (the count as three chunks of engines would read it)
+    assert longest_chunks(read, tokenizers, 77, 3, zeroed_negatives=True) == 1
+    assert longest_chunks(read, tokenizers, 77, 3) > 1
     assert ignored_settings(request, zeroed_negatives=True) == [
         ("negative_prompt_2 ignored: without negative_prompt, this SDXL model's unconditional half is zeros (its "
         "force_zeros_for_empty_prompt, as in diffusers' pipeline); give negative_prompt too (an empty one to have "
         "negative_prompt_2 alone read)")]
     read = dataclasses.replace(request, negative_prompt=[""], emphasis="none")
     assert ignored_settings(read, zeroed_negatives=True) == [] and "negative_prompt_2" in read.texts_read(True)
-    assert run_cli("run", sdxl_engine_dir, "-p", "a cat", "--negative-prompt-2", "blurry " * 100, "--steps", "1",
-                   "-o", tmp_path / "x.png") == 0
+    assert run_cli("run", sdxl_engine_dir, "-p", "a cat", "--negative-prompt-2", unread, "--emphasis", "original",
+                   "--steps", "1", "-o", tmp_path / "x.png") == 0
     err = " ".join(capsys.readouterr().err.split())
     assert "note: --negative-prompt-2 ignored: without --negative-prompt, this SDXL model's unconditional" in err
-    assert "longer than" not in err
+    assert "longer than" not in err and "Traceback" not in err
+    # served, such a row shares a call with one that gives none, as the same images
+    from test_serving import _inputs, _png_pixels
+
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    logs: list[str] = []
+    model = ServedModel(ServeSettings(str(sdxl_engine_dir), backend="onnxruntime-cpu", max_steps=50), log=logs.append)
+    try:
+        answers = model.generate([_inputs(["a cat"], steps=2, seed=[5], height=64, width=64),
+                                  _inputs(["a cat"], steps=2, seed=[5], height=64, width=64, negative_prompt_2=unread)])
+    finally:
+        model.close()
+    assert "2 request(s), 2 image(s) in 1 call(s) of 2" in logs[-1], logs
+    assert all(not isinstance(answer, str) for answer in answers), answers
+    np.testing.assert_array_equal(_png_pixels(answers[0][0].png), _png_pixels(answers[1][0].png))
 
 
 def test_a_manifest_without_a_pipeline_config_zeroes_empty_prompts_as_diffusers_defaults(tiny_sdxl_engine_dir, tmp_path):

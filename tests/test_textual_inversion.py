@@ -209,18 +209,20 @@ def test_a_capitalised_word_the_tokenizer_knows_in_lower_case_is_refused(files):
         add_tokens(SimpleNamespace(family="sd", tokenizers={"tokenizer": tokenizer}), [Embedding(files["one"], "Scare")])
 
 
-@pytest.mark.parametrize(("first", "second"), [("style", "style_1"), ("style_1", "style"), ("neg", "NEG_3"),
-                                               ("Caps", "caps_1")])
-def test_a_word_named_like_another_words_vector_is_refused(first, second, tmp_path):
+@pytest.mark.parametrize(("first", "second", "refused"), [("style", "style_2", "style_2"), ("style_1", "style", "style_1"),
+                                                          ("Neg", "neg_2", "neg_2")])
+def test_a_word_named_like_another_words_next_vector_is_refused(first, second, refused, tmp_path):
     """A word's vectors after its first are the tokens WORD_1, WORD_2, ...: an embedding named
-    ``style_1`` beside ``style`` was read as style's second vector, or took one of its places."""
+    ``style_2`` beside a 2-vector ``style`` was read as style's third vector, and a 1-vector
+    ``style`` beside ``style_1`` read that word's first vector as its own second. Names no word's
+    chain reaches are left alone."""
     one = _save(tmp_path / "one.safetensors", emb_params=torch.ones(2, 32))
     two = _save(tmp_path / "two.safetensors", emb_params=torch.ones(1, 32))
-    named = (second, "two.safetensors") if second.lower() != "style" else (first, "one.safetensors")
-    with pytest.raises(SdexportError, match=re.escape(f"the word {named[0]!r} is named like a vector of")) as info:
+    with pytest.raises(SdexportError, match=re.escape(f"the word {refused!r} is named like a vector of")) as info:
         plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(one, first), Embedding(two, second)]))
-    assert f"name it otherwise ({named[1]}:ANOTHER)" in str(info.value)
-    plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(one, "style"), Embedding(two, "styles_1")]))
+    assert f"name it otherwise ({'two' if refused == second else 'one'}.safetensors:ANOTHER)" in str(info.value)
+    for other in ("styles_2", "style_3", "style_v2"):  # (no word's next vector: prompts read them apart)
+        plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(one, "style"), Embedding(two, other)]))
 
 
 def test_a_word_the_tokenizer_holds_with_capitals_is_refused_and_so_are_more_vectors_than_a_chunk_holds(tmp_path):

@@ -223,20 +223,28 @@ REPORT_SCHEMA: dict[str, Any] = {
 """What compare reads of a results.json: a damaged or foreign file is refused in one line."""
 
 
-def device_label(report: dict[str, Any]) -> str:
+def device_label(report: dict[str, Any], usable: bool = True) -> str:
+    """The device a report ran on, as compared: a GPU's name; a CPU's model, cores (``usable``: and
+    the cores the run could use, ``cores_label``) and OMP_NUM_THREADS."""
     env = report["environment"]
     if env.get("gpu"):
         return str(env["gpu"]["name"])
     host = env.get("host", {})
+    if not usable:
+        host = {key: value for key, value in host.items() if key != "usable_cores"}
     threads = f", OMP_NUM_THREADS={host['cpu_threads']}" if host.get("cpu_threads") else ""  # the CPU timings follow it
     return f"CPU only: {host.get('cpu', 'unknown')}, {cores_label(host)}{threads}"
 
 
 def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Why two reports do not measure the same thing on the same machine type (empty: they do)."""
+    """Why two reports do not measure the same thing on the same machine type (empty: they do). The
+    cores a run could use count where both reports record them: a baseline committed before the
+    record is compared by the machine's count, as it was (a runner in a cpuset kept its baseline)."""
     found = []
-    if device_label(baseline) != device_label(new):
-        found.append(f"device: {device_label(baseline)} vs {device_label(new)}")
+    usable = all("usable_cores" in (r["environment"].get("host") or {}) for r in (baseline, new))
+    labels = device_label(baseline, usable), device_label(new, usable)
+    if labels[0] != labels[1]:
+        found.append(f"device: {labels[0]} vs {labels[1]}")
     if baseline["precision"] != new["precision"]:
         found.append(f"precision: {baseline['precision']} vs {new['precision']}")
     for name in WORKLOAD_FIELDS:

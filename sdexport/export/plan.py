@@ -7,7 +7,6 @@ torch is imported or a checkpoint read (that takes seconds to minutes for real m
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -19,7 +18,7 @@ from sdexport.models.controlnet import ControlNetSource, controlnets_for
 from sdexport.models.lora import LoraFile
 from sdexport.models.outline import ModelOutline, check_part_weights, outline_model
 from sdexport.models.presets import MAX_PRESET_SEED
-from sdexport.models.textual_inversion import Embedding, check_widths
+from sdexport.models.textual_inversion import Embedding, check_widths, token_name
 from sdexport.output_dir import OutputKind, check_target, refuse_if_held
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
@@ -161,14 +160,19 @@ def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: 
             raise SdexportError(f"--textual-inversion {embedding.path}: the word {embedding.word!r} is given twice; "
                                 f"name one of them (FILE:ANOTHER)")
         seen.add(embedding.word.lower())
+    # A word's vectors after its first are the tokens WORD_1, WORD_2, ...; the runtime finds them by
+    # name (``prompt_text.follow_ups``), so another word named as the next would be read as one more.
+    # (One of the names themselves is refused as a word the tokenizer knows, ``add_tokens``.)
+    nexts = {token_name(e.word, max(v.shape[0] for v in e.vectors(outline.family).values())).lower(): e
+             for e in embeddings}
     for embedding in embeddings:
-        for other in embeddings:
-            if re.fullmatch(rf"{re.escape(other.word)}_\d+", embedding.word, re.IGNORECASE):
-                raise SdexportError(
-                    f"--textual-inversion {embedding.path}: the word {embedding.word!r} is named like a vector of "
-                    f"{other.word!r} ({other.path.name}), whose vectors after the first are the tokens "
-                    f"{other.word}_1, {other.word}_2, ...; prompts would read the two as one; name it otherwise "
-                    f"({embedding.path.name}:ANOTHER)")
+        other = nexts.get(embedding.word.lower())
+        if other is not None:
+            raise SdexportError(
+                f"--textual-inversion {embedding.path}: the word {embedding.word!r} is named like a vector of "
+                f"{other.word!r} ({other.path.name}), whose vectors after the first are the tokens "
+                f"{other.word}_1, {other.word}_2, ...; prompts would read the two as one; name it otherwise "
+                f"({embedding.path.name}:ANOTHER)")
 
 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,

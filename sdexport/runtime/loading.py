@@ -191,7 +191,7 @@ def load_pipeline(
         limit = manifest.shape_profile.chunks[2]
         if read_chunks is not None:  # (what is read)
             limit = min(limit, read_chunks[0])
-        most = max(longest_chunks(r, named, manifest.model_dims.S, limit) for r in requests)
+        most = max(longest_chunks(r, named, manifest.model_dims.S, limit, zeroes_negatives(manifest)) for r in requests)
         request_profile = replace(request_profile, chunks=(most, most, most))
     pooled = pooled_controlnets(engine_dir, manifest)
     if backend.startswith("onnxruntime"):  # what to install, in one line, before torch is asked for a CUDA stream

@@ -376,6 +376,8 @@ class ServedModel:
                     guidance = row.guidance = checked.guidance_scales(family)[0]
                     if self.guidance_embedded:  # rows share a call whatever their guidance and negatives
                         row.guidance_embedded, row.negative_prompt, row.negative_prompt_2 = True, None, None
+                    elif "negative_prompt_2" not in based.texts_read(self.pipeline.zeroes_negatives):
+                        row.negative_prompt_2 = None  # (unread: SDXL's zeroed half; rows share a call either way)
                     if row.control_image is not None and row.control_scale is None:  # the base model's
                         row.control_scale = CONTROL_SCALE_DEFAULTS[self.pipeline.family][based.task]
                     if self.refiner is not None:  # the base model's share, as given or the server's
