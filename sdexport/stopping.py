@@ -104,28 +104,21 @@ def _quiet_dropped_stops(hook: Any) -> Any:
 
 
 def finished(code: int) -> None:
-    """The command is over and ``code`` is its exit status: from now on Ctrl-C or SIGTERM end the
-    process at once with that status. Python's teardown after torch and ONNX Runtime have loaded
-    takes most of a second, and a stop delivered in it ended a run whose images were all written
-    as killed (143) or interrupted (130), with nothing said. For the console script alone
-    (``cli.entry``): a program that calls ``main`` goes on after it, with its own handlers.
-    SIGINT is taken only from Python's own handler, as ``listening`` takes it. The price: a Python
-    handler runs between bytecodes, so a teardown hung inside C code (a library's destructor) no
-    longer ends at SIGTERM; SIGKILL, which CI sends after its grace, still ends it."""
-    import os
-
+    """The command is over and ``code`` is its exit status: from now on Ctrl-C and SIGTERM are
+    ignored, and the process ends with that status once Python's teardown does. That teardown, after
+    torch and ONNX Runtime have loaded, takes most of a second, and a stop delivered in it ended a
+    run whose images were all written as killed (143) or interrupted (130), with nothing said. A
+    Python handler (which ended the process at once) did not last: Python puts back the default
+    handlers after the exit hooks, before the modules are torn down; an ignored signal stays
+    ignored. For the console script alone (``cli.entry``): a program that calls ``main`` goes on
+    after it, with its own handlers. SIGINT is taken only from Python's own handler, as
+    ``listening`` takes it. The price: a teardown hung inside a library no longer ends at SIGTERM;
+    SIGKILL, which CI sends after its grace, still ends it."""
     if not _in_main_thread():
         return
-
-    def done(number: int, frame: object) -> None:
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
     for number in (signal.SIGTERM, signal.SIGINT):
         if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
-            signal.signal(number, done)
+            signal.signal(number, signal.SIG_IGN)
 
 
 def check() -> None:
