@@ -1390,6 +1390,11 @@ def loadtest(
     report = run_load(plan, prompt, files)
     target.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
+    changed = _not_as_loadtest_wrote(target)  # (again: a table annotated while the load ran was replaced)
+    if changed is not None:
+        _print_markdown(text)
+        raise SdexportError(f"-o {output}: {target / changed} was changed while the load test ran, so it is not "
+                            "replaced; the results are the table above (run again into another folder for the files)")
     from sdexport.written_reports import with_record
 
     # the JSON first (it holds everything), the table, then the JSON again with the table's hash

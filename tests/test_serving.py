@@ -1195,7 +1195,7 @@ def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypat
     (an audit's finding): the report records the table's hash, and an edited table is refused."""
     import numpy as np
 
-    _fake_triton(monkeypatch, [np.array([[b"png"]], dtype=object)] * 4)
+    _fake_triton(monkeypatch, [np.array([[b"png"]], dtype=object)] * 8)
     out = tmp_path / "load"
     for _ in range(2):  # the second run replaces the first's report
         assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 0
@@ -1210,6 +1210,23 @@ def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypat
     report.write_text(json.dumps({**json.loads(report.read_text()), "note": "before the kernel update"}))
     assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 2
     assert f"{report} exists and is not as sdexport loadtest wrote it" in capsys.readouterr().err
+    # edited while the load runs (an audit's race): kept, and the results still shown
+    from sdexport.serving import loadtest
+
+    report.unlink()
+    assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 0, capsys.readouterr().err
+    real = loadtest.run_load
+
+    def annotated_meanwhile(*args, **kwargs):
+        table.write_text(table.read_text() + "\nnoted during the run\n")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loadtest, "run_load", annotated_meanwhile)
+    capsys.readouterr()
+    assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 2
+    captured = capsys.readouterr()
+    assert f"{table} was changed while the load test ran, so it is not replaced" in captured.err
+    assert table.read_text().endswith("noted during the run\n") and "| " in captured.out
 
 
 def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
