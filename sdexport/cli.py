@@ -632,7 +632,8 @@ def run(
                       f"{seed + request.batch - 1}) {same}", soft_wrap=True)
     _generate(engine_dir, resolved, parts, image_path, cuda_graph=cuda_graph,
               graphs="portable" if portable_graphs else "auto", provider_options=provider_options,
-              inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble, whole=request)
+              inputs=inputs, per_image=per_image, loras=loras, ensemble=ensemble, whole=request,
+              hashed=manifest.files)
 
 
 def _written(paths: list[Path], count: int) -> str:
@@ -830,13 +831,14 @@ def _generate(
     engine_dir: Path, backend: str, parts: list[GenerationRequest], output: Path, *, cuda_graph: bool,
     graphs: str = "auto", provider_options: dict[str, str] | None = None, inputs: dict[str, Any] | None = None,
     per_image: dict[str, list[Any]] | None = None, loras: list[Any] | None = None, ensemble: Ensemble | None = None,
-    whole: GenerationRequest | None = None,
+    whole: GenerationRequest | None = None, hashed: dict[str, str] | None = None,
 ) -> None:
     """The heavy half of ``run`` (``backend`` resolved): load the engines, denoise each part of the
     request (one call of the engines each), save the images under one numbering. ``inputs``: what
     every image records of the inputs; ``per_image``: what each records of its own, in order.
     ``ensemble``: each part's latents go on to the refiner, whose images are saved. ``whole``: the
-    request the parts were cut from, whose long texts are warned of first, by the run's numbers."""
+    request the parts were cut from, whose long texts are warned of first, by the run's numbers.
+    ``hashed``: the manifest's files as ``run`` checked them (``load_pipeline``'s)."""
     from dataclasses import replace
 
     from sdexport import stopping
@@ -852,7 +854,7 @@ def _generate(
         pipeline = load_pipeline(engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                  verify_files=False, graphs=graphs, provider_options=provider_options,
                                  image_inputs=first.image is not None, loras=loras, guess_mode=first.guess_mode,
-                                 requests=parts)
+                                 requests=parts, hashed=hashed)
         # (hashed before the heavy imports)
     refining = None
     if ensemble is not None:
@@ -860,7 +862,7 @@ def _generate(
             refining = load_pipeline(ensemble.refiner.engine_dir, backend, cuda_graph=cuda_graph, request_profile=wanted,
                                      verify_files=False, graphs=graphs, provider_options=provider_options,
                                      image_inputs=False,  # it starts from latents: no encoder
-                                     requests=ensemble.parts)
+                                     requests=ensemble.parts, hashed=ensemble.refiner.manifest.files)
         for refine_part in ensemble.parts:  # before the base model runs
             check_loaded(refining, refine_part)
     for part in parts:

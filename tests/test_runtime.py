@@ -541,3 +541,32 @@ def test_pixels_are_rounded_to_eight_bits_as_diffusers_rounds_them():
 
     [image] = to_pil(np.array([[[[0.999, 0.5, 0.0021]]]], dtype=np.float32))
     assert image.getpixel((0, 0)) == (255, 128, 1)
+
+
+def test_a_directory_replaced_after_its_check_or_while_it_loads_is_refused(engine_copy, tiny_fp16_engine_dir,
+                                                                           monkeypatch):
+    """An audit's race: run hashed one export, then `export --force` swapped in another, and run made
+    that one's images (or, swapped during the load, images of one's text encoder and U-Net and the
+    other's VAE decoder). The manifest's files are held to the ones checked, before and after the load."""
+    import shutil
+
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime import loading
+
+    checked = load_manifest(engine_copy, verify_files=False).files
+    with pytest.raises(EngineDirError, match="the directory changed after its files were checked"):
+        load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False,
+                      hashed={**checked, "unet/model.onnx": "0" * 64})
+    real = loading._load_engines
+
+    def swapped_meanwhile(*args, **kwargs):
+        engines = real(*args, **kwargs)
+        shutil.rmtree(engine_copy)
+        shutil.copytree(tiny_fp16_engine_dir, engine_copy)
+        return engines
+
+    monkeypatch.setattr(loading, "_load_engines", swapped_meanwhile)
+    with pytest.raises(EngineDirError, match="the directory changed while its engines loaded"):
+        load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False, hashed=checked)
+    monkeypatch.setattr(loading, "_load_engines", real)
+    load_pipeline(engine_copy, "onnxruntime-cpu").close()  # (the new export, checked, loads)

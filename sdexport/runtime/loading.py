@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -133,6 +133,7 @@ def load_pipeline(
     model_source: dict[str, Any] | None = None,
     requests: Sequence[GenerationRequest] = (),
     read_chunks: tuple[int, str] | None = None,
+    hashed: Mapping[str, str] | None = None,
 ) -> Txt2ImgPipeline:
     """The engine directory's pipeline (a ``Txt2ImgPipeline``: call it with a ``GenerationRequest``)
     over ``backend``: ``onnxruntime`` (CUDA where it can, else the CPU), ``onnxruntime-cpu``,
@@ -155,7 +156,10 @@ def load_pipeline(
     give ``request_profile`` its prompt chunks (read once the tokenizers load), so TensorRT prefers
     a plan that reads them whole and CUDA-graph sessions capture their text length. ``read_chunks``:
     (count, why) to read at most ``count`` prompt chunks though the engines take more, ``why`` said
-    when a text is cut (``Txt2ImgPipeline``)."""
+    when a text is cut (``Txt2ImgPipeline``). ``hashed``: the manifest's files as the caller checked
+    them (``run`` hashes before its heavy imports, then loads with ``verify_files`` off): a directory
+    that is no longer that one is refused. One replaced while its engines load (``export --force``
+    swaps in a new directory) is refused after the load: its engines could be two exports'."""
     from sdexport.runtime.prompt_text import longest_chunks
     from sdexport.runtime.txt2img import Txt2ImgPipeline, text_tokenizers
 
@@ -170,6 +174,9 @@ def load_pipeline(
                                 "'file.safetensors:0.8') reads the CLI's form)")
         lora.check("LoRA")
     manifest = load_manifest(engine_dir, verify_files=False)
+    if hashed is not None and manifest.files != hashed:
+        raise EngineDirError(f"{engine_dir}: the directory changed after its files were checked (an export or build "
+                             "into it meanwhile?); run again")
     note_fused_again(manifest, loras or [])
     if model_source is not None and backend.startswith("torch"):
         from sdexport.models.source_files import relocated
@@ -201,6 +208,7 @@ def load_pipeline(
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled, optional=_optional(fallbacks))
+    _check_not_replaced(engine_dir, manifest)
     return Txt2ImgPipeline(
         {in_place.get(n, n): engines[n] for n in names},  # (the fp32 decoder, encoder in place)
         tokenizer=tokenizers.get("tokenizer"),
@@ -334,6 +342,19 @@ def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
         if isinstance(config, dict) and pools(config):
             pooled.append(name)
     return tuple(pooled)
+
+
+def _check_not_replaced(engine_dir: Path, manifest: Manifest) -> None:
+    """Refuse engines loaded from a directory whose manifest now lists other files than the one read
+    before the load: the engines, opened file by file, may be two exports' (an audit's run mixed one
+    export's text encoder and U-Net with the next one's VAE decoder: images neither makes)."""
+    try:
+        now = load_manifest(engine_dir, verify_files=False).files
+    except SdexportError:
+        now = None
+    if now != manifest.files:
+        raise EngineDirError(f"{engine_dir}: the directory changed while its engines loaded (an export or build into "
+                             "it meanwhile?); run again")
 
 
 def zeroes_negatives(manifest: Manifest) -> bool:
