@@ -411,6 +411,30 @@ def test_bench_replaces_its_own_output_and_refuses_a_users_folder(bench_run, tmp
     assert not_a_bench_output(copy) == "its results.json was changed since sdexport wrote it (edited by hand?)"
 
 
+def test_a_damaged_export_in_the_output_is_exported_again_not_reused(bench_run, tmp_path, monkeypatch):
+    """An audit's finding: a graph damaged under a bench output's engines/ was reused by every rerun
+    into it, whose contender then failed ("re-export or rebuild it") and the run passed; nothing in
+    bench could export it again. The reused export is hashed (trusted while unchanged)."""
+    from sdexport.bench import harness
+    from sdexport.bench.plan import Options, plan_bench
+    from sdexport.bench.scenario import load_scenario
+
+    _, out = bench_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    scenario = load_scenario(out.parent / "smoke.toml")
+    plan = plan_bench(scenario, Options())
+    exported: list[Path] = []
+    monkeypatch.setattr(harness, "_export_to", lambda target, *a: exported.append(target) or 1.0)
+    one_time: dict = {}
+    assert harness._export(scenario, plan, copy, tmp_path / "staging", one_time) == copy / "engines" / "smoke"
+    assert one_time["export"]["status"] == "reused" and not exported
+    graph = copy / "engines" / "smoke" / "unet" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    assert harness._export(scenario, plan, copy, tmp_path / "staging", one_time) == tmp_path / "staging" / "engines" / "smoke"
+    assert exported and "status" not in one_time["export"]
+
+
 def test_a_second_run_into_the_same_output_reuses_its_engines(bench_run):
     """Runs last in this module: it replaces the shared output (with the same engines)."""
     _, out = bench_run

@@ -547,8 +547,8 @@ def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path
     previous = output_dir / "engines" / scenario.name
     target = staging / "engines" / scenario.name
     if (previous / "manifest.json").is_file() and _previous_export_key(output_dir, what) == key:
-        try:
-            load_manifest(previous, verify_files=False)
+        try:  # (its files hashed, trusted while unchanged: a damaged one was reused run after run)
+            load_manifest(previous, verify_files=True)
             one_time[what] = {"status": "reused", "path": str(previous), "key": key}
             return previous
         except EngineDirError:
