@@ -38,6 +38,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.markup import escape
+
 from sdexport import stopping
 from sdexport.atomic import TEMP_NAME, existing_ancestor, name_limit
 from sdexport.console import console
@@ -410,10 +412,10 @@ def _clean_leftovers(target: Target) -> None:
             (target.path / MARKER).unlink()
             console.print(f"[yellow]note:[/] restored {target.path} from an interrupted run ({old.name})")
         elif _is_leftover(old):
-            _discard(old)
+            _discard_or_say(old, "left by an earlier run")
     for partial in _leftovers(target, "partial"):
         if _is_leftover(partial):
-            _discard(partial)
+            _discard_or_say(partial, "left by an earlier run")
 
 
 def _is_leftover(path: Path) -> bool:
@@ -479,7 +481,7 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
         (target.path / MARKER).unlink(missing_ok=True)
     if exchanged:
         _in_place(target)
-        _discard(staging)  # now holds the old directory
+        _discard_or_say(staging, "the previous directory, set aside")  # (staging now holds it)
         return
     (target.path / MARKER).touch()
     old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -492,7 +494,7 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
         raise
     (target.path / MARKER).unlink()
     _in_place(target)
-    _discard(old)
+    _discard_or_say(old, "the previous directory, set aside")
 
 
 def _in_place(target: Target) -> None:
@@ -502,6 +504,17 @@ def _in_place(target: Target) -> None:
     folder or its engine cache) is part of the outer one, which a stop may still discard."""
     if _CLAIMS_OPEN.get() == 1:
         stopping.keep("output", f"already in place: {target.path}")
+
+
+def _discard_or_say(path: Path, what: str) -> None:
+    """``_discard``, where a failure is a note, not the job's end: the new output is in place, and a
+    folder that cannot be deleted (a subfolder without write permission: a teammate's, in a shared
+    folder) made this job exit 1 and every later one on the target fail before it began."""
+    try:
+        _discard(path)
+    except OSError as exc:
+        console.print(f"[yellow]note:[/] could not delete {escape(str(path))} ({what}: {exc.strerror or exc}); "
+                      "it stays, marked as sdexport's: delete it yourself")
 
 
 def _discard(path: Path) -> None:
