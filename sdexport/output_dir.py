@@ -394,6 +394,18 @@ def _locked(target: Target) -> Iterator[None]:
         os.close(fd)
 
 
+def _free_name(target: Target, kind: str) -> Path:
+    """``.NAME.KIND-PID``, or ``.NAME.KIND-PIDn`` where a leftover of that name could not be deleted
+    (``_discard_or_say``): in a container every run is PID 1, and the stuck leftover ended every
+    later job on the target in "Permission denied" (a review's repro). Still a leftover's name."""
+    base = f".{target.name}.{kind}-{os.getpid()}"
+    path, n = target.parent / base, 0
+    while path.exists() or path.is_symlink():
+        n += 1
+        path = target.parent / f"{base}{n}"
+    return path
+
+
 def _leftovers(target: Target, kind: str) -> list[Path]:
     """Hidden siblings named exactly as sdexport names them: ``.NAME.partial-PID``, ``.NAME.old-PID``."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.{kind}-\d+$")
@@ -426,9 +438,7 @@ def _is_leftover(path: Path) -> bool:
 
 
 def _make_staging(target: Target) -> Path:
-    staging = target.parent / f".{target.name}.partial-{os.getpid()}"
-    if staging.exists():
-        _discard(staging)
+    staging = _free_name(target, "partial")  # (after _clean_leftovers: what is left could not be deleted)
     staging.mkdir()
     (staging / MARKER).touch()
     return staging
@@ -484,7 +494,7 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
         _discard_or_say(staging, "the previous directory, set aside")  # (staging now holds it)
         return
     (target.path / MARKER).touch()
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
+    old = _free_name(target, "old")
     os.rename(target.path, old)
     try:
         os.rename(staging, target.path)

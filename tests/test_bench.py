@@ -429,6 +429,10 @@ def test_a_damaged_export_in_the_output_is_exported_again_not_reused(bench_run, 
     one_time: dict = {}
     assert harness._export(scenario, plan, copy, tmp_path / "staging", one_time) == copy / "engines" / "smoke"
     assert one_time["export"]["status"] == "reused" and not exported
+    data = json.loads((copy / "engines" / "smoke" / "manifest.json").read_text())  # a plan listed, not yet written:
+    data["files"]["unet/other.plan"] = "0" * 64  # (a build stopped halfway; its builder rebuilds it)
+    (copy / "engines" / "smoke" / "manifest.json").write_text(json.dumps(data))
+    assert harness._export(scenario, plan, copy, tmp_path / "staging", one_time) == copy / "engines" / "smoke"
     graph = copy / "engines" / "smoke" / "unet" / "model.onnx"
     graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
     assert harness._export(scenario, plan, copy, tmp_path / "staging", one_time) == tmp_path / "staging" / "engines" / "smoke"

@@ -559,6 +559,18 @@ def test_a_directory_replaced_after_its_check_or_while_it_loads_is_refused(engin
                       hashed={**checked, "unet/model.onnx": "0" * 64})
     real = loading._load_engines
 
+    def planned_meanwhile(*args, **kwargs):  # a build listing a new plan: nothing the load read
+        engines = real(*args, **kwargs)
+        data = json.loads((engine_copy / "manifest.json").read_text())
+        data["files"]["unet/other.plan"] = "0" * 64
+        (engine_copy / "manifest.json").write_text(json.dumps(data))
+        return engines
+
+    monkeypatch.setattr(loading, "_load_engines", planned_meanwhile)
+    load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False, hashed=checked).close()
+    (engine_copy / "manifest.json").write_text(json.dumps({**json.loads((engine_copy / "manifest.json").read_text()),
+                                                          "files": checked}))
+
     def swapped_meanwhile(*args, **kwargs):
         engines = real(*args, **kwargs)
         shutil.rmtree(engine_copy)

@@ -540,19 +540,17 @@ def _export(scenario: Scenario, plan: BenchPlan, output_dir: Path, staging: Path
     their stamps, not hashed on every run), which the previous output's results.json records.
     Comparing the manifest's settings alone reused SD engines for an SDXL model, and a standard
     U-Net's for an inpainting one."""
-    from sdexport.errors import EngineDirError
-    from sdexport.manifest import load_manifest
+    from sdexport.bench.engine_cache import damage
 
     key = _export_key(scenario, plan, by_content=False)
     previous = output_dir / "engines" / scenario.name
     target = staging / "engines" / scenario.name
     if (previous / "manifest.json").is_file() and _previous_export_key(output_dir, what) == key:
-        try:  # (its files hashed, trusted while unchanged: a damaged one was reused run after run)
-            load_manifest(previous, verify_files=True)
+        # (its export's files hashed, as a cache entry's: a damaged graph was reused run after run;
+        # plans and fused graphs are their builders' to check and rebuild one by one)
+        if damage(previous) is None:
             one_time[what] = {"status": "reused", "path": str(previous), "key": key}
             return previous
-        except EngineDirError:
-            pass
     seconds = _export_to(target, scenario, plan.outline.family, precision(scenario), plan.export_profile)
     one_time[what] = {"export_s": seconds, "path": str(previous), "key": key}
     return target

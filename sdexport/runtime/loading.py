@@ -345,14 +345,15 @@ def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
 
 
 def _check_not_replaced(engine_dir: Path, manifest: Manifest) -> None:
-    """Refuse engines loaded from a directory whose manifest now lists other files than the one read
-    before the load: the engines, opened file by file, may be two exports' (an audit's run mixed one
-    export's text encoder and U-Net with the next one's VAE decoder: images neither makes)."""
+    """Refuse engines loaded from a directory whose manifest no longer lists a file of the one read
+    before the load as it was: the engines, opened file by file, may be two exports' (an audit's run
+    mixed one export's text encoder and U-Net with the next one's VAE decoder: images neither
+    makes). Files listed since (a build's new plan) were not read: they change nothing."""
     try:
-        now = load_manifest(engine_dir, verify_files=False).files
+        now: dict[str, str] | None = load_manifest(engine_dir, verify_files=False).files
     except SdexportError:
         now = None
-    if now != manifest.files:
+    if now is None or any(now.get(rel) != sha for rel, sha in manifest.files.items()):
         raise EngineDirError(f"{engine_dir}: the directory changed while its engines loaded (an export or build into "
                              "it meanwhile?); run again")
 
