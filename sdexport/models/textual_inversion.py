@@ -172,9 +172,10 @@ def add_tokens(model: Any, embeddings: list[Embedding]) -> Rows:
     """Add each embedding's tokens to ``model``'s tokenizers, in order, and return the rows the text
     encoders' token embedding matrices gain (``grow``; the export checked their widths). Refuses a
     token the tokenizer knows already, as diffusers does, in any case: the tokenizer matches added
-    words whatever their case (an earlier embedding's ``Caps_1`` made a later ``caps_1`` unreachable);
-    and more vectors than a prompt's chunk holds (its first 75 were read, the rest dropped unsaid). (A whole word, ``anime``, is CLIP's ``anime</w>``: naming an
-    embedding after one takes its place in prompts, as A1111 and diffusers let it.)"""
+    words whatever their case (an earlier embedding's ``Caps_1`` made a later ``caps_1``
+    unreachable); and more vectors than a prompt's chunk holds (its first 75 were read, the rest
+    dropped unsaid). (A whole word, ``anime``, is CLIP's ``anime</w>``: naming an embedding after
+    one takes its place in prompts, as A1111 and diffusers let it.)"""
     rows: Rows = {}
     for embedding in embeddings:
         for encoder, vectors in embedding.vectors(model.family).items():
