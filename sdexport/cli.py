@@ -1247,7 +1247,7 @@ def serve(
         wanted = settings.plan_profile(served)  # (as ServedModel loads)
         taken_by_all(served, [plan for directory, read, image_inputs in pairs for plan in check_tensorrt_plans(
             directory, read, image_inputs=image_inputs, request_profile=wanted)], settings.option)
-    settings = replace(settings, verify=False)
+    settings = replace(settings, verify=False, hashed=settings.checked_digest(manifest, refiner_manifest))
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)  # Triton writes no log into a folder that is not there
     work = Path(tempfile.mkdtemp(prefix="sdexport-serve-"))

@@ -442,10 +442,28 @@ def test_served_shapes_round_trip_through_config_pbtxt_and_a_bad_one_is_refused_
         ServeSettings.from_parameters({**parameters, "height": "64:x"})
     every = ServeSettings("/e", backend="tensorrt", cuda_graph=True, graphs="portable", max_steps=9, verify=False,
                           refiner="/r", denoising_end=0.7, engine_name="e", refiner_name="r", emphasis="original",
-                          shapes=(("batch", (1, 1, 1)), ("height", (64, 64, 128))))
+                          shapes=(("batch", (1, 1, 1)), ("height", (64, 64, 128))), hashed="ab" * 32)
     assert ServeSettings.unread(every.to_parameters()) == []  # (every key sdexport writes, it reads)
     assert ServeSettings.from_parameters(every.to_parameters()) == every
     assert ServeSettings.unread({**parameters, "Height": "64", "EXECUTION_ENV_PATH": "/env.tar.gz"}) == ["Height"]
+
+
+def test_the_served_model_refuses_a_directory_replaced_after_serve_checked_it(engine_copy, tiny_fp16_engine_dir):
+    """serve hashes the files, then Triton starts and the model loads them seconds later without
+    hashing again: an `export --force` meanwhile was loaded unhashed (an audit's race)."""
+    import shutil
+
+    from sdexport.errors import EngineDirError
+    from sdexport.manifest import load_manifest
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+
+    checked = ServeSettings.checked_digest(load_manifest(engine_copy, verify_files=False))
+    settings = ServeSettings(str(engine_copy), backend="onnxruntime-cpu", verify=False, hashed=checked)
+    ServedModel(settings, log=lambda line: None).close()
+    shutil.rmtree(engine_copy)
+    shutil.copytree(tiny_fp16_engine_dir, engine_copy)
+    with pytest.raises(EngineDirError, match="the directory changed after serve checked its files"):
+        ServedModel(settings, log=lambda line: None)
 
 
 def test_a_servers_refusals_name_the_lever_its_operator_has():

@@ -80,6 +80,10 @@ class ServeSettings:
     """(axis, min:opt:max) of the ``SERVED_AXES`` the server is told to take (``serve --height``):
     TensorRT loads the newest plan that covers them, and requests outside are refused. Empty:
     whatever the loaded engines take."""
+    hashed: str = ""
+    """``checked_digest`` of the engine directories' file lists as ``serve`` hashed their files (then
+    ``verify`` is off): a directory replaced before the model loads (an ``export --force`` while
+    Triton starts) is refused, not loaded unhashed. "": not checked before (``verify`` says)."""
     set_by: str = "config.pbtxt"
     """Where this server's operator sets the settings above, so that a refusal names the lever:
     ``serve`` (its options: the repository it writes is a temporary one), ``triton-repo`` (its
@@ -100,6 +104,7 @@ class ServeSettings:
                                                    ("refiner_name", self.refiner_name)) if value},
                 **({"emphasis": self.emphasis} if self.emphasis != DEFAULTS["emphasis"] else {}),
                 **{axis: ":".join(map(str, values)) for axis, values in self.shapes},
+                **({"hashed": self.hashed} if self.hashed else {}),
                 **({"set_by": "serve"} if self.set_by == "serve" else {})}  # (triton-repo's: config.pbtxt now)
 
     @classmethod
@@ -118,6 +123,7 @@ class ServeSettings:
                        emphasis=_emphasis(parameters.get("emphasis", DEFAULTS["emphasis"])),
                        shapes=tuple((axis, parse_range(parameters[axis], axis, f"config.pbtxt parameter {axis}"))
                                     for axis in SERVED_AXES if axis in parameters),
+                       hashed=parameters.get("hashed", ""),
                        set_by={"serve": "serve", "config.pbtxt": "config.pbtxt"}[parameters.get("set_by", "config.pbtxt")])
         except (KeyError, ValueError) as exc:
             raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
@@ -129,6 +135,14 @@ class ServeSettings:
         (``EXECUTION_ENV_PATH``), not sdexport's."""
         read = {f.name for f in fields(cls) if f.name != "shapes"} | set(SERVED_AXES)
         return [key for key in parameters if key not in read and not key.isupper()]
+
+    @staticmethod
+    def checked_digest(manifest: Manifest, refiner: Manifest | None = None) -> str:
+        """One digest of the directories' listed files and their sha256 (``hashed``)."""
+        import hashlib
+
+        listed = [manifest.files, refiner.files if refiner is not None else None]
+        return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
 
     def served_profile(self, manifest: Manifest, refiner: Manifest | None = None) -> ShapeProfile:
         """The shapes this server takes: the engine directory's profile (with a ``refiner``, the
@@ -249,6 +263,12 @@ class ServedModel:
                         if settings.refiner else None)
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
+        if settings.hashed and settings.hashed != settings.checked_digest(
+                manifest, self.refiner.manifest if self.refiner is not None else None):
+            from sdexport.errors import EngineDirError
+
+            raise EngineDirError(f"{engine_dir}: the directory changed after serve checked its files (an export or "
+                                 "build into it meanwhile?); start the server again")
         self.served = settings.served_profile(manifest, self.refiner.manifest if self.refiner is not None else None)
         """The shapes requests may ask for: the profile's, or those ``serve --height`` (etc.) named,
         and once the engines load, only what all of them take (``taken_by_all``)."""
