@@ -505,6 +505,29 @@ def test_an_alpha_beside_diffusers_or_peft_names_scales_its_module(tmp_path, nam
     assert [u.scale for u in read_updates(LoraFile(path), "sd")] == [1.0 / RANK]
 
 
+def test_an_alpha_for_a_module_the_file_does_not_update_is_refused_or_said(tmp_path, capsys):
+    """An audit's file: ``to_q``'s update beside ``to_k.alpha`` (a misspelt name) went in with
+    to_q at alpha = rank and the alpha dropped unsaid (kohya's layout was refused by diffusers).
+    With PEFT metadata, which decides the alphas, a per-module alpha is said to go unread."""
+    import json
+
+    from sdexport.models.lora import read_updates
+
+    generator = torch.Generator().manual_seed(8)
+    block = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    tensors = {f"{block}.to_q.lora_A.weight": torch.randn(RANK, 32, generator=generator),
+               f"{block}.to_q.lora_B.weight": torch.randn(32, RANK, generator=generator),
+               f"{block}.to_k.alpha": torch.tensor(1.0)}
+    path = tmp_path / "orphan.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(SdexportError, match=rf"1 alphas for modules it has no update for \(e.g. {block}.to_k.alpha\)"):
+        read_updates(LoraFile(path), "sd")
+    tensors[f"{block}.to_q.alpha"] = tensors.pop(f"{block}.to_k.alpha")
+    save_file(tensors, str(path), metadata={"lora_adapter_metadata": json.dumps({"unet.r": RANK, "unet.lora_alpha": RANK})})
+    assert [u.scale for u in read_updates(LoraFile(path), "sd")] == [1.0]  # (the metadata's alpha)
+    assert f"its 1 per-module alpha tensors (e.g. {block}.to_q.alpha) are not read" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize(("tensors", "refusal"), [
     (["lora_B"], r"unet.down_blocks.0.attentions.0.proj_in has lora_B but no lora_A"),
     (["lora_A", "lora_B", "lora_C"], (r"1 tensors of its unet part are in no LoRA layout sdexport reads \(e.g. "

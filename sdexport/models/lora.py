@@ -218,6 +218,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
                                 f"({one_line(exc, UPSTREAM_LIMIT)})") from None
         _refuse_leftovers(lora, prefix, peft)
         config = _metadata(metadata, prefix)
+        used: set[str] = set()
         for key, down in peft.items():
             if ".lora_A." not in key:
                 continue
@@ -226,6 +227,8 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             rank = down.shape[0]
             known = resolve_name(module_alphas, module)
             alpha = module_alphas[known] if known is not None else None
+            if known is not None:
+                used.add(known)
             if config:  # PEFT's LoraConfig, as diffusers saved it: it decides, as it would for PEFT
                 try:
                     rank = _pattern(module, config.get("rank_pattern"), config.get("r", rank))
@@ -242,9 +245,32 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
                 raise SdexportError(f"--lora {lora.path}: {prefix}.{module} holds NaN or infinite values (a damaged "
                                     "file, or a training that diverged)")
             updates.append(LoraUpdate(prefix, module, down, up, lora.scale * scaling))
+        unread = list(module_alphas) if config else [name for name in module_alphas if name not in used]
+        _refuse_unused_alphas(lora, prefix, unread, bool(config))
     if not updates:
         raise SdexportError(f"--lora {lora.path}: no LoRA updates for a U-Net or text encoder in it")
     return updates
+
+
+def _refuse_unused_alphas(lora: LoraFile, prefix: str, unused: list[str], configured: bool) -> None:
+    """Refuse per-module alphas of a part that no update reads (``<module>.alpha`` of a module the
+    file updates nowhere: a misspelt name, whose update then took the strength alpha = rank), as
+    kohya's are refused by diffusers' converter. Where PEFT metadata gives the alphas (``configured``:
+    it decides, as for PEFT), every per-module alpha goes unread: said in a note."""
+    if not unused:
+        return
+    if configured:
+        from rich.markup import escape
+
+        from sdexport.console import console
+
+        console.print(f"[yellow]note:[/] --lora {escape(str(lora.path))}: its PEFT metadata gives the {prefix} "
+                      f"part's alphas (lora_alpha), as diffusers reads it; its {len(unused)} per-module alpha "
+                      f"tensors (e.g. {escape(f'{prefix}.{unused[0]}.alpha')}) are not read")
+        return
+    raise SdexportError(f"--lora {lora.path}: {len(unused)} alphas for modules it has no update for (e.g. "
+                        f"{prefix}.{unused[0]}.alpha): a misspelt module name would leave that update at another "
+                        "strength")
 
 
 def _refuse_leftovers(lora: LoraFile, prefix: str, peft: dict[str, Any]) -> None:
