@@ -1488,8 +1488,8 @@ def entry() -> None:
     printable_streams()
     try:
         main()
-    except SystemExit as exc:
-        stopping.finished(exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1)
+    except SystemExit:
+        stopping.finished()
         raise
 
 

@@ -103,9 +103,9 @@ def _quiet_dropped_stops(hook: Any) -> Any:
     return unraisable
 
 
-def finished(code: int) -> None:
-    """The command is over and ``code`` is its exit status: from now on Ctrl-C and SIGTERM are
-    ignored, and the process ends with that status once Python's teardown does. That teardown, after
+def finished() -> None:
+    """The command is over: from now on Ctrl-C and SIGTERM are ignored, and the process ends with
+    the command's exit status once Python's teardown does. That teardown, after
     torch and ONNX Runtime have loaded, takes most of a second, and a stop delivered in it ended a
     run whose images were all written as killed (143) or interrupted (130), with nothing said. A
     Python handler (which ended the process at once) did not last: Python puts back the default

@@ -215,7 +215,7 @@ def test_the_teardown_guard_leaves_an_ignored_sigint_ignored_and_others_handlers
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         mine = lambda number, frame: None  # noqa: E731  (a program's own handler)
         signal.signal(signal.SIGTERM, mine)
-        stopping.finished(0)
+        stopping.finished()
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and signal.getsignal(signal.SIGTERM) is mine
     finally:
         for n, handler in previous.items():
