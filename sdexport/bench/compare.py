@@ -153,10 +153,15 @@ def parse_percent(text: str, flag: str) -> float:
     return value / 100
 
 
+def report_file(path: Path) -> Path:
+    """The results.json ``path`` names: itself, or the one in the bench output folder it is."""
+    return path / "results.json" if path.is_dir() else path
+
+
 def load_report(path: Path, label: str) -> dict[str, Any]:
     """A benchmark's results.json (or the output folder holding it), refused in one line unless it
     is a report this sdexport can compare: one that kept its timed repeats."""
-    file = path / "results.json" if path.is_dir() else path
+    file = report_file(path)
     if not file.is_file():
         raise SdexportError(f"{label} {path}: no such benchmark report (a results.json or the folder with it)")
     try:
@@ -421,7 +426,7 @@ def _interrupted_reason(report: dict[str, Any]) -> str | None:
 def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     """The comparison as one JSON-ready dict; refuses (SdexportError) reports that do not compare."""
     baseline, new = load_report(baseline_path, "BASELINE"), load_report(new_path, "NEW")
-    files = [(p / "results.json" if p.is_dir() else p).resolve() for p in (baseline_path, new_path)]
+    files = [report_file(p).resolve() for p in (baseline_path, new_path)]
     if files[0] == files[1]:  # (a gate given one path twice would pass whatever it measured)
         raise SdexportError(f"BASELINE and NEW are the same report ({files[0]}): a run compared with itself always "
                             "passes; give the baseline run and the new one")

@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import EngineRunError, ProfileError, SdexportError, one_line
+from sdexport.errors import EngineDirError, EngineRunError, ProfileError, SdexportError, one_line
 from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
 from sdexport.runtime.request import CONTROL_SCALE_DEFAULTS
 from sdexport.serving.protocol import INPUT_NAMES, OUTPUTS
@@ -263,13 +263,11 @@ class ServedModel:
                         if settings.refiner else None)
         if self.refiner is not None:
             check_denoising_end(settings.denoising_end)
-        if settings.hashed and settings.hashed != settings.checked_digest(
-                manifest, self.refiner.manifest if self.refiner is not None else None):
-            from sdexport.errors import EngineDirError
-
+        refiner_manifest = self.refiner.manifest if self.refiner is not None else None
+        if settings.hashed and settings.hashed != settings.checked_digest(manifest, refiner_manifest):
             raise EngineDirError(f"{engine_dir}: the directory changed after serve checked its files (an export or "
                                  "build into it meanwhile?); start the server again")
-        self.served = settings.served_profile(manifest, self.refiner.manifest if self.refiner is not None else None)
+        self.served = settings.served_profile(manifest, refiner_manifest)
         """The shapes requests may ask for: the profile's, or those ``serve --height`` (etc.) named,
         and once the engines load, only what all of them take (``taken_by_all``)."""
         wanted = settings.plan_profile(self.served)
