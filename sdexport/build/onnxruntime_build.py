@@ -127,7 +127,8 @@ PACKED_HEAD_MULTIPLE, PACKED_HEAD_MAX = 8, 256
 refuse packed inputs outside its flash and memory-efficient kernels (``attention_prepare_qkv.cu``:
 "packed QKV format is not implemented"), which take multiples of 8, flash's up to 256; later ones
 unpack them for the unfused kernel (seen in 1.31's library, not run). Other heads are fused
-unpacked, which costs nothing SD has: its heads are 40, 64, 80 or 160 wide."""
+unpacked (a self-attention unpacked is onnxruntime's ``Attention`` node, not MultiHeadAttention), which
+costs nothing SD has: its heads are 40, 64, 80 or 160 wide."""
 
 
 def _packed_head_size(node: Any, shapes: dict[str, list[int]], producers: dict[str, Any]) -> tuple[str, int] | None:
