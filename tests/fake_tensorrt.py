@@ -278,7 +278,7 @@ class FakeRefitter:
         either differing from the weight's prototype is refused (a transposed array of the same count
         goes in)."""
         prototype = self.engine.weights.get(name)
-        if prototype is None or weights.array.dtype != prototype.dtype or weights.array.size != prototype.size:
+        if prototype is None or weights.dtype != prototype.dtype or weights.array.size != prototype.size:
             return False
         self.pending[name] = weights.array.reshape(prototype.shape).copy()
         return True
@@ -298,6 +298,9 @@ class FakeRefitter:
 class FakeWeights:
     def __init__(self, array: np.ndarray) -> None:
         self.array = array
+        # the binding's label: a numpy type TensorRT does not know is taken for float32 (same count)
+        known = (np.float16, np.float32, np.int8, np.int32, np.int64, np.uint8, np.bool_)
+        self.dtype = array.dtype if array.dtype in known else np.dtype(np.float32)
 
 
 def make_tensorrt(version: str) -> types.ModuleType:

@@ -880,6 +880,11 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
         refit(engine, {"kept": np.zeros((3, 3), np.float16)}, source)
     with pytest.raises(SdexportError, match=r"refused the new kept \(float32, \[2, 2\]\)"):
         refit(engine, {"kept": np.zeros((2, 2), np.float32)}, source)  # TensorRT checks the type, not the shape
+    # an array of a type TensorRT's binding does not know would be labelled float32 and pass its check
+    with pytest.raises(SdexportError, match=r"the new kept is float64, which a refit cannot give TensorRT"):
+        engine.weights["kept"] = np.zeros((2, 2), np.float32)
+        refit(engine, {"kept": np.zeros((2, 2), np.float64)}, source)
+    engine.weights["kept"] = np.zeros((2, 2), np.float16)
     engine.refit_needs = ["kept_bias"]
     with pytest.raises(SdexportError, match="needs 1 more weights to refit with these .e.g. kept_bias"):
         refit(engine, {"kept": np.zeros((2, 2), np.float16)}, source)

@@ -558,7 +558,7 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
 
     kept = {name: np.ascontiguousarray(value) for name, value in weights.items()}  # alive until the refit copies them
     for name, value in kept.items():
-        if not refitter.set_named_weights(name, trt.Weights(value)):
+        if not refitter.set_named_weights(name, _weights(trt, value, source, name)):
             raise SdexportError(f"{source}: TensorRT refused the new {name} ({value.dtype}, {list(value.shape)})"
                                 f"{_reason()}")
     lacking: list[str] = []
@@ -570,7 +570,7 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
                 lacking.append(name)
                 continue
             kept[name] = value = np.ascontiguousarray(value)
-            if not refitter.set_named_weights(name, trt.Weights(value)):
+            if not refitter.set_named_weights(name, _weights(trt, value, source, name)):
                 raise SdexportError(f"{source}: TensorRT refused {name} as exported ({value.dtype}, "
                                     f"{list(value.shape)}){_reason()}")
     if lacking:  # names the graph does not hold
@@ -578,6 +578,16 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
                             f"{lacking[0]}); fuse the LoRA at export and build again")
     if not refitter.refit_cuda_engine():
         raise SdexportError(f"{source}: TensorRT could not refit the engine{_reason()}")
+
+
+def _weights(trt: Any, value: Any, source: Path, name: str) -> Any:
+    """``trt.Weights`` over ``value``, an fp16 or fp32 array: TensorRT's binding labels an array of a
+    type it does not know (float64, ml_dtypes' bfloat16) as float32 of the same count
+    (``pyFoundationalTypes.cpp``), which the refitter's type check would pass and read as other numbers."""
+    if str(value.dtype) not in ("float16", "float32"):
+        raise SdexportError(f"{source}: the new {name} is {value.dtype}, which a refit cannot give TensorRT "
+                            "(float16 or float32 only); fuse the LoRA at export and build again")
+    return trt.Weights(value)
 
 
 def load_tensorrt_engines(
