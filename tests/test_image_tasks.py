@@ -499,6 +499,33 @@ def test_an_eps_file_is_never_handed_to_ghostscript(monkeypatch):
     assert decode_image(data.getvalue(), "init_image").size == (8, 8)
 
 
+def test_an_icon_is_not_decoded_to_learn_its_size_and_a_broken_png_is_one_line():
+    """Pillow's ICO reader decodes a frame while it opens, at the frame's own size (a 16x16 entry
+    can hold a 9000x9000 PNG): ICO is not read. A PNG whose chunk is corrupt raised Pillow's
+    SyntaxError, a traceback in ``run`` and a 500 in ``serve``."""
+    import io
+    import struct
+    import zlib
+
+    from sdexport.errors import SdexportError
+    from sdexport.runtime.image_inputs import IMAGE_FORMATS, decode_image, image_size
+
+    inner = io.BytesIO()
+    picture(64, 64, 0).save(inner, format="PNG")
+    png = inner.getvalue()
+    icon = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+    assert "ICO" not in IMAGE_FORMATS
+    with pytest.raises(SdexportError, match=r"^init_image: not a readable image \(not PNG"):
+        image_size(icon, "init_image")
+    # a valid first IDAT, then a chunk whose type bytes are garbage, inside the image data
+    pixels = zlib.compress(bytes(1 + 3 * 64) * 64)
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    broken = (png[:8] + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 2, 0, 0, 0))
+              + chunk(b"IDAT", pixels[:20]) + chunk(b"\x01\x02\x03\x04", pixels[20:]) + chunk(b"IEND", b""))
+    with pytest.raises(SdexportError, match=r"^mask: not a readable image \(broken PNG file"):
+        decode_image(broken, "mask")
+
+
 def test_the_output_may_not_be_the_init_image(engine_dirs, tmp_path, capsys):
     first = tmp_path / "first.png"
     assert run_cli("run", engine_dirs["tiny"], "-p", "x", "--steps", "2", "--height", "64", "--width", "64",

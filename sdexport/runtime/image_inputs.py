@@ -10,6 +10,7 @@ as greyscale and binarised at 50% (white = repaint), as ``VaeImageProcessor`` do
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,11 +81,12 @@ def eight_bits(image: Any, what: str) -> Any:
     return image
 
 
-IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "ICO", "PSD", "QOI",
-                 "JPEG2000")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "DIB", "TIFF", "PPM", "TGA", "PSD", "QOI", "JPEG2000")
 """The formats an input image is read in (Pillow's names; a camera's MPO opens as JPEG). Not every
 format Pillow reads: an EPS file is handed to Ghostscript, a program a served request's bytes
-must never reach, and the scientific and legacy ones are no one's input images."""
+must never reach; Pillow's ICO reader decodes a frame as it opens, at the frame's own size, not the
+one its header declares, so a small icon could spend hundreds of MB before ``image_size`` refused it
+(an audit's 236 KB file, 9000x9000 inside); the scientific and legacy ones are no one's input images."""
 
 
 @contextlib.contextmanager
@@ -102,7 +104,7 @@ def _opened(source: Any, what: str) -> Iterator[Any]:
     except UnidentifiedImageError:
         raise SdexportError(f"{what}: not a readable image (not PNG, JPEG, WebP or another format sdexport reads: "
                             f"{', '.join(IMAGE_FORMATS[3:])})") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:  # (SyntaxError: a broken PNG chunk)
         raise SdexportError(f"{what}: not a readable image ({one_line(exc)})") from None
 
 
