@@ -1208,6 +1208,22 @@ def _fake_triton(monkeypatch, answers: list, held: threading.Event | None = None
     return timeouts
 
 
+def test_the_client_refuses_an_answer_without_the_images(monkeypatch):
+    """A server or proxy answering 200 without the image output gave ``generate`` a bare TypeError
+    (an audit's fake server); it says what the answer lacked, as loadtest counts it."""
+    import numpy as np
+
+    from sdexport.serving.client import generate
+
+    _fake_triton(monkeypatch, [None, np.array([[b"png"]], dtype=object), np.array([[b""]], dtype=object)])
+    with pytest.raises(RuntimeError, match=r"^localhost:1: the server answered without an image output$"):
+        generate("localhost:1", "a cat")
+    with pytest.raises(RuntimeError, match=r"answered 1 image\(s\) for 2 prompt\(s\)$"):
+        generate("localhost:1", ["a cat", "a dog"])
+    with pytest.raises(RuntimeError, match=r"answered an empty image$"):
+        generate("localhost:1", "a cat")
+
+
 def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypatch, tmp_path, capsys):
     """A loadtest.md annotated by hand beside the run's loadtest.json was replaced by the next run
     (an audit's finding): the report records the table's hash, and an edited table is refused."""

@@ -188,4 +188,19 @@ def generate(url: str, prompts: list[str] | str, *, model: str = MODEL_NAME, tim
         result = client.infer(model, infer_inputs(prompts, http, **params),
                               outputs=[http.InferRequestedOutput(output, binary_data=True)])
     array = result.as_numpy(output)
+    if why := missing_images(array, len(prompts) if isinstance(prompts, list) else 1):
+        raise RuntimeError(f"{url}: the server {why}")
     return list(array) if pixels else [row[0] for row in array]
+
+
+def missing_images(images: Any, wanted: int) -> str | None:
+    """Why an answer is not the request's images (None where it is): a server or proxy answering 200
+    without them was counted a success by loadtest, and its throughput reported; ``generate`` failed
+    on it with a bare TypeError."""
+    if images is None:
+        return "answered without an image output"
+    if len(images) != wanted:
+        return f"answered {len(images)} image(s) for {wanted} prompt(s)"
+    if not all(len(row) and len(row[0]) for row in images):
+        return "answered an empty image"
+    return None

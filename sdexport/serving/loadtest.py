@@ -157,18 +157,6 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q))
 
 
-def _missing_images(images: Any, wanted: int) -> str | None:
-    """Why an answer is not the request's images (None where it is): a server or proxy answering 200
-    without them was counted a success, and its throughput reported."""
-    if images is None:
-        return "answered without an image output"
-    if len(images) != wanted:
-        return f"answered {len(images)} image(s) for {wanted} prompt(s)"
-    if not all(len(row) and len(row[0]) for row in images):
-        return "answered an empty image"
-    return None
-
-
 def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None) -> dict[str, Any]:
     """Drive the load and return the report (see ``markdown`` for its fields in words).
 
@@ -176,7 +164,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     does, before it claims its output folder); without it the plan is checked here."""
     import tritonclient.http as http
 
-    from sdexport.serving.client import infer_inputs
+    from sdexport.serving.client import infer_inputs, missing_images
 
     if files is None:
         files = plan.check()
@@ -217,7 +205,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                 try:
                     result = connection.infer(plan.model, inputs,
                                               outputs=[http.InferRequestedOutput("image", binary_data=True)])
-                    message = _missing_images(result.as_numpy("image"), plan.prompts_per_request)
+                    message = missing_images(result.as_numpy("image"), plan.prompts_per_request)
                 except Exception as exc:  # the server's message, counted, and the client goes on
                     message = _message(exc)
                 with lock:
