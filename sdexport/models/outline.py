@@ -138,8 +138,8 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
                        **_read_text_sizes(path, family))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
+    check_single_file(path)  # (a LoRA or VAE given as the model is named as one, not asked for a --config)
     config_preset, config_path = single_file_config(path, config)
-    check_single_file(path)
     if config_preset is not None:
         outline = _outline(config_preset.family, config_preset.unet, config_preset.vae, config_preset.scheduler,
                            config_preset.profile, (path,), vae)
