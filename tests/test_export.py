@@ -414,6 +414,7 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("bad-range", "--batch '4:1:2'"),
         ("bad-dtype", "--dtype int8"),
         ("bad-component", "unknown component(s) clip"),
+        ("fp32-fallback", "vae_decoder_fp32 is the fp32 fallback of an fp16 export; an fp32 export's vae_decoder is"),
         ("opset-low", "--opset 13: sdexport exports opsets 14 to 20"),
         ("opset-high", "--opset 24: sdexport exports opsets 14 to 20"),
         ("bad-seed", "--seed -1: preset weight seeds go from 0 to"),
@@ -496,6 +497,8 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         extra = ["--dtype", "int8"]
     elif case == "bad-component":
         extra = ["--components", "clip"]
+    elif case == "fp32-fallback":  # (it wrote the fp32 decoder twice)
+        extra = ["--components", "unet,vae_decoder_fp32"]
     elif case == "empty-model":
         model = ""
     elif case in ("empty-vae", "empty-config"):

@@ -178,11 +178,15 @@ def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: 
 def select_components(family: str, names: list[str] | None, dtype: str, controlnets: int = 0,
                       adapters: int = 0) -> list[ComponentSpec]:
     """All components by default; the fp32 fallback VAE only where the export itself is not fp32."""
-    specs = list(components_for(family, controlnets, adapters))
+    specs = [s for s in components_for(family, controlnets, adapters) if not (s.always_fp32 and dtype == "fp32")]
     if not names:
-        return [s for s in specs if not (s.always_fp32 and dtype == "fp32")]
+        return specs
     known = [s.name for s in specs]
     unknown = [n for n in names if n not in known]
+    fallbacks = [n for n in unknown if n.endswith("_fp32") and n.removesuffix("_fp32") in known]
+    if fallbacks:  # (it was exported again beside its twin, the same fp32 graph twice)
+        raise SdexportError(f"--components: {', '.join(fallbacks)} is the fp32 fallback of an fp16 export; an fp32 "
+                            f"export's {', '.join(n.removesuffix('_fp32') for n in fallbacks)} is fp32 already")
     if unknown:
         raise SdexportError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     nets = [s.name for s in specs if controlnet_index(s.name) is not None]
