@@ -118,3 +118,17 @@ def test_a_graph_whose_types_do_not_infer_is_refused_in_one_line(tmp_path: Path)
     with pytest.raises(SdexportError, match=rf"^{path}: the exported graph is not valid ONNX \(.*\); nothing was kept") as info:
         graph.check(path)
     assert "\n" not in str(info.value)
+
+
+def test_fp16_latent_consistency_unet_is_valid(tmp_path: Path):
+    """A latent consistency model's U-Net adds its ``timestep_cond`` projection to the timestep
+    embedding before the first layer: the fp32 cone hands over at diffusers' cast before that Add
+    (it was kept float32 against an fp16 operand, and the export failed the checker)."""
+    from sdexport.export.exporter import ExportOptions, export
+
+    export("tiny-lcm", tmp_path / "lcm", ExportOptions(dtype="fp16", verify="quick", components=["unet"]))
+    model = onnx.load(str(tmp_path / "lcm" / "unet" / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    types = _elem_types(model)
+    trig = [n for n in model.graph.node if n.op_type in ("Sin", "Cos")]
+    assert trig and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in trig)

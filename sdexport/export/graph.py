@@ -68,18 +68,40 @@ def fp32_cone(model: onnx.ModelProto, inputs: Iterable[str]) -> list[str]:
     holds t near 1000 only to 0.5 (979.6 becomes 979.5) and ``t * freq`` no better, so sin and cos of
     it would be far off. diffusers computes the projection in float32 (``timesteps.float()``) and casts
     only the embedding to the model's dtype; an export that converted it would be less accurate than
-    the eager fp16 baseline it is measured against.
+    the eager fp16 baseline it is measured against. The cone also ends at diffusers' cast before a
+    node that meets a float tensor computed from other inputs: a latent consistency model adds its
+    ``timestep_cond`` projection to the cast embedding before the first layer, and that Add kept in
+    float32 against an fp16 operand made every fp16 LCM export fail the checker (an audit's find).
     """
     consumers: dict[str, list[onnx.NodeProto]] = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    inputs = list(inputs)
+    if not inputs:
+        return []
+    reached, following = set(inputs), list(inputs)  # every tensor computed from the inputs, through any node
+    while following:
+        for node in consumers.get(following.pop(), []):
+            fresh = [name for name in node.output if name not in reached]
+            reached.update(fresh)
+            following.extend(fresh)
+    floats = _float_tensors(model)
+    computed = {o for n in model.graph.node if n.op_type != "Constant" for o in n.output} & floats
+    computed |= {v.name for v in model.graph.input} & floats
+
+    def meets_others(node: onnx.NodeProto) -> bool:
+        """``node`` also reads a tensor computed from other inputs (a latent consistency model's
+        ``timestep_cond`` projection added to the timestep embedding): it computes in the model's dtype."""
+        return any(name in computed and name not in reached for name in node.input if name)
+
     def hands_over(node: onnx.NodeProto) -> bool:
         """The cast to the model's dtype right before the weighted layer (diffusers'
-        ``.to(dtype)``): converted with the rest, it becomes the fp32 → fp16 boundary. (Kept in
-        float32, the converter types the layer's input wrong and the graph fails the checker.)"""
+        ``.to(dtype)``), or before a node that meets the model's other tensors: converted with the
+        rest, it becomes the fp32 → fp16 boundary. (Kept in float32, the converter types the
+        layer's input wrong and the graph fails the checker.)"""
         return node.op_type == "Cast" and any(
-            c.op_type in FP32_BOUNDARY_OPS for out in node.output for c in consumers.get(out, [])
+            c.op_type in FP32_BOUNDARY_OPS or meets_others(c) for out in node.output for c in consumers.get(out, [])
         )
 
     kept: dict[str, None] = {}
@@ -91,6 +113,22 @@ def fp32_cone(model: onnx.ModelProto, inputs: Iterable[str]) -> list[str]:
             kept[node.name] = None
             pending.extend(node.output)
     return list(kept)
+
+
+def _float_tensors(model: onnx.ModelProto) -> set[str]:
+    """Names of the float32 tensors of ``model``, from onnx's type inference on a weightless copy
+    (initializers declared as typed inputs: a graph over 2 GB cannot be inferred whole)."""
+    probe = onnx.ModelProto()
+    probe.ir_version = model.ir_version
+    probe.opset_import.extend(model.opset_import)
+    probe.graph.node.extend(model.graph.node)
+    probe.graph.input.extend(model.graph.input)
+    probe.graph.output.extend(model.graph.output)
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+                             for t in model.graph.initializer)
+    typed = onnx.shape_inference.infer_shapes(probe)
+    return {v.name for v in [*typed.graph.value_info, *typed.graph.input]
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
 
 
 def to_fp16(model: onnx.ModelProto, keep_fp32: Iterable[str] = ()) -> onnx.ModelProto:
