@@ -647,6 +647,18 @@ def test_opset_range_is_torchs_exporter_range(tmp_path: Path):
                    "--verify", "quick") == 0
 
 
+def test_an_fp16_export_below_opset_17_says_its_layer_norms_compute_in_fp16(tmp_path: Path, capsys):
+    """Below opset 17 torch writes LayerNorm as its pieces, which the fp16 conversion puts in fp16:
+    the squared deviation overflows past 256 (an audit saw fp16 Pow nodes in the graphs at 14)."""
+    assert run_cli("export", "tiny", "-o", tmp_path / "e", "--dtype", "fp16", "--opset", "16",
+                   "--components", "text_encoder", "--verify", "none") == 0
+    assert "--opset 16 has no LayerNormalization: the fp16 graphs compute LayerNorm's variance in fp16" in \
+        " ".join(capsys.readouterr().err.split())
+    assert run_cli("export", "tiny", "-o", tmp_path / "f", "--dtype", "fp16", "--components", "text_encoder",
+                   "--verify", "none") == 0
+    assert "LayerNormalization" not in capsys.readouterr().err
+
+
 def test_weight_files_are_the_ones_from_pretrained_reads(tmp_path: Path):
     """A sharded checkpoint is its index and every shard it names; a missing shard or a shard
     outside the folder is refused, and safetensors come before .bin as the libraries look for them."""

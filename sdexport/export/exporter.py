@@ -27,7 +27,14 @@ from sdexport.export import graph
 from sdexport.export.inputs import sample_inputs
 from sdexport.export.memory import MemoryLog, give_back_freed_memory, verification_budget_mb
 from sdexport.export.pipeline_files import write_pipeline_files
-from sdexport.export.plan import DEFAULT_OPSET, ENGINE_DIR, ExportOptions, VerifyMode, plan_export
+from sdexport.export.plan import (
+    DEFAULT_OPSET,
+    ENGINE_DIR,
+    LAYER_NORM_OPSET,
+    ExportOptions,
+    VerifyMode,
+    plan_export,
+)
 from sdexport.export.trace import trace_to_onnx
 from sdexport.export.verify import (
     ParityReport,
@@ -71,6 +78,10 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
     directory ``out_dir`` as ``sdexport export`` does; either may be a path or its text."""
     model_ref, out_dir = os.fspath(model_ref), Path(out_dir)
     plan = plan_export(model_ref, out_dir, options)
+    if options.dtype == "fp16" and options.opset < LAYER_NORM_OPSET:
+        console.print(f"[yellow]note:[/] --opset {options.opset} has no LayerNormalization: the fp16 graphs compute "
+                      f"LayerNorm's variance in fp16, which overflows where an activation strays 256 from its "
+                      f"mean; --opset {LAYER_NORM_OPSET} or later computes it in float32", soft_wrap=True)
     from sdexport.runtime.onnxruntime_backend import require_provider
 
     require_provider("cpu")  # verification and fp16 conversion run on onnxruntime
