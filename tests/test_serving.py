@@ -1877,6 +1877,10 @@ def test_the_triton_processs_output_goes_to_stderr(capsys):
     server._record_logs(b"I1205 started GRPCInferenceService\n")
     out, err = capsys.readouterr()
     assert out == "" and err == "I1205 started GRPCInferenceService\n"
+    # the console's line as Triton stops, outside its log: it reached the terminal without -v
+    for character in "Signal (15) received.\nW1207 kept\n":  # (PyTriton hands it over so)
+        server._record_logs(character)
+    assert capsys.readouterr() == ("", "W1207 kept\n")
 
 
 def test_rows_without_a_size_take_the_first_rows_as_run_takes_the_first_image_s():

@@ -141,8 +141,25 @@ def server_output_to_stderr() -> None:
     server.print = _print_to_stderr  # type: ignore[attr-defined]
 
 
+TRITON_SIGNAL_LINE = re.compile(r"Signal \(\d+\) received\.\s*")
+"""What tritonserver writes to its console (not its log) as it is stopped: the one line of Triton's
+that reached the terminal without ``-v`` (the log file takes the rest), after serve's own."""
+
+_console_line: list[str] = []
+"""The line PyTriton is handing over: it passes what Triton writes as it comes (one character at a
+time, seen with PyTriton 0.7.0), so a line is judged once it is whole."""
+
+
 def _print_to_stderr(*values: object, **options: Any) -> None:
-    print(*values, **{**options, "file": sys.stderr})  # sys.stderr as it is now (a test's capture too)
+    text = "".join(map(str, values)) + options.get("end", "\n")
+    while "\n" in text:
+        head, text = text.split("\n", 1)
+        line = "".join(_console_line) + head + "\n"
+        _console_line.clear()
+        if not TRITON_SIGNAL_LINE.fullmatch(line):
+            print(line, end="", file=sys.stderr)  # sys.stderr as it is now (a test's capture too)
+    if text:
+        _console_line.append(text)
 
 
 def nvml_starts() -> bool:
