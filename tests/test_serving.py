@@ -1810,6 +1810,39 @@ def test_a_model_that_fails_to_load_is_reported_at_once_in_its_own_words(tmp_pat
     assert time.monotonic() - started < 120  # the start-up timeout is 300 s
 
 
+def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caught(monkeypatch, tmp_path):
+    """PyTriton's serve catches the KeyboardInterrupt a stop raises (``stopping``) while it waits, then
+    stops the server; one that lands after that wait (in its stop) went on to exit 130, "interrupted",
+    where the same stop ended with 0 a moment earlier (two SIGTERMs here: 130, then 0)."""
+    import pytriton.triton
+
+    from sdexport.serving import server
+
+    class Triton:
+        def __init__(self, config, security_config):
+            self._triton_server, self.stops = None, 0
+
+        def run(self):
+            pass
+
+        def serve(self):
+            raise KeyboardInterrupt
+
+        def stop(self):
+            self.stops += 1
+
+    for name in ("stub_environment", "server_output_to_stderr", "pytriton_waits"):
+        monkeypatch.setattr(server, name, lambda *args: None)
+    monkeypatch.setattr(pytriton.triton, "Triton", Triton)
+    ready = []
+    try:
+        server.run_server(tmp_path, server.Ports(18096, 18097, 18098, address="127.0.0.1"), startup_timeout_s=5,
+                          drain_timeout_s=5, log_file=None, on_ready=lambda: ready.append(True))
+    except KeyboardInterrupt:  # (not raised on: it would end the test run)
+        pytest.fail("the stop went on as an interrupt")
+    assert ready == [True]
+
+
 def test_the_start_up_watcher_sees_an_exit_without_reaping_the_process():
     """Reaping is left to sh, whose exit callback (PyTriton's stop) must not run on the watcher's thread."""
     from types import SimpleNamespace

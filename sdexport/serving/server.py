@@ -284,7 +284,10 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
             raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file, earlier)}") from None
         on_ready()
         served = True
-        triton.serve()
+        try:
+            triton.serve()
+        except KeyboardInterrupt:  # (Ctrl-C or SIGTERM, `stopping`) landed after PyTriton's own catch,
+            pass  # in its stop: the same end of serving, not exit 130 one stop in a few (seen here)
     finally:
         triton.stop()
         status = _exit_status(triton)
