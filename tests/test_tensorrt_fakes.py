@@ -230,6 +230,38 @@ def test_a_plan_is_listed_before_a_byte_of_it_is_written(trt, tiny_fp16_engine_d
     assert seen == [True]
 
 
+def test_a_listed_plan_a_stopped_build_never_wrote_is_passed_over(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
+    """The manifest lists a plan before it is written: a build stopped then (Ctrl-C, SIGKILL) left it
+    listed, the newest, and missing, and run chose it over an intact plan that serves, failing on the
+    file (an audit). Missing plans are passed over; where only they would serve, one line says so."""
+    from sdexport.errors import EngineDirError
+    from sdexport.manifest import load_manifest
+    from sdexport.runtime.plan_choice import choose_plans
+
+    Recorder(trt).install(monkeypatch)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    (intact,) = tensorrt_build.build_engines(directory, components=["unet"])
+    real = Path.write_bytes
+
+    def stopped(self, data):
+        if self.name.endswith(".tmp") and self.parent.name == "unet":
+            raise KeyboardInterrupt
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        tensorrt_build.build_engines(directory, components=["unet"], static=True)
+    monkeypatch.setattr(Path, "write_bytes", real)
+    manifest = load_manifest(directory, verify_files=False)
+    assert len(manifest.components["unet"].engines) == 2
+    here = {"tensorrt_version": trt.__version__, "gpu_name": "NVIDIA H200", "compute_capability": "9.0"}
+    assert choose_plans(directory, manifest, ["unet"], **here)["unet"]["path"] == intact.path.relative_to(directory).as_posix()
+    intact.path.unlink()
+    with pytest.raises(EngineDirError, match=r"is listed in the manifest but missing \(a build stopped while writing "
+                                             r"it\?\); run `sdexport build .*` again"):
+        choose_plans(directory, manifest, ["unet"], **here)
+
+
 def test_every_graph_is_hashed_before_the_first_plan_is_built(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch):
     from sdexport.errors import EngineDirError
 

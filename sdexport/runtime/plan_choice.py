@@ -62,12 +62,16 @@ def select_engine(
     here = f"{gpu_name} (sm {compute_capability}) / TensorRT {tensorrt_version}"
     candidates = []
     flagged = []
+    missing = []
     for entry in manifest.components[component].engines.values():
         try:
             key = EngineKey.from_dict(entry["key"])
         except (KeyError, TypeError, ValueError):
             continue
         if key.platform_reasons(tensorrt_version, gpu_name, compute_capability):
+            continue
+        if not (engine_dir / str(entry.get("path", ""))).is_file():  # listed before written: a build stopped then
+            missing.append(str(entry.get("path")))
             continue
         if fp32 and key.fp16:
             flagged.append(entry)
@@ -78,6 +82,11 @@ def select_engine(
             f"{component}'s TensorRT engines for {here} in {engine_dir} were built with the fp16 flag, which "
             f"this VAE overflows (its config sets force_upcast); run `sdexport build {pasteable(engine_dir)}` again: it "
             "now builds it fp32"
+        )
+    if not candidates and missing:
+        raise EngineDirError(
+            f"{component}'s TensorRT plan for {here} in {engine_dir}, {missing[0]}, is listed in the manifest but "
+            f"missing (a build stopped while writing it?); run `sdexport build {pasteable(engine_dir)}` again"
         )
     if not candidates:
         raise EngineDirError(
