@@ -209,6 +209,9 @@ def test_static_and_flags_are_separate_engines(engine_copy, fake_tensorrt):
     assert len({dynamic.path, static.path, level.path}) == 3
     assert static.key.static and static.key.ranges["latent_sample"][0] == static.key.ranges["latent_sample"][2]
     assert "optimization level default != 5" in level.reasons
+    # TensorRT's default level is 3 (NvInfer.h): asking for it is the default plan, not a rebuild
+    (three,) = build_engines(engine_copy, components=["vae_decoder"], optimization_level=3)
+    assert three.status == "cached" and three.path == dynamic.path
 
 
 def test_build_refuses_a_profile_outside_the_export(engine_copy, fake_tensorrt):

@@ -255,6 +255,8 @@ def build_engines(
     """
     if timing_cache is not None:
         check_timing_cache(timing_cache, engine_dir)
+    if optimization_level == 3:  # TensorRT's default (NvInfer.h): the same plan as none asked, the same key
+        optimization_level = None
     trt = require_tensorrt()
     if refittable:
         check_refittable(str(trt.__version__))
