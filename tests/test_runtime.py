@@ -557,6 +557,18 @@ def test_a_directory_replaced_after_its_check_or_while_it_loads_is_refused(engin
     with pytest.raises(EngineDirError, match="the directory changed after its files were checked"):
         load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False,
                       hashed={**checked, "unet/model.onnx": "0" * 64})
+    with pytest.raises(EngineDirError, match="the directory changed after its files were checked"):
+        load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False, hashed={**checked, "unet/gone.plan": "0" * 64})
+    # a file listed since the check (a build's new plan), before the load: no reason to refuse (a run
+    # started beside a build failed so); what the load reads is hashed as it loads
+    listed = json.loads((engine_copy / "manifest.json").read_text())
+    (engine_copy / "manifest.json").write_text(json.dumps({**listed, "files": {**checked, "unet/new.plan": "0" * 64}}))
+    verified = []
+    monkeypatch.setattr(loading, "verify_for_backend", lambda *args, **kwargs: verified.append(args[2]))
+    load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False, hashed=checked).close()
+    assert verified == ["onnxruntime-cpu"]
+    monkeypatch.undo()
+    (engine_copy / "manifest.json").write_text(json.dumps(listed))
     real = loading._load_engines
 
     def planned_meanwhile(*args, **kwargs):  # a build listing a new plan: nothing the load read

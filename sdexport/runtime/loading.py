@@ -158,7 +158,8 @@ def load_pipeline(
     (count, why) to read at most ``count`` prompt chunks though the engines take more, ``why`` said
     when a text is cut (``Txt2ImgPipeline``). ``hashed``: the manifest's files as the caller checked
     them (``run`` hashes before its heavy imports, then loads with ``verify_files`` off): a directory
-    that is no longer that one is refused. One replaced while its engines load (``export --force``
+    that is no longer that one is refused; one that lists more files (a build's new plan) is loaded,
+    checking the files the load reads. One replaced while its engines load (``export --force``
     swaps in a new directory) is refused after the load: its engines could be two exports'."""
     from sdexport.runtime.prompt_text import longest_chunks
     from sdexport.runtime.txt2img import Txt2ImgPipeline, text_tokenizers
@@ -174,9 +175,12 @@ def load_pipeline(
                                 "'file.safetensors:0.8') reads the CLI's form)")
         lora.check("LoRA")
     manifest = load_manifest(engine_dir, verify_files=False)
-    if hashed is not None and manifest.files != hashed:
-        raise EngineDirError(f"{engine_dir}: the directory changed after its files were checked (an export or build "
-                             "into it meanwhile?); run again")
+    if hashed is not None:
+        if any(manifest.files.get(rel) != sha for rel, sha in hashed.items()):
+            raise EngineDirError(f"{engine_dir}: the directory changed after its files were checked (an export or "
+                                 "build into it meanwhile?); run again")
+        if manifest.files.keys() - hashed.keys():  # a build's new plan or fused graph: hash what this run reads
+            verify_files = True
     note_fused_again(manifest, loras or [])
     if model_source is not None and backend.startswith("torch"):
         from sdexport.models.source_files import relocated
