@@ -149,6 +149,39 @@ def test_api_refusals(engine_dirs):
         inpaint(GenerationRequest(**base))
     with pytest.raises(SdexportError, match="inpainting model"):
         inpaint(GenerationRequest(**base, image=[picture(64, 64, 0)]))
+    # a mode Pillow cannot make greyscale (CIELab) or RGB (premultiplied La): one line, not Pillow's
+    # ValueError from inside the loop (an audit); a CIELab init image converts, so it is taken
+    from PIL import Image
+
+    with pytest.raises(SdexportError, match="^mask: Pillow's LAB mode, which it cannot convert to L"):
+        inpaint(GenerationRequest(**base, image=[picture(64, 64, 0)], mask=[Image.new("LAB", (64, 64))]))
+    with pytest.raises(SdexportError, match="^init image: Pillow's La mode, which it cannot convert to RGB"):
+        sd(GenerationRequest(**base, image=[Image.new("La", (64, 64))]))
+    sd(GenerationRequest(**base, image=[Image.new("LAB", (64, 64))]))
+    # the arguments' kinds (diffusers' pipe("a prompt"), a number for the step callback, a path in bytes)
+    with pytest.raises(SdexportError, match=r"^expected a GenerationRequest, got str 'a lighthouse'"):
+        sd("a lighthouse")
+    with pytest.raises(SdexportError, match="^on_step: expected a callable"):
+        sd(GenerationRequest(**base), on_step=5)
+    for engine_dir in (None, 5, bytes(engine_dirs["tiny"])):
+        with pytest.raises(SdexportError, match="^engine_dir: expected a path"):
+            load_pipeline(engine_dir, "onnxruntime-cpu")
+    with pytest.raises(SdexportError, match="^provider_options: expected a dict"):
+        load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", provider_options="x")
+
+
+def test_a_mask_file_pillow_cannot_make_greyscale_is_refused_before_the_engines_load(engine_dirs, tmp_path, capsys):
+    from PIL import Image
+
+    mask = tmp_path / "lab.tif"
+    Image.new("LAB", (64, 64)).save(mask)
+    init = tmp_path / "init.png"
+    picture(64, 64, 0).save(init)
+    assert run_cli("run", engine_dirs["tiny-inpaint"], "-p", "x", "--steps", "2", "--init-image", init,
+                   "--mask", mask, "-o", tmp_path / "o.png") == 2
+    err = capsys.readouterr().err
+    assert f"--mask {mask}: Pillow's LAB mode, which it cannot convert to L" in " ".join(err.split())
+    assert "Loading engines" not in err
 
 
 def test_an_inpainting_unet_s_masked_image_falls_back_like_the_init_image(engine_dirs, monkeypatch):

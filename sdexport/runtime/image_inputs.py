@@ -65,8 +65,23 @@ def _decode(source: Any, what: str, mode: str | None) -> Any:
 
     with _opened(source, what) as image:
         image.load()
-        upright = eight_bits(ImageOps.exif_transpose(image), what)
+        upright = eight_bits(readable_mode(ImageOps.exif_transpose(image), what, mode or "L"), what)
         return upright if mode is None else upright.convert(mode)
+
+
+def readable_mode(image: Any, what: str, mode: str) -> Any:
+    """``image``, where Pillow converts its mode to ``mode`` (masks are read greyscale, other images
+    RGB); else refused in one line (a CIELab TIFF mask, Pillow's premultiplied ``La``), not with
+    Pillow's ValueError once the engines have loaded."""
+    from PIL import Image
+
+    if not image.mode.startswith("I") and image.mode != "F":  # (``eight_bits`` makes those 8-bit first)
+        try:
+            Image.new(image.mode, (1, 1)).convert(mode)
+        except ValueError:
+            raise SdexportError(f"{what}: Pillow's {image.mode} mode, which it cannot convert to {mode}; save it as "
+                                "RGB or greyscale") from None
+    return image
 
 
 def eight_bits(image: Any, what: str) -> Any:
@@ -184,6 +199,7 @@ def check_image(image: Any, height: int | None, width: int | None, what: str) ->
         raise SdexportError(f"{what}: expected a PIL image, got {type(image).__name__}")
     if min(size) < 1:
         raise SdexportError(f"{what} is empty ({size[1]}x{size[0]})")
+    readable_mode(image, what, "L" if what == "mask" else "RGB")
     if height is not None and tuple(size) != (width, height):
         raise SdexportError(
             f"{what} is {size[1]}x{size[0]} (HxW), the request {height}x{width}: give images of the request's "

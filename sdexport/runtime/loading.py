@@ -164,6 +164,11 @@ def load_pipeline(
     from sdexport.runtime.prompt_text import longest_chunks
     from sdexport.runtime.txt2img import Txt2ImgPipeline, text_tokenizers
 
+    if not isinstance(engine_dir, str | os.PathLike) or isinstance(os.fspath(engine_dir), bytes):
+        raise SdexportError(f"engine_dir: expected a path (Path or text), got {type(engine_dir).__name__} {engine_dir!r:.80}")
+    if provider_options is not None and not isinstance(provider_options, Mapping):
+        raise SdexportError(f"provider_options: expected a dict of option names to values, got "
+                            f"{type(provider_options).__name__}")
     engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
     if isinstance(loras, str | Path | LoraFile):

@@ -467,6 +467,11 @@ class Txt2ImgPipeline:
         threads run one at a time (``_turn``); a call from inside another (its ``on_step``) is refused,
         as it would overwrite the buffers the outer call is using. A ``close`` from another thread
         waits for the running call to end; calls still waiting their turn are then refused."""
+        if not isinstance(request, GenerationRequest):  # (diffusers' pipe("a prompt") habit: one line, not an AttributeError)
+            raise SdexportError(f"expected a GenerationRequest, got {type(request).__name__} {request!r:.80}: "
+                                "pipe(GenerationRequest(prompt=...))")
+        if on_step is not None and not callable(on_step):
+            raise SdexportError(f"on_step: expected a callable (done, total), got {type(on_step).__name__}")
         thread = threading.get_ident()
         with self._settled:
             if self.closed:
