@@ -721,7 +721,7 @@ def test_a_window_that_starts_where_it_ends_is_refused_for_any_scheduler():
 
 # From mutation testing round 5: each seen to fail with the change it guards against.
 
-def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_sdxl_engine_dir):
+def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_sdxl_engine_dir, tmp_path):
     """A base model's latents are one row, or one per prompt: three rows for two prompts are
     refused in one line by the check, not left to a RuntimeError in the loop."""
     import dataclasses
@@ -740,6 +740,10 @@ def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_s
         pipeline.check(dataclasses.replace(request, init_latents=torch.zeros(shape).numpy()))
     with pytest.raises(SdexportError, match="^init_latents hold NaN or infinite values"):
         pipeline.check(dataclasses.replace(request, init_latents=torch.full(shape, float("nan"))))
+    # the base model's half has latents, no images: saving it wrote nothing and returned []
+    handed = pipeline(GenerationRequest(prompt=["a"], steps=2, height=64, width=64, denoising_end=0.5))
+    with pytest.raises(SdexportError, match=r"o.png: this result has no images to save \(a request with denoising_end"):
+        handed.save(tmp_path / "o.png")
 
 
 # From mutation testing round 6

@@ -285,6 +285,9 @@ class GenerationResult:
         several), with the same metadata; never over a file sdexport did not write."""
         from sdexport.runtime.images import save_images
 
+        if not self.images:  # (wrote nothing and returned [], an audit)
+            raise SdexportError(f"{path}: this result has no images to save (a request with denoising_end "
+                                "keeps its latents for the refiner: give them to it as init_latents)")
         return save_images(self, Path(path), label=str(path))  # errors name the path, not a CLI flag
 
 
