@@ -168,6 +168,8 @@ def test_api_refusals(engine_dirs):
             load_pipeline(engine_dir, "onnxruntime-cpu")
     with pytest.raises(SdexportError, match="^provider_options: expected a dict"):
         load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", provider_options="x")
+    with pytest.raises(SdexportError, match="^graphs: 'Auto'; choose 'auto'"):
+        load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", graphs="Auto")
 
 
 def test_a_mask_file_pillow_cannot_make_greyscale_is_refused_before_the_engines_load(engine_dirs, tmp_path, capsys):

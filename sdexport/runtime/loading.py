@@ -166,6 +166,9 @@ def load_pipeline(
 
     if not isinstance(engine_dir, str | os.PathLike) or isinstance(os.fspath(engine_dir), bytes):
         raise SdexportError(f"engine_dir: expected a path (Path or text), got {type(engine_dir).__name__} {engine_dir!r:.80}")
+    if graphs not in ("auto", "portable"):  # (any other was read as "portable", a typo unsaid)
+        raise SdexportError(f"graphs: {graphs!r}; choose 'auto' (the fused ONNX Runtime CUDA graphs where the "
+                            "directory has them) or 'portable'")
     if provider_options is not None and not isinstance(provider_options, Mapping):
         raise SdexportError(f"provider_options: expected a dict of option names to values, got "
                             f"{type(provider_options).__name__}")
