@@ -1810,17 +1810,34 @@ def test_a_model_that_fails_to_load_is_reported_at_once_in_its_own_words(tmp_pat
     assert time.monotonic() - started < 120  # the start-up timeout is 300 s
 
 
-def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caught(monkeypatch, tmp_path):
+@pytest.mark.parametrize(("exit_codes", "error"), [
+    ([None, None, 0], None),
+    ([None, 1], "Triton exited with status 1, so requests still in flight when it stopped were dropped"),
+    ([None] * 1000, "Triton did not stop within 0.2 s of the stop, so requests still in flight were dropped"),
+])
+def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caught(monkeypatch, tmp_path,
+                                                                                 exit_codes, error):
     """PyTriton's serve catches the KeyboardInterrupt a stop raises (``stopping``) while it waits, then
-    stops the server; one that lands after that wait (in its stop) went on to exit 130, "interrupted",
-    where the same stop ended with 0 a moment earlier (two SIGTERMs here: 130, then 0)."""
+    stops the server; one that lands after that wait (in its stop, as it waits for Triton's drain)
+    went on to exit 130, "interrupted", where the same stop ended with 0 a moment earlier (two
+    SIGTERMs here: 130, then 0). The drain it cut short is waited for, and its outcome told as after
+    PyTriton's own wait (a review: a lost request would otherwise have ended with 0)."""
+    from types import SimpleNamespace
+
     import pytriton.triton
 
     from sdexport.serving import server
 
+    codes = iter(exit_codes)
+
+    class Process:
+        @property
+        def exit_code(self):  # (None while it drains; sh reaps it once it has ended)
+            return next(codes, exit_codes[-1])
+
     class Triton:
         def __init__(self, config, security_config):
-            self._triton_server, self.stops = None, 0
+            self._triton_server = SimpleNamespace(_tritonserver_running_cmd=SimpleNamespace(process=Process()))
 
         def run(self):
             pass
@@ -1829,15 +1846,24 @@ def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caug
             raise KeyboardInterrupt
 
         def stop(self):
-            self.stops += 1
+            pass
 
     for name in ("stub_environment", "server_output_to_stderr", "pytriton_waits"):
         monkeypatch.setattr(server, name, lambda *args: None)
     monkeypatch.setattr(pytriton.triton, "Triton", Triton)
+    monkeypatch.setattr(server, "_StartWatch", lambda triton: SimpleNamespace(done=lambda: None, exited=False))
+    monkeypatch.setattr(server, "WATCH_PERIOD_S", 0.01)
+    monkeypatch.setattr(server, "EXIT_MARGIN_S", 0.1)
     ready = []
     try:
-        server.run_server(tmp_path, server.Ports(18096, 18097, 18098, address="127.0.0.1"), startup_timeout_s=5,
-                          drain_timeout_s=5, log_file=None, on_ready=lambda: ready.append(True))
+        if error is None:
+            server.run_server(tmp_path, server.Ports(18096, 18097, 18098, address="127.0.0.1"), startup_timeout_s=5,
+                              drain_timeout_s=0.1, log_file=None, on_ready=lambda: ready.append(True))
+        else:
+            with pytest.raises(SdexportError, match=error):
+                server.run_server(tmp_path, server.Ports(18096, 18097, 18098, address="127.0.0.1"),
+                                  startup_timeout_s=5, drain_timeout_s=0.1, log_file=None,
+                                  on_ready=lambda: ready.append(True))
     except KeyboardInterrupt:  # (not raised on: it would end the test run)
         pytest.fail("the stop went on as an interrupt")
     assert ready == [True]
@@ -1911,9 +1937,13 @@ def test_the_triton_processs_output_goes_to_stderr(capsys):
     out, err = capsys.readouterr()
     assert out == "" and err == "I1205 started GRPCInferenceService\n"
     # the console's line as Triton stops, outside its log: it reached the terminal without -v
-    for character in "Signal (15) received.\nW1207 kept\n":  # (PyTriton hands it over so)
+    for character in "Signal (15) received.\nW1207 kept\nE1207 unended":  # (PyTriton hands it over so)
         server._record_logs(character)
     assert capsys.readouterr() == ("", "W1207 kept\n")
+    from sdexport.serving.server import _flush_console_line
+
+    _flush_console_line()  # (run_server's end: a last line without its newline is shown, not held)
+    assert capsys.readouterr() == ("", "E1207 unended\n")
 
 
 def test_rows_without_a_size_take_the_first_rows_as_run_takes_the_first_image_s():

@@ -150,6 +150,13 @@ _console_line: list[str] = []
 time, seen with PyTriton 0.7.0), so a line is judged once it is whole."""
 
 
+def _flush_console_line() -> None:
+    """What Triton wrote last without ending its line, shown as it is (once the server has stopped)."""
+    if _console_line:
+        print("".join(_console_line), file=sys.stderr)
+        _console_line.clear()
+
+
 def _print_to_stderr(*values: object, **options: Any) -> None:
     text = "".join(map(str, values)) + options.get("end", "\n")
     while "\n" in text:
@@ -286,10 +293,13 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
         served = True
         try:
             triton.serve()
-        except KeyboardInterrupt:  # (Ctrl-C or SIGTERM, `stopping`) landed after PyTriton's own catch,
-            pass  # in its stop: the same end of serving, not exit 130 one stop in a few (seen here)
+        except KeyboardInterrupt:  # (Ctrl-C or SIGTERM, `stopping`) landed after PyTriton's own catch, in
+            # its stop, whose wait for the drain it cut short: the same end of serving, not exit 130 one
+            # stop in a few (seen here), once Triton's exit status says whether requests were lost
+            _await_exit(triton, drain_timeout_s + EXIT_MARGIN_S)
     finally:
         triton.stop()
+        _flush_console_line()
         status = _exit_status(triton)
         if served and status:  # (raised over a Ctrl-C or SIGTERM too: that stop lost requests)
             raise SdexportError(
@@ -382,6 +392,21 @@ def _server_exited(triton: object) -> bool:
         return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
     except ChildProcessError:  # reaped between the two looks
         return True
+
+
+def _await_exit(triton: object, timeout_s: float) -> None:
+    """Wait, as PyTriton's stop would have, for ``tritonserver`` to end and ``sh`` to reap it (its
+    exit status is read then); one still running after ``timeout_s`` has requests it will not
+    finish (PyTriton would kill it; this process's exit does). A second stop cuts the wait short."""
+    command = getattr(getattr(triton, "_triton_server", None), "_tritonserver_running_cmd", None)
+    if command is None:
+        return
+    deadline = time.monotonic() + timeout_s
+    while command.process.exit_code is None:
+        if time.monotonic() > deadline:
+            raise SdexportError(f"Triton did not stop within {timeout_s:g} s of the stop, so requests still in flight "
+                                "were dropped, their clients given no image (Triton's log says what it was doing)")
+        time.sleep(WATCH_PERIOD_S)
 
 
 def _exit_status(triton: object) -> int | None:
