@@ -37,12 +37,12 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 14
 """Attention (``scaled_dot_product_attention``, in every U-Net and CLIP) exports from opset 14."""
 MAX_OPSET = 20
+"""The newest opset torch's TorchScript exporter has symbolics for
+(``torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; a test keeps the two equal)."""
 LAYER_NORM_OPSET = 17
 """The first opset with LayerNormalization: below it, torch writes LayerNorm as ReduceMean, Sub, Pow,
 ..., which an fp16 export computes in fp16: a deviation past 256 squares past fp16's range (inf),
 where the operator computes its statistics in float32 (TensorRT warns of the same)."""
-"""The newest opset torch's TorchScript exporter has symbolics for
-(``torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET``; a test keeps the two equal)."""
 
 ENGINE_DIR = OutputKind("engine directory", not_an_engine_dir, example="engines/NAME", holds_engines=True)
 
