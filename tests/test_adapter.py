@@ -258,6 +258,12 @@ def test_a_greyscale_adapter_directory_exports_and_runs(tmp_path):
     pipeline = load_pipeline(out, "onnxruntime-cpu")
     assert torch.equal(pipeline(rgb).latents, pipeline(grey).latents)
     _agree(pipeline(rgb), reference(rgb))  # the reference reads it in greyscale too (diffusers would fail)
+    # a CIELab image converts to RGB (the request's check) but not to greyscale: one line, not
+    # Pillow's ValueError (a review)
+    from PIL import Image
+
+    with pytest.raises(SdexportError, match="^adapter image: Pillow's LAB mode, which it cannot convert to L"):
+        pipeline(_request("sd", adapter_image=[Image.new("LAB", (128, 64))]))
 
 
 def test_an_adapter_pipeline_directory_exports_with_its_adapter(tmp_path):

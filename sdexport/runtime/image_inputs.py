@@ -223,7 +223,7 @@ def image_mode(channels: int) -> str:
     return "L" if channels == 1 else "RGB"
 
 
-def control_pixels(image: Any, height: int, width: int, channels: int = 3) -> torch.Tensor:
+def control_pixels(image: Any, height: int, width: int, channels: int = 3, what: str = "control image") -> torch.Tensor:
     """(1, channels, H, W) float32 in [0, 1]: a ControlNet's conditioning image as diffusers' control
     image processor makes it (resized to the request's size with Lanczos, then RGB, not normalised),
     or a T2I-Adapter's as its pipelines do (the same; ``channels`` 1: greyscale, for the sketch and
@@ -235,7 +235,7 @@ def control_pixels(image: Any, height: int, width: int, channels: int = 3) -> to
     import torch
     from PIL import Image
 
-    image = eight_bits(image, "control image")
+    image = readable_mode(eight_bits(image, what), what, image_mode(channels))
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
     image = image.convert(image_mode(channels))
