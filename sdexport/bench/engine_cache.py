@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.bench.scenario import Scenario
+from sdexport.hash_records import identity
 from sdexport.shapes import ShapeProfile
 from sdexport.versions import installed_version
 
@@ -71,15 +72,16 @@ def engine_code_digest() -> str:
 
 
 def _tree_stamp(root: Path) -> str:
-    """One sha256 over a file's or every file's under a folder relative path, size, modification and
-    change times and inode: what changes when a file is rewritten or replaced, read without reading
-    the files. (The change time too, as ``hash_records.identity``: a file overwritten in place with
-    its modification time set back, ``cp -p`` or ``rsync --inplace -t``, keeps the others.)"""
+    """One sha256 over a file's or every file's under a folder relative path and identity (size,
+    modification and change times, inode, device: ``hash_records.identity``): what changes when a
+    file is rewritten or replaced, read without reading the files. (The change time too: a file
+    overwritten in place with its modification time set back, ``cp -p`` or ``rsync --inplace -t``,
+    keeps the others; a chmod moves it as well, and costs an export.)"""
     digest = hashlib.sha256()
     for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
         stat = path.stat()
         name = path.name if path == root else path.relative_to(root).as_posix()
-        digest.update(f"{name}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\0{stat.st_ino}\n".encode())
+        digest.update(f"{name}\0{identity(stat)}\n".encode())
     return digest.hexdigest()
 
 
