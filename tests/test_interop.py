@@ -146,8 +146,11 @@ def test_export_of_an_onnx_export_says_what_it_is(foreign_export: Path, tiny_eng
     assert "an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after `sdexport adopt" in err
     assert run_cli("export", tiny_engine_dir, "-o", tmp_path / "out") == 2
     assert f"not a PyTorch checkpoint: `sdexport run {tiny_engine_dir}` runs it" in " ".join(capsys.readouterr().err.split())
-    single = tmp_path / "m.safetensors"
-    single.write_bytes(b"")
+    single = tmp_path / "m.safetensors"  # (a file that holds a U-Net: an unreadable one is refused as that first)
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, single)
     assert run_cli("export", single, "--config", tiny_engine_dir, "-o", tmp_path / "out") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"--config {tiny_engine_dir}: an ONNX export, not the diffusers directory of a checkpoint" in err

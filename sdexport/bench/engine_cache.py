@@ -75,7 +75,7 @@ def _tree_stamp(root: Path) -> str:
     """One sha256 over a file's or every file's under a folder relative path and identity (size,
     modification and change times, inode, device: ``hash_records.identity``): what changes when a
     file is rewritten or replaced, read without reading the files. (The change time too: a file
-    overwritten in place with its modification time set back, ``cp -p`` or ``rsync --inplace -t``,
+    overwritten in place with its modification time set back, ``cp -p`` or rsync in place keeping times,
     keeps the others; a chmod moves it as well, and costs an export.)"""
     digest = hashlib.sha256()
     for path in sorted([root] if root.is_file() else (p for p in root.rglob("*") if p.is_file())):
