@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
-from sdexport.specs import ComponentSpec, TensorSpec
+from sdexport.specs import GUIDANCE_EMBEDDING, ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -107,6 +107,14 @@ def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[Graph
             f"{where} takes {names} and returns {returned}, but a {spec.name} graph takes {spec.input_names} "
             f"and returns {spec.output_names}; re-export"
         )
+    # Inputs that carry conditioning the loop would otherwise drop unsaid (a tracer drops only unused
+    # ones): an LCM's guidance embedding (CFG is off for it), ControlNet residuals, adapter features.
+    conditioning = [GUIDANCE_EMBEDDING, *spec.residual_inputs, *spec.adapter_inputs]
+    missing = [name for name in conditioning if name in spec.input_names and name not in names]
+    if missing:
+        raise EngineDirError(f"{where} takes no {missing[0]}, which its model's configs call for (a latent "
+                             "consistency model's guidance embedding, a ControlNet's residuals or an adapter's "
+                             "features): it is not a graph of that model, and would ignore that input unsaid")
     for tensor in (*inputs, *outputs):
         _check_tensor(spec, spec.tensor(tensor.name), tensor, where)
         if sizes is not None:

@@ -156,6 +156,18 @@ def test_the_spec_adds_the_guidance_embedding_before_residuals_and_features():
     plain = load_model("tiny").dims
     assert "G" not in plain.record() and dims.record()["G"] == 24
     assert GUIDANCE_EMBEDDING not in components_for("sd")[1].for_model(plain).input_names
+    # a graph without the embedding, or without a residual, would run with it dropped unsaid (an
+    # adopted optimum export of an LCM, made before optimum knew LCMs, ignored the guidance scale)
+    from sdexport.errors import EngineDirError
+    from sdexport.graph_io import GraphTensor, check_io
+
+    tensors = {t.name: GraphTensor(t.name, "float32" if t.dtype == "float" else t.dtype, len(t.dims))
+               for t in (*unet.inputs, *unet.outputs)}
+    outputs = [tensors[name] for name in unet.output_names]
+    check_io(unet, [tensors[name] for name in unet.input_names], outputs, "unet")
+    for dropped in (GUIDANCE_EMBEDDING, unet.residual_inputs[-1]):
+        with pytest.raises(EngineDirError, match=f"^unet takes no {dropped}, which its model's configs call for"):
+            check_io(unet, [tensors[name] for name in unet.input_names if name != dropped], outputs, "unet")
 
 
 def test_a_guidance_embedding_too_small_to_embed_is_refused():

@@ -209,7 +209,11 @@ def compare_with_onnx(
             from sdexport.console import onnxruntime_session_options
 
             options = onnxruntime_session_options(ort)
-            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            try:
+                session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # an opset or an operator this ONNX Runtime lacks (an adopted graph's
+                raise ParityError(f"{spec.name}: ONNX Runtime cannot load {onnx_path} on the CPU "  # CUDA-only
+                                  f"({one_line(exc, 300)})") from None  # fusions): sdexport's own always load
             run_options = shrinking_run_options(ort) if options.enable_cpu_mem_arena else None
         why = _over_budget(ref.need_mb, budget_mb)
         if why:
