@@ -178,6 +178,17 @@ def test_adopt_with_the_model_proves_each_graph(foreign_export: Path):
     assert manifest.model["source"]["kind"] == "preset" and manifest.model["source"]["adopted_from"]
 
 
+def test_adopt_with_the_model_says_in_one_line_that_onnx_runtime_cannot_load_a_graph(foreign_export: Path, capsys):
+    """A graph this ONNX Runtime cannot load (ONNX Runtime's own SD tool's CUDA-only fusions, an opset
+    newer than it knows) was a 63-line traceback from the parity check (an audit)."""
+    model = onnx.load(str(foreign_export / "vae_decoder" / "model.onnx"))
+    model.opset_import[0].version = 30
+    onnx.save(model, str(foreign_export / "vae_decoder" / "model.onnx"))
+    assert run_cli("adopt", foreign_export, "--model", "tiny") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: vae_decoder: ONNX Runtime cannot load ") and "on the CPU (" in err
+
+
 def test_adopt_proves_graphs_against_a_single_file_checkpoint_with_its_config(foreign_export: Path, tiny_model,
                                                                               tmp_path: Path, capsys):
     from ldm_layout import write_single_file_checkpoint
