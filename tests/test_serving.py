@@ -1835,9 +1835,13 @@ def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caug
         def exit_code(self):  # (None while it drains; sh reaps it once it has ended)
             return next(codes, exit_codes[-1])
 
+    workspaces = []
+
     class Triton:
-        def __init__(self, config, security_config):
+        def __init__(self, config, security_config, workspace):
             self._triton_server = SimpleNamespace(_tritonserver_running_cmd=SimpleNamespace(process=Process()))
+            workspaces.append(workspace)
+            workspace.mkdir()  # (as PyTriton's Workspace: one that exists is refused)
 
         def run(self):
             pass
@@ -1867,6 +1871,18 @@ def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caug
     except KeyboardInterrupt:  # (not raised on: it would end the test run)
         pytest.fail("the stop went on as an interrupt")
     assert ready == [True]
+    # PyTriton's files went to a temporary folder, removed after, not ~/.cache/pytriton (an
+    # unwritable or unset home failed or hung there: an audit)
+    [workspace] = workspaces
+    assert workspace.parent.name.startswith("sdexport-pytriton-") and not workspace.parent.exists()
+
+
+def test_a_pytriton_home_the_user_set_is_kept(monkeypatch, tmp_path):
+    from sdexport.serving.server import pytriton_workspace
+
+    monkeypatch.setenv("PYTRITON_HOME", str(tmp_path))
+    with pytriton_workspace() as workspace:
+        assert workspace is None  # (PyTriton's own default reads it)
 
 
 def test_the_start_up_watcher_sees_an_exit_without_reaping_the_process():

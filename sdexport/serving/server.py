@@ -272,7 +272,34 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     # PyTriton guards the endpoints that change or expose the server with a random token; statistics
     # (read-only, what `sdexport loadtest` reports batching from) are opened like the metrics port.
     guarded = [e for e in pytriton.triton.DEFAULT_PROTECTED_ENDPOINTS if e != "statistics"]
-    triton = Triton(config=config, security_config=TritonSecurityConfig(restricted_endpoints=guarded))
+    with pytriton_workspace() as workspace:
+        triton = Triton(config=config, workspace=workspace,
+                        security_config=TritonSecurityConfig(restricted_endpoints=guarded))
+        _serve(triton, log_file, on_ready, drain_timeout_s)
+
+
+@contextlib.contextmanager
+def pytriton_workspace() -> Iterator[Path | None]:
+    """Where PyTriton puts the server's files (it links ``tritonserver`` and the Python stub there):
+    a temporary folder, removed after. Its default is ``$PYTRITON_HOME``, else ``~/.cache/pytriton``:
+    an unwritable home failed with a line naming the home, and none at all (a container's arbitrary
+    uid) made a folder named ``$HOME`` in the working directory and a stub Triton could not start,
+    waited for until the start-up timeout (an audit). A ``PYTRITON_HOME`` set is the user's choice: kept."""
+    if os.environ.get("PYTRITON_HOME"):
+        yield None
+        return
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="sdexport-pytriton-"))
+    try:
+        yield folder / "workspace"  # (PyTriton makes it: one that exists is refused)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], drain_timeout_s: int) -> None:
+    """``run_server``'s start, wait and stop of ``triton``."""
     watch = _StartWatch(triton)
     earlier = log_file.stat().st_size if log_file is not None and log_file.is_file() else 0  # an earlier run's
     served = False
