@@ -135,6 +135,8 @@ class HashRecords:
 
     def save(self) -> None:
         """Write the records if they changed (atomically; a cache that cannot be written is skipped)."""
+        if self.path is None and self.changed and enabled():  # no home to keep them in (user_cache)
+            _say_unwritable(None, None)
         if self.path is None or not self.changed:
             return
         from sdexport.atomic import write_atomic
@@ -149,7 +151,7 @@ class HashRecords:
         self.changed = False
 
 
-_said: set[Path] = set()
+_said: set[Path | None] = set()
 
 
 def file_sha256(path: Path, expected: str | None = None) -> str:
@@ -163,8 +165,10 @@ def file_sha256(path: Path, expected: str | None = None) -> str:
         records.save()
 
 
-def _say_unwritable(folder: Path, exc: OSError) -> None:
-    """Say once per folder that records cannot be kept: silently, every run would hash gigabytes again."""
+def _say_unwritable(folder: Path | None, exc: OSError | None) -> None:
+    """Say once per folder that records cannot be kept: silently, every run would hash gigabytes again.
+    None: there is no cache folder at all (no HOME and no passwd entry: a container's arbitrary uid,
+    where every start hashed every file unsaid, an audit)."""
     if folder in _said:
         return
     _said.add(folder)
@@ -173,7 +177,8 @@ def _say_unwritable(folder: Path, exc: OSError) -> None:
     from sdexport.console import console
     from sdexport.errors import one_line
 
-    console.print(f"[yellow]note:[/] cannot keep hash records in {escape(str(folder))} "
-                  f"({escape(one_line(exc, 120))}), so every check "
+    where = (f"in {escape(str(folder))} ({escape(one_line(exc, 120))})" if folder is not None and exc is not None
+             else "without a home folder (HOME unset, and no passwd entry)")
+    console.print(f"[yellow]note:[/] cannot keep hash records {where}, so every check "
                   f"hashes the engine files again; set SDEXPORT_CACHE_DIR to a writable folder, or "
                   f"{ENVIRONMENT}=0 to hash every time without this note", markup=True, highlight=False)

@@ -107,14 +107,22 @@ def test_a_check_that_fails_is_forgotten_and_unlisted_tokenizer_files_count(engi
     assert "runnable" not in records.checks
 
 
-def test_records_are_skipped_without_a_cache_and_odd_paths_work(tmp_path: Path, engine_copy: Path, monkeypatch):
+def test_records_are_skipped_without_a_cache_and_odd_paths_work(tmp_path: Path, engine_copy: Path, monkeypatch,
+                                                                 capsys):
     from sdexport import user_cache
 
     monkeypatch.delenv(user_cache.ENVIRONMENT)
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # ignored, as the XDG spec says
     monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    monkeypatch.setattr(hash_records, "_said", set())
+    monkeypatch.setattr(hash_records, "RACY_SECONDS", -10)  # (the copy's files are seconds old: kept all the same)
     assert user_cache.user_cache() is None and hash_records.HashRecords.of(engine_copy).path is None
-    verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))  # hashes, records nothing
+    for _ in range(2):
+        verify_files_of(engine_copy, load_manifest(engine_copy, verify_files=False))  # hashes, records nothing
+    # said once (a container's uid without a home hashed every file at every start, unsaid: an audit)
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("note: cannot keep hash records without a home folder (HOME unset") == 1, err
+    assert "set SDEXPORT_CACHE_DIR to a writable folder" in err
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(user_cache.ENVIRONMENT, "cache")  # relative: made absolute, so a later chdir keeps it
     assert user_cache.user_cache() == tmp_path / "cache"
