@@ -1824,16 +1824,22 @@ def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caug
     PyTriton's own wait (a review: a lost request would otherwise have ended with 0)."""
     from types import SimpleNamespace
 
+    import pytriton.constants
     import pytriton.triton
 
     from sdexport.serving import server
 
     codes = iter(exit_codes)
 
+    killed = []
+
     class Process:
         @property
         def exit_code(self):  # (None while it drains; sh reaps it once it has ended)
             return next(codes, exit_codes[-1])
+
+        def kill(self):
+            killed.append(True)
 
     workspaces = []
 
@@ -1856,6 +1862,9 @@ def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caug
         monkeypatch.setattr(server, name, lambda *args: None)
     monkeypatch.setattr(pytriton.triton, "Triton", Triton)
     monkeypatch.setattr(server, "_StartWatch", lambda triton: SimpleNamespace(done=lambda: None, exited=False))
+    monkeypatch.delenv("PYTRITON_HOME", raising=False)
+    (tmp_path / "home").write_text("")  # PyTriton's home cannot be made: a temporary workspace
+    monkeypatch.setattr(pytriton.constants, "PYTRITON_HOME", tmp_path / "home" / "pytriton")
     monkeypatch.setattr(server, "WATCH_PERIOD_S", 0.01)
     monkeypatch.setattr(server, "EXIT_MARGIN_S", 0.1)
     ready = []
@@ -1871,18 +1880,29 @@ def test_a_stop_that_lands_after_pytritons_own_catch_ends_serving_as_one_it_caug
     except KeyboardInterrupt:  # (not raised on: it would end the test run)
         pytest.fail("the stop went on as an interrupt")
     assert ready == [True]
-    # PyTriton's files went to a temporary folder, removed after, not ~/.cache/pytriton (an
-    # unwritable or unset home failed or hung there: an audit)
+    assert killed == ([True] if "did not stop" in (error or "") else [])  # (a hung server would hold the GPU)
+    # PyTriton's files went to a temporary folder, removed after (an unwritable or unset home failed
+    # or hung: an audit)
     [workspace] = workspaces
     assert workspace.parent.name.startswith("sdexport-pytriton-") and not workspace.parent.exists()
 
 
-def test_a_pytriton_home_the_user_set_is_kept(monkeypatch, tmp_path):
+def test_pytritons_home_is_used_where_it_can_be_and_one_the_user_set_is_kept(monkeypatch, tmp_path):
+    """Not always the temporary folder: many hosts mount it noexec, where Triton (copied into the
+    workspace and run from there) cannot run (a review)."""
+    import pytriton.constants
+
     from sdexport.serving.server import pytriton_workspace
 
-    monkeypatch.setenv("PYTRITON_HOME", str(tmp_path))
+    monkeypatch.delenv("PYTRITON_HOME", raising=False)
+    for home, usable in ((tmp_path / "cache" / "pytriton", True), (Path("$HOME/.cache/pytriton").absolute(), False)):
+        monkeypatch.setattr(pytriton.constants, "PYTRITON_HOME", home)
+        with pytriton_workspace() as workspace:
+            assert (workspace is None) == usable  # (None: PyTriton's own default)
+    assert (tmp_path / "cache" / "pytriton").is_dir()
+    monkeypatch.setenv("PYTRITON_HOME", str(tmp_path / "chosen"))
     with pytriton_workspace() as workspace:
-        assert workspace is None  # (PyTriton's own default reads it)
+        assert workspace is None
 
 
 def test_the_start_up_watcher_sees_an_exit_without_reaping_the_process():

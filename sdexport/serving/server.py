@@ -280,12 +280,16 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
 
 @contextlib.contextmanager
 def pytriton_workspace() -> Iterator[Path | None]:
-    """Where PyTriton puts the server's files (it links ``tritonserver`` and the Python stub there):
-    a temporary folder, removed after. Its default is ``$PYTRITON_HOME``, else ``~/.cache/pytriton``:
-    an unwritable home failed with a line naming the home, and none at all (a container's arbitrary
-    uid) made a folder named ``$HOME`` in the working directory and a stub Triton could not start,
-    waited for until the start-up timeout (an audit). A ``PYTRITON_HOME`` set is the user's choice: kept."""
-    if os.environ.get("PYTRITON_HOME"):
+    """Where PyTriton puts the server's files (copies of ``tritonserver``, its Python backend and stub,
+    about 22 MB, run from there): its own home where that can be made and written (None:
+    ``$PYTRITON_HOME``, else ``$XDG_CACHE_HOME/pytriton`` or ``~/.cache/pytriton``), else a temporary
+    folder, removed after. Without the fallback an unwritable home failed with a line naming it, and
+    no home at all (a container's arbitrary uid) made a folder named ``$HOME`` in the working
+    directory and a stub Triton could not start, waited for until the start-up timeout (an audit).
+    Not always the temporary folder: many hosts mount it noexec (a review)."""
+    from pytriton.constants import PYTRITON_HOME
+
+    if os.environ.get("PYTRITON_HOME") or _usable(PYTRITON_HOME):  # (one the user set is theirs to mend)
         yield None
         return
     import shutil
@@ -293,9 +297,25 @@ def pytriton_workspace() -> Iterator[Path | None]:
 
     folder = Path(tempfile.mkdtemp(prefix="sdexport-pytriton-"))
     try:
+        if os.statvfs(folder).f_flag & os.ST_NOEXEC:
+            raise SdexportError(f"PyTriton's home {PYTRITON_HOME} cannot be written, and the temporary folder "
+                                f"{folder.parent} is mounted noexec, where Triton cannot run: set PYTRITON_HOME "
+                                "(or XDG_CACHE_HOME, or TMPDIR) to a writable folder programs may run from")
         yield folder / "workspace"  # (PyTriton makes it: one that exists is refused)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _usable(home: Path) -> bool:
+    """Whether PyTriton can keep its workspaces in ``home`` (made if missing). ``$HOME`` left in it:
+    no HOME was set, and PyTriton's path leads into the working directory."""
+    if "$" in str(home):
+        return False
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(home, os.W_OK | os.X_OK)
 
 
 def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], drain_timeout_s: int) -> None:
@@ -424,13 +444,15 @@ def _server_exited(triton: object) -> bool:
 def _await_exit(triton: object, timeout_s: float) -> None:
     """Wait, as PyTriton's stop would have, for ``tritonserver`` to end and ``sh`` to reap it (its
     exit status is read then); one still running after ``timeout_s`` has requests it will not
-    finish (PyTriton would kill it; this process's exit does). A second stop cuts the wait short."""
+    finish: killed, as PyTriton kills it. One more stop (Ctrl-C) cuts the wait short."""
     command = getattr(getattr(triton, "_triton_server", None), "_tritonserver_running_cmd", None)
     if command is None:
         return
     deadline = time.monotonic() + timeout_s
     while command.process.exit_code is None:
         if time.monotonic() > deadline:
+            with contextlib.suppress(OSError):  # (PyTriton kills it then; a hung server would hold the GPU)
+                command.process.kill()
             raise SdexportError(f"Triton did not stop within {timeout_s:g} s of the stop, so requests still in flight "
                                 "were dropped, their clients given no image (Triton's log says what it was doing)")
         time.sleep(WATCH_PERIOD_S)
