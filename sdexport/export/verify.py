@@ -211,9 +211,9 @@ def compare_with_onnx(
             options = onnxruntime_session_options(ort)
             try:
                 session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-            except Exception as exc:  # an opset or an operator this ONNX Runtime lacks (an adopted graph's
+            except Exception as exc:  # an opset or operator this ONNX Runtime lacks (an adopted graph's
                 raise ParityError(f"{spec.name}: ONNX Runtime cannot load {onnx_path} on the CPU "  # CUDA-only
-                                  f"({one_line(exc, 300)})") from None  # fusions): sdexport's own always load
+                                  f"({one_line(exc, 300)})") from None  # fusions), or memory
             run_options = shrinking_run_options(ort) if options.enable_cpu_mem_arena else None
         why = _over_budget(ref.need_mb, budget_mb)
         if why:
