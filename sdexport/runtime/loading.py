@@ -184,7 +184,7 @@ def load_pipeline(
         lora.check("LoRA")
     manifest = load_manifest(engine_dir, verify_files=False)
     if hashed is not None:
-        if any(manifest.files.get(rel) != sha for rel, sha in hashed.items()):
+        if not _lists_as_checked(manifest.files, hashed):
             raise EngineDirError(f"{engine_dir}: the directory changed after its files were checked (an export or "
                                  "build into it meanwhile?); run again")
         if manifest.files.keys() - hashed.keys():  # a build's new plan or fused graph: hash what this run reads
@@ -356,16 +356,22 @@ def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
     return tuple(pooled)
 
 
+def _lists_as_checked(files: Mapping[str, str], checked: Mapping[str, str]) -> bool:
+    """Whether a manifest's ``files`` still list every file of ``checked`` with its sha256: files listed
+    since (a build's new plan) change nothing that was read; one changed or gone does."""
+    return all(files.get(rel) == sha for rel, sha in checked.items())
+
+
 def _check_not_replaced(engine_dir: Path, manifest: Manifest) -> None:
     """Refuse engines loaded from a directory whose manifest no longer lists a file of the one read
     before the load as it was: the engines, opened file by file, may be two exports' (an audit's run
     mixed one export's text encoder and U-Net with the next one's VAE decoder: images neither
-    makes). Files listed since (a build's new plan) were not read: they change nothing."""
+    makes). Files listed since were not read (``_lists_as_checked``)."""
     try:
         now: dict[str, str] | None = load_manifest(engine_dir, verify_files=False).files
     except SdexportError:
         now = None
-    if now is None or any(now.get(rel) != sha for rel, sha in manifest.files.items()):
+    if now is None or not _lists_as_checked(now, manifest.files):
         raise EngineDirError(f"{engine_dir}: the directory changed while its engines loaded (an export or build into "
                              "it meanwhile?); run again")
 
