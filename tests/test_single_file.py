@@ -491,7 +491,33 @@ def test_a_vae_file_is_read_with_the_models_own_vae_config_as_diffusers_reads_it
                    load_model(str(pruned), config="tiny", vae=str(vae), lazy=True)):
         got = loaded.module("vae").state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), loaded.label
-        assert loaded.source["vae"] == str(vae.resolve()) and loaded.label.endswith(f"VAE from {vae}")
+        assert loaded.source["vae"] == str(vae.absolute()) and loaded.label.endswith(f"VAE from {vae}")
+
+
+def test_a_checkpoint_and_a_vae_file_are_read_again_through_hugging_faces_cache_links(tiny_checkpoint, tmp_path,
+                                                                                      capsys):
+    """``hf_hub_download`` gives a link named as the file to a blob named by its hash, with no suffix.
+    The manifest recorded the resolved paths: the export's own hashing then took the VAE's blob for a
+    folder ("no weight file") and the Torch backend's reload refused the checkpoint's blob as "not a
+    .safetensors/.ckpt checkpoint" (an audit's finding). The paths are recorded as given."""
+    from conftest import run_cli
+    from sdexport.manifest import load_manifest
+
+    _, checkpoint = tiny_checkpoint
+    vae = _vae_alone(checkpoint, ".safetensors", tmp_path)
+    blobs, snapshot = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "0123abc"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for name, file, blob in (("model.safetensors", checkpoint, "5f3e9a"), ("vae.safetensors", vae, "77aa01")):
+        file.rename(blobs / blob)
+        (snapshot / name).symlink_to(Path("../../blobs") / blob)
+    out = tmp_path / "engines"
+    assert run_cli("export", snapshot / "model.safetensors", "--config", "tiny", "--vae", snapshot / "vae.safetensors",
+                   "-o", out, "--verify", "none") == 0, capsys.readouterr().err
+    source = load_manifest(out).model["source"]
+    assert (source["path"], source["vae"]) == (str(snapshot / "model.safetensors"), str(snapshot / "vae.safetensors"))
+    assert run_cli("run", out, "--backend", "torch", "-p", "a cat", "--steps", "2", "-o", tmp_path / "cat.png") == 0, \
+        capsys.readouterr().err
 
 
 def test_a_vae_file_that_cannot_be_one_is_refused_before_anything_loads(tiny_checkpoint, tiny_diffusers_dir, tmp_path,

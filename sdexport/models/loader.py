@@ -8,6 +8,7 @@ that lets the Torch backend and the benchmarks load the same weights again.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -378,7 +379,15 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
     model.modules["vae"] = vae.eval().requires_grad_(False)
     model.builders.pop("vae", None)  # a lazy model's own VAE must never be built in its place
     model.label += f", VAE from {path}"
-    model.source = {**model.source, "vae": str(path.resolve())}
+    model.source = {**model.source, "vae": recorded_path(path)}
+
+
+def recorded_path(path: Path) -> str:
+    """``path`` as the manifest records a file to read again: absolute, ``..`` folded, but a link not
+    followed. A file's suffix says how it is read (a VAE file or folder, a .safetensors or .ckpt), and
+    Hugging Face's cache keeps each file as a link to a blob named by its hash, without one: the
+    resolved path was refused by export's own hashing and by the Torch backend's reload."""
+    return os.path.abspath(path)
 
 
 def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
@@ -629,7 +638,7 @@ def load_single_file(
         scheduler_config=scheduler,
         random_weights=False,
         # An absolute config path, so the Torch backend can reload the model from anywhere.
-        source={"kind": "single_file", "path": str(path.resolve()),
+        source={"kind": "single_file", "path": recorded_path(path),
                 **({"config": config, "config_sha256": config_digest(preset)} if preset is not None
                    else {"config": str(config_path.resolve())})},
         pipeline_config=options,
