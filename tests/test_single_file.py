@@ -628,10 +628,15 @@ def test_a_comfyui_scaled_fp8_checkpoint_is_refused_saying_what_it_is(tiny_check
     (("v_pred", "ztsnr"), (r"prediction_type v_prediction with rescale_betas_zero_snr and trailing timestep_spacing "
                           r"\(its ztsnr key\)$")),
     (("edm_mean", "edm_std"), r"a Playground v2.5-style checkpoint \(edm_mean/edm_std"),
+    (("ztsnr",), r"a checkpoint trained for zero terminal SNR \(its ztsnr key\), but the --config's scheduler does not "
+                 r"sample it so: give a diffusers directory of the model as --config, its scheduler config with "
+                 r"rescale_betas_zero_snr true and timestep_spacing trailing$"),
 ])
 def test_a_file_that_says_it_is_sampled_otherwise_is_not_read_as_plain(tiny_checkpoint, tmp_path, markers, words):
     """Top-level keys no converter reads (ComfyUI's convention, diffusers' model-type inference reads
-    them too): a v-prediction SDXL file, or Playground v2.5's, loaded as plain epsilon SDXL."""
+    them too): a v-prediction SDXL file, or Playground v2.5's, loaded as plain epsilon SDXL. A file
+    trained for zero terminal SNR was read with any config that predicted v (an audit's finding: the
+    README said it was refused); the config must rescale its betas and sample the last timestep."""
     from safetensors.torch import load_file, save_file
 
     from sdexport.errors import ModelLoadError
@@ -642,6 +647,18 @@ def test_a_file_that_says_it_is_sampled_otherwise_is_not_read_as_plain(tiny_chec
         load_model(str(tmp_path / "marked.safetensors"), config="tiny")
     if markers == ("v_pred",):  # with a config that predicts v, as it says
         assert load_model(str(tmp_path / "marked.safetensors"), config="tiny-v", lazy=True).family == "sd"
+    if markers == ("v_pred", "ztsnr"):  # refused with tiny-v too, then read with a config sampling as it says
+        with pytest.raises(ModelLoadError, match=r"zero terminal SNR \(its ztsnr key\)"):
+            load_model(str(tmp_path / "marked.safetensors"), config="tiny-v", lazy=True)
+        from sdexport.models.loader import write_config_dir
+        from sdexport.models.presets import PRESETS
+
+        config = tmp_path / "config"
+        write_config_dir(PRESETS["tiny-v"], config)
+        scheduler = config / "scheduler" / "scheduler_config.json"
+        scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "rescale_betas_zero_snr": True,
+                                         "timestep_spacing": "trailing"}))
+        assert load_model(str(tmp_path / "marked.safetensors"), config=str(config), lazy=True).family == "sd"
 
 
 def test_a_unet_of_another_model_is_refused_naming_the_config_to_give(tmp_path) -> None:

@@ -139,9 +139,10 @@ def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) 
 def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str, Any]) -> None:
     """The top-level keys by which a file says how it is sampled (ComfyUI's convention; diffusers'
     ``infer_diffusers_model_type`` reads ``edm_mean`` alone): no converter reads them, so a file that
-    predicts v (``v_pred``, with ``ztsnr``: zero terminal SNR) read with an epsilon config, or a
-    Playground v2.5 one (``edm_mean``: latents normalised around the VAE) loaded as plain SDXL,
-    drawing wrong images without a word."""
+    predicts v (``v_pred``) read with an epsilon config, one trained for zero terminal SNR
+    (``ztsnr``) read with a scheduler that neither rescales its betas so nor samples from the last
+    timestep, or a Playground v2.5 one (``edm_mean``: latents normalised around the VAE) loaded as
+    plain SDXL, drawing wrong images without a word."""
     if "edm_mean" in layout or "edm_std" in layout:
         raise ModelLoadError(f"{path}: a Playground v2.5-style checkpoint (edm_mean/edm_std: its latents are "
                              "normalised around the VAE, as diffusers' SDXL pipelines apply from latents_mean/"
@@ -153,6 +154,12 @@ def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str
             raise ModelLoadError(f"{path}: a checkpoint that predicts v (its v_pred key), but the --config's scheduler "
                                  f"predicts {predicts}: give a diffusers directory of the model as --config, its "
                                  f"scheduler config with prediction_type v_prediction{zero_snr}")
+    if "ztsnr" in layout and not (scheduler.get("rescale_betas_zero_snr") is True
+                                  and scheduler.get("timestep_spacing") == "trailing"):
+        # (the README promised this refusal; the key only changed the words of v_pred's)
+        raise ModelLoadError(f"{path}: a checkpoint trained for zero terminal SNR (its ztsnr key), but the --config's "
+                             "scheduler does not sample it so: give a diffusers directory of the model as --config, its "
+                             "scheduler config with rescale_betas_zero_snr true and timestep_spacing trailing")
 
 
 def _check_sdxl_kind(path: Path, layout: Mapping[str, Any], family: str) -> None:
