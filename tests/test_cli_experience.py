@@ -523,7 +523,7 @@ def test_a_damaged_tokenizer_file_or_a_foreign_ckpt_is_refused_before_torch_load
     commands = [["export", str(model), "-o", str(tmp_path / "a")],
                 ["export", str(page), "--config", "tiny", "-o", str(tmp_path / "b")]]
     assert _loaded(*commands) == [[], []]
-    for command, said in zip(commands, ("tokenizer_config.json: not valid JSON", "not a torch checkpoint")):
+    for command, said in zip(commands, ("tokenizer_config.json: not valid JSON", "an HTML or XML page, not the weights")):
         assert run_cli(*command) == 2
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1, err

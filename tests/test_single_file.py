@@ -733,6 +733,43 @@ def test_a_safetensors_file_named_ckpt_is_told_to_be_renamed(tiny_checkpoint, tm
         load_model(str(renamed), config="tiny")
 
 
+LFS = (b"version https://git-lfs.github.com/spec/v1\noid sha256:4c8b2d5e0f1a3b6c9d7e2f4a8b1c3d5e7f9a0b2c4d6e8f0a1b3c5d7e9f1a3b5c"
+       b"\nsize 4265146304\n")
+
+
+@pytest.mark.parametrize(("name", "content", "said"), [
+    ("model.safetensors", LFS, "a Git LFS pointer, not the weights: the repository was cloned without git-lfs; run "
+                               "`git lfs pull` in it, or download the file itself"),
+    ("model.ckpt", LFS, "a Git LFS pointer, not the weights"),
+    ("model.safetensors", b"\n<!DOCTYPE html><html><body>Sign in</body></html>",
+     "an HTML or XML page, not the weights: a download that saved an error or sign-in page?"),
+    ("model.safetensors", b"PK\x03\x04 rest of a zip", "a torch checkpoint by its content: name it .ckpt"),
+    ("unet/diffusion_pytorch_model.safetensors", LFS, "a Git LFS pointer, not the weights"),
+    ("unet/diffusion_pytorch_model.bin", LFS, "a Git LFS pointer, not the weights"),
+])
+def test_what_stands_in_for_the_weights_is_named(tiny_diffusers_dir, tmp_path, name, content, said) -> None:
+    """A model repository cloned without git-lfs holds pointer files under the weights' names, and a
+    download may save a web page or a torch checkpoint under a .safetensors name: safetensors said
+    "header too large" for each (an audit's finding), which pointed nowhere."""
+    import shutil
+
+    from sdexport.errors import ModelLoadError
+    from sdexport.models.outline import check_part_weights, outline_model
+
+    if "/" in name:  # a diffusers directory whose U-Net weights are the pointer
+        model = tmp_path / "model"
+        shutil.copytree(tiny_diffusers_dir, model)
+        for old in (model / "unet").glob("diffusion_pytorch_model.*"):
+            old.unlink()
+        path, config = model / name, None
+    else:
+        model = path = tmp_path / name
+        config = "tiny"
+    path.write_bytes(content)
+    with pytest.raises(ModelLoadError, match=rf"^{re.escape(str(path))}: .*{re.escape(said)}"):
+        check_part_weights(outline_model(str(model), config=config), ["unet"])
+
+
 class Callback:
     """What a training run pickles beside the weights (PyTorch Lightning's callbacks, in old .ckpt files)."""
 

@@ -636,11 +636,13 @@ def check_part_weights(outline: ModelOutline, modules: Iterable[str]) -> None:
 
 def readable_weight_files(folder: Path, library: str) -> list[Path]:
     """``weight_files``, each safetensors file's header read: a truncated copy is refused in one line
-    now, not when its part loads."""
+    now, not when its part loads (and a pickled ``.bin`` that is a Git LFS pointer or a web page)."""
     files = weight_files(folder, library)
     for path in files:
         if path.suffix == ".safetensors":
             safetensors_keys(path)
+        elif seen := stand_in(_head(path)):
+            raise ModelLoadError(f"{path}: {seen}")
     return files
 
 
@@ -719,11 +721,39 @@ def safetensors_keys(path: Path) -> list[str]:
         with safe_open(str(path), framework="numpy") as handle:  # "numpy": no torch import
             return list(handle.keys())
     except Exception as exc:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({one_line(exc)})") from exc
+        head = _head(path)
+        seen = ("a torch checkpoint by its content: name it .ckpt" if head.startswith(CHECKPOINT_STARTS)
+                else stand_in(head))
+        raise ModelLoadError(f"{path}: not a readable safetensors file ({seen or one_line(exc)})") from exc
 
 
 CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80")
 """How a ``.ckpt`` starts: torch.save's zip archive (PyTorch 1.6 and later), or the pickle of older ones."""
+
+LFS_POINTER = b"version https://git-lfs."
+"""How a Git LFS pointer file starts: what a model repository cloned without git-lfs holds in place of
+each weight file (a hundred-odd bytes naming the real file's sha256)."""
+
+
+def _head(path: Path) -> bytes:
+    """A file's first bytes, to say what it is where a reader refused it (nothing if it cannot be read)."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(64)
+    except OSError:
+        return b""
+
+
+def stand_in(head: bytes) -> str | None:
+    """What a file starting with ``head`` is where it stands in for weights, if that is recognisable:
+    the common ways a download or a clone leaves something else under a weight file's name. Without
+    this, safetensors' "header too large" was all a clone without git-lfs was told."""
+    if head.startswith(LFS_POINTER):
+        return ("a Git LFS pointer, not the weights: the repository was cloned without git-lfs; run `git lfs pull` "
+                "in it, or download the file itself")
+    if head.lstrip()[:1] == b"<":
+        return "an HTML or XML page, not the weights: a download that saved an error or sign-in page?"
+    return None
 
 
 def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
@@ -758,8 +788,8 @@ def check_single_file(path: Path) -> None:
         if head[8:9] == b"{":  # a header's length, then its JSON (byte 8 of torch's formats is never "{")
             raise ModelLoadError(f"{path}: a safetensors file by its content: name it .safetensors")
         if not head.startswith(CHECKPOINT_STARTS):
-            raise ModelLoadError(f"{path}: cannot read the checkpoint (not a torch checkpoint: it starts {head[:4]!r}, "
-                                 "neither torch.save's zip archive nor a pickle; a download that saved an error "
-                                 "page?)")
+            seen = stand_in(_head(path)) or (f"not a torch checkpoint: it starts {head[:4]!r}, neither torch.save's "
+                                             "zip archive nor a pickle; a download that saved an error page?")
+            raise ModelLoadError(f"{path}: cannot read the checkpoint ({seen})")
         return
     check_holds_a_unet(path, safetensors_keys(path))
