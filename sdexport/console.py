@@ -22,7 +22,9 @@ from sdexport import stopping
 def _width(stderr: bool) -> int | None:
     """A table to a file or a pipe is printed whole: rich draws one 80 columns wide without a terminal
     (or ``COLUMNS``), and cuts cells to fit ("passed-cpu-vari…"). The stream itself is asked: CI
-    sets ``FORCE_COLOR``, which makes rich take a log for a terminal."""
+    sets ``FORCE_COLOR``, which makes rich take a log for a terminal. ``COLUMNS=0`` (set by some
+    shells and editors' terminals) is taken as unset: rich drew everything zero columns wide, which
+    printed nothing at all, errors and results alike."""
     import sys
 
     stream = sys.stderr if stderr else sys.stdout
@@ -30,15 +32,41 @@ def _width(stderr: bool) -> int | None:
         terminal = bool(stream.isatty())
     except (AttributeError, ValueError):  # no stream, or a closed one
         terminal = False
-    return None if os.environ.get("COLUMNS") or terminal else 1000
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return None  # (rich reads it)
+    if not terminal:
+        return 1000
+    if not columns.isdigit():
+        return None  # (rich asks the terminal)
+    try:
+        return os.get_terminal_size(stream.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
-console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, width=_width(stderr=True))
+class _Console(Console):
+    """A console whose reader may go away (``sdexport run ... | head -1``). rich ends the process with
+    status 1 from inside the print: an image computed in the same call as the one printed was never
+    saved, and no line said why. Here what is printed after the reader left is dropped, and the
+    work goes on to its own end and status."""
+
+    def on_broken_pipe(self) -> None:
+        import contextlib
+
+        self.quiet = True
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stream without a descriptor)
+            devnull = os.open(os.devnull, os.O_WRONLY)  # the stream's own later flushes go nowhere too
+            os.dup2(devnull, self.file.fileno())
+            os.close(devnull)
+
+
+console = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, width=_width(stderr=True))
 """Progress, notes and summaries (stderr); silent with ``-q``. Lines are never broken here: a
 terminal wraps them itself, and a log (80 columns to rich) keeps a quoted prompt whole. No
 console here turns ``:fire:`` into an emoji: a path or prompt is printed as the user wrote it
 (``escape`` and ``markup=False`` do not stop that)."""
-out = Console(highlight=False, emoji=False, width=_width(stderr=False))
+out = _Console(highlight=False, emoji=False, width=_width(stderr=False))
 """Results a script may read (stdout): tables, paths, Markdown."""
 
 
@@ -48,7 +76,7 @@ def print_result(text: str) -> None:
     folder named ``[draft]``)."""
     out.print(text, soft_wrap=True, markup=False, highlight=False)
 
-error_console = Console(stderr=True, highlight=False, emoji=False)
+error_console = _Console(stderr=True, highlight=False, emoji=False, width=_width(stderr=True))
 """Errors: printed whatever the verbosity."""
 
 _PRINTABLE = "sdexport.printable"

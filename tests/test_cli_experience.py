@@ -444,6 +444,45 @@ def test_tables_to_a_pipe_are_drawn_whole_even_where_ci_forces_colour(monkeypatc
     assert _width(stderr=False) is None  # a terminal wraps as it is wide
     monkeypatch.setattr(sys, "stderr", None)
     assert _width(stderr=True) == 1000
+    # COLUMNS=0, which some shells set, is no width: rich drew every line, errors too, 0 columns wide
+    monkeypatch.setenv("COLUMNS", "0")
+    assert _width(stderr=False) == 80  # (a terminal that cannot say its size: this fake)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert _width(stderr=False) == 1000
+    done = subprocess.run([sys.executable, "-m", "sdexport", "inspect", "/nonexistent/engines"], capture_output=True,
+                          text=True, env={**{k: v for k, v in os.environ.items() if k != "FORCE_COLOR"}, "COLUMNS": "0"})
+    assert (done.returncode, done.stderr) == (2, "error: /nonexistent/engines: no such engine directory\n")
+
+
+_READER_LEAVES = """
+import sys
+from pathlib import Path
+from sdexport.console import console, print_result
+for i in range(3):
+    print_result(f"{sys.argv[1]}-{i}.png")
+    console.print("progress")
+    sys.stdin.readline()  # (the test has read the first line and closed the pipe)
+    Path(f"{sys.argv[1]}-{i}.png").write_text("an image")
+"""
+
+
+def test_a_reader_leaving_stdout_or_stderr_does_not_stop_the_work(tmp_path):
+    """`sdexport run ... | head -1` ended the run with status 1 and no word as the second path was
+    printed (rich's way with a broken pipe), leaving images of the same call unsaved (an audit's
+    finding); `2>&1 | head -1` likewise. What is printed after the reader left is dropped now."""
+    for both in (False, True):
+        base = tmp_path / f"image{int(both)}"
+        process = subprocess.Popen([sys.executable, "-c", _READER_LEAVES, str(base)], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT if both else subprocess.PIPE)
+        assert process.stdout is not None and process.stdin is not None
+        assert process.stdout.readline() == f"{base}-0.png\n".encode()
+        process.stdout.close()  # as `head -1` leaves
+        process.stdin.write(b"\n" * 3)
+        process.stdin.close()
+        process.wait(120)
+        errors = b"" if both or process.stderr is None else process.stderr.read()
+        assert process.returncode == 0 and sorted(p.name for p in tmp_path.glob(f"{base.name}-*")) == [
+            f"{base.name}-{i}.png" for i in range(3)], errors
 
 
 def test_an_export_to_a_target_another_process_holds_is_refused_before_torch_loads(tmp_path):
