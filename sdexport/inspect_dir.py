@@ -27,7 +27,8 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
     label = escape(str(manifest.model["label"]))
     weights = "[yellow]random weights[/]" if manifest.random_weights else "trained weights"
     if manifest.model["source"].get("kind") == "onnx":  # adopted without its model: nothing known
-        weights = f"{manifest.tools.get('exporter', 'adopted')}, weights not compared with PyTorch"
+        # (its words come from the adopted folder's configs: "0.42.1[/]" was a MarkupError, "[dev]" lost)
+        weights = f"{escape(str(manifest.tools.get('exporter', 'adopted')))}, weights not compared with PyTorch"
     if manifest.random_weights and "random weights" in label:  # a preset's label says it: once is enough
         label, weights = label.replace("random weights", "[yellow]random weights[/]"), ""
     out.print(f"[bold]{escape(str(directory))}[/]  {label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
@@ -44,7 +45,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         soft_wrap=True,
     )
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter", "export_memory"))
-    out.print(f"[dim]{tools}; created {manifest.created}[/]", soft_wrap=True)
+    out.print(f"[dim]{escape(f'{tools}; created {manifest.created}')}[/]", soft_wrap=True)
     points = {name: points_words(entry.parity) for name, entry in manifest.components.items()}
     shared = next(iter(points.values())) if len(set(points.values())) == 1 else None
     checked = any(p.get("outputs") for entry in manifest.components.values() for p in entry.parity.get("points", []))

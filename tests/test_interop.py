@@ -473,6 +473,17 @@ def test_optimums_own_save_pretrained_class_names_are_adopted(foreign_export: Pa
     assert run_cli("adopt", foreign_export) == 0
 
 
+def test_an_adopted_folders_versions_are_printed_as_written(foreign_export: Path, capsys):
+    """The summary after adopt (and every inspect after it) read the folder's _diffusers_version as
+    markup: "0.42.1[/]" ended both in a traceback, "0.42.1 [dev]" lost its bracket (an audit's finding)."""
+    index = json.loads((foreign_export / "model_index.json").read_text())
+    (foreign_export / "model_index.json").write_text(json.dumps({**index, "_diffusers_version": "0.42.1[/] [dev]"}))
+    assert run_cli("adopt", foreign_export) == 0
+    capsys.readouterr()
+    assert run_cli("inspect", foreign_export, "--no-check") == 0
+    assert "(adopted ONNX export (diffusers 0.42.1[/] [dev]" in " ".join(capsys.readouterr().out.split())
+
+
 def test_the_torch_backend_says_an_adopted_directory_needs_its_model(foreign_export: Path, capsys):
     assert run_cli("adopt", foreign_export) == 0
     assert run_cli("run", foreign_export, *RUN, "--backend", "torch", "-o", foreign_export.parent / "x.png") == 2
