@@ -177,6 +177,23 @@ def test_same_seed_same_image_different_seed_different_image(pipelines):
     assert torch.equal(a.latents, b.latents) and not torch.equal(a.latents, c.latents)
 
 
+def test_a_result_records_its_request_as_it_ran_though_the_caller_changes_it_after(pipelines):
+    """The result's request shared the caller's lists: changing them in place between calls
+    (``request.seeds[0] = seed``) made every earlier image's metadata record the last seed and prompt
+    (an audit's finding)."""
+    request = GenerationRequest(prompt=["a lighthouse"], steps=1, seeds=[0], height=64, width=64)
+    results = []
+    for seed in (1, 2):
+        request.seeds[0], request.prompt[0] = seed, f"a lighthouse {seed}"
+        results.append(pipelines["onnxruntime-cpu"](request))
+    assert [(r.request.seeds, r.request.prompt) for r in results] == [([1], ["a lighthouse 1"]),
+                                                                      ([2], ["a lighthouse 2"])]
+    nested = GenerationRequest(prompt=["a"], control_scale=[[0.5, 1.0]])
+    copy = nested.detached()
+    nested.control_scale[0][0] = 0.9  # type: ignore[index]
+    assert copy.control_scale == [[0.5, 1.0]]
+
+
 def test_timings_cover_every_stage(pipelines):
     # DDIM: one U-Net call per step (PNDM, the SD default, adds one in its first PLMS step)
     result = pipelines["onnxruntime-cpu"](GenerationRequest(prompt=["x"], steps=3, scheduler="ddim", height=64, width=64))

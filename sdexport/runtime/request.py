@@ -231,6 +231,19 @@ class GenerationRequest:
     def batch(self) -> int:
         return len(self.prompt)
 
+    def detached(self) -> GenerationRequest:
+        """A copy holding lists of its own, nested ones too (images and tensors are shared, as they are
+        only read). A call runs, and its result records, the request as it was when the call began: a
+        caller changing its request's lists in place between calls (``request.seeds[0] = seed``) had
+        every earlier result record the last seed and prompt (an audit's finding)."""
+        from dataclasses import fields, replace
+
+        def copied(value: Any) -> Any:
+            return [copied(v) for v in value] if isinstance(value, list) else value
+
+        return replace(self, **{f.name: copied(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), list)})
+
     def sized(self, opt: tuple[int, int], vae_scale_factor: int) -> GenerationRequest:
         """This request with an unset ``height``/``width`` filled in: from ``init_latents`` (their
         sides times ``vae_scale_factor``), the init image, the first control image, then the first

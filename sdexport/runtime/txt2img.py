@@ -495,7 +495,7 @@ class Txt2ImgPipeline:
                   stages: bool) -> GenerationResult:
         """``__call__``'s work, the call counted."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
-        request = self.sized(request).with_defaults(self.family, guidance_embedding=bool(self.dims.G),
+        request = self.sized(request.detached()).with_defaults(self.family, guidance_embedding=bool(self.dims.G),
                                                     clip_skip=self.dims.clip_skip)
         if "negative_prompt_2" not in request.texts_read(self.zeroes_negatives):  # (what ran: not recorded)
             request = replace(request, negative_prompt_2=None)
