@@ -339,6 +339,10 @@ def test_the_a1111_sampler_says_karras_once():
     assert a1111_sampler(make_scheduler("dpmpp_2m_karras", dict(dpm))) == "DPM++ 2M Karras"
     euler = {**PRESETS["sd15"].scheduler, "_class_name": "EulerDiscreteScheduler", "use_karras_sigmas": True}
     assert a1111_sampler(make_scheduler(DEFAULT, euler)) == "Euler Karras"
+    # a scheduler without Karras sigmas, picked over a model saved with them, ran none (an audit's finding)
+    karras_dpm = {**dpm, "use_karras_sigmas": True}
+    assert [a1111_sampler(make_scheduler(name, dict(karras_dpm))) for name in ("ddim", "euler_a", "pndm")] == [
+        "DDIM", "Euler a", "PLMS"]
 
 
 def test_a_timestep_at_the_cut_off_is_the_base_models():

@@ -56,12 +56,17 @@ def scheduler_label(scheduler: Any) -> str:
 
 def a1111_sampler(scheduler: Any) -> str:
     """The A1111 "Sampler:" name of ``scheduler`` (an instance), where one fits its configuration
-    (DPM++ names only for the dpmsolver++ algorithm; " Karras" for Karras sigmas); else its class name."""
+    (DPM++ names only for the dpmsolver++ algorithm; " Karras" for Karras sigmas); else its class name.
+    A config keeps the Karras setting a model was saved with though the scheduler picked over its own
+    has none (DDIM, Euler a, PNDM, LCM): "DDIM Karras" named a schedule that never ran."""
+    import inspect
+
     config = scheduler.config
     name = A1111_SAMPLERS.get(scheduler_label(scheduler))
     if name is None or name.startswith("DPM++") and config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
         return type(scheduler).__name__
-    if config.get("use_karras_sigmas") and not name.endswith("Karras"):
+    karras = "use_karras_sigmas" in inspect.signature(type(scheduler).__init__).parameters
+    if karras and config.get("use_karras_sigmas") and not name.endswith("Karras"):
         name += " Karras"
     return name
 
