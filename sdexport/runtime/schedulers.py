@@ -102,6 +102,17 @@ def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None)
     check_scheduler_name(name)
     class_name, overrides = SCHEDULERS.get(name, (config.get("_class_name"), {}))
     cls = getattr(diffusers, str(class_name), None) if isinstance(class_name, str) else None
+    backends = getattr(cls, "_backends", None)
+    if isinstance(backends, list) and str(getattr(cls, "__module__", "")).startswith("diffusers.utils.dummy_"):
+        # diffusers' stand-in for a scheduler whose optional package is missing (DPMSolverSDEScheduler:
+        # torchsde): it was called "not a diffusers scheduler", and the user told to fix a valid config
+        # (``fix`` is for a config to mend: this one is sound)
+        missing = [b for b in backends if b != "torch"] or backends
+        raise SdexportError(
+            f"scheduler config names {class_name!r}, which needs the optional package{'s' * (len(missing) > 1)} "
+            f"{', '.join(missing)}: pip install {' '.join(missing)}"
+            + ("" if fix else f", or pick another with {setting('scheduler')} ({', '.join(SCHEDULERS)})")
+        )
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
         raise SdexportError(
             f"scheduler config names {class_name!r}, which is not a diffusers scheduler; "
