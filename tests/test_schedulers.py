@@ -120,18 +120,6 @@ def test_a_scheduler_diffusers_saves_exports_and_runs_as_diffusers_loads_it(tiny
     assert run_cli("export", model, "-o", tmp_path / "bad", "--verify", "none") == 2
     err = capsys.readouterr().err
     assert f"names 'MyScheduler', which is not a diffusers scheduler; fix {model}'s" in err and "--scheduler" not in err
-    # diffusers' stand-in for a scheduler whose optional package is missing (DPMSolverSDEScheduler
-    # without torchsde) was "not a diffusers scheduler", the user told to fix a sound config
-    import diffusers
-
-    stand_in = type("DPMSolverSDEScheduler", (), {"_backends": ["torch", "torchsde"],
-                                                  "__module__": "diffusers.utils.dummy_torch_and_torchsde_objects"})
-    monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", stand_in, raising=False)
-    index["scheduler"] = ["diffusers", "DPMSolverSDEScheduler"]
-    (model / "model_index.json").write_text(json.dumps(index))
-    assert run_cli("export", model, "-o", tmp_path / "bad", "--verify", "none") == 2
-    assert capsys.readouterr().err.endswith("error: scheduler config names 'DPMSolverSDEScheduler', which needs the optional "
-                                       "package torchsde: pip install torchsde\n")
     assert not (tmp_path / "bad").exists()
     # a single file takes its scheduler from --config's directory: that is what to fix
     from ldm_layout import write_single_file_checkpoint
@@ -143,6 +131,18 @@ def test_a_scheduler_diffusers_saves_exports_and_runs_as_diffusers_loads_it(tiny
     assert run_cli("export", single, "--config", model, "-o", tmp_path / "bad", "--verify", "none") == 2
     assert f"fix {model}'s scheduler config" in capsys.readouterr().err
     assert run_cli("export", model, "-o", tmp_path / "unet", "--verify", "none", "--components", "unet") == 0  # runs nothing
+    # diffusers' stand-in for a scheduler whose optional package is missing (DPMSolverSDEScheduler
+    # without torchsde) was "not a diffusers scheduler", the user told to fix a sound config
+    import diffusers
+
+    stand_in = type("DPMSolverSDEScheduler", (), {"_backends": ["torch", "torchsde"],
+                                                  "__module__": "diffusers.utils.dummy_torch_and_torchsde_objects"})
+    monkeypatch.setattr(diffusers, "DPMSolverSDEScheduler", stand_in, raising=False)
+    index["scheduler"] = ["diffusers", "DPMSolverSDEScheduler"]
+    (model / "model_index.json").write_text(json.dumps(index))
+    assert run_cli("export", model, "-o", tmp_path / "bad", "--verify", "none") == 2
+    assert capsys.readouterr().err.endswith("error: scheduler config names 'DPMSolverSDEScheduler', which needs the "
+                                            "optional package torchsde: pip install torchsde\n")
 
 
 OUTDATED = {  # saved scheduler configs diffusers' SD pipelines rewrite as they load
