@@ -7,7 +7,6 @@ not need torch or TensorRT never imports them.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -580,14 +579,10 @@ def run(
 
         raise ProfileError(f"{exc} ({sized_by(sized[1], fit)})") from None
     image_path = _output_path(output)
-    if output.endswith(("/", os.sep)):  # Path() drops the separator: a file named like the folder would be written
-        raise SdexportError(f"-o {output}: a folder (it ends in a separator); give a file name such as "
-                            f"{pasteable(output + 'image.png')}")
-    check_image_output(image_path, request.batch)
-    from sdexport.output_dir import refuse_inside_engine_dir
+    from sdexport.runtime.images import output_paths, refuse_a_folder_name
 
-    refuse_inside_engine_dir(image_path, f"-o {output}")
-    from sdexport.runtime.images import output_paths
+    refuse_a_folder_name(output, f"-o {output}")
+    check_image_output(image_path, request.batch)  # (and not inside an engine directory)
 
     for given in (init_path, mask_path, *(Path(p) for p, c in zip(control_image or [], controls) if not isinstance(c, str)),
                   *(Path(p) for p in adapter_image or [])):

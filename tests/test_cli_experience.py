@@ -281,6 +281,7 @@ def test_paths_on_stdout_are_whole_lines_whatever_their_length_or_brackets(tiny_
 
 
 def test_the_python_api_saves_what_the_cli_saves(tiny_engine_dir, tmp_path):
+    from sdexport.errors import SdexportError
     from sdexport.runtime.images import read_parameters
     from sdexport.runtime.loading import load_pipeline
     from sdexport.runtime.request import GenerationRequest
@@ -293,6 +294,15 @@ def test_the_python_api_saves_what_the_cli_saves(tiny_engine_dir, tmp_path):
     api = read_parameters(tmp_path / "api.webp")
     assert api == {**read_parameters(cli), "engine_dir": api["engine_dir"]}
     assert api["scheduler"] == "pndm" and api["backend"] == "onnxruntime-cpu"
+    # and refuses what run -o refuses: a file inside an engine directory (which export --force then
+    # refused as not sdexport's), a folder's name (written beside it as results-0.png...), an audit's finding
+    with pytest.raises(SdexportError, match=rf"^{tiny_engine_dir / 'x.png'}: inside the engine directory "):
+        result.save(tiny_engine_dir / "x.png")
+    with pytest.raises(SdexportError, match=r"results/: a folder \(it ends in a separator\); give a file name such "
+                                            r"as .*results/image.png$"):
+        result.save(f"{tmp_path}/results/")
+    assert not (tiny_engine_dir / "x.png").exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "api.webp", "cli.webp"]
 
 
 def test_quick_verification_is_counted_in_words(tmp_path, capsys):

@@ -55,12 +55,24 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
 
 
+def refuse_a_folder_name(given: str | os.PathLike[str], label: str) -> None:
+    """Refuse an image path given with a trailing separator, a folder's name: ``Path`` drops the
+    separator, and a file named like the folder (or ``NAME-0.png``... beside it) was written."""
+    from sdexport.errors import pasteable
+
+    text = os.fspath(given)
+    if text.endswith(("/", os.sep)):
+        raise SdexportError(f"{label}: a folder (it ends in a separator); give a file name such as "
+                            f"{pasteable(text + 'image.png')}")
+
+
 def check_image_output(output: Path, count: int, label: str | None = None) -> None:
     """Refuse an image path that cannot be written, or a file that sdexport did not write, up front.
 
     An existing file is replaced only when it is an image that sdexport made (it carries our
-    metadata): generating must never overwrite a user's own picture. ``label``: how errors name the
-    path (``-o PATH``, the CLI's words, by default; the Python API names the path alone).
+    metadata): generating must never overwrite a user's own picture; nor is one written inside an
+    engine directory, whose manifest lists every file in it. ``label``: how errors name the path
+    (``-o PATH``, the CLI's words, by default; the Python API names the path alone).
     """
     if not str(output).strip() or output.name in ("", ".", ".."):
         raise SdexportError(f"{'-o ' if label is None else ''}{str(output)!r}: give an image file name "
@@ -69,8 +81,9 @@ def check_image_output(output: Path, count: int, label: str | None = None) -> No
     if output.is_dir():
         raise SdexportError(f"{label} is a directory; give a file name such as {output / 'image.png'}")
     image_format(output, label)
-    from sdexport.output_dir import require_creatable
+    from sdexport.output_dir import refuse_inside_engine_dir, require_creatable
 
+    refuse_inside_engine_dir(output, label)  # (GenerationResult.save wrote there: an audit's finding)
     require_creatable(output.parent, label, nothing="no image can be written")  # every image's folder
     from sdexport.atomic import longest_name
 

@@ -283,12 +283,13 @@ class GenerationResult:
     def save(self, path: str | Path) -> list[Path]:
         """Save the images as ``sdexport run -o`` does (PNG, JPEG or WebP by suffix, ``NAME-i.EXT`` for
         several), with the same metadata; never over a file sdexport did not write."""
-        from sdexport.runtime.images import save_images
+        from sdexport.runtime.images import refuse_a_folder_name, save_images
 
         if not self.images:  # (wrote nothing and returned [], an audit)
             raise SdexportError(f"{path}: this result has no images to save (a request with denoising_end "
                                 "keeps its latents for the refiner: give them to it as init_latents)")
-        return save_images(self, Path(path), label=str(path))  # errors name the path, not a CLI flag
+        refuse_a_folder_name(path, str(path))  # errors name the path, not a CLI flag
+        return save_images(self, Path(path), label=str(path))
 
 
 def text_tokenizers(family: str, tokenizer: Any, tokenizer_2: Any) -> dict[str, Any]:
