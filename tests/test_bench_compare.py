@@ -621,6 +621,16 @@ def test_runs_sharing_a_cache_entry_take_turns(tmp_path, capsys):
     thread.join(10)
     assert order == ["first done", "second"]
     assert "waiting for another benchmark run" in capsys.readouterr().err
+    # the mark is new while a run holds it and gone after: it was left for good, untouched by later
+    # runs, so the README's month-old clean-up listed (and would remove) the mark of an entry in use,
+    # letting the next run in beside the holder (an audit's finding)
+    mark = entry.parent / f".{entry.name}.in-use"
+    assert not mark.exists()
+    mark.touch()
+    os.utime(mark, (time.time() - 40 * 86400,) * 2)  # as an earlier sdexport left it, a run 40 days ago
+    with in_use(entry):
+        assert time.time() - mark.stat().st_mtime < 60
+    assert not mark.exists()
 
 
 def test_an_unusable_engine_cache_or_gate_folder_is_refused_before_anything_runs(tmp_path, capsys):

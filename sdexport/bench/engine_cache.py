@@ -182,25 +182,52 @@ def set_aside(entry: Path) -> Path:
 
 @contextlib.contextmanager
 def in_use(entry: Path) -> Iterator[None]:
-    """Hold an entry for one benchmark run; a second run waits (and says so) instead of failing."""
+    """Hold an entry for one benchmark run; a second run waits (and says so) instead of failing.
+
+    The mark ``.NAME.in-use`` exists only while a run holds it, its time the run's (it was left for
+    good, untouched by later runs, and the README's month-old clean-up listed the mark of an entry
+    in use: one removed while held lets a second run in beside the first). A run that opened it just
+    before its holder removed it opens it again (its inode no longer the path's), so two runs never
+    both hold an entry. Opened for reading: ``flock`` needs no
+    more, so another user of a shared cache (the mark is 0644) waits its turn too."""
     import fcntl
 
     from sdexport.console import console
 
     entry.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(entry.parent / f".{entry.name}.in-use", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
+    path = entry.parent / f".{entry.name}.in-use"
+    said = False
+    while True:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            console.print(f"waiting for another benchmark run that uses {entry} …", markup=False, soft_wrap=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if not said:
+                console.print(f"waiting for another benchmark run that uses {entry} …", markup=False, soft_wrap=True)
+                said = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+        try:
+            current = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    with contextlib.suppress(OSError):  # (a mark an earlier sdexport left keeps its old time otherwise)
+        os.utime(path)
+    try:
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)
 
 
 def mark_used(entry: Path) -> None:
-    """The folder's time stamp says when a run last used it: ``find DIR -maxdepth 1 -mtime +30`` lists
-    the entries no run has needed for a month."""
+    """The folder's time stamp says when a run last used it: ``find DIR -mindepth 1 -maxdepth 1 -mtime +30``
+    lists the entries no run has needed for a month (an entry's in-use mark lasts as long as its run)."""
     os.utime(entry)
