@@ -74,6 +74,8 @@ def test_bench_writes_json_markdown_and_png(bench_run):
         assert r["e2e_s"]["n"] == 2 and r["unet_calls"] == 3
         assert _finite_positive(r["images_per_s"]) and _finite_positive(r["it_per_s"])
         assert math.isclose(r["it_per_s"], 1 / stage_mean(r["unet_step_s"]))  # the U-Net column as a rate
+        # the stage columns' means, in the JSON too (it had only medians, up to half again apart)
+        assert all(math.isclose(r[s]["mean"], stage_mean(r[s])) for s in ("text_encoder_s", "unet_step_s", "vae_decoder_s"))
         assert _finite_positive(r["memory"]["host_rss_peak_mb"])
         assert _finite_positive(r["first_call_s"])
         assert r["stage_clock"] == "host clock"  # on a GPU: "cuda events"
