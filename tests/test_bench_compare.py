@@ -524,6 +524,19 @@ def test_too_few_repeats_are_not_judged_and_fail_only_a_gate_that_must_judge(tmp
     assert run_cli("bench", "compare", tmp_path / "baseline.json", tmp_path / "new.json", "--fail-unjudged") == 1
 
 
+def test_a_change_of_warm_up_is_shown_and_a_run_without_one_is_named(tmp_path):
+    """Repeats were shown, warm-up not: a new run with --warmup 0 (its first, cold call a timed
+    sample) was compared without a word (an audit's finding)."""
+    from sdexport.bench.compare import markdown
+
+    baseline, new = _report([_entry("torch", TIGHT)], warmup=1), _report([_entry("torch", TIGHT)], warmup=0)
+    text = markdown(_compare(tmp_path, baseline, new))
+    assert "repeats 7 → 7, warm-up runs 1 → 0" in text
+    assert "**The new run had no warm-up**: each case's first call" in text
+    same = markdown(_compare(tmp_path, baseline, baseline | {}))
+    assert "warm-up" not in same
+
+
 def test_a_failing_row_with_too_few_repeats_shows_as_failing(tmp_path):
     """It showed as "not judged" under a title that counted it as a regression."""
     from sdexport.bench.compare import markdown
@@ -809,9 +822,18 @@ def test_runs_of_engines_exported_for_other_shapes_are_not_compared():
     ours, wide = copy.deepcopy(one), copy.deepcopy(one)
     ours["engines"] = {"dtype": "fp16", "profile": profile}
     wide["engines"] = {"dtype": "fp16", "profile": {**profile, "height": [64, 256, 512]}}
-    assert mismatches(ours, wide) == [("engines: fp16, batch 1-4, 256-1024 x 256-1024, 1-2 prompt chunks vs "
-                                      "fp16, batch 1-4, 64-512 x 256-1024, 1-2 prompt chunks (--engine-dir?)")]
+    wide["command_line"] = {"--engine-dir": "wide"}
+    assert mismatches(ours, wide) == ["engines: height 256:512:1024 vs 64:256:512 (--engine-dir)"]
     assert mismatches(one, wide) == [] and mismatches(ours, copy.deepcopy(ours)) == []
+    # each differing axis with its opt, a left-out chunks axis read as one window, and the cause a
+    # run without --engine-dir has (the words summed up every axis's span: an opt that differed read
+    # the same on both sides, chunks '?', and '--engine-dir?' where no run had one; an audit's finding)
+    one_chunk = {k: v for k, v in profile.items() if k != "chunks"}
+    batches = copy.deepcopy(ours)
+    batches["engines"] = {"dtype": "fp32", "profile": {**one_chunk, "batch": [1, 2, 4]}}
+    assert mismatches(ours, batches) == [
+        "engines: precision fp16 vs fp32; batch 1:1:4 vs 1:2:4; prompt chunks 1:1:2 vs 1:1:1 (the scenario's batch "
+        "sizes and image size, or its [export] ranges, set them)"]
 
 
 def test_a_run_pinned_to_fewer_cores_is_another_device():

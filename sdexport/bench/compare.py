@@ -258,21 +258,28 @@ def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
             found.append(f"scenario {name}: {old!r} vs {now!r}")
     engines = baseline.get("engines"), new.get("engines")  # (reports from before the record: not compared)
     if None not in engines and engines[0] != engines[1]:
-        found.append(f"engines: {_engines_words(engines[0])} vs {_engines_words(engines[1])} (--engine-dir?)")
+        given = [r for r in (baseline, new) if "--engine-dir" in (r.get("command_line") or {})]
+        why = ("--engine-dir" if given else "the scenario's batch sizes and image size, or its [export] ranges, "
+               "set them")
+        found.append(f"engines: {_engines_difference(*engines)} ({why})")
     return found
 
 
-def _engines_words(engines: Any) -> str:
-    """``fp16, batch 1-4, 256-1024 x 256-1024, 1-2 prompt chunks``: a report's ``engines``."""
-    if not isinstance(engines, dict) or not isinstance(engines.get("profile"), dict):
-        return repr(engines)
-    profile = engines["profile"]
-
-    def span(name: str) -> str:
-        values = profile.get(name) or ["?"]
-        return f"{values[0]}-{values[-1]}" if values[0] != values[-1] else str(values[0])
-    return (f"{engines.get('dtype')}, batch {span('batch')}, {span('height')} x {span('width')}, "
-            f"{span('chunks')} prompt chunks")
+def _engines_difference(old: Any, now: Any) -> str:
+    """How two reports' ``engines`` differ: ``batch 1:1:2 vs 1:1:1`` (each differing axis's
+    min:opt:max; the precision where it differs). The whole of both summed up every axis's span,
+    without the opt, so an opt that differed printed the same words on both sides, and the prompt
+    chunks a profile leaves out where it reads one (``ShapeProfile.to_dict``) were '?'."""
+    if not all(isinstance(e, dict) and isinstance(e.get("profile"), dict) for e in (old, now)):
+        return f"{old!r} vs {now!r}"
+    found = [f"precision {old.get('dtype')} vs {now.get('dtype')}"] if old.get("dtype") != now.get("dtype") else []
+    one_window = [1, 1, 1]  # (the axis left out)
+    for axis in dict.fromkeys([*old["profile"], *now["profile"]]):
+        values = [e["profile"].get(axis, one_window if axis == "chunks" else None) for e in (old, now)]
+        if values[0] != values[1]:
+            found.append(f"{'prompt chunks' if axis == 'chunks' else axis} "
+                         + " vs ".join(":".join(map(str, v)) if isinstance(v, list) else repr(v) for v in values))
+    return "; ".join(found) or f"{old!r} vs {now!r}"
 
 
 def relative_change(baseline: list[float], new: list[float], seed: int = 0,
@@ -414,7 +421,8 @@ def _run_summary(report: dict[str, Any], path: Path) -> dict[str, Any]:
     env = report["environment"]
     return {"path": str(path), "git": env.get("git_revision"), "date": env.get("date"), "device": device_label(report),
             "precision": report["precision"], "scenario": report["scenario"]["name"],
-            "repeats": report["scenario"].get("repeats"), "test_hooks": test_hooks_text(report),
+            "repeats": report["scenario"].get("repeats"), "warmup": report["scenario"].get("warmup"),
+            "test_hooks": test_hooks_text(report),
             "interrupted": _interrupted_reason(report)}
 
 
@@ -513,7 +521,8 @@ def markdown(comparison: dict[str, Any]) -> str:
         f"- Baseline: git {base['git'] or 'unknown'}, {base['date'] or 'date unknown'} ({base['path']})"
         + (f", scenario {base['scenario']}" if base["scenario"] != new["scenario"] else ""),
         f"- New: git {new['git'] or 'unknown'}, {new['date'] or 'date unknown'} ({new['path']})",
-        f"- Device: {new['device']}, precision {new['precision']}; repeats {base['repeats']} → {new['repeats']}",
+        f"- Device: {new['device']}, precision {new['precision']}; repeats {base['repeats']} → {new['repeats']}"
+        + (f", warm-up runs {base['warmup']} → {new['warmup']}" if base.get("warmup") != new.get("warmup") else ""),
         (f"- Gate: a case fails when its end-to-end median is more than {gate['max_slowdown'] * 100:g}% slower and "
          f"the whole {comparison['confidence'] * 100:g}% bootstrap interval of the change lies above zero; a "
          "contender measured in the baseline must still run"
@@ -534,6 +543,11 @@ def markdown(comparison: dict[str, Any]) -> str:
                          "its figures measure the hook, not the code")
     if comparison["mismatches"]:
         lines.append("- **Compared across a mismatch (--allow-mismatch)**: " + "; ".join(comparison["mismatches"]))
+    cold = [which for which, run in (("baseline", base), ("new", new)) if run.get("warmup") == 0]
+    if cold and base.get("warmup") != new.get("warmup"):  # (a change of warm-up was not shown: an audit's finding)
+        lines.append(f"- **The {cold[0]} run had no warm-up**: each case's first call (lazy initialisation, "
+                     "autotuning, a first enqueue) is one of its timed samples, so its figures are not steady-state "
+                     "ones and the other run's are")
     if min(base["repeats"] or 0, new["repeats"] or 0) < MIN_REPEATS:
         lines.append(f"- **Fewer than {MIN_REPEATS} repeats**: so few runs say nothing about the noise, so a change "
                      "beyond the threshold is not judged" + (", and fails the gate (--fail-unjudged)"
