@@ -196,13 +196,13 @@ def check_target(
         if not os.access(path, os.W_OK | os.X_OK):
             raise SdexportError(f"{flag} {target}: no permission to replace it")
         if any(path.iterdir()):
-            if not replace:
+            reason = kind.not_ours(path)
+            if not replace and reason is None:
                 raise SdexportError(
                     f"{target} exists and is not empty; choose another {flag} or pass {force_flag} to "
                     f"replace it"
                 )
-            reason = kind.not_ours(path)
-            if reason is not None:
+            if reason is not None:  # (with or without --force: it was offered, then refused too)
                 raise SdexportError(
                     f"{target} is not an sdexport {kind.what} ({reason}); sdexport replaces only "
                     f"directories it wrote. Move it away or choose another {flag}"

@@ -38,11 +38,14 @@ def _user_folder(path: Path) -> dict[str, bytes]:
 
 
 def test_force_refuses_a_folder_of_user_files(tmp_path: Path, capsys):
+    """And the refusal without --force does not offer it (it said "pass --force to replace it", which
+    then refused too: an audit's finding)."""
     target = tmp_path / "photos"
     before = _user_folder(target)
-    assert run_cli("export", "tiny", "-o", target, "--force", *QUICK) == 2
-    err = capsys.readouterr().err
-    assert "not an sdexport engine directory" in err and "has no manifest.json" in err
+    for force in (["--force"], []):
+        assert run_cli("export", "tiny", "-o", target, *force, *QUICK) == 2
+        err = capsys.readouterr().err
+        assert "not an sdexport engine directory" in err and "has no manifest.json" in err and "--force" not in err
     assert _tree(target) == before and hidden_siblings(target) == []
 
 
@@ -433,7 +436,7 @@ def test_staging_folders_carry_a_marker_until_done(tmp_path: Path):
     with claim(target, ENGINE_DIR, replace=False) as staging:
         assert (staging / MARKER).exists()
     assert target.is_dir() and not (target / MARKER).exists()
-    with pytest.raises(SdexportError, match="exists and is not empty"):
+    with pytest.raises(SdexportError, match="is not an sdexport engine directory"):
         (target / "x").write_text("x")
         with claim(target, ENGINE_DIR, replace=False):
             pass
