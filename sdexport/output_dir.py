@@ -422,7 +422,8 @@ def _clean_leftovers(target: Target) -> None:
         if (old / MARKER).exists() and not target.path.exists() and not target.path.is_symlink():
             os.rename(old, target.path)
             (target.path / MARKER).unlink()
-            console.print(f"[yellow]note:[/] restored {target.path} from an interrupted run ({old.name})")
+            console.print(f"[yellow]note:[/] restored {escape(str(target.path))} from an interrupted run "
+                          f"({escape(old.name)})")
         elif _is_leftover(old):
             _discard_or_say(old, "left by an earlier run")
     for partial in _leftovers(target, "partial"):

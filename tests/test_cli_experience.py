@@ -280,6 +280,14 @@ def test_paths_on_stdout_are_whole_lines_whatever_their_length_or_brackets(tiny_
     assert all((folder / f"boat-{i}.png").is_file() for i in range(2))
 
 
+def test_a_models_path_in_progress_lines_is_printed_as_written(tiny_diffusers_dir, tmp_path, capsys):
+    """`export ./[draft]` printed "✓ Loading ./" (the step's words read as markup: an audit's finding)."""
+    model = tmp_path / "[draft]"
+    shutil.copytree(tiny_diffusers_dir, model)
+    assert run_cli("export", model, "-o", tmp_path / "e", "--components", "unet", "--verify", "none") == 0
+    assert f"✓ Loading {model} (" in capsys.readouterr().err
+
+
 def test_the_python_api_saves_what_the_cli_saves(tiny_engine_dir, tmp_path):
     from sdexport.errors import SdexportError
     from sdexport.runtime.images import read_parameters

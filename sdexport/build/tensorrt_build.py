@@ -25,6 +25,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+from rich.markup import escape
+
 from sdexport.atomic import atomic_path
 from sdexport.build import keep_built
 from sdexport.build.cache_key import FLAG_LABELS, EngineKey, onnx_files, onnx_sha256
@@ -264,11 +266,11 @@ def build_engines(
     load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
     replace_cache = timing_cache is not None and is_ours(timing_cache)
     if timing_cache is not None and not replace_cache:
-        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} was not written by sdexport: read, not replaced "
+        console.print(f"[yellow]note:[/] --timing-cache {escape(str(timing_cache))} was not written by sdexport: read, not replaced "
                       "(sdexport replaces only files it wrote); to keep the updated cache, name a new file")
     cannot = cannot_replace(timing_cache) if timing_cache is not None and replace_cache else None
     if cannot is not None:  # (a read-only cache folder: read, as hash records are, rather than fail the build)
-        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} cannot be written ({cannot}): read where it "
+        console.print(f"[yellow]note:[/] --timing-cache {escape(str(timing_cache))} cannot be written ({escape(cannot)}): read where it "
                       "exists, not updated")
         replace_cache = False
     from sdexport.export.plan import ENGINE_DIR

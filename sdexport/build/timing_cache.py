@@ -139,9 +139,11 @@ def timing_cache_files(timing_cache: Path | None, replace: bool) -> Iterator[tup
             if now != opened and not is_ours(timing_cache):
                 raise _ChangedMeanwhile
     except _ChangedMeanwhile:
+        from rich.markup import escape
+
         from sdexport.console import console
 
-        console.print(f"[yellow]note:[/] --timing-cache {timing_cache} changed while the build ran (not by sdexport): "
+        console.print(f"[yellow]note:[/] --timing-cache {escape(str(timing_cache))} changed while the build ran (not by sdexport): "
                       "left as it is, without this build's entries")
         return
     _remember(timing_cache, digest)

@@ -377,13 +377,15 @@ def _prove(directory: Path, manifest: Manifest, plan: AdoptPlan, model_ref: str,
            graph_ios: dict[str, GraphIO]) -> None:
     """Each graph's outputs against the PyTorch model's, at the profile's min (as ``export --verify
     quick``), fed as it takes its inputs (``graph_ios``, from ``check_graph``)."""
+    from rich.markup import escape
+
     from sdexport.console import step
     from sdexport.errors import ParityError
     from sdexport.export.exporter import print_parity_report, vocab_size_of
     from sdexport.export.verify import require_parity, verify_component
     from sdexport.models import load_model
 
-    with step(f"Loading {model_ref}"):
+    with step(f"Loading {escape(model_ref)}"):  # (a folder named "[draft]" lost its name as markup)
         model = load_model(model_ref, config=config)
     if model.family != plan.family:
         raise SdexportError(f"--model {model_ref}: an {model.family} model, the export an {plan.family} one; give the "

@@ -87,7 +87,7 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
     require_provider("cpu")  # verification and fp16 conversion run on onnxruntime
     memory = MemoryLog()
     with claim(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources) as staging:
-        with step(f"Loading {model_ref}"), memory.stage("load"):
+        with step(f"Loading {escape(model_ref)}"), memory.stage("load"):
             # lazy: each part's weights are built or read when its turn comes, and freed after it
             model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae,
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
