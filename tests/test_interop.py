@@ -354,6 +354,28 @@ def test_building_again_after_a_forced_adoption_replaces_what_it_forgot(foreign_
     assert run_cli(*build) == 0
 
 
+def test_a_forced_adoption_stopped_as_it_saves_leaves_nothing_a_build_refuses(foreign_export: Path, monkeypatch):
+    """The new manifest was saved before the built files it forgets were removed: stopped in between
+    (or the removal failing), sdexport's own fused graphs stayed unlisted, and every build refused
+    them as the user's, adopt --force again no longer knowing them (an audit's finding)."""
+    from sdexport import manifest
+    from sdexport.export import adopt
+
+    assert run_cli("adopt", foreign_export) == 0
+    build = ("build", foreign_export, "--target", "onnxruntime-cuda", "--components", "vae_decoder")
+    assert run_cli(*build) == 0
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    for where in (adopt, manifest):  # stopped before the removal, then between it and the save
+        monkeypatch.setattr(where, "_remove_forgotten" if where is adopt else "save_manifest", stopped)
+        assert run_cli("adopt", foreign_export, "--force") == 130
+        monkeypatch.undo()
+        assert run_cli(*build) == 0, where  # (the old manifest lists a removed graph: built again)
+        assert run_cli("inspect", foreign_export) == 0
+
+
 def test_a_forced_adoption_removes_only_what_sdexport_built(tmp_path: Path):
     """The adopted files are the user's export: one the new manifest no longer lists (optimum's
     older weights file, say) stays; only plans and fused graphs, as hashed, are removed."""

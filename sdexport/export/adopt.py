@@ -241,8 +241,11 @@ def adopt(
         check_runnable(directory, manifest)
         if model is not None:
             _prove(directory, manifest, plan, model, config, graph_ios)
-        save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
+        # what the new manifest forgets goes first: stopped in between, the old manifest lists a built
+        # file that is missing (the next build makes it again); the other way round the new one left
+        # sdexport's own files unlisted, which every build then refused as the user's
         _remove_forgotten(directory, built_before, manifest.files)
+        save_manifest(directory, manifest)  # atomic: an adopted manifest is replaced, never missing
     return manifest
 
 
