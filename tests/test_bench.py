@@ -955,6 +955,29 @@ def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(
     assert report["engine_dir"] == str(tiny_engines) and hidden_siblings(out) == []
 
 
+def test_a_report_that_cannot_be_written_is_printed_not_lost(tmp_path, tiny_engines, monkeypatch, capsys):
+    """A full disk as the report was written took every measurement with the staging folder, and
+    the error named its file there, gone by then (an audit's finding): the table goes to stdout, and
+    the error names the output's file."""
+    import errno
+
+    from sdexport.bench import harness
+
+    def full(report, folder):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / ".results.json.77-0123abcd.tmp"))
+
+    monkeypatch.setattr(harness, "write_report", full)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace('"diffusers", "torch", "onnxruntime-cpu"', '"onnxruntime-cpu"'))
+    out = tmp_path / "out"
+    assert run_cli("bench", scenario, "-o", out, "--repeats", "1", "--warmup", "0", "--engine-dir", tiny_engines) == 1
+    captured = capsys.readouterr()
+    assert "| onnxruntime-cpu |" in captured.out and not out.exists() and hidden_siblings(out) == []
+    assert captured.err.splitlines()[-1] == (f"error: {out / 'results.json'}: No space left on device: the report was "
+                                             "not written; the results are the table printed above; free some space "
+                                             "or write elsewhere")
+
+
 def test_a_sigterm_python_dropped_stops_the_case_as_one_that_arrived_would(tmp_path, tiny_engines, monkeypatch):
     """The signal lands in a ``__del__`` as torch's second case starts, and Python drops its
     KeyboardInterrupt: the case's first timed run ends it all the same, and the report says so."""

@@ -106,7 +106,10 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
             if shield.pending is not None:  # a stop noted (or dropped on the way) as the last contender ended
                 raise shield.pending
             raise SdexportError("no contender could run; see the reasons above (nothing was written)")
-        paths = [output_dir / p.name for p in write_report(report, staging)]
+        try:
+            paths = [output_dir / p.name for p in write_report(report, staging)]
+        except OSError as exc:
+            raise _report_unwritten(exc, report, staging, output_dir) from None
         for engines in reused:  # the previous output's engines go into the new one, only now
             (staging / "engines").mkdir(exist_ok=True)
             _link_tree(engines, staging / "engines" / engines.resolve().name)
@@ -117,6 +120,23 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
         raise BenchmarkInterrupted(report, paths, f"{interruption_name(shield.pending)} came when the measuring had "
                                                   "finished: the report is complete")
     return report, paths
+
+
+def _report_unwritten(exc: OSError, report: dict[str, Any], staging: Path, output_dir: Path) -> OSError:
+    """A report that could not be written (a full disk) took the run's measurements with the staging
+    folder, and the error named that folder's file, gone by then: the table goes to stdout, as
+    loadtest's does, and the error names the output's file and says where the figures are."""
+    from sdexport.atomic import TEMP_NAME
+    from sdexport.bench.report import markdown
+    from sdexport.console import print_result
+
+    print_result(markdown(report).rstrip("\n"))
+    where = Path(str(exc.filename)) if exc.filename else None
+    if where is not None and where.is_relative_to(staging):
+        temporary = TEMP_NAME.match(where.name)
+        where = output_dir / where.relative_to(staging).with_name(temporary["name"] if temporary else where.name)
+    return OSError(exc.errno, f"{exc.strerror or exc}: the report was not written; the results are the table printed "
+                              "above", None if where is None else str(where))
 
 
 def _link_tree(source: Path, destination: Path) -> None:
