@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,6 +128,14 @@ class Manifest:
     def spec(self, name: str) -> ComponentSpec:
         """Component ``name``'s spec, expanded for this model (SDXL's per-layer hidden states)."""
         return component(self.family, name).for_model(self.model_dims)
+
+    def built_files(self) -> set[str]:
+        """The listed files ``sdexport build`` added: TensorRT plans and rewritten graphs' folders
+        (what a build stopped between its manifest and its files lists and lacks)."""
+        plans = {str(p["path"]) for e in self.components.values() for p in e.engines.values()}
+        folders = tuple(f"{Path(str(o['onnx'])).parent.as_posix()}/"
+                        for e in self.components.values() for o in e.optimized.values())
+        return {rel for rel in self.files if rel in plans or rel.startswith(folders)}
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -439,7 +447,7 @@ def _require_inside(directory: Path, rel: str) -> None:
 def verify_files_of(directory: Path, manifest: Manifest, *, rehash: bool = False) -> FilesChecked:
     """Check every file the manifest lists against its hash (``inspect``'s check: TensorRT plans for
     other GPUs too); ``rehash`` (``--verify``): read each again even where a hash record vouches for it."""
-    return check_files(directory, dict(manifest.files), rehash=rehash)
+    return check_files(directory, dict(manifest.files), rehash=rehash, built=manifest.built_files())
 
 
 @dataclass
@@ -450,11 +458,14 @@ class FilesChecked:
     trusted: int = 0
 
 
-def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False) -> FilesChecked:
+def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False,
+                built: Collection[str] = ()) -> FilesChecked:
     """Every listed file exists and has its recorded sha256, else one error naming the file.
 
     A file hashed before and unchanged since (``sdexport.hash_records``) is not read again, unless
-    ``rehash``; every hash made here renews its record.
+    ``rehash``; every hash made here renews its record. ``built``: files a build added
+    (``Manifest.built_files``): one missing is most likely a build stopped part-way, and building
+    again mends it (an error that said only "missing" left the user to guess).
     """
     from sdexport.hash_records import HashRecords
 
@@ -465,7 +476,8 @@ def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False)
             file = directory / rel
             if not file.is_file():
                 records.forget(rel)
-                raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing")
+                again = " (a build stopped part-way? run `sdexport build` again)" if rel in built else ""
+                raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing{again}")
             digest, trusted = records.sha256(rel, file, expected, rehash=rehash)
             if digest != expected:
                 raise EngineDirError(

@@ -440,6 +440,26 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(built_dir: Pat
     assert (mine / "notes.txt").read_text() == "mine"
 
 
+def test_a_built_graph_listed_and_missing_is_named_as_a_stopped_builds(built_dir: Path, tmp_path: Path, capsys):
+    """A build stopped between its manifest and moving its folder in lists a fused graph it lacks:
+    inspect said "listed in the manifest but missing" and no more (an audit's finding); it says to
+    build again, which mends it. A missing exported file says no such thing."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(built_dir, copy)
+    fused = copy / "text_encoder" / "onnxruntime-cuda"
+    shutil.rmtree(fused)
+    capsys.readouterr()
+    assert run_cli("inspect", copy) == 2
+    assert capsys.readouterr().err.endswith(f"text_encoder/onnxruntime-cuda/model.onnx is listed in the manifest but "
+                                            "missing (a build stopped part-way? run `sdexport build` again)\n")
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
+    assert run_cli("inspect", copy) == 0
+    (copy / "text_encoder" / "model.onnx").unlink()
+    capsys.readouterr()
+    assert run_cli("inspect", copy) == 2
+    assert capsys.readouterr().err.endswith("text_encoder/model.onnx is listed in the manifest but missing\n")
+
+
 def test_fp32_builds_an_fp32_fused_graph_and_says_why_it_rebuilt(built_dir: Path, tmp_path: Path):
     """``build --fp32`` on an fp16 export: the fused graph stays fp32 (no build tested fp16=False)."""
     import onnx
