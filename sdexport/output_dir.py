@@ -257,6 +257,12 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
     """Hold ``directory``'s lock while changing it in place (``sdexport build`` adding plans), so that
     an export replacing the same directory cannot run at the same time."""
     real = directory.resolve()  # a link to it and the directory itself take the same lock
+    for folder, what in ((real.parent, f"its lock file beside {directory}"), (real, "the manifest")):
+        why = unwritable(folder) if folder.is_dir() else None
+        if why is not None:  # (a build fused a graph, then failed on its manifest's temporary name; a
+            # parent without room for the lock said "Permission denied" on a name never given)
+            raise SdexportError(f"{directory}: cannot write {what} in {folder} ({why}); changing an engine "
+                                "directory in place needs both")
     with _locked(Target(real.parent / real.name, kind, in_place=True)):
         yield
 

@@ -265,6 +265,22 @@ def test_a_build_held_by_another_process_is_told_to_wait_not_to_choose_another_o
     assert "is writing" in err and "wait for it to finish" in err and "choose another" not in err
 
 
+def test_a_build_that_could_not_write_its_lock_or_manifest_is_refused_before_it_builds(engine_copy: Path,
+                                                                                       monkeypatch, capsys):
+    """A build into a read-only engine directory fused a graph, then failed naming its manifest's
+    temporary file (leaving its staging folder); one whose parent could not hold the lock said
+    "Permission denied" on a hidden name the user never gave (an audit's findings)."""
+    from sdexport import output_dir
+
+    before = sorted(p.relative_to(engine_copy.parent) for p in engine_copy.parent.rglob("*"))
+    for readonly, what in ((engine_copy.parent, f"its lock file beside {engine_copy}"), (engine_copy, "the manifest")):
+        monkeypatch.setattr(output_dir, "unwritable", lambda folder: "read-only" if folder == readonly else None)
+        assert run_cli("build", engine_copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 2
+        assert capsys.readouterr().err == (f"error: {engine_copy}: cannot write {what} in {readonly} (read-only); "
+                                           "changing an engine directory in place needs both\n")
+    assert sorted(p.relative_to(engine_copy.parent) for p in engine_copy.parent.rglob("*")) == before
+
+
 def test_an_overlong_output_name_is_refused_before_anything_loads(tmp_path: Path, capsys):
     """Its hidden siblings (.NAME.partial-PID, the lock) add to the name: refused up front, naming -o,
     not after the model has loaded, naming a hidden file."""

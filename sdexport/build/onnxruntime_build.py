@@ -670,7 +670,11 @@ def _install(engine_dir: Path, manifest: Manifest, component: str, record: dict[
     for file in sorted(staging.iterdir()):
         manifest.files[f"{prefix}{file.name}"] = sha256_file(file)
     manifest.components[component].optimized[TARGET] = record
-    save_manifest(engine_dir, manifest)
+    try:
+        save_manifest(engine_dir, manifest)
+    except BaseException:  # (its staging folder stayed until the next build otherwise)
+        _discard(staging)
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
