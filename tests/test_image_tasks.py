@@ -124,6 +124,14 @@ def test_tensorrt_profiles_cover_the_inpainting_inputs(engine_dirs):
     assert low[1] == high[1] == 9 and low[0] == 1 and high[0] == 2 * manifest.shape_profile.batch[2]
 
 
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def test_api_refusals(engine_dirs):
     sd = load_pipeline(engine_dirs["tiny"], "onnxruntime-cpu", image_inputs=True)
     base = {"prompt": ["x"], "steps": 4, "height": 64, "width": 64}
@@ -158,6 +166,18 @@ def test_api_refusals(engine_dirs):
     with pytest.raises(SdexportError, match="^init image: Pillow's La mode, which it cannot convert to RGB"):
         sd(GenerationRequest(**base, image=[Image.new("La", (64, 64))]))
     sd(GenerationRequest(**base, image=[Image.new("LAB", (64, 64))]))
+    # an image whose file was closed before its pixels were read (a `with Image.open(...)` block), or
+    # a file cut short: a bare AssertionError or OSError mid-call (an audit's finding)
+    import io
+
+    with Image.open(io.BytesIO(_png_bytes(picture(64, 64, 0)))) as closed:
+        pass
+    with pytest.raises(SdexportError, match=r"^init image: its pixels cannot be read \(its file is closed: opened in a "
+                                            r"`with Image.open\(...\)` block that has ended\?\); load the image"):
+        sd(GenerationRequest(**base, image=[closed]))
+    with pytest.raises(SdexportError, match=r"^mask: its pixels cannot be read \(image file is truncated"):
+        inpaint(GenerationRequest(**base, image=[picture(64, 64, 0)],
+                                  mask=[Image.open(io.BytesIO(_png_bytes(box_mask(64, 64))[:80]))]))
     # the arguments' kinds (diffusers' pipe("a prompt"), a number for the step callback, a path in bytes)
     with pytest.raises(SdexportError, match=r"^expected a GenerationRequest, got str 'a lighthouse'"):
         sd("a lighthouse")
