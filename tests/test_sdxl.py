@@ -773,6 +773,12 @@ def test_bad_sdxl_requests_are_refused(pipelines):
         pipeline.check(GenerationRequest(prompt=["a"], prompt_2=["b", "c"], height=64, width=64))
     with pytest.raises(SdexportError, match="original_size .* two pixel counts from 0 to 65536"):
         pipeline.check(GenerationRequest(prompt=["a"], original_size=(64, -1), height=64, width=64))
+    # a number, or None for the crop, where two are taken: a TypeError from len() or tuple() before (an audit)
+    for change in ({"original_size": 256}, {"target_size": 5}, {"crops_coords_top_left": None}):
+        with pytest.raises(SdexportError, match=r"^\w+ (256|5|None): expected two pixel counts \(height, width\)$"):
+            pipeline.check(GenerationRequest(prompt=["a"], height=64, width=64, **change))
+    with pytest.raises(SdexportError, match=r"^prompt_2: expected a text or a list of texts, got int 3$"):
+        GenerationRequest(prompt=["a"], prompt_2=3)  # type: ignore[arg-type]
     with pytest.raises(SdexportError, match="needs tokenizer_2"):
         Txt2ImgPipeline(pipeline.engines, tokenizer=pipeline.tokenizer, scheduler_config=pipeline.scheduler_config,
                         dims=pipeline.dims, vae_scaling_factor=1.0, profile=PROFILE, family="sdxl")

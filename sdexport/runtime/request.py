@@ -211,6 +211,9 @@ class GenerationRequest:
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)] * max(1, len(self.prompt or [])))
+            elif not isinstance(getattr(self, name), list | tuple | None):  # (a TypeError from len() below)
+                raise SdexportError(f"{name}: expected a text or a list of texts, got {type(getattr(self, name)).__name__} "
+                                    f"{getattr(self, name)!r}")
         if isinstance(self.seeds, range | tuple):  # a sequence of seeds, held as the list the loop takes
             self.seeds = list(self.seeds)
         for name in ("image", "mask"):
@@ -812,7 +815,7 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
             check_image(image, None, None, "control image")
     for name, value in (("control_scale", request.control_scale), ("control_start", request.control_start),
                         ("control_end", request.control_end)):
-        if value is not None:  # None: the scale's per-task default
+        if value is not None or name != "control_scale":  # None: the scale's per-task default (the window has none)
             _check_setting(name, value, request.batch, slots, f"{slots} control images" if per_net > 1 else
                            f"{controlnets} ControlNet{s}", "control image", fraction=name != "control_scale",
                            inside=per_net)
@@ -968,6 +971,10 @@ def _check_window(request: GenerationRequest, family: str) -> None:
 
 
 def _check_conditioning(request: GenerationRequest, family: str) -> None:
+    for name in ("original_size", "crops_coords_top_left", "target_size"):  # (a TypeError below otherwise)
+        value = getattr(request, name)
+        if not isinstance(value, list | tuple) and (value is not None or name == "crops_coords_top_left"):
+            raise SdexportError(f"{setting(name)} {value!r}: expected two pixel counts (height, width)")
     given = {
         "prompt_2": request.prompt_2 is not None,
         "negative_prompt_2": request.negative_prompt_2 is not None,
