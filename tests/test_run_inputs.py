@@ -133,10 +133,18 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
     assert held.wait(60)
     with pytest.raises(SdexportError, match=r"^close\(\): a call of this pipeline still runs after 0.2 s; its engines"):
         inner.close(timeout=0.2)
-    release.set()
+    # a call meanwhile is refused as one to a pipeline being closed: its engines are not released yet
+    # (it was told they were, which close had just said was not so: an audit's finding)
+    try:
+        with pytest.raises(SdexportError, match=r"^this pipeline is being closed \(close\(\) waits for a running call"):
+            inner(request)
+    finally:
+        release.set()  # (each step's on_step would wait a minute)
     worker.join(60)
     inner.close()  # now released, once; again: nothing more to do
     inner.close()
+    with pytest.raises(SdexportError, match="^this pipeline was closed"):
+        inner(request)
 
 
 def test_calls_from_several_threads_take_turns_and_a_call_inside_a_call_is_refused(tiny_engine_dir):

@@ -300,6 +300,10 @@ def text_tokenizers(family: str, tokenizer: Any, tokenizer_2: Any) -> dict[str, 
 
 
 CLOSED = "this pipeline was closed (its engines were released); load it again"
+CLOSING = ("this pipeline is being closed (close() waits for a running call; its engines are released after it): "
+           "load another pipeline")
+"""What a call is told once ``close`` has begun but the engines are still held (its timeout ran out
+with a call running): "released" was not so, and close had said they were kept."""
 MAX_WARNED = 256
 """The most long texts a pipeline remembers having warned of (``Txt2ImgPipeline.truncations``)."""
 
@@ -416,7 +420,7 @@ class Txt2ImgPipeline:
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
         if self.closed:
-            raise SdexportError(CLOSED)
+            raise SdexportError(CLOSED if self._released else CLOSING)
         largest = self.profile.batch[2]
         if isinstance(request.prompt, list) and len(request.prompt) > largest:  # `sdexport run` splits by itself; an API caller is told how
             raise ProfileError(f"{len(request.prompt)} images in one call: the engines' profile takes at most "
@@ -479,7 +483,7 @@ class Txt2ImgPipeline:
         thread = threading.get_ident()
         with self._settled:
             if self.closed:
-                raise SdexportError(CLOSED)
+                raise SdexportError(CLOSED if self._released else CLOSING)
             if thread in self._calls:
                 raise SdexportError("a call of this pipeline inside another (an on_step callback?): make it after the "
                                     "call returns, or load a second pipeline")
