@@ -205,6 +205,8 @@ class GenerationRequest:
         # text is not a list of one-letter prompts), one negative or second text for every prompt
         if isinstance(self.prompt, str):
             self.prompt = [self.prompt]
+        elif isinstance(self.prompt, tuple):  # held as the list the checks take (a tuple over the profile's
+            self.prompt = list(self.prompt)  # batch missed the request.split hint a list gets)
         if not isinstance(self.prompt, list | tuple):  # (everything below reads its length)
             raise SdexportError(f"prompt: expected a text or a list of texts, got {type(self.prompt).__name__} "
                                 f"{self.prompt!r}")
