@@ -332,6 +332,17 @@ def _sdxl_window(**fields) -> list[float]:
     return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
 
 
+def test_an_empty_window_from_an_init_image_names_its_strength():
+    """SDXL img2img's default strength (0.3) starts its schedule below a cut at 0.7: the refusal
+    advised raising the steps alone (an audit's finding), which at 10 steps does nothing."""
+    from PIL import Image
+
+    with pytest.raises(SdexportError, match=r"^denoising_end 0.7 and strength 0.3 \(the default\) with steps 10 "
+                                            r"\(default scheduler\) leave no step: move the window or raise the "
+                                            r"strength or the steps$"):
+        _sdxl_window(denoising_end=0.7, image=[Image.new("RGB", (64, 64))])
+
+
 def test_the_experts_split_the_schedule_where_diffusers_rounds_the_cut_off():
     """diffusers' ``discrete_timestep_cutoff`` is ``int(round(1000 - fraction x 1000))``: at 0.7984
     that is 202 (1000 - 798.4 = 201.6), so SDXL's timestep 201 is the refiner's, not the base model's

@@ -346,8 +346,13 @@ def schedule_window(scheduler: Any, request: GenerationRequest, family: str) -> 
     if not len(timesteps):
         given = [f"denoising_{name} {value:g}" for name in ("start", "end")
                  if (value := getattr(request, f"denoising_{name}")) is not None]
+        noised = request.image is not None and request.denoising_start is None  # (its strength cut the start)
+        if noised:
+            given.append(f"{setting('strength')} {request.effective_strength(family):g}"
+                         + (" (the default)" if request.strength is None else ""))
         raise SdexportError(f"{' and '.join(given)} with {setting('steps')} {request.steps} ({request.scheduler} scheduler) "
-                            "leave no step: move the window or raise the steps")
+                            "leave no step: move the window or raise "
+                            + ("the strength or the steps" if noised else "the steps"))
     return timesteps
 
 
