@@ -831,9 +831,9 @@ def test_runs_of_engines_exported_for_other_shapes_are_not_compared():
     one_chunk = {k: v for k, v in profile.items() if k != "chunks"}
     batches = copy.deepcopy(ours)
     batches["engines"] = {"dtype": "fp32", "profile": {**one_chunk, "batch": [1, 2, 4]}}
-    assert mismatches(ours, batches) == [
+    assert mismatches(ours, batches) == [(
         "engines: precision fp16 vs fp32; batch 1:1:4 vs 1:2:4; prompt chunks 1:1:2 vs 1:1:1 (the scenario's batch "
-        "sizes and image size, or its [export] ranges, set them)"]
+        "sizes and image size, or its [export] ranges, set them)")]
 
 
 def test_a_run_pinned_to_fewer_cores_is_another_device():

@@ -450,7 +450,7 @@ def test_a_built_graph_listed_and_missing_is_named_as_a_stopped_builds(built_dir
     shutil.rmtree(fused)
     capsys.readouterr()
     assert run_cli("inspect", copy) == 2
-    assert capsys.readouterr().err.endswith(f"text_encoder/onnxruntime-cuda/model.onnx is listed in the manifest but "
+    assert capsys.readouterr().err.endswith("text_encoder/onnxruntime-cuda/model.onnx is listed in the manifest but "
                                             "missing (a build stopped part-way? run `sdexport build` again)\n")
     assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
     assert run_cli("inspect", copy) == 0

@@ -332,6 +332,18 @@ def _sdxl_window(**fields) -> list[float]:
     return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
 
 
+def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
+    """UniPC's bh1 solver with a final sigma of zero returns NaN at any count (diffusers' own
+    pipeline too): it was told "use fewer steps" (an audit's finding)."""
+    from sdexport.runtime.schedulers import check_steps
+
+    bh1 = {**PRESETS["sd15"].scheduler, "_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}
+    with pytest.raises(SdexportError, match=r"^steps 30: the default \(UniPCMultistepScheduler\) scheduler returns NaN "
+                                            r"with this model's scheduler config at any number of steps \(at 4 too\); "
+                                            r"pick another scheduler \(ddim, euler, "):
+        check_steps(DEFAULT, bh1, 30)
+
+
 def test_an_empty_window_from_an_init_image_names_its_strength():
     """SDXL img2img's default strength (0.3) starts its schedule below a cut at 0.7: the refusal
     advised raising the steps alone (an audit's finding), which at 10 steps does nothing."""

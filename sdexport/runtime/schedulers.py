@@ -270,8 +270,6 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     its timesteps must lie within the trained ones, and a dry run of the whole loop on a tiny
     latent (a few milliseconds per hundred steps) must finish with finite values.
     """
-    import torch
-
     scheduler = make_scheduler(name, config)
     trained = int(scheduler.config.num_train_timesteps)
     label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
@@ -293,23 +291,40 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
             f"{outside[0]:g}, outside the model's {trained} training timesteps (0 to {trained - 1}); use fewer "
             "steps (20-50 is usual)"
         )
+    failure = _dry_run(scheduler)
+    if failure is None:
+        return
+    few = make_scheduler(name, config)
+    few.set_timesteps(min(steps, FEW_STEPS))
+    if _dry_run(few) is not None:  # (fewer steps would not mend it: the config does not sample so at all)
+        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this model's scheduler "
+                            f"config at any number of steps (at {min(steps, FEW_STEPS)} too); pick another "
+                            f"{setting('scheduler')} ({', '.join(SCHEDULERS)})")
+    raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this many steps; use fewer "
+                        "(20-50 is usual)")
+
+
+FEW_STEPS = 4
+"""The step count ``check_steps`` tries again at where a count fails: failing there too, the saved
+config is at fault (UniPC's bh1 solver with a final sigma of zero returns NaN at every count, and
+was told "use fewer"), not the count."""
+
+
+def _dry_run(scheduler: Any) -> str | None:
+    """Why a dry run of ``scheduler``'s whole loop (its timesteps set) on a tiny latent fails, in
+    words after "the scheduler": "fails (...)" or "returns NaN"; None where it ends finite."""
+    import torch
+
     generator = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn((1, 1, 2, 2), generator=generator) * scheduler.init_noise_sigma
     kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     try:
-        for t in timesteps:
+        for t in scheduler.timesteps:
             scheduler.scale_model_input(latents, t)
             latents = scheduler.step(torch.zeros_like(latents), t, latents, return_dict=False, **kwargs)[0]
-        finite = bool(torch.isfinite(latents).all())
     except Exception as exc:  # IndexError, AssertionError, ... from inside the scheduler
-        raise SdexportError(
-            f"{setting('steps')} {steps}: the {label} scheduler fails with this many steps ({one_line(exc, 200) or 'no reason given'}); "
-            "use fewer steps (20-50 is usual)"
-        ) from None
-    if not finite:
-        raise SdexportError(
-            f"{setting('steps')} {steps}: the {label} scheduler returns NaN with this many steps; use fewer (20-50 is usual)"
-        )
+        return f"fails ({one_line(exc, 200) or 'no reason given'})"
+    return None if bool(torch.isfinite(latents).all()) else "returns NaN"
 
 
 def continuous_timesteps(scheduler: Any) -> bool:
