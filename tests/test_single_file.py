@@ -679,6 +679,15 @@ def test_a_unet_of_another_model_is_refused_naming_the_config_to_give(tmp_path) 
                                              r"attends to 768"):
         _check_unet_inputs(tmp_path / "sdxl.safetensors", layout, tmp_path / "sd15")
     assert PRESETS["sd2-inpaint"].scheduler["prediction_type"] == "epsilon" and PRESETS["sdxl-inpaint"].family == "sdxl"
+    # an inpainting file with another family's inpainting config is sent to its own inpainting config
+    # (to sd15, which then refused it as an inpainting file: an audit's finding)
+    write_config_dir(PRESETS["sd2-inpaint"], tmp_path / "sd2-inpaint")
+    sd15_inpainting = {f"{UNET_PREFIX}input_blocks.0.0.weight": torch.empty(320, 9, 3, 3, device="meta"),
+                       f"{UNET_PREFIX}input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+                       torch.empty(320, 768, device="meta")}
+    with pytest.raises(ModelLoadError, match=r"attending to text 768 wide, as SD 1.x inpainting \(--config "
+                                             r"sd15-inpaint\), but the --config's attends to 1024"):
+        _check_unet_inputs(tmp_path / "sd15-inpainting.safetensors", sd15_inpainting, tmp_path / "sd2-inpaint")
 
 
 @pytest.mark.parametrize(("channels", "kind"), [(8, "an instruct-pix2pix model"), (5, "a depth-to-image model"),

@@ -102,6 +102,11 @@ CONTEXT_WIDTHS = {768: "SD 1.x (--config sd15)", 1024: "SD 2.x (--config sd21 or
                   2048: "SDXL (--config sdxl)", 1280: "the SDXL refiner (--config sdxl-refiner)"}
 """The models a U-Net's text-context width (cross_attention_dim) says a file is, with their config."""
 
+INPAINTING_WIDTHS = {768: "SD 1.x inpainting (--config sd15-inpaint)", 1024: "SD 2 inpainting (--config sd2-inpaint)",
+                     2048: "SDXL inpainting (--config sdxl-inpaint)"}
+"""``CONTEXT_WIDTHS`` for an inpainting U-Net (one taking the mask and masked image too): an SD 1.x
+inpainting file read with sd2-inpaint was sent to sd15, which then refused it as an inpainting one."""
+
 
 OTHER_INPUTS = {8: "an instruct-pix2pix model (the latents and an image's)", 5: "a depth-to-image model (the latents "
                 "and a depth map)", 7: "the x4 upscaler (the latents and a low-resolution image)"}
@@ -131,8 +136,10 @@ def _check_unet_inputs(path: Path, layout: Mapping[str, Any], config_dir: Path) 
     width = next((t.shape[1] for k, t in layout.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")
                   and t.ndim == 2), None)
     wanted = config.get("cross_attention_dim")
-    if width is not None and isinstance(wanted, int) and width != wanted and width in CONTEXT_WIDTHS:
-        raise ModelLoadError(f"{path}: a U-Net attending to text {width} wide, as {CONTEXT_WIDTHS[width]}, but the "
+    inpainting = conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 2 * int(config.get("out_channels", 4)) + 1
+    widths = INPAINTING_WIDTHS if inpainting else CONTEXT_WIDTHS
+    if width is not None and isinstance(wanted, int) and width != wanted and width in widths:
+        raise ModelLoadError(f"{path}: a U-Net attending to text {width} wide, as {widths[width]}, but the "
                              f"--config's attends to {wanted}: give that config, or a diffusers directory of the model")
 
 
