@@ -533,14 +533,20 @@ def test_a_vae_file_that_cannot_be_one_is_refused_before_anything_loads(tiny_che
     no_vae_config = shutil.copytree(tiny_diffusers_dir, tmp_path / "model")
     shutil.rmtree(no_vae_config / "vae")  # (it was refused as a model missing vae/ that --vae could replace)
     vae = _vae_alone(tiny_checkpoint[1], ".safetensors", tmp_path)
+    diffusers_vae = tiny_diffusers_dir / "vae" / "diffusion_pytorch_model.safetensors"  # (an audit: "lacks 168 of 180")
     for model, given, said in (
             ("tiny", lora, (f"--vae {lora}: no VAE weights (encoder.*, decoder.*, quant_conv.*, post_quant_conv.*, "
                                    "first_stage_model.*, vae.*) in it")),
+            ("tiny", diffusers_vae, (f"--vae {diffusers_vae}: a diffusers VAE's weight file (its keys are diffusers', not "
+                                     "the original layout's): give the folder holding it and its config.json as --vae DIR")),
             ("tiny", tmp_path / "gone.safetensors", f"--vae {tmp_path / 'gone.safetensors'}: no such file"),
             (no_vae_config, vae, (f"--vae {vae}: a VAE file is read with the model's own VAE config, and "
                                  f"{no_vae_config} has no vae/config.json"))):
         assert run_cli("export", model, "--vae", given, "-o", tmp_path / "out", "--verify", "none") == 2
         assert said in " ".join(capsys.readouterr().err.split())
+    assert run_cli("export", diffusers_vae, "-o", tmp_path / "out") == 2  # given as the model: where it goes
+    assert "a diffusers VAE's weight file (its keys are diffusers', not the original layout's): give the folder " \
+        "holding it and its config.json as --vae DIR beside the model" in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out").exists()
 
 

@@ -335,6 +335,15 @@ VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.", "first_st
 """How a VAE's keys start in the original layout: alone (a VAE file), or in a checkpoint (diffusers'
 ``LDM_VAE_KEYS``); what diffusers' converter reads."""
 
+DIFFUSERS_VAE_KEYS = ("encoder.down_blocks.", "decoder.up_blocks.")
+"""How a diffusers ``AutoencoderKL``'s own weight file's keys start (the original layout's are
+``encoder.down.N``): a folder's weights, read with the folder's config.json, not converted."""
+
+DIFFUSERS_VAE = ("a diffusers VAE's weight file (its keys are diffusers', not the original layout's): give the folder "
+                 "holding it and its config.json as --vae DIR")
+"""What such a file given as a model or a --vae file is told: as a file it was taken for an original-layout
+VAE, and refused as lacking most of the --config's weights (an audit's finding)."""
+
 
 def check_vae_file(path: Path) -> None:
     """A ``--vae`` file that can be read as a VAE, refused in one line before anything loads: missing,
@@ -353,6 +362,8 @@ def check_vae_file(path: Path) -> None:
         raise ModelLoadError(f"--vae {exc}") from None
     if not any(k.startswith(VAE_KEYS) for k in keys):
         raise ModelLoadError(f"--vae {path}: no VAE weights ({', '.join(p + '*' for p in VAE_KEYS)}) in it")
+    if any(k.startswith(DIFFUSERS_VAE_KEYS) for k in keys):
+        raise ModelLoadError(f"--vae {path}: {DIFFUSERS_VAE}")
 
 
 def own_vae_config(directory: Path, vae: str | None) -> dict[str, Any]:
@@ -768,7 +779,8 @@ def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
         holds = ("a ControlNet in the original layout, not a model: export takes a diffusers ControlNet directory as "
                  "--controlnet (diffusers' ControlNetModel.from_single_file, then save_pretrained, converts it)")
     elif keys and all(k.startswith(VAE_KEYS) for k in keys):
-        holds = "a VAE alone, not a model: give it as --vae FILE beside the model"
+        holds = (f"{DIFFUSERS_VAE} beside the model" if any(k.startswith(DIFFUSERS_VAE_KEYS) for k in keys)
+                 else "a VAE alone, not a model: give it as --vae FILE beside the model")
     elif keys and set(keys) <= {"emb_params", "clip_l", "clip_g"} | {k for k in keys if k.startswith("string_to_param")}:
         holds = "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"
     else:
