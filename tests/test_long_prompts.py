@@ -52,6 +52,30 @@ def test_a_chunk_holds_75_tokens_and_a_full_one_wraps_after_its_last_comma(tok):
     assert _chunk_sizes("", tok) == [0]  # an empty text is one (empty) chunk, as A1111's
 
 
+def test_a_long_text_is_read_without_transformers_warning_of_indexing_errors(tok):
+    """The Python API printed transformers' "Token indices sequence length is longer than the
+    specified maximum ... will result in indexing errors" beside sdexport's own note (an audit's
+    finding): untrue of texts read in chunks, and no -q quiets libraries there."""
+    import copy
+    import logging
+
+    from transformers.utils import logging as library
+
+    fresh = copy.deepcopy(tok)  # (the tokenizer warns once: another test's reading may have used it up)
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = said.append  # type: ignore[method-assign]
+    before = library.get_verbosity()
+    library.set_verbosity_warning()
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert len(_chunk_sizes("a " * 200, fresh)) == 3
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+        library.set_verbosity(before)
+    assert not [r for r in said if "Token indices sequence length" in r.getMessage()]
+
+
 def test_the_last_chunk_read_keeps_the_words_after_its_comma_as_diffusers_reads_them(tok):
     """Read in one chunk (the bench, whose baseline is diffusers; an adopted 77-token export), a
     text is diffusers' first 75 tokens: the wrap would hand up to 20 of them to a chunk that is cut."""

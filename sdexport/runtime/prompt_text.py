@@ -54,7 +54,9 @@ def units(texts: list[str], tokenizer: Any) -> list[list[Unit]]:
     """Each text's tokens, a word of several vectors with its follow-ups (``STYLE``, ``STYLE_1``, ...)
     as one unit: they go into one chunk together, as A1111 keeps an embedding's vectors."""
     words = {token: tuple(tokenizer.convert_tokens_to_ids(names)) for token, names in follow_ups(tokenizer).items()}
-    found = tokenizer(texts, add_special_tokens=False).input_ids if texts else []
+    # verbose=False: transformers' warning that a text past the encoder's length "will result in indexing
+    # errors" (printed by the Python API, where no -q quiets libraries) is untrue of chunks read apart
+    found = tokenizer(texts, add_special_tokens=False, verbose=False).input_ids if texts else []
     return [[(token, *words.get(token, ())) for token in ids] for ids in found]
 
 
