@@ -274,7 +274,8 @@ def test_a_build_that_could_not_write_its_lock_or_manifest_is_refused_before_it_
 
     before = sorted(p.relative_to(engine_copy.parent) for p in engine_copy.parent.rglob("*"))
     for readonly, what in ((engine_copy.parent, f"its lock file beside {engine_copy}"), (engine_copy, "the manifest")):
-        monkeypatch.setattr(output_dir, "unwritable", lambda folder: "read-only" if folder == readonly else None)
+        monkeypatch.setattr(output_dir, "unwritable",
+                            lambda folder, readonly=readonly: "read-only" if folder == readonly else None)
         assert run_cli("build", engine_copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 2
         assert capsys.readouterr().err == (f"error: {engine_copy}: cannot write {what} in {readonly} (read-only); "
                                            "changing an engine directory in place needs both\n")

@@ -545,8 +545,8 @@ def test_a_vae_file_that_cannot_be_one_is_refused_before_anything_loads(tiny_che
         assert run_cli("export", model, "--vae", given, "-o", tmp_path / "out", "--verify", "none") == 2
         assert said in " ".join(capsys.readouterr().err.split())
     assert run_cli("export", diffusers_vae, "-o", tmp_path / "out") == 2  # given as the model: where it goes
-    assert "a diffusers VAE's weight file (its keys are diffusers', not the original layout's): give the folder " \
-        "holding it and its config.json as --vae DIR beside the model" in " ".join(capsys.readouterr().err.split())
+    assert ("a diffusers VAE's weight file (its keys are diffusers', not the original layout's): give the folder "
+            "holding it and its config.json as --vae DIR beside the model") in " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "out").exists()
 
 
@@ -634,9 +634,9 @@ def test_a_comfyui_scaled_fp8_checkpoint_is_refused_saying_what_it_is(tiny_check
     (("v_pred", "ztsnr"), (r"prediction_type v_prediction with rescale_betas_zero_snr and trailing timestep_spacing "
                           r"\(its ztsnr key\)$")),
     (("edm_mean", "edm_std"), r"a Playground v2.5-style checkpoint \(edm_mean/edm_std"),
-    (("ztsnr",), r"a checkpoint trained for zero terminal SNR \(its ztsnr key\), but the --config's scheduler does not "
-                 r"sample it so: give a diffusers directory of the model as --config, its scheduler config with "
-                 r"rescale_betas_zero_snr true and timestep_spacing trailing$"),
+    (("ztsnr",), (r"a checkpoint trained for zero terminal SNR \(its ztsnr key\), but the --config's scheduler does "
+                  r"not sample it so: give a diffusers directory of the model as --config, its scheduler config with "
+                  r"rescale_betas_zero_snr true and timestep_spacing trailing$")),
 ])
 def test_a_file_that_says_it_is_sampled_otherwise_is_not_read_as_plain(tiny_checkpoint, tmp_path, markers, words):
     """Top-level keys no converter reads (ComfyUI's convention, diffusers' model-type inference reads
@@ -753,8 +753,8 @@ LFS = (b"version https://git-lfs.github.com/spec/v1\noid sha256:4c8b2d5e0f1a3b6c
 
 
 @pytest.mark.parametrize(("name", "content", "said"), [
-    ("model.safetensors", LFS, "a Git LFS pointer, not the weights: the repository was cloned without git-lfs; run "
-                               "`git lfs pull` in it, or download the file itself"),
+    ("model.safetensors", LFS, ("a Git LFS pointer, not the weights: the repository was cloned without git-lfs; run "
+                                "`git lfs pull` in it, or download the file itself")),
     ("model.ckpt", LFS, "a Git LFS pointer, not the weights"),
     ("model.safetensors", b"\n<!DOCTYPE html><html><body>Sign in</body></html>",
      "an HTML or XML page, not the weights: a download that saved an error or sign-in page?"),
