@@ -51,6 +51,9 @@ class LoraFile:
     path: Path
     scale: float = 1.0
 
+    if TYPE_CHECKING:  # (the field holds a Path; a caller may give text)
+        def __init__(self, path: Path | str, scale: float = 1.0) -> None: ...
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", Path(self.path))
         if problem := _scale_problem(self.scale):

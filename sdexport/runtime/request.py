@@ -9,8 +9,9 @@ scheduler config, so it is plain Python.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sdexport.errors import ProfileError, SdexportError
 from sdexport.setting_names import assigned, setting
@@ -73,6 +74,10 @@ PlaceSetting = float | list[float | list[float]]
 """A ControlNet setting (scale, start, end) or a T2I-Adapter's scale: one value for every place and
 image, or one per place (a ControlNet, a union one's control image, an adapter), each a value for
 every prompt or a list of one per prompt."""
+
+Settings = float | Sequence[float | Sequence[float]]
+"""``PlaceSetting`` as a caller may give it (tuples, or a typed ``list[float]``, which a list of
+the union does not take: lists are invariant)."""
 
 
 @dataclass
@@ -199,6 +204,26 @@ class GenerationRequest:
     """The U-Net takes the guidance scale as an input (a latent consistency model's ``timestep_cond``:
     diffusers' ``time_cond_proj_dim``) instead of a second, unconditional batch half: ``cfg`` is off
     whatever the scale, and the negative prompts are not read, as in diffusers' pipelines."""
+
+    if TYPE_CHECKING:  # what a caller may give, which ``__post_init__`` holds as the fields' types above
+        # (one text for a list, a range of seeds, one image): a type checker read the fields' own
+        # types as the constructor's and refused the README's forms. Every field, in order, with its
+        # default (tests/test_python_api_types.py holds the two lists equal).
+        def __init__(
+            self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, steps: int = 30,
+            guidance: float | Sequence[float] | None = None, guidance_rescale: float = 0.0,
+            scheduler: str = "default", seeds: Sequence[int] = (0,), height: int | None = None,
+            width: int | None = None, clip_skip: int | None = None, emphasis: str = "none",
+            prompt_2: str | Sequence[str] | None = None, negative_prompt_2: str | Sequence[str] | None = None,
+            original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] = (0, 0),
+            target_size: tuple[int, int] | None = None, aesthetic_score: float | None = None,
+            negative_aesthetic_score: float | None = None, denoising_end: float | None = None,
+            denoising_start: float | None = None, init_latents: Any = None, image: Any = None, mask: Any = None,
+            strength: float | None = None, control_image: Any = None, control_mode: Sequence[int] | None = None,
+            control_scale: Settings | None = None, control_start: Settings = 0.0, control_end: Settings = 1.0,
+            guess_mode: bool = False, adapter_image: Any = None, adapter_scale: Settings = 1.0,
+            adapter_factor: float | Sequence[float] = 1.0, guidance_embedding: bool = False,
+        ) -> None: ...
 
     def __post_init__(self) -> None:
         # diffusers' pipelines take one text or image where a list of them may go; so does this (a

@@ -31,7 +31,10 @@ from sdexport.errors import EngineDirError, ProfileError, SdexportError, pasteab
 from sdexport.runtime.emphasis import check_reading, weigh
 from sdexport.runtime.engine import Engine
 from sdexport.runtime.prompt_text import Chunk, chunk_tensors, kept_text, longest_chunks, text_chunks
-from sdexport.runtime.request import GenerationRequest, check_request, forced_guess_mode, guidance_label
+from sdexport.runtime.request import (
+    GenerationRequest as GenerationRequest,  # (re-exported: the README imports it here)
+)
+from sdexport.runtime.request import check_request, forced_guess_mode, guidance_label
 from sdexport.runtime.schedulers import (
     HostSchedule,
     a1111_sampler,
@@ -464,7 +467,7 @@ class Txt2ImgPipeline:
         self,
         request: GenerationRequest,
         *,
-        on_step: Callable[[int, int], None] | None = None,
+        on_step: Callable[[int, int], object] | None = None,  # (what it returns is not read: a bar's update)
         stages: bool = True,
     ) -> GenerationResult:
         """Generate ``request``; ``on_step(done, total)`` reports U-Net calls (PNDM makes steps + 1).
@@ -496,7 +499,7 @@ class Txt2ImgPipeline:
                 self._calls.discard(thread)
                 self._settled.notify_all()
 
-    def _generate(self, request: GenerationRequest, on_step: Callable[[int, int], None] | None,
+    def _generate(self, request: GenerationRequest, on_step: Callable[[int, int], object] | None,
                   stages: bool) -> GenerationResult:
         """``__call__``'s work, the call counted."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
