@@ -739,6 +739,21 @@ def test_a_file_downloaded_beside_a_model_is_refused_saying_what_it_holds(tmp_pa
             load_model(str(path))
 
 
+@pytest.mark.parametrize("block", ["double_blocks.0.img_attn.qkv.weight", "joint_blocks.0.x_block.attn.qkv.weight"])
+def test_a_transformer_denoisers_checkpoint_is_named_as_one(tmp_path, block) -> None:
+    """Flux's and SD3's single files keep their transformer under the U-Net's prefix: every --config
+    was told the file lacked its weights ("is --config the right architecture?"), after torch loaded
+    (an audit's finding). Named at once, without a --config."""
+    from safetensors.torch import save_file
+
+    from sdexport.errors import ModelLoadError
+
+    path = tmp_path / "flux.safetensors"
+    save_file({f"model.diffusion_model.{block}": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ModelLoadError, match=rf"^{path}: a transformer \(DiT\) denoiser's checkpoint .*Flux, SD3"):
+        load_model(str(path))
+
+
 def test_a_safetensors_file_named_ckpt_is_told_to_be_renamed(tiny_checkpoint, tmp_path) -> None:
     from sdexport.errors import ModelLoadError
 

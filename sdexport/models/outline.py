@@ -767,11 +767,21 @@ def stand_in(head: bytes) -> str | None:
     return None
 
 
+UNET_BLOCKS = tuple(f"model.diffusion_model.{b}" for b in ("input_blocks.", "middle_block.", "output_blocks."))
+"""How an original-layout U-Net's weights start: what a transformer denoiser under the same prefix lacks."""
+
+
 def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
     """A file without the original layout's U-Net, refused saying what it holds where that is one of
     the other files a model's users download beside it (each taken elsewhere, or converted first)."""
     keys = list(keys)
-    if any(k.startswith("model.diffusion_model.") for k in keys):
+    denoiser = [k for k in keys if k.startswith("model.diffusion_model.")]
+    if denoiser and not any(k.startswith(UNET_BLOCKS) for k in denoiser):
+        # (Flux's double_blocks, SD3's joint_blocks: every --config was told it lacked its weights)
+        raise ModelLoadError(f"{path}: a transformer (DiT) denoiser's checkpoint (no U-Net blocks under "
+                             "'model.diffusion_model.': Flux, SD3 and the like), which sdexport does not export; it "
+                             "supports U-Net based Stable Diffusion 1.x, 2.x and XL")
+    if denoiser:
         return
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
         holds = "a LoRA, not a model: give it to export or run as --lora FILE"
