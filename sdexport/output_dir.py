@@ -257,14 +257,22 @@ def updating(directory: Path, kind: OutputKind) -> Iterator[None]:
     """Hold ``directory``'s lock while changing it in place (``sdexport build`` adding plans), so that
     an export replacing the same directory cannot run at the same time."""
     real = directory.resolve()  # a link to it and the directory itself take the same lock
-    for folder, what in ((real.parent, f"its lock file beside {directory}"), (real, "the manifest")):
-        why = unwritable(folder) if folder.is_dir() else None
-        if why is not None:  # (a build fused a graph, then failed on its manifest's temporary name; a
-            # parent without room for the lock said "Permission denied" on a name never given)
-            raise SdexportError(f"{directory}: cannot write {what} in {folder} ({why}); changing an engine "
-                                "directory in place needs both")
+    why = unwritable(real.parent) if real.parent.is_dir() else None
+    if why is not None:  # (it said "Permission denied" on the lock's hidden name, never given)
+        raise SdexportError(f"{directory}: cannot write its lock file beside it, in {real.parent} ({why}); changing an "
+                            "engine directory in place takes one there")
     with _locked(Target(real.parent / real.name, kind, in_place=True)):
         yield
+
+
+def require_writable(directory: Path) -> None:
+    """Refuse an engine directory a job is about to change (its manifest, its files) where nothing can
+    be written, before the work: a build into a read-only one fused a graph, then failed naming its
+    manifest's temporary file. Asked where something will be written, not before: a build whose every
+    graph is cached writes nothing, and runs on a read-only mount (a bench's engine cache entry)."""
+    why = unwritable(directory)
+    if why is not None:
+        raise SdexportError(f"{directory}: cannot write in it ({why}); this adds files to it and updates its manifest")
 
 
 def refuse_inside_engine_dir(path: Path, label: str, *, itself: bool = False) -> None:

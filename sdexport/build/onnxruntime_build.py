@@ -543,6 +543,10 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
                           "dtype": "fp32" if spec.always_fp32 or not fp16 else "fp16", "onnxruntime": ort.__version__}
               for spec in specs}
     reasons = {spec.name: _rebuild_reasons(engine_dir, manifest, spec.name, wanted[spec.name], force) for spec in specs}
+    if any(reasons.values()):
+        from sdexport.output_dir import require_writable
+
+        require_writable(engine_dir)
     for name in [name for name, why in reasons.items() if why]:  # before any is built: minutes each on SD
         _refuse_stray_files(engine_dir, manifest, name)
         graph_rel = manifest.components[name].onnx

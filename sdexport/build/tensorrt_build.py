@@ -300,6 +300,9 @@ def _build_locked(
     force: bool,
 ) -> list[BuildResult]:
     manifest = load_manifest(engine_dir, verify_files=False)  # again, under the lock
+    from sdexport.output_dir import require_writable
+
+    require_writable(engine_dir)  # (its manifest is saved, plans cached or not)
     remove_leftovers(engine_dir, manifest)  # a killed build's half plans
     weak = has_weak_typing(trt)
     # (the fp16 flag lowers fp32 graphs only on TensorRT 10, and not under --strongly-typed)

@@ -206,6 +206,9 @@ def adopt(
     from sdexport.export.exporter import tool_versions  # imports torch: after the one-line refusals
 
     with updating(directory, ENGINE_DIR):
+        from sdexport.output_dir import require_writable
+
+        require_writable(directory)  # (it writes the manifest)
         check_replaceable(directory, force)  # again, under the lock: another adopt may have finished
         built_before = _built_files(directory)  # (an adopted manifest's, under --force)
         graphs = {s.name: _read_graph(directory, s.name) for s in plan.specs}  # each parsed once here
