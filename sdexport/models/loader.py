@@ -8,7 +8,6 @@ that lets the Torch backend and the benchmarks load the same weights again.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -383,11 +382,14 @@ def replace_vae(model: LoadedModel, path: Path, *, dtype: torch.dtype = torch.fl
 
 
 def recorded_path(path: Path) -> str:
-    """``path`` as the manifest records a file to read again: absolute, ``..`` folded, but a link not
-    followed. A file's suffix says how it is read (a VAE file or folder, a .safetensors or .ckpt), and
-    Hugging Face's cache keeps each file as a link to a blob named by its hash, without one: the
-    resolved path was refused by export's own hashing and by the Torch backend's reload."""
-    return os.path.abspath(path)
+    """``path`` as the manifest records a file to read again: its folder resolved, its own name as
+    given (a link not followed). A file's suffix says how it is read (a VAE file or folder, a
+    .safetensors or .ckpt), and Hugging Face's cache keeps each file as a link to a blob named by its
+    hash, without one: the resolved path was refused by export's own hashing and by the Torch
+    backend's reload. (``os.path.abspath`` folds ``link/..`` as text, which is not where the system
+    goes through a linked folder: a review's finding.)"""
+    whole = path.absolute()
+    return str(whole.resolve() if whole.name in ("", ".", "..") else whole.parent.resolve() / whole.name)
 
 
 def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:

@@ -733,7 +733,9 @@ def safetensors_keys(path: Path) -> list[str]:
             return list(handle.keys())
     except Exception as exc:
         head = _head(path)
-        seen = ("a torch checkpoint by its content: name it .ckpt" if head.startswith(CHECKPOINT_STARTS)
+        # (a safetensors header's length may start with 0x80 too: a pickle's protocol byte follows it)
+        pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+        seen = ("a torch checkpoint by its content: name it .ckpt" if pickled and head[8:9] != b"{"
                 else stand_in(head))
         raise ModelLoadError(f"{path}: not a readable safetensors file ({seen or one_line(exc)})") from exc
 

@@ -162,11 +162,12 @@ def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str
                                  f"predicts {predicts}: give a diffusers directory of the model as --config, its "
                                  f"scheduler config with prediction_type v_prediction{zero_snr}")
     if "ztsnr" in layout and not (scheduler.get("rescale_betas_zero_snr") is True
-                                  and scheduler.get("timestep_spacing") == "trailing"):
+                                  and scheduler.get("timestep_spacing") in ("trailing", "linspace")):  # (both start at the last)
         # (the README promised this refusal; the key only changed the words of v_pred's)
         raise ModelLoadError(f"{path}: a checkpoint trained for zero terminal SNR (its ztsnr key), but the --config's "
                              "scheduler does not sample it so: give a diffusers directory of the model as --config, its "
-                             "scheduler config with rescale_betas_zero_snr true and timestep_spacing trailing")
+                             "scheduler config with rescale_betas_zero_snr true and timestep_spacing trailing (or "
+                             "linspace)")
 
 
 def _check_sdxl_kind(path: Path, layout: Mapping[str, Any], family: str) -> None:
