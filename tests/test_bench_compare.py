@@ -834,6 +834,9 @@ def test_runs_of_engines_exported_for_other_shapes_are_not_compared():
     assert mismatches(ours, batches) == [(
         "engines: precision fp16 vs fp32; batch 1:1:4 vs 1:2:4; prompt chunks 1:1:2 vs 1:1:1 (the scenario's batch "
         "sizes and image size, or its [export] ranges, set them)")]
+    fp32 = copy.deepcopy(ours)  # the precision alone: no word of the shapes (a review's finding)
+    fp32["engines"]["dtype"] = "fp32"
+    assert mismatches(ours, fp32) == ["engines: precision fp16 vs fp32"]
 
 
 def test_a_run_pinned_to_fewer_cores_is_another_device():

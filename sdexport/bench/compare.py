@@ -259,9 +259,10 @@ def mismatches(baseline: dict[str, Any], new: dict[str, Any]) -> list[str]:
     engines = baseline.get("engines"), new.get("engines")  # (reports from before the record: not compared)
     if None not in engines and engines[0] != engines[1]:
         given = [r for r in (baseline, new) if "--engine-dir" in (r.get("command_line") or {})]
-        why = ("--engine-dir" if given else "the scenario's batch sizes and image size, or its [export] ranges, "
-               "set them")
-        found.append(f"engines: {_engines_difference(*engines)} ({why})")
+        shapes = [e.get("profile") if isinstance(e, dict) else e for e in engines]
+        why = (" (--engine-dir)" if given else " (the scenario's batch sizes and image size, or its [export] ranges, "
+               "set them)" if shapes[0] != shapes[1] else "")  # (a precision alone: the precision line's)
+        found.append(f"engines: {_engines_difference(*engines)}{why}")
     return found
 
 

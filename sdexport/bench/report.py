@@ -35,7 +35,10 @@ def _ms(stats: dict[str, float]) -> str:
 
 def stage_mean(stats: dict[str, Any]) -> float:
     """A stage's mean over the marked runs (its median in reports that kept no samples): means of the
-    parts add up to the mean of the whole, which medians do not."""
+    parts add up to the mean of the whole, which medians do not. Reports from before ``Stats``
+    recorded it have it from their samples."""
+    if isinstance(stats.get("mean"), int | float):
+        return float(stats["mean"])
     samples = stats.get("samples") or []
     return sum(samples) / len(samples) if samples else stats["median"]
 
