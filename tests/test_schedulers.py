@@ -345,14 +345,19 @@ def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
 
 
 def test_an_empty_window_from_an_init_image_names_its_strength():
-    """SDXL img2img's default strength (0.3) starts its schedule below a cut at 0.7: the refusal
-    advised raising the steps alone (an audit's finding), which at 10 steps does nothing."""
+    """SDXL img2img's default strength (0.3) starts its schedule at a cut at 0.7: the refusal advised
+    raising the steps alone (an audit's finding), which no count of steps helps (a review's). A
+    strength above the cut's fraction with too few steps may raise either."""
     from PIL import Image
 
+    image = [Image.new("RGB", (64, 64))]
     with pytest.raises(SdexportError, match=r"^denoising_end 0.7 and strength 0.3 \(the default\) with steps 10 "
-                                            r"\(default scheduler\) leave no step: move the window or raise the "
-                                            r"strength or the steps$"):
-        _sdxl_window(denoising_end=0.7, image=[Image.new("RGB", (64, 64))])
+                                            r"\(default scheduler\) leave no step: move the window or raise strength "
+                                            r"above 0.3$"):
+        _sdxl_window(denoising_end=0.7, image=image)
+    with pytest.raises(SdexportError, match=r"^denoising_end 0.95 and strength 0.08 with steps 10 .* leave no step: "
+                                            r"move the window or raise strength or steps$"):
+        _sdxl_window(denoising_end=0.95, image=image, strength=0.08)
 
 
 def test_the_experts_split_the_schedule_where_diffusers_rounds_the_cut_off():

@@ -130,7 +130,7 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
                  refiner_config: dict[str, Any], end: float) -> None:
     """The base model's steps and the refiner's, each on a scheduler of its own: neither empty.
     A refusal names the settings to change as the caller does (``setting``)."""
-    from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window
+    from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window, strength_words
     from sdexport.specs import SDXL_REFINER
 
     check_steps(refine.scheduler, refiner_config, refine.steps)  # its own scheduler's dry run
@@ -141,16 +141,14 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
         try:
             schedule_window(scheduler, replace(request, init_latents=LATENTS_TO_COME), family)
         except SdexportError:
-            # an img2img base's, given or its default (SDXL img2img's 0.3 left the base's share empty at
-            # any --steps below 1000, and the advice named --steps alone: an audit's finding)
-            strength = request.effective_strength(family) if request.image is not None else None
-            by_strength, by_steps, by_cut = setting("strength"), setting("steps"), setting("denoising_end")
-            default = " (the default)" if request.strength is None else ""
-            given = f"{by_strength} {strength:g}{default} of " if strength is not None else ""
+            # an img2img base's strength, given or its default (SDXL img2img's 0.3 leaves a cut at 0.7
+            # or later no step at any count: the advice named --steps alone, an audit's finding)
+            by_steps, by_cut = setting("steps"), setting("denoising_end")
+            said, advice = (strength_words(request, family, end) if request.image is not None
+                            else ("", f"raise {by_steps}"))
+            given = f"{said} of " if said else ""
             raise SdexportError(f"the {which} share of the schedule ({given}{by_steps} {request.steps}, cut at "
-                                f"{by_cut} {end:g}) holds no step; "
-                                + (f"raise {by_strength} or {by_steps}, " if strength is not None else f"raise {by_steps}, ")
-                                + f"or move {by_cut}") from None
+                                f"{by_cut} {end:g}) holds no step; {advice}, or move {by_cut}") from None
 
 
 def check_refine(refine: GenerationRequest, *, dims: Any, profile: Any, scheduler_config: dict[str, Any],

@@ -362,13 +362,25 @@ def schedule_window(scheduler: Any, request: GenerationRequest, family: str) -> 
         given = [f"denoising_{name} {value:g}" for name in ("start", "end")
                  if (value := getattr(request, f"denoising_{name}")) is not None]
         noised = request.image is not None and request.denoising_start is None  # (its strength cut the start)
+        advice = f"raise {setting('steps')}"
         if noised:
-            given.append(f"{setting('strength')} {request.effective_strength(family):g}"
-                         + (" (the default)" if request.strength is None else ""))
+            said, advice = strength_words(request, family, request.denoising_end)
+            given.append(said)
         raise SdexportError(f"{' and '.join(given)} with {setting('steps')} {request.steps} ({request.scheduler} scheduler) "
-                            "leave no step: move the window or raise "
-                            + ("the strength or the steps" if noised else "the steps"))
+                            f"leave no step: move the window or {advice}")
     return timesteps
+
+
+def strength_words(request: GenerationRequest, family: str, end: float | None) -> tuple[str, str]:
+    """An init image's strength as a refusal of an empty schedule names it (given, or the task's
+    default, said so: SDXL img2img's 0.3 was left unnamed), and what would give the schedule a step
+    before a cut at ``end``: a strength at or below 1 - end starts the schedule at or below the cut,
+    where no step count helps (the advice to raise the steps was false there: a review's finding)."""
+    strength = request.effective_strength(family)
+    said = f"{setting('strength')} {strength:g}" + (" (the default)" if request.strength is None else "")
+    if end is not None and strength <= 1 - end:
+        return said, f"raise {setting('strength')} above {1 - end:g}"
+    return said, f"raise {setting('strength')} or {setting('steps')}"
 
 
 def _cutoff(scheduler: Any, fraction: float) -> int:
