@@ -303,10 +303,12 @@ def text_tokenizers(family: str, tokenizer: Any, tokenizer_2: Any) -> dict[str, 
 
 
 CLOSED = "this pipeline was closed (its engines were released); load it again"
-CLOSING = ("this pipeline is being closed (close() waits for a running call; its engines are released after it): "
-           "load another pipeline")
-"""What a call is told once ``close`` has begun but the engines are still held (its timeout ran out
-with a call running): "released" was not so, and close had said they were kept."""
+CLOSING = "this pipeline is being closed (close() waits for a running call, then releases its engines)"
+"""What a call is told while ``close`` waits for a running call: "released" was not so yet."""
+KEPT = ("this pipeline was closed, but its engines are kept: close() gave up waiting for a running call; call "
+        "close() again once it has returned")
+"""What a call is told after ``close(timeout=...)`` ran out: nothing will release the engines but
+another close (the first wording said they would be, a review's finding)."""
 MAX_WARNED = 256
 """The most long texts a pipeline remembers having warned of (``Txt2ImgPipeline.truncations``)."""
 
@@ -377,6 +379,7 @@ class Txt2ImgPipeline:
         (and ONNX Runtime's CUDA graphs) run on one set of buffers each, and a U-Net call's outputs
         are views into them until its next call: two calls at once would mix their images silently."""
         self._released = False
+        self._closing = False  # (a close waiting for a running call)
         """The engines were released (by the first ``close`` to get there: two closers release once)."""
         self._warned: set[tuple[str, str]] = set()
         """(field, text) of the long texts already warned of (``truncations``): said once, not per call."""
@@ -423,7 +426,7 @@ class Txt2ImgPipeline:
     def check(self, request: GenerationRequest) -> None:
         """Refuse what the engines cannot do before any of them runs."""
         if self.closed:
-            raise SdexportError(CLOSED if self._released else CLOSING)
+            raise SdexportError(self._closed_words())
         largest = self.profile.batch[2]
         if isinstance(request.prompt, list) and len(request.prompt) > largest:  # `sdexport run` splits by itself; an API caller is told how
             raise ProfileError(f"{len(request.prompt)} images in one call: the engines' profile takes at most "
@@ -486,7 +489,7 @@ class Txt2ImgPipeline:
         thread = threading.get_ident()
         with self._settled:
             if self.closed:
-                raise SdexportError(CLOSED if self._released else CLOSING)
+                raise SdexportError(self._closed_words())
             if thread in self._calls:
                 raise SdexportError("a call of this pipeline inside another (an on_step callback?): make it after the "
                                     "call returns, or load a second pipeline")
@@ -1151,8 +1154,10 @@ class Txt2ImgPipeline:
             if threading.get_ident() in self._calls:  # (it would wait for itself)
                 raise SdexportError("close() inside a call of this pipeline (an on_step callback?): close it after "
                                     "the call returns")
-            self.closed = True
-            if not self._settled.wait_for(lambda: not self._calls, timeout):
+            self.closed = self._closing = True
+            ended = self._settled.wait_for(lambda: not self._calls, timeout)
+            self._closing = False
+            if not ended:
                 raise SdexportError(f"close(): a call of this pipeline still runs after {timeout:g} s; its engines are "
                                     "kept (close again once it has returned)")
             if self._released:
@@ -1163,6 +1168,11 @@ class Txt2ImgPipeline:
             close = getattr(engine, "close", None)
             if close is not None:
                 close()
+
+    def _closed_words(self) -> str:
+        """Why a call to a closed pipeline is refused: its engines released, a close still waiting to
+        release them, or a close that gave up waiting (the engines kept)."""
+        return CLOSED if self._released else CLOSING if self._closing else KEPT
 
     def __enter__(self) -> Txt2ImgPipeline:
         return self
