@@ -339,9 +339,14 @@ def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
 
     bh1 = {**PRESETS["sd15"].scheduler, "_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}
     with pytest.raises(SdexportError, match=r"^steps 30: the default \(UniPCMultistepScheduler\) scheduler returns NaN "
-                                            r"with this model's scheduler config at any number of steps \(at 4 too\); "
+                                            r"with this model's scheduler config, at 4 steps too; "
                                             r"pick another scheduler \(ddim, euler, "):
         check_steps(DEFAULT, bh1, 30)
+    # a count of a few is tried again at a usual one, not at itself (a review's finding: "at 2 too"), and
+    # the scheduler that failed is not offered
+    with pytest.raises(SdexportError, match=r"^steps 2: .* at 20 steps too; pick another scheduler \(ddim, euler, "
+                                            r"euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, lcm\)$"):
+        check_steps("unipc", {**bh1, "_class_name": "PNDMScheduler"}, 2)
 
 
 def test_an_empty_window_from_an_init_image_names_its_strength():

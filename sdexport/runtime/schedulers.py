@@ -294,20 +294,22 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     failure = _dry_run(scheduler)
     if failure is None:
         return
-    few = make_scheduler(name, config)
-    few.set_timesteps(min(steps, FEW_STEPS))
-    if _dry_run(few) is not None:  # (fewer steps would not mend it: the config does not sample so at all)
+    other = FEW_STEPS if steps > FEW_STEPS else USUAL_STEPS  # (another count: the same one proves nothing)
+    probe = make_scheduler(name, config)
+    probe.set_timesteps(other)
+    if _dry_run(probe) is not None:  # (another count would not mend it: the config does not sample so)
+        others = ", ".join(n for n in SCHEDULERS if n != name)
         raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this model's scheduler "
-                            f"config at any number of steps (at {min(steps, FEW_STEPS)} too); pick another "
-                            f"{setting('scheduler')} ({', '.join(SCHEDULERS)})")
-    raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this many steps; use fewer "
-                        "(20-50 is usual)")
+                            f"config, at {other} steps too; pick another {setting('scheduler')} ({others})")
+    raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this many steps; use "
+                        + ("fewer" if steps > other else "more") + " (20-50 is usual)")
 
 
 FEW_STEPS = 4
-"""The step count ``check_steps`` tries again at where a count fails: failing there too, the saved
-config is at fault (UniPC's bh1 solver with a final sigma of zero returns NaN at every count, and
-was told "use fewer"), not the count."""
+USUAL_STEPS = 20
+"""The step counts ``check_steps`` tries again at where a count fails (a few, or for a count of a few,
+a usual one): failing there too, the saved config is at fault (UniPC's bh1 solver with a final sigma
+of zero returns NaN at every count, and was told "use fewer"), not the count."""
 
 
 def _dry_run(scheduler: Any) -> str | None:
