@@ -56,9 +56,12 @@ class _Console(Console):
 
         self.quiet = True
         with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stream without a descriptor)
+            descriptor = self.file.fileno()
             devnull = os.open(os.devnull, os.O_WRONLY)  # the stream's own later flushes go nowhere too
-            os.dup2(devnull, self.file.fileno())
-            os.close(devnull)
+            try:
+                os.dup2(devnull, descriptor)
+            finally:
+                os.close(devnull)
 
 
 console = _Console(stderr=True, highlight=False, soft_wrap=True, emoji=False, width=_width(stderr=True))

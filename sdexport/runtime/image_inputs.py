@@ -199,19 +199,21 @@ def check_image(image: Any, height: int | None, width: int | None, what: str) ->
         raise SdexportError(f"{what}: expected a PIL image, got {type(image).__name__}")
     if min(size) < 1:
         raise SdexportError(f"{what} is empty ({size[1]}x{size[0]})")
-    try:  # its pixels, which Pillow reads on first use: from a file closed since, a bare AssertionError mid-call
-        image.load()
-    except (AssertionError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-        said = ("its file is closed: opened in a `with Image.open(...)` block that has ended?"
-                if isinstance(exc, AssertionError) else one_line(exc))  # (Pillow's assert on its file)
-        raise SdexportError(f"{what}: its pixels cannot be read ({said}); load the image while its file is open "
-                            "(image.load() or image.copy())") from None
     readable_mode(image, what, "L" if what == "mask" else "RGB")
     if height is not None and tuple(size) != (width, height):
         raise SdexportError(
             f"{what} is {size[1]}x{size[0]} (HxW), the request {height}x{width}: give images of the request's "
             "size (sdexport.runtime.image_inputs.fit_image resizes or crops one)"
         )
+    # its pixels, which Pillow reads on first use (after the checks its header answers: a review), from a
+    # file closed since: a bare AssertionError mid-call (an AttributeError under python -O)
+    try:
+        image.load()
+    except (AssertionError, AttributeError, OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
+        said = ("its file is closed: opened in a `with Image.open(...)` block that has ended?"
+                if isinstance(exc, AssertionError | AttributeError) else one_line(exc))
+        raise SdexportError(f"{what}: its pixels cannot be read ({said}); load the image while its file is open "
+                            "(image.load() or image.copy())") from None
 
 
 def pixels(images: list[Any], batch: int) -> torch.Tensor:

@@ -152,7 +152,7 @@ def _sdxl_params(result: GenerationResult, i: int) -> dict[str, Any]:
     for name in ("original_size", "target_size"):
         if getattr(request, name) is not None:
             params[name] = list(getattr(request, name))
-    if request.crops_coords_top_left != (0, 0):
+    if tuple(request.crops_coords_top_left) != (0, 0):  # (the API's [0, 0] is no crop either)
         params["crops_coords_top_left"] = list(request.crops_coords_top_left)
     if result.family == SDXL_REFINER:  # what the time ids held, given or diffusers' default
         score, negative = request.aesthetic_scores()

@@ -232,7 +232,7 @@ class GenerationRequest:
             self.prompt = [self.prompt]
         elif isinstance(self.prompt, tuple):  # held as the list the checks take (a tuple over the profile's
             self.prompt = list(self.prompt)  # batch missed the request.split hint a list gets)
-        if not isinstance(self.prompt, list | tuple):  # (everything below reads its length)
+        if not isinstance(self.prompt, list):  # (everything below reads its length)
             raise SdexportError(f"prompt: expected a text or a list of texts, got {type(self.prompt).__name__} "
                                 f"{self.prompt!r}")
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):

@@ -59,8 +59,6 @@ def a1111_sampler(scheduler: Any) -> str:
     (DPM++ names only for the dpmsolver++ algorithm; " Karras" for Karras sigmas); else its class name.
     A config keeps the Karras setting a model was saved with though the scheduler picked over its own
     has none (DDIM, Euler a, PNDM, LCM): "DDIM Karras" named a schedule that never ran."""
-    import inspect
-
     config = scheduler.config
     name = A1111_SAMPLERS.get(scheduler_label(scheduler))
     if name is None or name.startswith("DPM++") and config.get("algorithm_type", "dpmsolver++") != "dpmsolver++":
