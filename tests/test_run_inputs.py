@@ -265,7 +265,7 @@ def test_the_api_checks_requests_too(pipeline):
     assert [len(part.prompt) for part in request.split(2)] == [2, 1]
     assert [part.guidance for part in request.split(2)] == [[3.0, 4.0], [5.0]]
     held = GenerationRequest(prompt=("a", "b", "c"), seeds=[0, 1, 2], guidance=(3.0, 4.0, 5.0))  # tuples cut too
-    assert [(part.prompt, part.guidance) for part in held.split(2)] == [(("a", "b"), [3.0, 4.0]), (("c",), [5.0])]
+    assert [(part.prompt, part.guidance) for part in held.split(2)] == [(["a", "b"], [3.0, 4.0]), (["c"], [5.0])]
     for part in request.split(2):
         pipeline.check(part)
 
