@@ -391,11 +391,7 @@ def _locked(target: Target) -> Iterator[None]:
             held = _held_by(target, fd)
             os.close(fd)
             raise held from None
-        try:
-            current = os.stat(path, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            current = -1
-        if current == os.fstat(fd).st_ino:
+        if still_named(path, fd):
             break
         os.close(fd)
     try:
@@ -406,6 +402,17 @@ def _locked(target: Target) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(path)
         os.close(fd)
+
+
+def still_named(path: Path, fd: int) -> bool:
+    """Whether the file open as ``fd`` is still the one ``path`` names: a lock file removed on release
+    leaves a process that opened it just before holding a lock on a file no one else will open, beside
+    a new one at the same name (such a process opens it again)."""
+    try:
+        current = os.stat(path, follow_symlinks=False).st_ino
+    except FileNotFoundError:
+        return False
+    return current == os.fstat(fd).st_ino
 
 
 def _free_name(target: Target, kind: str) -> Path:

@@ -193,6 +193,7 @@ def in_use(entry: Path) -> Iterator[None]:
     import fcntl
 
     from sdexport.console import console
+    from sdexport.output_dir import still_named
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     path = entry.parent / f".{entry.name}.in-use"
@@ -210,11 +211,7 @@ def in_use(entry: Path) -> Iterator[None]:
             except BaseException:
                 os.close(fd)
                 raise
-        try:
-            current = os.stat(path, follow_symlinks=False).st_ino
-        except FileNotFoundError:
-            current = -1
-        if current == os.fstat(fd).st_ino:
+        if still_named(path, fd):
             break
         os.close(fd)
     with contextlib.suppress(OSError):  # (a mark an earlier sdexport left keeps its old time otherwise)
