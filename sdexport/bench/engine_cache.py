@@ -188,8 +188,8 @@ def in_use(entry: Path) -> Iterator[None]:
     good, untouched by later runs, and the README's month-old clean-up listed the mark of an entry
     in use: one removed while held lets a second run in beside the first). A run that opened it just
     before its holder removed it opens it again (its inode no longer the path's), so two runs never
-    both hold an entry. Opened for reading: ``flock`` needs no
-    more, so another user of a shared cache (the mark is 0644) waits its turn too."""
+    both hold an entry. Opened for reading: ``flock`` needs no more, so another user of a shared
+    cache (the mark is 0644) waits its turn too."""
     import fcntl
 
     from sdexport.console import console

@@ -379,8 +379,9 @@ class Txt2ImgPipeline:
         (and ONNX Runtime's CUDA graphs) run on one set of buffers each, and a U-Net call's outputs
         are views into them until its next call: two calls at once would mix their images silently."""
         self._released = False
-        self._closing = False  # (a close waiting for a running call)
         """The engines were released (by the first ``close`` to get there: two closers release once)."""
+        self._closing = False
+        """A ``close`` waits for a running call (``_closed_words``)."""
         self._warned: set[tuple[str, str]] = set()
         """(field, text) of the long texts already warned of (``truncations``): said once, not per call."""
         self.device = engines["unet"].device
@@ -507,7 +508,7 @@ class Txt2ImgPipeline:
         """``__call__``'s work, the call counted."""
         self.check(request)  # first: a task the family does not run has no defaults to fill in
         request = self.sized(request.detached()).with_defaults(self.family, guidance_embedding=bool(self.dims.G),
-                                                    clip_skip=self.dims.clip_skip)
+                                                               clip_skip=self.dims.clip_skip)
         if "negative_prompt_2" not in request.texts_read(self.zeroes_negatives):  # (what ran: not recorded)
             request = replace(request, negative_prompt_2=None)
         guidance = guidance_factor(request.effective_guidance(self.family), self.device)
