@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,12 +130,9 @@ class Manifest:
         return component(self.family, name).for_model(self.model_dims)
 
     def built_files(self) -> set[str]:
-        """The listed files ``sdexport build`` added: TensorRT plans and rewritten graphs' folders
-        (what a build stopped between its manifest and its files lists and lacks)."""
-        plans = {str(p["path"]) for e in self.components.values() for p in e.engines.values()}
-        folders = tuple(f"{Path(str(o['onnx'])).parent.as_posix()}/"
-                        for e in self.components.values() for o in e.optimized.values())
-        return {rel for rel in self.files if rel in plans or rel.startswith(folders)}
+        """The listed files ``sdexport build`` added (``built_files``)."""
+        return built_files(self.files, {name: {"engines": e.engines, "optimized": e.optimized}
+                                        for name, e in self.components.items()})
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -442,6 +439,16 @@ def _require_inside(directory: Path, rel: str) -> None:
         raise EngineDirError(
             f"{directory}: {rel} leads outside the engine directory (to {target}); refusing to read it"
         )
+
+
+def built_files(files: Mapping[str, Any], components: Mapping[str, Any]) -> set[str]:
+    """Of a manifest's listed ``files``, those ``sdexport build`` added: each component's TensorRT
+    plans (``engines``) and the files of its rewritten graphs (``optimized``: ``COMPONENT/TARGET/``),
+    what a build stopped between its manifest and its files lists and lacks. Over the manifest's JSON
+    form, so that ``adopt --force`` reads them from a manifest it will replace, as it is."""
+    plans = {str(p["path"]) for c in components.values() for p in c.get("engines", {}).values()}
+    folders = tuple(f"{name}/{target}/" for name, c in components.items() for target in c.get("optimized", {}))
+    return {str(rel) for rel in files if rel in plans or str(rel).startswith(folders)}
 
 
 def verify_files_of(directory: Path, manifest: Manifest, *, rehash: bool = False) -> FilesChecked:

@@ -257,12 +257,12 @@ def _built_files(directory: Path) -> dict[str, str]:
     manifest lists (none without one): each component's TensorRT plans (``engines``) and the files
     of its rewritten graphs (``optimized``: ``COMPONENT/TARGET/``). The adopted files are the
     user's export, never counted here."""
+    from sdexport.manifest import built_files
+
     try:
         data = json.loads((directory / MANIFEST_NAME).read_text(encoding="utf-8"))
-        files, components = data["files"], data["components"]
-        built = {str(e["path"]) for c in components.values() for e in c.get("engines", {}).values()}
-        folders = tuple(f"{name}/{target}/" for name, c in components.items() for target in c.get("optimized", {}))
-        return {str(rel): str(digest) for rel, digest in files.items() if rel in built or str(rel).startswith(folders)}
+        files = data["files"]
+        return {rel: str(files[rel]) for rel in built_files(files, data["components"])}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
