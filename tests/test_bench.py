@@ -131,7 +131,9 @@ def test_shipped_scenarios_parse():
     ('height = 64', "needs a model"),
     ('model = "tiny"\nrepeats = 0', "repeats: 0 is less than the minimum of 1"),
     ('model = "tiny"\nwarmup = -1', "warmup: -1 is less than the minimum of 0"),
-    ('model = "tiny"\nsteps = "ten"', "steps: 'ten' is not of type 'array'"),
+    ('model = "tiny"\nsteps = "ten"', "steps 'ten': need a whole number or a list of them (steps = 4 or steps = [1, 4])"),
+    ('model = "tiny"\nbatch = 2.0', "batch 2.0: need a whole number or a list of them"),
+    ('model = "tiny"\nsteps = true', "steps True: need a whole number"),
     ('model = "tiny"\nbatch = [1, 0]', "batch.1: 0 is less than the minimum of 1"),
     ('model = "tiny"\nsteps = [2, 3, 2]', "steps: [2, 3, 2] has non-unique elements"),
     ('model = "tiny"\nheight = 64.5', "height: 64.5 is not of type 'integer'"),
@@ -544,8 +546,9 @@ def test_an_img2img_scenario_runs_every_contender_from_the_same_image(tmp_path):
 
 
 @pytest.mark.parametrize(("model", "strength", "calls", "words"), [
-    ("tiny-sdxl-inpaint", None, 3, "at strength 0.9999 (diffusers' default for SDXL inpainting)"),
-    ("tiny", 0.5, 2, "at strength 0.5"),  # a standard U-Net blends
+    ("tiny-sdxl-inpaint", None, 3, ("at strength 0.9999 (diffusers' default for SDXL inpainting; "
+                                    "int(steps x strength) denoising steps), ")),  # one parenthesis
+    ("tiny", 0.5, 2, "at strength 0.5 (int(steps x strength) denoising steps), "),  # a standard U-Net blends
 ])
 def test_an_inpainting_scenario_repaints_the_same_middle_for_every_contender(tmp_path, model, strength, calls, words):
     """inpaint = true: the baseline is diffusers' inpaint pipeline; the engines export the VAE encoder."""

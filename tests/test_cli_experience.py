@@ -393,6 +393,8 @@ def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
     assert "1.11× ⚠" in rows["torch"] and "±24.8%" in rows["torch"]
     assert "1.25×" in rows["onnxruntime-cpu"] and "⚠" not in rows["onnxruntime-cpu"].split(" | ")[3]
     assert "**Too few repeats**: 3 timed runs per contender; at least 5" in text
+    assert "**Too few repeats**: 1 timed run per contender" in markdown(
+        {**report, "results": [_bench_entry("diffusers", [0.5], MARKED)]})
     assert "(raise `repeats` in the scenario, or pass `--repeats`)" in text and "- Command line:" not in text
     assert "**Spread too wide to trust the ratio** (variation over 10% of the mean): torch ±25%" in text
     assert text.lower().count("random weights") == 1

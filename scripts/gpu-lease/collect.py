@@ -37,6 +37,7 @@ from sdexport.bench.report import (  # noqa: E402 - the checkout's sdexport
     case_key,
     ratio_untrusted,
     stage_mean,
+    timed_runs,
     vae_rerun_note,
     variation,
 )
@@ -251,7 +252,7 @@ def provenance(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
             weights = ", trained weights"
         scenario = report["scenario"]
         size = f", {scenario['height']}×{scenario['width']}" if scenario.get("height") and scenario.get("width") else ""
-        runs = (f", warm-up {scenario['warmup']}, {scenario['repeats']} timed runs per case"
+        runs = (f", warm-up {scenario['warmup']}, {timed_runs(scenario['repeats'])} per case"
                 if "warmup" in scenario and "repeats" in scenario else "")
         flags = report.get("command_line") or {}
         given = f" (command line: {', '.join(f'{k} {v}' for k, v in flags.items())})" if flags else ""

@@ -51,6 +51,11 @@ def repeats(stats: dict[str, Any]) -> int:
     return len(stats.get("samples") or []) or int(stats.get("n") or 0)
 
 
+def timed_runs(*counts: int) -> str:
+    """"1 timed run", "3 timed runs", "1 or 2 timed runs": a count's words in the report's notes."""
+    return f"{' or '.join(map(str, counts))} timed run{'s' if max(counts) != 1 else ''}"
+
+
 def variation(stats: dict[str, Any]) -> float | None:
     """The coefficient of variation of a Stats dict's samples: None with fewer than ``MIN_REPEATS``
     (too few for a spread), without samples (older reports) or with a value that is not finite."""
@@ -111,7 +116,7 @@ def vae_rerun_note(entry: dict[str, Any]) -> str | None:
     if not reruns:
         return None
     return (f"an fp16 VAE part overflowed and ran again in fp32 {reruns} time(s) in its "
-            f"{repeats(entry['e2e_s'])} timed runs, inside their time; the baseline returns the overflowed image "
+            f"{timed_runs(repeats(entry['e2e_s']))}, inside their time; the baseline returns the overflowed image "
             "instead, so this contender's runs did more work than the baseline's")
 
 
@@ -132,7 +137,7 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
     if few:
         where = ("`--repeats` on the command line" if "--repeats" in (command_line or {})
                  else "`repeats` in the scenario, or pass `--repeats`")
-        notes.append(f"**Too few repeats**: {' or '.join(map(str, few))} timed runs per contender; at least "
+        notes.append(f"**Too few repeats**: {timed_runs(*few)} per contender; at least "
                      f"{MIN_REPEATS} are needed to report a spread (raise {where}).")
     spread = [r for r in rows if noisy(r)]
     if spread:
@@ -392,15 +397,16 @@ def _image_task_words(scenario: dict[str, Any], family: str | None) -> str:
     from sdexport.runtime.request import STRENGTH_DEFAULTS
 
     strength = scenario.get("strength")
+    counted = "int(steps x strength) denoising steps"
     if strength is None and family in STRENGTH_DEFAULTS:
         strength = STRENGTH_DEFAULTS[family]["inpaint"]
-        at = f"at strength {strength:g} (diffusers' default for {FAMILY_LABELS[family]} inpainting)"
+        at = f"at strength {strength:g} (diffusers' default for {FAMILY_LABELS[family]} inpainting; {counted}), "
     else:
-        at = f"at strength {strength}" if strength is not None else "at diffusers' default strength for the model"
-    counted = " (int(steps x strength) denoising steps), "
+        at = (f"at strength {strength}" if strength is not None else "at diffusers' default strength for the model"
+              ) + f" ({counted}), "
     if scenario.get("inpaint"):
-        return f"inpainting the middle of a synthetic image {at}{counted}"
-    return f"img2img from a synthetic image {at}{counted}" if scenario.get("strength") is not None else ""
+        return f"inpainting the middle of a synthetic image {at}"
+    return f"img2img from a synthetic image {at}" if scenario.get("strength") is not None else ""
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

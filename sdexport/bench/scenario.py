@@ -213,8 +213,12 @@ def load_scenario(path: Path) -> Scenario:
     named = "name" in data
     data.setdefault("name", path.stem)
     for key in ("batch", "steps"):
-        if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
-            data[key] = [data[key]]
+        value = data.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            data[key] = [value]
+        elif key in data and not isinstance(value, list):  # (the schema would say only "not of type 'array'")
+            raise SdexportError(f"{path}: {key} {value!r}: need a whole number or a list of them "
+                                f"({key} = 4 or {key} = [1, 4])")
     known = set(Scenario.__dataclass_fields__)
     unknown = sorted(set(data) - known)
     if unknown:
