@@ -47,6 +47,41 @@ def _size(maximum: int, minimum: int = 1) -> dict[str, Any]:
     """A model size: bounded far above any real model, so nonsense is refused, not allocated."""
     return {"type": "integer", "minimum": minimum, "maximum": maximum}
 
+_NUMBER = {"type": "number"}
+_PARITY = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string"},
+        "reason": {"type": "string"},
+        "tolerance": _NUMBER,
+        "points": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "label": {"type": "string"},
+                    "status": {"type": "string"},
+                    "reason": {"type": "string"},
+                    "outputs": {"type": "object", "additionalProperties": {
+                        "type": "object", "required": ["max_abs", "rel_l2"],
+                        "properties": {"max_abs": _NUMBER, "rel_l2": _NUMBER}}},
+                },
+            },
+        },
+    },
+}
+"""A parity report (``export.verify.ParityReport``, ``onnxruntime_build.parity``): what inspect
+formats as numbers is held to be numbers; other keys are free (written by several versions)."""
+_EXPORT_MEMORY = {
+    "type": "object",
+    "properties": {
+        "machine_memory_mb": _NUMBER,
+        "stages": {"type": "array", "items": {
+            "type": "object", "properties": {"stage": {"type": "string"}, "peak_rss_mb": _NUMBER}}},
+    },
+}
+"""``tools.export_memory`` (``export.memory``): the stages inspect tabulates."""
+
 _ENGINE = {
     "type": "object",
     "required": ["path", "key"],
@@ -70,7 +105,7 @@ _OPTIMIZED = {
         "fusion_model": {"enum": ["clip", "unet", "vae"]},
         "fusions": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
         "left_out": {"type": "object", "additionalProperties": {"type": "string"}},
-        "parity": {"type": "object"},
+        "parity": _PARITY,
         "build_seconds": {"type": "number", "minimum": 0},
         "built": {"type": "string"},
     },
@@ -82,7 +117,7 @@ _COMPONENT = {
     "properties": {
         "onnx": _PATH,
         "dtype": {"enum": ["fp32", "fp16"]},
-        "parity": {"type": "object"},
+        "parity": _PARITY,
         "engines": {"type": "object", "additionalProperties": _ENGINE},
         "optimized": {"type": "object", "propertyNames": {"enum": ["onnxruntime-cuda"]},
                       "additionalProperties": _OPTIMIZED},
@@ -170,7 +205,7 @@ SCHEMA: dict[str, Any] = {
         },
         "profile": _PROFILE,
         "dtype": {"enum": ["fp32", "fp16"]},
-        "tools": {"type": "object"},
+        "tools": {"type": "object", "properties": {"export_memory": _EXPORT_MEMORY}},
         "components": {"type": "object", "minProperties": 1, "additionalProperties": _COMPONENT},
         "files": {"type": "object", "additionalProperties": _SHA256},
         "created": {"type": "string"},

@@ -107,6 +107,17 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
     (lambda d: d.update(format_version=4), ("manifest format 4, written by a newer sdexport than this one (which "
                                            "reads 2 or 3); upgrade sdexport to use it")),
     (lambda d: d.update(format_version="3"), "manifest format '3' is not supported by this sdexport"),
+    (lambda d: d.update(format_version=True), "manifest format True is not supported by this sdexport"),
+    # what inspect formats as numbers (hand-edited: a traceback in inspect's table before)
+    (lambda d: d["components"]["unet"]["parity"].update(tolerance="x"),
+     "components.unet.parity.tolerance: 'x' is not of type 'number'"),
+    (lambda d: d["components"]["unet"]["parity"]["points"][0]["outputs"].update(out_sample={"max_abs": "big", "rel_l2": 0}),
+     "components.unet.parity.points.0.outputs.out_sample.max_abs: 'big' is not of type 'number'"),
+    (lambda d: d["components"]["unet"]["parity"].update(points=[1]), "components.unet.parity.points.0: 1 is not of type"),
+    (lambda d: d["tools"].update(export_memory={"stages": [{"stage": "load", "peak_rss_mb": "x"}]}),
+     "tools.export_memory.stages.0.peak_rss_mb: 'x' is not of type 'number'"),
+    (lambda d: d["tools"].update(export_memory={"machine_memory_mb": "24 GB", "stages": []}),
+     "tools.export_memory.machine_memory_mb: '24 GB' is not of type 'number'"),
     (lambda d: d["model"].update(random_weights="yes"), "model.random_weights: 'yes' is not of type 'boolean'"),
     (lambda d: d["dims"].update(S=10**30), "dims.S: 1000000000000000000000000000000 is greater than the maximum"),
     (lambda d: d["dims"].update(unet_downsample=3), "profile height min 64 is not a multiple of 24"),
