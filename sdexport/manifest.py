@@ -243,12 +243,12 @@ def _format_refusal(directory: Path, data: dict[str, Any]) -> str:
     """One line for a manifest of another format version, with the command that re-exports it."""
     found = data.get("format_version")
     where = directory / MANIFEST_NAME
-    whole = isinstance(found, int) and not isinstance(found, bool)  # (JSON's true is no format 1)
-    if whole and found == 1:
+    whole = found if isinstance(found, int) and not isinstance(found, bool) else None  # (JSON's true is no 1)
+    if whole == 1:
         return (f"{where}: written by an older sdexport (format 1), whose graphs use tensor names optimum and "
                 f"this sdexport do not (VAE latent/image, SDXL's text encoders); re-export it: "
                 f"{reexport_command(directory, data)}")
-    if whole and found > max(FORMAT_VERSIONS):
+    if whole is not None and whole > max(FORMAT_VERSIONS):
         return (f"{where}: manifest format {found}, written by a newer sdexport than this one (which reads "
                 f"{' or '.join(map(str, FORMAT_VERSIONS))}); upgrade sdexport to use it")
     return (f"{where}: manifest format {found!r} is not supported by this sdexport (expects "
