@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,7 +206,9 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
     """
     if not directory.is_dir():
         if directory.exists():
-            hint = f" (the folder that holds it is {directory.parent})" if directory.name == MANIFEST_NAME else ""
+            above = _engine_dir_above(directory)
+            hint = (f" (the folder that holds it is {directory.parent})" if directory.name == MANIFEST_NAME
+                    else f" (it lies in the engine directory {above})" if above else "")
             raise EngineDirError(f"{directory} is a file, not an engine directory{hint}")
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
@@ -215,6 +218,9 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
     if not path.is_file():
         from sdexport.export.adopt import adoption_hint
 
+        above = _engine_dir_above(directory)
+        if above:
+            raise EngineDirError(f"{directory}: a folder inside the engine directory {above}; give that directory")
         hint = adoption_hint(directory) or " (run `sdexport export` again)"
         raise EngineDirError(
             f"{directory}: no {MANIFEST_NAME}; not an sdexport engine directory, or its export did not finish{hint}"
@@ -237,6 +243,15 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
     if verify_files:
         verify_files_of(directory, manifest)
     return manifest
+
+
+def _engine_dir_above(path: Path) -> Path | None:
+    """The engine directory holding ``path`` (a component's folder or file: ``unet``, ``unet/model.onnx``,
+    an optimized graph's ``unet/onnxruntime-cuda/model.onnx``), told by its manifest; None elsewhere."""
+    for parent in list(path.absolute().parents)[:3]:
+        if (parent / MANIFEST_NAME).is_file():
+            return parent if path.is_absolute() else Path(os.path.relpath(parent))
+    return None
 
 
 def _format_refusal(directory: Path, data: dict[str, Any]) -> str:

@@ -321,6 +321,19 @@ def test_a_file_given_as_engine_directory_is_called_a_file(tiny_engine_dir, tmp_
     assert ("(the folder that holds it is" in err) == (path == "manifest.json")
 
 
+@pytest.mark.parametrize("inside", ["unet", "tokenizer", "unet/model.onnx"])
+def test_a_path_inside_an_engine_directory_names_the_directory(tiny_engine_dir, tmp_path, capsys, monkeypatch, inside):
+    """``inspect .`` in a component's folder was told the export did not finish."""
+    monkeypatch.chdir(tiny_engine_dir / "unet")
+    for given in (tiny_engine_dir / inside, Path("..") / inside):
+        for command in (["run", given, "-p", "x", "-o", tmp_path / "x.png"], ["inspect", given]):
+            assert run_cli(*command) == 2
+            err = " ".join(capsys.readouterr().err.split())
+            directory = tiny_engine_dir if given.is_absolute() else Path("..")
+            assert (f"(it lies in the engine directory {directory})" if inside.endswith(".onnx") else
+                    f"{given}: a folder inside the engine directory {directory}; give that directory") in err, err
+
+
 def test_an_image_is_never_written_into_an_engine_directory(tiny_engine_dir, no_engines, capsys):
     """One more file makes the directory no longer provably sdexport's (export --force, the builds)."""
     for inside in ("unet/x.png", "x.webp"):
