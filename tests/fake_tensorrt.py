@@ -132,6 +132,8 @@ class Capture:
     """The CUDA-graph capture in progress, if any (set by the fake ``torch.cuda.graph``)."""
 
     active: list[Callable[[], None]] | None = None
+    modes: list[str] = []
+    """Each capture's ``capture_error_mode``."""
 
 
 class FakeEngine:
@@ -297,10 +299,15 @@ class FakeRefitter:
 
 class FakeWeights:
     def __init__(self, array: np.ndarray) -> None:
-        self.array = array
-        # the binding's label: a numpy type TensorRT does not know is taken for float32 (same count)
+        # as the binding (utils.cpp, weights_numpy_constructor in 10.1 to 11.1): a numpy type TensorRT
+        # does not know, or an array that is not C-contiguous, raises ValueError
         known = (np.float16, np.float32, np.int8, np.int32, np.int64, np.uint8, np.bool_)
-        self.dtype = array.dtype if array.dtype in known else np.dtype(np.float32)
+        if array.dtype not in known:
+            raise ValueError(f"Could not implicitly convert NumPy data type: {array.dtype} to TensorRT.")
+        if not array.flags.c_contiguous:
+            raise ValueError("Weights must be contiguous in memory")
+        self.array = array
+        self.dtype = array.dtype
 
 
 def make_tensorrt(version: str) -> types.ModuleType:
@@ -354,7 +361,8 @@ class FakeGraph:
 
 
 @contextlib.contextmanager
-def _fake_capture(graph: FakeGraph, stream: Any = None) -> Iterator[None]:
+def _fake_capture(graph: FakeGraph, stream: Any = None, capture_error_mode: str = "global") -> Iterator[None]:
+    Capture.modes.append(capture_error_mode)
     Capture.active = graph.recorded
     try:
         yield

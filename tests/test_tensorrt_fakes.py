@@ -679,8 +679,11 @@ def test_shapes_below_the_plan_are_refused_before_running_too(engine_factory):
 def test_cuda_graph_is_captured_on_first_use_and_replayed(engine_factory):
     engine = engine_factory(cuda_graph=True)
     plan = engine.engine
+    fake_tensorrt.Capture.modes.clear()
     first = engine(_feed(t=1.0))["out_sample"].clone()
     assert plan.executions == 1  # the warm-up ran; the capture recorded without running
+    # a capture does not forbid other threads' CUDA calls (their own pipelines: README, "a pipeline per thread")
+    assert fake_tensorrt.Capture.modes == ["thread_local"]
     (small,) = engine._graphs.values()
     second = engine(_feed(t=2.0))["out_sample"]
     assert small.graph.replays == 1 and plan.executions == 2
@@ -733,7 +736,7 @@ def test_a_failed_capture_frees_its_context_after_the_stream_is_done(engine_fact
     """The warm-up run before a capture is queued on the context made for it: a capture that fails
     drops that context only after the stream is done (torch's capture synchronises before it
     begins, so with real torch nothing is left by then; the order holds either way)."""
-    def failing(graph, stream=None):
+    def failing(graph, stream=None, capture_error_mode="global"):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     engine = engine_factory(cuda_graph=True)
@@ -844,6 +847,27 @@ def test_a_failed_run_gives_tensorrts_reason_which_its_logger_records_not_prints
     engine.close()
 
 
+def test_a_reason_is_its_own_threads(trt):
+    """One pipeline per thread (README): another thread's call forgetting or reporting its own
+    error between this thread's failing call and its message neither erases nor replaces its reason."""
+    import threading
+
+    from sdexport.runtime import tensorrt_backend
+
+    tensorrt_backend._runtime()
+    logger = tensorrt_backend._Logs.logger
+    logger.log(fake_tensorrt.ILogger.Severity.ERROR, "mine")
+
+    def other_pipeline() -> None:
+        tensorrt_backend._forget()
+        logger.log(fake_tensorrt.ILogger.Severity.ERROR, "theirs")
+
+    other = threading.Thread(target=other_pipeline)
+    other.start()
+    other.join()
+    assert tensorrt_backend._last_error() == "mine" and tensorrt_backend._last_error("none") == "none"
+
+
 def test_an_unclosed_engine_is_freed_by_reference_counting(engine_factory, trt):
     from sdexport.runtime.tensorrt_backend import SharedDeviceMemory, TensorRTEngine
 
@@ -912,7 +936,7 @@ def test_refit_refusals_say_what_to_do(trt, logger, tmp_path):
         refit(engine, {"kept": np.zeros((3, 3), np.float16)}, source)
     with pytest.raises(SdexportError, match=r"refused the new kept \(float32, \[2, 2\]\)"):
         refit(engine, {"kept": np.zeros((2, 2), np.float32)}, source)  # TensorRT checks the type, not the shape
-    # an array of a type TensorRT's binding does not know would be labelled float32 and pass its check
+    # an array of a type TensorRT's binding does not know: its bare ValueError, said in sdexport's words
     with pytest.raises(SdexportError, match=r"the new kept is float64, which a refit cannot give TensorRT"):
         engine.weights["kept"] = np.zeros((2, 2), np.float32)
         refit(engine, {"kept": np.zeros((2, 2), np.float64)}, source)

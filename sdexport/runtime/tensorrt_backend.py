@@ -19,6 +19,7 @@ inside functions: importing this module works without it (``require_tensorrt`` s
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Mapping
@@ -78,12 +79,15 @@ class _Logs:
     Runtime, Builder and Refitter has its own; the builds' go to polygraphy's).
 
     The logger records the last error, not prints it, so that each refusal says TensorRT's reason in
-    its own one line (``_reason``); the runtime lives as long as the process, hence longer than
-    every engine it deserializes.
+    its own one line (``_reason``): per thread (TensorRT logs on the calling thread), so that one
+    pipeline per thread (README) never takes another's reason. The runtime lives as long as the
+    process, hence longer than every engine it deserializes.
     """
 
     logger: Any = None
     runtime: Any = None
+    said = threading.local()
+    """``error``: the first line of the last error TensorRT reported on this thread."""
 
 
 def _runtime() -> trt.Runtime:
@@ -94,12 +98,11 @@ def _runtime() -> trt.Runtime:
 
         class Logger(trt.ILogger):
             def __init__(self) -> None:
-                trt.ILogger.__init__(self)
-                self.last_error = ""
+                trt.ILogger.__init__(self)  # (as NVIDIA's samples: pybind11 wants the base's init)
 
             def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
                 if severity in (trt.ILogger.Severity.ERROR, trt.ILogger.Severity.INTERNAL_ERROR):
-                    self.last_error = (msg.strip().splitlines() or [""])[0]
+                    _Logs.said.error = (msg.strip().splitlines() or [""])[0]
                 elif severity == trt.ILogger.Severity.WARNING:
                     from rich.markup import escape
 
@@ -115,16 +118,14 @@ def _runtime() -> trt.Runtime:
 def _forget() -> None:
     """Forget what TensorRT reported before the checked call that follows (an unchecked call's error,
     or one a caller handled), so that its refusal's ``_reason`` is its own."""
-    if getattr(_Logs.logger, "last_error", ""):
-        _Logs.logger.last_error = ""
+    _Logs.said.error = ""
 
 
 def _last_error(default: str = "") -> str:
     """The first line of the last error TensorRT reported to the runtime's logger since ``_forget``,
     which it then forgets too, else ``default``."""
-    said = getattr(_Logs.logger, "last_error", "")
-    if said:
-        _Logs.logger.last_error = ""
+    said = getattr(_Logs.said, "error", "")
+    _Logs.said.error = ""
     return said or default
 
 
@@ -502,8 +503,8 @@ class TensorRTEngine:
         self._set_shapes(context, shapes)
         self._execute(context)
         captured = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(captured, stream=self.memory.stream):
+        try:  # thread_local (as trtexec captures): another thread's pipeline may allocate meanwhile
+            with torch.cuda.graph(captured, stream=self.memory.stream, capture_error_mode="thread_local"):
                 self._execute(context)
         except RuntimeError as exc:  # e.g. a plan with data-dependent shapes: run without graphs
             from sdexport.console import console
@@ -581,9 +582,11 @@ def refit(engine: trt.ICudaEngine, weights: dict[str, Any], source: Path,
 
 
 def _weights(trt: Any, value: Any, source: Path, name: str) -> Any:
-    """``trt.Weights`` over ``value``, an fp16 or fp32 array: TensorRT's binding labels an array of a
-    type it does not know (float64, ml_dtypes' bfloat16) as float32 of the same count
-    (``pyFoundationalTypes.cpp``), which the refitter's type check would pass and read as other numbers."""
+    """``trt.Weights`` over ``value``, an fp16 or fp32 array: TensorRT's binding raises a bare
+    ValueError ("Could not implicitly convert NumPy data type") for a type it does not know
+    (float64, ml_dtypes' bfloat16; ``utils.cpp``), and takes others (int8, int32) as such, which the
+    refitter would refuse for a float weight with its own words. The caller passes a contiguous
+    array (the binding refuses others too)."""
     if str(value.dtype) not in ("float16", "float32"):
         raise SdexportError(f"{source}: the new {name} is {value.dtype}, which a refit cannot give TensorRT "
                             "(float16 or float32 only); fuse the LoRA at export and build again")
