@@ -178,16 +178,20 @@ class FakeEngine:
         return [Dims(shape) for shape in self.ranges[name]]
 
     def get_tensor_shape(self, name: str) -> Dims:
-        """As built: -1 where the profile lets an axis vary (an input missing from ``ranges`` is a
-        static scalar: the timestep)."""
+        """As built: -1 on every axis the ONNX graph declares dynamic (the U-Net spec's), even where
+        the profile's min and max are one size (a ``--static`` plan, whose shapes are then read from
+        its profile); an input missing from ``ranges`` is a static scalar: the timestep."""
+        from sdexport.specs import UNET
+
         if name not in dict(self.io):
             return Dims(None)
         if name == "out_sample":
             name = "sample"
         if name not in self.ranges:
             return Dims(())
+        dynamic = next(t.dynamic_axes for t in UNET.inputs if t.name == name)
         lo, _, hi = self.ranges[name]
-        return Dims(tuple(a if a == b else -1 for a, b in zip(lo, hi)))
+        return Dims(tuple(-1 if i in dynamic or a != b else a for i, (a, b) in enumerate(zip(lo, hi))))
 
     def create_execution_context(self, strategy: AllocationStrategy) -> FakeContext:
         assert strategy == AllocationStrategy.USER_MANAGED

@@ -764,6 +764,16 @@ def test_the_least_recently_used_graph_is_the_one_evicted(engine_factory, monkey
     assert [shapes[sample] for shapes in engine._graphs] == [(2, 4, 8, 8), (3, 4, 12, 12)]
 
 
+def test_a_static_plans_shapes_are_read_from_its_profile(engine_factory):
+    """TensorRT keeps -1 on the graph's dynamic axes even where a profile fixes them (``--static``):
+    the one shape, which loading captures ahead of the first call, comes from the profile."""
+    one = {name: (lo, lo, lo) for name, (lo, _, _) in RANGES.items()}
+    engine = engine_factory(ranges=one)
+    assert -1 in tuple(engine.engine.get_tensor_shape("sample"))
+    assert engine.ranges == {**one, "timestep": ((), (), ())}
+    assert all(lo == hi for lo, _, hi in engine.ranges.values())  # (load_engines' test for a capture at load)
+
+
 def test_capture_ahead_of_the_first_call(engine_factory):
     engine = engine_factory(cuda_graph=True)
     engine.capture({"sample": (2, 4, 8, 8), "timestep": (), "encoder_hidden_states": (2, 8, 16)})
