@@ -631,6 +631,25 @@ def run(
               hashed=manifest.files)
 
 
+def _numbered_after(output: Path, count: int) -> list[Path]:
+    """``out-N.png`` files from ``N = count`` on (up to the first gap) beside a batch's ``out-0.png``..:
+    an earlier, larger batch's, which a reader of the folder would take for this run's."""
+    import itertools
+    import os
+
+    from sdexport.runtime.images import numbered_path
+
+    if count == 1:
+        return []
+    paths = (numbered_path(output, i) for i in itertools.count(count))
+    return list(itertools.takewhile(os.path.lexists, paths))
+
+
+def _listed(paths: list[Path]) -> str:
+    """A few paths, the first and last of many."""
+    return ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]} ({len(paths)} files)"
+
+
 def _written(paths: list[Path], count: int) -> str:
     """What a run stopped now leaves: the images written, the first and last of a long run."""
     names = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]}"
@@ -893,6 +912,11 @@ def _generate(
             save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image, on_written=wrote)
         saved += part.batch
         console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
+    older = _numbered_after(output, len(paths))
+    if older:
+        console.print(f"[yellow]note:[/] {escape(_listed(older))} (numbered past this run's {len(paths)} "
+                      f"image{'s' if len(paths) != 1 else ''}) {'is' if len(older) == 1 else 'are'} not this run's: "
+                      "left as found", soft_wrap=True)
     if pipeline.info.get("random_weights"):
         console.print("[yellow]note:[/] random weights: the images are noise-like by design")
 

@@ -87,6 +87,19 @@ def test_a_seed_past_2_to_the_32_says_it_draws_its_low_bits_noise(tiny_engine_di
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "one.png")), np.asarray(Image.open(tmp_path / "high.png")))
 
 
+def test_images_numbered_past_a_batch_are_named_as_not_this_runs(tiny_engine_dir, tmp_path, capsys):
+    """An earlier batch of 4 left out-2.png and out-3.png beside this batch of 2: kept, and named."""
+    for name in ("out-2.png", "out-3.png", "out-5.png"):
+        (tmp_path / name).write_bytes(b"an earlier run's")
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "--batch", "2", "-o", tmp_path / "out.png") == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"note: {tmp_path / 'out-2.png'}, {tmp_path / 'out-3.png'} (numbered past this run's 2 images) are not "
+            "this run's: left as found") in said  # (up to the first gap)
+    assert (tmp_path / "out-3.png").read_bytes() == b"an earlier run's"
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "-o", tmp_path / "out.png") == 0
+    assert "not this run's" not in capsys.readouterr().err  # one image is out.png: no numbering to mistake
+
+
 def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_engine_dir, tmp_path, no_engines, capsys):
     """DPM++ 2M with 999 steps reaches timestep 1000 (past the 1000 trained ones) and returns NaN."""
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "999", "--scheduler", "dpmpp_2m",

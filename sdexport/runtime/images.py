@@ -52,7 +52,12 @@ def output_paths(output: Path, count: int) -> list[Path]:
     """``out.png`` for one image, ``out-0.png``, ``out-1.png``, ... for a batch."""
     if count == 1:
         return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(count)]
+    return [numbered_path(output, i) for i in range(count)]
+
+
+def numbered_path(output: Path, i: int) -> Path:
+    """A batch's ``i``-th image: ``out-{i}.png``."""
+    return output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}")
 
 
 def refuse_a_folder_name(given: str | os.PathLike[str], label: str) -> None:
