@@ -1199,7 +1199,7 @@ def serve(
     max_queue_delay_ms: Annotated[float, typer.Option(help=_DELAY_HELP)] = 100.0,
     max_queue_size: Annotated[int, typer.Option(help=_QUEUE_HELP)] = 0,
     max_steps: Annotated[int, typer.Option(help=_MAX_STEPS_HELP)] = 200,
-    drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C or SIGTERM, seconds to let requests in flight finish (serve exits non-zero where some did not).")] = 30,
+    drain_timeout: Annotated[int, typer.Option(help="On Ctrl-C, SIGTERM or SIGHUP, seconds to let requests in flight finish (serve exits non-zero where some did not).")] = 30,
     startup_timeout: Annotated[int, typer.Option(help="Seconds to wait for the engines to load before giving up.")] = 600,
     log_file: Annotated[Path | None, typer.Option(parser=_path, help="Write Triton's log (and the model's) to this file (default: a temporary file, removed on exit, kept and named if the server failed; with -v it is shown here instead).")] = None,
     refiner: Annotated[Path | None, typer.Option(parser=_engine_path, help=_REFINER_HELP)] = None,

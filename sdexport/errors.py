@@ -58,9 +58,14 @@ class Terminated(KeyboardInterrupt):
     type, so that what stops a long job can say which of the two stopped it."""
 
 
+class HungUp(KeyboardInterrupt):
+    """SIGHUP (the terminal closed, an SSH session dropped), raised as SIGTERM is: the job cleans up
+    and its stop is named. Under ``nohup`` (SIGHUP ignored) it never comes (``stopping.listening``)."""
+
+
 def interruption_name(exc: BaseException) -> str:
-    """What stopped the job, in the words a report uses: "SIGTERM" or "Ctrl-C"."""
-    return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+    """What stopped the job, in the words a report uses: "SIGTERM", "SIGHUP" or "Ctrl-C"."""
+    return "SIGTERM" if isinstance(exc, Terminated) else "SIGHUP" if isinstance(exc, HungUp) else "Ctrl-C"
 
 
 def a_class(name: object) -> str:

@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM as a request to stop that cannot be lost on the way.
+"""Ctrl-C, SIGTERM and SIGHUP as a request to stop that cannot be lost on the way.
 
 Python runs a signal handler between two bytecodes of whatever the main thread runs at that moment.
 When that is a ``__del__`` method or a weak-reference callback (torch, diffusers and onnx run
@@ -39,7 +39,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from sdexport.errors import Terminated
+from sdexport.errors import HungUp, Terminated
 
 _requested: int | None = None
 """The signal of a request not yet acted on (the first one), or None."""
@@ -48,9 +48,29 @@ _kept: dict[str, str] | None = None
 """What the command has finished so far, by topic (``keep``); None while not ``listening``."""
 
 
+_HANGUP: int | None = getattr(signal, "SIGHUP", None)
+"""SIGHUP where there is one (not on Windows)."""
+
+
 def stop_for(number: int) -> KeyboardInterrupt:
-    """The exception signal ``number`` stops a job with: ``Terminated`` for SIGTERM, else KeyboardInterrupt."""
-    return Terminated() if number == signal.SIGTERM else KeyboardInterrupt()
+    """The exception signal ``number`` stops a job with: ``Terminated`` for SIGTERM, ``HungUp`` for
+    SIGHUP, else KeyboardInterrupt."""
+    return Terminated() if number == signal.SIGTERM else HungUp() if number == _HANGUP else KeyboardInterrupt()
+
+
+def _taken_over(number: int) -> bool:
+    """Whether ``listening`` and ``finished`` take ``number`` over: SIGTERM always; SIGINT only
+    from Python's own handler and SIGHUP only from the default (the process ending): one that is
+    ignored (a script's background job, ``nohup``) stays ignored, and another program's handler
+    (sdexport called as a library) stays that program's."""
+    handler = signal.getsignal(number)
+    if number == signal.SIGINT:
+        return handler is signal.default_int_handler
+    return number == signal.SIGTERM or handler is signal.SIG_DFL
+
+
+_STOPS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *([_HANGUP] if _HANGUP is not None else []))
+"""The signals that stop a command."""
 
 
 def _record_and_raise(number: int, frame: object) -> None:
@@ -62,13 +82,14 @@ def _record_and_raise(number: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def listening() -> Iterator[None]:
-    """Handle SIGTERM (a CI timeout, ``kill``, a container stop) like Ctrl-C, and record both, for the
-    block; the previous handlers come back after it, with no request left recorded.
+    """Handle SIGTERM (a CI timeout, ``kill``, a container stop) and SIGHUP (a closed terminal, a
+    dropped SSH session) like Ctrl-C, and record them, for the block; the previous handlers come
+    back after it, with no request left recorded.
 
-    SIGTERM unwinds like Ctrl-C, so staging folders and half-written files are removed on the way out
-    rather than left for the next run to clean. SIGINT is taken over only where Python's own handler
-    has it: one that is ignored (a script's background job) stays ignored, and another program's
-    handler (sdexport called as a library) stays that program's. A stop that Python drops (raised in
+    They unwind like Ctrl-C, so staging folders and half-written files are removed on the way out
+    rather than left for the next run to clean, and a benchmark writes what it measured. SIGINT and
+    SIGHUP are taken over only as ``_taken_over`` says (``nohup``'s ignored SIGHUP stays ignored).
+    A stop that Python drops (raised in
     a ``__del__``) is recorded, so its "Exception ignored in" traceback is not printed: the command
     ends in its one "interrupted" line (``_quiet_dropped_stops``).
     """
@@ -78,13 +99,11 @@ def listening() -> Iterator[None]:
         return
     _requested, _kept = None, {}
     previous: dict[int, Any] = {}
-    numbers: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)
     hook = sys.unraisablehook
     try:
-        for number in numbers:
-            if number == signal.SIGINT and signal.getsignal(number) is not signal.default_int_handler:
-                continue
-            previous[number] = signal.signal(number, _record_and_raise)
+        for number in _STOPS:
+            if _taken_over(number):
+                previous[number] = signal.signal(number, _record_and_raise)
         sys.unraisablehook = _quiet_dropped_stops(hook)
         yield
     finally:
@@ -104,19 +123,19 @@ def _quiet_dropped_stops(hook: Any) -> Any:
 
 
 def finished() -> None:
-    """The command is over: from now on Ctrl-C and SIGTERM are ignored, and the process ends with
+    """The command is over: from now on Ctrl-C, SIGTERM and SIGHUP are ignored, and the process ends with
     the command's exit status once Python's teardown does. That teardown, after
     torch and ONNX Runtime have loaded, takes most of a second, and a stop delivered in it ended a
     run whose images were all written as killed (143) or interrupted (130), with nothing said. A
     Python handler (which ended the process at once) did not last: Python puts back the default
     handlers after the exit hooks, before the modules are torn down; an ignored signal stays
     ignored. For the console script alone (``cli.entry``): a program that calls ``main`` goes on
-    after it, with its own handlers. SIGINT is taken only from Python's own handler, as
-    ``listening`` takes it. The price: a teardown hung inside a library no longer ends at SIGTERM;
+    after it, with its own handlers; an ignored signal (``nohup``'s SIGHUP) or another program's handler
+    is left as it is. The price: a teardown hung inside a library no longer ends at SIGTERM;
     SIGKILL, which CI sends after its grace, still ends it."""
     if not _in_main_thread():
         return
-    for number in (signal.SIGTERM, signal.SIGINT):
+    for number in _STOPS:
         if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(number, signal.SIG_IGN)
 

@@ -228,10 +228,12 @@ def test_a_file_size_limit_is_said_as_such(tmp_path: Path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def _export_process(target: Path, *extra: str) -> subprocess.Popen[str]:
+def _export_process(target: Path, *extra: str, nohup: bool = False) -> subprocess.Popen[str]:
+    """``nohup``: started with SIGHUP ignored, as ``nohup`` starts a command."""
     return subprocess.Popen(
         [sys.executable, "-m", "sdexport", "export", "tiny", "-o", str(target), *QUICK, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None,
     )
 
 
@@ -312,19 +314,31 @@ def test_build_and_export_share_one_lock_through_a_link(engine_copy: Path, tmp_p
     assert "another sdexport process" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGHUP], ids=["SIGKILL", "SIGTERM", "SIGHUP"])
 def test_a_killed_export_is_cleaned_up_by_the_next(tmp_path: Path, sig: int):
+    """SIGHUP (a closed terminal, a dropped SSH session) unwinds as SIGTERM does: it left the
+    staging folder and the lock for the next export, as SIGKILL does."""
     target = tmp_path / "tiny"
     victim = _export_process(target)
     _wait_for(lambda: any(tmp_path.glob(".tiny.partial-*")) or victim.poll() is not None)
     victim.send_signal(sig)
-    victim.wait(timeout=60)
+    assert victim.wait(timeout=60) == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     assert not target.exists()
-    if sig == signal.SIGTERM:  # unwinds: removes its own staging folder
-        assert hidden_siblings(target) == []
+    if sig != signal.SIGKILL:  # unwinds: removes its own staging folder
+        assert hidden_siblings(target) == [] and "interrupted" in victim.communicate()[1]
     else:
         assert any(name.startswith(".tiny.partial-") for name in hidden_siblings(target))
     assert run_cli("export", "tiny", "-o", target, *QUICK) == 0
+    assert (target / "manifest.json").is_file() and hidden_siblings(target) == []
+
+
+def test_an_export_under_nohup_goes_on_after_a_hangup(tmp_path: Path):
+    """nohup's ignored SIGHUP stays ignored: the export finishes."""
+    target = tmp_path / "tiny"
+    victim = _export_process(target, nohup=True)
+    _wait_for(lambda: any(tmp_path.glob(".tiny.partial-*")) or victim.poll() is not None)
+    victim.send_signal(signal.SIGHUP)
+    assert victim.wait(timeout=300) == 0, victim.communicate()[1][-2000:]
     assert (target / "manifest.json").is_file() and hidden_siblings(target) == []
 
 

@@ -15,14 +15,15 @@ import pytest
 from conftest import drop_a_signal, hidden_siblings, run_cli
 from sdexport import stopping
 from sdexport.atomic import write_atomic
-from sdexport.errors import Terminated
+from sdexport.errors import HungUp, Terminated, interruption_name
 from sdexport.export.plan import ENGINE_DIR
 from sdexport.output_dir import claim
 
 QUICK = ("--components", "unet", "--verify", "none")
 
 
-@pytest.mark.parametrize("number, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+@pytest.mark.parametrize("number, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt),
+                                            (signal.SIGHUP, HungUp)])
 def test_a_dropped_stop_is_raised_by_the_next_check_once(number, raised):
     # Ctrl-C as in a terminal, whatever this worker inherited (a run in the background has SIGINT
     # ignored, and listening leaves an ignored SIGINT alone)
@@ -115,6 +116,22 @@ def test_listening_gives_the_handlers_back_and_leaves_an_ignored_sigint_ignored(
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before[0])
+
+
+def test_sighup_is_taken_from_its_default_only():
+    """A closed terminal stops the command as SIGTERM does (named SIGHUP); under nohup (ignored) or
+    another program's handler it is left alone, and given back after the command."""
+    before = signal.getsignal(signal.SIGHUP)
+    mine = lambda number, frame: None  # noqa: E731
+    try:
+        for inherited, taken in ((signal.SIG_DFL, True), (signal.SIG_IGN, False), (mine, False)):
+            signal.signal(signal.SIGHUP, inherited)
+            with stopping.listening():
+                assert (signal.getsignal(signal.SIGHUP) is not inherited) == taken
+            assert signal.getsignal(signal.SIGHUP) is inherited
+        assert interruption_name(HungUp()) == "SIGHUP"
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_no_output_goes_in_place_after_a_dropped_stop(tmp_path: Path):
@@ -210,8 +227,8 @@ def test_a_stop_during_the_teardown_after_the_command_keeps_its_exit_status(numb
 
 
 def test_the_teardown_guard_leaves_an_ignored_sigint_ignored_and_others_handlers_alone():
-    previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    previous = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:  # (SIGHUP too: finished() ignores it, and an ignored SIGHUP is inherited by later tests' commands)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         mine = lambda number, frame: None  # noqa: E731  (a program's own handler)
         signal.signal(signal.SIGTERM, mine)
