@@ -234,6 +234,12 @@ def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_p
     assert run_cli("run", str(tiny_engine_dir), "-p", "a (red:1.2) [fox]", "--emphasis", "original", "--steps", "1",
                    "-o", str(tmp_path / "b.png")) == 0
     assert "A1111" not in capsys.readouterr().err
+    for emphasis in ("none", "original"):  # an extra-network tag: a file A1111 loads, words here
+        assert run_cli("run", str(tiny_engine_dir), "-p", "masterpiece, <lora:add_detail:0.8>, a fox", "-n",
+                       "<LyCO:bad:1>", "--emphasis", emphasis, "--steps", "1", "-o", str(tmp_path / "c.png")) == 0
+        assert ("--prompt and --negative-prompt: <lora:add_detail:0.8> is A1111's tag for a file it loads, read here "
+                "as words: give the file with --lora FILE:SCALE and leave the tag out") in " ".join(
+                    capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize(("given", "message"), [

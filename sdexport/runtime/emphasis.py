@@ -163,6 +163,16 @@ _UNREAD = {
 sdexport reads it instead (``request.default_notes`` says so)."""
 
 
+_EXTRA_NETWORK = re.compile(r"<(?:lora|lyco|hypernet):[^<>]+>", re.IGNORECASE)
+"""A1111's extra-network tags (``<lora:NAME:0.8>``), which load a file rather than weigh words."""
+
+
+def extra_network_tags(text: str) -> list[str]:
+    """The ``<lora:...>`` (``lyco``, ``hypernet``) tags in ``text``, which every mode reads as words:
+    an image's A1111 parameters that carry one name a file the run never loaded."""
+    return _EXTRA_NETWORK.findall(text)
+
+
 def unread_syntax(text: str) -> dict[str, str]:
     """A1111's features beyond emphasis that ``text`` seems to use (a bracket holding ``:NUMBER`` or
     ``|``, the word ``AND``), each with how sdexport reads it instead."""

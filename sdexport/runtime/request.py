@@ -1089,8 +1089,9 @@ def _check_emphasis(request: GenerationRequest, zeroed_negatives: bool) -> None:
 def default_notes(request: GenerationRequest, family: str, zeroed_negatives: bool = False) -> list[str]:
     """Defaults that change what was asked for, said out loud: an inpainting strength below 1 (SDXL's
     0.9999, diffusers') runs fewer steps than asked for; A1111's emphasis syntax, read as text, and
-    its syntax beyond emphasis (prompt editing, alternation, AND), which no mode reads as A1111 does."""
-    from sdexport.runtime.emphasis import unread_syntax, uses_syntax
+    its syntax beyond emphasis (prompt editing, alternation, AND, ``<lora:...>`` tags), which no mode
+    reads as A1111 does (``run``'s notes)."""
+    from sdexport.runtime.emphasis import extra_network_tags, unread_syntax, uses_syntax
 
     notes = []
     strength = request.effective_strength(family) if request.task == "inpaint" and request.strength is None else 1
@@ -1112,6 +1113,11 @@ def default_notes(request: GenerationRequest, family: str, zeroed_negatives: boo
                 unread.setdefault(feature, []).append(name)
         notes += [f"{' and '.join(setting(name) for name in users)}: A1111's {feature} is not read as A1111 reads "
                   f"it: sdexport reads {how}" for (feature, how), users in unread.items()]
+    tagged = {name: tags for name in names if (tags := [t for text in getattr(request, name) for t in extra_network_tags(text)])}
+    if tagged:
+        first = next(iter(tagged.values()))[0]
+        notes.append(f"{' and '.join(map(setting, tagged))}: {first} is A1111's tag for a file it loads, read here as "
+                     "words: give the file with --lora FILE:SCALE and leave the tag out")
     return notes
 
 
