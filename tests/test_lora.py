@@ -436,6 +436,10 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
     ({}, {"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"(": 3}},
      "its metadata's pattern '(' is not a regular expression"),
     ({"alpha": (2,)}, None, "to_q.alpha holds 2 values where an alpha is one number"),
+    # a config whose rank is not the tensors' (diffusers' load fails on the shapes): alpha / r would scale it wrong
+    ({}, {"unet.r": RANK // 2, "unet.lora_alpha": 4}, (f"to_q has rank {RANK}, and the file's LoRA config (metadata) "
+                                                      f"says {RANK // 2}: a damaged or hand-edited file")),
+    ({}, {"unet.r": RANK, "unet.lora_alpha": 4, "unet.rank_pattern": {"to_q": RANK * 2}}, f"says {RANK * 2}: a damaged"),
 ])
 def test_a_rank_or_alpha_that_gives_no_scale_is_refused_in_one_line(tmp_path, tensors, metadata, refusal):
     """Each raised ZeroDivisionError, ValueError or re.error from the middle of read_updates."""

@@ -242,6 +242,10 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
             if not (_number(rank) and rank > 0 and _number(alpha)):  # (a rank of 0 divided by zero)
                 raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has rank {rank!r} and alpha {alpha!r}; "
                                     "a LoRA's rank is a positive number, its alpha a number")
+            if rank != down.shape[0]:  # (diffusers' load fails on the shapes; read, alpha / r would scale it wrong)
+                raise SdexportError(f"--lora {lora.path}: {prefix}.{module} has rank {down.shape[0]}, and the file's "
+                                    f"LoRA config (metadata) says {rank!r}: a damaged or hand-edited file, which "
+                                    "diffusers refuses too")
             scaling = float(alpha) / (math.sqrt(rank) if config.get("use_rslora") else rank)
             # (checked here, as float32: torch has no isfinite for float8 files; NaN images came after the whole run)
             if not (math.isfinite(scaling) and bool(down.float().isfinite().all()) and bool(up.float().isfinite().all())):
