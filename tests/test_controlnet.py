@@ -859,7 +859,7 @@ def test_bench_runs_a_controlnet_scenario(tmp_path):
     # of (tests/test_bench_compare.py); that a changed key exports again: tests/test_bench.py.
 
 
-def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
+def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path, capsys):
     """A diffusers ControlNet pipeline directory (here: saved by sdexport, loaded back by diffusers
     itself, MultiControlNetModel and all) is exported with its own ControlNets (only they are
     exported here; such a directory's U-Net, with their residuals, in the inpainting test below)."""
@@ -877,6 +877,14 @@ def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path):
     assert run_cli("export", tmp_path / "pipe", "-o", tmp_path / "one", "--verify", "none",
                    "--controlnet", tmp_path / "pipe" / "controlnet_1", "--components", "controlnet") == 0
     assert load_manifest(tmp_path / "one").controlnets == ["controlnet"]
+    # the pipeline directory as --controlnet (one ControlNet): refused with each folder's flag, not cut to
+    # the first (the second was dropped without a word), as a MultiAdapter is
+    capsys.readouterr()
+    assert run_cli("export", "tiny", "-o", tmp_path / "cut", "--verify", "none", "--controlnet", tmp_path / "pipe") == 2
+    err = capsys.readouterr().err
+    assert ("a MultiControlNetModel (controlnet/, controlnet_1/); pass its folders one each, in order (--controlnet "
+            f"{tmp_path / 'pipe' / 'controlnet'} --controlnet {tmp_path / 'pipe' / 'controlnet_1'}), or the pipeline "
+            "directory as the model") in " ".join(err.split()) and not (tmp_path / "cut").exists()
 
 
 @pytest.mark.parametrize(("name", "pipeline", "strength", "scale"), [

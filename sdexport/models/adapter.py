@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, a_class, one_line
+from sdexport.models.outline import pipeline_adapters
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
 from sdexport.setting_names import option, option_given
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from sdexport.models.outline import ModelOutline
 
 ADAPTER_CLASS = "T2IAdapter"
-ADAPTER_PART = PartKind("--adapter", "T2I-Adapter", "adapter", ADAPTER_CLASS)
+ADAPTER_PART = PartKind("--adapter", "T2I-Adapter", "adapter", ADAPTER_CLASS, "MultiAdapter", pipeline_adapters)
 ADAPTER_SEED_OFFSET = 5
 """A preset adapter draws its weights from ``seed * SEED_STRIDE + 5`` (the i-th of several from
 ``+ 5 + i``): the ControlNets' slots, which no export shares with an adapter."""
@@ -86,21 +87,7 @@ def resolve_adapter(argument: str, kind: str | None = None) -> AdapterSource:
     """``--adapter`` as a preset name or a T2I-Adapter directory (refused in one line otherwise;
     ``resolve_part``). An adapter pipeline's directory holding a ``MultiAdapter`` is refused: one
     ``--adapter`` is one adapter, and taking the first would drop the others without a word."""
-    return AdapterSource(argument, *resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS,
-                                                 in_pipeline=_the_one_adapter_of))
-
-
-def _the_one_adapter_of(pipeline: Path) -> Path:
-    from sdexport.models.outline import pipeline_adapters
-
-    found = pipeline_adapters(pipeline)
-    if len(found) > 1:
-        flag = option("--adapter")
-        each = (" ".join(f"{flag} {p}" for p in found) if flag.startswith("--") else  # a scenario's list
-                f"{flag} = [{', '.join(repr(str(p)) for p in found)}]")
-        raise ModelLoadError(f"{pipeline}: a MultiAdapter ({', '.join(p.name + '/' for p in found)}); pass its "
-                             f"folders one each, in order ({each}), or the pipeline directory as the model")
-    return found[0] if found else pipeline
+    return AdapterSource(argument, *resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS))
 
 
 def preset_config(unet_config: dict[str, Any], vae_scale_factor: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import ModelLoadError, a_class, one_line
-from sdexport.models.outline import halvings
+from sdexport.models.outline import halvings, pipeline_controlnets
 from sdexport.models.part_sources import PartKind, part_record, resolve_part
 from sdexport.setting_names import option, option_given
 
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 
 CONTROLNET_CLASS = "ControlNetModel"
 UNION_CLASS = "ControlNetUnionModel"
-CONTROLNET_PART = PartKind("--controlnet", "ControlNet", "controlnet", CONTROLNET_CLASS)
+CONTROLNET_PART = PartKind("--controlnet", "ControlNet", "controlnet", CONTROLNET_CLASS, "MultiControlNetModel",
+                           pipeline_controlnets)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,8 @@ class ControlNetSource:
 
 def resolve_controlnet(argument: str, kind: str | None = None) -> ControlNetSource:
     """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise;
-    ``resolve_part``)."""
+    ``resolve_part``). A pipeline directory holding several (diffusers' ``MultiControlNetModel``)
+    is refused with the flags that name each, as a ``MultiAdapter`` is."""
     preset, path = resolve_part(argument, kind, CONTROLNET_PART, CONTROLNET_PRESETS)
     return ControlNetSource(argument, preset, path)
 

@@ -29,17 +29,35 @@ class PartKind:
     """Its folder in a diffusers pipeline directory: ``controlnet``."""
     class_name: str
     """Its diffusers class: ``ControlNetModel``."""
+    several: str
+    """What a pipeline holding more than one calls them: ``MultiControlNetModel``."""
+    in_pipeline: Callable[[Path], tuple[Path, ...]]
+    """Its folders in a pipeline directory, in diffusers' order (``controlnet/``, ``controlnet_1/``, ...)."""
 
 
-def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mapping[str, Preset],
-                 in_pipeline: Callable[[Path], Path] | None = None) -> tuple[Preset | None, Path | None]:
+def _the_one_part_of(pipeline: Path, part: PartKind) -> Path:
+    from sdexport.setting_names import option
+
+    found = part.in_pipeline(pipeline)
+    if len(found) > 1:
+        flag = option(part.flag)
+        each = (" ".join(f"{flag} {p}" for p in found) if flag.startswith("--") else  # a scenario's list
+                f"{flag} = [{', '.join(repr(str(p)) for p in found)}]")
+        raise ModelLoadError(f"{pipeline}: a {part.several} ({', '.join(p.name + '/' for p in found)}); pass its "
+                             f"folders one each, in order ({each}), or the pipeline directory as the model")
+    return found[0] if found else pipeline / part.folder
+
+
+def resolve_part(argument: str, kind: str | None, part: PartKind,
+                 presets: Mapping[str, Preset]) -> tuple[Preset | None, Path | None]:
     """``argument`` as a preset (the preset, None) or a checkpoint directory (None, its path); refused
     in one line otherwise.
 
     A preset name means the preset unless a checkpoint of that name is in the way (an engine
     directory named after the preset is not one). ``kind`` ("preset" or "diffusers", as a manifest
-    records it) decides without looking. ``in_pipeline``: the part's folder in a pipeline directory
-    (default: ``part.folder``), where that needs more than a name."""
+    records it) decides without looking. A pipeline directory gives its one part; one holding
+    several (``part.several``) is refused with the flags that name each: taking the first would
+    drop the others without a word."""
     path = Path(argument)
     preset = presets.get(argument)
     if kind == "preset" or (kind is None and preset is not None and not _checkpoint_dir(path, part.folder)):
@@ -53,7 +71,7 @@ def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mappi
         raise ModelLoadError(f"{what}: an ONNX engine directory, not a {part.title} checkpoint (pass the diffusers "
                              f"{part.class_name} directory it was exported from)")
     if not (path / "config.json").is_file() and (path / part.folder / "config.json").is_file():
-        path = in_pipeline(path) if in_pipeline is not None else path / part.folder  # a pipeline's directory
+        path = _the_one_part_of(path, part)  # a pipeline's directory
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{what}: not a diffusers {part.class_name} directory (no config.json)")
     from sdexport.models.outline import weight_files
