@@ -353,6 +353,28 @@ def test_the_python_apis_16_bit_and_float_images_are_read_as_files_are(tmp_path)
     assert binary_mask([Image.open(tmp_path / "grey.png")], 1).mean() == 0.25
 
 
+def test_a_32_bit_integer_image_is_read_at_its_range(tmp_path):
+    """Mode I (a TIFF of int32, ``Image.fromarray`` of int32): a 0/255 mask was divided by 257 as if
+    16-bit, so it repainted nothing; 0 to 255 is kept, to 65535 scaled, beyond refused. A 16-bit PNG
+    Pillow before 11 opens as I (its format says 16 bits) is scaled whatever its values."""
+    from sdexport.errors import SdexportError
+    from sdexport.runtime.image_inputs import binary_mask, eight_bits, read_image
+
+    mask = np.zeros((8, 8), np.int32)
+    mask[:, :2] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.tif")
+    assert Image.open(tmp_path / "mask.tif").mode == "I"
+    assert binary_mask([read_image(tmp_path / "mask.tif", "--mask", mode=None)], 1).mean() == 0.25
+    assert binary_mask([Image.fromarray(mask)], 1).mean() == 0.25  # the Python API's image, as the file
+    wide = Image.fromarray(mask * 257)
+    assert np.asarray(eight_bits(wide, "map")).max() == 255
+    with pytest.raises(SdexportError, match=r"^--mask: a 32-bit integer image with values from -1 to 254; "):
+        eight_bits(Image.fromarray(mask - 1), "--mask")
+    dark = Image.fromarray(np.full((8, 8), 255, np.int32))
+    dark.format = "PNG"  # (as Pillow 10 opens a 16-bit PNG)
+    assert np.asarray(eight_bits(dark, "map")).max() == 1  # 255 / 257
+
+
 def test_a_floating_point_image_is_read_at_its_range_not_clipped(tmp_path):
     """A 0/1 float mask (TIFF, as segmentation tools write) repaints where it is 1; 0 to 255 floats
     keep their levels; another range is refused in one line, not guessed."""

@@ -65,7 +65,8 @@ def _decode(source: Any, what: str, mode: str | None) -> Any:
 
     with _opened(source, what) as image:
         image.load()
-        upright = eight_bits(readable_mode(ImageOps.exif_transpose(image), what, mode or "L"), what)
+        upright = eight_bits(readable_mode(ImageOps.exif_transpose(image), what, mode or "L"), what,
+                             file_format=image.format)  # (the transposed copy has none)
         return upright if mode is None else upright.convert(mode)
 
 
@@ -84,13 +85,21 @@ def readable_mode(image: Any, what: str, mode: str) -> Any:
     return image
 
 
-def eight_bits(image: Any, what: str) -> Any:
-    """``image`` in one of Pillow's 8-bit modes where it is greyscale of more bits (``_eight_bit``)
-    or floating point (``_from_float``), else as it is: files are read so (``_decode``), and so are
-    the Python API's PIL images, so that a 16-bit mask repaints the same pixels either way (Pillow's
-    own ``convert`` would clip it)."""
-    if image.mode == "I" or image.mode.startswith("I;16"):
+SIXTEEN_BIT_FORMATS = ("PNG", "PPM")
+"""Formats whose greyscale holds 16 bits at most: Pillow before 11 opens such a PNG in mode ``I``
+(32-bit), which elsewhere (a TIFF, ``Image.fromarray`` of int32) may hold 8-bit values."""
+
+
+def eight_bits(image: Any, what: str, file_format: str | None = None) -> Any:
+    """``image`` in one of Pillow's 8-bit modes where it is greyscale of more bits (``_eight_bit``),
+    32-bit integers (``_from_whole``) or floating point (``_from_float``), else as it is: files are
+    read so (``_decode``), and so are the Python API's PIL images, so that a 16-bit mask repaints
+    the same pixels either way (Pillow's own ``convert`` would clip it). ``file_format``: the
+    format it was read from, where ``image`` (a copy) no longer says."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and (file_format or image.format) in SIXTEEN_BIT_FORMATS):
         return _eight_bit(image)
+    if image.mode == "I":
+        return _from_whole(image, what)
     if image.mode == "F":
         return _from_float(image, what)
     return image
@@ -132,6 +141,21 @@ def _eight_bit(image: Any) -> Any:
 
     values = np.asarray(image, dtype=np.float64) / 257  # 65535 -> 255
     return Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+
+
+def _from_whole(image: Any, what: str) -> Any:
+    """A 32-bit integer greyscale image (a TIFF, ``Image.fromarray`` of int32) at 8 bits: 0 to 255
+    kept, up to 65535 read as 16 bits (``_eight_bit``); a 0/255 mask was divided by 257, so it
+    repainted nothing. Negative or larger values are refused, not guessed."""
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(image, dtype=np.int64)
+    low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if low < 0 or high > 65535:
+        raise SdexportError(f"{what}: a 32-bit integer image with values from {low} to {high}; sdexport reads 0 to "
+                            "255 (or to 65535) as black to white: save it as an 8- or 16-bit PNG")
+    return Image.fromarray(values.astype(np.uint8), "L") if high <= 255 else _eight_bit(image)
 
 
 def _from_float(image: Any, what: str) -> Any:
