@@ -699,8 +699,10 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     with pytest.raises(SdexportError, match=r"control_scale: 3 values for 2 prompts \(control image 2 of 2\)"):
         pipeline(_request("sd-two", control_scale=[1.0, [0.5, 0.6, 0.7]]))
     # control_scale=None is its default; the window has none (a TypeError in a comparison: an audit)
-    with pytest.raises(SdexportError, match=r"^control_start None: expected a finite number"):
+    with pytest.raises(SdexportError, match=r"^control_start None: expected an int or a float, not NoneType"):
         pipeline(_request("sd-two", control_start=None))
+    with pytest.raises(SdexportError, match=r"^control_scale 0.5 \(control image 1 of 2\): expected an int or a float, not float32"):
+        pipeline(_request("sd-two", control_scale=[np.float32(0.5), 1.0]))  # (numpy's float32 is no float)
     with pytest.raises(SdexportError, match=r"control_end: 4 values for 2 ControlNets: .*; with one per prompt, "
                                             r"give a list in each place"):
         pipeline(_request("sd-two", control_end=[0.8, 0.9, 1.0, 1.0]))

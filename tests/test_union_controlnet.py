@@ -444,6 +444,22 @@ def test_two_union_controlnets_each_get_their_own_image_modes_and_scales():
         _check_control(GenerationRequest(prompt=["x"]), 2, "sdxl", union_modes=8)
 
 
+def test_control_modes_in_any_sequence_are_read_and_numpy_ints_named():
+    """control_mode is typed a Sequence[int]: a tuple or a range was refused as "tuple control modes";
+    numpy's int64 was told "control_mode 3: ... knows modes 0 to 7" (which it does)."""
+    import numpy as np
+
+    from sdexport.runtime.request import _check_control
+
+    for modes in ((3, 1), range(2)):
+        request = GenerationRequest(prompt=["x"], control_image=[picture(8, 8, 0)] * 2, control_mode=modes)
+        assert request.control_mode == list(modes)
+        _check_control(request, 1, "sdxl", union_modes=8, union_images=2)
+    with pytest.raises(SdexportError, match=r"^control_mode 3 \(int64\): expected a Python int, one of the modes 0 to 7$"):
+        _check_control(GenerationRequest(prompt=["x"], control_image=[picture(8, 8, 0)] * 2,
+                                         control_mode=[np.int64(3), 1]), 1, "sdxl", union_modes=8, union_images=2)
+
+
 def test_a_control_mode_for_other_controlnets_is_refused(tiny_engine_dir, tmp_path, capsys):
     from sdexport.runtime.request import _check_control
 

@@ -243,6 +243,8 @@ class GenerationRequest:
                                     f"{getattr(self, name)!r}")
         if isinstance(self.seeds, range | tuple):  # a sequence of seeds, held as the list the loop takes
             self.seeds = list(self.seeds)
+        if isinstance(self.control_mode, range | tuple):  # (typed a Sequence: held as the list the checks take)
+            self.control_mode = list(self.control_mode)
         for name in ("image", "mask"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, list):
@@ -879,7 +881,9 @@ def _check_setting(name: str, value: Any, batch: int, count: int, noun: str, pla
             which = [*([f"{place} {k + 1} of {count}"] if len(places) > 1 else []),
                      *([f"image {i + 1} of {batch}"] if len(values) > 1 else [])]
             said = f" ({', '.join(which)})" if which else ""
-            if isinstance(v, bool) or not isinstance(v, int | float) or not finite32(v):
+            if isinstance(v, bool) or not isinstance(v, int | float):  # (numpy's float32 is no float)
+                raise SdexportError(f"{flag} {v!r}{said}: expected an int or a float, not {type(v).__name__}")
+            if not finite32(v):
                 raise SdexportError(f"{flag} {v!r}{said}: expected a finite number (within float32's range)")
             if fraction and not 0 <= v <= 1:
                 raise SdexportError(f"{flag} {v:g}{said}: a fraction of the steps, from 0 to 1")
@@ -904,7 +908,10 @@ def _check_control_modes(modes: Any, images: int, known: int) -> None:
         raise SdexportError(f"{count} control modes for {images} control image{'s' if images > 1 else ''}: give one "
                             f"{setting('control_mode')} per {setting('control_image')}")
     for mode in modes:
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode < known:
+        if isinstance(mode, bool) or not isinstance(mode, int):
+            raise SdexportError(f"{setting('control_mode')} {mode!r} ({type(mode).__name__}): expected a Python int, "
+                                f"one of the modes 0 to {known - 1}")
+        if not 0 <= mode < known:
             raise SdexportError(f"{setting('control_mode')} {mode!r}: this union ControlNet knows modes 0 to {known - 1}")
 
 
@@ -935,8 +942,9 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
                             "init image")
     _check_images(request, ("init image", request.image), ("mask", request.mask))
     strength = request.strength
-    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)
-                                 or not math.isfinite(strength) or not 0 < strength <= 1):
+    if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)):
+        raise SdexportError(f"{setting('strength')} {strength!r}: expected an int or a float, not {type(strength).__name__}")
+    if strength is not None and (not math.isfinite(strength) or not 0 < strength <= 1):
         raise SdexportError(f"{setting('strength')} {strength!r}: need a number above 0 and at most 1")
     if request.denoising_steps(family) < 1:
         raise SdexportError(
