@@ -1689,6 +1689,12 @@ def test_serve_adds_to_a_triton_log_and_refuses_any_other_file(tiny_engine_dir, 
                    "'127.0.0.1:18061' already in use\n")
     assert serving._reason(object(), RuntimeError("x"), log).endswith(
         "failed to start GRPC service: Unavailable - Socket '127.0.0.1:18061' already in use")
+    # a load failure that is not sdexport's own (an import in the stub): its message, not its stack
+    stack = "".join(f"\\n <frozen importlib._bootstrap>({i}): _find_and_load" for i in range(40))
+    log.write_text("E1206 12:00:01.000001 78 model_lifecycle.cc:1] failed to load 'sdexport' version 1: Internal: "
+                   f"UnicodeEncodeError: 'ascii' codec can't encode character\\n\\nAt:{stack}\n")
+    assert serving._reason(object(), RuntimeError("x"), log).endswith(
+        "Internal: UnicodeEncodeError: 'ascii' codec can't encode character")
 
 
 def test_a_log_file_that_is_not_a_regular_file_is_not_opened_to_look(tmp_path):

@@ -489,8 +489,10 @@ def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: 
 
 def _model_error(line: str) -> str:
     """A Triton log line reduced to the model's own message: the python backend logs a failed
-    ``initialize`` as 'failed to load ...: Internal: RuntimeError: <message>\\n\\nAt: <stack>'."""
+    ``initialize`` as 'failed to load ...: Internal: RuntimeError: <message>\\n\\nAt: <stack>'. Another
+    failure (an import in the stub) keeps its message, not the stack after it (which the last 600
+    characters of the line were, where the message was long)."""
     marker = "RuntimeError: sdexport: "
     if marker in line:
         return "the model did not load: " + line.split(marker, 1)[1].split("\\n", 1)[0].rstrip('"')
-    return line
+    return line.split("\\n\\nAt:", 1)[0].rstrip('"')
