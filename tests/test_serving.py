@@ -715,6 +715,34 @@ def test_a_served_refusal_gives_a_value_as_an_input_takes_it(served):
                        "profile), or fit=resize / fit=crop to make it fit")
 
 
+def test_generate_counts_a_tuple_of_prompts_as_its_images(monkeypatch):
+    """Two prompts in a tuple made two images, then 'the server answered 2 image(s) for 1 prompt(s)'."""
+    import numpy as np
+    import tritonclient.http as http
+
+    from sdexport.serving import client
+
+    class Answer:
+        def as_numpy(self, name: str) -> np.ndarray:
+            return np.array([[b"png-a"], [b"png-b"]], dtype=object)
+
+    class Client:
+        def __init__(self, url: str, **timeouts: float) -> None:
+            pass
+
+        def __enter__(self) -> Client:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def infer(self, model: str, inputs: list, outputs: list) -> Answer:
+            return Answer()
+
+    monkeypatch.setattr(http, "InferenceServerClient", Client)
+    assert client.generate("127.0.0.1:1", ("a", "b")) == [b"png-a", b"png-b"]
+
+
 def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inputs():
     import tritonclient.http as http
 
@@ -728,6 +756,10 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     assert {i.name(): i for i in infer_inputs("ab", http)}["prompt"].shape() == [1, 1]
     with pytest.raises(ValueError, match="seed: 1 values for 2 prompts"):
         infer_inputs(["a", "b"], http, seed=[1])
+    assert {i.name(): i for i in infer_inputs(("a", "b"), http)}["prompt"].shape() == [2, 1]  # a tuple of prompts
+    for wrong, kind in (([b"a"], "bytes"), (3, "int")):  # (an AttributeError on .encode, a TypeError on len)
+        with pytest.raises(ValueError, match=rf"^prompts: give a text or a list of texts \(str, not {kind}\)$"):
+            infer_inputs(wrong, http)
     # one value for every image, or one per image (as the adapter images of a batch are)
     inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, adapter_image=[b"png-a", b"png-b"], steps=[2, 3])}
     assert inputs["adapter_image"].shape() == inputs["steps"].shape() == [2, 1]

@@ -49,8 +49,7 @@ def infer_inputs(prompts: list[str] | str, module: Any = None, **params: Any) ->
     unknown = sorted(set(params) - set(_SPECS))
     if unknown:
         raise ValueError(f"unknown inputs {unknown}; the model takes {sorted(_SPECS)}")
-    if isinstance(prompts, str):  # (iterated, a string would be one prompt per character)
-        prompts = [prompts]
+    prompts = _prompt_list(prompts)
     rows = len(prompts)
     if not rows:
         raise ValueError("no prompts: give one per image")
@@ -178,6 +177,16 @@ def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:
     return [list(v) for v in value]
 
 
+def _prompt_list(prompts: Any) -> list[str]:
+    """``prompts`` as the list of texts sent, one per image: a string is one prompt (iterated, it
+    would be one per character), a tuple is held as a list; anything else is refused by its type."""
+    listed = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, list | tuple) else None
+    if listed is None or not all(isinstance(p, str) for p in listed):
+        wrong = type(prompts).__name__ if listed is None else next(type(p).__name__ for p in listed if not isinstance(p, str))
+        raise ValueError(f"prompts: give a text or a list of texts (str, not {wrong})")
+    return listed
+
+
 def generate(url: str, prompts: list[str] | str, *, model: str = MODEL_NAME, timeout_s: float = 600.0,
              pixels: bool = False, **params: Any) -> list[Any]:
     """The PNG bytes of each prompt's image (``pixels=True``: the uint8 arrays instead), over HTTP."""
@@ -188,7 +197,7 @@ def generate(url: str, prompts: list[str] | str, *, model: str = MODEL_NAME, tim
         result = client.infer(model, infer_inputs(prompts, http, **params),
                               outputs=[http.InferRequestedOutput(output, binary_data=True)])
     array = result.as_numpy(output)
-    if why := missing_images(array, len(prompts) if isinstance(prompts, list) else 1):
+    if why := missing_images(array, len(_prompt_list(prompts))):
         raise RuntimeError(f"{url}: the server {why}")
     return list(array) if pixels else [row[0] for row in array]
 
