@@ -1425,10 +1425,56 @@ def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(t
         assert "error" in result and "steps 999" not in str(result["error"]), result  # dropped: no image
         assert running.process.wait(90) not in (0, 130)
         errors = [line for line in running.log.read_text().splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "requests still in flight when it stopped were dropped" in errors[0], errors
-        assert "the --drain-timeout of 1 s ran out" in errors[0]
+        # (the request's own connection, open while it runs, is the one Triton waited for)
+        assert len(errors) == 1 and "still waiting for 1 client connection(s) to close" in errors[0], errors
+        assert "the --drain-timeout of 1 s ran out" in errors[0] and "were dropped" in errors[0]
+        assert not _stubs_of(running.process.pid)  # none left holding the model
     finally:
         running.stop()
+
+
+def _stubs_of(pid: int) -> list[int]:
+    """The Python backend stubs of the server that process ``pid`` started (PyTriton's prefix)."""
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+            and f"pytrtion{pid}-".encode() in (_cmdline(p) or b"") and b"triton_python_backend_stub" in _cmdline(p)]
+
+
+def _cmdline(process: Path) -> bytes:
+    try:
+        return (process / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def test_a_stub_left_after_triton_exited_is_ended_and_its_memory_removed(tmp_path):
+    """Triton killed at its exit timeout (or crashed) left its Python backend stub running, adopted by
+    init, deaf to SIGTERM, holding the model (and on a GPU its memory), and its shared memory in
+    /dev/shm. Both are found by PyTriton's prefix, unique to the server; others are left alone."""
+    import subprocess
+    import types
+
+    from sdexport.serving.server import _reap_stubs
+
+    prefix = f"pytrtion{os.getpid()}-0a1b2c3d"
+    stub = tmp_path / "triton_python_backend_stub"
+    shutil.copy(shutil.which("cat"), stub)  # (reading its open stdin first, it waits, whatever the next argument)
+    ours = subprocess.Popen([str(stub), "-", f"{prefix}5e6f-region"], stdin=subprocess.PIPE)
+    other = subprocess.Popen([str(stub), "-", "pytrtion1-ffffffff-region"], stdin=subprocess.PIPE)
+    region, others = Path("/dev/shm") / f"{prefix}5e6f-region", Path("/dev/shm") / f"pytrtion1-ffffffff-{os.getpid()}"
+    region.write_bytes(b"")
+    others.write_bytes(b"")
+    try:
+        triton = types.SimpleNamespace(_python_backend_config=types.SimpleNamespace(
+            _backend_args={"shm-region-prefix-name": prefix}))
+        _reap_stubs(triton)
+        assert ours.wait(10) == -signal.SIGKILL and not region.exists()
+        assert other.poll() is None and others.exists()
+    finally:
+        for process in (ours, other):
+            process.kill()
+            process.wait()
+        others.unlink(missing_ok=True)
+        region.unlink(missing_ok=True)
 
 
 def _bare_tritonserver(repository: Path, ports: list[int], work: Path) -> tuple[list[str], dict[str, str]]:

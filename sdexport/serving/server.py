@@ -255,8 +255,8 @@ def _ignored(number: int, frame: object) -> None:
 def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_timeout_s: int,
                log_file: Path | None, on_ready: Callable[[], None]) -> None:
     """Start Triton over ``repository``, call ``on_ready`` once every model is loaded, and serve until
-    interrupted (Ctrl-C, SIGTERM), then let requests in flight finish. ``log_file``: where Triton's
-    log goes (None: this process's output)."""
+    interrupted (Ctrl-C, SIGTERM, SIGHUP), then let requests in flight finish. ``log_file``: where
+    Triton's log goes (None: this process's output)."""
     import pytriton.triton
     from pytriton.triton import Triton, TritonConfig, TritonSecurityConfig
 
@@ -348,11 +348,58 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
         triton.stop()
         _flush_console_line()
         status = _exit_status(triton)
+        if status is not None:
+            _reap_stubs(triton)
+        held = _connections_held(_log_lines(triton, log_file, earlier)) if served and status else None
+        if held:  # (raised over a Ctrl-C or SIGTERM too)
+            raise SdexportError(
+                f"Triton exited with status {status} as the --drain-timeout of {drain_timeout_s} s ran out, still "
+                f"waiting for {held} client connection(s) to close (HTTP keep-alive holds them open, and Triton "
+                "answers their new requests meanwhile): requests still queued or running then were dropped, their "
+                "clients given no image (README: Serving, Stopping)")
         if served and status:  # (raised over a Ctrl-C or SIGTERM too: that stop lost requests)
             raise SdexportError(
                 f"Triton exited with status {status}, so requests still in flight when it stopped were "
                 f"dropped, their clients given no image: the --drain-timeout of {drain_timeout_s} s ran out before "
                 "they finished, or the server failed (Triton's log says which)")
+
+
+def _connections_held(lines: list[str]) -> int | None:
+    """The client connections Triton last waited for as it stopped (None: it said nothing of them).
+    Triton waits for its HTTP connections to close before the models' requests, with the same
+    timeout, and answers their new requests meanwhile: a client keeping its connection open
+    (tritonclient, a load balancer) holds the drain to its end, and Triton then exits non-zero.
+    Whether a request was lost, Triton's log does not tell (its count of requests in flight said 0
+    where two queued ones were cut: an audit); the clients that lost one saw "connection closed"."""
+    held = [int(found[1]) for line in lines if (found := re.search(r"Found (\d+) HTTP service connections", line))]
+    return held[-1] if held else None
+
+
+def _reap_stubs(triton: object) -> None:
+    """Once Triton has exited: end its Python backend stubs still running, and remove their shared
+    memory. Triton killed at its exit timeout (or crashed) leaves a stub behind, adopted by init,
+    deaf to SIGTERM and holding the model (its device memory too: the next ``serve`` ran out). Both
+    are known by PyTriton's shared-memory prefix, unique to this server (its pid and 4 random bytes),
+    which each stub's command line carries."""
+    import signal
+
+    config = getattr(getattr(triton, "_python_backend_config", None), "_backend_args", None) or {}
+    prefix = config.get("shm-region-prefix-name")
+    if not isinstance(prefix, str) or len(prefix) < 8 or not Path("/proc").is_dir():
+        return
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            program, *args = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # (gone, or another user's)
+            continue
+        if program.endswith(b"triton_python_backend_stub") and any(a.startswith(prefix.encode()) for a in args):
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGKILL)
+    for region in Path("/dev/shm").glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            region.unlink()
 
 
 #: How often the start-up watch looks at the server process (seconds); tests shorten it.
@@ -467,16 +514,22 @@ def _exit_status(triton: object) -> int | None:
     return status if isinstance(status, int) else None
 
 
-def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: int = 0) -> str:
-    """The log line saying why the model did not load, else the server's first error, else the
-    exception (``serve`` then names the log, which it keeps). ``earlier``: the bytes of ``log_file`` an earlier run wrote, not read for this one's."""
+def _log_lines(triton: object, log_file: Path | None, earlier: int = 0) -> list[str]:
+    """Triton's log lines for this run (what PyTriton kept, then ``log_file`` past ``earlier`` bytes,
+    another run's), each with its whitespace made single spaces."""
     server = getattr(triton, "_triton_server", None)
     log = getattr(server, "_tritonserver_logs", "") or ""
     if log_file is not None and log_file.is_file():
         with log_file.open("rb") as handle:
             handle.seek(earlier)
             log += handle.read().decode(errors="replace")
-    lines = [" ".join(line.split()) for line in log.splitlines()]
+    return [" ".join(line.split()) for line in log.splitlines()]
+
+
+def _reason(triton: object, exc: BaseException, log_file: Path | None, earlier: int = 0) -> str:
+    """The log line saying why the model did not load, else the server's first error, else the
+    exception (``serve`` then names the log, which it keeps). ``earlier``: the bytes of ``log_file`` an earlier run wrote, not read for this one's."""
+    lines = _log_lines(triton, log_file, earlier)
     # (a model's progress, '"loading: sdexport:1"', named the model and was taken for the reason
     # where a port taken meanwhile had stopped the server: "failed to start GRPC service")
     noise = ("NVML", "DCGM", "CudaDriverHelper", "pinned memory", "CUDA driver", '"loading: ', "successfully loaded")
