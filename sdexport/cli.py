@@ -6,6 +6,7 @@ not need torch or TensorRT never imports them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 from pathlib import Path
@@ -891,27 +892,32 @@ def _generate(
         print_result(str(path))
         stopping.keep("images", _written(paths[:paths.index(path) + 1], len(paths)))
 
-    for k, part in enumerate(parts):
-        result = _denoise(pipeline, part, "Denoising")
-        prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
-        if refining is not None and ensemble is not None:
-            console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
-            # each image records the base model's half as its own run would (its prompt_2, strength,
-            # truncations, the inputs: an init image, control and adapter images are the base
-            # model's, those given per image too), under "base"
-            base = [None] * saved + [
-                image_parameters(result, i, {**result.info, **(inputs or {}),
-                                             **{key: each[saved + i] for key, each in (per_image or {}).items()}})[1]
-                for i in range(part.batch)]
-            result = _denoise(refining, replace(ensemble.parts[k], init_latents=result.latents), "Refining")
-            prefix = f"{prefix}refiner: "
-            # the mask is the refiner's input too (it blends the base model's latents back outside it)
-            own = {key: v for key, v in (inputs or {}).items() if key in ("mask", "fit")} if part.mask is not None else None
-            save_images(result, output, own, first=saved, count=len(paths), per_image={"base": base}, on_written=wrote)
-        else:
-            save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image, on_written=wrote)
-        saved += part.batch
-        console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
+    with contextlib.ExitStack() as padded:
+        if len(parts) > 1 and whole is not None:  # each image read as one call would (the whole run's chunks)
+            padded.enter_context(pipeline.padded_to(whole))
+            if refining is not None and ensemble is not None:
+                padded.enter_context(refining.padded_to(ensemble.refine))
+        for k, part in enumerate(parts):
+            result = _denoise(pipeline, part, "Denoising")
+            prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
+            if refining is not None and ensemble is not None:
+                console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
+                # each image records the base model's half as its own run would (its prompt_2, strength,
+                # truncations, the inputs: an init image, control and adapter images are the base
+                # model's, those given per image too), under "base"
+                base = [None] * saved + [
+                    image_parameters(result, i, {**result.info, **(inputs or {}),
+                                                 **{key: each[saved + i] for key, each in (per_image or {}).items()}})[1]
+                    for i in range(part.batch)]
+                result = _denoise(refining, replace(ensemble.parts[k], init_latents=result.latents), "Refining")
+                prefix = f"{prefix}refiner: "
+                # the mask is the refiner's input too (it blends the base model's latents back outside it)
+                own = {key: v for key, v in (inputs or {}).items() if key in ("mask", "fit")} if part.mask is not None else None
+                save_images(result, output, own, first=saved, count=len(paths), per_image={"base": base}, on_written=wrote)
+            else:
+                save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image, on_written=wrote)
+            saved += part.batch
+            console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
     older = _numbered_after(output, len(paths))
     if older:
         console.print(f"[yellow]note:[/] {escape(_listed(older))} (numbered past this run's {len(paths)} "

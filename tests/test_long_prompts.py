@@ -281,6 +281,25 @@ def test_engines_of_two_chunks_at_least_pad_a_short_prompt(tiny_engine_dir, tmp_
     assert torch.isfinite(pipeline(short).latents).all()
 
 
+def test_a_run_split_into_calls_reads_each_image_as_one_call_would(tiny_engine_dir, tmp_path, capsys):
+    """Three prompts, two per call (the profile's batch): "a cat", alone in the second call, read one
+    chunk where one call would pad it to the long prompt's two, though run said "as in one call"."""
+    import numpy as np
+    from PIL import Image
+
+    common = ["--steps", "2", "--height", "64", "--width", "64"]
+    assert run_cli("run", tiny_engine_dir, "-p", "a fox", "-p", LONG, "-p", "a cat", "--seed", "10", *common,
+                   "-o", tmp_path / "split.png") == 0
+    assert "2 calls, each image with its own seed (10 to 12) as in one call" in " ".join(capsys.readouterr().err.split())
+    assert run_cli("run", tiny_engine_dir, "-p", "a cat", "-p", LONG, "--seed", "12", *common,
+                   "-o", tmp_path / "padded.png") == 0  # "a cat" beside the long prompt, seed 12, one call
+    assert run_cli("run", tiny_engine_dir, "-p", "a cat", "--seed", "12", *common, "-o", tmp_path / "alone.png") == 0
+    split, padded, alone = (np.asarray(Image.open(tmp_path / name)) for name in ("split-2.png", "padded-0.png",
+                                                                                  "alone.png"))
+    np.testing.assert_array_equal(split, padded)
+    assert not np.array_equal(split, alone)  # (the padding matters: the test would pass either way otherwise)
+
+
 def test_breaks_that_start_read_chunks_are_recorded(tok):
     """``a BREAK BREAK b`` in two chunks reads ``a`` and an empty chunk: the record keeps the BREAKs
     that make it, and reads as the same two chunks."""

@@ -15,9 +15,10 @@ text encoders, a pooled embedding and six "time ids"); the denoising loop and th
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -709,6 +710,19 @@ class Txt2ImgPipeline:
         tokenizers = text_tokenizers(self.family, self.tokenizer, self.tokenizer_2)
         return max(self.least_chunks, longest_chunks(request, tokenizers, self.dims.S, self.prompt_chunks,
                                                      self.zeroes_negatives))
+
+    @contextlib.contextmanager
+    def padded_to(self, request: GenerationRequest) -> Iterator[None]:
+        """Within the block, every call pads its texts to at least ``request``'s chunk count (its
+        longest text's): ``run``'s request split into several calls (more images than one call takes)
+        then reads each image as one call would, whatever prompts share its part; a short prompt's
+        image depended on whether a long one fell in its part (an audit)."""
+        floor = self.least_chunks
+        self.least_chunks = self.chunk_count(request)
+        try:
+            yield
+        finally:
+            self.least_chunks = floor
 
     def read_text(self, part: str, chunked: list[list[Chunk]], tokenizer: Any, emphasis: str, layer: str,
                   count: int = 1) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
