@@ -533,6 +533,10 @@ def run(
                 continue
             note = (f"{flag} {path} resized from {control.size[1]}x{control.size[0]} to {request.height}x"
                     f"{request.width} (as diffusers does)")
+            aspect = control.size[0] * request.height != control.size[1] * request.width
+            if fit == "crop" and images and aspect:  # (a map made from the init image no longer lies on it)
+                note = (f"{note[:-1]}: stretched, where --fit crop crops the init image and mask only; give it at "
+                        f"{request.height}x{request.width} to keep the two aligned)")
             if note not in notes:  # a file given for several images: said once
                 notes.append(note)
     per_image: dict[str, list[Any]] = {}  # what each saved image records of its own inputs

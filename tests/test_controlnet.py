@@ -276,6 +276,16 @@ def test_a_resized_control_image_records_no_fit(engine_dirs, tmp_path, capsys):
                    "--height", "64", "--width", "128", "-o", out) == 0
     assert "resized" in capsys.readouterr().err
     assert "fit" not in json.loads(Image.open(out).text["sdexport"])
+    # with --fit crop the init image is cropped, the control image stretched: said (a map made from
+    # the init image no longer lies on it)
+    picture(96, 160, 3).save(tmp_path / "init.png")
+    assert run_cli("run", engine_dirs["sd-one"], "-p", "x", "--steps", "2", "--control-image", tmp_path / "init.png",
+                   "--init-image", tmp_path / "init.png", "--height", "128", "--width", "128", "--fit", "crop",
+                   "-o", out) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"--control-image {tmp_path / 'init.png'} resized from 96x160 to 128x128 (as diffusers does: stretched, "
+            "where --fit crop crops the init image and mask only; give it at 128x128 to keep the two aligned)") in said
+    assert "cropped to 128x128 (centre)" in said
 
 
 def test_served_guess_mode_is_the_image_run_writes(engine_dirs, tmp_path):
