@@ -267,6 +267,19 @@ def test_guess_mode_matches_diffusers(engine_dirs, references, name, backend, gu
     assert not plain.guess_mode and _rel(plain, ours) > 10 * TOLERANCE
 
 
+def test_a_control_window_holding_no_step_is_said(engine_dirs, tmp_path, capsys):
+    """0.3 to 0.6 of two steps holds neither (diffusers' controlnet_keep): the ControlNet never runs,
+    as in diffusers, and the image records the window; said, not left to be found."""
+    picture(64, 64, 2).save(tmp_path / "e.png")
+    args = ["run", engine_dirs["sd-one"], "-p", "x", "--scheduler", "euler", "--control-image", tmp_path / "e.png",
+            "--control-start", "0.3", "--control-end", "0.6", "-o", tmp_path / "o.png"]
+    assert run_cli(*args, "--steps", "2") == 0
+    assert ("note: --control-start 0.3 to --control-end 0.6 holds none of the 2 steps of the schedule here: control "
+            "image 1 does not guide the image") in " ".join(capsys.readouterr().err.split())
+    assert run_cli(*args, "--steps", "5") == 0  # step 3 of 5 (0.4 to 0.6) lies in it
+    assert "holds none" not in capsys.readouterr().err
+
+
 def test_a_resized_control_image_records_no_fit(engine_dirs, tmp_path, capsys):
     """--fit is the init image's (and mask's): a text-to-image run whose control image was resized
     records no fit it was never given (and could not be: --fit needs --init-image)."""

@@ -47,7 +47,7 @@ from sdexport.runtime.schedulers import (
     set_schedule,
 )
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
-from sdexport.setting_names import option
+from sdexport.setting_names import option, setting
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     GUIDANCE_EMBEDDING,
@@ -948,9 +948,14 @@ class Txt2ImgPipeline:
                 pixels = torch.cat([control_pixels(image, *request.size) for image in given])
             per_image.append(per_prompt(pixels, batch).to(self.device))
             rows = []
-            for scale, start, end in (own[slot] for own in settings):
+            for image, (scale, start, end) in enumerate(own[slot] for own in settings):
                 keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
                 rows.append([scale * k for k in keep])
+                if scale and not any(keep):  # (as diffusers runs it; an image recording it would mislead)
+                    console.print(f"[yellow]note:[/] {setting('control_start')} {start:g} to "
+                                  f"{setting('control_end')} {end:g} holds none of the {steps} steps of the "
+                                  f"schedule here: control image {slot + 1} does not guide "
+                                  f"{f'image {image + 1}' if request.batch > 1 else 'the image'}", soft_wrap=True)
             per_step.append(list(zip(*rows)))
         take = self.dims.K or 1  # images per ControlNet: a union one's K, stacked on axis 1
         images = ([torch.stack(per_image[i:i + take], dim=1) for i in range(0, len(per_image), take)]
