@@ -31,7 +31,10 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         weights = f"{escape(str(manifest.tools.get('exporter', 'adopted')))}, weights not compared with PyTorch"
     if manifest.random_weights and "random weights" in label:  # a preset's label says it: once is enough
         label, weights = label.replace("random weights", "[yellow]random weights[/]"), ""
-    out.print(f"[bold]{escape(str(directory))}[/]  {label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
+    # the directory on a line of its own, whole: what a script reads (``export ... | head -1``), its
+    # label beside it was read as part of the path
+    out.print(f"[bold]{escape(str(directory))}[/]", soft_wrap=True)
+    out.print(f"{label}" + (f"  ({weights})" if weights else ""), soft_wrap=True)
     out.print(
         f"family {manifest.family}, "
         + (manifest.prediction_type.replace("_", "-") if manifest.prediction_type.endswith("_prediction")
