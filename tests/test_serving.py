@@ -100,11 +100,15 @@ def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
         ("a", 0, 30, None, "default", 128, 96), ("b", 1, 30, None, "default", 128, 96)]
     row = decode_rows(_inputs(["a"], guidance=7.3, steps=4, seed=[2**64 - 1]), (128, 128))[0]
     assert (row.guidance, row.steps, row.seed) == (7.3, 4, 2**64 - 1)
+    # one side given, no image: the other the default's, as `run --width 96` takes the profile's height
+    # (it was refused: "give both height and width, or neither")
+    assert [(r.height, r.width) for r in decode_rows(_inputs(["a"], width=96), (128, 64))] == [(128, 96)]
+    assert [(r.height, r.width) for r in decode_rows(_inputs(["a"], height=64), (128, 96))] == [(64, 96)]
 
 
 @pytest.mark.parametrize(("params", "message"), [
     ({"prompt": np.array([[b"\xff"]], dtype=object)}, "prompt: not UTF-8 text"),
-    ({"height": 64}, "give both height and width"),
+    ({"height": 64, "init_image": _png(64, 64)}, "with an image input, give both height and width, or neither"),
     ({"init_image": b"not an image"}, "init_image: not a readable image"),
     ({"init_image": b""}, "init_image: empty"),
     ({"fit": "resize"}, "fit needs init_image"),

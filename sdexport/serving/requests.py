@@ -266,8 +266,12 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         adapter_images = [decode_image(b, "adapter_image") for b in adapter_bytes]
         adapter = adapter_images[0] if len(adapter_images) == 1 else tuple(adapter_images) or None
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
-        if (height is None) != (width is None):
-            raise SdexportError("give both height and width, or neither")
+        if (height is None) != (width is None):  # as `run`: the other side the default's, where no image sizes it
+            if init is not None or masked is not None or controls or adapter_images:
+                raise SdexportError("with an image input, give both height and width, or neither (the image's own "
+                                    "size)")
+            default_height, default_width = first_size or default_size
+            height, width = (default_height if height is None else height), (default_width if width is None else width)
         sized_by = None  # the input whose image gave the size
         if height is None and first_size is not None:
             height, width = first_size
