@@ -591,6 +591,18 @@ def test_a_file_naming_blocks_in_both_layouts_is_refused_not_half_applied(tmp_pa
         read_updates(LoraFile(path), "sdxl")
 
 
+@pytest.mark.parametrize("key", ["emb_params", "<cat-toy>"])
+def test_an_embedding_given_as_a_lora_is_named(tmp_path, key):
+    """It was "1 tensors for no part of an SD pipeline, e.g. emb_params"."""
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "style.safetensors"
+    save_file({key: torch.ones(2, 32)}, str(path))
+    with pytest.raises(SdexportError, match=rf"^--lora {path}: a textual inversion embedding, not a LoRA: give it to "
+                                            r"export as --textual-inversion FILE$"):
+        read_updates(LoraFile(path), "sd")
+
+
 def test_a_lora_bundling_embeddings_is_refused_naming_them_and_what_to_do(tmp_path):
     """diffusers reads kohya keys only when every key is one: its refusal called the LoRA's own
     tensors foreign, beside the A1111 bundled embeddings that were the cause."""

@@ -734,6 +734,7 @@ def test_a_unet_taking_other_inputs_is_refused_by_kind_not_sent_to_a_config(tmp_
     (["encoder.conv_in.weight", "decoder.conv_out.weight", "quant_conv.weight"], "a VAE alone, not a model: give it as --vae FILE beside the model"),
     (["emb_params"], "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"),
     (["clip_l", "clip_g"], "a textual inversion embedding"),
+    (["<cat-toy>"], "a textual inversion embedding"),  # diffusers' {word: vectors}
     (["weight"], r"not an original-layout Stable Diffusion checkpoint \(for a diffusers directory, pass the directory\)"),
 ])
 @pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])

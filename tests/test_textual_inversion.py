@@ -128,6 +128,10 @@ def test_the_torch_backend_refuses_a_changed_file(sd_dir, files, tmp_path):
     ("xl.safetensors", {"clip_l": torch.ones(1, 32), "clip_g": torch.ones(1, 48)}, None,
      "an SDXL embedding (clip_l and clip_g), but this model has one text encoder"),
     ("cube.safetensors", {"emb_params": torch.ones(2, 2, 32)}, None, "is not a list of embedding vectors"),
+    # another kind of file, named (a LoRA's "alpha of shape [] is not a list of embedding vectors" before)
+    ("lora.safetensors", {"lora_unet_proj_in.lora_down.weight": torch.ones(4, 32),
+                          "lora_unet_proj_in.lora_up.weight": torch.ones(32, 4), "lora_unet_proj_in.alpha": torch.tensor(4.0)},
+     None, "a LoRA, not a textual inversion embedding: give it as --lora FILE (export or run)"),
     ("style.safetensors", {"emb_params": torch.ones(32)}, "two words", "the word must be one token of text"),
     # (run --emphasis original read these as a break and as weights: the embedding was silently unused)
     ("style.safetensors", {"emb_params": torch.ones(32)}, "BREAK", "the word reads as A1111's emphasis syntax"),

@@ -203,6 +203,11 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
                             "(plain low-rank LoRAs only)")
     updates: list[LoraUpdate] = []
     unknown = [k for k in state if k.split(".", 1)[0] not in LORA_COMPONENTS]
+    from sdexport.models.outline import weights_kind
+
+    if unknown and weights_kind(list(state)) == "embedding":
+        raise SdexportError(f"--lora {lora.path}: a textual inversion embedding, not a LoRA: give it to export as "
+                            "--textual-inversion FILE")
     if unknown:
         raise SdexportError(f"--lora {lora.path}: {len(unknown)} tensors for no part of an SD pipeline, e.g. "
                             f"{', '.join(unknown[:MAX_NAMED])}")

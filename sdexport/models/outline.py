@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -785,20 +786,43 @@ def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
                              "supports U-Net based Stable Diffusion 1.x, 2.x and XL")
     if denoiser:
         return
-    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+    kind = weights_kind(keys)
+    if kind == "lora":
         holds = "a LoRA, not a model: give it to export or run as --lora FILE"
-    elif any(k.startswith("control_model.") for k in keys):
+    elif kind == "controlnet":
         holds = ("a ControlNet in the original layout, not a model: export takes a diffusers ControlNet directory as "
                  "--controlnet (diffusers' ControlNetModel.from_single_file, then save_pretrained, converts it)")
-    elif keys and all(k.startswith(VAE_KEYS) for k in keys):
+    elif kind == "vae":
         holds = (f"{DIFFUSERS_VAE} beside the model" if any(k.startswith(DIFFUSERS_VAE_KEYS) for k in keys)
                  else "a VAE alone, not a model: give it as --vae FILE beside the model")
-    elif keys and set(keys) <= {"emb_params", "clip_l", "clip_g"} | {k for k in keys if k.startswith("string_to_param")}:
+    elif kind == "embedding":
         holds = "a textual inversion embedding, not a model: give it to export as --textual-inversion FILE"
     else:
         holds = ("not an original-layout Stable Diffusion checkpoint (for a diffusers directory, pass the "
                  "directory)")
     raise ModelLoadError(f"{path}: no 'model.diffusion_model.*' weights; {holds}")
+
+
+EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g", "string_to_param")
+"""A1111's (``emb_params``, ``string_to_param.*``) and SDXL's (``clip_l``, ``clip_g``) embedding tensors."""
+
+
+def weights_kind(keys: Collection[str]) -> str | None:
+    """What a weight file that is no model holds, by its tensors' names: "lora", "controlnet" (the
+    original layout), "vae" or "embedding" (textual inversion: A1111's and SDXL's names, or
+    diffusers' ``{word: vectors}`` for a placeholder word in angle brackets, as its training script
+    names them: ``<cat-toy>``); None otherwise. What each option is given is told apart by the same
+    names."""
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        return "lora"
+    if any(k.startswith("control_model.") for k in keys):
+        return "controlnet"
+    if keys and all(k.startswith(VAE_KEYS) for k in keys):
+        return "vae"
+    if keys and (all(k.startswith(EMBEDDING_KEYS) for k in keys)
+                 or (len(keys) <= 2 and all(re.fullmatch(r"<[^<>.\s]+>", k) for k in keys))):
+        return "embedding"
+    return None
 
 
 def check_single_file(path: Path) -> None:

@@ -93,6 +93,16 @@ class Embedding:
             raise SdexportError(f"{FLAG} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
         if not tensors:
             raise SdexportError(f"{FLAG} {self.path}: holds no tensors")
+        from sdexport.models.outline import weights_kind
+
+        kind = weights_kind(list(tensors))
+        if kind == "lora":
+            raise SdexportError(f"{FLAG} {self.path}: a LoRA, not a textual inversion embedding: give it as --lora "
+                                "FILE (export or run)")
+        if kind is not None and kind != "embedding":
+            what = {"controlnet": "ControlNet", "vae": "VAE"}.get(kind, kind)
+            raise SdexportError(f"{FLAG} {self.path}: {len(tensors)} tensors of a {what}, not a textual inversion "
+                                "embedding (a tensor of vectors per word)")
         for name, tensor in tensors.items():
             if tensor.dim() not in (1, 2) or not tensor.numel() or not tensor.is_floating_point():
                 raise SdexportError(f"{FLAG} {self.path}: {name} of shape {list(tensor.shape)} is not a list of "
