@@ -46,6 +46,9 @@ def check_url(url: str) -> None:
         port = None
     if port is None or not parts.hostname:
         raise SdexportError(f"--url {url}: need host:port, e.g. localhost:8000")
+    if parts.path or parts.query or parts.fragment:  # (serve prints .../v2/models/sdexport: told "not ready")
+        raise SdexportError(f"--url {url}: host:port only, without a path (e.g. {parts.hostname}:{port}; the model "
+                            "is --model)")
 
 
 @dataclass(frozen=True)
@@ -172,7 +175,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
         try:
             if not probe.is_model_ready(plan.model):
-                raise SdexportError(f"{plan.url}: model {plan.model!r} is not ready")
+                raise SdexportError(f"{plan.url}: model {plan.model!r} is not ready" + _not_ready_why(probe, plan.model))
             before = _batch_stats(probe, plan.model)
         except SdexportError:
             raise
@@ -183,12 +186,13 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     errors: dict[str, int] = {}
     issued = 0
     ended = False  # (the report is made: a straggler answering later records nothing)
+    gone = False  # the server refused a connection: it has stopped, and every request after would fail at once
     started = time.perf_counter()
 
     def take() -> bool:
         nonlocal issued
         with lock:
-            if ended or plan.requests and issued >= plan.requests:
+            if ended or gone or plan.requests and issued >= plan.requests:
                 return False
             if plan.duration_s and time.perf_counter() - started >= plan.duration_s:
                 return False
@@ -198,6 +202,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     inputs = infer_inputs(prompts, http, **plan.params, **files)  # the same request every time, made once
 
     def client() -> None:
+        nonlocal gone
         with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
                                         network_timeout=plan.timeout_s) as connection:
             while take():
@@ -206,6 +211,8 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                     result = connection.infer(plan.model, inputs,
                                               outputs=[http.InferRequestedOutput("image", binary_data=True)])
                     message = missing_images(result.as_numpy("image"), plan.prompts_per_request)
+                except ConnectionRefusedError as exc:  # (no server there now: the run ends, said in the report)
+                    message, gone = _message(exc), True
                 except Exception as exc:  # the server's message, counted, and the client goes on
                     message = _message(exc)
                 with lock:
@@ -255,6 +262,16 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                    "images_per_execution": inferences / executions if executions else None}
         if after is not None else None,
     }
+
+
+def _not_ready_why(probe: Any, model: str) -> str:
+    """Why ``model`` is not ready, where the server says: unknown to it (another ``--model``), or
+    its own state (loading, failed)."""
+    try:
+        probe.get_model_metadata(model)
+    except Exception as exc:
+        return f" ({_message(exc)})"
+    return " (still loading, or failed: the server's log says which)"
 
 
 def _message(exc: Exception) -> str:
