@@ -1239,6 +1239,9 @@ def serve(
     if not 0 <= drain_timeout <= 2**31 - 1 or startup_timeout < 1:  # (Triton's exit timeout, an int32)
         raise SdexportError(f"--drain-timeout must be 0 to {2**31 - 1}, --startup-timeout 1 or more")
     check_ports(ports)  # the cheap refusals first; the engine directory's checks load libraries
+    from sdexport.serving.names import check_server_paths
+
+    check_server_paths()
     if log_file is not None:
         from sdexport.output_dir import refuse_inside_engine_dir, require_creatable
 

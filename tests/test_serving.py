@@ -1742,6 +1742,27 @@ def test_a_directory_whose_name_is_not_utf8_is_served_through_its_link_and_named
     assert config.parameters["engine_name"].string_value == settings.engine_name
 
 
+def test_serve_refuses_server_paths_that_are_not_ascii_before_anything_loads(tiny_engine_dir, tmp_path, monkeypatch,
+                                                                            capsys):
+    """Triton's stub failed in its imports (a UnicodeEncodeError logged as a stack) where the temporary
+    folder or PYTRITON_HOME had an 'é'; a HOME with one (PyTriton's default home) is left for a
+    temporary home."""
+    import tempfile
+
+    from sdexport.serving.server import _usable
+
+    ports = [str(p) for p in _free_ports(3)]
+    serve = ["serve", tiny_engine_dir, "--http-port", ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2]]
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmpé"))
+    assert run_cli(*serve) == 2
+    assert f"the temporary folder {tmp_path / 'tmpé'} is not an ASCII path" in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setenv("PYTRITON_HOME", str(tmp_path / "homé"))
+    assert run_cli(*serve) == 2
+    assert f"PYTRITON_HOME {tmp_path / 'homé'}: not an ASCII path" in " ".join(capsys.readouterr().err.split())
+    assert not _usable(tmp_path / "homé" / ".cache" / "pytriton") and _usable(tmp_path / "home" / ".cache" / "pytriton")
+
+
 def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_engine_dir, tmp_path, capsys):
     named = shutil.copytree(tiny_engine_dir, tmp_path / "modèles")
     assert run_cli("triton-repo", named, "-o", tmp_path / "r1") == 2

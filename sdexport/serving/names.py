@@ -26,15 +26,35 @@ def ascii_links(settings: ServeSettings, folder: Path) -> ServeSettings:
     config.pbtxt, which is UTF-8 text)."""
     for field, name_field, link in (("engine_dir", "engine_name", "engines"), ("refiner", "refiner_name", "refiner")):
         path = getattr(settings, field)
-        if path and not path.isascii():
-            if not str(folder).isascii():
-                raise SdexportError(f"{path}: Triton's Python model reads only ASCII file names, and the temporary "
-                                    f"folder {folder} is not one either: set TMPDIR to an ASCII path")
+        if path and not path.isascii():  # (``folder`` is: ``check_server_paths``)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / link).symlink_to(path, target_is_directory=True)
             shown = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
             settings = replace(settings, **{field: str(folder / link), name_field: shown})
     return settings
+
+
+def check_server_paths() -> None:
+    """Refuse in one line, before anything loads, where ``serve``'s server would run from a path
+    that is not ASCII: the temporary folder (its model repository goes there) and the Python
+    environment the stub imports sdexport from. The stub failed on them with a UnicodeEncodeError
+    in its imports, which Triton logged as a stack (an audit: HOME or TMPDIR with an 'é'). PyTriton's
+    home is left for a temporary one where it is not ASCII (``server.pytriton_workspace``)."""
+    import os
+    import sys
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    if not folder.isascii():
+        raise SdexportError(f"the temporary folder {folder} is not an ASCII path, which Triton's Python model reads "
+                            "(serve writes its model repository there): set TMPDIR to an ASCII path")
+    if not sys.prefix.isascii():
+        raise SdexportError(f"this Python environment lies at {sys.prefix}, not an ASCII path, which Triton's Python "
+                            "model imports sdexport from: serve from an environment at an ASCII path")
+    home = os.environ.get("PYTRITON_HOME", "")
+    if home and not home.isascii():
+        raise SdexportError(f"PYTRITON_HOME {home}: not an ASCII path, which Triton's Python model runs from; "
+                            "set it to one (or unset it)")
 
 
 def check_ascii(path: str, option: str, given: bool) -> None:

@@ -309,7 +309,7 @@ def pytriton_workspace() -> Iterator[Path | None]:
 def _usable(home: Path) -> bool:
     """Whether PyTriton can keep its workspaces in ``home`` (made if missing). ``$HOME`` left in it:
     no HOME was set, and PyTriton's path leads into the working directory."""
-    if "$" in str(home):
+    if "$" in str(home) or not str(home).isascii():  # (the stub fails in its imports from a path that is not)
         return False
     try:
         home.mkdir(parents=True, exist_ok=True)
