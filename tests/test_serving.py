@@ -1763,6 +1763,33 @@ def test_serve_refuses_server_paths_that_are_not_ascii_before_anything_loads(tin
     assert not _usable(tmp_path / "homé" / ".cache" / "pytriton") and _usable(tmp_path / "home" / ".cache" / "pytriton")
 
 
+def test_a_port_taken_while_triton_started_is_named(tmp_path, monkeypatch):
+    """A second serve on the same ports, started while the first loaded (its ports open only then),
+    was told "[403] This API is restricted, expecting header 'triton-access-token'": PyTriton had
+    polled the first server."""
+    import socket
+
+    from sdexport.serving import server
+
+    def refused(triton, log_file, on_ready, drain_timeout_s):
+        raise SdexportError(f"{server.NOT_STARTED}: [403] This API is restricted, expecting header "
+                            "'triton-access-token'")
+
+    monkeypatch.setattr(server, "_serve", refused)
+    for setting in ("stub_environment", "server_output_to_stderr", "pytriton_waits"):  # (process-wide settings)
+        monkeypatch.setattr(server, setting, lambda *args: None)
+    numbers = _free_ports(3)
+    ports = server.Ports(http=numbers[0], grpc=numbers[1], metrics=numbers[2], address="127.0.0.1")
+    with socket.socket() as other:  # the first server's HTTP port
+        other.bind(("127.0.0.1", numbers[0]))
+        other.listen()
+        with pytest.raises(SdexportError, match=rf"^--http-port {numbers[0]}: cannot listen there .*; is another "
+                                                r"server running\? choose another port \(taken while Triton started\)$"):
+            server.run_server(tmp_path, ports, startup_timeout_s=5, drain_timeout_s=1, log_file=None, on_ready=lambda: None)
+    with pytest.raises(SdexportError, match=r"^Triton did not start: \[403\]"):  # free again: its own words
+        server.run_server(tmp_path, ports, startup_timeout_s=5, drain_timeout_s=1, log_file=None, on_ready=lambda: None)
+
+
 def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_engine_dir, tmp_path, capsys):
     named = shutil.copytree(tiny_engine_dir, tmp_path / "modèles")
     assert run_cli("triton-repo", named, "-o", tmp_path / "r1") == 2

@@ -275,7 +275,16 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
     with pytriton_workspace() as workspace:
         triton = Triton(config=config, workspace=workspace,
                         security_config=TritonSecurityConfig(restricted_endpoints=guarded))
-        _serve(triton, log_file, on_ready, drain_timeout_s)
+        try:
+            _serve(triton, log_file, on_ready, drain_timeout_s)
+        except SdexportError as exc:
+            if not str(exc).startswith(NOT_STARTED):
+                raise
+            try:  # (a second serve on the same ports, started while the first loaded: PyTriton polled the
+                check_ports(ports)  # first's server and was told "[403] This API is restricted")
+            except SdexportError as taken:
+                raise SdexportError(f"{taken} (taken while Triton started)") from None
+            raise
 
 
 @contextlib.contextmanager
@@ -335,7 +344,7 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
         except (Exception, KeyboardInterrupt) as exc:  # the server exited or never turned ready: its log says why
             if isinstance(exc, KeyboardInterrupt) and not watch.exited:
                 raise
-            raise SdexportError(f"Triton did not start: {_reason(triton, exc, log_file, earlier)}") from None
+            raise SdexportError(f"{NOT_STARTED}: {_reason(triton, exc, log_file, earlier)}") from None
         on_ready()
         served = True
         try:
@@ -401,6 +410,9 @@ def _reap_stubs(triton: object) -> None:
         with contextlib.suppress(OSError):
             region.unlink()
 
+
+NOT_STARTED = "Triton did not start"
+"""How ``_serve`` begins a failed start's message."""
 
 #: How often the start-up watch looks at the server process (seconds); tests shorten it.
 WATCH_PERIOD_S = 0.2
