@@ -167,6 +167,7 @@ def quiet_libraries() -> None:
     action: Literal["default", "ignore"] = "default" if loud else "ignore"
     warnings.filterwarnings(action, category=FutureWarning)
     warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers).*")
+    warnings.filterwarnings(action, module=r"pytriton\.")  # (its grpc client's timeout warning, with its path)
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)
     fetching = logging.getLogger("diffusers.models.modeling_utils")

@@ -1789,6 +1789,14 @@ def test_a_port_taken_while_triton_started_is_named(tmp_path, monkeypatch):
     with pytest.raises(SdexportError, match=r"^Triton did not start: \[403\]"):  # free again: its own words
         server.run_server(tmp_path, ports, startup_timeout_s=5, drain_timeout_s=1, log_file=None, on_ready=lambda: None)
 
+    def slow(triton, log_file, on_ready, drain_timeout_s):  # PyTriton's words alone did not name the option
+        raise SdexportError(f"{server.NOT_STARTED}: Waiting for server to be ready timed out.")
+
+    monkeypatch.setattr(server, "_serve", slow)
+    with pytest.raises(SdexportError, match=r"^Triton did not start: Waiting for server to be ready timed out within "
+                                            r"--startup-timeout 5 s: give it more where the model takes longer to load$"):
+        server.run_server(tmp_path, ports, startup_timeout_s=5, drain_timeout_s=1, log_file=None, on_ready=lambda: None)
+
 
 def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_engine_dir, tmp_path, capsys):
     named = shutil.copytree(tiny_engine_dir, tmp_path / "modèles")

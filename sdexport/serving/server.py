@@ -284,6 +284,9 @@ def run_server(repository: Path, ports: Ports, *, startup_timeout_s: int, drain_
                 check_ports(ports)  # first's server and was told "[403] This API is restricted")
             except SdexportError as taken:
                 raise SdexportError(f"{taken} (taken while Triton started)") from None
+            if "ready timed out" in str(exc):  # (PyTriton's words: the server never turned ready in time)
+                raise SdexportError(f"{exc.args[0].rstrip('.')} within --startup-timeout {startup_timeout_s} s: give "
+                                    "it more where the model takes longer to load") from None
             raise
 
 
