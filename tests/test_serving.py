@@ -482,11 +482,16 @@ def test_a_servers_refusals_name_the_lever_its_operator_has():
     assert written.option("width") == "sdexport triton-repo --width"
     assert "set_by" not in written.to_parameters()
     assert ServeSettings.from_parameters(written.to_parameters()).option("max_steps") == "config.pbtxt parameter max_steps"
-    with pytest.raises(SdexportError, match="is not a valid value"):
+    with pytest.raises(SdexportError, match=r"^config.pbtxt parameter set_by 'triton-repo': expected serve or config.pbtxt$"):
         ServeSettings.from_parameters({"engine_dir": "/e", "set_by": "triton-repo"})
-    for steps in ("0", "-3"):  # every request would be refused: refused as the server loads
-        with pytest.raises(SdexportError, match=f"max_steps '{steps}' is not a valid value"):
+    for steps in ("0", "-3", "many"):  # every request would be refused: refused as the server loads
+        with pytest.raises(SdexportError, match=rf"^config.pbtxt parameter max_steps '{steps}': expected a whole number, "
+                                                r"1 or more$"):
             ServeSettings.from_parameters({"engine_dir": "/e", "max_steps": steps})
+    # the parameter named, not the whole dict; an operator's "True" is true
+    with pytest.raises(SdexportError, match=r"^config.pbtxt parameter verify 'yes': expected true or false$"):
+        ServeSettings.from_parameters({"engine_dir": "/e", "verify": "yes"})
+    assert ServeSettings.from_parameters({"engine_dir": "/e", "verify": "True", "cuda_graph": "TRUE"}).cuda_graph
 
 
 @pytest.mark.parametrize(("shapes", "message"), [

@@ -111,22 +111,32 @@ class ServeSettings:
     def from_parameters(cls, parameters: dict[str, str]) -> ServeSettings:
         if "engine_dir" not in parameters:
             raise SdexportError("config.pbtxt has no engine_dir parameter: write the repository with `sdexport triton-repo`")
-        flag = {"true": True, "false": False}
-        try:
-            return cls(engine_dir=parameters["engine_dir"], backend=parameters.get("backend", cls.backend),
-                       cuda_graph=flag[parameters.get("cuda_graph", "false")], graphs=parameters.get("graphs", "auto"),
-                       max_steps=_at_least_one(parameters.get("max_steps", str(MAX_STEPS)), "max_steps"),
-                       verify=flag[parameters.get("verify", "true")],
-                       refiner=parameters.get("refiner", ""),
-                       denoising_end=float(parameters.get("denoising_end", DENOISING_END_DEFAULT)),
-                       engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""),
-                       emphasis=_emphasis(parameters.get("emphasis", DEFAULTS["emphasis"])),
-                       shapes=tuple((axis, parse_range(parameters[axis], axis, f"config.pbtxt parameter {axis}"))
-                                    for axis in SERVED_AXES if axis in parameters),
-                       hashed=parameters.get("hashed", ""),
-                       set_by={"serve": "serve", "config.pbtxt": "config.pbtxt"}[parameters.get("set_by", "config.pbtxt")])
-        except (KeyError, ValueError) as exc:
-            raise SdexportError(f"config.pbtxt parameters {parameters}: {exc} is not a valid value") from None
+        def read(name: str, default: str, parse: Callable[[str], Any], expected: str) -> Any:
+            """One parameter, refused naming it and what it takes (the whole dict was printed)."""
+            text = parameters.get(name, default)
+            try:
+                return parse(text)
+            except (KeyError, ValueError):
+                raise SdexportError(f"config.pbtxt parameter {name} {text!r}: expected {expected}") from None
+
+        def flag(text: str) -> bool:
+            return {"true": True, "false": False}[text.strip().lower()]  # (protobuf's True, a YAML habit: taken)
+
+        from sdexport.runtime.emphasis import EMPHASIS
+
+        return cls(engine_dir=parameters["engine_dir"], backend=parameters.get("backend", cls.backend),
+                   cuda_graph=read("cuda_graph", "false", flag, "true or false"), graphs=parameters.get("graphs", "auto"),
+                   max_steps=read("max_steps", str(MAX_STEPS), _at_least_one, "a whole number, 1 or more"),
+                   verify=read("verify", "true", flag, "true or false"),
+                   refiner=parameters.get("refiner", ""),
+                   denoising_end=read("denoising_end", repr(DENOISING_END_DEFAULT), float, "a number"),
+                   engine_name=parameters.get("engine_name", ""), refiner_name=parameters.get("refiner_name", ""),
+                   emphasis=read("emphasis", DEFAULTS["emphasis"], _emphasis, f"one of {', '.join(EMPHASIS)}"),
+                   shapes=tuple((axis, parse_range(parameters[axis], axis, f"config.pbtxt parameter {axis}"))
+                                for axis in SERVED_AXES if axis in parameters),
+                   hashed=parameters.get("hashed", ""),
+                   set_by=read("set_by", "config.pbtxt", {"serve": "serve", "config.pbtxt": "config.pbtxt"}.__getitem__,
+                               "serve or config.pbtxt"))
 
     @classmethod
     def unread(cls, parameters: dict[str, str]) -> list[str]:
@@ -204,11 +214,11 @@ def loaded_profiles(pipelines: list[Any]) -> list[tuple[str, ShapeProfile]]:
     return [(name, engine.profile) for pipeline in pipelines for name, engine in pipeline.engines.items()]
 
 
-def _at_least_one(text: str, name: str) -> int:
-    """config.pbtxt's whole number ``name`` (``max_steps``), 1 or more: 0 would refuse every request
-    (a ValueError otherwise, as ``--max-steps`` refuses it)."""
+def _at_least_one(text: str) -> int:
+    """config.pbtxt's whole number (``max_steps``), 1 or more: 0 would refuse every request (a
+    ValueError otherwise, as ``--max-steps`` refuses it)."""
     if int(text) < 1:
-        raise ValueError(f"{name} {text!r}")
+        raise ValueError(text)
     return int(text)
 
 
