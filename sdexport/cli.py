@@ -896,6 +896,7 @@ def _generate(
         print_result(str(path))
         stopping.keep("images", _written(paths[:paths.index(path) + 1], len(paths)))
 
+    unguided: list[tuple[int, int]] = []
     with contextlib.ExitStack() as padded:
         if len(parts) > 1 and whole is not None:  # each image read as one call would (the whole run's chunks)
             padded.enter_context(pipeline.padded_to(whole))
@@ -903,6 +904,7 @@ def _generate(
                 padded.enter_context(refining.padded_to(ensemble.refine))
         for k, part in enumerate(parts):
             result = _denoise(pipeline, part, "Denoising")
+            unguided += [(slot, saved + image) for slot, image in result.unguided]  # (the base model's, by the run's count)
             prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
             if refining is not None and ensemble is not None:
                 console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
@@ -922,6 +924,12 @@ def _generate(
                 save_images(result, output, inputs, first=saved, count=len(paths), per_image=per_image, on_written=wrote)
             saved += part.batch
             console.print(_timing_line(prefix, result, refining or pipeline), soft_wrap=True)
+    for slot in sorted({slot for slot, _ in unguided}):
+        images = [image + 1 for s, image in unguided if s == slot]
+        guided = ("guided nothing" if len(paths) == 1 else "guided no image" if len(images) == len(paths) else
+                  f"guided nothing in image{'s' if len(images) > 1 else ''} {', '.join(map(str, images))}")
+        console.print(f"[yellow]note:[/] control image {slot + 1} {guided}: its --control-start to --control-end "
+                      "window holds none of the steps that ran (as diffusers runs it)", soft_wrap=True)
     older = _numbered_after(output, len(paths))
     if older:
         console.print(f"[yellow]note:[/] {escape(_listed(older))} (numbered past this run's {len(paths)} "

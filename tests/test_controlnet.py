@@ -274,10 +274,17 @@ def test_a_control_window_holding_no_step_is_said(engine_dirs, tmp_path, capsys)
     args = ["run", engine_dirs["sd-one"], "-p", "x", "--scheduler", "euler", "--control-image", tmp_path / "e.png",
             "--control-start", "0.3", "--control-end", "0.6", "-o", tmp_path / "o.png"]
     assert run_cli(*args, "--steps", "2") == 0
-    assert ("note: --control-start 0.3 to --control-end 0.6 holds none of the 2 steps of the schedule here: control "
-            "image 1 does not guide the image") in " ".join(capsys.readouterr().err.split())
+    said = " ".join(capsys.readouterr().err.split())
+    assert ("note: control image 1 guided nothing: its --control-start to --control-end window holds none of the "
+            "steps that ran (as diffusers runs it)") in said and said.count("guided") == 1
     assert run_cli(*args, "--steps", "5") == 0  # step 3 of 5 (0.4 to 0.6) lies in it
-    assert "holds none" not in capsys.readouterr().err
+    assert "guided" not in capsys.readouterr().err
+    # three images over two calls (the profile's batch 2), the third's window other: numbered as the run's,
+    # said once
+    assert run_cli(*args[:-6], "-p", "y", "-p", "z", "--control-start", "0.3", "--control-start", "0.3",
+                   "--control-start", "0", "--control-end", "0.6", "-o", tmp_path / "o.png", "--steps", "2") == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert "note: control image 1 guided nothing in images 1, 2: its" in said and said.count("guided") == 1
 
 
 def test_a_resized_control_image_records_no_fit(engine_dirs, tmp_path, capsys):

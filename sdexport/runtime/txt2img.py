@@ -47,7 +47,7 @@ from sdexport.runtime.schedulers import (
     set_schedule,
 )
 from sdexport.runtime.timing import NO_CLOCK, StageClock, clock_for
-from sdexport.setting_names import option, setting
+from sdexport.setting_names import option
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import (
     GUIDANCE_EMBEDDING,
@@ -283,6 +283,9 @@ class GenerationResult:
     guess_mode: bool = False
     """Whether the ControlNets ran in guess mode (asked for, or turned on by a first ControlNet
     that pools, as diffusers does)."""
+    unguided: list[tuple[int, int]] = field(default_factory=list)
+    """(control image, image) pairs, from 0, whose ``control_start``/``control_end`` window held none
+    of the steps that ran: that control image guided nothing there (as in diffusers; ``run`` says so)."""
 
     def save(self, path: str | Path) -> list[Path]:
         """Save the images as ``sdexport run -o`` does (PNG, JPEG or WebP by suffix, ``NAME-i.EXT`` for
@@ -547,7 +550,9 @@ class Txt2ImgPipeline:
                      torch.cat([init.masked_latents] * 2) if request.cfg else init.masked_latents]
         blend = init is not None and init.mask is not None and not self.dims.inpainting
         step_kwargs = _step_kwargs(scheduler, generators)
-        control = self.control_conditioning(request, self.control_span(request, scheduler, timesteps)) if self.controlnets else None
+        span = self.control_span(request, scheduler, timesteps) if self.controlnets else 0
+        control = self.control_conditioning(request, span) if self.controlnets else None
+        unguided = self.unguided_controls(request, span, len(timesteps)) if control is not None else []
         adapter: AdapterFeatures | None = None
         if self.adapter:
             adapter_inputs = self.adapter_pixels(request)  # (outside the span: the baseline times the adapter's forward)
@@ -623,6 +628,7 @@ class Txt2ImgPipeline:
             sampler=a1111_sampler(scheduler),
             info=self.run_info(request, fallback, init is not None and init.encoder_fallback),
             guess_mode=control is not None and self.guess_mode(request),
+            unguided=unguided,
         )
 
     def run_info(self, request: GenerationRequest, vae_fallback: bool, encoder_fallback: bool) -> dict[str, Any]:
@@ -947,15 +953,7 @@ class Txt2ImgPipeline:
             else:  # one image, or one per prompt
                 pixels = torch.cat([control_pixels(image, *request.size) for image in given])
             per_image.append(per_prompt(pixels, batch).to(self.device))
-            rows = []
-            for image, (scale, start, end) in enumerate(own[slot] for own in settings):
-                keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
-                rows.append([scale * k for k in keep])
-                if scale and not any(keep):  # (as diffusers runs it; an image recording it would mislead)
-                    console.print(f"[yellow]note:[/] {setting('control_start')} {start:g} to "
-                                  f"{setting('control_end')} {end:g} holds none of the {steps} steps of the "
-                                  f"schedule here: control image {slot + 1} does not guide "
-                                  f"{f'image {image + 1}' if request.batch > 1 else 'the image'}", soft_wrap=True)
+            rows = [[scale * k for k in _keep(start, end, steps)] for scale, start, end in (own[slot] for own in settings)]
             per_step.append(list(zip(*rows)))
         take = self.dims.K or 1  # images per ControlNet: a union one's K, stacked on axis 1
         images = ([torch.stack(per_image[i:i + take], dim=1) for i in range(0, len(per_image), take)]
@@ -971,6 +969,16 @@ class Txt2ImgPipeline:
             gains = [None if name in self.pooled_controlnets else logspace for name in self.controlnets]
         return ControlConditioning(self.controlnets, images, scales, self.device, conditional_only=conditional_only,
                                    gains=gains, modes=modes)
+
+    def unguided_controls(self, request: GenerationRequest, steps: int, ran: int) -> list[tuple[int, int]]:
+        """(control image, image) pairs whose [start, end] window, a share of ``steps``
+        (``control_span``), holds none of the ``ran`` steps the loop runs (its first ones: the base
+        model's before a refiner): as diffusers runs them, that control image guides nothing there
+        (``GenerationResult.unguided``)."""
+        count = len(request.control_image or [])
+        return [(slot, image) for image in range(request.batch)
+                for slot, (scale, start, end) in enumerate(request.control_settings(count, self.family, image))
+                if scale and not any(_keep(start, end, steps)[:ran])]
 
     def control_modes(self, request: GenerationRequest, batch: int) -> list[dict[str, torch.Tensor]]:
         """Each union ControlNet's modes as its graph takes them: ``control_type``, the one-hot set
@@ -1277,6 +1285,12 @@ def guided(noise: torch.Tensor, guidance: float | torch.Tensor, rescale: float =
     axes = list(range(1, mixed.ndim))
     rescaled = mixed * (text.std(dim=axes, keepdim=True) / mixed.std(dim=axes, keepdim=True))
     return rescale * rescaled + (1 - rescale) * mixed
+
+
+def _keep(start: float, end: float, steps: int) -> list[float]:
+    """diffusers' ``controlnet_keep`` for one control image: 1 at each of ``steps`` inside its
+    [start, end] share, 0 outside."""
+    return [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
