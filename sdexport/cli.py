@@ -534,7 +534,8 @@ def run(
             note = (f"{flag} {path} resized from {control.size[1]}x{control.size[0]} to {request.height}x"
                     f"{request.width} (as diffusers does)")
             aspect = control.size[0] * request.height != control.size[1] * request.width
-            if fit == "crop" and images and aspect:  # (a map made from the init image no longer lies on it)
+            cropped = images and images[0].size[0] * request.height != images[0].size[1] * request.width
+            if fit == "crop" and cropped and aspect:  # (a map made from the init image no longer lies on it)
                 note = (f"{note[:-1]}: stretched, where --fit crop crops the init image and mask only; give it at "
                         f"{request.height}x{request.width} to keep the two aligned)")
             if note not in notes:  # a file given for several images: said once
@@ -652,12 +653,12 @@ def _numbered_after(output: Path, count: int) -> list[Path]:
 
 def _listed(paths: list[Path]) -> str:
     """A few paths, the first and last of many."""
-    return ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]} ({len(paths)} files)"
+    return ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]}"
 
 
 def _written(paths: list[Path], count: int) -> str:
     """What a run stopped now leaves: the images written, the first and last of a long run."""
-    names = ", ".join(map(str, paths)) if len(paths) <= 3 else f"{paths[0]} … {paths[-1]}"
+    names = _listed(paths)
     whole = f" ({len(paths)} of {count} images)" if count > 1 else ""
     return f"already written: {names}{whole}"
 
@@ -932,7 +933,8 @@ def _generate(
                       "window holds none of the steps that ran (as diffusers runs it)", soft_wrap=True)
     older = _numbered_after(output, len(paths))
     if older:
-        console.print(f"[yellow]note:[/] {escape(_listed(older))} (numbered past this run's {len(paths)} "
+        listed = escape(_listed(older)) + (f", {len(older)} files" if len(older) > 3 else "")
+        console.print(f"[yellow]note:[/] {listed} (numbered past this run's {len(paths)} "
                       f"image{'s' if len(paths) != 1 else ''}) {'is' if len(older) == 1 else 'are'} not this run's: "
                       "left as found", soft_wrap=True)
     if pipeline.info.get("random_weights"):

@@ -891,6 +891,23 @@ def test_bench_runs_a_controlnet_scenario(tmp_path):
     # of (tests/test_bench_compare.py); that a changed key exports again: tests/test_bench.py.
 
 
+def test_a_stray_second_controlnet_folder_beside_one_controlnet_is_not_read(tmp_path):
+    """As diffusers loads it: model_index.json naming one ControlNetModel reads controlnet/ alone
+    (the pipeline given as --controlnet was refused as a MultiControlNetModel); one naming a
+    MultiControlNetModel, or none (a folder put together by hand), reads them all."""
+    from sdexport.models.outline import pipeline_controlnets
+
+    for name in ("controlnet", "controlnet_1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    assert pipeline_controlnets(tmp_path) == (tmp_path / "controlnet", tmp_path / "controlnet_1")
+    index = tmp_path / "model_index.json"
+    index.write_text(json.dumps({"controlnet": ["diffusers", "ControlNetModel"]}))
+    assert pipeline_controlnets(tmp_path) == (tmp_path / "controlnet",)
+    index.write_text(json.dumps({"controlnet": ["diffusers", "MultiControlNetModel"]}))
+    assert len(pipeline_controlnets(tmp_path)) == 2
+
+
 def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path, capsys):
     """A diffusers ControlNet pipeline directory (here: saved by sdexport, loaded back by diffusers
     itself, MultiControlNetModel and all) is exported with its own ControlNets (only they are

@@ -240,6 +240,9 @@ def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_p
         assert ("--prompt and --negative-prompt: <lora:add_detail:0.8> is A1111's tag for a file it loads, read here "
                 "as words: give the file with --lora FILE:SCALE and leave the tag out") in " ".join(
                     capsys.readouterr().err.split())
+    assert run_cli("run", str(tiny_engine_dir), "-p", "<hypernet:anime:1> a fox", "--steps", "1",
+                   "-o", str(tmp_path / "d.png")) == 0  # (none here: not told to give it with --lora)
+    assert "read here as words: sdexport has no hypernetworks" in " ".join(capsys.readouterr().err.split())
 
 
 @pytest.mark.parametrize(("given", "message"), [

@@ -502,9 +502,15 @@ def _what_it_holds(path: Path) -> str:
 
 
 def pipeline_controlnets(path: Path) -> tuple[Path, ...]:
-    """The ControlNet folders of a diffusers ControlNet pipeline directory, in diffusers' order."""
+    """The ControlNet folders of a diffusers ControlNet pipeline directory, in diffusers' order:
+    ``controlnet/``, and where ``model_index.json`` names a MultiControlNet (or names none: a
+    folder put together by hand), ``controlnet_1/``, ... as diffusers reads them; a stray
+    ``controlnet_1/`` beside one ``ControlNetModel`` is not read, as diffusers does not."""
     from sdexport.specs import MAX_CONTROLNETS, controlnet_names
 
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    if index.get("controlnet") and not any("Multi" in str(part) for part in index["controlnet"]):
+        return (path / "controlnet",) if (path / "controlnet" / "config.json").is_file() else ()
     names = controlnet_names(MAX_CONTROLNETS)
     found = []
     for name in names:
@@ -813,13 +819,14 @@ def weights_kind(keys: Collection[str]) -> str | None:
     diffusers' ``{word: vectors}`` for a placeholder word in angle brackets, as its training script
     names them: ``<cat-toy>``); None otherwise. What each option is given is told apart by the same
     names."""
-    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) or ".lora_down." in k or ".lora_A." in k
+           for k in keys):
         return "lora"
     if any(k.startswith("control_model.") for k in keys):
         return "controlnet"
     if keys and all(k.startswith(VAE_KEYS) for k in keys):
         return "vae"
-    if keys and (all(k.startswith(EMBEDDING_KEYS) for k in keys)
+    if keys and (all(k in EMBEDDING_KEYS or k.startswith("string_to_param") for k in keys)
                  or (len(keys) <= 2 and all(re.fullmatch(r"<[^<>.\s]+>", k) for k in keys))):
         return "embedding"
     return None

@@ -882,7 +882,7 @@ def _check_setting(name: str, value: Any, batch: int, count: int, noun: str, pla
                      *([f"image {i + 1} of {batch}"] if len(values) > 1 else [])]
             said = f" ({', '.join(which)})" if which else ""
             if isinstance(v, bool) or not isinstance(v, int | float):  # (numpy's float32 is no float)
-                raise SdexportError(f"{flag} {v!r}{said}: expected an int or a float, not {type(v).__name__}")
+                raise SdexportError(f"{flag} {_given(v)}{said}: expected an int or a float, not {type(v).__name__}")
             if not finite32(v):
                 raise SdexportError(f"{flag} {v!r}{said}: expected a finite number (within float32's range)")
             if fraction and not 0 <= v <= 1:
@@ -891,6 +891,14 @@ def _check_setting(name: str, value: Any, batch: int, count: int, noun: str, pla
             raise SdexportError(f"{flag} {', '.join(f'{v:g}' for v in values)}{where}: a union ControlNet taking "
                                 f"{inside} images weighs them inside it, so the prompts of a call take the same "
                                 "value; generate the others in calls of their own")
+
+
+def _given(value: object) -> str:
+    """A value of the wrong type as a refusal shows it: a number as it reads (numpy 2's repr of its
+    scalars says ``np.float32(0.5)``, the type the message names after it), anything else by repr."""
+    import numbers
+
+    return str(value) if isinstance(value, numbers.Number) else repr(value)
 
 
 def _check_control_modes(modes: Any, images: int, known: int) -> None:
@@ -909,7 +917,7 @@ def _check_control_modes(modes: Any, images: int, known: int) -> None:
                             f"{setting('control_mode')} per {setting('control_image')}")
     for mode in modes:
         if isinstance(mode, bool) or not isinstance(mode, int):
-            raise SdexportError(f"{setting('control_mode')} {mode!r} ({type(mode).__name__}): expected a Python int, "
+            raise SdexportError(f"{setting('control_mode')} {_given(mode)} ({type(mode).__name__}): expected a Python int, "
                                 f"one of the modes 0 to {known - 1}")
         if not 0 <= mode < known:
             raise SdexportError(f"{setting('control_mode')} {mode!r}: this union ControlNet knows modes 0 to {known - 1}")
@@ -943,7 +951,8 @@ def _check_image_inputs(request: GenerationRequest, family: str, dims: ImageGeom
     _check_images(request, ("init image", request.image), ("mask", request.mask))
     strength = request.strength
     if strength is not None and (isinstance(strength, bool) or not isinstance(strength, int | float)):
-        raise SdexportError(f"{setting('strength')} {strength!r}: expected an int or a float, not {type(strength).__name__}")
+        raise SdexportError(f"{setting('strength')} {_given(strength)}: expected an int or a float, not "
+                            f"{type(strength).__name__}")
     if strength is not None and (not math.isfinite(strength) or not 0 < strength <= 1):
         raise SdexportError(f"{setting('strength')} {strength!r}: need a number above 0 and at most 1")
     if request.denoising_steps(family) < 1:
@@ -1124,8 +1133,11 @@ def default_notes(request: GenerationRequest, family: str, zeroed_negatives: boo
     tagged = {name: tags for name in names if (tags := [t for text in getattr(request, name) for t in extra_network_tags(text)])}
     if tagged:
         first = next(iter(tagged.values()))[0]
+        how = ("sdexport has no hypernetworks" if first[1:].lower().startswith("hypernet") else
+               "give the file with --lora FILE:SCALE (LyCORIS' LoCon; its LoHa and LoKr are refused) and leave the tag out"
+               if first[1:].lower().startswith("lyco") else "give the file with --lora FILE:SCALE and leave the tag out")
         notes.append(f"{' and '.join(map(setting, tagged))}: {first} is A1111's tag for a file it loads, read here as "
-                     "words: give the file with --lora FILE:SCALE and leave the tag out")
+                     f"words: {how}")
     return notes
 
 
