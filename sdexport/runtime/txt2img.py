@@ -722,7 +722,8 @@ class Txt2ImgPipeline:
         """Within the block, every call pads its texts to at least ``request``'s chunk count (its
         longest text's): ``run``'s request split into several calls (more images than one call takes)
         then reads each image as one call would, whatever prompts share its part; a short prompt's
-        image depended on whether a long one fell in its part (an audit)."""
+        image depended on whether a long one fell in its part (an audit). The floor is the
+        pipeline's: not for a pipeline other threads call meanwhile."""
         floor = self.least_chunks
         self.least_chunks = self.chunk_count(request)
         try:
