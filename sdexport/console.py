@@ -51,6 +51,24 @@ class _Console(Console):
     saved, and no line said why. Here what is printed after the reader left is dropped, and the
     work goes on to its own end and status."""
 
+    def _write_buffer(self) -> None:
+        """rich's write, where a terminal that hung up (a closed window, a dropped SSH session) fails
+        every write with EIO: the output is dropped from then on, as after a broken pipe, and the
+        work ends on its own terms (its SIGHUP's clean-up; a benchmark's report). The write can
+        fail before the signal's handler runs: a review's bench in a pty ended with exit 1."""
+        import errno
+
+        try:
+            super()._write_buffer()
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            from sdexport.stopping import detach_terminal
+
+            detach_terminal()
+            self.quiet = True
+            del self._buffer[:]
+
     def on_broken_pipe(self) -> None:
         import contextlib
 

@@ -69,15 +69,37 @@ def _taken_over(number: int) -> bool:
     return number == signal.SIGTERM or handler is signal.SIG_DFL
 
 
-_STOPS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *([_HANGUP] if _HANGUP is not None else []))
-"""The signals that stop a command."""
+STOPS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *([_HANGUP] if _HANGUP is not None else []))
+"""The signals that stop a command (``listening``; the benchmark's writing shield)."""
 
 
 def _record_and_raise(number: int, frame: object) -> None:
     global _requested
     if _requested is None:
         _requested = number
+    if number == _HANGUP:
+        detach_terminal()
     raise stop_for(number)
+
+
+def detach_terminal() -> None:
+    """After a hangup, point stdout and stderr where they were the terminal at /dev/null: every write
+    to a hung-up terminal fails (EIO), and the clean-up's first line ("interrupted", a benchmark's
+    note) raised before a benchmark's report was written (a review, in a pty). A descriptor that is
+    a file or a pipe is left alone: its reader may still be there."""
+    import os
+
+    for descriptor in (1, 2):
+        try:
+            if not os.isatty(descriptor):
+                continue
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, descriptor)
+            finally:
+                os.close(devnull)
+        except OSError:  # (no such descriptor)
+            continue
 
 
 @contextlib.contextmanager
@@ -101,7 +123,7 @@ def listening() -> Iterator[None]:
     previous: dict[int, Any] = {}
     hook = sys.unraisablehook
     try:
-        for number in _STOPS:
+        for number in STOPS:
             if _taken_over(number):
                 previous[number] = signal.signal(number, _record_and_raise)
         sys.unraisablehook = _quiet_dropped_stops(hook)
@@ -135,7 +157,7 @@ def finished() -> None:
     SIGKILL, which CI sends after its grace, still ends it."""
     if not _in_main_thread():
         return
-    for number in _STOPS:
+    for number in STOPS:
         if signal.getsignal(number) in (signal.SIG_DFL, signal.default_int_handler):
             signal.signal(number, signal.SIG_IGN)
 

@@ -1121,6 +1121,48 @@ def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path
     assert hidden_siblings(out) == []
 
 
+def test_a_closed_terminal_stops_a_bench_that_keeps_what_it_measured(tmp_path, tiny_engines):
+    """A bench in a terminal that closes (an SSH session dropped): the kernel's SIGHUP stops it as
+    SIGTERM does, and its report is written, though every write to the terminal now fails (EIO: the
+    note before the report raised, and nothing was written; a review, in a pty)."""
+    import os
+    import pty
+    import select
+    import sys
+    import time
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(INTERRUPTIBLE.replace("batch = [1, 2]", "batch = [1]"))
+    out = tmp_path / "out"
+    env = {**os.environ, "SDEXPORT_TEST_SLOW_UNET": "torch=0.5", "CUDA_VISIBLE_DEVICES": "", "COLUMNS": "200"}
+    pid, terminal = pty.fork()  # the child leads a session whose controlling terminal is the pty
+    if pid == 0:
+        os.execve(sys.executable, [sys.executable, "-m", "sdexport", "bench", str(scenario), "-o", str(out),
+                                   "--engine-dir", str(tiny_engines)], env)
+    import re
+
+    seen, deadline = b"", time.monotonic() + 240
+
+    def shown() -> str:  # (a terminal's progress lines come with rich's escape codes)
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
+
+    try:
+        while "✓ diffusers" not in shown() and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 1.0)[0]:
+                try:
+                    seen += os.read(terminal, 4096)
+                except OSError:
+                    break
+        time.sleep(1)  # into torch's measurement
+    finally:
+        os.close(terminal)  # the terminal hangs up: SIGHUP to its foreground process group
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130, shown()[-2000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["interrupted"]["by"] == "SIGHUP" and report["interrupted"]["contender"] == "torch"
+    assert hidden_siblings(out) == []
+
+
 @pytest.mark.parametrize("first", ["interrupted", "finished"])
 def test_signals_while_the_report_is_written_wait_for_it(tmp_path, tiny_engines, monkeypatch, capfd, first):
     """GitHub sends SIGINT then SIGTERM; a user presses Ctrl-C twice; the CI gate passes the job's

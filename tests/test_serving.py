@@ -986,6 +986,20 @@ SERVED_NAME = "modèles ü"
 """The module's server serves the tiny engines under this name: not ASCII (``serving.names``)."""
 
 
+def test_triton_runs_with_sighup_ignored_and_serve_without(server):
+    """A closed terminal's SIGHUP reaches serve's process group, where PyTriton starts Triton, which
+    does not handle SIGHUP (run by hand, it ends at once): sh starts it in the background with SIGHUP
+    ignored (held here, should either change), and serve stops on it and stops Triton with its drain."""
+    def ignored(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return bool(int(status.split("SigIgn:")[1].split()[0], 16) & (1 << (signal.SIGHUP - 1)))
+
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and b"tritonserver" in _cmdline(p)
+                and f"PPid:\t{server.process.pid}\n" in (p / "status").read_text()]
+    assert children and all(ignored(pid) for pid in children)
+    assert not ignored(server.process.pid)
+
+
 def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, tiny_engine_dir, tmp_path):
     from PIL import Image
 

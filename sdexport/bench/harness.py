@@ -380,13 +380,13 @@ class _WritingShield:
         return self
 
     def engage(self) -> None:
-        """Take over SIGINT and SIGTERM. Safe to call again: a handler that was not installed (an old
+        """Take over SIGINT, SIGTERM and SIGHUP. Safe to call again: a handler that was not installed (an old
         handler ran first and raised) is installed by the next call. A signal ignored when the run
         began (SIGINT in a background job) stays ignored. A stop asked for earlier whose
         KeyboardInterrupt was dropped on the way (``sdexport.stopping``) becomes ``pending``."""
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can be set in the main thread only; a library caller's thread keeps its own
-        for number in (signal.SIGINT, signal.SIGTERM):
+        for number in stopping.STOPS:  # (a closed terminal sends two SIGHUPs: the second came mid-write)
             if number in self._previous or signal.getsignal(number) is signal.SIG_IGN:
                 continue
             # recorded only once installed: after that a signal goes to _note, which never raises
@@ -399,6 +399,8 @@ class _WritingShield:
     def _note(self, number: int, frame: object) -> None:
         if self.pending is None:
             self.pending = stopping.stop_for(number)
+        if number == getattr(signal, "SIGHUP", None):
+            stopping.detach_terminal()
         # os.write, not the console: a handler may run in the middle of the console's own print; and
         # nothing it raises (stderr a closed pipe) may abort the write it protects
         with contextlib.suppress(OSError):

@@ -358,10 +358,10 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
             _await_exit(triton, drain_timeout_s + EXIT_MARGIN_S)
     finally:
         triton.stop()
-        _flush_console_line()
         status = _exit_status(triton)
-        if status is not None:
+        if status is not None:  # (first: a print below fails on a hung-up terminal)
             _reap_stubs(triton)
+        _flush_console_line()
         held = _connections_held(_log_lines(triton, log_file, earlier)) if served and status else None
         if held:  # (raised over a Ctrl-C or SIGTERM too)
             raise SdexportError(
