@@ -768,7 +768,7 @@ def test_every_text_file_is_read_and_written_as_utf8():
     assert not unnamed, f"text opened without an encoding (the locale's, then): {unnamed}"
 
 
-def test_export_prints_the_directory_alone_on_its_first_line(tiny_engine_dir, capsys):
+def test_the_summary_prints_the_directory_alone_on_its_first_line(tiny_engine_dir, capsys):
     """README: paths of what was written, one per line, whole: ``export ... | head -1`` read the
     directory and its label as one line (a path with a space could not be cut from it)."""
     assert run_cli("inspect", tiny_engine_dir, "--no-check") == 0  # (export's summary, printed alike)

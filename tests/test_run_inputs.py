@@ -347,6 +347,15 @@ def test_a_path_inside_an_engine_directory_names_the_directory(tiny_engine_dir, 
                     f"{given}: a folder inside the engine directory {directory}; give that directory") in err, err
 
 
+def test_a_folder_under_another_tools_manifest_is_not_called_inside_an_engine_directory(tmp_path, capsys):
+    """A web app's or a browser extension's manifest.json is not sdexport's."""
+    (tmp_path / "manifest.json").write_text('{"name": "my app", "format": 2}')
+    (tmp_path / "assets").mkdir()
+    assert run_cli("inspect", tmp_path / "assets") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no manifest.json; not an sdexport engine directory" in err and "inside the engine directory" not in err
+
+
 def test_an_image_is_never_written_into_an_engine_directory(tiny_engine_dir, no_engines, capsys):
     """One more file makes the directory no longer provably sdexport's (export --force, the builds)."""
     for inside in ("unet/x.png", "x.webp"):

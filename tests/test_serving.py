@@ -766,6 +766,7 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     with pytest.raises(ValueError, match="seed: 1 values for 2 prompts"):
         infer_inputs(["a", "b"], http, seed=[1])
     assert {i.name(): i for i in infer_inputs(("a", "b"), http)}["prompt"].shape() == [2, 1]  # a tuple of prompts
+    assert {i.name(): i for i in infer_inputs(np.array(["a", "b"]), http)}["prompt"].shape() == [2, 1]  # numpy's str_
     for wrong, kind in (([b"a"], "bytes"), (3, "int")):  # (an AttributeError on .encode, a TypeError on len)
         with pytest.raises(ValueError, match=rf"^prompts: give a text or a list of texts \(str, not {kind}\)$"):
             infer_inputs(wrong, http)
@@ -1370,6 +1371,7 @@ def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
     assert time.perf_counter() - started < 10
     assert report["succeeded"] == 3 and list(report["errors"]) == ["[Errno 111] Connection refused"]
     assert report["errors"]["[Errno 111] Connection refused"] <= 2  # (a client each at most: the other may stop first)
+    assert report["ended_early_s"] < 10 and "**Ended early**: the server refused connections" in loadtest.markdown(report)
 
 
 def test_loadtest_says_why_a_model_is_not_ready(monkeypatch):
@@ -1637,6 +1639,7 @@ def test_serve_and_triton_repo_allow_200_steps_unless_told(tiny_engine_dir, tmp_
     ({"url": "127.0.0.1:8000/v2/models/sdexport"}, ("--url 127.0.0.1:8000/v2/models/sdexport: host:port only, "
                                                      "without a path (e.g. 127.0.0.1:8000; the model is --model)")),
     ({"url": "127.0.0.1:8000?x"}, "host:port only, without a path"),
+    ({"url": "[::1]:8000/v2"}, "without a path (e.g. [::1]:8000;"),  # (its own IPv6 form, not ::1:8000)
     ({"url": "http://localhost:8000"}, "without the scheme"),
 ])
 def test_a_load_test_that_could_never_end_or_connect_is_refused_before_any_request(change, message):
@@ -1780,6 +1783,13 @@ def test_serve_refuses_server_paths_that_are_not_ascii_before_anything_loads(tin
     assert run_cli(*serve) == 2
     assert f"PYTRITON_HOME {tmp_path / 'homé'}: not an ASCII path" in " ".join(capsys.readouterr().err.split())
     assert not _usable(tmp_path / "homé" / ".cache" / "pytriton") and _usable(tmp_path / "home" / ".cache" / "pytriton")
+    monkeypatch.delenv("PYTRITON_HOME")
+    import sdexport
+
+    monkeypatch.setattr(sdexport, "__file__", str(tmp_path / "checkoutë" / "sdexport" / "__init__.py"))
+    assert run_cli(*serve) == 2
+    assert f"sdexport is imported from {tmp_path / 'checkoutë' / 'sdexport'}, not an ASCII path" in " ".join(
+        capsys.readouterr().err.split())
 
 
 def test_a_port_taken_while_triton_started_is_named(tmp_path, monkeypatch):

@@ -202,7 +202,7 @@ def test_what_was_kept_is_recorded_while_listening_only():
 
 
 @pytest.mark.parametrize("when", ["atexit", "modules"])
-@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=["SIGTERM", "SIGINT", "SIGHUP"])
 def test_a_stop_during_the_teardown_after_the_command_keeps_its_exit_status(number, when):
     """The console script's command is over (here a refusal, status 2) and Python tears down; a
     stop then ended the process as killed (143) or as interrupted (130), with nothing said, though

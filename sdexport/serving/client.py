@@ -180,7 +180,8 @@ def _per_image_lists(value: Any, rows: int, name: str) -> list[list[Any]]:
 def _prompt_list(prompts: Any) -> list[str]:
     """``prompts`` as the list of texts sent, one per image: a string is one prompt (iterated, it
     would be one per character), a tuple is held as a list; anything else is refused by its type."""
-    listed = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, list | tuple) else None
+    many = isinstance(prompts, list | tuple) or type(prompts).__name__ == "ndarray"  # (numpy's str_ are str)
+    listed = [prompts] if isinstance(prompts, str) else list(prompts) if many else None
     if listed is None or not all(isinstance(p, str) for p in listed):
         wrong = type(prompts).__name__ if listed is None else next(type(p).__name__ for p in listed if not isinstance(p, str))
         raise ValueError(f"prompts: give a text or a list of texts (str, not {wrong})")

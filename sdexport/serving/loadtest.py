@@ -47,8 +47,7 @@ def check_url(url: str) -> None:
     if port is None or not parts.hostname:
         raise SdexportError(f"--url {url}: need host:port, e.g. localhost:8000")
     if parts.path or parts.query or parts.fragment:  # (serve prints .../v2/models/sdexport: told "not ready")
-        raise SdexportError(f"--url {url}: host:port only, without a path (e.g. {parts.hostname}:{port}; the model "
-                            "is --model)")
+        raise SdexportError(f"--url {url}: host:port only, without a path (e.g. {parts.netloc}; the model is --model)")
 
 
 @dataclass(frozen=True)
@@ -186,13 +185,13 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     errors: dict[str, int] = {}
     issued = 0
     ended = False  # (the report is made: a straggler answering later records nothing)
-    gone = False  # the server refused a connection: it has stopped, and every request after would fail at once
+    gone: float | None = None  # when the server refused a connection: stopped, every request after would fail at once
     started = time.perf_counter()
 
     def take() -> bool:
         nonlocal issued
         with lock:
-            if ended or gone or plan.requests and issued >= plan.requests:
+            if ended or gone is not None or plan.requests and issued >= plan.requests:
                 return False
             if plan.duration_s and time.perf_counter() - started >= plan.duration_s:
                 return False
@@ -212,7 +211,9 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                                               outputs=[http.InferRequestedOutput("image", binary_data=True)])
                     message = missing_images(result.as_numpy("image"), plan.prompts_per_request)
                 except ConnectionRefusedError as exc:  # (no server there now: the run ends, said in the report)
-                    message, gone = _message(exc), True
+                    message = _message(exc)
+                    with lock:
+                        gone = time.perf_counter() - started if gone is None else gone
                 except Exception as exc:  # the server's message, counted, and the client goes on
                     message = _message(exc)
                 with lock:
@@ -251,7 +252,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
         "url": plan.url, "model": plan.model, "concurrency": plan.concurrency, "clients": clients,
         "images_per_request": plan.prompts_per_request,
         "params": {**{k: v for k, v in plan.params.items() if not isinstance(v, bytes | list)}, **plan.images},
-        "requests": done + sum(errors.values()), "succeeded": done, "errors": errors,
+        "requests": done + sum(errors.values()), "succeeded": done, "errors": errors, "ended_early_s": gone,
         "wall_s": wall,
         "requests_per_s": done / wall if wall else 0.0,
         "images_per_s": done * plan.prompts_per_request / wall if wall else 0.0,
@@ -331,6 +332,9 @@ def markdown(report: dict[str, Any]) -> str:
          "inference count over its execution count for the run, refused requests included (1.00: no "
          "request shared a batch; -: the server's statistics were not available)."),
     ]
+    if report.get("ended_early_s") is not None:
+        lines += ["", (f"**Ended early**: the server refused connections {report['ended_early_s']:.1f} s into the run "
+                       "(stopped, or restarting), which then ended; the figures cover the time before.")]
     if report["errors"]:
         lines += ["", "Errors:", ""] + [f"- {count}x {message}" for message, count in report["errors"].items()]
     return "\n".join(lines) + "\n"

@@ -48,9 +48,13 @@ def check_server_paths() -> None:
     if not folder.isascii():
         raise SdexportError(f"the temporary folder {folder} is not an ASCII path, which Triton's Python model reads "
                             "(serve writes its model repository there): set TMPDIR to an ASCII path")
-    if not sys.prefix.isascii():
-        raise SdexportError(f"this Python environment lies at {sys.prefix}, not an ASCII path, which Triton's Python "
-                            "model imports sdexport from: serve from an environment at an ASCII path")
+    import sdexport
+
+    for where, what in ((sys.prefix, "this Python environment lies at"),
+                        (str(Path(sdexport.__file__).parent), "sdexport is imported from")):
+        if not where.isascii():  # (an editable checkout, PYTHONPATH: the stub imports it from there too)
+            raise SdexportError(f"{what} {where}, not an ASCII path, which Triton's Python model imports sdexport "
+                                "from: serve from an environment and a copy of sdexport at ASCII paths")
     home = os.environ.get("PYTRITON_HOME", "")
     if home and not home.isascii():
         raise SdexportError(f"PYTRITON_HOME {home}: not an ASCII path, which Triton's Python model runs from; "

@@ -366,9 +366,9 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
         if held:  # (raised over a Ctrl-C or SIGTERM too)
             raise SdexportError(
                 f"Triton exited with status {status} as the --drain-timeout of {drain_timeout_s} s ran out, still "
-                f"waiting for {held} client connection(s) to close (HTTP keep-alive holds them open, and Triton "
-                "answers their new requests meanwhile): requests still queued or running then were dropped, their "
-                "clients given no image (README: Serving, Stopping)")
+                f"waiting for {held} client connection(s) to close (a request still running on one, or a client "
+                "keeping its connection open, HTTP keep-alive, whose new requests Triton answers meanwhile): requests "
+                "still queued or running then were dropped, their clients given no image (README: Serving, Stopping)")
         if served and status:  # (raised over a Ctrl-C or SIGTERM too: that stop lost requests)
             raise SdexportError(
                 f"Triton exited with status {status}, so requests still in flight when it stopped were "
