@@ -59,7 +59,7 @@ def stop_for(number: int) -> KeyboardInterrupt:
 
 
 def _taken_over(number: int) -> bool:
-    """Whether ``listening`` and ``finished`` take ``number`` over: SIGTERM always; SIGINT only
+    """Whether ``listening`` takes ``number`` over: SIGTERM always; SIGINT only
     from Python's own handler and SIGHUP only from the default (the process ending): one that is
     ignored (a script's background job, ``nohup``) stays ignored, and another program's handler
     (sdexport called as a library) stays that program's."""
