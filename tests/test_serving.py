@@ -1137,6 +1137,22 @@ def test_loadtest_given_a_duration_alone_runs_until_it_ends(monkeypatch, tmp_pat
     assert [(p.requests, p.duration_s) for p in plans] == [(0, 20.0), (16, 0.0), (5, 20.0), (0, 3.0)]
 
 
+def test_loadtest_sends_one_side_alone_as_serve_takes_it(monkeypatch, tmp_path):
+    """--height alone was refused ("give both, or neither"); serve takes the other side's default."""
+    from sdexport.serving import loadtest
+
+    plans: list[object] = []
+
+    def planned(plan, prompt, files):
+        plans.append(plan)
+        raise SdexportError("planned")
+
+    monkeypatch.setattr(loadtest, "run_load", planned)
+    assert run_cli("loadtest", "--url", "127.0.0.1:1", "--height", "128", "-o", tmp_path / "out") == 2
+    [plan] = plans
+    assert plan.params["height"] == 128 and "width" not in plan.params
+
+
 def test_loadtest_refuses_what_no_model_takes_before_it_asks_a_server(monkeypatch, tmp_path, tiny_engine_dir, capsys):
     """With no server there, these were "no Triton server answers there"; against one, a load of
     failed requests (or 100000 client threads for 16 requests). An engine directory as -o took the
@@ -1854,7 +1870,8 @@ def test_triton_repo_names_a_directory_through_the_ascii_link_it_is_given(tiny_e
     (["loadtest", "--url", "127.0.0.1:1", "-n", "0"], "give --requests or --duration"),
     (["loadtest", "--url", "127.0.0.1:1", "-n", "1"], "no Triton server answers there"),
     (["loadtest", "--url", "http://127.0.0.1:1"], "without the scheme"),
-    (["loadtest", "--url", "127.0.0.1:1", "--height", "128"], "--height and --width: give both, or neither"),
+    (["loadtest", "--url", "127.0.0.1:1", "--height", "128", "--init-image", "{tmp}/init.png"],
+     "--height and --width: with --init-image, give both, or neither"),  # (one alone: the server's default for the other)
     (["loadtest", "--url", "127.0.0.1:1", "--height", "4294967424", "--width", "128"],
      "--height: 4294967424 is not a whole number INT32 holds"),
     (["loadtest", "--url", "127.0.0.1:1", "--steps", "1" + "0" * 400], "(401 digits) is not a whole number INT32"),

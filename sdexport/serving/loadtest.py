@@ -90,8 +90,8 @@ class LoadPlan:
         check_url(self.url)
         if self.prompts_per_request < 1:
             raise SdexportError(f"--batch {self.prompts_per_request}: need at least 1 image per request")
-        if ("height" in self.params) != ("width" in self.params):
-            raise SdexportError("--height and --width: give both, or neither (the model's size, or the init image's)")
+        if ("height" in self.params) != ("width" in self.params) and self.images:  # (one alone: as serve takes it)
+            raise SdexportError("--height and --width: with --init-image, give both, or neither (the image's size)")
         from sdexport.serving.client import check_numbers
 
         try:  # what the inputs' tensors cannot hold, refused before a request, in the options' names
