@@ -377,20 +377,25 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
 
 
 def _connections_held(lines: list[str]) -> int | None:
-    """The client connections Triton last waited for as it stopped (None: it said nothing of them).
-    Triton waits for its HTTP connections to close before the models' requests, with the same
-    timeout, and answers their new requests meanwhile: a client keeping its connection open
+    """The client connections Triton still waited for when its exit timeout ran out (None: none, or
+    it said nothing of them). Triton waits for its HTTP connections to close before the models'
+    requests, with the same timeout (a line a second: "Timeout N: Found M HTTP service
+    connections"), and answers their new requests meanwhile: a client keeping its connection open
     (tritonclient, a load balancer) holds the drain to its end, and Triton then exits non-zero.
-    Whether a request was lost, Triton's log does not tell (its count of requests in flight said 0
-    where two queued ones were cut: an audit); the clients that lost one saw "connection closed"."""
-    held = [int(found[1]) for line in lines if (found := re.search(r"Found (\d+) HTTP service connections", line))]
-    return held[-1] if held else None
+    Counted only where the wait reached its last second (connections that closed earlier left the
+    models' wait to run out). Whether a request was lost, Triton's log does not tell (its count of
+    requests in flight said 0 where two queued ones were cut: an audit); the clients that lost one
+    saw "connection closed"."""
+    waits = [(int(found[1]), int(found[2])) for line in lines
+             if (found := re.search(r"Timeout (\d+): Found (\d+) HTTP service connections", line))]
+    return waits[-1][1] if waits and waits[-1][0] <= 1 and waits[-1][1] else None
 
 
 def _reap_stubs(triton: object) -> None:
     """Once Triton has exited: end its Python backend stubs still running, and remove their shared
-    memory. Triton killed at its exit timeout (or crashed) leaves a stub behind, adopted by init,
-    deaf to SIGTERM and holding the model (its device memory too: the next ``serve`` ran out). Both
+    memory. Triton killed at its exit timeout (or crashed) can leave a stub behind (an audit, under
+    load), adopted by init, deaf to SIGTERM and holding the model (on a GPU its device memory, which
+    the next ``serve`` would lack). Both
     are known by PyTriton's shared-memory prefix, unique to this server (its pid and 4 random bytes),
     which each stub's command line carries."""
     import signal
