@@ -809,8 +809,9 @@ def check_holds_a_unet(path: Path, keys: Iterable[str]) -> None:
     raise ModelLoadError(f"{path}: no 'model.diffusion_model.*' weights; {holds}")
 
 
-EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g", "string_to_param")
-"""A1111's (``emb_params``, ``string_to_param.*``) and SDXL's (``clip_l``, ``clip_g``) embedding tensors."""
+EMBEDDING_KEYS = ("emb_params", "clip_l", "clip_g")
+"""A1111's (``emb_params``; its older files ``string_to_param.*``) and SDXL's (``clip_l``, ``clip_g``)
+embedding tensors."""
 
 
 def weights_kind(keys: Collection[str]) -> str | None:
