@@ -246,22 +246,12 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
 
 
 def _engine_dir_above(path: Path) -> Path | None:
-    """The engine directory holding ``path`` (a component's folder or file: ``unet``, ``unet/model.onnx``,
-    an optimized graph's ``unet/onnxruntime-cuda/model.onnx``), told by its manifest; None elsewhere."""
-    for parent in list(path.absolute().parents)[:3]:
-        if _is_ours(parent / MANIFEST_NAME):
-            return parent if path.is_absolute() else Path(os.path.relpath(parent))
-    return None
+    """The engine directory holding ``path`` (a component's folder or file: ``unet``, ``unet/model.onnx``),
+    as ``output_dir.engine_dir_above`` finds it, named relative where ``path`` was given so; None elsewhere."""
+    from sdexport.output_dir import engine_dir_above
 
-
-def _is_ours(path: Path) -> bool:
-    """Whether ``path`` is a manifest sdexport wrote, by its format (a web app's or an extension's
-    manifest.json is not)."""
-    try:
-        return path.is_file() and path.stat().st_size < 1 << 24 and \
-            json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    above = engine_dir_above(path)
+    return above if above is None or path.is_absolute() else Path(os.path.relpath(above))
 
 
 def _format_refusal(directory: Path, data: dict[str, Any]) -> str:
