@@ -48,14 +48,14 @@ _kept: dict[str, str] | None = None
 """What the command has finished so far, by topic (``keep``); None while not ``listening``."""
 
 
-_HANGUP: int | None = getattr(signal, "SIGHUP", None)
+HANGUP: int | None = getattr(signal, "SIGHUP", None)
 """SIGHUP where there is one (not on Windows)."""
 
 
 def stop_for(number: int) -> KeyboardInterrupt:
     """The exception signal ``number`` stops a job with: ``Terminated`` for SIGTERM, ``HungUp`` for
     SIGHUP, else KeyboardInterrupt."""
-    return Terminated() if number == signal.SIGTERM else HungUp() if number == _HANGUP else KeyboardInterrupt()
+    return Terminated() if number == signal.SIGTERM else HungUp() if number == HANGUP else KeyboardInterrupt()
 
 
 def _taken_over(number: int) -> bool:
@@ -69,7 +69,7 @@ def _taken_over(number: int) -> bool:
     return number == signal.SIGTERM or handler is signal.SIG_DFL
 
 
-STOPS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *([_HANGUP] if _HANGUP is not None else []))
+STOPS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *([HANGUP] if HANGUP is not None else []))
 """The signals that stop a command (``listening``; the benchmark's writing shield)."""
 
 
@@ -77,7 +77,7 @@ def _record_and_raise(number: int, frame: object) -> None:
     global _requested
     if _requested is None:
         _requested = number
-    if number == _HANGUP:
+    if number == HANGUP:
         detach_terminal()
     raise stop_for(number)
 

@@ -399,7 +399,7 @@ class _WritingShield:
     def _note(self, number: int, frame: object) -> None:
         if self.pending is None:
             self.pending = stopping.stop_for(number)
-        if number == getattr(signal, "SIGHUP", None):
+        if number == stopping.HANGUP:
             stopping.detach_terminal()
         # os.write, not the console: a handler may run in the middle of the console's own print; and
         # nothing it raises (stderr a closed pipe) may abort the write it protects
