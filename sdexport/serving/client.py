@@ -194,11 +194,12 @@ def generate(url: str, prompts: list[str] | str, *, model: str = MODEL_NAME, tim
     import tritonclient.http as http
 
     output = "pixels" if pixels else "image"
+    prompts = _prompt_list(prompts)
     with http.InferenceServerClient(url, connection_timeout=timeout_s, network_timeout=timeout_s) as client:
         result = client.infer(model, infer_inputs(prompts, http, **params),
                               outputs=[http.InferRequestedOutput(output, binary_data=True)])
     array = result.as_numpy(output)
-    if why := missing_images(array, len(_prompt_list(prompts))):
+    if why := missing_images(array, len(prompts)):
         raise RuntimeError(f"{url}: the server {why}")
     return list(array) if pixels else [row[0] for row in array]
 
