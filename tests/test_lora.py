@@ -736,6 +736,45 @@ def test_a_weight_two_initializers_could_be_is_left_unmapped():
     assert weight_map(module, [("a", weight.T.copy()), ("b", weight.T.copy())]) == {}
 
 
+def test_the_exporter_stores_equal_weights_once_and_the_map_names_it_for_both():
+    """What the next test stands on: TorchScript's exporter keeps one initializer for two equal
+    weights, and ``weight_map`` then gives both layers that one initializer."""
+    import io
+
+    import onnx
+    from onnx import numpy_helper
+
+    from sdexport.export.weight_names import weight_map
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    with torch.no_grad():
+        module[1].weight.copy_(module[0].weight)
+    graph = io.BytesIO()
+    torch.onnx.export(module.eval(), (torch.randn(1, 4),), graph, dynamo=False)
+    model = onnx.load_from_string(graph.getvalue())
+    names = weight_map(module, [(t.name, numpy_helper.to_array(t)) for t in model.graph.initializer])
+    assert names["0.weight"]["initializer"] == names["1.weight"]["initializer"]
+
+
+def test_run_time_lora_refuses_a_weight_stored_once_for_two_layers(engine_copy, lora_files):
+    """Changing the one initializer of two equal weights would change the layer the LoRA does not
+    name too: refused before any session is made, naming both, where it was applied to both."""
+    import hashlib
+
+    from sdexport.manifest import save_manifest
+
+    path = engine_copy / "unet" / "weights.json"
+    names = json.loads(path.read_text())
+    block = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    names[f"{block}.to_k.weight"] = names[f"{block}.to_q.weight"]  # as the exporter writes equal weights
+    path.write_text(json.dumps(names))
+    manifest = load_manifest(engine_copy, verify_files=False)
+    manifest.files["unet/weights.json"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    save_manifest(engine_copy, manifest)
+    with pytest.raises(SdexportError, match=rf"changes unet\.{block}\.to_q, whose weight equals unet\.{block}\.to_k's"):
+        load_pipeline(engine_copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["kohya"])])
+
+
 # From mutation testing round 5: each seen to fail with the change it guards against.
 
 def test_a_peft_alpha_pattern_scales_the_modules_it_names(tmp_path):

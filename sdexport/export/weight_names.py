@@ -5,7 +5,9 @@ graph transposed for MatMul and renamed (``onnx::MatMul_1639``). Run-time LoRA (
 --lora``) must find those tensors again, so the export records the correspondence in
 ``<component>/weights.json``, found by content on the fp32 graph just traced: each linear and
 convolution weight is looked for as it is, and transposed. A weight found under two names (equal
-contents) is left out rather than guessed; run-time LoRA then refuses to change it.
+contents) is left out rather than guessed; run-time LoRA then refuses to change it. Two layers
+whose equal weights the exporter stored once both name that one initializer; run-time LoRA refuses
+to change either (``lora_runtime.refuse_shared_weights``): it would change both.
 """
 
 from __future__ import annotations

@@ -551,11 +551,18 @@ def _load_engines(
     ``optional``: components TensorRT leaves out where no plan serves (``load_tensorrt_engines``); the
     other backends run the export's graphs, which every directory has."""
     profile, dims = manifest.shape_profile, manifest.model_dims
-    from sdexport.runtime.lora_runtime import onnx_initializers, onnx_layers, unet_config, updates_for
+    from sdexport.runtime.lora_runtime import (
+        onnx_initializers,
+        onnx_layers,
+        refuse_shared_weights,
+        unet_config,
+        updates_for,
+    )
 
     updates = []
     if loras and not backend.startswith("torch"):
         updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest), unet_config(engine_dir, manifest))
+        refuse_shared_weights(engine_dir, manifest, updates)
         fused = [n for n in names if graph_for(manifest, n, backend, graphs) != manifest.components[n].onnx
                  and any(u.component == n for u in updates)]
         if fused and backend.startswith("onnxruntime"):  # before any session is made

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import EngineDirError
+from sdexport.errors import EngineDirError, SdexportError
 from sdexport.export.weight_names import WEIGHTS_FILE, read_weight_map
 from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updates
 from sdexport.specs import LORA_COMPONENTS
@@ -35,6 +35,28 @@ def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dic
     for lora in loras:
         updates += match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}")
     return updates
+
+
+def refuse_shared_weights(engine_dir: Path, manifest: Manifest, updates: list[LoraUpdate]) -> None:
+    """Refuse an update of a weight the exported graph stores once for two layers: the exporter
+    keeps one initializer for equal weights, so both layers' ``weights.json`` entries name it, and
+    changing it would change the other layer too (silently, as another LoRA). Fusing the LoRA at
+    export changes the PyTorch layer alone."""
+    for component in sorted({u.component for u in updates}):
+        names = read_weight_map((engine_dir / manifest.components[component].onnx).parent) or {}
+        holders: dict[str, list[str]] = {}
+        for parameter, where in names.items():
+            holders.setdefault(where["initializer"], []).append(parameter)
+        for update in updates:
+            if update.component != component or update.parameter not in names:
+                continue
+            others = [p for p in holders[names[update.parameter]["initializer"]] if p != update.parameter]
+            if others:
+                raise SdexportError(
+                    f"--lora changes {component}.{update.module}, whose weight equals {component}."
+                    f"{others[0].removesuffix('.weight')}'s and is stored once in the exported graph: a run-time "
+                    "LoRA would change both; fuse the LoRA at export (sdexport export --lora)"
+                )
 
 
 def unet_config(engine_dir: Path, manifest: Manifest) -> Any:
