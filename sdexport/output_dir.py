@@ -236,6 +236,12 @@ def claim(
                 yield staging
                 stopping.check()  # a stop whose KeyboardInterrupt was dropped: nothing goes in place
                 _move_into_place(staging, checked, existed=existed)
+            except OSError as exc:
+                named = _naming_a_full_disk(exc, staging, checked.path)  # (before the discard frees space)
+                _discard(staging)
+                if named is not exc:
+                    raise named from exc
+                raise
             except BaseException:
                 _discard(staging)
                 raise
@@ -246,6 +252,26 @@ def claim(
         raise
     finally:
         _CLAIMS_OPEN.reset(depth)
+
+
+FULL_BELOW = 16 * 1024**2
+"""Free bytes under which a file system counts as the full one a write without a file name hit."""
+
+
+def _naming_a_full_disk(exc: OSError, staging: Path, target: Path) -> OSError:
+    """``exc`` naming ``target`` where it is a full disk that named no file (``file.write``, the
+    exporter's and onnx's saves into the staging folder) and the staging folder's file system is
+    the full one; ``exc`` itself otherwise (a full disk elsewhere, the temporary folder's, is not
+    the target's)."""
+    if exc.filename is not None or exc.errno != errno.ENOSPC:
+        return exc
+    try:
+        space = os.statvfs(staging)
+    except OSError:
+        return exc
+    if space.f_bavail * space.f_frsize >= FULL_BELOW:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(target))
 
 
 _CLAIMS_OPEN: contextvars.ContextVar[int] = contextvars.ContextVar("sdexport_claims_open", default=0)

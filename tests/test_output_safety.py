@@ -213,6 +213,29 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, monkeypatch,
     assert list(tmp_path.iterdir()) == []  # no staging folder, no lock file, no half-made parent
 
 
+@pytest.mark.parametrize("free, named", [(4096, True), (10 * 1024**3, False)])
+def test_a_full_disk_that_names_no_file_is_named_where_the_output_is(tmp_path: Path, monkeypatch, capsys, free, named):
+    """torch's and onnx's saves fail on a full disk naming no file ("error: No space left on device"
+    said nothing of where): the output's path is named when its own file system is the full one,
+    and not where it has room (the full disk was another's, the temporary folder's say)."""
+    import types
+
+    from sdexport import output_dir
+    from sdexport.export.weight_store import WeightStore
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(WeightStore, "save", full)
+    monkeypatch.setattr(output_dir.os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=free // 4096, f_frsize=4096))
+    target = tmp_path / "engines" / "tiny"
+    assert run_cli("export", "tiny", "-o", target, *QUICK) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    line = f"error: {target}: No space left on device" if named else "error: No space left on device"
+    assert f"{line}; free some space or write elsewhere" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_file_size_limit_is_said_as_such(tmp_path: Path, monkeypatch, capsys):
     """Past ``ulimit -f`` a write fails with EFBIG, "File too large", and torch's ONNX export names no
     file: the line says which limit a file outgrew, as that word alone did not."""
