@@ -230,6 +230,7 @@ def test_adopt_with_another_model_is_refused(foreign_export: Path, capsys):
     ("graph-folder", "not an ONNX export of a diffusers pipeline"),  # (not said to be a checkpoint either)
     ("sd3", "a StableDiffusion3Pipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),
     ("pag", "a StableDiffusionPAGPipeline; sdexport runs Stable Diffusion 1.x/2.x and XL"),  # guidance it has not
+    ("legacy", "an ONNX export in diffusers' older layout (OnnxStableDiffusionPipeline"),  # (was "sdexport runs ...")
     ("no-vae", "no vae_decoder/model.onnx"),
     ("manifest", "already has a manifest.json"),
     ("truncated", "unet/model.onnx is not a readable ONNX graph"),  # a partial copy or download
@@ -242,9 +243,10 @@ def test_adopt_refuses_what_it_cannot_adopt(case: str, message: str, foreign_exp
                                             tiny_engine_dir: Path, tmp_path: Path, capsys):
     target = {"missing": tmp_path / "nothing", "empty": tmp_path, "diffusers": tiny_diffusers_dir,
               "manifest": tiny_engine_dir}.get(case, foreign_export)
-    if case in ("sd3", "pag"):
+    if case in ("sd3", "pag", "legacy"):
         index = json.loads((target / "model_index.json").read_text())
-        pipeline = {"sd3": "StableDiffusion3Pipeline", "pag": "StableDiffusionPAGPipeline"}[case]
+        pipeline = {"sd3": "StableDiffusion3Pipeline", "pag": "StableDiffusionPAGPipeline",
+                    "legacy": "OnnxStableDiffusionPipeline"}[case]
         (target / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
     if case == "no-vae":
         shutil.rmtree(target / "vae_decoder")
@@ -486,6 +488,28 @@ def test_a_weight_file_cut_short_is_refused_by_adopt_and_by_inspect(foreign_expo
     capsys.readouterr()
     assert run_cli("inspect", foreign_export) == 2
     assert "unet/model.onnx: its weight file model.onnx_data (100,000 bytes" in " ".join(capsys.readouterr().err.split())
+
+
+def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):
+    """diffusers' older ONNX pipelines (OnnxStableDiffusionPipeline) lack each component's
+    config.json: run said to adopt the folder, and adopt then refused an SD 1.x pipeline as one
+    sdexport does not run."""
+    index = json.loads((foreign_export / "model_index.json").read_text())
+    (foreign_export / "model_index.json").write_text(json.dumps({**index, "_class_name": "OnnxStableDiffusionPipeline"}))
+    assert run_cli("run", foreign_export, "-p", "a", "-o", foreign_export.parent / "x.png") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "diffusers' older layout" in err and "sdexport adopt" in err and "export the checkpoint again" in err, err
+    assert f"`sdexport adopt {foreign_export}`" not in err
+
+
+def test_adopting_the_current_folder_labels_it_by_its_name(foreign_export: Path, monkeypatch):
+    """``adopt .`` labelled the model " (ONNX export adopted by sdexport)", the label every image's
+    metadata then carried."""
+    from sdexport.manifest import load_manifest
+
+    monkeypatch.chdir(foreign_export)
+    assert run_cli("adopt", ".") == 0
+    assert load_manifest(foreign_export).model["label"] == "optimum-export (ONNX export adopted by sdexport)"
 
 
 def test_optimums_own_save_pretrained_class_names_are_adopted(foreign_export: Path):

@@ -61,12 +61,18 @@ class AdoptPlan:
 
 def identify(directory: Path) -> str | None:
     """What ``directory`` is when it is not an sdexport engine directory, for messages that say what
-    to do; None when it does not look like a pipeline at all."""
+    to do: "onnx" (optimum's layout), "diffusers-onnx" (diffusers' legacy ONNX pipelines, which
+    lack the component configs), "diffusers" (PyTorch weights); None when it does not look like a
+    pipeline at all."""
     if not (directory / MODEL_INDEX).is_file():
         return None
     unet = directory / "unet"
     if (unet / GRAPH).is_file():
-        return "onnx"
+        try:
+            pipeline = json.loads((directory / MODEL_INDEX).read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, ValueError, AttributeError):
+            pipeline = None
+        return "diffusers-onnx" if isinstance(pipeline, str) and pipeline.startswith("Onnx") else "onnx"
     if unet.is_dir() and not (unet / GRAPH).exists() and any(unet.glob("diffusion_pytorch_model*")):
         return "diffusers"  # (its weights seen: a folder named model.onnx, or nothing, is neither)
     return None
@@ -80,7 +86,18 @@ def adoption_hint(directory: Path) -> str:
                 f"manifest: check it and write one with `sdexport adopt {pasteable(directory)}`")
     if kind == "diffusers":
         return f"; it is a diffusers checkpoint (PyTorch weights): export it with `sdexport export {pasteable(directory)} -o DIR`"
+    if kind == "diffusers-onnx":
+        return f"; {LEGACY_ONNX}"
     return ""
+
+
+LEGACY_ONNX = (
+    "it is an ONNX export in diffusers' older layout (OnnxStableDiffusionPipeline: the Hub's onnx revisions, "
+    "diffusers' conversion script), whose folders lack the config.json sdexport reads the model's sizes from: "
+    "export the checkpoint again, with `sdexport export CHECKPOINT -o DIR` (or `optimum-cli export onnx --model "
+    "CHECKPOINT DIR`, then `sdexport adopt DIR`)"
+)
+"""What to do with diffusers' legacy ONNX pipelines' folders (``identify``'s "diffusers-onnx")."""
 
 
 def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) -> AdoptPlan:
@@ -98,6 +115,8 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
             f"{directory}: a diffusers checkpoint (PyTorch weights, no unet/{GRAPH}), not an ONNX export; "
             f"export it: sdexport export {pasteable(directory)} -o DIR"
         )
+    if kind == "diffusers-onnx":
+        raise SdexportError(f"{directory}: {LEGACY_ONNX}")
     if kind is None:
         raise SdexportError(
             f"{directory}: not an ONNX export of a diffusers pipeline (it needs {MODEL_INDEX} and "
@@ -223,7 +242,7 @@ def adopt(
         pipeline_options = pipeline_config(plan.family, plan.index)
         manifest = Manifest(
             family=plan.family,
-            model={"label": f"{directory.name} (ONNX export adopted by sdexport)",
+            model={"label": f"{directory.resolve().name} (ONNX export adopted by sdexport)",  # (`adopt .`)
                    "source": {"kind": "onnx", "path": str(directory.resolve()), "pipeline": plan.pipeline},
                    "random_weights": False, **({"pipeline_config": pipeline_options} if pipeline_options else {})},
             prediction_type=str(scheduler.get("prediction_type", "epsilon")),
