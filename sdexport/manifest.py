@@ -583,6 +583,21 @@ def short_weight_files(graph: Any, folder: Path) -> list[str]:
     return short
 
 
+def _weights_linked_away(folder: Path, graph: Any) -> tuple[str, Path] | None:
+    """The first external weight file of ``graph`` that resolves outside ``folder`` (a link into
+    git-annex's or a deduplicating store's objects) and where it leads; ONNX Runtime refuses it
+    ("External data path escapes model directory") where TensorRT would read it."""
+    home = folder.resolve()
+    for init in graph.initializer:
+        location = next((e.value for e in init.external_data if e.key == "location"), None)
+        if location is None:
+            continue
+        real = (folder / location).resolve()
+        if not real.is_relative_to(home):
+            return location, real
+    return None
+
+
 def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:
     """Component ``name``'s ONNX graph is the spec's and stays inside the directory; how its I/O is fed.
 
@@ -592,7 +607,8 @@ def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapePr
     the manifest's ``dims``, a size it fixes on an axis the spec leaves dynamic is what every call
     of ``profile`` gives there (default: the manifest's; a build's own, narrower), and every
     external weight file it refers to is a file the manifest lists beside it (TensorRT's parser,
-    unlike ONNX Runtime, follows such references wherever they point).
+    unlike ONNX Runtime, follows such references wherever they point) and is not a link out of the
+    graph's folder (ONNX Runtime refuses those).
     """
     import onnx
 
@@ -611,6 +627,12 @@ def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapePr
                 f"{directory}: {rel}: weight {init.name!r} refers to {location!r}, which is not a file the "
                 "manifest lists beside the graph; refusing to read it"
             )
+    outside = _weights_linked_away(directory / folder, graph)
+    if outside:
+        raise EngineDirError(
+            f"{directory}: {rel}: its weight file {outside[0]} is a link to {outside[1]}, outside the graph's "
+            "folder, which ONNX Runtime refuses to read; put the file itself in the folder"
+        )
     short = short_weight_files(graph, directory / folder)
     if short:
         raise EngineDirError(f"{directory}: {rel}: its weight file {short[0]} is cut short; copy it again, or "

@@ -490,6 +490,33 @@ def test_a_weight_file_cut_short_is_refused_by_adopt_and_by_inspect(foreign_expo
     assert "unet/model.onnx: its weight file model.onnx_data (100,000 bytes" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_weight_file_linked_out_of_its_graphs_folder_is_refused_by_adopt_and_inspect(foreign_export: Path, capsys):
+    """git-annex's (or any deduplicating store's) layout: the weight file is a link into another
+    folder of the directory. adopt and inspect passed it, and run then met ONNX Runtime's "External
+    data path escapes model directory"."""
+    import onnx
+
+    path = foreign_export / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0)
+    (foreign_export / "blobs").mkdir()
+    data = path.parent / "model.onnx_data"
+    data.rename(foreign_export / "blobs" / "model.onnx_data")
+    data.symlink_to("../blobs/model.onnx_data")
+    assert run_cli("adopt", foreign_export) == 2
+    line = (f"unet/model.onnx: its weight file model.onnx_data is a link to {foreign_export.resolve()}/blobs/"
+            "model.onnx_data, outside the graph's folder, which ONNX Runtime refuses to read")
+    assert line in " ".join(capsys.readouterr().err.split())
+    data.unlink()
+    (foreign_export / "blobs" / "model.onnx_data").rename(data)
+    assert run_cli("adopt", foreign_export) == 0
+    data.rename(foreign_export / "blobs" / "model.onnx_data")
+    data.symlink_to("../blobs/model.onnx_data")  # after adoption (its hash is the file's, through the link)
+    capsys.readouterr()
+    assert run_cli("inspect", foreign_export) == 2
+    assert line in " ".join(capsys.readouterr().err.split())
+
+
 def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):
     """diffusers' older ONNX pipelines (OnnxStableDiffusionPipeline) lack each component's
     config.json: run said to adopt the folder, and adopt then refused an SD 1.x pipeline as one
