@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sdexport.atomic import write_atomic
-from sdexport.errors import EngineDirError, ProfileError, SdexportError
+from sdexport.errors import EngineDirError, ProfileError, SdexportError, pasteable
 from sdexport.graph_io import GraphIO, check_io, graph_precision, onnx_tensors
 from sdexport.manifest_schema import (
     EMBEDDINGS_FORMAT_VERSION,
@@ -129,6 +129,13 @@ class Manifest:
     def spec(self, name: str) -> ComponentSpec:
         """Component ``name``'s spec, expanded for this model (SDXL's per-layer hidden states)."""
         return component(self.family, name).for_model(self.model_dims)
+
+    @property
+    def adopted(self) -> bool:
+        """Another tool's ONNX export given this manifest by ``sdexport adopt`` (its graphs are not
+        sdexport's to export again)."""
+        source = self.model.get("source")
+        return isinstance(source, dict) and (source.get("kind") == "onnx" or "adopted_from" in source)
 
     def built_files(self) -> set[str]:
         """The listed files ``sdexport build`` added (``built_files``)."""
@@ -423,7 +430,8 @@ def read_scheduler_config(directory: Path, manifest: Manifest | None = None) -> 
     path = directory / SCHEDULER_CONFIG_FILE
     _require_inside(directory, SCHEDULER_CONFIG_FILE)
     if manifest is not None and SCHEDULER_CONFIG_FILE in manifest.files:
-        check_files(directory, {SCHEDULER_CONFIG_FILE: manifest.files[SCHEDULER_CONFIG_FILE]})
+        check_files(directory, {SCHEDULER_CONFIG_FILE: manifest.files[SCHEDULER_CONFIG_FILE]},
+                    adopted=manifest.adopted)
     try:
         config = strict_json(path.read_text(encoding="utf-8"), infinity=True)  # as diffusers saves it
     except FileNotFoundError:
@@ -470,7 +478,8 @@ def built_files(files: Mapping[str, Any], components: Mapping[str, Any]) -> set[
 def verify_files_of(directory: Path, manifest: Manifest, *, rehash: bool = False) -> FilesChecked:
     """Check every file the manifest lists against its hash (``inspect``'s check: TensorRT plans for
     other GPUs too); ``rehash`` (``--verify``): read each again even where a hash record vouches for it."""
-    return check_files(directory, dict(manifest.files), rehash=rehash, built=manifest.built_files())
+    return check_files(directory, dict(manifest.files), rehash=rehash, built=manifest.built_files(),
+                       adopted=manifest.adopted)
 
 
 @dataclass
@@ -482,13 +491,15 @@ class FilesChecked:
 
 
 def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False,
-                built: Collection[str] = ()) -> FilesChecked:
+                built: Collection[str] = (), adopted: bool = False) -> FilesChecked:
     """Every listed file exists and has its recorded sha256, else one error naming the file.
 
     A file hashed before and unchanged since (``sdexport.hash_records``) is not read again, unless
     ``rehash``; every hash made here renews its record. ``built``: files a build added
     (``Manifest.built_files``): one missing is most likely a build stopped part-way, and building
-    again mends it (an error that said only "missing" left the user to guess).
+    again mends it (an error that said only "missing" left the user to guess). ``adopted``
+    (``Manifest.adopted``): a changed file the build did not add is another tool's, which sdexport
+    cannot export again: adopting the folder again is what mends it.
     """
     from sdexport.hash_records import HashRecords
 
@@ -503,6 +514,12 @@ def check_files(directory: Path, files: dict[str, str], *, rehash: bool = False,
                 raise EngineDirError(f"{directory}: {rel} is listed in the manifest but missing{again}")
             digest, trusted = records.sha256(rel, file, expected, rehash=rehash)
             if digest != expected:
+                if adopted and rel not in built:
+                    raise EngineDirError(
+                        f"{directory}: {rel} does not match its sha256 in the manifest (damaged, or replaced since "
+                        "`sdexport adopt`); where the other tool exported it again, adopt the folder again: "
+                        f"sdexport adopt --force {pasteable(directory)}"
+                    )
                 raise EngineDirError(
                     f"{directory}: {rel} does not match its sha256 in the manifest (damaged or replaced); "
                     "re-export or rebuild it"

@@ -517,6 +517,27 @@ def test_a_weight_file_linked_out_of_its_graphs_folder_is_refused_by_adopt_and_i
     assert line in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_graph_replaced_in_an_adopted_folder_is_told_to_be_adopted_again(foreign_export: Path, tmp_path: Path,
+                                                                            capsys):
+    """The other tool exported into the adopted folder again: "re-export or rebuild it" sent the user
+    to `sdexport export --force`, which refuses an adopted folder, and to build, which met the same
+    hash. `adopt --force` is what mends it, and is said (as is rebuilding, for a file a build added)."""
+    import onnx
+
+    assert run_cli("adopt", foreign_export) == 0
+    path = foreign_export / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    model.producer_version = "again"  # (the same graph, written again by the other tool)
+    onnx.save_model(model, str(path))
+    capsys.readouterr()
+    assert run_cli("run", foreign_export, "-p", "a", "--steps", "2", "-o", tmp_path / "x.png") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "unet/model.onnx does not match its sha256 in the manifest (damaged, or replaced since `sdexport adopt`)" in err
+    assert f"adopt the folder again: sdexport adopt --force {foreign_export}" in err, err
+    assert run_cli("adopt", foreign_export, "--force") == 0
+    assert run_cli("run", foreign_export, "-p", "a", "--steps", "2", "-o", tmp_path / "x.png") == 0
+
+
 def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):
     """diffusers' older ONNX pipelines (OnnxStableDiffusionPipeline) lack each component's
     config.json: run said to adopt the folder, and adopt then refused an SD 1.x pipeline as one

@@ -550,7 +550,7 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     for name in [name for name, why in reasons.items() if why]:  # before any is built: minutes each on SD
         _refuse_stray_files(engine_dir, manifest, name)
         graph_rel = manifest.components[name].onnx
-        check_files(engine_dir, onnx_files(manifest.files, graph_rel))  # built from what the manifest says
+        check_files(engine_dir, onnx_files(manifest.files, graph_rel), adopted=manifest.adopted)  # built from what the manifest says
         check_graph(engine_dir, manifest, name)  # and is what it says: its I/O, sizes and precision
     results = []
     for spec in specs:

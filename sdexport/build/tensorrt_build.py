@@ -383,7 +383,7 @@ def _now() -> str:
 
 def _verify_onnx(engine_dir: Path, manifest: Manifest, onnx: str) -> None:
     """The key promises "built from this graph": check the graph's files before trusting their hash."""
-    check_files(engine_dir, onnx_files(manifest.files, onnx))
+    check_files(engine_dir, onnx_files(manifest.files, onnx), adopted=manifest.adopted)
 
 
 def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, key: EngineKey, force: bool) -> list[str]:

@@ -425,7 +425,7 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
             weights = f"{Path(graph).parent.as_posix()}/{WEIGHTS_FILE}"
             if weights in manifest.files:
                 files[weights] = manifest.files[weights]
-    check_files(engine_dir, files, built=manifest.built_files())
+    check_files(engine_dir, files, built=manifest.built_files(), adopted=manifest.adopted)
 
 
 def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any], dict[str, Any]]:
