@@ -7,6 +7,8 @@ line and exits non-zero, without a traceback. Anything else is a bug and keeps i
 
 from __future__ import annotations
 
+import re
+
 
 class SdexportError(Exception):
     """A problem with the user's input or environment, stated so that they can fix it."""
@@ -83,13 +85,35 @@ def pasteable(path: object) -> str:
     return shlex.quote(str(path))
 
 
+_SOURCE_LOCATION = re.compile(r"/onnxruntime_src/\S+:\d+ ")
+
+
+def _without_source_location(text: str) -> str:
+    """``text`` without ONNX Runtime's C++ source location and the signature after it
+    ("/onnxruntime_src/.../model_load_utils.h:46 void onnxruntime::...(const std::unordered_map<...>&,
+    ...) "): 250 characters before the reason, which the cut to a line's length then lost."""
+    found = _SOURCE_LOCATION.search(text)
+    if found is None:
+        return text
+    rest = text[found.end():]
+    opening = rest.find("(")
+    if opening > 0 and "::" in rest[:opening]:  # a C++ function's signature: to its closing parenthesis
+        depth = 0
+        for i in range(opening, len(rest)):
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            if depth == 0:
+                rest = rest[i + 1:].lstrip()
+                break
+    return text[:found.start()] + rest
+
+
 def one_line(exc: BaseException, limit: int = 600) -> str:
     """An exception's whole message on one line.
 
     Libraries often put the explanation after a colon and a line break ("Error(s) in loading
     state_dict for X:\n\tMissing key(s) ..."): keeping only the first line would cut it off.
     """
-    text = " ".join(str(exc).split())
+    text = _without_source_location(" ".join(str(exc).split()))
     if isinstance(exc, KeyError) and exc.args:
         text = f"missing key {exc.args[0]!r}"
     text = text or type(exc).__name__

@@ -538,6 +538,33 @@ def test_a_graph_replaced_in_an_adopted_folder_is_told_to_be_adopted_again(forei
     assert run_cli("run", foreign_export, "-p", "a", "--steps", "2", "-o", tmp_path / "x.png") == 0
 
 
+def test_a_graph_stamped_with_an_opset_onnx_does_not_know_is_refused_by_adopt(foreign_export: Path, capsys):
+    """adopt and inspect passed a U-Net at opset 99, and run met ONNX Runtime's refusal, cut before its
+    reason (250 characters of C++ source location and signature came first)."""
+    path = foreign_export / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    next(o for o in model.opset_import if o.domain in ("", "ai.onnx")).version = 99
+    onnx.save(model, str(path))
+    assert run_cli("adopt", foreign_export) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"unet/model.onnx is stamped opset 99, newer than any this onnx {onnx.__version__} knows" in err, err
+
+
+def test_onnx_runtimes_source_location_is_left_out_of_its_one_line_messages():
+    from sdexport.errors import one_line
+
+    message = ("[ONNXRuntimeError] : 1 : FAIL : Load model from u.onnx failed:/onnxruntime_src/onnxruntime/core/graph/"
+               "model_load_utils.h:46 void onnxruntime::model_load_utils::ValidateOpsetForDomain(const std::unordered_map"
+               "<std::__cxx11::basic_string<char>, int>&, const onnxruntime::logging::Logger&, bool, const std::string&, "
+               "int) ONNX Runtime only *guarantees* support for models stamped with official released onnx opset "
+               "versions. Opset 99 is under development.\n")
+    assert one_line(RuntimeError(message)) == ("[ONNXRuntimeError] : 1 : FAIL : Load model from u.onnx failed:ONNX "
+                                              "Runtime only *guarantees* support for models stamped with official "
+                                              "released onnx opset versions. Opset 99 is under development.")
+    plain = "Load model failed: In Node, (\"\", Bogus, \"\", -1) : (\"x\": tensor(float),)"
+    assert one_line(RuntimeError(plain)) == plain
+
+
 def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):
     """diffusers' older ONNX pipelines (OnnxStableDiffusionPipeline) lack each component's
     config.json: run said to adopt the folder, and adopt then refused an SD 1.x pipeline as one

@@ -372,6 +372,11 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
                             "download it again")
     dtype = graph_precision(graph)
     opset = next((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    known = onnx.defs.onnx_opset_version()
+    if opset is not None and opset > known:  # (adopt passed it, and run met ONNX Runtime's refusal)
+        raise SdexportError(f"{directory}: {name}/{GRAPH} is stamped opset {opset}, newer than any this onnx "
+                            f"{onnx.__version__} knows (up to {known}), which ONNX Runtime refuses to load; export "
+                            "it at a released opset")
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
 

@@ -198,7 +198,7 @@ class OnnxRuntimeEngine:
                 hint += f"; check the --ort-option values ({', '.join(self.extra_options)})"
             if self.cuda_graph:
                 hint += "; with --cuda-graph every node must run on the CUDA provider: try without it"
-            raise EngineDirError(f"{self.path}: onnxruntime cannot load it ({one_line(exc, 400)}){hint}") from exc
+            raise EngineDirError(f"{self.path}: onnxruntime cannot load it ({one_line(exc)}){hint}") from exc
         if self.stream is not None:
             require_cuda_session(session, self.path)
         # Names, dtypes and ranks now, not as an ONNX Runtime error in the middle of the loop.
