@@ -14,11 +14,13 @@ from sdexport.export.memory import STAGES, TOO_LARGE
 from sdexport.manifest import Manifest
 
 
-def _size(path: Path) -> str:
-    total = path.stat().st_size if path.is_file() else 0
-    data = path.with_name(path.name + ".data")
-    if data.is_file():
-        total += data.stat().st_size
+def _size(directory: Path, manifest: Manifest, graph: str) -> str:
+    """The graph's files, as the manifest lists them: its weights whatever their names (optimum's
+    ``model.onnx_data``, one file per tensor), not only sdexport's ``model.onnx.data``."""
+    from sdexport.build.cache_key import onnx_files
+
+    files = (directory / rel for rel in onnx_files(manifest.files, graph))
+    total = sum(path.stat().st_size for path in files if path.is_file())
     return f"{total / 1024**2:,.1f} MB"
 
 
@@ -63,7 +65,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         colour = {"passed": "green", "failed": "red"}.get(status, "yellow")
         table.add_row(
             name,
-            _size(directory / entry.onnx),
+            _size(directory, manifest, entry.onnx),
             f"[{colour}]{'not checked' if status == 'skipped' else status}[/]"
             + (f" ({points[name]})" if points[name] and not shared else ""),
             f"{max(e['max_abs'] for e in errors):.2e}" if errors else "-",

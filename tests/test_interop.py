@@ -565,6 +565,22 @@ def test_onnx_runtimes_source_location_is_left_out_of_its_one_line_messages():
     assert one_line(RuntimeError(plain)) == plain
 
 
+def test_inspect_counts_a_graphs_weights_whatever_their_file_is_called(foreign_export: Path, capsys):
+    """optimum names its weight file model.onnx_data: the size column counted sdexport's
+    model.onnx.data only, and said 0.4 MB for a 3.4 MB U-Net (a real one: 1 MB for 3.4 GB)."""
+    import onnx
+
+    path = foreign_export / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="model.onnx_data",
+                    size_threshold=0)
+    assert run_cli("adopt", foreign_export) == 0
+    capsys.readouterr()
+    assert run_cli("inspect", foreign_export, "--no-check") == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if " unet " in line)
+    megabytes = float(row.split("│")[2].split()[0])
+    assert megabytes * 1024**2 >= (path.parent / "model.onnx_data").stat().st_size
+
+
 def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):
     """diffusers' older ONNX pipelines (OnnxStableDiffusionPipeline) lack each component's
     config.json: run said to adopt the folder, and adopt then refused an SD 1.x pipeline as one
