@@ -704,10 +704,14 @@ def _check_fixed_axis(where: str, tensor: str, symbol: str, size: int, corners: 
     given = sorted({resolve_dim(symbol, corner) for corner in (corners[1:] if under_cfg else corners)})
     if given != [size]:
         calls = f"{given[0]} to {given[-1]}" if len(given) > 1 else f"{given[0]}"
-        narrow = (f"{option('--batch')} to half of it: twice the images run under CFG" if under_cfg
-                  else f"{option(axis_option(axis))} to what it takes")
+        if under_cfg and size % 2:  # (a static text encoder at 1: no --batch makes it fit)
+            otherwise = (f"under CFG the negatives and the prompts go in one call of twice the images, which "
+                         f"a graph fixed at {size} cannot take")
+        else:
+            otherwise = "or narrow " + (f"{option('--batch')} to half of it: twice the images run under CFG"
+                                        if under_cfg else f"{option(axis_option(axis))} to what it takes")
         raise ProfileError(
             f"{where}: {tensor} fixes {named} ({symbol}) at {size}, but the profile's calls "
             f"{'under CFG ' if under_cfg else ''}give {calls}; export the graph with that axis dynamic "
-            f"(or narrow {narrow})"
+            f"({otherwise})"
         )

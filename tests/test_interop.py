@@ -326,6 +326,17 @@ def test_a_u_net_fixed_at_one_image_under_cfg_is_adopted_with_batch_one_and_runs
     assert _pixels(foreign_export).shape == (1, 64, 64, 3)
 
 
+def test_a_text_encoder_fixed_at_one_text_is_refused_without_advice_that_cannot_help(foreign_export: Path, capsys):
+    """Static exporters fix the text encoder at batch 1 (diffusers calls it per prompt list); one
+    call reads the negatives and the prompts together here. The refusal said to narrow --batch to
+    half of it, which --batch 1:1:1 already was."""
+    _edit_graph(foreign_export / "text_encoder" / "model.onnx", _fix_axis("input_ids", 0, 1))
+    assert run_cli("adopt", foreign_export, "--batch", "1:1:1") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "input_ids fixes its batch (B) at 1, but the profile's calls under CFG give 2" in err
+    assert "a graph fixed at 1 cannot take" in err and "narrow" not in err, err
+
+
 def test_a_u_net_fixed_at_one_chunk_is_adopted_reading_one(foreign_export: Path):
     from sdexport.manifest import load_manifest
 
