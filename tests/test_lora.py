@@ -649,6 +649,16 @@ def test_the_python_api_refuses_a_lora_up_front_as_the_cli_does(tiny_engine_dir,
     assert not (tmp_path / "out").exists()
 
 
+def test_loras_given_as_an_iterator_are_applied(tiny_engine_dir, lora_files):
+    """The checks read an iterator to its end before the engines were made: the pipeline ran without
+    the LoRA and its info recorded none."""
+    pipe = load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=iter([LoraFile(lora_files["kohya"], 0.8)]))
+    assert [entry["scale"] for entry in pipe.info["loras"]] == [0.8]
+    request = GenerationRequest(prompt="a lighthouse", steps=2, seeds=[1], height=64, width=64)
+    plain = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    assert not torch.equal(pipe(request).latents, plain(request).latents)
+
+
 def test_the_python_api_refuses_one_lora_given_without_a_list_in_one_line(tmp_path):
     """``loras`` takes a list: one LoraFile, a path or the CLI's "file:scale" text given alone is
     refused in one line saying so, before the directory is read (not a TypeError from iterating a

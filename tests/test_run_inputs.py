@@ -162,6 +162,31 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
         inner(request)
 
 
+def test_a_pipeline_per_thread_loads_in_a_fresh_process(tiny_engine_dir):
+    """The README's way to run calls side by side, a pipeline per thread: in a process that had not
+    imported the libraries yet, 2 of 3 threads failed to load ("cannot import name 'CLIPTokenizer'",
+    or the scheduler "not a diffusers scheduler"), their lazy modules resolving one name at once."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, threading\n"
+        "from sdexport.runtime.loading import load_pipeline\n"
+        "failed = []\n"
+        "def load():\n"
+        "    try:\n"
+        f"        load_pipeline({str(tiny_engine_dir)!r}, 'onnxruntime-cpu')\n"
+        "    except Exception as exc:\n"
+        "        failed.append(f'{type(exc).__name__}: {exc}')\n"
+        "threads = [threading.Thread(target=load) for _ in range(3)]\n"
+        "[t.start() for t in threads]; [t.join() for t in threads]\n"
+        "print(failed); sys.exit(bool(failed))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
 def test_calls_from_several_threads_take_turns_and_a_call_inside_a_call_is_refused(tiny_engine_dir):
     """Two threads sharing one pipeline ran their denoising loops at once: on TensorRT (one set of
     buffers per engine, outputs that are views into them) the images would mix without an error.

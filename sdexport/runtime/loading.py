@@ -8,11 +8,13 @@ PyTorch weights the directory does not hold.
 from __future__ import annotations
 
 import copy
+import functools
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sdexport.build.vae_upcast import FP32_VAE, kept_fp32, upcast_parts, vae_config_file
 from sdexport.errors import EngineDirError, SdexportError, one_line, pasteable
@@ -118,6 +120,26 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
+_LOADS = threading.RLock()
+"""Held by each ``load_pipeline``: transformers' and diffusers' lazy modules resolve a name on its
+first use, and two threads resolving at once got "cannot import name 'CLIPTokenizer'" or a
+scheduler class "not a diffusers scheduler" (2 of 3 threads loading a pipeline each). Calls, where
+the time goes, still run side by side on their own pipelines."""
+
+_Params = ParamSpec("_Params")
+_Result = TypeVar("_Result")
+
+
+def _one_load_at_a_time(load: Callable[_Params, _Result]) -> Callable[_Params, _Result]:
+    @functools.wraps(load)
+    def locked(*args: _Params.args, **kwargs: _Params.kwargs) -> _Result:
+        with _LOADS:
+            return load(*args, **kwargs)
+
+    return locked
+
+
+@_one_load_at_a_time
 def load_pipeline(
     engine_dir: Path | str,
     backend: str = "onnxruntime",
@@ -177,6 +199,7 @@ def load_pipeline(
     if isinstance(loras, str | Path | LoraFile):
         raise SdexportError(f"loras: expected a list of LoraFile entries, got {type(loras).__name__} {str(loras)!r} "
                             "(LoraFile.parse('file.safetensors:0.8') reads the CLI's form; one file: a list of one)")
+    loras = None if loras is None else list(loras)  # (an iterator was used up by the checks below: no LoRA ran)
     for lora in loras or []:  # (the CLI checked its own; in Python, a missing file is one line too)
         if not isinstance(lora, LoraFile):
             raise SdexportError(f"loras: expected LoraFile entries, got {type(lora).__name__} {lora!r} (LoraFile.parse("
