@@ -22,6 +22,7 @@ from sdexport.console import (
     console,
     error_console,
     out,
+    own_process,
     print_result,
     set_verbosity,
     step,
@@ -1507,6 +1508,7 @@ def main() -> None:
     a read-only mount). Anything else is a bug and keeps its traceback; ``SDEXPORT_TRACEBACK=1``
     shows the traceback of the one-line errors too.
     """
+    own_process()
     set_verbosity(NORMAL)  # per call: tests run several commands in one process
     _verbosity_given.clear()
     from sdexport import stopping

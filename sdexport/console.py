@@ -145,13 +145,21 @@ def verbosity() -> int:
     return _verbosity
 
 
-def set_verbosity(level: int) -> None:
+def set_verbosity(level: int | str) -> None:
     """Set how much is said on stderr (``-q``/``-v``/``--verbosity``); call before libraries load.
 
     quiet silences the progress console (errors are printed through ``error_console``); verbose
-    leaves the libraries' own warnings and logs on, which normal drops as noise.
+    leaves the libraries' own warnings and logs on, which normal drops as noise. ``level``: QUIET,
+    NORMAL or VERBOSE, or their ``--verbosity`` names.
     """
     global _verbosity
+    if isinstance(level, str) and level in VERBOSITY:
+        level = VERBOSITY[level]
+    if isinstance(level, bool) or not isinstance(level, int):
+        from sdexport.errors import SdexportError
+
+        raise SdexportError(f"level: {level!r}; give sdexport.console.QUIET, NORMAL or VERBOSE (or "
+                            f"{', '.join(map(repr, VERBOSITY))})")
     _verbosity = max(QUIET, min(VERBOSE, level))
     console.quiet = _verbosity == QUIET
     quiet_libraries()
@@ -164,6 +172,21 @@ _QUIET_ENVIRONMENT = {
     "TQDM_DISABLE": "1",  # diffusers' shard and pipeline bars (tqdm >= 4.66 reads it)
 }
 _set_here: set[str] = set()
+_owns_process = False
+"""Set by the commands (``own_process``): what is quieted goes for the whole process. A program
+that uses sdexport as a library keeps its own Hub access and its own FutureWarnings."""
+
+LIBRARY_MODULES = r"(torch|diffusers|transformers|huggingface_hub|onnx|onnxruntime|peft|accelerate|sdexport)(\.|$)"
+"""The modules whose FutureWarnings ``quiet_libraries`` drops where sdexport is a library (a warning
+is attributed to its caller's module: sdexport's own, calling one of these)."""
+
+
+def own_process() -> None:
+    """For the commands: no Hub lookups (every model is a local path, and a lookup waits on a
+    network there is none of) and no FutureWarning from any module."""
+    global _owns_process
+    _owns_process = True
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def quiet_libraries() -> None:
@@ -173,7 +196,6 @@ def quiet_libraries() -> None:
     Environment variables, read when those libraries are first imported, so that commands that never
     need them (``--help``, ``inspect``) do not pay for importing them here.
     """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     loud = _verbosity >= VERBOSE
     for name, value in _QUIET_ENVIRONMENT.items():
         if loud and name in _set_here:
@@ -183,7 +205,7 @@ def quiet_libraries() -> None:
             os.environ[name] = value
             _set_here.add(name)
     action: Literal["default", "ignore"] = "default" if loud else "ignore"
-    warnings.filterwarnings(action, category=FutureWarning)
+    warnings.filterwarnings(action, category=FutureWarning, module="" if _owns_process else LIBRARY_MODULES)
     warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers).*")
     warnings.filterwarnings(action, module=r"pytriton\.")  # (its grpc client's timeout warning, with its path)
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):

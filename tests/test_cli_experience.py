@@ -130,6 +130,32 @@ def test_graphsurgeon_logs_at_the_verbosity():
         assert gs.logger.G_LOGGER.severity == severity
 
 
+def test_quieting_the_library_leaves_the_programs_hub_access_and_warnings_alone():
+    """The README's ``set_verbosity(QUIET)`` for library users set HF_HUB_OFFLINE (the program's own
+    downloads then failed) and dropped every FutureWarning of the program's; a name for the level
+    was a bare TypeError. The commands still quiet the whole process."""
+    script = (
+        "import os, warnings\n"
+        "from sdexport import console\n"
+        "console.set_verbosity('quiet')\n"
+        "print(os.environ.get('HF_HUB_OFFLINE'))\n"
+        "warnings.warn('the program', FutureWarning)\n"
+        "try:\n"
+        "    console.set_verbosity(None)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120)
+    assert done.stdout.splitlines() == ["None", "SdexportError level: None; give sdexport.console.QUIET, NORMAL or "
+                                                "VERBOSE (or 'quiet', 'normal', 'verbose')"], done.stdout + done.stderr
+    assert "FutureWarning: the program" in done.stderr
+    command = subprocess.run([sys.executable, "-c", "import os, sys; from sdexport import cli; sys.argv = ['sdexport', "
+                              "'--version']\ntry:\n    cli.main()\nexcept SystemExit:\n    print(os.environ.get("
+                              "'HF_HUB_OFFLINE'))"], capture_output=True, text=True, env=environment, timeout=120)
+    assert command.stdout.splitlines()[-1] == "1", command.stdout + command.stderr
+
+
 def test_run_names_the_scheduler_that_ran_and_leaves_out_empty_fields(tiny_engine_dir, tmp_path, capsys):
     """The tiny model's default is PNDM: its extra U-Net call is explained, and the image says pndm."""
     from PIL import Image
