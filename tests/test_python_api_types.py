@@ -25,6 +25,16 @@ def test_the_readmes_python_forms_pass_a_strict_type_check(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0 and "no issues found in 1 source file" in result.stdout, result.stdout + result.stderr
+    # the package read for its types, not found missing and taken as Any (ignore_missing_imports
+    # would then pass anything: a setuptools editable install's import hook is not followed)
+    wrong = tmp_path / "wrong.py"
+    wrong.write_text("from sdexport.runtime.loading import load_pipeline\nx: int = load_pipeline('d')\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "tests" / "mypy-typed-usage.ini"),
+         "--cache-dir", str(tmp_path / "cache"), str(wrong)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert 'has type "Txt2ImgPipeline", variable has type "int"' in result.stdout, result.stdout + result.stderr
 
 
 def _typed_init(path: Path, name: str) -> ast.FunctionDef:
