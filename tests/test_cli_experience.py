@@ -147,12 +147,12 @@ def test_quieting_the_library_leaves_the_programs_hub_access_and_warnings_alone(
     )
     environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120)
-    assert done.stdout.splitlines() == ["None", "SdexportError level: None; give sdexport.console.QUIET, NORMAL or "
-                                                "VERBOSE (or 'quiet', 'normal', 'verbose')"], done.stdout + done.stderr
+    assert done.stdout.splitlines() == ["None", ("SdexportError level: None; give sdexport.console.QUIET, NORMAL or "
+                                                "VERBOSE (or 'quiet', 'normal', 'verbose')")], done.stdout + done.stderr
     assert "FutureWarning: the program" in done.stderr
-    command = subprocess.run([sys.executable, "-c", "import os, sys; from sdexport import cli; sys.argv = ['sdexport', "
+    command = subprocess.run([sys.executable, "-c", ("import os, sys; from sdexport import cli; sys.argv = ['sdexport', "
                               "'--version']\ntry:\n    cli.main()\nexcept SystemExit:\n    print(os.environ.get("
-                              "'HF_HUB_OFFLINE'))"], capture_output=True, text=True, env=environment, timeout=120)
+                              "'HF_HUB_OFFLINE'))")], capture_output=True, text=True, env=environment, timeout=120)
     assert command.stdout.splitlines()[-1] == "1", command.stdout + command.stderr
 
 
