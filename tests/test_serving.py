@@ -819,6 +819,14 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
             infer_inputs(["a"], http, **given)
     assert {i.name(): i for i in infer_inputs(["a"], http, steps=20.0)}["steps"].shape() == [1, 1]  # a whole float
     assert infer_inputs(["a", "b"], http, original_size=np.array([1024, 768]))[-1].shape() == [2, 2]
+    # numbers as text went to numpy, which parsed and wrapped them past the checks above (a height of
+    # '4294967424' made a 128-pixel image); a range of seeds and an array of scales, as
+    # GenerationRequest takes them, were a TypeError and a [2, 1, 2] tensor
+    for given in (dict(height="4294967424", width=128), dict(seed=["-1"]), dict(guidance="5")):
+        with pytest.raises(ValueError, match=r"is text; give a number$"):
+            infer_inputs(["a"], http, **given)
+    inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, seed=range(3, 5), guidance=np.array([5.0, 6.0]))}
+    assert inputs["seed"].shape() == inputs["guidance"].shape() == [2, 1]
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):

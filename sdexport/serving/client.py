@@ -57,6 +57,8 @@ def infer_inputs(prompts: list[str] | str, module: Any = None, **params: Any) ->
     params = {**{"seed": 0, **{name: DEFAULTS[name] for name in SENT_ALWAYS if name in DEFAULTS}},
               **{k: v for k, v in params.items() if v is not None}}
     for name, value in params.items():
+        if isinstance(value, range | np.ndarray):  # (as GenerationRequest takes seeds=range(4))
+            value = list(value) if isinstance(value, range) else value.tolist()
         if name == "seed":
             if isinstance(value, list | tuple) and len(value) != rows:
                 raise ValueError(f"seed: {len(value)} values for {rows} prompts; give one (the first image's, "
@@ -80,7 +82,7 @@ def infer_inputs(prompts: list[str] | str, module: Any = None, **params: Any) ->
     inputs = []
     for name, column in values.items():
         spec = _SPECS[name]
-        encoded = [[v.encode() if isinstance(v, str) else _held(name, v, spec.dtype)
+        encoded = [[v.encode() if isinstance(v, str) and spec.dtype == "BYTES" else _held(name, v, spec.dtype)
                     for v in (c if isinstance(c, list) else [c])] for c in column]
         array = np.array(encoded, dtype=_NUMPY[spec.dtype])
         tensor = module.InferInput(name, list(array.shape), spec.dtype)
@@ -101,6 +103,8 @@ def _held(name: str, value: Any, dtype: str) -> Any:
     image of values never asked for (a whole float, 20.0, is its int)."""
     import numpy as np
 
+    if isinstance(value, str | bytes) and dtype != "BYTES":  # (numpy would parse "4294967424" and wrap it)
+        raise ValueError(f"{name}: {_shown(value)} is text; give a number")
     number = not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
     if dtype in _WHOLE:
         low, high = _WHOLE[dtype]
