@@ -162,6 +162,15 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
         inner(request)
 
 
+def test_texts_given_as_tuples_are_held_as_the_lists_their_types_say():
+    """``prompt`` became a list, the negatives and second texts stayed tuples (typed lists: an
+    ``append`` that type-checks failed at run time)."""
+    request = GenerationRequest(prompt=("a", "b"), negative_prompt=("x", "y"), prompt_2=("c", "d"),
+                                negative_prompt_2=("z", "w"))
+    assert all(type(getattr(request, name)) is list
+               for name in ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2"))
+
+
 def test_a_pipeline_per_thread_loads_in_a_fresh_process(tiny_engine_dir):
     """The README's way to run calls side by side, a pipeline per thread: in a process that had not
     imported the libraries yet, 2 of 3 threads failed to load ("cannot import name 'CLIPTokenizer'",

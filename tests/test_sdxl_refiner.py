@@ -747,6 +747,14 @@ def test_init_latents_of_another_batch_are_refused_before_any_engine_runs(tiny_s
         pipeline.check(dataclasses.replace(request, init_latents=torch.full(shape, float("nan"))))
     # the base model's half has latents, no images: saving it wrote nothing and returned []
     handed = pipeline(GenerationRequest(prompt=["a"], steps=2, height=64, width=64, denoising_end=0.5))
+    # latents that require grad (a user's optimisation) ran to an EngineRunError, the server's kind
+    # of failure: "Can't call numpy() on Tensor that requires grad"
+    graded = handed.latents.clone().requires_grad_()
+    again = pipeline(GenerationRequest(prompt=["a"], steps=2, height=64, width=64, denoising_start=0.5,
+                                       init_latents=graded))
+    plain = pipeline(GenerationRequest(prompt=["a"], steps=2, height=64, width=64, denoising_start=0.5,
+                                       init_latents=handed.latents))
+    assert torch.equal(again.latents, plain.latents)
     with pytest.raises(SdexportError, match=r"o.png: this result has no images to save \(a request with denoising_end"):
         handed.save(tmp_path / "o.png")
 

@@ -238,6 +238,8 @@ class GenerationRequest:
         for name in ("negative_prompt", "prompt_2", "negative_prompt_2"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, [getattr(self, name)] * max(1, len(self.prompt or [])))
+            elif isinstance(getattr(self, name), tuple):  # held as the list its type says, as prompt is
+                setattr(self, name, list(getattr(self, name)))
             elif not isinstance(getattr(self, name), list | tuple | None):  # (a TypeError from len() below)
                 raise SdexportError(f"{name}: expected a text or a list of texts, got {type(getattr(self, name)).__name__} "
                                     f"{getattr(self, name)!r}")

@@ -538,7 +538,8 @@ class Txt2ImgPipeline:
         if init is not None:
             latents = init.latents
         elif request.init_latents is not None:  # a base model's, as they are (diffusers adds no noise)
-            latents = request.init_latents.to(device=self.device, dtype=torch.float32).expand(self.latent_shape(request))
+            latents = request.init_latents.detach().to(device=self.device, dtype=torch.float32).expand(
+                self.latent_shape(request))  # (detached: a tensor that requires grad cannot become numpy)
             if request.mask is not None:  # an inpainting ensemble's refiner: blends back outside the mask
                 init = self.handed_conditioning(request, latents, generators)
         else:
