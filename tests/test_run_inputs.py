@@ -162,6 +162,14 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
         inner(request)
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime-cpu"])
+def test_the_python_api_refuses_cuda_graphs_where_the_backend_has_none(tiny_engine_dir, backend):
+    """``run --backend torch --cuda-graph`` is refused; ``load_pipeline(backend="torch",
+    cuda_graph=True)`` loaded without them, unsaid."""
+    with pytest.raises(SdexportError, match=f"^cuda_graph=True: for the tensorrt and onnxruntime-cuda backends, not {backend}$"):
+        load_pipeline(tiny_engine_dir, backend, cuda_graph=True)
+
+
 def test_texts_given_as_tuples_are_held_as_the_lists_their_types_say():
     """``prompt`` became a list, the negatives and second texts stayed tuples (typed lists: an
     ``append`` that type-checks failed at run time)."""

@@ -196,6 +196,8 @@ def load_pipeline(
                             f"{type(provider_options).__name__}")
     engine_dir = Path(engine_dir)
     backend = resolve_backend(backend)
+    if cuda_graph and backend not in ("tensorrt", "onnxruntime-cuda"):  # (torch's ignored it, unsaid; `run` refuses it)
+        raise SdexportError(f"cuda_graph=True: for the tensorrt and onnxruntime-cuda backends, not {backend}")
     if isinstance(loras, str | Path | LoraFile):
         raise SdexportError(f"loras: expected a list of LoraFile entries, got {type(loras).__name__} {str(loras)!r} "
                             "(LoraFile.parse('file.safetensors:0.8') reads the CLI's form; one file: a list of one)")
