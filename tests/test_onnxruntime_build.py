@@ -224,6 +224,11 @@ def test_a_damaged_or_stale_fused_graph_is_rebuilt(built_dir: Path, tmp_path: Pa
     wanted = {"source_sha256": manifest.components["unet"].optimized[ob.TARGET]["source_sha256"],
               "dtype": "fp16", "onnxruntime": ort.__version__}
     assert ob._rebuild_reasons(copy, manifest, "unet", wanted, False) == []
+    # fused on a CPU-only machine, checked through its CPU variant: on a GPU it is built and checked
+    # itself (it was "cached" there, its parity on CUDA never run)
+    assert manifest.components["unet"].optimized[ob.TARGET]["parity"]["status"] == "passed-cpu-variant"
+    assert "checked through its CPU variant only" in ob._rebuild_reasons(copy, manifest, "unet", wanted, False,
+                                                                           on_cuda=True)[0]
     assert ob._rebuild_reasons(copy, manifest, "unet", {**wanted, "source_sha256": "0" * 64}, False)[0].startswith(
         "source_sha256")
     (copy / "unet" / "onnxruntime-cuda" / "model.onnx").write_bytes(b"damaged")

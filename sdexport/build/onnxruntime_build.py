@@ -542,7 +542,8 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
     wanted = {spec.name: {"source_sha256": onnx_sha256(manifest.files, manifest.components[spec.name].onnx),
                           "dtype": "fp32" if spec.always_fp32 or not fp16 else "fp16", "onnxruntime": ort.__version__}
               for spec in specs}
-    reasons = {spec.name: _rebuild_reasons(engine_dir, manifest, spec.name, wanted[spec.name], force) for spec in specs}
+    reasons = {spec.name: _rebuild_reasons(engine_dir, manifest, spec.name, wanted[spec.name], force, on_cuda)
+               for spec in specs}
     if any(reasons.values()):
         from sdexport.output_dir import require_writable
 
@@ -705,13 +706,19 @@ def _discard(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, wanted: dict[str, str], force: bool) -> list[str]:
-    """Empty when an intact fused graph made the way ``wanted`` says is listed; else why a build is needed."""
+def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, wanted: dict[str, str], force: bool,
+                     on_cuda: bool = False) -> list[str]:
+    """Empty when an intact fused graph made the way ``wanted`` says is listed; else why a build is
+    needed. ``on_cuda``: a graph fused where there was no CUDA provider, checked through its CPU
+    variant only, is built again and checked itself (it was "cached" on the GPU server, never run
+    against its reference there)."""
     existing = manifest.components[component].optimized.get(TARGET)
     if force:
         return ["--force"]
     if existing is None:
         return ["no fused graph yet"]
+    if on_cuda and existing.get("parity", {}).get("status") == "passed-cpu-variant":
+        return ["checked through its CPU variant only (fused without a CUDA provider): checked on CUDA now"]
     reasons = [f"{key} {existing.get(key)!s:.12} != {value:.12}" for key, value in wanted.items()
                if existing.get(key) != value]
     if reasons:
