@@ -286,7 +286,7 @@ def build(
         trt_only = {"--static": static, "--strongly-typed": strongly_typed, "--batch": batch, "--height": height,
                     "--width": width, "--prompt-chunks": prompt_chunks, "--timing-cache": timing_cache, "--optimization-level": optimization_level,
                     "--refittable": refittable}
-        given = [flag for flag, value in trt_only.items() if value not in (None, False)]
+        given = [flag for flag, value in trt_only.items() if value is not None and value is not False]  # (0 == False)
         if given:
             raise SdexportError(f"{', '.join(given)}: TensorRT build settings; --target onnxruntime-cuda "
                                 "graphs keep the export's dynamic shapes (CUDA graphs fix them at load: run --cuda-graph)")
@@ -296,12 +296,13 @@ def build(
         raise SdexportError(f"--optimization-level {optimization_level}: TensorRT's levels are 0 to 5 (default 3)")
     if timing_cache is not None:
         check_timing_cache(timing_cache, engine_dir)
-    require_tensorrt()
     profile = None
     if any(given is not None for given in (batch, height, width, prompt_chunks)):
         profile = exported.with_ranges(batch=batch, height=height, width=width, chunks=prompt_chunks)
+    names = _names(components, "--components")
+    require_tensorrt()
     results = build_engines(
-        engine_dir, components=_names(components, "--components"), profile=profile,
+        engine_dir, components=names, profile=profile,
         static=static, fp16=fp16, strongly_typed=strongly_typed,
         timing_cache=timing_cache or default_timing_cache(), optimization_level=optimization_level,
         refittable=refittable, force=force,

@@ -268,7 +268,8 @@ def test_a_file_put_there_during_the_build_is_not_replaced_either(built_dir: Pat
     assert not list((copy / "text_encoder").glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("flags", [["--static"], ["--batch", "1"], ["--refittable"], ["--optimization-level", "3"]])
+@pytest.mark.parametrize("flags", [["--static"], ["--batch", "1"], ["--refittable"], ["--optimization-level", "3"],
+                                   ["--optimization-level", "0"]])  # (0 == False: it was taken, unsaid)
 def test_tensorrt_only_settings_are_refused_for_onnxruntime(tiny_fp16_engine_dir: Path, flags, capsys):
     assert run_cli("build", tiny_fp16_engine_dir, "--target", "onnxruntime-cuda", *flags) == 2
     err = capsys.readouterr().err

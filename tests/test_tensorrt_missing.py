@@ -120,6 +120,21 @@ def test_cli_build_without_tensorrt_says_what_to_install(tiny_engine_dir, capsys
     assert 'pip install "sdexport[tensorrt]"' in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch", "abc"], "--batch 'abc': expected integers as min:opt:max"),
+    (["--batch", "4:1:2"], "--batch"),
+    (["--components", ""], "--components '': expected comma-separated names"),
+])
+def test_cli_build_says_what_the_user_typed_wrong_before_what_the_machine_lacks(tiny_engine_dir, capsys, flags,
+                                                                               message):
+    from conftest import cpu_only, run_cli
+
+    with cpu_only():
+        assert run_cli("build", tiny_engine_dir, *flags) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "sdexport[tensorrt]" not in err, err
+
+
 def test_cli_run_tensorrt_backend_without_tensorrt_says_what_to_install(tiny_engine_dir, capsys):
     from conftest import cpu_only, run_cli
 
