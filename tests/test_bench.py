@@ -919,6 +919,30 @@ def tiny_engines(bench_run, tmp_path_factory) -> Path:
     return engines
 
 
+@pytest.mark.parametrize("contender", ["tensorrt", "onnxruntime-cuda-fused"])
+def test_the_engines_a_bench_builds_are_of_the_runs_precision(tmp_path, tiny_engines, monkeypatch, contender):
+    """Every build was asked for fp16: an fp32 scenario's TensorRT plans got TensorRT 10's fp16 flag
+    (and its fused graphs fp16), timed against the fp32 baseline."""
+    from sdexport.bench import harness
+    from sdexport.build import onnxruntime_build, tensorrt_build
+
+    asked = []
+
+    def build(*args, fp16, **kwargs):
+        asked.append(fp16)
+        raise SdexportError("stopped here by the test")
+
+    monkeypatch.setattr(harness, "check_available", lambda name: None)
+    monkeypatch.setattr(tensorrt_build, "build_engines", build)
+    monkeypatch.setattr(onnxruntime_build, "build_onnxruntime", build)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                                      f'"diffusers", "{contender}"').replace("repeats = 2", "repeats = 1"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--warmup", "0", "--engine-dir", tiny_engines) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["precision"] == "fp32" and asked == [False]
+
+
 def test_an_interrupted_bench_writes_what_it_measured_and_names_what_it_stopped(tmp_path, tiny_engines, monkeypatch, capsys):
     """SIGTERM in torch's second case: diffusers' cases and torch's first are kept, whole and compared
     with the baseline; the case it stopped and the contender it never reached are named; the output

@@ -245,9 +245,9 @@ def _run(
                     check_available(name)
                     for built, what in zip((engine_dir, refiner_dir), EXPORTS):
                         if name == "tensorrt" and built is not None:
-                            _build_tensorrt(built, scenario, one_time, what)
+                            _build_tensorrt(built, scenario, one_time, what, fp16=dtype == "fp16")
                         if name == "onnxruntime-cuda-fused" and built is not None:
-                            _build_onnxruntime(built, one_time, what)
+                            _build_onnxruntime(built, one_time, what, fp16=dtype == "fp16")
                     loaded_at = time.perf_counter()
                     # engines made from the scenario's checkpoint (exported, cached, or given and proven so):
                     # the Torch contenders reload it where it lies here, else as their manifests say
@@ -647,7 +647,9 @@ def _cached_export(scenario: Scenario, plan: BenchPlan, entry: Path, one_time: d
 
 
 def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, dict[str, float | str]],
-                    what: str = "export") -> None:
+                    what: str = "export", *, fp16: bool) -> None:
+    """``fp16``: the run's precision (an fp32 scenario's engines were built with TensorRT 10's fp16
+    flag, and timed against the fp32 baseline)."""
     from sdexport.build.tensorrt_build import build_engines
 
     start = time.perf_counter()
@@ -655,7 +657,7 @@ def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, di
         engine_dir,
         static=bool(scenario.build.get("static", False)),
         optimization_level=scenario.build.get("optimization_level"),
-        fp16=True,
+        fp16=fp16,
     )
     one_time[_built(what, "tensorrt_build")] = {
         "build_s": time.perf_counter() - start,
@@ -663,11 +665,12 @@ def _build_tensorrt(engine_dir: Path, scenario: Scenario, one_time: dict[str, di
     }
 
 
-def _build_onnxruntime(engine_dir: Path, one_time: dict[str, dict[str, float | str]], what: str = "export") -> None:
+def _build_onnxruntime(engine_dir: Path, one_time: dict[str, dict[str, float | str]], what: str = "export", *,
+                       fp16: bool) -> None:
     from sdexport.build.onnxruntime_build import build_onnxruntime
 
     start = time.perf_counter()
-    results = build_onnxruntime(engine_dir, fp16=True)
+    results = build_onnxruntime(engine_dir, fp16=fp16)
     one_time[_built(what, "onnxruntime_build")] = {
         "build_s": time.perf_counter() - start,
         "graphs": ", ".join(f"{r.component}: {r.status}" for r in results),
