@@ -28,6 +28,14 @@ def make_key(**changes) -> EngineKey:
     return dataclasses.replace(key, **changes)
 
 
+@pytest.mark.parametrize("inputs", [[], "x", {"sample": []}, {"sample": {"min": [1]}}])
+def test_a_key_whose_shapes_are_edited_out_of_form_raises_what_its_readers_catch(inputs):
+    """inspect, build and the runtime's plan choice catch KeyError, TypeError and ValueError: a list
+    for ``inputs`` (a hand edit) was an AttributeError, a traceback in each of them."""
+    with pytest.raises((KeyError, TypeError, ValueError)):
+        EngineKey.from_dict({**make_key().to_dict(), "inputs": inputs})
+
+
 def test_digest_is_stable_short_hex_and_survives_json():
     key = make_key()
     digest = key.digest()

@@ -144,10 +144,10 @@ class EngineKey:
     def from_dict(cls, data: dict[str, Any]) -> EngineKey:
         """Inverse of ``to_dict``; raises KeyError/TypeError/ValueError on a malformed entry."""
         data = dict(data)
-        inputs = tuple(
-            (name, (tuple(s["min"]), tuple(s["opt"]), tuple(s["max"])))
-            for name, s in data.pop("inputs").items()
-        )
+        shapes = data.pop("inputs")
+        if not isinstance(shapes, dict):  # (a hand edit: .items() was an AttributeError's traceback)
+            raise TypeError(f"inputs: expected an object of shapes, got {type(shapes).__name__}")
+        inputs = tuple((name, (tuple(s["min"]), tuple(s["opt"]), tuple(s["max"]))) for name, s in shapes.items())
         known = {f.name for f in fields(cls)}
         return cls(inputs=inputs, **{k: v for k, v in data.items() if k in known})
 
