@@ -592,6 +592,15 @@ def test_identical_images_are_written_as_inf_in_strict_json_and_pass_the_floor(t
     assert _row(comparison, "torch")["status"] != "regression" and comparison["passed"]
 
 
+def test_a_report_saved_with_a_byte_order_mark_is_read(tmp_path):
+    """A baseline edited by a Windows editor starts with a BOM: refused as "not readable JSON",
+    where a scenario file with one is read."""
+    good = _write(tmp_path, "good", _report([_entry("torch", TIGHT)]))
+    marked = _write(tmp_path, "marked", _report([_entry("torch", TIGHT)]))
+    marked.write_bytes(b"\xef\xbb\xbf" + marked.read_bytes())
+    assert run_cli("bench", "compare", good, marked) == 0
+
+
 @pytest.mark.parametrize("damage", [
     lambda r: r.update(results={"torch": 1}),
     lambda r: r.update(environment=None),

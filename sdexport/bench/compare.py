@@ -165,7 +165,7 @@ def load_report(path: Path, label: str) -> dict[str, Any]:
     if not file.is_file():
         raise SdexportError(f"{label} {path}: no such benchmark report (a results.json or the folder with it)")
     try:
-        report = json.loads(file.read_text(encoding="utf-8"))
+        report = json.loads(file.read_text(encoding="utf-8-sig"))  # (a baseline saved by a Windows editor: a BOM)
     except (OSError, ValueError, RecursionError) as exc:
         raise SdexportError(f"{label} {file}: not readable JSON ({exc})") from None
     if not isinstance(report, dict) or not {"scenario", "results", "environment", "precision"} <= set(report):
