@@ -40,10 +40,11 @@ PYTHON=${PYTHON:-$default_python}
 # (the wheel folder of an air-gapped install brings its own).
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 marker="<!-- sdexport bench compare -->"
-# Every summary starts with the marker (what proves it this gate's) and then names its scenario:
-# the merge-request comment bots update the comment that starts with both lines, so the gates of
-# two scenarios keep a comment each rather than overwrite one.
-header="$marker"$'\n'"<!-- sdexport bench scenario: $scenario -->"
+# Every summary starts with the marker (what proves it this gate's) and then names its scenario and
+# baseline: the merge-request comment bots update the comment that starts with both lines, so the
+# gates of two scenarios (or of one on two runners' baselines) keep a comment each rather than
+# overwrite one.
+header="$marker"$'\n'"<!-- sdexport bench scenario: $scenario, baseline: $baseline -->"
 
 refuse() {
   echo "sdexport bench gate: $1" >&2
@@ -103,16 +104,31 @@ refuse_reported() {
   refuse "$1"
 }
 [[ -f $scenario ]] || refuse_reported "$scenario: no such scenario file (see benchmarks/scenarios/)"
-if ! problem=$("$PYTHON" -c 'import sys
-from sdexport.bench.compare import parse_gate
+extra=()
+read -ra extra <<< "${SDEXPORT_BENCH_ARGS:-}"
+# The settings, and against the run they will judge (its contenders, the baseline's): exit 10 is a
+# refusal; anything else is an environment sdexport cannot run in, which is the benchmark's failure.
+checked=0
+problem=$("$PYTHON" -c 'import sys
+from pathlib import Path
+from sdexport.bench.compare import check_gate_fits_run, parse_gate
 from sdexport.errors import SdexportError
+names = ("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR", "SDEXPORT_RELATIVE_TO")
 try:
-    parse_gate(sys.argv[1], sys.argv[2] or None, relative_to=sys.argv[3] or None,
-               names=("SDEXPORT_MAX_SLOWDOWN", "SDEXPORT_MIN_PSNR", "SDEXPORT_RELATIVE_TO"))
+    gate = parse_gate(sys.argv[1], sys.argv[2] or None, relative_to=sys.argv[3] or None, names=names)
+    check_gate_fits_run(gate, Path(sys.argv[4]), sys.argv[6:], Path(sys.argv[5]), names=names)
 except SdexportError as exc:
-    sys.exit(str(exc))' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" "${SDEXPORT_RELATIVE_TO:-}" 2>&1); then
-  problem=${problem##*$'\n'}  # the last line: the refusal (or a broken environment's error)
-  refuse_reported "${problem:-the gate settings could not be checked with $PYTHON}"
+    print(exc)
+    sys.exit(10)' "${SDEXPORT_MAX_SLOWDOWN:-5%}" "${SDEXPORT_MIN_PSNR:-}" "${SDEXPORT_RELATIVE_TO:-}" "$scenario" \
+  "$baseline" ${extra[@]+"${extra[@]}"} 2>&1) || checked=$?
+problem=${problem##*$'\n'}  # the last line: the refusal, or a broken environment's error
+if [[ $checked == 10 ]]; then
+  refuse_reported "$problem"
+elif [[ $checked != 0 ]]; then
+  printf '%s\n## sdexport bench: %s did not run\n\nsdexport cannot run with %s: %s\n' "$header" "$scenario" \
+    "$PYTHON" "${problem:-status $checked}" > "$summary"
+  echo "sdexport bench gate: sdexport cannot run with $PYTHON: ${problem:-status $checked}" >&2
+  exit 3
 fi
 if [[ ! -e $baseline && $require_baseline == 1 ]]; then
   printf '%s\n## sdexport bench: no baseline at %s\n\nSDEXPORT_REQUIRE_BASELINE=%s and the baseline is missing.\n' \
@@ -120,8 +136,6 @@ if [[ ! -e $baseline && $require_baseline == 1 ]]; then
   refuse "no baseline at $baseline (SDEXPORT_REQUIRE_BASELINE=$SDEXPORT_REQUIRE_BASELINE)"
 fi
 
-extra=()
-read -ra extra <<< "${SDEXPORT_BENCH_ARGS:-}"
 for arg in ${extra[@]+"${extra[@]}"}; do  # the gate's own: elsewhere, the run would be gated as missing
   case $arg in
     -o*|-[!-]*o*|--output|--output=*|--engine-cache|--engine-cache=*)  # (-qo DIR: bundled short flags)
@@ -212,15 +226,19 @@ if [[ -n ${SDEXPORT_RELATIVE_TO:-} ]]; then
   gate+=(--relative-to "$SDEXPORT_RELATIVE_TO")
 fi
 status=0
-"$PYTHON" -m sdexport bench compare "$baseline" "$out/bench" -o "$out/compare" "${gate[@]}" || status=$?
+said=$(mktemp)  # compare's stderr: its one-line reason goes in the summary too
+"$PYTHON" -m sdexport bench compare "$baseline" "$out/bench" -o "$out/compare" "${gate[@]}" 2> "$said" || status=$?
+cat "$said" >&2
+reason=$(grep -v '^[[:space:]]*$' "$said" | tail -n 1 || true)
+rm -f "$said"
 # 1 is a regression only when the comparison was written (every sdexport command exits 1 when the
 # filesystem refuses, too); anything else that is not 0 means the runs could not be compared.
 if [[ $status -le 1 && -f $out/compare/comparison.md ]]; then
   { printf '%s\n' "$header"; tail -n +2 "$out/compare/comparison.md"; } > "$out/summary.md"
 else
   status=2
-  printf '%s\n## sdexport bench: %s could not be compared with %s\n\nSee the job log for the reason.\n' \
-    "$header" "$scenario" "$baseline" > "$out/summary.md"
+  printf '%s\n## sdexport bench: %s could not be compared with %s\n\n%s\n' \
+    "$header" "$scenario" "$baseline" "${reason:-See the job log for the reason.}" > "$out/summary.md"
 fi
 if [[ -n $stopped ]]; then  # signalled once the benchmark had finished: said, with whatever came of it
   printf '\n_The job was signalled (%s) while the summary was being made._\n' "$stopped" >> "$out/summary.md"

@@ -36,7 +36,9 @@ PAGES = 10
 
 def key_of(summary: str) -> str:
     """What this tool's note for the same scenario starts with: the marker line, and the scenario's
-    line after it where there is one (summaries written before it had the marker alone)."""
+    line after it where there is one (summaries written before it had the marker alone; since
+    2026-12-07 the line names the baseline too, so one scenario gated on two runners' baselines
+    keeps a note each)."""
     lines = summary.split("\n", 2)
     if len(lines) > 1 and lines[1].startswith("<!-- sdexport bench scenario:"):
         return "\n".join(lines[:2])

@@ -137,6 +137,34 @@ def parse_gate(max_slowdown: str, min_psnr: str | float | None, *, allow_mismatc
                 fail_unjudged=fail_unjudged, relative_to=relative_to)
 
 
+def check_gate_fits_run(gate: Gate, scenario_path: Path, bench_args: list[str], baseline_path: Path,
+                        names: tuple[str, str, str] = ("--max-slowdown", "--min-psnr", "--relative-to")) -> None:
+    """The CI gate's settings against the run they will judge, before the benchmark (it takes the
+    whole job, and the comparison then refused in words the pull request never saw): a reference
+    contender the run does not measure (the scenario's contenders, or ``--contenders`` among
+    ``bench_args``), or the baseline did not; a PSNR floor where no baseline contender runs."""
+    from sdexport.bench.scenario import BASELINES, load_scenario
+
+    contenders = list(load_scenario(scenario_path).contenders)
+    for i, arg in enumerate(bench_args):  # (the bench's own override, as SDEXPORT_BENCH_ARGS passes it)
+        given = bench_args[i + 1] if arg == "--contenders" and i + 1 < len(bench_args) else \
+            arg.removeprefix("--contenders=") if arg.startswith("--contenders=") else None
+        if given is not None:
+            contenders = [name.strip() for name in given.split(",") if name.strip()]
+    if gate.relative_to is not None and gate.relative_to not in contenders:
+        raise SdexportError(f"{names[2]} {gate.relative_to}: the run's contenders ({', '.join(contenders)}) do not "
+                            "include it, so nothing could be judged against it")
+    if gate.min_psnr is not None and not any(name in BASELINES for name in contenders):
+        raise SdexportError(f"{names[1]} {gate.min_psnr:g}: the run's contenders ({', '.join(contenders)}) hold no "
+                            f"baseline ({' or '.join(BASELINES)}) to measure agreement against")
+    if gate.relative_to is not None and baseline_path.exists():
+        baseline = load_report(baseline_path, "BASELINE")
+        if not any(e.get("contender") == gate.relative_to and e.get("status") == "measured"
+                   for e in baseline["results"] if isinstance(e, dict)):
+            raise SdexportError(f"{names[2]} {gate.relative_to}: BASELINE {baseline_path} did not measure it, so "
+                                "nothing could be judged against it")
+
+
 def parse_percent(text: str, flag: str) -> float:
     """``5%`` or ``5``: five percent, as the fraction 0.05. A bare number under 1 (``0.05``) is
     refused: it reads as a fraction but would mean 0.05%."""
