@@ -592,6 +592,35 @@ def test_inspect_counts_a_graphs_weights_whatever_their_file_is_called(foreign_e
     assert megabytes * 1024**2 >= (path.parent / "model.onnx_data").stat().st_size
 
 
+def test_an_encoder_of_older_optimum_is_refused_saying_the_rest_can_be_adopted_without_it(foreign_export: Path,
+                                                                                        tmp_path: Path, capsys):
+    """Older optimum's VAE encoder returns latent_sample: the whole adoption was refused with
+    "re-export", though text-to-image needs no encoder. The refusal says so, and a directory adopted
+    without one is told, for an init image, to add the graph and adopt again (not to "export it too",
+    with --components it never had)."""
+    def renamed(graph) -> None:
+        old = graph.output[0].name
+        for node in graph.node:
+            node.output[:] = ["latent_sample" if name == old else name for name in node.output]
+        graph.output[0].name = "latent_sample"
+
+    _edit_graph(foreign_export / "vae_encoder" / "model.onnx", renamed)
+    assert run_cli("adopt", foreign_export) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("returns ['latent_sample'], but a vae_encoder graph takes ['sample'] and returns ['latent_parameters']"
+            in err and f"to adopt the rest for text-to-image, move {foreign_export / 'vae_encoder'} out" in err), err
+    shutil.move(foreign_export / "vae_encoder", tmp_path / "encoder")
+    assert run_cli("adopt", foreign_export) == 0
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    capsys.readouterr()
+    assert run_cli("run", foreign_export, "-p", "a", "--init-image", tmp_path / "red.png", "-o", tmp_path / "x.png") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("no vae_encoder (it was adopted with the graphs text_encoder, unet, vae_decoder); add its vae_encoder "
+            "graph and adopt it again (--force)") in err, err
+
+
 def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):
     """diffusers' older ONNX pipelines (OnnxStableDiffusionPipeline) lack each component's
     config.json: run said to adopt the folder, and adopt then refused an SD 1.x pipeline as one

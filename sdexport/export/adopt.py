@@ -34,6 +34,7 @@ from sdexport.models.outline import (
 )
 from sdexport.specs import (
     SDXL_REFINER,
+    VAE_ENCODERS,
     ComponentSpec,
     ModelDims,
     check_clip_skip,
@@ -257,7 +258,15 @@ def adopt(
         )
         check_layout(directory, manifest)  # the tokenizer files, paths inside the directory
         # names, dtypes, ranks and fixed sizes, before anything is written
-        graph_ios = {spec.name: check_graph(directory, manifest, spec.name) for spec in plan.specs}
+        graph_ios = {}
+        for spec in plan.specs:
+            try:
+                graph_ios[spec.name] = check_graph(directory, manifest, spec.name)
+            except SdexportError as exc:  # (older optimum's encoder returns latent_sample: all was refused)
+                if spec.name not in VAE_ENCODERS or plan.family == SDXL_REFINER:  # (the refiner's one task needs it)
+                    raise
+                raise type(exc)(f"{exc}; the VAE encoder serves img2img and inpainting only: to adopt the rest for "
+                                f"text-to-image, move {pasteable(directory / spec.name)} out of the folder") from None
         from sdexport.runtime.loading import check_runnable
 
         check_runnable(directory, manifest)

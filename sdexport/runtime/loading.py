@@ -49,11 +49,17 @@ def txt2img_components(manifest: Manifest, upcast: dict[str, str] | None = None)
     names = [in_place.get(s.name, s.name) for s in txt2img_specs(manifest.family, controlnets, len(manifest.adapters))]
     missing = [n for n in names if n not in manifest.components]
     if missing:
-        raise EngineDirError(
-            f"the engine directory has no {', '.join(missing)} (it was exported with --components "
-            f"{','.join(manifest.components)}); export those components to run txt2img"
-        )
+        raise EngineDirError(f"the engine directory has no {', '.join(missing)} ({_made_with(manifest)}); export those "
+                             "components to run txt2img")
     return names
+
+
+def _made_with(manifest: Manifest) -> str:
+    """How the directory came to hold the components it has: an export's --components, or the
+    graphs another tool's export had when it was adopted."""
+    if manifest.adopted:
+        return f"it was adopted with the graphs {', '.join(manifest.components)}"
+    return f"it was exported with --components {','.join(manifest.components)}"
 
 
 def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
@@ -66,10 +72,9 @@ def pipeline_components(manifest: Manifest, image_inputs: bool = False, *,
     names = txt2img_components(manifest, upcast)
     if image_inputs:
         if not _has_encoder(manifest, upcast):
-            raise EngineDirError(
-                f"the engine directory has no vae_encoder (it was exported with --components "
-                f"{','.join(manifest.components)}); export it too to start from an image (img2img, inpainting)"
-            )
+            mend = "add its vae_encoder graph and adopt it again (--force)" if manifest.adopted else "export it too"
+            raise EngineDirError(f"the engine directory has no vae_encoder ({_made_with(manifest)}); {mend} to start "
+                                 "from an image (img2img, inpainting)")
         names.append(vae_in_place(manifest, upcast).get("vae_encoder", "vae_encoder"))
     return names + list(vae_fallbacks(manifest, upcast, image_inputs).values())
 
