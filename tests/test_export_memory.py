@@ -512,3 +512,33 @@ def test_the_memory_benchmark_exports_from_a_single_file_it_writes(tmp_path: Pat
     assert report["note"] == "a smoke test" and "a smoke test" in (out / "export-memory.md").read_text()
     with safe_open(str(checkpoints / "tiny.safetensors"), framework="pt") as handle:
         assert handle.get_slice("model.diffusion_model.out.2.weight").get_dtype() == "F16"
+
+
+@pytest.mark.parametrize("membership, files, expected", [
+    # cgroup v2 with its namespace: the mount's root is the container's own cgroup
+    ("0::/\n", {"memory.max": "4294967296", "memory.current": "1073741824"}, (4096.0, 1024.0)),
+    # v2 without one (a Slurm job, systemd-run, docker --cgroupns=host): the limit is on a level above
+    # the process's own cgroup, below the mount's root, which holds none
+    ("0::/job/step\n", {"job/memory.max": "4294967296", "job/memory.current": "1073741824",
+                        "job/step/memory.max": "max", "job/step/memory.current": "1073741824"}, (4096.0, 1024.0)),
+    # v1 (older Docker and Kubernetes hosts): memory.limit_in_bytes under the memory controller's mount
+    ("4:memory:/docker/abc\n1:cpu:/docker/abc\n", {"memory/docker/abc/memory.limit_in_bytes": "4294967296",
+                                                   "memory/docker/abc/memory.usage_in_bytes": "1073741824"},
+     (4096.0, 1024.0)),
+    # v1's "no limit" (this project's CI machine writes it), and nothing to read
+    ("4:memory:/process_api/x\n", {"memory/process_api/x/memory.limit_in_bytes": "9223372036854771712",
+                                   "memory/process_api/x/memory.usage_in_bytes": "1"}, (None, None)),
+    ("", {}, (None, None)),
+])
+def test_the_verification_budget_reads_the_memory_limit_of_the_processs_own_cgroups(tmp_path: Path, membership,
+                                                                                      files, expected):
+    """Only the mount root's memory.max was read: a cgroup v1 container's limit and a v2 limit set on
+    a job's own cgroup went unseen, the budget was two thirds of the host, and a point that did not
+    fit ran into the container's OOM killer, the end of the export without a word."""
+    from sdexport.export.memory import _cgroup_memory
+
+    for rel, text in files.items():
+        (tmp_path / "cg" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cg" / rel).write_text(text + "\n")
+    (tmp_path / "cgroup").write_text(membership)
+    assert _cgroup_memory(tmp_path / "cg", tmp_path / "cgroup") == expected

@@ -191,15 +191,51 @@ def verification_budget_mb() -> float | None:
     return min(free - MARGIN_MB, VERIFY_SHARE * total - resident_bytes() / MB)
 
 
-def _cgroup_memory() -> tuple[float | None, float | None]:
-    """A cgroup v2 container's memory limit and use (MB); (None, None) without a limit."""
-    root = Path("/sys/fs/cgroup")
+NO_LIMIT = 2**62
+"""cgroup v1 writes "no limit" as the largest page-aligned number (9223372036854771712): any limit
+above this is none."""
+
+
+def _cgroup_memory(root: Path = Path("/sys/fs/cgroup"),
+                   membership: Path = Path("/proc/self/cgroup")) -> tuple[float | None, float | None]:
+    """The memory limit of this process's cgroups with the least room left under it, and the use
+    under it (MB); (None, None) without a limit. Each level from the process's own cgroup up to the
+    root counts (a limit holds everything below it): cgroup v2's ``memory.max``, and cgroup v1's
+    ``memory.limit_in_bytes`` (older Docker and Kubernetes hosts), read where ``/proc/self/cgroup``
+    places the process (a Slurm job's or ``systemd-run``'s cgroup is below the mount's root, which
+    holds no limit of its own)."""
     try:
-        limit = (root / "memory.max").read_text(encoding="utf-8").strip()
-        used = float((root / "memory.current").read_text(encoding="utf-8")) / MB
-    except (OSError, ValueError):
-        return None, None
-    return (None, None) if limit == "max" else (float(limit) / MB, used)
+        lines = membership.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        lines = []
+    levels: list[tuple[Path, str, str]] = []  # (folder, limit file, use file)
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":  # v2's unified hierarchy
+            levels += [(folder, "memory.max", "memory.current") for folder in _up_to(root, path)]
+        elif "memory" in controllers.split(","):
+            levels += [(folder, "memory.limit_in_bytes", "memory.usage_in_bytes")
+                       for folder in _up_to(root / "memory", path)]
+    if not lines:
+        levels = [(root, "memory.max", "memory.current")]
+    tightest: tuple[float, float] | None = None
+    for folder, limit_file, use_file in levels:
+        try:
+            text = (folder / limit_file).read_text(encoding="utf-8").strip()
+            if text == "max" or int(text) >= NO_LIMIT:
+                continue
+            limit, used = int(text) / MB, int((folder / use_file).read_text(encoding="utf-8")) / MB
+        except (OSError, ValueError):
+            continue
+        if tightest is None or limit - used < tightest[0] - tightest[1]:
+            tightest = (limit, used)
+    return tightest if tightest is not None else (None, None)
+
+
+def _up_to(root: Path, path: str) -> list[Path]:
+    """``root / path`` and each folder above it up to ``root``."""
+    parts = [part for part in path.split("/") if part and part != ".."]
+    return [root.joinpath(*parts[:depth]) for depth in range(len(parts), -1, -1)]
 
 
 def machine_memory_mb() -> float | None:
