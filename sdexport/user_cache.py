@@ -15,18 +15,40 @@ from pathlib import Path
 ENVIRONMENT = "SDEXPORT_CACHE_DIR"
 
 
+def _setting() -> tuple[Path, str] | None:
+    """The cache folder and how the user set it (for refusals); None without a home."""
+    own, xdg = os.environ.get(ENVIRONMENT), os.environ.get("XDG_CACHE_HOME")
+    if own:
+        return Path(own).absolute(), f"{ENVIRONMENT}={own}"
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "sdexport", f"XDG_CACHE_HOME={xdg} (sdexport's cache: {Path(xdg) / 'sdexport'})"
+    try:
+        return Path.home() / ".cache" / "sdexport", "the cache folder ~/.cache/sdexport"
+    except RuntimeError:  # no HOME and no passwd entry
+        return None
+
+
 def user_cache() -> Path | None:
     from sdexport.output_dir import refuse_inside_engine_dir
 
-    own, xdg = os.environ.get(ENVIRONMENT), os.environ.get("XDG_CACHE_HOME")
-    if own:
-        root, said = Path(own).absolute(), f"{ENVIRONMENT}={own}"
-    elif xdg and os.path.isabs(xdg):
-        root, said = Path(xdg) / "sdexport", f"XDG_CACHE_HOME={xdg} (sdexport's cache: {Path(xdg) / 'sdexport'})"
-    else:
-        try:
-            root, said = Path.home() / ".cache" / "sdexport", "the cache folder ~/.cache/sdexport"
-        except RuntimeError:  # no HOME and no passwd entry
-            return None
-    refuse_inside_engine_dir(root, said, itself=True)
-    return root
+    setting = _setting()
+    if setting is None:
+        return None
+    refuse_inside_engine_dir(*setting, itself=True)
+    return setting[0]
+
+
+def check_cache_outside(target: Path) -> None:
+    """Before a job that writes the engine directory ``target`` and then records in the cache:
+    refuse a cache inside an engine directory, or inside ``target``, now (an export refused it after
+    its work, with the directory already in place, and exited 2)."""
+    from sdexport.errors import SdexportError
+    from sdexport.output_dir import refuse_inside_engine_dir
+
+    setting = _setting()
+    if setting is None:
+        return
+    refuse_inside_engine_dir(*setting, itself=True)
+    if setting[0].resolve().is_relative_to(target.absolute().resolve()):
+        raise SdexportError(f"{setting[1]}: inside {target}, the engine directory this writes, whose manifest lists "
+                            "every file in it; point the cache elsewhere")

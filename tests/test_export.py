@@ -896,3 +896,20 @@ def test_an_output_that_should_be_zero_is_compared_by_its_absolute_error():
 
     assert compare(np.ones(4, np.float32), np.zeros(4, np.float32)).rel_l2 == pytest.approx(2.0)
     assert compare(np.zeros(4, np.float32), np.zeros(4, np.float32)).rel_l2 == 0.0
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--vae", "{vae}", "--components", "unet"], "it replaces the VAE, which --components leaves out"),
+    (["--controlnet", "tiny-controlnet", "--components", "text_encoder"],
+     "it conditions the U-Net, which --components leaves out with the controlnet's own graph"),
+])
+def test_a_part_for_a_component_the_export_leaves_out_is_refused(tiny_diffusers_dir: Path, tmp_path: Path, capsys,
+                                                                 flags, words):
+    """--lora and --textual-inversion were refused for left-out components; --vae and --controlnet
+    were taken, and the manifest's label named a VAE or ControlNet nothing of which was exported.
+    (With the U-Net a ControlNet is used: its residual inputs.)"""
+    given = [flag.format(vae=tiny_diffusers_dir / "vae") for flag in flags]
+    assert run_cli("export", "tiny", "-o", tmp_path / "out", *given) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert words in err and "Loading" not in err, err
+    assert not (tmp_path / "out").exists()

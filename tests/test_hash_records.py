@@ -163,6 +163,21 @@ def test_a_cache_inside_an_engine_directory_is_refused(engine_copy: Path, monkey
     assert sorted(engine_copy.rglob("*")) == before
 
 
+@pytest.mark.parametrize("where", ["another", "target"])
+def test_an_export_refuses_a_cache_it_would_refuse_afterwards_before_it_reads_any_weight(
+        engine_copy: Path, tmp_path: Path, monkeypatch, capsys, where):
+    """The check ran after the export (its hash records): the directory was in place and the command
+    exited 2, so a script took a good export for a failed one. A cache inside another engine
+    directory, or inside the one this export writes, is refused before the work."""
+    target = tmp_path / "new"
+    cache = engine_copy if where == "another" else target / "cache"
+    monkeypatch.setenv("SDEXPORT_CACHE_DIR", str(cache))
+    assert run_cli("export", "tiny", "-o", target, "--verify", "none") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: SDEXPORT_CACHE_DIR={cache}: inside" in err and "Loading" not in err, err
+    assert not target.exists()
+
+
 def test_a_file_changed_while_it_was_hashed_is_not_recorded(tmp_path: Path, monkeypatch):
     """The digest may be of neither version: a record of it would vouch for the file as it is now."""
     monkeypatch.setattr(hash_records, "RACY_SECONDS", 0.0)

@@ -29,6 +29,7 @@ from sdexport.specs import (
     controlnet_index,
     text_encoders,
 )
+from sdexport.user_cache import check_cache_outside
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -127,11 +128,26 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     specs = select_components(outline.family, options.components, options.dtype, len(controlnets), len(adapters))
     check_export_clip_skip(options.clip_skip, outline, specs)
     check_embeddings(options.embeddings, outline, specs)
+    _check_parts_exported(options, specs)
     # (a --vae takes the model's own VAE's place: its folder need hold no weights)
     check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     refuse_if_held(check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources))  # at once
+    check_cache_outside(out_dir)  # (the hash records written after the export: refused then, with it in place)
     return plan
+
+
+def _check_parts_exported(options: ExportOptions, specs: list[ComponentSpec]) -> None:
+    """A part given for a component --components leaves out, refused as --lora's and
+    --textual-inversion's are: the manifest's label then named a VAE or ControlNet nothing of which
+    was exported. (A ControlNet or adapter changes the U-Net's inputs too: with the U-Net, it is used.)"""
+    modules = {s.module for s in specs}
+    if options.vae and "vae" not in modules:
+        raise SdexportError(f"--vae {options.vae}: it replaces the VAE, which --components leaves out")
+    for flag, given, part in (("--controlnet", options.controlnets, "controlnet"), ("--adapter", options.adapters, "adapter")):
+        if given and "unet" not in modules and not any(m.startswith(part) for m in modules):
+            raise SdexportError(f"{flag} {given[0]}: it conditions the U-Net, which --components leaves out with "
+                                f"the {part}'s own graph")
 
 
 def check_export_clip_skip(clip_skip: object, outline: ModelOutline, specs: list[ComponentSpec]) -> None:
