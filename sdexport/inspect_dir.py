@@ -162,12 +162,12 @@ def _print_memory(manifest: Manifest) -> None:
     if not isinstance(memory, dict) or not isinstance(memory.get("stages"), list) or not memory["stages"]:
         return
     stages = memory["stages"]
-    gb = 1024
+    gib = 1024  # (the records are MiB: 24,105 MiB is 23.5 GiB, or 25.3 GB, which "24 GB" was neither)
     machine = memory.get("machine_memory_mb")
     top = max(float(s.get("peak_rss_mb", 0)) for s in stages)
-    table = Table(title=f"Export memory: peak {top / gb:.1f} GB resident"
-                        + (f" on a {machine / gb:.0f} GB machine" if machine else "")
-                        + " (GB, per stage)", title_justify="left")
+    table = Table(title=f"Export memory: peak {top / gib:.1f} GiB resident"
+                        + (f" on a {machine / gib:.1f} GiB machine" if machine else "")
+                        + " (GiB, per stage)", title_justify="left")
     for column in ("component", *STAGES):
         table.add_column(column, justify="right" if column != "component" else "left")
     rows: dict[str, dict[str, float]] = {}
@@ -175,7 +175,7 @@ def _print_memory(manifest: Manifest) -> None:
         component, _, stage = str(record.get("stage", "")).rpartition("/")
         rows.setdefault(component or "model", {})[stage] = float(record.get("peak_rss_mb", 0))
     for component, peaks in rows.items():
-        cells = [(f"[bold]{peaks[s] / gb:.1f}[/]" if peaks[s] == top else f"{peaks[s] / gb:.1f}") if s in peaks else "-"
+        cells = [(f"[bold]{peaks[s] / gib:.1f}[/]" if peaks[s] == top else f"{peaks[s] / gib:.1f}") if s in peaks else "-"
                  for s in STAGES]
         table.add_row(component, *cells)
     out.print(table)

@@ -405,6 +405,9 @@ def test_export_frees_each_part_and_records_the_memory_of_each_stage(tmp_path: P
     assert not list(out.rglob(".trace"))  # the tracer's working files are gone
     printed = capsys.readouterr().out
     assert "Export memory: peak" in printed and "graph passes" in printed
+    # MiB records shown in GiB, and so labelled (they were labelled GB, 7% off the README's figures)
+    machine = f"{record['machine_memory_mb'] / 1024:.1f} GiB machine"
+    assert machine in " ".join(printed.split()) and " GB" not in printed
 
 
 def test_a_point_too_large_for_free_memory_is_skipped_and_said(tmp_path: Path, monkeypatch, capsys):
