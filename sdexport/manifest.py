@@ -239,7 +239,14 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
         raise EngineDirError(f"{path}: damaged manifest, not valid JSON ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         found = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise EngineDirError(f"{path}: not an sdexport manifest (format {found!r})")
+        foreign = ""
+        if not is_sdexport_manifest(data):  # another tool's manifest.json
+            from sdexport.export.adopt import identify
+
+            if identify(directory) == "onnx":  # (adopt refuses to write over it: say the way round)
+                foreign = ("; the folder is an ONNX export of a diffusers pipeline: move that file out of it and "
+                           f"adopt it with `sdexport adopt {pasteable(directory)}`")
+        raise EngineDirError(f"{path}: not an sdexport manifest (format {found!r}){foreign}")
     if data.get("format_version") not in FORMAT_VERSIONS:
         raise EngineDirError(_format_refusal(directory, data))
     problem = first_error(SCHEMA, data)
@@ -600,19 +607,28 @@ def short_weight_files(graph: Any, folder: Path) -> list[str]:
     return short
 
 
-def _weights_linked_away(folder: Path, graph: Any) -> tuple[str, Path] | None:
-    """The first external weight file of ``graph`` that resolves outside ``folder`` (a link into
-    git-annex's or a deduplicating store's objects) and where it leads; ONNX Runtime refuses it
-    ("External data path escapes model directory") where TensorRT would read it."""
-    home = folder.resolve()
+def _weights_linked_away(graph_path: Path, graph: Any) -> tuple[str, Path] | None:
+    """The first external weight file of ``graph`` that resolves outside the graph's folder (a link
+    into git-annex's or a deduplicating store's objects) and where it leads; ONNX Runtime refuses it
+    ("External data path escapes model directory") where TensorRT would read it. Either folder counts,
+    the graph's as named and where the graph file itself resolves: ONNX Runtime (1.32) loads a graph
+    and its weights both linked into one store folder."""
+    homes = (graph_path.parent.resolve(), graph_path.resolve().parent)
     for init in graph.initializer:
         location = next((e.value for e in init.external_data if e.key == "location"), None)
         if location is None:
             continue
-        real = (folder / location).resolve()
-        if not real.is_relative_to(home):
+        real = (graph_path.parent / location).resolve()
+        if not any(real.is_relative_to(home) for home in homes):
             return location, real
     return None
+
+
+def is_sdexport_manifest(data: object) -> bool:
+    """Whether a manifest.json's content is sdexport's, of this format or an older one (whose
+    ``format`` was its number), rather than another tool's file of that name."""
+    found = data.get("format") if isinstance(data, dict) else None
+    return found == FORMAT or (isinstance(found, int) and not isinstance(found, bool))
 
 
 def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:
@@ -644,7 +660,7 @@ def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapePr
                 f"{directory}: {rel}: weight {init.name!r} refers to {location!r}, which is not a file the "
                 "manifest lists beside the graph; refusing to read it"
             )
-    outside = _weights_linked_away(directory / folder, graph)
+    outside = _weights_linked_away(directory / rel, graph)
     if outside:
         raise EngineDirError(
             f"{directory}: {rel}: its weight file {outside[0]} is a link to {outside[1]}, outside the graph's "

@@ -179,10 +179,13 @@ def test_adopt_with_the_model_proves_each_graph(foreign_export: Path):
 
 
 def test_adopt_with_the_model_says_in_one_line_that_onnx_runtime_cannot_load_a_graph(foreign_export: Path, capsys):
-    """A graph this ONNX Runtime cannot load (ONNX Runtime's own SD tool's CUDA-only fusions, an opset
-    newer than it knows) was a 63-line traceback from the parity check (an audit)."""
+    """A graph this ONNX Runtime cannot load (ONNX Runtime's own SD tool's CUDA-only fusions, an
+    operator it does not have) was a 63-line traceback from the parity check (an audit). (An opset
+    newer than onnx knows is refused before: test_a_graph_stamped_with_an_opset_onnx_does_not_know...)"""
     model = onnx.load(str(foreign_export / "vae_decoder" / "model.onnx"))
-    model.opset_import[0].version = 30
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+    node = next(n for n in model.graph.node if n.op_type == "Sigmoid")
+    node.op_type, node.domain = "Mystery", "com.example"  # (a kernel only another build of ORT has)
     onnx.save(model, str(foreign_export / "vae_decoder" / "model.onnx"))
     assert run_cli("adopt", foreign_export, "--model", "tiny") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -509,7 +512,7 @@ def test_a_weight_file_linked_out_of_its_graphs_folder_is_refused_by_adopt_and_i
 
     path = foreign_export / "unet" / "model.onnx"
     onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="model.onnx_data",
-                    size_threshold=0)
+                    size_threshold=1024)  # (ONNX Runtime reads the small constants of shapes only in the graph)
     (foreign_export / "blobs").mkdir()
     data = path.parent / "model.onnx_data"
     data.rename(foreign_export / "blobs" / "model.onnx_data")
@@ -526,6 +529,12 @@ def test_a_weight_file_linked_out_of_its_graphs_folder_is_refused_by_adopt_and_i
     capsys.readouterr()
     assert run_cli("inspect", foreign_export) == 2
     assert line in " ".join(capsys.readouterr().err.split())
+    # the graph linked into the same store as its weights: ONNX Runtime reads the weights beside the
+    # graph's real file, so this one is taken (a review's case)
+    path.rename(foreign_export / "blobs" / "model.onnx")
+    path.symlink_to("../blobs/model.onnx")
+    assert run_cli("inspect", foreign_export) == 0
+    assert run_cli("run", foreign_export, "-p", "a", "--steps", "2", "-o", foreign_export.parent / "x.png") == 0, capsys.readouterr().err
 
 
 def test_a_graph_replaced_in_an_adopted_folder_is_told_to_be_adopted_again(foreign_export: Path, tmp_path: Path,
@@ -619,6 +628,21 @@ def test_an_encoder_of_older_optimum_is_refused_saying_the_rest_can_be_adopted_w
     err = " ".join(capsys.readouterr().err.split())
     assert ("no vae_encoder (it was adopted with the graphs text_encoder, unet, vae_decoder); add its vae_encoder "
             "graph and adopt it again (--force)") in err, err
+
+
+def test_another_tools_manifest_json_is_named_as_such_with_the_way_out(foreign_export: Path, capsys):
+    """A folder holding another tool's manifest.json went in a circle: adopt said to inspect it,
+    inspect "not an sdexport manifest", adopt --force refused to replace it. Each now says to move
+    the file out, and adopt is never allowed to replace it."""
+    (foreign_export / "manifest.json").write_text('{"name": "another tool"}')
+    for args in (["adopt", foreign_export], ["adopt", foreign_export, "--force"]):
+        assert run_cli(*args) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert "a manifest.json that is not sdexport's (another tool's?)" in err and "move it out" in err, err
+    assert run_cli("inspect", foreign_export) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"move that file out of it and adopt it with `sdexport adopt {foreign_export}`" in err, err
+    assert (foreign_export / "manifest.json").read_text() == '{"name": "another tool"}'
 
 
 def test_run_on_a_legacy_diffusers_onnx_export_says_to_export_again_not_to_adopt(foreign_export: Path, capsys):

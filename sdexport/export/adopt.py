@@ -23,7 +23,13 @@ from typing import Any
 from sdexport.errors import SdexportError, a_class, one_line, pasteable
 from sdexport.export.pipeline_files import MODEL_INDEX
 from sdexport.graph_io import GraphIO, graph_precision
-from sdexport.manifest import MANIFEST_NAME, SCHEDULER_CONFIG_FILE, ComponentEntry, Manifest
+from sdexport.manifest import (
+    MANIFEST_NAME,
+    SCHEDULER_CONFIG_FILE,
+    ComponentEntry,
+    Manifest,
+    is_sdexport_manifest,
+)
 from sdexport.models.outline import (
     SUPPORTED_PIPELINES,
     checkpoint_profile,
@@ -173,6 +179,14 @@ def check_replaceable(directory: Path, replace: bool) -> None:
     path = directory / MANIFEST_NAME
     if not path.exists() and not path.is_symlink():
         return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if path.is_file() and not is_sdexport_manifest(data):  # another tool's manifest.json (a link to nothing: below)
+        # (adopt said to inspect it, inspect "not an sdexport manifest", and --force refused to replace it)
+        raise SdexportError(f"{path}: a {MANIFEST_NAME} that is not sdexport's (another tool's?), where adopt writes "
+                            "its own; move it out of the folder to adopt it (adopt never replaces it)")
     if not replace:
         raise SdexportError(
             f"{directory}: already has a {MANIFEST_NAME}; it is an sdexport engine directory (or was adopted): "
