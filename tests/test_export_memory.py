@@ -520,13 +520,18 @@ def test_the_memory_benchmark_exports_from_a_single_file_it_writes(tmp_path: Pat
 @pytest.mark.parametrize("membership, files, expected", [
     # cgroup v2 with its namespace: the mount's root is the container's own cgroup
     ("0::/\n", {"memory.max": "4294967296", "memory.current": "1073741824"}, (4096.0, 1024.0)),
+    # the page cache the kernel drops first is not counted as used (an export has just read gigabytes)
+    ("0::/\n", {"memory.max": "4294967296", "memory.current": "3221225472",
+               "memory.stat": "anon 1073741824\ninactive_file 2147483648\nactive_file 1"}, (4096.0, 1024.0)),
     # v2 without one (a Slurm job, systemd-run, docker --cgroupns=host): the limit is on a level above
     # the process's own cgroup, below the mount's root, which holds none
     ("0::/job/step\n", {"job/memory.max": "4294967296", "job/memory.current": "1073741824",
                         "job/step/memory.max": "max", "job/step/memory.current": "1073741824"}, (4096.0, 1024.0)),
     # v1 (older Docker and Kubernetes hosts): memory.limit_in_bytes under the memory controller's mount
     ("4:memory:/docker/abc\n1:cpu:/docker/abc\n", {"memory/docker/abc/memory.limit_in_bytes": "4294967296",
-                                                   "memory/docker/abc/memory.usage_in_bytes": "1073741824"},
+                                                   "memory/docker/abc/memory.usage_in_bytes": "2147483648",
+                                                   "memory/docker/abc/memory.stat": "cache 1\ntotal_inactive_file "
+                                                                                    "1073741824"},
      (4096.0, 1024.0)),
     # v1's "no limit" (this project's CI machine writes it), and nothing to read
     ("4:memory:/process_api/x\n", {"memory/process_api/x/memory.limit_in_bytes": "9223372036854771712",

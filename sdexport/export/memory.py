@@ -208,28 +208,45 @@ def _cgroup_memory(root: Path = Path("/sys/fs/cgroup"),
         lines = membership.read_text(encoding="utf-8").splitlines()
     except OSError:
         lines = []
-    levels: list[tuple[Path, str, str]] = []  # (folder, limit file, use file)
+    v2, v1 = ("memory.max", "memory.current", "inactive_file"), ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                                  "total_inactive_file")
+    levels: list[tuple[Path, tuple[str, str, str]]] = []  # (folder, its limit, use and reclaimable cache names)
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         if controllers == "":  # v2's unified hierarchy
-            levels += [(folder, "memory.max", "memory.current") for folder in _up_to(root, path)]
+            levels += [(folder, v2) for folder in _up_to(root, path)]
         elif "memory" in controllers.split(","):
-            levels += [(folder, "memory.limit_in_bytes", "memory.usage_in_bytes")
-                       for folder in _up_to(root / "memory", path)]
+            levels += [(folder, v1) for folder in _up_to(root / "memory", path)]
     if not lines:
-        levels = [(root, "memory.max", "memory.current")]
+        levels = [(root, v2)]
     tightest: tuple[float, float] | None = None
-    for folder, limit_file, use_file in levels:
+    for folder, (limit_file, use_file, cache_key) in levels:
         try:
             text = (folder / limit_file).read_text(encoding="utf-8").strip()
             if text == "max" or int(text) >= NO_LIMIT:
                 continue
-            limit, used = int(text) / MB, int((folder / use_file).read_text(encoding="utf-8")) / MB
+            # the use less the page cache the kernel would drop first (the kubelet's "working set"): an
+            # export that has just read a checkpoint holds gigabytes of it, which are not its own
+            cached = _stat(folder / "memory.stat", cache_key)
+            limit, used = int(text) / MB, max(0, int((folder / use_file).read_text(encoding="utf-8")) - cached) / MB
         except (OSError, ValueError):
             continue
         if tightest is None or limit - used < tightest[0] - tightest[1]:
             tightest = (limit, used)
     return tightest if tightest is not None else (None, None)
+
+
+def _stat(path: Path, key: str) -> int:
+    """One figure of a cgroup's ``memory.stat`` (0 where it has none)."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def _up_to(root: Path, path: str) -> list[Path]:
