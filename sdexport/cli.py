@@ -275,13 +275,14 @@ def build(
 
     from sdexport.build.tensorrt_build import build_engines, default_timing_cache, require_tensorrt
     from sdexport.build.timing_cache import check_timing_cache
-    from sdexport.manifest import load_manifest
+    from sdexport.manifest import load_manifest, select_specs
 
     if target not in BUILD_TARGETS:
         raise SdexportError(f"--target {target!r}: choose {' or '.join(BUILD_TARGETS)}")
     # what the user typed before what the machine lacks: a missing directory, then the one line
     # that says what to install (the manifest's hashes are checked by the build itself)
-    exported = load_manifest(engine_dir, verify_files=False).shape_profile
+    manifest = load_manifest(engine_dir, verify_files=False)
+    exported = manifest.shape_profile
     if target == "onnxruntime-cuda":
         trt_only = {"--static": static, "--strongly-typed": strongly_typed, "--batch": batch, "--height": height,
                     "--width": width, "--prompt-chunks": prompt_chunks, "--timing-cache": timing_cache, "--optimization-level": optimization_level,
@@ -300,6 +301,7 @@ def build(
     if any(given is not None for given in (batch, height, width, prompt_chunks)):
         profile = exported.with_ranges(batch=batch, height=height, width=width, chunks=prompt_chunks)
     names = _names(components, "--components")
+    select_specs(manifest, names)  # (a name the directory lacks: said before what the machine lacks)
     require_tensorrt()
     results = build_engines(
         engine_dir, components=names, profile=profile,

@@ -104,7 +104,7 @@ def _without_source_location(text: str) -> str:
             if depth == 0:
                 rest = rest[i + 1:].lstrip()
                 break
-    return text[:found.start()] + rest
+    return f"{text[:found.start()].rstrip()} {rest}"  # ("failed:/onnxruntime_src/...": "failed: ...")
 
 
 def one_line(exc: BaseException, limit: int = 600) -> str:

@@ -15,13 +15,14 @@ from sdexport.manifest import Manifest
 
 
 def _size(directory: Path, manifest: Manifest, graph: str) -> str:
-    """The graph's files, as the manifest lists them: its weights whatever their names (optimum's
-    ``model.onnx_data``, one file per tensor), not only sdexport's ``model.onnx.data``."""
+    """The graph's files, as the manifest lists them beside it: its weights whatever their names
+    (optimum's ``model.onnx_data``, one file per tensor), not only sdexport's ``model.onnx.data``,
+    and the few kB of its config.json and weights.json."""
     from sdexport.build.cache_key import onnx_files
 
     files = (directory / rel for rel in onnx_files(manifest.files, graph))
     total = sum(path.stat().st_size for path in files if path.is_file())
-    return f"{total / 1024**2:,.1f} MB"
+    return f"{total / 1024**2:,.1f} MiB"
 
 
 def print_summary(directory: Path, manifest: Manifest) -> None:

@@ -124,6 +124,7 @@ def test_cli_build_without_tensorrt_says_what_to_install(tiny_engine_dir, capsys
     (["--batch", "abc"], "--batch 'abc': expected integers as min:opt:max"),
     (["--batch", "4:1:2"], "--batch"),
     (["--components", ""], "--components '': expected comma-separated names"),
+    (["--components", "unett"], "unknown or unexported component(s) unett"),
 ])
 def test_cli_build_says_what_the_user_typed_wrong_before_what_the_machine_lacks(tiny_engine_dir, capsys, flags,
                                                                                message):

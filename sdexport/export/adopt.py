@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,6 +117,9 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
     if not directory.is_dir():
         raise SdexportError(f"{directory}: no such directory")
     check_replaceable(directory, replace)
+    from sdexport.user_cache import check_cache_outside
+
+    check_cache_outside(directory)  # (its hash records went in, and every command then refused the folder)
     kind = identify(directory)
     if kind == "diffusers":
         raise SdexportError(
@@ -257,7 +261,8 @@ def adopt(
         pipeline_options = pipeline_config(plan.family, plan.index)
         manifest = Manifest(
             family=plan.family,
-            model={"label": f"{directory.resolve().name} (ONNX export adopted by sdexport)",  # (`adopt .`)
+            # (`adopt .` gave an empty name; a link keeps its own name, not its target's)
+            model={"label": f"{Path(os.path.abspath(directory)).name} (ONNX export adopted by sdexport)",
                    "source": {"kind": "onnx", "path": str(directory.resolve()), "pipeline": plan.pipeline},
                    "random_weights": False, **({"pipeline_config": pipeline_options} if pipeline_options else {})},
             prediction_type=str(scheduler.get("prediction_type", "epsilon")),
@@ -398,8 +403,8 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
     known = onnx.defs.onnx_opset_version()
     if opset is not None and opset > known:  # (adopt passed it, and run met ONNX Runtime's refusal)
         raise SdexportError(f"{directory}: {name}/{GRAPH} is stamped opset {opset}, newer than any this onnx "
-                            f"{onnx.__version__} knows (up to {known}), which ONNX Runtime refuses to load; export "
-                            "it at a released opset")
+                            f"{onnx.__version__} knows (up to {known}), so its graphs cannot be checked; export it at "
+                            "a released opset (or install a newer onnx)")
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
 
