@@ -827,6 +827,15 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
             infer_inputs(["a"], http, **given)
     inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, seed=range(3, 5), guidance=np.array([5.0, 6.0]))}
     assert inputs["seed"].shape() == inputs["guidance"].shape() == [2, 1]
+    # an image given as a path went as its text, a PIL image as its pixels: the server's "not a
+    # readable image"; said here, with what to give (masked-init stays a control image's word)
+    from PIL import Image
+
+    for given, what in ((dict(init_image="x.png"), "a path"), (dict(init_image=Path("x.png")), "a path"),
+                        (dict(mask=Image.new("L", (8, 8))), "an Image"), (dict(adapter_image=["x.png"]), "a path")):
+        with pytest.raises(ValueError, match=rf"give the image file's bytes .*, not {what}$"):
+            infer_inputs(["a"], http, **given)
+    assert infer_inputs(["a"], http, control_image=[b"\x89PNG", "masked-init"])
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):

@@ -8,6 +8,7 @@ test use. The tensors' names and types come from ``protocol``; nothing else here
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 from sdexport.serving.protocol import INPUTS, MODEL_NAME
@@ -82,6 +83,8 @@ def infer_inputs(prompts: list[str] | str, module: Any = None, **params: Any) ->
     inputs = []
     for name, column in values.items():
         spec = _SPECS[name]
+        if name in IMAGE_INPUTS:
+            _require_files(name, [v for c in column for v in (c if isinstance(c, list | tuple) else [c])])
         encoded = [[v.encode() if isinstance(v, str) and spec.dtype == "BYTES" else _held(name, v, spec.dtype)
                     for v in (c if isinstance(c, list) else [c])] for c in column]
         array = np.array(encoded, dtype=_NUMPY[spec.dtype])
@@ -120,6 +123,24 @@ def _held(name: str, value: Any, dtype: str) -> Any:
         if magnitude >= _FLOAT32_OVERFLOW:  # (nan and inf as given: the server's to refuse)
             raise ValueError(f"{name}: {_shown(value)} is beyond float32's range, which the FP32 input holds")
     return value
+
+
+IMAGE_INPUTS = ("init_image", "mask", "control_image", "adapter_image")
+"""The inputs that take an image file's bytes, as the server decodes them."""
+
+
+def _require_files(name: str, values: list[Any]) -> None:
+    """ValueError for an image input given as anything but a file's bytes: a path went as its text,
+    and a PIL image or an array as its pixels, which the server refused as "not a readable image"."""
+    from sdexport.errors import a_class
+    from sdexport.runtime.request import MASKED_INIT
+
+    for value in values:
+        if isinstance(value, bytes | bytearray) or (name == "control_image" and value == MASKED_INIT):
+            continue
+        what = "a path" if isinstance(value, str | os.PathLike) else a_class(type(value).__name__)
+        raise ValueError(f"{name}: give the image file's bytes (Path('x.png').read_bytes(), or a PIL image saved "
+                         f"into io.BytesIO), not {what}")
 
 
 def _shown(value: Any) -> str:
