@@ -174,7 +174,8 @@ _QUIET_ENVIRONMENT = {
 _set_here: set[str] = set()
 _owns_process = False
 """Set by the commands (``own_process``): what is quieted goes for the whole process. A program
-that uses sdexport as a library keeps its own Hub access and its own FutureWarnings."""
+that uses sdexport as a library keeps its own Hub access, FutureWarnings, progress bars and library
+log levels (the environment is left as it was)."""
 
 LIBRARY_MODULES = r"(torch|diffusers|transformers|huggingface_hub|onnx|onnxruntime|peft|accelerate|sdexport)(\.|$)"
 """The modules whose FutureWarnings ``quiet_libraries`` drops where sdexport is a library (a warning
@@ -194,19 +195,20 @@ def quiet_libraries() -> None:
     with ``-v``, undo that (only what was set here: a user's own environment is left alone).
 
     Environment variables, read when those libraries are first imported, so that commands that never
-    need them (``--help``, ``inspect``) do not pay for importing them here.
+    need them (``--help``, ``inspect``) do not pay for importing them here; set for the commands only
+    (``own_process``), as they reach the program's own use of those libraries and its children.
     """
     loud = _verbosity >= VERBOSE
     for name, value in _QUIET_ENVIRONMENT.items():
         if loud and name in _set_here:
             del os.environ[name]
             _set_here.discard(name)
-        elif not loud and name not in os.environ:
-            os.environ[name] = value
+        elif not loud and name not in os.environ and _owns_process:  # (a program's own bars and logs, and its
+            os.environ[name] = value  # children's, are its own: the library leaves the environment alone)
             _set_here.add(name)
     action: Literal["default", "ignore"] = "default" if loud else "ignore"
     warnings.filterwarnings(action, category=FutureWarning, module="" if _owns_process else LIBRARY_MODULES)
-    warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers).*")
+    warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers)(\.|$)")
     warnings.filterwarnings(action, module=r"pytriton\.")  # (its grpc client's timeout warning, with its path)
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)

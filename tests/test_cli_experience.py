@@ -140,16 +140,21 @@ def test_quieting_the_library_leaves_the_programs_hub_access_and_warnings_alone(
         "console.set_verbosity('quiet')\n"
         "print(os.environ.get('HF_HUB_OFFLINE'))\n"
         "warnings.warn('the program', FutureWarning)\n"
+        "warnings.warn_explicit('a package of its own', UserWarning, 'app.py', 1, module='transformers_app')\n"
+        "print(sorted(k for k in ('TQDM_DISABLE', 'HF_HUB_DISABLE_PROGRESS_BARS', 'TRANSFORMERS_VERBOSITY') if k in os.environ))\n"
         "try:\n"
         "    console.set_verbosity(None)\n"
         "except Exception as exc:\n"
         "    print(type(exc).__name__, exc)\n"
     )
-    environment = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    quieting = ("HF_HUB_OFFLINE", "TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY",
+                "DIFFUSERS_VERBOSITY")
+    environment = {k: v for k, v in os.environ.items() if k not in quieting}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=120)
-    assert done.stdout.splitlines() == ["None", ("SdexportError level: None; give sdexport.console.QUIET, NORMAL or "
-                                                "VERBOSE (or 'quiet', 'normal', 'verbose')")], done.stdout + done.stderr
-    assert "FutureWarning: the program" in done.stderr
+    assert done.stdout.splitlines() == ["None", "[]", ("SdexportError level: None; give sdexport.console.QUIET, NORMAL "
+                                                      "or VERBOSE (or 'quiet', 'normal', 'verbose')")], done.stdout + done.stderr
+    # (the program's progress bars and its children's: TQDM_DISABLE was set in its environment too)
+    assert "FutureWarning: the program" in done.stderr and "UserWarning: a package of its own" in done.stderr
     command = subprocess.run([sys.executable, "-c", ("import os, sys; from sdexport import cli; sys.argv = ['sdexport', "
                               "'--version']\ntry:\n    cli.main()\nexcept SystemExit:\n    print(os.environ.get("
                               "'HF_HUB_OFFLINE'))")], capture_output=True, text=True, env=environment, timeout=120)

@@ -168,6 +168,11 @@ def test_the_python_api_refuses_cuda_graphs_where_the_backend_has_none(tiny_engi
     cuda_graph=True)`` loaded without them, unsaid."""
     with pytest.raises(SdexportError, match=f"^cuda_graph=True: for the tensorrt and onnxruntime-cuda backends, not {backend}$"):
         load_pipeline(tiny_engine_dir, backend, cuda_graph=True)
+    if backend == "onnxruntime-cpu":  # asked as "onnxruntime", which is the CPU's here: said so
+        with pytest.raises(SdexportError, match=r"not onnxruntime-cpu \(onnxruntime is onnxruntime-cpu here: no CUDA"):
+            load_pipeline(tiny_engine_dir, "onnxruntime", cuda_graph=True)
+        with pytest.raises(SdexportError, match="^loras: expected a list of LoraFile entries, got int 5$"):
+            load_pipeline(tiny_engine_dir, backend, loras=5)  # type: ignore[arg-type]
 
 
 def test_texts_given_as_tuples_are_held_as_the_lists_their_types_say():
@@ -202,6 +207,30 @@ def test_a_pipeline_per_thread_loads_in_a_fresh_process(tiny_engine_dir):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+
+
+def test_a_child_forked_while_a_thread_loads_can_load():
+    """The loads' lock, copied into a child held by another thread's load, would never be let go
+    there (a preloading server's workers; multiprocessing's fork start)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, threading\n"
+        "from sdexport.runtime import loading\n"
+        "held, release = threading.Event(), threading.Event()\n"
+        "def load():\n"
+        "    with loading._LOADS:\n"
+        "        held.set(); release.wait(30)\n"
+        "threading.Thread(target=load).start(); held.wait(30)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os._exit(0 if loading._LOADS.acquire(timeout=5) else 1)\n"
+        "release.set(); print(os.waitpid(pid, 0)[1])\n"
+    )
+    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", script], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.strip() == "0", done.stdout + done.stderr
 
 
 def test_calls_from_several_threads_take_turns_and_a_call_inside_a_call_is_refused(tiny_engine_dir):

@@ -11,7 +11,7 @@ import copy
 import functools
 import os
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -131,6 +131,15 @@ first use, and two threads resolving at once got "cannot import name 'CLIPTokeni
 scheduler class "not a diffusers scheduler" (2 of 3 threads loading a pipeline each). Calls, where
 the time goes, still run side by side on their own pipelines."""
 
+def _new_lock_in_child() -> None:
+    """A child forked while another thread held ``_LOADS`` would inherit it held, and every load
+    there would wait for ever (a preloading server's workers, multiprocessing's fork start)."""
+    global _LOADS
+    _LOADS = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_new_lock_in_child)
+
 _Params = ParamSpec("_Params")
 _Result = TypeVar("_Result")
 
@@ -155,7 +164,7 @@ def load_pipeline(
     graphs: str = "auto",
     provider_options: dict[str, str] | None = None,
     image_inputs: bool | None = None,
-    loras: list[LoraFile] | None = None,
+    loras: Iterable[LoraFile] | None = None,
     guess_mode: bool = False,
     model_source: dict[str, Any] | None = None,
     requests: Sequence[GenerationRequest] = (),
@@ -200,13 +209,17 @@ def load_pipeline(
         raise SdexportError(f"provider_options: expected a dict of option names to values, got "
                             f"{type(provider_options).__name__}")
     engine_dir = Path(engine_dir)
-    backend = resolve_backend(backend)
+    asked, backend = backend, resolve_backend(backend)
     if cuda_graph and backend not in ("tensorrt", "onnxruntime-cuda"):  # (torch's ignored it, unsaid; `run` refuses it)
-        raise SdexportError(f"cuda_graph=True: for the tensorrt and onnxruntime-cuda backends, not {backend}")
+        resolved = f" ({asked} is {backend} here: no CUDA provider)" if asked != backend else ""
+        raise SdexportError(f"cuda_graph=True: for the tensorrt and onnxruntime-cuda backends, not {backend}{resolved}")
     if isinstance(loras, str | Path | LoraFile):
         raise SdexportError(f"loras: expected a list of LoraFile entries, got {type(loras).__name__} {str(loras)!r} "
                             "(LoraFile.parse('file.safetensors:0.8') reads the CLI's form; one file: a list of one)")
-    loras = None if loras is None else list(loras)  # (an iterator was used up by the checks below: no LoRA ran)
+    try:
+        loras = None if loras is None else list(loras)  # (an iterator was used up by the checks below: no LoRA ran)
+    except TypeError:
+        raise SdexportError(f"loras: expected a list of LoraFile entries, got {type(loras).__name__} {loras!r:.80}") from None
     for lora in loras or []:  # (the CLI checked its own; in Python, a missing file is one line too)
         if not isinstance(lora, LoraFile):
             raise SdexportError(f"loras: expected LoraFile entries, got {type(lora).__name__} {lora!r} (LoraFile.parse("
