@@ -183,8 +183,9 @@ is attributed to its caller's module: sdexport's own, calling one of these)."""
 
 
 def own_process() -> None:
-    """For the commands: no Hub lookups (every model is a local path, and a lookup waits on a
-    network there is none of) and no FutureWarning from any module."""
+    """For the commands: the whole process is sdexport's, so no Hub lookups (every model is a local
+    path, and a lookup waits on a network there is none of), and ``quiet_libraries`` sets the
+    libraries' environment (progress bars, log levels) and drops FutureWarnings from any module."""
     global _owns_process
     _owns_process = True
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

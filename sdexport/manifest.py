@@ -134,8 +134,7 @@ class Manifest:
     def adopted(self) -> bool:
         """Another tool's ONNX export given this manifest by ``sdexport adopt`` (its graphs are not
         sdexport's to export again)."""
-        source = self.model.get("source")
-        return isinstance(source, dict) and (source.get("kind") == "onnx" or "adopted_from" in source)
+        return adopted_record(self.model)
 
     def built_files(self) -> set[str]:
         """The listed files ``sdexport build`` added (``built_files``)."""
@@ -567,8 +566,7 @@ def not_an_engine_dir(directory: Path) -> str | None:
         return f"its {MANIFEST_NAME} is not readable JSON"
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
         return f"its {MANIFEST_NAME} is not an sdexport manifest"
-    source = (data.get("model") or {}).get("source") if isinstance(data.get("model"), dict) else None
-    if isinstance(source, dict) and (source.get("kind") == "onnx" or "adopted_from" in source):
+    if adopted_record(data.get("model")):
         return "it is another tool's ONNX export that `sdexport adopt` gave a manifest: its files are not sdexport's"
     extra = unlisted_files(directory, _listed(data["files"]))
     if extra:
@@ -622,6 +620,13 @@ def _weights_linked_away(graph_path: Path, graph: Any) -> tuple[str, Path] | Non
         if not any(real.is_relative_to(home) for home in homes):
             return location, real
     return None
+
+
+def adopted_record(model: object) -> bool:
+    """Whether a manifest's ``model`` record (as read, unchecked) is an adopted export's: another
+    tool's ONNX graphs (``source.kind`` onnx), or ones proven against a model (``adopted_from``)."""
+    source = model.get("source") if isinstance(model, dict) else None
+    return isinstance(source, dict) and (source.get("kind") == "onnx" or "adopted_from" in source)
 
 
 def is_sdexport_manifest(data: object) -> bool:

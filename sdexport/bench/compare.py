@@ -146,9 +146,8 @@ def check_gate_fits_run(gate: Gate, scenario_path: Path, bench_args: list[str], 
     from sdexport.bench.scenario import BASELINES, load_scenario
 
     contenders = list(load_scenario(scenario_path).contenders)
-    for i, arg in enumerate(bench_args):  # (the bench's own override, as SDEXPORT_BENCH_ARGS passes it)
-        given = bench_args[i + 1] if arg == "--contenders" and i + 1 < len(bench_args) else \
-            arg.removeprefix("--contenders=") if arg.startswith("--contenders=") else None
+    for arg, after in zip(bench_args, [*bench_args[1:], None]):  # the bench's own override, as given
+        given = after if arg == "--contenders" else arg.removeprefix("--contenders=") if arg.startswith("--contenders=") else None
         if given is not None:
             contenders = [name.strip() for name in given.split(",") if name.strip()]
     if gate.relative_to is not None and gate.relative_to not in contenders:

@@ -29,6 +29,7 @@ from sdexport.manifest import (
     SCHEDULER_CONFIG_FILE,
     ComponentEntry,
     Manifest,
+    adopted_record,
     is_sdexport_manifest,
 )
 from sdexport.models.outline import (
@@ -197,13 +198,7 @@ def check_replaceable(directory: Path, replace: bool) -> None:
             f"inspect it with `sdexport inspect {pasteable(directory)}` (--force adopts it again, replacing an adopted "
             "directory's manifest)"
         )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        source = data["model"]["source"]
-        adopted = source.get("kind") == "onnx" or "adopted_from" in source
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        adopted = False
-    if not adopted or path.is_symlink():
+    if not isinstance(data, dict) or not adopted_record(data.get("model")) or path.is_symlink():
         raise SdexportError(f"{path}: not a manifest `sdexport adopt` wrote; refusing to replace it")
 
 
