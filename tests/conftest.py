@@ -32,6 +32,13 @@ import pytest
 if TYPE_CHECKING:
     from sdexport.export.exporter import ExportOptions
 
+from sdexport import console as _console  # noqa: E402
+
+# The tests stand for the commands, which own their process: the libraries' progress bars and logs
+# are quiet from the start (tqdm reads TQDM_DISABLE when it is imported, before any test's command).
+_console.own_process()
+_console.set_verbosity(_console.NORMAL)
+
 MAX_WORKERS = 4
 """Each worker holds its own models and module exports, so memory grows with the workers: four
 bound it on a large host, where the run is short anyway."""
