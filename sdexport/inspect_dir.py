@@ -45,13 +45,15 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         + (" (a latent consistency model: its U-Net takes the guidance embedded)" if manifest.model_dims.G else "")
         + (f", clip skip {manifest.model_dims.clip_skip}" if manifest.model_dims.clip_skip else "")
         + f", {manifest.dtype}, "
-        f"opset {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
+        f"{'U-Net opset' if manifest.adopted else 'opset'} {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
         f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}"
         + (f", prompt chunks {':'.join(map(str, profile.chunks))}" if profile.chunks != (1, 1, 1) else ""),
         soft_wrap=True,
     )
     tools = ", ".join(f"{k} {v}" for k, v in manifest.tools.items() if k not in ("opset", "exporter", "export_memory"))
-    out.print(f"[dim]{escape(f'{tools}; created {manifest.created}')}[/]", soft_wrap=True)
+    # an adopted folder's tools are those that adopted it, not the exporter's (its own are above)
+    made = "adopted with " if manifest.adopted else ""
+    out.print(f"[dim]{escape(f'{made}{tools}; created {manifest.created}')}[/]", soft_wrap=True)
     points = {name: points_words(entry.parity) for name, entry in manifest.components.items()}
     shared = next(iter(points.values())) if len(set(points.values())) == 1 else None
     checked = any(p.get("outputs") for entry in manifest.components.values() for p in entry.parity.get("points", []))

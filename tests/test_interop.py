@@ -697,7 +697,10 @@ def test_an_adopted_folders_versions_are_printed_as_written(foreign_export: Path
     assert run_cli("adopt", foreign_export) == 0
     capsys.readouterr()
     assert run_cli("inspect", foreign_export, "--no-check") == 0
-    assert "(adopted ONNX export (diffusers 0.42.1[/] [dev]" in " ".join(capsys.readouterr().out.split())
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "(adopted ONNX export (diffusers 0.42.1[/] [dev]" in printed
+    # the versions sdexport records are those that adopted the folder, not its exporter's (read as them)
+    assert "U-Net opset" in printed and "adopted with sdexport " in printed
 
 
 def test_the_torch_backend_says_an_adopted_directory_needs_its_model(foreign_export: Path, capsys):
