@@ -138,7 +138,8 @@ def _new_lock_in_child() -> None:
     _LOADS = threading.RLock()
 
 
-os.register_at_fork(after_in_child=_new_lock_in_child)
+if hasattr(os, "register_at_fork"):  # (Unix only: Windows has no fork)
+    os.register_at_fork(after_in_child=_new_lock_in_child)
 
 _Params = ParamSpec("_Params")
 _Result = TypeVar("_Result")
