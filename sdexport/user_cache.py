@@ -16,6 +16,16 @@ ENVIRONMENT = "SDEXPORT_CACHE_DIR"
 
 
 def _setting() -> tuple[Path, str] | None:
+    """``_where``'s, refused in one line where it lies inside an sdexport engine directory."""
+    from sdexport.output_dir import refuse_inside_engine_dir
+
+    setting = _where()
+    if setting is not None:
+        refuse_inside_engine_dir(*setting, itself=True)
+    return setting
+
+
+def _where() -> tuple[Path, str] | None:
     """The cache folder and how the user set it (for refusals); None without a home."""
     own, xdg = os.environ.get(ENVIRONMENT), os.environ.get("XDG_CACHE_HOME")
     if own:
@@ -29,13 +39,8 @@ def _setting() -> tuple[Path, str] | None:
 
 
 def user_cache() -> Path | None:
-    from sdexport.output_dir import refuse_inside_engine_dir
-
     setting = _setting()
-    if setting is None:
-        return None
-    refuse_inside_engine_dir(*setting, itself=True)
-    return setting[0]
+    return None if setting is None else setting[0]
 
 
 def check_cache_outside(target: Path) -> None:
@@ -43,12 +48,8 @@ def check_cache_outside(target: Path) -> None:
     refuse a cache inside an engine directory, or inside ``target``, now (an export refused it after
     its work, with the directory already in place, and exited 2)."""
     from sdexport.errors import SdexportError
-    from sdexport.output_dir import refuse_inside_engine_dir
 
     setting = _setting()
-    if setting is None:
-        return
-    refuse_inside_engine_dir(*setting, itself=True)
-    if setting[0].resolve().is_relative_to(target.absolute().resolve()):
+    if setting is not None and setting[0].resolve().is_relative_to(target.absolute().resolve()):
         raise SdexportError(f"{setting[1]}: inside {target}, the engine directory this writes, whose manifest lists "
                             "every file in it; point the cache elsewhere")
