@@ -35,6 +35,7 @@ while [[ $# -gt 0 ]]; do
     --strict) strict=1; shift ;;
     --no-install) install=0; shift ;;
     --) shift; break ;;
+    -*) echo "gpu-tests: unknown option $1 (pytest's go after --)" >&2; exit 2 ;;
     *) break ;;
   esac
 done
@@ -90,6 +91,7 @@ export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # What this machine is (for the results), and whether each GPU path can run here. A probe that
 # dies (a native crash as ONNX Runtime loads its CUDA provider) leaves the tests to say the rest.
 probe=0
+if [[ -n $out ]]; then mkdir -p "$out"; fi  # (the test log goes there even where the probe dies)
 "$PYTHON" - "$out" "$strict" <<'PY' || probe=$?
 import json
 import sys

@@ -8,7 +8,8 @@
 # Versions come from constraints.txt, the set CI tested (see README, "Dependency pins"), so a new
 # upstream release cannot change what CI installs. SDEXPORT_CONSTRAINTS=other.txt uses another file;
 # SDEXPORT_CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows.
-# A torch that is already installed (e.g. a CUDA build on a GPU server) is left alone. Where there is
+# A torch that is already installed (e.g. a CUDA build on a GPU server) is left alone, and so are its
+# own requirements' versions (an older torch pins another sympy than constraints.txt). Where there is
 # none, SDEXPORT_TORCH (default torch==2.13.0) is installed: on this project's CI machines that pin
 # resolves to a local CPU build; on other CPU-only machines install a CPU torch first (see README).
 set -euo pipefail
@@ -36,9 +37,28 @@ if [[ -n "$CONSTRAINTS" ]]; then
   [[ -f "$CONSTRAINTS" ]] || { echo "sdexport setup: no constraints file $CONSTRAINTS" >&2; exit 2; }
   pins=(--constraint "$CONSTRAINTS")
 fi
-if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+if ! torch_version=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null); then
   echo "sdexport setup: installing ${SDEXPORT_TORCH:-torch==2.13.0}" >&2
   pip_install "${SDEXPORT_TORCH:-torch==2.13.0}"
+elif [[ ${#pins[@]} -gt 0 ]]; then
+  # The installed torch stays, pinned, and so do its own requirements: a pin of one that torch
+  # pins otherwise (constraints.txt's sympy against torch 2.5's sympy==1.13.1) made pip replace the
+  # torch to satisfy it.
+  kept=$(mktemp); trap 'rm -f "$kept"' EXIT
+  "$PYTHON" - "$CONSTRAINTS" "$torch_version" > "$kept" <<'PY'
+import re, sys
+from importlib.metadata import requires
+
+def key(name): return re.sub(r"[-_.]+", "-", name).lower()
+
+torchs = {key(re.match(r"[A-Za-z0-9._-]+", r.strip()).group()) for r in requires("torch") or []}
+for line in open(sys.argv[1]):
+    pin = re.match(r"\s*([A-Za-z0-9._-]+)\s*==", line)
+    if not (pin and key(pin.group(1)) in torchs):
+        print(line, end="" if line.endswith("\n") else "\n")
+print(f"torch=={sys.argv[2]}")
+PY
+  pins=(--constraint "$kept")
 fi
 extras=cpu
 if [[ -n $gpu ]] || "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then

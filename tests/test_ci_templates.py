@@ -203,11 +203,16 @@ def test_the_gitlab_note_is_added_once_then_updated_in_place(tmp_path):
     assert quiet.returncode == 0 and "not posting" in quiet.stdout
 
 
-_RECORDING_PYTHON = """#!/usr/bin/env bash
-# a Python that has torch and a CPU onnxruntime, and records every call (pip installs nothing)
+_RECORDING_PYTHON = f"""#!/usr/bin/env bash
+# a Python that has torch 2.5.1 and a CPU onnxruntime, and records every call and the constraints pip
+# is given (pip installs nothing); a script on stdin runs in this interpreter (whose torch's
+# requirements it reads)
 printf '%s\\n' "$*" >> "$RECORD"
-case "$1 ${2:-}" in
+case "$1 ${{2:-}}" in
   "-c import onnxruntime"*) exit 1 ;;
+  "-c import torch"*) echo 2.5.1 ;;
+  "- "*) exec {sys.executable} "$@" ;;
+  "-m pip"*) while [[ $# -gt 0 ]]; do [[ $1 == --constraint ]] && cat "$2" >> "$RECORD"; shift; done ;;
 esac
 exit 0
 """
@@ -217,7 +222,7 @@ def test_setup_checks_its_options_before_installing_and_reads_paths_from_the_cal
     python = tmp_path / "python"
     python.write_text(_RECORDING_PYTHON)
     python.chmod(0o755)
-    (tmp_path / "mine.txt").write_text("")
+    (tmp_path / "mine.txt").write_text("# the pins\nsympy==1.14.0\nnumpy==1.26.4")
     record = tmp_path / "calls.log"
 
     def setup(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -229,7 +234,11 @@ def test_setup_checks_its_options_before_installing_and_reads_paths_from_the_cal
     assert typo.returncode == 2 and "unknown option --devv" in typo.stderr and record.read_text() == ""
     both = setup("--gpu", "--serve", SDEXPORT_CONSTRAINTS="mine.txt")
     assert both.returncode == 0, both.stderr
-    assert f"--constraint {tmp_path / 'mine.txt'} -e .[gpu,serve]" in record.read_text()
+    calls = record.read_text()
+    assert "-e .[gpu,serve]" in calls and "numpy==1.26.4" in calls
+    # the installed torch is pinned, and its own requirements are not (torch 2.5 pins another sympy:
+    # pip replaced that torch to satisfy the constraint)
+    assert "torch==2.5.1" in calls and "sympy==" not in calls
 
 
 def test_gpu_tests_write_their_results_where_they_are_called_from(tmp_path):
@@ -251,13 +260,18 @@ def test_gpu_tests_run_even_when_the_environment_probe_dies(tmp_path):
     python = tmp_path / "python"
     python.write_text(f'#!/usr/bin/env bash\n[[ $1 == - ]] && {{ cat > /dev/null; exit 134; }}\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--",
-                           "tests/test_gpu_busy.py", "--collect-only", "-qqq"],
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--out", str(tmp_path / "out"),
+                           "--", "tests/test_gpu_busy.py", "--collect-only", "-qqq"],
                           capture_output=True, text=True, cwd=ROOT, timeout=300,
                           env={**os.environ, "PYTHON": str(python), "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the environment probe failed (exit 134): running the tests anyway" in done.stderr
     assert "tests/test_gpu_busy.py: 2" in done.stdout
+    assert "tests/test_gpu_busy.py: 2" in (tmp_path / "out" / "pytest.log").read_text()  # (the probe made the folder)
+    # an option misspelt is refused before anything installs, not handed to pytest after the installs
+    typo = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--wheel", "wheels"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=60, env={**os.environ, "PYTHON": str(python)})
+    assert typo.returncode == 2 and "unknown option --wheel" in typo.stderr
     strict = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--strict", "--",
                              "tests/test_gpu_busy.py", "--collect-only", "-qqq"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
