@@ -33,8 +33,10 @@ class EngineDirError(SdexportError):
 class MissingDependencyError(SdexportError):
     """An optional dependency (TensorRT, onnxruntime-gpu, diffusers for benchmarks) is not installed."""
 
-    def __init__(self, package: str, purpose: str, install: str) -> None:
-        super().__init__(f"{package} is required {purpose} but is not installed: {install}")
+    def __init__(self, package: str, purpose: str, install: str, too_old: str | None = None) -> None:
+        """``too_old``: the version installed, where one is but is older than ``purpose`` needs."""
+        missing = f"the {package} installed ({too_old}) is too old" if too_old else "is not installed"
+        super().__init__(f"{package} is required {purpose} but {missing}: {install}")
         self.package = package
 
 

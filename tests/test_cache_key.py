@@ -164,7 +164,7 @@ def fake_tensorrt(monkeypatch):
         return memoryview(f"plan {key.digest()}".encode())
 
     monkeypatch.setattr(tensorrt_build, "require_tensorrt", lambda: fakes.make_tensorrt(state["version"]))
-    monkeypatch.setattr(tensorrt_build, "require_polygraphy", lambda: None)
+    monkeypatch.setattr(tensorrt_build, "require_polygraphy", lambda version: None)
     monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda device=None: state["gpu"])
     monkeypatch.setattr(tensorrt_build, "_build_plan", fake_plan)
     return state

@@ -48,8 +48,26 @@ def trt(request, monkeypatch):
 @pytest.mark.parametrize("version", ["8.6.1", "10.0.1.6"])
 def test_tensorrt_before_10_1_is_refused(monkeypatch, version):
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt.make_tensorrt(version))
-    with pytest.raises(MissingDependencyError, match=rf"TensorRT {version} is installed; sdexport needs 10.1"):
+    too_old = rf"the TensorRT installed \({version}\) is too old: .* needs TensorRT 10.1 or newer"
+    with pytest.raises(MissingDependencyError, match=too_old):
         tensorrt_build.require_tensorrt()
+
+
+@pytest.mark.parametrize(("tensorrt", "polygraphy", "refused"), [
+    ("11.4.0.9", "0.49.27", True),  # the polygraphy TensorRT 11.0's own repository carries
+    ("11.4.0.9", "0.50.3", False),
+    ("10.13.3.9", "0.49.27", False),
+])
+def test_a_polygraphy_too_old_for_tensorrt_11_is_refused(monkeypatch, tensorrt, polygraphy, refused):
+    """Not an AttributeError (``precision_is_set``) from polygraphy's CreateConfig in the build."""
+    import polygraphy as installed
+
+    monkeypatch.setattr(installed, "__version__", polygraphy)
+    if refused:
+        with pytest.raises(MissingDependencyError, match=rf"the polygraphy installed \({polygraphy}\) is too old"):
+            tensorrt_build.require_polygraphy(tensorrt)
+    else:
+        tensorrt_build.require_polygraphy(tensorrt)
 
 
 def test_tensorrt_10_1_itself_is_accepted(monkeypatch):

@@ -62,6 +62,23 @@ def test_stub_only_module_is_reported(monkeypatch):
         require_tensorrt()
 
 
+def test_a_tensorrt_whose_libraries_do_not_load_is_reported(monkeypatch, tmp_path: Path):
+    """A wheel whose import raises OSError (libnvinfer not loadable): one line from the builder, and
+    the bench records TensorRT as unavailable rather than stopping with the OSError."""
+    from sdexport.bench.environment import _tensorrt_status, tensorrt_version
+    from sdexport.build.tensorrt_build import require_tensorrt
+
+    package = tmp_path / "tensorrt"
+    package.mkdir()
+    (package / "__init__.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    with pytest.raises(MissingDependencyError, match="libnvinfer.so.10"):
+        require_tensorrt()
+    assert tensorrt_version() is None
+    assert "libnvinfer.so.10" in _tensorrt_status()["status"]
+
+
 def test_a_real_looking_module_is_accepted(monkeypatch):
     from sdexport.build.tensorrt_build import require_tensorrt
 

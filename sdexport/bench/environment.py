@@ -82,7 +82,7 @@ def _gpu() -> dict[str, Any] | None:
 def tensorrt_version() -> str | None:
     try:
         import tensorrt
-    except ImportError:
+    except (ImportError, OSError):  # OSError: the wheel is there but libnvinfer is not loadable
         return None
     return getattr(tensorrt, "__version__", None)  # the stubs alone import but have no version
 

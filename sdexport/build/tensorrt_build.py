@@ -62,13 +62,19 @@ TENSORRT_FLOOR = (10, 1)
 """``device_memory_size_v2`` and ``set_device_memory``, which the runtime uses, arrived in 10.1."""
 
 
-def _release(version: str) -> tuple[int, int]:
-    """(major, minor) of a version string such as "10.13.3.9" (non-digits end a part)."""
+POLYGRAPHY_FLOOR_FOR_11 = (0, 50, 3)
+"""Older polygraphy's ``CreateConfig`` reads ``layer.precision_is_set``, which TensorRT 11 removed
+(an AttributeError in every build); the ``tensorrt`` extra's pin applies only where it was installed."""
+
+
+def _release(version: str, length: int = 2) -> tuple[int, ...]:
+    """The first ``length`` numbers of a version string such as "10.13.3.9" (non-digits end a part;
+    missing ones are 0)."""
     parts = []
-    for part in version.split(".")[:2]:
+    for part in version.split(".")[:length]:
         digits = re.match(r"\d*", part)
         parts.append(int(digits.group()) if digits and digits.group() else 0)
-    return (parts + [0, 0])[0], (parts + [0, 0])[1]
+    return tuple(parts + [0] * (length - len(parts)))
 
 
 def require_tensorrt() -> ModuleType:
@@ -93,7 +99,7 @@ def require_tensorrt() -> ModuleType:
     if _release(version) < TENSORRT_FLOOR:
         raise MissingDependencyError(
             "TensorRT", "to build and run TensorRT engines",
-            f"{INSTALL_HINT} (TensorRT {version} is installed; sdexport needs 10.1 or newer)",
+            f"{INSTALL_HINT} (sdexport needs TensorRT 10.1 or newer)", too_old=version,
         )
     return trt
 
@@ -156,12 +162,20 @@ def resolve_precision(
     return Precision(fp16_flag=True, strongly_typed=False)
 
 
-def require_polygraphy() -> None:
-    """The builder uses polygraphy's loaders; say how to get it when it is missing."""
+def require_polygraphy(tensorrt_version: str) -> None:
+    """The builder uses polygraphy's loaders; say how to get it when it is missing, or too old for
+    the TensorRT installed."""
     try:
+        import polygraphy
         import polygraphy.backend.trt  # noqa: F401
     except ImportError:
         raise MissingDependencyError("polygraphy", "to build TensorRT engines", INSTALL_HINT) from None
+    found = str(getattr(polygraphy, "__version__", "0"))
+    if _release(tensorrt_version)[0] >= 11 and _release(found, 3) < POLYGRAPHY_FLOOR_FOR_11:
+        raise MissingDependencyError(
+            "polygraphy", "to build TensorRT 11 engines",
+            f"{INSTALL_HINT} (TensorRT {tensorrt_version} needs polygraphy 0.50.3 or newer)", too_old=found,
+        )
 
 
 def tensorrt_version() -> str:
@@ -262,7 +276,7 @@ def build_engines(
     trt = require_tensorrt()
     if refittable:
         check_refittable(str(trt.__version__))
-    require_polygraphy()
+    require_polygraphy(str(trt.__version__))
     load_manifest(engine_dir, verify_files=False)  # one clear line for a bad directory, before locking
     replace_cache = timing_cache is not None and is_ours(timing_cache)
     if timing_cache is not None and not replace_cache:
@@ -484,8 +498,8 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, repl
                 graph_io: GraphIO) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
-    ``graph_io``: the graph's real inputs (``manifest.check_graph``: a tracer may drop one; the
-    scalar timestep has no shape to profile)."""
+    ``graph_io``: the graph's real inputs (``manifest.check_graph``: the scalar timestep has no
+    shape to profile)."""
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,
