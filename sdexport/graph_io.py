@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError
-from sdexport.specs import GUIDANCE_EMBEDDING, ComponentSpec, TensorSpec
+from sdexport.specs import ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class GraphIO:
     """How an engine feeds one graph and reads it back, when its I/O is not quite the spec's."""
 
     inputs: dict[str, GraphTensor]
-    """The inputs the graph has (a tracer may drop an unused one), by name."""
+    """The graph's inputs (each of the spec's: ``check_io``), as the graph types them, by name."""
     outputs: dict[str, GraphTensor] = field(default_factory=dict)
     scalars: frozenset[str] = frozenset()
     """The spec's scalar inputs."""
@@ -107,14 +107,15 @@ def check_io(spec: ComponentSpec, inputs: list[GraphTensor], outputs: list[Graph
             f"{where} takes {names} and returns {returned}, but a {spec.name} graph takes {spec.input_names} "
             f"and returns {spec.output_names}; re-export"
         )
-    # Inputs that carry conditioning the loop would otherwise drop unsaid (a tracer drops only unused
-    # ones): an LCM's guidance embedding (CFG is off for it), ControlNet residuals, adapter features.
-    conditioning = [GUIDANCE_EMBEDDING, *spec.residual_inputs, *spec.adapter_inputs]
-    missing = [name for name in conditioning if name in spec.input_names and name not in names]
+    # Every input the spec has is one the model reads (an SDXL U-Net's pooled text embedding and time
+    # ids, an LCM's guidance embedding, ControlNet residuals, adapter features): a graph without one
+    # was made for another model, and the loop would run it with that conditioning dropped unsaid.
+    missing = [name for name in spec.input_names if name not in names]
     if missing:
-        raise EngineDirError(f"{where} takes no {missing[0]}, which its model's configs call for (a latent "
-                             "consistency model's guidance embedding, a ControlNet's residuals or an adapter's "
-                             "features): it is not a graph of that model, and would ignore that input unsaid")
+        raise EngineDirError(f"{where} takes no {missing[0]}, which its model's configs call for (an SDXL "
+                             "U-Net's pooled text embedding or time ids, a latent consistency model's guidance "
+                             "embedding, a ControlNet's residuals or an adapter's features): it is not a graph "
+                             "of that model, and would ignore that input unsaid")
     for tensor in (*inputs, *outputs):
         _check_tensor(spec, spec.tensor(tensor.name), tensor, where)
         if sizes is not None:

@@ -793,6 +793,19 @@ def test_tensorrt_profiles_follow_the_graphs_timestep():
     assert profile_shapes(ranges, io(0))["sample"] == ranges["sample"]
 
 
+@pytest.mark.parametrize("dropped", ["encoder_hidden_states", "text_embeds", "time_ids"])
+def test_a_unet_graph_without_an_input_its_model_reads_is_refused(dropped: str):
+    """An SDXL U-Net graph without the pooled embedding (or time ids) ran with it left out, unsaid."""
+    from sdexport.errors import EngineDirError
+    from sdexport.graph_io import GraphTensor, check_io
+    from sdexport.specs import SDXL_UNET
+
+    inputs = [GraphTensor(t.name, "int32" if t.dtype == "int32" else "float32", len(t.dims))
+              for t in SDXL_UNET.inputs if t.name != dropped]
+    with pytest.raises(EngineDirError, match=f"^unet takes no {dropped}, which its model's configs call for"):
+        check_io(SDXL_UNET, inputs, [GraphTensor("out_sample", "float32", 4)], "unet")
+
+
 def test_a_graph_with_a_wrong_dtype_is_refused_at_load(foreign_export: Path, capsys):
     def float_ids(graph) -> None:
         graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT
