@@ -1410,8 +1410,9 @@ def loadtest(
     """Load-test a served model: concurrent clients, throughput, p50/p95/p99 latency and errors."""
     import json
 
+    from sdexport import stopping
     from sdexport.atomic import write_atomic
-    from sdexport.serving.loadtest import LoadPlan, markdown, run_load
+    from sdexport.serving.loadtest import LoadPlan, LoadStopped, markdown, run_load
     from sdexport.serving.server import check_client_installed
 
     check_client_installed()
@@ -1435,7 +1436,11 @@ def loadtest(
     if changed is not None:
         raise SdexportError(f"-o {output}: {target / changed} exists and is not as sdexport loadtest wrote it; "
                             "choose another folder")
-    report = run_load(plan, prompt, files)
+    stop: KeyboardInterrupt | None = None
+    try:
+        report = run_load(plan, prompt, files)
+    except LoadStopped as stopped:  # (the figures before the stop are written, then it goes on)
+        report, stop = stopped.report, stopped.stop
     target.mkdir(parents=True, exist_ok=True)
     text = markdown(report)
     changed = _not_as_loadtest_wrote(target)  # (again: a table annotated while the load ran was replaced)
@@ -1452,6 +1457,9 @@ def loadtest(
     recorded = with_record(report, "loadtest.json", [target / "loadtest.md"])
     write_atomic(target / "loadtest.json", json.dumps(recorded, indent=2) + "\n")
     _print_markdown(text)
+    if stop is not None:
+        stopping.keep("loadtest", f"the report of the {report['wall_s']:.0f} s before: {target / 'loadtest.json'}")
+        raise stop
     if not report["succeeded"] and report["errors"]:
         first = next(iter(report["errors"]))
         raise SdexportError(f"no request succeeded ({sum(report['errors'].values())} failed), e.g.: {first} "

@@ -31,6 +31,7 @@ from sdexport.serving.protocol import INPUTS, OUTPUTS
 pytestmark = pytest.mark.usefixtures("without_gpu")
 
 BACKEND = "onnxruntime-cpu"
+PNG = b"\x89PNG\r\n\x1a\n"  # (what the fake servers answer as an image: a PNG file's signature)
 
 
 def _png_pixels(data: bytes) -> np.ndarray:
@@ -836,6 +837,10 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
         with pytest.raises(ValueError, match=rf"give the image file's bytes .*, not {what}$"):
             infer_inputs(["a"], http, **given)
     assert infer_inputs(["a"], http, control_image=[b"\x89PNG", "masked-init"])
+    # one numpy seed for several prompts: numpy 1's uint64 + int is a float64, and seeds past 2^53
+    # went rounded, two prompts on one seed
+    seeds = {i.name(): i for i in infer_inputs(["a", "b"], http, seed=np.uint64(2**63 + 1))}["seed"]
+    assert np.frombuffer(seeds._get_binary_data(), dtype=np.uint64).tolist() == [2**63 + 1, 2**63 + 2]
 
 
 def test_requests_of_different_guidance_share_a_call_and_get_the_images_of_their_own(served, monkeypatch):
@@ -1304,13 +1309,21 @@ def test_the_client_refuses_an_answer_without_the_images(monkeypatch):
 
     from sdexport.serving.client import generate
 
-    _fake_triton(monkeypatch, [None, np.array([[b"png"]], dtype=object), np.array([[b""]], dtype=object)])
+    _fake_triton(monkeypatch, [None, np.array([[PNG]], dtype=object), np.array([[b""]], dtype=object),
+                               np.array([[b"<html>502 Bad Gateway</html>"]], dtype=object),
+                               np.array([PNG], dtype=object), np.array([[PNG + b"..."]], dtype=object)])
     with pytest.raises(RuntimeError, match=r"^localhost:1: the server answered without an image output$"):
         generate("localhost:1", "a cat")
     with pytest.raises(RuntimeError, match=r"answered 1 image\(s\) for 2 prompt\(s\)$"):
         generate("localhost:1", ["a cat", "a dog"])
     with pytest.raises(RuntimeError, match=r"answered an empty image$"):
         generate("localhost:1", "a cat")
+    # a proxy's error page, or a model answering a column of images (no batch axis): not a success
+    with pytest.raises(RuntimeError, match=r"answered an image that is not a PNG file \(it begins b'<html>502 Bad Gat"):
+        generate("localhost:1", "a cat")
+    with pytest.raises(RuntimeError, match=r"answered images of shape \[1\], not \[N, 1\]$"):
+        generate("localhost:1", "a cat")
+    assert generate("localhost:1", "a cat") == [PNG + b"..."]
 
 
 def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypatch, tmp_path, capsys):
@@ -1318,7 +1331,7 @@ def test_loadtest_replaces_its_own_report_but_not_a_table_edited_since(monkeypat
     (an audit's finding): the report records the table's hash, and an edited table is refused."""
     import numpy as np
 
-    _fake_triton(monkeypatch, [np.array([[b"png"]], dtype=object)] * 8)
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 8)
     out = tmp_path / "load"
     for _ in range(2):  # the second run replaces the first's report
         assert run_cli("loadtest", "--url", "localhost:1", "-n", "2", "-c", "1", "-o", out) == 0
@@ -1361,9 +1374,9 @@ def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
 
     from sdexport.serving import loadtest
 
-    timeouts = _fake_triton(monkeypatch, [None, np.array([[b"png"]], dtype=object),
-                                          np.array([[b""], [b"png"]], dtype=object),
-                                          np.array([[b"png"], [b"png"]], dtype=object), np.array([[b"png"]], dtype=object)])
+    timeouts = _fake_triton(monkeypatch, [None, np.array([[PNG]], dtype=object),
+                                          np.array([[b""], [PNG]], dtype=object),
+                                          np.array([[PNG], [PNG]], dtype=object), np.array([[PNG]], dtype=object)])
     plan = loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=4, prompts_per_request=2)
     report = loadtest.run_load(plan, "a lighthouse")
     assert report["succeeded"] == 1 and report["requests"] == 4
@@ -1371,7 +1384,7 @@ def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
                                 "answered an empty image": 1}
     assert 600.0 in timeouts
     held = threading.Event()
-    _fake_triton(monkeypatch, [np.array([[b"png"]], dtype=object)], held)
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)], held)
     monkeypatch.setattr(loadtest, "LATE_S", 0.5)
     report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=2, requests=0, duration_s=0.2),
                                "a lighthouse")  # (made while the server still holds both requests)
@@ -1386,7 +1399,7 @@ def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
 
     from sdexport.serving import loadtest
 
-    _fake_triton(monkeypatch, [np.array([[b"png"]], dtype=object)] * 3)
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 3)
     import tritonclient.http
 
     served, left = tritonclient.http.InferenceServerClient.infer, [3]
@@ -1405,6 +1418,62 @@ def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
     assert report["succeeded"] == 3 and list(report["errors"]) == ["[Errno 111] Connection refused"]
     assert report["errors"]["[Errno 111] Connection refused"] <= 2  # (a client each at most: the other may stop first)
     assert report["ended_early_s"] < 10 and "**Ended early**: the server refused connections" in loadtest.markdown(report)
+
+
+def test_loadtest_runs_where_the_statistics_are_restricted_and_ends_where_every_request_is_refused(monkeypatch):
+    """PyTriton restricts the statistics endpoint by default: the load test refused such a server as
+    "no Triton server answers there"; it runs, without the batching figures. A setting the server's
+    limits refuse (--steps past serve --max-steps) was sent hundreds of times a second for the whole
+    --duration: the run ends once every client's first answers were that one refusal."""
+    import tritonclient.http
+    from tritonclient.utils import InferenceServerException
+
+    from sdexport.serving import loadtest
+
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 2)
+
+    def restricted(self, model):
+        raise InferenceServerException("This API is restricted, expecting header 'triton-access-token'", "403")
+
+    monkeypatch.setattr(tritonclient.http.InferenceServerClient, "get_inference_statistics", restricted)
+    report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=2), "a lighthouse")
+    assert report["succeeded"] == 2 and report["server"] is None and report["ended_early_s"] is None
+    assert "| 2 | 0 |" in loadtest.markdown(report)
+
+    def refused(self, model, inputs, outputs):
+        raise InferenceServerException("steps 60: this server allows at most 50 steps", "400")
+
+    monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", refused)
+    started = time.perf_counter()
+    report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=2, requests=0, duration_s=30),
+                               "a lighthouse")
+    assert time.perf_counter() - started < 10 and report["succeeded"] == 0
+    assert list(report["errors"]) == ["steps 60: this server allows at most 50 steps"]
+    assert report["errors"]["steps 60: this server allows at most 50 steps"] <= 2 * loadtest.REFUSED_RUN + 2
+    assert "**Ended early**: the server refused every request, with the same answer" in loadtest.markdown(report)
+
+
+def test_an_interrupted_loadtest_writes_what_it_measured_before(monkeypatch, tmp_path, capsys):
+    """Ctrl-C ten minutes into a load test kept nothing of it: the report of the time before is
+    written (marked interrupted), and the command still ends as stopped (130)."""
+    import tritonclient.http
+
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 1000)
+    served = tritonclient.http.InferenceServerClient.infer
+
+    def slow(self, model, inputs, outputs):
+        time.sleep(0.1)
+        return served(self, model, inputs, outputs)
+
+    monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", slow)
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    out = tmp_path / "load"
+    assert run_cli("loadtest", "--url", "localhost:1", "--duration", "60", "-c", "2", "-o", out) == 130
+    report = json.loads((out / "loadtest.json").read_text())
+    assert report["succeeded"] >= 2 and 1 < report["interrupted_s"] < 30
+    assert "**Interrupted**" in (out / "loadtest.md").read_text()
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.search(rf"interrupted; the report of the \d+ s before: {re.escape(str(out / 'loadtest.json'))}", err)
 
 
 def test_loadtest_says_why_a_model_is_not_ready(monkeypatch):

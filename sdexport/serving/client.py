@@ -64,7 +64,11 @@ def infer_inputs(prompts: list[str] | str, module: Any = None, **params: Any) ->
             if isinstance(value, list | tuple) and len(value) != rows:
                 raise ValueError(f"seed: {len(value)} values for {rows} prompts; give one (the first image's, "
                                  "+1 for each next) or one per prompt")
-            values[name] = list(value) if isinstance(value, list | tuple) else [value + i for i in range(rows)]
+            if isinstance(value, list | tuple):
+                values[name] = list(value)
+            else:  # (as a Python int: numpy 1's uint64 + int is a float64, which rounds seeds past 2^53)
+                first = _held(name, value, _SPECS[name].dtype)
+                values[name] = [first + i for i in range(rows)]
         elif name == "adapter_image":  # per image, each one image per adapter
             values[name] = _adapter_images(value, rows)
         elif _SPECS[name].dims == (2,):  # SDXL's sizes and crop: a pair for every image, or one per image
@@ -224,19 +228,33 @@ def generate(url: str, prompts: list[str] | str, *, model: str = MODEL_NAME, tim
         result = client.infer(model, infer_inputs(prompts, http, **params),
                               outputs=[http.InferRequestedOutput(output, binary_data=True)])
     array = result.as_numpy(output)
-    if why := missing_images(array, len(prompts)):
+    if why := missing_images(array, len(prompts), pixels):
         raise RuntimeError(f"{url}: the server {why}")
     return list(array) if pixels else [row[0] for row in array]
 
 
-def missing_images(images: Any, wanted: int) -> str | None:
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def missing_images(images: Any, wanted: int, pixels: bool = False) -> str | None:
     """Why an answer is not the request's images (None where it is): a server or proxy answering 200
-    without them was counted a success by loadtest, and its throughput reported; ``generate`` failed
-    on it with a bare TypeError."""
+    without them, or with another text than a PNG file (a proxy's error page), was counted a success
+    by loadtest, and its throughput reported; ``generate`` failed on it with a bare TypeError, or
+    returned that text as the image. ``pixels``: the uint8 arrays, one per image, asked for instead."""
     if images is None:
         return "answered without an image output"
     if len(images) != wanted:
         return f"answered {len(images)} image(s) for {wanted} prompt(s)"
-    if not all(len(row) and len(row[0]) for row in images):
+    shape = getattr(images, "shape", ())
+    if len(shape) != (4 if pixels else 2):
+        return f"answered images of shape {list(shape)}, not " + ("[N, H, W, 3]" if pixels else "[N, 1]")
+    if pixels:
+        return None
+    if not all(len(row[0]) for row in images):
         return "answered an empty image"
+    other = next((row[0] for row in images if not (isinstance(row[0], bytes) and row[0].startswith(PNG_SIGNATURE))),
+                 None)
+    if other is not None:
+        begins = other[:24] if isinstance(other, bytes | str) else type(other).__name__
+        return f"answered an image that is not a PNG file (it begins {begins!r})"
     return None

@@ -27,6 +27,25 @@ LATE_S = 60.0
 """With ``--duration``, how long after its end the run waits for requests still unanswered; those
 are then counted apart ("unanswered ... after --duration ended"), where a server that never answered
 held ``--duration 3`` for the whole request timeout."""
+REFUSED_RUN = 2
+"""Answers per client, every one the same refusal (HTTP 400: a setting the server's limits refuse,
+which the client cannot know beforehand) and none a success, after which the run ends: it went on
+sending the same refused request hundreds of times a second for the whole ``--duration``."""
+
+GONE = "the server refused connections (stopped, or restarting)"
+ALL_REFUSED = "the server refused every request, with the same answer (see the errors)"
+"""Why a run ended before its count or duration (``ended_early_why``): every request after would
+have failed as well."""
+
+
+class LoadStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the load: ``report`` is what was answered before (marked
+    ``interrupted_s``), for the caller to keep; then ``stop`` goes on (a KeyboardInterrupt, so a
+    program that does not look for the report stops as before)."""
+
+    def __init__(self, report: dict[str, Any], stop: KeyboardInterrupt) -> None:
+        super().__init__()
+        self.report, self.stop = report, stop
 
 
 def check_url(url: str) -> None:
@@ -175,23 +194,25 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
         try:
             if not probe.is_model_ready(plan.model):
                 raise SdexportError(f"{plan.url}: model {plan.model!r} is not ready" + _not_ready_why(probe, plan.model))
-            before = _batch_stats(probe, plan.model)
         except SdexportError:
             raise
         except Exception as exc:
             raise SdexportError(f"{plan.url}: no Triton server answers there ({exc})") from None
+        before = _readable_stats(probe, plan.model)
     lock = threading.Lock()
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    refusals = 0  # answers that were HTTP 400 refusals
     issued = 0
     ended = False  # (the report is made: a straggler answering later records nothing)
-    gone: float | None = None  # when the server refused a connection: stopped, every request after would fail at once
+    # (when and why the run ended before its count or duration: every request after would fail too)
+    early: tuple[float, str] | None = None
     started = time.perf_counter()
 
     def take() -> bool:
         nonlocal issued
         with lock:
-            if ended or gone is not None or plan.requests and issued >= plan.requests:
+            if ended or early is not None or plan.requests and issued >= plan.requests:
                 return False
             if plan.duration_s and time.perf_counter() - started >= plan.duration_s:
                 return False
@@ -201,11 +222,11 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     inputs = infer_inputs(prompts, http, **plan.params, **files)  # the same request every time, made once
 
     def client() -> None:
-        nonlocal gone
+        nonlocal early, refusals
         with http.InferenceServerClient(plan.url, connection_timeout=plan.timeout_s,
                                         network_timeout=plan.timeout_s) as connection:
             while take():
-                sent = time.perf_counter()
+                sent, refused = time.perf_counter(), False
                 try:
                     result = connection.infer(plan.model, inputs,
                                               outputs=[http.InferRequestedOutput("image", binary_data=True)])
@@ -213,16 +234,20 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                 except ConnectionRefusedError as exc:  # (no server there now: the run ends, said in the report)
                     message = _message(exc)
                     with lock:
-                        gone = time.perf_counter() - started if gone is None else gone
+                        early = early or (time.perf_counter() - started, GONE)
                 except Exception as exc:  # the server's message, counted, and the client goes on
                     message = _message(exc)
+                    refused = _status(exc) == "400"
                 with lock:
                     if ended:
                         return
                     if message is not None:
                         errors[message] = errors.get(message, 0) + 1
+                        refusals += refused
                     else:
                         latencies.append(time.perf_counter() - sent)
+                    if not latencies and len(errors) == 1 and refusals >= REFUSED_RUN * clients:
+                        early = early or (time.perf_counter() - started, ALL_REFUSED)
 
     # no more clients than requests (a count bounds a duration's run too): the rest would only open a
     # connection and find none left
@@ -231,29 +256,39 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     for thread in threads:
         thread.start()
     deadline = started + plan.duration_s + LATE_S if plan.duration_s else None
-    for thread in threads:
-        thread.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+    stop: KeyboardInterrupt | None = None
+    try:
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
+    except KeyboardInterrupt as exc:  # (Ctrl-C, SIGTERM: what was answered before is reported, then it stops)
+        from sdexport import stopping
+
+        stopping.take()  # (acted on here: the report's writing is not stopped again)
+        stop = exc
     with lock:  # what was answered by now; requests still out are counted apart, and their clients left
         ended = True
         late = issued - len(latencies) - sum(errors.values())
         if late:
-            errors[f"unanswered {LATE_S:g} s after --duration ended"] = late
+            errors["unanswered when stopped" if stop else f"unanswered {LATE_S:g} s after --duration ended"] = late
     wall = time.perf_counter() - started
     done = len(latencies)
-    try:
-        with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
-            after: dict[str, int] | None = _settled_stats(probe, plan.model, before["inferences"]
-                                                          + done * plan.prompts_per_request)
-    except Exception:  # the server went away at the end: the client-side figures still stand
-        after = None
-    executions = after["executions"] - before["executions"] if after else 0
-    inferences = after["inferences"] - before["inferences"] if after else 0
-    return {
+    after: dict[str, int] | None = None
+    if before is not None:
+        try:
+            with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
+                after = _settled_stats(probe, plan.model, 0 if stop else before["inferences"]
+                                       + done * plan.prompts_per_request)
+        except Exception:  # the server went away at the end: the client-side figures still stand
+            pass
+    executions = after["executions"] - before["executions"] if after and before else 0
+    inferences = after["inferences"] - before["inferences"] if after and before else 0
+    report = {
         "url": plan.url, "model": plan.model, "concurrency": plan.concurrency, "clients": clients,
         "images_per_request": plan.prompts_per_request,
         "params": {**{k: v for k, v in plan.params.items() if not isinstance(v, bytes | list)}, **plan.images},
-        "requests": done + sum(errors.values()), "succeeded": done, "errors": errors, "ended_early_s": gone,
-        "wall_s": wall,
+        "requests": done + sum(errors.values()), "succeeded": done, "errors": errors,
+        "ended_early_s": early[0] if early else None, "ended_early_why": early[1] if early else None,
+        "interrupted_s": wall if stop else None, "wall_s": wall,
         "requests_per_s": done / wall if wall else 0.0,
         "images_per_s": done * plan.prompts_per_request / wall if wall else 0.0,
         "latency_s": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
@@ -263,6 +298,9 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                    "images_per_execution": inferences / executions if executions else None}
         if after is not None else None,
     }
+    if stop is not None:
+        raise LoadStopped(report, stop)
+    return report
 
 
 def _not_ready_why(probe: Any, model: str) -> str:
@@ -279,6 +317,22 @@ def _message(exc: Exception) -> str:
     """A client error on one line: tritonclient's exceptions carry the server's text in ``message()``."""
     text = exc.message() if callable(getattr(exc, "message", None)) else str(exc)  # type: ignore[attr-defined]
     return " ".join(str(text).split())[:300]
+
+
+def _status(exc: Exception) -> str | None:
+    """The HTTP status of a tritonclient error ("400": the server refused the request), if any."""
+    status = getattr(exc, "status", None)
+    return str(status()) if callable(status) else None
+
+
+def _readable_stats(client: Any, model: str) -> dict[str, int] | None:
+    """Triton's counters before the run; None where the server keeps them to itself (PyTriton
+    restricts the statistics endpoint by default, as ``--http-restricted-api`` does): the load runs,
+    and the report has no batching figures, as when they are gone at the end."""
+    try:
+        return _batch_stats(client, model)
+    except Exception:
+        return None
 
 
 def _batch_stats(client: Any, model: str) -> dict[str, int]:
@@ -333,8 +387,12 @@ def markdown(report: dict[str, Any]) -> str:
          "request shared a batch; -: the server's statistics were not available)."),
     ]
     if report.get("ended_early_s") is not None:
-        lines += ["", (f"**Ended early**: the server refused connections {report['ended_early_s']:.1f} s into the run "
-                       "(stopped, or restarting), which then ended; the figures cover the time before.")]
+        why = report.get("ended_early_why") or GONE  # (reports before the reason was recorded)
+        lines += ["", (f"**Ended early**: {why} {report['ended_early_s']:.1f} s into the run, which then ended; "
+                       "the figures cover the time before.")]
+    if report.get("interrupted_s") is not None:
+        lines += ["", (f"**Interrupted** {report['interrupted_s']:.1f} s into the run (Ctrl-C or SIGTERM): the "
+                       "figures cover the time before.")]
     if report["errors"]:
         lines += ["", "Errors:", ""] + [f"- {count}x {message}" for message, count in report["errors"].items()]
     return "\n".join(lines) + "\n"
