@@ -8,7 +8,8 @@
 # machine's CUDA version into WHEELS_DIR, or install it first). onnxruntime-gpu replaces a CPU
 # onnxruntime (they install the same module) only once pip has shown, without installing anything,
 # that the whole set resolves from WHEELS_DIR; if the install fails after that, the CPU one is put
-# back when its wheel is there.
+# back when its wheel is there. The folder's sdexport replaces an installed one, of the same version
+# too (the wheel is what was prepared); installed packages that meet its requirements are kept.
 set -euo pipefail
 [[ $# -eq 1 && -d $1 ]] || { echo "usage: $0 WHEELS_DIR (a folder of wheels from prepare-offline.sh)" >&2; exit 2; }
 dir=$(cd "$1" && pwd)
@@ -26,22 +27,27 @@ pip_offline() { "$PYTHON" -m pip "$1" --disable-pip-version-check --no-index --f
 extra=cpu
 ls "$dir"/onnxruntime_gpu-*.whl >/dev/null 2>&1 && extra=gpu
 ls "$dir"/tensorrt*.whl >/dev/null 2>&1 && extra="$extra,tensorrt"
-wanted=("sdexport[$extra]")
+shopt -s nullglob; ours=("$dir"/sdexport-*.whl); shopt -u nullglob
+[[ ${#ours[@]} == 1 ]] || { say "$dir holds ${#ours[@]} sdexport wheels, not one; prepare the folder again"; exit 2; }
+# The wheel itself, not the name: pip takes an installed sdexport for the name and installs nothing
+# (the same version number, or an older folder's), and resolves the wheel's own requirements.
+wanted=("${ours[0]}[$extra]")
 ls "$dir"/pytest-*.whl >/dev/null 2>&1 && wanted+=(pytest)
 
 # Everything must resolve from the folder before anything is removed.
-pip_offline install --dry-run --quiet "${wanted[@]}" \
-  || { say "the wheels in $dir do not make a complete set for this Python; nothing was changed"; exit 1; }
+pip_offline install --upgrade --dry-run --quiet "${wanted[@]}" \
+  || { say "pip cannot install the set from $dir here (its reason is above: a wheel this Python needs is not there, or this Python is not one pip installs into); nothing was changed"; exit 1; }
 removed_cpu=0 reinstall=()
 if [[ $extra == gpu* ]] && "$PYTHON" -m pip show --quiet onnxruntime >/dev/null 2>&1; then
   say "replacing onnxruntime (CPU) with onnxruntime-gpu"
   # Both install the module `onnxruntime`: removing the CPU one deletes files an installed
   # onnxruntime-gpu shares with it, so that one is installed again in full.
-  "$PYTHON" -m pip show --quiet onnxruntime-gpu >/dev/null 2>&1 && reinstall=(--force-reinstall --no-deps onnxruntime-gpu)
+  "$PYTHON" -m pip show --quiet onnxruntime-gpu >/dev/null 2>&1 && reinstall=(onnxruntime-gpu)
   "$PYTHON" -m pip uninstall --yes --quiet onnxruntime
   removed_cpu=1
 fi
-if ! pip_offline install "${wanted[@]}" || { [[ ${#reinstall[@]} -gt 0 ]] && ! pip_offline install "${reinstall[@]}"; }; then
+reinstall+=("${ours[0]}")  # (pip keeps an installed sdexport of the wheel's version: it goes in again, alone)
+if ! pip_offline install --upgrade "${wanted[@]}" || ! pip_offline install --force-reinstall --no-deps "${reinstall[@]}"; then
   if [[ $removed_cpu == 1 ]] && pip_offline install --quiet onnxruntime 2>/dev/null; then
     say "installation failed; the CPU onnxruntime was put back"
   elif [[ $removed_cpu == 1 ]]; then

@@ -4,7 +4,8 @@
 #   bash scripts/setup.sh --serve  + Triton serving (PyTriton, tritonclient): `sdexport serve`, `loadtest`
 #   bash scripts/setup.sh --gpu    onnxruntime-gpu and NVML instead of CPU onnxruntime (GPU machines, CI runners)
 #   bash scripts/setup.sh --dev    + serving, test and static-check tools (pytest, mypy, ruff, tensorrt-stubs)
-# Options combine: --gpu --dev is the dev set over onnxruntime-gpu.
+#   bash scripts/setup.sh --tensorrt  + TensorRT and polygraphy (GPU servers: `sdexport build`, --backend tensorrt)
+# Options combine: --gpu --dev is the dev set over onnxruntime-gpu, --gpu --tensorrt a GPU server's set.
 # Versions come from constraints.txt, the set CI tested (see README, "Dependency pins"), so a new
 # upstream release cannot change what CI installs. SDEXPORT_CONSTRAINTS=other.txt uses another file;
 # SDEXPORT_CONSTRAINTS= (empty) installs the newest releases pyproject.toml allows.
@@ -14,13 +15,14 @@
 # resolves to a local CPU build; on other CPU-only machines install a CPU torch first (see README).
 set -euo pipefail
 # The options first (before anything installs); several may be given, e.g. --gpu --dev.
-gpu="" more="" dev=""
+gpu="" more="" dev="" tensorrt=""
 for option in "$@"; do
   case $option in
     --dev) more=",serve,dev" dev=1 ;;  # the tests start real Triton servers
     --serve) [[ -n $dev ]] || more=",serve" ;;
     --gpu) gpu=1 ;;
-    *) echo "sdexport setup: unknown option $option; use --serve, --dev, --gpu or nothing" >&2; exit 2 ;;
+    --tensorrt) tensorrt=",tensorrt" ;;
+    *) echo "sdexport setup: unknown option $option; use --serve, --dev, --gpu, --tensorrt or nothing" >&2; exit 2 ;;
   esac
 done
 # A constraints file named relative to where the script was called from (it then works in the checkout).
@@ -64,7 +66,7 @@ extras=cpu
 if [[ -n $gpu ]] || "$PYTHON" -c "import onnxruntime, sys; sys.exit('CUDAExecutionProvider' not in onnxruntime.get_available_providers())" 2>/dev/null; then
   extras=gpu  # (without --gpu: keep an installed onnxruntime-gpu, which the cpu package would clobber)
 fi
-extras+=$more
+extras+=$more$tensorrt
 echo "sdexport setup: installing sdexport[$extras]${CONSTRAINTS:+ with the versions in $CONSTRAINTS}" >&2
 pip_install ${pins[@]+"${pins[@]}"} -e ".[$extras]"
 if [[ -n $dev ]]; then

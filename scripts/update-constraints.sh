@@ -20,8 +20,8 @@ echo "update-constraints: running the tests against them" >&2
   echo "# regenerate it with that script to move the pins (README, \"Dependency pins\"). torch is pinned"
   echo "# separately (SDEXPORT_TORCH in scripts/setup.sh) and an installed torch is never replaced."
   "$py" -m pip freeze --exclude-editable | grep -v -i -E '^(torch|sdexport)==' | LC_ALL=C sort -f
-  # The gpu extra cannot be installed here: its pins are carried over as they are.
-  grep -i -B2 -E '^(onnxruntime-gpu|nvidia-ml-py)==' constraints.txt | grep -v -E '^--$' || true
+  # The gpu extra cannot be installed here: its pins are carried over as they are, with their comment.
+  sed -n '/^# GPU machines only/,$p' constraints.txt
 } > constraints.txt.new
 mv constraints.txt.new constraints.txt
 # The GPU image's wheel list follows the same pins (tests/test_pins.py checks it).

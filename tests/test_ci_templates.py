@@ -239,6 +239,7 @@ def test_setup_checks_its_options_before_installing_and_reads_paths_from_the_cal
     # the installed torch is pinned, and its own requirements are not (torch 2.5 pins another sympy:
     # pip replaced that torch to satisfy the constraint)
     assert "torch==2.5.1" in calls and "sympy==" not in calls
+    assert setup("--tensorrt", "--gpu").returncode == 0 and "-e .[gpu,tensorrt]" in record.read_text()
 
 
 def test_gpu_tests_write_their_results_where_they_are_called_from(tmp_path):

@@ -38,9 +38,9 @@ if [[ ! -f .gpu/ort.sha256 || ! -f .gpu/small/SHA256SUMS || scripts/gpu-wheels.t
   SMALL="$(grep -v '^#' scripts/gpu-wheels.txt | xargs)" bash ../shared/gpu/prepare-wheels.sh .gpu
 fi
 ort=/tmp/$(cat .gpu/ort.name)
+trap 'rm -f "$ort"' EXIT  # (the joined wheel, 244 MiB, also where a check below stops the script)
 cat .gpu/ort-*/part-* > "$ort"
 sha256sum --quiet -c .gpu/ort.sha256   # names the joined wheel under /tmp
 python3 scripts/gpu-lease/pack-site.py --ort "$ort" --small .gpu/small --out .lease
-rm -f "$ort"
 revision
 echo "now: the three device calls in scripts/gpu-lease/lease.sh's header, one right after another"
