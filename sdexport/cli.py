@@ -751,8 +751,8 @@ def _condition_images(values: list[str] | None, height: int | None, width: int |
     for value in values or []:
         if not value.strip():  # (Path("") is the current folder: "--control-image .: a directory")
             raise SdexportError(f"{flag} {value!r}: an empty path; name an image file")
-        if value != MASKED_INIT or not masked_init:
-            controls.append(read_image(Path(value), flag))
+        if value != MASKED_INIT or not masked_init:  # (in its own mode: resized first, then made RGB, as the API's)
+            controls.append(read_image(Path(value), flag, mode=None))
         elif Path(value).exists():
             raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "
                                 f"is here too: pass ./{MASKED_INIT} for the file")

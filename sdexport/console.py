@@ -211,6 +211,9 @@ def quiet_libraries() -> None:
     warnings.filterwarnings(action, category=FutureWarning, module="" if _owns_process else LIBRARY_MODULES)
     warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers)(\.|$)")
     warnings.filterwarnings(action, module=r"pytriton\.")  # (its grpc client's timeout warning, with its path)
+    if _owns_process:  # Pillow's words on an input file (a palette's transparency, a decompression bomb's
+        warnings.filterwarnings(action, module=r"PIL\.")  # size), which sdexport reads as it says; a
+        # library user's own images are theirs to hear about
     for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)
     fetching = logging.getLogger("diffusers.models.modeling_utils")

@@ -130,6 +130,24 @@ def test_graphsurgeon_logs_at_the_verbosity():
         assert gs.logger.G_LOGGER.severity == severity
 
 
+def test_the_commands_quiet_pillows_warnings_on_an_input_file():
+    """``run -q`` printed Pillow's UserWarning on a palette image's transparency, and its
+    DecompressionBombWarning on a large init image, with their source paths; a library user's
+    Pillow warnings stay theirs."""
+    script = (
+        "import sys, warnings\n"
+        "from sdexport import console\n"
+        "if sys.argv[1] == 'command':\n"
+        "    console.own_process()\n"
+        "console.set_verbosity('quiet')\n"
+        "warnings.warn_explicit('Palette images with Transparency', UserWarning, 'Image.py', 1, module='PIL.Image')\n"
+        "warnings.warn_explicit('Image size exceeds limit', RuntimeWarning, 'Image.py', 2, module='PIL.Image')\n"
+    )
+    for caller, heard in (("command", ""), ("library", "Palette images")):
+        done = subprocess.run([sys.executable, "-c", script, caller], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and (heard in done.stderr if heard else done.stderr == ""), done.stderr
+
+
 def test_quieting_the_library_leaves_the_programs_hub_access_and_warnings_alone():
     """The README's ``set_verbosity(QUIET)`` for library users set HF_HUB_OFFLINE (the program's own
     downloads then failed) and dropped every FutureWarning of the program's; a name for the level

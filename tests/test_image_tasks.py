@@ -353,6 +353,29 @@ def test_the_python_apis_16_bit_and_float_images_are_read_as_files_are(tmp_path)
     assert binary_mask([Image.open(tmp_path / "grey.png")], 1).mean() == 0.25
 
 
+def test_run_and_serve_read_control_and_adapter_images_as_the_python_api_takes_them(tmp_path):
+    """A control image is resized in its own mode, then made RGB (README, as diffusers' processor):
+    ``run`` and ``serve`` made the file RGB as they read it, so a 1-bit or palette map of another
+    size gave another image than the same file opened for the Python API (21/255 at most)."""
+    from sdexport.cli import _condition_images
+    from sdexport.runtime.image_inputs import control_pixels
+    from sdexport.serving.requests import decode_rows
+
+    rng = np.random.default_rng(5)
+    for mode in ("1", "P", "RGBA", "LA"):
+        path = tmp_path / f"map-{mode}.png"
+        Image.fromarray(rng.integers(0, 255, (9, 10, 4), dtype=np.uint8), "RGBA").convert(mode).save(path)
+        given = control_pixels(Image.open(path), 8, 8)
+        read = _condition_images([str(path)], None, None, "--control-image")[0]
+        assert torch.equal(control_pixels(read, 8, 8), given), mode
+        row = decode_rows({"prompt": np.array([[b"a"]], dtype=object), "height": np.array([[8]]),
+                           "width": np.array([[8]]), "control_image": np.array([[path.read_bytes()]], dtype=object),
+                           "adapter_image": np.array([[path.read_bytes()]], dtype=object)}, (8, 8))[0]
+        assert row.control_image is not None
+        assert torch.equal(control_pixels(row.control_image[0], 8, 8), given), mode
+        assert torch.equal(control_pixels(row.adapter_image, 8, 8), given), mode
+
+
 def test_a_32_bit_integer_image_is_read_at_its_range(tmp_path):
     """Mode I (a TIFF of int32, ``Image.fromarray`` of int32): a 0/255 mask was divided by 257 as if
     16-bit, so it repainted nothing; 0 to 255 is kept, to 65535 scaled, beyond refused. A 16-bit PNG

@@ -185,13 +185,28 @@ def test_run_time_lora_matches_the_fused_export(tiny_engine_dir, fused_dir, lora
     assert _rel(load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST), plain) == 0
 
 
-def test_a_lora_fused_at_export_and_added_again_at_run_time_is_noted(fused_dir, lora_files, capsys):
-    """Its scales add up (0.8 fused + 1.0 added): maybe meant, so a note rather than a refusal."""
+def test_a_lora_fused_at_export_and_added_again_at_run_time_is_noted(fused_dir, lora_files, capsys, tmp_path):
+    """Its scales add up (0.8 fused + 1.0 added): maybe meant, so a note rather than a refusal. The
+    same file by its contents: a copy was not noted, and another file at the recorded path was."""
     load_pipeline(fused_dir, "onnxruntime-cpu", loras=[LoraFile(lora_files["both"], 1.0)])
     said = " ".join(capsys.readouterr().err.split())
     assert (f"note: LoRA {lora_files['both']} was fused into this directory at export (scale 0.8); added again "
             "at run time it applies twice (0.8 + 1)") in said
     load_pipeline(fused_dir, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"], 1.0)])  # another file: no note
+    assert "was fused into this directory" not in capsys.readouterr().err
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(lora_files["both"], copy)
+    load_pipeline(fused_dir, "onnxruntime-cpu", loras=[LoraFile(copy, 1.0)])
+    assert (f"note: LoRA {copy} was fused into this directory at export as {lora_files['both'].resolve()} (scale 0.8)"
+            in " ".join(capsys.readouterr().err.split()))
+    record = load_manifest(fused_dir).model["loras"][0]
+    record_path = Path(record["path"])
+    kept = record_path.read_bytes()
+    try:  # another LoRA written at the recorded path since: not the one fused
+        record_path.write_bytes(lora_files["unet"].read_bytes())
+        load_pipeline(fused_dir, "onnxruntime-cpu", loras=[LoraFile(record_path, 1.0)])
+    finally:
+        record_path.write_bytes(kept)
     assert "was fused into this directory" not in capsys.readouterr().err
 
 

@@ -684,18 +684,23 @@ def _check_reloaded_adapters(reloaded: ModelDims, recorded: ModelDims) -> None:
 
 
 def note_fused_again(manifest: Manifest, loras: list[LoraFile]) -> None:
-    """Note a run-time LoRA that the export already fused into the weights (the same file): it
-    is then applied twice, its two scales added. Maybe meant (a stronger LoRA), so not refused."""
+    """Note a run-time LoRA that the export already fused into the weights (the same file, by its
+    sha256: a copy is the same LoRA, and another file written since at the recorded path is not):
+    it is then applied twice, its two scales added. Maybe meant (a stronger LoRA), so not refused."""
     from rich.markup import escape
 
     from sdexport.console import console
+    from sdexport.manifest import sha256_file
 
-    fused = {Path(record["path"]).resolve(): record["scale"] for record in manifest.model.get("loras") or []}
-    for lora in loras:
-        scale = fused.get(lora.path.resolve())
-        if scale is not None:
-            console.print(f"[yellow]note:[/] LoRA {escape(str(lora.path))} was fused into this directory at export "
-                          f"(scale {scale:g}); added again at run time it applies twice ({scale:g} + {lora.scale:g})")
+    fused = {record["sha256"]: record for record in manifest.model.get("loras") or [] if "sha256" in record}
+    for lora in loras if fused else []:  # (hashed only where the export fused any)
+        record = fused.get(sha256_file(lora.path))
+        if record is not None:
+            scale = float(record["scale"])
+            copy = "" if Path(record["path"]).resolve() == lora.path.resolve() else f" as {record['path']}"
+            console.print(f"[yellow]note:[/] LoRA {escape(str(lora.path))} was fused into this directory at export"
+                          f"{escape(copy)} (scale {scale:g}); added again at run time it applies twice "
+                          f"({scale:g} + {lora.scale:g})")
 
 
 def exported_loras(manifest: Manifest) -> list[LoraFile]:
