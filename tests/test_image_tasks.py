@@ -733,6 +733,19 @@ def test_an_exact_fit_suggests_the_images_own_size_only_where_the_engines_could_
         fit_image(Image.new("RGB", (64, 96)), 64, 64, "exact", "init image", multiple=16)
 
 
+def test_the_python_apis_refusal_of_a_size_an_image_gave_says_whose_it_was(tiny_engine_dir):
+    """``run`` and ``serve`` said so; a request without height and width whose init image (64x72)
+    the engines cannot take was "height 72 must be a multiple of 16", as if the caller had given it."""
+    from sdexport.errors import ProfileError
+
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu", image_inputs=True)
+    with pytest.raises(ProfileError, match=r"height 72 must be a multiple of 16 \(the size of image; give "
+                                           r"images of a size the engines take \(sdexport.runtime.image_inputs"):
+        pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 72)), steps=2))
+    with pytest.raises(ProfileError, match=r"multiple of 16$"):  # (given, the size is the caller's own)
+        pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 72)), steps=2, height=72, width=64))
+
+
 # From mutation testing round 5 (what a result records): each seen to fail with the change it guards against.
 
 def test_a_text_to_image_result_records_no_encoder_graph(tiny_engine_dir):

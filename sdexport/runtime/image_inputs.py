@@ -307,11 +307,15 @@ def per_prompt(tensor: torch.Tensor, batch: int) -> torch.Tensor:
     return tensor.repeat(batch // tensor.shape[0], 1, 1, 1)
 
 
-def sized_by(name: str, fit: str) -> str:
+def sized_by(name: str, fit: str | None) -> str:
     """What a refusal of a size taken from the image of the input ``name`` (``init_image``, else the
     first ``control_image`` or ``adapter_image``) adds: whose size it was, and how to give one, named
-    as the caller names settings (``run``'s options, a served request's inputs)."""
+    as the caller names settings (``run``'s options, a served request's inputs). ``fit`` None: the
+    Python API's request, which takes init images of its size only (``check_image``)."""
     sides = f"{setting('height')} and {setting('width')}"
+    if name == "init_image" and fit is None:
+        return (f"the size of {setting(name)}; give images of a size the engines take "
+                "(sdexport.runtime.image_inputs.fit_image resizes or crops one)")
     if name == "init_image":
         how = (f" with {assigned('fit', 'resize')} or {assigned('fit', 'crop')}" if fit == "exact"
                else f": {assigned('fit', fit)} fits the image to them")

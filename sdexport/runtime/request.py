@@ -652,8 +652,18 @@ def check_request(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ProfileError(f"{axis} {value!r} ({type(value).__name__}): expected a whole number of pixels (a "
                                "Python int)")
-    request = request.sized((profile.height[1], profile.width[1]), dims.vae_scale_factor)
-    profile.check_request(request.batch, *request.size, dims)
+    sized = request.sized((profile.height[1], profile.width[1]), dims.vae_scale_factor)
+    try:
+        profile.check_request(sized.batch, *sized.size, dims)
+    except ProfileError as exc:  # a size the caller did not give: say whose it was
+        source = None if request.height is not None or request.init_latents is not None else \
+            sizing_image(request.image, request.control_image, request.adapter_image)
+        if source is None:
+            raise
+        from sdexport.runtime.image_inputs import sized_by
+
+        raise ProfileError(f"{exc} ({sized_by(source[1], None)})") from None
+    request = sized
     _check_window(request, family)
     _check_image_inputs(request, family, dims)
     _check_control(request, controlnets, family, union_images, union_modes)
