@@ -616,7 +616,7 @@ def run(
 
         check_steps(request.scheduler, config_as_loaded(
             scheduler_config, request.scheduler, family=manifest.family, conditioned=manifest.model_dims.conditioned,
-            inpainting=request.mask is not None), request.steps)
+            inpainting=request.mask is not None), request.steps, from_image=request.image is not None)
         if ensemble is not None:  # each model's share of the schedule holds a step
             ensemble.check_windows(scheduler_config)
     from sdexport.runtime.loading import pooled_controlnets

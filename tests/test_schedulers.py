@@ -57,6 +57,26 @@ def test_a_config_diffusers_refuses_is_refused_in_one_line() -> None:
         make_scheduler(DEFAULT, config)
 
 
+def test_a_scheduler_made_for_another_loop_is_refused_in_one_line() -> None:
+    """Saved configs of diffusers schedulers the loop cannot drive passed export and its dry run, and
+    ``run`` failed with an AttributeError traceback: ScoreSdeVe has no ``step``, IPNDM and DDIMInverse
+    no ``add_noise`` (an init image's noising)."""
+    from sdexport.runtime.schedulers import check_model_scheduler, check_steps
+
+    sde = {**PRESETS["sd15"].scheduler, "_class_name": "ScoreSdeVeScheduler"}
+    with pytest.raises(SdexportError, match=r"^the ScoreSdeVeScheduler scheduler has no step, which the denoising loop "
+                                            r"uses; fix model.s scheduler config"):
+        check_model_scheduler(sde, "model")
+    for class_name in ("IPNDMScheduler", "DDIMInverseScheduler"):
+        config = {**PRESETS["sd15"].scheduler, "_class_name": class_name}
+        check_model_scheduler(config, "model")  # (text to image: it samples)
+        check_steps(DEFAULT, config, 4)
+        with pytest.raises(SdexportError, match=rf"^the default \({class_name}\) scheduler has no add_noise, which an "
+                                                r"init image needs \(img2img and inpainting noise it\); pick another"):
+            check_steps(DEFAULT, config, 4, from_image=True)
+        check_steps("ddim", config, 4, from_image=True)
+
+
 def test_building_a_scheduler_imports_no_other_scheduler_module() -> None:
     """The point of skipping from_config: no scipy.stats, no fifteen scheduler modules."""
     code = textwrap.dedent("""

@@ -88,6 +88,10 @@ def check_scheduler_name(name: str) -> None:
         raise SdexportError(f"unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
 
 
+LOOP_CALLS = ("set_timesteps", "scale_model_input", "step", "init_noise_sigma")
+"""What the denoising loop uses of every scheduler; an init image also needs ``add_noise``."""
+
+
 def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None) -> Any:
     """A fresh scheduler (they hold per-run state) of ``name``, configured like the model's own.
 
@@ -121,6 +125,12 @@ def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None)
     except Exception as exc:  # diffusers validates configs with assorted exception types
         raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({one_line(exc, 300)})"
                             + (f"; {fix}" if fix else "")) from None
+    lacking = [name for name in LOOP_CALLS if not hasattr(scheduler, name)]
+    if lacking:  # (a diffusers scheduler made for another loop: ScoreSdeVe, DiscreteDDIM, ...)
+        raise SdexportError(
+            f"the {class_name} scheduler has no {', '.join(lacking)}, which the denoising loop uses; "
+            + (fix or f"pick another with {setting('scheduler')} ({', '.join(SCHEDULERS)})")
+        )
     trained = int(scheduler.config.num_train_timesteps)
     table = getattr(scheduler, "alphas_cumprod", None)
     if table is not None and len(table) != trained:  # e.g. trained_betas of another length
@@ -259,8 +269,9 @@ def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) ->
     return scheduler
 
 
-def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
-    """Refuse a step count the scheduler cannot take with this model, before any engine runs.
+def check_steps(name: str, config: dict[str, Any], steps: int, from_image: bool = False) -> None:
+    """Refuse a step count the scheduler cannot take with this model, before any engine runs, and
+    (``from_image``: img2img, inpainting) a scheduler that cannot noise an init image.
 
     Near the model's number of training timesteps, several diffusers schedulers produce timesteps
     past the last trained one or collapse them, and then fail deep in ``step`` (IndexError,
@@ -271,6 +282,10 @@ def check_steps(name: str, config: dict[str, Any], steps: int) -> None:
     scheduler = make_scheduler(name, config)
     trained = int(scheduler.config.num_train_timesteps)
     label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
+    if from_image and not hasattr(scheduler, "add_noise"):  # (IPNDM, DDIMInverse: diffusers' img2img fails too)
+        raise SdexportError(f"the {label} scheduler has no add_noise, which an init image needs (img2img and "
+                            f"inpainting noise it); pick another {setting('scheduler')} "
+                            f"({', '.join(n for n in SCHEDULERS if n != name)})")
     # LCM's: it picks its steps among these (other schedulers carry the key of a saved LCM config unread)
     skipped = scheduler.config.get("original_inference_steps")
     if isinstance(skipped, int) and steps > skipped and "original_inference_steps" in inspect.signature(

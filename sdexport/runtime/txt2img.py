@@ -410,7 +410,7 @@ class Txt2ImgPipeline:
         if self.read_chunks is not None:
             self.prompt_chunks = self.read_chunks[0]
         self.clock: StageClock = clock_for(self.device)
-        self._steps_checked: set[tuple[str, int, bool]] = set()
+        self._steps_checked: set[tuple[str, int, bool, bool]] = set()
         # Import scheduler code now, so that first-call import time is not counted as loop overhead.
         make_scheduler("default", scheduler_config)
         import diffusers.utils.torch_utils  # noqa: F401
@@ -458,9 +458,10 @@ class Txt2ImgPipeline:
             if not bool(torch.isfinite(request.init_latents).all()):  # (the loop would run, then blame the weights)
                 raise SdexportError("init_latents hold NaN or infinite values (a base model's run that failed, or "
                                     "latents given so): no image can come from them")
-        checked = (request.scheduler, request.steps, request.mask is not None)
+        checked = (request.scheduler, request.steps, request.mask is not None, request.image is not None)
         if checked not in self._steps_checked:  # a dry run: once, not per call
-            check_steps(request.scheduler, self.scheduler_config_for(request), request.steps)
+            check_steps(request.scheduler, self.scheduler_config_for(request), request.steps,
+                        from_image=request.image is not None)
             self._steps_checked.add(checked)
         for engine in self.engines.values():
             if engine.profile != self.profile:
