@@ -734,7 +734,7 @@ def test_generate_counts_a_tuple_of_prompts_as_its_images(monkeypatch):
 
     class Answer:
         def as_numpy(self, name: str) -> np.ndarray:
-            return np.array([[b"png-a"], [b"png-b"]], dtype=object)
+            return np.array([[PNG + b"a"], [PNG + b"b"]], dtype=object)
 
     class Client:
         def __init__(self, url: str, **timeouts: float) -> None:
@@ -750,7 +750,7 @@ def test_generate_counts_a_tuple_of_prompts_as_its_images(monkeypatch):
             return Answer()
 
     monkeypatch.setattr(http, "InferenceServerClient", Client)
-    assert client.generate("127.0.0.1:1", ("a", "b")) == [b"png-a", b"png-b"]
+    assert client.generate("127.0.0.1:1", ("a", "b")) == [PNG + b"a", PNG + b"b"]
 
 
 def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inputs():
