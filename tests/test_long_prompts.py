@@ -298,6 +298,18 @@ def test_a_run_split_into_calls_reads_each_image_as_one_call_would(tiny_engine_d
                                                                                   "alone.png"))
     np.testing.assert_array_equal(split, padded)
     assert not np.array_equal(split, alone)  # (the padding matters: the test would pass either way otherwise)
+    # the Python API's refusal of the whole request says how to read it as run does
+    from sdexport.errors import ProfileError
+    from sdexport.runtime.loading import load_pipeline
+    from sdexport.runtime.request import GenerationRequest
+
+    pipeline = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+    request = GenerationRequest(prompt=["a fox", LONG, "a cat"], seeds=[10, 11, 12], steps=2, height=64, width=64)
+    with pytest.raises(ProfileError, match=r"request.split\(2\)\) and call the parts inside `with pipeline.padded_to"):
+        pipeline(request)
+    with pipeline.padded_to(request):
+        images = [image for part in request.split(2) for image in pipeline(part).images]
+    np.testing.assert_array_equal(np.asarray(images[2]), split)
 
 
 def test_breaks_that_start_read_chunks_are_recorded(tok):

@@ -435,8 +435,9 @@ class Txt2ImgPipeline:
         largest = self.profile.batch[2]
         if isinstance(request.prompt, list) and len(request.prompt) > largest:  # `sdexport run` splits by itself; an API caller is told how
             raise ProfileError(f"{len(request.prompt)} images in one call: the engines' profile takes at most "
-                               f"{largest}; split the request (request.split({largest}), as `sdexport run` "
-                               "does) or re-export with a wider --batch")
+                               f"{largest}; split the request (request.split({largest})) and call the parts "
+                               "inside `with pipeline.padded_to(request):` (each text then reads as in one call, "
+                               "as `sdexport run` reads it), or re-export with a wider --batch")
         check_request(request, family=self.family, dims=self.dims, profile=self.profile,
                       scheduler_config=self.scheduler_config, controlnets=len(self.controlnets),
                       adapters=len(self.adapters), union_modes=self.dims.N, union_images=self.dims.K or 1,
