@@ -902,6 +902,7 @@ def _generate(
         stopping.keep("images", _written(paths[:paths.index(path) + 1], len(paths)))
 
     unguided: list[tuple[int, int]] = []
+    unadapted: list[int] = []
     with contextlib.ExitStack() as padded:
         if len(parts) > 1 and whole is not None:  # each image read as one call would (the whole run's chunks)
             padded.enter_context(pipeline.padded_to(whole))
@@ -910,6 +911,7 @@ def _generate(
         for k, part in enumerate(parts):
             result = _denoise(pipeline, part, "Denoising")
             unguided += [(slot, saved + image) for slot, image in result.unguided]  # (the base model's, by the run's count)
+            unadapted += [saved + image for image in result.unadapted]
             prefix = f"call {k + 1}/{len(parts)}: " if len(parts) > 1 else ""
             if refining is not None and ensemble is not None:
                 console.print(_timing_line(f"{prefix}base model: ", result, pipeline), soft_wrap=True)
@@ -935,6 +937,12 @@ def _generate(
                   f"guided nothing in image{'s' if len(images) > 1 else ''} {', '.join(map(str, images))}")
         console.print(f"[yellow]note:[/] control image {slot + 1} {guided}: its --control-start to --control-end "
                       "window holds none of the steps that ran (as diffusers runs it)", soft_wrap=True)
+    if unadapted:
+        where = ("" if len(paths) == 1 else " in any image" if len(unadapted) == len(paths) else
+                 f" in image{'s' if len(unadapted) > 1 else ''} {', '.join(str(i + 1) for i in unadapted)}")
+        console.print(f"[yellow]note:[/] the T2I-Adapter features reached no U-Net call{where}: --adapter-factor "
+                      "times the steps that ran rounds down to 0 (as diffusers counts it); raise --adapter-factor "
+                      "or --steps", soft_wrap=True)
     older = _numbered_after(output, len(paths))
     if older:
         listed = escape(_listed(older)) + (f", {len(older)} files" if len(older) > 3 else "")

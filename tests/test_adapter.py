@@ -293,6 +293,13 @@ def test_run_writes_the_image_and_its_adapter_settings(engine_dirs, tmp_path, ca
                    "--adapter-factor", "0.5", "--adapter-factor", "1", "--steps", "3", "-o", tmp_path / "two.png") == 0
     assert [json.loads(Image.open(tmp_path / f"two-{i}.png").info["sdexport"])["adapter"] for i in range(2)] == [
         {"scale": 1.0, "factor": 0.5}, {"scale": 1.0, "factor": 1.0}]
+    assert "features reached no U-Net call" not in " ".join(capsys.readouterr().err.split())
+    # a factor whose share of the steps rounds down to 0 (3 x 0.3): the image was the adapter's
+    # scale 0's, recorded with the adapter and said nowhere
+    assert run_cli("run", engine_dirs["sd"], "-p", "a cat", "--batch", "2", "--adapter-image", tmp_path / "sketch.png",
+                   "--adapter-factor", "0.3", "--adapter-factor", "1", "--steps", "3", "-o", tmp_path / "none.png") == 0
+    assert ("note: the T2I-Adapter features reached no U-Net call in image 1: --adapter-factor times the steps that "
+            "ran rounds down to 0") in " ".join(capsys.readouterr().err.split())
 
 
 def test_specs_and_manifest_describe_the_features(engine_dirs):
