@@ -115,9 +115,10 @@ def test_runs_are_tokenized_apart_and_weighed_token_by_token():
 
 @pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch"])
 def test_sd_weighs_the_hidden_states_as_a1111(tiny_engine_dir, backend):
-    """No norm against transformers' hidden states. Original's rescaling is checked on the engine's
-    own reading: the random tiny model's final layer norm (weight 1, bias 0) centres every vector,
-    so its mean is about 0, a ratio of rounding errors (a trained encoder's norm has a bias)."""
+    """No norm against transformers' hidden states. Original's on the engine's own reading: the
+    random tiny model's final layer norm (weight 1, bias 0) centres every vector, so its mean is
+    about 0 and A1111's rescale a ratio of rounding errors, which is left out (``CENTRED``; a trained
+    encoder's norm has a bias: SDXL's penultimate layer below is rescaled)."""
     model = load_model("tiny")
     ids, weights = _hand_ids(model.tokenizers["tokenizer"], RUNS)
     with torch.no_grad():
@@ -128,7 +129,24 @@ def test_sd_weighs_the_hidden_states_as_a1111(tiny_engine_dir, backend):
     assert not torch.allclose(got.cpu(), hidden, atol=1e-3)  # the weights change it: the test can tell
     read = pipeline.engines["text_encoder"]({"input_ids": ids.int().to(pipeline.device)})["last_hidden_state"]
     got = pipeline.encode_prompt(REQUEST)["encoder_hidden_states"]
-    assert torch.allclose(got, _a1111(read, weights.to(read.device)), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got, _a1111(read, weights.to(read.device), norm=False), rtol=1e-5, atol=1e-6)
+
+
+def test_a_centred_reading_is_weighed_without_a1111s_rescale():
+    """The tiny presets' readings have means of about 1e-9: the rescale gave factors of -0.5 on ONNX
+    Runtime and 2 or inf on torch (the README's emphasis example differed by 106/255 between the
+    backends, and torch refused it as past float32's range). A reading with a mean is rescaled."""
+    from sdexport.runtime.emphasis import weigh
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 77, 32, generator=generator)
+    weights = torch.ones(2, 77)
+    weights[:, 3:6] = 1.5
+    centred = hidden - hidden.mean(dim=-1, keepdim=True)
+    assert torch.allclose(weigh(centred, weights, "original"), _a1111(centred, weights, norm=False))
+    shifted = hidden + 0.3
+    for i in range(2):  # each prompt by its own mean
+        assert torch.allclose(weigh(shifted, weights, "original")[i], _a1111(shifted[i:i + 1], weights[i:i + 1])[0])
 
 
 def test_sdxl_weighs_each_encoder_apart_and_leaves_the_pooled(tiny_sdxl_engine_dir):

@@ -204,13 +204,26 @@ def written(pieces: Iterable[tuple[str | None, float]]) -> str:
     return "".join(out)
 
 
+CENTRED = 1e-3
+"""A prompt's mean under this fraction of its mean magnitude is taken for zero: a text encoder whose
+last layer norm has no bias (the tiny presets' random ones) centres every vector, and A1111's
+rescale of such a reading divides rounding errors by rounding errors (factors of -0.5 on one
+backend, 2 or inf on another). A trained encoder's means are a tenth of their magnitudes or so."""
+
+
 def weigh(hidden: torch.Tensor, multipliers: torch.Tensor, emphasis: str) -> torch.Tensor:
     """``hidden`` (B, S, C: one chunk, float32 as every engine gives it) with each token's vector
     multiplied by its weight (``multipliers``, B × S); ``original`` then scales each prompt's back to
-    its mean before weighing (A1111 weighs each chunk on its own too)."""
+    its mean before weighing (A1111 weighs each chunk on its own too), where that mean is not zero
+    (``CENTRED``). No wait for the device."""
+    import torch
+
     out = hidden * multipliers.to(hidden.device, hidden.dtype)[..., None]
     if emphasis == "original":
-        out = out * (hidden.mean(dim=(1, 2), keepdim=True) / out.mean(dim=(1, 2), keepdim=True))
+        before, after = hidden.mean(dim=(1, 2), keepdim=True), out.mean(dim=(1, 2), keepdim=True)
+        size = CENTRED * hidden.abs().mean(dim=(1, 2), keepdim=True)
+        meant = (before.abs() > size) & (after.abs() > size)
+        out = torch.where(meant, out * (before / torch.where(meant, after, torch.ones_like(after))), out)
     return out
 
 
