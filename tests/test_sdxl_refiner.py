@@ -483,6 +483,10 @@ def test_run_with_a_refiner_inpaints_through_both_models(tiny_sdxl_engine_dir, r
     assert (record["task"], record["mask"], record["base"]["task"], record["base"]["mask"]) == (
         "inpaint", str(tmp_path / "mask.png"), "inpaint", str(tmp_path / "mask.png"))
     assert record["base"]["init_image"] == str(tmp_path / "init.png") and "init_image" not in record
+    # the A1111 text says the run as A1111 says one with a refiner: the base model's strength (it
+    # said none: the refiner's half has none), then the refiner and its switch point
+    assert written.text["parameters"].endswith(
+        f", Denoising strength: 0.9999, Refiner: {record['model']}, Refiner switch at: 0.7")
 
 
 @pytest.mark.parametrize(("args", "message"), [

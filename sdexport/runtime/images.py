@@ -322,16 +322,22 @@ def image_parameters(result: GenerationResult, i: int, info: dict[str, Any]) -> 
 
 
 def _a1111_text(result: GenerationResult, i: int, params: dict[str, Any]) -> str:
-    """The A1111-style "parameters" text of image ``i``, from its record ``params``."""
+    """The A1111-style "parameters" text of image ``i``, from its record ``params``. An ensemble's
+    image (the refiner's, its base model's half under ``base``) is said as A1111 says a run with a
+    refiner: the base model's strength and clip skip, then the refiner and its switch point."""
     request = result.request
+    base = params.get("base") if isinstance(params.get("base"), dict) else None
+    first = base if base is not None else params  # (the settings A1111 reads as the run's are the base model's)
     return "\n".join([
         params.get("prompt", ""),
         *([f"Negative prompt: {params['negative_prompt']}"] if params.get("negative_prompt") else []),
         f"Steps: {request.steps}, Sampler: {result.sampler or params['scheduler']}, CFG scale: {params['guidance']}, "
         f"Seed: {request.seeds[i]}, Size: {request.width}x{request.height}"
-        + (f", Denoising strength: {params['strength']}" if "strength" in params else "")
-        + (f", Clip skip: {params['clip_skip'] + 1}" if "clip_skip" in params else "")  # (A1111 counts from 1)
-        + _a1111_emphasis(request.emphasis, params),
+        + (f", Denoising strength: {first['strength']}" if "strength" in first else "")
+        + (f", Clip skip: {first['clip_skip'] + 1}" if "clip_skip" in first else "")  # (A1111 counts from 1)
+        + _a1111_emphasis(request.emphasis, params)
+        + (f", Refiner: {params.get('model', 'refiner')}, Refiner switch at: {params['denoising_start']}"
+           if base is not None and "denoising_start" in params else ""),
     ])
 
 
