@@ -371,18 +371,27 @@ def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
 
 def test_an_empty_window_from_an_init_image_names_its_strength():
     """SDXL img2img's default strength (0.3) starts its schedule at a cut at 0.7: the refusal advised
-    raising the steps alone (an audit's finding), which no count of steps helps (a review's). A
-    strength above the cut's fraction with too few steps may raise either."""
+    raising the steps alone (an audit's finding), which no count of steps helps (a review's). The
+    refusal names the least strength that leaves a step: "above 0.3" was refused again at 0.31 to
+    0.39 with ten steps (an audit)."""
     from PIL import Image
 
     image = [Image.new("RGB", (64, 64))]
     with pytest.raises(SdexportError, match=r"^denoising_end 0.7 and strength 0.3 \(the default\) with steps 10 "
                                             r"\(default scheduler\) leave no step: move the window or raise strength "
-                                            r"above 0.3$"):
+                                            r"to 0.4 \(the least that leaves a step at 10 steps\)$"):
         _sdxl_window(denoising_end=0.7, image=image)
     with pytest.raises(SdexportError, match=r"^denoising_end 0.95 and strength 0.08 with steps 10 .* leave no step: "
-                                            r"move the window or raise strength or steps$"):
+                                            r"move the window or raise strength to 0.2 \(the least that leaves a step "
+                                            r"at 10 steps\)$"):
         _sdxl_window(denoising_end=0.95, image=image, strength=0.08)
+    for strength in (0.39, 0.4):  # (the advice holds: the step comes at 0.4, not before)
+        try:
+            _sdxl_window(denoising_end=0.7, image=image, strength=strength)
+        except SdexportError:
+            assert strength < 0.4
+        else:
+            assert strength >= 0.4
 
 
 def test_the_experts_split_the_schedule_where_diffusers_rounds_the_cut_off():

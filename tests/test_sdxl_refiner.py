@@ -499,12 +499,13 @@ def test_run_with_a_refiner_inpaints_through_both_models(tiny_sdxl_engine_dir, r
      "the refiner's share of the schedule (--steps 3, cut at --denoising-end 0.8) holds no step; raise --steps"),
     (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--strength", "0.1", "--steps", "10"],
      ("the base model's share of the schedule (--strength 0.1 of --steps 10, cut at --denoising-end 0.8) holds "
-      "no step; raise --strength above 0.2, or move --denoising-end")),
+      "no step; raise --strength to 0.3 (the least that leaves a step at 10 steps), or move --denoising-end")),
     # the strength left out, SDXL img2img's default (0.3): named, and --strength advised, as no count of
     # steps helps where it starts the schedule below the cut (an audit's, then a review's finding)
     (["{base}", "--refiner", "{refiner}", "--init-image", "{image}", "--steps", "100", "--denoising-end", "0.7"],
      ("the base model's share of the schedule (--strength 0.3 (the default) of --steps 100, cut at --denoising-end "
-      "0.7) holds no step; raise --strength above 0.3, or move --denoising-end")),
+      "0.7) holds no step; raise --strength to 0.31 (the least that leaves a step at 100 steps), or move "
+      "--denoising-end")),
     (["{base}", "--refiner", "{refiner}", "--mask", "{image}"],
      "--mask needs --init-image"),
 ])

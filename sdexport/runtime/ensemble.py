@@ -130,7 +130,13 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
                  refiner_config: dict[str, Any], end: float) -> None:
     """The base model's steps and the refiner's, each on a scheduler of its own: neither empty.
     A refusal names the settings to change as the caller does (``setting``)."""
-    from sdexport.runtime.schedulers import check_steps, make_scheduler, schedule_window, strength_words
+    from sdexport.runtime.schedulers import (
+        check_steps,
+        least_strength,
+        make_scheduler,
+        schedule_window,
+        strength_words,
+    )
     from sdexport.specs import SDXL_REFINER
 
     check_steps(refine.scheduler, refiner_config, refine.steps)  # its own scheduler's dry run
@@ -144,8 +150,8 @@ def check_shares(base: GenerationRequest, base_config: dict[str, Any], refine: G
             # an img2img base's strength, given or its default (SDXL img2img's 0.3 leaves a cut at 0.7
             # or later no step at any count: the advice named --steps alone, an audit's finding)
             by_steps, by_cut = setting("steps"), setting("denoising_end")
-            said, advice = (strength_words(request, family, end) if request.image is not None
-                            else ("", f"raise {by_steps}"))
+            said, advice = (strength_words(request, family, end, least_strength(scheduler, request, family, end))
+                            if request.image is not None else ("", f"raise {by_steps}"))
             given = f"{said} of " if said else ""
             raise SdexportError(f"the {which} share of the schedule ({given}{by_steps} {request.steps}, cut at "
                                 f"{by_cut} {end:g}) holds no step; {advice}, or move {by_cut}") from None

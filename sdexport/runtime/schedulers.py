@@ -379,20 +379,44 @@ def schedule_window(scheduler: Any, request: GenerationRequest, family: str) -> 
         noised = request.image is not None and request.denoising_start is None  # (its strength cut the start)
         advice = f"raise {setting('steps')}"
         if noised:
-            said, advice = strength_words(request, family, request.denoising_end)
+            said, advice = strength_words(request, family, request.denoising_end,
+                                          least_strength(scheduler, request, family, request.denoising_end))
             given.append(said)
         raise SdexportError(f"{' and '.join(given)} with {setting('steps')} {request.steps} ({request.scheduler} scheduler) "
                             f"leave no step: move the window or {advice}")
     return timesteps
 
 
-def strength_words(request: GenerationRequest, family: str, end: float | None) -> tuple[str, str]:
+def least_strength(scheduler: Any, request: GenerationRequest, family: str, end: float | None) -> float | None:
+    """The least strength, in hundredths, that leaves an init image's run of ``request.steps`` (on
+    ``scheduler``, its timesteps set) a step before a cut at ``end``; None where none does. Asked of
+    the timesteps themselves: "above 1 - end" (0.5 for a cut at 0.5) was refused again at 0.51 and
+    0.6 with four steps, where 0.75 gives the first one (an audit)."""
+    from dataclasses import replace
+
+    timesteps, order = scheduler.timesteps, getattr(scheduler, "order", 1)
+    cut = None if end is None else _cutoff(scheduler, end)
+    for hundredths in range(1, 101):
+        trial = replace(request, strength=hundredths / 100)
+        window = timesteps[(request.steps - trial.denoising_steps(family)) * order:]
+        if cut is not None:
+            window = window[:int((window >= cut).sum().item())]
+        if len(window):
+            return hundredths / 100
+    return None
+
+
+def strength_words(request: GenerationRequest, family: str, end: float | None,
+                   least: float | None = None) -> tuple[str, str]:
     """An init image's strength as a refusal of an empty schedule names it (given, or the task's
     default, said so: SDXL img2img's 0.3 was left unnamed), and what would give the schedule a step
-    before a cut at ``end``: a strength at or below 1 - end starts the schedule at or below the cut,
-    where no step count helps (the advice to raise the steps was false there: a review's finding)."""
+    before a cut at ``end``: ``least`` (``least_strength``) where known; a strength at or below
+    1 - end starts the schedule at or below the cut, where no step count helps (the advice to raise
+    the steps was false there: a review's finding)."""
     strength = request.effective_strength(family)
     said = f"{setting('strength')} {strength:g}" + (" (the default)" if request.strength is None else "")
+    if least is not None and least > strength:
+        return said, f"raise {setting('strength')} to {least:g} (the least that leaves a step at {request.steps} steps)"
     if end is not None and strength <= 1 - end:
         return said, f"raise {setting('strength')} above {1 - end:g}"
     return said, f"raise {setting('strength')} or {setting('steps')}"
