@@ -356,6 +356,20 @@ def test_given_engines_must_come_from_the_scenarios_model_and_set_its_precision(
     assert f"was exported from {checkpoint}, not from the scenario's model {other}" in " ".join(capsys.readouterr().err.split())
     report = json.loads((tmp_path / "out-moved" / "results.json").read_text())
     assert [r["status"] for r in report["results"]] == ["measured"]
+    # an ONNX export adopted without --model records no checkpoint: taken on trust, and the report
+    # says so (it named the scenario's model as the engines' with nothing to show for it)
+    adopted = tmp_path / "adopted"
+    shutil.copytree(tiny_engines, adopted)
+    (adopted / "manifest.json").unlink()
+    assert run_cli("adopt", adopted, "-q") == 0
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"',
+                                      '"onnxruntime-cpu"').replace("[1, 2]", "[1]"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out-adopted", "--engine-dir", adopted, "--repeats", "1",
+                   "--warmup", "0") == 0
+    said = " ".join((tmp_path / "out-adopted" / "results.md").read_text().split())
+    assert "**Engines taken on trust**: their directory does not record the checkpoint they were made from" in said
+    assert json.loads((tmp_path / "out-adopted" / "results.json").read_text())["engines_on_trust"] is True
+    assert "engines_on_trust" not in report
 
 
 def test_a_contender_that_crashes_costs_only_its_own_figures(tmp_path, tiny_engines, monkeypatch):

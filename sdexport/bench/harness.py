@@ -331,6 +331,8 @@ def _run(
         "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,
         **({"engines": engines_workload(engine_dir)} if engine_dir is not None else {}),
+        # (a given directory that does not record its checkpoint: an ONNX export adopted without --model)
+        **({"engines_on_trust": True} if not plan.from_scenario else {}),
         **({"refiner": {"model": refiner.label, "random_weights": refiner.random_weights, "denoising_end": scenario.cut,
                         "engine_dir": str(recorded_refiner) if recorded_refiner else None}} if refiner else {}),
         "environment": env,

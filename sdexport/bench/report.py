@@ -279,6 +279,9 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"- Model: {report['model']}"
             + (_random_weights_words(report["model"]) if report["random_weights"] else "")
+            + ("  \n  **Engines taken on trust**: their directory does not record the checkpoint they were made "
+               "from (an ONNX export adopted without --model), so nothing proves they are this model's"
+               if report.get("engines_on_trust") else "")
         ),
         *([_refiner_words(report["refiner"])] if report.get("refiner") else []),
         f"- Device: {device}",
