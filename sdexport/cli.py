@@ -204,6 +204,10 @@ def inspect(
     if verify and not check:
         raise SdexportError("--verify and --no-check: --verify is the thorough check; drop one")
     manifest = load_manifest(engine_dir, verify_files=False)
+    if check:  # (the checks' hash records go in the cache: a refused one is said before the summary, as run says it)
+        from sdexport.user_cache import user_cache
+
+        user_cache()
     print_summary(engine_dir, manifest)
     from sdexport.manifest import not_an_engine_dir
 

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import run_cli
+from conftest import bench_refusal, run_cli
 from sdexport.manifest import MANIFEST_NAME, load_manifest
 
 
@@ -152,6 +152,9 @@ def test_a_preset_changed_since_the_export_is_not_taken_for_it(engine_copy: Path
     run = ("run", engine_copy, "-p", "x", "--steps", "1", "--backend", "torch", "-o", tmp_path / "a.png")
     assert run_cli(*run) == 2
     assert f"the preset {source['name']}'s configs changed since this export" in " ".join(capsys.readouterr().err.split())
+    # (the bench said "was exported from preset tiny, not from the scenario's model tiny")
+    assert ("was exported from preset tiny as another sdexport defined it (its configs changed since): the baseline "
+            "and the engines must be the same model; export it again") in bench_refusal(engine_copy, tmp_path, capsys)
     del data["model"]["source"]["config_sha256"]  # an export from before the digest
     (engine_copy / "manifest.json").write_text(json.dumps(data))
     assert run_cli(*run) == 0

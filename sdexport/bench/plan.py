@@ -224,11 +224,16 @@ def _check_made_from(flag: str, engine_dir: Path, manifest: Any, model: str, out
     """A given engine directory was exported from the scenario's model (the baseline runs that one,
     and the report names it), else one line. True where that is proven; False where the export does
     not record its checkpoint's files, and is taken on trust."""
-    from sdexport.models.source_files import made_from
+    from sdexport.models.source_files import made_from, preset_unchanged
 
     source = manifest.model.get("source") or {}
     modules = {manifest.spec(name).module for name in manifest.components}
     same = made_from(source, outline.preset, outline.sources[0] if outline.sources else None, modules)
+    if same is False and source.get("kind") == "preset" and source.get("name") == outline.preset \
+            and not source.get("seed", 0) and not preset_unchanged(source):  # (its name and seed are the scenario's)
+        raise SdexportError(f"{flag} {engine_dir} was exported from preset {outline.preset} as another sdexport "
+                            "defined it (its configs changed since): the baseline and the engines must be the same "
+                            "model; export it again")
     if same is False:
         was = (f"preset {source.get('name')}" + (f" (seed {source['seed']})" if source.get("seed", 0) else "")
                if source.get("kind") == "preset" else str(source.get("path")))
