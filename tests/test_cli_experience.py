@@ -68,7 +68,7 @@ def test_options_named_in_sdexport_source_exist():
     from sdexport.cli import app
 
     others = {"--help", "--serve",  # click's own; scripts/setup.sh's
-              "--model-repository", "--model-name",  # tritonserver's
+              "--model-repository", "--model-name", "--http-restricted-api",  # tritonserver's
               "--porcelain", "--short", "--untracked-files", "--error-unmatch"}  # git's
     options: set[str] = set()
     commands = [typer.main.get_command(app)]
