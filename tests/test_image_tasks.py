@@ -353,6 +353,7 @@ def test_the_python_apis_16_bit_and_float_images_are_read_as_files_are(tmp_path)
     assert binary_mask([Image.open(tmp_path / "grey.png")], 1).mean() == 0.25
 
 
+@pytest.mark.filterwarnings("ignore:Palette images with Transparency")  # (Pillow's, on the P map's conversions)
 def test_run_and_serve_read_control_and_adapter_images_as_the_python_api_takes_them(tmp_path):
     """A control image is resized in its own mode, then made RGB (README, as diffusers' processor):
     ``run`` and ``serve`` made the file RGB as they read it, so a 1-bit or palette map of another
