@@ -57,7 +57,7 @@ cache=${SDEXPORT_ENGINE_CACHE:-$HOME/.cache/sdexport/engines}
 case ${SDEXPORT_REQUIRE_BASELINE:-0} in
   1 | [Tt]rue | TRUE | [Yy]es | YES | [Oo]n | ON) require_baseline=1 ;;
   0 | [Ff]alse | FALSE | [Nn]o | NO | [Oo]ff | OFF | "") require_baseline=0 ;;
-  *) refuse "SDEXPORT_REQUIRE_BASELINE=$SDEXPORT_REQUIRE_BASELINE: use 1 (or true) or 0 (or false)" ;;
+  *) refuse "SDEXPORT_REQUIRE_BASELINE=$SDEXPORT_REQUIRE_BASELINE: use 1, true, yes or on; or 0, false, no, off or nothing" ;;
 esac
 if [[ -L $baseline && ! -e $baseline ]]; then
   refuse "$baseline is a link to nothing ($(readlink -- "$baseline")): a moved baseline would leave the runs ungated"
