@@ -190,8 +190,8 @@ def check_embeddings(embeddings: list[Embedding], outline: ModelOutline, specs: 
         if other is not None:
             raise SdexportError(
                 f"--textual-inversion {embedding.path}: the word {embedding.word!r} is named like a vector of "
-                f"{other.word!r} ({other.path.name}), whose vectors after the first are the tokens "
-                f"{other.word}_1, {other.word}_2, ...; prompts would read the two as one; name it otherwise "
+                f"{other.word!r} ({other.path.name}): a word's vectors after its first are the tokens "
+                f"{other.word}_1, {other.word}_2, ..., so prompts would read the two as one; name it otherwise "
                 f"({embedding.path.name}:ANOTHER)")
 
 
