@@ -587,8 +587,8 @@ def run(
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
-        if sized is None:
-            raise
+        if sized is None or not all(profile.batch[0] <= part.batch <= profile.batch[2] for part in parts):
+            raise  # (an image gives the sides, never the batch)
         from sdexport.runtime.image_inputs import sized_by
 
         raise ProfileError(f"{exc} ({sized_by(sized[1], fit)})") from None
@@ -756,7 +756,7 @@ def _condition_images(values: list[str] | None, height: int | None, width: int |
         if not value.strip():  # (Path("") is the current folder: "--control-image .: a directory")
             raise SdexportError(f"{flag} {value!r}: an empty path; name an image file")
         if value != MASKED_INIT or not masked_init:  # (in its own mode: resized first, then made RGB, as the API's)
-            controls.append(read_image(Path(value), flag, mode=None))
+            controls.append(read_image(Path(value), flag, mode=None, made="RGB"))
         elif Path(value).exists():
             raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "
                                 f"is here too: pass ./{MASKED_INIT} for the file")
@@ -946,7 +946,7 @@ def _generate(
                  f" in image{'s' if len(unadapted) > 1 else ''} {', '.join(str(i + 1) for i in unadapted)}")
         console.print(f"[yellow]note:[/] the T2I-Adapter features reached no U-Net call{where}: --adapter-factor "
                       "times the steps that ran rounds down to 0 (as diffusers counts it); raise --adapter-factor "
-                      "or --steps", soft_wrap=True)
+                      "or --steps" + (" (or --strength)" if parts[0].image is not None else ""), soft_wrap=True)
     older = _numbered_after(output, len(paths))
     if older:
         listed = escape(_listed(older)) + (f", {len(older)} files" if len(older) > 3 else "")

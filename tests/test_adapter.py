@@ -300,6 +300,9 @@ def test_run_writes_the_image_and_its_adapter_settings(engine_dirs, tmp_path, ca
                    "--adapter-factor", "0.3", "--adapter-factor", "1", "--steps", "3", "-o", tmp_path / "none.png") == 0
     assert ("note: the T2I-Adapter features reached no U-Net call in image 1: --adapter-factor times the steps that "
             "ran rounds down to 0") in " ".join(capsys.readouterr().err.split())
+    assert run_cli("run", engine_dirs["sd"], "-p", "a cat", "--adapter-image", tmp_path / "sketch.png",
+                   "--adapter-factor", "0", "--steps", "3", "-o", tmp_path / "zero.png") == 0
+    assert "features reached no U-Net call" not in capsys.readouterr().err  # (0 is asked for: nothing rounded)
 
 
 def test_specs_and_manifest_describe_the_features(engine_dirs):

@@ -363,9 +363,10 @@ def test_run_and_serve_read_control_and_adapter_images_as_the_python_api_takes_t
     from sdexport.serving.requests import decode_rows
 
     rng = np.random.default_rng(5)
-    for mode in ("1", "P", "RGBA", "LA"):
-        path = tmp_path / f"map-{mode}.png"
-        Image.fromarray(rng.integers(0, 255, (9, 10, 4), dtype=np.uint8), "RGBA").convert(mode).save(path)
+    for mode in ("1", "P", "RGBA", "LA", "LAB"):  # (LAB: RGB can be made of it, not L, a mask's mode)
+        path = tmp_path / f"map-{mode}.{'tiff' if mode == 'LAB' else 'png'}"
+        rgba = Image.fromarray(rng.integers(0, 255, (9, 10, 4), dtype=np.uint8), "RGBA")
+        (rgba.convert("RGB") if mode == "LAB" else rgba).convert(mode).save(path)
         given = control_pixels(Image.open(path), 8, 8)
         read = _condition_images([str(path)], None, None, "--control-image")[0]
         assert torch.equal(control_pixels(read, 8, 8), given), mode
@@ -745,6 +746,8 @@ def test_the_python_apis_refusal_of_a_size_an_image_gave_says_whose_it_was(tiny_
         pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 72)), steps=2))
     with pytest.raises(ProfileError, match=r"multiple of 16$"):  # (given, the size is the caller's own)
         pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 72)), steps=2, height=72, width=64))
+    with pytest.raises(ProfileError, match=r"^width 72 must be a multiple of 16$"):  # (one side given: not the image's)
+        pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 64)), steps=2, width=72))
 
 
 # From mutation testing round 5 (what a result records): each seen to fail with the change it guards against.

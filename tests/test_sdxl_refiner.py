@@ -486,7 +486,10 @@ def test_run_with_a_refiner_inpaints_through_both_models(tiny_sdxl_engine_dir, r
     # the A1111 text says the run as A1111 says one with a refiner: the base model's strength (it
     # said none: the refiner's half has none), then the refiner and its switch point
     assert written.text["parameters"].endswith(
-        f", Denoising strength: 0.9999, Refiner: {record['model']}, Refiner switch at: 0.7")
+        f", Denoising strength: 0.9999, Refiner: {refiner_dir.name}, Refiner switch at: 0.7")
+    from sdexport.runtime.images import _a1111_value  # (a name A1111's parser would cut at its comma: quoted)
+
+    assert _a1111_value("my, refiner") == '"my, refiner"' and _a1111_value("refiner") == "refiner"
 
 
 @pytest.mark.parametrize(("args", "message"), [

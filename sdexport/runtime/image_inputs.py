@@ -25,23 +25,24 @@ FITS = ("exact", "resize", "crop")
 """How an image of another size is made the request's size: refused, stretched, or scaled and cropped."""
 
 
-def read_image(path: Path, what: str, mode: str | None = "RGB") -> Any:
+def read_image(path: Path, what: str, mode: str | None = "RGB", made: str = "L") -> Any:
     """The PIL image at ``path`` as the viewer shows it (EXIF orientation applied, as diffusers'
-    ``load_image`` does), converted to ``mode`` (RGB for images; None, for masks: as it is, in 8 bits,
-    for diffusers' mask processor resizes a mask before it makes it greyscale, and the loop makes it
-    so, ``binary_mask``) and fully decoded now: a truncated, huge or unconvertible file fails here, in
-    one line, not mid-run."""
+    ``load_image`` does), converted to ``mode`` (RGB for images; None, for masks, control and adapter
+    images: as it is, in 8 bits, for diffusers' processors resize those before they convert them, and
+    the loop does so, ``binary_mask``, ``control_pixels``; ``made``: the mode it must convert to
+    then, L for a mask, RGB for the others) and fully decoded now: a truncated, huge or unconvertible
+    file fails here, in one line, not mid-run."""
     if path.is_dir():
         raise SdexportError(f"{what} {path}: a directory; give an image file")
     if not path.is_file():  # (a device such as /dev/zero, or a pipe, would be read without end)
         raise SdexportError(f"{what} {path}: " + ("not a regular file; give an image file" if path.exists()
                                                   else "no such file"))
-    return _decode(path, f"{what} {path}", mode)
+    return _decode(path, f"{what} {path}", mode, made)
 
 
-def decode_image(data: bytes, what: str, mode: str | None = "RGB") -> Any:
+def decode_image(data: bytes, what: str, mode: str | None = "RGB", made: str = "L") -> Any:
     """``read_image`` for an image's bytes (a served request's PNG or JPEG)."""
-    return _decode(_in_memory(data, what), what, mode)
+    return _decode(_in_memory(data, what), what, mode, made)
 
 
 def image_size(data: bytes, what: str) -> tuple[int, int]:
@@ -60,12 +61,12 @@ def _in_memory(data: bytes, what: str) -> Any:
     return io.BytesIO(data)
 
 
-def _decode(source: Any, what: str, mode: str | None) -> Any:
+def _decode(source: Any, what: str, mode: str | None, made: str) -> Any:
     from PIL import ImageOps
 
     with _opened(source, what) as image:
         image.load()
-        upright = eight_bits(readable_mode(ImageOps.exif_transpose(image), what, mode or "L"), what,
+        upright = eight_bits(readable_mode(ImageOps.exif_transpose(image), what, mode or made), what,
                              file_format=image.format)  # (the transposed copy has none)
         return upright if mode is None else upright.convert(mode)
 

@@ -336,9 +336,15 @@ def _a1111_text(result: GenerationResult, i: int, params: dict[str, Any]) -> str
         + (f", Denoising strength: {first['strength']}" if "strength" in first else "")
         + (f", Clip skip: {first['clip_skip'] + 1}" if "clip_skip" in first else "")  # (A1111 counts from 1)
         + _a1111_emphasis(request.emphasis, params)
-        + (f", Refiner: {params.get('model', 'refiner')}, Refiner switch at: {params['denoising_start']}"
-           if base is not None and "denoising_start" in params else ""),
+        + (f", Refiner: {_a1111_value(Path(str(params.get('engine_dir', 'refiner'))).name)}, "
+           f"Refiner switch at: {params['denoising_start']}" if base is not None and "denoising_start" in params else ""),
     ])
+
+
+def _a1111_value(text: str) -> str:
+    """A value of the A1111 text as A1111 writes one (``quote``): in JSON quotes where it holds a
+    comma, a colon or a line break, which its parser would read as the field's end."""
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
 
 def _a1111_emphasis(emphasis: str, params: dict[str, Any]) -> str:

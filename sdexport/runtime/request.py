@@ -655,8 +655,10 @@ def check_request(
     sized = request.sized((profile.height[1], profile.width[1]), dims.vae_scale_factor)
     try:
         profile.check_request(sized.batch, *sized.size, dims)
-    except ProfileError as exc:  # a size the caller did not give: say whose it was
-        source = None if request.height is not None or request.init_latents is not None else \
+    except ProfileError as exc:  # a size the caller did not give (a side, not the batch): say whose it was
+        given = request.height is not None or request.width is not None or request.init_latents is not None
+        batch_fits = profile.batch[0] <= sized.batch <= profile.batch[2]
+        source = None if given or not batch_fits else \
             sizing_image(request.image, request.control_image, request.adapter_image)
         if source is None:
             raise

@@ -287,9 +287,9 @@ class GenerationResult:
     """(control image, image) pairs, from 0, whose ``control_start``/``control_end`` window held none
     of the steps that ran: that control image guided nothing there (as in diffusers; ``run`` says so)."""
     unadapted: list[int] = field(default_factory=list)
-    """Images, from 0, whose ``adapter_factor`` gave the T2I-Adapters' features to none of the U-Net
-    calls that ran (its share of the steps rounds down to 0, as diffusers counts it): the adapters
-    guided nothing there (``run`` says so)."""
+    """Images, from 0, whose ``adapter_factor`` (above 0) gave the T2I-Adapters' features to none of
+    the U-Net calls that ran (its share of the steps rounds down to 0, as diffusers counts it): the
+    adapters guided nothing there (``run`` says so)."""
 
     def save(self, path: str | Path) -> list[Path]:
         """Save the images as ``sdexport run -o`` does (PNG, JPEG or WebP by suffix, ``NAME-i.EXT`` for
@@ -566,7 +566,8 @@ class Txt2ImgPipeline:
             adapter_start = clock.mark()
             adapter = self.adapter_features(request, adapter_inputs, len(timesteps))
             adapter_span = (adapter_start, clock.mark())
-        unadapted = [i for i, calls in enumerate(adapter.steps) if calls == 0] if adapter is not None else []
+        unadapted = [i for i, calls in enumerate(adapter.steps)  # (a factor of 0 is meant so)
+                     if calls == 0 and request.adapter_factor_of(i) > 0] if adapter is not None else []
 
         step_marks, control_marks = [], []
         for i, t in enumerate(timesteps):

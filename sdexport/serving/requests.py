@@ -262,9 +262,9 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         init = decode_image(bytes(image), "init_image") if image is not None else None
         masked = decode_image(bytes(mask), "mask", mode=None) if mask is not None else None  # (as run reads it)
         # (in their own modes, as run reads them: resized first, then made RGB, as diffusers' processor does)
-        controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode() else decode_image(b, "control_image", mode=None)
-                               for b in control_bytes]
-        adapter_images = [decode_image(b, "adapter_image", mode=None) for b in adapter_bytes]
+        controls: list[Any] = [MASKED_INIT if b == MASKED_INIT.encode()
+                               else decode_image(b, "control_image", mode=None, made="RGB") for b in control_bytes]
+        adapter_images = [decode_image(b, "adapter_image", mode=None, made="RGB") for b in adapter_bytes]
         adapter = adapter_images[0] if len(adapter_images) == 1 else tuple(adapter_images) or None
         height, width = _number(one("height"), "height", int), _number(one("width"), "width", int)
         if (height is None) != (width is None):  # as `run`: the other side the default's, where no image sizes it
