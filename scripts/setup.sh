@@ -49,11 +49,15 @@ elif [[ ${#pins[@]} -gt 0 ]]; then
   kept=$(mktemp); trap 'rm -f "$kept"' EXIT
   "$PYTHON" - "$CONSTRAINTS" "$torch_version" > "$kept" <<'PY'
 import re, sys
-from importlib.metadata import requires
+from importlib.metadata import PackageNotFoundError, requires
 
 def key(name): return re.sub(r"[-_.]+", "-", name).lower()
 
-torchs = {key(re.match(r"[A-Za-z0-9._-]+", r.strip()).group()) for r in requires("torch") or []}
+try:
+    required = requires("torch") or []
+except PackageNotFoundError:  # (a torch found on PYTHONPATH, without its metadata: its pins are unknown)
+    required = []
+torchs = {key(re.match(r"[A-Za-z0-9._-]+", r.strip()).group()) for r in required}
 for line in open(sys.argv[1]):
     pin = re.match(r"\s*([A-Za-z0-9._-]+)\s*==", line)
     if not (pin and key(pin.group(1)) in torchs):

@@ -1451,6 +1451,8 @@ def test_loadtest_runs_where_the_statistics_are_restricted_and_ends_where_every_
     assert list(report["errors"]) == ["steps 60: this server allows at most 50 steps"]
     assert report["errors"]["steps 60: this server allows at most 50 steps"] <= 2 * loadtest.REFUSED_RUN + 2
     assert "**Ended early**: the server refused every request, with the same answer" in loadtest.markdown(report)
+    report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=2, requests=4), "a lighthouse")
+    assert report["requests"] == 4 and report["ended_early_s"] is None  # (every one sent: nothing ended early)
 
 
 def test_an_interrupted_loadtest_writes_what_it_measured_before(monkeypatch, tmp_path, capsys):
@@ -1474,6 +1476,30 @@ def test_an_interrupted_loadtest_writes_what_it_measured_before(monkeypatch, tmp
     assert "**Interrupted**" in (out / "loadtest.md").read_text()
     err = " ".join(capsys.readouterr().err.split())
     assert re.search(rf"interrupted; the report of the \d+ s before: {re.escape(str(out / 'loadtest.json'))}", err)
+
+
+def test_a_loadtest_stopped_while_the_counters_settle_keeps_its_report(monkeypatch):
+    """A stop after the last answer, while Triton's counters are read again (up to 5 s), lost the
+    whole report: LoadStopped carries it, the figures whole, the batching ones left out."""
+    import tritonclient.http
+
+    from sdexport.serving import loadtest
+
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 2)
+    reads = []
+
+    def statistics(self, model):
+        reads.append(model)
+        if len(reads) > 1:  # (the read after the load)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        return {"model_stats": [{"execution_count": 0, "inference_count": 0}]}
+
+    monkeypatch.setattr(tritonclient.http.InferenceServerClient, "get_inference_statistics", statistics)
+    with pytest.raises(loadtest.LoadStopped) as stopped:
+        loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=2), "a lighthouse")
+    report = stopped.value.report
+    assert report["succeeded"] == 2 and report["interrupted_s"] is not None and report["server"] is None
 
 
 def test_loadtest_says_why_a_model_is_not_ready(monkeypatch):

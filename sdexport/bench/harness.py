@@ -91,7 +91,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
         config = config_as_loaded(plan.scheduler_config, scenario.scheduler, family=plan.outline.family,
                                   conditioned=conditioned, inpainting=scenario.inpaint)
         for case in scenario.cases:  # needs diffusers' schedulers, still before the first model loads
-            check_steps(scenario.scheduler, config, case.steps)
+            check_steps(scenario.scheduler, config, case.steps, from_image=scenario.image_inputs)
     needs_engines = _engines_wanted(plan.contenders, exporting=options.engine_dir is None)
     cached = ([engine_cache_entry(s, p, options.engine_cache) for s, p in exports(scenario, plan)]
               if options.engine_cache and needs_engines else [])

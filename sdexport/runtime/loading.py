@@ -479,7 +479,7 @@ def check_runnable(engine_dir: Path, manifest: Manifest) -> tuple[dict[str, Any]
     scheduler_config = read_scheduler_config(engine_dir, manifest)
     # (every run checks the directory's own: another --scheduler does not get past it)
     make_scheduler("default", scheduler_config, fix=f"{engine_dir}/scheduler/scheduler_config.json cannot be used; "
-                   "export the directory again from a model whose scheduler config names one")
+                   "export the directory again from a model whose scheduler config names a scheduler it can use")
     return scheduler_config, load_tokenizers(engine_dir, manifest)
 
 

@@ -246,7 +246,8 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
                         refusals += refused
                     else:
                         latencies.append(time.perf_counter() - sent)
-                    if not latencies and len(errors) == 1 and refusals >= REFUSED_RUN * clients:
+                    left = not plan.requests or issued < plan.requests  # (the last one sent ends nothing early)
+                    if left and not latencies and len(errors) == 1 and refusals >= REFUSED_RUN * clients:
                         early = early or (time.perf_counter() - started, ALL_REFUSED)
 
     # no more clients than requests (a count bounds a duration's run too): the rest would only open a
@@ -273,13 +274,17 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     wall = time.perf_counter() - started
     done = len(latencies)
     after: dict[str, int] | None = None
-    if before is not None:
+    if before is not None and stop is None:
         try:
             with http.InferenceServerClient(plan.url, connection_timeout=10) as probe:
-                after = _settled_stats(probe, plan.model, 0 if stop else before["inferences"]
-                                       + done * plan.prompts_per_request)
+                after = _settled_stats(probe, plan.model, before["inferences"] + done * plan.prompts_per_request)
         except Exception:  # the server went away at the end: the client-side figures still stand
             pass
+        except KeyboardInterrupt as exc:  # (stopped while the counters settle: the run itself was whole)
+            from sdexport import stopping
+
+            stopping.take()
+            stop = exc
     executions = after["executions"] - before["executions"] if after and before else 0
     inferences = after["inferences"] - before["inferences"] if after and before else 0
     report = {
