@@ -125,7 +125,7 @@ def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None)
     except Exception as exc:  # diffusers validates configs with assorted exception types
         raise SdexportError(f"cannot build the {class_name} scheduler from its saved config ({one_line(exc, 300)})"
                             + (f"; {fix}" if fix else "")) from None
-    lacking = [name for name in LOOP_CALLS if not hasattr(scheduler, name)]
+    lacking = [call for call in LOOP_CALLS if not hasattr(scheduler, call)]
     if lacking:  # (a diffusers scheduler made for another loop: ScoreSdeVe, DiscreteDDIM, ...)
         raise SdexportError(
             f"the {class_name} scheduler has no {', '.join(lacking)}, which the denoising loop uses; "

@@ -185,6 +185,7 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
     does, before it claims its output folder); without it the plan is checked here."""
     import tritonclient.http as http
 
+    from sdexport import stopping
     from sdexport.serving.client import infer_inputs, missing_images
 
     if files is None:
@@ -262,8 +263,6 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
         for thread in threads:
             thread.join(None if deadline is None else max(0.0, deadline - time.perf_counter()))
     except KeyboardInterrupt as exc:  # (Ctrl-C, SIGTERM: what was answered before is reported, then it stops)
-        from sdexport import stopping
-
         stopping.take()  # (acted on here: the report's writing is not stopped again)
         stop = exc
     with lock:  # what was answered by now; requests still out are counted apart, and their clients left
@@ -281,8 +280,6 @@ def run_load(plan: LoadPlan, prompt: str, files: dict[str, bytes] | None = None)
         except Exception:  # the server went away at the end: the client-side figures still stand
             pass
         except KeyboardInterrupt as exc:  # (stopped while the counters settle: the run itself was whole)
-            from sdexport import stopping
-
             stopping.take()
             stop = exc
     executions = after["executions"] - before["executions"] if after and before else 0
