@@ -629,7 +629,8 @@ def test_images_are_checked_before_any_is_decoded(served, monkeypatch):
 
     decoded: list[str] = []
     real = image_inputs._decode
-    monkeypatch.setattr(image_inputs, "_decode", lambda source, what, mode: decoded.append(what) or real(source, what, mode))
+    monkeypatch.setattr(image_inputs, "_decode",
+                        lambda source, what, mode, made: decoded.append(what) or real(source, what, mode, made))
     huge = _declaring(9000, 9000)
     controls = {**_inputs(["x"], steps=2), "control_image": np.array([[huge] * 6], dtype=object)}
     largest = served.pipeline.profile.height[2] * served.pipeline.profile.width[2]
