@@ -250,7 +250,7 @@ def missing_images(images: Any, wanted: int, pixels: bool = False) -> str | None
         return f"answered images of shape {list(shape)}, not " + ("[N, H, W, 3]" if pixels else "[N, 1]")
     if pixels:
         return None
-    if not all(len(row[0]) for row in images):
+    if not all(len(row) and len(row[0]) for row in images):  # (a row of no column too)
         return "answered an empty image"
     other = next((row[0] for row in images if not (isinstance(row[0], bytes) and row[0].startswith(PNG_SIGNATURE))),
                  None)
