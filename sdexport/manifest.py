@@ -641,8 +641,9 @@ def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapePr
 
     Parsed without its weights. A hash only proves that a graph is the one the manifest lists; this
     proves that it is a graph of the right component: its inputs and outputs are the spec's (names,
-    dtypes and ranks: ``graph_io.check_io``), its fixed sizes are the manifest's ``dims``, a size it fixes on an axis the spec leaves dynamic is what every call
-    of ``profile`` gives there (default: the manifest's; a build's own, narrower), and every
+    dtypes and ranks: ``graph_io.check_io``), its fixed sizes are the manifest's ``dims``, a size it
+    fixes on an axis the spec leaves dynamic is what every call of ``profile`` gives there
+    (default: the manifest's; a build's own, narrower), and every
     external weight file it refers to is a file the manifest lists beside it (TensorRT's parser,
     unlike ONNX Runtime, follows such references wherever they point) and is not a link out of the
     graph's folder (ONNX Runtime refuses those).

@@ -131,6 +131,7 @@ first use, and two threads resolving at once got "cannot import name 'CLIPTokeni
 scheduler class "not a diffusers scheduler" (2 of 3 threads loading a pipeline each). Calls, where
 the time goes, still run side by side on their own pipelines."""
 
+
 def _new_lock_in_child() -> None:
     """A child forked while another thread held ``_LOADS`` would inherit it held, and every load
     there would wait for ever (a preloading server's workers, multiprocessing's fork start)."""
