@@ -66,15 +66,40 @@ def test_a_scheduler_made_for_another_loop_is_refused_in_one_line() -> None:
     sde = {**PRESETS["sd15"].scheduler, "_class_name": "ScoreSdeVeScheduler"}
     with pytest.raises(SdexportError, match=r"^the ScoreSdeVeScheduler scheduler has no step, which the denoising loop "
                                             r"uses; fix model.s scheduler config"):
-        check_model_scheduler(sde, "model")
+        check_model_scheduler(sde, "model", family="sd", conditioned=False)
     for class_name in ("IPNDMScheduler", "DDIMInverseScheduler"):
         config = {**PRESETS["sd15"].scheduler, "_class_name": class_name}
-        check_model_scheduler(config, "model")  # (text to image: it samples)
+        check_model_scheduler(config, "model", family="sd", conditioned=False)  # (text to image: it samples)
         check_steps(DEFAULT, config, 4)
         with pytest.raises(SdexportError, match=rf"^the default \({class_name}\) scheduler has no add_noise, which an "
                                                 r"init image needs \(img2img and inpainting noise it\); pick another"):
             check_steps(DEFAULT, config, 4, from_image=True)
         check_steps("ddim", config, 4, from_image=True)
+
+
+@pytest.mark.parametrize("class_name", ["KarrasVeScheduler", "RePaintScheduler", "CogVideoXDPMScheduler",
+                                        "DDPMWuerstchenScheduler", "CMStochasticIterativeScheduler"])
+def test_an_export_refuses_a_scheduler_whose_loop_fails_at_every_count(class_name: str) -> None:
+    """diffusers schedulers whose ``step`` takes other arguments (or whose timesteps leave the trained
+    ones at any count) passed export, and every ``run`` then refused the directory's own scheduler:
+    the export dry-runs its default at a usual count and a few, and refuses it where both fail."""
+    from sdexport.runtime.schedulers import FEW_STEPS, USUAL_STEPS, check_model_scheduler
+
+    config = {**PRESETS["sd15"].scheduler, "_class_name": class_name}
+    with pytest.raises(SdexportError, match=rf"^model: at {USUAL_STEPS} steps (the|with the) default \({class_name}\) "
+                                            rf"scheduler .*, and at {FEW_STEPS} too; fix model.s scheduler config"):
+        check_model_scheduler(config, "model", family="sd", conditioned=False)
+
+
+@pytest.mark.parametrize("class_name", ["PNDMScheduler", "LCMScheduler", "EDMEulerScheduler", "TCDScheduler",
+                                        "DPMSolverSinglestepScheduler", "IPNDMScheduler"])
+def test_an_export_keeps_a_scheduler_that_samples(class_name: str) -> None:
+    """The dry run refuses no scheduler that samples (IPNDM has no add_noise: text to image only)."""
+    from sdexport.runtime.schedulers import check_model_scheduler
+
+    for family, conditioned in (("sd", False), ("sd", True), ("sdxl", False)):
+        check_model_scheduler({**PRESETS["sd15"].scheduler, "_class_name": class_name}, "model", family=family,
+                              conditioned=conditioned)
 
 
 def test_building_a_scheduler_imports_no_other_scheduler_module() -> None:
@@ -359,12 +384,18 @@ def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
 
     bh1 = {**PRESETS["sd15"].scheduler, "_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}
     with pytest.raises(SdexportError, match=r"^steps 30: the default \(UniPCMultistepScheduler\) scheduler returns NaN "
-                                            r"with this model's scheduler config, at 4 steps too; "
-                                            r"pick another scheduler \(ddim, euler, "):
+                                            r"with this many steps, and at 4 steps too with this model's scheduler "
+                                            r"config; pick another scheduler \(ddim, euler, "):
         check_steps(DEFAULT, bh1, 30)
+    # consistency models' scheduler reaches past the training timesteps at every count: was "use fewer steps"
+    consistency = {**PRESETS["sd15"].scheduler, "_class_name": "CMStochasticIterativeScheduler"}
+    with pytest.raises(SdexportError, match=r"^steps 4: with the default \(CMStochasticIterativeScheduler\) scheduler "
+                                            r"this many steps reach timestep 1095.51, outside the model's 1000 training "
+                                            r"timesteps \(0 to 999\), and at 20 steps too .*; pick another scheduler"):
+        check_steps(DEFAULT, consistency, 4)
     # a count of a few is tried again at a usual one, not at itself (a review's finding: "at 2 too"), and
     # the scheduler that failed is not offered
-    with pytest.raises(SdexportError, match=r"^steps 2: .* at 20 steps too; pick another scheduler \(ddim, euler, "
+    with pytest.raises(SdexportError, match=r"^steps 2: .* at 20 steps too with this model's scheduler config; pick another scheduler \(ddim, euler, "
                                             r"euler_a, dpmpp_2m, dpmpp_2m_karras, pndm, lms, lcm\)$"):
         check_steps("unipc", {**bh1, "_class_name": "PNDMScheduler"}, 2)
 

@@ -97,7 +97,8 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
         if all(s.name in exported or FP32_VAE.get(s.name) in exported for s in txt2img_specs(model.family)):
             # what run would refuse, before the graphs (a subset that runs nothing needs no scheduler)
             config_dir = options.config if options.config and Path(options.config).is_dir() else None
-            check_model_scheduler(model.scheduler_config, config_dir or model_ref)  # where it was read
+            check_model_scheduler(model.scheduler_config, config_dir or model_ref,  # (where it was read)
+                                  family=model.family, conditioned=model.dims.conditioned)
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})
         taken = stamps(read)  # (before the hashes: a file replaced meanwhile is caught at the end)
         if read:  # for the Torch backend's reload to prove it runs the same weights

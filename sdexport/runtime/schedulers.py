@@ -227,10 +227,13 @@ def config_as_loaded(config: dict[str, Any], name: str, *, family: str, conditio
     return {**config, **fixes} if fixes else config
 
 
-def check_model_scheduler(config: dict[str, Any], where: str) -> None:
+def check_model_scheduler(config: dict[str, Any], where: str, *, family: str, conditioned: bool) -> None:
     """The scheduler config a model brings, refused in one line where the export would write one the
-    runtime cannot use: not a diffusers scheduler's, or holding a NaN (diffusers' own -Infinity is
-    kept). Run once the model is loaded (diffusers is then imported), before any graph is made."""
+    runtime cannot use: not a diffusers scheduler's, holding a NaN (diffusers' own -Infinity is
+    kept), or one whose loop fails a dry run at both ``USUAL_STEPS`` and ``FEW_STEPS`` (a diffusers
+    scheduler whose ``step`` takes other arguments, KarrasVe's or RePaint's, passed and every
+    ``run`` then refused it). Run once the model is loaded (diffusers is then imported), before any
+    graph is made; ``family``, ``conditioned``: ``config_as_loaded``'s, for text to image."""
     import json
 
     from sdexport.manifest import strict_json
@@ -241,6 +244,9 @@ def check_model_scheduler(config: dict[str, Any], where: str) -> None:
     except ValueError as exc:
         raise SdexportError(f"{where}: its scheduler config has a value JSON cannot hold ({exc}); {fix}") from None
     make_scheduler(DEFAULT, config, fix=fix)
+    loaded = config_as_loaded(config, DEFAULT, family=family, conditioned=conditioned, inpainting=False)
+    if (trouble := _trouble(DEFAULT, loaded, USUAL_STEPS)) and _trouble(DEFAULT, loaded, FEW_STEPS):
+        raise SdexportError(f"{where}: at {USUAL_STEPS} steps {trouble}, and at {FEW_STEPS} too; {fix}")
 
 
 def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -280,8 +286,7 @@ def check_steps(name: str, config: dict[str, Any], steps: int, from_image: bool 
     latent (a few milliseconds per hundred steps) must finish with finite values.
     """
     scheduler = make_scheduler(name, config)
-    trained = int(scheduler.config.num_train_timesteps)
-    label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
+    label = _label(name, scheduler)
     if from_image and not hasattr(scheduler, "add_noise"):  # (IPNDM, DDIMInverse: diffusers' img2img fails too)
         raise SdexportError(f"the {label} scheduler has no add_noise, which an init image needs (img2img and "
                             f"inpainting noise it); pick another {setting('scheduler')} "
@@ -292,37 +297,49 @@ def check_steps(name: str, config: dict[str, Any], steps: int, from_image: bool 
             type(scheduler).__init__).parameters:
         raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler takes at most {skipped} steps (its "
                             "original_inference_steps); latent consistency models need 1 to 8")
-    try:
-        scheduler.set_timesteps(steps)
-    except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
-        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler refuses it ({one_line(exc, 300)})") from None
-    timesteps = scheduler.timesteps
-    outside = [float(t) for t in (timesteps.max(), timesteps.min()) if not 0 <= float(t) < trained] if len(timesteps) else []
-    if outside and not continuous_timesteps(scheduler):
-        raise SdexportError(
-            f"{setting('steps')} {steps}: with the {label} scheduler this many steps reach timestep "
-            f"{outside[0]:g}, outside the model's {trained} training timesteps (0 to {trained - 1}); use fewer "
-            "steps (20-50 is usual)"
-        )
-    failure = _dry_run(scheduler)
-    if failure is None:
+    trouble = _trouble(name, config, steps)
+    if trouble is None:
         return
     other = FEW_STEPS if steps > FEW_STEPS else USUAL_STEPS  # (another count: the same one proves nothing)
-    probe = make_scheduler(name, config)
-    probe.set_timesteps(other)
-    if _dry_run(probe) is not None:  # (another count would not mend it: the config does not sample so)
+    if _trouble(name, config, other) is not None:  # (another count would not mend it: the config does not sample so)
         others = ", ".join(n for n in SCHEDULERS if n != name)
-        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this model's scheduler "
-                            f"config, at {other} steps too; pick another {setting('scheduler')} ({others})")
-    raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {failure} with this many steps; use "
-                        + ("fewer" if steps > other else "more") + " (20-50 is usual)")
+        raise SdexportError(f"{setting('steps')} {steps}: {trouble}, and at {other} steps too with this model's "
+                            f"scheduler config; pick another {setting('scheduler')} ({others})")
+    raise SdexportError(f"{setting('steps')} {steps}: {trouble}; use " + ("fewer" if steps > other else "more")
+                        + " steps (20-50 is usual)")
 
 
 FEW_STEPS = 4
 USUAL_STEPS = 20
 """The step counts ``check_steps`` tries again at where a count fails (a few, or for a count of a few,
 a usual one): failing there too, the saved config is at fault (UniPC's bh1 solver with a final sigma
-of zero returns NaN at every count, and was told "use fewer"), not the count."""
+of zero returns NaN at every count, and was told "use fewer"; consistency models' scheduler
+reaches past the training timesteps at every count), not the count. An export dry-runs its model's
+default at both (``check_model_scheduler``)."""
+
+
+def _trouble(name: str, config: dict[str, Any], steps: int) -> str | None:
+    """What keeps scheduler ``name`` from running ``steps`` steps of the loop with ``config``, as a
+    clause ("the ... scheduler refuses it (...)"); None where its timesteps lie within the trained
+    ones (or are noise levels: ``continuous_timesteps``) and a dry run on a tiny latent ends finite."""
+    scheduler = make_scheduler(name, config)
+    trained = int(scheduler.config.num_train_timesteps)
+    label = _label(name, scheduler)
+    try:
+        scheduler.set_timesteps(steps)
+    except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
+        return f"the {label} scheduler refuses it ({one_line(exc, 300)})"
+    timesteps = scheduler.timesteps
+    outside = [float(t) for t in (timesteps.max(), timesteps.min()) if not 0 <= float(t) < trained] if len(timesteps) else []
+    if outside and not continuous_timesteps(scheduler):
+        return (f"with the {label} scheduler this many steps reach timestep {outside[0]:g}, outside the "
+                f"model's {trained} training timesteps (0 to {trained - 1})")
+    failure = _dry_run(scheduler)
+    return None if failure is None else f"the {label} scheduler {failure} with this many steps"
+
+
+def _label(name: str, scheduler: Any) -> str:
+    return name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
 
 
 def _dry_run(scheduler: Any) -> str | None:
