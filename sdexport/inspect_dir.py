@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from rich.markup import escape
@@ -194,7 +195,12 @@ def points_words(parity: dict[str, object]) -> str:
     if not checked:
         return "off by request"
     words = f"{checked} point{'s' if checked != 1 else ''} checked"
-    too_large = sum(p.get("status") == "skipped" and str(p.get("reason", "")).startswith(TOO_LARGE) for p in points)
-    requested = len(points) - checked - too_large
+    reasons = [str(p.get("reason", "")) for p in points if p.get("status") == "skipped"]
+    too_large = sum(reason.startswith(TOO_LARGE) for reason in reasons)
+    # ("quick verification": --verify's; none in older records) any other is said as it is: adopt's
+    # check of the min point alone was "skipped by request", which nobody made
+    others = Counter(r for r in reasons if r and not r.startswith(TOO_LARGE) and not r.endswith("verification"))
+    requested = len(reasons) - too_large - sum(others.values())
     return (words + (f", {requested} skipped by request" if requested else "")
-            + (f", {too_large} skipped as {TOO_LARGE}" if too_large else ""))
+            + (f", {too_large} skipped as {TOO_LARGE}" if too_large else "")
+            + "".join(f", {n} skipped ({reason})" for reason, n in others.items()))

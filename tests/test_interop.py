@@ -168,14 +168,19 @@ def test_adopted_export_runs_and_generates_what_the_original_does(foreign_export
     np.testing.assert_array_equal(_pixels(foreign_export), _pixels(tiny_engine_dir))
 
 
-def test_adopt_with_the_model_proves_each_graph(foreign_export: Path):
+def test_adopt_with_the_model_proves_each_graph(foreign_export: Path, capsys):
+    """The other points are adopt's to skip: inspect said "3 skipped by request", which nobody made."""
     from sdexport.manifest import load_manifest
 
     assert run_cli("adopt", foreign_export, "--model", "tiny") == 0
+    assert "skipped: opt, max, odd (adopt checks the min point only)" in capsys.readouterr().err
     manifest = load_manifest(foreign_export)
     assert manifest.shape_profile.height == (64, 128, 256)  # from the U-Net's sample_size, not SD's 512
     assert {e.parity["status"] for e in manifest.components.values()} == {"passed"}
     assert manifest.model["source"]["kind"] == "preset" and manifest.model["source"]["adopted_from"]
+    assert run_cli("inspect", foreign_export) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "1 point checked, 3 skipped (adopt checks the min point only)" in said and "by request" not in said
 
 
 def test_adopt_with_the_model_says_in_one_line_that_onnx_runtime_cannot_load_a_graph(foreign_export: Path, capsys):
