@@ -544,6 +544,9 @@ def test_a_change_of_warm_up_is_shown_and_a_run_without_one_is_named(tmp_path):
     assert "**The new run had no warm-up**: each case's first call" in text
     same = markdown(_compare(tmp_path, baseline, baseline | {}))
     assert "warm-up" not in same
+    # both cold: no change to show, and no "the other run's are" steady-state (mutation testing round 8:
+    # the change's condition, dropped, failed no test)
+    assert "warm-up" not in markdown(_compare(tmp_path, new, new | {}))
 
 
 def test_a_failing_row_with_too_few_repeats_shows_as_failing(tmp_path):
@@ -980,6 +983,25 @@ def test_a_driver_or_cuda_change_is_listed_with_the_versions(tmp_path):
     baseline["environment"]["gpu"].update(driver="580.159.04", cuda="13.0")
     new["environment"]["gpu"].update(driver="590.10.01", cuda="13.0")
     assert _compare(tmp_path, baseline, new)["versions_changed"] == {"GPU driver": ["580.159.04", "590.10.01"]}
+
+
+def test_a_gate_relative_to_a_contender_its_baseline_did_not_measure_is_refused_before_the_run(tmp_path):
+    """The gate's check before the benchmark: a --relative-to contender the committed BASELINE did not
+    measure (or only failed on) is refused then, not after the whole run (mutation testing round 8:
+    that part of ``check_gate_fits_run``, dropped, failed no test)."""
+    import re
+
+    from sdexport.bench.compare import check_gate_fits_run
+    from sdexport.errors import SdexportError
+
+    scenario = ROOT / "benchmarks" / "scenarios" / "tiny-cpu.toml"
+    failed = {**_entry("diffusers", TIGHT), "status": "failed"}
+    baseline = _write(tmp_path, "baseline", _report([_entry("torch", TIGHT), failed]))
+    with pytest.raises(SdexportError, match=rf"^--relative-to diffusers: BASELINE {re.escape(str(baseline))} did not "
+                                            "measure it, so nothing could be judged against it$"):
+        check_gate_fits_run(Gate(relative_to="diffusers"), scenario, [], baseline)
+    check_gate_fits_run(Gate(relative_to="torch"), scenario, [], baseline)  # measured: fits
+    check_gate_fits_run(Gate(relative_to="diffusers"), scenario, [], tmp_path / "none.json")  # no baseline yet
 
 
 def test_relative_to_a_reference_cancels_drift_of_the_machine_and_catches_a_contender_of_its_own(tmp_path, capsys):

@@ -263,6 +263,17 @@ def test_run_says_what_of_a1111_s_syntax_it_does_not_read(tiny_engine_dir, tmp_p
     assert "read here as words: sdexport has no hypernetworks" in " ".join(capsys.readouterr().err.split())
 
 
+def test_a_lycoris_tag_is_told_which_lycoris_files_lora_takes():
+    """A1111's ``<lyco:...>`` tag names a LyCORIS file: the note says --lora takes its LoCon and refuses
+    its LoHa and LoKr, not the plain LoRA hint (mutation testing round 8: that branch, dropped, failed
+    no test)."""
+    from sdexport.runtime.request import GenerationRequest, default_notes
+
+    [note] = default_notes(GenerationRequest(prompt=["<LyCO:detail:0.8> a fox"]), "sd")
+    assert note == ("prompt: <LyCO:detail:0.8> is A1111's tag for a file it loads, read here as words: give the file "
+                    "with --lora FILE:SCALE (LyCORIS' LoCon; its LoHa and LoKr are refused) and leave the tag out")
+
+
 @pytest.mark.parametrize(("given", "message"), [
     ({"emphasis": "a1111"}, "emphasis 'a1111': choose one of none, original, no-norm"),
     ({"prompt": ["a (cat:1.2.3)"]}, "prompt: ':1.2.3)' is no weight: A1111's is a number, as in (word:1.2)"),

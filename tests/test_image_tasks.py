@@ -400,6 +400,20 @@ def test_a_32_bit_integer_image_is_read_at_its_range(tmp_path):
     assert np.asarray(eight_bits(dark, "map")).max() == 1  # 255 / 257
 
 
+def test_a_dark_16_bit_ppm_file_is_scaled_as_16_bits(tmp_path):
+    """Pillow opens a 16-bit PPM as mode I; ``read_image`` turns it upright first, a copy that no
+    longer names its format, so the file's format is passed on: a dark one (levels up to 255) was
+    otherwise read as 8 bits, 257 times too bright (mutation testing round 8: that argument, dropped,
+    failed no test)."""
+    from sdexport.runtime.image_inputs import read_image
+
+    Image.fromarray(np.full((8, 8), 255 * 257 // 2, np.uint16)).save(tmp_path / "grey.ppm")  # (a file as written)
+    Image.fromarray(np.full((8, 8), 255, np.uint16)).save(tmp_path / "dark.ppm")
+    assert Image.open(tmp_path / "dark.ppm").mode == "I"
+    assert np.asarray(read_image(tmp_path / "grey.ppm", "--mask", mode=None)).max() == 127
+    assert np.asarray(read_image(tmp_path / "dark.ppm", "--mask", mode=None)).max() == 1  # 255 / 257
+
+
 def test_a_floating_point_image_is_read_at_its_range_not_clipped(tmp_path):
     """A 0/1 float mask (TIFF, as segmentation tools write) repaints where it is 1; 0 to 255 floats
     keep their levels; another range is refused in one line, not guessed."""
@@ -748,6 +762,17 @@ def test_the_python_apis_refusal_of_a_size_an_image_gave_says_whose_it_was(tiny_
         pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 72)), steps=2, height=72, width=64))
     with pytest.raises(ProfileError, match=r"^width 72 must be a multiple of 16$"):  # (one side given: not the image's)
         pipeline(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 64)), steps=2, width=72))
+    # a batch the profile does not take is the caller's own too, not the image's: check_request (run's and
+    # bench's check) did not name the image (mutation testing round 8: the batch's part of that, dropped,
+    # failed no test; the refusal told to resize an image of a size the engines take)
+    from dataclasses import replace
+
+    from sdexport.runtime.request import check_request
+
+    with pytest.raises(ProfileError, match=r"^batch 1 is outside the engines' profile: .*--batch\)$") as refused:
+        check_request(GenerationRequest(prompt="a", image=Image.new("RGB", (64, 64)), steps=2), family=pipeline.family,
+                      dims=pipeline.dims, profile=replace(pipeline.profile, batch=(2, 2, 2)))
+    assert "image" not in str(refused.value)
 
 
 # From mutation testing round 5 (what a result records): each seen to fail with the change it guards against.

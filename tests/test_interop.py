@@ -563,6 +563,23 @@ def test_a_graph_replaced_in_an_adopted_folder_is_told_to_be_adopted_again(forei
     assert run_cli("run", foreign_export, "-p", "a", "--steps", "2", "-o", tmp_path / "x.png") == 0
 
 
+def test_a_changed_file_a_build_added_to_an_adopted_folder_is_told_to_be_rebuilt(tmp_path: Path):
+    """In an adopted folder, a file sdexport's build added (a plan, a rewritten graph) is sdexport's
+    own: changed, it is rebuilt, not adopted again, which would not make it (mutation testing round 8:
+    the ``built`` exception, dropped, failed no test)."""
+    from sdexport.errors import EngineDirError
+    from sdexport.manifest import check_files
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "model.plan").write_bytes(b"a plan, changed since")
+    files = {"unet/model.plan": "0" * 64}
+    with pytest.raises(EngineDirError, match=r"unet/model.plan does not match its sha256 in the manifest \(damaged or "
+                                             r"replaced\); re-export or rebuild it$"):
+        check_files(tmp_path, files, built={"unet/model.plan"}, adopted=True)
+    with pytest.raises(EngineDirError, match=r"adopt the folder again: sdexport adopt --force "):
+        check_files(tmp_path, files, adopted=True)
+
+
 def test_a_graph_stamped_with_an_opset_onnx_does_not_know_is_refused_by_adopt(foreign_export: Path, capsys):
     """adopt and inspect passed a U-Net at opset 99, and run met ONNX Runtime's refusal, cut before its
     reason (250 characters of C++ source location and signature came first)."""

@@ -236,6 +236,21 @@ def test_a_full_disk_that_names_no_file_is_named_where_the_output_is(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+def test_only_a_full_disk_is_said_to_be_the_outputs(tmp_path: Path, monkeypatch):
+    """Another write error naming no file (an I/O error) on a nearly full disk is not the output's
+    full disk: it is left as it was raised (mutation testing round 8: the errno check, dropped, failed
+    no test)."""
+    import types
+
+    from sdexport import output_dir
+
+    monkeypatch.setattr(output_dir.os, "statvfs", lambda path: types.SimpleNamespace(f_bavail=0, f_frsize=4096))
+    other = OSError(errno.EIO, "Input/output error")
+    assert output_dir._naming_a_full_disk(other, tmp_path, tmp_path / "out") is other
+    full = output_dir._naming_a_full_disk(OSError(errno.ENOSPC, "No space left on device"), tmp_path, tmp_path / "out")
+    assert (full.errno, full.filename) == (errno.ENOSPC, str(tmp_path / "out"))
+
+
 def test_a_file_size_limit_is_said_as_such(tmp_path: Path, monkeypatch, capsys):
     """Past ``ulimit -f`` a write fails with EFBIG, "File too large", and torch's ONNX export names no
     file: the line says which limit a file outgrew, as that word alone did not."""
@@ -435,6 +450,39 @@ def test_a_probe_of_the_lock_never_turns_a_job_away(tmp_path: Path, left: bytes)
     with claim(target, ENGINE_DIR, replace=False) as staging:
         (staging / "manifest.json").write_text("{}")
     assert (target / "manifest.json").is_file()
+
+
+def test_a_lock_file_deleted_after_it_was_opened_is_not_held(tmp_path: Path):
+    """A lock file unlinked between a job's open and its lock (the job before let go and deleted it)
+    is one no other job will open: holding it would let two jobs write one target at once, so the
+    job opens the name again (mutation testing round 8: ``still_named`` taking a name gone as still
+    its own failed no test)."""
+    from sdexport.output_dir import still_named
+
+    lock = tmp_path / ".out.sdexport-lock"
+    lock.write_bytes(b"")
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        assert still_named(lock, fd)
+        lock.unlink()
+        assert not still_named(lock, fd)
+        lock.write_bytes(b"")  # (another job's, at the same name)
+        assert not still_named(lock, fd)
+    finally:
+        os.close(fd)
+
+
+def test_a_dangling_link_at_a_staging_name_is_stepped_around(tmp_path: Path):
+    """A link whose target is gone at the staging folder's name (this PID's, as every run is PID 1 in
+    a container) is not a free name: the job takes the next one and leaves the link as it was
+    (mutation testing round 8: the link check, dropped, ended the job in "File exists")."""
+    target = tmp_path / "out"
+    link = tmp_path / f".out.partial-{os.getpid()}"
+    link.symlink_to(tmp_path / "gone")
+    with claim(target, ENGINE_DIR, replace=False) as staging:
+        assert staging != link
+        (staging / "manifest.json").write_text("{}")
+    assert (target / "manifest.json").is_file() and link.is_symlink() and not link.exists()
 
 
 def test_a_directory_that_appears_during_the_job_is_not_replaced(tmp_path: Path):

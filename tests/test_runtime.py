@@ -610,5 +610,17 @@ def test_a_directory_replaced_after_its_check_or_while_it_loads_is_refused(engin
     monkeypatch.setattr(loading, "_load_engines", swapped_meanwhile)
     with pytest.raises(EngineDirError, match="the directory changed while its engines loaded"):
         load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False, hashed=checked)
+
+    def gone_meanwhile(*args, **kwargs):  # mid-swap: the old directory gone, the new one not yet in place
+        engines = real(*args, **kwargs)
+        (engine_copy / "manifest.json").unlink()
+        return engines
+
+    # (mutation testing round 8: a manifest unreadable after the load, taken as unchanged, failed no test)
+    monkeypatch.setattr(loading, "_load_engines", gone_meanwhile)
+    with pytest.raises(EngineDirError, match="the directory changed while its engines loaded"):
+        load_pipeline(engine_copy, "onnxruntime-cpu", verify_files=False)
+    shutil.rmtree(engine_copy)
+    shutil.copytree(tiny_fp16_engine_dir, engine_copy)
     monkeypatch.setattr(loading, "_load_engines", real)
     load_pipeline(engine_copy, "onnxruntime-cpu").close()  # (the new export, checked, loads)

@@ -788,6 +788,9 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     # control images: a list is one per ControlNet for every image; a list of lists, one per image
     assert infer_inputs(["a", "b"], http, control_image=[b"edges", b"depth"])[-1].shape() == [2, 2]
     assert infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"]])[-1].shape() == [2, 1]
+    # masked-init, a name and no file, goes as it is (mutation testing round 8: its exception to the
+    # check that images are files' bytes, dropped, failed no test; the client refused serve's own input)
+    assert infer_inputs(["a"], http, control_image=[b"edges", "masked-init"])[-1].shape() == [1, 2]
     with pytest.raises(ValueError, match="control_image: 3 lists for 2 prompts"):
         infer_inputs(["a", "b"], http, control_image=[[b"1"], [b"2"], [b"3"]])
     with pytest.raises(ValueError, match="control_image: give one list per image .*, not a mix of both"):
@@ -1454,6 +1457,35 @@ def test_loadtest_runs_where_the_statistics_are_restricted_and_ends_where_every_
     assert "**Ended early**: the server refused every request, with the same answer" in loadtest.markdown(report)
     report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=2, requests=4), "a lighthouse")
     assert report["requests"] == 4 and report["ended_early_s"] is None  # (every one sent: nothing ended early)
+
+
+def test_loadtest_ends_early_only_on_one_refusal_repeated(monkeypatch):
+    """Only answers that are all the same HTTP 400 refusal end the run early: server errors (500, the
+    server's own failure, which the run is there to count) and refusals that differ run the whole
+    --duration, counted (mutation testing round 8: the 400 and the one-message conditions, each
+    dropped, failed no test; the run ended saying "refused every request, with the same answer")."""
+    import itertools
+
+    import tritonclient.http
+    from tritonclient.utils import InferenceServerException
+
+    from sdexport.serving import loadtest
+
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)])
+    sent = itertools.count()
+
+    def failing(self, model, inputs, outputs):
+        raise InferenceServerException("the U-Net failed: out of memory", "500")
+
+    def two_refusals(self, model, inputs, outputs):
+        raise InferenceServerException(f"steps {60 + next(sent) % 2}: this server allows at most 50 steps", "400")
+
+    for infer in (failing, two_refusals):
+        monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", infer)
+        report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=1, requests=0, duration_s=0.5),
+                                   "a lighthouse")
+        assert report["succeeded"] == 0 and report["ended_early_s"] is None, report
+        assert sum(report["errors"].values()) > 2 * loadtest.REFUSED_RUN
 
 
 def test_an_interrupted_loadtest_writes_what_it_measured_before(monkeypatch, tmp_path, capsys):

@@ -134,6 +134,26 @@ def test_sighup_is_taken_from_its_default_only():
         signal.signal(signal.SIGHUP, before)
 
 
+def test_a_hangup_lets_go_of_the_terminal_but_not_of_a_pipe_or_a_file(monkeypatch):
+    """A hangup points stdout and stderr at /dev/null where they were the terminal (writes to a
+    hung-up one fail, and the clean-up's first line raised before a bench's report was written); a
+    pipe or a file (``sdexport bench > log``) still has its reader and keeps what follows (mutation
+    testing round 8: the hangup's call, and the terminal check, each dropped, failed no test)."""
+    import subprocess
+    import sys
+
+    detached = []
+    monkeypatch.setattr(stopping, "detach_terminal", lambda: detached.append(True))
+    with pytest.raises(HungUp):
+        stopping._record_and_raise(signal.SIGHUP, None)
+    assert detached == [True]
+    stopping.take()  # (the request it recorded, acted on here)
+    script = ("import sys\nfrom sdexport import stopping\nstopping.detach_terminal()\n"
+              "print('to the pipe', flush=True)\nprint('to the file', file=sys.stderr, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.stdout, done.stderr) == ("to the pipe\n", "to the file\n")
+
+
 def test_no_output_goes_in_place_after_a_dropped_stop(tmp_path: Path):
     target = tmp_path / "tiny"
     with stopping.listening():

@@ -460,6 +460,16 @@ def test_control_modes_in_any_sequence_are_read_and_numpy_ints_named():
                                          control_mode=[np.int64(3), 1]), 1, "sdxl", union_modes=8, union_images=2)
 
 
+def test_a_negative_control_mode_is_refused_not_read_from_the_end():
+    """Mode -1 is no mode; taken as an index it would condition on the last mode (7), unsaid
+    (mutation testing round 8: the check's lower bound, dropped, failed no test)."""
+    from sdexport.runtime.request import _check_control
+
+    with pytest.raises(SdexportError, match=r"^control_mode -1: this union ControlNet knows modes 0 to 7$"):
+        _check_control(GenerationRequest(prompt=["x"], control_image=[picture(8, 8, 0)] * 2, control_mode=[-1, 1]),
+                       1, "sdxl", union_modes=8, union_images=2)
+
+
 def test_a_control_mode_for_other_controlnets_is_refused(tiny_engine_dir, tmp_path, capsys):
     from sdexport.runtime.request import _check_control
 
