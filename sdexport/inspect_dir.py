@@ -203,4 +203,4 @@ def points_words(parity: dict[str, object]) -> str:
     requested = len(reasons) - too_large - sum(others.values())
     return (words + (f", {requested} skipped by request" if requested else "")
             + (f", {too_large} skipped as {TOO_LARGE}" if too_large else "")
-            + "".join(f", {n} skipped ({reason})" for reason, n in others.items()))
+            + "".join(f", {n} skipped ({escape(reason)})" for reason, n in others.items()))  # (a manifest's words)

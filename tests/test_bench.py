@@ -511,7 +511,7 @@ def test_step_counts_are_checked_on_the_config_as_the_runtime_will_sample_it(tin
                         .replace('scheduler = "euler"', 'scheduler = "default"'))
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "reach timestep 1000, outside the model's 1000 training timesteps" in err and "Loading" not in err
+    assert "reaches timestep 1000 at 1000 steps, outside the model's 1000 training timesteps" in err and "Loading" not in err
 
 
 def test_engines_of_the_output_itself_can_be_named_with_engine_dir(bench_run):

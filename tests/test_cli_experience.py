@@ -378,6 +378,13 @@ def test_verification_turned_off_is_said_so_not_counted():
     assert points_words({"status": "skipped", "points": [{"label": n, "status": "skipped"} for n in "abcd"]}) == \
         "off by request"
     assert points_words({"status": "skipped"}) == ""
+    # another reason is said as it is, as text: a hand-edited one in rich's markup was a MarkupError (a review)
+    said = points_words({"points": [{"label": "min", "status": "passed"},
+                                    {"label": "opt", "status": "skipped", "reason": "see [/verify]"}]})
+    assert said == "1 point checked, 1 skipped (see \\[/verify])"
+    from rich.text import Text
+
+    assert Text.from_markup(said).plain == "1 point checked, 1 skipped (see [/verify])"
 
 
 def _bench_entry(name: str, e2e: list[float], stage_runs: list[tuple[float, list[float], float]]) -> dict:

@@ -104,7 +104,7 @@ def test_steps_the_scheduler_cannot_take_are_refused_before_engines_load(tiny_en
     """DPM++ 2M with 999 steps reaches timestep 1000 (past the 1000 trained ones) and returns NaN."""
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "999", "--scheduler", "dpmpp_2m",
                    "-o", tmp_path / "x.png") == 2
-    assert "reach timestep 1000, outside the model's 1000 training timesteps (0 to 999)" in " ".join(capsys.readouterr().err.split())
+    assert "reaches timestep 1000 at 999 steps, outside the model's 1000 training timesteps (0 to 999)" in " ".join(capsys.readouterr().err.split())
 
 
 def test_the_api_takes_a_path_as_text_and_refuses_a_closed_pipeline_or_a_missing_provider(tiny_engine_dir):

@@ -6,6 +6,7 @@ a tiny run's start); these tests pin that what it builds is what ``from_config``
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -66,10 +67,10 @@ def test_a_scheduler_made_for_another_loop_is_refused_in_one_line() -> None:
     sde = {**PRESETS["sd15"].scheduler, "_class_name": "ScoreSdeVeScheduler"}
     with pytest.raises(SdexportError, match=r"^the ScoreSdeVeScheduler scheduler has no step, which the denoising loop "
                                             r"uses; fix model.s scheduler config"):
-        check_model_scheduler(sde, "model", family="sd", conditioned=False)
+        check_model_scheduler(sde, "model")
     for class_name in ("IPNDMScheduler", "DDIMInverseScheduler"):
         config = {**PRESETS["sd15"].scheduler, "_class_name": class_name}
-        check_model_scheduler(config, "model", family="sd", conditioned=False)  # (text to image: it samples)
+        check_model_scheduler(config, "model")  # (text to image: it samples)
         check_steps(DEFAULT, config, 4)
         with pytest.raises(SdexportError, match=rf"^the default \({class_name}\) scheduler has no add_noise, which an "
                                                 r"init image needs \(img2img and inpainting noise it\); pick another"):
@@ -79,27 +80,68 @@ def test_a_scheduler_made_for_another_loop_is_refused_in_one_line() -> None:
 
 @pytest.mark.parametrize("class_name", ["KarrasVeScheduler", "RePaintScheduler", "CogVideoXDPMScheduler",
                                         "DDPMWuerstchenScheduler", "CMStochasticIterativeScheduler"])
-def test_an_export_refuses_a_scheduler_whose_loop_fails_at_every_count(class_name: str) -> None:
+def test_an_export_notes_a_scheduler_whose_loop_fails_at_every_count(class_name: str) -> None:
     """diffusers schedulers whose ``step`` takes other arguments (or whose timesteps leave the trained
-    ones at any count) passed export, and every ``run`` then refused the directory's own scheduler:
-    the export dry-runs its default at a usual count and a few, and refuses it where both fail."""
-    from sdexport.runtime.schedulers import FEW_STEPS, USUAL_STEPS, check_model_scheduler
+    ones at any count) passed export unsaid, and every ``run`` without --scheduler then refused the
+    directory: the export dry-runs its default at a usual count and a few, and says so where both fail."""
+    from sdexport.runtime.schedulers import FEW_STEPS, USUAL_STEPS, default_scheduler_note
 
     config = {**PRESETS["sd15"].scheduler, "_class_name": class_name}
-    with pytest.raises(SdexportError, match=rf"^model: at {USUAL_STEPS} steps (the|with the) default \({class_name}\) "
-                                            rf"scheduler .*, and at {FEW_STEPS} too; fix model.s scheduler config"):
-        check_model_scheduler(config, "model", family="sd", conditioned=False)
+    note = default_scheduler_note(config, "model", family="sd", conditioned=False)
+    assert re.fullmatch(rf"model: its scheduler, {class_name}, (fails \(.*\)|reaches timestep .*) at {USUAL_STEPS} "
+                        rf"steps(, outside .*)?, and at {FEW_STEPS} too: `run` with these engines needs another "
+                        r"scheduler \(ddim, euler, .*\), or fix its scheduler config", str(note)), note
 
 
-@pytest.mark.parametrize("class_name", ["PNDMScheduler", "LCMScheduler", "EDMEulerScheduler", "TCDScheduler",
-                                        "DPMSolverSinglestepScheduler", "IPNDMScheduler"])
-def test_an_export_keeps_a_scheduler_that_samples(class_name: str) -> None:
-    """The dry run refuses no scheduler that samples (IPNDM has no add_noise: text to image only)."""
-    from sdexport.runtime.schedulers import check_model_scheduler
+REAL_CONFIGS = {  # what models ship, as far as the dry run reads them
+    "zero-snr-ddim-trailing": {**PRESETS["sd21"].scheduler, "_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True,
+                               "timestep_spacing": "trailing"},
+    "lightning-euler-trailing": {**PRESETS["sdxl"].scheduler, "timestep_spacing": "trailing"},
+    "playground-edm-dpm": {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_data": 0.5, "sigma_min": 0.002,
+                           "sigma_max": 80.0, "prediction_type": "epsilon", "final_sigmas_type": "zero"},
+    "cosxl-continuous-v": {**PRESETS["sdxl"].scheduler, "prediction_type": "v_prediction",
+                           "timestep_type": "continuous", "sigma_min": 0.002, "sigma_max": 120.0, "sigma_data": 1.0},
+    "lcm-3-original-steps": {**PRESETS["tiny-lcm"].scheduler, "original_inference_steps": 3},
+    "tcd": {**PRESETS["tiny-lcm"].scheduler, "_class_name": "TCDScheduler"},
+    "dpm-karras": {**PRESETS["sd15"].scheduler, "_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
+    "ipndm": {**PRESETS["sd15"].scheduler, "_class_name": "IPNDMScheduler"},  # (no add_noise: text to image only)
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_CONFIGS))
+def test_an_export_says_nothing_of_a_scheduler_that_samples(name: str) -> None:
+    """No note for a config that samples at some count tried; an LCM config whose original steps are
+    fewer than four is tried at those (it runs at 1 to 3 steps: a review's finding)."""
+    from sdexport.runtime.schedulers import default_scheduler_note
 
     for family, conditioned in (("sd", False), ("sd", True), ("sdxl", False)):
-        check_model_scheduler({**PRESETS["sd15"].scheduler, "_class_name": class_name}, "model", family=family,
-                              conditioned=conditioned)
+        assert default_scheduler_note(dict(REAL_CONFIGS[name]), "model", family=family, conditioned=conditioned) is None
+
+
+def test_a_model_whose_own_scheduler_cannot_sample_is_exported_with_a_note(tiny_engine_dir, tmp_path, capsys):
+    """The engines are sound and another --scheduler runs them; refusing the export (a first version)
+    left a model whose config cannot be edited where it lies with no way through. Adopt says it too."""
+    import json
+    import shutil
+
+    from conftest import run_cli
+
+    folder = tmp_path / "adopted"
+    shutil.copytree(tiny_engine_dir, folder)
+    (folder / "manifest.json").unlink()
+    for name, key in (("scheduler/scheduler_config.json", "_class_name"), ("model_index.json", "scheduler")):
+        data = json.loads((folder / name).read_text())
+        data[key] = "KarrasVeScheduler" if key == "_class_name" else ["diffusers", "KarrasVeScheduler"]
+        (folder / name).write_text(json.dumps(data))
+    capsys.readouterr()
+    assert run_cli("adopt", folder) == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"note: {folder}: its scheduler, KarrasVeScheduler, fails (" in said
+    assert "`run` with these engines needs another --scheduler (ddim, euler," in said
+    run = ("run", folder, "-p", "a fox", "--steps", "2", "-o", tmp_path / "x.png")
+    assert run_cli(*run) == 2
+    assert "pick another --scheduler" in capsys.readouterr().err
+    assert run_cli(*run, "--scheduler", "euler") == 0
 
 
 def test_building_a_scheduler_imports_no_other_scheduler_module() -> None:
@@ -384,14 +426,14 @@ def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
 
     bh1 = {**PRESETS["sd15"].scheduler, "_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}
     with pytest.raises(SdexportError, match=r"^steps 30: the default \(UniPCMultistepScheduler\) scheduler returns NaN "
-                                            r"with this many steps, and at 4 steps too with this model's scheduler "
-                                            r"config; pick another scheduler \(ddim, euler, "):
+                                            r"at 30 steps, and at 4 steps too with this model's scheduler config; "
+                                            r"pick another scheduler \(ddim, euler, "):
         check_steps(DEFAULT, bh1, 30)
     # consistency models' scheduler reaches past the training timesteps at every count: was "use fewer steps"
     consistency = {**PRESETS["sd15"].scheduler, "_class_name": "CMStochasticIterativeScheduler"}
-    with pytest.raises(SdexportError, match=r"^steps 4: with the default \(CMStochasticIterativeScheduler\) scheduler "
-                                            r"this many steps reach timestep 1095.51, outside the model's 1000 training "
-                                            r"timesteps \(0 to 999\), and at 20 steps too .*; pick another scheduler"):
+    with pytest.raises(SdexportError, match=r"^steps 4: the default \(CMStochasticIterativeScheduler\) scheduler reaches "
+                                            r"timestep [0-9.]+ at 4 steps, outside the model's 1000 training timesteps "
+                                            r"\(0 to 999\), and at 20 steps too .*; pick another scheduler"):
         check_steps(DEFAULT, consistency, 4)
     # a count of a few is tried again at a usual one, not at itself (a review's finding: "at 2 too"), and
     # the scheduler that failed is not offered

@@ -284,6 +284,15 @@ def adopt(
         from sdexport.runtime.loading import check_runnable
 
         check_runnable(directory, manifest)
+        from sdexport.runtime.schedulers import default_scheduler_note
+
+        if note := default_scheduler_note(scheduler, str(directory), family=plan.family,
+                                          conditioned=plan.dims.conditioned):
+            from rich.markup import escape
+
+            from sdexport.console import console
+
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         if model is not None:
             _prove(directory, manifest, plan, model, config, graph_ios)
         # what the new manifest forgets goes first: stopped in between, the old manifest lists a built

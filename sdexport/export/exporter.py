@@ -51,7 +51,7 @@ from sdexport.manifest_schema import format_version_for
 from sdexport.models import LoadedModel, load_model
 from sdexport.models.source_files import check_stamps, fingerprint, source_weight_files, stamps
 from sdexport.output_dir import claim
-from sdexport.runtime.schedulers import check_model_scheduler
+from sdexport.runtime.schedulers import check_model_scheduler, default_scheduler_note
 from sdexport.shapes import ShapeProfile
 from sdexport.specs import LORA_COMPONENTS, ComponentSpec, txt2img_specs
 from sdexport.versions import importing_distribution, installed_versions
@@ -97,8 +97,10 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
         if all(s.name in exported or FP32_VAE.get(s.name) in exported for s in txt2img_specs(model.family)):
             # what run would refuse, before the graphs (a subset that runs nothing needs no scheduler)
             config_dir = options.config if options.config and Path(options.config).is_dir() else None
-            check_model_scheduler(model.scheduler_config, config_dir or model_ref,  # (where it was read)
-                                  family=model.family, conditioned=model.dims.conditioned)
+            check_model_scheduler(model.scheduler_config, config_dir or model_ref)  # where it was read
+            if note := default_scheduler_note(model.scheduler_config, config_dir or model_ref, family=model.family,
+                                              conditioned=model.dims.conditioned):
+                console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         read = source_weight_files(model.source, {spec.module for spec in plan.specs})
         taken = stamps(read)  # (before the hashes: a file replaced meanwhile is caught at the end)
         if read:  # for the Torch backend's reload to prove it runs the same weights

@@ -227,13 +227,10 @@ def config_as_loaded(config: dict[str, Any], name: str, *, family: str, conditio
     return {**config, **fixes} if fixes else config
 
 
-def check_model_scheduler(config: dict[str, Any], where: str, *, family: str, conditioned: bool) -> None:
+def check_model_scheduler(config: dict[str, Any], where: str) -> None:
     """The scheduler config a model brings, refused in one line where the export would write one the
-    runtime cannot use: not a diffusers scheduler's, holding a NaN (diffusers' own -Infinity is
-    kept), or one whose loop fails a dry run at both ``USUAL_STEPS`` and ``FEW_STEPS`` (a diffusers
-    scheduler whose ``step`` takes other arguments, KarrasVe's or RePaint's, passed and every
-    ``run`` then refused it). Run once the model is loaded (diffusers is then imported), before any
-    graph is made; ``family``, ``conditioned``: ``config_as_loaded``'s, for text to image."""
+    runtime cannot use: not a diffusers scheduler's, or holding a NaN (diffusers' own -Infinity is
+    kept). Run once the model is loaded (diffusers is then imported), before any graph is made."""
     import json
 
     from sdexport.manifest import strict_json
@@ -244,9 +241,27 @@ def check_model_scheduler(config: dict[str, Any], where: str, *, family: str, co
     except ValueError as exc:
         raise SdexportError(f"{where}: its scheduler config has a value JSON cannot hold ({exc}); {fix}") from None
     make_scheduler(DEFAULT, config, fix=fix)
+
+
+def default_scheduler_note(config: dict[str, Any], where: str, *, family: str, conditioned: bool) -> str | None:
+    """Why the model's own scheduler does not sample, where a dry run of it fails at ``USUAL_STEPS``
+    and at a few steps (``FEW_STEPS``, or fewer where an LCM config takes fewer); None where it samples.
+
+    A note for export and adopt to print, not a refusal: KarrasVe's or RePaint's ``step`` takes other
+    arguments, UniPC's bh1 solver with a final sigma of zero returns NaN (diffusers' pipeline too), a
+    consistency model's timesteps leave the trained ones; each passed unsaid and every ``run``
+    without ``--scheduler`` was refused. The engines are sound, and any scheduler that samples runs
+    them: a model whose config cannot be edited where it lies is still exported. ``family``,
+    ``conditioned``: ``config_as_loaded``'s, for text to image; ``config`` passed
+    ``check_model_scheduler``."""
     loaded = config_as_loaded(config, DEFAULT, family=family, conditioned=conditioned, inpainting=False)
-    if (trouble := _trouble(DEFAULT, loaded, USUAL_STEPS)) and _trouble(DEFAULT, loaded, FEW_STEPS):
-        raise SdexportError(f"{where}: at {USUAL_STEPS} steps {trouble}, and at {FEW_STEPS} too; {fix}")
+    scheduler = make_scheduler(DEFAULT, loaded)
+    few = min(FEW_STEPS, _most_steps(scheduler) or FEW_STEPS)
+    trouble = _trouble(DEFAULT, loaded, USUAL_STEPS)
+    if trouble is None or _trouble(DEFAULT, loaded, few) is None:
+        return None
+    return (f"{where}: its scheduler, {type(scheduler).__name__}, {trouble}, and at {few} too: `run` with these "
+            f"engines needs another {setting('scheduler')} ({', '.join(SCHEDULERS)}), or fix its scheduler config")
 
 
 def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -286,16 +301,14 @@ def check_steps(name: str, config: dict[str, Any], steps: int, from_image: bool 
     latent (a few milliseconds per hundred steps) must finish with finite values.
     """
     scheduler = make_scheduler(name, config)
-    label = _label(name, scheduler)
+    label = name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
     if from_image and not hasattr(scheduler, "add_noise"):  # (IPNDM, DDIMInverse: diffusers' img2img fails too)
         raise SdexportError(f"the {label} scheduler has no add_noise, which an init image needs (img2img and "
                             f"inpainting noise it); pick another {setting('scheduler')} "
                             f"({', '.join(n for n in SCHEDULERS if n != name)})")
-    # LCM's: it picks its steps among these (other schedulers carry the key of a saved LCM config unread)
-    skipped = scheduler.config.get("original_inference_steps")
-    if isinstance(skipped, int) and steps > skipped and "original_inference_steps" in inspect.signature(
-            type(scheduler).__init__).parameters:
-        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler takes at most {skipped} steps (its "
+    most = _most_steps(scheduler)
+    if most is not None and steps > most:
+        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler takes at most {most} steps (its "
                             "original_inference_steps); latent consistency models need 1 to 8")
     trouble = _trouble(name, config, steps)
     if trouble is None:
@@ -303,10 +316,18 @@ def check_steps(name: str, config: dict[str, Any], steps: int, from_image: bool 
     other = FEW_STEPS if steps > FEW_STEPS else USUAL_STEPS  # (another count: the same one proves nothing)
     if _trouble(name, config, other) is not None:  # (another count would not mend it: the config does not sample so)
         others = ", ".join(n for n in SCHEDULERS if n != name)
-        raise SdexportError(f"{setting('steps')} {steps}: {trouble}, and at {other} steps too with this model's "
-                            f"scheduler config; pick another {setting('scheduler')} ({others})")
-    raise SdexportError(f"{setting('steps')} {steps}: {trouble}; use " + ("fewer" if steps > other else "more")
-                        + " steps (20-50 is usual)")
+        raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {trouble}, and at {other} steps too "
+                            f"with this model's scheduler config; pick another {setting('scheduler')} ({others})")
+    raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {trouble}; use "
+                        + ("fewer" if steps > other else "more") + " steps (20-50 is usual)")
+
+
+def _most_steps(scheduler: Any) -> int | None:
+    """An LCM scheduler's ``original_inference_steps``: it picks its steps among these (other
+    schedulers carry the key of a saved LCM config unread)."""
+    most = scheduler.config.get("original_inference_steps")
+    takes = "original_inference_steps" in inspect.signature(type(scheduler).__init__).parameters
+    return most if isinstance(most, int) and takes else None
 
 
 FEW_STEPS = 4
@@ -315,31 +336,27 @@ USUAL_STEPS = 20
 a usual one): failing there too, the saved config is at fault (UniPC's bh1 solver with a final sigma
 of zero returns NaN at every count, and was told "use fewer"; consistency models' scheduler
 reaches past the training timesteps at every count), not the count. An export dry-runs its model's
-default at both (``check_model_scheduler``)."""
+default at both (``default_scheduler_note``)."""
 
 
 def _trouble(name: str, config: dict[str, Any], steps: int) -> str | None:
-    """What keeps scheduler ``name`` from running ``steps`` steps of the loop with ``config``, as a
-    clause ("the ... scheduler refuses it (...)"); None where its timesteps lie within the trained
-    ones (or are noise levels: ``continuous_timesteps``) and a dry run on a tiny latent ends finite."""
+    """What keeps scheduler ``name`` from running ``steps`` steps of the loop with ``config``, in words
+    after "the ... scheduler" ("refuses 20 steps (...)", "returns NaN at 20 steps"); None where its
+    timesteps lie within the trained ones (or are noise levels: ``continuous_timesteps``) and a dry
+    run on a tiny latent ends finite."""
     scheduler = make_scheduler(name, config)
     trained = int(scheduler.config.num_train_timesteps)
-    label = _label(name, scheduler)
     try:
         scheduler.set_timesteps(steps)
     except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
-        return f"the {label} scheduler refuses it ({one_line(exc, 300)})"
+        return f"refuses {steps} steps ({one_line(exc, 300)})"
     timesteps = scheduler.timesteps
     outside = [float(t) for t in (timesteps.max(), timesteps.min()) if not 0 <= float(t) < trained] if len(timesteps) else []
     if outside and not continuous_timesteps(scheduler):
-        return (f"with the {label} scheduler this many steps reach timestep {outside[0]:g}, outside the "
-                f"model's {trained} training timesteps (0 to {trained - 1})")
+        return (f"reaches timestep {outside[0]:g} at {steps} steps, outside the model's {trained} training "
+                f"timesteps (0 to {trained - 1})")
     failure = _dry_run(scheduler)
-    return None if failure is None else f"the {label} scheduler {failure} with this many steps"
-
-
-def _label(name: str, scheduler: Any) -> str:
-    return name if name != DEFAULT else f"default ({scheduler.__class__.__name__})"
+    return None if failure is None else f"{failure} at {steps} steps"
 
 
 def _dry_run(scheduler: Any) -> str | None:
