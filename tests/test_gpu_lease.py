@@ -344,15 +344,12 @@ def test_a_process_a_step_left_behind_does_not_hold_the_lease_open(tmp_path: Pat
     seconds for it, packs the log, and returns, rather than wait out the leftover (or the call's limit)."""
     import time
 
-    # (the leftover outlives any lease that does not wait for it, however busy the machine, and ends
-    # before the call's limit: a lease that waited for either finds it gone)
-    leftover = f"120.{os.getpid()}"
+    leftover = f"41.{os.getpid()}"
     began = time.monotonic()
     try:
         done = _lease(tmp_path, carried, 600, STAND_IN_LEFT_BEHIND=leftover)
         assert done.returncode == 0, done.stdout + done.stderr
-        still_held = subprocess.run(["pgrep", "-f", f"sleep {leftover}"], capture_output=True).returncode == 0
-        assert still_held, f"the lease returned after {time.monotonic() - began:.0f} s, once the leftover had ended"
+        assert time.monotonic() - began < 30
         assert "lease done: " in (tmp_path / "out" / "lease.log").read_text()
     finally:
         subprocess.run(["pkill", "-f", f"sleep {leftover}"])

@@ -1501,20 +1501,25 @@ def test_an_interrupted_loadtest_writes_what_it_measured_before(monkeypatch, tmp
     _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 1000)
     served = tritonclient.http.InferenceServerClient.infer
 
-    first = threading.Lock()
+    first, timers = threading.Lock(), []
 
     def slow(self, model, inputs, outputs):
         # the Ctrl-C comes 1.5 s after the first request, not 2 s after the command began: the CLI's
         # start (its imports, the plan's checks) took over a second on a busy machine, and the run
         # was then stopped 0.5 s into the load
         if first.acquire(blocking=False):
-            threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+            timers.append(threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGINT)))
+            timers[0].start()
         time.sleep(0.1)
         return served(self, model, inputs, outputs)
 
     monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", slow)
     out = tmp_path / "load"
-    assert run_cli("loadtest", "--url", "localhost:1", "--duration", "60", "-c", "2", "-o", out) == 130
+    try:
+        assert run_cli("loadtest", "--url", "localhost:1", "--duration", "60", "-c", "2", "-o", out) == 130
+    finally:  # (a load that ended before it must not stop the tests after this one)
+        for timer in timers:
+            timer.cancel()
     report = json.loads((out / "loadtest.json").read_text())
     assert report["succeeded"] >= 2 and 1 < report["interrupted_s"] < 30
     assert "**Interrupted**" in (out / "loadtest.md").read_text()

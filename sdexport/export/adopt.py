@@ -287,7 +287,7 @@ def adopt(
         from sdexport.runtime.schedulers import default_scheduler_note
 
         if note := default_scheduler_note(scheduler, str(directory), family=plan.family,
-                                          conditioned=plan.dims.conditioned):
+                                          conditioned=plan.dims.conditioned, again="adopt it again (--force)"):
             from rich.markup import escape
 
             from sdexport.console import console

@@ -7,6 +7,7 @@ compares against. Only the naming (and the Karras variant) is ours.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import SdexportError, one_line
@@ -131,9 +132,9 @@ def make_scheduler(name: str, config: dict[str, Any], *, fix: str | None = None)
             f"the {class_name} scheduler has no {', '.join(lacking)}, which the denoising loop uses; "
             + (fix or f"pick another with {setting('scheduler')} ({', '.join(SCHEDULERS)})")
         )
-    trained = int(scheduler.config.num_train_timesteps)
+    trained = scheduler.config.get("num_train_timesteps")  # (KarrasVe's and DDPMWuerstchen's have none)
     table = getattr(scheduler, "alphas_cumprod", None)
-    if table is not None and len(table) != trained:  # e.g. trained_betas of another length
+    if table is not None and trained is not None and len(table) != int(trained):  # e.g. trained_betas of another length
         raise SdexportError(
             f"the saved scheduler config is inconsistent: {len(table)} noise levels (trained_betas) for "
             f"num_train_timesteps {trained}; {fix or 're-export'}"
@@ -243,7 +244,8 @@ def check_model_scheduler(config: dict[str, Any], where: str) -> None:
     make_scheduler(DEFAULT, config, fix=fix)
 
 
-def default_scheduler_note(config: dict[str, Any], where: str, *, family: str, conditioned: bool) -> str | None:
+def default_scheduler_note(config: dict[str, Any], where: str, *, family: str, conditioned: bool,
+                           again: str = "export it again") -> str | None:
     """Why the model's own scheduler does not sample, where a dry run of it fails at ``USUAL_STEPS``
     and at a few steps (``FEW_STEPS``, or fewer where an LCM config takes fewer); None where it samples.
 
@@ -253,15 +255,26 @@ def default_scheduler_note(config: dict[str, Any], where: str, *, family: str, c
     without ``--scheduler`` was refused. The engines are sound, and any scheduler that samples runs
     them: a model whose config cannot be edited where it lies is still exported. ``family``,
     ``conditioned``: ``config_as_loaded``'s, for text to image; ``config`` passed
-    ``check_model_scheduler``."""
+    ``check_model_scheduler``; ``again``: how a fixed config reaches the directory (its own copy is
+    hashed in the manifest)."""
     loaded = config_as_loaded(config, DEFAULT, family=family, conditioned=conditioned, inpainting=False)
     scheduler = make_scheduler(DEFAULT, loaded)
     few = min(FEW_STEPS, _most_steps(scheduler) or FEW_STEPS)
     trouble = _trouble(DEFAULT, loaded, USUAL_STEPS)
     if trouble is None or _trouble(DEFAULT, loaded, few) is None:
         return None
-    return (f"{where}: its scheduler, {type(scheduler).__name__}, {trouble}, and at {few} too: `run` with these "
-            f"engines needs another {setting('scheduler')} ({', '.join(SCHEDULERS)}), or fix its scheduler config")
+    usable = _sampling(lambda name: config_as_loaded(config, name, family=family, conditioned=conditioned,
+                                                     inpainting=False), exclude=DEFAULT)
+    return (f"{where}: its scheduler, {type(scheduler).__name__}, {trouble}, and at {few} steps too: `run` with "
+            f"these engines needs " + (f"another {setting('scheduler')} ({usable}), or " if usable else "")
+            + f"its scheduler config fixed in {where} and {again}")
+
+
+def _sampling(config_for: Callable[[str], dict[str, Any]], exclude: str) -> str:
+    """The scheduler names, ``exclude`` left out, that sample ``USUAL_STEPS`` steps with the config
+    each would read (``config_for(name)``): a named scheduler takes the saved keys its class knows,
+    so UniPC's with a config of UniPC's bh1 solver returns NaN as well (a review)."""
+    return ", ".join(n for n in SCHEDULERS if n != exclude and _trouble(n, config_for(n), USUAL_STEPS) is None)
 
 
 def _from_config(cls: Any, config: dict[str, Any], overrides: dict[str, Any]) -> Any:
@@ -309,15 +322,16 @@ def check_steps(name: str, config: dict[str, Any], steps: int, from_image: bool 
     most = _most_steps(scheduler)
     if most is not None and steps > most:
         raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler takes at most {most} steps (its "
-                            "original_inference_steps); latent consistency models need 1 to 8")
+                            f"original_inference_steps); latent consistency models need 1 to {min(8, most)}")
     trouble = _trouble(name, config, steps)
     if trouble is None:
         return
     other = FEW_STEPS if steps > FEW_STEPS else USUAL_STEPS  # (another count: the same one proves nothing)
     if _trouble(name, config, other) is not None:  # (another count would not mend it: the config does not sample so)
-        others = ", ".join(n for n in SCHEDULERS if n != name)
+        others = _sampling(lambda _: config, exclude=name)
         raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {trouble}, and at {other} steps too "
-                            f"with this model's scheduler config; pick another {setting('scheduler')} ({others})")
+                            f"with this model's scheduler config; " + (f"pick another {setting('scheduler')} ({others})"
+                                                                       if others else "fix the config"))
     raise SdexportError(f"{setting('steps')} {steps}: the {label} scheduler {trouble}; use "
                         + ("fewer" if steps > other else "more") + " steps (20-50 is usual)")
 
@@ -345,14 +359,14 @@ def _trouble(name: str, config: dict[str, Any], steps: int) -> str | None:
     timesteps lie within the trained ones (or are noise levels: ``continuous_timesteps``) and a dry
     run on a tiny latent ends finite."""
     scheduler = make_scheduler(name, config)
-    trained = int(scheduler.config.num_train_timesteps)
+    trained = int(scheduler.config.get("num_train_timesteps") or 0)  # (none: the dry run decides)
     try:
         scheduler.set_timesteps(steps)
     except Exception as exc:  # e.g. DDIM's ValueError for steps > num_train_timesteps
         return f"refuses {steps} steps ({one_line(exc, 300)})"
     timesteps = scheduler.timesteps
     outside = [float(t) for t in (timesteps.max(), timesteps.min()) if not 0 <= float(t) < trained] if len(timesteps) else []
-    if outside and not continuous_timesteps(scheduler):
+    if outside and trained and not continuous_timesteps(scheduler):
         return (f"reaches timestep {outside[0]:g} at {steps} steps, outside the model's {trained} training "
                 f"timesteps (0 to {trained - 1})")
     failure = _dry_run(scheduler)
