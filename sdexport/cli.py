@@ -587,7 +587,7 @@ def run(
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
-        if sized is None or not all(profile.batch[0] <= part.batch <= profile.batch[2] for part in parts):
+        if sized is None or not all(profile.takes_batch(part.batch) for part in parts):
             raise  # (an image gives the sides, never the batch)
         from sdexport.runtime.image_inputs import sized_by
 

@@ -162,6 +162,11 @@ class ShapeProfile:
                 f"{option('--width')}"
             )
 
+    def takes_batch(self, batch: int) -> bool:
+        """Whether a call of ``batch`` images lies in the profile (a refused size is an image's only
+        where it does: an image gives the sides, never the batch)."""
+        return self.batch[0] <= batch <= self.batch[2]
+
     def check_request(self, batch: int, height: int, width: int, dims: ImageGeometry, *,
                       served: Mapping[str, str] | None = None) -> None:
         """Refuse a request the engines cannot serve, saying what they can (and what widens them:

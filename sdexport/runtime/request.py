@@ -657,8 +657,7 @@ def check_request(
         profile.check_request(sized.batch, *sized.size, dims)
     except ProfileError as exc:  # a size the caller did not give (a side, not the batch): say whose it was
         given = request.height is not None or request.width is not None or request.init_latents is not None
-        batch_fits = profile.batch[0] <= sized.batch <= profile.batch[2]
-        source = None if given or not batch_fits else \
+        source = None if given or not profile.takes_batch(sized.batch) else \
             sizing_image(request.image, request.control_image, request.adapter_image)
         if source is None:
             raise
