@@ -544,6 +544,7 @@ def test_cuda_graphs_are_captured_while_loading_not_in_timed_runs(tmp_path):
     assert calls == [1, 2]
 
 
+@pytest.mark.slow  # an init image and strength in the bench by default: the inpainting scenario
 def test_an_img2img_scenario_runs_every_contender_from_the_same_image(tmp_path):
     """strength: the baseline is diffusers' img2img pipeline; the engines export the VAE encoder."""
     scenario = tmp_path / "img2img.toml"
@@ -562,7 +563,8 @@ def test_an_img2img_scenario_runs_every_contender_from_the_same_image(tmp_path):
 @pytest.mark.parametrize(("model", "strength", "calls", "words"), [
     ("tiny-sdxl-inpaint", None, 3, ("at strength 0.9999 (diffusers' default for SDXL inpainting; "
                                     "int(steps x strength) denoising steps), ")),  # one parenthesis
-    ("tiny", 0.5, 2, "at strength 0.5 (int(steps x strength) denoising steps), "),  # a standard U-Net blends
+    # a standard U-Net blends (its blending is checked against diffusers in test_image_tasks)
+    pytest.param("tiny", 0.5, 2, "at strength 0.5 (int(steps x strength) denoising steps), ", marks=pytest.mark.slow),
 ])
 def test_an_inpainting_scenario_repaints_the_same_middle_for_every_contender(tmp_path, model, strength, calls, words):
     """inpaint = true: the baseline is diffusers' inpaint pipeline; the engines export the VAE encoder."""

@@ -11,7 +11,10 @@ cores (2026-12-03) measured the rerun at -0.7% (torch) and -4.4% (diffusers), th
 +1462% (69 → 1080 ms) and the unslowed diffusers beside it at -1.1%. On a machine busier still (an
 audit, 2026-12-07) the same code measured +2133% on the absolute scale: the rerun and the slowed
 run are judged as ratios to diffusers' time in the same run (SDEXPORT_RELATIVE_TO), which cancels
-what the machine does to both.
+what the machine does to both. The default run keeps the first run and the rerun (the gate's real
+path: bench, compare, the summary, the engine cache); the slowed run is `-m slow` since the
+default run's cut of 2026-12-07 (docs/design-notes.md): under another audit's three busy loops a
+run of 2 s hid its +1 s at 200%.
 """
 
 from __future__ import annotations
@@ -287,11 +290,11 @@ def _gate(tmp_path: Path, baseline: Path, out: str, **env: str) -> subprocess.Co
                            str(tmp_path / out)], capture_output=True, text=True, env=environment, timeout=600)
 
 
-def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another_gpu(tmp_path):
+def _first_gate_run(tmp_path: Path) -> tuple[Path, dict]:
+    """The gate with no baseline yet (reported, not gated); its report saved as the baseline."""
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
     baseline = tmp_path / "baselines" / "gate.json"
-
-    first = _gate(tmp_path, baseline, "run1")  # no baseline yet: reported, not gated
+    first = _gate(tmp_path, baseline, "run1")
     assert first.returncode == 0, first.stderr[-3000:]
     summary = (tmp_path / "run1" / "summary.md").read_text()
     assert summary.startswith(MARKER) and "no baseline yet" in summary and str(baseline) in summary
@@ -299,6 +302,11 @@ def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another
     assert report["one_time"]["export"]["status"] == "cached now"
     baseline.parent.mkdir()
     baseline.write_text((tmp_path / "run1" / "bench" / "results.json").read_text())
+    return baseline, report
+
+
+def test_the_ci_gate_passes_a_rerun_and_refuses_another_gpu(tmp_path):
+    baseline, report = _first_gate_run(tmp_path)
 
     # the same code again: no change, engines from the cache; judged as a ratio to diffusers' time in
     # the same run, so that a busy machine's drift between the runs cancels (an audit saw the same
@@ -316,29 +324,37 @@ def test_the_ci_gate_passes_a_rerun_flags_a_slowed_contender_and_refuses_another
     entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
     assert len(entries) == 1
 
-    # A damaged entry is set aside (kept) and exported anew; the slowed contender fails the gate.
-    weights = next(entries[0].glob("unet/*.onnx*"))
-    weights.write_bytes(weights.read_bytes()[:-1])
-    # +1 s on well under 0.1 s, judged at 200% of the ratio to diffusers (see the module docstring).
-    # Into run2 again: the gate replaces its own earlier outputs (proved to be bench's and compare's).
-    slowed = _gate(tmp_path, baseline, "run2", SDEXPORT_TEST_SLOW_UNET="torch=0.25", SDEXPORT_MAX_SLOWDOWN="200%",
-                   SDEXPORT_RELATIVE_TO="diffusers")
-    assert slowed.returncode == 1, slowed.stdout[-3000:] + slowed.stderr[-3000:]
-    assert "is damaged" in slowed.stdout + slowed.stderr
-    assert len([p for p in (tmp_path / "cache").iterdir() if ".damaged-" in p.name]) == 1
-    assert json.loads((tmp_path / "run2" / "bench" / "results.json").read_text())["one_time"]["export"]["status"] == "cached now"
-    summary = (tmp_path / "run2" / "summary.md").read_text()
-    assert "❌ 1 regression" in summary and "slowed on purpose" in summary
-    root = ET.parse(tmp_path / "run2" / "compare" / "comparison.xml").getroot()
-    failed = [c.get("classname") for c in root.iter("testcase") if c.find("failure") is not None]
-    assert failed == ["sdexport-bench.gate.torch"]
-
     other = copy.deepcopy(rerun)
     other["environment"]["gpu"] = {"name": "NVIDIA H100 80GB HBM3", "memory_gb": 79.2}
     (tmp_path / "other.json").write_text(json.dumps(other))
     refused = subprocess.run([sys.executable, "-m", "sdexport", "bench", "compare", str(baseline),
                               str(tmp_path / "other.json")], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "device: CPU only" in refused.stderr and "NVIDIA H100" in refused.stderr
+
+
+@pytest.mark.slow  # compare's verdict on a slowdown (fixed timings) and the hook's timing are checked by default
+def test_the_ci_gate_flags_a_slowed_contender(tmp_path):
+    """What a regression gate is for, on real runs: its half that a busy machine can blur (the
+    slowed run against the same run's diffusers; see the module docstring)."""
+    baseline, _ = _first_gate_run(tmp_path)
+    entries = [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+
+    # A damaged entry is set aside (kept) and exported anew; the slowed contender fails the gate.
+    weights = next(entries[0].glob("unet/*.onnx*"))
+    weights.write_bytes(weights.read_bytes()[:-1])
+    # +1 s on well under 0.1 s, judged at 200% of the ratio to diffusers (see the module docstring).
+    # Into run1 again: the gate replaces its own earlier outputs (proved to be bench's and compare's).
+    slowed = _gate(tmp_path, baseline, "run1", SDEXPORT_TEST_SLOW_UNET="torch=0.25", SDEXPORT_MAX_SLOWDOWN="200%",
+                   SDEXPORT_RELATIVE_TO="diffusers")
+    assert slowed.returncode == 1, slowed.stdout[-3000:] + slowed.stderr[-3000:]
+    assert "is damaged" in slowed.stdout + slowed.stderr
+    assert len([p for p in (tmp_path / "cache").iterdir() if ".damaged-" in p.name]) == 1
+    assert json.loads((tmp_path / "run1" / "bench" / "results.json").read_text())["one_time"]["export"]["status"] == "cached now"
+    summary = (tmp_path / "run1" / "summary.md").read_text()
+    assert "❌ 1 regression" in summary and "slowed on purpose" in summary
+    root = ET.parse(tmp_path / "run1" / "compare" / "comparison.xml").getroot()
+    failed = [c.get("classname") for c in root.iter("testcase") if c.find("failure") is not None]
+    assert failed == ["sdexport-bench.gate.torch"]
 
 
 def test_an_interrupted_run_is_compared_for_what_it_measured_and_says_it_did_not_finish(tmp_path):

@@ -379,17 +379,27 @@ def test_served_rows_give_an_image_per_adapter(engine_dirs, tmp_path):
         model.close()
 
 
-def test_bench_runs_a_multi_adapter_scenario(engine_dirs, tmp_path, capsys):
+MULTI_ADAPTER_SCENARIO = ('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
+                          'contenders = ["diffusers", "onnxruntime-cpu"]\nadapter = ["tiny-adapter", "tiny-adapter"]\n'
+                          'adapter_scale = 0.6\n')
+
+
+@pytest.mark.slow  # a bench with one adapter (test_adapter) and the MultiAdapter's parity, each by default
+def test_bench_runs_a_multi_adapter_scenario(tmp_path):
     """adapter as a list: the harness exports every adapter, gives each its own synthetic edge map,
-    compares with diffusers' adapter pipeline given a MultiAdapter; engines must have as many."""
-    scenario, out, report = bench_agreeing(
-        tmp_path, "mad", 'model = "tiny"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
-        'contenders = ["diffusers", "onnxruntime-cpu"]\nadapter = ["tiny-adapter", "tiny-adapter"]\n'
-        'adapter_scale = 0.6\n')
+    compares with diffusers' adapter pipeline given a MultiAdapter."""
+    _, out, report = bench_agreeing(tmp_path, "mad", MULTI_ADAPTER_SCENARIO)
     assert all("adapter_s" in r for r in report["results"])
     assert load_manifest(out / "engines" / "mad").adapters == ["adapter", "adapter_1"]
     markdown = (out / "results.md").read_text()
     assert "T2I-Adapter tiny-adapter + tiny-adapter on a synthetic edge map at scale 0.6" in markdown
+
+
+def test_a_multi_adapter_scenario_refuses_other_engines_and_a_pipeline_whose_adapters_it_leaves_out(
+        engine_dirs, tmp_path, capsys):
+    """Refused as the bench plans, before anything is exported."""
+    scenario = tmp_path / "mad.toml"
+    scenario.write_text(MULTI_ADAPTER_SCENARIO)
     # a directory with another number of adapters is not the scenario's model
     single = tmp_path / "single.toml"
     single.write_text(scenario.read_text().replace('["tiny-adapter", "tiny-adapter"]', '"tiny-adapter"'))

@@ -970,6 +970,7 @@ def test_replacement_vae(tmp_path):
         load_model("tiny-sdxl", vae=str(tmp_path / "fixed-vae"))
 
 
+@pytest.mark.slow  # SDXL in the bench by default: an inpainting scenario (test_bench) and a refiner's base
 def test_bench_runs_tiny_sdxl(tmp_path):
     import json
 

@@ -948,31 +948,43 @@ def test_each_text_encoder_tensor_is_read_once(tiny_checkpoint, reads) -> None:
     assert reads and len(reads) == len(set(reads))
 
 
-def test_a_bench_scenario_states_a_single_files_architecture(tiny_checkpoint, tmp_path: Path, capsys):
-    """``config`` in a scenario is export's --config: the file is exported, the diffusers baseline and
-    the Torch contender read it, and they agree; a refusal names the scenario's key, not the flag."""
-    import json
+SINGLE_FILE_SCENARIO = ('height = 64\nwidth = 64\nsteps = [1]\nbatch = [1]\nwarmup = 0\nrepeats = 1\n'
+                        'contenders = ["diffusers", "onnxruntime-cpu", "torch"]\n')
 
+
+def test_a_bench_scenario_names_a_single_files_architecture_with_config_alone(tiny_checkpoint, tmp_path: Path,
+                                                                              capsys):
+    """A refusal names the scenario's key, not export's flag; nothing is written."""
     from conftest import run_cli
 
     _, path = tiny_checkpoint
-    scenario = tmp_path / "single.toml"
-    common = ('height = 64\nwidth = 64\nsteps = [1]\nbatch = [1]\nwarmup = 0\nrepeats = 1\n'
-              'contenders = ["diffusers", "onnxruntime-cpu", "torch"]\n')
+    scenario, common = tmp_path / "single.toml", SINGLE_FILE_SCENARIO
     scenario.write_text(f'model = "{path}"\n{common}')
     assert run_cli("bench", scenario, "-o", tmp_path / "refused") == 2
     assert "a single-file checkpoint needs config:" in capsys.readouterr().err
     scenario.write_text(f'model = "tiny"\nconfig = "tiny"\n{common}')
     assert run_cli("bench", scenario, "-o", tmp_path / "refused") == 2
     assert "config: tiny: only a single-file checkpoint (.safetensors/.ckpt) takes config;" in capsys.readouterr().err
-    scenario.write_text(f'model = "{path}"\nconfig = "tiny"\n{common}')
+    assert not (tmp_path / "refused").exists()
+
+
+@pytest.mark.slow  # a single file's export and the bench's Torch contender are each checked by default
+def test_a_bench_scenario_states_a_single_files_architecture(tiny_checkpoint, tmp_path: Path):
+    """``config`` in a scenario is export's --config: the file is exported, the diffusers baseline and
+    the Torch contender read it, and they agree."""
+    import json
+
+    from conftest import run_cli
+
+    _, path = tiny_checkpoint
+    scenario = tmp_path / "single.toml"
+    scenario.write_text(f'model = "{path}"\nconfig = "tiny"\n{SINGLE_FILE_SCENARIO}')
     assert run_cli("bench", scenario, "-o", tmp_path / "out") == 0
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["scenario"]["config"] == "tiny"
     rows = {r["contender"]: r for r in report["results"]}
     assert rows["onnxruntime-cpu"]["agreement"]["latents_rel_l2"] < 1e-4
     assert rows["torch"]["agreement"]["latents_rel_l2"] < 1e-4
-    assert not (tmp_path / "refused").exists()
 
 
 def test_a_single_files_bench_cache_key_reads_its_config_by_content_or_preset_name(tiny_checkpoint, tmp_path: Path,

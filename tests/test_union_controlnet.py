@@ -559,13 +559,21 @@ def test_served_rows_keep_apart_only_with_their_own_control_pixels():
     assert [len(c) for c in group_rows(scaled, 4, union_control_apart(scaled, images=2))] == [1, 1]
 
 
-def test_bench_runs_a_union_scenario(engine_dirs, tmp_path, capsys):
+UNION_SCENARIO = ('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
+                  'contenders = ["diffusers", "onnxruntime-cpu"]\n')
+
+
+@SLOW  # a bench with a ControlNet (test_controlnet) and the union pipeline's parity, each by default
+def test_bench_runs_a_union_scenario(tmp_path):
     """The harness exports the union ControlNet, gives every contender the same edge map as the
-    scenario's mode, and compares with diffusers' union pipeline; engines must match."""
-    base = ('model = "tiny-sdxl"\nheight = 64\nwidth = 64\nsteps = [3]\nbatch = [2]\nwarmup = 0\nrepeats = 1\n'
-            'contenders = ["diffusers", "onnxruntime-cpu"]\n')
-    scenario, out, _ = bench_agreeing(tmp_path, "un", base + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
+    scenario's mode, and compares with diffusers' union pipeline."""
+    _, out, _ = bench_agreeing(tmp_path, "un", UNION_SCENARIO + 'controlnets = ["tiny-union"]\ncontrol_mode = [3]\n')
     assert "edge map at scale 1.0 as control mode(s) 3" in (out / "results.md").read_text()
+
+
+def test_a_union_scenario_needs_its_modes_and_union_engines(engine_dirs, tmp_path, capsys):
+    """Refused as the bench plans, before anything is exported."""
+    base, scenario = UNION_SCENARIO, tmp_path / "un.toml"
     for text, message in (('controlnets = ["tiny-union"]\n', "union ControlNets need control_mode"),
                           ('controlnets = ["tiny-union"]\ncontrol_mode = [3, 1]\n',
                            "control_mode: 2 modes for 1 ControlNet(s)"),
