@@ -367,8 +367,9 @@ def test_given_engines_must_come_from_the_scenarios_model_and_set_its_precision(
     assert run_cli("bench", scenario, "-o", tmp_path / "out-adopted", "--engine-dir", adopted, "--repeats", "1",
                    "--warmup", "0") == 0
     said = " ".join((tmp_path / "out-adopted" / "results.md").read_text().split())
-    assert "**Engines taken on trust**: their directory does not record the checkpoint they were made from" in said
-    assert json.loads((tmp_path / "out-adopted" / "results.json").read_text())["engines_on_trust"] is True
+    assert ("**Engines taken on trust**: the directory given as --engine-dir does not record the checkpoint it was "
+            "made from") in said
+    assert json.loads((tmp_path / "out-adopted" / "results.json").read_text())["engines_on_trust"] == ["--engine-dir"]
     assert "engines_on_trust" not in report
 
 

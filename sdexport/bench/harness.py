@@ -251,10 +251,10 @@ def _run(
                     loaded_at = time.perf_counter()
                     # engines made from the scenario's checkpoint (exported, cached, or given and proven so):
                     # the Torch contenders reload it where it lies here, else as their manifests say
-                    here = plan.from_scenario
-                    contender = _load(name, model, engine_dir, dtype, scenario, here)
+                    contender = _load(name, model, engine_dir, dtype, scenario, plan.from_scenario("--engine-dir"))
                     if refiner is not None:
-                        contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario, here)
+                        contender = _with_refiner(contender, name, refiner, refiner_dir, dtype, scenario,
+                                                  plan.from_scenario("--refiner-engine-dir"))
                     try:
                         if name in plan.slow_unet:
                             slow_down_unet(contender, plan.slow_unet[name])
@@ -331,8 +331,9 @@ def _run(
         "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,
         **({"engines": engines_workload(engine_dir)} if engine_dir is not None else {}),
-        # (a given directory that does not record its checkpoint: an ONNX export adopted without --model)
-        **({"engines_on_trust": True} if not plan.from_scenario else {}),
+        # (the flags of given directories that do not record their checkpoint: ONNX exports adopted
+        # without --model; true in reports before 2026-12-07, which did not say which)
+        **({"engines_on_trust": list(plan.on_trust)} if plan.on_trust else {}),
         **({"refiner": {"model": refiner.label, "random_weights": refiner.random_weights, "denoising_end": scenario.cut,
                         "engine_dir": str(recorded_refiner) if recorded_refiner else None}} if refiner else {}),
         "environment": env,

@@ -53,10 +53,18 @@ class BenchPlan:
     dtype: str | None = None
     """The given engine directory's precision, which the baselines run in too (None: the scenario's,
     ``harness.precision``)."""
-    from_scenario: bool = True
-    """The engines were made from the scenario's model (and refiner) as it lies here: exported by the
-    run, taken from the cache, or given and proven so (``_check_made_from``). The Torch contenders
-    then reload the scenario's checkpoint; otherwise the one their manifests name."""
+    on_trust: tuple[str, ...] = ()
+    """The flags (``--engine-dir``, ``--refiner-engine-dir``) whose given directory does not record
+    the checkpoint it was made from (an ONNX export adopted without --model): taken on trust, which
+    the report says of each. Every other directory was made from the scenario's model (or refiner)
+    as it lies here: exported by the run, taken from the cache, or given and proven so
+    (``_check_made_from``), and its Torch contenders reload that checkpoint; a directory on trust,
+    the one its manifest names."""
+
+    def from_scenario(self, flag: str) -> bool:
+        """Whether the directory given as (or exported in place of) ``flag`` was made from the
+        scenario's model as it lies here."""
+        return flag not in self.on_trust
 
     def refiner_plan(self) -> BenchPlan:
         """This plan as the refiner's export sees it: its model, the same profile and precision."""
@@ -126,7 +134,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         outline, refiner, modes, embedded, export_profile = _check_stated(scenario)
     images = 1
     dtype: str | None = None
-    proven = True
+    on_trust: list[str] = []
     geometry: ImageGeometry = outline
     profile, scheduler_config = export_profile, outline.scheduler_config
     # what the refiner's share of a case is checked against: its geometry, profile and scheduler config
@@ -174,7 +182,8 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
                 f"--engine-dir {options.engine_dir} has {'union' if manifest.model_dims.N else 'plain'} ControlNets, "
                 f"the scenario {'union' if modes else 'plain'} ones: the baseline and the engines must be the same "
                 "model")
-        proven = _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline)  # (kind first)
+        if not _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline):  # (kind first)
+            on_trust.append("--engine-dir")
         _check_engine_files("--engine-dir", options.engine_dir, manifest, contenders, scenario.image_inputs)
         dtype = _engine_precision(options.engine_dir, manifest, scenario)
         profile, geometry = manifest.shape_profile, manifest.model_dims
@@ -183,8 +192,9 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         if options.refiner_engine_dir is not None:
             paired = _refiner_engines(options.refiner_engine_dir, options.engine_dir, manifest)
             assert refiner is not None and scenario.refiner is not None  # (refused above otherwise)
-            proven = _check_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest,
-                                      scenario.refiner, refiner) and proven
+            if not _check_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest,
+                                    scenario.refiner, refiner):
+                on_trust.append("--refiner-engine-dir")
             if paired.manifest.dtype != dtype:
                 raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir} is an {paired.manifest.dtype} "
                                     f"export, --engine-dir {options.engine_dir} an {dtype} one: give a pair of one "
@@ -216,7 +226,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
         slow_unet=slow_unet_hook(contenders),
         refiner=refiner,
         dtype=dtype,
-        from_scenario=proven,
+        on_trust=tuple(on_trust),
     )
 
 

@@ -237,6 +237,22 @@ def test_hooks_text(report: dict[str, Any]) -> str | None:
     return f"test hook {SLOW_UNET_HOOK} slept before every U-Net call ({what})"
 
 
+def _on_trust_words(flags: Any) -> str:
+    """The report's line on given engine directories that do not record their checkpoint, each named
+    by its flag (a report before 2026-12-07 recorded ``true`` for either or both)."""
+    if not flags:
+        return ""
+    if not isinstance(flags, list):
+        return ("  \n  **Engines taken on trust**: their directory does not record the checkpoint they were made "
+                "from (an ONNX export adopted without --model), so nothing proves they are this model's")
+    if len(flags) == 1:
+        return (f"  \n  **Engines taken on trust**: the directory given as {flags[0]} does not record the checkpoint "
+                "it was made from (an ONNX export adopted without --model), so nothing proves it is the scenario's")
+    return (f"  \n  **Engines taken on trust**: the directories given as {' and '.join(flags)} do not record the "
+            "checkpoints they were made from (ONNX exports adopted without --model), so nothing proves they are the "
+            "scenario's")
+
+
 def _test_hook_lines(report: dict[str, Any]) -> list[str]:
     text = test_hooks_text(report)
     return [f"> **Slowed on purpose**: {text}; these figures measure the hook, not the code.", ""] if text else []
@@ -279,9 +295,7 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"- Model: {report['model']}"
             + (_random_weights_words(report["model"]) if report["random_weights"] else "")
-            + ("  \n  **Engines taken on trust**: their directory does not record the checkpoint they were made "
-               "from (an ONNX export adopted without --model), so nothing proves they are this model's"
-               if report.get("engines_on_trust") else "")
+            + _on_trust_words(report.get("engines_on_trust"))
         ),
         *([_refiner_words(report["refiner"])] if report.get("refiner") else []),
         f"- Device: {device}",
