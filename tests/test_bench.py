@@ -299,6 +299,45 @@ def test_a_crashing_bench_leaves_no_output_folder(tmp_path, monkeypatch, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
 
 
+def test_a_damaged_cache_entry_is_set_aside_whole_and_exported_anew(tiny_engines, tmp_path, monkeypatch, capsys):
+    """A cache entry whose graph no longer matches its sha256 is moved aside (kept for a look, never
+    deleted) and exported again; a sound one is taken as it is. (The CI gate's slowed run, -m slow,
+    does this on real runs too.) The export is a stand-in copying the module's engines."""
+    from sdexport.bench import harness
+    from sdexport.bench.plan import Options, plan_bench
+
+    scenario_path = tmp_path / "s.toml"
+    scenario_path.write_text(SMOKE)
+    scenario = load_scenario(scenario_path)
+    plan = plan_bench(scenario, Options())
+    exports: list[Path] = []
+
+    def export_to(target: Path, *args) -> float:
+        exports.append(target)
+        shutil.copytree(tiny_engines, target)
+        return 0.5
+
+    monkeypatch.setattr(harness, "_export_to", export_to)
+    entry = tmp_path / "cache" / "smoke-0123"
+    entry.parent.mkdir()
+    one_time: dict = {}
+    assert harness._cached_export(scenario, plan, entry, one_time) == entry  # absent: made
+    assert one_time["export"] == {"export_s": 0.5, "path": str(entry), "status": "cached now"}
+    harness._cached_export(scenario, plan, entry, one_time)  # sound: taken
+    assert one_time["export"] == {"status": "cached", "path": str(entry)} and exports == [entry]
+    graph = entry / "unet" / "model.onnx"
+    damaged = graph.read_bytes()[:-1]
+    graph.write_bytes(damaged)
+    capsys.readouterr()
+    harness._cached_export(scenario, plan, entry, one_time)
+    assert one_time["export"]["status"] == "cached now" and exports == [entry, entry]
+    aside = [p for p in entry.parent.iterdir() if p.name.startswith(".smoke-0123.damaged-")]
+    assert len(aside) == 1 and (aside[0] / "unet" / "model.onnx").read_bytes() == damaged
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"engine cache: smoke-0123 is damaged ({entry}: unet/model.onnx does not match its sha256" in said
+    assert f"moved to {aside[0].name}, exporting again" in said
+
+
 def test_a_cached_export_made_from_a_checkpoint_elsewhere_reloads_the_copy_here(tmp_path):
     """Another runner shares the engine cache with its checkpoint at another path: the cache key is the
     checkpoint's content, and the Torch contender reloads the copy the scenario names, proven the same
