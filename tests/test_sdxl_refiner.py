@@ -783,11 +783,13 @@ def test_adopt_refuses_a_refiner_export_without_its_vae_encoder(refiner_dir, tmp
     assert not (foreign / "manifest.json").exists()
 
 
-def test_a_bench_names_the_given_directory_it_takes_on_trust(tiny_sdxl_engine_dir, refiner_dir, tmp_path):
+def test_a_bench_names_the_given_directory_it_takes_on_trust(tiny_sdxl_engine_dir, refiner_dir, tmp_path,
+                                                             monkeypatch):
     """An adopted refiner without --model records no checkpoint: that directory alone is on trust
-    (its Torch contender reloads what its manifest names), and the report says which; the base
-    model's, proven the scenario's, still reloads the scenario's checkpoint. Before, one flag for
-    both said "their directory" and sent both Torch contenders to their manifests."""
+    (its contenders take the model its manifest names), and the report says so on the Refiner line;
+    the base model's, proven the scenario's, still reloads the scenario's checkpoint. Before, one
+    flag for both said "their directory" under the base model and sent both to their manifests."""
+    from sdexport.bench import contenders
     from sdexport.bench.plan import Options, plan_bench
     from sdexport.bench.report import _on_trust_words
     from sdexport.bench.scenario import load_scenario
@@ -798,18 +800,32 @@ def test_a_bench_names_the_given_directory_it_takes_on_trust(tiny_sdxl_engine_di
     assert run_cli("adopt", adopted, "-q") == 0
     path = tmp_path / "ensemble.toml"
     path.write_text('model = "tiny-sdxl"\nrefiner = "tiny-sdxl-refiner"\nheight = 64\nwidth = 64\nsteps = [5]\n'
-                    'batch = [1]\ncontenders = ["diffusers", "onnxruntime-cpu"]\n')
+                    'batch = [1]\nwarmup = 0\nrepeats = 1\ncontenders = ["onnxruntime-cpu"]\n')
     scenario = load_scenario(path)
     plan = plan_bench(scenario, Options(engine_dir=tiny_sdxl_engine_dir, refiner_engine_dir=adopted))
     assert plan.on_trust == ("--refiner-engine-dir",)
     assert plan.from_scenario("--engine-dir") and not plan.from_scenario("--refiner-engine-dir")
     assert plan_bench(scenario, Options(engine_dir=tiny_sdxl_engine_dir, refiner_engine_dir=refiner_dir)).on_trust == ()
 
-    said = " ".join(_on_trust_words(["--refiner-engine-dir"]).split())
-    assert said == ("**Engines taken on trust**: the directory given as --refiner-engine-dir does not record the "
-                    "checkpoint it was made from (an ONNX export adopted without --model), so nothing proves it is "
-                    "the scenario's")
-    assert "the directories given as --engine-dir and --refiner-engine-dir do not record" in \
-        " ".join(_on_trust_words(["--engine-dir", "--refiner-engine-dir"]).split())
-    assert "their directory does not record" in _on_trust_words(True)  # a report written before the flags
-    assert _on_trust_words(None) == "" and _on_trust_words([]) == ""
+    sources = {}
+    made = contenders.RuntimeContender.__init__
+
+    def recording(self, name, engine_dir, *args, model_source=None, **kwargs):
+        sources[Path(engine_dir)] = model_source
+        made(self, name, engine_dir, *args, model_source=model_source, **kwargs)
+
+    monkeypatch.setattr(contenders.RuntimeContender, "__init__", recording)
+    out = tmp_path / "out"
+    assert run_cli("bench", path, "-o", out, "--engine-dir", tiny_sdxl_engine_dir, "--refiner-engine-dir", adopted) == 0
+    assert sources[Path(tiny_sdxl_engine_dir)] is not None and sources[adopted] is None
+    assert json.loads((out / "results.json").read_text())["engines_on_trust"] == ["--refiner-engine-dir"]
+    lines = (out / "results.md").read_text().split("\n- ")
+    model = next(line for line in lines if line.startswith("Model:"))
+    refiner = " ".join(next(line for line in lines if line.startswith("Refiner:")).split())
+    assert "on trust" not in model
+    assert ("**Engines taken on trust**: the directory given as --refiner-engine-dir does not record the checkpoint "
+            "they were made from (an ONNX export adopted without --model), so nothing proves they are the "
+            "refiner's") in refiner
+    # a report from before the flags recorded true, for either directory: said on the Model line, as then
+    assert "their directory does not record" in _on_trust_words(True, "--engine-dir")
+    assert _on_trust_words(True, "--refiner-engine-dir") == "" == _on_trust_words(None, "--engine-dir")

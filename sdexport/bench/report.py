@@ -237,20 +237,18 @@ def test_hooks_text(report: dict[str, Any]) -> str | None:
     return f"test hook {SLOW_UNET_HOOK} slept before every U-Net call ({what})"
 
 
-def _on_trust_words(flags: Any) -> str:
-    """The report's line on given engine directories that do not record their checkpoint, each named
-    by its flag (a report before 2026-12-07 recorded ``true`` for either or both)."""
-    if not flags:
+def _on_trust_words(flags: Any, flag: str) -> str:
+    """The Model (``--engine-dir``) or Refiner (``--refiner-engine-dir``) line's note when the
+    directory given as ``flag`` does not record its checkpoint. ``flags``: the report's
+    ``engines_on_trust``, a list of flags (``true`` before 2026-12-07, which did not say which
+    directory: said on the Model line, as then)."""
+    legacy = flags is True and flag == "--engine-dir"
+    if not legacy and not (isinstance(flags, list) and flag in flags):
         return ""
-    if not isinstance(flags, list):
-        return ("  \n  **Engines taken on trust**: their directory does not record the checkpoint they were made "
-                "from (an ONNX export adopted without --model), so nothing proves they are this model's")
-    if len(flags) == 1:
-        return (f"  \n  **Engines taken on trust**: the directory given as {flags[0]} does not record the checkpoint "
-                "it was made from (an ONNX export adopted without --model), so nothing proves it is the scenario's")
-    return (f"  \n  **Engines taken on trust**: the directories given as {' and '.join(flags)} do not record the "
-            "checkpoints they were made from (ONNX exports adopted without --model), so nothing proves they are the "
-            "scenario's")
+    whose = "the refiner's" if flag == "--refiner-engine-dir" else "this model's"
+    given = "their directory does not" if legacy else f"the directory given as {flag} does not"
+    return (f"  \n  **Engines taken on trust**: {given} record the checkpoint they were made from (an ONNX export "
+            f"adopted without --model), so nothing proves they are {whose}")
 
 
 def _test_hook_lines(report: dict[str, Any]) -> list[str]:
@@ -295,9 +293,10 @@ def markdown(report: dict[str, Any]) -> str:
         (
             f"- Model: {report['model']}"
             + (_random_weights_words(report["model"]) if report["random_weights"] else "")
-            + _on_trust_words(report.get("engines_on_trust"))
+            + _on_trust_words(report.get("engines_on_trust"), "--engine-dir")
         ),
-        *([_refiner_words(report["refiner"])] if report.get("refiner") else []),
+        *([_refiner_words(report["refiner"]) + _on_trust_words(report.get("engines_on_trust"), "--refiner-engine-dir")]
+          if report.get("refiner") else []),
         f"- Device: {device}",
         f"- Versions: {versions}; git {env['git_revision'] or 'unknown'}",
         f"- Date: {env['date']}",
