@@ -406,8 +406,8 @@ def test_given_engines_must_come_from_the_scenarios_model_and_set_its_precision(
     assert run_cli("bench", scenario, "-o", tmp_path / "out-adopted", "--engine-dir", adopted, "--repeats", "1",
                    "--warmup", "0") == 0
     said = " ".join((tmp_path / "out-adopted" / "results.md").read_text().split())
-    assert ("**Engines taken on trust**: the directory given as --engine-dir does not record the checkpoint it was "
-            "made from") in said
+    assert ("**Engines taken on trust**: the directory given as --engine-dir does not record the checkpoint they were "
+            "made from (an ONNX export adopted without --model), so nothing proves they are this model's") in said
     assert json.loads((tmp_path / "out-adopted" / "results.json").read_text())["engines_on_trust"] == ["--engine-dir"]
     assert "engines_on_trust" not in report
 
@@ -642,6 +642,61 @@ def test_a_rerun_for_another_model_exports_again(tmp_path):
         assert report["one_time"]["export"].get("status") == status and report["one_time"]["export"]["key"] != key
         runtime = next(r for r in report["results"] if r["contender"] == "onnxruntime-cpu")
         assert runtime["agreement"]["latents_rel_l2"] < 1e-4
+
+
+def test_the_setup_line_says_each_input_the_slow_scenarios_give(tmp_path):
+    """The words of the bench scenarios that run with -m slow (img2img, a standard U-Net's blended
+    inpainting, a union ControlNet's mode, two adapters, the slowing hook), on a synthetic report."""
+    from sdexport.bench.report import markdown
+
+    report = {
+        "scenario": {"name": "synthetic", "height": 64, "width": 64, "scheduler": "euler", "guidance": 7.5,
+                     "warmup": 1, "prompt": "x"},
+        "environment": {"gpu": None, "host": {"cpu": "Test CPU", "cores": 2}, "versions": {"sdexport": "0.1.0"},
+                        "git_revision": "abc", "date": "2026-12-01T00:00:00+00:00"},
+        "model": "preset tiny (random weights, seed 0)", "random_weights": True, "precision": "fp32",
+        "baseline": None, "results": [], "one_time": {}, "family": "sd",
+    }
+
+    def said(**scenario) -> str:
+        return markdown({**report, "scenario": {**report["scenario"], **scenario}})
+
+    assert "img2img from a synthetic image at strength 0.5 (int(steps x strength) denoising steps), " in said(strength=0.5)
+    assert ("inpainting the middle of a synthetic image at strength 0.5 (int(steps x strength) denoising steps), "
+            in said(inpaint=True, strength=0.5))
+    assert ("1 ControlNet(s) (tiny-union) on a synthetic edge map at scale 1.0 as control mode(s) 3, "
+            in said(controlnets=["tiny-union"], control_mode=[3]))
+    assert ("T2I-Adapter tiny-adapter + tiny-adapter on a synthetic edge map at scale 0.6, "
+            in said(adapter=["tiny-adapter", "tiny-adapter"], adapter_scale=0.6))
+    assert ("**Slowed on purpose**: test hook SDEXPORT_TEST_SLOW_UNET slept before every U-Net call (torch +250 ms)"
+            in markdown({**report, "test_hooks": {"SDEXPORT_TEST_SLOW_UNET": {"torch": 0.25}}}))
+
+
+def test_the_slow_scenarios_inputs_reach_the_request_and_the_export(tmp_path, monkeypatch):
+    """What the bench gives a union ControlNet (its modes) and two adapters (an edge map each) in
+    the request, and a single file's config and every adapter in the export: the -m slow
+    scenarios' plumbing, with the export a stand-in."""
+    from sdexport.bench import harness
+    from sdexport.bench.plan import request_for
+    from sdexport.bench.scenario import Case, Scenario
+    from sdexport.export import exporter
+    from sdexport.shapes import ShapeProfile
+
+    union = request_for(Scenario(name="s", model="tiny-sdxl", controlnets=["tiny-union"], control_mode=[3]), Case(2, 3))
+    assert union.control_mode == [3] and len(union.control_image) == 1
+    two = request_for(Scenario(name="s", model="tiny", adapter=["tiny-adapter", "tiny-adapter"], adapter_scale=0.6),
+                      Case(2, 3))
+    [(first, second)] = two.adapter_image
+    assert not np.array_equal(np.asarray(first), np.asarray(second)) and two.adapter_scale == 0.6
+
+    seen = []
+    monkeypatch.setattr(exporter, "export", lambda model, target, options: seen.append((model, options)))
+    harness._export_to(tmp_path / "e", Scenario(name="s", model="/m.safetensors", config="tiny"), "sd", "fp32",
+                       ShapeProfile())
+    harness._export_to(tmp_path / "e", Scenario(name="s", model="tiny", adapter=["tiny-adapter", "tiny-adapter"]),
+                       "sd", "fp32", ShapeProfile())
+    assert seen[0][0] == "/m.safetensors" and seen[0][1].config == "tiny"
+    assert seen[1][1].adapters == ["tiny-adapter", "tiny-adapter"] and "adapter_1" in seen[1][1].components
 
 
 def test_an_img2img_scenario_that_runs_no_step_is_refused_before_loading(tmp_path, capsys):
@@ -1196,6 +1251,7 @@ def test_sigterm_from_outside_stops_a_bench_that_keeps_what_it_measured(tmp_path
         bench.kill()
     report = json.loads((out / "results.json").read_text())
     assert report["interrupted"]["by"] == "SIGTERM" and report["interrupted"]["contender"] == "torch"
+    assert report["test_hooks"] == {"SDEXPORT_TEST_SLOW_UNET": {"torch": 0.5}}  # (its report says so: the hook's words)
     assert {(r["contender"], r["status"]) for r in report["results"]} == {
         ("diffusers", "measured"), ("torch", "interrupted"), ("onnxruntime-cpu", "not run")}
     assert hidden_siblings(out) == []

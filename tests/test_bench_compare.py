@@ -332,7 +332,7 @@ def test_the_ci_gate_passes_a_rerun_and_refuses_another_gpu(tmp_path):
     assert refused.returncode == 2 and "device: CPU only" in refused.stderr and "NVIDIA H100" in refused.stderr
 
 
-@pytest.mark.slow  # compare's verdict on a slowdown (fixed timings) and the hook's timing are checked by default
+@pytest.mark.slow  # by default: compare's verdicts on fixed timings, the gate's on a slowed stand-in report
 def test_the_ci_gate_flags_a_slowed_contender(tmp_path):
     """What a regression gate is for, on real runs: its half that a busy machine can blur (the
     slowed run against the same run's diffusers; see the module docstring)."""
@@ -343,7 +343,8 @@ def test_the_ci_gate_flags_a_slowed_contender(tmp_path):
     weights = next(entries[0].glob("unet/*.onnx*"))
     weights.write_bytes(weights.read_bytes()[:-1])
     # +1 s on well under 0.1 s, judged at 200% of the ratio to diffusers (see the module docstring).
-    # Into run1 again: the gate replaces its own earlier outputs (proved to be bench's and compare's).
+    # Into run1 again: the gate replaces its own earlier bench output (and, in the default run's
+    # stand-in test, compare's).
     slowed = _gate(tmp_path, baseline, "run1", SDEXPORT_TEST_SLOW_UNET="torch=0.25", SDEXPORT_MAX_SLOWDOWN="200%",
                    SDEXPORT_RELATIVE_TO="diffusers")
     assert slowed.returncode == 1, slowed.stdout[-3000:] + slowed.stderr[-3000:]
@@ -818,6 +819,39 @@ exec {sys.executable} "$@"
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.splitlines()[1] == f"<!-- sdexport bench scenario: {tmp_path / 'gate.toml'}, baseline: {baseline} -->"
     assert "could not be compared" in summary and "NVIDIA H100" in summary and "See the job log" not in summary, summary
+
+
+def test_the_gate_fails_a_slowed_report_and_replaces_its_own_outputs_on_the_next_run(tmp_path):
+    """The verdict side of the slowed gate run (-m slow) on a stand-in benchmark that writes a
+    synthetic report: torch four times slower, the test hook recorded. Exit 1, the summary and the
+    JUnit failure say so; a second run into the same folder replaces the bench/ and compare/ the
+    first wrote (proved to be bench's and compare's) and passes."""
+    (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
+    baseline = _write(tmp_path, "baseline", _report([_entry("diffusers", TIGHT), _entry("torch", TIGHT)]))
+    slowed = _report([_entry("diffusers", TIGHT), _entry("torch", [s * 4 for s in TIGHT])])
+    slowed["test_hooks"] = {"SDEXPORT_TEST_SLOW_UNET": {"torch": 0.25}}
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -m && $3 == bench && $4 != compare ]]; then  # the benchmark: STAND_IN_REPORT, as written
+  for ((i = 1; i <= $#; i++)); do [[ ${{!i}} == -o ]] && {{ j=$((i + 1)); out=${{!j}}; }}; done
+  mkdir -p "$out" && cp "$STAND_IN_REPORT" "$out/results.json" && echo "| torch |" > "$out/results.md" && exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    stand_in.chmod(0o755)
+    failed = _gate(tmp_path, baseline, "out", PYTHON=str(stand_in), STAND_IN_REPORT=str(_write(tmp_path, "slowed", slowed)),
+                   SDEXPORT_MAX_SLOWDOWN="200%", SDEXPORT_RELATIVE_TO="diffusers")
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith(MARKER) and "❌ 1 regression" in summary and "slowed on purpose" in summary
+    root = ET.parse(tmp_path / "out" / "compare" / "comparison.xml").getroot()
+    assert [c.get("classname") for c in root.iter("testcase") if c.find("failure") is not None] == [
+        "sdexport-bench.synthetic.torch"]
+    passed = _gate(tmp_path, baseline, "out", PYTHON=str(stand_in), STAND_IN_REPORT=str(baseline),
+                   SDEXPORT_RELATIVE_TO="diffusers")
+    assert passed.returncode == 0, passed.stdout[-3000:] + passed.stderr[-3000:]
+    assert "✅ no regression" in (tmp_path / "out" / "summary.md").read_text()
+    assert json.loads((tmp_path / "out" / "compare" / "comparison.json").read_text())["passed"] is True
 
 
 def test_a_python_sdexport_cannot_run_in_is_the_benchmarks_failure_not_a_refusal(tmp_path):

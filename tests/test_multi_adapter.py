@@ -413,3 +413,4 @@ def test_a_multi_adapter_scenario_refuses_other_engines_and_a_pipeline_whose_ada
     assert run_cli("bench", plain, "-o", tmp_path / "b") == 2
     assert f'(adapter = ["{tmp_path / "pipeline" / "adapter"}", "{tmp_path / "pipeline" / "adapter_1"}"])' in \
         capsys.readouterr().err
+    assert not (tmp_path / "b").exists()

@@ -587,6 +587,7 @@ def test_a_union_scenario_needs_its_modes_and_union_engines(engine_dirs, tmp_pat
     scenario.write_text(base + 'controlnets = ["tiny-controlnet"]\n')
     assert run_cli("bench", scenario, "--engine-dir", engine_dirs["one"], "-o", tmp_path / "c") == 2
     assert "has union ControlNets, the scenario plain ones" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_the_union_preset_for_sdxl_plans_from_configs(tmp_path):
