@@ -361,8 +361,8 @@ def test_run_time_lora_hashes_what_it_reads(tiny_engine_dir, lora_files, tmp_pat
     ('{"conv_in.weight": {"initializer": "w", "transposed": "no"}}', "not a weight map sdexport wrote"),
 ])
 def test_a_damaged_weight_map_is_one_line(tiny_engine_dir, lora_files, tmp_path, damage, words):
-    """Where no hash guards it (a directory adopted with a weights.json an older adopt left unlisted),
-    a damaged weights.json was a JSONDecodeError or KeyError traceback."""
+    """A damaged weights.json was a JSONDecodeError or KeyError traceback (run-time LoRA reads only
+    one the manifest lists and hashes, since 2026-12-07; read_weight_map still refuses garbage)."""
     from sdexport.export.weight_names import read_weight_map
 
     (tmp_path / "weights.json").write_text(damage)
@@ -868,3 +868,31 @@ def test_run_time_lora_initializers_keep_the_graphs_dtype(tiny_fp16_engine_dir, 
     updates = updates_for(manifest, [LoraFile(path)], onnx_layers(tiny_fp16_engine_dir, manifest))
     changed = onnx_initializers(tiny_fp16_engine_dir, manifest, "unet", updates, manifest.components["unet"].onnx)
     assert len(changed) == 1 and all(value.dtype == np.float16 for value in changed.values())
+
+
+def test_run_time_lora_reads_no_weight_map_the_manifest_does_not_list(tiny_engine_dir, lora_files, tmp_path):
+    """An export lists every file it writes; a weights.json it does not list was put there since (or
+    left unlisted by an adopt before 2026-12-05) and said where to add each update unchecked."""
+    from sdexport.manifest import save_manifest
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_engine_dir, copy)
+    manifest = load_manifest(copy, verify_files=False)
+    del manifest.files["unet/weights.json"]
+    save_manifest(copy, manifest)
+    with pytest.raises(EngineDirError, match=r"unet/weights.json: not in the manifest's files, so nothing checks .* "
+                                             r"this one is not the export's: remove it, or export again"):
+        load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])
+    load_pipeline(copy, "onnxruntime-cpu")  # without --lora nothing reads it
+    # adopted (today's adopt lists it), then as an older adopt left it
+    from conftest import run_cli
+
+    (copy / "manifest.json").unlink()
+    assert run_cli("adopt", copy, "-q") == 0
+    manifest = load_manifest(copy, verify_files=False)
+    assert manifest.adopted and "unet/weights.json" in manifest.files
+    load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])
+    del manifest.files["unet/weights.json"]
+    save_manifest(copy, manifest)
+    with pytest.raises(EngineDirError, match=r"adopted before adopt recorded it: adopt the directory again \(--force\)"):
+        load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])

@@ -101,6 +101,15 @@ def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tup
         if component not in manifest.components:
             continue
         onnx_path = engine_dir / manifest.components[component].onnx
+        # Read only where the manifest hashes it (verify_for_backend checked it then): an unlisted map
+        # would say where to add each update with nothing to show it is the graph's.
+        listed = f"{Path(manifest.components[component].onnx).parent.as_posix()}/{WEIGHTS_FILE}" in manifest.files
+        if not listed and (onnx_path.parent / WEIGHTS_FILE).is_file():
+            fix = ("adopted before adopt recorded it: adopt the directory again (--force), which hashes it"
+                   if manifest.adopted else "an export lists every file it writes, so this one is not the export's: "
+                   "remove it, or export again")
+            raise EngineDirError(f"{onnx_path.parent / WEIGHTS_FILE}: not in the manifest's files, so nothing checks "
+                                 f"what run-time LoRA would read from it; {fix}")
         names = read_weight_map(onnx_path.parent)
         if names is None:
             raise EngineDirError(
