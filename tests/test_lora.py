@@ -894,5 +894,6 @@ def test_run_time_lora_reads_no_weight_map_the_manifest_does_not_list(tiny_engin
     load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])
     del manifest.files["unet/weights.json"]
     save_manifest(copy, manifest)
-    with pytest.raises(EngineDirError, match=r"adopted before adopt recorded it: adopt the directory again \(--force\)"):
+    with pytest.raises(EngineDirError, match=r"if it is the adopted export's own \(an adopt before 2026-12-05 left it "
+                                             r"out\), adopt again with --force and the options you adopted with"):
         load_pipeline(copy, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"])])

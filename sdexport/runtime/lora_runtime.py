@@ -105,7 +105,8 @@ def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tup
         # would say where to add each update with nothing to show it is the graph's.
         listed = f"{Path(manifest.components[component].onnx).parent.as_posix()}/{WEIGHTS_FILE}" in manifest.files
         if not listed and (onnx_path.parent / WEIGHTS_FILE).is_file():
-            fix = ("adopted before adopt recorded it: adopt the directory again (--force), which hashes it"
+            fix = ("if it is the adopted export's own (an adopt before 2026-12-05 left it out), adopt again with "
+                   "--force and the options you adopted with (built engines are removed); otherwise remove it"
                    if manifest.adopted else "an export lists every file it writes, so this one is not the export's: "
                    "remove it, or export again")
             raise EngineDirError(f"{onnx_path.parent / WEIGHTS_FILE}: not in the manifest's files, so nothing checks "
