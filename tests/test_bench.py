@@ -644,7 +644,7 @@ def test_a_rerun_for_another_model_exports_again(tmp_path):
         assert runtime["agreement"]["latents_rel_l2"] < 1e-4
 
 
-def test_the_setup_line_says_each_input_the_slow_scenarios_give(tmp_path):
+def test_the_setup_line_says_each_input_the_slow_scenarios_give():
     """The words of the bench scenarios that run with -m slow (img2img, a standard U-Net's blended
     inpainting, a union ControlNet's mode, two adapters, the slowing hook), on a synthetic report."""
     from sdexport.bench.report import markdown
