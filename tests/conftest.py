@@ -226,6 +226,19 @@ def run_cli(*args: str) -> int:
     return 0
 
 
+def synthetic_bench_report(results: list[dict], baseline: str | None, **fields) -> dict:
+    """A results.json as ``sdexport bench`` writes it, for the Markdown's words: a tiny model on a
+    test CPU, ``results`` as given; ``fields`` replace its keys (``family``, ``test_hooks``, ...)."""
+    return {
+        "scenario": {"name": "synthetic", "height": 64, "width": 64, "scheduler": "euler", "guidance": 7.5,
+                     "warmup": 1, "prompt": "x"},
+        "environment": {"gpu": None, "host": {"cpu": "Test CPU", "cores": 2}, "versions": {"sdexport": "0.1.0"},
+                        "git_revision": "abc", "date": "2026-12-01T00:00:00+00:00"},
+        "model": "preset tiny (random weights, seed 0)", "random_weights": True, "precision": "fp32",
+        "baseline": baseline, "results": results, "one_time": {}, **fields,
+    }
+
+
 def bench_refusal(engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> str:
     """What ``bench`` says, in one line, refusing a tiny scenario over ``engine_dir`` (exit 2)."""
     scenario = tmp_path / "s.toml"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import cpu_only, drop_a_signal, hidden_siblings, run_cli
+from conftest import cpu_only, drop_a_signal, hidden_siblings, run_cli, synthetic_bench_report
 from sdexport.bench.report import stage_mean
 from sdexport.bench.scenario import load_scenario
 from sdexport.errors import SdexportError
@@ -649,14 +649,7 @@ def test_the_setup_line_says_each_input_the_slow_scenarios_give():
     inpainting, a union ControlNet's mode, two adapters, the slowing hook), on a synthetic report."""
     from sdexport.bench.report import markdown
 
-    report = {
-        "scenario": {"name": "synthetic", "height": 64, "width": 64, "scheduler": "euler", "guidance": 7.5,
-                     "warmup": 1, "prompt": "x"},
-        "environment": {"gpu": None, "host": {"cpu": "Test CPU", "cores": 2}, "versions": {"sdexport": "0.1.0"},
-                        "git_revision": "abc", "date": "2026-12-01T00:00:00+00:00"},
-        "model": "preset tiny (random weights, seed 0)", "random_weights": True, "precision": "fp32",
-        "baseline": None, "results": [], "one_time": {}, "family": "sd",
-    }
+    report = synthetic_bench_report([], None, family="sd")
 
     def said(**scenario) -> str:
         return markdown({**report, "scenario": {**report["scenario"], **scenario}})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, synthetic_bench_report
 from sdexport import __version__
 
 
@@ -436,14 +436,7 @@ def test_few_repeats_and_a_wide_spread_are_flagged(capsys):
     noisy["speedup_vs_baseline"] = 0.5 / 0.45
     few = _bench_entry("onnxruntime-cpu", [0.4, 0.41, 0.4], MARKED)
     few["speedup_vs_baseline"] = 1.25
-    report = {
-        "scenario": {"name": "synthetic", "height": 64, "width": 64, "scheduler": "euler", "guidance": 7.5,
-                     "warmup": 1, "prompt": "x"},
-        "environment": {"gpu": None, "host": {"cpu": "Test CPU", "cores": 2}, "versions": {"sdexport": "0.1.0"},
-                        "git_revision": "abc", "date": "2026-12-01T00:00:00+00:00"},
-        "model": "preset tiny (random weights, seed 0)", "random_weights": True, "precision": "fp32",
-        "baseline": "diffusers", "results": [base, noisy, few], "one_time": {},
-    }
+    report = synthetic_bench_report([base, noisy, few], "diffusers")
     text = markdown(report)
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
     assert "1.11× ⚠" in rows["torch"] and "±24.8%" in rows["torch"]
