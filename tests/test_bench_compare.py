@@ -798,6 +798,21 @@ def test_the_gate_refuses_a_baseline_it_would_lose_or_miss_and_setup_errors_with
         assert (tmp_path / "taken").read_text() == "mine"
 
 
+def _report_writing_bench(tmp_path: Path) -> Path:
+    """A PYTHON for the gate whose benchmark writes the report STAND_IN_REPORT names, as written, in
+    a moment (anything else runs in this interpreter: compare is real)."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -m && $3 == bench && $4 != compare ]]; then  # the benchmark: STAND_IN_REPORT, as written
+  for ((i = 1; i <= $#; i++)); do [[ ${{!i}} == -o ]] && {{ j=$((i + 1)); out=${{!j}}; }}; done
+  mkdir -p "$out" && cp "$STAND_IN_REPORT" "$out/results.json" && echo "| stand-in |" > "$out/results.md" && exit 0
+fi
+exec {sys.executable} "$@"
+""")
+    stand_in.chmod(0o755)
+    return stand_in
+
+
 def test_a_comparison_the_gate_could_not_make_says_why_in_the_summary(tmp_path):
     """The summary posted to the merge request said "See the job log for the reason": it carries
     compare's one-line refusal now (here, a baseline of another GPU; the benchmark is a stand-in
@@ -805,16 +820,7 @@ def test_a_comparison_the_gate_could_not_make_says_why_in_the_summary(tmp_path):
     (tmp_path / "gate.toml").write_text(GATE_SCENARIO)
     baseline = _write(tmp_path, "baseline", _report([_entry("diffusers", TIGHT)], gpu="NVIDIA H100 80GB HBM3"))
     report = _write(tmp_path, "report", _report([_entry("diffusers", TIGHT)]))
-    stand_in = tmp_path / "python"
-    stand_in.write_text(f"""#!/usr/bin/env bash
-if [[ $1 == -m && $3 == bench && $4 != compare ]]; then  # the benchmark: its report, as written
-  for ((i = 1; i <= $#; i++)); do [[ ${{!i}} == -o ]] && {{ j=$((i + 1)); out=${{!j}}; }}; done
-  mkdir -p "$out" && cp {report} "$out/results.json" && echo "| diffusers |" > "$out/results.md" && exit 0
-fi
-exec {sys.executable} "$@"
-""")
-    stand_in.chmod(0o755)
-    result = _gate(tmp_path, baseline, "out", PYTHON=str(stand_in))
+    result = _gate(tmp_path, baseline, "out", PYTHON=str(_report_writing_bench(tmp_path)), STAND_IN_REPORT=str(report))
     assert result.returncode == 2, result.stderr
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert summary.splitlines()[1] == f"<!-- sdexport bench scenario: {tmp_path / 'gate.toml'}, baseline: {baseline} -->"
@@ -830,15 +836,7 @@ def test_the_gate_fails_a_slowed_report_and_replaces_its_own_outputs_on_the_next
     baseline = _write(tmp_path, "baseline", _report([_entry("diffusers", TIGHT), _entry("torch", TIGHT)]))
     slowed = _report([_entry("diffusers", TIGHT), _entry("torch", [s * 4 for s in TIGHT])])
     slowed["test_hooks"] = {"SDEXPORT_TEST_SLOW_UNET": {"torch": 0.25}}
-    stand_in = tmp_path / "python"
-    stand_in.write_text(f"""#!/usr/bin/env bash
-if [[ $1 == -m && $3 == bench && $4 != compare ]]; then  # the benchmark: STAND_IN_REPORT, as written
-  for ((i = 1; i <= $#; i++)); do [[ ${{!i}} == -o ]] && {{ j=$((i + 1)); out=${{!j}}; }}; done
-  mkdir -p "$out" && cp "$STAND_IN_REPORT" "$out/results.json" && echo "| torch |" > "$out/results.md" && exit 0
-fi
-exec {sys.executable} "$@"
-""")
-    stand_in.chmod(0o755)
+    stand_in = _report_writing_bench(tmp_path)
     failed = _gate(tmp_path, baseline, "out", PYTHON=str(stand_in), STAND_IN_REPORT=str(_write(tmp_path, "slowed", slowed)),
                    SDEXPORT_MAX_SLOWDOWN="200%", SDEXPORT_RELATIVE_TO="diffusers")
     assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
