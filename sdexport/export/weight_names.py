@@ -25,6 +25,11 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "weights.json"
 
 
+def weight_map_file(graph: str) -> str:
+    """The manifest's key of the weight map beside the graph at ``graph`` (a manifest's relative path)."""
+    return f"{Path(graph).parent.as_posix()}/{WEIGHTS_FILE}"
+
+
 def _key(array: Any) -> tuple[tuple[int, ...], str, str]:
     return tuple(array.shape), str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest()
 

@@ -451,7 +451,7 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     with run-time ``lora`` (not the Torch backend's), each LoRA-able component's ``weights.json`` and
     the portable graph its new weights are read from."""
     from sdexport.build.cache_key import onnx_files
-    from sdexport.export.weight_names import WEIGHTS_FILE
+    from sdexport.export.weight_names import weight_map_file
     from sdexport.specs import LORA_COMPONENTS
 
     loaded = pipeline_components(manifest, image_inputs, upcast=upcast_parts(engine_dir, manifest))
@@ -467,7 +467,7 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
         for name in (n for n in LORA_COMPONENTS if n in manifest.components):
             graph = manifest.components[name].onnx
             files.update(onnx_files(manifest.files, graph))
-            weights = f"{Path(graph).parent.as_posix()}/{WEIGHTS_FILE}"
+            weights = weight_map_file(graph)
             if weights in manifest.files:
                 files[weights] = manifest.files[weights]
     check_files(engine_dir, files, built=manifest.built_files(), adopted=manifest.adopted)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sdexport.errors import EngineDirError, SdexportError
-from sdexport.export.weight_names import WEIGHTS_FILE, read_weight_map
+from sdexport.export.weight_names import WEIGHTS_FILE, read_weight_map, weight_map_file
 from sdexport.models.lora import LoraFile, LoraUpdate, match_updates, read_updates
 from sdexport.specs import LORA_COMPONENTS
 
@@ -103,7 +103,7 @@ def onnx_layers(engine_dir: Path, manifest: Manifest) -> dict[str, dict[str, tup
         onnx_path = engine_dir / manifest.components[component].onnx
         # Read only where the manifest hashes it (verify_for_backend checked it then): an unlisted map
         # would say where to add each update with nothing to show it is the graph's.
-        listed = f"{Path(manifest.components[component].onnx).parent.as_posix()}/{WEIGHTS_FILE}" in manifest.files
+        listed = weight_map_file(manifest.components[component].onnx) in manifest.files
         if not listed and (onnx_path.parent / WEIGHTS_FILE).is_file():
             fix = ("if it is the adopted export's own (an adopt before 2026-12-05 left it out), adopt again with "
                    "--force and the options you adopted with (built engines are removed); otherwise remove it"
