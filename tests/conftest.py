@@ -17,6 +17,7 @@ single-process options stay as asked (``_spread_over_the_cores``), as do selecti
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import os
 import re
@@ -136,6 +137,17 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
         return None
     cores = _cores()
     return min(cores, MAX_WORKERS) if cores > 1 else 0
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Take what collection made (the libraries' modules, the test items: about half a million
+    objects that live as long as the process) out of the garbage collector's sight: every full
+    collection walked them all again, 0.2 to 0.4 s each, about 200 times in a default run (the
+    benchmarks collect between contenders; the exports' objects churn through the old generation).
+    Measured with gc.callbacks in two whole runs (2026-12-07): 70 s of the two workers' time in the
+    collector before, 52 s after. Objects made afterwards, by the tests, are collected as before."""
+    gc.collect()
+    gc.freeze()
 
 
 V = TypeVar("V")
