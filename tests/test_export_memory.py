@@ -179,6 +179,48 @@ def test_fold_follows_chains_in_one_pass_and_keeps_the_rest_in_order(tmp_path: P
     np.testing.assert_array_equal(got, want)
 
 
+def test_equal_weights_stay_one_initializer_that_both_layers_name(tmp_path: Path):
+    """torch stores equal weights once and hands the second layer an ``Identity`` of the first;
+    folding that Identity, and each layer's Transpose of the same weight, into placeholders of their
+    own saved two equal copies (torch's own folding keeps one), and the weight map, finding the
+    values twice, left both layers out: run-time LoRA then called them "no such layer" instead of
+    refusing the shared weight (``lora_runtime.refuse_shared_weights``). An audit's find."""
+    from sdexport.export.weight_names import weight_map
+
+    class Pairs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)  # on 3-D input: MatMul of a Transpose
+            self.c, self.d = torch.nn.Conv2d(32, 32, 1), torch.nn.Conv2d(32, 32, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.b(self.a(x))
+            image = h.permute(0, 2, 1).reshape(1, 32, 2, 2)
+            return self.d(self.c(image))
+
+    module = Pairs().eval()
+    with torch.no_grad():
+        module.b.weight.copy_(module.a.weight)
+        module.d.weight.copy_(module.c.weight)
+    x = torch.randn(1, 4, 32)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(module, (x,), str(path), input_names=["x"], output_names=["y"], opset_version=17,
+                      do_constant_folding=False, dynamo=False)  # as trace_to_onnx does
+    model = onnx.load(str(path), load_external_data=False)
+    weights = WeightStore.detach(model, tmp_path)
+    weights.fold(model)
+
+    names = weight_map(module, weights.arrays(model))
+    for first, second in (("a", "b"), ("c", "d")):
+        assert f"{first}.weight" in names and names[f"{first}.weight"] == names[f"{second}.weight"], names
+    layer_sized = [name for name, value in weights.arrays(model) if value.size == 32 * 32]
+    assert len(layer_sized) == 2, layer_sized  # one linear weight (transposed), one convolution weight
+    weights.save(model, tmp_path / "out.onnx", external=False)
+    (got,) = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
 def _chain(nodes: list[tuple[str, list[str], str]], outputs: list[str]) -> onnx.ModelProto:
     """A float32 graph of one input ``x`` (of ``n`` elements, a symbolic size) and single-output nodes
     (op, inputs, output); ``flat`` is a Reshape's target shape (-1)."""

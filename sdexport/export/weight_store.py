@@ -92,7 +92,15 @@ class WeightStore:
         One pass in graph order: the nodes are topologically sorted, so a node whose operand another
         fold makes (a Reshape of a folded Transpose) comes after it. The graph's node list is
         rebuilt once: removing nodes one at a time made this quadratic, which is seconds to minutes
-        on a U-Net's thousands of nodes."""
+        on a U-Net's thousands of nodes.
+
+        Equal weights stay one tensor, as torch's own folding keeps them: torch stores them once and
+        hands the second layer an ``Identity`` of the first, whose readers are pointed at the first
+        instead; and a fold that repeats an earlier one (each layer's Transpose of that one weight)
+        reads the earlier placeholder. Two equal copies would double the graph's share of those
+        weights and leave both layers out of the weight map (``weight_names``: found twice, not
+        guessed), where run-time LoRA should refuse the shared weight by name. (Not in a graph
+        with subgraphs, whose nodes may read outer names this pass does not see.)"""
         graph = model.graph
         constants = {t.name: t for t in graph.initializer}
         # torch writes small operands (Unsqueeze's axes) as Constant nodes when it does not fold
@@ -101,13 +109,29 @@ class WeightStore:
                           and n.attribute[0].name == "value"})
         kept: list[onnx.NodeProto] = []
         folded = 0
+        outputs = {o.name for o in graph.output}
+        may_alias = not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                            for n in graph.node for a in n.attribute)
+        same_as: dict[str, str] = {}  # a dropped node's output -> the placeholder it equals
+        made: dict[tuple[object, ...], str] = {}  # a fold's operation and operands -> its placeholder
         for node in graph.node:
+            for k, name in enumerate(node.input):
+                if name in same_as:
+                    node.input[k] = same_as[name]
             if not (node.op_type in FOLDABLE and node.input and node.input[0] in self._sources
                     and len(node.output) == 1 and all(i in constants for i in node.input[1:] if i)):
                 kept.append(node)
                 continue
             base = constants[node.input[0]]
             inputs = {i: numpy_helper.to_array(constants[i]) for i in node.input[1:] if i}
+            if may_alias and node.output[0] not in outputs:
+                key = (base.name, node.op_type, tuple(sorted((a.name, a.SerializeToString()) for a in node.attribute)),
+                       tuple((v.dtype.str, v.shape, v.tobytes()) for v in inputs.values()))
+                if node.op_type == "Identity" or key in made:
+                    same_as[node.output[0]] = base.name if node.op_type == "Identity" else made[key]
+                    folded += 1
+                    continue
+                made[key] = node.output[0]
             dims = _output_dims(node, base, [constants[i] for i in inputs], model.opset_import)
             self._sources[node.output[0]] = _Source(base.data_type, dims, derived=(base.name, _copy(node), inputs))
             placeholder = graph.initializer.add()
