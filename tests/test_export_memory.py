@@ -185,7 +185,7 @@ def test_equal_weights_stay_one_initializer_that_both_layers_name(tmp_path: Path
     own saved two equal copies (torch's own folding keeps one), and the weight map, finding the
     values twice, left both layers out: run-time LoRA then called them "no such layer" instead of
     refusing the shared weight (``lora_runtime.refuse_shared_weights``). An audit's find."""
-    from sdexport.export.weight_names import weight_map
+    from sdexport.export.weight_names import layer_reads, weight_map
 
     class Pairs(torch.nn.Module):
         def __init__(self) -> None:
@@ -210,7 +210,7 @@ def test_equal_weights_stay_one_initializer_that_both_layers_name(tmp_path: Path
     weights = WeightStore.detach(model, tmp_path)
     weights.fold(model)
 
-    names = weight_map(module, weights.arrays(model))
+    names = weight_map(module, weights.arrays(model), layer_reads(model))  # as the exporter calls it
     for first, second in (("a", "b"), ("c", "d")):
         assert f"{first}.weight" in names and names[f"{first}.weight"] == names[f"{second}.weight"], names
     layer_sized = [name for name, value in weights.arrays(model) if value.size == 32 * 32]
@@ -219,6 +219,36 @@ def test_equal_weights_stay_one_initializer_that_both_layers_name(tmp_path: Path
     (got,) = ort.InferenceSession(str(tmp_path / "out.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_weight_the_graph_also_reads_as_something_else_is_left_out_of_the_weight_map(tmp_path: Path):
+    """An embedding table equal to a linear weight is stored once with it (torch keeps equal
+    parameters once), so the weight map must not hand that tensor to a LoRA of the layer: the
+    table would change too, silently (a review's find, once equal weights became one tensor). A
+    layer the graph calls twice is left out too: its second reading looks like another tensor's,
+    and a refusal at run time is safer than a silent change."""
+    from sdexport.export.weight_names import layer_reads, weight_map
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.e = torch.nn.Linear(32, 32), torch.nn.Embedding(32, 32)
+            self.twice, self.once = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+            return self.once(self.twice(self.twice(self.a(x)) + self.e(ids)))
+
+    module = Shared().eval()
+    with torch.no_grad():
+        module.e.weight.copy_(module.a.weight)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(module, (torch.randn(4, 32), torch.arange(4)), str(path), opset_version=17,
+                      do_constant_folding=False, dynamo=False)  # as trace_to_onnx does
+    model = onnx.load(str(path), load_external_data=False)
+    weights = WeightStore.detach(model, tmp_path)
+    weights.fold(model)
+    assert set(weight_map(module, weights.arrays(model))) == {"a.weight", "twice.weight", "once.weight"}  # by content
+    assert set(weight_map(module, weights.arrays(model), layer_reads(model))) == {"once.weight"}
 
 
 def _chain(nodes: list[tuple[str, list[str], str]], outputs: list[str]) -> onnx.ModelProto:

@@ -276,7 +276,9 @@ def test_a_float8_lora_is_read(tiny_engine_dir, tmp_path):
     [
         ("run", "shapes", ("does not fit this model: 1 mismatches, first unet.down_blocks.0.attentions.0."
                           "transformer_blocks.0.attn1.to_q (LoRA makes [32, 48], the layer has [32, 32])")),
-        ("run", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
+        ("run", "unknown", ("unet.mid_block.nowhere.to_q (no such linear or convolution layer) (the export's "
+                            "weights.json also leaves out any layer whose weight the exported graph reads as another "
+                            "tensor as well: fuse a LoRA for such a layer at export, sdexport export --lora)")),
         ("export", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
         ("run", "other", "tensors for no part of an SD pipeline"),
         ("run", "text", "not a readable safetensors file"),

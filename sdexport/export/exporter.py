@@ -44,7 +44,7 @@ from sdexport.export.verify import (
     require_parity,
     torch_references,
 )
-from sdexport.export.weight_names import write_weight_map
+from sdexport.export.weight_names import layer_reads, write_weight_map
 from sdexport.export.weight_store import WeightStore
 from sdexport.manifest import ComponentEntry, Manifest, hash_tree, save_manifest
 from sdexport.manifest_schema import format_version_for
@@ -253,7 +253,7 @@ def export_component(
             references = torch_references(spec, module, profile=profile, dims=dims, vocab_size=vocab, mode=verify,
                                           need_mb=_working_memory(skeleton, weights), budget_mb=verification_budget_mb)
             if spec.name in LORA_COMPONENTS:  # where run-time LoRA finds each weight (names survive fp16)
-                write_weight_map(module, weights.arrays(skeleton), path.parent)
+                write_weight_map(module, weights.arrays(skeleton), path.parent, layer_reads(skeleton))
             del module
             if release:
                 model.release(spec.module)

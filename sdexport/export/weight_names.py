@@ -7,19 +7,22 @@ graph transposed for MatMul and renamed (``onnx::MatMul_1639``). Run-time LoRA (
 convolution weight is looked for as it is, and transposed. A weight found under two names (equal
 contents) is left out rather than guessed; run-time LoRA then refuses to change it. Two layers
 whose equal weights the exporter stored once both name that one initializer; run-time LoRA refuses
-to change either (``lora_runtime.refuse_shared_weights``): it would change both.
+to change either (``lora_runtime.refuse_shared_weights``): it would change both. A weight is also
+left out where the graph reads its initializer otherwise than as that one layer's weight
+(``layer_reads``): an embedding table equal to it, or the layer called twice, would change with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import onnx
     import torch
 
 WEIGHTS_FILE = "weights.json"
@@ -34,11 +37,37 @@ def _key(array: Any) -> tuple[tuple[int, ...], str, str]:
     return tuple(array.shape), str(array.dtype), hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest()
 
 
-def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+def layer_reads(model: onnx.ModelProto) -> dict[str, list[str]]:
+    """How the nodes of ``model`` read each tensor, one entry per reading: ``"linear"`` (a Gemm's B
+    with ``transB``: a linear weight as PyTorch holds it), ``"linear.T"`` (a MatMul's B, or a Gemm's
+    without ``transB``: transposed), ``"conv"`` (a Conv's weight), else the operator's name."""
+    reads: dict[str, list[str]] = defaultdict(list)
+    for node in model.graph.node:
+        attributes = {a.name: a.i for a in node.attribute if a.type == a.INT}
+        for index, name in enumerate(node.input):
+            kind = node.op_type
+            if index == 1 and node.op_type == "MatMul":
+                kind = "linear.T"
+            elif index == 1 and node.op_type == "Gemm" and not attributes.get("transA"):
+                kind = "linear" if attributes.get("transB") else "linear.T"
+            elif index == 1 and node.op_type == "Conv":
+                kind = "conv"
+            if name:
+                reads[name].append(kind)
+    return reads
+
+
+def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]],
+               reads: Mapping[str, list[str]] | None = None) -> dict[str, dict[str, Any]]:
     """``{"<module>.weight": {"initializer": name, "transposed": bool, "shape": [...]}}`` (the
     PyTorch shape, so run-time LoRA matches files without reading the graph) for every linear and
     convolution weight of ``module`` found among ``initializers`` (name and values of each float
-    initializer of the fp32 graph, read one at a time: ``WeightStore.arrays``)."""
+    initializer of the fp32 graph, read one at a time: ``WeightStore.arrays``).
+
+    ``reads``: that graph's ``layer_reads``. A weight is then found only in an initializer that
+    every reading takes as such a layer's weight, read once per layer naming it: equal contents
+    alone would hand a LoRA an embedding table stored as one tensor with the layer's weight (torch
+    stores equal parameters once), or a layer the graph calls twice."""
     import numpy as np
     import torch
 
@@ -54,17 +83,22 @@ def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]])
         candidates = [(False, weight)] + ([(True, np.ascontiguousarray(weight.T))] if weight.ndim == 2 else [])
         for transposed, value in candidates:
             match = found.get(_key(value), [])
-            if len(match) == 1:
+            kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "linear.T" if transposed else "linear"
+            if len(match) == 1 and (reads is None or set(reads.get(match[0], [])) == {kind}):
                 names[f"{name}.weight"] = {"initializer": match[0], "transposed": transposed,
                                            "shape": list(weight.shape)}
                 break
+    if reads is not None:  # as many readings as layers naming it: none of them is read twice
+        holders = Counter(where["initializer"] for where in names.values())
+        names = {p: where for p, where in names.items() if len(reads[where["initializer"]]) == holders[where["initializer"]]}
     return names
 
 
-def write_weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]], folder: Path) -> Path:
+def write_weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]], folder: Path,
+                     reads: Mapping[str, list[str]] | None = None) -> Path:
     path = folder / WEIGHTS_FILE
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(weight_map(module, initializers), indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(weight_map(module, initializers, reads), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     return path
 
 

@@ -439,10 +439,12 @@ def resolve_name(layers: Mapping[str, Any], name: str) -> str | None:
     return None
 
 
-def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[int, ...]]], label: str) -> list[LoraUpdate]:
+def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[int, ...]]], label: str,
+                  missing: str = "") -> list[LoraUpdate]:
     """The updates with module names as the model has them (``layers``: per component, each linear
     or convolution layer's weight shape). A LoRA that does not fit the model (a layer it lacks,
-    another shape) is refused, naming the first mismatches."""
+    another shape) is refused, naming the first mismatches; ``missing``, said once after them where
+    a layer was not found, is what else leaves a layer out of ``layers``."""
     problems: list[str] = []
     matched: list[LoraUpdate] = []
     for update in updates:
@@ -468,8 +470,9 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
         update.module = name
         matched.append(update)
     if problems:
+        unfound = missing and any(p.endswith("(no such linear or convolution layer)") for p in problems)
         raise SdexportError(f"{label} does not fit this model: {len(problems)} mismatches, first "
-                            + "; ".join(problems[:MAX_NAMED]))
+                            + "; ".join(problems[:MAX_NAMED]) + (f" ({missing})" if unfound else ""))
     return matched
 
 

@@ -33,8 +33,15 @@ def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dic
     ``unet_config``: the U-Net's config (attributes), for SDXL kohya files named after the original blocks."""
     updates: list[LoraUpdate] = []
     for lora in loras:
-        updates += match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}")
+        updates += match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}",
+                                 RUN_TIME_MISSING)
     return updates
+
+
+RUN_TIME_MISSING = ("the export's weights.json also leaves out any layer whose weight the exported graph reads as "
+                    "another tensor as well: fuse a LoRA for such a layer at export, sdexport export --lora")
+"""Why a layer is missing at run time: a weight the map could not give to one layer alone
+(``weight_names.weight_map``) is left out, and only the fused export can change it."""
 
 
 def refuse_shared_weights(engine_dir: Path, manifest: Manifest, updates: list[LoraUpdate]) -> None:
