@@ -226,17 +226,20 @@ def test_a_weight_the_graph_also_reads_as_something_else_is_left_out_of_the_weig
     parameters once), so the weight map must not hand that tensor to a LoRA of the layer: the
     table would change too, silently (a review's find, once equal weights became one tensor). A
     layer the graph calls twice is left out too: its second reading looks like another tensor's,
-    and a refusal at run time is safer than a silent change."""
+    and a refusal at run time is safer than a silent change; so is one called on 2-D and 3-D
+    inputs, whose weight the graph holds as itself and transposed (a second review's find)."""
     from sdexport.export.weight_names import layer_reads, weight_map
 
     class Shared(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.a, self.e = torch.nn.Linear(32, 32), torch.nn.Embedding(32, 32)
-            self.twice, self.once = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+            self.twice, self.ranks, self.once = (torch.nn.Linear(32, 32) for _ in range(3))
 
         def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-            return self.once(self.twice(self.twice(self.a(x)) + self.e(ids)))
+            h = self.twice(self.twice(self.a(x)) + self.e(ids))
+            h = self.ranks(h) + self.ranks(h[None])[0]  # a Gemm of the weight, a MatMul of its transpose
+            return self.once(h)
 
     module = Shared().eval()
     with torch.no_grad():
@@ -247,7 +250,8 @@ def test_a_weight_the_graph_also_reads_as_something_else_is_left_out_of_the_weig
     model = onnx.load(str(path), load_external_data=False)
     weights = WeightStore.detach(model, tmp_path)
     weights.fold(model)
-    assert set(weight_map(module, weights.arrays(model))) == {"a.weight", "twice.weight", "once.weight"}  # by content
+    assert set(weight_map(module, weights.arrays(model))) == {"a.weight", "twice.weight", "ranks.weight",
+                                                              "once.weight"}  # by content
     assert set(weight_map(module, weights.arrays(model), layer_reads(model))) == {"once.weight"}
 
 

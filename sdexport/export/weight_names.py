@@ -67,7 +67,9 @@ def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]],
     ``reads``: that graph's ``layer_reads``. A weight is then found only in an initializer that
     every reading takes as such a layer's weight, read once per layer naming it: equal contents
     alone would hand a LoRA an embedding table stored as one tensor with the layer's weight (torch
-    stores equal parameters once), or a layer the graph calls twice."""
+    stores equal parameters once), or a layer the graph calls twice, or one whose weight it holds
+    both as it is and transposed (called on 2-D and on 3-D inputs): a change to one copy would miss
+    the other call."""
     import numpy as np
     import torch
 
@@ -81,6 +83,8 @@ def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]],
             continue
         weight = layer.weight.detach().to(torch.float32).cpu().numpy()
         candidates = [(False, weight)] + ([(True, np.ascontiguousarray(weight.T))] if weight.ndim == 2 else [])
+        if reads is not None and len({m for _, value in candidates for m in found.get(_key(value), [])}) > 1:
+            continue  # as itself and transposed (a layer called on 2-D and 3-D inputs): one change would miss a call
         for transposed, value in candidates:
             match = found.get(_key(value), [])
             kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "linear.T" if transposed else "linear"

@@ -597,6 +597,7 @@ def _load_engines(
     other backends run the export's graphs, which every directory has."""
     profile, dims = manifest.shape_profile, manifest.model_dims
     from sdexport.runtime.lora_runtime import (
+        WEIGHT_MAP_MISSING,
         onnx_initializers,
         onnx_layers,
         refuse_shared_weights,
@@ -606,7 +607,8 @@ def _load_engines(
 
     updates = []
     if loras and not backend.startswith("torch"):
-        updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest), unet_config(engine_dir, manifest))
+        updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest), unet_config(engine_dir, manifest),
+                              missing=WEIGHT_MAP_MISSING)
         refuse_shared_weights(engine_dir, manifest, updates)
         fused = [n for n in names if graph_for(manifest, n, backend, graphs) != manifest.components[n].onnx
                  and any(u.component == n for u in updates)]

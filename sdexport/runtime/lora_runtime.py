@@ -28,20 +28,22 @@ if TYPE_CHECKING:
 
 
 def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dict[str, tuple[int, ...]]],
-                unet_config: Any = None) -> list[LoraUpdate]:
+                unet_config: Any = None, *, missing: str = "") -> list[LoraUpdate]:
     """Every LoRA's updates, matched to ``layers`` (refused, naming mismatches, where they do not fit).
-    ``unet_config``: the U-Net's config (attributes), for SDXL kohya files named after the original blocks."""
+    ``unet_config``: the U-Net's config (attributes), for SDXL kohya files named after the original blocks.
+    ``missing``: what else leaves a layer out of ``layers`` (``WEIGHT_MAP_MISSING`` for ``onnx_layers``)."""
     updates: list[LoraUpdate] = []
     for lora in loras:
         updates += match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}",
-                                 RUN_TIME_MISSING)
+                                 missing)
     return updates
 
 
-RUN_TIME_MISSING = ("the export's weights.json also leaves out any layer whose weight the exported graph reads as "
+WEIGHT_MAP_MISSING = ("the export's weights.json also leaves out any layer whose weight the exported graph reads as "
                     "another tensor as well: fuse a LoRA for such a layer at export, sdexport export --lora")
-"""Why a layer is missing at run time: a weight the map could not give to one layer alone
-(``weight_names.weight_map``) is left out, and only the fused export can change it."""
+"""Why a layer is missing from an export's weights.json besides not being in the model: a weight the
+map could not give to one layer alone (``weight_names.weight_map``) is left out, and only the fused
+export can change it. (The Torch backend reads the modules themselves: not said there.)"""
 
 
 def refuse_shared_weights(engine_dir: Path, manifest: Manifest, updates: list[LoraUpdate]) -> None:
