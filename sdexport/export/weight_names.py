@@ -9,7 +9,8 @@ contents) is left out rather than guessed; run-time LoRA then refuses to change 
 whose equal weights the exporter stored once both name that one initializer; run-time LoRA refuses
 to change either (``lora_runtime.refuse_shared_weights``): it would change both. A weight is also
 left out where the graph reads its initializer otherwise than as that one layer's weight
-(``layer_reads``): an embedding table equal to it, or the layer called twice, would change with it.
+(``layer_reads``: an embedding table equal to it, or the layer called twice, would change with it)
+or also holds it transposed (a layer called on 2-D and 3-D inputs: a change would miss one call).
 """
 
 from __future__ import annotations

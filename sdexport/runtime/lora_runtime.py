@@ -40,7 +40,7 @@ def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dic
 
 
 WEIGHT_MAP_MISSING = ("the export's weights.json also leaves out any layer whose weight the exported graph reads as "
-                    "another tensor as well: fuse a LoRA for such a layer at export, sdexport export --lora")
+                      "another tensor as well: fuse a LoRA for such a layer at export, sdexport export --lora")
 """Why a layer is missing from an export's weights.json besides not being in the model: a weight the
 map could not give to one layer alone (``weight_names.weight_map``) is left out, and only the fused
 export can change it. (The Torch backend reads the modules themselves: not said there.)"""
