@@ -84,10 +84,10 @@ def weight_map(module: torch.nn.Module, initializers: Iterable[tuple[str, Any]],
             continue
         weight = layer.weight.detach().to(torch.float32).cpu().numpy()
         candidates = [(False, weight)] + ([(True, np.ascontiguousarray(weight.T))] if weight.ndim == 2 else [])
-        if reads is not None and len({m for _, value in candidates for m in found.get(_key(value), [])}) > 1:
+        matches = [(transposed, found.get(_key(value), [])) for transposed, value in candidates]  # (hashed once)
+        if reads is not None and len({m for _, match in matches for m in match}) > 1:
             continue  # as itself and transposed (a layer called on 2-D and 3-D inputs): one change would miss a call
-        for transposed, value in candidates:
-            match = found.get(_key(value), [])
+        for transposed, match in matches:
             kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "linear.T" if transposed else "linear"
             if len(match) == 1 and (reads is None or set(reads.get(match[0], [])) == {kind}):
                 names[f"{name}.weight"] = {"initializer": match[0], "transposed": transposed,

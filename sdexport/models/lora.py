@@ -446,6 +446,7 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
     another shape) is refused, naming the first mismatches; ``missing``, said once after them where
     a layer was not found, is what else leaves a layer out of ``layers``."""
     problems: list[str] = []
+    unfound = False
     matched: list[LoraUpdate] = []
     for update in updates:
         known = layers.get(update.component)
@@ -456,6 +457,7 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
         name = resolve_name(known, update.module)
         if name is None:
             problems.append(f"{where} (no such linear or convolution layer)")
+            unfound = True
             continue
         try:
             shape: tuple[int, ...] | None = tuple(update.delta().shape)
@@ -470,9 +472,8 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
         update.module = name
         matched.append(update)
     if problems:
-        unfound = missing and any(p.endswith("(no such linear or convolution layer)") for p in problems)
         raise SdexportError(f"{label} does not fit this model: {len(problems)} mismatches, first "
-                            + "; ".join(problems[:MAX_NAMED]) + (f" ({missing})" if unfound else ""))
+                            + "; ".join(problems[:MAX_NAMED]) + (f" ({missing})" if missing and unfound else ""))
     return matched
 
 
