@@ -854,6 +854,27 @@ def test_an_unreadable_ckpt_is_one_line_with_its_reason(tmp_path: Path, content:
     assert "\n" not in str(caught.value)
 
 
+def test_an_unreadable_ckpt_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """diffusers' loader, where torch fails, reads the whole file again as text before its "Unable to
+    load weights" (an audit: twice a 600 MB file's size in memory): a truncated SD download would
+    cost 8-15 GB before the one line. torch reads a damaged archive's directory, not its contents."""
+    import tracemalloc
+
+    from sdexport.errors import ModelLoadError
+
+    path = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(8 * 1024 * 1024)}}, path)  # 32 MiB
+    path.write_bytes(path.read_bytes()[:-200])
+    tracemalloc.start()
+    try:
+        with pytest.raises(ModelLoadError, match=r"truncated\.ckpt: cannot read the checkpoint \(truncated or damaged"):
+            load_model(str(path), config="tiny")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 1024 * 1024, f"{peak / 2**20:.0f} MiB held to refuse a 32 MiB file"
+
+
 def test_the_file_is_opened_again_as_reads_add_up(tiny_checkpoint, monkeypatch) -> None:
     """Pages read through one mapping stay resident until it closes: the reader opens the file again
     after REOPEN_BYTES, and every tensor still comes out whole."""
