@@ -295,15 +295,49 @@ def usable_cpus() -> int:
     return os.cpu_count() or 1
 
 
+PROGRESS_LINE_SECONDS = 60.0
+"""Where the console is no terminal (a CI log), the least time between two lines of a step's own
+progress (``StepProgress``)."""
+
+
+class StepProgress:
+    """What a long step says of its progress as it goes (a TensorRT build's phases), beside its
+    description: on a terminal, on the step's spinner line, replaced at each call; elsewhere (a CI
+    log, where the spinner draws nothing) as a line with the time so far, at most one every
+    ``PROGRESS_LINE_SECONDS``, so that a 20-minute build shows it is alive without flooding the log.
+    Any thread may call it (TensorRT calls its progress monitor from its own)."""
+
+    def __init__(self, description: str, status: Any, start: float) -> None:
+        import threading
+
+        self._description, self._status, self._start = description, status, start
+        self._lock = threading.Lock()
+        self._last_line = start
+
+    def __call__(self, detail: str) -> None:
+        from rich.markup import escape
+
+        if console.is_terminal:
+            self._status.update(f"{self._description}… {escape(detail)}")
+            return
+        with self._lock:
+            now = time.perf_counter()
+            if now - self._last_line < PROGRESS_LINE_SECONDS:
+                return
+            self._last_line = now
+        console.print(f"  {self._description}: {escape(detail)} [dim]({now - self._start:.0f} s so far)[/]")
+
+
 @contextmanager
-def step(description: str) -> Iterator[None]:
-    """Show ``description`` with a spinner while the block runs, then a line with its duration.
+def step(description: str) -> Iterator[StepProgress]:
+    """Show ``description`` with a spinner while the block runs, then a line with its duration; the
+    block may say how far it has got through the ``StepProgress`` it is given.
 
     Each end of a step is also where a Ctrl-C or SIGTERM whose KeyboardInterrupt was dropped on the
     way (``sdexport.stopping``) stops the job: within a step, not after every step has run."""
     stopping.check()
     start = time.perf_counter()
-    with console.status(f"{description}…"):
-        yield
+    with console.status(f"{description}…") as status:
+        yield StepProgress(description, status, start)
     console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
     stopping.check()

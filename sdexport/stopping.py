@@ -162,6 +162,58 @@ def finished() -> None:
             signal.signal(number, signal.SIG_IGN)
 
 
+def requested() -> bool:
+    """Whether a stop was asked for and not yet acted on. Any thread may ask (TensorRT calls its
+    progress monitor from its own); acting on it stays the main thread's (``check``, ``take``)."""
+    return _requested is not None
+
+
+def _record(number: int, frame: object) -> None:
+    """``deferred``'s handler: the stop is recorded, not raised."""
+    global _requested
+    if _requested is None:
+        _requested = number
+    if number == HANGUP:
+        detach_terminal()
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """While the block runs, a stop is recorded rather than raised, and raised as the block ends
+    (in place of the block's own error, if it failed: that was the stop's doing, or comes second).
+
+    For native work that calls back into Python: TensorRT's builder calls its progress monitor from
+    C++ that cannot unwind a Python exception, so a KeyboardInterrupt raised inside a callback would
+    not stop the build cleanly; the monitor asks ``requested`` instead and cancels the build at its
+    next step. The handlers swapped are those that would raise: ``listening``'s, and Python's own
+    for SIGINT (sdexport called as a library, whose caller then gets its KeyboardInterrupt as the
+    block ends); an ignored signal and another program's handler are left alone."""
+    if not _in_main_thread():  # (handlers are the main thread's)
+        yield
+        return
+    previous: dict[int, Any] = {}
+    try:
+        for number in STOPS:
+            handler = signal.getsignal(number)
+            if handler is _record_and_raise or (number == signal.SIGINT and handler is signal.default_int_handler):
+                previous[number] = signal.signal(number, _record)
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            stop = take()
+            if stop is None:
+                raise
+            raise stop from None
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    stop = take()
+    if stop is not None:
+        raise stop
+
+
 def check() -> None:
     """Raise the stop that was asked for and not yet acted on (its KeyboardInterrupt was dropped on
     the way, or this is the first place that looks); nothing otherwise. Nothing either while a

@@ -301,6 +301,76 @@ class FakeRefitter:
         return True
 
 
+class IProgressMonitor:
+    """The binding's abstract monitor (TensorRT 10.0 and later; 11.4 too), as pybind11 makes it: a
+    subclass must call this ``__init__`` (else the binding refuses the object), and a method it
+    does not define is a pure virtual call. The builder (``ProgressDriver``, for the fake
+    polygraphy) checks both."""
+
+    def __init__(self) -> None:
+        self.initialised = True
+
+    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+        raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::phase_start"')
+
+    def step_complete(self, phase_name: str, step: int) -> bool:
+        raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::step_complete"')
+
+    def phase_finish(self, phase_name: str) -> None:
+        raise RuntimeError('Tried to call pure virtual function "IProgressMonitor::phase_finish"')
+
+
+class ProgressDriver:
+    """A build's calls of its progress monitor, as TensorRT's binding makes them: phases nested in
+    a parent, each step reported as done, the build cancelled (``cancelled``) at the first
+    ``step_complete`` that returns False or raises (the binding catches an exception raised in a
+    callback, prints it and cancels: pyCore.cpp). ``before_step(phase, step)``: what happens
+    while a step runs (a test sends a signal there)."""
+
+    PHASES = (("Building engine", None, 2), ("Tactic selection", "Building engine", 3))
+
+    def __init__(self, trt: Any, before_step: Callable[[str, int], None] | None = None) -> None:
+        self.trt, self.before_step = trt, before_step
+        self.steps_done = 0
+        self.cancelled = False
+        self.printed: list[str] = []
+
+    def run(self, monitor: Any) -> bool:
+        """Drive ``monitor`` through a build; False where it cancelled the build."""
+        assert isinstance(monitor, self.trt.IProgressMonitor) and getattr(monitor, "initialised", False), \
+            "a monitor must be a tensorrt.IProgressMonitor whose __init__ ran"
+        outer, inner = self.PHASES
+        self._call(monitor.phase_start, *outer)
+        for outer_step in range(outer[2]):
+            self._call(monitor.phase_start, *inner)
+            for step in range(inner[2]):
+                if not self._step(monitor, inner[0], step):
+                    self._call(monitor.phase_finish, inner[0])
+                    self._call(monitor.phase_finish, outer[0])
+                    return False
+            self._call(monitor.phase_finish, inner[0])
+            if not self._step(monitor, outer[0], outer_step):
+                self._call(monitor.phase_finish, outer[0])
+                return False
+        self._call(monitor.phase_finish, outer[0])
+        return True
+
+    def _step(self, monitor: Any, phase: str, step: int) -> bool:
+        if self.before_step is not None:
+            self.before_step(phase, step)
+        self.steps_done += 1
+        going_on = self._call(monitor.step_complete, phase, step)
+        self.cancelled = going_on is not True
+        return not self.cancelled
+
+    def _call(self, method: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return method(*args)
+        except BaseException as exc:  # (the binding's catch (...))
+            self.printed.append(f"[ERROR] Exception caught in {method.__name__}(): {exc!r}")
+            return False
+
+
 class FakeWeights:
     def __init__(self, array: np.ndarray) -> None:
         # as the binding (utils.cpp, weights_numpy_constructor in 10.1 to 11.1): a numpy type TensorRT
@@ -326,6 +396,7 @@ def make_tensorrt(version: str) -> types.ModuleType:
     trt.Builder = object  # type: ignore[attr-defined]
     trt.Refitter, trt.Weights = FakeRefitter, FakeWeights  # type: ignore[attr-defined]
     trt.ILogger, trt.Dims = ILogger, Dims  # type: ignore[attr-defined]
+    trt.IProgressMonitor = IProgressMonitor  # type: ignore[attr-defined]
 
     class BoundRuntime(Runtime):  # engines it makes have this module's version
         def __init__(self, logger: ILogger) -> None:

@@ -272,3 +272,66 @@ def test_the_first_of_two_dropped_stops_is_the_one_raised():
             assert type(caught.value) is KeyboardInterrupt
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+@pytest.mark.parametrize("number, raised, listen", [
+    (signal.SIGINT, KeyboardInterrupt, False),  # sdexport as a library: Python's own SIGINT handler
+    (signal.SIGINT, KeyboardInterrupt, True),
+    (signal.SIGTERM, Terminated, True),
+])
+def test_a_stop_in_a_deferred_block_is_recorded_and_raised_as_it_ends(number, raised, listen):
+    """What TensorRT's build does while it calls back into Python (``build.tensorrt_progress``): a
+    stop's handler records it rather than raise it in the callback, ``requested`` says so from any
+    thread, and the block's end raises it; the handlers are given back."""
+    import contextlib
+    import threading
+
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stopping.listening() if listen else contextlib.nullcontext():
+            before = signal.getsignal(number)
+            went_on, seen_elsewhere = [], []
+            with pytest.raises(raised) as caught, stopping.deferred():
+                signal.raise_signal(number)  # (its handler runs here, in the block)
+                went_on.append(stopping.requested())
+                thread = threading.Thread(target=lambda: seen_elsewhere.append(stopping.requested()))
+                thread.start()
+                thread.join()
+            assert type(caught.value) is raised and went_on == [True] and seen_elsewhere == [True]
+            assert signal.getsignal(number) is before and not stopping.requested()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_deferred_stop_is_raised_in_place_of_the_error_it_caused():
+    """A build cancelled for a stop fails (polygraphy: "Invalid Engine"): the stop is what is raised,
+    not that error; a block that fails with no stop asked for raises its own error, and one that
+    ends well raises nothing."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stopping.listening():
+            with pytest.raises(Terminated) as caught, stopping.deferred():
+                signal.raise_signal(signal.SIGTERM)
+                raise ValueError("Invalid Engine")
+            assert caught.value.__cause__ is None and caught.value.__suppress_context__
+            with pytest.raises(ValueError), stopping.deferred():
+                raise ValueError("a build's own failure")
+            with stopping.deferred():
+                pass
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def test_deferred_leaves_an_ignored_sigint_and_another_programs_handler_alone():
+    mine = lambda number, frame: None  # noqa: E731
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stopping.deferred():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert not stopping.requested()
+        signal.signal(signal.SIGINT, mine)
+        with stopping.deferred():
+            assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)

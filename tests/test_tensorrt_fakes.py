@@ -140,6 +140,8 @@ class Recorder:
     def __init__(self, trt: Any) -> None:
         self.trt = trt
         self.builds: list[dict[str, Any]] = []
+        self.progress = fake_tensorrt.ProgressDriver(trt)
+        """How each build calls its progress monitor (a test may set its ``before_step``)."""
 
     def install(self, monkeypatch) -> None:
         import polygraphy.backend.trt as backend
@@ -162,6 +164,8 @@ class Recorder:
             raise PolygraphyException(f"FP16 is not available on TensorRT version {self.trt.__version__}")
         if config["fp16"] and network["strongly_typed"]:
             raise PolygraphyException("precision flags are not allowed on strongly typed networks")
+        if not self.progress.run(config["progress_monitor"]):  # cancelled: TensorRT returns None, and
+            raise PolygraphyException("Invalid Engine. Please ensure the engine was built correctly")  # polygraphy says so
         self.builds.append({**network, **config})
         if save_timing_cache is not None:  # polygraphy writes the updated cache (a path, or an open file)
             save_timing_cache.write(b"timing cache after " + network["path"].encode())
@@ -560,6 +564,135 @@ def test_typing_mode_is_part_of_the_cache_key(tiny_engine_dir, tmp_path, monkeyp
     assert any("fp16 builder flag on != off" in r for r in again[0].reasons)
     cached = tensorrt_build.build_engines(directory, components=["unet"], strongly_typed=True)
     assert cached[0].status == "cached"
+
+
+# -- build: progress and stops -------------------------------------------------------------------
+
+
+def test_a_build_says_tensorrt_s_phases_on_its_line(trt, tiny_fp16_engine_dir, tmp_path, monkeypatch, capsys):
+    """TensorRT's progress monitor is the build's own (both majors), and its phases are said on the
+    build's step line: here, with no terminal, as lines (at most one a minute; every call here)."""
+    from sdexport import console
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.0)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    (built,) = tensorrt_build.build_engines(directory, components=["text_encoder"])
+    err = capsys.readouterr().err
+    assert built.status == "built" and recorder.progress.steps_done == 8 and not recorder.progress.printed
+    said = [line.split(": ", 1)[1] for line in err.splitlines() if line.startswith("  Building text_encoder (")]
+    assert said[:3] == ["Building engine 0/2 (0 s so far)", "Building engine 0/2 › Tactic selection 0/3 (0 s so far)",
+                        "Building engine 0/2 › Tactic selection 1/3 (0 s so far)"]
+    assert "Building engine 2/2 (0 s so far)" in said
+
+
+def test_a_build_says_nothing_more_in_a_log_before_a_minute_has_passed(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                        monkeypatch, capsys):
+    Recorder(trt).install(monkeypatch)
+    tensorrt_build.build_engines(_copy(tiny_fp16_engine_dir, tmp_path), components=["text_encoder"])
+    assert "Tactic selection" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("listen", "number", "raised"), [
+    (True, "SIGTERM", "Terminated"),  # a CI timeout
+    (True, "SIGINT", "KeyboardInterrupt"),  # Ctrl-C at the command line
+    (False, "SIGINT", "KeyboardInterrupt"),  # sdexport as a library
+])
+def test_a_stop_during_a_build_cancels_it_at_its_next_step_and_keeps_no_plan(
+        trt, tiny_fp16_engine_dir, tmp_path, monkeypatch, listen, number, raised):
+    """Before, a stop waited for the whole build (one call into TensorRT, minutes on SD): the monitor
+    now cancels it at the next step, the stop is raised as the stop it was (not "could not build",
+    nor the binding's "[ERROR] Exception caught in step_complete()"), and no plan is written."""
+    import contextlib
+    import signal
+
+    import sdexport.errors
+    from sdexport import stopping
+    from sdexport.manifest import load_manifest
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    sent: list[str] = []
+
+    def stop_while(phase: str, step: int) -> None:  # (TensorRT's C++ at work: no Python runs until a callback)
+        if not sent and (phase, step) == ("Tactic selection", 1):
+            sent.append(phase)
+            signal.raise_signal(getattr(signal, number))
+
+    recorder.progress.before_step = stop_while
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with stopping.listening() if listen else contextlib.nullcontext():
+            handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt) as caught:
+                tensorrt_build.build_engines(directory, components=["text_encoder"])
+            assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert type(caught.value) is getattr(sdexport.errors, raised, KeyboardInterrupt)
+    assert recorder.progress.cancelled and recorder.progress.steps_done == 2 and not recorder.progress.printed
+    assert recorder.builds == [] and not list((directory / "text_encoder").glob("*.plan*"))
+    assert load_manifest(directory).components["text_encoder"].engines == {}
+
+
+def test_a_stop_raised_inside_a_callback_cancels_the_build_and_is_raised(trt, tiny_fp16_engine_dir, tmp_path,
+                                                                           monkeypatch):
+    """Under another program's SIGINT handler (left alone), a KeyboardInterrupt lands in the monitor's
+    callback: it is caught there (the binding would print it and lose it), the build is cancelled,
+    and it is raised once TensorRT returns, not "could not build"."""
+    from sdexport import console
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    calls: list[str] = []
+
+    def interrupted(self, detail: str) -> None:
+        calls.append(detail)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(console.StepProgress, "__call__", interrupted)
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        tensorrt_build.build_engines(directory, components=["text_encoder"])
+    assert recorder.progress.cancelled and not recorder.progress.printed and recorder.builds == []
+
+
+def test_on_a_terminal_the_phases_replace_each_other_on_the_spinner_line(monkeypatch, capsys):
+    """TensorRT's phase names are said as written, not read as rich markup."""
+    import time
+
+    from sdexport import console
+
+    updates: list[str] = []
+    status = type("Status", (), {"update": lambda self, text: updates.append(text)})()
+    monkeypatch.setattr(type(console.console), "is_terminal", property(lambda self: True))
+    progress = console.StepProgress("Building unet", status, time.perf_counter() - 3600)
+    progress("[bold] 1/2")
+    progress("[bold] 2/2")
+    assert updates == ["Building unet… \\[bold] 1/2", "Building unet… \\[bold] 2/2"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_failing_display_stops_showing_and_the_build_goes_on():
+    from sdexport.build.tensorrt_progress import BuildPhases
+
+    said: list[str] = []
+
+    def say(line: str) -> None:
+        said.append(line)
+        raise ValueError("a display fault")
+
+    phases = BuildPhases(say)
+    phases.phase_start("a", None, 2)
+    for name in "bcd":
+        phases.phase_start(name, "a", 1)
+    assert phases.step_complete("d", 0) and said == ["a 0/2"]
+    assert phases.line() == "b 0/1 › c 0/1 › d 1/1"  # the deepest three
+    phases.phase_finish("d")
+    assert phases.line() == "a 0/2 › b 0/1 › c 0/1" and not phases.cancelled
 
 
 # -- runtime: bindings, staging, graphs, lifetime -------------------------------------------------

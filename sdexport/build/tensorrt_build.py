@@ -19,6 +19,7 @@ import io
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,10 +28,12 @@ from typing import Any, Literal
 
 from rich.markup import escape
 
+from sdexport import stopping
 from sdexport.atomic import atomic_path
 from sdexport.build import keep_built
 from sdexport.build.cache_key import FLAG_LABELS, EngineKey, onnx_files, onnx_sha256
 from sdexport.build.profiles import ShapeRange, build_profile, input_ranges
+from sdexport.build.tensorrt_progress import BuildPhases, tensorrt_monitor
 from sdexport.build.timing_cache import (
     cannot_replace,
     check_timing_cache,
@@ -363,9 +366,9 @@ def _build_locked(
             results.append(BuildResult(spec.name, "cached", engine_dir / rel, key, 0.0))
             continue
         start = time.perf_counter()
-        with step(f"Building {spec.name} ({_describe(key, precision.label(entry.dtype))})"):
+        with step(f"Building {spec.name} ({_describe(key, precision.label(entry.dtype))})") as progress:
             graph_io = check_graph(engine_dir, manifest, spec.name, target)  # (the build's profile)
-            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, replace_cache, graph_io)
+            plan = _build_plan(engine_dir / entry.onnx, key, timing_cache, replace_cache, graph_io, progress)
         seconds = time.perf_counter() - start
         # The manifest lists the plan before a byte of it is written: a build killed while it writes
         # (gigabytes) leaves a listed plan that is missing (rebuilt next time) and a temporary file of
@@ -495,11 +498,13 @@ class _ErrorTee(io.TextIOBase):
 
 
 def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, replace_cache: bool,
-                graph_io: GraphIO) -> memoryview:
+                graph_io: GraphIO, progress: Callable[[str], None] | None = None) -> memoryview:
     """Parse, configure and build with polygraphy; returns the serialized plan (not copied).
 
     ``graph_io``: the graph's real inputs (``manifest.check_graph``: the scalar timestep has no
-    shape to profile)."""
+    shape to profile). ``progress`` is told TensorRT's phases as the build goes; a stop asked for
+    meanwhile cancels the build at its next step and is raised once TensorRT returns
+    (``tensorrt_progress``), with no plan kept."""
     from polygraphy.backend.trt import (
         CreateConfig,
         Profile,
@@ -514,11 +519,13 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, repl
         trt_profile.add(name, min=lo, opt=opt, max=hi)
     # polygraphy prints TensorRT's warnings and errors to stdout, which is kept for results: to stderr
     log = _ErrorTee(sys.stderr)
+    phases = BuildPhases(progress)
+    monitor = tensorrt_monitor(phases)  # (alive until the build has returned)
     try:
         from sdexport.console import QUIET, VERBOSE, verbosity
 
         level = {QUIET: G_LOGGER.ERROR, VERBOSE: G_LOGGER.INFO}.get(verbosity(), G_LOGGER.WARNING)
-        with G_LOGGER.verbosity(level), contextlib.redirect_stdout(log), \
+        with stopping.deferred(), G_LOGGER.verbosity(level), contextlib.redirect_stdout(log), \
                 timing_cache_files(timing_cache, replace_cache) as (cache_in, cache_out):
             log.cache_loaded = cache_in is not None
             network = network_from_onnx_path(str(onnx_path), strongly_typed=key.strongly_typed)
@@ -529,9 +536,14 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, repl
                 load_timing_cache=cache_in,
                 refittable=key.refittable,
                 builder_optimization_level=key.optimization_level,
+                progress_monitor=monitor,
             )
             plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
+            if phases.interrupted is not None:  # (raised in a callback under another program's handler)
+                raise phases.interrupted
     except PolygraphyException as exc:
+        if phases.interrupted is not None:
+            raise phases.interrupted from None
         said = f" (TensorRT: {log.reason})" if log.reason else ""
         raise SdexportError(f"TensorRT could not build {key.component} from {onnx_path}: {exc}{said}") from None
     if plan is None:  # (polygraphy raises where the build returns None; IHostMemory has no length to test)
