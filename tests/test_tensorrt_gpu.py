@@ -249,3 +249,54 @@ def test_pipeline_over_tensorrt_matches_onnxruntime(built, cuda_graph, monkeypat
     assert got.timings.clock == "cuda events"
     error = float(torch.linalg.norm(got.latents - expected.latents) / torch.linalg.norm(expected.latents))
     assert error <= FP16_TOLERANCE
+
+
+def test_a_real_build_reports_its_phases_and_a_stop_during_it_ends_it_with_no_plan(tiny_fp16_engine_dir, tmp_path,
+                                                                                     monkeypatch):
+    """What the fakes assume of TensorRT's progress monitor (``build.tensorrt_progress``), on the real
+    one: it reports phases, and a Ctrl-C during the build ends it as a stop with no plan written.
+    Where TensorRT calls the monitor on the thread that called the build, the stop cancels the build
+    at its next step (the handler runs inside the callback); from threads of its own, the build runs
+    to its end first. Which one it is goes into the test's output (``-rA``: its captured stdout)."""
+    import os
+    import signal
+    import threading
+
+    from sdexport.build import tensorrt_progress
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.manifest import load_manifest
+
+    calls: list[tuple[str, bool]] = []
+    step_complete = tensorrt_progress.BuildPhases.step_complete
+
+    def spy(self, phase_name, step):
+        on_main = threading.current_thread() is threading.main_thread()
+        calls.append((phase_name, on_main))
+        if len(calls) == 1 and stop:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step_complete(self, phase_name, step)
+
+    monkeypatch.setattr(tensorrt_progress.BuildPhases, "step_complete", spy)
+    directory = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, directory)
+    stop = False
+    (built,) = build_engines(directory, components=["unet"], timing_cache=tmp_path / "timing.cache")
+    steps = len(calls)
+    print(f"TensorRT called step_complete {steps} times, {sum(m for _, m in calls)} on the main thread; "
+          f"phases: {sorted({p for p, _ in calls})}")
+    assert built.status == "built" and steps > 0
+
+    calls.clear()
+    stop = True
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_engines(directory, components=["unet"], force=True, timing_cache=tmp_path / "other.cache")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    on_main = calls[0][1] if calls else False
+    print(f"stopped at the first step: {len(calls)} of {steps} step reports before the build ended "
+          f"({'the calling thread' if on_main else 'threads of its own'})")
+    if on_main:
+        assert len(calls) < steps
+    assert set(load_manifest(directory).components["unet"].engines) == {built.key.digest()}
