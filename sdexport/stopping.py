@@ -36,7 +36,7 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sdexport.errors import HungUp, Terminated
@@ -123,14 +123,16 @@ def listening() -> Iterator[None]:
     previous: dict[int, Any] = {}
     hook = sys.unraisablehook
     try:
-        for number in STOPS:
-            if _taken_over(number):
-                previous[number] = signal.signal(number, _record_and_raise)
+        with _held():
+            for number in STOPS:
+                if _taken_over(number):
+                    previous[number] = signal.signal(number, _record_and_raise)
         sys.unraisablehook = _quiet_dropped_stops(hook)
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        with _held():
+            for number, handler in previous.items():
+                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         sys.unraisablehook = hook
         _requested, _kept = None, None
 
@@ -183,20 +185,33 @@ def deferred() -> Iterator[None]:
     (in place of the block's own error, if it failed: that was the stop's doing, or comes second).
 
     For native work that calls back into Python: TensorRT's builder calls its progress monitor from
-    C++ that cannot unwind a Python exception, so a KeyboardInterrupt raised inside a callback would
-    not stop the build cleanly; the monitor asks ``requested`` instead and cancels the build at its
-    next step. The handlers swapped are those that would raise: ``listening``'s, and Python's own
-    for SIGINT (sdexport called as a library, whose caller then gets its KeyboardInterrupt as the
-    block ends); an ignored signal and another program's handler are left alone."""
+    C++, and an exception raised in the callback does not unwind through it (the binding prints it
+    and cancels the build, and the stop is lost), so the monitor asks ``requested`` instead and
+    cancels the build at its next step. A signal's handler runs at the first bytecode Python runs
+    after it, which there is the callback's own first line, before any ``try`` in it could catch
+    what it raises: so every Python handler of a stop signal is swapped for the block. ``listening``'s,
+    and Python's own for SIGINT (sdexport called as a library, whose caller then gets its
+    KeyboardInterrupt as the block ends), record the stop. Another program's handler is called as
+    the block ends with what it would have been called with (raising there if it raises), and its
+    signal cancels nothing: whether it means a stop is that program's to say. An ignored signal
+    and a default action (SIGTERM ending the process) are left as they are."""
     if not _in_main_thread():  # (handlers are the main thread's)
         yield
         return
+    later: list[tuple[Callable[[int, Any], Any], int, Any]] = []
+
+    def called_later(handler: Callable[[int, Any], Any]) -> Callable[[int, Any], None]:
+        return lambda number, frame: later.append((handler, number, frame))
+
     previous: dict[int, Any] = {}
-    try:
+    with _held():
         for number in STOPS:
             handler = signal.getsignal(number)
             if handler is _record_and_raise or (number == signal.SIGINT and handler is signal.default_int_handler):
                 previous[number] = signal.signal(number, _record)
+            elif callable(handler):
+                previous[number] = signal.signal(number, called_later(handler))
+    try:
         try:
             yield
         except KeyboardInterrupt:
@@ -206,12 +221,30 @@ def deferred() -> Iterator[None]:
             if stop is None:
                 raise
             raise stop from None
+        stop = take()
+        if stop is not None:
+            raise stop
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-    stop = take()
-    if stop is not None:
-        raise stop
+        with _held():
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+        for handler, number, frame in later:
+            handler(number, frame)
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[None]:
+    """The stop signals held back while handlers are swapped, and delivered as the block ends: one
+    that came between two swaps found some handlers swapped and others not (a review), and one
+    raised from a handler swapped back first left the others unrestored."""
+    if not hasattr(signal, "pthread_sigmask"):  # (Windows)
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def check() -> None:

@@ -322,8 +322,11 @@ def test_a_deferred_stop_is_raised_in_place_of_the_error_it_caused():
         signal.signal(signal.SIGINT, inherited)
 
 
-def test_deferred_leaves_an_ignored_sigint_and_another_programs_handler_alone():
-    mine = lambda number, frame: None  # noqa: E731
+def test_deferred_leaves_an_ignored_sigint_alone_and_calls_another_programs_handler_as_it_ends():
+    """Another program's handler would run inside a TensorRT callback, where what it raises is lost:
+    it is called once the block is over instead, and its signal is no stop of sdexport's."""
+    seen: list[int] = []
+    mine = lambda number, frame: seen.append(number)  # noqa: E731
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         with stopping.deferred():
@@ -332,6 +335,8 @@ def test_deferred_leaves_an_ignored_sigint_and_another_programs_handler_alone():
             assert not stopping.requested()
         signal.signal(signal.SIGINT, mine)
         with stopping.deferred():
-            assert signal.getsignal(signal.SIGINT) is mine
+            signal.raise_signal(signal.SIGINT)
+            assert seen == [] and not stopping.requested()
+        assert seen == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is mine
     finally:
         signal.signal(signal.SIGINT, previous)

@@ -637,11 +637,53 @@ def test_a_stop_during_a_build_cancels_it_at_its_next_step_and_keeps_no_plan(
     assert load_manifest(directory).components["text_encoder"].engines == {}
 
 
+@pytest.mark.parametrize("raises", [True, False])
+def test_another_programs_sigint_handler_is_called_once_the_build_has_returned(
+        trt, tiny_fp16_engine_dir, tmp_path, monkeypatch, raises):
+    """sdexport as a library, under its caller's own SIGINT handler: a signal during the build would
+    run that handler at the monitor's first line, where what it raises reaches the binding (printed,
+    the build cancelled, "could not build"; a review). The handler is called once TensorRT has
+    returned instead, as it would have been, and the build is not cancelled for it: a handler that
+    raises stops the build with no plan written; one that only takes note lets it finish."""
+    import signal
+
+    recorder = Recorder(trt)
+    recorder.install(monkeypatch)
+    seen: list[int] = []
+
+    def programs_own(number, frame):
+        seen.append(number)
+        if raises:
+            raise KeyboardInterrupt
+
+    def stop_while(phase: str, step: int) -> None:
+        if not seen and recorder.progress.steps_done == 1:
+            signal.raise_signal(signal.SIGINT)
+            assert seen == [], "the program's handler ran inside the build"
+
+    recorder.progress.before_step = stop_while
+    directory = _copy(tiny_fp16_engine_dir, tmp_path)
+    previous = signal.signal(signal.SIGINT, programs_own)
+    try:
+        if raises:
+            with pytest.raises(KeyboardInterrupt):
+                tensorrt_build.build_engines(directory, components=["text_encoder"])
+        else:
+            (built,) = tensorrt_build.build_engines(directory, components=["text_encoder"])
+            assert built.status == "built" and built.path.is_file()
+        assert signal.getsignal(signal.SIGINT) is programs_own
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen == [signal.SIGINT] and recorder.progress.steps_done == 8 and not recorder.progress.cancelled
+    assert not recorder.progress.printed
+    assert bool(list((directory / "text_encoder").glob("*.plan"))) is not raises
+
+
 def test_a_stop_raised_inside_a_callback_cancels_the_build_and_is_raised(trt, tiny_fp16_engine_dir, tmp_path,
                                                                            monkeypatch):
-    """Under another program's SIGINT handler (left alone), a KeyboardInterrupt lands in the monitor's
-    callback: it is caught there (the binding would print it and lose it), the build is cancelled,
-    and it is raised once TensorRT returns, not "could not build"."""
+    """A KeyboardInterrupt raised in the monitor's callback all the same (a display's) is caught there
+    (the binding would print it and lose it), the build is cancelled, and it is raised once TensorRT
+    returns, not "could not build"."""
     from sdexport import console
 
     recorder = Recorder(trt)

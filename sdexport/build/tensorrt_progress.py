@@ -36,9 +36,9 @@ class BuildPhases:
     moves on or finishes (``"Building engine 2/7 › Tactic selection 31/120"``); a stop asked for
     (``stopping.requested``) cancels the build at its next step. Thread-safe: TensorRT may call
     from several threads (the binding takes the GIL for each call). Nothing here fails a build: a
-    ``say`` that raises is not called again, and a KeyboardInterrupt raised inside a callback (by
-    another program's SIGINT handler, which ``deferred`` leaves alone) cancels it, kept in
-    ``interrupted`` for the caller to raise once TensorRT has returned."""
+    ``say`` that raises is not called again. A KeyboardInterrupt raised inside a callback all the
+    same (``deferred`` holds back every signal handler that could raise one; a display could still)
+    cancels it and is kept in ``interrupted``, for the caller to raise once TensorRT has returned."""
 
     def __init__(self, say: Callable[[str], None] | None) -> None:
         self._say = say
