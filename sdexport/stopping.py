@@ -123,16 +123,14 @@ def listening() -> Iterator[None]:
     previous: dict[int, Any] = {}
     hook = sys.unraisablehook
     try:
-        with _held():
-            for number in STOPS:
-                if _taken_over(number):
-                    previous[number] = signal.signal(number, _record_and_raise)
+        for number in STOPS:
+            if _taken_over(number):
+                previous[number] = signal.signal(number, _record_and_raise)
         sys.unraisablehook = _quiet_dropped_stops(hook)
         yield
     finally:
-        with _held():
-            for number, handler in previous.items():
-                signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         sys.unraisablehook = hook
         _requested, _kept = None, None
 
@@ -204,14 +202,13 @@ def deferred() -> Iterator[None]:
         return lambda number, frame: later.append((handler, number, frame))
 
     previous: dict[int, Any] = {}
-    with _held():
-        for number in STOPS:
+    try:
+        for number in STOPS:  # (in the try: a stop raised between two swaps still has the first undone)
             handler = signal.getsignal(number)
             if handler is _record_and_raise or (number == signal.SIGINT and handler is signal.default_int_handler):
                 previous[number] = signal.signal(number, _record)
             elif callable(handler):
                 previous[number] = signal.signal(number, called_later(handler))
-    try:
         try:
             yield
         except KeyboardInterrupt:
@@ -225,26 +222,10 @@ def deferred() -> Iterator[None]:
         if stop is not None:
             raise stop
     finally:
-        with _held():
-            for number, handler in previous.items():
-                signal.signal(number, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         for handler, number, frame in later:
             handler(number, frame)
-
-
-@contextlib.contextmanager
-def _held() -> Iterator[None]:
-    """The stop signals held back while handlers are swapped, and delivered as the block ends: one
-    that came between two swaps found some handlers swapped and others not (a review), and one
-    raised from a handler swapped back first left the others unrestored."""
-    if not hasattr(signal, "pthread_sigmask"):  # (Windows)
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def check() -> None:
