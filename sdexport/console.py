@@ -296,48 +296,112 @@ def usable_cpus() -> int:
 
 
 PROGRESS_LINE_SECONDS = 60.0
-"""Where the console is no terminal (a CI log), the least time between two lines of a step's own
-progress (``StepProgress``)."""
+"""Where the console is no terminal (a CI log), the time between two lines of a long step's progress
+(``StepProgress``): the least, and, while the step says nothing of its own, the most."""
+
+ELAPSED_AFTER_SECONDS = 5.0
+"""After how long a step's spinner line shows its time so far."""
+
+
+class _SpinnerText:
+    """A step's spinner line: its description, what it last said of its progress, and from
+    ``ELAPSED_AFTER_SECONDS`` on the time so far, read each time rich redraws the line (about ten
+    times a second), so the count goes on while the step is inside one long call (an SDXL U-Net's
+    trace, a TensorRT build) and says nothing."""
+
+    def __init__(self, description: str, start: float) -> None:
+        self.description, self.start = description, start
+        self.detail = ""
+        """What the step last said (markup escaped)."""
+
+    def __rich__(self) -> Any:
+        from rich.text import Text
+
+        elapsed = time.perf_counter() - self.start
+        shown = f"{self.description}…" + (f" {self.detail}" if self.detail else "")
+        if elapsed >= ELAPSED_AFTER_SECONDS:
+            shown += f" [dim]({elapsed:.0f} s)[/]"
+        return Text.from_markup(shown)
 
 
 class StepProgress:
     """What a long step says of its progress as it goes (a TensorRT build's phases), beside its
     description: on a terminal, on the step's spinner line, replaced at each call; elsewhere (a CI
     log, where the spinner draws nothing) as a line with the time so far, at most one every
-    ``PROGRESS_LINE_SECONDS``, so that a 20-minute build shows it is alive without flooding the log.
-    Any thread may call it (TensorRT calls its progress monitor from its own)."""
+    ``PROGRESS_LINE_SECONDS`` and, while the step says nothing (one long call: an SDXL export's
+    trace), at least one (``heartbeat``): a 20-minute build or export shows it is alive, without
+    flooding the log, to the reader and to a CI that ends jobs silent for too long. Any thread may
+    call it (TensorRT calls its progress monitor from its own)."""
 
-    def __init__(self, description: str, status: Any, start: float) -> None:
+    def __init__(self, description: str, line: _SpinnerText, start: float) -> None:
         import threading
 
-        self._description, self._status, self._start = description, status, start
+        self._description, self._line, self._start = description, line, start
         self._lock = threading.Lock()
         self._last_line = start
+        self._detail = ""
+        self._done = threading.Event()
 
     def __call__(self, detail: str) -> None:
         from rich.markup import escape
 
         if console.is_terminal:
-            self._status.update(f"{self._description}… {escape(detail)}")
+            self._line.detail = escape(detail)
             return
+        self._detail = detail
+        self._say(due=PROGRESS_LINE_SECONDS)
+
+    def _say(self, due: float) -> None:
+        """A line with the latest detail, where ``due`` seconds have passed since the last one."""
+        from rich.markup import escape
+
         with self._lock:
             now = time.perf_counter()
-            if now - self._last_line < PROGRESS_LINE_SECONDS:
+            if now - self._last_line < due:
                 return
             self._last_line = now
+            detail = self._detail or "still running"
         console.print(f"  {self._description}: {escape(detail)} [dim]({now - self._start:.0f} s so far)[/]")
+
+    @contextmanager
+    def heartbeat(self) -> Iterator[None]:
+        """Where the console is a log (no terminal, not quiet), a thread that says the step is still
+        going each ``PROGRESS_LINE_SECONDS`` in which nothing else was said (not under a second:
+        a line a second would be a flood)."""
+        import threading
+
+        interval = PROGRESS_LINE_SECONDS
+        if console.is_terminal or console.quiet or interval < 1:
+            yield
+            return
+
+        def beat() -> None:
+            while not self._done.wait(interval):
+                self._say(due=interval)
+
+        thread = threading.Thread(target=beat, name="sdexport-step-heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._done.set()
+            thread.join(timeout=5)
 
 
 @contextmanager
 def step(description: str) -> Iterator[StepProgress]:
-    """Show ``description`` with a spinner while the block runs, then a line with its duration; the
-    block may say how far it has got through the ``StepProgress`` it is given.
+    """Show ``description`` with a spinner while the block runs (with the time so far, after a few
+    seconds), then a line with its duration; the block may say how far it has got through the
+    ``StepProgress`` it is given.
 
     Each end of a step is also where a Ctrl-C or SIGTERM whose KeyboardInterrupt was dropped on the
     way (``sdexport.stopping``) stops the job: within a step, not after every step has run."""
     stopping.check()
     start = time.perf_counter()
-    with console.status(f"{description}…") as status:
-        yield StepProgress(description, status, start)
+    line = _SpinnerText(description, start)
+    with console.status(line):
+        progress = StepProgress(description, line, start)
+        with progress.heartbeat():
+            yield progress
     console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")
     stopping.check()

@@ -702,22 +702,6 @@ def test_a_stop_raised_inside_a_callback_cancels_the_build_and_is_raised(trt, ti
     assert recorder.progress.cancelled and not recorder.progress.printed and recorder.builds == []
 
 
-def test_on_a_terminal_the_phases_replace_each_other_on_the_spinner_line(monkeypatch, capsys):
-    """TensorRT's phase names are said as written, not read as rich markup."""
-    import time
-
-    from sdexport import console
-
-    updates: list[str] = []
-    status = type("Status", (), {"update": lambda self, text: updates.append(text)})()
-    monkeypatch.setattr(type(console.console), "is_terminal", property(lambda self: True))
-    progress = console.StepProgress("Building unet", status, time.perf_counter() - 3600)
-    progress("[bold] 1/2")
-    progress("[bold] 2/2")
-    assert updates == ["Building unet… \\[bold] 1/2", "Building unet… \\[bold] 2/2"]
-    assert capsys.readouterr().err == ""
-
-
 def test_a_failing_display_stops_showing_and_the_build_goes_on():
     from sdexport.build.tensorrt_progress import BuildPhases
 
