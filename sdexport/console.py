@@ -312,16 +312,32 @@ class _SpinnerText:
     def __init__(self, description: str, start: float) -> None:
         self.description, self.start = description, start
         self.detail = ""
-        """What the step last said (markup escaped)."""
+        """What the step last said, as written (not markup)."""
 
     def __rich__(self) -> Any:
-        from rich.text import Text
-
         elapsed = time.perf_counter() - self.start
-        shown = f"{self.description}…" + (f" {self.detail}" if self.detail else "")
-        if elapsed >= ELAPSED_AFTER_SECONDS:
-            shown += f" [dim]({elapsed:.0f} s)[/]"
-        return Text.from_markup(shown)
+        return _progress_text(f"{self.description}…", self.detail,
+                              f"({elapsed:.0f} s)" if elapsed >= ELAPSED_AFTER_SECONDS else "")
+
+
+def _progress_text(description: str, detail: str, elapsed: str) -> Any:
+    """``description`` (rich markup, as every step's is) followed by ``detail`` as written and
+    ``elapsed`` dimmed: the detail (a TensorRT phase's name) never read as markup, where escaping it
+    would show a trailing backslash twice (a review)."""
+    from rich.text import Text
+
+    text = Text.from_markup(description)
+    if detail:
+        text.append(" " + detail)
+    if elapsed:
+        text.append(" " + elapsed, style="dim")
+    return text
+
+
+def spinner_drawn() -> bool:
+    """Whether rich draws a step's spinner line: a terminal (or what ``FORCE_COLOR`` makes one),
+    not a dumb one (``TERM=dumb``: an editor's shell buffer, where rich draws no spinner)."""
+    return console.is_terminal and not console.is_dumb_terminal
 
 
 class StepProgress:
@@ -343,25 +359,21 @@ class StepProgress:
         self._done = threading.Event()
 
     def __call__(self, detail: str) -> None:
-        from rich.markup import escape
-
-        if console.is_terminal:
-            self._line.detail = escape(detail)
+        if spinner_drawn():
+            self._line.detail = detail
             return
         self._detail = detail
         self._say(due=PROGRESS_LINE_SECONDS)
 
     def _say(self, due: float) -> None:
         """A line with the latest detail, where ``due`` seconds have passed since the last one."""
-        from rich.markup import escape
-
         with self._lock:
             now = time.perf_counter()
             if now - self._last_line < due:
                 return
             self._last_line = now
             detail = self._detail or "still running"
-        console.print(f"  {self._description}: {escape(detail)} [dim]({now - self._start:.0f} s so far)[/]")
+        console.print(_progress_text(f"  {self._description}:", detail, f"({now - self._start:.0f} s so far)"))
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -371,7 +383,7 @@ class StepProgress:
         import threading
 
         interval = PROGRESS_LINE_SECONDS
-        if console.is_terminal or console.quiet or interval < 1:
+        if spinner_drawn() or console.quiet or interval < 1:
             yield
             return
 
@@ -380,12 +392,13 @@ class StepProgress:
                 self._say(due=interval)
 
         thread = threading.Thread(target=beat, name="sdexport-step-heartbeat", daemon=True)
-        thread.start()
-        try:
+        try:  # (start inside: a stop raised as it returns must still end the thread)
+            thread.start()
             yield
         finally:
             self._done.set()
-            thread.join(timeout=5)
+            if thread.ident is not None:  # (started)
+                thread.join(timeout=5)
 
 
 @contextmanager

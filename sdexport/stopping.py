@@ -125,13 +125,15 @@ def listening() -> Iterator[None]:
     try:
         for number in STOPS:
             if _taken_over(number):
-                previous[number] = signal.signal(number, _record_and_raise)
+                previous[number] = signal.getsignal(number)
+                signal.signal(number, _record_and_raise)
         sys.unraisablehook = _quiet_dropped_stops(hook)
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
-        sys.unraisablehook = hook
+        try:
+            _put_back(list(previous.items()))
+        finally:
+            sys.unraisablehook = hook
         _requested, _kept = None, None
 
 
@@ -203,12 +205,14 @@ def deferred() -> Iterator[None]:
 
     previous: dict[int, Any] = {}
     try:
-        for number in STOPS:  # (in the try: a stop raised between two swaps still has the first undone)
+        for number in STOPS:  # (in the try, each noted before it is swapped: see _put_back)
             handler = signal.getsignal(number)
-            if handler is _record_and_raise or (number == signal.SIGINT and handler is signal.default_int_handler):
-                previous[number] = signal.signal(number, _record)
+            if handler in (_record_and_raise, _record) or (number == signal.SIGINT and handler is signal.default_int_handler):
+                previous[number] = handler  # (``_record``: a deferred block inside another)
+                signal.signal(number, _record)
             elif callable(handler):
-                previous[number] = signal.signal(number, called_later(handler))
+                previous[number] = handler
+                signal.signal(number, called_later(handler))
         try:
             yield
         except KeyboardInterrupt:
@@ -222,10 +226,25 @@ def deferred() -> Iterator[None]:
         if stop is not None:
             raise stop
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        for handler, number, frame in later:
-            handler(number, frame)
+        try:
+            _put_back(list(previous.items()))
+        finally:
+            for handler, number, frame in later:
+                handler(number, frame)
+
+
+def _put_back(handlers: list[tuple[int, Any]]) -> None:
+    """Give each signal its handler back, every one of them even where a stop's handler raises
+    between two (it runs at any bytecode, and one put back first may raise at once): each in the
+    ``finally`` of the one before, the first error raised once all are back (a review found
+    SIGINT left recording after a SIGTERM raised while the handlers were put back)."""
+    if not handlers:
+        return
+    (number, handler), rest = handlers[0], handlers[1:]
+    try:
+        signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+    finally:
+        _put_back(rest)
 
 
 def check() -> None:

@@ -322,6 +322,34 @@ def test_a_deferred_stop_is_raised_in_place_of_the_error_it_caused():
         signal.signal(signal.SIGINT, inherited)
 
 
+def test_every_handler_is_put_back_when_a_stop_is_raised_as_the_first_is(monkeypatch):
+    """A stop's handler runs at any bytecode: one raising as the handlers are put back left the rest
+    swapped (a review: SIGINT left recording after a SIGTERM). Each is put back all the same, and
+    the stop is raised once they are."""
+    seen: list[int] = []
+    put = signal.signal
+
+    def raising_once(number, handler):
+        put(number, handler)
+        if not seen:
+            seen.append(number)
+            raise Terminated
+
+    mine = lambda number, frame: None  # noqa: E731
+    before = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGHUP)}
+    try:
+        for number in before:
+            put(number, lambda number, frame: None)
+        monkeypatch.setattr(signal, "signal", raising_once)
+        with pytest.raises(Terminated):
+            stopping._put_back([(signal.SIGINT, mine), (signal.SIGHUP, mine)])
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGHUP) is mine
+    finally:
+        for number, handler in before.items():
+            put(number, handler)
+
+
 def test_deferred_leaves_an_ignored_sigint_alone_and_calls_another_programs_handler_as_it_ends():
     """Another program's handler would run inside a TensorRT callback, where what it raises is lost:
     it is called once the block is over instead, and its signal is no stop of sdexport's."""

@@ -577,6 +577,7 @@ def test_a_build_says_tensorrt_s_phases_on_its_line(trt, tiny_fp16_engine_dir, t
     recorder = Recorder(trt)
     recorder.install(monkeypatch)
     monkeypatch.setattr(console, "PROGRESS_LINE_SECONDS", 0.0)
+    monkeypatch.setattr(type(console.console), "is_terminal", property(lambda self: False))  # (FORCE_COLOR)
     directory = _copy(tiny_fp16_engine_dir, tmp_path)
     (built,) = tensorrt_build.build_engines(directory, components=["text_encoder"])
     err = capsys.readouterr().err
