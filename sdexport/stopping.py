@@ -216,6 +216,7 @@ def deferred() -> Iterator[None]:
         try:
             yield
         except KeyboardInterrupt:
+            take()  # (a stop on its way out already: the record must not raise it again later)
             raise
         except BaseException:
             stop = take()
@@ -236,8 +237,8 @@ def deferred() -> Iterator[None]:
 def _put_back(handlers: list[tuple[int, Any]]) -> None:
     """Give each signal its handler back, every one of them even where a stop's handler raises
     between two (it runs at any bytecode, and one put back first may raise at once): each in the
-    ``finally`` of the one before, the first error raised once all are back (a review found
-    SIGINT left recording after a SIGTERM raised while the handlers were put back)."""
+    ``finally`` of the one before, what was raised on the way raised once all are back (a review
+    found SIGINT left recording after a SIGTERM raised while the handlers were put back)."""
     if not handlers:
         return
     (number, handler), rest = handlers[0], handlers[1:]

@@ -368,3 +368,18 @@ def test_deferred_leaves_an_ignored_sigint_alone_and_calls_another_programs_hand
         assert seen == [signal.SIGINT] and signal.getsignal(signal.SIGINT) is mine
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_stop_already_on_its_way_out_of_a_deferred_block_is_not_raised_again_later():
+    """sdexport as a library: a KeyboardInterrupt leaving the block while a stop was recorded (a
+    build's callback raised it) took the record with it, or the caller's next sdexport call would
+    have raised a stale stop at its first check."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), stopping.deferred():
+            signal.raise_signal(signal.SIGINT)
+            raise KeyboardInterrupt
+        assert not stopping.requested()
+        stopping.check()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
