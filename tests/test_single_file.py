@@ -403,6 +403,30 @@ def test_a_checkpoint_without_vae_weights_is_refused_by_name(tiny_checkpoint, re
     assert reads == []
 
 
+@pytest.mark.parametrize("pruned", ["cond_stage_model.", "first_stage_model."], ids=["text encoder", "vae"])
+def test_a_checkpoint_pruned_of_a_part_exports_the_parts_it_holds(tiny_checkpoint, tmp_path, capsys, pruned):
+    """A file without a text encoder's (or a VAE's) weights was refused even for ``--components unet``
+    ("the file alone cannot be exported without one"; an audit), where a diffusers directory without
+    that folder exports. The parts it holds export; asking for the missing one is still refused in
+    one line, before any graph is written."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import run_cli
+
+    _, path = tiny_checkpoint
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith(pruned)}, str(path))
+    out = tmp_path / "engines"
+    assert run_cli("export", path, "--config", "tiny", "--components", "unet", "-o", out, "--verify", "none") == 0, \
+        capsys.readouterr().err
+    assert (out / "unet" / "model.onnx").is_file()
+    missing = "text_encoder" if pruned == "cond_stage_model." else "vae_decoder"
+    assert run_cli("export", path, "--config", "tiny", "--components", f"unet,{missing}", "-o", tmp_path / "other",
+                   "--verify", "none") == 2
+    said = capsys.readouterr().err
+    assert f"no {'text encoder' if missing == 'text_encoder' else 'VAE'} weights" in said
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_checkpoint_without_vae_weights_exports_with_another_vae(tiny_checkpoint, tiny_diffusers_dir, tmp_path,
                                                                      capsys):
     """--vae replaces the checkpoint's VAE, so the file need not hold one (as diffusers'

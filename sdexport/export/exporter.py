@@ -91,7 +91,7 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
             # lazy: each part's weights are built or read when its turn comes, and freed after it
             model = load_model(model_ref, config=options.config, seed=options.seed, vae=options.vae,
                                controlnets=plan.controlnets, adapters=plan.adapters, lazy=True,
-                               union_images=options.union_images)
+                               union_images=options.union_images, modules={spec.module for spec in plan.specs})
         plan.profile.validate(model.dims)  # the loaded configs agree with what the plan read
         exported = {s.name for s in plan.specs}  # (an fp16 export's fp32 VAE decoder alone runs in its place)
         if all(s.name in exported or FP32_VAE.get(s.name) in exported for s in txt2img_specs(model.family)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,6 +226,7 @@ def load_model(
     lazy: bool = False,
     union_images: int = 1,
     kind: str | None = None,
+    modules: Collection[str] | None = None,
 ) -> LoadedModel:
     """Resolve ``model`` as a preset name, a diffusers directory or a single-file checkpoint.
 
@@ -242,6 +243,9 @@ def load_model(
     (``--controlnet`` texts, or resolved ``ControlNetSource``s) loaded beside it (``add_controlnets``);
     ``adapters``: T2I-Adapter presets or directories (or ``AdapterSource``s) likewise (``add_adapters``).
     ``union_images``: with union ControlNets, the control images each takes per call.
+    ``modules`` (with ``lazy``): the parts the caller will materialize (an export's ``--components``);
+    a single-file checkpoint may then lack the others' weights altogether (a file pruned of its text
+    encoder, exported ``--components unet``), as a diffusers directory may lack their folders.
 
     A name as a user gives it (no ``kind``) is first checked as the CLI checks it, from its configs
     and headers alone (``outline_model``): the Python API gets the same one-line refusals (a partial
@@ -253,7 +257,8 @@ def load_model(
 
         outline_model(model, config=config, vae=vae)
     architecture = _vae_architecture(model, config, kind, vae) if vae is not None and is_vae_file(Path(vae)) else None
-    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind, vae_replaced=vae is not None)
+    loaded = _load_model(model, config=config, seed=seed, dtype=dtype, lazy=lazy, kind=kind, vae_replaced=vae is not None,
+                         modules=modules)
     if vae is not None:
         replace_vae(loaded, Path(vae), dtype=dtype, architecture=architecture)
     if controlnets:
@@ -332,7 +337,8 @@ def _vae_architecture(model: str, config: str | None, kind: str | None, vae: str
 
 
 def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype, lazy: bool = False,
-                kind: str | None = None, vae_replaced: bool = False) -> LoadedModel:
+                kind: str | None = None, vae_replaced: bool = False, modules: Collection[str] | None = None
+                ) -> LoadedModel:
     preset = get_preset(model)
     path = Path(model)
     if kind == "preset" and preset is None:
@@ -347,7 +353,7 @@ def _load_model(model: str, *, config: str | None, seed: int, dtype: torch.dtype
         return load_diffusers_dir(path, dtype=dtype, lazy=lazy, vae_replaced=vae_replaced)
     if path.suffix.lower() in SINGLE_FILE_SUFFIXES:
         return load_single_file(path, config=config, seed=seed, dtype=dtype, lazy=lazy, recorded=kind is not None,
-                                vae_replaced=vae_replaced)
+                                vae_replaced=vae_replaced, modules=modules)
     raise ModelLoadError(
         f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint"
     )
@@ -594,7 +600,7 @@ def _weight_named(entry: Any) -> str:
 
 def load_single_file(
     path: Path, *, config: str | None, seed: int = 0, dtype: torch.dtype = torch.float32, lazy: bool = False,
-    recorded: bool = False, vae_replaced: bool = False,
+    recorded: bool = False, vae_replaced: bool = False, modules: Collection[str] | None = None,
 ) -> LoadedModel:
     """Load an original-layout SD checkpoint; its architecture comes from ``config``, offline.
 
@@ -604,6 +610,8 @@ def load_single_file(
     file's layout first, reading no weight (``single_file.plan_components``); then each one is read
     now, or (``lazy``) when ``LoadedModel.materialize`` asks for it. ``vae_replaced``: ``--vae``
     replaces the checkpoint's VAE, which then need not be in the file (``load_diffusers_dir``'s).
+    ``modules`` (with ``lazy``): the parts that will be materialized; the file may lack the others
+    altogether (``plan_components``'s ``needed``).
     """
     from transformers import CLIPTokenizer
 
@@ -619,7 +627,8 @@ def load_single_file(
         options = pipeline_config(family, read_json(config_dir / "model_index.json"))
         scheduler = scheduler_config(config_dir)
         skeletons, builders = plan_components(path, config_dir, family, dtype, scheduler,
-                                              leave_out=("vae",) if vae_replaced else ())
+                                              leave_out=("vae",) if vae_replaced else (),
+                                              needed=modules if lazy else None)
         if preset is not None and preset.name == "sd21" and not recorded:
             from rich.markup import escape
 

@@ -73,14 +73,17 @@ class Part:
 
 def plan_components(
     path: Path, config_dir: Path, family: str, dtype: torch.dtype, scheduler: Mapping[str, Any], *,
-    leave_out: Collection[str] = ()
+    leave_out: Collection[str] = (), needed: Collection[str] | None = None,
 ) -> tuple[dict[str, torch.nn.Module], dict[str, Callable[[], torch.nn.Module]]]:
     """Check every component against the file's layout, reading no weight; return each one's
     skeleton (meta device, ``dtype``) and a builder that reads, converts and loads its weights.
     ``scheduler``: the config folder's scheduler config (``outline.scheduler_config``), which the
     file's markers are checked against. ``leave_out``: parts that come from elsewhere (``vae``:
     ``--vae``), neither checked nor read, as diffusers' ``from_single_file(..., vae=...)`` takes a
-    checkpoint without VAE weights."""
+    checkpoint without VAE weights. ``needed``: the parts that will be built (an export's
+    ``--components``; None: all); one the file holds no weights of is otherwise a skeleton from
+    its config whose builder refuses, as a diffusers directory missing that part's folder is
+    exported without it (a file pruned of its text encoder, exported ``--components unet``)."""
     from sdexport.models.outline import check_holds_a_unet
 
     parts = [part for part in _parts(config_dir, family) if part.name not in leave_out]
@@ -93,9 +96,27 @@ def plan_components(
         _check_unet_inputs(path, layout, config_dir)
     # loaded with the layout's meta tensors (keys and shapes checked, nothing read), each module
     # checked is its part's skeleton
-    skeletons = {part.name: _load_part(path, part, layout).to(dtype).eval().requires_grad_(False) for part in parts}
-    builders = {part.name: _builder(path, part, stamp, dtype) for part in parts}
+    skeletons: dict[str, torch.nn.Module] = {}
+    builders: dict[str, Callable[[], torch.nn.Module]] = {}
+    for part in parts:
+        try:
+            skeleton = _load_part(path, part, layout)
+            builders[part.name] = _builder(path, part, stamp, dtype)
+        except NoPartWeights as absent:
+            if needed is None or part.name in needed:
+                raise
+            with torch.device("meta"):
+                skeleton = part.build()
+            builders[part.name] = _refused(absent)
+        skeletons[part.name] = skeleton.to(dtype).eval().requires_grad_(False)
     return skeletons, builders
+
+
+def _refused(absent: NoPartWeights) -> Callable[[], torch.nn.Module]:
+    """The builder of a part the file holds no weights of: the refusal, should anything build it."""
+    def build() -> torch.nn.Module:
+        raise absent
+    return build
 
 
 CONTEXT_WIDTHS = {768: "SD 1.x (--config sd15)", 1024: "SD 2.x (--config sd21 or sd21-base)",
@@ -433,7 +454,7 @@ def _load_part(path: Path, part: Part, tensors: Tensors) -> torch.nn.Module:
     try:
         weights = part.convert(module, tensors)
     except ModelLoadError as exc:  # the converters' own refusals lack the path; the reader's have it
-        raise exc if str(exc).startswith(f"{path}: ") else ModelLoadError(f"{path}: {exc}") from None
+        raise exc if str(exc).startswith(f"{path}: ") else type(exc)(f"{path}: {exc}") from None
     except KeyError as exc:  # a converter indexing a tensor the checkpoint does not have
         raise ModelLoadError(
             f"{path}: the checkpoint lacks {name} weight {exc.args[0]!r}; is --config the right architecture?"
@@ -525,16 +546,23 @@ def _take(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: Part,
 
 
 WITHOUT_PART = {
-    "VAE": "give --vae FILE (a VAE file, .safetensors or .ckpt) or --vae DIR (a diffusers VAE folder) to take it from there",
-    "text encoder": "the file alone cannot be exported without one: export a diffusers directory of the model",
+    "VAE": ("give --vae FILE (a VAE file, .safetensors or .ckpt) or --vae DIR (a diffusers VAE folder) to take it from "
+            "there, or leave the VAE's parts out of --components"),
+    "text encoder": ("the file alone cannot give one: export a diffusers directory of the model, or leave the text "
+                     "encoders out of --components"),
 }
 """What to do about a part a pruned checkpoint lacks."""
 
 
+class NoPartWeights(ModelLoadError):
+    """The checkpoint holds none of a part's weights (a file pruned of its text encoder, say): fatal
+    only where the part is needed (``plan_components``)."""
+
+
 def _require_prefix(tensors: Tensors, prefixes: tuple[str, ...], what: str) -> None:
     if not any(k.startswith(prefixes) for k in tensors):
-        raise ModelLoadError(f"no {what} weights ({' or '.join(p + '*' for p in prefixes)}) in the checkpoint"
-                             + (f"; {WITHOUT_PART[what]}" if what in WITHOUT_PART else ""))
+        raise NoPartWeights(f"no {what} weights ({' or '.join(p + '*' for p in prefixes)}) in the checkpoint"
+                            + (f"; {WITHOUT_PART[what]}" if what in WITHOUT_PART else ""))
 
 
 def _clip(prefix: str) -> Converter:
