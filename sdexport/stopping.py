@@ -134,7 +134,7 @@ def listening() -> Iterator[None]:
             _put_back(list(previous.items()))
         finally:
             sys.unraisablehook = hook
-        _requested, _kept = None, None
+            _requested, _kept = None, None
 
 
 def _quiet_dropped_stops(hook: Any) -> Any:

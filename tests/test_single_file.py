@@ -424,6 +424,7 @@ def test_a_checkpoint_pruned_of_a_part_exports_the_parts_it_holds(tiny_checkpoin
                    "--verify", "none") == 2
     said = capsys.readouterr().err
     assert f"no {'text encoder' if missing == 'text_encoder' else 'VAE'} weights" in said
+    assert said.rstrip().endswith("; or leave out of --components the parts that need it")
     assert not (tmp_path / "other").exists()
 
 

@@ -350,6 +350,29 @@ def test_every_handler_is_put_back_when_a_stop_is_raised_as_the_first_is(monkeyp
             put(number, handler)
 
 
+def test_listening_forgets_its_stop_even_where_one_is_raised_as_the_handlers_go_back(monkeypatch):
+    """A second Ctrl-C as SIGINT's handler came back skipped the reset after it: the first stop stayed
+    recorded, and a program calling sdexport again got it at its next call's first step (a review)."""
+    put = signal.signal
+    inherited = put(signal.SIGINT, signal.default_int_handler)
+
+    def raising_after_sigint(number, handler):
+        put(number, handler)
+        if number == signal.SIGINT:
+            raise KeyboardInterrupt
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with stopping.listening():
+                drop_a_signal(signal.SIGTERM)
+                stopping.keep("output", "already in place: out")
+                monkeypatch.setattr(signal, "signal", raising_after_sigint)
+        monkeypatch.undo()
+        assert not stopping.requested() and stopping._kept is None
+    finally:
+        put(signal.SIGINT, inherited)
+
+
 def test_deferred_leaves_an_ignored_sigint_alone_and_calls_another_programs_handler_as_it_ends():
     """Another program's handler would run inside a TensorRT callback, where what it raises is lost:
     it is called once the block is over instead, and its signal is no stop of sdexport's."""

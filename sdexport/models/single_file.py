@@ -103,8 +103,10 @@ def plan_components(
             skeleton = _load_part(path, part, layout)
             builders[part.name] = _builder(path, part, stamp, dtype)
         except NoPartWeights as absent:
-            if needed is None or part.name in needed:
+            if needed is None:
                 raise
+            if part.name in needed:  # (an export: its --components can leave the part out)
+                raise NoPartWeights(f"{absent}; or leave out of --components the parts that need it") from None
             with torch.device("meta"):
                 skeleton = part.build()
             builders[part.name] = _refused(absent)
@@ -546,10 +548,8 @@ def _take(module: torch.nn.Module, weights: dict[str, torch.Tensor], part: Part,
 
 
 WITHOUT_PART = {
-    "VAE": ("give --vae FILE (a VAE file, .safetensors or .ckpt) or --vae DIR (a diffusers VAE folder) to take it from "
-            "there, or leave the VAE's parts out of --components"),
-    "text encoder": ("the file alone cannot give one: export a diffusers directory of the model, or leave the text "
-                     "encoders out of --components"),
+    "VAE": "give --vae FILE (a VAE file, .safetensors or .ckpt) or --vae DIR (a diffusers VAE folder) to take it from there",
+    "text encoder": "the file alone cannot give one: export a diffusers directory of the model",
 }
 """What to do about a part a pruned checkpoint lacks."""
 
