@@ -621,6 +621,39 @@ def test_a_file_naming_blocks_in_both_layouts_is_refused_not_half_applied(tmp_pa
         read_updates(LoraFile(path), "sdxl")
 
 
+@pytest.mark.parametrize("family", ["sd", "sdxl"])
+def test_a_text_encoder_layer_named_both_te_and_te1_is_refused_not_half_applied(tmp_path, family):
+    """diffusers reads lora_te_X and lora_te1_X as one layer and keeps the later without a word (an
+    audit: the fused delta was the first file's alone, exit 0), as a merge of an SD and an SDXL file
+    can name it."""
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "merged.safetensors"
+    module = "text_model_encoder_layers_0_self_attn_q_proj"
+    state = {}
+    for prefix in ("lora_te_", "lora_te1_"):
+        state |= {f"{prefix}{module}.lora_down.weight": torch.zeros(RANK, 32),
+                  f"{prefix}{module}.lora_up.weight": torch.zeros(32, RANK)}
+    save_file(state, str(path))
+    with pytest.raises(SdexportError, match=rf"names one text encoder layer both as lora_te_ and as lora_te1_ "
+                                            rf"\({module}\)"):
+        read_updates(LoraFile(path), family)
+
+
+def test_a_file_giving_fewer_updates_than_it_has_down_matrices_is_refused(tmp_path):
+    """Whatever the two names (here PEFT's lora_A and diffusers' older lora.down for one layer),
+    diffusers' converters collect into dicts and keep one: every down matrix must give an update."""
+    from sdexport.models.lora import read_updates
+
+    path = tmp_path / "twice.safetensors"
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{module}.lora_A.weight": torch.zeros(RANK, 32), f"{module}.lora_B.weight": torch.zeros(32, RANK),
+               f"{module}.lora.down.weight": torch.zeros(RANK, 32), f"{module}.lora.up.weight": torch.zeros(32, RANK)},
+              str(path))
+    with pytest.raises(SdexportError, match=r"2 LoRA down matrices in it give 1 updates once diffusers has read it"):
+        read_updates(LoraFile(path), "sd")
+
+
 @pytest.mark.parametrize("key", ["emb_params", "<cat-toy>"])
 def test_an_embedding_given_as_a_lora_is_named(tmp_path, key):
     """It was "1 tensors for no part of an SD pipeline, e.g. emb_params"."""

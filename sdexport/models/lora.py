@@ -185,7 +185,7 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     in no LoRA layout would otherwise be dropped without a word."""
     import diffusers
 
-    _refuse_variants(lora)
+    downs = _refuse_variants(lora)
     loader: Any = diffusers.StableDiffusionXLPipeline if is_sdxl(family) else diffusers.StableDiffusionPipeline
     try:
         with _lower_case_name(lora.path) as path:
@@ -261,6 +261,10 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
         _refuse_unused_alphas(lora, prefix, unread, bool(config))
     if not updates:
         raise SdexportError(f"--lora {lora.path}: no LoRA updates for a U-Net or text encoder in it")
+    if len(updates) < downs:  # (diffusers' converters collect into dicts: a second name overwrites the first)
+        raise SdexportError(f"--lora {lora.path}: {downs} LoRA down matrices in it give {len(updates)} updates once "
+                            "diffusers has read it: some name one layer twice, and diffusers keeps one of them "
+                            "without a word. Apply the files it was merged from, each its own --lora")
     return updates
 
 
@@ -320,11 +324,18 @@ line) or refuses them in a line listing every key it could not rename."""
 ORIGINAL_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
 DIFFUSERS_BLOCKS = ("down_blocks", "mid_block", "up_blocks")
 
+LORA_DOWNS = ("lora_down.weight", ".lora_A.weight", "lora.down.weight", "lora_linear_layer.down.weight")
+"""How the layouts diffusers reads name a LoRA's down (A) matrix: kohya's, PEFT's, and diffusers'
+older ones (``.lora.down``, ``to_q_lora.down``, ``lora_linear_layer.down``). One per update: a
+file that gives fewer updates than it has of them had two names for one layer (``read_updates``)."""
 
-def _refuse_variants(lora: LoraFile) -> None:
+
+def _refuse_variants(lora: LoraFile) -> int:
     """Refuse, in one line that names it, a file holding a variant of LoRA (``LYCORIS_KINDS``), or
     one whose U-Net keys name blocks in both layouts (``ORIGINAL_BLOCKS``, ``DIFFUSERS_BLOCKS``: a
-    merge of two files), of which diffusers' converter drops the original ones without a word."""
+    merge of two files), of which diffusers' converter drops the original ones without a word, or
+    a text encoder layer both as ``lora_te_`` and ``lora_te1_`` (the same). Returns how many
+    down matrices the file holds (``LORA_DOWNS``)."""
     from safetensors import safe_open
 
     with safe_open(str(lora.path), "pt") as handle:
@@ -347,6 +358,17 @@ def _refuse_variants(lora: LoraFile) -> None:
                             f"({original}) and as diffusers does ({renamed}), as a merge of two files can; diffusers "
                             "would drop the first kind without a word. Apply the files it was merged from, each "
                             "its own --lora")
+    downs = [key for key in keys if key.endswith(LORA_DOWNS)]
+    seen: set[str] = set()
+    for key in (k for k in downs if k.startswith(("lora_te_", "lora_te1_"))):
+        same = key.replace("lora_te1_", "lora_te_", 1)
+        if same in seen:
+            raise SdexportError(f"--lora {lora.path}: it names one text encoder layer both as lora_te_ and as "
+                                f"lora_te1_ ({same.removeprefix('lora_te_').split('.')[0]}), as a merge of an SD and "
+                                "an SDXL file can; diffusers would keep one of the two without a word. Apply the "
+                                "files it was merged from, each its own --lora")
+        seen.add(same)
+    return len(downs)
 
 
 def _metadata(metadata: dict[str, Any], prefix: str) -> dict[str, Any]:
