@@ -74,12 +74,17 @@ STOPS: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT, *([HANGUP] if HANGUP is
 
 
 def _record_and_raise(number: int, frame: object) -> None:
+    _record(number, frame)
+    raise stop_for(number)
+
+
+def _record(number: int, frame: object) -> None:
+    """The stop recorded, the first of several kept (``deferred``'s handler, which raises nothing)."""
     global _requested
     if _requested is None:
         _requested = number
     if number == HANGUP:
         detach_terminal()
-    raise stop_for(number)
 
 
 def detach_terminal() -> None:
@@ -168,15 +173,6 @@ def requested() -> bool:
     """Whether a stop was asked for and not yet acted on. Any thread may ask (TensorRT calls its
     progress monitor from its own); acting on it stays the main thread's (``check``, ``take``)."""
     return _requested is not None
-
-
-def _record(number: int, frame: object) -> None:
-    """``deferred``'s handler: the stop is recorded, not raised."""
-    global _requested
-    if _requested is None:
-        _requested = number
-    if number == HANGUP:
-        detach_terminal()
 
 
 @contextlib.contextmanager
