@@ -347,7 +347,7 @@ class StepProgress:
     ``PROGRESS_LINE_SECONDS`` and, while the step says nothing (one long call: an SDXL export's
     trace), at least one (``heartbeat``): a 20-minute build or export shows it is alive, without
     flooding the log, to the reader and to a CI that ends jobs silent for too long. Any thread may
-    call it (TensorRT calls its progress monitor from its own)."""
+    call it (TensorRT may call its progress monitor from threads of its own)."""
 
     def __init__(self, description: str, line: _SpinnerText, start: float) -> None:
         import threading

@@ -170,8 +170,9 @@ def finished() -> None:
 
 
 def requested() -> bool:
-    """Whether a stop was asked for and not yet acted on. Any thread may ask (TensorRT calls its
-    progress monitor from its own); acting on it stays the main thread's (``check``, ``take``)."""
+    """Whether a stop was asked for and not yet acted on. Any thread may ask (TensorRT may call
+    its progress monitor from threads of its own); acting on it stays the main thread's
+    (``check``, ``take``)."""
     return _requested is not None
 
 

@@ -650,7 +650,7 @@ def test_a_file_giving_fewer_updates_than_it_has_down_matrices_is_refused(tmp_pa
     save_file({f"{module}.lora_A.weight": torch.zeros(RANK, 32), f"{module}.lora_B.weight": torch.zeros(32, RANK),
                f"{module}.lora.down.weight": torch.zeros(RANK, 32), f"{module}.lora.up.weight": torch.zeros(32, RANK)},
               str(path))
-    with pytest.raises(SdexportError, match=r"2 LoRA down matrices in it give 1 updates once diffusers has read it"):
+    with pytest.raises(SdexportError, match=r"its 2 LoRA down matrices give only 1 update once diffusers has read it"):
         read_updates(LoraFile(path), "sd")
 
 

@@ -539,7 +539,7 @@ def _build_plan(onnx_path: Path, key: EngineKey, timing_cache: Path | None, repl
                 progress_monitor=monitor,
             )
             plan = engine_bytes_from_network(network, config=config, save_timing_cache=cache_out)
-            if phases.interrupted is not None:  # (raised in a callback under another program's handler)
+            if phases.interrupted is not None:  # (a KeyboardInterrupt raised in a callback all the same: kept till now)
                 raise phases.interrupted
     except PolygraphyException as exc:
         if phases.interrupted is not None:

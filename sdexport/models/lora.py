@@ -262,9 +262,10 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
     if not updates:
         raise SdexportError(f"--lora {lora.path}: no LoRA updates for a U-Net or text encoder in it")
     if len(updates) < downs:  # (diffusers' converters collect into dicts: a second name overwrites the first)
-        raise SdexportError(f"--lora {lora.path}: {downs} LoRA down matrices in it give {len(updates)} updates once "
-                            "diffusers has read it: some name one layer twice, and diffusers keeps one of them "
-                            "without a word. Apply the files it was merged from, each its own --lora")
+        given = f"{len(updates)} update{'s' if len(updates) != 1 else ''}"
+        raise SdexportError(f"--lora {lora.path}: its {downs} LoRA down matrices give only {given} once diffusers "
+                            "has read it: some name one layer twice, and diffusers keeps one of them without a word. "
+                            "Apply the files it was merged from, each its own --lora")
     return updates
 
 
