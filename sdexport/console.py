@@ -349,21 +349,18 @@ class StepProgress:
     flooding the log, to the reader and to a CI that ends jobs silent for too long. Any thread may
     call it (TensorRT may call its progress monitor from threads of its own)."""
 
-    def __init__(self, description: str, line: _SpinnerText, start: float) -> None:
+    def __init__(self, line: _SpinnerText) -> None:
         import threading
 
-        self._description, self._line, self._start = description, line, start
+        self._line = line
+        """The step's spinner line: its description, start and latest detail, drawn or not."""
         self._lock = threading.Lock()
-        self._last_line = start
-        self._detail = ""
-        self._done = threading.Event()
+        self._last_line = line.start
 
     def __call__(self, detail: str) -> None:
-        if spinner_drawn():
-            self._line.detail = detail
-            return
-        self._detail = detail
-        self._say(due=PROGRESS_LINE_SECONDS)
+        self._line.detail = detail
+        if not spinner_drawn():
+            self._say(due=PROGRESS_LINE_SECONDS)
 
     def _say(self, due: float) -> None:
         """A line with the latest detail, where ``due`` seconds have passed since the last one."""
@@ -372,8 +369,9 @@ class StepProgress:
             if now - self._last_line < due:
                 return
             self._last_line = now
-            detail = self._detail or "still running"
-        console.print(_progress_text(f"  {self._description}:", detail, f"({now - self._start:.0f} s so far)"))
+        line = self._line
+        console.print(_progress_text(f"  {line.description}:", line.detail or "still running",
+                                     f"({now - line.start:.0f} s so far)"))
 
     @contextmanager
     def heartbeat(self) -> Iterator[None]:
@@ -387,8 +385,10 @@ class StepProgress:
             yield
             return
 
+        done = threading.Event()
+
         def beat() -> None:
-            while not self._done.wait(interval):
+            while not done.wait(interval):
                 self._say(due=interval)
 
         thread = threading.Thread(target=beat, name="sdexport-step-heartbeat", daemon=True)
@@ -396,7 +396,7 @@ class StepProgress:
             thread.start()
             yield
         finally:
-            self._done.set()
+            done.set()
             if thread.ident is not None:  # (started)
                 thread.join(timeout=5)
 
@@ -413,7 +413,7 @@ def step(description: str) -> Iterator[StepProgress]:
     start = time.perf_counter()
     line = _SpinnerText(description, start)
     with console.status(line):
-        progress = StepProgress(description, line, start)
+        progress = StepProgress(line)
         with progress.heartbeat():
             yield progress
     console.print(f"[green]✓[/] {description} [dim]({time.perf_counter() - start:.1f} s)[/]")

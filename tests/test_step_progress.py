@@ -30,7 +30,7 @@ def test_the_spinner_line_counts_the_time_and_shows_what_the_step_said_as_writte
     start = time.perf_counter()
     line = console._SpinnerText("Building unet", start)
     assert _rendered(line) == "Building unet…"
-    progress = console.StepProgress("Building unet", line, start)
+    progress = console.StepProgress(line)
     progress("[bold] 1/2")
     assert _rendered(line) == "Building unet… [bold] 1/2"
     line.start = start - 3600
