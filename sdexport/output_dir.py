@@ -44,6 +44,7 @@ from sdexport import stopping
 from sdexport.atomic import TEMP_NAME, existing_ancestor, name_limit
 from sdexport.console import console
 from sdexport.errors import SdexportError
+from sdexport.user_cache import check_cache_outside
 
 MARKER = ".sdexport-partial"
 """Present in a staging (or discarded) directory until sdexport is done with it."""
@@ -179,6 +180,7 @@ def check_target(
             f"{flag} {kind.example}"
         )
     refuse_inside_engine_dir(path, f"{flag} {target}")
+    check_cache_outside(path, kind.what)
     for source in protected:
         source = source.resolve()
         if source == path or source.is_relative_to(path):

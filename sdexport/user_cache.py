@@ -43,13 +43,16 @@ def user_cache() -> Path | None:
     return None if setting is None else setting[0]
 
 
-def check_cache_outside(target: Path) -> None:
-    """Before a job that writes the engine directory ``target`` and then records in the cache:
-    refuse a cache inside an engine directory, or inside ``target``, now (an export refused it after
-    its work, with the directory already in place, and exited 2)."""
+def check_cache_outside(target: Path, what: str = "engine directory") -> None:
+    """Before a job that writes the ``what`` ``target`` and may record in the cache while it works
+    (hash records of the engine directories it reads or builds): refuse a cache inside an engine
+    directory, or inside ``target``, now. After the work was too late: an export refused it with
+    the directory already in place, and exited 2; a benchmark's records made its output folder
+    appear while it was measuring, and the whole run was thrown away as another writer's
+    (``output_dir.check_target`` calls this for every folder sdexport writes anew)."""
     from sdexport.errors import SdexportError
 
     setting = _setting()
     if setting is not None and setting[0].resolve().is_relative_to(target.absolute().resolve()):
-        raise SdexportError(f"{setting[1]}: inside {target}, the engine directory this writes, whose manifest lists "
-                            "every file in it; point the cache elsewhere")
+        why = ", whose manifest lists every file in it" if what == "engine directory" else ", which it replaces whole"
+        raise SdexportError(f"{setting[1]}: inside {target}, the {what} this writes{why}; point the cache elsewhere")

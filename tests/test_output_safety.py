@@ -628,6 +628,28 @@ def test_nothing_is_written_inside_an_engine_directory(engine_copy: Path, tmp_pa
     assert _tree(engine_copy) == before
 
 
+@pytest.mark.parametrize("command", ["bench", "triton-repo", "compare", "export"])
+def test_a_cache_inside_the_folder_a_command_writes_is_refused_before_its_work(
+        command: str, tiny_engine_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """The hash records the work makes (of the engine directories it reads or builds) would create
+    the output folder under the job: a benchmark measured every contender and then threw its run
+    away as another writer's ("appeared while sdexport was writing it"), and `triton-repo` refused
+    its own output as not a repository (a review's repros). Export refused it before; now every
+    command that writes a folder does, in one line and before anything loads."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('model = "tiny"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers"]\n')
+    out = tmp_path / "out"
+    monkeypatch.setenv("SDEXPORT_CACHE_DIR", str(out / "cache"))
+    args = {"bench": ["bench", scenario, "-o", out], "triton-repo": ["triton-repo", tiny_engine_dir, "-o", out],
+            "compare": ["bench", "compare", tmp_path / "a.json", tmp_path / "b.json", "-o", out],
+            "export": ["export", "tiny", "-o", out, *QUICK]}[command]
+    assert run_cli(*args) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: SDEXPORT_CACHE_DIR={out / 'cache'}: inside {out}, the" in err and "Loading" not in err, err
+    assert "point the cache elsewhere" in err and err.count("error:") == 1, err
+    assert not out.exists()
+
+
 def test_another_projects_manifest_above_the_output_is_not_an_engine_directory(tmp_path: Path):
     """A web app's or an extension's manifest.json in a folder above is not sdexport's."""
     (tmp_path / "app").mkdir()

@@ -29,7 +29,6 @@ from sdexport.specs import (
     controlnet_index,
     text_encoders,
 )
-from sdexport.user_cache import check_cache_outside
 
 DTYPES = ("fp32", "fp16")
 VerifyMode = Literal["full", "quick", "none"]
@@ -133,7 +132,6 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     check_part_weights(outline, (s.module for s in specs if not (options.vae and s.module == "vae")))
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     refuse_if_held(check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources))  # at once
-    check_cache_outside(out_dir)  # (the hash records written after the export: refused then, with it in place)
     return plan
 
 
