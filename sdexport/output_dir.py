@@ -32,6 +32,7 @@ import fcntl
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -429,6 +430,32 @@ def _locked(target: Target) -> Iterator[None]:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(path)
+        os.close(fd)
+
+
+def not_a_lock_left_behind(path: Path) -> str | None:
+    """Why ``path`` is not a lock file of ours that a killed job left (``.NAME.sdexport-lock``: a
+    regular file holding what ``_locked`` writes, which no process holds); None when it is one.
+
+    A build changes an engine directory in place, its lock beside it: one inside a benchmark
+    output's ``engines/`` (a build of the engines the last run exported) that a CI timeout killed
+    left its lock file there, and every later benchmark on that output was refused as not
+    sdexport's. Such a file is sdexport's own: the next job on NAME takes it over, and a job that
+    replaces the folder holding it discards it with the rest. One a live job holds is refused."""
+    try:  # (not blocking on a named pipe of that name)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return "not a directory"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _LOCK_TEXT.match(os.pread(fd, 64, 0)):
+            return "not a directory"
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (a probe: a job taking it waits it out, _lock_now)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
+            return f"another sdexport process (pid {holder}) is writing it"
+        return None
+    finally:
         os.close(fd)
 
 

@@ -469,6 +469,39 @@ def test_bench_replaces_its_own_output_and_refuses_a_users_folder(bench_run, tmp
     assert not_a_bench_output(copy) == "its results.json was changed since sdexport wrote it (edited by hand?)"
 
 
+def test_a_lock_a_killed_build_left_in_the_outputs_engines_does_not_make_it_foreign(bench_run, tmp_path):
+    """A build of the engines a run exported (bench's own, or `sdexport build OUT/engines/NAME`) takes
+    its lock beside them, in engines/; killed (a CI timeout), it left ``.NAME.sdexport-lock`` there,
+    and every later bench into that output was refused as not sdexport's ("not a directory"; a
+    review's repro). Such a file is sdexport's; one a live build holds, or one of other content or
+    type, still makes the output another's."""
+    import fcntl
+    import os
+
+    from sdexport.bench.report import BENCH_OUTPUT, not_a_bench_output
+    from sdexport.output_dir import check_target
+
+    _, previous = bench_run
+    copy = tmp_path / "out"
+    shutil.copytree(previous, copy)
+    lock = copy / "engines" / ".smoke.sdexport-lock"
+    lock.write_text("sdexport pid 4194304999\n")  # as _locked writes it; no such process
+    assert not_a_bench_output(copy) is None
+    check_target(copy, BENCH_OUTPUT, replace=True)
+    lock.write_text("")  # (killed before it wrote its pid)
+    assert not_a_bench_output(copy) is None
+    with lock.open("r+") as held:
+        held.write(f"sdexport pid {os.getpid()}\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert not_a_bench_output(copy) == f"engines/.smoke.sdexport-lock: another sdexport process (pid {os.getpid()}) is writing it"
+    lock.write_text("my notes\n")
+    assert not_a_bench_output(copy) == "engines/.smoke.sdexport-lock: not a directory"
+    lock.unlink()
+    os.mkfifo(lock)  # judged by its type, never opened to wait for a writer
+    assert not_a_bench_output(copy) == "engines/.smoke.sdexport-lock: not a directory"
+
+
 def test_a_damaged_export_in_the_output_is_exported_again_not_reused(bench_run, tmp_path, monkeypatch):
     """An audit's finding: a graph damaged under a bench output's engines/ was reused by every rerun
     into it, whose contender then failed ("re-export or rebuild it") and the run passed; nothing in

@@ -501,6 +501,7 @@ def not_a_bench_output(directory: Path) -> str | None:
     before a commit was replaced without a word).
     """
     from sdexport.manifest import not_an_engine_dir
+    from sdexport.output_dir import LOCK_SUFFIX, not_a_lock_left_behind
 
     try:
         data = json.loads(read_regular(directory / RESULT_FILES[0]).decode("utf-8"))
@@ -518,7 +519,12 @@ def not_a_bench_output(directory: Path) -> str | None:
     if engines.is_symlink() or engines.is_file():
         return "its engines is not a folder of engine directories"
     for child in sorted(engines.iterdir()) if engines.is_dir() else []:
-        reason = not_an_engine_dir(child) if child.is_dir() and not child.is_symlink() else "not a directory"
+        if child.is_dir() and not child.is_symlink():
+            reason = not_an_engine_dir(child)
+        elif child.name.startswith(".") and child.name.endswith(LOCK_SUFFIX):  # a killed build's, in place
+            reason = not_a_lock_left_behind(child)
+        else:
+            reason = "not a directory"
         if reason:
             return f"engines/{child.name}: {reason}"
     return None
