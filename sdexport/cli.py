@@ -984,7 +984,8 @@ def _timing_line(prefix: str, result: Any, pipeline: Any) -> str:
             + (f"T2I-Adapter {t.adapter * 1000:.1f} ms, " if pipeline.adapter else "")
             + (f"ControlNet {t.controlnet_total * 1000:.1f} ms, " if t.controlnet_steps else "")
             + f"U-Net {t.unet_total * 1000:.1f} ms "
-            f"({calls or f'{len(t.unet_steps)} steps'}; {t.iterations_per_second:.2f} it/s), "
+            f"({calls or f'{len(t.unet_steps)} step' + ('s' if len(t.unet_steps) != 1 else '')}; "
+            f"{t.iterations_per_second:.2f} it/s), "
             + (f"VAE {t.vae_decoder * 1000:.1f} ms, " if request.denoising_end is None else "")
             + f"overhead {t.loop_overhead * 1000:.1f} ms, total {t.total:.2f} s")
 

@@ -327,6 +327,13 @@ def test_cli_run_writes_pngs_with_parameters(tiny_engine_dir: Path, tmp_path: Pa
     assert "Negative prompt: blurry" in image.text["parameters"]
 
 
+def test_the_timing_line_counts_one_step_as_one(tiny_engine_dir: Path, tmp_path: Path, capsys):
+    """It said "U-Net 4.1 ms (1 steps; ...)" (an audit)."""
+    assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "1", "--scheduler", "ddim", "-o", tmp_path / "x.png") == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert " ms (1 step; " in err, err
+
+
 def test_cli_run_refuses_size_outside_profile(tiny_engine_dir: Path, tmp_path: Path, capsys):
     assert run_cli("run", tiny_engine_dir, "-p", "x", "--height", "1024", "-o", tmp_path / "x.png") == 2
     assert "height 1024 is outside the engines' profile" in capsys.readouterr().err

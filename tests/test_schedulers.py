@@ -439,6 +439,23 @@ def _sdxl_window(**fields) -> list[float]:
     return schedule_window(scheduler, GenerationRequest(prompt=["x"], steps=10, **fields), "sdxl").tolist()
 
 
+def test_an_empty_window_that_no_strength_fills_advises_more_steps():
+    """A cut at 0.05 lies above the first timestep SDXL's schedule runs at 10 steps (901): no strength
+    gives the base model a step, and the refusal advised raising the strength, at 1 already, or
+    "above 0.95", refused again at 0.96 (an audit). More steps help (20 run timestep 951)."""
+    from PIL import Image
+
+    image = [Image.new("RGB", (64, 64))]
+    for strength in (1.0, 0.96):
+        with pytest.raises(SdexportError, match=rf"^denoising_end 0.05 and strength {strength:g} with steps 10 "
+                                                r"\(default scheduler\) leave no step: move the window or raise steps "
+                                                r"\(no strength leaves a step at 10 steps\)$"):
+            _sdxl_window(denoising_end=0.05, image=image, strength=strength)
+    with pytest.raises(SdexportError, match=r"leave no step: move the window or raise steps and strength above 0.95 "
+                                            r"\(no strength leaves a step at 10 steps\)$"):
+        _sdxl_window(denoising_end=0.05, image=image, strength=0.5)
+
+
 def test_a_config_that_fails_at_every_step_count_is_blamed_not_the_count():
     """UniPC's bh1 solver with a final sigma of zero returns NaN at any count (diffusers' own
     pipeline too): it was told "use fewer steps" (an audit's finding)."""

@@ -455,17 +455,24 @@ def least_strength(scheduler: Any, request: GenerationRequest, family: str, end:
 
 
 def strength_words(request: GenerationRequest, family: str, end: float | None,
-                   least: float | None = None) -> tuple[str, str]:
+                   least: float | None) -> tuple[str, str]:
     """An init image's strength as a refusal of an empty schedule names it (given, or the task's
     default, said so: SDXL img2img's 0.3 was left unnamed), and what would give the schedule a step
-    before a cut at ``end``: ``least`` (``least_strength``) where known; a strength at or below
-    1 - end starts the schedule at or below the cut, where no step count helps (the advice to raise
-    the steps was false there: a review's finding)."""
+    before a cut at ``end``: ``least`` (``least_strength``), the least strength that does at these
+    steps. A strength at or below 1 - end starts the schedule at or below the cut, where no step
+    count helps (the advice to raise the steps was false there: a review's finding). Where no
+    strength does (``least`` None: the cut lies above the schedule's first timestep), only more
+    steps help, with such a strength raised too: "raise strength" was advised at strength 1, and
+    "above 0.95" for a cut at 0.05 at 4 steps, refused again at 0.96 (an audit)."""
     strength = request.effective_strength(family)
     said = f"{setting('strength')} {strength:g}" + (" (the default)" if request.strength is None else "")
-    if least is not None and least > strength:
+    low = end is not None and strength <= 1 - end
+    if least is None:
+        also = f" and {setting('strength')} above {1 - end:g}" if low and end is not None else ""
+        return said, f"raise {setting('steps')}{also} (no strength leaves a step at {request.steps} steps)"
+    if least > strength:
         return said, f"raise {setting('strength')} to {least:g} (the least that leaves a step at {request.steps} steps)"
-    if end is not None and strength <= 1 - end:
+    if low and end is not None:
         return said, f"raise {setting('strength')} above {1 - end:g}"
     return said, f"raise {setting('strength')} or {setting('steps')}"
 
