@@ -396,6 +396,29 @@ def test_a_kind_gpu_instance_loads_on_the_gpu_triton_gave_it(monkeypatch):
     assert devices == [3] and len(loaded) == 2
 
 
+def test_the_model_process_says_what_it_says_in_tritons_log(monkeypatch):
+    """The runtime's warnings (a prompt cut at the engines' chunks, a decoder's fp32 rerun) went to
+    the model process's stderr, which Triton passes on: onto serve's terminal even with -q, and not
+    into the log. They are lines of Triton's log, as warnings, whole lines only."""
+    from sdexport.console import console
+    from sdexport.serving import triton_model
+
+    said: dict[str, list[str]] = {"info": [], "warn": []}
+
+    class Logger:
+        log_info, log_warn = staticmethod(said["info"].append), staticmethod(said["warn"].append)
+
+    monkeypatch.setattr(triton_model, "ServedModel", lambda settings, log: None)
+    monkeypatch.setattr(console, "file", console.file)  # (put back after the test)
+    config = json.dumps({"parameters": {"engine_dir": {"string_value": "/engines/sd15"}}})
+    triton_model.TritonAdapter(type("pb_utils", (), {"Logger": Logger})).initialize({"model_config": config})
+    console.print("[yellow]warning:[/] prompt 1 is longer than 2 chunks; it reads only: 'z , z'")
+    console.file.write("half a ")
+    assert said["warn"] == ["sdexport: warning: prompt 1 is longer than 2 chunks; it reads only: 'z , z'"]
+    console.file.write("line\n\n")
+    assert said["warn"][1:] == ["sdexport: half a line"] and said["info"] == []
+
+
 def test_a_long_prompt_is_generated_apart_from_short_ones_and_as_run_makes_it(served, tiny_engine_dir, tmp_path):
     """A call pads its texts to its longest's chunks: rows of two chunks and of one never share one,
     so a short prompt's image is the same whoever else sent a long one."""
@@ -1046,6 +1069,20 @@ def test_a_request_to_the_server_returns_the_image_sdexport_run_writes(server, t
 
     with pytest.raises(InferenceServerException, match="original_size: SDXL conditioning, but this is an SD model"):
         generate(server.url, ["a lighthouse"], steps=3, original_size=(96, 80))
+
+
+def test_a_served_prompts_cut_is_said_in_tritons_log(server):
+    """Not on the model process's stderr, which went to serve's terminal whatever its verbosity (the
+    module's server runs with -v, its log shown there: a line of Triton's log is told by its words)."""
+    from sdexport.serving.client import generate
+
+    generate(server.url, ["z, " * 200], steps=1)
+    for _ in range(50):
+        lines = [line for line in server.log.read_text().splitlines() if "is longer than" in line]
+        if lines:
+            break
+        time.sleep(0.1)
+    assert lines and all("sdexport: warning: prompt 1 is longer than" in line for line in lines), lines
 
 
 def test_concurrent_requests_are_batched_and_bad_ones_refused_while_good_ones_succeed(server):

@@ -13,13 +13,14 @@ the refiner's from its latents, as ``run --refiner`` makes it (``runtime.ensembl
 
 from __future__ import annotations
 
+import io
 import json
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from sdexport.errors import EngineDirError, EngineRunError, ProfileError, SdexportError, one_line
 from sdexport.runtime.ensemble import DENOISING_END_DEFAULT, check_denoising_end
@@ -496,6 +497,33 @@ class ServedModel:
             self.refining.close()
 
 
+class LogLines(io.TextIOBase):
+    """sdexport's console in Triton's model process, as lines of Triton's log.
+
+    What the runtime says while it serves (a prompt cut at the engines' chunks, a decoder's fp32
+    rerun, a TensorRT message) went to the model process's stderr, which Triton passes on: onto
+    `serve`'s terminal even with -q, and out of the log its help and README name, beside the
+    "request N" lines it belongs with (an audit: a client could print a line on the operator's
+    console with each request)."""
+
+    def __init__(self, log: Callable[[str], Any]) -> None:
+        super().__init__()
+        self._log, self._part = log, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, text: str) -> int:
+        *lines, self._part = (self._part + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self._log(f"sdexport: {line}")
+        return len(text)
+
+
 class TritonAdapter:
     """``TritonPythonModel``'s three methods over a ``ServedModel``, in Triton's own types."""
 
@@ -515,6 +543,10 @@ class TritonAdapter:
         parameters = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
         logger = getattr(self.pb, "Logger", None)
         log = logger.log_info if logger is not None else print
+        if logger is not None:
+            from sdexport.console import console
+
+            console.file = cast(IO[str], LogLines(getattr(logger, "log_warn", log)))  # (a text stream rich writes to)
         for key in ServeSettings.unread(parameters):
             log(f"sdexport: config.pbtxt parameter {key!r} is neither sdexport's nor Triton's (upper case), so it "
                 "changes nothing: a misspelling? (sdexport's are lower case, e.g. max_steps)")
