@@ -409,7 +409,7 @@ def test_the_model_process_says_what_it_says_in_tritons_log(monkeypatch):
         log_info, log_warn = staticmethod(said["info"].append), staticmethod(said["warn"].append)
 
     monkeypatch.setattr(triton_model, "ServedModel", lambda settings, log: None)
-    monkeypatch.setattr(console, "file", console.file)  # (put back after the test)
+    monkeypatch.setattr(console, "_file", console._file)  # (put back after the test: None, sys.stderr as it is then)
     config = json.dumps({"parameters": {"engine_dir": {"string_value": "/engines/sd15"}}})
     triton_model.TritonAdapter(type("pb_utils", (), {"Logger": Logger})).initialize({"model_config": config})
     console.print("[yellow]warning:[/] prompt 1 is longer than 2 chunks; it reads only: 'z , z'")
@@ -1717,6 +1717,91 @@ def test_a_stop_whose_drain_timeout_drops_a_request_says_so_and_exits_non_zero(t
         assert len(errors) == 1 and "still waiting for 1 client connection(s) to close" in errors[0], errors
         assert "the --drain-timeout of 1 s ran out" in errors[0] and "were dropped" in errors[0]
         assert not _stubs_of(running.process.pid)  # none left holding the model
+    finally:
+        running.stop()
+
+
+class _FakeTritonProcess:
+    """What the model watch reads of PyTriton's Triton: its stubs' prefix, the server's process."""
+
+    def __init__(self, prefix: str) -> None:
+        from types import SimpleNamespace
+
+        self.killed = False
+        self.exit_code = None
+        self._python_backend_config = SimpleNamespace(_backend_args={"shm-region-prefix-name": prefix})
+        self._triton_server = SimpleNamespace(_tritonserver_running_cmd=SimpleNamespace(process=self))
+        self._stopped = False
+        self.pid = os.getpid()  # (not exited: waitid on it is refused, taken for "reaped", so exit_code is set)
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def _fake_stub(prefix: str) -> subprocess.Popen:
+    """A process whose command line reads as a Python backend stub of the server with ``prefix``."""
+    command = (f'exec -a /opt/tritonserver/backends/python/triton_python_backend_stub {sys.executable} '
+               f'-c "import time; time.sleep(60)" {prefix}-sdexport_0_0')
+    return subprocess.Popen(["bash", "-c", command])
+
+
+@pytest.mark.parametrize("stopped", [None, "serve asked", "pytriton stopping"])
+def test_a_model_process_that_dies_while_serving_ends_the_server(monkeypatch, stopped):
+    """A stub killed (the OOM killer, kill -9) or crashed left Triton saying it was ready and failing
+    every request, and serve silent; a stop then waited the drain and blamed it (an audit). The
+    server is killed and serve says why. Stubs also end as a stop unloads the model: then nothing."""
+    from sdexport import stopping
+    from sdexport.serving import server as serving
+
+    monkeypatch.setattr(serving, "MODEL_WATCH_PERIOD_S", 0.05)
+    monkeypatch.setattr(serving, "MODEL_WATCH_GRACE_S", 0.2)
+    monkeypatch.setattr(serving, "_server_exited", lambda triton: triton.exit_code is not None)
+    prefix = f"pytrtion{os.getpid()}-{random.randrange(16**8):08x}"
+    stub = _fake_stub(prefix)
+    triton = _FakeTritonProcess(prefix)
+    try:
+        for _ in range(100):  # (bash has exec'd into it)
+            if serving._stub_pids(prefix):
+                break
+            time.sleep(0.05)
+        assert serving._stub_pids(prefix) == [stub.pid]
+        watch = serving._ModelWatch(triton)
+        time.sleep(0.2)
+        assert watch.ended is None and not triton.killed  # (running)
+        if stopped == "serve asked":
+            monkeypatch.setattr(stopping, "_requested", signal.SIGTERM)
+        elif stopped == "pytriton stopping":
+            triton._stopped = True
+        stub.kill()
+        stub.wait()
+        for _ in range(60):
+            if watch.ended is not None:
+                break
+            time.sleep(0.05)
+        watch.done()
+        assert (watch.ended, triton.killed) == ((stub.pid, True) if stopped is None else (None, False))
+    finally:
+        stub.kill()
+        stub.wait()
+
+
+@pytest.mark.slow
+def test_a_served_model_whose_process_is_killed_ends_serve_saying_why(tiny_engine_dir, tmp_path):
+    """The audit's case, whole: the stub SIGKILLed while the server is idle."""
+    running = _serve(tiny_engine_dir, tmp_path / "serve.log", "--drain-timeout", "30")
+    try:
+        for _ in range(100):  # (ready to Triton's clients a moment before serve watches and says so)
+            if "\nhttp://" in running.log.read_text():
+                break
+            time.sleep(0.1)
+        [stub] = _stubs_of(running.process.pid)
+        os.kill(stub, signal.SIGKILL)
+        began = time.monotonic()
+        assert running.process.wait(60) == 2
+        assert time.monotonic() - began < 20  # (not the drain: nothing could have finished)
+        errors = [line for line in running.log.read_text().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and f"the model's process (pid {stub}) ended while serving" in errors[0], errors
+        assert not _stubs_of(running.process.pid)
     finally:
         running.stop()
 

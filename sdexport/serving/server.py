@@ -335,6 +335,7 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
     watch = _StartWatch(triton)
     earlier = log_file.stat().st_size if log_file is not None and log_file.is_file() else 0  # an earlier run's
     served = False
+    model_watch: _ModelWatch | None = None
     try:
         try:
             try:
@@ -348,6 +349,7 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
             if isinstance(exc, KeyboardInterrupt) and not watch.exited:
                 raise
             raise SdexportError(f"{NOT_STARTED}: {_reason(triton, exc, log_file, earlier)}") from None
+        model_watch = _ModelWatch(triton)  # (its stubs now, before serve says it serves)
         on_ready()
         served = True
         try:
@@ -357,11 +359,19 @@ def _serve(triton: Any, log_file: Path | None, on_ready: Callable[[], None], dra
             # stop in a few (seen here), once Triton's exit status says whether requests were lost
             _await_exit(triton, drain_timeout_s + EXIT_MARGIN_S)
     finally:
+        if model_watch is not None:
+            model_watch.done()
         triton.stop()
         status = _exit_status(triton)
         if status is not None:  # (first: a print below fails on a hung-up terminal)
             _reap_stubs(triton)
         _flush_console_line()
+        if model_watch is not None and model_watch.ended is not None:
+            raise SdexportError(
+                f"the model's process (pid {model_watch.ended}) ended while serving: killed (by the kernel's "
+                "out-of-memory killer? `dmesg` says) or crashed (Triton's log may say). Triton then answered every "
+                "request with an error while it still said it was ready, so serve stopped it; requests in flight "
+                "were dropped. Start serve again (a supervisor restarts it on this non-zero exit)")
         held = _connections_held(_log_lines(triton, log_file, earlier)) if served and status else None
         if held:  # (raised over a Ctrl-C or SIGTERM too)
             raise SdexportError(
@@ -400,10 +410,30 @@ def _reap_stubs(triton: object) -> None:
     which each stub's command line carries."""
     import signal
 
+    prefix = _shm_prefix(triton)
+    if prefix is None:
+        return
+    for pid in _stub_pids(prefix):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    for region in Path("/dev/shm").glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            region.unlink()
+
+
+def _shm_prefix(triton: object) -> str | None:
+    """PyTriton's shared-memory prefix for this server's Python backend (None: not known here)."""
     config = getattr(getattr(triton, "_python_backend_config", None), "_backend_args", None) or {}
     prefix = config.get("shm-region-prefix-name")
     if not isinstance(prefix, str) or len(prefix) < 8 or not Path("/proc").is_dir():
-        return
+        return None
+    return prefix
+
+
+def _stub_pids(prefix: str) -> list[int]:
+    """The Python backend stubs running for the server whose shared-memory prefix is ``prefix``
+    (each stub's command line carries it); one that has ended and not been reaped yet is not one."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -412,11 +442,69 @@ def _reap_stubs(triton: object) -> None:
         except OSError:  # (gone, or another user's)
             continue
         if program.endswith(b"triton_python_backend_stub") and any(a.startswith(prefix.encode()) for a in args):
-            with contextlib.suppress(OSError):
-                os.kill(int(entry.name), signal.SIGKILL)
-    for region in Path("/dev/shm").glob(f"{prefix}*"):
-        with contextlib.suppress(OSError):
-            region.unlink()
+            found.append(int(entry.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` is running: not gone, and not ended and waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+
+
+#: How often the serving watch looks for the model's process, and how long it waits, having
+#: missed it, for a stop that may be on its way (seconds); tests shorten them.
+MODEL_WATCH_PERIOD_S = 1.0
+MODEL_WATCH_GRACE_S = 2.0
+
+
+class _ModelWatch:
+    """While serving, notice the model's process (the Python backend's stub) gone, and end Triton.
+
+    The stub killed (the kernel's out-of-memory killer, a ``kill -9``) or crashed, Triton kept
+    answering ready on ``/v2/health/ready`` and failed every request ("Stub process is not
+    healthy"), while ``serve`` said nothing; a later stop waited the whole drain for a model that
+    could not unload, then said requests had been dropped (an audit). A load balancer kept sending
+    work, and no supervisor restarted it. So the server is killed at once (every request it would
+    answer would fail) and ``serve`` exits non-zero, saying why.
+
+    Stubs also end as Triton unloads the model when it is stopped: a stop ``serve`` was asked for
+    (it is recorded at once, ``stopping``), PyTriton's, or Triton ending on its own (Ctrl-C reaches
+    its whole process group) is waited for, a grace after the stub is missed, and then left alone."""
+
+    def __init__(self, triton: object) -> None:
+        self._triton = triton
+        prefix = _shm_prefix(triton)
+        self._pids = _stub_pids(prefix) if prefix is not None else []
+        self._done = threading.Event()
+        self.ended: int | None = None
+        """The model's process found gone (its pid), for which Triton was killed."""
+        if self._pids:
+            threading.Thread(target=self._watch, name="sdexport-model-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        from sdexport import stopping
+
+        while not self._done.wait(MODEL_WATCH_PERIOD_S):
+            gone = [pid for pid in self._pids if not _running(pid)]
+            if not gone:
+                continue
+            if self._done.wait(MODEL_WATCH_GRACE_S):
+                return
+            if stopping.requested() or getattr(self._triton, "_stopped", False) or _server_exited(self._triton):
+                return
+            command = getattr(getattr(self._triton, "_triton_server", None), "_tritonserver_running_cmd", None)
+            self.ended = gone[0]
+            if command is not None:
+                with contextlib.suppress(OSError):
+                    command.process.kill()
+            return
+
+    def done(self) -> None:
+        self._done.set()
 
 
 NOT_STARTED = "Triton did not start"
