@@ -1732,7 +1732,6 @@ class _FakeTritonProcess:
         self._python_backend_config = SimpleNamespace(_backend_args={"shm-region-prefix-name": prefix})
         self._triton_server = SimpleNamespace(_tritonserver_running_cmd=SimpleNamespace(process=self))
         self._stopped = False
-        self.pid = os.getpid()  # (not exited: waitid on it is refused, taken for "reaped", so exit_code is set)
 
     def kill(self) -> None:
         self.killed = True
