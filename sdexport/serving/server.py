@@ -472,8 +472,10 @@ class _ModelWatch:
     answer would fail) and ``serve`` exits non-zero, saying why.
 
     Stubs also end as Triton unloads the model when it is stopped: a stop ``serve`` was asked for
-    (it is recorded at once, ``stopping``), PyTriton's, or Triton ending on its own (Ctrl-C reaches
-    its whole process group) is waited for, a grace after the stub is missed, and then left alone."""
+    (it is recorded at once, ``stopping``), PyTriton's, a signal Triton itself received (Ctrl-C
+    reaches its whole process group, also where ``serve``, a script's background job, ignores it:
+    Triton says so on its console as it starts its drain) or Triton's exit, looked for a grace
+    after the stub is missed, leave the server alone."""
 
     def __init__(self, triton: object) -> None:
         self._triton = triton
@@ -482,8 +484,10 @@ class _ModelWatch:
         self._done = threading.Event()
         self.ended: int | None = None
         """The model's process found gone (its pid), for which Triton was killed."""
+        self._thread: threading.Thread | None = None
         if self._pids:
-            threading.Thread(target=self._watch, name="sdexport-model-watch", daemon=True).start()
+            self._thread = threading.Thread(target=self._watch, name="sdexport-model-watch", daemon=True)
+            self._thread.start()
 
     def _watch(self) -> None:
         from sdexport import stopping
@@ -494,7 +498,8 @@ class _ModelWatch:
                 continue
             if self._done.wait(MODEL_WATCH_GRACE_S):
                 return
-            if stopping.requested() or getattr(self._triton, "_stopped", False) or _server_exited(self._triton):
+            if (stopping.requested() or getattr(self._triton, "_stopped", False) or _server_exited(self._triton)
+                    or _signalled(self._triton)):
                 return
             command = getattr(getattr(self._triton, "_triton_server", None), "_tritonserver_running_cmd", None)
             self.ended = gone[0]
@@ -504,7 +509,17 @@ class _ModelWatch:
             return
 
     def done(self) -> None:
+        """Stop watching; a kill decided on is made by the time this returns (``ended`` is final)."""
         self._done.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _signalled(triton: object) -> bool:
+    """Whether ``tritonserver`` said it received a signal (and so began its stop): the line it writes
+    on its console, which PyTriton keeps whatever takes the log."""
+    console = getattr(getattr(triton, "_triton_server", None), "_tritonserver_logs", "") or ""
+    return any(TRITON_SIGNAL_LINE.fullmatch(line + "\n") for line in console.splitlines())
 
 
 NOT_STARTED = "Triton did not start"
