@@ -181,7 +181,6 @@ def check_target(
             f"{flag} {kind.example}"
         )
     refuse_inside_engine_dir(path, f"{flag} {target}")
-    check_cache_outside(path, kind.what)
     for source in protected:
         source = source.resolve()
         if source == path or source.is_relative_to(path):
@@ -210,6 +209,8 @@ def check_target(
                     f"{target} is not an sdexport {kind.what} ({reason}); sdexport replaces only "
                     f"directories it wrote. Move it away or choose another {flag}"
                 )
+    # (after the refusal of a folder that is not ours: -o ~ is told that, not to move the cache out of it)
+    check_cache_outside(path, kind.what)
     return Target(path, kind)
 
 
@@ -441,7 +442,8 @@ def not_a_lock_left_behind(path: Path) -> str | None:
     output's ``engines/`` (a build of the engines the last run exported) that a CI timeout killed
     left its lock file there, and every later benchmark on that output was refused as not
     sdexport's. Such a file is sdexport's own: the next job on NAME takes it over, and a job that
-    replaces the folder holding it discards it with the rest. One a live job holds is refused."""
+    replaces the folder holding it discards it with the rest. One a live job holds is refused here:
+    sdexport's folder, to be waited for, not moved away."""
     try:  # (not blocking on a named pipe of that name)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
@@ -452,11 +454,15 @@ def not_a_lock_left_behind(path: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (a probe: a job taking it waits it out, _lock_now)
         except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
-            return f"another sdexport process (pid {holder}) is writing it"
+            name = path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)
+            raise _held_by(Target(path.parent / name, _IN_PLACE), fd) from None
         return None
     finally:
         os.close(fd)
+
+
+_IN_PLACE = OutputKind("engine directory", lambda path: None)
+"""What ``not_a_lock_left_behind`` names a held lock's directory as (its refusal suggests no other -o)."""
 
 
 def still_named(path: Path, fd: int) -> bool:

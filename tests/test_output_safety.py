@@ -648,6 +648,11 @@ def test_a_cache_inside_the_folder_a_command_writes_is_refused_before_its_work(
     assert f"error: SDEXPORT_CACHE_DIR={out / 'cache'}: inside {out}, the" in err and "Loading" not in err, err
     assert "point the cache elsewhere" in err and err.count("error:") == 1, err
     assert not out.exists()
+    out.mkdir()  # a folder of the user's that holds the cache (-o ~, the default cache in it): not ours, said first
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(*args, *(["--force"] if command in ("export", "triton-repo") else [])) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{out} is not an sdexport" in err and "point the cache" not in err, err
 
 
 def test_another_projects_manifest_above_the_output_is_not_an_engine_directory(tmp_path: Path):
