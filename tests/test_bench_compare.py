@@ -992,6 +992,21 @@ def test_a_report_compared_with_itself_is_refused(tmp_path, capsys):
     path = _write(tmp_path, "results", _report([_entry("torch", TIGHT)]))
     assert run_cli("bench", "compare", tmp_path, path) == 2
     assert "BASELINE and NEW are the same report" in capsys.readouterr().err
+    (tmp_path / "linked").mkdir()  # a hard link, which its path does not tell (an audit)
+    os.link(path, tmp_path / "linked" / "results.json")
+    assert run_cli("bench", "compare", path, tmp_path / "linked") == 2
+    assert "BASELINE and NEW are the same report file (one name a hard link to the other)" in capsys.readouterr().err
+
+
+def test_a_failure_in_a_terminals_colours_leaves_the_junit_file_readable(tmp_path):
+    """A contender's failure is reported in its own words: an ESC in them made comparison.xml
+    unreadable to every JUnit parser while the gate exited 0 (an audit)."""
+    failed = {"contender": "tensorrt", "status": "failed", "reason": "boom \x1b[31mred\x1b[0m \x00"}
+    baseline = _write(tmp_path, "a", _report([_entry("torch", TIGHT), failed]))
+    new = _write(tmp_path, "b", _report([_entry("torch", TIGHT), failed]))
+    assert run_cli("bench", "compare", baseline, new, "-o", tmp_path / "cmp") == 0
+    text = ET.tostring(ET.parse(tmp_path / "cmp" / "comparison.xml").getroot(), encoding="unicode")
+    assert "boom \\x1b[31mred\\x1b[0m \\x00" in text, text
 
 
 def test_edited_reports_neither_break_the_comparison_nor_pass_a_slowdown(tmp_path, capsys):

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -463,9 +465,12 @@ def compare(baseline_path: Path, new_path: Path, gate: Gate) -> dict[str, Any]:
     """The comparison as one JSON-ready dict; refuses (SdexportError) reports that do not compare."""
     baseline, new = load_report(baseline_path, "BASELINE"), load_report(new_path, "NEW")
     files = [report_file(p).resolve() for p in (baseline_path, new_path)]
-    if files[0] == files[1]:  # (a gate given one path twice would pass whatever it measured)
-        raise SdexportError(f"BASELINE and NEW are the same report ({files[0]}): a run compared with itself always "
-                            "passes; give the baseline run and the new one")
+    # (a gate given one path twice would pass whatever it measured; so would one given a hard link to
+    # the baseline: an audit)
+    if files[0] == files[1] or os.path.samefile(*files):
+        same = "the same report" if files[0] == files[1] else "the same report file (one name a hard link to the other)"
+        raise SdexportError(f"BASELINE and NEW are {same} ({files[0]}, {files[1]}): a run compared with itself "
+                            "always passes; give the baseline run and the new one")
     if not any(e["status"] == "measured" for e in baseline["results"]):
         raise SdexportError(f"BASELINE {baseline_path} measured nothing (every contender failed or none ran), "
                             "so every run would pass; use a run that measured as the baseline")
@@ -615,6 +620,17 @@ def markdown(comparison: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+"""What XML 1.0 cannot hold, even escaped: control characters, lone surrogates, two non-characters."""
+
+
+def xml_text(text: str) -> str:
+    """``text`` as XML 1.0 can hold it, each character it cannot shown as ``\\xNN`` (``\\uNNNN``).
+    A contender's failure is kept in its own words, which may carry a terminal's colour codes: an
+    ESC made comparison.xml unreadable to every JUnit parser while the gate exited 0 (an audit)."""
+    return _NOT_XML.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def junit_xml(comparison: dict[str, Any]) -> str:
     """JUnit XML: one test case per contender × case, the gate's reasons as the failure text, so any
     CI system shows the comparison in its own test view."""
@@ -640,6 +656,10 @@ def junit_xml(comparison: dict[str, Any]) -> str:
     for element in (root, suite):
         for name, value in counts.items():
             element.set(name, str(value))
+    for element in root.iter():  # (a contender's failure in its own words: a terminal's colour codes)
+        element.text = None if element.text is None else xml_text(element.text)
+        for name, value in element.attrib.items():
+            element.set(name, xml_text(value))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
