@@ -658,8 +658,8 @@ def junit_xml(comparison: dict[str, Any]) -> str:
             element.set(name, str(value))
     for element in root.iter():  # (a contender's failure in its own words: a terminal's colour codes)
         element.text = None if element.text is None else xml_text(element.text)
-        for name, value in element.attrib.items():
-            element.set(name, xml_text(value))
+        for key, text in element.attrib.items():
+            element.set(key, xml_text(text))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
