@@ -880,6 +880,36 @@ def test_bin_weights_export_without_diffusers_safetensors_first_error(tiny_diffu
     assert "An error occurred" not in done.stderr and "no file named" not in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize("damage, words", [
+    ("cut", "truncated or damaged: its zip archive cannot be read"),
+    ("empty", "empty or unreadable (0 bytes read): download it again"),
+    ("safetensors", "a safetensors file by its content: name it diffusion_pytorch_model.safetensors"),
+    ("page", "an HTML or XML page, not the weights"),
+])
+def test_a_damaged_bin_is_refused_before_any_part_is_exported(tiny_diffusers_dir, tmp_path, capsys, damage, words):
+    """Only a .bin that was a Git LFS pointer or a web page was refused up front: an empty or cut one
+    was found when its part loaded, after the parts before it were exported (an audit: a U-Net
+    first, minutes and gigabytes on a real model), diffusers then reading it whole as text."""
+    import torch
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
+    weights = model / "vae" / "diffusion_pytorch_model.bin"
+    (model / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    if damage == "safetensors":
+        save_file({"w": torch.zeros(4)}, weights)
+    elif damage == "page":
+        weights.write_bytes(b"<!DOCTYPE html><html>Sign in</html>")
+    else:
+        torch.save({"w": torch.zeros(4096)}, weights)
+        weights.write_bytes(weights.read_bytes()[:-300] if damage == "cut" else b"")
+    assert run_cli("export", model, "-o", tmp_path / "out", "--verify", "none") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: {weights}: {words}" in err and err.count("error:") == 1 and "Exporting" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # From mutation testing round 5 (verification): each seen to fail with the change it guards against.
 
 def test_a_report_of_skipped_points_alone_is_skipped_not_passed():
