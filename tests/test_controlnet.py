@@ -936,6 +936,39 @@ def test_a_controlnet_pipeline_directory_exports_with_its_controlnets(tmp_path, 
             "directory as the model") in " ".join(err.split()) and not (tmp_path / "cut").exists()
 
 
+def test_a_pipeline_directory_missing_a_network_its_index_names_is_refused(tiny_diffusers_dir, tmp_path, capsys):
+    """Its model_index.json naming a ControlNet (or adapter) whose folder, or the folder's config,
+    is missing (an incomplete download), it exported as plain text-to-image with exit 0, where
+    diffusers refuses it (an audit). Refused in one line; --controlnet stands in, as diffusers'
+    from_pretrained(controlnet=...) does. A Multi one missing a numbered folder's config likewise."""
+    from sdexport.models.outline import incomplete_part
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(tiny_diffusers_dir, pipe)
+    index = json.loads((pipe / "model_index.json").read_text())
+    (pipe / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionControlNetPipeline",
+                                                       "controlnet": ["diffusers", "ControlNetModel"]}))
+    assert run_cli("export", pipe, "-o", tmp_path / "out", "--verify", "none") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert (f"error: {pipe / 'model_index.json'} names a ControlNetModel in controlnet/, which is not there (an "
+            "incomplete download?); complete it, or give --controlnet DIR") in err and err.count("error:") == 1, err
+    assert not (tmp_path / "out").exists()
+    load_model("tiny", controlnets=["tiny-controlnet"]).save_pretrained(tmp_path / "whole")
+    assert run_cli("export", pipe, "-o", tmp_path / "out", "--verify", "none", "--controlnet",
+                   tmp_path / "whole" / "controlnet", "--components", "controlnet") == 0
+    for name in ("controlnet", "controlnet_1", "controlnet_2"):
+        (pipe / name).mkdir()
+        if name != "controlnet_2":
+            (pipe / name / "config.json").write_text("{}")
+    assert incomplete_part(pipe, (pipe / "controlnet",), ()) is None  # (one ControlNetModel: controlnet/ alone)
+    (pipe / "model_index.json").write_text(json.dumps({**index, "controlnet": ["diffusers", "MultiControlNetModel"],
+                                                       "adapter": [None, None]}))
+    missing, flag = incomplete_part(pipe, (pipe / "controlnet", pipe / "controlnet_1"), ())
+    assert "names a MultiControlNetModel in controlnet_2/, which has no config.json" in missing and flag == "--controlnet"
+    (pipe / "model_index.json").write_text(json.dumps({**index, "adapter": ["diffusers", "T2IAdapter"]}))
+    assert incomplete_part(pipe, (), ())[1] == "--adapter"
+
+
 @pytest.mark.parametrize(("name", "pipeline", "strength", "scale"), [
     ("inpaint-one", "StableDiffusionControlNetInpaintPipeline", 1.0, 0.5),
     pytest.param("sdxl-inpaint-one", "StableDiffusionXLControlNetInpaintPipeline", 0.9999, 1.0, marks=SLOW),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
-from sdexport.errors import SdexportError
+from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.manifest import not_an_engine_dir
 from sdexport.models.adapter import AdapterSource, adapters_for
 from sdexport.models.controlnet import ControlNetSource, controlnets_for
@@ -112,6 +112,9 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     for lora in options.loras:  # (the CLI checked its own; ExportOptions made in Python, here)
         lora.check("LoRA")
     outline = outline_model(model_ref, config=options.config, vae=options.vae)
+    if outline.missing_part is not None and not (options.controlnets or options.adapters):
+        missing, option = outline.missing_part
+        raise ModelLoadError(f"{missing}; complete it, or give {option} DIR")
     # A ControlNet pipeline directory brings its own ControlNets, unless others are named.
     controlnets = controlnets_for(outline, options.controlnets or [str(p) for p in outline.controlnets],
                                   options.union_images)

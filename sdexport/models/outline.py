@@ -81,6 +81,10 @@ class ModelOutline:
     adapters: tuple[Path, ...] = ()
     """A T2I-Adapter pipeline directory's adapter(s) (``adapter/``, a ``MultiAdapter``'s
     ``adapter_1/``, ``adapter_2/``, ...)."""
+    missing_part: tuple[str, str] | None = None
+    """A ControlNet or adapter the directory's ``model_index.json`` names but its folder lacks
+    (``incomplete_part``): what is missing, and the option (``--controlnet``, ``--adapter``) whose
+    own networks would take its place, as diffusers' ``from_pretrained(controlnet=...)`` does."""
     text_layers: tuple[int, ...] = ()
     """Hidden layers of each of the family's text encoders, in order: ``--clip-skip`` skips fewer."""
     text_widths: Mapping[str, int] = field(default_factory=dict)
@@ -135,8 +139,9 @@ def outline_model(model: str, *, config: str | None = None, vae: str | None = No
         outline = _outline(family, read_json(path / "unet" / "config.json"),
                            {} if replaced else own_vae_config(path, vae),  # --vae's is read
                            scheduler_config(path), None, (path,), vae)
-        return replace(outline, controlnets=pipeline_controlnets(path), adapters=pipeline_adapters(path),
-                       **_read_text_sizes(path, family))
+        controlnets, adapters = pipeline_controlnets(path), pipeline_adapters(path)
+        return replace(outline, controlnets=controlnets, adapters=adapters,
+                       missing_part=incomplete_part(path, controlnets, adapters), **_read_text_sizes(path, family))
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ModelLoadError(f"{model}: not a diffusers directory or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint")
     check_single_file(path)  # (a LoRA or VAE given as the model is named as one, not asked for a --config)
@@ -518,6 +523,30 @@ def pipeline_controlnets(path: Path) -> tuple[Path, ...]:
             break
         found.append(path / name)
     return tuple(found)
+
+
+def incomplete_part(path: Path, controlnets: tuple[Path, ...], adapters: tuple[Path, ...]) -> tuple[str, str] | None:
+    """A ControlNet or T2I-Adapter that ``model_index.json`` names but the directory lacks (its
+    folder, or its folder's ``config.json``; for a Multi one, a numbered folder after those read),
+    with the option that would stand in for it; None where nothing is missing. Such a directory
+    exported silently as plain text-to-image (an audit), where diffusers refuses it ("no file named
+    config.json")."""
+    from sdexport.specs import adapter_names, controlnet_names
+
+    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    for key, found, names, flag in (("controlnet", controlnets, controlnet_names, "--controlnet"),
+                                    ("adapter", adapters, adapter_names, "--adapter")):
+        entry = index.get(key)
+        named = entry[1] if isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str) else None
+        if named is None:  # ([null, null]: an optional part the pipeline was saved without)
+            continue
+        after = path / names(len(found) + 1)[-1]  # the folder read next: there, it lacks its config
+        if not found or ("Multi" in named and after.exists() and not (after / "config.json").is_file()):
+            lacks = "which has no config.json" if after.exists() else "which is not there"
+            missing = (f"{path / 'model_index.json'} names {a_class(named)} in {after.name}/, {lacks} (an "
+                       "incomplete download?)")
+            return missing, flag
+    return None
 
 
 def pipeline_adapters(path: Path) -> tuple[Path, ...]:
