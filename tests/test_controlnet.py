@@ -953,6 +953,11 @@ def test_a_pipeline_directory_missing_a_network_its_index_names_is_refused(tiny_
     assert (f"error: {pipe / 'model_index.json'} names a ControlNetModel in controlnet/, which is not there (an "
             "incomplete download?); complete it, or give --controlnet DIR") in err and err.count("error:") == 1, err
     assert not (tmp_path / "out").exists()
+    scenario = tmp_path / "s.toml"  # (the benchmark's diffusers baseline would refuse it too)
+    scenario.write_text(f'model = "{pipe}"\nheight = 64\nwidth = 64\nsteps = [2]\ncontenders = ["diffusers"]\n')
+    assert run_cli("bench", scenario, "-o", tmp_path / "bench") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "names a ControlNetModel in controlnet/, which is not there" in err and "set controlnets in the scenario" in err
     load_model("tiny", controlnets=["tiny-controlnet"]).save_pretrained(tmp_path / "whole")
     assert run_cli("export", pipe, "-o", tmp_path / "out", "--verify", "none", "--controlnet",
                    tmp_path / "whole" / "controlnet", "--components", "controlnet") == 0

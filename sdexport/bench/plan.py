@@ -279,6 +279,10 @@ def _check_stated(scenario: Scenario) -> tuple[ModelOutline, ModelOutline | None
     its ControlNets' union modes (0: plain or none), whether the model embeds the guidance (a latent
     consistency model), and the profile the benchmark exports with."""
     outline = outline_model(scenario.model, config=scenario.config)
+    if outline.missing_part is not None and not (scenario.controlnets or scenario.adapters):
+        missing, flag = outline.missing_part  # (as export refuses it: diffusers' own baseline would too)
+        key = {"--controlnet": "controlnets", "--adapter": "adapter"}[flag]
+        raise SdexportError(f"{missing}; complete it, or set {key} in the scenario")
     refiner = _refiner_outline(scenario, outline)  # first: the checks below would ask for an init image
     if outline.inpainting and not scenario.inpaint:
         raise SdexportError(f"{scenario.model}: an inpainting model (its U-Net takes a mask): set inpaint = true in "
