@@ -841,6 +841,20 @@ def test_a_refiner_scenario_with_a_conditioned_base_model_matches_diffusers(tmp_
     assert not refiner.controlnets and not refiner.adapters
 
 
+def test_an_engine_cache_or_output_inside_the_models_folder_is_refused(tiny_diffusers_dir, tmp_path, capsys):
+    """The export's key hashes every file of a model folder: a cache or an output inside it changed the
+    key with each run, which exported again and grew the cache by an entry (an audit)."""
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(f'model = "{tiny_diffusers_dir}"\nheight = 64\nwidth = 64\nsteps = [2]\n'
+                        'contenders = ["diffusers", "onnxruntime-cpu"]\n')
+    for option, inside in (("--engine-cache", tiny_diffusers_dir / "cache"), ("-o", tiny_diffusers_dir / "out")):
+        extra = [option, inside] if option == "--engine-cache" else []
+        assert run_cli("bench", scenario, "-o", inside if option == "-o" else tmp_path / "out", *extra) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"error: {option} {inside}: inside {tiny_diffusers_dir.resolve()}, whose every file the key" in err, err
+        assert not inside.exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry
 def test_a_refiner_scenario_keeps_both_exports_in_the_engine_cache(tmp_path, capsys):
     """One cache entry per export, the names ``bench cache-key`` prints, one per line."""

@@ -44,6 +44,8 @@ from sdexport.bench.measure import MemorySampler, Stats, device_floor, psnr
 from sdexport.bench.plan import (
     BenchPlan,
     Options,
+    check_outside_hashed,
+    hashed_folders,
     own_engines,
     plan_bench,
     protected_paths,
@@ -83,6 +85,7 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
     raises ``BenchmarkInterrupted`` too.
     """
     plan = plan_bench(scenario, options, source)
+    check_outside_hashed(output_dir, "-o", hashed_folders(scenario, plan.outline, plan.refiner))
     with stated_in(source):
         # as the runtime will sample (its SD pipeline's rewrite of an outdated config: the model's
         # dims are not read yet, so what conditions its U-Net comes from the scenario and the config)

@@ -132,6 +132,8 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     with stated_in(source):
         outline, refiner, modes, embedded, export_profile = _check_stated(scenario)
+    if options.engine_cache is not None:
+        check_outside_hashed(options.engine_cache, "--engine-cache", hashed_folders(scenario, outline, refiner))
     images = 1
     dtype: str | None = None
     on_trust: list[str] = []
@@ -396,6 +398,26 @@ def own_engines(engine_dir: Path | None, output_dir: Path) -> bool:
     if engine_dir is None:
         return False
     return engine_dir.resolve().parent == output_dir.parent.resolve() / output_dir.name / "engines"
+
+
+def hashed_folders(scenario: Scenario, outline: ModelOutline, refiner: ModelOutline | None) -> list[Path]:
+    """The folders whose every file the export's key (``engine_cache.export_key``) hashes: the model's
+    (and its refiner's) sources, the ControlNets and adapters the scenario names, where folders."""
+    paths = [*outline.sources, *(refiner.sources if refiner else ()), *map(Path, scenario.controlnets),
+             *map(Path, scenario.adapters)]
+    return [p.resolve() for p in paths if p.is_dir()]
+
+
+def check_outside_hashed(path: Path, flag: str, folders: list[Path]) -> None:
+    """Refuse an engine cache or a benchmark output inside a folder the export's key hashes: what a
+    run writes there changes the key, so every run exported again and the cache grew by an entry a
+    run (an audit)."""
+    resolved = path.absolute().resolve()
+    for folder in folders:
+        if resolved.is_relative_to(folder):
+            raise SdexportError(f"{flag} {path}: inside {folder}, whose every file the key of the benchmark's export "
+                                "hashes, so what a run writes there would make each run export again; give a folder "
+                                "outside it")
 
 
 def protected_paths(plan: BenchPlan, options: Options, output_dir: Path) -> tuple[Path, ...]:
