@@ -199,6 +199,12 @@ def test_a_file_name_that_is_no_scenario_name_asks_for_a_name(tmp_path):
         load_scenario(path)
     path.write_text('model = "tiny"\nname = "mine"\n')
     assert load_scenario(path).name == "mine"
+    long = tmp_path / f"{'a' * 101}.toml"  # (it was told its letters were wrong)
+    long.write_text('model = "tiny"\n')
+    with pytest.raises(SdexportError, match=r"\(from the file name\) is longer than 100 characters; set name"):
+        load_scenario(long)
+    with pytest.raises(SdexportError, match=r"scenarios: a folder, not a scenario file"):
+        load_scenario(Path("benchmarks/scenarios"))
 
 
 def test_a_failing_case_is_recorded_and_the_others_still_run(tmp_path, tiny_engines, monkeypatch):

@@ -182,6 +182,20 @@ def test_runs_that_measure_different_things_are_refused_unless_allowed(tmp_path,
     assert words in capsys.readouterr().out
 
 
+def test_settings_that_change_nothing_measured_do_not_make_runs_incomparable():
+    """dtype "auto" and the precision it gave ("fp32" on a CPU), and how far the export was proven
+    ([export] verify), were refused as other workloads, forcing --allow-mismatch, which then hides
+    real differences (an audit). The precision, and the export's ranges, still count."""
+    from sdexport.bench.compare import mismatches
+
+    auto = _report([_entry("torch", TIGHT)], dtype="auto", export={"verify": "full"})
+    assert mismatches(auto, _report([_entry("torch", TIGHT)], dtype="fp32", export={"verify": "none"})) == []
+    assert mismatches(auto, _report([_entry("torch", TIGHT)], dtype="fp32", precision="fp16")) == [
+        "precision: fp32 vs fp16"]
+    assert mismatches(auto, _report([_entry("torch", TIGHT)], dtype="auto", export={"height": "64:64:128"})) == [
+        "scenario export: {} vs {'height': '64:64:128'}"]
+
+
 def test_reports_it_cannot_compare_are_refused_in_one_line(tmp_path, capsys):
     good = _write(tmp_path, "good", _report([_entry("torch", TIGHT)]))
     old = _report([_entry("torch", TIGHT)])

@@ -202,7 +202,8 @@ def load_scenario(path: Path) -> Scenario:
     from sdexport.runtime.schedulers import check_scheduler_name
 
     if not path.is_file():
-        raise SdexportError(f"{path}: no such scenario file (examples: benchmarks/scenarios/ in sdexport's "
+        what = "a folder, not a scenario file" if path.is_dir() else "no such scenario file"
+        raise SdexportError(f"{path}: {what} (examples: benchmarks/scenarios/ in sdexport's "
                             "repository; the keys: README, Benchmarks)")
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # (Windows editors start files with a BOM)
@@ -231,7 +232,9 @@ def load_scenario(path: Path) -> Scenario:
     problem = first_error(SCHEMA, data)
     if problem:
         if problem.startswith("name:") and not named:
-            problem = f"name {data['name']!r} (from the file name) must be letters, digits, '.', '_' or '-'; set name = \"...\""
+            rule = ("is longer than 100 characters" if len(data["name"]) > 100
+                    else "must be letters, digits, '.', '_' or '-'")
+            problem = f"name {data['name']!r} (from the file name) {rule}; set name = \"...\""
         raise SdexportError(f"{path}: {problem}")
     endless = next((key for key, value in data.items() if isinstance(value, float) and not math.isfinite(value)), None)
     if endless is not None:  # TOML has nan and inf; JSON Schema's ranges let nan through
