@@ -918,8 +918,8 @@ def _check_control_modes(modes: Any, images: int, known: int) -> None:
     """A union ControlNet's modes: one per control image, each below ``known`` (none for others)."""
     if not known:
         if modes is not None:
-            raise SdexportError(f"{setting('control_mode')} is for union ControlNets (ControlNetUnionModel); this engine "
-                                "directory's ControlNets take no mode")
+            raise SdexportError(f"{setting('control_mode')} is for union ControlNets (ControlNetUnionModel); these "
+                                "ControlNets take no mode")
         return
     if modes is None:
         raise SdexportError(f"union ControlNets need {setting('control_mode')} for each control image: which of their {known} "
