@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from sdexport.atomic import write_atomic
@@ -317,12 +317,17 @@ def reexport_command(directory: Path, data: dict[str, Any]) -> str:
 
 def _text_encoder_layers(directory: Path, manifest: Manifest) -> list[int]:
     """SD's text encoder's layers, from its ``config.json`` (what a built-in clip skip must stay
-    below; the file's hash is checked later, with the graphs'): none where unreadable."""
+    below): none where unreadable, or where the file is not the one the manifest lists (the file
+    check then names it: an edited config was blamed on the manifest, an audit)."""
     entry = manifest.components.get("text_encoder")
     if entry is None or not manifest.model_dims.clip_skip:
         return []
+    rel = (PurePosixPath(entry.onnx).parent / "config.json").as_posix()
     try:
-        layers = json.loads((directory / entry.onnx).parent.joinpath("config.json").read_text(encoding="utf-8")).get("num_hidden_layers")
+        data = (directory / rel).read_bytes()
+        if hashlib.sha256(data).hexdigest() != manifest.files.get(rel):
+            return []
+        layers = json.loads(data.decode("utf-8")).get("num_hidden_layers")
     except (OSError, ValueError, AttributeError):
         return []
     return [layers] if isinstance(layers, int) and not isinstance(layers, bool) else []

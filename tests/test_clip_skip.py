@@ -252,6 +252,20 @@ def test_a_hand_edited_sd_clip_skip_past_the_layers_is_refused(skipping_dir, tmp
         " ".join(capsys.readouterr().err.split())
 
 
+def test_an_edited_text_encoder_config_is_named_not_the_manifest(skipping_dir, tmp_path, capsys):
+    """The config's layers were read before its hash was checked: a config edited after the export
+    was blamed on the manifest ("invalid manifest: dims.clip_skip 1 ..."; an audit)."""
+    import shutil
+
+    copy = tmp_path / "sd"
+    shutil.copytree(skipping_dir, copy)
+    config = json.loads((copy / "text_encoder" / "config.json").read_text())
+    (copy / "text_encoder" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    assert run_cli("inspect", copy) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "text_encoder/config.json" in err and "invalid manifest" not in err, err
+
+
 def test_adopt_takes_the_clip_skip_an_export_was_made_with(skipping_dir, tmp_path, capsys):
     """An SD graph that reads the penultimate layer: adopted with --model, it failed parity against
     the last layer's reading with no way to say which layer it reads; --clip-skip says it."""

@@ -405,6 +405,25 @@ def pooled(tmp_path_factory) -> MadeOnFirstUse[tuple[Path, DiffusersReference]]:
     return MadeOnFirstUse(POOLED, make)
 
 
+@pytest.mark.parametrize("backend", ["torch", "tensorrt"])
+def test_a_controlnet_config_edited_after_the_export_is_refused_on_every_backend(engine_dirs, tmp_path, backend):
+    """The loop reads a ControlNet's config.json (its pooling turns guess mode on) whatever runs the
+    graphs; only the ONNX Runtime backends hashed it: an edit changed torch's image without a word
+    (an audit), and TensorRT's would have."""
+    from sdexport.errors import EngineDirError
+    from sdexport.runtime.loading import pooled_controlnets, verify_for_backend
+
+    copy = tmp_path / "edited"
+    shutil.copytree(engine_dirs["sd-one"], copy)
+    manifest = load_manifest(copy, verify_files=False)
+    verify_for_backend(copy, manifest, backend)  # (as exported)
+    config = json.loads((copy / "controlnet" / "config.json").read_text())
+    (copy / "controlnet" / "config.json").write_text(json.dumps({**config, "global_pool_conditions": True}))
+    assert pooled_controlnets(copy, manifest) == ("controlnet",)  # what it would have read
+    with pytest.raises(EngineDirError, match=r"controlnet/config\.json"):
+        verify_for_backend(copy, manifest, backend)
+
+
 POOLED_CASES = [
     # engine directory, backend, task, guess mode asked for, guess mode run (diffusers' rule)
     pytest.param("sd-pooled", "onnxruntime-cpu", "txt2img", False, True, id="alone-forced"),

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sdexport.build.vae_upcast import FP32_VAE, kept_fp32, upcast_parts, vae_config_file
@@ -460,6 +460,12 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     config = vae_config_file(manifest)
     if config is not None:  # its force_upcast says which decoder runs (vae_upcast)
         files[config] = manifest.files[config]
+    for entry in manifest.components.values():  # what the loop reads of them whatever runs the graphs: a
+        # ControlNet's pooling (guess mode), the U-Net's blocks (run-time LoRA); an edited one changed the
+        # image on the TensorRT and Torch backends without a word (an audit)
+        config = (PurePosixPath(entry.onnx).parent / "config.json").as_posix()
+        if config in manifest.files:
+            files[config] = manifest.files[config]
     if backend.startswith("onnxruntime"):
         for name in loaded:
             files.update(onnx_files(manifest.files, graph_for(manifest, name, backend, graphs)))
