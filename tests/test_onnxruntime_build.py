@@ -249,6 +249,27 @@ def test_files_the_user_put_in_the_target_folder_are_not_replaced(built_dir: Pat
     assert not list((copy / "unet").glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("kind", ["file", "link"])
+def test_a_file_or_link_where_the_target_folder_goes_is_refused_before_the_build(
+        tiny_fp16_engine_dir: Path, tmp_path: Path, capsys, monkeypatch, kind):
+    """Found only after the manifest listed the new graph, when the old folder was to go: a file left
+    a directory whose graph was listed and missing (and every build failed the same way), a link one
+    every command refused (an audit). Refused before anything is fused; the directory still runs."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, copy)
+    where = copy / "text_encoder" / "onnxruntime-cuda"
+    if kind == "file":
+        where.write_text("mine")
+    else:
+        (tmp_path / "elsewhere").mkdir()
+        where.symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(ob, "_build_one", lambda *args, **kwargs: pytest.fail("built before refusing"))
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{where} is a {'file' if kind == 'file' else 'symbolic link'}, not a folder sdexport wrote" in err, err
+    assert run_cli("inspect", copy) == 0
+
+
 def test_a_file_put_there_during_the_build_is_not_replaced_either(built_dir: Path, tmp_path: Path, monkeypatch):
     """The folder is checked again when the built graph moves in: the build takes minutes on SD 1.5."""
     copy = tmp_path / "tiny"

@@ -692,6 +692,11 @@ def _refuse_stray_files(engine_dir: Path, manifest: Manifest, component: str) ->
 
     final = engine_dir / component / TARGET
     prefix = f"{component}/{TARGET}/"
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
+        # (refused before the fusing: it was found after the manifest listed the new graph, when the
+        # old folder was to go, leaving a directory every command then refused; an audit)
+        what = "a symbolic link" if final.is_symlink() else "a file"
+        raise EngineDirError(f"{final} is {what}, not a folder sdexport wrote; move it away and build again")
     if not final.exists():
         return
     stray = unlisted_files(final, {rel[len(prefix):] for rel in manifest.files if rel.startswith(prefix)})
