@@ -316,6 +316,25 @@ def test_loras_that_do_not_fit_are_refused_in_one_line(tiny_engine_dir, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime-cpu", "torch", "export"])
+def test_a_lora_whose_update_is_not_finite_is_refused_before_the_loop(tiny_engine_dir, tmp_path, capsys, backend):
+    """Each factor and the scale were checked finite, not their product: a scale of 1e38 (or factors
+    of 1e30) made infinite weights, seen only as NaN latents after the whole loop (an audit)."""
+    state = _kohya_state(3)
+    big = tmp_path / "big.safetensors"
+    save_file({k: v * 1e30 if k.endswith("_up.weight") or k.endswith("_down.weight") else v for k, v in state.items()},
+              str(big))
+    out = tmp_path / "x.png"
+    if backend == "export":
+        assert run_cli("export", "tiny", "-o", tmp_path / "out", "--verify", "none", "--lora", big) == 2
+    else:
+        assert run_cli("run", tiny_engine_dir, "-p", "x", "--steps", "2", "--backend", backend, "--lora", big,
+                       "-o", out) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "weight with the LoRA update added is not finite in float32" in err and "lower the scale" in err, err
+    assert "NaN" not in err and not out.exists() and not (tmp_path / "out").exists()
+
+
 def test_run_time_lora_needs_what_it_changes(tiny_engine_dir, lora_files, tmp_path):
     copy = tmp_path / "old"
     shutil.copytree(tiny_engine_dir, copy)

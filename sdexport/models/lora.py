@@ -555,11 +555,22 @@ def match_all(modules: dict[str, torch.nn.Module], loras: list[LoraFile], family
 
 def add_updates(modules: dict[str, torch.nn.Module], updates: list[LoraUpdate]) -> None:
     """Add matched updates to the modules' weights, in place (export's fusing, the Torch backend's
-    run-time LoRA)."""
+    run-time LoRA); a weight the updates make infinite is refused before it is written."""
     import torch
 
     with torch.no_grad():
         for update in updates:
             weight = modules[update.component].get_submodule(update.module).weight
             assert isinstance(weight, torch.Tensor)  # a linear or convolution layer's (match_updates)
-            weight += update.delta().to(device=weight.device, dtype=weight.dtype)
+            added = weight + update.delta().to(device=weight.device, dtype=weight.dtype)
+            if not bool(torch.isfinite(added).all()):
+                raise not_finite(update.component, update.module, str(weight.dtype).removeprefix("torch."))
+            weight.copy_(added)
+
+
+def not_finite(component: str, module: str, dtype: str) -> SdexportError:
+    """The refusal of a LoRA whose update leaves a weight infinite or NaN in its engine's precision:
+    each factor and the scale were checked finite, but their product (a scale of 1e38, factors of
+    1e30) was not, and showed only as NaN latents after the whole loop (an audit)."""
+    return SdexportError(f"--lora: {component}.{module}'s weight with the LoRA update added is not finite in "
+                         f"{dtype} (the scale, or the LoRA's weights, too large for it); lower the scale")

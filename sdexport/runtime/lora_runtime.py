@@ -168,4 +168,11 @@ def onnx_initializers(engine_dir: Path, manifest: Manifest, component: str, upda
         changed[name] += delta.T if where["transposed"] else delta
     from onnx.helper import tensor_dtype_to_np_dtype
 
-    return {name: value.astype(tensor_dtype_to_np_dtype(tensors[name].data_type)) for name, value in changed.items()}
+    from sdexport.models.lora import not_finite
+
+    stored = {name: value.astype(tensor_dtype_to_np_dtype(tensors[name].data_type)) for name, value in changed.items()}
+    for update in mine:  # (in the graph's precision: fp16 ends at 65504)
+        value = stored[names[update.parameter]["initializer"]]
+        if not np.isfinite(value).all():
+            raise not_finite(component, update.module, str(value.dtype))
+    return stored
