@@ -449,10 +449,10 @@ def _stub_pids(prefix: str) -> list[int]:
 def _running(pid: int) -> bool:
     """Whether process ``pid`` is running: not gone, and not ended and waiting to be reaped."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()  # (the program's name in it is bytes of any kind)
     except OSError:
         return False
-    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])
+    return stat.rpartition(b")")[2].split()[:1] not in ([b"Z"], [b"X"])
 
 
 #: How often the serving watch looks for the model's process, and how long it waits, having
