@@ -72,6 +72,13 @@ def interruption_name(exc: BaseException) -> str:
     return "SIGTERM" if isinstance(exc, Terminated) else "SIGHUP" if isinstance(exc, HungUp) else "Ctrl-C"
 
 
+def looks_like_a_url(text: str) -> bool:
+    """Whether a path that does not exist was meant as a URL (``https://...``; as a ``Path`` it reads
+    ``https:/...``): diffusers' ``load_image`` takes URLs, and users coming from it try them here,
+    where "no such file" named a path with its slashes collapsed (an audit)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", text) is not None
+
+
 def a_class(name: object) -> str:
     """``name`` (a class name a config gives) with its article: "an AutoencoderKL", "a UNet2DModel"
     (a U as in "you")."""

@@ -284,6 +284,7 @@ def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
     [
         (["--init-image", "{broken}"], "not a readable image"),
         (["--init-image", "{missing}"], "no such file"),
+        (["--init-image", "https://example.com/a.png"], "a URL? sdexport reads local files: download it first"),
         (["--init-image", "/dev/zero"], "--init-image /dev/zero: not a regular file; give an image file"),
         (["--init-image", "{image}", "--height", "64", "--width", "64"],
          "is 64x128 (HxW), the request 64x64: pass --height 64 --width 128"),

@@ -335,6 +335,13 @@ def test_a_lora_whose_update_is_not_finite_is_refused_before_the_loop(tiny_engin
     assert "NaN" not in err and not out.exists() and not (tmp_path / "out").exists()
 
 
+def test_a_lora_given_as_a_url_is_told_to_be_downloaded():
+    """diffusers' loaders take URLs: the refusal named 'https:' and a path with its slashes collapsed."""
+    with pytest.raises(SdexportError, match=r"^--lora https://example.com/l.safetensors:0.5: a URL\? sdexport reads "
+                                            r"local files: download it first$"):
+        LoraFile.parse("https://example.com/l.safetensors:0.5")
+
+
 def test_run_time_lora_needs_what_it_changes(tiny_engine_dir, lora_files, tmp_path):
     copy = tmp_path / "old"
     shutil.copytree(tiny_engine_dir, copy)

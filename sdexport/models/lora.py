@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import SdexportError, one_line
+from sdexport.errors import SdexportError, looks_like_a_url, one_line
 from sdexport.specs import LORA_COMPONENTS, is_sdxl
 
 if TYPE_CHECKING:
@@ -64,6 +64,8 @@ class LoraFile:
     def parse(cls, text: str, flag: str = "--lora") -> LoraFile:
         import re
 
+        if looks_like_a_url(text) and not Path(text).exists():
+            raise SdexportError(f"{flag} {text}: a URL? sdexport reads local files: download it first")
         path, sep, tail = text.rpartition(":")
         scale = 1.0
         if sep and path and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf)", tail.strip(), re.I):

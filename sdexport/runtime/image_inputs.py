@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import SdexportError, one_line
+from sdexport.errors import SdexportError, looks_like_a_url, one_line
 from sdexport.setting_names import assigned, setting
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ def read_image(path: Path, what: str, mode: str | None = "RGB", made: str = "L")
         raise SdexportError(f"{what} {path}: a directory; give an image file")
     if not path.is_file():  # (a device such as /dev/zero, or a pipe, would be read without end)
         raise SdexportError(f"{what} {path}: " + ("not a regular file; give an image file" if path.exists()
-                                                  else "no such file"))
+                                                  else "a URL? sdexport reads local files: download it first"
+                                                  if looks_like_a_url(str(path)) else "no such file"))
     return _decode(path, f"{what} {path}", mode, made)
 
 
