@@ -335,6 +335,17 @@ def test_a_lora_whose_update_is_not_finite_is_refused_before_the_loop(tiny_engin
     assert "NaN" not in err and not out.exists() and not (tmp_path / "out").exists()
 
 
+def test_a_lora_given_twice_at_run_time_is_noted(tiny_engine_dir, lora_files, capsys, tmp_path):
+    """Its scales added without a word (an audit); a note, as for one fused at export and given again."""
+    copy = tmp_path / "copy.safetensors"
+    shutil.copy(lora_files["unet"], copy)
+    load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=[LoraFile(lora_files["unet"], 1.0), LoraFile(copy, -0.5),
+                                                             LoraFile(lora_files["text"], 1.0)])
+    said = " ".join(capsys.readouterr().err.split())
+    assert f"note: LoRA {lora_files['unet']} is given 2 times; it applies 2 times (1 + -0.5)" in said, said
+    assert said.count("note: LoRA") == 1
+
+
 def test_a_lora_given_as_a_url_is_told_to_be_downloaded():
     """diffusers' loaders take URLs: the refusal named 'https:' and a path with its slashes collapsed."""
     with pytest.raises(SdexportError, match=r"^--lora https://example.com/l.safetensors:0.5: a URL\? sdexport reads "

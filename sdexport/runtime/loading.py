@@ -695,12 +695,20 @@ def _check_reloaded_adapters(reloaded: ModelDims, recorded: ModelDims) -> None:
 def note_fused_again(manifest: Manifest, loras: list[LoraFile]) -> None:
     """Note a run-time LoRA that the export already fused into the weights (the same file, by its
     sha256: a copy is the same LoRA, and another file written since at the recorded path is not):
-    it is then applied twice, its two scales added. Maybe meant (a stronger LoRA), so not refused."""
+    it is then applied twice, its two scales added. Maybe meant (a stronger LoRA), so not refused.
+    So is one given twice at run time (silently doubled before: an audit)."""
     from rich.markup import escape
 
     from sdexport.console import console
     from sdexport.manifest import sha256_file
 
+    if len(loras) > 1:  # the same file given twice at run time (a copy too): its scales add
+        given: dict[str, list[LoraFile]] = {}
+        for lora in loras:
+            given.setdefault(sha256_file(lora.path), []).append(lora)
+        for same in (s for s in given.values() if len(s) > 1):
+            console.print(f"[yellow]note:[/] LoRA {escape(str(same[0].path))} is given {len(same)} times; it applies "
+                          f"{len(same)} times ({' + '.join(f'{lora.scale:g}' for lora in same)})")
     fused = {record["sha256"]: record for record in manifest.model.get("loras") or [] if "sha256" in record}
     for lora in loras if fused else []:  # (hashed only where the export fused any)
         record = fused.get(sha256_file(lora.path))
