@@ -462,7 +462,8 @@ def not_a_lock_left_behind(path: Path) -> str | None:
 
 
 _IN_PLACE = OutputKind("engine directory", lambda path: None)
-"""What ``not_a_lock_left_behind`` names a held lock's directory as (its refusal suggests no other -o)."""
+"""What ``not_a_lock_left_behind`` names a held lock's directory as (its refusal, from a benchmark's
+output check, still suggests another -o: that benchmark may write elsewhere)."""
 
 
 def still_named(path: Path, fd: int) -> bool:

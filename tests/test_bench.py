@@ -849,16 +849,21 @@ def test_a_refiner_scenario_with_a_conditioned_base_model_matches_diffusers(tmp_
 
 def test_an_engine_cache_or_output_inside_the_models_folder_is_refused(tiny_diffusers_dir, tmp_path, capsys):
     """The export's key hashes every file of a model folder: a cache or an output inside it changed the
-    key with each run, which exported again and grew the cache by an entry (an audit)."""
+    key with each run, which exported again and grew the cache by an entry (an audit). A run that
+    exports nothing (diffusers alone) has no key: its output may go there."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_diffusers_dir, model)
     scenario = tmp_path / "s.toml"
-    scenario.write_text(f'model = "{tiny_diffusers_dir}"\nheight = 64\nwidth = 64\nsteps = [2]\n'
+    scenario.write_text(f'model = "{model}"\nheight = 64\nwidth = 64\nsteps = [2]\n'
                         'contenders = ["diffusers", "onnxruntime-cpu"]\n')
-    for option, inside in (("--engine-cache", tiny_diffusers_dir / "cache"), ("-o", tiny_diffusers_dir / "out")):
+    for option, inside in (("--engine-cache", model / "cache"), ("-o", model / "out")):
         extra = [option, inside] if option == "--engine-cache" else []
         assert run_cli("bench", scenario, "-o", inside if option == "-o" else tmp_path / "out", *extra) == 2
         err = " ".join(capsys.readouterr().err.split())
-        assert f"error: {option} {inside}: inside {tiny_diffusers_dir.resolve()}, whose every file the key" in err, err
+        assert f"error: {option} {inside}: inside {model.resolve()}, whose every file the key" in err, err
         assert not inside.exists() and not (tmp_path / "out").exists()
+    scenario.write_text(scenario.read_text().replace(', "onnxruntime-cpu"', ""))
+    assert run_cli("bench", scenario, "-o", model / "out", "--repeats", "1", "--warmup", "0") == 0
 
 
 @pytest.mark.slow  # the engine cache is per export; this shows a refiner scenario's second entry

@@ -85,7 +85,8 @@ def run_benchmark(scenario: Scenario, output_dir: Path, options: Options,
     raises ``BenchmarkInterrupted`` too.
     """
     plan = plan_bench(scenario, options, source)
-    check_outside_hashed(output_dir, "-o", hashed_folders(scenario, plan.outline, plan.refiner))
+    if options.engine_dir is None and any(c not in BASELINES for c in plan.contenders):  # (it exports)
+        check_outside_hashed(output_dir, "-o", hashed_folders(scenario, plan.outline, plan.refiner))
     with stated_in(source):
         # as the runtime will sample (its SD pipeline's rewrite of an outdated config: the model's
         # dims are not read yet, so what conditions its U-Net comes from the scenario and the config)

@@ -132,7 +132,7 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
     contenders = [c for c in requested if c in BASELINES] + [c for c in requested if c not in BASELINES]
     with stated_in(source):
         outline, refiner, modes, embedded, export_profile = _check_stated(scenario)
-    if options.engine_cache is not None:
+    if options.engine_cache is not None and any(c not in BASELINES for c in contenders):  # (it exports into it)
         check_outside_hashed(options.engine_cache, "--engine-cache", hashed_folders(scenario, outline, refiner))
     images = 1
     dtype: str | None = None
