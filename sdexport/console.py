@@ -209,13 +209,15 @@ def quiet_libraries() -> None:
             _set_here.add(name)
     action: Literal["default", "ignore"] = "default" if loud else "ignore"
     warnings.filterwarnings(action, category=FutureWarning, module="" if _owns_process else LIBRARY_MODULES)
-    warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers)(\.|$)")
-    warnings.filterwarnings(action, module=r"pytriton\.")  # (its grpc client's timeout warning, with its path)
-    if _owns_process:  # Pillow's words on an input file (a palette's transparency, a decompression bomb's
-        warnings.filterwarnings(action, module=r"PIL\.")  # size), which sdexport reads as it says; a
-        # library user's own images are theirs to hear about
-    for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
-        logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)
+    if _owns_process:  # the rest reaches a program's own use of these libraries: the commands' alone (a
+        # library user's torch UserWarnings and its loggers' levels were changed too: an audit)
+        warnings.filterwarnings(action, category=UserWarning, module=r"(torch|diffusers|transformers)(\.|$)")
+        warnings.filterwarnings(action, module=r"pytriton\.")  # (its grpc client's timeout warning, with its path)
+        # Pillow's words on an input file (a palette's transparency, a decompression bomb's size), which
+        # sdexport reads as it says; a library user's own images are theirs to hear about
+        warnings.filterwarnings(action, module=r"PIL\.")
+        for name in ("onnx_graphsurgeon", "polygraphy", "torch.onnx"):
+            logging.getLogger(name).setLevel(logging.NOTSET if loud else logging.ERROR)
     fetching = logging.getLogger("diffusers.models.modeling_utils")
     if loud:
         fetching.removeFilter(_safetensors_first)
@@ -233,14 +235,16 @@ def _safetensors_first(record: logging.LogRecord) -> bool:
 
 
 def onnxruntime_logging(ort: Any) -> int:
-    """Set ONNX Runtime's default logger to the verbosity's level and return that severity.
+    """The verbosity's severity for ONNX Runtime's logs; for the commands, its default logger set to it.
 
     Its warnings (e.g. "UnsqueezeElimination cannot remove node") are raw ANSI lines about graph
     optimisations that ask nothing of the user, so they show only with ``-v``. The default logger
-    also covers sessions that other libraries make (onnx-graphsurgeon's constant folding).
+    also covers sessions that other libraries make (onnx-graphsurgeon's constant folding); it is
+    the whole process's, so a library user's is left as it is.
     """
     severity = 2 if _verbosity >= VERBOSE else 3  # 2: warning, 3: error
-    ort.set_default_logger_severity(severity)
+    if _owns_process:  # (the process's logger: a library user's own sessions were quieted too, an audit;
+        ort.set_default_logger_severity(severity)  # sdexport's sessions take the level as an option)
     return severity
 
 

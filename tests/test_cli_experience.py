@@ -179,6 +179,36 @@ def test_quieting_the_library_leaves_the_programs_hub_access_and_warnings_alone(
     assert command.stdout.splitlines()[-1] == "1", command.stdout + command.stderr
 
 
+def test_a_library_user_keeps_its_warnings_loggers_onnx_runtime_level_and_torch_seed(monkeypatch):
+    """Quieting sdexport as a library also dropped the program's torch UserWarnings and set its
+    torch.onnx, graphsurgeon and polygraphy loggers' levels; every session sdexport made set ONNX
+    Runtime's process-wide logger to errors, quieting the program's own sessions; a preset's
+    weights reseeded torch's global generator, discarding the program's seed (an audit)."""
+    script = (
+        "import logging, warnings\n"
+        "from sdexport import console\n"
+        "logging.getLogger('torch.onnx').setLevel(logging.DEBUG)\n"
+        "console.set_verbosity('quiet')\n"
+        "print(logging.getLogger('torch.onnx').level, logging.getLogger('polygraphy').level)\n"
+        "warnings.warn_explicit('the program uses torch', UserWarning, 'dataloader.py', 1, module='torch.utils.data')\n"
+        "class Ort:\n"
+        "    def set_default_logger_severity(self, level):\n"
+        "        print('set', level)\n"
+        "print(console.onnxruntime_logging(Ort()))\n"
+        "import torch\n"
+        "from sdexport.models.loader import load_model\n"
+        "torch.manual_seed(1)\n"
+        "expected = torch.rand(1).item()\n"
+        "torch.manual_seed(1)\n"
+        "load_model('tiny').modules['unet']\n"
+        "print(torch.rand(1).item() == expected)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["10 0", "3", "True"], done.stdout  # (no "set": the logger is the program's)
+    assert "UserWarning: the program uses torch" in done.stderr, done.stderr
+
+
 def test_run_names_the_scheduler_that_ran_and_leaves_out_empty_fields(tiny_engine_dir, tmp_path, capsys):
     """The tiny model's default is PNDM: its extra U-Net call is explained, and the image says pndm."""
     from PIL import Image

@@ -243,13 +243,13 @@ def load_adapter(source: AdapterSource, unet: torch.nn.Module, vae_scale_factor:
     import torch
     from diffusers import T2IAdapter
 
-    from sdexport.models.presets import SEED_STRIDE
+    from sdexport.models.presets import SEED_STRIDE, drawing_from
 
     if source.preset is not None:
         unet_config: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]  # a diffusers FrozenDict
         config = {k: v for k, v in preset_config(unet_config, vae_scale_factor).items() if not k.startswith("_")}
-        torch.manual_seed(seed * SEED_STRIDE + ADAPTER_SEED_OFFSET + index)
-        module: Any = T2IAdapter(**config)
+        with drawing_from(seed * SEED_STRIDE + ADAPTER_SEED_OFFSET + index):
+            module: Any = T2IAdapter(**config)
         if dtype != torch.float32:  # diffusers warns on every .to of a T2IAdapter
             module = module.to(dtype)
         return module.eval().requires_grad_(False)  # type: ignore[no-any-return]

@@ -288,22 +288,23 @@ def load_controlnet(source: ControlNetSource, unet: torch.nn.Module, *, seed: in
     import torch
     from diffusers import ControlNetModel, ControlNetUnionModel
 
-    from sdexport.models.presets import SEED_STRIDE
+    from sdexport.models.presets import SEED_STRIDE, drawing_from
 
     if source.preset is not None:
         unet_config: dict[str, Any] = dict(unet.config)  # type: ignore[arg-type]  # a diffusers FrozenDict
         config = {k: v for k, v in preset_config(source.preset, unet_config).items() if not k.startswith("_")}
-        torch.manual_seed(seed * SEED_STRIDE + 5 + index)
-        module = (ControlNetUnionModel if source.preset.union_modes else ControlNetModel).from_config(config)
-        zeroed = [*module.controlnet_down_blocks, module.controlnet_mid_block, module.controlnet_cond_embedding.conv_out]
-        if source.preset.union_modes:
-            zeroed.append(module.spatial_ch_projs)  # how the modes' tokens reach the image features
-        for layer in zeroed:
-            layer.reset_parameters()  # diffusers starts them at zero: see the module docstring
-        for conv in module.controlnet_cond_embedding.modules():
-            if isinstance(conv, torch.nn.Conv2d):
-                fan_in = conv.weight[0].numel()
-                torch.nn.init.normal_(conv.weight, std=IMAGE_ENCODER_GAIN / fan_in ** 0.5)
+        with drawing_from(seed * SEED_STRIDE + 5 + index):  # (the re-drawn layers below draw from it too)
+            module = (ControlNetUnionModel if source.preset.union_modes else ControlNetModel).from_config(config)
+            zeroed = [*module.controlnet_down_blocks, module.controlnet_mid_block,
+                      module.controlnet_cond_embedding.conv_out]
+            if source.preset.union_modes:
+                zeroed.append(module.spatial_ch_projs)  # how the modes' tokens reach the image features
+            for layer in zeroed:
+                layer.reset_parameters()  # diffusers starts them at zero: see the module docstring
+            for conv in module.controlnet_cond_embedding.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    fan_in = conv.weight[0].numel()
+                    torch.nn.init.normal_(conv.weight, std=IMAGE_ENCODER_GAIN / fan_in ** 0.5)
         return module.to(dtype).eval().requires_grad_(False)  # type: ignore[no-any-return]
     from sdexport.models.loader import load_subfolder, with_all_weights
 

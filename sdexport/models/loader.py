@@ -32,7 +32,7 @@ from sdexport.models.outline import (
     vae_config_dir,
     weight_files,
 )
-from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, config_digest, get_preset
+from sdexport.models.presets import PRESETS, SEED_STRIDE, Preset, config_digest, drawing_from, get_preset
 from sdexport.models.tokenizer import save_tokenizer
 from sdexport.specs import (
     ADAPTER,
@@ -408,8 +408,8 @@ def load_preset(preset: Preset, *, seed: int = 0, dtype: torch.dtype = torch.flo
 
     def seeded(offset: int, build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
         def built() -> torch.nn.Module:
-            torch.manual_seed(seed * SEED_STRIDE + offset)
-            return _as(build(), dtype)
+            with drawing_from(seed * SEED_STRIDE + offset):
+                return _as(build(), dtype)
         return built
 
     builders, tokenizers = {}, {}

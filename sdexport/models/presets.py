@@ -7,6 +7,8 @@ preset has random weights, and everything that loads one records ``random_weight
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -59,6 +61,19 @@ SEED_STRIDE = 1000
 """Component ``i`` of a preset with seed ``s`` draws its weights from torch seed ``s * 1000 + i``."""
 MAX_PRESET_SEED = (2**64 - 1 - 9) // SEED_STRIDE
 """The largest seed whose per-component torch seeds stay within torch's unsigned 64 bits."""
+
+
+@contextmanager
+def drawing_from(seed: int) -> Iterator[None]:
+    """Torch's CPU generator seeded with ``seed`` while a preset's modules are built (their
+    constructors draw their weights from it), and the caller's generator state put back after:
+    ``torch.manual_seed`` there reset a library user's own seed, CUDA's too (an audit). The modules
+    are built on the CPU, so the weights are what ``torch.manual_seed(seed)`` gave."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 @dataclass(frozen=True)
