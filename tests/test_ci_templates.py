@@ -242,6 +242,80 @@ def test_setup_checks_its_options_before_installing_and_reads_paths_from_the_cal
     assert setup("--tensorrt", "--gpu").returncode == 0 and "-e .[gpu,tensorrt]" in record.read_text()
 
 
+_CONFIGURABLE_PYTHON = f"""#!/usr/bin/env bash
+# a Python of version 3.$MINOR whose torch is $TORCH (a version, "broken" or "none"), with a CPU
+# onnxruntime where $ORT_CPU is set; records each call and the constraints pip is given
+printf '%s\\n' "$*" >> "$RECORD"
+[[ -f $RECORD.torch ]] && TORCH=$(< "$RECORD.torch")  # (one installed by an earlier call)
+case "$*" in
+  *"< (3, 11)"*) exit $(( MINOR < 11 )) ;;
+  *"> (3, 12)"*) exit $(( MINOR > 12 )) ;;
+  *"print('Python"*) echo "Python 3.$MINOR" ;;
+  *"find_spec('torch')"*) [[ $TORCH != none ]]; exit ;;
+  *"import torch; print"*) [[ $TORCH == broken ]] && {{ echo "OSError: libnccl.so.2: cannot open" >&2; exit 1; }}
+                           [[ $TORCH == none ]] && exit 1; echo "$TORCH" ;;
+  *"version('onnxruntime-gpu')"*) echo 1.31.1 ;;
+  *"import onnxruntime"*) exit 1 ;;
+  "-m pip show --quiet onnxruntime") [[ -n ${{ORT_CPU:-}} ]]; exit ;;
+  "-m pip install"*" torch=="*) all="$*"; echo "${{all##*torch==}}" > "$RECORD.torch" ;;
+  "-m pip"*) while [[ $# -gt 0 ]]; do [[ $1 == --constraint ]] && cat "$2" >> "$RECORD"; shift; done ;;
+  "- "*) exec {sys.executable} "$@" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("case", ["3.10", "3.13", "3.13 newest", "broken torch", "relative PYTHON", "gpu over cpu",
+                                  "no constraints keep torch", "SDEXPORT_TORCH", "default torch"])
+def test_setup_refuses_what_cannot_work_and_keeps_what_it_should(tmp_path, case):
+    """Below 3.11 pip installed torch (GBs) before refusing sdexport in words blaming diffusers; on 3.13
+    the pinned set backtracked for minutes; a torch that did not import was replaced by a CPU build; a
+    relative PYTHON broke once setup changed folder; --gpu after a CPU setup left both onnxruntimes,
+    which break each other; with no constraints file an installed torch was not pinned (an audit)."""
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text(_CONFIGURABLE_PYTHON)
+    python.chmod(0o755)
+    record = tmp_path / "calls.log"
+    record.write_text("")
+    env = {**os.environ, "RECORD": str(record), "PYTHON": str(python), "MINOR": "11", "TORCH": "2.5.1"}
+    args: list[str] = []
+    if case in ("3.10", "3.13", "3.13 newest"):
+        env["MINOR"] = case.split(".")[1].split()[0]
+        if case == "3.13 newest":
+            env["SDEXPORT_CONSTRAINTS"] = ""
+    elif case == "broken torch":
+        env["TORCH"] = "broken"
+    elif case == "relative PYTHON":
+        env["PYTHON"] = "bin/python"
+    elif case == "gpu over cpu":
+        env["ORT_CPU"], args = "1", ["--gpu"]
+    elif case == "SDEXPORT_TORCH":  # installed, then kept and pinned as an installed one is (it was replaced)
+        env["TORCH"], env["SDEXPORT_TORCH"] = "none", "torch==2.5.1"
+    elif case == "default torch":
+        env["TORCH"] = "none"
+    else:
+        env["SDEXPORT_CONSTRAINTS"] = ""
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=60, env=env)
+    calls = record.read_text()
+    if case in ("3.10", "3.13", "broken torch"):
+        assert done.returncode == 2 and "-m pip install" not in calls, done.stderr
+        words = {"3.10": "is Python 3.10; sdexport needs Python 3.11 or later",
+                 "3.13": "pins the set tested on Python 3.11 and 3.12",
+                 "broken torch": "the installed torch does not import (OSError: libnccl.so.2: cannot open); mend it"}
+        assert words[case] in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    if case == "default torch":  # (the pinned set is torch 2.13's own: constraints.txt as it is)
+        assert "torch==2.13.0" in calls and "\ntorch==" not in calls and "\nsympy==" in calls, calls
+        return
+    assert "\ntorch==2.5.1\n" in calls, calls  # (kept, pinned in the constraints pip is given)
+    if case == "gpu over cpu":
+        assert "-m pip uninstall --yes --quiet onnxruntime" in calls and "-e .[gpu]" in calls
+        assert calls.index("-e .[gpu]") < calls.index("--force-reinstall --no-deps onnxruntime-gpu==1.31.1")
+
+
 def test_gpu_tests_write_their_results_where_they_are_called_from(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--out", "results", "--",
                            "tests/test_gpu_busy.py", "--collect-only", "-qqq"],  # (the script's -v, less three: a count per file)
