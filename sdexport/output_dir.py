@@ -102,7 +102,7 @@ def refuse_if_held(target: Target) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _held_by(target, fd) from None
+            raise _held_by(target.path, fd, target.or_another) from None
     finally:
         os.close(fd)
 
@@ -141,11 +141,12 @@ def _lock_path(target: Target) -> Path:
     return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
 
-def _held_by(target: Target, fd: int) -> SdexportError:
-    """The refusal of a target whose lock file (open as ``fd``) another process holds, naming it."""
+def _held_by(path: Path, fd: int, or_another: str) -> SdexportError:
+    """The refusal of ``path``, whose lock file (open as ``fd``) another process holds, naming it;
+    ``or_another``: the refusal's end (``Target.or_another``)."""
     holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
-    return SdexportError(f"another sdexport process (pid {holder}) is writing {target.path}; wait for it to "
-                         f"finish{target.or_another}")
+    return SdexportError(f"another sdexport process (pid {holder}) is writing {path}; wait for it to "
+                         f"finish{or_another}")
 
 
 def check_target(
@@ -418,7 +419,7 @@ def _locked(target: Target) -> Iterator[None]:
         try:
             _lock_now(fd)
         except BlockingIOError:
-            held = _held_by(target, fd)
+            held = _held_by(target.path, fd, target.or_another)
             os.close(fd)
             raise held from None
         if still_named(path, fd):
@@ -454,16 +455,11 @@ def not_a_lock_left_behind(path: Path) -> str | None:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (a probe: a job taking it waits it out, _lock_now)
         except BlockingIOError:
-            name = path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)
-            raise _held_by(Target(path.parent / name, _IN_PLACE), fd) from None
+            name = path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)  # (the output may go elsewhere)
+            raise _held_by(path.parent / name, fd, " or choose another -o") from None
         return None
     finally:
         os.close(fd)
-
-
-_IN_PLACE = OutputKind("engine directory", lambda path: None)
-"""What ``not_a_lock_left_behind`` names a held lock's directory as (its refusal, from a benchmark's
-output check, still suggests another -o: that benchmark may write elsewhere)."""
 
 
 def still_named(path: Path, fd: int) -> bool:
