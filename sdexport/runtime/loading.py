@@ -702,16 +702,17 @@ def note_fused_again(manifest: Manifest, loras: list[LoraFile]) -> None:
     from sdexport.console import console
     from sdexport.manifest import sha256_file
 
-    if len(loras) > 1:  # the same file given twice at run time (a copy too): its scales add
-        given: dict[str, list[LoraFile]] = {}
-        for lora in loras:
-            given.setdefault(sha256_file(lora.path), []).append(lora)
-        for same in (s for s in given.values() if len(s) > 1):
-            console.print(f"[yellow]note:[/] LoRA {escape(str(same[0].path))} is given {len(same)} times; it applies "
-                          f"{len(same)} times ({' + '.join(f'{lora.scale:g}' for lora in same)})")
     fused = {record["sha256"]: record for record in manifest.model.get("loras") or [] if "sha256" in record}
-    for lora in loras if fused else []:  # (hashed only where the export fused any)
-        record = fused.get(sha256_file(lora.path))
+    # each file hashed once, and only where a note could follow: several given, or any fused at export
+    digests = [sha256_file(lora.path) for lora in loras] if len(loras) > 1 or fused else []
+    given: dict[str, list[LoraFile]] = {}
+    for lora, digest in zip(loras, digests):  # the same file given twice at run time (a copy too): its scales add
+        given.setdefault(digest, []).append(lora)
+    for same in (s for s in given.values() if len(s) > 1):
+        console.print(f"[yellow]note:[/] LoRA {escape(str(same[0].path))} is given {len(same)} times; it applies "
+                      f"{len(same)} times ({' + '.join(f'{lora.scale:g}' for lora in same)})")
+    for lora, digest in zip(loras, digests):
+        record = fused.get(digest)
         if record is not None:
             scale = float(record["scale"])
             copy = "" if Path(record["path"]).resolve() == lora.path.resolve() else f" as {record['path']}"
