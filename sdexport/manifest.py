@@ -71,6 +71,13 @@ class ComponentEntry:
     """Graphs rewritten for one runtime, by build target (``onnxruntime-cuda``): {"onnx", "dtype",
     "source_sha256", "fusions", "parity", ...}. Beside the portable graph, never instead of it."""
 
+    @property
+    def config_file(self) -> str:
+        """The diffusers/transformers ``config.json`` the export wrote beside the graph, relative to
+        the engine directory (a key of ``Manifest.files`` where listed): what the loop reads of the
+        component whatever runs it (a ControlNet's pooling, the U-Net's blocks, the text encoder's layers)."""
+        return (PurePosixPath(self.onnx).parent / "config.json").as_posix()
+
 
 @dataclass
 class Manifest:
@@ -322,7 +329,7 @@ def _text_encoder_layers(directory: Path, manifest: Manifest) -> list[int]:
     entry = manifest.components.get("text_encoder")
     if entry is None or not manifest.model_dims.clip_skip:
         return []
-    rel = (PurePosixPath(entry.onnx).parent / "config.json").as_posix()
+    rel = entry.config_file
     try:
         data = (directory / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != manifest.files.get(rel):

@@ -13,7 +13,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from sdexport.build.vae_upcast import FP32_VAE, kept_fp32, upcast_parts, vae_config_file
@@ -391,7 +391,7 @@ def pooled_controlnets(engine_dir: Path, manifest: Manifest) -> tuple[str, ...]:
 
     pooled = []
     for name in manifest.controlnets:
-        path = (engine_dir / manifest.components[name].onnx).parent / "config.json"
+        path = engine_dir / manifest.components[name].config_file
         try:
             config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         except (OSError, ValueError) as exc:
@@ -463,7 +463,7 @@ def verify_for_backend(engine_dir: Path, manifest: Manifest, backend: str, graph
     for entry in manifest.components.values():  # what the loop reads of them whatever runs the graphs: a
         # ControlNet's pooling (guess mode), the U-Net's blocks (run-time LoRA); an edited one changed the
         # image on the TensorRT and Torch backends without a word (an audit)
-        config = (PurePosixPath(entry.onnx).parent / "config.json").as_posix()
+        config = entry.config_file
         if config in manifest.files:
             files[config] = manifest.files[config]
     if backend.startswith("onnxruntime"):

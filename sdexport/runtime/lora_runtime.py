@@ -73,7 +73,7 @@ def unet_config(engine_dir: Path, manifest: Manifest) -> Any:
     import json
     from types import SimpleNamespace
 
-    path = (engine_dir / manifest.components["unet"].onnx).parent / "config.json" if "unet" in manifest.components else None
+    path = engine_dir / manifest.components["unet"].config_file if "unet" in manifest.components else None
     if path is None or not path.is_file():
         return None
     return SimpleNamespace(**json.loads(path.read_text(encoding="utf-8")))
