@@ -707,12 +707,10 @@ def check_torch_file(path: Path) -> None:
     head = _head(path)
     if not head:
         raise ModelLoadError(f"{path}: empty or unreadable (0 bytes read): download it again")
-    if head[8:9] == b"{":  # a header's length, then its JSON (byte 8 of torch's formats is never "{")
+    if _safetensors_by_content(head):
         raise ModelLoadError(f"{path}: a safetensors file by its content: name it "
                              f"{path.with_suffix('.safetensors').name}")
-    if not head.startswith(CHECKPOINT_STARTS):
-        seen = stand_in(head) or (f"not torch weights: it starts {head[:4]!r}, neither torch.save's zip archive nor "
-                                  "a pickle; a download that saved an error page?")
+    if seen := _not_torch_save(head, "torch weights"):
         raise ModelLoadError(f"{path}: {seen}")
     if head.startswith(b"PK\x03\x04"):
         try:
@@ -892,6 +890,22 @@ def weights_kind(keys: Collection[str]) -> str | None:
     return None
 
 
+def _safetensors_by_content(head: bytes) -> bool:
+    """Whether a file starting with ``head`` is a safetensors file: its header's length, then its
+    JSON (byte 8 of torch.save's formats is never "{")."""
+    return head[8:9] == b"{"
+
+
+def _not_torch_save(head: bytes, noun: str) -> str | None:
+    """What a file starting with ``head`` is where it should be torch.save's (``noun``: "a torch
+    checkpoint", "torch weights") and starts as neither its zip archive nor a pickle; None where it
+    does start as one of them."""
+    if head.startswith(CHECKPOINT_STARTS):
+        return None
+    return stand_in(head) or (f"not {noun}: it starts {head[:4]!r}, neither torch.save's zip archive nor a pickle; "
+                              "a download that saved an error page?")
+
+
 def check_single_file(path: Path) -> None:
     """Catch a truncated or foreign file before diffusers does, with a message naming it."""
     if path.suffix.lower() != ".safetensors":
@@ -900,11 +914,9 @@ def check_single_file(path: Path) -> None:
                 head = handle.read(9)
         except OSError as exc:
             raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from None
-        if head[8:9] == b"{":  # a header's length, then its JSON (byte 8 of torch's formats is never "{")
+        if _safetensors_by_content(head):
             raise ModelLoadError(f"{path}: a safetensors file by its content: name it .safetensors")
-        if not head.startswith(CHECKPOINT_STARTS):
-            seen = stand_in(_head(path)) or (f"not a torch checkpoint: it starts {head[:4]!r}, neither torch.save's "
-                                             "zip archive nor a pickle; a download that saved an error page?")
+        if seen := _not_torch_save(_head(path), "a torch checkpoint"):
             raise ModelLoadError(f"{path}: cannot read the checkpoint ({seen})")
         return
     check_holds_a_unet(path, safetensors_keys(path))
