@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import importlib
+import inspect
 import json
 import sys
 import weakref
@@ -56,10 +58,12 @@ def test_tensorrt_before_10_1_is_refused(monkeypatch, version):
 @pytest.mark.parametrize(("tensorrt", "polygraphy", "refused"), [
     ("11.4.0.9", "0.49.27", True),  # the polygraphy TensorRT 11.0's own repository carries
     ("11.4.0.9", "0.50.3", False),
-    ("10.13.3.9", "0.49.27", False),
+    ("10.13.3.9", "0.49.0", True),  # no CreateConfig(progress_monitor=): a TypeError in the build (an audit)
+    ("10.13.3.9", "0.50.3", False),
 ])
-def test_a_polygraphy_too_old_for_tensorrt_11_is_refused(monkeypatch, tensorrt, polygraphy, refused):
-    """Not an AttributeError (``precision_is_set``) from polygraphy's CreateConfig in the build."""
+def test_a_polygraphy_too_old_is_refused(monkeypatch, tensorrt, polygraphy, refused):
+    """Not an AttributeError (``precision_is_set``, TensorRT 11) or a TypeError (``progress_monitor``)
+    from polygraphy's CreateConfig in the build."""
     import polygraphy as installed
 
     monkeypatch.setattr(installed, "__version__", polygraphy)
@@ -146,19 +150,31 @@ class Recorder:
     def install(self, monkeypatch) -> None:
         import polygraphy.backend.trt as backend
 
+        # the installed polygraphy takes the build's arguments first: a parameter it lacks is a
+        # TypeError here as in a real build (the fakes accepted any keyword, an audit); CreateConfig
+        # passes its **kwargs on to a base class, so the real one is made (it only stores them); from
+        # the modules that define them, which a second install leaves alone
+        loader = importlib.import_module("polygraphy.backend.trt.loader")
+        self.signatures = {name: inspect.signature(getattr(loader, name))
+                           for name in ("network_from_onnx_path", "engine_bytes_from_network")}
+        self.real_config = importlib.import_module("polygraphy.backend.trt.config").CreateConfig
         monkeypatch.setattr(backend, "network_from_onnx_path", self.network)
         monkeypatch.setattr(backend, "CreateConfig", self.config)
         monkeypatch.setattr(backend, "engine_bytes_from_network", self.build)
         monkeypatch.setattr(tensorrt_build, "gpu_identity", lambda device=None: ("NVIDIA H200", "9.0"))
 
     def network(self, path: str, strongly_typed: bool = False) -> dict[str, Any]:
+        self.signatures["network_from_onnx_path"].bind(path, strongly_typed=strongly_typed)
         return {"path": path, "strongly_typed": strongly_typed}
 
     def config(self, **kwargs: Any) -> dict[str, Any]:
+        self.real_config(**kwargs)
         return kwargs
 
     def build(self, network: dict[str, Any], config: dict[str, Any], save_timing_cache: Any = None) -> bytes:
         from polygraphy.exception import PolygraphyException
+
+        self.signatures["engine_bytes_from_network"].bind(network, config, save_timing_cache=save_timing_cache)
 
         if config["fp16"] and not hasattr(self.trt.BuilderFlag, "FP16"):  # polygraphy's try_set_flag
             raise PolygraphyException(f"FP16 is not available on TensorRT version {self.trt.__version__}")

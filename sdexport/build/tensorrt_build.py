@@ -65,9 +65,11 @@ TENSORRT_FLOOR = (10, 1)
 """``device_memory_size_v2`` and ``set_device_memory``, which the runtime uses, arrived in 10.1."""
 
 
-POLYGRAPHY_FLOOR_FOR_11 = (0, 50, 3)
-"""Older polygraphy's ``CreateConfig`` reads ``layer.precision_is_set``, which TensorRT 11 removed
-(an AttributeError in every build); the ``tensorrt`` extra's pin applies only where it was installed."""
+POLYGRAPHY_FLOOR = (0, 50, 3)
+"""The ``tensorrt`` extra's pin, which applies only where it was installed, so it is checked at the
+build: older polygraphy's ``CreateConfig`` reads ``layer.precision_is_set``, which TensorRT 11
+removed (an AttributeError in every build), and before 0.49.1 takes no ``progress_monitor``, which
+every build passes (a TypeError with TensorRT 10 too, an audit)."""
 
 
 def _release(version: str, length: int = 2) -> tuple[int, ...]:
@@ -174,11 +176,11 @@ def require_polygraphy(tensorrt_version: str) -> None:
     except ImportError:
         raise MissingDependencyError("polygraphy", "to build TensorRT engines", INSTALL_HINT) from None
     found = str(getattr(polygraphy, "__version__", "0"))
-    if _release(tensorrt_version)[0] >= 11 and _release(found, 3) < POLYGRAPHY_FLOOR_FOR_11:
-        raise MissingDependencyError(
-            "polygraphy", "to build TensorRT 11 engines",
-            f"{INSTALL_HINT} (TensorRT {tensorrt_version} needs polygraphy 0.50.3 or newer)", too_old=found,
-        )
+    if _release(found, 3) < POLYGRAPHY_FLOOR:
+        why = (f"TensorRT {tensorrt_version} needs polygraphy 0.50.3 or newer" if _release(tensorrt_version)[0] >= 11
+               else "sdexport's builds need polygraphy 0.50.3 or newer")
+        raise MissingDependencyError("polygraphy", "to build TensorRT engines", f"{INSTALL_HINT} ({why})",
+                                     too_old=found)
 
 
 def tensorrt_version() -> str:
