@@ -140,6 +140,12 @@ def test_the_torch_backend_refuses_a_changed_file(sd_dir, files, tmp_path):
     ("nan.safetensors", {"emb_params": torch.full((2, 32), float("nan"))}, None, "emb_params holds NaN or infinite values"),
     ("wide.safetensors", {"emb_params": torch.ones(1, 768)}, None,
      "vectors of width 768, but text_encoder reads 32 (an embedding made for another model)"),
+    # refused by its header's names, a few of them named (a model's thousand made a line of 52 KB)
+    ("many.safetensors", {f"t{i:02}": torch.ones(32) for i in range(40)}, None,
+     "40 tensors (t00, t01, t02, ...); an embedding holds one (SD 1.x/2.x) or clip_l and clip_g (SDXL)"),
+    ("model.safetensors", {"model.diffusion_model.input_blocks.0.0.weight": torch.ones(4, 4),
+                           "cond_stage_model.transformer.text_model.final_layer_norm.weight": torch.ones(32)}, None,
+     "2 tensors of a whole model, not a textual inversion embedding (give a model as export's MODEL)"),
 ])
 def test_files_and_words_that_cannot_be_added_are_refused_before_loading(name, tensors, token, message, tmp_path):
     path = tmp_path / name
@@ -150,6 +156,30 @@ def test_files_and_words_that_cannot_be_added_are_refused_before_loading(name, t
     with pytest.raises(SdexportError, match=re.escape(message)):
         plan_export("tiny", tmp_path / "out", ExportOptions(embeddings=[Embedding(path, token or path.stem)]))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_file_of_many_tensors_is_refused_before_its_weights_are_read(tmp_path, monkeypatch):
+    """A whole model given by mistake was read whole (GBs, then 2.8 times its size) before the refusal."""
+    import safetensors.torch
+
+    path = _save(tmp_path / "sd15.safetensors", **{f"model.diffusion_model.input_blocks.{i}.weight": torch.ones(4)
+                                                   for i in range(3)})
+    monkeypatch.setattr(safetensors.torch, "load", lambda data: pytest.fail("read the weights"))
+    with pytest.raises(SdexportError, match="3 tensors of a whole model"):
+        Embedding(path, "sd15").tensors()
+
+
+def test_half_an_sdxl_embedding_is_named_so_and_the_refiner_takes_clip_g_alone(tmp_path):
+    """clip_g is what the refiner's one text encoder reads (it was called an SD 1.x/2.x embedding)."""
+    only_g = _save(tmp_path / "g.safetensors", clip_g=torch.ones(2, 48))
+    assert Embedding(only_g, "g").vectors("sdxl-refiner")["text_encoder_2"].shape == (2, 48)
+    with pytest.raises(SdexportError, match=re.escape("only clip_g, half of an SDXL embedding; SDXL's hold clip_l and "
+                                                      "clip_g, for both text encoders")):
+        Embedding(only_g, "g").vectors("sdxl")
+    only_l = _save(tmp_path / "l.safetensors", clip_l=torch.ones(2, 32))
+    with pytest.raises(SdexportError, match=re.escape("only clip_l, half of an SDXL embedding")):
+        Embedding(only_l, "l").vectors("sdxl-refiner")
+    assert Embedding(only_l, "l").named_otherwise() is None  # (no word 'clip_l' to suggest)
 
 
 def test_an_sdxl_embedding_giving_its_encoders_unlike_counts_is_refused_where_both_read_it(tmp_path):
@@ -295,6 +325,10 @@ def test_added_words_decode_apart_from_the_next():
     tokenizer.add_tokens(["cat-toy"])
     ids = tokenizer("a cat-toy b", add_special_tokens=False).input_ids
     assert _decoded(ids, tokenizer) == "a cat-toy b"
+    assert tokenizer(_decoded(ids, tokenizer), add_special_tokens=False).input_ids == ids
+    tokenizer.add_tokens(["café"])  # (CLIP's byte-level decoding wrote it "caf\ufffd", a word no tokenizer reads)
+    ids = tokenizer("café a", add_special_tokens=False).input_ids
+    assert _decoded(ids, tokenizer) == "café a"
     assert tokenizer(_decoded(ids, tokenizer), add_special_tokens=False).input_ids == ids
 
 

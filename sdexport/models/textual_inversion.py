@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sdexport.errors import SdexportError
+from sdexport.errors import ModelLoadError, SdexportError
 from sdexport.manifest_schema import WORD
 from sdexport.specs import SDXL_REFINER, is_sdxl, text_encoders
 
@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 FLAG = "--textual-inversion"
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 """The tensors of an SDXL embedding file, by the text encoder that reads them."""
+MAX_NAMED = 3
+"""The tensors a refusal names, of a file that holds too many."""
 A1111_KEYS = frozenset({"emb_params", "string_to_param.*", "*"})
 """Names of an SD embedding's one tensor that are no word: A1111's, as converters to safetensors
 keep them."""
@@ -84,6 +86,13 @@ class Embedding:
 
         from safetensors.torch import load
 
+        from sdexport.models.outline import safetensors_keys
+
+        try:  # the header first: a whole model given here was read whole (GBs) before being refused
+            names = safetensors_keys(self.path)
+        except ModelLoadError as exc:
+            raise SdexportError(f"{FLAG} {exc}") from None
+        _refuse_by_names(self.path, names)
         try:
             data = self.path.read_bytes()
             tensors = load(data)
@@ -91,18 +100,6 @@ class Embedding:
             raise SdexportError(f"{FLAG} {self.path}: cannot read it ({exc.strerror})") from None
         except Exception as exc:  # safetensors raises its own error types
             raise SdexportError(f"{FLAG} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
-        if not tensors:
-            raise SdexportError(f"{FLAG} {self.path}: holds no tensors")
-        from sdexport.models.outline import weights_kind
-
-        kind = weights_kind(list(tensors))
-        if kind == "lora":
-            raise SdexportError(f"{FLAG} {self.path}: a LoRA, not a textual inversion embedding: give it as --lora "
-                                "FILE (export or run)")
-        if kind is not None and kind != "embedding":
-            what = {"controlnet": "ControlNet", "vae": "VAE"}.get(kind, kind)
-            raise SdexportError(f"{FLAG} {self.path}: {len(tensors)} tensors of a {what}, not a textual inversion "
-                                "embedding (a tensor of vectors per word)")
         for name, tensor in tensors.items():
             if tensor.dim() not in (1, 2) or not tensor.numel() or not tensor.is_floating_point():
                 raise SdexportError(f"{FLAG} {self.path}: {name} of shape {list(tensor.shape)} is not a list of "
@@ -128,12 +125,16 @@ class Embedding:
                 raise SdexportError(f"{FLAG} {self.path}: " + " and ".join(f"{n} vectors for {key}" for key, n
                                                                           in sorted(counts.items()))
                                     + "; an SDXL embedding gives both text encoders as many vectors")
+        elif family == SDXL_REFINER and set(tensors) == {SDXL_KEYS["text_encoder_2"]}:  # what it reads, alone
+            chosen = {encoders[0]: tensors[SDXL_KEYS["text_encoder_2"]]}
         elif len(tensors) == 1:
+            (key,) = tensors
             if is_sdxl(family):
                 which = "its one text encoder (clip_g)" if family == SDXL_REFINER else "both text encoders"
-                raise SdexportError(f"{FLAG} {self.path}: one tensor ({next(iter(tensors))}), an SD 1.x/2.x "
-                                    f"embedding; SDXL's hold clip_l and clip_g, for {which}")
-            chosen = {encoders[0]: next(iter(tensors.values()))}
+                what = (f"only {key}, half of an SDXL embedding" if key in SDXL_KEYS.values()
+                        else f"one tensor ({key}), an SD 1.x/2.x embedding")
+                raise SdexportError(f"{FLAG} {self.path}: {what}; SDXL's hold clip_l and clip_g, for {which}")
+            chosen = {encoders[0]: tensors[key]}
         else:
             raise SdexportError(f"{FLAG} {self.path}: tensors {', '.join(sorted(tensors))}; an embedding holds one "
                                 "(SD 1.x/2.x) or clip_l and clip_g (SDXL)")
@@ -145,7 +146,8 @@ class Embedding:
         for A1111's ``emb_params`` and the like, and where the word was given."""
         tensors = self.tensors()
         key = next(iter(tensors)) if len(tensors) == 1 else ""
-        if not re.fullmatch(WORD, key) or key == self.word or key in A1111_KEYS or self.word != self.path.stem:
+        if (not re.fullmatch(WORD, key) or key == self.word or key in A1111_KEYS or key in SDXL_KEYS.values()
+                or self.word != self.path.stem):
             return None
         return (f"{self.path.name} holds one tensor named {key!r}, the word diffusers would give it; here its word "
                 f"is {self.word!r}, the file's name, as A1111 names embeddings ({self.path.name}:{key} gives {key!r})")
@@ -153,6 +155,31 @@ class Embedding:
     def record(self) -> dict[str, Any]:
         """What a manifest keeps: where the file was, its sha256 and its word."""
         return {"path": str(self.path.resolve()), "sha256": self._content[0], "word": self.word}
+
+
+def _refuse_by_names(path: Path, names: list[str]) -> None:
+    """Refuse, by its header's names before a weight is read, a file that is no embedding: none, a
+    LoRA, ControlNet, VAE or whole model, or more tensors than an embedding's one (SD 1.x/2.x) or
+    two (SDXL), named a few at most (a model's thousand made a line of 52 KB, an audit)."""
+    from sdexport.models.outline import UNET_BLOCKS, weights_kind
+
+    if not names:
+        raise SdexportError(f"{FLAG} {path}: holds no tensors")
+    kind = weights_kind(names)
+    if kind == "lora":
+        raise SdexportError(f"{FLAG} {path}: a LoRA, not a textual inversion embedding: give it as --lora "
+                            "FILE (export or run)")
+    if kind is None and any(name.startswith(UNET_BLOCKS) for name in names):
+        raise SdexportError(f"{FLAG} {path}: {len(names)} tensors of a whole model, not a textual inversion "
+                            "embedding (give a model as export's MODEL)")
+    if kind is not None and kind != "embedding":
+        what = {"controlnet": "ControlNet", "vae": "VAE"}.get(kind, kind)
+        raise SdexportError(f"{FLAG} {path}: {len(names)} tensors of a {what}, not a textual inversion "
+                            "embedding (a tensor of vectors per word)")
+    if len(names) > len(SDXL_KEYS):
+        listed = ", ".join(sorted(names)[:MAX_NAMED])
+        raise SdexportError(f"{FLAG} {path}: {len(names)} tensors ({listed}, ...); an embedding holds one "
+                            "(SD 1.x/2.x) or clip_l and clip_g (SDXL)")
 
 
 def token_name(word: str, index: int) -> str:

@@ -200,13 +200,16 @@ def _decoded(ids: list[int], tokenizer: Any) -> str:
     decoded apart, with a space after them: decoded together, CLIP's tokenizers run an added word
     into the next (they end words with ``</w>``, which added words lack). Its special tokens are
     added words too, kept: OpenCLIP's tokenizers (SD 2.x's, SDXL's second) pad with "!", which a
-    text holds as any other word (``ids`` hold no start or end token)."""
-    added = set(tokenizer.added_tokens_decoder)
+    text holds as any other word (``ids`` hold no start or end token). An added word is written as
+    it was added: CLIP's byte-level decoding took its letters beyond ASCII ("café") for bytes and
+    wrote U+FFFD, a word no tokenizer reads as the embedding again (an audit)."""
+    added = tokenizer.added_tokens_decoder
     runs: list[list[int]] = []
     for token in ids:
         if token in added or not runs or runs[-1][-1] in added:
             runs.append([token])
         else:
             runs[-1].append(token)
-    texts = (str(tokenizer.decode(run, skip_special_tokens=False)).strip() for run in runs)
+    texts = (str(added[run[0]].content if run[0] in added else tokenizer.decode(run, skip_special_tokens=False)).strip()
+             for run in runs)
     return " ".join(text for text in texts if text)
