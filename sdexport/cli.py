@@ -717,7 +717,7 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
                   fit: str) -> tuple[list[Any], dict[str, Any]]:
     """The init image and mask (read now: a bad file is refused before anything loads), and what the
     saved images record of them."""
-    from sdexport.runtime.image_inputs import FITS, read_image
+    from sdexport.runtime.image_inputs import FITS, read_image, transparency_note
 
     if fit not in FITS:
         raise SdexportError(f"--fit {fit!r}: choose one of {', '.join(FITS)}")
@@ -734,6 +734,7 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
     if mask is not None:
         images.append(read_image(mask, "--mask", mode=None))  # (resized, if at all, before it is made greyscale)
         inputs["mask"] = str(Path(mask).absolute())
+        _note(transparency_note(images[1], f"--mask {mask}"))
         if fit == "exact" and images[1].size != images[0].size:  # else each "fix" names the other
             sizes = [f"{image.size[1]}x{image.size[0]}" for image in images]
             raise SdexportError(f"--mask {mask} is {sizes[1]} (HxW), --init-image {init_image} {sizes[0]}: give a mask "
@@ -746,7 +747,7 @@ def _condition_images(values: list[str] | None, height: int | None, width: int |
     """The ``--control-image`` or ``--adapter-image`` files, read now (a bad file is refused before
     anything loads); with ``masked_init`` (control images), ``masked-init`` where it names the
     masked init image (``MASKED_INIT``) instead of a file."""
-    from sdexport.runtime.image_inputs import read_image
+    from sdexport.runtime.image_inputs import read_image, transparency_note
     from sdexport.runtime.request import MASKED_INIT
 
     if values and (height is None) != (width is None):
@@ -757,12 +758,18 @@ def _condition_images(values: list[str] | None, height: int | None, width: int |
             raise SdexportError(f"{flag} {value!r}: an empty path; name an image file")
         if value != MASKED_INIT or not masked_init:  # (in its own mode: resized first, then made RGB, as the API's)
             controls.append(read_image(Path(value), flag, mode=None, made="RGB"))
+            _note(transparency_note(controls[-1], f"{flag} {value}"))
         elif Path(value).exists():
             raise SdexportError(f"--control-image {MASKED_INIT} names the masked init image, but a file of that name "
                                 f"is here too: pass ./{MASKED_INIT} for the file")
         else:
             controls.append(MASKED_INIT)
     return controls
+
+
+def _note(text: str | None) -> None:
+    if text:
+        console.print(f"[yellow]note:[/] {escape(text)}")
 
 
 def _per_prompt_adapter_images(images: list[Any], adapters: int, prompts: int) -> list[Any] | None:

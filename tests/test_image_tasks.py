@@ -434,6 +434,54 @@ def test_a_floating_point_image_is_read_at_its_range_not_clipped(tmp_path):
         read_image(tmp_path / "depth.tiff", "--control-image")
 
 
+def test_fit_image_makes_a_float_or_32_bit_mask_8_bits_before_it_resizes():
+    """Lanczos overshoots a 0/1 float mask (-0.11 to 1.22) and a 0/255 int32 one: the request then
+    refused the range, though the error had sent the user to ``fit_image``."""
+    from sdexport.runtime.image_inputs import binary_mask, check_image, fit_image
+
+    square = np.zeros((64, 64), np.float32)
+    square[16:48, 16:48] = 1.0
+    for mask in (Image.fromarray(square, "F"), Image.fromarray((square * 255).astype(np.int32), "I")):
+        for fit in ("resize", "crop"):
+            fitted, _ = fit_image(mask, 128, 128, fit, "mask")
+            check_image(fitted, 128, 128, "mask")
+            repaint = binary_mask([fitted], 1)
+            assert repaint[0, 0, 64, 64] == 1 and repaint[0, 0, 4, 4] == 0, (mask.mode, fit)
+
+
+def test_run_notes_a_mask_or_control_image_with_transparent_pixels(tmp_path, monkeypatch):
+    """Read as diffusers' processors read them: the colour under a transparent pixel at the image's
+    own size, black where it is resized (premultiplied), so the area a mask repaints changed with
+    --fit (all of it at its size, a third resized): said, not changed."""
+    from sdexport.cli import _condition_images, _image_inputs
+    from sdexport.console import console
+
+    monkeypatch.setattr(console, "_file", console._file)
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 255  # white under transparency
+    rgba[16:48, 16:48, 3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "mask.png")
+    picture(64, 64, 1).save(tmp_path / "init.png")
+    Image.fromarray(np.full((64, 64, 4), 255, np.uint8), "RGBA").save(tmp_path / "opaque.png")
+    with console.capture() as captured:
+        _image_inputs(tmp_path / "init.png", tmp_path / "mask.png", None, None, "exact")
+        _condition_images([str(tmp_path / "mask.png"), str(tmp_path / "opaque.png")], None, None, "--control-image")
+    said = " ".join(captured.get().split())
+    assert said.count("has transparent pixels: they are read as the colour under them at the image's own size, as "
+                      "black where it is resized (as diffusers reads them)") == 2
+    assert f"--mask {tmp_path / 'mask.png'} has" in said and f"--control-image {tmp_path / 'mask.png'} has" in said
+    assert "opaque.png" not in said
+
+
+def test_a_damaged_png_is_not_called_another_format(tmp_path):
+    from sdexport.runtime.image_inputs import read_image
+
+    picture(64, 64, 1).save(tmp_path / "whole.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "whole.png").read_bytes()[:30])
+    with pytest.raises(SdexportError, match="or a damaged file of one of them"):
+        read_image(tmp_path / "cut.png", "--init-image")
+
+
 @pytest.mark.parametrize("preset", ["tiny-inpaint", "tiny-sdxl-inpaint"])
 def test_cli_refuses_a_maskless_inpainting_model(engine_dirs, files, tmp_path, capsys, preset):
     assert run_cli("run", engine_dirs[preset], "-p", "x", "-o", tmp_path / "b.png") == 2

@@ -72,6 +72,18 @@ def _decode(source: Any, what: str, mode: str | None, made: str) -> Any:
         return upright if mode is None else upright.convert(mode)
 
 
+def transparency_note(image: Any, what: str) -> str | None:
+    """A note where ``image`` (a mask, control or adapter image, read in its own mode) has pixels
+    not fully opaque: diffusers' processors, whose order sdexport keeps, read them as the colour
+    hidden under them at the image's own size but as black where they resize it (Pillow resizes
+    with premultiplied alpha), so a mask whose transparent pixels hide white repainted all of the
+    image at its size and a third of it resized (an audit). None where it is opaque."""
+    if "A" not in image.getbands() or image.getchannel("A").getextrema()[0] == 255:
+        return None
+    return (f"{what} has transparent pixels: they are read as the colour under them at the image's own size, as "
+            "black where it is resized (as diffusers reads them); save it without transparency to say which")
+
+
 def readable_mode(image: Any, what: str, mode: str) -> Any:
     """``image``, where Pillow converts its mode to ``mode`` (masks are read greyscale, other images
     RGB); else refused in one line (a CIELab TIFF mask, Pillow's premultiplied ``La``), not with
@@ -129,7 +141,7 @@ def _opened(source: Any, what: str) -> Iterator[Any]:
         raise SdexportError(f"{what}: too large to read safely ({one_line(exc)})") from None
     except UnidentifiedImageError:
         raise SdexportError(f"{what}: not a readable image (not PNG, JPEG, WebP or another format sdexport reads: "
-                            f"{', '.join(IMAGE_FORMATS[3:])})") from None
+                            f"{', '.join(IMAGE_FORMATS[3:])}; or a damaged file of one of them)") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:  # (SyntaxError: a broken PNG chunk)
         raise SdexportError(f"{what}: not a readable image ({one_line(exc)})") from None
 
@@ -187,6 +199,9 @@ def fit_image(image: Any, height: int, width: int, fit: str, what: str,
 
     if fit not in FITS:
         raise SdexportError(f"{setting('fit')} {fit!r}: choose one of {', '.join(FITS)}")
+    # 8 bits first, as files are read: Lanczos overshoots a float or 32-bit mask's 0 and 1 (-0.11 to
+    # 1.22), which the request then refused as a range it does not read (an audit)
+    image = eight_bits(image, what)
     size = (width, height)
     if image.size == size:
         return image, None
