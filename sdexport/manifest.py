@@ -478,8 +478,11 @@ def _require_inside(directory: Path, rel: str) -> None:
     except (RuntimeError, OSError) as exc:  # a symbolic-link loop
         raise EngineDirError(f"{directory}: cannot resolve {rel} ({exc}); refusing to read it") from None
     if not target.is_relative_to(root):
+        # (a Hugging Face cache's snapshot is links into its blobs/ folder: said how to make it a folder)
+        copy = (f"; copy it with its links followed (cp -rL {pasteable(directory)} DIR, or snapshot_download(..., "
+                "local_dir=DIR)) and use the copy" if target.parent.name == "blobs" else "")
         raise EngineDirError(
-            f"{directory}: {rel} leads outside the engine directory (to {target}); refusing to read it"
+            f"{directory}: {rel} leads outside the engine directory (to {target}); refusing to read it{copy}"
         )
 
 

@@ -183,7 +183,10 @@ class ShapeProfile:
         ):
             if not lo <= value <= hi:
                 wider = option(f"--{axis}")
-                how = f"re-export or rebuild with a wider {wider}" if wider.startswith("--") else f"widen {wider}"
+                # (an adopted directory is widened by adopting it again: export refuses it, and a build
+                # stays inside the manifest's profile, an audit)
+                how = (f"re-export, adopt again or rebuild with a wider {wider}" if wider.startswith("--")
+                       else f"widen {wider}")
                 if served and axis in served:
                     raise ProfileError(f"{setting(axis)} {value} is outside this server's profile: {axis} must be "
                                        f"in [{lo}, {hi}] ({served[axis]})")

@@ -1201,7 +1201,7 @@ def test_a_case_beyond_a_given_engine_directory_points_to_exporting_it_again(tmp
     scenario.write_text(INTERRUPTIBLE.replace("batch = [1, 2]", "batch = [4]"))
     assert run_cli("bench", scenario, "-o", tmp_path / "out", "--engine-dir", tiny_engines) == 2
     assert capsys.readouterr().err.strip() == (f"error: {scenario}: batch 4 is outside the engines' profile: batch must "
-                                               "be in [1, 2] (re-export or rebuild with a wider --batch)")
+                                               "be in [1, 2] (re-export, adopt again or rebuild with a wider --batch)")
 
 
 def test_a_given_engine_directory_its_contenders_cannot_run_is_refused_before_the_baseline(tmp_path, tiny_engines,

@@ -72,6 +72,22 @@ def test_a_symlink_leaving_the_directory_is_refused(engine_copy: Path, tmp_path:
     _refused_everywhere(engine_copy, "unet/model.onnx leads outside the engine directory", capsys)
 
 
+def test_a_hugging_face_snapshot_of_links_is_told_how_to_become_a_folder(tmp_path: Path):
+    """snapshot_download's folders are links into the cache's blobs/: refused with no way out before."""
+    from sdexport.manifest import _require_inside
+
+    snapshot = tmp_path / "models--x--y" / "snapshots" / "abc"
+    blobs = tmp_path / "models--x--y" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "d554").write_text("{}")
+    (snapshot / "model_index.json").symlink_to(blobs / "d554")
+    with pytest.raises(EngineDirError, match=r"leads outside the engine directory .*; copy it with its links followed "
+                                             rf"\(cp -rL {snapshot} DIR, or snapshot_download\(\.\.\., local_dir=DIR\)\) "
+                                             "and use the copy$"):
+        _require_inside(snapshot, "model_index.json")
+
+
 def test_a_graph_that_is_not_hashed_is_refused(engine_copy: Path, capsys):
     _edit(engine_copy, lambda d: d["files"].pop("unet/model.onnx"))
     _refused_everywhere(engine_copy, "components.unet.onnx 'unet/model.onnx' is not among the hashed files", capsys)

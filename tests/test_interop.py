@@ -322,14 +322,19 @@ def test_a_graph_that_fixes_an_axis_the_profile_ranges_over_is_refused_naming_th
     assert not (foreign_export / "manifest.json").exists()
 
 
-def test_a_u_net_fixed_at_one_image_under_cfg_is_adopted_with_batch_one_and_runs(foreign_export: Path):
+def test_a_u_net_fixed_at_one_image_under_cfg_is_adopted_with_batch_one_and_runs(foreign_export: Path, capsys):
     """Other exporters' static U-Nets take batch 2: one image with guidance. Held to its CFG calls,
-    it is adopted with --batch 1:1:1 (and refused with more, whose CFG calls are larger)."""
+    it is adopted with --batch 1:1:1 (and refused with more, whose CFG calls are larger); that a run
+    without guidance fails at it is said (it was found after the text encoder ran)."""
     from sdexport.manifest import load_manifest
 
     _edit_graph(foreign_export / "unet" / "model.onnx", _fix_axis("sample", 0, 2))
     assert run_cli("adopt", foreign_export, "--batch", "2:2:2") == 2  # (its CFG calls are 4)
+    capsys.readouterr()
     assert run_cli("adopt", foreign_export, "--batch", "1:1:1") == 0
+    assert ("note: unet fixes its batch at 2: it runs 1 image a call with guidance above 1 only; a run with "
+            "--guidance 1 or below fails at it (export it with a dynamic batch for those)") in " ".join(
+        capsys.readouterr().err.split())
     assert load_manifest(foreign_export, verify_files=False).shape_profile.batch == (1, 1, 1)
     assert _pixels(foreign_export).shape == (1, 64, 64, 3)
 
@@ -591,6 +596,23 @@ def test_a_graph_stamped_with_an_opset_onnx_does_not_know_is_refused_by_adopt(fo
     err = " ".join(capsys.readouterr().err.split())
     assert f"unet/model.onnx is stamped opset 99, newer than any this onnx {onnx.__version__} knows" in err, err
     assert "ONNX Runtime" not in err  # (another onnx and ONNX Runtime pair may differ: the claim was not ours)
+
+
+def test_a_graph_of_onnx_runtimes_fused_operators_is_refused_by_adopt(foreign_export: Path, capsys):
+    """onnxruntime's optimize_pipeline output was adopted, then failed at run on the CPU (no
+    NhwcConv kernel) and at every build: refused, saying what to adopt instead."""
+    path = foreign_export / "unet" / "model.onnx"
+    model = onnx.load(str(path))
+    model.graph.node.append(onnx.helper.make_node("NhwcConv", ["sample"], ["unused"], domain="com.microsoft"))
+    model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.save(model, str(path))
+    assert run_cli("adopt", foreign_export) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert ("unet/model.onnx holds ONNX Runtime's fused operators (NhwcConv: onnxruntime's optimize_pipeline or "
+            "optimum's --optimize), which TensorRT does not read and the CPU provider runs only in part; adopt the export "
+            "from before that step, "
+            "then `sdexport build DIR --target onnxruntime-cuda` makes the fused graphs beside it") in err, err
+    assert not (foreign_export / "manifest.json").exists()
 
 
 def test_onnx_runtimes_source_location_is_left_out_of_its_one_line_messages():

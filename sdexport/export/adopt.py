@@ -284,14 +284,15 @@ def adopt(
         from sdexport.runtime.loading import check_runnable
 
         check_runnable(directory, manifest)
+        from rich.markup import escape
+
+        from sdexport.console import console
         from sdexport.runtime.schedulers import default_scheduler_note
 
         if note := default_scheduler_note(scheduler, str(directory), family=plan.family,
                                           conditioned=plan.dims.conditioned, again="adopt it again (--force)"):
-            from rich.markup import escape
-
-            from sdexport.console import console
-
+            console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+        for note in _fixed_cfg_batches(plan.specs, graph_ios):
             console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
         if model is not None:
             _prove(directory, manifest, plan, model, config, graph_ios)
@@ -377,6 +378,25 @@ class GraphFacts:
     opset: int | None
 
 
+def _fixed_cfg_batches(specs: list[ComponentSpec], graph_ios: dict[str, GraphIO]) -> list[str]:
+    """What a graph run twice the images under guidance (a U-Net) and fixed at a batch takes: the
+    calls with guidance alone (``manifest._check_fixed_axis`` holds it to them), so a run with
+    --guidance 1 or below fails at the engine, after the text encoders ran (an audit): said here."""
+    notes = []
+    for spec in specs:
+        io = graph_ios.get(spec.name)
+        if not spec.cfg_batch or io is None:
+            continue
+        declared = [io.inputs[t.name] for t in spec.inputs if t.dims[:1] == ("B",) and t.name in io.inputs]
+        fixed = {graph.sizes[0] for graph in declared if graph.sizes and graph.sizes[0] is not None}
+        if fixed:
+            size = min(fixed)
+            notes.append(f"{spec.name} fixes its batch at {size}: it runs {size // 2} image{'s' if size > 2 else ''} a "
+                         "call with guidance above 1 only; a run with --guidance 1 or below fails at it (export it "
+                         "with a dynamic batch for those)")
+    return notes
+
+
 def _read_graph(directory: Path, name: str) -> GraphFacts:
     """One graph's facts; refuses a weight file that is not beside the graph before anything reads it."""
     import onnx
@@ -409,6 +429,13 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
         raise SdexportError(f"{directory}: {name}/{GRAPH} is stamped opset {opset}, newer than any this onnx "
                             f"{onnx.__version__} knows (up to {known}), so its graphs cannot be checked; export it at "
                             "a released opset (or install a newer onnx)")
+    fused = sorted({node.op_type for node in graph.node if node.domain == "com.microsoft"})  # (ONNX Runtime's contrib)
+    if fused:  # (adopted, it failed at run on the CPU and at every build: an audit)
+        raise SdexportError(f"{directory}: {name}/{GRAPH} holds ONNX Runtime's fused operators "
+                            f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}: onnxruntime's "
+                            "optimize_pipeline or optimum's --optimize), which TensorRT does not read and the CPU "
+                            "provider runs only in part; adopt the export from before that step, then `sdexport build DIR --target onnxruntime-cuda` "
+                            "makes the fused graphs beside it")
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
 
