@@ -460,6 +460,28 @@ def test_run_with_a_refiner_writes_the_ensembles_images(tiny_sdxl_engine_dir, re
         assert (base["task"], base["strength"], base["init_image"]) == ("img2img", 0.9, str(tmp_path / "init.png"))
 
 
+def test_the_a1111_text_names_the_base_models_sampler(tiny_sdxl_engine_dir, refiner_dir, tmp_path):
+    """Each model runs its own saved scheduler, as diffusers does; the A1111 text's "Sampler:" is the
+    run's, as its strength and clip skip are the base model's: it named the refiner's (DDIM here)."""
+    from sdexport.manifest import SCHEDULER_CONFIG_FILE, sha256_file
+
+    ddim = tmp_path / "ddim-refiner"
+    shutil.copytree(refiner_dir, ddim)
+    config_path = ddim / SCHEDULER_CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "_class_name": "DDIMScheduler"}))
+    manifest = json.loads((ddim / "manifest.json").read_text())
+    manifest["files"][SCHEDULER_CONFIG_FILE] = sha256_file(config_path)
+    (ddim / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out.png"
+    assert run_cli("run", tiny_sdxl_engine_dir, "-p", "a lighthouse", "--steps", "6", "--refiner", ddim,
+                   "--denoising-end", "0.7", "--backend", "onnxruntime-cpu", "-o", out) == 0
+    written = Image.open(out)
+    assert ", Sampler: Euler, " in written.text["parameters"], written.text["parameters"]
+    record = json.loads(written.text["sdexport"])
+    assert (record["scheduler"], record["base"]["scheduler"]) == ("ddim", "euler")
+
+
 def test_run_with_a_refiner_inpaints_through_both_models(tiny_sdxl_engine_dir, refiner_dir, tmp_path, capsys):
     """``run BASE --refiner DIR --init-image I --mask M``: the mask goes to both halves (the init
     image and strength to the base model alone), as the Python API's two calls take them; each
