@@ -587,6 +587,7 @@ def run(
         if ensemble is not None:
             ensemble.check(most)
     except ProfileError as exc:
+        _refuse_split_batch(request.batch, parts, most, manifest, ensemble.refiner.manifest if ensemble else None)
         if sized is None or not all(profile.takes_batch(part.batch) for part in parts):
             raise  # (an image gives the sides, never the batch)
         from sdexport.runtime.image_inputs import sized_by
@@ -1216,6 +1217,21 @@ def _serve_settings(engine_dir: Path, backend: str, cuda_graph: bool, portable_g
         loaded = pipeline_components(read, image_inputs, upcast=upcast_parts(directory, read))  # as ServedModel loads
         check_lowered_vae(directory, read, loaded, resolved, graphs)
     return manifest, refiner_manifest, settings, served
+
+
+def _refuse_split_batch(images: int, parts: list[Any], most: int, manifest: Any, refiner_manifest: Any) -> None:
+    """Where the images split into calls of ``most`` leave a last call of a batch a profile does
+    not take, say so: the refusal named that call's batch as the run's ("--batch 1 is outside",
+    when 3 were asked, an audit)."""
+    last = parts[-1].batch
+    if len(parts) < 2 or last == parts[0].batch:
+        return
+    for whose, m in (("the engines'", manifest), ("the refiner's", refiner_manifest)):
+        lo, _, hi = m.shape_profile.batch if m is not None else (1, 1, 1)
+        if m is not None and m.shape_profile.takes_batch(parts[0].batch) and not lo <= last <= hi:
+            raise ProfileError(f"{images} images run in calls of {most}, the last of {last}, a batch {whose} profile "
+                               f"does not take (batch must be in [{lo}, {hi}]): ask for a multiple of {most} images, "
+                               f"or re-export with a batch range from {last}")
 
 
 def _served_batch(manifest: Any, refiner_manifest: Any) -> int:

@@ -74,6 +74,20 @@ def test_bad_requests_are_refused_before_engines_load(tiny_engine_dir: Path, tmp
     assert not out.exists()
 
 
+def test_a_run_split_into_calls_whose_last_the_profile_refuses_says_so(engine_copy, tmp_path, capsys):
+    """3 images in calls of 2 leave a last call of 1, which a profile of batch 2 alone refuses: it
+    was "--batch 1 is outside the engines' profile", a batch nobody asked for."""
+    manifest = json.loads((engine_copy / "manifest.json").read_text())
+    manifest["profile"]["batch"] = [2, 2, 2]
+    (engine_copy / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli("run", engine_copy, "-p", "x", "--batch", "3", "-o", tmp_path / "out.png") == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: 3 images run in calls of 2, the last of 1, a batch the engines' profile does not take (batch must be "
+        "in [2, 2]): ask for a multiple of 2 images, or re-export with a batch range from 1")
+    assert run_cli("run", engine_copy, "-p", "x", "--batch", "1", "-o", tmp_path / "out.png") == 2
+    assert "--batch 1 is outside the engines' profile" in capsys.readouterr().err  # (one call: as it was)
+
+
 def test_a_seed_past_2_to_the_32_says_it_draws_its_low_bits_noise(tiny_engine_dir, tmp_path, capsys):
     """PyTorch's CPU generator reads a seed's low 32 bits alone (as diffusers' pipelines use it):
     the image is seed 1's, and run says so rather than let two seeds silently give one image."""
