@@ -615,6 +615,14 @@ def test_a_graph_of_onnx_runtimes_fused_operators_is_refused_by_adopt(foreign_ex
     assert not (foreign_export / "manifest.json").exists()
 
 
+def test_adopt_names_a_missing_tokenizer_folder_as_missing(foreign_export: Path, capsys):
+    """It said 'tokenizer: no tokenizer_config.json', as if the folder were there (an audit)."""
+    shutil.rmtree(foreign_export / "tokenizer")
+    assert run_cli("adopt", foreign_export) == 2
+    assert (f"{foreign_export / 'tokenizer'}: no such folder (the tokenizer, which reads the prompt)"
+            in capsys.readouterr().err)
+
+
 def test_onnx_runtimes_source_location_is_left_out_of_its_one_line_messages():
     from sdexport.errors import one_line
 

@@ -180,6 +180,9 @@ def tokenizer_length(folder: Path) -> int:
     file (or the key), transformers' tokenizer says 10^30, which the export took as the text
     encoder's sequence length and failed on with a ValueError after loading every weight."""
     config = folder / "tokenizer_config.json"
+    if not folder.is_dir():  # (a folder missing was 'no tokenizer_config.json' in it, an audit)
+        raise ModelLoadError(f"{folder}: no such folder (the tokenizer, which reads the prompt): copy it from where "
+                             "the rest came from")
     if not config.is_file():
         raise ModelLoadError(f"{folder}: no tokenizer_config.json, whose model_max_length gives the prompt's length in "
                              "tokens (77 for CLIP): copy it from the model this tokenizer came with")
