@@ -683,6 +683,19 @@ def _ensemble(engine_dir: Path, manifest: Any, refiner: Path | None, denoising_e
     return Refiner.open(refiner, engine_dir, manifest).ensemble(request, end)
 
 
+def _unbuilt(engine_dir: Path, manifest: Any, image_inputs: bool) -> str | None:
+    """What a TensorRT repository's server would fail to load, said when the repository is written:
+    the components it loads that have no TensorRT plan yet (it said nothing, an audit)."""
+    from sdexport.runtime.loading import pipeline_components, upcast_parts
+
+    names = [name for name in pipeline_components(manifest, image_inputs, upcast=upcast_parts(engine_dir, manifest))
+             if not manifest.components[name].engines]
+    if not names:
+        return None
+    return (f"{engine_dir} has no TensorRT plan for {', '.join(names)} yet: the server will fail to load the model "
+            f"until `sdexport build {pasteable(engine_dir)}` has run on its GPU")
+
+
 def _refiner_cut(refiner: Path | None, denoising_end: float | None, refiner_path: str | None = None) -> float:
     """``--denoising-end`` (and ``triton-repo --refiner-path``) only with ``--refiner``; the base
     model's share of the schedule, checked, or the default (``run``, ``serve``, ``triton-repo``)."""
@@ -1399,6 +1412,9 @@ def triton_repo(
     for flag, path in (("--engine-path", engine_path), ("--refiner-path", refiner_path)):
         if path is not None and not path.startswith("/"):
             raise SdexportError(f"{flag} {path}: an absolute path, as the server sees it")
+    if engine_path is not None and refiner is not None and refiner_path is None:  # (it wrote this machine's path)
+        raise SdexportError("--engine-path with --refiner: give --refiner-path too, the refiner's path as the server "
+                            "will see it")
     from sdexport.output_dir import check_target
 
     target = _output_path(output)
@@ -1415,6 +1431,10 @@ def triton_repo(
     verify_for_backend(engine_dir, manifest, reads, settings.graphs, image_inputs=takes_init_images(engine_dir, manifest))
     if refiner is not None:
         verify_for_backend(refiner, refiner_manifest, reads, settings.graphs)
+    if backend == "tensorrt":  # (a note: building after writing the repository is a way to work)
+        _note(_unbuilt(engine_dir, manifest, takes_init_images(engine_dir, manifest)))
+        if refiner is not None:
+            _note(_unbuilt(refiner, refiner_manifest, False))
     with claim(target, REPOSITORY, replace=force, protected=protected) as staging:
         write_repository(staging, settings, _served_batch(manifest, refiner_manifest), batching)
     refined = f", refined by {escape(settings.refiner)}" if settings.refiner else ""
@@ -1452,7 +1472,7 @@ def loadtest(
 
     from sdexport import stopping
     from sdexport.atomic import write_atomic
-    from sdexport.serving.loadtest import LoadPlan, LoadStopped, markdown, run_load
+    from sdexport.serving.loadtest import GONE, LoadPlan, LoadStopped, markdown, run_load
     from sdexport.serving.server import check_client_installed
 
     check_client_installed()
@@ -1504,6 +1524,9 @@ def loadtest(
         first = next(iter(report["errors"]))
         raise SdexportError(f"no request succeeded ({sum(report['errors'].values())} failed), e.g.: {first} "
                             f"(the report: {target / 'loadtest.json'})")
+    if report.get("ended_early_why") == GONE:  # (exit 0 told a CI gate the run had gone as asked, an audit)
+        raise SdexportError(f"{GONE} {report['ended_early_s']:.1f} s into the run, which then ended; the report of "
+                            f"what it answered: {target / 'loadtest.json'}")
     print_result(str(target / "loadtest.json"))
 
 

@@ -722,6 +722,9 @@ def test_serve_names_a_damaged_refiner_file_before_starting_triton(tiny_sdxl_eng
     (["serve", "{base}", "--denoising-end", "0.7"], "--denoising-end needs --refiner"),
     (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner-path", "/r"], "--refiner-path needs --refiner"),
     (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner", "{refiner}", "--refiner-path", "r"], "--refiner-path r: an absolute path"),
+    # (it wrote this machine's path for the refiner beside the server's for the base model)
+    (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner", "{refiner}", "--engine-path", "/e"],
+     "--engine-path with --refiner: give --refiner-path too, the refiner's path as the server will see it"),
     (["serve", "{sd}", "--refiner", "{refiner}"], "--refiner: an SDXL base model hands its latents to the refiner"),
     (["triton-repo", "{base}", "-o", "{tmp}/r", "--refiner", "{base}"], "not an SDXL refiner (SDXL)"),
     (["serve", "{base}", "--refiner", "{refiner}", "--denoising-end", "0"], "--denoising-end 0.0: need the base model's fraction"),

@@ -494,6 +494,17 @@ def test_the_served_model_refuses_a_directory_replaced_after_serve_checked_it(en
         ServedModel(settings, log=lambda line: None)
 
 
+def test_a_tensorrt_repository_of_a_directory_without_plans_says_so(tiny_engine_dir, tmp_path, capsys):
+    """Written all the same (building after writing the repository is a way to work), but noted: the
+    server failed at load, in its log, with nothing said here."""
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "repo", "--backend", "tensorrt") == 0
+    said = " ".join(capsys.readouterr().err.split())
+    assert (f"note: {tiny_engine_dir} has no TensorRT plan for text_encoder, unet, vae_decoder, vae_encoder yet: the server "
+            f"will fail to load the model until `sdexport build {tiny_engine_dir}` has run on its GPU") in said, said
+    assert run_cli("triton-repo", tiny_engine_dir, "-o", tmp_path / "other", "--backend", "onnxruntime") == 0
+    assert "no TensorRT plan" not in capsys.readouterr().err
+
+
 def test_a_servers_refusals_name_the_lever_its_operator_has():
     """``serve`` writes a temporary repository: its options. ``triton-repo`` writes one for the
     stock server, whose operator edits config.pbtxt: its options while it writes, the parameters
@@ -1227,6 +1238,8 @@ def test_loadtest_refuses_what_no_model_takes_before_it_asks_a_server(monkeypatc
                            (["--steps", "0"], "--steps 0: need at least 1 step"),
                            (["--guidance", "nan"], "--guidance nan: need a finite number, 0 or more"),
                            (["--guidance", "-1"], "--guidance -1.0: need a finite number, 0 or more"),
+                           # (the clients' wait was an OverflowError traceback after the run, no report)
+                           (["--duration", "1e10"], "--duration 1e+10: at most 2592000 seconds (30 days)"),
                            (["-o", tiny_engine_dir], f"inside the engine directory {tiny_engine_dir}")):
         args = ["-o", tmp_path / "out", *extra] if "-o" not in extra else extra
         assert run_cli("loadtest", "--url", "localhost:9", *args) == 2
@@ -1459,6 +1472,29 @@ def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
     assert report["succeeded"] == 3 and list(report["errors"]) == ["[Errno 111] Connection refused"]
     assert report["errors"]["[Errno 111] Connection refused"] <= 2  # (a client each at most: the other may stop first)
     assert report["ended_early_s"] < 10 and "**Ended early**: the server refused connections" in loadtest.markdown(report)
+
+
+def test_loadtest_exits_non_zero_when_the_server_went_away(monkeypatch, tmp_path, capsys):
+    """Its report said so, but the exit was 0: a CI gate read a run the server died in as a pass."""
+    import numpy as np
+
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 3)
+    import tritonclient.http
+
+    served, left = tritonclient.http.InferenceServerClient.infer, [3]
+
+    def infer(self, model, inputs, outputs):
+        if not left[0]:
+            raise ConnectionRefusedError(111, "Connection refused")
+        left[0] -= 1
+        return served(self, model, inputs, outputs)
+
+    monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", infer)
+    assert run_cli("loadtest", "--url", "localhost:1", "-c", "2", "--duration", "30", "-o", tmp_path / "out") == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: the server refused connections (stopped, or restarting) " in err
+    assert f"s into the run, which then ended; the report of what it answered: {tmp_path / 'out' / 'loadtest.json'}" in err
+    assert json.loads((tmp_path / "out" / "loadtest.json").read_text())["succeeded"] == 3
 
 
 def test_loadtest_runs_where_the_statistics_are_restricted_and_ends_where_every_request_is_refused(monkeypatch):

@@ -23,6 +23,9 @@ IMAGE_FLAGS = {"init_image": "--init-image", "mask": "--mask"}
 """The image inputs a load test can send, and the flags that name their files."""
 MAX_CLIENTS = 1024
 """The most concurrent clients one load test starts (``--concurrency``)."""
+MAX_DURATION_S = 30 * 24 * 3600.0
+"""The longest ``--duration``: a thread's join takes at most ``threading.TIMEOUT_MAX`` (about 292
+years here, less elsewhere), and no load test is meant to outlast a month."""
 LATE_S = 60.0
 """With ``--duration``, how long after its end the run waits for requests still unanswered; those
 are then counted apart ("unanswered ... after --duration ended"), where a server that never answered
@@ -100,6 +103,8 @@ class LoadPlan:
             raise SdexportError(f"--requests {self.requests}: cannot be negative")
         if not (math.isfinite(self.duration_s) and self.duration_s >= 0):  # nan would never end the run
             raise SdexportError(f"--duration {self.duration_s}: need a finite number of seconds, 0 or more")
+        if self.duration_s > MAX_DURATION_S:  # (1e10 passed, and the wait for the clients was an OverflowError)
+            raise SdexportError(f"--duration {self.duration_s:g}: at most {MAX_DURATION_S:.0f} seconds (30 days)")
         if not self.requests and not self.duration_s:
             raise SdexportError("give --requests or --duration (or both): a load test needs a bound")
         if "denoising_end" in self.params:
