@@ -176,6 +176,35 @@ def test_close_waits_for_a_call_in_flight_in_another_thread(tiny_engine_dir):
         inner(request)
 
 
+def test_a_close_interrupted_while_it_waits_leaves_the_engines_kept_and_says_so(tiny_engine_dir, monkeypatch):
+    """Ctrl-C in close()'s wait left later calls told a close still waited ("being closed"), which
+    nothing did any more: they are told the engines are kept until close() is called again."""
+    pipe = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")
+
+    def interrupted(predicate, timeout=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipe._settled, "wait_for", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipe.close()
+    monkeypatch.undo()
+    request = GenerationRequest(prompt="x", height=64, width=64, steps=2)
+    with pytest.raises(SdexportError, match=r"^this pipeline was closed, but its engines are kept"):
+        pipe(request)
+    pipe.close()
+    with pytest.raises(SdexportError, match="^this pipeline was closed"):
+        pipe(request)
+
+
+def test_saving_to_a_name_too_long_is_refused_in_one_line(tiny_engine_dir, tmp_path):
+    """``result.save`` with a name past the file system's limit was an OSError traceback from its
+    first stat (``run -o`` said it in one line)."""
+    from sdexport.runtime.images import check_image_output
+
+    with pytest.raises(SdexportError, match=r": File name too long; choose a shorter name$"):
+        check_image_output(tmp_path / ("a" * 300 + ".png"), 1, "out.png")
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime-cpu"])
 def test_the_python_api_refuses_cuda_graphs_where_the_backend_has_none(tiny_engine_dir, backend):
     """``run --backend torch --cuda-graph`` is refused; ``load_pipeline(backend="torch",

@@ -83,7 +83,14 @@ def check_image_output(output: Path, count: int, label: str | None = None) -> No
         raise SdexportError(f"{'-o ' if label is None else ''}{str(output)!r}: give an image file name "
                             "such as out/image.png")
     label = label or f"-o {output}"
-    if output.is_dir():
+    try:
+        is_dir = output.is_dir()
+    except OSError as exc:  # (a name too long: the Python API's save was a traceback, an audit)
+        import errno
+
+        shorter = "; choose a shorter name" if exc.errno == errno.ENAMETOOLONG else ""
+        raise SdexportError(f"{label}: {exc.strerror}{shorter}") from None
+    if is_dir:
         raise SdexportError(f"{label} is a directory; give a file name such as {output / 'image.png'}")
     image_format(output, label)
     from sdexport.output_dir import refuse_inside_engine_dir, require_creatable

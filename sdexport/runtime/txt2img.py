@@ -1194,8 +1194,10 @@ class Txt2ImgPipeline:
                 raise SdexportError("close() inside a call of this pipeline (an on_step callback?): close it after "
                                     "the call returns")
             self.closed = self._closing = True
-            ended = self._settled.wait_for(lambda: not self._calls, timeout)
-            self._closing = False
+            try:
+                ended = self._settled.wait_for(lambda: not self._calls, timeout)
+            finally:  # (a Ctrl-C in the wait left calls told a close still waited: KEPT is the truth, an audit)
+                self._closing = False
             if not ended:
                 raise SdexportError(f"close(): a call of this pipeline still runs after {timeout:g} s; its engines are "
                                     "kept (close again once it has returned)")
