@@ -185,6 +185,15 @@ def test_run_time_lora_matches_the_fused_export(tiny_engine_dir, fused_dir, lora
     assert _rel(load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST), plain) == 0
 
 
+def test_a_run_time_lora_at_scale_0_gives_the_plain_pipelines_image(tiny_engine_dir, lora_files):
+    """A LoRA slider at 0 is off: on ONNX Runtime, whose sessions with changed weights run at another
+    optimisation level, it gave other pixels (latents 4.6e-5 apart at 20 steps, 1/255). Its file is
+    still read and matched: a LoRA that does not fit is refused at any scale."""
+    plain = load_pipeline(tiny_engine_dir, "onnxruntime-cpu")(REQUEST)
+    zero = load_pipeline(tiny_engine_dir, "onnxruntime-cpu", loras=[LoraFile(lora_files["both"], 0.0)])(REQUEST)
+    assert torch.equal(zero.latents, plain.latents)
+
+
 def test_a_lora_fused_at_export_and_added_again_at_run_time_is_noted(fused_dir, lora_files, capsys, tmp_path):
     """Its scales add up (0.8 fused + 1.0 added): maybe meant, so a note rather than a refusal. The
     same file by its contents: a copy was not noted, and another file at the recorded path was."""

@@ -34,8 +34,11 @@ def updates_for(manifest: Manifest, loras: list[LoraFile], layers: dict[str, dic
     ``missing``: what else leaves a layer out of ``layers`` (``WEIGHT_MAP_MISSING`` for ``onnx_layers``)."""
     updates: list[LoraUpdate] = []
     for lora in loras:
-        updates += match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}",
-                                 missing)
+        matched = match_updates(read_updates(lora, manifest.family, unet_config), layers, f"--lora {lora.path}",
+                                missing)
+        if lora.scale != 0:  # checked all the same; at 0 it changes no weight, so no engine is made otherwise
+            updates += matched  # (ONNX Runtime's sessions whose weights change run at another optimisation
+            # level: a LoRA slider at 0 gave other pixels than none, 1/255, an audit)
     return updates
 
 
