@@ -339,6 +339,16 @@ def test_a_lease_asked_to_end_after_no_step_of_its_own_is_refused_before_it_star
     assert not (tmp_path / "lease").exists() and not list((tmp_path / "out").iterdir())
 
 
+def test_a_budget_past_one_calls_most_is_taken_as_560_and_one_not_in_seconds_is_refused(tmp_path: Path, carried: Path):
+    """Call 3's budget is the device time left less 90: above 650 s left, its timeout would pass the
+    tool's 600 s (an audit); the script keeps its own steps inside one call whatever it is told."""
+    capped = _lease(tmp_path, carried, 900, LEASE_UNTIL="facts")
+    assert capped.returncode == 0, capped.stderr
+    assert "lease.sh: LEASE_BUDGET_S=900: at most 560 in one call (its timeout is 600 s at most); taking 560" in capped.stderr
+    refused = _lease(tmp_path, carried, 60, LEASE_BUDGET_S="9m")
+    assert refused.returncode == 2 and "LEASE_BUDGET_S=9m: give whole seconds" in refused.stderr
+
+
 def test_a_process_a_step_left_behind_does_not_hold_the_lease_open(tmp_path: Path, carried: Path):
     """The output goes through tee, which lasts while anything holds its pipe: the lease waits a few
     seconds for it, packs the log, and returns, rather than wait out the leftover (or the call's limit)."""

@@ -1,6 +1,8 @@
 """Turn what a GPU lease brought back into a results folder to commit, and the table for the README.
 
-    python3 scripts/gpu-lease/collect.py LEASE_RESULTS [-o benchmarks/results/DATE-GPU]
+    /work/venv/bin/python scripts/gpu-lease/collect.py LEASE_RESULTS [-o benchmarks/results/DATE-GPU]
+
+(the project's Python, with its packages installed: the report code is sdexport's.)
 
 LEASE_RESULTS is the ``lease-results.tar.gz`` that ``scripts/gpu-lease/lease.sh`` leaves in the
 device call's ``$OUT`` (or the folder holding it). The folder gets everything in it (the machine's
@@ -32,6 +34,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+try:  # (a Python without the project's packages: one line, not a traceback, an audit)
+    import rich  # noqa: F401
+except ImportError:
+    sys.exit(f"collect.py: {sys.executable} lacks the project's packages (rich, ...): run it with the project's "
+             "environment's Python, e.g. /work/venv/bin/python scripts/gpu-lease/collect.py ...")
 from sdexport.bench.report import (  # noqa: E402 - the checkout's sdexport
     NOISY_CV,
     case_key,

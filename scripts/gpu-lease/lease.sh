@@ -9,9 +9,11 @@
 #      timeout_s 60: the machine's facts, in seconds (the issue's first evidence)
 #   2. carry [".lease"], command "LEASE_UNTIL=export LEASE_BUDGET_S=380 bash scripts/gpu-lease/lease.sh",
 #      timeout_s 420: the install, then the export beside the GPU tests
-#   3. carry [".lease"], command "LEASE_SKIP='export gpu-tests' LEASE_BUDGET_S=<device time left less 90>
-#      bash scripts/gpu-lease/lease.sh", timeout_s <budget + 40>: the benchmarks, most important first;
-#      the same again while time is left. The time left is in call 2's reply (lease.budget_left_s):
+#   3. carry [".lease"], command "LEASE_SKIP='export gpu-tests' LEASE_BUDGET_S=<device time left less 90,
+#      at most 560> bash scripts/gpu-lease/lease.sh", timeout_s <budget + 40, at most 600 (the tool's
+#      most: a larger one is refused, and the warm machine idles while the call is mended)>: the
+#      benchmarks, most important first; the same again while time is left (under 90 s left: no
+#      call, give_back). The time left is in call 2's reply (lease.budget_left_s):
 #      no status call between. Carried again and told to leave out what call 2 did: on the warm
 #      machine those steps are done (said so, not repeated); on one that went back meanwhile (a
 #      call later than 30 s) it installs again and measures the baseline against torch.compile,
@@ -23,7 +25,8 @@
 # included, before the machine stopped answering, and no file came back. Split, each call brings
 # back all done so far.
 # After a new commit, `prepare.sh --revision` and carry just ".lease/REVISION" in a later call.
-# Then, here: python3 scripts/gpu-lease/collect.py <files_at>/lease-results.tar.gz
+# Then, here, with the project's Python (its environment: collect.py reads sdexport's report code):
+#   /work/venv/bin/python scripts/gpu-lease/collect.py <files_at>/lease-results.tar.gz
 #   (benchmarks/results/<date>-<gpu>/ with a README.md, and the table for the project README)
 #
 # A call carries at most 64 MiB, a later call must come within 30 s or all an earlier one carried
@@ -64,6 +67,13 @@ set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 : "${OUT:?run through the device tool: \$OUT is where files come back}"
 BUDGET=${LEASE_BUDGET_S:-560}
+if [[ ! $BUDGET =~ ^[0-9]+$ ]]; then
+  echo "lease.sh: LEASE_BUDGET_S=$BUDGET: give whole seconds" >&2; exit 2
+fi
+if (( BUDGET > 560 )); then  # (a call runs 600 s at most: the steps' kill grace and the last pack need the rest)
+  echo "lease.sh: LEASE_BUDGET_S=$BUDGET: at most 560 in one call (its timeout is 600 s at most); taking 560" >&2
+  BUDGET=560
+fi
 SCALE=${LEASE_TIME_SCALE:-1}
 MODEL=${LEASE_MODEL:-sd15}
 SIZE=${LEASE_SIZE:-512}
