@@ -1239,9 +1239,11 @@ def _refuse_split_batch(images: int, parts: list[Any], most: int, manifest: Any,
     last = parts[-1].batch
     if len(parts) < 2 or last == parts[0].batch:
         return
-    for whose, m in (("the engines'", manifest), ("the refiner's", refiner_manifest)):
-        lo, _, hi = m.shape_profile.batch if m is not None else (1, 1, 1)
-        if m is not None and m.shape_profile.takes_batch(parts[0].batch) and not lo <= last <= hi:
+    for whose, read in (("the engines'", manifest), ("the refiner's", refiner_manifest)):
+        if read is None:
+            continue
+        lo, _, hi = read.shape_profile.batch
+        if lo <= parts[0].batch <= hi and not lo <= last <= hi:
             raise ProfileError(f"{images} images run in calls of {most}, the last of {last}, a batch {whose} profile "
                                f"does not take (batch must be in [{lo}, {hi}]): ask for a multiple of {most} images, "
                                f"or re-export with a batch range from {last}")

@@ -434,8 +434,8 @@ def _read_graph(directory: Path, name: str) -> GraphFacts:
         raise SdexportError(f"{directory}: {name}/{GRAPH} holds ONNX Runtime's fused operators "
                             f"({', '.join(fused[:3])}{', ...' if len(fused) > 3 else ''}: onnxruntime's "
                             "optimize_pipeline or optimum's --optimize), which TensorRT does not read and the CPU "
-                            "provider runs only in part; adopt the export from before that step, then `sdexport build DIR --target onnxruntime-cuda` "
-                            "makes the fused graphs beside it")
+                            "provider runs only in part; adopt the export from before that step, then "
+                            "`sdexport build DIR --target onnxruntime-cuda` makes the fused graphs beside it")
     return GraphFacts(dtype, tuple(dict.fromkeys(locations)), opset)
 
 
