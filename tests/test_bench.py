@@ -1006,9 +1006,9 @@ def test_memory_is_sampled_in_a_run_of_its_own_and_vae_reruns_are_counted(monkey
 def test_peak_device_memory_is_given_above_the_floor():
     from sdexport.bench.report import _memory, case_warnings
 
-    assert _memory({"memory": {"device_used_peak_mb": 5000.0, "device_floor_mb": 600.0}}) == "4,400 MB GPU"
-    assert _memory({"memory": {"device_used_peak_mb": 5000.0}}) == "5,000 MB GPU (device-wide)"  # an older report
-    assert _memory({"memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0}}) == "900 MB process RSS"
+    assert _memory({"memory": {"device_used_peak_mb": 5000.0, "device_floor_mb": 600.0}}) == "4,400 MiB GPU"
+    assert _memory({"memory": {"device_used_peak_mb": 5000.0}}) == "5,000 MiB GPU (device-wide)"  # an older report
+    assert _memory({"memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0}}) == "900 MiB process RSS"
     # a GPU contender whose device memory NVML did not give: not its host RSS in the GPU figure's place
     unread = {"contender": "tensorrt", "memory": {"device_used_peak_mb": None, "host_rss_peak_mb": 900.0,
                                                   "device_note": "not sampled: NVML is not installed"}}
@@ -1057,7 +1057,7 @@ def test_a_contender_that_began_with_others_left_overs_is_said_to(monkeypatch):
     row = {"contender": "torch", "e2e_s": {"median": 1.0, "samples": [1.0] * 5}, "memory": memory,
            "unet_step_s": {"median": 1.0, "samples": [1.0]}, "unet_calls": 1}
     [note] = case_warnings([row], "diffusers")
-    assert note.startswith("> ⚠ **torch** began with 300 MB more in use on the device than the first contender")
+    assert note.startswith("> ⚠ **torch** began with 300 MiB more in use on the device than the first contender")
     assert case_warnings([{**row, "memory": {**memory, "device_left_over_mb": 100.0}}], "diffusers") == []
     with measure.MemorySampler(interval=0.001, floor=600 << 20, device=False) as on_the_host:
         pass

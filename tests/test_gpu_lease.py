@@ -545,7 +545,7 @@ def test_collect_makes_a_results_folder_whose_figures_are_the_reports(tmp_path: 
     assert ("† runtime, torch (batch 1, 50 steps): an fp16 VAE part overflowed and ran again in fp32 5 time(s) in its "
             "5 timed runs") in printed
     # the device, versions, date, runs and the flags that replaced the scenario's, beside the table
-    provenance = "NVIDIA H200 (139.8 GB, CUDA 13.0, driver 580.1); sdexport 0.1.0, torch 2.11.0+cu130;"
+    provenance = "NVIDIA H200 (139.8 GiB, CUDA 13.0, driver 580.1); sdexport 0.1.0, torch 2.11.0+cu130;"
     assert f"- compile: {provenance} git 0123abc; 2026-12-02" in printed
     assert ("precision fp16, warm-up 1, 5 timed runs per case (command line: --warmup 1, --engine-dir "
             "/tmp/lease/engines/sd15-512);") in printed

@@ -248,7 +248,7 @@ def provenance(reports: list[tuple[str, dict[str, Any]]]) -> list[str]:
         env = report["environment"]
         gpu = env.get("gpu") or {}
         versions = ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items() if v)
-        device = (f"{gpu.get('name')} ({gpu.get('memory_gb')} GB, CUDA {gpu.get('cuda')}, driver {gpu.get('driver')})"
+        device = (f"{gpu.get('name')} ({gpu.get('memory_gb')} GiB, CUDA {gpu.get('cuda')}, driver {gpu.get('driver')})"
                   if gpu else "no GPU")
         label = str(report.get("model"))
         if report.get("random_weights"):

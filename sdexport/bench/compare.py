@@ -94,7 +94,8 @@ class Row:
     batch: int | None
     steps: int | None
     status: str
-    """"regression", "improvement", "no change", "not judged" (a change beyond the threshold, but too
+    """"regression", "improvement", "no change", "within noise" (beyond the threshold, but its interval
+    reaches zero: passes, and says so), "not judged" (a change beyond the threshold, but too
     few repeats to tell it from noise), "reference" (``Gate.relative_to``'s own: shown, not judged),
     "missing" (measured in the baseline, not in the new run),
     "new" (only in the new run), "unmeasured" (in neither run: it failed or was skipped, so nothing
@@ -404,7 +405,8 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
         elif row.e2e.verdict == "too few repeats":
             row.status, row.must_judge = "not judged", gate.fail_unjudged
             timed = [old["e2e_s"], now["e2e_s"], *(against[1:] if against else ())]  # (the reference's count too)
-            row.reasons.append(f"{min(len(t['samples']) for t in timed)} repeats: "
+            fewest = min(len(t['samples']) for t in timed)
+            row.reasons.append(f"{fewest} repeat{'s' * (fewest != 1)}: "
                                f"at least {MIN_REPEATS} are needed to tell a change from noise (--repeats)")
         elif row.e2e.verdict == "slower":
             row.status = "regression"
@@ -412,6 +414,10 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
                                "and beyond the noise")
         elif row.e2e.verdict == "faster":
             row.status = "improvement"
+        elif row.e2e.verdict == "within noise":  # (it read "no change", which the evidence does not say: an audit)
+            row.status = "within noise"
+            row.reasons.append(f"beyond the {gate.max_slowdown * 100:g}% gate, but the interval reaches zero, so it "
+                               "passes; raise --repeats to tell")
         _agreement(row, old.get("agreement") or {}, now.get("agreement") or {}, gate)
         rows.append(row)
     for key in new_measured.keys() - base_measured.keys():
@@ -533,7 +539,7 @@ def _db(value: float | str | None) -> str:
 
 
 _SYMBOL = {"regression": "❌ regression", "missing": "❌ missing", "improvement": "✅ faster",
-           "no change": "✅ no change", "not judged": "⚠️ not judged", "reference": "📏 reference", "new": "🆕 new",
+           "no change": "✅ no change", "within noise": "⚠️ within noise", "not judged": "⚠️ not judged", "reference": "📏 reference", "new": "🆕 new",
            "unmeasured": "⚠️ not measured"}
 
 
@@ -548,9 +554,10 @@ def markdown(comparison: dict[str, Any]) -> str:
     # the reference was missing in a case: --relative-to; the rows say which)
     counts = ([f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
               + [f"{failing_unjudged} not judged{why}"] * bool(failing_unjudged))
+    noisy = sum(r.status == "within noise" for r in rows)
     title = ("❌ " + ", ".join(counts) if counts
              else f"⚠️ {unjudged} case{'s' * (unjudged != 1)} not judged{why}" if unjudged
-             else "✅ no regression")
+             else "✅ no regression") + (f" ({noisy} within noise: raise --repeats)" if noisy and not counts else "")
     lines = [
         MARKER,
         f"## sdexport bench: {new['scenario']} — {title}",

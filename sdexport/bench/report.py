@@ -160,7 +160,7 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
                 f"({(total - e2e) / e2e:+.0%}): " + why.format(runs=r.get("stage_runs", "a few")) + ".")
     notes += [f"**{r['contender']}**: {note}." for r in rows if (note := vae_rerun_note(r))]
     notes += [f"**{r['contender']}**: device memory {note}." for r in rows if (note := r["memory"].get("device_note"))]
-    notes += [f"**{r['contender']}** began with {left:,.0f} MB more in use on the device than the first contender: "
+    notes += [f"**{r['contender']}** began with {left:,.0f} MiB more in use on the device than the first contender: "
               "what the contenders before it did not give back (kernels CUDA loaded once, library workspaces, caches). "
               "Its memory figure is its peak above that, so what it reused of it is not counted."
               for r in rows if (left := r["memory"].get("device_left_over_mb") or 0) >= LEFT_OVER_NOTE_MB]
@@ -178,9 +178,9 @@ def _memory(entry: dict[str, Any]) -> str:
     if memory.get("device_used_peak_mb") is not None:
         floor = memory.get("device_floor_mb")
         if floor is None:
-            return f"{memory['device_used_peak_mb']:,.0f} MB GPU (device-wide)"
-        return f"{memory['device_used_peak_mb'] - floor:,.0f} MB GPU"
-    return f"{memory['host_rss_peak_mb']:,.0f} MB process RSS"
+            return f"{memory['device_used_peak_mb']:,.0f} MiB GPU (device-wide)"
+        return f"{memory['device_used_peak_mb'] - floor:,.0f} MiB GPU"
+    return f"{memory['host_rss_peak_mb']:,.0f} MiB process RSS"
 
 
 def _busy_fraction(entry: dict[str, Any]) -> float | None:
@@ -282,7 +282,7 @@ def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     scenario = report["scenario"]
     gpu = env["gpu"]
-    device = (f"{gpu['name']} ({gpu['memory_gb']} GB, CUDA {gpu['cuda']}, driver {gpu['driver'] or 'unknown'})"
+    device = (f"{gpu['name']} ({gpu['memory_gb']} GiB, CUDA {gpu['cuda']}, driver {gpu['driver'] or 'unknown'})"
               if gpu else f"CPU only: {env['host']['cpu']}, {cores_label(env['host'])}")
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     lines = [
