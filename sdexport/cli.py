@@ -25,6 +25,7 @@ from sdexport.console import (
     own_process,
     print_result,
     set_verbosity,
+    spinner_drawn,
     step,
     verbosity,
 )
@@ -66,7 +67,11 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Stable Diffusion checkpoints → verified ONNX → TensorRT engines → a slim runtime, and benchmarks.",
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",
+    # click's plain help: rich's tables cut option names to fit 80 columns, the width of a pipe too
+    # (the negative prompt's option cut to 15 characters, an audit); this wraps the text and names
+    # every option whole
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Say nothing on stderr but errors (results still go to stdout).")]
@@ -986,7 +991,7 @@ def _denoise(pipeline: Any, part: GenerationRequest, label: str) -> Any:
     """One call of ``pipeline``, with a progress bar on a terminal."""
     from rich.progress import Progress
 
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as progress:
+    with Progress(console=console, transient=True, disable=not spinner_drawn()) as progress:  # (TERM=dumb: none)
         task = progress.add_task(label, total=part.denoising_steps(pipeline.family))
 
         def advance(calls: int, total: int) -> None:
@@ -1021,10 +1026,16 @@ class _BenchGroup(typer.core.TyperGroup):
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         first = _first_word(args)
-        if first is None and "--help" not in args:
+        helps = ctx.help_option_names
+        if first is None and not any(a in helps for a in args):
             raise SdexportError("bench: give a scenario file (sdexport bench SCENARIO, e.g. "
                                 "benchmarks/scenarios/tiny-cpu.toml), or compare or cache-key")
-        if first is not None and first not in self.commands and first != "--help":
+        if first is not None and first not in self.commands and first not in helps:
+            import difflib
+
+            close = difflib.get_close_matches(first, list(self.commands), n=1, cutoff=0.6)
+            if close and not Path(first).exists():  # (a misspelt command was run as a scenario's name, an audit)
+                raise SdexportError(f"bench: no command or scenario file {first!r}; did you mean {close[0]!r}?")
             args = ["run", *args]
         return super().parse_args(ctx, args)
 

@@ -36,17 +36,60 @@ def test_help_reflows_docstrings_and_bench_alone_says_what_it_needs():
 
     env = {**os.environ, "COLUMNS": "200", "TERMINAL_WIDTH": "200"}
     top = subprocess.run([sys.executable, "-m", "sdexport", "--help"], capture_output=True, text=True, env=env).stdout
-    assert "and write its manifest, so that sdexport run, build and bench use it" in top
+    assert "adopt        Check another tool's ONNX export (optimum's) against..." in top
     inspect_help = subprocess.run([sys.executable, "-m", "sdexport", "inspect", "--help"], capture_output=True,
                                   text=True, env=env).stdout
     assert "and also when a graph is not what the manifest says" in inspect_help
     adopt_help = subprocess.run([sys.executable, "-m", "sdexport", "adopt", "--help"], capture_output=True,
                                 text=True, env=env).stdout
     assert "COMPONENT/model.onnx" in adopt_help
+    assert "and write its manifest, so that `sdexport run`, `build` and `bench` use it" in " ".join(adopt_help.split())
+    # click's plain help at 80 columns, a pipe's width too: every option named whole (rich's tables
+    # cut them, "--negative-prom…", and a help column 16 characters wide: an audit); -h as --help
+    narrow = subprocess.run([sys.executable, "-m", "sdexport", "run", "-h"], capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "80"}).stdout
+    assert "-n, --negative-prompt <list[str]>" in narrow and "…" not in narrow
+    assert max(map(len, narrow.splitlines())) <= 80
+    misspelt = _sdexport("bench", "comprae", "a", "b")  # (run as a scenario named 'comprae' before)
+    assert misspelt.returncode == 2 and misspelt.stderr.strip() == (
+        "error: bench: no command or scenario file 'comprae'; did you mean 'compare'?")
     bare = _sdexport("bench")
     assert bare.returncode == 2 and bare.stderr.strip() == (
         "error: bench: give a scenario file (sdexport bench SCENARIO, e.g. benchmarks/scenarios/tiny-cpu.toml), "
         "or compare or cache-key")
+
+
+def test_no_progress_bar_on_a_dumb_terminal(monkeypatch):
+    """``TERM=dumb`` (an editor's shell buffer) draws no spinner, but the denoising bar was drawn
+    disabled only off a terminal: each call left a blank line before its images' paths."""
+    import rich.progress
+
+    from sdexport import cli
+    from sdexport.console import console
+
+    monkeypatch.setattr(console, "_force_terminal", True)
+    monkeypatch.setenv("TERM", "dumb")
+    assert console.is_terminal and console.is_dumb_terminal
+    made = []
+
+    class Recorded(rich.progress.Progress):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("disable"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(rich.progress, "Progress", Recorded)
+
+    class Pipeline:
+        family = "sd"
+
+        def __call__(self, part, on_step):
+            on_step(1, 1)
+            return "result"
+
+    from sdexport.runtime.request import GenerationRequest
+
+    assert cli._denoise(Pipeline(), GenerationRequest(prompt=["x"], steps=1), "Denoising") == "result"
+    assert made == [True]
 
 
 def test_conflicting_and_unknown_verbosity_is_one_line(capsys):
@@ -69,7 +112,8 @@ def test_options_named_in_sdexport_source_exist():
 
     others = {"--help", "--serve",  # click's own; scripts/setup.sh's
               "--model-repository", "--model-name", "--http-restricted-api",  # tritonserver's
-              "--porcelain", "--short", "--untracked-files", "--error-unmatch"}  # git's
+              "--porcelain", "--short", "--untracked-files", "--error-unmatch",  # git's
+              "--optimize"}  # optimum-cli's (its ONNX Runtime fusions, which adopt refuses)
     options: set[str] = set()
     commands = [typer.main.get_command(app)]
     while commands:

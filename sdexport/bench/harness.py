@@ -54,7 +54,7 @@ from sdexport.bench.plan import (
 )
 from sdexport.bench.report import BENCH_OUTPUT, write_report
 from sdexport.bench.scenario import BASELINES, SLOW_UNET_HOOK, Case, Scenario
-from sdexport.console import console, step
+from sdexport.console import console, spinner_drawn, step
 from sdexport.errors import SdexportError, interruption_name
 from sdexport.output_dir import claim
 from sdexport.runtime.schedulers import check_steps, config_as_loaded
@@ -225,7 +225,7 @@ def _run(
     results = tally.results
     total_runs = len(contenders) * len(scenario.cases) * (warmup + repeats)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
-                  TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal,
+                  TimeElapsedColumn(), console=console, transient=True, disable=not spinner_drawn(),
                   auto_refresh=False) as progress:  # (no redraw thread taking Python's lock in a timed run)
         task = progress.add_task("benchmark", total=total_runs)
 
