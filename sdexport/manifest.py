@@ -322,22 +322,43 @@ def reexport_command(directory: Path, data: dict[str, Any]) -> str:
     return shlex.join(words)
 
 
-def _text_encoder_layers(directory: Path, manifest: Manifest) -> list[int]:
-    """SD's text encoder's layers, from its ``config.json`` (what a built-in clip skip must stay
-    below): none where unreadable, or where the file is not the one the manifest lists (the file
-    check then names it: an edited config was blamed on the manifest, an audit)."""
-    entry = manifest.components.get("text_encoder")
-    if entry is None or not manifest.model_dims.clip_skip:
-        return []
+def _listed_config(directory: Path, manifest: Manifest, name: str) -> dict[str, Any]:
+    """A component's ``config.json``, where it is the file the manifest lists (else empty: the file
+    check then names it, where an edited config was blamed on the manifest, an audit)."""
+    entry = manifest.components.get(name)
+    if entry is None:
+        return {}
     rel = entry.config_file
     try:
         data = (directory / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != manifest.files.get(rel):
-            return []
-        layers = json.loads(data.decode("utf-8")).get("num_hidden_layers")
-    except (OSError, ValueError, AttributeError):
+            return {}
+        config = json.loads(data.decode("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _text_encoder_layers(directory: Path, manifest: Manifest) -> list[int]:
+    """SD's text encoder's layers, from its ``config.json`` (what a built-in clip skip must stay
+    below): none where unreadable or not the listed file."""
+    if not manifest.model_dims.clip_skip:
         return []
+    layers = _listed_config(directory, manifest, "text_encoder").get("num_hidden_layers")
     return [layers] if isinstance(layers, int) and not isinstance(layers, bool) else []
+
+
+def _check_vae_scaling(where: Path, directory: Path, manifest: Manifest) -> None:
+    """The manifest's ``vae_scaling_factor`` (what the loop scales latents by) is the VAE config's:
+    an edited one decoded with its own value, unsaid, where diffusers and optimum read the config
+    and draw another image from the same directory (an audit)."""
+    config = _listed_config(directory, manifest, "vae_decoder")
+    found = config.get("scaling_factor", 0.18215) if config else None
+    if (isinstance(found, int | float) and not isinstance(found, bool)
+            and not math.isclose(found, manifest.vae_scaling_factor, rel_tol=1e-6)):
+        raise EngineDirError(f"{where}: invalid manifest: vae_scaling_factor {manifest.vae_scaling_factor:g}, but "
+                             f"vae_decoder/config.json's scaling_factor is {found:g}; the manifest does not describe "
+                             "this VAE")
 
 
 def check_layout(directory: Path, manifest: Manifest) -> None:
@@ -369,6 +390,7 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
                         [manifest.dims[name] for name in layers] or _text_encoder_layers(directory, manifest))
     except SdexportError as exc:
         raise EngineDirError(str(exc)) from None
+    _check_vae_scaling(where, directory, manifest)
     known = [s.name for s in manifest.component_specs()]
     unknown = [n for n in manifest.components if n not in known]
     if unknown:

@@ -72,6 +72,14 @@ def test_a_symlink_leaving_the_directory_is_refused(engine_copy: Path, tmp_path:
     _refused_everywhere(engine_copy, "unet/model.onnx leads outside the engine directory", capsys)
 
 
+def test_a_vae_scaling_factor_unlike_the_vae_configs_is_refused(engine_copy: Path, capsys):
+    """An edited manifest decoded with its own factor, unsaid: diffusers and optimum read the hashed
+    config.json and draw another image from the same directory."""
+    _edit(engine_copy, lambda data: data.update(vae_scaling_factor=0.13025))
+    _refused_everywhere(engine_copy, "invalid manifest: vae_scaling_factor 0.13025, but vae_decoder/config.json's "
+                                     "scaling_factor is 0.18215; the manifest does not describe this VAE", capsys)
+
+
 def test_a_hugging_face_snapshot_of_links_is_told_how_to_become_a_folder(tmp_path: Path):
     """snapshot_download's folders are links into the cache's blobs/: refused with no way out before."""
     from sdexport.manifest import _require_inside

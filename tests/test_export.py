@@ -418,6 +418,8 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("bad-dtype", "--dtype int8"),
         ("bad-component", "unknown component(s) clip"),
         ("fp32-fallback", "vae_decoder_fp32 is the fp32 fallback of an fp16 export; an fp32 export's vae_decoder is"),
+        # (SD has no fp32 encoder: this said the fp16 export was an fp32 one)
+        ("no-such-fallback", "unknown component(s) vae_encoder_fp32; choose from text_encoder, unet, vae_decoder"),
         ("opset-low", "--opset 13: sdexport exports opsets 14 to 20"),
         ("opset-high", "--opset 24: sdexport exports opsets 14 to 20"),
         ("bad-seed", "--seed -1: preset weight seeds go from 0 to"),
@@ -502,6 +504,8 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         extra = ["--components", "clip"]
     elif case == "fp32-fallback":  # (it wrote the fp32 decoder twice)
         extra = ["--components", "unet,vae_decoder_fp32"]
+    elif case == "no-such-fallback":
+        extra = ["--dtype", "fp16", "--components", "vae_encoder_fp32"]
     elif case == "empty-model":
         model = ""
     elif case in ("empty-vae", "empty-config"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -847,6 +848,24 @@ def test_a_vae_with_latents_mean_and_std_is_refused_before_anything_loads(sdxl_m
                    "which diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images would "
                    "decode wrong")
     assert not (tmp_path / "out").exists()
+
+
+def test_adopt_refuses_a_vae_with_latents_mean_and_std_as_export_does(tiny_sdxl_engine_dir, tmp_path, capsys):
+    """An optimum export of such a model was adopted and decoded 0.25 off in pixels, unsaid."""
+    from conftest import run_cli
+
+    foreign = tmp_path / "optimum"
+    shutil.copytree(tiny_sdxl_engine_dir, foreign)
+    (foreign / "manifest.json").unlink()
+    config_path = foreign / "vae_decoder" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "latents_mean": [0.0] * 4, "latents_std": [0.5] * 4}))
+    assert run_cli("adopt", foreign) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {foreign}: vae_decoder/config.json: its config gives latents_mean/latents_std (as Playground v2.5's "
+        "does), which diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images would "
+        "decode wrong")
+    assert not (foreign / "manifest.json").exists()
 
 
 def test_diffusers_directory_round_trip(sdxl_model, tmp_path):

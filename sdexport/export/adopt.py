@@ -38,6 +38,7 @@ from sdexport.models.outline import (
     family_of_index,
     index_scheduler_class,
     read_json,
+    refuse_latent_statistics,
     tokenizer_length,
 )
 from sdexport.specs import (
@@ -160,6 +161,7 @@ def plan_adopt(directory: Path, *, replace: bool = False, clip_skip: int = 0) ->
     configs = {part: read_json(directory / folder / "config.json") for part, folder in PARTS.items()
                if folder in known}
     lengths = {name: tokenizer_length(directory / name) for name in tokenizer_names(family)}
+    refuse_latent_statistics(family, configs["vae"], f"{directory}: vae_decoder/config.json")
     latent = configs["vae"].get("latent_channels", 4)
     if configs["unet"].get("in_channels") not in (latent, 2 * latent + 1):
         raise SdexportError(

@@ -204,7 +204,10 @@ def select_components(family: str, names: list[str] | None, dtype: str, controln
         return specs
     known = [s.name for s in specs]
     unknown = [n for n in names if n not in known]
-    fallbacks = [n for n in unknown if n.endswith("_fp32") and n.removesuffix("_fp32") in known]
+    # (an fp32 export's own fallback alone: other *_fp32 names, SD's vae_encoder_fp32 in an fp16
+    # export, are unknown ones, which said the export was fp32, an audit)
+    fp32_parts = {s.name for s in components_for(family, controlnets, adapters) if s.always_fp32}
+    fallbacks = [n for n in unknown if n in fp32_parts]
     if fallbacks:  # (it was exported again beside its twin, the same fp32 graph twice)
         raise SdexportError(f"--components: {', '.join(fallbacks)} is the fp32 fallback of an fp16 export; an fp32 "
                             f"export's {', '.join(n.removesuffix('_fp32') for n in fallbacks)} is fp32 already")

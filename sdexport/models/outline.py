@@ -175,6 +175,16 @@ def _check_tokenizer_files(directory: Path, family: str) -> None:
         tokenizer_length(directory / name)
 
 
+def refuse_latent_statistics(family: str, vae: dict[str, Any], whose: str) -> None:
+    """An SDXL VAE whose config gives ``latents_mean``/``latents_std`` (diffusers' rule for applying
+    them, as Playground v2.5's): sdexport's loop does not apply them yet, so its images would decode
+    wrong (export and adopt refuse it alike; adopt passed it, an audit)."""
+    if is_sdxl(family) and vae.get("latents_mean") is not None and vae.get("latents_std") is not None:
+        raise ModelLoadError(f"{whose}: its config gives latents_mean/latents_std (as Playground v2.5's does), which "
+                             "diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images "
+                             "would decode wrong")
+
+
 def tokenizer_length(folder: Path) -> int:
     """The tokens a prompt is read in: ``tokenizer_config.json``'s ``model_max_length``. Without the
     file (or the key), transformers' tokenizer says 10^30, which the export took as the text
@@ -258,11 +268,7 @@ def _outline(
     problem = first_error(SCHEDULER_CONFIG, scheduler)
     if problem:
         raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
-    if is_sdxl(family) and vae.get("latents_mean") is not None and vae.get("latents_std") is not None:  # (diffusers' rule)
-        whose = f"--vae {vae_path}" if vae_dir is not None else "the model's VAE"
-        raise ModelLoadError(f"{whose}: its config gives latents_mean/latents_std (as Playground v2.5's does), which "
-                             "diffusers' SDXL pipelines apply around the VAE and sdexport does not yet: its images "
-                             "would decode wrong")
+    refuse_latent_statistics(family, vae, f"--vae {vae_path}" if vae_dir is not None else "the model's VAE")
     scaling = vae.get("scaling_factor", 0.18215)
     if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling) or scaling <= 0:
         raise ModelLoadError(f"the VAE config's scaling_factor {scaling!r} is not a positive number")
