@@ -673,27 +673,21 @@ def is_sdexport_manifest(data: object) -> bool:
     return found == FORMAT or (isinstance(found, int) and not isinstance(found, bool))
 
 
-def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:
-    """Component ``name``'s ONNX graph is the spec's and stays inside the directory; how its I/O is fed.
-
-    Parsed without its weights. A hash only proves that a graph is the one the manifest lists; this
-    proves that it is a graph of the right component: its inputs and outputs are the spec's (names,
-    dtypes and ranks: ``graph_io.check_io``), its fixed sizes are the manifest's ``dims``, a size it
-    fixes on an axis the spec leaves dynamic is what every call of ``profile`` gives there
-    (default: the manifest's; a build's own, narrower), and every
-    external weight file it refers to is a file the manifest lists beside it (TensorRT's parser,
-    unlike ONNX Runtime, follows such references wherever they point) and is not a link out of the
-    graph's folder (ONNX Runtime refuses those).
-    """
+def _weightless_graph(directory: Path, rel: str) -> Any:
+    """The graph at ``rel``, parsed without its external weights."""
     import onnx
 
     from sdexport.errors import one_line
 
-    rel = manifest.components[name].onnx
     try:
-        graph = onnx.load(str(directory / rel), load_external_data=False).graph
+        return onnx.load(str(directory / rel), load_external_data=False).graph
     except Exception as exc:  # protobuf decode errors, truncated files
         raise EngineDirError(f"{directory}: {rel} is not a readable ONNX graph ({one_line(exc, 200)})") from None
+
+
+def _check_weight_files(directory: Path, manifest: Manifest, rel: str, graph: Any) -> None:
+    """Every external weight file the graph at ``rel`` refers to is a file the manifest lists beside
+    it, not a link out of its folder, and whole."""
     folder = rel.rsplit("/", 1)[0]
     for init in graph.initializer:
         location = next((e.value for e in init.external_data if e.key == "location"), None)
@@ -712,6 +706,42 @@ def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapePr
     if short:
         raise EngineDirError(f"{directory}: {rel}: its weight file {short[0]} is cut short; copy it again, or "
                              "re-export")
+
+
+def check_weight_files_once(directory: Path, manifest: Manifest, rels: Iterable[str]) -> None:
+    """``_check_weight_files`` for the graphs a run reads (ONNX Runtime's, a run-time LoRA's), once
+    per unchanged graph and file list (``hash_records``): a run only hashed them, and a graph's
+    external weights named '../../elsewhere' or a link out of its folder were read wherever they
+    pointed by the ONNX Runtime and onnx versions sdexport allows (1.19; onnx 1.14), where inspect
+    and build refused them (an audit)."""
+    from sdexport.hash_records import HashRecords
+
+    records = HashRecords.of(directory)
+    listed = hashlib.sha256(json.dumps(sorted(manifest.files.items())).encode()).hexdigest()
+    for rel in dict.fromkeys(rels):
+        check, key = f"weight-files:{rel}", f"{manifest.files.get(rel)}:{listed}"
+        if records.passed(check, key):
+            continue
+        _check_weight_files(directory, manifest, rel, _weightless_graph(directory, rel))
+        records.note_passed(check, key)
+    records.save()
+
+
+def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:
+    """Component ``name``'s ONNX graph is the spec's and stays inside the directory; how its I/O is fed.
+
+    Parsed without its weights. A hash only proves that a graph is the one the manifest lists; this
+    proves that it is a graph of the right component: its inputs and outputs are the spec's (names,
+    dtypes and ranks: ``graph_io.check_io``), its fixed sizes are the manifest's ``dims``, a size it
+    fixes on an axis the spec leaves dynamic is what every call of ``profile`` gives there
+    (default: the manifest's; a build's own, narrower), and every
+    external weight file it refers to is a file the manifest lists beside it (TensorRT's parser,
+    unlike ONNX Runtime, follows such references wherever they point) and is not a link out of the
+    graph's folder (ONNX Runtime refuses those).
+    """
+    rel = manifest.components[name].onnx
+    graph = _weightless_graph(directory, rel)
+    _check_weight_files(directory, manifest, rel, graph)
     spec = manifest.spec(name)
     precision = graph_precision(graph)
     if precision != manifest.components[name].dtype:  # what the builds act on (TensorRT's typing, the fusions)

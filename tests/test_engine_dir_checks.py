@@ -80,6 +80,23 @@ def test_a_vae_scaling_factor_unlike_the_vae_configs_is_refused(engine_copy: Pat
                                      "scaling_factor is 0.18215; the manifest does not describe this VAE", capsys)
 
 
+def test_run_reads_no_weight_file_the_manifest_does_not_list(engine_copy: Path, capsys):
+    """A shared directory's graph, listed with its hash, naming external weights the manifest does
+    not list ('../../elsewhere' in the audit: ONNX Runtime 1.19 and onnx 1.14 read them wherever they
+    were): inspect refused it, run read them."""
+    import onnx
+
+    path = engine_copy / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="unlisted.bin",
+                    size_threshold=1024)
+    _edit(engine_copy, lambda data: data["files"].update({"unet/model.onnx": sha256_file(path)}))
+    message = "unet/model.onnx: weight"
+    for args in (["inspect", engine_copy], ["run", engine_copy, "-p", "x", "--steps", "2", "-o", engine_copy.parent / "x.png"]):
+        assert run_cli(*args) == 2, args
+        err = " ".join(capsys.readouterr().err.split())
+        assert message in err and "refers to 'unlisted.bin', which is not a file the manifest lists beside the graph" in err
+
+
 def test_a_hugging_face_snapshot_of_links_is_told_how_to_become_a_folder(tmp_path: Path):
     """snapshot_download's folders are links into the cache's blobs/: refused with no way out before."""
     from sdexport.manifest import _require_inside

@@ -411,6 +411,8 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("component-dir", "unet/ is one part of the diffusers directory {tmp}/model: pass that"),
         ("optimum-dir", "an ONNX export (unet/model.onnx), not a PyTorch checkpoint: run it after `sdexport adopt"),
         ("dit", "unsupported architecture PixArtAlphaPipeline"),
+        # (a community pipeline's [module, class] was a TypeError traceback: unhashable)
+        ("community", "unsupported architecture pipeline_foo/FooPipeline"),
         ("corrupt", "not a readable safetensors file"),
         ("no-config", "needs --config"),
         ("bad-profile", "height min 100 is not a multiple of 16"),
@@ -484,6 +486,11 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
         model = str(tmp_path / "model" / ("unet" if case == "component-dir" else ""))
     elif case == "dit":
         model = str(_dit_dir(tmp_path / "pixart"))
+    elif case == "community":
+        (tmp_path / "community").mkdir()
+        (tmp_path / "community" / "model_index.json").write_text(
+            json.dumps({"_class_name": ["pipeline_foo", "FooPipeline"], "unet": ["diffusers", "UNet2DConditionModel"]}))
+        model = str(tmp_path / "community")
     elif case == "corrupt":
         model, extra = str(_corrupt_safetensors(tmp_path / "x.safetensors")), ["--config", "tiny"]
     elif case == "no-config":  # (a file that holds a U-Net: one that does not is named as what it is first)

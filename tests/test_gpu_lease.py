@@ -592,6 +592,16 @@ def test_collect_refuses_what_is_not_a_lease_archive(tmp_path: Path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+def test_collect_names_its_folder_only_by_a_date_that_is_one(tmp_path: Path):
+    """A report's date went into the folder's name as it was: "../../../x" wrote outside the repository."""
+    collect = _collect()
+    gpu = {"gpu": {"name": "NVIDIA H200"}}
+    with pytest.raises(collect.CollectError, match="no benchmark report with a date and a GPU"):
+        collect.default_output(tmp_path, [("r", {"environment": {"date": "../../../x", **gpu}})])
+    assert collect.default_output(tmp_path, [("r", {"environment": {"date": "2026-12-08T01:02:03", **gpu}})]).name == (
+        "2026-12-08-h200")
+
+
 @pytest.mark.parametrize("name, slug", [
     ("NVIDIA H200", "h200"), ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA GH200 480GB", "gh200"), ("NVIDIA GB200", "gb200"),
     ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", "h100-mig"), ("NVIDIA A100-SXM4-80GB", "a100"), ("NVIDIA L40S", "l40s"),

@@ -158,7 +158,9 @@ def gpu_name(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> str | N
 
 
 def default_output(folder: Path, reports: list[tuple[str, dict[str, Any]]]) -> Path:
-    dates = sorted(str(r["environment"].get("date") or "")[:10] for _, r in reports if r["environment"].get("date"))
+    # (a date that is no date, "../../x", named a folder anywhere: an audit)
+    dated = (str(r["environment"].get("date") or "")[:10] for _, r in reports)
+    dates = sorted(d for d in dated if re.fullmatch(r"\d{4}-\d{2}-\d{2}", d))
     name = gpu_name(folder, reports)
     if not dates or not name:
         raise CollectError("the lease brought back no benchmark report with a date and a GPU to name the folder by; "

@@ -479,6 +479,8 @@ def family_of_dir(path: Path, *, vae_replaced: bool = False) -> str:
         )
     index = read_json(index_file)
     pipeline = index.get("_class_name", "?")
+    if not isinstance(pipeline, str):  # (a community pipeline's [module, class]: unhashable, a traceback)
+        pipeline = "/".join(map(str, pipeline)) if isinstance(pipeline, list) else str(pipeline)
     if (path / "unet" / "model.onnx").is_file():  # (before the class: optimum names its ORTStableDiffusion...)
         run = (f"`sdexport run {pasteable(path)}` runs it" if (path / "manifest.json").is_file()
                else f"run it after `sdexport adopt {pasteable(path)}`")

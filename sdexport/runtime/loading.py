@@ -262,6 +262,13 @@ def load_pipeline(
         from sdexport.runtime.providers import require_backend  # (TensorRT's loader says so itself)
 
         require_backend(backend)
+    from sdexport.manifest import check_weight_files_once
+
+    # the graphs whose external weights a run reads (ONNX Runtime's; a run-time LoRA's, which changes
+    # the portable graphs' weights), each reading only files the manifest lists beside it
+    check_weight_files_once(engine_dir, manifest, [
+        *(graph_for(manifest, n, backend, graphs) for n in loaded if backend.startswith("onnxruntime")),
+        *(manifest.components[n].onnx for n in loaded if loras and not backend.startswith("torch"))])
     engines = _load_engines(engine_dir, manifest, loaded, backend, cuda_graph=cuda_graph,
                             request_profile=request_profile, graphs=graphs, provider_options=provider_options,
                             loras=loras or [], guess_mode=guess_mode, pooled=pooled, optional=_optional(fallbacks))
@@ -615,6 +622,7 @@ def _load_engines(
     if loras and not backend.startswith("torch"):
         updates = updates_for(manifest, loras, onnx_layers(engine_dir, manifest), unet_config(engine_dir, manifest),
                               missing=WEIGHT_MAP_MISSING)
+    if updates:
         refuse_shared_weights(engine_dir, manifest, updates)
         fused = [n for n in names if graph_for(manifest, n, backend, graphs) != manifest.components[n].onnx
                  and any(u.component == n for u in updates)]
