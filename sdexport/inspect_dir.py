@@ -46,7 +46,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         + (" (a latent consistency model: its U-Net takes the guidance embedded)" if manifest.model_dims.G else "")
         + (f", clip skip {manifest.model_dims.clip_skip}" if manifest.model_dims.clip_skip else "")
         + f", {manifest.dtype}, "
-        f"{'U-Net opset' if manifest.adopted else 'opset'} {manifest.tools.get('opset')}; profile batch {':'.join(map(str, profile.batch))}, "
+        f"{'U-Net opset' if manifest.adopted else 'opset'} {escape(str(manifest.tools.get('opset')))}; profile batch {':'.join(map(str, profile.batch))}, "
         f"height {':'.join(map(str, profile.height))}, width {':'.join(map(str, profile.width))}"
         + (f", prompt chunks {':'.join(map(str, profile.chunks))}" if profile.chunks != (1, 1, 1) else ""),
         soft_wrap=True,
@@ -70,7 +70,7 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
         table.add_row(
             name,
             _size(directory, manifest, entry.onnx),
-            f"[{colour}]{'not checked' if status == 'skipped' else status}[/]"
+            f"[{colour}]{'not checked' if status == 'skipped' else escape(status)}[/]"  # (a manifest's words: markup)
             + (f" ({points[name]})" if points[name] and not shared else ""),
             f"{max(e['max_abs'] for e in errors):.2e}" if errors else "-",
             f"{max(e['rel_l2'] for e in errors):.2e}" if errors else "-",
@@ -109,11 +109,11 @@ def print_summary(directory: Path, manifest: Manifest) -> None:
             table.add_column(column)
         for name, record in fused.items():
             parity = record.get("parity", {})
-            status = parity.get("status", "?")
+            status = str(parity.get("status", "?"))
             colour = {"passed": "green", "failed": "red"}.get(status, "yellow")
-            table.add_row(name, str(record.get("dtype")),
-                          ", ".join(f"{op} {n}" for op, n in sorted(record.get("fusions", {}).items())) or "none",
-                          f"[{colour}]{status}[/]", str(parity.get("variant", "-")))
+            table.add_row(name, escape(str(record.get("dtype"))),
+                          escape(", ".join(f"{op} {n}" for op, n in sorted(record.get("fusions", {}).items())) or "none"),
+                          f"[{colour}]{escape(status)}[/]", escape(str(parity.get("variant", "-"))))
         out.print(table)
 
 
@@ -153,9 +153,10 @@ def _print_plans(directory: Path, manifest: Manifest) -> None:
                 chosen[here] = None
         loaded = chosen[here] == record["path"]
         build = key.build_flags() if key.fp16 or key.strongly_typed else ["fp32", *key.build_flags()]
-        table.add_row(name, Path(record["path"]).name, f"{key.gpu_name} (sm {key.compute_capability}), TensorRT "
-                      f"{key.tensorrt_version}", profile_text(entry_profile(manifest, record, name)), ", ".join(build),
-                      str(record.get("built", "?")).replace("T", " ")[:16],
+        table.add_row(escape(name), escape(Path(record["path"]).name),
+                      escape(f"{key.gpu_name} (sm {key.compute_capability}), TensorRT {key.tensorrt_version}"),
+                      profile_text(entry_profile(manifest, record, name)), escape(", ".join(build)),
+                      escape(str(record.get("built", "?")).replace("T", " ")[:16]),
                       "[green]yes[/]" if loaded else (f"passed over ({FLAG_LABELS['fp16']})" if name in fp32 and key.fp16 else ""))
     out.print(table)
 

@@ -223,6 +223,12 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
             hint = (f" (the folder that holds it is {directory.parent})" if directory.name == MANIFEST_NAME
                     else f" (it lies in the engine directory {above})" if above else "")
             raise EngineDirError(f"{directory} is a file, not an engine directory{hint}")
+        from sdexport.output_dir import writer_of
+
+        writer = writer_of(directory)  # (an export's first minutes: it was "no such engine directory", an audit)
+        if writer is not None:
+            raise EngineDirError(f"{directory}: not there yet: another sdexport process ({writer}) is writing it; "
+                                 "wait for it to finish")
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
     if (path.exists() or path.is_symlink()) and not path.is_file():  # adopt calls it a manifest: no circle
@@ -257,12 +263,25 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
         raise EngineDirError(_format_refusal(directory, data))
     problem = first_error(SCHEMA, data)
     if problem:
-        raise EngineDirError(f"{path}: invalid manifest: {problem}")
+        raise EngineDirError(f"{path}: invalid manifest: {problem}{_newer_hint(problem)}")
     manifest = Manifest.from_dict(data)
     check_layout(directory, manifest)
     if verify_files:
         verify_files_of(directory, manifest)
     return manifest
+
+
+NEWER_HINT = " (a field of a newer sdexport? upgrade sdexport, or export the model again with this one)"
+"""What a refusal of an unknown key, family or component adds: new features come as new keys of
+format 2 (prompt chunks, clip skip, a VAE encoder came so), which an older sdexport refuses; said
+only as invalid, a user re-exported where upgrading was the way (an audit)."""
+
+
+def _newer_hint(problem: str) -> str:
+    """``NEWER_HINT`` where the schema's refusal is of something a newer sdexport may write."""
+    newer = ("Additional properties are not allowed" in problem
+             or problem.startswith("family:") and "is not one of" in problem)
+    return NEWER_HINT if newer else ""
 
 
 def _engine_dir_above(path: Path) -> Path | None:
@@ -300,7 +319,10 @@ def reexport_command(directory: Path, data: dict[str, Any]) -> str:
         return value if isinstance(value, dict) else {}
 
     source = part(part(data, "model"), "source")
-    argument = source.get("argument") or source.get("name") or source.get("path") or "<model>"
+    # a file or folder by its absolute path (the argument as typed, ./mymodel, failed pasted from
+    # elsewhere, an audit), a preset by its name
+    local = source.get("kind") in ("diffusers", "single_file") and source.get("path")
+    argument = local or source.get("argument") or source.get("name") or source.get("path") or "<model>"
     words = ["sdexport", "export", str(argument), "-o", str(directory), "--force"]
     if data.get("dtype") in ("fp16", "fp32"):
         words += ["--dtype", str(data["dtype"])]
@@ -396,7 +418,7 @@ def check_layout(directory: Path, manifest: Manifest) -> None:
     if unknown:
         raise EngineDirError(
             f"{where}: invalid manifest: component(s) {', '.join(unknown)} do not exist in the "
-            f"{manifest.family} family ({', '.join(known)})"
+            f"{manifest.family} family ({', '.join(known)}){NEWER_HINT}"
         )
     if manifest.controlnets and not manifest.model_dims.residuals:
         raise EngineDirError(f"{where}: invalid manifest: ControlNet components but no dims.residuals (their "

@@ -107,6 +107,23 @@ def refuse_if_held(target: Target) -> None:
         os.close(fd)
 
 
+def writer_of(path: Path) -> str | None:
+    """The holder (``pid N``) of the lock beside ``path`` where another sdexport process is writing
+    it now, else None: what a reader of a target not there yet is told (an export's first minutes)."""
+    lock = path.parent / f".{path.name}{LOCK_SUFFIX}"
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport ") or "unknown"
+    finally:
+        os.close(fd)
+
+
 def _lock_now(fd: int, tries: int = 20) -> None:
     """An exclusive lock on ``fd`` now, else BlockingIOError. A lock held while the file names no
     running holder is held for an instant only (``refuse_if_held``'s probe, a job between creating

@@ -97,6 +97,38 @@ def test_run_reads_no_weight_file_the_manifest_does_not_list(engine_copy: Path, 
         assert message in err and "refers to 'unlisted.bin', which is not a file the manifest lists beside the graph" in err
 
 
+def test_inspect_prints_a_manifests_words_as_words_not_markup(engine_copy: Path, capsys):
+    """A parity status or opset with rich's markup in it ("[/]") was a MarkupError traceback."""
+    def change(data):
+        data["components"]["unet"]["parity"]["status"] = "ok [/]"
+        data["tools"]["opset"] = "[/]"
+
+    _edit(engine_copy, change)
+    assert run_cli("inspect", engine_copy, "--no-check") == 0
+    said = capsys.readouterr().out
+    assert "ok [/]" in said and "opset [/]" in said
+
+
+def test_inspect_of_a_directory_an_export_is_writing_says_so(tmp_path: Path, capsys):
+    """It said "no such engine directory" while an export held the lock beside it."""
+    import fcntl
+    import os
+
+    lock = tmp_path / ".new.sdexport-lock"
+    lock.write_text("sdexport pid 4242\n")
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        assert run_cli("inspect", tmp_path / "new") == 2
+        assert capsys.readouterr().err.strip() == (
+            f"error: {tmp_path / 'new'}: not there yet: another sdexport process (pid 4242) is writing it; wait for "
+            "it to finish")
+    finally:
+        os.close(fd)
+    assert run_cli("inspect", tmp_path / "new") == 2  # (a lock no one holds: a killed export's)
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'new'}: no such engine directory"
+
+
 def test_a_hugging_face_snapshot_of_links_is_told_how_to_become_a_folder(tmp_path: Path):
     """snapshot_download's folders are links into the cache's blobs/: refused with no way out before."""
     from sdexport.manifest import _require_inside
@@ -127,16 +159,20 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda d: d.update(family="sd3"), "invalid manifest: family: 'sd3' is not one of ['sd', 'sdxl', 'sdxl-refiner']"),
+    # what a newer sdexport may write is said so (a new family, key or component: read as damage, re-exported)
+    (lambda d: d.update(family="sd3"), ("invalid manifest: family: 'sd3' is not one of ['sd', 'sdxl', 'sdxl-refiner'] "
+                                        "(a field of a newer sdexport? upgrade sdexport, or export the model again")),
     (lambda d: d["profile"].update(batch=[2, 1, 4]), "profile.batch [2, 1, 4] is not min <= opt <= max"),
     (lambda d: d["profile"].update(height=[64, 128]), "profile.height: [64, 128]"),
     (lambda d: d["profile"].update(width=[0, 64, 64]), "profile.width.0: 0 is less than the minimum of 1"),
     (lambda d: d["dims"].update(S="77"), "dims.S: '77' is not of type 'integer'"),
     (lambda d: d.update(vae_scaling_factor=-1), "vae_scaling_factor: -1 is less than or equal to the minimum of 0"),
     (lambda d: d["files"].update({"unet/model.onnx": "abc"}), "files.unet/model.onnx: 'abc' does not match"),
-    (lambda d: d.update(extra=1), "Additional properties are not allowed ('extra' was unexpected)"),
+    (lambda d: d.update(extra=1), ("Additional properties are not allowed ('extra' was unexpected) (a field of a "
+                                   "newer sdexport? upgrade sdexport")),
     (lambda d: d.pop("dims"), "'dims' is a required property"),
     (lambda d: d["components"].update(refiner=d["components"]["unet"]), "component(s) refiner do not exist"),
+    (lambda d: d["components"].update(transformer=d["components"]["unet"]), "(a field of a newer sdexport?"),
     (lambda d: d["components"].update(adapter=d["components"]["unet"]), "a T2I-Adapter needs both dims.adapter_features"),
     (lambda d: d["dims"].update(adapter_features=[[32, 1]]), "a T2I-Adapter needs both dims.adapter_features"),
     (lambda d: d["dims"].update(adapter_features=[[32, 1]], A=2), "dims.A: 2 is not one of [1, 3]"),
@@ -157,6 +193,7 @@ def test_a_tensorrt_plan_outside_the_directory_is_refused(engine_copy: Path, out
     (lambda d: d["components"]["unet"]["parity"].update(points=[1]), "components.unet.parity.points.0: 1 is not of type"),
     (lambda d: d["tools"].update(export_memory={"stages": [{"stage": "load", "peak_rss_mb": "x"}]}),
      "tools.export_memory.stages.0.peak_rss_mb: 'x' is not of type 'number'"),
+    (lambda d: d["profile"].update(batch=1), "profile.batch: 1 is not of type 'array'"),  # (no newer hint: a value)
     (lambda d: d["tools"].update(export_memory={"machine_memory_mb": "24 GB", "stages": []}),
      "tools.export_memory.machine_memory_mb: '24 GB' is not of type 'number'"),
     (lambda d: d["model"].update(random_weights="yes"), "model.random_weights: 'yes' is not of type 'boolean'"),

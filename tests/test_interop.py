@@ -110,6 +110,17 @@ def test_a_format_1_directory_is_refused_with_the_command_that_reexports_it(engi
     assert f"sdexport export tiny -o {engine_copy} --force --dtype fp32 --batch 1:1:2 --height 64:128:256" in err
 
 
+def test_the_reexport_command_names_a_local_model_by_its_absolute_path(tmp_path: Path):
+    """``export ./mymodel`` recorded its argument as typed: the command failed pasted from elsewhere."""
+    from sdexport.manifest import reexport_command
+
+    source = {"kind": "diffusers", "argument": "./mymodel", "path": "/work/proj/mymodel"}
+    assert reexport_command(tmp_path, {"model": {"source": source}}).startswith(
+        f"sdexport export /work/proj/mymodel -o {tmp_path} --force")
+    preset = {"kind": "preset", "argument": "tiny", "name": "tiny"}
+    assert reexport_command(tmp_path, {"model": {"source": preset}}).startswith("sdexport export tiny -o ")
+
+
 # -- sdexport adopt --------------------------------------------------------------------------------
 
 
