@@ -199,7 +199,8 @@ def inspect(
     """Show what an engine directory holds: model, profile, tools, parity results and engines.
 
     Exits non-zero, with the reason, for everything `sdexport run` would refuse, and also when a
-    graph is not what the manifest says (inspect parses every graph; run leaves that to the engines).
+    graph is not what the manifest says (inspect parses every graph's inputs and outputs; run leaves
+    those to the engines).
     Files are hashed once and then trusted while their size, times and inode stay the same
     (README, "Engine directory checks"); --verify hashes everything again.
     """

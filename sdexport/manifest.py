@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -344,6 +345,10 @@ def reexport_command(directory: Path, data: dict[str, Any]) -> str:
     return shlex.join(words)
 
 
+CONFIG_MOST_BYTES = 1 << 20
+"""A component's config.json is a few KB; a larger file is read by the file checks, not here."""
+
+
 def _listed_config(directory: Path, manifest: Manifest, name: str) -> dict[str, Any]:
     """A component's ``config.json``, where it is the file the manifest lists (else empty: the file
     check then names it, where an edited config was blamed on the manifest, an audit)."""
@@ -351,12 +356,16 @@ def _listed_config(directory: Path, manifest: Manifest, name: str) -> dict[str, 
     if entry is None:
         return {}
     rel = entry.config_file
-    try:
+    try:  # (a pipe or /dev/zero there hung or filled memory before the file checks named it: a review)
+        _require_inside(directory, rel)
+        info = os.stat(directory / rel)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > CONFIG_MOST_BYTES:
+            return {}
         data = (directory / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != manifest.files.get(rel):
             return {}
         config = json.loads(data.decode("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, EngineDirError):
         return {}
     return config if isinstance(config, dict) else {}
 
@@ -736,17 +745,39 @@ def check_weight_files_once(directory: Path, manifest: Manifest, rels: Iterable[
     external weights named '../../elsewhere' or a link out of its folder were read wherever they
     pointed by the ONNX Runtime and onnx versions sdexport allows (1.19; onnx 1.14), where inspect
     and build refused them (an audit)."""
-    from sdexport.hash_records import HashRecords
+    from sdexport.hash_records import HashRecords, identity
 
     records = HashRecords.of(directory)
     listed = hashlib.sha256(json.dumps(sorted(manifest.files.items())).encode()).hexdigest()
     for rel in dict.fromkeys(rels):
-        check, key = f"weight-files:{rel}", f"{manifest.files.get(rel)}:{listed}"
+        try:  # (the file as it is: a graph edited since the pass, unhashed by a caller, is checked again)
+            now = identity(os.stat(directory / rel))
+        except OSError:
+            continue  # (missing: the engine's own load names it)
+        check, key = f"weight-files:{rel}", f"{manifest.files.get(rel)}:{listed}:{now}"
         if records.passed(check, key):
             continue
-        _check_weight_files(directory, manifest, rel, _weightless_graph(directory, rel))
+        if _names_external_data(directory / rel):  # (else none to check: no parse of GBs of weights)
+            _check_weight_files(directory, manifest, rel, _weightless_graph(directory, rel))
         records.note_passed(check, key)
     records.save()
+
+
+def _names_external_data(path: Path) -> bool:
+    """Whether the graph file can refer to external weights: each reference holds the key
+    "location", so a file without those bytes has none (sdexport's own graphs under 2 GB keep their
+    weights inside: parsing one took twice its size in memory, a review). A weight's bytes that
+    happen to spell it only cost the parse."""
+    import mmap
+
+    try:
+        with path.open("rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                return False
+            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                return mapped.find(b"location") != -1
+    except (OSError, ValueError):
+        return True  # (not mappable: parsed, which names what is wrong)
 
 
 def check_graph(directory: Path, manifest: Manifest, name: str, profile: ShapeProfile | None = None) -> GraphIO:

@@ -107,6 +107,9 @@ def test_a_slowdown_within_the_noise_passes(tmp_path):
     text = markdown(comparison)
     assert "✅ no regression (1 within noise: raise --repeats)" in text
     assert "| ⚠️ within noise: beyond the 5% gate, but the interval reaches zero, so it passes; raise --repeats" in text
+    faster = _compare(tmp_path, _report([_entry("torch", noisy)]), _report([_entry("torch", [s / 1.2 for s in noisy])]))
+    row = _row(faster, "torch")  # (a noisy speed-up is no slowdown to warn of: the 5% gate limits slowdowns)
+    assert row["e2e"]["verdict"] == "within noise" and row["status"] == "no change" and faster["passed"]
 
 
 def test_a_small_steady_slowdown_under_the_threshold_passes(tmp_path):

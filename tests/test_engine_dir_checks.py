@@ -97,6 +97,47 @@ def test_run_reads_no_weight_file_the_manifest_does_not_list(engine_copy: Path, 
         assert message in err and "refers to 'unlisted.bin', which is not a file the manifest lists beside the graph" in err
 
 
+def test_a_pipe_at_the_vae_config_is_not_read(engine_copy: Path, capsys):
+    """The VAE scaling check read the listed config before the file checks named it: a FIFO there
+    hung every command (a link to /dev/zero filled memory)."""
+    import os
+    import signal
+
+    config = engine_copy / "vae_decoder" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("it waited on the pipe"))
+    signal.alarm(60)
+    try:
+        assert run_cli("inspect", engine_copy) == 2
+    finally:
+        signal.alarm(0)
+    assert "vae_decoder/config.json" in capsys.readouterr().err
+
+
+def test_the_run_time_weight_file_check_parses_only_graphs_that_can_name_files_and_sees_an_edit(
+        engine_copy: Path, monkeypatch):
+    """A graph without external weights (sdexport's own under 2 GB) is not parsed (twice its size in
+    memory); a graph edited in place after a pass, by a caller that did not hash it, is checked again."""
+    import onnx
+
+    from sdexport import manifest as manifest_module
+    from sdexport.errors import EngineDirError
+    from sdexport.manifest import check_weight_files_once
+
+    manifest = load_manifest(engine_copy, verify_files=False)
+    parsed = []
+    real = manifest_module._weightless_graph
+    monkeypatch.setattr(manifest_module, "_weightless_graph", lambda d, rel: parsed.append(rel) or real(d, rel))
+    check_weight_files_once(engine_copy, manifest, ["unet/model.onnx"])
+    assert parsed == []
+    path = engine_copy / "unet" / "model.onnx"
+    onnx.save_model(onnx.load(str(path)), str(path), save_as_external_data=True, location="unlisted.bin",
+                    size_threshold=1024)
+    with pytest.raises(EngineDirError, match="refers to 'unlisted.bin', which is not a file the manifest lists"):
+        check_weight_files_once(engine_copy, manifest, ["unet/model.onnx"])
+
+
 def test_inspect_prints_a_manifests_words_as_words_not_markup(engine_copy: Path, capsys):
     """A parity status or opset with rich's markup in it ("[/]") was a MarkupError traceback."""
     def change(data):

@@ -94,8 +94,8 @@ class Row:
     batch: int | None
     steps: int | None
     status: str
-    """"regression", "improvement", "no change", "within noise" (beyond the threshold, but its interval
-    reaches zero: passes, and says so), "not judged" (a change beyond the threshold, but too
+    """"regression", "improvement", "no change", "within noise" (slower beyond the threshold, but its
+    interval reaches zero: passes, and says so; a noisy speed-up is "no change"), "not judged" (a change beyond the threshold, but too
     few repeats to tell it from noise), "reference" (``Gate.relative_to``'s own: shown, not judged),
     "missing" (measured in the baseline, not in the new run),
     "new" (only in the new run), "unmeasured" (in neither run: it failed or was skipped, so nothing
@@ -414,8 +414,8 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
                                "and beyond the noise")
         elif row.e2e.verdict == "faster":
             row.status = "improvement"
-        elif row.e2e.verdict == "within noise":  # (it read "no change", which the evidence does not say: an audit)
-            row.status = "within noise"
+        elif row.e2e.verdict == "within noise" and row.e2e.change > 0:  # (a slowdown the evidence cannot tell:
+            row.status = "within noise"  # it read "no change", an audit; a noisy speed-up stays "no change")
             row.reasons.append(f"beyond the {gate.max_slowdown * 100:g}% gate, but the interval reaches zero, so it "
                                "passes; raise --repeats to tell")
         _agreement(row, old.get("agreement") or {}, now.get("agreement") or {}, gate)
