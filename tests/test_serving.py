@@ -1446,17 +1446,14 @@ def test_loadtest_counts_an_answer_without_the_images_as_an_error(monkeypatch):
     assert report["succeeded"] == 0 and report["errors"] == {"unanswered 0.5 s after --duration ended": 2}
 
 
-def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
-    """A server gone mid-run: each client tried again at once for the rest of --duration ("41695
-    requests in 40 s", 41653 of them refused). The run now ends at the first refusal of each client."""
+def _server_gone_after(monkeypatch, answered: int) -> None:
+    """A fake Triton that answers ``answered`` requests, then refuses connections (stopped)."""
     import numpy as np
 
-    from sdexport.serving import loadtest
-
-    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 3)
+    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * answered)
     import tritonclient.http
 
-    served, left = tritonclient.http.InferenceServerClient.infer, [3]
+    served, left = tritonclient.http.InferenceServerClient.infer, [answered]
 
     def infer(self, model, inputs, outputs):
         if not left[0]:
@@ -1465,6 +1462,14 @@ def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
         return served(self, model, inputs, outputs)
 
     monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", infer)
+
+
+def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
+    """A server gone mid-run: each client tried again at once for the rest of --duration ("41695
+    requests in 40 s", 41653 of them refused). The run now ends at the first refusal of each client."""
+    from sdexport.serving import loadtest
+
+    _server_gone_after(monkeypatch, 3)
     started = time.perf_counter()
     report = loadtest.run_load(loadtest.LoadPlan(url="localhost:1", concurrency=2, requests=0, duration_s=30),
                                "a lighthouse")
@@ -1476,20 +1481,7 @@ def test_loadtest_ends_when_the_server_refuses_connections(monkeypatch):
 
 def test_loadtest_exits_non_zero_when_the_server_went_away(monkeypatch, tmp_path, capsys):
     """Its report said so, but the exit was 0: a CI gate read a run the server died in as a pass."""
-    import numpy as np
-
-    _fake_triton(monkeypatch, [np.array([[PNG]], dtype=object)] * 3)
-    import tritonclient.http
-
-    served, left = tritonclient.http.InferenceServerClient.infer, [3]
-
-    def infer(self, model, inputs, outputs):
-        if not left[0]:
-            raise ConnectionRefusedError(111, "Connection refused")
-        left[0] -= 1
-        return served(self, model, inputs, outputs)
-
-    monkeypatch.setattr(tritonclient.http.InferenceServerClient, "infer", infer)
+    _server_gone_after(monkeypatch, 3)
     assert run_cli("loadtest", "--url", "localhost:1", "-c", "2", "--duration", "30", "-o", tmp_path / "out") == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "error: the server refused connections (stopped, or restarting) " in err
