@@ -1083,6 +1083,28 @@ def tiny_engines(bench_run, tmp_path_factory) -> Path:
     return engines
 
 
+def test_an_engine_directory_gone_after_the_measuring_keeps_the_figures(tmp_path, tiny_engines, monkeypatch):
+    """A cache entry deleted while the bench ran: the report read the engines' manifest again after
+    the measuring, and every figure was thrown away with 'no such engine directory' (an audit)."""
+    from sdexport.bench import contenders
+
+    engines = tmp_path / "engines"
+    shutil.copytree(tiny_engines, engines)
+    real = contenders.BaselineContender.close
+
+    def close(self):  # the baseline measured: the directory goes
+        real(self)
+        shutil.rmtree(engines)
+
+    monkeypatch.setattr(contenders.BaselineContender, "close", close)
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SMOKE.replace('"onnxruntime-cpu", "diffusers", "onnxruntime-cuda", "tensorrt"', '"diffusers"')
+                        .replace("repeats = 2", "repeats = 1").replace("batch = [1, 2]", "batch = [1]"))
+    assert run_cli("bench", scenario, "-o", tmp_path / "out", "--warmup", "0", "--engine-dir", engines) == 0
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["status"] for r in report["results"]] == ["measured"] and report["engines"]["dtype"] == "fp32"
+
+
 @pytest.mark.parametrize("contender", ["tensorrt", "onnxruntime-cuda-fused"])
 def test_the_engines_a_bench_builds_are_of_the_runs_precision(tmp_path, tiny_engines, monkeypatch, contender):
     """Every build was asked for fp16: an fp32 scenario's TensorRT plans got TensorRT 10's fp16 flag

@@ -507,6 +507,28 @@ def test_an_output_folders_key_stamps_the_model_files_instead_of_hashing_them(tm
     assert keys()[1] != third[1]
 
 
+def test_the_engine_code_digest_reads_the_models_data_and_a_stamp_it_cannot_set_blocks_nothing(tmp_path, monkeypatch):
+    """The presets' CLIP merges (models/data), which the exported tokenizers are made of, were left out
+    of the key; and an entry whose time could not be set (another user's, in a shared cache) stopped
+    the bench before it measured anything (an audit)."""
+    import os
+
+    from sdexport.bench import engine_cache
+
+    read = []
+    real = engine_cache._tree_digest
+    monkeypatch.setattr(engine_cache, "_tree_digest",
+                        lambda root, pattern="*", **kw: read.append((root.name, pattern)) or real(root, pattern, **kw))
+    engine_cache.engine_code_digest()
+    assert ("models", "*") in read and ("export", "*.py") in read
+
+    def refused(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "utime", refused)
+    engine_cache.mark_used(tmp_path)
+
+
 def test_the_engine_cache_key_follows_what_the_export_depends_on(tmp_path, capsys):
     from sdexport.bench.harness import engine_cache_entry
     from sdexport.bench.plan import Options, plan_bench

@@ -44,7 +44,9 @@ GRAPH_LIBRARIES = ("torch", "onnx", "onnxscript", "diffusers", "transformers", "
 """What traces, converts (onnxruntime's fp16 converter) and cleans up (graphsurgeon) the graphs."""
 ENGINE_CODE = ("export", "models", "build", "specs.py", "shapes.py", "graph_io.py", "manifest.py", "manifest_schema.py")
 """The parts of the sdexport package whose code decides what the folder holds: the export, and the
-TensorRT plans and fused graphs built inside it (their own keys do not cover sdexport's code)."""
+TensorRT plans and fused graphs built inside it (their own keys do not cover sdexport's code).
+Their Python files, and the data files beside them (``models/data``: the presets' CLIP merges,
+which the tokenizers the export writes are made of; an edit there kept the key, an audit)."""
 
 
 def _tree_digest(root: Path, pattern: str = "*", *, recorded: bool = True) -> str:
@@ -67,7 +69,8 @@ def engine_code_digest() -> str:
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
     for part in ENGINE_CODE:
-        digest.update(f"{part}\0{_tree_digest(package / part, '*.py', recorded=False)}\n".encode())
+        pattern = "*" if part == "models" else "*.py"  # (its data/ too: the presets' tokenizers)
+        digest.update(f"{part}\0{_tree_digest(package / part, pattern, recorded=False)}\n".encode())
     return digest.hexdigest()
 
 
@@ -226,5 +229,8 @@ def in_use(entry: Path) -> Iterator[None]:
 
 def mark_used(entry: Path) -> None:
     """The folder's time stamp says when a run last used it: ``find DIR -mindepth 1 -maxdepth 1 -mtime +30``
-    lists the entries no run has needed for a month (an entry's in-use mark lasts as long as its run)."""
-    os.utime(entry)
+    lists the entries no run has needed for a month (an entry's in-use mark lasts as long as its run).
+    A stamp that cannot be set (another user's entry in a shared cache, a read-only one) blocks no
+    run: it stopped the bench before anything was measured (an audit)."""
+    with contextlib.suppress(OSError):
+        os.utime(entry)

@@ -221,6 +221,9 @@ def _run(
         # where they are once the output is in place
         recorded_dir, recorded_refiner = _pair([output_dir / "engines" / s.name for s, _ in made_by])
 
+    # what the engines were exported for, read now: the report is assembled after the measuring, when
+    # a cache entry deleted meanwhile threw away every figure (an audit)
+    workload = engines_workload(engine_dir) if engine_dir is not None else None
     tally = _Tally(baseline)
     results = tally.results
     total_runs = len(contenders) * len(scenario.cases) * (warmup + repeats)
@@ -334,7 +337,7 @@ def _run(
         "model": model.label,
         "family": model.family,
         "engine_dir": str(recorded_dir) if recorded_dir else None,
-        **({"engines": engines_workload(engine_dir)} if engine_dir is not None else {}),
+        **({"engines": workload} if workload is not None else {}),
         # (the flags of given directories that do not record their checkpoint: ONNX exports adopted
         # without --model; true in reports before 2026-12-07, which did not say which)
         **({"engines_on_trust": list(plan.on_trust)} if plan.on_trust else {}),
