@@ -208,6 +208,49 @@ def test_damaged_plan_is_rebuilt_not_reused(engine_copy, fake_tensorrt):
     assert built.path.read_bytes().startswith(b"plan ")
 
 
+def test_a_forced_rebuild_stopped_while_it_writes_leaves_the_plan_missing_not_damaged(engine_copy, fake_tensorrt,
+                                                                                      monkeypatch):
+    """The manifest took the new plan's hash before its bytes were written: stopped there (Ctrl-C,
+    a full disk), the old plan stayed under a hash it did not match and was called damaged, to be
+    re-exported. The old plan goes first; missing, it is rebuilt as a new key's would be."""
+    import errno
+    from pathlib import Path
+
+    from sdexport.build.tensorrt_build import build_engines
+    from sdexport.errors import EngineDirError
+    from sdexport.manifest import load_manifest
+
+    (built,) = build_engines(engine_copy, components=["vae_decoder"])
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.parent == built.path.parent and self.name.startswith("."):  # the plan's temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
+        build_engines(engine_copy, components=["vae_decoder"], force=True)
+    monkeypatch.undo()
+    assert not built.path.exists()
+    with pytest.raises(EngineDirError, match="is listed in the manifest but missing|missing") as info:
+        load_manifest(engine_copy)
+    assert "damaged" not in str(info.value)
+
+
+def test_the_reason_for_a_build_compares_this_machines_plans_first(engine_copy, fake_tensorrt):
+    """Another TensorRT's plan, differing by its version alone, was named as the reason where this
+    machine's plan differed by a flag."""
+    from sdexport.build.tensorrt_build import build_engines
+
+    build_engines(engine_copy, components=["vae_decoder"], optimization_level=5)  # TensorRT 10.3: two flags off
+    fake_tensorrt["version"] = "10.8.0.43"
+    build_engines(engine_copy, components=["vae_decoder"], static=True)  # the version alone off
+    fake_tensorrt["version"] = "10.3.0.26"
+    (again,) = build_engines(engine_copy, components=["vae_decoder"], static=True)
+    assert again.status == "built" and not any("TensorRT version" in r for r in again.reasons), again.reasons
+
+
 def test_static_and_flags_are_separate_engines(engine_copy, fake_tensorrt):
     from sdexport.build.tensorrt_build import build_engines
 

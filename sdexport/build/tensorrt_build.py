@@ -377,6 +377,10 @@ def _build_locked(
         # a listed name (removed by the next build), never an unlisted file that --force could not
         # prove to be ours.
         with atomic_path(engine_dir / rel) as tmp:
+            # a plan of this key already there (--force, or one damaged) goes first: stopped while the
+            # new one is written, the old file stayed under the new hash and was called damaged, to
+            # be re-exported (an audit); missing, it is rebuilt next time, as a new key's is
+            (engine_dir / rel).unlink(missing_ok=True)
             entry.engines[key.digest()] = {
                 "path": rel,
                 "key": key.to_dict(),
@@ -420,9 +424,12 @@ def _rebuild_reasons(engine_dir: Path, manifest: Manifest, component: str, key: 
         return []
     if not entry.engines:
         return ["no engine yet"]
+    # this machine's plans first: another TensorRT's plan, differing by its version alone, was named
+    # as the reason where this machine's differed by a flag (an audit)
     closest = min(
         (_key_or_none(e) for e in entry.engines.values()),
-        key=lambda k: len(k.diff(key)) if k is not None else 1 << 30,
+        key=lambda k: (bool(k.platform_reasons(key.tensorrt_version, key.gpu_name, key.compute_capability)),
+                       len(k.diff(key))) if k is not None else (True, 1 << 30),
     )
     return closest.diff(key) if closest is not None else ["no readable engine entry"]
 
