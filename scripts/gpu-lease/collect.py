@@ -1,8 +1,9 @@
 """Turn what a GPU lease brought back into a results folder to commit, and the table for the README.
 
-    /work/venv/bin/python scripts/gpu-lease/collect.py LEASE_RESULTS [-o benchmarks/results/DATE-GPU]
+    python scripts/gpu-lease/collect.py LEASE_RESULTS [-o benchmarks/results/DATE-GPU]
 
-(the project's Python, with its packages installed: the report code is sdexport's.)
+with the Python sdexport is installed in (``scripts/setup.sh``'s, a virtualenv's): the report code
+is sdexport's, and needs its packages.
 
 LEASE_RESULTS is the ``lease-results.tar.gz`` that ``scripts/gpu-lease/lease.sh`` leaves in the
 device call's ``$OUT`` (or the folder holding it). The folder gets everything in it (the machine's
@@ -37,8 +38,8 @@ sys.path.insert(0, str(ROOT))
 try:  # (a Python without the project's packages: one line, not a traceback, an audit)
     import rich  # noqa: F401
 except ImportError:
-    sys.exit(f"collect.py: {sys.executable} lacks the project's packages (rich, ...): run it with the project's "
-             "environment's Python, e.g. /work/venv/bin/python scripts/gpu-lease/collect.py ...")
+    sys.exit(f"collect.py: {sys.executable} lacks sdexport's packages (rich, ...): run it with the Python sdexport "
+             "is installed in (scripts/setup.sh's, a virtualenv's python)")
 from sdexport.bench.report import (  # noqa: E402 - the checkout's sdexport
     NOISY_CV,
     case_key,

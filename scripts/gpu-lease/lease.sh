@@ -25,8 +25,8 @@
 # included, before the machine stopped answering, and no file came back. Split, each call brings
 # back all done so far.
 # After a new commit, `prepare.sh --revision` and carry just ".lease/REVISION" in a later call.
-# Then, here, with the project's Python (its environment: collect.py reads sdexport's report code):
-#   /work/venv/bin/python scripts/gpu-lease/collect.py <files_at>/lease-results.tar.gz
+# Then, here, with the Python sdexport is installed in (collect.py reads sdexport's report code):
+#   python scripts/gpu-lease/collect.py <files_at>/lease-results.tar.gz
 #   (benchmarks/results/<date>-<gpu>/ with a README.md, and the table for the project README)
 #
 # A call carries at most 64 MiB, a later call must come within 30 s or all an earlier one carried
