@@ -953,11 +953,10 @@ def _generate(
                     image_parameters(result, i, {**result.info, **(inputs or {}),
                                                  **{key: each[saved + i] for key, each in (per_image or {}).items()}})[1]
                     for i in range(part.batch)]
-                sampler = result.sampler
-                result = _denoise(refining, replace(ensemble.parts[k], init_latents=result.latents), "Refining")
+                refined = _denoise(refining, replace(ensemble.parts[k], init_latents=result.latents), "Refining")
                 # the A1111 text's "Sampler:" is the run's, the base model's (as its strength and clip
                 # skip are): it named the refiner's own scheduler, which ran the last steps alone (an audit)
-                result = replace(result, sampler=sampler)
+                result = replace(refined, sampler=result.sampler)
                 prefix = f"{prefix}refiner: "
                 # the mask is the refiner's input too (it blends the base model's latents back outside it)
                 own = {key: v for key, v in (inputs or {}).items() if key in ("mask", "fit")} if part.mask is not None else None

@@ -33,6 +33,7 @@ from sdexport.manifest_schema import (
     FORMAT_VERSIONS,
     SCHEDULER_CONFIG,
     SCHEMA,
+    VAE_SCALING_DEFAULT,
     first_error,
     format_version_for,
 )
@@ -228,7 +229,7 @@ def load_manifest(directory: Path, *, verify_files: bool = True) -> Manifest:
 
         writer = writer_of(directory)  # (an export's first minutes: it was "no such engine directory", an audit)
         if writer is not None:
-            raise EngineDirError(f"{directory}: not there yet: another sdexport process ({writer}) is writing it; "
+            raise EngineDirError(f"{directory}: not there yet: another sdexport process (pid {writer}) is writing it; "
                                  "wait for it to finish")
         raise EngineDirError(f"{directory}: no such engine directory")
     path = directory / MANIFEST_NAME
@@ -384,7 +385,7 @@ def _check_vae_scaling(where: Path, directory: Path, manifest: Manifest) -> None
     an edited one decoded with its own value, unsaid, where diffusers and optimum read the config
     and draw another image from the same directory (an audit)."""
     config = _listed_config(directory, manifest, "vae_decoder")
-    found = config.get("scaling_factor", 0.18215) if config else None
+    found = config.get("scaling_factor", VAE_SCALING_DEFAULT) if config else None
     if (isinstance(found, int | float) and not isinstance(found, bool)
             and not math.isclose(found, manifest.vae_scaling_factor, rel_tol=1e-6)):
         raise EngineDirError(f"{where}: invalid manifest: vae_scaling_factor {manifest.vae_scaling_factor:g}, but "

@@ -25,6 +25,9 @@ on the Torch backend, which adds them again)."""
 FORMAT_VERSIONS = (FORMAT_VERSION, EMBEDDINGS_FORMAT_VERSION)
 WORD = r"[^\s:]+"
 """A textual inversion embedding's word: one token of text, as ``FILE:WORD`` can give it."""
+VAE_SCALING_DEFAULT = 0.18215
+"""A VAE config's ``scaling_factor`` where it gives none (diffusers' ``AutoencoderKL`` default): what
+export and adopt record as the manifest's ``vae_scaling_factor``, and what its check reads the config as."""
 
 
 def format_version_for(model: dict[str, Any]) -> int:

@@ -91,35 +91,26 @@ class Target:
 
 
 def refuse_if_held(target: Target) -> None:
-    """Refuse at once, before any heavy work, a target another sdexport process holds (``_locked``):
-    a probe that takes the lock only to let it go, and creates no lock file."""
-    path = _lock_path(target)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return  # no lock file (or none of ours): the job itself says what is wrong when it takes it
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _held_by(target.path, fd, target.or_another) from None
-    finally:
-        os.close(fd)
+    """Refuse at once, before any heavy work, a target another sdexport process holds (``_locked``)."""
+    holder = writer_of(target.path)
+    if holder is not None:
+        raise _held_by(target.path, holder, target.or_another)
 
 
 def writer_of(path: Path) -> str | None:
-    """The holder (``pid N``) of the lock beside ``path`` where another sdexport process is writing
-    it now, else None: what a reader of a target not there yet is told (an export's first minutes)."""
-    lock = path.parent / f".{path.name}{LOCK_SUFFIX}"
+    """The pid that the lock beside ``path`` names where another sdexport process holds it now, else
+    None (no lock file, or none of ours: the job itself says what is wrong when it takes it): a probe
+    that takes the lock only to let it go, and creates no lock file. Also what a reader of a target
+    not there yet is told (an export's first minutes)."""
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW)
+        fd = os.open(_lock_beside(path), os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return None
     except BlockingIOError:
-        return os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport ") or "unknown"
+        return _holder(fd)
     finally:
         os.close(fd)
 
@@ -155,13 +146,21 @@ def _running(text: bytes) -> bool:
 
 def _lock_path(target: Target) -> Path:
     """The lock file of ``target``, beside it (``_locked`` takes it; ``refuse_if_held`` probes it)."""
-    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+    return _lock_beside(target.path)
 
 
-def _held_by(path: Path, fd: int, or_another: str) -> SdexportError:
-    """The refusal of ``path``, whose lock file (open as ``fd``) another process holds, naming it;
-    ``or_another``: the refusal's end (``Target.or_another``)."""
-    holder = os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
+def _lock_beside(path: Path) -> Path:
+    return path.parent / f".{path.name}{LOCK_SUFFIX}"
+
+
+def _holder(fd: int) -> str:
+    """The pid a held lock file (open as ``fd``) names, "unknown" where it names none yet."""
+    return os.pread(fd, 64, 0).decode(errors="replace").strip().removeprefix("sdexport pid ") or "unknown"
+
+
+def _held_by(path: Path, holder: str, or_another: str) -> SdexportError:
+    """The refusal of ``path``, whose lock file the process ``holder`` (a pid) holds; ``or_another``:
+    the refusal's end (``Target.or_another``)."""
     return SdexportError(f"another sdexport process (pid {holder}) is writing {path}; wait for it to "
                          f"finish{or_another}")
 
@@ -436,7 +435,7 @@ def _locked(target: Target) -> Iterator[None]:
         try:
             _lock_now(fd)
         except BlockingIOError:
-            held = _held_by(target.path, fd, target.or_another)
+            held = _held_by(target.path, _holder(fd), target.or_another)
             os.close(fd)
             raise held from None
         if still_named(path, fd):
@@ -473,7 +472,7 @@ def not_a_lock_left_behind(path: Path) -> str | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # (a probe: a job taking it waits it out, _lock_now)
         except BlockingIOError:
             name = path.name.removeprefix(".").removesuffix(LOCK_SUFFIX)  # (the output may go elsewhere)
-            raise _held_by(path.parent / name, fd, " or choose another -o") from None
+            raise _held_by(path.parent / name, _holder(fd), " or choose another -o") from None
         return None
     finally:
         os.close(fd)

@@ -32,6 +32,7 @@ from sdexport.manifest import (
     adopted_record,
     is_sdexport_manifest,
 )
+from sdexport.manifest_schema import VAE_SCALING_DEFAULT
 from sdexport.models.outline import (
     SUPPORTED_PIPELINES,
     checkpoint_profile,
@@ -249,7 +250,7 @@ def adopt(
         graphs = {s.name: _read_graph(directory, s.name) for s in plan.specs}  # each parsed once here
         entries = {name: ComponentEntry(onnx=f"{name}/{GRAPH}", dtype=graph.dtype, parity=dict(_UNCHECKED))
                    for name, graph in graphs.items()}
-        scaling = plan.configs["vae"].get("scaling_factor", 0.18215)
+        scaling = plan.configs["vae"].get("scaling_factor", VAE_SCALING_DEFAULT)
         if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not scaling > 0:
             raise SdexportError(f"{directory}: vae_decoder/config.json scaling_factor {scaling!r} is not a positive number")
         scheduler = read_json(directory / SCHEDULER_CONFIG_FILE)

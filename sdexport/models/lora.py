@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 
 MAX_NAMED = 3
-"""Mismatches named in an error; the count says how many there were."""
+"""Names an error lists at most (mismatches, tensors); the count says how many there were."""
 UPSTREAM_LIMIT = 400
 """Characters of an upstream refusal kept (diffusers lists every key it could not rename:
 thousands of characters for a whole model's file)."""

@@ -269,7 +269,9 @@ def _outline(
     if problem:
         raise ModelLoadError(f"the model's scheduler config is not usable: {problem}")
     refuse_latent_statistics(family, vae, f"--vae {vae_path}" if vae_dir is not None else "the model's VAE")
-    scaling = vae.get("scaling_factor", 0.18215)
+    from sdexport.manifest_schema import VAE_SCALING_DEFAULT
+
+    scaling = vae.get("scaling_factor", VAE_SCALING_DEFAULT)
     if isinstance(scaling, bool) or not isinstance(scaling, int | float) or not math.isfinite(scaling) or scaling <= 0:
         raise ModelLoadError(f"the VAE config's scaling_factor {scaling!r} is not a positive number")
     try:

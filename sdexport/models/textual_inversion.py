@@ -33,8 +33,6 @@ if TYPE_CHECKING:
 FLAG = "--textual-inversion"
 SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
 """The tensors of an SDXL embedding file, by the text encoder that reads them."""
-MAX_NAMED = 3
-"""The tensors a refusal names, of a file that holds too many."""
 A1111_KEYS = frozenset({"emb_params", "string_to_param.*", "*"})
 """Names of an SD embedding's one tensor that are no word: A1111's, as converters to safetensors
 keep them."""
@@ -161,6 +159,7 @@ def _refuse_by_names(path: Path, names: list[str]) -> None:
     """Refuse, by its header's names before a weight is read, a file that is no embedding: none, a
     LoRA, ControlNet, VAE or whole model, or more tensors than an embedding's one (SD 1.x/2.x) or
     two (SDXL), named a few at most (a model's thousand made a line of 52 KB, an audit)."""
+    from sdexport.models.lora import MAX_NAMED
     from sdexport.models.outline import UNET_BLOCKS, weights_kind
 
     if not names:
