@@ -36,6 +36,7 @@ from sdexport.runtime.schedulers import scheduler_names
 if TYPE_CHECKING:
     from sdexport.runtime.ensemble import Ensemble
     from sdexport.runtime.request import GenerationRequest
+    from sdexport.shapes import ShapeProfile
 
 _Default = TypeVar("_Default", bound=float | None)
 
@@ -479,10 +480,10 @@ def run(
     manifest = load_manifest(engine_dir, verify_files=False)
     profile = manifest.shape_profile
     # a flag given is a flag meant: one naming its default (--adapter-scale 1) is refused where nothing
-    # reads it too, as the request alone cannot tell it from no flag
-    if not manifest.controlnets and (control_mode or control_scale or control_start or control_end):
+    # reads it too, as the request alone cannot tell it from no flag; images refused before they are read
+    if not manifest.controlnets and (control_image or control_mode or control_scale or control_start or control_end):
         raise no_controlnet()
-    if not manifest.adapters and (adapter_scale or adapter_factor):
+    if not manifest.adapters and (adapter_image or adapter_scale or adapter_factor):
         raise no_adapter()
     if len(prompt) * batch > MAX_IMAGES_PER_RUN:  # before making a list of that many prompts
         raise SdexportError(f"{len(prompt) * batch} images in one run: at most {MAX_IMAGES_PER_RUN}; run several times")
@@ -500,6 +501,8 @@ def run(
     if guidance and len(guidance) not in (1, len(prompts)):
         raise SdexportError(f"{len(guidance)} --guidance for {len(prompts)} image{'s' if len(prompts) > 1 else ''}: "
                             "give one, or one per image")
+    if height is None and width is None:  # an image gives the size: one far too large is refused undecoded
+        _refuse_oversized(init_path, control_image, adapter_image, profile, fit)
     images, inputs = _image_inputs(init_path, mask_path, height, width, fit)
     controls = _condition_images(control_image, height, width, "--control-image", masked_init=True)
     adapters = _condition_images(adapter_image, height, width, "--adapter-image")
@@ -760,6 +763,29 @@ def _image_inputs(init_image: Path | None, mask: Path | None, height: int | None
             raise SdexportError(f"--mask {mask} is {sizes[1]} (HxW), --init-image {init_image} {sizes[0]}: give a mask "
                                 "of the init image's size, or --fit resize / --fit crop to fit both to --height/--width")
     return images, inputs
+
+
+def _refuse_oversized(init_image: Path | None, control_image: list[str] | None, adapter_image: list[str] | None,
+                      profile: ShapeProfile, fit: str) -> None:
+    """Refuse the image whose size a run without --height/--width takes (``sizing_image``'s: the init
+    image, else the first control image, else the first adapter image) where its header declares a
+    size larger than the profile's in both orientations (its EXIF orientation may turn it), before it
+    is decoded: a 13000x13000 photo took 12 s and 2 GB to be refused (an audit). Other sizes are
+    refused, as ever, after it is read (``check_request``)."""
+    from sdexport.runtime.image_inputs import read_image_size, sized_by
+    from sdexport.runtime.request import MASKED_INIT
+
+    for flag, name, paths in (("--init-image", "init_image", [str(init_image)] if init_image else []),
+                              ("--control-image", "control_image", [p for p in control_image or [] if p != MASKED_INIT]),
+                              ("--adapter-image", "adapter_image", adapter_image or [])):
+        if not paths or not paths[0].strip():  # (an empty path is refused where it is read)
+            continue
+        width, height = read_image_size(Path(paths[0]), flag)
+        highest, widest = profile.height[2], profile.width[2]
+        if not (height <= highest and width <= widest) and not (width <= highest and height <= widest):
+            raise ProfileError(f"{flag} {paths[0]} is {height}x{width} (HxW), larger than the engines' profile "
+                               f"takes: height at most {highest}, width at most {widest} ({sized_by(name, fit)})")
+        return
 
 
 def _condition_images(values: list[str] | None, height: int | None, width: int | None, flag: str, *,

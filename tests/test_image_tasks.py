@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -249,7 +251,14 @@ def files(tmp_path) -> dict[str, Path]:
     picture(96, 200, 1).save(paths["wide"])
     box_mask(64, 128).save(paths["mask"])
     paths["broken"].write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    paths["huge"] = tmp_path / "huge.png"  # a header declaring 13000x13000, its pixels cut short: never decoded
+    paths["huge"].write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 13000, 13000, 8, 2, 0, 0, 0))
+                              + png_chunk(b"IDAT", zlib.compress(b"\0" * 100)))
     return paths
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
@@ -289,6 +298,13 @@ def test_cli_img2img_and_inpainting(engine_dirs, files, tmp_path, capsys):
         (["--init-image", "{image}", "--height", "64", "--width", "64"],
          "is 64x128 (HxW), the request 64x64: pass --height 64 --width 128"),
         (["--init-image", "{wide}"], "(the size of --init-image; give --height and --width with --fit"),
+        # refused from its header, before it is decoded (else "not a readable image": truncated)
+        (["--init-image", "{huge}"], ("--init-image {huge} is 13000x13000 (HxW), larger than the engines' profile takes: "
+                                      "height at most 256, width at most 256 (the size of --init-image; give --height "
+                                      "and --width with --fit")),
+        (["--init-image", "{huge}", "--height", "64", "--width", "64", "--fit", "crop"], "not a readable image"),
+        (["--control-image", "{broken}"], "need an engine directory exported with --controlnet"),  # before it is read
+        (["--adapter-image", "{huge}"], "need an engine directory exported with --adapter"),
         (["--init-image", "{wide}", "--height", "64", "--width", "64"],  # its own size is not suggested
          "is 96x200 (HxW), the request 64x64: pass --fit resize / --fit crop to make it fit (its own size is no multiple"),
         (["--init-image", "{wide}", "--fit", "crop"], "give --height and --width: --fit crop fits the image to them)"),
@@ -309,7 +325,7 @@ def test_cli_refuses_bad_image_inputs_in_one_line(engine_dirs, files, tmp_path, 
     out = tmp_path / "never.png"
     assert run_cli("run", engine_dirs["tiny"], "-p", "x", *[a.format(**values) for a in args], "-o", out) == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
+    assert message.format(**values) in err and len(err.splitlines()) == 1, err
     assert not out.exists()
 
 
