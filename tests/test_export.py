@@ -960,3 +960,44 @@ def test_a_part_for_a_component_the_export_leaves_out_is_refused(tiny_diffusers_
     err = " ".join(capsys.readouterr().err.split())
     assert words in err and "Loading" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model, dtype, components, left", [
+    ("tiny-sdxl", "fp16", "text_encoder,text_encoder_2,unet,vae_decoder", "vae_decoder_fp32"),
+    ("tiny-sdxl", "fp16", "unet,vae_decoder,vae_encoder,vae_decoder_fp32", "vae_encoder_fp32"),
+    ("tiny-sdxl", "fp16", "vae_decoder,vae_encoder", "vae_decoder_fp32 and vae_encoder_fp32"),
+    ("tiny-sdxl", "fp16", "vae_decoder,vae_decoder_fp32", None),
+    ("tiny-sdxl", "fp16", "unet", None),  # no VAE graph: none of its fp32 twins is missed
+    ("tiny-sdxl", "fp16", None, None),
+    ("tiny-sdxl", "fp32", "vae_decoder", None),  # fp32 already
+    ("tiny", "fp16", "vae_decoder", None),  # SD's pipelines ignore force_upcast
+])
+def test_an_fp16_sdxl_export_leaving_out_its_fp32_vae_says_so(tmp_path: Path, model, dtype, components, left):
+    """An fp16 SDXL export whose --components left out vae_decoder_fp32 ran the fp16 decoder, which
+    SDXL's own VAE overflows (its config sets force_upcast), and said nothing until a run refused
+    the NaN after every step (an audit)."""
+    from sdexport.export.plan import ExportOptions, fp32_vae_note, plan_export
+
+    plan = plan_export(model, tmp_path / "out", ExportOptions(dtype=dtype, components=components.split(",")
+                                                              if components else None))
+    note = fp32_vae_note(plan, dtype)
+    if left is None:
+        assert note is None
+    else:
+        assert note is not None and note.startswith(f"--components leaves out {left}, while the VAE's config sets "
+                                                    "force_upcast"), note
+        assert note.endswith(f"add {left.replace(' and ', ',')} to --components, or export with an fp16-safe --vae")
+
+
+def test_an_fp16_safe_vae_is_not_noted(tiny_diffusers_dir: Path, tmp_path: Path):
+    """A VAE whose config turns force_upcast off (madebyollin's fp16 fix) runs in fp16 as diffusers runs it."""
+    from sdexport.export.plan import ExportOptions, fp32_vae_note, plan_export
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_diffusers_dir / "vae", vae)
+    config = json.loads((vae / "config.json").read_text())
+    (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025, "force_upcast": False}))
+    options = ExportOptions(dtype="fp16", components=["vae_decoder"], vae=str(vae))
+    assert fp32_vae_note(plan_export("tiny-sdxl", tmp_path / "out", options), "fp16") is None
+    options = ExportOptions(dtype="fp16", components=["vae_decoder"])
+    assert fp32_vae_note(plan_export("tiny-sdxl", tmp_path / "out", options), "fp16") is not None

@@ -33,6 +33,7 @@ from sdexport.export.plan import (
     LAYER_NORM_OPSET,
     ExportOptions,
     VerifyMode,
+    fp32_vae_note,
     plan_export,
 )
 from sdexport.export.trace import trace_to_onnx
@@ -82,6 +83,8 @@ def export(model_ref: str | os.PathLike[str], out_dir: str | os.PathLike[str], o
         console.print(f"[yellow]note:[/] --opset {options.opset} has no LayerNormalization: the fp16 graphs compute "
                       f"LayerNorm's variance in fp16, which overflows where an activation strays 256 from its "
                       f"mean; --opset {LAYER_NORM_OPSET} or later computes it in float32", soft_wrap=True)
+    if note := fp32_vae_note(plan, options.dtype):
+        console.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     from sdexport.runtime.onnxruntime_backend import require_provider
 
     require_provider("cpu")  # verification and fp16 conversion run on onnxruntime

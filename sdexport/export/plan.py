@@ -27,6 +27,7 @@ from sdexport.specs import (
     check_clip_skip,
     components_for,
     controlnet_index,
+    is_sdxl,
     text_encoders,
 )
 
@@ -136,6 +137,25 @@ def plan_export(model_ref: str, out_dir: Path, options: ExportOptions) -> Export
     plan = ExportPlan(outline, profile, specs, controlnets, adapters)
     refuse_if_held(check_target(out_dir, ENGINE_DIR, replace=options.force, protected=plan.sources))  # at once
     return plan
+
+
+def fp32_vae_note(plan: ExportPlan, dtype: str) -> str | None:
+    """A note where an fp16 SDXL export's --components leaves out the fp32 VAE graph beside a VAE
+    graph it exports, and the VAE's config sets force_upcast: the runtime then runs the fp16 one,
+    which overflows with SDXL's own VAE weights (NaN: refused at run time, in the decoder's case
+    after every step has run). Not refused: an fp16-safe VAE that still sets the flag runs fine."""
+    from sdexport.build.vae_upcast import FP32_VAE
+
+    if dtype != "fp16" or not is_sdxl(plan.outline.family) or not plan.outline.vae_force_upcast:
+        return None
+    names = {s.name for s in plan.specs}
+    left = [fp32 for part, fp32 in FP32_VAE.items() if part in names and fp32 not in names]
+    if not left:
+        return None
+    return (f"--components leaves out {' and '.join(left)}, while the VAE's config sets force_upcast (diffusers' "
+            f"SDXL pipelines run it in fp32: SDXL's own VAE overflows fp16), so the fp16 "
+            f"{' and '.join(n.removesuffix('_fp32') for n in left)} will run, and an overflow is refused at run time; "
+            f"add {','.join(left)} to --components, or export with an fp16-safe --vae")
 
 
 def _check_parts_exported(options: ExportOptions, specs: list[ComponentSpec]) -> None:

@@ -91,6 +91,9 @@ class ModelOutline:
     """Each text encoder's width, by name: a ``--textual-inversion`` file's vectors must have it."""
     text_problem: str = ""
     """Why ``text_layers`` and ``text_widths`` are empty: a text encoder config that cannot be read."""
+    vae_force_upcast: bool = False
+    """The VAE's config sets ``force_upcast`` (AutoencoderKL's default): diffusers' SDXL pipelines
+    run it in fp32 (``build.vae_upcast``), so an fp16 SDXL export carries fp32 VAE graphs."""
 
     @property
     def image_multiple(self) -> int:
@@ -287,6 +290,7 @@ def _outline(
             scheduler_config=dict(scheduler),
             inpainting=_inpainting(unet, vae),
             unet_config=dict(unet),
+            vae_force_upcast=bool(vae.get("force_upcast", True)),
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         what = f"lacks a usable {one_line(exc)}" if isinstance(exc, KeyError) else f"has a value sdexport cannot read ({one_line(exc)})"
