@@ -117,6 +117,10 @@ def test_rows_take_the_cli_defaults_and_read_float32_as_typed():
     ({"prompt": np.array([[b"  "]], dtype=object)}, "prompt: empty"),
     ({"guess_mode": np.array([[0.5]], dtype=np.float32)}, "guess_mode 0.5: expected true or false"),
     ({"mask": _png(64, 64)}, "^mask needs init_image: inpainting repaints part of a given image"),  # not its size first
+    # a name of a megabyte is not echoed whole (it came back in the error)
+    ({"scheduler": "x" * 1_000_000}, (r"^scheduler: 1000000 characters \('x{20}'\.\.\.\), no name it takes; send "
+                                      r"one of the names `sdexport run --help` lists for --scheduler$")),
+    ({"emphasis": "é" * 101}, r"^emphasis: 101 characters \('é{20}'\.\.\.\), no name it takes"),
 ])
 def test_malformed_rows_are_refused_in_one_line(params, message):
     from sdexport.serving.requests import decode_rows

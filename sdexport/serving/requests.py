@@ -354,15 +354,27 @@ def _or(value: Any, default: Any) -> Any:
     return default if value is None else value
 
 
+NAMED_INPUTS = ("scheduler", "fit", "emphasis")
+"""Inputs whose value is one of a few names: the refusal of an unknown one echoes it."""
+LONGEST_NAME = 100
+"""Characters a ``NAMED_INPUTS`` value may have: longer, it is no name, and is refused without
+being echoed (an unknown scheduler of 1 MB came back whole in the error, an audit)."""
+
+
 def _text(value: Any, name: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return value
-    try:
-        return bytes(value).decode("utf-8")
-    except (UnicodeDecodeError, TypeError):
-        raise SdexportError(f"{name}: not UTF-8 text") from None
+        text = value
+    else:
+        try:
+            text = bytes(value).decode("utf-8")
+        except (UnicodeDecodeError, TypeError):
+            raise SdexportError(f"{name}: not UTF-8 text") from None
+    if name in NAMED_INPUTS and len(text) > LONGEST_NAME:
+        raise SdexportError(f"{name}: {len(text)} characters ({text[:20]!r}...), no name it takes; send one of the "
+                            f"names `sdexport run --help` lists for --{name}")
+    return text
 
 
 def _flag(value: Any, name: str) -> bool:
