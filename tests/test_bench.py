@@ -1016,7 +1016,7 @@ def test_peak_device_memory_is_given_above_the_floor():
     staged = {key: {"median": 0.2, "samples": [0.2] * 5} for key in ("text_encoder_s", "unet_step_s",
                                                                          "vae_decoder_s", "loop_overhead_s")}
     staged["e2e_s"] = {"median": 0.6, "samples": [0.6] * 5}  # (the three stages' sum: no note of theirs)
-    assert case_warnings([{**unread, **staged, "unet_calls": 0}], "diffusers") == [
+    assert case_warnings([{**unread, **staged, "unet_calls": 0}], None) == [
         "> ⚠ **tensorrt**: device memory not sampled: NVML is not installed."]
 
 
@@ -1056,9 +1056,9 @@ def test_a_contender_that_began_with_others_left_overs_is_said_to(monkeypatch):
     assert memory["device_floor_mb"] == 600 and memory["device_left_over_mb"] == 300
     row = {"contender": "torch", "e2e_s": {"median": 1.0, "samples": [1.0] * 5}, "memory": memory,
            "unet_step_s": {"median": 1.0, "samples": [1.0]}, "unet_calls": 1}
-    [note] = case_warnings([row], "diffusers")
+    [note] = case_warnings([row], None)
     assert note.startswith("> ⚠ **torch** began with 300 MiB more in use on the device than the first contender")
-    assert case_warnings([{**row, "memory": {**memory, "device_left_over_mb": 100.0}}], "diffusers") == []
+    assert case_warnings([{**row, "memory": {**memory, "device_left_over_mb": 100.0}}], None) == []
     with measure.MemorySampler(interval=0.001, floor=600 << 20, device=False) as on_the_host:
         pass
     host = on_the_host.to_dict()  # onnxruntime-cpu on a GPU machine: neither its figure nor "not sampled"
@@ -1716,3 +1716,96 @@ def test_the_slow_unet_hook_takes_zero_seconds_and_names_only_runtime_contenders
     monkeypatch.setenv("SDEXPORT_TEST_SLOW_UNET", "diffusers=0.1")
     with pytest.raises(SdexportError, match="'diffusers' is not a runtime contender of this benchmark"):
         slow_unet_hook(["diffusers", "torch"])
+
+
+def test_given_engines_with_another_controlnet_adapter_or_vae_are_refused(tmp_path):
+    """Only the ControlNets' and adapters' counts were compared: engines exported with another
+    ControlNet, or with an fp16-safe --vae, were timed against a baseline running the scenario's
+    parts under their names (PSNR 6 dB, and no word why; an audit)."""
+    from types import SimpleNamespace
+
+    from sdexport.bench.plan import _check_parts_made_from
+
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "config.json").write_text('{"_class_name": "ControlNetModel"}')
+    (net / "diffusion_pytorch_model.safetensors").write_bytes(b"weights of one ControlNet")
+    copy, other = tmp_path / "copy", tmp_path / "other"
+    shutil.copytree(net, copy)
+    shutil.copytree(net, other)
+    (other / "diffusion_pytorch_model.safetensors").write_bytes(b"weights of another")
+    from sdexport.models.source_files import fingerprint
+
+    files = fingerprint([net / "diffusion_pytorch_model.safetensors"])
+
+    def check(records: list[dict], given: list[str], **source) -> None:
+        scenario = load_scenario_text(tmp_path, 'model = "tiny"\ncontrolnets = ' + json.dumps(given))
+        manifest = SimpleNamespace(model={"source": {"kind": "preset", "name": "tiny", "controlnets": records,
+                                                     "files": files, **source}})
+        _check_parts_made_from("--engine-dir", tmp_path / "engines", manifest, scenario)
+
+    preset = {"kind": "preset", "name": "tiny-controlnet", "seed": 0}
+    check([preset], ["tiny-controlnet"])
+    check([{"kind": "diffusers", "path": str(net)}], [str(copy)])  # a copy elsewhere: the same by its sha256
+    for records, given, said in (
+        ([{**preset, "seed": 1}], ["tiny-controlnet"], ("its ControlNet 1 was exported from preset tiny-controlnet "
+                                                       "(seed 1), not from the scenario's tiny-controlnet")),
+        ([{"kind": "diffusers", "path": str(net)}], [str(other)], f"exported from {net}, not from the scenario's {other}"),
+        ([preset], [str(copy)], f"exported from preset tiny-controlnet, not from the scenario's {copy}"),
+    ):
+        with pytest.raises(SdexportError, match=re.escape(said)):
+            check(records, given)
+    with pytest.raises(SdexportError, match=re.escape(f"was exported with --vae {tmp_path / 'vae'}, and a scenario's "
+                                                      "baseline runs its model's own VAE")):
+        check([preset], ["tiny-controlnet"], vae=str(tmp_path / "vae"))
+    check([], ["tiny-controlnet"], kind="onnx")  # an adopted export records none: taken on trust
+
+
+def load_scenario_text(folder: Path, text: str):
+    path = folder / "scenario.toml"
+    path.write_text(text)
+    return load_scenario(path)
+
+
+def test_an_fp16_baseline_on_a_cpu_computes_in_fp32_and_the_setup_line_says_so(monkeypatch):
+    """The diffusers baseline ran PyTorch's fp16 kernels on a CPU, where the runtime's Torch backend
+    computes fp32, and the report gave every contender a 45-68x speedup over it (an audit)."""
+    import torch
+
+    from sdexport.bench import contenders, reference
+    from sdexport.bench.report import markdown
+
+    seen = {}
+    monkeypatch.setattr(reference, "DiffusersReference", lambda model, *, device, dtype, compile: seen.update(dtype=dtype))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    contenders.BaselineContender("diffusers", object(), "fp16")
+    assert seen["dtype"] == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    contenders.BaselineContender("diffusers", object(), "fp16")
+    assert seen["dtype"] == torch.float16
+    report = synthetic_bench_report([], None, family="sd", precision="fp16", device="cpu")
+    assert ("precision fp16 (on a CPU, PyTorch computes in fp32: the baseline and the Torch backend), warm-up 1"
+            in markdown(report))
+    assert "precision fp16, warm-up 1" in markdown({**report, "device": "cuda"})
+
+
+def test_a_baseline_not_measured_is_said_on_its_line_and_under_each_case_it_missed():
+    """The header claimed a baseline and the tables showed "–" for every speedup with no word why."""
+    from sdexport.bench.report import markdown
+
+    def entry(contender: str, batch: int) -> dict:
+        stats = {"median": 1.0, "min": 1.0, "max": 1.0, "n": 1, "samples": [1.0]}
+        return {"contender": contender, "status": "measured", "case": {"batch": batch, "steps": 2, "height": 64,
+                                                                       "width": 64},
+                "e2e_s": stats, "memory": {"host_rss_peak_mb": 100.0}, "images_per_s": 1.0, "it_per_s": 2.0, "unet_calls": 2,
+                **{stage: stats for stage in ("text_encoder_s", "unet_step_s", "vae_decoder_s", "loop_overhead_s")}}
+
+    failed = {"contender": "diffusers", "status": "failed", "reason": "RuntimeError: out of memory",
+              "case": {"batch": 2, "steps": 2, "height": 64, "width": 64}}
+    text = markdown(synthetic_bench_report([entry("diffusers", 1), entry("torch", 1), failed, entry("torch", 2)],
+                                           "diffusers", family="sd"))
+    assert text.count("**No speedup or agreement figures**: diffusers, the baseline, was not measured in this case "
+                      "(see Not measured).") == 1
+    assert "not measured in any case" not in text
+    text = markdown(synthetic_bench_report([{k: v for k, v in failed.items() if k != "case"}, entry("torch", 1)], "diffusers", family="sd"))
+    assert "same run); not measured in any case (see Not measured): no speedup or agreement figures" in text

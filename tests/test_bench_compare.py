@@ -1185,3 +1185,23 @@ def test_every_setting_a_scenario_states_besides_its_cases_and_counts_is_a_workl
     measuring = {"name", "description", "batch", "steps", "warmup", "repeats", "contenders"}
     assert set(WORKLOAD_FIELDS) == set(Scenario.__dataclass_fields__) - measuring
     assert len(WORKLOAD_FIELDS) == len(set(WORKLOAD_FIELDS))
+
+
+def test_the_psnr_floor_does_not_pass_a_case_whose_baseline_was_not_measured(tmp_path):
+    """A contender measured where the baseline failed (out of memory at batch 2) has no PSNR: the
+    floor skipped it, and it read "no change" (an audit). Not judged, and failing under --fail-unjudged."""
+    from sdexport.bench.compare import markdown
+
+    failed = {"contender": "diffusers", "status": "failed", "reason": "RuntimeError: out of memory",
+              "case": {"batch": 2, "steps": 10, "height": 64, "width": 64}}
+    report = {**_report([_entry("diffusers", TIGHT, psnr=None), _entry("torch", TIGHT), failed,
+                         _entry("torch", TIGHT, batch=2, psnr=None)]), "baseline": "diffusers"}
+    comparison = _compare(tmp_path, report, report, Gate(min_psnr=30))
+    rows = {(r["contender"], r["batch"]): r for r in comparison["rows"]}
+    assert rows["torch", 1]["status"] == "no change" and rows["diffusers", 1]["status"] == "no change"
+    assert rows["torch", 2]["status"] == "not judged" and comparison["passed"]
+    assert ("no PSNR to hold to the 30 dB floor: diffusers was not measured in this case in the new run"
+            in rows["torch", 2]["reasons"])
+    assert "(too few repeats)" not in markdown(comparison)  # (its repeats were enough)
+    assert not _compare(tmp_path, report, report, Gate(min_psnr=30, fail_unjudged=True))["passed"]
+    assert _row(_compare(tmp_path, report, report), "torch")["status"] == "no change"  # no floor: nothing to judge

@@ -418,12 +418,12 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
             row.status = "within noise"  # it read "no change", an audit; a noisy speed-up stays "no change")
             row.reasons.append(f"beyond the {gate.max_slowdown * 100:g}% gate, but the interval reaches zero, so it "
                                "passes; raise --repeats to tell")
-        _agreement(row, old.get("agreement") or {}, now.get("agreement") or {}, gate)
+        _agreement(row, old.get("agreement") or {}, now.get("agreement") or {}, gate, new.get("baseline"))
         rows.append(row)
     for key in new_measured.keys() - base_measured.keys():
         reason = base_reasons.get(key) or base_reasons.get((key[0], None, None))
         row = Row(*key, "new", ["not measured in the baseline" + (f" ({reason})" if reason else "")])
-        _agreement(row, {}, new_measured[key].get("agreement") or {}, gate)  # new to the gate, not to its floor
+        _agreement(row, {}, new_measured[key].get("agreement") or {}, gate, new.get("baseline"))  # (and its floor)
         rows.append(row)
     # What neither run measured is shown, not dropped: a contender that failed in the baseline is
     # gated by nothing until a run measures it (a case of a contender either run measured has its row).
@@ -437,9 +437,12 @@ def compare_rows(baseline: dict[str, Any], new: dict[str, Any], gate: Gate) -> l
     return sorted(rows, key=lambda r: (r.batch or 0, r.steps or 0, r.contender))
 
 
-def _agreement(row: Row, old: dict[str, Any], new: dict[str, Any], gate: Gate) -> None:
+def _agreement(row: Row, old: dict[str, Any], new: dict[str, Any], gate: Gate, judge: str | None = None) -> None:
     """``row``'s image agreement, baseline → new, and the PSNR floor on the new run's (a contender
-    new in it included: one that a merge request fixed, drawing garbage, is what the floor is for)."""
+    new in it included: one that a merge request fixed, drawing garbage, is what the floor is for).
+    ``judge``: the new run's baseline contender, whose own rows have no agreement; another row
+    without any (the baseline failed in that case) is not judged by the floor, and says so: it read
+    "no change" (an audit)."""
     if new or old:
         row.agreement = {"psnr_db_baseline": old.get("psnr_db"), "psnr_db_new": new.get("psnr_db"),
                          "latents_rel_l2_baseline": old.get("latents_rel_l2"),
@@ -448,6 +451,11 @@ def _agreement(row: Row, old: dict[str, Any], new: dict[str, Any], gate: Gate) -
     if gate.min_psnr is not None and new and not (isinstance(psnr, (int, float)) and psnr >= gate.min_psnr):
         row.status = "regression"
         row.reasons.append(f"PSNR {_db(psnr)} dB against {new.get('baseline')}, under the {gate.min_psnr:g} dB floor")
+    elif gate.min_psnr is not None and not new and judge and row.contender != judge:
+        if row.status not in ("regression", "not judged"):
+            row.status, row.must_judge = "not judged", gate.fail_unjudged
+        row.reasons.append(f"no PSNR to hold to the {gate.min_psnr:g} dB floor: {judge} was not measured in this case "
+                           "in the new run")
 
 
 def _versions(report: dict[str, Any]) -> dict[str, Any]:
@@ -550,8 +558,9 @@ def markdown(comparison: dict[str, Any]) -> str:
     missing = sum(r.status == "missing" for r in rows)
     unjudged = sum(r.status == "not judged" for r in rows)
     failing_unjudged = sum(r.status == "not judged" and r.failed for r in rows)
-    why = " (too few repeats)" if all(r.e2e is not None for r in rows if r.status == "not judged") else ""  # (else
-    # the reference was missing in a case: --relative-to; the rows say which)
+    why = (" (too few repeats)" if all(r.e2e is not None and r.e2e.verdict == "too few repeats"
+                                       for r in rows if r.status == "not judged") else "")  # (else the reference
+    # was missing in a case, --relative-to, or the baseline, --min-psnr: the rows say which)
     counts = ([f"{slower} regression{'s' * (slower != 1)}"] * bool(slower) + [f"{missing} missing"] * bool(missing)
               + [f"{failing_unjudged} not judged{why}"] * bool(failing_unjudged))
     noisy = sum(r.status == "within noise" for r in rows)

@@ -127,6 +127,9 @@ def case_warnings(rows: list[dict[str, Any]], baseline: str | None, command_line
     timed runs that include a first call (``warmup`` 0).
     ``command_line``: the flags that replaced scenario values (the advice names the one that set it)."""
     notes = []
+    if baseline and rows and not any(r["contender"] == baseline for r in rows):
+        notes.append(f"**No speedup or agreement figures**: {baseline}, the baseline, was not measured in this case "
+                     "(see Not measured).")
     if warmup == 0 and rows:
         where = "`--warmup 0`" if "--warmup" in (command_line or {}) else "`warmup = 0` in the scenario"
         notes.append(f"**No warm-up run** ({where}): each contender's first timed run is its first call at these "
@@ -302,7 +305,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"- Date: {env['date']}",
         (
             f"- Setup: {scenario['height']}×{scenario['width']}, scheduler {scenario['scheduler']}, guidance "
-            f"{scenario['guidance']}, precision {report['precision']}, warm-up {scenario['warmup']}, "
+            f"{scenario['guidance']}, precision {report['precision']}"
+            + (" (on a CPU, PyTorch computes in fp32: the baseline and the Torch backend)"
+               if report["precision"] == "fp16" and report.get("device") == "cpu" else "")
+            + f", warm-up {scenario['warmup']}, "
             + _image_task_words(scenario, report.get("family"))
             + (f"{len(scenario['controlnets'])} ControlNet(s) ({', '.join(scenario['controlnets'])}) on a synthetic "
                f"edge map at scale {scenario.get('control_scale', 1.0)}"
@@ -314,6 +320,9 @@ def markdown(report: dict[str, Any]) -> str:
             + f"prompt \"{scenario['prompt']}\""
         ),
         (f"- Baseline: {report['baseline']} (speedup = baseline median end-to-end / contender's, same run)"
+         + ("; not measured in any case (see Not measured): no speedup or agreement figures"
+            if not any(r["contender"] == report["baseline"] and r["status"] == "measured" for r in report["results"])
+            else "")
          if report["baseline"] else "- Baseline: none measured (no speedup column figures; add `diffusers` to the "
          "contenders for one)"),
         *([_command_line_words(report["command_line"])] if report.get("command_line") else []),

@@ -45,6 +45,26 @@ def source_weight_files(source: Mapping[str, Any], modules: Iterable[str]) -> li
     return files
 
 
+def part_made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None,
+                   files: Mapping[str, str]) -> bool | None:
+    """``made_from`` for a ControlNet or T2I-Adapter record of a manifest's ``model.source``
+    (``part_sources.part_record``): a preset by name (its default seed), a directory by path, or by
+    its weight files' sha256 among the manifest's ``files`` where the paths differ. None where the
+    manifest cannot tell."""
+    kind = recorded.get("kind")
+    if preset is not None or kind == "preset":
+        return kind == "preset" and recorded.get("name") == preset and recorded.get("seed", 0) == 0
+    if path is None or not isinstance(recorded.get("path"), str):
+        return None
+    root, here = Path(recorded["path"]), path.resolve()
+    if root.resolve() == here:
+        return True
+    theirs = [sha for name, sha in files.items() if Path(name).is_relative_to(root)]
+    if not theirs:
+        return None
+    return sorted(fingerprint(weight_files(here, "diffusers")).values()) == sorted(theirs)
+
+
 def fingerprint(files: Iterable[Path]) -> dict[str, str]:
     """``{absolute path: sha256}`` of ``files``, by the paths the loader reads (a symbolic link is
     hashed through, and a link pointed elsewhere later is another file's hash), each hash recorded
