@@ -454,6 +454,27 @@ def test_img2img_and_the_cli_agree_on_an_init_image_served_as_bytes(served, tiny
     np.testing.assert_array_equal(generated[0].pixels, np.asarray(Image.open(out).convert("RGB")))
 
 
+def test_inpainting_several_images_of_one_init_image_is_runs_beside_another_request(served, tiny_engine_dir, tmp_path):
+    """run samples one init image once, with the first image's seed, and shares it, as diffusers'
+    inpaint pipelines do; the server gave each row its own copy, so image 2 on was sampled with its
+    own seed and differed from run's in 98% of its pixels (an audit). Another request's rows, here
+    one sending the same bytes, must not join the call and change that."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    init = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    (tmp_path / "init.png").write_bytes(_png_of(init))
+    (tmp_path / "mask.png").write_bytes(_png(64, 64))
+    flags = ["--steps", "3", "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--backend", BACKEND]
+    assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "--seed", "5", *flags, "-o", tmp_path / "two.png") == 0
+    assert run_cli("run", tiny_engine_dir, "-p", "c", "--seed", "9", *flags, "-o", tmp_path / "one.png") == 0
+    both, alone = served.generate([_inputs(["a", "b"], steps=3, seed=[5, 6], init_image=_png_of(init), mask=_png(64, 64)),
+                                   _inputs(["c"], steps=3, seed=[9], init_image=_png_of(init), mask=_png(64, 64))])
+    assert not isinstance(both, str) and not isinstance(alone, str)
+    for generated, name in ((both[0], "two-0.png"), (both[1], "two-1.png"), (alone[0], "one.png")):
+        np.testing.assert_array_equal(generated.pixels, np.asarray(Image.open(tmp_path / name).convert("RGB")))
+
+
 @pytest.mark.parametrize("side", [0, -64, 50_000])
 def test_a_size_is_checked_before_an_init_image_is_resized_to_it(served, side):
     """A resize to 0 would raise inside Pillow, one to 50000² would allocate gigabytes first."""
@@ -868,6 +889,13 @@ def test_the_client_numbers_seeds_as_run_does_and_always_sends_the_batching_inpu
     for given in (dict(height="4294967424", width=128), dict(seed=["-1"]), dict(guidance="5")):
         with pytest.raises(ValueError, match=r"is text; give a number$"):
             infer_inputs(["a"], http, **given)
+    # None for one image of several: "not given" where the whole input is None, it went as the text
+    # "None" (a negative prompt) or NaN (a guidance the server refused in words never sent), an audit
+    for given, message in ((dict(negative_prompt=["x", None]), (r"^negative_prompt: None for one image; give every "
+                                                                r"image a value \('' for no text\)$")),
+                           (dict(guidance=[7.5, None]), r"^guidance: None for one image; give every image a value$")):
+        with pytest.raises(ValueError, match=message):
+            infer_inputs(["a", "b"], http, **given)
     inputs = {i.name(): i for i in infer_inputs(["a", "b"], http, seed=range(3, 5), guidance=np.array([5.0, 6.0]))}
     assert inputs["seed"].shape() == inputs["guidance"].shape() == [2, 1]
     # an image given as a path went as its text, a PIL image as its pixels: the server's "not a
@@ -1369,7 +1397,8 @@ def test_the_client_refuses_an_answer_without_the_images(monkeypatch):
 
     _fake_triton(monkeypatch, [None, np.array([[PNG]], dtype=object), np.array([[b""]], dtype=object),
                                np.array([[b"<html>502 Bad Gateway</html>"]], dtype=object),
-                               np.array([PNG], dtype=object), np.array([[PNG + b"..."]], dtype=object)])
+                               np.array([PNG], dtype=object), np.array([[5]], dtype=np.int32),
+                               np.array([[PNG + b"..."]], dtype=object)])
     with pytest.raises(RuntimeError, match=r"^localhost:1: the server answered without an image output$"):
         generate("localhost:1", "a cat")
     with pytest.raises(RuntimeError, match=r"answered 1 image\(s\) for 2 prompt\(s\)$"):
@@ -1381,6 +1410,8 @@ def test_the_client_refuses_an_answer_without_the_images(monkeypatch):
         generate("localhost:1", "a cat")
     with pytest.raises(RuntimeError, match=r"answered images of shape \[1\], not \[N, 1\]$"):
         generate("localhost:1", "a cat")
+    with pytest.raises(RuntimeError, match=r"answered an image that is not a PNG file \(it begins 'int32'\)$"):
+        generate("localhost:1", "a cat")  # (len() of a number was a TypeError, an audit)
     assert generate("localhost:1", "a cat") == [PNG + b"..."]
 
 

@@ -110,6 +110,10 @@ def _held(name: str, value: Any, dtype: str) -> Any:
     image of values never asked for (a whole float, 20.0, is its int)."""
     import numpy as np
 
+    if value is None:  # (left out altogether it means "not given"; for one image of several, tritonclient sent
+        # the text "None" as its negative prompt, and a guidance NaN refused in words never sent, an audit)
+        raise ValueError(f"{name}: None for one image; give every image a value" + ("" if dtype != "BYTES" else
+                                                                                     " ('' for no text)"))
     if isinstance(value, str | bytes) and dtype != "BYTES":  # (numpy would parse "4294967424" and wrap it)
         raise ValueError(f"{name}: {_shown(value)} is text; give a number")
     number = not isinstance(value, bool) and isinstance(value, int | float | np.integer | np.floating)
@@ -250,7 +254,8 @@ def missing_images(images: Any, wanted: int, pixels: bool = False) -> str | None
         return f"answered images of shape {list(shape)}, not " + ("[N, H, W, 3]" if pixels else "[N, 1]")
     if pixels:
         return None
-    if not all(len(row) and len(row[0]) for row in images):  # (a row of no column too)
+    if not all(len(row) and (not isinstance(row[0], bytes | str) or len(row[0])) for row in images):  # (a row of
+        # no column too; another type than text is said below: len() of a number was a TypeError, an audit)
         return "answered an empty image"
     other = next((row[0] for row in images if not (isinstance(row[0], bytes) and row[0].startswith(PNG_SIGNATURE))),
                  None)

@@ -99,6 +99,14 @@ class Row:
     """One, or one per adapter: rows with different ones share a call."""
     adapter_factor: float = 1.0
     """Rows with different ones share a call (each image's features stop after its own share)."""
+    inpaint_digest: str | None = None
+    """A digest of the init image's and mask's bytes, where the row inpaints."""
+    shares_init: bool = False
+    """The rows of its request inpaint one init image with one mask, which ``run`` (one
+    ``--init-image``, one ``--mask``) samples once, with the first image's seed, and shares, as
+    diffusers' inpaint pipelines do: such rows share calls with their own request's alone, which
+    pass the image once (``generation_request``); given one each, image 2 on was sampled with its
+    own seed, and differed from run's (an audit)."""
     guidance_embedded: bool = False
     """Served by a latent consistency model alone (no refiner): its U-Net takes each image's guidance
     embedded and runs no unconditional half, so rows on both sides of 1 share a call (and rows with
@@ -216,7 +224,16 @@ def decode_rows(inputs: Mapping[str, Any], default_size: tuple[int, int],
         # as `run`, whose images all take the first one's size: a row that gives none takes the first row's
         rows.append(_decode_row(inputs, i, default_size, check_size, (rows[0].height, rows[0].width) if rows else None,
                                 emphasis, limits))
+    if len(rows) > 1 and rows[0].inpaint_digest is not None and len({row.inpaint_digest for row in rows}) == 1:
+        for row in rows:
+            row.shares_init = True
     return rows
+
+
+def shared_init_apart(owner: tuple[int, int], row: Row) -> Any:
+    """``group_rows``'s ``apart`` for rows that share their request's init image and mask
+    (``Row.shares_init``): they stay with their request; other rows are not held apart."""
+    return ("request", owner[0]) if row.shares_init else None
 
 
 def image_of_request(i: int, images: int) -> str:
@@ -321,6 +338,8 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         modes = [_number(v, "control_mode", int) for v in many("control_mode") or []]
         row.control_mode = modes or None
         row.control_digests = tuple(hashlib.sha256(b).hexdigest() for b in control_bytes)
+        if mask is not None and image is not None:
+            row.inpaint_digest = hashlib.sha256(hashlib.sha256(bytes(image)).digest() + bytes(mask)).hexdigest()
         if init is not None:
             row.image, note = fit_image(init, height, width, fit, "init_image")
             row.notes += [note] if note else []
@@ -465,7 +484,9 @@ def generation_request(rows: list[Row]) -> GenerationRequest:
         steps=first.steps, scheduler=first.scheduler,
         guidance=one_or_each("guidance"), guidance_rescale=first.guidance_rescale,
         seeds=[row.seed for row in rows], height=first.height, width=first.width,
-        image=column("image"), mask=column("mask"), strength=first.strength,
+        # (rows sharing their request's init image and mask: one of each, sampled once, as run samples it)
+        image=[first.image] if first.shares_init else column("image"),
+        mask=[first.mask] if first.shares_init else column("mask"), strength=first.strength,
         control_image=_call_control_images(rows), control_mode=first.control_mode,
         control_scale=_call_setting(rows, "control_scale", len(first.control_image or [])),
         control_start=_call_setting(rows, "control_start", len(first.control_image or [])),

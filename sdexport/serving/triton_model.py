@@ -35,6 +35,7 @@ from sdexport.serving.requests import (
     group_rows,
     image_of_request,
     settings_apart,
+    shared_init_apart,
     union_control_apart,
 )
 from sdexport.setting_names import input_name, settings_named
@@ -429,7 +430,8 @@ class ServedModel:
         pooled = settings_apart(rows) if self.pipeline.pooled_controlnets else None
 
         def apart(owner: tuple[int, int], row: Row) -> Any:
-            return union(owner, row) if union else None, pooled(owner, row) if pooled else None
+            return (union(owner, row) if union else None, pooled(owner, row) if pooled else None,
+                    shared_init_apart(owner, row))
 
         calls = group_rows(rows, self.max_batch, apart)
         pending = list(calls)
