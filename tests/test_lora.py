@@ -252,6 +252,10 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     unknown = tmp_path / "unknown.safetensors"
     save_file({"unet.mid_block.nowhere.to_q.lora_A.weight": torch.zeros(4, 32),
                "unet.mid_block.nowhere.to_q.lora_B.weight": torch.zeros(32, 4)}, str(unknown))
+    sibling = tmp_path / "sibling.safetensors"  # a layer beside those of a module the model has
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora_A.weight": torch.zeros(4, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora_B.weight": torch.zeros(32, 4)},
+              str(sibling))
     other = tmp_path / "other.safetensors"
     save_file({"transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 32),
                "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4)}, str(other))
@@ -263,7 +267,7 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight":
                    torch.full((32, 4), float("nan"), dtype=torch.float16)}, str(nan))
-    return {"shapes": shapes, "unknown": unknown, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
+    return {"shapes": shapes, "unknown": unknown, "sibling": sibling, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
 
 
 def test_only_the_layers_of_a_weight_map_come_with_its_reason_for_leaving_one_out(tiny_engine_dir, tmp_path):
@@ -298,9 +302,12 @@ def test_a_float8_lora_is_read(tiny_engine_dir, tmp_path):
     [
         ("run", "shapes", ("does not fit this model: 1 mismatches, first unet.down_blocks.0.attentions.0."
                           "transformer_blocks.0.attn1.to_q (LoRA makes [32, 48], the layer has [32, 32])")),
-        ("run", "unknown", ("unet.mid_block.nowhere.to_q (no such linear or convolution layer) (the export's "
-                            "weights.json also leaves out any layer whose weight the exported graph reads as another "
-                            "tensor as well: fuse a LoRA for such a layer at export, sdexport export --lora)")),
+        # weights.json's way out only for a layer the model may have: for a block it lacks (an SDXL
+        # LoRA given to SD), it sent the user to an export that failed alike (an audit)
+        ("run", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
+        ("run", "sibling", ("attn1.to_x (no such linear or convolution layer) (the export's weights.json also leaves "
+                            "out any layer whose weight the exported graph reads as another tensor as well: fuse a "
+                            "LoRA for such a layer at export, sdexport export --lora)")),
         ("export", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
         ("run", "other", "tensors for no part of an SD pipeline"),
         ("run", "text", "not a readable safetensors file"),
@@ -322,6 +329,7 @@ def test_loras_that_do_not_fit_are_refused_in_one_line(tiny_engine_dir, tmp_path
     assert run_cli(*args, "--lora", argument) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err, err
+    assert file != "unknown" or "weights.json" not in err, err
     assert not out.exists()
 
 
@@ -517,6 +525,8 @@ def test_variants_and_odd_arguments_are_refused(tmp_path):
     ({}, {"unet.r": RANK // 2, "unet.lora_alpha": 4}, (f"to_q has rank {RANK}, and the file's LoRA config (metadata) "
                                                       f"says {RANK // 2}: a damaged or hand-edited file")),
     ({}, {"unet.r": RANK, "unet.lora_alpha": 4, "unet.rank_pattern": {"to_q": RANK * 2}}, f"says {RANK * 2}: a damaged"),
+    # a 0-d lora_A was an IndexError traceback (an audit)
+    ({"lora_A": (), "lora_B": (32, 1)}, None, "to_q's lora_A and lora_B are not matrices (shapes [] and [32, 1])"),
 ])
 def test_a_rank_or_alpha_that_gives_no_scale_is_refused_in_one_line(tmp_path, tensors, metadata, refusal):
     """Each raised ZeroDivisionError, ValueError or re.error from the middle of read_updates."""

@@ -234,6 +234,9 @@ def read_updates(lora: LoraFile, family: str, unet_config: Any = None) -> list[L
                 continue
             module = key.split(".lora_A.")[0]
             up = peft[f"{module}.lora_B.weight"]
+            if down.dim() < 2 or up.dim() < 2:  # (a 0-d lora_A was an IndexError traceback, an audit)
+                raise SdexportError(f"--lora {lora.path}: {prefix}.{module}'s lora_A and lora_B are not matrices "
+                                    f"(shapes {list(down.shape)} and {list(up.shape)}): a damaged file")
             rank = down.shape[0]
             known = resolve_name(module_alphas, module)
             alpha = module_alphas[known] if known is not None else None
@@ -469,7 +472,9 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
     """The updates with module names as the model has them (``layers``: per component, each linear
     or convolution layer's weight shape). A LoRA that does not fit the model (a layer it lacks,
     another shape) is refused, naming the first mismatches; ``missing``, said once after them where
-    a layer was not found, is what else leaves a layer out of ``layers``."""
+    a layer was not found beside others of its module (so the model may have it), is what else
+    leaves a layer out of ``layers``: said for a layer of a block the model lacks altogether (an
+    SDXL LoRA given to SD), it sent the user to an export that failed alike (an audit)."""
     problems: list[str] = []
     unfound = False
     matched: list[LoraUpdate] = []
@@ -482,7 +487,10 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
         name = resolve_name(known, update.module)
         if name is None:
             problems.append(f"{where} (no such linear or convolution layer)")
-            unfound = True
+            parent = update.module.rpartition(".")[0]
+            unfound = unfound or bool(parent) and any(
+                layer.startswith(f"{candidate}.") for candidate in (parent, parent.removeprefix("text_model."),
+                                                                     f"text_model.{parent}") for layer in known)
             continue
         try:
             shape: tuple[int, ...] | None = tuple(update.delta().shape)
