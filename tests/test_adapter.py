@@ -433,6 +433,7 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
     ("tiny", ["--adapter", "tiny-adapter", "--controlnet", "tiny-controlnet"], "--adapter with ControlNets"),
     ("tiny", ["--adapter", "sd15-adapter"], "this preset goes with the preset(s) sd15, not tiny"),
     ("tiny", ["--adapter", "no-such-adapter"], "no such directory, and not a T2I-Adapter preset"),
+    ("tiny", ["--adapter", "tiny-controlnet"], "a ControlNet preset, not a T2I-Adapter one: pass it as --controlnet"),
     ("tiny", ["--adapter", "tiny-adapter", "--components", "unet,vae_decoder"], "export them together (unet,adapter) or none of them"),
 ])
 def test_export_refuses_what_does_not_fit(tmp_path, capsys, base, args, message):
@@ -452,6 +453,16 @@ def test_an_adapter_for_another_model_is_refused_before_weights_load(tmp_path, c
     # given where a ControlNet goes, it is named for what it is
     assert run_cli("export", "tiny-sdxl", "-o", tmp_path / "out", "--controlnet", tmp_path / "xl-adapter") == 2
     assert "a T2I-Adapter, not a ControlNet: pass it as --adapter" in capsys.readouterr().err
+    # and the other way round (it said "a ControlNetModel; sdexport runs diffusers T2IAdapters", an audit)
+    from diffusers import ControlNetModel
+
+    from sdexport.models.controlnet import CONTROLNET_PRESETS
+    from sdexport.models.controlnet import preset_config as controlnet_config
+
+    config = controlnet_config(CONTROLNET_PRESETS["tiny-controlnet"], dict(PRESETS["tiny"].unet))
+    ControlNetModel(**{k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(tmp_path / "net")
+    assert run_cli("export", "tiny", "-o", tmp_path / "out", "--adapter", tmp_path / "net") == 2
+    assert "a ControlNet, not a T2I-Adapter: pass it as --controlnet" in capsys.readouterr().err
 
 
 def test_served_adapter_images_are_the_images_run_writes(engine_dirs, tmp_path):

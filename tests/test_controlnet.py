@@ -854,6 +854,10 @@ def test_a_controlnet_directory_exports_and_runs(tmp_path):
     ("tiny", "{sdxl_net}", "an SDXL ControlNet for an sd model"),
     ("tiny", "{other_class}", "a ControlNetXSAdapter; sdexport runs diffusers ControlNetModels"),
     ("tiny", "{a_vae}", "an AutoencoderKL; sdexport runs diffusers ControlNetModels"),
+    # an adapter preset, or a file (how most ControlNets are shared): it said "no such directory" (an audit)
+    ("tiny", "tiny-adapter", "--controlnet tiny-adapter: a T2I-Adapter preset, not a ControlNet one: pass it as --adapter"),
+    ("tiny", "{a_file}", ("a file; it takes a diffusers ControlNetModel directory (convert a single file with diffusers' "
+                          "ControlNetModel.from_single_file(FILE).save_pretrained(DIR))")),
 ])
 def test_export_refuses_a_controlnet_that_does_not_fit(tmp_path, capsys, monkeypatch, base, net, message):
     from sdexport.models import loader
@@ -866,8 +870,9 @@ def test_export_refuses_a_controlnet_that_does_not_fit(tmp_path, capsys, monkeyp
     vae = tmp_path / "vae"
     shutil.copytree(other, vae)
     (vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    (tmp_path / "control_canny.safetensors").write_bytes(b"")
     paths = {"missing": tmp_path / "missing", "sdxl_net": _controlnet_dir(tmp_path, "tiny-sdxl"), "other_class": other,
-             "a_vae": vae}
+             "a_vae": vae, "a_file": tmp_path / "control_canny.safetensors"}
     assert run_cli("export", base, "--controlnet", net.format(**paths), "-o", tmp_path / "out") == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

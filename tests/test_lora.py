@@ -267,7 +267,9 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight":
                    torch.full((32, 4), float("nan"), dtype=torch.float16)}, str(nan))
-    return {"shapes": shapes, "unknown": unknown, "sibling": sibling, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    return {"shapes": shapes, "unknown": unknown, "sibling": sibling, "empty": empty, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
 
 
 def test_only_the_layers_of_a_weight_map_come_with_its_reason_for_leaving_one_out(tiny_engine_dir, tmp_path):
@@ -311,6 +313,7 @@ def test_a_float8_lora_is_read(tiny_engine_dir, tmp_path):
         ("export", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
         ("run", "other", "tensors for no part of an SD pipeline"),
         ("run", "text", "not a readable safetensors file"),
+        ("export", "empty", "--lora {empty}: not a readable safetensors file (empty (0 bytes): an interrupted download"),
         ("export", "ckpt", "LoRA files are read as .safetensors"),
         ("run", "nan", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q holds NaN or infinite values"),
         ("export", "nan", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q holds NaN or infinite"),
@@ -328,7 +331,7 @@ def test_loras_that_do_not_fit_are_refused_in_one_line(tiny_engine_dir, tmp_path
             if command == "run" else ["export", "tiny", "-o", out, "--verify", "none"])
     assert run_cli(*args, "--lora", argument) == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert message in err, err
+    assert message.format(**files) in err, err
     assert file != "unknown" or "weights.json" not in err, err
     assert not out.exists()
 

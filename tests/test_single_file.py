@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -706,6 +707,35 @@ def test_a_file_that_says_it_is_sampled_otherwise_is_not_read_as_plain(tiny_chec
         assert load_model(str(tmp_path / "marked.safetensors"), config=str(config), lazy=True).family == "sd"
 
 
+def test_a_file_declaring_v_in_its_header_or_a_yaml_beside_it_is_not_read_as_epsilon(tiny_checkpoint, tmp_path):
+    """kohya's sd-scripts write SAI ModelSpec's modelspec.prediction_type into the header; A1111
+    reads a .yaml of the file's name (model.params.parameterization). Neither was read: such a file
+    given an epsilon config was exported as epsilon without a word (an audit)."""
+    from safetensors.torch import load_file, save_file
+
+    from sdexport.errors import ModelLoadError
+
+    _, path = tiny_checkpoint
+    state = load_file(str(path))
+    spec = tmp_path / "spec.safetensors"
+    save_file(state, str(spec), metadata={"modelspec.prediction_type": "v"})
+    with pytest.raises(ModelLoadError, match=r"predicts v \(its header's modelspec.prediction_type 'v'\), but the "
+                                             r"--config's scheduler predicts epsilon"):
+        load_model(str(spec), config="tiny", lazy=True)
+    assert load_model(str(spec), config="tiny-v", lazy=True).family == "sd"
+    save_file(state, str(spec), metadata={"modelspec.prediction_type": "epsilon"})
+    assert load_model(str(spec), config="tiny", lazy=True).family == "sd"
+    beside = tmp_path / "beside.safetensors"
+    shutil.copy(path, beside)
+    (tmp_path / "beside.yaml").write_text("model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n"
+                                          "  params:\n    parameterization: \"v\"\n")
+    with pytest.raises(ModelLoadError, match=r"predicts v \(beside.yaml beside it: parameterization 'v'\)"):
+        load_model(str(beside), config="tiny", lazy=True)
+    for text in ("model:\n  params:\n    parameterization: eps\n", "[not: yaml", "- a list\n"):
+        (tmp_path / "beside.yaml").write_text(text)  # epsilon, or no config of one: read as before
+        assert load_model(str(beside), config="tiny", lazy=True).family == "sd"
+
+
 def test_a_unet_of_another_model_is_refused_naming_the_config_to_give(tmp_path) -> None:
     """An inpainting file (9 input channels) read with sd15, or an SDXL file with sd15: torch's list of
     size mismatches, cut at 600 characters, never said which config to give."""
@@ -818,6 +848,9 @@ LFS = (b"version https://git-lfs.github.com/spec/v1\noid sha256:4c8b2d5e0f1a3b6c
     ("model.safetensors", b"\x80\x02\x00\x00\x00\x00\x00\x00{\"w\": {\"dtype\"", "Error while deserializing header"),
     ("unet/diffusion_pytorch_model.safetensors", LFS, "a Git LFS pointer, not the weights"),
     ("unet/diffusion_pytorch_model.bin", LFS, "a Git LFS pointer, not the weights"),
+    # empty: safetensors said "header too small", a .ckpt "it starts b''" (an audit)
+    ("model.safetensors", b"", "not a readable safetensors file (empty (0 bytes): an interrupted download or copy?)"),
+    ("model.ckpt", b"", "(empty (0 bytes): an interrupted download or copy?)"),
 ])
 def test_what_stands_in_for_the_weights_is_named(tiny_diffusers_dir, tmp_path, name, content, said) -> None:
     """A model repository cloned without git-lfs holds pointer files under the weights' names, and a

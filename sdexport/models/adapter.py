@@ -87,7 +87,10 @@ def resolve_adapter(argument: str, kind: str | None = None) -> AdapterSource:
     """``--adapter`` as a preset name or a T2I-Adapter directory (refused in one line otherwise;
     ``resolve_part``). An adapter pipeline's directory holding a ``MultiAdapter`` is refused: one
     ``--adapter`` is one adapter, and taking the first would drop the others without a word."""
-    return AdapterSource(argument, *resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS))
+    from sdexport.models.controlnet import CONTROLNET_PART, CONTROLNET_PRESETS
+
+    return AdapterSource(argument, *resolve_part(argument, kind, ADAPTER_PART, ADAPTER_PRESETS, dict.fromkeys(
+        CONTROLNET_PRESETS, (CONTROLNET_PART.flag, CONTROLNET_PART.title))))
 
 
 def preset_config(unet_config: dict[str, Any], vae_scale_factor: int) -> dict[str, Any]:
@@ -162,6 +165,8 @@ def check_fits(config: dict[str, Any], unet: dict[str, Any], family: str, vae_sc
     must land where the U-Net adds one (diffusers would fail deep in the U-Net, or, for the mid
     block, drop it silently)."""
     kind = config.get("_class_name", ADAPTER_CLASS)
+    if kind in ("ControlNetModel", "ControlNetUnionModel"):  # (as check_fits of a ControlNet says the reverse)
+        raise ModelLoadError(f"{what}: a ControlNet, not a T2I-Adapter: pass it as {option('--controlnet')}")
     if kind != ADAPTER_CLASS:
         raise ModelLoadError(f"{what}: {a_class(kind)}; sdexport runs diffusers {ADAPTER_CLASS}s (SD and SDXL)")
     try:

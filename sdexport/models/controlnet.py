@@ -110,7 +110,10 @@ def resolve_controlnet(argument: str, kind: str | None = None) -> ControlNetSour
     """``--controlnet`` as a preset name or a ControlNet directory (refused in one line otherwise;
     ``resolve_part``). A pipeline directory holding several (diffusers' ``MultiControlNetModel``)
     is refused with the flags that name each, as a ``MultiAdapter`` is."""
-    preset, path = resolve_part(argument, kind, CONTROLNET_PART, CONTROLNET_PRESETS)
+    from sdexport.models.adapter import ADAPTER_PART, ADAPTER_PRESETS
+
+    preset, path = resolve_part(argument, kind, CONTROLNET_PART, CONTROLNET_PRESETS,
+                                dict.fromkeys(ADAPTER_PRESETS, (ADAPTER_PART.flag, ADAPTER_PART.title)))
     return ControlNetSource(argument, preset, path)
 
 

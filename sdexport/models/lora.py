@@ -93,18 +93,13 @@ class LoraFile:
             raise SdexportError(f"{flag} {self.path}: no such file")
         if self.path.suffix.lower() != ".safetensors":
             raise SdexportError(f"{flag} {self.path}: LoRA files are read as .safetensors (convert .ckpt/.pt files first)")
-        from safetensors import safe_open
+        from sdexport.errors import ModelLoadError
+        from sdexport.models.outline import safetensors_keys
 
-        try:
-            with self.path.open("rb"):  # (safetensors reports a file it may not read as one that is not there)
-                pass
-        except OSError as exc:
-            raise SdexportError(f"{flag} {self.path}: cannot read it ({exc.strerror})") from None
-        try:
-            with safe_open(str(self.path), "pt") as handle:
-                empty = not list(handle.keys())
-        except Exception as exc:  # safetensors raises its own error types
-            raise SdexportError(f"{flag} {self.path}: not a readable safetensors file ({' '.join(str(exc).split())})") from None
+        try:  # (its header: an empty file, a Git LFS pointer or a web page said as such, not in safetensors' words)
+            empty = not safetensors_keys(self.path)
+        except ModelLoadError as exc:
+            raise SdexportError(f"{flag} {exc}") from None
         if empty:
             raise SdexportError(f"{flag} {self.path}: holds no tensors")
 

@@ -842,6 +842,8 @@ def stand_in(head: bytes) -> str | None:
     """What a file starting with ``head`` is where it stands in for weights, if that is recognisable:
     the common ways a download or a clone leaves something else under a weight file's name. Without
     this, safetensors' "header too large" was all a clone without git-lfs was told."""
+    if not head:  # (safetensors said "header too small"; a .ckpt "it starts b''")
+        return "empty (0 bytes): an interrupted download or copy?"
     if head.startswith(LFS_POINTER):
         return ("a Git LFS pointer, not the weights: the repository was cloned without git-lfs; run `git lfs pull` "
                 "in it, or download the file itself")

@@ -48,8 +48,8 @@ def _the_one_part_of(pipeline: Path, part: PartKind) -> Path:
     return found[0] if found else pipeline / part.folder
 
 
-def resolve_part(argument: str, kind: str | None, part: PartKind,
-                 presets: Mapping[str, Preset]) -> tuple[Preset | None, Path | None]:
+def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mapping[str, Preset],
+                 elsewhere: Mapping[str, tuple[str, str]] | None = None) -> tuple[Preset | None, Path | None]:
     """``argument`` as a preset (the preset, None) or a checkpoint directory (None, its path); refused
     in one line otherwise.
 
@@ -57,7 +57,9 @@ def resolve_part(argument: str, kind: str | None, part: PartKind,
     directory named after the preset is not one). ``kind`` ("preset" or "diffusers", as a manifest
     records it) decides without looking. A pipeline directory gives its one part; one holding
     several (``part.several``) is refused with the flags that name each: taking the first would
-    drop the others without a word."""
+    drop the others without a word. ``elsewhere``: the preset names of the other kinds of part, each
+    with the flag and title that take it (``--controlnet tiny-adapter`` says to pass it as ``--adapter``)."""
+    elsewhere = elsewhere or {}
     path = Path(argument)
     preset = presets.get(argument)
     if kind == "preset" or (kind is None and preset is not None and not _checkpoint_dir(path, part.folder)):
@@ -65,7 +67,15 @@ def resolve_part(argument: str, kind: str | None, part: PartKind,
             raise ModelLoadError(f"{part.title} preset {argument!r} is not one of {', '.join(presets)}")
         return preset, None
     what = option_given(part.flag, argument)
+    if argument.strip() and path.is_file():  # (an original-layout file: how most ControlNets are shared)
+        raise ModelLoadError(f"{what}: a file; it takes a diffusers {part.class_name} directory (convert a single "
+                             f"file with diffusers' {part.class_name}.from_single_file(FILE).save_pretrained(DIR))")
     if not argument.strip() or not path.is_dir():
+        if argument in elsewhere:
+            from sdexport.setting_names import option
+
+            flag, title = elsewhere[argument]
+            raise ModelLoadError(f"{what}: a {title} preset, not a {part.title} one: pass it as {option(flag)}")
         raise ModelLoadError(f"{what}: no such directory, and not a {part.title} preset ({', '.join(presets)})")
     if (path / "manifest.json").is_file() or (path / part.folder / "model.onnx").is_file():
         raise ModelLoadError(f"{what}: an ONNX engine directory, not a {part.title} checkpoint (pass the diffusers "

@@ -177,11 +177,12 @@ def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str
         raise ModelLoadError(f"{path}: a Playground v2.5-style checkpoint (edm_mean/edm_std: its latents are "
                              "normalised around the VAE, as diffusers' SDXL pipelines apply from latents_mean/"
                              "latents_std), which sdexport does not yet: its images would decode wrong")
-    if "v_pred" in layout:
+    said = "its v_pred key" if "v_pred" in layout else declared_v(path)
+    if said:
         predicts = scheduler.get("prediction_type", "epsilon")
         if predicts != "v_prediction":
             zero_snr = " with rescale_betas_zero_snr and trailing timestep_spacing (its ztsnr key)" if "ztsnr" in layout else ""
-            raise ModelLoadError(f"{path}: a checkpoint that predicts v (its v_pred key), but the --config's scheduler "
+            raise ModelLoadError(f"{path}: a checkpoint that predicts v ({said}), but the --config's scheduler "
                                  f"predicts {predicts}: give a diffusers directory of the model as --config, its "
                                  f"scheduler config with prediction_type v_prediction{zero_snr}")
     if "ztsnr" in layout and not (scheduler.get("rescale_betas_zero_snr") is True
@@ -191,6 +192,42 @@ def _check_markers(path: Path, layout: Mapping[str, Any], scheduler: Mapping[str
                              "scheduler does not sample it so: give a diffusers directory of the model as --config, its "
                              "scheduler config with rescale_betas_zero_snr true and timestep_spacing trailing (or "
                              "linspace)")
+
+
+SIDECAR_LIMIT = 1 << 20
+"""The largest ``.yaml`` beside a checkpoint read for its parameterization (A1111's are a few KB)."""
+
+
+def declared_v(path: Path) -> str | None:
+    """Where a checkpoint says, outside its tensors, that it predicts v: its safetensors header's
+    ``modelspec.prediction_type`` (Stability AI's ModelSpec, which kohya's sd-scripts write), or
+    the A1111-style ``.yaml`` of the same name beside it (``model.params.parameterization: v``,
+    what diffusers' ``original_config`` reads). None where neither does: read with an epsilon
+    config, such a file was exported as epsilon without a word and drew wrong images (an audit)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="numpy") as handle:  # (the header alone)
+                declared = (handle.metadata() or {}).get("modelspec.prediction_type")
+        except Exception:  # noqa: BLE001  (the layout's reading refuses a damaged header, in its words)
+            declared = None
+        if isinstance(declared, str) and declared.strip().lower() in ("v", "v_prediction", "v-prediction"):
+            return f"its header's modelspec.prediction_type {declared!r}"
+    sidecar = path.with_suffix(".yaml")
+    try:
+        import yaml  # (PyYAML: huggingface_hub's dependency, so diffusers')
+    except ImportError:
+        return None
+    try:
+        if not sidecar.is_file() or sidecar.stat().st_size > SIDECAR_LIMIT:
+            return None
+        config = yaml.safe_load(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # (not a config of one: not read)
+        return None
+    params = config.get("model", {}).get("params", {}) if isinstance(config, dict) else {}
+    value = params.get("parameterization") if isinstance(params, dict) else None
+    return f"{sidecar.name} beside it: parameterization {value!r}" if value == "v" else None
 
 
 def _check_sdxl_kind(path: Path, layout: Mapping[str, Any], family: str) -> None:
