@@ -569,3 +569,26 @@ def test_an_adapter_factor_of_zero_is_a_share():
     _check_adapter_factor([0.0, 1.0], 2)
     with pytest.raises(SdexportError, match="a fraction of the steps, from 0 to 1"):
         _check_adapter_factor(-0.1, 1)
+
+
+def test_a_palette_or_rgba_adapter_image_is_read_as_its_rgb_conversion():
+    """diffusers' adapter pipelines take an image in the adapter's mode only (a palette or RGBA map
+    fails there), so its users convert first; sdexport resized in the image's own mode, which Pillow
+    does by the nearest pixel for a palette image: latents 3.4e-2 rel-L2 off the reference (an audit)."""
+    from types import SimpleNamespace
+
+    from sdexport.runtime.request import GenerationRequest
+    from sdexport.runtime.txt2img import Txt2ImgPipeline
+
+    edges = picture(96, 96, 3)
+    pipeline = SimpleNamespace(adapters=["adapter"], dims=SimpleNamespace(adapter_image_channels=[3]),
+                               device=torch.device("cpu"))
+
+    def pixels(image):
+        request = GenerationRequest(prompt=["x"], height=64, width=64, adapter_image=[image])
+        return Txt2ImgPipeline.adapter_pixels(pipeline, request)[0]
+
+    for mode in ("P", "RGBA"):
+        given = edges.convert(mode)
+        torch.testing.assert_close(pixels(given), pixels(given.convert("RGB")), rtol=0, atol=0)
+    assert not torch.equal(pixels(edges.convert("P")), pixels(edges))  # (the palette's colours: another image)

@@ -760,6 +760,13 @@ def test_python_api_refuses_before_any_engine_runs(engine_dirs):
         pipeline(_request("sd-two", control_start=[[0.1, 0.9], 0.0], control_end=0.8))
     with pytest.raises(SdexportError, match=r"control_start 1.5 \(control image 1 of 2, image 2 of 2\): a fraction"):
         pipeline(_request("sd-two", control_start=[[0.1, 1.5], 0.0]))
+    # a window given once for both is not said of the first alone; a place given is named (an audit)
+    with pytest.raises(SdexportError, match=r"^control_start 0 is not before control_end 0$"):
+        pipeline(_request("sd-two", control_start=0.0, control_end=0.0))
+    with pytest.raises(SdexportError, match=r"^control_start 0.5 is not before control_end 0.5 \(control image 2\)$"):
+        pipeline(_request("sd-two", control_start=[0.0, 0.5], control_end=0.5))
+    with pytest.raises(SdexportError, match=r"^guess_mode True: expected true or false \(a bool\), not numpy.bool"):
+        pipeline(_request("sd-two", guess_mode=np.bool_(True)))
     assert not calls
 
 

@@ -813,8 +813,11 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
 
     defaults = (request.control_scale, request.control_start, request.control_end,
                 request.guess_mode) == (None, 0.0, 1.0, False)
-    if not isinstance(request.guess_mode, bool):
-        raise SdexportError(f"{setting('guess_mode')} {request.guess_mode!r}: expected true or false")
+    if not isinstance(request.guess_mode, bool):  # (numpy's bool_ too: "guess_mode True: expected true or false")
+        kind = type(request.guess_mode)
+        named = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        raise SdexportError(f"{setting('guess_mode')} {request.guess_mode!r}: expected true or false (a bool), "
+                            f"not {named}")
     if not controlnets:
         if request.control_image is not None or request.control_mode is not None or not defaults:
             raise no_controlnet()
@@ -861,11 +864,16 @@ def _check_control(request: GenerationRequest, controlnets: int, family: str, un
             _check_setting(name, value, request.batch, slots, f"{slots} control images" if per_net > 1 else
                            f"{controlnets} ControlNet{s}", "control image", fraction=name != "control_scale",
                            inside=per_net)
+    # a window given once for every control image is refused without naming the first of them (an audit)
+    window = (request.control_start, request.control_end)
+    per_place = any(isinstance(value, list | tuple) for value in window)
+    per_image = any(isinstance(place, list | tuple) for value in window if isinstance(value, list | tuple)
+                    for place in value)
     for image in range(request.batch):
         for i, (_, start, end) in enumerate(request.control_settings(slots, family, image)):
             if start >= end:
-                which = [*([f"control image {i + 1}"] if slots > 1 else []),
-                         *([f"image {image + 1} of {request.batch}"] if request.control_settings_per_image else [])]
+                which = [*([f"control image {i + 1}"] if slots > 1 and per_place else []),
+                         *([f"image {image + 1} of {request.batch}"] if per_image else [])]
                 raise SdexportError(f"{setting('control_start')} {start:g} is not before {setting('control_end')} {end:g}"
                                     + (f" ({', '.join(which)})" if which else ""))
 

@@ -1040,7 +1040,8 @@ class Txt2ImgPipeline:
         row per prompt, on the device: what ``adapter_features`` runs the adapters on."""
         from sdexport.runtime.image_inputs import control_pixels, per_prompt
 
-        return [per_prompt(torch.cat([control_pixels(image, *request.size, depth, "adapter image") for image in images]),
+        return [per_prompt(torch.cat([control_pixels(image, *request.size, depth, "adapter image", convert_first=True)
+                                      for image in images]),
                            request.batch).to(self.device)
                 for images, depth in zip(request.adapter_images(len(self.adapters)), self.dims.adapter_image_channels)]
 
