@@ -170,6 +170,8 @@ SHARING = {
     "control_end": (0.8, True), "guess_mode": (True, False), "control_digests": (("d1",), True),
     "adapter_image": ("sketch", False), "adapter_scale": (0.5, True), "adapter_factor": (0.5, True),
     "guidance_embedded": (True, False), "notes": (["resized"], True),
+    # rows sharing their request's init image are passed it once (and held with their request: apart)
+    "inpaint_digest": ("d2", True), "shares_init": (True, False),
 }
 
 

@@ -130,7 +130,8 @@ class Row:
                 self.negative_prompt is None, self.prompt_2 is None, self.negative_prompt_2 is None,
                 self.image is None, self.mask is None, masked, _hashable(self.control_mode),
                 self.control_scale is None, self.guess_mode, _count(self.adapter_image), self.conditioning(),
-                self.denoising_end, self.clip_skip, self.emphasis, self.chunks, self.guidance_rescale)
+                self.denoising_end, self.clip_skip, self.emphasis, self.chunks, self.guidance_rescale,
+                self.shares_init)
 
     def conditioning(self) -> tuple[Any, ...]:
         """SDXL's size and crop conditioning and the refiner's aesthetic scores, which a call takes one
