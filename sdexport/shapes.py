@@ -46,7 +46,7 @@ def parse_range(text: str, what: str, label: str | None = None) -> Range:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        example = "1:1:4" if what == "batch" else "256:512:1024"
+        example = {"batch": "1:1:4", "chunks": "1:1:3"}.get(what, "256:512:1024")  # (a chunk's 1024: refused)
         raise ProfileError(f"{label} {text!r}: expected integers as min:opt:max, e.g. {example}") from None
     if len(values) == 1:
         values *= 3

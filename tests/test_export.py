@@ -439,6 +439,8 @@ def _corrupt_safetensors(path: Path) -> Path:
         ("empty-components", "--components '': expected comma-separated names"),
         ("empty-range", "--batch '': expected integers as min:opt:max, e.g. 1:1:4"),
         ("word-range", "--height 'abc': expected integers as min:opt:max, e.g. 256:512:1024"),
+        # (a side's example, pasted, was refused: at most 32 chunks; an audit)
+        ("word-chunks", "--prompt-chunks 'abc': expected integers as min:opt:max, e.g. 1:1:3"),
         ("vae-is-a-unet", "a UNet2DConditionModel, not an AutoencoderKL"),
         ("nan-scaling", "scaling_factor nan is not a positive number"),
         ("bad-scheduler", "num_train_timesteps: -5 is less than the minimum of 1"),
@@ -541,7 +543,8 @@ def test_bad_input_gives_one_clear_line_and_no_output(case, message, tmp_path: P
             "huge-side": ["--height", "64:64:1048576", "--width", "64:64:1048576"],
             "bad-verify": ["--verify", "sometimes"], "vae-not-a-vae": ["--vae", str(tmp_path)],
             "not-a-number": ["--opset", "seventeen"], "empty-components": ["--components", ""],
-            "empty-range": ["--batch", ""], "word-range": ["--height", "abc"], "vae-is-a-unet": ["--vae", str(_unet_dir(tmp_path / "u"))],
+            "empty-range": ["--batch", ""], "word-range": ["--height", "abc"],
+            "word-chunks": ["--prompt-chunks", "abc"], "vae-is-a-unet": ["--vae", str(_unet_dir(tmp_path / "u"))],
         }.get(case, [])
         if case in ("nan-scaling", "bad-scheduler", "no-weights", "truncated-vae"):
             model = str(_broken_diffusers_dir(tmp_path / "broken", case))

@@ -854,3 +854,25 @@ def test_a_bench_names_the_given_directory_it_takes_on_trust(tiny_sdxl_engine_di
     # a report from before the flags recorded true, for either directory: said on the Model line, as then
     assert "their directory does not record" in _on_trust_words(True, "--engine-dir")
     assert _on_trust_words(True, "--refiner-engine-dir") == "" == _on_trust_words(None, "--engine-dir")
+
+
+def test_served_rows_share_a_call_only_where_both_models_read_as_many_chunks(tiny_sdxl_engine_dir, refiner_dir):
+    """The refiner reads ``prompt`` alone: a row whose ``prompt_2`` took the base model two chunks and
+    one whose ``prompt`` took both models two shared a call (the larger count alone was compared),
+    and the refiner padded the first row's prompt to two chunks: another image (an audit)."""
+    from sdexport.serving.triton_model import ServedModel, ServeSettings
+    long = ", ".join(["a red boat"] * 12).encode()  # two chunks in the tiny vocabulary
+
+    def row(prompt: bytes, prompt_2: bytes) -> dict[str, np.ndarray]:
+        return {"prompt": np.array([[prompt]], dtype=object), "prompt_2": np.array([[prompt_2]], dtype=object),
+                "steps": np.array([[4]], dtype=np.int32), "seed": np.array([[1]], dtype=np.uint64)}
+
+    model = ServedModel(ServeSettings(str(tiny_sdxl_engine_dir), backend="onnxruntime-cpu", max_steps=50,
+                                      refiner=str(refiner_dir)), log=lambda *a: None)
+    try:
+        [alone] = model.generate([row(b"a cat", long)])
+        beside, other = model.generate([row(b"a cat", long), row(long, b"x")])
+    finally:
+        model.close()
+    assert not isinstance(alone, str) and not isinstance(beside, str) and not isinstance(other, str)
+    np.testing.assert_array_equal(beside[0].pixels, alone[0].pixels)

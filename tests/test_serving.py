@@ -164,7 +164,7 @@ SHARING = {
     "negative_prompt_2": ("fog", False), "original_size": ((1024, 1024), False),
     "crops_coords_top_left": ((8, 8), False), "target_size": ((1024, 1024), False),
     "aesthetic_score": (6.0, False), "negative_aesthetic_score": (2.5, False), "denoising_end": (0.8, False),
-    "clip_skip": (2, False), "emphasis": ("original", False), "chunks": (2, False), "image": ("init", False),
+    "clip_skip": (2, False), "emphasis": ("original", False), "chunks": ((2, 0), False), "image": ("init", False),
     "mask": ("mask", False), "strength": (0.5, False), "control_image": (["edges"], False),
     "control_mode": ([3], False), "control_scale": (0.5, False), "control_start": (0.2, True),
     "control_end": (0.8, True), "guess_mode": (True, False), "control_digests": (("d1",), True),

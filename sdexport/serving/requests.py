@@ -74,10 +74,11 @@ class Row:
     do not share it."""
     emphasis: str = DEFAULTS["emphasis"]
     """How brackets in the texts are read (``runtime.emphasis``); one per call, as ``clip_skip``."""
-    chunks: int = 1
-    """The prompt chunks the row's texts are read in (``Txt2ImgPipeline.chunk_count``): a call pads
-    every text to its longest's, so rows that differ do not share it (an image never depends on
-    another request's texts)."""
+    chunks: tuple[int, int] = (1, 0)
+    """The prompt chunks the row's texts are read in (``Txt2ImgPipeline.chunk_count``), by the base
+    model and by a refiner (0 without one): a call pads every text to its longest's, so rows that
+    differ in either do not share it (an image never depends on another request's texts; the
+    larger of the two alone let a refiner pad one row's prompt to another's, an audit)."""
     image: Any = None
     mask: Any = None
     strength: float | None = None

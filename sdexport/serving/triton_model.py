@@ -401,8 +401,8 @@ class ServedModel:
                     # (with a refiner, its half's default, which the base model's equals for every
                     # task an ensemble runs: test_sdxl_refiner checks that the two tables agree)
                     family = SDXL_REFINER if self.refiner is not None else self.pipeline.family
-                    row.chunks = max(self.pipeline.chunk_count(based),
-                                     self.refining.chunk_count(checked) if self.refining is not None else 1)
+                    row.chunks = (self.pipeline.chunk_count(based),
+                                  self.refining.chunk_count(checked) if self.refining is not None else 0)
                     guidance = row.guidance = checked.guidance_scales(family)[0]
                     if self.guidance_embedded:  # rows share a call whatever their guidance and negatives
                         row.guidance_embedded, row.negative_prompt, row.negative_prompt_2 = True, None, None
