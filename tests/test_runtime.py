@@ -211,6 +211,7 @@ def test_timings_cover_every_stage(pipelines):
         ({"prompt": ["a"] * 3, "seeds": [0, 1, 2]}, ProfileError, r"3 images in one call: the engines. profile takes at most 2; split"),
         ({"prompt": ("a",) * 3, "seeds": [0, 1, 2]}, ProfileError, r"3 images in one call: .*request.split\(2\)"),
         ({"scheduler": "heun9"}, SdexportError, "unknown scheduler 'heun9'"),
+        ({"scheduler": ["euler"]}, SdexportError, r"unknown scheduler \['euler'\]; choose one of"),  # (a TypeError)
         ({"prompt": [], "seeds": []}, SdexportError, "no prompt given"),
         ({"guidance": 1e300}, SdexportError, "guidance 1e.300: need a finite number >= 0 .*within float32's range"),
     ],

@@ -85,7 +85,7 @@ def scheduler_names() -> list[str]:
 
 
 def check_scheduler_name(name: str) -> None:
-    if name != DEFAULT and name not in SCHEDULERS:
+    if not isinstance(name, str) or name != DEFAULT and name not in SCHEDULERS:  # (a list: TypeError, an audit)
         raise SdexportError(f"unknown scheduler {name!r}; choose one of {', '.join(scheduler_names())}")
 
 
