@@ -28,7 +28,8 @@ set -euo pipefail
 from_caller() { if [[ $1 == /* ]]; then echo "$1"; else echo "$PWD/$1"; fi; }
 wheels="" site="" out="" strict=0 install=1
 while [[ $# -gt 0 ]]; do
-  case $1 in
+  case $1 in  # (an option's folder missing was bash's "$2: unbound variable")
+    --wheels|--site|--out) [[ $# -ge 2 && $2 != -* ]] || { echo "gpu-tests: $1 needs a folder" >&2; exit 2; } ;;&
     --wheels) wheels=$(from_caller "$2"); shift 2 ;;
     --site) site=$(from_caller "$2"); shift 2 ;;
     --out) out=$(from_caller "$2"); shift 2 ;;

@@ -19,7 +19,7 @@
 # wheels from the TensorRT tarball's python/ folder (https://developer.nvidia.com/tensorrt) and
 # copy them into WHEELS_DIR. Everything else is collected either way.
 set -euo pipefail
-[[ $# -ge 1 ]] || { echo "usage: $0 WHEELS_DIR [--python X.Y] [--cpu] [--tensorrt]" >&2; exit 2; }
+[[ $# -ge 1 && $1 != -* ]] || { echo "usage: $0 WHEELS_DIR [--python X.Y] [--cpu] [--tensorrt]" >&2; exit 2; }
 # WHEELS_DIR (and a constraints file found there) relative to where the script was called from
 if [[ $1 == /* ]]; then dest=$1; else dest=$PWD/$1; fi
 shift
@@ -33,7 +33,8 @@ runtime=gpu
 tensorrt=0
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --python) python_version=$2; shift 2 ;;
+    --python) [[ $# -ge 2 && $2 != -* ]] || { echo "prepare-offline: --python needs a version (X.Y)" >&2; exit 2; }
+      python_version=$2; shift 2 ;;
     --cpu) runtime=cpu; shift ;;
     --tensorrt) tensorrt=1; shift ;;
     *) echo "unknown option $1" >&2; exit 2 ;;

@@ -347,6 +347,15 @@ def test_gpu_tests_run_even_when_the_environment_probe_dies(tmp_path):
     typo = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--wheel", "wheels"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=60, env={**os.environ, "PYTHON": str(python)})
     assert typo.returncode == 2 and "unknown option --wheel" in typo.stderr
+    # a folder left out was bash's "$2: unbound variable" (exit 1); prepare-offline.sh --cpu made ./--cpu
+    for script, args, said in (("gpu-tests.sh", ["--out"], "gpu-tests: --out needs a folder"),
+                               ("gpu-tests.sh", ["--wheels", "--strict"], "gpu-tests: --wheels needs a folder"),
+                               ("prepare-offline.sh", ["--cpu"], "usage: "),
+                               ("prepare-offline.sh", ["wheels", "--python"], "--python needs a version (X.Y)")):
+        refused = subprocess.run(["bash", str(ROOT / "scripts" / script), *args], capture_output=True, text=True,
+                                 cwd=tmp_path, timeout=60, env={**os.environ, "PYTHON": str(python)})
+        assert refused.returncode == 2 and said in refused.stderr, (script, args, refused.stderr)
+    assert not (tmp_path / "--cpu").exists() and not (tmp_path / "wheels").exists()
     strict = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-tests.sh"), "--no-install", "--strict", "--",
                              "tests/test_gpu_busy.py", "--collect-only", "-qqq"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300,
