@@ -571,6 +571,15 @@ def test_an_adapter_factor_of_zero_is_a_share():
         _check_adapter_factor(-0.1, 1)
 
 
+def test_a_file_given_as_an_adapter_is_told_what_to_give(tmp_path, capsys):
+    """It said "no such directory" of a file that exists; T2IAdapter has no from_single_file, which a
+    first version of this message named (a review)."""
+    (tmp_path / "adapter.safetensors").write_bytes(b"")
+    assert run_cli("export", "tiny", "-o", tmp_path / "out", "--adapter", tmp_path / "adapter.safetensors") == 2
+    assert (f"--adapter {tmp_path / 'adapter.safetensors'}: a file; it takes a diffusers T2IAdapter directory, its "
+            "config.json beside its weights") in " ".join(capsys.readouterr().err.split())
+
+
 def test_a_palette_or_rgba_adapter_image_is_read_as_its_rgb_conversion():
     """diffusers' adapter pipelines take an image in the adapter's mode only (a palette or RGBA map
     fails there), so its users convert first; sdexport resized in the image's own mode, which Pillow

@@ -413,7 +413,7 @@ def test_given_engines_must_come_from_the_scenarios_model_and_set_its_precision(
                    "--warmup", "0") == 0
     said = " ".join((tmp_path / "out-adopted" / "results.md").read_text().split())
     assert ("**Engines taken on trust**: the directory given as --engine-dir does not record the checkpoint they were "
-            "made from (an ONNX export adopted without --model), so nothing proves they are this model's") in said
+            "made from (an ONNX export adopted without --model), or its ControlNets' or adapters' files, so nothing proves they are this model's") in said
     assert json.loads((tmp_path / "out-adopted" / "results.json").read_text())["engines_on_trust"] == ["--engine-dir"]
     assert "engines_on_trust" not in report
 
@@ -1738,15 +1738,17 @@ def test_given_engines_with_another_controlnet_adapter_or_vae_are_refused(tmp_pa
 
     files = fingerprint([net / "diffusion_pytorch_model.safetensors"])
 
-    def check(records: list[dict], given: list[str], **source) -> None:
+    def check(records: list[dict], given: list[str], **source) -> bool:
         scenario = load_scenario_text(tmp_path, 'model = "tiny"\ncontrolnets = ' + json.dumps(given))
         manifest = SimpleNamespace(model={"source": {"kind": "preset", "name": "tiny", "controlnets": records,
                                                      "files": files, **source}})
-        _check_parts_made_from("--engine-dir", tmp_path / "engines", manifest, scenario)
+        return _check_parts_made_from("--engine-dir", tmp_path / "engines", manifest, scenario)
 
     preset = {"kind": "preset", "name": "tiny-controlnet", "seed": 0}
-    check([preset], ["tiny-controlnet"])
-    check([{"kind": "diffusers", "path": str(net)}], [str(copy)])  # a copy elsewhere: the same by its sha256
+    assert check([preset], ["tiny-controlnet"])
+    assert check([{"kind": "diffusers", "path": str(net)}], [str(copy)])  # a copy elsewhere: the same by its sha256
+    # another path whose files the manifest does not list: on trust (the report says so), not proven
+    assert not check([{"kind": "diffusers", "path": str(tmp_path / "gone")}], [str(copy)])
     for records, given, said in (
         ([{**preset, "seed": 1}], ["tiny-controlnet"], ("its ControlNet 1 was exported from preset tiny-controlnet "
                                                        "(seed 1), not from the scenario's tiny-controlnet")),
@@ -1758,7 +1760,7 @@ def test_given_engines_with_another_controlnet_adapter_or_vae_are_refused(tmp_pa
     with pytest.raises(SdexportError, match=re.escape(f"was exported with --vae {tmp_path / 'vae'}, and a scenario's "
                                                       "baseline runs its model's own VAE")):
         check([preset], ["tiny-controlnet"], vae=str(tmp_path / "vae"))
-    check([], ["tiny-controlnet"], kind="onnx")  # an adopted export records none: taken on trust
+    assert check([], ["tiny-controlnet"], kind="onnx")  # an adopted export records none: on trust by its model
 
 
 def load_scenario_text(folder: Path, text: str):

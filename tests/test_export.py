@@ -989,7 +989,8 @@ def test_an_fp16_sdxl_export_leaving_out_its_fp32_vae_says_so(tmp_path: Path, mo
     else:
         assert note is not None and note.startswith(f"--components leaves out {left}, while the VAE's config sets "
                                                     "force_upcast"), note
-        assert note.endswith(f"add {left.replace(' and ', ',')} to --components, or export with an fp16-safe --vae")
+        assert note.endswith(f"add {left.replace(' and ', ',')} to --components, or export with an fp16-safe --vae "
+                             "(a folder whose config sets force_upcast false)")
 
 
 def test_an_fp16_safe_vae_is_not_noted(tiny_diffusers_dir: Path, tmp_path: Path):

@@ -252,6 +252,12 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
     unknown = tmp_path / "unknown.safetensors"
     save_file({"unet.mid_block.nowhere.to_q.lora_A.weight": torch.zeros(4, 32),
                "unet.mid_block.nowhere.to_q.lora_B.weight": torch.zeros(32, 4)}, str(unknown))
+    alone = tmp_path / "alone.safetensors"  # numbered: its module is attn1, as to_out.0's (a review)
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.0.lora_A.weight": torch.zeros(4, 32),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.0.lora_B.weight": torch.zeros(32, 4)},
+              str(alone))
+    pickled = tmp_path / "pickled.safetensors"  # (told to be named .ckpt, then refused as one: a review)
+    torch.save({"w": torch.zeros(1)}, pickled)
     sibling = tmp_path / "sibling.safetensors"  # a layer beside those of a module the model has
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora_A.weight": torch.zeros(4, 32),
                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_x.lora_B.weight": torch.zeros(32, 4)},
@@ -269,7 +275,7 @@ def _mismatched_files(tmp_path: Path) -> dict[str, Path]:
                    torch.full((32, 4), float("nan"), dtype=torch.float16)}, str(nan))
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    return {"shapes": shapes, "unknown": unknown, "sibling": sibling, "empty": empty, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
+    return {"shapes": shapes, "unknown": unknown, "sibling": sibling, "alone": alone, "pickled": pickled, "empty": empty, "other": other, "text": text, "ckpt": ckpt, "nan": nan}
 
 
 def test_only_the_layers_of_a_weight_map_come_with_its_reason_for_leaving_one_out(tiny_engine_dir, tmp_path):
@@ -313,6 +319,9 @@ def test_a_float8_lora_is_read(tiny_engine_dir, tmp_path):
         ("export", "unknown", "unet.mid_block.nowhere.to_q (no such linear or convolution layer)"),
         ("run", "other", "tensors for no part of an SD pipeline"),
         ("run", "text", "not a readable safetensors file"),
+        ("run", "alone", "attn1.to_x.0 (no such linear or convolution layer) (the export's weights.json also leaves"),
+        ("export", "pickled", ("--lora {pickled}: not a readable safetensors file (a torch checkpoint by its content: "
+                              "convert it to .safetensors)")),
         ("export", "empty", "--lora {empty}: not a readable safetensors file (empty (0 bytes): an interrupted download"),
         ("export", "ckpt", "LoRA files are read as .safetensors"),
         ("run", "nan", "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q holds NaN or infinite values"),

@@ -849,7 +849,7 @@ def test_a_bench_names_the_given_directory_it_takes_on_trust(tiny_sdxl_engine_di
     refiner = " ".join(next(line for line in lines if line.startswith("Refiner:")).split())
     assert "on trust" not in model
     assert ("**Engines taken on trust**: the directory given as --refiner-engine-dir does not record the checkpoint "
-            "they were made from (an ONNX export adopted without --model), so nothing proves they are the "
+            "they were made from (an ONNX export adopted without --model), or its ControlNets' or adapters' files, so nothing proves they are the "
             "refiner's") in refiner
     # a report from before the flags recorded true, for either directory: said on the Model line, as then
     assert "their directory does not record" in _on_trust_words(True, "--engine-dir")

@@ -469,12 +469,23 @@ def test_inpainting_several_images_of_one_init_image_is_runs_beside_another_requ
     (tmp_path / "mask.png").write_bytes(_png(64, 64))
     flags = ["--steps", "3", "--init-image", tmp_path / "init.png", "--mask", tmp_path / "mask.png", "--backend", BACKEND]
     assert run_cli("run", tiny_engine_dir, "-p", "a", "-p", "b", "--seed", "5", *flags, "-o", tmp_path / "two.png") == 0
-    assert run_cli("run", tiny_engine_dir, "-p", "c", "--seed", "9", *flags, "-o", tmp_path / "one.png") == 0
-    both, alone = served.generate([_inputs(["a", "b"], steps=3, seed=[5, 6], init_image=_png_of(init), mask=_png(64, 64)),
-                                   _inputs(["c"], steps=3, seed=[9], init_image=_png_of(init), mask=_png(64, 64))])
-    assert not isinstance(both, str) and not isinstance(alone, str)
-    for generated, name in ((both[0], "two-0.png"), (both[1], "two-1.png"), (alone[0], "one.png")):
+    long = ", ".join(["a red boat"] * 12)  # two chunks: run pads the other prompt to them, in one call
+    assert run_cli("run", tiny_engine_dir, "-p", "c", "-p", long, "--seed", "9", *flags, "-o", tmp_path / "other.png") == 0
+    # (a second request of two rows too: without the apart key, the four rows shared one call)
+    both, other = served.generate([_inputs(["a", "b"], steps=3, seed=[5, 6], init_image=_png_of(init), mask=_png(64, 64)),
+                                   _inputs(["c", long], steps=3, seed=[9, 10], init_image=_png_of(init),
+                                           mask=_png(64, 64))])
+    assert not isinstance(both, str) and not isinstance(other, str)
+    for generated, name in ((both[0], "two-0.png"), (both[1], "two-1.png"), (other[0], "other-0.png"),
+                            (other[1], "other-1.png")):
         np.testing.assert_array_equal(generated.pixels, np.asarray(Image.open(tmp_path / name).convert("RGB")))
+    # the same bytes fitted otherwise are two images: each row keeps its own (one image was passed)
+    rows = {**_inputs(["a", "b"], steps=3, seed=[5, 6], init_image=_png_of(rng.integers(0, 255, (64, 128, 3),
+                                                                                           dtype=np.uint8)),
+                      mask=_png(64, 128), height=64, width=64), "fit": np.array([[b"resize"], [b"crop"]], dtype=object)}
+    from sdexport.serving.requests import decode_rows
+
+    assert not any(row.shares_init for row in decode_rows(rows, (64, 64)))
 
 
 @pytest.mark.parametrize("side", [0, -64, 50_000])

@@ -731,7 +731,8 @@ def test_a_file_declaring_v_in_its_header_or_a_yaml_beside_it_is_not_read_as_eps
                                           "  params:\n    parameterization: \"v\"\n")
     with pytest.raises(ModelLoadError, match=r"predicts v \(beside.yaml beside it: parameterization 'v'\)"):
         load_model(str(beside), config="tiny", lazy=True)
-    for text in ("model:\n  params:\n    parameterization: eps\n", "[not: yaml", "- a list\n"):
+    for text in ("model:\n  params:\n    parameterization: eps\n", "[not: yaml", "- a list\n", "model: null\n",
+                 "model: [1]\n", "model:\n  params: ldm\n"):  # (a model that is no mapping: AttributeError, a review)
         (tmp_path / "beside.yaml").write_text(text)  # epsilon, or no config of one: read as before
         assert load_model(str(beside), config="tiny", lazy=True).family == "sd"
 

@@ -186,7 +186,9 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
                 "model")
         if not _check_made_from("--engine-dir", options.engine_dir, manifest, scenario.model, outline):  # (kind first)
             on_trust.append("--engine-dir")
-        _check_parts_made_from("--engine-dir", options.engine_dir, manifest, scenario)
+        if not _check_parts_made_from("--engine-dir", options.engine_dir, manifest, scenario) \
+                and "--engine-dir" not in on_trust:
+            on_trust.append("--engine-dir")
         _check_engine_files("--engine-dir", options.engine_dir, manifest, contenders, scenario.image_inputs)
         dtype = _engine_precision(options.engine_dir, manifest, scenario)
         profile, geometry = manifest.shape_profile, manifest.model_dims
@@ -198,7 +200,9 @@ def plan_bench(scenario: Scenario, options: Options, source: Path | None = None)
             if not _check_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest,
                                     scenario.refiner, refiner):
                 on_trust.append("--refiner-engine-dir")
-            _check_parts_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest, scenario)
+            if not _check_parts_made_from("--refiner-engine-dir", options.refiner_engine_dir, paired.manifest, scenario) \
+                    and "--refiner-engine-dir" not in on_trust:
+                on_trust.append("--refiner-engine-dir")
             if paired.manifest.dtype != dtype:
                 raise SdexportError(f"--refiner-engine-dir {options.refiner_engine_dir} is an {paired.manifest.dtype} "
                                     f"export, --engine-dir {options.engine_dir} an {dtype} one: give a pair of one "
@@ -257,12 +261,13 @@ def _check_made_from(flag: str, engine_dir: Path, manifest: Any, model: str, out
     return bool(same)
 
 
-def _check_parts_made_from(flag: str, engine_dir: Path, manifest: Any, scenario: Scenario) -> None:
+def _check_parts_made_from(flag: str, engine_dir: Path, manifest: Any, scenario: Scenario) -> bool:
     """A given engine directory's own VAE (a scenario names none, so its baseline runs the model's)
     and the scenario's ControlNets and T2I-Adapters, each, else one line: their counts alone were
     compared, and an export with another ControlNet, or with an fp16-safe ``--vae``, was timed
     against a baseline running other weights under the scenario's names (an audit: PSNR 6 dB, and
-    no word why). Parts the manifest does not record (an adopted export) are taken on trust with it."""
+    no word why). True where every part is proven; False where the manifest cannot tell for one (a
+    directory at another path whose files it does not list): taken on trust, and the report says so."""
     from sdexport.models.adapter import resolve_adapter
     from sdexport.models.controlnet import resolve_controlnet
     from sdexport.models.part_sources import adapter_records
@@ -274,18 +279,22 @@ def _check_parts_made_from(flag: str, engine_dir: Path, manifest: Any, scenario:
                             "runs its model's own VAE: the baseline and the engines must be the same model; give an "
                             "export without --vae")
     files = source.get("files") or {}
+    proven = True
     for kind, records, given, resolve in (
         ("ControlNet", source.get("controlnets") or [], scenario.controlnets, resolve_controlnet),
         ("T2I-Adapter", adapter_records(source), scenario.adapters, resolve_adapter),
     ):
         for index, (record, argument) in enumerate(zip(records, given)):
             part = resolve(argument)
-            if part_made_from(record, part.preset.name if part.preset else None, part.path, files) is False:
+            same = part_made_from(record, part.preset.name if part.preset else None, part.path, files)
+            proven = proven and same is True
+            if same is False:
                 was = (f"preset {record.get('name')}" + (f" (seed {record['seed']})" if record.get("seed", 0) else "")
                        if record.get("kind") == "preset" else str(record.get("path")))
                 raise SdexportError(f"{flag} {engine_dir}: its {kind} {index + 1} was exported from {was}, not from "
                                     f"the scenario's {argument}: the baseline and the engines must be the same model "
                                     "(weight files' sha256 are compared where the paths differ)")
+    return proven
 
 
 def _engine_precision(engine_dir: Path, manifest: Any, scenario: Scenario) -> str:

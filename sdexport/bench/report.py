@@ -251,7 +251,7 @@ def _on_trust_words(flags: Any, flag: str) -> str:
     whose = "the refiner's" if flag == "--refiner-engine-dir" else "this model's"
     given = "their directory does not" if legacy else f"the directory given as {flag} does not"
     return (f"  \n  **Engines taken on trust**: {given} record the checkpoint they were made from (an ONNX export "
-            f"adopted without --model), so nothing proves they are {whose}")
+            f"adopted without --model), or its ControlNets' or adapters' files, so nothing proves they are {whose}")
 
 
 def _test_hook_lines(report: dict[str, Any]) -> list[str]:

@@ -155,7 +155,8 @@ def fp32_vae_note(plan: ExportPlan, dtype: str) -> str | None:
     return (f"--components leaves out {' and '.join(left)}, while the VAE's config sets force_upcast (diffusers' "
             f"SDXL pipelines run it in fp32: SDXL's own VAE overflows fp16), so the fp16 "
             f"{' and '.join(n.removesuffix('_fp32') for n in left)} will run, and an overflow is refused at run time; "
-            f"add {','.join(left)} to --components, or export with an fp16-safe --vae")
+            f"add {','.join(left)} to --components, or export with an fp16-safe --vae (a folder whose config sets "
+            "force_upcast false)")
 
 
 def _check_parts_exported(options: ExportOptions, specs: list[ComponentSpec]) -> None:

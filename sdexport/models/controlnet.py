@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 CONTROLNET_CLASS = "ControlNetModel"
 UNION_CLASS = "ControlNetUnionModel"
 CONTROLNET_PART = PartKind("--controlnet", "ControlNet", "controlnet", CONTROLNET_CLASS, "MultiControlNetModel",
-                           pipeline_controlnets)
+                           pipeline_controlnets, from_single_file=True)
 
 
 @dataclass(frozen=True)

@@ -94,12 +94,13 @@ class LoraFile:
         if self.path.suffix.lower() != ".safetensors":
             raise SdexportError(f"{flag} {self.path}: LoRA files are read as .safetensors (convert .ckpt/.pt files first)")
         from sdexport.errors import ModelLoadError
-        from sdexport.models.outline import safetensors_keys
+        from sdexport.models.outline import PICKLED_SAFETENSORS, safetensors_keys
 
         try:  # (its header: an empty file, a Git LFS pointer or a web page said as such, not in safetensors' words)
             empty = not safetensors_keys(self.path)
-        except ModelLoadError as exc:
-            raise SdexportError(f"{flag} {exc}") from None
+        except ModelLoadError as exc:  # (a pickle is not to be renamed .ckpt here: LoRA files are read as .safetensors)
+            said = str(exc).replace(PICKLED_SAFETENSORS, "a torch checkpoint by its content: convert it to .safetensors")
+            raise SdexportError(f"{flag} {said}") from None
         if empty:
             raise SdexportError(f"{flag} {self.path}: holds no tensors")
 
@@ -482,8 +483,13 @@ def match_updates(updates: list[LoraUpdate], layers: dict[str, dict[str, tuple[i
         name = resolve_name(known, update.module)
         if name is None:
             problems.append(f"{where} (no such linear or convolution layer)")
-            parent = update.module.rpartition(".")[0]
-            unfound = unfound or bool(parent) and any(
+            name = update.module  # (to_out.0: the layer is to_out, held by attn1; downsamplers.0.conv's module is
+            while name.rpartition(".")[2].isdigit():  # the down block: numbered places are no module of their own)
+                name = name.rpartition(".")[0]
+            parent = name.rpartition(".")[0]
+            while parent.rpartition(".")[2].isdigit():
+                parent = parent.rpartition(".")[0]
+            unfound = unfound or not parent or any(  # (a top-level layer, conv_in: the model may have it)
                 layer.startswith(f"{candidate}.") for candidate in (parent, parent.removeprefix("text_model."),
                                                                      f"text_model.{parent}") for layer in known)
             continue

@@ -799,6 +799,10 @@ def single_file_config(path: Path, config: str | None, *, recorded: bool = False
 
 
 
+PICKLED_SAFETENSORS = "a torch checkpoint by its content: name it .ckpt"
+"""What a ``.safetensors`` file that holds torch.save's archive or a pickle is told."""
+
+
 def safetensors_keys(path: Path) -> list[str]:
     """The tensor names a safetensors file's header declares, once the header is read and its tensors
     cover the file exactly (a truncated copy does not: refused in one line, no weight read)."""
@@ -816,8 +820,7 @@ def safetensors_keys(path: Path) -> list[str]:
         head = _head(path)
         # (a safetensors header's length may start with 0x80 too: a pickle's protocol byte follows it)
         pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
-        seen = ("a torch checkpoint by its content: name it .ckpt" if pickled and head[8:9] != b"{"
-                else stand_in(head))
+        seen = PICKLED_SAFETENSORS if pickled and head[8:9] != b"{" else stand_in(head)
         raise ModelLoadError(f"{path}: not a readable safetensors file ({seen or one_line(exc)})") from exc
 
 

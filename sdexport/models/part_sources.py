@@ -33,6 +33,9 @@ class PartKind:
     """What a pipeline holding more than one calls them: ``MultiControlNetModel``."""
     in_pipeline: Callable[[Path], tuple[Path, ...]]
     """Its folders in a pipeline directory, in diffusers' order (``controlnet/``, ``controlnet_1/``, ...)."""
+    from_single_file: bool = False
+    """Whether its diffusers class reads an original-layout file (``ControlNetModel`` does;
+    ``T2IAdapter`` has no ``from_single_file``): what a file given for it is told."""
 
 
 def _the_one_part_of(pipeline: Path, part: PartKind) -> Path:
@@ -68,8 +71,9 @@ def resolve_part(argument: str, kind: str | None, part: PartKind, presets: Mappi
         return preset, None
     what = option_given(part.flag, argument)
     if argument.strip() and path.is_file():  # (an original-layout file: how most ControlNets are shared)
-        raise ModelLoadError(f"{what}: a file; it takes a diffusers {part.class_name} directory (convert a single "
-                             f"file with diffusers' {part.class_name}.from_single_file(FILE).save_pretrained(DIR))")
+        convert = (f" (convert a single file with diffusers' {part.class_name}.from_single_file(FILE)"
+                   ".save_pretrained(DIR))" if part.from_single_file else ", its config.json beside its weights")
+        raise ModelLoadError(f"{what}: a file; it takes a diffusers {part.class_name} directory{convert}")
     if not argument.strip() or not path.is_dir():
         if argument in elsewhere:
             from sdexport.setting_names import option

@@ -225,7 +225,8 @@ def declared_v(path: Path) -> str | None:
         config = yaml.safe_load(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # (not a config of one: not read)
         return None
-    params = config.get("model", {}).get("params", {}) if isinstance(config, dict) else {}
+    model = config.get("model") if isinstance(config, dict) else None  # (a YAML of another kind: not read)
+    params = model.get("params") if isinstance(model, dict) else None
     value = params.get("parameterization") if isinstance(params, dict) else None
     return f"{sidecar.name} beside it: parameterization {value!r}" if value == "v" else None
 

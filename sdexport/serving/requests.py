@@ -340,8 +340,9 @@ def _decode_row(inputs: Mapping[str, Any], i: int, default_size: tuple[int, int]
         modes = [_number(v, "control_mode", int) for v in many("control_mode") or []]
         row.control_mode = modes or None
         row.control_digests = tuple(hashlib.sha256(b).hexdigest() for b in control_bytes)
-        if mask is not None and image is not None:
-            row.inpaint_digest = hashlib.sha256(hashlib.sha256(bytes(image)).digest() + bytes(mask)).hexdigest()
+        if mask is not None and image is not None:  # (and the fit: the same bytes resized or cropped differ)
+            row.inpaint_digest = hashlib.sha256(hashlib.sha256(bytes(image)).digest() + hashlib.sha256(bytes(mask))
+                                                .digest() + fit.encode()).hexdigest()
         if init is not None:
             row.image, note = fit_image(init, height, width, fit, "init_image")
             row.notes += [note] if note else []
