@@ -591,15 +591,16 @@ def _move_into_place(staging: Path, target: Target, *, existed: bool) -> None:
         return
     (target.path / MARKER).touch()
     old = _free_name(target, "old")
-    os.rename(target.path, old)
-    try:
-        os.rename(staging, target.path)
-    except BaseException:
-        os.rename(old, target.path)  # put the old directory back rather than leave the path empty
+    with stopping.deferred():  # (a stop raised as the first rename returned left no directory at the path, an audit)
+        os.rename(target.path, old)
+        try:
+            os.rename(staging, target.path)
+        except BaseException:
+            os.rename(old, target.path)  # put the old directory back rather than leave the path empty
+            (target.path / MARKER).unlink()
+            raise
         (target.path / MARKER).unlink()
-        raise
-    (target.path / MARKER).unlink()
-    _in_place(target)
+        _in_place(target)  # (a stop held meanwhile is raised after it: "already in place")
     _discard_or_say(old, "the previous directory, set aside")
 
 

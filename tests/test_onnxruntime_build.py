@@ -9,6 +9,7 @@ the runtime picks the graphs. tests/test_gpu_runtime.py runs the fused graphs on
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -781,3 +782,27 @@ def test_a_build_keeps_a_users_folder_named_like_a_staging_folder_below_a_compon
     (deep / "mine.txt").write_text("mine")
     assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 0
     assert (deep / "mine.txt").read_text() == "mine"
+
+
+def test_a_stop_while_a_component_goes_in_place_finishes_putting_it_there(tiny_fp16_engine_dir: Path, tmp_path: Path,
+                                                                          monkeypatch, capsys):
+    """A SIGTERM between the manifest's save and the folder's move left the manifest listing a unet
+    folder that was not in place (inspect: "listed in the manifest but missing", an audit): the move
+    finishes, and the stop says the component was built."""
+    import signal
+
+    from sdexport.build import onnxruntime_build
+
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_fp16_engine_dir, copy)
+    real = onnxruntime_build.save_manifest
+
+    def stopped_after_saving(engine_dir, manifest):
+        real(engine_dir, manifest)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(onnxruntime_build, "save_manifest", stopped_after_saving)
+    assert run_cli("build", copy, "--target", "onnxruntime-cuda", "--components", "text_encoder") == 130
+    assert "already built: text_encoder" in " ".join(capsys.readouterr().err.split())
+    monkeypatch.setattr(onnxruntime_build, "save_manifest", real)
+    assert run_cli("inspect", copy) == 0

@@ -402,6 +402,29 @@ def test_a_failed_second_rename_puts_the_old_directory_back(engine_copy: Path, m
     assert _tree(engine_copy) == before and hidden_siblings(engine_copy) == []
 
 
+def test_ctrl_c_between_the_two_renames_leaves_a_directory_at_the_path(engine_copy: Path, monkeypatch):
+    """A stop raised as the first rename returned (before the try that puts the old directory back)
+    left nothing at the path, only .NAME.old-PID (an audit): the swap now finishes, then stops."""
+    import signal
+
+    from sdexport import output_dir
+
+    monkeypatch.setattr(output_dir, "_renameat2", lambda *args: False)
+    real_rename = os.rename
+    calls = []
+
+    def interrupted_first(src, dst):
+        calls.append((src, dst))
+        real_rename(src, dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(output_dir.os, "rename", interrupted_first)
+    with pytest.raises(KeyboardInterrupt), claim(engine_copy, ENGINE_DIR, replace=True) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (engine_copy / "manifest.json").read_text() == "{}" and len(calls) == 2
+
+
 def test_an_old_directory_set_aside_by_a_killed_swap_is_restored(engine_copy: Path):
     """A kill between the two renames leaves the old directory at .NAME.old-PID, marked: the next run
     on the target puts it back before doing anything else."""

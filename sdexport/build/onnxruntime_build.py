@@ -569,10 +569,15 @@ def _build_locked(engine_dir: Path, *, components: list[str] | None, fp16: bool,
             record = _build_one(engine_dir, manifest, spec, dtype, on_cuda)
         record.update(wanted[spec.name], build_seconds=round(time.perf_counter() - start, 2),
                       built=datetime.now(UTC).isoformat(timespec="seconds"))
-        _install(engine_dir, manifest, spec.name, record)
-        results.append(OrtBuildResult(spec.name, "built", engine_dir / rel, record["build_seconds"],
-                                      record["fusions"], record["parity"]["status"], reasons[spec.name]))
-        keep_built(results)
+        from sdexport import stopping
+
+        # (a stop between the manifest's save and the folder's move left the manifest listing files
+        # not in place, an audit: held until the component is in place and said as built)
+        with stopping.deferred():
+            _install(engine_dir, manifest, spec.name, record)
+            results.append(OrtBuildResult(spec.name, "built", engine_dir / rel, record["build_seconds"],
+                                          record["fusions"], record["parity"]["status"], reasons[spec.name]))
+            keep_built(results)
     return results
 
 
