@@ -13,7 +13,7 @@ weights. Manifests written before this record carry none, and are reloaded unche
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -56,13 +56,20 @@ def part_made_from(recorded: Mapping[str, Any], preset: str | None, path: Path |
         return kind == "preset" and recorded.get("name") == preset and recorded.get("seed", 0) == 0
     if path is None or not isinstance(recorded.get("path"), str):
         return None
-    root, here = Path(recorded["path"]), path.resolve()
+    return _same_files(Path(recorded["path"]), path, files, lambda here: weight_files(here, "diffusers"))
+
+
+def _same_files(root: Path, path: Path, files: Mapping[str, str], weights: Callable[[Path], list[Path]]) -> bool | None:
+    """Whether ``path`` is what a manifest recorded at ``root``: the same place, or, elsewhere, weight
+    files (``weights(path)``) whose sha256 are those ``files`` records under ``root``; None where it
+    records none there."""
+    here = path.resolve()
     if root.resolve() == here:
         return True
     theirs = [sha for name, sha in files.items() if Path(name).is_relative_to(root)]
     if not theirs:
         return None
-    return sorted(fingerprint(weight_files(here, "diffusers")).values()) == sorted(theirs)
+    return sorted(fingerprint(weights(here)).values()) == sorted(theirs)
 
 
 def fingerprint(files: Iterable[Path]) -> dict[str, str]:
@@ -194,14 +201,8 @@ def made_from(recorded: Mapping[str, Any], preset: str | None, path: Path | None
                 and preset_unchanged(recorded))
     if path is None or not isinstance(recorded.get("path"), str):
         return None
-    root, here = Path(recorded["path"]), path.resolve()
-    if (kind == "single_file") != here.is_file():
+    if (kind == "single_file") != path.resolve().is_file():
         return False
-    if root.resolve() == here:
-        return True
-    theirs = [sha for name, sha in (recorded.get("files") or {}).items() if Path(name).is_relative_to(root)]
-    if not theirs:
-        return None
     parts = set(modules) - ({"vae"} if recorded.get("vae") else set())  # a replaced VAE is not the checkpoint's
-    ours = fingerprint(source_weight_files({"kind": kind, "path": str(here)}, parts))
-    return sorted(ours.values()) == sorted(theirs)
+    return _same_files(Path(recorded["path"]), path, recorded.get("files") or {},
+                       lambda here: source_weight_files({"kind": kind, "path": str(here)}, parts))

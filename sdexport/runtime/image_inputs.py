@@ -41,9 +41,7 @@ def read_image_size(path: Path, what: str) -> tuple[int, int]:
     orientation), read from its header alone: a size the engines cannot take is refused before
     the file is decoded (a 13000x13000 photo took 12 s and 2 GB to be refused, an audit)."""
     _refuse_unreadable(path, what)
-    with _opened(path, f"{what} {path}") as image:
-        width, height = image.size
-        return width, height
+    return _declared_size(path, f"{what} {path}")
 
 
 def _refuse_unreadable(path: Path, what: str) -> None:
@@ -64,7 +62,11 @@ def decode_image(data: bytes, what: str, mode: str | None = "RGB", made: str = "
 def image_size(data: bytes, what: str) -> tuple[int, int]:
     """The (width, height) an image's bytes declare, read from its header alone: what decoding it
     would allocate is known before it is decoded (``decode_image``)."""
-    with _opened(_in_memory(data, what), what) as image:
+    return _declared_size(_in_memory(data, what), what)
+
+
+def _declared_size(source: Any, what: str) -> tuple[int, int]:
+    with _opened(source, what) as image:
         width, height = image.size
         return width, height
 

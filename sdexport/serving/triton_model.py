@@ -418,9 +418,9 @@ class ServedModel:
                         row.aesthetic_score = score
                         row.negative_aesthetic_score = negative if guidance > 1.0 else None
                 if decoded[0].shares_init:  # one call, as run pads the request's texts to its longest's
-                    most = tuple(max(counts) for counts in zip(*(row.chunks for row in decoded)))
+                    most = (max(r.chunks[0] for r in decoded), max(r.chunks[1] for r in decoded))
                     for row in decoded:
-                        row.chunks = (most[0], most[1])
+                        row.chunks = most
             except SdexportError as exc:
                 outcome.append(str(exc))
                 continue
